@@ -1,0 +1,54 @@
+# pointsparse: `make demo` (the main job) and `make test` work on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION := 2.13.0
+STAMP := $(VENV)/.deps-stamp
+BUILD := build/dev
+EXT_STAMP := $(BUILD)/.ext-stamp
+CORE_SOURCES := $(shell find cpp -name '*.cpp' -o -name '*.h') CMakeLists.txt
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
+
+.PHONY: all venv build test demo bench install clean
+
+all: build
+
+# The virtual environment with the tested torch and everything the build,
+# the tests, the demo and the benchmarks use.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q numpy pytest pybind11 scikit-build-core cmake ninja tqdm matplotlib
+	-$(PY) -m pip install -q open3d-cpu laspy 2>/dev/null || echo "optional open3d-cpu/laspy not installed: PLY/PCD and LAS readers will be skipped"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# The extension, built in place (pointsparse/_core*.so) so the source tree
+# runs as is; `make install` builds the same module as a wheel.
+$(EXT_STAMP): $(STAMP) $(CORE_SOURCES)
+	$(VENV)/bin/cmake -S . -B $(BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	  -DCMAKE_MAKE_PROGRAM=$(CURDIR)/$(VENV)/bin/ninja \
+	  -DPython_EXECUTABLE=$(CURDIR)/$(PY) \
+	  -Dpybind11_DIR=$$($(PY) -m pybind11 --cmakedir) > /dev/null
+	$(VENV)/bin/cmake --build $(BUILD)
+	cp $(BUILD)/_core*.so pointsparse/
+	touch $(EXT_STAMP)
+
+build: $(EXT_STAMP)
+
+test: build
+	$(PY) -m pytest -q tests
+
+demo: build
+	$(PY) -m pointsparse demo
+
+bench: build
+	$(PY) -m pointsparse bench
+
+install: $(STAMP)
+	$(PY) -m pip install --no-build-isolation --no-deps .
+
+clean:
+	rm -rf build pointsparse/_core*.so

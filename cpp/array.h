@@ -1,0 +1,46 @@
+// pybind11 array helpers shared by the binding files: shape checks with
+// messages that name the argument, and output allocation.
+#pragma once
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <string>
+#include <vector>
+
+#include "common.h"
+
+namespace ps {
+namespace py = pybind11;
+
+template <typename T>
+using carray = py::array_t<T, py::array::c_style | py::array::forcecast>;
+
+inline std::string shape_str(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(a.shape(i));
+  }
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+// Raise ValueError unless `a` is 2-D with `cols` columns (cols < 0: any).
+inline void check_2d(const py::array& a, py::ssize_t cols, const char* name) {
+  if (a.ndim() != 2 || (cols >= 0 && a.shape(1) != cols))
+    value_error(std::string(name) + " must be 2-D with " +
+                (cols >= 0 ? std::to_string(cols) : std::string("any number of")) +
+                " columns; got shape " + shape_str(a));
+}
+
+inline void check_1d(const py::array& a, py::ssize_t len, const char* name) {
+  if (a.ndim() != 1 || (len >= 0 && a.shape(0) != len))
+    value_error(std::string(name) + " must be 1-D of length " + std::to_string(len) +
+                "; got shape " + shape_str(a));
+}
+
+template <typename T>
+inline py::array_t<T> empty_array(std::vector<py::ssize_t> shape) {
+  return py::array_t<T>(shape);
+}
+
+}  // namespace ps

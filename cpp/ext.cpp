@@ -1,0 +1,8 @@
+// The pointsparse._core extension module: flat buffers in, flat buffers out.
+#include "bind.h"
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "pointsparse C++ core (OpenMP); private, use the pointsparse package";
+  ps::bind_coords(m);
+  ps::bind_voxelize(m);
+}

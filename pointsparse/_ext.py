@@ -1,0 +1,58 @@
+"""The one module that imports the C++ core and owns the torch <-> numpy
+conversion. CPU tensors reach the core as zero-copy numpy views; results come
+back as tensors sharing the core's buffers."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+try:
+    from . import _core
+except ImportError as exc:  # pragma: no cover - only without a build
+    raise ImportError(
+        "pointsparse's C++ core (pointsparse._core) is not built: run `make build` in the "
+        "repository, or `pip install .`"
+    ) from exc
+
+core = _core
+
+COORD_MIN: int = _core.COORD_MIN
+COORD_MAX: int = _core.COORD_MAX
+BATCH_MAX: int = _core.BATCH_MAX
+
+
+def num_threads() -> int:
+    """Threads each core call uses: ``POINTSPARSE_NUM_THREADS`` if set, else
+    ``torch.get_num_threads()``, so the core and torch never oversubscribe."""
+    env = os.environ.get("POINTSPARSE_NUM_THREADS")
+    if env:
+        try:
+            value = int(env)
+        except ValueError:
+            raise ValueError(f"POINTSPARSE_NUM_THREADS must be an integer; got {env!r}") from None
+        if value < 1:
+            raise ValueError(f"POINTSPARSE_NUM_THREADS must be >= 1; got {value}")
+        return value
+    return torch.get_num_threads()
+
+
+def to_numpy(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> np.ndarray:
+    """A C-contiguous numpy view of a CPU tensor (a copy only when the dtype or
+    layout must change)."""
+    if tensor.device.type != "cpu":
+        raise ValueError(f"the C++ core takes CPU tensors; got one on {tensor.device}")
+    if dtype is not None and tensor.dtype != dtype:
+        tensor = tensor.to(dtype)
+    return tensor.detach().contiguous().numpy()
+
+
+def to_tensor(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def call(fn, *args):
+    """Call a core function; the core raises ValueError for bad arguments."""
+    return fn(*args, num_threads())

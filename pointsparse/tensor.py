@@ -1,0 +1,271 @@
+"""SparseTensor: features on exact integer coordinates, and the coordinate
+cache that every tensor derived from the same input shares."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from . import coords as _coords
+
+Triple = tuple[int, int, int]
+
+
+def as_triple(value, name: str, minimum: int = 1) -> Triple:
+    """An int or 3-sequence of ints as a 3-tuple; ValueError/TypeError naming ``name``."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a 3-tuple of ints; got {value!r}")
+    if isinstance(value, int):
+        out = (value, value, value)
+    elif isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point():
+        out = (int(value),) * 3
+    else:
+        try:
+            out = tuple(value)
+        except TypeError:
+            raise TypeError(f"{name} must be an int or a 3-tuple of ints; got {value!r}") from None
+        if len(out) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in out):
+            raise TypeError(f"{name} must be an int or a 3-tuple of ints; got {value!r}")
+    if any(v < minimum for v in out):
+        raise ValueError(f"{name} must be >= {minimum} on every axis; got {value!r}")
+    return out  # type: ignore[return-value]
+
+
+class CoordinateCache:
+    """What a network learns about one input's coordinates, shared by every
+    SparseTensor derived from it: the coords at each tensor stride and every
+    kernel map built so far (keyed by :class:`pointsparse.kmap.KernelMapKey`).
+
+    Layers hand it down through :meth:`SparseTensor.with_feats`, so a map is
+    built once per forward and reused by every layer with the same key, by the
+    backward pass, and (transposed) by the upsampling that mirrors a
+    downsampling."""
+
+    def __init__(self) -> None:
+        self.coords: dict[Triple, torch.Tensor] = {}
+        self.kmaps: dict[object, object] = {}
+
+    def get_coords(self, stride: Triple) -> torch.Tensor | None:
+        return self.coords.get(stride)
+
+    def set_coords(self, stride: Triple, coords: torch.Tensor) -> None:
+        self.coords.setdefault(stride, coords)
+
+    def get_kmap(self, key, build: Callable[[], object]):
+        """The cached map for ``key``, building it with ``build()`` once."""
+        kmap = self.kmaps.get(key)
+        if kmap is None:
+            kmap = build()
+            self.kmaps[key] = kmap
+        return kmap
+
+    def to(self, device) -> "CoordinateCache":
+        out = CoordinateCache()
+        out.coords = {s: c.to(device) for s, c in self.coords.items()}
+        out.kmaps = {k: m.to(device) for k, m in self.kmaps.items()}
+        return out
+
+    def __repr__(self) -> str:
+        return f"CoordinateCache(strides={sorted(self.coords)}, kmaps={len(self.kmaps)})"
+
+
+def _check_feats(feats, n: int | None = None) -> None:
+    if not isinstance(feats, torch.Tensor):
+        raise TypeError(f"feats must be a torch.Tensor; got {type(feats).__name__}")
+    if not feats.is_floating_point():
+        raise TypeError(f"feats must be a floating-point tensor (N, C); got dtype {feats.dtype}")
+    if feats.dim() != 2:
+        raise ValueError(f"feats must be (N, C); got shape {tuple(feats.shape)}")
+    if n is not None and feats.shape[0] != n:
+        raise ValueError(f"feats has {feats.shape[0]} rows but coords has {n}; they must match")
+
+
+def validate_coords(coords, stride: Triple) -> torch.Tensor:
+    """Every check of API.md on user coords; returns their keys."""
+    if isinstance(coords, torch.Tensor) and coords.is_floating_point():
+        if not bool(torch.isfinite(coords).all()):
+            raise ValueError("coords contain NaN or inf; they must be finite int32 [batch, x, y, z]")
+    _coords.check_coords(coords)
+    if coords.shape[0] and bool((coords[:, 0] < 0).any()):
+        row = int((coords[:, 0] < 0).nonzero()[0, 0])
+        raise ValueError(f"coords has a negative batch index at row {row}: {coords[row].tolist()}")
+    keys = _coords.pack(coords)
+    if stride != (1, 1, 1) and coords.shape[0]:
+        st = torch.tensor(stride, dtype=torch.int32, device=coords.device)
+        if bool((torch.remainder(coords[:, 1:], st) != 0).any()):
+            raise ValueError(f"coords of a tensor with stride {stride} must be multiples of the stride")
+    if keys.numel() > 1:
+        uniq = _coords.unique(keys)[0]
+        if uniq.numel() != keys.numel():
+            raise ValueError(
+                f"coords hold {keys.numel() - uniq.numel()} duplicate rows; each [batch, x, y, z] "
+                "must appear once (voxelize() merges points that share a voxel)"
+            )
+    return keys
+
+
+class SparseTensor:
+    """Features ``(N, C)`` on int32 coordinates ``(N, 4)`` = ``[batch, x, y, z]``.
+
+    ``stride`` is the tensor stride (coordinates are multiples of it). Build
+    tensors from user data with ``SparseTensor(feats, coords, stride)``; layers
+    derive new ones with :meth:`with_feats` (same coordinates) so that the
+    :class:`CoordinateCache` travels with them."""
+
+    __slots__ = ("_feats", "_coords", "_stride", "cache")
+
+    def __init__(self, feats: torch.Tensor, coords: torch.Tensor, stride=1, *, cache: CoordinateCache | None = None,
+                 validate: bool = True) -> None:
+        stride = as_triple(stride, "stride")
+        if validate:
+            if not isinstance(coords, torch.Tensor):
+                raise TypeError(f"coords must be a torch.Tensor; got {type(coords).__name__}")
+            _check_feats(feats, coords.shape[0] if coords.dim() >= 1 else None)
+            if feats.device != coords.device:
+                raise ValueError(f"feats are on {feats.device} but coords on {coords.device}")
+            validate_coords(coords, stride)
+        self._feats = feats
+        self._coords = coords
+        self._stride = stride
+        self.cache = cache if cache is not None else CoordinateCache()
+        self.cache.set_coords(stride, coords)
+
+    # --- accessors (TorchSparse / MinkowskiEngine names) ---
+    @property
+    def feats(self) -> torch.Tensor:
+        return self._feats
+
+    @property
+    def coords(self) -> torch.Tensor:
+        return self._coords
+
+    F = feats
+    C = coords
+
+    @property
+    def stride(self) -> Triple:
+        return self._stride
+
+    @property
+    def device(self) -> torch.device:
+        return self._feats.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._feats.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self._feats.shape
+
+    @property
+    def num_channels(self) -> int:
+        return self._feats.shape[1]
+
+    def __len__(self) -> int:
+        return self._coords.shape[0]
+
+    @property
+    def batch_size(self) -> int:
+        return int(self._coords[:, 0].max()) + 1 if len(self) else 0
+
+    def with_feats(self, feats: torch.Tensor) -> "SparseTensor":
+        """A tensor on the same coords and stride with new feats, sharing this
+        one's coordinate cache."""
+        _check_feats(feats, len(self))
+        if feats.device != self.device:
+            raise ValueError(f"feats are on {feats.device} but the tensor is on {self.device}")
+        return SparseTensor(feats, self._coords, self._stride, cache=self.cache, validate=False)
+
+    def replace_feats(self, feats: torch.Tensor) -> "SparseTensor":
+        return self.with_feats(feats)
+
+    def to(self, *args, **kwargs) -> "SparseTensor":
+        """Move to a device and/or cast feats (``.to("cuda")``, ``.to(torch.float64)``)."""
+        feats = self._feats.to(*args, **kwargs)
+        if feats.device == self._feats.device:
+            return SparseTensor(feats, self._coords, self._stride, cache=self.cache, validate=False)
+        cache = self.cache.to(feats.device)
+        return SparseTensor(feats, cache.coords[self._stride], self._stride, cache=cache, validate=False)
+
+    def cpu(self) -> "SparseTensor":
+        return self.to("cpu")
+
+    def cuda(self, device=None) -> "SparseTensor":
+        return self.to("cuda" if device is None else device)
+
+    def double(self) -> "SparseTensor":
+        return self.to(torch.float64)
+
+    def float(self) -> "SparseTensor":
+        return self.to(torch.float32)
+
+    def detach(self) -> "SparseTensor":
+        return self.with_feats(self._feats.detach())
+
+    def dense(self, shape: Sequence[int] | None = None) -> torch.Tensor:
+        """Dense ``(B, C, X, Y, Z)``: site ``coords // stride`` holds its feats,
+        inactive sites are 0. ``shape`` is the spatial ``(X, Y, Z)`` or the full
+        ``(B, C, X, Y, Z)``; by default just large enough. Coordinates must be
+        non-negative (shift them first)."""
+        n, c = self._feats.shape
+        st = torch.tensor(self._stride, device=self._coords.device, dtype=torch.int64)
+        idx = self._coords[:, 1:].long() // st
+        if n and bool((idx < 0).any()):
+            raise ValueError("dense() needs non-negative coordinates; shift the coords first")
+        if shape is None:
+            b = self.batch_size
+            spatial = tuple(int(v) + 1 for v in idx.max(0).values) if n else (0, 0, 0)
+        else:
+            shape = tuple(int(s) for s in shape)
+            if len(shape) == 5:
+                b, spatial = shape[0], shape[2:]
+                if shape[1] != c:
+                    raise ValueError(f"shape has {shape[1]} channels but the tensor has {c}")
+            elif len(shape) == 3:
+                b, spatial = self.batch_size, shape
+            else:
+                raise ValueError(f"shape must be (X, Y, Z) or (B, C, X, Y, Z); got {shape}")
+            if n and (bool((idx >= torch.tensor(spatial, device=idx.device)).any())
+                      or int(self._coords[:, 0].max()) >= b):
+                raise ValueError(f"active sites fall outside the dense shape {shape}")
+        out = self._feats.new_zeros((b, *spatial, c))
+        if n:
+            out[self._coords[:, 0].long(), idx[:, 0], idx[:, 1], idx[:, 2]] = self._feats
+        return out.permute(0, 4, 1, 2, 3).contiguous()
+
+    def __repr__(self) -> str:
+        return (f"SparseTensor(n={len(self)}, channels={self._feats.shape[1]}, stride={self._stride}, "
+                f"dtype={self.dtype}, device={self.device})")
+
+
+def collate(tensors: Iterable[SparseTensor]) -> SparseTensor:
+    """One batched SparseTensor: the batch indices of the i-th tensor are
+    shifted past those of the tensors before it."""
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("collate needs at least one SparseTensor")
+    for i, t in enumerate(tensors):
+        if not isinstance(t, SparseTensor):
+            raise TypeError(f"collate takes SparseTensors; item {i} is {type(t).__name__}")
+    stride, channels, device = tensors[0].stride, tensors[0].num_channels, tensors[0].device
+    for i, t in enumerate(tensors):
+        if t.stride != stride:
+            raise ValueError(f"item {i} has stride {t.stride}, item 0 {stride}: collate needs one stride")
+        if t.num_channels != channels:
+            raise ValueError(f"item {i} has {t.num_channels} channels, item 0 {channels}")
+        if t.device != device:
+            raise ValueError(f"item {i} is on {t.device}, item 0 on {device}")
+    coords, offset = [], 0
+    for t in tensors:
+        c = t.coords.clone()
+        c[:, 0] += offset
+        offset += t.batch_size
+        coords.append(c)
+    feats = torch.cat([t.feats for t in tensors], 0)
+    all_coords = torch.cat(coords, 0)
+    # Batch ranges are disjoint and each input has unique coords: only the
+    # batch range needs checking, which pack() does.
+    _coords.pack(all_coords)
+    return SparseTensor(feats, all_coords, stride, validate=False)

@@ -1,0 +1,247 @@
+"""Points to voxels and back: ``voxelize`` (quantise, merge, reduce features)
+and ``devoxelize`` (nearest by the inverse map, or trilinear over the 8
+surrounding voxels), both differentiable in the features."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _ext
+from . import coords as _coords
+from .tensor import SparseTensor
+
+REDUCE_MODES = {"sum": 0, "mean": 1, "max": 2, "first": 3}
+
+
+def _voxel_size(voxel_size) -> tuple[float, float, float]:
+    if isinstance(voxel_size, bool) or voxel_size is None:
+        raise TypeError(f"voxel_size must be a positive number or 3 numbers; got {voxel_size!r}")
+    if isinstance(voxel_size, (int, float)):
+        vs = (float(voxel_size),) * 3
+    else:
+        try:
+            vs = tuple(float(v) for v in voxel_size)
+        except (TypeError, ValueError):
+            raise TypeError(f"voxel_size must be a positive number or 3 numbers; got {voxel_size!r}") from None
+        if len(vs) != 3:
+            raise ValueError(f"voxel_size must be a number or 3 numbers; got {len(vs)}")
+    if not all(v > 0 and math.isfinite(v) for v in vs):
+        raise ValueError(f"voxel_size must be positive and finite; got {voxel_size!r}")
+    return vs  # type: ignore[return-value]
+
+
+def _check_points(points, name="points") -> None:
+    if not isinstance(points, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(points).__name__}")
+    if not points.is_floating_point():
+        raise TypeError(f"{name} must be a float tensor (N, 3); got dtype {points.dtype}")
+    if points.dim() != 2 or points.shape[1] != 3:
+        raise ValueError(f"{name} must be (N, 3) [x, y, z]; got shape {tuple(points.shape)}")
+    if points.numel() and not bool(torch.isfinite(points).all()):
+        row = int((~torch.isfinite(points)).any(1).nonzero()[0, 0])
+        raise ValueError(f"{name} row {row} is not finite: {points[row].tolist()}")
+
+
+def _check_batch(batch, n: int, device) -> torch.Tensor | None:
+    if batch is None:
+        return None
+    if not isinstance(batch, torch.Tensor):
+        raise TypeError(f"batch must be a torch.Tensor of integer batch indices; got {type(batch).__name__}")
+    if batch.is_floating_point() or batch.dtype == torch.bool:
+        raise TypeError(f"batch must hold integer batch indices; got dtype {batch.dtype}")
+    if batch.dim() != 1 or batch.shape[0] != n:
+        raise ValueError(f"batch must be (N,) with N = {n} points; got shape {tuple(batch.shape)}")
+    if batch.device != device:
+        raise ValueError(f"batch is on {batch.device} but points on {device}")
+    if n and (int(batch.min()) < 0 or int(batch.max()) > _coords.BATCH_MAX):
+        raise ValueError(f"batch indices must lie in [0, {_coords.BATCH_MAX}]")
+    return batch.long()
+
+
+def _quantize_torch(points, vs, batch):
+    q = torch.floor(points.double() / torch.tensor(vs, dtype=torch.float64, device=points.device))
+    if q.numel() and (bool((q < _coords.COORD_MIN).any()) or bool((q > _coords.COORD_MAX).any())):
+        raise ValueError(
+            f"points / voxel_size must lie in [{_coords.COORD_MIN}, {_coords.COORD_MAX}] "
+            "(shift the cloud or use a larger voxel_size)")
+    b = batch if batch is not None else torch.zeros(points.shape[0], dtype=torch.int64, device=points.device)
+    return _coords.pack_torch(torch.cat([b[:, None], q.long()], 1).to(torch.int32))
+
+
+def quantize_keys(points: torch.Tensor, voxel_size, batch=None) -> torch.Tensor:
+    """int64 keys of ``floor(points / voxel_size)`` (with batch)."""
+    _check_points(points)
+    vs = _voxel_size(voxel_size)
+    batch = _check_batch(batch, points.shape[0], points.device)
+    if points.device.type != "cpu":
+        return _quantize_torch(points, vs, batch)
+    p = _ext.to_numpy(points) if points.dtype in (torch.float32, torch.float64) else _ext.to_numpy(points, torch.float32)
+    b = None if batch is None else _ext.to_numpy(batch)
+    return _ext.to_tensor(_ext.call(_ext.core.quantize, p, list(vs), b))
+
+
+class _SegmentReduce(torch.autograd.Function):
+    """Reduce rows of ``feats`` into segments; the backward routes each
+    voxel's gradient to the points it came from."""
+
+    @staticmethod
+    def forward(ctx, feats, inverse, perm, seg_ptr, mode: int):
+        if feats.device.type == "cpu" and feats.dtype in (torch.float32, torch.float64):
+            out, arg = _ext.call(_ext.core.segment_reduce, _ext.to_numpy(feats), _ext.to_numpy(perm),
+                                 _ext.to_numpy(seg_ptr), mode)
+            out, arg = _ext.to_tensor(out), _ext.to_tensor(arg)
+        else:
+            out, arg = _segment_reduce_torch(feats, inverse, perm, seg_ptr, mode)
+        ctx.mode = mode
+        ctx.n = feats.shape[0]
+        ctx.save_for_backward(inverse, seg_ptr, arg)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        inverse, seg_ptr, arg = ctx.saved_tensors
+        mode = ctx.mode
+        if mode in (0, 1):
+            g = grad[inverse]
+            if mode == 1:
+                counts = (seg_ptr[1:] - seg_ptr[:-1]).to(grad.dtype)
+                g = g / counts[inverse][:, None]
+        else:
+            g = grad.new_zeros((ctx.n, grad.shape[1]))
+            if mode == 3:
+                g[arg] = grad
+            else:
+                g.scatter_(0, arg, grad)
+        return g, None, None, None, None
+
+
+def _segment_reduce_torch(feats, inverse, perm, seg_ptr, mode):
+    m = seg_ptr.numel() - 1
+    c = feats.shape[1]
+    idx = inverse[:, None].expand(-1, c)
+    if mode in (0, 1):
+        out = feats.new_zeros((m, c)).index_add_(0, inverse, feats)
+        if mode == 1:
+            out = out / (seg_ptr[1:] - seg_ptr[:-1]).to(feats.dtype)[:, None]
+        return out, feats.new_zeros(0, dtype=torch.int64)
+    if mode == 3:
+        first = perm[seg_ptr[:-1]]
+        return feats[first], first
+    out = feats.new_full((m, c), -float("inf")).scatter_reduce(0, idx, feats, "amax", include_self=True)
+    # the first (lowest) row attaining each maximum, as the C++ kernel picks
+    rows = torch.arange(feats.shape[0], device=feats.device)[:, None].expand(-1, c)
+    hit = torch.where(feats == out[inverse], rows, torch.full_like(rows, feats.shape[0]))
+    arg = torch.full((m, c), feats.shape[0], dtype=torch.int64, device=feats.device)
+    arg = arg.scatter_reduce(0, idx, hit, "amin", include_self=True)
+    return out, arg
+
+
+def voxelize(points: torch.Tensor, feats: torch.Tensor | None = None, voxel_size=1.0, batch=None,
+             reduce: str = "mean"):
+    """Quantise points to voxels of ``voxel_size`` and merge the points that
+    share a voxel.
+
+    Args:
+        points: float ``(N, 3)`` positions.
+        feats: float ``(N, C)`` per-point features; default: the positions.
+        voxel_size: a positive number or 3 numbers.
+        batch: optional ``(N,)`` integer batch index of each point.
+        reduce: how features of one voxel merge: ``"mean"``, ``"max"``, ``"sum"``
+            or ``"first"`` (the lowest point index).
+
+    Returns:
+        ``(SparseTensor, inverse)``: voxels sorted by (batch, x, y, z) with
+        coords ``floor(points / voxel_size)``; ``inverse[i]`` is the row of the
+        voxel holding point ``i``. Differentiable in ``feats``.
+    """
+    _check_points(points)
+    vs = _voxel_size(voxel_size)
+    if not isinstance(reduce, str) or reduce not in REDUCE_MODES:
+        raise ValueError(f"reduce must be one of {sorted(REDUCE_MODES)}; got {reduce!r}")
+    if feats is None:
+        feats = points
+    if not isinstance(feats, torch.Tensor):
+        raise TypeError(f"feats must be a torch.Tensor; got {type(feats).__name__}")
+    if not feats.is_floating_point():
+        raise TypeError(f"feats must be a float tensor (N, C); got dtype {feats.dtype}")
+    if feats.dim() != 2 or feats.shape[0] != points.shape[0]:
+        raise ValueError(f"feats must be (N, C) with N = {points.shape[0]} points; got shape {tuple(feats.shape)}")
+    if feats.device != points.device:
+        raise ValueError(f"feats are on {feats.device} but points on {points.device}")
+    keys = quantize_keys(points, vs, batch)
+    uniq, inverse, perm, seg_ptr = _coords.unique(keys)
+    out_feats = _SegmentReduce.apply(feats, inverse, perm, seg_ptr, REDUCE_MODES[reduce])
+    coords = _coords.unpack(uniq)
+    return SparseTensor(out_feats, coords, 1, validate=False), inverse
+
+
+def devoxelize(tensor: SparseTensor, inverse: torch.Tensor | None = None, *, points: torch.Tensor | None = None,
+               voxel_size=None, batch=None, mode: str = "nearest") -> torch.Tensor:
+    """Voxel features back to points, differentiable in ``tensor.feats``.
+
+    ``mode="nearest"``: ``tensor.feats[inverse]`` with the inverse map from
+    :func:`voxelize`. ``mode="trilinear"``: interpolate over the 8 voxels around
+    each point (``points``, ``voxel_size`` of the stride-1 grid, optional
+    ``batch``), with weights renormalised over the active voxels; a point with
+    no active voxel around it gets zeros. Works for any tensor stride.
+    """
+    if not isinstance(tensor, SparseTensor):
+        raise TypeError(f"tensor must be a SparseTensor; got {type(tensor).__name__}")
+    if mode == "nearest":
+        if not isinstance(inverse, torch.Tensor) or inverse.is_floating_point() or inverse.dim() != 1:
+            raise TypeError("devoxelize(mode='nearest') needs inverse: the (N,) integer map returned by voxelize")
+        if inverse.numel() and (int(inverse.min()) < 0 or int(inverse.max()) >= len(tensor)):
+            raise ValueError(f"inverse holds rows outside [0, {len(tensor)})")
+        return tensor.feats[inverse.to(tensor.device).long()]
+    if mode != "trilinear":
+        raise ValueError(f"mode must be 'nearest' or 'trilinear'; got {mode!r}")
+    if points is None or voxel_size is None:
+        raise ValueError("devoxelize(mode='trilinear') needs points and voxel_size")
+    _check_points(points)
+    vs = _voxel_size(voxel_size)
+    batch = _check_batch(batch, points.shape[0], points.device)
+    idx, weight = trilinear_weights(tensor, points, vs, batch)
+    gathered = tensor.feats[idx.clamp_min(0)] * weight.to(tensor.dtype)[..., None]
+    return gathered.sum(1)
+
+
+def trilinear_weights(tensor: SparseTensor, points: torch.Tensor, voxel_size, batch=None):
+    """(idx (N, 8), weights (N, 8)) of the voxels of ``tensor`` around each point."""
+    vs = _voxel_size(voxel_size)
+    if tensor.device.type != "cpu" or points.device.type != "cpu":
+        return _trilinear_torch(tensor, points, vs, batch)
+    sorted_keys, rows = _coords.sort(_coords.pack(tensor.coords))
+    b = None if batch is None else _ext.to_numpy(batch, torch.int64)
+    p = _ext.to_numpy(points) if points.dtype in (torch.float32, torch.float64) else _ext.to_numpy(points, torch.float32)
+    idx, w = _ext.call(_ext.core.trilinear_neighbors, p, b, list(vs), list(tensor.stride),
+                       _ext.to_numpy(sorted_keys), _ext.to_numpy(rows), len(tensor))
+    return _ext.to_tensor(idx), _ext.to_tensor(w)
+
+
+def _trilinear_torch(tensor, points, vs, batch):
+    dev = points.device
+    st = torch.tensor(tensor.stride, dtype=torch.float64, device=dev)
+    u = points.double() / (torch.tensor(vs, dtype=torch.float64, device=dev) * st) - 0.5
+    base = torch.floor(u)
+    frac = u - base
+    sorted_keys, rows = torch.sort(_coords.pack_torch(tensor.coords))
+    b = batch if batch is not None else torch.zeros(points.shape[0], dtype=torch.int64, device=dev)
+    idx_cols, w_cols = [], []
+    for corner in range(8):
+        bits = torch.tensor([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1], device=dev)
+        q = ((base + bits) * st).long()
+        w = torch.where(bits.bool(), frac, 1 - frac).prod(1)
+        ok = ((q >= _coords.COORD_MIN) & (q <= _coords.COORD_MAX)).all(1)
+        qc = torch.where(ok[:, None], q, torch.zeros_like(q))
+        key = _coords.pack_torch(torch.cat([b[:, None], qc], 1).to(torch.int32))
+        pos = torch.searchsorted(sorted_keys, key).clamp_max(max(len(sorted_keys) - 1, 0))
+        hit = ok & (sorted_keys[pos] == key) if len(sorted_keys) else torch.zeros_like(ok)
+        idx_cols.append(torch.where(hit, rows[pos] if len(rows) else pos, torch.full_like(pos, -1)))
+        w_cols.append(torch.where(hit, w, torch.zeros_like(w)))
+    idx = torch.stack(idx_cols, 1)
+    w = torch.stack(w_cols, 1)
+    total = w.sum(1, keepdim=True)
+    w = torch.where(total > 0, w / total.clamp_min(1e-300), w)
+    return idx, w.to(points.dtype)
