@@ -17,6 +17,9 @@ all: build
 # the tests, the demo and the benchmarks use.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# open3d (optional, PLY/PCD) needs libusb on Debian: install it where we can.
+	-@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! ldconfig -p | grep -q libusb-1.0; then \
+	  (apt-get update -qq && apt-get install -y -qq libusb-1.0-0) >/dev/null 2>&1 || echo "libusb-1.0-0 not installed: open3d readers will be skipped"; fi
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q numpy pytest pybind11 scikit-build-core cmake ninja tqdm matplotlib
