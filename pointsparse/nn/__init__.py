@@ -1,0 +1,7 @@
+"""Sparse layers over :class:`pointsparse.SparseTensor`."""
+
+from . import functional
+from .modules import ELU, GELU, BatchNorm, Conv3d, Dropout, LeakyReLU, Linear, ReLU, Sigmoid, SiLU, Tanh
+
+__all__ = ["BatchNorm", "Conv3d", "Dropout", "ELU", "GELU", "LeakyReLU", "Linear", "ReLU", "Sigmoid", "SiLU",
+           "Tanh", "functional"]
