@@ -57,3 +57,31 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
     else:
         out_stride = tuple(a * b for a, b in zip(input.stride, t))
     return SparseTensor(feats, kmap.out_coords, out_stride, cache=input.cache, validate=False)
+
+
+def _same_sites(tensors, what: str) -> SparseTensor:
+    if not tensors:
+        raise ValueError(f"{what} needs at least one SparseTensor")
+    first = tensors[0]
+    for i, t in enumerate(tensors):
+        if not isinstance(t, SparseTensor):
+            raise TypeError(f"{what} takes SparseTensors; item {i} is {type(t).__name__}")
+        if t.stride != first.stride or len(t) != len(first):
+            raise ValueError(f"{what}: item {i} (stride {t.stride}, {len(t)} sites) is not on the coords of "
+                             f"item 0 (stride {first.stride}, {len(first)} sites)")
+        if t.coords is not first.coords and not torch.equal(t.coords, first.coords):
+            raise ValueError(f"{what}: item {i} has other coords (or another row order) than item 0")
+    return first
+
+
+def cat(tensors) -> SparseTensor:
+    """Concatenate the channels of tensors on the same coords (U-Net skips)."""
+    tensors = list(tensors)
+    first = _same_sites(tensors, "cat")
+    return first.with_feats(torch.cat([t.feats for t in tensors], 1))
+
+
+def add(a: SparseTensor, b: SparseTensor) -> SparseTensor:
+    """Sum of two tensors on the same coords (residual connections)."""
+    first = _same_sites([a, b], "add")
+    return first.with_feats(a.feats + b.feats)
