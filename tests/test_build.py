@@ -1,0 +1,148 @@
+"""The build: one private ``pointsparse._core`` (OpenMP, release, no libtorch,
+portable flags) that a wheel carries next to the Python files; the core takes
+numpy buffers, releases the GIL and follows the configured thread count."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import pointsparse
+from pointsparse import _ext
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _clean_env() -> dict:
+    """The environment without the source checkout on PYTHONPATH."""
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+@pytest.mark.slow
+def test_wheel_holds_core_and_python_files_and_imports(tmp_path):
+    out = tmp_path / "wheelhouse"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q", "-w", str(out), str(ROOT)],
+        cwd=tmp_path, env=_clean_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    wheels = list(out.glob("pointsparse-*.whl"))
+    assert len(wheels) == 1, wheels
+    with zipfile.ZipFile(wheels[0]) as zf:
+        names = zf.namelist()
+        cores = [n for n in names if re.fullmatch(r"pointsparse/_core\.[^/]*\.so", n)]
+        assert len(cores) == 1, f"the wheel must hold exactly one pointsparse/_core*.so; got {cores}"
+        assert [n for n in names if n.endswith(".so")] == cores
+        sources = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "pointsparse").rglob("*.py"))
+        missing = [s for s in sources if s not in names]
+        assert not missing, f"python files missing from the wheel: {missing}"
+        assert any(n.endswith(".dist-info/entry_points.txt") for n in names)
+        core_bytes = zf.read(cores[0])
+        target = tmp_path / "site"
+        zf.extractall(target)
+    # No libtorch: the core links against neither libtorch nor libc10.
+    for lib in (b"libtorch", b"libc10"):
+        assert lib not in core_bytes, f"the core must not link {lib.decode()}"
+    assert b"libgomp" in core_bytes or b"libomp" in core_bytes, "the core must link OpenMP"
+    code = (
+        "import sys, pathlib, torch, pointsparse\n"
+        "from pointsparse import _core\n"
+        f"root = pathlib.Path({str(target)!r})\n"
+        "assert pathlib.Path(pointsparse.__file__).parent == root / 'pointsparse', pointsparse.__file__\n"
+        "assert pathlib.Path(_core.__file__).parent == root / 'pointsparse', _core.__file__\n"
+        "x, inv = pointsparse.voxelize(torch.rand(100, 3), voxel_size=0.25)\n"
+        "assert inv.shape == (100,) and len(x) > 0\n"
+        "print('imported from', pointsparse.__file__)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={**_clean_env(), "PYTHONPATH": str(target)}, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert str(target) in run.stdout
+    # The flags the wheel was compiled with: release, OpenMP, portable.
+    builds = sorted((ROOT / "build").glob("*/build.ninja"), key=lambda p: p.stat().st_mtime)
+    builds = [b for b in builds if b.parent.name != "dev"]
+    assert builds, "scikit-build-core's build-dir (build/{wheel_tag}) holds no Ninja build"
+    ninja = builds[-1].read_text()
+    cache = (builds[-1].parent / "CMakeCache.txt").read_text()
+    assert "CMAKE_BUILD_TYPE:STRING=Release" in cache
+    assert "POINTSPARSE_NATIVE:BOOL=OFF" in cache
+    assert "-O3" in ninja and "-fopenmp" in ninja
+    assert "-march=native" not in ninja
+
+
+def test_core_is_the_only_extension_and_private():
+    so = list((ROOT / "pointsparse").glob("_core*.so"))
+    assert so, "build the core first (make build)"
+    assert pointsparse._ext.core is pointsparse._ext._core
+    for name in ("pack_keys", "unpack_keys", "sort_keys", "unique_keys", "quantize", "segment_reduce",
+                 "trilinear_neighbors"):
+        assert hasattr(_ext.core, name)
+    # Only _ext imports the core.
+    importers = [p.name for p in (ROOT / "pointsparse").rglob("*.py")
+                 if re.search(r"from \. import _core|import pointsparse\._core|from pointsparse import _core",
+                              p.read_text())]
+    assert importers == ["_ext.py"], importers
+
+
+def test_num_threads_follows_torch_and_env(monkeypatch):
+    monkeypatch.delenv("POINTSPARSE_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert _ext.num_threads() == 1
+        torch.set_num_threads(2)
+        assert _ext.num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setenv("POINTSPARSE_NUM_THREADS", "3")
+    assert _ext.num_threads() == 3
+    for bad in ("0", "-2", "two"):
+        monkeypatch.setenv("POINTSPARSE_NUM_THREADS", bad)
+        with pytest.raises(ValueError, match="POINTSPARSE_NUM_THREADS"):
+            _ext.num_threads()
+
+
+def test_zero_copy_numpy_views():
+    t = torch.arange(12, dtype=torch.int64)
+    a = _ext.to_numpy(t)
+    assert a.ctypes.data == t.data_ptr()
+    back = _ext.to_tensor(a)
+    assert back.data_ptr() == t.data_ptr()
+    with pytest.raises(ValueError, match="CPU"):
+        _ext.to_numpy(torch.empty(1, device="meta"))
+
+
+def test_core_releases_the_gil():
+    """While one thread is inside a long core call, another Python thread runs."""
+    keys = np.random.default_rng(0).integers(0, 2**62, 3_000_000)
+    window = {}
+    ticks: list[float] = []
+
+    def work():
+        window["t0"] = time.perf_counter()
+        _ext.core.sort_keys(keys, 1)
+        window["t1"] = time.perf_counter()
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    while worker.is_alive():
+        ticks.append(time.perf_counter())
+    worker.join()
+    t0, t1 = window["t0"], window["t1"]
+    span = t1 - t0
+    inside = [t for t in ticks if t0 + 0.1 * span < t < t1 - 0.1 * span]
+    # With the GIL held for the whole call this thread could not run in the
+    # middle of it at all.
+    assert len(inside) > 10, (len(inside), span)
