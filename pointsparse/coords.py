@@ -56,6 +56,12 @@ def unpack(keys: torch.Tensor) -> torch.Tensor:
     """(N, 4) int32 coords of int64 keys."""
     if keys.device.type == "cpu":
         return _ext.to_tensor(_ext.call(_ext.core.unpack_keys, _ext.to_numpy(keys, torch.int64)))
+    return unpack_torch(keys)
+
+
+def unpack_torch(keys: torch.Tensor) -> torch.Tensor:
+    """Same as :func:`unpack` from torch ops (any device)."""
+    keys = keys.long()
     mask = (1 << COORD_BITS) - 1
     out = torch.stack(
         [keys >> SHIFT_B, ((keys >> SHIFT_X) & mask) - _BIAS, ((keys >> SHIFT_Y) & mask) - _BIAS, (keys & mask) - _BIAS],
@@ -75,6 +81,12 @@ def unique(keys: torch.Tensor):
     if keys.device.type == "cpu":
         out = _ext.call(_ext.core.unique_keys, _ext.to_numpy(keys, torch.int64))
         return tuple(_ext.to_tensor(a) for a in out)
+    return unique_torch(keys)
+
+
+def unique_torch(keys: torch.Tensor):
+    """Same as :func:`unique` from torch ops (any device)."""
+    keys = keys.long()
     sorted_keys, perm = torch.sort(keys, stable=True)
     uniq, counts = torch.unique_consecutive(sorted_keys, return_counts=True)
     seg_ptr = torch.zeros(uniq.numel() + 1, dtype=torch.int64, device=keys.device)
@@ -90,4 +102,9 @@ def sort(keys: torch.Tensor):
     if keys.device.type == "cpu":
         s, p = _ext.call(_ext.core.sort_keys, _ext.to_numpy(keys, torch.int64))
         return _ext.to_tensor(s), _ext.to_tensor(p)
-    return torch.sort(keys, stable=True)
+    return sort_torch(keys)
+
+
+def sort_torch(keys: torch.Tensor):
+    """Same as :func:`sort` from torch ops (any device)."""
+    return torch.sort(keys.long(), stable=True)
