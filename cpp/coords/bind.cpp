@@ -62,7 +62,7 @@ void check_keys(const int64_t* k, int64_t n, int nt, const char* name) {
 }
 
 py::array_t<int32_t> unpack_keys(carray<int64_t> keys, int num_threads) {
-  check_1d(keys, keys.ndim() == 1 ? keys.shape(0) : -1, "keys");
+  check_1d(keys, -1, "keys");
   const int64_t n = keys.shape(0);
   const int nt = threads(num_threads);
   auto coords = empty_array<int32_t>({n, 4});
@@ -78,7 +78,7 @@ py::array_t<int32_t> unpack_keys(carray<int64_t> keys, int num_threads) {
 }
 
 py::tuple sort_keys(carray<int64_t> keys, int num_threads) {
-  check_1d(keys, keys.ndim() == 1 ? keys.shape(0) : -1, "keys");
+  check_1d(keys, -1, "keys");
   const int64_t n = keys.shape(0);
   const int nt = threads(num_threads);
   auto sorted = empty_array<int64_t>({n});
@@ -98,7 +98,7 @@ py::tuple sort_keys(carray<int64_t> keys, int num_threads) {
 // perm (N,), seg_ptr (M+1,)): rows perm[seg_ptr[j]:seg_ptr[j+1]] hold key j,
 // in their original order; inverse[i] is the group of row i.
 py::tuple unique_keys(carray<int64_t> keys, int num_threads) {
-  check_1d(keys, keys.ndim() == 1 ? keys.shape(0) : -1, "keys");
+  check_1d(keys, -1, "keys");
   const int64_t n = keys.shape(0);
   const int nt = threads(num_threads);
   const int64_t* k = keys.data();
