@@ -146,3 +146,27 @@ def test_core_releases_the_gil():
     # With the GIL held for the whole call this thread could not run in the
     # middle of it at all.
     assert len(inside) > 10, (len(inside), span)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc/self/task (Linux)")
+def test_small_calls_do_not_start_a_thread_team():
+    """Tiny inputs run on the calling thread; large ones use the team."""
+    from reference import CORE_ONLY, run_python
+
+    code = CORE_ONLY + (
+        "import os, numpy as np\n"
+        "tasks = lambda: len(os.listdir('/proc/self/task'))\n"
+        "before = tasks()\n"
+        "c = np.zeros((100, 4), np.int32); c[:, 1] = np.arange(100)\n"
+        "k = core.pack_keys(c, 2); core.unpack_keys(k, 2); core.sort_keys(k, 2)\n"
+        "u, inv, perm, seg = core.unique_keys(k, 2)\n"
+        "core.segment_reduce(np.ones((100, 3)), perm, seg, 1, 2)\n"
+        "keys = core.quantize(np.random.rand(100, 3), [0.1] * 3, None, 2)\n"
+        "core.trilinear_neighbors(np.random.rand(100, 3), None, [0.1] * 3, [1, 1, 1], u, perm, 100, 2)\n"
+        "assert tasks() == before, ('small calls started threads', before, tasks())\n"
+        "core.sort_keys(np.arange(100000), 2)\n"
+        "assert tasks() > before, 'a large call should use the team'\n"
+        "print('ok')\n"
+    )
+    proc = run_python(code, {"OMP_WAIT_POLICY": "passive"})
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr[-2000:]

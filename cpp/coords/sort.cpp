@@ -11,13 +11,12 @@ namespace ps {
 namespace {
 constexpr int kDigitBits = 11;
 constexpr int kBuckets = 1 << kDigitBits;
-constexpr int64_t kSerialBelow = 1 << 14;  // small inputs: one thread is faster
 }  // namespace
 
 void radix_sort_keys(const int64_t* keys, int64_t n, int64_t* keys_out, int64_t* perm_out,
                      int num_threads) {
   if (n <= 0) return;
-  const int nt = n < kSerialBelow ? 1 : threads(num_threads);
+  const int nt = threads(num_threads, n);  // small inputs: one thread is faster
   int64_t max_key = 0;
 #pragma omp parallel for num_threads(nt) reduction(max : max_key) schedule(static)
   for (int64_t i = 0; i < n; ++i) max_key = std::max(max_key, keys[i]);

@@ -50,7 +50,7 @@ py::array_t<int64_t> quantize(py::array points, std::vector<double> voxel_size,
   check_2d(points, 3, "points");
   const auto vs = voxel_size_vec(voxel_size);
   const int64_t n = points.shape(0);
-  const int nt = threads(num_threads);
+  const int nt = threads(num_threads, n);
   carray<int64_t> batch;
   const int64_t* b = nullptr;
   if (!batch_obj.is_none()) {
@@ -135,7 +135,7 @@ py::tuple segment_reduce(py::array feats, carray<int64_t> perm, carray<int64_t> 
     if (s[j + 1] <= s[j]) value_error("seg_ptr must be strictly increasing");
   for (int64_t i = 0; i < n; ++i)
     if (p[i] < 0 || p[i] >= n) value_error("perm holds a row outside [0, len(feats))");
-  const int nt = threads(num_threads);
+  const int nt = threads(num_threads, n * std::max<int64_t>(c, 1));
   py::array_t<int64_t> arg = mode == 2 ? empty_array<int64_t>({m, c})
                              : mode == 3 ? empty_array<int64_t>({m})
                                          : empty_array<int64_t>({0});
@@ -234,7 +234,7 @@ py::tuple trilinear_neighbors(py::array points, py::object batch_obj,
     for (int64_t i = 0; i < n; ++i)
       if (!batch_in_range(b[i])) value_error("batch index out of range at point " + std::to_string(i));
   }
-  const int nt = threads(num_threads);
+  const int nt = threads(num_threads, 8 * n);
   auto idx = empty_array<int64_t>({n, 8});
   if (points.dtype().is(py::dtype::of<float>())) {
     auto p = as_carray<float>(points, "points");
