@@ -170,3 +170,28 @@ def test_small_calls_do_not_start_a_thread_team():
     )
     proc = run_python(code, {"OMP_WAIT_POLICY": "passive"})
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+
+
+def test_public_names_and_lazy_subpackages():
+    """`import pointsparse as ps` gives the API.md names, and ps.nn / ps.kmap
+    (the contract's `pointsparse.nn.Conv3d`, `pointsparse.kmap.build`) without
+    importing them first."""
+    from reference import run_python
+
+    code = (
+        "import sys, pointsparse as ps\n"
+        "for name in ('SparseTensor', 'voxelize', 'devoxelize', 'collate', 'num_threads', '__version__'):\n"
+        "    assert hasattr(ps, name), name\n"
+        "assert 'pointsparse.nn' not in sys.modules\n"
+        "assert ps.nn.Conv3d and ps.nn.functional.conv3d and ps.kmap.build\n"
+        "assert 'nn' in dir(ps)\n"
+        "try:\n"
+        "    ps.no_such_name\n"
+        "except AttributeError:\n"
+        "    pass\n"
+        "else:\n"
+        "    raise SystemExit('no AttributeError')\n"
+        "print('ok')\n"
+    )
+    proc = run_python(code)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
