@@ -34,7 +34,8 @@ def _clean_env() -> dict:
 def test_wheel_holds_core_and_python_files_and_imports(tmp_path):
     out = tmp_path / "wheelhouse"
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q", "-w", str(out), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--disable-pip-version-check",
+         "-q", "-w", str(out), str(ROOT)],
         cwd=tmp_path, env=_clean_env(), capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -45,7 +46,8 @@ def test_wheel_holds_core_and_python_files_and_imports(tmp_path):
         cores = [n for n in names if re.fullmatch(r"pointsparse/_core\.[^/]*\.so", n)]
         assert len(cores) == 1, f"the wheel must hold exactly one pointsparse/_core*.so; got {cores}"
         assert [n for n in names if n.endswith(".so")] == cores
-        sources = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "pointsparse").rglob("*.py"))
+        sources = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "pointsparse").rglob("*.py*")
+                         if p.suffix in (".py", ".pyi"))
         missing = [s for s in sources if s not in names]
         assert not missing, f"python files missing from the wheel: {missing}"
         assert any(n.endswith(".dist-info/entry_points.txt") for n in names)
@@ -195,3 +197,16 @@ def test_public_names_and_lazy_subpackages():
     )
     proc = run_python(code)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_stub_matches_the_core():
+    import ast
+
+    tree = ast.parse((ROOT / "pointsparse" / "_core.pyi").read_text())
+    stub_functions = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    stub_constants = {n.target.id for n in tree.body if isinstance(n, ast.AnnAssign)}
+    core = _ext.core
+    functions = {n for n in dir(core) if not n.startswith("_") and callable(getattr(core, n))}
+    constants = {n for n in dir(core) if not n.startswith("_") and isinstance(getattr(core, n), int)}
+    assert stub_functions == functions
+    assert stub_constants == constants
