@@ -24,9 +24,27 @@ COORD_MAX: int = _core.COORD_MAX
 BATCH_MAX: int = _core.BATCH_MAX
 
 
+# A process forked from one whose OpenMP pool has run (ours or torch's: they
+# share libgomp) hangs at its next parallel region. Forked children therefore
+# run the core on one thread, as torch's DataLoader workers do for torch.
+_forked = False
+
+
+def _mark_forked() -> None:
+    global _forked
+    _forked = True
+
+
+os.register_at_fork(after_in_child=_mark_forked)
+
+
 def num_threads() -> int:
     """Threads each core call uses: ``POINTSPARSE_NUM_THREADS`` if set, else
-    ``torch.get_num_threads()``, so the core and torch never oversubscribe."""
+    ``torch.get_num_threads()``, so the core and torch never oversubscribe;
+    1 in a process created by ``fork`` (where a second OpenMP thread would
+    hang), e.g. a DataLoader worker."""
+    if _forked:
+        return 1
     env = os.environ.get("POINTSPARSE_NUM_THREADS")
     if env:
         try:

@@ -210,3 +210,30 @@ def test_stub_matches_the_core():
     constants = {n for n in dir(core) if not n.startswith("_") and isinstance(getattr(core, n), int)}
     assert stub_functions == functions
     assert stub_constants == constants
+
+
+def test_forked_child_runs_on_one_thread_and_does_not_hang():
+    """After the parent ran OpenMP regions, a forked child must still
+    voxelise. Like a DataLoader worker it sets torch to one thread (torch's own
+    ops would hang otherwise); POINTSPARSE_NUM_THREADS=2 must not start a
+    second core thread there."""
+    from reference import run_python
+
+    code = (
+        "import os, signal, torch, pointsparse as ps\n"
+        "from pointsparse import _ext\n"
+        "p = torch.rand(100000, 3) * 10\n"
+        "x, _ = ps.voxelize(p, voxel_size=0.05)\n"  # the parent's OpenMP team runs
+        "assert _ext.num_threads() == 2\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    signal.alarm(30)\n"
+        "    torch.set_num_threads(1)\n"
+        "    y, _ = ps.voxelize(p, voxel_size=0.05)\n"
+        "    os._exit(0 if (_ext.num_threads() == 1 and torch.equal(y.coords, x.coords)) else 3)\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "print('child status', status)\n"
+    )
+    proc = run_python(code, {"POINTSPARSE_NUM_THREADS": "2"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "child status 0" in proc.stdout, proc.stdout
