@@ -231,7 +231,8 @@ class SparseTensor:
             try:
                 shape = tuple(operator.index(s) for s in shape)
             except TypeError:
-                raise TypeError(f"shape must be a sequence of ints (X, Y, Z) or (B, C, X, Y, Z); got {shape!r}") from None
+                raise TypeError(
+                    f"shape must be a sequence of ints (X, Y, Z) or (B, C, X, Y, Z); got {shape!r}") from None
             if any(s < 0 for s in shape):
                 raise ValueError(f"shape must be non-negative; got {shape}")
             if len(shape) == 5:

@@ -87,7 +87,8 @@ def test_dense_matches_reference(stride):
     assert d2.shape == (x.batch_size, 3, 10, 11, 12)
     assert np.array_equal(d2.numpy(), dense_ref(x.feats.numpy(), x.coords.numpy(), st, d2.shape))
     d3 = x.dense((4, 3, 9, 9, 9))
-    assert d3.shape == (4, 3, 9, 9, 9) and torch.equal(d3[: x.batch_size, :, : d.shape[2], : d.shape[3], : d.shape[4]], d)
+    assert d3.shape == (4, 3, 9, 9, 9)
+    assert torch.equal(d3[: x.batch_size, :, : d.shape[2], : d.shape[3], : d.shape[4]], d)
     assert int((d3 != 0).any(1).sum()) == len(x)  # inactive sites are 0
 
 
