@@ -4,6 +4,7 @@ back as tensors sharing the core's buffers."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -55,6 +56,28 @@ def num_threads() -> int:
             raise ValueError(f"POINTSPARSE_NUM_THREADS must be >= 1; got {value}")
         return value
     return torch.get_num_threads()
+
+
+_force_torch = False
+
+
+def use_core(*tensors: torch.Tensor) -> bool:
+    """Whether the C++ core serves an op on these tensors: all on the CPU, and
+    not inside :func:`torch_path`."""
+    return not _force_torch and all(t.device.type == "cpu" for t in tensors)
+
+
+@contextlib.contextmanager
+def torch_path():
+    """Private, for tests: inside this block every op takes its pure-torch
+    path (the one non-CPU tensors take) even on the CPU, so the tests can hold
+    it against the core. Not thread-safe; not for production code."""
+    global _force_torch
+    previous, _force_torch = _force_torch, True
+    try:
+        yield
+    finally:
+        _force_torch = previous
 
 
 def to_numpy(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> np.ndarray:

@@ -34,7 +34,7 @@ def check_coords(coords: torch.Tensor, name: str = "coords") -> None:
 def pack(coords: torch.Tensor) -> torch.Tensor:
     """int64 keys of (N, 4) int32 coords; ValueError naming the first row out of range."""
     check_coords(coords)
-    if coords.device.type == "cpu":
+    if _ext.use_core(coords):
         return _ext.to_tensor(_ext.call(_ext.core.pack_keys, _ext.to_numpy(coords)))
     return pack_torch(coords)
 
@@ -54,7 +54,7 @@ def pack_torch(coords: torch.Tensor) -> torch.Tensor:
 
 def unpack(keys: torch.Tensor) -> torch.Tensor:
     """(N, 4) int32 coords of int64 keys."""
-    if keys.device.type == "cpu":
+    if _ext.use_core(keys):
         return _ext.to_tensor(_ext.call(_ext.core.unpack_keys, _ext.to_numpy(keys, torch.int64)))
     return unpack_torch(keys)
 
@@ -78,7 +78,7 @@ def key_delta(dx: int, dy: int, dz: int) -> int:
 def unique(keys: torch.Tensor):
     """(unique_keys ascending, inverse, perm, seg_ptr) of int64 keys: rows
     ``perm[seg_ptr[j]:seg_ptr[j+1]]`` hold key ``j`` in their original order."""
-    if keys.device.type == "cpu":
+    if _ext.use_core(keys):
         out = _ext.call(_ext.core.unique_keys, _ext.to_numpy(keys, torch.int64))
         return tuple(_ext.to_tensor(a) for a in out)
     return unique_torch(keys)
@@ -99,7 +99,7 @@ def unique_torch(keys: torch.Tensor):
 
 def sort(keys: torch.Tensor):
     """(sorted_keys, perm), stable."""
-    if keys.device.type == "cpu":
+    if _ext.use_core(keys):
         s, p = _ext.call(_ext.core.sort_keys, _ext.to_numpy(keys, torch.int64))
         return _ext.to_tensor(s), _ext.to_tensor(p)
     return sort_torch(keys)

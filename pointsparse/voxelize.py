@@ -75,7 +75,7 @@ def quantize_keys(points: torch.Tensor, voxel_size, batch=None) -> torch.Tensor:
     _check_points(points)
     vs = _voxel_size(voxel_size)
     batch = _check_batch(batch, points.shape[0], points.device)
-    if points.device.type != "cpu":
+    if not _ext.use_core(points):
         return _quantize_torch(points, vs, batch)
     p = _ext.to_numpy(points) if points.dtype in (torch.float32, torch.float64) else _ext.to_numpy(points, torch.float32)
     b = None if batch is None else _ext.to_numpy(batch)
@@ -88,7 +88,7 @@ class _SegmentReduce(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, feats, inverse, perm, seg_ptr, mode: int):
-        if feats.device.type == "cpu" and feats.dtype in (torch.float32, torch.float64):
+        if _ext.use_core(feats) and feats.dtype in (torch.float32, torch.float64):
             out, arg = _ext.call(_ext.core.segment_reduce, _ext.to_numpy(feats), _ext.to_numpy(perm),
                                  _ext.to_numpy(seg_ptr), mode)
             out, arg = _ext.to_tensor(out), _ext.to_tensor(arg)
@@ -194,7 +194,10 @@ def devoxelize(tensor: SparseTensor, inverse: torch.Tensor | None = None, *, poi
             raise TypeError("devoxelize(mode='nearest') needs inverse: the (N,) integer map returned by voxelize")
         if inverse.numel() and (int(inverse.min()) < 0 or int(inverse.max()) >= len(tensor)):
             raise ValueError(f"inverse holds rows outside [0, {len(tensor)})")
-        return tensor.feats[inverse.to(tensor.device).long()]
+        # index_select, not feats[inverse]: its backward (index_add_) sums
+        # each voxel's gradients in a fixed order on the CPU, where the
+        # backward of advanced indexing uses float atomics (run-to-run noise)
+        return tensor.feats.index_select(0, inverse.to(tensor.device).long())
     if mode != "trilinear":
         raise ValueError(f"mode must be 'nearest' or 'trilinear'; got {mode!r}")
     if points is None or voxel_size is None:
@@ -210,14 +213,16 @@ def devoxelize(tensor: SparseTensor, inverse: torch.Tensor | None = None, *, poi
     # weights in the wider precision of points and feats
     wide = torch.promote_types(points.dtype, tensor.dtype)
     idx, weight = trilinear_weights(tensor, points.to(wide), vs, batch)
-    gathered = tensor.feats[idx.clamp_min(0)] * weight.to(tensor.dtype)[..., None]
+    n, c = idx.shape[0], tensor.feats.shape[1]
+    gathered = tensor.feats.index_select(0, idx.clamp_min(0).reshape(-1)).view(n, 8, c)  # deterministic backward
+    gathered = gathered * weight.to(tensor.dtype)[..., None]
     return gathered.sum(1)
 
 
 def trilinear_weights(tensor: SparseTensor, points: torch.Tensor, voxel_size, batch=None):
     """(idx (N, 8), weights (N, 8)) of the voxels of ``tensor`` around each point."""
     vs = _voxel_size(voxel_size)
-    if tensor.device.type != "cpu" or points.device.type != "cpu":
+    if not _ext.use_core(tensor.coords, points):
         return _trilinear_torch(tensor, points, vs, batch)
     sorted_keys, rows = _coords.sort(_coords.pack(tensor.coords))
     b = None if batch is None else _ext.to_numpy(batch, torch.int64)
