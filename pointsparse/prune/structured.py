@@ -159,7 +159,9 @@ class KernelStructured(GroupStructured):
       ``W[:, i, o]`` over all offsets.
     * ``scope="offset"``: a group is one kernel position for the whole layer,
       all (in, out) pairs: a sparse conv's whole offset ``W[k]`` (its gather
-      and scatter disappear), a dense conv's ``W[:, :, ky, kx]``."""
+      and scatter disappear), a dense conv's ``W[:, :, ky, kx]``.
+
+    On a Linear (no kernel axes) a "pair" group is a single weight."""
 
     def __init__(self, amount, n=2, scope="pair", layout=None) -> None:
         super().__init__(amount, n, layout)
@@ -169,8 +171,8 @@ class KernelStructured(GroupStructured):
 
     def group_ids(self, shape, device):
         layout = self.layout if self.layout is not None else dense_layout(len(shape))
-        if not layout.kernel_axes:
-            raise ValueError(f"kernel-level pruning needs kernel axes; the tensor has shape {tuple(shape)}")
+        if self.scope == "offset" and not layout.kernel_axes:
+            raise ValueError(f"offset pruning needs kernel axes; the tensor has shape {tuple(shape)}")
         if self.scope == "pair":
             return self._oik_ids(shape, device, lambda o, i, k, O, I, K: (o * I + i, O * I))
         return self._oik_ids(shape, device, lambda o, i, k, O, I, K: (k, K))
