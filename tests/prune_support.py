@@ -87,3 +87,26 @@ def set_weight(module: nn.Module, values: torch.Tensor, name: str = "weight") ->
         getattr(module, name).copy_(values)
 
 
+
+
+class BatchNormDouble(nn.Module):
+    """Shaped like ``pointsparse.nn.BatchNorm``: a ``BatchNorm1d`` over feats."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(num_features, eps=eps, momentum=momentum)
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        return x.with_feats(self.bn(x.feats))
+
+
+def sparse_batchnorm_class():
+    try:
+        from pointsparse.nn import BatchNorm  # noqa: PLC0415
+
+        return BatchNorm
+    except ImportError:
+        return BatchNormDouble
+
+
+SparseBatchNorm = sparse_batchnorm_class()

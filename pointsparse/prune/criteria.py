@@ -213,9 +213,12 @@ def obd(
 
 def find_batchnorm(module: nn.Module) -> nn.Module | None:
     """The BatchNorm that ``module`` is or wraps (e.g. ``pointsparse.nn.
-    BatchNorm`` around a ``BatchNorm1d``), else None."""
+    BatchNorm`` around a ``BatchNorm1d``), else None. A container holding
+    prunable layers (a block, a network) is not a BatchNorm wrapper."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return module
+    if any(is_prunable(m) for m in module.modules()):
+        return None
     for child in module.children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
             return child
@@ -254,7 +257,12 @@ def bn_scaling(model_or_pairs) -> Scores:
     ``model_or_pairs``: a model (pairs found by :func:`bn_pairs`) or
     ``(layer, batchnorm)`` pairs; the BatchNorm may be any module with a 1-D
     ``weight`` of the layer's output-channel count or a module wrapping a
-    ``_BatchNorm``."""
+    ``_BatchNorm``.
+
+    Every entry of a channel carries the same score, so a group method with
+    ``n=float("inf")`` (e.g. ``global_structured(..., ChannelStructured,
+    n=float("inf"), importance_scores=scores)``) ranks channels by
+    ``|gamma|`` exactly, across layers of any size."""
     pairs = bn_pairs(model_or_pairs) if isinstance(model_or_pairs, nn.Module) else list(model_or_pairs)
     if not pairs:
         raise ValueError("no (layer, batchnorm) pairs found")
