@@ -1,6 +1,6 @@
-"""Shared pieces of the pruning tests: the sparse conv under test (the real
-``pointsparse.nn.Conv3d`` when it exists, else a double with the same
-attributes and a brute-force forward), naive references, and small inputs."""
+"""Shared pieces of the pruning tests: the sparse layers under test
+(``pointsparse.nn.Conv3d`` and ``BatchNorm``), naive references (a
+brute-force sparse conv and kernel-map pair counts), and small inputs."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ import itertools
 import torch
 from torch import nn
 
-import pointsparse
+
 from pointsparse import SparseTensor
+from pointsparse.nn import BatchNorm, Conv3d
 
 
 def kernel_offsets(kernel_size, dilation=1):
     """Offsets in API order: ``index = (i_x * k_y + i_y) * k_z + i_z``."""
-    ranges = [[(i - (k - 1) // 2) * dilation for i in range(k)] for k in kernel_size]
+    dilation = (dilation,) * 3 if isinstance(dilation, int) else tuple(dilation)
+    ranges = [[(i - (k - 1) // 2) * d for i in range(k)] for k, d in zip(kernel_size, dilation)]
     return list(itertools.product(*ranges))
 
 
@@ -40,37 +42,8 @@ def naive_sparse_conv(x: SparseTensor, weight: torch.Tensor, kernel_size=(3, 3, 
     return out
 
 
-class SparseConvDouble(nn.Module):
-    """Same attributes and weight layout as ``pointsparse.nn.Conv3d``; a
-    brute-force stride-1 forward. Used only while the real class is absent."""
-
-    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, dilation=1, bias=False, transposed=False):
-        super().__init__()
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = (kernel_size,) * 3 if isinstance(kernel_size, int) else tuple(kernel_size)
-        self.stride, self.dilation, self.transposed = stride, dilation, transposed
-        volume = self.kernel_size[0] * self.kernel_size[1] * self.kernel_size[2]
-        self.weight = nn.Parameter(torch.randn(volume, in_channels, out_channels) / (volume * in_channels) ** 0.5)
-        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
-
-    def forward(self, x: SparseTensor) -> SparseTensor:
-        out = naive_sparse_conv(x, self.weight, self.kernel_size, self.dilation)
-        if self.bias is not None:
-            out = out + self.bias
-        return x.with_feats(out)
-
-
-def sparse_conv_class():
-    try:
-        from pointsparse.nn import Conv3d  # noqa: PLC0415
-
-        return Conv3d
-    except ImportError:
-        return SparseConvDouble
-
-
-SparseConv = sparse_conv_class()
-REAL_SPARSE_CONV = SparseConv is not SparseConvDouble
+SparseConv = Conv3d  # the sparse conv under test: weight (K, C_in, C_out)
+SparseBatchNorm = BatchNorm
 
 
 def sparse_input(n=12, channels=4, extent=3, seed=0, dtype=torch.float32) -> SparseTensor:
@@ -88,25 +61,3 @@ def set_weight(module: nn.Module, values: torch.Tensor, name: str = "weight") ->
 
 
 
-
-class BatchNormDouble(nn.Module):
-    """Shaped like ``pointsparse.nn.BatchNorm``: a ``BatchNorm1d`` over feats."""
-
-    def __init__(self, num_features, eps=1e-5, momentum=0.1):
-        super().__init__()
-        self.bn = nn.BatchNorm1d(num_features, eps=eps, momentum=momentum)
-
-    def forward(self, x: SparseTensor) -> SparseTensor:
-        return x.with_feats(self.bn(x.feats))
-
-
-def sparse_batchnorm_class():
-    try:
-        from pointsparse.nn import BatchNorm  # noqa: PLC0415
-
-        return BatchNorm
-    except ImportError:
-        return BatchNormDouble
-
-
-SparseBatchNorm = sparse_batchnorm_class()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 from torch import nn
@@ -11,8 +9,6 @@ from torch import nn
 import pointsparse.prune as prune
 from pointsparse import SparseTensor
 from prune_support import SparseConv, naive_pair_counts, set_weight, sparse_input
-
-HAS_KMAP = importlib.util.find_spec("pointsparse.kmap") is not None
 
 
 def two_sites() -> SparseTensor:
@@ -58,13 +54,37 @@ def test_sparse_conv_flops_from_pair_counts():
     assert prune.sparsity_report(conv, pairs={"": counts})["layers"][""]["flops"] == 12
 
 
-@pytest.mark.skipif(not HAS_KMAP, reason="pointsparse.kmap has not landed")
 def test_sparse_conv_pair_counts_from_the_kernel_map():
     conv = SparseConv(4, 3, kernel_size=3)
+    prune.l1_unstructured(conv, "weight", amount=0.6)
     x = sparse_input(n=12, channels=4)
     from_kmap = prune.sparsity_report(conv, x)["layers"][""]
     by_hand = prune.sparsity_report(conv, x, pairs={"": naive_pair_counts(x.coords)})["layers"][""]
+    per_offset = (conv.weight != 0).sum(dim=(1, 2))
+    assert from_kmap["flops"] == 2 * int((naive_pair_counts(x.coords) * per_offset).sum())
     assert from_kmap["flops"] == by_hand["flops"] and from_kmap["dense_flops"] == by_hand["dense_flops"]
+
+
+def test_strided_and_transposed_sparse_convs():
+    # kernel 2 stride 2: every input site meets exactly one output, so sum_o pairs(o) = N
+    down = SparseConv(2, 3, kernel_size=2, stride=2)
+    up = SparseConv(3, 2, kernel_size=2, stride=2, transposed=True)
+    prune.kernel_structured(down, "weight", amount=4, scope="offset")  # 4 of 8 offsets gone
+    model = nn.Sequential(down, up)
+    x = sparse_input(n=14, channels=2, extent=4)
+    report = prune.sparsity_report(model, x)["layers"]
+    assert report["0"]["dense_flops"] == 2 * 14 * 2 * 3 and report["1"]["dense_flops"] == 2 * 14 * 3 * 2
+    kept_pairs = naive_pairs_strided(x.coords, kept=down.weight_mask.sum((1, 2)) > 0)
+    assert report["0"]["flops"] == 2 * kept_pairs * 6
+    assert report["1"]["flops"] == report["1"]["dense_flops"]
+
+
+def naive_pairs_strided(coords: torch.Tensor, kept: torch.Tensor) -> int:
+    """Pairs of kernel-2 stride-2 offsets marked ``kept``: site c meets offset
+    ``(c_x % 2, c_y % 2, c_z % 2)`` (index ``(i_x * 2 + i_y) * 2 + i_z``)."""
+    parity = coords[:, 1:].remainder(2).long()
+    index = (parity[:, 0] * 2 + parity[:, 1]) * 2 + parity[:, 2]
+    return int(kept[index].sum())
 
 
 def test_before_and_after_table():
@@ -121,6 +141,3 @@ def test_report_bad_pairs():
         prune.sparsity_report(conv, pairs={"missing": [1, 2, 1]})
     with pytest.raises(ValueError, match="1-D integer"):
         prune.sparsity_report(conv, pairs={"": [1.0, 2.0, 1.0]})
-    if not HAS_KMAP:
-        with pytest.raises(RuntimeError, match="pass pairs="):
-            prune.sparsity_report(conv, two_sites())

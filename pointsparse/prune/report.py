@@ -14,13 +14,13 @@ FLOPs count multiply-adds as 2 operations and ignore the bias:
   offset's ``(C_in, C_out)`` matrix (a pruned offset costs nothing).
 
 ``dense_flops`` is the same count with every weight entry nonzero. Without an
-example input FLOPs are ``None``. Per-offset pair counts come from
-``pointsparse.kmap.build`` when available; ``pairs={layer_name: counts}``
-overrides it (and is needed when ``pointsparse.kmap`` is absent)."""
+example input FLOPs are ``None``. Per-offset pair counts come from the kernel
+map the forward used (``pointsparse.kmap.get_kmap`` on the layer's input,
+whose ``sizes`` are the counts); ``pairs={layer_name: counts}`` overrides them
+(and gives FLOPs without running the model)."""
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
@@ -29,25 +29,17 @@ from torch import nn
 from ._layout import current_weight, is_sparse_conv, prunable_modules
 
 
-def _pair_counts_from_kmap(module, sparse_input, sparse_output) -> torch.Tensor:
-    try:
-        kmap_module = importlib.import_module("pointsparse.kmap")
-    except ImportError:
-        raise RuntimeError(
-            "pointsparse.kmap is not available to count kernel-map pairs; pass "
-            "pairs={layer_name: per-offset pair counts}"
-        ) from None
-    # A transposed conv uses the pairs of the strided conv it mirrors: build
-    # that map from the finer (output) coordinates.
-    source = sparse_output if getattr(module, "transposed", False) else sparse_input
-    kmap = kmap_module.build(
-        source.coords, module.kernel_size, module.stride, module.dilation, tensor_stride=source.stride
+def _pair_counts_from_kmap(module, sparse_input) -> torch.Tensor:
+    """Per-offset pair counts of the map the layer's forward just used (from
+    the input's coordinate cache; for a transposed conv, the transpose of the
+    strided map it mirrors, so the same counts)."""
+    from ..kmap import get_kmap  # noqa: PLC0415 - the kmap layer sits above this package
+
+    kmap = get_kmap(
+        sparse_input, module.kernel_size, module.stride, module.dilation,
+        transposed=bool(getattr(module, "transposed", False)),
     )
-    sizes = getattr(kmap, "sizes", None)
-    if sizes is None:
-        volume = math.prod(module.kernel_size)
-        sizes = [int(kmap.pairs(o)[0].numel()) for o in range(volume)]
-    return torch.as_tensor(sizes, dtype=torch.int64).cpu()
+    return kmap.sizes.to(torch.int64).cpu()
 
 
 def _layer_flops(module, weight, inputs, output, pair_counts):
@@ -128,7 +120,7 @@ def _count_flops(model, modules, layers, example_input, pairs):
                 counts = (
                     _as_counts(pairs[qualified])
                     if qualified in pairs
-                    else _pair_counts_from_kmap(mod, inputs[0], output)
+                    else _pair_counts_from_kmap(mod, inputs[0])
                 )
             else:
                 counts = None
