@@ -336,3 +336,14 @@ def test_torch_structured_methods_on_the_sparse_conv():
     prune.random_structured(module, "weight", amount=1, dim=0)  # a whole kernel offset
     assert int((module.weight_mask.sum(dim=(1, 2)) == 0).sum()) == 1
     torch.testing.assert_close(output(module, x), reference("sparse", module, module.weight_orig * module.weight_mask, x))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_wrong_dim_is_reported_and_rolled_back(kind):
+    module, _ = make(kind)
+    original = module.weight
+    with pytest.raises(IndexError, match="Invalid index 7"):  # torch's own message
+        prune.ln_structured(module, "weight", amount=1, n=2, dim=7)
+    with pytest.raises(ValueError, match="axis=7 is out of range"):
+        prune.vector_structured(module, "weight", amount=1, axis=7)
+    assert module.weight is original and not prune.is_pruned(module)
