@@ -73,6 +73,15 @@ def test_taylor_matches_hand_gradients():
     torch.testing.assert_close(criteria.taylor(model, loss_fn, data)[(model, "weight")], expected)
 
 
+def test_taylor_per_output_channel():
+    model, data, loss_fn = least_squares(seed=5)
+    w = model.weight.detach()
+    # removing output row a changes the loss by about sum_b over that row of g * w
+    rows = sum((gradient_by_hand(w, x, y) * w).sum(1).pow(2) for x, y in data) / len(data)
+    scores = criteria.taylor(model, loss_fn, data, group="out")[(model, "weight")]
+    torch.testing.assert_close(scores, rows.view(2, 1).expand(2, 3))
+
+
 def test_obd_with_the_empirical_fisher():
     model, data, loss_fn = least_squares(seed=2, batches=5, rows=1)  # single examples
     w = model.weight.detach()

@@ -14,7 +14,8 @@ criterion         score of weight ``w`` (B batches, ``g_b = dL_b/dw``)
 ``magnitude``     ``|w|^p`` (or a group's Lp norm, on each of its entries)
 ``random``        uniform [0, 1)
 ``snip``          ``|mean_b(g_b) * w|`` (connection sensitivity, SNIP)
-``taylor``        ``mean_b (g_b * w)^2`` (first-order Taylor, Molchanov 2019)
+``taylor``        ``mean_b (g_b * w)^2`` (first-order Taylor, Molchanov 2019;
+                  per group ``mean_b (sum_g g_b * w)^2``)
 ``obd``           ``1/2 * H_ii * w^2`` (Optimal Brain Damage), ``H_ii``
                   from Hutchinson probes or the empirical Fisher
 ``bn_scaling``    ``|gamma_c|`` of the BatchNorm after the layer, on every
@@ -130,15 +131,27 @@ def snip(model: nn.Module, loss_fn: Callable, batches: Iterable, parameters=None
     }
 
 
-def taylor(model: nn.Module, loss_fn: Callable, batches: Iterable, parameters=None) -> Scores:
+def taylor(model: nn.Module, loss_fn: Callable, batches: Iterable, parameters=None, group: str | None = None) -> Scores:
     """First-order Taylor importance ``mean_b (dL_b/dw * w)^2`` (the squared
-    loss change from removing ``w``, accumulated over batches)."""
+    loss change from removing ``w``, accumulated over batches). With
+    ``group`` (``"out"``, ``"in"``, ``"kernel"``, ``"offset"``, ``"stripe"``)
+    the group's ``mean_b (sum_{s in g} dL_b/dw_s * w_s)^2`` (removing the
+    whole group, Molchanov et al. 2019), broadcast to each of its entries."""
     pairs = _parameters(parameters if parameters is not None else model)
     weights = [current_weight(*pair).detach() for pair in pairs]
+    groups = [group_ids(*pair, group) if group is not None else None for pair in pairs]
     total = [torch.zeros_like(w) for w in weights]
     count = 0
     for grads, _ in _gradients(model, loss_fn, batches, pairs):
-        total = [t + (g * w).pow(2) for t, g, w in zip(total, grads, weights)]
+        for index, (g, w, spec) in enumerate(zip(grads, weights, groups)):
+            contribution = g.detach() * w
+            if spec is not None:
+                ids, size = spec
+                sums = torch.zeros(size, dtype=w.dtype, device=w.device).index_add_(
+                    0, ids.flatten(), contribution.flatten()
+                )
+                contribution = sums[ids]
+            total[index] = total[index] + contribution.pow(2)
         count += 1
     return {pair: t / count for pair, t in zip(pairs, total)}
 
