@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import kmap as _kmap
+from . import _engine
 from ..tensor import SparseTensor, as_triple
 
 
@@ -49,9 +50,12 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[2]):
         raise ValueError(f"bias must be (C_out,) = ({weight.shape[2]},); got {tuple(bias.shape)}")
     kmap = _kmap.get_kmap(input, k, t, d, transposed)
-    feats = conv_with_map(input.feats, weight, kmap)
-    if bias is not None:
-        feats = feats + bias
+    if _engine.supported(input.feats, weight):
+        feats = _engine.conv(input.feats, weight, bias, kmap)
+    else:  # other devices and dtypes: the same pairs in torch ops
+        feats = conv_with_map(input.feats, weight, kmap)
+        if bias is not None:
+            feats = feats + bias
     if transposed:
         out_stride = tuple(a // b for a, b in zip(input.stride, t))
     else:
