@@ -68,6 +68,9 @@ def brute_pool(x: SparseTensor, out_coords, kernel_size, stride, reduce: str) ->
             p = tuple(q[a] + (i[a] - (k[a] - 1) // 2) * s[a] for a in range(3))
             if (b, *p) in where:
                 found.append(x.feats[where[(b, *p)]])
+        if not found:  # a window without active inputs (kernel smaller than the stride)
+            rows.append(x.feats.new_zeros(x.feats.shape[1]))
+            continue
         stack = torch.stack(found)
         rows.append(stack.max(0).values if reduce == "max" else stack.mean(0))
     return torch.stack(rows) if rows else x.feats.new_zeros((0, x.feats.shape[1]))

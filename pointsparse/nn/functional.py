@@ -109,7 +109,8 @@ def _pool_map(input: SparseTensor, kernel_size, stride, dilation, what: str):
 def max_pool3d(input: SparseTensor, kernel_size=2, stride=None, dilation=1) -> SparseTensor:
     """Sparse max pooling: ``out[q] = max over offsets o of in[q + o]`` over the
     active inputs of the window; output coords as the strided conv's (``stride``
-    defaults to ``kernel_size``; stride 1 keeps the coords)."""
+    defaults to ``kernel_size``; stride 1 keeps the coords). A window with no
+    active input (a kernel smaller than the stride) gives 0."""
     kmap, out_stride = _pool_map(input, kernel_size, stride, dilation, "max_pool3d")
     feats = input.feats
     out = feats.new_zeros((kmap.num_out, feats.shape[1]))
@@ -121,7 +122,8 @@ def max_pool3d(input: SparseTensor, kernel_size=2, stride=None, dilation=1) -> S
 
 def avg_pool3d(input: SparseTensor, kernel_size=2, stride=None, dilation=1) -> SparseTensor:
     """Sparse average pooling: the mean of the active inputs of each window
-    (inactive sites are not counted); output coords as the strided conv's."""
+    (inactive sites are not counted; 0 for a window with none); output coords
+    as the strided conv's."""
     kmap, out_stride = _pool_map(input, kernel_size, stride, dilation, "avg_pool3d")
     feats = input.feats
     out_idx = kmap.out_idx.to(feats.device)
