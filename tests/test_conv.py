@@ -111,8 +111,8 @@ def test_gradcheck(k, t, transposed):
     assert torch.autograd.gradcheck(fn, (feats, w, bias))
 
 
-PLANS = [dict(chunk_rows=13, epsilon=0.0), dict(chunk_rows=64, epsilon=0.5), dict(chunk_rows=1 << 20, epsilon=0.9),
-         dict(chunk_rows=50, epsilon=0.25, tile_rows=33)]
+PLANS = [dict(chunk_rows=13, epsilon=0.0, tile_rows=0), dict(chunk_rows=64, epsilon=0.5),
+         dict(chunk_rows=1 << 20, epsilon=0.9, tile_rows=0), dict(chunk_rows=50, epsilon=0.25, tile_rows=33)]
 
 
 @pytest.mark.parametrize("plan", PLANS)
@@ -127,6 +127,17 @@ def test_plans_agree_with_torch_path(plan, k, t):
         assert s.num_rows <= max(plan["chunk_rows"], s.rows) and (s.length <= s.rows).all()
     out = _engine.ConvFunction.apply(x.feats, w, None, p)
     torch.testing.assert_close(out, F.conv_with_map(x.feats, w, kmap), rtol=1e-5, atol=1e-5)
+
+
+def test_partial_gradients():
+    x = make(c=3)
+    w = weight(3, 3, 4)
+    feats = x.feats.clone().requires_grad_()
+    only_feats = torch.autograd.grad(F.conv3d(x.with_feats(feats), w, 3).feats.sum(), feats)[0]
+    wg = w.clone().requires_grad_()
+    only_weight = torch.autograd.grad(F.conv3d(x, wg, 3).feats.sum(), wg)[0]
+    both = torch.autograd.grad(F.conv3d(x.with_feats(feats), wg, 3).feats.sum(), (feats, wg))
+    assert torch.equal(only_feats, both[0]) and torch.equal(only_weight, both[1])
 
 
 def test_submanifold_centre_is_one_matmul():

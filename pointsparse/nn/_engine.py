@@ -34,12 +34,15 @@ import torch
 from .. import _ext
 from .. import kmap as _kmap
 
+# Defaults measured with `bench/conv.py --tune` (street scene of 100k voxels,
+# C=64, submanifold k=3 and strided k=2 s=2; see bench/results/conv.md).
 #: Rows of one step (a chunk of one offset, or a padded group of offsets).
-#: Measured on the 100k-voxel street scene, C=64, 2 cores (bench/conv.py
-#: --tune): 4096-8192 rows keep gather + GEMM + scatter in L2.
-DEFAULT_CHUNK_ROWS = 4096
+DEFAULT_CHUNK_ROWS = 8192
 #: Largest fraction of padded (wasted) rows a batched group may hold.
 DEFAULT_EPSILON = 0.25
+#: Output rows per tile: the steps of a tile run together so its output rows
+#: (and the nearby input rows) stay in cache across the offsets.
+DEFAULT_TILE_ROWS = 8192
 
 ENGINE_DTYPES = (torch.float32, torch.float64)
 
@@ -129,7 +132,7 @@ def _group(pieces: list[tuple], chunk_rows: int, epsilon: float) -> list[list[tu
 
 
 def make_plan(kmap: _kmap.KernelMap, chunk_rows: int = DEFAULT_CHUNK_ROWS, epsilon: float = DEFAULT_EPSILON,
-              tile_rows: int = 0) -> Plan:
+              tile_rows: int = DEFAULT_TILE_ROWS) -> Plan:
     """Cut a (CPU) map into steps: with ``tile_rows`` > 0 the pairs of each
     block of ``tile_rows`` output rows are processed together (output-tile
     order, so the output rows stay in cache); pieces longer than
@@ -164,14 +167,14 @@ def make_plan(kmap: _kmap.KernelMap, chunk_rows: int = DEFAULT_CHUNK_ROWS, epsil
 _PLANS: "weakref.WeakKeyDictionary[_kmap.KernelMap, dict]" = weakref.WeakKeyDictionary()
 
 
-def get_plan(kmap: _kmap.KernelMap, chunk_rows: int = DEFAULT_CHUNK_ROWS,
-             epsilon: float = DEFAULT_EPSILON) -> Plan:
+def get_plan(kmap: _kmap.KernelMap, chunk_rows: int = DEFAULT_CHUNK_ROWS, epsilon: float = DEFAULT_EPSILON,
+             tile_rows: int = DEFAULT_TILE_ROWS) -> Plan:
     """The plan of ``kmap``, built once per map and tuning (kept while the map lives)."""
     per_map = _PLANS.setdefault(kmap, {})
-    key = (chunk_rows, epsilon)
+    key = (chunk_rows, epsilon, tile_rows)
     plan = per_map.get(key)
     if plan is None:
-        plan = per_map[key] = make_plan(kmap, chunk_rows, epsilon)
+        plan = per_map[key] = make_plan(kmap, chunk_rows, epsilon, tile_rows)
     return plan
 
 
@@ -211,26 +214,38 @@ def _apply(src: torch.Tensor, weight: torch.Tensor, plan: Plan, dst: torch.Tenso
         core.conv_scatter_add(_np(res), scatter_idx, step.start, step.length, r, dst_np, nt)
 
 
-def _weight_grad(feats: torch.Tensor, grad: torch.Tensor, plan: Plan, grad_weight: torch.Tensor) -> None:
-    """``grad_weight[o] += feats[in_idx].T @ grad[out_idx]`` over every step."""
+def _backward_steps(feats: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, plan: Plan,
+                    grad_feats: torch.Tensor | None, grad_weight: torch.Tensor | None) -> None:
+    """One pass over the steps for both gradients, sharing the gathered output
+    gradients: ``grad_feats[in_idx] += grad[out_idx] @ weight[o].T`` and
+    ``grad_weight[o] += feats[in_idx].T @ grad[out_idx]``."""
     if not plan.steps:
         return
     nt = _ext.num_threads()
     c_in, c_out = feats.shape[1], grad.shape[1]
-    fbuf = feats.new_empty((plan.max_rows, c_in))
     gbuf = grad.new_empty((plan.max_rows, c_out))
+    fbuf = feats.new_empty((plan.max_rows, c_in))  # gathered feats, then the input-gradient product
     feats_np, grad_np = _np(feats), _np(grad)
+    grad_feats_np = None if grad_feats is None else _np(grad_feats)
     core = _ext.core
     for step in plan.steps:
         g, r = len(step.offsets), step.rows
-        fb, gb = fbuf[:g * r], gbuf[:g * r]
-        core.conv_gather(feats_np, plan.in_idx, step.start, step.length, r, _np(fb), nt)
+        gb, fb = gbuf[:g * r], fbuf[:g * r]
         core.conv_gather(grad_np, plan.out_idx, step.start, step.length, r, _np(gb), nt)
-        if g == 1:
-            grad_weight[step.offsets[0]].addmm_(fb.t(), gb)
-        else:
-            part = torch.bmm(fb.view(g, r, c_in).transpose(1, 2), gb.view(g, r, c_out))
-            grad_weight.index_add_(0, step.offsets_tensor, part)
+        if grad_weight is not None:
+            core.conv_gather(feats_np, plan.in_idx, step.start, step.length, r, _np(fb), nt)
+            if g == 1:
+                grad_weight[step.offsets[0]].addmm_(fb.t(), gb)
+            else:
+                part = torch.bmm(fb.view(g, r, c_in).transpose(1, 2), gb.view(g, r, c_out))
+                grad_weight.index_add_(0, step.offsets_tensor, part)
+        if grad_feats is not None:
+            w = _step_weight(weight, step, transpose=True)
+            if g == 1:
+                torch.mm(gb, w, out=fb)
+            else:
+                torch.bmm(gb.view(g, r, c_out), w, out=fb.view(g, r, c_in))
+            core.conv_scatter_add(_np(fb), plan.in_idx, step.start, step.length, r, grad_feats_np, nt)
 
 
 def conv_forward(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: Plan) -> torch.Tensor:
@@ -251,19 +266,21 @@ def conv_forward(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 def conv_backward(feats: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, plan: Plan, need_feats: bool,
                   need_weight: bool):
+    """Gradients of :func:`conv_forward` for feats and weight (None where not needed)."""
     grad_feats = grad_weight = None
+    centre = None if plan.identity is None else weight[plan.identity]
     if need_feats:
         grad_feats = grad.new_empty((plan.num_in, weight.shape[1]))
-        if plan.identity is not None:
-            torch.mm(grad, weight[plan.identity].t(), out=grad_feats)
+        if centre is not None:
+            torch.mm(grad, centre.t(), out=grad_feats)
         else:
             grad_feats.zero_()
-        _apply(grad, weight, plan, grad_feats, plan.out_idx, plan.in_idx, transpose=True)
     if need_weight:
         grad_weight = torch.zeros_like(weight)
-        if plan.identity is not None:
+        if centre is not None:
             torch.mm(feats.t(), grad, out=grad_weight[plan.identity])
-        _weight_grad(feats, grad, plan, grad_weight)
+    if need_feats or need_weight:
+        _backward_steps(feats, weight, grad, plan, grad_feats, grad_weight)
     return grad_feats, grad_weight
 
 
@@ -295,6 +312,7 @@ def supported(feats: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def conv(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kmap: _kmap.KernelMap,
-         chunk_rows: int = DEFAULT_CHUNK_ROWS, epsilon: float = DEFAULT_EPSILON) -> torch.Tensor:
+         chunk_rows: int = DEFAULT_CHUNK_ROWS, epsilon: float = DEFAULT_EPSILON,
+         tile_rows: int = DEFAULT_TILE_ROWS) -> torch.Tensor:
     """``out[out_idx] += feats[in_idx] @ weight[o]`` (+ bias) with autograd."""
-    return ConvFunction.apply(feats, weight, bias, get_plan(kmap, chunk_rows, epsilon))
+    return ConvFunction.apply(feats, weight, bias, get_plan(kmap, chunk_rows, epsilon, tile_rows))
