@@ -112,7 +112,7 @@ def test_gradcheck(k, t, transposed):
 
 
 PLANS = [dict(chunk_rows=13, epsilon=0.0, tile_rows=0), dict(chunk_rows=64, epsilon=0.5),
-         dict(chunk_rows=1 << 20, epsilon=0.9, tile_rows=0), dict(chunk_rows=50, epsilon=0.25, tile_rows=33)]
+         dict(chunk_rows=1 << 20, epsilon=0.9, tile_rows=0), dict(chunk_rows=50, epsilon=0.25, tile_rows=33, min_piece_rows=0)]
 
 
 @pytest.mark.parametrize("plan", PLANS)

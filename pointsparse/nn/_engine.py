@@ -41,8 +41,11 @@ DEFAULT_CHUNK_ROWS = 8192
 #: Largest fraction of padded (wasted) rows a batched group may hold.
 DEFAULT_EPSILON = 0.25
 #: Output rows per tile: the steps of a tile run together so its output rows
-#: (and the nearby input rows) stay in cache across the offsets.
+#: (and the nearby input rows) stay in cache across the offsets. A sparse map
+#: gets larger tiles, so that an offset's piece of a tile averages at least
+#: MIN_PIECE_ROWS rows (small GEMMs and per-call costs would dominate).
 DEFAULT_TILE_ROWS = 8192
+MIN_PIECE_ROWS = 2048
 
 ENGINE_DTYPES = (torch.float32, torch.float64)
 
@@ -132,13 +135,14 @@ def _group(pieces: list[tuple], chunk_rows: int, epsilon: float) -> list[list[tu
 
 
 def make_plan(kmap: _kmap.KernelMap, chunk_rows: int = DEFAULT_CHUNK_ROWS, epsilon: float = DEFAULT_EPSILON,
-              tile_rows: int = DEFAULT_TILE_ROWS) -> Plan:
+              tile_rows: int = DEFAULT_TILE_ROWS, min_piece_rows: int = MIN_PIECE_ROWS) -> Plan:
     """Cut a (CPU) map into steps: with ``tile_rows`` > 0 the pairs of each
     block of ``tile_rows`` output rows are processed together (output-tile
     order, so the output rows stay in cache); pieces longer than
     ``chunk_rows`` are cut into near-equal parts; pieces of similar size
     become batched groups (largest first) while the padding stays within
-    ``epsilon`` of the group and the group within ``chunk_rows`` rows."""
+    ``epsilon`` of the group and the group within ``chunk_rows`` rows. Tiles
+    grow until an offset's piece of a tile averages ``min_piece_rows``."""
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1; got {chunk_rows}")
     if not 0.0 <= epsilon < 1.0:
@@ -152,6 +156,11 @@ def make_plan(kmap: _kmap.KernelMap, chunk_rows: int = DEFAULT_CHUNK_ROWS, epsil
         if _is_identity(kmap, o):
             identity = o
             break
+    if tile_rows and min_piece_rows:
+        busy = [n for o, n in enumerate(kmap.sizes.tolist()) if n and o != identity]
+        if busy:  # mean rows of one offset per output row
+            density = sum(busy) / len(busy) / max(kmap.num_out, 1)
+            tile_rows = max(tile_rows, int(min_piece_rows / density))
     steps = []
     for tile in _pieces(kmap, identity, chunk_rows, tile_rows):
         for group in _group(tile, chunk_rows, epsilon):
