@@ -167,22 +167,23 @@ def bench(quick: bool, repeats: int) -> list[str]:
 
 
 def tune(repeats: int) -> list[str]:
-    """Forward and forward+backward of the engine on the 100k street scene,
-    C=64, over chunk_rows x epsilon x tile_rows."""
-    coords = street_scene(100_000)
-    rows = ["| layer | chunk_rows | epsilon | tile_rows | steps | fwd ms | fwd+bwd ms |", "|---|---|---|---|---|---|---|"]
-    for kind in ("submanifold k=3", "strided k=2 s=2"):
-        layer = Layer("street 100k", coords, kind, 64)
-        for chunk in (2048, 4096, 8192, 16384, 65536):
-            for eps in (0.0, 0.25, 0.5):
-                for tile in (0, 16384):
-                    if tile and tile < chunk:
-                        continue
+    """Forward and forward+backward of the engine at C=64 over chunk_rows x
+    epsilon x tile_rows, on the 100k street scene and the KITTI sweep."""
+    layers = [Layer("street 100k", street_scene(100_000), kind, 64) for kind in ("submanifold k=3", "strided k=2 s=2")]
+    sweeps = real_sweeps()
+    if "kitti-raw/000049" in sweeps:
+        layers.append(Layer("kitti @0.05", real_scene(sweeps["kitti-raw/000049"], 0.05), "submanifold k=3", 64))
+    rows = ["| scene | layer | chunk_rows | epsilon | tile_rows | steps | fwd ms | fwd+bwd ms |",
+            "|---|---|---|---|---|---|---|---|"]
+    for layer in layers:
+        for chunk in (4096, 8192, 16384):
+            for eps in (0.0, 0.25):
+                for tile in (0, 8192):
                     plan = _engine.make_plan(layer.kmap, chunk, eps, tile)
                     f = timeit(lambda: layer.ours(False, plan), repeats)
                     b = timeit(lambda: layer.ours(True, plan), repeats)
-                    rows.append(f"| {kind} | {chunk} | {eps} | {tile} | {len(plan.steps)} | {f * 1e3:.1f} | "
-                                f"{b * 1e3:.1f} |")
+                    rows.append(f"| {layer.name} | {layer.kind} | {chunk} | {eps} | {tile} | {len(plan.steps)} | "
+                                f"{f * 1e3:.1f} | {b * 1e3:.1f} |")
                     print(rows[-1], flush=True)
     return rows
 
@@ -196,7 +197,7 @@ def main() -> None:
     parser.add_argument("--output", default=str(RESULTS_DIR / "conv.md"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    repeats = args.repeats or (3 if args.quick else 5)
+    repeats = args.repeats or 3
     env = environment()
     sg = sgemm_rate(repeats)
     env["sgemm 2048 GF/s"] = f"{sg:.0f}"
