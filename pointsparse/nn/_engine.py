@@ -4,12 +4,15 @@ For every kernel offset ``o`` with pairs ``(in_idx, out_idx)``::
 
     out[out_idx] += feats[in_idx] @ weight[o]
 
-The pairs of a map are cut into *steps*. A step is either a piece of one
-offset (a plain ``torch.mm``) or a group of offsets whose map sizes are close
-(one ``torch.bmm`` over rows padded to the group's largest size; the padding
-is bounded by ``epsilon``, TorchSparse's idea). Every step holds at most
-``chunk_rows`` rows, so the gathered rows and the GEMM result stay in cache
-between the gather, the GEMM and the scatter. The centre offset of a
+The pairs of a map are cut into *steps* (a :class:`Plan`, built once per map).
+The output rows are split into tiles (``tile_rows``, grown on sparse maps);
+the pieces of all offsets within one tile run one after the other, so the
+tile's output rows and the input rows near them stay in cache. A step is
+either a piece of one offset (a plain ``torch.mm``) or a group of pieces of
+similar size (one ``torch.bmm`` over rows padded to the group's largest piece;
+the padding is bounded by ``epsilon``, TorchSparse's idea). A step holds at
+most ``chunk_rows`` rows, so the gathered rows and the GEMM result stay in
+cache between the gather, the GEMM and the scatter. The centre offset of a
 submanifold map (identity pairs) is one ``torch.mm`` on the whole input,
 written straight into the output: no gather, no scatter.
 
