@@ -71,6 +71,18 @@ def test_transposed_equals_dense_and_adjoint(k, t):
     torch.testing.assert_close(lhs, rhs, rtol=1e-12, atol=1e-10)
 
 
+def test_dilated_strided_and_transposed_equal_dense():
+    x = make(n=300, extent=9)
+    w = weight(3, 3, 4)
+    down = F.conv3d(x, w, 3, 2, 2)
+    torch.testing.assert_close(down.feats, dense_conv(x, w, down.coords, 3, 2, 2), rtol=1e-12, atol=1e-12)
+    coarse = down.with_feats(torch.randn(len(down), 4, dtype=torch.float64))
+    w2 = weight(3, 4, 3, seed=4)
+    up = F.conv3d(coarse, w2, 3, 2, 2, transposed=True)
+    torch.testing.assert_close(up.feats, dense_conv_transpose(coarse, w2, up.coords, 3, 2, 2), rtol=1e-12,
+                               atol=1e-12)
+
+
 @pytest.mark.parametrize("k,t,transposed", [(3, 1, False), (2, 1, False), (2, 2, False), (3, 2, False),
                                             (2, 2, True), (3, 2, True)])
 def test_gradients_equal_dense(k, t, transposed):
