@@ -114,7 +114,8 @@ def test_existing_optimizer_keeps_training_the_pruned_parameter(kind):
     assert torch.all(grad[module.weight_mask == 0] == 0)  # masked entries get no gradient
     optimizer.step()
     assert not torch.equal(module.weight_orig.detach(), before)  # the optimizer's param is weight_orig
-    assert torch.all(output(module, x) == reference(kind, module, module.weight_orig * module.weight_mask, x))
+    # the engine sums offsets in its own order: equal up to float32 rounding
+    torch.testing.assert_close(output(module, x), reference(kind, module, module.weight_orig * module.weight_mask, x))
 
 
 @pytest.mark.parametrize("kind", KINDS)
