@@ -16,6 +16,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from . import _compat
 from ._layers import apply_masks, check_fraction, get_mask, global_magnitude_prune, original, prunable_layers
 
 METHODS = ("snip", "grasp", "synflow")
@@ -41,16 +42,12 @@ def _batches(batches) -> list:
 
 
 def snip_scores(model: nn.Module, batches: Iterable, loss_fn: Callable, layers=None) -> dict[str, torch.Tensor]:
-    """SNIP: ``|dL/dw * w|`` summed over ``batches``."""
+    """SNIP: ``|mean_b dL_b/dw * w|`` over ``batches`` (the core's
+    :func:`pointsparse.prune.criteria.snip`), keyed by layer name."""
     chosen = prunable_layers(model, layers)
-    params = [original(m) for _, m in chosen]
-    grads = [torch.zeros_like(p) for p in params]
-    for x, y in _batches(batches):
-        g = torch.autograd.grad(loss_fn(model(x), y), params, allow_unused=True)
-        for acc, gi in zip(grads, g):
-            if gi is not None:
-                acc += gi
-    return {n: (g * m.weight.detach()).abs() for (n, m), g in zip(chosen, grads)}
+    scores = _compat.snip_criterion(model, lambda net, batch: loss_fn(net(batch[0]), batch[1]), _batches(batches),
+                                    [(m, "weight") for _, m in chosen])
+    return {n: scores[(m, "weight")] for n, m in chosen}
 
 
 def grasp_scores(model: nn.Module, batches: Iterable, loss_fn: Callable, layers=None,

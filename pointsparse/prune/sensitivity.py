@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import _compat
-from ._layers import check_callable, out_channel_dim, prunable_layers
+from ._layers import check_callable, prunable_layers
 
 GRANULARITIES = ("unstructured", "channel")
 DEFAULT_RATIOS = tuple(round(0.1 * i, 1) for i in range(10))
@@ -39,7 +39,7 @@ def _prune_one(module: nn.Module, ratio: float, granularity: str) -> None:
     if granularity == "unstructured":
         _compat.l1_unstructured(module, "weight", amount=ratio)
     else:
-        _compat.ln_structured(module, "weight", amount=ratio, n=1, dim=out_channel_dim(module))
+        _compat.channel_structured(module, "weight", amount=ratio, n=1, axis="out")
 
 
 def sensitivity_scan(model: nn.Module, eval_fn: Callable[[nn.Module], float], ratios=DEFAULT_RATIOS,
