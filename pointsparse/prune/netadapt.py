@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,9 @@ def _is_sparse_conv(m) -> bool:
     return isinstance(m, Conv3d)
 
 
-def _median_time(fn: Callable, repeats: int, warmup: int = 1) -> float:
+def _best_time(fn: Callable, repeats: int, warmup: int = 1) -> float:
+    """The fastest of ``repeats`` timed calls: on a machine shared with other
+    processes the minimum is the stable estimate of the uncontended cost."""
     for _ in range(warmup):
         fn()
     times = []
@@ -39,16 +40,17 @@ def _median_time(fn: Callable, repeats: int, warmup: int = 1) -> float:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 def measure_latency(model: nn.Module, example_input, repeats: int = 7) -> float:
-    """Median seconds of ``model(example_input)`` in eval mode without gradients."""
+    """Seconds of ``model(example_input)`` in eval mode without gradients
+    (the fastest of ``repeats``, as the table's entries)."""
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
-            return _median_time(lambda: model(example_input), repeats)
+            return _best_time(lambda: model(example_input), repeats)
     finally:
         model.train(was)
 
@@ -88,6 +90,28 @@ def _layer_like(module: nn.Module, c_in: int, c_out: int) -> nn.Module:
         return type(module)(c_in, c_out, module.kernel_size, module.stride, module.padding, module.dilation,
                             bias=bias, padding_mode=module.padding_mode)
     raise TypeError(f"NetAdapt's table does not support {type(module).__name__}")
+
+
+def _follower_like(module: nn.Module, c_out: int) -> nn.Module:
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+        return type(module)(c_out, eps=module.eps, momentum=module.momentum, affine=module.affine)
+    return copy.deepcopy(module)
+
+
+def _followers(model: nn.Module) -> dict[str, list[nn.Module]]:
+    """For each prunable layer, the non-prunable leaf modules after it up to
+    the next prunable layer (norms, activations, pooling): its block."""
+    from .surgery import _leaves
+    from ._layers import is_prunable
+    out: dict[str, list[nn.Module]] = {}
+    current = None
+    for name, m in _leaves(model):
+        if is_prunable(m):
+            current = name
+            out[name] = []
+        elif current is not None:
+            out[current].append(m)
+    return out
 
 
 def _input_like(x, c_in: int, repeat: int, gen: torch.Generator):
@@ -163,15 +187,17 @@ def candidate_counts(channels: int, num_candidates: int = 8) -> list[int]:
 
 def build_latency_table(model: nn.Module, example_input, num_candidates: int = 8, repeats: int = 7,
                         seed: int = 0) -> LatencyTable:
-    """Measure every layer of the chain at every candidate (c_in, c_out) on its
-    input from ``example_input``; the rest of the network is measured once as
-    the full latency minus the layers at full width."""
+    """Measure every layer of the chain, as a block with the norms,
+    activations and pooling that follow it, at every candidate (c_in, c_out)
+    on its input from ``example_input``; what precedes the first layer is
+    measured once as the full latency minus the blocks at full width."""
     layout, repeats_in = _layout(model)
     if not layout:
         raise ValueError("model has no chain of prunable layers")
     named = dict(model.named_modules())
     inputs = _capture_inputs(model, [n for n, _, _ in layout], example_input)
     candidates = {n: candidate_counts(out_channels(named[n]), num_candidates) for n, _, p in layout if p}
+    followers = _followers(model)
     gen = torch.Generator().manual_seed(seed)
     entries, keys = {}, {}
     for name, feeder, producer in layout:
@@ -183,15 +209,12 @@ def build_latency_table(model: nn.Module, example_input, num_candidates: int = 8
         row = {}
         for c_in in ins:
             rep = repeats_in.get(name, 1)
-            xi = _input_like(x, c_in, 1, gen) if _is_sparse_conv(m) else None
-            if xi is None:
-                shape = list(x.shape)
-                shape[1] = c_in * rep
-                xi = torch.randn(shape, generator=gen)
+            xi = _input_like(x, c_in, rep, gen)
             for c_out in outs:
-                layer = _layer_like(m, c_in * rep, c_out).eval()
+                block = nn.Sequential(_layer_like(m, c_in * rep, c_out),
+                                      *[_follower_like(f, c_out) for f in followers[name]]).eval()
                 with torch.no_grad():
-                    row[(c_in, c_out)] = _median_time(lambda: layer(xi), repeats)
+                    row[(c_in, c_out)] = _best_time(lambda: block(xi), repeats)
         entries[name] = row
     table = LatencyTable(entries, keys, candidates, 0.0, repeats)
     full = {n: out_channels(named[n]) for n, _, p in layout if p}

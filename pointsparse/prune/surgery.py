@@ -42,11 +42,15 @@ class ChannelGroup:
     repeat: int = 1
 
 
-def _leaves(model: nn.Module):
-    for name, m in model.named_modules():
-        if is_prunable(m) or isinstance(m, _NORMS) or not any(True for _ in m.children()):
-            if is_prunable(m) or not any(is_prunable(p) for p in m.modules() if p is not m):
-                yield name, m
+def _leaves(model: nn.Module, prefix: str = ""):
+    """The chain's units in order: prunable layers, and the outermost modules
+    holding no prunable layer (a BatchNorm, a ReLU wrapper, a pooling)."""
+    for name, child in model.named_children():
+        full = f"{prefix}.{name}" if prefix else name
+        if is_prunable(child) or not any(is_prunable(d) for d in child.modules()):
+            yield full, child
+        else:
+            yield from _leaves(child, full)
 
 
 def channel_groups(model: nn.Module) -> list[ChannelGroup]:
