@@ -47,6 +47,8 @@ def rewind(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
             raise ValueError(f"state entry {key!r} does not fit the model")
         with torch.no_grad():
             target.copy_(value)
+        if hasattr(module, attr + "_orig") and hasattr(module, attr + "_mask"):  # refresh the masked view now
+            setattr(module, attr, getattr(module, attr + "_orig") * getattr(module, attr + "_mask"))
 
 
 @dataclass
