@@ -88,3 +88,36 @@ def sparse_chain(seed: int = 0, c_in: int = 3, width: int = 6, classes: int = 4)
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.2, 0.2)
     return net.eval()
+
+
+class _Residual(nn.Module):
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.main = nn.Sequential(Conv3d(channels, hidden, 3), BatchNorm(hidden), ReLU(), Conv3d(hidden, channels, 3),
+                                  BatchNorm(channels))
+        self.relu = ReLU()
+
+    def forward(self, x):
+        from pointsparse.nn import add
+        return self.relu(add(self.main(x), x))
+
+
+class ResidualNet(nn.Module):
+    """A small residual sparse network (a MinkUNet-like wiring): a stem chain,
+    a residual block, a per-site linear head."""
+
+    def __init__(self, seed: int = 0, width: int = 8, hidden: int = 12, classes: int = 4):
+        super().__init__()
+        from pointsparse.nn import Linear
+        torch.manual_seed(seed)
+        self.stem = nn.Sequential(Conv3d(3, width, 3), BatchNorm(width), ReLU(), Conv3d(width, width, 3),
+                                  BatchNorm(width), ReLU())
+        self.block = _Residual(width, hidden)
+        self.head = Linear(width, classes)
+        for m in self.modules():
+            if isinstance(m, BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        return self.head(self.block(self.stem(x)))

@@ -88,3 +88,21 @@ def test_bad_inputs():
         amc.amc_search(net, lambda m: 1.0, x, reward="error", target_flops=0.01)
     with pytest.raises(ValueError, match="max_ratio"):
         amc.amc_search(net, lambda m: 1.0, x, max_ratio=1.0)
+
+
+def test_residual_network_search_and_netadapt_layout():
+    from prune_procedures_support import ResidualNet
+    from pointsparse.prune import netadapt
+    net = ResidualNet().eval()
+    x = sparse_input(n=100)
+    infos = {i.name: i for i in amc.layer_infos(net, x)}
+    assert [n for n, i in infos.items() if i.producer] == ["stem.0", "block.main.0"]
+    assert infos["block.main.3"].input_from == "block.main.0" and infos["head.fn"].input_from is None
+    with torch.no_grad():
+        y = net(x).feats.argmax(1)
+    res = amc.amc_search(net, lambda m: float((m(x).feats.argmax(1) == y).float().mean()), x, episodes=3, warmup=3,
+                         reward="error", target_flops=0.7)
+    assert res.flops <= 0.7 * res.dense_flops * (1 + 1e-9)
+    table = netadapt.build_latency_table(net, x, num_candidates=2, repeats=1)
+    assert set(table.entries) == {"stem.0", "stem.3", "block.main.0", "block.main.3"}
+    assert set(table.entries["block.main.3"]) == {(12, 8), (6, 8)}

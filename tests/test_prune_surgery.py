@@ -150,3 +150,27 @@ def test_bad_inputs():
         surgery.apply_channel_ratios(net, {"0": 0.5}, reconstruct=True)
     with pytest.raises(TypeError):
         surgery.remove_output_channels(nn.ReLU(), [0])
+
+
+def test_groups_inside_residual_blocks_only():
+    from prune_procedures_support import ResidualNet
+    net = ResidualNet().eval()
+    groups = surgery.channel_groups(net)
+    assert [(g.producer, g.norms, g.consumer) for g in groups] == [
+        ("stem.0", ["stem.1"], "stem.3"), ("block.main.0", ["block.main.1"], "block.main.3")]
+    x = sparse_input(n=80)
+    for g, removed in zip(groups, ([2, 5], [0, 7, 11])):
+        _zero_inputs_of_consumer(net, g, removed)
+    before = net(x).feats
+    surgery.prune_channels(net, groups[0], [c for c in range(8) if c not in (2, 5)])
+    surgery.prune_channels(net, groups[1], [c for c in range(12) if c not in (0, 7, 11)])
+    assert torch.allclose(net(x).feats, before, atol=1e-5)
+    assert net.block.main[3].weight.shape == (27, 9, 8)  # the residual's width is untouched
+
+
+def test_chain_kinds():
+    net = nn.Sequential(nn.Linear(4, 5), nn.Sequential(nn.BatchNorm1d(5), nn.ReLU()), nn.Linear(5, 2))
+    (chain,) = surgery.chains(net)
+    assert [(n, k) for n, _, k in chain] == [("0", "layer"), ("1.0", "norm"), ("1.1", "pass"), ("2", "layer")]
+    assert list(surgery.chain_followers(net)) == ["0", "2"]
+    assert surgery.channel_groups(nn.Linear(3, 3)) == []

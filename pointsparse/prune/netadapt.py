@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ._layers import call_train, check_callable, in_channels, out_channels
-from .surgery import channel_groups, keep_by_l1, prune_channels
+from .surgery import chain_followers, channel_groups, keep_by_l1, prune_channels
 
 
 def _is_sparse_conv(m) -> bool:
@@ -98,22 +98,6 @@ def _follower_like(module: nn.Module, c_out: int) -> nn.Module:
     return copy.deepcopy(module)
 
 
-def _followers(model: nn.Module) -> dict[str, list[nn.Module]]:
-    """For each prunable layer, the non-prunable leaf modules after it up to
-    the next prunable layer (norms, activations, pooling): its block."""
-    from .surgery import _leaves
-    from ._layers import is_prunable
-    out: dict[str, list[nn.Module]] = {}
-    current = None
-    for name, m in _leaves(model):
-        if is_prunable(m):
-            current = name
-            out[name] = []
-        elif current is not None:
-            out[current].append(m)
-    return out
-
-
 def _input_like(x, c_in: int, repeat: int, gen: torch.Generator):
     if hasattr(x, "with_feats"):  # SparseTensor: same coords and coordinate cache (kernel maps already built)
         return x.with_feats(torch.randn(len(x), c_in, generator=gen))
@@ -170,11 +154,15 @@ class LatencyTable:
                    d["candidates"], d["rest"], d["repeats"])
 
 
-def _layout(model) -> list[tuple[str, str | None, bool]]:
+def _layout(model):
+    """``[(layer, feeding producer or None, is producer)]`` for every layer
+    whose channels change (producers and consumers of the channel groups), in
+    network order, and the consumers' input repeat."""
     groups = channel_groups(model)
     producers = {g.producer for g in groups}
     feeds = {g.consumer: g.producer for g in groups}
-    names = [g.producer for g in groups] + ([groups[-1].consumer] if groups else [])
+    order = [n for n, m in model.named_modules()]
+    names = sorted(producers | set(feeds), key=order.index)
     return [(n, feeds.get(n), n in producers) for n in names], {g.consumer: g.repeat for g in groups}
 
 
@@ -197,7 +185,7 @@ def build_latency_table(model: nn.Module, example_input, num_candidates: int = 8
     named = dict(model.named_modules())
     inputs = _capture_inputs(model, [n for n, _, _ in layout], example_input)
     candidates = {n: candidate_counts(out_channels(named[n]), num_candidates) for n, _, p in layout if p}
-    followers = _followers(model)
+    followers = chain_followers(model)
     gen = torch.Generator().manual_seed(seed)
     entries, keys = {}, {}
     for name, feeder, producer in layout:

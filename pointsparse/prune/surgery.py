@@ -42,38 +42,116 @@ class ChannelGroup:
     repeat: int = 1
 
 
-def _leaves(model: nn.Module, prefix: str = ""):
-    """The chain's units in order: prunable layers, and the outermost modules
-    holding no prunable layer (a BatchNorm, a ReLU wrapper, a pooling)."""
-    for name, child in model.named_children():
-        full = f"{prefix}.{name}" if prefix else name
-        if is_prunable(child) or not any(is_prunable(d) for d in child.modules()):
-            yield full, child
-        else:
-            yield from _leaves(child, full)
+def _has_prunable(m: nn.Module) -> bool:
+    return any(is_prunable(d) for d in m.modules())
+
+
+def _is_wrapper(m: nn.Module) -> bool:
+    """A module that only wraps one prunable layer (``pointsparse.nn.Linear``)."""
+    children = list(m.children())
+    return (not is_prunable(m) and len(children) == 1 and is_prunable(children[0])
+            and not any(True for _ in m.parameters(recurse=False)))
+
+
+def _passes_through(m: nn.Module) -> bool:
+    """Parameter-free and without prunable layers: activations, pooling,
+    dropout, reshapes act on each channel alone (or keep channel blocks)."""
+    return not any(True for _ in m.parameters()) and not _has_prunable(m)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _flatten_sequential(seq: nn.Sequential, prefix: str, chain: list, chains: list) -> None:
+    for name, child in seq.named_children():
+        full = _join(prefix, name)
+        if is_prunable(child):
+            chain.append((full, child, "layer"))
+        elif _is_wrapper(child):
+            inner_name, inner = next(child.named_children())
+            chain.append((_join(full, inner_name), inner, "layer"))
+        elif isinstance(child, _NORMS):
+            chain.append((full, child, "norm"))
+        elif isinstance(child, nn.Sequential):
+            _flatten_sequential(child, full, chain, chains)
+        elif _passes_through(child):
+            chain.append((full, child, "pass"))
+        else:  # a block with its own wiring (residual add, concatenation) or other parameters
+            chain.append((full, child, "barrier"))
+            _analyse(child, full, chains)
+
+
+def _analyse(module: nn.Module, prefix: str, chains: list) -> None:
+    if isinstance(module, nn.Sequential):
+        chain: list = []
+        _flatten_sequential(module, prefix, chain, chains)
+        chains.append(chain)
+        return
+    for name, child in module.named_children():
+        if is_prunable(child) or _is_wrapper(child) or not _has_prunable(child):
+            continue  # a lone layer outside any Sequential: its consumers are unknown
+        _analyse(child, _join(prefix, name), chains)
+
+
+def chains(model: nn.Module) -> list[list[tuple[str, nn.Module, str]]]:
+    """The sequential chains of ``model``: every ``nn.Sequential`` (nested
+    ones flattened into their parent) as a list of ``(name, module, kind)``
+    with kind ``layer`` (prunable), ``norm`` (BatchNorm), ``pass``
+    (parameter-free) or ``barrier`` (a block with its own wiring, analysed on
+    its own). Only inside a chain is it known who consumes a layer's output:
+    a Sequential's intermediate outputs reach only its next element."""
+    out: list = []
+    _analyse(model, "", out)
+    return out
+
+
+def chain_followers(model: nn.Module) -> dict[str, list[nn.Module]]:
+    """For each prunable layer in a chain, the norms and parameter-free
+    modules after it up to the next layer, barrier or the chain's end."""
+    out: dict[str, list[nn.Module]] = {}
+    for chain in chains(model):
+        current = None
+        for name, m, kind in chain:
+            if kind == "layer":
+                current = name
+                out[name] = []
+            elif kind == "barrier":
+                current = None
+            elif current is not None:
+                out[current].append(m)
+    return out
 
 
 def channel_groups(model: nn.Module) -> list[ChannelGroup]:
-    """The channel groups of a chain network, in order. The last prunable
-    layer (the network's output) forms no group. Raises ValueError when a
+    """The channel groups of ``model``: inside each sequential chain, a
+    prunable layer with the BatchNorms after it and the next prunable layer
+    that consumes it. A chain's last layer (the output of a Sequential, which
+    may feed a residual add, a concatenation or the network's output) forms no
+    group, nor does a layer followed by a block with its own wiring. So
+    plain chains give every layer but the last, and residual U-Nets such as
+    MinkUNet give the channels inside their blocks. Raises ValueError when a
     consumer's input size does not fit its producer's channels."""
-    leaves = [(n, m) for n, m in _leaves(model)]
     groups: list[ChannelGroup] = []
-    current: ChannelGroup | None = None
-    for name, m in leaves:
-        if is_prunable(m):
-            if current is not None:
-                c_out = out_channels(dict(model.named_modules())[current.producer])
-                c_in = m.weight.shape[in_channel_dim(m)]
-                if c_in % c_out:
-                    raise ValueError(f"{name!r} takes {c_in} inputs, not a multiple of the {c_out} channels of "
-                                     f"{current.producer!r}: not a chain this function can cut")
-                current.consumer = name
-                current.repeat = c_in // c_out
-                groups.append(current)
-            current = ChannelGroup(producer=name)
-        elif isinstance(m, _NORMS) and current is not None:
-            current.norms.append(name)
+    for chain in chains(model):
+        current: ChannelGroup | None = None
+        current_module = None
+        for name, m, kind in chain:
+            if kind == "layer":
+                if current is not None:
+                    c_out = out_channels(current_module)
+                    c_in = m.weight.shape[in_channel_dim(m)]
+                    if c_in % c_out:
+                        raise ValueError(f"{name!r} takes {c_in} inputs, not a multiple of the {c_out} channels of "
+                                         f"{current.producer!r}: not a chain this function can cut")
+                    current.consumer = name
+                    current.repeat = c_in // c_out
+                    groups.append(current)
+                current, current_module = ChannelGroup(producer=name), m
+            elif kind == "norm" and current is not None:
+                current.norms.append(name)
+            elif kind == "barrier":
+                current = current_module = None
     return groups
 
 
