@@ -280,6 +280,9 @@ def run_minkunet(q):
         from pointsparse.models import MinkUNet
     except ImportError:
         return {"skipped": "pointsparse.models.MinkUNet is not available on this branch"}
+    import subprocess
+    origin = subprocess.run(["git", "log", "-1", "--format=%h", "--", "pointsparse/models/minkunet.py"],
+                            capture_output=True, text=True, cwd=RESULTS_DIR.parents[1]).stdout.strip()
     cr = 0.25
 
     def make(seed=0):
@@ -288,7 +291,7 @@ def run_minkunet(q):
 
     st = T.scene_task(points=3000 if q else 5000, make_model=make)
     steps = 20 if q else 50
-    out = {"cr": cr, "steps": steps, "voxels": len(st.example_input)}
+    out = {"cr": cr, "steps": steps, "voxels": len(st.example_input), "source": origin or "not committed here"}
     dense = make(0)
     t0 = time.perf_counter()
     st.train_fn(dense, steps)
@@ -389,10 +392,11 @@ def render(data: dict, command: str) -> str:
     s = data.get("netadapt")
     if s:
         lines += ["## NetAdapt: latency budget 50% of the measured table estimate", "",
-                  "| network | table (entries, s) | measured before | budget | estimate after | measured after | "
-                  "channels | params | test metric |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| network | table (entries, s) | measured before | table estimate before | budget | estimate after | "
+                  "measured after | channels | params | test metric |", "|---|---|---|---|---|---|---|---|---|---|"]
         for k, r in s.items():
             lines.append(f"| {k} | {r['table_entries']}, {r['table_seconds']:.1f} s | {r['measured_before_ms']:.2f} ms | "
+                         f"{r['estimate_before_ms']:.2f} ms | "
                          f"{r['budget_ms']:.2f} ms | {r['estimate_after_ms']:.2f} ms | {r['measured_after_ms']:.2f} ms | "
                          f"`{json.dumps(r['channels'])}` | {r['dense_params']} -> {r['adapted_params']} | "
                          f"{r['dense_test']:.3f} -> {r['adapted_test']:.3f} |")
@@ -403,11 +407,12 @@ def render(data: dict, command: str) -> str:
         if "skipped" in s:
             lines += [f"Skipped: {s['skipped']}.", ""]
         else:
-            lines += [f"MinkUNet(3, 4, cr={s['cr']}, blocks=1), {s['voxels']} voxels per scene, {s['steps']} training "
+            lines += [f"MinkUNet(3, 4, cr={s['cr']}, blocks=1) (source: {s.get('source')}), {s['voxels']} voxels per "
+                      f"scene, {s['steps']} training "
                       f"steps ({s['seconds_per_step']:.2f} s each), voxel mIoU on a held-out scene:", "",
                       "| run | mIoU |", "|---|---|"]
             lines += [f"| {k} | {v:.3f} |" for k, v in s.items()
-                      if k not in ("cr", "steps", "voxels", "seconds_per_step")]
+                      if k not in ("cr", "steps", "voxels", "seconds_per_step", "source")]
             lines += [""]
     if data.get("_notes"):
         lines += ["## What these show", "", data["_notes"], ""]

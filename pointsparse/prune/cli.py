@@ -20,8 +20,9 @@ PROCEDURES = ("sensitivity", "schedule", "lottery", "init", "rigl", "amc", "neta
 def add_arguments(parser) -> None:
     parser.add_argument("procedure", choices=PROCEDURES, help="which procedure to run")
     parser.add_argument("--task", choices=("digits", "scene"), default="digits")
-    parser.add_argument("--model", choices=("mlp", "cnn", "deep"), default=None,
-                        help="digits model (default mlp; cnn for amc/netadapt)")
+    parser.add_argument("--model", choices=("mlp", "cnn", "deep", "sparse", "minkunet"), default=None,
+                        help="digits: mlp (default), cnn (default for amc/netadapt), deep; scene: sparse (a "
+                             "sparse-conv chain, default) or minkunet (pointsparse.models.MinkUNet, cr 0.25)")
     parser.add_argument("--sparsity", type=float, default=0.9, help="target sparsity (schedule, init, rigl)")
     parser.add_argument("--granularity", choices=("unstructured", "channel"), default="unstructured",
                         help="sensitivity granularity")
@@ -46,7 +47,18 @@ def add_arguments(parser) -> None:
 def _task(args):
     from .tasks import digits_task, scene_task
     if args.task == "scene":
-        return scene_task(args.seed, points=3000 if args.quick else 6000)
+        if args.model not in (None, "sparse", "minkunet"):
+            raise SystemExit(f"--model {args.model} is a digits model; the scene task takes sparse or minkunet")
+        make = None
+        if args.model == "minkunet":
+            from ..models import MinkUNet
+
+            def make(seed=args.seed):
+                torch.manual_seed(seed)
+                return MinkUNet(3, 4, cr=0.25, blocks=1)
+        return scene_task(args.seed, points=3000 if args.quick else 6000, make_model=make)
+    if args.model in ("sparse", "minkunet"):
+        raise SystemExit(f"--model {args.model} needs --task scene")
     model = args.model or ("cnn" if args.procedure in ("amc", "netadapt") else "mlp")
     return digits_task(model, args.seed)
 
