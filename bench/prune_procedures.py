@@ -281,8 +281,13 @@ def run_minkunet(q):
     except ImportError:
         return {"skipped": "pointsparse.models.MinkUNet is not available on this branch"}
     import subprocess
+    root = RESULTS_DIR.parents[1]
     origin = subprocess.run(["git", "log", "-1", "--format=%h", "--", "pointsparse/models/minkunet.py"],
-                            capture_output=True, text=True, cwd=RESULTS_DIR.parents[1]).stdout.strip()
+                            capture_output=True, text=True, cwd=root).stdout.strip()
+    if not origin:  # the model files are there but not committed on this branch
+        train = subprocess.run(["git", "rev-parse", "--short", "train"], capture_output=True, text=True,
+                               cwd=root).stdout.strip()
+        origin = f"uncommitted copy of branch train @ {train}" if train else "uncommitted"
     cr = 0.25
 
     def make(seed=0):
@@ -291,7 +296,7 @@ def run_minkunet(q):
 
     st = T.scene_task(points=3000 if q else 5000, make_model=make)
     steps = 20 if q else 50
-    out = {"cr": cr, "steps": steps, "voxels": len(st.example_input), "source": origin or "not committed here"}
+    out = {"cr": cr, "steps": steps, "voxels": len(st.example_input), "source": origin}
     dense = make(0)
     t0 = time.perf_counter()
     st.train_fn(dense, steps)
@@ -314,6 +319,9 @@ def run_minkunet(q):
         with rg:
             st.train_fn(m, steps)
         out[f"RigL erk {s}"] = st.test_fn(m)
+    # AMC on the channels inside MinkUNet's residual blocks (surgery.channel_groups)
+    row = _amc_vs_uniform(st, dense, 0.6, 8 if q else 24, 5 if q else 10, False, None)
+    out["amc"] = row
     return out
 
 
@@ -412,7 +420,14 @@ def render(data: dict, command: str) -> str:
                       f"steps ({s['seconds_per_step']:.2f} s each), voxel mIoU on a held-out scene:", "",
                       "| run | mIoU |", "|---|---|"]
             lines += [f"| {k} | {v:.3f} |" for k, v in s.items()
-                      if k not in ("cr", "steps", "voxels", "seconds_per_step", "source")]
+                      if k not in ("cr", "steps", "voxels", "seconds_per_step", "source", "amc")]
+            if "amc" in s:
+                r = s["amc"]
+                lines += ["", f"AMC on the {len(r['amc_ratios'])} channel groups inside MinkUNet's blocks, FLOPs "
+                          f"budget 0.6: AMC {r['amc_flops']:.3f} of dense FLOPs, mIoU {r['amc_test_no_ft']:.3f} before / "
+                          f"{r['amc_test_ft']:.3f} after fine-tuning; uniform ratio {r['uniform_ratio']:.2f} "
+                          f"({r['uniform_flops']:.3f} of dense FLOPs): {r['uniform_test_no_ft']:.3f} / "
+                          f"{r['uniform_test_ft']:.3f}. Ratios: `{json.dumps({n: round(v, 2) for n, v in r['amc_ratios'].items()})}`."]
             lines += [""]
     if data.get("_notes"):
         lines += ["## What these show", "", data["_notes"], ""]
