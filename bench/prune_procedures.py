@@ -411,7 +411,7 @@ def render(data: dict, command: str) -> str:
         lines += [""]
     s = data.get("minkunet")
     if s:
-        lines += ["## MinkUNet on generated scenes (unstructured procedures)", ""]
+        lines += ["## MinkUNet on generated scenes", ""]
         if "skipped" in s:
             lines += [f"Skipped: {s['skipped']}.", ""]
         else:
