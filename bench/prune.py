@@ -89,7 +89,7 @@ def flops_table(num_voxels, channels, repeats):
     rows = [
         f"Scene: generated street, {coords.shape[0]} voxels; net Conv3d(4->{channels}) -> Conv3d({channels}->{channels}), k=3.",
         "",
-        "| granularity (second layer) | weight sparsity | FLOPs | x dense | report ms |",
+        "| granularity (second layer) | weight sparsity | FLOPs | x dense | report ms (incl. one forward) |",
         "|---|---:|---:|---:|---:|",
     ]
     dense = None

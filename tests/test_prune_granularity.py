@@ -341,3 +341,7 @@ def test_global_structured_channels_across_layers():
     assert torch.equal(second.weight_mask[:, 0], torch.tensor([0.0, 1.0]))
     with pytest.raises(TypeError, match="GroupStructured subclass"):
         prune.global_structured([(first, "weight")], prune.L1Unstructured, amount=1)
+    with pytest.raises(ValueError, match="at least one"):
+        prune.global_structured([], prune.ChannelStructured, amount=1)
+    with pytest.raises(ValueError, match="amount=9 is more than the 3"):
+        prune.global_structured([(first, "weight"), (second, "weight")], prune.ChannelStructured, amount=9)

@@ -63,12 +63,6 @@ class WeightLayout:
             inverse[axis] = position
         return oik.reshape(permuted_shape).permute(inverse).contiguous()
 
-    def kernel_shape(self, shape: torch.Size) -> tuple[int, ...]:
-        return tuple(shape[a] for a in self.kernel_axes)
-
-
-LINEAR = WeightLayout(0, 1, ())
-
 
 def dense_layout(ndim: int) -> WeightLayout:
     """Layout of a torch Linear (``ndim == 2``) or ConvNd weight."""

@@ -69,7 +69,9 @@ def select_weakest(norms: torch.Tensor, alive: torch.Tensor, k: int) -> torch.Te
 
 
 class GroupStructured(_torch_prune.BasePruningMethod):
-    """Base of the group methods: subclasses define :meth:`group_ids`."""
+    """Base of the group methods: a subclass defines :meth:`group_ids` (and a
+    classmethod ``apply`` with its arguments); scoring, the choice of the
+    weakest alive groups and the mask are shared."""
 
     PRUNING_TYPE = "global"
 
@@ -327,6 +329,8 @@ def global_structured(parameters, pruning_method, amount, importance_scores=None
     if not isinstance(importance_scores, dict):
         raise TypeError("importance_scores must be a dict keyed by (module, name) or None")
     validate_amount(amount)
+    if not parameters:
+        raise ValueError("parameters must name at least one (module, name) pair")
     norms_list, alive_list = [], []
     for module, name in parameters:
         layout = kwargs.get("layout") or _layout_or_none(pruning_method, module, name)
@@ -343,8 +347,6 @@ def global_structured(parameters, pruning_method, amount, importance_scores=None
         norms, alive = group_scores(scores, mask, ids, groups, method.n)
         norms_list.append(norms)
         alive_list.append(alive)
-    if not parameters:
-        raise ValueError("parameters must name at least one (module, name) pair")
     norms = torch.cat(norms_list)
     alive = torch.cat(alive_list)
     chosen = select_weakest(norms, alive, count_to_prune(amount, int(alive.sum()), "groups"))
