@@ -34,6 +34,7 @@ def test_sparse_table_keys_and_remeasurement(tmp_path):
     assert 1 / 3 < again / table.entries["3"][(16, 32)] < 3
     loaded = netadapt.LatencyTable.load(table.save(tmp_path / "t.json"))
     assert loaded.entries == table.entries and loaded.candidates == table.candidates
+    assert loaded.layout == table.layout and loaded.latency({"0": 8, "3": 16}) == table.latency({"0": 8, "3": 16})
 
 
 def test_estimate_of_full_network_matches_measurement():
@@ -41,7 +42,8 @@ def test_estimate_of_full_network_matches_measurement():
     x = torch.randn(256, 64)
     table = netadapt.build_latency_table(net, x, num_candidates=2, repeats=7)
     layout, _ = netadapt._layout(net)
-    est = table.latency({"0": 256, "2": 256}, layout)
+    est = table.latency({"0": 256, "2": 256})
+    assert est == table.latency({"0": 256, "2": 256}, layout)
     measured = netadapt.measure_latency(net, x, 7)
     assert 1 / 3 < est / measured < 3
 

@@ -127,12 +127,13 @@ class LatencyTable:
     candidates: dict[str, list[int]]  # output-channel counts per producer
     rest: float = 0.0
     repeats: int = 7
+    layout: list = field(default_factory=list)  # (layer, feeding producer or None, is producer)
 
-    def latency(self, channels: dict[str, int], model_layers: list[tuple[str, str | None, bool]]) -> float:
-        """Estimated network latency for ``channels[producer]`` (``model_layers``
-        from :meth:`NetAdaptState.layout`)."""
+    def latency(self, channels: dict[str, int], model_layers: list | None = None) -> float:
+        """Estimated network latency with ``channels[producer]`` output
+        channels for each producer: ``rest`` plus each layer's entry."""
         total = self.rest
-        for name, feeder, producer in model_layers:
+        for name, feeder, producer in (model_layers if model_layers is not None else self.layout):
             c_out = channels[name] if producer else None
             c_in = channels[feeder] if feeder else None
             row = self.entries[name]
@@ -144,14 +145,15 @@ class LatencyTable:
         path = Path(path)
         path.write_text(json.dumps({
             "entries": {n: [[k[0], k[1], v] for k, v in row.items()] for n, row in self.entries.items()},
-            "keys": self.keys, "candidates": self.candidates, "rest": self.rest, "repeats": self.repeats}, indent=1))
+            "keys": self.keys, "candidates": self.candidates, "rest": self.rest, "repeats": self.repeats,
+            "layout": [list(row) for row in self.layout]}, indent=1))
         return path
 
     @classmethod
     def load(cls, path) -> "LatencyTable":
         d = json.loads(Path(path).read_text())
         return cls({n: {(a, b): v for a, b, v in rows} for n, rows in d["entries"].items()}, d["keys"],
-                   d["candidates"], d["rest"], d["repeats"])
+                   d["candidates"], d["rest"], d["repeats"], [tuple(row) for row in d.get("layout", [])])
 
 
 def _layout(model):
@@ -204,7 +206,7 @@ def build_latency_table(model: nn.Module, example_input, num_candidates: int = 8
                 with torch.no_grad():
                     row[(c_in, c_out)] = _best_time(lambda: block(xi), repeats)
         entries[name] = row
-    table = LatencyTable(entries, keys, candidates, 0.0, repeats)
+    table = LatencyTable(entries, keys, candidates, 0.0, repeats, layout)
     full = {n: out_channels(named[n]) for n, _, p in layout if p}
     table.rest = max(0.0, measure_latency(model, example_input, repeats) - table.latency(full, layout))
     return table
