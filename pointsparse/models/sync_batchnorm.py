@@ -1,0 +1,58 @@
+"""Batch normalisation whose statistics span every process of a
+torch.distributed job (``torch.nn.SyncBatchNorm`` only runs on GPUs; this one
+runs on any backend, gloo on the CPU included)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import nn as spnn
+from ..tensor import SparseTensor
+
+
+class SyncBatchNorm(spnn.BatchNorm):
+    """:class:`pointsparse.nn.BatchNorm` with global statistics: in training,
+    the per-channel sum, sum of squares and row count are all-reduced (with
+    gradients, through ``torch.distributed.nn``), so N processes on N shards
+    compute what one process computes on the whole batch. Outside a
+    distributed job, or in eval mode, it is a plain BatchNorm."""
+
+    def forward(self, input: SparseTensor) -> SparseTensor:  # type: ignore[override]
+        dist = torch.distributed
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(input)
+        from torch.distributed.nn.functional import all_reduce
+
+        x = input.feats
+        c = x.shape[1]
+        local = torch.cat([x.sum(0), (x * x).sum(0), x.new_tensor([x.shape[0]])])
+        total = all_reduce(local)
+        count = total[-1]
+        mean = total[:c] / count
+        var = (total[c:2 * c] / count - mean * mean).clamp_min(0)
+        out = (x - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            out = out * self.weight + self.bias
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                n = float(count)
+                unbiased = var.detach() * (n / max(n - 1.0, 1.0))
+                self.running_mean.mul_(1 - m).add_(m * mean.detach())
+                self.running_var.mul_(1 - m).add_(m * unbiased)
+        return input.with_feats(out)
+
+    @classmethod
+    def convert(cls, module: nn.Module) -> nn.Module:
+        """``module`` with every :class:`pointsparse.nn.BatchNorm` replaced by
+        a SyncBatchNorm holding the same parameters and buffers."""
+        if isinstance(module, spnn.BatchNorm) and not isinstance(module, cls):
+            new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+            new.load_state_dict(module.state_dict())
+            new.train(module.training)
+            return new
+        for name, child in module.named_children():
+            setattr(module, name, cls.convert(child))
+        return module
