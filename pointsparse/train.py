@@ -68,6 +68,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--scenes", type=int, default=24, help="generated training scenes (default 24)")
     parser.add_argument("--val-scenes", type=int, default=4, help="generated validation scenes (default 4)")
     parser.add_argument("--max-range", type=float, default=50.0, help="generated scenes: LiDAR range in m (default 50)")
+    parser.add_argument("--beams", type=int, default=64, help="generated scenes: LiDAR beams (default 64)")
+    parser.add_argument("--azimuth-steps", type=int, default=1024,
+                        help="generated scenes: returns per beam and turn (default 1024)")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for checkpoints, metrics.json and PNGs")
     parser.add_argument("--cr", type=float, default=0.5, help="MinkUNet width multiplier (default 0.5)")
     parser.add_argument("--blocks", type=int, default=2, help="residual blocks per stage (default 2)")
@@ -119,7 +122,7 @@ def open_training_data(args):
     """(train samples, validation samples, class names)."""
     generated = args.data[0].startswith("generated") and len(args.data) == 1
     if generated:
-        kwargs = {"max_range": args.max_range} if args.data[0] != "generated-indoor" else {}
+        kwargs = _scene_kwargs(vars(args)) if args.data[0] != "generated-indoor" else {}
         train = open_source(args.data, count=args.scenes, first_seed=args.seed * 10_000, **kwargs)
         val = (open_source(args.data, count=args.val_scenes, first_seed=VALIDATION_SEED, **kwargs)
                if args.val_data is None else open_source(args.val_data, args.label_map, args.ignore_index))
@@ -142,6 +145,11 @@ def open_training_data(args):
         classes = [f"class{i}" for i in range(top + 1)]
         print(f"note: no --label-map: using the raw labels as {len(classes)} classes", file=sys.stderr)
     return train, val, list(classes)
+
+
+def _scene_kwargs(options: dict) -> dict:
+    return {"max_range": options.get("max_range", 50.0), "beams": options.get("beams", 64),
+            "azimuth_steps": options.get("azimuth_steps", 1024)}
 
 
 # --------------------------------------------------------------------- distributed
@@ -535,7 +543,7 @@ def evaluate_main(args) -> int:
         spec = saved.get("data", ["generated"])
     if len(spec) == 1 and spec[0].startswith("generated"):
         source = open_source(spec, count=saved.get("val_scenes", 4), first_seed=VALIDATION_SEED,
-                             **({"max_range": saved.get("max_range", 50.0)} if spec[0] != "generated-indoor" else {}))
+                             **(_scene_kwargs(saved) if spec[0] != "generated-indoor" else {}))
         classes = list(source.classes)
     else:
         source = open_source(spec, args.label_map or saved.get("label_map"), ignore_index)
