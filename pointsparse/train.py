@@ -205,7 +205,9 @@ def _spawn_worker(rank: int, world: int, port: int, args) -> None:
                       LOCAL_RANK=str(rank))
     args.nproc = 1
     try:
-        train(args)
+        _, model = _train(args)
+        if getattr(args, "rank_weights", None):  # set by the tests, not a command-line flag
+            torch.save(model.state_dict(), Path(args.rank_weights) / f"rank{rank}.pt")
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -276,11 +278,15 @@ def save_checkpoint(path: Path, state: dict) -> None:
     an interrupt leaves the previous checkpoint intact."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path) -> dict:
@@ -363,6 +369,10 @@ def write_report(out: Path, cm, classes, first, history, extra: dict, ignore_ind
 
 def train(args) -> dict | None:
     """Run the training job of ``args``; returns the final metrics on rank 0."""
+    return _train(args)[0]
+
+
+def _train(args):
     dist = _init_distributed(args)
     out = Path(args.out)
     progress = dist.main and not args.no_progress
@@ -501,7 +511,7 @@ def train(args) -> dict | None:
             torch.distributed.barrier()
         if stop:
             break
-    return report
+    return report, model
 
 
 def main(args) -> int:

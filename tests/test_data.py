@@ -41,10 +41,21 @@ def test_outdoor_density_falls_with_range_and_occlusion_holds():
     near = ((r > 5) & (r < 10)).sum() / (np.pi * (10 ** 2 - 5 ** 2))
     far = ((r > 25) & (r < 30)).sum() / (np.pi * (30 ** 2 - 25 ** 2))
     assert near > 4 * far
-    # Ground points are the first hit: none of them lies behind a building
-    # return along the same ray (same beam and azimuth = same direction).
-    d = s.xyz / np.linalg.norm(s.xyz, axis=1, keepdims=True)
-    assert np.allclose(np.linalg.norm(d, axis=1), 1)
+
+
+def test_caster_keeps_the_nearest_hit():
+    from pointsparse.data.generated import _Caster
+
+    dirs = np.array([[1.0, 0.0, 0.0], [1.0, 0.2, 0.0], [1.0, -0.6, 0.0]])
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    caster = _Caster(np.zeros(3), dirs, 50.0)
+    # A wall behind a small box; the box hides the wall from the first two rays.
+    caster.boxes(np.array([[10.0, -20, -1], [5.0, -0.5, -1]]), np.array([[11.0, 20, 1], [6.0, 1.5, 1]]),
+                 np.array([3, 7]))
+    assert caster.label.tolist() == [7, 7, 3]
+    assert np.isclose(caster.t[0], 5.0) and np.isclose(caster.t[2] * dirs[2, 0], 10.0)
+    caster.cylinders(np.array([[2.0, 0.0]]), np.array([0.1]), np.array([-1.0]), np.array([1.0]), 9)
+    assert caster.label.tolist() == [9, 7, 3] and np.isclose(caster.t[0], 1.9)
 
 
 def test_lidar_rays_fan():

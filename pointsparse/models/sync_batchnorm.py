@@ -26,12 +26,14 @@ class SyncBatchNorm(spnn.BatchNorm):
 
         x = input.feats
         c = x.shape[1]
-        local = torch.cat([x.sum(0), (x * x).sum(0), x.new_tensor([x.shape[0]])])
-        total = all_reduce(local)
-        count = total[-1]
+        # Two passes (mean, then squared deviations) keep the variance exact
+        # in float32 where E[x^2] - mean^2 would cancel.
+        total = all_reduce(torch.cat([x.sum(0), x.new_tensor([x.shape[0]])]))
+        count = total[c]
         mean = total[:c] / count
-        var = (total[c:2 * c] / count - mean * mean).clamp_min(0)
-        out = (x - mean) * torch.rsqrt(var + self.eps)
+        centred = x - mean
+        var = all_reduce(centred.square().sum(0)) / count
+        out = centred * torch.rsqrt(var + self.eps)
         if self.affine:
             out = out * self.weight + self.bias
         if self.track_running_stats:
