@@ -92,6 +92,9 @@ def add_arguments(parser) -> None:
                              "class name, other layers by name and shape")
     parser.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
                         help="stop after the epoch during which this much training time has passed")
+    parser.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                        help="fit the number of epochs (at most --epochs) to this much training time, measured "
+                             "on the first epoch; the learning-rate schedule follows the new count")
     parser.add_argument("--nproc", type=int, default=1,
                         help="training processes on this machine (DistributedDataParallel; default 1)")
 
@@ -407,9 +410,9 @@ def _train(args):
                                                   seed=args.seed)
     local_batch = args.batch_size // dist.world
     steps_per_epoch = math.ceil(len(sampler) / local_batch)
-    total_steps = steps_per_epoch * args.epochs
+    plan = {"epochs": args.epochs}
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(args.schedule, s, total_steps, args.warmup))
+        optimizer, lambda s: lr_factor(args.schedule, s, steps_per_epoch * plan["epochs"], args.warmup))
     history = {"step_loss": [], "epoch_loss": [], "val_miou": [], "step_time": [], "lr": []}
     start_epoch, best = 0, -1.0
     if resume_state is not None:
@@ -418,6 +421,8 @@ def _train(args):
         scheduler.load_state_dict(resume_state["scheduler"])
         history = resume_state["history"]
         start_epoch = resume_state["epoch"]
+        if args.time_budget is not None:  # keep the plan made on the first epoch
+            plan["epochs"] = resume_state.get("planned_epochs", args.epochs)
         best = resume_state.get("best_miou", -1.0)
         torch.set_rng_state(resume_state["torch_rng"])
 
@@ -441,14 +446,15 @@ def _train(args):
     t_start = time.perf_counter()
     train_time = sum(history["step_time"])
     report = None
-    for epoch in range(start_epoch, args.epochs):
+    epoch = start_epoch
+    while epoch < plan["epochs"]:
         sampler.set_epoch(epoch)
         train_ds.set_epoch(epoch)
         order = list(sampler)
         chunks = [order[i:i + local_batch] for i in range(0, len(order), local_batch)]
         net.train()
         losses = []
-        bar = _bar(chunks, f"epoch {epoch + 1}/{args.epochs}", progress)
+        bar = _bar(chunks, f"epoch {epoch + 1}/{plan['epochs']}", progress)
         for chunk in bar:
             t0 = time.perf_counter()
             batch = collate([train_ds[i] for i in chunk]).to(dist.device)
@@ -477,18 +483,28 @@ def _train(args):
             if progress:
                 bar.set_postfix(loss=f"{step_loss:.3f}", s_per_step=f"{dt:.2f}")
         history["epoch_loss"].append(float(np.mean(losses)) if losses else math.nan)
+        if args.time_budget is not None and epoch == start_epoch == 0:
+            per_epoch = max(sum(history["step_time"]), 1e-9)
+            fit = max(1, int(args.time_budget * 60 / per_epoch))
+            if dist.active:  # every process must follow rank 0's plan
+                fit_t = torch.tensor([fit], dtype=torch.int64)
+                torch.distributed.broadcast(fit_t, 0)
+                fit = int(fit_t)
+            plan["epochs"] = min(args.epochs, fit)
+            log(f"time budget {args.time_budget} min: {plan['epochs']} epochs of about {per_epoch:.0f} s")
         stop = args.time_limit is not None and train_time >= args.time_limit * 60
-        last = epoch + 1 == args.epochs or stop
+        last = epoch + 1 == plan["epochs"] or stop
         if dist.main:
             cm, first = evaluate(model, val_ds, len(classes), args.ignore_index, dist.device, progress=progress)
             miou = metrics.mean_iou(cm)
             history["val_miou"].append(miou)
-            log(f"epoch {epoch + 1}/{args.epochs}: loss {history['epoch_loss'][-1]:.4f}, val mIoU "
+            log(f"epoch {epoch + 1}/{plan['epochs']}: loss {history['epoch_loss'][-1]:.4f}, val mIoU "
                 f"{100 * miou:.1f}%, {np.median(history['step_time'][-len(losses):]):.2f} s/step, "
                 f"{train_time / 60:.1f} min of training")
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
                      "config": config, "torch_rng": torch.get_rng_state(), "best_miou": max(best, miou),
+                     "planned_epochs": plan["epochs"],
                      "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}}
             save_checkpoint(out / CHECKPOINT, state)
             if miou > best:
@@ -504,13 +520,14 @@ def _train(args):
                          "processes": dist.world, "threads_per_process": torch.get_num_threads(),
                          "device": str(dist.device), "data": args.data, "val_data": args.val_data or "held out",
                          "config": config, "checkpoint": str(out / CHECKPOINT), "best_miou": best,
-                         "stopped_by_time_limit": bool(stop and epoch + 1 < args.epochs)}
+                         "stopped_by_time_limit": bool(stop and epoch + 1 < plan["epochs"])}
                 report = write_report(out, cm, classes, first, history, extra, args.ignore_index)
                 log("\n" + metrics.format_table(cm, classes))
         if dist.active:
             torch.distributed.barrier()
         if stop:
             break
+        epoch += 1
     return report, model
 
 

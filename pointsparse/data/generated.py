@@ -157,13 +157,13 @@ def outdoor_scene(seed: int = 0, beams: int = 64, azimuth_steps: int = 1024, max
         # Parked cars along the curb.
         x = -max_range + rng.uniform(0, 8)
         while x < max_range:
-            if rng.random() < 0.55:
+            if rng.random() < 0.4:
                 cl, cw, ch = rng.uniform(3.8, 4.8), rng.uniform(1.7, 1.95), rng.uniform(1.4, 1.7)
                 y0 = road_half - cw - rng.uniform(0.1, 0.4)
                 box(x, x + cl, *(sorted((side * y0, side * (y0 + cw)))), 0.15, ch, _O["car"])
                 box(x + 0.25 * cl, x + 0.75 * cl, *(sorted((side * (y0 + 0.1), side * (y0 + cw - 0.1)))),
                     ch, ch + 0.45, _O["car"])
-            x += rng.uniform(5, 9)
+            x += rng.uniform(5.5, 12)
     # Driving cars in the lanes.
     for _ in range(rng.integers(0, 4)):
         x = rng.uniform(-max_range, max_range)
