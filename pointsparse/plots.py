@@ -43,7 +43,8 @@ def curves(history: dict, path) -> Path:
     ax1.legend()
     miou = history.get("val_miou", [])
     if miou:
-        ax2.plot(np.arange(1, len(miou) + 1), 100 * np.asarray(miou, dtype=float), "o-")
+        epochs_at = history.get("val_epoch") or list(range(1, len(miou) + 1))
+        ax2.plot(epochs_at, 100 * np.asarray(miou, dtype=float), "o-")
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("mIoU (%)")
     ax2.set_title("validation mIoU")

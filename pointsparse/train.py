@@ -63,6 +63,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--val-data", nargs="+", default=None, metavar="SOURCE",
                         help="validation clouds (default: held-out generated scenes, or the last --val-fraction "
                              "of the --data files)")
+    parser.add_argument("--val-label-map", default=None, metavar="NAME|JSON",
+                        help="label map of --val-data when it differs from --label-map (same class names)")
     parser.add_argument("--val-fraction", type=float, default=0.2,
                         help="share of the --data files held out when --val-data is not given (default 0.2)")
     parser.add_argument("--scenes", type=int, default=24, help="generated training scenes (default 24)")
@@ -92,6 +94,8 @@ def add_arguments(parser) -> None:
                              "class name, other layers by name and shape")
     parser.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
                         help="stop after the epoch during which this much training time has passed")
+    parser.add_argument("--eval-every", type=int, default=1, metavar="N",
+                        help="validate every N epochs and after the last (default 1)")
     parser.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
                         help="fit the number of epochs (at most --epochs) to this much training time, measured "
                              "on the first epoch; the learning-rate schedule follows the new count")
@@ -107,7 +111,7 @@ def add_eval_arguments(parser) -> None:
 
 
 def _check_args(args) -> None:
-    for name in ("epochs", "batch_size", "nproc", "scenes", "val_scenes", "blocks"):
+    for name in ("epochs", "batch_size", "nproc", "scenes", "val_scenes", "blocks", "eval_every"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {value}")
@@ -132,7 +136,10 @@ def open_training_data(args):
         return train, val, list(train.classes)
     train = open_source(args.data, args.label_map, args.ignore_index)
     if args.val_data is not None:
-        val = open_source(args.val_data, args.label_map or train.label_map, args.ignore_index)
+        val = open_source(args.val_data, args.val_label_map or args.label_map or train.label_map,
+                          args.ignore_index)
+        if val.classes is not None and train.classes is not None and val.classes != train.classes:
+            raise ValueError(f"validation classes {val.classes} differ from the training classes {train.classes}")
     else:
         held = int(round(len(train) * args.val_fraction))
         if len(train) < 2 or held < 1:
@@ -494,20 +501,26 @@ def _train(args):
             log(f"time budget {args.time_budget} min: {plan['epochs']} epochs of about {per_epoch:.0f} s")
         stop = args.time_limit is not None and train_time >= args.time_limit * 60
         last = epoch + 1 == plan["epochs"] or stop
+        validate = last or (epoch + 1) % args.eval_every == 0
         if dist.main:
-            cm, first = evaluate(model, val_ds, len(classes), args.ignore_index, dist.device, progress=progress)
-            miou = metrics.mean_iou(cm)
-            history["val_miou"].append(miou)
-            log(f"epoch {epoch + 1}/{plan['epochs']}: loss {history['epoch_loss'][-1]:.4f}, val mIoU "
-                f"{100 * miou:.1f}%, {np.median(history['step_time'][-len(losses):]):.2f} s/step, "
-                f"{train_time / 60:.1f} min of training")
+            summary = (f"epoch {epoch + 1}/{plan['epochs']}: loss {history['epoch_loss'][-1]:.4f}, "
+                       f"{np.median(history['step_time'][-len(losses):]):.2f} s/step, "
+                       f"{train_time / 60:.1f} min of training")
+            miou = -1.0
+            if validate:
+                cm, first = evaluate(model, val_ds, len(classes), args.ignore_index, dist.device, progress=progress)
+                miou = metrics.mean_iou(cm)
+                history["val_miou"].append(miou)
+                history.setdefault("val_epoch", []).append(epoch + 1)
+                summary += f", val mIoU {100 * miou:.1f}%"
+            log(summary)
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
-                     "config": config, "torch_rng": torch.get_rng_state(), "best_miou": max(best, miou),
+                     "config": config, "torch_rng": torch.get_rng_state(), "best_miou": max(best, miou) if validate else best,
                      "planned_epochs": plan["epochs"],
                      "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}}
             save_checkpoint(out / CHECKPOINT, state)
-            if miou > best:
+            if validate and miou > best:
                 best = miou
                 save_checkpoint(out / BEST, state)
             if last:
