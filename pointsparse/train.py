@@ -31,8 +31,9 @@ import torch
 from . import metrics
 from .data import (DEFAULT_IGNORE, NUM_FEATURES, VALIDATION_SEED, Batch, CloudFiles, VoxelDataset, collate,
                    open_source)
-from .models import MinkUNet, SyncBatchNorm
+from .models import SPVCNN, MinkUNet, SyncBatchNorm
 
+MODELS = ("minkunet", "spvcnn")
 SCHEDULES = ("cosine", "onecycle", "step", "constant")
 OPTIMIZERS = ("adamw", "sgd")
 CHECKPOINT = "checkpoint.pt"
@@ -74,6 +75,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--azimuth-steps", type=int, default=1024,
                         help="generated scenes: returns per beam and turn (default 1024)")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for checkpoints, metrics.json and PNGs")
+    parser.add_argument("--model", choices=MODELS, default="minkunet",
+                        help="minkunet (voxel U-Net) or spvcnn (with a point branch; per-point logits)")
     parser.add_argument("--cr", type=float, default=0.5, help="MinkUNet width multiplier (default 0.5)")
     parser.add_argument("--blocks", type=int, default=2, help="residual blocks per stage (default 2)")
     parser.add_argument("--voxel-size", type=float, default=0.1, help="voxel edge in metres (default 0.1)")
@@ -225,8 +228,22 @@ def _spawn_worker(rank: int, world: int, port: int, args) -> None:
 
 # --------------------------------------------------------------------- model, optimiser, schedule
 
-def build_model(config: dict) -> MinkUNet:
-    return MinkUNet(config["in_channels"], len(config["classes"]), cr=config["cr"], blocks=config["blocks"])
+def build_model(config: dict) -> torch.nn.Module:
+    cls = SPVCNN if config.get("model", "minkunet").lower() == "spvcnn" else MinkUNet
+    return cls(config["in_channels"], len(config["classes"]), cr=config["cr"], blocks=config["blocks"])
+
+
+def point_level(model) -> bool:
+    """Whether the model (maybe inside DistributedDataParallel) returns per-point logits."""
+    return isinstance(getattr(model, "module", model), SPVCNN)
+
+
+def logits_of(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, the labels they are scored against): per voxel for MinkUNet,
+    per point for SPVCNN."""
+    if point_level(model):
+        return model(batch.input, batch.inverse, batch.points, batch.point_batch), batch.point_labels
+    return model(batch.input).feats, batch.labels
 
 
 def lr_factor(schedule: str, step: int, total: int, warmup: float) -> float:
@@ -255,7 +272,7 @@ def make_optimizer(args, model) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 
 
-def init_from(model: MinkUNet, checkpoint: dict, classes: list[str]) -> list[str]:
+def init_from(model: torch.nn.Module, checkpoint: dict, classes: list[str]) -> list[str]:
     """Copy a checkpoint's weights into ``model``: every tensor with the same
     name and shape, and the classifier rows of classes with the same name.
     Returns the names of the tensors copied."""
@@ -270,13 +287,15 @@ def init_from(model: MinkUNet, checkpoint: dict, classes: list[str]) -> list[str
             if name in own and own[name].shape == value.shape:
                 own[name].copy_(value)
                 copied.append(name)
-        weight, bias = src.get("classifier.fn.weight"), src.get("classifier.fn.bias")
-        if weight is not None and weight.shape[1] == own["classifier.fn.weight"].shape[1]:
+        head = "classifier.fn." if "classifier.fn.weight" in own else "classifier."
+        src_head = "classifier.fn." if "classifier.fn.weight" in src else "classifier."
+        weight, bias = src.get(src_head + "weight"), src.get(src_head + "bias")
+        if weight is not None and weight.shape[1] == own[head + "weight"].shape[1]:
             for i, c in enumerate(classes):
                 if c in src_classes:
                     j = src_classes.index(c)
-                    own["classifier.fn.weight"][i] = weight[j]
-                    own["classifier.fn.bias"][i] = bias[j]
+                    own[head + "weight"][i] = weight[j]
+                    own[head + "bias"][i] = bias[j]
             copied.append("classifier (rows of " + ", ".join(c for c in classes if c in src_classes) + ")")
     return copied
 
@@ -314,7 +333,9 @@ def load_checkpoint(path) -> dict:
 @torch.no_grad()
 def predict(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(voxel logits, per-point predicted class) of a batch."""
-    logits = model(batch.input).feats
+    logits, _ = logits_of(model, batch)
+    if point_level(model):
+        return logits, logits.argmax(1)
     return logits, logits.argmax(1)[batch.inverse]
 
 
@@ -397,7 +418,7 @@ def _train(args):
         log(f"resuming {path} after epoch {resume_state['epoch']}")
     else:
         config = {"in_channels": NUM_FEATURES, "classes": classes, "cr": args.cr, "blocks": args.blocks,
-                  "voxel_size": args.voxel_size, "ignore_index": args.ignore_index, "model": "MinkUNet"}
+                  "voxel_size": args.voxel_size, "ignore_index": args.ignore_index, "model": args.model}
     if config["classes"] != classes:
         raise ValueError(f"the checkpoint's classes {config['classes']} differ from the data's {classes}")
 
@@ -440,7 +461,7 @@ def _train(args):
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         n_params = sum(p.numel() for p in model.parameters())
-        log(f"MinkUNet cr={config['cr']} ({n_params / 1e6:.2f} M parameters), {len(classes)} classes, voxel "
+        log(f"{type(model).__name__} cr={config['cr']} ({n_params / 1e6:.2f} M parameters), {len(classes)} classes, voxel "
             f"{config['voxel_size']} m; {len(train_src)} training and {len(val_src)} validation clouds; "
             f"{dist.world} process(es) on {dist.device}, {torch.get_num_threads()} thread(s) each; "
             f"{steps_per_epoch} steps per epoch")
@@ -465,10 +486,9 @@ def _train(args):
         for chunk in bar:
             t0 = time.perf_counter()
             batch = collate([train_ds[i] for i in chunk]).to(dist.device)
-            logits = net(batch.input).feats
-            ce = torch.nn.functional.cross_entropy(logits, batch.labels, ignore_index=args.ignore_index,
-                                                   reduction="sum")
-            counted = (batch.labels != args.ignore_index).sum()
+            logits, target = logits_of(net, batch)
+            ce = torch.nn.functional.cross_entropy(logits, target, ignore_index=args.ignore_index, reduction="sum")
+            counted = (target != args.ignore_index).sum()
             stats = torch.stack([ce.detach(), counted.to(ce.dtype)])
             if dist.active:
                 torch.distributed.all_reduce(stats)

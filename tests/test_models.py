@@ -134,3 +134,27 @@ def test_sync_batchnorm_without_a_process_group_is_batchnorm():
     synced = SyncBatchNorm.convert(net)
     assert isinstance(synced[1], SyncBatchNorm)
     assert torch.allclose(synced(x).feats, ref)
+
+
+def test_spvcnn_per_point_logits_and_backward():
+    from pointsparse.models import SPVCNN
+
+    torch.manual_seed(6)
+    g = torch.Generator().manual_seed(0)
+    points = torch.rand(600, 3, generator=g) * 12
+    batch = (torch.arange(600) >= 350).long()
+    x, inverse = ps.voxelize(points, torch.randn(600, 4, generator=g), voxel_size=1.0, batch=batch)
+    net = SPVCNN(4, 5, cr=0.125, blocks=1)
+    out = net(x, inverse, points, batch)
+    assert out.shape == (600, 5)
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in net.parameters())
+    assert net.point_mlps[0][0].weight.grad.abs().sum() > 0
+    # Two points in one voxel can be told apart (the point branch sees positions).
+    net.eval()
+    pts = torch.tensor([[0.1, 0.5, 0.5], [0.9, 0.5, 0.5], [1.5, 0.5, 0.5]])
+    v, inv = ps.voxelize(pts, torch.randn(3, 4), voxel_size=1.0)
+    y = net(v, inv, pts, torch.zeros(3, dtype=torch.long))
+    assert inv[0] == inv[1] and not torch.allclose(y[0], y[1])
+    with pytest.raises(ValueError, match="points must be"):
+        net(v, inv, pts[:2], torch.zeros(3, dtype=torch.long))

@@ -160,3 +160,10 @@ def test_lr_schedules(schedule):
         assert f[-1] < 0.05 and max(f) > 0.9
     if schedule == "cosine":
         assert f[0] < f[9] and all(a >= b for a, b in zip(f[10:], f[11:]))
+
+
+def test_spvcnn_training_run(tmp_path):
+    out = tmp_path / "spv"
+    report = tr.train(_parse([*TINY, "--model", "spvcnn", "--epochs", "1", "--out", str(out)]))
+    assert report["config"]["model"] == "spvcnn" and 0 <= report["miou"] <= 1
+    assert cli.main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--no-progress"]) == 0

@@ -86,6 +86,7 @@ class VoxelSample:
     point_labels: torch.Tensor  # int64 (N,)
     xyz: np.ndarray             # float32 (N, 3) positions (after augmentation)
     name: str
+    points: torch.Tensor | None = None  # float32 (N, 3) positions in voxel units (floor = voxel coords)
 
 
 def voxelize_sample(sample: Sample, voxel_size: float, ignore_index: int) -> VoxelSample:
@@ -99,7 +100,8 @@ def voxelize_sample(sample: Sample, voxel_size: float, ignore_index: int) -> Vox
     labels = sample.labels if sample.labels is not None else np.full(len(sample), ignore_index, dtype=np.int64)
     vox_labels = majority_labels(inverse.numpy(), labels, len(tensor), ignore_index)
     return VoxelSample(tensor.coords, tensor.feats.detach(), torch.from_numpy(vox_labels), inverse.long(),
-                       torch.from_numpy(labels.astype(np.int64)), sample.xyz, sample.name)
+                       torch.from_numpy(labels.astype(np.int64)), sample.xyz, sample.name,
+                       (points.double() / voxel_size).float())
 
 
 @dataclass
@@ -113,6 +115,7 @@ class Batch:
     point_batch: torch.Tensor    # int64 (N,) sample index of every point
     xyz: list                    # per-sample positions (for renders)
     names: list
+    points: torch.Tensor | None = None  # float32 (N, 3) point positions in voxel units
 
     @property
     def size(self) -> int:
@@ -120,7 +123,8 @@ class Batch:
 
     def to(self, device) -> "Batch":
         return Batch(self.input.to(device), self.labels.to(device), self.inverse.to(device),
-                     self.point_labels.to(device), self.point_batch.to(device), self.xyz, self.names)
+                     self.point_labels.to(device), self.point_batch.to(device), self.xyz, self.names,
+                     None if self.points is None else self.points.to(device))
 
 
 def collate(items: list[VoxelSample]) -> Batch:
@@ -136,6 +140,7 @@ def collate(items: list[VoxelSample]) -> Batch:
         offset += len(it.coords)
         batch.append(torch.full((len(it.inverse),), i, dtype=torch.int64))
     tensor = SparseTensor(torch.cat([it.feats for it in items]), torch.cat(coords), validate=False)
+    points = None if any(it.points is None for it in items) else torch.cat([it.points for it in items])
     return Batch(tensor, torch.cat([it.labels for it in items]), torch.cat(inverse),
                  torch.cat([it.point_labels for it in items]), torch.cat(batch), [it.xyz for it in items],
-                 [it.name for it in items])
+                 [it.name for it in items], points)

@@ -18,13 +18,14 @@ class SyncBatchNorm(spnn.BatchNorm):
     compute what one process computes on the whole batch. Outside a
     distributed job, or in eval mode, it is a plain BatchNorm."""
 
-    def forward(self, input: SparseTensor) -> SparseTensor:  # type: ignore[override]
+    def forward(self, input):  # type: ignore[override]
+        """A SparseTensor (normalises its feats) or a plain ``(N, C)`` tensor."""
         dist = torch.distributed
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return super().forward(input)
+            return super().forward(input) if isinstance(input, SparseTensor) else nn.BatchNorm1d.forward(self, input)
         from torch.distributed.nn.functional import all_reduce
 
-        x = input.feats
+        x = input.feats if isinstance(input, SparseTensor) else input
         c = x.shape[1]
         # Two passes (mean, then squared deviations) keep the variance exact
         # in float32 where E[x^2] - mean^2 would cancel.
@@ -44,13 +45,14 @@ class SyncBatchNorm(spnn.BatchNorm):
                 unbiased = var.detach() * (n / max(n - 1.0, 1.0))
                 self.running_mean.mul_(1 - m).add_(m * mean.detach())
                 self.running_var.mul_(1 - m).add_(m * unbiased)
-        return input.with_feats(out)
+        return input.with_feats(out) if isinstance(input, SparseTensor) else out
 
     @classmethod
     def convert(cls, module: nn.Module) -> nn.Module:
-        """``module`` with every :class:`pointsparse.nn.BatchNorm` replaced by
-        a SyncBatchNorm holding the same parameters and buffers."""
-        if isinstance(module, spnn.BatchNorm) and not isinstance(module, cls):
+        """``module`` with every :class:`pointsparse.nn.BatchNorm` (and
+        ``torch.nn.BatchNorm1d``, as in point branches) replaced by a
+        SyncBatchNorm holding the same parameters and buffers."""
+        if isinstance(module, nn.BatchNorm1d) and not isinstance(module, cls):
             new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
             new.load_state_dict(module.state_dict())
             new.train(module.training)
