@@ -31,7 +31,8 @@ def training_arguments(args) -> argparse.Namespace:
     train.add_arguments(parser)
     argv = ["--data", "generated", "--scenes", "24", "--val-scenes", "4", "--max-range", "35",
             "--cr", str(args.cr), "--voxel-size", str(args.voxel_size), "--batch-size", "2", "--lr", "4e-3",
-            "--epochs", "40", "--time-budget", str(args.minutes), "--time-limit", str(1.5 * args.minutes),
+            "--epochs", "40", "--eval-every", "2", "--time-budget", str(args.minutes),
+            "--time-limit", str(1.5 * args.minutes),
             "--seed", str(args.seed), "--out", str(args.out)]
     if args.no_progress:
         argv.append("--no-progress")

@@ -570,7 +570,9 @@ def main(args) -> int:
         import torch.multiprocessing as mp
 
         port = _free_port()
-        mp.spawn(_spawn_worker, args=(args.nproc, port, args), nprocs=args.nproc, join=True)
+        # Only the options travel to the workers (the CLI adds module objects).
+        plain = argparse.Namespace(**{k: v for k, v in vars(args).items() if not k.startswith("_")})
+        mp.spawn(_spawn_worker, args=(args.nproc, port, plain), nprocs=args.nproc, join=True)
         metrics_path = Path(args.out) / "metrics.json"
         if metrics_path.is_file():
             print(f"metrics: {metrics_path}")

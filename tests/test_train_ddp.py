@@ -24,6 +24,7 @@ SCRIPT = textwrap.dedent("""
     tr.add_arguments(parser)
     args = parser.parse_args(sys.argv[2:])
     args.rank_weights = sys.argv[1]
+    args._module = sys  # as the pointsparse CLI leaves it: must not travel to the workers
     sys.exit(tr.main(args))
 """)
 
