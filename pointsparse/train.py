@@ -461,7 +461,8 @@ def _train(args):
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         n_params = sum(p.numel() for p in model.parameters())
-        log(f"{type(model).__name__} cr={config['cr']} ({n_params / 1e6:.2f} M parameters), {len(classes)} classes, voxel "
+        log(f"{type(model).__name__} cr={config['cr']} ({n_params / 1e6:.2f} M parameters), "
+            f"{len(classes)} classes, voxel "
             f"{config['voxel_size']} m; {len(train_src)} training and {len(val_src)} validation clouds; "
             f"{dist.world} process(es) on {dist.device}, {torch.get_num_threads()} thread(s) each; "
             f"{steps_per_epoch} steps per epoch")
@@ -536,8 +537,10 @@ def _train(args):
             log(summary)
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
-                     "config": config, "torch_rng": torch.get_rng_state(), "best_miou": max(best, miou) if validate else best,
+                     "config": config, "torch_rng": torch.get_rng_state(),
+                     "best_miou": max(best, miou) if validate else best,
                      "planned_epochs": plan["epochs"],
+                     "val_paths": [str(p) for p in getattr(val_src, "paths", [])],
                      "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}}
             save_checkpoint(out / CHECKPOINT, state)
             if validate and miou > best:
@@ -600,15 +603,21 @@ def evaluate_main(args) -> int:
     device = _pick_device(args.device, 0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    spec = args.data or saved.get("val_data") or ["generated"]
-    if spec == "held out" or spec is None:
-        spec = saved.get("data", ["generated"])
+    label_map = args.label_map
+    if args.data:
+        spec = args.data
+    elif state.get("val_paths"):  # the files the run validated on
+        spec = state["val_paths"]
+        label_map = label_map or saved.get("val_label_map") or saved.get("label_map")
+    else:
+        spec = saved.get("data") or ["generated"]
+        label_map = label_map or saved.get("label_map")
     if len(spec) == 1 and spec[0].startswith("generated"):
         source = open_source(spec, count=saved.get("val_scenes", 4), first_seed=VALIDATION_SEED,
                              **(_scene_kwargs(saved) if spec[0] != "generated-indoor" else {}))
         classes = list(source.classes)
     else:
-        source = open_source(spec, args.label_map or saved.get("label_map"), ignore_index)
+        source = open_source(spec, label_map, ignore_index)
         classes = list(source.classes or config["classes"])
     if classes != config["classes"]:
         raise ValueError(f"the data's classes {classes} differ from the checkpoint's {config['classes']}")

@@ -158,7 +158,8 @@ def test_semantickitti_reader(tmp_path):
 
 def test_numpy_readers(tmp_path):
     xyz, lab = _cloud()
-    np.savez(tmp_path / "tile.npz", xyz=xyz, origin=np.array([6e5, 6e6, 100.0]), intensity=np.arange(50, dtype=np.uint16),
+    np.savez(tmp_path / "tile.npz", xyz=xyz, origin=np.array([6e5, 6e6, 100.0]),
+             intensity=np.arange(50, dtype=np.uint16),
              classification=np.where(lab == 0, 1, lab + 2).astype(np.uint8), rgb=np.zeros((50, 3), np.uint16))
     s = read_numpy(tmp_path / "tile.npz", "ign-lidarhd")
     assert np.array_equal(s.xyz, xyz) and s.rgb is None  # all-zero colour means none

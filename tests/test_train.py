@@ -65,6 +65,9 @@ def test_train_on_files_with_label_map(tmp_path):
     assert report["classes"] == ["ground", "low-vegetation", "high-vegetation", "building"]
     assert report["points"]["ground"] + report["points"]["building"] == 400  # one held-out tile
     assert report["points"]["low-vegetation"] == 0
+    # eval defaults to the held-out file and the run's label map.
+    assert cli.main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--out", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "eval-metrics.json").read_text())["confusion"] == report["confusion"]
 
 
 def test_resume_continues_exactly(tmp_path):

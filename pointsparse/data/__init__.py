@@ -6,7 +6,8 @@ from .generated import INDOOR_CLASSES, OUTDOOR_CLASSES, indoor_scene, lidar_rays
 from .readers import (DEFAULT_IGNORE, LabelMap, find_clouds, load_label_map, read_cloud, read_las, read_numpy,
                       read_open3d, read_semantickitti, read_text)
 from .sample import Sample
-from .transforms import NUM_FEATURES, Batch, VoxelSample, augment, collate, majority_labels, point_features, voxelize_sample
+from .transforms import (NUM_FEATURES, Batch, VoxelSample, augment, collate, majority_labels, point_features,
+                         voxelize_sample)
 
 __all__ = [
     "DEFAULT_IGNORE", "INDOOR_CLASSES", "NUM_FEATURES", "OUTDOOR_CLASSES", "VALIDATION_SEED", "Batch", "CloudFiles",
