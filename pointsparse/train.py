@@ -100,8 +100,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--eval-every", type=int, default=1, metavar="N",
                         help="validate every N epochs and after the last (default 1)")
     parser.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
-                        help="fit the number of epochs (at most --epochs) to this much training time, measured "
-                             "on the first epoch; the learning-rate schedule follows the new count")
+                        help="fit the number of epochs (at most --epochs) to this much training time, "
+                             "re-planned after every epoch from the mean epoch time; the learning-rate schedule "
+                             "follows the planned count")
     parser.add_argument("--nproc", type=int, default=1,
                         help="training processes on this machine (DistributedDataParallel; default 1)")
 
@@ -511,15 +512,18 @@ def _train(args):
             if progress:
                 bar.set_postfix(loss=f"{step_loss:.3f}", s_per_step=f"{dt:.2f}")
         history["epoch_loss"].append(float(np.mean(losses)) if losses else math.nan)
-        if args.time_budget is not None and epoch == start_epoch == 0:
-            per_epoch = max(sum(history["step_time"]), 1e-9)
-            fit = max(1, int(args.time_budget * 60 / per_epoch))
+        if args.time_budget is not None:
+            # Re-planned after every epoch from the mean epoch time so far
+            # (the machine's load may change during the run).
+            per_epoch = max(sum(history["step_time"]) / (epoch + 1), 1e-9)
+            fit = max(epoch + 1, int(args.time_budget * 60 / per_epoch))
             if dist.active:  # every process must follow rank 0's plan
                 fit_t = torch.tensor([fit], dtype=torch.int64)
                 torch.distributed.broadcast(fit_t, 0)
                 fit = int(fit_t)
-            plan["epochs"] = min(args.epochs, fit)
-            log(f"time budget {args.time_budget} min: {plan['epochs']} epochs of about {per_epoch:.0f} s")
+            if min(args.epochs, fit) != plan["epochs"]:
+                plan["epochs"] = min(args.epochs, fit)
+                log(f"time budget {args.time_budget} min: {plan['epochs']} epochs of about {per_epoch:.0f} s")
         stop = args.time_limit is not None and train_time >= args.time_limit * 60
         last = epoch + 1 == plan["epochs"] or stop
         validate = last or (epoch + 1) % args.eval_every == 0
