@@ -88,6 +88,9 @@ def add_arguments(parser) -> None:
                         help="learning-rate schedule over all steps: cosine (with --warmup), onecycle, step "
                              "(x0.1 at 60%% and 85%%), constant (default cosine)")
     parser.add_argument("--warmup", type=float, default=0.05, help="warm-up share of the steps (default 0.05)")
+    parser.add_argument("--class-weights", choices=("none", "sqrt-inverse"), default="none",
+                        help="loss weight per class: none, or 1/sqrt(share of the training points), mean 1 over "
+                             "the classes present (default none)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, shuffling and augmentation")
     parser.add_argument("--no-augment", action="store_true", help="no rotation/scaling/flip/jitter")
     parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
@@ -301,6 +304,21 @@ def init_from(model: torch.nn.Module, checkpoint: dict, classes: list[str]) -> l
     return copied
 
 
+def class_weights(source, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """``1 / sqrt(share)`` of each class over the points of ``source``,
+    scaled to mean 1 over the classes present (absent classes: 0)."""
+    counts = np.zeros(num_classes, dtype=np.float64)
+    for sample in source:
+        labels = sample.labels[sample.labels != ignore_index]
+        counts += np.bincount(labels, minlength=num_classes)[:num_classes]
+    present = counts > 0
+    w = np.zeros(num_classes)
+    w[present] = 1.0 / np.sqrt(counts[present] / counts.sum())
+    if present.any():
+        w[present] /= w[present].mean()
+    return torch.tensor(w, dtype=torch.float32)
+
+
 # --------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -473,6 +491,10 @@ def _train(args):
         for _ in source:  # generate or read every cloud once, outside the timed steps
             pass
     log(f"data ready in {time.perf_counter() - t_load:.1f} s")
+    weight = None
+    if getattr(args, "class_weights", "none") != "none":
+        weight = class_weights(train_src, len(classes), args.ignore_index).to(dist.device)
+        log("class weights: " + ", ".join(f"{c} {w:.2f}" for c, w in zip(classes, weight.tolist())))
     t_start = time.perf_counter()
     train_time = sum(history["step_time"])
     report = None
@@ -489,8 +511,10 @@ def _train(args):
             t0 = time.perf_counter()
             batch = collate([train_ds[i] for i in chunk]).to(dist.device)
             logits, target = logits_of(net, batch)
-            ce = torch.nn.functional.cross_entropy(logits, target, ignore_index=args.ignore_index, reduction="sum")
-            counted = (target != args.ignore_index).sum()
+            ce = torch.nn.functional.cross_entropy(logits, target, weight=weight, ignore_index=args.ignore_index,
+                                                   reduction="sum")
+            valid = target != args.ignore_index
+            counted = valid.sum() if weight is None else weight[target[valid]].sum()
             stats = torch.stack([ce.detach(), counted.to(ce.dtype)])
             if dist.active:
                 torch.distributed.all_reduce(stats)

@@ -165,8 +165,18 @@ def test_lr_schedules(schedule):
         assert f[0] < f[9] and all(a >= b for a, b in zip(f[10:], f[11:]))
 
 
+def test_class_weights_hand_computed():
+    from pointsparse.data import Sample
+
+    src = [Sample(np.zeros((5, 3)), np.array([0, 0, 0, 1, 9])), Sample(np.zeros((1, 3)), np.array([0]))]
+    w = tr.class_weights(src, 3, ignore_index=9)
+    raw = np.array([1 / np.sqrt(4 / 5), 1 / np.sqrt(1 / 5)])
+    assert np.allclose(w[:2].numpy(), raw / raw.mean()) and w[2] == 0
+
+
 def test_spvcnn_training_run(tmp_path):
     out = tmp_path / "spv"
-    report = tr.train(_parse([*TINY, "--model", "spvcnn", "--epochs", "1", "--out", str(out)]))
+    report = tr.train(_parse([*TINY, "--model", "spvcnn", "--class-weights", "sqrt-inverse", "--epochs", "1",
+                              "--out", str(out)]))
     assert report["config"]["model"] == "spvcnn" and 0 <= report["miou"] <= 1
     assert cli.main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--no-progress"]) == 0
