@@ -31,6 +31,12 @@ def experiments(quick: bool, data) -> list[dict]:
                  "--voxel-size", "0.2", "--batch-size", "2", "--lr", "4e-3", "--epochs", "200",
                  "--time-budget", str(minutes(10)), "--time-limit", str(minutes(10))],
     }]
+    out.append({
+        "name": "generated-weighted",
+        "what": "the same generated-scene run with the loss weighted by 1/sqrt(class share) "
+                "(--class-weights sqrt-inverse)",
+        "argv": out[0]["argv"] + ["--class-weights", "sqrt-inverse"],
+    })
     if data is None:
         return out
     tiles = data / "ign-lidarhd" / "tiles50m"
@@ -67,20 +73,23 @@ def experiments(quick: bool, data) -> list[dict]:
     return out
 
 
-def run(exp: dict, threads: int | None) -> dict:
+def run(exp: dict, threads: int | None, collect: bool = False) -> dict:
+    """Run one experiment (or, with ``collect``, read the run already in
+    runs/bench-train) and copy its PNGs to bench/results."""
     out = RUNS / exp["name"]
-    if out.exists():
-        shutil.rmtree(out)
     argv = [sys.executable, "-m", "pointsparse", "train", *exp["argv"], "--out", str(out), "--no-progress"]
     if threads:
         argv += ["--threads", str(threads)]
     shown = " ".join(a if not a.startswith(str(ROOT)) else a[len(str(ROOT)) + 1:] for a in argv[1:])
-    print(f"$ python {shown}", flush=True)
     t0 = time.perf_counter()
-    subprocess.run(argv, check=True, cwd=ROOT)
+    if not collect:
+        if out.exists():
+            shutil.rmtree(out)
+        print(f"$ python {shown}", flush=True)
+        subprocess.run(argv, check=True, cwd=ROOT)
     report = json.loads((out / "metrics.json").read_text())
-    report["command"] = f"python {shown} --out {out.relative_to(ROOT)}"
-    report["wall_s"] = time.perf_counter() - t0
+    report["command"] = f"python {shown}"
+    report["wall_s"] = time.perf_counter() - t0 if not collect else report.get("wall_time_s")
     for name, path in report["pictures"].items():
         dest = RESULTS_DIR / f"train-{exp['name']}-{name}.png"
         shutil.copyfile(path, dest)
@@ -120,22 +129,34 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="30 s budgets: check that everything runs")
     parser.add_argument("--only", nargs="*", default=None, help="experiment names to run")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    parser.add_argument("--collect", action="store_true",
+                        help="do not train: rebuild the results from the runs already in runs/bench-train")
     args = parser.parse_args()
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     env = environment()
-    results = []
-    done = set()
-    for exp in experiments(args.quick, datasets_dir()):
+    name = "train-quick" if args.quick else "train"
+    store = RESULTS_DIR / f"{name}.json"
+    # Results of earlier invocations (--only reruns some experiments).
+    saved = json.loads(store.read_text()) if store.is_file() else {}
+    all_exps = experiments(args.quick, datasets_dir())
+    for exp in all_exps:
         if args.only and exp["name"] not in args.only:
             continue
-        if exp.get("needs") and not (RUNS / exp["needs"] / "checkpoint.pt").is_file():
+        if not args.collect and exp.get("needs") and not (RUNS / exp["needs"] / "checkpoint.pt").is_file():
             print(f"skip {exp['name']}: run {exp['needs']} first", flush=True)
             continue
-        results.append((exp, run(exp, args.threads)))
-        done.add(exp["name"])
-        name = "train-quick.md" if args.quick else "train.md"
-        (RESULTS_DIR / name).write_text(write_markdown(results, env, args.quick, args.threads))
-    print(f"results: {RESULTS_DIR / ('train-quick.md' if args.quick else 'train.md')}")
+        if args.collect and not (RUNS / exp["name"] / "metrics.json").is_file():
+            continue
+        report = run(exp, args.threads, args.collect)
+        report.pop("history", None)
+        report.pop("confusion", None)
+        report["environment"] = env
+        report["threads"] = args.threads
+        saved[exp["name"]] = report
+        store.write_text(json.dumps(saved, indent=1) + "\n")
+        results = [(e, saved[e["name"]]) for e in all_exps if e["name"] in saved]
+        (RESULTS_DIR / f"{name}.md").write_text(write_markdown(results, env, args.quick, args.threads))
+    print(f"results: {RESULTS_DIR / (name + '.md')}")
     return 0
 
 

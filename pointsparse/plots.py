@@ -93,18 +93,20 @@ def topdown(xyz: np.ndarray, labels: np.ndarray, pred: np.ndarray, classes, path
     n = len(classes)
     colours = class_colours(n)
     order = np.argsort(xyz[:, 2])  # higher points drawn last
-    fig, axes = plt.subplots(1, 2, figsize=(12, 6.2), sharex=True, sharey=True)
+    span = np.ptp(xyz[:, :2], axis=0) if len(xyz) else np.ones(2)
+    aspect = float(np.clip(span[1] / max(span[0], 1e-9), 0.3, 2.0))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 6 * aspect + 1.0), sharex=True, sharey=True)
     for ax, values, title in ((axes[0], labels, "labels"), (axes[1], pred, "predictions")):
         v = np.asarray(values).astype(np.int64)
         v = np.where((v < 0) | (v >= n) | (v == ignore_index), n, v)
-        ax.scatter(xyz[order, 0], xyz[order, 1], c=colours[v[order]], s=0.3, linewidths=0)
+        ax.scatter(xyz[order, 0], xyz[order, 1], c=colours[v[order]], s=0.6, linewidths=0)
         ax.set_aspect("equal")
         ax.set_title(title)
         ax.set_xticks([])
         ax.set_yticks([])
     handles = [plt.Line2D([], [], marker="o", ls="", color=colours[i], label=c) for i, c in enumerate(classes)]
     fig.legend(handles=handles, loc="lower center", ncol=min(n, 10), fontsize=8, markerscale=1.5)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
