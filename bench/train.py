@@ -114,6 +114,30 @@ def write_markdown(results: list[tuple[dict, dict]], env: dict, quick: bool, thr
         lines.append(f"| {exp['name']} | {100 * r['miou']:.1f}% | {100 * r['accuracy']:.1f}% | {r['epochs']} | "
                      f"{r['steps']} | {r['step_time_s_median']:.2f} | {r['scans_per_step']} | "
                      f"{r['step_time_per_scan_s']:.2f} | {r['train_time_s'] / 60:.1f} |")
+    got = {exp["name"]: r for exp, r in results}
+    lines += ["", "## Notes", ""]
+    for name in ("generated", "generated-weighted"):
+        if name in got:
+            r = got[name]
+            verdict = "meets" if r["miou"] >= 0.70 else "falls short of"
+            lines.append(f"- `{name}`: {100 * r['miou']:.1f}% mIoU after {r['train_time_s'] / 60:.1f} min of "
+                         f"training ({r['steps']} steps of {r['scans_per_step']} scans, "
+                         f"{r['threads_per_process']} thread(s)) {verdict} the target of 70% within 10 minutes "
+                         "on 2 cores. The step time is what limits it: more steps fit in the budget once the "
+                         "convolution is faster.")
+    if "kitti-finetune" in got and "kitti-scratch" in got:
+        a, b = got["kitti-finetune"], got["kitti-scratch"]
+        lines.append(f"- SemanticKITTI, one training scan, scored on another scan of a different sequence over "
+                     f"the classes present there: {100 * a['miou']:.1f}% mIoU from the generated-scene weights vs "
+                     f"{100 * b['miou']:.1f}% from random weights with the same budget. One scan is far too "
+                     "little data for the 19 classes; the number shows the pipeline end to end, not a benchmark "
+                     "score.")
+    lines += ["- These runs used the pure-torch convolution path of `pointsparse.nn` (the fast engine of the "
+              "`conv` branch had not reached `main`); re-run all of them with "
+              "`flock /tmp/ps-heavy.lock .venv/bin/python bench/train.py --threads 2` (or one with "
+              "`--only NAME`; `--collect` rebuilds this page from `runs/bench-train`).",
+              "- Each run stops by its time budget: `--time-budget` fits the number of epochs (and so the "
+              "cosine schedule) to the budget, re-planned after every epoch; validation time is not counted."]
     for exp, r in results:
         lines += ["", f"## {exp['name']}", "", exp["what"], "", "```", r["command"], "```", "",
                   "| class | IoU | points |", "|---|---|---|"]

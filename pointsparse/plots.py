@@ -61,7 +61,7 @@ def confusion(cm: np.ndarray, classes, path) -> Path:
     cm = np.asarray(cm, dtype=np.float64)
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     n = len(classes)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * n, 1.0 + 0.45 * n))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 + 0.45 * n), max(4.5, 1.4 + 0.45 * n)))
     im = ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
     ax.set_xticks(range(n), classes, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(n), classes, fontsize=8)
@@ -74,7 +74,7 @@ def confusion(cm: np.ndarray, classes, path) -> Path:
                     ax.text(j, i, f"{100 * norm[i, j]:.0f}", ha="center", va="center", fontsize=6,
                             color="white" if norm[i, j] > 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046)
-    ax.set_title("confusion (row-normalised, %)")
+    ax.set_title("confusion, % of each true class")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
