@@ -22,6 +22,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--cr", type=float, default=0.5, help="MinkUNet width multiplier (default 0.5)")
     parser.add_argument("--voxel-size", type=float, default=0.2, help="voxel edge in metres (default 0.2)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="a quick check instead: exactly this many steps on 2 scenes (no time budget)")
+    parser.add_argument("--points", type=int, default=None,
+                        help="about this many LiDAR returns per generated scene (default: a full 64 x 1024 scan)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -29,11 +33,20 @@ def training_arguments(args) -> argparse.Namespace:
     """The ``pointsparse train`` arguments the demo runs."""
     parser = argparse.ArgumentParser()
     train.add_arguments(parser)
-    argv = ["--data", "generated", "--scenes", "24", "--val-scenes", "4", "--max-range", "35",
-            "--cr", str(args.cr), "--voxel-size", str(args.voxel_size), "--batch-size", "2", "--lr", "4e-3",
-            "--epochs", "40", "--eval-every", "2", "--time-budget", str(args.minutes),
-            "--time-limit", str(1.5 * args.minutes),
-            "--seed", str(args.seed), "--out", str(args.out)]
+    for name in ("steps", "points"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be >= 1; got {value}")
+    argv = ["--data", "generated", "--max-range", "35", "--cr", str(args.cr), "--voxel-size", str(args.voxel_size),
+            "--batch-size", "2", "--lr", "4e-3", "--seed", str(args.seed), "--out", str(args.out)]
+    if getattr(args, "steps", None):
+        argv += ["--scenes", "2", "--val-scenes", "1", "--epochs", str(args.steps), "--eval-every", str(args.steps)]
+    else:
+        argv += ["--scenes", "24", "--val-scenes", "4", "--epochs", "40", "--eval-every", "2",
+                 "--time-budget", str(args.minutes), "--time-limit", str(1.5 * args.minutes)]
+    if getattr(args, "points", None):
+        # About 90% of the rays of a 35 m street scan return.
+        argv += ["--azimuth-steps", str(max(16, round(args.points / 64 / 0.9)))]
     if args.no_progress:
         argv.append("--no-progress")
     return parser.parse_args(argv)
