@@ -82,7 +82,7 @@ def confusion(cm: np.ndarray, classes, path) -> Path:
 
 
 def topdown(xyz: np.ndarray, labels: np.ndarray, pred: np.ndarray, classes, path, ignore_index: int = 255,
-            max_points: int = 150_000) -> Path:
+            max_points: int = 80_000) -> Path:
     """Top-down scatter of one cloud: labels on the left, predictions on the
     right, one colour per class (ignored points grey)."""
     plt = _plt()
