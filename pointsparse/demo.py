@@ -23,6 +23,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--cr", type=float, default=0.5, help="MinkUNet width multiplier (default 0.5)")
     parser.add_argument("--voxel-size", type=float, default=0.2, help="voxel edge in metres (default 0.2)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: steady on a shared machine, where a second OpenMP "
+                             "thread competing for a busy core can make each step ten times slower)")
     parser.add_argument("--steps", type=int, default=None,
                         help="a quick check instead: exactly this many steps on 2 scenes (no time budget)")
     parser.add_argument("--points", type=int, default=None,
@@ -39,7 +42,8 @@ def training_arguments(args) -> argparse.Namespace:
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be >= 1; got {value}")
     argv = ["--data", "generated", "--max-range", "35", "--cr", str(args.cr), "--voxel-size", str(args.voxel_size),
-            "--batch-size", "2", "--lr", "4e-3", "--class-weights", "sqrt-inverse", "--seed", str(args.seed), "--out", str(args.out)]
+            "--batch-size", "2", "--lr", "4e-3", "--class-weights", "sqrt-inverse", "--seed", str(args.seed), "--out", str(args.out),
+            "--threads", str(getattr(args, "threads", 1))]
     if getattr(args, "steps", None):
         argv += ["--scenes", "2", "--val-scenes", "1", "--epochs", str(args.steps), "--eval-every", str(args.steps)]
     else:
