@@ -1,0 +1,111 @@
+"""Data sets of samples (generated scenes or files) and the voxelising,
+augmenting torch Dataset over them.
+
+Augmentation draws from ``numpy.random.default_rng([seed, epoch, index])``, so
+an epoch is the same whether it runs straight or after ``--resume``, and
+whichever process of a distributed job handles the item."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import generated
+from .readers import DEFAULT_IGNORE, LabelMap, find_clouds, load_label_map, read_cloud
+from .sample import Sample
+from .transforms import augment, voxelize_sample
+
+# Seeds of held-out generated scenes start here; training scenes use 0, 1, ...
+VALIDATION_SEED = 1_000_000
+
+
+class GeneratedScenes(Sequence[Sample]):
+    """``count`` generated scenes of ``kind`` ("outdoor" or "indoor") with
+    seeds ``first_seed, first_seed + 1, ...``, made on first use and kept."""
+
+    def __init__(self, kind: str = "outdoor", count: int = 16, first_seed: int = 0, **scene_kwargs) -> None:
+        if kind not in ("outdoor", "indoor"):
+            raise ValueError(f"kind must be 'outdoor' or 'indoor'; got {kind!r}")
+        if not isinstance(count, int) or count < 1:
+            raise ValueError(f"count must be a positive int; got {count!r}")
+        self.kind, self.count, self.first_seed, self.scene_kwargs = kind, count, first_seed, scene_kwargs
+        self.classes = list(generated.OUTDOOR_CLASSES if kind == "outdoor" else generated.INDOOR_CLASSES)
+        self._cache: dict[int, Sample] = {}
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> Sample:
+        if not -self.count <= index < self.count:
+            raise IndexError(index)
+        index %= self.count
+        if index not in self._cache:
+            make = generated.outdoor_scene if self.kind == "outdoor" else generated.indoor_scene
+            self._cache[index] = make(self.first_seed + index, **self.scene_kwargs)
+        return self._cache[index]
+
+
+class CloudFiles(Sequence[Sample]):
+    """Point cloud files (paths, globs or folders; see
+    :func:`~pointsparse.data.readers.find_clouds`), read on first use and kept."""
+
+    def __init__(self, specs, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> None:
+        self.paths = find_clouds(specs)
+        if not self.paths:
+            raise ValueError(f"no point clouds found in {specs!r}")
+        self.label_map: LabelMap | None = load_label_map(label_map) if label_map is not None else None
+        if self.label_map is None and any(p.suffix == ".bin" for p in self.paths):
+            self.label_map = load_label_map("semantic-kitti")
+        if self.label_map is None and any(p.is_dir() or p.suffix == ".txt" for p in self.paths):
+            self.label_map = load_label_map("s3dis")
+        self.ignore_index = ignore_index
+        self.classes = list(self.label_map.classes) if self.label_map is not None else None
+        self._cache: dict[int, Sample] = {}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Sample:
+        index = range(len(self.paths))[index]
+        if index not in self._cache:
+            self._cache[index] = read_cloud(self.paths[index], self.label_map, self.ignore_index)
+        return self._cache[index]
+
+
+class VoxelDataset(torch.utils.data.Dataset):
+    """Voxelised (and, for training, augmented) samples of ``source``."""
+
+    def __init__(self, source: Sequence[Sample], voxel_size: float, ignore_index: int = DEFAULT_IGNORE,
+                 train: bool = False, seed: int = 0) -> None:
+        if not voxel_size > 0:
+            raise ValueError(f"voxel_size must be positive; got {voxel_size!r}")
+        self.source, self.voxel_size, self.ignore_index = source, float(voxel_size), ignore_index
+        self.train, self.seed, self.epoch = train, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int):
+        sample = self.source[index]
+        if self.train:
+            sample = augment(sample, np.random.default_rng([self.seed, self.epoch, index]))
+        return voxelize_sample(sample, self.voxel_size, self.ignore_index)
+
+
+def open_source(spec, label_map=None, ignore_index: int = DEFAULT_IGNORE, count: int = 16, first_seed: int = 0,
+                **scene_kwargs) -> Sequence[Sample]:
+    """``"generated"``/``"generated-outdoor"``/``"generated-indoor"`` (``count``
+    scenes from ``first_seed``), or paths/globs/folders of files."""
+    if isinstance(spec, (str, Path)):
+        spec = [str(spec)]
+    spec = list(spec)
+    if len(spec) == 1 and spec[0] in ("generated", "generated-outdoor", "generated-indoor"):
+        kind = "indoor" if spec[0] == "generated-indoor" else "outdoor"
+        return GeneratedScenes(kind, count, first_seed, **scene_kwargs)
+    return CloudFiles(spec, label_map, ignore_index)

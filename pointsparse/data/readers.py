@@ -1,0 +1,347 @@
+"""Readers from the usual on-disk formats into :class:`Sample`.
+
+Every reader returns float32 positions, optional intensity (0..1) and
+colour (0..1), and int64 training labels: raw class ids pass through a
+:class:`LabelMap`, and ids the map does not name become ``ignore_index``.
+
+=================  ==========================================================
+format             reader
+=================  ==========================================================
+SemanticKITTI      :func:`read_semantickitti` (``velodyne/*.bin`` float32
+                   x, y, z, intensity; ``labels/*.label`` uint32, lower 16
+                   bits the semantic id)
+numpy              :func:`read_numpy` (``.npz`` with ``xyz``/``points``,
+                   optional ``origin``, ``intensity``, ``rgb``, and
+                   ``classification``/``labels``; ``.npy`` (N, 3+) with the
+                   labels in a sibling file, ``points`` -> ``labels``)
+LAS/LAZ            :func:`read_las` (laspy, optional extra)
+PLY/PCD            :func:`read_open3d` (open3d, optional extra; labels from
+                   a ``labels``/``label``/``class`` attribute)
+S3DIS text         :func:`read_text` (rows ``x y z [r g b] [label]``, or a
+                   room's ``Annotations/<class>_<n>.txt`` files)
+=================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .sample import Sample
+
+DEFAULT_IGNORE = 255
+LABEL_MAP_DIR = Path(__file__).resolve().parents[2] / "datasets"
+
+
+@dataclass
+class LabelMap:
+    """Raw class ids (or S3DIS class names) to training ids.
+
+    Attributes:
+        classes: training class names; training id ``i`` is ``classes[i]``.
+        mapping: raw id -> training id; unlisted raw ids are ignored.
+        names: optional class name -> training id (S3DIS annotation files).
+        name: a human-readable name.
+    """
+
+    classes: list[str]
+    mapping: dict[int, int]
+    names: dict[str, int] = field(default_factory=dict)
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        for raw, tid in self.mapping.items():
+            if not 0 <= tid < len(self.classes):
+                raise ValueError(f"label map {self.name!r}: raw id {raw} maps to {tid}, outside the "
+                                 f"{len(self.classes)} classes")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def apply(self, raw: np.ndarray, ignore_index: int = DEFAULT_IGNORE) -> np.ndarray:
+        """int64 training ids of integer raw ids (unlisted -> ``ignore_index``)."""
+        raw = np.asarray(raw)
+        if not np.issubdtype(raw.dtype, np.integer):
+            raise TypeError(f"raw labels must be integers; got {raw.dtype}")
+        raw = raw.astype(np.int64).reshape(-1)
+        if raw.size == 0:
+            return raw
+        size = max(int(raw.max()), max(self.mapping, default=0)) + 1
+        table = np.full(size, ignore_index, dtype=np.int64)
+        for k, v in self.mapping.items():
+            if k >= 0:
+                table[k] = v
+        out = np.full(raw.shape, ignore_index, dtype=np.int64)
+        ok = raw >= 0
+        out[ok] = table[raw[ok]]
+        return out
+
+    @classmethod
+    def identity(cls, classes) -> "LabelMap":
+        classes = list(classes)
+        return cls(classes, {i: i for i in range(len(classes))}, name="identity")
+
+
+def load_label_map(name_or_path) -> LabelMap:
+    """A label map from a JSON file, or by name from the project's
+    ``datasets/`` folder (``semantic-kitti``, ``semantic-kitti-learning``,
+    ``ign-lidarhd``, ``s3dis``). JSON: ``{"classes": [...], "map": {"raw":
+    train_id}, "names": {...}}``."""
+    if isinstance(name_or_path, LabelMap):
+        return name_or_path
+    path = Path(name_or_path)
+    if not path.is_file():
+        candidate = LABEL_MAP_DIR / f"{name_or_path}.json"
+        if not candidate.is_file():
+            known = sorted(p.stem for p in LABEL_MAP_DIR.glob("*.json")) if LABEL_MAP_DIR.is_dir() else []
+            raise ValueError(f"label map {name_or_path!r} is neither a JSON file nor one of {known}")
+        path = candidate
+    try:
+        data = json.loads(path.read_text())
+        classes = [str(c) for c in data["classes"]]
+        mapping = {int(k): int(v) for k, v in data["map"].items()}
+        names = {str(k): int(v) for k, v in data.get("names", {}).items()}
+    except (KeyError, ValueError, TypeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a label map (needs 'classes' and 'map'): {exc}") from None
+    return LabelMap(classes, mapping, names, data.get("name", path.stem))
+
+
+def _scale_intensity(values) -> np.ndarray:
+    """Float intensities kept as they are when already in 0..1; integer (or
+    larger) ones divided by their 99th percentile and clipped to 0..1.5."""
+    v = np.asarray(values, dtype=np.float32).reshape(-1, 1)
+    if v.size == 0 or (np.issubdtype(np.asarray(values).dtype, np.floating) and float(v.max()) <= 1.0):
+        return v
+    scale = float(np.percentile(v, 99)) or float(v.max()) or 1.0
+    return np.clip(v / scale, 0, 1.5).astype(np.float32)
+
+
+def _scale_rgb(values) -> np.ndarray | None:
+    v = np.asarray(values)
+    if v.size == 0 or not v.any():
+        return None  # absent colour (some tiles carry all-zero rgb)
+    top = 1.0 if np.issubdtype(v.dtype, np.floating) and v.max() <= 1.0 else (255.0 if v.max() <= 255 else 65535.0)
+    return (v.astype(np.float32) / top).reshape(-1, 3)
+
+
+def _labels(raw, label_map: LabelMap | None, ignore_index: int):
+    if raw is None:
+        return None
+    raw = np.asarray(raw).reshape(-1)
+    if label_map is None:
+        return raw.astype(np.int64)
+    return label_map.apply(raw, ignore_index)
+
+
+def read_semantickitti(scan_path, label_path=None, label_map="semantic-kitti",
+                       ignore_index: int = DEFAULT_IGNORE) -> Sample:
+    """One SemanticKITTI scan: ``velodyne/NNNNNN.bin`` (float32 x, y, z,
+    intensity) and ``labels/NNNNNN.label`` (uint32; lower 16 bits semantic id,
+    upper 16 instance). ``label_path`` defaults to the sibling ``labels``
+    folder; a missing label file gives an unlabelled sample."""
+    scan_path = Path(scan_path)
+    data = np.fromfile(scan_path, dtype=np.float32)
+    if data.size % 4:
+        raise ValueError(f"{scan_path}: {data.size} floats is not a multiple of 4 (x, y, z, intensity)")
+    data = data.reshape(-1, 4)
+    if label_path is None:
+        guess = scan_path.parent.parent / "labels" / (scan_path.stem + ".label")
+        label_path = guess if guess.is_file() else None
+    labels = None
+    if label_path is not None:
+        raw = np.fromfile(label_path, dtype=np.uint32)
+        if raw.size != len(data):
+            raise ValueError(f"{label_path}: {raw.size} labels for {len(data)} points in {scan_path}")
+        labels = _labels(raw & 0xFFFF, load_label_map(label_map) if label_map is not None else None, ignore_index)
+    return Sample(data[:, :3], labels, intensity=np.clip(data[:, 3:4], 0, 1), name=str(scan_path))
+
+
+_NPZ_XYZ = ("xyz", "points", "pos", "coords")
+_NPZ_LABELS = ("labels", "label", "classification", "semantic", "class")
+
+
+def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_path=None) -> Sample:
+    """A ``.npz`` archive or a ``.npy`` array.
+
+    ``.npz``: positions under ``xyz``/``points``, optional ``origin`` (not
+    added: positions stay relative to it, which keeps coordinates small),
+    ``intensity``, ``rgb``, labels under ``labels``/``classification``.
+    ``.npy``: ``(N, 3)`` positions, ``(N, 4)`` with intensity or ``(N, 6)``
+    with colour; labels from ``labels_path`` or the sibling file named with
+    ``labels`` in place of ``points`` (Open3D-ML layout)."""
+    path = Path(path)
+    label_map = load_label_map(label_map) if label_map is not None else None
+    if path.suffix == ".npz":
+        with np.load(path) as z:
+            key = next((k for k in _NPZ_XYZ if k in z.files), None)
+            if key is None:
+                raise ValueError(f"{path}: no positions (looked for {_NPZ_XYZ}; has {z.files})")
+            xyz = z[key]
+            lab_key = next((k for k in _NPZ_LABELS if k in z.files), None)
+            raw = z[lab_key] if lab_key else None
+            intensity = _scale_intensity(z["intensity"]) if "intensity" in z.files else None
+            rgb = _scale_rgb(z["rgb"]) if "rgb" in z.files else None
+        return Sample(xyz[:, :3], _labels(raw, label_map, ignore_index), intensity, rgb, name=str(path))
+    if path.suffix != ".npy":
+        raise ValueError(f"{path}: read_numpy reads .npy or .npz files")
+    arr = np.load(path)
+    if arr.ndim != 2 or arr.shape[1] not in (3, 4, 6, 7):
+        raise ValueError(f"{path}: a .npy cloud must be (N, 3|4|6|7) [x y z (intensity) (r g b)]; got {arr.shape}")
+    intensity = _scale_intensity(arr[:, 3]) if arr.shape[1] in (4, 7) else None
+    rgb = _scale_rgb(arr[:, -3:]) if arr.shape[1] >= 6 else None
+    if labels_path is None:
+        sibling = _sibling_labels(path)
+        labels_path = sibling if sibling is not None and sibling.is_file() else None
+    raw = np.load(labels_path).reshape(-1) if labels_path is not None else None
+    if raw is not None and raw.size != len(arr):
+        raise ValueError(f"{labels_path}: {raw.size} labels for {len(arr)} points in {path}")
+    return Sample(arr[:, :3], _labels(raw, label_map, ignore_index), intensity, rgb, name=str(path))
+
+
+def _sibling_labels(path: Path) -> Path | None:
+    if path.parent.name == "points":
+        return path.parent.parent / "labels" / path.name
+    if "points" in path.name:
+        return path.with_name(path.name.replace("points", "labels"))
+    return None
+
+
+def read_las(path, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> Sample:
+    """A LAS/LAZ file through laspy (``pip install laspy``, plus ``lazrs`` for
+    LAZ). Positions are taken relative to the header's minimum (real tiles
+    have large absolute coordinates); labels from ``classification``."""
+    try:
+        import laspy
+    except ImportError:
+        raise ImportError("reading LAS/LAZ needs the optional extra laspy: pip install laspy") from None
+    las = laspy.read(str(path))
+    offset = np.asarray(las.header.mins, dtype=np.float64)
+    xyz = (np.stack([np.asarray(las.x), np.asarray(las.y), np.asarray(las.z)], 1) - offset).astype(np.float32)
+    names = set(las.point_format.dimension_names)
+    intensity = _scale_intensity(np.asarray(las.intensity)) if "intensity" in names else None
+    rgb = None
+    if {"red", "green", "blue"} <= names:
+        rgb = _scale_rgb(np.stack([np.asarray(las.red), np.asarray(las.green), np.asarray(las.blue)], 1))
+    raw = np.asarray(las.classification) if "classification" in names else None
+    return Sample(xyz, _labels(raw, load_label_map(label_map) if label_map else None, ignore_index),
+                  intensity, rgb, name=str(path))
+
+
+def read_open3d(path, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> Sample:
+    """A PLY or PCD file through open3d (optional extra ``open3d-cpu``; on
+    Debian it needs the system library ``libusb-1.0-0``). Colour from
+    ``colors``, intensity from ``intensity``, labels from a ``labels``,
+    ``label``, ``class`` or ``classification`` attribute."""
+    try:
+        import open3d as o3d
+    except (ImportError, OSError) as exc:
+        raise ImportError(f"reading PLY/PCD needs the optional extra open3d-cpu (and libusb-1.0-0): {exc}") from None
+    cloud = o3d.t.io.read_point_cloud(str(path))
+    if "positions" not in cloud.point:
+        raise ValueError(f"{path}: no points read")
+    attrs = {k: cloud.point[k].numpy() for k in cloud.point}
+    xyz = attrs["positions"].astype(np.float64)
+    labels_key = next((k for k in ("labels", "label", "class", "classification") if k in attrs), None)
+    raw = attrs[labels_key].reshape(-1).astype(np.int64) if labels_key else None
+    intensity = _scale_intensity(attrs["intensity"]) if "intensity" in attrs else None
+    rgb = _scale_rgb(attrs["colors"]) if "colors" in attrs else None
+    return Sample(xyz.astype(np.float32), _labels(raw, load_label_map(label_map) if label_map else None,
+                                                   ignore_index), intensity, rgb, name=str(path))
+
+
+def read_text(path, label_map="s3dis", ignore_index: int = DEFAULT_IGNORE) -> Sample:
+    """S3DIS-style text: a file of rows ``x y z [r g b] [label]`` (colour in
+    0..255), or a room folder with ``Annotations/<class>_<n>.txt`` files whose
+    class comes from the file name through the map's ``names``."""
+    path = Path(path)
+    label_map = load_label_map(label_map) if label_map is not None else None
+    if path.is_dir():
+        ann = path / "Annotations" if (path / "Annotations").is_dir() else path
+        files = sorted(ann.glob("*.txt"))
+        if not files:
+            raise ValueError(f"{path}: no Annotations/*.txt files")
+        parts, labels = [], []
+        for f in files:
+            rows = _load_rows(f)
+            cls = f.stem.rsplit("_", 1)[0]
+            tid = label_map.names.get(cls, ignore_index) if label_map is not None else ignore_index
+            parts.append(rows)
+            labels.append(np.full(len(rows), tid, dtype=np.int64))
+        rows = np.concatenate(parts)
+        return Sample(rows[:, :3], np.concatenate(labels), rgb=_rgb_rows(rows), name=str(path))
+    rows = _load_rows(path)
+    raw = rows[:, -1].astype(np.int64) if rows.shape[1] in (4, 7) else None
+    rgb = _rgb_rows(rows)
+    return Sample(rows[:, :3], _labels(raw, label_map, ignore_index), rgb=rgb, name=str(path))
+
+
+def _load_rows(path) -> np.ndarray:
+    try:
+        rows = np.loadtxt(path, dtype=np.float64, ndmin=2)
+    except ValueError as exc:
+        raise ValueError(f"{path}: not rows of numbers: {exc}") from None
+    if rows.shape[1] not in (3, 4, 6, 7):
+        raise ValueError(f"{path}: rows must hold x y z [r g b] [label]; got {rows.shape[1]} columns")
+    return rows
+
+
+def _rgb_rows(rows):
+    return _scale_rgb(rows[:, 3:6].astype(np.float32) / 255.0) if rows.shape[1] >= 6 else None
+
+
+def read_cloud(path, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> Sample:
+    """Any supported file, by extension (``.bin`` SemanticKITTI, ``.npy``/
+    ``.npz``, ``.las``/``.laz``, ``.ply``/``.pcd``, ``.txt`` or an S3DIS room
+    folder). ``label_map`` defaults to SemanticKITTI's for ``.bin``."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".bin":
+        return read_semantickitti(path, label_map=label_map or "semantic-kitti", ignore_index=ignore_index)
+    if suffix in (".npy", ".npz"):
+        return read_numpy(path, label_map, ignore_index)
+    if suffix in (".las", ".laz"):
+        return read_las(path, label_map, ignore_index)
+    if suffix in (".ply", ".pcd"):
+        return read_open3d(path, label_map, ignore_index)
+    if suffix == ".txt" or path.is_dir():
+        return read_text(path, label_map or "s3dis", ignore_index)
+    raise ValueError(f"{path}: unknown point cloud format {suffix!r} (.bin .npy .npz .las .laz .ply .pcd .txt)")
+
+
+def find_clouds(specs) -> list[Path]:
+    """Cloud files named by paths, globs or folders. A folder is searched for
+    ``velodyne/*.bin`` (SemanticKITTI), ``points/*.npy`` (Open3D-ML), else
+    every supported file in it (``*labels*`` arrays are label files, not
+    clouds); an S3DIS room folder (with ``Annotations/``) is one cloud."""
+    if isinstance(specs, (str, Path)):
+        specs = [specs]
+    out: list[Path] = []
+    for spec in specs:
+        spec = str(spec)
+        matches = sorted(glob.glob(spec)) if any(ch in spec for ch in "*?[") else [spec]
+        if not matches:
+            raise ValueError(f"no files match {spec!r}")
+        for m in map(Path, matches):
+            if not m.exists():
+                raise ValueError(f"{m}: no such file or folder")
+            if m.is_file():
+                out.append(m)
+            elif (m / "Annotations").is_dir():
+                out.append(m)
+            elif (m / "velodyne").is_dir():
+                out.extend(sorted((m / "velodyne").glob("*.bin")))
+            elif (m / "points").is_dir():
+                out.extend(sorted((m / "points").glob("*.npy")))
+            else:
+                found = [p for p in sorted(m.iterdir()) if p.suffix.lower() in
+                         (".bin", ".npy", ".npz", ".las", ".laz", ".ply", ".pcd", ".txt")
+                         and "labels" not in p.name]
+                if not found:
+                    raise ValueError(f"{m}: no point cloud files in this folder")
+                out.extend(found)
+    return out

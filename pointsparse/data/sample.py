@@ -1,0 +1,65 @@
+"""One layout for every data source: positions, optional intensity/colour,
+per-point labels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Sample:
+    """A labelled point cloud.
+
+    Attributes:
+        xyz: float32 ``(N, 3)`` positions in metres (any origin; training
+            centres them).
+        labels: int64 ``(N,)`` training ids (``ignore_index`` for points that
+            count nowhere), or None for unlabelled clouds.
+        intensity: optional float32 ``(N, 1)`` return intensity scaled to 0..1.
+        rgb: optional float32 ``(N, 3)`` colour in 0..1.
+        name: where the sample came from (file name or generator and seed).
+    """
+
+    xyz: np.ndarray
+    labels: np.ndarray | None = None
+    intensity: np.ndarray | None = None
+    rgb: np.ndarray | None = None
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        xyz = np.asarray(self.xyz)
+        if xyz.ndim != 2 or xyz.shape[1] != 3:
+            raise ValueError(f"{self.name or 'sample'}: xyz must be (N, 3); got {xyz.shape}")
+        self.xyz = np.ascontiguousarray(xyz, dtype=np.float32)
+        n = len(self.xyz)
+        if not np.isfinite(self.xyz).all():
+            raise ValueError(f"{self.name or 'sample'}: xyz holds NaN or inf")
+        if self.labels is not None:
+            labels = np.asarray(self.labels)
+            if labels.ndim == 2 and labels.shape[1] == 1:
+                labels = labels[:, 0]
+            if labels.shape != (n,):
+                raise ValueError(f"{self.name or 'sample'}: labels must be ({n},); got {labels.shape}")
+            if not np.issubdtype(labels.dtype, np.integer):
+                raise TypeError(f"{self.name or 'sample'}: labels must be integers; got {labels.dtype}")
+            self.labels = labels.astype(np.int64)
+        for field, width in (("intensity", 1), ("rgb", 3)):
+            value = getattr(self, field)
+            if value is None:
+                continue
+            value = np.asarray(value, dtype=np.float32)
+            if value.ndim == 1:
+                value = value[:, None]
+            if value.shape != (n, width):
+                raise ValueError(f"{self.name or 'sample'}: {field} must be ({n}, {width}); got {value.shape}")
+            setattr(self, field, value)
+
+    def __len__(self) -> int:
+        return len(self.xyz)
+
+    def subset(self, mask) -> "Sample":
+        """The points selected by a boolean mask or index array."""
+        pick = lambda a: None if a is None else a[mask]  # noqa: E731
+        return Sample(self.xyz[mask], pick(self.labels), pick(self.intensity), pick(self.rgb), self.name)

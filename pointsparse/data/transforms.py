@@ -1,0 +1,146 @@
+"""Augmentation, per-voxel features and labels, and batching.
+
+Voxel labels are the majority label of the voxel's points (ties: the smaller
+id); points labelled ``ignore_index`` do not vote, and a voxel whose points
+are all ignored is ignored. Predictions go back to the points through the
+voxelize inverse (``devoxelize(..., mode="nearest")``) and are scored there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..tensor import SparseTensor
+from ..voxelize import voxelize
+from .sample import Sample
+
+# Input channels of every voxel: x, y, z (metres, centred in x and y),
+# intensity, r, g, b (0 where the source has none).
+NUM_FEATURES = 7
+
+
+def augment(sample: Sample, rng: np.random.Generator, rotate: bool = True, scale=(0.95, 1.05), flip: bool = True,
+            jitter: float = 0.01) -> Sample:
+    """A random rotation about z, uniform scaling in ``scale``, a random
+    mirror of x and/or y, and Gaussian jitter of ``jitter`` metres."""
+    xyz = sample.xyz.astype(np.float64)
+    m = np.eye(3)
+    if rotate:
+        a = rng.uniform(0, 2 * np.pi)
+        c, s = np.cos(a), np.sin(a)
+        m = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ m
+    if flip:
+        m = np.diag([rng.choice([-1.0, 1.0]), rng.choice([-1.0, 1.0]), 1.0]) @ m
+    if scale is not None:
+        m = m * rng.uniform(*scale)
+    xyz = xyz @ m.T
+    if jitter:
+        xyz = xyz + rng.normal(0, jitter, xyz.shape)
+    return Sample(xyz.astype(np.float32), sample.labels, sample.intensity, sample.rgb, sample.name)
+
+
+def point_features(sample: Sample) -> np.ndarray:
+    """float32 ``(N, NUM_FEATURES)``: centred x, y, raw z, intensity, rgb."""
+    n = len(sample)
+    out = np.zeros((n, NUM_FEATURES), dtype=np.float32)
+    if n:
+        out[:, :3] = sample.xyz
+        out[:, :2] -= sample.xyz[:, :2].mean(0)
+    if sample.intensity is not None:
+        out[:, 3:4] = sample.intensity
+    if sample.rgb is not None:
+        out[:, 4:7] = sample.rgb
+    return out
+
+
+def majority_labels(inverse: np.ndarray, labels: np.ndarray, num_voxels: int, ignore_index: int) -> np.ndarray:
+    """Per-voxel majority of point ``labels`` (ignored points do not vote)."""
+    out = np.full(num_voxels, ignore_index, dtype=np.int64)
+    keep = labels != ignore_index
+    if not keep.any():
+        return out
+    inv, lab = inverse[keep].astype(np.int64), labels[keep]
+    if lab.min() < 0:
+        raise ValueError(f"labels must be >= 0 or ignore_index ({ignore_index}); got {int(lab.min())}")
+    pairs, counts = np.unique(inv * (int(lab.max()) + 1) + lab, return_counts=True)
+    vox, cls = np.divmod(pairs, int(lab.max()) + 1)
+    # Sort by (voxel, -count, class): the first row of each voxel wins.
+    order = np.lexsort((cls, -counts, vox))
+    vox, cls = vox[order], cls[order]
+    first = np.r_[True, vox[1:] != vox[:-1]]
+    out[vox[first]] = cls[first]
+    return out
+
+
+@dataclass
+class VoxelSample:
+    """One voxelised cloud (batch index 0)."""
+
+    coords: torch.Tensor        # int32 (M, 4)
+    feats: torch.Tensor         # float32 (M, NUM_FEATURES), mean over the voxel's points
+    labels: torch.Tensor        # int64 (M,) majority labels
+    inverse: torch.Tensor       # int64 (N,) voxel row of each point
+    point_labels: torch.Tensor  # int64 (N,)
+    xyz: np.ndarray             # float32 (N, 3) positions (after augmentation)
+    name: str
+    points: torch.Tensor | None = None  # float32 (N, 3) positions in voxel units (floor = voxel coords)
+
+
+def voxelize_sample(sample: Sample, voxel_size: float, ignore_index: int) -> VoxelSample:
+    """Quantise a sample (shifted so that its minimum lands at voxel 0, which
+    keeps real tiles inside the 17-bit coordinate range)."""
+    xyz = sample.xyz.astype(np.float64)
+    shifted = xyz - (np.floor(xyz.min(0) / voxel_size) * voxel_size if len(xyz) else 0.0)
+    points = torch.from_numpy(shifted.astype(np.float32))
+    feats = torch.from_numpy(point_features(sample))
+    tensor, inverse = voxelize(points, feats, voxel_size=voxel_size, reduce="mean")
+    labels = sample.labels if sample.labels is not None else np.full(len(sample), ignore_index, dtype=np.int64)
+    vox_labels = majority_labels(inverse.numpy(), labels, len(tensor), ignore_index)
+    return VoxelSample(tensor.coords, tensor.feats.detach(), torch.from_numpy(vox_labels), inverse.long(),
+                       torch.from_numpy(labels.astype(np.int64)), sample.xyz, sample.name,
+                       (points.double() / voxel_size).float())
+
+
+@dataclass
+class Batch:
+    """Voxel samples stacked along the batch index."""
+
+    input: SparseTensor          # stride-1 voxels of every sample
+    labels: torch.Tensor         # int64 (M,) voxel labels
+    inverse: torch.Tensor        # int64 (N,) voxel row of every point (global rows)
+    point_labels: torch.Tensor   # int64 (N,)
+    point_batch: torch.Tensor    # int64 (N,) sample index of every point
+    xyz: list                    # per-sample positions (for renders)
+    names: list
+    points: torch.Tensor | None = None  # float32 (N, 3) point positions in voxel units
+
+    @property
+    def size(self) -> int:
+        return len(self.names)
+
+    def to(self, device) -> "Batch":
+        return Batch(self.input.to(device), self.labels.to(device), self.inverse.to(device),
+                     self.point_labels.to(device), self.point_batch.to(device), self.xyz, self.names,
+                     None if self.points is None else self.points.to(device))
+
+
+def collate(items: list[VoxelSample]) -> Batch:
+    """Stack voxel samples: sample ``i`` gets batch index ``i``."""
+    if not items:
+        raise ValueError("collate needs at least one sample")
+    coords, inverse, offset, batch = [], [], 0, []
+    for i, it in enumerate(items):
+        c = it.coords.clone()
+        c[:, 0] = i
+        coords.append(c)
+        inverse.append(it.inverse + offset)
+        offset += len(it.coords)
+        batch.append(torch.full((len(it.inverse),), i, dtype=torch.int64))
+    tensor = SparseTensor(torch.cat([it.feats for it in items]), torch.cat(coords), validate=False)
+    points = None if any(it.points is None for it in items) else torch.cat([it.points for it in items])
+    return Batch(tensor, torch.cat([it.labels for it in items]), torch.cat(inverse),
+                 torch.cat([it.point_labels for it in items]), torch.cat(batch), [it.xyz for it in items],
+                 [it.name for it in items], points)

@@ -1,0 +1,79 @@
+"""Segmentation scores from a confusion matrix: per-class IoU, mIoU,
+accuracy."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None = None) -> np.ndarray:
+    """int64 ``(C, C)``: row = true class, column = predicted class. Targets
+    equal to ``ignore_index`` are skipped; other targets must lie in
+    ``[0, num_classes)``."""
+    pred = torch.as_tensor(pred).reshape(-1).long().cpu()
+    target = torch.as_tensor(target).reshape(-1).long().cpu()
+    if pred.shape != target.shape:
+        raise ValueError(f"pred and target must have the same length; got {pred.numel()} and {target.numel()}")
+    if ignore_index is not None:
+        keep = target != ignore_index
+        pred, target = pred[keep], target[keep]
+    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
+        raise ValueError(f"target labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}")
+    if pred.numel() and (int(pred.min()) < 0 or int(pred.max()) >= num_classes):
+        raise ValueError(f"predictions must lie in [0, {num_classes})")
+    cm = torch.bincount(target * num_classes + pred, minlength=num_classes * num_classes)
+    return cm.reshape(num_classes, num_classes).numpy().astype(np.int64)
+
+
+def iou_per_class(cm: np.ndarray) -> np.ndarray:
+    """IoU = TP / (TP + FP + FN) per class; NaN where the class appears neither
+    in the targets nor in the predictions."""
+    cm = np.asarray(cm, dtype=np.float64)
+    tp = np.diag(cm)
+    union = cm.sum(0) + cm.sum(1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, tp / np.where(union > 0, union, 1), np.nan)
+
+
+def mean_iou(cm: np.ndarray) -> float:
+    """Mean IoU over the classes that occur in the targets (a class only
+    predicted, never true, is left out); NaN when nothing was scored."""
+    cm = np.asarray(cm)
+    iou = iou_per_class(cm)
+    present = cm.sum(1) > 0
+    vals = iou[present]
+    return float(vals.mean()) if vals.size else math.nan
+
+
+def accuracy(cm: np.ndarray) -> float:
+    cm = np.asarray(cm)
+    total = cm.sum()
+    return float(np.trace(cm) / total) if total else math.nan
+
+
+def summary(cm: np.ndarray, classes) -> dict:
+    """``{"miou", "accuracy", "per_class": {name: iou or None}, "points":
+    {name: count}}`` (None for classes absent from targets and predictions)."""
+    iou = iou_per_class(cm)
+    return {
+        "miou": mean_iou(cm),
+        "accuracy": accuracy(cm),
+        "per_class": {str(c): (None if math.isnan(v) else float(v)) for c, v in zip(classes, iou)},
+        "points": {str(c): int(n) for c, n in zip(classes, np.asarray(cm).sum(1))},
+    }
+
+
+def format_table(cm: np.ndarray, classes) -> str:
+    """The per-class IoU table and mIoU as text."""
+    iou = iou_per_class(cm)
+    counts = np.asarray(cm).sum(1)
+    width = max([len(str(c)) for c in classes] + [5])
+    lines = [f"{'class':<{width}}  {'IoU':>6}  {'points':>9}"]
+    for c, v, n in zip(classes, iou, counts):
+        shown = "   -  " if math.isnan(v) else f"{100 * v:6.1f}"
+        lines.append(f"{c:<{width}}  {shown}  {int(n):>9d}")
+    lines.append(f"{'mIoU':<{width}}  {100 * mean_iou(cm):6.1f}  (accuracy {100 * accuracy(cm):.1f}%)")
+    return "\n".join(lines)

@@ -1,0 +1,105 @@
+"""MinkUNet: the sparse residual U-Net used for LiDAR and indoor semantic
+segmentation (stem, four stride-2 encoder stages, four transposed decoder
+stages with skip concatenation, a per-voxel classifier)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .. import nn as spnn
+from ..tensor import SparseTensor
+
+# Output widths of the stem, the four encoder and the four decoder stages.
+BASE_WIDTHS = (32, 32, 64, 128, 256, 256, 128, 96, 96)
+
+
+class ConvBlock(nn.Sequential):
+    """conv - batch norm - ReLU (``transposed=True`` for the upsampling)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=1, transposed: bool = False):
+        super().__init__(
+            spnn.Conv3d(in_channels, out_channels, kernel_size, stride=stride, transposed=transposed),
+            spnn.BatchNorm(out_channels),
+            spnn.ReLU(inplace=True),
+        )
+
+
+class ResidualBlock(nn.Module):
+    """conv3-bn-relu-conv3-bn plus the identity (a 1x1 conv + bn when the
+    channel count changes), then ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size=3):
+        super().__init__()
+        self.main = nn.Sequential(
+            spnn.Conv3d(in_channels, out_channels, kernel_size),
+            spnn.BatchNorm(out_channels),
+            spnn.ReLU(inplace=True),
+            spnn.Conv3d(out_channels, out_channels, kernel_size),
+            spnn.BatchNorm(out_channels),
+        )
+        if in_channels == out_channels:
+            self.shortcut = nn.Identity()
+        else:
+            self.shortcut = nn.Sequential(spnn.Conv3d(in_channels, out_channels, 1), spnn.BatchNorm(out_channels))
+        self.relu = spnn.ReLU(inplace=True)
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        return self.relu(spnn.add(self.main(x), self.shortcut(x)))
+
+
+class MinkUNet(nn.Module):
+    """Sparse residual U-Net for per-voxel classification.
+
+    Args:
+        in_channels: input feature channels per voxel.
+        num_classes: output logits per voxel.
+        cr: width multiplier applied to every stage width
+            (32, 32-64-128-256 down, 256-128-96-96 up).
+        blocks: residual blocks per stage (2 as in the usual MinkUNet18-style
+            layout).
+
+    ``forward(x)`` takes a stride-1 SparseTensor and returns a SparseTensor on
+    the same coords with ``num_classes`` channels.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, cr: float = 1.0, blocks: int = 2):
+        super().__init__()
+        for name, v in (("in_channels", in_channels), ("num_classes", num_classes), ("blocks", blocks)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive int; got {v!r}")
+        if not isinstance(cr, (int, float)) or isinstance(cr, bool) or not cr > 0:
+            raise ValueError(f"cr must be a positive number; got {cr!r}")
+        self.in_channels, self.num_classes, self.cr = in_channels, num_classes, float(cr)
+        w = [max(1, int(round(c * cr))) for c in BASE_WIDTHS]
+        self.widths = tuple(w)
+        self.stem = nn.Sequential(ConvBlock(in_channels, w[0]), ConvBlock(w[0], w[0]))
+        self.down = nn.ModuleList()
+        for i in range(1, 5):
+            layers = [ConvBlock(w[i - 1], w[i - 1], kernel_size=2, stride=2), ResidualBlock(w[i - 1], w[i])]
+            layers += [ResidualBlock(w[i], w[i]) for _ in range(blocks - 1)]
+            self.down.append(nn.Sequential(*layers))
+        self.up = nn.ModuleList()
+        self.fuse = nn.ModuleList()
+        prev = w[4]
+        for j, i in enumerate(range(5, 9)):
+            skip = w[3 - j]
+            self.up.append(ConvBlock(prev, w[i], kernel_size=2, stride=2, transposed=True))
+            layers = [ResidualBlock(w[i] + skip, w[i])] + [ResidualBlock(w[i], w[i]) for _ in range(blocks - 1)]
+            self.fuse.append(nn.Sequential(*layers))
+            prev = w[i]
+        self.classifier = spnn.Linear(w[8], num_classes)
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        if not isinstance(x, SparseTensor):
+            raise TypeError(f"MinkUNet takes a SparseTensor; got {type(x).__name__}")
+        if x.num_channels != self.in_channels:
+            raise ValueError(f"MinkUNet was built for {self.in_channels} input channels; got {x.num_channels}")
+        if x.stride != (1, 1, 1):
+            raise ValueError(f"MinkUNet needs a stride-1 input tensor; got stride {x.stride}")
+        skips = [self.stem(x)]
+        for stage in self.down:
+            skips.append(stage(skips[-1]))
+        y = skips.pop()
+        for up, fuse in zip(self.up, self.fuse):
+            y = fuse(spnn.cat([up(y), skips.pop()]))
+        return self.classifier(y)

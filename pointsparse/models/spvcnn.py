@@ -1,0 +1,103 @@
+"""SPVCNN-style point-voxel network: MinkUNet's voxel encoder-decoder plus a
+point branch. Point features are read from the voxels by trilinear
+devoxelisation at three depths (after the stem, the bottleneck and the second
+decoder stage), refined by per-point MLPs that skip the voxel path, and
+averaged back into the voxels (``point_to_voxel``); the classifier runs on
+points, so two points of one voxel can get different classes."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import coords as _coords
+from ..tensor import SparseTensor
+from ..voxelize import devoxelize
+from .minkunet import MinkUNet
+
+
+def point_rows(tensor: SparseTensor, point_coords: torch.Tensor) -> torch.Tensor:
+    """Row of ``tensor`` holding each point, from the points' stride-1 voxel
+    coords ``(N, 4)``: ``floor(c / stride) * stride`` looked up exactly."""
+    st = torch.tensor(tensor.stride, dtype=torch.int32, device=point_coords.device)
+    coarse = torch.cat([point_coords[:, :1], torch.div(point_coords[:, 1:], st, rounding_mode="floor") * st], 1)
+    keys = _coords.pack_torch(coarse)
+    table, rows = torch.sort(_coords.pack_torch(tensor.coords))
+    pos = torch.searchsorted(table, keys).clamp_max(max(len(table) - 1, 0))
+    if len(keys) and not bool((table[pos] == keys).all()):
+        raise ValueError("some points fall in no voxel of the tensor (points and voxels from different inputs?)")
+    return rows[pos]
+
+
+def point_to_voxel(tensor: SparseTensor, point_feats: torch.Tensor, rows: torch.Tensor) -> SparseTensor:
+    """``tensor`` with feats = mean of the point features of each voxel
+    (voxels without a point keep zeros)."""
+    out = point_feats.new_zeros((len(tensor), point_feats.shape[1]))
+    out = out.index_add(0, rows, point_feats)
+    count = torch.bincount(rows, minlength=len(tensor)).clamp_min(1).to(point_feats.dtype)
+    return tensor.with_feats(out / count[:, None])
+
+
+def _point_mlp(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(cin, cout), nn.BatchNorm1d(cout), nn.ReLU(inplace=True))
+
+
+class SPVCNN(nn.Module):
+    """Point-voxel U-Net (same widths and ``cr`` as :class:`MinkUNet`).
+
+    ``forward(voxels, inverse, points, point_batch)``: ``voxels`` the
+    stride-1 SparseTensor of the cloud(s), ``inverse`` ``(N,)`` the voxel row
+    of each point, ``points`` ``(N, 3)`` point positions in voxel units (the
+    coords of the voxels are ``floor(points)``), ``point_batch`` ``(N,)`` the
+    batch index of each point. Returns per-point logits ``(N, num_classes)``.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, cr: float = 1.0, blocks: int = 2):
+        super().__init__()
+        self.unet = MinkUNet(in_channels, num_classes, cr, blocks)
+        self.unet.classifier = nn.Identity()  # the classifier runs on points
+        w = self.unet.widths
+        self.in_channels, self.num_classes, self.cr, self.widths = in_channels, num_classes, float(cr), w
+        self.point_mlps = nn.ModuleList([_point_mlp(w[0], w[4]), _point_mlp(w[4], w[6]), _point_mlp(w[6], w[8])])
+        self.dropout = nn.Dropout(0.3)
+        self.classifier = nn.Linear(w[8], num_classes)
+
+    def forward(self, voxels: SparseTensor, inverse: torch.Tensor, points: torch.Tensor,
+                point_batch: torch.Tensor) -> torch.Tensor:
+        if not isinstance(voxels, SparseTensor):
+            raise TypeError(f"SPVCNN takes a SparseTensor; got {type(voxels).__name__}")
+        if voxels.num_channels != self.in_channels:
+            raise ValueError(f"SPVCNN was built for {self.in_channels} input channels; got {voxels.num_channels}")
+        if points.dim() != 2 or points.shape[1] != 3 or inverse.shape != (points.shape[0],) \
+                or point_batch.shape != (points.shape[0],):
+            raise ValueError(f"points must be (N, 3), inverse and point_batch (N,); got {tuple(points.shape)}, "
+                             f"{tuple(inverse.shape)}, {tuple(point_batch.shape)}")
+        u = self.unet
+        point_coords = voxels.coords[inverse]
+
+        def to_points(t: SparseTensor) -> torch.Tensor:
+            return devoxelize(t, points=points, voxel_size=1.0, batch=point_batch, mode="trilinear")
+
+        x0 = u.stem(voxels)
+        z0 = to_points(x0)
+        skips = [x0]
+        for stage in u.down:
+            skips.append(stage(skips[-1]))
+        x4 = skips.pop()
+        z1 = to_points(x4) + self.point_mlps[0](z0)
+        y = point_to_voxel(x4, z1, point_rows(x4, point_coords))
+        y = y.with_feats(self.dropout(y.feats))
+        for i, (up, fuse) in enumerate(zip(u.up, u.fuse)):
+            y = fuse(_cat(up(y), skips.pop()))
+            if i == 1:
+                z2 = to_points(y) + self.point_mlps[1](z1)
+                y = point_to_voxel(y, z2, point_rows(y, point_coords))
+                y = y.with_feats(self.dropout(y.feats))
+        z3 = to_points(y) + self.point_mlps[2](z2)
+        return self.classifier(z3)
+
+
+def _cat(a: SparseTensor, b: SparseTensor) -> SparseTensor:
+    from ..nn import cat
+
+    return cat([a, b])

@@ -1,0 +1,62 @@
+"""Batch normalisation whose statistics span every process of a
+torch.distributed job (``torch.nn.SyncBatchNorm`` only runs on GPUs; this one
+runs on any backend, gloo on the CPU included)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import nn as spnn
+from ..tensor import SparseTensor
+
+
+class SyncBatchNorm(spnn.BatchNorm):
+    """:class:`pointsparse.nn.BatchNorm` with global statistics: in training,
+    the per-channel sum, sum of squares and row count are all-reduced (with
+    gradients, through ``torch.distributed.nn``), so N processes on N shards
+    compute what one process computes on the whole batch. Outside a
+    distributed job, or in eval mode, it is a plain BatchNorm."""
+
+    def forward(self, input):  # type: ignore[override]
+        """A SparseTensor (normalises its feats) or a plain ``(N, C)`` tensor."""
+        dist = torch.distributed
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(input) if isinstance(input, SparseTensor) else nn.BatchNorm1d.forward(self, input)
+        from torch.distributed.nn.functional import all_reduce
+
+        x = input.feats if isinstance(input, SparseTensor) else input
+        c = x.shape[1]
+        # Two passes (mean, then squared deviations) keep the variance exact
+        # in float32 where E[x^2] - mean^2 would cancel.
+        total = all_reduce(torch.cat([x.sum(0), x.new_tensor([x.shape[0]])]))
+        count = total[c]
+        mean = total[:c] / count
+        centred = x - mean
+        var = all_reduce(centred.square().sum(0)) / count
+        out = centred * torch.rsqrt(var + self.eps)
+        if self.affine:
+            out = out * self.weight + self.bias
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                n = float(count)
+                unbiased = var.detach() * (n / max(n - 1.0, 1.0))
+                self.running_mean.mul_(1 - m).add_(m * mean.detach())
+                self.running_var.mul_(1 - m).add_(m * unbiased)
+        return input.with_feats(out) if isinstance(input, SparseTensor) else out
+
+    @classmethod
+    def convert(cls, module: nn.Module) -> nn.Module:
+        """``module`` with every :class:`pointsparse.nn.BatchNorm` (and
+        ``torch.nn.BatchNorm1d``, as in point branches) replaced by a
+        SyncBatchNorm holding the same parameters and buffers."""
+        if isinstance(module, nn.BatchNorm1d) and not isinstance(module, cls):
+            new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+            new.load_state_dict(module.state_dict())
+            new.train(module.training)
+            return new
+        for name, child in module.named_children():
+            setattr(module, name, cls.convert(child))
+        return module

@@ -1,0 +1,112 @@
+"""PNG figures of a training run: loss and mIoU curves, confusion matrix,
+top-down render of predictions beside labels (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def class_colours(num_classes: int) -> np.ndarray:
+    """``(num_classes + 1, 3)`` RGB colours; the last one (grey) for ignored points."""
+    plt = _plt()
+    cmap = plt.get_cmap("tab20" if num_classes > 10 else "tab10")
+    colours = np.array([cmap(i % cmap.N)[:3] for i in range(num_classes)])
+    return np.vstack([colours, [[0.6, 0.6, 0.6]]])
+
+
+def curves(history: dict, path) -> Path:
+    """Training loss per step (and per epoch) and validation mIoU per epoch."""
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    steps = history.get("step_loss", [])
+    if steps:
+        ax1.plot(np.arange(1, len(steps) + 1), steps, lw=0.6, alpha=0.5, label="step")
+    epochs = history.get("epoch_loss", [])
+    if epochs and steps:
+        per = len(steps) / len(epochs)
+        ax1.plot(per * np.arange(1, len(epochs) + 1), epochs, "o-", label="epoch mean")
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("cross-entropy")
+    ax1.set_yscale("log")
+    ax1.set_title("training loss")
+    ax1.legend()
+    miou = history.get("val_miou", [])
+    if miou:
+        epochs_at = history.get("val_epoch") or list(range(1, len(miou) + 1))
+        ax2.plot(epochs_at, 100 * np.asarray(miou, dtype=float), "o-")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("mIoU (%)")
+    ax2.set_title("validation mIoU")
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def confusion(cm: np.ndarray, classes, path) -> Path:
+    """Row-normalised confusion matrix (rows: true class)."""
+    plt = _plt()
+    cm = np.asarray(cm, dtype=np.float64)
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 + 0.45 * n), max(4.5, 1.4 + 0.45 * n)))
+    im = ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
+    ax.set_xticks(range(n), classes, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(n), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                if norm[i, j] >= 0.01:
+                    ax.text(j, i, f"{100 * norm[i, j]:.0f}", ha="center", va="center", fontsize=6,
+                            color="white" if norm[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_title("confusion, % of each true class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def topdown(xyz: np.ndarray, labels: np.ndarray, pred: np.ndarray, classes, path, ignore_index: int = 255,
+            max_points: int = 80_000) -> Path:
+    """Top-down scatter of one cloud: labels on the left, predictions on the
+    right, one colour per class (ignored points grey)."""
+    plt = _plt()
+    xyz = np.asarray(xyz)
+    if len(xyz) > max_points:
+        pick = np.random.default_rng(0).choice(len(xyz), max_points, replace=False)
+        xyz, labels, pred = xyz[pick], np.asarray(labels)[pick], np.asarray(pred)[pick]
+    n = len(classes)
+    colours = class_colours(n)
+    order = np.argsort(xyz[:, 2])  # higher points drawn last
+    span = np.ptp(xyz[:, :2], axis=0) if len(xyz) else np.ones(2)
+    aspect = float(np.clip(span[1] / max(span[0], 1e-9), 0.3, 2.0))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 6 * aspect + 1.0), sharex=True, sharey=True)
+    for ax, values, title in ((axes[0], labels, "labels"), (axes[1], pred, "predictions")):
+        v = np.asarray(values).astype(np.int64)
+        v = np.where((v < 0) | (v >= n) | (v == ignore_index), n, v)
+        ax.scatter(xyz[order, 0], xyz[order, 1], c=colours[v[order]], s=0.6, linewidths=0)
+        ax.set_aspect("equal")
+        ax.set_title(title)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles = [plt.Line2D([], [], marker="o", ls="", color=colours[i], label=c) for i, c in enumerate(classes)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(n, 10), fontsize=8, markerscale=1.5)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

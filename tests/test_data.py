@@ -1,0 +1,331 @@
+"""Generated scenes, readers (on small files in the real formats, and on the
+shared real data when present), augmentation, voxel labels, batching."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pointsparse.data import (INDOOR_CLASSES, OUTDOOR_CLASSES, CloudFiles, GeneratedScenes, LabelMap, Sample,
+                              VoxelDataset, augment, collate, find_clouds, indoor_scene, load_label_map,
+                              majority_labels, outdoor_scene, read_cloud, read_las, read_numpy, read_open3d,
+                              read_semantickitti, read_text, voxelize_sample)
+from pointsparse.data.generated import lidar_rays
+
+SMALL = dict(beams=16, azimuth_steps=256, max_range=25.0)
+
+
+# --------------------------------------------------------------------- generated scenes
+
+def test_outdoor_scene_is_seeded_labelled_and_lidar_like():
+    a, b, c = outdoor_scene(3, **SMALL), outdoor_scene(3, **SMALL), outdoor_scene(4, **SMALL)
+    assert np.array_equal(a.xyz, b.xyz) and np.array_equal(a.labels, b.labels)
+    assert len(a) != len(c) or not np.array_equal(a.xyz, c.xyz)
+    assert a.labels.min() >= 0 and a.labels.max() < len(OUTDOOR_CLASSES)
+    assert a.intensity.shape == (len(a), 1)
+    # One return per ray at most, all within range of the sensor at the origin.
+    assert len(a) <= 16 * 256
+    r = np.linalg.norm(a.xyz, axis=1)
+    assert r.max() <= 25.0 + 0.2 and r.min() > 0.3
+    # Road, buildings and cars in every street.
+    present = set(np.unique(a.labels))
+    assert {OUTDOOR_CLASSES.index(n) for n in ("road", "building", "car")} <= present
+
+
+def test_outdoor_density_falls_with_range_and_occlusion_holds():
+    s = outdoor_scene(0, beams=64, azimuth_steps=512, max_range=40.0)
+    r = np.linalg.norm(s.xyz[:, :2], axis=1)
+    near = ((r > 5) & (r < 10)).sum() / (np.pi * (10 ** 2 - 5 ** 2))
+    far = ((r > 25) & (r < 30)).sum() / (np.pi * (30 ** 2 - 25 ** 2))
+    assert near > 4 * far
+
+
+def test_caster_keeps_the_nearest_hit():
+    from pointsparse.data.generated import _Caster
+
+    dirs = np.array([[1.0, 0.0, 0.0], [1.0, 0.2, 0.0], [1.0, -0.6, 0.0]])
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    caster = _Caster(np.zeros(3), dirs, 50.0)
+    # A wall behind a small box; the box hides the wall from the first two rays.
+    caster.boxes(np.array([[10.0, -20, -1], [5.0, -0.5, -1]]), np.array([[11.0, 20, 1], [6.0, 1.5, 1]]),
+                 np.array([3, 7]))
+    assert caster.label.tolist() == [7, 7, 3]
+    assert np.isclose(caster.t[0], 5.0) and np.isclose(caster.t[2] * dirs[2, 0], 10.0)
+    caster.cylinders(np.array([[2.0, 0.0]]), np.array([0.1]), np.array([-1.0]), np.array([1.0]), 9)
+    assert caster.label.tolist() == [9, 7, 3] and np.isclose(caster.t[0], 1.9)
+
+
+def test_lidar_rays_fan():
+    rays = lidar_rays(4, 8, 2.0, -24.8)
+    assert rays.shape == (32, 3)
+    assert np.allclose(np.linalg.norm(rays, axis=1), 1)
+    elev = np.degrees(np.arcsin(rays[:, 2]))
+    assert np.isclose(elev.max(), 2.0) and np.isclose(elev.min(), -24.8)
+
+
+def test_indoor_scene_classes_and_colour():
+    s = indoor_scene(1)
+    assert s.rgb.shape == (len(s), 3) and 0 <= s.rgb.min() and s.rgb.max() <= 1
+    present = {INDOOR_CLASSES[i] for i in np.unique(s.labels)}
+    assert {"floor", "wall", "ceiling", "table", "chair"} <= present
+    assert np.array_equal(indoor_scene(1).xyz, s.xyz)
+
+
+def test_generated_scenes_sequence():
+    scenes = GeneratedScenes("outdoor", 2, first_seed=5, **SMALL)
+    assert len(scenes) == 2 and scenes[0] is scenes[0]
+    assert np.array_equal(scenes[1].xyz, outdoor_scene(6, **SMALL).xyz)
+    with pytest.raises(IndexError):
+        scenes[2]
+    with pytest.raises(ValueError, match="kind"):
+        GeneratedScenes("forest")
+
+
+# --------------------------------------------------------------------- sample and label maps
+
+def test_sample_validation():
+    with pytest.raises(ValueError, match="xyz"):
+        Sample(np.zeros((4, 2)))
+    with pytest.raises(ValueError, match="labels"):
+        Sample(np.zeros((4, 3)), np.zeros(3, dtype=np.int64))
+    with pytest.raises(TypeError, match="integers"):
+        Sample(np.zeros((4, 3)), np.zeros(4, dtype=np.float32))
+    with pytest.raises(ValueError, match="NaN"):
+        Sample(np.full((2, 3), np.nan))
+    with pytest.raises(ValueError, match="rgb"):
+        Sample(np.zeros((4, 3)), rgb=np.zeros((4, 2)))
+    s = Sample(np.zeros((3, 3)), np.array([[1], [2], [3]]))
+    assert s.labels.shape == (3,)
+
+
+def test_label_maps_shipped():
+    kitti = load_label_map("semantic-kitti")
+    assert kitti.num_classes == 19 and kitti.classes[0] == "car"
+    raw = np.array([0, 10, 252, 40, 60, 99, 70, 80, 81, 12345])
+    mapped = kitti.apply(raw, 255)
+    names = [kitti.classes[i] if i != 255 else None for i in mapped]
+    assert names == [None, "car", "car", "road", "road", None, "vegetation", "pole", "traffic-sign", None]
+    ign = load_label_map("ign-lidarhd")
+    assert ign.apply(np.array([1, 2, 3, 4, 5, 6, 64]), -1).tolist() == [-1, 0, 1, 1, 2, 3, -1]
+    assert load_label_map("semantic-kitti-learning").apply(np.array([0, 1, 19]), 255).tolist() == [255, 0, 18]
+    with pytest.raises(ValueError, match="neither"):
+        load_label_map("no-such-map")
+
+
+def test_label_map_json(tmp_path):
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({"classes": ["a", "b"], "map": {"7": 1, "3": 0}}))
+    m = load_label_map(path)
+    assert m.apply(np.array([3, 7, 8, -2]), 9).tolist() == [0, 1, 9, 9]
+    path.write_text(json.dumps({"classes": ["a"], "map": {"1": 4}}))
+    with pytest.raises(ValueError, match="outside"):
+        load_label_map(path)
+    path.write_text("{}")
+    with pytest.raises(ValueError, match="not a label map"):
+        load_label_map(path)
+
+
+# --------------------------------------------------------------------- readers on files in the real formats
+
+def _cloud(n=50, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.uniform(-5, 5, (n, 3)).astype(np.float32), rng.integers(0, 4, n)
+
+
+def test_semantickitti_reader(tmp_path):
+    xyz, _ = _cloud()
+    (tmp_path / "velodyne").mkdir()
+    (tmp_path / "labels").mkdir()
+    inten = np.linspace(0, 1, 50, dtype=np.float32)[:, None]
+    np.hstack([xyz, inten]).astype(np.float32).tofile(tmp_path / "velodyne" / "000000.bin")
+    raw = np.array([10, 40, 252, 0, 70] * 10, dtype=np.uint32) | (np.arange(50, dtype=np.uint32) << 16)
+    raw.tofile(tmp_path / "labels" / "000000.label")
+    s = read_semantickitti(tmp_path / "velodyne" / "000000.bin")
+    assert np.array_equal(s.xyz, xyz) and np.allclose(s.intensity, inten)
+    assert s.labels[:5].tolist() == [0, 8, 0, 255, 14]  # instance bits dropped
+    assert find_clouds(tmp_path) == [tmp_path / "velodyne" / "000000.bin"]
+    assert np.array_equal(read_cloud(tmp_path / "velodyne" / "000000.bin").labels, s.labels)
+    raw[:10].tofile(tmp_path / "labels" / "000000.label")
+    with pytest.raises(ValueError, match="10 labels for 50 points"):
+        read_semantickitti(tmp_path / "velodyne" / "000000.bin")
+    np.zeros(7, np.float32).tofile(tmp_path / "bad.bin")
+    with pytest.raises(ValueError, match="multiple of 4"):
+        read_semantickitti(tmp_path / "bad.bin")
+
+
+def test_numpy_readers(tmp_path):
+    xyz, lab = _cloud()
+    np.savez(tmp_path / "tile.npz", xyz=xyz, origin=np.array([6e5, 6e6, 100.0]),
+             intensity=np.arange(50, dtype=np.uint16),
+             classification=np.where(lab == 0, 1, lab + 2).astype(np.uint8), rgb=np.zeros((50, 3), np.uint16))
+    s = read_numpy(tmp_path / "tile.npz", "ign-lidarhd")
+    assert np.array_equal(s.xyz, xyz) and s.rgb is None  # all-zero colour means none
+    assert s.intensity.max() <= 1.5 and s.intensity.min() == 0
+    expect = load_label_map("ign-lidarhd").apply(np.where(lab == 0, 1, lab + 2), 255)
+    assert np.array_equal(s.labels, expect)
+    (tmp_path / "points").mkdir()
+    (tmp_path / "labels").mkdir()
+    np.save(tmp_path / "points" / "000001.npy", xyz)
+    np.save(tmp_path / "labels" / "000001.npy", lab.astype(np.int32)[:, None])
+    s = read_cloud(tmp_path / "points" / "000001.npy", "semantic-kitti-learning")
+    assert np.array_equal(s.labels, np.where(lab == 0, 255, lab - 1))
+    assert find_clouds(tmp_path) == [tmp_path / "points" / "000001.npy"]
+    np.save(tmp_path / "scan_points_0.npy", np.hstack([xyz, np.ones((50, 3), np.float32) * 0.5]))
+    np.save(tmp_path / "scan_labels_0.npy", lab)
+    s = read_numpy(tmp_path / "scan_points_0.npy")
+    assert np.array_equal(s.labels, lab) and np.allclose(s.rgb, 0.5)
+    np.save(tmp_path / "bad.npy", np.zeros((4, 5)))
+    with pytest.raises(ValueError, match=r"\(N, 3\|4\|6\|7\)"):
+        read_numpy(tmp_path / "bad.npy")
+    np.savez(tmp_path / "nopos.npz", foo=np.zeros(3))
+    with pytest.raises(ValueError, match="no positions"):
+        read_numpy(tmp_path / "nopos.npz")
+
+
+def test_las_reader(tmp_path):
+    laspy = pytest.importorskip("laspy")
+    xyz, lab = _cloud()
+    header = laspy.LasHeader(point_format=3, version="1.2")
+    header.offsets = np.array([6.5e5, 6.8e6, 0.0])
+    header.scales = np.array([0.001, 0.001, 0.001])
+    las = laspy.LasData(header)
+    x64 = xyz.astype(np.float64)
+    las.x, las.y, las.z = x64[:, 0] + 6.5e5, x64[:, 1] + 6.8e6, x64[:, 2] + 50
+    las.classification = (lab + 2).astype(np.uint8)
+    las.intensity = np.arange(50, dtype=np.uint16) * 100
+    las.red = las.green = las.blue = np.full(50, 65535, np.uint16)
+    las.write(tmp_path / "t.las")
+    s = read_las(tmp_path / "t.las", "ign-lidarhd")
+    assert np.allclose(s.xyz, xyz - xyz.min(0), atol=2e-3)  # relative to the header minimum
+    assert np.array_equal(s.labels, load_label_map("ign-lidarhd").apply(lab + 2, 255))
+    assert np.allclose(s.rgb, 1.0)
+
+
+def test_open3d_reader(tmp_path):
+    try:
+        import open3d as o3d
+    except (ImportError, OSError) as exc:
+        pytest.skip(f"open3d not usable: {exc}")
+    xyz, lab = _cloud()
+    for ext in ("ply", "pcd"):
+        pc = o3d.t.geometry.PointCloud()
+        pc.point.positions = o3d.core.Tensor(xyz)
+        pc.point.labels = o3d.core.Tensor(lab.astype(np.int32)[:, None])
+        pc.point.intensity = o3d.core.Tensor(np.linspace(0, 1, 50, dtype=np.float32)[:, None])
+        path = tmp_path / f"c.{ext}"
+        assert o3d.t.io.write_point_cloud(str(path), pc)
+        s = read_open3d(path)
+        assert np.allclose(s.xyz, xyz, atol=1e-6) and np.array_equal(s.labels, lab)
+        assert np.allclose(s.intensity[:, 0], np.linspace(0, 1, 50), atol=1e-6)
+        assert np.array_equal(read_cloud(path).labels, lab)
+
+
+def test_s3dis_text_reader(tmp_path):
+    room = tmp_path / "Area_1" / "office_1"
+    (room / "Annotations").mkdir(parents=True)
+    rows = {"chair_1": np.array([[0, 0, 0, 255, 0, 0], [1, 0, 0, 255, 0, 0]]),
+            "wall_2": np.array([[0, 1, 0, 0, 0, 255]]), "stairs_1": np.array([[2, 2, 2, 0, 0, 0]])}
+    for name, r in rows.items():
+        np.savetxt(room / "Annotations" / f"{name}.txt", r, fmt="%.3f")
+    s = read_text(room)
+    m = load_label_map("s3dis")
+    assert s.labels.tolist() == [m.classes.index("chair")] * 2 + [m.classes.index("clutter"), m.classes.index("wall")]
+    assert np.allclose(s.rgb[0], [1, 0, 0])
+    assert find_clouds(room) == [room]
+    np.savetxt(tmp_path / "rows.txt", np.array([[0, 0, 0, 10, 20, 30, 8], [1, 1, 1, 0, 0, 0, 2]]))
+    t = read_cloud(tmp_path / "rows.txt")
+    assert t.labels.tolist() == [8, 2] and np.allclose(t.rgb[0] * 255, [10, 20, 30], atol=1e-3)
+    (tmp_path / "bad.txt").write_text("1 2\n")
+    with pytest.raises(ValueError, match="columns"):
+        read_text(tmp_path / "bad.txt")
+    with pytest.raises(ValueError, match="unknown point cloud format"):
+        read_cloud(tmp_path / "x.xyz")
+    with pytest.raises(ValueError, match="no files match"):
+        find_clouds(str(tmp_path / "*.nothing"))
+
+
+# --------------------------------------------------------------------- real data (skipped when absent)
+
+def test_real_semantickitti_scan(datasets_dir):
+    scan = datasets_dir / "semantickitti" / "full-scan" / "velodyne" / "000000.bin"
+    if not scan.is_file():
+        pytest.skip("no SemanticKITTI scan")
+    s = read_cloud(scan)
+    assert len(s) == 123_389
+    kitti = load_label_map("semantic-kitti")
+    share = {kitti.classes[i]: n / len(s) for i, n in zip(*np.unique(s.labels, return_counts=True)) if i != 255}
+    assert share["road"] > 0.1 and share["car"] > 0.01 and share["vegetation"] > 0.05
+
+
+def test_real_ign_tiles(datasets_dir):
+    tiles = sorted((datasets_dir / "ign-lidarhd" / "tiles50m").glob("*77060*.npz"))
+    if not tiles:
+        pytest.skip("no IGN tiles")
+    data = CloudFiles([str(t) for t in tiles], "ign-lidarhd")
+    s = data[0]
+    assert 50_000 < len(s) < 100_000 and s.intensity is not None
+    assert set(np.unique(s.labels)) <= {0, 1, 2, 3, 255}
+    v = voxelize_sample(s, 0.2, 255)  # tile-relative coordinates fit the voxel range
+    assert v.coords[:, 1:].min() >= 0
+
+
+def test_real_las_file(datasets_dir):
+    pytest.importorskip("laspy")
+    files = sorted((datasets_dir / "ign-lidarhd" / "las").glob("*.las"))
+    if not files:
+        pytest.skip("no LAS file")
+    s = read_cloud(files[0], "ign-lidarhd")
+    assert len(s) == 70_840 and s.xyz.min() >= 0 and s.xyz.max() < 200
+
+
+# --------------------------------------------------------------------- transforms
+
+def test_augment_is_rigid_up_to_scale_and_seeded():
+    s = outdoor_scene(0, **SMALL)
+    a = augment(s, np.random.default_rng(1), jitter=0.0, scale=(1.0, 1.0))
+    d0 = np.linalg.norm(s.xyz[1:50] - s.xyz[0], axis=1)
+    d1 = np.linalg.norm(a.xyz[1:50] - a.xyz[0], axis=1)
+    assert np.allclose(d0, d1, atol=1e-4) and np.allclose(a.xyz[:, 2], s.xyz[:, 2], atol=1e-5)
+    assert not np.allclose(a.xyz, s.xyz)
+    b = augment(s, np.random.default_rng(1), jitter=0.0, scale=(1.0, 1.0))
+    assert np.array_equal(a.xyz, b.xyz) and np.array_equal(a.labels, s.labels)
+
+
+def test_majority_labels():
+    inverse = np.array([0, 0, 0, 1, 1, 2, 2, 3])
+    labels = np.array([2, 5, 5, 7, 255, 3, 1, 255])
+    assert majority_labels(inverse, labels, 5, 255).tolist() == [5, 7, 1, 255, 255]  # tie -> smaller id
+    assert majority_labels(inverse, np.full(8, 255), 4, 255).tolist() == [255] * 4
+    with pytest.raises(ValueError, match=">= 0"):
+        majority_labels(inverse, labels - 10, 4, 255)
+
+
+def test_voxelize_sample_and_collate():
+    s = Sample(np.array([[0.01, 0.01, 0.01], [0.02, 0.03, 0.04], [1000.5, 0, 0]], np.float32),
+               np.array([1, 1, 2]), intensity=np.array([0.2, 0.4, 1.0], np.float32))
+    v = voxelize_sample(s, 0.1, 255)
+    assert len(v.coords) == 2 and v.labels.tolist() == [1, 2]
+    assert v.inverse.tolist() == [0, 0, 1]
+    assert torch.allclose(v.feats[0, 3], torch.tensor(0.3))  # mean intensity of the voxel
+    w = voxelize_sample(Sample(np.zeros((1, 3), np.float32), np.array([0])), 0.1, 255)
+    b = collate([v, w])
+    assert b.input.coords[:, 0].tolist() == [0, 0, 1]
+    assert b.inverse.tolist() == [0, 0, 1, 2] and b.point_batch.tolist() == [0, 0, 0, 1]
+    assert b.labels.tolist() == [1, 2, 0]
+    with pytest.raises(ValueError):
+        collate([])
+
+
+def test_voxel_dataset_augments_per_epoch_deterministically():
+    scenes = GeneratedScenes("outdoor", 2, **SMALL)
+    ds = VoxelDataset(scenes, 0.2, train=True, seed=3)
+    a = ds[0]
+    ds.set_epoch(1)
+    b = ds[0]
+    ds.set_epoch(0)
+    assert torch.equal(ds[0].coords, a.coords) and not torch.equal(b.coords, a.coords)
+    plain = VoxelDataset(scenes, 0.2)
+    assert np.array_equal(plain[0].xyz, scenes[0].xyz)

@@ -1,0 +1,160 @@
+"""MinkUNet and its blocks: shapes, gradients, a dense reference for the
+residual block, translation equivariance, batch independence, SyncBatchNorm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pointsparse as ps
+from pointsparse.models import MinkUNet, ResidualBlock, SyncBatchNorm
+from pointsparse import nn as spnn
+
+
+def _cloud(n=300, channels=4, seed=0, extent=12, batch=1):
+    g = torch.Generator().manual_seed(seed)
+    coords = torch.unique(torch.cat([torch.randint(0, batch, (n, 1), generator=g),
+                                     torch.randint(0, extent, (n, 3), generator=g)], 1), dim=0).int()
+    feats = torch.randn(len(coords), channels, generator=g)
+    return ps.SparseTensor(feats, coords)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest (and steadiest on a shared machine) on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_minkunet_shapes_and_backward():
+    torch.manual_seed(0)
+    x = _cloud(400, 7, extent=40)
+    net = MinkUNet(7, 5, cr=0.25)
+    assert net.widths == (8, 8, 16, 32, 64, 64, 32, 24, 24)
+    out = net(x)
+    assert out.feats.shape == (len(x), 5) and torch.equal(out.coords, x.coords) and out.stride == (1, 1, 1)
+    out.feats.square().mean().backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert any(p.grad.abs().sum() > 0 for p in net.parameters())
+    default = MinkUNet(4, 19)
+    assert default.widths == (32, 32, 64, 128, 256, 256, 128, 96, 96)
+
+
+def test_minkunet_single_point_and_bad_inputs():
+    net = MinkUNet(3, 2, cr=0.125).eval()
+    one = ps.SparseTensor(torch.randn(1, 3), torch.zeros(1, 4, dtype=torch.int32))
+    assert net(one).feats.shape == (1, 2)
+    with pytest.raises(ValueError, match="3 input channels"):
+        net(ps.SparseTensor(torch.randn(1, 4), torch.zeros(1, 4, dtype=torch.int32)))
+    with pytest.raises(TypeError, match="SparseTensor"):
+        net(torch.randn(3, 3))
+    with pytest.raises(ValueError, match="stride-1"):
+        net(ps.SparseTensor(torch.randn(1, 3), torch.zeros(1, 4, dtype=torch.int32), stride=2))
+    for kwargs in ({"in_channels": 0, "num_classes": 2}, {"in_channels": 3, "num_classes": 2, "cr": 0},
+                   {"in_channels": 3, "num_classes": 2.5}, {"in_channels": 3, "num_classes": 2, "blocks": 0}):
+        with pytest.raises(ValueError):
+            MinkUNet(**kwargs)
+
+
+def test_minkunet_translation_equivariant_by_total_stride():
+    torch.manual_seed(1)
+    net = MinkUNet(4, 3, cr=0.125).eval()
+    x = _cloud(300, 4, extent=20)
+    shifted = x.coords.clone()
+    shifted[:, 1:] += torch.tensor([16, -32, 48], dtype=torch.int32)
+    y1 = net(x).feats
+    y2 = net(ps.SparseTensor(x.feats, shifted)).feats
+    assert torch.allclose(y1, y2, atol=1e-5)
+
+
+def test_minkunet_batch_items_independent_in_eval():
+    torch.manual_seed(2)
+    net = MinkUNet(4, 3, cr=0.125).eval()
+    a, b = _cloud(200, 4, seed=1), _cloud(150, 4, seed=2)
+    both = ps.collate([a, b])
+    out = net(both).feats
+    assert torch.allclose(out[: len(a)], net(a).feats, atol=1e-5)
+    assert torch.allclose(out[len(a):], net(b).feats, atol=1e-5)
+
+
+def _dense_submanifold(dense, weight, mask, k):
+    """Dense reference of a stride-1 sparse conv: cross-correlation with zero
+    padding, read at the active sites (inactive sites zeroed)."""
+    kv, cin, cout = weight.shape
+    w = weight.reshape(k, k, k, cin, cout).permute(4, 3, 0, 1, 2)
+    return F.conv3d(dense, w, padding=(k - 1) // 2) * mask
+
+
+def test_residual_block_matches_dense_reference():
+    torch.manual_seed(3)
+    x = _cloud(120, 3, extent=6).double()
+    block = ResidualBlock(3, 5).double().eval()
+    with torch.no_grad():  # non-trivial batch-norm statistics and affine terms
+        for m in block.modules():
+            if isinstance(m, spnn.BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    out = block(x).dense((6, 6, 6))
+    dense = x.dense((6, 6, 6))
+    mask = x.with_feats(torch.ones(len(x), 1, dtype=torch.float64)).dense((6, 6, 6))
+
+    def bn(t, m):
+        shape = (1, -1, 1, 1, 1)
+        return ((t - m.running_mean.view(shape)) / torch.sqrt(m.running_var.view(shape) + m.eps)
+                * m.weight.view(shape) + m.bias.view(shape)) * mask
+
+    conv1, bn1, _, conv2, bn2 = block.main
+    h = torch.relu(bn(_dense_submanifold(dense, conv1.weight, mask, 3), bn1))
+    h = bn(_dense_submanifold(h, conv2.weight, mask, 3), bn2)
+    sc_conv, sc_bn = block.shortcut
+    s = bn(_dense_submanifold(dense, sc_conv.weight, mask, 1), sc_bn)
+    ref = torch.relu(h + s) * mask
+    assert torch.allclose(out, ref, atol=1e-10)
+
+
+def test_residual_block_gradcheck():
+    torch.manual_seed(4)
+    x = _cloud(20, 2, extent=3).double()
+    block = ResidualBlock(2, 2).double()
+    feats = x.feats.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda f: block(x.with_feats(f)).feats, (feats,), atol=1e-6)
+
+
+def test_sync_batchnorm_without_a_process_group_is_batchnorm():
+    torch.manual_seed(5)
+    net = torch.nn.Sequential(spnn.Conv3d(3, 4, 3), spnn.BatchNorm(4), spnn.ReLU())
+    x = _cloud(100, 3)
+    ref = net(x).feats
+    synced = SyncBatchNorm.convert(net)
+    assert isinstance(synced[1], SyncBatchNorm)
+    assert torch.allclose(synced(x).feats, ref)
+
+
+def test_spvcnn_per_point_logits_and_backward():
+    from pointsparse.models import SPVCNN
+
+    torch.manual_seed(6)
+    g = torch.Generator().manual_seed(0)
+    points = torch.rand(600, 3, generator=g) * 12
+    batch = (torch.arange(600) >= 350).long()
+    x, inverse = ps.voxelize(points, torch.randn(600, 4, generator=g), voxel_size=1.0, batch=batch)
+    net = SPVCNN(4, 5, cr=0.125, blocks=1)
+    out = net(x, inverse, points, batch)
+    assert out.shape == (600, 5)
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in net.parameters())
+    assert net.point_mlps[0][0].weight.grad.abs().sum() > 0
+    # Two points in one voxel can be told apart (the point branch sees positions).
+    net.eval()
+    pts = torch.tensor([[0.1, 0.5, 0.5], [0.9, 0.5, 0.5], [1.5, 0.5, 0.5]])
+    v, inv = ps.voxelize(pts, torch.randn(3, 4), voxel_size=1.0)
+    y = net(v, inv, pts, torch.zeros(3, dtype=torch.long))
+    assert inv[0] == inv[1] and not torch.allclose(y[0], y[1])
+    with pytest.raises(ValueError, match="points must be"):
+        net(v, inv, pts[:2], torch.zeros(3, dtype=torch.long))
