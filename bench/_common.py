@@ -1,0 +1,127 @@
+"""Shared by the benchmark scripts: timing, environment, generated scenes of
+a target voxel count, and the real sweeps in ../shared/datasets."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import pointsparse as ps  # noqa: E402
+
+RESULTS_DIR = ROOT / "bench" / "results"
+
+
+def datasets_dir() -> Path | None:
+    for c in (os.environ.get("POINTSPARSE_DATASETS"), ROOT.parent / "shared" / "datasets", "/work/shared/datasets"):
+        if c and Path(c).is_dir():
+            return Path(c)
+    return None
+
+
+def environment() -> dict:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def timeit(fn, repeats: int = 7, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in seconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def street_points(num_voxels: int, voxel_size: float = 0.05, seed: int = 0) -> np.ndarray:
+    """Points on the surfaces of a street (ground, two facades, cars, poles),
+    the street's length chosen so that voxelising at ``voxel_size`` gives about
+    ``num_voxels`` voxels (surfaces: about 9 neighbours per voxel in 3x3x3)."""
+    rng = np.random.default_rng(seed)
+    width, height = 16.0, 8.0
+    area = num_voxels * voxel_size**2 / 0.88  # not every surface voxel is hit
+    length = area / (width + 2 * height + 6.0)
+    density = 1.6 / voxel_size**2  # points per m^2: most surface voxels get hit, as in a scan
+
+    def plane(n, origin, u, v):
+        a, b = rng.random((2, n))
+        return np.asarray(origin) + a[:, None] * np.asarray(u) + b[:, None] * np.asarray(v)
+
+    parts = []
+    n = int(density * length * width)
+    ground = plane(n, (0, 0, 0), (length, 0, 0), (0, width, 0))
+    ground[:, 2] += 0.15 * np.sin(ground[:, 0] / 3.0) * np.cos(ground[:, 1] / 4.0)
+    parts.append(ground)
+    for y in (0.0, width):
+        parts.append(plane(int(density * length * height), (0, y, 0), (length, 0, 0), (0, 0, height)))
+    # cars and poles: about 6 m^2 of surface per metre of street
+    for x in np.arange(2.0, length - 4.0, 9.0):
+        y = rng.uniform(2.0, width - 4.0)
+        for origin, u, v in (((x, y, 1.5), (4, 0, 0), (0, 1.8, 0)), ((x, y, 0.3), (4, 0, 0), (0, 0, 1.2)),
+                             ((x, y + 1.8, 0.3), (4, 0, 0), (0, 0, 1.2))):
+            parts.append(plane(int(density * 7.2), origin, u, v))
+        t = rng.random(int(density * 5.0)) * 2 * np.pi
+        z = rng.random(t.size) * 6.0
+        parts.append(np.stack([x + 5 + 0.13 * np.cos(t), 1.0 + 0.13 * np.sin(t), z], 1))
+    pts = np.concatenate(parts).astype(np.float32)
+    pts += rng.normal(0, voxel_size * 0.05, pts.shape).astype(np.float32)
+    return pts
+
+
+def street_scene(num_voxels: int, voxel_size: float = 0.05, seed: int = 0) -> torch.Tensor:
+    """int32 coords (N, 4) of a generated street scene of about ``num_voxels`` voxels."""
+    pts = torch.from_numpy(street_points(num_voxels, voxel_size, seed))
+    tensor, _ = ps.voxelize(pts, voxel_size=voxel_size)
+    return tensor.coords
+
+
+def real_sweeps() -> dict[str, np.ndarray]:
+    """name -> (N, 3) float32 points of the real clouds present (centred)."""
+    root = datasets_dir()
+    out: dict[str, np.ndarray] = {}
+    if root is None:
+        return out
+    kitti = root / "kitti-raw" / "000049.bin"
+    if kitti.exists():
+        out["kitti-raw/000049"] = np.fromfile(kitti, dtype=np.float32).reshape(-1, 4)[:, :3]
+    skitti = root / "semantickitti" / "full-scan" / "velodyne" / "000000.bin"
+    if skitti.exists():
+        out["semantickitti/000000"] = np.fromfile(skitti, dtype=np.float32).reshape(-1, 4)[:, :3]
+    tile = root / "ign-lidarhd" / "tiles50m" / "test_data_77050_627755_LA93_IGN69.npz"
+    if tile.exists():
+        out["ign-lidarhd/77050_627755"] = np.load(tile)["xyz"].astype(np.float32)
+    for k, v in out.items():
+        out[k] = v - v.min(0)
+    return out
+
+
+def real_scene(points: np.ndarray, voxel_size: float) -> torch.Tensor:
+    tensor, _ = ps.voxelize(torch.from_numpy(np.ascontiguousarray(points)), voxel_size=voxel_size)
+    return tensor.coords
+
+
+def write_markdown(path: Path, title: str, command: str, env: dict, tables: list[str], notes: str = "") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    env_line = ", ".join(f"{k} {v}" for k, v in env.items())
+    body = f"# {title}\n\nCommand: `{command}`\n\nEnvironment: {env_line}\n\n" + "\n\n".join(tables)
+    if notes:
+        body += "\n\n" + notes
+    path.write_text(body + "\n")

@@ -1,0 +1,44 @@
+"""The ``pointsparse`` command line: ``pointsparse <command> --help``.
+
+Each command lives in its own module exposing ``add_arguments(parser)`` and
+``main(args) -> int``; this file only lists them."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (command, module, one-line help)
+COMMANDS = [
+    ("demo", "pointsparse.demo", "run the main job on data pointsparse generates itself"),
+    ("bench", "pointsparse.benchmark", "run the benchmark suites in bench/ (kernel maps, convolution, SpMM)"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pointsparse",
+        description="pointsparse: sparse 3-D convolution for point clouds, and pruning that makes models "
+                    "really smaller and faster. Start with `pointsparse demo`.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for name, module_name, help_text in COMMANDS:
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip().splitlines()[0])
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return int(args._module.main(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Kernel maps: for every kernel offset, which input row feeds which output row.
+
+``build(coords, kernel_size, stride, dilation, tensor_stride, method)`` returns
+a :class:`KernelMap`; ``get_kmap(tensor, ...)`` returns the map of a layer
+from the tensor's :class:`~pointsparse.tensor.CoordinateCache`, building it
+once per structural key.
+
+Offsets (API.md): along one axis ``(i - (k - 1) // 2) * d * s`` for
+``i in range(k)``, enumerated with ``i_z`` fastest. Pairs of one offset are
+sorted by output row; every method returns identical tensors.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from . import coords as _coords
+from .tensor import SparseTensor, Triple, as_triple
+
+METHODS = ("torch",)
+
+
+@dataclass(frozen=True)
+class KernelMapKey:
+    """The full structural key of a map in a coordinate cache."""
+
+    tensor_stride: Triple
+    kernel_size: Triple
+    stride: Triple
+    dilation: Triple
+    transposed: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class KernelMap:
+    """An immutable kernel map.
+
+    Attributes:
+        out_coords: int32 ``(M, 4)`` output coordinates.
+        in_idx, out_idx: int64 ``(P,)`` pairs of all offsets, grouped by offset
+            (offset 0 first), within an offset sorted by ``out_idx``.
+        sizes: int64 ``(K,)`` pairs per offset (on the CPU).
+        offsets: int32 ``(K, 3)`` coordinate offsets (kernel index * dilation *
+            tensor stride).
+        num_in, num_out: rows of the input and output tensors.
+        key: the structural key.
+    """
+
+    out_coords: torch.Tensor
+    in_idx: torch.Tensor
+    out_idx: torch.Tensor
+    sizes: torch.Tensor
+    offsets: torch.Tensor
+    num_in: int
+    num_out: int
+    key: KernelMapKey
+    ptr: list[int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        ptr = [0]
+        for s in self.sizes.tolist():
+            ptr.append(ptr[-1] + int(s))
+        object.__setattr__(self, "ptr", ptr)
+
+    @property
+    def kernel_volume(self) -> int:
+        return int(self.sizes.numel())
+
+    @property
+    def num_pairs(self) -> int:
+        return self.ptr[-1]
+
+    def pairs(self, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(in_idx, out_idx)`` of offset index ``offset``."""
+        if not 0 <= offset < self.kernel_volume:
+            raise IndexError(f"offset index {offset} outside [0, {self.kernel_volume})")
+        lo, hi = self.ptr[offset], self.ptr[offset + 1]
+        return self.in_idx[lo:hi], self.out_idx[lo:hi]
+
+    def transpose(self, out_coords: torch.Tensor) -> "KernelMap":
+        """The map of the adjoint operator: inputs and outputs swapped, pairs
+        re-sorted by the new output row. ``out_coords`` are the coords of the
+        new outputs (the old inputs)."""
+        if out_coords.shape[0] != self.num_in:
+            raise ValueError(f"out_coords has {out_coords.shape[0]} rows; the map's inputs have {self.num_in}")
+        offset_of_pair = torch.repeat_interleave(
+            torch.arange(self.kernel_volume, device=self.in_idx.device), self.sizes.to(self.in_idx.device))
+        order = torch.argsort(offset_of_pair * max(self.num_in, 1) + self.in_idx, stable=True)
+        key = KernelMapKey(self.key.tensor_stride, self.key.kernel_size, self.key.stride, self.key.dilation,
+                           not self.key.transposed)
+        return KernelMap(out_coords, self.out_idx[order], self.in_idx[order], self.sizes, self.offsets,
+                         self.num_out, self.num_in, key)
+
+    def to(self, device) -> "KernelMap":
+        return KernelMap(self.out_coords.to(device), self.in_idx.to(device), self.out_idx.to(device), self.sizes,
+                         self.offsets, self.num_in, self.num_out, self.key)
+
+    def __repr__(self) -> str:
+        return (f"KernelMap(key={self.key}, num_in={self.num_in}, num_out={self.num_out}, "
+                f"pairs={self.num_pairs}, offsets={self.kernel_volume})")
+
+
+def kernel_offsets(kernel_size, dilation=1, tensor_stride=1) -> torch.Tensor:
+    """int32 ``(K, 3)`` coordinate offsets in API.md order (``i_z`` fastest)."""
+    k = as_triple(kernel_size, "kernel_size")
+    d = as_triple(dilation, "dilation")
+    s = as_triple(tensor_stride, "tensor_stride")
+    axes = [[(i - (k[a] - 1) // 2) * d[a] * s[a] for i in range(k[a])] for a in range(3)]
+    return torch.tensor(list(itertools.product(*axes)), dtype=torch.int32).reshape(-1, 3)
+
+
+def downsample_coords(coords: torch.Tensor, out_stride: Triple) -> torch.Tensor:
+    """Unique ``floor(c / out_stride) * out_stride`` per batch, sorted by key."""
+    st = torch.tensor(out_stride, dtype=torch.int32, device=coords.device)
+    q = torch.cat([coords[:, :1], torch.div(coords[:, 1:], st, rounding_mode="floor") * st], 1)
+    keys = _coords.pack(q)
+    return _coords.unpack(_coords.unique(keys)[0])
+
+
+def _check_method(method: str | None, device) -> str:
+    if method is None:
+        return default_method(device)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS} (or None for the default); got {method!r}")
+    return method
+
+
+def default_method(device) -> str:
+    """The measured fastest method for tensors on ``device``."""
+    return "torch"
+
+
+def _query_torch(in_keys_sorted, in_perm, out_coords, offsets):
+    """Pairs of every offset by sort + searchsorted (any device)."""
+    dev = out_coords.device
+    out_c = out_coords.long()
+    out_keys = _coords.pack_torch(out_coords) if out_coords.shape[0] else out_c[:, 0]
+    rows = torch.arange(out_coords.shape[0], device=dev)
+    ins, outs, sizes = [], [], []
+    n = in_keys_sorted.numel()
+    for o in offsets.tolist():
+        shifted = out_c[:, 1:] + torch.tensor(o, device=dev)
+        ok = ((shifted >= _coords.COORD_MIN) & (shifted <= _coords.COORD_MAX)).all(1)
+        q = out_keys + _coords.key_delta(*o)
+        if n:
+            pos = torch.searchsorted(in_keys_sorted, q).clamp_max(n - 1)
+            hit = ok & (in_keys_sorted[pos] == q)
+        else:
+            pos = torch.zeros_like(q)
+            hit = torch.zeros_like(ok)
+        ins.append(in_perm[pos[hit]] if n else pos[hit])
+        outs.append(rows[hit])
+        sizes.append(int(hit.sum()))
+    if not ins:
+        empty = torch.zeros(0, dtype=torch.int64, device=dev)
+        return empty, empty.clone(), torch.zeros(0, dtype=torch.int64)
+    return torch.cat(ins), torch.cat(outs), torch.tensor(sizes, dtype=torch.int64)
+
+
+def _sorted_unique_keys(coords: torch.Tensor):
+    keys = _coords.pack(coords)
+    sorted_keys, perm = _coords.sort(keys)
+    if sorted_keys.numel() > 1 and bool((sorted_keys[1:] == sorted_keys[:-1]).any()):
+        raise ValueError("coords hold duplicate rows; each [batch, x, y, z] must appear once")
+    return sorted_keys, perm
+
+
+def build(coords: torch.Tensor, kernel_size=3, stride=1, dilation=1, tensor_stride=1, method: str | None = None,
+          out_coords: torch.Tensor | None = None) -> KernelMap:
+    """The kernel map of a convolution over ``coords``.
+
+    Args:
+        coords: int32 ``(N, 4)`` unique ``[batch, x, y, z]`` rows.
+        kernel_size, stride, dilation, tensor_stride: int or 3-tuple each.
+        method: ``"torch"`` (sort + searchsorted on any device) or ``None``
+            for the measured default.
+        out_coords: output coords to use instead of computing them (the
+            coords a cache already holds for the output stride).
+
+    Stride 1: outputs are the inputs (submanifold). Stride t > 1: outputs are
+    the unique ``floor(c / (s * t)) * (s * t)``, sorted by (batch, x, y, z).
+    """
+    _coords.check_coords(coords)
+    k = as_triple(kernel_size, "kernel_size")
+    t = as_triple(stride, "stride")
+    d = as_triple(dilation, "dilation")
+    s = as_triple(tensor_stride, "tensor_stride")
+    method = _check_method(method, coords.device)
+    key = KernelMapKey(s, k, t, d, False)
+    offsets = kernel_offsets(k, d, s)
+    in_sorted, in_perm = _sorted_unique_keys(coords)
+    if out_coords is None:
+        out_coords = coords if t == (1, 1, 1) else downsample_coords(coords, tuple(a * b for a, b in zip(s, t)))
+    in_idx, out_idx, sizes = _query_torch(in_sorted, in_perm, out_coords, offsets)
+    return KernelMap(out_coords, in_idx, out_idx, sizes, offsets, coords.shape[0], out_coords.shape[0], key)
+
+
+def get_kmap(tensor: SparseTensor, kernel_size, stride=1, dilation=1, transposed: bool = False,
+             method: str | None = None) -> KernelMap:
+    """The map of a layer applied to ``tensor``, from (or into) its cache.
+
+    Not transposed: the map from ``tensor`` (stride ``s``) to stride ``s * t``.
+    Transposed: ``tensor`` is at stride ``S``; the output is the finer tensor at
+    ``S / t`` whose coords the cache holds, and the map is the transpose of
+    that tensor's downsampling map (built once, shared by both).
+    """
+    k = as_triple(kernel_size, "kernel_size")
+    t = as_triple(stride, "stride")
+    d = as_triple(dilation, "dilation")
+    cache = tensor.cache
+    if not transposed:
+        key = KernelMapKey(tensor.stride, k, t, d, False)
+        out_stride = tuple(a * b for a, b in zip(tensor.stride, t))
+
+        def make():
+            known = None if t == (1, 1, 1) else cache.get_coords(out_stride)
+            return build(tensor.coords, k, t, d, tensor.stride, method, out_coords=known)
+
+        kmap = cache.get_kmap(key, make)
+        cache.set_coords(out_stride, kmap.out_coords)
+        return kmap
+    if any(a % b for a, b in zip(tensor.stride, t)):
+        raise ValueError(f"a transposed conv with stride {t} needs a tensor stride divisible by it; got {tensor.stride}")
+    fine_stride = tuple(a // b for a, b in zip(tensor.stride, t))
+    fine = cache.get_coords(fine_stride)
+    if fine is None:
+        raise ValueError(
+            f"transposed conv: no coords at stride {fine_stride} in this tensor's coordinate cache; a transposed "
+            f"conv upsamples back to coords that a strided conv came down from (keep the cache with with_feats())")
+    down_key = KernelMapKey(fine_stride, k, t, d, False)
+    up_key = KernelMapKey(fine_stride, k, t, d, True)
+
+    def make_down():
+        return build(fine, k, t, d, fine_stride, method, out_coords=None if t == (1, 1, 1) else tensor.coords)
+
+    def make_up():
+        down = cache.get_kmap(down_key, make_down)
+        return down.transpose(fine)
+
+    return cache.get_kmap(up_key, make_up)

@@ -1,0 +1,104 @@
+"""``torch.nn`` modules over SparseTensor; all compose in ``torch.nn.Sequential``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..tensor import SparseTensor, as_triple
+from . import functional as F
+
+
+def _check_input(x) -> SparseTensor:
+    if not isinstance(x, SparseTensor):
+        raise TypeError(f"expected a SparseTensor; got {type(x).__name__}")
+    return x
+
+
+class Conv3d(nn.Module):
+    """Sparse 3-D convolution; ``weight`` is ``(K, C_in, C_out)`` (API.md).
+
+    ``stride=1`` is submanifold (outputs on the input coords), ``stride>1``
+    downsamples, ``transposed=True`` upsamples back to the coords the matching
+    downsampling came from."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=1, dilation=1,
+                 bias: bool = False, transposed: bool = False) -> None:
+        super().__init__()
+        for name, v in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive int; got {v!r}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = as_triple(kernel_size, "kernel_size")
+        self.stride = as_triple(stride, "stride")
+        self.dilation = as_triple(dilation, "dilation")
+        self.transposed = bool(transposed)
+        self.kernel_volume = self.kernel_size[0] * self.kernel_size[1] * self.kernel_size[2]
+        self.weight = nn.Parameter(torch.empty(self.kernel_volume, in_channels, out_channels))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        fan = (self.out_channels if self.transposed else self.in_channels) * self.kernel_volume
+        bound = 1.0 / math.sqrt(fan)
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, input: SparseTensor) -> SparseTensor:
+        return F.conv3d(_check_input(input), self.weight, self.kernel_size, self.stride, self.dilation,
+                        self.bias, self.transposed)
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+             f"dilation={self.dilation}")
+        if self.bias is not None:
+            s += ", bias=True"
+        if self.transposed:
+            s += ", transposed=True"
+        return s
+
+
+class BatchNorm(nn.BatchNorm1d):
+    """Batch normalisation over the feats of a SparseTensor (every active site
+    is one sample). A ``torch.nn.BatchNorm1d`` itself, so ``weight`` (gamma),
+    ``bias``, running statistics and pruning criteria on BatchNorm apply."""
+
+    def forward(self, input: SparseTensor) -> SparseTensor:  # type: ignore[override]
+        x = _check_input(input)
+        return x.with_feats(super().forward(x.feats))
+
+
+class _Pointwise(nn.Module):
+    """Applies a feats-only torch module to a SparseTensor."""
+
+    module_class: type[nn.Module] = nn.Identity
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__()
+        self.fn = self.module_class(*args, **kwargs)
+
+    def forward(self, input: SparseTensor) -> SparseTensor:
+        x = _check_input(input)
+        return x.with_feats(self.fn(x.feats))
+
+    def extra_repr(self) -> str:
+        return self.fn.extra_repr()
+
+
+def _pointwise(cls: type[nn.Module], doc: str) -> type[_Pointwise]:
+    return type(cls.__name__, (_Pointwise,), {"module_class": cls, "__doc__": doc, "__module__": __name__})
+
+
+ReLU = _pointwise(nn.ReLU, "ReLU on the feats.")
+LeakyReLU = _pointwise(nn.LeakyReLU, "LeakyReLU on the feats.")
+GELU = _pointwise(nn.GELU, "GELU on the feats.")
+SiLU = _pointwise(nn.SiLU, "SiLU on the feats.")
+ELU = _pointwise(nn.ELU, "ELU on the feats.")
+Sigmoid = _pointwise(nn.Sigmoid, "Sigmoid on the feats.")
+Tanh = _pointwise(nn.Tanh, "Tanh on the feats.")
+Dropout = _pointwise(nn.Dropout, "Dropout on the feats.")
+Linear = _pointwise(nn.Linear, "A per-site linear layer on the feats (a 1x1x1 convolution).")
