@@ -72,8 +72,9 @@ class NM(SparseFormat):
             full = groups - 1
             values = torch.cat([values[:, :full].reshape(M, -1), values[:, full, :r]], 1)
             pos = torch.cat([pos[:, :full].reshape(M, -1), pos[:, full, :r]], 1)
-        values = values.reshape(M, -1)
-        pos = pos.reshape(M, -1)
+        L = kept_per_row(K, n, m)
+        values = values.reshape(M, L)
+        pos = pos.reshape(M, L)
         return cls(values, pack_bits(pos, bits_for(m)), n, m, (M, K))
 
     def arrays(self) -> dict:
