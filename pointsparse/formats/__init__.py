@@ -74,7 +74,14 @@ def compress(module: torch.nn.Module, format="csr", **kwargs) -> torch.nn.Module
                             module.bias)
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"module must be a torch.nn.Module; got {type(module).__name__}")
-    result = copy.deepcopy(module)
+    # Pruned weights are computed (non-leaf) tensors that deepcopy refuses:
+    # copy them as detached tensors; the forward pre-hooks recompute them.
+    memo = {}
+    for sub in module.modules():
+        for value in vars(sub).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    result = copy.deepcopy(module, memo)
     _replace_children(result, cls, kwargs, Conv3d)
     return result
 

@@ -56,9 +56,16 @@ class LoadBalancedUnstructured(torch_prune.BasePruningMethod):
     numel)`` (counted over the whole tensor), every PE keeps ``keep //
     num_pe`` of its largest-magnitude unmasked entries (never more than the
     fewest any PE has available), so up to num_pe - 1 more entries than asked
-    may be pruned. Masks never un-prune."""
+    may be pruned. Masks never un-prune.
 
-    PRUNING_TYPE = "unstructured"
+    ``PRUNING_TYPE`` is "global", not "unstructured": for unstructured methods
+    torch's ``PruningContainer`` passes only the flattened surviving entries to
+    ``compute_mask``, which would lose the row -> PE assignment. As "global"
+    the method sees the whole tensor and its current mask; ``amount`` then
+    counts over the whole tensor (already pruned entries included) when
+    pruning is repeated."""
+
+    PRUNING_TYPE = "global"
 
     def __init__(self, amount, num_pe: int, row_dim: int = 0) -> None:
         torch_prune._validate_pruning_amount_init(amount)
