@@ -122,12 +122,12 @@ class FKW(SparseFormat):
             cols = widen(self.index)[kernel_of] * volume + tap
             rows = kernel_filter[kernel_of]
             row_ptr = torch.cat([rows.new_zeros(1), torch.bincount(rows, minlength=c_out).cumsum(0)])
-            self._csr_cache = (row_ptr, cols, rows)
+            self._csr_cache = (row_ptr, narrow(cols), rows)
         return self._csr_cache
 
     def _triplets(self):
         row_ptr, cols, rows = self._stored_csr()
-        return widen(self.reorder)[rows], cols, self.weight
+        return widen(self.reorder)[rows], widen(cols), self.weight
 
     def to_dense(self) -> torch.Tensor:
         rows, cols, values = self._triplets()
@@ -137,7 +137,7 @@ class FKW(SparseFormat):
 
     def _kernel(self, dense_np, portable: bool = False):
         row_ptr, cols, _ = self._stored_csr()
-        stored = _csr_product(row_ptr, narrow(cols), self.weight, dense_np, self.shape[1], portable)
+        stored = _csr_product(row_ptr, cols, self.weight, dense_np, self.shape[1], portable)
         out = torch.empty(stored.shape, dtype=self.dtype).numpy()
         out[widen(self.reorder).numpy()] = stored
         return out
