@@ -125,6 +125,6 @@ class SparseConv3d(nn.Module):
         return sum(f.nbytes() for f in self.offsets) + extra
 
     def extra_repr(self) -> str:
+        fmt = self.offsets if isinstance(self.offsets, FKW) else self.offsets[0]
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, format={type(self.offsets).__name__ if isinstance(self.offsets, FKW) else type(self.offsets[0]).__name__}, "
-                f"nbytes={self.nbytes()}")
+                f"stride={self.stride}, format={type(fmt).__name__}, nbytes={self.nbytes()}")
