@@ -43,6 +43,7 @@ FORMATS = {
     "csc": (F.CSC, {}),
     "bsr_2x3": (F.BSR, {"blocksize": (2, 3)}),
     "bsr_1x1": (F.BSR, {"blocksize": 1}),
+    "bsr_ell_2x2": (F.BSR, {"blocksize": 2, "layout": "ell"}),
     "nm_2_4": (F.NM, {"n": 2, "m": 4}),
     "nm_3_8": (F.NM, {"n": 3, "m": 8}),
     "eie_1": (F.EIE, {"num_pe": 1}),
@@ -146,6 +147,11 @@ def test_hand_counts_of_every_format():
     assert F.BSR.from_dense(CLASSIC, blocksize=2).nbytes() == 64 + 4 + 3
     # BSR 4x4: one block of 16 values + 1 col + 2 ptrs
     assert F.BSR.from_dense(CLASSIC, blocksize=4).nbytes() == 64 + 1 + 2
+    # Block-ELL 1x2: block rows hold 1, 2, 0, 2 blocks -> width 2, 8 slots of 2 values
+    # + 8 one-byte block columns, no block_ptr
+    ell = F.BSR.from_dense(CLASSIC, blocksize=(1, 2), layout="ell")
+    assert ell.nbytes() == 8 * 2 * 4 + 8
+    assert torch.equal(ell.to_dense(), CLASSIC)
     # NM 2:4: 4 rows x 2 kept x 4 B + 8 positions x 2 bits = 2 bytes
     nm = F.NM.from_dense(CLASSIC, n=2, m=4, prune=True)
     assert nm.nbytes() == 32 + 2

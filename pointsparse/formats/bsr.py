@@ -17,9 +17,17 @@ class BSR(SparseFormat):
     Arrays: ``values`` (nb, br, bc), ``block_col`` (nb, width of the largest
     block column), ``block_ptr`` (ceil(M / br) + 1, width of nb).
     ``nbytes = nb * br * bc * itemsize + nb * w(max block col) +
-    (ceil(M / br) + 1) * w(nb)``."""
+    (ceil(M / br) + 1) * w(nb)``.
 
-    def __init__(self, block_ptr, block_col, values, shape):
+    ``layout="ell"`` (Block-ELL, as cuSPARSE): every block row stores the
+    same number E of blocks (the most any block row has), short rows padded
+    with zero blocks at block column 0; no ``block_ptr`` (it is i * E):
+    ``nbytes = MB * E * br * bc * itemsize + MB * E * w(max block col)``."""
+
+    def __init__(self, block_ptr, block_col, values, shape, layout: str = "csr"):
+        if layout not in ("csr", "ell"):
+            raise ValueError(f"layout must be 'csr' or 'ell'; got {layout!r}")
+        self.layout = layout
         self.shape = (int(shape[0]), int(shape[1]))
         self.values = values.detach().to("cpu").contiguous()
         if self.values.dim() != 3 or self.values.shape[1] < 1 or self.values.shape[2] < 1:
@@ -33,7 +41,7 @@ class BSR(SparseFormat):
             raise ValueError("block_ptr must have ceil(M / br) + 1 entries and block_col one per block")
 
     @classmethod
-    def from_dense(cls, tensor, blocksize=(4, 4)) -> "BSR":
+    def from_dense(cls, tensor, blocksize=(4, 4), layout: str = "csr") -> "BSR":
         dense = check_matrix(tensor)
         if isinstance(blocksize, int):
             blocksize = (blocksize, blocksize)
@@ -50,9 +58,20 @@ class BSR(SparseFormat):
         counts = torch.bincount(brow, minlength=mb)
         block_ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
         values = blocks[brow, bcol].reshape(-1, br, bc)
+        if layout == "ell":
+            width = int(counts.max()) if counts.numel() else 0
+            slot = torch.arange(brow.numel()) - block_ptr[brow]
+            ell_values = values.new_zeros(mb, width, br, bc)
+            ell_col = torch.zeros(mb, width, dtype=torch.int64)
+            ell_values[brow, slot] = values
+            ell_col[brow, slot] = bcol
+            return cls(torch.arange(mb + 1) * width, ell_col.reshape(-1),
+                       ell_values.reshape(-1, br, bc), (M, K), layout="ell")
         return cls(block_ptr, bcol, values, (M, K))
 
     def arrays(self) -> dict:
+        if self.layout == "ell":  # block_ptr is implied by the fixed row width
+            return {"values": self.values, "block_col": self.block_col}
         return {"values": self.values, "block_col": self.block_col, "block_ptr": self.block_ptr}
 
     def to_dense(self) -> torch.Tensor:
@@ -61,7 +80,9 @@ class BSR(SparseFormat):
         mb, kb = -(-M // br), -(-K // bc)
         blocks = torch.zeros(mb, kb, br, bc, dtype=self.dtype)
         brow = torch.repeat_interleave(torch.arange(mb), widen(self.block_ptr).diff())
-        blocks[brow, widen(self.block_col)] = self.values
+        # index_put with accumulate: Block-ELL padding blocks (zeros at block
+        # column 0) must not overwrite a stored block there
+        blocks.index_put_((brow, widen(self.block_col)), self.values, accumulate=True)
         return blocks.permute(0, 2, 1, 3).reshape(mb * br, kb * bc)[:M, :K].contiguous()
 
     def _triplets(self):
