@@ -145,3 +145,32 @@ def test_empty_operands():
 
 def test_isa_reported():
     assert core.spmm_isa() in ("avx2", "generic")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("portable", [False, True])
+def test_csr_conv_accumulate(dtype, portable):
+    rng = np.random.default_rng(11)
+    c_in, c_out, n_in, n_out, pairs = 13, 9, 200, 150, 140
+    s = _sparse(c_out, c_in, 0.4, 12, dtype)
+    row_ptr, col, val = _csr_arrays(s, np.uint8)
+    feats = rng.standard_normal((n_in, c_in)).astype(dtype)
+    in_idx = rng.integers(0, n_in, pairs).astype(np.int64)
+    out_idx = rng.permutation(n_out)[:pairs].astype(np.int64)
+    out = rng.standard_normal((n_out, c_out)).astype(dtype)
+    ref = out.astype(np.float64).copy()
+    ref[out_idx] += feats[in_idx].astype(np.float64) @ s.T.astype(np.float64)
+    core.csr_conv_accumulate(row_ptr, col, val, feats, in_idx, out_idx, out, portable, 2)
+    tol = 1e-4 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(out, ref, atol=tol, rtol=tol)
+    for kw, msg in ((dict(out_idx=np.zeros(pairs, np.int64)), "distinct"),
+                    (dict(in_idx=in_idx + n_in), "in_idx"),
+                    (dict(out_idx=out_idx - n_out - 1), "out_idx"),
+                    (dict(out=out[:, :3].copy()), "out must be"),
+                    (dict(out=np.asfortranarray(out)), "C-contiguous"),
+                    (dict(feats=feats[:, :2].copy()), "col_idx must be < C_in")):
+        a = dict(in_idx=in_idx, out_idx=out_idx, out=out, feats=feats, **{})
+        a.update(kw)
+        with pytest.raises(ValueError, match=msg):
+            core.csr_conv_accumulate(row_ptr, col, val, a["feats"], a["in_idx"], a["out_idx"],
+                                     a["out"], portable, 2)

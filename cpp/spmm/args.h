@@ -53,8 +53,26 @@ struct EieArgs {
   int nt;
 };
 
+// One kernel offset of a sparse convolution with a CSR weight S = W[o]^T
+// (C_out, C_in): out[out_idx[p], :] += S @ feats[in_idx[p], :] for every pair
+// p. out_idx holds distinct rows (checked), so column blocks never collide.
+struct CsrConvArgs {
+  const int64_t* row_ptr;  // (C_out+1)
+  const void* col;         // (nnz) unsigned, col_bytes wide, < C_in
+  int col_bytes;
+  const void* val;
+  bool f64;
+  int64_t C_out, C_in, P;
+  const void* feats;       // (N_in, C_in)
+  const int64_t* in_idx;   // (P)
+  const int64_t* out_idx;  // (P), distinct
+  void* out;               // (N_out, C_out), accumulated
+  int nt;
+};
+
 #define PS_SPMM_DECLARE_ENTRY_POINTS \
   void csr(const CsrArgs& a);        \
+  void csr_conv(const CsrConvArgs& a); \
   void bsr(const BsrArgs& a);        \
   void nm(const NmArgs& a);          \
   void eie(const EieArgs& a);

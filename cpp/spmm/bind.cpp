@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <limits>
 #include <string>
+#include <vector>
 
 #include "array.h"
 #include "bind.h"
@@ -113,6 +114,58 @@ py::array csr_spmm(carray<int64_t> row_ptr, py::array col, py::array val, py::ar
     if (!portable && spmm::have_avx2()) spmm::avx2::csr(a); else spmm::generic::csr(a);
   }
   return Y;
+}
+
+// out (N_out, C_out) += per pair p: S (C_out, C_in) @ feats[in_idx[p]], into
+// row out_idx[p]; out must be a writable C-contiguous array of the values'
+// dtype (updated in place), out_idx distinct.
+void csr_conv_accumulate(carray<int64_t> row_ptr, py::array col, py::array val, py::array feats,
+                         carray<int64_t> in_idx, carray<int64_t> out_idx, py::array out,
+                         bool portable, int num_threads) {
+  if (row_ptr.ndim() != 1 || row_ptr.shape(0) < 1)
+    value_error("row_ptr must be 1-D of length C_out + 1 >= 1; got shape " + shape_str(row_ptr));
+  const int64_t C_out = row_ptr.shape(0) - 1;
+  const bool f64 = float_kind(val, "values");
+  check_same_dtype(val, feats, "values", "feats");
+  check_same_dtype(val, out, "values", "out");
+  const int width = index_width(col, "col_idx");
+  col = contiguous(col);
+  val = contiguous(val);
+  feats = contiguous(feats);
+  if (col.ndim() != 1) value_error("col_idx must be 1-D; got shape " + shape_str(col));
+  const int64_t nnz = col.shape(0);
+  check_1d(val, nnz, "values");
+  check_ptr(row_ptr, C_out, nnz, "row_ptr");
+  if (feats.ndim() != 2) value_error("feats must be 2-D (N_in, C_in); got shape " + shape_str(feats));
+  const int64_t N_in = feats.shape(0), C_in = feats.shape(1);
+  if (nnz > 0 && max_index(col.data(), width, nnz) >= uint64_t(C_in))
+    value_error("col_idx must be < C_in = " + std::to_string(C_in));
+  if (out.ndim() != 2 || out.shape(1) != C_out)
+    value_error("out must be (N_out, " + std::to_string(C_out) + "); got shape " + shape_str(out));
+  if (!(out.flags() & py::array::c_style) || !out.writeable())
+    value_error("out must be a writable C-contiguous array");
+  const int64_t N_out = out.shape(0);
+  check_1d(in_idx, in_idx.ndim() == 1 ? in_idx.shape(0) : -1, "in_idx");
+  const int64_t P = in_idx.shape(0);
+  check_1d(out_idx, P, "out_idx");
+  const int64_t* ii = in_idx.data();
+  const int64_t* oi = out_idx.data();
+  std::vector<char> seen(size_t(N_out), 0);
+  for (int64_t p = 0; p < P; ++p) {
+    if (ii[p] < 0 || ii[p] >= N_in)
+      value_error("in_idx[" + std::to_string(p) + "] = " + std::to_string(ii[p]) +
+                  " is outside [0, " + std::to_string(N_in) + ")");
+    if (oi[p] < 0 || oi[p] >= N_out)
+      value_error("out_idx[" + std::to_string(p) + "] = " + std::to_string(oi[p]) +
+                  " is outside [0, " + std::to_string(N_out) + ")");
+    if (seen[size_t(oi[p])]++) value_error("out_idx must hold distinct rows (one pair per output)");
+  }
+  spmm::CsrConvArgs a{row_ptr.data(), col.data(), width, val.data(), f64, C_out, C_in, P,
+                      feats.data(), ii, oi, out.mutable_data(), threads(num_threads)};
+  {
+    py::gil_scoped_release release;
+    if (!portable && spmm::have_avx2()) spmm::avx2::csr_conv(a); else spmm::generic::csr_conv(a);
+  }
 }
 
 py::array bsr_spmm(carray<int64_t> block_ptr, py::array block_col, py::array val, py::array X,
@@ -253,6 +306,10 @@ void bind_spmm(py::module_& m) {
   m.def("csr_spmm", &csr_spmm, py::arg("row_ptr"), py::arg("col_idx"), py::arg("values"),
         py::arg("dense"), py::arg("K"), py::arg("portable"), py::arg("num_threads"),
         "CSR (M, K) @ dense (K, N) -> (M, N); col_idx unsigned 1/2/4/8 bytes.");
+  m.def("csr_conv_accumulate", &csr_conv_accumulate, py::arg("row_ptr"), py::arg("col_idx"),
+        py::arg("values"), py::arg("feats"), py::arg("in_idx"), py::arg("out_idx"), py::arg("out"),
+        py::arg("portable"), py::arg("num_threads"),
+        "One sparse-conv offset: out[out_idx] += (S @ feats[in_idx].T).T, S (C_out, C_in) CSR.");
   m.def("bsr_spmm", &bsr_spmm, py::arg("block_ptr"), py::arg("block_col"), py::arg("values"),
         py::arg("dense"), py::arg("M"), py::arg("K"), py::arg("portable"), py::arg("num_threads"),
         "BSR (M, K) with (nb, br, bc) blocks @ dense (K, N) -> (M, N).");

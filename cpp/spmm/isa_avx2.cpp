@@ -26,6 +26,7 @@ namespace spmm {
 namespace avx2 {
 // Never called: have_avx2() is false in this build.
 void csr(const CsrArgs& a) { generic::csr(a); }
+void csr_conv(const CsrConvArgs& a) { generic::csr_conv(a); }
 void bsr(const BsrArgs& a) { generic::bsr(a); }
 void nm(const NmArgs& a) { generic::nm(a); }
 void eie(const EieArgs& a) { generic::eie(a); }

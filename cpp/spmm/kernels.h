@@ -182,6 +182,45 @@ void csr_kernel(const CsrArgs& a) {
 }
 
 template <typename T, typename I>
+void csr_conv_kernel(const CsrConvArgs& a) {
+  const int64_t* row_ptr = a.row_ptr;
+  const I* col = static_cast<const I*>(a.col);
+  const T* val = static_cast<const T*>(a.val);
+  const T* feats = static_cast<const T*>(a.feats);
+  T* out = static_cast<T*>(a.out);
+  const int64_t C_out = a.C_out, C_in = a.C_in, P = a.P;
+  if (C_out == 0 || P == 0 || C_in == 0) return;
+  const int64_t nnz = row_ptr[C_out];
+  constexpr int64_t CB = col_block<T>();
+  constexpr int64_t W = tile<T>();
+  const int64_t ncb = (P + CB - 1) / CB;
+#pragma omp parallel num_threads(a.nt)
+  {
+    T* panel = new T[C_in * CB];
+    T* y = new T[CB];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t cb = 0; cb < ncb; ++cb) {
+      const int64_t j0 = cb * CB, w = (j0 + CB < P ? j0 + CB : P) - j0;
+      // Gather and transpose: panel[k, j] = feats[in_idx[j0 + j], k].
+      for (int64_t j = 0; j < w; ++j) {
+        const T* __restrict src = feats + a.in_idx[j0 + j] * C_in;
+        for (int64_t k = 0; k < C_in; ++k) panel[k * w + j] = src[k];
+      }
+      for (int64_t i = 0; i < C_out; ++i) {
+        const int64_t begin = row_ptr[i], end = row_ptr[i + 1];
+        if (begin == end) continue;
+        int64_t j = 0;
+        for (; j + W <= w; j += W) csr_tile<T, I, W>(col, val, begin, end, nnz, panel, w, j, y + j);
+        if (j < w) csr_rest<T, I>(col, val, begin, end, panel, w, j, w - j, y + j);
+        for (int64_t q = 0; q < w; ++q) out[a.out_idx[j0 + q] * C_out + i] += y[q];
+      }
+    }
+    delete[] y;
+    delete[] panel;
+  }
+}
+
+template <typename T, typename I>
 void bsr_kernel(const BsrArgs& a) {
   const int64_t* block_ptr = a.block_ptr;
   const I* bcol = static_cast<const I*>(a.block_col);
@@ -265,6 +304,7 @@ void nm_kernel(const NmArgs& a) {
   const int bits = a.bits;
   if (M == 0 || N == 0) return;
   constexpr int64_t CB = col_block<T>();
+  constexpr int64_t W = tile<T>();
   const int64_t ncb = (N + CB - 1) / CB;
   // Every row holds L kept values: equal rows are equal work.
   const int64_t parts = row_parts(M, ncb, a.nt);
@@ -273,6 +313,9 @@ void nm_kernel(const NmArgs& a) {
 #pragma omp parallel num_threads(a.nt)
   {
     T* panel = pack ? new T[K * CB] : nullptr;
+    // One row's columns, decoded once per row and task; then the CSR
+    // register-tile micro-kernel runs on them.
+    uint32_t* cols = new uint32_t[L > 0 ? L : 1];
     int64_t packed = -1;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
@@ -288,22 +331,16 @@ void nm_kernel(const NmArgs& a) {
         ld = w;
       }
       for (int64_t i = i_begin; i < i_end; ++i) {
-        T* __restrict y = Y + i * N + j0;
-        for (int64_t j = 0; j < w; ++j) y[j] = T(0);
-        const int64_t base = i * L;
-        for (int64_t q = 0; q < L; ++q) {
-          if (q + kPrefetch < L) {
-            const int64_t qa = q + kPrefetch;
-            prefetch_row<T, CB>(src + ((qa / n) * m + nm_position(pos, base + qa, bits)) * ld);
-          }
-          const T v = val[base + q];
-          if (v == T(0)) continue;
-          const int64_t k = (q / n) * m + nm_position(pos, base + q, bits);
-          const T* __restrict x = src + k * ld;
-          for (int64_t j = 0; j < w; ++j) y[j] += v * x[j];
-        }
+        for (int64_t q = 0; q < L; ++q)
+          cols[q] = uint32_t((q / n) * m + nm_position(pos, i * L + q, bits));
+        const T* v = val + i * L;
+        T* y = Y + i * N + j0;
+        int64_t j = 0;
+        for (; j + W <= w; j += W) csr_tile<T, uint32_t, W>(cols, v, 0, L, L, src, ld, j, y + j);
+        if (j < w) csr_rest<T, uint32_t>(cols, v, 0, L, src, ld, j, w - j, y + j);
       }
     }
+    delete[] cols;
     delete[] panel;
   }
 }
@@ -364,6 +401,16 @@ void csr_dispatch(const CsrArgs& a) {
 }
 
 template <typename T>
+void csr_conv_dispatch(const CsrConvArgs& a) {
+  switch (a.col_bytes) {
+    case 1: csr_conv_kernel<T, uint8_t>(a); break;
+    case 2: csr_conv_kernel<T, uint16_t>(a); break;
+    case 4: csr_conv_kernel<T, uint32_t>(a); break;
+    default: csr_conv_kernel<T, uint64_t>(a); break;
+  }
+}
+
+template <typename T>
 void bsr_dispatch(const BsrArgs& a) {
   switch (a.col_bytes) {
     case 1: bsr_kernel<T, uint8_t>(a); break;
@@ -381,6 +428,9 @@ void bsr_dispatch(const BsrArgs& a) {
 #define PS_SPMM_DEFINE_ENTRY_POINTS                                                     \
   void csr(const CsrArgs& a) {                                                          \
     if (a.f64) csr_dispatch<double>(a); else csr_dispatch<float>(a);                    \
+  }                                                                                     \
+  void csr_conv(const CsrConvArgs& a) {                                                 \
+    if (a.f64) csr_conv_dispatch<double>(a); else csr_conv_dispatch<float>(a);          \
   }                                                                                     \
   void bsr(const BsrArgs& a) {                                                          \
     if (a.f64) bsr_dispatch<double>(a); else bsr_dispatch<float>(a);                    \

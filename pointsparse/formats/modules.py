@@ -6,9 +6,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import _ext
 from .. import kmap as _kmap
 from ..tensor import SparseTensor
 from ._base import SparseFormat
+from ._storage import widen
+from .csr import CSR
 from .fkw import FKW
 
 
@@ -48,13 +51,30 @@ class SparseLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, weight={self.weight_format!r}"
 
 
+def _csr_conv_accumulate(fmt: CSR, feats, in_idx, out_idx, out) -> None:
+    """The fused C++ offset product: gathers feats[in_idx] straight into the
+    kernel's transposed panels and adds rows into out[out_idx] (in place)."""
+    _ext.call(
+        _ext.core.csr_conv_accumulate,
+        _ext.to_numpy(widen(fmt.row_ptr)),
+        fmt.col_idx.numpy(),
+        _ext.to_numpy(fmt.values),
+        _ext.to_numpy(feats),
+        _ext.to_numpy(in_idx.to(torch.int64)),
+        _ext.to_numpy(out_idx.to(torch.int64)),
+        out.numpy(),
+        False,
+    )
+
+
 class SparseConv3d(nn.Module):
     """A pointsparse ``Conv3d`` whose weight (K, C_in, C_out) is held in a
     sparse format: one ``W[o].T`` (C_out, C_in) per kernel offset, or for FKW
     one filter-kernel-weight array over the (C_out, C_in, K) weight.
 
     Per offset o with pairs (in_idx, out_idx) from the input's cached kernel
-    map: ``out[out_idx] += (W[o].T @ feats[in_idx].T).T``. FKW multiplies the
+    map: ``out[out_idx] += (W[o].T @ feats[in_idx].T).T``; for CSR on the CPU
+    one fused C++ call per offset (gather, product and scatter). FKW multiplies the
     (C_out, C_in * K) matrix with gathered columns of output sites in chunks.
     Outputs equal the masked dense module's. Inference only."""
 
@@ -83,9 +103,13 @@ class SparseConv3d(nn.Module):
             out = self._fkw_forward(feats, kmap)
         else:
             out = feats.new_zeros((kmap.num_out, self.out_channels))
+            fused = feats.device.type == "cpu" and feats.dtype in (torch.float32, torch.float64)
             for o, fmt in enumerate(self.offsets):
                 in_idx, out_idx = kmap.pairs(o)
                 if in_idx.numel() == 0 or fmt.values.numel() == 0:
+                    continue
+                if fused and isinstance(fmt, CSR) and fmt.dtype == feats.dtype:
+                    _csr_conv_accumulate(fmt, feats, in_idx, out_idx, out)
                     continue
                 gathered = feats[in_idx].t().contiguous()  # (C_in, P)
                 out.index_add_(0, out_idx, fmt.matmul(gathered).t())
