@@ -1,0 +1,324 @@
+// SpMM bindings: Y (M, N) = S (M, K) @ X (K, N) for a sparse S in CSR, BSR,
+// N:M or EIE layout (kernels.h documents the arrays). Every index is checked
+// here, before any parallel region; then the GIL is released and the AVX2+FMA
+// or the portable build of the kernels runs.
+#include <algorithm>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "array.h"
+#include "bind.h"
+#include "spmm/args.h"
+
+namespace ps {
+namespace {
+
+using spmm::BsrArgs;
+using spmm::CsrArgs;
+using spmm::EieArgs;
+using spmm::NmArgs;
+
+std::string dtype_str(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
+
+// True for float64, false for float32; ValueError otherwise.
+bool float_kind(const py::array& a, const char* name) {
+  if (a.dtype().is(py::dtype::of<float>())) return false;
+  if (a.dtype().is(py::dtype::of<double>())) return true;
+  value_error(std::string(name) + " must be float32 or float64; got " + dtype_str(a));
+}
+
+void check_same_dtype(const py::array& a, const py::array& b, const char* na, const char* nb) {
+  if (!a.dtype().is(b.dtype()))
+    value_error(std::string(na) + " and " + nb + " must have the same dtype; got " +
+                dtype_str(a) + " and " + dtype_str(b));
+}
+
+py::array contiguous(const py::array& a) {
+  return py::array::ensure(a, py::array::c_style);
+}
+
+// Unsigned index array of width 1, 2, 4 or 8 bytes; returns the width.
+int index_width(const py::array& a, const char* name) {
+  if (a.dtype().kind() != 'u' || (a.itemsize() != 1 && a.itemsize() != 2 && a.itemsize() != 4 &&
+                                  a.itemsize() != 8))
+    value_error(std::string(name) + " must be an unsigned integer array (uint8/16/32/64); got " +
+                dtype_str(a));
+  return int(a.itemsize());
+}
+
+uint64_t max_index(const void* p, int width, int64_t n) {
+  uint64_t m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint64_t v;
+    switch (width) {
+      case 1: v = static_cast<const uint8_t*>(p)[i]; break;
+      case 2: v = static_cast<const uint16_t*>(p)[i]; break;
+      case 4: v = static_cast<const uint32_t*>(p)[i]; break;
+      default: v = static_cast<const uint64_t*>(p)[i]; break;
+    }
+    m = std::max(m, v);
+  }
+  return m;
+}
+
+// ptr must be 1-D of length rows + 1, start at 0, never decrease, end at total.
+void check_ptr(const carray<int64_t>& ptr, int64_t rows, int64_t total, const char* name) {
+  check_1d(ptr, rows + 1, name);
+  const int64_t* p = ptr.data();
+  if (p[0] != 0) value_error(std::string(name) + "[0] must be 0; got " + std::to_string(p[0]));
+  for (int64_t i = 0; i < rows; ++i)
+    if (p[i + 1] < p[i])
+      value_error(std::string(name) + " must be non-decreasing; decreases at " +
+                  std::to_string(i + 1));
+  if (p[rows] != total)
+    value_error(std::string(name) + "[-1] must equal " + std::to_string(total) + "; got " +
+                std::to_string(p[rows]));
+}
+
+void check_x(const py::array& X, int64_t K) {
+  if (X.ndim() != 2 || X.shape(0) != K)
+    value_error("dense must be 2-D with " + std::to_string(K) + " rows (K, N); got shape " +
+                shape_str(X));
+}
+
+void check_nonneg(int64_t v, const char* name) {
+  if (v < 0) value_error(std::string(name) + " must be >= 0; got " + std::to_string(v));
+}
+
+py::array csr_spmm(carray<int64_t> row_ptr, py::array col, py::array val, py::array X, int64_t K,
+                   bool portable, int num_threads) {
+  check_nonneg(K, "K");
+  if (row_ptr.ndim() != 1 || row_ptr.shape(0) < 1)
+    value_error("row_ptr must be 1-D of length M + 1 >= 1; got shape " + shape_str(row_ptr));
+  const int64_t M = row_ptr.shape(0) - 1;
+  const bool f64 = float_kind(val, "values");
+  check_same_dtype(val, X, "values", "dense");
+  const int width = index_width(col, "col_idx");
+  col = contiguous(col);
+  val = contiguous(val);
+  X = contiguous(X);
+  if (col.ndim() != 1) value_error("col_idx must be 1-D; got shape " + shape_str(col));
+  const int64_t nnz = col.shape(0);
+  check_1d(val, nnz, "values");
+  check_ptr(row_ptr, M, nnz, "row_ptr");
+  check_x(X, K);
+  if (nnz > 0 && max_index(col.data(), width, nnz) >= uint64_t(K))
+    value_error("col_idx must be < K = " + std::to_string(K));
+  const int64_t N = X.shape(1);
+  py::array Y = f64 ? py::array(py::array_t<double>({M, N})) : py::array(py::array_t<float>({M, N}));
+  CsrArgs a{row_ptr.data(), col.data(), width, val.data(), f64, M, K, N, X.data(),
+            Y.mutable_data(), threads(num_threads)};
+  {
+    py::gil_scoped_release release;
+    if (!portable && spmm::have_avx2()) spmm::avx2::csr(a); else spmm::generic::csr(a);
+  }
+  return Y;
+}
+
+// out (N_out, C_out) += per pair p: S (C_out, C_in) @ feats[in_idx[p]], into
+// row out_idx[p]; out must be a writable C-contiguous array of the values'
+// dtype (updated in place), out_idx distinct.
+void csr_conv_accumulate(carray<int64_t> row_ptr, py::array col, py::array val, py::array feats,
+                         carray<int64_t> in_idx, carray<int64_t> out_idx, py::array out,
+                         bool portable, int num_threads) {
+  if (row_ptr.ndim() != 1 || row_ptr.shape(0) < 1)
+    value_error("row_ptr must be 1-D of length C_out + 1 >= 1; got shape " + shape_str(row_ptr));
+  const int64_t C_out = row_ptr.shape(0) - 1;
+  const bool f64 = float_kind(val, "values");
+  check_same_dtype(val, feats, "values", "feats");
+  check_same_dtype(val, out, "values", "out");
+  const int width = index_width(col, "col_idx");
+  col = contiguous(col);
+  val = contiguous(val);
+  feats = contiguous(feats);
+  if (col.ndim() != 1) value_error("col_idx must be 1-D; got shape " + shape_str(col));
+  const int64_t nnz = col.shape(0);
+  check_1d(val, nnz, "values");
+  check_ptr(row_ptr, C_out, nnz, "row_ptr");
+  if (feats.ndim() != 2) value_error("feats must be 2-D (N_in, C_in); got shape " + shape_str(feats));
+  const int64_t N_in = feats.shape(0), C_in = feats.shape(1);
+  if (nnz > 0 && max_index(col.data(), width, nnz) >= uint64_t(C_in))
+    value_error("col_idx must be < C_in = " + std::to_string(C_in));
+  if (out.ndim() != 2 || out.shape(1) != C_out)
+    value_error("out must be (N_out, " + std::to_string(C_out) + "); got shape " + shape_str(out));
+  if (!(out.flags() & py::array::c_style) || !out.writeable())
+    value_error("out must be a writable C-contiguous array");
+  const int64_t N_out = out.shape(0);
+  check_1d(in_idx, in_idx.ndim() == 1 ? in_idx.shape(0) : -1, "in_idx");
+  const int64_t P = in_idx.shape(0);
+  check_1d(out_idx, P, "out_idx");
+  const int64_t* ii = in_idx.data();
+  const int64_t* oi = out_idx.data();
+  std::vector<char> seen(size_t(N_out), 0);
+  for (int64_t p = 0; p < P; ++p) {
+    if (ii[p] < 0 || ii[p] >= N_in)
+      value_error("in_idx[" + std::to_string(p) + "] = " + std::to_string(ii[p]) +
+                  " is outside [0, " + std::to_string(N_in) + ")");
+    if (oi[p] < 0 || oi[p] >= N_out)
+      value_error("out_idx[" + std::to_string(p) + "] = " + std::to_string(oi[p]) +
+                  " is outside [0, " + std::to_string(N_out) + ")");
+    if (seen[size_t(oi[p])]++) value_error("out_idx must hold distinct rows (one pair per output)");
+  }
+  spmm::CsrConvArgs a{row_ptr.data(), col.data(), width, val.data(), f64, C_out, C_in, P,
+                      feats.data(), ii, oi, out.mutable_data(), threads(num_threads)};
+  {
+    py::gil_scoped_release release;
+    if (!portable && spmm::have_avx2()) spmm::avx2::csr_conv(a); else spmm::generic::csr_conv(a);
+  }
+}
+
+py::array bsr_spmm(carray<int64_t> block_ptr, py::array block_col, py::array val, py::array X,
+                   int64_t M, int64_t K, bool portable, int num_threads) {
+  check_nonneg(M, "M");
+  check_nonneg(K, "K");
+  const bool f64 = float_kind(val, "values");
+  check_same_dtype(val, X, "values", "dense");
+  const int width = index_width(block_col, "block_col");
+  block_col = contiguous(block_col);
+  val = contiguous(val);
+  X = contiguous(X);
+  if (val.ndim() != 3 || val.shape(1) < 1 || val.shape(2) < 1)
+    value_error("values must be (num_blocks, block_rows, block_cols) with blocks of at least "
+                "1 x 1; got shape " + shape_str(val));
+  const int64_t nb = val.shape(0), br = val.shape(1), bc = val.shape(2);
+  const int64_t MB = (M + br - 1) / br, KB = (K + bc - 1) / bc;
+  check_1d(block_col, nb, "block_col");
+  check_ptr(block_ptr, MB, nb, "block_ptr");
+  check_x(X, K);
+  if (nb > 0 && max_index(block_col.data(), width, nb) >= uint64_t(KB))
+    value_error("block_col must be < ceil(K / block_cols) = " + std::to_string(KB));
+  const int64_t N = X.shape(1);
+  py::array Y = f64 ? py::array(py::array_t<double>({M, N})) : py::array(py::array_t<float>({M, N}));
+  BsrArgs a{block_ptr.data(), block_col.data(), width, val.data(), f64, M, K, N, br, bc, X.data(),
+            Y.mutable_data(), threads(num_threads)};
+  {
+    py::gil_scoped_release release;
+    if (!portable && spmm::have_avx2()) spmm::avx2::bsr(a); else spmm::generic::bsr(a);
+  }
+  return Y;
+}
+
+int64_t nm_kept_per_row(int64_t K, int64_t n, int64_t m) {
+  return (K / m) * n + std::min(n, K % m);
+}
+
+py::array nm_spmm(py::array_t<uint8_t, py::array::c_style> positions, py::array val, int bits,
+                  int64_t n, int64_t m, py::array X, int64_t K, bool portable, int num_threads) {
+  check_nonneg(K, "K");
+  if (!(n >= 1 && n <= m && m <= 16))
+    value_error("n:m must satisfy 1 <= n <= m <= 16; got " + std::to_string(n) + ":" +
+                std::to_string(m));
+  if (bits < 0 || bits > 4 || (int64_t(1) << bits) < m)
+    value_error("bits must be in 0..4 with 2^bits >= m = " + std::to_string(m) + "; got " +
+                std::to_string(bits));
+  const bool f64 = float_kind(val, "values");
+  check_same_dtype(val, X, "values", "dense");
+  val = contiguous(val);
+  X = contiguous(X);
+  const int64_t L = nm_kept_per_row(K, n, m);
+  check_2d(val, L, "values");
+  const int64_t M = val.shape(0);
+  const int64_t total_bits = M * L * bits;
+  check_1d(positions, (total_bits + 7) / 8, "positions");
+  check_x(X, K);
+  const uint8_t* pos = positions.data();
+  for (int64_t t = 0; t < M * L; ++t) {
+    int64_t p = 0;
+    if (bits) {
+      const int64_t bit = t * bits;
+      unsigned v = unsigned(pos[bit >> 3]) >> (bit & 7);
+      if ((bit & 7) + bits > 8) v |= unsigned(pos[(bit >> 3) + 1]) << (8 - (bit & 7));
+      p = int64_t(v & ((1u << bits) - 1u));
+    }
+    const int64_t q = t % L;
+    if (p >= m || (q / n) * m + p >= K)
+      value_error("positions entry " + std::to_string(t) + " = " + std::to_string(p) +
+                  " points outside its group (m = " + std::to_string(m) + ", K = " +
+                  std::to_string(K) + ")");
+  }
+  const int64_t N = X.shape(1);
+  py::array Y = f64 ? py::array(py::array_t<double>({M, N})) : py::array(py::array_t<float>({M, N}));
+  NmArgs a{pos, val.data(), f64, M, K, N, L, n, m, bits, X.data(), Y.mutable_data(),
+           threads(num_threads)};
+  {
+    py::gil_scoped_release release;
+    if (!portable && spmm::have_avx2()) spmm::avx2::nm(a); else spmm::generic::nm(a);
+  }
+  return Y;
+}
+
+py::array eie_spmm(carray<int64_t> col_ptr, py::array_t<uint8_t, py::array::c_style> rel_idx,
+                   py::array val, py::array X, int64_t M, bool portable, int num_threads) {
+  check_nonneg(M, "M");
+  if (col_ptr.ndim() != 2 || col_ptr.shape(0) < 1 || col_ptr.shape(1) < 1)
+    value_error("col_ptr must be (num_pe, K + 1) with num_pe >= 1; got shape " +
+                shape_str(col_ptr));
+  const int64_t P = col_ptr.shape(0), K = col_ptr.shape(1) - 1;
+  const bool f64 = float_kind(val, "values");
+  check_same_dtype(val, X, "values", "dense");
+  val = contiguous(val);
+  X = contiguous(X);
+  const int64_t* cp = col_ptr.data();
+  int64_t entries = 0, bytes = 0;
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t* c = cp + p * (K + 1);
+    if (c[0] != 0) value_error("col_ptr[" + std::to_string(p) + ", 0] must be 0");
+    for (int64_t k = 0; k < K; ++k)
+      if (c[k + 1] < c[k])
+        value_error("col_ptr[" + std::to_string(p) + "] must be non-decreasing");
+    entries += c[K];
+    bytes += (c[K] + 1) / 2;
+  }
+  check_1d(val, entries, "values");
+  check_1d(rel_idx, bytes, "rel_idx");
+  check_x(X, K);
+  // Decode every column once: each local row must stay inside its PE.
+  const uint8_t* z = rel_idx.data();
+  int64_t byte0 = 0;
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t* c = cp + p * (K + 1);
+    const int64_t rows = p < M ? (M - p + P - 1) / P : 0;
+    for (int64_t k = 0; k < K; ++k) {
+      int64_t local = -1;
+      for (int64_t e = c[k]; e < c[k + 1]; ++e) local += ((z[byte0 + (e >> 1)] >> ((e & 1) * 4)) & 15) + 1;
+      if (local >= rows)
+        value_error("rel_idx of PE " + std::to_string(p) + ", column " + std::to_string(k) +
+                    " reaches local row " + std::to_string(local) + " >= " + std::to_string(rows));
+    }
+    byte0 += (c[K] + 1) / 2;
+  }
+  const int64_t N = X.shape(1);
+  py::array Y = f64 ? py::array(py::array_t<double>({M, N})) : py::array(py::array_t<float>({M, N}));
+  EieArgs a{cp, z, val.data(), f64, M, K, N, P, X.data(), Y.mutable_data(), threads(num_threads)};
+  {
+    py::gil_scoped_release release;
+    if (!portable && spmm::have_avx2()) spmm::avx2::eie(a); else spmm::generic::eie(a);
+  }
+  return Y;
+}
+
+}  // namespace
+
+void bind_spmm(py::module_& m) {
+  m.def("spmm_isa", [] { return std::string(spmm::have_avx2() ? "avx2" : "generic"); },
+        "Instruction set the SpMM kernels use on this CPU ('avx2' or 'generic').");
+  m.def("csr_spmm", &csr_spmm, py::arg("row_ptr"), py::arg("col_idx"), py::arg("values"),
+        py::arg("dense"), py::arg("K"), py::arg("portable"), py::arg("num_threads"),
+        "CSR (M, K) @ dense (K, N) -> (M, N); col_idx unsigned 1/2/4/8 bytes.");
+  m.def("csr_conv_accumulate", &csr_conv_accumulate, py::arg("row_ptr"), py::arg("col_idx"),
+        py::arg("values"), py::arg("feats"), py::arg("in_idx"), py::arg("out_idx"), py::arg("out"),
+        py::arg("portable"), py::arg("num_threads"),
+        "One sparse-conv offset: out[out_idx] += (S @ feats[in_idx].T).T, S (C_out, C_in) CSR.");
+  m.def("bsr_spmm", &bsr_spmm, py::arg("block_ptr"), py::arg("block_col"), py::arg("values"),
+        py::arg("dense"), py::arg("M"), py::arg("K"), py::arg("portable"), py::arg("num_threads"),
+        "BSR (M, K) with (nb, br, bc) blocks @ dense (K, N) -> (M, N).");
+  m.def("nm_spmm", &nm_spmm, py::arg("positions"), py::arg("values"), py::arg("bits"),
+        py::arg("n"), py::arg("m"), py::arg("dense"), py::arg("K"), py::arg("portable"),
+        py::arg("num_threads"), "N:M (M, K) @ dense (K, N) -> (M, N); packed positions.");
+  m.def("eie_spmm", &eie_spmm, py::arg("col_ptr"), py::arg("rel_idx"), py::arg("values"),
+        py::arg("dense"), py::arg("M"), py::arg("portable"), py::arg("num_threads"),
+        "EIE (M, K) over P PEs @ dense (K, N) -> (M, N); 4-bit relative row indices.");
+}
+
+}  // namespace ps

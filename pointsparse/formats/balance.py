@@ -1,0 +1,132 @@
+"""Load-balance-aware pruning (ESE, Han et al., 2017).
+
+Rows of a weight matrix are interleaved over P processing elements as in EIE
+(row r -> PE r % P). Plain magnitude pruning leaves PEs with unequal nonzero
+counts, and the slowest PE sets the layer's time. ``LoadBalancedUnstructured``
+prunes by magnitude *within each PE* so that every PE keeps the same count.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch.nn.utils import prune as torch_prune
+
+
+def _rows_view(t: torch.Tensor, row_dim: int) -> torch.Tensor:
+    """``t`` as a (rows, cols) matrix whose rows run along ``row_dim``."""
+    if t.dim() == 0:
+        raise ValueError("load-balanced pruning needs a tensor with at least one dimension")
+    if not -t.dim() <= row_dim < t.dim():
+        raise ValueError(f"row_dim {row_dim} is out of range for a {t.dim()}-D tensor")
+    return t.movedim(row_dim, 0).reshape(t.shape[row_dim], -1)
+
+
+def _check_pe(num_pe) -> int:
+    if isinstance(num_pe, bool) or not isinstance(num_pe, int) or num_pe < 1:
+        raise ValueError(f"num_pe must be a positive int; got {num_pe!r}")
+    return num_pe
+
+
+def pe_nnz(mask_or_weight: torch.Tensor, num_pe: int, row_dim: int = 0) -> torch.Tensor:
+    """Nonzeros held by each PE (int64 ``(num_pe,)``)."""
+    if not isinstance(mask_or_weight, torch.Tensor):
+        raise TypeError(f"mask_or_weight must be a torch.Tensor; got {type(mask_or_weight).__name__}")
+    num_pe = _check_pe(num_pe)
+    rows = (_rows_view(mask_or_weight, row_dim) != 0).sum(1).to(torch.int64).cpu()
+    pe = torch.arange(rows.numel()) % num_pe
+    return torch.zeros(num_pe, dtype=torch.int64).index_add_(0, pe, rows)
+
+
+def imbalance(mask_or_weight: torch.Tensor, num_pe: int, row_dim: int = 0) -> float:
+    """max PE nonzeros / mean PE nonzeros (1.0 = perfectly balanced; 1.0 for
+    an all-zero tensor). A module's time on P PEs is proportional to the max,
+    its work to the mean: the ratio is the slowdown due to imbalance."""
+    counts = pe_nnz(mask_or_weight, num_pe, row_dim).to(torch.float64)
+    mean = float(counts.mean())
+    return 1.0 if mean == 0 else float(counts.max()) / mean
+
+
+class LoadBalancedUnstructured(torch_prune.BasePruningMethod):
+    """Magnitude pruning with equal nonzero counts per PE.
+
+    ``amount``: a fraction in [0, 1] or an absolute count of parameters to
+    prune (as ``l1_unstructured``). With ``keep = numel - round(amount *
+    numel)`` (counted over the whole tensor), every PE keeps ``keep //
+    num_pe`` of its largest-magnitude unmasked entries (never more than the
+    fewest any PE has available), so up to num_pe - 1 more entries than asked
+    may be pruned. Masks never un-prune.
+
+    ``PRUNING_TYPE`` is "global", not "unstructured": for unstructured methods
+    torch's ``PruningContainer`` passes only the flattened surviving entries to
+    ``compute_mask``, which would lose the row -> PE assignment. As "global"
+    the method sees the whole tensor and its current mask; ``amount`` then
+    counts over the whole tensor (already pruned entries included) when
+    pruning is repeated."""
+
+    PRUNING_TYPE = "global"
+
+    def __init__(self, amount, num_pe: int, row_dim: int = 0) -> None:
+        torch_prune._validate_pruning_amount_init(amount)
+        self.amount = amount
+        self.num_pe = _check_pe(num_pe)
+        self.row_dim = int(row_dim)
+
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        torch_prune._validate_pruning_amount(self.amount, t.nelement())
+        to_prune = torch_prune._compute_nparams_toprune(self.amount, t.nelement())
+        keep_total = t.nelement() - to_prune
+        rows_t = _rows_view(t, self.row_dim)
+        rows_m = _rows_view(default_mask, self.row_dim)
+        score = rows_t.detach().abs().to(torch.float64).nan_to_num(nan=float("inf"))
+        score = torch.where(rows_m != 0, score, torch.full_like(score, -1.0))
+        pe_of_row = torch.arange(rows_t.shape[0], device=t.device) % self.num_pe
+        available = []
+        for p in range(self.num_pe):
+            available.append(int((rows_m[pe_of_row == p] != 0).sum()))
+        keep_pe = min([keep_total // self.num_pe] + available)
+        new = torch.zeros_like(rows_m)
+        for p in range(self.num_pe):
+            rows = (pe_of_row == p).nonzero(as_tuple=True)[0]
+            if keep_pe == 0 or rows.numel() == 0:
+                continue
+            flat = score[rows].reshape(-1)
+            top = torch.topk(flat, keep_pe).indices
+            block = torch.zeros_like(flat, dtype=new.dtype)
+            block[top] = 1
+            new[rows] = block.reshape(rows.numel(), -1)
+        shape = list(t.shape)
+        moved = [shape[self.row_dim % t.dim()]] + [s for i, s in enumerate(shape)
+                                                    if i != self.row_dim % t.dim()]
+        mask = new.reshape(moved).movedim(0, self.row_dim)
+        return (mask * default_mask).to(default_mask.dtype)
+
+    @classmethod
+    def apply(cls, module, name, amount, num_pe, row_dim=0, importance_scores=None):
+        return super().apply(module, name, amount=amount, num_pe=num_pe, row_dim=row_dim,
+                             importance_scores=importance_scores)
+
+
+def default_row_dim(module: torch.nn.Module) -> int:
+    """The PE row dimension of a module's weight: output channels. Linear and
+    torch convs: dim 0; a pointsparse Conv3d weight (K, C_in, C_out): dim 2."""
+    try:
+        from ..nn import Conv3d
+    except ImportError:  # pragma: no cover - nn always ships with the package
+        return 0
+    return 2 if isinstance(module, Conv3d) else 0
+
+
+def load_balanced_unstructured(module: torch.nn.Module, name: str, amount, num_pe: int,
+                               row_dim: int | None = None, importance_scores=None):
+    """Prune ``module.name`` so that each of ``num_pe`` row-interleaved PEs
+    keeps the same number of nonzeros (function form of
+    :class:`LoadBalancedUnstructured`); returns the module."""
+    if not isinstance(amount, numbers.Real) or isinstance(amount, bool):
+        raise TypeError(f"amount must be a float fraction or an int count; got {amount!r}")
+    if row_dim is None:
+        row_dim = default_row_dim(module)
+    LoadBalancedUnstructured.apply(module, name, amount, num_pe, row_dim,
+                                   importance_scores=importance_scores)
+    return module

@@ -1,0 +1,108 @@
+"""Block compressed sparse rows."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _ext
+from ._base import SparseFormat, check_matrix
+from ._storage import narrow, widen
+
+
+class BSR(SparseFormat):
+    """Fixed ``block_rows x block_cols`` blocks of an (M, K) matrix; a block is
+    stored when any of its entries is nonzero. Edge blocks of a matrix whose
+    sides are not multiples of the block are stored whole (zero padded).
+
+    Arrays: ``values`` (nb, br, bc), ``block_col`` (nb, width of the largest
+    block column), ``block_ptr`` (ceil(M / br) + 1, width of nb).
+    ``nbytes = nb * br * bc * itemsize + nb * w(max block col) +
+    (ceil(M / br) + 1) * w(nb)``.
+
+    ``layout="ell"`` (Block-ELL, as cuSPARSE): every block row stores the
+    same number E of blocks (the most any block row has), short rows padded
+    with zero blocks at block column 0; no ``block_ptr`` (it is i * E):
+    ``nbytes = MB * E * br * bc * itemsize + MB * E * w(max block col)``."""
+
+    def __init__(self, block_ptr, block_col, values, shape, layout: str = "csr"):
+        if layout not in ("csr", "ell"):
+            raise ValueError(f"layout must be 'csr' or 'ell'; got {layout!r}")
+        self.layout = layout
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.values = values.detach().to("cpu").contiguous()
+        if self.values.dim() != 3 or self.values.shape[1] < 1 or self.values.shape[2] < 1:
+            raise ValueError(f"values must be (num_blocks, br, bc); got {tuple(self.values.shape)}")
+        self.blocksize = (int(self.values.shape[1]), int(self.values.shape[2]))
+        self.block_ptr = narrow(block_ptr)
+        self.block_col = narrow(block_col)
+        self.dtype = self.values.dtype
+        mb = -(-self.shape[0] // self.blocksize[0])
+        if self.block_ptr.numel() != mb + 1 or self.block_col.numel() != self.values.shape[0]:
+            raise ValueError("block_ptr must have ceil(M / br) + 1 entries and block_col one per block")
+
+    @classmethod
+    def from_dense(cls, tensor, blocksize=(4, 4), layout: str = "csr") -> "BSR":
+        dense = check_matrix(tensor)
+        if isinstance(blocksize, int):
+            blocksize = (blocksize, blocksize)
+        if len(blocksize) != 2 or any(int(b) < 1 for b in blocksize):
+            raise ValueError(f"blocksize must be two positive ints; got {blocksize}")
+        br, bc = int(blocksize[0]), int(blocksize[1])
+        M, K = dense.shape
+        mb, kb = -(-M // br), -(-K // bc)
+        padded = dense.new_zeros(mb * br, kb * bc)
+        padded[:M, :K] = dense
+        blocks = padded.reshape(mb, br, kb, bc).permute(0, 2, 1, 3)  # (mb, kb, br, bc)
+        present = (blocks != 0).flatten(2).any(2)
+        brow, bcol = present.nonzero(as_tuple=True)
+        counts = torch.bincount(brow, minlength=mb)
+        block_ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        values = blocks[brow, bcol].reshape(-1, br, bc)
+        if layout == "ell":
+            width = int(counts.max()) if counts.numel() else 0
+            slot = torch.arange(brow.numel()) - block_ptr[brow]
+            ell_values = values.new_zeros(mb, width, br, bc)
+            ell_col = torch.zeros(mb, width, dtype=torch.int64)
+            ell_values[brow, slot] = values
+            ell_col[brow, slot] = bcol
+            return cls(torch.arange(mb + 1) * width, ell_col.reshape(-1),
+                       ell_values.reshape(-1, br, bc), (M, K), layout="ell")
+        return cls(block_ptr, bcol, values, (M, K))
+
+    def arrays(self) -> dict:
+        if self.layout == "ell":  # block_ptr is implied by the fixed row width
+            return {"values": self.values, "block_col": self.block_col}
+        return {"values": self.values, "block_col": self.block_col, "block_ptr": self.block_ptr}
+
+    def to_dense(self) -> torch.Tensor:
+        M, K = self.shape
+        br, bc = self.blocksize
+        mb, kb = -(-M // br), -(-K // bc)
+        blocks = torch.zeros(mb, kb, br, bc, dtype=self.dtype)
+        brow = torch.repeat_interleave(torch.arange(mb), widen(self.block_ptr).diff())
+        # index_put with accumulate: Block-ELL padding blocks (zeros at block
+        # column 0) must not overwrite a stored block there
+        blocks.index_put_((brow, widen(self.block_col)), self.values, accumulate=True)
+        return blocks.permute(0, 2, 1, 3).reshape(mb * br, kb * bc)[:M, :K].contiguous()
+
+    def _triplets(self):
+        br, bc = self.blocksize
+        brow = torch.repeat_interleave(
+            torch.arange(-(-self.shape[0] // br)), widen(self.block_ptr).diff())
+        r = (brow[:, None, None] * br + torch.arange(br)[None, :, None]).expand_as(self.values)
+        c = (widen(self.block_col)[:, None, None] * bc + torch.arange(bc)[None, None, :])
+        c = c.expand_as(self.values)
+        keep = (self.values != 0) & (r < self.shape[0]) & (c < self.shape[1])
+        return r[keep], c[keep], self.values[keep]
+
+    def _kernel(self, dense_np, portable: bool = False):
+        return _ext.call(
+            _ext.core.bsr_spmm,
+            _ext.to_numpy(widen(self.block_ptr)),
+            self.block_col.numpy(),
+            _ext.to_numpy(self.values),
+            dense_np,
+            self.shape[0],
+            self.shape[1],
+            portable,
+        )

@@ -1,0 +1,154 @@
+"""Inference modules that store a pruned weight in a sparse format and run
+the SpMM kernels; built by :func:`pointsparse.formats.compress`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import _ext
+from .. import kmap as _kmap
+from ..tensor import SparseTensor
+from ._base import SparseFormat
+from ._storage import widen
+from .csr import CSR
+from .fkw import FKW
+
+
+def _bias_copy(bias):
+    return None if bias is None else bias.detach().clone()
+
+
+class SparseLinear(nn.Module):
+    """``y = x @ W.T + b`` with W (out, in) held in a sparse format.
+    Computes ``(W @ x.T).T``: the activations become the dense operand (K, N)
+    with one column per sample. Inference only (no gradients)."""
+
+    def __init__(self, weight: SparseFormat, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.weight_format = weight
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("bias", _bias_copy(bias))
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not isinstance(input, torch.Tensor) or input.dim() < 1 or \
+                input.shape[-1] != self.in_features:
+            shape = tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
+            raise ValueError(f"input must be (..., {self.in_features}); got {shape}")
+        lead = input.shape[:-1]
+        x = input.detach().reshape(-1, self.in_features)
+        y = self.weight_format.matmul(x.t().contiguous()).t()
+        if self.bias is not None:
+            y = y + self.bias.to(y.device, y.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def nbytes(self) -> int:
+        """Weight format storage plus the bias."""
+        extra = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        return self.weight_format.nbytes() + extra
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, weight={self.weight_format!r}"
+
+
+def _csr_conv_accumulate(fmt: CSR, feats, in_idx, out_idx, out) -> None:
+    """The fused C++ offset product: gathers feats[in_idx] straight into the
+    kernel's transposed panels and adds rows into out[out_idx] (in place)."""
+    _ext.call(
+        _ext.core.csr_conv_accumulate,
+        _ext.to_numpy(widen(fmt.row_ptr)),
+        fmt.col_idx.numpy(),
+        _ext.to_numpy(fmt.values),
+        _ext.to_numpy(feats),
+        _ext.to_numpy(in_idx.to(torch.int64)),
+        _ext.to_numpy(out_idx.to(torch.int64)),
+        out.numpy(),
+        False,
+    )
+
+
+class SparseConv3d(nn.Module):
+    """A pointsparse ``Conv3d`` whose weight (K, C_in, C_out) is held in a
+    sparse format: one ``W[o].T`` (C_out, C_in) per kernel offset, or for FKW
+    one filter-kernel-weight array over the (C_out, C_in, K) weight.
+
+    Per offset o with pairs (in_idx, out_idx) from the input's cached kernel
+    map: ``out[out_idx] += (W[o].T @ feats[in_idx].T).T``; for CSR on the CPU
+    one fused C++ call per offset (gather, product and scatter). FKW multiplies the
+    (C_out, C_in * K) matrix with gathered columns of output sites in chunks.
+    Outputs equal the masked dense module's. Inference only."""
+
+    def __init__(self, offsets, kernel_size, stride, dilation, transposed, in_channels,
+                 out_channels, bias=None) -> None:
+        super().__init__()
+        self.offsets = offsets  # list of SparseFormat (C_out, C_in) or one FKW
+        self.kernel_size = tuple(kernel_size)
+        self.stride = tuple(stride)
+        self.dilation = tuple(dilation)
+        self.transposed = bool(transposed)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_volume = self.kernel_size[0] * self.kernel_size[1] * self.kernel_size[2]
+        self.register_buffer("bias", _bias_copy(bias))
+
+    def forward(self, input: SparseTensor) -> SparseTensor:
+        if not isinstance(input, SparseTensor):
+            raise TypeError(f"expected a SparseTensor; got {type(input).__name__}")
+        if input.num_channels != self.in_channels:
+            raise ValueError(f"input has {input.num_channels} channels; this conv takes "
+                             f"{self.in_channels}")
+        kmap = _kmap.get_kmap(input, self.kernel_size, self.stride, self.dilation, self.transposed)
+        feats = input.feats.detach()
+        if isinstance(self.offsets, FKW):
+            out = self._fkw_forward(feats, kmap)
+        else:
+            out = feats.new_zeros((kmap.num_out, self.out_channels))
+            fused = feats.device.type == "cpu" and feats.dtype in (torch.float32, torch.float64)
+            for o, fmt in enumerate(self.offsets):
+                in_idx, out_idx = kmap.pairs(o)
+                if in_idx.numel() == 0 or fmt.values.numel() == 0:
+                    continue
+                if fused and isinstance(fmt, CSR) and fmt.dtype == feats.dtype:
+                    _csr_conv_accumulate(fmt, feats, in_idx, out_idx, out)
+                    continue
+                gathered = feats[in_idx].t().contiguous()  # (C_in, P)
+                out.index_add_(0, out_idx, fmt.matmul(gathered).t())
+        if self.bias is not None:
+            out = out + self.bias.to(out.device, out.dtype)
+        if self.transposed:
+            out_stride = tuple(a // b for a, b in zip(input.stride, self.stride))
+        else:
+            out_stride = tuple(a * b for a, b in zip(input.stride, self.stride))
+        return SparseTensor(out, kmap.out_coords, out_stride, cache=input.cache, validate=False)
+
+    def _fkw_forward(self, feats: torch.Tensor, kmap) -> torch.Tensor:
+        """im2col over chunks of output sites: column q of the (C_in * K, n)
+        panel holds, at row c * K + o, the input feature c of q's neighbour
+        at offset o (0 where there is none)."""
+        K, c_in = self.kernel_volume, self.in_channels
+        num_out = kmap.num_out
+        out = feats.new_zeros((num_out, self.out_channels))
+        chunk = max(1, (1 << 22) // max(1, c_in * K))
+        pairs = [kmap.pairs(o) for o in range(K)]
+        for start in range(0, num_out, chunk):
+            stop = min(num_out, start + chunk)
+            panel = feats.new_zeros((c_in, K, stop - start))
+            for o, (in_idx, out_idx) in enumerate(pairs):
+                lo = int(torch.searchsorted(out_idx, start))
+                hi = int(torch.searchsorted(out_idx, stop))
+                if hi > lo:
+                    panel[:, o, out_idx[lo:hi] - start] = feats[in_idx[lo:hi]].t()
+            out[start:stop] = self.offsets.matmul(panel.reshape(c_in * K, -1)).t()
+        return out
+
+    def nbytes(self) -> int:
+        """Weight storage (all offsets) plus the bias."""
+        extra = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        if isinstance(self.offsets, FKW):
+            return self.offsets.nbytes() + extra
+        return sum(f.nbytes() for f in self.offsets) + extra
+
+    def extra_repr(self) -> str:
+        fmt = self.offsets if isinstance(self.offsets, FKW) else self.offsets[0]
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, format={type(fmt).__name__}, nbytes={self.nbytes()}")

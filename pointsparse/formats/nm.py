@@ -1,0 +1,119 @@
+"""N:M structured sparsity: at most n nonzeros in every group of m
+consecutive columns of a row (2:4 is the Ampere pattern)."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _ext
+from ._base import SparseFormat, check_matrix
+from ._storage import bits_for, pack_bits, unpack_bits
+
+
+def kept_per_row(K: int, n: int, m: int) -> int:
+    """Values stored per row: n per full group, min(n, rest) for a last
+    partial group."""
+    return (K // m) * n + min(n, K % m)
+
+
+class NM(SparseFormat):
+    """An (M, K) matrix with at most n nonzeros per group of m columns
+    (1 <= n <= m <= 16). Every group stores exactly n values (explicit zeros
+    where a group has fewer nonzeros) and their positions inside the group,
+    ascending; a last partial group of r < m columns stores min(n, r).
+
+    Arrays: ``values`` (M, L), L = (K // m) * n + min(n, K % m);
+    ``positions``: M * L fields of ceil(log2 m) bits (2 for 2:4), packed.
+    ``nbytes = M * L * itemsize + ceil(M * L * ceil(log2 m) / 8)``;
+    2:4 in float32: 2 values + 2 x 2 bits = 8.5 bytes per group of 4 (dense:
+    16)."""
+
+    def __init__(self, values, positions, n: int, m: int, shape):
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.n, self.m = _check_nm(n, m)
+        self.bits = bits_for(self.m)
+        self.values = values.detach().to("cpu").contiguous()
+        self.dtype = self.values.dtype
+        self.positions = positions.detach().to("cpu", torch.uint8).contiguous()
+        L = kept_per_row(self.shape[1], self.n, self.m)
+        if tuple(self.values.shape) != (self.shape[0], L):
+            raise ValueError(f"values must be (M, L) = ({self.shape[0]}, {L}); got "
+                             f"{tuple(self.values.shape)}")
+        if self.positions.numel() != (self.values.numel() * self.bits + 7) // 8:
+            raise ValueError("positions must hold M * L packed fields")
+
+    @classmethod
+    def from_dense(cls, tensor, n: int = 2, m: int = 4, prune: bool = False) -> "NM":
+        """``prune=False``: the matrix must already be n:m sparse (ValueError
+        otherwise). ``prune=True``: keep the n largest magnitudes per group."""
+        n, m = _check_nm(n, m)
+        dense = check_matrix(tensor)
+        M, K = dense.shape
+        groups = -(-K // m)
+        padded = dense.new_zeros(M, groups * m)
+        padded[:, :K] = dense
+        padded = padded.reshape(M, groups, m)
+        nonzero = (padded != 0).sum(2)
+        if not prune and bool((nonzero > n).any()):
+            row, group = (nonzero > n).nonzero()[0].tolist()
+            raise ValueError(
+                f"tensor is not {n}:{m} sparse: row {row}, columns {group * m}..{group * m + m - 1} "
+                f"hold {int(nonzero[row, group])} nonzeros; prune it first or pass prune=True")
+        score = padded.abs().to(torch.float64)
+        score[padded != 0] += 1.0  # nonzeros first, even the tiny ones (and NaN-free order)
+        score = score.nan_to_num(nan=float("inf"))
+        if K % m:
+            score[:, -1, K % m:] = -1.0  # padding columns are never chosen
+        keep = min(n, m)
+        pos = score.topk(keep, dim=2).indices.sort(dim=2).values  # (M, groups, n)
+        values = padded.gather(2, pos)
+        if K % m and K % m < n:  # last partial group keeps min(n, r) values
+            r = K % m
+            full = groups - 1
+            values = torch.cat([values[:, :full].reshape(M, -1), values[:, full, :r]], 1)
+            pos = torch.cat([pos[:, :full].reshape(M, -1), pos[:, full, :r]], 1)
+        L = kept_per_row(K, n, m)
+        values = values.reshape(M, L)
+        pos = pos.reshape(M, L)
+        return cls(values, pack_bits(pos, bits_for(m)), n, m, (M, K))
+
+    def arrays(self) -> dict:
+        return {"values": self.values, "positions": self.positions}
+
+    def _columns(self) -> torch.Tensor:
+        M, K = self.shape
+        L = self.values.shape[1]
+        pos = unpack_bits(self.positions, self.bits, M * L).reshape(M, L)
+        return (torch.arange(L) // self.n * self.m)[None, :] + pos
+
+    def _triplets(self):
+        M, L = self.values.shape
+        rows = torch.arange(M)[:, None].expand(M, L).reshape(-1)
+        return rows, self._columns().reshape(-1), self.values.reshape(-1)
+
+    def to_dense(self) -> torch.Tensor:
+        out = torch.zeros(self.shape, dtype=self.dtype)
+        if self.values.numel():
+            out.scatter_(1, self._columns(), self.values)
+        return out
+
+    def _kernel(self, dense_np, portable: bool = False):
+        return _ext.call(
+            _ext.core.nm_spmm,
+            self.positions.numpy(),
+            _ext.to_numpy(self.values),
+            self.bits,
+            self.n,
+            self.m,
+            dense_np,
+            self.shape[1],
+            portable,
+        )
+
+
+def _check_nm(n, m):
+    if isinstance(n, bool) or isinstance(m, bool) or not isinstance(n, int) or not isinstance(m, int):
+        raise TypeError(f"n and m must be ints; got {n!r}, {m!r}")
+    if not 1 <= n <= m <= 16:
+        raise ValueError(f"n:m must satisfy 1 <= n <= m <= 16; got {n}:{m}")
+    return n, m

@@ -1,0 +1,152 @@
+"""compress(): pruned Linear and sparse Conv3d -> inference modules holding a
+sparse format, outputs equal to the masked dense module; load-balanced
+pruning (ESE) and the imbalance measure."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.utils import prune
+
+import pointsparse
+from pointsparse import formats as F
+from pointsparse import nn as psnn
+
+FORMATS = [("coo", {}), ("csr", {}), ("csc", {}), ("bsr", {"blocksize": (2, 4)}),
+           ("nm", {"n": 2, "m": 4, "prune": True}), ("eie", {"num_pe": 4}), ("fkw", {})]
+
+
+@pytest.mark.parametrize("fmt,kwargs", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_linear(fmt, kwargs, dtype):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(24, 10).to(dtype)
+    prune.l1_unstructured(lin, "weight", amount=0.7)
+    if fmt == "nm":
+        prune.custom_from_mask(lin, "weight", F.NM.from_dense(lin.weight, prune=True).to_dense() != 0)
+    sparse = F.compress(lin, fmt, **kwargs)
+    assert isinstance(sparse, F.SparseLinear)
+    x = torch.randn(3, 5, 24, dtype=dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(sparse(x), lin(x).detach(), atol=tol, rtol=tol)
+    assert sparse.nbytes() == sparse.weight_format.nbytes() + 10 * lin.bias.element_size()
+    assert prune.is_pruned(lin)  # the source module is untouched
+
+
+def _sparse_input(n=60, channels=6, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    xyz = torch.randint(0, 8, (4 * n, 3), generator=g)
+    coords = torch.unique(torch.cat([torch.zeros(len(xyz), 1, dtype=torch.int64), xyz], 1), dim=0)[:n]
+    feats = torch.randn(len(coords), channels, generator=g, dtype=dtype)
+    return pointsparse.SparseTensor(feats, coords.to(torch.int32))
+
+
+@pytest.mark.parametrize("fmt,kwargs", FORMATS)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_sparse_conv3d(fmt, kwargs, stride):
+    torch.manual_seed(1)
+    conv = psnn.Conv3d(8, 12, kernel_size=3, stride=stride, bias=True)
+    prune.l1_unstructured(conv, "weight", amount=0.8)
+    if fmt == "nm":  # 2:4 over the input channels of every W[o].T (C_out, C_in)
+        w = conv.weight.detach()
+        mask = torch.stack([F.NM.from_dense(w[o].t(), prune=True).to_dense().t() != 0
+                            for o in range(w.shape[0])])
+        prune.custom_from_mask(conv, "weight", mask)
+    x = _sparse_input(channels=8)
+    sparse = F.compress(conv, fmt, **kwargs)
+    assert isinstance(sparse, F.SparseConv3d)
+    ref = conv(x)
+    out = sparse(x)
+    assert torch.equal(out.coords, ref.coords) and out.stride == ref.stride
+    torch.testing.assert_close(out.feats, ref.feats.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_transposed_conv_and_model():
+    torch.manual_seed(2)
+    down = psnn.Conv3d(4, 4, kernel_size=2, stride=2)
+    up = psnn.Conv3d(4, 3, kernel_size=2, stride=2, transposed=True)
+    model = torch.nn.Sequential(down, up)
+    for m in (down, up):
+        prune.l1_unstructured(m, "weight", amount=0.5)
+    x = _sparse_input(channels=4, seed=3)
+    sparse_model = F.compress(model, "csr")
+    assert all(isinstance(m, F.SparseConv3d) for m in sparse_model)
+    torch.testing.assert_close(sparse_model(x).feats, model(x).feats.detach(), atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_compress_storage_counts():
+    conv = psnn.Conv3d(4, 4, kernel_size=3)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[13, 0, 1] = 1.0  # one nonzero: offset 13, C_in 0 -> C_out 1
+    sparse = F.compress(conv, "csr")
+    # 27 offsets x row_ptr (5 x 1 B); one value (4 B) + one col index (1 B)
+    assert sparse.nbytes() == 27 * 5 + 4 + 1
+
+
+def test_compress_bad_arguments():
+    with pytest.raises(ValueError, match="format"):
+        F.compress(torch.nn.Linear(2, 2), "dia")
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        F.compress("linear", "csr")
+    with pytest.raises(ValueError, match="not 2:4 sparse"):
+        F.compress(torch.nn.Linear(8, 2), "nm")
+    with pytest.raises(ValueError, match=r"\(\.\.\., 4\)"):
+        F.compress(torch.nn.Linear(4, 2), "csr")(torch.ones(3, 5))
+
+
+# ------------------------------------------------------------ load balance
+def test_imbalance_hand_counts():
+    mask = torch.tensor([[1, 1, 1], [0, 0, 1], [1, 1, 0], [0, 0, 0]])
+    # PE 0: rows 0, 2 -> 5; PE 1: rows 1, 3 -> 1; mean 3, max 5
+    assert F.pe_nnz(mask, 2).tolist() == [5, 1]
+    assert F.imbalance(mask, 2) == pytest.approx(5 / 3)
+    assert F.imbalance(torch.zeros(4, 4), 3) == 1.0
+    assert F.imbalance(mask, 1) == 1.0
+
+
+def test_load_balanced_pruning_equalises_pes():
+    torch.manual_seed(4)
+    lin = torch.nn.Linear(64, 32)
+    with torch.no_grad():
+        lin.weight[::4] *= 10  # PE 0 of 4 holds the large rows
+    plain = torch.nn.Linear(64, 32)
+    plain.load_state_dict(lin.state_dict())
+    prune.l1_unstructured(plain, "weight", amount=0.9)
+    F.load_balanced_unstructured(lin, "weight", amount=0.9, num_pe=4)
+    counts = F.pe_nnz(lin.weight_mask, 4)
+    assert counts.tolist() == [counts[0].item()] * 4
+    assert int(counts.sum()) == 2048 - round(0.9 * 2048) - (2048 - round(0.9 * 2048)) % 4
+    assert F.imbalance(lin.weight, 4) == 1.0
+    assert F.imbalance(plain.weight, 4) > 2.0
+    # within a PE the largest magnitudes survive
+    w, mask = lin.weight_orig.detach().abs(), lin.weight_mask.bool()
+    for p in range(4):
+        assert w[p::4][mask[p::4]].min() >= w[p::4][~mask[p::4]].max()
+    # EIE entries per PE are then balanced too (up to padding zeros)
+    assert len(set(F.EIE.from_module(lin, num_pe=4).entries_per_pe.tolist())) <= 2
+
+
+def test_load_balanced_composes_and_never_unprunes():
+    lin = torch.nn.Linear(10, 8)
+    prune.random_unstructured(lin, "weight", amount=0.3)
+    first = lin.weight_mask.clone()
+    F.load_balanced_unstructured(lin, "weight", amount=0.5, num_pe=2)
+    assert isinstance(lin._forward_pre_hooks[next(iter(lin._forward_pre_hooks))],
+                      prune.PruningContainer)
+    assert bool((lin.weight_mask <= first).all())
+    counts = F.pe_nnz(lin.weight_mask, 2)
+    assert counts[0] == counts[1]
+
+
+def test_load_balanced_on_sparse_conv_uses_output_channels():
+    conv = psnn.Conv3d(4, 6, kernel_size=3)
+    F.load_balanced_unstructured(conv, "weight", amount=0.75, num_pe=3)
+    assert F.imbalance(conv.weight, 3, row_dim=2) == 1.0
+    method = F.LoadBalancedUnstructured(0.5, num_pe=2)
+    assert method.PRUNING_TYPE == "global"
+    with pytest.raises(ValueError, match="num_pe"):
+        F.LoadBalancedUnstructured(0.5, num_pe=0)
+    with pytest.raises(ValueError):
+        F.LoadBalancedUnstructured(1.5, num_pe=2)

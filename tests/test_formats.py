@@ -1,0 +1,274 @@
+"""Sparse weight formats: round trips, exact storage against hand counts,
+products against dense matmul, thread-count independence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pointsparse import formats as F
+from pointsparse.formats._base import torch_spmm
+from pointsparse.formats._storage import index_width, pack_bits, unpack_bits
+
+
+def _random(shape, density, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g, dtype=dtype)
+    return w * (torch.rand(shape, generator=g) < density)
+
+
+def _empty_rows_cols():
+    w = _random((9, 7), 0.6, 1)
+    w[[0, 4, 8]] = 0
+    w[:, [1, 6]] = 0
+    return w
+
+
+MATRICES = {
+    "random": lambda: _random((13, 11), 0.3, 0),
+    "empty_rows_cols": _empty_rows_cols,
+    "all_zero": lambda: torch.zeros(6, 5, dtype=torch.float64),
+    "dense": lambda: _random((5, 8), 1.0, 2) + 0.5,
+    "one_by_one": lambda: torch.tensor([[2.5]], dtype=torch.float64),
+    "one_by_one_zero": lambda: torch.zeros(1, 1, dtype=torch.float64),
+    "tall_long_gaps": lambda: _random((70, 3), 0.05, 3),  # EIE gaps > 15
+    "no_rows": lambda: torch.zeros(0, 4, dtype=torch.float64),
+    "no_cols": lambda: torch.zeros(4, 0, dtype=torch.float64),
+}
+
+# format, from_dense kwargs; NM prunes a random matrix to 2:4 first (see _input).
+FORMATS = {
+    "coo": (F.COO, {}),
+    "csr": (F.CSR, {}),
+    "csc": (F.CSC, {}),
+    "bsr_2x3": (F.BSR, {"blocksize": (2, 3)}),
+    "bsr_1x1": (F.BSR, {"blocksize": 1}),
+    "bsr_ell_2x2": (F.BSR, {"blocksize": 2, "layout": "ell"}),
+    "nm_2_4": (F.NM, {"n": 2, "m": 4}),
+    "nm_3_8": (F.NM, {"n": 3, "m": 8}),
+    "eie_1": (F.EIE, {"num_pe": 1}),
+    "eie_4": (F.EIE, {"num_pe": 4}),
+    "fkw": (F.FKW, {}),
+}
+
+
+def _input(fmt_name, matrix):
+    """NM stores only n:m matrices: prune the test matrix to n:m first."""
+    cls, kwargs = FORMATS[fmt_name]
+    if cls is F.NM:
+        return F.NM.from_dense(matrix, prune=True, **kwargs).to_dense()
+    return matrix
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("matrix", sorted(MATRICES))
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_round_trip_and_matmul(fmt, matrix, dtype):
+    cls, kwargs = FORMATS[fmt]
+    w = _input(fmt, MATRICES[matrix]()).to(dtype)
+    s = cls.from_dense(w, **kwargs)
+    assert s.shape == tuple(w.shape)
+    assert s.dtype == dtype
+    assert torch.equal(s.to_dense(), w)
+    assert s.nnz == int((w != 0).sum())
+    K = w.shape[1]
+    x = _random((K, 37), 1.0, 5, dtype)
+    ref = w.double() @ x.double()
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    out = s.matmul(x)
+    assert out.dtype == dtype and out.shape == (w.shape[0], 37)
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    vec = s @ x[:, 3]
+    torch.testing.assert_close(vec.double(), ref[:, 3], atol=tol, rtol=tol)
+    # the pure-torch path gives the same product
+    rows, cols, vals = s._triplets()
+    torch.testing.assert_close(torch_spmm(rows, cols, vals, x, w.shape[0]).double(), ref,
+                               atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_one_and_two_threads_identical(fmt, monkeypatch):
+    cls, kwargs = FORMATS[fmt]
+    w = _input(fmt, _random((150, 90), 0.2, 7)).float()
+    s = cls.from_dense(w, **kwargs)
+    x = _random((90, 300), 1.0, 8, torch.float32)  # 300 columns: panels + a ragged block
+    outs = []
+    for threads in ("1", "2", "3"):
+        monkeypatch.setenv("POINTSPARSE_NUM_THREADS", threads)
+        outs.append(s.matmul(x))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    torch.testing.assert_close(outs[0].double(), w.double() @ x.double(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["csr", "bsr_2x3", "nm_2_4", "eie_4", "coo"])
+def test_portable_kernel_matches(fmt):
+    """The portable build gives the same product as the AVX2 build."""
+    cls, kwargs = FORMATS[fmt]
+    w = _input(fmt, _random((64, 48), 0.3, 9))
+    s = cls.from_dense(w, **kwargs)
+    x = _random((48, 200), 1.0, 10)
+    from pointsparse import _ext
+    a = torch.from_numpy(s._kernel(_ext.to_numpy(x), portable=True))
+    b = torch.from_numpy(s._kernel(_ext.to_numpy(x), portable=False))
+    torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_torch_path_for_other_dtypes():
+    w = _random((8, 12), 0.4, 11, torch.float32)
+    x = _random((12, 5), 1.0, 12, torch.float32)
+    for cls, kwargs in FORMATS.values():
+        wi = F.NM.from_dense(w, prune=True, **kwargs).to_dense() if cls is F.NM else w
+        s = cls.from_dense(wi.to(torch.bfloat16), **kwargs)
+        out = s.matmul(x.to(torch.bfloat16))
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), wi.bfloat16().float() @ x.bfloat16().float(),
+                                   atol=0.1, rtol=0.05)
+
+
+# ---------------------------------------------------------------- storage
+CLASSIC = torch.tensor([[3.0, 0, 0, 0], [0, 7, 8, 0], [0, 0, 0, 0], [2, 0, 5, 9]])
+
+
+def test_classic_csr_is_35_bytes():
+    s = F.CSR.from_dense(CLASSIC)
+    # 6 fp32 values + 6 one-byte column indices + 5 one-byte row pointers
+    assert s.nbytes() == 6 * 4 + 6 * 1 + 5 * 1 == 35
+    assert s.col_idx.dtype == torch.uint8 and s.row_ptr.dtype == torch.uint8
+    assert s.row_ptr.tolist() == [0, 1, 3, 3, 6]
+    assert s.col_idx.tolist() == [0, 1, 2, 0, 2, 3]
+
+
+def test_hand_counts_of_every_format():
+    # COO: values + row + col, one byte each
+    assert F.COO.from_dense(CLASSIC).nbytes() == 24 + 6 + 6
+    # CSC: values + row indices + 5 column pointers
+    assert F.CSC.from_dense(CLASSIC).nbytes() == 24 + 6 + 5
+    # BSR 2x2: all four blocks are non-empty: 4 blocks x 4 values x 4 B + 4 cols + 3 ptrs
+    assert F.BSR.from_dense(CLASSIC, blocksize=2).nbytes() == 64 + 4 + 3
+    # BSR 4x4: one block of 16 values + 1 col + 2 ptrs
+    assert F.BSR.from_dense(CLASSIC, blocksize=4).nbytes() == 64 + 1 + 2
+    # Block-ELL 1x2: block rows hold 1, 2, 0, 2 blocks -> width 2, 8 slots of 2 values
+    # + 8 one-byte block columns, no block_ptr
+    ell = F.BSR.from_dense(CLASSIC, blocksize=(1, 2), layout="ell")
+    assert ell.nbytes() == 8 * 2 * 4 + 8
+    assert torch.equal(ell.to_dense(), CLASSIC)
+    # NM 2:4: 4 rows x 2 kept x 4 B + 8 positions x 2 bits = 2 bytes
+    nm = F.NM.from_dense(CLASSIC, n=2, m=4, prune=True)
+    assert nm.nbytes() == 32 + 2
+    # NM 2:8 on a 2 x 8 matrix: 4 values + 4 positions x 3 bits = 12 bits -> 2 bytes
+    assert F.NM.from_dense(_random((2, 8), 0.2, 0).float(), n=2, m=8, prune=True).nbytes() == 16 + 2
+    # EIE, 2 PEs: PE 0 (rows 0, 2) holds 1 entry, PE 1 (rows 1, 3) 5 entries:
+    # 6 values, ceil(1/2) + ceil(5/2) = 4 bytes of 4-bit indices, col_ptr 2 x 5 x 1 B
+    eie = F.EIE.from_dense(CLASSIC, num_pe=2)
+    assert eie.entries_per_pe.tolist() == [1, 5]
+    assert eie.nbytes() == 24 + 4 + 10
+    # FKW of a matrix (kernels of volume 1): 6 kernels, 1 pattern:
+    # weight 24 + index 6 + offset 5 + reorder 4 + stride 4 x 2 + patterns 1 bit -> 1
+    assert F.FKW.from_dense(CLASSIC).nbytes() == 24 + 6 + 5 + 4 + 8 + 1
+
+
+def test_eie_padding_zeros():
+    # one column, nonzeros at rows 0 and 39: gap 38 = 2 paddings (16 rows each) + z = 6
+    w = torch.zeros(40, 1)
+    w[0, 0], w[39, 0] = 1.0, 2.0
+    s = F.EIE.from_dense(w, num_pe=1)
+    assert s.values.tolist() == [1.0, 0.0, 0.0, 2.0]
+    assert pack_bits(torch.tensor([0, 15, 15, 6]), 4).tolist() == s.rel_idx.tolist()
+    assert s.nbytes() == 4 * 4 + 2 + 2 * 1
+    assert torch.equal(s.to_dense(), w)
+    # a gap of exactly 15 needs no padding, 16 needs one
+    for gap, entries in ((15, 2), (16, 3)):
+        w = torch.zeros(gap + 2, 1)
+        w[0, 0], w[gap + 1, 0] = 1.0, 1.0
+        assert F.EIE.from_dense(w, num_pe=1).entries_per_pe.tolist() == [entries]
+
+
+def test_fkw_patterns_and_reorder():
+    w = torch.zeros(2, 3, 3)
+    w[0, 0] = torch.tensor([1.0, 0, 2])   # pattern 0b101
+    w[0, 2] = torch.tensor([0.0, 4, 0])   # pattern 0b010
+    w[1, 1] = torch.tensor([5.0, 0, 6])   # pattern 0b101
+    s = F.FKW.from_dense(w)
+    assert s.num_patterns == 2 and s.reorder.tolist() == [0, 1]
+    assert s.offset.tolist() == [0, 2, 3]
+    assert s.stride.tolist() == [[0, 1, 2], [0, 0, 1]]  # patterns sorted: 0b010, 0b101
+    assert s.index.tolist() == [2, 0, 1]
+    assert s.weight.tolist() == [4.0, 1.0, 2.0, 5.0, 6.0]
+    # weight 5 x 4 + index 3 + offset 3 + reorder 2 + stride 6 + patterns 2 x 3 bits -> 1
+    assert s.nbytes() == 20 + 3 + 3 + 2 + 6 + 1
+    assert torch.equal(s.to_dense(), w)
+    # filters with more kernels go first
+    w2 = torch.zeros(3, 4, 1)
+    w2[0, 0], w2[1, :3], w2[2, :2] = 1.0, 1.0, 1.0
+    assert F.FKW.from_dense(w2).reorder.tolist() == [1, 2, 0]
+    x = torch.randn(4, 5)
+    torch.testing.assert_close(F.FKW.from_dense(w2).matmul(x), w2[:, :, 0] @ x)
+
+
+def test_index_widths():
+    assert [index_width(v) for v in (0, 255, 256, 65535, 65536, 2**32 - 1, 2**32)] == \
+        [1, 1, 2, 2, 4, 4, 8]
+    for cols, width in ((300, 2), (70000, 4)):
+        w = torch.zeros(1, cols)
+        w[0, -1] = 1.0
+        s = F.CSR.from_dense(w)
+        assert s.col_idx.element_size() == width
+        assert s.nbytes() == 4 + width + 2
+        x = torch.randn(cols, 2)
+        torch.testing.assert_close(s.matmul(x), w @ x)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_pack_bits_round_trip(bits):
+    values = torch.randint(0, 1 << bits, (37,))
+    packed = pack_bits(values, bits)
+    assert packed.numel() == (37 * bits + 7) // 8
+    assert torch.equal(unpack_bits(packed, bits, 37), values)
+
+
+def test_nm_partial_group_and_checks():
+    w = torch.tensor([[1.0, 0, 2, 0, 3, 4]])  # K = 6: one group of 4, a partial group of 2
+    s = F.NM.from_dense(w, n=2, m=4)
+    assert s.values.shape == (1, 4) and torch.equal(s.to_dense(), w)
+    with pytest.raises(ValueError, match="not 2:4 sparse"):
+        F.NM.from_dense(torch.ones(2, 4), n=2, m=4)
+    with pytest.raises(ValueError, match="n:m"):
+        F.NM.from_dense(torch.ones(2, 4), n=5, m=4)
+    with pytest.raises(ValueError, match="n:m"):
+        F.NM.from_dense(torch.ones(2, 4), n=2, m=17)
+    pruned = F.NM.from_dense(torch.tensor([[1.0, -4, 3, 2]]), n=2, m=4, prune=True)
+    assert pruned.to_dense().tolist() == [[0.0, -4, 3, 0]]
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="2-D"):
+        F.CSR.from_dense(torch.ones(3))
+    with pytest.raises(TypeError, match="floating"):
+        F.CSR.from_dense(torch.ones(2, 2, dtype=torch.int64))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        F.CSR.from_dense([[1.0]])
+    s = F.CSR.from_dense(torch.ones(3, 4))
+    with pytest.raises(ValueError, match=r"\(4, N\)"):
+        s.matmul(torch.ones(3, 2))
+    with pytest.raises(TypeError, match="dtype"):
+        s.matmul(torch.ones(4, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="blocksize"):
+        F.BSR.from_dense(torch.ones(2, 2), blocksize=(0, 2))
+    with pytest.raises(ValueError, match="num_pe"):
+        F.EIE.from_dense(torch.ones(2, 2), num_pe=0)
+    with pytest.raises(ValueError, match="at most 62"):
+        F.FKW.from_dense(torch.ones(2, 2, 4, 4, 4))
+
+
+def test_from_module_uses_the_masked_weight():
+    from torch.nn.utils import prune
+
+    lin = torch.nn.Linear(6, 4)
+    prune.l1_unstructured(lin, "weight", amount=0.5)
+    for cls, kwargs in FORMATS.values():
+        if cls is F.NM:
+            continue
+        s = cls.from_module(lin, **kwargs)
+        assert torch.equal(s.to_dense().reshape(4, 6), lin.weight.detach())
+    with pytest.raises(ValueError, match="compress"):
+        F.CSR.from_module(torch.nn.Conv2d(2, 2, 3))

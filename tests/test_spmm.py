@@ -1,0 +1,176 @@
+"""The SpMM kernels called directly: products against dense matmul across
+the cache-block and tile boundaries, thread-count independence, and bad
+inputs rejected with ValueError before any work."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pointsparse import _ext
+from pointsparse.formats import BSR, CSR, EIE, NM
+
+core = _ext.core
+
+
+def _sparse(M, K, density, seed, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((M, K)).astype(dtype)
+    w[rng.random((M, K)) >= density] = 0
+    return w
+
+
+def _csr_arrays(w, col_dtype=np.uint32):
+    rows, cols = np.nonzero(w)
+    row_ptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=w.shape[0]))]).astype(np.int64)
+    return row_ptr, cols.astype(col_dtype), w[rows, cols]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("N", [1, 7, 31, 32, 33, 64, 65, 129, 300])
+@pytest.mark.parametrize("portable", [False, True])
+def test_csr_kernel_against_dense(dtype, N, portable):
+    w = _sparse(40, 70, 0.25, N, dtype)
+    x = np.random.default_rng(N + 1).standard_normal((70, N)).astype(dtype)
+    row_ptr, col, val = _csr_arrays(w)
+    y = core.csr_spmm(row_ptr, col, val, x, 70, portable, 2)
+    tol = 1e-4 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(y, w.astype(np.float64) @ x.astype(np.float64), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("col_dtype", [np.uint8, np.uint16, np.uint32, np.uint64])
+def test_csr_kernel_index_widths(col_dtype):
+    w = _sparse(30, 200, 0.2, 3)
+    x = np.random.default_rng(4).standard_normal((200, 50)).astype(np.float32)
+    row_ptr, col, val = _csr_arrays(w, col_dtype)
+    np.testing.assert_allclose(core.csr_spmm(row_ptr, col, val, x, 200, False, 2), w @ x,
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_kernels_deterministic_over_threads():
+    w = _sparse(333, 257, 0.1, 5)
+    w[:100] = 0  # skewed rows: the nonzero-balanced split differs from an even one
+    x = np.random.default_rng(6).standard_normal((257, 700)).astype(np.float32)
+    t = torch.from_numpy(w)
+    for fmt in (CSR.from_dense(t), BSR.from_dense(t, blocksize=(4, 2)), EIE.from_dense(t, num_pe=3),
+                NM.from_dense(t, prune=True)):
+        outs = [fmt._kernel(x, False) for _ in range(1)]
+        for nt in (1, 2, 4):
+            monkey = _ext.num_threads
+            try:
+                _ext.num_threads = lambda nt=nt: nt
+                outs.append(fmt._kernel(x, False))
+            finally:
+                _ext.num_threads = monkey
+        for o in outs[1:]:
+            assert np.array_equal(outs[0], o), type(fmt).__name__
+
+
+def test_csr_kernel_bad_inputs():
+    w = _sparse(5, 6, 0.5, 7)
+    row_ptr, col, val = _csr_arrays(w)
+    x = np.ones((6, 3), np.float32)
+    ok = dict(row_ptr=row_ptr, col=col, val=val, x=x, K=6)
+
+    def call(**kw):
+        a = {**ok, **kw}
+        return core.csr_spmm(a["row_ptr"], a["col"], a["val"], a["x"], a["K"], False, 2)
+
+    call()
+    bad_ptr = row_ptr.copy()
+    bad_ptr[2], bad_ptr[3] = bad_ptr[3] + 1, bad_ptr[2]
+    cases = [
+        (dict(row_ptr=row_ptr[:-1]), "row_ptr"),
+        (dict(row_ptr=bad_ptr), "non-decreasing|row_ptr"),
+        (dict(col=(col + 6).astype(np.uint32)), "col_idx must be < K"),
+        (dict(col=col.astype(np.int64)), "unsigned"),
+        (dict(val=val.astype(np.float64)), "same dtype"),
+        (dict(val=val.astype(np.int32), x=x.astype(np.int32)), "float32 or float64"),
+        (dict(x=np.ones((5, 3), np.float32)), "dense must be 2-D with 6 rows"),
+        (dict(x=np.ones(6, np.float32)), "dense must be 2-D"),
+        (dict(val=val[:-1]), "values"),
+        (dict(K=-1), "K must be >= 0"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            call(**kw)
+
+
+def test_bsr_nm_eie_kernels_bad_inputs():
+    t = torch.from_numpy(_sparse(8, 8, 0.4, 8))
+    x = np.ones((8, 2), np.float32)
+    b = BSR.from_dense(t, blocksize=2)
+    ptr = b.block_ptr.numpy().astype(np.int64)
+    with pytest.raises(ValueError, match="block_col must be <"):
+        core.bsr_spmm(ptr, b.block_col.numpy() + 10, b.values.numpy(), x, 8, 8, False, 2)
+    with pytest.raises(ValueError, match="values must be"):
+        core.bsr_spmm(ptr, b.block_col.numpy(), b.values.numpy()[:, 0], x, 8, 8, False, 2)
+    with pytest.raises(ValueError, match="block_ptr"):
+        core.bsr_spmm(ptr, b.block_col.numpy(), b.values.numpy(), x, 12, 8, False, 2)
+
+    nm = NM.from_dense(t, prune=True)
+    pos = nm.positions.numpy()
+    with pytest.raises(ValueError, match="positions"):
+        core.nm_spmm(pos[:-1], nm.values.numpy(), 2, 2, 4, x, 8, False, 2)
+    with pytest.raises(ValueError, match="n:m"):
+        core.nm_spmm(pos, nm.values.numpy(), 2, 5, 4, x, 8, False, 2)
+    with pytest.raises(ValueError, match="bits"):
+        core.nm_spmm(pos, nm.values.numpy(), 1, 2, 4, x, 8, False, 2)
+    # 3:5 with 3-bit positions: a position of 7 points outside its group of 5
+    nm35 = NM.from_dense(torch.ones(1, 5), n=3, m=5, prune=True)
+    bad = np.array([0xFF, 0x01], np.uint8)
+    with pytest.raises(ValueError, match="outside its group"):
+        core.nm_spmm(bad, nm35.values.numpy(), 3, 3, 5, np.ones((5, 1), np.float32), 5, False, 2)
+
+    e = EIE.from_dense(t, num_pe=2)
+    cp = e.col_ptr.numpy().astype(np.int64)
+    with pytest.raises(ValueError, match="local row"):
+        core.eie_spmm(cp, np.full_like(e.rel_idx.numpy(), 0xFF), e.values.numpy(), x, 8, False, 2)
+    with pytest.raises(ValueError, match="rel_idx"):
+        core.eie_spmm(cp, e.rel_idx.numpy()[:-1], e.values.numpy(), x, 8, False, 2)
+    with pytest.raises(ValueError, match="col_ptr"):
+        core.eie_spmm(cp[:, ::-1].copy(), e.rel_idx.numpy(), e.values.numpy(), x, 8, False, 2)
+
+
+def test_empty_operands():
+    for M, K, N in ((0, 4, 3), (4, 0, 3), (4, 5, 0), (0, 0, 0)):
+        w = torch.zeros(M, K)
+        x = torch.randn(K, N)
+        for fmt in (CSR.from_dense(w), BSR.from_dense(w, blocksize=2), EIE.from_dense(w, num_pe=2),
+                    NM.from_dense(w)):
+            out = fmt.matmul(x)
+            assert out.shape == (M, N) and not out.any()
+
+
+def test_isa_reported():
+    assert core.spmm_isa() in ("avx2", "generic")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("portable", [False, True])
+def test_csr_conv_accumulate(dtype, portable):
+    rng = np.random.default_rng(11)
+    c_in, c_out, n_in, n_out, pairs = 13, 9, 200, 150, 140
+    s = _sparse(c_out, c_in, 0.4, 12, dtype)
+    row_ptr, col, val = _csr_arrays(s, np.uint8)
+    feats = rng.standard_normal((n_in, c_in)).astype(dtype)
+    in_idx = rng.integers(0, n_in, pairs).astype(np.int64)
+    out_idx = rng.permutation(n_out)[:pairs].astype(np.int64)
+    out = rng.standard_normal((n_out, c_out)).astype(dtype)
+    ref = out.astype(np.float64).copy()
+    ref[out_idx] += feats[in_idx].astype(np.float64) @ s.T.astype(np.float64)
+    core.csr_conv_accumulate(row_ptr, col, val, feats, in_idx, out_idx, out, portable, 2)
+    tol = 1e-4 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(out, ref, atol=tol, rtol=tol)
+    for kw, msg in ((dict(out_idx=np.zeros(pairs, np.int64)), "distinct"),
+                    (dict(in_idx=in_idx + n_in), "in_idx"),
+                    (dict(out_idx=out_idx - n_out - 1), "out_idx"),
+                    (dict(out=out[:, :3].copy()), "out must be"),
+                    (dict(out=np.asfortranarray(out)), "C-contiguous"),
+                    (dict(feats=feats[:, :2].copy()), "col_idx must be < C_in")):
+        a = dict(in_idx=in_idx, out_idx=out_idx, out=out, feats=feats, **{})
+        a.update(kw)
+        with pytest.raises(ValueError, match=msg):
+            core.csr_conv_accumulate(row_ptr, col, val, a["feats"], a["in_idx"], a["out_idx"],
+                                     a["out"], portable, 2)
