@@ -89,3 +89,41 @@ def conv_scatter_add(
     """In place: dst[idx[start[g] + i]] += buf[g * rows + i] for i < len[g],
     segment by segment (indices unique within a segment, so no float atomics);
     deterministic for any thread count."""
+
+def spmm_isa() -> str:
+    """Instruction set the SpMM kernels use on this CPU: 'avx2' or 'generic'."""
+
+def csr_spmm(
+    row_ptr: np.ndarray, col_idx: np.ndarray, values: np.ndarray, dense: np.ndarray, K: int, portable: bool,
+    num_threads: int,
+) -> np.ndarray:
+    """CSR (M, K) @ dense (K, N) -> (M, N); index arrays in any unsigned width
+    (1, 2, 4, 8 bytes); rows split among threads by nonzeros; `portable` forces
+    the generic kernel."""
+
+def csr_conv_accumulate(
+    row_ptr: np.ndarray, col_idx: np.ndarray, values: np.ndarray, feats: np.ndarray,
+    in_idx: npt.NDArray[np.int64], out_idx: npt.NDArray[np.int64], out: np.ndarray, portable: bool,
+    num_threads: int,
+) -> None:
+    """One sparse-conv kernel offset, in place: out[out_idx] += (S @ feats[in_idx].T).T
+    with S (C_out, C_in) in CSR."""
+
+def bsr_spmm(
+    block_ptr: np.ndarray, block_col: np.ndarray, values: np.ndarray, dense: np.ndarray, M: int, K: int,
+    portable: bool, num_threads: int,
+) -> np.ndarray:
+    """BSR (M, K) with values (nb, br, bc) @ dense (K, N) -> (M, N)."""
+
+def nm_spmm(
+    positions: np.ndarray, values: np.ndarray, bits: int, n: int, m: int, dense: np.ndarray, K: int,
+    portable: bool, num_threads: int,
+) -> np.ndarray:
+    """N:M (M, K) with bit-packed positions (`bits` each) @ dense (K, N) -> (M, N)."""
+
+def eie_spmm(
+    col_ptr: np.ndarray, rel_idx: np.ndarray, values: np.ndarray, dense: np.ndarray, M: int, portable: bool,
+    num_threads: int,
+) -> np.ndarray:
+    """EIE (M, K) over P processing elements (4-bit relative row indices, column
+    pointers per PE) @ dense (K, N) -> (M, N)."""
