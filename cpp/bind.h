@@ -6,4 +6,5 @@
 namespace ps {
 void bind_coords(pybind11::module_& m);
 void bind_voxelize(pybind11::module_& m);
+void bind_kmap(pybind11::module_& m);
 }  // namespace ps
