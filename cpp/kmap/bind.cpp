@@ -1,9 +1,14 @@
 // Kernel maps: bindings. Checks every shape and range before any parallel
 // region, releases the GIL around the work, keeps no state.
 #include <omp.h>
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #include <algorithm>
+#include <cstdlib>
 #include <limits>
+#include <new>
 #include <string>
 
 #include "array.h"
@@ -14,6 +19,27 @@ namespace ps {
 namespace {
 
 constexpr int64_t kMaxRows = std::numeric_limits<int32_t>::max();
+constexpr size_t kHugePage = size_t(2) << 20;
+
+// A 1-D output array; large ones on 2 MiB-aligned memory advised for huge
+// pages (the pair arrays are written once, page faults dominate otherwise).
+template <typename T>
+py::array_t<T> output_array(int64_t n) {
+  const size_t bytes = std::max<size_t>(1, size_t(n) * sizeof(T));
+  void* p = nullptr;
+  if (bytes >= kHugePage) {
+    const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+    p = std::aligned_alloc(kHugePage, rounded);
+#ifdef __linux__
+    if (p) madvise(p, rounded, MADV_HUGEPAGE);
+#endif
+  } else {
+    p = std::malloc(bytes);
+  }
+  if (!p) throw std::bad_alloc();
+  py::capsule owner(p, [](void* q) { std::free(q); });
+  return py::array_t<T>({py::ssize_t(n)}, {py::ssize_t(sizeof(T))}, static_cast<T*>(p), owner);
+}
 
 void check_coords_array(const carray<int32_t>& c, const char* name, int nt) {
   check_2d(c, 4, name);
@@ -74,8 +100,8 @@ py::tuple build_map(Finder finder, carray<int32_t> in_coords, py::object out_obj
   if (found.duplicate_row >= 0)
     value_error("in_coords hold duplicate rows; each [batch, x, y, z] must appear once");
   for (int64_t o = 0; o < k; ++o) ptr[o + 1] = ptr[o] + counts[o];
-  auto in_idx = empty_array<int64_t>({ptr[k]});
-  auto out_idx = empty_array<int64_t>({ptr[k]});
+  auto in_idx = output_array<int64_t>(ptr[k]);
+  auto out_idx = output_array<int64_t>(ptr[k]);
   auto sizes = empty_array<int64_t>({k});
   std::copy(counts.begin(), counts.end(), sizes.mutable_data());
   int64_t* in_out = in_idx.mutable_data();

@@ -27,15 +27,21 @@ namespace kmap {
 namespace {
 
 constexpr int64_t kChunk = 8192;  // output rows per work item (fixed: results never depend on threads)
+constexpr int64_t kMaxWindow = 4096;  // widest z window one merge scans (else split the column)
+constexpr int kFixedWindow = 8;       // windows up to this width: branch-free scan
+constexpr int64_t kPad = kFixedWindow;  // sentinel keys after the sorted keys
+constexpr int64_t kSentinel = std::numeric_limits<int64_t>::max();
 
 // One (dx, dy) column: the computed offsets of the kernel with this (dx, dy),
-// dz ascending.
+// dz ascending; slot[z - dz.front()] is the entry of dz == z, or -1.
 struct Column {
   int64_t dx, dy;
   std::vector<int64_t> dz, offset;
+  std::vector<int32_t> slot;
 };
 
-// Sorted keys of coords and the permutation (identity when already sorted).
+// Sorted keys of coords (followed by kPad sentinels) and the permutation
+// (identity when already sorted).
 struct SortedKeys {
   std::vector<int64_t> keys, perm;
   bool identity = true;
@@ -43,7 +49,7 @@ struct SortedKeys {
 
 SortedKeys sorted_keys(const int32_t* c, int64_t n, int nt) {
   SortedKeys s;
-  std::vector<int64_t> keys(n);
+  std::vector<int64_t> keys(n + kPad, kSentinel);
   int64_t unsorted = 0;
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t i = 0; i < n; ++i) {
@@ -57,7 +63,7 @@ SortedKeys sorted_keys(const int32_t* c, int64_t n, int nt) {
     return s;
   }
   s.identity = false;
-  s.keys.resize(n);
+  s.keys.assign(n + kPad, kSentinel);
   s.perm.resize(n);
   radix_sort_keys(keys.data(), n, s.keys.data(), s.perm.data(), nt);
   return s;
@@ -68,17 +74,20 @@ std::vector<Column> columns(const int32_t* offsets, int64_t k, const std::vector
   for (int64_t o = 0; o < k; ++o) {
     if (mirror[o] >= 0) continue;
     const int32_t* d = offsets + 3 * o;
-    // Join the previous column when (dx, dy) match and dz ascends.
-    bool joined = false;
+    // Join the previous column when (dx, dy) match, dz ascends and the window stays narrow.
     if (!cols.empty()) {
       Column& c = cols.back();
-      if (c.dx == d[0] && c.dy == d[1] && d[2] > c.dz.back()) {
+      if (c.dx == d[0] && c.dy == d[1] && d[2] > c.dz.back() && d[2] - c.dz.front() < kMaxWindow) {
         c.dz.push_back(d[2]);
         c.offset.push_back(o);
-        joined = true;
+        continue;
       }
     }
-    if (!joined) cols.push_back({d[0], d[1], {d[2]}, {o}});
+    cols.push_back({d[0], d[1], {d[2]}, {o}, {}});
+  }
+  for (Column& c : cols) {
+    c.slot.assign(size_t(c.dz.back() - c.dz.front() + 1), -1);
+    for (size_t e = 0; e < c.dz.size(); ++e) c.slot[size_t(c.dz[e] - c.dz.front())] = int32_t(e);
   }
   return cols;
 }
@@ -92,56 +101,127 @@ inline bool key_shift_ok(int64_t key, int64_t dx, int64_t dy, int64_t dz) {
   return x >= 0 && x <= kCoordMask && y >= 0 && y <= kCoordMask && z >= 0 && z <= kCoordMask;
 }
 
+// Matches of one work item, per column entry e: sorted positions
+// (in_pos[e * kChunk + t], out_pos[e * kChunk + t]) for t < count[e]. Entry
+// `entries` is a dump for the branch-free scan (never counted).
+struct Scratch {
+  std::vector<int32_t> in_pos, out_pos;
+  std::vector<int64_t> count;
+
+  void reset(size_t entries) {
+    if (in_pos.size() < (entries + 1) * kChunk) {
+      in_pos.resize((entries + 1) * kChunk);
+      out_pos.resize((entries + 1) * kChunk);
+    }
+    count.assign(entries + 1, 0);
+  }
+  void add(int64_t e, int64_t j, int64_t i) {
+    const int64_t t = e * kChunk + count[e]++;
+    in_pos[t] = int32_t(j);
+    out_pos[t] = int32_t(i);
+  }
+};
+
 struct Merge {
-  const int64_t* in;  // sorted input keys
+  const int64_t* in;  // sorted input keys, kPad sentinels after them
   int64_t n;
   const SortedKeys* in_sorted;
   const SortedKeys* out_sorted;
   Found* found;
 
-  void emit(int64_t o, int64_t c, int64_t jj, int64_t i) const {
-    PairBuffer& b = found->buffers[o * found->num_chunks + c];
-    b.in.push_back(int32_t(in_sorted->identity ? jj : in_sorted->perm[jj]));
-    b.out.push_back(int32_t(out_sorted->identity ? i : out_sorted->perm[i]));
-  }
-
   // Rows whose window leaves the coordinate range: one exact lookup per offset.
-  void lookup(const Column& col, int64_t c, int64_t i, int64_t key) const {
+  void lookup(const Column& col, int64_t i, int64_t key, Scratch& s) const {
     for (size_t e = 0; e < col.dz.size(); ++e) {
       if (!key_shift_ok(key, col.dx, col.dy, col.dz[e])) continue;
       const int64_t q = key + key_delta(col.dx, col.dy, col.dz[e]);
       const int64_t* p = std::lower_bound(in, in + n, q);
-      if (p != in + n && *p == q) emit(col.offset[e], c, p - in, i);
+      if (p != in + n && *p == q) s.add(int64_t(e), p - in, i);
     }
   }
 
-  // Output rows [r0, r1) (sorted positions) of chunk c against one column.
-  void run(const Column& col, bool column_safe, int64_t c, int64_t r0, int64_t r1) const {
-    const int64_t* out = out_sorted->keys.data();
+  // Output rows [r0, r1) (sorted positions) of chunk c against one column;
+  // W: the window width when at most kFixedWindow (0: any width).
+  template <int W>
+  void scan(const Column& col, bool column_safe, int64_t r0, int64_t r1, Scratch& s) const {
+    const int64_t* __restrict in_keys = in;
+    const int64_t* __restrict out = out_sorted->keys.data();
     const int64_t base = key_delta(col.dx, col.dy, 0);
     const int64_t zlo = col.dz.front(), zhi = col.dz.back();
-    const int64_t* dz = col.dz.data();
-    const int64_t* off = col.offset.data();
+    const int64_t entries = int64_t(col.dz.size());
+    // slot of a window position; the dump entry for non-matching positions.
+    int32_t slot[kFixedWindow + 1];
+    if (W > 0) {
+      for (int t = 0; t <= W; ++t) slot[t] = t < W && col.slot[t] >= 0 ? col.slot[t] : int32_t(entries);
+    }
+    const int32_t* wide_slot = col.slot.data();
+    int32_t* __restrict in_pos = s.in_pos.data();
+    int32_t* __restrict out_pos = s.out_pos.data();
+    int64_t* __restrict count = s.count.data();
     auto exact = [&](int64_t key) {
       return column_safe || (key_shift_ok(key, col.dx, col.dy, zlo) && key_shift_ok(key, col.dx, col.dy, zhi));
     };
     int64_t i = r0;
-    for (; i < r1 && !exact(out[i]); ++i) lookup(col, c, i, out[i]);
+    for (; i < r1 && !exact(out[i]); ++i) lookup(col, i, out[i], s);
     if (i == r1) return;
-    int64_t j = std::lower_bound(in, in + n, out[i] + base + zlo) - in;
+    const int64_t shift_lo = base + zlo, shift_hi = base + zhi;
+    int64_t j = std::lower_bound(in_keys, in_keys + n, out[i] + shift_lo) - in_keys;
     for (; i < r1; ++i) {
       const int64_t key = out[i];
       if (!exact(key)) {
-        lookup(col, c, i, key);
+        lookup(col, i, key, s);
         continue;
       }
-      const int64_t lo = key + base + zlo, hi = key + base + zhi;
-      while (j < n && in[j] < lo) ++j;
-      int64_t e = 0;
-      for (int64_t jj = j; jj < n && in[jj] <= hi; ++jj) {
-        const int64_t d = in[jj] - key - base;
-        while (dz[e] < d) ++e;  // d <= zhi = dz[last]
-        if (dz[e] == d) emit(off[e], c, jj, i);
+      const int64_t lo = key + shift_lo;
+      while (in_keys[j] < lo) ++j;  // the sentinels stop it at n
+      if (W > 0) {
+        // Keys are unique: the window's keys are among in[j .. j + W).
+        for (int t = 0; t < W; ++t) {
+          const uint64_t d = uint64_t(in_keys[j + t] - lo);
+          const int32_t e = slot[d < uint64_t(W) ? d : uint64_t(W)];
+          const int64_t pos = e * kChunk + count[e];
+          in_pos[pos] = int32_t(j + t);
+          out_pos[pos] = int32_t(i);
+          count[e] += e != entries;
+        }
+      } else {
+        const int64_t hi = key + shift_hi;
+        for (int64_t jj = j; in_keys[jj] <= hi; ++jj) {
+          const int32_t e = wide_slot[in_keys[jj] - lo];
+          if (e < 0) continue;
+          const int64_t pos = e * kChunk + count[e]++;
+          in_pos[pos] = int32_t(jj);
+          out_pos[pos] = int32_t(i);
+        }
+      }
+    }
+  }
+
+  void run(const Column& col, bool column_safe, int64_t c, int64_t r0, int64_t r1, Scratch& s) const {
+    s.reset(col.dz.size());
+    switch (col.slot.size()) {
+      case 1: scan<1>(col, column_safe, r0, r1, s); break;
+      case 2: scan<2>(col, column_safe, r0, r1, s); break;
+      case 3: scan<3>(col, column_safe, r0, r1, s); break;
+      case 4: scan<4>(col, column_safe, r0, r1, s); break;
+      case 5: scan<5>(col, column_safe, r0, r1, s); break;
+      case 6: scan<6>(col, column_safe, r0, r1, s); break;
+      case 7: scan<7>(col, column_safe, r0, r1, s); break;
+      case 8: scan<8>(col, column_safe, r0, r1, s); break;
+      default: scan<0>(col, column_safe, r0, r1, s); break;
+    }
+    // Sorted positions -> original rows, into this (offset, chunk)'s buffer.
+    const int64_t* in_perm = in_sorted->identity ? nullptr : in_sorted->perm.data();
+    const int64_t* out_perm = out_sorted->identity ? nullptr : out_sorted->perm.data();
+    for (size_t e = 0; e < col.dz.size(); ++e) {
+      PairBuffer& b = found->buffers[col.offset[e] * found->num_chunks + c];
+      const int64_t size = s.count[e];
+      b.in.resize(size);
+      b.out.resize(size);
+      const int32_t* pi = s.in_pos.data() + e * kChunk;
+      const int32_t* po = s.out_pos.data() + e * kChunk;
+      for (int64_t t = 0; t < size; ++t) {
+        b.in[t] = in_perm ? int32_t(in_perm[pi[t]]) : pi[t];
+        b.out[t] = out_perm ? int32_t(out_perm[po[t]]) : po[t];
       }
     }
   }
@@ -186,11 +266,15 @@ Found find_mergesort(const int32_t* in_c, int64_t n, const int32_t* out_c, int64
   const Merge merge{in, n, &in_sorted, &out_sorted, &found};
   const int64_t nc = found.num_chunks;
   const int64_t items = ncol * nc;
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-  for (int64_t t = 0; t < items; ++t) {
-    const int64_t g = t / nc, c = t % nc;
-    const int64_t r0 = c * kChunk, r1 = std::min(m, r0 + kChunk);
-    merge.run(cols[g], safe[g], c, r0, r1);
+#pragma omp parallel num_threads(nt)
+  {
+    Scratch scratch;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < items; ++t) {
+      const int64_t g = t / nc, c = t % nc;
+      const int64_t r0 = c * kChunk, r1 = std::min(m, r0 + kChunk);
+      merge.run(cols[g], safe[g], c, r0, r1, scratch);
+    }
   }
   return found;
 }
