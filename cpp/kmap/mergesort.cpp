@@ -270,8 +270,10 @@ Found find_mergesort(const int32_t* in_c, int64_t n, const int32_t* out_c, int64
   {
     Scratch scratch;
 #pragma omp for schedule(dynamic, 1)
+    // Chunk-major: the columns of one chunk run back to back, so the chunk's
+    // output keys and the input keys near them are still in cache.
     for (int64_t t = 0; t < items; ++t) {
-      const int64_t g = t / nc, c = t % nc;
+      const int64_t c = t / ncol, g = t % ncol;
       const int64_t r0 = c * kChunk, r1 = std::min(m, r0 + kChunk);
       merge.run(cols[g], safe[g], c, r0, r1, scratch);
     }
