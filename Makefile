@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q numpy pytest pybind11 scikit-build-core cmake ninja tqdm matplotlib
-	-$(PY) -m pip install -q open3d-cpu laspy 2>/dev/null || echo "optional open3d-cpu/laspy not installed: PLY/PCD and LAS readers will be skipped"
+	-$(PY) -m pip install -q open3d-cpu laspy scikit-learn 2>/dev/null || echo "optional open3d-cpu/laspy/scikit-learn not installed: PLY/PCD and LAS readers and the digits pruning experiments will be skipped"
 	touch $(STAMP)
 
 venv: $(STAMP)

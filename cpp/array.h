@@ -33,10 +33,24 @@ inline void check_2d(const py::array& a, py::ssize_t cols, const char* name) {
                 " columns; got shape " + shape_str(a));
 }
 
+// Raise ValueError unless `a` is 1-D of length `len` (len < 0: any length).
 inline void check_1d(const py::array& a, py::ssize_t len, const char* name) {
   if (a.ndim() != 1 || (len >= 0 && a.shape(0) != len))
-    value_error(std::string(name) + " must be 1-D of length " + std::to_string(len) +
-                "; got shape " + shape_str(a));
+    value_error(std::string(name) + " must be 1-D" +
+                (len >= 0 ? " of length " + std::to_string(len) : std::string()) + "; got shape " +
+                shape_str(a));
+}
+
+// `a` as a C-contiguous array of T (a copy only when the dtype or layout
+// differs). ValueError naming the argument when numpy cannot convert it:
+// array_t::ensure returns a null handle then, never to be dereferenced.
+template <typename T>
+inline carray<T> as_carray(const py::handle& a, const char* name) {
+  auto out = carray<T>::ensure(a);
+  if (!out)
+    value_error(std::string(name) + " cannot be converted to a " +
+                py::str(py::dtype::of<T>()).cast<std::string>() + " array");
+  return out;
 }
 
 template <typename T>

@@ -62,6 +62,12 @@ inline int64_t floor_div(int64_t a, int64_t b) {
 // POINTSPARSE_NUM_THREADS); anything below 1 means 1.
 inline int threads(int requested) { return requested < 1 ? 1 : requested; }
 
+// Below this much work (rows, or rows x channels) a call runs on one thread:
+// waking a team costs more than the work, and on a busy machine a team can
+// wait a whole time slice for its second thread. Results do not depend on it.
+constexpr int64_t kParallelMin = int64_t(1) << 14;
+inline int threads(int requested, int64_t work) { return work < kParallelMin ? 1 : threads(requested); }
+
 [[noreturn]] inline void value_error(const std::string& msg) { throw std::invalid_argument(msg); }
 
 }  // namespace ps

@@ -6,4 +6,5 @@ PYBIND11_MODULE(_core, m) {
   ps::bind_coords(m);
   ps::bind_voxelize(m);
   ps::bind_kmap(m);
+  ps::bind_conv(m);
 }

@@ -11,6 +11,28 @@ from .voxelize import devoxelize, voxelize
 
 __version__ = "0.1.0"
 
+# The subpackages of the public contract, imported on first use so that
+# `import pointsparse as ps; ps.nn.Conv3d(...)` works without paying for (or
+# cycling through) every subpackage at import time.
+_SUBPACKAGES = ("kmap", "nn", "prune", "formats")
+
+
+def __getattr__(name: str):
+    if name in _SUBPACKAGES:
+        import importlib
+
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r} (not in this build)") from exc
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_SUBPACKAGES))
+
 __all__ = [
     "CoordinateCache",
     "SparseTensor",

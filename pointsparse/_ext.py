@@ -4,6 +4,7 @@ back as tensors sharing the core's buffers."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -24,9 +25,27 @@ COORD_MAX: int = _core.COORD_MAX
 BATCH_MAX: int = _core.BATCH_MAX
 
 
+# A process forked from one whose OpenMP pool has run (ours or torch's: they
+# share libgomp) hangs at its next parallel region. Forked children therefore
+# run the core on one thread, as torch's DataLoader workers do for torch.
+_forked = False
+
+
+def _mark_forked() -> None:
+    global _forked
+    _forked = True
+
+
+os.register_at_fork(after_in_child=_mark_forked)
+
+
 def num_threads() -> int:
     """Threads each core call uses: ``POINTSPARSE_NUM_THREADS`` if set, else
-    ``torch.get_num_threads()``, so the core and torch never oversubscribe."""
+    ``torch.get_num_threads()``, so the core and torch never oversubscribe;
+    1 in a process created by ``fork`` (where a second OpenMP thread would
+    hang), e.g. a DataLoader worker."""
+    if _forked:
+        return 1
     env = os.environ.get("POINTSPARSE_NUM_THREADS")
     if env:
         try:
@@ -37,6 +56,28 @@ def num_threads() -> int:
             raise ValueError(f"POINTSPARSE_NUM_THREADS must be >= 1; got {value}")
         return value
     return torch.get_num_threads()
+
+
+_force_torch = False
+
+
+def use_core(*tensors: torch.Tensor) -> bool:
+    """Whether the C++ core serves an op on these tensors: all on the CPU, and
+    not inside :func:`torch_path`."""
+    return not _force_torch and all(t.device.type == "cpu" for t in tensors)
+
+
+@contextlib.contextmanager
+def torch_path():
+    """Private, for tests: inside this block every op takes its pure-torch
+    path (the one non-CPU tensors take) even on the CPU, so the tests can hold
+    it against the core. Not thread-safe; not for production code."""
+    global _force_torch
+    previous, _force_torch = _force_torch, True
+    try:
+        yield
+    finally:
+        _force_torch = previous
 
 
 def to_numpy(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> np.ndarray:

@@ -13,6 +13,7 @@ import sys
 COMMANDS = [
     ("demo", "pointsparse.demo", "run the main job on data pointsparse generates itself"),
     ("bench", "pointsparse.benchmark", "run the benchmark suites in bench/ (kernel maps, convolution, SpMM)"),
+    ("prune", "pointsparse.prune.cli", "pruning procedures: sensitivity, schedule, lottery, init, rigl, amc, netadapt"),
 ]
 
 

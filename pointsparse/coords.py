@@ -34,7 +34,7 @@ def check_coords(coords: torch.Tensor, name: str = "coords") -> None:
 def pack(coords: torch.Tensor) -> torch.Tensor:
     """int64 keys of (N, 4) int32 coords; ValueError naming the first row out of range."""
     check_coords(coords)
-    if coords.device.type == "cpu":
+    if _ext.use_core(coords):
         return _ext.to_tensor(_ext.call(_ext.core.pack_keys, _ext.to_numpy(coords)))
     return pack_torch(coords)
 
@@ -54,8 +54,14 @@ def pack_torch(coords: torch.Tensor) -> torch.Tensor:
 
 def unpack(keys: torch.Tensor) -> torch.Tensor:
     """(N, 4) int32 coords of int64 keys."""
-    if keys.device.type == "cpu":
+    if _ext.use_core(keys):
         return _ext.to_tensor(_ext.call(_ext.core.unpack_keys, _ext.to_numpy(keys, torch.int64)))
+    return unpack_torch(keys)
+
+
+def unpack_torch(keys: torch.Tensor) -> torch.Tensor:
+    """Same as :func:`unpack` from torch ops (any device)."""
+    keys = keys.long()
     mask = (1 << COORD_BITS) - 1
     out = torch.stack(
         [keys >> SHIFT_B, ((keys >> SHIFT_X) & mask) - _BIAS, ((keys >> SHIFT_Y) & mask) - _BIAS, (keys & mask) - _BIAS],
@@ -72,9 +78,15 @@ def key_delta(dx: int, dy: int, dz: int) -> int:
 def unique(keys: torch.Tensor):
     """(unique_keys ascending, inverse, perm, seg_ptr) of int64 keys: rows
     ``perm[seg_ptr[j]:seg_ptr[j+1]]`` hold key ``j`` in their original order."""
-    if keys.device.type == "cpu":
+    if _ext.use_core(keys):
         out = _ext.call(_ext.core.unique_keys, _ext.to_numpy(keys, torch.int64))
         return tuple(_ext.to_tensor(a) for a in out)
+    return unique_torch(keys)
+
+
+def unique_torch(keys: torch.Tensor):
+    """Same as :func:`unique` from torch ops (any device)."""
+    keys = keys.long()
     sorted_keys, perm = torch.sort(keys, stable=True)
     uniq, counts = torch.unique_consecutive(sorted_keys, return_counts=True)
     seg_ptr = torch.zeros(uniq.numel() + 1, dtype=torch.int64, device=keys.device)
@@ -87,7 +99,12 @@ def unique(keys: torch.Tensor):
 
 def sort(keys: torch.Tensor):
     """(sorted_keys, perm), stable."""
-    if keys.device.type == "cpu":
+    if _ext.use_core(keys):
         s, p = _ext.call(_ext.core.sort_keys, _ext.to_numpy(keys, torch.int64))
         return _ext.to_tensor(s), _ext.to_tensor(p)
-    return torch.sort(keys, stable=True)
+    return sort_torch(keys)
+
+
+def sort_torch(keys: torch.Tensor):
+    """Same as :func:`sort` from torch ops (any device)."""
+    return torch.sort(keys.long(), stable=True)

@@ -3,6 +3,7 @@ cache that every tensor derived from the same input shares."""
 
 from __future__ import annotations
 
+import operator
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -14,18 +15,20 @@ Triple = tuple[int, int, int]
 
 def as_triple(value, name: str, minimum: int = 1) -> Triple:
     """An int or 3-sequence of ints as a 3-tuple; ValueError/TypeError naming ``name``."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int or a 3-tuple of ints; got {value!r}")
-    if isinstance(value, int):
-        out = (value, value, value)
-    elif isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point():
-        out = (int(value),) * 3
-    else:
+    def as_int(v):  # int, numpy integers, 0-d integer tensors; not bool
+        if isinstance(v, bool) or (isinstance(v, torch.Tensor)
+                                   and (v.dim() != 0 or v.is_floating_point() or v.dtype == torch.bool)):
+            raise TypeError
+        return operator.index(v)
+
+    try:
+        out = (as_int(value),) * 3
+    except TypeError:
         try:
-            out = tuple(value)
+            out = tuple(as_int(v) for v in value)
         except TypeError:
             raise TypeError(f"{name} must be an int or a 3-tuple of ints; got {value!r}") from None
-        if len(out) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in out):
+        if len(out) != 3:
             raise TypeError(f"{name} must be an int or a 3-tuple of ints; got {value!r}")
     if any(v < minimum for v in out):
         raise ValueError(f"{name} must be >= {minimum} on every axis; got {value!r}")
@@ -81,12 +84,17 @@ def _check_feats(feats, n: int | None = None) -> None:
         raise ValueError(f"feats has {feats.shape[0]} rows but coords has {n}; they must match")
 
 
-def validate_coords(coords, stride: Triple) -> torch.Tensor:
-    """Every check of API.md on user coords; returns their keys."""
+def check_coords_type(coords) -> None:
+    """Type, dtype (NaN/inf named for float coords) and (N, 4) shape."""
     if isinstance(coords, torch.Tensor) and coords.is_floating_point():
         if not bool(torch.isfinite(coords).all()):
             raise ValueError("coords contain NaN or inf; they must be finite int32 [batch, x, y, z]")
     _coords.check_coords(coords)
+
+
+def validate_coords(coords, stride: Triple) -> torch.Tensor:
+    """Every check of API.md on user coords; returns their keys."""
+    check_coords_type(coords)
     if coords.shape[0] and bool((coords[:, 0] < 0).any()):
         row = int((coords[:, 0] < 0).nonzero()[0, 0])
         raise ValueError(f"coords has a negative batch index at row {row}: {coords[row].tolist()}")
@@ -119,9 +127,8 @@ class SparseTensor:
                  validate: bool = True) -> None:
         stride = as_triple(stride, "stride")
         if validate:
-            if not isinstance(coords, torch.Tensor):
-                raise TypeError(f"coords must be a torch.Tensor; got {type(coords).__name__}")
-            _check_feats(feats, coords.shape[0] if coords.dim() >= 1 else None)
+            check_coords_type(coords)
+            _check_feats(feats, coords.shape[0])
             if feats.device != coords.device:
                 raise ValueError(f"feats are on {feats.device} but coords on {coords.device}")
             validate_coords(coords, stride)
@@ -187,7 +194,10 @@ class SparseTensor:
         if feats.device == self._feats.device:
             return SparseTensor(feats, self._coords, self._stride, cache=self.cache, validate=False)
         cache = self.cache.to(feats.device)
-        return SparseTensor(feats, cache.coords[self._stride], self._stride, cache=cache, validate=False)
+        coords = cache.coords.get(self._stride)
+        if coords is None or self.cache.coords.get(self._stride) is not self._coords:
+            coords = self._coords.to(feats.device)  # never swap in other coords of the same stride
+        return SparseTensor(feats, coords, self._stride, cache=cache, validate=False)
 
     def cpu(self) -> "SparseTensor":
         return self.to("cpu")
@@ -218,7 +228,13 @@ class SparseTensor:
             b = self.batch_size
             spatial = tuple(int(v) + 1 for v in idx.max(0).values) if n else (0, 0, 0)
         else:
-            shape = tuple(int(s) for s in shape)
+            try:
+                shape = tuple(operator.index(s) for s in shape)
+            except TypeError:
+                raise TypeError(
+                    f"shape must be a sequence of ints (X, Y, Z) or (B, C, X, Y, Z); got {shape!r}") from None
+            if any(s < 0 for s in shape):
+                raise ValueError(f"shape must be non-negative; got {shape}")
             if len(shape) == 5:
                 b, spatial = shape[0], shape[2:]
                 if shape[1] != c:

@@ -75,7 +75,7 @@ def quantize_keys(points: torch.Tensor, voxel_size, batch=None) -> torch.Tensor:
     _check_points(points)
     vs = _voxel_size(voxel_size)
     batch = _check_batch(batch, points.shape[0], points.device)
-    if points.device.type != "cpu":
+    if not _ext.use_core(points):
         return _quantize_torch(points, vs, batch)
     p = _ext.to_numpy(points) if points.dtype in (torch.float32, torch.float64) else _ext.to_numpy(points, torch.float32)
     b = None if batch is None else _ext.to_numpy(batch)
@@ -88,7 +88,7 @@ class _SegmentReduce(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, feats, inverse, perm, seg_ptr, mode: int):
-        if feats.device.type == "cpu" and feats.dtype in (torch.float32, torch.float64):
+        if _ext.use_core(feats) and feats.dtype in (torch.float32, torch.float64):
             out, arg = _ext.call(_ext.core.segment_reduce, _ext.to_numpy(feats), _ext.to_numpy(perm),
                                  _ext.to_numpy(seg_ptr), mode)
             out, arg = _ext.to_tensor(out), _ext.to_tensor(arg)
@@ -194,7 +194,10 @@ def devoxelize(tensor: SparseTensor, inverse: torch.Tensor | None = None, *, poi
             raise TypeError("devoxelize(mode='nearest') needs inverse: the (N,) integer map returned by voxelize")
         if inverse.numel() and (int(inverse.min()) < 0 or int(inverse.max()) >= len(tensor)):
             raise ValueError(f"inverse holds rows outside [0, {len(tensor)})")
-        return tensor.feats[inverse.to(tensor.device).long()]
+        # index_select, not feats[inverse]: its backward (index_add_) sums
+        # each voxel's gradients in a fixed order on the CPU, where the
+        # backward of advanced indexing uses float atomics (run-to-run noise)
+        return tensor.feats.index_select(0, inverse.to(tensor.device).long())
     if mode != "trilinear":
         raise ValueError(f"mode must be 'nearest' or 'trilinear'; got {mode!r}")
     if points is None or voxel_size is None:
@@ -202,15 +205,24 @@ def devoxelize(tensor: SparseTensor, inverse: torch.Tensor | None = None, *, poi
     _check_points(points)
     vs = _voxel_size(voxel_size)
     batch = _check_batch(batch, points.shape[0], points.device)
-    idx, weight = trilinear_weights(tensor, points, vs, batch)
-    gathered = tensor.feats[idx.clamp_min(0)] * weight.to(tensor.dtype)[..., None]
+    if points.device != tensor.device:
+        raise ValueError(f"points are on {points.device} but the tensor on {tensor.device}")
+    if len(tensor) == 0:
+        # nothing active anywhere: zeros, still attached to the graph
+        return tensor.feats.new_zeros((points.shape[0], tensor.feats.shape[1])) + tensor.feats.sum(0)
+    # weights in the wider precision of points and feats
+    wide = torch.promote_types(points.dtype, tensor.dtype)
+    idx, weight = trilinear_weights(tensor, points.to(wide), vs, batch)
+    n, c = idx.shape[0], tensor.feats.shape[1]
+    gathered = tensor.feats.index_select(0, idx.clamp_min(0).reshape(-1)).view(n, 8, c)  # deterministic backward
+    gathered = gathered * weight.to(tensor.dtype)[..., None]
     return gathered.sum(1)
 
 
 def trilinear_weights(tensor: SparseTensor, points: torch.Tensor, voxel_size, batch=None):
     """(idx (N, 8), weights (N, 8)) of the voxels of ``tensor`` around each point."""
     vs = _voxel_size(voxel_size)
-    if tensor.device.type != "cpu" or points.device.type != "cpu":
+    if not _ext.use_core(tensor.coords, points):
         return _trilinear_torch(tensor, points, vs, batch)
     sorted_keys, rows = _coords.sort(_coords.pack(tensor.coords))
     b = None if batch is None else _ext.to_numpy(batch, torch.int64)
@@ -221,6 +233,8 @@ def trilinear_weights(tensor: SparseTensor, points: torch.Tensor, voxel_size, ba
 
 
 def _trilinear_torch(tensor, points, vs, batch):
+    """The torch twin of the core's ``trilinear_neighbors``: the same float64
+    operations in the same order, so both give identical indices and weights."""
     dev = points.device
     st = torch.tensor(tensor.stride, dtype=torch.float64, device=dev)
     u = points.double() / (torch.tensor(vs, dtype=torch.float64, device=dev) * st) - 0.5
@@ -230,18 +244,26 @@ def _trilinear_torch(tensor, points, vs, batch):
     b = batch if batch is not None else torch.zeros(points.shape[0], dtype=torch.int64, device=dev)
     idx_cols, w_cols = [], []
     for corner in range(8):
-        bits = torch.tensor([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1], device=dev)
-        q = ((base + bits) * st).long()
-        w = torch.where(bits.bool(), frac, 1 - frac).prod(1)
-        ok = ((q >= _coords.COORD_MIN) & (q <= _coords.COORD_MAX)).all(1)
-        qc = torch.where(ok[:, None], q, torch.zeros_like(q))
-        key = _coords.pack_torch(torch.cat([b[:, None], qc], 1).to(torch.int32))
+        bits = ((corner >> 2) & 1, (corner >> 1) & 1, corner & 1)
+        # range-check the corner as float64 before any integer cast
+        qd = (base + torch.tensor(bits, dtype=torch.float64, device=dev)) * st
+        ok = ((qd >= _coords.COORD_MIN) & (qd <= _coords.COORD_MAX)).all(1)
+        q = torch.where(ok[:, None], qd, torch.zeros_like(qd)).long()
+        w = None
+        for a in range(3):
+            f = frac[:, a] if bits[a] else 1 - frac[:, a]
+            w = f if w is None else w * f
+        key = _coords.pack_torch(torch.cat([b[:, None], q], 1).to(torch.int32))
         pos = torch.searchsorted(sorted_keys, key).clamp_max(max(len(sorted_keys) - 1, 0))
         hit = ok & (sorted_keys[pos] == key) if len(sorted_keys) else torch.zeros_like(ok)
         idx_cols.append(torch.where(hit, rows[pos] if len(rows) else pos, torch.full_like(pos, -1)))
         w_cols.append(torch.where(hit, w, torch.zeros_like(w)))
+    total = w_cols[0]
+    for w in w_cols[1:]:  # in corner order, as the core sums them
+        total = total + w
     idx = torch.stack(idx_cols, 1)
     w = torch.stack(w_cols, 1)
-    total = w.sum(1, keepdim=True)
-    w = torch.where(total > 0, w / total.clamp_min(1e-300), w)
-    return idx, w.to(points.dtype)
+    w = torch.where(total[:, None] > 0, w / torch.where(total > 0, total, torch.ones_like(total))[:, None],
+                    torch.zeros_like(w))
+    out_dtype = points.dtype if points.dtype == torch.float64 else torch.float32
+    return idx, w.to(out_dtype)

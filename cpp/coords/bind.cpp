@@ -27,7 +27,7 @@ int64_t first_bad_row(const int32_t* c, int64_t n, int nt) {
 py::array_t<int64_t> pack_keys(carray<int32_t> coords, int num_threads) {
   check_2d(coords, 4, "coords");
   const int64_t n = coords.shape(0);
-  const int nt = threads(num_threads);
+  const int nt = threads(num_threads, n);
   const int32_t* c = coords.data();
   auto keys = empty_array<int64_t>({n});
   int64_t* k = keys.mutable_data();
@@ -62,9 +62,9 @@ void check_keys(const int64_t* k, int64_t n, int nt, const char* name) {
 }
 
 py::array_t<int32_t> unpack_keys(carray<int64_t> keys, int num_threads) {
-  check_1d(keys, keys.ndim() == 1 ? keys.shape(0) : -1, "keys");
+  check_1d(keys, -1, "keys");
   const int64_t n = keys.shape(0);
-  const int nt = threads(num_threads);
+  const int nt = threads(num_threads, n);
   auto coords = empty_array<int32_t>({n, 4});
   const int64_t* k = keys.data();
   int32_t* c = coords.mutable_data();
@@ -78,9 +78,9 @@ py::array_t<int32_t> unpack_keys(carray<int64_t> keys, int num_threads) {
 }
 
 py::tuple sort_keys(carray<int64_t> keys, int num_threads) {
-  check_1d(keys, keys.ndim() == 1 ? keys.shape(0) : -1, "keys");
+  check_1d(keys, -1, "keys");
   const int64_t n = keys.shape(0);
-  const int nt = threads(num_threads);
+  const int nt = threads(num_threads, n);
   auto sorted = empty_array<int64_t>({n});
   auto perm = empty_array<int64_t>({n});
   const int64_t* k = keys.data();
@@ -98,9 +98,9 @@ py::tuple sort_keys(carray<int64_t> keys, int num_threads) {
 // perm (N,), seg_ptr (M+1,)): rows perm[seg_ptr[j]:seg_ptr[j+1]] hold key j,
 // in their original order; inverse[i] is the group of row i.
 py::tuple unique_keys(carray<int64_t> keys, int num_threads) {
-  check_1d(keys, keys.ndim() == 1 ? keys.shape(0) : -1, "keys");
+  check_1d(keys, -1, "keys");
   const int64_t n = keys.shape(0);
-  const int nt = threads(num_threads);
+  const int nt = threads(num_threads, n);
   const int64_t* k = keys.data();
   std::vector<int64_t> sorted(n), perm(n), starts;
   auto inverse = empty_array<int64_t>({n});

@@ -11,13 +11,12 @@ namespace ps {
 namespace {
 constexpr int kDigitBits = 11;
 constexpr int kBuckets = 1 << kDigitBits;
-constexpr int64_t kSerialBelow = 1 << 14;  // small inputs: one thread is faster
 }  // namespace
 
 void radix_sort_keys(const int64_t* keys, int64_t n, int64_t* keys_out, int64_t* perm_out,
                      int num_threads) {
   if (n <= 0) return;
-  const int nt = n < kSerialBelow ? 1 : threads(num_threads);
+  const int nt = threads(num_threads, n);  // small inputs: one thread is faster
   int64_t max_key = 0;
 #pragma omp parallel for num_threads(nt) reduction(max : max_key) schedule(static)
   for (int64_t i = 0; i < n; ++i) max_key = std::max(max_key, keys[i]);
@@ -35,15 +34,19 @@ void radix_sort_keys(const int64_t* keys, int64_t n, int64_t* keys_out, int64_t*
   for (int64_t i = 0; i < n; ++i) p_src[i] = i;
   if (passes == 0) return;
 
-  // counts[t][b]: how many keys of thread t's static chunk fall in bucket b.
+  // counts[t][b]: how many keys of thread t's chunk fall in bucket b. The
+  // chunks follow the team OpenMP really starts, which can be smaller than
+  // nt (OMP_THREAD_LIMIT, OMP_DYNAMIC, a nested region): every row must
+  // belong to a running thread.
   std::vector<int64_t> counts(size_t(nt) * kBuckets);
   for (int pass = 0; pass < passes; ++pass) {
     const int shift = pass * kDigitBits;
     std::fill(counts.begin(), counts.end(), 0);
 #pragma omp parallel num_threads(nt)
     {
+      const int team = omp_get_num_threads();
       const int t = omp_get_thread_num();
-      const int64_t lo = n * t / nt, hi = n * (t + 1) / nt;
+      const int64_t lo = n * t / team, hi = n * (t + 1) / team;
       int64_t* c = counts.data() + size_t(t) * kBuckets;
       for (int64_t i = lo; i < hi; ++i) ++c[(k_src[i] >> shift) & (kBuckets - 1)];
 #pragma omp barrier
@@ -51,7 +54,7 @@ void radix_sort_keys(const int64_t* keys, int64_t n, int64_t* keys_out, int64_t*
       {
         int64_t sum = 0;
         for (int b = 0; b < kBuckets; ++b)
-          for (int u = 0; u < nt; ++u) {
+          for (int u = 0; u < team; ++u) {
             int64_t& v = counts[size_t(u) * kBuckets + b];
             const int64_t cnt = v;
             v = sum;

@@ -50,25 +50,28 @@ py::array_t<int64_t> quantize(py::array points, std::vector<double> voxel_size,
   check_2d(points, 3, "points");
   const auto vs = voxel_size_vec(voxel_size);
   const int64_t n = points.shape(0);
-  const int nt = threads(num_threads);
+  const int nt = threads(num_threads, n);
   carray<int64_t> batch;
   const int64_t* b = nullptr;
   if (!batch_obj.is_none()) {
-    batch = batch_obj.cast<carray<int64_t>>();
+    batch = as_carray<int64_t>(batch_obj, "batch");
     check_1d(batch, n, "batch");
     b = batch.data();
   }
   auto keys = empty_array<int64_t>({n});
   int64_t bad;
   if (points.dtype().is(py::dtype::of<float>())) {
-    auto p = carray<float>::ensure(points);
+    auto p = as_carray<float>(points, "points");
     py::gil_scoped_release release;
     bad = quantize_impl(p.data(), b, n, vs.data(), keys.mutable_data(), nt);
   } else {
-    auto p = carray<double>::ensure(points);
+    auto p = as_carray<double>(points, "points");
     py::gil_scoped_release release;
     bad = quantize_impl(p.data(), b, n, vs.data(), keys.mutable_data(), nt);
   }
+  if (bad >= 0 && b != nullptr && !batch_in_range(b[bad]))
+    value_error("batch[" + std::to_string(bad) + "] = " + std::to_string(b[bad]) +
+                " is outside [0, " + std::to_string(kBatchMax) + "]");
   if (bad >= 0)
     value_error("points row " + std::to_string(bad) +
                 " cannot be voxelised: coordinates must be finite and points / voxel_size must "
@@ -110,8 +113,8 @@ void reduce_impl(const F* x, int64_t c, const int64_t* perm, const int64_t* seg,
       for (int64_t k = 0; k < c; ++k) o[k] += s[k];
     }
     if (mode == 1) {
-      const F inv = F(1) / F(hi - lo);
-      for (int64_t k = 0; k < c; ++k) o[k] *= inv;
+      const F count = F(hi - lo);
+      for (int64_t k = 0; k < c; ++k) o[k] /= count;
     }
   }
 }
@@ -132,12 +135,12 @@ py::tuple segment_reduce(py::array feats, carray<int64_t> perm, carray<int64_t> 
     if (s[j + 1] <= s[j]) value_error("seg_ptr must be strictly increasing");
   for (int64_t i = 0; i < n; ++i)
     if (p[i] < 0 || p[i] >= n) value_error("perm holds a row outside [0, len(feats))");
-  const int nt = threads(num_threads);
+  const int nt = threads(num_threads, n * std::max<int64_t>(c, 1));
   py::array_t<int64_t> arg = mode == 2 ? empty_array<int64_t>({m, c})
                              : mode == 3 ? empty_array<int64_t>({m})
                                          : empty_array<int64_t>({0});
   if (feats.dtype().is(py::dtype::of<float>())) {
-    auto x = carray<float>::ensure(feats);
+    auto x = as_carray<float>(feats, "feats");
     auto out = empty_array<float>({m, c});
     float* o = out.mutable_data();
     int64_t* a = arg.mutable_data();
@@ -148,7 +151,7 @@ py::tuple segment_reduce(py::array feats, carray<int64_t> perm, carray<int64_t> 
     return py::make_tuple(out, arg);
   }
   if (!feats.dtype().is(py::dtype::of<double>())) value_error("feats must be float32 or float64");
-  auto x = carray<double>::ensure(feats);
+  auto x = as_carray<double>(feats, "feats");
   auto out = empty_array<double>({m, c});
   double* o = out.mutable_data();
   int64_t* a = arg.mutable_data();
@@ -170,14 +173,14 @@ void trilinear_impl(const F* p, const int64_t* batch, int64_t n, const double* v
                     int64_t* idx, F* w, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t i = 0; i < n; ++i) {
-    int64_t base[3];
-    double frac[3];
+    double base[3], frac[3];
     for (int a = 0; a < 3; ++a) {
       const double u = double(p[3 * i + a]) / (vs[a] * double(st[a])) - 0.5;
-      const double f = std::floor(u);
-      base[a] = int64_t(f);
-      frac[a] = u - f;
+      base[a] = std::floor(u);
+      frac[a] = u - base[a];
     }
+    // Weights in double: each is rounded to F once, after renormalising.
+    double weights[8];
     double total = 0;
     for (int corner = 0; corner < 8; ++corner) {
       int64_t q[3];
@@ -185,9 +188,11 @@ void trilinear_impl(const F* p, const int64_t* batch, int64_t n, const double* v
       bool ok = true;
       for (int a = 0; a < 3; ++a) {
         const int bit = (corner >> (2 - a)) & 1;
-        q[a] = (base[a] + bit) * st[a];
+        // Range-check the coordinate as a double before any integer cast.
+        const double qd = (base[a] + bit) * double(st[a]);
+        ok = ok && qd >= double(kCoordMin) && qd <= double(kCoordMax);
+        q[a] = ok ? int64_t(qd) : 0;
         weight *= bit ? frac[a] : 1 - frac[a];
-        ok = ok && coord_in_range(q[a]);
       }
       int64_t row = -1;
       if (ok) {
@@ -196,11 +201,11 @@ void trilinear_impl(const F* p, const int64_t* batch, int64_t n, const double* v
         if (hit != keys + m && *hit == key) row = rows[hit - keys];
       }
       idx[8 * i + corner] = row;
-      w[8 * i + corner] = row >= 0 ? F(weight) : F(0);
-      if (row >= 0) total += weight;
+      weights[corner] = row >= 0 ? weight : 0.0;
+      total += weights[corner];
     }
-    if (total > 0)
-      for (int corner = 0; corner < 8; ++corner) w[8 * i + corner] = F(w[8 * i + corner] / total);
+    for (int corner = 0; corner < 8; ++corner)
+      w[8 * i + corner] = total > 0 ? F(weights[corner] / total) : F(0);
   }
 }
 
@@ -214,8 +219,8 @@ py::tuple trilinear_neighbors(py::array points, py::object batch_obj,
   for (auto s : stride)
     if (s < 1) value_error("stride must be positive");
   const int64_t n = points.shape(0);
-  const int64_t m = sorted_keys.ndim() == 1 ? sorted_keys.shape(0) : -1;
-  check_1d(sorted_keys, m, "sorted_keys");
+  check_1d(sorted_keys, -1, "sorted_keys");
+  const int64_t m = sorted_keys.shape(0);
   check_1d(sorted_rows, m, "sorted_rows");
   const int64_t* r = sorted_rows.data();
   for (int64_t j = 0; j < m; ++j)
@@ -223,16 +228,16 @@ py::tuple trilinear_neighbors(py::array points, py::object batch_obj,
   carray<int64_t> batch;
   const int64_t* b = nullptr;
   if (!batch_obj.is_none()) {
-    batch = batch_obj.cast<carray<int64_t>>();
+    batch = as_carray<int64_t>(batch_obj, "batch");
     check_1d(batch, n, "batch");
     b = batch.data();
     for (int64_t i = 0; i < n; ++i)
       if (!batch_in_range(b[i])) value_error("batch index out of range at point " + std::to_string(i));
   }
-  const int nt = threads(num_threads);
+  const int nt = threads(num_threads, 8 * n);
   auto idx = empty_array<int64_t>({n, 8});
   if (points.dtype().is(py::dtype::of<float>())) {
-    auto p = carray<float>::ensure(points);
+    auto p = as_carray<float>(points, "points");
     auto w = empty_array<float>({n, 8});
     float* wp = w.mutable_data();
     int64_t* ip = idx.mutable_data();
@@ -242,7 +247,7 @@ py::tuple trilinear_neighbors(py::array points, py::object batch_obj,
     }
     return py::make_tuple(idx, w);
   }
-  auto p = carray<double>::ensure(points);
+  auto p = as_carray<double>(points, "points");
   auto w = empty_array<double>({n, 8});
   double* wp = w.mutable_data();
   int64_t* ip = idx.mutable_data();

@@ -2,7 +2,8 @@
 
 from . import functional
 from .functional import add, cat
-from .modules import ELU, GELU, BatchNorm, Conv3d, Dropout, LeakyReLU, Linear, ReLU, Sigmoid, SiLU, Tanh
+from .modules import (ELU, GELU, AvgPool3d, BatchNorm, Conv3d, Dropout, GlobalAvgPool, GlobalMaxPool, LeakyReLU,
+                      Linear, MaxPool3d, ReLU, Sigmoid, SiLU, Tanh)
 
-__all__ = ["add", "cat", "BatchNorm", "Conv3d", "Dropout", "ELU", "GELU", "LeakyReLU", "Linear", "ReLU", "Sigmoid", "SiLU",
-           "Tanh", "functional"]
+__all__ = ["add", "cat", "AvgPool3d", "BatchNorm", "Conv3d", "Dropout", "ELU", "GELU", "GlobalAvgPool", "GlobalMaxPool",
+           "LeakyReLU", "Linear", "MaxPool3d", "ReLU", "Sigmoid", "SiLU", "Tanh", "functional"]

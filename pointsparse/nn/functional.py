@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import kmap as _kmap
+from . import _engine
 from ..tensor import SparseTensor, as_triple
 
 
@@ -46,12 +47,20 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
     t = as_triple(stride, "stride")
     d = as_triple(dilation, "dilation")
     _check_weight(input, weight, k)
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[2]):
-        raise ValueError(f"bias must be (C_out,) = ({weight.shape[2]},); got {tuple(bias.shape)}")
-    kmap = _kmap.get_kmap(input, k, t, d, transposed)
-    feats = conv_with_map(input.feats, weight, kmap)
     if bias is not None:
-        feats = feats + bias
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None; got {type(bias).__name__}")
+        if bias.dim() != 1 or bias.shape[0] != weight.shape[2]:
+            raise ValueError(f"bias must be (C_out,) = ({weight.shape[2]},); got {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype or bias.device != weight.device:
+            raise TypeError(f"bias ({bias.dtype}, {bias.device}) must match the weight ({weight.dtype}, {weight.device})")
+    kmap = _kmap.get_kmap(input, k, t, d, transposed)
+    if _engine.supported(input.feats, weight):
+        feats = _engine.conv(input.feats, weight, bias, kmap)
+    else:  # other devices and dtypes: the same pairs in torch ops
+        feats = conv_with_map(input.feats, weight, kmap)
+        if bias is not None:
+            feats = feats + bias
     if transposed:
         out_stride = tuple(a // b for a, b in zip(input.stride, t))
     else:
@@ -85,3 +94,66 @@ def add(a: SparseTensor, b: SparseTensor) -> SparseTensor:
     """Sum of two tensors on the same coords (residual connections)."""
     first = _same_sites([a, b], "add")
     return first.with_feats(a.feats + b.feats)
+
+
+def _pool_map(input: SparseTensor, kernel_size, stride, dilation, what: str):
+    if not isinstance(input, SparseTensor):
+        raise TypeError(f"{what}: input must be a SparseTensor; got {type(input).__name__}")
+    k = as_triple(kernel_size, "kernel_size")
+    t = k if stride is None else as_triple(stride, "stride")
+    d = as_triple(dilation, "dilation")
+    kmap = _kmap.get_kmap(input, k, t, d, False)
+    return kmap, tuple(a * b for a, b in zip(input.stride, t))
+
+
+def max_pool3d(input: SparseTensor, kernel_size=2, stride=None, dilation=1) -> SparseTensor:
+    """Sparse max pooling: ``out[q] = max over offsets o of in[q + o]`` over the
+    active inputs of the window; output coords as the strided conv's (``stride``
+    defaults to ``kernel_size``; stride 1 keeps the coords). A window with no
+    active input (a kernel smaller than the stride) gives 0."""
+    kmap, out_stride = _pool_map(input, kernel_size, stride, dilation, "max_pool3d")
+    feats = input.feats
+    out = feats.new_zeros((kmap.num_out, feats.shape[1]))
+    if kmap.num_pairs:
+        index = kmap.out_idx.to(feats.device).unsqueeze(1).expand(-1, feats.shape[1])
+        out = out.scatter_reduce(0, index, feats[kmap.in_idx.to(feats.device)], "amax", include_self=False)
+    return SparseTensor(out, kmap.out_coords, out_stride, cache=input.cache, validate=False)
+
+
+def avg_pool3d(input: SparseTensor, kernel_size=2, stride=None, dilation=1) -> SparseTensor:
+    """Sparse average pooling: the mean of the active inputs of each window
+    (inactive sites are not counted; 0 for a window with none); output coords
+    as the strided conv's."""
+    kmap, out_stride = _pool_map(input, kernel_size, stride, dilation, "avg_pool3d")
+    feats = input.feats
+    out_idx = kmap.out_idx.to(feats.device)
+    total = feats.new_zeros((kmap.num_out, feats.shape[1])).index_add(0, out_idx, feats[kmap.in_idx.to(feats.device)])
+    count = torch.bincount(out_idx, minlength=kmap.num_out).clamp_min(1).to(feats.dtype)
+    return SparseTensor(total / count.unsqueeze(1), kmap.out_coords, out_stride, cache=input.cache, validate=False)
+
+
+def _per_batch(input: SparseTensor, what: str):
+    if not isinstance(input, SparseTensor):
+        raise TypeError(f"{what}: input must be a SparseTensor; got {type(input).__name__}")
+    return input.coords[:, 0].long().to(input.device), input.batch_size
+
+
+def global_avg_pool(input: SparseTensor) -> torch.Tensor:
+    """Dense ``(B, C)``: the mean feats of each batch item (0 for an item with
+    no sites)."""
+    batch, b = _per_batch(input, "global_avg_pool")
+    feats = input.feats
+    total = feats.new_zeros((b, feats.shape[1])).index_add(0, batch, feats)
+    count = torch.bincount(batch, minlength=b).clamp_min(1).to(feats.dtype)
+    return total / count.unsqueeze(1)
+
+
+def global_max_pool(input: SparseTensor) -> torch.Tensor:
+    """Dense ``(B, C)``: the channel-wise max of each batch item (0 for an item
+    with no sites)."""
+    batch, b = _per_batch(input, "global_max_pool")
+    feats = input.feats
+    out = feats.new_zeros((b, feats.shape[1]))
+    if len(input):
+        out = out.scatter_reduce(0, batch.unsqueeze(1).expand(-1, feats.shape[1]), feats, "amax", include_self=False)
+    return out

@@ -62,6 +62,49 @@ class Conv3d(nn.Module):
         return s
 
 
+class _Pool3d(nn.Module):
+    function = staticmethod(F.max_pool3d)
+
+    def __init__(self, kernel_size=2, stride=None, dilation=1) -> None:
+        super().__init__()
+        self.kernel_size = as_triple(kernel_size, "kernel_size")
+        self.stride = self.kernel_size if stride is None else as_triple(stride, "stride")
+        self.dilation = as_triple(dilation, "dilation")
+
+    def forward(self, input: SparseTensor) -> SparseTensor:
+        return self.function(_check_input(input), self.kernel_size, self.stride, self.dilation)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, dilation={self.dilation}"
+
+
+class MaxPool3d(_Pool3d):
+    """Sparse max pooling over the active sites of each window; output coords
+    as a strided conv's (``stride`` defaults to ``kernel_size``)."""
+
+    function = staticmethod(F.max_pool3d)
+
+
+class AvgPool3d(_Pool3d):
+    """Sparse average pooling: the mean of the active sites of each window."""
+
+    function = staticmethod(F.avg_pool3d)
+
+
+class GlobalAvgPool(nn.Module):
+    """Mean feats per batch item: a dense ``(B, C)`` tensor."""
+
+    def forward(self, input: SparseTensor) -> torch.Tensor:
+        return F.global_avg_pool(_check_input(input))
+
+
+class GlobalMaxPool(nn.Module):
+    """Channel-wise max per batch item: a dense ``(B, C)`` tensor."""
+
+    def forward(self, input: SparseTensor) -> torch.Tensor:
+        return F.global_max_pool(_check_input(input))
+
+
 class BatchNorm(nn.BatchNorm1d):
     """Batch normalisation over the feats of a SparseTensor (every active site
     is one sample). A ``torch.nn.BatchNorm1d`` itself, so ``weight`` (gamma),

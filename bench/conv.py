@@ -1,0 +1,219 @@
+"""Sparse convolution speed: pointsparse's engine against a naive torch loop
+(index_select + mm + index_add_ per offset, written here) and, when installed,
+spconv's CPU build; effective GFLOP/s and the fraction of the torch.mm rate
+measured in the same run.
+
+    flock /tmp/ps-heavy.lock .venv/bin/python bench/conv.py [--quick] [--tune]
+
+Layers: submanifold k=3, strided k=2 s=2, transposed k=2 s=2, on generated
+street scenes (25k / 100k / 200k voxels at 0.05 m) and the real sweeps.
+Results: bench/results/conv.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from _common import RESULTS_DIR, environment, real_scene, real_sweeps, street_scene, timeit, write_markdown
+
+import pointsparse as ps  # noqa: E402  (after _common puts the repo on the path)
+from pointsparse.nn import _engine  # noqa: E402
+from pointsparse.nn import functional as F  # noqa: E402
+
+try:  # optional comparison; never installed by this project
+    import spconv.pytorch as spconv  # type: ignore
+except Exception:  # noqa: BLE001 - any import failure means "not available"
+    spconv = None
+
+
+def naive_conv(feats: torch.Tensor, weight: torch.Tensor, kmap) -> torch.Tensor:
+    """The baseline: per offset, index_select the inputs, mm, index_add_ the outputs."""
+    out = feats.new_zeros((kmap.num_out, weight.shape[2]))
+    for o in range(kmap.kernel_volume):
+        in_idx, out_idx = kmap.pairs(o)
+        if in_idx.numel():
+            out = out.index_add(0, out_idx, torch.mm(feats.index_select(0, in_idx), weight[o]))
+    return out
+
+
+class Layer:
+    """One benchmarked layer: its input tensor, kernel map and flop count."""
+
+    def __init__(self, name: str, coords: torch.Tensor, kind: str, channels: int):
+        self.name, self.kind, self.channels = name, kind, channels
+        g = torch.Generator().manual_seed(0)
+        base = ps.SparseTensor(torch.randn(len(coords), channels, generator=g), coords)
+        if kind == "submanifold k=3":
+            self.input, self.args = base, (3, 1, False)
+        elif kind == "strided k=2 s=2":
+            self.input, self.args = base, (2, 2, False)
+        else:  # transposed k=2 s=2: from the stride-2 coords back to the scene
+            down = ps.kmap.get_kmap(base, 2, 2)
+            self.input = ps.SparseTensor(torch.randn(down.num_out, channels, generator=g), down.out_coords, 2,
+                                         cache=base.cache, validate=False)
+            self.args = (2, 2, True)
+        k, t, transposed = self.args
+        self.kmap = ps.kmap.get_kmap(self.input, k, t, 1, transposed)
+        self.weight = torch.randn(k**3, channels, channels, generator=g) / (channels * 3) ** 0.5
+        self.flops = 2.0 * self.kmap.num_pairs * channels * channels
+
+    def ours(self, backward: bool, plan=None):
+        feats = self.input.feats.requires_grad_(backward)
+        weight = self.weight.requires_grad_(backward)
+        if plan is None:
+            k, t, transposed = self.args
+            out = F.conv3d(self.input.with_feats(feats), weight, k, t, transposed=transposed).feats
+        else:
+            out = _engine.ConvFunction.apply(feats, weight, None, plan)
+        if backward:
+            out.backward(torch.ones_like(out))
+            feats.grad = weight.grad = None
+        return out
+
+    def naive(self, backward: bool):
+        feats = self.input.feats.requires_grad_(backward)
+        weight = self.weight.requires_grad_(backward)
+        out = naive_conv(feats, weight, self.kmap)
+        if backward:
+            out.backward(torch.ones_like(out))
+            feats.grad = weight.grad = None
+        return out
+
+    def spconv_fn(self):  # pragma: no cover - only with spconv installed
+        """spconv's CPU layer on the same input (submanifold and strided only)."""
+        if spconv is None or self.kind.startswith("transposed"):
+            return None
+        c = self.input.coords
+        indices = torch.cat([c[:, :1], c[:, 1:] // self.input.stride[0]], 1).int()
+        shape = (indices[:, 1:].max(0).values + 1).tolist()
+        layer = (spconv.SubMConv3d(self.channels, self.channels, 3, bias=False) if self.args[1] == 1
+                 else spconv.SparseConv3d(self.channels, self.channels, 2, 2, bias=False))
+
+        def run(backward: bool):
+            feats = self.input.feats.requires_grad_(backward)
+            x = spconv.SparseConvTensor(feats, indices, shape, int(c[:, 0].max()) + 1)
+            out = layer(x).features
+            if backward:
+                out.backward(torch.ones_like(out))
+                feats.grad = None
+                layer.zero_grad()
+            return out
+        return run
+
+
+def mm_rate(rows: int, channels: int, repeats: int) -> float:
+    """GFLOP/s of (rows x C) @ (C x C), the GEMM shape of the convolution."""
+    a, b = torch.randn(rows, channels), torch.randn(channels, channels)
+    out = torch.empty(rows, channels)
+    t = timeit(lambda: torch.mm(a, b, out=out), repeats)
+    return 2.0 * rows * channels * channels / t / 1e9
+
+
+def sgemm_rate(repeats: int) -> float:
+    a = torch.randn(2048, 2048)
+    t = timeit(lambda: torch.mm(a, a), repeats)
+    return 2.0 * 2048**3 / t / 1e9
+
+
+def scenes(quick: bool) -> list[tuple[str, torch.Tensor, bool]]:
+    """(name, coords, sweep all channel widths)."""
+    out = []
+    for n in ((100_000,) if quick else (25_000, 100_000, 200_000)):
+        out.append((f"street {n // 1000}k", street_scene(n), n == 100_000))
+    for name, pts in real_sweeps().items():
+        if quick and not name.startswith("kitti"):
+            continue
+        if name.startswith("ign"):
+            continue  # aerial tiles: covered by the kmap bench
+        out.append((f"{name} @0.05", real_scene(pts, 0.05), name.startswith("kitti")))
+    return out
+
+
+def bench(quick: bool, repeats: int) -> list[str]:
+    rows = []
+    header = ("| scene | voxels | layer | C | pairs | mm GF/s | fwd ms (ours / naive) | fwd GF/s | fwd % mm | "
+              "fwd+bwd ms (ours / naive) | fwd+bwd GF/s | fwd+bwd % mm | speedup fwd+bwd | spconv fwd+bwd ms |")
+    rows.append(header)
+    rows.append("|" + "|".join(["---"] * (header.count("|") - 1)) + "|")
+    for scene, coords, sweep in scenes(quick):
+        widths = (16, 32, 64, 128) if (sweep and not quick) else (64,)
+        for kind in ("submanifold k=3", "strided k=2 s=2", "transposed k=2 s=2"):
+            for c in widths:
+                layer = Layer(scene, coords, kind, c)
+                ref = layer.naive(False)
+                got = layer.ours(False)
+                err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+                if err > 1e-4:
+                    raise RuntimeError(f"{scene} {kind} C={c}: ours differs from the naive loop (rel {err:.2e})")
+                rate = mm_rate(max(layer.kmap.num_pairs // layer.kmap.kernel_volume, 1) * 4, c, repeats)
+                f_ours = timeit(lambda: layer.ours(False), repeats)
+                f_naive = timeit(lambda: layer.naive(False), repeats)
+                b_ours = timeit(lambda: layer.ours(True), repeats)
+                b_naive = timeit(lambda: layer.naive(True), repeats)
+                gf, gb = layer.flops / f_ours / 1e9, 3 * layer.flops / b_ours / 1e9
+                sp_run = layer.spconv_fn()
+                sp = ("not installed" if spconv is None else "n/a" if sp_run is None
+                      else f"{timeit(lambda: sp_run(True), repeats) * 1e3:.1f}")
+                rows.append(
+                    f"| {scene} | {len(coords)} | {kind} | {c} | {layer.kmap.num_pairs} | {rate:.0f} | "
+                    f"{f_ours * 1e3:.1f} / {f_naive * 1e3:.1f} | {gf:.0f} | {100 * gf / rate:.0f}% | "
+                    f"{b_ours * 1e3:.1f} / {b_naive * 1e3:.1f} | {gb:.0f} | {100 * gb / rate:.0f}% | "
+                    f"{b_naive / b_ours:.2f}x | {sp} |")
+                print(rows[-1], flush=True)
+    return rows
+
+
+def tune(repeats: int) -> list[str]:
+    """Forward and forward+backward of the engine at C=64 over chunk_rows x
+    epsilon x tile_rows, on the 100k street scene and the KITTI sweep."""
+    layers = [Layer("street 100k", street_scene(100_000), kind, 64) for kind in ("submanifold k=3", "strided k=2 s=2")]
+    sweeps = real_sweeps()
+    if "kitti-raw/000049" in sweeps:
+        layers.append(Layer("kitti @0.05", real_scene(sweeps["kitti-raw/000049"], 0.05), "submanifold k=3", 64))
+    rows = ["| scene | layer | chunk_rows | epsilon | tile_rows | steps | fwd ms | fwd+bwd ms |",
+            "|---|---|---|---|---|---|---|---|"]
+    for layer in layers:
+        for chunk in (4096, 8192, 16384):
+            for eps in (0.0, 0.25):
+                for tile in (0, 8192):
+                    plan = _engine.make_plan(layer.kmap, chunk, eps, tile)
+                    f = timeit(lambda: layer.ours(False, plan), repeats)
+                    b = timeit(lambda: layer.ours(True, plan), repeats)
+                    rows.append(f"| {layer.name} | {layer.kind} | {chunk} | {eps} | {tile} | {len(plan.steps)} | "
+                                f"{f * 1e3:.1f} | {b * 1e3:.1f} |")
+                    print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="street 100k and the KITTI sweep at C=64 only")
+    parser.add_argument("--tune", action="store_true", help="also sweep the engine's chunk/epsilon/tile settings")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--output", default=str(RESULTS_DIR / "conv.md"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    repeats = args.repeats or 3
+    env = environment()
+    sg = sgemm_rate(repeats)
+    env["sgemm 2048 GF/s"] = f"{sg:.0f}"
+    env["spconv"] = "not installed (skipped)" if spconv is None else "installed"
+    print(env, flush=True)
+    tables = ["## Layers\n\n" + "\n".join(bench(args.quick, repeats))]
+    if args.tune:
+        tables.append("## Engine settings (street 100k, C=64)\n\n" + "\n".join(tune(repeats)))
+    notes = (f"Big square sgemm in this run: {sg:.0f} GFLOP/s. `mm GF/s`: (P/K*4 x C) @ (C x C) in this run, "
+             "P the layer's pairs. GF/s are effective: 2 * pairs * C_in * C_out per forward, three times that "
+             "for forward+backward. Naive = index_select + mm + index_add per offset with torch autograd. "
+             "The machine was shared with other jobs while these were taken: treat them as approximate.")
+    cmd = "flock /tmp/ps-heavy.lock .venv/bin/python bench/conv.py " + " ".join(sys.argv[1:])
+    write_markdown(__import__("pathlib").Path(args.output), "Sparse convolution (bench/conv.py)", cmd.strip(), env,
+                   tables, notes)
+
+
+if __name__ == "__main__":
+    main()

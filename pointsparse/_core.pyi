@@ -1,0 +1,91 @@
+# Hand-written stub of the private C++ core (pointsparse._core). Only
+# pointsparse._ext imports it. Every function takes flat numpy buffers (any
+# layout; converted to C order, and to the dtype named, when needed), checks
+# what could corrupt memory (ValueError naming the argument), releases the
+# GIL, keeps no state, and runs on `num_threads` OpenMP threads (below 1
+# means 1; calls with less than 16k rows of work run on one thread). Results
+# are identical for every thread count.
+from typing import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+COORD_MIN: int  # -65536
+COORD_MAX: int  # 65535
+BATCH_MAX: int  # 4095
+COORD_BITS: int  # 17
+
+def pack_keys(coords: npt.NDArray[np.int32], num_threads: int) -> npt.NDArray[np.int64]:
+    """(N, 4) [batch, x, y, z] -> (N,) keys; ValueError naming the first row out of range."""
+
+def unpack_keys(keys: npt.NDArray[np.int64], num_threads: int) -> npt.NDArray[np.int32]:
+    """(N,) non-negative keys -> (N, 4) int32 [batch, x, y, z]."""
+
+def sort_keys(keys: npt.NDArray[np.int64], num_threads: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Stable radix sort of (N,) non-negative keys: (sorted_keys, perm)."""
+
+def unique_keys(
+    keys: npt.NDArray[np.int64], num_threads: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """(unique_keys (M,) ascending, inverse (N,), perm (N,), seg_ptr (M + 1,)): rows
+    perm[seg_ptr[j]:seg_ptr[j + 1]] hold key j, in their original order."""
+
+def quantize(
+    points: npt.NDArray[np.floating],
+    voxel_size: Sequence[float],
+    batch: npt.NDArray[np.int64] | None,
+    num_threads: int,
+) -> npt.NDArray[np.int64]:
+    """(N, 3) points -> (N,) keys of [batch, floor(points / voxel_size)] (float64
+    division); ValueError for non-finite or unrepresentable rows."""
+
+def segment_reduce(
+    feats: npt.NDArray[np.float32] | npt.NDArray[np.float64],
+    perm: npt.NDArray[np.int64],
+    seg_ptr: npt.NDArray[np.int64],
+    mode: int,
+    num_threads: int,
+) -> tuple[np.ndarray, npt.NDArray[np.int64]]:
+    """Reduce rows perm[seg_ptr[j]:seg_ptr[j + 1]] of (N, C) feats into (M, C):
+    mode 0 sum, 1 mean (sum / count), 2 max, 3 first. The second result is the
+    source row of each max (M, C), of each first (M,), empty otherwise."""
+
+def trilinear_neighbors(
+    points: npt.NDArray[np.floating],
+    batch: npt.NDArray[np.int64] | None,
+    voxel_size: Sequence[float],
+    stride: Sequence[int],
+    sorted_keys: npt.NDArray[np.int64],
+    sorted_rows: npt.NDArray[np.int64],
+    num_voxels: int,
+    num_threads: int,
+) -> tuple[npt.NDArray[np.int64], np.ndarray]:
+    """(idx (N, 8), weights (N, 8)): the rows of the 8 voxels whose centres
+    (c + stride / 2) * voxel_size surround each point (-1 where inactive), corner
+    order (x, y, z) bits with z fastest, and trilinear weights renormalised
+    over the active corners (float64 points: float64 weights, else float32)."""
+
+def conv_gather(
+    src: np.ndarray,
+    idx: npt.NDArray[np.int64],
+    start: npt.NDArray[np.int64],
+    len: npt.NDArray[np.int64],
+    rows: int,
+    buf: np.ndarray,
+    num_threads: int,
+) -> None:
+    """In place: buf[g * rows + i] = src[idx[start[g] + i]] for i < len[g], and
+    zero rows from len[g] up to rows (a padded group buffer for one bmm)."""
+
+def conv_scatter_add(
+    buf: np.ndarray,
+    idx: npt.NDArray[np.int64],
+    start: npt.NDArray[np.int64],
+    len: npt.NDArray[np.int64],
+    rows: int,
+    dst: np.ndarray,
+    num_threads: int,
+) -> None:
+    """In place: dst[idx[start[g] + i]] += buf[g * rows + i] for i < len[g],
+    segment by segment (indices unique within a segment, so no float atomics);
+    deterministic for any thread count."""

@@ -1,0 +1,330 @@
+"""The CPU convolution engine: gather (C++) -> GEMM (torch) -> scatter-add (C++).
+
+For every kernel offset ``o`` with pairs ``(in_idx, out_idx)``::
+
+    out[out_idx] += feats[in_idx] @ weight[o]
+
+The pairs of a map are cut into *steps* (a :class:`Plan`, built once per map).
+The output rows are split into tiles (``tile_rows``, grown on sparse maps);
+the pieces of all offsets within one tile run one after the other, so the
+tile's output rows and the input rows near them stay in cache. A step is
+either a piece of one offset (a plain ``torch.mm``) or a group of pieces of
+similar size (one ``torch.bmm`` over rows padded to the group's largest piece;
+the padding is bounded by ``epsilon``, TorchSparse's idea). A step holds at
+most ``chunk_rows`` rows, so the gathered rows and the GEMM result stay in
+cache between the gather, the GEMM and the scatter. The centre offset of a
+submanifold map (identity pairs) is one ``torch.mm`` on the whole input,
+written straight into the output: no gather, no scatter.
+
+Determinism: a step's scatter adds each output row at most once per offset
+(coords are unique), so its parallel loop is race-free, and steps run in a
+fixed order; results are bit-identical for any thread count.
+
+Backward (``ConvFunction``): the input gradient runs the same pairs the other
+way (gather output gradients at ``out_idx``, multiply by ``weight[o].T``,
+scatter-add at ``in_idx``, unique within an offset too); the weight gradient
+of offset ``o`` is ``feats[in_idx].T @ grad[out_idx]``, accumulated over the
+offset's steps with ``addmm``/``baddbmm``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from .. import _ext
+from .. import kmap as _kmap
+
+# Defaults measured with `bench/conv.py --tune` (street scene of 100k voxels,
+# C=64, submanifold k=3 and strided k=2 s=2; see bench/results/conv.md).
+#: Rows of one step (a chunk of one offset, or a padded group of offsets).
+DEFAULT_CHUNK_ROWS = 8192
+#: Largest fraction of padded (wasted) rows a batched group may hold.
+DEFAULT_EPSILON = 0.25
+#: Output rows per tile: the steps of a tile run together so its output rows
+#: (and the nearby input rows) stay in cache across the offsets. A sparse map
+#: gets larger tiles, so that an offset's piece of a tile averages at least
+#: MIN_PIECE_ROWS rows (small GEMMs and per-call costs would dominate).
+DEFAULT_TILE_ROWS = 8192
+MIN_PIECE_ROWS = 2048
+
+ENGINE_DTYPES = (torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class Step:
+    """Rows ``in_idx[start[g]:start[g]+length[g]]`` of offsets ``offsets[g]``,
+    each padded to ``rows`` (one segment: ``rows == length[0]``)."""
+
+    offsets: tuple[int, ...]
+    offsets_tensor: torch.Tensor  # int64 (G,)
+    start: object  # numpy int64 (G,)
+    length: object  # numpy int64 (G,)
+    rows: int
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.offsets) * self.rows
+
+
+@dataclass(frozen=True)
+class Plan:
+    identity: int | None  # the offset whose pairs are the identity, computed as one mm
+    steps: tuple[Step, ...]
+    in_idx: object  # numpy views of the map's indices
+    out_idx: object
+    max_rows: int
+    num_in: int
+    num_out: int
+    kernel_volume: int
+
+
+def _is_identity(kmap: _kmap.KernelMap, o: int) -> bool:
+    n = kmap.num_in
+    if int(kmap.sizes[o]) != n or kmap.num_out != n or bool(kmap.offsets[o].any()):
+        return False
+    in_idx, out_idx = kmap.pairs(o)
+    ref = torch.arange(n, dtype=in_idx.dtype)
+    return torch.equal(in_idx, ref) and torch.equal(out_idx, ref)
+
+
+def _pieces(kmap: _kmap.KernelMap, skip: int | None, chunk_rows: int, tile_rows: int) -> list[list[tuple]]:
+    """Pairs of every offset but ``skip`` as ``(length, offset, start)``
+    pieces of at most ``chunk_rows``, in lists per output tile of
+    ``tile_rows`` rows (one list when ``tile_rows`` is 0)."""
+    sizes = kmap.sizes.tolist()
+    num_tiles = 1 if tile_rows <= 0 else max(1, -(-kmap.num_out // tile_rows))
+    tiles: list[list[tuple]] = [[] for _ in range(num_tiles)]
+    bounds = torch.arange(1, num_tiles, dtype=torch.int64) * max(tile_rows, 1)
+    for o, n in enumerate(sizes):
+        if n == 0 or o == skip:
+            continue
+        lo = kmap.ptr[o]
+        cuts = [0] + torch.searchsorted(kmap.out_idx[lo:lo + n], bounds).tolist() + [n]
+        for t in range(num_tiles):
+            a, b = cuts[t], cuts[t + 1]
+            if b == a:
+                continue
+            count = -(-(b - a) // chunk_rows)
+            base, extra = divmod(b - a, count)
+            start = lo + a
+            for i in range(count):
+                length = base + (1 if i < extra else 0)
+                tiles[t].append((length, o, start))
+                start += length
+    return tiles
+
+
+def _group(pieces: list[tuple], chunk_rows: int, epsilon: float) -> list[list[tuple]]:
+    """Largest first, greedily: a piece joins the open group while the group
+    stays within ``chunk_rows`` padded rows and its padding within ``epsilon``."""
+    pieces = sorted(pieces, key=lambda p: (-p[0], p[1], p[2]))
+    groups = []
+    i = 0
+    while i < len(pieces):
+        rows, total = pieces[i][0], pieces[i][0]
+        j = i + 1
+        while j < len(pieces):
+            g = j - i + 1
+            if g * rows > chunk_rows or g * rows - (total + pieces[j][0]) > epsilon * g * rows:
+                break
+            total += pieces[j][0]
+            j += 1
+        groups.append(pieces[i:j])
+        i = j
+    return groups
+
+
+def make_plan(kmap: _kmap.KernelMap, chunk_rows: int = DEFAULT_CHUNK_ROWS, epsilon: float = DEFAULT_EPSILON,
+              tile_rows: int = DEFAULT_TILE_ROWS, min_piece_rows: int = MIN_PIECE_ROWS) -> Plan:
+    """Cut a (CPU) map into steps: with ``tile_rows`` > 0 the pairs of each
+    block of ``tile_rows`` output rows are processed together (output-tile
+    order, so the output rows stay in cache); pieces longer than
+    ``chunk_rows`` are cut into near-equal parts; pieces of similar size
+    become batched groups (largest first) while the padding stays within
+    ``epsilon`` of the group and the group within ``chunk_rows`` rows. Tiles
+    grow until an offset's piece of a tile averages ``min_piece_rows``."""
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1; got {chunk_rows}")
+    if not 0.0 <= epsilon < 1.0:
+        raise ValueError(f"epsilon must be in [0, 1); got {epsilon}")
+    if tile_rows < 0:
+        raise ValueError(f"tile_rows must be >= 0; got {tile_rows}")
+    import numpy as np
+
+    identity = None
+    for o in range(kmap.kernel_volume):
+        if _is_identity(kmap, o):
+            identity = o
+            break
+    if tile_rows and min_piece_rows:
+        busy = [n for o, n in enumerate(kmap.sizes.tolist()) if n and o != identity]
+        if busy:  # mean rows of one offset per output row
+            density = sum(busy) / len(busy) / max(kmap.num_out, 1)
+            tile_rows = max(tile_rows, int(min_piece_rows / density))
+    steps = []
+    for tile in _pieces(kmap, identity, chunk_rows, tile_rows):
+        for group in _group(tile, chunk_rows, epsilon):
+            offsets = tuple(p[1] for p in group)
+            steps.append(Step(offsets, torch.tensor(offsets, dtype=torch.int64),
+                              np.array([p[2] for p in group], dtype=np.int64),
+                              np.array([p[0] for p in group], dtype=np.int64), group[0][0]))
+    max_rows = max((s.num_rows for s in steps), default=0)
+    return Plan(identity, tuple(steps), _ext.to_numpy(kmap.in_idx), _ext.to_numpy(kmap.out_idx), max_rows,
+                kmap.num_in, kmap.num_out, kmap.kernel_volume)
+
+
+_PLANS: "weakref.WeakKeyDictionary[_kmap.KernelMap, dict]" = weakref.WeakKeyDictionary()
+
+
+def get_plan(kmap: _kmap.KernelMap, chunk_rows: int = DEFAULT_CHUNK_ROWS, epsilon: float = DEFAULT_EPSILON,
+             tile_rows: int = DEFAULT_TILE_ROWS) -> Plan:
+    """The plan of ``kmap``, built once per map and tuning (kept while the map lives)."""
+    per_map = _PLANS.setdefault(kmap, {})
+    key = (chunk_rows, epsilon, tile_rows)
+    plan = per_map.get(key)
+    if plan is None:
+        plan = per_map[key] = make_plan(kmap, chunk_rows, epsilon, tile_rows)
+    return plan
+
+
+def _np(t: torch.Tensor):
+    return t.detach().numpy()
+
+
+def _step_weight(weight: torch.Tensor, step: Step, transpose: bool) -> torch.Tensor:
+    if len(step.offsets) == 1:
+        w = weight[step.offsets[0]]
+        return w.t() if transpose else w
+    w = weight.index_select(0, step.offsets_tensor)
+    return w.transpose(1, 2) if transpose else w
+
+
+def _apply(src: torch.Tensor, weight: torch.Tensor, plan: Plan, dst: torch.Tensor, gather_idx, scatter_idx,
+           transpose: bool) -> None:
+    """``dst[scatter_idx] += src[gather_idx] @ W`` over every step, ``W`` the
+    step's ``weight[o]`` (``weight[o].T`` when ``transpose``)."""
+    if not plan.steps:
+        return
+    nt = _ext.num_threads()
+    c_in, c_out = src.shape[1], dst.shape[1]
+    gathered = src.new_empty((plan.max_rows, c_in))
+    product = src.new_empty((plan.max_rows, c_out))
+    src_np, dst_np = _np(src), _np(dst)
+    core = _ext.core
+    for step in plan.steps:
+        g, r = len(step.offsets), step.rows
+        buf, res = gathered[:g * r], product[:g * r]
+        core.conv_gather(src_np, gather_idx, step.start, step.length, r, _np(buf), nt)
+        w = _step_weight(weight, step, transpose)
+        if g == 1:
+            torch.mm(buf, w, out=res)
+        else:
+            torch.bmm(buf.view(g, r, c_in), w, out=res.view(g, r, c_out))
+        core.conv_scatter_add(_np(res), scatter_idx, step.start, step.length, r, dst_np, nt)
+
+
+def _backward_steps(feats: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, plan: Plan,
+                    grad_feats: torch.Tensor | None, grad_weight: torch.Tensor | None) -> None:
+    """One pass over the steps for both gradients, sharing the gathered output
+    gradients: ``grad_feats[in_idx] += grad[out_idx] @ weight[o].T`` and
+    ``grad_weight[o] += feats[in_idx].T @ grad[out_idx]``."""
+    if not plan.steps:
+        return
+    nt = _ext.num_threads()
+    c_in, c_out = feats.shape[1], grad.shape[1]
+    gbuf = grad.new_empty((plan.max_rows, c_out))
+    fbuf = feats.new_empty((plan.max_rows, c_in))  # gathered feats, then the input-gradient product
+    feats_np, grad_np = _np(feats), _np(grad)
+    grad_feats_np = None if grad_feats is None else _np(grad_feats)
+    core = _ext.core
+    for step in plan.steps:
+        g, r = len(step.offsets), step.rows
+        gb, fb = gbuf[:g * r], fbuf[:g * r]
+        core.conv_gather(grad_np, plan.out_idx, step.start, step.length, r, _np(gb), nt)
+        if grad_weight is not None:
+            core.conv_gather(feats_np, plan.in_idx, step.start, step.length, r, _np(fb), nt)
+            if g == 1:
+                grad_weight[step.offsets[0]].addmm_(fb.t(), gb)
+            else:
+                part = torch.bmm(fb.view(g, r, c_in).transpose(1, 2), gb.view(g, r, c_out))
+                grad_weight.index_add_(0, step.offsets_tensor, part)
+        if grad_feats is not None:
+            w = _step_weight(weight, step, transpose=True)
+            if g == 1:
+                torch.mm(gb, w, out=fb)
+            else:
+                torch.bmm(gb.view(g, r, c_out), w, out=fb.view(g, r, c_in))
+            core.conv_scatter_add(_np(fb), plan.in_idx, step.start, step.length, r, grad_feats_np, nt)
+
+
+def conv_forward(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: Plan) -> torch.Tensor:
+    """The engine's forward on contiguous CPU float32/float64 tensors."""
+    out = feats.new_empty((plan.num_out, weight.shape[2]))
+    if plan.identity is not None:
+        if bias is None:
+            torch.mm(feats, weight[plan.identity], out=out)
+        else:
+            torch.addmm(bias, feats, weight[plan.identity], out=out)
+    elif bias is None:
+        out.zero_()
+    else:
+        out.copy_(bias.expand_as(out))
+    _apply(feats, weight, plan, out, plan.in_idx, plan.out_idx, transpose=False)
+    return out
+
+
+def conv_backward(feats: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, plan: Plan, need_feats: bool,
+                  need_weight: bool):
+    """Gradients of :func:`conv_forward` for feats and weight (None where not needed)."""
+    grad_feats = grad_weight = None
+    centre = None if plan.identity is None else weight[plan.identity]
+    if need_feats:
+        grad_feats = grad.new_empty((plan.num_in, weight.shape[1]))
+        if centre is not None:
+            torch.mm(grad, centre.t(), out=grad_feats)
+        else:
+            grad_feats.zero_()
+    if need_weight:
+        grad_weight = torch.zeros_like(weight)
+        if centre is not None:
+            torch.mm(feats.t(), grad, out=grad_weight[plan.identity])
+    if need_feats or need_weight:
+        _backward_steps(feats, weight, grad, plan, grad_feats, grad_weight)
+    return grad_feats, grad_weight
+
+
+class ConvFunction(torch.autograd.Function):
+    """Autograd of the engine: ``ConvFunction.apply(feats, weight, bias, plan)``."""
+
+    @staticmethod
+    def forward(ctx, feats, weight, bias, plan):
+        feats_c, weight_c = feats.contiguous(), weight.contiguous()
+        ctx.plan = plan
+        ctx.save_for_backward(feats_c, weight_c)
+        ctx.has_bias = bias is not None
+        return conv_forward(feats_c, weight_c, bias, plan)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        feats, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        need_feats, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_feats, grad_weight = conv_backward(feats, weight, grad, ctx.plan, need_feats, need_weight)
+        grad_bias = grad.sum(0) if (ctx.has_bias and need_bias) else None
+        return grad_feats, grad_weight, grad_bias, None
+
+
+def supported(feats: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the C++ engine runs these tensors (CPU float32/float64)."""
+    return feats.device.type == "cpu" and feats.dtype in ENGINE_DTYPES and weight.dtype == feats.dtype
+
+
+def conv(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kmap: _kmap.KernelMap,
+         chunk_rows: int = DEFAULT_CHUNK_ROWS, epsilon: float = DEFAULT_EPSILON,
+         tile_rows: int = DEFAULT_TILE_ROWS) -> torch.Tensor:
+    """``out[out_idx] += feats[in_idx] @ weight[o]`` (+ bias) with autograd."""
+    return ConvFunction.apply(feats, weight, bias, get_plan(kmap, chunk_rows, epsilon, tile_rows))

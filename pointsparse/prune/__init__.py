@@ -1,0 +1,81 @@
+"""Pruning toolkit: a superset of ``torch.nn.utils.prune``.
+
+Switch by changing one import: every name of ``torch.nn.utils.prune`` listed
+in ``API.md`` is re-exported here as the very same object, so a model pruned
+by either library is understood by both. On top of it:
+
+* granularities (all ``BasePruningMethod`` subclasses, with function forms):
+  vector, kernel / kernel offset, channel, block, stripe
+  (:mod:`.structured`), N:M (:mod:`.nm`), pattern (:mod:`.pattern`),
+  Filter-Skeleton stripes (:mod:`.stripe`);
+* criteria producing ``importance_scores`` (:mod:`.criteria`);
+* sparsity regularizers (:mod:`.regularizers`);
+* a sparsity and FLOPs report (:mod:`.report`).
+
+Every method works on ``torch.nn`` Linear/ConvNd and on the sparse
+``pointsparse.nn.Conv3d`` (weight ``(K, C_in, C_out)``)."""
+
+from torch.nn.utils.prune import (
+    BasePruningMethod,
+    CustomFromMask,
+    Identity,
+    L1Unstructured,
+    LnStructured,
+    PruningContainer,
+    RandomStructured,
+    RandomUnstructured,
+    custom_from_mask,
+    global_unstructured,
+    identity,
+    is_pruned,
+    l1_unstructured,
+    ln_structured,
+    random_structured,
+    random_unstructured,
+    remove,
+)
+
+from . import criteria, regularizers, report
+from ._layout import WeightLayout, current_weight, is_sparse_conv, layout_of
+from .nm import NMStructured, is_nm_sparse, nm_structured
+from .pattern import PatternStructured, as_patterns, learn_patterns, pattern_structured
+from .report import format_report, print_report, sparsity_report
+from .stripe import (
+    FilterSkeleton,
+    StripeFromSkeleton,
+    attach_filter_skeleton,
+    detach_filter_skeleton,
+    prune_stripes,
+)
+from .structured import (
+    BlockStructured,
+    ChannelStructured,
+    GroupStructured,
+    KernelStructured,
+    StripeStructured,
+    VectorStructured,
+    block_structured,
+    channel_structured,
+    global_structured,
+    kernel_structured,
+    stripe_structured,
+    vector_structured,
+)
+
+__all__ = [
+    # torch.nn.utils.prune, re-exported
+    "BasePruningMethod", "PruningContainer", "Identity", "RandomUnstructured", "L1Unstructured",
+    "RandomStructured", "LnStructured", "CustomFromMask", "identity", "random_unstructured",
+    "l1_unstructured", "random_structured", "ln_structured", "global_unstructured",
+    "custom_from_mask", "remove", "is_pruned",
+    # granularities
+    "GroupStructured", "VectorStructured", "KernelStructured", "ChannelStructured", "BlockStructured",
+    "StripeStructured", "NMStructured", "PatternStructured", "StripeFromSkeleton", "FilterSkeleton",
+    "vector_structured", "kernel_structured", "channel_structured", "block_structured",
+    "stripe_structured", "nm_structured", "pattern_structured", "global_structured",
+    "attach_filter_skeleton", "detach_filter_skeleton", "prune_stripes",
+    "as_patterns", "learn_patterns", "is_nm_sparse",
+    # layouts, criteria, regularizers, report
+    "WeightLayout", "layout_of", "current_weight", "is_sparse_conv",
+    "criteria", "regularizers", "report", "sparsity_report", "format_report", "print_report",
+]

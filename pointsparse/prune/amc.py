@@ -1,0 +1,285 @@
+"""AMC: AutoML for model compression (He et al. 2018). A DDPG agent walks the
+prunable layers of a chain network; at each it sees the layer (index,
+channels, kernel size, FLOPs, FLOPs already removed and still to come, its
+previous action) and answers a continuous action, the fraction of the
+layer's output channels to remove. The pruned network (channels of lowest
+L1 norm physically removed, optionally each consumer refitted by least
+squares) is evaluated without fine-tuning and the reward is returned to every
+step of the episode:
+
+* ``reward="flops"``: ``-Error * log(FLOPs)`` (accuracy-guaranteed search);
+* ``reward="error"`` with ``target_flops``: ``-Error``, with each action
+  raised to the least value that still lets the remaining layers reach the
+  FLOPs budget (resource-constrained search: every episode meets it).
+
+The ratios of the best episode are exported (``AMCResult.ratios``) and are
+applied with :func:`pointsparse.prune.surgery.apply_channel_ratios`."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random as _random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import _compat
+from ._layers import check_callable, in_channels, kernel_volume, out_channels
+from .surgery import apply_channel_ratios, channel_groups, kept_count
+
+REWARDS = ("flops", "error")
+
+
+# ---------------------------------------------------------------- FLOPs model
+@dataclass
+class LayerInfo:
+    name: str
+    in_channels: int
+    out_channels: int
+    kernel_volume: int
+    flops: float  # dense FLOPs on the example input
+    producer: bool  # its output channels may be pruned
+    input_from: str | None  # the producer whose channels feed it
+
+
+def layer_infos(model: nn.Module, example_input) -> list[LayerInfo]:
+    """Every prunable layer of a chain with its dense FLOPs on
+    ``example_input`` (from the core's ``sparsity_report``; for sparse
+    convolutions these come from the kernel-map pair counts)."""
+    report = _compat.sparsity_report(model, example_input)["layers"]
+    groups = channel_groups(model)
+    producers = {g.producer for g in groups}
+    feeds = {g.consumer: g.producer for g in groups}
+    named = dict(model.named_modules())
+    out = []
+    for name, row in report.items():
+        m = named[name]
+        out.append(LayerInfo(name, in_channels(m), out_channels(m), kernel_volume(m), float(row["dense_flops"] or 0),
+                             name in producers, feeds.get(name)))
+    return out
+
+
+def flops_for(infos: list[LayerInfo], ratios: dict[str, float]) -> float:
+    """FLOPs of the chain after removing ``ratios[producer]`` of each
+    producer's channels (each layer scales with its kept in and out channels)."""
+    kept = {i.name: kept_count(i.out_channels, ratios.get(i.name, 0.0)) / i.out_channels for i in infos}
+    total = 0.0
+    for i in infos:
+        f_out = kept[i.name] if i.producer else 1.0
+        f_in = kept[i.input_from] if i.input_from else 1.0
+        total += i.flops * f_out * f_in
+    return total
+
+
+def uniform_ratio_for_flops(infos: list[LayerInfo], target_flops: float, max_ratio: float = 0.95) -> float:
+    """The single ratio for every producer whose FLOPs come closest to
+    ``target_flops`` from below (bisection)."""
+    producers = [i.name for i in infos if i.producer]
+    lo, hi = 0.0, max_ratio
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if flops_for(infos, {n: mid for n in producers}) > target_flops:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+# ----------------------------------------------------------------- the agent
+class _Actor(nn.Module):
+    def __init__(self, state_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(state_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, 1), nn.Sigmoid())
+
+    def forward(self, s):
+        return self.net(s)
+
+
+class _Critic(nn.Module):
+    def __init__(self, state_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fs = nn.Linear(state_dim, hidden)
+        self.fa = nn.Linear(1, hidden)
+        self.out = nn.Sequential(nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def forward(self, s, a):
+        return self.out(self.fs(s) + self.fa(a))
+
+
+class DDPG:
+    """Deep deterministic policy gradient with target networks, a replay
+    buffer and truncated-normal exploration, as AMC uses it."""
+
+    def __init__(self, state_dim: int, hidden: int = 300, actor_lr: float = 1e-4, critic_lr: float = 1e-3,
+                 tau: float = 0.01, discount: float = 1.0, buffer_size: int = 2000, batch_size: int = 64,
+                 seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        self.actor, self.critic = _Actor(state_dim, hidden), _Critic(state_dim, hidden)
+        self.actor_t, self.critic_t = copy.deepcopy(self.actor), copy.deepcopy(self.critic)
+        self.opt_a = torch.optim.Adam(self.actor.parameters(), lr=actor_lr)
+        self.opt_c = torch.optim.Adam(self.critic.parameters(), lr=critic_lr)
+        self.tau, self.discount, self.batch_size, self.buffer_size = tau, discount, batch_size, buffer_size
+        self.buffer: list[tuple] = []
+        self.rng = _random.Random(seed)
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def act(self, state: torch.Tensor, noise: float) -> float:
+        with torch.no_grad():
+            mu = float(self.actor(state[None])[0, 0])
+        if noise <= 0:
+            return mu
+        for _ in range(100):  # truncated normal on [0, 1]
+            a = mu + noise * float(torch.randn((), generator=self.gen))
+            if 0.0 <= a <= 1.0:
+                return a
+        return min(max(mu, 0.0), 1.0)
+
+    def remember(self, s, a, r, s2, done) -> None:
+        self.buffer.append((s, a, r, s2, done))
+        if len(self.buffer) > self.buffer_size:
+            self.buffer.pop(0)
+
+    def update(self) -> None:
+        if len(self.buffer) < self.batch_size:
+            return
+        batch = self.rng.sample(self.buffer, self.batch_size)
+        s = torch.stack([b[0] for b in batch])
+        a = torch.tensor([[b[1]] for b in batch])
+        r = torch.tensor([[b[2]] for b in batch])
+        s2 = torch.stack([b[3] for b in batch])
+        done = torch.tensor([[float(b[4])] for b in batch])
+        with torch.no_grad():
+            target = r + self.discount * (1 - done) * self.critic_t(s2, self.actor_t(s2))
+        loss_c = nn.functional.mse_loss(self.critic(s, a), target)
+        self.opt_c.zero_grad()
+        loss_c.backward()
+        self.opt_c.step()
+        loss_a = -self.critic(s, self.actor(s)).mean()
+        self.opt_a.zero_grad()
+        loss_a.backward()
+        self.opt_a.step()
+        with torch.no_grad():
+            for net, tgt in ((self.actor, self.actor_t), (self.critic, self.critic_t)):
+                for p, pt in zip(net.parameters(), tgt.parameters()):
+                    pt.mul_(1 - self.tau).add_(self.tau * p)
+
+
+# ------------------------------------------------------------------- search
+@dataclass
+class AMCResult:
+    """The best episode's ratios (fraction of output channels removed per
+    producer), its metric and FLOPs, and every episode."""
+
+    ratios: dict[str, float]
+    metric: float
+    flops: float
+    dense_flops: float
+    reward: float
+    history: list[dict] = field(default_factory=list)
+
+    def export(self, path) -> Path:
+        """Write the ratios and the search summary as JSON."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"ratios": self.ratios, "metric": self.metric, "flops": self.flops,
+                                    "dense_flops": self.dense_flops, "reward": self.reward}, indent=2))
+        return path
+
+
+def _states(infos: list[LayerInfo]) -> tuple[list[LayerInfo], list[list[float]]]:
+    producers = [i for i in infos if i.producer]
+    return producers, [[t, i.out_channels, i.in_channels, i.kernel_volume, i.flops] for t, i in enumerate(producers)]
+
+
+def amc_search(model: nn.Module, eval_fn: Callable[[nn.Module], float], example_input, episodes: int = 100,
+               warmup: int = 20, reward: str = "flops", target_flops: float | None = None, max_ratio: float = 0.8,
+               reconstruct: bool = False, calibration_input=None, noise: float = 0.5, noise_decay: float = 0.95,
+               seed: int = 0, agent_kwargs: dict | None = None, log: Callable[[str], None] | None = None) -> AMCResult:
+    """Search per-layer channel ratios for a chain ``model`` (left
+    unchanged). ``eval_fn(pruned_copy)`` is the validation metric in [0, 1]
+    (accuracy, mIoU); the error is ``1 - metric``. ``target_flops`` (absolute
+    FLOPs, or a fraction of the dense FLOPs when < 1) makes the search
+    resource-constrained: every episode's ratios meet it."""
+    check_callable(eval_fn, "eval_fn")
+    if reward not in REWARDS:
+        raise ValueError(f"reward must be one of {REWARDS}; got {reward!r}")
+    if reward == "error" and target_flops is None:
+        raise ValueError("reward='error' needs target_flops (the resource-constrained search)")
+    if not 0 < max_ratio < 1:
+        raise ValueError(f"max_ratio must be in (0, 1); got {max_ratio}")
+    if not isinstance(episodes, int) or episodes < 1 or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"episodes must be >= 1 and warmup >= 0; got {episodes}, {warmup}")
+    infos = layer_infos(model, example_input)
+    producers, raw_states = _states(infos)
+    if not producers:
+        raise ValueError("model has no layer whose output channels can be removed (needs a chain of >= 2 layers)")
+    dense = flops_for(infos, {})
+    if target_flops is not None:
+        target = float(target_flops) * (dense if target_flops <= 1 else 1.0)
+        floor = flops_for(infos, {p.name: max_ratio for p in producers})
+        if target < floor:
+            raise ValueError(f"target_flops {target:.4g} is below what max_ratio={max_ratio} reaches ({floor:.4g})")
+    else:
+        target = None
+    scale = [max(max(s[j] for s in raw_states), 1e-12) for j in range(5)]
+    agent = DDPG(8, seed=seed, **(agent_kwargs or {}))
+    rng = _random.Random(seed)
+    best: AMCResult | None = None
+    baseline = None
+    history = []
+    sigma = noise
+    for ep in range(episodes):
+        ratios: dict[str, float] = {}
+        states, actions = [], []
+        prev = 0.0
+        for t, info in enumerate(producers):
+            reduced = dense - flops_for(infos, ratios)
+            rest = sum(p.flops for p in producers[t + 1:])
+            s = torch.tensor([v / sc for v, sc in zip(raw_states[t], scale)] + [reduced / dense, rest / dense, prev],
+                             dtype=torch.float32)
+            a = rng.random() if ep < warmup else agent.act(s, sigma)
+            a = min(a, 1.0 - 1e-6) * max_ratio
+            if target is not None:  # least ratio that keeps the budget reachable
+                lo, hi = a, max_ratio
+                trial = dict(ratios, **{info.name: a}, **{p.name: max_ratio for p in producers[t + 1:]})
+                if flops_for(infos, trial) > target:
+                    for _ in range(30):
+                        mid = (lo + hi) / 2
+                        trial[info.name] = mid
+                        if flops_for(infos, trial) > target:
+                            lo = mid
+                        else:
+                            hi = mid
+                    a = hi
+            ratios[info.name] = a
+            states.append(s)
+            actions.append(a / max_ratio)
+            prev = a
+        pruned = copy.deepcopy(model)
+        apply_channel_ratios(pruned, ratios, reconstruct, calibration_input)
+        metric = float(eval_fn(pruned))
+        flops = flops_for(infos, ratios)
+        error = 1.0 - metric
+        r = -error * math.log(flops) if reward == "flops" else -error
+        history.append({"episode": ep, "reward": r, "metric": metric, "flops": flops, "ratios": dict(ratios)})
+        if best is None or r > best.reward:
+            best = AMCResult(dict(ratios), metric, flops, dense, r)
+        baseline = r if baseline is None else 0.95 * baseline + 0.05 * r
+        for t in range(len(states)):
+            done = t == len(states) - 1
+            nxt = states[t + 1] if not done else states[t]
+            agent.remember(states[t], actions[t], r - baseline, nxt, done)
+        if ep >= warmup:
+            for _ in range(len(states)):
+                agent.update()
+            sigma *= noise_decay
+        if log is not None:
+            log(f"episode {ep:3d}  metric {metric:.4f}  FLOPs {flops / dense:.3f} of dense  reward {r:.4f}")
+    best.history = history
+    return best

@@ -1,0 +1,152 @@
+"""Pruning procedures on a ready-made task: ``pointsparse prune <procedure>``.
+
+Procedures: sensitivity, schedule, lottery, init, rigl, amc, netadapt. Tasks:
+``--task digits`` (scikit-learn's bundled digits; ``--model mlp|cnn|deep``)
+or ``--task scene`` (generated street scenes, a sparse-conv chain). Each run
+trains the dense model first (seeded), then runs the procedure and prints
+what it found; ``--quick`` shortens everything."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+PROCEDURES = ("sensitivity", "schedule", "lottery", "init", "rigl", "amc", "netadapt")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("procedure", choices=PROCEDURES, help="which procedure to run")
+    parser.add_argument("--task", choices=("digits", "scene"), default="digits")
+    parser.add_argument("--model", choices=("mlp", "cnn", "deep", "sparse", "minkunet"), default=None,
+                        help="digits: mlp (default), cnn (default for amc/netadapt), deep; scene: sparse (a "
+                             "sparse-conv chain, default) or minkunet (pointsparse.models.MinkUNet, cr 0.25)")
+    parser.add_argument("--sparsity", type=float, default=0.9, help="target sparsity (schedule, init, rigl)")
+    parser.add_argument("--granularity", choices=("unstructured", "channel"), default="unstructured",
+                        help="sensitivity granularity")
+    parser.add_argument("--threshold", type=float, default=0.02, help="sensitivity: allowed metric drop")
+    parser.add_argument("--schedule", choices=("agp", "constant", "oneshot"), default="agp")
+    parser.add_argument("--rounds", type=int, default=5, help="pruning rounds (schedule, lottery)")
+    parser.add_argument("--finetune-lr-factor", type=float, default=0.1, help="fine-tuning lr / training lr (0.1 or 0.01)")
+    parser.add_argument("--prune-fraction", type=float, default=0.2, help="lottery: fraction pruned per round")
+    parser.add_argument("--rewind", type=int, default=0, help="lottery: rewind iteration k (0 = original LTH)")
+    parser.add_argument("--method", choices=("snip", "grasp", "synflow"), default="snip", help="init method")
+    parser.add_argument("--distribution", choices=("uniform", "erk"), default="erk", help="rigl layer densities")
+    parser.add_argument("--flops", type=float, default=0.5, help="amc: FLOPs budget as a fraction of dense")
+    parser.add_argument("--reward", choices=("error", "flops"), default="error", help="amc reward")
+    parser.add_argument("--episodes", type=int, default=120, help="amc episodes")
+    parser.add_argument("--reconstruct", action="store_true", help="amc: least-squares reconstruction")
+    parser.add_argument("--latency", type=float, default=0.6, help="netadapt: latency budget, fraction of the initial")
+    parser.add_argument("--out", type=Path, default=Path("prune-out"), help="folder for plots, ratios, tables")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="short runs (seconds)")
+
+
+def _task(args):
+    from .tasks import digits_task, scene_task
+    if args.task == "scene":
+        if args.model not in (None, "sparse", "minkunet"):
+            raise SystemExit(f"--model {args.model} is a digits model; the scene task takes sparse or minkunet")
+        make = None
+        if args.model == "minkunet":
+            from ..models import MinkUNet
+
+            def make(seed=args.seed):
+                torch.manual_seed(seed)
+                return MinkUNet(3, 4, cr=0.25, blocks=1)
+        return scene_task(args.seed, points=3000 if args.quick else 6000, make_model=make)
+    if args.model in ("sparse", "minkunet"):
+        raise SystemExit(f"--model {args.model} needs --task scene")
+    model = args.model or ("cnn" if args.procedure in ("amc", "netadapt") else "mlp")
+    return digits_task(model, args.seed)
+
+
+def main(args) -> int:
+    from . import _layers
+    torch.manual_seed(args.seed)
+    task = _task(args)
+    steps = max(20, task.train_steps // (5 if args.quick else 1))
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"task {task.name}: {steps} training steps, metric {task.metric}")
+    p = args.procedure
+    if p in ("init", "rigl", "lottery"):
+        model = task.make_model(args.seed)
+    else:
+        model = task.make_model(args.seed)
+        task.train_fn(model, steps)
+        print(f"dense {task.metric}: {task.eval_fn(model):.4f}")
+
+    if p == "sensitivity":
+        from .sensitivity import choose_ratios, plot_sensitivity, sensitivity_scan
+        ratios = (0.0, 0.3, 0.6, 0.9) if args.quick else None
+        res = sensitivity_scan(model, task.eval_fn, ratios or tuple(round(0.1 * i, 1) for i in range(10)),
+                               args.granularity, metric=task.metric)
+        for name, vals in res.curves.items():
+            print(f"  {name:>6}: " + " ".join(f"{v:.3f}" for v in vals))
+        chosen = choose_ratios(res, args.threshold)
+        print(f"ratios under a drop of {args.threshold}: {chosen}")
+        print(f"plot: {plot_sensitivity(res, args.out / 'sensitivity.png', args.threshold)}")
+    elif p == "schedule":
+        from .schedule import iterative_prune, one_shot_prune
+        per_round = max(10, steps // 4)
+        if args.schedule == "oneshot":
+            res = one_shot_prune(model, task.train_fn, args.sparsity, per_round * args.rounds, lr=task.lr,
+                                 finetune_lr_factor=args.finetune_lr_factor, eval_fn=task.eval_fn)
+        else:
+            res = iterative_prune(model, task.train_fn, args.sparsity, args.rounds, per_round, args.schedule,
+                                  lr=task.lr, finetune_lr_factor=args.finetune_lr_factor, eval_fn=task.eval_fn)
+        for row in res.history:
+            print(f"  round {row['round']}: target {row['target']:.3f} sparsity {row['sparsity']:.3f} "
+                  f"{task.metric} {row['metric']:.4f}")
+    elif p == "lottery":
+        from .lottery import controls, lottery_ticket
+        rounds = min(args.rounds, 3) if args.quick else args.rounds
+        res = lottery_ticket(model, task.train_fn, task.eval_fn, steps, rounds, args.prune_fraction, args.rewind,
+                             lr=task.lr)
+        for row in res.rounds:
+            print(f"  round {row['round']}: sparsity {row['sparsity']:.3f} {task.metric} {row['metric']:.4f}")
+        ctrl = controls(task.make_model, res, rounds, task.train_fn, task.eval_fn, steps, args.seed, task.lr)
+        print(f"controls at the last round: random re-init {ctrl['reinit']:.4f}, random mask {ctrl['random_mask']:.4f}")
+    elif p == "init":
+        from .init import prune_at_init
+        batches = [task.batch_fn() for _ in range(4)]
+        prune_at_init(model, args.method, args.sparsity, batches, task.loss_fn, task.example_input,
+                      iterations=20 if args.quick else 100)
+        print(f"{args.method}: sparsity {_layers.sparsity(model):.3f}, per layer "
+              + ", ".join(f"{n} {v:.2f}" for n, v in _layers.layer_sparsity(model).items()))
+        task.train_fn(model, steps)
+        print(f"trained {task.metric}: {task.eval_fn(model):.4f}")
+    elif p == "rigl":
+        from .rigl import RigL
+        rigl = RigL(model, 1.0 - args.sparsity, args.distribution, update_interval=max(5, steps // 20),
+                    end_step=int(steps * 0.75))
+        with rigl:
+            task.train_fn(model, steps)
+        print(f"RigL ({args.distribution}): {rigl.updates} drop/grow updates, sparsity {_layers.sparsity(model):.3f}, "
+              f"{task.metric} {task.eval_fn(model):.4f}")
+    elif p == "amc":
+        from .amc import amc_search
+        from .surgery import apply_channel_ratios
+        res = amc_search(model, task.eval_fn, task.example_input, episodes=30 if args.quick else args.episodes,
+                         warmup=10 if args.quick else 30, reward=args.reward, target_flops=args.flops,
+                         reconstruct=args.reconstruct, calibration_input=task.example_input, seed=args.seed)
+        print(f"best ratios {json.dumps({k: round(v, 3) for k, v in res.ratios.items()})}")
+        print(f"  {task.metric} before fine-tuning {res.metric:.4f}, FLOPs {res.flops / res.dense_flops:.3f} of dense")
+        print(f"ratios written to {res.export(args.out / 'amc_ratios.json')}")
+        pruned = copy.deepcopy(model)
+        apply_channel_ratios(pruned, res.ratios, args.reconstruct, task.example_input)
+        task.train_fn(pruned, steps // 2, lr=task.lr * args.finetune_lr_factor)
+        print(f"  after {steps // 2} fine-tuning steps: {task.metric} {task.eval_fn(pruned):.4f}")
+    elif p == "netadapt":
+        from .netadapt import build_latency_table, netadapt
+        x = task.example_input
+        table = build_latency_table(model, x, num_candidates=4 if args.quick else 8, repeats=3 if args.quick else 7)
+        table.save(args.out / "latency_table.json")
+        res = netadapt(model, table, task.train_fn, task.eval_fn, x, args.latency, short_steps=max(5, steps // 20),
+                       long_steps=steps // 2, lr=task.lr, log=lambda s: print("  " + s))
+        print(f"channels {res.channels}; latency estimate {res.initial_latency * 1e3:.2f} -> "
+              f"{res.estimated_latency * 1e3:.2f} ms (budget {res.budget * 1e3:.2f}), measured again "
+              f"{res.measured_latency * 1e3:.2f} ms; {task.metric} {res.final_metric:.4f}")
+    return 0

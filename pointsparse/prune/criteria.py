@@ -1,0 +1,319 @@
+"""Importance criteria. Each returns a dict ``{(module, name): scores}`` with
+``scores`` of the parameter's shape, larger = more important, ready for any
+method's ``importance_scores`` (per layer: ``scores[(m, "weight")]``) or for
+``global_unstructured`` / ``global_structured`` (the whole dict).
+
+Data-driven criteria take ``loss_fn(model, batch) -> scalar loss`` and an
+iterable of ``batches`` (anything ``loss_fn`` understands). On a pruned
+tensor they differentiate through ``name_orig * name_mask``, so pruned
+entries score 0.
+
+================  ==========================================================
+criterion         score of weight ``w`` (B batches, ``g_b = dL_b/dw``)
+================  ==========================================================
+``magnitude``     ``|w|^p`` (or a group's Lp norm, on each of its entries)
+``random``        uniform [0, 1)
+``snip``          ``|mean_b(g_b) * w|`` (connection sensitivity, SNIP)
+``taylor``        ``mean_b (g_b * w)^2`` (first-order Taylor, Molchanov 2019;
+                  per group ``mean_b (sum_g g_b * w)^2``)
+``obd``           ``1/2 * H_ii * w^2`` (Optimal Brain Damage), ``H_ii``
+                  from Hutchinson probes or the empirical Fisher
+``bn_scaling``    ``|gamma_c|`` of the BatchNorm after the layer, on every
+                  weight of output channel ``c`` (network slimming)
+================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from ._layout import current_weight, is_prunable, layout_of, prunable_modules
+from .structured import ChannelStructured, KernelStructured, StripeStructured, group_scores
+
+Scores = dict  # {(module, name): tensor}
+
+
+def _parameters(model_or_pairs) -> list[tuple[nn.Module, str]]:
+    if isinstance(model_or_pairs, nn.Module):
+        pairs = [(module, "weight") for _, module in prunable_modules(model_or_pairs)]
+    else:
+        pairs = list(model_or_pairs)
+    if not pairs:
+        raise ValueError("no (module, name) pairs to score")
+    for pair in pairs:
+        if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], nn.Module) and isinstance(pair[1], str)):
+            raise TypeError(f"parameters must be (module, name) pairs; got {pair!r}")
+    return pairs
+
+
+def _leaf(module: nn.Module, name: str) -> torch.Tensor:
+    """The trainable tensor behind ``module.name`` (``name_orig`` if pruned)."""
+    leaf = module._parameters.get(name + "_orig")
+    if leaf is None:
+        leaf = module._parameters.get(name)
+    if leaf is None:
+        raise TypeError(f"{type(module).__name__}.{name} is not a parameter")
+    return leaf
+
+
+_GROUPS = {
+    "out": lambda layout: ChannelStructured(0, n=1, axis="out", layout=layout),
+    "in": lambda layout: ChannelStructured(0, n=1, axis="in", layout=layout),
+    "kernel": lambda layout: KernelStructured(0, n=1, scope="pair", layout=layout),
+    "offset": lambda layout: KernelStructured(0, n=1, scope="offset", layout=layout),
+    "stripe": lambda layout: StripeStructured(0, n=1, layout=layout),
+}
+
+
+def group_ids(module: nn.Module, name: str, group: str) -> tuple[torch.Tensor, int]:
+    """Group index of each entry of ``module.name`` for ``group`` in
+    ``"out", "in", "kernel", "offset", "stripe"``."""
+    if group not in _GROUPS:
+        raise ValueError(f"group must be one of {sorted(_GROUPS)}; got {group!r}")
+    weight = _leaf(module, name)
+    return _GROUPS[group](layout_of(module, name)).group_ids(weight.shape, weight.device)
+
+
+def magnitude(parameters, p: float = 1, group: str | None = None) -> Scores:
+    """``|w|^p`` per entry; with ``group`` the group's Lp norm (of the
+    unpruned entries) broadcast to each of its entries."""
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not p > 0:
+        raise ValueError(f"p must be a positive number; got {p!r}")
+    out = {}
+    for module, name in _parameters(parameters):
+        weight = current_weight(module, name).detach()
+        if group is None:
+            out[(module, name)] = weight.abs().pow(p)
+        else:
+            ids, count = group_ids(module, name, group)
+            norms, _ = group_scores(weight, torch.ones_like(weight), ids, count, p)
+            out[(module, name)] = norms.to(weight.dtype)[ids]
+    return out
+
+
+def random(parameters, generator: torch.Generator | None = None) -> Scores:
+    """Uniform [0, 1) scores (the random-pruning baseline)."""
+    return {
+        (module, name): torch.rand(_leaf(module, name).shape, generator=generator).to(_leaf(module, name).device)
+        for module, name in _parameters(parameters)
+    }
+
+
+def _gradients(model, loss_fn, batches, pairs, create_graph=False):
+    """Yield, per batch, the list of ``dL/d leaf`` for ``pairs``."""
+    leaves = [_leaf(module, name) for module, name in pairs]
+    seen = 0
+    for batch in batches:
+        loss = loss_fn(model, batch)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise TypeError("loss_fn(model, batch) must return a scalar tensor")
+        grads = torch.autograd.grad(loss, leaves, create_graph=create_graph, allow_unused=True)
+        seen += 1
+        yield [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)], leaves
+    if seen == 0:
+        raise ValueError("batches is empty: the criterion needs at least one batch")
+
+
+def snip(model: nn.Module, loss_fn: Callable, batches: Iterable, parameters=None) -> Scores:
+    """SNIP connection sensitivity ``|mean_b(dL_b/dw) * w|``."""
+    pairs = _parameters(parameters if parameters is not None else model)
+    total = None
+    count = 0
+    for grads, _ in _gradients(model, loss_fn, batches, pairs):
+        total = grads if total is None else [t + g for t, g in zip(total, grads)]
+        count += 1
+    return {
+        pair: (g / count * current_weight(*pair).detach()).abs() for pair, g in zip(pairs, total)
+    }
+
+
+def taylor(model: nn.Module, loss_fn: Callable, batches: Iterable, parameters=None, group: str | None = None) -> Scores:
+    """First-order Taylor importance ``mean_b (dL_b/dw * w)^2`` (the squared
+    loss change from removing ``w``, accumulated over batches). With
+    ``group`` (``"out"``, ``"in"``, ``"kernel"``, ``"offset"``, ``"stripe"``)
+    the group's ``mean_b (sum_{s in g} dL_b/dw_s * w_s)^2`` (removing the
+    whole group, Molchanov et al. 2019), broadcast to each of its entries."""
+    pairs = _parameters(parameters if parameters is not None else model)
+    weights = [current_weight(*pair).detach() for pair in pairs]
+    groups = [group_ids(*pair, group) if group is not None else None for pair in pairs]
+    total = [torch.zeros_like(w) for w in weights]
+    count = 0
+    for grads, _ in _gradients(model, loss_fn, batches, pairs):
+        for index, (g, w, spec) in enumerate(zip(grads, weights, groups)):
+            contribution = g.detach() * w
+            if spec is not None:
+                ids, size = spec
+                sums = torch.zeros(size, dtype=w.dtype, device=w.device).index_add_(
+                    0, ids.flatten(), contribution.flatten()
+                )
+                contribution = sums[ids]
+            total[index] = total[index] + contribution.pow(2)
+        count += 1
+    return {pair: t / count for pair, t in zip(pairs, total)}
+
+
+def hessian_diagonal(
+    model: nn.Module,
+    loss_fn: Callable,
+    batches: Iterable,
+    parameters=None,
+    estimator: str = "hutchinson",
+    samples: int = 16,
+    generator: torch.Generator | None = None,
+) -> Scores:
+    """Diagonal of the Hessian of the mean batch loss w.r.t. each tensor.
+
+    * ``estimator="hutchinson"``: ``mean(v * Hv)`` over ``samples`` Rademacher
+      probes ``v`` per batch (unbiased; variance per entry
+      ``sum_{j != i} H_ij^2 / probes``); ``Hv`` by double backprop.
+    * ``estimator="fisher"``: the empirical Fisher ``mean_b (dL_b/dw)^2``
+      (each batch one sample: pass single examples as batches for the textbook
+      empirical Fisher; it matches the Hessian for a likelihood loss near a
+      minimum, not in general)."""
+    if estimator not in ("hutchinson", "fisher"):
+        raise ValueError(f"estimator must be 'hutchinson' or 'fisher'; got {estimator!r}")
+    if isinstance(samples, bool) or not isinstance(samples, numbers.Integral) or samples < 1:
+        raise ValueError(f"samples must be an int >= 1; got {samples!r}")
+    pairs = _parameters(parameters if parameters is not None else model)
+    total = None
+    count = 0
+    for grads, leaves in _gradients(model, loss_fn, batches, pairs, create_graph=estimator == "hutchinson"):
+        if estimator == "fisher":
+            estimate = [g.detach().pow(2) for g in grads]
+            count += 1
+        else:
+            estimate = [torch.zeros_like(leaf) for leaf in leaves]
+            usable = [g.requires_grad for g in grads]
+            for sample in range(samples):
+                probes = [
+                    (torch.randint(0, 2, leaf.shape, generator=generator).to(leaf) * 2 - 1) for leaf in leaves
+                ]
+                dot = sum((g * v).sum() for g, v, ok in zip(grads, probes, usable) if ok)
+                if isinstance(dot, torch.Tensor) and dot.requires_grad:
+                    hv = torch.autograd.grad(dot, leaves, retain_graph=sample + 1 < samples, allow_unused=True)
+                else:
+                    hv = [None] * len(leaves)
+                estimate = [
+                    e + (v * h.detach() if h is not None else 0) for e, v, h in zip(estimate, probes, hv)
+                ]
+            estimate = [e / samples for e in estimate]
+            count += 1
+        total = estimate if total is None else [t + e for t, e in zip(total, estimate)]
+    return {pair: t / count for pair, t in zip(pairs, total)}
+
+
+def obd(
+    model: nn.Module,
+    loss_fn: Callable,
+    batches: Iterable,
+    parameters=None,
+    estimator: str = "hutchinson",
+    samples: int = 16,
+    generator: torch.Generator | None = None,
+) -> Scores:
+    """Optimal Brain Damage saliency ``1/2 * H_ii * w^2`` with ``H_ii`` from
+    :func:`hessian_diagonal` (``estimator`` ``"hutchinson"`` or
+    ``"fisher"``). Hutchinson estimates can be slightly negative where the
+    curvature is near zero; they are returned as estimated."""
+    batches = list(batches)
+    diagonal = hessian_diagonal(model, loss_fn, batches, parameters, estimator, samples, generator)
+    return {pair: 0.5 * h * current_weight(*pair).detach().pow(2) for pair, h in diagonal.items()}
+
+
+def find_batchnorm(module: nn.Module) -> nn.Module | None:
+    """The BatchNorm that ``module`` is or wraps (e.g. ``pointsparse.nn.
+    BatchNorm`` around a ``BatchNorm1d``), else None. A container holding
+    prunable layers (a block, a network) is not a BatchNorm wrapper."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return module
+    if any(is_prunable(m) for m in module.modules()):
+        return None
+    for child in module.children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            return child
+    return None
+
+
+def bn_pairs(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """``(layer, batchnorm)`` for each prunable layer followed (in module
+    registration order) by a BatchNorm, or a module wrapping one, with as many
+    features as the layer has output channels."""
+    pairs = []
+    last = None
+    inner_seen: set[int] = set()
+    for module in model.modules():
+        if id(module) in inner_seen:
+            continue
+        bn = find_batchnorm(module)
+        if bn is not None:
+            inner_seen.add(id(bn))
+            if last is not None and bn.num_features == _out_channels(last):
+                pairs.append((last, bn))
+            last = None
+        elif is_prunable(module):
+            last = module
+    return pairs
+
+
+def _out_channels(module: nn.Module) -> int:
+    weight = _leaf(module, "weight")
+    return weight.shape[layout_of(module, "weight").out_axis]
+
+
+def bn_scaling(model_or_pairs) -> Scores:
+    """Network-slimming channel scores: every weight of output channel ``c``
+    of a layer scores ``|gamma_c|`` of the BatchNorm right after it.
+    ``model_or_pairs``: a model (pairs found by :func:`bn_pairs`) or
+    ``(layer, batchnorm)`` pairs; the BatchNorm may be any module with a 1-D
+    ``weight`` of the layer's output-channel count or a module wrapping a
+    ``_BatchNorm``.
+
+    Every entry of a channel carries the same score, so a group method with
+    ``n=float("inf")`` (e.g. ``global_structured(..., ChannelStructured,
+    n=float("inf"), importance_scores=scores)``) ranks channels by
+    ``|gamma|`` exactly, across layers of any size."""
+    pairs = bn_pairs(model_or_pairs) if isinstance(model_or_pairs, nn.Module) else list(model_or_pairs)
+    if not pairs:
+        raise ValueError("no (layer, batchnorm) pairs found")
+    out = {}
+    for layer, norm in pairs:
+        gamma = _gamma(norm)
+        weight = _leaf(layer, "weight")
+        layout = layout_of(layer, "weight")
+        channels = weight.shape[layout.out_axis]
+        if gamma.shape != (channels,):
+            raise ValueError(
+                f"the BatchNorm after {type(layer).__name__} has {tuple(gamma.shape)} scales; "
+                f"expected ({channels},) (one per output channel)"
+            )
+        view = [1] * weight.dim()
+        view[layout.out_axis] = channels
+        out[(layer, "weight")] = gamma.detach().abs().view(view).expand_as(weight).clone()
+    return out
+
+
+def _gamma(norm: nn.Module) -> torch.Tensor:
+    bn = find_batchnorm(norm)
+    source = bn if bn is not None else norm
+    gamma = current_weight(source, "weight") if hasattr(source, "weight") else None
+    if not isinstance(gamma, torch.Tensor) or gamma.dim() != 1:
+        raise TypeError(f"{type(norm).__name__} has no 1-D affine weight (gamma)")
+    return gamma
+
+
+def normalize(scores: Scores, how: str = "l2") -> Scores:
+    """Each tensor's scores divided by their L2 norm (``how="l2"``), their
+    maximum (``"max"``) or their mean (``"mean"``), so that layers compare
+    fairly in a global ranking."""
+    reducers = {"l2": torch.linalg.vector_norm, "max": torch.amax, "mean": torch.mean}
+    if how not in reducers:
+        raise ValueError(f"how must be one of {sorted(reducers)}; got {how!r}")
+    out = {}
+    for key, value in scores.items():
+        scale = reducers[how](value.abs())
+        out[key] = value / scale if scale > 0 else value.clone()
+    return out

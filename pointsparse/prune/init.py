@@ -1,0 +1,164 @@
+"""Pruning at initialisation, before any training: SNIP (Lee et al. 2019,
+connection sensitivity ``|g * w|``), GraSP (Wang et al. 2020, keep the weights
+whose removal least reduces the gradient flow: score ``-w * Hg``, the highest
+removed) and SynFlow (Tanaka et al. 2020, data-free: iterative synaptic-flow
+scores ``|w * dR/dw|`` of ``R = 1' f_|w|(1)`` with an exponential schedule).
+
+``batches`` is an iterable of ``(inputs, targets)``; ``loss_fn(model(inputs),
+targets)`` a scalar. Scores come back per layer name; :func:`prune_at_init`
+turns them into global masks through the core's ``global_unstructured``."""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from . import _compat
+from ._layers import apply_masks, check_fraction, get_mask, global_magnitude_prune, original, prunable_layers
+
+METHODS = ("snip", "grasp", "synflow")
+
+
+def _is_sparse(x) -> bool:
+    from ..tensor import SparseTensor
+    return isinstance(x, SparseTensor)
+
+
+def _scale_output(out, factor: float):
+    return out.with_feats(out.feats * factor) if _is_sparse(out) else out * factor
+
+
+def _batches(batches) -> list:
+    batches = list(batches)
+    if not batches:
+        raise ValueError("batches must hold at least one (inputs, targets) pair")
+    for i, b in enumerate(batches):
+        if not isinstance(b, (tuple, list)) or len(b) != 2:
+            raise ValueError(f"batches[{i}] must be an (inputs, targets) pair")
+    return batches
+
+
+def snip_scores(model: nn.Module, batches: Iterable, loss_fn: Callable, layers=None) -> dict[str, torch.Tensor]:
+    """SNIP: ``|mean_b dL_b/dw * w|`` over ``batches`` (the core's
+    :func:`pointsparse.prune.criteria.snip`), keyed by layer name."""
+    chosen = prunable_layers(model, layers)
+    scores = _compat.snip_criterion(model, lambda net, batch: loss_fn(net(batch[0]), batch[1]), _batches(batches),
+                                    [(m, "weight") for _, m in chosen])
+    return {n: scores[(m, "weight")] for n, m in chosen}
+
+
+def grasp_scores(model: nn.Module, batches: Iterable, loss_fn: Callable, layers=None,
+                 temperature: float = 200.0) -> dict[str, torch.Tensor]:
+    """GraSP: ``-w * (H g)`` with ``g`` the loss gradient over ``batches``
+    (outputs divided by ``temperature``) and ``H`` the Hessian; the weights
+    with the HIGHEST scores are the ones to remove."""
+    chosen = prunable_layers(model, layers)
+    params = [original(m) for _, m in chosen]
+    batches = _batches(batches)
+    g_total = [torch.zeros_like(p) for p in params]
+    for x, y in batches:
+        g = torch.autograd.grad(loss_fn(_scale_output(model(x), 1.0 / temperature), y), params, allow_unused=True)
+        for acc, gi in zip(g_total, g):
+            if gi is not None:
+                acc += gi
+    hg = [torch.zeros_like(p) for p in params]
+    for x, y in batches:
+        g = torch.autograd.grad(loss_fn(_scale_output(model(x), 1.0 / temperature), y), params, create_graph=True,
+                                allow_unused=True)
+        z = sum((gi * gt).sum() for gi, gt in zip(g, g_total) if gi is not None)
+        h = torch.autograd.grad(z, params, allow_unused=True)
+        for acc, hi in zip(hg, h):
+            if hi is not None:
+                acc += hi
+    return {n: -(m.weight.detach() * h) for (n, m), h in zip(chosen, hg)}
+
+
+def _ones_like_input(example_input):
+    if _is_sparse(example_input):
+        x = example_input.double()
+        return x.with_feats(torch.ones_like(x.feats))
+    if not isinstance(example_input, torch.Tensor):
+        raise TypeError(f"example_input must be a torch.Tensor or SparseTensor; got {type(example_input).__name__}")
+    return torch.ones_like(example_input, dtype=torch.float64)
+
+
+def synflow_scores(model: nn.Module, example_input, sparsity: float = 0.0, iterations: int = 100,
+                   layers=None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """SynFlow without data. On a float64 copy with every parameter and buffer
+    replaced by its absolute value (BatchNorm in eval mode), input all ones:
+    for ``k = 1..iterations`` score ``|w * dR/dw|`` with ``R`` the sum of the
+    outputs, and mask to density ``(1 - sparsity)^(k/iterations)``. Returns
+    ``(scores, masks)``; with ``sparsity = 0`` a single scoring pass."""
+    check_fraction(sparsity, "sparsity")
+    if not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"iterations must be a positive int; got {iterations!r}")
+    chosen_names = [n for n, _ in prunable_layers(model, layers)]
+    net = copy.deepcopy(model).double().eval()
+    with torch.no_grad():
+        for t in list(net.parameters()) + list(net.buffers()):
+            if t.is_floating_point():
+                t.abs_()
+    named = dict(net.named_modules())
+    mods = [named[n] for n in chosen_names]
+    params = [original(m) for m in mods]
+    base = [p.detach().clone() for p in params]
+    mask = [torch.ones_like(p, dtype=torch.bool) for p in params]
+    x = _ones_like_input(example_input)
+    total = sum(p.numel() for p in params)
+    scores = None
+    steps = iterations if sparsity > 0 else 1
+    for k in range(1, steps + 1):
+        with torch.no_grad():
+            for p, b, mk in zip(params, base, mask):
+                p.copy_(b * mk)
+        out = net(x)
+        r = (out.feats if _is_sparse(out) else out).sum()
+        grads = torch.autograd.grad(r, params, allow_unused=True)
+        scores = [(g if g is not None else torch.zeros_like(p)) * p.detach() for g, p in zip(grads, params)]
+        scores = [s.abs() for s in scores]
+        if sparsity > 0:
+            keep = int(round(total * (1.0 - sparsity) ** (k / steps)))
+            flat = torch.cat([s.flatten() for s in scores])
+            threshold_idx = torch.topk(flat, keep).indices
+            keep_flat = torch.zeros(total, dtype=torch.bool)
+            keep_flat[threshold_idx] = True
+            pos = 0
+            for i, p in enumerate(params):
+                mask[i] = keep_flat[pos:pos + p.numel()].reshape(p.shape)
+                pos += p.numel()
+    score_dict = {n: s.float() for n, s in zip(chosen_names, scores)}
+    mask_dict = {n: mk.clone() for n, mk in zip(chosen_names, mask)}
+    return score_dict, mask_dict
+
+
+def prune_at_init(model: nn.Module, method: str, sparsity: float, batches: Iterable | None = None,
+                  loss_fn: Callable | None = None, example_input=None, iterations: int = 100,
+                  layers=None) -> dict[str, torch.Tensor]:
+    """Prune an untrained ``model`` to global ``sparsity`` with SNIP, GraSP
+    (both need ``batches`` and ``loss_fn``) or SynFlow (needs only
+    ``example_input``, for its shape/coords). Returns the masks applied."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+    check_fraction(sparsity, "sparsity")
+    chosen = prunable_layers(model, layers)
+    names = [n for n, _ in chosen]
+    if method in ("snip", "grasp"):
+        if batches is None or loss_fn is None:
+            raise ValueError(f"{method} needs batches and loss_fn")
+        if method == "snip":
+            scores = snip_scores(model, batches, loss_fn, names)
+        else:
+            raw = grasp_scores(model, batches, loss_fn, names)
+            top = max(float(s.max()) for s in raw.values())
+            scores = {n: top - s + 1e-12 for n, s in raw.items()}  # remove the highest GraSP scores
+        model.zero_grad(set_to_none=True)
+        global_magnitude_prune(model, sparsity, names, scores=scores)
+    else:
+        if example_input is None:
+            raise ValueError("synflow needs example_input (an input of the right shape; its values are not used)")
+        scores, mask_dict = synflow_scores(model, example_input, sparsity, iterations, names)
+        apply_masks(model, mask_dict)
+    return {n: get_mask(m).clone() for n, m in chosen}

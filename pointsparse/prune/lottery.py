@@ -1,0 +1,137 @@
+"""Lottery tickets (Frankle & Carbin 2019) by iterative magnitude pruning with
+rewinding (Frankle et al. 2020): train, prune a fraction of the remaining
+weights, reset the survivors to their values at iteration ``k`` (``k = 0``:
+the original initialisation), train again, repeat. Controls: the same mask
+with a random re-initialisation, and a random mask of the same per-layer
+sparsity with the rewound weights."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ._layers import (apply_masks, call_train, check_callable, check_fraction, get_mask, global_magnitude_prune,
+                      layer_magnitude_prune, masks as _masks, prunable_layers, sparsity as _sparsity)
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``model`` under its logical name (a
+    pruned ``weight`` is stored from ``weight_orig``; masks are not stored)."""
+    out = {}
+    for key, value in model.state_dict().items():
+        if key.endswith("_mask"):
+            continue
+        if key.endswith("_orig"):
+            key = key[: -len("_orig")]
+        out[key] = value.detach().clone()
+    return out
+
+
+def rewind(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Reset every parameter and buffer to ``state`` (from :func:`snapshot`),
+    keeping the masks: each pruned weight becomes exactly ``state * mask``."""
+    named = dict(model.named_modules())
+    for key, value in state.items():
+        module_name, _, attr = key.rpartition(".")
+        module = named.get(module_name)
+        if module is None:
+            raise ValueError(f"state entry {key!r} names no submodule of the model")
+        target = getattr(module, attr + "_orig", None)
+        if target is None:
+            target = getattr(module, attr, None)
+        if not isinstance(target, torch.Tensor) or target.shape != value.shape:
+            raise ValueError(f"state entry {key!r} does not fit the model")
+        with torch.no_grad():
+            target.copy_(value)
+        if hasattr(module, attr + "_orig") and hasattr(module, attr + "_mask"):  # refresh the masked view now
+            setattr(module, attr, getattr(module, attr + "_orig") * getattr(module, attr + "_mask"))
+
+
+@dataclass
+class LotteryResult:
+    """Round 0 is the dense network; ``masks[r]`` the mask after round ``r``;
+    ``state`` the rewind point."""
+
+    rounds: list[dict] = field(default_factory=list)
+    masks: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    rewind_step: int = 0
+
+
+def lottery_ticket(model: nn.Module, train_fn: Callable, eval_fn: Callable, train_steps: int, rounds: int = 5,
+                   prune_fraction: float = 0.2, rewind_step: int = 0, scope: str = "global",
+                   lr: float | None = None, layers=None) -> LotteryResult:
+    """Iterative magnitude pruning with rewinding on a freshly initialised
+    ``model``. Each round trains ``train_steps - rewind_step`` steps from the
+    rewind point, then prunes ``prune_fraction`` of the surviving weights
+    (globally or per layer). After the call ``model`` holds the last round's
+    trained ticket."""
+    check_callable(train_fn, "train_fn")
+    check_callable(eval_fn, "eval_fn")
+    check_fraction(prune_fraction, "prune_fraction", low_open=True)
+    if scope not in ("global", "layer"):
+        raise ValueError(f"scope must be 'global' or 'layer'; got {scope!r}")
+    if not isinstance(rounds, int) or rounds < 0:
+        raise ValueError(f"rounds must be an int >= 0; got {rounds!r}")
+    if not 0 <= rewind_step < train_steps:
+        raise ValueError(f"rewind_step must be in [0, train_steps={train_steps}); got {rewind_step}")
+    result = LotteryResult(rewind_step=rewind_step)
+    call_train(train_fn, model, rewind_step, lr)
+    result.state = snapshot(model)
+    for r in range(rounds + 1):
+        if r > 0:
+            target = 1.0 - (1.0 - prune_fraction) ** r
+            if scope == "global":
+                global_magnitude_prune(model, target, layers)
+            else:
+                layer_magnitude_prune(model, target, layers)
+            rewind(model, result.state)
+        call_train(train_fn, model, train_steps - rewind_step, lr)
+        result.masks.append(_masks(model, layers))
+        result.rounds.append({"round": r, "sparsity": _sparsity(model, layers), "metric": float(eval_fn(model))})
+    return result
+
+
+def random_masks_like(mask_dict: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random masks with the same number of kept weights in each layer."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, m in mask_dict.items():
+        keep = int(m.sum())
+        flat = torch.zeros(m.numel(), dtype=torch.bool)
+        flat[torch.randperm(m.numel(), generator=g)[:keep]] = True
+        out[name] = flat.reshape(m.shape)
+    return out
+
+
+def train_masked(model: nn.Module, mask_dict: dict[str, torch.Tensor], train_fn: Callable, eval_fn: Callable,
+                 steps: int, state: dict | None = None, lr: float | None = None) -> float:
+    """Set ``model`` to ``state`` (when given), prune it with ``mask_dict``,
+    train ``steps`` steps and return ``eval_fn(model)``: how a ticket and its
+    controls are trained."""
+    if state is not None:
+        rewind(model, state)
+    for name, m in prunable_layers(model, list(mask_dict)):
+        if not bool(get_mask(m).all()):
+            raise ValueError(f"layer {name!r} is already pruned; pass an unpruned model")
+    apply_masks(model, mask_dict)
+    call_train(train_fn, model, steps, lr)
+    return float(eval_fn(model))
+
+
+def controls(make_model: Callable[[int], nn.Module], result: LotteryResult, round_index: int, train_fn: Callable,
+             eval_fn: Callable, train_steps: int, seed: int = 0, lr: float | None = None) -> dict[str, float]:
+    """The two controls of round ``round_index``'s ticket: ``reinit`` (same
+    mask, fresh random weights from ``make_model(seed + 1)``, trained
+    ``train_steps``) and ``random_mask`` (random mask of the same per-layer
+    sparsity on the rewound weights, trained ``train_steps - rewind_step``)."""
+    mask_dict = result.masks[round_index]
+    reinit = train_masked(make_model(seed + 1), mask_dict, train_fn, eval_fn, train_steps, None, lr)
+    base = make_model(seed)
+    random_mask = train_masked(base, random_masks_like(mask_dict, seed), train_fn, eval_fn,
+                               train_steps - result.rewind_step, copy.deepcopy(result.state), lr)
+    return {"reinit": reinit, "random_mask": random_mask}

@@ -1,0 +1,280 @@
+"""NetAdapt (Yang et al. 2018): adapt a pre-trained chain network to a latency
+budget measured on this machine. A lookup table holds the latency of each
+layer at candidate (input, output) channel counts, measured here on the
+layer's input from a representative example (for sparse convolutions the
+entry is keyed on the kernel-map sizes of that input, since their cost
+follows the pairs, not dense FLOPs). Each iteration asks for a latency drop
+that decays geometrically, proposes for every layer the largest channel count
+reaching it (channels of lowest L1 norm removed physically), fine-tunes each
+proposal briefly, and keeps the most accurate; a long fine-tune ends the run,
+and the final network's latency is measured again."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ._layers import call_train, check_callable, in_channels, out_channels
+from .surgery import chain_followers, channel_groups, keep_by_l1, prune_channels
+
+
+def _is_sparse_conv(m) -> bool:
+    from ..nn import Conv3d
+    return isinstance(m, Conv3d)
+
+
+def _best_time(fn: Callable, repeats: int, warmup: int = 1) -> float:
+    """The fastest of ``repeats`` timed calls: on a machine shared with other
+    processes the minimum is the stable estimate of the uncontended cost."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def measure_latency(model: nn.Module, example_input, repeats: int = 7) -> float:
+    """Seconds of ``model(example_input)`` in eval mode without gradients
+    (the fastest of ``repeats``, as the table's entries)."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return _best_time(lambda: model(example_input), repeats)
+    finally:
+        model.train(was)
+
+
+def _capture_inputs(model, names, example_input) -> dict:
+    named = dict(model.named_modules())
+    store, handles = {}, []
+
+    def hook_for(n):
+        def hook(_m, inputs, _output):
+            store.setdefault(n, inputs[0])
+        return hook
+
+    for n in names:
+        handles.append(named[n].register_forward_hook(hook_for(n)))
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    return store
+
+
+def _layer_like(module: nn.Module, c_in: int, c_out: int) -> nn.Module:
+    """A fresh layer of ``module``'s type and geometry with other channel counts."""
+    from ..nn import Conv3d
+    bias = getattr(module, "bias", None) is not None
+    if isinstance(module, Conv3d):
+        return Conv3d(c_in, c_out, module.kernel_size, module.stride, module.dilation, bias, module.transposed)
+    if isinstance(module, nn.Linear):
+        return nn.Linear(c_in, c_out, bias=bias)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return type(module)(c_in, c_out, module.kernel_size, module.stride, module.padding, module.dilation,
+                            bias=bias, padding_mode=module.padding_mode)
+    raise TypeError(f"NetAdapt's table does not support {type(module).__name__}")
+
+
+def _follower_like(module: nn.Module, c_out: int) -> nn.Module:
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+        return type(module)(c_out, eps=module.eps, momentum=module.momentum, affine=module.affine)
+    return copy.deepcopy(module)
+
+
+def _input_like(x, c_in: int, repeat: int, gen: torch.Generator):
+    if hasattr(x, "with_feats"):  # SparseTensor: same coords and coordinate cache (kernel maps already built)
+        return x.with_feats(torch.randn(len(x), c_in, generator=gen))
+    shape = list(x.shape)
+    shape[1] = c_in * repeat
+    return torch.randn(shape, generator=gen)
+
+
+def _structural_key(module, x) -> dict:
+    if _is_sparse_conv(module):
+        from ..kmap import get_kmap
+        kmap = get_kmap(x, module.kernel_size, module.stride, module.dilation, module.transposed)
+        return {"type": "pointsparse.nn.Conv3d", "kernel_size": list(module.kernel_size),
+                "stride": list(module.stride), "num_in": kmap.num_in, "num_out": kmap.num_out,
+                "kernel_map_sizes": [int(v) for v in kmap.sizes]}
+    return {"type": type(module).__name__, "input_shape": [int(v) for v in x.shape[2:]] if x.dim() > 2 else [],
+            "batch": int(x.shape[0])}
+
+
+@dataclass
+class LatencyTable:
+    """``entries[layer][(c_in, c_out)]`` = seconds; ``rest`` the latency of
+    everything that is not a table layer (norms, activations, pooling)."""
+
+    entries: dict[str, dict[tuple[int, int], float]]
+    keys: dict[str, dict]
+    candidates: dict[str, list[int]]  # output-channel counts per producer
+    rest: float = 0.0
+    repeats: int = 7
+    layout: list = field(default_factory=list)  # (layer, feeding producer or None, is producer)
+
+    def latency(self, channels: dict[str, int], model_layers: list | None = None) -> float:
+        """Estimated network latency with ``channels[producer]`` output
+        channels for each producer: ``rest`` plus each layer's entry."""
+        total = self.rest
+        for name, feeder, producer in (model_layers if model_layers is not None else self.layout):
+            c_out = channels[name] if producer else None
+            c_in = channels[feeder] if feeder else None
+            row = self.entries[name]
+            key = next(k for k in row if (c_in is None or k[0] == c_in) and (c_out is None or k[1] == c_out))
+            total += row[key]
+        return total
+
+    def save(self, path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps({
+            "entries": {n: [[k[0], k[1], v] for k, v in row.items()] for n, row in self.entries.items()},
+            "keys": self.keys, "candidates": self.candidates, "rest": self.rest, "repeats": self.repeats,
+            "layout": [list(row) for row in self.layout]}, indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path) -> "LatencyTable":
+        d = json.loads(Path(path).read_text())
+        return cls({n: {(a, b): v for a, b, v in rows} for n, rows in d["entries"].items()}, d["keys"],
+                   d["candidates"], d["rest"], d["repeats"], [tuple(row) for row in d.get("layout", [])])
+
+
+def _layout(model):
+    """``[(layer, feeding producer or None, is producer)]`` for every layer
+    whose channels change (producers and consumers of the channel groups), in
+    network order, and the consumers' input repeat."""
+    groups = channel_groups(model)
+    producers = {g.producer for g in groups}
+    feeds = {g.consumer: g.producer for g in groups}
+    order = [n for n, m in model.named_modules()]
+    names = sorted(producers | set(feeds), key=order.index)
+    return [(n, feeds.get(n), n in producers) for n in names], {g.consumer: g.repeat for g in groups}
+
+
+def candidate_counts(channels: int, num_candidates: int = 8) -> list[int]:
+    """Output-channel counts tried for a layer: ``channels`` down to about
+    ``channels / num_candidates`` in equal steps (descending)."""
+    step = max(1, channels // num_candidates)
+    return list(range(channels, 0, -step))[:num_candidates]
+
+
+def build_latency_table(model: nn.Module, example_input, num_candidates: int = 8, repeats: int = 7,
+                        seed: int = 0) -> LatencyTable:
+    """Measure every layer of the chain, as a block with the norms,
+    activations and pooling that follow it, at every candidate (c_in, c_out)
+    on its input from ``example_input``; what precedes the first layer is
+    measured once as the full latency minus the blocks at full width."""
+    layout, repeats_in = _layout(model)
+    if not layout:
+        raise ValueError("model has no chain of prunable layers")
+    named = dict(model.named_modules())
+    inputs = _capture_inputs(model, [n for n, _, _ in layout], example_input)
+    candidates = {n: candidate_counts(out_channels(named[n]), num_candidates) for n, _, p in layout if p}
+    followers = chain_followers(model)
+    gen = torch.Generator().manual_seed(seed)
+    entries, keys = {}, {}
+    for name, feeder, producer in layout:
+        m = named[name]
+        x = inputs[name]
+        keys[name] = _structural_key(m, x)
+        ins = candidates[feeder] if feeder else [in_channels(m) // repeats_in.get(name, 1)]
+        outs = candidates[name] if producer else [out_channels(m)]
+        row = {}
+        for c_in in ins:
+            rep = repeats_in.get(name, 1)
+            xi = _input_like(x, c_in, rep, gen)
+            for c_out in outs:
+                block = nn.Sequential(_layer_like(m, c_in * rep, c_out),
+                                      *[_follower_like(f, c_out) for f in followers[name]]).eval()
+                with torch.no_grad():
+                    row[(c_in, c_out)] = _best_time(lambda: block(xi), repeats)
+        entries[name] = row
+    table = LatencyTable(entries, keys, candidates, 0.0, repeats, layout)
+    full = {n: out_channels(named[n]) for n, _, p in layout if p}
+    table.rest = max(0.0, measure_latency(model, example_input, repeats) - table.latency(full, layout))
+    return table
+
+
+@dataclass
+class NetAdaptResult:
+    model: nn.Module
+    channels: dict[str, int]
+    budget: float
+    initial_latency: float
+    estimated_latency: float
+    measured_latency: float
+    history: list[dict] = field(default_factory=list)
+    final_metric: float | None = None
+
+
+def netadapt(model: nn.Module, table: LatencyTable, train_fn: Callable, eval_fn: Callable, example_input,
+             budget: float, initial_reduction: float = 0.1, decay: float = 0.96, short_steps: int = 50,
+             long_steps: int = 300, lr: float | None = None, finetune_lr_factor: float = 0.1,
+             max_iterations: int = 50, log: Callable[[str], None] | None = None) -> NetAdaptResult:
+    """Shrink a copy of ``model`` until the table's estimate is at most
+    ``budget`` (seconds, or a fraction of the table's initial estimate when
+    < 1). Each iteration asks for a drop of ``initial_reduction * L0 *
+    decay^i``; proposals are fine-tuned ``short_steps``, the best kept; the
+    result is fine-tuned ``long_steps`` and measured again."""
+    check_callable(train_fn, "train_fn")
+    check_callable(eval_fn, "eval_fn")
+    if not 0 < initial_reduction < 1 or not 0 < decay <= 1:
+        raise ValueError(f"initial_reduction must be in (0, 1) and decay in (0, 1]; got {initial_reduction}, {decay}")
+    net = copy.deepcopy(model)
+    layout, _ = _layout(net)
+    named = dict(net.named_modules())
+    channels = {n: out_channels(named[n]) for n, _, p in layout if p}
+    for n, c in channels.items():
+        if table.candidates.get(n, [None])[0] != c:
+            raise ValueError(f"the table was not built for this model: layer {n!r} has {c} channels")
+    l0 = table.latency(channels, layout)
+    target = budget * l0 if budget < 1 else float(budget)
+    ft_lr = None if lr is None else lr * finetune_lr_factor
+    history = []
+    it = 0
+    current = l0
+    while current > target and it < max_iterations:
+        want = current - initial_reduction * l0 * decay**it
+        proposals = []
+        for name in channels:
+            below = [c for c in table.candidates[name] if c < channels[name]]
+            if not below:
+                continue
+            # the largest count meeting this iteration's drop; else the smallest (the most this layer can give)
+            choice = next((c for c in below if table.latency(dict(channels, **{name: c}), layout) <= want), below[-1])
+            if table.latency(dict(channels, **{name: choice}), layout) >= current:
+                continue
+            cand = copy.deepcopy(net)
+            prune_channels(cand, name, keep_by_l1(dict(cand.named_modules())[name], choice))
+            call_train(train_fn, cand, short_steps, ft_lr)
+            proposals.append((float(eval_fn(cand)), name, choice, cand))
+        if not proposals:
+            break
+        metric, name, choice, net = max(proposals, key=lambda p: p[0])
+        channels[name] = choice
+        current = table.latency(channels, layout)
+        history.append({"iteration": it, "layer": name, "channels": choice, "metric": metric,
+                        "estimated_latency": current, "proposals": len(proposals)})
+        if log is not None:
+            log(f"iteration {it}: {name} -> {choice} channels, metric {metric:.4f}, estimate {current * 1e3:.2f} ms")
+        it += 1
+    call_train(train_fn, net, long_steps, ft_lr)
+    measured = measure_latency(net, example_input, table.repeats)
+    return NetAdaptResult(net, channels, target, l0, current, measured, history, float(eval_fn(net)))

@@ -1,0 +1,85 @@
+"""N:M fine-grained structured sparsity along the reduction (input-channel)
+axis: in every run of M consecutive input channels (for a fixed output
+channel and kernel position) at most N weights survive, the N of largest
+importance. With N=2, M=4 this is the layout sparse tensor cores execute
+(the GEMM's reduction dimension is the input-channel axis of a Linear, of a
+dense conv's im2col matrix, and of each offset matrix ``W[k]`` of a sparse
+conv ``(K, C_in, C_out)``)."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch.nn.utils import prune as _torch_prune
+
+from ._layout import WeightLayout, dense_layout, layout_of
+
+
+def validate_nm(n, m) -> None:
+    for label, value in (("n", n), ("m", m)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{label} must be an int; got {value!r}")
+    if m < 1:
+        raise ValueError(f"m must be >= 1; got m={m}")
+    if not 1 <= n <= m:
+        raise ValueError(f"n:m sparsity needs 1 <= n <= m; got n={n}, m={m}")
+
+
+class NMStructured(_torch_prune.BasePruningMethod):
+    """Keep the ``n`` largest of every ``m`` consecutive input channels.
+
+    Entries already pruned by an earlier mask count as the weakest (they are
+    never revived), so a group that had fewer than ``n`` survivors keeps only
+    those. The input-channel count must be a multiple of ``m``."""
+
+    PRUNING_TYPE = "global"
+
+    def __init__(self, n=2, m=4, layout: WeightLayout | None = None) -> None:
+        validate_nm(n, m)
+        self.n, self.m = int(n), int(m)
+        self.layout = layout
+
+    def compute_mask(self, t, default_mask):
+        layout = self.layout if self.layout is not None else dense_layout(t.dim())
+        layout.check(t, "the tensor to prune")
+        channels = t.shape[layout.in_axis]
+        if channels % self.m:
+            raise ValueError(
+                f"{self.n}:{self.m} sparsity needs the input-channel count (axis {layout.in_axis}) "
+                f"to be a multiple of m={self.m}; got {channels} (shape {tuple(t.shape)})"
+            )
+        live = default_mask != 0
+        # Pruned entries score -1, below every |score| >= 0.
+        scores = torch.where(live, t.detach().abs().to(torch.float64), torch.full_like(t, -1, dtype=torch.float64))
+        oik = layout.to_oik(scores)
+        out, inp, kernel = oik.shape
+        grouped = oik.reshape(out, inp // self.m, self.m, kernel)
+        keep = torch.zeros_like(grouped, dtype=torch.bool)
+        keep.scatter_(2, torch.topk(grouped, self.n, dim=2).indices, True)
+        keep = layout.from_oik(keep.reshape(out, inp, kernel), t.shape)
+        return default_mask.clone(memory_format=torch.contiguous_format) * keep.to(default_mask.dtype)
+
+    @classmethod
+    def apply(cls, module, name, n=2, m=4, layout=None, importance_scores=None):  # type: ignore[override]
+        layout = layout if layout is not None else layout_of(module, name)
+        return super().apply(module, name, n=n, m=m, layout=layout, importance_scores=importance_scores)
+
+
+def nm_structured(module, name, n=2, m=4, layout=None, importance_scores=None):
+    """Apply ``n:m`` sparsity along the input channels of ``module.name``
+    (see :class:`NMStructured`). Returns ``module``."""
+    NMStructured.apply(module, name, n=n, m=m, layout=layout, importance_scores=importance_scores)
+    return module
+
+
+def is_nm_sparse(t: torch.Tensor, n: int, m: int, layout: WeightLayout | None = None) -> bool:
+    """True when every run of ``m`` input channels of ``t`` has <= ``n`` nonzeros."""
+    validate_nm(n, m)
+    layout = layout if layout is not None else dense_layout(t.dim())
+    oik = layout.to_oik(t)
+    out, inp, kernel = oik.shape
+    if inp % m:
+        return False
+    counts = (oik.reshape(out, inp // m, m, kernel) != 0).sum(dim=2)
+    return bool((counts <= n).all())

@@ -1,0 +1,145 @@
+"""Pattern-based pruning (PatDNN): every kernel (one (out, in) pair's kernel
+positions) keeps exactly one pattern, a fixed subset of its positions, chosen
+from a small set shared by the layer. For a sparse conv a kernel is
+``W[:, i, o]`` over the K offsets, so a pattern is a subset of offsets.
+
+The set is given, or learned as PatDNN does: each kernel's ``pattern_size``
+largest-magnitude positions form its preferred pattern, and the
+``num_patterns`` most frequent preferred patterns form the set. Each kernel
+then takes the pattern that keeps the largest sum of squared importance (over
+its still-unpruned entries). Removing whole kernels (PatDNN's connectivity
+pruning) is :func:`pointsparse.prune.kernel_structured` with
+``scope="pair"``."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch.nn.utils import prune as _torch_prune
+
+from ._layout import WeightLayout, dense_layout, layout_of
+
+
+def as_patterns(patterns, kernel_volume: int) -> torch.Tensor:
+    """``patterns`` as a bool tensor ``(P, kernel_volume)``: a bool/0-1 tensor
+    of that shape, or a list of lists of kept kernel-position indices."""
+    if isinstance(patterns, torch.Tensor):
+        out = patterns
+        if out.dim() != 2 or out.shape[1] != kernel_volume:
+            raise ValueError(
+                f"patterns must be (P, {kernel_volume}) (one row per pattern); got {tuple(out.shape)}"
+            )
+        if out.dtype != torch.bool:
+            if not bool(((out == 0) | (out == 1)).all()):
+                raise ValueError("patterns as a numeric tensor must hold only 0 and 1")
+            out = out != 0
+    else:
+        rows = []
+        for pattern in patterns:
+            row = torch.zeros(kernel_volume, dtype=torch.bool)
+            for position in pattern:
+                if isinstance(position, bool) or not isinstance(position, numbers.Integral):
+                    raise TypeError(f"pattern positions must be ints; got {position!r}")
+                if not 0 <= position < kernel_volume:
+                    raise ValueError(f"pattern position {position} is outside [0, {kernel_volume})")
+                row[position] = True
+            rows.append(row)
+        if not rows:
+            raise ValueError("patterns must hold at least one pattern")
+        out = torch.stack(rows)
+    if out.shape[0] == 0:
+        raise ValueError("patterns must hold at least one pattern")
+    return out.clone()
+
+
+def learn_patterns(t: torch.Tensor, num_patterns: int = 8, pattern_size: int = 4, layout=None, mask=None):
+    """The ``num_patterns`` most frequent top-``pattern_size`` position sets
+    over the kernels of ``t`` (ties: the lexicographically larger 0/1 row
+    first), as a bool tensor ``(P, K)``, P <= ``num_patterns``. Kernels that
+    ``mask`` prunes entirely do not vote."""
+    layout = layout if layout is not None else dense_layout(t.dim())
+    for label, value in (("num_patterns", num_patterns), ("pattern_size", pattern_size)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{label} must be an int >= 1; got {value!r}")
+    scores = t.detach().abs()
+    if mask is not None:
+        scores = scores * (mask != 0)
+    oik = layout.to_oik(scores)
+    kernel = oik.shape[2]
+    if pattern_size > kernel:
+        raise ValueError(f"pattern_size={pattern_size} exceeds the {kernel} kernel positions")
+    kernels = oik.reshape(-1, kernel)
+    if mask is not None:
+        kernels = kernels[layout.to_oik(mask).reshape(-1, kernel).ne(0).any(dim=1)]
+    if kernels.shape[0] == 0:
+        raise ValueError("no unpruned kernel to learn patterns from")
+    preferred = torch.zeros_like(kernels, dtype=torch.bool)
+    preferred.scatter_(1, torch.topk(kernels, pattern_size, dim=1).indices, True)
+    unique, counts = torch.unique(preferred.to(torch.uint8), dim=0, return_counts=True)
+    # unique rows are sorted ascending; reverse so equal counts favour larger rows, then stable sort.
+    unique, counts = unique.flip(0), counts.flip(0)
+    order = torch.sort(counts, descending=True, stable=True).indices
+    return unique[order[:num_patterns]].bool()
+
+
+class PatternStructured(_torch_prune.BasePruningMethod):
+    """Each kernel keeps the one pattern of ``patterns`` (bool ``(P, K)``)
+    that retains the most squared importance among its alive entries;
+    entries outside the chosen pattern are pruned."""
+
+    PRUNING_TYPE = "global"
+
+    def __init__(self, patterns, layout: WeightLayout | None = None) -> None:
+        if not isinstance(patterns, torch.Tensor) or patterns.dtype != torch.bool or patterns.dim() != 2:
+            raise TypeError("patterns must be a bool tensor (P, K); build one with as_patterns()")
+        self.patterns = patterns
+        self.layout = layout
+
+    def compute_mask(self, t, default_mask):
+        layout = self.layout if self.layout is not None else dense_layout(t.dim())
+        layout.check(t, "the tensor to prune")
+        energy = layout.to_oik((t.detach().to(torch.float64) * (default_mask != 0)).pow(2))
+        if energy.shape[2] != self.patterns.shape[1]:
+            raise ValueError(
+                f"patterns have {self.patterns.shape[1]} positions but the kernels of a tensor "
+                f"of shape {tuple(t.shape)} have {energy.shape[2]}"
+            )
+        patterns = self.patterns.to(device=t.device)
+        kept = energy @ patterns.to(torch.float64).T  # (O, I, P)
+        chosen = patterns[kept.argmax(dim=2)]  # (O, I, K)
+        keep = layout.from_oik(chosen, t.shape)
+        return default_mask.clone(memory_format=torch.contiguous_format) * keep.to(default_mask.dtype)
+
+    @classmethod
+    def apply(  # type: ignore[override]
+        cls, module, name, patterns=None, num_patterns=8, pattern_size=4, layout=None, importance_scores=None
+    ):
+        layout = layout if layout is not None else layout_of(module, name)
+        weight = module._parameters.get(name + "_orig")
+        weight = weight if weight is not None else getattr(module, name)
+        kernel_volume = layout.to_oik(weight.detach()).shape[2]
+        if patterns is None:
+            source = importance_scores if importance_scores is not None else weight
+            patterns = learn_patterns(
+                source, num_patterns, pattern_size, layout, mask=getattr(module, name + "_mask", None)
+            )
+        else:
+            patterns = as_patterns(patterns, kernel_volume)
+        return super().apply(module, name, patterns=patterns, layout=layout, importance_scores=importance_scores)
+
+
+def pattern_structured(
+    module, name, patterns=None, num_patterns=8, pattern_size=4, layout=None, importance_scores=None
+):
+    """Pattern-prune ``module.name``: with ``patterns`` given (bool ``(P, K)``
+    or lists of kept positions) each kernel takes its best pattern; without,
+    the set is learned first (:func:`learn_patterns`). Returns ``module``."""
+    PatternStructured.apply(
+        module, name, patterns=patterns, num_patterns=num_patterns, pattern_size=pattern_size,
+        layout=layout, importance_scores=importance_scores,
+    )
+    return module
+
+
+__all__ = ["PatternStructured", "as_patterns", "learn_patterns", "pattern_structured"]

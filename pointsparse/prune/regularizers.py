@@ -1,0 +1,77 @@
+"""Penalties that push training toward sparsity. Each returns a scalar
+tensor to add (times a coefficient) to the loss; each differentiates through
+``name_orig * name_mask`` on a pruned tensor, so pruned entries add nothing.
+
+* :func:`l1` ``sum |w|`` and :func:`l2` ``sum w^2`` (element sparsity);
+* :func:`group_lasso` ``sum_g ||w_g||_2`` over channels, kernels, offsets or
+  stripes (whole groups go to zero; ``scale_by_size`` weights each group by
+  ``sqrt(|g|)`` as in Yuan & Lin);
+* :func:`slimming` ``sum |gamma|`` over BatchNorm scales (network slimming);
+* :func:`skeleton_l1` ``sum |s|`` over Filter Skeletons (SWP)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._layout import current_weight
+from .criteria import _parameters, bn_pairs, find_batchnorm, group_ids
+from .stripe import filter_skeletons
+
+
+def _sum(terms, what):
+    terms = list(terms)
+    if not terms:
+        raise ValueError(f"no {what} to regularize")
+    return torch.stack(terms).sum()
+
+
+def l1(parameters) -> torch.Tensor:
+    """``sum |w|`` over ``parameters`` (a model: its Linear/conv weights, or
+    ``(module, name)`` pairs)."""
+    return _sum((current_weight(m, n).abs().sum() for m, n in _parameters(parameters)), "weights")
+
+
+def l2(parameters) -> torch.Tensor:
+    """``sum w^2`` over ``parameters`` (weight decay as a loss term)."""
+    return _sum((current_weight(m, n).pow(2).sum() for m, n in _parameters(parameters)), "weights")
+
+
+def group_lasso(parameters, group: str = "out", scale_by_size: bool = False) -> torch.Tensor:
+    """``sum_g ||w_g||_2`` with groups ``"out"``/``"in"`` (channels),
+    ``"kernel"`` ((out, in) kernels), ``"offset"`` (kernel positions of the
+    whole layer) or ``"stripe"`` ((filter, position) stripes)."""
+    terms = []
+    for module, name in _parameters(parameters):
+        weight = current_weight(module, name)
+        ids, count = group_ids(module, name, group)
+        squares = torch.zeros(count, dtype=weight.dtype, device=weight.device)
+        squares = squares.index_add(0, ids.flatten(), weight.pow(2).flatten())
+        # sqrt has an infinite derivative at 0: zero groups get a zero gradient.
+        norms = torch.where(squares > 0, squares.clamp_min(1e-30).sqrt(), torch.zeros_like(squares))
+        if scale_by_size:
+            sizes = torch.bincount(ids.flatten(), minlength=count).to(weight.dtype)
+            norms = norms * sizes.sqrt()
+        terms.append(norms.sum())
+    return _sum(terms, "weights")
+
+
+def slimming(model_or_norms) -> torch.Tensor:
+    """``sum |gamma|`` over BatchNorms: a model (every BatchNorm following a
+    prunable layer, see :func:`pointsparse.prune.criteria.bn_pairs`) or an
+    iterable of BatchNorm modules (or modules wrapping one)."""
+    if isinstance(model_or_norms, nn.Module):
+        norms = [bn for _, bn in bn_pairs(model_or_norms)]
+    else:
+        norms = []
+        for module in model_or_norms:
+            bn = find_batchnorm(module)
+            if bn is None:
+                raise TypeError(f"{type(module).__name__} is not and does not wrap a BatchNorm")
+            norms.append(bn)
+    return _sum((current_weight(bn, "weight").abs().sum() for bn in norms), "BatchNorm scales")
+
+
+def skeleton_l1(model: nn.Module) -> torch.Tensor:
+    """``sum |s|`` over every Filter Skeleton attached in ``model``."""
+    return _sum((s.abs().sum() for s in filter_skeletons(model)), "filter skeletons")

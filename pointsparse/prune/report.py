@@ -1,0 +1,216 @@
+"""Sparsity and cost report: per prunable layer (Linear, torch ConvNd, sparse
+conv) its weight shape, parameters, nonzeros, sparsity and FLOPs, as a dict
+and as a printed table, optionally next to an earlier report ("before").
+
+FLOPs count multiply-adds as 2 operations and ignore the bias:
+
+* ``Linear``: ``2 * rows * nnz(W)``, ``rows`` = input rows (all leading dims);
+* ``ConvNd``: ``2 * N * prod(output spatial) * nnz(W)`` (each weight entry
+  meets one input value per output position; padding zeros are counted);
+  ``ConvTransposeNd``: the same with the input's spatial size;
+* sparse conv: ``2 * sum_o pairs(o) * nnz(W[o])`` where ``pairs(o)`` is the
+  number of (input, output) site pairs of kernel offset ``o`` in the kernel
+  map of the example input, and ``nnz(W[o])`` counts the nonzeros of that
+  offset's ``(C_in, C_out)`` matrix (a pruned offset costs nothing).
+
+``dense_flops`` is the same count with every weight entry nonzero. Without an
+example input FLOPs are ``None``. Per-offset pair counts come from the kernel
+map the forward used (``pointsparse.kmap.get_kmap`` on the layer's input,
+whose ``sizes`` are the counts); ``pairs={layer_name: counts}`` overrides them
+(and gives FLOPs without running the model)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ._layout import current_weight, is_sparse_conv, prunable_modules
+
+
+def _pair_counts_from_kmap(module, sparse_input) -> torch.Tensor:
+    """Per-offset pair counts of the map the layer's forward just used (from
+    the input's coordinate cache; for a transposed conv, the transpose of the
+    strided map it mirrors, so the same counts)."""
+    from ..kmap import get_kmap  # noqa: PLC0415 - the kmap layer sits above this package
+
+    kmap = get_kmap(
+        sparse_input, module.kernel_size, module.stride, module.dilation,
+        transposed=bool(getattr(module, "transposed", False)),
+    )
+    return kmap.sizes.to(torch.int64).cpu()
+
+
+def _layer_flops(module, weight, inputs, output, pair_counts):
+    """``(flops, dense_flops)`` of one call."""
+    nonzero = weight.detach() != 0
+    if is_sparse_conv(module):
+        per_offset = nonzero.reshape(weight.shape[0], -1).sum(dim=1).cpu()
+        counts = pair_counts
+        if counts.shape != (weight.shape[0],):
+            raise ValueError(
+                f"pairs for a sparse conv with {weight.shape[0]} offsets must have shape "
+                f"({weight.shape[0]},); got {tuple(counts.shape)}"
+            )
+        dense = weight[0].numel()
+        return 2 * int((counts * per_offset).sum()), 2 * int(counts.sum()) * dense
+    if isinstance(module, nn.Linear):
+        positions = inputs[0].numel() // weight.shape[1]
+    elif isinstance(module, nn.modules.conv._ConvTransposeNd):
+        spatial = inputs[0].shape[-(weight.dim() - 2):]
+        batch = inputs[0].numel() // (weight.shape[0] * math.prod(spatial))
+        positions = batch * math.prod(spatial)
+    else:
+        positions = output.numel() // weight.shape[0]
+    return 2 * positions * int(nonzero.sum()), 2 * positions * weight.numel()
+
+
+def sparsity_report(model: nn.Module, example_input=None, pairs: dict | None = None) -> dict:
+    """The report of ``model`` now: ``{"layers": {name: row}, "total": row}``
+    with ``row`` holding ``type, shape, params, nonzeros, weight_nonzeros,
+    sparsity, flops, dense_flops``. ``example_input`` (a tensor, a
+    SparseTensor, or a tuple of forward arguments) is run once in eval mode
+    and without gradients to count FLOPs; ``pairs`` maps a sparse conv's
+    qualified name to its per-offset pair counts (shape ``(K,)``)."""
+    pairs = dict(pairs or {})
+    layers = {}
+    modules = dict(prunable_modules(model))
+    for qualified, module in modules.items():
+        weight = current_weight(module, "weight").detach()
+        bias = getattr(module, "bias", None)
+        bias = bias.detach() if isinstance(bias, torch.Tensor) else None
+        weight_nonzeros = int((weight != 0).sum())
+        layers[qualified] = {
+            "type": type(module).__name__,
+            "shape": tuple(weight.shape),
+            "params": weight.numel() + (bias.numel() if bias is not None else 0),
+            "nonzeros": weight_nonzeros + (int((bias != 0).sum()) if bias is not None else 0),
+            "weight_nonzeros": weight_nonzeros,
+            "sparsity": 1.0 - weight_nonzeros / weight.numel() if weight.numel() else 0.0,
+            "flops": None,
+            "dense_flops": None,
+        }
+    if example_input is not None:
+        _count_flops(model, modules, layers, example_input, pairs)
+    elif pairs:
+        for qualified, counts in pairs.items():
+            if qualified not in modules or not is_sparse_conv(modules[qualified]):
+                raise ValueError(f"pairs names {qualified!r}, which is not a sparse conv of the model")
+            module = modules[qualified]
+            flops = _layer_flops(module, current_weight(module, "weight"), None, None, _as_counts(counts))
+            layers[qualified]["flops"], layers[qualified]["dense_flops"] = flops
+    return {"layers": layers, "total": _total(layers)}
+
+
+def _as_counts(counts) -> torch.Tensor:
+    counts = torch.as_tensor(counts)
+    if counts.dtype.is_floating_point or counts.dim() != 1:
+        raise ValueError(f"pair counts must be a 1-D integer sequence; got {counts!r}")
+    return counts.to(torch.int64).cpu()
+
+
+def _count_flops(model, modules, layers, example_input, pairs):
+    handles = []
+
+    def hook_for(qualified, module):
+        def hook(mod, inputs, output):
+            weight = getattr(mod, "weight")
+            if is_sparse_conv(mod):
+                counts = (
+                    _as_counts(pairs[qualified])
+                    if qualified in pairs
+                    else _pair_counts_from_kmap(mod, inputs[0])
+                )
+            else:
+                counts = None
+            flops, dense = _layer_flops(mod, weight, inputs, output, counts)
+            row = layers[qualified]
+            row["flops"] = (row["flops"] or 0) + flops
+            row["dense_flops"] = (row["dense_flops"] or 0) + dense
+
+        return hook
+
+    for qualified, module in modules.items():
+        handles.append(module.register_forward_hook(hook_for(qualified, module)))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            args = example_input if isinstance(example_input, tuple) else (example_input,)
+            model(*args)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    for qualified, row in layers.items():
+        if row["flops"] is None:
+            row["flops"], row["dense_flops"] = 0, 0  # the layer did not run on this input
+
+
+def _total(layers: dict) -> dict:
+    params = sum(r["params"] for r in layers.values())
+    weights = sum(math.prod(r["shape"]) for r in layers.values())
+    weight_nonzeros = sum(r["weight_nonzeros"] for r in layers.values())
+    flops = [r["flops"] for r in layers.values()]
+    dense = [r["dense_flops"] for r in layers.values()]
+    known = bool(flops) and all(f is not None for f in flops)
+    return {
+        "type": "total",
+        "shape": (),
+        "params": params,
+        "nonzeros": sum(r["nonzeros"] for r in layers.values()),
+        "weight_nonzeros": weight_nonzeros,
+        "sparsity": 1.0 - weight_nonzeros / weights if weights else 0.0,
+        "flops": sum(flops) if known else None,
+        "dense_flops": sum(dense) if known else None,
+    }
+
+
+def _human(value) -> str:
+    if value is None:
+        return "-"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return str(value)
+
+
+def format_report(report: dict, before: dict | None = None) -> str:
+    """The report as a text table; with ``before`` (an earlier report of the
+    same model) nonzeros, sparsity and FLOPs are shown as ``before -> now``."""
+    header = ["layer", "type", "shape", "params", "nonzeros", "sparsity", "FLOPs"]
+    rows = []
+    names = list(report["layers"]) + ["total"]
+    for name in names:
+        row = report["total"] if name == "total" else report["layers"][name]
+        old = None
+        if before is not None:
+            old = before["total"] if name == "total" else before["layers"].get(name)
+
+        def pair(key, fmt):
+            now = fmt(row[key])
+            return f"{fmt(old[key])} -> {now}" if old is not None else now
+
+        rows.append([
+            name or "(model)",
+            row["type"],
+            "x".join(map(str, row["shape"])) or "-",
+            _human(row["params"]),
+            pair("nonzeros", _human),
+            pair("sparsity", lambda s: f"{100 * s:.1f}%"),
+            pair("flops", _human),
+        ])
+    widths = [max(len(str(r[c])) for r in rows + [header]) for c in range(len(header))]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+    out = [line(header), line(["-" * w for w in widths])]
+    out += [line(r) for r in rows[:-1]]
+    out += [line(["-" * w for w in widths]), line(rows[-1])]
+    return "\n".join(out)
+
+
+def print_report(model: nn.Module, example_input=None, pairs=None, before: dict | None = None) -> dict:
+    """Build, print and return the report of ``model``."""
+    report = sparsity_report(model, example_input, pairs)
+    print(format_report(report, before))
+    return report

@@ -1,0 +1,187 @@
+"""RigL sparse training (Evci et al. 2020): the network is sparse from the
+start; every ``update_interval`` optimizer steps each layer drops the
+``f(t)`` fraction of its active weights with the smallest magnitude and
+regrows as many inactive connections with the largest gradient magnitude
+(new weights start at zero), ``f(t) = alpha/2 (1 + cos(pi t / end_step))``.
+Layer densities are uniform or Erdos-Renyi-Kernel (ERK).
+
+The masks are applied to the weights directly (a zero weight still gets its
+dense gradient, which the grow step needs). Use it around any training loop::
+
+    rigl = RigL(model, density=0.1, end_step=750)
+    with rigl:                       # hooks every torch optimizer stepping these weights
+        train_fn(model, 1000)
+
+or ``rigl.attach(optimizer)`` for an optimizer you hold."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ._layers import check_fraction, prunable_layers
+
+DISTRIBUTIONS = ("uniform", "erk")
+
+
+def _kernel_dims(module: nn.Module) -> list[int]:
+    from ..nn import Conv3d as SparseConv3d
+    w = module.weight
+    if isinstance(module, SparseConv3d):
+        return [*module.kernel_size, w.shape[1], w.shape[2]]
+    return list(w.shape)
+
+
+def erk_densities(model: nn.Module, density: float, layers=None) -> dict[str, float]:
+    """Erdos-Renyi-Kernel: layer density proportional to
+    ``sum(dims) / prod(dims)`` (kernel dims and both channel counts), scaled so
+    the overall density is ``density``; layers that would exceed 1 are dense."""
+    check_fraction(density, "density", low_open=True, high_open=False)
+    chosen = prunable_layers(model, layers)
+    sizes = {n: m.weight.numel() for n, m in chosen}
+    raw = {n: sum(_kernel_dims(m)) / math.prod(_kernel_dims(m)) for n, m in chosen}
+    dense: set[str] = set()
+    while True:
+        divisor = rhs = 0.0
+        for n in sizes:
+            if n in dense:
+                rhs -= sizes[n] * (1.0 - density)
+            else:
+                rhs += sizes[n] * density
+                divisor += raw[n] * sizes[n]
+        if divisor == 0:
+            return {n: 1.0 for n in sizes}
+        eps = rhs / divisor
+        over = [n for n in sizes if n not in dense and raw[n] * eps > 1.0]
+        if not over:
+            return {n: 1.0 if n in dense else raw[n] * eps for n in sizes}
+        dense.update(over)
+
+
+class RigL:
+    """Dynamic sparse training state: masks, densities and the update rule."""
+
+    def __init__(self, model: nn.Module, density: float = 0.1, distribution: str = "erk",
+                 update_interval: int = 100, end_step: int = 1000, drop_fraction: float = 0.3, layers=None,
+                 seed: int = 0) -> None:
+        check_fraction(density, "density", low_open=True, high_open=False)
+        check_fraction(drop_fraction, "drop_fraction", high_open=False)
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(f"distribution must be one of {DISTRIBUTIONS}; got {distribution!r}")
+        if not isinstance(update_interval, int) or update_interval < 1:
+            raise ValueError(f"update_interval must be a positive int; got {update_interval!r}")
+        if not isinstance(end_step, int) or end_step < 1:
+            raise ValueError(f"end_step must be a positive int; got {end_step!r}")
+        self.model = model
+        self.layers = prunable_layers(model, layers)
+        self.update_interval = update_interval
+        self.end_step = end_step
+        self.alpha = drop_fraction
+        self.step_count = 0
+        self.updates = 0
+        if distribution == "uniform":
+            self.densities = {n: density for n, _ in self.layers}
+        else:
+            self.densities = erk_densities(model, density, [n for n, _ in self.layers])
+        g = torch.Generator().manual_seed(seed)
+        self.masks: dict[str, torch.Tensor] = {}
+        for n, m in self.layers:
+            numel = m.weight.numel()
+            keep = max(1, int(round(self.densities[n] * numel)))
+            flat = torch.zeros(numel, dtype=torch.bool)
+            flat[torch.randperm(numel, generator=g)[:keep]] = True
+            self.masks[n] = flat.reshape(m.weight.shape).to(m.weight.device)
+        self._handle = None
+        self.apply_masks()
+
+    # ------------------------------------------------------------------ masks
+    def drop_fraction_at(self, step: int) -> float:
+        """The cosine-decayed drop fraction at optimizer step ``step``."""
+        return self.alpha / 2.0 * (1.0 + math.cos(math.pi * min(step, self.end_step) / self.end_step))
+
+    def apply_masks(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Zero the inactive weights (and their optimizer state)."""
+        with torch.no_grad():
+            for n, m in self.layers:
+                mask = self.masks[n]
+                m.weight.mul_(mask)
+                if optimizer is not None:
+                    for v in optimizer.state.get(m.weight, {}).values():
+                        if isinstance(v, torch.Tensor) and v.shape == mask.shape:
+                            v.mul_(mask)
+
+    def density(self) -> float:
+        kept = sum(int(mk.sum()) for mk in self.masks.values())
+        return kept / sum(mk.numel() for mk in self.masks.values())
+
+    def update(self) -> dict[str, int]:
+        """One drop/grow step from the current weights and gradients; returns
+        the connections changed per layer (the layer density is unchanged)."""
+        fraction = self.drop_fraction_at(self.step_count)
+        changed = {}
+        for n, m in self.layers:
+            if m.weight.grad is None:
+                raise RuntimeError(f"layer {n!r} has no gradient: call update after backward")
+            mask = self.masks[n].flatten()
+            active = int(mask.sum())
+            k = int(math.ceil(fraction * active)) if active < mask.numel() else 0
+            k = min(k, active - 1, mask.numel() - active)
+            if k <= 0:
+                changed[n] = 0
+                continue
+            w = m.weight.detach().flatten().abs()
+            drop_score = torch.where(mask, w, torch.full_like(w, float("inf")))
+            drop = torch.topk(drop_score, k, largest=False).indices
+            new_mask = mask.clone()
+            new_mask[drop] = False
+            grad = m.weight.grad.detach().flatten().abs()
+            grow_score = torch.where(new_mask, torch.full_like(grad, -1.0), grad)
+            grow = torch.topk(grow_score, k).indices
+            new_mask[grow] = True
+            with torch.no_grad():
+                grown_fresh = new_mask & ~mask
+                m.weight.view(-1)[grown_fresh] = 0.0
+            changed[n] = int((new_mask != mask).sum()) // 2
+            self.masks[n] = new_mask.reshape(m.weight.shape)
+        self.updates += 1
+        return changed
+
+    def step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Call after every ``optimizer.step()``: count the step, run a drop /
+        grow update every ``update_interval`` steps before ``end_step``, and
+        re-apply the masks."""
+        self.step_count += 1
+        if self.step_count % self.update_interval == 0 and self.step_count < self.end_step:
+            self.update()
+        self.apply_masks(optimizer)
+
+    # ------------------------------------------------------------------ hooks
+    def _owns(self, optimizer) -> bool:
+        ids = {id(m.weight) for _, m in self.layers}
+        return any(id(p) in ids for group in optimizer.param_groups for p in group["params"])
+
+    def attach(self, optimizer: torch.optim.Optimizer):
+        """Run :meth:`step` after every step of ``optimizer``; returns the hook handle."""
+        return optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step(opt))
+
+    def __enter__(self) -> "RigL":
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        def hook(opt, args, kwargs):
+            if self._owns(opt):
+                self.step(opt)
+        self._handle = register_optimizer_step_post_hook(hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self.apply_masks()
+
+
+def static_sparse(model: nn.Module, density: float, distribution: str = "erk", layers=None, seed: int = 0) -> RigL:
+    """A fixed random sparse mask (RigL with no updates): the static baseline."""
+    return RigL(model, density, distribution, update_interval=1, end_step=1, layers=layers, seed=seed)

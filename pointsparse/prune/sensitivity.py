@@ -1,0 +1,132 @@
+"""Per-layer sensitivity analysis (Han et al. 2015; Li et al. 2017): prune one
+layer at a time at ratios 0, 0.1, ..., 0.9 with the chosen granularity,
+measure the user's metric on a validation set, then give every layer the
+largest ratio whose drop stays under a threshold."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import _compat
+from ._layers import check_callable, prunable_layers
+
+GRANULARITIES = ("unstructured", "channel")
+DEFAULT_RATIOS = tuple(round(0.1 * i, 1) for i in range(10))
+
+
+@dataclass
+class SensitivityResult:
+    """``curves[layer]`` is the metric at each of ``ratios``; ``baseline`` the
+    unpruned metric."""
+
+    ratios: list[float]
+    curves: dict[str, list[float]]
+    baseline: float
+    granularity: str
+    metric: str = "metric"
+    sizes: dict[str, int] = field(default_factory=dict)
+
+    def drops(self, layer: str) -> list[float]:
+        return [self.baseline - v for v in self.curves[layer]]
+
+
+def _prune_one(module: nn.Module, ratio: float, granularity: str) -> None:
+    if granularity == "unstructured":
+        _compat.l1_unstructured(module, "weight", amount=ratio)
+    else:
+        _compat.channel_structured(module, "weight", amount=ratio, n=1, axis="out")
+
+
+def sensitivity_scan(model: nn.Module, eval_fn: Callable[[nn.Module], float], ratios=DEFAULT_RATIOS,
+                     granularity: str = "unstructured", layers=None, metric: str = "metric") -> SensitivityResult:
+    """For each prunable layer and each ratio, prune only that layer (by L1
+    magnitude: single weights, or whole output channels for ``"channel"``),
+    call ``eval_fn(model)``, and restore the layer exactly. The model is left
+    as it was."""
+    check_callable(eval_fn, "eval_fn")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}; got {granularity!r}")
+    ratios = [float(r) for r in ratios]
+    if not ratios or any(not 0.0 <= r < 1.0 for r in ratios):
+        raise ValueError(f"ratios must be a non-empty list of values in [0, 1); got {ratios}")
+    chosen = prunable_layers(model, layers)
+    for name, m in chosen:
+        if _compat.is_pruned(m):
+            raise ValueError(f"layer {name!r} is already pruned; scan an unpruned model (or call remove first)")
+    baseline = float(eval_fn(model))
+    curves: dict[str, list[float]] = {}
+    for name, m in chosen:
+        saved = m.weight.detach().clone()
+        values = []
+        for r in ratios:
+            if r == 0.0:
+                values.append(baseline)
+                continue
+            _prune_one(m, r, granularity)
+            try:
+                values.append(float(eval_fn(model)))
+            finally:
+                _compat.remove(m, "weight")
+                with torch.no_grad():
+                    m.weight.copy_(saved)
+        curves[name] = values
+    return SensitivityResult(ratios, curves, baseline, granularity, metric,
+                             {n: m.weight.numel() for n, m in chosen})
+
+
+def choose_ratios(result: SensitivityResult, threshold: float, relative: bool = False) -> dict[str, float]:
+    """Per layer the largest ratio at which the metric drop (baseline - value,
+    or that over the baseline when ``relative``) is <= ``threshold``, and at
+    all smaller ratios too (a curve that recovers after a dip does not count)."""
+    if threshold < 0:
+        raise ValueError(f"threshold must be >= 0; got {threshold}")
+    out = {}
+    for name, values in result.curves.items():
+        best = 0.0
+        for r, v in sorted(zip(result.ratios, values)):
+            drop = result.baseline - v
+            if relative:
+                drop = drop / max(abs(result.baseline), 1e-12)
+            if drop > threshold:
+                break
+            best = r
+        out[name] = best
+    return out
+
+
+def apply_ratios(model: nn.Module, ratios: dict[str, float], granularity: str = "unstructured") -> None:
+    """Prune each named layer at its ratio (what :func:`choose_ratios` returns)."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}; got {granularity!r}")
+    named = dict(prunable_layers(model, list(ratios)))
+    for name, r in ratios.items():
+        if r > 0:
+            _prune_one(named[name], float(r), granularity)
+
+
+def plot_sensitivity(result: SensitivityResult, path, threshold: float | None = None) -> Path:
+    """Write the curves (metric against ratio, one line per layer) to a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, values in result.curves.items():
+        ax.plot(result.ratios, values, marker="o", ms=3, label=f"{name} ({result.sizes.get(name, 0)} w)")
+    if threshold is not None:
+        ax.axhline(result.baseline - threshold, color="k", ls="--", lw=0.8, label=f"baseline - {threshold}")
+    ax.set_xlabel(f"pruning ratio ({result.granularity})")
+    ax.set_ylabel(result.metric)
+    ax.set_title("per-layer sensitivity")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,144 @@
+"""Stripe-wise pruning with a Filter Skeleton (SWP, "Pruning Filter in
+Filter", Meng et al. 2020).
+
+A stripe is one filter's weights at one kernel position across all input
+channels (``W[o, :, ky, kx]`` of a Conv2d, ``W[o, :, kd, ky, kx]`` of a
+Conv3d, ``W[k, :, o]`` of a sparse conv). The Filter Skeleton is a learnable
+scale per stripe, stored as parameter ``{name}_skeleton`` with the weight's
+shape except a 1 on the input-channel axis, and multiplied into the weight on
+every forward. Train with :func:`pointsparse.prune.regularizers.skeleton_l1`
+added to the loss; then :func:`prune_stripes` folds the skeleton into the
+weight and prunes the stripes whose ``|scale| < threshold``.
+
+Mechanics: attaching first applies ``identity`` pruning if the tensor is not
+pruned yet (``name_orig`` + ``name_mask``), then registers a forward pre-hook
+that sets ``module.name = name_orig * name_mask * skeleton``. Apply other
+pruning to the tensor before attaching or after :func:`prune_stripes`: a
+pruning method applied while a skeleton is attached would run after it and
+drop the scale, so the hook raises a ``RuntimeError`` if it sees one."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import nn
+from torch.nn.utils import prune as _torch_prune
+
+from ._layout import WeightLayout, layout_of
+
+
+class FilterSkeleton:
+    """The forward pre-hook applying a skeleton to ``module.name``."""
+
+    def __init__(self, name: str, layout: WeightLayout) -> None:
+        self.name = name
+        self.layout = layout
+        self.hook_id: int | None = None
+
+    def __call__(self, module, inputs):
+        hooks = list(module._forward_pre_hooks.items())
+        position = next(i for i, (key, _) in enumerate(hooks) if key == self.hook_id)
+        for _, hook in hooks[position + 1 :]:
+            if isinstance(hook, _torch_prune.BasePruningMethod) and hook._tensor_name == self.name:
+                raise RuntimeError(
+                    f"{self.name} was pruned again while its filter skeleton is attached; call "
+                    f"prune_stripes() (or detach_filter_skeleton()) before further pruning"
+                )
+        setattr(module, self.name, self.effective_weight(module))
+
+    def effective_weight(self, module) -> torch.Tensor:
+        return (
+            getattr(module, self.name + "_orig")
+            * getattr(module, self.name + "_mask")
+            * getattr(module, self.name + "_skeleton")
+        )
+
+
+def _find(module, name) -> tuple[int, FilterSkeleton] | None:
+    for key, hook in module._forward_pre_hooks.items():
+        if isinstance(hook, FilterSkeleton) and hook.name == name:
+            return key, hook
+    return None
+
+
+def skeleton_shape(shape: torch.Size, layout: WeightLayout) -> tuple[int, ...]:
+    out = list(shape)
+    out[layout.in_axis] = 1
+    return tuple(out)
+
+
+def attach_filter_skeleton(module: nn.Module, name: str = "weight", init: float = 1.0, layout=None):
+    """Add a learnable Filter Skeleton to ``module.name`` (a dense ConvNd or a
+    sparse conv) and return the new parameter (add it to the optimizer; it is
+    also in ``module.parameters()``)."""
+    layout = layout if layout is not None else layout_of(module, name)
+    if not layout.kernel_axes:
+        raise ValueError(f"a filter skeleton needs kernel axes; {type(module).__name__}.{name} has none")
+    if _find(module, name) is not None:
+        raise ValueError(f"{type(module).__name__}.{name} already has a filter skeleton")
+    if not isinstance(init, numbers.Real) or isinstance(init, bool):
+        raise TypeError(f"init must be a number; got {init!r}")
+    if name + "_orig" not in module._parameters:
+        _torch_prune.identity(module, name)
+    weight = module._parameters[name + "_orig"]
+    skeleton = nn.Parameter(
+        torch.full(skeleton_shape(weight.shape, layout), float(init), dtype=weight.dtype, device=weight.device)
+    )
+    module.register_parameter(name + "_skeleton", skeleton)
+    hook = FilterSkeleton(name, layout)
+    hook.hook_id = module.register_forward_pre_hook(hook).id
+    setattr(module, name, hook.effective_weight(module))
+    return skeleton
+
+
+def detach_filter_skeleton(module: nn.Module, name: str = "weight", fold: bool = True) -> torch.Tensor:
+    """Remove the skeleton of ``module.name``; with ``fold`` multiply it into
+    ``name_orig`` first (so the layer computes the same). Returns the
+    skeleton's last value (detached)."""
+    found = _find(module, name)
+    if found is None:
+        raise ValueError(f"{type(module).__name__}.{name} has no filter skeleton")
+    key, hook = found
+    skeleton = module._parameters[name + "_skeleton"].detach().clone()
+    if fold:
+        with torch.no_grad():
+            module._parameters[name + "_orig"].mul_(skeleton)
+    del module._forward_pre_hooks[key]
+    del module._parameters[name + "_skeleton"]
+    setattr(module, name, getattr(module, name + "_orig") * getattr(module, name + "_mask"))
+    return skeleton
+
+
+class StripeFromSkeleton(_torch_prune.BasePruningMethod):
+    """Prunes the stripes whose skeleton scale has ``|scale| < threshold``
+    (``skeleton`` broadcastable to the weight)."""
+
+    PRUNING_TYPE = "global"
+
+    def __init__(self, skeleton: torch.Tensor, threshold: float) -> None:
+        self.skeleton = skeleton
+        self.threshold = float(threshold)
+
+    def compute_mask(self, t, default_mask):
+        keep = (self.skeleton.abs() >= self.threshold).to(device=t.device)
+        return default_mask.clone(memory_format=torch.contiguous_format) * keep.expand_as(t).to(default_mask.dtype)
+
+
+def prune_stripes(module: nn.Module, name: str = "weight", threshold: float = 0.05) -> int:
+    """Fold the skeleton of ``module.name`` into the weight, remove it, and
+    prune the stripes whose scale has ``|scale| < threshold``. Returns the
+    number of stripes pruned (newly or before)."""
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or threshold < 0:
+        raise ValueError(f"threshold must be a number >= 0; got {threshold!r}")
+    skeleton = detach_filter_skeleton(module, name, fold=True)
+    StripeFromSkeleton.apply(module, name, skeleton=skeleton, threshold=threshold)
+    return int((skeleton.abs() < threshold).sum())
+
+
+def filter_skeletons(model: nn.Module):
+    """Every attached skeleton parameter in ``model``."""
+    for module in model.modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, FilterSkeleton):
+                yield module._parameters[hook.name + "_skeleton"]

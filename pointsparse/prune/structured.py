@@ -1,0 +1,366 @@
+"""Group-structured pruning: the tensor is split into groups (vectors,
+kernels, kernel offsets, channels, blocks, stripes) and whole groups are
+pruned, the weakest first by the Ln norm of their importance scores.
+
+Every method here is a ``torch.nn.utils.prune.BasePruningMethod`` subclass, so
+torch's ``apply`` does the reparametrisation (``name_orig``, ``name_mask``,
+forward pre-hook), the composition through ``PruningContainer`` and the
+rollback. The methods declare ``PRUNING_TYPE = "global"`` so that a container
+hands them the whole tensor with the current mask; they then prune only among
+the groups that are still alive (a group with any unmasked entry) and never
+bring a pruned entry back:
+
+* ``amount`` as a float is the fraction of the *alive* groups to prune
+  (rounded), as an int the number of alive groups to prune;
+* a group's score is ``||importance_scores * (mask != 0)||_n`` over its entries
+  (already pruned entries count as zero);
+* ties are broken by ``torch.topk``.
+
+Axis roles come from :mod:`pointsparse.prune._layout`: the functional forms
+read them from the module (``Linear``, ``ConvNd``, ``pointsparse.nn.Conv3d``);
+the classes take a ``layout`` (default: a dense torch layout)."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch.nn.utils import prune as _torch_prune
+
+from ._amount import count_to_prune, validate_amount, validate_norm
+from ._layout import WeightLayout, dense_layout, layout_of
+
+
+def _axis_grids(shape: torch.Size, device) -> list[torch.Tensor]:
+    """Per-axis index tensors, each broadcastable to ``shape``."""
+    grids = []
+    for axis, size in enumerate(shape):
+        view = [1] * len(shape)
+        view[axis] = size
+        grids.append(torch.arange(size, device=device).view(view))
+    return grids
+
+
+def group_scores(scores: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor, groups: int, n):
+    """``(norms, alive)``: the Ln norm of ``scores * (mask != 0)`` and whether
+    any entry is unmasked, for each of ``groups`` groups given by ``ids``."""
+    live = mask != 0
+    values = (scores.detach().abs() * live).flatten().to(torch.float64)
+    flat_ids = ids.flatten()
+    alive = torch.zeros(groups, dtype=torch.bool, device=scores.device)
+    alive.index_fill_(0, flat_ids[live.flatten()], True)
+    if n == float("inf"):
+        norms = torch.zeros(groups, dtype=torch.float64, device=scores.device)
+        norms = norms.scatter_reduce(0, flat_ids, values, reduce="amax", include_self=True)
+    else:
+        powered = torch.zeros(groups, dtype=torch.float64, device=scores.device)
+        powered.index_add_(0, flat_ids, values.pow(n))
+        norms = powered.pow(1.0 / n)
+    return norms, alive
+
+
+def select_weakest(norms: torch.Tensor, alive: torch.Tensor, k: int) -> torch.Tensor:
+    """A bool mask over groups: the ``k`` alive groups of smallest norm."""
+    chosen = torch.zeros_like(alive)
+    if k > 0:
+        ranked = torch.where(alive, norms, torch.full_like(norms, float("inf")))
+        chosen[torch.topk(ranked, k, largest=False).indices] = True
+    return chosen
+
+
+class GroupStructured(_torch_prune.BasePruningMethod):
+    """Base of the group methods: a subclass defines :meth:`group_ids` (and a
+    classmethod ``apply`` with its arguments); scoring, the choice of the
+    weakest alive groups and the mask are shared."""
+
+    PRUNING_TYPE = "global"
+
+    def __init__(self, amount, n=2, layout: WeightLayout | None = None) -> None:
+        validate_amount(amount)
+        validate_norm(n)
+        if layout is not None and not isinstance(layout, WeightLayout):
+            raise TypeError(f"layout must be a WeightLayout or None; got {type(layout).__name__}")
+        self.amount = amount
+        self.n = n
+        self.layout = layout
+
+    def _layout_for(self, t: torch.Tensor) -> WeightLayout:
+        layout = self.layout if self.layout is not None else dense_layout(t.dim())
+        layout.check(t, "the tensor to prune")
+        return layout
+
+    def group_ids(self, shape: torch.Size, device) -> tuple[torch.Tensor, int]:
+        """``(ids, groups)``: an int64 tensor of ``shape`` giving each entry's
+        group in ``[0, groups)``."""
+        raise NotImplementedError
+
+    def compute_mask(self, t, default_mask):
+        ids, groups = self.group_ids(t.shape, t.device)
+        norms, alive = group_scores(t, default_mask, ids, groups, self.n)
+        k = count_to_prune(self.amount, int(alive.sum()), f"{type(self).__name__} groups")
+        chosen = select_weakest(norms, alive, k)
+        return default_mask.clone(memory_format=torch.contiguous_format) * (~chosen)[ids].to(
+            default_mask.dtype
+        )
+
+    def _oik_ids(self, shape, device, fn) -> tuple[torch.Tensor, int]:
+        """Group ids built in ``(out, in, kernel)`` space by ``fn(o, i, k, O,
+        I, K) -> (ids, groups)`` and mapped back to ``shape``."""
+        layout = self.layout if self.layout is not None else dense_layout(len(shape))
+        if len(shape) != layout.ndim:
+            raise ValueError(
+                f"the tensor to prune must have {layout.ndim} dims for {layout}; got {tuple(shape)}"
+            )
+        sizes = (shape[layout.out_axis], shape[layout.in_axis])
+        kernel = 1
+        for axis in layout.kernel_axes:
+            kernel *= shape[axis]
+        o = torch.arange(sizes[0], device=device).view(-1, 1, 1)
+        i = torch.arange(sizes[1], device=device).view(1, -1, 1)
+        k = torch.arange(kernel, device=device).view(1, 1, -1)
+        ids, groups = fn(o, i, k, sizes[0], sizes[1], kernel)
+        ids = ids.expand(sizes[0], sizes[1], kernel)
+        return layout.from_oik(ids, shape), groups
+
+
+class VectorStructured(GroupStructured):
+    """Prunes 1-D vectors along tensor axis ``axis``: the entries that share
+    every index except the one along ``axis`` form a group. ``axis=-1`` on a
+    Conv2d weight prunes kernel rows (vector-level sparsity); on a Linear
+    weight ``axis=1`` prunes whole rows (neurons), ``axis=0`` whole columns."""
+
+    def __init__(self, amount, axis=-1, n=2) -> None:
+        super().__init__(amount, n)
+        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+            raise TypeError(f"axis must be an int; got {axis!r}")
+        self.axis = int(axis)
+
+    def group_ids(self, shape, device):
+        ndim = len(shape)
+        if not -ndim <= self.axis < ndim:
+            raise ValueError(f"axis={self.axis} is out of range for a tensor of shape {tuple(shape)}")
+        axis = self.axis % ndim
+        ids = torch.zeros((), dtype=torch.int64, device=device)
+        groups = 1
+        for a, grid in enumerate(_axis_grids(shape, device)):
+            if a != axis:
+                ids = ids * shape[a] + grid
+                groups *= shape[a]
+        return ids.expand(shape), groups
+
+    @classmethod
+    def apply(cls, module, name, amount, axis=-1, n=2, importance_scores=None):  # type: ignore[override]
+        return super().apply(module, name, amount=amount, axis=axis, n=n, importance_scores=importance_scores)
+
+
+class KernelStructured(GroupStructured):
+    """Kernel-level pruning.
+
+    * ``scope="pair"``: a group is one (out, in) pair's whole kernel, all
+      kernel positions: a dense conv's k x k (x k) kernel, a sparse conv's
+      ``W[:, i, o]`` over all offsets.
+    * ``scope="offset"``: a group is one kernel position for the whole layer,
+      all (in, out) pairs: a sparse conv's whole offset ``W[k]`` (its gather
+      and scatter disappear), a dense conv's ``W[:, :, ky, kx]``.
+
+    On a Linear (no kernel axes) a "pair" group is a single weight."""
+
+    def __init__(self, amount, n=2, scope="pair", layout=None) -> None:
+        super().__init__(amount, n, layout)
+        if scope not in ("pair", "offset"):
+            raise ValueError(f"scope must be 'pair' or 'offset'; got {scope!r}")
+        self.scope = scope
+
+    def group_ids(self, shape, device):
+        layout = self.layout if self.layout is not None else dense_layout(len(shape))
+        if self.scope == "offset" and not layout.kernel_axes:
+            raise ValueError(f"offset pruning needs kernel axes; the tensor has shape {tuple(shape)}")
+        if self.scope == "pair":
+            return self._oik_ids(shape, device, lambda o, i, k, O, I, K: (o * I + i, O * I))
+        return self._oik_ids(shape, device, lambda o, i, k, O, I, K: (k, K))
+
+    @classmethod
+    def apply(cls, module, name, amount, n=2, scope="pair", layout=None, importance_scores=None):  # type: ignore[override]
+        layout = layout if layout is not None else layout_of(module, name)
+        return super().apply(
+            module, name, amount=amount, n=n, scope=scope, layout=layout, importance_scores=importance_scores
+        )
+
+
+class ChannelStructured(GroupStructured):
+    """Prunes whole output channels (filters, ``axis="out"``) or input
+    channels (``axis="in"``) wherever the layout puts them: axis 0/1 of a torch
+    conv or Linear, axis 2/1 of a sparse conv ``(K, C_in, C_out)``."""
+
+    def __init__(self, amount, n=2, axis="out", layout=None) -> None:
+        super().__init__(amount, n, layout)
+        if axis not in ("out", "in"):
+            raise ValueError(f"axis must be 'out' or 'in'; got {axis!r}")
+        self.axis = axis
+
+    def group_ids(self, shape, device):
+        if self.axis == "out":
+            return self._oik_ids(shape, device, lambda o, i, k, O, I, K: (o, O))
+        return self._oik_ids(shape, device, lambda o, i, k, O, I, K: (i, I))
+
+    @classmethod
+    def apply(cls, module, name, amount, n=2, axis="out", layout=None, importance_scores=None):  # type: ignore[override]
+        layout = layout if layout is not None else layout_of(module, name)
+        return super().apply(
+            module, name, amount=amount, n=n, axis=axis, layout=layout, importance_scores=importance_scores
+        )
+
+
+def _block_size(block_size) -> tuple[int, int]:
+    if isinstance(block_size, bool):
+        raise TypeError(f"block_size must be an int or (out, in) pair of ints; got {block_size!r}")
+    if isinstance(block_size, numbers.Integral):
+        block_size = (int(block_size), int(block_size))
+    try:
+        bo, bi = block_size
+    except (TypeError, ValueError):
+        raise TypeError(f"block_size must be an int or (out, in) pair of ints; got {block_size!r}") from None
+    if not all(isinstance(b, numbers.Integral) and not isinstance(b, bool) for b in (bo, bi)):
+        raise TypeError(f"block_size must be an int or (out, in) pair of ints; got {block_size!r}")
+    if bo < 1 or bi < 1:
+        raise ValueError(f"block_size must be >= 1; got {block_size!r}")
+    return int(bo), int(bi)
+
+
+class BlockStructured(GroupStructured):
+    """Block sparsity: for each kernel position the (out, in) matrix is cut
+    into ``b_out x b_in`` blocks (the last row/column of blocks may be
+    smaller) and whole blocks are pruned. On a sparse conv the blocks tile each
+    offset's GEMM matrix ``W[k]``; on a Linear, the weight itself."""
+
+    def __init__(self, amount, block_size=4, n=2, layout=None) -> None:
+        super().__init__(amount, n, layout)
+        self.block_size = _block_size(block_size)
+
+    def group_ids(self, shape, device):
+        bo, bi = self.block_size
+
+        def ids(o, i, k, O, I, K):
+            rows, cols = -(-O // bo), -(-I // bi)
+            return ((o // bo) * cols + i // bi) * K + k, rows * cols * K
+
+        return self._oik_ids(shape, device, ids)
+
+    @classmethod
+    def apply(cls, module, name, amount, block_size=4, n=2, layout=None, importance_scores=None):  # type: ignore[override]
+        layout = layout if layout is not None else layout_of(module, name)
+        return super().apply(
+            module, name, amount=amount, block_size=block_size, n=n, layout=layout,
+            importance_scores=importance_scores,
+        )
+
+
+class StripeStructured(GroupStructured):
+    """Stripe-wise pruning (SWP): a stripe is one filter's weights at one
+    kernel position across all input channels, ``W[o, :, ky, kx]`` of a dense
+    conv or ``W[k, :, o]`` of a sparse conv. Scoring by weight norm; for the
+    learned Filter Skeleton criterion see :mod:`pointsparse.prune.stripe`."""
+
+    def group_ids(self, shape, device):
+        layout = self.layout if self.layout is not None else dense_layout(len(shape))
+        if not layout.kernel_axes:
+            raise ValueError(f"stripe pruning needs kernel axes; the tensor has shape {tuple(shape)}")
+        return self._oik_ids(shape, device, lambda o, i, k, O, I, K: (o * K + k, O * K))
+
+    @classmethod
+    def apply(cls, module, name, amount, n=2, layout=None, importance_scores=None):  # type: ignore[override]
+        layout = layout if layout is not None else layout_of(module, name)
+        return super().apply(module, name, amount=amount, n=n, layout=layout, importance_scores=importance_scores)
+
+
+def vector_structured(module, name, amount, axis=-1, n=2, importance_scores=None):
+    """Prune ``amount`` of the alive 1-D vectors along ``axis`` of
+    ``module.name`` (see :class:`VectorStructured`). Returns ``module``."""
+    VectorStructured.apply(module, name, amount, axis=axis, n=n, importance_scores=importance_scores)
+    return module
+
+
+def kernel_structured(module, name, amount, n=2, scope="pair", layout=None, importance_scores=None):
+    """Prune ``amount`` of the alive kernels (``scope="pair"``) or kernel
+    offsets (``scope="offset"``) of ``module.name`` (see
+    :class:`KernelStructured`). Returns ``module``."""
+    KernelStructured.apply(module, name, amount, n=n, scope=scope, layout=layout, importance_scores=importance_scores)
+    return module
+
+
+def channel_structured(module, name, amount, n=2, axis="out", layout=None, importance_scores=None):
+    """Prune ``amount`` of the alive output (``axis="out"``) or input
+    (``axis="in"``) channels of ``module.name``. Returns ``module``."""
+    ChannelStructured.apply(module, name, amount, n=n, axis=axis, layout=layout, importance_scores=importance_scores)
+    return module
+
+
+def block_structured(module, name, amount, block_size=4, n=2, layout=None, importance_scores=None):
+    """Prune ``amount`` of the alive ``block_size`` blocks of ``module.name``
+    (see :class:`BlockStructured`). Returns ``module``."""
+    BlockStructured.apply(
+        module, name, amount, block_size=block_size, n=n, layout=layout, importance_scores=importance_scores
+    )
+    return module
+
+
+def stripe_structured(module, name, amount, n=2, layout=None, importance_scores=None):
+    """Prune ``amount`` of the alive stripes of ``module.name`` by norm (see
+    :class:`StripeStructured`). Returns ``module``."""
+    StripeStructured.apply(module, name, amount, n=n, layout=layout, importance_scores=importance_scores)
+    return module
+
+
+def global_structured(parameters, pruning_method, amount, importance_scores=None, **kwargs):
+    """Prune ``amount`` of the alive groups of all ``parameters`` together.
+
+    ``parameters`` is an iterable of ``(module, name)``; ``pruning_method`` a
+    :class:`GroupStructured` subclass (e.g. ``ChannelStructured``) and
+    ``kwargs`` its arguments other than ``amount`` (``n``, ``axis``, ...).
+    Group scores of all tensors are ranked together, so they must be on a
+    comparable scale: pass normalised ``importance_scores`` (a dict keyed by
+    ``(module, name)``, as ``global_unstructured`` takes) when raw norms are
+    not. Each tensor is then pruned by ``pruning_method.apply`` with the count
+    that fell to it, so the result composes with earlier pruning as usual."""
+    parameters = list(parameters)
+    if not (isinstance(pruning_method, type) and issubclass(pruning_method, GroupStructured)):
+        raise TypeError(f"pruning_method must be a GroupStructured subclass; got {pruning_method!r}")
+    importance_scores = importance_scores if importance_scores is not None else {}
+    if not isinstance(importance_scores, dict):
+        raise TypeError("importance_scores must be a dict keyed by (module, name) or None")
+    validate_amount(amount)
+    if not parameters:
+        raise ValueError("parameters must name at least one (module, name) pair")
+    norms_list, alive_list = [], []
+    for module, name in parameters:
+        layout = kwargs.get("layout") or _layout_or_none(pruning_method, module, name)
+        method = pruning_method(0, **{**kwargs, **({"layout": layout} if layout else {})})
+        weight = getattr(module, name + "_orig", None)
+        weight = weight if weight is not None else getattr(module, name)
+        scores = importance_scores.get((module, name), weight)
+        if scores.shape != weight.shape:
+            raise ValueError(
+                f"importance_scores for {name} must have shape {tuple(weight.shape)}; got {tuple(scores.shape)}"
+            )
+        mask = getattr(module, name + "_mask", torch.ones_like(weight))
+        ids, groups = method.group_ids(weight.shape, weight.device)
+        norms, alive = group_scores(scores, mask, ids, groups, method.n)
+        norms_list.append(norms)
+        alive_list.append(alive)
+    norms = torch.cat(norms_list)
+    alive = torch.cat(alive_list)
+    chosen = select_weakest(norms, alive, count_to_prune(amount, int(alive.sum()), "groups"))
+    start = 0
+    for (module, name), layer_norms in zip(parameters, norms_list):
+        count = int(chosen[start : start + layer_norms.numel()].sum())
+        start += layer_norms.numel()
+        pruning_method.apply(module, name, count, importance_scores=importance_scores.get((module, name)), **kwargs)
+
+
+def _layout_or_none(method, module, name):
+    if method is VectorStructured:
+        return None
+    try:
+        return layout_of(module, name)
+    except TypeError:
+        return None

@@ -1,0 +1,393 @@
+"""Channel surgery: physically remove output channels of a layer, with the
+matching BatchNorm entries and input channels of the layers that consume them,
+so that a pruned network is really smaller and faster.
+
+Works on ``torch.nn.Linear`` / ``Conv1d/2d/3d`` (groups 1), torch BatchNorm,
+``pointsparse.nn.Conv3d`` (weight ``(K, C_in, C_out)``: output channels on
+axis 2, input channels on axis 1) and ``pointsparse.nn.BatchNorm``.
+
+:func:`channel_groups` finds, in a chain (a ``Sequential``, possibly nested,
+of layers, norms, activations, pooling and ``Flatten``), which BatchNorms and
+which consumer follow each producer; :func:`prune_channels` cuts one group;
+:func:`apply_channel_ratios` cuts many, ranking channels by the L1 norm of
+their weights, optionally refitting each consumer by least squares so that it
+reproduces the unpruned network's outputs on calibration data (AMC, He et al.
+2018, after He et al. 2017)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import _compat
+from ._layers import in_channel_dim, is_prunable, out_channel_dim, out_channels
+
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+@dataclass
+class ChannelGroup:
+    """A producer layer, the BatchNorms on its output, and the layer that
+    consumes it. ``repeat`` is how many consumer inputs each producer channel
+    feeds (a ``Flatten`` of ``C x H x W`` maps each channel to ``H*W``
+    consecutive inputs); ``offset`` is where the producer's channels start in
+    the consumer's input (after a concatenation)."""
+
+    producer: str
+    norms: list[str] = field(default_factory=list)
+    consumer: str | None = None
+    offset: int = 0
+    repeat: int = 1
+
+
+def _has_prunable(m: nn.Module) -> bool:
+    return any(is_prunable(d) for d in m.modules())
+
+
+def _is_wrapper(m: nn.Module) -> bool:
+    """A module that only wraps one prunable layer (``pointsparse.nn.Linear``)."""
+    children = list(m.children())
+    return (not is_prunable(m) and len(children) == 1 and is_prunable(children[0])
+            and not any(True for _ in m.parameters(recurse=False)))
+
+
+def _passes_through(m: nn.Module) -> bool:
+    """Parameter-free and without prunable layers: activations, pooling,
+    dropout, reshapes act on each channel alone (or keep channel blocks)."""
+    return not any(True for _ in m.parameters()) and not _has_prunable(m)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _flatten_sequential(seq: nn.Sequential, prefix: str, chain: list, chains: list) -> None:
+    for name, child in seq.named_children():
+        full = _join(prefix, name)
+        if is_prunable(child):
+            chain.append((full, child, "layer"))
+        elif _is_wrapper(child):
+            inner_name, inner = next(child.named_children())
+            chain.append((_join(full, inner_name), inner, "layer"))
+        elif isinstance(child, _NORMS):
+            chain.append((full, child, "norm"))
+        elif isinstance(child, nn.Sequential):
+            _flatten_sequential(child, full, chain, chains)
+        elif _passes_through(child):
+            chain.append((full, child, "pass"))
+        else:  # a block with its own wiring (residual add, concatenation) or other parameters
+            chain.append((full, child, "barrier"))
+            _analyse(child, full, chains)
+
+
+def _analyse(module: nn.Module, prefix: str, chains: list) -> None:
+    if isinstance(module, nn.Sequential):
+        chain: list = []
+        _flatten_sequential(module, prefix, chain, chains)
+        chains.append(chain)
+        return
+    for name, child in module.named_children():
+        if is_prunable(child) or _is_wrapper(child) or not _has_prunable(child):
+            continue  # a lone layer outside any Sequential: its consumers are unknown
+        _analyse(child, _join(prefix, name), chains)
+
+
+def chains(model: nn.Module) -> list[list[tuple[str, nn.Module, str]]]:
+    """The sequential chains of ``model``: every ``nn.Sequential`` (nested
+    ones flattened into their parent) as a list of ``(name, module, kind)``
+    with kind ``layer`` (prunable), ``norm`` (BatchNorm), ``pass``
+    (parameter-free) or ``barrier`` (a block with its own wiring, analysed on
+    its own). Only inside a chain is it known who consumes a layer's output:
+    a Sequential's intermediate outputs reach only its next element."""
+    out: list = []
+    _analyse(model, "", out)
+    return out
+
+
+def chain_followers(model: nn.Module) -> dict[str, list[nn.Module]]:
+    """For each prunable layer in a chain, the norms and parameter-free
+    modules after it up to the next layer, barrier or the chain's end."""
+    out: dict[str, list[nn.Module]] = {}
+    for chain in chains(model):
+        current = None
+        for name, m, kind in chain:
+            if kind == "layer":
+                current = name
+                out[name] = []
+            elif kind == "barrier":
+                current = None
+            elif current is not None:
+                out[current].append(m)
+    return out
+
+
+def channel_groups(model: nn.Module) -> list[ChannelGroup]:
+    """The channel groups of ``model``: inside each sequential chain, a
+    prunable layer with the BatchNorms after it and the next prunable layer
+    that consumes it. A chain's last layer (the output of a Sequential, which
+    may feed a residual add, a concatenation or the network's output) forms no
+    group, nor does a layer followed by a block with its own wiring. So
+    plain chains give every layer but the last, and residual U-Nets such as
+    MinkUNet give the channels inside their blocks. Raises ValueError when a
+    consumer's input size does not fit its producer's channels."""
+    groups: list[ChannelGroup] = []
+    for chain in chains(model):
+        current: ChannelGroup | None = None
+        current_module = None
+        for name, m, kind in chain:
+            if kind == "layer":
+                if current is not None:
+                    c_out = out_channels(current_module)
+                    c_in = m.weight.shape[in_channel_dim(m)]
+                    if c_in % c_out:
+                        raise ValueError(f"{name!r} takes {c_in} inputs, not a multiple of the {c_out} channels of "
+                                         f"{current.producer!r}: not a chain this function can cut")
+                    current.consumer = name
+                    current.repeat = c_in // c_out
+                    groups.append(current)
+                current, current_module = ChannelGroup(producer=name), m
+            elif kind == "norm" and current is not None:
+                current.norms.append(name)
+            elif kind == "barrier":
+                current = current_module = None
+    return groups
+
+
+def _slice_param(module: nn.Module, name: str, dim: int, index: torch.Tensor) -> None:
+    p = getattr(module, name)
+    if p is None:
+        return
+    new = p.detach().index_select(dim, index.to(p.device)).clone()
+    if isinstance(p, nn.Parameter):
+        setattr(module, name, nn.Parameter(new, requires_grad=p.requires_grad))
+    else:
+        setattr(module, name, new)
+
+
+def _unprune(module: nn.Module) -> None:
+    for pname in ("weight", "bias"):
+        if hasattr(module, pname + "_orig"):
+            _compat.remove(module, pname)
+
+
+def _check_keep(keep, n: int, what: str) -> torch.Tensor:
+    keep = torch.as_tensor(keep, dtype=torch.long).flatten()
+    if keep.numel() == 0:
+        raise ValueError(f"keep must name at least one channel of {what}")
+    if int(keep.min()) < 0 or int(keep.max()) >= n:
+        raise ValueError(f"keep indices must be in [0, {n}) for {what}; got range [{int(keep.min())}, {int(keep.max())}]")
+    if torch.unique(keep).numel() != keep.numel():
+        raise ValueError(f"keep has repeated channels for {what}")
+    return torch.sort(keep).values
+
+
+def remove_output_channels(module: nn.Module, keep) -> None:
+    """Keep only output channels ``keep`` of a Linear / torch conv /
+    ``pointsparse.nn.Conv3d`` (weight and bias)."""
+    if not is_prunable(module):
+        raise TypeError(f"expected a Linear, torch conv or pointsparse.nn.Conv3d; got {type(module).__name__}")
+    if getattr(module, "groups", 1) != 1:
+        raise ValueError("grouped convolutions are not supported")
+    _unprune(module)
+    keep = _check_keep(keep, out_channels(module), type(module).__name__)
+    _slice_param(module, "weight", out_channel_dim(module), keep)
+    if getattr(module, "bias", None) is not None:
+        _slice_param(module, "bias", 0, keep)
+    _set_channels(module, out=len(keep))
+
+
+def remove_input_channels(module: nn.Module, keep, offset: int = 0, repeat: int = 1,
+                          channels: int | None = None) -> None:
+    """Keep only the inputs of ``module`` fed by producer channels ``keep``:
+    producer channel ``c`` feeds inputs ``offset + c*repeat`` to
+    ``offset + (c+1)*repeat - 1``; the producer has ``channels`` channels
+    (default: all inputs from ``offset`` on); inputs outside its span stay."""
+    if not is_prunable(module):
+        raise TypeError(f"expected a Linear, torch conv or pointsparse.nn.Conv3d; got {type(module).__name__}")
+    _unprune(module)
+    dim = in_channel_dim(module)
+    n_in = module.weight.shape[dim]
+    if channels is None:
+        channels = (n_in - offset) // repeat
+    end = offset + channels * repeat
+    if offset < 0 or repeat < 1 or channels < 1 or end > n_in:
+        raise ValueError(f"producer span offset={offset}, repeat={repeat}, channels={channels} does not fit the "
+                         f"{n_in} inputs of {type(module).__name__}")
+    keep = _check_keep(keep, channels, f"the inputs of {type(module).__name__}")
+    rows = (keep[:, None] * repeat + torch.arange(repeat)[None, :]).flatten() + offset
+    index = torch.cat([torch.arange(0, offset), rows, torch.arange(end, n_in)]).long()
+    _slice_param(module, "weight", dim, index)
+    _set_channels(module, inp=len(index))
+
+
+def remove_norm_channels(norm: nn.Module, keep) -> None:
+    """Keep entries ``keep`` of a BatchNorm (affine parameters and running statistics)."""
+    if not isinstance(norm, _NORMS):
+        raise TypeError(f"expected a BatchNorm; got {type(norm).__name__}")
+    keep = _check_keep(keep, norm.num_features, type(norm).__name__)
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        if getattr(norm, name, None) is not None:
+            _slice_param(norm, name, 0, keep)
+    norm.num_features = len(keep)
+
+
+def _set_channels(module: nn.Module, out: int | None = None, inp: int | None = None) -> None:
+    if isinstance(module, nn.Linear):
+        if out is not None:
+            module.out_features = out
+        if inp is not None:
+            module.in_features = inp
+    else:
+        if out is not None:
+            module.out_channels = out
+        if inp is not None:
+            module.in_channels = inp
+
+
+def prune_channels(model: nn.Module, group: ChannelGroup | str, keep) -> None:
+    """Remove every output channel of the group's producer not in ``keep``,
+    with its BatchNorm entries and the consumer's matching inputs."""
+    named = dict(model.named_modules())
+    if isinstance(group, str):
+        found = [g for g in channel_groups(model) if g.producer == group]
+        if not found:
+            raise ValueError(f"{group!r} is not a producer layer with a consumer in this chain")
+        group = found[0]
+    producer = named[group.producer]
+    channels = out_channels(producer)
+    keep = _check_keep(keep, channels, group.producer)
+    remove_output_channels(producer, keep)
+    for n in group.norms:
+        remove_norm_channels(named[n], keep)
+    if group.consumer is not None:
+        remove_input_channels(named[group.consumer], keep, group.offset, group.repeat, channels)
+
+
+def channel_l1(module: nn.Module) -> torch.Tensor:
+    """L1 norm of each output channel's weights (the ranking criterion)."""
+    w = module.weight.detach()
+    dim = out_channel_dim(module)
+    return w.abs().transpose(0, dim).reshape(w.shape[dim], -1).sum(1)
+
+
+def keep_by_l1(module: nn.Module, num_keep: int) -> torch.Tensor:
+    """Indices of the ``num_keep`` output channels of largest L1 norm, sorted."""
+    n = out_channels(module)
+    if not 1 <= num_keep <= n:
+        raise ValueError(f"num_keep must be in [1, {n}]; got {num_keep}")
+    return torch.sort(torch.topk(channel_l1(module), num_keep).indices).values
+
+
+def kept_count(channels: int, ratio: float) -> int:
+    """Channels left after removing a fraction ``ratio`` (at least one)."""
+    return max(1, int(round(channels * (1.0 - ratio))))
+
+
+# ----------------------------------------------------------------- least squares
+def _columns(module: nn.Module, x, y):
+    """(inputs as im2col rows, targets) so that ``rows @ W2d = y`` for the
+    consumer's weight flattened to (fan_in, C_out)."""
+    from ..nn import Conv3d as SparseConv3d
+    from ..kmap import get_kmap
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+    if isinstance(module, nn.Conv2d):
+        cols = nn.functional.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1]), y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
+    if isinstance(module, nn.Conv1d):
+        cols = nn.functional.unfold(x.unsqueeze(-1), (module.kernel_size[0], 1), (module.dilation[0], 1),
+                                    (module.padding[0], 0), (module.stride[0], 1))
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1]), y.permute(0, 2, 1).reshape(-1, y.shape[1])
+    if isinstance(module, SparseConv3d):
+        kmap = get_kmap(x, module.kernel_size, module.stride, module.dilation, module.transposed)
+        c_in = x.feats.shape[1]
+        cols = x.feats.new_zeros(kmap.num_out, kmap.kernel_volume, c_in)
+        for o in range(kmap.kernel_volume):
+            in_idx, out_idx = kmap.pairs(o)
+            cols[:, o].index_add_(0, out_idx, x.feats[in_idx])
+        return cols.reshape(kmap.num_out, -1), y.feats
+    raise TypeError(f"least-squares reconstruction does not support {type(module).__name__}")
+
+
+def _set_from_2d(module: nn.Module, w2d: torch.Tensor) -> None:
+    """Write a (fan_in, C_out) solution back into the module's weight layout."""
+    from ..nn import Conv3d as SparseConv3d
+    w = module.weight
+    if isinstance(module, SparseConv3d):
+        new = w2d.reshape(w.shape)
+    else:  # torch: (C_out, C_in, *k); unfold orders fan_in as (C_in, *k)
+        new = w2d.t().reshape(w.shape)
+    with torch.no_grad():
+        w.copy_(new)
+
+
+def _capture(model: nn.Module, module: nn.Module, example):
+    store = {}
+
+    def hook(_m, inputs, output):
+        store["x"] = inputs[0]
+        store["y"] = output
+
+    h = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        h.remove()
+    return store["x"], store["y"]
+
+
+def _fit_consumer(module, x, target, ridge: float = 1e-6) -> None:
+    rows, y = _columns(module, x, target)
+    bias = getattr(module, "bias", None)
+    if bias is not None:
+        y = y - bias.detach()
+    rows = rows.double()
+    gram = rows.t() @ rows
+    gram += ridge * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(gram.shape[0], dtype=gram.dtype)
+    sol = torch.linalg.solve(gram, rows.t() @ y.double())
+    _set_from_2d(module, sol.to(module.weight.dtype))
+
+
+def apply_channel_ratios(model: nn.Module, ratios: dict[str, float], reconstruct: bool = False,
+                         calibration_input=None) -> dict[str, int]:
+    """Remove a fraction ``ratios[producer]`` of each named producer's output
+    channels (lowest L1 norm first), in place. With ``reconstruct=True`` each
+    consumer is refitted by least squares on ``calibration_input`` so that it
+    reproduces the outputs it had before any pruning (its inputs taken from
+    the already-pruned network). Returns the channels kept per producer."""
+    groups = {g.producer: g for g in channel_groups(model)}
+    for name, r in ratios.items():
+        if name not in groups:
+            raise ValueError(f"{name!r} is not a prunable producer; producers: {list(groups)}")
+        if not 0.0 <= float(r) < 1.0:
+            raise ValueError(f"ratio for {name!r} must be in [0, 1); got {r}")
+    if reconstruct and calibration_input is None:
+        raise ValueError("reconstruct=True needs calibration_input")
+    named = dict(model.named_modules())
+    targets = {}
+    if reconstruct:
+        for name, r in ratios.items():
+            consumer = named[groups[name].consumer]
+            targets[name] = _capture(model, consumer, calibration_input)[1]
+    kept = {}
+    for name, g in groups.items():  # in network order
+        if name not in ratios:
+            continue
+        producer = named[name]
+        n_keep = kept_count(out_channels(producer), float(ratios[name]))
+        kept[name] = n_keep
+        if n_keep == out_channels(producer):
+            continue
+        prune_channels(model, g, keep_by_l1(producer, n_keep))
+        if reconstruct:
+            consumer = named[g.consumer]
+            x, _ = _capture(model, consumer, calibration_input)
+            _fit_consumer(consumer, x, targets[name])
+    return kept
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,185 @@
+"""Small ready-made tasks the ``pointsparse prune`` commands and the
+experiments run the procedures on: a model factory and the callables every
+procedure takes (``train_fn(model, steps, lr=None)``, ``eval_fn(model)``, a
+training batch and its loss, an example input).
+
+- ``digits``: scikit-learn's bundled 8x8 handwritten digits (1797 real images;
+  needs the optional ``scikit-learn``), models ``mlp`` (64-300-100-10, the
+  lottery-ticket LeNet), ``cnn`` (3 conv + BN) and ``deep`` (6 conv + BN).
+- ``scene``: generated street scenes voxelised to sparse tensors, a chain of
+  ``pointsparse.nn.Conv3d`` + BatchNorm (``sparse``), metric mIoU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Task:
+    """A model factory and the callables a procedure needs."""
+
+    name: str
+    make_model: Callable[[int], nn.Module]
+    train_fn: Callable  # (model, steps, lr=None) -> None
+    eval_fn: Callable[[nn.Module], float]  # validation metric, higher is better
+    test_fn: Callable[[nn.Module], float]  # held-out metric for reports
+    batch_fn: Callable[[], tuple]  # a training batch (inputs, targets)
+    loss_fn: Callable
+    example_input: object
+    lr: float
+    train_steps: int
+    metric: str
+
+
+def _train_loop(model, steps, lr, batch_fn, loss_fn, momentum=0.9, weight_decay=1e-4):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum,
+                          weight_decay=weight_decay)
+    model.train()
+    for _ in range(steps):
+        x, y = batch_fn()
+        loss = loss_fn(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def _load_digits():
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:  # optional dependency
+        raise ImportError("the digits task needs the optional scikit-learn (pip install scikit-learn)") from e
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(d.target, dtype=torch.long)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    return x[perm], y[perm]
+
+
+def digits_model(kind: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(64, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10))
+    if kind == "cnn":
+        return nn.Sequential(
+            nn.Unflatten(1, (1, 8, 8)),
+            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(32 * 4, 10))
+    if kind == "deep":
+        layers: list[nn.Module] = [nn.Unflatten(1, (1, 8, 8))]
+        chans = [1, 16, 16, 32, 32, 32, 32]
+        for i in range(6):
+            layers += [nn.Conv2d(chans[i], chans[i + 1], 3, padding=1), nn.BatchNorm2d(chans[i + 1]), nn.ReLU()]
+            if i in (1, 3):
+                layers.append(nn.MaxPool2d(2))
+        layers += [nn.Flatten(), nn.Linear(32 * 4, 10)]
+        return nn.Sequential(*layers)
+    raise ValueError(f"digits model must be 'mlp', 'cnn' or 'deep'; got {kind!r}")
+
+
+def digits_task(model: str = "mlp", seed: int = 0, batch_size: int = 64) -> Task:
+    """Digits: 1000 training, 300 validation, 497 test images."""
+    x, y = _load_digits()
+    xtr, ytr, xva, yva, xte, yte = x[:1000], y[:1000], x[1000:1300], y[1000:1300], x[1300:], y[1300:]
+    gen = torch.Generator().manual_seed(seed)
+
+    def batch_fn():
+        idx = torch.randint(0, len(xtr), (batch_size,), generator=gen)
+        return xtr[idx], ytr[idx]
+
+    loss_fn = nn.functional.cross_entropy
+    lr = 0.05 if model == "mlp" else 0.02
+
+    def train_fn(m, steps, lr=lr):
+        _train_loop(m, steps, lr, batch_fn, loss_fn)
+
+    def accuracy(m, xs, ys):
+        was = m.training
+        m.eval()
+        with torch.no_grad():
+            acc = float((m(xs).argmax(1) == ys).float().mean())
+        m.train(was)
+        return acc
+
+    return Task(f"digits-{model}", lambda s=seed: digits_model(model, s), train_fn,
+                lambda m: accuracy(m, xva, yva), lambda m: accuracy(m, xte, yte), batch_fn, loss_fn, xva[:64], lr,
+                train_steps=600 if model == "mlp" else 400, metric="accuracy")
+
+
+# --------------------------------------------------------------------- scenes
+def scene_tensor(seed: int, points: int = 6000, voxel_size: float = 0.5):
+    """A generated street voxelised: (SparseTensor with xyz feats, voxel labels)."""
+    from ..demo import street_points
+    from ..voxelize import voxelize
+    pts, labels = street_points(points, seed)
+    x, inverse = voxelize(pts, (pts - pts.mean(0)) / 10.0, voxel_size=voxel_size)
+    vl = torch.zeros(len(x), dtype=torch.long).scatter_reduce_(0, inverse, labels, "amax", include_self=False)
+    return x, vl
+
+
+def sparse_model(seed: int = 0, width: int = 16, num_classes: int = 4) -> nn.Module:
+    from .. import nn as spnn
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        spnn.Conv3d(3, width, 3), spnn.BatchNorm(width), spnn.ReLU(),
+        spnn.Conv3d(width, 2 * width, 3), spnn.BatchNorm(2 * width), spnn.ReLU(),
+        spnn.Conv3d(2 * width, 2 * width, 3), spnn.BatchNorm(2 * width), spnn.ReLU(),
+        spnn.Conv3d(2 * width, num_classes, 1))
+
+
+def miou(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
+    ious = []
+    for c in range(num_classes):
+        inter = int(((pred == c) & (target == c)).sum())
+        union = int(((pred == c) | (target == c)).sum())
+        if union:
+            ious.append(inter / union)
+    return sum(ious) / max(len(ious), 1)
+
+
+def scene_task(seed: int = 0, points: int = 6000, voxel_size: float = 0.5, width: int = 16,
+               make_model: Callable | None = None) -> Task:
+    """Generated scenes: 3 training scenes, one validation and one test scene;
+    metric voxel mIoU over the 4 classes. ``make_model(seed)`` replaces the
+    default sparse chain (for example with ``pointsparse.models.MinkUNet``)."""
+    train = [scene_tensor(seed * 10 + i, points, voxel_size) for i in range(3)]
+    val = scene_tensor(seed * 10 + 7, points, voxel_size)
+    test = scene_tensor(seed * 10 + 8, points, voxel_size)
+    state = {"i": 0}
+
+    def batch_fn():
+        state["i"] = (state["i"] + 1) % len(train)
+        return train[state["i"]]
+
+    def loss_fn(out, y):
+        return nn.functional.cross_entropy(out.feats, y)
+
+    def train_fn(m, steps, lr=0.05):
+        _train_loop(m, steps, lr, batch_fn, loss_fn)
+
+    def evaluate(m, data):
+        was = m.training
+        m.eval()
+        with torch.no_grad():
+            pred = m(data[0]).feats.argmax(1)
+        m.train(was)
+        return miou(pred, data[1], 4)
+
+    factory = make_model or (lambda s=seed: sparse_model(s, width))
+    return Task("scene", factory, train_fn, lambda m: evaluate(m, val), lambda m: evaluate(m, test), batch_fn,
+                loss_fn, val[0], 0.05, train_steps=60, metric="mIoU")
+
+
+def get_task(name: str, model: str = "mlp", seed: int = 0) -> Task:
+    if name == "digits":
+        return digits_task(model, seed)
+    if name == "scene":
+        return scene_task(seed)
+    raise ValueError(f"task must be 'digits' or 'scene'; got {name!r}")

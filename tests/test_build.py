@@ -1,0 +1,239 @@
+"""The build: one private ``pointsparse._core`` (OpenMP, release, no libtorch,
+portable flags) that a wheel carries next to the Python files; the core takes
+numpy buffers, releases the GIL and follows the configured thread count."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import pointsparse
+from pointsparse import _ext
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _clean_env() -> dict:
+    """The environment without the source checkout on PYTHONPATH."""
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+@pytest.mark.slow
+def test_wheel_holds_core_and_python_files_and_imports(tmp_path):
+    out = tmp_path / "wheelhouse"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--disable-pip-version-check",
+         "-q", "-w", str(out), str(ROOT)],
+        cwd=tmp_path, env=_clean_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    wheels = list(out.glob("pointsparse-*.whl"))
+    assert len(wheels) == 1, wheels
+    with zipfile.ZipFile(wheels[0]) as zf:
+        names = zf.namelist()
+        cores = [n for n in names if re.fullmatch(r"pointsparse/_core\.[^/]*\.so", n)]
+        assert len(cores) == 1, f"the wheel must hold exactly one pointsparse/_core*.so; got {cores}"
+        assert [n for n in names if n.endswith(".so")] == cores
+        sources = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "pointsparse").rglob("*.py*")
+                         if p.suffix in (".py", ".pyi"))
+        missing = [s for s in sources if s not in names]
+        assert not missing, f"python files missing from the wheel: {missing}"
+        assert any(n.endswith(".dist-info/entry_points.txt") for n in names)
+        core_bytes = zf.read(cores[0])
+        target = tmp_path / "site"
+        zf.extractall(target)
+    # No libtorch: the core links against neither libtorch nor libc10.
+    for lib in (b"libtorch", b"libc10"):
+        assert lib not in core_bytes, f"the core must not link {lib.decode()}"
+    assert b"libgomp" in core_bytes or b"libomp" in core_bytes, "the core must link OpenMP"
+    code = (
+        "import sys, pathlib, torch, pointsparse\n"
+        "from pointsparse import _core\n"
+        f"root = pathlib.Path({str(target)!r})\n"
+        "assert pathlib.Path(pointsparse.__file__).parent == root / 'pointsparse', pointsparse.__file__\n"
+        "assert pathlib.Path(_core.__file__).parent == root / 'pointsparse', _core.__file__\n"
+        "x, inv = pointsparse.voxelize(torch.rand(100, 3), voxel_size=0.25)\n"
+        "assert inv.shape == (100,) and len(x) > 0\n"
+        "print('imported from', pointsparse.__file__)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={**_clean_env(), "PYTHONPATH": str(target)}, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert str(target) in run.stdout
+    # The flags the wheel was compiled with: release, OpenMP, portable.
+    builds = sorted((ROOT / "build").glob("*/build.ninja"), key=lambda p: p.stat().st_mtime)
+    builds = [b for b in builds if b.parent.name != "dev"]
+    assert builds, "scikit-build-core's build-dir (build/{wheel_tag}) holds no Ninja build"
+    ninja = builds[-1].read_text()
+    cache = (builds[-1].parent / "CMakeCache.txt").read_text()
+    assert "CMAKE_BUILD_TYPE:STRING=Release" in cache
+    assert "POINTSPARSE_NATIVE:BOOL=OFF" in cache
+    assert "-O3" in ninja and "-fopenmp" in ninja
+    assert "-march=native" not in ninja
+
+
+def test_core_is_the_only_extension_and_private():
+    so = list((ROOT / "pointsparse").glob("_core*.so"))
+    assert so, "build the core first (make build)"
+    assert pointsparse._ext.core is pointsparse._ext._core
+    for name in ("pack_keys", "unpack_keys", "sort_keys", "unique_keys", "quantize", "segment_reduce",
+                 "trilinear_neighbors"):
+        assert hasattr(_ext.core, name)
+    # Only _ext imports the core.
+    importers = [p.name for p in (ROOT / "pointsparse").rglob("*.py")
+                 if re.search(r"from \. import _core|import pointsparse\._core|from pointsparse import _core",
+                              p.read_text())]
+    assert importers == ["_ext.py"], importers
+
+
+def test_num_threads_follows_torch_and_env(monkeypatch):
+    monkeypatch.delenv("POINTSPARSE_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert _ext.num_threads() == 1
+        torch.set_num_threads(2)
+        assert _ext.num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setenv("POINTSPARSE_NUM_THREADS", "3")
+    assert _ext.num_threads() == 3
+    for bad in ("0", "-2", "two"):
+        monkeypatch.setenv("POINTSPARSE_NUM_THREADS", bad)
+        with pytest.raises(ValueError, match="POINTSPARSE_NUM_THREADS"):
+            _ext.num_threads()
+
+
+def test_zero_copy_numpy_views():
+    t = torch.arange(12, dtype=torch.int64)
+    a = _ext.to_numpy(t)
+    assert a.ctypes.data == t.data_ptr()
+    back = _ext.to_tensor(a)
+    assert back.data_ptr() == t.data_ptr()
+    with pytest.raises(ValueError, match="CPU"):
+        _ext.to_numpy(torch.empty(1, device="meta"))
+
+
+def test_core_releases_the_gil():
+    """While one thread is inside a long core call, another Python thread runs."""
+    keys = np.random.default_rng(0).integers(0, 2**62, 3_000_000)
+    window = {}
+    ticks: list[float] = []
+
+    def work():
+        window["t0"] = time.perf_counter()
+        _ext.core.sort_keys(keys, 1)
+        window["t1"] = time.perf_counter()
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    while worker.is_alive():
+        ticks.append(time.perf_counter())
+    worker.join()
+    t0, t1 = window["t0"], window["t1"]
+    span = t1 - t0
+    inside = [t for t in ticks if t0 + 0.1 * span < t < t1 - 0.1 * span]
+    # With the GIL held for the whole call this thread could not run in the
+    # middle of it at all.
+    assert len(inside) > 10, (len(inside), span)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc/self/task (Linux)")
+def test_small_calls_do_not_start_a_thread_team():
+    """Tiny inputs run on the calling thread; large ones use the team."""
+    from reference import CORE_ONLY, run_python
+
+    code = CORE_ONLY + (
+        "import os, numpy as np\n"
+        "tasks = lambda: len(os.listdir('/proc/self/task'))\n"
+        "before = tasks()\n"
+        "c = np.zeros((100, 4), np.int32); c[:, 1] = np.arange(100)\n"
+        "k = core.pack_keys(c, 2); core.unpack_keys(k, 2); core.sort_keys(k, 2)\n"
+        "u, inv, perm, seg = core.unique_keys(k, 2)\n"
+        "core.segment_reduce(np.ones((100, 3)), perm, seg, 1, 2)\n"
+        "keys = core.quantize(np.random.rand(100, 3), [0.1] * 3, None, 2)\n"
+        "core.trilinear_neighbors(np.random.rand(100, 3), None, [0.1] * 3, [1, 1, 1], u, perm, 100, 2)\n"
+        "assert tasks() == before, ('small calls started threads', before, tasks())\n"
+        "core.sort_keys(np.arange(100000), 2)\n"
+        "assert tasks() > before, 'a large call should use the team'\n"
+        "print('ok')\n"
+    )
+    proc = run_python(code, {"OMP_WAIT_POLICY": "passive"})
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+
+
+def test_public_names_and_lazy_subpackages():
+    """`import pointsparse as ps` gives the API.md names, and ps.nn / ps.kmap
+    (the contract's `pointsparse.nn.Conv3d`, `pointsparse.kmap.build`) without
+    importing them first."""
+    from reference import run_python
+
+    code = (
+        "import sys, pointsparse as ps\n"
+        "for name in ('SparseTensor', 'voxelize', 'devoxelize', 'collate', 'num_threads', '__version__'):\n"
+        "    assert hasattr(ps, name), name\n"
+        "assert 'pointsparse.nn' not in sys.modules\n"
+        "assert ps.nn.Conv3d and ps.nn.functional.conv3d and ps.kmap.build\n"
+        "assert 'nn' in dir(ps)\n"
+        "try:\n"
+        "    ps.no_such_name\n"
+        "except AttributeError:\n"
+        "    pass\n"
+        "else:\n"
+        "    raise SystemExit('no AttributeError')\n"
+        "print('ok')\n"
+    )
+    proc = run_python(code)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_stub_matches_the_core():
+    import ast
+
+    tree = ast.parse((ROOT / "pointsparse" / "_core.pyi").read_text())
+    stub_functions = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    stub_constants = {n.target.id for n in tree.body if isinstance(n, ast.AnnAssign)}
+    core = _ext.core
+    functions = {n for n in dir(core) if not n.startswith("_") and callable(getattr(core, n))}
+    constants = {n for n in dir(core) if not n.startswith("_") and isinstance(getattr(core, n), int)}
+    assert stub_functions == functions
+    assert stub_constants == constants
+
+
+def test_forked_child_runs_on_one_thread_and_does_not_hang():
+    """After the parent ran OpenMP regions, a forked child must still
+    voxelise. Like a DataLoader worker it sets torch to one thread (torch's own
+    ops would hang otherwise); POINTSPARSE_NUM_THREADS=2 must not start a
+    second core thread there."""
+    from reference import run_python
+
+    code = (
+        "import os, signal, torch, pointsparse as ps\n"
+        "from pointsparse import _ext\n"
+        "p = torch.rand(100000, 3) * 10\n"
+        "x, _ = ps.voxelize(p, voxel_size=0.05)\n"  # the parent's OpenMP team runs
+        "assert _ext.num_threads() == 2\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    signal.alarm(30)\n"
+        "    torch.set_num_threads(1)\n"
+        "    y, _ = ps.voxelize(p, voxel_size=0.05)\n"
+        "    os._exit(0 if (_ext.num_threads() == 1 and torch.equal(y.coords, x.coords)) else 3)\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "print('child status', status)\n"
+    )
+    proc = run_python(code, {"POINTSPARSE_NUM_THREADS": "2"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "child status 0" in proc.stdout, proc.stdout

@@ -1,0 +1,87 @@
+"""The command line: help for the tool and every command (in subprocesses, as
+a user runs it), errors for unknown commands, and a quick demo run."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+from pointsparse import cli
+from reference import ROOT
+
+
+def start(*args: str) -> subprocess.Popen:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return subprocess.Popen([sys.executable, "-m", "pointsparse", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+
+
+def finish(proc: subprocess.Popen, timeout: int = 120) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """The help of the tool and of every command, and a quick demo, started
+    together as a user runs them."""
+    invocations = {"--help": ("--help",), "demo": ("demo", "--steps", "2", "--points", "5000")}
+    invocations.update({f"{c} --help": (c, "--help") for c, _, _ in cli.COMMANDS})
+    procs = {k: start(*v) for k, v in invocations.items()}
+    return {k: finish(p, timeout=300) for k, p in procs.items()}
+
+
+def test_top_level_help(runs):
+    rc, out, err = runs["--help"]
+    assert rc == 0, err
+    assert out.startswith("usage: pointsparse")
+    for name, _, _ in cli.COMMANDS:
+        assert name in out
+
+
+@pytest.mark.parametrize("command", [name for name, _, _ in cli.COMMANDS])
+def test_command_help(runs, command):
+    rc, out, err = runs[f"{command} --help"]
+    assert rc == 0, err
+    assert out.startswith(f"usage: pointsparse {command}")
+
+
+def test_demo_runs_and_prints_a_loss(runs):
+    rc, out, err = runs["demo"]
+    assert rc == 0, err[-3000:]
+    losses = [float(v) for v in re.findall(r"loss\s+([-+0-9.eE]+|nan|inf)", out)]
+    assert losses, out
+    assert all(math.isfinite(v) for v in losses), out
+
+
+def test_no_command_prints_help(capsys):
+    assert cli.main([]) == 0
+    assert capsys.readouterr().out.startswith("usage: pointsparse")
+
+
+def test_unknown_command(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["bogus"])
+    assert info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_console_script_entry_point():
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, attr = scripts["pointsparse"].partition(":")
+    assert (module, attr) == ("pointsparse.cli", "main")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--help"])
+    assert info.value.code == 0
+
+
+def test_bench_unknown_suite_is_an_error(capsys):
+    assert cli.main(["bench", "no-such-suite"]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-suite" in err or "no benchmark suites" in err

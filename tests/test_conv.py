@@ -1,0 +1,292 @@
+"""Sparse convolution against dense torch convolutions on voxel grids:
+submanifold, strided, transposed, gradients, determinism, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import pointsparse as ps
+from pointsparse import _ext
+from pointsparse.nn import functional as F
+from pointsparse.nn import _engine
+from reference import dense_conv, dense_conv_transpose, random_coords
+
+
+def make(n=300, c=3, extent=7, stride=1, dtype=torch.float64, seed=0):
+    coords = random_coords(n, extent, stride=stride, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    return ps.SparseTensor(torch.randn(len(coords), c, generator=g, dtype=dtype), coords, stride)
+
+
+def weight(k, c_in, c_out, dtype=torch.float64, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    volume = int(np.prod(k if isinstance(k, tuple) else (k,) * 3))
+    return torch.randn(volume, c_in, c_out, generator=g, dtype=dtype)
+
+
+SUBMANIFOLD = [  # kernel, dilation, tensor stride of the input
+    (2, 1, 1), (3, 1, 1), (5, 1, 1), (3, 2, 1), ((3, 1, 2), 1, 1), (3, 1, 2), (1, 1, 1),
+]
+
+
+@pytest.mark.parametrize("k,d,s", SUBMANIFOLD)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_submanifold_equals_dense(k, d, s, with_bias):
+    x = make(stride=s)
+    w = weight(k, 3, 4)
+    bias = torch.randn(4, dtype=torch.float64) if with_bias else None
+    y = F.conv3d(x, w, k, 1, d, bias)
+    assert torch.equal(y.coords, x.coords) and y.stride == x.stride
+    torch.testing.assert_close(y.feats, dense_conv(x, w, y.coords, k, 1, d, bias), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("k,t,s", [(2, 2, 1), (3, 2, 1), (2, 2, 2), (3, 2, 2), (3, 3, 1), ((2, 3, 1), (2, 1, 1), 1)])
+def test_strided_equals_dense(k, t, s):
+    x = make(stride=s)
+    w = weight(k, 3, 5)
+    y = F.conv3d(x, w, k, t)
+    tt = t if isinstance(t, tuple) else (t,) * 3
+    assert y.stride == tuple(s * a for a in tt)
+    expect = torch.unique(torch.cat([x.coords[:, :1], x.coords[:, 1:] // torch.tensor(y.stride) * torch.tensor(y.stride)],
+                                    1), dim=0)
+    assert torch.equal(torch.unique(y.coords, dim=0), expect)
+    torch.testing.assert_close(y.feats, dense_conv(x, w, y.coords, k, t), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("k,t", [(2, 2), (3, 2), (3, 3)])
+def test_transposed_equals_dense_and_adjoint(k, t):
+    x = make(c=3)
+    down = F.conv3d(x, weight(k, 3, 4, seed=5), k, t)
+    coarse = down.with_feats(torch.randn(len(down), 4, dtype=torch.float64))
+    w = weight(k, 4, 3)
+    up = F.conv3d(coarse, w, k, t, transposed=True)
+    assert torch.equal(up.coords, x.coords) and up.stride == x.stride
+    torch.testing.assert_close(up.feats, dense_conv_transpose(coarse, w, x.coords, k, t), rtol=1e-12, atol=1e-12)
+    # <y, conv(x, W)> == <conv_T(y, W^T), x>
+    wt = w.transpose(1, 2).contiguous()  # (K, 3, 4): the forward conv's weight
+    lhs = (coarse.feats * F.conv3d(x, wt, k, t).feats).sum()
+    rhs = (F.conv3d(coarse, w, k, t, transposed=True).feats * x.feats).sum()
+    torch.testing.assert_close(lhs, rhs, rtol=1e-12, atol=1e-10)
+
+
+def test_dilated_strided_and_transposed_equal_dense():
+    x = make(n=300, extent=9)
+    w = weight(3, 3, 4)
+    down = F.conv3d(x, w, 3, 2, 2)
+    torch.testing.assert_close(down.feats, dense_conv(x, w, down.coords, 3, 2, 2), rtol=1e-12, atol=1e-12)
+    coarse = down.with_feats(torch.randn(len(down), 4, dtype=torch.float64))
+    w2 = weight(3, 4, 3, seed=4)
+    up = F.conv3d(coarse, w2, 3, 2, 2, transposed=True)
+    torch.testing.assert_close(up.feats, dense_conv_transpose(coarse, w2, up.coords, 3, 2, 2), rtol=1e-12,
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize("k,t,transposed", [(3, 1, False), (2, 1, False), (2, 2, False), (3, 2, False),
+                                            (2, 2, True), (3, 2, True)])
+def test_gradients_equal_dense(k, t, transposed):
+    x = make(c=3)
+    if transposed:
+        down = F.conv3d(x, weight(k, 3, 3), k, t)
+        src, c_out = down.with_feats(torch.randn(len(down), 3, dtype=torch.float64)), 2
+    else:
+        src, c_out = x, 4
+    w = weight(k, 3, c_out).requires_grad_()
+    bias = torch.randn(c_out, dtype=torch.float64, requires_grad=True)
+    feats = src.feats.clone().requires_grad_()
+    out = F.conv3d(src.with_feats(feats), w, k, t, bias=bias, transposed=transposed)
+    g = torch.randn_like(out.feats)
+    grads = torch.autograd.grad(out.feats, (feats, w, bias), g)
+    dfeats = src.feats.clone().requires_grad_()
+    dense_in = src.with_feats(dfeats)
+    ref = (dense_conv_transpose(dense_in, w, out.coords, k, t, bias=bias) if transposed
+           else dense_conv(dense_in, w, out.coords, k, t, bias=bias))
+    torch.testing.assert_close(out.feats, ref, rtol=1e-12, atol=1e-12)
+    ref_grads = torch.autograd.grad(ref, (dfeats, w, bias), g)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("k,t,transposed", [(3, 1, False), (2, 2, False), (3, 2, True)])
+def test_gradcheck(k, t, transposed):
+    x = make(n=20, c=2, extent=3, seed=3)
+    if transposed:
+        src = F.conv3d(x, weight(k, 2, 2), k, t)
+        src = src.with_feats(src.feats.detach())
+    else:
+        src = x
+    w = weight(k, 2, 3).requires_grad_()
+    bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    feats = src.feats.clone().requires_grad_()
+    fn = lambda f, w_, b_: F.conv3d(src.with_feats(f), w_, k, t, bias=b_, transposed=transposed).feats  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (feats, w, bias))
+
+
+PLANS = [dict(chunk_rows=13, epsilon=0.0, tile_rows=0), dict(chunk_rows=64, epsilon=0.5),
+         dict(chunk_rows=1 << 20, epsilon=0.9, tile_rows=0), dict(chunk_rows=50, epsilon=0.25, tile_rows=33, min_piece_rows=0)]
+
+
+@pytest.mark.parametrize("plan", PLANS)
+@pytest.mark.parametrize("k,t", [(3, 1), (2, 2), (5, 1)])
+def test_plans_agree_with_torch_path(plan, k, t):
+    x = make(n=300, c=5, extent=8, dtype=torch.float32)
+    kmap = ps.kmap.get_kmap(x, k, t)
+    w = weight(k, 5, 6, torch.float32)
+    p = _engine.make_plan(kmap, **plan)
+    assert sum(int(s.length.sum()) for s in p.steps) + (len(x) if p.identity is not None else 0) == kmap.num_pairs
+    for s in p.steps:
+        assert s.num_rows <= max(plan["chunk_rows"], s.rows) and (s.length <= s.rows).all()
+    out = _engine.ConvFunction.apply(x.feats, w, None, p)
+    torch.testing.assert_close(out, F.conv_with_map(x.feats, w, kmap), rtol=1e-5, atol=1e-5)
+
+
+def test_partial_gradients():
+    x = make(c=3)
+    w = weight(3, 3, 4)
+    feats = x.feats.clone().requires_grad_()
+    only_feats = torch.autograd.grad(F.conv3d(x.with_feats(feats), w, 3).feats.sum(), feats)[0]
+    wg = w.clone().requires_grad_()
+    only_weight = torch.autograd.grad(F.conv3d(x, wg, 3).feats.sum(), wg)[0]
+    both = torch.autograd.grad(F.conv3d(x.with_feats(feats), wg, 3).feats.sum(), (feats, wg))
+    assert torch.equal(only_feats, both[0]) and torch.equal(only_weight, both[1])
+
+
+def test_submanifold_centre_is_one_matmul():
+    x = make()
+    assert _engine.get_plan(ps.kmap.get_kmap(x, 3)).identity == 13
+    assert _engine.get_plan(ps.kmap.get_kmap(x, 2)).identity == 0
+    assert _engine.get_plan(ps.kmap.get_kmap(x, 3, 2)).identity is None
+
+
+def _run(threads, k, t, transposed):
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = make(n=4000, c=16, extent=24, dtype=torch.float32, seed=7)
+        src = x
+        if transposed:
+            src = F.conv3d(x, weight(k, 16, 16, torch.float32), k, t).detach()
+        w = weight(k, 16, 16, torch.float32, seed=8).requires_grad_()
+        feats = src.feats.clone().requires_grad_()
+        out = F.conv3d(src.with_feats(feats), w, k, t, transposed=transposed)
+        out.feats.backward(torch.ones_like(out.feats) + out.feats.detach())
+        return out.feats.detach(), feats.grad, w.grad
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("k,t,transposed", [(3, 1, False), (3, 2, False), (2, 2, True)])
+def test_bit_identical_for_1_and_2_threads(k, t, transposed):
+    for a, b in zip(_run(1, k, t, transposed), _run(2, k, t, transposed)):
+        assert torch.equal(a, b)
+
+
+def test_float32_matches_float64():
+    x = make(n=500, c=8, extent=9)
+    w = weight(3, 8, 8)
+    ref = F.conv3d(x, w, 3).feats
+    out = F.conv3d(x.to(torch.float32), w.float(), 3).feats
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_uses_the_torch_path():
+    x = make(n=200, c=4, extent=6)
+    w = weight(3, 4, 4)
+    out = F.conv3d(x.to(torch.bfloat16), w.to(torch.bfloat16), 3).feats
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), F.conv3d(x, w, 3).feats, rtol=0.05, atol=0.1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_equals_cpu():
+    x = make(n=500, c=4, extent=8)
+    w = weight(3, 4, 5).requires_grad_()
+    wc = w.detach().cuda().requires_grad_()
+    out = F.conv3d(x, w, 3, 2)
+    outc = F.conv3d(x.to("cuda"), wc, 3, 2)
+    torch.testing.assert_close(outc.feats.cpu(), out.feats, rtol=1e-12, atol=1e-12)
+    out.feats.sum().backward()
+    outc.feats.sum().backward()
+    torch.testing.assert_close(wc.grad.cpu(), w.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("k,t", [(3, 1), (2, 2)])
+def test_empty_input(k, t):
+    x = ps.SparseTensor(torch.zeros(0, 3, dtype=torch.float64), torch.zeros(0, 4, dtype=torch.int32))
+    w = weight(k, 3, 4).requires_grad_()
+    feats = x.feats.clone().requires_grad_()
+    out = F.conv3d(x.with_feats(feats), w, k, t, bias=torch.ones(4, dtype=torch.float64))
+    assert out.feats.shape == (0, 4) and out.coords.shape == (0, 4)
+    out.feats.sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w)) and feats.grad.shape == (0, 3)
+
+
+def test_single_point():
+    x = ps.SparseTensor(torch.tensor([[1.0, 2.0]], dtype=torch.float64), torch.tensor([[0, 3, 4, 5]], dtype=torch.int32))
+    w = weight(3, 2, 2)
+    torch.testing.assert_close(F.conv3d(x, w, 3).feats, x.feats @ w[13])
+    down = F.conv3d(x, w[:8], 2, 2)
+    assert down.coords.tolist() == [[0, 2, 4, 4]]
+    # (3, 4, 5) - (2, 4, 4) = offset (1, 0, 1): index (1 * 2 + 0) * 2 + 1
+    torch.testing.assert_close(down.feats, x.feats @ w[5])
+
+
+def test_module():
+    x = make(c=3)
+    conv = ps.nn.Conv3d(3, 6, 3, bias=True).double()
+    assert isinstance(conv.weight, torch.nn.Parameter) and conv.weight.shape == (27, 3, 6)
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.dilation, conv.transposed) == \
+        (3, 6, (3, 3, 3), (1, 1, 1), (1, 1, 1), False)
+    out = conv(x)
+    torch.testing.assert_close(out.feats, dense_conv(x, conv.weight.detach(), x.coords, 3, bias=conv.bias.detach()))
+    # pruning replaces the attribute; forward must read it
+    mask = torch.zeros_like(conv.weight)
+    del conv.weight
+    conv.weight = mask
+    torch.testing.assert_close(conv(x).feats, conv.bias.detach().expand(len(x), 6))
+    down = ps.nn.Conv3d(3, 4, 2, stride=2).double()
+    up = ps.nn.Conv3d(4, 3, 2, stride=2, transposed=True).double()
+    assert up(down(x)).feats.shape == (len(x), 3)
+    assert "transposed=True" in repr(up)
+
+
+def test_errors():
+    x = make()
+    with pytest.raises(ValueError, match=r"weight must be \(K, C_in, C_out\) = \(27, 3, C_out\)"):
+        F.conv3d(x, weight(3, 4, 4), 3)
+    with pytest.raises(ValueError, match="weight must be"):
+        F.conv3d(x, weight(2, 3, 4), 3)
+    with pytest.raises(TypeError, match="dtype"):
+        F.conv3d(x, weight(3, 3, 4, torch.float32), 3)
+    with pytest.raises(ValueError, match="bias must be"):
+        F.conv3d(x, weight(3, 3, 4), 3, bias=torch.zeros(5, dtype=torch.float64))
+    with pytest.raises(TypeError, match="SparseTensor"):
+        F.conv3d(x.feats, weight(3, 3, 4), 3)
+    coarse = ps.SparseTensor(x.feats, x.coords * 2, stride=2)
+    with pytest.raises(ValueError, match="no coords at stride"):
+        F.conv3d(coarse, weight(2, 3, 4), 2, 2, transposed=True)
+    with pytest.raises(ValueError, match="kernel_size"):
+        F.conv3d(x, weight(3, 3, 4), 0)
+
+
+def test_core_checks_bounds():
+    src = torch.randn(5, 3)
+    buf = torch.empty(4, 3)
+    idx = np.array([0, 1, 7, 2], dtype=np.int64)
+    start, length = np.array([0], dtype=np.int64), np.array([4], dtype=np.int64)
+    with pytest.raises(ValueError, match="outside"):
+        _ext.call(_ext.core.conv_gather, src.numpy(), idx, start, length, 4, buf.numpy())
+    with pytest.raises(ValueError, match="buf must be"):
+        _ext.call(_ext.core.conv_gather, src.numpy(), idx[:2], start, np.array([2]), 4, buf.numpy()[:3])
+    with pytest.raises(ValueError, match="segment 0"):
+        _ext.call(_ext.core.conv_gather, src.numpy(), idx, start, np.array([5]), 5, torch.empty(5, 3).numpy())
+    with pytest.raises(ValueError, match="same dtype"):
+        _ext.call(_ext.core.conv_scatter_add, buf.numpy(), idx[:2], start, np.array([2]), 4, src.double().numpy())
+    # gather pads with zeros, scatter adds in place
+    ok = np.array([4, 0], dtype=np.int64)
+    _ext.call(_ext.core.conv_gather, src.numpy(), ok, start, np.array([2]), 4, buf.numpy())
+    assert torch.equal(buf, torch.cat([src[[4, 0]], torch.zeros(2, 3)]))
+    dst = torch.zeros(5, 3)
+    _ext.call(_ext.core.conv_scatter_add, buf.numpy(), ok, start, np.array([2]), 4, dst.numpy())
+    assert torch.equal(dst[[4, 0]], src[[4, 0]]) and not dst[1:4].any()

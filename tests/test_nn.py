@@ -1,0 +1,149 @@
+"""nn modules over SparseTensor: normalisation, activations, pooling, global
+pooling, cat/add, and composition in torch.nn.Sequential."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pointsparse as ps
+from pointsparse import nn as spnn
+from pointsparse.nn import functional as F
+from reference import brute_global, brute_pool, random_coords
+
+
+def make(n=200, c=4, extent=7, stride=1, dtype=torch.float64, seed=0):
+    coords = random_coords(n, extent, stride=stride, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    return ps.SparseTensor(torch.randn(len(coords), c, generator=g, dtype=dtype), coords, stride)
+
+
+@pytest.mark.parametrize("module,fn", [
+    (spnn.ReLU(), torch.relu), (spnn.LeakyReLU(0.2), lambda t: torch.nn.functional.leaky_relu(t, 0.2)),
+    (spnn.GELU(), torch.nn.functional.gelu), (spnn.SiLU(), torch.nn.functional.silu), (spnn.Sigmoid(), torch.sigmoid),
+    (spnn.Tanh(), torch.tanh), (spnn.ELU(), torch.nn.functional.elu),
+])
+def test_pointwise(module, fn):
+    x = make()
+    y = module(x)
+    assert torch.equal(y.feats, fn(x.feats)) and y.coords is x.coords and y.cache is x.cache
+
+
+def test_dropout_train_and_eval():
+    x = make(n=400)
+    drop = spnn.Dropout(0.5)
+    assert torch.equal(drop.eval()(x).feats, x.feats)
+    y = drop.train()(x).feats
+    kept = y != 0
+    torch.testing.assert_close(y[kept], 2 * x.feats[kept])
+    assert 0.3 < kept.double().mean() < 0.7
+
+
+def test_batchnorm_over_feats():
+    x = make(n=300, c=5)
+    bn = spnn.BatchNorm(5).double()
+    y = bn(x).feats
+    ref = (x.feats - x.feats.mean(0)) / torch.sqrt(x.feats.var(0, unbiased=False) + bn.eps)
+    torch.testing.assert_close(y, ref)
+    bn.eval()
+    torch.testing.assert_close(bn(x).feats, torch.nn.functional.batch_norm(
+        x.feats, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps))
+
+
+@pytest.mark.parametrize("k,t,s", [(2, 2, 1), (3, 2, 1), (2, 2, 2), (3, 1, 1), (3, 3, 1)])
+@pytest.mark.parametrize("reduce", ["max", "avg"])
+def test_pooling_equals_brute_force(k, t, s, reduce):
+    x = make(stride=s)
+    pool = spnn.MaxPool3d(k, t) if reduce == "max" else spnn.AvgPool3d(k, t)
+    y = pool(x)
+    assert y.stride == (s * t,) * 3
+    if t > 1:
+        assert len(y) == len(F.conv3d(x, torch.zeros(k**3, 4, 1, dtype=torch.float64), k, t))
+    torch.testing.assert_close(y.feats, brute_pool(x, y.coords, k, t, reduce[:3] if reduce == "max" else "mean"))
+
+
+def test_pool_stride_defaults_to_kernel_and_grad_flows():
+    x = make()
+    pool = spnn.MaxPool3d(2)
+    assert pool.stride == (2, 2, 2)
+    feats = x.feats.clone().requires_grad_()
+    y = spnn.AvgPool3d(2)(x.with_feats(feats))
+    y.feats.sum().backward()
+    # every input lands in exactly one window: its gradient is 1 / window count
+    assert torch.all(feats.grad > 0) and torch.all(feats.grad <= 1)
+    assert torch.autograd.gradcheck(lambda f: F.avg_pool3d(x.with_feats(f), 2).feats, (feats,))
+
+
+@pytest.mark.parametrize("reduce", ["max", "avg"])
+def test_global_pooling(reduce):
+    x = make(n=300, c=3)
+    # drop batch item 0 entirely? keep ragged batches: item 1 only a few sites
+    keep = (x.coords[:, 0] == 0) | (torch.arange(len(x)) % 7 == 0)
+    x = ps.SparseTensor(x.feats[keep], x.coords[keep])
+    module = spnn.GlobalMaxPool() if reduce == "max" else spnn.GlobalAvgPool()
+    out = module(x)
+    assert out.shape == (2, 3)
+    torch.testing.assert_close(out, brute_global(x, "max" if reduce == "max" else "mean"))
+    fn = F.global_max_pool if reduce == "max" else F.global_avg_pool
+    torch.testing.assert_close(fn(x), out)
+
+
+def test_global_pooling_empty_batch_item_is_zero():
+    coords = torch.tensor([[0, 0, 0, 0], [2, 1, 1, 1]], dtype=torch.int32)
+    x = ps.SparseTensor(torch.tensor([[1.0], [-3.0]]), coords)
+    assert F.global_avg_pool(x).tolist() == [[1.0], [0.0], [-3.0]]
+    assert F.global_max_pool(x).tolist() == [[1.0], [0.0], [-3.0]]
+
+
+def test_cat_and_add():
+    x = make(c=2)
+    y = x.with_feats(torch.randn(len(x), 3, dtype=torch.float64))
+    assert torch.equal(F.cat([x, y]).feats, torch.cat([x.feats, y.feats], 1))
+    assert torch.equal(spnn.cat([x, y]).feats, F.cat([x, y]).feats)
+    z = x.with_feats(torch.ones_like(x.feats))
+    assert torch.equal(spnn.add(x, z).feats, x.feats + 1)
+    other = make(c=2, seed=5)
+    with pytest.raises(ValueError):
+        F.add(x, other)
+    with pytest.raises(ValueError):
+        F.cat([])
+
+
+def test_sequential_unet_trains():
+    torch.manual_seed(0)
+    x = make(n=500, c=4, extent=10, dtype=torch.float32)
+    enc = torch.nn.Sequential(spnn.Conv3d(4, 8, 3), spnn.BatchNorm(8), spnn.ReLU())
+    down = torch.nn.Sequential(spnn.Conv3d(8, 16, 2, stride=2), spnn.BatchNorm(16), spnn.LeakyReLU(0.1),
+                               spnn.Conv3d(16, 16, 3), spnn.GELU())
+    up = spnn.Conv3d(16, 8, 2, stride=2, transposed=True)
+    head = torch.nn.Sequential(spnn.Conv3d(16, 8, 3, bias=True), spnn.Dropout(0.1), spnn.Conv3d(8, 2, 1))
+    params = [p for m in (enc, down, up, head) for p in m.parameters()]
+    opt = torch.optim.Adam(params, lr=0.01)
+    target = (x.feats[:, 0] > 0).long()
+    losses = []
+    for _ in range(20):
+        a = enc(x)
+        b = up(down(a))
+        logits = head(F.cat([a, b])).feats
+        loss = torch.nn.functional.cross_entropy(logits, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(p.grad is not None for p in params)
+    assert losses[-1] < 0.5 * losses[0]
+    classifier = torch.nn.Sequential(spnn.Conv3d(4, 8, 3), spnn.ReLU(), spnn.MaxPool3d(2), spnn.AvgPool3d(3, 1),
+                                     spnn.GlobalAvgPool(), torch.nn.Linear(8, 3))
+    assert classifier(x).shape == (2, 3)
+
+
+def test_pool_and_module_errors():
+    x = make()
+    with pytest.raises(TypeError, match="SparseTensor"):
+        spnn.ReLU()(x.feats)
+    with pytest.raises(TypeError, match="SparseTensor"):
+        F.max_pool3d(x.feats, 2)
+    with pytest.raises(ValueError, match="kernel_size"):
+        spnn.MaxPool3d(0)
+    with pytest.raises(ValueError, match="in_channels"):
+        spnn.Conv3d(0, 3)

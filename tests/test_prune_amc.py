@@ -1,0 +1,108 @@
+"""AMC: the FLOPs model, budget-respecting ratios, the export, sparse chains."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pointsparse.prune import amc, surgery
+from prune_procedures_support import one_thread, Trainer, mlp, sparse_chain, sparse_input  # noqa: F401
+
+
+def test_flops_model_matches_the_report_after_surgery():
+    net = mlp(0, widths=(8, 16, 12, 3)).eval()
+    x = torch.randn(5, 8)
+    infos = amc.layer_infos(net, x)
+    assert [(i.name, i.producer, i.input_from) for i in infos] == [("0", True, None), ("2", True, "0"),
+                                                                     ("4", False, "2")]
+    assert infos[0].flops == 2 * 5 * 8 * 16
+    ratios = {"0": 0.5, "2": 0.25}
+    predicted = amc.flops_for(infos, ratios)
+    surgery.apply_channel_ratios(net, ratios)
+    assert predicted == sum(i.flops for i in amc.layer_infos(net, x))
+    assert predicted == 2 * 5 * (8 * 8 + 8 * 9 + 9 * 3)
+
+
+def test_resource_constrained_search_meets_the_budget(tmp_path):
+    tr = Trainer()
+    net = mlp(0, widths=(8, 32, 32, 3))
+    tr(net, 60)
+    x = tr.x[:32]
+    res = amc.amc_search(net, tr.accuracy, x, episodes=12, warmup=4, reward="error", target_flops=0.4,
+                         agent_kwargs={"batch_size": 8, "hidden": 32})
+    assert len(res.history) == 12
+    for h in res.history:
+        assert h["flops"] <= 0.4 * res.dense_flops * (1 + 1e-9)
+        assert all(0.0 <= r <= 0.8 for r in h["ratios"].values())
+    assert res.flops <= 0.4 * res.dense_flops * (1 + 1e-9)
+    assert res.reward == max(h["reward"] for h in res.history)
+    assert res.reward == pytest.approx(-(1 - res.metric))
+    data = json.loads(res.export(tmp_path / "r.json").read_text())
+    assert data["ratios"] == res.ratios
+    assert sum(p.numel() for p in net.parameters()) == 8 * 32 + 32 + 32 * 32 + 32 + 32 * 3 + 3  # untouched
+
+
+def test_flops_reward_and_uniform_baseline():
+    tr = Trainer()
+    net = mlp(0, widths=(8, 32, 32, 3))
+    tr(net, 30)
+    res = amc.amc_search(net, tr.accuracy, tr.x[:16], episodes=6, warmup=6, reward="flops")
+    for h in res.history:
+        assert h["reward"] == pytest.approx(-(1 - h["metric"]) * torch.log(torch.tensor(h["flops"])).item(), rel=1e-5)
+    infos = amc.layer_infos(net, tr.x[:16])
+    u = amc.uniform_ratio_for_flops(infos, 0.5 * res.dense_flops)
+    assert amc.flops_for(infos, {"0": u, "2": u}) <= 0.5 * res.dense_flops
+    assert amc.flops_for(infos, {"0": u - 0.05, "2": u - 0.05}) > 0.5 * res.dense_flops
+
+
+def test_sparse_chain_with_reconstruction():
+    net = sparse_chain(width=8)
+    x = sparse_input(n=120)
+    with torch.no_grad():
+        y = net(x).feats.argmax(1)
+
+    def agree(m):
+        with torch.no_grad():
+            return float((m(x).feats.argmax(1) == y).float().mean())
+
+    infos = amc.layer_infos(net, x)
+    assert infos[1].flops > 0
+    res = amc.amc_search(net, agree, x, episodes=4, warmup=4, reward="error", target_flops=0.6, reconstruct=True,
+                         calibration_input=x)
+    assert res.flops <= 0.6 * res.dense_flops * (1 + 1e-9)
+    pruned = sparse_chain(width=8)
+    surgery.apply_channel_ratios(pruned, res.ratios)
+    assert pruned(x).feats.shape == (len(x), 4)
+
+
+def test_bad_inputs():
+    net = mlp(0)
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="reward"):
+        amc.amc_search(net, lambda m: 1.0, x, reward="latency")
+    with pytest.raises(ValueError, match="target_flops"):
+        amc.amc_search(net, lambda m: 1.0, x, reward="error")
+    with pytest.raises(ValueError, match="below what max_ratio"):
+        amc.amc_search(net, lambda m: 1.0, x, reward="error", target_flops=0.01)
+    with pytest.raises(ValueError, match="max_ratio"):
+        amc.amc_search(net, lambda m: 1.0, x, max_ratio=1.0)
+
+
+def test_residual_network_search_and_netadapt_layout():
+    from prune_procedures_support import ResidualNet
+    from pointsparse.prune import netadapt
+    net = ResidualNet().eval()
+    x = sparse_input(n=100)
+    infos = {i.name: i for i in amc.layer_infos(net, x)}
+    assert [n for n, i in infos.items() if i.producer] == ["stem.0", "block.main.0"]
+    assert infos["block.main.3"].input_from == "block.main.0" and infos["head.fn"].input_from is None
+    with torch.no_grad():
+        y = net(x).feats.argmax(1)
+    res = amc.amc_search(net, lambda m: float((m(x).feats.argmax(1) == y).float().mean()), x, episodes=3, warmup=3,
+                         reward="error", target_flops=0.7)
+    assert res.flops <= 0.7 * res.dense_flops * (1 + 1e-9)
+    table = netadapt.build_latency_table(net, x, num_candidates=2, repeats=1)
+    assert set(table.entries) == {"stem.0", "stem.3", "block.main.0", "block.main.3"}
+    assert set(table.entries["block.main.3"]) == {(12, 8), (6, 8)}

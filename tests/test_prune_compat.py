@@ -1,0 +1,350 @@
+"""The torch.nn.utils.prune contract, on torch modules and on the sparse conv.
+
+Mirrors what torch's own test_pruning.py checks (reparametrisation, hooks,
+container composition, remove, pickling, state_dict, parameter identity,
+rollback, importance_scores, global pruning, amount validation) and holds the
+new methods of pointsparse.prune to the same contract."""
+
+from __future__ import annotations
+
+import io
+import pickle
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+import pointsparse.prune as prune
+from prune_support import SparseConv, naive_sparse_conv, sparse_input
+
+TORCH_NAMES = [
+    "BasePruningMethod", "PruningContainer", "Identity", "RandomUnstructured", "L1Unstructured",
+    "RandomStructured", "LnStructured", "CustomFromMask", "identity", "random_unstructured",
+    "l1_unstructured", "random_structured", "ln_structured", "global_unstructured",
+    "custom_from_mask", "remove", "is_pruned",
+]
+
+KINDS = ["linear", "conv1d", "conv2d", "conv3d", "sparse"]
+
+
+def make(kind: str) -> tuple[nn.Module, object]:
+    torch.manual_seed(0)
+    if kind == "linear":
+        return nn.Linear(8, 4), torch.randn(2, 8)
+    if kind == "conv1d":
+        return nn.Conv1d(4, 4, 3), torch.randn(2, 4, 7)
+    if kind == "conv2d":
+        return nn.Conv2d(4, 4, 3), torch.randn(2, 4, 5, 5)
+    if kind == "conv3d":
+        return nn.Conv3d(4, 4, 3), torch.randn(1, 4, 4, 4, 4)
+    return SparseConv(4, 4, kernel_size=3), sparse_input(n=10, channels=4)
+
+
+def reference(kind: str, module: nn.Module, weight: torch.Tensor, x) -> torch.Tensor:
+    """The layer's output computed from an explicit ``weight``."""
+    if kind == "linear":
+        return F.linear(x, weight, module.bias)
+    if kind == "sparse":
+        return naive_sparse_conv(x, weight, module.kernel_size, module.dilation)
+    conv = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}[kind]
+    return conv(x, weight, module.bias)
+
+
+def output(module, x) -> torch.Tensor:
+    out = module(x)
+    return out.feats if hasattr(out, "feats") else out
+
+
+# Every new method, as a function taking (module, kind), applicable to any kind.
+NEW_METHODS = {
+    "vector": lambda m, k: prune.vector_structured(m, "weight", 0.5, axis=-1),
+    "channel_out": lambda m, k: prune.channel_structured(m, "weight", 0.5, axis="out"),
+    "channel_in": lambda m, k: prune.channel_structured(m, "weight", 1, axis="in"),
+    "block": lambda m, k: prune.block_structured(m, "weight", 0.5, block_size=2),
+    "nm": lambda m, k: prune.nm_structured(m, "weight", 2, 4),
+    "kernel": lambda m, k: prune.kernel_structured(m, "weight", 0.5, scope="pair"),
+    "offset": lambda m, k: prune.kernel_structured(m, "weight", 0.5, scope="offset"),
+    "stripe": lambda m, k: prune.stripe_structured(m, "weight", 0.5),
+    "pattern": lambda m, k: prune.pattern_structured(m, "weight", num_patterns=2, pattern_size=2),
+}
+NEEDS_KERNEL = {"offset", "stripe", "pattern"}
+METHOD_CASES = [
+    (kind, method) for kind in KINDS for method in sorted(NEW_METHODS) if not (kind == "linear" and method in NEEDS_KERNEL)
+]
+
+
+def test_reexports_are_the_torch_objects():
+    for name in TORCH_NAMES:
+        assert getattr(prune, name) is getattr(torch_prune, name), name
+    assert set(TORCH_NAMES) <= set(prune.__all__)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_reparametrization_and_forward(kind):
+    module, x = make(kind)
+    original = module.weight
+    prune.l1_unstructured(module, "weight", amount=0.3)
+    params, buffers = dict(module.named_parameters()), dict(module.named_buffers())
+    assert "weight_orig" in params and "weight" not in params
+    assert "weight_mask" in buffers
+    assert module.weight_orig is original
+    assert int((module.weight_mask == 0).sum()) == round(0.3 * original.numel())
+    torch.testing.assert_close(module.weight, module.weight_orig * module.weight_mask)
+    hooks = list(module._forward_pre_hooks.values())
+    assert len(hooks) == 1 and isinstance(hooks[0], prune.L1Unstructured) and hooks[0]._tensor_name == "weight"
+    assert prune.is_pruned(module)
+    torch.testing.assert_close(output(module, x), reference(kind, module, module.weight_orig * module.weight_mask, x))
+    # The hook recomputes the weight from the (trained) original every forward.
+    with torch.no_grad():
+        module.weight_orig.add_(1.0)
+    torch.testing.assert_close(output(module, x), reference(kind, module, module.weight_orig * module.weight_mask, x))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_existing_optimizer_keeps_training_the_pruned_parameter(kind):
+    module, x = make(kind)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    prune.random_unstructured(module, "weight", amount=0.5)
+    before = module.weight_orig.detach().clone()
+    output(module, x).sum().backward()
+    grad = module.weight_orig.grad
+    assert torch.all(grad[module.weight_mask == 0] == 0)  # masked entries get no gradient
+    optimizer.step()
+    assert not torch.equal(module.weight_orig.detach(), before)  # the optimizer's param is weight_orig
+    # the engine sums offsets in its own order: equal up to float32 rounding
+    torch.testing.assert_close(output(module, x), reference(kind, module, module.weight_orig * module.weight_mask, x))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_identity_and_zero_amount(kind):
+    module, _ = make(kind)
+    prune.identity(module, "weight")
+    assert torch.all(module.weight_mask == 1)
+    other, _ = make(kind)
+    prune.l1_unstructured(other, "weight", amount=0)
+    assert torch.all(other.weight_mask == 1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_repeated_pruning_composes_and_never_unprunes(kind):
+    module, x = make(kind)
+    prune.l1_unstructured(module, "weight", amount=0.5)
+    first = module.weight_mask.clone()
+    prune.random_unstructured(module, "weight", amount=0.5)
+    second = module.weight_mask.clone()
+    hook = next(iter(module._forward_pre_hooks.values()))
+    assert isinstance(hook, prune.PruningContainer) and len(hook) == 2
+    assert torch.all(second <= first)
+    alive = int(first.sum())
+    assert int(second.sum()) == alive - round(0.5 * alive)  # half of what was still alive
+    out_axis = prune.layout_of(module).out_axis
+    prune.ln_structured(module, "weight", amount=1, n=2, dim=out_axis)
+    assert len(hook) == 3 and torch.all(module.weight_mask <= second)
+    torch.testing.assert_close(output(module, x), reference(kind, module, module.weight_orig * module.weight_mask, x))
+
+
+@pytest.mark.parametrize("kind, method", METHOD_CASES)
+def test_new_methods_keep_the_contract(kind, method):
+    module, x = make(kind)
+    original = module.weight
+    prune.random_unstructured(module, "weight", amount=0.3)
+    first = module.weight_mask.clone()
+    NEW_METHODS[method](module, kind)
+    hook = next(iter(module._forward_pre_hooks.values()))
+    assert isinstance(hook, prune.PruningContainer) and len(hook) == 2
+    assert isinstance(hook[-1], prune.BasePruningMethod) and hook[-1]._tensor_name == "weight"
+    assert module.weight_orig is original
+    mask = module.weight_mask
+    assert mask.shape == original.shape and mask.dtype == original.dtype
+    assert torch.all(mask <= first)  # never un-prunes
+    torch.testing.assert_close(output(module, x), reference(kind, module, module.weight_orig * mask, x))
+    # pickling and deep copies keep the pruning working
+    clone = pickle.loads(pickle.dumps(module))
+    torch.testing.assert_close(output(clone, x), output(module, x))
+    assert type(next(iter(clone._forward_pre_hooks.values()))[-1]) is type(hook[-1])
+    prune.remove(module, "weight")
+    assert module.weight is original and not prune.is_pruned(module)
+    assert torch.equal(module.weight.detach(), (clone.weight_orig * clone.weight_mask).detach())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_remove_makes_pruning_permanent(kind):
+    module, x = make(kind)
+    original = module.weight
+    prune.l1_unstructured(module, "weight", amount=0.4)
+    expected = output(module, x)
+    masked = (module.weight_orig * module.weight_mask).detach()
+    prune.remove(module, "weight")
+    assert "weight" in dict(module.named_parameters())
+    assert "weight_orig" not in dict(module.named_parameters())
+    assert "weight_mask" not in dict(module.named_buffers())
+    assert not module._forward_pre_hooks and not prune.is_pruned(module)
+    assert module.weight is original and torch.equal(module.weight.detach(), masked)
+    torch.testing.assert_close(output(module, x), expected)
+    with pytest.raises(ValueError, match="has to be pruned"):
+        prune.remove(module, "weight")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_state_dict_round_trip(kind):
+    module, x = make(kind)
+    prune.l1_unstructured(module, "weight", amount=0.5)
+    prune.channel_structured(module, "weight", amount=1)
+    state = module.state_dict()
+    assert {"weight_orig", "weight_mask"} <= set(state) and "weight" not in state
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    fresh, _ = make(kind)
+    prune.identity(fresh, "weight")  # the same reparametrisation, then load
+    fresh.load_state_dict(torch.load(buffer))
+    torch.testing.assert_close(output(fresh, x), output(module, x))
+    prune.remove(module, "weight")
+    assert "weight" in module.state_dict() and "weight_orig" not in module.state_dict()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pickle_round_trip(kind):
+    module, x = make(kind)
+    prune.random_unstructured(module, "weight", amount=0.5)
+    prune.nm_structured(module, "weight", 2, 4)
+    # (copy.deepcopy of a pruned module fails in torch itself: module.weight
+    # is a non-leaf tensor; pickling is the supported round trip.)
+    for clone in (pickle.loads(pickle.dumps(module)),):
+        assert prune.is_pruned(clone)
+        assert torch.equal(clone.weight_mask, module.weight_mask)
+        torch.testing.assert_close(output(clone, x), output(module, x))
+        prune.remove(clone, "weight")
+        assert not prune.is_pruned(clone)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rollback_when_a_step_fails(kind):
+    module, _ = make(kind)
+    original = module.weight
+    with mock.patch("torch.nn.utils.prune.L1Unstructured.compute_mask") as compute_mask:
+        compute_mask.side_effect = Exception("HA!")
+        with pytest.raises(Exception, match="HA!"):
+            prune.l1_unstructured(module, "weight", amount=0.9)
+    assert module.weight is original and "weight_orig" not in dict(module.named_parameters())
+    # A new method failing inside compute_mask rolls back the same way.
+    with pytest.raises(ValueError, match="multiple of m=3"):
+        prune.nm_structured(module, "weight", 1, 3)
+    with pytest.raises(ValueError, match="more than the"):
+        prune.channel_structured(module, "weight", amount=10**6)
+    assert module.weight is original and not prune.is_pruned(module)
+    assert not module._forward_pre_hooks and "weight_mask" not in dict(module.named_buffers())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_importance_scores_decide_the_mask(kind):
+    module, _ = make(kind)
+    scores = torch.arange(module.weight.numel(), dtype=torch.float32).reshape(module.weight.shape)
+    prune.l1_unstructured(module, "weight", amount=5, importance_scores=scores)
+    assert torch.equal(module.weight_mask.flatten()[:5], torch.zeros(5))
+    assert torch.all(module.weight_mask.flatten()[5:] == 1)
+    # the new methods take importance_scores the same way: prune the lowest-scoring output channel
+    other, _ = make(kind)
+    layout = prune.layout_of(other)
+    channel_scores = torch.ones_like(other.weight).movedim(layout.out_axis, 0)
+    channel_scores[2] = 0.0
+    prune.channel_structured(other, "weight", amount=1, importance_scores=channel_scores.movedim(0, layout.out_axis))
+    kept = other.weight_mask.movedim(layout.out_axis, 0).flatten(1).sum(1)
+    assert kept[2] == 0 and torch.all(kept[[0, 1, 3]] > 0)
+    with pytest.raises(AssertionError, match="importance_scores should have the same shape"):
+        prune.l1_unstructured(make(kind)[0], "weight", amount=1, importance_scores=torch.ones(3))
+    with pytest.raises(AssertionError, match="importance_scores should have the same shape"):
+        prune.channel_structured(make(kind)[0], "weight", amount=1, importance_scores=torch.ones(3))
+
+
+def test_global_unstructured_across_dense_and_sparse_layers():
+    dense, _ = make("linear")
+    sparse, _ = make("sparse")
+    parameters = [(dense, "weight"), (sparse, "weight")]
+    total = dense.weight.numel() + sparse.weight.numel()
+    everything = torch.cat([dense.weight.detach().abs().flatten(), sparse.weight.detach().abs().flatten()])
+    prune.global_unstructured(parameters, pruning_method=prune.L1Unstructured, amount=0.4)
+    masks = torch.cat([dense.weight_mask.flatten(), sparse.weight_mask.flatten()])
+    assert int((masks == 0).sum()) == round(0.4 * total)
+    assert everything[masks == 1].min() >= everything[masks == 0].max()
+    # with importance scores, and composing with the earlier pruning
+    scores = {(dense, "weight"): torch.rand_like(dense.weight), (sparse, "weight"): torch.rand_like(sparse.weight)}
+    prune.global_unstructured(parameters, prune.L1Unstructured, importance_scores=scores, amount=0.5)
+    new = torch.cat([dense.weight_mask.flatten(), sparse.weight_mask.flatten()])
+    assert torch.all(new <= masks) and int(new.sum()) == int(masks.sum()) - round(0.5 * int(masks.sum()))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_custom_from_mask(kind):
+    module, x = make(kind)
+    mask = (torch.rand_like(module.weight) > 0.5).to(module.weight.dtype)
+    prune.custom_from_mask(module, "weight", mask)
+    assert torch.equal(module.weight_mask, mask)
+    prune.block_structured(module, "weight", amount=0.5, block_size=2)
+    assert torch.all(module.weight_mask <= mask)
+    torch.testing.assert_close(output(module, x), reference(kind, module, module.weight_orig * module.weight_mask, x))
+
+
+@pytest.mark.parametrize(
+    "amount, error",
+    [(-0.1, ValueError), (1.1, ValueError), (-1, ValueError), ("1", TypeError), (None, TypeError), (True, TypeError)],
+)
+def test_amount_validation(amount, error):
+    if amount is not True:  # torch takes a bool as the int 1
+        for cls in (prune.L1Unstructured, prune.RandomUnstructured):
+            with pytest.raises(error):
+                cls(amount)
+    for cls in (prune.ChannelStructured, prune.BlockStructured, prune.KernelStructured, prune.StripeStructured):
+        with pytest.raises(error, match="amount"):
+            cls(amount)
+    with pytest.raises(error, match="amount"):
+        prune.VectorStructured(amount, axis=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_int_amount_larger_than_the_tensor(kind):
+    module, _ = make(kind)
+    with pytest.raises(ValueError):
+        prune.l1_unstructured(module, "weight", amount=module.weight.numel() + 1)
+    with pytest.raises(ValueError, match="amount=99 is more than the 4"):
+        prune.channel_structured(module, "weight", amount=99)
+    assert not prune.is_pruned(module)
+
+
+def test_both_libraries_understand_each_other():
+    module, x = make("conv2d")
+    torch_prune.l1_unstructured(module, "weight", amount=0.3)  # pruned by torch
+    assert prune.is_pruned(module)
+    prune.channel_structured(module, "weight", amount=1)  # extended by pointsparse
+    hook = next(iter(module._forward_pre_hooks.values()))
+    assert isinstance(hook, torch_prune.PruningContainer)
+    assert torch_prune.is_pruned(module)
+    torch_prune.remove(module, "weight")  # made permanent by torch again
+    assert not module._forward_pre_hooks
+    assert int((module.weight.detach().flatten(1).abs().sum(1) == 0).sum()) == 1
+
+
+def test_torch_structured_methods_on_the_sparse_conv():
+    module, x = make("sparse")
+    prune.ln_structured(module, "weight", amount=2, n=1, dim=2)  # output channels are axis 2
+    kept = module.weight_mask.sum(dim=(0, 1))
+    assert int((kept == 0).sum()) == 2
+    norms = module.weight_orig.detach().abs().sum(dim=(0, 1))
+    assert norms[kept == 0].max() <= norms[kept > 0].min()
+    prune.random_structured(module, "weight", amount=1, dim=0)  # a whole kernel offset
+    assert int((module.weight_mask.sum(dim=(1, 2)) == 0).sum()) == 1
+    torch.testing.assert_close(output(module, x), reference("sparse", module, module.weight_orig * module.weight_mask, x))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_wrong_dim_is_reported_and_rolled_back(kind):
+    module, _ = make(kind)
+    original = module.weight
+    with pytest.raises(IndexError, match="Invalid index 7"):  # torch's own message
+        prune.ln_structured(module, "weight", amount=1, n=2, dim=7)
+    with pytest.raises(ValueError, match="axis=7 is out of range"):
+        prune.vector_structured(module, "weight", amount=1, axis=7)
+    assert module.weight is original and not prune.is_pruned(module)

@@ -1,0 +1,205 @@
+"""Every criterion against values computed by hand (closed-form gradients of
+a linear least-squares model) or by autograd on tiny models; OBD's Hutchinson
+estimate against the exact Hessian diagonal."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import pointsparse.prune as prune
+from pointsparse.prune import criteria
+from prune_support import SparseBatchNorm, SparseConv, set_weight, sparse_input
+
+
+def least_squares(seed=0, batches=3, rows=4):
+    """``Linear(3, 2)`` without bias, mean squared error, ``batches`` batches."""
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Linear(3, 2, bias=False)
+    set_weight(model, torch.randn(2, 3, generator=g))
+    data = [(torch.randn(rows, 3, generator=g), torch.randn(rows, 2, generator=g)) for _ in range(batches)]
+    loss_fn = lambda m, batch: (m(batch[0]) - batch[1]).pow(2).mean()  # noqa: E731
+    return model, data, loss_fn
+
+
+def gradient_by_hand(w, x, y):
+    """dL/dW of L = mean((x W^T - y)^2) over (rows, 2) entries."""
+    return 2.0 / y.numel() * (x @ w.T - y).T @ x
+
+
+def test_magnitude_element_and_group_scores():
+    model = nn.Linear(2, 2, bias=False)
+    set_weight(model, torch.tensor([[3.0, -4.0], [-1.0, 0.0]]))
+    key = (model, "weight")
+    assert torch.equal(criteria.magnitude(model)[key], torch.tensor([[3.0, 4.0], [1.0, 0.0]]))
+    assert torch.equal(criteria.magnitude([key], p=2)[key], torch.tensor([[9.0, 16.0], [1.0, 0.0]]))
+    torch.testing.assert_close(criteria.magnitude([key], p=2, group="out")[key], torch.tensor([[5.0, 5.0], [1.0, 1.0]]))
+    torch.testing.assert_close(criteria.magnitude([key], p=1, group="in")[key], torch.tensor([[4.0, 4.0], [4.0, 4.0]]))
+    sparse = SparseConv(2, 3, kernel_size=(1, 1, 2))
+    set_weight(sparse, torch.arange(12.0).reshape(2, 2, 3))
+    scores = criteria.magnitude([(sparse, "weight")], p=1, group="offset")[(sparse, "weight")]
+    assert torch.equal(scores[0], torch.full((2, 3), 15.0)) and torch.equal(scores[1], torch.full((2, 3), 51.0))
+    with pytest.raises(ValueError, match="group must be one of"):
+        criteria.magnitude(model, group="rows")
+
+
+def test_magnitude_of_a_pruned_tensor_ignores_pruned_entries():
+    model = nn.Linear(2, 1, bias=False)
+    set_weight(model, torch.tensor([[3.0, 4.0]]))
+    prune.custom_from_mask(model, "weight", torch.tensor([[0.0, 1.0]]))
+    assert torch.equal(criteria.magnitude(model)[(model, "weight")], torch.tensor([[0.0, 4.0]]))
+
+
+def test_random_scores_are_reproducible():
+    model = nn.Conv2d(2, 3, 3)
+    a = criteria.random(model, generator=torch.Generator().manual_seed(1))[(model, "weight")]
+    b = criteria.random(model, generator=torch.Generator().manual_seed(1))[(model, "weight")]
+    assert a.shape == model.weight.shape and torch.equal(a, b) and 0 <= a.min() and a.max() < 1
+
+
+def test_snip_matches_hand_gradients():
+    model, data, loss_fn = least_squares()
+    w = model.weight.detach()
+    mean_grad = sum(gradient_by_hand(w, x, y) for x, y in data) / len(data)
+    scores = criteria.snip(model, loss_fn, data)[(model, "weight")]
+    torch.testing.assert_close(scores, (mean_grad * w).abs())
+
+
+def test_taylor_matches_hand_gradients():
+    model, data, loss_fn = least_squares(seed=1)
+    w = model.weight.detach()
+    expected = sum((gradient_by_hand(w, x, y) * w).pow(2) for x, y in data) / len(data)
+    torch.testing.assert_close(criteria.taylor(model, loss_fn, data)[(model, "weight")], expected)
+
+
+def test_taylor_per_output_channel():
+    model, data, loss_fn = least_squares(seed=5)
+    w = model.weight.detach()
+    # removing output row a changes the loss by about sum_b over that row of g * w
+    rows = sum((gradient_by_hand(w, x, y) * w).sum(1).pow(2) for x, y in data) / len(data)
+    scores = criteria.taylor(model, loss_fn, data, group="out")[(model, "weight")]
+    torch.testing.assert_close(scores, rows.view(2, 1).expand(2, 3))
+
+
+def test_obd_with_the_empirical_fisher():
+    model, data, loss_fn = least_squares(seed=2, batches=5, rows=1)  # single examples
+    w = model.weight.detach()
+    fisher = sum(gradient_by_hand(w, x, y).pow(2) for x, y in data) / len(data)
+    scores = criteria.obd(model, loss_fn, data, estimator="fisher")[(model, "weight")]
+    torch.testing.assert_close(scores, 0.5 * fisher * w.pow(2))
+
+
+def test_obd_hutchinson_on_least_squares_is_exact_per_diagonal():
+    # For L = mean((x W^T - y)^2) the Hessian is block diagonal over output rows:
+    # H[(a,b),(a,d)] = 2/(rows*2) * sum_n x_nb x_nd, so H_ii = 2/(rows*2) * sum_n x_nb^2.
+    model, data, loss_fn = least_squares(seed=3, batches=1, rows=6)
+    x, _ = data[0]
+    exact = (2.0 / (6 * 2) * x.pow(2).sum(0)).expand(2, 3)
+    diag = criteria.hessian_diagonal(model, loss_fn, data, samples=4000, generator=torch.Generator().manual_seed(0))
+    gram = 2.0 / 12 * x.T @ x
+    off = (gram.pow(2).sum(1) - gram.diagonal().pow(2)).sqrt() / 4000**0.5  # per-entry std
+    assert torch.all((diag[(model, "weight")] - exact).abs() <= 5 * off.expand(2, 3) + 1e-9)
+
+
+def test_obd_hutchinson_against_the_exact_hessian_of_a_nonlinear_model():
+    torch.manual_seed(0)
+    first, second = nn.Linear(3, 4, bias=False), nn.Linear(4, 1, bias=False)
+    model = nn.Sequential(first, nn.Tanh(), second).double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
+    loss_fn = lambda m, batch: (m(batch[0]) - batch[1]).pow(2).mean()  # noqa: E731
+
+    def loss_of(flat):
+        hidden = torch.tanh(x @ flat.reshape(4, 3).T)
+        return (hidden @ second.weight.detach().T - y).pow(2).mean()
+
+    hessian = torch.autograd.functional.hessian(loss_of, first.weight.detach().flatten())
+    exact = hessian.diagonal()
+    samples = 3000
+    std = ((hessian.pow(2).sum(1) - exact.pow(2)).clamp_min(0) / samples).sqrt()
+    scores = criteria.obd(
+        model, loss_fn, [(x, y)], parameters=[(first, "weight")], samples=samples,
+        generator=torch.Generator().manual_seed(0),
+    )[(first, "weight")].flatten()
+    w2 = first.weight.detach().flatten().pow(2)
+    assert torch.all((scores - 0.5 * exact * w2).abs() <= 5 * 0.5 * std * w2 + 1e-12)
+
+
+def test_pruned_entries_score_zero_in_data_driven_criteria():
+    model, data, loss_fn = least_squares(seed=4)
+    prune.custom_from_mask(model, "weight", torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]]))
+    for scores in (
+        criteria.snip(model, loss_fn, data),
+        criteria.taylor(model, loss_fn, data),
+        criteria.obd(model, loss_fn, data, samples=2),
+        criteria.obd(model, loss_fn, data, estimator="fisher"),
+    ):
+        s = scores[(model, "weight")]
+        assert s[0, 1] == 0 and s[1, 2] == 0 and torch.all(s[model.weight_mask == 1] != 0)
+
+
+def test_data_driven_criteria_bad_arguments():
+    model, data, loss_fn = least_squares()
+    with pytest.raises(ValueError, match="batches is empty"):
+        criteria.snip(model, loss_fn, [])
+    with pytest.raises(ValueError, match="estimator must be"):
+        criteria.obd(model, loss_fn, data, estimator="exact")
+    with pytest.raises(ValueError, match="samples must be"):
+        criteria.obd(model, loss_fn, data, samples=0)
+    with pytest.raises(TypeError, match="scalar"):
+        criteria.taylor(model, lambda m, b: m(b[0]), data)
+    with pytest.raises(TypeError, match=r"\(module, name\) pairs"):
+        criteria.magnitude([model.weight])
+
+
+def test_bn_scaling_dense_network():
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([0.5, -0.01, 2.0]))
+        model[4].weight.copy_(torch.tensor([0.02, -1.0]))
+    scores = criteria.bn_scaling(model)
+    assert set(scores) == {(model[0], "weight"), (model[3], "weight")}
+    assert torch.equal(scores[(model[0], "weight")][:, 0, 0, 0], torch.tensor([0.5, 0.01, 2.0]))
+    assert torch.all(scores[(model[0], "weight")] == torch.tensor([0.5, 0.01, 2.0]).view(3, 1, 1, 1))
+    # network slimming: prune the channels of smallest |gamma| over the whole network
+    prune.global_structured(list(scores), prune.ChannelStructured, amount=2, n=float("inf"), importance_scores=scores)
+    assert torch.equal(model[0].weight_mask.sum((1, 2, 3)) > 0, torch.tensor([True, False, True]))
+    assert torch.equal(model[3].weight_mask.sum((1, 2, 3)) > 0, torch.tensor([False, True]))
+
+
+def test_bn_scaling_sparse_network_with_pointsparse_batchnorm():
+    conv, norm = SparseConv(2, 3, kernel_size=3), SparseBatchNorm(3)
+    model = nn.Sequential(conv, norm)
+    inner = criteria.find_batchnorm(norm)
+    with torch.no_grad():
+        inner.weight.copy_(torch.tensor([1.0, -3.0, 0.1]))
+    scores = criteria.bn_scaling(model)[(conv, "weight")]
+    assert scores.shape == conv.weight.shape  # (K, C_in, C_out): channels on axis 2
+    assert torch.all(scores == torch.tensor([1.0, 3.0, 0.1]).view(1, 1, 3))
+    model(sparse_input(n=6, channels=2))  # the pair is a working network
+    prune.channel_structured(conv, "weight", amount=1, n=float("inf"), importance_scores=scores)
+    assert torch.equal(conv.weight_mask.sum((0, 1)) > 0, torch.tensor([True, True, False]))
+
+
+def test_bn_scaling_explicit_pairs_and_errors():
+    conv = nn.Conv2d(2, 3, 1)
+    scale = nn.Module()
+    scale.weight = nn.Parameter(torch.tensor([1.0, 2.0, 3.0]))  # any module with a 1-D weight
+    scores = criteria.bn_scaling([(conv, scale)])[(conv, "weight")]
+    assert torch.all(scores[:, 0, 0, 0] == torch.tensor([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match=r"expected \(3,\)"):
+        criteria.bn_scaling([(conv, nn.BatchNorm2d(4))])
+    with pytest.raises(ValueError, match="no \\(layer, batchnorm\\) pairs"):
+        criteria.bn_scaling(nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(5)))
+
+
+def test_normalize_and_global_use():
+    a, b = nn.Linear(4, 2, bias=False), nn.Linear(4, 2, bias=False)
+    set_weight(a, torch.full((2, 4), 100.0))
+    set_weight(b, torch.arange(1.0, 9.0).reshape(2, 4))
+    scores = criteria.normalize(criteria.magnitude([(a, "weight"), (b, "weight")]), how="max")
+    assert scores[(a, "weight")].max() == 1 and scores[(b, "weight")].max() == 1
+    prune.global_unstructured(list(scores), prune.L1Unstructured, importance_scores=scores, amount=4)
+    assert int(a.weight_mask.sum()) == 8 and torch.equal(b.weight_mask.flatten(), torch.tensor([0.0] * 4 + [1.0] * 4))
+    with pytest.raises(ValueError, match="how must be"):
+        criteria.normalize(scores, how="sum")

@@ -1,0 +1,347 @@
+"""Mask structure of every granularity on small hand-computed examples."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pointsparse.prune as prune
+from prune_support import SparseConv, naive_sparse_conv, set_weight, sparse_input
+
+
+def linear(values) -> nn.Linear:
+    values = torch.as_tensor(values, dtype=torch.float32)
+    module = nn.Linear(values.shape[1], values.shape[0], bias=False)
+    set_weight(module, values)
+    return module
+
+
+def conv2d(values) -> nn.Conv2d:
+    values = torch.as_tensor(values, dtype=torch.float32)
+    module = nn.Conv2d(values.shape[1], values.shape[0], tuple(values.shape[2:]), bias=False)
+    set_weight(module, values)
+    return module
+
+
+def sparse_conv(values, kernel_size) -> nn.Module:
+    """A sparse conv with weight ``values`` ``(K, C_in, C_out)``."""
+    values = torch.as_tensor(values, dtype=torch.float32)
+    module = SparseConv(values.shape[1], values.shape[2], kernel_size=kernel_size)
+    set_weight(module, values)
+    return module
+
+
+# ---------------------------------------------------------------- vector
+
+def test_vector_rows_and_columns_of_a_linear():
+    w = [[1.0, 1.0, 1.0], [0.1, 0.2, 0.1], [3.0, 0.0, 0.0]]
+    module = prune.vector_structured(linear(w), "weight", amount=1, axis=1, n=1)  # rows: L1 3, 0.4, 3
+    assert torch.equal(module.weight_mask, torch.tensor([[1.0, 1, 1], [0, 0, 0], [1, 1, 1]]))
+    module = prune.vector_structured(linear(w), "weight", amount=2, axis=0, n=2)  # columns: L2 3.17, 1.02, 1.00
+    assert torch.equal(module.weight_mask, torch.tensor([[1.0, 0, 0], [1, 0, 0], [1, 0, 0]]))
+
+
+def test_vector_kernel_rows_of_a_conv():
+    w = torch.ones(1, 1, 3, 3)
+    w[0, 0, 1] = 0.1  # the middle row of the kernel is weakest
+    module = prune.vector_structured(conv2d(w), "weight", amount=1, axis=-1)
+    expected = torch.ones(1, 1, 3, 3)
+    expected[0, 0, 1] = 0
+    assert torch.equal(module.weight_mask, expected)
+
+
+# ---------------------------------------------------------------- kernel
+
+def test_kernel_level_on_a_dense_conv():
+    # (out=2, in=2, 2x2): kernel (o, i) has every entry equal to 1 + o*2 + i, except (1, 0) scaled down
+    w = torch.stack([torch.full((2, 2), 1.0 + o * 2 + i) for o in range(2) for i in range(2)]).reshape(2, 2, 2, 2)
+    w[1, 0] = 0.5
+    module = prune.kernel_structured(conv2d(w), "weight", amount=2, scope="pair")
+    kept = module.weight_mask.sum(dim=(2, 3))
+    assert torch.equal(kept, torch.tensor([[0.0, 4.0], [0.0, 4.0]]))  # (0,0) norm 2, (1,0) norm 1 pruned
+    w2 = w.clone()
+    w2[:, :, 0, 1] = 0.01
+    module = prune.kernel_structured(conv2d(w2), "weight", amount=1, scope="offset")
+    expected = torch.ones(2, 2, 2, 2)
+    expected[:, :, 0, 1] = 0
+    assert torch.equal(module.weight_mask, expected)
+
+
+def test_kernel_level_on_a_sparse_conv():
+    # K=3 offsets (kernel 1x1x3), C_in=2, C_out=2
+    w = torch.ones(3, 2, 2)
+    w[:, 1, 0] = 0.1  # the (in=1, out=0) kernel is weakest over all offsets
+    w[2] = w[2] * 0.2  # offset 2 is the weakest offset of the layer
+    module = prune.kernel_structured(sparse_conv(w, (1, 1, 3)), "weight", amount=1, scope="pair")
+    expected = torch.ones(3, 2, 2)
+    expected[:, 1, 0] = 0
+    assert torch.equal(module.weight_mask, expected)
+    module = prune.kernel_structured(sparse_conv(w, (1, 1, 3)), "weight", amount=1, scope="offset")
+    expected = torch.ones(3, 2, 2)
+    expected[2] = 0
+    assert torch.equal(module.weight_mask, expected)
+
+
+# ---------------------------------------------------------------- channel
+
+def test_output_and_input_channels_of_a_dense_conv():
+    w = torch.ones(3, 2, 1, 1)
+    w[1] = 0.1
+    w[:, 0] = w[:, 0] * 0.01
+    module = prune.channel_structured(conv2d(w), "weight", amount=1, axis="out")
+    assert torch.equal(module.weight_mask[:, :, 0, 0], torch.tensor([[1.0, 1], [0, 0], [1, 1]]))
+    module = prune.channel_structured(conv2d(w), "weight", amount=1, axis="in")
+    assert torch.equal(module.weight_mask[:, :, 0, 0], torch.tensor([[0.0, 1], [0, 1], [0, 1]]))
+
+
+def test_output_and_input_channels_of_a_sparse_conv():
+    w = torch.ones(3, 2, 4)  # (K, C_in, C_out): output channels on axis 2
+    w[:, :, 3] = 0.1
+    w[:, 1, :] = w[:, 1, :] * 0.01
+    module = prune.channel_structured(sparse_conv(w, (1, 1, 3)), "weight", amount=1, axis="out")
+    expected = torch.ones(3, 2, 4)
+    expected[:, :, 3] = 0
+    assert torch.equal(module.weight_mask, expected)
+    module = prune.channel_structured(sparse_conv(w, (1, 1, 3)), "weight", amount=0.5, axis="in")
+    expected = torch.ones(3, 2, 4)
+    expected[:, 1, :] = 0
+    assert torch.equal(module.weight_mask, expected)
+    x = sparse_input(n=8, channels=2, seed=3)
+    torch.testing.assert_close(module(x).feats, naive_sparse_conv(x, w * expected, (1, 1, 3)))
+
+
+def test_fraction_counts_only_alive_channels():
+    module = linear(torch.arange(1.0, 9.0).reshape(8, 1).expand(8, 2))
+    prune.channel_structured(module, "weight", amount=0.5)  # 4 of 8 rows: the 4 smallest
+    assert torch.equal(module.weight_mask[:, 0], torch.tensor([0.0, 0, 0, 0, 1, 1, 1, 1]))
+    prune.channel_structured(module, "weight", amount=0.5)  # half of the 4 still alive
+    assert torch.equal(module.weight_mask[:, 0], torch.tensor([0.0, 0, 0, 0, 0, 0, 1, 1]))
+    with pytest.raises(ValueError, match="amount=3 is more than the 2"):
+        prune.channel_structured(module, "weight", amount=3)
+
+
+# ---------------------------------------------------------------- block
+
+def test_blocks_of_a_linear_with_ragged_edges():
+    w = torch.ones(3, 4)
+    w[0:2, 2:4] = 0.1  # block (0, 1)
+    w[2, 0:2] = 0.3  # edge block (1, 0), one row only: L2 0.42; blocks (0, 0) 2.0, (1, 1) 1.41
+    module = prune.block_structured(linear(w), "weight", amount=2, block_size=2)
+    expected = torch.ones(3, 4)
+    expected[0:2, 2:4] = 0
+    expected[2, 0:2] = 0
+    assert torch.equal(module.weight_mask, expected)
+
+
+def test_blocks_per_offset_of_a_sparse_conv():
+    w = torch.ones(2, 4, 2)  # K=2, each offset a (C_in=4, C_out=2) GEMM matrix
+    w[1, 2:4, 0:2] = 0.01
+    module = prune.block_structured(sparse_conv(w, (1, 1, 2)), "weight", amount=1, block_size=(2, 2))
+    expected = torch.ones(2, 4, 2)
+    expected[1, 2:4, :] = 0
+    assert torch.equal(module.weight_mask, expected)
+
+
+def test_block_size_validation():
+    with pytest.raises(ValueError, match="block_size must be >= 1"):
+        prune.BlockStructured(0.5, block_size=0)
+    with pytest.raises(TypeError, match="block_size"):
+        prune.BlockStructured(0.5, block_size=(2, 2, 2))
+
+
+# ---------------------------------------------------------------- N:M
+
+def test_2_4_along_the_inputs_of_a_linear():
+    w = [[1.0, -4.0, 3.0, 2.0, 0.5, 0.1, -0.2, 0.3], [8.0, 7.0, -6.0, 5.0, 1.0, 2.0, 3.0, 4.0]]
+    module = prune.nm_structured(linear(w), "weight", 2, 4)
+    expected = torch.tensor([[0.0, 1, 1, 0, 1, 0, 0, 1], [1, 1, 0, 0, 0, 0, 1, 1]])
+    assert torch.equal(module.weight_mask, expected)
+    assert prune.is_nm_sparse(module.weight, 2, 4) and not prune.is_nm_sparse(torch.tensor(w), 2, 4)
+
+
+def test_general_n_m_on_conv_and_sparse_conv():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 3, 3)
+    prune.nm_structured(conv, "weight", 1, 3)
+    counts = conv.weight_mask.reshape(3, 2, 3, 3, 3).sum(dim=2)  # groups of 3 along C_in
+    assert torch.all(counts == 1)
+    chosen = conv.weight_mask.reshape(3, 2, 3, 3, 3).argmax(dim=2)
+    assert torch.equal(chosen, conv.weight_orig.detach().abs().reshape(3, 2, 3, 3, 3).argmax(dim=2))
+    sparse = SparseConv(8, 2, kernel_size=3)
+    prune.nm_structured(sparse, "weight", 2, 4)
+    counts = sparse.weight_mask.reshape(27, 2, 4, 2).sum(dim=2)  # (K, C_in/4, 4, C_out)
+    assert torch.all(counts == 2)
+    assert prune.is_nm_sparse(sparse.weight.detach(), 2, 4, prune.layout_of(sparse))
+
+
+def test_n_m_after_earlier_pruning_keeps_only_survivors():
+    module = linear([[5.0, 4.0, 3.0, 2.0]])
+    prune.custom_from_mask(module, "weight", torch.tensor([[0.0, 0.0, 0.0, 1.0]]))
+    prune.nm_structured(module, "weight", 2, 4)
+    assert torch.equal(module.weight_mask, torch.tensor([[0.0, 0, 0, 1]]))
+
+
+@pytest.mark.parametrize(
+    "n, m, error, message",
+    [(3, 2, ValueError, "1 <= n <= m"), (0, 4, ValueError, "1 <= n <= m"), (1, 0, ValueError, "m must be >= 1"),
+     (2.0, 4, TypeError, "n must be an int")],
+)
+def test_n_m_bad_arguments(n, m, error, message):
+    with pytest.raises(error, match=message):
+        prune.nm_structured(linear(torch.ones(2, 4)), "weight", n, m)
+
+
+def test_n_m_needs_whole_groups():
+    with pytest.raises(ValueError, match="multiple of m=4; got 6"):
+        prune.nm_structured(linear(torch.ones(2, 6)), "weight", 2, 4)
+
+
+# ---------------------------------------------------------------- pattern
+
+def test_given_patterns_on_a_dense_conv():
+    # 2 kernels of 2x2; patterns: keep the diagonal {0, 3} or the anti-diagonal {1, 2}
+    w = torch.tensor([[[[9.0, 1.0], [1.0, 9.0]], [[1.0, 5.0], [5.0, 1.0]]]])
+    module = prune.pattern_structured(conv2d(w), "weight", patterns=[[0, 3], [1, 2]])
+    assert torch.equal(module.weight_mask, torch.tensor([[[[1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [1.0, 0.0]]]]))
+
+
+def test_learned_patterns_take_the_most_frequent():
+    # 3 kernels prefer {0, 1}, 1 kernel prefers {2, 3}: with one pattern every kernel keeps {0, 1}
+    rows = [[5.0, 4.0, 0.1, 0.2], [3.0, 6.0, 0.3, 0.1], [7.0, 2.0, 0.0, 1.0], [0.1, 0.2, 9.0, 8.0]]
+    w = torch.tensor(rows).reshape(2, 2, 2, 2)
+    patterns = prune.learn_patterns(w, num_patterns=1, pattern_size=2)
+    assert torch.equal(patterns, torch.tensor([[True, True, False, False]]))
+    module = prune.pattern_structured(conv2d(w), "weight", num_patterns=1, pattern_size=2)
+    assert torch.all(module.weight_mask.reshape(4, 4) == torch.tensor([1.0, 1, 0, 0]))
+    two = prune.learn_patterns(w, num_patterns=2, pattern_size=2)
+    assert torch.equal(two, torch.tensor([[True, True, False, False], [False, False, True, True]]))
+
+
+def test_patterns_of_offsets_on_a_sparse_conv():
+    # kernel 1x1x3: K=3; a pattern is a subset of offsets of each (in, out) kernel W[:, i, o]
+    w = torch.zeros(3, 1, 2)
+    w[:, 0, 0] = torch.tensor([3.0, 2.0, 0.1])
+    w[:, 0, 1] = torch.tensor([0.1, 2.0, 3.0])
+    module = prune.pattern_structured(sparse_conv(w, (1, 1, 3)), "weight", patterns=[[0, 1], [1, 2]])
+    assert torch.equal(module.weight_mask[:, 0, 0], torch.tensor([1.0, 1.0, 0.0]))
+    assert torch.equal(module.weight_mask[:, 0, 1], torch.tensor([0.0, 1.0, 1.0]))
+
+
+def test_pattern_bad_arguments():
+    module = conv2d(torch.ones(1, 1, 2, 2))
+    with pytest.raises(ValueError, match="outside"):
+        prune.pattern_structured(module, "weight", patterns=[[0, 4]])
+    with pytest.raises(ValueError, match=r"patterns must be \(P, 4\)"):
+        prune.pattern_structured(module, "weight", patterns=torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="pattern_size=5 exceeds"):
+        prune.pattern_structured(module, "weight", pattern_size=5)
+    assert not prune.is_pruned(module)
+
+
+# ---------------------------------------------------------------- stripes
+
+def test_stripes_by_norm_on_dense_and_sparse_convs():
+    w = torch.ones(2, 3, 1, 2)  # stripe (o, position) = W[o, :, 0, position]
+    w[1, :, 0, 0] = 0.1
+    module = prune.stripe_structured(conv2d(w), "weight", amount=1)
+    expected = torch.ones(2, 3, 1, 2)
+    expected[1, :, 0, 0] = 0
+    assert torch.equal(module.weight_mask, expected)
+    s = torch.ones(2, 3, 2)  # sparse: stripe (offset k, out o) = W[k, :, o]
+    s[1, :, 0] = 0.1
+    module = prune.stripe_structured(sparse_conv(s, (1, 1, 2)), "weight", amount=1)
+    expected = torch.ones(2, 3, 2)
+    expected[1, :, 0] = 0
+    assert torch.equal(module.weight_mask, expected)
+
+
+@pytest.mark.parametrize("kind", ["conv2d", "conv3d", "sparse"])
+def test_filter_skeleton_trains_and_prunes_stripes(kind):
+    torch.manual_seed(0)
+    if kind == "conv2d":
+        module, x = nn.Conv2d(2, 3, 3, bias=False), torch.randn(1, 2, 5, 5)
+        run = lambda m, w: F.conv2d(x, w)  # noqa: E731
+    elif kind == "conv3d":
+        module, x = nn.Conv3d(2, 3, 3, bias=False), torch.randn(1, 2, 4, 4, 4)
+        run = lambda m, w: F.conv3d(x, w)  # noqa: E731
+    else:
+        module, x = SparseConv(2, 3, kernel_size=3), sparse_input(n=10, channels=2)
+        run = lambda m, w: naive_sparse_conv(x, w, m.kernel_size)  # noqa: E731
+    forward = lambda m: m(x).feats if kind == "sparse" else m(x)  # noqa: E731
+    original = module.weight
+    skeleton = prune.attach_filter_skeleton(module, "weight")
+    layout = prune.layout_of(module)
+    expected_shape = list(original.shape)
+    expected_shape[layout.in_axis] = 1
+    assert skeleton.shape == tuple(expected_shape) and torch.all(skeleton == 1)
+    assert any(p is skeleton for p in module.parameters())
+    # the skeleton scales every stripe in the forward and learns from the loss + its L1 penalty
+    with torch.no_grad():
+        skeleton.copy_(0.5 + 0.5 * torch.rand(skeleton.shape))
+    torch.testing.assert_close(forward(module), run(module, original * skeleton))
+    loss = forward(module).pow(2).sum() + 0.1 * prune.regularizers.skeleton_l1(module)
+    loss.backward()
+    assert skeleton.grad is not None and skeleton.grad.abs().sum() > 0
+    # stripes under the threshold are pruned; the rest keep the folded scale
+    with torch.no_grad():
+        skeleton.flatten()[:4] = 0.001
+    folded = (original * skeleton).detach()
+    keep = (skeleton.abs() >= 0.01).expand_as(original)
+    pruned = prune.prune_stripes(module, "weight", threshold=0.01)
+    assert pruned == 4
+    assert "weight_skeleton" not in dict(module.named_parameters())
+    assert module.weight_orig is original
+    assert torch.equal(module.weight_mask, keep.to(module.weight_mask.dtype))
+    torch.testing.assert_close(forward(module), run(module, folded * keep))
+    prune.remove(module, "weight")
+    assert module.weight is original and not module._forward_pre_hooks
+
+
+def test_filter_skeleton_misuse_is_reported():
+    module = nn.Conv2d(2, 2, 3)
+    with pytest.raises(ValueError, match="needs kernel axes"):
+        prune.attach_filter_skeleton(nn.Linear(2, 2))
+    prune.attach_filter_skeleton(module)
+    with pytest.raises(ValueError, match="already has a filter skeleton"):
+        prune.attach_filter_skeleton(module)
+    prune.l1_unstructured(module, "weight", amount=0.5)  # pruned while the skeleton is attached
+    with pytest.raises(RuntimeError, match="prune_stripes"):
+        module(torch.randn(1, 2, 4, 4))
+    with pytest.raises(ValueError, match="threshold"):
+        prune.prune_stripes(module, threshold=-1)
+
+
+def test_methods_that_need_kernel_axes_say_so():
+    with pytest.raises(ValueError, match="offset pruning needs kernel axes"):
+        prune.kernel_structured(linear(torch.ones(2, 2)), "weight", 1, scope="offset")
+    with pytest.raises(ValueError, match="stripe pruning needs kernel axes"):
+        prune.stripe_structured(linear(torch.ones(2, 2)), "weight", 1)
+    with pytest.raises(ValueError, match="scope must be"):
+        prune.KernelStructured(0.5, scope="row")
+    with pytest.raises(ValueError, match="axis must be 'out' or 'in'"):
+        prune.ChannelStructured(0.5, axis=0)
+    with pytest.raises(ValueError, match="axis=5 is out of range"):
+        prune.vector_structured(linear(torch.ones(2, 2)), "weight", 1, axis=5)
+    with pytest.raises(TypeError, match="cannot tell the channel layout"):
+        prune.channel_structured(nn.BatchNorm1d(3), "weight", 1)
+
+
+# ---------------------------------------------------------------- global structured
+
+def test_global_structured_channels_across_layers():
+    first = linear(torch.tensor([[1.0, 1.0], [0.1, 0.1], [2.0, 2.0]]))
+    second = linear(torch.tensor([[0.2, 0.2, 0.2], [5.0, 5.0, 5.0]]))
+    prune.global_structured(
+        [(first, "weight"), (second, "weight"), ], prune.ChannelStructured, amount=2, n=1, axis="out"
+    )
+    # channel L1 norms: first 2, 0.2, 4; second 0.6, 15 -> prune first[1] and second[0]
+    assert torch.equal(first.weight_mask[:, 0], torch.tensor([1.0, 0.0, 1.0]))
+    assert torch.equal(second.weight_mask[:, 0], torch.tensor([0.0, 1.0]))
+    with pytest.raises(TypeError, match="GroupStructured subclass"):
+        prune.global_structured([(first, "weight")], prune.L1Unstructured, amount=1)
+    with pytest.raises(ValueError, match="at least one"):
+        prune.global_structured([], prune.ChannelStructured, amount=1)
+    with pytest.raises(ValueError, match="amount=9 is more than the 3"):
+        prune.global_structured([(first, "weight"), (second, "weight")], prune.ChannelStructured, amount=9)

@@ -1,0 +1,106 @@
+"""Pruning at initialisation: SNIP, GraSP and SynFlow against hand / autograd
+references, and masks of the promised sparsity on dense and sparse nets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pointsparse.prune import _layers, init
+from prune_procedures_support import one_thread, mlp, sparse_chain, sparse_input, teacher_data  # noqa: F401
+
+
+def _batches(n=2):
+    x, y = teacher_data(64)
+    return [(x[i * 32:(i + 1) * 32], y[i * 32:(i + 1) * 32]) for i in range(n)]
+
+
+def loss(out, y):
+    return nn.functional.cross_entropy(out, y)
+
+
+def test_snip_is_mean_gradient_times_weight():
+    net = mlp(0)
+    batches = _batches()
+    scores = init.snip_scores(net, batches, loss)
+    grads = [torch.autograd.grad(loss(net(x), y), net[0].weight)[0] for x, y in batches]
+    ref = ((grads[0] + grads[1]) / 2 * net[0].weight).abs()
+    assert torch.allclose(scores["0"], ref, atol=1e-7)
+
+
+def test_grasp_is_minus_weight_times_hessian_gradient():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
+    T = 200.0
+    params = [net[0].weight, net[2].weight]
+    sizes = [p.numel() for p in params]
+
+    def f(flat):
+        w0, w2 = flat[:sizes[0]].view(4, 3), flat[sizes[0]:].view(2, 4)
+        h = torch.tanh(x @ w0.t() + net[0].bias)
+        return loss((h @ w2.t() + net[2].bias) / T, y)
+
+    flat = torch.cat([p.detach().flatten() for p in params])
+    g = torch.autograd.functional.jacobian(f, flat)
+    H = torch.autograd.functional.hessian(f, flat)
+    ref = -(flat * (H @ g))
+    scores = init.grasp_scores(net, [(x, y)], loss, temperature=T)
+    got = torch.cat([scores["0"].flatten(), scores["2"].flatten()])
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-12)
+
+
+def test_synflow_single_pass_matches_hand_formula():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4, bias=False), nn.ReLU(), nn.Linear(4, 2, bias=False))
+    w1, w2 = net[0].weight.detach().abs().double(), net[2].weight.detach().abs().double()
+    scores, masks = init.synflow_scores(net, torch.zeros(1, 3), sparsity=0.0)
+    # R = 1' |W2| |W1| 1 ; dR/dW1[j,i] = (1'|W2|)_j ; dR/dW2[k,j] = (|W1| 1)_j
+    ref1 = w1 * w2.sum(0)[:, None]
+    ref2 = w2 * w1.sum(1)[None, :]
+    assert torch.allclose(scores["0"].double(), ref1, rtol=1e-5)
+    assert torch.allclose(scores["2"].double(), ref2, rtol=1e-5)
+    assert all(bool(m.all()) for m in masks.values())
+    assert torch.equal(net[0].weight.detach().abs().double(), w1)  # the model itself is untouched
+
+
+@pytest.mark.parametrize("method", init.METHODS)
+def test_prune_at_init_reaches_sparsity(method):
+    net = mlp(0, widths=(8, 32, 32, 3))
+    masks = init.prune_at_init(net, method, 0.8, _batches(), loss, torch.zeros(1, 8), iterations=10)
+    total = sum(m.numel() for m in masks.values())
+    kept = sum(int(m.sum()) for m in masks.values())
+    assert abs((1 - kept / total) - 0.8) <= 1 / total
+    assert _layers.sparsity(net) == pytest.approx(0.8, abs=1 / total)
+    assert all(int(m.sum()) > 0 for m in masks.values())  # no layer collapses at 80%
+
+
+def test_synflow_on_sparse_convs_is_data_free():
+    net = sparse_chain()
+    x = sparse_input()
+    masks = init.prune_at_init(net, "synflow", 0.7, example_input=x, iterations=5)
+    total = sum(m.numel() for m in masks.values())
+    assert sum(int(m.sum()) for m in masks.values()) == round(0.3 * total)
+    assert net(x).feats.shape == (len(x), 4)
+
+
+def test_snip_on_sparse_convs():
+    net = sparse_chain().train()
+    x = sparse_input()
+    y = torch.randint(0, 4, (len(x),))
+    init.prune_at_init(net, "snip", 0.5, [(x, y)], lambda out, t: nn.functional.cross_entropy(out.feats, t))
+    assert _layers.sparsity(net) == pytest.approx(0.5, abs=1e-3)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="method"):
+        init.prune_at_init(mlp(0), "magnitude", 0.5)
+    with pytest.raises(ValueError, match="batches and loss_fn"):
+        init.prune_at_init(mlp(0), "snip", 0.5)
+    with pytest.raises(ValueError, match="example_input"):
+        init.prune_at_init(mlp(0), "synflow", 0.5)
+    with pytest.raises(ValueError, match="sparsity"):
+        init.prune_at_init(mlp(0), "synflow", 1.0, example_input=torch.zeros(1, 8))
+    with pytest.raises(ValueError, match="at least one"):
+        init.snip_scores(mlp(0), [], loss)

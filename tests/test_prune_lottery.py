@@ -1,0 +1,83 @@
+"""Lottery tickets: per-round sparsity, exact rewinding under the mask, the
+rewind point at iteration k, and the two controls."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pointsparse.prune import _layers, lottery
+from prune_procedures_support import one_thread, Trainer, mlp  # noqa: F401 (one_thread: autouse)
+
+
+def test_rounds_prune_twenty_percent_of_the_rest():
+    tr = Trainer()
+    net = mlp(0)
+    res = lottery.lottery_ticket(net, tr, tr.accuracy, train_steps=20, rounds=3)
+    total = sum(m.weight.numel() for _, m in _layers.prunable_layers(net))
+    for r, row in enumerate(res.rounds):
+        assert row["round"] == r
+        assert abs(row["sparsity"] - (1 - 0.8**r)) <= 1 / total
+    assert [c[0] for c in tr.calls] == [20] * 4
+    # masks only shrink from round to round
+    for a, b in zip(res.masks, res.masks[1:]):
+        for n in a:
+            assert not bool((b[n] & ~a[n]).any())
+
+
+def test_rewind_restores_exactly_the_saved_weights_under_the_mask():
+    tr = Trainer()
+    net = mlp(0)
+    init = {k: v.clone() for k, v in net.state_dict().items()}
+    res = lottery.lottery_ticket(net, tr, tr.accuracy, train_steps=15, rounds=2, rewind_step=0)
+    for k, v in init.items():  # k = 0: the state is the original initialisation
+        assert torch.equal(res.state[k], v)
+    lottery.rewind(net, res.state)
+    named = dict(net.named_modules())
+    for n, mask in res.masks[-1].items():
+        m = named[n]
+        assert torch.equal(m.weight, init[f"{n}.weight"] * mask)
+        assert torch.equal(m.bias, init[f"{n}.bias"])
+        assert int((m.weight == 0).sum()) == int((~mask).sum())
+
+
+def test_rewind_point_is_iteration_k():
+    tr = Trainer()
+    twin_tr = Trainer()
+    net, twin = mlp(0), mlp(0)
+    res = lottery.lottery_ticket(net, tr, tr.accuracy, train_steps=20, rounds=1, rewind_step=6)
+    twin_tr(twin, 6)  # same seed, same data order: the weights after 6 steps
+    for k, v in twin.state_dict().items():
+        assert torch.allclose(res.state[k], v, atol=1e-6)
+    assert [c[0] for c in tr.calls] == [6, 14, 14]
+
+
+def test_controls_keep_the_mask_or_its_sparsity():
+    tr = Trainer()
+    res = lottery.lottery_ticket(mlp(0), tr, tr.accuracy, train_steps=10, rounds=2)
+    rnd = lottery.random_masks_like(res.masks[2], seed=3)
+    for n, m in res.masks[2].items():
+        assert int(rnd[n].sum()) == int(m.sum()) and not torch.equal(rnd[n], m)
+    out = lottery.controls(mlp, res, 2, tr, tr.accuracy, train_steps=10)
+    assert set(out) == {"reinit", "random_mask"} and all(0 <= v <= 1 for v in out.values())
+    # re-initialised ticket: same mask, other weights
+    other = mlp(1)
+    lottery.train_masked(other, res.masks[2], lambda m, s: None, tr.accuracy, 0)
+    named = dict(other.named_modules())
+    for n, mask in res.masks[2].items():
+        assert torch.equal(named[n].weight != 0, mask)
+        assert not torch.equal(named[n].weight, res.state[f"{n}.weight"] * mask)
+
+
+def test_bad_inputs():
+    tr = Trainer()
+    with pytest.raises(ValueError, match="prune_fraction"):
+        lottery.lottery_ticket(mlp(0), tr, tr.accuracy, 10, prune_fraction=0.0)
+    with pytest.raises(ValueError, match="rewind_step"):
+        lottery.lottery_ticket(mlp(0), tr, tr.accuracy, 10, rewind_step=10)
+    with pytest.raises(ValueError, match="does not fit"):
+        lottery.rewind(mlp(0, widths=(8, 4, 3)), lottery.snapshot(mlp(0)))
+    net = mlp(0)
+    _layers.global_magnitude_prune(net, 0.5)
+    with pytest.raises(ValueError, match="already pruned"):
+        lottery.train_masked(net, _layers.masks(net), tr, tr.accuracy, 1)

@@ -1,0 +1,78 @@
+"""NetAdapt: the latency table (kernel-map keyed for sparse convs) agrees with
+re-measurement, the loop meets its budget on the table and shrinks the net."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pointsparse.kmap import get_kmap
+from pointsparse.prune import netadapt
+from prune_procedures_support import one_thread, Trainer, mlp, sparse_chain, sparse_input  # noqa: F401
+
+
+def test_candidates():
+    assert netadapt.candidate_counts(16, 4) == [16, 12, 8, 4]
+    assert netadapt.candidate_counts(3, 8) == [3, 2, 1]
+
+
+def test_sparse_table_keys_and_remeasurement(tmp_path):
+    net = sparse_chain(width=16)
+    x = sparse_input(n=400, extent=10)
+    table = netadapt.build_latency_table(net, x, num_candidates=2, repeats=5)
+    kmap = get_kmap(x, (3, 3, 3))
+    assert table.keys["0"]["kernel_map_sizes"] == [int(v) for v in kmap.sizes]
+    assert table.keys["0"]["num_in"] == len(x)
+    assert set(table.entries["3"]) == {(16, 32), (16, 16), (8, 32), (8, 16)}
+    # re-measure the full-width block of layer 3 (conv + BN + ReLU on the same coords)
+    from pointsparse.nn import BatchNorm, Conv3d, ReLU
+    block = nn.Sequential(Conv3d(16, 32, 3), BatchNorm(32), ReLU()).eval()
+    xi = x.with_feats(torch.randn(len(x), 16))
+    with torch.no_grad():
+        again = netadapt._best_time(lambda: block(xi), 5)
+    assert 1 / 3 < again / table.entries["3"][(16, 32)] < 3
+    loaded = netadapt.LatencyTable.load(table.save(tmp_path / "t.json"))
+    assert loaded.entries == table.entries and loaded.candidates == table.candidates
+    assert loaded.layout == table.layout and loaded.latency({"0": 8, "3": 16}) == table.latency({"0": 8, "3": 16})
+
+
+def test_estimate_of_full_network_matches_measurement():
+    net = mlp(0, widths=(64, 256, 256, 10)).eval()
+    x = torch.randn(256, 64)
+    table = netadapt.build_latency_table(net, x, num_candidates=2, repeats=7)
+    layout, _ = netadapt._layout(net)
+    est = table.latency({"0": 256, "2": 256})
+    assert est == table.latency({"0": 256, "2": 256}, layout)
+    measured = netadapt.measure_latency(net, x, 7)
+    assert 1 / 3 < est / measured < 3
+
+
+def test_loop_meets_the_table_budget_and_shrinks():
+    tr = Trainer()
+    net = mlp(0, widths=(8, 64, 64, 3))
+    tr(net, 40)
+    x = torch.randn(512, 8)
+    table = netadapt.build_latency_table(net, x, num_candidates=8, repeats=3)
+    res = netadapt.netadapt(net, table, tr, tr.accuracy, x, budget=0.7, short_steps=3, long_steps=5, lr=0.1)
+    layout, _ = netadapt._layout(res.model)
+    assert res.estimated_latency == pytest.approx(table.latency(res.channels, layout))
+    if res.estimated_latency > res.budget:  # it stopped only because nothing could shrink any further
+        assert all(res.channels[n] == table.candidates[n][-1] for n in res.channels)
+    assert res.channels["0"] < 64 or res.channels["2"] < 64
+    assert res.model[0].out_features == res.channels["0"] and res.model[2].out_features == res.channels["2"]
+    assert res.model(x).shape == (512, 3) and res.measured_latency > 0
+    assert [h["estimated_latency"] for h in res.history] == sorted((h["estimated_latency"] for h in res.history),
+                                                                  reverse=True)
+    assert tr.calls[-1] == (5, pytest.approx(0.01))  # the long fine-tune at 1/10 of the training lr
+
+
+def test_bad_inputs():
+    tr = Trainer()
+    net = mlp(0)
+    x = torch.randn(4, 8)
+    table = netadapt.build_latency_table(net, x, num_candidates=2, repeats=1)
+    with pytest.raises(ValueError, match="not built for this model"):
+        netadapt.netadapt(mlp(0, widths=(8, 20, 12, 3)), table, tr, tr.accuracy, x, 0.5)
+    with pytest.raises(ValueError, match="initial_reduction"):
+        netadapt.netadapt(net, table, tr, tr.accuracy, x, 0.5, initial_reduction=0)

@@ -1,0 +1,25 @@
+"""``pointsparse prune <procedure>``: registered, parses, runs quick."""
+
+from __future__ import annotations
+
+import pytest
+
+from pointsparse import cli
+from prune_procedures_support import one_thread  # noqa: F401 (autouse)
+
+
+def test_registered_and_parses():
+    parser = cli.build_parser()
+    args = parser.parse_args(["prune", "amc", "--flops", "0.4", "--reward", "error", "--quick"])
+    assert args.procedure == "amc" and args.flops == 0.4 and args.quick
+    with pytest.raises(SystemExit):
+        parser.parse_args(["prune", "magic"])
+
+
+@pytest.mark.parametrize("procedure", ["sensitivity", "amc"])
+def test_quick_runs_on_digits(procedure, tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    assert cli.main(["prune", procedure, "--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "dense accuracy" in out
+    assert (tmp_path / ("sensitivity.png" if procedure == "sensitivity" else "amc_ratios.json")).exists()

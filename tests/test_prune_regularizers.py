@@ -1,0 +1,105 @@
+"""Sparsity regularizers: values and gradients against hand computations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import pointsparse.prune as prune
+from pointsparse.prune import regularizers
+from prune_support import SparseBatchNorm, SparseConv, set_weight
+
+
+def linear(values) -> nn.Linear:
+    values = torch.as_tensor(values, dtype=torch.float32)
+    module = nn.Linear(values.shape[1], values.shape[0], bias=False)
+    set_weight(module, values)
+    return module
+
+
+def test_l1_and_l2_values_and_gradients():
+    module = linear([[3.0, -4.0], [0.5, 0.0]])
+    penalty = regularizers.l1(module)
+    assert penalty.item() == pytest.approx(7.5)
+    penalty.backward()
+    assert torch.equal(module.weight.grad, torch.tensor([[1.0, -1.0], [1.0, 0.0]]))
+    module.weight.grad = None
+    penalty = regularizers.l2([(module, "weight")])
+    assert penalty.item() == pytest.approx(25.25)
+    penalty.backward()
+    assert torch.equal(module.weight.grad, 2 * module.weight.detach())
+
+
+def test_penalties_skip_pruned_entries_and_reach_weight_orig():
+    module = linear([[3.0, -4.0], [0.5, 2.0]])
+    prune.custom_from_mask(module, "weight", torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
+    module(torch.ones(1, 2))  # a forward has run: the penalty must not use its cached weight
+    penalty = regularizers.l1(module)
+    assert penalty.item() == pytest.approx(5.5)
+    penalty.backward()
+    assert torch.equal(module.weight_orig.grad, torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
+
+
+def test_group_lasso_channels_and_stripes():
+    conv = nn.Conv2d(1, 2, (1, 2), bias=False)
+    set_weight(conv, torch.tensor([[[[3.0, 4.0]]], [[[0.0, 0.0]]]]))
+    penalty = regularizers.group_lasso(conv, group="out")
+    assert penalty.item() == pytest.approx(5.0)  # ||(3, 4)|| + ||(0, 0)||
+    penalty.backward()
+    expected = torch.tensor([[[[0.6, 0.8]]], [[[0.0, 0.0]]]])  # w / ||w||; a zero group gets 0, not NaN
+    torch.testing.assert_close(conv.weight.grad, expected)
+    assert regularizers.group_lasso(conv, group="stripe").item() == pytest.approx(7.0)  # |3| + |4| + 0 + 0
+    scaled = regularizers.group_lasso(conv, group="out", scale_by_size=True)
+    assert scaled.item() == pytest.approx(5.0 * 2**0.5)
+
+
+def test_group_lasso_offsets_of_a_sparse_conv():
+    sparse = SparseConv(1, 2, kernel_size=(1, 1, 2))
+    set_weight(sparse, torch.tensor([[[3.0, 4.0]], [[0.0, 1.0]]]))  # (K=2, C_in=1, C_out=2)
+    assert regularizers.group_lasso([(sparse, "weight")], group="offset").item() == pytest.approx(6.0)
+    assert regularizers.group_lasso([(sparse, "weight")], group="out").item() == pytest.approx(3.0 + 17**0.5)
+    with pytest.raises(ValueError, match="group must be one of"):
+        regularizers.group_lasso(sparse, group="block")
+
+
+def test_slimming_on_dense_and_pointsparse_batchnorm():
+    model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2), SparseConv(2, 3, 3), SparseBatchNorm(3))
+    bn_sparse = prune.criteria.find_batchnorm(model[3])
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([1.0, -2.0]))
+        bn_sparse.weight.copy_(torch.tensor([0.5, 0.5, -0.25]))
+    penalty = regularizers.slimming(model)
+    assert penalty.item() == pytest.approx(4.25)
+    penalty.backward()
+    assert torch.equal(model[1].weight.grad, torch.tensor([1.0, -1.0]))
+    assert torch.equal(bn_sparse.weight.grad, torch.tensor([1.0, 1.0, -1.0]))
+    assert regularizers.slimming([model[3]]).item() == pytest.approx(1.25)
+    with pytest.raises(TypeError, match="BatchNorm"):
+        regularizers.slimming([nn.ReLU()])
+
+
+def test_skeleton_l1_and_empty_inputs():
+    model = nn.Sequential(nn.Conv2d(2, 2, 3), nn.Conv2d(2, 2, 3))
+    with pytest.raises(ValueError, match="no filter skeletons"):
+        regularizers.skeleton_l1(model)
+    first = prune.attach_filter_skeleton(model[0])
+    second = prune.attach_filter_skeleton(model[1], init=0.5)
+    assert regularizers.skeleton_l1(model).item() == pytest.approx(first.numel() * 1.0 + second.numel() * 0.5)
+    with pytest.raises(ValueError, match="no \\(module, name\\) pairs"):
+        regularizers.l1([])
+
+
+def test_l1_training_drives_weights_toward_zero():
+    torch.manual_seed(0)
+    module = nn.Linear(6, 1, bias=False)
+    x = torch.randn(32, 6)
+    y = x[:, :2].sum(1, keepdim=True)  # only two inputs matter
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.05)
+    for _ in range(300):
+        optimizer.zero_grad()
+        loss = (module(x) - y).pow(2).mean() + 0.05 * regularizers.l1(module)
+        loss.backward()
+        optimizer.step()
+    weights = module.weight.detach().abs().flatten()
+    assert weights[:2].min() > 0.5 and weights[2:].max() < 0.05

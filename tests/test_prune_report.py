@@ -1,0 +1,143 @@
+"""Sparsity and cost report: counts and FLOPs against hand computations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import pointsparse.prune as prune
+from pointsparse import SparseTensor
+from prune_support import SparseConv, naive_pair_counts, set_weight, sparse_input
+
+
+def two_sites() -> SparseTensor:
+    """Sites (0,0,0) and (0,0,1): with kernel 1x1x3 the offsets z=-1, 0, +1 have 1, 2, 1 pairs."""
+    coords = torch.tensor([[0, 0, 0, 0], [0, 0, 0, 1]], dtype=torch.int32)
+    return SparseTensor(torch.ones(2, 2), coords)
+
+
+def test_dense_layers_counts_and_flops():
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(3 * 25, 4))
+    prune.custom_from_mask(model[0], "weight", (torch.arange(54).reshape(3, 2, 3, 3) % 3 != 0).float())
+    report = prune.sparsity_report(model, torch.randn(2, 2, 5, 5))
+    conv, fc = report["layers"]["0"], report["layers"]["2"]
+    assert conv["type"] == "Conv2d" and conv["shape"] == (3, 2, 3, 3)
+    assert conv["params"] == 54 + 3 and conv["weight_nonzeros"] == 36
+    assert conv["sparsity"] == pytest.approx(1 / 3)
+    assert conv["flops"] == 2 * (2 * 5 * 5) * 36 and conv["dense_flops"] == 2 * 50 * 54  # N * H * W positions
+    assert fc["flops"] == 2 * 2 * 300 and fc["params"] == 304  # 2 rows
+    total = report["total"]
+    assert total["params"] == 57 + 304 and total["flops"] == conv["flops"] + fc["flops"]
+    assert total["sparsity"] == pytest.approx(18 / (54 + 300))
+
+
+def test_transposed_conv_counts_input_positions():
+    model = nn.ConvTranspose2d(2, 3, 2, stride=2)
+    report = prune.sparsity_report(model, torch.randn(1, 2, 4, 4))
+    assert report["layers"][""]["flops"] == 2 * 16 * model.weight.numel()
+
+
+def test_sparse_conv_flops_from_pair_counts():
+    conv = SparseConv(2, 2, kernel_size=(1, 1, 3))
+    weights = torch.zeros(3, 2, 2)
+    weights[0] = 1.0  # 4 nonzeros at offset z=-1
+    weights[1, 0, 0] = 1.0  # 1 nonzero at offset 0; offset +1 all zero
+    set_weight(conv, weights)
+    x = two_sites()
+    counts = naive_pair_counts(x.coords, (1, 1, 3))
+    assert counts.tolist() == [1, 2, 1]
+    report = prune.sparsity_report(conv, x, pairs={"": counts})
+    row = report["layers"][""]
+    assert row["flops"] == 2 * (1 * 4 + 2 * 1 + 1 * 0) and row["dense_flops"] == 2 * 4 * 4
+    # without running the model the counts alone give the same FLOPs
+    assert prune.sparsity_report(conv, pairs={"": counts})["layers"][""]["flops"] == 12
+
+
+def test_sparse_conv_pair_counts_from_the_kernel_map():
+    conv = SparseConv(4, 3, kernel_size=3)
+    prune.l1_unstructured(conv, "weight", amount=0.6)
+    x = sparse_input(n=12, channels=4)
+    from_kmap = prune.sparsity_report(conv, x)["layers"][""]
+    by_hand = prune.sparsity_report(conv, x, pairs={"": naive_pair_counts(x.coords)})["layers"][""]
+    per_offset = (conv.weight != 0).sum(dim=(1, 2))
+    assert from_kmap["flops"] == 2 * int((naive_pair_counts(x.coords) * per_offset).sum())
+    assert from_kmap["flops"] == by_hand["flops"] and from_kmap["dense_flops"] == by_hand["dense_flops"]
+
+
+def test_strided_and_transposed_sparse_convs():
+    # kernel 2 stride 2: every input site meets exactly one output, so sum_o pairs(o) = N
+    down = SparseConv(2, 3, kernel_size=2, stride=2)
+    up = SparseConv(3, 2, kernel_size=2, stride=2, transposed=True)
+    prune.kernel_structured(down, "weight", amount=4, scope="offset")  # 4 of 8 offsets gone
+    model = nn.Sequential(down, up)
+    x = sparse_input(n=14, channels=2, extent=4)
+    report = prune.sparsity_report(model, x)["layers"]
+    assert report["0"]["dense_flops"] == 2 * 14 * 2 * 3 and report["1"]["dense_flops"] == 2 * 14 * 3 * 2
+    kept_pairs = naive_pairs_strided(x.coords, kept=down.weight_mask.sum((1, 2)) > 0)
+    assert report["0"]["flops"] == 2 * kept_pairs * 6
+    assert report["1"]["flops"] == report["1"]["dense_flops"]
+
+
+def naive_pairs_strided(coords: torch.Tensor, kept: torch.Tensor) -> int:
+    """Pairs of kernel-2 stride-2 offsets marked ``kept``: site c meets offset
+    ``(c_x % 2, c_y % 2, c_z % 2)`` (index ``(i_x * 2 + i_y) * 2 + i_z``)."""
+    parity = coords[:, 1:].remainder(2).long()
+    index = (parity[:, 0] * 2 + parity[:, 1]) * 2 + parity[:, 2]
+    return int(kept[index].sum())
+
+
+def test_before_and_after_table():
+    torch.manual_seed(0)
+    model = nn.Sequential(SparseConv(4, 8, kernel_size=3), nn.Linear(8, 2))
+    x = sparse_input(n=12, channels=4)
+    pairs = {"body.0": naive_pair_counts(x.coords)}
+
+    class Head(nn.Module):  # sparse conv -> per-site Linear
+        def __init__(self, body):
+            super().__init__()
+            self.body = body
+
+        def forward(self, t):
+            return self.body[1](self.body[0](t).feats)
+
+    net = Head(model)
+    before = prune.sparsity_report(net, x, pairs=pairs)
+    prune.channel_structured(model[0], "weight", amount=0.5)
+    prune.l1_unstructured(model[1], "weight", amount=0.5)
+    after = prune.sparsity_report(net, x, pairs=pairs)
+    assert after["layers"]["body.0"]["flops"] == before["layers"]["body.0"]["flops"] // 2
+    assert after["layers"]["body.1"]["weight_nonzeros"] == 8
+    assert after["total"]["flops"] < before["total"]["flops"]
+    table = prune.format_report(after, before)
+    lines = table.splitlines()
+    assert lines[0].split() == ["layer", "type", "shape", "params", "nonzeros", "sparsity", "FLOPs"]
+    assert any(line.startswith("body.0") and "0.0% -> 50.0%" in line for line in lines)
+    assert lines[-1].startswith("total")
+
+
+def test_report_leaves_training_state_alone_and_without_input_has_no_flops():
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    stats = model[1].running_mean.clone()
+    report = prune.sparsity_report(model, torch.randn(4, 3))
+    assert model.training and torch.equal(model[1].running_mean, stats)
+    assert report["layers"]["0"]["flops"] == 2 * 4 * 9
+    bare = prune.sparsity_report(model)
+    assert bare["layers"]["0"]["flops"] is None and bare["total"]["flops"] is None
+    assert "-" in prune.format_report(bare)
+
+
+def test_print_report(capsys):
+    model = nn.Linear(4, 4)
+    prune.print_report(model, torch.randn(1, 4))
+    assert "Linear" in capsys.readouterr().out
+
+
+def test_report_bad_pairs():
+    conv = SparseConv(2, 2, kernel_size=(1, 1, 3))
+    with pytest.raises(ValueError, match=r"must have shape \(3,\)"):
+        prune.sparsity_report(conv, two_sites(), pairs={"": [1, 2]})
+    with pytest.raises(ValueError, match="not a sparse conv"):
+        prune.sparsity_report(conv, pairs={"missing": [1, 2, 1]})
+    with pytest.raises(ValueError, match="1-D integer"):
+        prune.sparsity_report(conv, pairs={"": [1.0, 2.0, 1.0]})

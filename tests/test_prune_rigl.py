@@ -1,0 +1,119 @@
+"""RigL: densities (uniform, ERK), the cosine drop fraction, drop/grow by
+magnitude and gradient at constant density, hooks around a training loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pointsparse.prune import _layers, rigl
+from prune_procedures_support import one_thread, Trainer, mlp, sparse_chain  # noqa: F401
+
+
+def test_erk_densities_meet_the_budget():
+    net = mlp(0, widths=(8, 64, 64, 3))
+    d = rigl.erk_densities(net, 0.2)
+    sizes = {n: m.weight.numel() for n, m in _layers.prunable_layers(net)}
+    total = sum(d[n] * sizes[n] for n in sizes) / sum(sizes.values())
+    assert total == pytest.approx(0.2)
+    # ERK: small layers are denser; (64+64)/(64*64) < (8+64)/(8*64)
+    assert d["2"] < d["0"] <= 1.0
+    dense = rigl.erk_densities(net, 0.9)
+    assert max(dense.values()) == 1.0  # a layer that would exceed 1 is dense
+    assert sum(dense[n] * sizes[n] for n in sizes) / sum(sizes.values()) == pytest.approx(0.9)
+
+
+def test_erk_on_sparse_conv_uses_kernel_dims():
+    net = sparse_chain()
+    d = rigl.erk_densities(net, 0.3)
+    raw = {"0": (3 + 3 + 3 + 3 + 6) / (27 * 3 * 6), "3": (9 + 6 + 12) / (27 * 6 * 12), "6": (3 + 12 + 4) / (12 * 4)}
+    dense_layers = [n for n in d if d[n] == 1.0]
+    scaled = [n for n in d if n not in dense_layers]
+    for a in scaled:
+        for b in scaled:
+            assert d[a] / d[b] == pytest.approx(raw[a] / raw[b])
+
+
+def test_masks_density_and_cosine_schedule():
+    net = mlp(0, widths=(8, 32, 32, 3))
+    r = rigl.RigL(net, density=0.25, distribution="uniform", update_interval=5, end_step=40, drop_fraction=0.3)
+    for n, m in _layers.prunable_layers(net):
+        assert int(r.masks[n].sum()) == round(0.25 * m.weight.numel())
+        assert torch.equal(m.weight != 0, r.masks[n])
+    assert r.drop_fraction_at(0) == pytest.approx(0.3)
+    assert r.drop_fraction_at(20) == pytest.approx(0.15)
+    assert r.drop_fraction_at(40) == pytest.approx(0.0)
+    assert r.drop_fraction_at(10) == pytest.approx(0.15 * (1 + math.cos(math.pi / 4)))
+
+
+def test_update_drops_smallest_and_grows_largest_gradient():
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4, bias=False)
+    net = nn.Sequential(lin)
+    r = rigl.RigL(net, density=0.5, distribution="uniform", update_interval=1, end_step=100, drop_fraction=0.5)
+    with torch.no_grad():
+        lin.weight.copy_(torch.arange(1.0, 17.0).view(4, 4) * r.masks["0"])
+    grad = torch.zeros(4, 4)
+    inactive = (~r.masks["0"]).nonzero()
+    grad[tuple(inactive[0])] = 5.0
+    grad[tuple(inactive[1])] = 3.0
+    lin.weight.grad = grad
+    old = r.masks["0"].clone()
+    r.step_count = 0
+    r.update()  # fraction 0.5 * (1 + cos 0)/2 = 0.5 of 8 active -> 4 dropped, 4 grown
+    new = r.masks["0"]
+    assert int(new.sum()) == 8
+    active_vals = (torch.arange(1.0, 17.0).view(4, 4))[old]
+    dropped = old & ~new
+    assert set(torch.arange(1.0, 17.0).view(4, 4)[dropped].tolist()) <= set(sorted(active_vals.tolist())[:4])
+    assert bool(new[tuple(inactive[0])]) and bool(new[tuple(inactive[1])])
+    assert float(lin.weight.detach()[tuple(inactive[0])]) == 0.0  # grown connections start at zero
+
+
+def test_training_with_hooks_keeps_density_and_changes_masks():
+    tr = Trainer()
+    net = mlp(0, widths=(8, 32, 32, 3))
+    r = rigl.RigL(net, density=0.3, distribution="erk", update_interval=10, end_step=60)
+    start = {n: m.clone() for n, m in r.masks.items()}
+    with r:
+        tr(net, 80)
+    assert r.step_count == 80 and r.updates == 5
+    assert _layers.sparsity(net) >= 1 - r.density() - 1e-9
+    assert r.density() == pytest.approx(sum(int(m.sum()) for m in start.values()) /
+                                        sum(m.numel() for m in start.values()))
+    assert any(not torch.equal(start[n], r.masks[n]) for n in start)
+    for n, m in _layers.prunable_layers(net):
+        assert not bool((m.weight[~r.masks[n]] != 0).any())
+    # outside the context the hook is gone
+    tr(net, 5)
+    assert r.step_count == 80
+
+
+def test_static_sparse_never_changes_and_attach():
+    net = mlp(0)
+    s = rigl.static_sparse(net, 0.5, "uniform")
+    before = {n: m.clone() for n, m in s.masks.items()}
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    handle = s.attach(opt)
+    x = torch.randn(4, 8)
+    for _ in range(3):
+        net(x).sum().backward()
+        opt.step()
+    handle.remove()
+    assert s.step_count == 3 and all(torch.equal(before[n], s.masks[n]) for n in before)
+    assert _layers.sparsity(net) == pytest.approx(0.5, abs=0.01)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="density"):
+        rigl.RigL(mlp(0), density=0.0)
+    with pytest.raises(ValueError, match="distribution"):
+        rigl.RigL(mlp(0), distribution="er")
+    with pytest.raises(ValueError, match="update_interval"):
+        rigl.RigL(mlp(0), update_interval=0)
+    r = rigl.RigL(mlp(0), density=0.5)
+    with pytest.raises(RuntimeError, match="gradient"):
+        r.update()

@@ -1,0 +1,73 @@
+"""Iterative pruning schedules: AGP and constant targets, the sparsity reached
+at each round, the fine-tuning learning rate, one-shot."""
+
+from __future__ import annotations
+
+import pytest
+
+from pointsparse.prune import _layers, schedule
+from prune_procedures_support import one_thread, Trainer, mlp  # noqa: F401 (one_thread: autouse)
+
+def test_agp_formula():
+    assert schedule.agp_sparsity(0, 10, 0.9) == 0.0
+    assert schedule.agp_sparsity(10, 10, 0.9) == pytest.approx(0.9)
+    assert schedule.agp_sparsity(5, 10, 0.9) == pytest.approx(0.9 * (1 - 0.5**3))
+    assert schedule.agp_sparsity(5, 10, 0.8, 0.2) == pytest.approx(0.8 - 0.6 * 0.125)
+    assert schedule.agp_sparsity(99, 10, 0.9) == pytest.approx(0.9)  # clamped
+    assert schedule.constant_sparsity(3, 4, 0.8) == pytest.approx(0.6)
+    agp = schedule.sparsity_schedule(0.9, 4, "agp")
+    assert agp == pytest.approx([0.9 * (1 - (1 - t / 4) ** 3) for t in range(1, 5)])
+    assert all(b > a for a, b in zip(agp, agp[1:]))
+    # AGP front-loads: its increments shrink
+    steps = [b - a for a, b in zip([0.0] + agp, agp)]
+    assert all(b < a for a, b in zip(steps, steps[1:]))
+
+
+@pytest.mark.parametrize("kind", ["agp", "constant"])
+@pytest.mark.parametrize("factor", [0.1, 0.01])
+def test_iterative_reaches_each_target_and_fine_tunes_at_lower_lr(kind, factor):
+    tr = Trainer(lr=0.1)
+    net = mlp(0)
+    tr(net, 50)
+    tr.calls.clear()
+    res = schedule.iterative_prune(net, tr, 0.8, rounds=4, steps_per_round=5, schedule=kind, lr=0.1,
+                                   finetune_lr_factor=factor, eval_fn=tr.accuracy)
+    targets = schedule.sparsity_schedule(0.8, 4, kind)
+    total = sum(m.weight.numel() for _, m in _layers.prunable_layers(net))
+    for row, t in zip(res.history, targets):
+        assert row["target"] == pytest.approx(t)
+        assert abs(row["sparsity"] - t) <= 1 / total
+        assert 0 <= row["metric"] <= 1
+    assert tr.calls == [(5, pytest.approx(0.1 * factor))] * 4
+    assert _layers.sparsity(net) == pytest.approx(0.8, abs=1 / total)  # fine-tuning kept the masks
+
+
+def test_layer_scope_and_one_shot():
+    tr = Trainer()
+    net = mlp(0)
+    res = schedule.one_shot_prune(net, tr, 0.6, finetune_steps=7, scope="layer", lr=0.1)
+    assert len(res.history) == 1 and tr.calls == [(7, pytest.approx(0.01))]
+    for v in _layers.layer_sparsity(net).values():
+        assert v == pytest.approx(0.6, abs=0.02)
+
+
+def test_train_fn_without_lr_is_called_plainly():
+    calls = []
+    net = mlp(0)
+    schedule.iterative_prune(net, lambda m, steps: calls.append(steps), 0.5, rounds=2, steps_per_round=3, lr=0.1)
+    assert calls == [3, 3]
+
+
+def test_bad_inputs():
+    net = mlp(0)
+    tr = Trainer()
+    with pytest.raises(ValueError, match="schedule"):
+        schedule.iterative_prune(net, tr, 0.5, schedule="cubic")
+    with pytest.raises(ValueError, match="final"):
+        schedule.iterative_prune(net, tr, 1.0)
+    with pytest.raises(ValueError, match="rounds"):
+        schedule.iterative_prune(net, tr, 0.5, rounds=0)
+    with pytest.raises(ValueError, match="finetune_lr_factor"):
+        schedule.iterative_prune(net, tr, 0.5, finetune_lr_factor=0)
+    with pytest.raises(ValueError, match="scope"):
+        schedule.iterative_prune(net, tr, 0.5, scope="net")

@@ -1,0 +1,176 @@
+"""Channel surgery: kept outputs unchanged, exactly when the removed channels
+contribute nothing; parameter counts shrink; least-squares refit."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from pointsparse.prune import surgery
+from prune_procedures_support import one_thread, mlp, sparse_chain, sparse_input  # noqa: F401 (one_thread: autouse)
+
+def _zero_inputs_of_consumer(model, group, removed):
+    named = dict(model.named_modules())
+    consumer = named[group.consumer]
+    dim = 1  # Linear / torch conv / pointsparse Conv3d: input channels on axis 1
+    with torch.no_grad():
+        for c in removed:
+            idx = torch.arange(c * group.repeat, (c + 1) * group.repeat) + group.offset
+            consumer.weight.index_fill_(dim, idx, 0.0)
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_linear_chain_exact_when_removed_channels_are_dead(bn):
+    net = mlp(0, bn=bn).eval()
+    if bn:
+        net[1].running_mean.uniform_(-1, 1)
+        net[1].running_var.uniform_(0.5, 2)
+    groups = surgery.channel_groups(net)
+    assert [g.producer for g in groups] == (["0", "3"] if bn else ["0", "2"])
+    keep, removed = [0, 2, 5, 9, 15], [c for c in range(16) if c not in (0, 2, 5, 9, 15)]
+    _zero_inputs_of_consumer(net, groups[0], removed)
+    x = torch.randn(20, 8)
+    before = net(x)
+    n_before = surgery.count_parameters(net)
+    surgery.prune_channels(net, groups[0], keep)
+    assert torch.allclose(net(x), before, atol=1e-6)
+    # removed: 11 rows of Linear(8,16) + bias, 11 columns of Linear(16,12), BN affine
+    expected = 11 * 8 + 11 + 11 * 12 + (2 * 11 if bn else 0)
+    assert n_before - surgery.count_parameters(net) == expected
+    assert net[0].out_features == 5 and net[3 if bn else 2].in_features == 5
+    if bn:
+        assert net[1].num_features == 5 and net[1].running_mean.shape == (5,)
+
+
+def test_single_conv_kept_outputs_unchanged():
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    x = torch.randn(2, 3, 5, 5)
+    full = conv(x)
+    surgery.remove_output_channels(conv, [1, 4, 6])
+    assert torch.equal(conv(x), full[:, [1, 4, 6]])
+    assert conv.out_channels == 3 and conv.weight.shape == (3, 3, 3, 3)
+
+
+def test_conv_flatten_linear_repeat():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                        nn.Linear(6 * 4, 5)).eval()
+    (g,) = surgery.channel_groups(net)
+    assert g.repeat == 4 and g.consumer == "4"
+    _zero_inputs_of_consumer(net, g, [1, 3])
+    x = torch.randn(3, 1, 4, 4)
+    before = net(x)
+    surgery.prune_channels(net, g, [0, 2, 4, 5])
+    assert net[4].in_features == 16
+    assert torch.allclose(net(x), before, atol=1e-6)
+
+
+def test_sparse_conv_chain_exact_and_smaller():
+    net = sparse_chain()
+    x = sparse_input()
+    groups = surgery.channel_groups(net)
+    assert [(g.producer, g.norms, g.consumer) for g in groups] == [("0", ["1"], "3"), ("3", ["4"], "6")]
+    removed = [1, 4]
+    _zero_inputs_of_consumer(net, groups[0], removed)
+    before = net(x).feats
+    n_before = surgery.count_parameters(net)
+    surgery.prune_channels(net, "0", [0, 2, 3, 5])
+    assert net[0].weight.shape == (27, 3, 4) and net[3].weight.shape == (27, 4, 12) and net[1].num_features == 4
+    assert torch.allclose(net(x).feats, before, atol=1e-5)
+    assert n_before - surgery.count_parameters(net) == 2 * 27 * 3 + 2 * 27 * 12 + 2 * 2
+
+
+def test_sparse_single_conv_kept_outputs_unchanged():
+    from pointsparse.nn import Conv3d
+    torch.manual_seed(1)
+    conv = Conv3d(3, 7, 3, bias=True)
+    x = sparse_input()
+    full = conv(x).feats
+    surgery.remove_output_channels(conv, [0, 6])
+    assert torch.allclose(conv(x).feats, full[:, [0, 6]], atol=1e-6)
+    assert conv.out_channels == 2 and conv.bias.shape == (2,)
+
+
+def test_apply_ratios_l1_order_and_counts():
+    net = mlp(0).eval()
+    norms = net[0].weight.abs().sum(1)
+    kept = surgery.apply_channel_ratios(net, {"0": 0.25})
+    assert kept == {"0": 12}
+    assert net[0].weight.shape == (12, 8)
+    expected = torch.sort(torch.topk(norms, 12).indices).values
+    assert torch.allclose(net[0].weight.abs().sum(1), norms[expected])
+
+
+@pytest.mark.parametrize("kind", ["linear", "sparse"])
+def test_least_squares_reconstruction(kind):
+    if kind == "linear":
+        net, x = mlp(0, widths=(8, 16, 12, 3)).eval(), torch.randn(200, 8)
+        out = lambda m: m(x)  # noqa: E731
+        name = "0"
+    else:
+        net, x = sparse_chain(width=8), sparse_input(n=150)
+        out = lambda m: m(x).feats  # noqa: E731
+        name = "0"
+    ref = out(net)
+    plain, fitted = copy.deepcopy(net), copy.deepcopy(net)
+    surgery.apply_channel_ratios(plain, {name: 0.5})
+    surgery.apply_channel_ratios(fitted, {name: 0.5}, reconstruct=True, calibration_input=x)
+    err_plain = (out(plain) - ref).pow(2).mean()
+    err_fit = (out(fitted) - ref).pow(2).mean()
+    assert err_fit < 0.7 * err_plain
+
+
+def test_reconstruction_exact_when_nothing_is_lost():
+    net = mlp(0, widths=(8, 16, 12, 3)).eval()
+    x = torch.randn(100, 8)
+    with torch.no_grad():  # channels 8..15 feed nothing: the refit must reproduce the outputs
+        net[2].weight[:, 8:] = 0
+        net[0].weight[8:] *= 1e-3
+    ref = net(x)
+    surgery.apply_channel_ratios(net, {"0": 0.5}, reconstruct=True, calibration_input=x)
+    assert torch.allclose(net(x), ref, atol=1e-4)
+
+
+def test_bad_inputs():
+    net = mlp(0)
+    with pytest.raises(ValueError, match="keep indices"):
+        surgery.prune_channels(net, "0", [0, 16])
+    with pytest.raises(ValueError, match="repeated"):
+        surgery.prune_channels(net, "0", [1, 1])
+    with pytest.raises(ValueError, match="at least one"):
+        surgery.prune_channels(net, "0", [])
+    with pytest.raises(ValueError, match="not a producer"):
+        surgery.prune_channels(net, "4", [0])
+    with pytest.raises(ValueError, match="ratio"):
+        surgery.apply_channel_ratios(net, {"0": 1.0})
+    with pytest.raises(ValueError, match="calibration_input"):
+        surgery.apply_channel_ratios(net, {"0": 0.5}, reconstruct=True)
+    with pytest.raises(TypeError):
+        surgery.remove_output_channels(nn.ReLU(), [0])
+
+
+def test_groups_inside_residual_blocks_only():
+    from prune_procedures_support import ResidualNet
+    net = ResidualNet().eval()
+    groups = surgery.channel_groups(net)
+    assert [(g.producer, g.norms, g.consumer) for g in groups] == [
+        ("stem.0", ["stem.1"], "stem.3"), ("block.main.0", ["block.main.1"], "block.main.3")]
+    x = sparse_input(n=80)
+    for g, removed in zip(groups, ([2, 5], [0, 7, 11])):
+        _zero_inputs_of_consumer(net, g, removed)
+    before = net(x).feats
+    surgery.prune_channels(net, groups[0], [c for c in range(8) if c not in (2, 5)])
+    surgery.prune_channels(net, groups[1], [c for c in range(12) if c not in (0, 7, 11)])
+    assert torch.allclose(net(x).feats, before, atol=1e-5)
+    assert net.block.main[3].weight.shape == (27, 9, 8)  # the residual's width is untouched
+
+
+def test_chain_kinds():
+    net = nn.Sequential(nn.Linear(4, 5), nn.Sequential(nn.BatchNorm1d(5), nn.ReLU()), nn.Linear(5, 2))
+    (chain,) = surgery.chains(net)
+    assert [(n, k) for n, _, k in chain] == [("0", "layer"), ("1.0", "norm"), ("1.1", "pass"), ("2", "layer")]
+    assert list(surgery.chain_followers(net)) == ["0", "2"]
+    assert surgery.channel_groups(nn.Linear(3, 3)) == []

@@ -1,0 +1,234 @@
+"""SparseTensor as API.md promises it: properties and aliases, .to/.cpu,
+dense() against a naive grid, with_feats sharing the coordinate cache,
+collate, empty tensors, and every bad input in a child process."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import pointsparse as ps
+from pointsparse.tensor import CoordinateCache, as_triple
+from reference import dense_ref, run_in_children
+
+
+def make(n=50, c=3, batches=2, stride=1, seed=0, dtype=torch.float32, lo=0, hi=8):
+    """A tensor with unique coords (multiples of the stride)."""
+    g = torch.Generator().manual_seed(seed)
+    st = torch.tensor(as_triple(stride, "stride"))
+    rows = torch.cat([torch.randint(0, batches, (4 * n, 1), generator=g),
+                      torch.randint(lo, hi, (4 * n, 3), generator=g) * st], 1)
+    coords = torch.unique(rows, dim=0)[torch.randperm(len(torch.unique(rows, dim=0)), generator=g)][:n]
+    feats = torch.randn(len(coords), c, generator=g, dtype=torch.float64).to(dtype)
+    return ps.SparseTensor(feats, coords.to(torch.int32), stride)
+
+
+def test_properties_and_aliases():
+    x = make(stride=2)
+    assert x.F is x.feats and x.C is x.coords
+    assert x.stride == (2, 2, 2) and isinstance(x.stride, tuple)
+    assert x.coords.dtype == torch.int32 and x.coords.shape[1] == 4
+    assert len(x) == x.feats.shape[0] == x.coords.shape[0]
+    assert x.batch_size == int(x.coords[:, 0].max()) + 1
+    y = ps.SparseTensor(torch.zeros(1, 2), torch.tensor([[0, 2, 4, 6]], dtype=torch.int32), (2, 4, 6))
+    assert y.stride == (2, 4, 6)
+    assert ps.SparseTensor(torch.zeros(1, 2), torch.zeros(1, 4, dtype=torch.int32), np.int64(2)).stride == (2, 2, 2)
+    assert ps.SparseTensor(torch.zeros(1, 2), torch.zeros(1, 4, dtype=torch.int32), [1, 2, 3]).stride == (1, 2, 3)
+
+
+def test_to_and_cpu():
+    x = make()
+    y = x.to(torch.float64)
+    assert y.feats.dtype == torch.float64 and torch.equal(y.coords, x.coords) and y.cache is x.cache
+    assert torch.equal(y.feats, x.feats.double())
+    z = x.cpu()
+    assert z.device.type == "cpu" and z.cache is x.cache and torch.equal(z.feats, x.feats)
+    m = x.to("meta")  # a device change: coords and cache move along
+    assert m.feats.device.type == "meta" and m.coords.device.type == "meta"
+    assert m.cache is not x.cache and m.cache.get_coords((1, 1, 1)) is m.coords
+    assert m.stride == x.stride and m.feats.shape == x.feats.shape
+
+
+def test_to_keeps_own_coords_when_the_cache_holds_others():
+    x = make(seed=1)
+    other = ps.SparseTensor(torch.zeros(2, 3), torch.tensor([[0, 1, 1, 1], [0, 2, 2, 2]], dtype=torch.int32),
+                            cache=x.cache)
+    assert x.cache.get_coords((1, 1, 1)) is x.coords  # the first coords of a stride stay cached
+    m = other.to("meta")
+    assert m.coords.shape == other.coords.shape == (2, 4)
+
+
+def test_with_feats_shares_the_cache():
+    x = make(seed=2)
+    x.cache.kmaps["probe"] = "a kernel map"
+    f = torch.randn(len(x), 7)
+    y = x.with_feats(f)
+    assert y.feats is f and y.coords is x.coords and y.stride == x.stride and y.cache is x.cache
+    assert y.cache.kmaps["probe"] == "a kernel map"
+    with pytest.raises(ValueError, match="feats"):
+        x.with_feats(torch.randn(len(x) + 1, 7))
+    with pytest.raises(TypeError, match="feats"):
+        x.with_feats(torch.ones(len(x), 7, dtype=torch.long))
+    with pytest.raises(ValueError, match="feats"):
+        x.with_feats(torch.ones(len(x)))
+
+
+@pytest.mark.parametrize("stride", [1, 2, (1, 2, 4)])
+def test_dense_matches_reference(stride):
+    x = make(n=40, c=3, stride=stride, seed=3)
+    st = x.stride
+    d = x.dense()
+    idx = x.coords[:, 1:].numpy() // np.array(st)
+    shape = (x.batch_size, 3, *(idx.max(0) + 1))
+    assert d.shape == shape
+    assert np.array_equal(d.numpy(), dense_ref(x.feats.numpy(), x.coords.numpy(), st, shape))
+    d2 = x.dense((10, 11, 12))
+    assert d2.shape == (x.batch_size, 3, 10, 11, 12)
+    assert np.array_equal(d2.numpy(), dense_ref(x.feats.numpy(), x.coords.numpy(), st, d2.shape))
+    d3 = x.dense((4, 3, 9, 9, 9))
+    assert d3.shape == (4, 3, 9, 9, 9)
+    assert torch.equal(d3[: x.batch_size, :, : d.shape[2], : d.shape[3], : d.shape[4]], d)
+    assert int((d3 != 0).any(1).sum()) == len(x)  # inactive sites are 0
+
+
+def test_dense_is_differentiable():
+    x = make(n=10, c=2, seed=4, dtype=torch.float64)
+    f = x.feats.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: x.with_feats(t).dense((8, 8, 8)), (f,))
+
+
+def test_dense_errors():
+    x = make(n=10, seed=5)
+    with pytest.raises(ValueError, match="shape"):
+        x.dense((2, 2, 2))  # active sites outside
+    with pytest.raises(ValueError, match="channels"):
+        x.dense((2, 99, 8, 8, 8))
+    with pytest.raises(ValueError, match="shape"):
+        x.dense((1, 3, 8, 8, 8)) if x.batch_size > 1 else x.dense((0, 3, 8, 8, 8))
+    with pytest.raises(ValueError, match="shape"):
+        x.dense((8, 8))
+    with pytest.raises(ValueError, match="shape"):
+        ps.SparseTensor(torch.zeros(0, 2), torch.zeros(0, 4, dtype=torch.int32)).dense((-1, 2, 2))
+    with pytest.raises(TypeError, match="shape"):
+        x.dense((8.5, 8, 8))
+    neg = ps.SparseTensor(torch.ones(1, 1), torch.tensor([[0, -1, 0, 0]], dtype=torch.int32))
+    with pytest.raises(ValueError, match="non-negative"):
+        neg.dense()
+
+
+def test_empty_and_single():
+    e = ps.SparseTensor(torch.zeros(0, 3), torch.zeros(0, 4, dtype=torch.int32))
+    assert len(e) == 0 and e.batch_size == 0 and e.stride == (1, 1, 1)
+    assert e.dense().shape == (0, 3, 0, 0, 0)
+    assert e.dense((2, 3, 4)).shape == (0, 3, 2, 3, 4)
+    assert torch.equal(e.dense((2, 3, 4, 5, 6)), torch.zeros(2, 3, 4, 5, 6))
+    assert len(e.with_feats(torch.zeros(0, 5))) == 0
+    s = ps.SparseTensor(torch.tensor([[2.0, 3.0]]), torch.tensor([[1, 2, 0, 1]], dtype=torch.int32))
+    d = s.dense()
+    assert d.shape == (2, 2, 3, 1, 2) and d[1, :, 2, 0, 1].tolist() == [2.0, 3.0] and d.abs().sum() == 5
+
+
+def test_collate():
+    a, b = make(n=20, batches=2, seed=6), make(n=15, batches=1, seed=7)
+    e = ps.SparseTensor(torch.zeros(0, 3), torch.zeros(0, 4, dtype=torch.int32))
+    out = ps.collate([a, e, b, e])
+    assert len(out) == 35 and out.stride == (1, 1, 1)
+    assert torch.equal(out.feats, torch.cat([a.feats, b.feats]))
+    assert torch.equal(out.coords[:20], a.coords)
+    shifted = b.coords.clone()
+    shifted[:, 0] += a.batch_size
+    assert torch.equal(out.coords[20:], shifted)
+    assert out.batch_size == a.batch_size + 1
+    single = ps.collate([a])
+    assert torch.equal(single.coords, a.coords) and torch.equal(single.feats, a.feats)
+    only_empty = ps.collate([e])
+    assert len(only_empty) == 0 and only_empty.feats.shape == (0, 3)
+    s2 = ps.collate([make(n=5, stride=2, seed=8), make(n=6, stride=2, seed=9)])
+    assert s2.stride == (2, 2, 2) and len(s2) == 11
+    # collated coords are valid: revalidate them from scratch
+    ps.SparseTensor(out.feats, out.coords)
+
+
+def test_collate_errors():
+    a = make(n=5, seed=10)
+    with pytest.raises(ValueError, match="at least one"):
+        ps.collate([])
+    with pytest.raises(TypeError, match="item 1"):
+        ps.collate([a, a.feats])
+    with pytest.raises(ValueError, match="stride"):
+        ps.collate([a, make(n=5, stride=2, seed=11)])
+    with pytest.raises(ValueError, match="channels"):
+        ps.collate([a, make(n=5, c=4, seed=12)])
+    big = ps.SparseTensor(torch.zeros(1, 3), torch.tensor([[4095, 0, 0, 0]], dtype=torch.int32))
+    with pytest.raises(ValueError, match="outside the representable range"):
+        ps.collate([a, big])
+
+
+def test_coordinate_cache():
+    cache = CoordinateCache()
+    calls = []
+    assert cache.get_kmap("k", lambda: calls.append(1) or "map") == "map"
+    assert cache.get_kmap("k", lambda: calls.append(1) or "other") == "map"
+    assert calls == [1]
+    c = torch.zeros(1, 4, dtype=torch.int32)
+    cache.set_coords((1, 1, 1), c)
+    cache.set_coords((1, 1, 1), c.clone())
+    assert cache.get_coords((1, 1, 1)) is c
+    assert "strides" in repr(cache)
+
+
+# --- bad input, each case in its own process ---------------------------------------
+
+SETUP = "import numpy as np, torch, pointsparse as ps\nf = torch.zeros(3, 2)\ni32 = torch.int32\n"
+BAD = {
+    "duplicate": ("ps.SparseTensor(f, torch.tensor([[0, 1, 2, 3], [0, 5, 5, 5], [0, 1, 2, 3]], dtype=i32))",
+                  "ValueError", "duplicate"),
+    "coords_int64": ("ps.SparseTensor(f, torch.zeros(3, 4, dtype=torch.int64))", "TypeError", "coords"),
+    "coords_float": ("ps.SparseTensor(f, torch.zeros(3, 4))", "TypeError", "coords"),
+    "coords_nan": ("ps.SparseTensor(f, torch.tensor([[0, 1, 2, 3], [0, float('nan'), 5, 5], [0, 1, 2, 4.0]]))",
+                   "ValueError", "coords"),
+    "coords_inf": ("ps.SparseTensor(f, torch.full((3, 4), float('inf')))", "ValueError", "coords"),
+    "coords_numpy": ("ps.SparseTensor(f, np.zeros((3, 4), np.int32))", "TypeError", "coords"),
+    "coords_3_columns": ("ps.SparseTensor(f, torch.zeros(3, 3, dtype=i32))", "ValueError", "coords"),
+    "coords_1d": ("ps.SparseTensor(f, torch.zeros(4, dtype=i32))", "ValueError", "coords"),
+    "coords_3d": ("ps.SparseTensor(f, torch.zeros(3, 4, 1, dtype=i32))", "ValueError", "coords"),
+    "negative_batch": ("ps.SparseTensor(f, torch.tensor([[0, 1, 2, 3], [-1, 5, 5, 5], [0, 1, 2, 4]], dtype=i32))",
+                       "ValueError", "batch"),
+    "batch_too_big": ("ps.SparseTensor(f[:1], torch.tensor([[4096, 0, 0, 0]], dtype=i32))", "ValueError", "batch"),
+    "coord_too_big": ("ps.SparseTensor(f[:1], torch.tensor([[0, 0, 65536, 0]], dtype=i32))", "ValueError",
+                      "coords"),
+    "coord_too_small": ("ps.SparseTensor(f[:1], torch.tensor([[0, 0, 0, -65537]], dtype=i32))", "ValueError",
+                        "coords"),
+    "coord_int32_min": ("ps.SparseTensor(f[:1], torch.tensor([[0, -2**31, 0, 0]], dtype=i32))", "ValueError",
+                        "coords"),
+    "feats_rows": ("ps.SparseTensor(torch.zeros(4, 2), torch.zeros(3, 4, dtype=i32))", "ValueError", "feats"),
+    "feats_int": ("ps.SparseTensor(torch.zeros(3, 2, dtype=i32), torch.zeros(3, 4, dtype=i32))", "TypeError",
+                  "feats"),
+    "feats_1d": ("ps.SparseTensor(torch.zeros(3), torch.zeros(3, 4, dtype=i32))", "ValueError", "feats"),
+    "feats_numpy": ("ps.SparseTensor(np.zeros((3, 2)), torch.zeros(3, 4, dtype=i32))", "TypeError", "feats"),
+    "stride_zero": ("ps.SparseTensor(f[:1], torch.zeros(1, 4, dtype=i32), 0)", "ValueError", "stride"),
+    "stride_float": ("ps.SparseTensor(f[:1], torch.zeros(1, 4, dtype=i32), 1.5)", "TypeError", "stride"),
+    "stride_two": ("ps.SparseTensor(f[:1], torch.zeros(1, 4, dtype=i32), (1, 2))", "TypeError", "stride"),
+    "stride_not_multiple": ("ps.SparseTensor(f[:1], torch.tensor([[0, 2, 3, 4]], dtype=i32), 2)", "ValueError",
+                            "stride"),
+    "collate_mixed": ("ps.collate([ps.SparseTensor(f[:1], torch.zeros(1, 4, dtype=i32)), 3])", "TypeError",
+                      "item 1"),
+    "dense_negative": ("ps.SparseTensor(f[:1], torch.tensor([[0, -2, 0, 0]], dtype=i32)).dense()", "ValueError",
+                       "non-negative"),
+    "dense_shape": ("ps.SparseTensor(f[:1], torch.zeros(1, 4, dtype=i32)).dense((1, 1, -3))", "ValueError", "shape"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_results():
+    return run_in_children({k: v[0] for k, v in BAD.items()}, setup=SETUP)
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_input(bad_results, name):
+    _, exc, word = BAD[name]
+    r = bad_results[name]
+    assert r["status"] == 0, f"{name} crashed the process (status {r['status']})"
+    assert r["exc"] == exc, f"{name}: expected {exc}, got {r['exc']}: {r['msg']}"
+    assert word in r["msg"], f"{name}: the message must name {word!r}: {r['msg']}"

@@ -1,0 +1,432 @@
+"""voxelize / devoxelize against naive numpy references (dict of voxel ->
+points, 8-corner interpolation), their gradients, the torch path against the
+C++ path, empty and single-point inputs, thread counts, and bad input."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+
+import numpy as np
+import pytest
+import torch
+
+import pointsparse as ps
+from pointsparse import _ext
+from pointsparse import coords as C
+
+V = importlib.import_module("pointsparse.voxelize")  # the package attribute is the function
+from reference import CORE_ONLY, run_in_children, trilinear_ref, voxelize_ref
+
+REDUCES = ["mean", "max", "sum", "first"]
+DTYPES = [torch.float32, torch.float64]
+
+
+def cloud(n: int, seed: int = 0, dtype=torch.float32, batches: int = 1, scale: float = 2.0):
+    """Points in [-scale, scale)^3 (negative coordinates included), feats,
+    and a batch index (None for one batch)."""
+    g = torch.Generator().manual_seed(seed)
+    points = ((torch.rand(n, 3, generator=g, dtype=torch.float64) * 2 - 1) * scale).to(dtype)
+    feats = torch.randn(n, 5, generator=g, dtype=torch.float64).to(dtype)
+    batch = torch.randint(0, batches, (n,), generator=g) if batches > 1 else None
+    return points, feats, batch
+
+
+@pytest.mark.parametrize("reduce", REDUCES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("voxel_size", [0.5, (0.3, 0.7, 1.1)])
+@pytest.mark.parametrize("batches", [1, 3])
+def test_voxelize_matches_reference(reduce, dtype, voxel_size, batches):
+    points, feats, batch = cloud(400, seed=batches, dtype=dtype, batches=batches)
+    x, inverse = ps.voxelize(points, feats, voxel_size=voxel_size, batch=batch, reduce=reduce)
+    vs = (voxel_size,) * 3 if isinstance(voxel_size, float) else voxel_size
+    coords, out, inv = voxelize_ref(points.numpy(), feats.numpy(), vs,
+                                    None if batch is None else batch.numpy(), reduce)
+    assert x.stride == (1, 1, 1)
+    assert x.coords.dtype == torch.int32 and x.feats.dtype == dtype
+    assert np.array_equal(x.coords.numpy(), coords)
+    assert np.array_equal(inverse.numpy(), inv)
+    assert np.array_equal(x.feats.numpy(), out)  # same order of sums, same division: exact
+    assert bool((x.coords[:, 1:] < 0).any())  # negative coordinates are in the table
+
+
+def test_voxelize_default_feats_are_positions_and_boundaries():
+    points = torch.tensor([[-0.5, 0.0, 0.49], [-0.01, 0.0, 0.5], [0.0, -0.0, 0.999], [-1.0, 1.0, -1.0]])
+    x, inverse = ps.voxelize(points, voxel_size=0.5)
+    # floor(p / 0.5): -1, 0, 0 | -1, 0, 1 | 0, 0, 1 | -2, 2, -2
+    assert x.coords.tolist() == [[0, -2, 2, -2], [0, -1, 0, 0], [0, -1, 0, 1], [0, 0, 0, 1]]
+    assert inverse.tolist() == [1, 2, 3, 0]
+    assert torch.equal(x.feats[inverse], points)  # one point per voxel: mean is the point
+
+
+@pytest.mark.parametrize("reduce", REDUCES)
+def test_voxelize_gradcheck(reduce):
+    points, _, batch = cloud(24, seed=3, dtype=torch.float64, batches=2, scale=1.0)
+    feats = torch.randn(24, 2, dtype=torch.float64, requires_grad=True)
+    x0, _ = ps.voxelize(points, feats, voxel_size=0.8, batch=batch, reduce=reduce)
+    assert len(x0) < 24  # voxels do merge points
+
+    def fn(f):
+        return ps.voxelize(points, f, voxel_size=0.8, batch=batch, reduce=reduce)[0].feats
+
+    assert torch.autograd.gradcheck(fn, (feats,))
+
+
+def test_voxelize_grad_routes_to_the_right_points():
+    points = torch.tensor([[0.1, 0.1, 0.1], [0.2, 0.2, 0.2], [0.3, 0.3, 0.3], [5.0, 5.0, 5.0]], dtype=torch.float64)
+    feats = torch.tensor([[1.0, 9.0], [3.0, 2.0], [2.0, 9.0], [4.0, 4.0]], dtype=torch.float64, requires_grad=True)
+    expected = {
+        "sum": [[1, 1], [1, 1], [1, 1], [1, 1]],
+        "mean": [[1 / 3, 1 / 3], [1 / 3, 1 / 3], [1 / 3, 1 / 3], [1, 1]],
+        "max": [[0, 1], [1, 0], [0, 0], [1, 1]],  # ties (9, 9): the first point
+        "first": [[1, 1], [0, 0], [0, 0], [1, 1]],
+    }
+    for reduce, want in expected.items():
+        feats.grad = None
+        x, _ = ps.voxelize(points, feats, voxel_size=1.0, reduce=reduce)
+        x.feats.sum().backward()
+        assert torch.allclose(feats.grad, torch.tensor(want, dtype=torch.float64)), reduce
+
+
+# --- the torch path (used for non-CPU tensors) equals the C++ path ----------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_torch_equals_core(dtype):
+    points, _, batch = cloud(3000, seed=4, dtype=dtype, batches=4, scale=50.0)
+    points[:5] = torch.tensor([[-0.0, 0.0, 1e-30], [-1e-30, 2.5, -2.5], [0.3, 0.6, 0.9],
+                               [-0.3, -0.6, -0.9], [7.0, -7.0, 0.1]], dtype=dtype)
+    for vs in [(0.1, 0.1, 0.1), (0.3, 0.25, 1.7)]:
+        keys = V.quantize_keys(points, vs, batch)
+        assert torch.equal(keys, V._quantize_torch(points, vs, batch.long()))
+        assert torch.equal(keys, V._quantize_torch(points, vs, batch.long()).to(keys.dtype))
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_segment_reduce_torch_equals_core(mode, dtype):
+    points, feats, batch = cloud(3000, seed=5, dtype=dtype, batches=2)
+    feats[::7, 1] = feats[1::7, 1]  # some ties for max
+    uniq, inverse, perm, seg_ptr = C.unique(V.quantize_keys(points, 0.4, batch))
+    out, arg = _ext.core.segment_reduce(feats.numpy(), perm.numpy(), seg_ptr.numpy(), mode, 2)
+    t_out, t_arg = V._segment_reduce_torch(feats, inverse, perm, seg_ptr, mode)
+    assert torch.equal(torch.from_numpy(out), t_out)
+    if mode in (2, 3):
+        assert torch.equal(torch.from_numpy(arg), t_arg)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("stride", [1, 2, (1, 2, 4)])
+def test_trilinear_torch_equals_core(dtype, stride):
+    points, feats, batch = cloud(2000, seed=6, dtype=dtype, batches=2)
+    x, _ = ps.voxelize(points, feats, voxel_size=0.25, batch=batch)
+    x = coarsen(x, stride)
+    extra = torch.tensor([[1e6, 0, 0], [-1e12, 5, 5], [0.1, 0.1, 0.1]], dtype=dtype)  # far away: no corners
+    pts = torch.cat([points, extra])
+    b = torch.cat([batch, torch.tensor([0, 1, 1])])
+    idx, w = V.trilinear_weights(x, pts, 0.25, b)
+    t_idx, t_w = V._trilinear_torch(x, pts, (0.25,) * 3, b)
+    assert torch.equal(idx, t_idx)
+    assert t_w.dtype == w.dtype
+    assert torch.equal(w, t_w)
+    assert bool((idx[-3:-1] == -1).all()) and bool((w[-3:-1] == 0).all())
+
+
+@pytest.mark.parametrize("reduce", REDUCES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_torch_path_end_to_end_equals_core(reduce, dtype, monkeypatch):
+    """voxelize -> devoxelize (nearest, trilinear, stride 2) -> gradients, once
+    through the core and once through the torch path non-CPU tensors take."""
+    points, feats, batch = cloud(3000, seed=13, dtype=dtype, batches=3)
+    feats.requires_grad_()
+    vs = (0.2, 0.3, 0.25)
+    results = []
+    for use_torch in (False, True):
+        with _ext.torch_path() if use_torch else contextlib.nullcontext():
+            if use_torch:
+                monkeypatch.setattr(_ext, "core", None)  # any core call would fail
+            x, inverse = ps.voxelize(points, feats, voxel_size=vs, batch=batch, reduce=reduce)
+            near = ps.devoxelize(x, inverse)
+            tri = ps.devoxelize(x, points=points, voxel_size=vs, batch=batch, mode="trilinear")
+            tri2 = ps.devoxelize(coarsen(x, 2), points=points, voxel_size=vs, batch=batch, mode="trilinear")
+            # one gradient per term: the engine may sum several terms in another order
+            grads = [torch.autograd.grad(loss, feats, retain_graph=True)[0]
+                     for loss in (near.sum(), tri.square().sum(), tri2.sum())]
+        results.append((x.coords, x.feats, inverse, near, tri, tri2, *grads))
+    monkeypatch.undo()
+    for i, (a, b) in enumerate(zip(*results)):
+        assert a.dtype == b.dtype and torch.equal(a, b), (i, (a.double() - b.double()).abs().max())
+
+
+# --- devoxelize ---------------------------------------------------------------
+
+def coarsen(x: ps.SparseTensor, stride) -> ps.SparseTensor:
+    """The stride-s tensor of x: coords floor(c / s) * s, feats averaged."""
+    s = torch.tensor(ps.tensor.as_triple(stride, "stride"))
+    coords = x.coords.clone()
+    coords[:, 1:] = torch.div(coords[:, 1:], s, rounding_mode="floor") * s
+    keys = C.pack(coords)
+    uniq, inverse, perm, seg_ptr = C.unique(keys)
+    feats = torch.zeros(len(uniq), x.feats.shape[1], dtype=x.dtype).index_add_(0, inverse, x.feats)
+    return ps.SparseTensor(feats, C.unpack(uniq), tuple(int(v) for v in s))
+
+
+def test_devoxelize_nearest():
+    points, feats, batch = cloud(500, seed=7, batches=2)
+    x, inverse = ps.voxelize(points, feats, voxel_size=0.3, batch=batch)
+    out = ps.devoxelize(x, inverse)
+    assert torch.equal(out, x.feats[inverse])
+    x, inverse = ps.voxelize(points[:30], feats[:30, :2], voxel_size=0.8, batch=batch[:30])
+    f = x.feats.double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: ps.devoxelize(x.with_feats(t), inverse), (f,))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("stride", [1, 2, (2, 1, 4)])
+@pytest.mark.parametrize("voxel_size", [0.3, (0.2, 0.5, 0.35)])
+def test_devoxelize_trilinear_matches_reference(dtype, stride, voxel_size):
+    points, feats, batch = cloud(600, seed=8, dtype=dtype, batches=2)
+    x, _ = ps.voxelize(points, feats, voxel_size=voxel_size, batch=batch)
+    x = coarsen(x, stride)
+    # the voxelised points plus points around and outside the cloud
+    query = torch.cat([points, (torch.rand(200, 3, dtype=torch.float64) * 6 - 3).to(dtype)])
+    qb = torch.cat([batch, torch.randint(0, 3, (200,))])
+    out = ps.devoxelize(x, points=query, voxel_size=voxel_size, batch=qb, mode="trilinear")
+    vs = (voxel_size,) * 3 if isinstance(voxel_size, float) else voxel_size
+    want = trilinear_ref(query.numpy(), x.coords.numpy(), x.feats.numpy(), vs, x.stride, qb.numpy())
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert out.dtype == dtype and out.shape == (len(query), feats.shape[1])
+    np.testing.assert_allclose(out.numpy(), want, rtol=tol, atol=tol)
+    assert bool((out[len(points):][qb[len(points):] == 2] == 0).all())  # batch 2 has no voxels
+
+
+def test_devoxelize_trilinear_weights_sum_to_one_and_hit_own_voxel():
+    points, feats, _ = cloud(300, seed=9)
+    x, inverse = ps.voxelize(points, feats, voxel_size=0.4)
+    idx, w = V.trilinear_weights(x, points, 0.4)
+    assert torch.allclose(w.sum(1), torch.ones(len(points)))
+    own = (idx == inverse[:, None]) & (w > 0)
+    assert bool(own.any(1).all())  # each point's own voxel is among its active corners
+
+
+def test_devoxelize_trilinear_exact_at_voxel_centres():
+    coords = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0], [0, 4, 4, 4]], dtype=torch.int32)
+    feats = torch.tensor([[1.0], [3.0], [7.0]], dtype=torch.float64)
+    x = ps.SparseTensor(feats, coords)
+    centres = (coords[:, 1:].double() + 0.5) * 0.5
+    mid = torch.tensor([[0.5, 0.25, 0.25]], dtype=torch.float64)  # halfway between voxels 0 and 1
+    out = ps.devoxelize(x, points=torch.cat([centres, mid]), voxel_size=0.5, mode="trilinear")
+    assert out[:, 0].tolist() == [1.0, 3.0, 7.0, 2.0]
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_devoxelize_trilinear_gradcheck(stride):
+    points, feats, batch = cloud(16, seed=10, dtype=torch.float64, batches=2, scale=1.0)
+    feats = feats[:, :2]
+    x, _ = ps.voxelize(points, feats, voxel_size=0.5, batch=batch)
+    x = coarsen(x, stride)
+    f = x.feats.clone().requires_grad_()
+
+    def fn(t):
+        return ps.devoxelize(x.with_feats(t), points=points, voxel_size=0.5, batch=batch, mode="trilinear")
+
+    assert torch.autograd.gradcheck(fn, (f,))
+
+
+# --- empty and single-point inputs ---------------------------------------------
+
+@pytest.mark.parametrize("reduce", REDUCES)
+def test_voxelize_empty_and_single(reduce):
+    x, inverse = ps.voxelize(torch.zeros(0, 3), torch.zeros(0, 4), voxel_size=0.1, reduce=reduce)
+    assert len(x) == 0 and x.feats.shape == (0, 4) and x.coords.shape == (0, 4) and inverse.shape == (0,)
+    assert ps.devoxelize(x, inverse).shape == (0, 4)
+    out = ps.devoxelize(x, points=torch.rand(3, 3), voxel_size=0.1, mode="trilinear")
+    assert torch.equal(out, torch.zeros(3, 4))
+    f = torch.randn(1, 2, dtype=torch.float64, requires_grad=True)
+    x, inverse = ps.voxelize(torch.tensor([[-0.25, 0.0, 3.0]]), f, voxel_size=0.5, reduce=reduce)
+    assert x.coords.tolist() == [[0, -1, 0, 6]] and inverse.tolist() == [0]
+    assert torch.equal(x.feats, f)
+    x.feats.sum().backward()
+    assert torch.equal(f.grad, torch.ones(1, 2, dtype=torch.float64))
+    out = ps.devoxelize(x, points=torch.zeros(0, 3), voxel_size=0.5, mode="trilinear")
+    assert out.shape == (0, 2)
+
+
+def test_devoxelize_trilinear_empty_tensor_keeps_the_graph():
+    f = torch.zeros(0, 3, requires_grad=True)
+    x = ps.SparseTensor(f, torch.zeros(0, 4, dtype=torch.int32))
+    out = ps.devoxelize(x, points=torch.rand(5, 3), voxel_size=1.0, mode="trilinear")
+    assert torch.equal(out, torch.zeros(5, 3))
+    out.sum().backward()
+    assert f.grad.shape == (0, 3)
+
+
+def test_one_and_two_threads_bit_identical(monkeypatch):
+    points, feats, batch = cloud(60000, seed=12, batches=3, scale=8.0)
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for nt in (1, 2):
+            monkeypatch.setenv("POINTSPARSE_NUM_THREADS", str(nt))
+            torch.set_num_threads(nt)
+            row = []
+            for reduce in REDUCES:
+                x, inverse = ps.voxelize(points, feats, voxel_size=0.1, batch=batch, reduce=reduce)
+                row += [x.coords, x.feats, inverse]
+            row += list(V.trilinear_weights(x, points, 0.1, batch))
+            results.append(row)
+    finally:
+        torch.set_num_threads(before)
+    assert len(results[0][0]) > 16384  # the radix sort goes parallel
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_devoxelize_gradients_are_deterministic(monkeypatch):
+    """Gradients through devoxelize sum each voxel's contributions in a fixed
+    order: equal bit for bit across runs and thread counts."""
+    points, feats, batch = cloud(60000, seed=14, batches=2, scale=6.0)
+    x, inverse = ps.voxelize(points, feats, voxel_size=0.2, batch=batch)
+    grads = []
+    before = torch.get_num_threads()
+    try:
+        for nt in (2, 2, 1):
+            monkeypatch.setenv("POINTSPARSE_NUM_THREADS", str(nt))
+            torch.set_num_threads(nt)
+            f = x.feats.clone().requires_grad_()
+            y = x.with_feats(f)
+            w = torch.linspace(-1, 1, len(points))[:, None]
+            for out in (ps.devoxelize(y, inverse),
+                        ps.devoxelize(y, points=points, voxel_size=0.2, batch=batch, mode="trilinear")):
+                grads.append(torch.autograd.grad((out * w).sum(), f)[0])
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(grads[0], grads[2]) and torch.equal(grads[0], grads[4])
+    assert torch.equal(grads[1], grads[3]) and torch.equal(grads[1], grads[5])
+
+
+# --- bad input: each case in its own process (a crash fails the case) -------------
+
+# The setup runs before the forks, so it must not enter an OpenMP region (a
+# forked child of a process with a running OpenMP pool can deadlock): cases
+# that need a voxelised tensor build it themselves.
+SETUP = (
+    "import math, numpy as np, torch, pointsparse as ps\n"
+    "p = torch.rand(10, 3)\n"
+)
+VOX = "x, inv = ps.voxelize(p, voxel_size=0.5); "
+BAD = {
+    # name: (code, exception types, words the message must hold)
+    "points_nan": ("ps.voxelize(torch.tensor([[0.0, float('nan'), 0.0]]), voxel_size=1)", "ValueError", "points"),
+    "points_inf": ("ps.voxelize(torch.tensor([[0.0, 0.0, -float('inf')]]), voxel_size=1)", "ValueError", "points"),
+    "points_int": ("ps.voxelize(torch.zeros(3, 3, dtype=torch.int32), voxel_size=1)", "TypeError", "points"),
+    "points_shape": ("ps.voxelize(torch.zeros(3, 2), voxel_size=1)", "ValueError", "points"),
+    "points_1d": ("ps.voxelize(torch.zeros(3), voxel_size=1)", "ValueError", "points"),
+    "points_numpy": ("ps.voxelize(np.zeros((3, 3)), voxel_size=1)", "TypeError", "points"),
+    "points_out_of_range": ("ps.voxelize(p * 1e6, voxel_size=1)", "ValueError", "voxel_size"),
+    "voxel_size_zero": ("ps.voxelize(p, voxel_size=0)", "ValueError", "voxel_size"),
+    "voxel_size_negative": ("ps.voxelize(p, voxel_size=(0.1, -0.1, 0.1))", "ValueError", "voxel_size"),
+    "voxel_size_nan": ("ps.voxelize(p, voxel_size=float('nan'))", "ValueError", "voxel_size"),
+    "voxel_size_inf": ("ps.voxelize(p, voxel_size=math.inf)", "ValueError", "voxel_size"),
+    "voxel_size_two": ("ps.voxelize(p, voxel_size=(0.1, 0.1))", "ValueError", "voxel_size"),
+    "voxel_size_string": ("ps.voxelize(p, voxel_size='0.1')", "TypeError", "voxel_size"),
+    "voxel_size_none": ("ps.voxelize(p, voxel_size=None)", "TypeError", "voxel_size"),
+    "reduce_unknown": ("ps.voxelize(p, voxel_size=1, reduce='median')", "ValueError", "reduce"),
+    "reduce_not_str": ("ps.voxelize(p, voxel_size=1, reduce=2)", "ValueError", "reduce"),
+    "feats_rows": ("ps.voxelize(p, torch.zeros(9, 2), voxel_size=1)", "ValueError", "feats"),
+    "feats_int": ("ps.voxelize(p, torch.zeros(10, 2, dtype=torch.long), voxel_size=1)", "TypeError", "feats"),
+    "feats_1d": ("ps.voxelize(p, torch.zeros(10), voxel_size=1)", "ValueError", "feats"),
+    "batch_length": ("ps.voxelize(p, voxel_size=1, batch=torch.zeros(9, dtype=torch.long))", "ValueError", "batch"),
+    "batch_negative": ("ps.voxelize(p, voxel_size=1, batch=torch.full((10,), -1))", "ValueError", "batch"),
+    "batch_too_big": ("ps.voxelize(p, voxel_size=1, batch=torch.full((10,), 4096))", "ValueError", "batch"),
+    "batch_float": ("ps.voxelize(p, voxel_size=1, batch=torch.zeros(10))", "TypeError", "batch"),
+    "batch_2d": ("ps.voxelize(p, voxel_size=1, batch=torch.zeros(10, 1, dtype=torch.long))", "ValueError", "batch"),
+    "devox_mode": (VOX + "ps.devoxelize(x, inv, mode='cubic')", "ValueError", "mode"),
+    "devox_inverse_missing": (VOX + "ps.devoxelize(x)", "TypeError", "inverse"),
+    "devox_inverse_range": (VOX + "ps.devoxelize(x, inv + 100)", "ValueError", "inverse"),
+    "devox_inverse_negative": (VOX + "ps.devoxelize(x, inv - 100)", "ValueError", "inverse"),
+    "devox_tensor": (VOX + "ps.devoxelize(x.feats, inv)", "TypeError", "tensor"),
+    "devox_tri_no_points": (VOX + "ps.devoxelize(x, mode='trilinear', voxel_size=0.5)", "ValueError", "points"),
+    "devox_tri_points_nan": (VOX + "ps.devoxelize(x, points=torch.full((2, 3), float('nan')), voxel_size=0.5, "
+                             "mode='trilinear')", "ValueError", "points"),
+    "devox_tri_voxel_size": (VOX + "ps.devoxelize(x, points=p, voxel_size=-1.0, mode='trilinear')", "ValueError",
+                             "voxel_size"),
+    "devox_tri_batch": (VOX + "ps.devoxelize(x, points=p, voxel_size=0.5, batch=torch.zeros(3, dtype=torch.long), "
+                        "mode='trilinear')", "ValueError", "batch"),
+}
+
+RAW = {
+    "quantize_strings": ("core.quantize(np.array([['a', 'b', 'c']]), [1.0] * 3, None, 2)", "ValueError", "points"),
+    "quantize_shape": ("core.quantize(np.zeros((4, 2)), [1.0] * 3, None, 2)", "ValueError", "points"),
+    "quantize_nan": ("core.quantize(np.full((2, 3), np.nan), [1.0] * 3, None, 2)", "ValueError", "points"),
+    "quantize_voxel_size": ("core.quantize(np.zeros((2, 3)), [1.0, 0.0, 1.0], None, 2)", "ValueError", "voxel_size"),
+    "quantize_voxel_size_len": ("core.quantize(np.zeros((2, 3)), [1.0], None, 2)", "ValueError", "voxel_size"),
+    "quantize_batch_len": ("core.quantize(np.zeros((2, 3)), [1.0] * 3, np.zeros(5, np.int64), 2)", "ValueError",
+                           "batch"),
+    "quantize_batch_negative": ("core.quantize(np.zeros((2, 3)), [1.0] * 3, np.array([0, -1]), 2)", "ValueError",
+                                "batch"),
+    "quantize_batch_strings": ("core.quantize(np.zeros((1, 3)), [1.0] * 3, np.array(['a']), 2)", "ValueError",
+                               "batch"),
+    "quantize_batch_object": ("core.quantize(np.zeros((1, 3)), [1.0] * 3, {}, 2)", "ValueError", "batch"),
+    "reduce_perm_range": ("core.segment_reduce(np.zeros((3, 2)), np.array([0, 7, 1]), np.array([0, 3]), 0, 2)",
+                          "ValueError", "perm"),
+    "reduce_perm_negative": ("core.segment_reduce(np.zeros((3, 2)), np.array([0, -1, 1]), np.array([0, 3]), 2, 2)",
+                             "ValueError", "perm"),
+    "reduce_perm_length": ("core.segment_reduce(np.zeros((3, 2)), np.array([0, 1]), np.array([0, 3]), 0, 2)",
+                           "ValueError", "perm"),
+    "reduce_seg_not_increasing": ("core.segment_reduce(np.zeros((3, 2)), np.arange(3), np.array([0, 2, 1, 3]), 1, 2)",
+                                  "ValueError", "seg_ptr"),
+    "reduce_seg_repeated": ("core.segment_reduce(np.zeros((3, 2)), np.arange(3), np.array([0, 2, 2, 3]), 3, 2)",
+                            "ValueError", "seg_ptr"),
+    "reduce_seg_end": ("core.segment_reduce(np.zeros((3, 2)), np.arange(3), np.array([0, 2, 9]), 0, 2)",
+                       "ValueError", "seg_ptr"),
+    "reduce_seg_start": ("core.segment_reduce(np.zeros((3, 2)), np.arange(3), np.array([-4, 3]), 0, 2)",
+                         "ValueError", "seg_ptr"),
+    "reduce_seg_empty": ("core.segment_reduce(np.zeros((3, 2)), np.arange(3), np.array([], np.int64), 0, 2)",
+                         "ValueError", "seg_ptr"),
+    "reduce_mode": ("core.segment_reduce(np.zeros((3, 2)), np.arange(3), np.array([0, 3]), 4, 2)",
+                    "ValueError", "mode"),
+    "reduce_feats_int": ("core.segment_reduce(np.zeros((3, 2), np.int32), np.arange(3), np.array([0, 3]), 0, 2)",
+                         "ValueError", "feats"),
+    "reduce_feats_1d": ("core.segment_reduce(np.zeros(3), np.arange(3), np.array([0, 3]), 0, 2)",
+                        "ValueError", "feats"),
+    "trilinear_rows": ("core.trilinear_neighbors(np.zeros((1, 3)), None, [1.0] * 3, [1, 1, 1], np.array([5]), "
+                       "np.array([3]), 1, 2)", "ValueError", "sorted_rows"),
+    "trilinear_rows_length": ("core.trilinear_neighbors(np.zeros((1, 3)), None, [1.0] * 3, [1, 1, 1], "
+                              "np.array([5, 6]), np.array([0]), 2, 2)", "ValueError", "sorted_rows"),
+    "trilinear_stride": ("core.trilinear_neighbors(np.zeros((1, 3)), None, [1.0] * 3, [1, 0, 1], np.array([5]), "
+                         "np.array([0]), 1, 2)", "ValueError", "stride"),
+    "trilinear_strings": ("core.trilinear_neighbors(np.array([['a', 'b', 'c']]), None, [1.0] * 3, [1, 1, 1], "
+                          "np.array([5]), np.array([0]), 1, 2)", "ValueError", "points"),
+    "trilinear_batch": ("core.trilinear_neighbors(np.zeros((2, 3)), np.array([0, 5000]), [1.0] * 3, [1, 1, 1], "
+                        "np.array([5]), np.array([0]), 1, 2)", "ValueError", "batch"),
+    "trilinear_keys_2d": ("core.trilinear_neighbors(np.zeros((1, 3)), None, [1.0] * 3, [1, 1, 1], "
+                          "np.zeros((1, 1), np.int64), np.array([0]), 1, 2)", "ValueError", "sorted_keys"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_results():
+    return run_in_children({k: v[0] for k, v in BAD.items()}, setup=SETUP)
+
+
+@pytest.fixture(scope="module")
+def raw_results():
+    return run_in_children({k: v[0] for k, v in RAW.items()}, setup=CORE_ONLY + "import numpy as np\n")
+
+
+def check_child(result, exc, word, name):
+    assert result["status"] == 0, f"{name} crashed the process (status {result['status']})"
+    assert result["exc"] == exc, f"{name}: expected {exc}, got {result['exc']}: {result['msg']}"
+    assert word in result["msg"], f"{name}: the message must name {word!r}: {result['msg']}"
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_input(bad_results, name):
+    code, exc, word = BAD[name]
+    check_child(bad_results[name], exc, word, name)
+
+
+@pytest.mark.parametrize("name", sorted(RAW))
+def test_raw_core_bad_arrays(raw_results, name):
+    code, exc, word = RAW[name]
+    check_child(raw_results[name], exc, word, name)
