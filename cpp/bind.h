@@ -6,6 +6,7 @@
 namespace ps {
 void bind_coords(pybind11::module_& m);
 void bind_voxelize(pybind11::module_& m);
+void bind_kmap(pybind11::module_& m);
 void bind_conv(pybind11::module_& m);
 void bind_spmm(pybind11::module_& m);
 }  // namespace ps

@@ -127,3 +127,27 @@ def eie_spmm(
 ) -> np.ndarray:
     """EIE (M, K) over P processing elements (4-bit relative row indices, column
     pointers per PE) @ dense (K, N) -> (M, N)."""
+def kmap_hash(
+    in_coords: npt.NDArray[np.int32],
+    out_coords: npt.NDArray[np.int32] | None,
+    offsets: npt.NDArray[np.int32],
+    num_threads: int,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Kernel map by an open-addressing table over the exact keys of in_coords
+    (N, 4): (in_idx (P,), out_idx (P,), sizes (K,)) for offsets (K, 3), pairs
+    grouped by offset, sorted by out_idx within one. out_coords None: the
+    submanifold map (outputs are the inputs; mirrored offsets derived).
+    ValueError for duplicate input rows or rows out of range."""
+
+def kmap_mergesort(
+    in_coords: npt.NDArray[np.int32],
+    out_coords: npt.NDArray[np.int32] | None,
+    offsets: npt.NDArray[np.int32],
+    num_threads: int,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Kernel map by merging radix-sorted keys (one merge per (dx, dy) column
+    of offsets): the same result as kmap_hash."""
+
+def kmap_downsample(coords: npt.NDArray[np.int32], stride: Sequence[int], num_threads: int) -> npt.NDArray[np.int32]:
+    """(M, 4) unique floor(c / stride) * stride rows per batch, sorted by key;
+    ValueError when a row's output leaves the range."""

@@ -8,6 +8,15 @@ once per structural key.
 Offsets (API.md): along one axis ``(i - (k - 1) // 2) * d * s`` for
 ``i in range(k)``, enumerated with ``i_z`` fastest. Pairs of one offset are
 sorted by output row; every method returns identical tensors.
+
+Methods:
+    ``"mergesort"`` (CPU, C++): sort the keys once; the output keys shifted by
+        an offset stay sorted, so one linear merge with the sorted input keys
+        finds every pair (one merge per (dx, dy) column of offsets).
+    ``"hash"`` (CPU, C++): an open-addressing table over the exact keys.
+    ``"torch"`` (any device): sort + searchsorted in torch ops.
+Submanifold maps compute half the offsets and mirror the rest (the pairs of
+``-o`` are the swapped pairs of ``o``).
 """
 
 from __future__ import annotations
@@ -17,10 +26,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import _ext
 from . import coords as _coords
 from .tensor import SparseTensor, Triple, as_triple
 
-METHODS = ("torch",)
+METHODS = ("mergesort", "hash", "torch")
+CPU_METHODS = ("mergesort", "hash")
+# Largest |offset| a kernel may reach: far past the coordinate range, well inside int32.
+_MAX_OFFSET = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -86,13 +99,26 @@ class KernelMap:
         new outputs (the old inputs)."""
         if out_coords.shape[0] != self.num_in:
             raise ValueError(f"out_coords has {out_coords.shape[0]} rows; the map's inputs have {self.num_in}")
-        offset_of_pair = torch.repeat_interleave(
-            torch.arange(self.kernel_volume, device=self.in_idx.device), self.sizes.to(self.in_idx.device))
-        order = torch.argsort(offset_of_pair * max(self.num_in, 1) + self.in_idx, stable=True)
+        in_idx, out_idx = self.out_idx, self.in_idx
+        if not self._in_idx_ascending():
+            offset_of_pair = torch.repeat_interleave(
+                torch.arange(self.kernel_volume, device=self.in_idx.device), self.sizes.to(self.in_idx.device))
+            order = torch.argsort(offset_of_pair * max(self.num_in, 1) + self.in_idx, stable=True)
+            in_idx, out_idx = in_idx[order], out_idx[order]
         key = KernelMapKey(self.key.tensor_stride, self.key.kernel_size, self.key.stride, self.key.dilation,
                            not self.key.transposed)
-        return KernelMap(out_coords, self.out_idx[order], self.in_idx[order], self.sizes, self.offsets,
-                         self.num_out, self.num_in, key)
+        return KernelMap(out_coords, in_idx, out_idx, self.sizes, self.offsets, self.num_out, self.num_in, key)
+
+    def _in_idx_ascending(self) -> bool:
+        """Whether ``in_idx`` ascends within every offset (then the transpose
+        needs no sort: true for maps between key-sorted coords)."""
+        if self.num_pairs < 2:
+            return True
+        up = self.in_idx[1:] > self.in_idx[:-1]
+        bounds = torch.tensor([p - 1 for p in self.ptr[1:-1] if 0 < p < self.num_pairs], dtype=torch.int64)
+        if bounds.numel():
+            up[bounds.to(up.device)] = True
+        return bool(up.all())
 
     def to(self, device) -> "KernelMap":
         return KernelMap(self.out_coords.to(device), self.in_idx.to(device), self.out_idx.to(device), self.sizes,
@@ -108,56 +134,92 @@ def kernel_offsets(kernel_size, dilation=1, tensor_stride=1) -> torch.Tensor:
     k = as_triple(kernel_size, "kernel_size")
     d = as_triple(dilation, "dilation")
     s = as_triple(tensor_stride, "tensor_stride")
+    reach = max(k[a] * d[a] * s[a] for a in range(3))
+    if reach > _MAX_OFFSET:
+        raise ValueError(f"kernel_size * dilation * tensor_stride reaches {reach} on one axis; it must stay below "
+                         f"{_MAX_OFFSET} (coordinates span only [{_coords.COORD_MIN}, {_coords.COORD_MAX}])")
     axes = [[(i - (k[a] - 1) // 2) * d[a] * s[a] for i in range(k[a])] for a in range(3)]
     return torch.tensor(list(itertools.product(*axes)), dtype=torch.int32).reshape(-1, 3)
 
 
 def downsample_coords(coords: torch.Tensor, out_stride: Triple) -> torch.Tensor:
-    """Unique ``floor(c / out_stride) * out_stride`` per batch, sorted by key."""
+    """Unique ``floor(c / out_stride) * out_stride`` per batch, sorted by key
+    (quantise, radix sort, unique: "ranking")."""
+    if coords.device.type == "cpu":
+        return _ext.to_tensor(_ext.call(_ext.core.kmap_downsample, _ext.to_numpy(coords), list(out_stride)))
     st = torch.tensor(out_stride, dtype=torch.int32, device=coords.device)
     q = torch.cat([coords[:, :1], torch.div(coords[:, 1:], st, rounding_mode="floor") * st], 1)
     keys = _coords.pack(q)
     return _coords.unpack(_coords.unique(keys)[0])
 
 
+def default_method(device) -> str:
+    """The measured fastest method for tensors on ``device``: ``"mergesort"``
+    on the CPU (bench/results/kmap.md), ``"torch"`` elsewhere."""
+    return "mergesort" if torch.device(device).type == "cpu" else "torch"
+
+
 def _check_method(method: str | None, device) -> str:
     if method is None:
         return default_method(device)
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"method must be one of {METHODS} (or None for the default); got {method!r}")
+    if method in CPU_METHODS and torch.device(device).type != "cpu":
+        raise ValueError(f"method {method!r} runs on CPU tensors; coords are on {device} (use 'torch' or None)")
     return method
 
 
-def default_method(device) -> str:
-    """The measured fastest method for tensors on ``device``."""
-    return "torch"
-
-
-def _query_torch(in_keys_sorted, in_perm, out_coords, offsets):
-    """Pairs of every offset by sort + searchsorted (any device)."""
+def _query_torch(in_keys_sorted, in_perm, out_coords, offsets, mirror):
+    """Pairs of every offset by sort + searchsorted (any device). Offsets with
+    ``mirror[o] >= 0`` take the swapped pairs of offset ``mirror[o]``."""
     dev = out_coords.device
     out_c = out_coords.long()
     out_keys = _coords.pack_torch(out_coords) if out_coords.shape[0] else out_c[:, 0]
     rows = torch.arange(out_coords.shape[0], device=dev)
-    ins, outs, sizes = [], [], []
     n = in_keys_sorted.numel()
-    for o in offsets.tolist():
-        shifted = out_c[:, 1:] + torch.tensor(o, device=dev)
+    found: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for o, off in enumerate(offsets.tolist()):
+        if mirror[o] >= 0:
+            continue
+        shifted = out_c[:, 1:] + torch.tensor(off, device=dev)
         ok = ((shifted >= _coords.COORD_MIN) & (shifted <= _coords.COORD_MAX)).all(1)
-        q = out_keys + _coords.key_delta(*o)
+        q = out_keys + _coords.key_delta(*off)
         if n:
             pos = torch.searchsorted(in_keys_sorted, q).clamp_max(n - 1)
             hit = ok & (in_keys_sorted[pos] == q)
+            found[o] = (in_perm[pos[hit]], rows[hit])
         else:
-            pos = torch.zeros_like(q)
-            hit = torch.zeros_like(ok)
-        ins.append(in_perm[pos[hit]] if n else pos[hit])
-        outs.append(rows[hit])
-        sizes.append(int(hit.sum()))
-    if not ins:
-        empty = torch.zeros(0, dtype=torch.int64, device=dev)
-        return empty, empty.clone(), torch.zeros(0, dtype=torch.int64)
-    return torch.cat(ins), torch.cat(outs), torch.tensor(sizes, dtype=torch.int64)
+            found[o] = (rows[:0], rows[:0])
+    ins, outs = [], []
+    for o in range(offsets.shape[0]):
+        if mirror[o] < 0:
+            in_o, out_o = found[o]
+        else:
+            src_in, src_out = found[mirror[o]]
+            in_o, out_o = src_out, src_in
+            if in_o.numel() > 1 and not bool((out_o[1:] > out_o[:-1]).all()):
+                out_o, order = torch.sort(out_o)
+                in_o = in_o[order]
+        ins.append(in_o)
+        outs.append(out_o)
+    sizes = torch.tensor([t.numel() for t in ins], dtype=torch.int64)
+    return torch.cat(ins), torch.cat(outs), sizes
+
+
+def _mirror_sources(offsets: torch.Tensor, submanifold: bool) -> list[int]:
+    """``mirror[o]``: the index of ``-o`` when offset ``o``'s pairs are the
+    swapped pairs of ``-o`` (submanifold maps, ``o`` lexicographically
+    negative, ``-o`` in the kernel), else -1. Same rule as the C++ core."""
+    offs = [tuple(o) for o in offsets.tolist()]
+    mirror = [-1] * len(offs)
+    if not submanifold:
+        return mirror
+    index = {o: i for i, o in enumerate(offs)}
+    for i, o in enumerate(offs):
+        neg = (-o[0], -o[1], -o[2])
+        if o < (0, 0, 0) and neg in index:
+            mirror[i] = index[neg]
+    return mirror
 
 
 def _sorted_unique_keys(coords: torch.Tensor):
@@ -168,6 +230,20 @@ def _sorted_unique_keys(coords: torch.Tensor):
     return sorted_keys, perm
 
 
+def _build_torch(coords, out_coords, offsets, submanifold):
+    in_sorted, in_perm = _sorted_unique_keys(coords)
+    return _query_torch(in_sorted, in_perm, out_coords, offsets, _mirror_sources(offsets, submanifold))
+
+
+def _build_core(fn, coords, out_coords, offsets, submanifold):
+    out = None if submanifold else _ext.to_numpy(out_coords)
+    try:
+        in_idx, out_idx, sizes = _ext.call(fn, _ext.to_numpy(coords), out, _ext.to_numpy(offsets))
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("in_coords", "coords")) from None
+    return _ext.to_tensor(in_idx), _ext.to_tensor(out_idx), _ext.to_tensor(sizes)
+
+
 def build(coords: torch.Tensor, kernel_size=3, stride=1, dilation=1, tensor_stride=1, method: str | None = None,
           out_coords: torch.Tensor | None = None) -> KernelMap:
     """The kernel map of a convolution over ``coords``.
@@ -175,8 +251,9 @@ def build(coords: torch.Tensor, kernel_size=3, stride=1, dilation=1, tensor_stri
     Args:
         coords: int32 ``(N, 4)`` unique ``[batch, x, y, z]`` rows.
         kernel_size, stride, dilation, tensor_stride: int or 3-tuple each.
-        method: ``"torch"`` (sort + searchsorted on any device) or ``None``
-            for the measured default.
+        method: ``"mergesort"``, ``"hash"`` (CPU tensors), ``"torch"`` (any
+            device) or ``None`` for :func:`default_method`. All return
+            identical tensors.
         out_coords: output coords to use instead of computing them (the
             coords a cache already holds for the output stride).
 
@@ -189,12 +266,20 @@ def build(coords: torch.Tensor, kernel_size=3, stride=1, dilation=1, tensor_stri
     d = as_triple(dilation, "dilation")
     s = as_triple(tensor_stride, "tensor_stride")
     method = _check_method(method, coords.device)
+    if out_coords is not None:
+        _coords.check_coords(out_coords, "out_coords")
+        if out_coords.device != coords.device:
+            raise ValueError(f"out_coords are on {out_coords.device} but coords on {coords.device}")
     key = KernelMapKey(s, k, t, d, False)
     offsets = kernel_offsets(k, d, s)
-    in_sorted, in_perm = _sorted_unique_keys(coords)
+    submanifold = out_coords is None and t == (1, 1, 1)
     if out_coords is None:
-        out_coords = coords if t == (1, 1, 1) else downsample_coords(coords, tuple(a * b for a, b in zip(s, t)))
-    in_idx, out_idx, sizes = _query_torch(in_sorted, in_perm, out_coords, offsets)
+        out_coords = coords if submanifold else downsample_coords(coords, tuple(a * b for a, b in zip(s, t)))
+    if method == "torch":
+        in_idx, out_idx, sizes = _build_torch(coords, out_coords, offsets, submanifold)
+    else:
+        fn = _ext.core.kmap_mergesort if method == "mergesort" else _ext.core.kmap_hash
+        in_idx, out_idx, sizes = _build_core(fn, coords, out_coords, offsets, submanifold)
     return KernelMap(out_coords, in_idx, out_idx, sizes, offsets, coords.shape[0], out_coords.shape[0], key)
 
 

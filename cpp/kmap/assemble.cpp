@@ -1,0 +1,197 @@
+// Shared by both finders: the mirror plan, range helpers, the downsampling
+// ("ranking") of output coords, and the assembly of the flat pair arrays.
+#include <omp.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "common.h"
+#include "coords/sort.h"
+#include "kmap/kmap.h"
+
+namespace ps {
+namespace kmap {
+
+std::vector<int64_t> mirror_sources(const int32_t* offsets, int64_t k, bool submanifold) {
+  std::vector<int64_t> mirror(k, -1);
+  if (!submanifold) return mirror;
+  for (int64_t o = 0; o < k; ++o) {
+    const int32_t* a = offsets + 3 * o;
+    // o is derived from -o when -o is in the kernel and -o > o lexicographically.
+    const bool negative = a[0] < 0 || (a[0] == 0 && (a[1] < 0 || (a[1] == 0 && a[2] < 0)));
+    if (!negative) continue;
+    for (int64_t p = 0; p < k; ++p) {
+      const int32_t* b = offsets + 3 * p;
+      if (b[0] == -a[0] && b[1] == -a[1] && b[2] == -a[2]) {
+        mirror[o] = p;
+        break;
+      }
+    }
+  }
+  return mirror;
+}
+
+void coords_bbox(const int32_t* c, int64_t n, int64_t* lo, int64_t* hi, int nt) {
+  int64_t lx = std::numeric_limits<int64_t>::max(), ly = lx, lz = lx;
+  int64_t hx = std::numeric_limits<int64_t>::min(), hy = hx, hz = hx;
+#pragma omp parallel for num_threads(nt) schedule(static) \
+    reduction(min : lx, ly, lz) reduction(max : hx, hy, hz)
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t* r = c + 4 * i;
+    lx = std::min<int64_t>(lx, r[1]);
+    ly = std::min<int64_t>(ly, r[2]);
+    lz = std::min<int64_t>(lz, r[3]);
+    hx = std::max<int64_t>(hx, r[1]);
+    hy = std::max<int64_t>(hy, r[2]);
+    hz = std::max<int64_t>(hz, r[3]);
+  }
+  lo[0] = lx, lo[1] = ly, lo[2] = lz;
+  hi[0] = hx, hi[1] = hy, hi[2] = hz;
+}
+
+bool shift_safe(const int64_t* lo, const int64_t* hi, int64_t dx, int64_t dy, int64_t dz) {
+  const int64_t d[3] = {dx, dy, dz};
+  for (int a = 0; a < 3; ++a)
+    if (!coord_in_range(lo[a] + d[a]) || !coord_in_range(hi[a] + d[a])) return false;
+  return true;
+}
+
+bool row_shift_ok(const int32_t* r, int64_t dx, int64_t dy, int64_t dz) {
+  return coord_in_range(int64_t(r[1]) + dx) && coord_in_range(int64_t(r[2]) + dy) &&
+         coord_in_range(int64_t(r[3]) + dz);
+}
+
+std::vector<int64_t> pair_counts(const Found& found, int64_t k) {
+  std::vector<int64_t> counts(k, 0);
+  for (int64_t o = 0; o < k; ++o) {
+    const int64_t src = found.mirror_of[o] < 0 ? o : found.mirror_of[o];
+    for (int64_t c = 0; c < found.num_chunks; ++c)
+      counts[o] += int64_t(found.buffers[src * found.num_chunks + c].in.size());
+  }
+  return counts;
+}
+
+namespace {
+
+// One unit of assembly: copy chunk `chunk` of offset `o` to `dest`, or
+// (chunk < 0) sort all pairs of offset o by out row through a scatter.
+struct Task {
+  int64_t o, chunk, dest;
+};
+
+}  // namespace
+
+void assemble(const Found& found, int64_t k, int64_t num_out, const std::vector<int64_t>& ptr,
+              int64_t* in_idx, int64_t* out_idx, int nt) {
+  const int64_t nc = found.num_chunks;
+  // An offset is in canonical order when its out rows ascend over its chunks:
+  // computed offsets when the finder says so, mirrored ones when their
+  // source's in rows ascend.
+  std::vector<char> ordered(k, 1);
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+  for (int64_t o = 0; o < k; ++o) {
+    const int64_t src = found.mirror_of[o];
+    if (src < 0) {
+      ordered[o] = found.sorted_by_out;
+      continue;
+    }
+    int64_t last = -1;
+    bool ok = true;
+    for (int64_t c = 0; c < nc && ok; ++c) {
+      const auto& v = found.buffers[src * nc + c].in;
+      for (int32_t x : v) {
+        if (x <= last) {
+          ok = false;
+          break;
+        }
+        last = x;
+      }
+    }
+    ordered[o] = ok;
+  }
+  std::vector<Task> tasks;
+  for (int64_t o = 0; o < k; ++o) {
+    if (!ordered[o]) {
+      tasks.push_back({o, -1, ptr[o]});
+      continue;
+    }
+    const int64_t src = found.mirror_of[o] < 0 ? o : found.mirror_of[o];
+    int64_t dest = ptr[o];
+    for (int64_t c = 0; c < nc; ++c) {
+      const int64_t size = int64_t(found.buffers[src * nc + c].in.size());
+      if (size) tasks.push_back({o, c, dest});
+      dest += size;
+    }
+  }
+  const int64_t num_tasks = int64_t(tasks.size());
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<int64_t> slot;  // scatter space of a canonicalising task
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < num_tasks; ++t) {
+      const Task task = tasks[t];
+      const bool swap = found.mirror_of[task.o] >= 0;
+      const int64_t src = swap ? found.mirror_of[task.o] : task.o;
+      if (task.chunk >= 0) {
+        const PairBuffer& b = found.buffers[src * nc + task.chunk];
+        const int32_t* ins = swap ? b.out.data() : b.in.data();
+        const int32_t* outs = swap ? b.in.data() : b.out.data();
+        const int64_t size = int64_t(b.in.size());
+        for (int64_t i = 0; i < size; ++i) {
+          in_idx[task.dest + i] = ins[i];
+          out_idx[task.dest + i] = outs[i];
+        }
+        continue;
+      }
+      // Each out row has at most one pair per offset: scatter, then compact.
+      if (slot.empty()) slot.assign(num_out, -1);
+      for (int64_t c = 0; c < nc; ++c) {
+        const PairBuffer& b = found.buffers[src * nc + c];
+        const int32_t* ins = swap ? b.out.data() : b.in.data();
+        const int32_t* outs = swap ? b.in.data() : b.out.data();
+        for (size_t i = 0; i < b.in.size(); ++i) slot[outs[i]] = ins[i];
+      }
+      int64_t pos = task.dest;
+      for (int64_t r = 0; r < num_out; ++r) {
+        if (slot[r] < 0) continue;
+        in_idx[pos] = slot[r];
+        out_idx[pos] = r;
+        ++pos;
+        slot[r] = -1;
+      }
+    }
+  }
+}
+
+int64_t downsample_keys(const int32_t* c, int64_t n, const int64_t* stride,
+                        std::vector<int64_t>& out_keys, int nt) {
+  std::vector<int64_t> keys(n);
+  int64_t bad = std::numeric_limits<int64_t>::max();
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(min : bad)
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t* r = c + 4 * i;
+    int64_t q[3];
+    bool ok = batch_in_range(r[0]);
+    for (int a = 0; a < 3; ++a) {
+      q[a] = floor_div(r[a + 1], stride[a]) * stride[a];
+      ok = ok && coord_in_range(q[a]);
+    }
+    if (!ok) {
+      bad = std::min(bad, i);
+      keys[i] = 0;
+    } else {
+      keys[i] = pack_key(r[0], q[0], q[1], q[2]);
+    }
+  }
+  if (bad != std::numeric_limits<int64_t>::max()) return bad;
+  std::vector<int64_t> sorted(n), perm(n);
+  radix_sort_keys(keys.data(), n, sorted.data(), perm.data(), nt);
+  out_keys.clear();
+  out_keys.reserve(n);
+  for (int64_t i = 0; i < n; ++i)
+    if (i == 0 || sorted[i] != sorted[i - 1]) out_keys.push_back(sorted[i]);
+  return -1;
+}
+
+}  // namespace kmap
+}  // namespace ps

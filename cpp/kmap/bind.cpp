@@ -1,0 +1,173 @@
+// Kernel maps: bindings. Checks every shape and range before any parallel
+// region, releases the GIL around the work, keeps no state.
+#include <omp.h>
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
+#include <algorithm>
+#include <cstdlib>
+#include <limits>
+#include <new>
+#include <string>
+
+#include "array.h"
+#include "bind.h"
+#include "kmap/kmap.h"
+
+namespace ps {
+namespace {
+
+constexpr int64_t kMaxRows = std::numeric_limits<int32_t>::max();
+constexpr size_t kHugePage = size_t(2) << 20;
+
+// A 1-D output array; large ones on 2 MiB-aligned memory advised for huge
+// pages (the pair arrays are written once, page faults dominate otherwise).
+template <typename T>
+py::array_t<T> output_array(int64_t n) {
+  const size_t bytes = std::max<size_t>(1, size_t(n) * sizeof(T));
+  void* p = nullptr;
+  if (bytes >= kHugePage) {
+    const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+    p = std::aligned_alloc(kHugePage, rounded);
+#ifdef __linux__
+    if (p) madvise(p, rounded, MADV_HUGEPAGE);
+#endif
+  } else {
+    p = std::malloc(bytes);
+  }
+  if (!p) throw std::bad_alloc();
+  py::capsule owner(p, [](void* q) { std::free(q); });
+  return py::array_t<T>({py::ssize_t(n)}, {py::ssize_t(sizeof(T))}, static_cast<T*>(p), owner);
+}
+
+void check_coords_array(const carray<int32_t>& c, const char* name, int nt) {
+  check_2d(c, 4, name);
+  const int64_t n = c.shape(0);
+  if (n > kMaxRows)
+    value_error(std::string(name) + " has " + std::to_string(n) + " rows; kernel maps take at most " +
+                std::to_string(kMaxRows));
+  const int32_t* p = c.data();
+  int64_t bad = std::numeric_limits<int64_t>::max();
+  {
+    py::gil_scoped_release release;
+#pragma omp parallel for num_threads(nt) reduction(min : bad) schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      const int32_t* r = p + 4 * i;
+      if (!batch_in_range(r[0]) || !coord_in_range(r[1]) || !coord_in_range(r[2]) || !coord_in_range(r[3]))
+        bad = std::min(bad, i);
+    }
+  }
+  if (bad != std::numeric_limits<int64_t>::max()) {
+    const int32_t* r = p + 4 * bad;
+    value_error(std::string(name) + " row " + std::to_string(bad) + " = [" + std::to_string(r[0]) + ", " +
+                std::to_string(r[1]) + ", " + std::to_string(r[2]) + ", " + std::to_string(r[3]) +
+                "] is outside the representable range: batch in [0, " + std::to_string(kBatchMax) +
+                "], x, y, z in [" + std::to_string(kCoordMin) + ", " + std::to_string(kCoordMax) + "]");
+  }
+}
+
+// (in_idx (P,) int64, out_idx (P,) int64, sizes (K,) int64). out_coords None:
+// submanifold (outputs are the inputs, mirrored offsets derived).
+template <typename Finder>
+py::tuple build_map(Finder finder, carray<int32_t> in_coords, py::object out_obj,
+                    carray<int32_t> offsets, int num_threads) {
+  const int nt = threads(num_threads);
+  check_coords_array(in_coords, "in_coords", nt);
+  carray<int32_t> out_coords;
+  const int32_t* out_ptr = nullptr;
+  int64_t m = in_coords.shape(0);
+  if (!out_obj.is_none()) {
+    out_coords = out_obj.cast<carray<int32_t>>();
+    check_coords_array(out_coords, "out_coords", nt);
+    out_ptr = out_coords.data();
+    m = out_coords.shape(0);
+  }
+  check_2d(offsets, 3, "offsets");
+  const int64_t k = offsets.shape(0);
+  if (k < 1) value_error("offsets must hold at least one offset; got shape " + shape_str(offsets));
+  const int64_t n = in_coords.shape(0);
+  const int32_t* in_ptr = in_coords.data();
+  const int32_t* off_ptr = offsets.data();
+
+  kmap::Found found;
+  std::vector<int64_t> counts, ptr(k + 1, 0);
+  {
+    py::gil_scoped_release release;
+    found = finder(in_ptr, n, out_ptr, m, off_ptr, k, nt);
+    if (found.duplicate_row < 0) counts = kmap::pair_counts(found, k);
+  }
+  if (found.duplicate_row >= 0)
+    value_error("in_coords hold duplicate rows; each [batch, x, y, z] must appear once");
+  for (int64_t o = 0; o < k; ++o) ptr[o + 1] = ptr[o] + counts[o];
+  auto in_idx = output_array<int64_t>(ptr[k]);
+  auto out_idx = output_array<int64_t>(ptr[k]);
+  auto sizes = empty_array<int64_t>({k});
+  std::copy(counts.begin(), counts.end(), sizes.mutable_data());
+  int64_t* in_out = in_idx.mutable_data();
+  int64_t* out_out = out_idx.mutable_data();
+  {
+    py::gil_scoped_release release;
+    kmap::assemble(found, k, m, ptr, in_out, out_out, nt);
+  }
+  return py::make_tuple(in_idx, out_idx, sizes);
+}
+
+py::tuple kmap_hash(carray<int32_t> in_coords, py::object out_coords, carray<int32_t> offsets,
+                    int num_threads) {
+  return build_map(kmap::find_hash, in_coords, out_coords, offsets, num_threads);
+}
+
+py::tuple kmap_mergesort(carray<int32_t> in_coords, py::object out_coords, carray<int32_t> offsets,
+                         int num_threads) {
+  return build_map(kmap::find_mergesort, in_coords, out_coords, offsets, num_threads);
+}
+
+py::array_t<int32_t> kmap_downsample(carray<int32_t> coords, std::vector<int64_t> stride, int num_threads) {
+  const int nt = threads(num_threads);
+  check_coords_array(coords, "coords", nt);
+  if (stride.size() != 3) value_error("stride must have 3 entries; got " + std::to_string(stride.size()));
+  for (int64_t s : stride)
+    if (s < 1 || s > kCoordMax) value_error("stride must be in [1, " + std::to_string(kCoordMax) + "] per axis");
+  const int64_t n = coords.shape(0);
+  const int32_t* c = coords.data();
+  std::vector<int64_t> keys;
+  int64_t bad;
+  {
+    py::gil_scoped_release release;
+    bad = kmap::downsample_keys(c, n, stride.data(), keys, nt);
+  }
+  if (bad >= 0) {
+    const int32_t* r = c + 4 * bad;
+    value_error("coords row " + std::to_string(bad) + " = [" + std::to_string(r[0]) + ", " +
+                std::to_string(r[1]) + ", " + std::to_string(r[2]) + ", " + std::to_string(r[3]) +
+                "] downsampled to stride (" + std::to_string(stride[0]) + ", " + std::to_string(stride[1]) +
+                ", " + std::to_string(stride[2]) + ") leaves the representable range [" +
+                std::to_string(kCoordMin) + ", " + std::to_string(kCoordMax) + "]");
+  }
+  const int64_t m = int64_t(keys.size());
+  auto out = empty_array<int32_t>({m, 4});
+  int32_t* o = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t i = 0; i < m; ++i) unpack_key(keys[i], o + 4 * i);
+  }
+  return out;
+}
+
+}  // namespace
+
+void bind_kmap(py::module_& m) {
+  m.def("kmap_hash", &kmap_hash, py::arg("in_coords"), py::arg("out_coords"), py::arg("offsets"),
+        py::arg("num_threads"),
+        "Kernel map by an open-addressing hash table: (in_idx, out_idx, sizes), grouped by offset, "
+        "sorted by out_idx within an offset. out_coords None: submanifold.");
+  m.def("kmap_mergesort", &kmap_mergesort, py::arg("in_coords"), py::arg("out_coords"), py::arg("offsets"),
+        py::arg("num_threads"),
+        "Kernel map by merging sorted keys: same result as kmap_hash.");
+  m.def("kmap_downsample", &kmap_downsample, py::arg("coords"), py::arg("stride"), py::arg("num_threads"),
+        "Unique floor(c / stride) * stride rows per batch, sorted by (batch, x, y, z).");
+}
+
+}  // namespace ps

@@ -1,0 +1,73 @@
+// Kernel maps: for every kernel offset o, the pairs (in_row, out_row) with
+// in_coords[in_row] == out_coords[out_row] + o (same batch).
+//
+// Two finders fill per-(offset, chunk) pair buffers, then assemble() writes
+// the flat result: offsets in input order, within an offset sorted by
+// out_row ascending (the canonical order every method returns).
+//   find_hash:      open-addressing table over exact 64-bit keys.
+//   find_mergesort: sorted keys; for each (dx, dy) column of offsets one
+//                   linear merge of the shifted output keys with the input keys.
+// Submanifold maps (outputs == inputs, same rows) compute only the offsets o
+// with o >= -o lexicographically (or whose mirror is not in the kernel) and
+// derive -o by swapping the pairs of o.
+//
+// Shapes: coords (N, 4) / (M, 4) int32 [batch, x, y, z] in the range of
+// common.h; offsets (K, 3) int32. Row counts below 2^31. Every function
+// here runs without the GIL and throws nothing: errors come back as status.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace ps {
+namespace kmap {
+
+// Pairs of one offset within one chunk of output rows (original row numbers).
+struct PairBuffer {
+  std::vector<int32_t> in, out;
+};
+
+struct Found {
+  int64_t num_chunks = 0;
+  // buffers[o * num_chunks + c]; empty for mirrored offsets.
+  std::vector<PairBuffer> buffers;
+  // mirror_of[o] = index of -o when o's pairs are the swapped pairs of -o, else -1.
+  std::vector<int64_t> mirror_of;
+  // Whether each computed offset's buffers, in chunk order, are sorted by out row.
+  bool sorted_by_out = true;
+  // First input row found to duplicate another (-1: none).
+  int64_t duplicate_row = -1;
+};
+
+// Which offsets a map computes directly (see above).
+std::vector<int64_t> mirror_sources(const int32_t* offsets, int64_t k, bool submanifold);
+
+// out == nullptr: submanifold (outputs are the inputs).
+Found find_hash(const int32_t* in_coords, int64_t n, const int32_t* out_coords, int64_t m,
+                const int32_t* offsets, int64_t k, int nt);
+Found find_mergesort(const int32_t* in_coords, int64_t n, const int32_t* out_coords, int64_t m,
+                     const int32_t* offsets, int64_t k, int nt);
+
+// Pairs per offset (mirrored offsets count their source's pairs).
+std::vector<int64_t> pair_counts(const Found& found, int64_t k);
+
+// Flat in_idx / out_idx (ptr: prefix sums of pair_counts, K + 1 entries).
+void assemble(const Found& found, int64_t k, int64_t num_out, const std::vector<int64_t>& ptr,
+              int64_t* in_idx, int64_t* out_idx, int nt);
+
+// Output coords of a downsampling: unique floor(c / s) * s per batch, sorted
+// by key, as keys. Returns the first row whose output leaves the range (or -1).
+int64_t downsample_keys(const int32_t* coords, int64_t n, const int64_t* stride,
+                        std::vector<int64_t>& out_keys, int nt);
+
+// Bounding box of coords' x, y, z: lo[3], hi[3] (n > 0).
+void coords_bbox(const int32_t* coords, int64_t n, int64_t* lo, int64_t* hi, int nt);
+
+// Whether every row of the box shifted by (dx, dy, dz) stays in range.
+bool shift_safe(const int64_t* lo, const int64_t* hi, int64_t dx, int64_t dy, int64_t dz);
+
+// Whether the row's coordinates shifted by (dx, dy, dz) stay in range.
+bool row_shift_ok(const int32_t* row, int64_t dx, int64_t dy, int64_t dz);
+
+}  // namespace kmap
+}  // namespace ps

@@ -1,0 +1,351 @@
+"""Kernel maps: every method against the brute-force reference, canonical
+order, thread-count independence, range borders, errors, and the cache."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import pointsparse as ps
+from pointsparse import _ext
+from pointsparse import kmap as km
+from reference import kmap_reference
+
+METHODS = ["mergesort", "hash", "torch"]
+
+# (kernel_size, stride, dilation, tensor_stride)
+MAPS = [
+    (3, 1, 1, 1),
+    (5, 1, 1, 1),
+    (1, 1, 1, 1),
+    (2, 1, 1, 1),
+    (4, 1, 1, 1),
+    ((3, 1, 5), 1, 1, 1),
+    (3, 1, 2, 1),
+    (3, 1, (1, 3, 2), 1),
+    (3, 1, 9, 1),
+    (3, 1, 1, 2),
+    (2, 2, 1, 1),
+    (3, 2, 1, 1),
+    (2, 2, 1, 2),
+    (3, 2, 1, 4),
+    ((2, 3, 1), (2, 1, 3), 1, 1),
+    (3, (1, 2, 2), 2, (2, 1, 1)),
+]
+
+
+def random_coords(n: int, batches: int, extent: int, stride=(1, 1, 1), seed: int = 0, shuffle: bool = False):
+    """Unique int32 coords with negative values, on multiples of ``stride``."""
+    g = torch.Generator().manual_seed(seed)
+    b = torch.randint(0, batches, (n, 1), generator=g)
+    xyz = torch.randint(-extent, extent + 1, (n, 3), generator=g) * torch.tensor(stride)
+    coords = torch.unique(torch.cat([b, xyz], 1).int(), dim=0)
+    if shuffle:
+        coords = coords[torch.randperm(coords.shape[0], generator=g)]
+    return coords.contiguous()
+
+
+def assert_matches_reference(kmap: km.KernelMap, coords, k, t, d, s):
+    out_coords, in_idx, out_idx, sizes = kmap_reference(coords, k, t, d, s)
+    assert torch.equal(kmap.out_coords, out_coords)
+    assert torch.equal(kmap.sizes, sizes)
+    assert torch.equal(kmap.in_idx, in_idx)
+    assert torch.equal(kmap.out_idx, out_idx)
+    assert kmap.in_idx.dtype == kmap.out_idx.dtype == torch.int64
+    assert kmap.out_coords.dtype == torch.int32
+    assert kmap.num_in == coords.shape[0] and kmap.num_out == out_coords.shape[0]
+    assert torch.equal(kmap.offsets, km.kernel_offsets(k, d, s))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("k, t, d, s", MAPS)
+@pytest.mark.parametrize("shuffle", [False, True], ids=["sorted", "shuffled"])
+def test_matches_reference(method, k, t, d, s, shuffle):
+    st = km.as_triple(s, "s")
+    coords = random_coords(300, 3, 5, st, seed=hash((str(k), str(t), str(d), str(s))) % 1000, shuffle=shuffle)
+    kmap = km.build(coords, k, t, d, s, method=method)
+    assert_matches_reference(kmap, coords, k, t, d, s)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_many_batches_dense_block(method):
+    # A solid block: every offset is hit, many batches (some empty).
+    g = torch.Generator().manual_seed(1)
+    x = torch.stack(torch.meshgrid(*[torch.arange(-3, 3)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    coords = torch.cat([torch.cat([torch.full((x.shape[0], 1), b), x], 1) for b in (0, 2, 5, 4095)]).int()
+    coords = coords[torch.randperm(coords.shape[0], generator=g)]
+    for k, t in ((3, 1), (3, 2), (2, 2)):
+        assert_matches_reference(km.build(coords, k, t, method=method), coords, k, t, 1, 1)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_all_methods_identical(method):
+    coords = random_coords(3000, 4, 12, seed=7, shuffle=True)
+    for k, t in ((3, 1), (5, 1), (3, 2)):
+        a = km.build(coords, k, t, method="torch")
+        b = km.build(coords, k, t, method=method)
+        for name in ("out_coords", "in_idx", "out_idx", "sizes", "offsets"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_one_point_and_empty(method):
+    one = torch.tensor([[3, -7, 0, 65535]], dtype=torch.int32)
+    kmap = km.build(one, 3, method=method)
+    assert kmap.sizes.tolist() == [0] * 13 + [1] + [0] * 13
+    assert kmap.pairs(13)[0].tolist() == [0] and kmap.pairs(13)[1].tolist() == [0]
+    down = km.build(one, 2, 2, method=method)
+    assert down.out_coords.tolist() == [[3, -8, 0, 65534]]
+    assert_matches_reference(down, one, 2, 2, 1, 1)
+    empty = torch.zeros((0, 4), dtype=torch.int32)
+    for t in (1, 2):
+        kmap = km.build(empty, 3, t, method=method)
+        assert kmap.num_in == kmap.num_out == kmap.num_pairs == 0
+        assert kmap.sizes.tolist() == [0] * 27 and kmap.out_coords.shape == (0, 4)
+        assert kmap.in_idx.shape == (0,) and kmap.in_idx.dtype == torch.int64
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_range_borders_never_wrap(method):
+    # Rows at the edges of the 17-bit fields: shifted keys must not carry
+    # into a neighbouring field (which would match a wrong row).
+    lo, hi = ps.coords.COORD_MIN, ps.coords.COORD_MAX
+    edge = [lo, lo + 1, -1, 0, hi - 1, hi]
+    rows = [[b, x, y, z] for b in (0, 1) for x in edge for y in edge for z in edge]
+    coords = torch.tensor(rows, dtype=torch.int32)
+    coords = coords[torch.randperm(coords.shape[0], generator=torch.Generator().manual_seed(3))]
+    for k, t, d in ((3, 1, 1), (5, 1, 1), (3, 1, 2), (2, 1, 1), (3, 2, 1), (2, 2, 1)):
+        assert_matches_reference(km.build(coords, k, t, d, method=method), coords, k, t, d, 1)
+
+
+def test_thread_count_does_not_change_result(monkeypatch):
+    coords = random_coords(40000, 2, 30, seed=5, shuffle=True)
+    results = {}
+    for threads in ("1", "2", "3"):
+        monkeypatch.setenv("POINTSPARSE_NUM_THREADS", threads)
+        results[threads] = [km.build(coords, k, t, method=m) for m in ("mergesort", "hash") for k, t in ((3, 1), (3, 2))]
+    for a, b in zip(results["1"], results["2"] + results["3"]):
+        assert torch.equal(a.in_idx, b.in_idx) and torch.equal(a.out_idx, b.out_idx)
+        assert torch.equal(a.sizes, b.sizes) and torch.equal(a.out_coords, b.out_coords)
+    for a, b in zip(results["1"], results["3"]):
+        assert torch.equal(a.in_idx, b.in_idx) and torch.equal(a.out_idx, b.out_idx)
+
+
+def test_large_cloud_methods_agree():
+    # Many chunks of the C++ finders (rows > their work-item sizes).
+    coords = random_coords(60000, 3, 25, seed=11)
+    ref = km.build(coords, 3, method="torch")
+    for method in ("mergesort", "hash"):
+        kmap = km.build(coords, 3, method=method)
+        assert torch.equal(kmap.in_idx, ref.in_idx) and torch.equal(kmap.out_idx, ref.out_idx)
+
+
+def test_mirrored_offsets_are_swapped_pairs():
+    coords = random_coords(500, 2, 6, seed=2, shuffle=True)
+    kmap = km.build(coords, 3)
+    offsets = kmap.offsets.tolist()
+    for o, off in enumerate(offsets):
+        neg = offsets.index([-v for v in off])
+        a_in, a_out = kmap.pairs(o)
+        b_in, b_out = kmap.pairs(neg)
+        assert sorted(zip(a_in.tolist(), a_out.tolist())) == sorted(zip(b_out.tolist(), b_in.tolist()))
+        assert bool((a_out[1:] > a_out[:-1]).all())
+
+
+def test_pairs_and_ptr():
+    coords = random_coords(200, 1, 4, seed=4)
+    kmap = km.build(coords, 3)
+    assert kmap.ptr[0] == 0 and kmap.ptr[-1] == kmap.num_pairs == kmap.in_idx.numel()
+    assert kmap.sizes.device.type == "cpu" and kmap.kernel_volume == 27
+    for o in range(27):
+        i, j = kmap.pairs(o)
+        assert torch.equal(coords[i, 1:] - coords[j, 1:], kmap.offsets[o].expand(i.numel(), 3))
+    with pytest.raises(IndexError):
+        kmap.pairs(27)
+
+
+def test_kernel_offsets_order():
+    assert km.kernel_offsets(3).tolist()[:4] == [[-1, -1, -1], [-1, -1, 0], [-1, -1, 1], [-1, 0, -1]]
+    assert km.kernel_offsets(2).tolist()[:2] == [[0, 0, 0], [0, 0, 1]]
+    assert km.kernel_offsets((1, 1, 4), 3, 2)[:, 2].tolist() == [-6, 0, 6, 12]
+
+
+def test_downsample_coords_matches_torch_floor():
+    coords = random_coords(2000, 3, 40, seed=9, shuffle=True)
+    for stride in ((2, 2, 2), (3, 1, 4)):
+        st = torch.tensor(stride)
+        q = torch.cat([coords[:, :1], torch.div(coords[:, 1:], st, rounding_mode="floor") * st], 1)
+        assert torch.equal(km.downsample_coords(coords, stride), torch.unique(q, dim=0).int())
+    with pytest.raises(ValueError, match="representable range"):
+        km.downsample_coords(torch.tensor([[0, -65536, 0, 0]], dtype=torch.int32), (3, 3, 3))
+
+
+def test_transpose_is_adjoint_map():
+    coords = random_coords(400, 2, 6, seed=6, shuffle=True)
+    for k in (2, 3):
+        down = km.build(coords, k, 2)
+        up = down.transpose(coords)
+        assert up.num_in == down.num_out and up.num_out == down.num_in
+        assert up.key.transposed and torch.equal(up.sizes, down.sizes)
+        for o in range(down.kernel_volume):
+            di, do = down.pairs(o)
+            ui, uo = up.pairs(o)
+            assert sorted(zip(di.tolist(), do.tolist())) == sorted(zip(uo.tolist(), ui.tolist()))
+            assert bool((uo[1:] > uo[:-1]).all())
+    sorted_coords = torch.unique(coords, dim=0).int()
+    down = km.build(sorted_coords, 3, 2)
+    up = down.transpose(sorted_coords)
+    assert up.in_idx.data_ptr() == down.out_idx.data_ptr()  # no re-sort needed for key-sorted coords
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(method="dense"), ValueError, "method must be one of"),
+        (dict(method=3), ValueError, "method must be one of"),
+        (dict(kernel_size=0), ValueError, "kernel_size"),
+        (dict(kernel_size=(3, 3)), TypeError, "kernel_size"),
+        (dict(kernel_size=2.0), TypeError, "kernel_size"),
+        (dict(stride=0), ValueError, "stride"),
+        (dict(dilation=-1), ValueError, "dilation"),
+        (dict(tensor_stride=0), ValueError, "tensor_stride"),
+        (dict(kernel_size=3, dilation=1 << 24), ValueError, "kernel_size \\* dilation"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    coords = random_coords(20, 1, 3)
+    with pytest.raises(error, match=match):
+        km.build(coords, **kwargs)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bad_coords(method):
+    with pytest.raises(TypeError, match="int32"):
+        km.build(torch.zeros((3, 4), dtype=torch.int64), method=method)
+    with pytest.raises(ValueError, match=r"\(N, 4\)"):
+        km.build(torch.zeros((3, 3), dtype=torch.int32), method=method)
+    with pytest.raises(ValueError, match="duplicate"):
+        km.build(torch.tensor([[0, 1, 2, 3], [0, 5, 5, 5], [0, 1, 2, 3]], dtype=torch.int32), method=method)
+    with pytest.raises(ValueError, match="range"):
+        km.build(torch.tensor([[0, 70000, 0, 0]], dtype=torch.int32), method=method)
+    with pytest.raises(ValueError, match="range"):
+        km.build(torch.tensor([[-1, 0, 0, 0]], dtype=torch.int32), method=method)
+
+
+def test_core_checks_shapes_itself():
+    offsets = _ext.to_numpy(km.kernel_offsets(3))
+    coords = np.zeros((2, 4), dtype=np.int32)
+    with pytest.raises(ValueError, match="offsets"):
+        _ext.core.kmap_mergesort(coords, None, np.zeros((0, 3), dtype=np.int32), 1)
+    with pytest.raises(ValueError, match="in_coords"):
+        _ext.core.kmap_hash(np.zeros((2, 3), dtype=np.int32), None, offsets, 1)
+    with pytest.raises(ValueError, match="out_coords"):
+        _ext.core.kmap_hash(coords[:1], np.zeros((2, 2), dtype=np.int32), offsets, 1)
+
+
+def test_default_method():
+    assert km.default_method("cpu") in km.CPU_METHODS
+    assert km.default_method(torch.device("cuda")) == "torch"
+    coords = random_coords(100, 1, 3)
+    assert torch.equal(km.build(coords).in_idx, km.build(coords, method="torch").in_idx)
+
+
+def test_cpu_methods_refuse_other_devices():
+    with pytest.raises(ValueError, match="CPU"):
+        km._check_method("mergesort", torch.device("meta"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_torch_method_on_cuda():
+    coords = random_coords(2000, 2, 10, seed=8, shuffle=True)
+    for k, t in ((3, 1), (2, 2), (3, 2)):
+        a = km.build(coords, k, t, method="mergesort")
+        b = km.build(coords.cuda(), k, t, method="torch")
+        assert torch.equal(a.in_idx, b.in_idx.cpu()) and torch.equal(a.out_idx, b.out_idx.cpu())
+        assert torch.equal(a.out_coords, b.out_coords.cpu())
+
+
+def test_real_sweep_methods_agree(datasets_dir):
+    path = datasets_dir / "kitti-raw" / "000049.bin"
+    if not path.exists():
+        pytest.skip("kitti-raw/000049.bin not present")
+    pts = np.fromfile(path, dtype=np.float32).reshape(-1, 4)[:, :3]
+    tensor, _ = ps.voxelize(torch.from_numpy(pts - pts.min(0)), voxel_size=0.2)
+    coords = tensor.coords
+    for k, t in ((3, 1), (3, 2)):
+        ref = km.build(coords, k, t, method="torch")
+        for method in ("mergesort", "hash"):
+            kmap = km.build(coords, k, t, method=method)
+            assert torch.equal(kmap.in_idx, ref.in_idx) and torch.equal(kmap.out_idx, ref.out_idx)
+            assert torch.equal(kmap.sizes, ref.sizes)
+
+
+# --- the coordinate cache -------------------------------------------------
+
+def counting_build(monkeypatch):
+    calls = []
+    real = km.build
+
+    def build(*args, **kwargs):
+        calls.append((args[1:], kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(km, "build", build)
+    return calls
+
+
+def test_cache_builds_each_key_once(monkeypatch):
+    calls = counting_build(monkeypatch)
+    coords = random_coords(300, 2, 6, seed=12)
+    x = ps.SparseTensor(torch.randn(coords.shape[0], 2), coords)
+    a = km.get_kmap(x, 3)
+    y = x.with_feats(torch.randn(coords.shape[0], 2))
+    assert km.get_kmap(y, 3) is a and len(calls) == 1
+    km.get_kmap(y, 3, dilation=2)
+    km.get_kmap(y, (3, 3, 1))
+    assert len(calls) == 3
+    down = km.get_kmap(y, 2, 2)
+    assert len(calls) == 4 and x.cache.get_coords((2, 2, 2)) is down.out_coords
+    coarse = ps.SparseTensor(torch.randn(down.num_out, 2), down.out_coords, 2, cache=x.cache)
+    km.get_kmap(coarse, 3)
+    km.get_kmap(coarse, 3)
+    assert len(calls) == 5
+    # A second downsampling to the same stride reuses the cached coords.
+    down3 = km.get_kmap(y, 3, 2)
+    assert down3.out_coords is down.out_coords and len(calls) == 6
+
+
+def test_cache_transposed_is_transpose_of_downsampling(monkeypatch):
+    calls = counting_build(monkeypatch)
+    coords = random_coords(400, 2, 6, seed=13, shuffle=True)
+    x = ps.SparseTensor(torch.randn(coords.shape[0], 1), coords)
+    down = km.get_kmap(x, 2, 2)
+    coarse = ps.SparseTensor(torch.randn(down.num_out, 1), down.out_coords, 2, cache=x.cache)
+    up = km.get_kmap(coarse, 2, 2, transposed=True)
+    assert len(calls) == 1  # the transposed map reuses the downsampling map
+    ref = down.transpose(coords)
+    assert torch.equal(up.in_idx, ref.in_idx) and torch.equal(up.out_idx, ref.out_idx)
+    assert up.out_coords is coords and up.key.transposed
+    assert km.get_kmap(coarse, 2, 2, transposed=True) is up
+    # Transposed before the downsampling was built: it builds the downsampling once.
+    up3 = km.get_kmap(coarse, 3, 2, transposed=True)
+    assert len(calls) == 2
+    assert km.get_kmap(x, 3, 2) is x.cache.kmaps[km.KernelMapKey((1, 1, 1), (3, 3, 3), (2, 2, 2), (1, 1, 1))]
+    assert len(calls) == 2 and up3.num_out == coords.shape[0]
+
+
+def test_cache_missing_finer_stride_raises():
+    coords = random_coords(50, 1, 3, (2, 2, 2), seed=14)
+    coarse = ps.SparseTensor(torch.randn(coords.shape[0], 1), coords, 2)
+    with pytest.raises(ValueError, match="no coords at stride"):
+        km.get_kmap(coarse, 2, 2, transposed=True)
+    with pytest.raises(ValueError, match="divisible"):
+        km.get_kmap(coarse, 3, 4, transposed=True)
+
+
+def test_env_threads_is_used():
+    assert _ext.num_threads() >= 1
+    assert os.environ.get("POINTSPARSE_NUM_THREADS", "1") != "0"
