@@ -47,8 +47,10 @@ test: build
 demo: build
 	$(PY) -m pointsparse demo
 
+# The engine's suites; `pointsparse bench train prune prune_procedures` runs
+# the longer training and pruning experiments.
 bench: build
-	$(PY) -m pointsparse bench
+	$(PY) -m pointsparse bench kmap conv spmm
 
 install: $(STAMP)
 	$(PY) -m pip install --no-build-isolation --no-deps .
