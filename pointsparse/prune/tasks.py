@@ -114,9 +114,31 @@ def digits_task(model: str = "mlp", seed: int = 0, batch_size: int = 64) -> Task
 
 
 # --------------------------------------------------------------------- scenes
+def street_points(n: int = 60000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A quick synthetic street: ground, two facades, poles, boxes (cars).
+    Returns (points (n, 3), labels (n,)): 0 ground, 1 facade, 2 pole, 3 car."""
+    g = torch.Generator().manual_seed(seed)
+    parts, labels = [], []
+    m = n // 4
+    ground = torch.rand(m, 3, generator=g) * torch.tensor([60.0, 20.0, 0.0]) - torch.tensor([30.0, 10.0, 0.0])
+    parts.append(ground); labels.append(torch.zeros(m, dtype=torch.long))
+    for side in (-10.0, 10.0):
+        f = torch.rand(m // 2, 3, generator=g) * torch.tensor([60.0, 0.0, 12.0]) + torch.tensor([-30.0, side, 0.0])
+        parts.append(f); labels.append(torch.ones(m // 2, dtype=torch.long))
+    for x in range(-25, 26, 10):
+        a = torch.rand(m // 12, generator=g) * 6.2832
+        pole = torch.stack([x + 0.15 * a.cos(), -8 + 0.15 * a.sin(), torch.rand(m // 12, generator=g) * 6], 1)
+        parts.append(pole); labels.append(torch.full((m // 12,), 2, dtype=torch.long))
+    for x in (-18.0, -5.0, 9.0, 21.0):
+        car = torch.rand(m // 8, 3, generator=g) * torch.tensor([4.0, 1.8, 1.5]) + torch.tensor([x, 2.0, 0.0])
+        parts.append(car); labels.append(torch.full((m // 8,), 3, dtype=torch.long))
+    pts = torch.cat(parts)
+    pts = pts + 0.02 * torch.randn(pts.shape, generator=g)
+    return pts, torch.cat(labels)
+
+
 def scene_tensor(seed: int, points: int = 6000, voxel_size: float = 0.5):
     """A generated street voxelised: (SparseTensor with xyz feats, voxel labels)."""
-    from ..demo import street_points
     from ..voxelize import voxelize
     pts, labels = street_points(points, seed)
     x, inverse = voxelize(pts, (pts - pts.mean(0)) / 10.0, voxel_size=voxel_size)
