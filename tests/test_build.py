@@ -51,6 +51,8 @@ def test_wheel_holds_core_and_python_files_and_imports(tmp_path):
         missing = [s for s in sources if s not in names]
         assert not missing, f"python files missing from the wheel: {missing}"
         assert any(n.endswith(".dist-info/entry_points.txt") for n in names)
+        label_maps = sorted(f"pointsparse/label_maps/{p.name}" for p in (ROOT / "datasets").glob("*.json"))
+        assert label_maps and all(m in names for m in label_maps), "the wheel must carry datasets/*.json"
         core_bytes = zf.read(cores[0])
         target = tmp_path / "site"
         zf.extractall(target)
@@ -66,6 +68,8 @@ def test_wheel_holds_core_and_python_files_and_imports(tmp_path):
         "assert pathlib.Path(_core.__file__).parent == root / 'pointsparse', _core.__file__\n"
         "x, inv = pointsparse.voxelize(torch.rand(100, 3), voxel_size=0.25)\n"
         "assert inv.shape == (100,) and len(x) > 0\n"
+        "from pointsparse.data.readers import load_label_map\n"
+        "assert len(load_label_map('ign-lidarhd').classes) > 1\n"
         "print('imported from', pointsparse.__file__)\n"
     )
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,

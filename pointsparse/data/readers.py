@@ -34,7 +34,10 @@ import numpy as np
 from .sample import Sample
 
 DEFAULT_IGNORE = 255
-LABEL_MAP_DIR = Path(__file__).resolve().parents[2] / "datasets"
+# An installed wheel carries the label maps in pointsparse/label_maps/; a
+# source checkout reads them from datasets/.
+_PACKAGED_LABEL_MAPS = Path(__file__).resolve().parents[1] / "label_maps"
+LABEL_MAP_DIR = _PACKAGED_LABEL_MAPS if _PACKAGED_LABEL_MAPS.is_dir() else Path(__file__).resolve().parents[2] / "datasets"
 
 
 @dataclass
