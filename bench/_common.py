@@ -36,6 +36,7 @@ def environment() -> dict:
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "loadavg": " ".join(f"{v:.1f}" for v in os.getloadavg()),
     }
 
 

@@ -209,7 +209,7 @@ def main() -> None:
     notes = (f"Big square sgemm in this run: {sg:.0f} GFLOP/s. `mm GF/s`: (P/K*4 x C) @ (C x C) in this run, "
              "P the layer's pairs. GF/s are effective: 2 * pairs * C_in * C_out per forward, three times that "
              "for forward+backward. Naive = index_select + mm + index_add per offset with torch autograd. "
-             "The machine was shared with other jobs while these were taken: treat them as approximate.")
+             "Ratios within one run are the comparison; absolute times depend on the machine and its load.")
     cmd = "flock /tmp/ps-heavy.lock .venv/bin/python bench/conv.py " + " ".join(sys.argv[1:])
     write_markdown(__import__("pathlib").Path(args.output), "Sparse convolution (bench/conv.py)", cmd.strip(), env,
                    tables, notes)

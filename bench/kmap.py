@@ -189,9 +189,8 @@ def write_results(rows, maps, args, have_spconv) -> None:
     notes.append(f"- spconv: {'timed above' if have_spconv else 'not installed, skipped'}.")
     notes.append(f"- Default CPU method (`pointsparse.kmap.default_method('cpu')`): `{km.default_method('cpu')}`.")
     notes.append("\nMedians of repeated builds (7 repeats, 3 above 300k voxels or with --quick), whole "
-                 "`pointsparse.kmap.build` calls (downsampling included for strided maps). Numbers were taken "
-                 "while other jobs shared the 2-core machine: ratios within one run are meaningful, absolute "
-                 "times are pessimistic.")
+                 "`pointsparse.kmap.build` calls (downsampling included for strided maps). Ratios within one "
+                 "run are the comparison; absolute times depend on the machine and its load (loadavg above).")
     command = "cd <repo> && .venv/bin/python bench/kmap.py" + (" --quick" if args.quick else "")
     c.write_markdown(Path(args.out), "Kernel-map building", command, c.environment(), tables, "\n".join(notes))
     plot(rows, maps, methods, Path(args.out).with_suffix(".png"))

@@ -173,9 +173,8 @@ def main():
     out.append("# SpMM: sparse weight (M, K) x dense activations (K, N)\n")
     out.append(f"Command: `{cmd}`\n")
     out.append("Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()) + "\n")
-    out.append("**Taken on a shared 2-core machine while other jobs ran (load average above); "
-               "ratios within one run are meaningful, absolute times are not. Re-run on a quiet "
-               "machine for final numbers.** Times: medians of "
+    out.append("Ratios within one run are the comparison; absolute times depend on the machine and its "
+               "load (load average above). Times: medians of "
                f"{repeats} runs, float32, {args.threads} threads.\n")
 
     # 1. target case

@@ -105,9 +105,8 @@ def write_markdown(results: list[tuple[dict, dict]], env: dict, quick: bool, thr
              "augmentation, median over the run.", "",
              f"Environment: {env}; torch threads per process: {threads or 'default'}."
              + (" **--quick run (tiny budgets): not the results.**" if quick else ""), "",
-             "Taken on the shared 2-core development machine while other jobs ran (numbers under load), "
-             "with the pure-torch convolution path unless stated otherwise; re-run with the command below "
-             "on a quiet machine for final numbers.", "",
+             "Rows accumulate across `--only` runs: each row's numbers are from the run that produced it "
+             "(its metrics.json under runs/bench-train); step times depend on the machine's load.", "",
              "| experiment | mIoU | accuracy | epochs | steps | s/step | scans/step | s/scan | training min |",
              "|---|---|---|---|---|---|---|---|---|"]
     for exp, r in results:
