@@ -95,6 +95,41 @@ inline int64_t row_parts(int64_t rows, int64_t col_blocks, int nt) {
   return parts > rows ? rows : parts;
 }
 
+// The schedule the CSR, BSR and N:M kernels share: (row part x column block)
+// tasks handed out dynamically; part p covers rows [bounds[p], bounds[p+1]).
+// A wide X is packed into a contiguous (K, w) panel per column block, once per
+// thread and block. body(row_begin, row_end, j0, w, src, ld) computes one task:
+// output columns [j0, j0 + w), X's columns there at src with row stride ld.
+template <typename T, typename Body>
+inline void for_each_panel_task(const Buffer& bounds, int64_t parts, const T* X, int64_t K, int64_t N, int nt,
+                                Body&& body) {
+  constexpr int64_t CB = col_block<T>();
+  const int64_t ncb = (N + CB - 1) / CB;
+  const int64_t tasks = parts * ncb;
+  // Pack X panels only when X rows are far apart; a narrow X is its own panel.
+  const bool pack = N > CB && K > 0;
+#pragma omp parallel num_threads(nt)
+  {
+    T* panel = pack ? new T[K * CB] : nullptr;
+    int64_t packed = -1;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t part = t % parts, cb = t / parts;
+      const int64_t j0 = cb * CB, w = (j0 + CB < N ? j0 + CB : N) - j0;
+      const T* src = X + j0;
+      int64_t ld = N;
+      if (pack) {
+        if (packed != cb) pack_panel(X, K, N, j0, w, panel);
+        packed = cb;
+        src = panel;
+        ld = w;
+      }
+      body(bounds[part], bounds[part + 1], j0, w, src, ld);
+    }
+    delete[] panel;
+  }
+}
+
 // Entries ahead whose X rows are prefetched: the rows an entry reads are
 // scattered, so the hardware prefetchers cannot guess them and every tile
 // would wait on L2 latency (measured: 5x slower without it).
@@ -149,26 +184,9 @@ void csr_kernel(const CsrArgs& a) {
   const int64_t parts = row_parts(M, ncb, a.nt);
   Buffer bounds(parts + 1);
   split_rows(row_ptr, M, parts, bounds);
-  const int64_t tasks = parts * ncb;
-  // Pack X panels only when X rows are far apart; a narrow X is its own panel.
-  const bool pack = N > CB && K > 0;
-#pragma omp parallel num_threads(a.nt)
-  {
-    T* panel = pack ? new T[K * CB] : nullptr;
-    int64_t packed = -1;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t part = t % parts, cb = t / parts;
-      const int64_t j0 = cb * CB, w = (j0 + CB < N ? j0 + CB : N) - j0;
-      const T* src = X + j0;
-      int64_t ld = N;
-      if (pack) {
-        if (packed != cb) pack_panel(X, K, N, j0, w, panel);
-        packed = cb;
-        src = panel;
-        ld = w;
-      }
-      for (int64_t i = bounds[part]; i < bounds[part + 1]; ++i) {
+  for_each_panel_task<T>(bounds, parts, X, K, N, a.nt, [&](int64_t i0, int64_t i1, int64_t j0, int64_t w,
+                                                            const T* src, int64_t ld) {
+      for (int64_t i = i0; i < i1; ++i) {
         const int64_t begin = row_ptr[i], end = row_ptr[i + 1];
         T* y = Y + i * N + j0;
         int64_t j = 0;
@@ -176,9 +194,7 @@ void csr_kernel(const CsrArgs& a) {
           csr_tile<T, I, W>(col, val, begin, end, nnz, src, ld, j, y + j);
         if (j < w) csr_rest<T, I>(col, val, begin, end, src, ld, j, w - j, y + j);
       }
-    }
-    delete[] panel;
-  }
+  });
 }
 
 template <typename T, typename I>
@@ -236,25 +252,9 @@ void bsr_kernel(const BsrArgs& a) {
   const int64_t parts = row_parts(MB, ncb, a.nt);
   Buffer bounds(parts + 1);
   split_rows(block_ptr, MB, parts, bounds);
-  const int64_t tasks = parts * ncb;
-  const bool pack = N > CB && K > 0;
-#pragma omp parallel num_threads(a.nt)
-  {
-    T* panel = pack ? new T[K * CB] : nullptr;
-    int64_t packed = -1;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t part = t % parts, cb = t / parts;
-      const int64_t j0 = cb * CB, w = (j0 + CB < N ? j0 + CB : N) - j0;
-      const T* src = X + j0;
-      int64_t ld = N;
-      if (pack) {
-        if (packed != cb) pack_panel(X, K, N, j0, w, panel);
-        packed = cb;
-        src = panel;
-        ld = w;
-      }
-      for (int64_t rb = bounds[part]; rb < bounds[part + 1]; ++rb) {
+  for_each_panel_task<T>(bounds, parts, X, K, N, a.nt, [&](int64_t rb0, int64_t rb1, int64_t j0, int64_t w,
+                                                            const T* src, int64_t ld) {
+      for (int64_t rb = rb0; rb < rb1; ++rb) {
         const int64_t r0 = rb * br, rows = (r0 + br < M ? r0 + br : M) - r0;
         for (int64_t r = 0; r < rows; ++r) {
           T* __restrict y = Y + (r0 + r) * N + j0;
@@ -278,9 +278,7 @@ void bsr_kernel(const BsrArgs& a) {
           }
         }
       }
-    }
-    delete[] panel;
-  }
+  });
 }
 
 // Position of kept value `t` (global index) in a packed LSB-first bit stream.
@@ -308,29 +306,14 @@ void nm_kernel(const NmArgs& a) {
   const int64_t ncb = (N + CB - 1) / CB;
   // Every row holds L kept values: equal rows are equal work.
   const int64_t parts = row_parts(M, ncb, a.nt);
-  const int64_t tasks = parts * ncb;
-  const bool pack = N > CB && K > 0;
-#pragma omp parallel num_threads(a.nt)
-  {
-    T* panel = pack ? new T[K * CB] : nullptr;
-    // One row's columns, decoded once per row and task; then the CSR
-    // register-tile micro-kernel runs on them.
-    uint32_t* cols = new uint32_t[L > 0 ? L : 1];
-    int64_t packed = -1;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t part = t % parts, cb = t / parts;
-      const int64_t i_begin = M * part / parts, i_end = M * (part + 1) / parts;
-      const int64_t j0 = cb * CB, w = (j0 + CB < N ? j0 + CB : N) - j0;
-      const T* src = X + j0;
-      int64_t ld = N;
-      if (pack) {
-        if (packed != cb) pack_panel(X, K, N, j0, w, panel);
-        packed = cb;
-        src = panel;
-        ld = w;
-      }
-      for (int64_t i = i_begin; i < i_end; ++i) {
+  Buffer bounds(parts + 1);
+  for (int64_t p = 0; p <= parts; ++p) bounds[p] = M * p / parts;
+  for_each_panel_task<T>(bounds, parts, X, K, N, a.nt, [&](int64_t i0, int64_t i1, int64_t j0, int64_t w,
+                                                            const T* src, int64_t ld) {
+      // One row's columns, decoded once per row and task; then the CSR
+      // register-tile micro-kernel runs on them.
+      uint32_t* cols = new uint32_t[L > 0 ? L : 1];
+      for (int64_t i = i0; i < i1; ++i) {
         for (int64_t q = 0; q < L; ++q)
           cols[q] = uint32_t((q / n) * m + nm_position(pos, i * L + q, bits));
         const T* v = val + i * L;
@@ -339,10 +322,8 @@ void nm_kernel(const NmArgs& a) {
         for (; j + W <= w; j += W) csr_tile<T, uint32_t, W>(cols, v, 0, L, L, src, ld, j, y + j);
         if (j < w) csr_rest<T, uint32_t>(cols, v, 0, L, src, ld, j, w - j, y + j);
       }
-    }
-    delete[] cols;
-    delete[] panel;
-  }
+      delete[] cols;
+  });
 }
 
 template <typename T>
