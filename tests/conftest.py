@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 
 def find_datasets() -> Path | None:
@@ -28,3 +29,14 @@ def datasets_dir() -> Path:
     if path is None:
         pytest.skip("real datasets folder (../shared/datasets) not present")
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for tiny models (they run fastest and steadiest so on a
+    2-core machine); the previous count is restored afterwards. Test modules
+    opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -11,14 +11,6 @@ from pointsparse import SparseTensor
 from pointsparse.nn import BatchNorm, Conv3d, ReLU
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one torch thread (on a loaded 2-core machine two threads
-    are 30x slower for them); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def teacher_data(n: int = 256, d: int = 8, classes: int = 3, seed: int = 0):

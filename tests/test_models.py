@@ -11,6 +11,8 @@ import pointsparse as ps
 from pointsparse.models import MinkUNet, ResidualBlock, SyncBatchNorm
 from pointsparse import nn as spnn
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _cloud(n=300, channels=4, seed=0, extent=12, batch=1):
     g = torch.Generator().manual_seed(seed)
@@ -20,13 +22,6 @@ def _cloud(n=300, channels=4, seed=0, extent=12, batch=1):
     return ps.SparseTensor(feats, coords)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest (and steadiest on a shared machine) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_minkunet_shapes_and_backward():

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from pointsparse.prune import amc, surgery
-from prune_procedures_support import one_thread, Trainer, mlp, sparse_chain, sparse_input  # noqa: F401
+from prune_procedures_support import Trainer, mlp, sparse_chain, sparse_input  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_flops_model_matches_the_report_after_surgery():

@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from pointsparse.prune import _layers, init
-from prune_procedures_support import one_thread, mlp, sparse_chain, sparse_input, teacher_data  # noqa: F401
+from prune_procedures_support import mlp, sparse_chain, sparse_input, teacher_data  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batches(n=2):

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from pointsparse.prune import _layers, lottery
-from prune_procedures_support import one_thread, Trainer, mlp  # noqa: F401 (one_thread: autouse)
+from prune_procedures_support import Trainer, mlp
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_rounds_prune_twenty_percent_of_the_rest():

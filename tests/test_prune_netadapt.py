@@ -9,7 +9,9 @@ from torch import nn
 
 from pointsparse.kmap import get_kmap
 from pointsparse.prune import netadapt
-from prune_procedures_support import one_thread, Trainer, mlp, sparse_chain, sparse_input  # noqa: F401
+from prune_procedures_support import Trainer, mlp, sparse_chain, sparse_input  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_candidates():

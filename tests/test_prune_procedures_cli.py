@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from pointsparse import cli
-from prune_procedures_support import one_thread  # noqa: F401 (autouse)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_registered_and_parses():

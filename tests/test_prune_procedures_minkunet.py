@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from pointsparse.prune import _layers, amc, init, surgery
-from prune_procedures_support import one_thread, sparse_input  # noqa: F401 (one_thread: autouse)
+from prune_procedures_support import sparse_input
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 models = pytest.importorskip("pointsparse.models")
 

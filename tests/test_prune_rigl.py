@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from pointsparse.prune import _layers, rigl
-from prune_procedures_support import one_thread, Trainer, mlp, sparse_chain  # noqa: F401
+from prune_procedures_support import Trainer, mlp, sparse_chain  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_erk_densities_meet_the_budget():

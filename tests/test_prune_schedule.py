@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 
 from pointsparse.prune import _layers, schedule
-from prune_procedures_support import one_thread, Trainer, mlp  # noqa: F401 (one_thread: autouse)
+from prune_procedures_support import Trainer, mlp
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_agp_formula():
     assert schedule.agp_sparsity(0, 10, 0.9) == 0.0

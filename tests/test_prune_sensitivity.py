@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from pointsparse.prune import sensitivity
-from prune_procedures_support import one_thread, Trainer, mlp, sparse_chain, sparse_input  # noqa: F401 (one_thread: autouse)
+from prune_procedures_support import Trainer, mlp, sparse_chain, sparse_input
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _density(layer):
     return lambda m: float((m[layer].weight != 0).float().mean())

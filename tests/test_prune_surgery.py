@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from pointsparse.prune import surgery
-from prune_procedures_support import one_thread, mlp, sparse_chain, sparse_input  # noqa: F401 (one_thread: autouse)
+from prune_procedures_support import mlp, sparse_chain, sparse_input
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _zero_inputs_of_consumer(model, group, removed):
     named = dict(model.named_modules())
