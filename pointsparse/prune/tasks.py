@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .. import metrics
+
 
 @dataclass
 class Task:
@@ -156,16 +158,6 @@ def sparse_model(seed: int = 0, width: int = 16, num_classes: int = 4) -> nn.Mod
         spnn.Conv3d(2 * width, num_classes, 1))
 
 
-def miou(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
-    ious = []
-    for c in range(num_classes):
-        inter = int(((pred == c) & (target == c)).sum())
-        union = int(((pred == c) | (target == c)).sum())
-        if union:
-            ious.append(inter / union)
-    return sum(ious) / max(len(ious), 1)
-
-
 def scene_task(seed: int = 0, points: int = 6000, voxel_size: float = 0.5, width: int = 16,
                make_model: Callable | None = None) -> Task:
     """Generated scenes: 3 training scenes, one validation and one test scene;
@@ -192,7 +184,7 @@ def scene_task(seed: int = 0, points: int = 6000, voxel_size: float = 0.5, width
         with torch.no_grad():
             pred = m(data[0]).feats.argmax(1)
         m.train(was)
-        return miou(pred, data[1], 4)
+        return metrics.mean_iou(metrics.confusion_matrix(pred, data[1], 4))
 
     factory = make_model or (lambda s=seed: sparse_model(s, width))
     return Task("scene", factory, train_fn, lambda m: evaluate(m, val), lambda m: evaluate(m, test), batch_fn,
