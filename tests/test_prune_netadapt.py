@@ -78,3 +78,22 @@ def test_bad_inputs():
         netadapt.netadapt(mlp(0, widths=(8, 20, 12, 3)), table, tr, tr.accuracy, x, 0.5)
     with pytest.raises(ValueError, match="initial_reduction"):
         netadapt.netadapt(net, table, tr, tr.accuracy, x, 0.5, initial_reduction=0)
+
+
+def test_budget_is_a_fraction_or_explicit_seconds():
+    net = mlp(0, widths=(8, 16, 16, 3))
+    x = torch.randn(32, 8)
+    table = netadapt.build_latency_table(net, x, num_candidates=2, repeats=2)
+    tr = Trainer()
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="budget"):
+            netadapt.netadapt(net, table, tr, tr.accuracy, x, budget=bad, short_steps=1, long_steps=1)
+    with pytest.raises(ValueError, match="budget_seconds"):
+        netadapt.netadapt(net, table, tr, tr.accuracy, x, budget=0.5, budget_seconds=0.0)
+
+
+def test_latency_of_a_width_the_table_lacks_is_a_value_error():
+    net = mlp(0, widths=(8, 16, 16, 3))
+    table = netadapt.build_latency_table(net, torch.randn(32, 8), num_candidates=2, repeats=2)
+    with pytest.raises(ValueError, match="no entry"):
+        table.latency({"0": 5, "2": 16})

@@ -136,6 +136,15 @@ def test_reconstruction_exact_when_nothing_is_lost():
     assert torch.allclose(net(x), ref, atol=1e-4)
 
 
+def test_reconstruction_leaves_batchnorm_statistics_alone():
+    net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3)).train()
+    before = {k: v.clone() for k, v in net.state_dict().items() if "running" in k or "num_batches" in k}
+    surgery.apply_channel_ratios(net, {"0": 0.5}, reconstruct=True, calibration_input=torch.randn(64, 8))
+    after = net.state_dict()
+    assert int(after["1.num_batches_tracked"]) == int(before["1.num_batches_tracked"])
+    assert net.training  # the calibration pass restores the mode
+
+
 def test_bad_inputs():
     net = mlp(0)
     with pytest.raises(ValueError, match="keep indices"):

@@ -21,13 +21,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ._layout import is_sparse_conv
 from ._layers import call_train, check_callable, in_channels, out_channels
-from .surgery import chain_followers, channel_groups, keep_by_l1, prune_channels
-
-
-def _is_sparse_conv(m) -> bool:
-    from ..nn import Conv3d
-    return isinstance(m, Conv3d)
+from .surgery import _capture, chain_followers, channel_groups, keep_by_l1, prune_channels
 
 
 def _best_time(fn: Callable, repeats: int, warmup: int = 1) -> float:
@@ -53,29 +49,6 @@ def measure_latency(model: nn.Module, example_input, repeats: int = 7) -> float:
             return _best_time(lambda: model(example_input), repeats)
     finally:
         model.train(was)
-
-
-def _capture_inputs(model, names, example_input) -> dict:
-    named = dict(model.named_modules())
-    store, handles = {}, []
-
-    def hook_for(n):
-        def hook(_m, inputs, _output):
-            store.setdefault(n, inputs[0])
-        return hook
-
-    for n in names:
-        handles.append(named[n].register_forward_hook(hook_for(n)))
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        model.train(was)
-        for h in handles:
-            h.remove()
-    return store
 
 
 def _layer_like(module: nn.Module, c_in: int, c_out: int) -> nn.Module:
@@ -107,7 +80,7 @@ def _input_like(x, c_in: int, repeat: int, gen: torch.Generator):
 
 
 def _structural_key(module, x) -> dict:
-    if _is_sparse_conv(module):
+    if is_sparse_conv(module):
         from ..kmap import get_kmap
         kmap = get_kmap(x, module.kernel_size, module.stride, module.dilation, module.transposed)
         return {"type": "pointsparse.nn.Conv3d", "kernel_size": list(module.kernel_size),
@@ -136,8 +109,12 @@ class LatencyTable:
         for name, feeder, producer in (model_layers if model_layers is not None else self.layout):
             c_out = channels[name] if producer else None
             c_in = channels[feeder] if feeder else None
-            row = self.entries[name]
-            key = next(k for k in row if (c_in is None or k[0] == c_in) and (c_out is None or k[1] == c_out))
+            row = self.entries.get(name)
+            key = None if row is None else next(
+                (k for k in row if (c_in is None or k[0] == c_in) and (c_out is None or k[1] == c_out)), None)
+            if key is None:
+                raise ValueError(f"the latency table has no entry for layer {name!r} at c_in={c_in}, c_out={c_out} "
+                                 "(build the table for this model and its candidate channel counts)")
             total += row[key]
         return total
 
@@ -185,7 +162,8 @@ def build_latency_table(model: nn.Module, example_input, num_candidates: int = 8
     if not layout:
         raise ValueError("model has no chain of prunable layers")
     named = dict(model.named_modules())
-    inputs = _capture_inputs(model, [n for n, _, _ in layout], example_input)
+    layer_names = [n for n, _, _ in layout]
+    inputs = {n: x for n, (x, _) in zip(layer_names, _capture(model, [named[n] for n in layer_names], example_input))}
     candidates = {n: candidate_counts(out_channels(named[n]), num_candidates) for n, _, p in layout if p}
     followers = chain_followers(model)
     gen = torch.Generator().manual_seed(seed)
@@ -227,14 +205,21 @@ class NetAdaptResult:
 def netadapt(model: nn.Module, table: LatencyTable, train_fn: Callable, eval_fn: Callable, example_input,
              budget: float, initial_reduction: float = 0.1, decay: float = 0.96, short_steps: int = 50,
              long_steps: int = 300, lr: float | None = None, finetune_lr_factor: float = 0.1,
-             max_iterations: int = 50, log: Callable[[str], None] | None = None) -> NetAdaptResult:
+             max_iterations: int = 50, log: Callable[[str], None] | None = None,
+             budget_seconds: float | None = None) -> NetAdaptResult:
     """Shrink a copy of ``model`` until the table's estimate is at most
-    ``budget`` (seconds, or a fraction of the table's initial estimate when
-    < 1). Each iteration asks for a drop of ``initial_reduction * L0 *
+    ``budget`` (a fraction in (0, 1] of the table's initial estimate L0;
+    ``budget_seconds`` instead gives an absolute target). Each iteration asks for a drop of ``initial_reduction * L0 *
     decay^i``; proposals are fine-tuned ``short_steps``, the best kept; the
     result is fine-tuned ``long_steps`` and measured again."""
     check_callable(train_fn, "train_fn")
     check_callable(eval_fn, "eval_fn")
+    if budget_seconds is not None:
+        if not budget_seconds > 0:
+            raise ValueError(f"budget_seconds must be > 0; got {budget_seconds}")
+    elif not 0 < budget <= 1:
+        raise ValueError(f"budget must be a fraction of the initial latency in (0, 1]; got {budget} "
+                         "(use budget_seconds= for an absolute target)")
     if not 0 < initial_reduction < 1 or not 0 < decay <= 1:
         raise ValueError(f"initial_reduction must be in (0, 1) and decay in (0, 1]; got {initial_reduction}, {decay}")
     net = copy.deepcopy(model)
@@ -245,7 +230,7 @@ def netadapt(model: nn.Module, table: LatencyTable, train_fn: Callable, eval_fn:
         if table.candidates.get(n, [None])[0] != c:
             raise ValueError(f"the table was not built for this model: layer {n!r} has {c} channels")
     l0 = table.latency(channels, layout)
-    target = budget * l0 if budget < 1 else float(budget)
+    target = float(budget_seconds) if budget_seconds is not None else budget * l0
     ft_lr = None if lr is None else lr * finetune_lr_factor
     history = []
     it = 0

@@ -323,20 +323,22 @@ def _set_from_2d(module: nn.Module, w2d: torch.Tensor) -> None:
         w.copy_(new)
 
 
-def _capture(model: nn.Module, module: nn.Module, example):
-    store = {}
-
-    def hook(_m, inputs, output):
-        store["x"] = inputs[0]
-        store["y"] = output
-
-    h = module.register_forward_hook(hook)
+def _capture(model: nn.Module, modules: list[nn.Module], example) -> list[tuple]:
+    """(input, output) of each of ``modules`` in one forward pass of ``model``
+    in eval mode (no BatchNorm statistics change); the mode is restored."""
+    store: dict[int, tuple] = {}
+    handles = [m.register_forward_hook(lambda mod, inputs, output, i=i: store.__setitem__(i, (inputs[0], output)))
+               for i, m in enumerate(modules)]
+    was_training = model.training
+    model.eval()
     try:
         with torch.no_grad():
             model(example)
     finally:
-        h.remove()
-    return store["x"], store["y"]
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return [store[i] for i in range(len(modules))]
 
 
 def _fit_consumer(module, x, target, ridge: float = 1e-6) -> None:
@@ -369,9 +371,9 @@ def apply_channel_ratios(model: nn.Module, ratios: dict[str, float], reconstruct
     named = dict(model.named_modules())
     targets = {}
     if reconstruct:
-        for name, r in ratios.items():
-            consumer = named[groups[name].consumer]
-            targets[name] = _capture(model, consumer, calibration_input)[1]
+        names = list(ratios)
+        captured = _capture(model, [named[groups[n].consumer] for n in names], calibration_input)
+        targets = {n: y for n, (_, y) in zip(names, captured)}
     kept = {}
     for name, g in groups.items():  # in network order
         if name not in ratios:
@@ -384,7 +386,7 @@ def apply_channel_ratios(model: nn.Module, ratios: dict[str, float], reconstruct
         prune_channels(model, g, keep_by_l1(producer, n_keep))
         if reconstruct:
             consumer = named[g.consumer]
-            x, _ = _capture(model, consumer, calibration_input)
+            (x, _), = _capture(model, [consumer], calibration_input)
             _fit_consumer(consumer, x, targets[name])
     return kept
 
