@@ -31,6 +31,19 @@ def check_coords(coords: torch.Tensor, name: str = "coords") -> None:
         raise ValueError(f"{name} must be (N, 4) int32 [batch, x, y, z]; got {tuple(coords.shape)}")
 
 
+def check_stride_multiple(coords: torch.Tensor, stride, name: str = "coords") -> None:
+    """ValueError unless x, y, z of every row are multiples of ``stride``
+    (a 3-tuple): the coordinates of a tensor at that tensor stride."""
+    if tuple(stride) == (1, 1, 1) or coords.shape[0] == 0:
+        return
+    st = torch.tensor(tuple(stride), dtype=coords.dtype, device=coords.device)
+    bad = (torch.remainder(coords[:, 1:], st) != 0).any(1)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{name} of a tensor with stride {tuple(stride)} must be multiples of the stride; "
+                         f"row {row} is {coords[row].tolist()}")
+
+
 def pack(coords: torch.Tensor) -> torch.Tensor:
     """int64 keys of (N, 4) int32 coords; ValueError naming the first row out of range."""
     check_coords(coords)

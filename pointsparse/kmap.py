@@ -266,10 +266,12 @@ def build(coords: torch.Tensor, kernel_size=3, stride=1, dilation=1, tensor_stri
     d = as_triple(dilation, "dilation")
     s = as_triple(tensor_stride, "tensor_stride")
     method = _check_method(method, coords.device)
+    _coords.check_stride_multiple(coords, s)
     if out_coords is not None:
         _coords.check_coords(out_coords, "out_coords")
         if out_coords.device != coords.device:
             raise ValueError(f"out_coords are on {out_coords.device} but coords on {coords.device}")
+        _coords.check_stride_multiple(out_coords, tuple(a * b for a, b in zip(s, t)), "out_coords")
     key = KernelMapKey(s, k, t, d, False)
     offsets = kernel_offsets(k, d, s)
     submanifold = out_coords is None and t == (1, 1, 1)

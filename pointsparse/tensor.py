@@ -99,10 +99,7 @@ def validate_coords(coords, stride: Triple) -> torch.Tensor:
         row = int((coords[:, 0] < 0).nonzero()[0, 0])
         raise ValueError(f"coords has a negative batch index at row {row}: {coords[row].tolist()}")
     keys = _coords.pack(coords)
-    if stride != (1, 1, 1) and coords.shape[0]:
-        st = torch.tensor(stride, dtype=torch.int32, device=coords.device)
-        if bool((torch.remainder(coords[:, 1:], st) != 0).any()):
-            raise ValueError(f"coords of a tensor with stride {stride} must be multiples of the stride")
+    _coords.check_stride_multiple(coords, stride)
     if keys.numel() > 1:
         uniq = _coords.unique(keys)[0]
         if uniq.numel() != keys.numel():

@@ -233,6 +233,11 @@ def test_bad_coords(method):
         km.build(torch.tensor([[0, 70000, 0, 0]], dtype=torch.int32), method=method)
     with pytest.raises(ValueError, match="range"):
         km.build(torch.tensor([[-1, 0, 0, 0]], dtype=torch.int32), method=method)
+    off_stride = torch.tensor([[0, 1, 0, 0], [0, 4, 0, 0]], dtype=torch.int32)
+    with pytest.raises(ValueError, match="multiples of the stride"):  # x = 1 is no site of a stride-2 tensor
+        km.build(off_stride, 3, stride=2, tensor_stride=2, method=method)
+    with pytest.raises(ValueError, match="out_coords"):
+        km.build(off_stride * 2, 2, stride=2, method=method, out_coords=torch.tensor([[0, 1, 0, 0]], dtype=torch.int32))
 
 
 def test_core_checks_shapes_itself():
