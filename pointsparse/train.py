@@ -132,6 +132,14 @@ def _check_args(args) -> None:
 
 # --------------------------------------------------------------------- data
 
+def _require_labels(source, flag: str) -> None:
+    """ValueError naming the first cloud of ``source`` without labels (sources
+    cache what they read, so this costs no second read)."""
+    for sample in source:
+        if sample.labels is None:
+            raise ValueError(f"{flag}: {sample.name} has no labels; training and validation need labelled clouds")
+
+
 def open_training_data(args):
     """(train samples, validation samples, class names)."""
     generated = args.data[0].startswith("generated") and len(args.data) == 1
@@ -139,7 +147,10 @@ def open_training_data(args):
         kwargs = _scene_kwargs(vars(args)) if args.data[0] != "generated-indoor" else {}
         train = open_source(args.data, count=args.scenes, first_seed=args.seed * 10_000, **kwargs)
         val = (open_source(args.data, count=args.val_scenes, first_seed=VALIDATION_SEED, **kwargs)
-               if args.val_data is None else open_source(args.val_data, args.label_map, args.ignore_index))
+               if args.val_data is None
+               else open_source(args.val_data, args.val_label_map or args.label_map, args.ignore_index))
+        if args.val_data is not None:
+            _require_labels(val, "--val-data")
         return train, val, list(train.classes)
     train = open_source(args.data, args.label_map, args.ignore_index)
     if args.val_data is not None:
@@ -156,6 +167,8 @@ def open_training_data(args):
             files = train.paths
             val = CloudFiles(files[-held:], train.label_map, args.ignore_index)
             train = CloudFiles(files[:-held], train.label_map, args.ignore_index)
+    _require_labels(train, "--data")
+    _require_labels(val, "--val-data")
     classes = train.classes
     if classes is None:
         top = max(int(np.max(s.labels[s.labels != args.ignore_index], initial=0)) for s in train)

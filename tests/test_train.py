@@ -126,6 +126,17 @@ def test_bad_arguments():
         tr.main(_parse([*TINY, "--voxel-size", "-1", "--out", "x"]))
 
 
+def test_unlabelled_clouds_are_a_value_error(tmp_path):
+    pts = np.random.default_rng(0).random((200, 3)).astype(np.float32) * 5
+    np.save(tmp_path / "a.npy", pts)
+    np.save(tmp_path / "b.npy", pts + 1)
+    with pytest.raises(ValueError, match="no labels"):
+        tr.main(_parse(["--data", str(tmp_path / "a.npy"), "--val-data", str(tmp_path / "b.npy"),
+                        "--no-progress", "--out", str(tmp_path / "run")]))
+    with pytest.raises(ValueError, match="--val-data.*no labels"):
+        tr.main(_parse([*TINY, "--val-data", str(tmp_path / "b.npy"), "--out", str(tmp_path / "run2")]))
+
+
 def test_metrics_hand_computed():
     pred = torch.tensor([0, 0, 1, 1, 2, 2, 0])
     target = torch.tensor([0, 1, 1, 1, 2, 9, 9])
