@@ -90,6 +90,46 @@ def conv_scatter_add(
     segment by segment (indices unique within a segment, so no float atomics);
     deterministic for any thread count."""
 
+def conv_isa() -> str:
+    """Instruction set the fused convolution kernels use on this CPU: 'avx2' or 'generic'."""
+
+class ConvPlan:
+    """The pairs of a kernel map checked once (bounds, one pair per row and
+    offset, the identity offset really the identity) and laid out for the
+    fused convolution kernels: int32 pairs per offset sorted by output row and
+    by input row, and their cuts at every 256-row block. The calls below check
+    only the shapes, dtypes and layouts of the arrays they are given."""
+
+    num_in: int
+    num_out: int
+    kernel_volume: int
+    identity: int
+    num_pairs: int
+
+    def __init__(
+        self,
+        in_idx: npt.NDArray[np.int64],
+        out_idx: npt.NDArray[np.int64],
+        ptr: npt.NDArray[np.int64],
+        num_in: int,
+        num_out: int,
+        identity: int,
+    ) -> None: ...
+    def forward(
+        self, feats: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, out: np.ndarray, num_threads: int,
+        portable: bool = False,
+    ) -> None:
+        """out = bias + sum over offsets o of feats[in_idx] @ weight[o] added at
+        out_idx (bias None: zero); writes every row of out."""
+    def backward_input(
+        self, grad: np.ndarray, weight: np.ndarray, grad_feats: np.ndarray, num_threads: int, portable: bool = False
+    ) -> None:
+        """grad_feats = sum over offsets o of grad[out_idx] @ weight[o].T added at in_idx."""
+    def backward_weight(
+        self, feats: np.ndarray, grad: np.ndarray, grad_weight: np.ndarray, num_threads: int, portable: bool = False
+    ) -> None:
+        """grad_weight[o] = feats[in_idx].T @ grad[out_idx] for every offset o."""
+
 def spmm_isa() -> str:
     """Instruction set the SpMM kernels use on this CPU: 'avx2' or 'generic'."""
 

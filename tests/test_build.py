@@ -207,7 +207,7 @@ def test_stub_matches_the_core():
     import ast
 
     tree = ast.parse((ROOT / "pointsparse" / "_core.pyi").read_text())
-    stub_functions = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    stub_functions = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
     stub_constants = {n.target.id for n in tree.body if isinstance(n, ast.AnnAssign)}
     core = _ext.core
     functions = {n for n in dir(core) if not n.startswith("_") and callable(getattr(core, n))}

@@ -5,9 +5,12 @@
 
 #include <algorithm>
 #include <limits>
+#include <numeric>
+#include <vector>
 
 #include "array.h"
 #include "bind.h"
+#include "conv/fused.h"
 #include "conv/gather_scatter.h"
 
 namespace ps {
@@ -124,6 +127,244 @@ void scatter_add(py::array buf, carray<int64_t> idx, carray<int64_t> start, carr
            [&] { scatter_impl<double>(buf, seg, rows, dst, nt); });
 }
 
+
+// The pairs of one kernel map, checked and laid out once for the fused
+// kernels: per offset (the identity left out) the pairs sorted by output row
+// (forward, weight gradient) and sorted by input row (input gradient), int32.
+// Every call afterwards checks only the shapes of the tensors it is given.
+class ConvPlan {
+ public:
+  ConvPlan(carray<int64_t> in_idx, carray<int64_t> out_idx, carray<int64_t> ptr, int64_t num_in, int64_t num_out,
+           int64_t identity)
+      : num_in_(num_in), num_out_(num_out), identity_(identity) {
+    check_1d(in_idx, -1, "in_idx");
+    check_1d(out_idx, in_idx.shape(0), "out_idx");
+    check_1d(ptr, -1, "ptr");
+    constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
+    if (num_in < 0 || num_in > kMax) value_error("num_in must be in [0, 2^31); got " + std::to_string(num_in));
+    if (num_out < 0 || num_out > kMax) value_error("num_out must be in [0, 2^31); got " + std::to_string(num_out));
+    if (ptr.shape(0) < 1) value_error("ptr must hold kernel_volume + 1 >= 1 entries");
+    const int64_t K = ptr.shape(0) - 1, P = in_idx.shape(0);
+    const int64_t *pp = ptr.data(), *in = in_idx.data(), *out = out_idx.data();
+    if (pp[0] != 0 || pp[K] != P) value_error("ptr must start at 0 and end at the number of pairs " + std::to_string(P));
+    for (int64_t k = 0; k < K; ++k)
+      if (pp[k + 1] < pp[k]) value_error("ptr must be non-decreasing (offset " + std::to_string(k) + ")");
+    if (identity < -1 || identity >= K)
+      value_error("identity must be -1 or an offset index in [0, " + std::to_string(K) + "); got " +
+                  std::to_string(identity));
+    for (int64_t i = 0; i < P; ++i) {
+      if (in[i] < 0 || in[i] >= num_in)
+        value_error("in_idx[" + std::to_string(i) + "] = " + std::to_string(in[i]) + " outside [0, " +
+                    std::to_string(num_in) + ")");
+      if (out[i] < 0 || out[i] >= num_out)
+        value_error("out_idx[" + std::to_string(i) + "] = " + std::to_string(out[i]) + " outside [0, " +
+                    std::to_string(num_out) + ")");
+    }
+    if (identity >= 0) {
+      const int64_t lo = pp[identity], n = pp[identity + 1] - lo;
+      bool ok = num_in == num_out && n == num_in;
+      for (int64_t i = 0; ok && i < n; ++i) ok = in[lo + i] == i && out[lo + i] == i;
+      if (!ok) value_error("the pairs of offset " + std::to_string(identity) + " are not the identity");
+    }
+    ptr_.assign(1, 0);
+    for (int64_t k = 0; k < K; ++k) ptr_.push_back(ptr_.back() + (k == identity ? 0 : pp[k + 1] - pp[k]));
+    const int64_t Q = ptr_.back();
+    fwd_row_.resize(Q);
+    fwd_col_.resize(Q);
+    bwd_row_.resize(Q);
+    bwd_col_.resize(Q);
+    std::vector<int64_t> order;
+    for (int64_t k = 0; k < K; ++k) {
+      if (k == identity) continue;
+      const int64_t lo = pp[k], n = pp[k + 1] - lo, dst = ptr_[k];
+      sorted_copy(out + lo, in + lo, n, k, "output", fwd_row_.data() + dst, fwd_col_.data() + dst, order);
+      sorted_copy(in + lo, out + lo, n, k, "input", bwd_row_.data() + dst, bwd_col_.data() + dst, order);
+    }
+    fwd_cuts_ = block_cuts(fwd_row_, num_out);
+    bwd_cuts_ = block_cuts(bwd_row_, num_in);
+  }
+
+  int64_t num_in() const { return num_in_; }
+  int64_t num_out() const { return num_out_; }
+  int64_t kernel_volume() const { return int64_t(ptr_.size()) - 1; }
+  int64_t identity() const { return identity_; }
+  // Pairs of the map, the identity's included.
+  int64_t num_pairs() const { return ptr_.back() + (identity_ >= 0 ? num_in_ : 0); }
+
+  // out = bias + sum over offsets o of out[out_idx] += feats[in_idx] @ weight[o].
+  void forward(py::array feats, py::array weight, py::object bias, py::array out, int num_threads,
+               bool portable) const {
+    check_rows(feats, "feats", false);
+    check_rows(out, "out", true);
+    check_weight(weight, feats.shape(1), out.shape(1));
+    rows_are(feats, num_in_, "feats", "num_in");
+    rows_are(out, num_out_, "out", "num_out");
+    same_dtype(feats, weight, out);
+    py::array b;
+    const bool has_bias = !bias.is_none();
+    if (has_bias) {
+      b = py::array::ensure(bias);
+      if (!b) value_error("bias must be an array or None");
+      check_1d(b, out.shape(1), "bias");
+      if (!is_c_contiguous(b)) value_error("bias must be C-contiguous");
+      same_dtype(b, feats, out);
+    }
+    dispatch(feats, [&] { run_apply<float>(feats, weight, has_bias ? &b : nullptr, out, false, num_threads, portable); },
+             [&] { run_apply<double>(feats, weight, has_bias ? &b : nullptr, out, false, num_threads, portable); });
+  }
+
+  // grad_feats = sum over offsets o of grad_feats[in_idx] += grad[out_idx] @ weight[o]^T.
+  void backward_input(py::array grad, py::array weight, py::array grad_feats, int num_threads,
+                      bool portable) const {
+    check_rows(grad, "grad", false);
+    check_rows(grad_feats, "grad_feats", true);
+    check_weight(weight, grad_feats.shape(1), grad.shape(1));
+    rows_are(grad, num_out_, "grad", "num_out");
+    rows_are(grad_feats, num_in_, "grad_feats", "num_in");
+    same_dtype(grad, weight, grad_feats);
+    dispatch(grad, [&] { run_apply<float>(grad, weight, nullptr, grad_feats, true, num_threads, portable); },
+             [&] { run_apply<double>(grad, weight, nullptr, grad_feats, true, num_threads, portable); });
+  }
+
+  // grad_weight[o] = feats[in_idx]^T @ grad[out_idx] for every offset o.
+  void backward_weight(py::array feats, py::array grad, py::array grad_weight, int num_threads,
+                       bool portable) const {
+    check_rows(feats, "feats", false);
+    check_rows(grad, "grad", false);
+    rows_are(feats, num_in_, "feats", "num_in");
+    rows_are(grad, num_out_, "grad", "num_out");
+    check_weight(grad_weight, feats.shape(1), grad.shape(1));
+    if (!grad_weight.writeable()) value_error("grad_weight must be writeable");
+    same_dtype(feats, grad, grad_weight);
+    dispatch(feats, [&] { run_wgrad<float>(feats, grad, grad_weight, num_threads, portable); },
+             [&] { run_wgrad<double>(feats, grad, grad_weight, num_threads, portable); });
+  }
+
+ private:
+  // Copy the pairs of one offset sorted by `key` (strictly increasing), a
+  // stable sort only when they are not sorted already.
+  static void sorted_copy(const int64_t* key, const int64_t* val, int64_t n, int64_t k, const char* side,
+                          int32_t* row, int32_t* col, std::vector<int64_t>& order) {
+    bool sorted = true;
+    for (int64_t i = 1; i < n && sorted; ++i) sorted = key[i - 1] < key[i];
+    if (sorted) {
+      for (int64_t i = 0; i < n; ++i) {
+        row[i] = int32_t(key[i]);
+        col[i] = int32_t(val[i]);
+      }
+      return;
+    }
+    order.resize(n);
+    std::iota(order.begin(), order.end(), int64_t(0));
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return key[a] < key[b]; });
+    for (int64_t i = 0; i < n; ++i) {
+      if (i && key[order[i]] == key[order[i - 1]])
+        value_error("offset " + std::to_string(k) + " pairs " + side + " row " + std::to_string(key[order[i]]) +
+                    " twice");
+      row[i] = int32_t(key[order[i]]);
+      col[i] = int32_t(val[order[i]]);
+    }
+  }
+
+  // cuts[b * K + k]: first pair of offset k with row >= b * kBlockRows, for
+  // b = 0 .. blocks (one merge walk per offset).
+  std::vector<int64_t> block_cuts(const std::vector<int32_t>& row, int64_t num_rows) const {
+    const int64_t K = kernel_volume(), blocks = (num_rows + conv::kBlockRows - 1) / conv::kBlockRows;
+    std::vector<int64_t> cuts((blocks + 1) * K);
+    for (int64_t k = 0; k < K; ++k) {
+      int64_t i = ptr_[k];
+      const int64_t end = ptr_[k + 1];
+      for (int64_t b = 0; b <= blocks; ++b) {
+        const int64_t bound = b * conv::kBlockRows;
+        while (i < end && row[i] < bound) ++i;
+        cuts[b * K + k] = b == blocks ? end : i;
+      }
+    }
+    return cuts;
+  }
+
+  static void rows_are(const py::array& a, int64_t rows, const char* name, const char* what) {
+    if (a.shape(0) != rows)
+      value_error(std::string(name) + " must have " + what + " = " + std::to_string(rows) + " rows; got shape " +
+                  shape_str(a));
+  }
+
+  void check_weight(const py::array& w, int64_t c_in, int64_t c_out) const {
+    const int64_t K = kernel_volume();
+    if (w.ndim() != 3 || w.shape(0) != K || w.shape(1) != c_in || w.shape(2) != c_out)
+      value_error("weight must be (kernel_volume, C_in, C_out) = (" + std::to_string(K) + ", " +
+                  std::to_string(c_in) + ", " + std::to_string(c_out) + "); got " + shape_str(w));
+    if (!is_c_contiguous(w)) value_error("weight must be C-contiguous");
+  }
+
+  static void same_dtype(const py::array& a, const py::array& b, const py::array& c) {
+    if (!a.dtype().is(b.dtype()) || !a.dtype().is(c.dtype()))
+      value_error("all arrays must have one dtype; got " + std::string(py::str(a.dtype())) + ", " +
+                  std::string(py::str(b.dtype())) + ", " + std::string(py::str(c.dtype())));
+  }
+
+  template <typename T>
+  void run_apply(const py::array& src, const py::array& weight, const py::array* bias, py::array& dst,
+                 bool transpose, int num_threads, bool portable) const {
+    const int64_t kc = src.shape(1), cols = dst.shape(1), K = kernel_volume();
+    if (cols == 0 || dst.shape(0) == 0) return;
+    std::vector<T> wpack(std::max<int64_t>(1, conv::wpack_size<T>(K, kc, cols)));
+    const T* b = bias ? static_cast<const T*>(bias->data()) : nullptr;
+    conv::ApplyArgs<T> a{static_cast<const T*>(src.data()), static_cast<const T*>(weight.data()), b,
+                         static_cast<T*>(dst.mutable_data()), wpack.data(), kc, cols, dst.shape(0), transpose,
+                         transpose ? pairs_bwd() : pairs_fwd(), threads(num_threads)};
+    py::gil_scoped_release release;
+    conv::apply(a, portable);
+  }
+
+  template <typename T>
+  void run_wgrad(const py::array& feats, const py::array& grad, py::array& grad_weight, int num_threads,
+                 bool portable) const {
+    const int64_t c_in = feats.shape(1), c_out = grad.shape(1), K = kernel_volume();
+    if (c_in == 0 || c_out == 0 || K == 0) return;
+    if (num_out_ == 0 || (num_pairs() == 0 && identity_ < 0)) {
+      T* gw = static_cast<T*>(grad_weight.mutable_data());
+      std::fill(gw, gw + K * c_in * c_out, T(0));
+      return;
+    }
+    // Units: consecutive row blocks holding >= `target` pairs; their number
+    // is capped so that all partials fit in kPartialBytes.
+    const int64_t blocks = (num_out_ + conv::kBlockRows - 1) / conv::kBlockRows;
+    const int64_t partial_bytes = K * c_in * c_out * int64_t(sizeof(T));
+    const int64_t max_units = std::max<int64_t>(1, conv::kPartialBytes / partial_bytes);
+    const int64_t target = std::max(conv::kUnitPairs, (num_pairs() + max_units - 1) / max_units);
+    std::vector<int64_t> units{0};
+    int64_t acc = 0;
+    for (int64_t b = 0; b < blocks; ++b) {
+      for (int64_t k = 0; k < K; ++k) acc += fwd_cuts_[(b + 1) * K + k] - fwd_cuts_[b * K + k];
+      if (identity_ >= 0) acc += std::min(conv::kBlockRows, num_out_ - b * conv::kBlockRows);
+      if (acc >= target || b + 1 == blocks) {
+        units.push_back(b + 1);
+        acc = 0;
+      }
+    }
+    const int64_t num_units = int64_t(units.size()) - 1;
+    const int nt = int(std::min<int64_t>(threads(num_threads), std::max<int64_t>(num_units, 1)));
+    std::vector<T> partials(num_units * K * c_in * c_out), scratch(nt * conv::wgrad_scratch<T>(c_in, c_out));
+    conv::WgradArgs<T> a{static_cast<const T*>(feats.data()), static_cast<const T*>(grad.data()),
+                         static_cast<T*>(grad_weight.mutable_data()), partials.data(), scratch.data(),
+                         units.data(), num_units, c_in, c_out, num_out_, pairs_fwd(), nt};
+    py::gil_scoped_release release;
+    conv::wgrad(a, portable);
+  }
+
+  conv::PairList pairs_fwd() const {
+    return {fwd_row_.data(), fwd_col_.data(), ptr_.data(), fwd_cuts_.data(), kernel_volume(), identity_};
+  }
+  conv::PairList pairs_bwd() const {
+    return {bwd_row_.data(), bwd_col_.data(), ptr_.data(), bwd_cuts_.data(), kernel_volume(), identity_};
+  }
+
+  int64_t num_in_, num_out_, identity_;
+  std::vector<int64_t> ptr_, fwd_cuts_, bwd_cuts_;
+  std::vector<int32_t> fwd_row_, fwd_col_, bwd_row_, bwd_col_;
+};
+
 }  // namespace
 
 void bind_conv(py::module_& m) {
@@ -134,6 +375,28 @@ void bind_conv(py::module_& m) {
         py::arg("rows"), py::arg("dst"), py::arg("num_threads"),
         "dst[idx[start[g]+i]] += buf[g*rows+i] for i < len[g], segment by segment (indices unique within a "
         "segment); deterministic for any thread count. In place.");
+  m.def("conv_isa", [] { return std::string(conv::uses_avx2() ? "avx2" : "generic"); },
+        "Instruction set the fused convolution kernels use on this CPU: 'avx2' or 'generic'.");
+  py::class_<ConvPlan>(m, "ConvPlan",
+                       "The pairs of a kernel map checked and laid out once for the fused convolution kernels.")
+      .def(py::init<carray<int64_t>, carray<int64_t>, carray<int64_t>, int64_t, int64_t, int64_t>(),
+           py::arg("in_idx"), py::arg("out_idx"), py::arg("ptr"), py::arg("num_in"), py::arg("num_out"),
+           py::arg("identity"))
+      .def_property_readonly("num_in", &ConvPlan::num_in)
+      .def_property_readonly("num_out", &ConvPlan::num_out)
+      .def_property_readonly("kernel_volume", &ConvPlan::kernel_volume)
+      .def_property_readonly("identity", &ConvPlan::identity)
+      .def_property_readonly("num_pairs", &ConvPlan::num_pairs)
+      .def("forward", &ConvPlan::forward, py::arg("feats"), py::arg("weight"), py::arg("bias"), py::arg("out"),
+           py::arg("num_threads"), py::arg("portable") = false,
+           "out = bias + sum over offsets o of feats[in_idx] @ weight[o] added at out_idx (bias None: zero). "
+           "Writes every row of out.")
+      .def("backward_input", &ConvPlan::backward_input, py::arg("grad"), py::arg("weight"), py::arg("grad_feats"),
+           py::arg("num_threads"), py::arg("portable") = false,
+           "grad_feats = sum over offsets o of grad[out_idx] @ weight[o].T added at in_idx. Writes every row.")
+      .def("backward_weight", &ConvPlan::backward_weight, py::arg("feats"), py::arg("grad"),
+           py::arg("grad_weight"), py::arg("num_threads"), py::arg("portable") = false,
+           "grad_weight[o] = feats[in_idx].T @ grad[out_idx] for every offset o. Writes all of grad_weight.");
 }
 
 }  // namespace ps

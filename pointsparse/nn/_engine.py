@@ -1,10 +1,26 @@
-"""The CPU convolution engine: gather (C++) -> GEMM (torch) -> scatter-add (C++).
+"""The CPU convolution engine.
 
 For every kernel offset ``o`` with pairs ``(in_idx, out_idx)``::
 
     out[out_idx] += feats[in_idx] @ weight[o]
 
-The pairs of a map are cut into *steps* (a :class:`Plan`, built once per map).
+Two methods, both deterministic (bit-identical results for any thread count):
+
+``"fused"`` (the default; :class:`FusedPlan`): one C++ kernel per direction
+(``cpp/conv/fused_kernels.h``). Output rows are cut into blocks of 256; a
+thread owns a block and runs every offset over it: register tiles of 6 pairs
+x 16 columns read their input rows straight from the feature matrix (no
+gathered buffer), multiply by the offset's packed weight panel and add into
+their output rows (no scatter, no atomics, no race: the block's rows are the
+thread's own). The block's rows stay in cache across the offsets. The
+identity offset of a submanifold map is a plain blocked matmul over
+contiguous rows, no indices read. The input gradient is the same kernel over
+the pairs sorted by input row with ``weight[o].T``; the weight gradient sums
+``feats[in_idx].T @ grad[out_idx]`` per offset over fixed units of row
+blocks (their partial sums added in unit order).
+
+``"grouped"`` (:class:`Plan`): gather (C++) -> GEMM (torch) -> scatter-add
+(C++). The pairs of a map are cut into *steps* (built once per map).
 The output rows are split into tiles (``tile_rows``, grown on sparse maps);
 the pieces of all offsets within one tile run one after the other, so the
 tile's output rows and the input rows near them stay in cache. A step is
@@ -51,6 +67,34 @@ DEFAULT_TILE_ROWS = 8192
 MIN_PIECE_ROWS = 2048
 
 ENGINE_DTYPES = (torch.float32, torch.float64)
+#: The method :func:`conv` uses when none is given ("fused" or "grouped");
+#: see bench/results/conv.md for the measurements behind it.
+DEFAULT_METHOD = "fused"
+METHODS = ("fused", "grouped")
+
+
+@dataclass(frozen=True, eq=False)
+class FusedPlan:
+    """A map checked and laid out once for the fused kernels (``core`` is a
+    ``_core.ConvPlan``: int32 pairs sorted by output row and by input row,
+    block cuts)."""
+
+    core: object
+    identity: int | None
+    num_in: int
+    num_out: int
+    kernel_volume: int
+
+
+def make_fused_plan(kmap: _kmap.KernelMap) -> FusedPlan:
+    """The fused kernels' plan of a CPU map."""
+    import numpy as np
+
+    identity = next((o for o in range(kmap.kernel_volume) if _is_identity(kmap, o)), None)
+    core = _ext.core.ConvPlan(_ext.to_numpy(kmap.in_idx), _ext.to_numpy(kmap.out_idx),
+                              np.asarray(kmap.ptr, dtype=np.int64), kmap.num_in, kmap.num_out,
+                              -1 if identity is None else identity)
+    return FusedPlan(core, identity, kmap.num_in, kmap.num_out, kmap.kernel_volume)
 
 
 @dataclass(frozen=True)
@@ -180,13 +224,19 @@ _PLANS: "weakref.WeakKeyDictionary[_kmap.KernelMap, dict]" = weakref.WeakKeyDict
 
 
 def get_plan(kmap: _kmap.KernelMap, chunk_rows: int = DEFAULT_CHUNK_ROWS, epsilon: float = DEFAULT_EPSILON,
-             tile_rows: int = DEFAULT_TILE_ROWS) -> Plan:
-    """The plan of ``kmap``, built once per map and tuning (kept while the map lives)."""
+             tile_rows: int = DEFAULT_TILE_ROWS, method: str | None = None) -> "Plan | FusedPlan":
+    """The plan of ``kmap`` for ``method`` (default :data:`DEFAULT_METHOD`;
+    the tuning arguments apply to "grouped"), built once per map and tuning
+    (kept while the map lives)."""
+    method = DEFAULT_METHOD if method is None else method
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
     per_map = _PLANS.setdefault(kmap, {})
-    key = (chunk_rows, epsilon, tile_rows)
+    key = ("fused",) if method == "fused" else (chunk_rows, epsilon, tile_rows)
     plan = per_map.get(key)
     if plan is None:
-        plan = per_map[key] = make_plan(kmap, chunk_rows, epsilon, tile_rows)
+        plan = per_map[key] = make_fused_plan(kmap) if method == "fused" else make_plan(
+            kmap, chunk_rows, epsilon, tile_rows)
     return plan
 
 
@@ -263,6 +313,10 @@ def _backward_steps(feats: torch.Tensor, weight: torch.Tensor, grad: torch.Tenso
 def conv_forward(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: Plan) -> torch.Tensor:
     """The engine's forward on contiguous CPU float32/float64 tensors."""
     out = feats.new_empty((plan.num_out, weight.shape[2]))
+    if isinstance(plan, FusedPlan):
+        b = None if bias is None else _np(bias.contiguous())
+        plan.core.forward(_np(feats), _np(weight), b, _np(out), _ext.num_threads())
+        return out
     if plan.identity is not None:
         if bias is None:
             torch.mm(feats, weight[plan.identity], out=out)
@@ -280,6 +334,15 @@ def conv_backward(feats: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor,
                   need_weight: bool):
     """Gradients of :func:`conv_forward` for feats and weight (None where not needed)."""
     grad_feats = grad_weight = None
+    if isinstance(plan, FusedPlan):
+        nt = _ext.num_threads()
+        if need_feats:
+            grad_feats = grad.new_empty((plan.num_in, weight.shape[1]))
+            plan.core.backward_input(_np(grad), _np(weight), _np(grad_feats), nt)
+        if need_weight:
+            grad_weight = torch.empty_like(weight)
+            plan.core.backward_weight(_np(feats), _np(grad), _np(grad_weight), nt)
+        return grad_feats, grad_weight
     centre = None if plan.identity is None else weight[plan.identity]
     if need_feats:
         grad_feats = grad.new_empty((plan.num_in, weight.shape[1]))
@@ -325,6 +388,6 @@ def supported(feats: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def conv(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kmap: _kmap.KernelMap,
          chunk_rows: int = DEFAULT_CHUNK_ROWS, epsilon: float = DEFAULT_EPSILON,
-         tile_rows: int = DEFAULT_TILE_ROWS) -> torch.Tensor:
+         tile_rows: int = DEFAULT_TILE_ROWS, method: str | None = None) -> torch.Tensor:
     """``out[out_idx] += feats[in_idx] @ weight[o]`` (+ bias) with autograd."""
-    return ConvFunction.apply(feats, weight, bias, get_plan(kmap, chunk_rows, epsilon, tile_rows))
+    return ConvFunction.apply(feats, weight, bias, get_plan(kmap, chunk_rows, epsilon, tile_rows, method))

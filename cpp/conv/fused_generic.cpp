@@ -1,0 +1,19 @@
+// The fused convolution kernels for any CPU (the baseline instruction set).
+#include <omp.h>
+
+#include <cstdint>
+
+#include "conv/fused.h"
+
+// The kernels' 32-byte vector types are split into SSE halves here; they never
+// cross a function boundary that is not inlined (internal linkage), so the
+// ABI note GCC gives for them does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace ps {
+namespace conv {
+namespace generic {
+#include "conv/fused_kernels.h"
+}  // namespace generic
+}  // namespace conv
+}  // namespace ps
