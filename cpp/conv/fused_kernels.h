@@ -89,22 +89,25 @@ inline void micro(int64_t kc, const T* const* a, const T* __restrict b, T* const
     acc0[5] = vfma(x, b0, acc0[5]);
     acc1[5] = vfma(x, b1, acc1[5]);
   }
-  if (ncols == NR) {
+  // Only constant indices into acc0/acc1 below: the accumulators stay in
+  // registers (a runtime index would send them through the stack).
+  if (ncols == NR && mr == kMR) {
 #pragma GCC unroll 6
     for (int r = 0; r < kMR; ++r) {
-      if (r < mr) {
-        T* cr = c[r];
-        vstore(cr, vload(cr) + acc0[r]);
-        vstore(cr + L, vload(cr + L) + acc1[r]);
-      }
+      T* cr = c[r];
+      vstore(cr, vload(cr) + acc0[r]);
+      vstore(cr + L, vload(cr + L) + acc1[r]);
     }
   } else {
-    T tmp[NR];
+    T tmp[kMR][NR];
+#pragma GCC unroll 6
+    for (int r = 0; r < kMR; ++r) {
+      vstore(tmp[r], acc0[r]);
+      vstore(tmp[r] + L, acc1[r]);
+    }
     for (int r = 0; r < mr; ++r) {
-      vstore(tmp, acc0[r]);
-      vstore(tmp + L, acc1[r]);
       T* cr = c[r];
-      for (int64_t j = 0; j < ncols; ++j) cr[j] += tmp[j];
+      for (int64_t j = 0; j < ncols; ++j) cr[j] += tmp[r][j];
     }
   }
 }
@@ -159,8 +162,11 @@ void apply_impl(const ApplyArgs<T>& a) {
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const int64_t r0 = blk * kBlockRows, r1 = r0 + kBlockRows < a.num_rows ? r0 + kBlockRows : a.num_rows;
     for (int64_t r = r0; r < r1; ++r) {
-      T* d = a.dst + r * a.cols;
-      for (int64_t j = 0; j < a.cols; ++j) d[j] = a.bias ? a.bias[j] : T(0);
+      T* __restrict d = a.dst + r * a.cols;
+      if (a.bias)
+        __builtin_memcpy(d, a.bias, sizeof(T) * static_cast<unsigned long>(a.cols));
+      else
+        __builtin_memset(d, 0, sizeof(T) * static_cast<unsigned long>(a.cols));
     }
     if (a.kc == 0) continue;
     for (int64_t k = 0; k < K; ++k) {
@@ -226,22 +232,23 @@ inline void micro_wg(int64_t n, const T* const* xp, int64_t m0, const T* __restr
     acc0[5] = vfma(x, b0, acc0[5]);
     acc1[5] = vfma(x, b1, acc1[5]);
   }
-  if (ncols == NR) {
+  if (ncols == NR && skip_rows == 0) {
 #pragma GCC unroll 6
     for (int r = 0; r < kMR; ++r) {
-      if (r >= skip_rows) {
-        T* cr = c + r * ldc;
-        vstore(cr, vload(cr) + acc0[r]);
-        vstore(cr + L, vload(cr + L) + acc1[r]);
-      }
+      T* cr = c + r * ldc;
+      vstore(cr, vload(cr) + acc0[r]);
+      vstore(cr + L, vload(cr + L) + acc1[r]);
     }
   } else {
-    T tmp[NR];
+    T tmp[kMR][NR];
+#pragma GCC unroll 6
+    for (int r = 0; r < kMR; ++r) {
+      vstore(tmp[r], acc0[r]);
+      vstore(tmp[r] + L, acc1[r]);
+    }
     for (int r = skip_rows; r < kMR; ++r) {
-      vstore(tmp, acc0[r]);
-      vstore(tmp + L, acc1[r]);
       T* cr = c + r * ldc;
-      for (int64_t j = 0; j < ncols; ++j) cr[j] += tmp[j];
+      for (int64_t j = 0; j < ncols; ++j) cr[j] += tmp[r][j];
     }
   }
 }
