@@ -5,6 +5,7 @@ measured in the same run.
 
     flock /tmp/ps-heavy.lock .venv/bin/python bench/conv.py [--quick] [--tune]
 
+The engine's default method (fused) and its grouped method are both timed.
 Layers: submanifold k=3, strided k=2 s=2, transposed k=2 s=2, on generated
 street scenes (25k / 100k / 200k voxels at 0.05 m) and the real sweeps.
 Results: bench/results/conv.md.
@@ -135,7 +136,8 @@ def scenes(quick: bool) -> list[tuple[str, torch.Tensor, bool]]:
 def bench(quick: bool, repeats: int) -> list[str]:
     rows = []
     header = ("| scene | voxels | layer | C | pairs | mm GF/s | fwd ms (ours / naive) | fwd GF/s | fwd % mm | "
-              "fwd+bwd ms (ours / naive) | fwd+bwd GF/s | fwd+bwd % mm | speedup fwd+bwd | spconv fwd+bwd ms |")
+              "fwd+bwd ms (ours / naive) | fwd+bwd GF/s | fwd+bwd % mm | speedup fwd+bwd | "
+              "grouped fwd / fwd+bwd ms | spconv fwd+bwd ms |")
     rows.append(header)
     rows.append("|" + "|".join(["---"] * (header.count("|") - 1)) + "|")
     for scene, coords, sweep in scenes(quick):
@@ -153,6 +155,9 @@ def bench(quick: bool, repeats: int) -> list[str]:
                 f_naive = timeit(lambda: layer.naive(False), repeats)
                 b_ours = timeit(lambda: layer.ours(True), repeats)
                 b_naive = timeit(lambda: layer.naive(True), repeats)
+                grouped = _engine.get_plan(layer.kmap, method="grouped")
+                f_grouped = timeit(lambda: layer.ours(False, grouped), repeats)
+                b_grouped = timeit(lambda: layer.ours(True, grouped), repeats)
                 gf, gb = layer.flops / f_ours / 1e9, 3 * layer.flops / b_ours / 1e9
                 sp_run = layer.spconv_fn()
                 sp = ("not installed" if spconv is None else "n/a" if sp_run is None
@@ -161,28 +166,34 @@ def bench(quick: bool, repeats: int) -> list[str]:
                     f"| {scene} | {len(coords)} | {kind} | {c} | {layer.kmap.num_pairs} | {rate:.0f} | "
                     f"{f_ours * 1e3:.1f} / {f_naive * 1e3:.1f} | {gf:.0f} | {100 * gf / rate:.0f}% | "
                     f"{b_ours * 1e3:.1f} / {b_naive * 1e3:.1f} | {gb:.0f} | {100 * gb / rate:.0f}% | "
-                    f"{b_naive / b_ours:.2f}x | {sp} |")
+                    f"{b_naive / b_ours:.2f}x | {f_grouped * 1e3:.1f} / {b_grouped * 1e3:.1f} | {sp} |")
                 print(rows[-1], flush=True)
     return rows
 
 
 def tune(repeats: int) -> list[str]:
-    """Forward and forward+backward of the engine at C=64 over chunk_rows x
-    epsilon x tile_rows, on the 100k street scene and the KITTI sweep."""
+    """Forward and forward+backward of the engine at C=64: the fused method,
+    and the grouped method over chunk_rows x epsilon x tile_rows, on the 100k
+    street scene and the KITTI sweep."""
     layers = [Layer("street 100k", street_scene(100_000), kind, 64) for kind in ("submanifold k=3", "strided k=2 s=2")]
     sweeps = real_sweeps()
     if "kitti-raw/000049" in sweeps:
         layers.append(Layer("kitti @0.05", real_scene(sweeps["kitti-raw/000049"], 0.05), "submanifold k=3", 64))
-    rows = ["| scene | layer | chunk_rows | epsilon | tile_rows | steps | fwd ms | fwd+bwd ms |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| scene | layer | method | chunk_rows | epsilon | tile_rows | steps | fwd ms | fwd+bwd ms |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for layer in layers:
+        fused = _engine.make_fused_plan(layer.kmap)
+        f = timeit(lambda: layer.ours(False, fused), repeats)
+        b = timeit(lambda: layer.ours(True, fused), repeats)
+        rows.append(f"| {layer.name} | {layer.kind} | fused | - | - | - | - | {f * 1e3:.1f} | {b * 1e3:.1f} |")
+        print(rows[-1], flush=True)
         for chunk in (4096, 8192, 16384):
             for eps in (0.0, 0.25):
                 for tile in (0, 8192):
                     plan = _engine.make_plan(layer.kmap, chunk, eps, tile)
                     f = timeit(lambda: layer.ours(False, plan), repeats)
                     b = timeit(lambda: layer.ours(True, plan), repeats)
-                    rows.append(f"| {layer.name} | {layer.kind} | {chunk} | {eps} | {tile} | {len(plan.steps)} | "
+                    rows.append(f"| {layer.name} | {layer.kind} | grouped | {chunk} | {eps} | {tile} | {len(plan.steps)} | "
                                 f"{f * 1e3:.1f} | {b * 1e3:.1f} |")
                     print(rows[-1], flush=True)
     return rows
@@ -208,7 +219,9 @@ def main() -> None:
         tables.append("## Engine settings (street 100k, C=64)\n\n" + "\n".join(tune(repeats)))
     notes = (f"Big square sgemm in this run: {sg:.0f} GFLOP/s. `mm GF/s`: (P/K*4 x C) @ (C x C) in this run, "
              "P the layer's pairs. GF/s are effective: 2 * pairs * C_in * C_out per forward, three times that "
-             "for forward+backward. Naive = index_select + mm + index_add per offset with torch autograd. "
+             "for forward+backward. Ours = the default engine method (fused C++ gather-GEMM-scatter); grouped = "
+             "C++ gather + torch mm/bmm + C++ scatter (the other method, same run). "
+             "Naive = index_select + mm + index_add per offset with torch autograd. "
              "Ratios within one run are the comparison; absolute times depend on the machine and its load.")
     cmd = "flock /tmp/ps-heavy.lock .venv/bin/python bench/conv.py " + " ".join(sys.argv[1:])
     write_markdown(__import__("pathlib").Path(args.output), "Sparse convolution (bench/conv.py)", cmd.strip(), env,

@@ -26,6 +26,13 @@ def weight(k, c_in, c_out, dtype=torch.float64, seed=2):
     return torch.randn(volume, c_in, c_out, generator=g, dtype=dtype)
 
 
+@pytest.fixture(params=_engine.METHODS)
+def method(request, monkeypatch):
+    """Run a test with each engine method as the default."""
+    monkeypatch.setattr(_engine, "DEFAULT_METHOD", request.param)
+    return request.param
+
+
 SUBMANIFOLD = [  # kernel, dilation, tensor stride of the input
     (2, 1, 1), (3, 1, 1), (5, 1, 1), (3, 2, 1), ((3, 1, 2), 1, 1), (3, 1, 2), (1, 1, 1),
 ]
@@ -85,7 +92,7 @@ def test_dilated_strided_and_transposed_equal_dense():
 
 @pytest.mark.parametrize("k,t,transposed", [(3, 1, False), (2, 1, False), (2, 2, False), (3, 2, False),
                                             (2, 2, True), (3, 2, True)])
-def test_gradients_equal_dense(k, t, transposed):
+def test_gradients_equal_dense(k, t, transposed, method):
     x = make(c=3)
     if transposed:
         down = F.conv3d(x, weight(k, 3, 3), k, t)
@@ -109,7 +116,7 @@ def test_gradients_equal_dense(k, t, transposed):
 
 
 @pytest.mark.parametrize("k,t,transposed", [(3, 1, False), (2, 2, False), (3, 2, True)])
-def test_gradcheck(k, t, transposed):
+def test_gradcheck(k, t, transposed, method):
     x = make(n=20, c=2, extent=3, seed=3)
     if transposed:
         src = F.conv3d(x, weight(k, 2, 2), k, t)
@@ -177,7 +184,7 @@ def _run(threads, k, t, transposed):
 
 
 @pytest.mark.parametrize("k,t,transposed", [(3, 1, False), (3, 2, False), (2, 2, True)])
-def test_bit_identical_for_1_and_2_threads(k, t, transposed):
+def test_bit_identical_for_1_and_2_threads(k, t, transposed, method):
     for a, b in zip(_run(1, k, t, transposed), _run(2, k, t, transposed)):
         assert torch.equal(a, b)
 
@@ -212,7 +219,7 @@ def test_cuda_equals_cpu():
 
 
 @pytest.mark.parametrize("k,t", [(3, 1), (2, 2)])
-def test_empty_input(k, t):
+def test_empty_input(k, t, method):
     x = ps.SparseTensor(torch.zeros(0, 3, dtype=torch.float64), torch.zeros(0, 4, dtype=torch.int32))
     w = weight(k, 3, 4).requires_grad_()
     feats = x.feats.clone().requires_grad_()
@@ -290,3 +297,135 @@ def test_core_checks_bounds():
     dst = torch.zeros(5, 3)
     _ext.call(_ext.core.conv_scatter_add, buf.numpy(), ok, start, np.array([2]), 4, dst.numpy())
     assert torch.equal(dst[[4, 0]], src[[4, 0]]) and not dst[1:4].any()
+
+
+def _fused_case(k, t, transposed, c_in, c_out, dtype, seed=0):
+    x = make(n=400, c=c_in, extent=8, dtype=dtype, seed=seed)
+    if transposed:
+        down = ps.kmap.get_kmap(x, k, t)
+        src = ps.SparseTensor(torch.randn(down.num_out, c_in, dtype=dtype), down.out_coords, 2, cache=x.cache,
+                              validate=False)
+    else:
+        src = x
+    kmap = ps.kmap.get_kmap(src, k, t, 1, transposed)
+    w = weight(k, c_in, c_out, dtype)
+    return src.feats, w, kmap
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("c_in,c_out", [(1, 1), (5, 6), (6, 16), (7, 17), (13, 35), (64, 64)])
+@pytest.mark.parametrize("k,t,transposed", [(3, 1, False), (2, 2, False), (2, 2, True)])
+def test_fused_kernels_match_torch_on_any_width(k, t, transposed, c_in, c_out, dtype):
+    """Every tile shape (partial row tiles, partial column panels, fewer input
+    channels than a tile's rows), both instruction sets, against torch ops."""
+    feats, w, kmap = _fused_case(k, t, transposed, c_in, c_out, dtype)
+    plan = _engine.make_fused_plan(kmap)
+    assert plan.core.num_pairs == kmap.num_pairs
+    bias = torch.randn(c_out, dtype=dtype)
+    f = feats.clone().requires_grad_()
+    ww = w.clone().requires_grad_()
+    ref = F.conv_with_map(f, ww, kmap) + bias
+    g = torch.randn_like(ref)
+    ref_gf, ref_gw = torch.autograd.grad(ref, (f, ww), g)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-11)
+    nt = _ext.num_threads()
+    for portable in (False, True):
+        out = torch.full((kmap.num_out, c_out), float("nan"), dtype=dtype)
+        plan.core.forward(feats.numpy(), w.numpy(), bias.numpy(), out.numpy(), nt, portable)
+        gf = torch.full_like(feats, float("nan"))
+        plan.core.backward_input(g.numpy(), w.numpy(), gf.numpy(), nt, portable)
+        gw = torch.full_like(w, float("nan"))
+        plan.core.backward_weight(feats.numpy(), g.numpy(), gw.numpy(), nt, portable)
+        torch.testing.assert_close(out, ref.detach(), **tol)
+        torch.testing.assert_close(gf, ref_gf, **tol)
+        torch.testing.assert_close(gw, ref_gw, **tol)
+
+
+def test_fused_many_units_bit_identical_for_1_and_2_threads():
+    """A map large enough for several weight-gradient units and many row
+    blocks: results must not depend on the thread count."""
+    x = make(n=40000, c=8, extent=40, dtype=torch.float32, seed=5)
+    kmap = ps.kmap.get_kmap(x, 3)
+    assert kmap.num_pairs > 3 * 65536  # several units of >= 65536 pairs
+    plan = _engine.make_fused_plan(kmap)
+    w = weight(3, 8, 8, torch.float32)
+    g = torch.randn(len(x), 8)
+    results = []
+    for nt in (1, 2):
+        out, gf, gw = torch.empty(len(x), 8), torch.empty(len(x), 8), torch.empty_like(w)
+        plan.core.forward(x.feats.numpy(), w.numpy(), None, out.numpy(), nt)
+        plan.core.backward_input(g.numpy(), w.numpy(), gf.numpy(), nt)
+        plan.core.backward_weight(x.feats.numpy(), g.numpy(), gw.numpy(), nt)
+        results.append((out, gf, gw))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(results[0][0], F.conv_with_map(x.feats, w, kmap), rtol=1e-4, atol=1e-4)
+    f, ww = x.feats.clone().requires_grad_(), w.clone().requires_grad_()
+    ref_gw = torch.autograd.grad(F.conv_with_map(f, ww, kmap), ww, g)[0]
+    torch.testing.assert_close(results[0][2], ref_gw, rtol=1e-3, atol=1e-3)
+
+
+def test_fused_plan_sorts_unsorted_pairs():
+    """Pairs in any order within an offset give the same results."""
+    feats, w, kmap = _fused_case(3, 2, False, 4, 5, torch.float64)
+    in_idx, out_idx = kmap.in_idx.numpy(), kmap.out_idx.numpy()
+    rng = np.random.default_rng(0)
+    order = np.concatenate([lo + rng.permutation(hi - lo) for lo, hi in zip(kmap.ptr[:-1], kmap.ptr[1:])])
+    ptr = np.asarray(kmap.ptr, dtype=np.int64)
+    a = _ext.core.ConvPlan(in_idx, out_idx, ptr, kmap.num_in, kmap.num_out, -1)
+    b = _ext.core.ConvPlan(in_idx[order], out_idx[order], ptr, kmap.num_in, kmap.num_out, -1)
+    g = torch.randn(kmap.num_out, 5, dtype=torch.float64)
+    outs = []
+    for p in (a, b):
+        out, gf, gw = torch.empty(kmap.num_out, 5, dtype=torch.float64), torch.empty_like(feats), torch.empty_like(w)
+        p.forward(feats.numpy(), w.numpy(), None, out.numpy(), 2)
+        p.backward_input(g.numpy(), w.numpy(), gf.numpy(), 2)
+        p.backward_weight(feats.numpy(), g.numpy(), gw.numpy(), 2)
+        outs.append((out, gf, gw))
+    for x, y in zip(*outs):
+        assert torch.equal(x, y)
+
+
+def test_conv_plan_checks_its_map_and_every_call():
+    core = _ext.core
+    idx = np.array([0, 1, 2, 1, 2], dtype=np.int64)
+    out = np.array([0, 1, 2, 0, 1], dtype=np.int64)
+    ptr = np.array([0, 3, 5], dtype=np.int64)
+    plan = core.ConvPlan(idx, out, ptr, 3, 3, 0)
+    assert (plan.num_in, plan.num_out, plan.kernel_volume, plan.identity, plan.num_pairs) == (3, 3, 2, 0, 5)
+    with pytest.raises(ValueError, match=r"in_idx\[2\] = 7 outside \[0, 3\)"):
+        core.ConvPlan(np.array([0, 1, 7, 1, 2]), out, ptr, 3, 3, -1)
+    with pytest.raises(ValueError, match="out_idx"):
+        core.ConvPlan(idx, np.array([0, 1, 2, 0, -1]), ptr, 3, 3, -1)
+    with pytest.raises(ValueError, match="output row 0 twice"):
+        core.ConvPlan(idx, np.array([0, 1, 2, 0, 0]), ptr, 3, 3, -1)
+    with pytest.raises(ValueError, match="not the identity"):
+        core.ConvPlan(idx, out, ptr, 3, 3, 1)
+    with pytest.raises(ValueError, match="ptr must"):
+        core.ConvPlan(idx, out, np.array([0, 3, 4]), 3, 3, -1)
+    with pytest.raises(ValueError, match="identity must be"):
+        core.ConvPlan(idx, out, ptr, 3, 3, 2)
+    with pytest.raises(ValueError, match="out_idx must be 1-D of length 5"):
+        core.ConvPlan(idx, out[:4], ptr, 3, 3, -1)
+    f, w, y = np.ones((3, 2), np.float32), np.ones((2, 2, 4), np.float32), np.empty((3, 4), np.float32)
+    plan.forward(f, w, None, y, 2)
+    assert (y == np.array([2, 2, 1])[:, None] * 2).all()  # pairs per output row x C_in
+    with pytest.raises(ValueError, match=r"weight must be \(kernel_volume, C_in, C_out\) = \(2, 2, 4\)"):
+        plan.forward(f, np.ones((3, 2, 4), np.float32), None, y, 2)
+    with pytest.raises(ValueError, match="feats must have num_in = 3 rows"):
+        plan.forward(f[:2], w, None, y, 2)
+    with pytest.raises(ValueError, match="one dtype"):
+        plan.forward(f.astype(np.float64), w, None, y, 2)
+    with pytest.raises(ValueError, match="bias must be 1-D of length 4"):
+        plan.forward(f, w, np.ones(3, np.float32), y, 2)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        plan.forward(np.ones((2, 3), np.float32).T, w, None, y, 2)
+    with pytest.raises(ValueError, match="writeable"):
+        y.flags.writeable = False
+        plan.forward(f, w, None, y, 2)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        plan.forward(f.astype(np.int32), w.astype(np.int32), None, y.astype(np.int32), 2)
+    with pytest.raises(ValueError, match="grad_weight must be"):
+        plan.backward_weight(f, np.ones((3, 4), np.float32), np.empty((2, 2, 3), np.float32), 2)
+    with pytest.raises(ValueError, match="method must be one of"):
+        _engine.get_plan(ps.kmap.get_kmap(make(), 3), method="dense")

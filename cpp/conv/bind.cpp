@@ -233,7 +233,7 @@ class ConvPlan {
     check_rows(grad, "grad", false);
     rows_are(feats, num_in_, "feats", "num_in");
     rows_are(grad, num_out_, "grad", "num_out");
-    check_weight(grad_weight, feats.shape(1), grad.shape(1));
+    check_weight(grad_weight, feats.shape(1), grad.shape(1), "grad_weight");
     if (!grad_weight.writeable()) value_error("grad_weight must be writeable");
     same_dtype(feats, grad, grad_weight);
     dispatch(feats, [&] { run_wgrad<float>(feats, grad, grad_weight, num_threads, portable); },
@@ -289,12 +289,12 @@ class ConvPlan {
                   shape_str(a));
   }
 
-  void check_weight(const py::array& w, int64_t c_in, int64_t c_out) const {
+  void check_weight(const py::array& w, int64_t c_in, int64_t c_out, const char* name = "weight") const {
     const int64_t K = kernel_volume();
     if (w.ndim() != 3 || w.shape(0) != K || w.shape(1) != c_in || w.shape(2) != c_out)
-      value_error("weight must be (kernel_volume, C_in, C_out) = (" + std::to_string(K) + ", " +
+      value_error(std::string(name) + " must be (kernel_volume, C_in, C_out) = (" + std::to_string(K) + ", " +
                   std::to_string(c_in) + ", " + std::to_string(c_out) + "); got " + shape_str(w));
-    if (!is_c_contiguous(w)) value_error("weight must be C-contiguous");
+    if (!is_c_contiguous(w)) value_error(std::string(name) + " must be C-contiguous");
   }
 
   static void same_dtype(const py::array& a, const py::array& b, const py::array& c) {
