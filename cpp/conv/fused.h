@@ -73,7 +73,7 @@ constexpr int64_t kBlockRows = 256;  // written rows per work block
 constexpr int64_t kUnitPairs = 65536;  // pairs per weight-gradient unit (at least)
 constexpr int64_t kWgradBlocks = 2;    // row blocks per weight-gradient step
 constexpr int64_t kPartialBytes = int64_t(64) << 20;  // cap on all units' partials
-constexpr int64_t kKC = 256;         // pairs per packed weight-gradient panel
+constexpr int64_t kKC = 64;         // pairs per packed weight-gradient panel
 constexpr int64_t kWC = 128;          // pairs per step of the unpacked weight gradient
 
 // Columns per register tile: two 32-byte vectors.
