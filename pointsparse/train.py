@@ -118,14 +118,21 @@ def add_eval_arguments(parser) -> None:
 
 
 def _check_args(args) -> None:
-    for name in ("epochs", "batch_size", "nproc", "scenes", "val_scenes", "blocks", "eval_every"):
+    for name in ("epochs", "batch_size", "nproc", "scenes", "val_scenes", "blocks", "eval_every", "beams",
+                 "azimuth_steps", "threads"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {value}")
-    for name in ("voxel_size", "lr", "cr"):
+    for name in ("voxel_size", "lr", "cr", "max_range"):
         value = getattr(args, name, None)
         if value is not None and not value > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0; got {value}")
+    value = getattr(args, "val_fraction", None)
+    if value is not None and not 0 < value < 1:
+        raise ValueError(f"--val-fraction must be in (0, 1); got {value}")
+    value = getattr(args, "warmup", None)
+    if value is not None and not 0 <= value <= 1:
+        raise ValueError(f"--warmup must be a share of the steps in [0, 1]; got {value}")
     if getattr(args, "nproc", 1) > 1 and args.batch_size % args.nproc:
         raise ValueError(f"--batch-size ({args.batch_size}) must be a multiple of --nproc ({args.nproc})")
 

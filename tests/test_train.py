@@ -126,6 +126,30 @@ def test_bad_arguments():
         tr.main(_parse([*TINY, "--voxel-size", "-1", "--out", "x"]))
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--beams", "0", "--beams must be >= 1"),
+    ("--azimuth-steps", "-3", "--azimuth-steps must be >= 1"),
+    ("--threads", "0", "--threads must be >= 1"),
+    ("--max-range", "0", "--max-range must be > 0"),
+    ("--max-range", "nan", "--max-range must be > 0"),
+    ("--val-fraction", "0", r"--val-fraction must be in \(0, 1\)"),
+    ("--val-fraction", "1", r"--val-fraction must be in \(0, 1\)"),
+    ("--val-fraction", "-0.1", r"--val-fraction must be in \(0, 1\)"),
+    ("--warmup", "-0.01", "--warmup must be"),
+    ("--warmup", "1.5", "--warmup must be"),
+])
+def test_out_of_range_flags_fail_before_any_work(flag, value, message, tmp_path, monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("training started before the arguments were checked")
+
+    monkeypatch.setattr(tr, "train", no_work)
+    monkeypatch.setattr(tr, "open_training_data", no_work)
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=message):
+        tr.main(_parse([*TINY, flag, value, "--out", str(out)]))
+    assert not out.exists()
+
+
 def test_unlabelled_clouds_are_a_value_error(tmp_path):
     pts = np.random.default_rng(0).random((200, 3)).astype(np.float32) * 5
     np.save(tmp_path / "a.npy", pts)
