@@ -42,7 +42,9 @@ BEST = "best.pt"
 
 # --------------------------------------------------------------------- arguments
 
-def add_data_arguments(parser) -> None:
+def add_data_arguments(parser, ignore_default: int | None = DEFAULT_IGNORE) -> None:
+    """The data flags shared by train and eval; ``ignore_default=None`` (eval)
+    means the checkpoint's ignore index, else ``DEFAULT_IGNORE``."""
     parser.add_argument("--data", nargs="+", default=["generated"], metavar="SOURCE",
                         help="'generated' (LiDAR street scenes, the default), 'generated-indoor', or point cloud "
                              "files/folders/globs: SemanticKITTI sequence folders or velodyne/*.bin, .npy/.npz, "
@@ -50,8 +52,10 @@ def add_data_arguments(parser) -> None:
     parser.add_argument("--label-map", default=None, metavar="NAME|JSON",
                         help="raw class id -> training id map: a JSON file or a name in datasets/ "
                              "(semantic-kitti [default for .bin], semantic-kitti-learning, ign-lidarhd, s3dis)")
-    parser.add_argument("--ignore-index", type=int, default=DEFAULT_IGNORE,
-                        help=f"label that counts nowhere, in loss or metrics (default {DEFAULT_IGNORE})")
+    default_text = (f"{DEFAULT_IGNORE}" if ignore_default is not None
+                    else f"the checkpoint's, else {DEFAULT_IGNORE}")
+    parser.add_argument("--ignore-index", type=int, default=ignore_default,
+                        help=f"label that counts nowhere, in loss or metrics (default {default_text})")
     parser.add_argument("--batch-size", type=int, default=2, help="scans per step, over all processes (default 2)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per process (default: torch's default divided among processes)")
@@ -112,7 +116,7 @@ def add_arguments(parser) -> None:
 
 def add_eval_arguments(parser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a checkpoint written by pointsparse train")
-    add_data_arguments(parser)
+    add_data_arguments(parser, ignore_default=None)
     parser.set_defaults(data=None)
     parser.add_argument("--out", default=None, metavar="DIR", help="also write metrics.json and PNGs here")
 
@@ -646,8 +650,9 @@ def evaluate_main(args) -> int:
     state = load_checkpoint(args.checkpoint)
     config = state["config"]
     saved = state.get("args", {})
-    ignore_index = args.ignore_index if args.ignore_index != DEFAULT_IGNORE else config.get("ignore_index",
-                                                                                            DEFAULT_IGNORE)
+    # An explicit --ignore-index always wins, 255 included.
+    ignore_index = (args.ignore_index if args.ignore_index is not None
+                    else config.get("ignore_index", DEFAULT_IGNORE))
     device = _pick_device(args.device, 0)
     if args.threads:
         torch.set_num_threads(args.threads)
