@@ -42,7 +42,9 @@ BEST = "best.pt"
 
 # --------------------------------------------------------------------- arguments
 
-def add_data_arguments(parser) -> None:
+def add_data_arguments(parser, ignore_default: int | None = DEFAULT_IGNORE) -> None:
+    """The data flags shared by train and eval; ``ignore_default=None`` (eval)
+    means the checkpoint's ignore index, else ``DEFAULT_IGNORE``."""
     parser.add_argument("--data", nargs="+", default=["generated"], metavar="SOURCE",
                         help="'generated' (LiDAR street scenes, the default), 'generated-indoor', or point cloud "
                              "files/folders/globs: SemanticKITTI sequence folders or velodyne/*.bin, .npy/.npz, "
@@ -50,8 +52,10 @@ def add_data_arguments(parser) -> None:
     parser.add_argument("--label-map", default=None, metavar="NAME|JSON",
                         help="raw class id -> training id map: a JSON file or a name in datasets/ "
                              "(semantic-kitti [default for .bin], semantic-kitti-learning, ign-lidarhd, s3dis)")
-    parser.add_argument("--ignore-index", type=int, default=DEFAULT_IGNORE,
-                        help=f"label that counts nowhere, in loss or metrics (default {DEFAULT_IGNORE})")
+    default_text = (f"{DEFAULT_IGNORE}" if ignore_default is not None
+                    else f"the checkpoint's, else {DEFAULT_IGNORE}")
+    parser.add_argument("--ignore-index", type=int, default=ignore_default,
+                        help=f"label that counts nowhere, in loss or metrics (default {default_text})")
     parser.add_argument("--batch-size", type=int, default=2, help="scans per step, over all processes (default 2)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per process (default: torch's default divided among processes)")
@@ -112,20 +116,27 @@ def add_arguments(parser) -> None:
 
 def add_eval_arguments(parser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a checkpoint written by pointsparse train")
-    add_data_arguments(parser)
+    add_data_arguments(parser, ignore_default=None)
     parser.set_defaults(data=None)
     parser.add_argument("--out", default=None, metavar="DIR", help="also write metrics.json and PNGs here")
 
 
 def _check_args(args) -> None:
-    for name in ("epochs", "batch_size", "nproc", "scenes", "val_scenes", "blocks", "eval_every"):
+    for name in ("epochs", "batch_size", "nproc", "scenes", "val_scenes", "blocks", "eval_every", "beams",
+                 "azimuth_steps", "threads"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {value}")
-    for name in ("voxel_size", "lr", "cr"):
+    for name in ("voxel_size", "lr", "cr", "max_range"):
         value = getattr(args, name, None)
         if value is not None and not value > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0; got {value}")
+    value = getattr(args, "val_fraction", None)
+    if value is not None and not 0 < value < 1:
+        raise ValueError(f"--val-fraction must be in (0, 1); got {value}")
+    value = getattr(args, "warmup", None)
+    if value is not None and not 0 <= value <= 1:
+        raise ValueError(f"--warmup must be a share of the steps in [0, 1]; got {value}")
     if getattr(args, "nproc", 1) > 1 and args.batch_size % args.nproc:
         raise ValueError(f"--batch-size ({args.batch_size}) must be a multiple of --nproc ({args.nproc})")
 
@@ -639,8 +650,9 @@ def evaluate_main(args) -> int:
     state = load_checkpoint(args.checkpoint)
     config = state["config"]
     saved = state.get("args", {})
-    ignore_index = args.ignore_index if args.ignore_index != DEFAULT_IGNORE else config.get("ignore_index",
-                                                                                            DEFAULT_IGNORE)
+    # An explicit --ignore-index always wins, 255 included.
+    ignore_index = (args.ignore_index if args.ignore_index is not None
+                    else config.get("ignore_index", DEFAULT_IGNORE))
     device = _pick_device(args.device, 0)
     if args.threads:
         torch.set_num_threads(args.threads)

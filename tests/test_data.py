@@ -185,6 +185,30 @@ def test_numpy_readers(tmp_path):
         read_numpy(tmp_path / "nopos.npz")
 
 
+def test_float_labels_whole_or_a_value_error(tmp_path):
+    xyz, lab = _cloud()
+    np.savez(tmp_path / "whole.npz", xyz=xyz, labels=lab.astype(np.float32))
+    s = read_numpy(tmp_path / "whole.npz")
+    assert s.labels.dtype == np.int64 and np.array_equal(s.labels, lab)
+    mapped = read_numpy(tmp_path / "whole.npz", "semantic-kitti-learning")
+    assert np.array_equal(mapped.labels, np.where(lab == 0, 255, lab - 1))
+    for bad in (2.5, np.nan, np.inf):
+        frac = lab.astype(np.float64)
+        frac[7] = bad
+        np.savez(tmp_path / "frac.npz", xyz=xyz, classification=frac)
+        with pytest.raises(ValueError, match=r"frac\.npz key 'classification': labels must be whole numbers"):
+            read_numpy(tmp_path / "frac.npz")
+    np.save(tmp_path / "scan_points_1.npy", xyz)
+    np.save(tmp_path / "scan_labels_1.npy", lab.astype(np.float64))
+    assert np.array_equal(read_numpy(tmp_path / "scan_points_1.npy").labels, lab)
+    np.save(tmp_path / "scan_labels_1.npy", lab + 0.25)
+    with pytest.raises(ValueError, match=r"scan_labels_1\.npy: labels must be whole numbers"):
+        read_numpy(tmp_path / "scan_points_1.npy")
+    np.savetxt(tmp_path / "rows.txt", np.array([[0, 0, 0, 3.0], [1, 1, 1, 2.5]]))
+    with pytest.raises(ValueError, match=r"rows\.txt label column: labels must be whole numbers"):
+        read_text(tmp_path / "rows.txt")
+
+
 def test_las_reader(tmp_path):
     laspy = pytest.importorskip("laspy")
     xyz, lab = _cloud()
@@ -221,6 +245,10 @@ def test_open3d_reader(tmp_path):
         assert np.allclose(s.xyz, xyz, atol=1e-6) and np.array_equal(s.labels, lab)
         assert np.allclose(s.intensity[:, 0], np.linspace(0, 1, 50), atol=1e-6)
         assert np.array_equal(read_cloud(path).labels, lab)
+    pc.point.labels = o3d.core.Tensor((lab + 0.5).astype(np.float32)[:, None])
+    assert o3d.t.io.write_point_cloud(str(tmp_path / "f.ply"), pc)
+    with pytest.raises(ValueError, match=r"f\.ply attribute 'labels': labels must be whole numbers"):
+        read_open3d(tmp_path / "f.ply")
 
 
 def test_s3dis_text_reader(tmp_path):

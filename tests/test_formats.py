@@ -260,6 +260,31 @@ def test_bad_inputs():
         F.FKW.from_dense(torch.ones(2, 2, 4, 4, 4))
 
 
+@pytest.mark.parametrize("blocksize, error", [
+    ((2.5, 2), TypeError), (2.0, TypeError), ((2, True), TypeError), ("22", TypeError),
+    ((2, 2, 2), ValueError), ((2, -1), ValueError), (0, ValueError),
+])
+def test_bsr_rejects_bad_blocksize(blocksize, error):
+    with pytest.raises(error, match="blocksize"):
+        F.BSR.from_dense(torch.ones(4, 4), blocksize=blocksize)
+
+
+def test_bsr_blocksize_accepts_integer_types():
+    import numpy as np
+
+    s = F.BSR.from_dense(torch.ones(4, 6), blocksize=(np.int64(2), 3))
+    assert s.blocksize == (2, 3)
+
+
+@pytest.mark.parametrize("layout", ["CSR", "ellpack", "", None])
+def test_bsr_rejects_unknown_layout(layout):
+    with pytest.raises(ValueError, match="layout must be 'csr' or 'ell'"):
+        F.BSR.from_dense(torch.ones(4, 4), blocksize=2, layout=layout)
+    s = F.BSR.from_dense(torch.ones(4, 4), blocksize=2)
+    with pytest.raises(ValueError, match="layout must be 'csr' or 'ell'"):
+        F.BSR(s.block_ptr, s.block_col, s.values, s.shape, layout=layout)
+
+
 def test_from_module_uses_the_masked_weight():
     from torch.nn.utils import prune
 

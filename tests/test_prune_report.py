@@ -141,3 +141,26 @@ def test_report_bad_pairs():
         prune.sparsity_report(conv, pairs={"missing": [1, 2, 1]})
     with pytest.raises(ValueError, match="1-D integer"):
         prune.sparsity_report(conv, pairs={"": [1.0, 2.0, 1.0]})
+
+
+@pytest.mark.parametrize("with_input", [False, True])
+def test_report_bad_pairs_checked_with_or_without_an_example_input(with_input):
+    conv = SparseConv(2, 2, kernel_size=(1, 1, 3))
+    x = two_sites() if with_input else None
+    with pytest.raises(ValueError, match=r"pairs names 'missing', which is not a sparse conv"):
+        prune.sparsity_report(conv, x, pairs={"missing": [1, 2, 1]})
+    with pytest.raises(ValueError, match="1-D integer"):
+        prune.sparsity_report(conv, x, pairs={"": [1.0, 2.0, 1.0]})
+    with pytest.raises(ValueError, match="1-D integer"):
+        prune.sparsity_report(conv, x, pairs={"": [[1, 2, 1]]})
+    with pytest.raises(ValueError, match=r"must have shape \(3,\); got \(2,\)"):
+        prune.sparsity_report(conv, x, pairs={"": [1, 2]})
+    with pytest.raises(TypeError, match="pairs must be a dict"):
+        prune.sparsity_report(conv, x, pairs=[1, 2, 1])
+    dense = nn.Linear(4, 4)
+    with pytest.raises(ValueError, match=r"pairs names '', which is not a sparse conv"):
+        prune.sparsity_report(dense, torch.randn(1, 4) if with_input else None, pairs={"": [1, 2, 1]})
+    # a good override gives the same FLOPs either way
+    counts = torch.tensor([1, 2, 1])
+    assert prune.sparsity_report(conv, x, pairs={"": counts})["layers"][""]["flops"] == \
+        prune.sparsity_report(conv, pairs={"": counts.tolist()})["layers"][""]["flops"]

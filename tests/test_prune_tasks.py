@@ -24,3 +24,25 @@ def test_scene_task_trains_and_scores():
     assert any(not torch.equal(p, q) for p, q in zip(before, model.parameters()))
     score = task.eval_fn(model)
     assert 0.0 <= score <= 1.0
+
+
+def test_scene_tensor_labels_voxels_by_majority(monkeypatch):
+    # Voxel (0, 0, 0) holds labels [1, 1, 3] (majority 1; the largest id is 3),
+    # voxel (2, 0, 0) holds [2, 0] (a tie: the smaller id) and voxel (0, 4, 0) one point.
+    pts = torch.tensor([[0.1, 0.1, 0.1], [0.2, 0.3, 0.1], [0.4, 0.1, 0.2], [1.1, 0.1, 0.1], [1.2, 0.2, 0.2],
+                        [0.1, 2.2, 0.1]])
+    labels = torch.tensor([1, 3, 1, 2, 0, 3])
+    monkeypatch.setattr(tasks, "street_points", lambda n, seed: (pts, labels))
+    x, y = tasks.scene_tensor(0, voxel_size=0.5)
+    by_voxel = {tuple(c[1:].tolist()): int(v) for c, v in zip(x.coords, y)}
+    assert by_voxel == {(0, 0, 0): 1, (2, 0, 0): 0, (0, 4, 0): 3}
+    assert y.dtype == torch.long
+    g = torch.Generator().manual_seed(0)
+    many = torch.rand(500, 3, generator=g) * 3
+    many_labels = torch.randint(0, 4, (500,), generator=g)
+    monkeypatch.setattr(tasks, "street_points", lambda n, seed: (many, many_labels))
+    x, y = tasks.scene_tensor(0, voxel_size=0.5)
+    for c, v in zip(x.coords[:, 1:].tolist(), y.tolist()):  # brute force per voxel
+        held = many_labels[(torch.floor(many / 0.5).long() == torch.tensor(c)).all(1)].tolist()
+        counts = [held.count(k) for k in range(4)]
+        assert v == counts.index(max(counts)), (c, held)

@@ -126,6 +126,62 @@ def test_bad_arguments():
         tr.main(_parse([*TINY, "--voxel-size", "-1", "--out", "x"]))
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--beams", "0", "--beams must be >= 1"),
+    ("--azimuth-steps", "-3", "--azimuth-steps must be >= 1"),
+    ("--threads", "0", "--threads must be >= 1"),
+    ("--max-range", "0", "--max-range must be > 0"),
+    ("--max-range", "nan", "--max-range must be > 0"),
+    ("--val-fraction", "0", r"--val-fraction must be in \(0, 1\)"),
+    ("--val-fraction", "1", r"--val-fraction must be in \(0, 1\)"),
+    ("--val-fraction", "-0.1", r"--val-fraction must be in \(0, 1\)"),
+    ("--warmup", "-0.01", "--warmup must be"),
+    ("--warmup", "1.5", "--warmup must be"),
+])
+def test_out_of_range_flags_fail_before_any_work(flag, value, message, tmp_path, monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("training started before the arguments were checked")
+
+    monkeypatch.setattr(tr, "train", no_work)
+    monkeypatch.setattr(tr, "open_training_data", no_work)
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=message):
+        tr.main(_parse([*TINY, flag, value, "--out", str(out)]))
+    assert not out.exists()
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("flags, saved, expect", [
+    ([], 7, 7),  # default: the checkpoint's ignore index
+    ([], None, 255),  # default, checkpoint without one: 255
+    (["--ignore-index", "255"], 7, 255),  # an explicit 255 wins over the checkpoint's
+    (["--ignore-index", "3"], 7, 3),
+])
+def test_eval_ignore_index_default_and_explicit(flags, saved, expect, tmp_path, monkeypatch):
+    from pointsparse.data import NUM_FEATURES, OUTDOOR_CLASSES
+
+    config = {"in_channels": NUM_FEATURES, "classes": list(OUTDOOR_CLASSES), "cr": 0.125, "blocks": 1,
+              "voxel_size": 0.5, "model": "minkunet"}
+    if saved is not None:
+        config["ignore_index"] = saved
+    state = {"model": tr.build_model(config).state_dict(), "config": config,
+             "args": {"data": ["generated"], "val_scenes": 1, "beams": 16, "azimuth_steps": 192, "max_range": 16.0}}
+    tr.save_checkpoint(tmp_path / "c.pt", state)
+    used = []
+
+    def fake_evaluate(model, dataset, num_classes, ignore_index, *args, **kwargs):
+        used.append((ignore_index, dataset.ignore_index))
+        raise _Stop
+
+    monkeypatch.setattr(tr, "evaluate", fake_evaluate)
+    with pytest.raises(_Stop):
+        cli.main(["eval", "--checkpoint", str(tmp_path / "c.pt"), "--no-progress", *flags])
+    assert used == [(expect, expect)]
+
+
 def test_unlabelled_clouds_are_a_value_error(tmp_path):
     pts = np.random.default_rng(0).random((200, 3)).astype(np.float32) * 5
     np.save(tmp_path / "a.npy", pts)

@@ -132,10 +132,25 @@ def _scale_rgb(values) -> np.ndarray | None:
     return (v.astype(np.float32) / top).reshape(-1, 3)
 
 
-def _labels(raw, label_map: LabelMap | None, ignore_index: int):
+def _integral(raw, where: str) -> np.ndarray:
+    """Floating labels as int64 when every value is a whole number (files
+    often store class ids as floats); ValueError naming ``where`` (the file
+    and key) otherwise, never a silent truncation."""
+    raw = np.asarray(raw).reshape(-1)
+    if not np.issubdtype(raw.dtype, np.floating):
+        return raw
+    whole = np.isfinite(raw) & (np.floor(raw) == raw) & (np.abs(raw) < 2.0 ** 63)
+    if not whole.all():
+        bad = raw[~whole]
+        raise ValueError(f"{where}: labels must be whole numbers; {bad.size} of {raw.size} are not "
+                         f"(first {bad[0]!r})")
+    return raw.astype(np.int64)
+
+
+def _labels(raw, label_map: LabelMap | None, ignore_index: int, where: str = "labels"):
     if raw is None:
         return None
-    raw = np.asarray(raw).reshape(-1)
+    raw = _integral(raw, where)
     if label_map is None:
         return raw.astype(np.int64)
     return label_map.apply(raw, ignore_index)
@@ -189,7 +204,8 @@ def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_
             raw = z[lab_key] if lab_key else None
             intensity = _scale_intensity(z["intensity"]) if "intensity" in z.files else None
             rgb = _scale_rgb(z["rgb"]) if "rgb" in z.files else None
-        return Sample(xyz[:, :3], _labels(raw, label_map, ignore_index), intensity, rgb, name=str(path))
+        return Sample(xyz[:, :3], _labels(raw, label_map, ignore_index, f"{path} key {lab_key!r}"), intensity, rgb,
+                      name=str(path))
     if path.suffix != ".npy":
         raise ValueError(f"{path}: read_numpy reads .npy or .npz files")
     arr = np.load(path)
@@ -203,7 +219,8 @@ def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_
     raw = np.load(labels_path).reshape(-1) if labels_path is not None else None
     if raw is not None and raw.size != len(arr):
         raise ValueError(f"{labels_path}: {raw.size} labels for {len(arr)} points in {path}")
-    return Sample(arr[:, :3], _labels(raw, label_map, ignore_index), intensity, rgb, name=str(path))
+    return Sample(arr[:, :3], _labels(raw, label_map, ignore_index, f"{labels_path}"), intensity, rgb,
+                  name=str(path))
 
 
 def _sibling_labels(path: Path) -> Path | None:
@@ -250,7 +267,7 @@ def read_open3d(path, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> Sam
     attrs = {k: cloud.point[k].numpy() for k in cloud.point}
     xyz = attrs["positions"].astype(np.float64)
     labels_key = next((k for k in ("labels", "label", "class", "classification") if k in attrs), None)
-    raw = attrs[labels_key].reshape(-1).astype(np.int64) if labels_key else None
+    raw = _integral(attrs[labels_key], f"{path} attribute {labels_key!r}") if labels_key else None
     intensity = _scale_intensity(attrs["intensity"]) if "intensity" in attrs else None
     rgb = _scale_rgb(attrs["colors"]) if "colors" in attrs else None
     return Sample(xyz.astype(np.float32), _labels(raw, load_label_map(label_map) if label_map else None,
@@ -278,7 +295,7 @@ def read_text(path, label_map="s3dis", ignore_index: int = DEFAULT_IGNORE) -> Sa
         rows = np.concatenate(parts)
         return Sample(rows[:, :3], np.concatenate(labels), rgb=_rgb_rows(rows), name=str(path))
     rows = _load_rows(path)
-    raw = rows[:, -1].astype(np.int64) if rows.shape[1] in (4, 7) else None
+    raw = _integral(rows[:, -1], f"{path} label column") if rows.shape[1] in (4, 7) else None
     rgb = _rgb_rows(rows)
     return Sample(rows[:, :3], _labels(raw, label_map, ignore_index), rgb=rgb, name=str(path))
 

@@ -2,11 +2,41 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from .. import _ext
 from ._base import SparseFormat, check_matrix
 from ._storage import narrow, widen
+
+_LAYOUTS = ("csr", "ell")
+
+
+def _check_layout(layout) -> str:
+    if not isinstance(layout, str) or layout not in _LAYOUTS:
+        raise ValueError(f"layout must be 'csr' or 'ell'; got {layout!r}")
+    return layout
+
+
+def _check_blocksize(blocksize) -> tuple:
+    """An int or a pair of ints (numpy integers too; not bool, not float) as
+    a pair of positive ints."""
+    def as_int(v):
+        if isinstance(v, bool):
+            raise TypeError
+        return operator.index(v)
+
+    try:
+        pair = (as_int(blocksize),) * 2
+    except TypeError:
+        try:
+            pair = tuple(as_int(b) for b in blocksize)
+        except TypeError:
+            raise TypeError(f"blocksize must be an int or a pair of ints; got {blocksize!r}") from None
+    if len(pair) != 2 or any(b < 1 for b in pair):
+        raise ValueError(f"blocksize must be two positive ints; got {blocksize!r}")
+    return pair
 
 
 class BSR(SparseFormat):
@@ -25,9 +55,7 @@ class BSR(SparseFormat):
     ``nbytes = MB * E * br * bc * itemsize + MB * E * w(max block col)``."""
 
     def __init__(self, block_ptr, block_col, values, shape, layout: str = "csr"):
-        if layout not in ("csr", "ell"):
-            raise ValueError(f"layout must be 'csr' or 'ell'; got {layout!r}")
-        self.layout = layout
+        self.layout = _check_layout(layout)
         self.shape = (int(shape[0]), int(shape[1]))
         self.values = values.detach().to("cpu").contiguous()
         if self.values.dim() != 3 or self.values.shape[1] < 1 or self.values.shape[2] < 1:
@@ -43,11 +71,8 @@ class BSR(SparseFormat):
     @classmethod
     def from_dense(cls, tensor, blocksize=(4, 4), layout: str = "csr") -> "BSR":
         dense = check_matrix(tensor)
-        if isinstance(blocksize, int):
-            blocksize = (blocksize, blocksize)
-        if len(blocksize) != 2 or any(int(b) < 1 for b in blocksize):
-            raise ValueError(f"blocksize must be two positive ints; got {blocksize}")
-        br, bc = int(blocksize[0]), int(blocksize[1])
+        br, bc = _check_blocksize(blocksize)
+        _check_layout(layout)
         M, K = dense.shape
         mb, kb = -(-M // br), -(-K // bc)
         padded = dense.new_zeros(mb * br, kb * bc)

@@ -22,6 +22,7 @@ whose ``sizes`` are the counts); ``pairs={layer_name: counts}`` overrides them
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -47,14 +48,8 @@ def _layer_flops(module, weight, inputs, output, pair_counts):
     nonzero = weight.detach() != 0
     if is_sparse_conv(module):
         per_offset = nonzero.reshape(weight.shape[0], -1).sum(dim=1).cpu()
-        counts = pair_counts
-        if counts.shape != (weight.shape[0],):
-            raise ValueError(
-                f"pairs for a sparse conv with {weight.shape[0]} offsets must have shape "
-                f"({weight.shape[0]},); got {tuple(counts.shape)}"
-            )
         dense = weight[0].numel()
-        return 2 * int((counts * per_offset).sum()), 2 * int(counts.sum()) * dense
+        return 2 * int((pair_counts * per_offset).sum()), 2 * int(pair_counts.sum()) * dense
     if isinstance(module, nn.Linear):
         positions = inputs[0].numel() // weight.shape[1]
     elif isinstance(module, nn.modules.conv._ConvTransposeNd):
@@ -73,9 +68,9 @@ def sparsity_report(model: nn.Module, example_input=None, pairs: dict | None = N
     SparseTensor, or a tuple of forward arguments) is run once in eval mode
     and without gradients to count FLOPs; ``pairs`` maps a sparse conv's
     qualified name to its per-offset pair counts (shape ``(K,)``)."""
-    pairs = dict(pairs or {})
     layers = {}
     modules = dict(prunable_modules(model))
+    pairs = _check_pairs(pairs, modules)
     for qualified, module in modules.items():
         weight = current_weight(module, "weight").detach()
         bias = getattr(module, "bias", None)
@@ -93,14 +88,35 @@ def sparsity_report(model: nn.Module, example_input=None, pairs: dict | None = N
         }
     if example_input is not None:
         _count_flops(model, modules, layers, example_input, pairs)
-    elif pairs:
+    else:
         for qualified, counts in pairs.items():
-            if qualified not in modules or not is_sparse_conv(modules[qualified]):
-                raise ValueError(f"pairs names {qualified!r}, which is not a sparse conv of the model")
             module = modules[qualified]
-            flops = _layer_flops(module, current_weight(module, "weight"), None, None, _as_counts(counts))
+            flops = _layer_flops(module, current_weight(module, "weight"), None, None, counts)
             layers[qualified]["flops"], layers[qualified]["dense_flops"] = flops
     return {"layers": layers, "total": _total(layers)}
+
+
+def _check_pairs(pairs, modules: dict) -> dict:
+    """``pairs`` as ``{name: int64 (K,) counts}``, every name a sparse conv of
+    the model and every count vector one entry per kernel offset; checked
+    whether or not an example input is given."""
+    if pairs is None:
+        return {}
+    if not isinstance(pairs, Mapping):
+        raise TypeError(f"pairs must be a dict {{layer name: per-offset pair counts}}; got {type(pairs).__name__}")
+    checked = {}
+    for qualified, counts in pairs.items():
+        if qualified not in modules or not is_sparse_conv(modules[qualified]):
+            raise ValueError(f"pairs names {qualified!r}, which is not a sparse conv of the model")
+        counts = _as_counts(counts)
+        offsets = current_weight(modules[qualified], "weight").shape[0]
+        if counts.shape != (offsets,):
+            raise ValueError(
+                f"pairs for a sparse conv with {offsets} offsets must have shape ({offsets},); "
+                f"got {tuple(counts.shape)}"
+            )
+        checked[qualified] = counts
+    return checked
 
 
 def _as_counts(counts) -> torch.Tensor:
@@ -117,11 +133,7 @@ def _count_flops(model, modules, layers, example_input, pairs):
         def hook(mod, inputs, output):
             weight = getattr(mod, "weight")
             if is_sparse_conv(mod):
-                counts = (
-                    _as_counts(pairs[qualified])
-                    if qualified in pairs
-                    else _pair_counts_from_kmap(mod, inputs[0])
-                )
+                counts = pairs[qualified] if qualified in pairs else _pair_counts_from_kmap(mod, inputs[0])
             else:
                 counts = None
             flops, dense = _layer_flops(mod, weight, inputs, output, counts)

@@ -140,12 +140,14 @@ def street_points(n: int = 60000, seed: int = 0) -> tuple[torch.Tensor, torch.Te
 
 
 def scene_tensor(seed: int, points: int = 6000, voxel_size: float = 0.5):
-    """A generated street voxelised: (SparseTensor with xyz feats, voxel labels)."""
+    """A generated street voxelised: (SparseTensor with xyz feats, voxel
+    labels by majority vote of the voxel's points, ties to the smaller id)."""
+    from ..data import DEFAULT_IGNORE, majority_labels
     from ..voxelize import voxelize
     pts, labels = street_points(points, seed)
     x, inverse = voxelize(pts, (pts - pts.mean(0)) / 10.0, voxel_size=voxel_size)
-    vl = torch.zeros(len(x), dtype=torch.long).scatter_reduce_(0, inverse, labels, "amax", include_self=False)
-    return x, vl
+    vl = majority_labels(inverse.numpy(), labels.numpy(), len(x), DEFAULT_IGNORE)
+    return x, torch.from_numpy(vl)
 
 
 def sparse_model(seed: int = 0, width: int = 16, num_classes: int = 4) -> nn.Module:
