@@ -647,6 +647,7 @@ def main(args) -> int:
 def evaluate_main(args) -> int:
     """``pointsparse eval``: score a checkpoint on clouds (by default the data
     it was validated on)."""
+    _check_args(args)
     state = load_checkpoint(args.checkpoint)
     config = state["config"]
     saved = state.get("args", {})

@@ -242,3 +242,14 @@ def test_spvcnn_training_run(tmp_path):
                               "--out", str(out)]))
     assert report["config"]["model"] == "spvcnn" and 0 <= report["miou"] <= 1
     assert cli.main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--no-progress"]) == 0
+
+
+@pytest.mark.parametrize("flag", ["--threads", "--batch-size"])
+def test_eval_checks_its_flags_before_reading_anything(flag, tmp_path):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    tr.add_eval_arguments(parser)
+    args = parser.parse_args(["--checkpoint", str(tmp_path / "missing.pt"), flag, "0"])
+    with pytest.raises(ValueError, match=f"{flag} must be >= 1; got 0"):
+        tr.evaluate_main(args)

@@ -122,7 +122,6 @@ class Plan:
     max_rows: int
     num_in: int
     num_out: int
-    kernel_volume: int
 
 
 def _is_identity(kmap: _kmap.KernelMap, o: int) -> bool:
@@ -217,7 +216,7 @@ def make_plan(kmap: _kmap.KernelMap, chunk_rows: int = DEFAULT_CHUNK_ROWS, epsil
                               np.array([p[0] for p in group], dtype=np.int64), group[0][0]))
     max_rows = max((s.num_rows for s in steps), default=0)
     return Plan(identity, tuple(steps), _ext.to_numpy(kmap.in_idx), _ext.to_numpy(kmap.out_idx), max_rows,
-                kmap.num_in, kmap.num_out, kmap.kernel_volume)
+                kmap.num_in, kmap.num_out)
 
 
 _PLANS: "weakref.WeakKeyDictionary[_kmap.KernelMap, dict]" = weakref.WeakKeyDictionary()
