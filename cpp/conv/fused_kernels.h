@@ -50,6 +50,61 @@ inline V vfma(V a, V b, V c) {
 }
 #endif
 
+// One step of a register tile: acc{0,1}[r] += x_r * (b0, b1), x_r = *x[r].
+template <typename T>
+inline void tile_step(typename Vec<T>::type* acc0, typename Vec<T>::type* acc1, typename Vec<T>::type b0,
+                      typename Vec<T>::type b1, const T* x0, const T* x1, const T* x2, const T* x3, const T* x4,
+                      const T* x5) {
+  typename Vec<T>::type v;
+  v = vbroadcast(*x0);
+  acc0[0] = vfma(v, b0, acc0[0]);
+  acc1[0] = vfma(v, b1, acc1[0]);
+  v = vbroadcast(*x1);
+  acc0[1] = vfma(v, b0, acc0[1]);
+  acc1[1] = vfma(v, b1, acc1[1]);
+  v = vbroadcast(*x2);
+  acc0[2] = vfma(v, b0, acc0[2]);
+  acc1[2] = vfma(v, b1, acc1[2]);
+  v = vbroadcast(*x3);
+  acc0[3] = vfma(v, b0, acc0[3]);
+  acc1[3] = vfma(v, b1, acc1[3]);
+  v = vbroadcast(*x4);
+  acc0[4] = vfma(v, b0, acc0[4]);
+  acc1[4] = vfma(v, b1, acc1[4]);
+  v = vbroadcast(*x5);
+  acc0[5] = vfma(v, b0, acc0[5]);
+  acc1[5] = vfma(v, b1, acc1[5]);
+}
+
+// c[r][0:ncols] += acc{0,1}[r] for r in [first, last). Only constant indices
+// into acc0/acc1: the accumulators stay in registers (a runtime index would
+// send them through the stack).
+template <typename T>
+inline void tile_add(const typename Vec<T>::type* acc0, const typename Vec<T>::type* acc1, T* const* c, int first,
+                     int last, int64_t ncols) {
+  constexpr int L = int(32 / sizeof(T));
+  constexpr int NR = 2 * L;
+  if (ncols == NR && first == 0 && last == kMR) {
+#pragma GCC unroll 6
+    for (int r = 0; r < kMR; ++r) {
+      T* cr = c[r];
+      vstore(cr, vload(cr) + acc0[r]);
+      vstore(cr + L, vload(cr + L) + acc1[r]);
+    }
+    return;
+  }
+  T tmp[kMR][NR];
+#pragma GCC unroll 6
+  for (int r = 0; r < kMR; ++r) {
+    vstore(tmp[r], acc0[r]);
+    vstore(tmp[r] + L, acc1[r]);
+  }
+  for (int r = first; r < last; ++r) {
+    T* cr = c[r];
+    for (int64_t j = 0; j < ncols; ++j) cr[j] += tmp[r][j];
+  }
+}
+
 // C[r][0:ncols] += sum_k A[r][k] * B[k][0:NR] for r < mr. A[r][k] is
 // a[r][k * AS] (AS = 1: rows of a feature matrix; AS = kMR: a packed panel).
 // Rows r >= mr of `a` must still be readable (callers repeat a valid row).
@@ -69,47 +124,9 @@ inline void micro(int64_t kc, const T* const* a, const T* __restrict b, T* const
   const T* __restrict a5 = a[5];
   for (int64_t k = 0; k < kc; ++k) {
     const V b0 = vload(b + k * NR), b1 = vload(b + k * NR + L);
-    V x;
-    x = vbroadcast(a0[k * AS]);
-    acc0[0] = vfma(x, b0, acc0[0]);
-    acc1[0] = vfma(x, b1, acc1[0]);
-    x = vbroadcast(a1[k * AS]);
-    acc0[1] = vfma(x, b0, acc0[1]);
-    acc1[1] = vfma(x, b1, acc1[1]);
-    x = vbroadcast(a2[k * AS]);
-    acc0[2] = vfma(x, b0, acc0[2]);
-    acc1[2] = vfma(x, b1, acc1[2]);
-    x = vbroadcast(a3[k * AS]);
-    acc0[3] = vfma(x, b0, acc0[3]);
-    acc1[3] = vfma(x, b1, acc1[3]);
-    x = vbroadcast(a4[k * AS]);
-    acc0[4] = vfma(x, b0, acc0[4]);
-    acc1[4] = vfma(x, b1, acc1[4]);
-    x = vbroadcast(a5[k * AS]);
-    acc0[5] = vfma(x, b0, acc0[5]);
-    acc1[5] = vfma(x, b1, acc1[5]);
+    tile_step<T>(acc0, acc1, b0, b1, a0 + k * AS, a1 + k * AS, a2 + k * AS, a3 + k * AS, a4 + k * AS, a5 + k * AS);
   }
-  // Only constant indices into acc0/acc1 below: the accumulators stay in
-  // registers (a runtime index would send them through the stack).
-  if (ncols == NR && mr == kMR) {
-#pragma GCC unroll 6
-    for (int r = 0; r < kMR; ++r) {
-      T* cr = c[r];
-      vstore(cr, vload(cr) + acc0[r]);
-      vstore(cr + L, vload(cr + L) + acc1[r]);
-    }
-  } else {
-    T tmp[kMR][NR];
-#pragma GCC unroll 6
-    for (int r = 0; r < kMR; ++r) {
-      vstore(tmp[r], acc0[r]);
-      vstore(tmp[r] + L, acc1[r]);
-    }
-    for (int r = 0; r < mr; ++r) {
-      T* cr = c[r];
-      for (int64_t j = 0; j < ncols; ++j) cr[j] += tmp[r][j];
-    }
-  }
+  tile_add<T>(acc0, acc1, c, 0, mr, ncols);
 }
 
 // First index in [lo, hi) of the ascending v with v[i] >= key.
@@ -212,45 +229,11 @@ inline void micro_wg(int64_t n, const T* const* xp, int64_t m0, const T* __restr
   for (int64_t q = 0; q < n; ++q) {
     const T* __restrict xr = xp[q] + m0;
     const V b0 = vload(b + q * NR), b1 = vload(b + q * NR + L);
-    V x;
-    x = vbroadcast(xr[0]);
-    acc0[0] = vfma(x, b0, acc0[0]);
-    acc1[0] = vfma(x, b1, acc1[0]);
-    x = vbroadcast(xr[1]);
-    acc0[1] = vfma(x, b0, acc0[1]);
-    acc1[1] = vfma(x, b1, acc1[1]);
-    x = vbroadcast(xr[2]);
-    acc0[2] = vfma(x, b0, acc0[2]);
-    acc1[2] = vfma(x, b1, acc1[2]);
-    x = vbroadcast(xr[3]);
-    acc0[3] = vfma(x, b0, acc0[3]);
-    acc1[3] = vfma(x, b1, acc1[3]);
-    x = vbroadcast(xr[4]);
-    acc0[4] = vfma(x, b0, acc0[4]);
-    acc1[4] = vfma(x, b1, acc1[4]);
-    x = vbroadcast(xr[5]);
-    acc0[5] = vfma(x, b0, acc0[5]);
-    acc1[5] = vfma(x, b1, acc1[5]);
+    tile_step<T>(acc0, acc1, b0, b1, xr, xr + 1, xr + 2, xr + 3, xr + 4, xr + 5);
   }
-  if (ncols == NR && skip_rows == 0) {
-#pragma GCC unroll 6
-    for (int r = 0; r < kMR; ++r) {
-      T* cr = c + r * ldc;
-      vstore(cr, vload(cr) + acc0[r]);
-      vstore(cr + L, vload(cr + L) + acc1[r]);
-    }
-  } else {
-    T tmp[kMR][NR];
-#pragma GCC unroll 6
-    for (int r = 0; r < kMR; ++r) {
-      vstore(tmp[r], acc0[r]);
-      vstore(tmp[r] + L, acc1[r]);
-    }
-    for (int r = skip_rows; r < kMR; ++r) {
-      T* cr = c + r * ldc;
-      for (int64_t j = 0; j < ncols; ++j) cr[j] += tmp[r][j];
-    }
-  }
+  T* rows[kMR];
+  for (int r = 0; r < kMR; ++r) rows[r] = c + r * ldc;
+  tile_add<T>(acc0, acc1, rows, skip_rows, kMR, ncols);
 }
 
 // grad_w partials of pairs [s, end) of offset k into part (c_in x c_out),
