@@ -114,6 +114,7 @@ class ConvPlan:
         num_in: int,
         num_out: int,
         identity: int,
+        num_threads: int = 1,
     ) -> None: ...
     def forward(
         self, feats: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, out: np.ndarray, num_threads: int,

@@ -5,7 +5,7 @@
 
 #include <algorithm>
 #include <limits>
-#include <numeric>
+#include <memory>
 #include <vector>
 
 #include "array.h"
@@ -135,7 +135,7 @@ void scatter_add(py::array buf, carray<int64_t> idx, carray<int64_t> start, carr
 class ConvPlan {
  public:
   ConvPlan(carray<int64_t> in_idx, carray<int64_t> out_idx, carray<int64_t> ptr, int64_t num_in, int64_t num_out,
-           int64_t identity)
+           int64_t identity, int num_threads)
       : num_in_(num_in), num_out_(num_out), identity_(identity) {
     check_1d(in_idx, -1, "in_idx");
     check_1d(out_idx, in_idx.shape(0), "out_idx");
@@ -152,14 +152,23 @@ class ConvPlan {
     if (identity < -1 || identity >= K)
       value_error("identity must be -1 or an offset index in [0, " + std::to_string(K) + "); got " +
                   std::to_string(identity));
-    for (int64_t i = 0; i < P; ++i) {
-      if (in[i] < 0 || in[i] >= num_in)
-        value_error("in_idx[" + std::to_string(i) + "] = " + std::to_string(in[i]) + " outside [0, " +
-                    std::to_string(num_in) + ")");
-      if (out[i] < 0 || out[i] >= num_out)
-        value_error("out_idx[" + std::to_string(i) + "] = " + std::to_string(out[i]) + " outside [0, " +
-                    std::to_string(num_out) + ")");
+    const int nt = threads(num_threads, P);
+    // Bounds first (the first bad pair is reported, whatever the thread count).
+    int64_t bad_in = P, bad_out = P;
+    {
+      py::gil_scoped_release release;
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(min : bad_in, bad_out)
+      for (int64_t i = 0; i < P; ++i) {
+        if ((in[i] < 0) | (in[i] >= num_in)) bad_in = std::min(bad_in, i);
+        if ((out[i] < 0) | (out[i] >= num_out)) bad_out = std::min(bad_out, i);
+      }
     }
+    if (bad_in < P)
+      value_error("in_idx[" + std::to_string(bad_in) + "] = " + std::to_string(in[bad_in]) + " outside [0, " +
+                  std::to_string(num_in) + ")");
+    if (bad_out < P)
+      value_error("out_idx[" + std::to_string(bad_out) + "] = " + std::to_string(out[bad_out]) + " outside [0, " +
+                  std::to_string(num_out) + ")");
     if (identity >= 0) {
       const int64_t lo = pp[identity], n = pp[identity + 1] - lo;
       bool ok = num_in == num_out && n == num_in;
@@ -169,19 +178,45 @@ class ConvPlan {
     ptr_.assign(1, 0);
     for (int64_t k = 0; k < K; ++k) ptr_.push_back(ptr_.back() + (k == identity ? 0 : pp[k + 1] - pp[k]));
     const int64_t Q = ptr_.back();
-    fwd_row_.resize(Q);
-    fwd_col_.resize(Q);
-    bwd_row_.resize(Q);
-    bwd_col_.resize(Q);
-    std::vector<int64_t> order;
-    for (int64_t k = 0; k < K; ++k) {
-      if (k == identity) continue;
-      const int64_t lo = pp[k], n = pp[k + 1] - lo, dst = ptr_[k];
-      sorted_copy(out + lo, in + lo, n, k, "output", fwd_row_.data() + dst, fwd_col_.data() + dst, order);
-      sorted_copy(in + lo, out + lo, n, k, "input", bwd_row_.data() + dst, bwd_col_.data() + dst, order);
+    fwd_row_.reset(new int32_t[Q > 0 ? Q : 1]);
+    fwd_col_.reset(new int32_t[Q > 0 ? Q : 1]);
+    bwd_row_.reset(new int32_t[Q > 0 ? Q : 1]);
+    bwd_col_.reset(new int32_t[Q > 0 ? Q : 1]);
+    // Per offset and side: sorted already (copy) or not (stable sort through
+    // `order`, allocated only then); a repeated row ends the plan.
+    std::vector<char> unsorted(2 * K, 0);
+    std::vector<int64_t> repeated(2 * K, -1), order;
+    {
+      py::gil_scoped_release release;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+      for (int64_t t = 0; t < 2 * K; ++t) {
+        const int64_t k = t / 2, lo = pp[k], n = pp[k + 1] - lo;
+        if (k == identity) continue;
+        const int64_t* key = (t % 2 ? in : out) + lo;
+        for (int64_t i = 1; i < n; ++i)
+          if (key[i - 1] >= key[i]) {
+            unsorted[t] = 1;
+            break;
+          }
+      }
+      if (std::find(unsorted.begin(), unsorted.end(), 1) != unsorted.end()) order.resize(2 * P);
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+      for (int64_t t = 0; t < 2 * K; ++t) {
+        const int64_t k = t / 2, lo = pp[k], n = pp[k + 1] - lo, dst = ptr_[k];
+        if (k == identity) continue;
+        const bool by_input = t % 2;
+        repeated[t] = sorted_copy(by_input ? in + lo : out + lo, by_input ? out + lo : in + lo, n, unsorted[t],
+                                  (by_input ? bwd_row_ : fwd_row_).get() + dst,
+                                  (by_input ? bwd_col_ : fwd_col_).get() + dst,
+                                  unsorted[t] ? order.data() + (by_input ? P : 0) + lo : nullptr);
+      }
     }
-    fwd_cuts_ = block_cuts(fwd_row_, num_out);
-    bwd_cuts_ = block_cuts(bwd_row_, num_in);
+    for (int64_t t = 0; t < 2 * K; ++t)
+      if (repeated[t] >= 0)
+        value_error("offset " + std::to_string(t / 2) + " pairs " + (t % 2 ? "input" : "output") + " row " +
+                    std::to_string(repeated[t]) + " twice");
+    fwd_cuts_ = block_cuts(fwd_row_.get(), num_out, nt);
+    bwd_cuts_ = block_cuts(bwd_row_.get(), num_in, nt);
   }
 
   int64_t num_in() const { return num_in_; }
@@ -241,36 +276,36 @@ class ConvPlan {
   }
 
  private:
-  // Copy the pairs of one offset sorted by `key` (strictly increasing), a
-  // stable sort only when they are not sorted already.
-  static void sorted_copy(const int64_t* key, const int64_t* val, int64_t n, int64_t k, const char* side,
-                          int32_t* row, int32_t* col, std::vector<int64_t>& order) {
-    bool sorted = true;
-    for (int64_t i = 1; i < n && sorted; ++i) sorted = key[i - 1] < key[i];
-    if (sorted) {
+  // Copy the pairs of one offset sorted by `key` (strictly increasing): a
+  // plain copy when sorted already, else a stable sort through `order` (n
+  // entries). Returns a key that repeats, or -1. No Python, no allocation:
+  // runs inside a parallel region.
+  static int64_t sorted_copy(const int64_t* key, const int64_t* val, int64_t n, bool unsorted, int32_t* row,
+                             int32_t* col, int64_t* order) {
+    if (!unsorted) {
       for (int64_t i = 0; i < n; ++i) {
         row[i] = int32_t(key[i]);
         col[i] = int32_t(val[i]);
       }
-      return;
+      return -1;
     }
-    order.resize(n);
-    std::iota(order.begin(), order.end(), int64_t(0));
-    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return key[a] < key[b]; });
+    for (int64_t i = 0; i < n; ++i) order[i] = i;
+    std::stable_sort(order, order + n, [&](int64_t a, int64_t b) { return key[a] < key[b]; });
     for (int64_t i = 0; i < n; ++i) {
-      if (i && key[order[i]] == key[order[i - 1]])
-        value_error("offset " + std::to_string(k) + " pairs " + side + " row " + std::to_string(key[order[i]]) +
-                    " twice");
+      if (i && key[order[i]] == key[order[i - 1]]) return key[order[i]];
       row[i] = int32_t(key[order[i]]);
       col[i] = int32_t(val[order[i]]);
     }
+    return -1;
   }
 
   // cuts[b * K + k]: first pair of offset k with row >= b * kBlockRows, for
   // b = 0 .. blocks (one merge walk per offset).
-  std::vector<int64_t> block_cuts(const std::vector<int32_t>& row, int64_t num_rows) const {
+  std::vector<int64_t> block_cuts(const int32_t* row, int64_t num_rows, int nt) const {
     const int64_t K = kernel_volume(), blocks = (num_rows + conv::kBlockRows - 1) / conv::kBlockRows;
     std::vector<int64_t> cuts((blocks + 1) * K);
+    py::gil_scoped_release release;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
     for (int64_t k = 0; k < K; ++k) {
       int64_t i = ptr_[k];
       const int64_t end = ptr_[k + 1];
@@ -354,15 +389,15 @@ class ConvPlan {
   }
 
   conv::PairList pairs_fwd() const {
-    return {fwd_row_.data(), fwd_col_.data(), ptr_.data(), fwd_cuts_.data(), kernel_volume(), identity_};
+    return {fwd_row_.get(), fwd_col_.get(), ptr_.data(), fwd_cuts_.data(), kernel_volume(), identity_};
   }
   conv::PairList pairs_bwd() const {
-    return {bwd_row_.data(), bwd_col_.data(), ptr_.data(), bwd_cuts_.data(), kernel_volume(), identity_};
+    return {bwd_row_.get(), bwd_col_.get(), ptr_.data(), bwd_cuts_.data(), kernel_volume(), identity_};
   }
 
   int64_t num_in_, num_out_, identity_;
   std::vector<int64_t> ptr_, fwd_cuts_, bwd_cuts_;
-  std::vector<int32_t> fwd_row_, fwd_col_, bwd_row_, bwd_col_;
+  std::unique_ptr<int32_t[]> fwd_row_, fwd_col_, bwd_row_, bwd_col_;  // uninitialised until filled
 };
 
 }  // namespace
@@ -379,9 +414,9 @@ void bind_conv(py::module_& m) {
         "Instruction set the fused convolution kernels use on this CPU: 'avx2' or 'generic'.");
   py::class_<ConvPlan>(m, "ConvPlan",
                        "The pairs of a kernel map checked and laid out once for the fused convolution kernels.")
-      .def(py::init<carray<int64_t>, carray<int64_t>, carray<int64_t>, int64_t, int64_t, int64_t>(),
+      .def(py::init<carray<int64_t>, carray<int64_t>, carray<int64_t>, int64_t, int64_t, int64_t, int>(),
            py::arg("in_idx"), py::arg("out_idx"), py::arg("ptr"), py::arg("num_in"), py::arg("num_out"),
-           py::arg("identity"))
+           py::arg("identity"), py::arg("num_threads") = 1)
       .def_property_readonly("num_in", &ConvPlan::num_in)
       .def_property_readonly("num_out", &ConvPlan::num_out)
       .def_property_readonly("kernel_volume", &ConvPlan::kernel_volume)
