@@ -362,12 +362,15 @@ class ConvPlan {
       std::fill(gw, gw + K * c_in * c_out, T(0));
       return;
     }
-    // Units: consecutive row blocks holding >= `target` pairs; their number
-    // is capped so that all partials fit in kPartialBytes.
+    // Units: consecutive row blocks holding >= `target` pairs: kUnitPairs, or
+    // less on small maps so that there are about kMinUnits units to share
+    // among threads; their number is capped so that all partials fit in
+    // kPartialBytes. A function of the map and the channels only.
     const int64_t blocks = (num_out_ + conv::kBlockRows - 1) / conv::kBlockRows;
     const int64_t partial_bytes = K * c_in * c_out * int64_t(sizeof(T));
     const int64_t max_units = std::max<int64_t>(1, conv::kPartialBytes / partial_bytes);
-    const int64_t target = std::max(conv::kUnitPairs, (num_pairs() + max_units - 1) / max_units);
+    const int64_t target = std::max(std::min(conv::kUnitPairs, (num_pairs() + conv::kMinUnits - 1) / conv::kMinUnits),
+                                    (num_pairs() + max_units - 1) / max_units);
     std::vector<int64_t> units{0};
     int64_t acc = 0;
     for (int64_t b = 0; b < blocks; ++b) {

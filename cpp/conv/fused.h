@@ -70,7 +70,8 @@ struct WgradArgs {
 
 constexpr int kMR = 6;               // pairs per register tile
 constexpr int64_t kBlockRows = 256;  // written rows per work block
-constexpr int64_t kUnitPairs = 65536;  // pairs per weight-gradient unit (at least)
+constexpr int64_t kUnitPairs = 65536;  // pairs per weight-gradient unit (at least, on large maps)
+constexpr int64_t kMinUnits = 16;      // units a smaller map is cut into
 constexpr int64_t kWgradBlocks = 2;    // row blocks per weight-gradient step
 constexpr int64_t kPartialBytes = int64_t(64) << 20;  // cap on all units' partials
 constexpr int64_t kKC = 64;         // pairs per packed weight-gradient panel
