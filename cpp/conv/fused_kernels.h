@@ -55,25 +55,13 @@ template <typename T>
 inline void tile_step(typename Vec<T>::type* acc0, typename Vec<T>::type* acc1, typename Vec<T>::type b0,
                       typename Vec<T>::type b1, const T* x0, const T* x1, const T* x2, const T* x3, const T* x4,
                       const T* x5) {
-  typename Vec<T>::type v;
-  v = vbroadcast(*x0);
-  acc0[0] = vfma(v, b0, acc0[0]);
-  acc1[0] = vfma(v, b1, acc1[0]);
-  v = vbroadcast(*x1);
-  acc0[1] = vfma(v, b0, acc0[1]);
-  acc1[1] = vfma(v, b1, acc1[1]);
-  v = vbroadcast(*x2);
-  acc0[2] = vfma(v, b0, acc0[2]);
-  acc1[2] = vfma(v, b1, acc1[2]);
-  v = vbroadcast(*x3);
-  acc0[3] = vfma(v, b0, acc0[3]);
-  acc1[3] = vfma(v, b1, acc1[3]);
-  v = vbroadcast(*x4);
-  acc0[4] = vfma(v, b0, acc0[4]);
-  acc1[4] = vfma(v, b1, acc1[4]);
-  v = vbroadcast(*x5);
-  acc0[5] = vfma(v, b0, acc0[5]);
-  acc1[5] = vfma(v, b1, acc1[5]);
+  const T* const x[kMR] = {x0, x1, x2, x3, x4, x5};
+#pragma GCC unroll 6
+  for (int r = 0; r < kMR; ++r) {
+    const typename Vec<T>::type v = vbroadcast(*x[r]);
+    acc0[r] = vfma(v, b0, acc0[r]);
+    acc1[r] = vfma(v, b1, acc1[r]);
+  }
 }
 
 // c[r][0:ncols] += acc{0,1}[r] for r in [first, last). Only constant indices
