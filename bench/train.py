@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from pathlib import Path
 import subprocess
 import sys
 import time
@@ -20,6 +21,8 @@ import time
 from _common import RESULTS_DIR, ROOT, datasets_dir, environment
 
 RUNS = ROOT / "runs" / "bench-train"
+#: What the table says for runs recorded before the engine was (the earlier pure-torch path).
+PRE_FUSED = "earlier (pure torch)"
 
 
 def experiments(quick: bool, data) -> list[dict]:
@@ -92,7 +95,10 @@ def run(exp: dict, threads: int | None, collect: bool = False) -> dict:
     report["wall_s"] = time.perf_counter() - t0 if not collect else report.get("wall_time_s")
     for name, path in report["pictures"].items():
         dest = RESULTS_DIR / f"train-{exp['name']}-{name}.png"
-        shutil.copyfile(path, dest)
+        if Path(path).is_file():
+            shutil.copyfile(path, dest)
+        elif not (collect and dest.is_file()):  # collecting a run made elsewhere: keep the copy we have
+            raise FileNotFoundError(f"{exp['name']}: picture {path} is missing")
         report["pictures"][name] = dest.name
     return report
 
@@ -107,12 +113,14 @@ def write_markdown(results: list[tuple[dict, dict]], env: dict, quick: bool, thr
              + (" **--quick run (tiny budgets): not the results.**" if quick else ""), "",
              "Rows accumulate across `--only` runs: each row's numbers are from the run that produced it "
              "(its metrics.json under runs/bench-train); step times depend on the machine's load.", "",
-             "| experiment | mIoU | accuracy | epochs | steps | s/step | scans/step | s/scan | training min |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| experiment | mIoU | accuracy | epochs | steps | s/step | scans/step | s/scan | training min | "
+             "conv engine | run (UTC) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for exp, r in results:
         lines.append(f"| {exp['name']} | {100 * r['miou']:.1f}% | {100 * r['accuracy']:.1f}% | {r['epochs']} | "
                      f"{r['steps']} | {r['step_time_s_median']:.2f} | {r['scans_per_step']} | "
-                     f"{r['step_time_per_scan_s']:.2f} | {r['train_time_s'] / 60:.1f} |")
+                     f"{r['step_time_per_scan_s']:.2f} | {r['train_time_s'] / 60:.1f} | "
+                     f"{r.get('conv_engine') or PRE_FUSED} | {r.get('environment', {}).get('date', '-')} |")
     got = {exp["name"]: r for exp, r in results}
     lines += ["", "## Notes", ""]
     for name in ("generated", "generated-weighted"):
@@ -122,8 +130,7 @@ def write_markdown(results: list[tuple[dict, dict]], env: dict, quick: bool, thr
             lines.append(f"- `{name}`: {100 * r['miou']:.1f}% mIoU after {r['train_time_s'] / 60:.1f} min of "
                          f"training ({r['steps']} steps of {r['scans_per_step']} scans, "
                          f"{r['threads_per_process']} thread(s)) {verdict} the target of 70% within 10 minutes "
-                         "on 2 cores. The step time is what limits it: more steps fit in the budget once the "
-                         "convolution is faster.")
+                         "on 2 cores.")
     if "kitti-finetune" in got and "kitti-scratch" in got:
         a, b = got["kitti-finetune"], got["kitti-scratch"]
         lines.append(f"- SemanticKITTI, one training scan, scored on another scan of a different sequence over "
@@ -131,8 +138,9 @@ def write_markdown(results: list[tuple[dict, dict]], env: dict, quick: bool, thr
                      f"{100 * b['miou']:.1f}% from random weights with the same budget. One scan is far too "
                      "little data for the 19 classes; the number shows the pipeline end to end, not a benchmark "
                      "score.")
-    lines += ["- These runs used the pure-torch convolution path of `pointsparse.nn` (the fast engine of the "
-              "`conv` branch had not reached `main`); re-run all of them with "
+    lines += [f"- `conv engine`: the CPU convolution the run trained with; \"{PRE_FUSED}\" rows ran before the "
+              "engine recorded it, with the pure-torch convolution path, and their step times are 2x or more "
+              "what the fused engine gives. Re-run all of them with "
               "`flock /tmp/ps-heavy.lock .venv/bin/python bench/train.py --threads 2` (or one with "
               "`--only NAME`; `--collect` rebuilds this page from `runs/bench-train`).",
               "- Each run stops by its time budget: `--time-budget` fits the number of epochs (and so the "
@@ -145,6 +153,14 @@ def write_markdown(results: list[tuple[dict, dict]], env: dict, quick: bool, thr
             lines.append(f"| {c} | {'-' if v is None else f'{100 * v:.1f}%'} | {r['points'][c]} |")
         lines += ["", " ".join(f"![{k}]({v})" for k, v in r["pictures"].items())]
     return "\n".join(lines) + "\n"
+
+
+def conv_engine() -> str:
+    """The CPU convolution engine a training run of this checkout uses."""
+    from pointsparse import _ext
+    from pointsparse.nn import _engine
+
+    return f"{_engine.DEFAULT_METHOD} C++ ({_ext.core.conv_isa()})"
 
 
 def main() -> int:
@@ -171,14 +187,22 @@ def main() -> int:
         if args.collect and not (RUNS / exp["name"] / "metrics.json").is_file():
             continue
         report = run(exp, args.threads, args.collect)
+        if args.collect:
+            report["conv_engine"] = saved.get(exp["name"], {}).get("conv_engine")
+        else:
+            report["conv_engine"] = conv_engine()
         report.pop("history", None)
         report.pop("confusion", None)
-        report["environment"] = env
-        report["threads"] = args.threads
+        previous = saved.get(exp["name"], {})
+        report["environment"] = previous.get("environment", env) if args.collect else env
+        report["threads"] = previous.get("threads", args.threads) if args.collect else args.threads
         saved[exp["name"]] = report
         store.write_text(json.dumps(saved, indent=1) + "\n")
         results = [(e, saved[e["name"]]) for e in all_exps if e["name"] in saved]
-        (RESULTS_DIR / f"{name}.md").write_text(write_markdown(results, env, args.quick, args.threads))
+        # The header names the newest run's environment (with --collect, not this invocation's).
+        newest = max((r for _, r in results), key=lambda r: r.get("environment", {}).get("date", ""))
+        (RESULTS_DIR / f"{name}.md").write_text(write_markdown(
+            results, newest.get("environment", env), args.quick, newest.get("threads", args.threads)))
     print(f"results: {RESULTS_DIR / (name + '.md')}")
     return 0
 
