@@ -127,10 +127,14 @@ def _check_args(args) -> None:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {value}")
-    for name in ("voxel_size", "lr", "cr", "max_range"):
+    for name in ("voxel_size", "lr", "cr", "max_range", "time_budget"):
         value = getattr(args, name, None)
         if value is not None and not value > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0; got {value}")
+    for name in ("weight_decay", "time_limit"):  # --time-limit 0: stop after the first epoch
+        value = getattr(args, name, None)
+        if value is not None and not value >= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0; got {value}")
     value = getattr(args, "val_fraction", None)
     if value is not None and not 0 < value < 1:
         raise ValueError(f"--val-fraction must be in (0, 1); got {value}")

@@ -137,6 +137,9 @@ def test_bad_arguments():
     ("--val-fraction", "-0.1", r"--val-fraction must be in \(0, 1\)"),
     ("--warmup", "-0.01", "--warmup must be"),
     ("--warmup", "1.5", "--warmup must be"),
+    ("--time-limit", "-1", "--time-limit must be >= 0"),
+    ("--time-budget", "0", "--time-budget must be > 0"),
+    ("--weight-decay", "nan", "--weight-decay must be >= 0"),
 ])
 def test_out_of_range_flags_fail_before_any_work(flag, value, message, tmp_path, monkeypatch):
     def no_work(*args, **kwargs):

@@ -121,9 +121,12 @@ def _check_pairs(pairs, modules: dict) -> dict:
 
 def _as_counts(counts) -> torch.Tensor:
     counts = torch.as_tensor(counts)
-    if counts.dtype.is_floating_point or counts.dim() != 1:
+    if counts.dtype.is_floating_point or counts.dtype == torch.bool or counts.dim() != 1:
         raise ValueError(f"pair counts must be a 1-D integer sequence; got {counts!r}")
-    return counts.to(torch.int64).cpu()
+    counts = counts.to(torch.int64).cpu()
+    if (counts < 0).any():
+        raise ValueError(f"pair counts must be >= 0; got {counts.tolist()}")
+    return counts
 
 
 def _count_flops(model, modules, layers, example_input, pairs):
