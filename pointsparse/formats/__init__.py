@@ -64,10 +64,10 @@ def compress(module: torch.nn.Module, format="csr", **kwargs) -> torch.nn.Module
         weight = module_weight(module, "weight")
         return SparseLinear(cls.from_dense(weight, **kwargs), module.bias)
     if isinstance(module, Conv3d):
-        weight = module_weight(module, "weight")  # (K, C_in, C_out)
         if cls is FKW:
-            offsets = FKW.from_dense(weight.permute(2, 1, 0), **kwargs)
+            offsets = FKW.from_module(module, **kwargs)
         else:
+            weight = module_weight(module, "weight")  # (K, C_in, C_out)
             offsets = [cls.from_dense(weight[o].t(), **kwargs) for o in range(weight.shape[0])]
         return SparseConv3d(offsets, module.kernel_size, module.stride, module.dilation,
                             module.transposed, module.in_channels, module.out_channels,

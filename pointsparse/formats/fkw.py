@@ -95,14 +95,16 @@ class FKW(SparseFormat):
         return cls(weight, c_sorted, offset, order, stride, pack_bits(bits, 1), dense.shape)
 
     @classmethod
-    def from_module(cls, module: torch.nn.Module, name: str = "weight") -> "FKW":
+    def from_module(cls, module: torch.nn.Module, name: str = "weight", **kwargs) -> "FKW":
         """A torch conv weight (C_out, C_in, *kernel), a Linear weight, or a
         pointsparse Conv3d weight (K_offsets, C_in, C_out), taken as
-        (C_out, C_in, K_offsets)."""
+        (C_out, C_in, K_offsets); ``kwargs`` go to :meth:`from_dense`."""
+        from ..prune._layout import is_sparse_conv
+
         weight = module_weight(module, name)
-        if _is_sparse_conv(module):
+        if is_sparse_conv(module):
             weight = weight.permute(2, 1, 0)
-        return cls.from_dense(weight)
+        return cls.from_dense(weight, **kwargs)
 
     def arrays(self) -> dict:
         return {"weight": self.weight, "index": self.index, "offset": self.offset,
@@ -141,11 +143,3 @@ class FKW(SparseFormat):
         out = torch.empty(stored.shape, dtype=self.dtype).numpy()
         out[widen(self.reorder).numpy()] = stored
         return out
-
-
-def _is_sparse_conv(module) -> bool:
-    try:
-        from ..nn import Conv3d
-    except ImportError:
-        return False
-    return isinstance(module, Conv3d)
