@@ -46,6 +46,15 @@ class KernelMapKey:
     dilation: Triple
     transposed: bool = False
 
+    @property
+    def out_stride(self) -> Triple:
+        """Stride of the map's outputs: ``tensor_stride * stride``; a
+        transposed map's key holds the stride of the finer tensor, which is
+        its output."""
+        if self.transposed:
+            return self.tensor_stride
+        return tuple(a * b for a, b in zip(self.tensor_stride, self.stride))
+
 
 @dataclass(frozen=True, eq=False)
 class KernelMap:
@@ -300,7 +309,7 @@ def get_kmap(tensor: SparseTensor, kernel_size, stride=1, dilation=1, transposed
     cache = tensor.cache
     if not transposed:
         key = KernelMapKey(tensor.stride, k, t, d, False)
-        out_stride = tuple(a * b for a, b in zip(tensor.stride, t))
+        out_stride = key.out_stride
 
         def make():
             known = None if t == (1, 1, 1) else cache.get_coords(out_stride)

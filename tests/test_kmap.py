@@ -354,3 +354,14 @@ def test_cache_missing_finer_stride_raises():
 def test_env_threads_is_used():
     assert _ext.num_threads() >= 1
     assert os.environ.get("POINTSPARSE_NUM_THREADS", "1") != "0"
+
+
+def test_key_out_stride_for_down_and_transposed_maps():
+    coords = random_coords(400, 2, 10, stride=(2, 2, 2), seed=3)
+    x = ps.SparseTensor(torch.zeros(len(coords), 1), coords, 2)
+    down = km.get_kmap(x, 2, (2, 1, 2))
+    assert down.key.out_stride == (4, 2, 4)
+    coarse = ps.SparseTensor(torch.zeros(down.num_out, 1), down.out_coords, (4, 2, 4), cache=x.cache, validate=False)
+    up = km.get_kmap(coarse, 2, (2, 1, 2), 1, True)
+    assert up.key.transposed and up.key.out_stride == (2, 2, 2) and up.num_out == len(x)
+    assert km.get_kmap(x, 3).key.out_stride == (2, 2, 2)

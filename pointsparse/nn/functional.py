@@ -61,11 +61,7 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
         feats = conv_with_map(input.feats, weight, kmap)
         if bias is not None:
             feats = feats + bias
-    if transposed:
-        out_stride = tuple(a // b for a, b in zip(input.stride, t))
-    else:
-        out_stride = tuple(a * b for a, b in zip(input.stride, t))
-    return SparseTensor(feats, kmap.out_coords, out_stride, cache=input.cache, validate=False)
+    return SparseTensor(feats, kmap.out_coords, kmap.key.out_stride, cache=input.cache, validate=False)
 
 
 def _same_sites(tensors, what: str) -> SparseTensor:
@@ -103,7 +99,7 @@ def _pool_map(input: SparseTensor, kernel_size, stride, dilation, what: str):
     t = k if stride is None else as_triple(stride, "stride")
     d = as_triple(dilation, "dilation")
     kmap = _kmap.get_kmap(input, k, t, d, False)
-    return kmap, tuple(a * b for a, b in zip(input.stride, t))
+    return kmap, kmap.key.out_stride
 
 
 def max_pool3d(input: SparseTensor, kernel_size=2, stride=None, dilation=1) -> SparseTensor:
