@@ -229,12 +229,7 @@ class ConvPlan {
   // out = bias + sum over offsets o of out[out_idx] += feats[in_idx] @ weight[o].
   void forward(py::array feats, py::array weight, py::object bias, py::array out, int num_threads,
                bool portable) const {
-    check_rows(feats, "feats", false);
-    check_rows(out, "out", true);
-    check_weight(weight, feats.shape(1), out.shape(1));
-    rows_are(feats, num_in_, "feats", "num_in");
-    rows_are(out, num_out_, "out", "num_out");
-    same_dtype(feats, weight, out);
+    check_apply(feats, "feats", out, "out", weight, false);
     py::array b;
     const bool has_bias = !bias.is_none();
     if (has_bias) {
@@ -244,21 +239,14 @@ class ConvPlan {
       if (!is_c_contiguous(b)) value_error("bias must be C-contiguous");
       same_dtype(b, feats, out);
     }
-    dispatch(feats, [&] { run_apply<float>(feats, weight, has_bias ? &b : nullptr, out, false, num_threads, portable); },
-             [&] { run_apply<double>(feats, weight, has_bias ? &b : nullptr, out, false, num_threads, portable); });
+    apply(feats, weight, has_bias ? &b : nullptr, out, false, num_threads, portable);
   }
 
   // grad_feats = sum over offsets o of grad_feats[in_idx] += grad[out_idx] @ weight[o]^T.
   void backward_input(py::array grad, py::array weight, py::array grad_feats, int num_threads,
                       bool portable) const {
-    check_rows(grad, "grad", false);
-    check_rows(grad_feats, "grad_feats", true);
-    check_weight(weight, grad_feats.shape(1), grad.shape(1));
-    rows_are(grad, num_out_, "grad", "num_out");
-    rows_are(grad_feats, num_in_, "grad_feats", "num_in");
-    same_dtype(grad, weight, grad_feats);
-    dispatch(grad, [&] { run_apply<float>(grad, weight, nullptr, grad_feats, true, num_threads, portable); },
-             [&] { run_apply<double>(grad, weight, nullptr, grad_feats, true, num_threads, portable); });
+    check_apply(grad, "grad", grad_feats, "grad_feats", weight, true);
+    apply(grad, weight, nullptr, grad_feats, true, num_threads, portable);
   }
 
   // grad_weight[o] = feats[in_idx]^T @ grad[out_idx] for every offset o.
@@ -316,6 +304,25 @@ class ConvPlan {
       }
     }
     return cuts;
+  }
+
+  // The arrays of one direction: src read (rows on the read side), dst
+  // written (rows on the written side), weight (K, C_in, C_out); transpose:
+  // the input-gradient direction (read side = outputs, written = inputs).
+  void check_apply(const py::array& src, const char* src_name, const py::array& dst, const char* dst_name,
+                   const py::array& weight, bool transpose) const {
+    check_rows(src, src_name, false);
+    check_rows(dst, dst_name, true);
+    check_weight(weight, transpose ? dst.shape(1) : src.shape(1), transpose ? src.shape(1) : dst.shape(1));
+    rows_are(src, transpose ? num_out_ : num_in_, src_name, transpose ? "num_out" : "num_in");
+    rows_are(dst, transpose ? num_in_ : num_out_, dst_name, transpose ? "num_in" : "num_out");
+    same_dtype(src, weight, dst);
+  }
+
+  void apply(const py::array& src, const py::array& weight, const py::array* bias, py::array& dst, bool transpose,
+             int num_threads, bool portable) const {
+    dispatch(src, [&] { run_apply<float>(src, weight, bias, dst, transpose, num_threads, portable); },
+             [&] { run_apply<double>(src, weight, bias, dst, transpose, num_threads, portable); });
   }
 
   static void rows_are(const py::array& a, int64_t rows, const char* name, const char* what) {

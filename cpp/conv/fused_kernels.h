@@ -117,18 +117,6 @@ inline void micro(int64_t kc, const T* const* a, const T* __restrict b, T* const
   tile_add<T>(acc0, acc1, c, 0, mr, ncols);
 }
 
-// First index in [lo, hi) of the ascending v with v[i] >= key.
-inline int64_t lower_bound(const int32_t* v, int64_t lo, int64_t hi, int64_t key) {
-  while (lo < hi) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    if (v[mid] < key)
-      lo = mid + 1;
-    else
-      hi = mid;
-  }
-  return lo;
-}
-
 // wpack[k][p][c][0:NR] = B_k[c][p*NR : p*NR+NR], zero past the last column.
 template <typename T>
 void pack_weights(const ApplyArgs<T>& a, int64_t c_in, int64_t c_out) {

@@ -83,7 +83,6 @@ class FusedPlan:
     identity: int | None
     num_in: int
     num_out: int
-    kernel_volume: int
 
 
 def make_fused_plan(kmap: _kmap.KernelMap) -> FusedPlan:
@@ -94,7 +93,7 @@ def make_fused_plan(kmap: _kmap.KernelMap) -> FusedPlan:
     core = _ext.core.ConvPlan(_ext.to_numpy(kmap.in_idx), _ext.to_numpy(kmap.out_idx),
                               np.asarray(kmap.ptr, dtype=np.int64), kmap.num_in, kmap.num_out,
                               -1 if identity is None else identity, _ext.num_threads())
-    return FusedPlan(core, identity, kmap.num_in, kmap.num_out, kmap.kernel_volume)
+    return FusedPlan(core, identity, kmap.num_in, kmap.num_out)
 
 
 @dataclass(frozen=True)
