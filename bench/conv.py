@@ -4,6 +4,7 @@ spconv's CPU build; effective GFLOP/s and the fraction of the torch.mm rate
 measured in the same run.
 
     flock /tmp/ps-heavy.lock .venv/bin/python bench/conv.py [--quick] [--tune]
+    flock /tmp/ps-heavy.lock .venv/bin/python bench/conv.py --parts --output bench/results/conv_parts.md
 
 The engine's default method (fused) and its grouped method are both timed.
 Layers: submanifold k=3, strided k=2 s=2, transposed k=2 s=2, on generated
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+import numpy as np
 import torch
 
 from _common import RESULTS_DIR, environment, real_scene, real_sweeps, street_scene, timeit, write_markdown
@@ -199,10 +201,43 @@ def tune(repeats: int) -> list[str]:
     return rows
 
 
+def parts(repeats: int) -> list[str]:
+    """What one layer costs piece by piece: building its kernel map, building
+    the engine's plans for it, and the fused kernels alone (no autograd, no
+    allocation: outputs preallocated), at C=64."""
+    layers = [Layer("street 100k", street_scene(100_000), kind, 64)
+              for kind in ("submanifold k=3", "strided k=2 s=2")]
+    sweeps = real_sweeps()
+    if "kitti-raw/000049" in sweeps:
+        layers.append(Layer("kitti @0.05", real_scene(sweeps["kitti-raw/000049"], 0.05), "submanifold k=3", 64))
+    nt = torch.get_num_threads()
+    rows = ["| scene | layer | pairs | kmap build ms | fused plan ms | grouped plan ms | forward kernel ms | "
+            "input-gradient kernel ms | weight-gradient kernel ms |", "|---|---|---|---|---|---|---|---|---|"]
+    for layer in layers:
+        x, kmap = layer.input, layer.kmap
+        k, t, _ = layer.args
+        t_map = timeit(lambda: ps.kmap.build(x.coords, k, t, tensor_stride=x.stride), repeats)
+        t_fused = timeit(lambda: _engine.make_fused_plan(kmap), repeats)
+        t_grouped = timeit(lambda: _engine.make_plan(kmap), repeats)
+        core = _engine.make_fused_plan(kmap).core
+        f, w = x.feats.numpy(), layer.weight.detach().numpy()
+        g = torch.randn(kmap.num_out, layer.channels).numpy()
+        out, gf, gw = np.empty_like(g), np.empty_like(f), np.empty_like(w)
+        t_fwd = timeit(lambda: core.forward(f, w, None, out, nt), repeats)
+        t_bin = timeit(lambda: core.backward_input(g, w, gf, nt), repeats)
+        t_bw = timeit(lambda: core.backward_weight(f, g, gw, nt), repeats)
+        rows.append(f"| {layer.name} | {layer.kind} | {kmap.num_pairs} | {t_map * 1e3:.1f} | {t_fused * 1e3:.1f} | "
+                    f"{t_grouped * 1e3:.1f} | {t_fwd * 1e3:.1f} | {t_bin * 1e3:.1f} | {t_bw * 1e3:.1f} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="street 100k and the KITTI sweep at C=64 only")
     parser.add_argument("--tune", action="store_true", help="also sweep the engine's chunk/epsilon/tile settings")
+    parser.add_argument("--parts", action="store_true",
+                        help="only the costs piece by piece (map, plans, kernels alone) at C=64")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--output", default=str(RESULTS_DIR / "conv.md"))
@@ -214,7 +249,10 @@ def main() -> None:
     env["sgemm 2048 GF/s"] = f"{sg:.0f}"
     env["spconv"] = "not installed (skipped)" if spconv is None else "installed"
     print(env, flush=True)
-    tables = ["## Layers\n\n" + "\n".join(bench(args.quick, repeats))]
+    if args.parts:
+        tables = ["## Piece by piece (C=64)\n\n" + "\n".join(parts(repeats))]
+    else:
+        tables = ["## Layers\n\n" + "\n".join(bench(args.quick, repeats))]
     if args.tune:
         tables.append("## Engine settings (street 100k, C=64)\n\n" + "\n".join(tune(repeats)))
     notes = (f"Big square sgemm in this run: {sg:.0f} GFLOP/s. `mm GF/s`: (P/K*4 x C) @ (C x C) in this run, "
@@ -223,6 +261,10 @@ def main() -> None:
              "C++ gather + torch mm/bmm + C++ scatter (the other method, same run). "
              "Naive = index_select + mm + index_add per offset with torch autograd. "
              "Ratios within one run are the comparison; absolute times depend on the machine and its load.")
+    if args.parts:
+        notes = ("kmap build: `pointsparse.kmap.build` with the default method; plans: the fused kernels' "
+                 "`ConvPlan` and the grouped method's steps, both built once per map; kernels: the fused C++ "
+                 "calls alone on preallocated outputs (no autograd, no allocation), medians over the repeats.")
     cmd = "flock /tmp/ps-heavy.lock .venv/bin/python bench/conv.py " + " ".join(sys.argv[1:])
     write_markdown(__import__("pathlib").Path(args.output), "Sparse convolution (bench/conv.py)", cmd.strip(), env,
                    tables, notes)
