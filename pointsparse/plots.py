@@ -8,6 +8,17 @@ from pathlib import Path
 import numpy as np
 
 
+def available() -> bool:
+    """Whether matplotlib can be imported (it is a dependency; a trimmed
+    install trains and evaluates without figures)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("matplotlib") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def _plt():
     import matplotlib
 

@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import metrics
+from . import checkpoint, metrics
 from .data import (DEFAULT_IGNORE, NUM_FEATURES, VALIDATION_SEED, Batch, CloudFiles, VoxelDataset, collate,
                    open_source)
+from .data.generated import MAX_RANGE
 from .models import SPVCNN, MinkUNet, SyncBatchNorm
 
 MODELS = ("minkunet", "spvcnn")
@@ -129,12 +130,15 @@ def _check_args(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {value}")
     for name in ("voxel_size", "lr", "cr", "max_range", "time_budget"):
         value = getattr(args, name, None)
-        if value is not None and not value > 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be > 0; got {value}")
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0 and finite; got {value}")
     for name in ("weight_decay", "time_limit"):  # --time-limit 0: stop after the first epoch
         value = getattr(args, name, None)
-        if value is not None and not value >= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0; got {value}")
+        if value is not None and not (value >= 0 and math.isfinite(value)):
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0 and finite; got {value}")
+    value = getattr(args, "max_range", None)
+    if value is not None and value > MAX_RANGE:
+        raise ValueError(f"--max-range must be <= {MAX_RANGE:g} m; got {value}")
     value = getattr(args, "val_fraction", None)
     if value is not None and not 0 < value < 1:
         raise ValueError(f"--val-fraction must be in (0, 1); got {value}")
@@ -250,7 +254,8 @@ def _spawn_worker(rank: int, world: int, port: int, args) -> None:
                       LOCAL_RANK=str(rank))
     args.nproc = 1
     try:
-        _, model = _train(args)
+        with _out_lock(args):
+            _, model = _train(args)
         if getattr(args, "rank_weights", None):  # set by the tests, not a command-line flag
             torch.save(model.state_dict(), Path(args.rank_weights) / f"rank{rank}.pt")
     finally:
@@ -350,29 +355,35 @@ def class_weights(source, num_classes: int, ignore_index: int) -> torch.Tensor:
 # --------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write to a temporary file beside ``path``, flush to disk, then rename:
+    """Write atomically with a digest (:func:`pointsparse.checkpoint.save`):
     an interrupt leaves the previous checkpoint intact."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    checkpoint.save(path, state)
 
 
 def load_checkpoint(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"checkpoint {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    """A training checkpoint, read as data only (never code); ``ValueError``
+    naming the file when it is missing, damaged or not a checkpoint."""
+    state = checkpoint.load(path)
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ValueError(f"{path} is not a pointsparse training checkpoint")
     return state
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights stopped being finite."""
+
+
+def check_finite_loss(loss: float, step: int) -> None:
+    if not math.isfinite(loss):
+        raise TrainingDiverged(f"the training loss is {loss} at step {step}: training diverged (lower --lr, "
+                               "check the data for NaN/inf features); no checkpoint was written for this epoch")
+
+
+def check_finite_weights(model: torch.nn.Module, epoch: int) -> None:
+    for name, p in model.state_dict().items():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise TrainingDiverged(f"{name} holds NaN/inf after epoch {epoch}: training diverged (lower --lr); "
+                                   "no checkpoint was written for this epoch")
 
 
 # --------------------------------------------------------------------- evaluation
@@ -409,6 +420,16 @@ def evaluate(model, dataset: VoxelDataset, num_classes: int, ignore_index: int, 
     return cm, first
 
 
+def _have_tqdm() -> bool:
+    """tqdm is a dependency, but a trimmed install still trains (no bars)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("tqdm") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def _bar(iterable, desc: str, enabled: bool, **kwargs):
     if not enabled:
         return iterable
@@ -418,7 +439,8 @@ def _bar(iterable, desc: str, enabled: bool, **kwargs):
 
 
 def write_report(out: Path, cm, classes, first, history, extra: dict, ignore_index: int, prefix: str = "") -> dict:
-    """metrics.json and the PNGs; returns the metrics dictionary."""
+    """metrics.json and the PNGs (none, with a warning, where matplotlib
+    cannot be imported); returns the metrics dictionary."""
     from . import plots
 
     out.mkdir(parents=True, exist_ok=True)
@@ -427,19 +449,21 @@ def write_report(out: Path, cm, classes, first, history, extra: dict, ignore_ind
     report["classes"] = list(classes)
     report["confusion"] = np.asarray(cm).tolist()
     pictures = {}
-    if history and history.get("step_loss"):
-        pictures["curves"] = str(plots.curves(history, out / f"{prefix}curves.png"))
-    pictures["confusion"] = str(plots.confusion(cm, classes, out / f"{prefix}confusion.png"))
-    if first is not None:
-        xyz, labels, pred, _ = first
-        pictures["topdown"] = str(plots.topdown(xyz, labels, pred, classes, out / f"{prefix}topdown.png",
-                                                ignore_index=ignore_index))
+    if not plots.available():
+        print("matplotlib is not importable: no PNG figures written (pip install matplotlib)", file=sys.stderr)
+    else:
+        if history and history.get("step_loss"):
+            pictures["curves"] = str(plots.curves(history, out / f"{prefix}curves.png"))
+        pictures["confusion"] = str(plots.confusion(cm, classes, out / f"{prefix}confusion.png"))
+        if first is not None:
+            xyz, labels, pred, _ = first
+            pictures["topdown"] = str(plots.topdown(xyz, labels, pred, classes, out / f"{prefix}topdown.png",
+                                                    ignore_index=ignore_index))
     report["pictures"] = pictures
     if history:
         report["history"] = history
-    tmp = out / f".{prefix}metrics.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    os.replace(tmp, out / f"{prefix}metrics.json")
+    text = (json.dumps(report, indent=1) + "\n").encode()
+    checkpoint.atomic_write(out / f"{prefix}metrics.json", lambda f: f.write(text))
     return report
 
 
@@ -447,13 +471,28 @@ def write_report(out: Path, cm, classes, first, history, extra: dict, ignore_ind
 
 def train(args) -> dict | None:
     """Run the training job of ``args``; returns the final metrics on rank 0."""
-    return _train(args)[0]
+    with _out_lock(args):
+        return _train(args)[0]
+
+
+_LOCK_HELD = "POINTSPARSE_OUT_LOCK_HELD"
+
+
+def _out_lock(args):
+    """The lock on ``--out`` for the run: taken by the process that starts it
+    (the single process, torchrun's rank 0, or the parent of ``--nproc``
+    workers, which then hold none)."""
+    import contextlib
+
+    if os.environ.get(_LOCK_HELD) == str(args.out) or int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext()
+    return checkpoint.DirectoryLock(args.out, "--out")
 
 
 def _train(args):
     dist = _init_distributed(args)
     out = Path(args.out)
-    progress = dist.main and not args.no_progress
+    progress = dist.main and not args.no_progress and _have_tqdm()
     log = (lambda *a: print(*a, flush=True)) if dist.main else (lambda *a: None)
 
     train_src, val_src, classes = open_training_data(args)
@@ -555,6 +594,7 @@ def _train(args):
             optimizer.step()
             scheduler.step()
             step_loss = float(stats[0] / stats[1].clamp_min(1))
+            check_finite_loss(step_loss, len(history["step_loss"]) + 1)
             dt = time.perf_counter() - t0
             train_time += dt
             losses.append(step_loss)
@@ -579,6 +619,7 @@ def _train(args):
         stop = args.time_limit is not None and train_time >= args.time_limit * 60
         last = epoch + 1 == plan["epochs"] or stop
         validate = last or (epoch + 1) % args.eval_every == 0
+        check_finite_weights(model, epoch + 1)
         if dist.main:
             summary = (f"epoch {epoch + 1}/{plan['epochs']}: loss {history['epoch_loss'][-1]:.4f}, "
                        f"{np.median(history['step_time'][-len(losses):]):.2f} s/step, "
@@ -631,7 +672,12 @@ def main(args) -> int:
         port = _free_port()
         # Only the options travel to the workers (the CLI adds module objects).
         plain = argparse.Namespace(**{k: v for k, v in vars(args).items() if not k.startswith("_")})
-        mp.spawn(_spawn_worker, args=(args.nproc, port, plain), nprocs=args.nproc, join=True)
+        with _out_lock(args):
+            os.environ[_LOCK_HELD] = str(args.out)
+            try:
+                mp.spawn(_spawn_worker, args=(args.nproc, port, plain), nprocs=args.nproc, join=True)
+            finally:
+                os.environ.pop(_LOCK_HELD, None)
         metrics_path = Path(args.out) / "metrics.json"
         if metrics_path.is_file():
             print(f"metrics: {metrics_path}")
@@ -685,7 +731,7 @@ def evaluate_main(args) -> int:
     dataset = VoxelDataset(source, config["voxel_size"], ignore_index)
     t0 = time.perf_counter()
     cm, first = evaluate(model, dataset, len(classes), ignore_index, device, args.batch_size,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress and _have_tqdm())
     elapsed = time.perf_counter() - t0
     print(metrics.format_table(cm, classes))
     print(f"{len(source)} clouds in {elapsed:.1f} s ({elapsed / max(len(source), 1):.2f} s per cloud)")

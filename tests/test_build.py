@@ -53,6 +53,10 @@ def test_wheel_holds_core_and_python_files_and_imports(tmp_path):
         assert any(n.endswith(".dist-info/entry_points.txt") for n in names)
         label_maps = sorted(f"pointsparse/label_maps/{p.name}" for p in (ROOT / "datasets").glob("*.json"))
         assert label_maps and all(m in names for m in label_maps), "the wheel must carry datasets/*.json"
+        metadata = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+        requires = re.findall(r"^Requires-Dist: ([A-Za-z0-9_.-]+)", metadata, re.M)
+        for dep in ("torch", "numpy", "tqdm", "matplotlib"):  # what `pip install .` must bring for the CLI
+            assert dep in requires, f"the wheel must require {dep}; it requires {requires}"
         core_bytes = zf.read(cores[0])
         target = tmp_path / "site"
         zf.extractall(target)
@@ -76,6 +80,20 @@ def test_wheel_holds_core_and_python_files_and_imports(tmp_path):
                          env={**_clean_env(), "PYTHONPATH": str(target)}, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     assert str(target) in run.stdout
+    # The installed CLI trains one epoch, even where the optional niceties
+    # (progress bars, figures) cannot be imported.
+    blocked = ("import sys, runpy\n"
+               "for name in ('tqdm', 'matplotlib'):\n    sys.modules[name] = None\n"
+               "sys.argv = ['pointsparse'] + sys.argv[1:]\n"
+               "runpy.run_module('pointsparse', run_name='__main__')\n")
+    tiny = ["train", "--data", "generated", "--scenes", "2", "--val-scenes", "1", "--beams", "16", "--azimuth-steps",
+            "128", "--max-range", "12", "--cr", "0.125", "--blocks", "1", "--voxel-size", "0.5", "--epochs", "1",
+            "--out", str(tmp_path / "run")]
+    run = subprocess.run([sys.executable, "-c", blocked, *tiny], cwd=tmp_path, capture_output=True, text=True,
+                         env={**_clean_env(), "PYTHONPATH": str(target)}, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "mIoU" in run.stdout and "no PNG figures" in run.stderr
+    assert (tmp_path / "run" / "checkpoint.pt").is_file() and not list((tmp_path / "run").glob("*.png"))
     # The flags the wheel was compiled with: release, OpenMP, portable.
     builds = sorted((ROOT / "build").glob("*/build.ninja"), key=lambda p: p.stat().st_mtime)
     builds = [b for b in builds if b.parent.name != "dev"]

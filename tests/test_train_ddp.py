@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from pointsparse import checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--data", "generated", "--scenes", "4", "--val-scenes", "1", "--beams", "16", "--azimuth-steps", "192",
         "--max-range", "16", "--cr", "0.125", "--blocks", "1", "--voxel-size", "0.5", "--batch-size", "2",
@@ -39,8 +41,8 @@ def test_two_processes_match_one(tmp_path):
     assert single.returncode == 0, single.stderr[-3000:]
     rank0 = torch.load(tmp_path / "rank0.pt")
     rank1 = torch.load(tmp_path / "rank1.pt")
-    one = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)["model"]
-    ddp_ckpt = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=False)
+    one = checkpoint.load(tmp_path / "one" / "checkpoint.pt")["model"]
+    ddp_ckpt = checkpoint.load(tmp_path / "ddp" / "checkpoint.pt")
     assert ddp_ckpt["args"]["nproc"] == 1 and len(ddp_ckpt["history"]["step_loss"]) == 2
     for name, value in rank0.items():
         assert torch.equal(value, rank1[name]), f"ranks differ in {name}"
@@ -48,6 +50,6 @@ def test_two_processes_match_one(tmp_path):
         if value.is_floating_point():
             scale = one[name].abs().max().clamp_min(1e-3)
             assert torch.allclose(value, one[name], atol=1e-4 * float(scale), rtol=1e-4), name
-    init = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)
+    init = checkpoint.load(tmp_path / "one" / "checkpoint.pt")
     # The two steps really moved the weights (the comparison is not trivial).
     assert init["history"]["step_loss"][0] != init["history"]["step_loss"][1]

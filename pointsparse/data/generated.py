@@ -116,6 +116,25 @@ def _rot(points, heading):
     return points @ np.array([[c, s, 0], [-s, c, 0], [0, 0, 1]])
 
 
+#: Largest scene radius in metres (a street's objects are laid out in steps of
+#: metres, so a huge radius would mean billions of them).
+MAX_RANGE = 1000.0
+
+
+def _check_scene_args(**values) -> None:
+    limits = {"beams": (1, 1024), "azimuth_steps": (1, 65536)}
+    for name, value in values.items():
+        if name in limits:
+            lo, hi = limits[name]
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
+                raise ValueError(f"{name} must be an integer in [{lo}, {hi}]; got {value!r}")
+        elif name == "max_range":
+            if not (isinstance(value, (int, float, np.number)) and 0 < value <= MAX_RANGE):
+                raise ValueError(f"max_range must be in (0, {MAX_RANGE:g}] metres; got {value!r}")
+        elif not (isinstance(value, (int, float, np.number)) and np.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
+
+
 def outdoor_scene(seed: int = 0, beams: int = 64, azimuth_steps: int = 1024, max_range: float = 50.0,
                   range_noise: float = 0.02) -> Sample:
     """A street scanned by a 64-beam LiDAR 1.73 m above the road.
@@ -123,7 +142,10 @@ def outdoor_scene(seed: int = 0, beams: int = 64, azimuth_steps: int = 1024, max
     Classes (:data:`OUTDOOR_CLASSES`): road, sidewalk (raised by a curb),
     terrain, building facades with gaps, vegetation crowns over trunks and
     bushes, poles, parked and driving cars, people. Features: intensity.
-    Every point is labelled; ``labels`` index :data:`OUTDOOR_CLASSES`."""
+    Every point is labelled; ``labels`` index :data:`OUTDOOR_CLASSES`.
+    Limits (checked first): ``beams`` 1..1024, ``azimuth_steps`` 1..65536,
+    ``max_range`` in (0, MAX_RANGE] metres, ``range_noise`` finite >= 0."""
+    _check_scene_args(beams=beams, azimuth_steps=azimuth_steps, max_range=max_range, range_noise=range_noise)
     rng = np.random.default_rng(seed)
     # The street is laid out in its own frame (x along the road) and turned by
     # a multiple of 90 degrees, so boxes stay axis-aligned; training turns the
@@ -254,7 +276,10 @@ def indoor_scene(seed: int = 0, density: float = 400.0) -> Sample:
     """A furnished room sampled on its surfaces (like a fused RGB-D scan).
 
     Classes (:data:`INDOOR_CLASSES`): floor, wall, ceiling, table, chair,
-    shelf. Features: RGB colour in 0..1 (one colour per object, noisy)."""
+    shelf. Features: RGB colour in 0..1 (one colour per object, noisy).
+    ``density`` (points per square metre) is in (0, 100000]."""
+    if not (isinstance(density, (int, float, np.number)) and 0 < density <= 100000):
+        raise ValueError(f"density must be in (0, 100000] points per square metre; got {density!r}")
     rng = np.random.default_rng(seed)
     w, d, h = rng.uniform(4, 9), rng.uniform(4, 8), rng.uniform(2.5, 3.2)
     parts = []  # (points, label, colour)

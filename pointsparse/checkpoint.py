@@ -1,0 +1,140 @@
+"""Checkpoint files that are data, never code, and that say when they are damaged.
+
+A checkpoint is written as a small envelope ``{"format": FORMAT, "sha256":
+hex digest, "payload": bytes}``, where ``payload`` is the ``torch.save`` of the
+state; both levels are read with ``torch.load(weights_only=True)``, so a file
+can hold tensors, numbers, strings and containers of them but can never run
+code. The digest is checked before the payload is unpickled: a flipped byte
+anywhere is a ``ValueError`` naming the file. Files written before the
+envelope existed (a plain state dictionary) are still read, with
+``weights_only=True`` but without a digest to check.
+
+Writes are atomic (a per-process temporary file beside the target, flushed,
+then renamed) and :class:`DirectoryLock` keeps two runs from writing into the
+same output directory."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import os
+import pickle
+import secrets
+import zipfile
+from pathlib import Path
+
+import torch
+
+FORMAT = "pointsparse-checkpoint-1"
+_ENVELOPE_KEYS = {"format", "sha256", "payload"}
+
+
+def _serialise(state) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def atomic_write(path, write) -> None:
+    """Call ``write(file)`` on a temporary file beside ``path`` (a name unique
+    to this process and call), flush it to disk, then rename it over ``path``:
+    an interrupt or a concurrent writer never leaves a torn file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save(path, state) -> None:
+    """Write ``state`` (tensors, numbers, strings, containers) to ``path``
+    atomically, with a SHA-256 digest of its bytes."""
+    payload = _serialise(state)
+    envelope = {"format": FORMAT, "sha256": hashlib.sha256(payload).hexdigest(), "payload": payload}
+    atomic_write(path, lambda f: torch.save(envelope, f))
+
+
+# What torch.load raises on a file that is not a (whole) torch file, or that
+# holds something weights_only refuses.
+_READ_ERRORS = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError,
+                IndexError, TypeError, AttributeError, OSError, UnicodeDecodeError, OverflowError, MemoryError)
+
+
+def _load_bytes(source, path: Path, what: str):
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise ValueError(f"{path}: {what} holds Python objects other than tensors and plain data; "
+                             "pointsparse loads checkpoints as data only (weights_only=True) and refuses it") from None
+        raise ValueError(f"{path}: {what} is damaged or not a torch file ({exc})") from None
+    except _READ_ERRORS as exc:
+        raise ValueError(f"{path}: {what} is damaged, truncated or not a torch file "
+                         f"({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def load(path):
+    """The state saved by :func:`save` (or a plain ``torch.save`` of data)
+    at ``path``, read as data only. ``ValueError`` naming the file when it is
+    missing, damaged (digest mismatch, truncated, not a torch file) or holds
+    anything but data."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} does not exist")
+    outer = _load_bytes(path, path, "the checkpoint")
+    if not (isinstance(outer, dict) and _ENVELOPE_KEYS & set(outer)):
+        return outer  # a file written before the envelope: data only, no digest to check
+    payload, digest = outer.get("payload"), outer.get("sha256")
+    if outer.get("format") != FORMAT or not isinstance(payload, bytes) or not isinstance(digest, str):
+        raise ValueError(f"{path}: the checkpoint's envelope is damaged or of an unknown format "
+                         f"(expected {FORMAT!r} with a payload and its SHA-256)")
+    if hashlib.sha256(payload).hexdigest() != digest:
+        raise ValueError(f"{path}: the checkpoint is corrupted (SHA-256 of its contents does not match the "
+                         "digest written with it)")
+    return _load_bytes(io.BytesIO(payload), path, "the checkpoint's contents")
+
+
+class DirectoryLock:
+    """An exclusive lock on an output directory for the life of a run
+    (``fcntl.flock`` on ``DIR/.lock``: released by the OS when the process
+    ends, however it ends). A second run on the same directory gets a
+    ``ValueError`` at once instead of overwriting the first one's files."""
+
+    def __init__(self, directory, what: str = "--out") -> None:
+        self.directory = Path(directory)
+        self.what = what
+        self._file = None
+
+    def __enter__(self) -> "DirectoryLock":
+        import fcntl
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        f = open(self.directory / ".lock", "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise ValueError(f"{self.what} {self.directory} is in use by another run ({holder}); "
+                                 "give each run its own directory") from None
+            raise
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        self._file = f
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:
+            self._file.close()  # closing releases the flock
+            self._file = None

@@ -1,0 +1,160 @@
+"""Checkpoints are data, never code: a pickled payload is refused, a damaged
+file is refused naming it, writes are atomic with per-process names, a second
+run on the same --out is refused, and diverged training stops with an error."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pointsparse import checkpoint
+from pointsparse import train as tr
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--data", "generated", "--scenes", "2", "--val-scenes", "1", "--beams", "16", "--azimuth-steps", "192",
+        "--max-range", "16", "--cr", "0.125", "--blocks", "1", "--voxel-size", "0.5", "--batch-size", "2",
+        "--no-progress", "--seed", "3"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class Payload:
+    """Unpickling this runs code (it touches a file)."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.target),))
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    tr.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_round_trip_keeps_tensors_and_plain_data(tmp_path):
+    state = {"model": {"w": torch.randn(3, 4), "n": torch.tensor(7)}, "config": {"classes": ["a", "b"], "cr": 0.5},
+             "history": {"loss": [1.0, float("nan")]}, "rng": torch.get_rng_state(), "none": None}
+    checkpoint.save(tmp_path / "c.pt", state)
+    back = checkpoint.load(tmp_path / "c.pt")
+    assert torch.equal(back["model"]["w"], state["model"]["w"]) and back["config"] == state["config"]
+    assert torch.equal(back["rng"], state["rng"]) and back["none"] is None
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_pickled_code_is_refused_and_never_runs(tmp_path, wrapped):
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.pt"
+    state = {"model": {}, "config": {}, "x": Payload(str(marker))}
+    if wrapped:  # a payload inside a well-formed envelope with a correct digest
+        import hashlib
+        import io
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        data = buf.getvalue()
+        torch.save({"format": checkpoint.FORMAT, "sha256": hashlib.sha256(data).hexdigest(), "payload": data}, path)
+    else:
+        torch.save(state, path)
+    with pytest.raises(ValueError, match="evil.pt.*data only"):
+        tr.load_checkpoint(path)
+    assert not marker.exists()
+    with open(path, "wb") as f:  # a plain pickle, not even a torch zip
+        pickle.dump(Payload(str(marker)), f)
+    with pytest.raises(ValueError, match="evil.pt"):
+        checkpoint.load(path)
+    assert not marker.exists()
+
+
+def test_flipped_bytes_truncation_and_garbage_name_the_file(tmp_path):
+    path = tmp_path / "ck.pt"
+    checkpoint.save(path, {"model": {"w": torch.arange(5000.0)}, "config": {}})
+    good = path.read_bytes()
+    # 64 flipped bytes in the middle of the tensor data: the digest catches it.
+    flipped = bytearray(good)
+    mid = len(good) // 2
+    for i in range(mid, mid + 64):
+        flipped[i] ^= 0xFF
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="ck.pt"):
+        checkpoint.load(path)
+    for bad in (good[: len(good) // 3], b"", b"\x00" * 100, b"PK\x03\x04garbage" * 10):
+        path.write_bytes(bad)
+        with pytest.raises(ValueError, match="ck.pt"):
+            checkpoint.load(path)
+
+
+def test_every_single_byte_flip_is_refused_or_harmless(tmp_path):
+    """No flipped byte ever gives back different data silently."""
+    path = tmp_path / "ck.pt"
+    state = {"model": {"w": torch.arange(64.0)}, "config": {"k": 1}}
+    checkpoint.save(path, state)
+    good = path.read_bytes()
+    for i in range(0, len(good), max(1, len(good) // 300)):
+        flipped = bytearray(good)
+        flipped[i] ^= 0x5A
+        path.write_bytes(bytes(flipped))
+        try:
+            back = checkpoint.load(path)
+        except ValueError as exc:
+            assert "ck.pt" in str(exc)
+            continue
+        assert torch.equal(back["model"]["w"], state["model"]["w"]) and back["config"] == state["config"], i
+
+
+def test_legacy_plain_checkpoint_still_loads(tmp_path):
+    torch.save({"model": {"w": torch.ones(2)}, "config": {"classes": []}}, tmp_path / "old.pt")
+    assert torch.equal(tr.load_checkpoint(tmp_path / "old.pt")["model"]["w"], torch.ones(2))
+
+
+def test_atomic_write_uses_a_private_temp_name(tmp_path, monkeypatch):
+    seen = []
+    real_replace = os.replace
+
+    def spy(src, dst):
+        seen.append(Path(src).name)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", spy)
+    checkpoint.save(tmp_path / "a.pt", {"x": 1})
+    checkpoint.save(tmp_path / "a.pt", {"x": 2})
+    assert len(set(seen)) == 2 and all(str(os.getpid()) in name for name in seen)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt"]
+
+
+def test_second_run_on_the_same_out_is_refused(tmp_path):
+    out = tmp_path / "run"
+    with checkpoint.DirectoryLock(out):
+        with pytest.raises(ValueError, match="in use by another run"):
+            tr.train(_parse([*TINY, "--epochs", "1", "--out", str(out)]))
+        # Another process is refused too (flock is per open file, not per process).
+        code = ("import sys; from pointsparse import checkpoint\n"
+                "try:\n    checkpoint.DirectoryLock(sys.argv[1]).__enter__()\n"
+                "except ValueError as e:\n    print(e); sys.exit(3)\n")
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        r = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, env=env, timeout=60)
+        assert r.returncode == 3 and "in use" in r.stdout
+    with checkpoint.DirectoryLock(out):  # released: taken again
+        pass
+
+
+def test_diverged_training_stops_with_an_error_and_keeps_only_finite_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(tr.TrainingDiverged, match="diverged"):
+        tr.train(_parse([*TINY, "--epochs", "3", "--lr", "1e30", "--out", str(out)]))
+    if (out / "checkpoint.pt").exists():  # written before it diverged: finite, and not the last epoch
+        state = tr.load_checkpoint(out / "checkpoint.pt")
+        assert state["epoch"] < 3
+        assert all(bool(torch.isfinite(v).all()) for v in state["model"].values() if v.is_floating_point())
+    assert not (out / "metrics.json").exists()
+    for flag, value in (("--lr", "inf"), ("--max-range", "1e30"), ("--voxel-size", "nan")):
+        with pytest.raises(ValueError, match=flag):
+            tr.main(_parse([*TINY, "--epochs", "1", flag, value, "--out", str(out)]))
