@@ -11,6 +11,8 @@
 // long as every shifted coordinate stays inside the range (no carries).
 #pragma once
 
+#include <omp.h>
+
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -59,8 +61,13 @@ inline int64_t floor_div(int64_t a, int64_t b) {
 }
 
 // Thread count for one call: the caller passes torch.get_num_threads() (or
-// POINTSPARSE_NUM_THREADS); anything below 1 means 1.
-inline int threads(int requested) { return requested < 1 ? 1 : requested; }
+// POINTSPARSE_NUM_THREADS); anything below 1 means 1, and no call starts more
+// threads than the processors it may run on (a runaway request would
+// exhaust the OpenMP runtime's stacks and take the process down).
+inline int threads(int requested) {
+  static const int procs = omp_get_num_procs() < 1 ? 1 : omp_get_num_procs();
+  return requested < 1 ? 1 : (requested > procs ? procs : requested);
+}
 
 // Below this much work (rows, or rows x channels) a call runs on one thread:
 // waking a team costs more than the work, and on a busy machine a team can

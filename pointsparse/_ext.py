@@ -39,14 +39,24 @@ def _mark_forked() -> None:
 os.register_at_fork(after_in_child=_mark_forked)
 
 
+def max_threads() -> int:
+    """The processors this process may run on: no core call uses more."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - platforms without affinity
+        return max(1, os.cpu_count() or 1)
+
+
 def num_threads() -> int:
-    """Threads each core call uses: ``POINTSPARSE_NUM_THREADS`` if set, else
-    ``torch.get_num_threads()``, so the core and torch never oversubscribe;
-    1 in a process created by ``fork`` (where a second OpenMP thread would
-    hang), e.g. a DataLoader worker."""
+    """Threads each core call uses: ``POINTSPARSE_NUM_THREADS`` if set (an
+    empty value counts as unset), else ``torch.get_num_threads()``, so the
+    core and torch never oversubscribe; never more than :func:`max_threads`
+    (a larger request is clamped: more threads than processors only wait on
+    each other); 1 in a process created by ``fork`` (where a second OpenMP
+    thread would hang), e.g. a DataLoader worker."""
     if _forked:
         return 1
-    env = os.environ.get("POINTSPARSE_NUM_THREADS")
+    env = os.environ.get("POINTSPARSE_NUM_THREADS", "").strip()
     if env:
         try:
             value = int(env)
@@ -54,8 +64,9 @@ def num_threads() -> int:
             raise ValueError(f"POINTSPARSE_NUM_THREADS must be an integer; got {env!r}") from None
         if value < 1:
             raise ValueError(f"POINTSPARSE_NUM_THREADS must be >= 1; got {value}")
-        return value
-    return torch.get_num_threads()
+    else:
+        value = torch.get_num_threads()
+    return max(1, min(value, max_threads()))
 
 
 _force_torch = False

@@ -131,11 +131,32 @@ def test_num_threads_follows_torch_and_env(monkeypatch):
     finally:
         torch.set_num_threads(before)
     monkeypatch.setenv("POINTSPARSE_NUM_THREADS", "3")
-    assert _ext.num_threads() == 3
+    assert _ext.num_threads() == min(3, _ext.max_threads())
+    monkeypatch.setenv("POINTSPARSE_NUM_THREADS", " ")  # empty: as if unset
+    assert _ext.num_threads() == min(torch.get_num_threads(), _ext.max_threads())
     for bad in ("0", "-2", "two"):
         monkeypatch.setenv("POINTSPARSE_NUM_THREADS", bad)
         with pytest.raises(ValueError, match="POINTSPARSE_NUM_THREADS"):
             _ext.num_threads()
+
+
+@pytest.mark.parametrize("value", ["1000000", "512", "99999999999"])
+def test_huge_thread_counts_are_clamped_not_a_crash(value):
+    """A runaway thread count once overflowed the OpenMP runtime's stacks."""
+    code = ("import torch, pointsparse as ps\n"
+            "from pointsparse import _ext, nn\n"
+            "assert _ext.num_threads() == _ext.max_threads()\n"
+            "x, _ = ps.voxelize(torch.rand(20000, 3) * 40, voxel_size=0.1)\n"
+            "y = nn.Conv3d(3, 8)(x)\n"
+            "y.feats.sum().backward()\n"
+            "print('ok', len(x))\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), POINTSPARSE_NUM_THREADS=value)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.startswith("ok")
+    # The core clamps too, for a direct call.
+    keys = torch.arange(20000, dtype=torch.int64).numpy()
+    _ext.core.sort_keys(keys, 10**6)
 
 
 def test_zero_copy_numpy_views():
