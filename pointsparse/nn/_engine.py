@@ -4,7 +4,10 @@ For every kernel offset ``o`` with pairs ``(in_idx, out_idx)``::
 
     out[out_idx] += feats[in_idx] @ weight[o]
 
-Two methods, both deterministic (bit-identical results for any thread count):
+Two methods. "fused" is bit-identical for any thread count on any CPU;
+"grouped" is deterministic for a fixed thread count, and equal to float
+rounding across thread counts (its GEMMs are torch's, whose blocking depends
+on the thread count on some CPUs):
 
 ``"fused"`` (the default; :class:`FusedPlan`): one C++ kernel per direction
 (``cpp/conv/fused_kernels.h``). Output rows are cut into blocks of 256; a
@@ -34,7 +37,8 @@ written straight into the output: no gather, no scatter.
 
 Determinism: a step's scatter adds each output row at most once per offset
 (coords are unique), so its parallel loop is race-free, and steps run in a
-fixed order; results are bit-identical for any thread count.
+fixed order; results are bit-identical for a fixed thread count (torch's GEMM
+may round differently at another).
 
 Backward (``ConvFunction``): the input gradient runs the same pairs the other
 way (gather output gradients at ``out_idx``, multiply by ``weight[o].T``,
@@ -358,7 +362,13 @@ def conv_backward(feats: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor,
 
 
 class ConvFunction(torch.autograd.Function):
-    """Autograd of the engine: ``ConvFunction.apply(feats, weight, bias, plan)``."""
+    """Autograd of the engine: ``ConvFunction.apply(feats, weight, bias, plan)``.
+
+    Differentiable to any order: the input gradient and the weight gradient
+    are themselves autograd functions (:class:`_InputGrad`, :class:`_WeightGrad`)
+    whose gradients are the conv and each other, so a gradient penalty
+    (``create_graph=True``) is exact. Without ``create_graph`` backward makes
+    one combined pass."""
 
     @staticmethod
     def forward(ctx, feats, weight, bias, plan):
@@ -369,14 +379,58 @@ class ConvFunction(torch.autograd.Function):
         return conv_forward(feats_c, weight_c, bias, plan)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         feats, weight = ctx.saved_tensors
-        grad = grad.contiguous()
         need_feats, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_feats, grad_weight = conv_backward(feats, weight, grad, ctx.plan, need_feats, need_weight)
         grad_bias = grad.sum(0) if (ctx.has_bias and need_bias) else None
+        if torch.is_grad_enabled():  # create_graph: gradients that can be differentiated again
+            grad_feats = _InputGrad.apply(grad, weight, ctx.plan) if need_feats else None
+            grad_weight = _WeightGrad.apply(feats, grad, ctx.plan, tuple(weight.shape)) if need_weight else None
+            return grad_feats, grad_weight, grad_bias, None
+        grad_feats, grad_weight = conv_backward(feats, weight, grad.contiguous(), ctx.plan, need_feats, need_weight)
         return grad_feats, grad_weight, grad_bias, None
+
+
+class _InputGrad(torch.autograd.Function):
+    """``grad_feats[in] += grad[out] @ weight[o].T``: linear in ``grad`` (its
+    adjoint is the conv) and in ``weight`` (the weight gradient's form)."""
+
+    @staticmethod
+    def forward(ctx, grad, weight, plan):
+        grad_c, weight_c = grad.contiguous(), weight.contiguous()
+        ctx.plan = plan
+        ctx.save_for_backward(grad_c, weight_c)
+        shape_only = grad_c.new_empty((plan.num_in, weight_c.shape[1]))
+        return conv_backward(shape_only, weight_c, grad_c, plan, True, False)[0]
+
+    @staticmethod
+    def backward(ctx, h):
+        grad, weight = ctx.saved_tensors
+        need_grad, need_weight = ctx.needs_input_grad[:2]
+        d_grad = ConvFunction.apply(h, weight, None, ctx.plan) if need_grad else None
+        d_weight = _WeightGrad.apply(h, grad, ctx.plan, tuple(weight.shape)) if need_weight else None
+        return d_grad, d_weight, None
+
+
+class _WeightGrad(torch.autograd.Function):
+    """``grad_weight[o] = feats[in].T @ grad[out]``: linear in ``feats`` (its
+    adjoint is the input gradient) and in ``grad`` (its adjoint is the conv)."""
+
+    @staticmethod
+    def forward(ctx, feats, grad, plan, weight_shape):
+        feats_c, grad_c = feats.contiguous(), grad.contiguous()
+        ctx.plan = plan
+        ctx.save_for_backward(feats_c, grad_c)
+        shape_only = feats_c.new_empty(weight_shape)
+        return conv_backward(feats_c, shape_only, grad_c, plan, False, True)[1]
+
+    @staticmethod
+    def backward(ctx, v):
+        feats, grad = ctx.saved_tensors
+        need_feats, need_grad = ctx.needs_input_grad[:2]
+        d_feats = _InputGrad.apply(grad, v, ctx.plan) if need_feats else None
+        d_grad = ConvFunction.apply(feats, v, None, ctx.plan) if need_grad else None
+        return d_feats, d_grad, None, None
 
 
 def supported(feats: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -384,8 +438,31 @@ def supported(feats: torch.Tensor, weight: torch.Tensor) -> bool:
     return feats.device.type == "cpu" and feats.dtype in ENGINE_DTYPES and weight.dtype == feats.dtype
 
 
+def check_arguments(feats, weight, bias, kmap: _kmap.KernelMap) -> None:
+    """The checks every method makes before touching memory (ValueError or
+    TypeError naming the argument)."""
+    for name, t in (("feats", feats), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if not supported(feats, weight):
+        raise TypeError(f"the engine takes CPU float32/float64 feats and weight of one dtype; got feats "
+                        f"{feats.dtype} on {feats.device}, weight {weight.dtype} on {weight.device}")
+    if feats.dim() != 2 or feats.shape[0] != kmap.num_in:
+        raise ValueError(f"feats must be (N, C_in) with N = {kmap.num_in} (the map's input rows); "
+                         f"got {tuple(feats.shape)}")
+    if weight.dim() != 3 or weight.shape[0] != kmap.kernel_volume or weight.shape[1] != feats.shape[1]:
+        raise ValueError(f"weight must be (K, C_in, C_out) = ({kmap.kernel_volume}, {feats.shape[1]}, C_out); "
+                         f"got {tuple(weight.shape)}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.dtype != weight.dtype or bias.device != weight.device:
+            raise TypeError(f"bias must be a tensor of the weight's dtype {weight.dtype} on {weight.device}")
+        if bias.shape != (weight.shape[2],):
+            raise ValueError(f"bias must be (C_out,) = ({weight.shape[2]},); got {tuple(bias.shape)}")
+
+
 def conv(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kmap: _kmap.KernelMap,
          chunk_rows: int = DEFAULT_CHUNK_ROWS, epsilon: float = DEFAULT_EPSILON,
          tile_rows: int = DEFAULT_TILE_ROWS, method: str | None = None) -> torch.Tensor:
     """``out[out_idx] += feats[in_idx] @ weight[o]`` (+ bias) with autograd."""
+    check_arguments(feats, weight, bias, kmap)
     return ConvFunction.apply(feats, weight, bias, get_plan(kmap, chunk_rows, epsilon, tile_rows, method))
