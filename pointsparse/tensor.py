@@ -13,14 +13,49 @@ from . import coords as _coords
 Triple = tuple[int, int, int]
 
 
+def _index(v) -> int:
+    """int, numpy integers, 0-d integer tensors; not bool (TypeError otherwise)."""
+    if isinstance(v, bool) or (isinstance(v, torch.Tensor)
+                               and (v.dim() != 0 or v.is_floating_point() or v.dtype == torch.bool)):
+        raise TypeError
+    return operator.index(v)
+
+
+def as_int(value, name: str, minimum: int | None = None) -> int:
+    """A Python int from an int, a numpy integer or a 0-d integer tensor;
+    TypeError/ValueError naming ``name``."""
+    try:
+        out = _index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int; got {value!r}") from None
+    if minimum is not None and out < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
+    return out
+
+
+def positive_int(value, name: str) -> int:
+    """A positive int (numpy and 0-d tensor integers accepted); ValueError naming ``name``."""
+    try:
+        return as_int(value, name, 1)
+    except TypeError:
+        raise ValueError(f"{name} must be a positive int; got {value!r}") from None
+
+
+def as_float(value, name: str) -> float:
+    """A Python float from an int, a float, a numpy number or a 0-d real
+    tensor (not bool, not a string); TypeError naming ``name``."""
+    if isinstance(value, bool) or isinstance(value, (str, bytes)) or (
+            isinstance(value, torch.Tensor) and (value.dim() != 0 or value.dtype == torch.bool or value.is_complex())):
+        raise TypeError(f"{name} must be a real number; got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number; got {value!r}") from None
+
+
 def as_triple(value, name: str, minimum: int = 1) -> Triple:
     """An int or 3-sequence of ints as a 3-tuple; ValueError/TypeError naming ``name``."""
-    def as_int(v):  # int, numpy integers, 0-d integer tensors; not bool
-        if isinstance(v, bool) or (isinstance(v, torch.Tensor)
-                                   and (v.dim() != 0 or v.is_floating_point() or v.dtype == torch.bool)):
-            raise TypeError
-        return operator.index(v)
-
+    as_int = _index
     try:
         out = (as_int(value),) * 3
     except TypeError:

@@ -10,23 +10,24 @@ import torch
 
 from . import _ext
 from . import coords as _coords
-from .tensor import SparseTensor
+from .tensor import SparseTensor, as_float
 
 REDUCE_MODES = {"sum": 0, "mean": 1, "max": 2, "first": 3}
 
 
 def _voxel_size(voxel_size) -> tuple[float, float, float]:
-    if isinstance(voxel_size, bool) or voxel_size is None:
-        raise TypeError(f"voxel_size must be a positive number or 3 numbers; got {voxel_size!r}")
-    if isinstance(voxel_size, (int, float)):
-        vs = (float(voxel_size),) * 3
-    else:
-        try:
-            vs = tuple(float(v) for v in voxel_size)
-        except (TypeError, ValueError):
-            raise TypeError(f"voxel_size must be a positive number or 3 numbers; got {voxel_size!r}") from None
-        if len(vs) != 3:
-            raise ValueError(f"voxel_size must be a number or 3 numbers; got {len(vs)}")
+    """A positive number (Python, numpy or a 0-d tensor) or 3 of them."""
+    message = f"voxel_size must be a positive number or 3 numbers; got {voxel_size!r}"
+    if voxel_size is None or isinstance(voxel_size, (str, bytes)):
+        raise TypeError(message)
+    scalar = not (isinstance(voxel_size, (list, tuple)) or getattr(voxel_size, "ndim", 0) == 1)
+    try:
+        vs = (as_float(voxel_size, "voxel_size"),) * 3 if scalar else tuple(
+            as_float(v, "voxel_size") for v in voxel_size)
+    except TypeError:
+        raise TypeError(message) from None
+    if len(vs) != 3:
+        raise ValueError(f"voxel_size must be a number or 3 numbers; got {len(vs)}")
     if not all(v > 0 and math.isfinite(v) for v in vs):
         raise ValueError(f"voxel_size must be positive and finite; got {voxel_size!r}")
     return vs  # type: ignore[return-value]

@@ -147,3 +147,17 @@ def test_pool_and_module_errors():
         spnn.MaxPool3d(0)
     with pytest.raises(ValueError, match="in_channels"):
         spnn.Conv3d(0, 3)
+
+
+def test_channel_counts_accept_numpy_and_tensor_integers():
+    import numpy as np
+
+    from pointsparse.models import SPVCNN, MinkUNet
+    conv = spnn.Conv3d(np.int64(3), torch.tensor(4))
+    assert (conv.in_channels, conv.out_channels) == (3, 4) and type(conv.in_channels) is int
+    net = MinkUNet(np.int64(4), np.int32(5), cr=np.float32(0.125))
+    assert (net.in_channels, net.num_classes, net.cr) == (4, 5, 0.125)
+    assert SPVCNN(np.int64(4), 5, cr=torch.tensor(0.125)).classifier.out_features == 5
+    for bad in (3.0, True, "3", 0, np.int64(-1), torch.tensor([3])):
+        with pytest.raises(ValueError, match="in_channels"):
+            spnn.Conv3d(bad, 4)

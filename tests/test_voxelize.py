@@ -430,3 +430,12 @@ def test_bad_input(bad_results, name):
 def test_raw_core_bad_arrays(raw_results, name):
     code, exc, word = RAW[name]
     check_child(raw_results[name], exc, word, name)
+
+
+@pytest.mark.parametrize("size", [np.float32(0.5), np.float64(0.5), torch.tensor(0.5), torch.tensor(1, dtype=torch.int64) * 0.5,
+                                  [np.float32(0.5)] * 3, torch.tensor([0.5, 0.5, 0.5]), np.array([0.5, 0.5, 0.5])])
+def test_numpy_and_torch_scalars_are_numbers(size):
+    points = torch.rand(300, 3, generator=torch.Generator().manual_seed(0)) * 4
+    x, inverse = ps.voxelize(points, voxel_size=size)
+    ref, ref_inverse = ps.voxelize(points, voxel_size=0.5)
+    assert torch.equal(x.coords, ref.coords) and torch.equal(inverse, ref_inverse)

@@ -4,10 +4,12 @@ stages with skip concatenation, a per-voxel classifier)."""
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from .. import nn as spnn
-from ..tensor import SparseTensor
+from ..tensor import SparseTensor, as_float, positive_int
 
 # Output widths of the stem, the four encoder and the four decoder stages.
 BASE_WIDTHS = (32, 32, 64, 128, 256, 256, 128, 96, 96)
@@ -64,10 +66,13 @@ class MinkUNet(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, cr: float = 1.0, blocks: int = 2):
         super().__init__()
-        for name, v in (("in_channels", in_channels), ("num_classes", num_classes), ("blocks", blocks)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive int; got {v!r}")
-        if not isinstance(cr, (int, float)) or isinstance(cr, bool) or not cr > 0:
+        in_channels, num_classes, blocks = (positive_int(v, name) for name, v in (
+            ("in_channels", in_channels), ("num_classes", num_classes), ("blocks", blocks)))
+        try:
+            cr = as_float(cr, "cr")
+        except TypeError:
+            cr = None
+        if cr is None or not (cr > 0 and math.isfinite(cr)):
             raise ValueError(f"cr must be a positive number; got {cr!r}")
         self.in_channels, self.num_classes, self.cr = in_channels, num_classes, float(cr)
         w = [max(1, int(round(c * cr))) for c in BASE_WIDTHS]

@@ -57,10 +57,11 @@ class SPVCNN(nn.Module):
         self.unet = MinkUNet(in_channels, num_classes, cr, blocks)
         self.unet.classifier = nn.Identity()  # the classifier runs on points
         w = self.unet.widths
-        self.in_channels, self.num_classes, self.cr, self.widths = in_channels, num_classes, float(cr), w
+        self.in_channels, self.num_classes, self.cr = self.unet.in_channels, self.unet.num_classes, self.unet.cr
+        self.widths = w
         self.point_mlps = nn.ModuleList([_point_mlp(w[0], w[4]), _point_mlp(w[4], w[6]), _point_mlp(w[6], w[8])])
         self.dropout = nn.Dropout(0.3)
-        self.classifier = nn.Linear(w[8], num_classes)
+        self.classifier = nn.Linear(w[8], self.num_classes)
 
     def forward(self, voxels: SparseTensor, inverse: torch.Tensor, points: torch.Tensor,
                 point_batch: torch.Tensor) -> torch.Tensor:

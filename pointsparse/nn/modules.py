@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from ..tensor import SparseTensor, as_triple
+from ..tensor import SparseTensor, as_triple, positive_int
 from . import functional as F
 
 
@@ -27,9 +27,8 @@ class Conv3d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=1, dilation=1,
                  bias: bool = False, transposed: bool = False) -> None:
         super().__init__()
-        for name, v in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive int; got {v!r}")
+        in_channels = positive_int(in_channels, "in_channels")
+        out_channels = positive_int(out_channels, "out_channels")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = as_triple(kernel_size, "kernel_size")
