@@ -357,3 +357,15 @@ def test_voxel_dataset_augments_per_epoch_deterministically():
     assert torch.equal(ds[0].coords, a.coords) and not torch.equal(b.coords, a.coords)
     plain = VoxelDataset(scenes, 0.2)
     assert np.array_equal(plain[0].xyz, scenes[0].xyz)
+
+
+def test_label_map_with_huge_raw_ids_is_quick_and_ignores_them():
+    import time
+
+    from pointsparse.data.readers import LabelMap
+    lm = LabelMap(["a", "b"], {0: 0, 10: 1, 4_000_000_000: 1}, name="t")
+    raw = np.array([0, 10, 10**12, 3_000_000_000, -5, 4_000_000_000, 7], dtype=np.int64)
+    t0 = time.perf_counter()
+    out = lm.apply(raw, ignore_index=255)
+    assert time.perf_counter() - t0 < 1.0
+    assert out.tolist() == [0, 1, 255, 255, 255, 1, 255]

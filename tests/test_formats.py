@@ -297,3 +297,13 @@ def test_from_module_uses_the_masked_weight():
         assert torch.equal(s.to_dense().reshape(4, 6), lin.weight.detach())
     with pytest.raises(ValueError, match="compress"):
         F.CSR.from_module(torch.nn.Conv2d(2, 2, 3))
+
+
+def test_eie_num_pe_is_bounded_by_the_rows():
+    from pointsparse.formats import EIE
+    w = torch.randn(100, 5)
+    assert EIE.from_dense(w, num_pe=100).to_dense().equal(w)
+    assert EIE.from_dense(w[:3], num_pe=64).to_dense().equal(w[:3])
+    for bad in (10**9, 101, 0, 2.0, True):
+        with pytest.raises(ValueError, match="num_pe"):
+            EIE.from_dense(w, num_pe=bad)

@@ -24,3 +24,13 @@ def test_quick_runs_on_digits(procedure, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "dense accuracy" in out
     assert (tmp_path / ("sensitivity.png" if procedure == "sensitivity" else "amc_ratios.json")).exists()
+
+
+@pytest.mark.parametrize("flag,value", [("--finetune-lr-factor", "nan"), ("--threshold", "nan"), ("--sparsity", "1.5"),
+                                        ("--sparsity", "inf"), ("--flops", "0"), ("--latency", "-1"),
+                                        ("--prune-fraction", "nan"), ("--rounds", "0"), ("--episodes", "-3"),
+                                        ("--rewind", "-1")])
+def test_bad_flags_fail_before_any_work(flag, value, tmp_path):
+    with pytest.raises(ValueError, match=flag):
+        cli.main(["prune", "schedule", flag, value, "--out", str(tmp_path / "never")])
+    assert not (tmp_path / "never").exists()

@@ -74,14 +74,15 @@ class LabelMap:
         raw = raw.astype(np.int64).reshape(-1)
         if raw.size == 0:
             return raw
-        size = max(int(raw.max()), max(self.mapping, default=0)) + 1
-        table = np.full(size, ignore_index, dtype=np.int64)
-        for k, v in self.mapping.items():
-            if k >= 0:
-                table[k] = v
+        # A sorted look-up of the listed ids: no table sized by the largest
+        # raw id (one label of 1e12 once asked for a 7 TiB table).
+        keys = np.array(sorted(self.mapping), dtype=np.int64)
+        values = np.array([self.mapping[k] for k in keys.tolist()], dtype=np.int64)
         out = np.full(raw.shape, ignore_index, dtype=np.int64)
-        ok = raw >= 0
-        out[ok] = table[raw[ok]]
+        if keys.size:
+            pos = np.minimum(np.searchsorted(keys, raw), keys.size - 1)
+            ok = keys[pos] == raw
+            out[ok] = values[pos[ok]]
         return out
 
     @classmethod

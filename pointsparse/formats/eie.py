@@ -13,6 +13,9 @@ from ._storage import narrow, pack_bits, unpack_bits, widen
 MAX_GAP = 15  # a 4-bit relative index
 
 
+_MIN_PE_LIMIT = 64
+
+
 class EIE(SparseFormat):
     """Row r of an (M, K) matrix belongs to PE ``r % P`` as its local row
     ``r // P``. Each PE stores its local matrix column by column: for every
@@ -45,10 +48,14 @@ class EIE(SparseFormat):
 
     @classmethod
     def from_dense(cls, tensor, num_pe: int = 4) -> "EIE":
-        if isinstance(num_pe, bool) or not isinstance(num_pe, int) or num_pe < 1:
-            raise ValueError(f"num_pe must be a positive int; got {num_pe!r}")
         dense = check_matrix(tensor)
         M, K = dense.shape
+        # More PEs than rows only adds empty ones: bounded, so a huge count is
+        # an error at once, not a runaway loop and a huge index array.
+        limit = max(M, _MIN_PE_LIMIT)
+        if isinstance(num_pe, bool) or not isinstance(num_pe, int) or not 1 <= num_pe <= limit:
+            raise ValueError(f"num_pe must be an int in [1, {limit}] (at most max(rows, {_MIN_PE_LIMIT}) for a "
+                             f"{M}-row matrix); got {num_pe!r}")
         values, gaps, col_ptr = [], [], []
         for p in range(num_pe):
             local = dense[p::num_pe]  # (rows_p, K)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -63,8 +64,35 @@ def _task(args):
     return digits_task(model, args.seed)
 
 
+# Flags that must be finite numbers in a range (lo, hi, whether each end is included).
+_RANGES = {"sparsity": (0.0, 1.0, True, False), "threshold": (0.0, math.inf, True, False),
+           "finetune_lr_factor": (0.0, math.inf, False, False), "prune_fraction": (0.0, 1.0, False, False),
+           "flops": (0.0, 1.0, False, True), "latency": (0.0, 1.0, False, True)}
+_COUNTS = ("rounds", "episodes")
+
+
+def check_args(args) -> None:
+    """ValueError naming the first flag that is NaN, infinite or out of its
+    range, before any work."""
+    for name, (lo, hi, lo_in, hi_in) in _RANGES.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        ok = math.isfinite(value) and (value >= lo if lo_in else value > lo) and (value <= hi if hi_in else value < hi)
+        if not ok:
+            lo_s, hi_s = ("[" if lo_in else "(") + f"{lo:g}", f"{hi:g}" + ("]" if hi_in else ")")
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number in {lo_s}, {hi_s}; got {value}")
+    for name in _COUNTS:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be >= 1; got {value}")
+    if getattr(args, "rewind", 0) < 0:
+        raise ValueError(f"--rewind must be >= 0; got {args.rewind}")
+
+
 def main(args) -> int:
     from . import _layers
+    check_args(args)
     torch.manual_seed(args.seed)
     task = _task(args)
     steps = max(20, task.train_steps // (5 if args.quick else 1))
