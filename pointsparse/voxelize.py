@@ -131,9 +131,12 @@ def _segment_reduce_torch(feats, inverse, perm, seg_ptr, mode):
         first = perm[seg_ptr[:-1]]
         return feats[first], first
     out = feats.new_full((m, c), -float("inf")).scatter_reduce(0, idx, feats, "amax", include_self=True)
-    # the first (lowest) row attaining each maximum, as the C++ kernel picks
+    # the first (lowest) row attaining each maximum, as the C++ kernel picks;
+    # amax propagates NaN, and then the first NaN row is the one
     rows = torch.arange(feats.shape[0], device=feats.device)[:, None].expand(-1, c)
-    hit = torch.where(feats == out[inverse], rows, torch.full_like(rows, feats.shape[0]))
+    best = out[inverse]
+    attains = (feats == best) | (torch.isnan(feats) & torch.isnan(best))
+    hit = torch.where(attains, rows, torch.full_like(rows, feats.shape[0]))
     arg = torch.full((m, c), feats.shape[0], dtype=torch.int64, device=feats.device)
     arg = arg.scatter_reduce(0, idx, hit, "amin", include_self=True)
     return out, arg
@@ -150,7 +153,10 @@ def voxelize(points: torch.Tensor, feats: torch.Tensor | None = None, voxel_size
         voxel_size: a positive number or 3 numbers.
         batch: optional ``(N,)`` integer batch index of each point.
         reduce: how features of one voxel merge: ``"mean"``, ``"max"``, ``"sum"``
-            or ``"first"`` (the lowest point index).
+            or ``"first"`` (the lowest point index). Non-finite features
+            propagate the same way on every path: NaN or inf in a voxel's
+            points gives NaN/inf in its mean and sum, and ``"max"`` propagates
+            NaN (as ``torch.amax``; its gradient goes to the first NaN point).
 
     Returns:
         ``(SparseTensor, inverse)``: voxels sorted by (batch, x, y, z) with

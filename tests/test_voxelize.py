@@ -439,3 +439,23 @@ def test_numpy_and_torch_scalars_are_numbers(size):
     x, inverse = ps.voxelize(points, voxel_size=size)
     ref, ref_inverse = ps.voxelize(points, voxel_size=0.5)
     assert torch.equal(x.coords, ref.coords) and torch.equal(inverse, ref_inverse)
+
+
+@pytest.mark.parametrize("reduce", ["max", "mean", "sum", "first"])
+def test_non_finite_feats_propagate_alike_on_both_paths(reduce):
+    points = torch.tensor([[0.1, 0.1, 0.1], [0.2, 0.2, 0.2], [0.3, 0.3, 0.3], [5.0, 5.0, 5.0], [5.1, 5.1, 5.1]])
+    for order in ([0, 1, 2, 3, 4], [2, 1, 0, 4, 3], [1, 2, 0, 3, 4]):  # NaN first, middle or last in its voxel
+        feats = torch.tensor([[1.0, float("nan")], [float("nan"), 2.0], [3.0, float("inf")], [4.0, -1.0],
+                              [float("-inf"), 7.0]], dtype=torch.float64)
+        p, f = points[order], feats[order].clone().requires_grad_()
+        core, _ = ps.voxelize(p, f, voxel_size=1.0, reduce=reduce)
+        core.feats.sum().backward()
+        f2 = feats[order].clone().requires_grad_()
+        with _ext.torch_path():
+            ref, _ = ps.voxelize(p, f2, voxel_size=1.0, reduce=reduce)
+            ref.feats.sum().backward()
+        torch.testing.assert_close(core.feats, ref.feats, equal_nan=True, rtol=0, atol=0)
+        torch.testing.assert_close(f.grad, f2.grad, equal_nan=True, rtol=0, atol=0)
+        if reduce == "max":  # a NaN anywhere in a voxel's channel gives NaN there
+            assert torch.isnan(core.feats[0]).all()
+            assert core.feats[1].tolist() == [4.0, 7.0]

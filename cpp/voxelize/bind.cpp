@@ -82,7 +82,8 @@ py::array_t<int64_t> quantize(py::array points, std::vector<double> voxel_size,
 }
 
 // mode: 0 sum, 1 mean, 2 max, 3 first. arg (M, C) holds the source row of each
-// max, (M,) the first row of each segment; empty for sum and mean.
+// max (the first NaN row where a voxel holds NaN: max propagates NaN), (M,)
+// the first row of each segment; empty for sum and mean.
 template <typename F>
 void reduce_impl(const F* x, int64_t c, const int64_t* perm, const int64_t* seg, int64_t m,
                  int mode, F* out, int64_t* arg, int nt) {
@@ -100,10 +101,12 @@ void reduce_impl(const F* x, int64_t c, const int64_t* perm, const int64_t* seg,
       int64_t* a = arg + j * c;
       const F* src = x + perm[lo] * c;
       for (int64_t k = 0; k < c; ++k) o[k] = src[k], a[k] = perm[lo];
+      // NaN propagates (as torch.amax): the first NaN row of a voxel wins
+      // and stays; otherwise the first row holding the maximum.
       for (int64_t i = lo + 1; i < hi; ++i) {
         const F* s = x + perm[i] * c;
         for (int64_t k = 0; k < c; ++k)
-          if (s[k] > o[k]) o[k] = s[k], a[k] = perm[i];
+          if (s[k] > o[k] || (s[k] != s[k] && o[k] == o[k])) o[k] = s[k], a[k] = perm[i];
       }
       continue;
     }
