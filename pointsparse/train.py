@@ -31,7 +31,7 @@ import torch
 from . import checkpoint, metrics
 from .data import (DEFAULT_IGNORE, NUM_FEATURES, VALIDATION_SEED, Batch, CloudFiles, VoxelDataset, collate,
                    open_source)
-from .data.generated import MAX_RANGE
+from .data.generated import MAX_AZIMUTH_STEPS, MAX_BEAMS, MAX_RANGE
 from .models import SPVCNN, MinkUNet, SyncBatchNorm
 
 MODELS = ("minkunet", "spvcnn")
@@ -139,6 +139,10 @@ def _check_args(args) -> None:
     value = getattr(args, "max_range", None)
     if value is not None and value > MAX_RANGE:
         raise ValueError(f"--max-range must be <= {MAX_RANGE:g} m; got {value}")
+    for name, top in (("beams", MAX_BEAMS), ("azimuth_steps", MAX_AZIMUTH_STEPS)):
+        value = getattr(args, name, None)
+        if value is not None and value > top:
+            raise ValueError(f"--{name.replace('_', '-')} must be <= {top}; got {value}")
     value = getattr(args, "val_fraction", None)
     if value is not None and not 0 < value < 1:
         raise ValueError(f"--val-fraction must be in (0, 1); got {value}")

@@ -119,10 +119,13 @@ def _rot(points, heading):
 #: Largest scene radius in metres (a street's objects are laid out in steps of
 #: metres, so a huge radius would mean billions of them).
 MAX_RANGE = 1000.0
+#: Largest LiDAR beam and azimuth-step counts of a generated scan.
+MAX_BEAMS = 1024
+MAX_AZIMUTH_STEPS = 65536
 
 
 def _check_scene_args(**values) -> None:
-    limits = {"beams": (1, 1024), "azimuth_steps": (1, 65536)}
+    limits = {"beams": (1, MAX_BEAMS), "azimuth_steps": (1, MAX_AZIMUTH_STEPS)}
     for name, value in values.items():
         if name in limits:
             lo, hi = limits[name]

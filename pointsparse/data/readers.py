@@ -24,8 +24,10 @@ S3DIS text         :func:`read_text` (rows ``x y z [r g b] [label]``, or a
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,6 +159,56 @@ def _labels(raw, label_map: LabelMap | None, ignore_index: int, where: str = "la
     return label_map.apply(raw, ignore_index)
 
 
+def _names_the_file(reader):
+    """Readers fail with a ValueError that names the file: whatever numpy,
+    zipfile, laspy or Open3D raise on a corrupt, truncated or unreadable file
+    (an ImportError for a missing optional package passes unchanged)."""
+    @functools.wraps(reader)
+    def read(path, *args, **kwargs):
+        try:
+            return reader(path, *args, **kwargs)
+        except ImportError:
+            raise
+        except ValueError as exc:
+            if str(path) in str(exc):
+                raise
+            raise ValueError(f"{path}: {exc}") from None
+        except (OSError, EOFError, KeyError, IndexError, TypeError, RuntimeError, MemoryError, OverflowError,
+                zipfile.BadZipFile, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: cannot read this file ({type(exc).__name__}: {str(exc)[:300]})") from None
+    return read
+
+
+def _check_npy_size(shape, dtype, available: int, where: str) -> None:
+    """ValueError before allocating when an array header claims more bytes
+    than the file (or archive member) holds."""
+    need = int(np.prod(shape, dtype=np.float64)) * np.dtype(dtype).itemsize
+    if need > available:
+        raise ValueError(f"{where}: the header claims {shape} {np.dtype(dtype)} ({need} bytes) but only "
+                         f"{available} bytes are there (truncated or corrupt)")
+
+
+def _npz_array(z, key: str, path) -> np.ndarray:
+    """``z[key]`` after checking its header against the member's size."""
+    info = z.zip.getinfo(key + ".npy")
+    with z.zip.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+    _check_npy_size(shape, dtype, info.file_size, f"{path} key {key!r}")
+    if dtype.hasobject:
+        raise ValueError(f"{path} key {key!r}: object arrays are not point data")
+    return z[key]
+
+
+def _load_npy(path) -> np.ndarray:
+    """A ``.npy`` array, its header checked against the file size first
+    (memory-mapped, then copied); never unpickles."""
+    arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    return np.array(arr)
+
+
+@_names_the_file
 def read_semantickitti(scan_path, label_path=None, label_map="semantic-kitti",
                        ignore_index: int = DEFAULT_IGNORE) -> Sample:
     """One SemanticKITTI scan: ``velodyne/NNNNNN.bin`` (float32 x, y, z,
@@ -184,6 +236,7 @@ _NPZ_XYZ = ("xyz", "points", "pos", "coords")
 _NPZ_LABELS = ("labels", "label", "classification", "semantic", "class")
 
 
+@_names_the_file
 def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_path=None) -> Sample:
     """A ``.npz`` archive or a ``.npy`` array.
 
@@ -200,16 +253,18 @@ def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_
             key = next((k for k in _NPZ_XYZ if k in z.files), None)
             if key is None:
                 raise ValueError(f"{path}: no positions (looked for {_NPZ_XYZ}; has {z.files})")
-            xyz = z[key]
+            xyz = _npz_array(z, key, path)
+            if xyz.ndim != 2 or xyz.shape[1] < 3:
+                raise ValueError(f"{path}: key {key!r} must be (N, 3) positions; got {xyz.shape}")
             lab_key = next((k for k in _NPZ_LABELS if k in z.files), None)
-            raw = z[lab_key] if lab_key else None
-            intensity = _scale_intensity(z["intensity"]) if "intensity" in z.files else None
-            rgb = _scale_rgb(z["rgb"]) if "rgb" in z.files else None
+            raw = _npz_array(z, lab_key, path) if lab_key else None
+            intensity = _scale_intensity(_npz_array(z, "intensity", path)) if "intensity" in z.files else None
+            rgb = _scale_rgb(_npz_array(z, "rgb", path)) if "rgb" in z.files else None
         return Sample(xyz[:, :3], _labels(raw, label_map, ignore_index, f"{path} key {lab_key!r}"), intensity, rgb,
                       name=str(path))
     if path.suffix != ".npy":
         raise ValueError(f"{path}: read_numpy reads .npy or .npz files")
-    arr = np.load(path)
+    arr = _load_npy(path)
     if arr.ndim != 2 or arr.shape[1] not in (3, 4, 6, 7):
         raise ValueError(f"{path}: a .npy cloud must be (N, 3|4|6|7) [x y z (intensity) (r g b)]; got {arr.shape}")
     intensity = _scale_intensity(arr[:, 3]) if arr.shape[1] in (4, 7) else None
@@ -217,7 +272,7 @@ def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_
     if labels_path is None:
         sibling = _sibling_labels(path)
         labels_path = sibling if sibling is not None and sibling.is_file() else None
-    raw = np.load(labels_path).reshape(-1) if labels_path is not None else None
+    raw = _load_npy(labels_path).reshape(-1) if labels_path is not None else None
     if raw is not None and raw.size != len(arr):
         raise ValueError(f"{labels_path}: {raw.size} labels for {len(arr)} points in {path}")
     return Sample(arr[:, :3], _labels(raw, label_map, ignore_index, f"{labels_path}"), intensity, rgb,
@@ -232,6 +287,7 @@ def _sibling_labels(path: Path) -> Path | None:
     return None
 
 
+@_names_the_file
 def read_las(path, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> Sample:
     """A LAS/LAZ file through laspy (``pip install laspy``, plus ``lazrs`` for
     LAZ). Positions are taken relative to the header's minimum (real tiles
@@ -253,6 +309,7 @@ def read_las(path, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> Sample
                   intensity, rgb, name=str(path))
 
 
+@_names_the_file
 def read_open3d(path, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> Sample:
     """A PLY or PCD file through open3d (optional extra ``open3d-cpu``; on
     Debian it needs the system library ``libusb-1.0-0``). Colour from
@@ -275,6 +332,7 @@ def read_open3d(path, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> Sam
                                                    ignore_index), intensity, rgb, name=str(path))
 
 
+@_names_the_file
 def read_text(path, label_map="s3dis", ignore_index: int = DEFAULT_IGNORE) -> Sample:
     """S3DIS-style text: a file of rows ``x y z [r g b] [label]`` (colour in
     0..255), or a room folder with ``Annotations/<class>_<n>.txt`` files whose

@@ -34,8 +34,9 @@ class Sample:
             raise ValueError(f"{self.name or 'sample'}: xyz must be (N, 3); got {xyz.shape}")
         self.xyz = np.ascontiguousarray(xyz, dtype=np.float32)
         n = len(self.xyz)
-        if not np.isfinite(self.xyz).all():
-            raise ValueError(f"{self.name or 'sample'}: xyz holds NaN or inf")
+        bad = int((~np.isfinite(self.xyz)).any(1).sum())
+        if bad:
+            raise ValueError(f"{self.name or 'sample'}: xyz holds NaN or inf at {bad} of {n} points")
         if self.labels is not None:
             labels = np.asarray(self.labels)
             if labels.ndim == 2 and labels.shape[1] == 1:
@@ -54,6 +55,9 @@ class Sample:
                 value = value[:, None]
             if value.shape != (n, width):
                 raise ValueError(f"{self.name or 'sample'}: {field} must be ({n}, {width}); got {value.shape}")
+            bad = int((~np.isfinite(value)).any(1).sum())
+            if bad:
+                raise ValueError(f"{self.name or 'sample'}: {field} holds NaN or inf at {bad} of {n} points")
             setattr(self, field, value)
 
     def __len__(self) -> int:
