@@ -12,6 +12,9 @@ from . import coords as _coords
 
 Triple = tuple[int, int, int]
 
+#: Largest grid :meth:`SparseTensor.dense` allocates (bytes); larger is a ValueError.
+MAX_DENSE_BYTES = 1 << 36
+
 
 def _index(v) -> int:
     """int, numpy integers, 0-d integer tensors; not bool (TypeError otherwise)."""
@@ -113,14 +116,23 @@ def _check_feats(feats, n: int | None = None) -> None:
         raise TypeError(f"feats must be a torch.Tensor; got {type(feats).__name__}")
     if not feats.is_floating_point():
         raise TypeError(f"feats must be a floating-point tensor (N, C); got dtype {feats.dtype}")
+    _check_real_device(feats, "feats")
     if feats.dim() != 2:
         raise ValueError(f"feats must be (N, C); got shape {tuple(feats.shape)}")
     if n is not None and feats.shape[0] != n:
         raise ValueError(f"feats has {feats.shape[0]} rows but coords has {n}; they must match")
 
 
+def _check_real_device(tensor: torch.Tensor, name: str) -> None:
+    if tensor.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor (shape only, no data); a SparseTensor needs real data "
+                         "(for shape-only tracing use torch.compile / torch.export)")
+
+
 def check_coords_type(coords) -> None:
-    """Type, dtype (NaN/inf named for float coords) and (N, 4) shape."""
+    """Type, dtype (NaN/inf named for float coords), device and (N, 4) shape."""
+    if isinstance(coords, torch.Tensor):
+        _check_real_device(coords, "coords")
     if isinstance(coords, torch.Tensor) and coords.is_floating_point():
         if not bool(torch.isfinite(coords).all()):
             raise ValueError("coords contain NaN or inf; they must be finite int32 [batch, x, y, z]")
@@ -217,12 +229,17 @@ class SparseTensor:
             raise ValueError(f"feats are on {feats.device} but the tensor is on {self.device}")
         return SparseTensor(feats, self._coords, self._stride, cache=self.cache, validate=False)
 
-    def replace_feats(self, feats: torch.Tensor) -> "SparseTensor":
-        return self.with_feats(feats)
-
     def to(self, *args, **kwargs) -> "SparseTensor":
-        """Move to a device and/or cast feats (``.to("cuda")``, ``.to(torch.float64)``)."""
-        feats = self._feats.to(*args, **kwargs)
+        """Move to a device and/or cast feats (``.to("cuda")``, ``.to(torch.float64)``);
+        ValueError naming the target where torch cannot go there (a device
+        this torch build lacks, a non-floating dtype)."""
+        try:
+            feats = self._feats.to(*args, **kwargs)
+        except (AssertionError, RuntimeError, TypeError) as exc:  # e.g. "Torch not compiled with CUDA enabled"
+            target = ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())])
+            raise ValueError(f"SparseTensor.to({target}) is not possible here: {exc}") from None
+        if not feats.is_floating_point():
+            raise TypeError(f"SparseTensor.to: feats must stay floating point; got {feats.dtype}")
         if feats.device == self._feats.device:
             return SparseTensor(feats, self._coords, self._stride, cache=self.cache, validate=False)
         cache = self.cache.to(feats.device)
@@ -278,10 +295,25 @@ class SparseTensor:
             if n and (bool((idx >= torch.tensor(spatial, device=idx.device)).any())
                       or int(self._coords[:, 0].max()) >= b):
                 raise ValueError(f"active sites fall outside the dense shape {shape}")
-        out = self._feats.new_zeros((b, *spatial, c))
+        out = self._dense_buffer(b, spatial, c)
         if n:
             out[self._coords[:, 0].long(), idx[:, 0], idx[:, 1], idx[:, 2]] = self._feats
         return out.permute(0, 4, 1, 2, 3).contiguous()
+
+    def _dense_buffer(self, b: int, spatial, c: int) -> torch.Tensor:
+        """The zeroed ``(B, X, Y, Z, C)`` grid, its size checked before allocating."""
+        numel = b * c
+        for s in spatial:
+            numel *= int(s)
+        nbytes = numel * self._feats.element_size()
+        if nbytes > MAX_DENSE_BYTES:
+            raise ValueError(f"dense() of shape {(b, c, *spatial)} needs {nbytes / 2**30:.1f} GiB, over the "
+                             f"{MAX_DENSE_BYTES / 2**30:.0f} GiB limit (crop or shift the coords, or pass a shape)")
+        try:
+            return self._feats.new_zeros((b, *spatial, c))
+        except RuntimeError as exc:  # the allocator refused
+            raise ValueError(f"dense() of shape {(b, c, *spatial)} ({nbytes / 2**30:.1f} GiB) could not be "
+                             f"allocated: {exc}") from None
 
     def __repr__(self) -> str:
         return (f"SparseTensor(n={len(self)}, channels={self._feats.shape[1]}, stride={self._stride}, "

@@ -232,3 +232,23 @@ def test_bad_input(bad_results, name):
     assert r["status"] == 0, f"{name} crashed the process (status {r['status']})"
     assert r["exc"] == exc, f"{name}: expected {exc}, got {r['exc']}: {r['msg']}"
     assert word in r["msg"], f"{name}: the message must name {word!r}: {r['msg']}"
+
+
+def test_dense_of_a_huge_extent_is_refused_before_allocating():
+    coords = torch.tensor([[0, 0, 0, 0], [0, 60000, 60000, 60000]], dtype=torch.int32)
+    x = ps.SparseTensor(torch.ones(2, 4), coords)
+    with pytest.raises(ValueError, match="GiB"):
+        x.dense()
+
+
+def test_unreachable_devices_and_meta_tensors_are_clear_errors():
+    x = ps.SparseTensor(torch.ones(2, 3), torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0]], dtype=torch.int32))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cuda"):
+            x.to("cuda")
+    with pytest.raises(TypeError, match="floating"):
+        x.to(torch.int64)
+    with pytest.raises(ValueError, match="meta"):
+        ps.SparseTensor(torch.ones(2, 3, device="meta"), x.coords)
+    with pytest.raises(ValueError, match="meta"):
+        ps.SparseTensor(torch.ones(2, 3), x.coords.to("meta"))
