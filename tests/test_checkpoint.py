@@ -158,3 +158,39 @@ def test_diverged_training_stops_with_an_error_and_keeps_only_finite_checkpoints
     for flag, value in (("--lr", "inf"), ("--max-range", "1e30"), ("--voxel-size", "nan")):
         with pytest.raises(ValueError, match=flag):
             tr.main(_parse([*TINY, "--epochs", "1", flag, value, "--out", str(out)]))
+
+
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
+    import signal
+    import time
+
+    args = [*TINY, "--scenes", "6", "--batch-size", "1", "--epochs", "3"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), POINTSPARSE_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    run = lambda out, *extra: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "pointsparse.train", *args, "--threads", "1", "--out", str(out), *extra],
+        env=env, capture_output=True, text=True, timeout=600)
+    straight = run(tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "pointsparse.train", *args, "--threads", "1", "--out", str(cut)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (cut / "checkpoint.pt").exists():
+            try:
+                if tr.load_checkpoint(cut / "checkpoint.pt")["epoch"] >= 1:
+                    break
+            except ValueError:
+                pass
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = tr.load_checkpoint(cut / "checkpoint.pt")
+    assert first["epoch"] < 3, "the run finished before it could be killed"
+    resumed = run(cut, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = tr.load_checkpoint(tmp_path / "straight" / "checkpoint.pt"), tr.load_checkpoint(cut / "checkpoint.pt")
+    assert b["epoch"] == 3
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    assert a["history"]["step_loss"] == b["history"]["step_loss"]
