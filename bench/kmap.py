@@ -32,25 +32,24 @@ def torch_reference(coords: torch.Tensor, kernel_size: int, stride: int):
     """A plain torch kernel map: sort the keys, searchsorted per offset; for
     submanifold maps only half the offsets, the rest mirrored (the baseline
     the targets are stated against)."""
-    keys = pc.pack_torch(coords)
+    layout = pc.KeyLayout.of(coords, margin=(kernel_size, kernel_size, kernel_size))
+    keys = pc.pack_torch(coords, layout)
     sorted_keys, perm = torch.sort(keys)
     if stride == 1:
         out_keys, out_c = keys, coords.long()
     else:
         q = torch.div(coords[:, 1:].long(), stride, rounding_mode="floor") * stride
         out_c = torch.unique(torch.cat([coords[:, :1].long(), q], 1), dim=0)
-        out_keys = pc.pack_torch(out_c.int())
+        out_keys = pc.pack_torch(out_c.int(), layout)
     offsets = km.kernel_offsets(kernel_size).tolist()
     pairs = {}
     rows = torch.arange(out_keys.numel())
     for o, off in enumerate(offsets):
         if stride == 1 and tuple(off) < (0, 0, 0):
             continue
-        shifted = out_c[:, 1:] + torch.tensor(off)
-        ok = ((shifted >= pc.COORD_MIN) & (shifted <= pc.COORD_MAX)).all(1)
-        qk = out_keys + pc.key_delta(*off)
+        qk = out_keys + layout.delta(*off)  # the layout's margin holds every shifted row
         pos = torch.searchsorted(sorted_keys, qk).clamp_max(sorted_keys.numel() - 1)
-        hit = ok & (sorted_keys[pos] == qk)
+        hit = sorted_keys[pos] == qk
         pairs[o] = (perm[pos[hit]], rows[hit])
     if stride == 1:
         k = len(offsets)

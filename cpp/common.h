@@ -1,57 +1,82 @@
 // Shared helpers of the pointsparse core: exact 64-bit coordinate keys,
 // argument checks, and the OpenMP conventions every kernel follows.
 //
-// Key layout (int64, always >= 0, so signed and unsigned order agree):
-//   bits 51..62  batch        (12 bits, 0 .. 4095)
-//   bits 34..50  x + 2^16     (17 bits, x in -65536 .. 65535)
-//   bits 17..33  y + 2^16
-//   bits  0..16  z + 2^16
-// Sorting keys sorts rows lexicographically by (batch, x, y, z). Adding
-// ((dx << 34) + (dy << 17) + dz) to a key shifts its coordinates exactly as
-// long as every shifted coordinate stays inside the range (no carries).
+// Keys are packed relative to a KeyLayout fitted to the coordinates at hand
+// (coords/layout.h): from high to low bits
+//   batch                  (bits[0] bits, batch >= 0)
+//   x - origin[0]          (bits[1] bits)
+//   y - origin[1]          (bits[2] bits)
+//   z - origin[2]          (bits[3] bits)
+// with bits[0] + .. + bits[3] <= 63, so keys are >= 0 and signed and
+// unsigned order agree. Sorting keys sorts rows lexicographically by
+// (batch, x, y, z). Adding delta(dx, dy, dz) to a key shifts its coordinates
+// exactly as long as every shifted coordinate stays inside the layout's
+// fields (no carries): fitted layouts leave a margin for kernel offsets.
 #pragma once
 
 #include <omp.h>
 
 #include <cstdint>
+#include <limits>
 #include <stdexcept>
 #include <string>
 
 namespace ps {
 
-constexpr int kCoordBits = 17;
-constexpr int kBatchBits = 12;
-constexpr int64_t kCoordBias = int64_t(1) << (kCoordBits - 1);   // 65536
-constexpr int64_t kCoordMin = -kCoordBias;                         // -65536
-constexpr int64_t kCoordMax = kCoordBias - 1;                      //  65535
-constexpr int64_t kBatchMax = (int64_t(1) << kBatchBits) - 1;     //  4095
-constexpr int64_t kCoordMask = (int64_t(1) << kCoordBits) - 1;
-constexpr int kShiftZ = 0;
-constexpr int kShiftY = kCoordBits;
-constexpr int kShiftX = 2 * kCoordBits;
-constexpr int kShiftB = 3 * kCoordBits;
+constexpr int kKeyBits = 63;
+constexpr int64_t kCoordMin = std::numeric_limits<int32_t>::min();
+constexpr int64_t kCoordMax = std::numeric_limits<int32_t>::max();
+constexpr int64_t kBatchMax = std::numeric_limits<int32_t>::max();
 
 inline bool coord_in_range(int64_t c) { return c >= kCoordMin && c <= kCoordMax; }
-inline bool batch_in_range(int64_t b) { return b >= 0 && b <= kBatchMax; }
 
-// Caller guarantees the ranges (checked before any parallel region).
-inline int64_t pack_key(int64_t b, int64_t x, int64_t y, int64_t z) {
-  return (b << kShiftB) | ((x + kCoordBias) << kShiftX) |
-         ((y + kCoordBias) << kShiftY) | ((z + kCoordBias) << kShiftZ);
-}
+struct KeyLayout {
+  int64_t origin[3] = {0, 0, 0};  // x, y, z of field value 0
+  int bits[4] = {0, 0, 0, 0};     // batch, x, y, z
+  int shift[4] = {0, 0, 0, 0};    // batch, x, y, z
 
-// The key delta of a coordinate shift; add it to a key whose shifted
-// coordinates stay in range.
-inline int64_t key_delta(int64_t dx, int64_t dy, int64_t dz) {
-  return dx * (int64_t(1) << kShiftX) + dy * (int64_t(1) << kShiftY) + dz;
-}
-
-inline void unpack_key(int64_t key, int32_t* out4) {
-  out4[0] = int32_t(key >> kShiftB);
-  out4[1] = int32_t(((key >> kShiftX) & kCoordMask) - kCoordBias);
-  out4[2] = int32_t(((key >> kShiftY) & kCoordMask) - kCoordBias);
-  out4[3] = int32_t(((key >> kShiftZ) & kCoordMask) - kCoordBias);
-}
+  // Sets the shifts from bits (z lowest).
+  void place() {
+    shift[3] = 0;
+    for (int f = 2; f >= 0; --f) shift[f] = shift[f + 1] + bits[f + 1];
+  }
+  int total_bits() const { return bits[0] + bits[1] + bits[2] + bits[3]; }
+  // Largest field value of field f (0: batch, 1..3: x, y, z).
+  int64_t field_max(int f) const { return (int64_t(1) << bits[f]) - 1; }
+  // Whether coordinate c of axis a (0: x) lies in its field.
+  bool axis_contains(int a, int64_t c) const {
+    return c >= origin[a] && c - origin[a] <= field_max(a + 1);
+  }
+  bool contains(int64_t b, int64_t x, int64_t y, int64_t z) const {
+    return b >= 0 && b <= field_max(0) && axis_contains(0, x) && axis_contains(1, y) &&
+           axis_contains(2, z);
+  }
+  // Caller guarantees contains(b, x, y, z) (checked before any parallel region).
+  int64_t pack(int64_t b, int64_t x, int64_t y, int64_t z) const {
+    return (b << shift[0]) | ((x - origin[0]) << shift[1]) | ((y - origin[1]) << shift[2]) |
+           (z - origin[2]);
+  }
+  // Field f of a key.
+  int64_t field(int64_t key, int f) const { return (key >> shift[f]) & field_max(f); }
+  void unpack(int64_t key, int32_t* out4) const {
+    out4[0] = int32_t(field(key, 0));
+    for (int a = 0; a < 3; ++a) out4[a + 1] = int32_t(field(key, a + 1) + origin[a]);
+  }
+  // The key delta of a coordinate shift; add it to a key whose shifted
+  // coordinates stay in the fields (computed modulo 2^64: exact then).
+  int64_t delta(int64_t dx, int64_t dy, int64_t dz) const {
+    return int64_t((uint64_t(dx) << shift[1]) + (uint64_t(dy) << shift[2]) + uint64_t(dz));
+  }
+  // Whether the key's coordinates shifted by (dx, dy, dz) stay in the fields.
+  bool key_shift_ok(int64_t key, int64_t dx, int64_t dy, int64_t dz) const {
+    const int64_t d[3] = {dx, dy, dz};
+    for (int a = 0; a < 3; ++a) {
+      const int64_t v = field(key, a + 1) + d[a];
+      if (v < 0 || v > field_max(a + 1)) return false;
+    }
+    return true;
+  }
+};
 
 // Floor division for the quantisation of negative coordinates.
 inline int64_t floor_div(int64_t a, int64_t b) {

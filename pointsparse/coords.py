@@ -1,28 +1,132 @@
 """Exact 64-bit coordinate keys, in C++ for CPU tensors and in torch for any
 device (both give the same keys).
 
-Layout (``int64``, always >= 0): batch in bits 51..62 (0 .. 4095), then
-``x + 2**16``, ``y + 2**16``, ``z + 2**16`` in 17 bits each (coordinates in
--65536 .. 65535). Sorting keys sorts rows by (batch, x, y, z)."""
+Keys are packed relative to a :class:`KeyLayout` fitted to the coordinates at
+hand: from high to low bits the batch, then ``x - origin_x``, ``y - origin_y``,
+``z - origin_z``, each field as wide as its span needs (the batch field as
+wide as the largest batch index needs), 63 bits in all, so keys are >= 0 and
+sorting them sorts rows by (batch, x, y, z). Any int32 coordinates work whose
+batch count and x, y, z spans fit together: ``bits(max batch + 1) +
+bits(x span) + bits(y span) + bits(z span) <= 63`` with ``bits(v) =
+ceil(log2(v))`` and ``span = max - min + 1``; a set that does not fit is a
+``ValueError`` naming its span.
+
+Keys of two coordinate sets compare only when both are packed with one layout
+(fit it to both: ``KeyLayout.of(a, b)``). Nothing caches keys: every op packs
+the coords it compares with a layout fitted to all of them (a kernel map's
+layout also leaves room for its offsets), so tensors of every stride that
+share a :class:`~pointsparse.tensor.CoordinateCache` always meet."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from . import _ext
 
-COORD_MIN = _ext.COORD_MIN
+COORD_MIN = _ext.COORD_MIN  # int32 range: every x, y, z
 COORD_MAX = _ext.COORD_MAX
-BATCH_MAX = _ext.BATCH_MAX
-COORD_BITS = _ext.core.COORD_BITS
-_BIAS = -COORD_MIN
-SHIFT_Y = COORD_BITS
-SHIFT_X = 2 * COORD_BITS
-SHIFT_B = 3 * COORD_BITS
+BATCH_MAX = _ext.BATCH_MAX  # batch indices in [0, BATCH_MAX]
+KEY_BITS = _ext.core.KEY_BITS  # the layout's fields add up to at most this
+
+
+def _wrap64(v: int) -> int:
+    """``v`` modulo 2**64 as a signed int64."""
+    return (v + 2**63) % 2**64 - 2**63
+
+
+@dataclass(frozen=True)
+class KeyLayout:
+    """Where each field of a key sits: ``origin`` the (x, y, z) of field value
+    0, ``bits`` the widths of the (batch, x, y, z) fields. Build one with
+    :meth:`of` (from coords) or :meth:`fit` (from bounds)."""
+
+    origin: tuple[int, int, int]
+    bits: tuple[int, int, int, int]
+
+    @classmethod
+    def fit(cls, lo, hi, margin=(0, 0, 0)) -> "KeyLayout":
+        """The layout of rows within ``[lo, hi]`` (4 ints each, [batch, x, y,
+        z]; ``None``: no rows), with ``margin[a]`` spare values on both sides
+        of axis ``a`` when that still fits (else none). ValueError naming the
+        span when not even the rows fit."""
+        if lo is None:
+            return cls((0, 0, 0), (0, 0, 0, 0))
+        lo, hi, margin = [int(v) for v in lo], [int(v) for v in hi], [int(v) for v in margin]
+        if lo[0] < 0:
+            raise ValueError(f"batch indices must be >= 0; the smallest is {lo[0]}")
+        if any(m < 0 or m > 2**32 for m in margin):
+            raise ValueError(f"key margin must lie in [0, 2^32]; got {margin}")
+        layout = cls._widened(lo, hi, margin)
+        if sum(layout.bits) <= KEY_BITS:
+            return layout
+        layout = cls._widened(lo, hi, [0, 0, 0])
+        if sum(layout.bits) <= KEY_BITS:
+            return layout
+        spans = ", ".join(f"{name} [{lo[f] if f else 0}, {hi[f]}] ({layout.bits[f]} bits)"
+                          for f, name in enumerate(("batch", "x", "y", "z")))
+        raise ValueError(f"coordinates span {spans}: {sum(layout.bits)} bits in all, but a coordinate key holds "
+                         f"{KEY_BITS} (the batch count and the x, y, z spans must fit together; split the batch "
+                         "or shrink the extent)")
+
+    @classmethod
+    def _widened(cls, lo, hi, margin) -> "KeyLayout":
+        """The layout of [lo, hi] with ``margin`` spare values per side (the
+        C++ core's fit_layout, value for value)."""
+        bits = [hi[0].bit_length()]
+        bits += [(hi[a + 1] - lo[a + 1] + 2 * margin[a]).bit_length() for a in range(3)]
+        return cls(tuple(lo[a + 1] - margin[a] for a in range(3)), tuple(bits))
+
+    @classmethod
+    def of(cls, *coords: torch.Tensor, margin=(0, 0, 0)) -> "KeyLayout":
+        """The layout fitted to every row of the given (N, 4) int32 coords."""
+        lo = hi = None
+        for c in coords:
+            b = bounds(c)
+            if b is not None:
+                lo = b[0] if lo is None else [min(u, v) for u, v in zip(lo, b[0])]
+                hi = b[1] if hi is None else [max(u, v) for u, v in zip(hi, b[1])]
+        return cls.fit(lo, hi, margin)
+
+    @property
+    def shifts(self) -> tuple[int, int, int, int]:
+        """Bit position of the (batch, x, y, z) fields."""
+        z = 0
+        y = self.bits[3]
+        x = y + self.bits[2]
+        return (x + self.bits[1], x, y, z)
+
+    def axis_range(self, axis: int) -> tuple[int, int]:
+        """``(lo, hi)`` of the coordinates field ``axis`` (0: x) holds."""
+        return self.origin[axis], self.origin[axis] + (1 << self.bits[axis + 1]) - 1
+
+    def delta(self, dx: int, dy: int, dz: int) -> int:
+        """What shifting coordinates by (dx, dy, dz) adds to their key, as long
+        as the shifted coordinates stay in the fields (modulo 2**64)."""
+        _, sx, sy, _ = self.shifts
+        return _wrap64((dx << sx) + (dy << sy) + dz)
+
+    def contains(self, coords: torch.Tensor) -> torch.Tensor:
+        """Bool ``(N,)``: which rows (int32 or int64 ``[batch, x, y, z]``) the layout holds."""
+        c = coords.long()
+        ok = (c[:, 0] >= 0) & (c[:, 0] < (1 << self.bits[0]))
+        for a in range(3):
+            lo, hi = self.axis_range(a)
+            ok &= (c[:, a + 1] >= lo) & (c[:, a + 1] <= hi)
+        return ok
+
+    def core(self) -> list[int]:
+        """The 7 ints the C++ core takes."""
+        return [*self.origin, *self.bits]
+
+    def __str__(self) -> str:
+        axes = ", ".join(f"{n} in {list(self.axis_range(a))}" for a, n in enumerate("xyz"))
+        return f"batch in [0, {(1 << self.bits[0]) - 1}], {axes}"
 
 
 def check_coords(coords: torch.Tensor, name: str = "coords") -> None:
-    """Shape, dtype and range checks with messages that name the argument."""
+    """Shape and dtype checks with messages that name the argument."""
     if not isinstance(coords, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(coords).__name__}")
     if coords.dtype != torch.int32:
@@ -44,48 +148,73 @@ def check_stride_multiple(coords: torch.Tensor, stride, name: str = "coords") ->
                          f"row {row} is {coords[row].tolist()}")
 
 
-def pack(coords: torch.Tensor) -> torch.Tensor:
-    """int64 keys of (N, 4) int32 coords; ValueError naming the first row out of range."""
-    check_coords(coords)
+def bounds(coords: torch.Tensor, name: str = "coords"):
+    """``(lo, hi)``: the smallest and largest ``[batch, x, y, z]`` (lists of 4
+    ints), or ``None`` without rows; ValueError naming the first row with a
+    negative batch."""
+    check_coords(coords, name)
+    if coords.shape[0] == 0:
+        return None
     if _ext.use_core(coords):
-        return _ext.to_tensor(_ext.call(_ext.core.pack_keys, _ext.to_numpy(coords)))
-    return pack_torch(coords)
+        try:
+            b = _ext.call(_ext.core.coords_bounds, _ext.to_numpy(coords))
+        except ValueError as exc:
+            raise ValueError(str(exc).replace("coords", name, 1)) from None
+        return b[0].tolist(), b[1].tolist()
+    return _bounds_torch(coords, name)
 
 
-def pack_torch(coords: torch.Tensor) -> torch.Tensor:
+def _bounds_torch(coords: torch.Tensor, name: str = "coords"):
+    """Same as :func:`bounds` from torch ops (any device)."""
+    if coords.shape[0] == 0:
+        return None
+    lo, hi = torch.aminmax(coords, dim=0)
+    if int(lo[0]) < 0:
+        row = int((coords[:, 0] < 0).nonzero()[0, 0])
+        raise ValueError(f"{name} row {row} = {coords[row].tolist()} has a negative batch index")
+    return lo.tolist(), hi.tolist()
+
+
+def pack(coords: torch.Tensor, layout: KeyLayout | None = None) -> torch.Tensor:
+    """int64 keys of (N, 4) int32 coords in ``layout`` (default: the layout
+    fitted to ``coords``); ValueError naming the first row outside it."""
+    check_coords(coords)
+    if layout is None:
+        layout = KeyLayout.of(coords)
+    if _ext.use_core(coords):
+        return _ext.to_tensor(_ext.call(_ext.core.pack_keys, _ext.to_numpy(coords), layout.core()))
+    return pack_torch(coords, layout)
+
+
+def pack_torch(coords: torch.Tensor, layout: KeyLayout | None = None) -> torch.Tensor:
     """Same keys as :func:`pack` from torch ops (any device)."""
+    if layout is None:
+        layout = KeyLayout.of(coords)
     c = coords.long()
-    bad = (c[:, 0] < 0) | (c[:, 0] > BATCH_MAX) | (c[:, 1:] < COORD_MIN).any(1) | (c[:, 1:] > COORD_MAX).any(1)
+    bad = ~layout.contains(c)
     if bool(bad.any()):
         row = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"coords row {row} = {c[row].tolist()} is outside the representable range: batch in "
-            f"[0, {BATCH_MAX}], x, y, z in [{COORD_MIN}, {COORD_MAX}]"
-        )
-    return (c[:, 0] << SHIFT_B) | ((c[:, 1] + _BIAS) << SHIFT_X) | ((c[:, 2] + _BIAS) << SHIFT_Y) | (c[:, 3] + _BIAS)
+        raise ValueError(f"coords row {row} = {c[row].tolist()} lies outside the key layout: {layout}")
+    sb, sx, sy, _ = layout.shifts
+    o = layout.origin
+    return (c[:, 0] << sb) | ((c[:, 1] - o[0]) << sx) | ((c[:, 2] - o[1]) << sy) | (c[:, 3] - o[2])
 
 
-def unpack(keys: torch.Tensor) -> torch.Tensor:
-    """(N, 4) int32 coords of int64 keys."""
+def unpack(keys: torch.Tensor, layout: KeyLayout) -> torch.Tensor:
+    """(N, 4) int32 coords of int64 keys of ``layout``."""
     if _ext.use_core(keys):
-        return _ext.to_tensor(_ext.call(_ext.core.unpack_keys, _ext.to_numpy(keys, torch.int64)))
-    return unpack_torch(keys)
+        return _ext.to_tensor(_ext.call(_ext.core.unpack_keys, _ext.to_numpy(keys, torch.int64), layout.core()))
+    return unpack_torch(keys, layout)
 
 
-def unpack_torch(keys: torch.Tensor) -> torch.Tensor:
+def unpack_torch(keys: torch.Tensor, layout: KeyLayout) -> torch.Tensor:
     """Same as :func:`unpack` from torch ops (any device)."""
     keys = keys.long()
-    mask = (1 << COORD_BITS) - 1
-    out = torch.stack(
-        [keys >> SHIFT_B, ((keys >> SHIFT_X) & mask) - _BIAS, ((keys >> SHIFT_Y) & mask) - _BIAS, (keys & mask) - _BIAS],
-        dim=1,
-    )
-    return out.to(torch.int32)
-
-
-def key_delta(dx: int, dy: int, dz: int) -> int:
-    """What adding (dx, dy, dz) to in-range coordinates adds to their key."""
-    return (dx << SHIFT_X) + (dy << SHIFT_Y) + dz
+    sb, sx, sy, _ = layout.shifts
+    fields = [keys >> sb]
+    for a, s in enumerate((sx, sy, 0)):
+        fields.append(((keys >> s) & ((1 << layout.bits[a + 1]) - 1)) + layout.origin[a])
+    return torch.stack(fields, dim=1).to(torch.int32)
 
 
 def unique(keys: torch.Tensor):

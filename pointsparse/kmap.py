@@ -32,8 +32,11 @@ from .tensor import SparseTensor, Triple, as_triple
 
 METHODS = ("mergesort", "hash", "torch")
 CPU_METHODS = ("mergesort", "hash")
-# Largest |offset| a kernel may reach: far past the coordinate range, well inside int32.
-_MAX_OFFSET = 1 << 24
+# Most offsets one kernel may have (32**3): a bound on the per-offset work
+# and memory of every method, checked before anything is built.
+MAX_KERNEL_VOLUME = _ext.core.MAX_KERNEL_VOLUME
+# Largest |offset| a kernel may reach: offsets are int32.
+MAX_OFFSET = _coords.COORD_MAX
 
 
 @dataclass(frozen=True)
@@ -139,27 +142,44 @@ class KernelMap:
 
 
 def kernel_offsets(kernel_size, dilation=1, tensor_stride=1) -> torch.Tensor:
-    """int32 ``(K, 3)`` coordinate offsets in API.md order (``i_z`` fastest)."""
+    """int32 ``(K, 3)`` coordinate offsets in API.md order (``i_z`` fastest).
+    ValueError when the kernel has more than :data:`MAX_KERNEL_VOLUME` offsets
+    or an offset leaves int32 (``|offset| <= 2**31 - 1``)."""
     k = as_triple(kernel_size, "kernel_size")
     d = as_triple(dilation, "dilation")
     s = as_triple(tensor_stride, "tensor_stride")
-    reach = max(k[a] * d[a] * s[a] for a in range(3))
-    if reach > _MAX_OFFSET:
-        raise ValueError(f"kernel_size * dilation * tensor_stride reaches {reach} on one axis; it must stay below "
-                         f"{_MAX_OFFSET} (coordinates span only [{_coords.COORD_MIN}, {_coords.COORD_MAX}])")
+    volume = k[0] * k[1] * k[2]
+    if volume > MAX_KERNEL_VOLUME:
+        raise ValueError(f"kernel_size {k} has {volume} offsets; a kernel may have at most {MAX_KERNEL_VOLUME}")
+    reach = max(max((k[a] - 1) // 2, k[a] - 1 - (k[a] - 1) // 2) * d[a] * s[a] for a in range(3))
+    if reach > MAX_OFFSET:
+        raise ValueError(f"kernel_size * dilation * tensor_stride reaches an offset of {reach} on one axis; "
+                         f"offsets must stay within int32 (|offset| <= {MAX_OFFSET})")
     axes = [[(i - (k[a] - 1) // 2) * d[a] * s[a] for i in range(k[a])] for a in range(3)]
     return torch.tensor(list(itertools.product(*axes)), dtype=torch.int32).reshape(-1, 3)
 
 
+def _reach(offsets: torch.Tensor) -> list[int]:
+    """The most ``|offset|`` per axis: the margin a map's key layout leaves."""
+    return offsets.abs().amax(0).tolist() if offsets.shape[0] else [0, 0, 0]
+
+
 def downsample_coords(coords: torch.Tensor, out_stride: Triple) -> torch.Tensor:
     """Unique ``floor(c / out_stride) * out_stride`` per batch, sorted by key
-    (quantise, radix sort, unique: "ranking")."""
+    (quantise, radix sort, unique: "ranking"). ValueError when a downsampled
+    coordinate falls below int32."""
     if coords.device.type == "cpu":
         return _ext.to_tensor(_ext.call(_ext.core.kmap_downsample, _ext.to_numpy(coords), list(out_stride)))
-    st = torch.tensor(out_stride, dtype=torch.int32, device=coords.device)
-    q = torch.cat([coords[:, :1], torch.div(coords[:, 1:], st, rounding_mode="floor") * st], 1)
-    keys = _coords.pack(q)
-    return _coords.unpack(_coords.unique(keys)[0])
+    st = torch.tensor(out_stride, dtype=torch.int64, device=coords.device)
+    q = torch.div(coords[:, 1:].long(), st, rounding_mode="floor") * st
+    low = (q < _coords.COORD_MIN).any(1)
+    if bool(low.any()):
+        row = int(low.nonzero()[0, 0])
+        raise ValueError(f"coords row {row} = {coords[row].tolist()} downsampled to stride {tuple(out_stride)} "
+                         f"falls below the int32 range of coordinates")
+    q = torch.cat([coords[:, :1], q.int()], 1)
+    layout = _coords.KeyLayout.of(q)
+    return _coords.unpack_torch(_coords.unique_torch(_coords.pack_torch(q, layout))[0], layout)
 
 
 def default_method(device) -> str:
@@ -178,24 +198,28 @@ def _check_method(method: str | None, device) -> str:
     return method
 
 
-def _query_torch(in_keys_sorted, in_perm, out_coords, offsets, mirror):
+def _query_torch(in_keys_sorted, in_perm, out_coords, offsets, mirror, layout):
     """Pairs of every offset by sort + searchsorted (any device). Offsets with
-    ``mirror[o] >= 0`` take the swapped pairs of offset ``mirror[o]``."""
+    ``mirror[o] >= 0`` take the swapped pairs of offset ``mirror[o]``. Keys
+    are in ``layout``; an output row whose shifted coords leave it has no pair."""
     dev = out_coords.device
     out_c = out_coords.long()
-    out_keys = _coords.pack_torch(out_coords) if out_coords.shape[0] else out_c[:, 0]
+    out_keys = _coords.pack_torch(out_coords, layout) if out_coords.shape[0] else out_c[:, 0]
+    box = _coords.bounds(out_coords)
     rows = torch.arange(out_coords.shape[0], device=dev)
     n = in_keys_sorted.numel()
     found: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for o, off in enumerate(offsets.tolist()):
         if mirror[o] >= 0:
             continue
-        shifted = out_c[:, 1:] + torch.tensor(off, device=dev)
-        ok = ((shifted >= _coords.COORD_MIN) & (shifted <= _coords.COORD_MAX)).all(1)
-        q = out_keys + _coords.key_delta(*off)
-        if n:
+        q = out_keys + layout.delta(*off)
+        if n and box is not None:
             pos = torch.searchsorted(in_keys_sorted, q).clamp_max(n - 1)
-            hit = ok & (in_keys_sorted[pos] == q)
+            hit = in_keys_sorted[pos] == q
+            if not _box_shift_inside(layout, box, off):  # a margin too narrow: check the rows
+                shifted = out_c.clone()
+                shifted[:, 1:] += torch.tensor(off, device=dev)
+                hit &= layout.contains(shifted)
             found[o] = (in_perm[pos[hit]], rows[hit])
         else:
             found[o] = (rows[:0], rows[:0])
@@ -215,6 +239,13 @@ def _query_torch(in_keys_sorted, in_perm, out_coords, offsets, mirror):
     return torch.cat(ins), torch.cat(outs), sizes
 
 
+def _box_shift_inside(layout, box, off) -> bool:
+    """Whether every row of the bounding ``box`` shifted by ``off`` stays in the layout."""
+    lo, hi = box
+    return all(layout.axis_range(a)[0] <= lo[a + 1] + off[a] and hi[a + 1] + off[a] <= layout.axis_range(a)[1]
+               for a in range(3))
+
+
 def _mirror_sources(offsets: torch.Tensor, submanifold: bool) -> list[int]:
     """``mirror[o]``: the index of ``-o`` when offset ``o``'s pairs are the
     swapped pairs of ``-o`` (submanifold maps, ``o`` lexicographically
@@ -231,17 +262,18 @@ def _mirror_sources(offsets: torch.Tensor, submanifold: bool) -> list[int]:
     return mirror
 
 
-def _sorted_unique_keys(coords: torch.Tensor):
-    keys = _coords.pack(coords)
-    sorted_keys, perm = _coords.sort(keys)
+def _sorted_unique_keys(coords: torch.Tensor, layout):
+    keys = _coords.pack_torch(coords, layout)
+    sorted_keys, perm = _coords.sort_torch(keys)
     if sorted_keys.numel() > 1 and bool((sorted_keys[1:] == sorted_keys[:-1]).any()):
         raise ValueError("coords hold duplicate rows; each [batch, x, y, z] must appear once")
     return sorted_keys, perm
 
 
 def _build_torch(coords, out_coords, offsets, submanifold):
-    in_sorted, in_perm = _sorted_unique_keys(coords)
-    return _query_torch(in_sorted, in_perm, out_coords, offsets, _mirror_sources(offsets, submanifold))
+    layout = _coords.KeyLayout.of(coords, out_coords, margin=_reach(offsets))
+    in_sorted, in_perm = _sorted_unique_keys(coords, layout)
+    return _query_torch(in_sorted, in_perm, out_coords, offsets, _mirror_sources(offsets, submanifold), layout)
 
 
 def _build_core(fn, coords, out_coords, offsets, submanifold):
@@ -275,6 +307,7 @@ def build(coords: torch.Tensor, kernel_size=3, stride=1, dilation=1, tensor_stri
     d = as_triple(dilation, "dilation")
     s = as_triple(tensor_stride, "tensor_stride")
     method = _check_method(method, coords.device)
+    offsets = kernel_offsets(k, d, s)
     _coords.check_stride_multiple(coords, s)
     if out_coords is not None:
         _coords.check_coords(out_coords, "out_coords")
@@ -282,7 +315,6 @@ def build(coords: torch.Tensor, kernel_size=3, stride=1, dilation=1, tensor_stri
             raise ValueError(f"out_coords are on {out_coords.device} but coords on {coords.device}")
         _coords.check_stride_multiple(out_coords, tuple(a * b for a, b in zip(s, t)), "out_coords")
     key = KernelMapKey(s, k, t, d, False)
-    offsets = kernel_offsets(k, d, s)
     submanifold = out_coords is None and t == (1, 1, 1)
     if out_coords is None:
         out_coords = coords if submanifold else downsample_coords(coords, tuple(a * b for a, b in zip(s, t)))

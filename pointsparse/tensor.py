@@ -81,7 +81,11 @@ class CoordinateCache:
     Layers hand it down through :meth:`SparseTensor.with_feats`, so a map is
     built once per forward and reused by every layer with the same key, by the
     backward pass, and (transposed) by the upsampling that mirrors a
-    downsampling."""
+    downsampling.
+
+    It holds coords, never keys: every op packs the coords it compares with
+    one key layout fitted to all of them (:mod:`pointsparse.coords`), so the
+    coords of every stride meet whatever their extents."""
 
     def __init__(self) -> None:
         self.coords: dict[Triple, torch.Tensor] = {}
@@ -140,7 +144,9 @@ def check_coords_type(coords) -> None:
 
 
 def validate_coords(coords, stride: Triple) -> torch.Tensor:
-    """Every check of API.md on user coords; returns their keys."""
+    """Every check of API.md on user coords (the batch count and the x, y, z
+    spans must fit one key: :mod:`pointsparse.coords`); returns their keys
+    in the layout fitted to them."""
     check_coords_type(coords)
     if coords.shape[0] and bool((coords[:, 0] < 0).any()):
         row = int((coords[:, 0] < 0).nonzero()[0, 0])
@@ -337,15 +343,20 @@ def collate(tensors: Iterable[SparseTensor]) -> SparseTensor:
             raise ValueError(f"item {i} has {t.num_channels} channels, item 0 {channels}")
         if t.device != device:
             raise ValueError(f"item {i} is on {t.device}, item 0 on {device}")
+    sizes = [t.batch_size for t in tensors]
+    if sum(sizes) - 1 > _coords.BATCH_MAX:
+        raise ValueError(f"collate: the tensors hold {sum(sizes)} batches in all; batch indices must stay "
+                         f"within [0, {_coords.BATCH_MAX}]")
     coords, offset = [], 0
-    for t in tensors:
+    for t, size in zip(tensors, sizes):
         c = t.coords.clone()
         c[:, 0] += offset
-        offset += t.batch_size
+        offset += size
         coords.append(c)
     feats = torch.cat([t.feats for t in tensors], 0)
     all_coords = torch.cat(coords, 0)
     # Batch ranges are disjoint and each input has unique coords: only the
-    # batch range needs checking, which pack() does.
-    _coords.pack(all_coords)
+    # span of the whole needs checking (the batch count and the x, y, z spans
+    # must fit one key).
+    _coords.KeyLayout.of(all_coords)
     return SparseTensor(feats, all_coords, stride, validate=False)

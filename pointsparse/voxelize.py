@@ -64,15 +64,21 @@ def _check_batch(batch, n: int, device) -> torch.Tensor | None:
 def _quantize_torch(points, vs, batch):
     q = torch.floor(points.double() / torch.tensor(vs, dtype=torch.float64, device=points.device))
     if q.numel() and (bool((q < _coords.COORD_MIN).any()) or bool((q > _coords.COORD_MAX).any())):
+        row = int(((q < _coords.COORD_MIN) | (q > _coords.COORD_MAX)).any(1).nonzero()[0, 0])
         raise ValueError(
-            f"points / voxel_size must lie in [{_coords.COORD_MIN}, {_coords.COORD_MAX}] "
-            "(shift the cloud or use a larger voxel_size)")
+            f"points row {row} cannot be voxelised: points / voxel_size must lie in the int32 range "
+            f"[{_coords.COORD_MIN}, {_coords.COORD_MAX}] (shift the cloud or use a larger voxel_size)")
     b = batch if batch is not None else torch.zeros(points.shape[0], dtype=torch.int64, device=points.device)
-    return _coords.pack_torch(torch.cat([b[:, None], q.long()], 1).to(torch.int32))
+    coords = torch.cat([b[:, None], q.long()], 1).to(torch.int32)
+    layout = _coords.KeyLayout.of(coords)
+    return _coords.pack_torch(coords, layout), layout
 
 
-def quantize_keys(points: torch.Tensor, voxel_size, batch=None) -> torch.Tensor:
-    """int64 keys of ``floor(points / voxel_size)`` (with batch)."""
+def quantize_keys(points: torch.Tensor, voxel_size, batch=None):
+    """``(keys, layout)``: int64 keys of ``floor(points / voxel_size)`` (with
+    batch) in the :class:`~pointsparse.coords.KeyLayout` fitted to them.
+    ValueError when a voxel coordinate leaves int32 or the voxels' span does
+    not fit a key."""
     _check_points(points)
     vs = _voxel_size(voxel_size)
     batch = _check_batch(batch, points.shape[0], points.device)
@@ -80,7 +86,8 @@ def quantize_keys(points: torch.Tensor, voxel_size, batch=None) -> torch.Tensor:
         return _quantize_torch(points, vs, batch)
     p = _ext.to_numpy(points) if points.dtype in (torch.float32, torch.float64) else _ext.to_numpy(points, torch.float32)
     b = None if batch is None else _ext.to_numpy(batch)
-    return _ext.to_tensor(_ext.call(_ext.core.quantize, p, list(vs), b))
+    keys, fields = _ext.call(_ext.core.quantize, p, list(vs), b)
+    return _ext.to_tensor(keys), _coords.KeyLayout(tuple(fields[:3]), tuple(fields[3:]))
 
 
 class _SegmentReduce(torch.autograd.Function):
@@ -177,10 +184,10 @@ def voxelize(points: torch.Tensor, feats: torch.Tensor | None = None, voxel_size
         raise ValueError(f"feats must be (N, C) with N = {points.shape[0]} points; got shape {tuple(feats.shape)}")
     if feats.device != points.device:
         raise ValueError(f"feats are on {feats.device} but points on {points.device}")
-    keys = quantize_keys(points, vs, batch)
+    keys, layout = quantize_keys(points, vs, batch)
     uniq, inverse, perm, seg_ptr = _coords.unique(keys)
     out_feats = _SegmentReduce.apply(feats, inverse, perm, seg_ptr, REDUCE_MODES[reduce])
-    coords = _coords.unpack(uniq)
+    coords = _coords.unpack(uniq, layout)
     return SparseTensor(out_feats, coords, 1, validate=False), inverse
 
 
@@ -231,10 +238,11 @@ def trilinear_weights(tensor: SparseTensor, points: torch.Tensor, voxel_size, ba
     vs = _voxel_size(voxel_size)
     if not _ext.use_core(tensor.coords, points):
         return _trilinear_torch(tensor, points, vs, batch)
-    sorted_keys, rows = _coords.sort(_coords.pack(tensor.coords))
+    layout = _coords.KeyLayout.of(tensor.coords)
+    sorted_keys, rows = _coords.sort(_coords.pack(tensor.coords, layout))
     b = None if batch is None else _ext.to_numpy(batch, torch.int64)
     p = _ext.to_numpy(points) if points.dtype in (torch.float32, torch.float64) else _ext.to_numpy(points, torch.float32)
-    idx, w = _ext.call(_ext.core.trilinear_neighbors, p, b, list(vs), list(tensor.stride),
+    idx, w = _ext.call(_ext.core.trilinear_neighbors, p, b, list(vs), list(tensor.stride), layout.core(),
                        _ext.to_numpy(sorted_keys), _ext.to_numpy(rows), len(tensor))
     return _ext.to_tensor(idx), _ext.to_tensor(w)
 
@@ -247,20 +255,25 @@ def _trilinear_torch(tensor, points, vs, batch):
     u = points.double() / (torch.tensor(vs, dtype=torch.float64, device=dev) * st) - 0.5
     base = torch.floor(u)
     frac = u - base
-    sorted_keys, rows = torch.sort(_coords.pack_torch(tensor.coords))
+    layout = _coords.KeyLayout.of(tensor.coords)
+    sorted_keys, rows = torch.sort(_coords.pack_torch(tensor.coords, layout))
     b = batch if batch is not None else torch.zeros(points.shape[0], dtype=torch.int64, device=dev)
     idx_cols, w_cols = [], []
     for corner in range(8):
         bits = ((corner >> 2) & 1, (corner >> 1) & 1, corner & 1)
-        # range-check the corner as float64 before any integer cast
+        # check the corner against the layout as float64 before any integer
+        # cast; outside it (or in a batch it does not hold) no voxel is active
         qd = (base + torch.tensor(bits, dtype=torch.float64, device=dev)) * st
-        ok = ((qd >= _coords.COORD_MIN) & (qd <= _coords.COORD_MAX)).all(1)
-        q = torch.where(ok[:, None], qd, torch.zeros_like(qd)).long()
+        ok = b < (1 << layout.bits[0])
+        for a in range(3):
+            lo, hi = layout.axis_range(a)
+            ok = ok & (qd[:, a] >= lo) & (qd[:, a] <= hi)
+        q = torch.where(ok[:, None], qd, torch.tensor(layout.origin, dtype=torch.float64, device=dev)).long()
         w = None
         for a in range(3):
             f = frac[:, a] if bits[a] else 1 - frac[:, a]
             w = f if w is None else w * f
-        key = _coords.pack_torch(torch.cat([b[:, None], q], 1).to(torch.int32))
+        key = _coords.pack_torch(torch.cat([torch.where(ok, b, 0)[:, None], q], 1).to(torch.int32), layout)
         pos = torch.searchsorted(sorted_keys, key).clamp_max(max(len(sorted_keys) - 1, 0))
         hit = ok & (sorted_keys[pos] == key) if len(sorted_keys) else torch.zeros_like(ok)
         idx_cols.append(torch.where(hit, rows[pos] if len(rows) else pos, torch.full_like(pos, -1)))

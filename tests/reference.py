@@ -21,18 +21,21 @@ from pointsparse.tensor import as_triple
 
 ROOT = Path(__file__).resolve().parents[1]
 
-COORD_BIAS = 2**16
-BATCH_MAX = 4095
-COORD_MIN, COORD_MAX = -(2**16), 2**16 - 1
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 
 # --- coordinate keys --------------------------------------------------------
 
-def pack_ref(coords: np.ndarray) -> np.ndarray:
-    """Keys by arithmetic: b * 2^51 + (x + 2^16) * 2^34 + (y + 2^16) * 2^17 + (z + 2^16)."""
+def pack_ref(coords: np.ndarray, origin, bits) -> np.ndarray:
+    """Keys by arithmetic: fields (batch, x - ox, y - oy, z - oz) of widths
+    ``bits``, batch highest, z lowest."""
     out = []
     for b, x, y, z in np.asarray(coords).tolist():
-        out.append(b * 2**51 + (x + COORD_BIAS) * 2**34 + (y + COORD_BIAS) * 2**17 + (z + COORD_BIAS))
+        key = b
+        for v, o, w in zip((x, y, z), origin, bits[1:]):
+            assert 0 <= v - o < 2**w, "row outside the layout"
+            key = key * 2**w + (v - o)
+        out.append(key)
     return np.array(out, dtype=np.int64).reshape(-1)
 
 

@@ -1,6 +1,7 @@
-"""Exact 64-bit coordinate keys: C++ and torch agree with the arithmetic
-definition, round-trip, sort lexicographically, and refuse what they cannot
-represent."""
+"""Exact 64-bit coordinate keys in layouts fitted to the coordinates: C++
+and torch agree with the arithmetic definition, round-trip, sort
+lexicographically, fit any int32 set whose span fits 63 bits, and refuse
+what they cannot represent with the span or row named."""
 
 from __future__ import annotations
 
@@ -10,55 +11,129 @@ import torch
 
 from pointsparse import _ext
 from pointsparse import coords as C
-from reference import CORE_ONLY, BATCH_MAX, COORD_MAX, COORD_MIN, pack_ref, run_in_children, run_python
+from reference import CORE_ONLY, INT32_MAX, INT32_MIN, pack_ref, run_in_children, run_python
 
-EXTREMES = [
-    [0, COORD_MIN, COORD_MIN, COORD_MIN],
-    [BATCH_MAX, COORD_MAX, COORD_MAX, COORD_MAX],
-    [0, 0, 0, 0],
-    [BATCH_MAX, COORD_MIN, COORD_MAX, -1],
-    [1, -1, 0, COORD_MAX],
-    [4094, COORD_MAX, COORD_MIN, 0],
-]
+# (batch range, x, y, z range): clouds anywhere in int32, and large batches.
+REGIMES = {
+    "small": ((0, 4095), (-65536, 65535), (-65536, 65535), (-65536, 65535)),
+    "x_100000": ((0, 3), (100000, 100300), (-50, 50), (0, 40)),
+    "int32_min": ((0, 7), (INT32_MIN, INT32_MIN + 200), (INT32_MIN, INT32_MIN + 9), (-3, 3)),
+    "int32_max": ((0, 7), (INT32_MAX - 200, INT32_MAX), (INT32_MAX - 9, INT32_MAX), (INT32_MAX - 1, INT32_MAX)),
+    "both_edges": ((0, 1), (INT32_MIN, INT32_MAX), (-5, 5), (0, 3)),
+    "big_batch": ((2**31 - 100, INT32_MAX), (-1000, 1000), (0, 10), (0, 10)),
+}
 
 
-def random_coords(n: int, seed: int = 0, batch_max: int = BATCH_MAX, lo: int = COORD_MIN, hi: int = COORD_MAX,
-                  extremes: bool = True):
+def regime_coords(n: int, regime: str, seed: int = 0) -> torch.Tensor:
+    """Random rows within the regime's ranges, both corners of the box included."""
     rng = np.random.default_rng(seed)
-    c = np.empty((n, 4), dtype=np.int32)
-    c[:, 0] = rng.integers(0, batch_max + 1, n)
-    c[:, 1:] = rng.integers(lo, hi + 1, (n, 3))
-    if extremes:
-        c = np.concatenate([c, np.array(EXTREMES, dtype=np.int32)])
-    return torch.from_numpy(c)
+    ranges = REGIMES[regime]
+    c = np.stack([rng.integers(lo, hi + 1, n) for lo, hi in ranges], 1).astype(np.int32)
+    corners = np.array([[r[0] for r in ranges], [r[1] for r in ranges]], dtype=np.int32)
+    return torch.from_numpy(np.concatenate([c, corners]))
 
 
 def test_constants():
-    assert (C.COORD_MIN, C.COORD_MAX, C.BATCH_MAX, C.COORD_BITS) == (COORD_MIN, COORD_MAX, BATCH_MAX, 17)
+    assert (C.COORD_MIN, C.COORD_MAX, C.BATCH_MAX, C.KEY_BITS) == (INT32_MIN, INT32_MAX, INT32_MAX, 63)
 
 
-@pytest.mark.parametrize("n", [0, 1, 7, 3000])
-def test_pack_matches_torch_and_arithmetic(n):
-    coords = random_coords(n, seed=n)
-    keys = C.pack(coords)
-    assert keys.dtype == torch.int64 and keys.shape == (len(coords),)
-    assert torch.equal(keys, C.pack_torch(coords))
-    assert np.array_equal(keys.numpy(), pack_ref(coords.numpy()))
-    assert bool((keys >= 0).all())
+FITS = [
+    # lo, hi, margin -> origin, bits (batch, x, y, z)
+    (([0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0]), ((0, 0, 0), (0, 0, 0, 0))),
+    (([0, 5, -3, 7], [4095, 1004, 0, 7], [0, 0, 0]), ((5, -3, 7), (12, 10, 2, 0))),
+    (([0, 5, -3, 7], [4095, 1004, 0, 7], [2, 1, 0]), ((3, -4, 7), (12, 10, 3, 0))),
+    (([0, INT32_MIN, 0, 0], [0, INT32_MAX, 0, 0], [0, 0, 0]), ((INT32_MIN, 0, 0), (0, 32, 0, 0))),
+    (([0, INT32_MIN, 0, 0], [0, INT32_MAX, 0, 0], [1, 1, 1]), ((INT32_MIN - 1, -1, -1), (0, 33, 2, 2))),
+    # 63 bits exactly: the batch and a full int32 axis
+    (([0, INT32_MIN, 9, 9], [INT32_MAX, INT32_MAX, 9, 9], [0, 0, 0]), ((INT32_MIN, 9, 9), (31, 32, 0, 0))),
+    # a margin that does not fit is dropped
+    (([0, INT32_MIN, 9, 9], [INT32_MAX, INT32_MAX, 9, 9], [1, 1, 1]), ((INT32_MIN, 9, 9), (31, 32, 0, 0))),
+]
 
 
+@pytest.mark.parametrize("args, want", FITS)
+def test_layout_fit_python_equals_core(args, want):
+    layout = C.KeyLayout.fit(*args)
+    assert (layout.origin, layout.bits) == want
+    assert _ext.core.fit_layout(*args) == [*want[0], *want[1]]
+
+
+@pytest.mark.parametrize("lo, hi", [
+    ([0, INT32_MIN, 0, 0], [INT32_MAX, INT32_MAX, 1, 0]),  # 31 + 32 + 1 = 64 bits
+    ([0, INT32_MIN, INT32_MIN, 0], [0, INT32_MAX, INT32_MAX, 0]),  # 32 + 32
+    ([0, 0, INT32_MIN, INT32_MIN], [1, 0, INT32_MAX, -1]),  # 1 + 32 + 31
+])
+def test_span_over_63_bits_is_a_value_error_naming_it(lo, hi):
+    for fit in (C.KeyLayout.fit, _ext.core.fit_layout):
+        with pytest.raises(ValueError, match=r"coordinates span batch \[0, .*bits in all, .* holds 63") as err:
+            fit(lo, hi, [0, 0, 0])
+        assert f"x [{lo[1]}, {hi[1]}]" in str(err.value)
+    coords = torch.tensor([lo, hi], dtype=torch.int32)
+    for fn in (C.pack, C.pack_torch):
+        with pytest.raises(ValueError, match="coordinates span"):
+            fn(coords)
+
+
+def test_random_bounds_python_equals_core():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        a = rng.integers(INT32_MIN, INT32_MAX, 4, endpoint=True)
+        b = a + rng.integers(0, 2 ** rng.integers(0, 33, 4), 4).clip(max=INT32_MAX - a)
+        a[0], b[0] = 0, rng.integers(0, 2 ** rng.integers(0, 32))
+        margin = rng.integers(0, 2 ** rng.integers(0, 20, 3), 3).tolist()
+        try:
+            want = _ext.core.fit_layout(a.tolist(), b.tolist(), margin)
+        except ValueError as exc:
+            with pytest.raises(ValueError) as err:
+                C.KeyLayout.fit(a, b, margin)
+            assert str(err.value) == str(exc)
+            continue
+        layout = C.KeyLayout.fit(a, b, margin)
+        assert [*layout.origin, *layout.bits] == want
+
+
+@pytest.mark.parametrize("regime", sorted(REGIMES))
 @pytest.mark.parametrize("n", [0, 1, 3000])
-def test_unpack_roundtrip(n):
-    coords = random_coords(n, seed=10 + n)
-    keys = C.pack(coords)
-    back = C.unpack(keys)
+def test_pack_matches_torch_and_arithmetic(n, regime):
+    coords = regime_coords(n, regime, seed=n)
+    layout = C.KeyLayout.of(coords)
+    keys = C.pack(coords, layout)
+    assert keys.dtype == torch.int64 and keys.shape == (len(coords),)
+    assert torch.equal(keys, C.pack(coords))  # the default layout is the fitted one
+    assert torch.equal(keys, C.pack_torch(coords, layout))
+    assert np.array_equal(keys.numpy(), pack_ref(coords.numpy(), layout.origin, layout.bits))
+    assert bool((keys >= 0).all())
+    with _ext.torch_path():
+        assert C.KeyLayout.of(coords) == layout
+
+
+@pytest.mark.parametrize("regime", sorted(REGIMES))
+def test_unpack_roundtrip(regime):
+    coords = regime_coords(3000, regime, seed=10)
+    layout = C.KeyLayout.of(coords, margin=(3, 3, 3))
+    keys = C.pack(coords, layout)
+    back = C.unpack(keys, layout)
     assert back.dtype == torch.int32
     assert torch.equal(back, coords)
-    assert torch.equal(C.unpack_torch(keys), coords)
+    assert torch.equal(C.unpack_torch(keys, layout), coords)
 
 
-def test_sort_order_is_lexicographic():
-    coords = random_coords(5000, seed=3, batch_max=3, lo=-5, hi=5)  # many ties per column
+def test_full_63_bit_layout_round_trips_and_sorts():
+    coords = torch.tensor([[INT32_MAX, INT32_MAX, 5, 5], [0, INT32_MIN, 5, 5], [INT32_MAX, INT32_MIN, 5, 5],
+                           [3, 0, 5, 5], [0, INT32_MAX, 5, 5]], dtype=torch.int32)
+    layout = C.KeyLayout.of(coords)
+    assert sum(layout.bits) == 63
+    keys = C.pack(coords, layout)
+    assert int(keys.max()) == 2**63 - 1 and int(keys.min()) == 0
+    assert torch.equal(keys, C.pack_torch(coords, layout))
+    assert torch.equal(C.unpack(keys, layout), coords) and torch.equal(C.unpack_torch(keys, layout), coords)
+    assert C.sort(keys)[1].tolist() == [1, 4, 3, 2, 0]
+
+
+@pytest.mark.parametrize("regime", ["small", "int32_min", "int32_max", "big_batch"])
+def test_sort_order_is_lexicographic(regime):
+    coords = regime_coords(5000, regime, seed=3)
+    coords[1::3] = coords[::3][: len(coords[1::3])]  # many equal rows
     keys = C.pack(coords)
     sorted_keys, perm = C.sort(keys)
     c = coords.numpy()
@@ -87,26 +162,38 @@ def test_unique_groups(n):
         assert torch.equal(got, want)
 
 
-def test_key_delta_shifts_coordinates():
-    coords = random_coords(500, seed=5, lo=-100, hi=100, extremes=False)
+@pytest.mark.parametrize("regime", ["x_100000", "int32_min", "int32_max", "big_batch"])
+def test_delta_shifts_coordinates_within_the_margin(regime):
+    coords = regime_coords(500, regime, seed=5)
+    layout = C.KeyLayout.of(coords, margin=(7, 7, 7))
+    assert sum(layout.bits) < 63  # the margin fits
     for d in [(1, 0, 0), (0, -1, 0), (0, 0, 1), (-3, 2, -1), (7, -7, 7)]:
-        shifted = coords.clone()
-        shifted[:, 1:] += torch.tensor(d, dtype=torch.int32)
-        assert torch.equal(C.pack(shifted), C.pack(coords) + C.key_delta(*d))
+        shifted = coords.long()
+        shifted[:, 1:] += torch.tensor(d)
+        assert bool(layout.contains(shifted).all())
+        want = pack_ref(shifted.numpy(), layout.origin, layout.bits)
+        assert np.array_equal((C.pack(coords, layout) + layout.delta(*d)).numpy(), want)
 
 
 @pytest.mark.parametrize("row", [
-    [-1, 0, 0, 0], [BATCH_MAX + 1, 0, 0, 0],
-    [0, COORD_MIN - 1, 0, 0], [0, COORD_MAX + 1, 0, 0],
-    [0, 0, COORD_MIN - 1, 0], [0, 0, COORD_MAX + 1, 0],
-    [0, 0, 0, COORD_MIN - 1], [0, 0, 0, COORD_MAX + 1],
-    [0, 2**31 - 1, 0, 0], [0, 0, 0, -(2**31)],
+    [0, 17, 2, 3], [0, 0, 2, 3], [0, 5, 18, 3], [0, 5, 1, 3], [0, 5, 2, 35], [0, 5, 2, 2], [2, 5, 2, 3],
+    [0, INT32_MAX, 0, 0], [0, 0, 0, INT32_MIN],
 ])
-def test_out_of_range_is_a_value_error(row):
-    coords = torch.tensor([[0, 1, 2, 3], row, [1, 0, 0, 0]], dtype=torch.int32)
+def test_rows_outside_a_layout_are_a_value_error(row):
+    layout = C.KeyLayout.fit([0, 1, 2, 3], [1, 10, 17, 34])  # fields: x in [1, 16], y [2, 17], z [3, 34]
+    assert [layout.axis_range(a) for a in range(3)] == [(1, 16), (2, 17), (3, 34)]
+    coords = torch.tensor([[0, 1, 2, 3], row, [1, 1, 2, 3]], dtype=torch.int32)
     for fn in (C.pack, C.pack_torch):
-        with pytest.raises(ValueError, match=r"coords row 1 .*outside the representable range"):
-            fn(coords)
+        with pytest.raises(ValueError, match=r"coords row 1 = .* lies outside the key layout: batch in \[0, 1\]"):
+            fn(coords, layout)
+
+
+def test_negative_batch_is_a_value_error_naming_the_row():
+    coords = torch.tensor([[0, 1, 2, 3], [-1, 0, 0, 0]], dtype=torch.int32)
+    for path in (False, True):
+        with _ext.torch_path() if path else torch.no_grad():
+            with pytest.raises(ValueError, match=r"coords row 1 = \[-1, 0, 0, 0\] has a negative batch"):
+                C.pack(coords)
 
 
 @pytest.mark.parametrize("bad, exc, match", [
@@ -122,25 +209,27 @@ def test_pack_rejects_bad_coords(bad, exc, match):
 
 
 def test_non_contiguous_coords():
-    base = random_coords(100, seed=8)
+    base = regime_coords(100, "int32_max", seed=8)
     wide = torch.zeros(len(base), 8, dtype=torch.int32)
     wide[:, ::2] = base
     view = wide[:, ::2]
     assert not view.is_contiguous()
     assert torch.equal(C.pack(view), C.pack(base))
+    assert C.bounds(view) == C.bounds(base)
 
 
 def test_one_and_two_threads_bit_identical(monkeypatch):
     """Above 16k rows the radix sort and the packing run on both threads."""
-    coords = random_coords(60000, seed=11, batch_max=7, lo=-300, hi=300)
+    coords = regime_coords(60000, "x_100000", seed=11)
     results = []
     before = torch.get_num_threads()
     try:
         for nt in (1, 2):
             monkeypatch.setenv("POINTSPARSE_NUM_THREADS", str(nt))
             torch.set_num_threads(nt)
-            keys = C.pack(coords)
-            results.append((keys, *C.sort(keys), *C.unique(keys), C.unpack(keys)))
+            layout = C.KeyLayout.of(coords)
+            keys = C.pack(coords, layout)
+            results.append((keys, *C.sort(keys), *C.unique(keys), C.unpack(keys, layout)))
     finally:
         torch.set_num_threads(before)
     for a, b in zip(*results):
@@ -167,12 +256,29 @@ def test_sort_correct_when_openmp_starts_fewer_threads(omp_env):
 # Raw core calls with arrays that would corrupt memory: each must raise
 # ValueError (or TypeError for an unconvertible argument), never crash.
 RAW_CASES = {
-    "pack_shape": ("core.pack_keys(np.zeros((3, 3), np.int32), 2)", ("ValueError",), "coords"),
-    "pack_1d": ("core.pack_keys(np.zeros(4, np.int32), 2)", ("ValueError",), "coords"),
-    "pack_range": ("core.pack_keys(np.array([[0, 70000, 0, 0]], np.int32), 2)", ("ValueError",), "coords"),
-    "pack_strings": ("core.pack_keys(np.array([['a'] * 4]), 2)", ("ValueError", "TypeError"), "coords"),
-    "unpack_negative": ("core.unpack_keys(np.array([5, -1]), 2)", ("ValueError",), "keys"),
-    "unpack_2d": ("core.unpack_keys(np.zeros((2, 2), np.int64), 2)", ("ValueError",), "keys"),
+    "pack_shape": ("core.pack_keys(np.zeros((3, 3), np.int32), LAY, 2)", ("ValueError",), "coords"),
+    "pack_1d": ("core.pack_keys(np.zeros(4, np.int32), LAY, 2)", ("ValueError",), "coords"),
+    "pack_range": ("core.pack_keys(np.array([[0, 70000, 0, 0]], np.int32), LAY, 2)", ("ValueError",), "coords"),
+    "pack_strings": ("core.pack_keys(np.array([['a'] * 4]), LAY, 2)", ("ValueError", "TypeError"), "coords"),
+    "pack_layout_bits": ("core.pack_keys(np.zeros((1, 4), np.int32), [0, 0, 0, 16, 16, 16, 16], 2)",
+                         ("ValueError",), "layout"),
+    "pack_layout_negative": ("core.pack_keys(np.zeros((1, 4), np.int32), [0, 0, 0, 1, -1, 1, 1], 2)",
+                             ("ValueError",), "layout"),
+    "pack_layout_origin": ("core.pack_keys(np.zeros((1, 4), np.int32), [2**50, 0, 0, 1, 1, 1, 1], 2)",
+                           ("ValueError",), "layout"),
+    "pack_layout_short": ("core.pack_keys(np.zeros((1, 4), np.int32), [0, 0, 0], 2)", ("ValueError",), "layout"),
+    "unpack_negative": ("core.unpack_keys(np.array([5, -1]), LAY, 2)", ("ValueError",), "keys"),
+    "unpack_too_big": ("core.unpack_keys(np.array([5, 2**40]), LAY, 2)", ("ValueError",), "keys"),
+    "unpack_past_int32": ("core.unpack_keys(np.array([2**33 - 1]), [2**31 - 4, 0, 0, 0, 33, 0, 0], 2)",
+                          ("ValueError",), "keys"),
+    "unpack_2d": ("core.unpack_keys(np.zeros((2, 2), np.int64), LAY, 2)", ("ValueError",), "keys"),
+    "bounds_negative_batch": ("core.coords_bounds(np.array([[0, 1, 1, 1], [-3, 0, 0, 0]], np.int32), 2)",
+                              ("ValueError",), "row 1"),
+    "bounds_shape": ("core.coords_bounds(np.zeros((2, 5), np.int32), 2)", ("ValueError",), "coords"),
+    "fit_inverted": ("core.fit_layout([0, 5, 0, 0], [0, 4, 0, 0], [0, 0, 0])", ("ValueError",), "lo <= hi"),
+    "fit_past_int32": ("core.fit_layout([0, 0, 0, 0], [0, 2**40, 0, 0], [0, 0, 0])", ("ValueError",), "int32"),
+    "fit_margin": ("core.fit_layout([0, 0, 0, 0], [0, 1, 0, 0], [0, -1, 0])", ("ValueError",), "margin"),
+    "fit_short": ("core.fit_layout([0, 0, 0], [0, 1, 0, 0], [0, 0, 0])", ("ValueError",), "fit_layout"),
     "sort_negative": ("core.sort_keys(np.array([3, -1, 2]), 2)", ("ValueError",), "keys"),
     "sort_2d": ("core.sort_keys(np.zeros((2, 2), np.int64), 2)", ("ValueError",), "keys"),
     "unique_negative": ("core.unique_keys(np.array([-(2**63), 1]), 2)", ("ValueError",), "keys"),
@@ -184,7 +290,7 @@ RAW_CASES = {
 @pytest.fixture(scope="module")
 def raw_results():
     return run_in_children({k: v[0] for k, v in RAW_CASES.items()},
-                           setup=CORE_ONLY + "import numpy as np\n")
+                           setup=CORE_ONLY + "import numpy as np\nLAY = [0, 0, 0, 2, 8, 8, 8]\n")
 
 
 @pytest.mark.parametrize("name", sorted(RAW_CASES))
@@ -197,6 +303,7 @@ def test_raw_core_bad_arrays(raw_results, name):
 
 
 def test_num_threads_below_one_means_one():
-    coords = random_coords(100, seed=2).numpy()
-    keys = _ext.core.pack_keys(coords, 0)
-    assert np.array_equal(keys, _ext.core.pack_keys(coords, -5))
+    coords = regime_coords(100, "small", seed=2).numpy()
+    layout = C.KeyLayout.of(torch.from_numpy(coords)).core()
+    keys = _ext.core.pack_keys(coords, layout, 0)
+    assert np.array_equal(keys, _ext.core.pack_keys(coords, layout, -5))

@@ -108,17 +108,96 @@ def test_one_point_and_empty(method):
         assert kmap.in_idx.shape == (0,) and kmap.in_idx.dtype == torch.int64
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_range_borders_never_wrap(method):
-    # Rows at the edges of the 17-bit fields: shifted keys must not carry
-    # into a neighbouring field (which would match a wrong row).
-    lo, hi = ps.coords.COORD_MIN, ps.coords.COORD_MAX
-    edge = [lo, lo + 1, -1, 0, hi - 1, hi]
-    rows = [[b, x, y, z] for b in (0, 1) for x in edge for y in edge for z in edge]
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+# Clouds at the borders of int32 and of their key layouts: (batches, x, y, z values).
+BORDERS = {
+    "int32_min": ((0, 1), [INT32_MIN, INT32_MIN + 1, INT32_MIN + 2, INT32_MIN + 5], [INT32_MIN, INT32_MIN + 1],
+                  [INT32_MIN, INT32_MIN + 2, INT32_MIN + 7]),
+    "int32_max": ((0, 3), [INT32_MAX - 5, INT32_MAX - 1, INT32_MAX], [INT32_MAX, 0, 1], [INT32_MAX - 1, INT32_MAX]),
+    "x_both_ends": ((0, 1), [INT32_MIN, INT32_MIN + 1, -1, 0, INT32_MAX - 1, INT32_MAX], [-1, 0, 1], [0, 1]),
+    # fields without slack: 2**bits values exactly, no room for a margin (63 bits in all):
+    # a shifted key past the top of x would carry into the batch field
+    "no_margin_63_bits": ((0, 1, 2**31 - 2, INT32_MAX), [INT32_MIN, INT32_MIN + 1, INT32_MAX - 1, INT32_MAX], [4], [8]),
+    "no_margin_power_of_two": ((0, 1), [0, 1, 2**20 - 2, 2**20 - 1], [0, 1, 2**20 - 1], [0, 2**21 - 1]),
+}
+
+
+def border_coords(name: str) -> torch.Tensor:
+    batches, xs, ys, zs = BORDERS[name]
+    rows = [[b, x, y, z] for b in batches for x in xs for y in ys for z in zs]
     coords = torch.tensor(rows, dtype=torch.int32)
-    coords = coords[torch.randperm(coords.shape[0], generator=torch.Generator().manual_seed(3))]
+    return coords[torch.randperm(coords.shape[0], generator=torch.Generator().manual_seed(3))]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name", sorted(BORDERS))
+def test_layout_borders_never_wrap(method, name):
+    # Shifted keys must never carry into a neighbouring field (which would
+    # match a wrong row), whether the layout has a margin or not.
+    coords = border_coords(name)
     for k, t, d in ((3, 1, 1), (5, 1, 1), (3, 1, 2), (2, 1, 1), (3, 2, 1), (2, 2, 1)):
+        if name.startswith("int32_min") and t > 1:
+            continue  # floor(c / 2) * 2 of INT32_MIN + 1 stays in int32, tested below
         assert_matches_reference(km.build(coords, k, t, d, method=method), coords, k, t, d, 1)
+        with _ext.torch_path():
+            assert_matches_reference(km.build(coords, k, t, d, method=method if method == "torch" else None),
+                                     coords, k, t, d, 1)
+
+
+# Clouds far from the origin: the same shapes as near it, shifted.
+SHIFTS = {
+    "x_100000": (0, 100000, 0, 0),
+    "int32_min": (0, INT32_MIN + 40, INT32_MIN + 40, INT32_MIN + 40),
+    "int32_max": (0, INT32_MAX - 40, INT32_MAX - 40, INT32_MAX - 40),
+    "mixed_ends": (0, INT32_MAX - 40, INT32_MIN + 40, 123456789),
+    "big_batch": (2**31 - 8, 0, 0, 0),
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("shift", sorted(SHIFTS))
+@pytest.mark.parametrize("k, t, d, s", [(3, 1, 1, 1), (2, 2, 1, 1), (3, 2, 1, 1), (3, 1, 1, 2), (3, 2, 1, 4)])
+def test_far_clouds_match_reference_and_the_shifted_map(method, shift, k, t, d, s):
+    st = km.as_triple(s, "s")
+    # shifts are multiples of every stride here, so the downsampling commutes with them
+    near = random_coords(300, 3, 5, st, seed=21, shuffle=True)
+    near[:, 1:] -= near[:, 1:].min(0).values
+    q = 8  # s * t
+    offset = torch.tensor([v // q * q if a else v for a, v in enumerate(SHIFTS[shift])], dtype=torch.int64)
+    far = (near.long() + offset).int()
+    kmap = km.build(far, k, t, d, s, method=method)
+    assert_matches_reference(kmap, far, k, t, d, s)
+    ref = km.build(near, k, t, d, s, method=method)
+    for name in ("in_idx", "out_idx", "sizes"):
+        assert torch.equal(getattr(kmap, name), getattr(ref, name)), name
+    assert torch.equal(kmap.out_coords.long(), ref.out_coords.long() + offset)
+    with _ext.torch_path():
+        torch_map = km.build(far, k, t, d, s, method="torch")
+    for name in ("out_coords", "in_idx", "out_idx", "sizes"):
+        assert torch.equal(getattr(kmap, name), getattr(torch_map, name)), name
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_span_over_63_bits_is_a_value_error(method):
+    wide = torch.tensor([[0, INT32_MIN, INT32_MIN, 0], [0, INT32_MAX, INT32_MAX, 0]], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"coordinates span .*x \[-2147483648, 2147483647\] \(32 bits\)"):
+        km.build(wide, 3, method=method)
+    # 63 bits exactly works: no room for a margin, every row checked
+    full = torch.tensor([[0, INT32_MIN, 0, 0], [INT32_MAX, INT32_MAX, 0, 0], [INT32_MAX, INT32_MAX - 1, 0, 0]],
+                        dtype=torch.int32)
+    assert_matches_reference(km.build(full, 3, method=method), full, 3, 1, 1, 1)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_downsampling_below_int32_is_a_value_error(method):
+    coords = torch.tensor([[0, 5, 5, 5], [0, INT32_MIN + 1, 0, 0]], dtype=torch.int32)
+    assert_matches_reference(km.build(coords, 2, 2, method=method), coords, 2, 2, 1, 1)  # INT32_MIN: in range
+    for path in (False, True):
+        with _ext.torch_path() if path else torch.no_grad():
+            with pytest.raises(ValueError, match=r"row 1 = \[0, -2147483647, 0, 0\] downsampled to stride "
+                                                 r"\(3, 3, 3\) falls below the int32 range"):
+                km.build(coords, 3, 3, method=method)
 
 
 def test_thread_count_does_not_change_result(monkeypatch):
@@ -179,8 +258,8 @@ def test_downsample_coords_matches_torch_floor():
         st = torch.tensor(stride)
         q = torch.cat([coords[:, :1], torch.div(coords[:, 1:], st, rounding_mode="floor") * st], 1)
         assert torch.equal(km.downsample_coords(coords, stride), torch.unique(q, dim=0).int())
-    with pytest.raises(ValueError, match="representable range"):
-        km.downsample_coords(torch.tensor([[0, -65536, 0, 0]], dtype=torch.int32), (3, 3, 3))
+    with pytest.raises(ValueError, match="below the int32 range"):
+        km.downsample_coords(torch.tensor([[0, INT32_MIN, 0, 0]], dtype=torch.int32), (3, 3, 3))
 
 
 def test_transpose_is_adjoint_map():
@@ -212,7 +291,10 @@ def test_transpose_is_adjoint_map():
         (dict(stride=0), ValueError, "stride"),
         (dict(dilation=-1), ValueError, "dilation"),
         (dict(tensor_stride=0), ValueError, "tensor_stride"),
-        (dict(kernel_size=3, dilation=1 << 24), ValueError, "kernel_size \\* dilation"),
+        (dict(kernel_size=3, dilation=1 << 31), ValueError, "kernel_size \\* dilation"),
+        (dict(kernel_size=2, dilation=1 << 30, tensor_stride=2), ValueError, "within int32"),
+        (dict(kernel_size=(4096, 4096, 1)), ValueError, "at most 32768"),
+        (dict(kernel_size=33), ValueError, "35937 offsets"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
@@ -229,10 +311,8 @@ def test_bad_coords(method):
         km.build(torch.zeros((3, 3), dtype=torch.int32), method=method)
     with pytest.raises(ValueError, match="duplicate"):
         km.build(torch.tensor([[0, 1, 2, 3], [0, 5, 5, 5], [0, 1, 2, 3]], dtype=torch.int32), method=method)
-    with pytest.raises(ValueError, match="range"):
-        km.build(torch.tensor([[0, 70000, 0, 0]], dtype=torch.int32), method=method)
-    with pytest.raises(ValueError, match="range"):
-        km.build(torch.tensor([[-1, 0, 0, 0]], dtype=torch.int32), method=method)
+    with pytest.raises(ValueError, match=r"coords row 1 = \[-1, 0, 0, 0\] has a negative batch"):
+        km.build(torch.tensor([[0, 70000, 0, 0], [-1, 0, 0, 0]], dtype=torch.int32), method=method)
     off_stride = torch.tensor([[0, 1, 0, 0], [0, 4, 0, 0]], dtype=torch.int32)
     with pytest.raises(ValueError, match="multiples of the stride"):  # x = 1 is no site of a stride-2 tensor
         km.build(off_stride, 3, stride=2, tensor_stride=2, method=method)
@@ -249,6 +329,28 @@ def test_core_checks_shapes_itself():
         _ext.core.kmap_hash(np.zeros((2, 3), dtype=np.int32), None, offsets, 1)
     with pytest.raises(ValueError, match="out_coords"):
         _ext.core.kmap_hash(coords[:1], np.zeros((2, 2), dtype=np.int32), offsets, 1)
+
+
+def test_core_bounds_kernel_volume():
+    coords = np.zeros((2, 4), dtype=np.int32)
+    with pytest.raises(ValueError, match="at most|1 to 32768"):
+        _ext.core.kmap_hash(coords, None, np.zeros((km.MAX_KERNEL_VOLUME + 1, 3), dtype=np.int32), 1)
+
+
+def test_large_kernels_are_quick():
+    # The mirror plan is O(K log K): a 31^3 kernel (29791 offsets) on a small
+    # cloud takes well under a second per C++ method (k=101 used to take minutes).
+    import time
+    coords = random_coords(40, 1, 20, seed=15)
+    for method in ("mergesort", "hash"):
+        t0 = time.perf_counter()
+        kmap = km.build(coords, 31, method=method)
+        assert time.perf_counter() - t0 < 5.0, method
+        assert_matches_reference(kmap, coords, 31, 1, 1, 1)
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="at most 32768"):
+        km.build(coords, (4096, 4096, 1))
+    assert time.perf_counter() - t0 < 1.0
 
 
 def test_default_method():

@@ -96,9 +96,9 @@ def test_quantize_torch_equals_core(dtype):
     points[:5] = torch.tensor([[-0.0, 0.0, 1e-30], [-1e-30, 2.5, -2.5], [0.3, 0.6, 0.9],
                                [-0.3, -0.6, -0.9], [7.0, -7.0, 0.1]], dtype=dtype)
     for vs in [(0.1, 0.1, 0.1), (0.3, 0.25, 1.7)]:
-        keys = V.quantize_keys(points, vs, batch)
-        assert torch.equal(keys, V._quantize_torch(points, vs, batch.long()))
-        assert torch.equal(keys, V._quantize_torch(points, vs, batch.long()).to(keys.dtype))
+        keys, layout = V.quantize_keys(points, vs, batch)
+        t_keys, t_layout = V._quantize_torch(points, vs, batch.long())
+        assert torch.equal(keys, t_keys) and layout == t_layout
 
 
 @pytest.mark.parametrize("mode", [0, 1, 2, 3])
@@ -106,7 +106,7 @@ def test_quantize_torch_equals_core(dtype):
 def test_segment_reduce_torch_equals_core(mode, dtype):
     points, feats, batch = cloud(3000, seed=5, dtype=dtype, batches=2)
     feats[::7, 1] = feats[1::7, 1]  # some ties for max
-    uniq, inverse, perm, seg_ptr = C.unique(V.quantize_keys(points, 0.4, batch))
+    uniq, inverse, perm, seg_ptr = C.unique(V.quantize_keys(points, 0.4, batch)[0])
     out, arg = _ext.core.segment_reduce(feats.numpy(), perm.numpy(), seg_ptr.numpy(), mode, 2)
     t_out, t_arg = V._segment_reduce_torch(feats, inverse, perm, seg_ptr, mode)
     assert torch.equal(torch.from_numpy(out), t_out)
@@ -164,10 +164,10 @@ def coarsen(x: ps.SparseTensor, stride) -> ps.SparseTensor:
     s = torch.tensor(ps.tensor.as_triple(stride, "stride"))
     coords = x.coords.clone()
     coords[:, 1:] = torch.div(coords[:, 1:], s, rounding_mode="floor") * s
-    keys = C.pack(coords)
-    uniq, inverse, perm, seg_ptr = C.unique(keys)
+    layout = C.KeyLayout.of(coords)
+    uniq, inverse, perm, seg_ptr = C.unique(C.pack(coords, layout))
     feats = torch.zeros(len(uniq), x.feats.shape[1], dtype=x.dtype).index_add_(0, inverse, x.feats)
-    return ps.SparseTensor(feats, C.unpack(uniq), tuple(int(v) for v in s))
+    return ps.SparseTensor(feats, C.unpack(uniq, layout), tuple(int(v) for v in s))
 
 
 def test_devoxelize_nearest():
@@ -322,7 +322,9 @@ BAD = {
     "points_shape": ("ps.voxelize(torch.zeros(3, 2), voxel_size=1)", "ValueError", "points"),
     "points_1d": ("ps.voxelize(torch.zeros(3), voxel_size=1)", "ValueError", "points"),
     "points_numpy": ("ps.voxelize(np.zeros((3, 3)), voxel_size=1)", "TypeError", "points"),
-    "points_out_of_range": ("ps.voxelize(p * 1e6, voxel_size=1)", "ValueError", "voxel_size"),
+    "points_out_of_range": ("ps.voxelize(p * 1e10, voxel_size=1)", "ValueError", "voxel_size"),
+    "points_span_too_wide": ("ps.voxelize(torch.tensor([[-2e9, -2e9, -2e9], [2e9, 2e9, 2e9]]), voxel_size=1)",
+                             "ValueError", "span"),
     "voxel_size_zero": ("ps.voxelize(p, voxel_size=0)", "ValueError", "voxel_size"),
     "voxel_size_negative": ("ps.voxelize(p, voxel_size=(0.1, -0.1, 0.1))", "ValueError", "voxel_size"),
     "voxel_size_nan": ("ps.voxelize(p, voxel_size=float('nan'))", "ValueError", "voxel_size"),
@@ -337,7 +339,7 @@ BAD = {
     "feats_1d": ("ps.voxelize(p, torch.zeros(10), voxel_size=1)", "ValueError", "feats"),
     "batch_length": ("ps.voxelize(p, voxel_size=1, batch=torch.zeros(9, dtype=torch.long))", "ValueError", "batch"),
     "batch_negative": ("ps.voxelize(p, voxel_size=1, batch=torch.full((10,), -1))", "ValueError", "batch"),
-    "batch_too_big": ("ps.voxelize(p, voxel_size=1, batch=torch.full((10,), 4096))", "ValueError", "batch"),
+    "batch_too_big": ("ps.voxelize(p, voxel_size=1, batch=torch.full((10,), 2**31))", "ValueError", "batch"),
     "batch_float": ("ps.voxelize(p, voxel_size=1, batch=torch.zeros(10))", "TypeError", "batch"),
     "batch_2d": ("ps.voxelize(p, voxel_size=1, batch=torch.zeros(10, 1, dtype=torch.long))", "ValueError", "batch"),
     "devox_mode": (VOX + "ps.devoxelize(x, inv, mode='cubic')", "ValueError", "mode"),
@@ -389,18 +391,22 @@ RAW = {
                          "ValueError", "feats"),
     "reduce_feats_1d": ("core.segment_reduce(np.zeros(3), np.arange(3), np.array([0, 3]), 0, 2)",
                         "ValueError", "feats"),
-    "trilinear_rows": ("core.trilinear_neighbors(np.zeros((1, 3)), None, [1.0] * 3, [1, 1, 1], np.array([5]), "
+    "trilinear_rows": ("core.trilinear_neighbors(np.zeros((1, 3)), None, [1.0] * 3, [1, 1, 1], LAY, np.array([5]), "
                        "np.array([3]), 1, 2)", "ValueError", "sorted_rows"),
-    "trilinear_rows_length": ("core.trilinear_neighbors(np.zeros((1, 3)), None, [1.0] * 3, [1, 1, 1], "
+    "trilinear_rows_length": ("core.trilinear_neighbors(np.zeros((1, 3)), None, [1.0] * 3, [1, 1, 1], LAY, "
                               "np.array([5, 6]), np.array([0]), 2, 2)", "ValueError", "sorted_rows"),
-    "trilinear_stride": ("core.trilinear_neighbors(np.zeros((1, 3)), None, [1.0] * 3, [1, 0, 1], np.array([5]), "
+    "trilinear_stride": ("core.trilinear_neighbors(np.zeros((1, 3)), None, [1.0] * 3, [1, 0, 1], LAY, np.array([5]), "
                          "np.array([0]), 1, 2)", "ValueError", "stride"),
     "trilinear_strings": ("core.trilinear_neighbors(np.array([['a', 'b', 'c']]), None, [1.0] * 3, [1, 1, 1], "
-                          "np.array([5]), np.array([0]), 1, 2)", "ValueError", "points"),
-    "trilinear_batch": ("core.trilinear_neighbors(np.zeros((2, 3)), np.array([0, 5000]), [1.0] * 3, [1, 1, 1], "
-                        "np.array([5]), np.array([0]), 1, 2)", "ValueError", "batch"),
+                          "LAY, np.array([5]), np.array([0]), 1, 2)", "ValueError", "points"),
+    "trilinear_batch": ("core.trilinear_neighbors(np.zeros((2, 3)), np.array([0, 2**31]), [1.0] * 3, [1, 1, 1], "
+                        "LAY, np.array([5]), np.array([0]), 1, 2)", "ValueError", "batch"),
+    "trilinear_layout_bits": ("core.trilinear_neighbors(np.zeros((1, 3)), None, [1.0] * 3, [1, 1, 1], "
+                              "[0, 0, 0, 20, 20, 20, 20], np.array([5]), np.array([0]), 1, 2)", "ValueError", "layout"),
+    "trilinear_layout_len": ("core.trilinear_neighbors(np.zeros((1, 3)), None, [1.0] * 3, [1, 1, 1], "
+                             "[0, 0, 0], np.array([5]), np.array([0]), 1, 2)", "ValueError", "layout"),
     "trilinear_keys_2d": ("core.trilinear_neighbors(np.zeros((1, 3)), None, [1.0] * 3, [1, 1, 1], "
-                          "np.zeros((1, 1), np.int64), np.array([0]), 1, 2)", "ValueError", "sorted_keys"),
+                          "LAY, np.zeros((1, 1), np.int64), np.array([0]), 1, 2)", "ValueError", "sorted_keys"),
 }
 
 
@@ -411,7 +417,8 @@ def bad_results():
 
 @pytest.fixture(scope="module")
 def raw_results():
-    return run_in_children({k: v[0] for k, v in RAW.items()}, setup=CORE_ONLY + "import numpy as np\n")
+    return run_in_children({k: v[0] for k, v in RAW.items()},
+                           setup=CORE_ONLY + "import numpy as np\nLAY = [0, 0, 0, 1, 8, 8, 8]\n")
 
 
 def check_child(result, exc, word, name):

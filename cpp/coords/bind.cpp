@@ -1,4 +1,5 @@
-// Coordinate keys: packing, unpacking, sorting and uniquing exact 64-bit keys.
+// Coordinate keys: bounds and layouts, packing, unpacking, sorting and uniquing exact
+// 64-bit keys.
 #include <omp.h>
 
 #include <algorithm>
@@ -6,51 +7,64 @@
 
 #include "array.h"
 #include "bind.h"
+#include "coords/layout.h"
 #include "coords/sort.h"
 
 namespace ps {
 namespace {
 
-// Index of the first row whose coordinates cannot be packed, or -1.
-int64_t first_bad_row(const int32_t* c, int64_t n, int nt) {
-  int64_t bad = std::numeric_limits<int64_t>::max();
-#pragma omp parallel for num_threads(nt) reduction(min : bad) schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    const int32_t* r = c + 4 * i;
-    if (!batch_in_range(r[0]) || !coord_in_range(r[1]) || !coord_in_range(r[2]) ||
-        !coord_in_range(r[3]))
-      bad = std::min(bad, i);
-  }
-  return bad == std::numeric_limits<int64_t>::max() ? -1 : bad;
+std::vector<int64_t> fit(std::vector<int64_t> lo, std::vector<int64_t> hi, std::vector<int64_t> margin) {
+  if (lo.size() != 4 || hi.size() != 4 || margin.size() != 3)
+    value_error("fit_layout takes lo and hi of 4 entries (batch, x, y, z) and 3 margins");
+  Bounds b;
+  std::copy(lo.begin(), lo.end(), b.lo);
+  std::copy(hi.begin(), hi.end(), b.hi);
+  if (b.empty()) return layout_fields(KeyLayout());
+  for (int f = 0; f < 4; ++f)
+    if (b.lo[f] > b.hi[f] || !coord_in_range(b.lo[f]) || !coord_in_range(b.hi[f]))
+      value_error("fit_layout bounds must be int32 values with lo <= hi");
+  return layout_fields(fit_layout(b, margin.data()));
 }
 
-py::array_t<int64_t> pack_keys(carray<int32_t> coords, int num_threads) {
+py::array_t<int64_t> bounds(carray<int32_t> coords, int num_threads) {
   check_2d(coords, 4, "coords");
+  Bounds b;
+  {
+    py::gil_scoped_release release;
+    b = checked_bounds(coords.data(), coords.shape(0), "coords", threads(num_threads));
+  }
+  auto out = empty_array<int64_t>({2, 4});
+  std::copy(b.lo, b.lo + 4, out.mutable_data());
+  std::copy(b.hi, b.hi + 4, out.mutable_data() + 4);
+  return out;
+}
+
+py::array_t<int64_t> pack_keys(carray<int32_t> coords, std::vector<int64_t> layout_in, int num_threads) {
+  check_2d(coords, 4, "coords");
+  const KeyLayout layout = layout_from(layout_in);
   const int64_t n = coords.shape(0);
   const int nt = threads(num_threads, n);
   const int32_t* c = coords.data();
   auto keys = empty_array<int64_t>({n});
   int64_t* k = keys.mutable_data();
-  int64_t bad;
+  int64_t bad = std::numeric_limits<int64_t>::max();
   {
     py::gil_scoped_release release;
-    bad = first_bad_row(c, n, nt);
-    if (bad < 0) {
-#pragma omp parallel for num_threads(nt) schedule(static)
-      for (int64_t i = 0; i < n; ++i) {
-        const int32_t* r = c + 4 * i;
-        k[i] = pack_key(r[0], r[1], r[2], r[3]);
+    // One pass: pack every row, note the first one outside the layout.
+#pragma omp parallel for num_threads(nt) reduction(min : bad) schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      const int32_t* r = c + 4 * i;
+      if (!layout.contains(r[0], r[1], r[2], r[3])) {
+        bad = std::min(bad, i);
+        k[i] = 0;
+      } else {
+        k[i] = layout.pack(r[0], r[1], r[2], r[3]);
       }
     }
   }
-  if (bad >= 0) {
-    const int32_t* r = c + 4 * bad;
-    value_error("coords row " + std::to_string(bad) + " = [" + std::to_string(r[0]) + ", " +
-                std::to_string(r[1]) + ", " + std::to_string(r[2]) + ", " +
-                std::to_string(r[3]) + "] is outside the representable range: batch in [0, " +
-                std::to_string(kBatchMax) + "], x, y, z in [" + std::to_string(kCoordMin) +
-                ", " + std::to_string(kCoordMax) + "]");
-  }
+  if (bad != std::numeric_limits<int64_t>::max())
+    value_error("coords row " + std::to_string(bad) + " = " + row_str(c + 4 * bad) +
+                " lies outside the key layout: " + layout_str(layout));
   return keys;
 }
 
@@ -61,19 +75,28 @@ void check_keys(const int64_t* k, int64_t n, int nt, const char* name) {
   if (bad) value_error(std::string(name) + " must be non-negative packed coordinate keys");
 }
 
-py::array_t<int32_t> unpack_keys(carray<int64_t> keys, int num_threads) {
+py::array_t<int32_t> unpack_keys(carray<int64_t> keys, std::vector<int64_t> layout_in, int num_threads) {
   check_1d(keys, -1, "keys");
+  const KeyLayout layout = layout_from(layout_in);
   const int64_t n = keys.shape(0);
   const int nt = threads(num_threads, n);
   auto coords = empty_array<int32_t>({n, 4});
   const int64_t* k = keys.data();
   int32_t* c = coords.mutable_data();
+  // Keys of the layout: below 2^total_bits, coordinates within int32.
+  const uint64_t limit = uint64_t(1) << layout.total_bits();
+  int64_t bad = 0;
   {
     py::gil_scoped_release release;
-    check_keys(k, n, nt, "keys");
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t i = 0; i < n; ++i) unpack_key(k[i], c + 4 * i);
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(+ : bad)
+    for (int64_t i = 0; i < n; ++i) {
+      bool ok = uint64_t(k[i]) < limit;
+      for (int a = 0; a < 3 && ok; ++a) ok = coord_in_range(layout.field(k[i], a + 1) + layout.origin[a]);
+      bad += !ok;
+      layout.unpack(ok ? k[i] : 0, c + 4 * i);
+    }
   }
+  if (bad) value_error("keys must be keys of the layout (" + layout_str(layout) + ") of int32 coordinates");
   return coords;
 }
 
@@ -134,11 +157,18 @@ void bind_coords(py::module_& m) {
   m.attr("COORD_MIN") = kCoordMin;
   m.attr("COORD_MAX") = kCoordMax;
   m.attr("BATCH_MAX") = kBatchMax;
-  m.attr("COORD_BITS") = kCoordBits;
-  m.def("pack_keys", &pack_keys, py::arg("coords"), py::arg("num_threads"),
-        "Pack int32 (N, 4) [batch, x, y, z] rows into exact int64 keys; ValueError out of range.");
-  m.def("unpack_keys", &unpack_keys, py::arg("keys"), py::arg("num_threads"),
-        "Unpack int64 keys into int32 (N, 4) [batch, x, y, z] rows.");
+  m.attr("KEY_BITS") = kKeyBits;
+  m.def("coords_bounds", &bounds, py::arg("coords"), py::arg("num_threads"),
+        "(2, 4) int64: smallest and largest [batch, x, y, z] (lo > hi without rows); ValueError naming "
+        "the first row with a negative batch.");
+  m.def("fit_layout", &fit, py::arg("lo"), py::arg("hi"), py::arg("margin"),
+        "Key layout (origin x, y, z, bits batch, x, y, z) of rows within [lo, hi], with `margin` spare "
+        "values per side of x, y, z when the key still fits; ValueError naming the span that does not.");
+  m.def("pack_keys", &pack_keys, py::arg("coords"), py::arg("layout"), py::arg("num_threads"),
+        "Pack int32 (N, 4) [batch, x, y, z] rows into exact int64 keys of `layout`; ValueError naming "
+        "the first row outside it.");
+  m.def("unpack_keys", &unpack_keys, py::arg("keys"), py::arg("layout"), py::arg("num_threads"),
+        "Unpack int64 keys of `layout` into int32 (N, 4) [batch, x, y, z] rows.");
   m.def("sort_keys", &sort_keys, py::arg("keys"), py::arg("num_threads"),
         "Stable parallel radix sort: (sorted_keys, perm).");
   m.def("unique_keys", &unique_keys, py::arg("keys"), py::arg("num_threads"),

@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <array>
 #include <limits>
 
 #include "common.h"
@@ -15,18 +16,24 @@ namespace kmap {
 std::vector<int64_t> mirror_sources(const int32_t* offsets, int64_t k, bool submanifold) {
   std::vector<int64_t> mirror(k, -1);
   if (!submanifold) return mirror;
+  // Offsets sorted lexicographically (ties by index): each -o is one binary
+  // search away, so the plan costs O(K log K) for any kernel.
+  auto at = [offsets](int64_t o) {
+    const int32_t* a = offsets + 3 * o;
+    return std::array<int64_t, 4>{a[0], a[1], a[2], o};
+  };
+  std::vector<std::array<int64_t, 4>> sorted(k);
+  for (int64_t o = 0; o < k; ++o) sorted[o] = at(o);
+  std::sort(sorted.begin(), sorted.end());
   for (int64_t o = 0; o < k; ++o) {
     const int32_t* a = offsets + 3 * o;
     // o is derived from -o when -o is in the kernel and -o > o lexicographically.
     const bool negative = a[0] < 0 || (a[0] == 0 && (a[1] < 0 || (a[1] == 0 && a[2] < 0)));
     if (!negative) continue;
-    for (int64_t p = 0; p < k; ++p) {
-      const int32_t* b = offsets + 3 * p;
-      if (b[0] == -a[0] && b[1] == -a[1] && b[2] == -a[2]) {
-        mirror[o] = p;
-        break;
-      }
-    }
+    const std::array<int64_t, 4> want{-int64_t(a[0]), -int64_t(a[1]), -int64_t(a[2]), -1};
+    auto it = std::lower_bound(sorted.begin(), sorted.end(), want);  // the first index holding -o
+    if (it != sorted.end() && (*it)[0] == want[0] && (*it)[1] == want[1] && (*it)[2] == want[2])
+      mirror[o] = (*it)[3];
   }
   return mirror;
 }
@@ -49,16 +56,17 @@ void coords_bbox(const int32_t* c, int64_t n, int64_t* lo, int64_t* hi, int nt) 
   hi[0] = hx, hi[1] = hy, hi[2] = hz;
 }
 
-bool shift_safe(const int64_t* lo, const int64_t* hi, int64_t dx, int64_t dy, int64_t dz) {
+bool shift_safe(const KeyLayout& layout, const int64_t* lo, const int64_t* hi, int64_t dx, int64_t dy,
+                int64_t dz) {
   const int64_t d[3] = {dx, dy, dz};
   for (int a = 0; a < 3; ++a)
-    if (!coord_in_range(lo[a] + d[a]) || !coord_in_range(hi[a] + d[a])) return false;
+    if (!layout.axis_contains(a, lo[a] + d[a]) || !layout.axis_contains(a, hi[a] + d[a])) return false;
   return true;
 }
 
-bool row_shift_ok(const int32_t* r, int64_t dx, int64_t dy, int64_t dz) {
-  return coord_in_range(int64_t(r[1]) + dx) && coord_in_range(int64_t(r[2]) + dy) &&
-         coord_in_range(int64_t(r[3]) + dz);
+bool row_shift_ok(const KeyLayout& layout, const int32_t* r, int64_t dx, int64_t dy, int64_t dz) {
+  return layout.axis_contains(0, int64_t(r[1]) + dx) && layout.axis_contains(1, int64_t(r[2]) + dy) &&
+         layout.axis_contains(2, int64_t(r[3]) + dz);
 }
 
 std::vector<int64_t> pair_counts(const Found& found, int64_t k) {
@@ -163,34 +171,22 @@ void assemble(const Found& found, int64_t k, int64_t num_out, const std::vector<
   }
 }
 
-int64_t downsample_keys(const int32_t* c, int64_t n, const int64_t* stride,
-                        std::vector<int64_t>& out_keys, int nt) {
+void downsample_keys(const int32_t* c, int64_t n, const int64_t* stride, const KeyLayout& layout,
+                     std::vector<int64_t>& out_keys, int nt) {
   std::vector<int64_t> keys(n);
-  int64_t bad = std::numeric_limits<int64_t>::max();
-#pragma omp parallel for num_threads(nt) schedule(static) reduction(min : bad)
+#pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     const int32_t* r = c + 4 * i;
     int64_t q[3];
-    bool ok = batch_in_range(r[0]);
-    for (int a = 0; a < 3; ++a) {
-      q[a] = floor_div(r[a + 1], stride[a]) * stride[a];
-      ok = ok && coord_in_range(q[a]);
-    }
-    if (!ok) {
-      bad = std::min(bad, i);
-      keys[i] = 0;
-    } else {
-      keys[i] = pack_key(r[0], q[0], q[1], q[2]);
-    }
+    for (int a = 0; a < 3; ++a) q[a] = floor_div(r[a + 1], stride[a]) * stride[a];
+    keys[i] = layout.pack(r[0], q[0], q[1], q[2]);
   }
-  if (bad != std::numeric_limits<int64_t>::max()) return bad;
   std::vector<int64_t> sorted(n), perm(n);
   radix_sort_keys(keys.data(), n, sorted.data(), perm.data(), nt);
   out_keys.clear();
   out_keys.reserve(n);
   for (int64_t i = 0; i < n; ++i)
     if (i == 0 || sorted[i] != sorted[i - 1]) out_keys.push_back(sorted[i]);
-  return -1;
 }
 
 }  // namespace kmap

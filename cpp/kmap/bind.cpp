@@ -6,6 +6,7 @@
 #endif
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <limits>
 #include <new>
@@ -13,6 +14,7 @@
 
 #include "array.h"
 #include "bind.h"
+#include "coords/layout.h"
 #include "kmap/kmap.h"
 
 namespace ps {
@@ -41,60 +43,58 @@ py::array_t<T> output_array(int64_t n) {
   return py::array_t<T>({py::ssize_t(n)}, {py::ssize_t(sizeof(T))}, static_cast<T*>(p), owner);
 }
 
-void check_coords_array(const carray<int32_t>& c, const char* name, int nt) {
+// Shape and row-count checks; the bounds of the rows (ValueError naming the
+// first row with a negative batch).
+Bounds check_coords_array(const carray<int32_t>& c, const char* name, int nt) {
   check_2d(c, 4, name);
   const int64_t n = c.shape(0);
   if (n > kMaxRows)
     value_error(std::string(name) + " has " + std::to_string(n) + " rows; kernel maps take at most " +
                 std::to_string(kMaxRows));
-  const int32_t* p = c.data();
-  int64_t bad = std::numeric_limits<int64_t>::max();
-  {
-    py::gil_scoped_release release;
-#pragma omp parallel for num_threads(nt) reduction(min : bad) schedule(static)
-    for (int64_t i = 0; i < n; ++i) {
-      const int32_t* r = p + 4 * i;
-      if (!batch_in_range(r[0]) || !coord_in_range(r[1]) || !coord_in_range(r[2]) || !coord_in_range(r[3]))
-        bad = std::min(bad, i);
-    }
-  }
-  if (bad != std::numeric_limits<int64_t>::max()) {
-    const int32_t* r = p + 4 * bad;
-    value_error(std::string(name) + " row " + std::to_string(bad) + " = [" + std::to_string(r[0]) + ", " +
-                std::to_string(r[1]) + ", " + std::to_string(r[2]) + ", " + std::to_string(r[3]) +
-                "] is outside the representable range: batch in [0, " + std::to_string(kBatchMax) +
-                "], x, y, z in [" + std::to_string(kCoordMin) + ", " + std::to_string(kCoordMax) + "]");
-  }
+  py::gil_scoped_release release;
+  return checked_bounds(c.data(), n, name, nt);
+}
+
+// The most |offset| per axis: the margin a layout leaves for shifted keys.
+std::vector<int64_t> offset_reach(const int32_t* offsets, int64_t k) {
+  std::vector<int64_t> reach(3, 0);
+  for (int64_t o = 0; o < k; ++o)
+    for (int a = 0; a < 3; ++a) reach[a] = std::max(reach[a], std::abs(int64_t(offsets[3 * o + a])));
+  return reach;
 }
 
 // (in_idx (P,) int64, out_idx (P,) int64, sizes (K,) int64). out_coords None:
-// submanifold (outputs are the inputs, mirrored offsets derived).
+// submanifold (outputs are the inputs, mirrored offsets derived). Keys use
+// one layout fitted to both coords sets, with room for the offsets.
 template <typename Finder>
 py::tuple build_map(Finder finder, carray<int32_t> in_coords, py::object out_obj,
                     carray<int32_t> offsets, int num_threads) {
   const int nt = threads(num_threads);
-  check_coords_array(in_coords, "in_coords", nt);
+  Bounds bounds = check_coords_array(in_coords, "in_coords", nt);
   carray<int32_t> out_coords;
   const int32_t* out_ptr = nullptr;
   int64_t m = in_coords.shape(0);
   if (!out_obj.is_none()) {
     out_coords = out_obj.cast<carray<int32_t>>();
-    check_coords_array(out_coords, "out_coords", nt);
+    bounds.merge(check_coords_array(out_coords, "out_coords", nt));
     out_ptr = out_coords.data();
     m = out_coords.shape(0);
   }
   check_2d(offsets, 3, "offsets");
   const int64_t k = offsets.shape(0);
-  if (k < 1) value_error("offsets must hold at least one offset; got shape " + shape_str(offsets));
+  if (k < 1 || k > kmap::kMaxKernelVolume)
+    value_error("offsets must hold 1 to " + std::to_string(kmap::kMaxKernelVolume) + " offsets; got shape " +
+                shape_str(offsets));
   const int64_t n = in_coords.shape(0);
   const int32_t* in_ptr = in_coords.data();
   const int32_t* off_ptr = offsets.data();
+  const KeyLayout layout = fit_layout(bounds, offset_reach(off_ptr, k).data());
 
   kmap::Found found;
   std::vector<int64_t> counts, ptr(k + 1, 0);
   {
     py::gil_scoped_release release;
-    found = finder(in_ptr, n, out_ptr, m, off_ptr, k, nt);
+    found = finder(in_ptr, n, out_ptr, m, off_ptr, k, layout, nt);
     if (found.duplicate_row < 0) counts = kmap::pair_counts(found, k);
   }
   if (found.duplicate_row >= 0)
@@ -123,27 +123,40 @@ py::tuple kmap_mergesort(carray<int32_t> in_coords, py::object out_coords, carra
   return build_map(kmap::find_mergesort, in_coords, out_coords, offsets, num_threads);
 }
 
+// The first row whose downsampled coordinate leaves int32, or -1.
+int64_t first_unrepresentable(const int32_t* c, int64_t n, const std::vector<int64_t>& stride) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int a = 0; a < 3; ++a)
+      if (!coord_in_range(floor_div(c[4 * i + a + 1], stride[a]) * stride[a])) return i;
+  return -1;
+}
+
 py::array_t<int32_t> kmap_downsample(carray<int32_t> coords, std::vector<int64_t> stride, int num_threads) {
   const int nt = threads(num_threads);
-  check_coords_array(coords, "coords", nt);
+  Bounds bounds = check_coords_array(coords, "coords", nt);
   if (stride.size() != 3) value_error("stride must have 3 entries; got " + std::to_string(stride.size()));
   for (int64_t s : stride)
     if (s < 1 || s > kCoordMax) value_error("stride must be in [1, " + std::to_string(kCoordMax) + "] per axis");
   const int64_t n = coords.shape(0);
   const int32_t* c = coords.data();
+  // floor(c / s) * s is monotone in c: the bounds of the outputs are those of the inputs, downsampled.
+  for (int a = 0; a < 3 && n > 0; ++a) {
+    bounds.lo[a + 1] = floor_div(bounds.lo[a + 1], stride[a]) * stride[a];
+    bounds.hi[a + 1] = floor_div(bounds.hi[a + 1], stride[a]) * stride[a];
+  }
+  if (n > 0 && !coord_in_range(bounds.lo[1]) + !coord_in_range(bounds.lo[2]) + !coord_in_range(bounds.lo[3])) {
+    const int64_t bad = first_unrepresentable(c, n, stride);
+    value_error("coords row " + std::to_string(bad) + " = " + row_str(c + 4 * bad) + " downsampled to stride (" +
+                std::to_string(stride[0]) + ", " + std::to_string(stride[1]) + ", " + std::to_string(stride[2]) +
+                ") falls below the int32 range of coordinates (floor(c / stride) * stride < " +
+                std::to_string(kCoordMin) + ")");
+  }
+  const int64_t none[3] = {0, 0, 0};
+  const KeyLayout layout = fit_layout(bounds, none);
   std::vector<int64_t> keys;
-  int64_t bad;
   {
     py::gil_scoped_release release;
-    bad = kmap::downsample_keys(c, n, stride.data(), keys, nt);
-  }
-  if (bad >= 0) {
-    const int32_t* r = c + 4 * bad;
-    value_error("coords row " + std::to_string(bad) + " = [" + std::to_string(r[0]) + ", " +
-                std::to_string(r[1]) + ", " + std::to_string(r[2]) + ", " + std::to_string(r[3]) +
-                "] downsampled to stride (" + std::to_string(stride[0]) + ", " + std::to_string(stride[1]) +
-                ", " + std::to_string(stride[2]) + ") leaves the representable range [" +
-                std::to_string(kCoordMin) + ", " + std::to_string(kCoordMax) + "]");
+    kmap::downsample_keys(c, n, stride.data(), layout, keys, nt);
   }
   const int64_t m = int64_t(keys.size());
   auto out = empty_array<int32_t>({m, 4});
@@ -151,7 +164,7 @@ py::array_t<int32_t> kmap_downsample(carray<int32_t> coords, std::vector<int64_t
   {
     py::gil_scoped_release release;
 #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t i = 0; i < m; ++i) unpack_key(keys[i], o + 4 * i);
+    for (int64_t i = 0; i < m; ++i) layout.unpack(keys[i], o + 4 * i);
   }
   return out;
 }
@@ -159,6 +172,7 @@ py::array_t<int32_t> kmap_downsample(carray<int32_t> coords, std::vector<int64_t
 }  // namespace
 
 void bind_kmap(py::module_& m) {
+  m.attr("MAX_KERNEL_VOLUME") = kmap::kMaxKernelVolume;
   m.def("kmap_hash", &kmap_hash, py::arg("in_coords"), py::arg("out_coords"), py::arg("offsets"),
         py::arg("num_threads"),
         "Kernel map by an open-addressing hash table: (in_idx, out_idx, sizes), grouped by offset, "

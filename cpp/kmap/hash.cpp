@@ -75,18 +75,18 @@ class Table {
   std::unique_ptr<Slot[]> slots_;
 };
 
-void pack_rows(const int32_t* c, int64_t n, int64_t* keys, int nt) {
+void pack_rows(const int32_t* c, int64_t n, const KeyLayout& layout, int64_t* keys, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     const int32_t* r = c + 4 * i;
-    keys[i] = pack_key(r[0], r[1], r[2], r[3]);
+    keys[i] = layout.pack(r[0], r[1], r[2], r[3]);
   }
 }
 
 }  // namespace
 
 Found find_hash(const int32_t* in_c, int64_t n, const int32_t* out_c, int64_t m,
-                const int32_t* offsets, int64_t k, int nt) {
+                const int32_t* offsets, int64_t k, const KeyLayout& layout, int nt) {
   const bool submanifold = out_c == nullptr;
   if (submanifold) out_c = in_c, m = n;
   Found found;
@@ -97,7 +97,7 @@ Found find_hash(const int32_t* in_c, int64_t n, const int32_t* out_c, int64_t m,
   if (n == 0 || m == 0) return found;
 
   std::vector<int64_t> in_keys(n);
-  pack_rows(in_c, n, in_keys.data(), nt);
+  pack_rows(in_c, n, layout, in_keys.data(), nt);
   Table table(n, nt);
   int64_t duplicate = 0;
 #pragma omp parallel for num_threads(nt) schedule(static) reduction(+ : duplicate)
@@ -110,7 +110,7 @@ Found find_hash(const int32_t* in_c, int64_t n, const int32_t* out_c, int64_t m,
   const int64_t* out_keys = in_keys.data();
   if (!submanifold) {
     out_keys_store.resize(m);
-    pack_rows(out_c, m, out_keys_store.data(), nt);
+    pack_rows(out_c, m, layout, out_keys_store.data(), nt);
     out_keys = out_keys_store.data();
   }
   int64_t lo[3], hi[3];
@@ -119,8 +119,8 @@ Found find_hash(const int32_t* in_c, int64_t n, const int32_t* out_c, int64_t m,
   std::vector<int64_t> delta(k);
   for (int64_t o = 0; o < k; ++o) {
     const int32_t* d = offsets + 3 * o;
-    safe[o] = shift_safe(lo, hi, d[0], d[1], d[2]);
-    delta[o] = key_delta(d[0], d[1], d[2]);
+    safe[o] = shift_safe(layout, lo, hi, d[0], d[1], d[2]);
+    delta[o] = layout.delta(d[0], d[1], d[2]);
   }
   const int64_t nc = found.num_chunks;
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
@@ -131,7 +131,7 @@ Found find_hash(const int32_t* in_c, int64_t n, const int32_t* out_c, int64_t m,
       PairBuffer& buf = found.buffers[o * nc + c];
       const int32_t* d = offsets + 3 * o;
       for (int64_t r = r0; r < r1; ++r) {
-        if (!safe[o] && !row_shift_ok(out_c + 4 * r, d[0], d[1], d[2])) continue;
+        if (!safe[o] && !row_shift_ok(layout, out_c + 4 * r, d[0], d[1], d[2])) continue;
         const int64_t row = table.find(out_keys[r] + delta[o]);
         if (row >= 0) {
           buf.in.push_back(int32_t(row));

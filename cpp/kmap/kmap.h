@@ -11,16 +11,23 @@
 // with o >= -o lexicographically (or whose mirror is not in the kernel) and
 // derive -o by swapping the pairs of o.
 //
-// Shapes: coords (N, 4) / (M, 4) int32 [batch, x, y, z] in the range of
-// common.h; offsets (K, 3) int32. Row counts below 2^31. Every function
-// here runs without the GIL and throws nothing: errors come back as status.
+// Shapes: coords (N, 4) / (M, 4) int32 [batch, x, y, z], all inside the
+// KeyLayout passed in (common.h; the binding fits it to both sets, with a
+// margin for the offsets when that fits); offsets (K, 3) int32, K at most
+// kMaxKernelVolume. Row counts below 2^31. Every function here runs without
+// the GIL and throws nothing: errors come back as status.
 #pragma once
 
 #include <cstdint>
 #include <vector>
 
+#include "common.h"
+
 namespace ps {
 namespace kmap {
+
+// Most offsets one map takes (32^3): bounds the per-offset work and memory.
+constexpr int64_t kMaxKernelVolume = int64_t(1) << 15;
 
 // Pairs of one offset within one chunk of output rows (original row numbers).
 struct PairBuffer {
@@ -44,9 +51,9 @@ std::vector<int64_t> mirror_sources(const int32_t* offsets, int64_t k, bool subm
 
 // out == nullptr: submanifold (outputs are the inputs).
 Found find_hash(const int32_t* in_coords, int64_t n, const int32_t* out_coords, int64_t m,
-                const int32_t* offsets, int64_t k, int nt);
+                const int32_t* offsets, int64_t k, const KeyLayout& layout, int nt);
 Found find_mergesort(const int32_t* in_coords, int64_t n, const int32_t* out_coords, int64_t m,
-                     const int32_t* offsets, int64_t k, int nt);
+                     const int32_t* offsets, int64_t k, const KeyLayout& layout, int nt);
 
 // Pairs per offset (mirrored offsets count their source's pairs).
 std::vector<int64_t> pair_counts(const Found& found, int64_t k);
@@ -56,18 +63,19 @@ void assemble(const Found& found, int64_t k, int64_t num_out, const std::vector<
               int64_t* in_idx, int64_t* out_idx, int nt);
 
 // Output coords of a downsampling: unique floor(c / s) * s per batch, sorted
-// by key, as keys. Returns the first row whose output leaves the range (or -1).
-int64_t downsample_keys(const int32_t* coords, int64_t n, const int64_t* stride,
-                        std::vector<int64_t>& out_keys, int nt);
+// by key, as keys of `layout` (which holds every downsampled row).
+void downsample_keys(const int32_t* coords, int64_t n, const int64_t* stride, const KeyLayout& layout,
+                     std::vector<int64_t>& out_keys, int nt);
 
 // Bounding box of coords' x, y, z: lo[3], hi[3] (n > 0).
 void coords_bbox(const int32_t* coords, int64_t n, int64_t* lo, int64_t* hi, int nt);
 
-// Whether every row of the box shifted by (dx, dy, dz) stays in range.
-bool shift_safe(const int64_t* lo, const int64_t* hi, int64_t dx, int64_t dy, int64_t dz);
+// Whether every row of the box shifted by (dx, dy, dz) stays in the layout's fields.
+bool shift_safe(const KeyLayout& layout, const int64_t* lo, const int64_t* hi, int64_t dx, int64_t dy,
+                int64_t dz);
 
-// Whether the row's coordinates shifted by (dx, dy, dz) stay in range.
-bool row_shift_ok(const int32_t* row, int64_t dx, int64_t dy, int64_t dz);
+// Whether the row's coordinates shifted by (dx, dy, dz) stay in the layout's fields.
+bool row_shift_ok(const KeyLayout& layout, const int32_t* row, int64_t dx, int64_t dy, int64_t dz);
 
 }  // namespace kmap
 }  // namespace ps

@@ -8,11 +8,12 @@
 // keys in the window [key + delta(dx, dy, zlo), key + delta(dx, dy, zhi)],
 // so one merge per (dx, dy) column serves the whole column.
 //
-// A shift that moves a coordinate out of range would carry into the next
-// field and break the order: rows whose window leaves the range take a
-// binary search per offset with exact range checks instead (rare: only rows
-// at the border of the coordinate range), the merge pointer moves only for
-// rows whose window is exact.
+// A shift that moves a coordinate out of its key field would carry into the
+// next field and break the order: rows whose window leaves the fields take a
+// binary search per offset with exact checks instead (only when the layout
+// had no room for a margin as wide as the kernel: spans near the key's 63
+// bits), the merge pointer moves only for rows whose window is exact. A
+// window must also end below the sentinel (only a 63-bit layout reaches it).
 #include <omp.h>
 
 #include <algorithm>
@@ -47,14 +48,14 @@ struct SortedKeys {
   bool identity = true;
 };
 
-SortedKeys sorted_keys(const int32_t* c, int64_t n, int nt) {
+SortedKeys sorted_keys(const int32_t* c, int64_t n, const KeyLayout& layout, int nt) {
   SortedKeys s;
   std::vector<int64_t> keys(n + kPad, kSentinel);
   int64_t unsorted = 0;
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     const int32_t* r = c + 4 * i;
-    keys[i] = pack_key(r[0], r[1], r[2], r[3]);
+    keys[i] = layout.pack(r[0], r[1], r[2], r[3]);
   }
 #pragma omp parallel for num_threads(nt) schedule(static) reduction(+ : unsorted)
   for (int64_t i = 1; i < n; ++i) unsorted += keys[i] < keys[i - 1];
@@ -92,15 +93,6 @@ std::vector<Column> columns(const int32_t* offsets, int64_t k, const std::vector
   return cols;
 }
 
-// Whether the key's coordinates shifted by (dx, dy, dz) stay in range, from
-// the biased fields of the key.
-inline bool key_shift_ok(int64_t key, int64_t dx, int64_t dy, int64_t dz) {
-  const int64_t x = ((key >> kShiftX) & kCoordMask) + dx;
-  const int64_t y = ((key >> kShiftY) & kCoordMask) + dy;
-  const int64_t z = (key & kCoordMask) + dz;
-  return x >= 0 && x <= kCoordMask && y >= 0 && y <= kCoordMask && z >= 0 && z <= kCoordMask;
-}
-
 // Matches of one work item, per column entry e: sorted positions
 // (in_pos[e * kChunk + t], out_pos[e * kChunk + t]) for t < count[e]. Entry
 // `entries` is a dump for the branch-free scan (never counted).
@@ -123,6 +115,7 @@ struct Scratch {
 };
 
 struct Merge {
+  const KeyLayout* layout;
   const int64_t* in;  // sorted input keys, kPad sentinels after them
   int64_t n;
   const SortedKeys* in_sorted;
@@ -132,8 +125,8 @@ struct Merge {
   // Rows whose window leaves the coordinate range: one exact lookup per offset.
   void lookup(const Column& col, int64_t i, int64_t key, Scratch& s) const {
     for (size_t e = 0; e < col.dz.size(); ++e) {
-      if (!key_shift_ok(key, col.dx, col.dy, col.dz[e])) continue;
-      const int64_t q = key + key_delta(col.dx, col.dy, col.dz[e]);
+      if (!layout->key_shift_ok(key, col.dx, col.dy, col.dz[e])) continue;
+      const int64_t q = key + layout->delta(col.dx, col.dy, col.dz[e]);
       const int64_t* p = std::lower_bound(in, in + n, q);
       if (p != in + n && *p == q) s.add(int64_t(e), p - in, i);
     }
@@ -145,7 +138,7 @@ struct Merge {
   void scan(const Column& col, bool column_safe, int64_t r0, int64_t r1, Scratch& s) const {
     const int64_t* __restrict in_keys = in;
     const int64_t* __restrict out = out_sorted->keys.data();
-    const int64_t base = key_delta(col.dx, col.dy, 0);
+    const int64_t base = layout->delta(col.dx, col.dy, 0);
     const int64_t zlo = col.dz.front(), zhi = col.dz.back();
     const int64_t entries = int64_t(col.dz.size());
     // slot of a window position; the dump entry for non-matching positions.
@@ -157,13 +150,16 @@ struct Merge {
     int32_t* __restrict in_pos = s.in_pos.data();
     int32_t* __restrict out_pos = s.out_pos.data();
     int64_t* __restrict count = s.count.data();
+    // Modulo 2^64, as delta(): exact for the rows whose window is exact.
+    const int64_t shift_lo = int64_t(uint64_t(base) + uint64_t(zlo));
+    const int64_t shift_hi = int64_t(uint64_t(base) + uint64_t(zhi));
     auto exact = [&](int64_t key) {
-      return column_safe || (key_shift_ok(key, col.dx, col.dy, zlo) && key_shift_ok(key, col.dx, col.dy, zhi));
+      return column_safe || (layout->key_shift_ok(key, col.dx, col.dy, zlo) &&
+                             layout->key_shift_ok(key, col.dx, col.dy, zhi) && key + shift_hi < kSentinel);
     };
     int64_t i = r0;
     for (; i < r1 && !exact(out[i]); ++i) lookup(col, i, out[i], s);
     if (i == r1) return;
-    const int64_t shift_lo = base + zlo, shift_hi = base + zhi;
     int64_t j = std::lower_bound(in_keys, in_keys + n, out[i] + shift_lo) - in_keys;
     for (; i < r1; ++i) {
       const int64_t key = out[i];
@@ -230,7 +226,7 @@ struct Merge {
 }  // namespace
 
 Found find_mergesort(const int32_t* in_c, int64_t n, const int32_t* out_c, int64_t m,
-                     const int32_t* offsets, int64_t k, int nt) {
+                     const int32_t* offsets, int64_t k, const KeyLayout& layout, int nt) {
   const bool submanifold = out_c == nullptr;
   if (submanifold) m = n;
   Found found;
@@ -239,7 +235,7 @@ Found find_mergesort(const int32_t* in_c, int64_t n, const int32_t* out_c, int64
   found.buffers.resize(size_t(k * found.num_chunks));
   if (n == 0 || m == 0) return found;
 
-  const SortedKeys in_sorted = sorted_keys(in_c, n, nt);
+  const SortedKeys in_sorted = sorted_keys(in_c, n, layout, nt);
   const int64_t* in = in_sorted.keys.data();
   int64_t duplicate = std::numeric_limits<int64_t>::max();
 #pragma omp parallel for num_threads(nt) schedule(static) reduction(min : duplicate)
@@ -250,7 +246,7 @@ Found find_mergesort(const int32_t* in_c, int64_t n, const int32_t* out_c, int64
     return found;
   }
   SortedKeys out_store;
-  if (!submanifold) out_store = sorted_keys(out_c, m, nt);
+  if (!submanifold) out_store = sorted_keys(out_c, m, layout, nt);
   const SortedKeys& out_sorted = submanifold ? in_sorted : out_store;
   found.sorted_by_out = out_sorted.identity;
 
@@ -259,11 +255,13 @@ Found find_mergesort(const int32_t* in_c, int64_t n, const int32_t* out_c, int64
   const std::vector<Column> cols = columns(offsets, k, found.mirror_of);
   const int64_t ncol = int64_t(cols.size());
   std::vector<char> safe(ncol);
+  // A 63-bit layout's largest key equals the sentinel: check its rows one by one.
+  const bool below_sentinel = layout.total_bits() < kKeyBits;
   for (int64_t g = 0; g < ncol; ++g)
-    safe[g] = shift_safe(lo, hi, cols[g].dx, cols[g].dy, cols[g].dz.front()) &&
-              shift_safe(lo, hi, cols[g].dx, cols[g].dy, cols[g].dz.back());
+    safe[g] = below_sentinel && shift_safe(layout, lo, hi, cols[g].dx, cols[g].dy, cols[g].dz.front()) &&
+              shift_safe(layout, lo, hi, cols[g].dx, cols[g].dy, cols[g].dz.back());
 
-  const Merge merge{in, n, &in_sorted, &out_sorted, &found};
+  const Merge merge{&layout, in, n, &in_sorted, &out_sorted, &found};
   const int64_t nc = found.num_chunks;
   const int64_t items = ncol * nc;
 #pragma omp parallel num_threads(nt)

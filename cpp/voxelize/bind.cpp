@@ -8,34 +8,57 @@
 
 #include "array.h"
 #include "bind.h"
+#include "coords/layout.h"
 
 namespace ps {
 namespace {
 
 constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
 
+// Pass 1: the first unrepresentable row (non-finite, outside int32, or a
+// batch outside [0, kBatchMax]) and the bounds of the voxels.
 template <typename F>
-int64_t quantize_impl(const F* p, const int64_t* batch, int64_t n, const double* vs, int64_t* keys,
-                      int nt) {
-  // Pass 1 finds the first unrepresentable row; pass 2 writes keys.
+int64_t quantize_bounds(const F* p, const int64_t* batch, int64_t n, const double* vs, Bounds& out, int nt) {
   int64_t bad = kNone;
-#pragma omp parallel for num_threads(nt) reduction(min : bad) schedule(static)
+  int64_t lb = 0, lx = kNone, ly = kNone, lz = kNone;
+  int64_t hb = 0, hx = -kNone, hy = -kNone, hz = -kNone;
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(min : bad, lx, ly, lz) \
+    reduction(max : hb, hx, hy, hz)
   for (int64_t i = 0; i < n; ++i) {
-    bool ok = batch == nullptr || batch_in_range(batch[i]);
+    bool ok = batch == nullptr || (batch[i] >= 0 && batch[i] <= kBatchMax);
+    int64_t q[3] = {0, 0, 0};
     for (int a = 0; a < 3 && ok; ++a) {
-      const double q = std::floor(double(p[3 * i + a]) / vs[a]);
-      ok = std::isfinite(q) && q >= double(kCoordMin) && q <= double(kCoordMax);
+      const double v = std::floor(double(p[3 * i + a]) / vs[a]);
+      ok = std::isfinite(v) && v >= double(kCoordMin) && v <= double(kCoordMax);
+      q[a] = ok ? int64_t(v) : 0;
     }
-    if (!ok) bad = std::min(bad, i);
+    if (!ok) {
+      bad = std::min(bad, i);
+      continue;
+    }
+    hb = std::max(hb, batch ? batch[i] : 0);
+    lx = std::min(lx, q[0]), hx = std::max(hx, q[0]);
+    ly = std::min(ly, q[1]), hy = std::max(hy, q[1]);
+    lz = std::min(lz, q[2]), hz = std::max(hz, q[2]);
   }
-  if (bad != kNone) return bad;
+  if (n > 0) {
+    const int64_t l[4] = {lb, lx, ly, lz}, h[4] = {hb, hx, hy, hz};
+    std::copy(l, l + 4, out.lo);
+    std::copy(h, h + 4, out.hi);
+  }
+  return bad == kNone ? -1 : bad;
+}
+
+// Pass 2: the keys of the voxels.
+template <typename F>
+void quantize_keys(const F* p, const int64_t* batch, int64_t n, const double* vs, const KeyLayout& layout,
+                   int64_t* keys, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     int64_t q[3];
     for (int a = 0; a < 3; ++a) q[a] = int64_t(std::floor(double(p[3 * i + a]) / vs[a]));
-    keys[i] = pack_key(batch ? batch[i] : 0, q[0], q[1], q[2]);
+    keys[i] = layout.pack(batch ? batch[i] : 0, q[0], q[1], q[2]);
   }
-  return -1;
 }
 
 std::vector<double> voxel_size_vec(const std::vector<double>& voxel_size) {
@@ -45,8 +68,9 @@ std::vector<double> voxel_size_vec(const std::vector<double>& voxel_size) {
   return voxel_size;
 }
 
-py::array_t<int64_t> quantize(py::array points, std::vector<double> voxel_size,
-                              py::object batch_obj, int num_threads) {
+// (keys (N,), layout): keys of [batch, floor(points / voxel_size)] in a
+// layout fitted to them.
+py::tuple quantize(py::array points, std::vector<double> voxel_size, py::object batch_obj, int num_threads) {
   check_2d(points, 3, "points");
   const auto vs = voxel_size_vec(voxel_size);
   const int64_t n = points.shape(0);
@@ -58,27 +82,40 @@ py::array_t<int64_t> quantize(py::array points, std::vector<double> voxel_size,
     check_1d(batch, n, "batch");
     b = batch.data();
   }
-  auto keys = empty_array<int64_t>({n});
+  const bool single = points.dtype().is(py::dtype::of<float>());
+  carray<float> p32;
+  carray<double> p64;
+  if (single)
+    p32 = as_carray<float>(points, "points");
+  else
+    p64 = as_carray<double>(points, "points");
+  Bounds bounds;
   int64_t bad;
-  if (points.dtype().is(py::dtype::of<float>())) {
-    auto p = as_carray<float>(points, "points");
+  {
     py::gil_scoped_release release;
-    bad = quantize_impl(p.data(), b, n, vs.data(), keys.mutable_data(), nt);
-  } else {
-    auto p = as_carray<double>(points, "points");
-    py::gil_scoped_release release;
-    bad = quantize_impl(p.data(), b, n, vs.data(), keys.mutable_data(), nt);
+    bad = single ? quantize_bounds(p32.data(), b, n, vs.data(), bounds, nt)
+                 : quantize_bounds(p64.data(), b, n, vs.data(), bounds, nt);
   }
-  if (bad >= 0 && b != nullptr && !batch_in_range(b[bad]))
-    value_error("batch[" + std::to_string(bad) + "] = " + std::to_string(b[bad]) +
-                " is outside [0, " + std::to_string(kBatchMax) + "]");
+  if (bad >= 0 && b != nullptr && (b[bad] < 0 || b[bad] > kBatchMax))
+    value_error("batch[" + std::to_string(bad) + "] = " + std::to_string(b[bad]) + " is outside [0, " +
+                std::to_string(kBatchMax) + "]");
   if (bad >= 0)
     value_error("points row " + std::to_string(bad) +
                 " cannot be voxelised: coordinates must be finite and points / voxel_size must "
-                "lie in [" + std::to_string(kCoordMin) + ", " + std::to_string(kCoordMax) +
-                "] (shift the cloud or use a larger voxel_size); batch in [0, " +
-                std::to_string(kBatchMax) + "]");
-  return keys;
+                "lie in the int32 range [" + std::to_string(kCoordMin) + ", " + std::to_string(kCoordMax) +
+                "] (shift the cloud or use a larger voxel_size)");
+  const int64_t none[3] = {0, 0, 0};
+  const KeyLayout layout = fit_layout(bounds, none);
+  auto keys = empty_array<int64_t>({n});
+  int64_t* k = keys.mutable_data();
+  {
+    py::gil_scoped_release release;
+    if (single)
+      quantize_keys(p32.data(), b, n, vs.data(), layout, k, nt);
+    else
+      quantize_keys(p64.data(), b, n, vs.data(), layout, k, nt);
+  }
+  return py::make_tuple(keys, layout_fields(layout));
 }
 
 // mode: 0 sum, 1 mean, 2 max, 3 first. arg (M, C) holds the source row of each
@@ -172,8 +209,8 @@ py::tuple segment_reduce(py::array feats, carray<int64_t> perm, carray<int64_t> 
 // keys ascending and the row of each.
 template <typename F>
 void trilinear_impl(const F* p, const int64_t* batch, int64_t n, const double* vs,
-                    const int64_t* st, const int64_t* keys, const int64_t* rows, int64_t m,
-                    int64_t* idx, F* w, int nt) {
+                    const int64_t* st, const KeyLayout& layout, const int64_t* keys, const int64_t* rows,
+                    int64_t m, int64_t* idx, F* w, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     double base[3], frac[3];
@@ -188,18 +225,20 @@ void trilinear_impl(const F* p, const int64_t* batch, int64_t n, const double* v
     for (int corner = 0; corner < 8; ++corner) {
       int64_t q[3];
       double weight = 1;
-      bool ok = true;
+      const int64_t b = batch ? batch[i] : 0;
+      bool ok = b <= layout.field_max(0);  // other batches hold no voxel
       for (int a = 0; a < 3; ++a) {
         const int bit = (corner >> (2 - a)) & 1;
-        // Range-check the coordinate as a double before any integer cast.
+        // Check the corner against the layout as a double before any integer
+        // cast (exact: the bounds are below 2^53); outside it no voxel is active.
         const double qd = (base[a] + bit) * double(st[a]);
-        ok = ok && qd >= double(kCoordMin) && qd <= double(kCoordMax);
+        ok = ok && qd >= double(layout.origin[a]) && qd <= double(layout.origin[a] + layout.field_max(a + 1));
         q[a] = ok ? int64_t(qd) : 0;
         weight *= bit ? frac[a] : 1 - frac[a];
       }
       int64_t row = -1;
       if (ok) {
-        const int64_t key = pack_key(batch ? batch[i] : 0, q[0], q[1], q[2]);
+        const int64_t key = layout.pack(b, q[0], q[1], q[2]);
         const int64_t* hit = std::lower_bound(keys, keys + m, key);
         if (hit != keys + m && *hit == key) row = rows[hit - keys];
       }
@@ -214,10 +253,11 @@ void trilinear_impl(const F* p, const int64_t* batch, int64_t n, const double* v
 
 py::tuple trilinear_neighbors(py::array points, py::object batch_obj,
                               std::vector<double> voxel_size, std::vector<int64_t> stride,
-                              carray<int64_t> sorted_keys, carray<int64_t> sorted_rows,
-                              int64_t num_voxels, int num_threads) {
+                              std::vector<int64_t> layout_in, carray<int64_t> sorted_keys,
+                              carray<int64_t> sorted_rows, int64_t num_voxels, int num_threads) {
   check_2d(points, 3, "points");
   const auto vs = voxel_size_vec(voxel_size);
+  const KeyLayout layout = layout_from(layout_in);
   if (stride.size() != 3) value_error("stride must have 3 entries");
   for (auto s : stride)
     if (s < 1) value_error("stride must be positive");
@@ -235,7 +275,7 @@ py::tuple trilinear_neighbors(py::array points, py::object batch_obj,
     check_1d(batch, n, "batch");
     b = batch.data();
     for (int64_t i = 0; i < n; ++i)
-      if (!batch_in_range(b[i])) value_error("batch index out of range at point " + std::to_string(i));
+      if (b[i] < 0 || b[i] > kBatchMax) value_error("batch index out of range at point " + std::to_string(i));
   }
   const int nt = threads(num_threads, 8 * n);
   auto idx = empty_array<int64_t>({n, 8});
@@ -246,7 +286,7 @@ py::tuple trilinear_neighbors(py::array points, py::object batch_obj,
     int64_t* ip = idx.mutable_data();
     {
       py::gil_scoped_release release;
-      trilinear_impl(p.data(), b, n, vs.data(), stride.data(), sorted_keys.data(), r, m, ip, wp, nt);
+      trilinear_impl(p.data(), b, n, vs.data(), stride.data(), layout, sorted_keys.data(), r, m, ip, wp, nt);
     }
     return py::make_tuple(idx, w);
   }
@@ -256,7 +296,7 @@ py::tuple trilinear_neighbors(py::array points, py::object batch_obj,
   int64_t* ip = idx.mutable_data();
   {
     py::gil_scoped_release release;
-    trilinear_impl(p.data(), b, n, vs.data(), stride.data(), sorted_keys.data(), r, m, ip, wp, nt);
+    trilinear_impl(p.data(), b, n, vs.data(), stride.data(), layout, sorted_keys.data(), r, m, ip, wp, nt);
   }
   return py::make_tuple(idx, w);
 }
@@ -265,12 +305,13 @@ py::tuple trilinear_neighbors(py::array points, py::object batch_obj,
 
 void bind_voxelize(py::module_& m) {
   m.def("quantize", &quantize, py::arg("points"), py::arg("voxel_size"), py::arg("batch"),
-        py::arg("num_threads"), "Keys of floor(points / voxel_size) with batch; ValueError on bad rows.");
+        py::arg("num_threads"),
+        "(keys, layout) of [batch, floor(points / voxel_size)], the layout fitted to them; ValueError on bad rows.");
   m.def("segment_reduce", &segment_reduce, py::arg("feats"), py::arg("perm"), py::arg("seg_ptr"),
         py::arg("mode"), py::arg("num_threads"),
         "Reduce rows perm[seg_ptr[j]:seg_ptr[j+1]] of feats: mode 0 sum, 1 mean, 2 max, 3 first.");
   m.def("trilinear_neighbors", &trilinear_neighbors, py::arg("points"), py::arg("batch"),
-        py::arg("voxel_size"), py::arg("stride"), py::arg("sorted_keys"), py::arg("sorted_rows"),
+        py::arg("voxel_size"), py::arg("stride"), py::arg("layout"), py::arg("sorted_keys"), py::arg("sorted_rows"),
         py::arg("num_voxels"), py::arg("num_threads"),
         "(idx (N, 8), weights (N, 8)) of the 8 voxels around each point; -1 where inactive.");
 }

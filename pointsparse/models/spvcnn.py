@@ -21,8 +21,9 @@ def point_rows(tensor: SparseTensor, point_coords: torch.Tensor) -> torch.Tensor
     coords ``(N, 4)``: ``floor(c / stride) * stride`` looked up exactly."""
     st = torch.tensor(tensor.stride, dtype=torch.int32, device=point_coords.device)
     coarse = torch.cat([point_coords[:, :1], torch.div(point_coords[:, 1:], st, rounding_mode="floor") * st], 1)
-    keys = _coords.pack_torch(coarse)
-    table, rows = torch.sort(_coords.pack_torch(tensor.coords))
+    layout = _coords.KeyLayout.of(coarse, tensor.coords)
+    keys = _coords.pack_torch(coarse, layout)
+    table, rows = torch.sort(_coords.pack_torch(tensor.coords, layout))
     pos = torch.searchsorted(table, keys).clamp_max(max(len(table) - 1, 0))
     if len(keys) and not bool((table[pos] == keys).all()):
         raise ValueError("some points fall in no voxel of the tensor (points and voxels from different inputs?)")
