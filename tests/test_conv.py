@@ -299,6 +299,73 @@ def test_core_checks_bounds():
     assert torch.equal(dst[[4, 0]], src[[4, 0]]) and not dst[1:4].any()
 
 
+#: The kernel builds this CPU runs, widest first ("generic" always).
+ISAS = _ext.core.runnable_isas()
+#: Channel counts at the edges of every build's tiles: rows of a tile (6, 8),
+#: one and two vectors of columns (4, 8, 16, 32 elements), and past them.
+TILE_EDGE_CHANNELS = [1, 5, 6, 7, 13, 15, 16, 17, 31, 33, 64, 100]
+
+
+def test_isa_reported_and_forced():
+    """conv_isa names the widest build that runs; any build that runs can be
+    forced, an unknown one or one this CPU cannot run is refused by name."""
+    core = _ext.core
+    assert ISAS[-1] == "generic" and set(ISAS) <= {"avx512", "avx2", "generic"}
+    assert core.conv_isa() == core.spmm_isa() == ISAS[0]
+    feats, w, kmap = _fused_case(3, 1, False, 3, 4, torch.float32)
+    plan = _engine.make_fused_plan(kmap)
+    out = torch.empty(kmap.num_out, 4)
+    with pytest.raises(ValueError, match="isa must be one of"):
+        plan.core.forward(feats.numpy(), w.numpy(), None, out.numpy(), 1, "sse9")
+    for name in {"avx512", "avx2"} - set(ISAS):
+        with pytest.raises(ValueError, match=f"isa = '{name}' does not run on this CPU"):
+            plan.core.forward(feats.numpy(), w.numpy(), None, out.numpy(), 1, name)
+    with pytest.raises(TypeError, match="isa must be None or a str"):
+        plan.core.backward_input(out.numpy(), w.numpy(), feats.numpy(), 1, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("c_in", TILE_EDGE_CHANNELS)
+def test_every_build_matches_generic_and_dense(c_in, dtype):
+    """Forward, input and weight gradients of every build that runs here, at
+    tile-edge channel counts (C_out paired with another edge), against the
+    generic build and a dense conv3d on the voxel grid (autograd for the
+    gradients); 1 and 2 threads bit-identical in each build, and the FMA
+    builds (avx2, avx512) bit-identical to each other: the tile shape and
+    vector width never change the arithmetic."""
+    c_out = TILE_EDGE_CHANNELS[(TILE_EDGE_CHANNELS.index(c_in) + 5) % len(TILE_EDGE_CHANNELS)]
+    x = make(n=350, c=c_in, extent=8, dtype=dtype, seed=c_in)
+    kmap = ps.kmap.get_kmap(x, 3)
+    plan = _engine.make_fused_plan(kmap)
+    w = weight(3, c_in, c_out, dtype) / c_in ** 0.5
+    g = torch.randn(kmap.num_out, c_out, dtype=dtype, generator=torch.Generator().manual_seed(c_in))
+    f, ww = x.feats.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = dense_conv(x.with_feats(f), ww, x.coords, 3)
+    ref_gf, ref_gw = torch.autograd.grad(ref, (f, ww), g)
+    got = {}
+    for isa in ISAS:
+        per_nt = []
+        for nt in (1, 2):
+            out = torch.full((kmap.num_out, c_out), float("nan"), dtype=dtype)
+            gf, gw = torch.full_like(x.feats, float("nan")), torch.full_like(w, float("nan"))
+            plan.core.forward(x.feats.numpy(), w.numpy(), None, out.numpy(), nt, isa)
+            plan.core.backward_input(g.numpy(), w.numpy(), gf.numpy(), nt, isa)
+            plan.core.backward_weight(x.feats.numpy(), g.numpy(), gw.numpy(), nt, isa)
+            per_nt.append((out, gf, gw))
+        for a, b in zip(*per_nt):
+            assert torch.equal(a, b), isa
+        got[isa] = per_nt[0]
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-11)
+    close = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-13)
+    for isa, res in got.items():
+        for a, b, r in zip(res, got["generic"], (ref.detach(), ref_gf, ref_gw)):
+            torch.testing.assert_close(a, r, **tol)
+            torch.testing.assert_close(a, b, **close)
+    if "avx2" in got and "avx512" in got:
+        for a, b in zip(got["avx2"], got["avx512"]):
+            assert torch.equal(a, b)
+
+
 def _fused_case(k, t, transposed, c_in, c_out, dtype, seed=0):
     x = make(n=400, c=c_in, extent=8, dtype=dtype, seed=seed)
     if transposed:
@@ -317,7 +384,7 @@ def _fused_case(k, t, transposed, c_in, c_out, dtype, seed=0):
 @pytest.mark.parametrize("k,t,transposed", [(3, 1, False), (2, 2, False), (2, 2, True)])
 def test_fused_kernels_match_torch_on_any_width(k, t, transposed, c_in, c_out, dtype):
     """Every tile shape (partial row tiles, partial column panels, fewer input
-    channels than a tile's rows), both instruction sets, against torch ops."""
+    channels than a tile's rows), every build that runs here, against torch ops."""
     feats, w, kmap = _fused_case(k, t, transposed, c_in, c_out, dtype)
     plan = _engine.make_fused_plan(kmap)
     assert plan.core.num_pairs == kmap.num_pairs
@@ -329,13 +396,13 @@ def test_fused_kernels_match_torch_on_any_width(k, t, transposed, c_in, c_out, d
     ref_gf, ref_gw = torch.autograd.grad(ref, (f, ww), g)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-11)
     nt = _ext.num_threads()
-    for portable in (False, True):
+    for isa in ISAS:
         out = torch.full((kmap.num_out, c_out), float("nan"), dtype=dtype)
-        plan.core.forward(feats.numpy(), w.numpy(), bias.numpy(), out.numpy(), nt, portable)
+        plan.core.forward(feats.numpy(), w.numpy(), bias.numpy(), out.numpy(), nt, isa)
         gf = torch.full_like(feats, float("nan"))
-        plan.core.backward_input(g.numpy(), w.numpy(), gf.numpy(), nt, portable)
+        plan.core.backward_input(g.numpy(), w.numpy(), gf.numpy(), nt, isa)
         gw = torch.full_like(w, float("nan"))
-        plan.core.backward_weight(feats.numpy(), g.numpy(), gw.numpy(), nt, portable)
+        plan.core.backward_weight(feats.numpy(), g.numpy(), gw.numpy(), nt, isa)
         torch.testing.assert_close(out, ref.detach(), **tol)
         torch.testing.assert_close(gf, ref_gf, **tol)
         torch.testing.assert_close(gw, ref_gw, **tol)
@@ -343,22 +410,23 @@ def test_fused_kernels_match_torch_on_any_width(k, t, transposed, c_in, c_out, d
 
 def test_fused_many_units_bit_identical_for_1_and_2_threads():
     """A map large enough for several weight-gradient units and many row
-    blocks: results must not depend on the thread count."""
+    blocks: results must not depend on the thread count, in any build."""
     x = make(n=40000, c=8, extent=40, dtype=torch.float32, seed=5)
     kmap = ps.kmap.get_kmap(x, 3)
     assert kmap.num_pairs > 3 * 65536  # several units of >= 65536 pairs
     plan = _engine.make_fused_plan(kmap)
     w = weight(3, 8, 8, torch.float32)
     g = torch.randn(len(x), 8)
-    results = []
-    for nt in (1, 2):
-        out, gf, gw = torch.empty(len(x), 8), torch.empty(len(x), 8), torch.empty_like(w)
-        plan.core.forward(x.feats.numpy(), w.numpy(), None, out.numpy(), nt)
-        plan.core.backward_input(g.numpy(), w.numpy(), gf.numpy(), nt)
-        plan.core.backward_weight(x.feats.numpy(), g.numpy(), gw.numpy(), nt)
-        results.append((out, gf, gw))
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+    for isa in reversed(ISAS):  # the default (widest) build last: `results` is checked below
+        results = []
+        for nt in (1, 2):
+            out, gf, gw = torch.empty(len(x), 8), torch.empty(len(x), 8), torch.empty_like(w)
+            plan.core.forward(x.feats.numpy(), w.numpy(), None, out.numpy(), nt, isa)
+            plan.core.backward_input(g.numpy(), w.numpy(), gf.numpy(), nt, isa)
+            plan.core.backward_weight(x.feats.numpy(), g.numpy(), gw.numpy(), nt, isa)
+            results.append((out, gf, gw))
+        for a, b in zip(*results):
+            assert torch.equal(a, b), isa
     torch.testing.assert_close(results[0][0], F.conv_with_map(x.feats, w, kmap), rtol=1e-4, atol=1e-4)
     f, ww = x.feats.clone().requires_grad_(), w.clone().requires_grad_()
     ref_gw = torch.autograd.grad(F.conv_with_map(f, ww, kmap), ww, g)[0]

@@ -12,6 +12,7 @@
 #include "bind.h"
 #include "conv/fused.h"
 #include "conv/gather_scatter.h"
+#include "isa_arg.h"
 
 namespace ps {
 namespace {
@@ -228,7 +229,8 @@ class ConvPlan {
 
   // out = bias + sum over offsets o of out[out_idx] += feats[in_idx] @ weight[o].
   void forward(py::array feats, py::array weight, py::object bias, py::array out, int num_threads,
-               bool portable) const {
+               py::object isa) const {
+    const Isa use = isa_arg(isa);
     check_apply(feats, "feats", out, "out", weight, false);
     py::array b;
     const bool has_bias = !bias.is_none();
@@ -239,19 +241,21 @@ class ConvPlan {
       if (!is_c_contiguous(b)) value_error("bias must be C-contiguous");
       same_dtype(b, feats, out);
     }
-    apply(feats, weight, has_bias ? &b : nullptr, out, false, num_threads, portable);
+    apply(feats, weight, has_bias ? &b : nullptr, out, false, num_threads, use);
   }
 
   // grad_feats = sum over offsets o of grad_feats[in_idx] += grad[out_idx] @ weight[o]^T.
   void backward_input(py::array grad, py::array weight, py::array grad_feats, int num_threads,
-                      bool portable) const {
+                      py::object isa) const {
+    const Isa use = isa_arg(isa);
     check_apply(grad, "grad", grad_feats, "grad_feats", weight, true);
-    apply(grad, weight, nullptr, grad_feats, true, num_threads, portable);
+    apply(grad, weight, nullptr, grad_feats, true, num_threads, use);
   }
 
   // grad_weight[o] = feats[in_idx]^T @ grad[out_idx] for every offset o.
   void backward_weight(py::array feats, py::array grad, py::array grad_weight, int num_threads,
-                       bool portable) const {
+                       py::object isa) const {
+    const Isa use = isa_arg(isa);
     check_rows(feats, "feats", false);
     check_rows(grad, "grad", false);
     rows_are(feats, num_in_, "feats", "num_in");
@@ -259,8 +263,8 @@ class ConvPlan {
     check_weight(grad_weight, feats.shape(1), grad.shape(1), "grad_weight");
     if (!grad_weight.writeable()) value_error("grad_weight must be writeable");
     same_dtype(feats, grad, grad_weight);
-    dispatch(feats, [&] { run_wgrad<float>(feats, grad, grad_weight, num_threads, portable); },
-             [&] { run_wgrad<double>(feats, grad, grad_weight, num_threads, portable); });
+    dispatch(feats, [&] { run_wgrad<float>(feats, grad, grad_weight, num_threads, use); },
+             [&] { run_wgrad<double>(feats, grad, grad_weight, num_threads, use); });
   }
 
  private:
@@ -320,9 +324,9 @@ class ConvPlan {
   }
 
   void apply(const py::array& src, const py::array& weight, const py::array* bias, py::array& dst, bool transpose,
-             int num_threads, bool portable) const {
-    dispatch(src, [&] { run_apply<float>(src, weight, bias, dst, transpose, num_threads, portable); },
-             [&] { run_apply<double>(src, weight, bias, dst, transpose, num_threads, portable); });
+             int num_threads, Isa isa) const {
+    dispatch(src, [&] { run_apply<float>(src, weight, bias, dst, transpose, num_threads, isa); },
+             [&] { run_apply<double>(src, weight, bias, dst, transpose, num_threads, isa); });
   }
 
   static void rows_are(const py::array& a, int64_t rows, const char* name, const char* what) {
@@ -347,21 +351,20 @@ class ConvPlan {
 
   template <typename T>
   void run_apply(const py::array& src, const py::array& weight, const py::array* bias, py::array& dst,
-                 bool transpose, int num_threads, bool portable) const {
-    const int64_t kc = src.shape(1), cols = dst.shape(1), K = kernel_volume();
+                 bool transpose, int num_threads, Isa isa) const {
+    const int64_t kc = src.shape(1), cols = dst.shape(1);
     if (cols == 0 || dst.shape(0) == 0) return;
-    std::vector<T> wpack(std::max<int64_t>(1, conv::wpack_size<T>(K, kc, cols)));
     const T* b = bias ? static_cast<const T*>(bias->data()) : nullptr;
     conv::ApplyArgs<T> a{static_cast<const T*>(src.data()), static_cast<const T*>(weight.data()), b,
-                         static_cast<T*>(dst.mutable_data()), wpack.data(), kc, cols, dst.shape(0), transpose,
+                         static_cast<T*>(dst.mutable_data()), nullptr, kc, cols, dst.shape(0), transpose,
                          transpose ? pairs_bwd() : pairs_fwd(), threads(num_threads)};
     py::gil_scoped_release release;
-    conv::apply(a, portable);
+    conv::apply(a, isa);
   }
 
   template <typename T>
   void run_wgrad(const py::array& feats, const py::array& grad, py::array& grad_weight, int num_threads,
-                 bool portable) const {
+                 Isa isa) const {
     const int64_t c_in = feats.shape(1), c_out = grad.shape(1), K = kernel_volume();
     if (c_in == 0 || c_out == 0 || K == 0) return;
     if (num_out_ == 0 || (num_pairs() == 0 && identity_ < 0)) {
@@ -390,12 +393,12 @@ class ConvPlan {
     }
     const int64_t num_units = int64_t(units.size()) - 1;
     const int nt = int(std::min<int64_t>(threads(num_threads), std::max<int64_t>(num_units, 1)));
-    std::vector<T> partials(num_units * K * c_in * c_out), scratch(nt * conv::wgrad_scratch<T>(c_in, c_out));
+    std::vector<T> partials(num_units * K * c_in * c_out);
     conv::WgradArgs<T> a{static_cast<const T*>(feats.data()), static_cast<const T*>(grad.data()),
-                         static_cast<T*>(grad_weight.mutable_data()), partials.data(), scratch.data(),
+                         static_cast<T*>(grad_weight.mutable_data()), partials.data(), nullptr,
                          units.data(), num_units, c_in, c_out, num_out_, pairs_fwd(), nt};
     py::gil_scoped_release release;
-    conv::wgrad(a, portable);
+    conv::wgrad(a, isa);
   }
 
   conv::PairList pairs_fwd() const {
@@ -420,8 +423,15 @@ void bind_conv(py::module_& m) {
         py::arg("rows"), py::arg("dst"), py::arg("num_threads"),
         "dst[idx[start[g]+i]] += buf[g*rows+i] for i < len[g], segment by segment (indices unique within a "
         "segment); deterministic for any thread count. In place.");
-  m.def("conv_isa", [] { return std::string(conv::uses_avx2() ? "avx2" : "generic"); },
-        "Instruction set the fused convolution kernels use on this CPU: 'avx2' or 'generic'.");
+  m.def("conv_isa", [] { return std::string(isa_name(best_isa())); },
+        "Instruction set the fused convolution kernels use on this CPU by default: 'avx512', 'avx2' or 'generic'.");
+  m.def("runnable_isas", [] {
+        std::vector<std::string> names;
+        for (int i = kNumIsas - 1; i >= 0; --i)
+          if (isa_runs(Isa(i))) names.push_back(isa_name(Isa(i)));
+        return names;
+      },
+        "The kernel builds (conv and SpMM) this CPU runs, widest first: what an `isa` argument accepts.");
   py::class_<ConvPlan>(m, "ConvPlan",
                        "The pairs of a kernel map checked and laid out once for the fused convolution kernels.")
       .def(py::init<carray<int64_t>, carray<int64_t>, carray<int64_t>, int64_t, int64_t, int64_t, int>(),
@@ -433,14 +443,15 @@ void bind_conv(py::module_& m) {
       .def_property_readonly("identity", &ConvPlan::identity)
       .def_property_readonly("num_pairs", &ConvPlan::num_pairs)
       .def("forward", &ConvPlan::forward, py::arg("feats"), py::arg("weight"), py::arg("bias"), py::arg("out"),
-           py::arg("num_threads"), py::arg("portable") = false,
+           py::arg("num_threads"), py::arg("isa") = py::none(),
            "out = bias + sum over offsets o of feats[in_idx] @ weight[o] added at out_idx (bias None: zero). "
-           "Writes every row of out.")
+           "Writes every row of out. isa: None (the best build that runs here), 'generic', 'avx2' or 'avx512' "
+           "(ValueError where it does not run); True/False: the former `portable` flag.")
       .def("backward_input", &ConvPlan::backward_input, py::arg("grad"), py::arg("weight"), py::arg("grad_feats"),
-           py::arg("num_threads"), py::arg("portable") = false,
+           py::arg("num_threads"), py::arg("isa") = py::none(),
            "grad_feats = sum over offsets o of grad[out_idx] @ weight[o].T added at in_idx. Writes every row.")
       .def("backward_weight", &ConvPlan::backward_weight, py::arg("feats"), py::arg("grad"),
-           py::arg("grad_weight"), py::arg("num_threads"), py::arg("portable") = false,
+           py::arg("grad_weight"), py::arg("num_threads"), py::arg("isa") = py::none(),
            "grad_weight[o] = feats[in_idx].T @ grad[out_idx] for every offset o. Writes all of grad_weight.");
 }
 
