@@ -497,3 +497,70 @@ def test_conv_plan_checks_its_map_and_every_call():
         plan.backward_weight(f, np.ones((3, 4), np.float32), np.empty((2, 2, 3), np.float32), 2)
     with pytest.raises(ValueError, match="method must be one of"):
         _engine.get_plan(ps.kmap.get_kmap(make(), 3), method="dense")
+
+
+def _run_plan(core, feats, w, g, isa=None):
+    out = torch.empty(core.num_out, w.shape[2], dtype=feats.dtype)
+    gf, gw = torch.empty(core.num_in, w.shape[1], dtype=feats.dtype), torch.empty_like(w)
+    core.forward(feats.numpy(), w.numpy(), None, out.numpy(), 2, isa)
+    core.backward_input(g.numpy(), w.numpy(), gf.numpy(), 2, isa)
+    core.backward_weight(feats.numpy(), g.numpy(), gw.numpy(), 2, isa)
+    return out, gf, gw
+
+
+def test_plans_live_in_the_coordinate_cache_and_transposed_ones_are_derived():
+    """A layer's plan is built once, kept beside its map in the tensor's
+    cache; the transposed conv's plan is its downsampling map's plan with the
+    directions swapped, and runs exactly as a plan built from its own map."""
+    x = make(n=500, c=6, extent=9, dtype=torch.float64, seed=3)
+    w3, w2 = weight(3, 6, 6), weight(2, 6, 5)
+    y = F.conv3d(x, w3, 3)
+    sub = ps.kmap.get_kmap(x, 3)
+    plan = x.cache.plans[(sub.key, "fused")][1]
+    assert plan.identity == 13 and _engine.get_plan(sub, cache=x.cache) is plan
+    F.conv3d(y, w3, 3)
+    assert _engine.get_plan(sub, cache=x.cache) is plan  # the second layer reused it
+    down_out = F.conv3d(x, w2, 2, 2)
+    up_in = down_out.with_feats(torch.randn(len(down_out), 6, dtype=torch.float64))
+    F.conv3d(up_in, weight(2, 6, 6), 2, 2, transposed=True)
+    up = ps.kmap.get_kmap(up_in, 2, 2, 1, True)
+    derived = x.cache.plans[(up.key, "fused")][1]
+    down_plan = x.cache.plans[(ps.kmap.get_kmap(x, 2, 2).key, "fused")][1]
+    assert (derived.num_in, derived.num_out) == (down_plan.num_out, down_plan.num_in) == (up.num_in, up.num_out)
+    direct = _engine.make_fused_plan(up)
+    w, g = weight(2, 6, 4), torch.randn(up.num_out, 4, dtype=torch.float64)
+    for isa in ISAS:
+        for a, b in zip(_run_plan(derived.core, up_in.feats, w, g, isa), _run_plan(direct.core, up_in.feats, w, g, isa)):
+            assert torch.equal(a, b)
+    ref = F.conv_with_map(up_in.feats, w, up)
+    torch.testing.assert_close(_run_plan(derived.core, up_in.feats, w, g)[0], ref, rtol=1e-12, atol=1e-12)
+
+
+def test_transposed_plan_of_unsorted_pairs():
+    """A plan whose pairs needed sorting (its own by-input arrays) transposes
+    too: the same results as a plan of the swapped pairs."""
+    feats, w, kmap = _fused_case(3, 2, False, 4, 5, torch.float64)
+    rng = np.random.default_rng(1)
+    order = np.concatenate([lo + rng.permutation(hi - lo) for lo, hi in zip(kmap.ptr[:-1], kmap.ptr[1:])])
+    in_idx, out_idx, ptr = kmap.in_idx.numpy()[order], kmap.out_idx.numpy()[order], np.asarray(kmap.ptr)
+    a = _ext.core.ConvPlan(in_idx, out_idx, ptr, kmap.num_in, kmap.num_out, -1).transposed()
+    b = _ext.core.ConvPlan(out_idx, in_idx, ptr, kmap.num_out, kmap.num_in, -1)
+    wt = w.transpose(1, 2).contiguous()
+    src = torch.randn(kmap.num_out, 5, dtype=torch.float64)
+    g = torch.randn(kmap.num_in, 4, dtype=torch.float64)
+    for x, y in zip(_run_plan(a, src, wt, g), _run_plan(b, src, wt, g)):
+        assert torch.equal(x, y)
+
+
+def test_stride_one_map_onto_other_coords_has_no_identity():
+    """A stride-1 map onto given (reordered) out_coords has a zero offset of
+    n pairs that is not the identity: the plan runs it as a plain offset."""
+    x = make(n=200, c=3, extent=6, dtype=torch.float64, seed=4)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    kmap = ps.kmap.build(x.coords, 3, out_coords=x.coords[perm])
+    plan = _engine.make_fused_plan(kmap)
+    assert plan.identity is None
+    w = weight(3, 3, 4)
+    out = torch.empty(kmap.num_out, 4, dtype=torch.float64)
+    plan.core.forward(x.feats.numpy(), w.numpy(), None, out.numpy(), 2)
+    torch.testing.assert_close(out, F.conv_with_map(x.feats, w, kmap), rtol=1e-12, atol=1e-12)

@@ -154,15 +154,29 @@ class ConvPlan {
       value_error("identity must be -1 or an offset index in [0, " + std::to_string(K) + "); got " +
                   std::to_string(identity));
     const int nt = threads(num_threads, P);
-    // Bounds first (the first bad pair is reported, whatever the thread count).
-    int64_t bad_in = P, bad_out = P;
+    ptr_.assign(1, 0);
+    for (int64_t k = 0; k < K; ++k) ptr_.push_back(ptr_.back() + (k == identity ? 0 : pp[k + 1] - pp[k]));
+    const int64_t Q = ptr_.back();
+    store_ = std::make_shared<Storage>();
+    store_->fwd_row.reset(new int32_t[Q > 0 ? Q : 1]);
+    store_->fwd_col.reset(new int32_t[Q > 0 ? Q : 1]);
+    fwd_row_ = store_->fwd_row.get();
+    fwd_col_ = store_->fwd_col.get();
+    fwd_cuts_.assign((blocks(num_out) + 1) * K, 0);
+    bwd_cuts_.assign((blocks(num_in) + 1) * K, 0);
+    // One pass per offset: bounds, order both ways, the copy by output row
+    // and the block cuts both ways (valid where the order holds).
+    std::vector<Scan> scan(static_cast<size_t>(K));
     {
       py::gil_scoped_release release;
-#pragma omp parallel for num_threads(nt) schedule(static) reduction(min : bad_in, bad_out)
-      for (int64_t i = 0; i < P; ++i) {
-        if ((in[i] < 0) | (in[i] >= num_in)) bad_in = std::min(bad_in, i);
-        if ((out[i] < 0) | (out[i] >= num_out)) bad_out = std::min(bad_out, i);
-      }
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+      for (int64_t k = 0; k < K; ++k) scan[k] = scan_offset(in, out, pp, k);
+    }
+    // Errors in pair order, whatever the thread count.
+    int64_t bad_in = P, bad_out = P;
+    for (const Scan& sc : scan) {
+      bad_in = std::min(bad_in, sc.bad_in);
+      bad_out = std::min(bad_out, sc.bad_out);
     }
     if (bad_in < P)
       value_error("in_idx[" + std::to_string(bad_in) + "] = " + std::to_string(in[bad_in]) + " outside [0, " +
@@ -170,54 +184,30 @@ class ConvPlan {
     if (bad_out < P)
       value_error("out_idx[" + std::to_string(bad_out) + "] = " + std::to_string(out[bad_out]) + " outside [0, " +
                   std::to_string(num_out) + ")");
-    if (identity >= 0) {
-      const int64_t lo = pp[identity], n = pp[identity + 1] - lo;
-      bool ok = num_in == num_out && n == num_in;
-      for (int64_t i = 0; ok && i < n; ++i) ok = in[lo + i] == i && out[lo + i] == i;
-      if (!ok) value_error("the pairs of offset " + std::to_string(identity) + " are not the identity");
+    if (identity >= 0 && !(num_in == num_out && pp[identity + 1] - pp[identity] == num_in && scan[identity].ident))
+      value_error("the pairs of offset " + std::to_string(identity) + " are not the identity");
+    bool all_sorted = true;
+    for (int64_t k = 0; k < K; ++k) all_sorted = all_sorted && (k == identity || (scan[k].out_sorted && scan[k].in_sorted));
+    if (all_sorted) {
+      // The usual map (between key-sorted coords): the pairs by input row
+      // are the same pairs in the same order, so the backward shares them.
+      bwd_row_ = fwd_col_;
+      bwd_col_ = fwd_row_;
+      return;
     }
-    ptr_.assign(1, 0);
-    for (int64_t k = 0; k < K; ++k) ptr_.push_back(ptr_.back() + (k == identity ? 0 : pp[k + 1] - pp[k]));
-    const int64_t Q = ptr_.back();
-    fwd_row_.reset(new int32_t[Q > 0 ? Q : 1]);
-    fwd_col_.reset(new int32_t[Q > 0 ? Q : 1]);
-    bwd_row_.reset(new int32_t[Q > 0 ? Q : 1]);
-    bwd_col_.reset(new int32_t[Q > 0 ? Q : 1]);
-    // Per offset and side: sorted already (copy) or not (stable sort through
-    // `order`, allocated only then); a repeated row ends the plan.
-    std::vector<char> unsorted(2 * K, 0);
-    std::vector<int64_t> repeated(2 * K, -1), order;
-    {
-      py::gil_scoped_release release;
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-      for (int64_t t = 0; t < 2 * K; ++t) {
-        const int64_t k = t / 2, lo = pp[k], n = pp[k + 1] - lo;
-        if (k == identity) continue;
-        const int64_t* key = (t % 2 ? in : out) + lo;
-        for (int64_t i = 1; i < n; ++i)
-          if (key[i - 1] >= key[i]) {
-            unsorted[t] = 1;
-            break;
-          }
-      }
-      if (std::find(unsorted.begin(), unsorted.end(), 1) != unsorted.end()) order.resize(2 * P);
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-      for (int64_t t = 0; t < 2 * K; ++t) {
-        const int64_t k = t / 2, lo = pp[k], n = pp[k + 1] - lo, dst = ptr_[k];
-        if (k == identity) continue;
-        const bool by_input = t % 2;
-        repeated[t] = sorted_copy(by_input ? in + lo : out + lo, by_input ? out + lo : in + lo, n, unsorted[t],
-                                  (by_input ? bwd_row_ : fwd_row_).get() + dst,
-                                  (by_input ? bwd_col_ : fwd_col_).get() + dst,
-                                  unsorted[t] ? order.data() + (by_input ? P : 0) + lo : nullptr);
-      }
-    }
-    for (int64_t t = 0; t < 2 * K; ++t)
-      if (repeated[t] >= 0)
-        value_error("offset " + std::to_string(t / 2) + " pairs " + (t % 2 ? "input" : "output") + " row " +
-                    std::to_string(repeated[t]) + " twice");
-    fwd_cuts_ = block_cuts(fwd_row_.get(), num_out, nt);
-    bwd_cuts_ = block_cuts(bwd_row_.get(), num_in, nt);
+    sort_pairs(in, out, pp, scan, nt);
+  }
+  // The plan of the transposed (adjoint) map, inputs and outputs swapped:
+  // this plan's arrays and cuts with the two directions exchanged (the pairs
+  // by input row are the transposed map's pairs by output row). No pass
+  // over the pairs.
+  ConvPlan transposed() const {
+    ConvPlan t(*this);
+    std::swap(t.num_in_, t.num_out_);
+    std::swap(t.fwd_row_, t.bwd_row_);
+    std::swap(t.fwd_col_, t.bwd_col_);
+    std::swap(t.fwd_cuts_, t.bwd_cuts_);
+    return t;
   }
 
   int64_t num_in() const { return num_in_; }
@@ -268,6 +258,84 @@ class ConvPlan {
   }
 
  private:
+  static int64_t blocks(int64_t rows) { return (rows + conv::kBlockRows - 1) / conv::kBlockRows; }
+
+  // What one pass over the pairs of an offset found: the first pair out of
+  // bounds on either side (P: none), whether each side strictly increases,
+  // and for the identity offset whether its pairs are (i, i).
+  struct Scan {
+    int64_t bad_in, bad_out;
+    bool in_sorted, out_sorted, ident;
+  };
+
+  // The pass of offset k: checks, the copy into the forward arrays and the
+  // cuts of both directions (the copy and the cuts hold where the order
+  // does; sort_pairs redoes the others). No Python: runs in a parallel region.
+  Scan scan_offset(const int64_t* in, const int64_t* out, const int64_t* pp, int64_t k) {
+    const int64_t lo = pp[k], hi = pp[k + 1], P = pp[kernel_volume()], K = kernel_volume();
+    Scan sc{P, P, true, true, true};
+    const bool ident = k == identity_;
+    int32_t* row = store_->fwd_row.get() + ptr_[k];
+    int32_t* col = store_->fwd_col.get() + ptr_[k];
+    const int64_t base = ptr_[k], nb_out = blocks(num_out_), nb_in = blocks(num_in_);
+    int64_t b_out = 0, b_in = 0, prev_out = -1, prev_in = -1;
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t o = out[i], n = in[i];
+      if ((n < 0) | (n >= num_in_)) sc.bad_in = std::min(sc.bad_in, i);
+      if ((o < 0) | (o >= num_out_)) sc.bad_out = std::min(sc.bad_out, i);
+      if (ident) {
+        sc.ident = sc.ident && o == i - lo && n == i - lo;
+        continue;
+      }
+      sc.out_sorted = sc.out_sorted && o > prev_out;
+      sc.in_sorted = sc.in_sorted && n > prev_in;
+      prev_out = o;
+      prev_in = n;
+      const int64_t q = base + (i - lo);
+      row[i - lo] = int32_t(o);
+      col[i - lo] = int32_t(n);
+      for (; b_out <= nb_out && b_out * conv::kBlockRows <= o; ++b_out) fwd_cuts_[b_out * K + k] = q;
+      for (; b_in <= nb_in && b_in * conv::kBlockRows <= n; ++b_in) bwd_cuts_[b_in * K + k] = q;
+    }
+    if (ident) return sc;
+    const int64_t end = ptr_[k + 1];
+    for (; b_out <= nb_out; ++b_out) fwd_cuts_[b_out * K + k] = end;
+    for (; b_in <= nb_in; ++b_in) bwd_cuts_[b_in * K + k] = end;
+    return sc;
+  }
+
+  // The rare map whose pairs are not sorted both ways within every offset:
+  // the backward gets its own arrays, and every offset out of order on a side
+  // is stable-sorted there (a repeated row ends the plan) and its cuts redone.
+  void sort_pairs(const int64_t* in, const int64_t* out, const int64_t* pp, const std::vector<Scan>& scan, int nt) {
+    const int64_t K = kernel_volume(), P = pp[K], Q = ptr_.back();
+    store_->bwd_row.reset(new int32_t[Q > 0 ? Q : 1]);
+    store_->bwd_col.reset(new int32_t[Q > 0 ? Q : 1]);
+    bwd_row_ = store_->bwd_row.get();
+    bwd_col_ = store_->bwd_col.get();
+    std::vector<int64_t> repeated(2 * K, -1), order(2 * P);
+    {
+      py::gil_scoped_release release;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+      for (int64_t t = 0; t < 2 * K; ++t) {
+        const int64_t k = t / 2, lo = pp[k], n = pp[k + 1] - lo, dst = ptr_[k];
+        if (k == identity_) continue;
+        const bool by_input = t % 2;
+        const bool sorted = by_input ? scan[k].in_sorted : scan[k].out_sorted;
+        if (sorted && !by_input) continue;  // copied by the scan already
+        int32_t* row = (by_input ? store_->bwd_row : store_->fwd_row).get() + dst;
+        repeated[t] = sorted_copy(by_input ? in + lo : out + lo, by_input ? out + lo : in + lo, n, !sorted, row,
+                                  (by_input ? store_->bwd_col : store_->fwd_col).get() + dst,
+                                  order.data() + (by_input ? P : 0) + lo);
+        if (!sorted) block_cuts(row - dst, k, by_input ? num_in_ : num_out_, by_input ? bwd_cuts_ : fwd_cuts_);
+      }
+    }
+    for (int64_t t = 0; t < 2 * K; ++t)
+      if (repeated[t] >= 0)
+        value_error("offset " + std::to_string(t / 2) + " pairs " + (t % 2 ? "input" : "output") + " row " +
+                    std::to_string(repeated[t]) + " twice");
+  }
+
   // Copy the pairs of one offset sorted by `key` (strictly increasing): a
   // plain copy when sorted already, else a stable sort through `order` (n
   // entries). Returns a key that repeats, or -1. No Python, no allocation:
@@ -292,22 +360,14 @@ class ConvPlan {
   }
 
   // cuts[b * K + k]: first pair of offset k with row >= b * kBlockRows, for
-  // b = 0 .. blocks (one merge walk per offset).
-  std::vector<int64_t> block_cuts(const int32_t* row, int64_t num_rows, int nt) const {
-    const int64_t K = kernel_volume(), blocks = (num_rows + conv::kBlockRows - 1) / conv::kBlockRows;
-    std::vector<int64_t> cuts((blocks + 1) * K);
-    py::gil_scoped_release release;
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-    for (int64_t k = 0; k < K; ++k) {
-      int64_t i = ptr_[k];
-      const int64_t end = ptr_[k + 1];
-      for (int64_t b = 0; b <= blocks; ++b) {
-        const int64_t bound = b * conv::kBlockRows;
-        while (i < end && row[i] < bound) ++i;
-        cuts[b * K + k] = b == blocks ? end : i;
-      }
+  // b = 0 .. blocks (one merge walk over the offset's sorted rows).
+  void block_cuts(const int32_t* row, int64_t k, int64_t num_rows, std::vector<int64_t>& cuts) const {
+    const int64_t K = kernel_volume(), nb = blocks(num_rows), end = ptr_[k + 1];
+    int64_t i = ptr_[k];
+    for (int64_t b = 0; b <= nb; ++b) {
+      while (i < end && row[i] < b * conv::kBlockRows) ++i;
+      cuts[b * K + k] = b == nb ? end : i;
     }
-    return cuts;
   }
 
   // The arrays of one direction: src read (rows on the read side), dst
@@ -402,15 +462,22 @@ class ConvPlan {
   }
 
   conv::PairList pairs_fwd() const {
-    return {fwd_row_.get(), fwd_col_.get(), ptr_.data(), fwd_cuts_.data(), kernel_volume(), identity_};
+    return {fwd_row_, fwd_col_, ptr_.data(), fwd_cuts_.data(), kernel_volume(), identity_};
   }
   conv::PairList pairs_bwd() const {
-    return {bwd_row_.get(), bwd_col_.get(), ptr_.data(), bwd_cuts_.data(), kernel_volume(), identity_};
+    return {bwd_row_, bwd_col_, ptr_.data(), bwd_cuts_.data(), kernel_volume(), identity_};
   }
 
   int64_t num_in_, num_out_, identity_;
   std::vector<int64_t> ptr_, fwd_cuts_, bwd_cuts_;
-  std::unique_ptr<int32_t[]> fwd_row_, fwd_col_, bwd_row_, bwd_col_;  // uninitialised until filled
+  // The int32 pairs, shared with the transposed plan. By input row: the
+  // forward arrays themselves (bwd_row_ = fwd_col_, bwd_col_ = fwd_row_)
+  // when every offset is sorted both ways, else bwd_row / bwd_col.
+  struct Storage {
+    std::unique_ptr<int32_t[]> fwd_row, fwd_col, bwd_row, bwd_col;  // uninitialised until filled
+  };
+  std::shared_ptr<Storage> store_;
+  const int32_t *fwd_row_ = nullptr, *fwd_col_ = nullptr, *bwd_row_ = nullptr, *bwd_col_ = nullptr;
 };
 
 }  // namespace
@@ -437,6 +504,9 @@ void bind_conv(py::module_& m) {
       .def(py::init<carray<int64_t>, carray<int64_t>, carray<int64_t>, int64_t, int64_t, int64_t, int>(),
            py::arg("in_idx"), py::arg("out_idx"), py::arg("ptr"), py::arg("num_in"), py::arg("num_out"),
            py::arg("identity"), py::arg("num_threads") = 1)
+      .def("transposed", &ConvPlan::transposed,
+           "The plan of the transposed map (inputs and outputs swapped), sharing this plan's pairs: no pass "
+           "over them.")
       .def_property_readonly("num_in", &ConvPlan::num_in)
       .def_property_readonly("num_out", &ConvPlan::num_out)
       .def_property_readonly("kernel_volume", &ConvPlan::kernel_volume)

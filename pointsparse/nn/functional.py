@@ -56,7 +56,7 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
             raise TypeError(f"bias ({bias.dtype}, {bias.device}) must match the weight ({weight.dtype}, {weight.device})")
     kmap = _kmap.get_kmap(input, k, t, d, transposed)
     if _engine.supported(input.feats, weight):
-        feats = _engine.conv(input.feats, weight, bias, kmap)
+        feats = _engine.conv(input.feats, weight, bias, kmap, cache=input.cache)
     else:  # other devices and dtypes: the same pairs in torch ops
         feats = conv_with_map(input.feats, weight, kmap)
         if bias is not None:
