@@ -219,7 +219,7 @@ class ConvPlan {
 
   // out = bias + sum over offsets o of out[out_idx] += feats[in_idx] @ weight[o].
   void forward(py::array feats, py::array weight, py::object bias, py::array out, int num_threads,
-               py::object isa) const {
+               py::object isa, bool relu) const {
     const Isa use = isa_arg(isa);
     check_apply(feats, "feats", out, "out", weight, false);
     py::array b;
@@ -231,7 +231,7 @@ class ConvPlan {
       if (!is_c_contiguous(b)) value_error("bias must be C-contiguous");
       same_dtype(b, feats, out);
     }
-    apply(feats, weight, has_bias ? &b : nullptr, out, false, num_threads, use);
+    apply(feats, weight, has_bias ? &b : nullptr, out, false, num_threads, use, relu);
   }
 
   // grad_feats = sum over offsets o of grad_feats[in_idx] += grad[out_idx] @ weight[o]^T.
@@ -239,7 +239,7 @@ class ConvPlan {
                       py::object isa) const {
     const Isa use = isa_arg(isa);
     check_apply(grad, "grad", grad_feats, "grad_feats", weight, true);
-    apply(grad, weight, nullptr, grad_feats, true, num_threads, use);
+    apply(grad, weight, nullptr, grad_feats, true, num_threads, use, false);
   }
 
   // grad_weight[o] = feats[in_idx]^T @ grad[out_idx] for every offset o.
@@ -384,9 +384,9 @@ class ConvPlan {
   }
 
   void apply(const py::array& src, const py::array& weight, const py::array* bias, py::array& dst, bool transpose,
-             int num_threads, Isa isa) const {
-    dispatch(src, [&] { run_apply<float>(src, weight, bias, dst, transpose, num_threads, isa); },
-             [&] { run_apply<double>(src, weight, bias, dst, transpose, num_threads, isa); });
+             int num_threads, Isa isa, bool relu) const {
+    dispatch(src, [&] { run_apply<float>(src, weight, bias, dst, transpose, num_threads, isa, relu); },
+             [&] { run_apply<double>(src, weight, bias, dst, transpose, num_threads, isa, relu); });
   }
 
   static void rows_are(const py::array& a, int64_t rows, const char* name, const char* what) {
@@ -411,13 +411,13 @@ class ConvPlan {
 
   template <typename T>
   void run_apply(const py::array& src, const py::array& weight, const py::array* bias, py::array& dst,
-                 bool transpose, int num_threads, Isa isa) const {
+                 bool transpose, int num_threads, Isa isa, bool relu) const {
     const int64_t kc = src.shape(1), cols = dst.shape(1);
     if (cols == 0 || dst.shape(0) == 0) return;
     const T* b = bias ? static_cast<const T*>(bias->data()) : nullptr;
     conv::ApplyArgs<T> a{static_cast<const T*>(src.data()), static_cast<const T*>(weight.data()), b,
                          static_cast<T*>(dst.mutable_data()), nullptr, kc, cols, dst.shape(0), transpose,
-                         transpose ? pairs_bwd() : pairs_fwd(), threads(num_threads)};
+                         transpose ? pairs_bwd() : pairs_fwd(), threads(num_threads), relu};
     py::gil_scoped_release release;
     conv::apply(a, isa);
   }
@@ -513,10 +513,11 @@ void bind_conv(py::module_& m) {
       .def_property_readonly("identity", &ConvPlan::identity)
       .def_property_readonly("num_pairs", &ConvPlan::num_pairs)
       .def("forward", &ConvPlan::forward, py::arg("feats"), py::arg("weight"), py::arg("bias"), py::arg("out"),
-           py::arg("num_threads"), py::arg("isa") = py::none(),
+           py::arg("num_threads"), py::arg("isa") = py::none(), py::arg("relu") = false,
            "out = bias + sum over offsets o of feats[in_idx] @ weight[o] added at out_idx (bias None: zero). "
            "Writes every row of out. isa: None (the best build that runs here), 'generic', 'avx2' or 'avx512' "
-           "(ValueError where it does not run); True/False: the former `portable` flag.")
+           "(ValueError where it does not run); True/False: the former `portable` flag. relu: out = max(out, 0) "
+           "in the kernel's epilogue (inference).")
       .def("backward_input", &ConvPlan::backward_input, py::arg("grad"), py::arg("weight"), py::arg("grad_feats"),
            py::arg("num_threads"), py::arg("isa") = py::none(),
            "grad_feats = sum over offsets o of grad[out_idx] @ weight[o].T added at in_idx. Writes every row.")

@@ -53,6 +53,9 @@ struct ApplyArgs {
   bool transpose;
   PairList pairs;
   int nt;
+  // Inference epilogue: dst = max(dst, 0) on each block's rows once all its
+  // offsets are in (still in cache); NaN stays NaN.
+  bool relu = false;
 };
 
 // grad_w[k] = x[col]^T @ g[row] summed over the pairs of offset k (every

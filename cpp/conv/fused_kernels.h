@@ -214,8 +214,7 @@ void apply_impl(const ApplyArgs<T>& a) {
       else
         __builtin_memset(d, 0, sizeof(T) * static_cast<unsigned long>(a.cols));
     }
-    if (a.kc == 0) continue;
-    for (int64_t k = 0; k < K; ++k) {
+    for (int64_t k = 0; k < (a.kc == 0 ? 0 : K); ++k) {
       const bool ident = k == pl.identity;
       const int64_t lo = ident ? r0 : pl.cuts[blk * K + k], hi = ident ? r1 : pl.cuts[(blk + 1) * K + k];
       const T* wk = a.wpack + k * np * a.kc * NR;
@@ -240,6 +239,10 @@ void apply_impl(const ApplyArgs<T>& a) {
           micro<T, 1>(a.kc, arow, wk + j * a.kc * NR, c, mr, ncols);
         }
       }
+    }
+    if (a.relu) {
+      T* __restrict d = a.dst + r0 * a.cols;
+      for (int64_t i = 0; i < (r1 - r0) * a.cols; ++i) d[i] = d[i] < T(0) ? T(0) : d[i];
     }
   }
 }

@@ -334,13 +334,17 @@ def _backward_steps(feats: torch.Tensor, weight: torch.Tensor, grad: torch.Tenso
             core.conv_scatter_add(_np(fb), plan.in_idx, step.start, step.length, r, grad_feats_np, nt)
 
 
-def conv_forward(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: Plan) -> torch.Tensor:
-    """The engine's forward on contiguous CPU float32/float64 tensors."""
+def conv_forward(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: Plan,
+                 relu: bool = False) -> torch.Tensor:
+    """The engine's forward on contiguous CPU float32/float64 tensors
+    (``relu``: max(out, 0), in the fused kernel's epilogue)."""
     out = feats.new_empty((plan.num_out, weight.shape[2]))
     if isinstance(plan, FusedPlan):
         b = None if bias is None else _np(bias.contiguous())
-        plan.core.forward(_np(feats), _np(weight), b, _np(out), _ext.num_threads())
+        plan.core.forward(_np(feats), _np(weight), b, _np(out), _ext.num_threads(), None, relu)
         return out
+    if relu:
+        return torch.relu_(conv_forward(feats, weight, bias, plan))
     if plan.identity is not None:
         if bias is None:
             torch.mm(feats, weight[plan.identity], out=out)
@@ -413,7 +417,15 @@ def supported(feats: torch.Tensor, weight: torch.Tensor) -> bool:
 def conv(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kmap: _kmap.KernelMap,
          chunk_rows: int = DEFAULT_CHUNK_ROWS, epsilon: float = DEFAULT_EPSILON,
          tile_rows: int = DEFAULT_TILE_ROWS, method: str | None = None,
-         cache: "CoordinateCache | None" = None) -> torch.Tensor:
+         cache: "CoordinateCache | None" = None, relu: bool = False) -> torch.Tensor:
     """``out[out_idx] += feats[in_idx] @ weight[o]`` (+ bias) with autograd;
-    the plan is kept in ``cache`` (the coordinate cache holding ``kmap``)."""
-    return ConvFunction.apply(feats, weight, bias, get_plan(kmap, chunk_rows, epsilon, tile_rows, method, cache))
+    the plan is kept in ``cache`` (the coordinate cache holding ``kmap``).
+    ``relu``: max(out, 0); where no gradient is needed (inference) it runs in
+    the fused kernel's store, no pass of its own."""
+    plan = get_plan(kmap, chunk_rows, epsilon, tile_rows, method, cache)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (feats, weight, bias))
+    if not grad:
+        with torch.no_grad():
+            return conv_forward(feats.contiguous(), weight.contiguous(), bias, plan, relu)
+    out = ConvFunction.apply(feats, weight, bias, plan)
+    return torch.relu(out) if relu else out
