@@ -74,6 +74,12 @@ class CoordinateCache:
             entry = self.plans[(kmap.key, kind)] = (kmap, build())
         return entry[1]
 
+    def __getstate__(self) -> dict:
+        """Pickled and deep-copied without the plans (C++ objects, rebuilt on use)."""
+        state = self.__dict__.copy()
+        state["plans"] = {}
+        return state
+
     def to(self, device) -> "CoordinateCache":
         out = CoordinateCache()
         out.coords = {s: c.to(device) for s, c in self.coords.items()}

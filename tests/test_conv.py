@@ -534,6 +534,12 @@ def test_plans_live_in_the_coordinate_cache_and_transposed_ones_are_derived():
             assert torch.equal(a, b)
     ref = F.conv_with_map(up_in.feats, w, up)
     torch.testing.assert_close(_run_plan(derived.core, up_in.feats, w, g)[0], ref, rtol=1e-12, atol=1e-12)
+    # the plans are not pickled or copied with the cache (C++ objects): rebuilt on use
+    import copy
+    import pickle
+    for again in (pickle.loads(pickle.dumps(y)), copy.deepcopy(y)):
+        assert again.cache.plans == {} and len(again.cache.kmaps) == len(x.cache.kmaps)
+        assert torch.equal(F.conv3d(again, w3, 3).feats, F.conv3d(y, w3, 3).feats)
 
 
 def test_transposed_plan_of_unsorted_pairs():

@@ -8,10 +8,11 @@ Two methods, both deterministic (bit-identical results for any thread count):
 
 ``"fused"`` (the default; :class:`FusedPlan`): one C++ kernel per direction
 (``cpp/conv/fused_kernels.h``). Output rows are cut into blocks of 256; a
-thread owns a block and runs every offset over it: register tiles of 6 pairs
-x 16 columns read their input rows straight from the feature matrix (no
-gathered buffer), multiply by the offset's packed weight panel and add into
-their output rows (no scatter, no atomics, no race: the block's rows are the
+thread owns a block and runs every offset over it: register tiles (8 pairs
+x 32 columns with AVX-512, 6 x 16 with AVX2 or generic; the widest build the
+CPU runs, ``_core.conv_isa()``) read their input rows straight from the
+feature matrix (no gathered buffer), multiply by the offset's packed weight
+panel and add into their output rows (no scatter, no atomics, no race: the block's rows are the
 thread's own). The block's rows stay in cache across the offsets. The
 identity offset of a submanifold map is a plain blocked matmul over
 contiguous rows, no indices read. The input gradient is the same kernel over
