@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import numpy as np
 import torch
@@ -232,12 +233,65 @@ def parts(repeats: int) -> list[str]:
     return rows
 
 
+def interleaved(fns: dict, repeats: int) -> dict:
+    """Median seconds of each callable, the calls interleaved round by round
+    (a busy machine slows all of them alike)."""
+    for fn in fns.values():
+        fn()
+    times: dict = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(v)) for name, v in times.items()}
+
+
+def isa_builds(repeats: int) -> list[str]:
+    """Each kernel build this CPU runs (``_core.runnable_isas()``), forced
+    through the plan's ``isa`` argument: a k=1 conv (a plain GEMM through the
+    fused kernel) against ``torch.mm`` on the same shapes, and submanifold
+    k=3 forward / input gradient / weight gradient on the KITTI sweep."""
+    sweeps = real_sweeps()
+    if "kitti-raw/000049" not in sweeps:
+        return ["(the KITTI sweep ../shared/datasets/kitti-raw/000049.bin is not here)"]
+    coords = real_scene(sweeps["kitti-raw/000049"], 0.05)
+    nt, isas = torch.get_num_threads(), ps._ext.core.runnable_isas()
+    rows = ["| layer | C | " + " | ".join(f"{i} ms" for i in isas) + " | torch.mm ms | best build / torch.mm |",
+            "|---|---|" + "---|" * (len(isas) + 2)]
+    for k, channels in ((1, 64), (1, 128), (1, 256), (3, 64), (3, 128)):
+        layer = Layer("kitti @0.05", coords, "submanifold k=3", channels)
+        kmap = ps.kmap.get_kmap(layer.input, k)
+        core = _engine.make_fused_plan(kmap).core
+        f = layer.input.feats.detach().numpy()
+        w = (torch.randn(k**3, channels, channels) / channels**0.5).numpy()
+        g = torch.randn(kmap.num_out, channels).numpy()
+        out, gf, gw = np.empty_like(g), np.empty_like(f), np.empty_like(w)
+        parts = [("forward", lambda isa: core.forward(f, w, None, out, nt, isa))]
+        if k == 3:
+            parts += [("input grad", lambda isa: core.backward_input(g, w, gf, nt, isa)),
+                      ("weight grad", lambda isa: core.backward_weight(f, g, gw, nt, isa))]
+        for part, run in parts:
+            fns = {isa: (lambda isa=isa, run=run: run(isa)) for isa in isas}
+            if k == 1:
+                a, b, o = torch.from_numpy(f), torch.from_numpy(w[0]), torch.from_numpy(out)
+                fns["torch.mm"] = lambda a=a, b=b, o=o: torch.mm(a, b, out=o)
+            t = interleaved(fns, repeats)
+            mm = f"{t['torch.mm'] * 1e3:.1f} | {t['torch.mm'] / t[isas[0]]:.2f}" if k == 1 else "- | -"
+            rows.append(f"| k={k} {part} ({kmap.num_pairs} pairs) | {channels} | "
+                        + " | ".join(f"{t[i] * 1e3:.1f}" for i in isas) + f" | {mm} |")
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="street 100k and the KITTI sweep at C=64 only")
     parser.add_argument("--tune", action="store_true", help="also sweep the engine's chunk/epsilon/tile settings")
     parser.add_argument("--parts", action="store_true",
                         help="only the costs piece by piece (map, plans, kernels alone) at C=64")
+    parser.add_argument("--isa", action="store_true",
+                        help="only each kernel build (avx512 / avx2 / generic): k=1 GEMM vs torch.mm, k=3 on KITTI")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--output", default=str(RESULTS_DIR / "conv.md"))
@@ -249,7 +303,9 @@ def main() -> None:
     env["sgemm 2048 GF/s"] = f"{sg:.0f}"
     env["spconv"] = "not installed (skipped)" if spconv is None else "installed"
     print(env, flush=True)
-    if args.parts:
+    if args.isa:
+        tables = ["## Kernel builds (KITTI sweep @0.05 m)\n\n" + "\n".join(isa_builds(repeats))]
+    elif args.parts:
         tables = ["## Piece by piece (C=64)\n\n" + "\n".join(parts(repeats))]
     else:
         tables = ["## Layers\n\n" + "\n".join(bench(args.quick, repeats))]
@@ -261,7 +317,12 @@ def main() -> None:
              "C++ gather + torch mm/bmm + C++ scatter (the other method, same run). "
              "Naive = index_select + mm + index_add per offset with torch autograd. "
              "Ratios within one run are the comparison; absolute times depend on the machine and its load.")
-    if args.parts:
+    if args.isa:
+        notes = ("Each build forced through ConvPlan's `isa` argument on the same plan, calls interleaved round by "
+                 "round, medians; k=1 is a plain GEMM through the fused kernel (the identity offset), compared "
+                 "with torch.mm on the same (voxels x C) @ (C x C). All builds give bit-identical FMA results "
+                 "(avx2 = avx512); generic differs by rounding.")
+    elif args.parts:
         notes = ("kmap build: `pointsparse.kmap.build` with the default method; plans: the fused kernels' "
                  "`ConvPlan` and the grouped method's steps, both built once per map; kernels: the fused C++ "
                  "calls alone on preallocated outputs (no autograd, no allocation), medians over the repeats.")

@@ -156,13 +156,62 @@ def break_even(sparsities, ours, dense):
     return f"> {sparsities[-1]:.0%}"
 
 
+def isa_builds(repeats):
+    """The target case (1024 x 1024 at 90% sparsity x 1024 x 4096; N:M 2:4)
+    in each SpMM build this CPU runs, calls interleaved round by round,
+    against dense torch.mm in the same rounds: markdown rows."""
+    import time
+
+    import numpy as np
+    from pointsparse import _ext
+
+    w, x = magnitude_sparse(1024, 1024, 0.9), torch.randn(1024, 4096)
+    xn = _ext.to_numpy(x)
+    fmts = {"CSR": F.CSR.from_dense(w), "BSR 4x4": F.BSR.from_dense(block_sparse(1024, 1024, 0.9), blocksize=(4, 4)),
+            "EIE 4 PEs": F.EIE.from_dense(w, num_pe=4),
+            "2:4 (50%)": F.NM.from_dense(magnitude_sparse(1024, 1024, 0.0), n=2, m=4, prune=True)}
+    isas = _ext.core.runnable_isas()
+    fns = {("dense", "torch.mm"): lambda: torch.mm(w, x)}
+    for name, fmt in fmts.items():
+        for isa in isas:
+            fns[(name, isa)] = lambda fmt=fmt, isa=isa: fmt._kernel(xn, isa)
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    dense = med[("dense", "torch.mm")]
+    rows = [f"Dense torch.mm in the same rounds: {dense * 1e3:.1f} ms.\n",
+            "| format | " + " | ".join(f"{i} ms (x dense)" for i in isas) + " |", "|---|" + "---:|" * len(isas)]
+    for name in fmts:
+        rows.append(f"| {name} | " + " | ".join(f"{med[(name, i)] * 1e3:.1f} ({dense / med[(name, i)]:.2f}x)"
+                                                 for i in isas) + " |")
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(RESULTS_DIR))
+    ap.add_argument("--isa", action="store_true",
+                    help="only the target case in each kernel build (avx512 / avx2 / generic): spmm_isa.md")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.isa:
+        env = environment()
+        env["loadavg"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
+        rows = ["# SpMM kernel builds\n", f"Command: `.venv/bin/python bench/spmm.py --isa --threads {args.threads}`\n",
+                "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()) + "\n",
+                "Medians of 7 interleaved rounds, float32; each build forced through the kernels' `isa` "
+                "argument.\n"] + isa_builds(7)
+        md = os.path.join(args.out, "spmm_isa.md")
+        with open(md, "w") as f:
+            f.write("\n".join(rows) + "\n")
+        print("\n".join(rows))
+        return
     repeats = 3 if args.quick else 7
     out = []
     env = environment()

@@ -91,7 +91,12 @@ def conv_scatter_add(
     deterministic for any thread count."""
 
 def conv_isa() -> str:
-    """Instruction set the fused convolution kernels use on this CPU: 'avx2' or 'generic'."""
+    """Instruction set the fused convolution kernels use on this CPU by default:
+    'avx512', 'avx2' or 'generic' (the widest build that runs here)."""
+
+def runnable_isas() -> list[str]:
+    """The kernel builds (conv and SpMM) this CPU runs, widest first: the
+    values an `isa` argument accepts."""
 
 class ConvPlan:
     """The pairs of a kernel map checked once (bounds, one pair per row and
@@ -118,33 +123,39 @@ class ConvPlan:
     ) -> None: ...
     def forward(
         self, feats: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, out: np.ndarray, num_threads: int,
-        portable: bool = False,
+        isa: str | bool | None = None,
     ) -> None:
         """out = bias + sum over offsets o of feats[in_idx] @ weight[o] added at
-        out_idx (bias None: zero); writes every row of out."""
+        out_idx (bias None: zero); writes every row of out. `isa`: None (the
+        widest build that runs here), 'generic', 'avx2' or 'avx512' (ValueError
+        where it does not run); a bool is the former `portable` flag (True:
+        'generic')."""
     def backward_input(
-        self, grad: np.ndarray, weight: np.ndarray, grad_feats: np.ndarray, num_threads: int, portable: bool = False
+        self, grad: np.ndarray, weight: np.ndarray, grad_feats: np.ndarray, num_threads: int,
+        isa: str | bool | None = None,
     ) -> None:
         """grad_feats = sum over offsets o of grad[out_idx] @ weight[o].T added at in_idx."""
     def backward_weight(
-        self, feats: np.ndarray, grad: np.ndarray, grad_weight: np.ndarray, num_threads: int, portable: bool = False
+        self, feats: np.ndarray, grad: np.ndarray, grad_weight: np.ndarray, num_threads: int,
+        isa: str | bool | None = None,
     ) -> None:
         """grad_weight[o] = feats[in_idx].T @ grad[out_idx] for every offset o."""
 
 def spmm_isa() -> str:
-    """Instruction set the SpMM kernels use on this CPU: 'avx2' or 'generic'."""
+    """Instruction set the SpMM kernels use on this CPU by default: 'avx512',
+    'avx2' or 'generic' (the same answer as conv_isa)."""
 
 def csr_spmm(
-    row_ptr: np.ndarray, col_idx: np.ndarray, values: np.ndarray, dense: np.ndarray, K: int, portable: bool,
+    row_ptr: np.ndarray, col_idx: np.ndarray, values: np.ndarray, dense: np.ndarray, K: int, isa: str | bool | None,
     num_threads: int,
 ) -> np.ndarray:
     """CSR (M, K) @ dense (K, N) -> (M, N); index arrays in any unsigned width
-    (1, 2, 4, 8 bytes); rows split among threads by nonzeros; `portable` forces
-    the generic kernel."""
+    (1, 2, 4, 8 bytes); rows split among threads by nonzeros; `isa` as in
+    ConvPlan.forward (None: the widest build that runs here)."""
 
 def csr_conv_accumulate(
     row_ptr: np.ndarray, col_idx: np.ndarray, values: np.ndarray, feats: np.ndarray,
-    in_idx: npt.NDArray[np.int64], out_idx: npt.NDArray[np.int64], out: np.ndarray, portable: bool,
+    in_idx: npt.NDArray[np.int64], out_idx: npt.NDArray[np.int64], out: np.ndarray, isa: str | bool | None,
     num_threads: int,
 ) -> None:
     """One sparse-conv kernel offset, in place: out[out_idx] += (S @ feats[in_idx].T).T
@@ -152,18 +163,18 @@ def csr_conv_accumulate(
 
 def bsr_spmm(
     block_ptr: np.ndarray, block_col: np.ndarray, values: np.ndarray, dense: np.ndarray, M: int, K: int,
-    portable: bool, num_threads: int,
+    isa: str | bool | None, num_threads: int,
 ) -> np.ndarray:
     """BSR (M, K) with values (nb, br, bc) @ dense (K, N) -> (M, N)."""
 
 def nm_spmm(
     positions: np.ndarray, values: np.ndarray, bits: int, n: int, m: int, dense: np.ndarray, K: int,
-    portable: bool, num_threads: int,
+    isa: str | bool | None, num_threads: int,
 ) -> np.ndarray:
     """N:M (M, K) with bit-packed positions (`bits` each) @ dense (K, N) -> (M, N)."""
 
 def eie_spmm(
-    col_ptr: np.ndarray, rel_idx: np.ndarray, values: np.ndarray, dense: np.ndarray, M: int, portable: bool,
+    col_ptr: np.ndarray, rel_idx: np.ndarray, values: np.ndarray, dense: np.ndarray, M: int, isa: str | bool | None,
     num_threads: int,
 ) -> np.ndarray:
     """EIE (M, K) over P processing elements (4-bit relative row indices, column

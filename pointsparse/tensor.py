@@ -75,8 +75,9 @@ def as_triple(value, name: str, minimum: int = 1) -> Triple:
 
 class CoordinateCache:
     """What a network learns about one input's coordinates, shared by every
-    SparseTensor derived from it: the coords at each tensor stride and every
-    kernel map built so far (keyed by :class:`pointsparse.kmap.KernelMapKey`).
+    SparseTensor derived from it: the coords at each tensor stride, every
+    kernel map built so far (keyed by :class:`pointsparse.kmap.KernelMapKey`)
+    and the convolution engine's plan of each map.
 
     Layers hand it down through :meth:`SparseTensor.with_feats`, so a map is
     built once per forward and reused by every layer with the same key, by the
@@ -90,6 +91,8 @@ class CoordinateCache:
     def __init__(self) -> None:
         self.coords: dict[Triple, torch.Tensor] = {}
         self.kmaps: dict[object, object] = {}
+        # (map key, plan kind) -> (map, plan): each engine plan beside its map.
+        self.plans: dict[tuple, tuple] = {}
 
     def get_coords(self, stride: Triple) -> torch.Tensor | None:
         return self.coords.get(stride)
@@ -104,6 +107,20 @@ class CoordinateCache:
             kmap = build()
             self.kmaps[key] = kmap
         return kmap
+
+    def get_plan(self, kmap, kind, build: Callable[[], object]):
+        """The engine plan of kind ``kind`` for the cached map ``kmap``,
+        building it with ``build()`` once (kept while this cache holds the map)."""
+        entry = self.plans.get((kmap.key, kind))
+        if entry is None or entry[0] is not kmap:
+            entry = self.plans[(kmap.key, kind)] = (kmap, build())
+        return entry[1]
+
+    def __getstate__(self) -> dict:
+        """Pickled and deep-copied without the plans (C++ objects, rebuilt on use)."""
+        state = self.__dict__.copy()
+        state["plans"] = {}
+        return state
 
     def to(self, device) -> "CoordinateCache":
         out = CoordinateCache()

@@ -364,6 +364,73 @@ def test_core_checks_bounds():
     assert torch.equal(dst[[4, 0]], src[[4, 0]]) and not dst[1:4].any()
 
 
+#: The kernel builds this CPU runs, widest first ("generic" always).
+ISAS = _ext.core.runnable_isas()
+#: Channel counts at the edges of every build's tiles: rows of a tile (6, 8),
+#: one and two vectors of columns (4, 8, 16, 32 elements), and past them.
+TILE_EDGE_CHANNELS = [1, 5, 6, 7, 13, 15, 16, 17, 31, 33, 64, 100]
+
+
+def test_isa_reported_and_forced():
+    """conv_isa names the widest build that runs; any build that runs can be
+    forced, an unknown one or one this CPU cannot run is refused by name."""
+    core = _ext.core
+    assert ISAS[-1] == "generic" and set(ISAS) <= {"avx512", "avx2", "generic"}
+    assert core.conv_isa() == core.spmm_isa() == ISAS[0]
+    feats, w, kmap = _fused_case(3, 1, False, 3, 4, torch.float32)
+    plan = _engine.make_fused_plan(kmap)
+    out = torch.empty(kmap.num_out, 4)
+    with pytest.raises(ValueError, match="isa must be one of"):
+        plan.core.forward(feats.numpy(), w.numpy(), None, out.numpy(), 1, "sse9")
+    for name in {"avx512", "avx2"} - set(ISAS):
+        with pytest.raises(ValueError, match=f"isa = '{name}' does not run on this CPU"):
+            plan.core.forward(feats.numpy(), w.numpy(), None, out.numpy(), 1, name)
+    with pytest.raises(TypeError, match="isa must be None or a str"):
+        plan.core.backward_input(out.numpy(), w.numpy(), feats.numpy(), 1, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("c_in", TILE_EDGE_CHANNELS)
+def test_every_build_matches_generic_and_dense(c_in, dtype):
+    """Forward, input and weight gradients of every build that runs here, at
+    tile-edge channel counts (C_out paired with another edge), against the
+    generic build and a dense conv3d on the voxel grid (autograd for the
+    gradients); 1 and 2 threads bit-identical in each build, and the FMA
+    builds (avx2, avx512) bit-identical to each other: the tile shape and
+    vector width never change the arithmetic."""
+    c_out = TILE_EDGE_CHANNELS[(TILE_EDGE_CHANNELS.index(c_in) + 5) % len(TILE_EDGE_CHANNELS)]
+    x = make(n=350, c=c_in, extent=8, dtype=dtype, seed=c_in)
+    kmap = ps.kmap.get_kmap(x, 3)
+    plan = _engine.make_fused_plan(kmap)
+    w = weight(3, c_in, c_out, dtype) / c_in ** 0.5
+    g = torch.randn(kmap.num_out, c_out, dtype=dtype, generator=torch.Generator().manual_seed(c_in))
+    f, ww = x.feats.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = dense_conv(x.with_feats(f), ww, x.coords, 3)
+    ref_gf, ref_gw = torch.autograd.grad(ref, (f, ww), g)
+    got = {}
+    for isa in ISAS:
+        per_nt = []
+        for nt in (1, 2):
+            out = torch.full((kmap.num_out, c_out), float("nan"), dtype=dtype)
+            gf, gw = torch.full_like(x.feats, float("nan")), torch.full_like(w, float("nan"))
+            plan.core.forward(x.feats.numpy(), w.numpy(), None, out.numpy(), nt, isa)
+            plan.core.backward_input(g.numpy(), w.numpy(), gf.numpy(), nt, isa)
+            plan.core.backward_weight(x.feats.numpy(), g.numpy(), gw.numpy(), nt, isa)
+            per_nt.append((out, gf, gw))
+        for a, b in zip(*per_nt):
+            assert torch.equal(a, b), isa
+        got[isa] = per_nt[0]
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-11)
+    close = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-13)
+    for isa, res in got.items():
+        for a, b, r in zip(res, got["generic"], (ref.detach(), ref_gf, ref_gw)):
+            torch.testing.assert_close(a, r, **tol)
+            torch.testing.assert_close(a, b, **close)
+    if "avx2" in got and "avx512" in got:
+        for a, b in zip(got["avx2"], got["avx512"]):
+            assert torch.equal(a, b)
+
+
 def _fused_case(k, t, transposed, c_in, c_out, dtype, seed=0):
     x = make(n=400, c=c_in, extent=8, dtype=dtype, seed=seed)
     if transposed:
@@ -382,7 +449,7 @@ def _fused_case(k, t, transposed, c_in, c_out, dtype, seed=0):
 @pytest.mark.parametrize("k,t,transposed", [(3, 1, False), (2, 2, False), (2, 2, True)])
 def test_fused_kernels_match_torch_on_any_width(k, t, transposed, c_in, c_out, dtype):
     """Every tile shape (partial row tiles, partial column panels, fewer input
-    channels than a tile's rows), both instruction sets, against torch ops."""
+    channels than a tile's rows), every build that runs here, against torch ops."""
     feats, w, kmap = _fused_case(k, t, transposed, c_in, c_out, dtype)
     plan = _engine.make_fused_plan(kmap)
     assert plan.core.num_pairs == kmap.num_pairs
@@ -394,13 +461,13 @@ def test_fused_kernels_match_torch_on_any_width(k, t, transposed, c_in, c_out, d
     ref_gf, ref_gw = torch.autograd.grad(ref, (f, ww), g)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-11)
     nt = _ext.num_threads()
-    for portable in (False, True):
+    for isa in ISAS:
         out = torch.full((kmap.num_out, c_out), float("nan"), dtype=dtype)
-        plan.core.forward(feats.numpy(), w.numpy(), bias.numpy(), out.numpy(), nt, portable)
+        plan.core.forward(feats.numpy(), w.numpy(), bias.numpy(), out.numpy(), nt, isa)
         gf = torch.full_like(feats, float("nan"))
-        plan.core.backward_input(g.numpy(), w.numpy(), gf.numpy(), nt, portable)
+        plan.core.backward_input(g.numpy(), w.numpy(), gf.numpy(), nt, isa)
         gw = torch.full_like(w, float("nan"))
-        plan.core.backward_weight(feats.numpy(), g.numpy(), gw.numpy(), nt, portable)
+        plan.core.backward_weight(feats.numpy(), g.numpy(), gw.numpy(), nt, isa)
         torch.testing.assert_close(out, ref.detach(), **tol)
         torch.testing.assert_close(gf, ref_gf, **tol)
         torch.testing.assert_close(gw, ref_gw, **tol)
@@ -408,22 +475,23 @@ def test_fused_kernels_match_torch_on_any_width(k, t, transposed, c_in, c_out, d
 
 def test_fused_many_units_bit_identical_for_1_and_2_threads():
     """A map large enough for several weight-gradient units and many row
-    blocks: results must not depend on the thread count."""
+    blocks: results must not depend on the thread count, in any build."""
     x = make(n=40000, c=8, extent=40, dtype=torch.float32, seed=5)
     kmap = ps.kmap.get_kmap(x, 3)
     assert kmap.num_pairs > 3 * 65536  # several units of >= 65536 pairs
     plan = _engine.make_fused_plan(kmap)
     w = weight(3, 8, 8, torch.float32)
     g = torch.randn(len(x), 8)
-    results = []
-    for nt in (1, 2):
-        out, gf, gw = torch.empty(len(x), 8), torch.empty(len(x), 8), torch.empty_like(w)
-        plan.core.forward(x.feats.numpy(), w.numpy(), None, out.numpy(), nt)
-        plan.core.backward_input(g.numpy(), w.numpy(), gf.numpy(), nt)
-        plan.core.backward_weight(x.feats.numpy(), g.numpy(), gw.numpy(), nt)
-        results.append((out, gf, gw))
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+    for isa in reversed(ISAS):  # the default (widest) build last: `results` is checked below
+        results = []
+        for nt in (1, 2):
+            out, gf, gw = torch.empty(len(x), 8), torch.empty(len(x), 8), torch.empty_like(w)
+            plan.core.forward(x.feats.numpy(), w.numpy(), None, out.numpy(), nt, isa)
+            plan.core.backward_input(g.numpy(), w.numpy(), gf.numpy(), nt, isa)
+            plan.core.backward_weight(x.feats.numpy(), g.numpy(), gw.numpy(), nt, isa)
+            results.append((out, gf, gw))
+        for a, b in zip(*results):
+            assert torch.equal(a, b), isa
     torch.testing.assert_close(results[0][0], F.conv_with_map(x.feats, w, kmap), rtol=1e-4, atol=1e-4)
     f, ww = x.feats.clone().requires_grad_(), w.clone().requires_grad_()
     ref_gw = torch.autograd.grad(F.conv_with_map(f, ww, kmap), ww, g)[0]
@@ -494,3 +562,76 @@ def test_conv_plan_checks_its_map_and_every_call():
         plan.backward_weight(f, np.ones((3, 4), np.float32), np.empty((2, 2, 3), np.float32), 2)
     with pytest.raises(ValueError, match="method must be one of"):
         _engine.get_plan(ps.kmap.get_kmap(make(), 3), method="dense")
+
+
+def _run_plan(core, feats, w, g, isa=None):
+    out = torch.empty(core.num_out, w.shape[2], dtype=feats.dtype)
+    gf, gw = torch.empty(core.num_in, w.shape[1], dtype=feats.dtype), torch.empty_like(w)
+    core.forward(feats.numpy(), w.numpy(), None, out.numpy(), 2, isa)
+    core.backward_input(g.numpy(), w.numpy(), gf.numpy(), 2, isa)
+    core.backward_weight(feats.numpy(), g.numpy(), gw.numpy(), 2, isa)
+    return out, gf, gw
+
+
+def test_plans_live_in_the_coordinate_cache_and_transposed_ones_are_derived():
+    """A layer's plan is built once, kept beside its map in the tensor's
+    cache; the transposed conv's plan is its downsampling map's plan with the
+    directions swapped, and runs exactly as a plan built from its own map."""
+    x = make(n=500, c=6, extent=9, dtype=torch.float64, seed=3)
+    w3, w2 = weight(3, 6, 6), weight(2, 6, 5)
+    y = F.conv3d(x, w3, 3)
+    sub = ps.kmap.get_kmap(x, 3)
+    plan = x.cache.plans[(sub.key, "fused")][1]
+    assert plan.identity == 13 and _engine.get_plan(sub, cache=x.cache) is plan
+    F.conv3d(y, w3, 3)
+    assert _engine.get_plan(sub, cache=x.cache) is plan  # the second layer reused it
+    down_out = F.conv3d(x, w2, 2, 2)
+    up_in = down_out.with_feats(torch.randn(len(down_out), 6, dtype=torch.float64))
+    F.conv3d(up_in, weight(2, 6, 6), 2, 2, transposed=True)
+    up = ps.kmap.get_kmap(up_in, 2, 2, 1, True)
+    derived = x.cache.plans[(up.key, "fused")][1]
+    down_plan = x.cache.plans[(ps.kmap.get_kmap(x, 2, 2).key, "fused")][1]
+    assert (derived.num_in, derived.num_out) == (down_plan.num_out, down_plan.num_in) == (up.num_in, up.num_out)
+    direct = _engine.make_fused_plan(up)
+    w, g = weight(2, 6, 4), torch.randn(up.num_out, 4, dtype=torch.float64)
+    for isa in ISAS:
+        for a, b in zip(_run_plan(derived.core, up_in.feats, w, g, isa), _run_plan(direct.core, up_in.feats, w, g, isa)):
+            assert torch.equal(a, b)
+    ref = F.conv_with_map(up_in.feats, w, up)
+    torch.testing.assert_close(_run_plan(derived.core, up_in.feats, w, g)[0], ref, rtol=1e-12, atol=1e-12)
+    # the plans are not pickled or copied with the cache (C++ objects): rebuilt on use
+    import copy
+    import pickle
+    for again in (pickle.loads(pickle.dumps(y)), copy.deepcopy(y)):
+        assert again.cache.plans == {} and len(again.cache.kmaps) == len(x.cache.kmaps)
+        assert torch.equal(F.conv3d(again, w3, 3).feats, F.conv3d(y, w3, 3).feats)
+
+
+def test_transposed_plan_of_unsorted_pairs():
+    """A plan whose pairs needed sorting (its own by-input arrays) transposes
+    too: the same results as a plan of the swapped pairs."""
+    feats, w, kmap = _fused_case(3, 2, False, 4, 5, torch.float64)
+    rng = np.random.default_rng(1)
+    order = np.concatenate([lo + rng.permutation(hi - lo) for lo, hi in zip(kmap.ptr[:-1], kmap.ptr[1:])])
+    in_idx, out_idx, ptr = kmap.in_idx.numpy()[order], kmap.out_idx.numpy()[order], np.asarray(kmap.ptr)
+    a = _ext.core.ConvPlan(in_idx, out_idx, ptr, kmap.num_in, kmap.num_out, -1).transposed()
+    b = _ext.core.ConvPlan(out_idx, in_idx, ptr, kmap.num_out, kmap.num_in, -1)
+    wt = w.transpose(1, 2).contiguous()
+    src = torch.randn(kmap.num_out, 5, dtype=torch.float64)
+    g = torch.randn(kmap.num_in, 4, dtype=torch.float64)
+    for x, y in zip(_run_plan(a, src, wt, g), _run_plan(b, src, wt, g)):
+        assert torch.equal(x, y)
+
+
+def test_stride_one_map_onto_other_coords_has_no_identity():
+    """A stride-1 map onto given (reordered) out_coords has a zero offset of
+    n pairs that is not the identity: the plan runs it as a plain offset."""
+    x = make(n=200, c=3, extent=6, dtype=torch.float64, seed=4)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    kmap = ps.kmap.build(x.coords, 3, out_coords=x.coords[perm])
+    plan = _engine.make_fused_plan(kmap)
+    assert plan.identity is None
+    w = weight(3, 3, 4)
+    out = torch.empty(kmap.num_out, 4, dtype=torch.float64)
+    plan.core.forward(x.feats.numpy(), w.numpy(), None, out.numpy(), 2)
+    torch.testing.assert_close(out, F.conv_with_map(x.feats, w, kmap), rtol=1e-12, atol=1e-12)

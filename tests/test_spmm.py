@@ -12,6 +12,8 @@ from pointsparse import _ext
 from pointsparse.formats import BSR, CSR, EIE, NM
 
 core = _ext.core
+#: The kernel builds this CPU runs, widest first ("generic" always).
+ISAS = core.runnable_isas()
 
 
 def _sparse(M, K, density, seed, dtype=np.float32):
@@ -29,12 +31,12 @@ def _csr_arrays(w, col_dtype=np.uint32):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("N", [1, 7, 31, 32, 33, 64, 65, 129, 300])
-@pytest.mark.parametrize("portable", [False, True])
-def test_csr_kernel_against_dense(dtype, N, portable):
+@pytest.mark.parametrize("isa", ISAS)
+def test_csr_kernel_against_dense(dtype, N, isa):
     w = _sparse(40, 70, 0.25, N, dtype)
     x = np.random.default_rng(N + 1).standard_normal((70, N)).astype(dtype)
     row_ptr, col, val = _csr_arrays(w)
-    y = core.csr_spmm(row_ptr, col, val, x, 70, portable, 2)
+    y = core.csr_spmm(row_ptr, col, val, x, 70, isa, 2)
     tol = 1e-4 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(y, w.astype(np.float64) @ x.astype(np.float64), atol=tol, rtol=tol)
 
@@ -55,16 +57,17 @@ def test_kernels_deterministic_over_threads():
     t = torch.from_numpy(w)
     for fmt in (CSR.from_dense(t), BSR.from_dense(t, blocksize=(4, 2)), EIE.from_dense(t, num_pe=3),
                 NM.from_dense(t, prune=True)):
-        outs = [fmt._kernel(x, False) for _ in range(1)]
-        for nt in (1, 2, 4):
-            monkey = _ext.num_threads
-            try:
-                _ext.num_threads = lambda nt=nt: nt
-                outs.append(fmt._kernel(x, False))
-            finally:
-                _ext.num_threads = monkey
-        for o in outs[1:]:
-            assert np.array_equal(outs[0], o), type(fmt).__name__
+        for isa in ISAS:
+            outs = [fmt._kernel(x, isa)]
+            for nt in (1, 2, 4):
+                monkey = _ext.num_threads
+                try:
+                    _ext.num_threads = lambda nt=nt: nt
+                    outs.append(fmt._kernel(x, isa))
+                finally:
+                    _ext.num_threads = monkey
+            for o in outs[1:]:
+                assert np.array_equal(outs[0], o), (type(fmt).__name__, isa)
 
 
 def test_csr_kernel_bad_inputs():
@@ -144,12 +147,42 @@ def test_empty_operands():
 
 
 def test_isa_reported():
-    assert core.spmm_isa() in ("avx2", "generic")
+    assert core.spmm_isa() == ISAS[0] and ISAS[-1] == "generic"
+    x = np.ones((3, 2), np.float32)
+    row_ptr, col, val = _csr_arrays(np.eye(2, 3, dtype=np.float32))
+    with pytest.raises(ValueError, match="isa must be one of"):
+        core.csr_spmm(row_ptr, col, val, x, 3, "avx1024", 1)
+    for name in {"avx512", "avx2"} - set(ISAS):
+        with pytest.raises(ValueError, match="does not run on this CPU"):
+            core.csr_spmm(row_ptr, col, val, x, 3, name, 1)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("portable", [False, True])
-def test_csr_conv_accumulate(dtype, portable):
+@pytest.mark.parametrize("N", [1, 15, 16, 17, 63, 64, 65, 127, 128, 129, 300])
+def test_every_build_matches_generic(dtype, N):
+    """CSR, BSR, N:M and EIE in every build that runs here against the generic
+    build and dense matmul, across the tile and column-block widths of each
+    build (8 vectors of 32 or 64 bytes; blocks of 256 or 512 bytes)."""
+    w = _sparse(70, 90, 0.3, N, dtype)
+    t = torch.from_numpy(w)
+    x = np.random.default_rng(N + 2).standard_normal((90, N)).astype(dtype)
+    ref = w.astype(np.float64) @ x.astype(np.float64)
+    tol = 1e-4 if dtype == np.float32 else 1e-12
+    for fmt in (CSR.from_dense(t), BSR.from_dense(t, blocksize=(4, 3)), EIE.from_dense(t, num_pe=3),
+                NM.from_dense(t, prune=True)):
+        generic = fmt._kernel(x, "generic")
+        dense = fmt.to_dense().double().numpy() @ x.astype(np.float64)
+        for isa in ISAS:
+            y = fmt._kernel(x, isa)
+            np.testing.assert_allclose(y, dense, atol=tol, rtol=tol, err_msg=f"{type(fmt).__name__} {isa}")
+            np.testing.assert_allclose(y, generic, atol=tol, rtol=tol, err_msg=f"{type(fmt).__name__} {isa}")
+        if not isinstance(fmt, NM):  # N:M prunes: its dense is not w
+            np.testing.assert_allclose(dense, ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("isa", ISAS)
+def test_csr_conv_accumulate(dtype, isa):
     rng = np.random.default_rng(11)
     c_in, c_out, n_in, n_out, pairs = 13, 9, 200, 150, 140
     s = _sparse(c_out, c_in, 0.4, 12, dtype)
@@ -160,7 +193,7 @@ def test_csr_conv_accumulate(dtype, portable):
     out = rng.standard_normal((n_out, c_out)).astype(dtype)
     ref = out.astype(np.float64).copy()
     ref[out_idx] += feats[in_idx].astype(np.float64) @ s.T.astype(np.float64)
-    core.csr_conv_accumulate(row_ptr, col, val, feats, in_idx, out_idx, out, portable, 2)
+    core.csr_conv_accumulate(row_ptr, col, val, feats, in_idx, out_idx, out, isa, 2)
     tol = 1e-4 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(out, ref, atol=tol, rtol=tol)
     for kw, msg in ((dict(out_idx=np.zeros(pairs, np.int64)), "distinct"),
@@ -173,4 +206,4 @@ def test_csr_conv_accumulate(dtype, portable):
         a.update(kw)
         with pytest.raises(ValueError, match=msg):
             core.csr_conv_accumulate(row_ptr, col, val, a["feats"], a["in_idx"], a["out_idx"],
-                                     a["out"], portable, 2)
+                                     a["out"], isa, 2)

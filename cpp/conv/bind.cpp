@@ -12,6 +12,7 @@
 #include "bind.h"
 #include "conv/fused.h"
 #include "conv/gather_scatter.h"
+#include "isa_arg.h"
 
 namespace ps {
 namespace {
@@ -153,15 +154,29 @@ class ConvPlan {
       value_error("identity must be -1 or an offset index in [0, " + std::to_string(K) + "); got " +
                   std::to_string(identity));
     const int nt = threads(num_threads, P);
-    // Bounds first (the first bad pair is reported, whatever the thread count).
-    int64_t bad_in = P, bad_out = P;
+    ptr_.assign(1, 0);
+    for (int64_t k = 0; k < K; ++k) ptr_.push_back(ptr_.back() + (k == identity ? 0 : pp[k + 1] - pp[k]));
+    const int64_t Q = ptr_.back();
+    store_ = std::make_shared<Storage>();
+    store_->fwd_row.reset(new int32_t[Q > 0 ? Q : 1]);
+    store_->fwd_col.reset(new int32_t[Q > 0 ? Q : 1]);
+    fwd_row_ = store_->fwd_row.get();
+    fwd_col_ = store_->fwd_col.get();
+    fwd_cuts_.assign((blocks(num_out) + 1) * K, 0);
+    bwd_cuts_.assign((blocks(num_in) + 1) * K, 0);
+    // One pass per offset: bounds, order both ways, the copy by output row
+    // and the block cuts both ways (valid where the order holds).
+    std::vector<Scan> scan(static_cast<size_t>(K));
     {
       py::gil_scoped_release release;
-#pragma omp parallel for num_threads(nt) schedule(static) reduction(min : bad_in, bad_out)
-      for (int64_t i = 0; i < P; ++i) {
-        if ((in[i] < 0) | (in[i] >= num_in)) bad_in = std::min(bad_in, i);
-        if ((out[i] < 0) | (out[i] >= num_out)) bad_out = std::min(bad_out, i);
-      }
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+      for (int64_t k = 0; k < K; ++k) scan[k] = scan_offset(in, out, pp, k);
+    }
+    // Errors in pair order, whatever the thread count.
+    int64_t bad_in = P, bad_out = P;
+    for (const Scan& sc : scan) {
+      bad_in = std::min(bad_in, sc.bad_in);
+      bad_out = std::min(bad_out, sc.bad_out);
     }
     if (bad_in < P)
       value_error("in_idx[" + std::to_string(bad_in) + "] = " + std::to_string(in[bad_in]) + " outside [0, " +
@@ -169,54 +184,30 @@ class ConvPlan {
     if (bad_out < P)
       value_error("out_idx[" + std::to_string(bad_out) + "] = " + std::to_string(out[bad_out]) + " outside [0, " +
                   std::to_string(num_out) + ")");
-    if (identity >= 0) {
-      const int64_t lo = pp[identity], n = pp[identity + 1] - lo;
-      bool ok = num_in == num_out && n == num_in;
-      for (int64_t i = 0; ok && i < n; ++i) ok = in[lo + i] == i && out[lo + i] == i;
-      if (!ok) value_error("the pairs of offset " + std::to_string(identity) + " are not the identity");
+    if (identity >= 0 && !(num_in == num_out && pp[identity + 1] - pp[identity] == num_in && scan[identity].ident))
+      value_error("the pairs of offset " + std::to_string(identity) + " are not the identity");
+    bool all_sorted = true;
+    for (int64_t k = 0; k < K; ++k) all_sorted = all_sorted && (k == identity || (scan[k].out_sorted && scan[k].in_sorted));
+    if (all_sorted) {
+      // The usual map (between key-sorted coords): the pairs by input row
+      // are the same pairs in the same order, so the backward shares them.
+      bwd_row_ = fwd_col_;
+      bwd_col_ = fwd_row_;
+      return;
     }
-    ptr_.assign(1, 0);
-    for (int64_t k = 0; k < K; ++k) ptr_.push_back(ptr_.back() + (k == identity ? 0 : pp[k + 1] - pp[k]));
-    const int64_t Q = ptr_.back();
-    fwd_row_.reset(new int32_t[Q > 0 ? Q : 1]);
-    fwd_col_.reset(new int32_t[Q > 0 ? Q : 1]);
-    bwd_row_.reset(new int32_t[Q > 0 ? Q : 1]);
-    bwd_col_.reset(new int32_t[Q > 0 ? Q : 1]);
-    // Per offset and side: sorted already (copy) or not (stable sort through
-    // `order`, allocated only then); a repeated row ends the plan.
-    std::vector<char> unsorted(2 * K, 0);
-    std::vector<int64_t> repeated(2 * K, -1), order;
-    {
-      py::gil_scoped_release release;
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-      for (int64_t t = 0; t < 2 * K; ++t) {
-        const int64_t k = t / 2, lo = pp[k], n = pp[k + 1] - lo;
-        if (k == identity) continue;
-        const int64_t* key = (t % 2 ? in : out) + lo;
-        for (int64_t i = 1; i < n; ++i)
-          if (key[i - 1] >= key[i]) {
-            unsorted[t] = 1;
-            break;
-          }
-      }
-      if (std::find(unsorted.begin(), unsorted.end(), 1) != unsorted.end()) order.resize(2 * P);
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-      for (int64_t t = 0; t < 2 * K; ++t) {
-        const int64_t k = t / 2, lo = pp[k], n = pp[k + 1] - lo, dst = ptr_[k];
-        if (k == identity) continue;
-        const bool by_input = t % 2;
-        repeated[t] = sorted_copy(by_input ? in + lo : out + lo, by_input ? out + lo : in + lo, n, unsorted[t],
-                                  (by_input ? bwd_row_ : fwd_row_).get() + dst,
-                                  (by_input ? bwd_col_ : fwd_col_).get() + dst,
-                                  unsorted[t] ? order.data() + (by_input ? P : 0) + lo : nullptr);
-      }
-    }
-    for (int64_t t = 0; t < 2 * K; ++t)
-      if (repeated[t] >= 0)
-        value_error("offset " + std::to_string(t / 2) + " pairs " + (t % 2 ? "input" : "output") + " row " +
-                    std::to_string(repeated[t]) + " twice");
-    fwd_cuts_ = block_cuts(fwd_row_.get(), num_out, nt);
-    bwd_cuts_ = block_cuts(bwd_row_.get(), num_in, nt);
+    sort_pairs(in, out, pp, scan, nt);
+  }
+  // The plan of the transposed (adjoint) map, inputs and outputs swapped:
+  // this plan's arrays and cuts with the two directions exchanged (the pairs
+  // by input row are the transposed map's pairs by output row). No pass
+  // over the pairs.
+  ConvPlan transposed() const {
+    ConvPlan t(*this);
+    std::swap(t.num_in_, t.num_out_);
+    std::swap(t.fwd_row_, t.bwd_row_);
+    std::swap(t.fwd_col_, t.bwd_col_);
+    std::swap(t.fwd_cuts_, t.bwd_cuts_);
+    return t;
   }
 
   int64_t num_in() const { return num_in_; }
@@ -228,7 +219,8 @@ class ConvPlan {
 
   // out = bias + sum over offsets o of out[out_idx] += feats[in_idx] @ weight[o].
   void forward(py::array feats, py::array weight, py::object bias, py::array out, int num_threads,
-               bool portable) const {
+               py::object isa, bool relu) const {
+    const Isa use = isa_arg(isa);
     check_apply(feats, "feats", out, "out", weight, false);
     py::array b;
     const bool has_bias = !bias.is_none();
@@ -239,19 +231,21 @@ class ConvPlan {
       if (!is_c_contiguous(b)) value_error("bias must be C-contiguous");
       same_dtype(b, feats, out);
     }
-    apply(feats, weight, has_bias ? &b : nullptr, out, false, num_threads, portable);
+    apply(feats, weight, has_bias ? &b : nullptr, out, false, num_threads, use, relu);
   }
 
   // grad_feats = sum over offsets o of grad_feats[in_idx] += grad[out_idx] @ weight[o]^T.
   void backward_input(py::array grad, py::array weight, py::array grad_feats, int num_threads,
-                      bool portable) const {
+                      py::object isa) const {
+    const Isa use = isa_arg(isa);
     check_apply(grad, "grad", grad_feats, "grad_feats", weight, true);
-    apply(grad, weight, nullptr, grad_feats, true, num_threads, portable);
+    apply(grad, weight, nullptr, grad_feats, true, num_threads, use, false);
   }
 
   // grad_weight[o] = feats[in_idx]^T @ grad[out_idx] for every offset o.
   void backward_weight(py::array feats, py::array grad, py::array grad_weight, int num_threads,
-                       bool portable) const {
+                       py::object isa) const {
+    const Isa use = isa_arg(isa);
     check_rows(feats, "feats", false);
     check_rows(grad, "grad", false);
     rows_are(feats, num_in_, "feats", "num_in");
@@ -259,11 +253,89 @@ class ConvPlan {
     check_weight(grad_weight, feats.shape(1), grad.shape(1), "grad_weight");
     if (!grad_weight.writeable()) value_error("grad_weight must be writeable");
     same_dtype(feats, grad, grad_weight);
-    dispatch(feats, [&] { run_wgrad<float>(feats, grad, grad_weight, num_threads, portable); },
-             [&] { run_wgrad<double>(feats, grad, grad_weight, num_threads, portable); });
+    dispatch(feats, [&] { run_wgrad<float>(feats, grad, grad_weight, num_threads, use); },
+             [&] { run_wgrad<double>(feats, grad, grad_weight, num_threads, use); });
   }
 
  private:
+  static int64_t blocks(int64_t rows) { return (rows + conv::kBlockRows - 1) / conv::kBlockRows; }
+
+  // What one pass over the pairs of an offset found: the first pair out of
+  // bounds on either side (P: none), whether each side strictly increases,
+  // and for the identity offset whether its pairs are (i, i).
+  struct Scan {
+    int64_t bad_in, bad_out;
+    bool in_sorted, out_sorted, ident;
+  };
+
+  // The pass of offset k: checks, the copy into the forward arrays and the
+  // cuts of both directions (the copy and the cuts hold where the order
+  // does; sort_pairs redoes the others). No Python: runs in a parallel region.
+  Scan scan_offset(const int64_t* in, const int64_t* out, const int64_t* pp, int64_t k) {
+    const int64_t lo = pp[k], hi = pp[k + 1], P = pp[kernel_volume()], K = kernel_volume();
+    Scan sc{P, P, true, true, true};
+    const bool ident = k == identity_;
+    int32_t* row = store_->fwd_row.get() + ptr_[k];
+    int32_t* col = store_->fwd_col.get() + ptr_[k];
+    const int64_t base = ptr_[k], nb_out = blocks(num_out_), nb_in = blocks(num_in_);
+    int64_t b_out = 0, b_in = 0, prev_out = -1, prev_in = -1;
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t o = out[i], n = in[i];
+      if ((n < 0) | (n >= num_in_)) sc.bad_in = std::min(sc.bad_in, i);
+      if ((o < 0) | (o >= num_out_)) sc.bad_out = std::min(sc.bad_out, i);
+      if (ident) {
+        sc.ident = sc.ident && o == i - lo && n == i - lo;
+        continue;
+      }
+      sc.out_sorted = sc.out_sorted && o > prev_out;
+      sc.in_sorted = sc.in_sorted && n > prev_in;
+      prev_out = o;
+      prev_in = n;
+      const int64_t q = base + (i - lo);
+      row[i - lo] = int32_t(o);
+      col[i - lo] = int32_t(n);
+      for (; b_out <= nb_out && b_out * conv::kBlockRows <= o; ++b_out) fwd_cuts_[b_out * K + k] = q;
+      for (; b_in <= nb_in && b_in * conv::kBlockRows <= n; ++b_in) bwd_cuts_[b_in * K + k] = q;
+    }
+    if (ident) return sc;
+    const int64_t end = ptr_[k + 1];
+    for (; b_out <= nb_out; ++b_out) fwd_cuts_[b_out * K + k] = end;
+    for (; b_in <= nb_in; ++b_in) bwd_cuts_[b_in * K + k] = end;
+    return sc;
+  }
+
+  // The rare map whose pairs are not sorted both ways within every offset:
+  // the backward gets its own arrays, and every offset out of order on a side
+  // is stable-sorted there (a repeated row ends the plan) and its cuts redone.
+  void sort_pairs(const int64_t* in, const int64_t* out, const int64_t* pp, const std::vector<Scan>& scan, int nt) {
+    const int64_t K = kernel_volume(), P = pp[K], Q = ptr_.back();
+    store_->bwd_row.reset(new int32_t[Q > 0 ? Q : 1]);
+    store_->bwd_col.reset(new int32_t[Q > 0 ? Q : 1]);
+    bwd_row_ = store_->bwd_row.get();
+    bwd_col_ = store_->bwd_col.get();
+    std::vector<int64_t> repeated(2 * K, -1), order(2 * P);
+    {
+      py::gil_scoped_release release;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+      for (int64_t t = 0; t < 2 * K; ++t) {
+        const int64_t k = t / 2, lo = pp[k], n = pp[k + 1] - lo, dst = ptr_[k];
+        if (k == identity_) continue;
+        const bool by_input = t % 2;
+        const bool sorted = by_input ? scan[k].in_sorted : scan[k].out_sorted;
+        if (sorted && !by_input) continue;  // copied by the scan already
+        int32_t* row = (by_input ? store_->bwd_row : store_->fwd_row).get() + dst;
+        repeated[t] = sorted_copy(by_input ? in + lo : out + lo, by_input ? out + lo : in + lo, n, !sorted, row,
+                                  (by_input ? store_->bwd_col : store_->fwd_col).get() + dst,
+                                  order.data() + (by_input ? P : 0) + lo);
+        if (!sorted) block_cuts(row - dst, k, by_input ? num_in_ : num_out_, by_input ? bwd_cuts_ : fwd_cuts_);
+      }
+    }
+    for (int64_t t = 0; t < 2 * K; ++t)
+      if (repeated[t] >= 0)
+        value_error("offset " + std::to_string(t / 2) + " pairs " + (t % 2 ? "input" : "output") + " row " +
+                    std::to_string(repeated[t]) + " twice");
+  }
+
   // Copy the pairs of one offset sorted by `key` (strictly increasing): a
   // plain copy when sorted already, else a stable sort through `order` (n
   // entries). Returns a key that repeats, or -1. No Python, no allocation:
@@ -288,22 +360,14 @@ class ConvPlan {
   }
 
   // cuts[b * K + k]: first pair of offset k with row >= b * kBlockRows, for
-  // b = 0 .. blocks (one merge walk per offset).
-  std::vector<int64_t> block_cuts(const int32_t* row, int64_t num_rows, int nt) const {
-    const int64_t K = kernel_volume(), blocks = (num_rows + conv::kBlockRows - 1) / conv::kBlockRows;
-    std::vector<int64_t> cuts((blocks + 1) * K);
-    py::gil_scoped_release release;
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-    for (int64_t k = 0; k < K; ++k) {
-      int64_t i = ptr_[k];
-      const int64_t end = ptr_[k + 1];
-      for (int64_t b = 0; b <= blocks; ++b) {
-        const int64_t bound = b * conv::kBlockRows;
-        while (i < end && row[i] < bound) ++i;
-        cuts[b * K + k] = b == blocks ? end : i;
-      }
+  // b = 0 .. blocks (one merge walk over the offset's sorted rows).
+  void block_cuts(const int32_t* row, int64_t k, int64_t num_rows, std::vector<int64_t>& cuts) const {
+    const int64_t K = kernel_volume(), nb = blocks(num_rows), end = ptr_[k + 1];
+    int64_t i = ptr_[k];
+    for (int64_t b = 0; b <= nb; ++b) {
+      while (i < end && row[i] < b * conv::kBlockRows) ++i;
+      cuts[b * K + k] = b == nb ? end : i;
     }
-    return cuts;
   }
 
   // The arrays of one direction: src read (rows on the read side), dst
@@ -320,9 +384,9 @@ class ConvPlan {
   }
 
   void apply(const py::array& src, const py::array& weight, const py::array* bias, py::array& dst, bool transpose,
-             int num_threads, bool portable) const {
-    dispatch(src, [&] { run_apply<float>(src, weight, bias, dst, transpose, num_threads, portable); },
-             [&] { run_apply<double>(src, weight, bias, dst, transpose, num_threads, portable); });
+             int num_threads, Isa isa, bool relu) const {
+    dispatch(src, [&] { run_apply<float>(src, weight, bias, dst, transpose, num_threads, isa, relu); },
+             [&] { run_apply<double>(src, weight, bias, dst, transpose, num_threads, isa, relu); });
   }
 
   static void rows_are(const py::array& a, int64_t rows, const char* name, const char* what) {
@@ -347,21 +411,20 @@ class ConvPlan {
 
   template <typename T>
   void run_apply(const py::array& src, const py::array& weight, const py::array* bias, py::array& dst,
-                 bool transpose, int num_threads, bool portable) const {
-    const int64_t kc = src.shape(1), cols = dst.shape(1), K = kernel_volume();
+                 bool transpose, int num_threads, Isa isa, bool relu) const {
+    const int64_t kc = src.shape(1), cols = dst.shape(1);
     if (cols == 0 || dst.shape(0) == 0) return;
-    std::vector<T> wpack(std::max<int64_t>(1, conv::wpack_size<T>(K, kc, cols)));
     const T* b = bias ? static_cast<const T*>(bias->data()) : nullptr;
     conv::ApplyArgs<T> a{static_cast<const T*>(src.data()), static_cast<const T*>(weight.data()), b,
-                         static_cast<T*>(dst.mutable_data()), wpack.data(), kc, cols, dst.shape(0), transpose,
-                         transpose ? pairs_bwd() : pairs_fwd(), threads(num_threads)};
+                         static_cast<T*>(dst.mutable_data()), nullptr, kc, cols, dst.shape(0), transpose,
+                         transpose ? pairs_bwd() : pairs_fwd(), threads(num_threads), relu};
     py::gil_scoped_release release;
-    conv::apply(a, portable);
+    conv::apply(a, isa);
   }
 
   template <typename T>
   void run_wgrad(const py::array& feats, const py::array& grad, py::array& grad_weight, int num_threads,
-                 bool portable) const {
+                 Isa isa) const {
     const int64_t c_in = feats.shape(1), c_out = grad.shape(1), K = kernel_volume();
     if (c_in == 0 || c_out == 0 || K == 0) return;
     if (num_out_ == 0 || (num_pairs() == 0 && identity_ < 0)) {
@@ -390,24 +453,31 @@ class ConvPlan {
     }
     const int64_t num_units = int64_t(units.size()) - 1;
     const int nt = int(std::min<int64_t>(threads(num_threads), std::max<int64_t>(num_units, 1)));
-    std::vector<T> partials(num_units * K * c_in * c_out), scratch(nt * conv::wgrad_scratch<T>(c_in, c_out));
+    std::vector<T> partials(num_units * K * c_in * c_out);
     conv::WgradArgs<T> a{static_cast<const T*>(feats.data()), static_cast<const T*>(grad.data()),
-                         static_cast<T*>(grad_weight.mutable_data()), partials.data(), scratch.data(),
+                         static_cast<T*>(grad_weight.mutable_data()), partials.data(), nullptr,
                          units.data(), num_units, c_in, c_out, num_out_, pairs_fwd(), nt};
     py::gil_scoped_release release;
-    conv::wgrad(a, portable);
+    conv::wgrad(a, isa);
   }
 
   conv::PairList pairs_fwd() const {
-    return {fwd_row_.get(), fwd_col_.get(), ptr_.data(), fwd_cuts_.data(), kernel_volume(), identity_};
+    return {fwd_row_, fwd_col_, ptr_.data(), fwd_cuts_.data(), kernel_volume(), identity_};
   }
   conv::PairList pairs_bwd() const {
-    return {bwd_row_.get(), bwd_col_.get(), ptr_.data(), bwd_cuts_.data(), kernel_volume(), identity_};
+    return {bwd_row_, bwd_col_, ptr_.data(), bwd_cuts_.data(), kernel_volume(), identity_};
   }
 
   int64_t num_in_, num_out_, identity_;
   std::vector<int64_t> ptr_, fwd_cuts_, bwd_cuts_;
-  std::unique_ptr<int32_t[]> fwd_row_, fwd_col_, bwd_row_, bwd_col_;  // uninitialised until filled
+  // The int32 pairs, shared with the transposed plan. By input row: the
+  // forward arrays themselves (bwd_row_ = fwd_col_, bwd_col_ = fwd_row_)
+  // when every offset is sorted both ways, else bwd_row / bwd_col.
+  struct Storage {
+    std::unique_ptr<int32_t[]> fwd_row, fwd_col, bwd_row, bwd_col;  // uninitialised until filled
+  };
+  std::shared_ptr<Storage> store_;
+  const int32_t *fwd_row_ = nullptr, *fwd_col_ = nullptr, *bwd_row_ = nullptr, *bwd_col_ = nullptr;
 };
 
 }  // namespace
@@ -420,27 +490,39 @@ void bind_conv(py::module_& m) {
         py::arg("rows"), py::arg("dst"), py::arg("num_threads"),
         "dst[idx[start[g]+i]] += buf[g*rows+i] for i < len[g], segment by segment (indices unique within a "
         "segment); deterministic for any thread count. In place.");
-  m.def("conv_isa", [] { return std::string(conv::uses_avx2() ? "avx2" : "generic"); },
-        "Instruction set the fused convolution kernels use on this CPU: 'avx2' or 'generic'.");
+  m.def("conv_isa", [] { return std::string(isa_name(best_isa())); },
+        "Instruction set the fused convolution kernels use on this CPU by default: 'avx512', 'avx2' or 'generic'.");
+  m.def("runnable_isas", [] {
+        std::vector<std::string> names;
+        for (int i = kNumIsas - 1; i >= 0; --i)
+          if (isa_runs(Isa(i))) names.push_back(isa_name(Isa(i)));
+        return names;
+      },
+        "The kernel builds (conv and SpMM) this CPU runs, widest first: what an `isa` argument accepts.");
   py::class_<ConvPlan>(m, "ConvPlan",
                        "The pairs of a kernel map checked and laid out once for the fused convolution kernels.")
       .def(py::init<carray<int64_t>, carray<int64_t>, carray<int64_t>, int64_t, int64_t, int64_t, int>(),
            py::arg("in_idx"), py::arg("out_idx"), py::arg("ptr"), py::arg("num_in"), py::arg("num_out"),
            py::arg("identity"), py::arg("num_threads") = 1)
+      .def("transposed", &ConvPlan::transposed,
+           "The plan of the transposed map (inputs and outputs swapped), sharing this plan's pairs: no pass "
+           "over them.")
       .def_property_readonly("num_in", &ConvPlan::num_in)
       .def_property_readonly("num_out", &ConvPlan::num_out)
       .def_property_readonly("kernel_volume", &ConvPlan::kernel_volume)
       .def_property_readonly("identity", &ConvPlan::identity)
       .def_property_readonly("num_pairs", &ConvPlan::num_pairs)
       .def("forward", &ConvPlan::forward, py::arg("feats"), py::arg("weight"), py::arg("bias"), py::arg("out"),
-           py::arg("num_threads"), py::arg("portable") = false,
+           py::arg("num_threads"), py::arg("isa") = py::none(), py::arg("relu") = false,
            "out = bias + sum over offsets o of feats[in_idx] @ weight[o] added at out_idx (bias None: zero). "
-           "Writes every row of out.")
+           "Writes every row of out. isa: None (the best build that runs here), 'generic', 'avx2' or 'avx512' "
+           "(ValueError where it does not run); True/False: the former `portable` flag. relu: out = max(out, 0) "
+           "in the kernel's epilogue (inference).")
       .def("backward_input", &ConvPlan::backward_input, py::arg("grad"), py::arg("weight"), py::arg("grad_feats"),
-           py::arg("num_threads"), py::arg("portable") = false,
+           py::arg("num_threads"), py::arg("isa") = py::none(),
            "grad_feats = sum over offsets o of grad[out_idx] @ weight[o].T added at in_idx. Writes every row.")
       .def("backward_weight", &ConvPlan::backward_weight, py::arg("feats"), py::arg("grad"),
-           py::arg("grad_weight"), py::arg("num_threads"), py::arg("portable") = false,
+           py::arg("grad_weight"), py::arg("num_threads"), py::arg("isa") = py::none(),
            "grad_weight[o] = feats[in_idx].T @ grad[out_idx] for every offset o. Writes all of grad_weight.");
 }
 

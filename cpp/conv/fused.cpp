@@ -1,22 +1,43 @@
-// Runtime dispatch of the fused convolution kernels (see fused.h).
+// Runtime dispatch of the fused convolution kernels (see fused.h): the scratch
+// whose size depends on the register tile is sized here for the build that
+// runs, so a caller cannot size it for another.
 #include "conv/fused.h"
+
+#include <vector>
 
 namespace ps {
 namespace conv {
 namespace {
-bool use_avx2() {
-  static const bool yes = have_avx2();
-  return yes;
+
+template <typename T>
+void apply_with(ApplyArgs<T> a, Isa isa) {
+  const int64_t K = a.pairs.kernel_volume;
+  std::vector<T> wpack(size_t(wpack_size<T>(isa, K, a.kc, a.cols) > 0 ? wpack_size<T>(isa, K, a.kc, a.cols) : 1));
+  a.wpack = wpack.data();
+  switch (isa) {
+    case Isa::avx512: avx512::apply(a); break;
+    case Isa::avx2: avx2::apply(a); break;
+    default: generic::apply(a); break;
+  }
 }
+
+template <typename T>
+void wgrad_with(WgradArgs<T> a, Isa isa) {
+  std::vector<T> scratch(size_t(a.nt * wgrad_scratch<T>(isa, a.c_in, a.c_out)));
+  a.scratch = scratch.data();
+  switch (isa) {
+    case Isa::avx512: avx512::wgrad(a); break;
+    case Isa::avx2: avx2::wgrad(a); break;
+    default: generic::wgrad(a); break;
+  }
+}
+
 }  // namespace
 
-bool uses_avx2() { return use_avx2(); }
-void apply(const ApplyArgs<float>& a, bool portable) { !portable && use_avx2() ? avx2::apply(a) : generic::apply(a); }
-void apply(const ApplyArgs<double>& a, bool portable) { !portable && use_avx2() ? avx2::apply(a) : generic::apply(a); }
-void wgrad(const WgradArgs<float>& a, bool portable) { !portable && use_avx2() ? avx2::wgrad(a) : generic::wgrad(a); }
-void wgrad(const WgradArgs<double>& a, bool portable) {
-  !portable && use_avx2() ? avx2::wgrad(a) : generic::wgrad(a);
-}
+void apply(ApplyArgs<float> a, Isa isa) { apply_with(a, isa); }
+void apply(ApplyArgs<double> a, Isa isa) { apply_with(a, isa); }
+void wgrad(WgradArgs<float> a, Isa isa) { wgrad_with(a, isa); }
+void wgrad(WgradArgs<double> a, Isa isa) { wgrad_with(a, isa); }
 
 }  // namespace conv
 }  // namespace ps

@@ -11,11 +11,15 @@
 // count, and no two threads ever write one row.
 //
 // Callers check every index and size first (ConvPlan in bind.cpp); the
-// kernels trust them. Scratch is allocated here, outside the per-ISA builds
-// (fused_kernels.h must not instantiate std templates, see spmm/kernels.h).
+// kernels trust them. Scratch that depends on the register tile is allocated
+// by the dispatch (fused.cpp) for the build it runs, outside the per-ISA
+// builds (fused_kernels.h must not instantiate std templates, see
+// spmm/kernels.h).
 #pragma once
 
 #include <cstdint>
+
+#include "isa.h"
 
 namespace ps {
 namespace conv {
@@ -44,11 +48,14 @@ struct ApplyArgs {
   const T* w;     // (K, C_in, C_out)
   const T* bias;  // (cols) or null
   T* dst;         // (num_rows, cols)
-  T* wpack;       // scratch: K * panels(cols) * kc * NR, filled here
+  T* wpack;       // scratch: wpack_size(isa, K, kc, cols), set by the dispatch
   int64_t kc, cols, num_rows;
   bool transpose;
   PairList pairs;
   int nt;
+  // Inference epilogue: dst = max(dst, 0) on each block's rows once all its
+  // offsets are in (still in cache); NaN stays NaN.
+  bool relu = false;
 };
 
 // grad_w[k] = x[col]^T @ g[row] summed over the pairs of offset k (every
@@ -61,14 +68,13 @@ struct WgradArgs {
   const T* g;        // (num_rows, c_out)
   T* grad_w;         // (K, c_in, c_out)
   T* partials;       // scratch: num_units * K * c_in * c_out
-  T* scratch;        // scratch: nt * wgrad_scratch(c_in, c_out)
+  T* scratch;        // scratch: nt * wgrad_scratch(isa, c_in, c_out), set by the dispatch
   const int64_t* units;  // num_units + 1 row-block boundaries
   int64_t num_units, c_in, c_out, num_rows;
   PairList pairs;
   int nt;
 };
 
-constexpr int kMR = 6;               // pairs per register tile
 constexpr int64_t kBlockRows = 256;  // written rows per work block
 constexpr int64_t kUnitPairs = 65536;  // pairs per weight-gradient unit (at least, on large maps)
 constexpr int64_t kMinUnits = 16;      // units a smaller map is cut into
@@ -77,39 +83,53 @@ constexpr int64_t kPartialBytes = int64_t(64) << 20;  // cap on all units' parti
 constexpr int64_t kKC = 64;         // pairs per packed weight-gradient panel
 constexpr int64_t kWC = 128;          // pairs per step of the unpacked weight gradient
 
-// Columns per register tile: two 32-byte vectors.
+// The register tile of each build: `mr` pairs (rows) x two vectors of
+// `vec_bytes` (columns). generic and avx2: 6 x (2 x 32 bytes), 12
+// accumulators of the 16 ymm registers; avx512: 8 x (2 x 64 bytes), 16 of the
+// 32 zmm registers. Measured on Zen 4 (KITTI sweep, k=3, C=64 and 128, one
+// thread): 8 and 14 rows equal, 12 slower; 8 wastes the fewest rows on the
+// short runs of pairs an offset has in a 256-row block.
+#ifndef PS_CONV_AVX512_MR
+#define PS_CONV_AVX512_MR 8
+#endif
+struct TileShape {
+  int mr;
+  int vec_bytes;
+};
+constexpr TileShape tile_shape(Isa isa) {
+  return isa == Isa::avx512 ? TileShape{PS_CONV_AVX512_MR, 64} : TileShape{6, 32};
+}
+// Columns per register tile (two vectors) and column panels of `cols`.
 template <typename T>
-constexpr int64_t nr() { return 64 / int64_t(sizeof(T)); }
+constexpr int64_t nr(Isa isa) { return 2 * tile_shape(isa).vec_bytes / int64_t(sizeof(T)); }
 template <typename T>
-constexpr int64_t panels(int64_t cols) { return (cols + nr<T>() - 1) / nr<T>(); }
+constexpr int64_t panels(Isa isa, int64_t cols) { return (cols + nr<T>(isa) - 1) / nr<T>(isa); }
 template <typename T>
-constexpr int64_t wpack_size(int64_t k, int64_t kc, int64_t cols) { return k * panels<T>(cols) * kc * nr<T>(); }
+constexpr int64_t wpack_size(Isa isa, int64_t k, int64_t kc, int64_t cols) {
+  return k * panels<T>(isa, cols) * kc * nr<T>(isa);
+}
 template <typename T>
-constexpr int64_t wgrad_scratch(int64_t c_in, int64_t c_out) {
-  return kMR * kKC + panels<T>(c_out) * nr<T>() * kKC;
+constexpr int64_t wgrad_scratch(Isa isa, int64_t c_in, int64_t c_out) {
+  return tile_shape(isa).mr * kKC + panels<T>(isa, c_out) * nr<T>(isa) * kKC;
 }
 
-// Entry points (runtime ISA dispatch in fused.cpp; `portable`: the generic
-// kernels even where AVX2 runs, for tests).
-void apply(const ApplyArgs<float>& a, bool portable);
-void apply(const ApplyArgs<double>& a, bool portable);
-void wgrad(const WgradArgs<float>& a, bool portable);
-void wgrad(const WgradArgs<double>& a, bool portable);
-bool have_avx2();   // the CPU and this build can run the AVX2 kernels
-bool uses_avx2();   // have_avx2(), asked once
+// Entry points: the build `isa` (one that runs here: isa_runs(isa)) with its
+// scratch (a.wpack / a.scratch are set here).
+void apply(ApplyArgs<float> a, Isa isa);
+void apply(ApplyArgs<double> a, Isa isa);
+void wgrad(WgradArgs<float> a, Isa isa);
+void wgrad(WgradArgs<double> a, Isa isa);
 
-namespace avx2 {
-void apply(const ApplyArgs<float>& a);
-void apply(const ApplyArgs<double>& a);
-void wgrad(const WgradArgs<float>& a);
-void wgrad(const WgradArgs<double>& a);
-}  // namespace avx2
-namespace generic {
-void apply(const ApplyArgs<float>& a);
-void apply(const ApplyArgs<double>& a);
-void wgrad(const WgradArgs<float>& a);
-void wgrad(const WgradArgs<double>& a);
-}  // namespace generic
+// Each build's kernels; their scratch must be set.
+#define PS_CONV_DECLARE_KERNELS         \
+  void apply(const ApplyArgs<float>& a);  \
+  void apply(const ApplyArgs<double>& a); \
+  void wgrad(const WgradArgs<float>& a);  \
+  void wgrad(const WgradArgs<double>& a);
+namespace avx512 { PS_CONV_DECLARE_KERNELS }
+namespace avx2 { PS_CONV_DECLARE_KERNELS }
+namespace generic { PS_CONV_DECLARE_KERNELS }
+#undef PS_CONV_DECLARE_KERNELS
 
 }  // namespace conv
 }  // namespace ps

@@ -1,5 +1,5 @@
 // The fused convolution kernels compiled for AVX2+FMA; fused.cpp calls them
-// only when the CPU reports both at run time.
+// only where isa_runs(Isa::avx2).
 #include <omp.h>
 
 #include <cstdint>
@@ -7,10 +7,11 @@
 #include "conv/fused.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
-#define PS_CONV_HAVE_AVX2 1
 #include <immintrin.h>
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
+#define PS_CONV_ISA Isa::avx2
+#define PS_CONV_VEC_BYTES 32
 namespace ps {
 namespace conv {
 namespace avx2 {
@@ -23,7 +24,7 @@ namespace avx2 {
 namespace ps {
 namespace conv {
 namespace avx2 {
-// Never called: have_avx2() is false in this build.
+// Never called: isa_runs(Isa::avx2) is false in this build.
 void apply(const ApplyArgs<float>& a) { generic::apply(a); }
 void apply(const ApplyArgs<double>& a) { generic::apply(a); }
 void wgrad(const WgradArgs<float>& a) { generic::wgrad(a); }
@@ -32,16 +33,3 @@ void wgrad(const WgradArgs<double>& a) { generic::wgrad(a); }
 }  // namespace conv
 }  // namespace ps
 #endif
-
-namespace ps {
-namespace conv {
-bool have_avx2() {
-#if defined(PS_CONV_HAVE_AVX2)
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
-}
-}  // namespace conv
-}  // namespace ps

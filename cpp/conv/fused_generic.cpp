@@ -10,6 +10,8 @@
 // ABI note GCC gives for them does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
+#define PS_CONV_ISA Isa::generic
+#define PS_CONV_VEC_BYTES 32
 namespace ps {
 namespace conv {
 namespace generic {

@@ -1,26 +1,42 @@
 // Kernels of the fused convolution (see fused.h), compiled once per
-// instruction set: the includer opens namespace ps::conv::<isa> and, for the
-// AVX2 build, has turned on `#pragma GCC target("avx2,fma")` and included
+// instruction set: the includer opens namespace ps::conv::<isa>, defines
+// PS_CONV_ISA (its Isa) and PS_CONV_VEC_BYTES (32 or 64) and, for the x86
+// builds, has turned on its `#pragma GCC target(...)` and included
 // <immintrin.h>. Everything here has internal linkage and no std templates,
 // so the copies never merge at link time.
 //
-// Register tile: kMR rows x NR columns (two 32-byte vectors: 16 floats or 8
-// doubles), 12 vector accumulators. Per step of the reduction it loads two
-// vectors of B and broadcasts one element of each of the kMR A rows.
-// acc = sum_k a[r][k] * B[k][:] in k order from zero, then C[r] += acc: the
-// same arithmetic for full and partial tiles, so tiling never changes a bit.
+// Register tile: kMR rows x NR columns (two vectors of PS_CONV_VEC_BYTES),
+// 2 * kMR vector accumulators (tile_shape in fused.h). Per step of the
+// reduction it loads two vectors of B and broadcasts one element of each of
+// the kMR A rows. acc = sum_k a[r][k] * B[k][:] in k order from zero, then
+// C[r] += acc: the same arithmetic for full and partial tiles, for one or two
+// vectors of columns and for every tile shape, so neither tiling nor the
+// vector width changes a bit (the FMA builds agree bit for bit).
 
 namespace {
+
+constexpr Isa kIsa = PS_CONV_ISA;
+constexpr int kMR = tile_shape(kIsa).mr;
+static_assert(tile_shape(kIsa).vec_bytes == PS_CONV_VEC_BYTES, "PS_CONV_VEC_BYTES must match tile_shape");
+
+// This build's columns per tile and column panels of `cols`.
+template <typename T>
+constexpr int64_t nr() { return conv::nr<T>(kIsa); }
+template <typename T>
+constexpr int64_t panels(int64_t cols) { return conv::panels<T>(kIsa, cols); }
+// Elements of one vector.
+template <typename T>
+constexpr int lanes() { return int(PS_CONV_VEC_BYTES / sizeof(T)); }
 
 template <typename T>
 struct Vec;
 template <>
 struct Vec<float> {
-  typedef float type __attribute__((vector_size(32)));
+  typedef float type __attribute__((vector_size(PS_CONV_VEC_BYTES)));
 };
 template <>
 struct Vec<double> {
-  typedef double type __attribute__((vector_size(32)));
+  typedef double type __attribute__((vector_size(PS_CONV_VEC_BYTES)));
 };
 
 template <typename T>
@@ -33,10 +49,32 @@ template <typename T>
 inline void vstore(T* p, typename Vec<T>::type v) {
   __builtin_memcpy(p, &v, sizeof(v));
 }
+#if PS_CONV_VEC_BYTES == 64
+inline Vec<float>::type vbroadcast(float x) { return Vec<float>::type{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+inline Vec<double>::type vbroadcast(double x) { return Vec<double>::type{x, x, x, x, x, x, x, x}; }
+#else
 inline Vec<float>::type vbroadcast(float x) { return Vec<float>::type{x, x, x, x, x, x, x, x}; }
 inline Vec<double>::type vbroadcast(double x) { return Vec<double>::type{x, x, x, x}; }
+#endif
 
-#if defined(__FMA__) && defined(__AVX2__)
+#if PS_CONV_VEC_BYTES == 64 && defined(__AVX512F__)
+#define PS_CONV_MASKED 1
+inline Vec<float>::type vfma(Vec<float>::type a, Vec<float>::type b, Vec<float>::type c) {
+  return _mm512_fmadd_ps(a, b, c);
+}
+inline Vec<double>::type vfma(Vec<double>::type a, Vec<double>::type b, Vec<double>::type c) {
+  return _mm512_fmadd_pd(a, b, c);
+}
+// p[0:n] += v[0:n] (n <= lanes), the other lanes neither read nor written.
+inline void vadd_masked(float* p, Vec<float>::type v, int n) {
+  const __mmask16 m = __mmask16((1u << n) - 1u);
+  _mm512_mask_storeu_ps(p, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, p), v));
+}
+inline void vadd_masked(double* p, Vec<double>::type v, int n) {
+  const __mmask8 m = __mmask8((1u << n) - 1u);
+  _mm512_mask_storeu_pd(p, m, _mm512_add_pd(_mm512_maskz_loadu_pd(m, p), v));
+}
+#elif defined(__FMA__) && defined(__AVX2__)
 inline Vec<float>::type vfma(Vec<float>::type a, Vec<float>::type b, Vec<float>::type c) {
   return _mm256_fmadd_ps(a, b, c);
 }
@@ -50,71 +88,86 @@ inline V vfma(V a, V b, V c) {
 }
 #endif
 
-// One step of a register tile: acc{0,1}[r] += x_r * (b0, b1), x_r = *x[r].
-template <typename T>
+// One step of a register tile: acc0[r] += x_r * b0 and (NV = 2) acc1[r] +=
+// x_r * b1, x_r = x[r][off], for r < kMR.
+template <typename T, int NV = 2>
 inline void tile_step(typename Vec<T>::type* acc0, typename Vec<T>::type* acc1, typename Vec<T>::type b0,
-                      typename Vec<T>::type b1, const T* x0, const T* x1, const T* x2, const T* x3, const T* x4,
-                      const T* x5) {
-  const T* const x[kMR] = {x0, x1, x2, x3, x4, x5};
-#pragma GCC unroll 6
+                      typename Vec<T>::type b1, const T* const* x, int64_t off) {
+#pragma GCC unroll 16
   for (int r = 0; r < kMR; ++r) {
-    const typename Vec<T>::type v = vbroadcast(*x[r]);
+    const typename Vec<T>::type v = vbroadcast(x[r][off]);
     acc0[r] = vfma(v, b0, acc0[r]);
-    acc1[r] = vfma(v, b1, acc1[r]);
+    if (NV > 1) acc1[r] = vfma(v, b1, acc1[r]);
   }
 }
 
-// c[r][0:ncols] += acc{0,1}[r] for r in [first, last). Only constant indices
-// into acc0/acc1: the accumulators stay in registers (a runtime index would
-// send them through the stack).
-template <typename T>
+// c[r][0:ncols] += (acc0[r], acc1[r])[0:ncols] for r in [first, last);
+// ncols <= NV * lanes. Only constant indices into acc0/acc1: the accumulators
+// stay in registers (a runtime index would send them through the stack).
+template <typename T, int NV = 2>
 inline void tile_add(const typename Vec<T>::type* acc0, const typename Vec<T>::type* acc1, T* const* c, int first,
                      int last, int64_t ncols) {
-  constexpr int L = int(32 / sizeof(T));
-  constexpr int NR = 2 * L;
-  if (ncols == NR && first == 0 && last == kMR) {
-#pragma GCC unroll 6
+  constexpr int L = lanes<T>();
+  if (ncols == NV * L && first == 0 && last == kMR) {
+#pragma GCC unroll 16
     for (int r = 0; r < kMR; ++r) {
       T* cr = c[r];
       vstore(cr, vload(cr) + acc0[r]);
-      vstore(cr + L, vload(cr + L) + acc1[r]);
+      if (NV > 1) vstore(cr + L, vload(cr + L) + acc1[r]);
     }
     return;
   }
-  T tmp[kMR][NR];
-#pragma GCC unroll 6
+#if defined(PS_CONV_MASKED)
+  const int n0 = int(ncols < L ? ncols : L), n1 = int(ncols - n0);
+#pragma GCC unroll 16
+  for (int r = 0; r < kMR; ++r) {
+    if (r < first || r >= last) continue;
+    vadd_masked(c[r], acc0[r], n0);
+    if (NV > 1 && n1 > 0) vadd_masked(c[r] + L, acc1[r], n1);
+  }
+#else
+  T tmp[kMR][NV * L];
+#pragma GCC unroll 16
   for (int r = 0; r < kMR; ++r) {
     vstore(tmp[r], acc0[r]);
-    vstore(tmp[r] + L, acc1[r]);
+    if (NV > 1) vstore(tmp[r] + L, acc1[r]);
   }
   for (int r = first; r < last; ++r) {
     T* cr = c[r];
     for (int64_t j = 0; j < ncols; ++j) cr[j] += tmp[r][j];
   }
+#endif
 }
 
-// C[r][0:ncols] += sum_k A[r][k] * B[k][0:NR] for r < mr. A[r][k] is
-// a[r][k * AS] (AS = 1: rows of a feature matrix; AS = kMR: a packed panel).
-// Rows r >= mr of `a` must still be readable (callers repeat a valid row).
+// C[r][0:ncols] += sum_k A[r][k] * B[k][0:ncols] for r < mr. A[r][k] is
+// a[r][k * AS] (AS = 1: rows of a feature matrix; AS = kMR: a packed panel);
+// B rows are NR apart, of which NV vectors are read (NV = 1 for a last panel
+// of at most one vector: half the work). Rows r >= mr of `a` must still be
+// readable (callers repeat a valid row).
+template <typename T, int AS, int NV>
+inline void micro_nv(int64_t kc, const T* const* a, const T* __restrict b, T* const* c, int mr, int64_t ncols) {
+  typedef typename Vec<T>::type V;
+  constexpr int L = lanes<T>();
+  constexpr int64_t NR = nr<T>();
+  V acc0[kMR], acc1[kMR];
+#pragma GCC unroll 16
+  for (int r = 0; r < kMR; ++r) acc0[r] = acc1[r] = V{};
+  const T* x[kMR];
+#pragma GCC unroll 16
+  for (int r = 0; r < kMR; ++r) x[r] = a[r];
+  for (int64_t k = 0; k < kc; ++k) {
+    const V b0 = vload(b + k * NR), b1 = NV > 1 ? vload(b + k * NR + L) : V{};
+    tile_step<T, NV>(acc0, acc1, b0, b1, x, k * AS);
+  }
+  tile_add<T, NV>(acc0, acc1, c, 0, mr, ncols);
+}
+
 template <typename T, int AS>
 inline void micro(int64_t kc, const T* const* a, const T* __restrict b, T* const* c, int mr, int64_t ncols) {
-  typedef typename Vec<T>::type V;
-  constexpr int L = int(32 / sizeof(T));
-  constexpr int NR = 2 * L;
-  V acc0[kMR], acc1[kMR];
-#pragma GCC unroll 6
-  for (int r = 0; r < kMR; ++r) acc0[r] = acc1[r] = V{};
-  const T* __restrict a0 = a[0];
-  const T* __restrict a1 = a[1];
-  const T* __restrict a2 = a[2];
-  const T* __restrict a3 = a[3];
-  const T* __restrict a4 = a[4];
-  const T* __restrict a5 = a[5];
-  for (int64_t k = 0; k < kc; ++k) {
-    const V b0 = vload(b + k * NR), b1 = vload(b + k * NR + L);
-    tile_step<T>(acc0, acc1, b0, b1, a0 + k * AS, a1 + k * AS, a2 + k * AS, a3 + k * AS, a4 + k * AS, a5 + k * AS);
-  }
-  tile_add<T>(acc0, acc1, c, 0, mr, ncols);
+  if (ncols <= lanes<T>())
+    micro_nv<T, AS, 1>(kc, a, b, c, mr, ncols);
+  else
+    micro_nv<T, AS, 2>(kc, a, b, c, mr, ncols);
 }
 
 // wpack[k][p][c][0:NR] = B_k[c][p*NR : p*NR+NR], zero past the last column.
@@ -161,8 +214,7 @@ void apply_impl(const ApplyArgs<T>& a) {
       else
         __builtin_memset(d, 0, sizeof(T) * static_cast<unsigned long>(a.cols));
     }
-    if (a.kc == 0) continue;
-    for (int64_t k = 0; k < K; ++k) {
+    for (int64_t k = 0; k < (a.kc == 0 ? 0 : K); ++k) {
       const bool ident = k == pl.identity;
       const int64_t lo = ident ? r0 : pl.cuts[blk * K + k], hi = ident ? r1 : pl.cuts[(blk + 1) * K + k];
       const T* wk = a.wpack + k * np * a.kc * NR;
@@ -188,28 +240,44 @@ void apply_impl(const ApplyArgs<T>& a) {
         }
       }
     }
+    if (a.relu) {
+      T* __restrict d = a.dst + r0 * a.cols;
+      for (int64_t i = 0; i < (r1 - r0) * a.cols; ++i) d[i] = d[i] < T(0) ? T(0) : d[i];
+    }
   }
 }
 
 // C[r][j] += sum_q x[q][m0 + r] * B[q][j] for skip_rows <= r < kMR, j <
-// ncols; x[q] = xp[q] (rows read in place), B packed (q, NR).
-template <typename T>
-inline void micro_wg(int64_t n, const T* const* xp, int64_t m0, const T* __restrict b, T* c, int64_t ldc,
-                     int skip_rows, int64_t ncols) {
+// ncols; x[q] = xp[q] (rows read in place), B packed (q, NR), NV vectors read.
+template <typename T, int NV>
+inline void micro_wg_nv(int64_t n, const T* const* xp, int64_t m0, const T* __restrict b, T* c, int64_t ldc,
+                        int skip_rows, int64_t ncols) {
   typedef typename Vec<T>::type V;
-  constexpr int L = int(32 / sizeof(T));
-  constexpr int NR = 2 * L;
+  constexpr int L = lanes<T>();
+  constexpr int64_t NR = nr<T>();
   V acc0[kMR], acc1[kMR];
-#pragma GCC unroll 6
+#pragma GCC unroll 16
   for (int r = 0; r < kMR; ++r) acc0[r] = acc1[r] = V{};
   for (int64_t q = 0; q < n; ++q) {
     const T* __restrict xr = xp[q] + m0;
-    const V b0 = vload(b + q * NR), b1 = vload(b + q * NR + L);
-    tile_step<T>(acc0, acc1, b0, b1, xr, xr + 1, xr + 2, xr + 3, xr + 4, xr + 5);
+    const V b0 = vload(b + q * NR), b1 = NV > 1 ? vload(b + q * NR + L) : V{};
+    const T* x[kMR];
+#pragma GCC unroll 16
+    for (int r = 0; r < kMR; ++r) x[r] = xr + r;
+    tile_step<T, NV>(acc0, acc1, b0, b1, x, 0);
   }
   T* rows[kMR];
   for (int r = 0; r < kMR; ++r) rows[r] = c + r * ldc;
-  tile_add<T>(acc0, acc1, rows, skip_rows, kMR, ncols);
+  tile_add<T, NV>(acc0, acc1, rows, skip_rows, kMR, ncols);
+}
+
+template <typename T>
+inline void micro_wg(int64_t n, const T* const* xp, int64_t m0, const T* __restrict b, T* c, int64_t ldc,
+                     int skip_rows, int64_t ncols) {
+  if (ncols <= lanes<T>())
+    micro_wg_nv<T, 1>(n, xp, m0, b, c, ldc, skip_rows, ncols);
+  else
+    micro_wg_nv<T, 2>(n, xp, m0, b, c, ldc, skip_rows, ncols);
 }
 
 // grad_w partials of pairs [s, end) of offset k into part (c_in x c_out),
@@ -273,7 +341,7 @@ void wgrad_pairs(const WgradArgs<T>& a, int64_t s0, int64_t end, bool ident, T* 
 template <typename T>
 void wgrad_impl(const WgradArgs<T>& a) {
   const int64_t K = a.pairs.kernel_volume, psize = a.c_in * a.c_out;
-  const int64_t per_thread = wgrad_scratch<T>(a.c_in, a.c_out);
+  const int64_t per_thread = wgrad_scratch<T>(kIsa, a.c_in, a.c_out);
   const PairList& pl = a.pairs;
 #pragma omp parallel num_threads(a.nt) if (a.num_units > 1)
   {

@@ -77,10 +77,11 @@ struct CsrConvArgs {
   void nm(const NmArgs& a);          \
   void eie(const EieArgs& a);
 
+// One build per instruction set (isa_*.cpp); bind.cpp picks one that runs
+// here (isa.h).
 namespace generic { PS_SPMM_DECLARE_ENTRY_POINTS }
 namespace avx2 { PS_SPMM_DECLARE_ENTRY_POINTS }
-// True when this build has an AVX2+FMA copy of the kernels and the CPU runs it.
-bool have_avx2();
+namespace avx512 { PS_SPMM_DECLARE_ENTRY_POINTS }
 
 }  // namespace spmm
 }  // namespace ps

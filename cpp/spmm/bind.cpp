@@ -1,7 +1,7 @@
 // SpMM bindings: Y (M, N) = S (M, K) @ X (K, N) for a sparse S in CSR, BSR,
 // N:M or EIE layout (kernels.h documents the arrays). Every index is checked
-// here, before any parallel region; then the GIL is released and the AVX2+FMA
-// or the portable build of the kernels runs.
+// here, before any parallel region; then the GIL is released and the build of
+// the kernels the `isa` argument picks runs (isa_arg.h: None, the best one).
 #include <algorithm>
 #include <limits>
 #include <string>
@@ -9,6 +9,7 @@
 
 #include "array.h"
 #include "bind.h"
+#include "isa_arg.h"
 #include "spmm/args.h"
 
 namespace ps {
@@ -82,12 +83,21 @@ void check_x(const py::array& X, int64_t K) {
                 shape_str(X));
 }
 
+// One kernel of the build `isa`, without the GIL.
+template <typename Args>
+void run_kernel(Isa isa, const Args& a, void (*generic)(const Args&), void (*avx2)(const Args&),
+                void (*avx512)(const Args&)) {
+  py::gil_scoped_release release;
+  (isa == Isa::avx512 ? avx512 : isa == Isa::avx2 ? avx2 : generic)(a);
+}
+
 void check_nonneg(int64_t v, const char* name) {
   if (v < 0) value_error(std::string(name) + " must be >= 0; got " + std::to_string(v));
 }
 
 py::array csr_spmm(carray<int64_t> row_ptr, py::array col, py::array val, py::array X, int64_t K,
-                   bool portable, int num_threads) {
+                   py::object isa, int num_threads) {
+  const Isa use = isa_arg(isa);
   check_nonneg(K, "K");
   if (row_ptr.ndim() != 1 || row_ptr.shape(0) < 1)
     value_error("row_ptr must be 1-D of length M + 1 >= 1; got shape " + shape_str(row_ptr));
@@ -109,10 +119,7 @@ py::array csr_spmm(carray<int64_t> row_ptr, py::array col, py::array val, py::ar
   py::array Y = f64 ? py::array(py::array_t<double>({M, N})) : py::array(py::array_t<float>({M, N}));
   CsrArgs a{row_ptr.data(), col.data(), width, val.data(), f64, M, K, N, X.data(),
             Y.mutable_data(), threads(num_threads)};
-  {
-    py::gil_scoped_release release;
-    if (!portable && spmm::have_avx2()) spmm::avx2::csr(a); else spmm::generic::csr(a);
-  }
+  run_kernel(use, a, spmm::generic::csr, spmm::avx2::csr, spmm::avx512::csr);
   return Y;
 }
 
@@ -121,7 +128,8 @@ py::array csr_spmm(carray<int64_t> row_ptr, py::array col, py::array val, py::ar
 // dtype (updated in place), out_idx distinct.
 void csr_conv_accumulate(carray<int64_t> row_ptr, py::array col, py::array val, py::array feats,
                          carray<int64_t> in_idx, carray<int64_t> out_idx, py::array out,
-                         bool portable, int num_threads) {
+                         py::object isa, int num_threads) {
+  const Isa use = isa_arg(isa);
   if (row_ptr.ndim() != 1 || row_ptr.shape(0) < 1)
     value_error("row_ptr must be 1-D of length C_out + 1 >= 1; got shape " + shape_str(row_ptr));
   const int64_t C_out = row_ptr.shape(0) - 1;
@@ -162,14 +170,12 @@ void csr_conv_accumulate(carray<int64_t> row_ptr, py::array col, py::array val, 
   }
   spmm::CsrConvArgs a{row_ptr.data(), col.data(), width, val.data(), f64, C_out, C_in, P,
                       feats.data(), ii, oi, out.mutable_data(), threads(num_threads)};
-  {
-    py::gil_scoped_release release;
-    if (!portable && spmm::have_avx2()) spmm::avx2::csr_conv(a); else spmm::generic::csr_conv(a);
-  }
+  run_kernel(use, a, spmm::generic::csr_conv, spmm::avx2::csr_conv, spmm::avx512::csr_conv);
 }
 
 py::array bsr_spmm(carray<int64_t> block_ptr, py::array block_col, py::array val, py::array X,
-                   int64_t M, int64_t K, bool portable, int num_threads) {
+                   int64_t M, int64_t K, py::object isa, int num_threads) {
+  const Isa use = isa_arg(isa);
   check_nonneg(M, "M");
   check_nonneg(K, "K");
   const bool f64 = float_kind(val, "values");
@@ -192,10 +198,7 @@ py::array bsr_spmm(carray<int64_t> block_ptr, py::array block_col, py::array val
   py::array Y = f64 ? py::array(py::array_t<double>({M, N})) : py::array(py::array_t<float>({M, N}));
   BsrArgs a{block_ptr.data(), block_col.data(), width, val.data(), f64, M, K, N, br, bc, X.data(),
             Y.mutable_data(), threads(num_threads)};
-  {
-    py::gil_scoped_release release;
-    if (!portable && spmm::have_avx2()) spmm::avx2::bsr(a); else spmm::generic::bsr(a);
-  }
+  run_kernel(use, a, spmm::generic::bsr, spmm::avx2::bsr, spmm::avx512::bsr);
   return Y;
 }
 
@@ -204,7 +207,8 @@ int64_t nm_kept_per_row(int64_t K, int64_t n, int64_t m) {
 }
 
 py::array nm_spmm(py::array_t<uint8_t, py::array::c_style> positions, py::array val, int bits,
-                  int64_t n, int64_t m, py::array X, int64_t K, bool portable, int num_threads) {
+                  int64_t n, int64_t m, py::array X, int64_t K, py::object isa, int num_threads) {
+  const Isa use = isa_arg(isa);
   check_nonneg(K, "K");
   if (!(n >= 1 && n <= m && m <= 16))
     value_error("n:m must satisfy 1 <= n <= m <= 16; got " + std::to_string(n) + ":" +
@@ -241,15 +245,13 @@ py::array nm_spmm(py::array_t<uint8_t, py::array::c_style> positions, py::array 
   py::array Y = f64 ? py::array(py::array_t<double>({M, N})) : py::array(py::array_t<float>({M, N}));
   NmArgs a{pos, val.data(), f64, M, K, N, L, n, m, bits, X.data(), Y.mutable_data(),
            threads(num_threads)};
-  {
-    py::gil_scoped_release release;
-    if (!portable && spmm::have_avx2()) spmm::avx2::nm(a); else spmm::generic::nm(a);
-  }
+  run_kernel(use, a, spmm::generic::nm, spmm::avx2::nm, spmm::avx512::nm);
   return Y;
 }
 
 py::array eie_spmm(carray<int64_t> col_ptr, py::array_t<uint8_t, py::array::c_style> rel_idx,
-                   py::array val, py::array X, int64_t M, bool portable, int num_threads) {
+                   py::array val, py::array X, int64_t M, py::object isa, int num_threads) {
+  const Isa use = isa_arg(isa);
   check_nonneg(M, "M");
   if (col_ptr.ndim() != 2 || col_ptr.shape(0) < 1 || col_ptr.shape(1) < 1)
     value_error("col_ptr must be (num_pe, K + 1) with num_pe >= 1; got shape " +
@@ -291,33 +293,30 @@ py::array eie_spmm(carray<int64_t> col_ptr, py::array_t<uint8_t, py::array::c_st
   const int64_t N = X.shape(1);
   py::array Y = f64 ? py::array(py::array_t<double>({M, N})) : py::array(py::array_t<float>({M, N}));
   EieArgs a{cp, z, val.data(), f64, M, K, N, P, X.data(), Y.mutable_data(), threads(num_threads)};
-  {
-    py::gil_scoped_release release;
-    if (!portable && spmm::have_avx2()) spmm::avx2::eie(a); else spmm::generic::eie(a);
-  }
+  run_kernel(use, a, spmm::generic::eie, spmm::avx2::eie, spmm::avx512::eie);
   return Y;
 }
 
 }  // namespace
 
 void bind_spmm(py::module_& m) {
-  m.def("spmm_isa", [] { return std::string(spmm::have_avx2() ? "avx2" : "generic"); },
-        "Instruction set the SpMM kernels use on this CPU ('avx2' or 'generic').");
+  m.def("spmm_isa", [] { return std::string(isa_name(best_isa())); },
+        "Instruction set the SpMM kernels use on this CPU by default ('avx512', 'avx2' or 'generic').");
   m.def("csr_spmm", &csr_spmm, py::arg("row_ptr"), py::arg("col_idx"), py::arg("values"),
-        py::arg("dense"), py::arg("K"), py::arg("portable"), py::arg("num_threads"),
+        py::arg("dense"), py::arg("K"), py::arg("isa"), py::arg("num_threads"),
         "CSR (M, K) @ dense (K, N) -> (M, N); col_idx unsigned 1/2/4/8 bytes.");
   m.def("csr_conv_accumulate", &csr_conv_accumulate, py::arg("row_ptr"), py::arg("col_idx"),
         py::arg("values"), py::arg("feats"), py::arg("in_idx"), py::arg("out_idx"), py::arg("out"),
-        py::arg("portable"), py::arg("num_threads"),
+        py::arg("isa"), py::arg("num_threads"),
         "One sparse-conv offset: out[out_idx] += (S @ feats[in_idx].T).T, S (C_out, C_in) CSR.");
   m.def("bsr_spmm", &bsr_spmm, py::arg("block_ptr"), py::arg("block_col"), py::arg("values"),
-        py::arg("dense"), py::arg("M"), py::arg("K"), py::arg("portable"), py::arg("num_threads"),
+        py::arg("dense"), py::arg("M"), py::arg("K"), py::arg("isa"), py::arg("num_threads"),
         "BSR (M, K) with (nb, br, bc) blocks @ dense (K, N) -> (M, N).");
   m.def("nm_spmm", &nm_spmm, py::arg("positions"), py::arg("values"), py::arg("bits"),
-        py::arg("n"), py::arg("m"), py::arg("dense"), py::arg("K"), py::arg("portable"),
+        py::arg("n"), py::arg("m"), py::arg("dense"), py::arg("K"), py::arg("isa"),
         py::arg("num_threads"), "N:M (M, K) @ dense (K, N) -> (M, N); packed positions.");
   m.def("eie_spmm", &eie_spmm, py::arg("col_ptr"), py::arg("rel_idx"), py::arg("values"),
-        py::arg("dense"), py::arg("M"), py::arg("portable"), py::arg("num_threads"),
+        py::arg("dense"), py::arg("M"), py::arg("isa"), py::arg("num_threads"),
         "EIE (M, K) over P PEs @ dense (K, N) -> (M, N); 4-bit relative row indices.");
 }
 

@@ -30,10 +30,14 @@ namespace ps {
 namespace spmm {
 namespace {
 
-// Output columns per task: 256 bytes of a row (64 floats, 32 doubles); a
-// task's X panel is K x 256 bytes (256 KiB for K = 1024), well inside L2.
+// Output columns per task: 256 bytes of a row (64 floats, 32 doubles; the
+// includer may set PS_SPMM_COL_BLOCK_BYTES); a task's X panel is K x 256
+// bytes (256 KiB for K = 1024), well inside L2.
+#ifndef PS_SPMM_COL_BLOCK_BYTES
+#define PS_SPMM_COL_BLOCK_BYTES 256
+#endif
 template <typename T>
-constexpr int64_t col_block() { return 256 / int64_t(sizeof(T)); }
+constexpr int64_t col_block() { return PS_SPMM_COL_BLOCK_BYTES / int64_t(sizeof(T)); }
 // Columns per register tile of the CSR micro-kernel: 8 vector accumulators
 // (the includer sets PS_SPMM_TILE_BYTES to 8 x its vector width).
 #ifndef PS_SPMM_TILE_BYTES

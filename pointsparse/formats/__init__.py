@@ -33,7 +33,8 @@ FORMATS = {"coo": COO, "csr": CSR, "csc": CSC, "bsr": BSR, "nm": NM, "eie": EIE,
 
 
 def spmm_isa() -> str:
-    """Instruction set of the SpMM kernels on this CPU: 'avx2' or 'generic'."""
+    """Instruction set of the SpMM kernels on this CPU: 'avx512', 'avx2' or 'generic' (the
+    widest build that runs here; conv uses the same)."""
     return _ext.core.spmm_isa()
 
 

@@ -120,7 +120,7 @@ class BSR(SparseFormat):
         keep = (self.values != 0) & (r < self.shape[0]) & (c < self.shape[1])
         return r[keep], c[keep], self.values[keep]
 
-    def _kernel(self, dense_np, portable: bool = False):
+    def _kernel(self, dense_np, isa: str | None = None):
         return _ext.call(
             _ext.core.bsr_spmm,
             _ext.to_numpy(widen(self.block_ptr)),
@@ -129,5 +129,5 @@ class BSR(SparseFormat):
             dense_np,
             self.shape[0],
             self.shape[1],
-            portable,
+            isa,
         )

@@ -9,7 +9,7 @@ from ._base import SparseFormat, check_matrix
 from ._storage import narrow, widen
 
 
-def _csr_product(row_ptr, col_idx, values, dense_np, K: int, portable: bool = False):
+def _csr_product(row_ptr, col_idx, values, dense_np, K: int, isa: str | None = None):
     return _ext.call(
         _ext.core.csr_spmm,
         _ext.to_numpy(widen(row_ptr)),
@@ -17,7 +17,7 @@ def _csr_product(row_ptr, col_idx, values, dense_np, K: int, portable: bool = Fa
         _ext.to_numpy(values),
         dense_np,
         K,
-        portable,
+        isa,
     )
 
 
@@ -65,9 +65,9 @@ class CSR(SparseFormat):
         out[self._rows(), widen(self.col_idx)] = self.values
         return out
 
-    def _kernel(self, dense_np, portable: bool = False):
+    def _kernel(self, dense_np, isa: str | None = None):
         return _csr_product(self.row_ptr, self.col_idx, self.values, dense_np, self.shape[1],
-                            portable)
+                            isa)
 
 
 class CSC(SparseFormat):
@@ -112,13 +112,13 @@ class CSC(SparseFormat):
         out[rows, cols] = values
         return out
 
-    def _kernel(self, dense_np, portable: bool = False):
+    def _kernel(self, dense_np, isa: str | None = None):
         rows, cols, values = self._triplets()
         order = torch.argsort(rows * max(1, self.shape[1]) + cols)
         counts = torch.bincount(rows, minlength=self.shape[0])
         row_ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
         return _csr_product(row_ptr, narrow(cols[order]), values[order], dense_np, self.shape[1],
-                            portable)
+                            isa)
 
 
 class COO(SparseFormat):
@@ -159,7 +159,7 @@ class COO(SparseFormat):
         out[widen(self.row_idx), widen(self.col_idx)] = self.values
         return out
 
-    def _kernel(self, dense_np, portable: bool = False):
+    def _kernel(self, dense_np, isa: str | None = None):
         counts = torch.bincount(widen(self.row_idx), minlength=self.shape[0])
         row_ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        return _csr_product(row_ptr, self.col_idx, self.values, dense_np, self.shape[1], portable)
+        return _csr_product(row_ptr, self.col_idx, self.values, dense_np, self.shape[1], isa)

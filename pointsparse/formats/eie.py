@@ -108,7 +108,7 @@ class EIE(SparseFormat):
         out[rows, cols] = vals
         return out
 
-    def _kernel(self, dense_np, portable: bool = False):
+    def _kernel(self, dense_np, isa: str | None = None):
         return _ext.call(
             _ext.core.eie_spmm,
             _ext.to_numpy(widen(self.col_ptr)),
@@ -116,7 +116,7 @@ class EIE(SparseFormat):
             _ext.to_numpy(self.values),
             dense_np,
             self.shape[0],
-            portable,
+            isa,
         )
 
 

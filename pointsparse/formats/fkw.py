@@ -137,9 +137,9 @@ class FKW(SparseFormat):
         out[rows, cols] = values
         return out.reshape(self.weight_shape)
 
-    def _kernel(self, dense_np, portable: bool = False):
+    def _kernel(self, dense_np, isa: str | None = None):
         row_ptr, cols, _ = self._stored_csr()
-        stored = _csr_product(row_ptr, cols, self.weight, dense_np, self.shape[1], portable)
+        stored = _csr_product(row_ptr, cols, self.weight, dense_np, self.shape[1], isa)
         out = torch.empty(stored.shape, dtype=self.dtype).numpy()
         out[widen(self.reorder).numpy()] = stored
         return out

@@ -63,7 +63,7 @@ def _csr_conv_accumulate(fmt: CSR, feats, in_idx, out_idx, out) -> None:
         _ext.to_numpy(in_idx.to(torch.int64)),
         _ext.to_numpy(out_idx.to(torch.int64)),
         out.numpy(),
-        False,
+        None,
     )
 
 

@@ -97,7 +97,7 @@ class NM(SparseFormat):
             out.scatter_(1, self._columns(), self.values)
         return out
 
-    def _kernel(self, dense_np, portable: bool = False):
+    def _kernel(self, dense_np, isa: str | None = None):
         return _ext.call(
             _ext.core.nm_spmm,
             self.positions.numpy(),
@@ -107,7 +107,7 @@ class NM(SparseFormat):
             self.m,
             dense_np,
             self.shape[1],
-            portable,
+            isa,
         )
 
 

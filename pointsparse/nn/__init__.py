@@ -2,8 +2,10 @@
 
 from . import functional
 from .functional import add, cat
+from .fuse import fold_batchnorm, fuse_for_inference
 from .modules import (ELU, GELU, AvgPool3d, BatchNorm, Conv3d, Dropout, GlobalAvgPool, GlobalMaxPool, LeakyReLU,
                       Linear, MaxPool3d, ReLU, Sigmoid, SiLU, Tanh)
 
 __all__ = ["add", "cat", "AvgPool3d", "BatchNorm", "Conv3d", "Dropout", "ELU", "GELU", "GlobalAvgPool", "GlobalMaxPool",
-           "LeakyReLU", "Linear", "MaxPool3d", "ReLU", "Sigmoid", "SiLU", "Tanh", "functional"]
+           "LeakyReLU", "Linear", "MaxPool3d", "ReLU", "Sigmoid", "SiLU", "Tanh", "fold_batchnorm",
+           "fuse_for_inference", "functional"]

@@ -11,10 +11,11 @@ on the thread count on some CPUs):
 
 ``"fused"`` (the default; :class:`FusedPlan`): one C++ kernel per direction
 (``cpp/conv/fused_kernels.h``). Output rows are cut into blocks of 256; a
-thread owns a block and runs every offset over it: register tiles of 6 pairs
-x 16 columns read their input rows straight from the feature matrix (no
-gathered buffer), multiply by the offset's packed weight panel and add into
-their output rows (no scatter, no atomics, no race: the block's rows are the
+thread owns a block and runs every offset over it: register tiles (8 pairs
+x 32 columns with AVX-512, 6 x 16 with AVX2 or generic; the widest build the
+CPU runs, ``_core.conv_isa()``) read their input rows straight from the
+feature matrix (no gathered buffer), multiply by the offset's packed weight
+panel and add into their output rows (no scatter, no atomics, no race: the block's rows are the
 thread's own). The block's rows stay in cache across the offsets. The
 identity offset of a submanifold map is a plain blocked matmul over
 contiguous rows, no indices read. The input gradient is the same kernel over
@@ -49,13 +50,16 @@ offset's steps with ``addmm``/``baddbmm``.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .. import _ext
 from .. import kmap as _kmap
+
+if TYPE_CHECKING:
+    from ..tensor import CoordinateCache
 
 # Defaults measured with `bench/conv.py --tune` (street scene of 100k voxels,
 # C=64, submanifold k=3 and strided k=2 s=2; see bench/results/conv.md).
@@ -89,15 +93,38 @@ class FusedPlan:
     num_out: int
 
 
+def identity_offset(kmap: _kmap.KernelMap) -> int | None:
+    """The offset whose pairs are the identity ``(i, i)``: the zero offset of a
+    map between one set of coords (submanifold: stride 1, as many outputs as
+    inputs, every input paired), found from the map's sizes and offsets alone
+    (O(kernel volume)); the plan's C++ checks the pairs once."""
+    n = kmap.num_in
+    if kmap.num_out != n or any(s != 1 for s in kmap.key.stride):
+        return None
+    zero = (kmap.offsets == 0).all(1).nonzero().flatten().tolist()
+    return zero[0] if len(zero) == 1 and int(kmap.sizes[zero[0]]) == n else None
+
+
 def make_fused_plan(kmap: _kmap.KernelMap) -> FusedPlan:
-    """The fused kernels' plan of a CPU map."""
+    """The fused kernels' plan of a CPU map (one pass over its pairs in C++)."""
     import numpy as np
 
-    identity = next((o for o in range(kmap.kernel_volume) if _is_identity(kmap, o)), None)
-    core = _ext.core.ConvPlan(_ext.to_numpy(kmap.in_idx), _ext.to_numpy(kmap.out_idx),
-                              np.asarray(kmap.ptr, dtype=np.int64), kmap.num_in, kmap.num_out,
-                              -1 if identity is None else identity, _ext.num_threads())
+    identity = identity_offset(kmap)
+    args = (_ext.to_numpy(kmap.in_idx), _ext.to_numpy(kmap.out_idx), np.asarray(kmap.ptr, dtype=np.int64),
+            kmap.num_in, kmap.num_out)
+    try:
+        core = _ext.core.ConvPlan(*args, -1 if identity is None else identity, _ext.num_threads())
+    except ValueError as exc:  # stride-1 map onto other given out_coords: a zero offset, not the identity
+        if identity is None or "not the identity" not in str(exc):
+            raise
+        identity, core = None, _ext.core.ConvPlan(*args, -1, _ext.num_threads())
     return FusedPlan(core, identity, kmap.num_in, kmap.num_out)
+
+
+def transposed_plan(plan: FusedPlan) -> FusedPlan:
+    """The plan of the transposed map from the plan of the map it transposes
+    (the pairs by input row are its pairs by output row): no pass over the pairs."""
+    return FusedPlan(plan.core.transposed(), plan.identity, plan.num_out, plan.num_in)
 
 
 @dataclass(frozen=True)
@@ -125,15 +152,6 @@ class Plan:
     max_rows: int
     num_in: int
     num_out: int
-
-
-def _is_identity(kmap: _kmap.KernelMap, o: int) -> bool:
-    n = kmap.num_in
-    if int(kmap.sizes[o]) != n or kmap.num_out != n or bool(kmap.offsets[o].any()):
-        return False
-    in_idx, out_idx = kmap.pairs(o)
-    ref = torch.arange(n, dtype=in_idx.dtype)
-    return torch.equal(in_idx, ref) and torch.equal(out_idx, ref)
 
 
 def _pieces(kmap: _kmap.KernelMap, skip: int | None, chunk_rows: int, tile_rows: int) -> list[list[tuple]]:
@@ -200,11 +218,7 @@ def make_plan(kmap: _kmap.KernelMap, chunk_rows: int = DEFAULT_CHUNK_ROWS, epsil
         raise ValueError(f"tile_rows must be >= 0; got {tile_rows}")
     import numpy as np
 
-    identity = None
-    for o in range(kmap.kernel_volume):
-        if _is_identity(kmap, o):
-            identity = o
-            break
+    identity = identity_offset(kmap)
     if tile_rows and min_piece_rows:
         busy = [n for o, n in enumerate(kmap.sizes.tolist()) if n and o != identity]
         if busy:  # mean rows of one offset per output row
@@ -222,24 +236,37 @@ def make_plan(kmap: _kmap.KernelMap, chunk_rows: int = DEFAULT_CHUNK_ROWS, epsil
                 kmap.num_in, kmap.num_out)
 
 
-_PLANS: "weakref.WeakKeyDictionary[_kmap.KernelMap, dict]" = weakref.WeakKeyDictionary()
-
-
 def get_plan(kmap: _kmap.KernelMap, chunk_rows: int = DEFAULT_CHUNK_ROWS, epsilon: float = DEFAULT_EPSILON,
-             tile_rows: int = DEFAULT_TILE_ROWS, method: str | None = None) -> "Plan | FusedPlan":
+             tile_rows: int = DEFAULT_TILE_ROWS, method: str | None = None,
+             cache: "CoordinateCache | None" = None) -> "Plan | FusedPlan":
     """The plan of ``kmap`` for ``method`` (default :data:`DEFAULT_METHOD`;
-    the tuning arguments apply to "grouped"), built once per map and tuning
-    (kept while the map lives)."""
+    the tuning arguments apply to "grouped"). With the coordinate ``cache``
+    that holds the map, the plan is built once and kept there beside it, and
+    a transposed map's fused plan comes from its downsampling map's plan
+    (built there once for both); without one it is built anew."""
     method = DEFAULT_METHOD if method is None else method
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
-    per_map = _PLANS.setdefault(kmap, {})
-    key = ("fused",) if method == "fused" else (chunk_rows, epsilon, tile_rows)
-    plan = per_map.get(key)
-    if plan is None:
-        plan = per_map[key] = make_fused_plan(kmap) if method == "fused" else make_plan(
-            kmap, chunk_rows, epsilon, tile_rows)
-    return plan
+    if method == "fused":
+        if cache is None:
+            return make_fused_plan(kmap)
+        return cache.get_plan(kmap, "fused", lambda: _fused_plan_in(cache, kmap))
+    if cache is None:
+        return make_plan(kmap, chunk_rows, epsilon, tile_rows)
+    return cache.get_plan(kmap, ("grouped", chunk_rows, epsilon, tile_rows),
+                          lambda: make_plan(kmap, chunk_rows, epsilon, tile_rows))
+
+
+def _fused_plan_in(cache: "CoordinateCache", kmap: _kmap.KernelMap) -> FusedPlan:
+    """A cached map's fused plan: a transposed map whose downsampling map the
+    cache holds takes that map's plan, transposed."""
+    key = kmap.key
+    if key.transposed:
+        down = cache.kmaps.get(_kmap.KernelMapKey(key.tensor_stride, key.kernel_size, key.stride, key.dilation))
+        if down is not None and (down.num_in, down.num_out, down.num_pairs) == (kmap.num_out, kmap.num_in,
+                                                                                kmap.num_pairs):
+            return transposed_plan(cache.get_plan(down, "fused", lambda: make_fused_plan(down)))
+    return make_fused_plan(kmap)
 
 
 def _np(t: torch.Tensor):
@@ -312,13 +339,17 @@ def _backward_steps(feats: torch.Tensor, weight: torch.Tensor, grad: torch.Tenso
             core.conv_scatter_add(_np(fb), plan.in_idx, step.start, step.length, r, grad_feats_np, nt)
 
 
-def conv_forward(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: Plan) -> torch.Tensor:
-    """The engine's forward on contiguous CPU float32/float64 tensors."""
+def conv_forward(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: Plan,
+                 relu: bool = False) -> torch.Tensor:
+    """The engine's forward on contiguous CPU float32/float64 tensors
+    (``relu``: max(out, 0), in the fused kernel's epilogue)."""
     out = feats.new_empty((plan.num_out, weight.shape[2]))
     if isinstance(plan, FusedPlan):
         b = None if bias is None else _np(bias.contiguous())
-        plan.core.forward(_np(feats), _np(weight), b, _np(out), _ext.num_threads())
+        plan.core.forward(_np(feats), _np(weight), b, _np(out), _ext.num_threads(), None, relu)
         return out
+    if relu:
+        return torch.relu_(conv_forward(feats, weight, bias, plan))
     if plan.identity is not None:
         if bias is None:
             torch.mm(feats, weight[plan.identity], out=out)
@@ -462,7 +493,17 @@ def check_arguments(feats, weight, bias, kmap: _kmap.KernelMap) -> None:
 
 def conv(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kmap: _kmap.KernelMap,
          chunk_rows: int = DEFAULT_CHUNK_ROWS, epsilon: float = DEFAULT_EPSILON,
-         tile_rows: int = DEFAULT_TILE_ROWS, method: str | None = None) -> torch.Tensor:
-    """``out[out_idx] += feats[in_idx] @ weight[o]`` (+ bias) with autograd."""
+         tile_rows: int = DEFAULT_TILE_ROWS, method: str | None = None,
+         cache: "CoordinateCache | None" = None, relu: bool = False) -> torch.Tensor:
+    """``out[out_idx] += feats[in_idx] @ weight[o]`` (+ bias) with autograd;
+    the plan is kept in ``cache`` (the coordinate cache holding ``kmap``).
+    ``relu``: max(out, 0); where no gradient is needed (inference) it runs in
+    the fused kernel's store, no pass of its own."""
     check_arguments(feats, weight, bias, kmap)
-    return ConvFunction.apply(feats, weight, bias, get_plan(kmap, chunk_rows, epsilon, tile_rows, method))
+    plan = get_plan(kmap, chunk_rows, epsilon, tile_rows, method, cache)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (feats, weight, bias))
+    if not grad:
+        with torch.no_grad():
+            return conv_forward(feats.contiguous(), weight.contiguous(), bias, plan, relu)
+    out = ConvFunction.apply(feats, weight, bias, plan)
+    return torch.relu(out) if relu else out

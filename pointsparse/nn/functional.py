@@ -36,11 +36,12 @@ def conv_with_map(feats: torch.Tensor, weight: torch.Tensor, kmap: _kmap.KernelM
 
 
 def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, dilation=1,
-           bias: torch.Tensor | None = None, transposed: bool = False) -> SparseTensor:
+           bias: torch.Tensor | None = None, transposed: bool = False, relu: bool = False) -> SparseTensor:
     """Sparse 3-D convolution (cross-correlation) of ``input`` with ``weight``
     ``(K, C_in, C_out)``; see API.md for the submanifold, strided and
     transposed semantics. The kernel map comes from ``input``'s coordinate
-    cache (built once per structural key)."""
+    cache (built once per structural key). ``relu``: ReLU on the output (in
+    the fused kernel's store where no gradient is needed)."""
     if not isinstance(input, SparseTensor):
         raise TypeError(f"input must be a SparseTensor; got {type(input).__name__}")
     k = as_triple(kernel_size, "kernel_size")
@@ -56,11 +57,13 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
             raise TypeError(f"bias ({bias.dtype}, {bias.device}) must match the weight ({weight.dtype}, {weight.device})")
     kmap = _kmap.get_kmap(input, k, t, d, transposed)
     if _engine.supported(input.feats, weight):
-        feats = _engine.conv(input.feats, weight, bias, kmap)
+        feats = _engine.conv(input.feats, weight, bias, kmap, cache=input.cache, relu=relu)
     else:  # other devices and dtypes: the same pairs in torch ops
         feats = conv_with_map(input.feats, weight, kmap)
         if bias is not None:
             feats = feats + bias
+        if relu:
+            feats = torch.relu(feats)
     return SparseTensor(feats, kmap.out_coords, kmap.key.out_stride, cache=input.cache, validate=False)
 
 

@@ -38,6 +38,9 @@ class Conv3d(nn.Module):
         self.kernel_volume = self.kernel_size[0] * self.kernel_size[1] * self.kernel_size[2]
         self.weight = nn.Parameter(torch.empty(self.kernel_volume, in_channels, out_channels))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        #: ReLU on the output, fused into the kernel where no gradient is
+        #: needed (set by :func:`pointsparse.nn.fuse_for_inference`).
+        self.relu = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -49,7 +52,7 @@ class Conv3d(nn.Module):
 
     def forward(self, input: SparseTensor) -> SparseTensor:
         return F.conv3d(_check_input(input), self.weight, self.kernel_size, self.stride, self.dilation,
-                        self.bias, self.transposed)
+                        self.bias, self.transposed, self.relu)
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -58,6 +61,8 @@ class Conv3d(nn.Module):
             s += ", bias=True"
         if self.transposed:
             s += ", transposed=True"
+        if self.relu:
+            s += ", relu=True"
         return s
 
 

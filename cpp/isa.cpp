@@ -1,0 +1,86 @@
+// Run-time detection of the instruction sets (see isa.h): asked of the CPU
+// once, on first use.
+#include "isa.h"
+
+#include "common.h"
+
+namespace ps {
+namespace {
+
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#define PS_ISA_X86 1
+#endif
+
+// avx2: AVX2 + FMA. avx512: F (the zmm registers, masks), VL, BW and DQ
+// (the pragma of the avx512 builds) + FMA.
+bool cpu_has(Isa isa) {
+#if defined(PS_ISA_X86)
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  switch (isa) {
+    case Isa::generic: return true;
+    case Isa::avx2: return avx2;
+    case Isa::avx512:
+      return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+  }
+  return false;
+#else
+  return isa == Isa::generic;
+#endif
+}
+
+struct Support {
+  bool runs[kNumIsas];
+  Support() {
+    for (int i = 0; i < kNumIsas; ++i) runs[i] = cpu_has(Isa(i));
+  }
+};
+
+const Support& support() {
+  static const Support s;
+  return s;
+}
+
+}  // namespace
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::avx2: return "avx2";
+    case Isa::avx512: return "avx512";
+    default: return "generic";
+  }
+}
+
+bool isa_runs(Isa isa) { return support().runs[int(isa)]; }
+
+Isa best_isa() {
+  static const Isa best = [] {
+    for (int i = kNumIsas - 1; i > 0; --i)
+      if (isa_runs(Isa(i))) return Isa(i);
+    return Isa::generic;
+  }();
+  return best;
+}
+
+std::string runnable_isas() {
+  std::string s;
+  for (int i = kNumIsas - 1; i >= 0; --i)
+    if (isa_runs(Isa(i))) s += std::string(s.empty() ? "" : ", ") + isa_name(Isa(i));
+  return s;
+}
+
+Isa isa_from_name(const std::string& name, const char* arg) {
+  if (name.empty()) return best_isa();
+  for (int i = 0; i < kNumIsas; ++i) {
+    if (name != isa_name(Isa(i))) continue;
+    if (!isa_runs(Isa(i)))
+      value_error(std::string(arg) + " = '" + name + "' does not run on this CPU (or this build); it runs: " +
+                  runnable_isas());
+    return Isa(i);
+  }
+  value_error(std::string(arg) + " must be one of 'generic', 'avx2', 'avx512' (or None: the best that runs); got '" +
+              name + "'");
+}
+
+}  // namespace ps

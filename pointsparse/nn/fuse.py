@@ -1,0 +1,58 @@
+"""Inference fusion: BatchNorm folded into the convolution before it, ReLU
+run in the convolution kernel's store."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .modules import BatchNorm, Conv3d, ReLU
+
+
+def fold_batchnorm(conv: Conv3d, bn: nn.BatchNorm1d) -> None:
+    """In place: ``conv`` then ``bn`` (eval mode: running statistics) become
+    one ``conv`` with ``weight[:, :, c] * s[c]`` and bias ``(bias - mean) * s +
+    beta``, ``s = gamma / sqrt(var + eps)``."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("fold_batchnorm needs a BatchNorm with running statistics (track_running_stats=True)")
+    if bn.num_features != conv.out_channels:
+        raise ValueError(f"bn has {bn.num_features} features but conv {conv.out_channels} output channels")
+    with torch.no_grad():
+        scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+        shift = -bn.running_mean.double()
+        if bn.affine:
+            scale = scale * bn.weight.double()
+        bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
+        new_bias = (bias + shift) * scale + (bn.bias.double() if bn.affine else 0)
+        conv.weight.copy_((conv.weight.double() * scale).to(conv.weight.dtype))
+        conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype))
+
+
+def fuse_for_inference(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` for inference (eval mode): in every
+    ``nn.Sequential``, each :class:`Conv3d` directly followed by a
+    :class:`BatchNorm` has it folded into its weight and bias, and a
+    :class:`ReLU` right after them runs in the convolution's store (the folded
+    modules become ``nn.Identity``). The output equals ``model.eval()``'s up
+    to float rounding; the copy is for inference only (``model`` is unchanged)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    fused = copy.deepcopy(model).eval()
+    for seq in [m for m in fused.modules() if isinstance(m, nn.Sequential)]:
+        names = list(seq._modules)
+        for i, name in enumerate(names):
+            conv = seq._modules[name]
+            if not isinstance(conv, Conv3d) or conv.relu:
+                continue
+            j = i + 1
+            if j < len(names) and isinstance(seq._modules[names[j]], BatchNorm) and \
+                    seq._modules[names[j]].running_mean is not None:
+                fold_batchnorm(conv, seq._modules[names[j]])
+                seq._modules[names[j]] = nn.Identity()
+                j += 1
+            if j < len(names) and isinstance(seq._modules[names[j]], ReLU):
+                conv.relu = True
+                seq._modules[names[j]] = nn.Identity()
+    return fused
