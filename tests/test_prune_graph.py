@@ -268,3 +268,35 @@ def test_bad_inputs():
         G.DependencyGraph("net", None)
     with pytest.raises(ValueError, match="keep ratio"):
         G.kept_count(8, 0.0)
+
+
+# ------------------------------------------------------------- procedures
+def test_procedures_reach_every_group_of_minkunet():
+    from pointsparse.prune import amc, surgery
+    net = MinkUNet(4, 19, cr=0.25).eval()
+    x = sparse_input(n=500, channels=4, extent=16)
+    assert len(surgery.channel_groups(net, x)) == 33 and len(surgery.channel_groups(net)) == 17
+    infos = amc.layer_infos(net, x, coupled=True)
+    assert sum(i.producer for i in infos) == 33 and all(i.out_group for i in infos if i.name != "classifier.fn")
+    res = amc.amc_search(net, lambda m: 0.5, x, episodes=2, warmup=1, reward="error", target_flops=0.25,
+                         coupled=True)
+    assert res.flops <= 0.25 * res.dense_flops * (1 + 1e-9) and len(res.ratios) == 33
+    pruned = copy.deepcopy(net)
+    surgery.apply_channel_ratios(pruned, res.ratios, example_input=x)
+    report = amc._compat.sparsity_report(pruned, x)["layers"]
+    assert sum(r["dense_flops"] for r in report.values()) == pytest.approx(res.flops)  # the FLOPs model is exact
+    assert pruned(x).feats.shape == (len(x), 19)
+
+
+def test_netadapt_on_coupled_groups_and_unmeetable_budget():
+    from pointsparse.prune import netadapt
+    net, x = ResidualNet().eval(), sparse_input(n=200, extent=10)
+    calls = []
+    res = netadapt.netadapt(net, None, lambda m, steps: calls.append(steps), lambda m: 1.0, x, budget=0.999,
+                            short_steps=1, long_steps=2, max_iterations=2)
+    assert res.history and set(res.channels) == {"stem.0", "stem.3", "block.main.0"}
+    assert res.model(x).feats.shape == (len(x), 4) and calls[-1] == 2
+    with pytest.warns(RuntimeWarning, match="could not meet the latency budget"):
+        res = netadapt.netadapt(net, None, lambda m, steps: None, lambda m: 1.0, x, budget=1e-6,
+                                short_steps=0, long_steps=0, max_iterations=1)
+    assert "max_iterations=1" in res.message

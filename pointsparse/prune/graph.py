@@ -209,11 +209,11 @@ class DependencyGraph:
                 drops.setdefault((m.module, m.role), []).append(m.positions(removed))
         return {k: torch.cat(v) for k, v in drops.items()}
 
-    def cut(self, keep: dict) -> None:
+    def cut(self, keep: dict, retrace: bool = True) -> None:
         """Keep only channels ``keep[group]`` (indices into the group; a group
         is named by index, name or object) of each listed group: every
         member's parameters, buffers and masks are sliced at once. The graph
-        is traced again afterwards."""
+        is traced again afterwards (``retrace=False``: not, and it is stale)."""
         for (name, role), dropped in self._drops(keep).items():
             module = self.module(name)
             adapter = adapters.adapter_for(module)
@@ -223,7 +223,8 @@ class DependencyGraph:
                 if role in roles:
                     _slice(module, tensor, roles[role], kept)
             adapter.set_channels(module, role, len(kept))
-        self.__init__(self.model, self.example_input)
+        if retrace:
+            self.__init__(self.model, self.example_input)
 
     def mask(self, keep: dict) -> None:
         """Zero every channel not in ``keep[group]`` without changing shapes:
