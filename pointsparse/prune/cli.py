@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-PROCEDURES = ("sensitivity", "schedule", "lottery", "init", "rigl", "amc", "netadapt")
+PROCEDURES = ("sensitivity", "schedule", "lottery", "init", "rigl", "amc", "netadapt", "channels")
 
 
 def add_arguments(parser) -> None:
@@ -42,6 +42,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", type=Path, default=Path("prune-out"), help="folder for plots, ratios, tables")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="short runs (seconds)")
+    from .workflow import add_arguments as add_channel_arguments
+    add_channel_arguments(parser)
 
 
 def _task(args):
@@ -64,6 +66,9 @@ def _task(args):
 
 
 def main(args) -> int:
+    if args.procedure == "channels":
+        from .workflow import main as channels_main
+        return channels_main(args)
     from . import _layers
     torch.manual_seed(args.seed)
     task = _task(args)

@@ -1,0 +1,44 @@
+"""Models from a training checkpoint's config, dense or channel-pruned: the
+config names the architecture (``model``, ``in_channels``, ``classes``,
+``cr``, ``blocks``) and, for a pruned model, the width of every layer
+(``widths``, as :func:`pointsparse.prune.graph.widths` records them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .minkunet import MinkUNet
+from .spvcnn import SPVCNN
+
+
+def build_model(config: dict) -> nn.Module:
+    """An untrained model of the checkpoint config's architecture and widths."""
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict; got {type(config).__name__}")
+    name = str(config.get("model", "minkunet")).lower()
+    if name not in ("minkunet", "spvcnn"):
+        raise ValueError(f"config model must be 'minkunet' or 'spvcnn'; got {config.get('model')!r}")
+    cls = SPVCNN if name == "spvcnn" else MinkUNet
+    model = cls(config["in_channels"], len(config["classes"]), cr=config["cr"], blocks=config["blocks"])
+    if config.get("widths"):
+        from ..prune.graph import resize
+        resize(model, config["widths"])
+    return model
+
+
+def load_model(path, map_location="cpu") -> nn.Module:
+    """The model of a checkpoint written by ``pointsparse train`` or
+    ``pointsparse prune channels`` (loaded with ``weights_only=True``), with
+    its weights, in eval mode."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} does not exist")
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise ValueError(f"{path} is not a pointsparse training checkpoint")
+    model = build_model(state["config"])
+    model.load_state_dict(state["model"])
+    return model.eval()

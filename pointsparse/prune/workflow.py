@@ -1,0 +1,114 @@
+"""``pointsparse prune channels``: cut every coupled channel group of a
+trained checkpoint's model and write a checkpoint that records the pruned
+widths (``pointsparse eval``, ``train --resume`` and
+``pointsparse.models.load_model`` rebuild it); optionally fine-tune it by
+resuming training for a few epochs."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+CRITERIA = ("l1", "l2", "bn", "taylor")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--checkpoint", type=Path, help="channels: a checkpoint written by pointsparse train")
+    parser.add_argument("--data", nargs="+", default=None, metavar="SOURCE",
+                        help="channels: clouds for the example input and the criterion (default: the run's data)")
+    parser.add_argument("--label-map", default=None, help="channels: label map of --data")
+    parser.add_argument("--ratio", type=float, default=0.5, help="channels: fraction of each group's channels kept")
+    parser.add_argument("--criterion", choices=CRITERIA, default="l1",
+                        help="channels: importance (l1/l2 weight norms, bn: BatchNorm scale, taylor: first-order)")
+    parser.add_argument("--scope", choices=("group", "global"), default="group",
+                        help="channels: keep --ratio of every group, or of all channels ranked together")
+    parser.add_argument("--multiple", type=int, default=8, help="channels: kept counts rounded to this multiple")
+    parser.add_argument("--finetune-epochs", type=int, default=0, help="channels: epochs of fine-tuning afterwards")
+
+
+def _example_batch(state: dict, data, label_map):
+    from ..data import VoxelDataset, collate
+    from ..data import open_source
+    config, saved = state["config"], state.get("args", {})
+    spec = data or saved.get("data") or ["generated"]
+    if len(spec) == 1 and spec[0].startswith("generated"):
+        source = open_source(spec, count=1, first_seed=0)
+    else:
+        source = open_source(spec, label_map or saved.get("label_map"), config.get("ignore_index", 255))
+    return collate([VoxelDataset(source, config["voxel_size"], config.get("ignore_index", 255))[0]])
+
+
+def _scores(criterion: str, model, batch, ignore_index: int):
+    from . import criteria
+    from ..train import logits_of
+    if criterion in ("l1", "l2"):
+        return criteria.magnitude(model, p=1 if criterion == "l1" else 2)
+    if criterion == "bn":
+        return criteria.bn_scaling(model)
+
+    def loss_fn(m, b):
+        logits, labels = logits_of(m, b)
+        return torch.nn.functional.cross_entropy(logits, labels, ignore_index=ignore_index)
+
+    return criteria.taylor(model, loss_fn, [batch])
+
+
+def prune_checkpoint(checkpoint, out, ratio: float = 0.5, data=None, label_map=None, criterion: str = "l1",
+                     scope: str = "group", multiple: int = 8) -> Path:
+    """Write ``out/checkpoint.pt``: the checkpoint's model with ``ratio`` of
+    every coupled channel group kept (ranked by ``criterion``), the widths in
+    ``config["widths"]``, a fresh optimizer state for the smaller model and
+    the run's epoch, schedule and history. Returns its path."""
+    from ..models import build_model
+    from ..train import CHECKPOINT, make_optimizer, point_level, save_checkpoint
+    from .graph import DependencyGraph, plan, widths
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}; got {criterion!r}")
+    if not 0 < ratio <= 1:
+        raise ValueError(f"ratio (the kept fraction) must be in (0, 1]; got {ratio}")
+    state = torch.load(Path(checkpoint), map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise ValueError(f"{checkpoint} is not a pointsparse training checkpoint")
+    model = build_model(state["config"])
+    model.load_state_dict(state["model"])
+    batch = _example_batch(state, data, label_map)
+    example = ((batch.input, batch.inverse, batch.points, batch.point_batch) if point_level(model)
+               else batch.input)
+    scores = _scores(criterion, model, batch, state["config"].get("ignore_index", 255))
+    graph = DependencyGraph(model, example)
+    graph.cut(plan(graph, ratio, scores, scope, multiple), retrace=False)
+    config = dict(state["config"], widths=widths(model))
+    new = dict(state, model=model.state_dict(), config=config)
+    if state.get("args"):
+        new["optimizer"] = make_optimizer(argparse.Namespace(**state["args"]), model).state_dict()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out / CHECKPOINT, new)
+    return out / CHECKPOINT
+
+
+def finetune(path: Path, epochs: int) -> None:
+    """Resume training the checkpoint at ``path`` for ``epochs`` more epochs
+    (same options as the run that wrote it; output beside it)."""
+    from ..train import main
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    args = argparse.Namespace(**state["args"])
+    args.out, args.resume = str(path.parent), str(path)
+    args.epochs = int(state["epoch"]) + epochs
+    args.time_budget = args.time_limit = None
+    main(args)
+
+
+def main(args) -> int:
+    if args.checkpoint is None:
+        raise SystemExit("prune channels needs --checkpoint DIR/checkpoint.pt")
+    path = prune_checkpoint(args.checkpoint, args.out, args.ratio, args.data, args.label_map, args.criterion,
+                            args.scope, args.multiple)
+    before = sum(t.numel() for t in torch.load(args.checkpoint, weights_only=True)["model"].values())
+    after = sum(t.numel() for t in torch.load(path, weights_only=True)["model"].values())
+    print(f"pruned checkpoint {path}: {before} -> {after} stored values ({after / before:.2f})")
+    if args.finetune_epochs > 0:
+        finetune(path, args.finetune_epochs)
+    return 0

@@ -1,0 +1,43 @@
+"""``pointsparse prune channels`` on a trained checkpoint: the pruned widths
+are recorded, ``load_model``, ``eval`` and ``train --resume`` rebuild the
+smaller model, and the checkpoint loads with ``weights_only=True``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pointsparse import cli
+from pointsparse.models import load_model
+from pointsparse.prune import graph as G
+
+TINY = ["--data", "generated", "--scenes", "2", "--val-scenes", "1", "--beams", "16", "--azimuth-steps", "192",
+        "--max-range", "16", "--cr", "0.25", "--blocks", "1", "--voxel-size", "0.5", "--batch-size", "2",
+        "--no-progress", "--seed", "3"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.slow
+def test_prune_channels_checkpoint_round_trip(tmp_path, capsys):
+    dense, small = tmp_path / "dense", tmp_path / "small"
+    assert cli.main(["train", *TINY, "--epochs", "1", "--out", str(dense)]) == 0
+    assert cli.main(["prune", "channels", "--checkpoint", str(dense / "checkpoint.pt"), "--ratio", "0.5",
+                     "--criterion", "bn", "--multiple", "4", "--out", str(small)]) == 0
+    state = torch.load(small / "checkpoint.pt", weights_only=True)
+    widths = state["config"]["widths"]
+    assert widths["stem.0.0"]["out"] == 4 and widths["classifier.fn"]["in"] == 12  # 8 of 8, 24 of 24 halved
+    model, full = load_model(small / "checkpoint.pt"), load_model(dense / "checkpoint.pt")
+    assert G.widths(model) == widths
+    n_small, n_full = (sum(p.numel() for p in m.parameters()) for m in (model, full))
+    assert n_small < 0.35 * n_full
+    assert cli.main(["eval", "--checkpoint", str(small / "checkpoint.pt"), "--no-progress"]) == 0
+    assert cli.main(["train", *TINY, "--epochs", "2", "--out", str(small), "--resume"]) == 0
+    resumed = torch.load(small / "checkpoint.pt", weights_only=True)
+    assert resumed["epoch"] == 2 and resumed["config"]["widths"] == widths
+    assert G.widths(load_model(small / "checkpoint.pt")) == widths
+    tuned = tmp_path / "tuned"
+    assert cli.main(["prune", "channels", "--checkpoint", str(dense / "checkpoint.pt"), "--ratio", "0.5",
+                     "--finetune-epochs", "1", "--out", str(tuned)]) == 0
+    state = torch.load(tuned / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 2 and G.widths(load_model(tuned / "checkpoint.pt")) == state["config"]["widths"]
