@@ -213,7 +213,7 @@ def test_plans_from_criteria_and_rounding():
     gamma = net.stem[0][1].weight.detach().abs()
     expected = torch.sort(torch.topk(gamma, len(keep[g.name])).indices).values
     assert torch.equal(keep[g.name], expected)  # the only scored member of this group is its conv
-    glob = G.plan(graph, 0.5, scope="global")
+    glob = G.plan(graph, 0.5, scope="global", multiple=1)
     assert sum(len(v) for v in glob.values()) == pytest.approx(0.5 * sum(g.size for g in graph.groups), abs=1)
     assert G.kept_count(24, 0.5, 16) == 16 and G.kept_count(8, 0.3, 16) == 2 and G.kept_count(96, 0.35, 8) == 32
 

@@ -295,7 +295,7 @@ def _shrunk(net: nn.Module, example_input, group: str, count: int) -> nn.Module:
     from .graph import DependencyGraph, plan
     cand = copy.deepcopy(net)
     graph = DependencyGraph(cand, example_input)
-    graph.cut(plan(graph, {group: count / graph.group(group).size}), retrace=False)
+    graph.cut(plan(graph, {group: count / graph.group(group).size}, multiple=1), retrace=False)
     return cand
 
 

@@ -24,7 +24,8 @@ def add_arguments(parser) -> None:
                         help="channels: importance (l1/l2 weight norms, bn: BatchNorm scale, taylor: first-order)")
     parser.add_argument("--scope", choices=("group", "global"), default="group",
                         help="channels: keep --ratio of every group, or of all channels ranked together")
-    parser.add_argument("--multiple", type=int, default=8, help="channels: kept counts rounded to this multiple")
+    parser.add_argument("--multiple", type=int, default=None,
+                        help="channels: kept counts rounded to this multiple (default 8, measured fastest)")
     parser.add_argument("--finetune-epochs", type=int, default=0, help="channels: epochs of fine-tuning afterwards")
 
 
@@ -56,14 +57,14 @@ def _scores(criterion: str, model, batch, ignore_index: int):
 
 
 def prune_checkpoint(checkpoint, out, ratio: float = 0.5, data=None, label_map=None, criterion: str = "l1",
-                     scope: str = "group", multiple: int = 8) -> Path:
+                     scope: str = "group", multiple: int | None = None) -> Path:
     """Write ``out/checkpoint.pt``: the checkpoint's model with ``ratio`` of
     every coupled channel group kept (ranked by ``criterion``), the widths in
     ``config["widths"]``, a fresh optimizer state for the smaller model and
     the run's epoch, schedule and history. Returns its path."""
     from ..models import build_model
     from ..train import CHECKPOINT, make_optimizer, point_level, save_checkpoint
-    from .graph import DependencyGraph, plan, widths
+    from .graph import DEFAULT_MULTIPLE, DependencyGraph, plan, widths
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}; got {criterion!r}")
     if not 0 < ratio <= 1:
@@ -78,7 +79,7 @@ def prune_checkpoint(checkpoint, out, ratio: float = 0.5, data=None, label_map=N
                else batch.input)
     scores = _scores(criterion, model, batch, state["config"].get("ignore_index", 255))
     graph = DependencyGraph(model, example)
-    graph.cut(plan(graph, ratio, scores, scope, multiple), retrace=False)
+    graph.cut(plan(graph, ratio, scores, scope, multiple or DEFAULT_MULTIPLE), retrace=False)
     config = dict(state["config"], widths=widths(model))
     new = dict(state, model=model.state_dict(), config=config)
     if state.get("args"):
