@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import _compat
+from . import _compat, adapters
 from ._layers import in_channel_dim, is_prunable, out_channel_dim, out_channels
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -231,27 +231,23 @@ def remove_input_channels(module: nn.Module, keep, offset: int = 0, repeat: int 
 
 
 def remove_norm_channels(norm: nn.Module, keep) -> None:
-    """Keep entries ``keep`` of a BatchNorm (affine parameters and running statistics)."""
-    if not isinstance(norm, _NORMS):
+    """Keep entries ``keep`` of a BatchNorm (affine parameters and running
+    statistics; any norm with a registered adapter)."""
+    adapter = adapters.adapter_for(norm)
+    if adapter is None or adapter.kind != "norm":
         raise TypeError(f"expected a BatchNorm; got {type(norm).__name__}")
-    keep = _check_keep(keep, norm.num_features, type(norm).__name__)
-    for name in ("weight", "bias", "running_mean", "running_var"):
+    keep = _check_keep(keep, adapter.channels(norm, "out"), type(norm).__name__)
+    for name, axes in adapter.axes(norm).items():
         if getattr(norm, name, None) is not None:
-            _slice_param(norm, name, 0, keep)
-    norm.num_features = len(keep)
+            _slice_param(norm, name, axes["out"], keep)
+    adapter.set_channels(norm, "out", len(keep))
 
 
 def _set_channels(module: nn.Module, out: int | None = None, inp: int | None = None) -> None:
-    if isinstance(module, nn.Linear):
-        if out is not None:
-            module.out_features = out
-        if inp is not None:
-            module.in_features = inp
-    else:
-        if out is not None:
-            module.out_channels = out
-        if inp is not None:
-            module.in_channels = inp
+    adapter = adapters.adapter_for(module)
+    for role, n in (("out", out), ("in", inp)):
+        if n is not None:
+            adapter.set_channels(module, role, n)
 
 
 def prune_channels(model: nn.Module, group: ChannelGroup | str, keep) -> None:
