@@ -303,3 +303,22 @@ def test_netadapt_on_coupled_groups_and_unmeetable_budget():
         res = netadapt.netadapt(net, None, lambda m, steps: None, lambda m: 1.0, x, budget=1e-6,
                                 short_steps=0, long_steps=0, max_iterations=1)
     assert "max_iterations=1" in res.message
+
+
+def test_group_sensitivity_scan_and_apply():
+    from pointsparse.prune import sensitivity
+    net, x = ResidualNet().eval(), sparse_input(n=120)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    ref = net(x).feats.detach()
+
+    def closeness(m):  # 1 for the unpruned network, lower the more a cut changes it
+        return 1.0 - float((m(x).feats - ref).norm() / ref.norm())
+
+    res = sensitivity.sensitivity_scan(net, closeness, [0.0, 0.5, 0.75], "group", example_input=x)
+    assert list(res.curves) == ["stem.0", "stem.3", "block.main.0"] and res.sizes["block.main.0"] == 12
+    assert all(v[0] == 1.0 and v[2] < 1.0 for v in res.curves.values())
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # scanned on copies
+    sensitivity.apply_ratios(net, {"stem.3": 0.5, "block.main.0": 0.0}, "group", example_input=x)
+    assert net.stem[3].out_channels == 4 and net.block.main[0].in_channels == 4 and net.head.fn.in_features == 4
+    with pytest.raises(ValueError, match="example_input"):
+        sensitivity.sensitivity_scan(net, closeness, [0.5], "group")
