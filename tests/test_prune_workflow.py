@@ -41,3 +41,22 @@ def test_prune_channels_checkpoint_round_trip(tmp_path, capsys):
                      "--finetune-epochs", "1", "--out", str(tuned)]) == 0
     state = torch.load(tuned / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 2 and G.widths(load_model(tuned / "checkpoint.pt")) == state["config"]["widths"]
+
+
+def test_masked_and_cut_state_dicts_round_trip(tmp_path):
+    from pointsparse.models import MinkUNet
+    from prune_procedures_support import sparse_input
+    torch.manual_seed(0)
+    net, x = MinkUNet(3, 4, cr=0.25).eval(), sparse_input(n=600, extent=16)
+    graph = G.DependencyGraph(net, x)
+    keep = G.plan(graph, 0.5)
+    graph.mask(keep)
+    config = {"model": "minkunet", "in_channels": 3, "classes": list("abcd"), "cr": 0.25, "blocks": 2}
+    for stage in ("masked", "cut"):
+        if stage == "cut":
+            graph.cut(keep)
+        path = tmp_path / f"{stage}.pt"
+        torch.save({"model": net.state_dict(), "config": dict(config, widths=G.widths(net))}, path)
+        loaded = load_model(path)
+        assert torch.equal(loaded(x).feats, net(x).feats)
+        assert any(k.endswith("weight_mask") for k in loaded.state_dict())

@@ -40,5 +40,18 @@ def load_model(path, map_location="cpu") -> nn.Module:
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ValueError(f"{path} is not a pointsparse training checkpoint")
     model = build_model(state["config"])
+    _mask_like(model, state["model"])
     model.load_state_dict(state["model"])
     return model.eval()
+
+
+def _mask_like(model: nn.Module, state_dict: dict) -> None:
+    """Give ``model`` a (full) mask on every tensor stored masked in
+    ``state_dict`` (``name_orig`` + ``name_mask``), so that it loads."""
+    from ..prune import custom_from_mask
+    for key in state_dict:
+        if key.endswith("_orig") and key[:-5] + "_mask" in state_dict:
+            module_name, _, tensor = key[:-5].rpartition(".")
+            module = model.get_submodule(module_name)
+            if tensor + "_orig" not in module._parameters:
+                custom_from_mask(module, tensor, torch.ones_like(getattr(module, tensor), dtype=torch.bool))
