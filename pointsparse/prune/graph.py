@@ -238,7 +238,7 @@ class DependencyGraph:
             module = self.module(name)
             for tensor, roles in adapters.adapter_for(module).axes(module).items():
                 t = adapters.raw(module, tensor)
-                if "out" in roles and isinstance(t, nn.Parameter) or (t is not None and tensor + "_orig" in module._parameters):
+                if "out" in roles and isinstance(t, nn.Parameter):  # raw: name_orig when already masked
                     m = torch.ones_like(t, dtype=torch.bool)
                     m.index_fill_(roles["out"], dropped.to(t.device), False)
                     _compat.custom_from_mask(module, tensor, m)
