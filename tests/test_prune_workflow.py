@@ -18,6 +18,15 @@ TINY = ["--data", "generated", "--scenes", "2", "--val-scenes", "1", "--beams", 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def ps_report(model, reference) -> float:
+    """FLOPs of ``model`` over those of ``reference`` on one generated cloud."""
+    from pointsparse.prune.report import sparsity_report
+    from prune_procedures_support import sparse_input
+    x = sparse_input(n=2000, channels=reference.in_channels, extent=24)
+    flops = [sparsity_report(m, x)["total"]["dense_flops"] for m in (model, reference)]
+    return flops[0] / flops[1]
+
+
 @pytest.mark.slow
 def test_prune_channels_checkpoint_round_trip(tmp_path, capsys):
     dense, small = tmp_path / "dense", tmp_path / "small"
@@ -36,6 +45,12 @@ def test_prune_channels_checkpoint_round_trip(tmp_path, capsys):
     resumed = torch.load(small / "checkpoint.pt", weights_only=True)
     assert resumed["epoch"] == 2 and resumed["config"]["widths"] == widths
     assert G.widths(load_model(small / "checkpoint.pt")) == widths
+    searched = tmp_path / "amc"
+    assert cli.main(["prune", "amc", "--checkpoint", str(dense / "checkpoint.pt"), "--flops", "0.3",
+                     "--episodes", "2", "--out", str(searched)]) == 0
+    amc_model = load_model(searched / "checkpoint.pt")
+    # AMC meets 0.3 of the FLOPs on its own example cloud; another cloud has other pair counts per stage
+    assert ps_report(amc_model, full) < 0.4
     tuned = tmp_path / "tuned"
     assert cli.main(["prune", "channels", "--checkpoint", str(dense / "checkpoint.pt"), "--ratio", "0.5",
                      "--finetune-epochs", "1", "--out", str(tuned)]) == 0

@@ -29,16 +29,85 @@ def add_arguments(parser) -> None:
     parser.add_argument("--finetune-epochs", type=int, default=0, help="channels: epochs of fine-tuning afterwards")
 
 
-def _example_batch(state: dict, data, label_map):
+def _batches(state: dict, data, label_map, count: int = 1) -> list:
+    """The first ``count`` clouds of ``data`` (default: the run's), one batch each."""
     from ..data import VoxelDataset, collate
     from ..data import open_source
     config, saved = state["config"], state.get("args", {})
     spec = data or saved.get("data") or ["generated"]
     if len(spec) == 1 and spec[0].startswith("generated"):
-        source = open_source(spec, count=1, first_seed=0)
+        source = open_source(spec, count=count, first_seed=0)
     else:
         source = open_source(spec, label_map or saved.get("label_map"), config.get("ignore_index", 255))
-    return collate([VoxelDataset(source, config["voxel_size"], config.get("ignore_index", 255))[0]])
+    dataset = VoxelDataset(source, config["voxel_size"], config.get("ignore_index", 255))
+    return [collate([dataset[i % len(dataset)]]) for i in range(count)]
+
+
+def _example_batch(state: dict, data, label_map):
+    return _batches(state, data, label_map)[0]
+
+
+def load_state(checkpoint) -> dict:
+    state = torch.load(Path(checkpoint), map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise ValueError(f"{checkpoint} is not a pointsparse training checkpoint")
+    return state
+
+
+def save_pruned(state: dict, model, out) -> Path:
+    """``out/checkpoint.pt``: ``state`` with ``model``'s weights and widths
+    (``config["widths"]``) and a fresh optimizer state for its shapes."""
+    from ..train import CHECKPOINT, make_optimizer, save_checkpoint
+    from .graph import widths
+    new = dict(state, model=model.state_dict(), config=dict(state["config"], widths=widths(model)))
+    if state.get("args"):
+        new["optimizer"] = make_optimizer(argparse.Namespace(**state["args"]), model).state_dict()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out / CHECKPOINT, new)
+    return out / CHECKPOINT
+
+
+def checkpoint_task(checkpoint, data=None, label_map=None, clouds: int = 4):
+    """A :class:`~pointsparse.prune.tasks.Task` on a trained MinkUNet
+    checkpoint and the user's clouds (the first ``clouds - 1`` train, the last
+    validates; metric voxel mIoU), so that AMC, NetAdapt and the other
+    procedures run on a real model and real data."""
+    from .. import metrics
+    from ..models import build_model
+    from .tasks import Task, _train_loop
+    state = load_state(checkpoint)
+    if str(state["config"].get("model", "minkunet")).lower() != "minkunet":
+        raise ValueError("the procedures' --checkpoint takes a MinkUNet run (SPVCNN: use prune channels)")
+    batches = _batches(state, data, label_map, clouds)
+    train, val = batches[:-1] or batches, batches[-1]
+    ignore = state["config"].get("ignore_index", 255)
+    classes = len(state["config"]["classes"])
+    cursor = {"i": 0}
+
+    def make_model(seed=0):
+        model = build_model(state["config"])
+        model.load_state_dict(state["model"])
+        return model.eval()
+
+    def batch_fn():
+        cursor["i"] = (cursor["i"] + 1) % len(train)
+        return train[cursor["i"]].input, train[cursor["i"]].labels
+
+    def loss_fn(out, labels):
+        return torch.nn.functional.cross_entropy(out.feats, labels, ignore_index=ignore)
+
+    def evaluate(model):
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            pred = model(val.input).feats.argmax(1)
+        model.train(was)
+        return metrics.mean_iou(metrics.confusion_matrix(pred, val.labels, classes, ignore))
+
+    lr = float(state.get("args", {}).get("lr", 0.05)) * 0.1
+    return state, Task("checkpoint", make_model, lambda m, steps, lr=lr: _train_loop(m, steps, lr, batch_fn, loss_fn),
+                       evaluate, evaluate, batch_fn, loss_fn, val.input, lr, 60, "mIoU")
 
 
 def _scores(criterion: str, model, batch, ignore_index: int):
@@ -63,15 +132,13 @@ def prune_checkpoint(checkpoint, out, ratio: float = 0.5, data=None, label_map=N
     ``config["widths"]``, a fresh optimizer state for the smaller model and
     the run's epoch, schedule and history. Returns its path."""
     from ..models import build_model
-    from ..train import CHECKPOINT, make_optimizer, point_level, save_checkpoint
-    from .graph import DEFAULT_MULTIPLE, DependencyGraph, plan, widths
+    from ..train import point_level
+    from .graph import DEFAULT_MULTIPLE, DependencyGraph, plan
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}; got {criterion!r}")
     if not 0 < ratio <= 1:
         raise ValueError(f"ratio (the kept fraction) must be in (0, 1]; got {ratio}")
-    state = torch.load(Path(checkpoint), map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise ValueError(f"{checkpoint} is not a pointsparse training checkpoint")
+    state = load_state(checkpoint)
     model = build_model(state["config"])
     model.load_state_dict(state["model"])
     batch = _example_batch(state, data, label_map)
@@ -80,14 +147,7 @@ def prune_checkpoint(checkpoint, out, ratio: float = 0.5, data=None, label_map=N
     scores = _scores(criterion, model, batch, state["config"].get("ignore_index", 255))
     graph = DependencyGraph(model, example)
     graph.cut(plan(graph, ratio, scores, scope, multiple or DEFAULT_MULTIPLE), retrace=False)
-    config = dict(state["config"], widths=widths(model))
-    new = dict(state, model=model.state_dict(), config=config)
-    if state.get("args"):
-        new["optimizer"] = make_optimizer(argparse.Namespace(**state["args"]), model).state_dict()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(out / CHECKPOINT, new)
-    return out / CHECKPOINT
+    return save_pruned(state, model, out)
 
 
 def finetune(path: Path, epochs: int) -> None:
