@@ -32,7 +32,7 @@ from . import checkpoint, metrics
 from .data import (DEFAULT_IGNORE, NUM_FEATURES, VALIDATION_SEED, Batch, CloudFiles, VoxelDataset, collate,
                    open_source)
 from .data.generated import MAX_AZIMUTH_STEPS, MAX_BEAMS, MAX_RANGE
-from .models import SPVCNN, MinkUNet, SyncBatchNorm
+from .models import SPVCNN, SyncBatchNorm
 
 MODELS = ("minkunet", "spvcnn")
 SCHEDULES = ("cosine", "onecycle", "step", "constant")
@@ -270,8 +270,9 @@ def _spawn_worker(rank: int, world: int, port: int, args) -> None:
 # --------------------------------------------------------------------- model, optimiser, schedule
 
 def build_model(config: dict) -> torch.nn.Module:
-    cls = SPVCNN if config.get("model", "minkunet").lower() == "spvcnn" else MinkUNet
-    return cls(config["in_channels"], len(config["classes"]), cr=config["cr"], blocks=config["blocks"])
+    """The config's model, dense or with the pruned widths it records."""
+    from .models import build_model as build
+    return build(config)
 
 
 def point_level(model) -> bool:

@@ -10,20 +10,12 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from . import _compat
-
-_TORCH_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_TORCH_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-
-
-def _sparse_conv_class():
-    from ..nn import Conv3d
-    return Conv3d
-
+from . import _compat, adapters
 
 def is_prunable(module: nn.Module) -> bool:
-    """Linear, torch convolutions and ``pointsparse.nn.Conv3d``."""
-    return isinstance(module, (nn.Linear, *_TORCH_CONV, *_TORCH_CONV_T, _sparse_conv_class()))
+    """A layer with a registered adapter (:mod:`.adapters`): Linear, torch
+    convolutions, ``pointsparse.nn.Conv3d``, or a user's."""
+    return adapters.is_layer(module)
 
 
 def prunable_layers(model: nn.Module, layers: Iterable[str] | None = None) -> list[tuple[str, nn.Module]]:
@@ -51,23 +43,20 @@ def prunable_layers(model: nn.Module, layers: Iterable[str] | None = None) -> li
     return out
 
 
+def _weight_axes(module: nn.Module) -> dict[str, int]:
+    a = adapters.adapter_for(module)
+    return a.axes(module)["weight"] if a is not None and a.kind == "layer" else {"out": 0, "in": 1}
+
+
 def out_channel_dim(module: nn.Module) -> int:
-    """Axis of the weight that indexes output channels (2 for
-    ``pointsparse.nn.Conv3d``'s ``(K, C_in, C_out)``, 1 for torch transposed
-    convolutions, 0 otherwise)."""
-    if isinstance(module, _sparse_conv_class()):
-        return 2
-    if isinstance(module, _TORCH_CONV_T):
-        return 1
-    return 0
+    """Axis of the weight that indexes output channels, from the layer's
+    adapter (2 for ``pointsparse.nn.Conv3d``'s ``(K, C_in, C_out)``, 1 for
+    torch transposed convolutions, 0 otherwise)."""
+    return _weight_axes(module)["out"]
 
 
 def in_channel_dim(module: nn.Module) -> int:
-    if isinstance(module, _sparse_conv_class()):
-        return 1
-    if isinstance(module, _TORCH_CONV_T):
-        return 0
-    return 1
+    return _weight_axes(module)["in"]
 
 
 def out_channels(module: nn.Module) -> int:
@@ -80,9 +69,8 @@ def in_channels(module: nn.Module) -> int:
 
 def kernel_volume(module: nn.Module) -> int:
     w = module.weight
-    if isinstance(module, _sparse_conv_class()):
-        return int(w.shape[0])
-    return int(w[0, 0].numel()) if w.dim() > 2 else 1
+    axes = _weight_axes(module)
+    return w.numel() // (w.shape[axes["out"]] * w.shape[axes["in"]])
 
 
 def get_mask(module: nn.Module, name: str = "weight") -> torch.Tensor:

@@ -102,16 +102,16 @@ def _raw_weight(module: nn.Module, name: str) -> torch.Tensor | None:
 def layout_of(module: nn.Module, name: str = "weight") -> WeightLayout:
     """The layout of ``module``'s tensor ``name``; ``TypeError`` for modules
     whose weight has no channel structure this package knows."""
+    from . import adapters  # the registry builds on the layouts defined here
+
     weight = _raw_weight(module, name)
     if weight is None:
         raise TypeError(f"{type(module).__name__} has no tensor named {name!r}")
     if name == "weight":
+        if adapters.is_layer(module):
+            return adapters.adapter_for(module).layout(module)
         if is_sparse_conv(module):
             return SPARSE_CONV
-        if isinstance(module, nn.modules.conv._ConvTransposeNd):
-            return WeightLayout(1, 0, tuple(range(2, weight.dim())))
-        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
-            return dense_layout(weight.dim())
     raise TypeError(
         f"cannot tell the channel layout of {type(module).__name__}.{name} (shape "
         f"{tuple(weight.shape)}); pass layout=WeightLayout(out_axis, in_axis, kernel_axes)"
@@ -131,8 +131,11 @@ def current_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
 
 
 def is_prunable(module: nn.Module) -> bool:
-    """A Linear, a torch ConvNd or a sparse conv."""
-    return isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or is_sparse_conv(module)
+    """A layer with a registered adapter (Linear, torch ConvNd, sparse conv,
+    yours: :mod:`.adapters`) or anything shaped like a sparse conv."""
+    from . import adapters
+
+    return adapters.is_layer(module) or is_sparse_conv(module)
 
 
 def prunable_modules(model: nn.Module):

@@ -45,13 +45,21 @@ class LayerInfo:
     flops: float  # dense FLOPs on the example input
     producer: bool  # its output channels may be pruned
     input_from: str | None  # the producer whose channels feed it
+    out_group: str | None = None  # the group its output channels belong to (coupled mode)
+    in_groups: tuple = ()  # ((group or None, input channels), ...) along its input axis
+    group_size: int = 0  # channels of out_group
 
 
-def layer_infos(model: nn.Module, example_input) -> list[LayerInfo]:
+def layer_infos(model: nn.Module, example_input, coupled: bool = False) -> list[LayerInfo]:
     """Every prunable layer of a chain with its dense FLOPs on
     ``example_input`` (from the core's ``sparsity_report``; for sparse
-    convolutions these come from the kernel-map pair counts)."""
+    convolutions these come from the kernel-map pair counts). With
+    ``coupled=True`` the groups are the dependency graph's coupled groups
+    (every layer of a residual or U-Net network; a group acts through its
+    first producer)."""
     report = _compat.sparsity_report(model, example_input)["layers"]
+    if coupled:
+        return _coupled_infos(model, example_input, report)
     groups = channel_groups(model)
     producers = {g.producer for g in groups}
     feeds = {g.consumer: g.producer for g in groups}
@@ -59,19 +67,48 @@ def layer_infos(model: nn.Module, example_input) -> list[LayerInfo]:
     out = []
     for name, row in report.items():
         m = named[name]
+        producer, feeder = name in producers, feeds.get(name)
         out.append(LayerInfo(name, in_channels(m), out_channels(m), kernel_volume(m), float(row["dense_flops"] or 0),
-                             name in producers, feeds.get(name)))
+                             producer, feeder, name if producer else None,
+                             ((feeder, in_channels(m)),) if feeder else (), out_channels(m)))
+    return out
+
+
+def _coupled_infos(model, example_input, report) -> list[LayerInfo]:
+    from .graph import DependencyGraph
+    graph = DependencyGraph(model, example_input)
+    out_of, in_of = {}, {}
+    for g in graph.groups:
+        for m in g.members:
+            if m.role == "out":
+                out_of[m.module] = g
+            else:
+                in_of.setdefault(m.module, []).append((g.name, m.stop - m.start))
+    named = dict(model.named_modules())
+    out = []
+    for name, row in report.items():
+        m, g = named[name], out_of.get(name)
+        ins = tuple(in_of.get(name, ()))
+        covered = sum(n for _, n in ins)
+        if covered < in_channels(m):
+            ins += ((None, in_channels(m) - covered),)
+        out.append(LayerInfo(name, in_channels(m), out_channels(m), kernel_volume(m), float(row["dense_flops"] or 0),
+                             g is not None and g.name == name, ins[0][0] if ins else None,
+                             g.name if g is not None else None, ins, g.size if g is not None else 0))
     return out
 
 
 def flops_for(infos: list[LayerInfo], ratios: dict[str, float]) -> float:
-    """FLOPs of the chain after removing ``ratios[producer]`` of each
-    producer's channels (each layer scales with its kept in and out channels)."""
-    kept = {i.name: kept_count(i.out_channels, ratios.get(i.name, 0.0)) / i.out_channels for i in infos}
+    """FLOPs of the network after removing ``ratios[group]`` of each group's
+    channels (each layer scales with its kept output channels and the kept
+    share of its inputs)."""
+    sizes = {i.out_group: i.group_size or i.out_channels for i in infos if i.out_group}
+    kept = {g: kept_count(n, ratios.get(g, 0.0)) / n for g, n in sizes.items()}
     total = 0.0
     for i in infos:
-        f_out = kept[i.name] if i.producer else 1.0
-        f_in = kept[i.input_from] if i.input_from else 1.0
+        f_out = kept[i.out_group] if i.out_group else 1.0
+        width = sum(n for _, n in i.in_groups)
+        f_in = sum(n * (kept[g] if g else 1.0) for g, n in i.in_groups) / width if width else 1.0
         total += i.flops * f_out * f_in
     return total
 
@@ -200,12 +237,16 @@ def _states(infos: list[LayerInfo]) -> tuple[list[LayerInfo], list[list[float]]]
 def amc_search(model: nn.Module, eval_fn: Callable[[nn.Module], float], example_input, episodes: int = 100,
                warmup: int = 20, reward: str = "flops", target_flops: float | None = None, max_ratio: float = 0.8,
                reconstruct: bool = False, calibration_input=None, noise: float = 0.5, noise_decay: float = 0.95,
-               seed: int = 0, agent_kwargs: dict | None = None, log: Callable[[str], None] | None = None) -> AMCResult:
+               seed: int = 0, agent_kwargs: dict | None = None, log: Callable[[str], None] | None = None,
+               coupled: bool = False) -> AMCResult:
     """Search per-layer channel ratios for a chain ``model`` (left
     unchanged). ``eval_fn(pruned_copy)`` is the validation metric in [0, 1]
     (accuracy, mIoU); the error is ``1 - metric``. ``target_flops`` (absolute
     FLOPs, or a fraction of the dense FLOPs when < 1) makes the search
-    resource-constrained: every episode's ratios meet it."""
+    resource-constrained: every episode's ratios meet it. ``coupled=True``
+    acts on every coupled channel group of the dependency graph (residual and
+    U-Net networks whole; the ratios are then keyed by group name and applied
+    with ``apply_channel_ratios(..., example_input=...)``)."""
     check_callable(eval_fn, "eval_fn")
     if reward not in REWARDS:
         raise ValueError(f"reward must be one of {REWARDS}; got {reward!r}")
@@ -215,7 +256,9 @@ def amc_search(model: nn.Module, eval_fn: Callable[[nn.Module], float], example_
         raise ValueError(f"max_ratio must be in (0, 1); got {max_ratio}")
     if not isinstance(episodes, int) or episodes < 1 or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"episodes must be >= 1 and warmup >= 0; got {episodes}, {warmup}")
-    infos = layer_infos(model, example_input)
+    if coupled and reconstruct:
+        raise ValueError("reconstruct=True works on chain groups only (coupled=False)")
+    infos = layer_infos(model, example_input, coupled)
     producers, raw_states = _states(infos)
     if not producers:
         raise ValueError("model has no layer whose output channels can be removed (needs a chain of >= 2 layers)")
@@ -262,7 +305,8 @@ def amc_search(model: nn.Module, eval_fn: Callable[[nn.Module], float], example_
             actions.append(a / max_ratio)
             prev = a
         pruned = copy.deepcopy(model)
-        apply_channel_ratios(pruned, ratios, reconstruct, calibration_input)
+        apply_channel_ratios(pruned, ratios, reconstruct, calibration_input,
+                             example_input=example_input if coupled else None)
         metric = float(eval_fn(pruned))
         flops = flops_for(infos, ratios)
         error = 1.0 - metric

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-PROCEDURES = ("sensitivity", "schedule", "lottery", "init", "rigl", "amc", "netadapt")
+PROCEDURES = ("sensitivity", "schedule", "lottery", "init", "rigl", "amc", "netadapt", "channels")
 
 
 def add_arguments(parser) -> None:
@@ -43,10 +43,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", type=Path, default=Path("prune-out"), help="folder for plots, ratios, tables")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="short runs (seconds)")
+    from .workflow import add_arguments as add_channel_arguments
+    add_channel_arguments(parser)
 
 
 def _task(args):
     from .tasks import digits_task, scene_task
+    if getattr(args, "checkpoint", None) is not None:
+        from .workflow import checkpoint_task
+        args.checkpoint_state, task = checkpoint_task(args.checkpoint, args.data, args.label_map)
+        return task
     if args.task == "scene":
         if args.model not in (None, "sparse", "minkunet"):
             raise SystemExit(f"--model {args.model} is a digits model; the scene task takes sparse or minkunet")
@@ -91,6 +97,9 @@ def check_args(args) -> None:
 
 
 def main(args) -> int:
+    if args.procedure == "channels":
+        from .workflow import main as channels_main
+        return channels_main(args)
     from . import _layers
     check_args(args)
     torch.manual_seed(args.seed)
@@ -157,24 +166,40 @@ def main(args) -> int:
     elif p == "amc":
         from .amc import amc_search
         from .surgery import apply_channel_ratios
+        coupled = args.checkpoint is not None  # a real network: every coupled group
         res = amc_search(model, task.eval_fn, task.example_input, episodes=30 if args.quick else args.episodes,
                          warmup=10 if args.quick else 30, reward=args.reward, target_flops=args.flops,
-                         reconstruct=args.reconstruct, calibration_input=task.example_input, seed=args.seed)
+                         reconstruct=args.reconstruct and not coupled, calibration_input=task.example_input,
+                         seed=args.seed, coupled=coupled)
         print(f"best ratios {json.dumps({k: round(v, 3) for k, v in res.ratios.items()})}")
         print(f"  {task.metric} before fine-tuning {res.metric:.4f}, FLOPs {res.flops / res.dense_flops:.3f} of dense")
         print(f"ratios written to {res.export(args.out / 'amc_ratios.json')}")
         pruned = copy.deepcopy(model)
-        apply_channel_ratios(pruned, res.ratios, args.reconstruct, task.example_input)
+        if coupled:
+            apply_channel_ratios(pruned, res.ratios, example_input=task.example_input)
+        else:
+            apply_channel_ratios(pruned, res.ratios, args.reconstruct, task.example_input)
         task.train_fn(pruned, steps // 2, lr=task.lr * args.finetune_lr_factor)
         print(f"  after {steps // 2} fine-tuning steps: {task.metric} {task.eval_fn(pruned):.4f}")
+        _save_if_checkpoint(args, pruned)
     elif p == "netadapt":
         from .netadapt import build_latency_table, netadapt
         x = task.example_input
-        table = build_latency_table(model, x, num_candidates=4 if args.quick else 8, repeats=3 if args.quick else 7)
-        table.save(args.out / "latency_table.json")
+        table = None  # a checkpoint's network: every coupled group, latencies measured directly
+        if args.checkpoint is None:
+            table = build_latency_table(model, x, num_candidates=4 if args.quick else 8,
+                                        repeats=3 if args.quick else 7)
+            table.save(args.out / "latency_table.json")
         res = netadapt(model, table, task.train_fn, task.eval_fn, x, args.latency, short_steps=max(5, steps // 20),
                        long_steps=steps // 2, lr=task.lr, log=lambda s: print("  " + s))
         print(f"channels {res.channels}; latency estimate {res.initial_latency * 1e3:.2f} -> "
               f"{res.estimated_latency * 1e3:.2f} ms (budget {res.budget * 1e3:.2f}), measured again "
               f"{res.measured_latency * 1e3:.2f} ms; {task.metric} {res.final_metric:.4f}")
+        _save_if_checkpoint(args, res.model)
     return 0
+
+
+def _save_if_checkpoint(args, model) -> None:
+    if args.checkpoint is not None:
+        from .workflow import save_pruned
+        print(f"pruned checkpoint: {save_pruned(args.checkpoint_state, model, args.out)}")

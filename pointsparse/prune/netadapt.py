@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -200,9 +201,10 @@ class NetAdaptResult:
     measured_latency: float
     history: list[dict] = field(default_factory=list)
     final_metric: float | None = None
+    message: str = ""  # why the budget was not met ("" when it was)
 
 
-def netadapt(model: nn.Module, table: LatencyTable, train_fn: Callable, eval_fn: Callable, example_input,
+def netadapt(model: nn.Module, table: LatencyTable | None, train_fn: Callable, eval_fn: Callable, example_input,
              budget: float, initial_reduction: float = 0.1, decay: float = 0.96, short_steps: int = 50,
              long_steps: int = 300, lr: float | None = None, finetune_lr_factor: float = 0.1,
              max_iterations: int = 50, log: Callable[[str], None] | None = None,
@@ -211,7 +213,13 @@ def netadapt(model: nn.Module, table: LatencyTable, train_fn: Callable, eval_fn:
     ``budget`` (a fraction in (0, 1] of the table's initial estimate L0;
     ``budget_seconds`` instead gives an absolute target). Each iteration asks for a drop of ``initial_reduction * L0 *
     decay^i``; proposals are fine-tuned ``short_steps``, the best kept; the
-    result is fine-tuned ``long_steps`` and measured again."""
+    result is fine-tuned ``long_steps`` and measured again.
+
+    ``table=None`` adapts every coupled channel group of the dependency
+    graph traced on ``example_input`` (residual and U-Net networks whole),
+    each proposal's latency measured directly. When no proposal can lower
+    the latency any further before the budget is met, the run stops with a
+    ``RuntimeWarning`` that says so (also in ``NetAdaptResult.message``)."""
     check_callable(train_fn, "train_fn")
     check_callable(eval_fn, "eval_fn")
     if budget_seconds is not None:
@@ -222,6 +230,10 @@ def netadapt(model: nn.Module, table: LatencyTable, train_fn: Callable, eval_fn:
                          "(use budget_seconds= for an absolute target)")
     if not 0 < initial_reduction < 1 or not 0 < decay <= 1:
         raise ValueError(f"initial_reduction must be in (0, 1) and decay in (0, 1]; got {initial_reduction}, {decay}")
+    if table is None:
+        return _netadapt_coupled(model, train_fn, eval_fn, example_input, budget, initial_reduction, decay,
+                                 short_steps, long_steps, None if lr is None else lr * finetune_lr_factor,
+                                 max_iterations, log, budget_seconds)
     net = copy.deepcopy(model)
     layout, _ = _layout(net)
     named = dict(net.named_modules())
@@ -260,6 +272,68 @@ def netadapt(model: nn.Module, table: LatencyTable, train_fn: Callable, eval_fn:
         if log is not None:
             log(f"iteration {it}: {name} -> {choice} channels, metric {metric:.4f}, estimate {current * 1e3:.2f} ms")
         it += 1
+    message = _unmet(current, target, it, max_iterations)
     call_train(train_fn, net, long_steps, ft_lr)
     measured = measure_latency(net, example_input, table.repeats)
-    return NetAdaptResult(net, channels, target, l0, current, measured, history, float(eval_fn(net)))
+    return NetAdaptResult(net, channels, target, l0, current, measured, history, float(eval_fn(net)), message)
+
+
+def _unmet(current: float, target: float, iterations: int, max_iterations: int) -> str:
+    """The message (also a RuntimeWarning) when the budget was missed."""
+    if current <= target:
+        return ""
+    why = (f"max_iterations={max_iterations} reached" if iterations >= max_iterations
+           else "no layer can shrink further (every candidate width tried)")
+    message = (f"NetAdapt could not meet the latency budget: {current * 1e3:.3f} ms estimated against "
+               f"{target * 1e3:.3f} ms; {why}")
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    return message
+
+
+def _shrunk(net: nn.Module, example_input, group: str, count: int) -> nn.Module:
+    """A copy of ``net`` with group ``group`` cut to ``count`` channels (lowest magnitude removed)."""
+    from .graph import DependencyGraph, plan
+    cand = copy.deepcopy(net)
+    graph = DependencyGraph(cand, example_input)
+    graph.cut(plan(graph, {group: count / graph.group(group).size}, multiple=1), retrace=False)
+    return cand
+
+
+def _netadapt_coupled(model, train_fn, eval_fn, example_input, budget, initial_reduction, decay, short_steps,
+                      long_steps, ft_lr, max_iterations, log, budget_seconds, repeats: int = 5) -> NetAdaptResult:
+    from .graph import DependencyGraph
+    net = copy.deepcopy(model)
+    channels = {g.name: g.size for g in DependencyGraph(net, example_input).groups}
+    if not channels:
+        raise ValueError("model has no coupled channel group that can be cut")
+    candidates = {n: candidate_counts(c) for n, c in channels.items()}
+    l0 = current = measure_latency(net, example_input, repeats)
+    target = float(budget_seconds) if budget_seconds is not None else budget * l0
+    history, it = [], 0
+    while current > target and it < max_iterations:
+        want = current - initial_reduction * l0 * decay**it
+        proposals = []
+        for name in channels:
+            for count in (c for c in candidates[name] if c < channels[name]):
+                cand = _shrunk(net, example_input, name, count)
+                latency = measure_latency(cand, example_input, repeats)
+                if latency <= want:
+                    break
+            else:
+                if not any(c < channels[name] for c in candidates[name]) or latency >= current:
+                    continue
+            call_train(train_fn, cand, short_steps, ft_lr)
+            proposals.append((float(eval_fn(cand)), name, count, latency, cand))
+        if not proposals:
+            break
+        metric, name, count, current, net = max(proposals, key=lambda p: p[0])
+        channels[name] = count
+        history.append({"iteration": it, "layer": name, "channels": count, "metric": metric,
+                        "estimated_latency": current, "proposals": len(proposals)})
+        if log is not None:
+            log(f"iteration {it}: {name} -> {count} channels, metric {metric:.4f}, measured {current * 1e3:.2f} ms")
+        it += 1
+    message = _unmet(current, target, it, max_iterations)
+    call_train(train_fn, net, long_steps, ft_lr)
+    measured = measure_latency(net, example_input, repeats)
+    return NetAdaptResult(net, channels, target, l0, current, measured, history, float(eval_fn(net)), message)

@@ -22,15 +22,19 @@ import torch
 from torch import nn
 
 from ._layers import check_fraction, prunable_layers
+from ._layout import layout_of
 
 DISTRIBUTIONS = ("uniform", "erk")
 
 
 def _kernel_dims(module: nn.Module) -> list[int]:
-    from ..nn import Conv3d as SparseConv3d
+    """The weight's dims, a sparse conv's flattened kernel volume spelled out
+    as its 3-D kernel (the layout says which axis is the kernel)."""
     w = module.weight
-    if isinstance(module, SparseConv3d):
-        return [*module.kernel_size, w.shape[1], w.shape[2]]
+    layout = layout_of(module)
+    kernel = getattr(module, "kernel_size", None)
+    if layout.kernel_axes == (0,) and isinstance(kernel, tuple):
+        return [*kernel, w.shape[layout.in_axis], w.shape[layout.out_axis]]
     return list(w.shape)
 
 

@@ -5,6 +5,7 @@ largest ratio whose drop stays under a threshold."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -15,7 +16,7 @@ from torch import nn
 from . import _compat
 from ._layers import check_callable, prunable_layers
 
-GRANULARITIES = ("unstructured", "channel")
+GRANULARITIES = ("unstructured", "channel", "group")
 DEFAULT_RATIOS = tuple(round(0.1 * i, 1) for i in range(10))
 
 
@@ -43,17 +44,23 @@ def _prune_one(module: nn.Module, ratio: float, granularity: str) -> None:
 
 
 def sensitivity_scan(model: nn.Module, eval_fn: Callable[[nn.Module], float], ratios=DEFAULT_RATIOS,
-                     granularity: str = "unstructured", layers=None, metric: str = "metric") -> SensitivityResult:
+                     granularity: str = "unstructured", layers=None, metric: str = "metric",
+                     example_input=None) -> SensitivityResult:
     """For each prunable layer and each ratio, prune only that layer (by L1
     magnitude: single weights, or whole output channels for ``"channel"``),
     call ``eval_fn(model)``, and restore the layer exactly. The model is left
-    as it was."""
+    as it was. ``"group"`` scans every coupled channel group of the
+    dependency graph traced on ``example_input`` instead (each cut on a copy
+    of the model: the fraction of the group's channels of lowest summed
+    magnitude removed from every member)."""
     check_callable(eval_fn, "eval_fn")
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}; got {granularity!r}")
     ratios = [float(r) for r in ratios]
     if not ratios or any(not 0.0 <= r < 1.0 for r in ratios):
         raise ValueError(f"ratios must be a non-empty list of values in [0, 1); got {ratios}")
+    if granularity == "group":
+        return _group_scan(model, eval_fn, ratios, metric, example_input)
     chosen = prunable_layers(model, layers)
     for name, m in chosen:
         if _compat.is_pruned(m):
@@ -79,6 +86,25 @@ def sensitivity_scan(model: nn.Module, eval_fn: Callable[[nn.Module], float], ra
                              {n: m.weight.numel() for n, m in chosen})
 
 
+def _group_scan(model, eval_fn, ratios, metric, example_input) -> SensitivityResult:
+    from .graph import DependencyGraph
+    from .surgery import apply_channel_ratios
+    if example_input is None:
+        raise ValueError("granularity='group' needs example_input (to trace the dependency graph)")
+    groups = DependencyGraph(model, example_input).groups
+    baseline = float(eval_fn(model))
+    curves = {}
+    for g in groups:
+        values = []
+        for r in ratios:
+            cut = copy.deepcopy(model)
+            if r > 0:
+                apply_channel_ratios(cut, {g.name: r}, example_input=example_input)
+            values.append(baseline if r == 0 else float(eval_fn(cut)))
+        curves[g.name] = values
+    return SensitivityResult(ratios, curves, baseline, "group", metric, {g.name: g.size for g in groups})
+
+
 def choose_ratios(result: SensitivityResult, threshold: float, relative: bool = False) -> dict[str, float]:
     """Per layer the largest ratio at which the metric drop (baseline - value,
     or that over the baseline when ``relative``) is <= ``threshold``, and at
@@ -99,10 +125,18 @@ def choose_ratios(result: SensitivityResult, threshold: float, relative: bool = 
     return out
 
 
-def apply_ratios(model: nn.Module, ratios: dict[str, float], granularity: str = "unstructured") -> None:
-    """Prune each named layer at its ratio (what :func:`choose_ratios` returns)."""
+def apply_ratios(model: nn.Module, ratios: dict[str, float], granularity: str = "unstructured",
+                 example_input=None) -> None:
+    """Prune each named layer at its ratio (what :func:`choose_ratios` returns);
+    ``"group"``: cut each named coupled group (needs ``example_input``)."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}; got {granularity!r}")
+    if granularity == "group":
+        if example_input is None:
+            raise ValueError("granularity='group' needs example_input (to trace the dependency graph)")
+        from .surgery import apply_channel_ratios
+        apply_channel_ratios(model, {n: r for n, r in ratios.items() if r > 0}, example_input=example_input)
+        return
     named = dict(prunable_layers(model, list(ratios)))
     for name, r in ratios.items():
         if r > 0:

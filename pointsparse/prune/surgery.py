@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import _compat
+from . import _compat, adapters
 from ._layers import in_channel_dim, is_prunable, out_channel_dim, out_channels
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -123,8 +123,13 @@ def chain_followers(model: nn.Module) -> dict[str, list[nn.Module]]:
     return out
 
 
-def channel_groups(model: nn.Module) -> list[ChannelGroup]:
-    """The channel groups of ``model``: inside each sequential chain, a
+def channel_groups(model: nn.Module, example_input=None) -> list:
+    """With ``example_input``: every coupled channel group of ``model``, from
+    the dependency graph traced on it (:class:`~pointsparse.prune.graph.
+    CoupledGroup`: residual streams, concatenation slices, strided and
+    transposed convs, classifiers' inputs all included).
+
+    Without it, the chain groups of ``model``: inside each sequential chain, a
     prunable layer with the BatchNorms after it and the next prunable layer
     that consumes it. A chain's last layer (the output of a Sequential, which
     may feed a residual add, a concatenation or the network's output) forms no
@@ -132,6 +137,9 @@ def channel_groups(model: nn.Module) -> list[ChannelGroup]:
     plain chains give every layer but the last, and residual U-Nets such as
     MinkUNet give the channels inside their blocks. Raises ValueError when a
     consumer's input size does not fit its producer's channels."""
+    if example_input is not None:
+        from .graph import DependencyGraph
+        return DependencyGraph(model, example_input).groups
     groups: list[ChannelGroup] = []
     for chain in chains(model):
         current: ChannelGroup | None = None
@@ -223,27 +231,23 @@ def remove_input_channels(module: nn.Module, keep, offset: int = 0, repeat: int 
 
 
 def remove_norm_channels(norm: nn.Module, keep) -> None:
-    """Keep entries ``keep`` of a BatchNorm (affine parameters and running statistics)."""
-    if not isinstance(norm, _NORMS):
+    """Keep entries ``keep`` of a BatchNorm (affine parameters and running
+    statistics; any norm with a registered adapter)."""
+    adapter = adapters.adapter_for(norm)
+    if adapter is None or adapter.kind != "norm":
         raise TypeError(f"expected a BatchNorm; got {type(norm).__name__}")
-    keep = _check_keep(keep, norm.num_features, type(norm).__name__)
-    for name in ("weight", "bias", "running_mean", "running_var"):
+    keep = _check_keep(keep, adapter.channels(norm, "out"), type(norm).__name__)
+    for name, axes in adapter.axes(norm).items():
         if getattr(norm, name, None) is not None:
-            _slice_param(norm, name, 0, keep)
-    norm.num_features = len(keep)
+            _slice_param(norm, name, axes["out"], keep)
+    adapter.set_channels(norm, "out", len(keep))
 
 
 def _set_channels(module: nn.Module, out: int | None = None, inp: int | None = None) -> None:
-    if isinstance(module, nn.Linear):
-        if out is not None:
-            module.out_features = out
-        if inp is not None:
-            module.in_features = inp
-    else:
-        if out is not None:
-            module.out_channels = out
-        if inp is not None:
-            module.in_channels = inp
+    adapter = adapters.adapter_for(module)
+    for role, n in (("out", out), ("in", inp)):
+        if n is not None:
+            adapter.set_channels(module, role, n)
 
 
 def prune_channels(model: nn.Module, group: ChannelGroup | str, keep) -> None:
@@ -354,12 +358,21 @@ def _fit_consumer(module, x, target, ridge: float = 1e-6) -> None:
 
 
 def apply_channel_ratios(model: nn.Module, ratios: dict[str, float], reconstruct: bool = False,
-                         calibration_input=None) -> dict[str, int]:
+                         calibration_input=None, example_input=None, multiple: int = 1,
+                         scores: dict | None = None) -> dict[str, int]:
     """Remove a fraction ``ratios[producer]`` of each named producer's output
     channels (lowest L1 norm first), in place. With ``reconstruct=True`` each
     consumer is refitted by least squares on ``calibration_input`` so that it
     reproduces the outputs it had before any pruning (its inputs taken from
-    the already-pruned network). Returns the channels kept per producer."""
+    the already-pruned network). Returns the channels kept per producer.
+
+    With ``example_input`` the names are coupled groups of the dependency
+    graph (:func:`channel_groups` with the same input), every member of a
+    group is cut together, channels are ranked by the group's summed
+    magnitude (or ``scores`` from :mod:`.criteria`) and kept counts are
+    rounded to ``multiple``."""
+    if example_input is not None:
+        return _apply_coupled_ratios(model, ratios, reconstruct, example_input, multiple, scores)
     groups = {g.producer: g for g in channel_groups(model)}
     for name, r in ratios.items():
         if name not in groups:
@@ -389,6 +402,20 @@ def apply_channel_ratios(model: nn.Module, ratios: dict[str, float], reconstruct
             (x, _), = _capture(model, [consumer], calibration_input)
             _fit_consumer(consumer, x, targets[name])
     return kept
+
+
+def _apply_coupled_ratios(model, ratios, reconstruct, example_input, multiple, scores) -> dict[str, int]:
+    from .graph import DependencyGraph, plan
+    if reconstruct:
+        raise ValueError("reconstruct=True works on chain groups only (call without example_input)")
+    graph = DependencyGraph(model, example_input)
+    for name, r in ratios.items():
+        graph.group(name)
+        if not 0.0 <= float(r) < 1.0:
+            raise ValueError(f"ratio for {name!r} must be in [0, 1); got {r}")
+    keep = plan(graph, {n: 1.0 - float(r) for n, r in ratios.items()}, scores, multiple=multiple)
+    graph.cut(keep, retrace=False)
+    return {n: len(k) for n, k in keep.items()}
 
 
 def count_parameters(model: nn.Module) -> int:

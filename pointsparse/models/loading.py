@@ -1,0 +1,57 @@
+"""Models from a training checkpoint's config, dense or channel-pruned: the
+config names the architecture (``model``, ``in_channels``, ``classes``,
+``cr``, ``blocks``) and, for a pruned model, the width of every layer
+(``widths``, as :func:`pointsparse.prune.graph.widths` records them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .minkunet import MinkUNet
+from .spvcnn import SPVCNN
+
+
+def build_model(config: dict) -> nn.Module:
+    """An untrained model of the checkpoint config's architecture and widths."""
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict; got {type(config).__name__}")
+    name = str(config.get("model", "minkunet")).lower()
+    if name not in ("minkunet", "spvcnn"):
+        raise ValueError(f"config model must be 'minkunet' or 'spvcnn'; got {config.get('model')!r}")
+    cls = SPVCNN if name == "spvcnn" else MinkUNet
+    model = cls(config["in_channels"], len(config["classes"]), cr=config["cr"], blocks=config["blocks"])
+    if config.get("widths"):
+        from ..prune.graph import resize
+        resize(model, config["widths"])
+    return model
+
+
+def load_model(path, map_location="cpu") -> nn.Module:
+    """The model of a checkpoint written by ``pointsparse train`` or
+    ``pointsparse prune channels`` (loaded with ``weights_only=True``), with
+    its weights, in eval mode."""
+    from .. import checkpoint
+
+    path = Path(path)
+    state = checkpoint.load(path)  # data only (weights_only=True), digest checked
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise ValueError(f"{path} is not a pointsparse training checkpoint")
+    model = build_model(state["config"])
+    _mask_like(model, state["model"])
+    model.load_state_dict(state["model"])
+    return model.to(map_location).eval()
+
+
+def _mask_like(model: nn.Module, state_dict: dict) -> None:
+    """Give ``model`` a (full) mask on every tensor stored masked in
+    ``state_dict`` (``name_orig`` + ``name_mask``), so that it loads."""
+    from ..prune import custom_from_mask
+    for key in state_dict:
+        if key.endswith("_orig") and key[:-5] + "_mask" in state_dict:
+            module_name, _, tensor = key[:-5].rpartition(".")
+            module = model.get_submodule(module_name)
+            if tensor + "_orig" not in module._parameters:
+                custom_from_mask(module, tensor, torch.ones_like(getattr(module, tensor), dtype=torch.bool))

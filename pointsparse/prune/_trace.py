@@ -1,0 +1,396 @@
+"""Channel tracing for :mod:`pointsparse.prune.graph`: one forward pass under a
+``TorchFunctionMode`` that tags every tensor carrying channels with where its
+channels come from.
+
+A *space* is the output channels of one layer (a conv, a Linear): a numbered
+set of channels. A tensor's tag says, for its channel axis, which stretch of
+positions holds which channels of which space (``Segment``); untagged
+positions hold channels no layer of the model can change (the network input).
+Ops that keep channels apart (activations, dropout, row gathers, pooling,
+scatter over rows, devoxelisation) pass tags on; ``cat`` along channels
+concatenates them; ops that combine two tagged tensors element-wise (``+``,
+``nn.add``) couple their spaces channel by channel; ops that mix channels
+with weights the graph does not know (``matmul``, ``softmax`` over channels,
+an unregistered layer with parameters) and the network output *fix* the
+spaces they touch: those channels are never cut.
+
+Spaces that must lose the same channels are merged in a union-find whose
+links carry an offset (a space may be a stretch of a larger one, as the
+halves of a concatenation that a residual add joins)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from . import adapters
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Positions ``pos .. pos + length * repeat`` of a channel axis hold
+    channels ``offset .. offset + length`` of ``space``, each repeated
+    ``repeat`` times in a row (a ``Flatten`` of ``C x H x W``)."""
+
+    pos: int
+    length: int
+    space: int
+    offset: int
+    repeat: int = 1
+
+    @property
+    def end(self) -> int:
+        return self.pos + self.length * self.repeat
+
+
+@dataclass(frozen=True)
+class Tag:
+    axis: int
+    segments: tuple[Segment, ...]
+
+
+NEUTRAL = Tag(-1, ())  # a fresh constant (zeros, ones): fits any channel layout
+
+
+class Spaces:
+    """Union-find over channel spaces with offsets: ``find(s) = (root, shift)``
+    means channel ``i`` of ``s`` is channel ``i + shift`` of ``root``."""
+
+    def __init__(self) -> None:
+        self.size: list[int] = []
+        self.parent: list[int] = []
+        self.shift: list[int] = []
+        self.fixed: list[str | None] = []
+
+    def new(self, size: int) -> int:
+        self.size.append(size)
+        self.parent.append(len(self.parent))
+        self.shift.append(0)
+        self.fixed.append(None)
+        return len(self.size) - 1
+
+    def find(self, s: int) -> tuple[int, int]:
+        shift = 0
+        while self.parent[s] != s:
+            shift += self.shift[s]
+            s = self.parent[s]
+        return s, shift
+
+    def fix(self, s: int, reason: str) -> None:
+        root, _ = self.find(s)
+        if self.fixed[root] is None:
+            self.fixed[root] = reason
+
+    def _attach(self, child: int, root: int, shift: int) -> None:
+        self.parent[child], self.shift[child] = root, shift
+        if self.fixed[child] is not None and self.fixed[root] is None:
+            self.fixed[root] = self.fixed[child]
+
+    def union(self, a: int, off_a: int, b: int, off_b: int) -> None:
+        """Channel ``off_a + i`` of ``a`` is channel ``off_b + i`` of ``b``."""
+        ra, sa = self.find(a)
+        rb, sb = self.find(b)
+        pa, pb = off_a + sa, off_b + sb
+        if ra == rb:
+            if pa != pb:
+                self.fix(ra, "channels coupled to themselves with a shift")
+            return
+        d = pa - pb  # channel k of rb is channel k + d of ra
+        if 0 <= d and d + self.size[rb] <= self.size[ra]:
+            self._attach(rb, ra, d)
+        elif d <= 0 and self.size[ra] - d <= self.size[rb]:
+            self._attach(ra, rb, -d)
+        else:  # partial overlap: a new root spanning both
+            low = min(0, d)
+            top = self.new(max(self.size[ra], d + self.size[rb]) - low)
+            self._attach(ra, top, -low)
+            self._attach(rb, top, d - low)
+
+
+def _name(func) -> str:
+    n = getattr(func, "__name__", "") or ""
+    if n.startswith("__") and n.endswith("__"):
+        n = n[2:-2]
+        if n.startswith(("r", "i")) and n[1:] in ("add", "sub", "mul", "truediv", "floordiv", "pow", "matmul",
+                                                  "and", "or", "xor", "mod", "div"):
+            n = n[1:]
+    return n[:-1] if n.endswith("_") and not n.endswith("__") else n
+
+
+_FACTORIES = {"new_zeros", "new_ones", "new_empty", "new_full", "zeros_like", "ones_like", "empty_like",
+              "full_like", "new_tensor"}
+_MIX = {"matmul", "mm", "bmm", "einsum", "linear", "bilinear", "conv1d", "conv2d", "conv3d", "conv_transpose1d",
+        "conv_transpose2d", "conv_transpose3d", "tensordot", "addmm", "baddbmm", "addmv", "mv", "outer", "inner",
+        "dot", "kron", "layer_norm", "group_norm", "instance_norm", "batch_norm", "embedding", "cross"}
+_REDUCE = {"sum", "mean", "amax", "amin", "max", "min", "prod", "std", "var", "norm", "logsumexp", "nansum",
+           "nanmean", "median", "all", "any", "argmax", "argmin", "count_nonzero", "std_mean", "var_mean"}
+_ALONG = {"softmax", "log_softmax", "cumsum", "cumprod", "cummax", "cummin", "logcumsumexp", "normalize", "sort",
+          "argsort", "topk", "index_select", "index_add", "index_copy", "index_fill", "index_reduce", "scatter",
+          "scatter_add", "scatter_reduce", "gather", "narrow", "roll", "flip", "split", "chunk", "unbind", "select",
+          "take_along_dim", "kthvalue", "mode", "renorm", "diff", "tensor_split"}
+_SHAPE = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as", "expand",
+          "expand_as", "broadcast_to"}
+_PERMUTE = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t", "mT", "T", "adjoint"}
+_CAT = {"cat", "concat", "concatenate"}
+
+
+def _dims(value, ndim: int):
+    if value is None:
+        return None
+    vals = value if isinstance(value, (tuple, list)) else (value,)
+    try:
+        return {int(v) % ndim for v in vals} if ndim else set()
+    except (TypeError, ValueError):
+        return None
+
+
+def _dim_arg(args, kwargs):
+    if "dim" in kwargs:
+        return kwargs["dim"]
+    if "dims" in kwargs:
+        return kwargs["dims"]
+    if len(args) > 1 and isinstance(args[1], (int, tuple, list)) and not isinstance(args[1], bool):
+        return args[1]
+    return None
+
+
+def shift_segments(segs, delta: int) -> tuple[Segment, ...]:
+    return tuple(replace(s, pos=s.pos + delta) for s in segs)
+
+
+def slice_segments(segs, start: int, stop: int) -> tuple[Segment, ...] | None:
+    """Segments of positions ``start .. stop`` (renumbered from 0); None when
+    the cut splits a repeated channel."""
+    out = []
+    for s in segs:
+        lo, hi = max(s.pos, start), min(s.end, stop)
+        if lo >= hi:
+            continue
+        if (lo - s.pos) % s.repeat or (hi - s.pos) % s.repeat:
+            return None
+        first = (lo - s.pos) // s.repeat
+        out.append(Segment(lo - start, (hi - lo) // s.repeat, s.space, s.offset + first, s.repeat))
+    return tuple(out)
+
+
+class Tracer(TorchFunctionMode):
+    """Records tags while active; see the module docstring. ``on_layer`` is
+    called for the outermost call of each registered or opaque module."""
+
+    def __init__(self, spaces: Spaces) -> None:
+        super().__init__()
+        self.spaces = spaces
+        self.tags: dict[int, tuple[torch.Tensor, Tag]] = {}
+        self.depth = 0
+
+    # ---------------------------------------------------------------- tags
+    def tag_of(self, t) -> Tag | None:
+        if not isinstance(t, torch.Tensor):
+            return None
+        hit = self.tags.get(id(t))
+        return hit[1] if hit is not None and hit[0] is t else None
+
+    def set_tag(self, t: torch.Tensor, tag: Tag | None) -> None:
+        if tag is None:
+            self.tags.pop(id(t), None)
+        else:
+            self.tags[id(t)] = (t, tag)
+
+    def fix(self, tag: Tag | None, reason: str) -> None:
+        if tag is not None:
+            for s in tag.segments:
+                self.spaces.fix(s.space, reason)
+
+    def unite(self, a: Tag, b: Tag, what: str) -> None:
+        """Couple two tags position by position; a stretch tagged on one side
+        only meets channels the model cannot change, so it is fixed."""
+        cuts = sorted({0, *[x for s in a.segments + b.segments for x in (s.pos, s.end)]})
+        for lo, hi in zip(cuts, cuts[1:]):
+            sa, sb = slice_segments(a.segments, lo, hi), slice_segments(b.segments, lo, hi)
+            if sa is None or sb is None or len(sa) > 1 or len(sb) > 1:
+                self.fix(a, what)
+                self.fix(b, what)
+                return
+            if sa and sb and sa[0].repeat == sb[0].repeat and sa[0].length == sb[0].length:
+                self.spaces.union(sa[0].space, sa[0].offset, sb[0].space, sb[0].offset)
+            elif sa or sb:
+                self.fix(Tag(0, sa or ()), what)
+                self.fix(Tag(0, sb or ()), what)
+
+    # ------------------------------------------------------------ dispatch
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.depth == 0:
+            try:
+                self._propagate(func, args, kwargs, out)
+            except Exception as e:  # a rule that does not fit: the channels it touched are fixed
+                for t in tree_flatten((args, kwargs))[0]:
+                    self.fix(self.tag_of(t), f"{_name(func)}: {e}")
+        return out
+
+    def _propagate(self, func, args, kwargs, out) -> None:
+        name = _name(func)
+        outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+        if not outs:
+            return
+        if name in _FACTORIES:
+            for o in outs:
+                self.set_tag(o, NEUTRAL)
+            return
+        flat = tree_flatten((args, kwargs))[0]
+        tagged = [(t, self.tag_of(t)) for t in flat if self.tag_of(t) not in (None, NEUTRAL)]
+        if not tagged:
+            for o in outs:
+                if all(o is not t for t in flat):
+                    self.set_tag(o, None)
+            return
+        rule = self._rule(name, args, kwargs, tagged, outs)
+        for o, tag in zip(outs, rule):
+            self.set_tag(o, tag)
+
+    def _rule(self, name, args, kwargs, tagged, outs):
+        x, tag = tagged[0]
+        none = [None] * len(outs)
+        if name in _MIX:
+            return self._fix_all(tagged, name, none)
+        if name in _CAT:
+            return [self._cat(args, kwargs, outs[0])]
+        if name == "getitem":
+            return [self._getitem(x, tag, args[1], outs[0])] if len(tagged) == 1 else self._fix_all(tagged, name, none)
+        if name in _SHAPE and len(tagged) == 1 and x is args[0]:
+            return [self._reshape(x, tag, outs[0])]
+        if name in _PERMUTE and len(tagged) == 1 and x is args[0]:
+            return [self._permute(func, x, tag, args, kwargs, outs[0])]
+        if name in _REDUCE and x is args[0] and not (len(args) > 1 and isinstance(args[1], torch.Tensor)):
+            return [self._reduce(x, tag, args, kwargs, o) for o in outs]
+        if name in _ALONG or name in _SHAPE or name in _PERMUTE:
+            dims = _dims(_dim_arg(args, kwargs), x.dim())
+            if dims is None or tag.axis in dims:
+                return self._fix_all(tagged, name, none)
+        return [self._elementwise(name, tagged, args, kwargs, o) for o in outs]
+
+    def _fix_all(self, tagged, name, result):
+        for _, tag in tagged:
+            self.fix(tag, f"mixed by {name}")
+        return result
+
+    # -------------------------------------------------------------- rules
+    def _elementwise(self, name, tagged, args, kwargs, o) -> Tag | None:
+        axes = set()
+        for t, tag in tagged:
+            axes.add(tag.axis + o.dim() - t.dim())
+        axis = axes.pop() if len(axes) == 1 else None
+        size = tagged[0][0].shape[tagged[0][1].axis]
+        ok = axis is not None and 0 <= axis < o.dim() and o.shape[axis] == size
+        ok = ok and all(t.shape[tag.axis] == size for t, tag in tagged)
+        for u in tree_flatten((args, kwargs))[0]:
+            if not ok:
+                break
+            if isinstance(u, torch.Tensor) and self.tag_of(u) is None and (u.is_floating_point() or u.is_complex()):
+                ua = axis - (o.dim() - u.dim())
+                if 0 <= ua < u.dim() and u.shape[ua] == size and size > 1:
+                    ok = False  # an operand with channels the graph does not know (a parameter, an input)
+        if not ok:
+            return self._fix_all(tagged, name, None)
+        first = tagged[0][1]
+        for _, tag in tagged[1:]:
+            self.unite(first, tag, f"{name} with a tensor of fixed channels")
+        return Tag(axis, first.segments)
+
+    def _cat(self, args, kwargs, o) -> Tag | None:
+        tensors = list(args[0]) if args else list(kwargs.get("tensors", ()))
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+        tagged = [(t, self.tag_of(t)) for t in tensors if self.tag_of(t) not in (None, NEUTRAL)]
+        axes = {tag.axis + o.dim() - t.dim() for t, tag in tagged}
+        if len(axes) != 1:
+            return self._fix_all(tagged, "cat", None)
+        axis = axes.pop()
+        if dim % o.dim() != axis:  # rows stacked: channels must agree
+            return self._elementwise("cat", tagged, (), {}, o)
+        segs, pos = [], 0
+        for t in tensors:
+            tag = self.tag_of(t)
+            if tag not in (None, NEUTRAL):
+                segs.extend(shift_segments(tag.segments, pos))
+            pos += t.shape[axis]
+        return Tag(axis, tuple(segs))
+
+    def _getitem(self, x, tag, index, o) -> Tag | None:
+        index = index if isinstance(index, tuple) else (index,)
+        real = sum(1 for i in index if i is not None and i is not Ellipsis)
+        expanded = []
+        for i in index:
+            expanded.extend([slice(None)] * (x.dim() - real) if i is Ellipsis else [i])
+        advanced = [i for i in expanded if isinstance(i, (torch.Tensor, list))]
+        if len(advanced) > 1 or any(isinstance(i, torch.Tensor) and i.dtype == torch.bool and i.dim() > 1
+                                    for i in advanced):
+            return self._fix_all([(x, tag)], "indexing", None)
+        d_in = d_out = 0
+        axis, segs = None, tag.segments
+        for i in expanded:
+            if i is None:
+                d_out += 1
+                continue
+            if d_in == tag.axis:
+                if not isinstance(i, slice):
+                    return self._fix_all([(x, tag)], "indexing a channel", None)
+                r = range(x.shape[tag.axis])[i]
+                segs = slice_segments(segs, r.start, r.stop) if r.step == 1 and len(r) else None
+                if segs is None:
+                    return self._fix_all([(x, tag)], "a strided channel slice", None)
+                axis = d_out
+            d_in += 1
+            d_out += torch.as_tensor(i).dim() if isinstance(i, (torch.Tensor, list)) else (0 if isinstance(i, int) else 1)
+        if axis is None:
+            axis = d_out + tag.axis - d_in
+        return Tag(axis, segs) if 0 <= axis < o.dim() else self._fix_all([(x, tag)], "indexing", None)
+
+    def _reshape(self, x, tag, o) -> Tag | None:
+        before, c = math.prod(x.shape[:tag.axis]), x.shape[tag.axis]
+        after = math.prod(x.shape[tag.axis + 1:])
+        for j in range(o.dim()):
+            if math.prod(o.shape[:j]) != before:
+                continue
+            if o.shape[j] == c and math.prod(o.shape[j + 1:]) == after:
+                return Tag(j, tag.segments)
+            if o.shape[j] == c * after and math.prod(o.shape[j + 1:]) == 1:
+                return Tag(j, tuple(Segment(s.pos * after, s.length, s.space, s.offset, s.repeat * after)
+                                    for s in tag.segments))
+        return self._fix_all([(x, tag)], "a reshape across channels", None)
+
+    def _permute(self, func, x, tag, args, kwargs, o) -> Tag | None:
+        probe = torch.empty([d + 2 for d in range(x.dim())], device="meta")
+        moved = func(probe, *args[1:], **kwargs)
+        return Tag(list(moved.shape).index(tag.axis + 2), tag.segments)
+
+    def _reduce(self, x, tag, args, kwargs, o) -> Tag | None:
+        dims = _dims(_dim_arg(args, kwargs), x.dim())
+        keep = bool(kwargs.get("keepdim", args[2] if len(args) > 2 and isinstance(args[2], bool) else False))
+        if dims is None or tag.axis in dims:
+            return self._fix_all([(x, tag)], "a reduction over channels", None)
+        axis = tag.axis if keep else tag.axis - sum(1 for d in dims if d < tag.axis)
+        return Tag(axis, tag.segments) if o.dim() > axis and o.shape[axis] == x.shape[tag.axis] else None
+
+
+def feats_of(value) -> torch.Tensor | None:
+    """The channel-carrying tensor of a layer's input or output: a tensor, or a
+    SparseTensor's feats."""
+    if isinstance(value, torch.Tensor):
+        return value
+    feats = getattr(value, "feats", None)
+    return feats if isinstance(feats, torch.Tensor) else None
+
+
+def feature_axis(module, t: torch.Tensor) -> int:
+    """Channel axis of a layer's input or output tensor: the last for Linear,
+    axis 1 otherwise (``(N, C)`` feats, ``(B, C, ...)`` dense tensors)."""
+    return t.dim() - 1 if isinstance(module, torch.nn.Linear) else min(1, t.dim() - 1)
+
+
+def registered(module) -> bool:
+    return adapters.adapter_for(module) is not None

@@ -1,0 +1,324 @@
+"""The dependency graph: every coupled channel group found by tracing, cuts
+that are exact against the masked model (MinkUNet, SPVCNN, a torch ResNet),
+cut networks that still train, BatchNorm shifts folded or refused, user
+adapters, importance-driven plans."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import pointsparse as ps
+from pointsparse.models import MinkUNet, SPVCNN
+from pointsparse.prune import adapters, criteria, graph as G
+from prune_procedures_support import ResidualNet, sparse_input
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _randomize_norms(net: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(3)
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(n, generator=g) * 0.6 - 0.3)
+    return net.eval()
+
+
+class Block2d(nn.Module):
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.down = None if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(y + (x if self.down is None else self.down(x)))
+
+
+class ResNet2d(nn.Module):
+    """A ResNet-style CNN: stem, two stages of basic blocks, global pooling, Linear."""
+
+    def __init__(self, classes=5):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.layer1 = nn.Sequential(Block2d(16, 16), Block2d(16, 16))
+        self.layer2 = nn.Sequential(Block2d(16, 32, 2), Block2d(32, 32))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, classes)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.stem(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def _points(n=2500, extent=20.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pts = torch.rand(n, 3, generator=g) * extent
+    vox, inverse = ps.voxelize(pts, feats=torch.rand(n, 3, generator=g), voxel_size=1.0)
+    return vox, inverse, pts, torch.zeros(n, dtype=torch.long)
+
+
+def _minkunet():
+    torch.manual_seed(0)
+    return _randomize_norms(MinkUNet(3, 4, cr=0.25))
+
+
+def _cases():
+    return {
+        "minkunet": (_minkunet, lambda: sparse_input(n=1500, extent=20), lambda y: y.feats),
+        "spvcnn": (lambda: (torch.manual_seed(0), _randomize_norms(SPVCNN(3, 4, cr=0.25)))[1], _points, lambda y: y),
+        "resnet2d": (lambda: _randomize_norms(ResNet2d()), lambda: torch.randn(4, 3, 12, 12), lambda y: y),
+    }
+
+
+def _run(net, x):
+    return net(*x) if isinstance(x, tuple) else net(x)
+
+
+def test_every_coupled_group_of_minkunet():
+    net = MinkUNet(4, 19, cr=0.25)
+    graph = G.DependencyGraph(net, sparse_input(n=400, channels=4, extent=16))
+    layers = [n for n, m in net.named_modules() if adapters.is_layer(m)]
+    assert len(layers) == 50 and sorted(graph.layers()) == sorted(layers)
+    # stem: 2 convs; 4 encoder stages: 1 strided conv + 2 blocks (3 groups: the stage's residual stream and
+    # each block's inner channels), the strided conv's output being its own group; 4 decoder stages alike.
+    assert len(graph.groups) == 33
+    assert [g.fixed for g in graph.fixed_groups] == ["network output"]
+    out_members = {m.module for g in graph.groups for m in g.members if m.role == "out"}
+    assert out_members | {"classifier.fn"} == set(layers) | {n for n, m in net.named_modules()
+                                                              if isinstance(m, nn.BatchNorm1d)}
+    stream = graph.group("down.1.1.main.3")
+    assert {"down.1.1.shortcut.0", "down.1.2.main.3", "down.1.1.main.4"} <= set(stream.modules("out"))
+    # the skip of stage 1 feeds the decoder's concatenation at its slice (after the 2*8 upsampled channels)
+    skip = [m for m in stream.members if m.module == "fuse.1.0.main.0"]
+    assert skip == [G.Member("fuse.1.0.main.0", "in", 32, 48, 0)]
+
+
+@pytest.mark.parametrize("case", ["minkunet", "spvcnn", "resnet2d"])
+def test_cut_equals_masked_model(case):
+    make, data, out = _cases()[case]
+    net, x = make(), data()
+    graph = G.DependencyGraph(net, x)
+    keep = G.plan(graph, 0.5)
+    graph.mask(keep)
+    masked = out(_run(net, x)).detach()
+    n_before = sum(p.numel() for p in net.parameters())
+    graph.cut(keep)
+    cut = out(_run(net, x)).detach()
+    assert sum(p.numel() for p in net.parameters()) < 0.4 * n_before
+    assert float((cut - masked).norm() / masked.norm()) <= 1e-5
+    copy.deepcopy(net)  # right after the cut
+    net.train()
+    loss = out(_run(net, x)).square().mean()
+    loss.backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+    copy.deepcopy(net)  # after a training-mode forward and backward
+    net.eval()
+    assert out(_run(copy.deepcopy(net), x)).shape == masked.shape
+
+
+def test_masked_channel_is_exactly_zero_after_its_norm_in_train_mode():
+    net, x = _minkunet(), sparse_input(n=1500, extent=20)
+    graph = G.DependencyGraph(net, x)
+    g = graph.group("down.1.1.main.3")
+    graph.mask({g.name: torch.arange(0, g.size, 2)})
+    seen = {}
+    net.down[1][1].main[4].register_forward_hook(lambda m, i, o: seen.update(y=o.feats.detach()))
+    net.train()
+    net(x)
+    assert torch.all(seen["y"][:, 1::2] == 0) and torch.any(seen["y"][:, ::2] != 0)
+
+
+def test_cut_one_group_keeps_train_and_eval_running():
+    for make, data, out in _cases().values():
+        net, x = make(), data()
+        graph = G.DependencyGraph(net, x)
+        for g in (graph.groups[0], graph.groups[len(graph.groups) // 2], graph.groups[-1]):
+            n = copy.deepcopy(net)
+            gg = G.DependencyGraph(n, x)
+            gg.cut({g.name: torch.arange(max(1, g.size // 3))})
+            for mode in (True, False):
+                n.train(mode)
+                y = out(_run(n, x))
+                y.sum().backward()
+                assert torch.isfinite(y).all()
+
+
+def test_residual_encoder_groups_and_head():
+    net = ResidualNet().eval()
+    graph = G.DependencyGraph(net, sparse_input(n=80))
+    assert [g.name for g in graph.groups] == ["stem.0", "stem.3", "block.main.0"]
+    stream = graph.group("stem.3")
+    assert set(stream.modules("out")) == {"stem.3", "stem.4", "block.main.3", "block.main.4"}
+    assert set(stream.modules("in")) == {"block.main.0", "head.fn"}
+
+
+def test_channel_structured_mask_folds_batchnorm_shift_into_linear_consumers():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 10), nn.BatchNorm1d(10), nn.ReLU(), nn.Linear(10, 3))
+    _randomize_norms(net)
+    with torch.no_grad():
+        net[1].bias[:5] = 0.4  # a positive shift: ReLU passes a constant through the masked channels
+    ps.prune.channel_structured(net[0], "weight", amount=5, n=1)
+    net[0].bias.data[net[0].weight.abs().sum(1) == 0] = 0.0
+    x = torch.randn(32, 6)
+    ref = net(x)
+    graph = G.DependencyGraph(net, x)
+    assert graph.remove_masked() == {"0": 5}
+    assert net[0].out_features == 5 and net[3].in_features == 5 and net[1].num_features == 5
+    assert torch.allclose(net(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_sparse_consumer_of_a_shifted_masked_channel_is_refused():
+    net, x = _minkunet(), sparse_input(n=1500, extent=20)
+    conv = net.down[0][1].main[0]
+    ps.prune.channel_structured(conv, "weight", amount=2, n=1)
+    graph = G.DependencyGraph(net, x)
+    assert len(graph.masked_channels()["down.0.1.main.0"]) == 2
+    with pytest.raises(ValueError, match="cannot be folded exactly"):
+        graph.remove_masked()
+
+
+def test_channel_structured_mask_with_zeroed_norm_is_cut_exactly():
+    net, x = _minkunet(), sparse_input(n=1500, extent=20)
+    conv, bn = net.down[0][1].main[0], net.down[0][1].main[1]
+    ps.prune.channel_structured(conv, "weight", amount=3, n=1)
+    dead = conv.weight.abs().sum((0, 1)) == 0
+    with torch.no_grad():
+        bn.weight[dead] = 0
+        bn.bias[dead] = 0
+    ref = net(x).feats
+    assert G.DependencyGraph(net, x).remove_masked() == {"down.0.1.main.0": 3}
+    assert conv.out_channels == conv.weight.shape[2] == 5
+    assert float((net(x).feats.detach() - ref).norm() / ref.norm()) <= 1e-5
+
+
+def test_plans_from_criteria_and_rounding():
+    net, x = _minkunet(), sparse_input(n=600, extent=16)
+    graph = G.DependencyGraph(net, x)
+    scores = criteria.bn_scaling(net)
+    keep = G.plan(graph, 0.5, scores=scores, multiple=4)
+    assert all(len(v) % 4 == 0 and len(v) == G.kept_count(graph.group(k).size, 0.5, 4) for k, v in keep.items())
+    g = graph.group("stem.0.0")
+    gamma = net.stem[0][1].weight.detach().abs()
+    expected = torch.sort(torch.topk(gamma, len(keep[g.name])).indices).values
+    assert torch.equal(keep[g.name], expected)  # the only scored member of this group is its conv
+    glob = G.plan(graph, 0.5, scope="global", multiple=1)
+    assert sum(len(v) for v in glob.values()) == pytest.approx(0.5 * sum(g.size for g in graph.groups), abs=1)
+    assert G.kept_count(24, 0.5, 16) == 16 and G.kept_count(8, 0.3, 16) == 2 and G.kept_count(96, 0.35, 8) == 32
+
+
+def test_user_adapter_and_unknown_layers():
+    class Scale(nn.Module):  # per-channel parameter, no adapter: its channels are fixed
+        def __init__(self, c):
+            super().__init__()
+            self.s = nn.Parameter(torch.ones(c))
+
+        def forward(self, x):
+            return x * self.s
+
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), Scale(6), nn.Linear(6, 2))
+    graph = G.DependencyGraph(net, torch.randn(5, 4))
+    assert graph.groups == [] and "no adapter" in graph.fixed_groups[0].fixed
+    adapters.register(Scale, adapters.LayerAdapter(axes=lambda m: {"s": {"out": 0}}, kind="norm",
+                                                   set_channels=lambda m, role, n: None))
+    try:
+        graph = G.DependencyGraph(net, torch.randn(5, 4))
+        assert [g.name for g in graph.groups] == ["0"] and graph.groups[0].modules() == ["0", "2", "3"]
+        graph.cut({"0": [0, 2, 5]})
+        assert net[2].s.shape == (3,) and net(torch.randn(5, 4)).shape == (5, 2)
+    finally:
+        adapters.unregister(Scale)
+
+
+def test_channel_mixing_ops_fix_channels():
+    class Mix(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+            self.register_buffer("rot", torch.randn(6, 6))
+
+        def forward(self, x):
+            return self.b(torch.softmax(self.a(x), 1) @ self.rot)
+
+    graph = G.DependencyGraph(Mix(), torch.randn(5, 4))
+    assert graph.groups == [] and "mixed by" in graph.fixed_groups[0].fixed
+
+
+def test_bad_inputs():
+    net = ResidualNet().eval()
+    graph = G.DependencyGraph(net, sparse_input(n=80))
+    with pytest.raises(ValueError, match="names no cuttable"):
+        graph.group("head.fn")
+    with pytest.raises(ValueError, match="at least one"):
+        graph.cut({"stem.0": []})
+    with pytest.raises(ValueError, match=r"in \[0, 8\)"):
+        graph.cut({"stem.0": [8]})
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        G.DependencyGraph("net", None)
+    with pytest.raises(ValueError, match="keep ratio"):
+        G.kept_count(8, 0.0)
+
+
+# ------------------------------------------------------------- procedures
+def test_procedures_reach_every_group_of_minkunet():
+    from pointsparse.prune import amc, surgery
+    net = MinkUNet(4, 19, cr=0.25).eval()
+    x = sparse_input(n=500, channels=4, extent=16)
+    assert len(surgery.channel_groups(net, x)) == 33 and len(surgery.channel_groups(net)) == 17
+    infos = amc.layer_infos(net, x, coupled=True)
+    assert sum(i.producer for i in infos) == 33 and all(i.out_group for i in infos if i.name != "classifier.fn")
+    res = amc.amc_search(net, lambda m: 0.5, x, episodes=2, warmup=1, reward="error", target_flops=0.25,
+                         coupled=True)
+    assert res.flops <= 0.25 * res.dense_flops * (1 + 1e-9) and len(res.ratios) == 33
+    pruned = copy.deepcopy(net)
+    surgery.apply_channel_ratios(pruned, res.ratios, example_input=x)
+    report = amc._compat.sparsity_report(pruned, x)["layers"]
+    assert sum(r["dense_flops"] for r in report.values()) == pytest.approx(res.flops)  # the FLOPs model is exact
+    assert pruned(x).feats.shape == (len(x), 19)
+
+
+def test_netadapt_on_coupled_groups_and_unmeetable_budget():
+    from pointsparse.prune import netadapt
+    torch.manual_seed(0)  # wide enough that a cut group is measurably faster on a busy machine
+    mlp = nn.Sequential(nn.Linear(64, 768), nn.ReLU(), nn.Linear(768, 768), nn.ReLU(), nn.Linear(768, 3)).eval()
+    x = torch.randn(4096, 64)
+    calls = []
+    res = netadapt.netadapt(mlp, None, lambda m, steps: calls.append(steps), lambda m: 1.0, x, budget=0.9,
+                            short_steps=1, long_steps=2, max_iterations=3)
+    assert res.history and set(res.channels) == {"0", "2"} and calls[-1] == 2
+    assert res.model[0].out_features == res.channels["0"] and res.model(x).shape == (4096, 3)
+    net, x = ResidualNet().eval(), sparse_input(n=200, extent=10)
+    with pytest.warns(RuntimeWarning, match="could not meet the latency budget"):
+        res = netadapt.netadapt(net, None, lambda m, steps: None, lambda m: 1.0, x, budget=1e-6,
+                                short_steps=0, long_steps=0, max_iterations=1)
+    assert "max_iterations=1" in res.message
+
+
+def test_group_sensitivity_scan_and_apply():
+    from pointsparse.prune import sensitivity
+    net, x = ResidualNet().eval(), sparse_input(n=120)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    ref = net(x).feats.detach()
+
+    def closeness(m):  # 1 for the unpruned network, lower the more a cut changes it
+        return 1.0 - float((m(x).feats - ref).norm() / ref.norm())
+
+    res = sensitivity.sensitivity_scan(net, closeness, [0.0, 0.5, 0.75], "group", example_input=x)
+    assert list(res.curves) == ["stem.0", "stem.3", "block.main.0"] and res.sizes["block.main.0"] == 12
+    assert all(v[0] == 1.0 and v[2] < 1.0 for v in res.curves.values())
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # scanned on copies
+    sensitivity.apply_ratios(net, {"stem.3": 0.5, "block.main.0": 0.0}, "group", example_input=x)
+    assert net.stem[3].out_channels == 4 and net.block.main[0].in_channels == 4 and net.head.fn.in_features == 4
+    with pytest.raises(ValueError, match="example_input"):
+        sensitivity.sensitivity_scan(net, closeness, [0.5], "group")
