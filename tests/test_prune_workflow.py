@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pointsparse import cli
+from pointsparse import checkpoint, cli
 from pointsparse.models import load_model
 from pointsparse.prune import graph as G
 
@@ -33,7 +33,7 @@ def test_prune_channels_checkpoint_round_trip(tmp_path, capsys):
     assert cli.main(["train", *TINY, "--epochs", "1", "--out", str(dense)]) == 0
     assert cli.main(["prune", "channels", "--checkpoint", str(dense / "checkpoint.pt"), "--ratio", "0.5",
                      "--criterion", "bn", "--multiple", "4", "--out", str(small)]) == 0
-    state = torch.load(small / "checkpoint.pt", weights_only=True)
+    state = checkpoint.load(small / "checkpoint.pt")
     widths = state["config"]["widths"]
     assert widths["stem.0.0"]["out"] == 4 and widths["classifier.fn"]["in"] == 12  # 8 of 8, 24 of 24 halved
     model, full = load_model(small / "checkpoint.pt"), load_model(dense / "checkpoint.pt")
@@ -42,7 +42,7 @@ def test_prune_channels_checkpoint_round_trip(tmp_path, capsys):
     assert n_small < 0.35 * n_full
     assert cli.main(["eval", "--checkpoint", str(small / "checkpoint.pt"), "--no-progress"]) == 0
     assert cli.main(["train", *TINY, "--epochs", "2", "--out", str(small), "--resume"]) == 0
-    resumed = torch.load(small / "checkpoint.pt", weights_only=True)
+    resumed = checkpoint.load(small / "checkpoint.pt")
     assert resumed["epoch"] == 2 and resumed["config"]["widths"] == widths
     assert G.widths(load_model(small / "checkpoint.pt")) == widths
     searched = tmp_path / "amc"
@@ -54,7 +54,7 @@ def test_prune_channels_checkpoint_round_trip(tmp_path, capsys):
     tuned = tmp_path / "tuned"
     assert cli.main(["prune", "channels", "--checkpoint", str(dense / "checkpoint.pt"), "--ratio", "0.5",
                      "--finetune-epochs", "1", "--out", str(tuned)]) == 0
-    state = torch.load(tuned / "checkpoint.pt", weights_only=True)
+    state = checkpoint.load(tuned / "checkpoint.pt")
     assert state["epoch"] == 2 and G.widths(load_model(tuned / "checkpoint.pt")) == state["config"]["widths"]
 
 
