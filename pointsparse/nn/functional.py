@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import kmap as _kmap
+from .. import ops as _ops
 from . import _engine
 from ..tensor import SparseTensor, as_triple
 
@@ -54,6 +55,8 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
             raise ValueError(f"bias must be (C_out,) = ({weight.shape[2]},); got {tuple(bias.shape)}")
         if bias.dtype != weight.dtype or bias.device != weight.device:
             raise TypeError(f"bias ({bias.dtype}, {bias.device}) must match the weight ({weight.dtype}, {weight.device})")
+    if torch.compiler.is_compiling():  # a graph of torch.compile / torch.export: the core as operators
+        return _ops.conv3d(input, weight, bias, k, t, d, transposed)
     kmap = _kmap.get_kmap(input, k, t, d, transposed)
     if _engine.supported(input.feats, weight):
         feats = _engine.conv(input.feats, weight, bias, kmap)
