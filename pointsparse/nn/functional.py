@@ -74,7 +74,7 @@ def _same_sites(tensors, what: str) -> SparseTensor:
     for i, t in enumerate(tensors):
         if not isinstance(t, SparseTensor):
             raise TypeError(f"{what} takes SparseTensors; item {i} is {type(t).__name__}")
-        if t.stride != first.stride or len(t) != len(first):
+        if t.stride != first.stride or t.coords.shape[0] != first.coords.shape[0]:
             raise ValueError(f"{what}: item {i} (stride {t.stride}, {len(t)} sites) is not on the coords of "
                              f"item 0 (stride {first.stride}, {len(first)} sites)")
         if t.coords is not first.coords and not torch.equal(t.coords, first.coords):
