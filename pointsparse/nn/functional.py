@@ -98,6 +98,9 @@ def add(a: SparseTensor, b: SparseTensor) -> SparseTensor:
 def _pool_map(input: SparseTensor, kernel_size, stride, dilation, what: str):
     if not isinstance(input, SparseTensor):
         raise TypeError(f"{what}: input must be a SparseTensor; got {type(input).__name__}")
+    if torch.compiler.is_compiling():
+        raise NotImplementedError(f"{what} has no operator form yet: it cannot run inside torch.compile "
+                                  "(fullgraph) or torch.export graphs (use a strided Conv3d)")
     k = as_triple(kernel_size, "kernel_size")
     t = k if stride is None else as_triple(stride, "stride")
     d = as_triple(dilation, "dilation")
