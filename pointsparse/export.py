@@ -59,8 +59,9 @@ def _check_exportable(model: nn.Module) -> None:
         raise ValueError("export runs inference: call model.eval() first (batch norm then uses its running "
                          "statistics, as the exported program will)")
     if isinstance(model, SPVCNN):
-        raise NotImplementedError("SPVCNN cannot be exported yet: its point branch (trilinear devoxelize, "
-                                  "point-to-voxel averaging) has no operator form; export a MinkUNet")
+        raise NotImplementedError("pointsparse export writes (feats, coords) -> logits programs of voxel "
+                                  "networks; SPVCNN also takes the points: export it with torch.export.export "
+                                  "(its graph is made of the same operators)")
     for name, module in model.named_modules():
         if isinstance(module, (spnn.MaxPool3d, spnn.AvgPool3d)):
             raise NotImplementedError(f"{name} ({type(module).__name__}) cannot be exported yet: sparse pooling "

@@ -41,7 +41,12 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _ext
+from . import coords as _coords
 from . import kmap as _kmap
+from .voxelize import quantize_keys as _quantize_keys
+from .voxelize import segment_reduce as _segment_reduce
+from .voxelize import segment_reduce_backward as _segment_reduce_backward
+from .voxelize import trilinear_weights as _trilinear_weights
 from .tensor import CoordinateCache, SparseTensor, Triple, as_triple
 
 _LIB = "pointsparse"
@@ -71,6 +76,13 @@ def _as_kmap(out_coords: Tensor, in_idx: Tensor, out_idx: Tensor, sizes: Tensor,
     return _kmap.KernelMap(out_coords, in_idx, out_idx, sizes.cpu(), offsets, num_in, out_coords.shape[0], k)
 
 
+def _rows_at_least_one(tensor: Tensor) -> int:
+    """1 when ``tensor`` is known to have rows (at least one output row per
+    non-empty input: torch.compile specialises 0 rows away, and batch norm
+    needs to know a count is not 0), else 0."""
+    return 1 if torch.fx.experimental.symbolic_shapes.statically_known_true(tensor.shape[0] >= 1) else 0
+
+
 def _new_pairs(coords: Tensor) -> tuple[Tensor, Tensor]:
     pairs = torch.library.get_ctx().new_dynamic_size()
     return coords.new_empty((pairs,), dtype=torch.int64), coords.new_empty((pairs,), dtype=torch.int64)
@@ -86,10 +98,7 @@ def downsample(coords: Tensor, out_stride: list[int]) -> Tensor:
 
 @downsample.register_fake
 def _(coords, out_stride):
-    # at least one output row per non-empty input (torch.compile specialises
-    # inputs of 0 rows; batch norm needs to know the rows are not 0)
-    nonempty = torch.fx.experimental.symbolic_shapes.statically_known_true(coords.shape[0] >= 1)
-    rows = torch.library.get_ctx().new_dynamic_size(min=1 if nonempty else 0)
+    rows = torch.library.get_ctx().new_dynamic_size(min=_rows_at_least_one(coords))
     return coords.new_empty((rows, 4))
 
 
@@ -237,6 +246,90 @@ def _conv_backward(ctx, grad):
 
 
 conv.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
+# --- points and voxels ----------------------------------------------------------------------------------
+
+@torch.library.custom_op(f"{_LIB}::voxelize", mutates_args=())
+def voxelize(points: Tensor, voxel_size: list[float], batch: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor,
+                                                                                       Tensor]:
+    """``(coords (M, 4), inverse (N,), perm (N,), seg_ptr (M + 1,))`` of
+    :func:`pointsparse.voxelize`: voxels sorted by key, the voxel of each
+    point, and the points of voxel ``j`` at ``perm[seg_ptr[j]:seg_ptr[j + 1]]``."""
+    keys = _quantize_keys(points, voxel_size, batch)
+    uniq, inverse, perm, seg_ptr = _coords.unique(keys)
+    return _coords.unpack(uniq), inverse, perm, seg_ptr
+
+
+@voxelize.register_fake
+def _(points, voxel_size, batch):
+    voxels = torch.library.get_ctx().new_dynamic_size(min=_rows_at_least_one(points))
+    n = points.shape[0]
+    long = dict(dtype=torch.int64)
+    return (points.new_empty((voxels, 4), dtype=torch.int32), points.new_empty((n,), **long),
+            points.new_empty((n,), **long), points.new_empty((voxels + 1,), **long))
+
+
+@torch.library.custom_op(f"{_LIB}::segment_reduce", mutates_args=())
+def segment_reduce(feats: Tensor, inverse: Tensor, perm: Tensor, seg_ptr: Tensor, mode: int) -> tuple[Tensor, Tensor]:
+    """``(out (M, C), arg)`` of :func:`pointsparse.voxelize.segment_reduce`
+    (``mode``: ``voxelize.REDUCE_MODES``), differentiable in ``feats``."""
+    out, arg = _segment_reduce(feats, inverse, perm, seg_ptr, mode)
+    return out, (arg.clone() if arg is inverse or arg is perm else arg)
+
+
+@segment_reduce.register_fake
+def _(feats, inverse, perm, seg_ptr, mode):
+    voxels, c = seg_ptr.shape[0] - 1, feats.shape[1]
+    arg_shape = {2: (voxels, c), 3: (voxels,)}.get(mode, (0,))
+    return feats.new_empty((voxels, c)), feats.new_empty(arg_shape, dtype=torch.int64)
+
+
+def _segment_setup(ctx, inputs, output):
+    feats, inverse, perm, seg_ptr, mode = inputs
+    ctx.save_for_backward(inverse, seg_ptr, output[1])
+    ctx.mode, ctx.num_rows = mode, feats.shape[0]
+
+
+def _segment_backward(ctx, grad, grad_arg):
+    inverse, seg_ptr, arg = ctx.saved_tensors
+    return _segment_reduce_backward(grad, inverse, seg_ptr, arg, ctx.mode, ctx.num_rows), None, None, None, None
+
+
+segment_reduce.register_autograd(_segment_backward, setup_context=_segment_setup)
+
+
+@torch.library.custom_op(f"{_LIB}::trilinear_weights", mutates_args=())
+def trilinear_weights(coords: Tensor, stride: list[int], points: Tensor, voxel_size: list[float],
+                      batch: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """``(idx (N, 8), weights (N, 8))`` of :func:`pointsparse.voxelize.trilinear_weights`
+    for voxels ``coords`` at tensor ``stride``."""
+    tensor = SparseTensor(coords.new_empty((coords.shape[0], 0), dtype=torch.float32), coords, stride,
+                          validate=False)
+    return _trilinear_weights(tensor, points, voxel_size, batch)
+
+
+@trilinear_weights.register_fake
+def _(coords, stride, points, voxel_size, batch):
+    n = points.shape[0]
+    wide = torch.float64 if points.dtype == torch.float64 else torch.float32
+    return points.new_empty((n, 8), dtype=torch.int64), points.new_empty((n, 8), dtype=wide)
+
+
+@torch.library.custom_op(f"{_LIB}::voxel_rows", mutates_args=())
+def voxel_rows(coords: Tensor, stride: list[int], point_coords: Tensor) -> Tensor:
+    """:func:`pointsparse.models.spvcnn.point_rows`: the row of the voxels
+    ``coords`` (at tensor ``stride``) holding each point's stride-1 voxel."""
+    from .models.spvcnn import point_rows
+
+    tensor = SparseTensor(coords.new_empty((coords.shape[0], 0), dtype=torch.float32), coords, stride,
+                          validate=False)
+    return point_rows(tensor, point_coords)
+
+
+@voxel_rows.register_fake
+def _(coords, stride, point_coords):
+    return point_coords.new_empty((point_coords.shape[0],), dtype=torch.int64)
 
 
 # --- maps inside a traced graph -------------------------------------------------------------------------

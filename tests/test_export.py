@@ -74,6 +74,23 @@ def test_opcheck_conv():
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
+@pytest.mark.parametrize("reduce", ["mean", "max", "first"])
+def test_voxel_operators_match_eager_and_gradcheck(reduce):
+    g = torch.Generator().manual_seed(1)
+    points = torch.rand(200, 3, generator=g, dtype=torch.float64) * 4
+    feats = torch.randn(200, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    x, inverse = ps.voxelize(points, feats, voxel_size=0.7, reduce=reduce)
+    coords, inv, perm, seg_ptr = ops.voxelize(points, [0.7] * 3, None)
+    assert torch.equal(coords, x.coords) and torch.equal(inv, inverse)
+    mode = ps.voxelize.__globals__["REDUCE_MODES"][reduce]
+    out, _ = ops.segment_reduce(feats, inv, perm, seg_ptr, mode)
+    assert torch.equal(out, x.feats)
+    torch.autograd.gradcheck(lambda f: ops.segment_reduce(f, inv, perm, seg_ptr, mode)[0], (feats,))
+    idx, w = ops.trilinear_weights(x.coords, [1, 1, 1], points, [0.7] * 3, None)
+    ref_idx, ref_w = ps.voxelize.__globals__["trilinear_weights"](x, points, 0.7)
+    assert torch.equal(idx, ref_idx) and torch.equal(w, ref_w)
+
+
 # --- pytree and eager cache ------------------------------------------------------------------------------
 
 def test_sparse_tensor_is_a_pytree_node():
@@ -133,6 +150,48 @@ def test_minkunet_compiles_in_one_graph():
         for n, seed in ((600, 4), (900, 5)):
             x = _cloud(n, seed)
             assert torch.allclose(compiled(x).feats, model(x).feats, rtol=0, atol=1e-6)
+
+
+def _points_and_voxels(n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    points = torch.rand(n, 3, generator=g, dtype=torch.float64) * 8
+    feats = torch.randn(n, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    return points, feats
+
+
+def test_voxelize_devoxelize_compile_with_gradients():
+    def run(points, feats):
+        x, inverse = ps.voxelize(points, feats, voxel_size=0.5, reduce="max")
+        return ps.devoxelize(x, inverse) + ps.devoxelize(x, points=points, voxel_size=0.5, mode="trilinear")
+
+    torch.compiler.reset()
+    compiled = torch.compile(run, fullgraph=True, dynamic=True, backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for n, seed in ((500, 1), (800, 2)):
+            points, feats = _points_and_voxels(n, seed)
+            got, want = compiled(points, feats), run(points, feats)
+            assert torch.allclose(got, want, rtol=0, atol=1e-12)
+            g1, = torch.autograd.grad(got.square().sum(), feats)
+            g2, = torch.autograd.grad(want.square().sum(), feats)
+            assert torch.allclose(g1, g2, rtol=0, atol=1e-10)
+
+
+def test_spvcnn_compiles_in_one_graph():
+    """SPVCNN's point branch (trilinear devoxelize, point-to-voxel rows) and
+    the voxelisation of its input, all inside one graph."""
+    torch.manual_seed(0)
+    model = SPVCNN(4, 3, cr=0.125, blocks=1).double().eval()
+
+    def run(points, feats):
+        x, inverse = ps.voxelize(points, feats, voxel_size=0.5)
+        return model(x, inverse, points * 2, torch.zeros(len(points), dtype=torch.long))
+
+    torch.compiler.reset()
+    compiled = torch.compile(run, fullgraph=True, dynamic=True, backend="eager")
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        for n, seed in ((500, 1), (800, 2)):
+            points, feats = _points_and_voxels(n, seed)
+            assert torch.allclose(compiled(points, feats), run(points, feats), rtol=0, atol=1e-12)
 
 
 def test_pooling_under_compile_fails_clearly():
@@ -236,7 +295,7 @@ def test_export_errors_are_clear(tmp_path):
     model = MinkUNet(7, 4, cr=0.25, blocks=1)
     with pytest.raises(ValueError, match="model.eval"):
         export.export_model(model, x)
-    with pytest.raises(NotImplementedError, match="SPVCNN"):
+    with pytest.raises(NotImplementedError, match="SPVCNN also takes the points"):
         export.export_model(SPVCNN(7, 4, cr=0.25, blocks=1).eval(), x)
     with pytest.raises(NotImplementedError, match="MaxPool3d"):
         export.export_model(torch.nn.Sequential(spnn.Conv3d(7, 4, 3), spnn.MaxPool3d(2)).eval(), x)
