@@ -8,6 +8,7 @@ Public contract: ``../shared/API.md``. Subpackages: ``pointsparse.kmap``
 from ._ext import num_threads
 from .tensor import CoordinateCache, SparseTensor, collate
 from .voxelize import devoxelize, voxelize
+from . import ops  # noqa: E402,F401  (registers the torch custom operators)
 
 __version__ = "0.1.0"
 

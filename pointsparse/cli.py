@@ -14,6 +14,7 @@ COMMANDS = [
     ("demo", "pointsparse.demo", "run the main job on data pointsparse generates itself"),
     ("train", "pointsparse.train", "train a sparse U-Net for semantic segmentation and report its mIoU"),
     ("eval", "pointsparse.evaluate", "score a segmentation checkpoint (per-class IoU, mIoU) on point clouds"),
+    ("export", "pointsparse.export", "write a segmentation checkpoint as a torch.export program (.pt2)"),
     ("bench", "pointsparse.benchmark", "run the benchmark suites in bench/ (kernel maps, convolution, SpMM)"),
     ("prune", "pointsparse.prune.cli", "pruning procedures: sensitivity, schedule, lottery, init, rigl, amc, netadapt"),
 ]

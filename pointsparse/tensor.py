@@ -3,10 +3,12 @@ cache that every tensor derived from the same input shares."""
 
 from __future__ import annotations
 
+import json
 import operator
 from typing import Callable, Iterable, Sequence
 
 import torch
+import torch.utils._pytree
 
 from . import coords as _coords
 
@@ -247,7 +249,7 @@ class SparseTensor:
     def with_feats(self, feats: torch.Tensor) -> "SparseTensor":
         """A tensor on the same coords and stride with new feats, sharing this
         one's coordinate cache."""
-        _check_feats(feats, len(self))
+        _check_feats(feats, self._coords.shape[0])  # not len(): a symbolic row count stays symbolic
         if feats.device != self.device:
             raise ValueError(f"feats are on {feats.device} but the tensor is on {self.device}")
         return SparseTensor(feats, self._coords, self._stride, cache=self.cache, validate=False)
@@ -341,6 +343,32 @@ class SparseTensor:
     def __repr__(self) -> str:
         return (f"SparseTensor(n={len(self)}, channels={self._feats.shape[1]}, stride={self._stride}, "
                 f"dtype={self.dtype}, device={self.device})")
+
+
+def _flatten(tensor: SparseTensor):
+    return [tensor.feats, tensor.coords], tensor.stride
+
+
+def _flatten_with_keys(tensor: SparseTensor):
+    from torch.utils._pytree import GetAttrKey
+
+    return [(GetAttrKey("feats"), tensor.feats), (GetAttrKey("coords"), tensor.coords)], tensor.stride
+
+
+def _unflatten(children, stride) -> SparseTensor:
+    """A tensor rebuilt from its flattened parts (as torch.compile / export do
+    at a graph's edges): unchecked, with a fresh coordinate cache."""
+    feats, coords = children
+    return SparseTensor(feats, coords, stride, validate=False)
+
+
+# A pytree node (children feats and coords, the stride as context), so that
+# torch.export takes and returns SparseTensors and ExportedPrograms that do can
+# be saved and loaded (in a process that has imported pointsparse).
+torch.utils._pytree.register_pytree_node(
+    SparseTensor, _flatten, _unflatten, serialized_type_name="pointsparse.SparseTensor",
+    flatten_with_keys_fn=_flatten_with_keys, to_dumpable_context=lambda stride: json.dumps(list(stride)),
+    from_dumpable_context=lambda text: tuple(json.loads(text)))
 
 
 def collate(tensors: Iterable[SparseTensor]) -> SparseTensor:

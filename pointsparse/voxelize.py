@@ -40,6 +40,8 @@ def _check_points(points, name="points") -> None:
         raise TypeError(f"{name} must be a float tensor (N, 3); got dtype {points.dtype}")
     if points.dim() != 2 or points.shape[1] != 3:
         raise ValueError(f"{name} must be (N, 3) [x, y, z]; got shape {tuple(points.shape)}")
+    if torch.compiler.is_compiling():  # in a graph the core checks the values when it runs
+        return
     if points.numel() and not bool(torch.isfinite(points).all()):
         row = int((~torch.isfinite(points)).any(1).nonzero()[0, 0])
         raise ValueError(f"{name} row {row} is not finite: {points[row].tolist()}")
@@ -56,7 +58,7 @@ def _check_batch(batch, n: int, device) -> torch.Tensor | None:
         raise ValueError(f"batch must be (N,) with N = {n} points; got shape {tuple(batch.shape)}")
     if batch.device != device:
         raise ValueError(f"batch is on {batch.device} but points on {device}")
-    if n and (int(batch.min()) < 0 or int(batch.max()) > _coords.BATCH_MAX):
+    if n and not torch.compiler.is_compiling() and (int(batch.min()) < 0 or int(batch.max()) > _coords.BATCH_MAX):
         raise ValueError(f"batch indices must lie in [0, {_coords.BATCH_MAX}]")
     return batch.long()
 
@@ -90,18 +92,40 @@ def quantize_keys(points: torch.Tensor, voxel_size, batch=None):
     return _ext.to_tensor(keys), _coords.KeyLayout(tuple(fields[:3]), tuple(fields[3:]))
 
 
+def segment_reduce(feats, inverse, perm, seg_ptr, mode: int):
+    """``(out (M, C), arg)``: rows ``perm[seg_ptr[j]:seg_ptr[j + 1]]`` of
+    ``feats`` reduced into row ``j`` (``REDUCE_MODES``); ``arg`` the source
+    rows of max (M, C) / first (M,), empty otherwise."""
+    if _ext.use_core(feats) and feats.dtype in (torch.float32, torch.float64):
+        out, arg = _ext.call(_ext.core.segment_reduce, _ext.to_numpy(feats), _ext.to_numpy(perm),
+                             _ext.to_numpy(seg_ptr), mode)
+        return _ext.to_tensor(out), _ext.to_tensor(arg)
+    return _segment_reduce_torch(feats, inverse, perm, seg_ptr, mode)
+
+
+def segment_reduce_backward(grad, inverse, seg_ptr, arg, mode: int, num_rows: int):
+    """The gradient of :func:`segment_reduce` for its ``num_rows`` feats:
+    each voxel's gradient routed to the points it came from."""
+    if mode in (0, 1):
+        g = grad[inverse]
+        if mode == 1:
+            counts = (seg_ptr[1:] - seg_ptr[:-1]).to(grad.dtype)
+            g = g / counts[inverse][:, None]
+        return g
+    g = grad.new_zeros((num_rows, grad.shape[1]))
+    if mode == 3:
+        g[arg] = grad
+    else:
+        g.scatter_(0, arg, grad)
+    return g
+
+
 class _SegmentReduce(torch.autograd.Function):
-    """Reduce rows of ``feats`` into segments; the backward routes each
-    voxel's gradient to the points it came from."""
+    """:func:`segment_reduce` with autograd."""
 
     @staticmethod
     def forward(ctx, feats, inverse, perm, seg_ptr, mode: int):
-        if _ext.use_core(feats) and feats.dtype in (torch.float32, torch.float64):
-            out, arg = _ext.call(_ext.core.segment_reduce, _ext.to_numpy(feats), _ext.to_numpy(perm),
-                                 _ext.to_numpy(seg_ptr), mode)
-            out, arg = _ext.to_tensor(out), _ext.to_tensor(arg)
-        else:
-            out, arg = _segment_reduce_torch(feats, inverse, perm, seg_ptr, mode)
+        out, arg = segment_reduce(feats, inverse, perm, seg_ptr, mode)
         ctx.mode = mode
         ctx.n = feats.shape[0]
         ctx.save_for_backward(inverse, seg_ptr, arg)
@@ -110,19 +134,7 @@ class _SegmentReduce(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         inverse, seg_ptr, arg = ctx.saved_tensors
-        mode = ctx.mode
-        if mode in (0, 1):
-            g = grad[inverse]
-            if mode == 1:
-                counts = (seg_ptr[1:] - seg_ptr[:-1]).to(grad.dtype)
-                g = g / counts[inverse][:, None]
-        else:
-            g = grad.new_zeros((ctx.n, grad.shape[1]))
-            if mode == 3:
-                g[arg] = grad
-            else:
-                g.scatter_(0, arg, grad)
-        return g, None, None, None, None
+        return segment_reduce_backward(grad, inverse, seg_ptr, arg, ctx.mode, ctx.n), None, None, None, None
 
 
 def _segment_reduce_torch(feats, inverse, perm, seg_ptr, mode):
@@ -184,6 +196,11 @@ def voxelize(points: torch.Tensor, feats: torch.Tensor | None = None, voxel_size
         raise ValueError(f"feats must be (N, C) with N = {points.shape[0]} points; got shape {tuple(feats.shape)}")
     if feats.device != points.device:
         raise ValueError(f"feats are on {feats.device} but points on {points.device}")
+    if torch.compiler.is_compiling():  # a graph of torch.compile / torch.export: the core as operators
+        coords, inverse, perm, seg_ptr = torch.ops.pointsparse.voxelize(points, list(vs), _check_batch(
+            batch, points.shape[0], points.device))
+        out_feats = torch.ops.pointsparse.segment_reduce(feats, inverse, perm, seg_ptr, REDUCE_MODES[reduce])[0]
+        return SparseTensor(out_feats, coords, 1, validate=False), inverse
     keys, layout = quantize_keys(points, vs, batch)
     uniq, inverse, perm, seg_ptr = _coords.unique(keys)
     out_feats = _SegmentReduce.apply(feats, inverse, perm, seg_ptr, REDUCE_MODES[reduce])
@@ -206,7 +223,8 @@ def devoxelize(tensor: SparseTensor, inverse: torch.Tensor | None = None, *, poi
     if mode == "nearest":
         if not isinstance(inverse, torch.Tensor) or inverse.is_floating_point() or inverse.dim() != 1:
             raise TypeError("devoxelize(mode='nearest') needs inverse: the (N,) integer map returned by voxelize")
-        if inverse.numel() and (int(inverse.min()) < 0 or int(inverse.max()) >= len(tensor)):
+        if inverse.numel() and not torch.compiler.is_compiling() and (
+                int(inverse.min()) < 0 or int(inverse.max()) >= len(tensor)):
             raise ValueError(f"inverse holds rows outside [0, {len(tensor)})")
         # index_select, not feats[inverse]: its backward (index_add_) sums
         # each voxel's gradients in a fixed order on the CPU, where the
@@ -236,6 +254,8 @@ def devoxelize(tensor: SparseTensor, inverse: torch.Tensor | None = None, *, poi
 def trilinear_weights(tensor: SparseTensor, points: torch.Tensor, voxel_size, batch=None):
     """(idx (N, 8), weights (N, 8)) of the voxels of ``tensor`` around each point."""
     vs = _voxel_size(voxel_size)
+    if torch.compiler.is_compiling():
+        return torch.ops.pointsparse.trilinear_weights(tensor.coords, list(tensor.stride), points, list(vs), batch)
     if not _ext.use_core(tensor.coords, points):
         return _trilinear_torch(tensor, points, vs, batch)
     layout = _coords.KeyLayout.of(tensor.coords)

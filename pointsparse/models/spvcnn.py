@@ -19,6 +19,8 @@ from .minkunet import MinkUNet
 def point_rows(tensor: SparseTensor, point_coords: torch.Tensor) -> torch.Tensor:
     """Row of ``tensor`` holding each point, from the points' stride-1 voxel
     coords ``(N, 4)``: ``floor(c / stride) * stride`` looked up exactly."""
+    if torch.compiler.is_compiling():  # a graph of torch.compile / torch.export: this function as an operator
+        return torch.ops.pointsparse.voxel_rows(tensor.coords, list(tensor.stride), point_coords)
     st = torch.tensor(tensor.stride, dtype=torch.int32, device=point_coords.device)
     coarse = torch.cat([point_coords[:, :1], torch.div(point_coords[:, 1:], st, rounding_mode="floor") * st], 1)
     layout = _coords.KeyLayout.of(coarse, tensor.coords)
@@ -35,7 +37,8 @@ def point_to_voxel(tensor: SparseTensor, point_feats: torch.Tensor, rows: torch.
     (voxels without a point keep zeros)."""
     out = point_feats.new_zeros((len(tensor), point_feats.shape[1]))
     out = out.index_add(0, rows, point_feats)
-    count = torch.bincount(rows, minlength=len(tensor)).clamp_min(1).to(point_feats.dtype)
+    # points per voxel (index_add, not bincount: its length stays len(tensor) in a traced graph)
+    count = rows.new_zeros(len(tensor)).index_add_(0, rows, torch.ones_like(rows)).clamp_min(1).to(point_feats.dtype)
     return tensor.with_feats(out / count[:, None])
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import kmap as _kmap
+from .. import ops as _ops
 from . import _engine
 from ..tensor import SparseTensor, as_triple
 
@@ -55,6 +56,8 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
             raise ValueError(f"bias must be (C_out,) = ({weight.shape[2]},); got {tuple(bias.shape)}")
         if bias.dtype != weight.dtype or bias.device != weight.device:
             raise TypeError(f"bias ({bias.dtype}, {bias.device}) must match the weight ({weight.dtype}, {weight.device})")
+    if torch.compiler.is_compiling():  # a graph of torch.compile / torch.export: the core as operators
+        return _ops.conv3d(input, weight, bias, k, t, d, transposed)
     kmap = _kmap.get_kmap(input, k, t, d, transposed)
     if _engine.supported(input.feats, weight):
         feats = _engine.conv(input.feats, weight, bias, kmap, cache=input.cache, relu=relu)
@@ -74,7 +77,7 @@ def _same_sites(tensors, what: str) -> SparseTensor:
     for i, t in enumerate(tensors):
         if not isinstance(t, SparseTensor):
             raise TypeError(f"{what} takes SparseTensors; item {i} is {type(t).__name__}")
-        if t.stride != first.stride or len(t) != len(first):
+        if t.stride != first.stride or t.coords.shape[0] != first.coords.shape[0]:
             raise ValueError(f"{what}: item {i} (stride {t.stride}, {len(t)} sites) is not on the coords of "
                              f"item 0 (stride {first.stride}, {len(first)} sites)")
         if t.coords is not first.coords and not torch.equal(t.coords, first.coords):
@@ -98,6 +101,9 @@ def add(a: SparseTensor, b: SparseTensor) -> SparseTensor:
 def _pool_map(input: SparseTensor, kernel_size, stride, dilation, what: str):
     if not isinstance(input, SparseTensor):
         raise TypeError(f"{what}: input must be a SparseTensor; got {type(input).__name__}")
+    if torch.compiler.is_compiling():
+        raise NotImplementedError(f"{what} has no operator form yet: it cannot run inside torch.compile "
+                                  "(fullgraph) or torch.export graphs (use a strided Conv3d)")
     k = as_triple(kernel_size, "kernel_size")
     t = k if stride is None else as_triple(stride, "stride")
     d = as_triple(dilation, "dilation")

@@ -1,0 +1,85 @@
+"""torch.compile and torch.export of MinkUNet against eager (CPU inference).
+
+Eager forward, ``torch.compile(model, fullgraph=True, dynamic=True)``
+(inductor) and the ``torch.export`` program (``pointsparse.export``), each
+checked against eager first, timed interleaved (median of the repeats), on a
+real scan when present and a generated street of another size (the compiled
+model must not recompile for it)."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import _common as c
+import pointsparse as ps
+from pointsparse import export
+from pointsparse.models import MinkUNet
+
+
+def clouds(quick: bool) -> dict[str, ps.SparseTensor]:
+    out = {}
+    sweeps = c.real_sweeps()
+    if "semantickitti/000000" in sweeps:
+        out["semantickitti/000000 @ 0.1 m"] = c.real_scene(sweeps["semantickitti/000000"], 0.1)
+    out["street @ 0.05 m"] = c.street_scene(8_000 if quick else 30_000)
+    g = torch.Generator().manual_seed(0)
+    return {k: ps.SparseTensor(torch.randn(len(v), 4, generator=g), v) for k, v in out.items()}
+
+
+def timed(fn) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a smaller street, fewer repeats")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--out", default=str(c.RESULTS_DIR / "compile.md"))
+    args = ap.parse_args()
+    repeats = args.repeats or (2 if args.quick else 5)
+    torch.manual_seed(0)
+    model = MinkUNet(4, 19, cr=0.5).eval()
+    inputs = clouds(args.quick)
+    first = next(iter(inputs.values()))
+    with torch.no_grad():
+        compiled = torch.compile(model, fullgraph=True, dynamic=True)
+        compile_s, _ = timed(lambda: compiled(first))
+        export_s, program = timed(lambda: export.export_model(model, first))
+        runner = program.module()
+        ways = {"eager": lambda x: model(x).feats, "torch.compile": lambda x: compiled(x).feats,
+                "torch.export": lambda x: runner(x.feats, x.coords)}
+        rows = []
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for name, x in inputs.items():
+                want = ways["eager"](x)
+                err = {k: float((f(x) - want).abs().max()) for k, f in ways.items() if k != "eager"}
+                times = {k: [] for k in ways}
+                for _ in range(repeats):  # interleaved
+                    for k, f in ways.items():
+                        times[k].append(timed(lambda: f(x))[0])
+                med = {k: statistics.median(v) for k, v in times.items()}
+                rows.append(f"| {name} | {len(x)} | {1e3 * med['eager']:.0f} | {1e3 * med['torch.compile']:.0f} "
+                            f"({med['eager'] / med['torch.compile']:.2f}x) | {1e3 * med['torch.export']:.0f} "
+                            f"({med['eager'] / med['torch.export']:.2f}x) | {err['torch.compile']:.1e} / "
+                            f"{err['torch.export']:.1e} |")
+    table = ("| cloud | voxels | eager ms | torch.compile ms (speed-up) | torch.export ms (speed-up) | "
+             "max abs diff vs eager (compile / export) |\n|---|---|---|---|---|---|\n" + "\n".join(rows))
+    notes = (f"MinkUNet(4, 19, cr=0.5), eval, float32, forward only; median of {repeats} interleaved repeats. "
+             f"First call of the compiled model (tracing + inductor): {compile_s:.1f} s; torch.export: "
+             f"{export_s:.1f} s. No recompilation for the second cloud (`error_on_recompile`).")
+    command = "flock /work/bench.lock .venv/bin/python bench/compile.py" + (" --quick" if args.quick else "")
+    c.write_markdown(Path(args.out), "torch.compile and torch.export of MinkUNet", command, c.environment(),
+                     [table], notes)
+    print(table)
+    print(notes)
+
+
+if __name__ == "__main__":
+    main()

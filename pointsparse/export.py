@@ -1,0 +1,163 @@
+"""``pointsparse export``: a trained (or channel-pruned) segmentation
+checkpoint as a ``torch.export`` program in a ``.pt2`` file.
+
+The program's interface is plain tensors, so any runtime that can call the
+``pointsparse::*`` operators can run it:
+
+    inputs   feats  float32 (N, C)  per-voxel features (C = the checkpoint's in_channels)
+             coords int32   (N, 4)  unique [batch, x, y, z] voxel coordinates
+    output   logits float32 (N, K)  per-voxel class logits (K = number of classes)
+
+N is dynamic (any N >= 2; 0 and 1 are specialised away by torch.export).
+The program is the model in eval mode (batch norm with its running
+statistics). Points map to voxels outside the program, as in eager mode
+(``pointsparse.voxelize`` or the training pipeline's ``voxelize_sample``);
+``extra_files["pointsparse.json"]`` of the file holds the checkpoint's
+config (classes, voxel size, ...). A process loads it with
+``torch.export.load(path)`` after ``import pointsparse`` (which registers the
+operators and the SparseTensor pytree node).
+
+Bad coords (duplicates, out of range) raise the same ``ValueError`` as in
+eager mode when the program runs, from the kernel-map operator."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .tensor import SparseTensor
+
+META_FILE = "pointsparse.json"
+MIN_POINTS = 2
+
+
+class VoxelLogits(nn.Module):
+    """A segmentation network taking and returning SparseTensors, as a module
+    of plain tensors: ``forward(feats, coords) -> logits`` (see the module
+    docstring). The coordinates are not re-validated (the program's kernel-map
+    operator rejects duplicates and out-of-range rows)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, feats: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        torch._check(feats.shape[0] == coords.shape[0], lambda: "feats and coords must have the same rows")
+        return self.model(SparseTensor(feats, coords, validate=False)).feats
+
+
+def _check_exportable(model: nn.Module) -> None:
+    from . import nn as spnn
+    from .models import SPVCNN
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if model.training:
+        raise ValueError("export runs inference: call model.eval() first (batch norm then uses its running "
+                         "statistics, as the exported program will)")
+    if isinstance(model, SPVCNN):
+        raise NotImplementedError("pointsparse export writes (feats, coords) -> logits programs of voxel "
+                                  "networks; SPVCNN also takes the points: export it with torch.export.export "
+                                  "(its graph is made of the same operators)")
+    for name, module in model.named_modules():
+        if isinstance(module, (spnn.MaxPool3d, spnn.AvgPool3d)):
+            raise NotImplementedError(f"{name} ({type(module).__name__}) cannot be exported yet: sparse pooling "
+                                      "has no operator form (use a strided Conv3d)")
+
+
+def export_model(model: nn.Module, example: SparseTensor) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``VoxelLogits(model)`` with a dynamic number of
+    voxels, traced on ``example`` (a stride-1 SparseTensor of at least 2 voxels)."""
+    _check_exportable(model)
+    if not isinstance(example, SparseTensor):
+        raise TypeError(f"example must be a SparseTensor; got {type(example).__name__}")
+    if example.stride != (1, 1, 1) or len(example) < MIN_POINTS:
+        raise ValueError(f"example must be a stride-1 SparseTensor of at least {MIN_POINTS} voxels; got {example}")
+    rows = torch.export.Dim("voxels", min=MIN_POINTS)
+    with torch.no_grad():
+        return torch.export.export(VoxelLogits(model), (example.feats.detach(), example.coords),
+                                   dynamic_shapes=({0: rows}, {0: rows}))
+
+
+def save(program: torch.export.ExportedProgram, path, meta: dict | None = None) -> None:
+    """``torch.export.save`` with ``meta`` as JSON in ``extra_files``."""
+    torch.export.save(program, str(path), extra_files={META_FILE: json.dumps(meta or {})})
+
+
+def load(path) -> tuple[torch.export.ExportedProgram, dict]:
+    """``(program, meta)`` of a file written by :func:`save`."""
+    extra = {META_FILE: ""}
+    program = torch.export.load(str(path), extra_files=extra)
+    return program, json.loads(extra[META_FILE] or "{}")
+
+
+# --------------------------------------------------------------------- checkpoints
+
+def _fit_shapes(model: nn.Module, state: dict) -> None:
+    """Resize the parameters and buffers of ``model`` to ``state``'s shapes
+    (a channel-pruned checkpoint has narrower layers than its config builds);
+    every layer reads its widths from its tensors, so the model then runs."""
+    own = dict(model.named_parameters())
+    own.update(dict(model.named_buffers()))
+    for name, value in state.items():
+        if name not in own or own[name].shape == value.shape:
+            continue
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if isinstance(own[name], nn.Parameter):
+            setattr(owner, leaf, nn.Parameter(value.new_empty(value.shape), own[name].requires_grad))
+        else:
+            owner.register_buffer(leaf, value.new_empty(value.shape))
+        if isinstance(owner, nn.modules.batchnorm._BatchNorm):
+            owner.num_features = value.shape[0]
+
+
+def load_checkpoint(path) -> tuple[nn.Module, dict]:
+    """``(model in eval mode, config)`` of a ``pointsparse train`` checkpoint
+    (channel-pruned ones included), read with ``weights_only=True``."""
+    from .train import build_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise ValueError(f"{path} is not a pointsparse training checkpoint (no 'model' and 'config')")
+    config = state["config"]
+    model = build_model(config)
+    _fit_shapes(model, state["model"])
+    model.load_state_dict(state["model"])
+    return model.eval(), config
+
+
+def example_input(in_channels: int, voxel_size: float = 0.2, seed: int = 0) -> SparseTensor:
+    """A small generated street scene as the tracing example (its size is not
+    baked into the program)."""
+    from .data import generated
+    from .data.transforms import voxelize_sample
+
+    v = voxelize_sample(generated.outdoor_scene(seed=seed, beams=16, azimuth_steps=256), voxel_size, 255)
+    feats = v.feats[:, :in_channels] if v.feats.shape[1] >= in_channels else torch.nn.functional.pad(
+        v.feats, (0, in_channels - v.feats.shape[1]))
+    return SparseTensor(feats.contiguous(), v.coords)
+
+
+# --------------------------------------------------------------------- command
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by pointsparse train")
+    parser.add_argument("--out", required=True, help="the .pt2 file to write")
+
+
+def main(args) -> int:
+    model, config = load_checkpoint(args.checkpoint)
+    program = export_model(model, example_input(config["in_channels"], config.get("voxel_size", 0.2)))
+    meta = {"inputs": {"feats": "float32 (N, in_channels)", "coords": "int32 (N, 4) [batch, x, y, z]"},
+            "output": "float32 (N, num_classes) logits", **{k: v for k, v in config.items()}}
+    save(program, args.out, meta)
+    print(f"wrote {args.out}: {type(model).__name__} (feats (N, {config['in_channels']}), coords (N, 4)) -> "
+          f"logits (N, {len(config['classes'])}); load with torch.export.load after `import pointsparse`")
+    return 0

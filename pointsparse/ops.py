@@ -1,0 +1,424 @@
+"""The C++ core's entry points as torch custom operators (``torch.library``),
+so that ``torch.compile`` (``fullgraph=True``) and ``torch.export`` see each
+core call as one opaque node of a graph.
+
+Operators (namespace ``pointsparse``; each has a fake implementation giving
+output shapes, with unbacked symbolic sizes where a count depends on the data):
+
+``downsample(coords, out_stride)``
+    unique ``floor(c / out_stride) * out_stride`` rows, ``(M, 4)``, M unbacked.
+``kmap_build(coords, out_coords?, key)``
+    ``(in_idx, out_idx, sizes)`` of a map (P pairs, P unbacked; ``sizes (K,)``).
+``kmap_transpose(coarse_coords, fine_coords, in_idx, out_idx, sizes, key)``
+    the pairs of the adjoint map, re-sorted by the new output row.
+``conv(feats, weight, bias?, out_coords, in_idx, out_idx, sizes, key)``
+    the fused gather-GEMM-scatter forward, with a registered autograd formula
+    that calls ``conv_input_grad`` and ``conv_weight_grad``.
+``voxelize(points, voxel_size, batch?)`` and ``segment_reduce(feats, perm, seg_ptr, mode)``
+    the two halves of :func:`pointsparse.voxelize` (M voxels unbacked).
+``trilinear_weights(coords, stride, points, voxel_size, batch?)``
+    the 8 voxels around each point and their weights (trilinear devoxelize).
+
+``key`` is a map's :class:`~pointsparse.kmap.KernelMapKey` as 13 ints
+(:func:`key_to_list`). The operators' real implementations call the same
+Python functions as the eager path (``kmap.build``, ``_engine``'s fused
+kernels...), so both give identical results; the validation those functions do
+runs when the graph runs, raising the same ``ValueError``.
+
+While torch compiles or exports (``torch.compiler.is_compiling()``), the
+layers take :func:`get_kmap` and :func:`conv` instead of the eager
+``KernelMap`` / ``ConvPlan`` objects: maps are :class:`GraphMap` values of
+tensors, cached in the tensors' ``CoordinateCache`` under their own keys so
+that every layer of the graph with one structural key shares one map."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+from . import _ext
+from . import coords as _coords
+from . import kmap as _kmap
+from .voxelize import quantize_keys as _quantize_keys
+from .voxelize import segment_reduce as _segment_reduce
+from .voxelize import segment_reduce_backward as _segment_reduce_backward
+from .voxelize import trilinear_weights as _trilinear_weights
+from .tensor import CoordinateCache, SparseTensor, Triple, as_triple
+
+_LIB = "pointsparse"
+
+
+def key_to_list(key: _kmap.KernelMapKey) -> list[int]:
+    """A map's structural key as 13 ints (an operator argument)."""
+    return [*key.tensor_stride, *key.kernel_size, *key.stride, *key.dilation, int(key.transposed)]
+
+
+def key_from_list(values) -> _kmap.KernelMapKey:
+    v = [int(x) for x in values]
+    if len(v) != 13:
+        raise ValueError(f"key must hold 13 ints (tensor_stride, kernel_size, stride, dilation, transposed); got {v}")
+    return _kmap.KernelMapKey(tuple(v[0:3]), tuple(v[3:6]), tuple(v[6:9]), tuple(v[9:12]), bool(v[12]))
+
+
+def _kernel_volume(key: list[int]) -> int:
+    return key[3] * key[4] * key[5]
+
+
+def _as_kmap(out_coords: Tensor, in_idx: Tensor, out_idx: Tensor, sizes: Tensor, key: list[int],
+             num_in: int) -> _kmap.KernelMap:
+    """The eager :class:`~pointsparse.kmap.KernelMap` of an operator's tensors."""
+    k = key_from_list(key)
+    offsets = _kmap.kernel_offsets(k.kernel_size, k.dilation, k.tensor_stride)
+    return _kmap.KernelMap(out_coords, in_idx, out_idx, sizes.cpu(), offsets, num_in, out_coords.shape[0], k)
+
+
+def _rows_at_least_one(tensor: Tensor) -> int:
+    """1 when ``tensor`` is known to have rows (at least one output row per
+    non-empty input: torch.compile specialises 0 rows away, and batch norm
+    needs to know a count is not 0), else 0."""
+    return 1 if torch.fx.experimental.symbolic_shapes.statically_known_true(tensor.shape[0] >= 1) else 0
+
+
+def _new_pairs(coords: Tensor) -> tuple[Tensor, Tensor]:
+    pairs = torch.library.get_ctx().new_dynamic_size()
+    return coords.new_empty((pairs,), dtype=torch.int64), coords.new_empty((pairs,), dtype=torch.int64)
+
+
+# --- coordinates and kernel maps ------------------------------------------------------------------------
+
+@torch.library.custom_op(f"{_LIB}::downsample", mutates_args=())
+def downsample(coords: Tensor, out_stride: list[int]) -> Tensor:
+    """Unique ``floor(c / out_stride) * out_stride`` rows, sorted by key."""
+    return _kmap.downsample_coords(coords, tuple(out_stride))
+
+
+@downsample.register_fake
+def _(coords, out_stride):
+    rows = torch.library.get_ctx().new_dynamic_size(min=_rows_at_least_one(coords))
+    return coords.new_empty((rows, 4))
+
+
+@torch.library.custom_op(f"{_LIB}::kmap_build", mutates_args=())
+def kmap_build(coords: Tensor, out_coords: Optional[Tensor], key: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """``(in_idx, out_idx, sizes)`` of ``kmap.build`` (out_coords None: the
+    submanifold map, or the downsampled coords)."""
+    k = key_from_list(key)
+    m = _kmap.build(coords, k.kernel_size, k.stride, k.dilation, k.tensor_stride, out_coords=out_coords)
+    return m.in_idx, m.out_idx, m.sizes.to(coords.device)
+
+
+@kmap_build.register_fake
+def _(coords, out_coords, key):
+    in_idx, out_idx = _new_pairs(coords)
+    return in_idx, out_idx, coords.new_empty((_kernel_volume(key),), dtype=torch.int64)
+
+
+@torch.library.custom_op(f"{_LIB}::kmap_transpose", mutates_args=())
+def kmap_transpose(coarse_coords: Tensor, fine_coords: Tensor, in_idx: Tensor, out_idx: Tensor, sizes: Tensor,
+                   key: list[int]) -> tuple[Tensor, Tensor]:
+    """Pairs of the adjoint of the map ``fine -> coarse`` (``KernelMap.transpose``)."""
+    up = _as_kmap(coarse_coords, in_idx, out_idx, sizes, key, fine_coords.shape[0]).transpose(fine_coords)
+    # outputs may not alias inputs: copy when the transpose needed no sort
+    return tuple(t.clone() if t is in_idx or t is out_idx else t for t in (up.in_idx, up.out_idx))
+
+
+@kmap_transpose.register_fake
+def _(coarse_coords, fine_coords, in_idx, out_idx, sizes, key):
+    return torch.empty_like(out_idx), torch.empty_like(in_idx)
+
+
+# --- convolution ----------------------------------------------------------------------------------------
+
+# Fused plans of the maps a graph runs, keyed by the in_idx tensor (each map's
+# pairs are fresh tensors made by kmap_build / kmap_transpose, shared by every
+# layer of the map and by the backward): built once per map and graph run.
+_PLANS = WeakIdKeyDictionary()
+
+
+def _plan(out_coords, in_idx, out_idx, sizes, key, num_in):
+    from .nn import _engine
+
+    stamp = (out_idx, in_idx._version, out_idx._version, in_idx.data_ptr(), num_in, out_coords.shape[0], tuple(key))
+    hit = _PLANS.get(in_idx)
+    if hit is not None and hit[0][0] is out_idx and hit[0][1:] == stamp[1:]:
+        return hit[1]
+    plan = _engine.make_fused_plan(_as_kmap(out_coords, in_idx, out_idx, sizes, key, num_in))
+    _PLANS[in_idx] = (stamp, plan)
+    return plan
+
+
+def _engine_runs(*tensors: Tensor) -> bool:
+    from .nn import _engine
+
+    return _ext.use_core(*tensors) and all(t.dtype in _engine.ENGINE_DTYPES for t in tensors)
+
+
+def _offset_pairs(out_coords, in_idx, out_idx, sizes, key, num_in):
+    kmap = _as_kmap(out_coords, in_idx, out_idx, sizes, key, num_in)
+    return [(o, *kmap.pairs(o)) for o in range(kmap.kernel_volume) if kmap.ptr[o + 1] > kmap.ptr[o]]
+
+
+@torch.library.custom_op(f"{_LIB}::conv", mutates_args=())
+def conv(feats: Tensor, weight: Tensor, bias: Optional[Tensor], out_coords: Tensor, in_idx: Tensor,
+         out_idx: Tensor, sizes: Tensor, key: list[int]) -> Tensor:
+    """``out = bias + sum_o feats[in_idx] @ weight[o]`` added at ``out_idx``:
+    the fused engine on CPU float32/float64, the torch loop elsewhere."""
+    if _engine_runs(feats, weight):
+        from .nn import _engine
+
+        plan = _plan(out_coords, in_idx, out_idx, sizes, key, feats.shape[0])
+        return _engine.conv_forward(feats.contiguous(), weight.contiguous(), bias, plan)
+    out = feats.new_zeros((out_coords.shape[0], weight.shape[2]))
+    for o, i, j in _offset_pairs(out_coords, in_idx, out_idx, sizes, key, feats.shape[0]):
+        out.index_add_(0, j, feats[i] @ weight[o])
+    return out if bias is None else out + bias
+
+
+@conv.register_fake
+def _(feats, weight, bias, out_coords, in_idx, out_idx, sizes, key):
+    return feats.new_empty((out_coords.shape[0], weight.shape[2]))
+
+
+@torch.library.custom_op(f"{_LIB}::conv_input_grad", mutates_args=())
+def conv_input_grad(grad: Tensor, weight: Tensor, out_coords: Tensor, in_idx: Tensor, out_idx: Tensor,
+                    sizes: Tensor, key: list[int], num_in: int) -> Tensor:
+    """``sum_o grad[out_idx] @ weight[o].T`` added at ``in_idx``: ``(num_in, C_in)``."""
+    if _engine_runs(grad, weight):
+        from .nn import _engine
+
+        plan = _plan(out_coords, in_idx, out_idx, sizes, key, num_in)
+        return _engine.conv_backward(None, weight.contiguous(), grad.contiguous(), plan, True, False)[0]
+    out = grad.new_zeros((num_in, weight.shape[1]))
+    for o, i, j in _offset_pairs(out_coords, in_idx, out_idx, sizes, key, num_in):
+        out.index_add_(0, i, grad[j] @ weight[o].t())
+    return out
+
+
+@conv_input_grad.register_fake
+def _(grad, weight, out_coords, in_idx, out_idx, sizes, key, num_in):
+    return grad.new_empty((num_in, weight.shape[1]))
+
+
+@torch.library.custom_op(f"{_LIB}::conv_weight_grad", mutates_args=())
+def conv_weight_grad(feats: Tensor, grad: Tensor, out_coords: Tensor, in_idx: Tensor, out_idx: Tensor,
+                     sizes: Tensor, key: list[int]) -> Tensor:
+    """``grad_weight[o] = feats[in_idx].T @ grad[out_idx]``: ``(K, C_in, C_out)``."""
+    shape = (_kernel_volume(key), feats.shape[1], grad.shape[1])
+    if _engine_runs(feats, grad):
+        from .nn import _engine
+
+        plan = _plan(out_coords, in_idx, out_idx, sizes, key, feats.shape[0])
+        return _engine.conv_backward(feats.contiguous(), feats.new_empty(shape), grad.contiguous(), plan,
+                                     False, True)[1]
+    out = feats.new_zeros(shape)
+    for o, i, j in _offset_pairs(out_coords, in_idx, out_idx, sizes, key, feats.shape[0]):
+        out[o] = feats[i].t() @ grad[j]
+    return out
+
+
+@conv_weight_grad.register_fake
+def _(feats, grad, out_coords, in_idx, out_idx, sizes, key):
+    return feats.new_empty((_kernel_volume(key), feats.shape[1], grad.shape[1]))
+
+
+def _conv_setup(ctx, inputs, output):
+    feats, weight, bias, out_coords, in_idx, out_idx, sizes, key = inputs
+    ctx.save_for_backward(feats, weight, out_coords, in_idx, out_idx, sizes)
+    ctx.key = key
+    ctx.has_bias = bias is not None
+
+
+def _conv_backward(ctx, grad):
+    feats, weight, out_coords, in_idx, out_idx, sizes = ctx.saved_tensors
+    need_feats, need_weight, need_bias = ctx.needs_input_grad[:3]
+    grad_feats = grad_weight = grad_bias = None
+    if need_feats:
+        grad_feats = conv_input_grad(grad, weight, out_coords, in_idx, out_idx, sizes, ctx.key, feats.shape[0])
+    if need_weight:
+        grad_weight = conv_weight_grad(feats, grad, out_coords, in_idx, out_idx, sizes, ctx.key)
+    if ctx.has_bias and need_bias:
+        grad_bias = grad.sum(0)
+    return grad_feats, grad_weight, grad_bias, None, None, None, None, None
+
+
+conv.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
+# --- points and voxels ----------------------------------------------------------------------------------
+
+@torch.library.custom_op(f"{_LIB}::voxelize", mutates_args=())
+def voxelize(points: Tensor, voxel_size: list[float], batch: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor,
+                                                                                       Tensor]:
+    """``(coords (M, 4), inverse (N,), perm (N,), seg_ptr (M + 1,))`` of
+    :func:`pointsparse.voxelize`: voxels sorted by key, the voxel of each
+    point, and the points of voxel ``j`` at ``perm[seg_ptr[j]:seg_ptr[j + 1]]``."""
+    keys = _quantize_keys(points, voxel_size, batch)
+    uniq, inverse, perm, seg_ptr = _coords.unique(keys)
+    return _coords.unpack(uniq), inverse, perm, seg_ptr
+
+
+@voxelize.register_fake
+def _(points, voxel_size, batch):
+    voxels = torch.library.get_ctx().new_dynamic_size(min=_rows_at_least_one(points))
+    n = points.shape[0]
+    long = dict(dtype=torch.int64)
+    return (points.new_empty((voxels, 4), dtype=torch.int32), points.new_empty((n,), **long),
+            points.new_empty((n,), **long), points.new_empty((voxels + 1,), **long))
+
+
+@torch.library.custom_op(f"{_LIB}::segment_reduce", mutates_args=())
+def segment_reduce(feats: Tensor, inverse: Tensor, perm: Tensor, seg_ptr: Tensor, mode: int) -> tuple[Tensor, Tensor]:
+    """``(out (M, C), arg)`` of :func:`pointsparse.voxelize.segment_reduce`
+    (``mode``: ``voxelize.REDUCE_MODES``), differentiable in ``feats``."""
+    out, arg = _segment_reduce(feats, inverse, perm, seg_ptr, mode)
+    return out, (arg.clone() if arg is inverse or arg is perm else arg)
+
+
+@segment_reduce.register_fake
+def _(feats, inverse, perm, seg_ptr, mode):
+    voxels, c = seg_ptr.shape[0] - 1, feats.shape[1]
+    arg_shape = {2: (voxels, c), 3: (voxels,)}.get(mode, (0,))
+    return feats.new_empty((voxels, c)), feats.new_empty(arg_shape, dtype=torch.int64)
+
+
+def _segment_setup(ctx, inputs, output):
+    feats, inverse, perm, seg_ptr, mode = inputs
+    ctx.save_for_backward(inverse, seg_ptr, output[1])
+    ctx.mode, ctx.num_rows = mode, feats.shape[0]
+
+
+def _segment_backward(ctx, grad, grad_arg):
+    inverse, seg_ptr, arg = ctx.saved_tensors
+    return _segment_reduce_backward(grad, inverse, seg_ptr, arg, ctx.mode, ctx.num_rows), None, None, None, None
+
+
+segment_reduce.register_autograd(_segment_backward, setup_context=_segment_setup)
+
+
+@torch.library.custom_op(f"{_LIB}::trilinear_weights", mutates_args=())
+def trilinear_weights(coords: Tensor, stride: list[int], points: Tensor, voxel_size: list[float],
+                      batch: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """``(idx (N, 8), weights (N, 8))`` of :func:`pointsparse.voxelize.trilinear_weights`
+    for voxels ``coords`` at tensor ``stride``."""
+    tensor = SparseTensor(coords.new_empty((coords.shape[0], 0), dtype=torch.float32), coords, stride,
+                          validate=False)
+    return _trilinear_weights(tensor, points, voxel_size, batch)
+
+
+@trilinear_weights.register_fake
+def _(coords, stride, points, voxel_size, batch):
+    n = points.shape[0]
+    wide = torch.float64 if points.dtype == torch.float64 else torch.float32
+    return points.new_empty((n, 8), dtype=torch.int64), points.new_empty((n, 8), dtype=wide)
+
+
+@torch.library.custom_op(f"{_LIB}::voxel_rows", mutates_args=())
+def voxel_rows(coords: Tensor, stride: list[int], point_coords: Tensor) -> Tensor:
+    """:func:`pointsparse.models.spvcnn.point_rows`: the row of the voxels
+    ``coords`` (at tensor ``stride``) holding each point's stride-1 voxel."""
+    from .models.spvcnn import point_rows
+
+    tensor = SparseTensor(coords.new_empty((coords.shape[0], 0), dtype=torch.float32), coords, stride,
+                          validate=False)
+    return point_rows(tensor, point_coords)
+
+
+@voxel_rows.register_fake
+def _(coords, stride, point_coords):
+    return point_coords.new_empty((point_coords.shape[0],), dtype=torch.int64)
+
+
+# --- maps inside a traced graph -------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class GraphMap:
+    """A kernel map as the tensors of a traced graph (the eager
+    :class:`~pointsparse.kmap.KernelMap` reads sizes on the host)."""
+
+    out_coords: Tensor
+    in_idx: Tensor
+    out_idx: Tensor
+    sizes: Tensor
+    key: _kmap.KernelMapKey
+
+
+class GraphCache(CoordinateCache):
+    """The coordinate cache of the tensors a traced graph makes. A layer that
+    meets a tensor with an eager cache (the graph's input) starts a new one
+    seeded with that tensor's coords, so a graph never reads or writes its
+    inputs' caches (no guards on their contents, no side effects, no
+    recompilation for a tensor whose cache already holds eager maps)."""
+
+
+def graph_cache(tensor: SparseTensor) -> GraphCache:
+    """``tensor``'s cache if it was made in this graph, else a fresh one."""
+    if isinstance(tensor.cache, GraphCache):
+        return tensor.cache
+    cache = GraphCache()
+    cache.set_coords(tensor.stride, tensor.coords)
+    return cache
+
+
+def _graph_key(key: _kmap.KernelMapKey) -> tuple:
+    return tuple(key_to_list(key))
+
+
+def get_kmap(tensor: SparseTensor, kernel_size, stride=1, dilation=1, transposed: bool = False,
+             cache: GraphCache | None = None) -> GraphMap:
+    """:func:`pointsparse.kmap.get_kmap` for traced graphs: the same maps,
+    built by the operators above and cached in ``cache`` (default
+    :func:`graph_cache` of ``tensor``)."""
+    k, t, d = as_triple(kernel_size, "kernel_size"), as_triple(stride, "stride"), as_triple(dilation, "dilation")
+    cache = graph_cache(tensor) if cache is None else cache
+    if not transposed:
+        return _down_map(cache, tensor.coords, tensor.stride, k, t, d)
+    if any(a % b for a, b in zip(tensor.stride, t)):
+        raise ValueError(f"a transposed conv with stride {t} needs a tensor stride divisible by it; got {tensor.stride}")
+    fine_stride: Triple = tuple(a // b for a, b in zip(tensor.stride, t))  # type: ignore[assignment]
+    fine = cache.get_coords(fine_stride)
+    if fine is None:
+        raise ValueError(
+            f"transposed conv: no coords at stride {fine_stride} in this tensor's coordinate cache; a transposed "
+            f"conv upsamples back to coords that a strided conv of the same graph came down from")
+    up_key = _kmap.KernelMapKey(fine_stride, k, t, d, True)
+
+    def make_up():
+        down = _down_map(cache, fine, fine_stride, k, t, d, None if t == (1, 1, 1) else tensor.coords)
+        in_idx, out_idx = kmap_transpose(down.out_coords, fine, down.in_idx, down.out_idx, down.sizes,
+                                         key_to_list(down.key))
+        return GraphMap(fine, in_idx, out_idx, down.sizes, up_key)
+
+    return cache.get_kmap(_graph_key(up_key), make_up)
+
+
+def _down_map(cache, coords, tensor_stride, k, t, d, out_coords=None) -> GraphMap:
+    key = _kmap.KernelMapKey(tensor_stride, k, t, d, False)
+    out_stride = key.out_stride
+
+    def make():
+        known = out_coords
+        if known is None and t != (1, 1, 1):
+            known = cache.get_coords(out_stride)
+            if known is None:
+                known = downsample(coords, list(out_stride))
+        in_idx, out_idx, sizes = kmap_build(coords, known, key_to_list(key))
+        return GraphMap(coords if known is None else known, in_idx, out_idx, sizes, key)
+
+    kmap = cache.get_kmap(_graph_key(key), make)
+    cache.set_coords(out_stride, kmap.out_coords)
+    return kmap
+
+
+def conv3d(input: SparseTensor, weight: Tensor, bias: Tensor | None, kernel_size: Triple, stride: Triple,
+           dilation: Triple, transposed: bool) -> SparseTensor:
+    """:func:`pointsparse.nn.functional.conv3d` in a traced graph (arguments
+    already checked): the map from the graph's cache, the :func:`conv` operator."""
+    cache = graph_cache(input)
+    kmap = get_kmap(input, kernel_size, stride, dilation, transposed, cache)
+    feats = conv(input.feats, weight, bias, kmap.out_coords, kmap.in_idx, kmap.out_idx, kmap.sizes,
+                 key_to_list(kmap.key))
+    return SparseTensor(feats, kmap.out_coords, kmap.key.out_stride, cache=cache, validate=False)

@@ -1,0 +1,310 @@
+"""torch.compile / torch.export: the core's custom operators against the eager
+path and naive references, fullgraph compilation without recompiles, an
+export round trip through a file in a fresh process, clear errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import pointsparse as ps
+from pointsparse import export, kmap, ops
+from pointsparse import nn as spnn
+from pointsparse.models import SPVCNN, MinkUNet
+from pointsparse.prune import surgery
+from reference import dense_conv, kmap_reference, random_coords, run_python
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _cloud(n: int, seed: int, channels: int = 3, dtype=torch.float32) -> ps.SparseTensor:
+    g = torch.Generator().manual_seed(seed)
+    x, _ = ps.voxelize(torch.rand(n, 3, generator=g) * 12, voxel_size=0.5)
+    feats = torch.randn(len(x), channels, generator=g, dtype=dtype)
+    return ps.SparseTensor(feats, x.coords)
+
+
+# --- operators -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kernel_size,stride", [(3, 1), (2, 2), (3, 2)])
+def test_kmap_operators_match_reference(kernel_size, stride):
+    coords = random_coords(300, extent=10, seed=kernel_size + stride)
+    key = kmap.KernelMapKey((1, 1, 1), (kernel_size,) * 3, (stride,) * 3, (1, 1, 1))
+    out = None if stride == 1 else ops.downsample(coords, [stride] * 3)
+    in_idx, out_idx, sizes = ops.kmap_build(coords, out, ops.key_to_list(key))
+    ref_out, ref_in, ref_pairs_out, ref_sizes = kmap_reference(coords, kernel_size, stride)
+    if out is not None:
+        assert torch.equal(out, ref_out)
+    assert torch.equal(in_idx, ref_in) and torch.equal(out_idx, ref_pairs_out) and torch.equal(sizes, ref_sizes)
+    if stride > 1:  # the adjoint map: the same pairs swapped, sorted by the new output row
+        up_in, up_out = ops.kmap_transpose(out, coords, in_idx, out_idx, sizes, ops.key_to_list(key))
+        eager = kmap.build(coords, kernel_size, stride).transpose(coords)
+        assert torch.equal(up_in, eager.in_idx) and torch.equal(up_out, eager.out_idx)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_operator_matches_dense_conv_and_gradcheck(stride):
+    x = _cloud(120, stride, channels=3, dtype=torch.float64)
+    k = 3
+    key = kmap.KernelMapKey((1, 1, 1), (k,) * 3, (stride,) * 3, (1, 1, 1))
+    out_coords = x.coords if stride == 1 else ops.downsample(x.coords, [stride] * 3)
+    pairs = ops.kmap_build(x.coords, None if stride == 1 else out_coords, ops.key_to_list(key))
+    weight = torch.randn(k ** 3, 3, 4, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    feats = x.feats.clone().requires_grad_()
+    got = ops.conv(feats, weight, bias, out_coords, *pairs, ops.key_to_list(key))
+    assert torch.allclose(got, dense_conv(x, weight.detach(), out_coords, k, stride, bias=bias.detach()), atol=1e-10)
+    torch.autograd.gradcheck(lambda f, w, b: ops.conv(f, w, b, out_coords, *pairs, ops.key_to_list(key)),
+                             (feats, weight, bias))
+    with ps._ext.torch_path():  # the operators' torch loop (other devices) gives the same sums and gradients
+        torch.autograd.gradcheck(lambda f, w: ops.conv(f, w, None, out_coords, *pairs, ops.key_to_list(key)),
+                                 (feats, weight))
+
+
+def test_opcheck_conv():
+    """torch.library.opcheck: schema, fake implementation and autograd registration."""
+    x = _cloud(80, 3, channels=2)
+    key = ops.key_to_list(kmap.KernelMapKey((1, 1, 1), (3, 3, 3), (1, 1, 1), (1, 1, 1)))
+    pairs = ops.kmap_build(x.coords, None, key)
+    args = (x.feats.requires_grad_(), torch.randn(27, 2, 5, requires_grad=True), None, x.coords, *pairs, key)
+    torch.library.opcheck(torch.ops.pointsparse.conv.default, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@pytest.mark.parametrize("reduce", ["mean", "max", "first"])
+def test_voxel_operators_match_eager_and_gradcheck(reduce):
+    g = torch.Generator().manual_seed(1)
+    points = torch.rand(200, 3, generator=g, dtype=torch.float64) * 4
+    feats = torch.randn(200, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    x, inverse = ps.voxelize(points, feats, voxel_size=0.7, reduce=reduce)
+    coords, inv, perm, seg_ptr = ops.voxelize(points, [0.7] * 3, None)
+    assert torch.equal(coords, x.coords) and torch.equal(inv, inverse)
+    mode = ps.voxelize.__globals__["REDUCE_MODES"][reduce]
+    out, _ = ops.segment_reduce(feats, inv, perm, seg_ptr, mode)
+    assert torch.equal(out, x.feats)
+    torch.autograd.gradcheck(lambda f: ops.segment_reduce(f, inv, perm, seg_ptr, mode)[0], (feats,))
+    idx, w = ops.trilinear_weights(x.coords, [1, 1, 1], points, [0.7] * 3, None)
+    ref_idx, ref_w = ps.voxelize.__globals__["trilinear_weights"](x, points, 0.7)
+    assert torch.equal(idx, ref_idx) and torch.equal(w, ref_w)
+
+
+# --- pytree and eager cache ------------------------------------------------------------------------------
+
+def test_sparse_tensor_is_a_pytree_node():
+    x = _cloud(50, 1)
+    leaves, spec = torch.utils._pytree.tree_flatten(x)
+    assert leaves[0] is x.feats and leaves[1] is x.coords
+    y = torch.utils._pytree.tree_unflatten(leaves, spec)
+    assert isinstance(y, ps.SparseTensor) and y.stride == x.stride and y.cache is not x.cache
+    assert torch.utils._pytree.treespec_loads(torch.utils._pytree.treespec_dumps(spec)) == spec
+
+
+# --- torch.compile ---------------------------------------------------------------------------------------
+
+class _UNet(torch.nn.Module):
+    """Every kind of map: submanifold, strided, transposed (reused), a skip."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Sequential(spnn.Conv3d(3, 8, 3), spnn.BatchNorm(8), spnn.ReLU())
+        self.down = spnn.Conv3d(8, 16, 2, stride=2)
+        self.mid = spnn.Conv3d(16, 16, 3, bias=True)
+        self.up = spnn.Conv3d(16, 8, 2, stride=2, transposed=True)
+        self.head = spnn.Conv3d(16, 4, 1)
+
+    def forward(self, x):
+        a = self.stem(x)
+        b = self.up(self.mid(self.down(a)))
+        return self.head(spnn.cat([a, b]))
+
+
+def test_compile_fullgraph_two_sizes_no_recompile():
+    torch.manual_seed(0)
+    eager = _UNet().double()
+    compiled_net = copy.deepcopy(eager)
+    torch.compiler.reset()
+    compiled = torch.compile(compiled_net, fullgraph=True, dynamic=True, backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for n, seed in ((400, 1), (700, 2)):
+            x = _cloud(n, seed, dtype=torch.float64)
+            kept = dict(x.cache.kmaps)
+            got = compiled(x)
+            want = eager(x)
+            assert torch.equal(got.coords, want.coords) and got.stride == want.stride
+            assert torch.allclose(got.feats, want.feats, rtol=0, atol=1e-12)
+            got.feats.square().sum().backward()
+            want.feats.square().sum().backward()
+            for p, q in zip(compiled_net.parameters(), eager.parameters()):
+                assert torch.allclose(p.grad, q.grad, rtol=0, atol=1e-10)
+            assert len(kept) == 0 and all(isinstance(k, kmap.KernelMapKey) for k in x.cache.kmaps)
+
+
+def test_minkunet_compiles_in_one_graph():
+    model = MinkUNet(3, 5, cr=0.25, blocks=1).eval()
+    torch.compiler.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="eager")
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        for n, seed in ((600, 4), (900, 5)):
+            x = _cloud(n, seed)
+            assert torch.allclose(compiled(x).feats, model(x).feats, rtol=0, atol=1e-6)
+
+
+def _points_and_voxels(n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    points = torch.rand(n, 3, generator=g, dtype=torch.float64) * 8
+    feats = torch.randn(n, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    return points, feats
+
+
+def test_voxelize_devoxelize_compile_with_gradients():
+    def run(points, feats):
+        x, inverse = ps.voxelize(points, feats, voxel_size=0.5, reduce="max")
+        return ps.devoxelize(x, inverse) + ps.devoxelize(x, points=points, voxel_size=0.5, mode="trilinear")
+
+    torch.compiler.reset()
+    compiled = torch.compile(run, fullgraph=True, dynamic=True, backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for n, seed in ((500, 1), (800, 2)):
+            points, feats = _points_and_voxels(n, seed)
+            got, want = compiled(points, feats), run(points, feats)
+            assert torch.allclose(got, want, rtol=0, atol=1e-12)
+            g1, = torch.autograd.grad(got.square().sum(), feats)
+            g2, = torch.autograd.grad(want.square().sum(), feats)
+            assert torch.allclose(g1, g2, rtol=0, atol=1e-10)
+
+
+def test_spvcnn_compiles_in_one_graph():
+    """SPVCNN's point branch (trilinear devoxelize, point-to-voxel rows) and
+    the voxelisation of its input, all inside one graph."""
+    torch.manual_seed(0)
+    model = SPVCNN(4, 3, cr=0.125, blocks=1).double().eval()
+
+    def run(points, feats):
+        x, inverse = ps.voxelize(points, feats, voxel_size=0.5)
+        return model(x, inverse, points * 2, torch.zeros(len(points), dtype=torch.long))
+
+    torch.compiler.reset()
+    compiled = torch.compile(run, fullgraph=True, dynamic=True, backend="eager")
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        for n, seed in ((500, 1), (800, 2)):
+            points, feats = _points_and_voxels(n, seed)
+            assert torch.allclose(compiled(points, feats), run(points, feats), rtol=0, atol=1e-12)
+
+
+def test_pooling_under_compile_fails_clearly():
+    net = torch.nn.Sequential(spnn.Conv3d(3, 4, 3), spnn.MaxPool3d(2))
+    torch.compiler.reset()
+    with pytest.raises(Exception, match="max_pool3d has no operator form"):
+        torch.compile(net, fullgraph=True, backend="eager")(_cloud(100, 1))
+
+
+# --- torch.export ----------------------------------------------------------------------------------------
+
+def _checkpoint(tmp_path, model: torch.nn.Module, config: dict):
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": model.state_dict(), "config": config}, path)
+    return path
+
+
+def _config(**kw):
+    return {"in_channels": 7, "classes": ["a", "b", "c", "d"], "cr": 0.25, "blocks": 1, "voxel_size": 0.4,
+            "ignore_index": 255, "model": "minkunet", **kw}
+
+
+def _trained_like(model):
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model.eval()
+
+
+_CHILD = """
+import json, sys, torch
+import pointsparse
+from pointsparse import export
+program, meta = export.load(sys.argv[1])
+out = {}
+for name in sys.argv[2:]:
+    inputs = torch.load(name)
+    with torch.no_grad():
+        logits = program.module()(inputs["feats"], inputs["coords"])
+    out[name] = torch.equal(logits.argmax(1), inputs["pred"]) and bool(torch.allclose(logits, inputs["logits"], rtol=0, atol=1e-5))
+print(json.dumps({"meta": meta, "ok": out}))
+"""
+
+
+def _scenes(tmp_path, model, config, datasets):
+    """Inputs (generated scene, real scan if present) and the eager model's predictions, saved for the child."""
+    from pointsparse.data import generated
+    from pointsparse.data.readers import read_semantickitti
+    from pointsparse.data.transforms import voxelize_sample
+
+    samples = [generated.outdoor_scene(seed=7, beams=16, azimuth_steps=384)]
+    scan = None if datasets is None else datasets / "semantickitti/full-scan/velodyne/000000.bin"
+    if scan is not None and scan.is_file():
+        samples.append(read_semantickitti(scan))
+    names = []
+    for i, sample in enumerate(samples):
+        v = voxelize_sample(sample, config["voxel_size"], 255)
+        with torch.no_grad():
+            logits = model(ps.SparseTensor(v.feats, v.coords)).feats
+        names.append(str(tmp_path / f"scene{i}.pt"))
+        torch.save({"feats": v.feats, "coords": v.coords, "logits": logits, "pred": logits.argmax(1)}, names[-1])
+    return names
+
+
+def test_export_cli_round_trip_in_fresh_process(tmp_path):
+    from conftest import find_datasets
+
+    model = _trained_like(MinkUNet(7, 4, cr=0.25, blocks=1))
+    config = _config()
+    ckpt = _checkpoint(tmp_path, model, config)
+    out = tmp_path / "model.pt2"
+    from pointsparse.cli import main
+
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(out)]) == 0
+    names = _scenes(tmp_path, model, config, find_datasets())
+    proc = run_python(_CHILD.replace("sys.argv[1]", repr(str(out))).replace("sys.argv[2:]", repr(names)),
+                      timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["meta"]["classes"] == config["classes"] and result["meta"]["voxel_size"] == 0.4
+    assert all(result["ok"].values()) and len(result["ok"]) == len(names)
+
+
+def test_export_channel_pruned_checkpoint(tmp_path):
+    model = _trained_like(MinkUNet(7, 4, cr=0.25, blocks=1))
+    group = next(g for g in surgery.channel_groups(model) if g.consumer is not None)
+    surgery.apply_channel_ratios(model, {group.producer: 0.5})
+    ckpt = _checkpoint(tmp_path, model, _config())
+    loaded, config = export.load_checkpoint(ckpt)
+    x = export.example_input(7, 0.4, seed=3)
+    program = export.export_model(loaded, x)
+    y = _cloud(900, 6, channels=7)
+    with torch.no_grad():
+        assert torch.allclose(program.module()(y.feats, y.coords), model(y).feats, rtol=0, atol=1e-5)
+
+
+def test_export_errors_are_clear(tmp_path):
+    x = export.example_input(7, 0.4)
+    model = MinkUNet(7, 4, cr=0.25, blocks=1)
+    with pytest.raises(ValueError, match="model.eval"):
+        export.export_model(model, x)
+    with pytest.raises(NotImplementedError, match="SPVCNN also takes the points"):
+        export.export_model(SPVCNN(7, 4, cr=0.25, blocks=1).eval(), x)
+    with pytest.raises(NotImplementedError, match="MaxPool3d"):
+        export.export_model(torch.nn.Sequential(spnn.Conv3d(7, 4, 3), spnn.MaxPool3d(2)).eval(), x)
+    with pytest.raises(TypeError, match="example"):
+        export.export_model(model.eval(), x.feats)
+    with pytest.raises(ValueError, match="does not exist"):
+        export.load_checkpoint(tmp_path / "missing.pt")
+    program = export.export_model(model.eval(), x)
+    bad = x.coords.clone()
+    bad[1] = bad[0]
+    with pytest.raises(ValueError, match="duplicate"):
+        program.module()(x.feats, bad)
