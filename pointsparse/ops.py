@@ -256,9 +256,9 @@ def voxelize(points: Tensor, voxel_size: list[float], batch: Optional[Tensor]) -
     """``(coords (M, 4), inverse (N,), perm (N,), seg_ptr (M + 1,))`` of
     :func:`pointsparse.voxelize`: voxels sorted by key, the voxel of each
     point, and the points of voxel ``j`` at ``perm[seg_ptr[j]:seg_ptr[j + 1]]``."""
-    keys = _quantize_keys(points, voxel_size, batch)
+    keys, layout = _quantize_keys(points, voxel_size, batch)
     uniq, inverse, perm, seg_ptr = _coords.unique(keys)
-    return _coords.unpack(uniq), inverse, perm, seg_ptr
+    return _coords.unpack(uniq, layout), inverse, perm, seg_ptr
 
 
 @voxelize.register_fake
