@@ -41,8 +41,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a smaller street, fewer repeats")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch (and core) threads (default: torch's)")
     ap.add_argument("--out", default=str(c.RESULTS_DIR / "compile.md"))
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     repeats = args.repeats or (2 if args.quick else 5)
     torch.manual_seed(0)
     model = MinkUNet(4, 19, cr=0.5).eval()
@@ -74,7 +77,8 @@ def main() -> None:
     notes = (f"MinkUNet(4, 19, cr=0.5), eval, float32, forward only; median of {repeats} interleaved repeats. "
              f"First call of the compiled model (tracing + inductor): {compile_s:.1f} s; torch.export: "
              f"{export_s:.1f} s. No recompilation for the second cloud (`error_on_recompile`).")
-    command = "flock /work/bench.lock .venv/bin/python bench/compile.py" + (" --quick" if args.quick else "")
+    command = "flock /work/bench.lock .venv/bin/python bench/compile.py" + (" --quick" if args.quick else "") + (
+        f" --repeats {args.repeats}" if args.repeats else "") + (f" --threads {args.threads}" if args.threads else "")
     c.write_markdown(Path(args.out), "torch.compile and torch.export of MinkUNet", command, c.environment(),
                      [table], notes)
     print(table)

@@ -118,14 +118,9 @@ def _fit_shapes(model: nn.Module, state: dict) -> None:
 def load_checkpoint(path) -> tuple[nn.Module, dict]:
     """``(model in eval mode, config)`` of a ``pointsparse train`` checkpoint
     (channel-pruned ones included), read with ``weights_only=True``."""
-    from .train import build_model
+    from .train import build_model, load_checkpoint
 
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"checkpoint {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise ValueError(f"{path} is not a pointsparse training checkpoint (no 'model' and 'config')")
+    state = load_checkpoint(path)  # data only (weights_only=True), digest checked
     config = state["config"]
     model = build_model(config)
     _fit_shapes(model, state["model"])

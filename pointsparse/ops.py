@@ -14,10 +14,12 @@ output shapes, with unbacked symbolic sizes where a count depends on the data):
 ``conv(feats, weight, bias?, out_coords, in_idx, out_idx, sizes, key)``
     the fused gather-GEMM-scatter forward, with a registered autograd formula
     that calls ``conv_input_grad`` and ``conv_weight_grad``.
-``voxelize(points, voxel_size, batch?)`` and ``segment_reduce(feats, perm, seg_ptr, mode)``
+``voxelize(points, voxel_size, batch?)`` and ``segment_reduce(feats, inverse, perm, seg_ptr, mode)``
     the two halves of :func:`pointsparse.voxelize` (M voxels unbacked).
 ``trilinear_weights(coords, stride, points, voxel_size, batch?)``
     the 8 voxels around each point and their weights (trilinear devoxelize).
+``voxel_rows(coords, stride, point_coords)``
+    the voxel row holding each point (SPVCNN's point-to-voxel lookups).
 
 ``key`` is a map's :class:`~pointsparse.kmap.KernelMapKey` as 13 ints
 (:func:`key_to_list`). The operators' real implementations call the same
@@ -25,11 +27,12 @@ Python functions as the eager path (``kmap.build``, ``_engine``'s fused
 kernels...), so both give identical results; the validation those functions do
 runs when the graph runs, raising the same ``ValueError``.
 
-While torch compiles or exports (``torch.compiler.is_compiling()``), the
-layers take :func:`get_kmap` and :func:`conv` instead of the eager
-``KernelMap`` / ``ConvPlan`` objects: maps are :class:`GraphMap` values of
-tensors, cached in the tensors' ``CoordinateCache`` under their own keys so
-that every layer of the graph with one structural key shares one map."""
+While torch compiles or exports (``torch.compiler.is_compiling()``),
+``Conv3d`` takes :func:`conv3d` here instead of the eager ``KernelMap`` /
+``ConvPlan`` objects: maps are :class:`GraphMap` values of tensors, kept in a
+:class:`GraphCache` that the graph's tensors share, so that every layer with
+one structural key shares one map (and the backward reuses it).
+``voxelize``, ``devoxelize`` and SPVCNN call their operators the same way."""
 
 from __future__ import annotations
 
@@ -136,18 +139,18 @@ def _(coarse_coords, fine_coords, in_idx, out_idx, sizes, key):
 # Fused plans of the maps a graph runs, keyed by the in_idx tensor (each map's
 # pairs are fresh tensors made by kmap_build / kmap_transpose, shared by every
 # layer of the map and by the backward): built once per map and graph run.
-_PLANS = WeakIdKeyDictionary()
+_GRAPH_PLANS = WeakIdKeyDictionary()
 
 
 def _plan(out_coords, in_idx, out_idx, sizes, key, num_in):
     from .nn import _engine
 
     stamp = (out_idx, in_idx._version, out_idx._version, in_idx.data_ptr(), num_in, out_coords.shape[0], tuple(key))
-    hit = _PLANS.get(in_idx)
+    hit = _GRAPH_PLANS.get(in_idx)
     if hit is not None and hit[0][0] is out_idx and hit[0][1:] == stamp[1:]:
         return hit[1]
     plan = _engine.make_fused_plan(_as_kmap(out_coords, in_idx, out_idx, sizes, key, num_in))
-    _PLANS[in_idx] = (stamp, plan)
+    _GRAPH_PLANS[in_idx] = (stamp, plan)
     return plan
 
 
