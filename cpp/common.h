@@ -48,7 +48,7 @@ struct KeyLayout {
   bool axis_contains(int a, int64_t c) const {
     return c >= origin[a] && c - origin[a] <= field_max(a + 1);
   }
-  // Branch-free (one unsigned compare per field): vectorises in row loops.
+  // Whether the row lies in the fields (one unsigned compare per field).
   bool contains(int64_t b, int64_t x, int64_t y, int64_t z) const {
     return (uint64_t(b) <= uint64_t(field_max(0))) & (uint64_t(x - origin[0]) <= uint64_t(field_max(1))) &
            (uint64_t(y - origin[1]) <= uint64_t(field_max(2))) & (uint64_t(z - origin[2]) <= uint64_t(field_max(3)));
@@ -58,13 +58,15 @@ struct KeyLayout {
     return int64_t((uint64_t(b) << shift[0]) | (uint64_t(x - origin[0]) << shift[1]) |
                    (uint64_t(y - origin[1]) << shift[2]) | uint64_t(z - origin[2]));
   }
-  // Bounds of the int32 values each column of a row may hold: [lo32[f], hi32[f]].
+  // The int32 values each column of a row may hold: [lo32[f], hi32[f]]
+  // (lo32 > hi32 when none), so that rows check in int32 lanes.
   void int32_bounds(int32_t* lo32, int32_t* hi32) const {
-    lo32[0] = 0;
-    hi32[0] = int32_t(std::min<int64_t>(mask[0], std::numeric_limits<int32_t>::max()));
-    for (int a = 0; a < 3; ++a) {
-      lo32[a + 1] = int32_t(std::max<int64_t>(origin[a], std::numeric_limits<int32_t>::min()));
-      hi32[a + 1] = int32_t(std::min<int64_t>(origin[a] + mask[a + 1], std::numeric_limits<int32_t>::max()));
+    const int64_t lo[4] = {0, origin[0], origin[1], origin[2]};
+    for (int f = 0; f < 4; ++f) {
+      const int64_t hi = lo[f] + mask[f];
+      const bool none = lo[f] > kCoordMax || hi < kCoordMin;
+      lo32[f] = int32_t(none ? kCoordMax : std::max(lo[f], kCoordMin));
+      hi32[f] = int32_t(none ? kCoordMin : std::min(hi, kCoordMax));
     }
   }
   // Field f of a key.

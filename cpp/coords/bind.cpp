@@ -63,7 +63,7 @@ py::array_t<int64_t> pack_keys(carray<int32_t> coords, std::vector<int64_t> layo
   }
   if (bad) {
     int64_t row = 0;
-    while (layout.contains(c[4 * row], c[4 * row + 1], c[4 * row + 2], c[4 * row + 3])) ++row;
+    while (row + 1 < n && layout.contains(c[4 * row], c[4 * row + 1], c[4 * row + 2], c[4 * row + 3])) ++row;
     value_error("coords row " + std::to_string(row) + " = " + row_str(c + 4 * row) +
                 " lies outside the key layout: " + layout_str(layout));
   }
