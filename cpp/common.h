@@ -16,6 +16,7 @@
 
 #include <omp.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <stdexcept>
@@ -33,28 +34,42 @@ inline bool coord_in_range(int64_t c) { return c >= kCoordMin && c <= kCoordMax;
 struct KeyLayout {
   int64_t origin[3] = {0, 0, 0};  // x, y, z of field value 0
   int bits[4] = {0, 0, 0, 0};     // batch, x, y, z
-  int shift[4] = {0, 0, 0, 0};    // batch, x, y, z
+  int64_t shift[4] = {0, 0, 0, 0};  // batch, x, y, z
+  int64_t mask[4] = {0, 0, 0, 0};   // largest value of each field
 
-  // Sets the shifts from bits (z lowest).
+  // Sets the shifts and masks from bits (z lowest).
   void place() {
     shift[3] = 0;
     for (int f = 2; f >= 0; --f) shift[f] = shift[f + 1] + bits[f + 1];
+    for (int f = 0; f < 4; ++f) mask[f] = (int64_t(1) << bits[f]) - 1;
   }
   int total_bits() const { return bits[0] + bits[1] + bits[2] + bits[3]; }
   // Largest field value of field f (0: batch, 1..3: x, y, z).
-  int64_t field_max(int f) const { return (int64_t(1) << bits[f]) - 1; }
+  int64_t field_max(int f) const { return mask[f]; }
   // Whether coordinate c of axis a (0: x) lies in its field.
   bool axis_contains(int a, int64_t c) const {
     return c >= origin[a] && c - origin[a] <= field_max(a + 1);
   }
+  // Whether the row lies in the fields (one unsigned compare per field).
   bool contains(int64_t b, int64_t x, int64_t y, int64_t z) const {
-    return b >= 0 && b <= field_max(0) && axis_contains(0, x) && axis_contains(1, y) &&
-           axis_contains(2, z);
+    return (uint64_t(b) <= uint64_t(field_max(0))) & (uint64_t(x - origin[0]) <= uint64_t(field_max(1))) &
+           (uint64_t(y - origin[1]) <= uint64_t(field_max(2))) & (uint64_t(z - origin[2]) <= uint64_t(field_max(3)));
   }
   // Caller guarantees contains(b, x, y, z) (checked before any parallel region).
   int64_t pack(int64_t b, int64_t x, int64_t y, int64_t z) const {
-    return (b << shift[0]) | ((x - origin[0]) << shift[1]) | ((y - origin[1]) << shift[2]) |
-           (z - origin[2]);
+    return int64_t((uint64_t(b) << shift[0]) | (uint64_t(x - origin[0]) << shift[1]) |
+                   (uint64_t(y - origin[1]) << shift[2]) | uint64_t(z - origin[2]));
+  }
+  // The int32 values each column of a row may hold: [lo32[f], hi32[f]]
+  // (lo32 > hi32 when none), so that rows check in int32 lanes.
+  void int32_bounds(int32_t* lo32, int32_t* hi32) const {
+    const int64_t lo[4] = {0, origin[0], origin[1], origin[2]};
+    for (int f = 0; f < 4; ++f) {
+      const int64_t hi = lo[f] + mask[f];
+      const bool none = lo[f] > kCoordMax || hi < kCoordMin;
+      lo32[f] = int32_t(none ? kCoordMax : std::max(lo[f], kCoordMin));
+      hi32[f] = int32_t(none ? kCoordMin : std::min(hi, kCoordMax));
+    }
   }
   // Field f of a key.
   int64_t field(int64_t key, int f) const { return (key >> shift[f]) & field_max(f); }

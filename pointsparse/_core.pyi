@@ -10,16 +10,30 @@ from typing import Sequence
 import numpy as np
 import numpy.typing as npt
 
-COORD_MIN: int  # -65536
-COORD_MAX: int  # 65535
-BATCH_MAX: int  # 4095
-COORD_BITS: int  # 17
+COORD_MIN: int  # -2**31: x, y, z are any int32
+COORD_MAX: int  # 2**31 - 1
+BATCH_MAX: int  # 2**31 - 1 (batch >= 0)
+KEY_BITS: int  # 63: a key layout's fields add up to at most this
+MAX_KERNEL_VOLUME: int  # 32**3 offsets per kernel map
 
-def pack_keys(coords: npt.NDArray[np.int32], num_threads: int) -> npt.NDArray[np.int64]:
-    """(N, 4) [batch, x, y, z] -> (N,) keys; ValueError naming the first row out of range."""
+# A key layout travels as 7 ints: origin x, y, z, then the bits of the batch,
+# x, y, z fields (pointsparse.coords.KeyLayout). Keys of one layout compare.
+Layout = Sequence[int]
 
-def unpack_keys(keys: npt.NDArray[np.int64], num_threads: int) -> npt.NDArray[np.int32]:
-    """(N,) non-negative keys -> (N, 4) int32 [batch, x, y, z]."""
+def coords_bounds(coords: npt.NDArray[np.int32], num_threads: int) -> npt.NDArray[np.int64]:
+    """(2, 4): smallest and largest [batch, x, y, z] (lo > hi without rows);
+    ValueError naming the first row with a negative batch."""
+
+def fit_layout(lo: Sequence[int], hi: Sequence[int], margin: Sequence[int]) -> list[int]:
+    """The layout of rows within [lo, hi] with margin[a] spare values per side
+    of axis a when the key still fits 63 bits (else none); ValueError naming
+    the span that does not fit."""
+
+def pack_keys(coords: npt.NDArray[np.int32], layout: Layout, num_threads: int) -> npt.NDArray[np.int64]:
+    """(N, 4) [batch, x, y, z] -> (N,) keys of layout; ValueError naming the first row outside it."""
+
+def unpack_keys(keys: npt.NDArray[np.int64], layout: Layout, num_threads: int) -> npt.NDArray[np.int32]:
+    """(N,) keys of layout -> (N, 4) int32 [batch, x, y, z]; ValueError for keys outside it."""
 
 def sort_keys(keys: npt.NDArray[np.int64], num_threads: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """Stable radix sort of (N,) non-negative keys: (sorted_keys, perm)."""
@@ -35,9 +49,10 @@ def quantize(
     voxel_size: Sequence[float],
     batch: npt.NDArray[np.int64] | None,
     num_threads: int,
-) -> npt.NDArray[np.int64]:
-    """(N, 3) points -> (N,) keys of [batch, floor(points / voxel_size)] (float64
-    division); ValueError for non-finite or unrepresentable rows."""
+) -> tuple[npt.NDArray[np.int64], list[int]]:
+    """(N, 3) points -> ((N,) keys of [batch, floor(points / voxel_size)] (float64
+    division), the layout fitted to them); ValueError for non-finite rows,
+    voxel coordinates outside int32 or a span that does not fit a key."""
 
 def segment_reduce(
     feats: npt.NDArray[np.float32] | npt.NDArray[np.float64],
@@ -55,12 +70,14 @@ def trilinear_neighbors(
     batch: npt.NDArray[np.int64] | None,
     voxel_size: Sequence[float],
     stride: Sequence[int],
+    layout: Layout,
     sorted_keys: npt.NDArray[np.int64],
     sorted_rows: npt.NDArray[np.int64],
     num_voxels: int,
     num_threads: int,
 ) -> tuple[npt.NDArray[np.int64], np.ndarray]:
-    """(idx (N, 8), weights (N, 8)): the rows of the 8 voxels whose centres
+    """(idx (N, 8), weights (N, 8)) from the voxels' keys in `layout`
+    (ascending, with their rows): the rows of the 8 voxels whose centres
     (c + stride / 2) * voxel_size surround each point (-1 where inactive), corner
     order (x, y, z) bits with z fastest, and trilinear weights renormalised
     over the active corners (float64 points: float64 weights, else float32)."""
@@ -198,8 +215,11 @@ def kmap_mergesort(
     num_threads: int,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """Kernel map by merging radix-sorted keys (one merge per (dx, dy) column
-    of offsets): the same result as kmap_hash."""
+    of offsets): the same result as kmap_hash. Both pack in_coords and
+    out_coords in one layout fitted to them with a margin of the largest
+    |offset| per axis (rows checked one by one where the margin does not fit);
+    1 to MAX_KERNEL_VOLUME offsets."""
 
 def kmap_downsample(coords: npt.NDArray[np.int32], stride: Sequence[int], num_threads: int) -> npt.NDArray[np.int32]:
-    """(M, 4) unique floor(c / stride) * stride rows per batch, sorted by key;
-    ValueError when a row's output leaves the range."""
+    """(M, 4) unique floor(c / stride) * stride rows per batch, sorted by
+    (batch, x, y, z); ValueError when a row's output falls below int32."""

@@ -17,6 +17,12 @@ Methods:
     ``"torch"`` (any device): sort + searchsorted in torch ops.
 Submanifold maps compute half the offsets and mirror the rest (the pairs of
 ``-o`` are the swapped pairs of ``o``).
+
+Every method packs the input and output coords in one key layout fitted to
+both (:mod:`pointsparse.coords`) with a margin of the largest ``|offset|`` per
+axis, so a shifted key never carries into another field; where the margin
+does not fit the 63 key bits, rows are checked one by one. Coordinates may lie
+anywhere in int32; kernels have at most :data:`MAX_KERNEL_VOLUME` offsets.
 """
 
 from __future__ import annotations

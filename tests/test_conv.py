@@ -3,6 +3,8 @@ submanifold, strided, transposed, gradients, determinism, errors."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -635,3 +637,57 @@ def test_stride_one_map_onto_other_coords_has_no_identity():
     out = torch.empty(kmap.num_out, 4, dtype=torch.float64)
     plan.core.forward(x.feats.numpy(), w.numpy(), None, out.numpy(), 2)
     torch.testing.assert_close(out, F.conv_with_map(x.feats, w, kmap), rtol=1e-12, atol=1e-12)
+
+# --- coordinates anywhere in int32 (adaptive keys) ---------------------------
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+# shifts that are multiples of 16 (the coarsest stride below), so that every
+# downsampling commutes with them: the far network must equal the near one
+FAR_SHIFTS = {
+    "x_100000": (0, 100000, 0, 0),
+    "int32_min": (0, INT32_MIN, INT32_MIN, INT32_MIN),
+    "int32_max": (0, INT32_MAX - 31, INT32_MAX - 31, INT32_MAX - 31),
+    "both_ends": (0, INT32_MAX - 31, INT32_MIN + 16, 0),
+    "big_batch": (2**31 - 4, 0, 0, 0),
+}
+
+
+def unet_chain(x, path: bool):
+    """Submanifold, two strided and two transposed convs (a small U-Net path)."""
+    with _ext.torch_path() if path else contextlib.nullcontext():
+        h = F.conv3d(x, weight(3, 3, 4, seed=1), 3)
+        d1 = F.conv3d(h, weight(2, 4, 4, seed=2), 2, 2)
+        d2 = F.conv3d(d1, weight(3, 4, 4, seed=3), 3, 2)
+        u1 = F.conv3d(d2, weight(3, 4, 4, seed=4), 3, 2, transposed=True)
+        u0 = F.conv3d(u1, weight(2, 4, 2, seed=5), 2, 2, transposed=True)
+    return [h, d1, d2, u1, u0]
+
+
+@pytest.mark.parametrize("shift", sorted(FAR_SHIFTS))
+def test_far_networks_equal_the_near_network(shift):
+    near = make(n=300, extent=9, seed=31)
+    offset = torch.tensor([v // 16 * 16 if a else v for a, v in enumerate(FAR_SHIFTS[shift])])
+    feats = near.feats.clone().requires_grad_()
+    far_feats = near.feats.clone().requires_grad_()
+    far = ps.SparseTensor(far_feats, (near.coords.long() + offset).int())
+    near = ps.SparseTensor(feats, near.coords)
+    a, b = unet_chain(near, False), unet_chain(far, False)
+    for i, (p, q) in enumerate(zip(a, b)):
+        assert torch.equal(q.coords.long(), p.coords.long() + offset), i
+        assert torch.equal(q.feats, p.feats), i  # identical maps in identical order: bit-identical
+    b[-1].feats.square().sum().backward()
+    a[-1].feats.square().sum().backward()
+    assert torch.equal(far_feats.grad, feats.grad)
+    far_torch = unet_chain(ps.SparseTensor(far_feats.detach(), far.coords), True)
+    for p, q in zip(b, far_torch):
+        assert torch.equal(p.coords, q.coords)
+        torch.testing.assert_close(q.feats, p.feats.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_strided_conv_below_int32_is_a_clear_error():
+    x = ps.SparseTensor(torch.zeros(2, 1, dtype=torch.float64),
+                        torch.tensor([[0, INT32_MIN + 1, 0, 0], [0, 5, 0, 0]], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"downsampled to stride \(3, 3, 3\) falls below the int32 range"):
+        F.conv3d(x, weight(3, 1, 1), 3, 3)
+    y = F.conv3d(x, weight(2, 1, 1), 2, 2)  # floor(c / 2) * 2 stays in int32
+    assert y.coords[:, 1].tolist() == [INT32_MIN, 4]

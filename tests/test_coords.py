@@ -266,6 +266,10 @@ RAW_CASES = {
                              ("ValueError",), "layout"),
     "pack_layout_origin": ("core.pack_keys(np.zeros((1, 4), np.int32), [2**50, 0, 0, 1, 1, 1, 1], 2)",
                            ("ValueError",), "layout"),
+    "pack_layout_above_int32": ("core.pack_keys(np.array([[0, 2**31 - 1, 0, 0]], np.int32), "
+                                "[2**33, 0, 0, 1, 1, 1, 1], 2)", ("ValueError",), "outside the key layout"),
+    "pack_layout_below_int32": ("core.pack_keys(np.array([[0, -2**31, 0, 0]], np.int32), "
+                                "[-2**36, 0, 0, 1, 2, 1, 1], 2)", ("ValueError",), "outside the key layout"),
     "pack_layout_short": ("core.pack_keys(np.zeros((1, 4), np.int32), [0, 0, 0], 2)", ("ValueError",), "layout"),
     "unpack_negative": ("core.unpack_keys(np.array([5, -1]), LAY, 2)", ("ValueError",), "keys"),
     "unpack_too_big": ("core.unpack_keys(np.array([5, 2**40]), LAY, 2)", ("ValueError",), "keys"),

@@ -253,3 +253,23 @@ def test_unreachable_devices_and_meta_tensors_are_clear_errors():
         ps.SparseTensor(torch.ones(2, 3, device="meta"), x.coords)
     with pytest.raises(ValueError, match="meta"):
         ps.SparseTensor(torch.ones(2, 3), x.coords.to("meta"))
+
+# --- coordinates anywhere in int32 (adaptive keys) ---------------------------
+
+def test_far_coords_construct_collate_and_dense():
+    int32_min, int32_max = -(2**31), 2**31 - 1
+    for coords in ([[0, 100000, 0, 0], [1, 100003, 2, 1]],
+                   [[0, int32_min, int32_min, 5], [0, int32_min + 1, int32_min, 5]],
+                   [[3, int32_max, int32_max, int32_max], [2**31 - 1, int32_max - 1, 0, int32_max]]):
+        c = torch.tensor(coords, dtype=torch.int32)
+        x = ps.SparseTensor(torch.ones(2, 1), c)
+        assert torch.equal(x.coords, c)
+        with pytest.raises(ValueError, match="duplicate"):
+            ps.SparseTensor(torch.ones(3, 1), torch.cat([c, c[:1]]))
+    a = ps.SparseTensor(torch.ones(2, 1), torch.tensor([[0, 100000, 0, 0], [1, 100003, 2, 1]], dtype=torch.int32))
+    b = ps.SparseTensor(torch.full((1, 1), 2.0), torch.tensor([[0, int32_max, 7, 7]], dtype=torch.int32))
+    both = ps.collate([a, b])
+    assert both.coords.tolist() == [[0, 100000, 0, 0], [1, 100003, 2, 1], [2, int32_max, 7, 7]]
+    dense = a.dense()  # x = 100000: a dense grid just large enough
+    assert dense.shape == (2, 1, 100004, 3, 2)
+    assert dense[0, 0, 100000, 0, 0] == 1 and dense[1, 0, 100003, 2, 1] == 1 and dense.sum() == 2

@@ -466,3 +466,46 @@ def test_non_finite_feats_propagate_alike_on_both_paths(reduce):
         if reduce == "max":  # a NaN anywhere in a voxel's channel gives NaN there
             assert torch.isnan(core.feats[0]).all()
             assert core.feats[1].tolist() == [4.0, 7.0]
+
+# --- points anywhere in int32 voxel coordinates (adaptive keys) ----------------
+
+FAR = {  # shift of the points in voxels (multiples of 4, the coarsest stride below)
+    "x_100000": (100000, 0, 0),
+    "int32_min": (-(2**31), -(2**31), -(2**31)),
+    "int32_max": (2**31 - 64, 2**31 - 64, 2**31 - 64),
+    "both_ends": (2**31 - 64, -(2**31), 12),
+}
+
+
+@pytest.mark.parametrize("far", sorted(FAR))
+def test_far_clouds_voxelize_and_devoxelize_like_near_ones(far):
+    g = torch.Generator().manual_seed(3)
+    near = torch.randint(0, 40 * 64, (500, 3), generator=g).double() / 64  # exact under any shift
+    batch = torch.randint(0, 3, (500,), generator=g)
+    feats = torch.randn(500, 4, generator=g, dtype=torch.float64)
+    shift = torch.tensor(FAR[far], dtype=torch.float64)
+    points = near + shift
+    x, inverse = ps.voxelize(points, feats, voxel_size=1.0, batch=batch)
+    coords, out, inv = voxelize_ref(points.numpy(), feats.numpy(), (1.0,) * 3, batch.numpy(), "mean")
+    assert np.array_equal(x.coords.numpy(), coords) and np.array_equal(inverse.numpy(), inv)
+    assert np.array_equal(x.feats.detach().numpy(), out)
+    with _ext.torch_path():
+        xt, inverse_t = ps.voxelize(points, feats, voxel_size=1.0, batch=batch)
+    assert torch.equal(xt.coords, x.coords) and torch.equal(inverse_t, inverse) and torch.equal(xt.feats, x.feats)
+    x_near, _ = ps.voxelize(near, feats, voxel_size=1.0, batch=batch)
+    assert torch.equal(x.coords[:, 1:].long(), x_near.coords[:, 1:].long() + shift.long())
+    for stride in (1, 2, (1, 2, 4)):
+        far_t, near_t = coarsen(x, stride), coarsen(x_near, stride)
+        got = ps.devoxelize(far_t, points=points, voxel_size=1.0, batch=batch, mode="trilinear")
+        want = ps.devoxelize(near_t, points=near, voxel_size=1.0, batch=batch, mode="trilinear")
+        assert torch.equal(got, want)
+        with _ext.torch_path():
+            assert torch.equal(ps.devoxelize(far_t, points=points, voxel_size=1.0, batch=batch, mode="trilinear"), got)
+
+
+def test_voxelize_span_over_63_bits_names_it():
+    points = torch.tensor([[-2e9, -2e9, 0.0], [2e9, 2e9, 0.0]], dtype=torch.float64)
+    for path in (False, True):
+        with _ext.torch_path() if path else contextlib.nullcontext():
+            with pytest.raises(ValueError, match=r"coordinates span batch \[0, 0\] \(0 bits\), x \[-2000000000, "):
+                ps.voxelize(points, voxel_size=1.0)

@@ -47,24 +47,26 @@ py::array_t<int64_t> pack_keys(carray<int32_t> coords, std::vector<int64_t> layo
   const int32_t* c = coords.data();
   auto keys = empty_array<int64_t>({n});
   int64_t* k = keys.mutable_data();
-  int64_t bad = std::numeric_limits<int64_t>::max();
+  int32_t lo[4], hi[4];
+  layout.int32_bounds(lo, hi);
+  int bad = 0;
   {
     py::gil_scoped_release release;
-    // One pass: pack every row, note the first one outside the layout.
-#pragma omp parallel for num_threads(nt) reduction(min : bad) schedule(static)
+    // One pass: pack every row, note whether any lies outside the layout
+    // (then no key is returned); the check in int32 lanes vectorises.
+#pragma omp parallel for num_threads(nt) reduction(| : bad) schedule(static) firstprivate(layout, lo, hi)
     for (int64_t i = 0; i < n; ++i) {
       const int32_t* r = c + 4 * i;
-      if (!layout.contains(r[0], r[1], r[2], r[3])) {
-        bad = std::min(bad, i);
-        k[i] = 0;
-      } else {
-        k[i] = layout.pack(r[0], r[1], r[2], r[3]);
-      }
+      for (int f = 0; f < 4; ++f) bad |= (r[f] < lo[f]) | (r[f] > hi[f]);
+      k[i] = layout.pack(r[0], r[1], r[2], r[3]);
     }
   }
-  if (bad != std::numeric_limits<int64_t>::max())
-    value_error("coords row " + std::to_string(bad) + " = " + row_str(c + 4 * bad) +
+  if (bad) {
+    int64_t row = 0;
+    while (row + 1 < n && layout.contains(c[4 * row], c[4 * row + 1], c[4 * row + 2], c[4 * row + 3])) ++row;
+    value_error("coords row " + std::to_string(row) + " = " + row_str(c + 4 * row) +
                 " lies outside the key layout: " + layout_str(layout));
+  }
   return keys;
 }
 
@@ -83,19 +85,29 @@ py::array_t<int32_t> unpack_keys(carray<int64_t> keys, std::vector<int64_t> layo
   auto coords = empty_array<int32_t>({n, 4});
   const int64_t* k = keys.data();
   int32_t* c = coords.mutable_data();
-  // Keys of the layout: below 2^total_bits, coordinates within int32.
-  const uint64_t limit = uint64_t(1) << layout.total_bits();
+  // Keys of the layout: below 2^total_bits (one OR over the high bits), and
+  // their coordinates within int32 (checked per row only when a field of the
+  // layout reaches past int32).
+  const int total = layout.total_bits();
+  bool wide = false;
+  for (int a = 0; a < 3; ++a)
+    wide = wide || !coord_in_range(layout.origin[a]) || !coord_in_range(layout.origin[a] + layout.field_max(a + 1));
+  uint64_t high = 0;
   int64_t bad = 0;
   {
     py::gil_scoped_release release;
-#pragma omp parallel for num_threads(nt) schedule(static) reduction(+ : bad)
+#pragma omp parallel for num_threads(nt) schedule(static) firstprivate(layout) reduction(| : high)
     for (int64_t i = 0; i < n; ++i) {
-      bool ok = uint64_t(k[i]) < limit;
-      for (int a = 0; a < 3 && ok; ++a) ok = coord_in_range(layout.field(k[i], a + 1) + layout.origin[a]);
-      bad += !ok;
-      layout.unpack(ok ? k[i] : 0, c + 4 * i);
+      high |= uint64_t(k[i]) >> total;
+      layout.unpack(k[i], c + 4 * i);
+    }
+    if (wide && !high) {
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(+ : bad)
+      for (int64_t i = 0; i < n; ++i)
+        for (int a = 0; a < 3; ++a) bad += !coord_in_range(layout.field(k[i], a + 1) + layout.origin[a]);
     }
   }
+  bad += high != 0;
   if (bad) value_error("keys must be keys of the layout (" + layout_str(layout) + ") of int32 coordinates");
   return coords;
 }

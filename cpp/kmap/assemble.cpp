@@ -174,7 +174,7 @@ void assemble(const Found& found, int64_t k, int64_t num_out, const std::vector<
 void downsample_keys(const int32_t* c, int64_t n, const int64_t* stride, const KeyLayout& layout,
                      std::vector<int64_t>& out_keys, int nt) {
   std::vector<int64_t> keys(n);
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(nt) schedule(static) firstprivate(layout)
   for (int64_t i = 0; i < n; ++i) {
     const int32_t* r = c + 4 * i;
     int64_t q[3];

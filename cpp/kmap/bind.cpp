@@ -163,7 +163,7 @@ py::array_t<int32_t> kmap_downsample(carray<int32_t> coords, std::vector<int64_t
   int32_t* o = out.mutable_data();
   {
     py::gil_scoped_release release;
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(nt) schedule(static) firstprivate(layout)
     for (int64_t i = 0; i < m; ++i) layout.unpack(keys[i], o + 4 * i);
   }
   return out;

@@ -76,7 +76,7 @@ class Table {
 };
 
 void pack_rows(const int32_t* c, int64_t n, const KeyLayout& layout, int64_t* keys, int nt) {
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(nt) schedule(static) firstprivate(layout)
   for (int64_t i = 0; i < n; ++i) {
     const int32_t* r = c + 4 * i;
     keys[i] = layout.pack(r[0], r[1], r[2], r[3]);

@@ -52,7 +52,7 @@ SortedKeys sorted_keys(const int32_t* c, int64_t n, const KeyLayout& layout, int
   SortedKeys s;
   std::vector<int64_t> keys(n + kPad, kSentinel);
   int64_t unsorted = 0;
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(nt) schedule(static) firstprivate(layout)
   for (int64_t i = 0; i < n; ++i) {
     const int32_t* r = c + 4 * i;
     keys[i] = layout.pack(r[0], r[1], r[2], r[3]);

@@ -53,7 +53,7 @@ int64_t quantize_bounds(const F* p, const int64_t* batch, int64_t n, const doubl
 template <typename F>
 void quantize_keys(const F* p, const int64_t* batch, int64_t n, const double* vs, const KeyLayout& layout,
                    int64_t* keys, int nt) {
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(nt) schedule(static) firstprivate(layout)
   for (int64_t i = 0; i < n; ++i) {
     int64_t q[3];
     for (int a = 0; a < 3; ++a) q[a] = int64_t(std::floor(double(p[3 * i + a]) / vs[a]));
