@@ -234,6 +234,36 @@ class ConvPlan {
     apply(feats, weight, has_bias ? &b : nullptr, out, false, num_threads, use, relu);
   }
 
+  // The bf16 inference forward: feats and weight hold bf16 bits (int16 or
+  // uint16 arrays), bias and out float32; products summed in float32.
+  void forward_bf16(py::array feats, py::array weight, py::object bias, py::array out, int num_threads,
+                    bool relu) const {
+    if (!conv::bf16_runs())
+      value_error("forward_bf16 needs AVX-512 with AVX512-BF16; this CPU (or build) runs: " + runnable_isas());
+    check_rows(feats, "feats", false);
+    check_rows(out, "out", true);
+    check_weight(weight, feats.shape(1), out.shape(1));
+    rows_are(feats, num_in_, "feats", "num_in");
+    rows_are(out, num_out_, "out", "num_out");
+    check_bf16_bits(feats, "feats");
+    check_bf16_bits(weight, "weight");
+    if (!out.dtype().is(py::dtype::of<float>())) value_error("out must be float32");
+    py::array b;
+    if (!bias.is_none()) {
+      b = py::array::ensure(bias);
+      if (!b || !b.dtype().is(py::dtype::of<float>())) value_error("bias must be a float32 array or None");
+      check_1d(b, out.shape(1), "bias");
+      if (!is_c_contiguous(b)) value_error("bias must be C-contiguous");
+    }
+    if (out.shape(1) == 0 || out.shape(0) == 0) return;
+    conv::ApplyBf16Args a{static_cast<const uint16_t*>(feats.data()), static_cast<const uint16_t*>(weight.data()),
+                          bias.is_none() ? nullptr : static_cast<const float*>(b.data()),
+                          static_cast<float*>(out.mutable_data()), feats.shape(1), out.shape(1), out.shape(0),
+                          pairs_fwd(), threads(num_threads), relu};
+    py::gil_scoped_release release;
+    conv::apply_bf16(a);
+  }
+
   // grad_feats = sum over offsets o of grad_feats[in_idx] += grad[out_idx] @ weight[o]^T.
   void backward_input(py::array grad, py::array weight, py::array grad_feats, int num_threads,
                       py::object isa) const {
@@ -389,6 +419,12 @@ class ConvPlan {
              [&] { run_apply<double>(src, weight, bias, dst, transpose, num_threads, isa, relu); });
   }
 
+  static void check_bf16_bits(const py::array& a, const char* name) {
+    if (a.itemsize() != 2 || (a.dtype().kind() != 'i' && a.dtype().kind() != 'u'))
+      value_error(std::string(name) + " must hold bf16 bits as int16 or uint16; got " +
+                  std::string(py::str(a.dtype())));
+  }
+
   static void rows_are(const py::array& a, int64_t rows, const char* name, const char* what) {
     if (a.shape(0) != rows)
       value_error(std::string(name) + " must have " + what + " = " + std::to_string(rows) + " rows; got shape " +
@@ -492,6 +528,8 @@ void bind_conv(py::module_& m) {
         "segment); deterministic for any thread count. In place.");
   m.def("conv_isa", [] { return std::string(isa_name(best_isa())); },
         "Instruction set the fused convolution kernels use on this CPU by default: 'avx512', 'avx2' or 'generic'.");
+  m.def("conv_bf16", [] { return conv::bf16_runs(); },
+        "Whether the bf16 inference forward (AVX512-BF16 vdpbf16ps) runs on this CPU.");
   m.def("runnable_isas", [] {
         std::vector<std::string> names;
         for (int i = kNumIsas - 1; i >= 0; --i)
@@ -518,6 +556,10 @@ void bind_conv(py::module_& m) {
            "Writes every row of out. isa: None (the best build that runs here), 'generic', 'avx2' or 'avx512' "
            "(ValueError where it does not run); True/False: the former `portable` flag. relu: out = max(out, 0) "
            "in the kernel's epilogue (inference).")
+      .def("forward_bf16", &ConvPlan::forward_bf16, py::arg("feats"), py::arg("weight"), py::arg("bias"),
+           py::arg("out"), py::arg("num_threads"), py::arg("relu") = false,
+           "Inference forward in bf16 (AVX512-BF16): feats and weight hold bf16 bits (int16/uint16 arrays), bias "
+           "(float32 or None) and out float32; products summed in float32. ValueError where the CPU lacks it.")
       .def("backward_input", &ConvPlan::backward_input, py::arg("grad"), py::arg("weight"), py::arg("grad_feats"),
            py::arg("num_threads"), py::arg("isa") = py::none(),
            "grad_feats = sum over offsets o of grad[out_idx] @ weight[o].T added at in_idx. Writes every row.")
