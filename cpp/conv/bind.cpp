@@ -303,34 +303,50 @@ class ConvPlan {
   // does; sort_pairs redoes the others). No Python: runs in a parallel region.
   Scan scan_offset(const int64_t* in, const int64_t* out, const int64_t* pp, int64_t k) {
     const int64_t lo = pp[k], hi = pp[k + 1], P = pp[kernel_volume()], K = kernel_volume();
+    const uint64_t n_in = uint64_t(num_in_), n_out = uint64_t(num_out_);
     Scan sc{P, P, true, true, true};
-    const bool ident = k == identity_;
-    int32_t* row = store_->fwd_row.get() + ptr_[k];
-    int32_t* col = store_->fwd_col.get() + ptr_[k];
-    const int64_t base = ptr_[k], nb_out = blocks(num_out_), nb_in = blocks(num_in_);
-    int64_t b_out = 0, b_in = 0, prev_out = -1, prev_in = -1;
-    for (int64_t i = lo; i < hi; ++i) {
-      const int64_t o = out[i], n = in[i];
-      if ((n < 0) | (n >= num_in_)) sc.bad_in = std::min(sc.bad_in, i);
-      if ((o < 0) | (o >= num_out_)) sc.bad_out = std::min(sc.bad_out, i);
-      if (ident) {
-        sc.ident = sc.ident && o == i - lo && n == i - lo;
-        continue;
+    bool bad = false;
+    if (k == identity_) {
+      for (int64_t i = lo; i < hi; ++i) {
+        bad |= (uint64_t(in[i]) >= n_in) | (uint64_t(out[i]) >= n_out);
+        sc.ident &= (out[i] == i - lo) & (in[i] == i - lo);
       }
-      sc.out_sorted = sc.out_sorted && o > prev_out;
-      sc.in_sorted = sc.in_sorted && n > prev_in;
-      prev_out = o;
-      prev_in = n;
-      const int64_t q = base + (i - lo);
-      row[i - lo] = int32_t(o);
-      col[i - lo] = int32_t(n);
-      for (; b_out <= nb_out && b_out * conv::kBlockRows <= o; ++b_out) fwd_cuts_[b_out * K + k] = q;
-      for (; b_in <= nb_in && b_in * conv::kBlockRows <= n; ++b_in) bwd_cuts_[b_in * K + k] = q;
+    } else {
+      int32_t* __restrict row = store_->fwd_row.get() + ptr_[k];
+      int32_t* __restrict col = store_->fwd_col.get() + ptr_[k];
+      int64_t* __restrict fcuts = fwd_cuts_.data();
+      int64_t* __restrict bcuts = bwd_cuts_.data();
+      const int64_t base = ptr_[k] - lo, nb_out = blocks(num_out_), nb_in = blocks(num_in_);
+      int64_t b_out = 0, b_in = 0, next_out = 0, next_in = 0, prev_out = -1, prev_in = -1;
+      bool out_sorted = true, in_sorted = true;
+      for (int64_t i = lo; i < hi; ++i) {
+        const int64_t o = out[i], n = in[i];
+        bad |= (uint64_t(n) >= n_in) | (uint64_t(o) >= n_out);
+        out_sorted &= o > prev_out;
+        in_sorted &= n > prev_in;
+        prev_out = o;
+        prev_in = n;
+        row[i - lo] = int32_t(o);
+        col[i - lo] = int32_t(n);
+        if (o >= next_out) {  // a new block of output rows starts at this pair
+          for (; b_out <= nb_out && b_out * conv::kBlockRows <= o; ++b_out) fcuts[b_out * K + k] = base + i;
+          next_out = b_out * conv::kBlockRows;
+        }
+        if (n >= next_in) {
+          for (; b_in <= nb_in && b_in * conv::kBlockRows <= n; ++b_in) bcuts[b_in * K + k] = base + i;
+          next_in = b_in * conv::kBlockRows;
+        }
+      }
+      for (; b_out <= nb_out; ++b_out) fcuts[b_out * K + k] = base + hi;
+      for (; b_in <= nb_in; ++b_in) bcuts[b_in * K + k] = base + hi;
+      sc.out_sorted = out_sorted;
+      sc.in_sorted = in_sorted;
     }
-    if (ident) return sc;
-    const int64_t end = ptr_[k + 1];
-    for (; b_out <= nb_out; ++b_out) fwd_cuts_[b_out * K + k] = end;
-    for (; b_in <= nb_in; ++b_in) bwd_cuts_[b_in * K + k] = end;
+    if (bad)  // the first pair out of bounds on each side
+      for (int64_t i = lo; i < hi; ++i) {
+        if (uint64_t(in[i]) >= n_in) sc.bad_in = std::min(sc.bad_in, i);
+        if (uint64_t(out[i]) >= n_out) sc.bad_out = std::min(sc.bad_out, i);
+      }
     return sc;
   }
 
