@@ -257,8 +257,9 @@ def isa_builds(repeats: int) -> list[str]:
         return ["(the KITTI sweep ../shared/datasets/kitti-raw/000049.bin is not here)"]
     coords = real_scene(sweeps["kitti-raw/000049"], 0.05)
     nt, isas = torch.get_num_threads(), ps._ext.core.runnable_isas()
-    rows = ["| layer | C | " + " | ".join(f"{i} ms" for i in isas) + " | torch.mm ms | best build / torch.mm |",
-            "|---|---|" + "---|" * (len(isas) + 2)]
+    bf16 = bool(ps._ext.core.conv_bf16())
+    rows = ["| layer | C | " + " | ".join(f"{i} ms" for i in isas) + " | torch.mm ms | best build / torch.mm |"
+            + (" bf16 forward ms |" if bf16 else ""), "|---|---|" + "---|" * (len(isas) + 2 + bf16)]
     for k, channels in ((1, 64), (1, 128), (1, 256), (3, 64), (3, 128)):
         layer = Layer("kitti @0.05", coords, "submanifold k=3", channels)
         kmap = ps.kmap.get_kmap(layer.input, k)
@@ -276,10 +277,14 @@ def isa_builds(repeats: int) -> list[str]:
             if k == 1:
                 a, b, o = torch.from_numpy(f), torch.from_numpy(w[0]), torch.from_numpy(out)
                 fns["torch.mm"] = lambda a=a, b=b, o=o: torch.mm(a, b, out=o)
+            if bf16 and part == "forward":
+                fb, wb = (torch.from_numpy(a).bfloat16().view(torch.int16).numpy() for a in (f, w))
+                fns["bf16"] = lambda fb=fb, wb=wb: core.forward_bf16(fb, wb, None, out, nt)
             t = interleaved(fns, repeats)
             mm = f"{t['torch.mm'] * 1e3:.1f} | {t['torch.mm'] / t[isas[0]]:.2f}" if k == 1 else "- | -"
             rows.append(f"| k={k} {part} ({kmap.num_pairs} pairs) | {channels} | "
-                        + " | ".join(f"{t[i] * 1e3:.1f}" for i in isas) + f" | {mm} |")
+                        + " | ".join(f"{t[i] * 1e3:.1f}" for i in isas) + f" | {mm} |"
+                        + (f" {t['bf16'] * 1e3:.1f} |" if "bf16" in t else (" - |" if bf16 else "")))
             print(rows[-1], flush=True)
     return rows
 
@@ -321,7 +326,8 @@ def main() -> None:
         notes = ("Each build forced through ConvPlan's `isa` argument on the same plan, calls interleaved round by "
                  "round, medians; k=1 is a plain GEMM through the fused kernel (the identity offset), compared "
                  "with torch.mm on the same (voxels x C) @ (C x C). All builds give bit-identical FMA results "
-                 "(avx2 = avx512); generic differs by rounding.")
+                 "(avx2 = avx512); generic differs by rounding. bf16: ConvPlan.forward_bf16 (AVX512-BF16) on the "
+                 "same feats and weights rounded to bfloat16, float32 out.")
     elif args.parts:
         notes = ("kmap build: `pointsparse.kmap.build` with the default method; plans: the fused kernels' "
                  "`ConvPlan` and the grouped method's steps, both built once per map; kernels: the fused C++ "

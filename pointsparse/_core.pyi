@@ -111,6 +111,9 @@ def conv_isa() -> str:
     """Instruction set the fused convolution kernels use on this CPU by default:
     'avx512', 'avx2' or 'generic' (the widest build that runs here)."""
 
+def conv_bf16() -> bool:
+    """Whether ConvPlan.forward_bf16 (AVX512-BF16 vdpbf16ps) runs on this CPU."""
+
 def runnable_isas() -> list[str]:
     """The kernel builds (conv and SpMM) this CPU runs, widest first: the
     values an `isa` argument accepts."""
@@ -140,13 +143,23 @@ class ConvPlan:
     ) -> None: ...
     def forward(
         self, feats: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, out: np.ndarray, num_threads: int,
-        isa: str | bool | None = None,
+        isa: str | bool | None = None, relu: bool = False,
     ) -> None:
         """out = bias + sum over offsets o of feats[in_idx] @ weight[o] added at
         out_idx (bias None: zero); writes every row of out. `isa`: None (the
         widest build that runs here), 'generic', 'avx2' or 'avx512' (ValueError
         where it does not run); a bool is the former `portable` flag (True:
-        'generic')."""
+        'generic'). relu: max(out, 0) in the kernel's epilogue (inference)."""
+    def forward_bf16(
+        self, feats: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, out: np.ndarray, num_threads: int,
+        relu: bool = False,
+    ) -> None:
+        """Inference forward in bf16: feats and weight hold bf16 bits (int16 or
+        uint16), bias (float32 or None) and out float32; products summed in
+        float32 (AVX512-BF16 vdpbf16ps). ValueError where the CPU lacks it."""
+    def transposed(self) -> "ConvPlan":
+        """The plan of the transposed map (inputs and outputs swapped), sharing
+        this plan's pairs: no pass over them."""
     def backward_input(
         self, grad: np.ndarray, weight: np.ndarray, grad_feats: np.ndarray, num_threads: int,
         isa: str | bool | None = None,

@@ -597,7 +597,8 @@ def test_plans_live_in_the_coordinate_cache_and_transposed_ones_are_derived():
     direct = _engine.make_fused_plan(up)
     w, g = weight(2, 6, 4), torch.randn(up.num_out, 4, dtype=torch.float64)
     for isa in ISAS:
-        for a, b in zip(_run_plan(derived.core, up_in.feats, w, g, isa), _run_plan(direct.core, up_in.feats, w, g, isa)):
+        ours, built = _run_plan(derived.core, up_in.feats, w, g, isa), _run_plan(direct.core, up_in.feats, w, g, isa)
+        for a, b in zip(ours, built):
             assert torch.equal(a, b)
     ref = F.conv_with_map(up_in.feats, w, up)
     torch.testing.assert_close(_run_plan(derived.core, up_in.feats, w, g)[0], ref, rtol=1e-12, atol=1e-12)

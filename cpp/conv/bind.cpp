@@ -234,6 +234,36 @@ class ConvPlan {
     apply(feats, weight, has_bias ? &b : nullptr, out, false, num_threads, use, relu);
   }
 
+  // The bf16 inference forward: feats and weight hold bf16 bits (int16 or
+  // uint16 arrays), bias and out float32; products summed in float32.
+  void forward_bf16(py::array feats, py::array weight, py::object bias, py::array out, int num_threads,
+                    bool relu) const {
+    if (!conv::bf16_runs())
+      value_error("forward_bf16 needs AVX-512 with AVX512-BF16; this CPU (or build) runs: " + runnable_isas());
+    check_rows(feats, "feats", false);
+    check_rows(out, "out", true);
+    check_weight(weight, feats.shape(1), out.shape(1));
+    rows_are(feats, num_in_, "feats", "num_in");
+    rows_are(out, num_out_, "out", "num_out");
+    check_bf16_bits(feats, "feats");
+    check_bf16_bits(weight, "weight");
+    if (!out.dtype().is(py::dtype::of<float>())) value_error("out must be float32");
+    py::array b;
+    if (!bias.is_none()) {
+      b = py::array::ensure(bias);
+      if (!b || !b.dtype().is(py::dtype::of<float>())) value_error("bias must be a float32 array or None");
+      check_1d(b, out.shape(1), "bias");
+      if (!is_c_contiguous(b)) value_error("bias must be C-contiguous");
+    }
+    if (out.shape(1) == 0 || out.shape(0) == 0) return;
+    conv::ApplyBf16Args a{static_cast<const uint16_t*>(feats.data()), static_cast<const uint16_t*>(weight.data()),
+                          bias.is_none() ? nullptr : static_cast<const float*>(b.data()),
+                          static_cast<float*>(out.mutable_data()), feats.shape(1), out.shape(1), out.shape(0),
+                          pairs_fwd(), threads(num_threads), relu};
+    py::gil_scoped_release release;
+    conv::apply_bf16(a);
+  }
+
   // grad_feats = sum over offsets o of grad_feats[in_idx] += grad[out_idx] @ weight[o]^T.
   void backward_input(py::array grad, py::array weight, py::array grad_feats, int num_threads,
                       py::object isa) const {
@@ -273,34 +303,50 @@ class ConvPlan {
   // does; sort_pairs redoes the others). No Python: runs in a parallel region.
   Scan scan_offset(const int64_t* in, const int64_t* out, const int64_t* pp, int64_t k) {
     const int64_t lo = pp[k], hi = pp[k + 1], P = pp[kernel_volume()], K = kernel_volume();
+    const uint64_t n_in = uint64_t(num_in_), n_out = uint64_t(num_out_);
     Scan sc{P, P, true, true, true};
-    const bool ident = k == identity_;
-    int32_t* row = store_->fwd_row.get() + ptr_[k];
-    int32_t* col = store_->fwd_col.get() + ptr_[k];
-    const int64_t base = ptr_[k], nb_out = blocks(num_out_), nb_in = blocks(num_in_);
-    int64_t b_out = 0, b_in = 0, prev_out = -1, prev_in = -1;
-    for (int64_t i = lo; i < hi; ++i) {
-      const int64_t o = out[i], n = in[i];
-      if ((n < 0) | (n >= num_in_)) sc.bad_in = std::min(sc.bad_in, i);
-      if ((o < 0) | (o >= num_out_)) sc.bad_out = std::min(sc.bad_out, i);
-      if (ident) {
-        sc.ident = sc.ident && o == i - lo && n == i - lo;
-        continue;
+    bool bad = false;
+    if (k == identity_) {
+      for (int64_t i = lo; i < hi; ++i) {
+        bad |= (uint64_t(in[i]) >= n_in) | (uint64_t(out[i]) >= n_out);
+        sc.ident &= (out[i] == i - lo) & (in[i] == i - lo);
       }
-      sc.out_sorted = sc.out_sorted && o > prev_out;
-      sc.in_sorted = sc.in_sorted && n > prev_in;
-      prev_out = o;
-      prev_in = n;
-      const int64_t q = base + (i - lo);
-      row[i - lo] = int32_t(o);
-      col[i - lo] = int32_t(n);
-      for (; b_out <= nb_out && b_out * conv::kBlockRows <= o; ++b_out) fwd_cuts_[b_out * K + k] = q;
-      for (; b_in <= nb_in && b_in * conv::kBlockRows <= n; ++b_in) bwd_cuts_[b_in * K + k] = q;
+    } else {
+      int32_t* __restrict row = store_->fwd_row.get() + ptr_[k];
+      int32_t* __restrict col = store_->fwd_col.get() + ptr_[k];
+      int64_t* __restrict fcuts = fwd_cuts_.data();
+      int64_t* __restrict bcuts = bwd_cuts_.data();
+      const int64_t base = ptr_[k] - lo, nb_out = blocks(num_out_), nb_in = blocks(num_in_);
+      int64_t b_out = 0, b_in = 0, next_out = 0, next_in = 0, prev_out = -1, prev_in = -1;
+      bool out_sorted = true, in_sorted = true;
+      for (int64_t i = lo; i < hi; ++i) {
+        const int64_t o = out[i], n = in[i];
+        bad |= (uint64_t(n) >= n_in) | (uint64_t(o) >= n_out);
+        out_sorted &= o > prev_out;
+        in_sorted &= n > prev_in;
+        prev_out = o;
+        prev_in = n;
+        row[i - lo] = int32_t(o);
+        col[i - lo] = int32_t(n);
+        if (o >= next_out) {  // a new block of output rows starts at this pair
+          for (; b_out <= nb_out && b_out * conv::kBlockRows <= o; ++b_out) fcuts[b_out * K + k] = base + i;
+          next_out = b_out * conv::kBlockRows;
+        }
+        if (n >= next_in) {
+          for (; b_in <= nb_in && b_in * conv::kBlockRows <= n; ++b_in) bcuts[b_in * K + k] = base + i;
+          next_in = b_in * conv::kBlockRows;
+        }
+      }
+      for (; b_out <= nb_out; ++b_out) fcuts[b_out * K + k] = base + hi;
+      for (; b_in <= nb_in; ++b_in) bcuts[b_in * K + k] = base + hi;
+      sc.out_sorted = out_sorted;
+      sc.in_sorted = in_sorted;
     }
-    if (ident) return sc;
-    const int64_t end = ptr_[k + 1];
-    for (; b_out <= nb_out; ++b_out) fwd_cuts_[b_out * K + k] = end;
-    for (; b_in <= nb_in; ++b_in) bwd_cuts_[b_in * K + k] = end;
+    if (bad)  // the first pair out of bounds on each side
+      for (int64_t i = lo; i < hi; ++i) {
+        if (uint64_t(in[i]) >= n_in) sc.bad_in = std::min(sc.bad_in, i);
+        if (uint64_t(out[i]) >= n_out) sc.bad_out = std::min(sc.bad_out, i);
+      }
     return sc;
   }
 
@@ -387,6 +433,12 @@ class ConvPlan {
              int num_threads, Isa isa, bool relu) const {
     dispatch(src, [&] { run_apply<float>(src, weight, bias, dst, transpose, num_threads, isa, relu); },
              [&] { run_apply<double>(src, weight, bias, dst, transpose, num_threads, isa, relu); });
+  }
+
+  static void check_bf16_bits(const py::array& a, const char* name) {
+    if (a.itemsize() != 2 || (a.dtype().kind() != 'i' && a.dtype().kind() != 'u'))
+      value_error(std::string(name) + " must hold bf16 bits as int16 or uint16; got " +
+                  std::string(py::str(a.dtype())));
   }
 
   static void rows_are(const py::array& a, int64_t rows, const char* name, const char* what) {
@@ -492,6 +544,8 @@ void bind_conv(py::module_& m) {
         "segment); deterministic for any thread count. In place.");
   m.def("conv_isa", [] { return std::string(isa_name(best_isa())); },
         "Instruction set the fused convolution kernels use on this CPU by default: 'avx512', 'avx2' or 'generic'.");
+  m.def("conv_bf16", [] { return conv::bf16_runs(); },
+        "Whether the bf16 inference forward (AVX512-BF16 vdpbf16ps) runs on this CPU.");
   m.def("runnable_isas", [] {
         std::vector<std::string> names;
         for (int i = kNumIsas - 1; i >= 0; --i)
@@ -518,6 +572,10 @@ void bind_conv(py::module_& m) {
            "Writes every row of out. isa: None (the best build that runs here), 'generic', 'avx2' or 'avx512' "
            "(ValueError where it does not run); True/False: the former `portable` flag. relu: out = max(out, 0) "
            "in the kernel's epilogue (inference).")
+      .def("forward_bf16", &ConvPlan::forward_bf16, py::arg("feats"), py::arg("weight"), py::arg("bias"),
+           py::arg("out"), py::arg("num_threads"), py::arg("relu") = false,
+           "Inference forward in bf16 (AVX512-BF16): feats and weight hold bf16 bits (int16/uint16 arrays), bias "
+           "(float32 or None) and out float32; products summed in float32. ValueError where the CPU lacks it.")
       .def("backward_input", &ConvPlan::backward_input, py::arg("grad"), py::arg("weight"), py::arg("grad_feats"),
            py::arg("num_threads"), py::arg("isa") = py::none(),
            "grad_feats = sum over offsets o of grad[out_idx] @ weight[o].T added at in_idx. Writes every row.")

@@ -120,6 +120,24 @@ void apply(ApplyArgs<double> a, Isa isa);
 void wgrad(WgradArgs<float> a, Isa isa);
 void wgrad(WgradArgs<double> a, Isa isa);
 
+// The bf16 inference forward (fused_bf16.cpp, AVX512-BF16 `vdpbf16ps`):
+// dst (float32) = bias + sum over offsets of src[col] @ W_k, src and W bf16
+// (raw uint16 bits), products summed in float32 in channel-pair order.
+struct ApplyBf16Args {
+  const uint16_t* src;  // (rows of the read side, kc)
+  const uint16_t* w;    // (K, kc, cols)
+  const float* bias;    // (cols) or null
+  float* dst;           // (num_rows, cols)
+  int64_t kc, cols, num_rows;
+  PairList pairs;
+  int nt;
+  bool relu;
+};
+// Whether this build and this CPU run apply_bf16 (AVX-512 F/VL/BW/DQ + BF16).
+bool bf16_runs();
+// Precondition: bf16_runs().
+void apply_bf16(const ApplyBf16Args& a);
+
 // Each build's kernels; their scratch must be set.
 #define PS_CONV_DECLARE_KERNELS         \
   void apply(const ApplyArgs<float>& a);  \

@@ -464,6 +464,29 @@ class _WeightGrad(torch.autograd.Function):
         return d_feats, d_grad, None, None
 
 
+def runs_bf16(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether :func:`conv_bf16` runs these tensors: CPU bfloat16 feats and
+    weight, no gradient needed (inference), a CPU with AVX512-BF16."""
+    if feats.device.type != "cpu" or feats.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (feats, weight, bias)):
+        return False
+    return bool(_ext.core.conv_bf16())
+
+
+def conv_bf16(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kmap: _kmap.KernelMap,
+              cache: "CoordinateCache | None" = None, relu: bool = False) -> torch.Tensor:
+    """The bf16 inference forward (see :func:`runs_bf16`): products of the
+    bf16 feats and weight summed in float32 by ``vdpbf16ps``, bias (and
+    ReLU) added in float32, the result rounded once to bfloat16."""
+    plan = get_plan(kmap, method="fused", cache=cache)
+    out = torch.empty((plan.num_out, weight.shape[2]), dtype=torch.float32)
+    b = None if bias is None else _np(bias.detach().float().contiguous())
+    plan.core.forward_bf16(_np(feats.contiguous().view(torch.int16)), _np(weight.contiguous().view(torch.int16)),
+                           b, _np(out), _ext.num_threads(), relu)
+    return out.to(torch.bfloat16)
+
+
 def supported(feats: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the C++ engine runs these tensors (CPU float32/float64)."""
     return feats.device.type == "cpu" and feats.dtype in ENGINE_DTYPES and weight.dtype == feats.dtype

@@ -61,6 +61,8 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
     kmap = _kmap.get_kmap(input, k, t, d, transposed)
     if _engine.supported(input.feats, weight):
         feats = _engine.conv(input.feats, weight, bias, kmap, cache=input.cache, relu=relu)
+    elif _engine.runs_bf16(input.feats, weight, bias):  # bf16 inference on an AVX512-BF16 CPU
+        feats = _engine.conv_bf16(input.feats, weight, bias, kmap, cache=input.cache, relu=relu)
     else:  # other devices and dtypes: the same pairs in torch ops
         feats = conv_with_map(input.feats, weight, kmap)
         if bias is not None:

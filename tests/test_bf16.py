@@ -1,0 +1,94 @@
+"""The bf16 inference forward (AVX512-BF16 ``vdpbf16ps``): bf16 feats and
+weights, products summed in float32. Accuracy: within float32 rounding of the
+exact conv of the bf16-rounded inputs; against the float32 conv, the bf16
+rounding of the inputs (about 2e-3 of the largest output)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pointsparse as ps
+from pointsparse import _ext
+from pointsparse import nn as spnn
+from pointsparse.models import MinkUNet
+from pointsparse.nn import _engine
+from pointsparse.nn import functional as F
+
+pytestmark = pytest.mark.skipif(not _ext.core.conv_bf16(), reason="the CPU has no AVX512-BF16")
+
+CHANNELS = [1, 5, 6, 7, 13, 15, 16, 17, 31, 33, 64, 100]
+
+
+def _cloud(n=1500, c=4, seed=0, extent=14):
+    g = torch.Generator().manual_seed(seed)
+    coords = torch.unique(torch.cat([torch.zeros(n, 1, dtype=torch.int64),
+                                     torch.randint(0, extent, (n, 3), generator=g)], 1), dim=0).int()
+    return ps.SparseTensor(torch.randn(len(coords), c, generator=g), coords)
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+@pytest.mark.parametrize("c_in", CHANNELS)
+def test_forward_bf16_against_exact_and_float32(c_in):
+    c_out = CHANNELS[(CHANNELS.index(c_in) + 7) % len(CHANNELS)]
+    x = _cloud(c=c_in, seed=c_in)
+    kmap = ps.kmap.get_kmap(x, 3)
+    plan = _engine.make_fused_plan(kmap)
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(27, c_in, c_out, generator=g) / c_in ** 0.5
+    b = torch.randn(c_out, generator=g)
+    fb, wb = x.feats.bfloat16(), w.bfloat16()
+    outs = []
+    for nt, relu in ((1, False), (2, False), (2, True)):
+        out = torch.full((kmap.num_out, c_out), float("nan"))
+        plan.core.forward_bf16(fb.view(torch.int16).numpy(), wb.view(torch.int16).numpy(), b.numpy(), out.numpy(),
+                               nt, relu)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[2], torch.relu(outs[1]))
+    exact = F.conv_with_map(fb.double(), wb.double(), kmap) + b.double()
+    assert _rel(outs[0], exact) < 1e-6
+    assert _rel(outs[0], F.conv_with_map(x.feats, w, kmap) + b) < 1.5e-2
+
+
+def test_conv3d_runs_bf16_in_inference_only():
+    x = _cloud(c=8)
+    w = torch.randn(27, 8, 16) / 8 ** 0.5
+    xb, wb = x.with_feats(x.feats.bfloat16()), w.bfloat16()
+    with torch.no_grad():
+        y = F.conv3d(xb, wb, 3, relu=True)
+    assert y.feats.dtype == torch.bfloat16
+    exact = torch.relu(F.conv_with_map(xb.feats.double(), wb.double(), ps.kmap.get_kmap(x, 3)))
+    assert _rel(y.feats, exact) < 2 ** -8  # one bf16 rounding of a float32 sum
+    wg = wb.clone().requires_grad_()  # with a gradient: the torch path, still bf16
+    assert not _engine.runs_bf16(xb.feats, wg, None)
+    assert F.conv3d(xb, wg, 3).feats.dtype == torch.bfloat16
+
+
+def test_forward_bf16_checks_its_arrays():
+    x = _cloud(c=3)
+    plan = _engine.make_fused_plan(ps.kmap.get_kmap(x, 3))
+    w = torch.zeros(27, 3, 4, dtype=torch.bfloat16).view(torch.int16).numpy()
+    out = torch.empty(len(x), 4).numpy()
+    with pytest.raises(ValueError, match="feats must hold bf16 bits"):
+        plan.core.forward_bf16(x.feats.numpy(), w, None, out, 1)
+    with pytest.raises(ValueError, match="out must be float32"):
+        plan.core.forward_bf16(x.feats.bfloat16().view(torch.int16).numpy(), w, None, out.astype("float64"), 1)
+
+
+def test_minkunet_bf16_inference_accuracy():
+    """A fused MinkUNet (BN folded) run in bf16 against its float32 eval
+    output: the accuracy stated in bench/RESULTS.md."""
+    torch.manual_seed(0)
+    net = MinkUNet(4, 6, cr=0.25).eval()
+    x = _cloud(4000, 4, extent=40)
+    with torch.no_grad():
+        ref = net(x).feats
+        fused = spnn.fuse_for_inference(net).to(torch.bfloat16)
+        out = fused(ps.SparseTensor(x.feats.bfloat16(), x.coords)).feats
+    assert out.dtype == torch.bfloat16
+    err = _rel(out, ref)
+    assert err < 5e-2, err
+    assert (out.float().argmax(1) == ref.argmax(1)).float().mean() > 0.9
