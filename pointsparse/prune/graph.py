@@ -125,8 +125,11 @@ class DependencyGraph:
         tag = None if tag is not None and not tag.segments else tag
         y = feats_of(output)
         adapter = adapters.adapter_for(module)
+        if adapter is None or (tag is not None and tag.axis != feature_axis(module, x)):
+            tracer.fix(tag, f"{name}: a {type(module).__name__} with parameters and no adapter" if adapter is None
+                       else f"{name}: channels reach it on another axis than its features")
+            tag = None
         if adapter is None:
-            tracer.fix(tag, f"{name}: a {type(module).__name__} with parameters and no adapter")
             return
         if adapter.kind == "norm":
             if tag is not None:
