@@ -53,7 +53,7 @@ def test_prune_channels_checkpoint_round_trip(tmp_path, capsys):
     assert ps_report(amc_model, full) < 0.4
     tuned = tmp_path / "tuned"
     assert cli.main(["prune", "channels", "--checkpoint", str(dense / "checkpoint.pt"), "--ratio", "0.5",
-                     "--finetune-epochs", "1", "--out", str(tuned)]) == 0
+                     "--criterion", "taylor", "--finetune-epochs", "1", "--out", str(tuned)]) == 0
     state = torch.load(tuned / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 2 and G.widths(load_model(tuned / "checkpoint.pt")) == state["config"]["widths"]
 
