@@ -12,7 +12,12 @@ which consumer follow each producer; :func:`prune_channels` cuts one group;
 :func:`apply_channel_ratios` cuts many, ranking channels by the L1 norm of
 their weights, optionally refitting each consumer by least squares so that it
 reproduces the unpruned network's outputs on calibration data (AMC, He et al.
-2018, after He et al. 2017)."""
+2018, after He et al. 2017).
+
+Given an ``example_input``, :func:`channel_groups` and
+:func:`apply_channel_ratios` work on the coupled groups of the dependency
+graph (:mod:`pointsparse.prune.graph`) instead: every layer of residual and
+U-Net networks, not only the insides of their sequential chains."""
 
 from __future__ import annotations
 
