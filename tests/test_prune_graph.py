@@ -322,3 +322,20 @@ def test_group_sensitivity_scan_and_apply():
     assert net.stem[3].out_channels == 4 and net.block.main[0].in_channels == 4 and net.head.fn.in_features == 4
     with pytest.raises(ValueError, match="example_input"):
         sensitivity.sensitivity_scan(net, closeness, [0.5], "group")
+
+
+@pytest.mark.parametrize("prune_fn", [
+    lambda m: ps.prune.channel_structured(m, "weight", amount=2, n=1),
+    lambda m: ps.prune.nm_structured(m, "weight", 1, 3),
+])
+def test_masked_models_deep_copy_in_any_state(prune_fn):
+    net, x = ResidualNet(), sparse_input(n=120)
+    prune_fn(net.stem[0])
+    copy.deepcopy(net)  # right after pruning
+    net.train()
+    net(x).feats.sum().backward()  # after a training-mode forward and backward
+    twin = copy.deepcopy(net)
+    assert torch.equal(twin.stem[0].weight_mask, net.stem[0].weight_mask)
+    assert net.stem[0].weight_orig.grad is not None
+    net.eval()
+    assert torch.equal(twin.eval()(x).feats, net(x).feats)

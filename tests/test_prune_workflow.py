@@ -53,7 +53,7 @@ def test_prune_channels_checkpoint_round_trip(tmp_path, capsys):
     assert ps_report(amc_model, full) < 0.4
     tuned = tmp_path / "tuned"
     assert cli.main(["prune", "channels", "--checkpoint", str(dense / "checkpoint.pt"), "--ratio", "0.5",
-                     "--finetune-epochs", "1", "--out", str(tuned)]) == 0
+                     "--criterion", "taylor", "--finetune-epochs", "1", "--out", str(tuned)]) == 0
     state = checkpoint.load(tuned / "checkpoint.pt")
     assert state["epoch"] == 2 and G.widths(load_model(tuned / "checkpoint.pt")) == state["config"]["widths"]
 
@@ -75,3 +75,15 @@ def test_masked_and_cut_state_dicts_round_trip(tmp_path):
         loaded = load_model(path)
         assert torch.equal(loaded(x).feats, net(x).feats)
         assert any(k.endswith("weight_mask") for k in loaded.state_dict())
+
+
+def test_folded_bias_round_trips(tmp_path):
+    from pointsparse.models import MinkUNet
+    from prune_procedures_support import sparse_input
+    torch.manual_seed(0)
+    net, x = MinkUNet(3, 4, cr=0.25).eval(), sparse_input(n=600, extent=16)
+    shortcut = net.down[1][1].shortcut[0]  # a 1x1 conv built without bias, as remove_masked may give it one
+    shortcut.bias = torch.nn.Parameter(torch.randn(shortcut.out_channels))
+    config = {"model": "minkunet", "in_channels": 3, "classes": list("abcd"), "cr": 0.25, "blocks": 2}
+    torch.save({"model": net.state_dict(), "config": config}, tmp_path / "c.pt")
+    assert torch.equal(load_model(tmp_path / "c.pt")(x).feats, net(x).feats)

@@ -40,9 +40,21 @@ def load_model(path, map_location="cpu") -> nn.Module:
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ValueError(f"{path} is not a pointsparse training checkpoint")
     model = build_model(state["config"])
+    _bias_like(model, state["model"])
     _mask_like(model, state["model"])
     model.load_state_dict(state["model"])
     return model.to(map_location).eval()
+
+
+def _bias_like(model: nn.Module, state_dict: dict) -> None:
+    """A bias on every layer that has one in ``state_dict`` but none by
+    construction (folded in by ``DependencyGraph.remove_masked``)."""
+    for key, value in state_dict.items():
+        for suffix in (".bias", ".bias_orig"):
+            if key.endswith(suffix):
+                module = model.get_submodule(key[:-len(suffix)])
+                if getattr(module, "bias", None) is None and "bias_orig" not in module._parameters:
+                    module.bias = nn.Parameter(torch.zeros_like(value))
 
 
 def _mask_like(model: nn.Module, state_dict: dict) -> None:

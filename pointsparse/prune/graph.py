@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from . import _compat, adapters
+from ._copyable import keep_copyable
 from ._trace import Segment, Spaces, Tag, Tracer, feats_of, feature_axis
 
 
@@ -124,8 +125,11 @@ class DependencyGraph:
         tag = None if tag is not None and not tag.segments else tag
         y = feats_of(output)
         adapter = adapters.adapter_for(module)
+        if adapter is None or (tag is not None and tag.axis != feature_axis(module, x)):
+            tracer.fix(tag, f"{name}: a {type(module).__name__} with parameters and no adapter" if adapter is None
+                       else f"{name}: channels reach it on another axis than its features")
+            tag = None
         if adapter is None:
-            tracer.fix(tag, f"{name}: a {type(module).__name__} with parameters and no adapter")
             return
         if adapter.kind == "norm":
             if tag is not None:
@@ -359,27 +363,6 @@ def _slice(module: nn.Module, name: str, axis: int, kept: torch.Tensor) -> None:
     if masked:
         setattr(module, name, (module._parameters[name + "_orig"] * getattr(module, name + "_mask")).detach())
         keep_copyable(module)
-
-
-def _detach_masked(module: nn.Module, inputs, output) -> None:
-    for key in list(module._parameters):
-        if key.endswith("_orig"):
-            value = module.__dict__.get(key[:-5])
-            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
-                module.__dict__[key[:-5]] = value.detach()
-
-
-def keep_copyable(module: nn.Module) -> None:
-    """Make a masked module deep-copyable in any state: torch's mask
-    re-parametrisation leaves ``weight = weight_orig * weight_mask`` (a
-    non-leaf tensor, which ``copy.deepcopy`` refuses) on the module after
-    pruning and after every forward; the value is detached here and after
-    each forward (the forward pre-hook recomputes it from ``weight_orig``
-    before use, so gradients are unchanged)."""
-    _detach_masked(module, None, None)
-    if not getattr(module, "_pointsparse_copyable", False):
-        module.register_forward_hook(_detach_masked)
-        module._pointsparse_copyable = True
 
 
 def _fold_into_bias(module: nn.Module, position: int, value: float) -> None:

@@ -13,6 +13,7 @@ import numbers
 import torch
 from torch.nn.utils import prune as _torch_prune
 
+from ._copyable import CopyableMethod
 from ._layout import WeightLayout, dense_layout, layout_of
 
 
@@ -26,7 +27,7 @@ def validate_nm(n, m) -> None:
         raise ValueError(f"n:m sparsity needs 1 <= n <= m; got n={n}, m={m}")
 
 
-class NMStructured(_torch_prune.BasePruningMethod):
+class NMStructured(CopyableMethod):
     """Keep the ``n`` largest of every ``m`` consecutive input channels.
 
     Entries already pruned by an earlier mask count as the weakest (they are

@@ -18,6 +18,7 @@ import numbers
 import torch
 from torch.nn.utils import prune as _torch_prune
 
+from ._copyable import CopyableMethod
 from ._layout import WeightLayout, dense_layout, layout_of
 
 
@@ -83,7 +84,7 @@ def learn_patterns(t: torch.Tensor, num_patterns: int = 8, pattern_size: int = 4
     return unique[order[:num_patterns]].bool()
 
 
-class PatternStructured(_torch_prune.BasePruningMethod):
+class PatternStructured(CopyableMethod):
     """Each kernel keeps the one pattern of ``patterns`` (bool ``(P, K)``)
     that retains the most squared importance among its alive entries;
     entries outside the chosen pattern are pruned."""

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as _torch_prune
 
+from ._copyable import CopyableMethod
 from ._layout import WeightLayout, layout_of
 
 
@@ -110,7 +111,7 @@ def detach_filter_skeleton(module: nn.Module, name: str = "weight", fold: bool =
     return skeleton
 
 
-class StripeFromSkeleton(_torch_prune.BasePruningMethod):
+class StripeFromSkeleton(CopyableMethod):
     """Prunes the stripes whose skeleton scale has ``|scale| < threshold``
     (``skeleton`` broadcastable to the weight)."""
 

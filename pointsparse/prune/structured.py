@@ -27,6 +27,7 @@ import numbers
 import torch
 from torch.nn.utils import prune as _torch_prune
 
+from ._copyable import CopyableMethod
 from ._amount import count_to_prune, validate_amount, validate_norm
 from ._layout import WeightLayout, dense_layout, layout_of
 
@@ -68,7 +69,7 @@ def select_weakest(norms: torch.Tensor, alive: torch.Tensor, k: int) -> torch.Te
     return chosen
 
 
-class GroupStructured(_torch_prune.BasePruningMethod):
+class GroupStructured(CopyableMethod):
     """Base of the group methods: a subclass defines :meth:`group_ids` (and a
     classmethod ``apply`` with its arguments); scoring, the choice of the
     weakest alive groups and the mask are shared."""

@@ -12,7 +12,12 @@ which consumer follow each producer; :func:`prune_channels` cuts one group;
 :func:`apply_channel_ratios` cuts many, ranking channels by the L1 norm of
 their weights, optionally refitting each consumer by least squares so that it
 reproduces the unpruned network's outputs on calibration data (AMC, He et al.
-2018, after He et al. 2017)."""
+2018, after He et al. 2017).
+
+Given an ``example_input``, :func:`channel_groups` and
+:func:`apply_channel_ratios` work on the coupled groups of the dependency
+graph (:mod:`pointsparse.prune.graph`) instead: every layer of residual and
+U-Net networks, not only the insides of their sequential chains."""
 
 from __future__ import annotations
 
@@ -24,7 +29,12 @@ from torch import nn
 from . import _compat, adapters
 from ._layers import in_channel_dim, is_prunable, out_channel_dim, out_channels
 
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _is_norm(m: nn.Module) -> bool:
+    """A norm with a registered adapter (BatchNorm, or a user's)."""
+    adapter = adapters.adapter_for(m)
+    return adapter is not None and adapter.kind == "norm"
 
 
 @dataclass
@@ -71,7 +81,7 @@ def _flatten_sequential(seq: nn.Sequential, prefix: str, chain: list, chains: li
         elif _is_wrapper(child):
             inner_name, inner = next(child.named_children())
             chain.append((_join(full, inner_name), inner, "layer"))
-        elif isinstance(child, _NORMS):
+        elif _is_norm(child):
             chain.append((full, child, "norm"))
         elif isinstance(child, nn.Sequential):
             _flatten_sequential(child, full, chain, chains)

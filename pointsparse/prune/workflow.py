@@ -140,6 +140,7 @@ def prune_checkpoint(checkpoint, out, ratio: float = 0.5, data=None, label_map=N
     state = load_state(checkpoint)
     model = build_model(state["config"])
     model.load_state_dict(state["model"])
+    model.eval()  # scoring (Taylor's backward included) leaves the BatchNorm statistics alone
     batch = _example_batch(state, data, label_map)
     example = ((batch.input, batch.inverse, batch.points, batch.point_batch) if point_level(model)
                else batch.input)

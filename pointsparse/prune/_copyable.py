@@ -1,0 +1,39 @@
+"""Masked modules that ``copy.deepcopy`` accepts in any state.
+
+torch's mask re-parametrisation leaves ``weight = weight_orig * weight_mask``
+on the module after pruning and after every forward: a non-leaf tensor, which
+``copy.deepcopy`` refuses. Its value is detached here, right after pruning
+and after each forward; the forward pre-hook recomputes it from
+``weight_orig`` before use, so gradients are unchanged."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import prune as _torch_prune
+
+
+def _detach_masked(module: nn.Module, inputs=None, output=None) -> None:
+    for key in list(module._parameters):
+        if key.endswith("_orig"):
+            value = module.__dict__.get(key[:-5])
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                module.__dict__[key[:-5]] = value.detach()
+
+
+def keep_copyable(module: nn.Module) -> None:
+    """Detach ``module``'s masked values now and after each of its forwards."""
+    _detach_masked(module)
+    if not getattr(module, "_pointsparse_copyable", False):
+        module.register_forward_hook(_detach_masked)
+        module._pointsparse_copyable = True
+
+
+class CopyableMethod(_torch_prune.BasePruningMethod):
+    """A pruning method whose pruned modules stay deep-copyable."""
+
+    @classmethod
+    def apply(cls, module, name, *args, importance_scores=None, **kwargs):
+        method = super().apply(module, name, *args, importance_scores=importance_scores, **kwargs)
+        keep_copyable(module)
+        return method
