@@ -12,6 +12,7 @@
 #include "bind.h"
 #include "conv/fused.h"
 #include "conv/gather_scatter.h"
+#include "conv/sparse.h"
 
 namespace ps {
 namespace {
@@ -219,6 +220,33 @@ class ConvPlan {
     bwd_cuts_ = block_cuts(bwd_row_.get(), num_in, nt);
   }
 
+  // The pairs of one call that skips offsets: the cuts of a skipped offset
+  // made constant (no pairs in any block; O(blocks * K), no pair touched)
+  // and its identity dropped. The map and the plan stay whole.
+  class Skip {
+   public:
+    Skip(const ConvPlan& plan, const py::object& active, bool by_input) : pairs_(by_input ? plan.pairs_bwd() : plan.pairs_fwd()) {
+      if (active.is_none()) return;
+      const carray<uint8_t> flags = as_carray<uint8_t>(active, "active");
+      const int64_t K = pairs_.kernel_volume;
+      check_1d(flags, K, "active");
+      const int64_t n = (by_input ? plan.num_in_ : plan.num_out_) + conv::kBlockRows - 1;
+      const int64_t blocks = n / conv::kBlockRows;
+      cuts_.assign(pairs_.cuts, pairs_.cuts + (blocks + 1) * K);
+      for (int64_t k = 0; k < K; ++k) {
+        if (flags.data()[k]) continue;
+        for (int64_t b = 0; b <= blocks; ++b) cuts_[b * K + k] = plan.ptr_[k];
+        if (k == pairs_.identity) pairs_.identity = -1;
+      }
+      pairs_.cuts = cuts_.data();
+    }
+    const conv::PairList& pairs() const { return pairs_; }
+
+   private:
+    conv::PairList pairs_;
+    std::vector<int64_t> cuts_;
+  };
+
   int64_t num_in() const { return num_in_; }
   int64_t num_out() const { return num_out_; }
   int64_t kernel_volume() const { return int64_t(ptr_.size()) - 1; }
@@ -227,8 +255,10 @@ class ConvPlan {
   int64_t num_pairs() const { return ptr_.back() + (identity_ >= 0 ? num_in_ : 0); }
 
   // out = bias + sum over offsets o of out[out_idx] += feats[in_idx] @ weight[o].
+  // `active`: None (every offset) or K flags, the offsets run (a skipped
+  // offset's pairs are left out); `vector`: the vector-sparse kernels.
   void forward(py::array feats, py::array weight, py::object bias, py::array out, int num_threads,
-               bool portable) const {
+               bool portable, py::object active, bool vector) const {
     check_apply(feats, "feats", out, "out", weight, false);
     py::array b;
     const bool has_bias = !bias.is_none();
@@ -239,19 +269,23 @@ class ConvPlan {
       if (!is_c_contiguous(b)) value_error("bias must be C-contiguous");
       same_dtype(b, feats, out);
     }
-    apply(feats, weight, has_bias ? &b : nullptr, out, false, num_threads, portable);
+    apply(feats, weight, has_bias ? &b : nullptr, out, false, num_threads, portable, Skip(*this, active, false),
+          vector);
   }
 
   // grad_feats = sum over offsets o of grad_feats[in_idx] += grad[out_idx] @ weight[o]^T.
   void backward_input(py::array grad, py::array weight, py::array grad_feats, int num_threads,
-                      bool portable) const {
+                      bool portable, py::object active, bool vector) const {
     check_apply(grad, "grad", grad_feats, "grad_feats", weight, true);
-    apply(grad, weight, nullptr, grad_feats, true, num_threads, portable);
+    apply(grad, weight, nullptr, grad_feats, true, num_threads, portable, Skip(*this, active, true), vector);
   }
 
   // grad_weight[o] = feats[in_idx]^T @ grad[out_idx] for every offset o.
+  // `active` as in forward (a skipped offset's gradient is zero); `mask`
+  // (K, C_in, C_out) or None: only the vectors (offset, input channel,
+  // panel of columns) where the mask holds a nonzero are computed.
   void backward_weight(py::array feats, py::array grad, py::array grad_weight, int num_threads,
-                       bool portable) const {
+                       bool portable, py::object active, py::object mask) const {
     check_rows(feats, "feats", false);
     check_rows(grad, "grad", false);
     rows_are(feats, num_in_, "feats", "num_in");
@@ -259,8 +293,17 @@ class ConvPlan {
     check_weight(grad_weight, feats.shape(1), grad.shape(1), "grad_weight");
     if (!grad_weight.writeable()) value_error("grad_weight must be writeable");
     same_dtype(feats, grad, grad_weight);
-    dispatch(feats, [&] { run_wgrad<float>(feats, grad, grad_weight, num_threads, portable); },
-             [&] { run_wgrad<double>(feats, grad, grad_weight, num_threads, portable); });
+    py::array m;
+    if (!mask.is_none()) {
+      m = py::array::ensure(mask);
+      if (!m) value_error("mask must be an array or None");
+      check_weight(m, feats.shape(1), grad.shape(1), "mask");
+      same_dtype(m, feats, grad);
+    }
+    const Skip skip(*this, active, false);
+    const py::array* mp = mask.is_none() ? nullptr : &m;
+    dispatch(feats, [&] { run_wgrad<float>(feats, grad, grad_weight, num_threads, portable, skip, mp); },
+             [&] { run_wgrad<double>(feats, grad, grad_weight, num_threads, portable, skip, mp); });
   }
 
  private:
@@ -320,9 +363,9 @@ class ConvPlan {
   }
 
   void apply(const py::array& src, const py::array& weight, const py::array* bias, py::array& dst, bool transpose,
-             int num_threads, bool portable) const {
-    dispatch(src, [&] { run_apply<float>(src, weight, bias, dst, transpose, num_threads, portable); },
-             [&] { run_apply<double>(src, weight, bias, dst, transpose, num_threads, portable); });
+             int num_threads, bool portable, const Skip& skip, bool vector) const {
+    dispatch(src, [&] { run_apply<float>(src, weight, bias, dst, transpose, num_threads, portable, skip, vector); },
+             [&] { run_apply<double>(src, weight, bias, dst, transpose, num_threads, portable, skip, vector); });
   }
 
   static void rows_are(const py::array& a, int64_t rows, const char* name, const char* what) {
@@ -347,21 +390,28 @@ class ConvPlan {
 
   template <typename T>
   void run_apply(const py::array& src, const py::array& weight, const py::array* bias, py::array& dst,
-                 bool transpose, int num_threads, bool portable) const {
+                 bool transpose, int num_threads, bool portable, const Skip& skip, bool vector) const {
     const int64_t kc = src.shape(1), cols = dst.shape(1), K = kernel_volume();
     if (cols == 0 || dst.shape(0) == 0) return;
     std::vector<T> wpack(std::max<int64_t>(1, conv::wpack_size<T>(K, kc, cols)));
     const T* b = bias ? static_cast<const T*>(bias->data()) : nullptr;
     conv::ApplyArgs<T> a{static_cast<const T*>(src.data()), static_cast<const T*>(weight.data()), b,
                          static_cast<T*>(dst.mutable_data()), wpack.data(), kc, cols, dst.shape(0), transpose,
-                         transpose ? pairs_bwd() : pairs_fwd(), threads(num_threads)};
+                         skip.pairs(), threads(num_threads)};
+    if (vector) {
+      const int64_t lists = K * conv::panels<T>(cols);
+      std::vector<int32_t> idx(std::max<int64_t>(1, lists * kc)), count(std::max<int64_t>(1, lists));
+      py::gil_scoped_release release;
+      conv::apply_sparse(conv::SparseApplyArgs<T>{a, idx.data(), count.data()}, portable);
+      return;
+    }
     py::gil_scoped_release release;
     conv::apply(a, portable);
   }
 
   template <typename T>
   void run_wgrad(const py::array& feats, const py::array& grad, py::array& grad_weight, int num_threads,
-                 bool portable) const {
+                 bool portable, const Skip& skip, const py::array* mask) const {
     const int64_t c_in = feats.shape(1), c_out = grad.shape(1), K = kernel_volume();
     if (c_in == 0 || c_out == 0 || K == 0) return;
     if (num_out_ == 0 || (num_pairs() == 0 && identity_ < 0)) {
@@ -393,7 +443,15 @@ class ConvPlan {
     std::vector<T> partials(num_units * K * c_in * c_out), scratch(nt * conv::wgrad_scratch<T>(c_in, c_out));
     conv::WgradArgs<T> a{static_cast<const T*>(feats.data()), static_cast<const T*>(grad.data()),
                          static_cast<T*>(grad_weight.mutable_data()), partials.data(), scratch.data(),
-                         units.data(), num_units, c_in, c_out, num_out_, pairs_fwd(), nt};
+                         units.data(), num_units, c_in, c_out, num_out_, skip.pairs(), nt};
+    if (mask) {
+      const int64_t lists = K * conv::panels<T>(c_out);
+      std::vector<int32_t> idx(lists * c_in), count(lists);
+      const conv::MaskedWgradArgs<T> m{a, static_cast<const T*>(mask->data()), idx.data(), count.data()};
+      py::gil_scoped_release release;
+      conv::wgrad_masked(m, portable);
+      return;
+    }
     py::gil_scoped_release release;
     conv::wgrad(a, portable);
   }
@@ -433,15 +491,23 @@ void bind_conv(py::module_& m) {
       .def_property_readonly("identity", &ConvPlan::identity)
       .def_property_readonly("num_pairs", &ConvPlan::num_pairs)
       .def("forward", &ConvPlan::forward, py::arg("feats"), py::arg("weight"), py::arg("bias"), py::arg("out"),
-           py::arg("num_threads"), py::arg("portable") = false,
+           py::arg("num_threads"), py::arg("portable") = false, py::arg("active") = py::none(),
+           py::arg("vector") = false,
            "out = bias + sum over offsets o of feats[in_idx] @ weight[o] added at out_idx (bias None: zero). "
-           "Writes every row of out.")
+           "Writes every row of out. active: None or K flags (uint8), the offsets run (the others' pairs are "
+           "left out); vector: the vector-sparse kernels (only the weight rows of each column panel that hold a "
+           "nonzero are visited).")
       .def("backward_input", &ConvPlan::backward_input, py::arg("grad"), py::arg("weight"), py::arg("grad_feats"),
-           py::arg("num_threads"), py::arg("portable") = false,
-           "grad_feats = sum over offsets o of grad[out_idx] @ weight[o].T added at in_idx. Writes every row.")
+           py::arg("num_threads"), py::arg("portable") = false, py::arg("active") = py::none(),
+           py::arg("vector") = false,
+           "grad_feats = sum over offsets o of grad[out_idx] @ weight[o].T added at in_idx. Writes every row. active, vector: as in forward.")
       .def("backward_weight", &ConvPlan::backward_weight, py::arg("feats"), py::arg("grad"),
            py::arg("grad_weight"), py::arg("num_threads"), py::arg("portable") = false,
-           "grad_weight[o] = feats[in_idx].T @ grad[out_idx] for every offset o. Writes all of grad_weight.");
+           py::arg("active") = py::none(), py::arg("mask") = py::none(),
+           "grad_weight[o] = feats[in_idx].T @ grad[out_idx] for every offset o. Writes all of grad_weight: zero "
+           "for an offset active leaves out and, with mask (K, C_in, C_out), for every vector (offset, input "
+           "channel, panel of nr columns) where the mask is all zero; the entries computed equal the dense ones "
+           "bit for bit.");
 }
 
 }  // namespace ps

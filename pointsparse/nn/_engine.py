@@ -67,6 +67,10 @@ DEFAULT_TILE_ROWS = 8192
 MIN_PIECE_ROWS = 2048
 
 ENGINE_DTYPES = (torch.float32, torch.float64)
+#: Largest fraction of listed vectors (see :func:`vector_blocks`) at which the
+#: fused engine runs the vector-sparse kernels instead of the dense ones;
+#: measured with ``bench/prune_exec.py`` (bench/RESULTS.md).
+VECTOR_DENSITY = 0.6
 #: The method :func:`conv` uses when none is given ("fused" or "grouped");
 #: see bench/results/conv.md for the measurements behind it.
 DEFAULT_METHOD = "fused"
@@ -308,12 +312,17 @@ def _backward_steps(feats: torch.Tensor, weight: torch.Tensor, grad: torch.Tenso
             core.conv_scatter_add(_np(fb), plan.in_idx, step.start, step.length, r, grad_feats_np, nt)
 
 
-def conv_forward(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: Plan) -> torch.Tensor:
-    """The engine's forward on contiguous CPU float32/float64 tensors."""
+def conv_forward(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: Plan,
+                 region: torch.Tensor | None = None) -> torch.Tensor:
+    """The engine's forward on contiguous CPU float32/float64 tensors (the
+    fused plan skips what :func:`choose_execution` allows; ``region``: only
+    those offsets, fused plans only)."""
     out = feats.new_empty((plan.num_out, weight.shape[2]))
     if isinstance(plan, FusedPlan):
         b = None if bias is None else _np(bias.contiguous())
-        plan.core.forward(_np(feats), _np(weight), b, _np(out), _ext.num_threads())
+        run = choose_execution(weight, region)
+        plan.core.forward(_np(feats), _np(weight), b, _np(out), _ext.num_threads(), active=run.active,
+                          vector=run.vector)
         return out
     if plan.identity is not None:
         if bias is None:
@@ -329,17 +338,26 @@ def conv_forward(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 def conv_backward(feats: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, plan: Plan, need_feats: bool,
-                  need_weight: bool):
-    """Gradients of :func:`conv_forward` for feats and weight (None where not needed)."""
+                  need_weight: bool, region: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+    """Gradients of :func:`conv_forward` for feats and weight (None where not
+    needed). Fused plans: the weight gradient is zero outside ``region`` and,
+    given the pruning ``mask`` the weight was multiplied by, equals
+    ``dense gradient * mask`` (the masked vectors are not computed)."""
     grad_feats = grad_weight = None
     if isinstance(plan, FusedPlan):
         nt = _ext.num_threads()
         if need_feats:
             grad_feats = grad.new_empty((plan.num_in, weight.shape[1]))
-            plan.core.backward_input(_np(grad), _np(weight), _np(grad_feats), nt)
+            run = choose_execution(weight, region, transpose=True)
+            plan.core.backward_input(_np(grad), _np(weight), _np(grad_feats), nt, active=run.active,
+                                     vector=run.vector)
         if need_weight:
             grad_weight = torch.empty_like(weight)
-            plan.core.backward_weight(_np(feats), _np(grad), _np(grad_weight), nt)
+            active, vectors = weight_execution(mask, region)
+            plan.core.backward_weight(_np(feats), _np(grad), _np(grad_weight), nt, active=active,
+                                      mask=None if vectors is None else _np(vectors.contiguous()))
+            if mask is not None:
+                grad_weight.mul_(mask)
         return grad_feats, grad_weight
     centre = None if plan.identity is None else weight[plan.identity]
     if need_feats:
@@ -357,16 +375,105 @@ def conv_backward(feats: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor,
     return grad_feats, grad_weight
 
 
+def panel_width(dtype: torch.dtype) -> int:
+    """Columns of one register tile of the fused kernels (``nr<T>()`` in
+    cpp/conv/fused.h: 64 bytes): the width of a vector-sparse panel."""
+    return 64 // torch.empty((), dtype=dtype).element_size()
+
+
+def vector_blocks(weight: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """``(K, rows, panels)`` bool: whether row ``c`` of offset ``k``'s matrix
+    (``weight[k]``, or ``weight[k].T`` when ``transpose``) holds a nonzero in
+    the columns of panel ``p`` (:func:`panel_width` columns each). The
+    vector-sparse kernels visit exactly these (offset, row, panel) vectors."""
+    w = weight.detach()
+    if transpose:
+        w = w.transpose(1, 2)
+    width = panel_width(weight.dtype)
+    nonzero = torch.nn.functional.pad(w, (0, -w.shape[2] % width)) != 0
+    return nonzero.view(w.shape[0], w.shape[1], -1, width).any(-1)
+
+
+@dataclass(frozen=True, eq=False)
+class Execution:
+    """How the fused engine runs one product on given weights: ``active``
+    the offsets it runs (uint8 ``(K,)`` numpy flags, None: all), ``vector``
+    whether through the vector-sparse kernels; ``density`` the fraction of
+    the active offsets' vectors that hold a nonzero."""
+
+    active: object
+    vector: bool
+    density: float
+
+    @property
+    def name(self) -> str:
+        return "vector" if self.vector else ("offsets" if self.active is not None else "dense")
+
+
+def _flags(keep: torch.Tensor):
+    import numpy as np
+
+    return None if bool(keep.all()) else np.ascontiguousarray(keep.numpy().astype(np.uint8))
+
+
+def choose_execution(weight: torch.Tensor, region: torch.Tensor | None = None,
+                     transpose: bool = False) -> Execution:
+    """The forward (or, ``transpose``, input-gradient) execution of ``weight``:
+    offsets whose ``(C_in, C_out)`` slab is all zero (or outside ``region``,
+    a bool ``(K,)``) are skipped; the vector-sparse kernels run when at most
+    :data:`VECTOR_DENSITY` of the remaining vectors hold a nonzero."""
+    blocks = vector_blocks(weight, transpose)
+    keep = blocks.flatten(1).any(1)
+    if region is not None:
+        keep &= region
+    live = blocks[keep]
+    density = float(live.float().mean()) if live.numel() else 0.0
+    return Execution(_flags(keep), density <= VECTOR_DENSITY, density)
+
+
+def executed_flops(weight: torch.Tensor, pair_counts: torch.Tensor, region: torch.Tensor | None = None) -> int:
+    """Multiply-adds x 2 that the fused engine's forward executes for
+    ``weight`` on a map with per-offset ``pair_counts`` (the identity's
+    included): ``pairs(k) * C_in * C_out`` per offset run, or with the
+    vector-sparse kernels ``pairs(k) * (columns of the vectors listed)``."""
+    execution = choose_execution(weight, region)
+    counts = torch.as_tensor(pair_counts, dtype=torch.int64)
+    keep = torch.ones(weight.shape[0], dtype=torch.bool) if execution.active is None else \
+        torch.from_numpy(execution.active).bool()
+    if not execution.vector:
+        return 2 * int(counts[keep].sum()) * weight.shape[1] * weight.shape[2]
+    width = panel_width(weight.dtype)
+    columns = torch.full((-(-weight.shape[2] // width),), width, dtype=torch.int64)
+    columns[-1] = weight.shape[2] - width * (columns.numel() - 1)
+    per_offset = (vector_blocks(weight).long() * columns).sum((1, 2))
+    return 2 * int((counts * per_offset)[keep].sum())
+
+
+def weight_execution(mask: torch.Tensor | None, region: torch.Tensor | None):
+    """``(active, mask)`` for the weight gradient: an offset is skipped only
+    where ``region`` excludes it or ``mask`` (a pruning mask, whose product
+    zeroes its gradient) is all zero on it; ``mask`` goes to the kernels when
+    any of the kept offsets' vectors is all zero."""
+    if mask is None:
+        return (None if region is None else _flags(region)), None
+    blocks = vector_blocks(mask)
+    keep = blocks.flatten(1).any(1)
+    if region is not None:
+        keep = keep & region
+    return _flags(keep), (mask if not bool(blocks[keep].all()) else None)
+
+
 class ConvFunction(torch.autograd.Function):
-    """Autograd of the engine: ``ConvFunction.apply(feats, weight, bias, plan)``."""
+    """Autograd of the engine: ``ConvFunction.apply(feats, weight, bias, plan,
+    region, mask)`` (``region``, ``mask``: see :func:`conv_backward`)."""
 
     @staticmethod
-    def forward(ctx, feats, weight, bias, plan):
+    def forward(ctx, feats, weight, bias, plan, region=None, mask=None):
         feats_c, weight_c = feats.contiguous(), weight.contiguous()
-        ctx.plan = plan
+        ctx.plan, ctx.region, ctx.mask = plan, region, mask
         ctx.save_for_backward(feats_c, weight_c)
         ctx.has_bias = bias is not None
-        return conv_forward(feats_c, weight_c, bias, plan)
+        return conv_forward(feats_c, weight_c, bias, plan, region)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -374,9 +481,10 @@ class ConvFunction(torch.autograd.Function):
         feats, weight = ctx.saved_tensors
         grad = grad.contiguous()
         need_feats, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_feats, grad_weight = conv_backward(feats, weight, grad, ctx.plan, need_feats, need_weight)
+        grad_feats, grad_weight = conv_backward(feats, weight, grad, ctx.plan, need_feats, need_weight, ctx.region,
+                                                ctx.mask)
         grad_bias = grad.sum(0) if (ctx.has_bias and need_bias) else None
-        return grad_feats, grad_weight, grad_bias, None
+        return grad_feats, grad_weight, grad_bias, None, None, None
 
 
 def supported(feats: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -386,6 +494,16 @@ def supported(feats: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def conv(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kmap: _kmap.KernelMap,
          chunk_rows: int = DEFAULT_CHUNK_ROWS, epsilon: float = DEFAULT_EPSILON,
-         tile_rows: int = DEFAULT_TILE_ROWS, method: str | None = None) -> torch.Tensor:
-    """``out[out_idx] += feats[in_idx] @ weight[o]`` (+ bias) with autograd."""
-    return ConvFunction.apply(feats, weight, bias, get_plan(kmap, chunk_rows, epsilon, tile_rows, method))
+         tile_rows: int = DEFAULT_TILE_ROWS, method: str | None = None, region: torch.Tensor | None = None,
+         mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[out_idx] += feats[in_idx] @ weight[o]`` (+ bias) with autograd,
+    over the offsets of ``region`` (bool ``(K,)``, None: all). ``mask``: the
+    pruning mask ``weight`` was multiplied by (its zeros get no gradient)."""
+    plan = get_plan(kmap, chunk_rows, epsilon, tile_rows, method)
+    if region is not None and not isinstance(plan, FusedPlan):
+        weight = weight * region.to(weight.dtype).view(-1, 1, 1)
+    if mask is not None and (mask.shape != weight.shape or mask.dtype != weight.dtype):
+        raise ValueError(f"mask must match the weight {tuple(weight.shape)} {weight.dtype}; got "
+                         f"{tuple(mask.shape)} {mask.dtype}")
+    mask = None if mask is None else mask.detach().contiguous()
+    return ConvFunction.apply(feats, weight, bias, plan, region, mask)

@@ -35,12 +35,45 @@ def conv_with_map(feats: torch.Tensor, weight: torch.Tensor, kmap: _kmap.KernelM
     return out
 
 
+def region_of(kernel_size, region) -> torch.Tensor | None:
+    """The offsets a conv with a custom kernel region runs, as a bool ``(K,)``
+    (None: every offset). ``region``: None, ``"cross"`` (the hyper-cross: the
+    offsets with at most one axis away from the centre), or a sequence of
+    offset indices (API.md's enumeration)."""
+    k = as_triple(kernel_size, "kernel_size")
+    volume = k[0] * k[1] * k[2]
+    if region is None:
+        return None
+    if isinstance(region, str):
+        if region != "cross":
+            raise ValueError(f"kernel_region must be None, 'cross' or a sequence of offset indices; got {region!r}")
+        grid = torch.stack(torch.meshgrid(*[torch.arange(n) - (n - 1) // 2 for n in k], indexing="ij"), -1)
+        return (grid.reshape(-1, 3) != 0).sum(1) <= 1
+    try:
+        indices = [int(i) for i in region]
+    except (TypeError, ValueError):
+        raise TypeError(f"kernel_region must be None, 'cross' or a sequence of offset indices; got {region!r}") from None
+    if any(isinstance(i, bool) for i in region) or any(not 0 <= i < volume for i in indices) or not indices:
+        raise ValueError(f"kernel_region must list offset indices in [0, {volume}) for kernel_size {k}; got {region!r}")
+    keep = torch.zeros(volume, dtype=torch.bool)
+    keep[indices] = True
+    return keep
+
+
 def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, dilation=1,
-           bias: torch.Tensor | None = None, transposed: bool = False) -> SparseTensor:
+           bias: torch.Tensor | None = None, transposed: bool = False, kernel_region=None,
+           weight_mask: torch.Tensor | None = None) -> SparseTensor:
     """Sparse 3-D convolution (cross-correlation) of ``input`` with ``weight``
     ``(K, C_in, C_out)``; see API.md for the submanifold, strided and
     transposed semantics. The kernel map comes from ``input``'s coordinate
-    cache (built once per structural key)."""
+    cache (built once per structural key).
+
+    ``kernel_region`` (see :func:`region_of`): only those offsets are
+    summed (the others' weights are ignored and get a zero gradient).
+    ``weight_mask``: the pruning mask ``weight`` is the product with (the
+    entries it zeroes get a zero weight gradient, not computed). Offsets whose
+    weight is all zero are skipped, and sparse enough weights run the
+    vector-sparse kernels (see ``nn._engine.choose_execution``)."""
     if not isinstance(input, SparseTensor):
         raise TypeError(f"input must be a SparseTensor; got {type(input).__name__}")
     k = as_triple(kernel_size, "kernel_size")
@@ -54,10 +87,13 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
             raise ValueError(f"bias must be (C_out,) = ({weight.shape[2]},); got {tuple(bias.shape)}")
         if bias.dtype != weight.dtype or bias.device != weight.device:
             raise TypeError(f"bias ({bias.dtype}, {bias.device}) must match the weight ({weight.dtype}, {weight.device})")
+    region = region_of(k, kernel_region)
     kmap = _kmap.get_kmap(input, k, t, d, transposed)
     if _engine.supported(input.feats, weight):
-        feats = _engine.conv(input.feats, weight, bias, kmap)
+        feats = _engine.conv(input.feats, weight, bias, kmap, region=region, mask=weight_mask)
     else:  # other devices and dtypes: the same pairs in torch ops
+        if region is not None:
+            weight = weight * region.to(weight.device, weight.dtype).view(-1, 1, 1)
         feats = conv_with_map(input.feats, weight, kmap)
         if bias is not None:
             feats = feats + bias

@@ -22,10 +22,18 @@ class Conv3d(nn.Module):
 
     ``stride=1`` is submanifold (outputs on the input coords), ``stride>1``
     downsamples, ``transposed=True`` upsamples back to the coords the matching
-    downsampling came from."""
+    downsampling came from.
+
+    ``kernel_region``: a custom kernel region (MinkowskiEngine's idea):
+    ``"cross"`` or a list of offset indices; only those offsets run. The
+    weight keeps its ``(K, C_in, C_out)`` shape: the other offsets are zero
+    at initialisation, ignored by the forward and get a zero gradient.
+    Pruned with ``pointsparse.prune`` (``weight_mask``), the masked entries
+    get no gradient and the engine skips all-zero offsets and runs sparse
+    enough weights through the vector-sparse kernels."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=1, dilation=1,
-                 bias: bool = False, transposed: bool = False) -> None:
+                 bias: bool = False, transposed: bool = False, kernel_region=None) -> None:
         super().__init__()
         for name, v in (("in_channels", in_channels), ("out_channels", out_channels)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -37,20 +45,38 @@ class Conv3d(nn.Module):
         self.dilation = as_triple(dilation, "dilation")
         self.transposed = bool(transposed)
         self.kernel_volume = self.kernel_size[0] * self.kernel_size[1] * self.kernel_size[2]
+        region = F.region_of(self.kernel_size, kernel_region)
+        self.kernel_region = None if region is None else tuple(int(i) for i in region.nonzero().flatten())
         self.weight = nn.Parameter(torch.empty(self.kernel_volume, in_channels, out_channels))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        fan = (self.out_channels if self.transposed else self.in_channels) * self.kernel_volume
+        volume = self.kernel_volume if self.kernel_region is None else len(self.kernel_region)
+        fan = (self.out_channels if self.transposed else self.in_channels) * volume
         bound = 1.0 / math.sqrt(fan)
         nn.init.uniform_(self.weight, -bound, bound)
+        if self.kernel_region is not None:
+            with torch.no_grad():
+                outside = torch.ones(self.kernel_volume, dtype=torch.bool)
+                outside[list(self.kernel_region)] = False
+                self.weight[outside] = 0
         if self.bias is not None:
             nn.init.uniform_(self.bias, -bound, bound)
 
+    def pruning_mask(self) -> torch.Tensor | None:
+        """The mask ``weight`` is multiplied by when torch-style pruning is
+        attached (``weight_orig`` parameter + ``weight_mask`` buffer), else None."""
+        mask = getattr(self, "weight_mask", None)
+        orig = getattr(self, "weight_orig", None)
+        return mask if isinstance(orig, nn.Parameter) and isinstance(mask, torch.Tensor) else None
+
     def forward(self, input: SparseTensor) -> SparseTensor:
+        mask = self.pruning_mask()
+        if mask is not None and (mask.dtype != self.weight.dtype or mask.device != self.weight.device):
+            mask = mask.to(self.weight.device, self.weight.dtype)
         return F.conv3d(_check_input(input), self.weight, self.kernel_size, self.stride, self.dilation,
-                        self.bias, self.transposed)
+                        self.bias, self.transposed, self.kernel_region, mask)
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -59,6 +85,8 @@ class Conv3d(nn.Module):
             s += ", bias=True"
         if self.transposed:
             s += ", transposed=True"
+        if self.kernel_region is not None:
+            s += f", kernel_region={list(self.kernel_region)}"
         return s
 
 
