@@ -77,12 +77,13 @@ def test_skipping_and_vector_kernels_equal_the_dense_kernels(k, t, transposed, c
     dense = run_core(plan, feats, w, g, portable)
     fwd = _engine.choose_execution(w)
     assert fwd.active is not None and not fwd.active[0]
-    for vector in (False, True):
-        wactive, vectors = _engine.weight_execution(mask, None)
-        out, gf, gw = run_core(plan, feats, w, g, portable, fwd.active, vector, wactive, vectors)
+    wactive = _engine.weight_execution(mask, None)[0]
+    assert wactive is not None and not wactive[0]
+    for vector in (False, True):  # vector: the vector kernels and the masked weight gradient
+        out, gf, gw = run_core(plan, feats, w, g, portable, fwd.active, vector, wactive, mask if vector else None)
         assert torch.equal(out, dense[0]) and torch.equal(gf, dense[1])
         assert torch.equal(gw * mask, dense[2] * mask)
-        assert not gw[mask == 0].any() if vectors is not None else True
+        assert not gw[0].any() and not (vector and gw[mask == 0].any())
     f, ww = feats.clone().requires_grad_(), w.clone().requires_grad_()
     ref = F.conv_with_map(f, ww, kmap)
     ref_gf, ref_gw = torch.autograd.grad(ref, (f, ww), g)
@@ -161,6 +162,7 @@ def test_pruned_module_forward_backward_against_dense_conv3d(kind, monkeypatch):
     entries zeroed; weight_orig's gradient exactly the unmasked engine's
     gradient * mask (the masked vectors are not computed)."""
     monkeypatch.setattr(_engine, "VECTOR_DENSITY", 1.0)  # the vector kernels on any density
+    monkeypatch.setattr(_engine, "MASKED_WGRAD_DENSITY", 1.0)
     conv = pruned_conv(kind)
     x = make(c=8)
     feats = x.feats.clone().requires_grad_()
@@ -196,6 +198,7 @@ def test_removed_pruning_keeps_the_full_weight_gradient():
 @pytest.mark.parametrize("vector_density", [0.0, 1.0])
 def test_gradcheck_pruned(vector_density, monkeypatch):
     monkeypatch.setattr(_engine, "VECTOR_DENSITY", vector_density)
+    monkeypatch.setattr(_engine, "MASKED_WGRAD_DENSITY", vector_density)
     conv = pruned_conv("both", c=3)
     x = make(n=60, c=3, extent=4)
     w = (conv.weight_orig * conv.weight_mask).detach().requires_grad_()
@@ -225,6 +228,7 @@ def _threads_run(threads, kind):
 @pytest.mark.parametrize("kind", ["offset", "both"])
 def test_bit_identical_for_1_and_2_threads(kind, monkeypatch):
     monkeypatch.setattr(_engine, "VECTOR_DENSITY", 1.0)
+    monkeypatch.setattr(_engine, "MASKED_WGRAD_DENSITY", 1.0)
     for a, b in zip(_threads_run(1, kind), _threads_run(2, kind)):
         assert torch.equal(a, b)
 

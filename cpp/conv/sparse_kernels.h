@@ -174,7 +174,12 @@ void wgrad_pairs_masked(const MaskedWgradArgs<T>& s, int64_t k, int64_t s0, int6
       for (int64_t p = 0; p < np; ++p) {
         if (count[p] == 0) continue;
         T* d = bp + (p * kKC + q) * NR;
-        for (int64_t j = 0; j < NR; ++j) d[j] = p * NR + j < a.c_out ? gr[p * NR + j] : T(0);
+        if ((p + 1) * NR <= a.c_out) {
+          vstore(d, vload(gr + p * NR));
+          vstore(d + NR / 2, vload(gr + p * NR + NR / 2));
+        } else {
+          for (int64_t j = 0; j < NR; ++j) d[j] = p * NR + j < a.c_out ? gr[p * NR + j] : T(0);
+        }
       }
     }
     for (int64_t p = 0; p < np; ++p) {
