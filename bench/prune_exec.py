@@ -91,7 +91,7 @@ def measure(channels: int, coords: torch.Tensor, rounds: int) -> str:
     med = {i: statistics.median(t) for i, t in times.items()}
     base = {bw: med[i] for i, r in enumerate(runs) if r[0] == "unpruned" for bw in [r[3]]}
     lines = [f"### C = {channels} ({len(coords):,} voxels, {int(sizes.sum()):,} pairs)", "",
-             "| pruning | executed | engine path | ideal (pairs or FLOPs) | forward ms | fwd speed-up | "
+             "| pruning | run as | engine path | ideal (pairs or FLOPs) | forward ms | fwd speed-up | "
              "fwd+bwd ms | fwd+bwd speed-up |", "|---|---|---|---|---|---|---|---|"]
     rows = {}
     for i, (name, kind, conv, backward, vd) in enumerate(runs):
@@ -99,29 +99,42 @@ def measure(channels: int, coords: torch.Tensor, rounds: int) -> str:
     for (name, kind), t in rows.items():
         conv = next(r[2] for r in runs if r[0] == name)
         w = conv.weight.detach()
-        dense_flops = 2 * int(sizes.sum()) * w.shape[1] * w.shape[2]
-        if kind == "vector/dense kernels":
-            old = _engine.VECTOR_DENSITY
-            _engine.VECTOR_DENSITY = -1.0
-            flops, path = _engine.executed_flops(w, sizes), _engine.choose_execution(w).name
-            _engine.VECTOR_DENSITY = old
-        else:
-            flops, path = _engine.executed_flops(w, sizes), _engine.choose_execution(w).name
-        lines.append(f"| {name} | {kind} | {path} | {dense_flops / flops:.2f}x | {1e3 * t[False]:.1f} | "
+        lines.append(f"| {name} | {kind} | {path_of(w, kind)} | {ideal(w, sizes):.2f}x | {1e3 * t[False]:.1f} | "
                      f"{base[False] / t[False]:.2f}x | {1e3 * t[True]:.1f} | {base[True] / t[True]:.2f}x |")
     return "\n".join(lines)
+
+
+def ideal(weight: torch.Tensor, sizes: torch.Tensor) -> float:
+    """Dense FLOPs over the FLOPs the pruned weights imply at their
+    granularity: total pairs / pairs of the nonzero offsets, or the columns
+    of the nonzero vectors (the vector kernels' count)."""
+    old = _engine.VECTOR_DENSITY
+    _engine.VECTOR_DENSITY = 1.0
+    try:
+        implied = _engine.executed_flops(weight, sizes)
+    finally:
+        _engine.VECTOR_DENSITY = old
+    return 2 * int(sizes.sum()) * weight.shape[1] * weight.shape[2] / implied
+
+
+def path_of(weight: torch.Tensor, kind: str) -> str:
+    if kind == "vector/dense kernels":
+        return "offsets" if _engine.choose_execution(weight).active is not None else "dense"
+    return _engine.choose_execution(weight).name
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--channels", type=int, nargs="+", default=[64])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", default=str(RESULTS_DIR / "prune_exec.md"))
     args = parser.parse_args()
     sweeps = real_sweeps()
     if "kitti-raw/000049" not in sweeps:
         print("prune_exec: ../shared/datasets/kitti-raw/000049.bin is absent; nothing measured")
         return
+    torch.set_num_threads(args.threads)
     coords = real_scene(sweeps["kitti-raw/000049"], 0.05)
     tables = [measure(c, coords, args.rounds) for c in args.channels]
     for t in tables:

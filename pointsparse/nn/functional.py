@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import kmap as _kmap
@@ -98,6 +100,51 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
         if bias is not None:
             feats = feats + bias
     return SparseTensor(feats, kmap.out_coords, kmap.key.out_stride, cache=input.cache, validate=False)
+
+
+def keep_per_batch(scores: torch.Tensor, batch: torch.Tensor, keep_ratio: float | None = None,
+                   threshold: float | None = None) -> torch.Tensor:
+    """Sorted int64 rows to keep: per batch item the ``ceil(keep_ratio * n)``
+    highest ``scores`` (ties: the earlier row), or every row whose score is
+    ``>= threshold``."""
+    if threshold is not None:
+        return (scores >= threshold).nonzero().flatten()
+    kept = []
+    for b in torch.unique(batch).tolist():
+        rows = (batch == b).nonzero().flatten()
+        n = math.ceil(round(keep_ratio * rows.numel(), 9))  # 0.3 * 10 is 3, not 4
+        order = torch.sort(scores[rows], descending=True, stable=True).indices[:n]
+        kept.append(rows[order])
+    return torch.sort(torch.cat(kept)).values if kept else batch.new_zeros(0, dtype=torch.int64)
+
+
+def _finer(a, b) -> bool:
+    return a != b and all(x <= y for x, y in zip(a, b))
+
+
+def select_voxels(input: SparseTensor, rows: torch.Tensor, feats: torch.Tensor | None = None) -> SparseTensor:
+    """The sites ``rows`` of ``input`` (sorted int64), as a SparseTensor at the
+    same stride with a coordinate cache of its own: its coords at this
+    stride are the kept ones (later convs build their maps on them, coarser
+    strides come from them), while the coords of every finer stride (and the
+    maps among finer strides only) are the input cache's, so transposed
+    convs upsample back to the coords the skip connections hold."""
+    if not isinstance(input, SparseTensor):
+        raise TypeError(f"input must be a SparseTensor; got {type(input).__name__}")
+    from ..tensor import CoordinateCache
+
+    cache = CoordinateCache()
+    for stride, coords in input.cache.coords.items():
+        if _finer(stride, input.stride):
+            cache.set_coords(stride, coords)
+    for key, kmap in input.cache.kmaps.items():
+        coarse = tuple(a * b for a, b in zip(key.tensor_stride, key.stride))
+        if _finer(key.tensor_stride, input.stride) and _finer(coarse, input.stride):
+            cache.get_kmap(key, lambda kmap=kmap: kmap)
+    coords = input.coords[rows.to(input.coords.device)]
+    cache.set_coords(input.stride, coords)
+    feats = input.feats[rows.to(input.device)] if feats is None else feats
+    return SparseTensor(feats, coords, input.stride, cache=cache, validate=False)
 
 
 def _same_sites(tensors, what: str) -> SparseTensor:

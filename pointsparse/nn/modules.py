@@ -90,6 +90,60 @@ class Conv3d(nn.Module):
         return s
 
 
+class VoxelPrune(nn.Module):
+    """Spatial (activation) pruning: keeps the most important voxels of a
+    SparseTensor and drops the rest (SPS-Conv, Ada3D).
+
+    ``score="magnitude"``: a voxel's importance is the L2 norm of its feats;
+    ``score="learned"``: a per-voxel linear score ``Linear(in_channels, 1)``,
+    and the kept feats are multiplied by ``sigmoid(score)`` so that the score
+    learns. Per batch item the ``ceil(keep_ratio * n)`` highest scores are
+    kept, or (``threshold`` given) every voxel scoring ``>= threshold``. The
+    output keeps the input's row order and stride; its coordinate cache
+    holds the kept coords at this stride and the input's coords at finer
+    strides (see :func:`functional.select_voxels`), so the convs after it
+    build their maps on the kept voxels and transposed convs come back to
+    the coords the skip connections expect."""
+
+    SCORES = ("magnitude", "learned")
+
+    def __init__(self, keep_ratio: float = 0.5, score: str = "magnitude", in_channels: int | None = None,
+                 threshold: float | None = None) -> None:
+        super().__init__()
+        if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
+            raise ValueError(f"keep_ratio must be a number in (0, 1]; got {keep_ratio!r}")
+        if score not in self.SCORES:
+            raise ValueError(f"score must be one of {self.SCORES}; got {score!r}")
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
+            raise TypeError(f"threshold must be a number or None; got {threshold!r}")
+        self.keep_ratio = float(keep_ratio)
+        self.score = score
+        self.threshold = None if threshold is None else float(threshold)
+        self.scorer = None
+        if score == "learned":
+            if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
+                raise ValueError(f"score='learned' needs in_channels, a positive int; got {in_channels!r}")
+            self.scorer = nn.Linear(in_channels, 1)
+
+    def scores(self, input: SparseTensor) -> torch.Tensor:
+        if self.scorer is None:
+            return input.feats.detach().norm(dim=1)
+        return self.scorer(input.feats).squeeze(1)
+
+    def forward(self, input: SparseTensor) -> SparseTensor:
+        x = _check_input(input)
+        scores = self.scores(x)
+        rows = F.keep_per_batch(scores.detach(), x.coords[:, 0].to(scores.device), self.keep_ratio, self.threshold)
+        feats = x.feats[rows]
+        if self.scorer is not None:
+            feats = feats * torch.sigmoid(scores[rows]).unsqueeze(1)
+        return F.select_voxels(x, rows, feats)
+
+    def extra_repr(self) -> str:
+        rule = f"threshold={self.threshold}" if self.threshold is not None else f"keep_ratio={self.keep_ratio}"
+        return f"{rule}, score={self.score!r}"
+
+
 class _Pool3d(nn.Module):
     function = staticmethod(F.max_pool3d)
 
