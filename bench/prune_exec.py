@@ -55,7 +55,26 @@ def check(conv, x, kmap) -> None:
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
-def once(conv, x, backward: bool, vector_density: float) -> float:
+def core_forward(conv, x, kmap, vector_density: float):
+    """The fused kernels alone (plan built, choice made, output allocated
+    once): what the engine's forward costs without the per-call Python."""
+    weight = conv.weight.detach().contiguous()
+    old = _engine.VECTOR_DENSITY
+    _engine.VECTOR_DENSITY = vector_density
+    run = _engine.choose_execution(weight)
+    _engine.VECTOR_DENSITY = old
+    plan = _engine.get_plan(kmap)
+    out = x.feats.new_empty((kmap.num_out, weight.shape[2]))
+    args = (x.feats.numpy(), weight.numpy(), None, out.numpy(), torch.get_num_threads())
+    return lambda: plan.core.forward(*args, active=run.active, vector=run.vector)
+
+
+def once(conv, x, mode: str, vector_density: float) -> float:
+    if callable(mode):
+        t0 = time.perf_counter()
+        mode()
+        return time.perf_counter() - t0
+    backward = mode == "fwd+bwd"
     old = _engine.VECTOR_DENSITY
     _engine.VECTOR_DENSITY = vector_density
     try:
@@ -78,29 +97,29 @@ def measure(channels: int, coords: torch.Tensor, rounds: int) -> str:
     runs = []  # (label, conv, backward, vector_density)
     for name, kind, amount, conv in variants(channels):
         check(conv, x, kmap)
-        for backward in (False, True):
-            runs.append((name, kind, conv, backward, _engine.VECTOR_DENSITY))
-            if kind == "vector":
-                runs.append((name, "vector/dense kernels", conv, backward, -1.0))
+        for mode in ("fwd", "fwd+bwd", "core"):
+            for label, vd in [(kind, _engine.VECTOR_DENSITY)] + ([("vector/dense kernels", -1.0)] if kind == "vector" else []):
+                runs.append((name, label, conv, core_forward(conv, x, kmap, vd) if mode == "core" else mode, vd, mode))
     times = {i: [] for i in range(len(runs))}
-    for i, (_, _, conv, backward, vd) in enumerate(runs):  # warm-up: maps and plans built
-        once(conv, x, backward, vd)
+    for i, (_, _, conv, mode, vd, _) in enumerate(runs):  # warm-up: maps and plans built
+        once(conv, x, mode, vd)
     for _ in range(rounds):
-        for i, (_, _, conv, backward, vd) in enumerate(runs):
-            times[i].append(once(conv, x, backward, vd))
+        for i, (_, _, conv, mode, vd, _) in enumerate(runs):
+            times[i].append(once(conv, x, mode, vd))
     med = {i: statistics.median(t) for i, t in times.items()}
-    base = {bw: med[i] for i, r in enumerate(runs) if r[0] == "unpruned" for bw in [r[3]]}
+    base = {r[5]: med[i] for i, r in enumerate(runs) if r[0] == "unpruned"}
     lines = [f"### C = {channels} ({len(coords):,} voxels, {int(sizes.sum()):,} pairs)", "",
              "| pruning | run as | engine path | ideal (pairs or FLOPs) | forward ms | fwd speed-up | "
-             "fwd+bwd ms | fwd+bwd speed-up |", "|---|---|---|---|---|---|---|---|"]
+             "fwd+bwd ms | fwd+bwd speed-up | kernels alone: fwd speed-up |", "|---|---|---|---|---|---|---|---|---|"]
     rows = {}
-    for i, (name, kind, conv, backward, vd) in enumerate(runs):
-        rows.setdefault((name, kind), {})[backward] = med[i]
+    for i, (name, kind, conv, mode, vd, label) in enumerate(runs):
+        rows.setdefault((name, kind), {})[label] = med[i]
     for (name, kind), t in rows.items():
         conv = next(r[2] for r in runs if r[0] == name)
         w = conv.weight.detach()
-        lines.append(f"| {name} | {kind} | {path_of(w, kind)} | {ideal(w, sizes):.2f}x | {1e3 * t[False]:.1f} | "
-                     f"{base[False] / t[False]:.2f}x | {1e3 * t[True]:.1f} | {base[True] / t[True]:.2f}x |")
+        lines.append(f"| {name} | {kind} | {path_of(w, kind)} | {ideal(w, sizes):.2f}x | {1e3 * t['fwd']:.1f} | "
+                     f"{base['fwd'] / t['fwd']:.2f}x | {1e3 * t['fwd+bwd']:.1f} | "
+                     f"{base['fwd+bwd'] / t['fwd+bwd']:.2f}x | {base['core'] / t['core']:.2f}x |")
     return "\n".join(lines)
 
 

@@ -11,7 +11,7 @@ template <typename T>
 inline void micro_idx(int64_t n, const int32_t* __restrict idx, const T* const* a, const T* __restrict b,
                       T* const* c, int mr, int64_t ncols) {
   typedef typename Vec<T>::type V;
-  constexpr int L = int(sizeof(V) / sizeof(T));
+  constexpr int L = int(32 / sizeof(T));  // as micro (fused_kernels.h)
   constexpr int NR = 2 * L;
   V acc0[kMR], acc1[kMR];
 #pragma GCC unroll 6
@@ -117,7 +117,7 @@ template <typename T>
 inline void micro_wg_idx(int64_t n, const T* const* xp, const int32_t* ix, const T* __restrict b, T* c,
                          int64_t ldc, int mr, int64_t ncols) {
   typedef typename Vec<T>::type V;
-  constexpr int L = int(sizeof(V) / sizeof(T));
+  constexpr int L = int(32 / sizeof(T));  // as micro (fused_kernels.h)
   constexpr int NR = 2 * L;
   V acc0[kMR], acc1[kMR];
 #pragma GCC unroll 6
