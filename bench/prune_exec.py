@@ -1,7 +1,8 @@
 """Speed-up of executed weight sparsity on a real sweep: a submanifold
 ``Conv3d(C, C, 3)`` over KITTI (000049, 0.05 m voxels) pruned by kernel
 offsets (``kernel_structured(scope="offset")``) and by engine vectors
-(``panel_structured``), forward and forward+backward, against the unpruned
+(``panel_structured``; ``square=True``: width x width blocks, which the
+input gradient skips too), forward and forward+backward, against the unpruned
 conv timed in the same rounds (interleaved, medians). Every pruned conv's
 output is first checked against torch ops on the masked weight. For vector
 sparsity the same pruned weights are also timed through the dense kernels
@@ -29,6 +30,7 @@ from pointsparse.nn import functional as F
 
 OFFSET_AMOUNTS = (0.25, 0.5, 0.75)
 VECTOR_AMOUNTS = (0.25, 0.5, 0.75, 0.9)
+SQUARE_AMOUNTS = (0.5, 0.75)
 
 
 def variants(channels: int) -> list[tuple[str, str, float, ps.nn.Conv3d]]:
@@ -36,14 +38,14 @@ def variants(channels: int) -> list[tuple[str, str, float, ps.nn.Conv3d]]:
     torch.manual_seed(0)
     base = ps.nn.Conv3d(channels, channels, 3)
     out = [("unpruned", "dense", 0.0, base)]
-    for kind, amounts in (("offset", OFFSET_AMOUNTS), ("vector", VECTOR_AMOUNTS)):
+    for kind, amounts in (("offset", OFFSET_AMOUNTS), ("vector", VECTOR_AMOUNTS), ("square", SQUARE_AMOUNTS)):
         for amount in amounts:
             conv = ps.nn.Conv3d(channels, channels, 3)
             conv.load_state_dict(base.state_dict())
             if kind == "offset":
                 prune.kernel_structured(conv, "weight", amount, scope="offset")
             else:
-                prune.panel_structured(conv, "weight", amount)
+                prune.panel_structured(conv, "weight", amount, square=kind == "square")
             out.append((f"{kind} {amount:.0%}", kind, amount, conv))
     return out
 

@@ -284,3 +284,13 @@ def test_panel_structured_prunes_engine_vectors():
     assert torch.equal(full[:, :, :2].amax(-1), full[:, :, :2].amin(-1))
     assert torch.equal(full[:, :, 2, :8].amax(-1), full[:, :, 2, :8].amin(-1))
     assert abs(blocks.float().mean().item() - 0.5) < 0.01
+
+
+def test_square_panels_zero_vectors_in_both_directions():
+    conv = ps.nn.Conv3d(32, 32, 3)
+    prune.panel_structured(conv, "weight", 0.75, square=True)
+    forward = _engine.choose_execution(conv.weight)
+    backward = _engine.choose_execution(conv.weight, transpose=True)
+    assert forward.vector and backward.vector and forward.density == backward.density
+    assert _engine.vector_blocks(conv.weight).float().mean() == 0.25
+    assert _engine.vector_blocks(conv.weight, transpose=True).float().mean() == 0.25
