@@ -294,3 +294,15 @@ def test_square_panels_zero_vectors_in_both_directions():
     assert forward.vector and backward.vector and forward.density == backward.density
     assert _engine.vector_blocks(conv.weight).float().mean() == 0.25
     assert _engine.vector_blocks(conv.weight, transpose=True).float().mean() == 0.25
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(27, 5, 7), (8, 40, 17), (1, 1, 1), (3, 0, 4)])
+def test_vector_counts_in_cpp_equal_torch(shape, dtype):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(shape, generator=g, dtype=dtype) * (torch.rand(shape, generator=g) < 0.1)
+    for transpose in (False, True):
+        want = _engine.vector_blocks(w, transpose).sum(1)
+        assert torch.equal(_engine.vector_counts(w, transpose), want)
+    with pytest.raises(ValueError, match="weight"):
+        ps._ext.core.conv_weight_vectors(np.ones((2, 2)), False)

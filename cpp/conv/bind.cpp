@@ -128,6 +128,55 @@ void scatter_add(py::array buf, carray<int64_t> idx, carray<int64_t> start, carr
            [&] { scatter_impl<double>(buf, seg, rows, dst, nt); });
 }
 
+// counts[k][p]: the rows c of W[k] (W[k].T when transpose) holding a nonzero
+// in the columns of panel p (nr<T>() columns): the vectors the
+// vector-sparse kernels visit. One pass over the weight, no allocation
+// beyond the result.
+template <typename T>
+void count_vectors(const T* w, int64_t K, int64_t c_in, int64_t c_out, bool transpose, int32_t* counts) {
+  constexpr int64_t NR = conv::nr<T>();
+  const int64_t rows = transpose ? c_out : c_in, np = conv::panels<T>(transpose ? c_in : c_out);
+  std::vector<uint8_t> mark(rows * np);
+  for (int64_t k = 0; k < K; ++k) {
+    // One contiguous pass over W[k] (c, j): the vector of (c, j) is
+    // (row c, panel j / NR), or transposed (row j, panel c / NR).
+    std::fill(mark.begin(), mark.end(), uint8_t(0));
+    const T* wk = w + k * c_in * c_out;
+    for (int64_t c = 0; c < c_in; ++c) {
+      const T* row = wk + c * c_out;
+      if (transpose) {
+        for (int64_t j = 0; j < c_out; ++j) mark[j * np + c / NR] |= row[j] != T(0);
+        continue;
+      }
+      for (int64_t p = 0; p < np; ++p) {
+        const int64_t n = std::min(NR, c_out - p * NR);
+        bool nonzero = false;
+        for (int64_t j = 0; j < n; ++j) nonzero |= row[p * NR + j] != T(0);
+        mark[c * np + p] = nonzero;
+      }
+    }
+    for (int64_t p = 0; p < np; ++p) {
+      int32_t n = 0;
+      for (int64_t r = 0; r < rows; ++r) n += mark[r * np + p];
+      counts[k * np + p] = n;
+    }
+  }
+}
+
+py::array_t<int32_t> weight_vectors(py::array weight, bool transpose) {
+  if (weight.ndim() != 3 || !is_c_contiguous(weight))
+    value_error("weight must be a C-contiguous (K, C_in, C_out) array; got shape " + shape_str(weight));
+  const int64_t K = weight.shape(0), c_in = weight.shape(1), c_out = weight.shape(2);
+  py::array_t<int32_t> counts;
+  dispatch(weight, [&] {
+    counts = py::array_t<int32_t>({K, conv::panels<float>(transpose ? c_in : c_out)});
+    count_vectors(static_cast<const float*>(weight.data()), K, c_in, c_out, transpose, counts.mutable_data());
+  }, [&] {
+    counts = py::array_t<int32_t>({K, conv::panels<double>(transpose ? c_in : c_out)});
+    count_vectors(static_cast<const double*>(weight.data()), K, c_in, c_out, transpose, counts.mutable_data());
+  });
+  return counts;
+}
 
 // The pairs of one kernel map, checked and laid out once for the fused
 // kernels: per offset (the identity left out) the pairs sorted by output row
@@ -478,6 +527,10 @@ void bind_conv(py::module_& m) {
         py::arg("rows"), py::arg("dst"), py::arg("num_threads"),
         "dst[idx[start[g]+i]] += buf[g*rows+i] for i < len[g], segment by segment (indices unique within a "
         "segment); deterministic for any thread count. In place.");
+  m.def("conv_weight_vectors", &weight_vectors, py::arg("weight"), py::arg("transpose") = false,
+        "int32 (K, panels): per offset k and panel p of nr columns (16 float32, 8 float64), the rows of "
+        "weight[k] (weight[k].T when transpose) holding a nonzero in the panel: the vectors the vector-sparse "
+        "kernels visit.");
   m.def("conv_isa", [] { return std::string(conv::uses_avx2() ? "avx2" : "generic"); },
         "Instruction set the fused convolution kernels use on this CPU: 'avx2' or 'generic'.");
   py::class_<ConvPlan>(m, "ConvPlan",

@@ -394,7 +394,7 @@ def vector_blocks(weight: torch.Tensor, transpose: bool = False) -> torch.Tensor
         w = w.transpose(1, 2)
     width = panel_width(weight.dtype)
     nonzero = torch.nn.functional.pad(w, (0, -w.shape[2] % width)) != 0
-    return nonzero.view(w.shape[0], w.shape[1], -1, width).any(-1)
+    return nonzero.view(w.shape[0], w.shape[1], -(-w.shape[2] // width), width).any(-1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -419,19 +419,43 @@ def _flags(keep: torch.Tensor):
     return None if bool(keep.all()) else np.ascontiguousarray(keep.numpy().astype(np.uint8))
 
 
+def vector_counts(weight: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """int64 ``(K, panels)``: ``vector_blocks(weight, transpose).sum(1)``,
+    counted in one C++ pass for CPU float32/float64 (the per-call cost of
+    the engine's choice), in torch ops otherwise."""
+    if weight.device.type == "cpu" and weight.dtype in ENGINE_DTYPES:
+        w = weight.detach().contiguous()
+        return torch.from_numpy(_ext.core.conv_weight_vectors(_np(w), transpose)).to(torch.int64)
+    return vector_blocks(weight, transpose).sum(1)
+
+
 def choose_execution(weight: torch.Tensor, region: torch.Tensor | None = None,
                      transpose: bool = False) -> Execution:
     """The forward (or, ``transpose``, input-gradient) execution of ``weight``:
     offsets whose ``(C_in, C_out)`` slab is all zero (or outside ``region``,
     a bool ``(K,)``) are skipped; the vector-sparse kernels run when at most
     :data:`VECTOR_DENSITY` of the remaining vectors hold a nonzero."""
-    blocks = vector_blocks(weight, transpose)
-    keep = blocks.flatten(1).any(1)
+    counts = vector_counts(weight, transpose)
+    return _execution(counts, weight.shape[2] if transpose else weight.shape[1], region, VECTOR_DENSITY)
+
+
+def _execution(counts: torch.Tensor, rows: int, region, threshold: float) -> Execution:
+    per_offset = counts.sum(1)
+    keep = per_offset > 0
     if region is not None:
         keep &= region
-    live = blocks[keep]
-    density = float(live.float().mean()) if live.numel() else 0.0
-    return Execution(_flags(keep), density <= VECTOR_DENSITY, density)
+    capacity = int(keep.sum()) * rows * counts.shape[1]
+    density = int(per_offset[keep].sum()) / capacity if capacity else 0.0
+    return Execution(_flags(keep), density <= threshold, density)
+
+
+def _panel_columns(cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """Columns of each panel of ``cols`` columns (the last one may be narrower)."""
+    width = panel_width(dtype)
+    columns = torch.full((-(-cols // width),), width, dtype=torch.int64)
+    if columns.numel():
+        columns[-1] = cols - width * (columns.numel() - 1)
+    return columns
 
 
 def executed_flops(weight: torch.Tensor, pair_counts: torch.Tensor, region: torch.Tensor | None = None) -> int:
@@ -439,17 +463,15 @@ def executed_flops(weight: torch.Tensor, pair_counts: torch.Tensor, region: torc
     ``weight`` on a map with per-offset ``pair_counts`` (the identity's
     included): ``pairs(k) * C_in * C_out`` per offset run, or with the
     vector-sparse kernels ``pairs(k) * (columns of the vectors listed)``."""
-    execution = choose_execution(weight, region)
-    counts = torch.as_tensor(pair_counts, dtype=torch.int64)
+    counts = vector_counts(weight)
+    execution = _execution(counts, weight.shape[1], region, VECTOR_DENSITY)
+    pairs = torch.as_tensor(pair_counts, dtype=torch.int64)
     keep = torch.ones(weight.shape[0], dtype=torch.bool) if execution.active is None else \
         torch.from_numpy(execution.active).bool()
     if not execution.vector:
-        return 2 * int(counts[keep].sum()) * weight.shape[1] * weight.shape[2]
-    width = panel_width(weight.dtype)
-    columns = torch.full((-(-weight.shape[2] // width),), width, dtype=torch.int64)
-    columns[-1] = weight.shape[2] - width * (columns.numel() - 1)
-    per_offset = (vector_blocks(weight).long() * columns).sum((1, 2))
-    return 2 * int((counts * per_offset)[keep].sum())
+        return 2 * int(pairs[keep].sum()) * weight.shape[1] * weight.shape[2]
+    per_offset = (counts * _panel_columns(weight.shape[2], weight.dtype)).sum(1)
+    return 2 * int((pairs * per_offset)[keep].sum())
 
 
 def weight_execution(mask: torch.Tensor | None, region: torch.Tensor | None):
@@ -460,13 +482,8 @@ def weight_execution(mask: torch.Tensor | None, region: torch.Tensor | None):
     unmasked (either way the result times the mask is the same, bit for bit)."""
     if mask is None:
         return (None if region is None else _flags(region)), None
-    blocks = vector_blocks(mask)
-    keep = blocks.flatten(1).any(1)
-    if region is not None:
-        keep = keep & region
-    live = blocks[keep]
-    sparse = live.numel() > 0 and float(live.float().mean()) <= MASKED_WGRAD_DENSITY
-    return _flags(keep), (mask if sparse else None)
+    execution = _execution(vector_counts(mask), mask.shape[1], region, MASKED_WGRAD_DENSITY)
+    return execution.active, (mask if execution.vector and execution.density > 0 else None)
 
 
 class ConvFunction(torch.autograd.Function):
