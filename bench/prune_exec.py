@@ -100,7 +100,8 @@ def measure(channels: int, coords: torch.Tensor, rounds: int) -> str:
     for name, kind, amount, conv in variants(channels):
         check(conv, x, kmap)
         for mode in ("fwd", "fwd+bwd", "core"):
-            for label, vd in [(kind, _engine.VECTOR_DENSITY)] + ([("vector/dense kernels", -1.0)] if kind == "vector" else []):
+            labels = [(kind, _engine.VECTOR_DENSITY)] + ([("vector/dense kernels", -1.0)] if kind == "vector" else [])
+            for label, vd in labels:
                 runs.append((name, label, conv, core_forward(conv, x, kmap, vd) if mode == "core" else mode, vd, mode))
     times = {i: [] for i in range(len(runs))}
     for i, (_, _, conv, mode, vd, _) in enumerate(runs):  # warm-up: maps and plans built
