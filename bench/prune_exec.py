@@ -6,7 +6,9 @@ input gradient skips too), forward and forward+backward, against the unpruned
 conv timed in the same rounds (interleaved, medians). Every pruned conv's
 output is first checked against torch ops on the masked weight. For vector
 sparsity the same pruned weights are also timed through the dense kernels
-(offsets skipped only), which is what sets ``_engine.VECTOR_DENSITY``.
+(offsets skipped only), which is what sets ``_engine.VECTOR_DENSITY``. A
+last table times a decoder step with half the voxels dropped by
+``nn.VoxelPrune`` (see :func:`spatial`).
 
     flock /work/bench.lock .venv/bin/python bench/prune_exec.py [--channels 64] [--rounds 5]
 """
@@ -126,6 +128,44 @@ def measure(channels: int, coords: torch.Tensor, rounds: int) -> str:
     return "\n".join(lines)
 
 
+def spatial(channels: int, coords: torch.Tensor, rounds: int, keep: float = 0.5) -> str:
+    """A U-Net decoder step on the sweep: the stride-2 tensor (from a k2 s2
+    conv, not timed) through two submanifold k3 convs and a k2 s2 transposed
+    conv back to the full stride-1 coords, with and without
+    ``VoxelPrune(keep)`` first. Both sides start from a fresh coordinate
+    cache every call (``select_voxels`` of all or of the kept rows), so both
+    build their stride-2 maps and the transposed map each time."""
+    torch.manual_seed(0)
+    x = ps.SparseTensor(torch.randn(len(coords), channels), coords)
+    down = ps.nn.Conv3d(channels, channels, 2, 2)
+    body = torch.nn.Sequential(ps.nn.Conv3d(channels, channels, 3), ps.nn.ReLU(), ps.nn.Conv3d(channels, channels, 3),
+                               ps.nn.ReLU(), ps.nn.Conv3d(channels, channels, 2, 2, transposed=True))
+    with torch.no_grad():
+        coarse = down(x)
+    everything = torch.arange(len(coarse))
+    pruner = ps.nn.VoxelPrune(keep)
+
+    def run(prune_first: bool):
+        with torch.no_grad():
+            start = pruner(coarse) if prune_first else F.select_voxels(coarse, everything)
+            out = body(start)
+        assert torch.equal(out.coords, x.coords)
+        return len(start)
+
+    sizes = {flag: run(flag) for flag in (False, True)}
+    times = {False: [], True: []}
+    for _ in range(rounds):
+        for flag in (False, True):
+            t0 = time.perf_counter()
+            run(flag)
+            times[flag].append(time.perf_counter() - t0)
+    full, pruned = (statistics.median(times[f]) for f in (False, True))
+    return (f"### Spatial pruning, C = {channels}: decoder step from stride 2 ({sizes[False]:,} voxels) back to "
+            f"stride 1 ({len(coords):,})\n\n| voxels entering | time ms | speed-up |\n|---|---|---|\n"
+            f"| all {sizes[False]:,} | {1e3 * full:.1f} | 1.00x |\n"
+            f"| VoxelPrune({keep}): {sizes[True]:,} | {1e3 * pruned:.1f} | {full / pruned:.2f}x |")
+
+
 def ideal(weight: torch.Tensor, sizes: torch.Tensor) -> float:
     """Dense FLOPs over the FLOPs the pruned weights imply at their
     granularity: total pairs / pairs of the nonzero offsets, or the columns
@@ -159,6 +199,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     coords = real_scene(sweeps["kitti-raw/000049"], 0.05)
     tables = [measure(c, coords, args.rounds) for c in args.channels]
+    tables += [spatial(c, coords, args.rounds) for c in args.channels]
     for t in tables:
         print(t, "\n")
     command = "python bench/prune_exec.py " + " ".join(sys.argv[1:])
