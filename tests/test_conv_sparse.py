@@ -306,3 +306,19 @@ def test_vector_counts_in_cpp_equal_torch(shape, dtype):
         assert torch.equal(_engine.vector_counts(w, transpose), want)
     with pytest.raises(ValueError, match="weight"):
         ps._ext.core.conv_weight_vectors(np.ones((2, 2)), False)
+
+
+def test_no_active_offset_leaves_the_bias_and_a_zero_weight_gradient():
+    feats, kmap = case(3, 1, False, 5, 6, torch.float64)
+    plan = _engine.make_fused_plan(kmap)
+    w = torch.randn(27, 5, 6, dtype=torch.float64)
+    bias = torch.randn(6, dtype=torch.float64)
+    none = np.zeros(27, np.uint8)
+    for vector in (False, True):
+        out = torch.full((kmap.num_out, 6), float("nan"), dtype=torch.float64)
+        plan.core.forward(feats.numpy(), w.numpy(), bias.numpy(), out.numpy(), 2, False, none, vector)
+        assert torch.equal(out, bias.expand_as(out))
+    gw = torch.full_like(w, float("nan"))
+    g = torch.randn(kmap.num_out, 6, dtype=torch.float64)
+    plan.core.backward_weight(feats.numpy(), g.numpy(), gw.numpy(), 2, False, none, None)
+    assert not gw.any()
