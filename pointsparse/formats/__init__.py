@@ -104,7 +104,7 @@ def _effective_conv_weight(module) -> torch.Tensor:
     from ..nn.functional import region_of
 
     weight = module_weight(module, "weight")
-    region = region_of(module.kernel_size, module.kernel_region)
+    region = region_of(module.kernel_size, getattr(module, "kernel_region", None))
     return weight if region is None else weight * region.to(weight.dtype).view(-1, 1, 1)
 
 

@@ -76,7 +76,7 @@ class Conv3d(nn.Module):
         if mask is not None and (mask.dtype != self.weight.dtype or mask.device != self.weight.device):
             mask = mask.to(self.weight.device, self.weight.dtype)
         return F.conv3d(_check_input(input), self.weight, self.kernel_size, self.stride, self.dilation,
-                        self.bias, self.transposed, self.kernel_region, mask)
+                        self.bias, self.transposed, getattr(self, "kernel_region", None), mask)
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -85,7 +85,7 @@ class Conv3d(nn.Module):
             s += ", bias=True"
         if self.transposed:
             s += ", transposed=True"
-        if self.kernel_region is not None:
+        if getattr(self, "kernel_region", None) is not None:  # modules pickled before it existed have none
             s += f", kernel_region={list(self.kernel_region)}"
         return s
 
