@@ -68,10 +68,12 @@ MIN_PIECE_ROWS = 2048
 
 ENGINE_DTYPES = (torch.float32, torch.float64)
 #: Largest fraction of listed vectors (see :func:`vector_blocks`) at which the
-#: fused engine runs the vector-sparse kernels instead of the dense ones, and
-#: the same for the masked weight gradient (given a pruning mask); measured
-#: on KITTI at C=64/128 (bench/RESULTS.md: forward at density 0.9 ran 1.02x the
-#: dense kernel, 0.75 1.2x; the masked weight gradient 0.88x at 0.9, 1.0x at 0.75).
+#: fused engine runs the vector-sparse kernels instead of the dense ones
+#: (``VECTOR_DENSITY``), and the masked weight gradient instead of the dense
+#: one (``MASKED_WGRAD_DENSITY``, given a pruning mask); measured on KITTI at
+#: C=64/128 (bench/RESULTS.md: the vector forward ran 1.02x the dense kernel
+#: at density 0.9, 1.2x at 0.75; the masked weight gradient 0.88x at 0.9,
+#: 1.0x at 0.75).
 VECTOR_DENSITY = 0.85
 MASKED_WGRAD_DENSITY = 0.7
 #: The method :func:`conv` uses when none is given ("fused" or "grouped");
