@@ -107,6 +107,11 @@ def conv_scatter_add(
     segment by segment (indices unique within a segment, so no float atomics);
     deterministic for any thread count."""
 
+def conv_weight_vectors(weight: np.ndarray, transpose: bool = False) -> np.ndarray:
+    """int32 (K, panels): per offset and panel of nr columns (16 float32, 8
+    float64) the rows of weight[k] (weight[k].T when transpose) holding a
+    nonzero in the panel: the vectors the vector-sparse kernels visit."""
+
 def conv_isa() -> str:
     """Instruction set the fused convolution kernels use on this CPU by default:
     'avx512', 'avx2' or 'generic' (the widest build that runs here)."""
@@ -143,7 +148,7 @@ class ConvPlan:
     ) -> None: ...
     def forward(
         self, feats: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, out: np.ndarray, num_threads: int,
-        isa: str | bool | None = None, relu: bool = False,
+        isa: str | bool | None = None, relu: bool = False, active: np.ndarray | None = None, vector: bool = False,
     ) -> None:
         """out = bias + sum over offsets o of feats[in_idx] @ weight[o] added at
         out_idx (bias None: zero); writes every row of out. `isa`: None (the
@@ -162,14 +167,17 @@ class ConvPlan:
         this plan's pairs: no pass over them."""
     def backward_input(
         self, grad: np.ndarray, weight: np.ndarray, grad_feats: np.ndarray, num_threads: int,
-        isa: str | bool | None = None,
+        isa: str | bool | None = None, active: np.ndarray | None = None, vector: bool = False,
     ) -> None:
-        """grad_feats = sum over offsets o of grad[out_idx] @ weight[o].T added at in_idx."""
+        """grad_feats = sum over offsets o of grad[out_idx] @ weight[o].T added at in_idx (active, vector: as
+        in forward)."""
     def backward_weight(
         self, feats: np.ndarray, grad: np.ndarray, grad_weight: np.ndarray, num_threads: int,
-        isa: str | bool | None = None,
+        isa: str | bool | None = None, active: np.ndarray | None = None, mask: np.ndarray | None = None,
     ) -> None:
-        """grad_weight[o] = feats[in_idx].T @ grad[out_idx] for every offset o."""
+        """grad_weight[o] = feats[in_idx].T @ grad[out_idx] for every offset o; zero for offsets active leaves
+        out and, with mask (K, C_in, C_out), for the vectors where the mask is all zero (the entries computed
+        equal the dense ones bit for bit)."""
 
 def spmm_isa() -> str:
     """Instruction set the SpMM kernels use on this CPU by default: 'avx512',

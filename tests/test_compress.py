@@ -150,3 +150,83 @@ def test_load_balanced_on_sparse_conv_uses_output_channels():
         F.LoadBalancedUnstructured(0.5, num_pe=0)
     with pytest.raises(ValueError):
         F.LoadBalancedUnstructured(1.5, num_pe=2)
+
+
+# ------------------------------------------------- execution and state
+def _pruned_conv(seed=4, amount=0.75, channels=8, stride=1):
+    torch.manual_seed(seed)
+    conv = psnn.Conv3d(channels, channels, kernel_size=3, stride=stride, bias=True)
+    pointsparse.prune.panel_structured(conv, "weight", amount)
+    return conv
+
+
+@pytest.mark.parametrize("fmt,kwargs", [("csr", {}), ("bsr", {"blocksize": (2, 4)}), ("fkw", {})])
+def test_state_dict_round_trip(fmt, kwargs):
+    import io
+
+    conv = _pruned_conv()
+    x = _sparse_input(channels=8)
+    sparse = F.compress(conv, fmt, **kwargs)
+    ref = sparse(x).feats
+    other = F.compress(_pruned_conv(seed=9, amount=0.3), fmt, **kwargs)
+    assert not torch.equal(other(x).feats, ref)
+    buffer = io.BytesIO()
+    torch.save(sparse.state_dict(), buffer)
+    buffer.seek(0)
+    other.load_state_dict(torch.load(buffer, weights_only=False))
+    assert other.execution == sparse.execution == "engine" and torch.equal(other(x).feats, ref)
+    other.execution = "format"
+    torch.testing.assert_close(other(x).feats, ref, atol=1e-5, rtol=1e-5)
+    assert other.nbytes() == sparse.nbytes()
+
+
+def test_compressed_modules_refuse_dtype_changes_and_gradients_they_cannot_give():
+    conv = _pruned_conv()
+    sparse = F.compress(conv, "csr")
+    with pytest.raises(TypeError, match=r"cannot follow \.to\(torch.float64\)"):
+        sparse.to(torch.float64)
+    with pytest.raises(TypeError, match="compress the module again"):
+        F.compress(torch.nn.Linear(4, 2), "csr").double()
+    assert sparse.to("cpu") is sparse
+    x = _sparse_input(channels=8)
+    feats = x.feats.clone().requires_grad_()
+    sparse.execution = "format"
+    with pytest.raises(RuntimeError, match="inference-only"):
+        sparse(x.with_feats(feats))
+    with pytest.raises(RuntimeError, match="inference-only"):
+        F.compress(torch.nn.Linear(4, 2), "csr")(torch.ones(3, 4, requires_grad=True))
+    with torch.no_grad():
+        sparse(x.with_feats(feats))
+    sparse.execution = "engine"  # the engine gives the input gradient, as the module does
+    sparse(x.with_feats(feats)).feats.sum().backward()
+    ref_feats = x.feats.clone().requires_grad_()
+    conv(x.with_feats(ref_feats)).feats.sum().backward()
+    torch.testing.assert_close(feats.grad, ref_feats.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_compress_measures_and_records_its_choice():
+    conv = _pruned_conv(channels=16, stride=2)
+    x = _sparse_input(n=300, channels=16)
+    sparse = F.compress(conv, "coo", example_input=x)
+    assert sparse.execution in ("engine", "format")
+    assert sparse.chosen.startswith(sparse.execution) and "engine" in sparse.chosen and "format" in sparse.chosen
+    assert sparse.execution in repr(sparse)
+    torch.testing.assert_close(sparse(x).feats, conv(x).feats.detach(), atol=1e-5, rtol=1e-5)
+    assert F.compress(conv, "coo").chosen == "engine (not measured)"
+    model = torch.nn.Sequential(psnn.Conv3d(16, 16, 3), _pruned_conv(channels=16))
+    compressed = F.compress(model, "csr", example_input=x)
+    assert all("ms" in m.chosen for m in compressed)
+    torch.testing.assert_close(compressed(x).feats, model(x).feats.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_compress_zeroes_what_a_kernel_region_leaves_out():
+    torch.manual_seed(0)
+    conv = psnn.Conv3d(4, 4, 3, kernel_region="cross")
+    with torch.no_grad():
+        conv.weight.add_(1.0)  # nonzero outside the region too: ignored by the conv
+    x = _sparse_input(channels=4)
+    sparse = F.compress(conv, "csr")
+    for execution in ("engine", "format"):
+        sparse.execution = execution
+        with torch.no_grad():
+            torch.testing.assert_close(sparse(x).feats, conv(x).feats, atol=1e-5, rtol=1e-5)

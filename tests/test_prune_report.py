@@ -111,7 +111,7 @@ def test_before_and_after_table():
     assert after["total"]["flops"] < before["total"]["flops"]
     table = prune.format_report(after, before)
     lines = table.splitlines()
-    assert lines[0].split() == ["layer", "type", "shape", "params", "nonzeros", "sparsity", "FLOPs"]
+    assert lines[0].split() == ["layer", "type", "shape", "params", "nonzeros", "sparsity", "FLOPs", "executed"]
     assert any(line.startswith("body.0") and "0.0% -> 50.0%" in line for line in lines)
     assert lines[-1].startswith("total")
 
@@ -168,3 +168,37 @@ def test_report_bad_pairs_checked_with_or_without_an_example_input(with_input):
     counts = torch.tensor([1, 2, 1])
     assert prune.sparsity_report(conv, x, pairs={"": counts})["layers"][""]["flops"] == \
         prune.sparsity_report(conv, pairs={"": counts.tolist()})["layers"][""]["flops"]
+
+
+def test_executed_flops_follow_the_engine_choice():
+    """Executed FLOPs: dense for unstructured sparsity, the kept offsets'
+    pairs for offset pruning, the listed vectors' columns for vector pruning
+    (against hand counts from the pair counts); torch layers run dense."""
+    import pointsparse as ps
+    from pointsparse.nn import _engine
+
+    counts = torch.arange(1, 28, dtype=torch.int64)
+    torch.manual_seed(0)
+    conv = ps.nn.Conv3d(8, 40, 3)
+    row = prune.sparsity_report(conv, pairs={"": counts})["layers"][""]
+    assert row["execution"] == "dense" and row["executed_flops"] == row["dense_flops"] == 2 * 378 * 320
+    prune.l1_unstructured(conv, "weight", amount=0.5)
+    row = prune.sparsity_report(conv, pairs={"": counts})["layers"][""]
+    assert row["execution"] == "dense" and row["executed_flops"] == row["dense_flops"] > row["flops"]
+    prune.remove(conv, "weight")
+    with torch.no_grad():
+        conv.weight.normal_()
+        conv.weight[:10] = 0
+    row = prune.sparsity_report(conv, pairs={"": counts})["layers"][""]
+    assert row["execution"] == "offsets" and row["executed_flops"] == row["flops"] == 2 * int(counts[10:].sum()) * 320
+    prune.panel_structured(conv, "weight", 0.8)
+    row = prune.sparsity_report(conv, pairs={"": counts})["layers"][""]
+    blocks = _engine.vector_blocks(conv.weight)  # panels of 16, 16 and 8 columns
+    columns = (blocks * torch.tensor([16, 16, 8])).sum((1, 2))
+    assert row["execution"] == "vector" and row["executed_flops"] == 2 * int((counts * columns).sum())
+    conv = ps.nn.Conv3d(8, 8, 3, kernel_region="cross")
+    row = prune.sparsity_report(conv, pairs={"": counts})["layers"][""]
+    keep = ps.nn.functional.region_of(3, "cross")
+    assert row["execution"] == "offsets" and row["executed_flops"] == 2 * int(counts[keep].sum()) * 64
+    report = prune.sparsity_report(nn.Linear(3, 4), torch.randn(5, 3))
+    assert report["layers"][""]["executed_flops"] == 2 * 5 * 12 and report["total"]["executed_flops"] == 120

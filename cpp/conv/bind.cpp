@@ -12,6 +12,7 @@
 #include "bind.h"
 #include "conv/fused.h"
 #include "conv/gather_scatter.h"
+#include "conv/sparse.h"
 #include "isa_arg.h"
 
 namespace ps {
@@ -128,6 +129,55 @@ void scatter_add(py::array buf, carray<int64_t> idx, carray<int64_t> start, carr
            [&] { scatter_impl<double>(buf, seg, rows, dst, nt); });
 }
 
+// counts[k][p]: the rows c of W[k] (W[k].T when transpose) holding a nonzero
+// in the columns of panel p (sparse_panel<T>() columns, the 32-byte builds'
+// tiles): the vectors the vector-sparse kernels visit. One pass over the weight, no allocation
+// beyond the result.
+template <typename T>
+void count_vectors(const T* w, int64_t K, int64_t c_in, int64_t c_out, bool transpose, int32_t* counts) {
+  constexpr int64_t NR = conv::sparse_panel<T>();
+  const int64_t rows = transpose ? c_out : c_in, np = conv::panels<T>(Isa::avx2, transpose ? c_in : c_out);
+  std::vector<uint8_t> mark(rows * np);
+  for (int64_t k = 0; k < K; ++k) {
+    // One contiguous pass over W[k] (c, j): the vector of (c, j) is
+    // (row c, panel j / NR), or transposed (row j, panel c / NR).
+    std::fill(mark.begin(), mark.end(), uint8_t(0));
+    const T* wk = w + k * c_in * c_out;
+    for (int64_t c = 0; c < c_in; ++c) {
+      const T* row = wk + c * c_out;
+      if (transpose) {
+        for (int64_t j = 0; j < c_out; ++j) mark[j * np + c / NR] |= row[j] != T(0);
+        continue;
+      }
+      for (int64_t p = 0; p < np; ++p) {
+        const int64_t n = std::min(NR, c_out - p * NR);
+        bool nonzero = false;
+        for (int64_t j = 0; j < n; ++j) nonzero |= row[p * NR + j] != T(0);
+        mark[c * np + p] = nonzero;
+      }
+    }
+    for (int64_t p = 0; p < np; ++p) {
+      int32_t n = 0;
+      for (int64_t r = 0; r < rows; ++r) n += mark[r * np + p];
+      counts[k * np + p] = n;
+    }
+  }
+}
+
+py::array_t<int32_t> weight_vectors(py::array weight, bool transpose) {
+  if (weight.ndim() != 3 || !is_c_contiguous(weight))
+    value_error("weight must be a C-contiguous (K, C_in, C_out) array; got shape " + shape_str(weight));
+  const int64_t K = weight.shape(0), c_in = weight.shape(1), c_out = weight.shape(2);
+  py::array_t<int32_t> counts;
+  dispatch(weight, [&] {
+    counts = py::array_t<int32_t>({K, conv::panels<float>(Isa::avx2, transpose ? c_in : c_out)});
+    count_vectors(static_cast<const float*>(weight.data()), K, c_in, c_out, transpose, counts.mutable_data());
+  }, [&] {
+    counts = py::array_t<int32_t>({K, conv::panels<double>(Isa::avx2, transpose ? c_in : c_out)});
+    count_vectors(static_cast<const double*>(weight.data()), K, c_in, c_out, transpose, counts.mutable_data());
+  });
+  return counts;
+}
 
 // The pairs of one kernel map, checked and laid out once for the fused
 // kernels: per offset (the identity left out) the pairs sorted by output row
@@ -210,6 +260,33 @@ class ConvPlan {
     return t;
   }
 
+  // The pairs of one call that skips offsets: the cuts of a skipped offset
+  // made constant (no pairs in any block; O(blocks * K), no pair touched)
+  // and its identity dropped. The map and the plan stay whole.
+  class Skip {
+   public:
+    Skip(const ConvPlan& plan, const py::object& active, bool by_input) : pairs_(by_input ? plan.pairs_bwd() : plan.pairs_fwd()) {
+      if (active.is_none()) return;
+      const carray<uint8_t> flags = as_carray<uint8_t>(active, "active");
+      const int64_t K = pairs_.kernel_volume;
+      check_1d(flags, K, "active");
+      const int64_t n = (by_input ? plan.num_in_ : plan.num_out_) + conv::kBlockRows - 1;
+      const int64_t blocks = n / conv::kBlockRows;
+      cuts_.assign(pairs_.cuts, pairs_.cuts + (blocks + 1) * K);
+      for (int64_t k = 0; k < K; ++k) {
+        if (flags.data()[k]) continue;
+        for (int64_t b = 0; b <= blocks; ++b) cuts_[b * K + k] = plan.ptr_[k];
+        if (k == pairs_.identity) pairs_.identity = -1;
+      }
+      pairs_.cuts = cuts_.data();
+    }
+    const conv::PairList& pairs() const { return pairs_; }
+
+   private:
+    conv::PairList pairs_;
+    std::vector<int64_t> cuts_;
+  };
+
   int64_t num_in() const { return num_in_; }
   int64_t num_out() const { return num_out_; }
   int64_t kernel_volume() const { return int64_t(ptr_.size()) - 1; }
@@ -218,8 +295,10 @@ class ConvPlan {
   int64_t num_pairs() const { return ptr_.back() + (identity_ >= 0 ? num_in_ : 0); }
 
   // out = bias + sum over offsets o of out[out_idx] += feats[in_idx] @ weight[o].
+  // `active`: None (every offset) or K flags, the offsets run (a skipped
+  // offset's pairs are left out); `vector`: the vector-sparse kernels.
   void forward(py::array feats, py::array weight, py::object bias, py::array out, int num_threads,
-               py::object isa, bool relu) const {
+               py::object isa, bool relu, py::object active, bool vector) const {
     const Isa use = isa_arg(isa);
     check_apply(feats, "feats", out, "out", weight, false);
     py::array b;
@@ -231,7 +310,8 @@ class ConvPlan {
       if (!is_c_contiguous(b)) value_error("bias must be C-contiguous");
       same_dtype(b, feats, out);
     }
-    apply(feats, weight, has_bias ? &b : nullptr, out, false, num_threads, use, relu);
+    apply(feats, weight, has_bias ? &b : nullptr, out, false, num_threads, use, relu, Skip(*this, active, false),
+          vector);
   }
 
   // The bf16 inference forward: feats and weight hold bf16 bits (int16 or
@@ -266,15 +346,18 @@ class ConvPlan {
 
   // grad_feats = sum over offsets o of grad_feats[in_idx] += grad[out_idx] @ weight[o]^T.
   void backward_input(py::array grad, py::array weight, py::array grad_feats, int num_threads,
-                      py::object isa) const {
+                      py::object isa, py::object active, bool vector) const {
     const Isa use = isa_arg(isa);
     check_apply(grad, "grad", grad_feats, "grad_feats", weight, true);
-    apply(grad, weight, nullptr, grad_feats, true, num_threads, use, false);
+    apply(grad, weight, nullptr, grad_feats, true, num_threads, use, false, Skip(*this, active, true), vector);
   }
 
   // grad_weight[o] = feats[in_idx]^T @ grad[out_idx] for every offset o.
+  // `active` as in forward (a skipped offset's gradient is zero); `mask`
+  // (K, C_in, C_out) or None: only the vectors (offset, input channel,
+  // panel of columns) where the mask holds a nonzero are computed.
   void backward_weight(py::array feats, py::array grad, py::array grad_weight, int num_threads,
-                       py::object isa) const {
+                       py::object isa, py::object active, py::object mask) const {
     const Isa use = isa_arg(isa);
     check_rows(feats, "feats", false);
     check_rows(grad, "grad", false);
@@ -283,8 +366,17 @@ class ConvPlan {
     check_weight(grad_weight, feats.shape(1), grad.shape(1), "grad_weight");
     if (!grad_weight.writeable()) value_error("grad_weight must be writeable");
     same_dtype(feats, grad, grad_weight);
-    dispatch(feats, [&] { run_wgrad<float>(feats, grad, grad_weight, num_threads, use); },
-             [&] { run_wgrad<double>(feats, grad, grad_weight, num_threads, use); });
+    py::array m;
+    if (!mask.is_none()) {
+      m = py::array::ensure(mask);
+      if (!m) value_error("mask must be an array or None");
+      check_weight(m, feats.shape(1), grad.shape(1), "mask");
+      same_dtype(m, feats, grad);
+    }
+    const Skip skip(*this, active, false);
+    const py::array* mp = mask.is_none() ? nullptr : &m;
+    dispatch(feats, [&] { run_wgrad<float>(feats, grad, grad_weight, num_threads, use, skip, mp); },
+             [&] { run_wgrad<double>(feats, grad, grad_weight, num_threads, use, skip, mp); });
   }
 
  private:
@@ -430,9 +522,9 @@ class ConvPlan {
   }
 
   void apply(const py::array& src, const py::array& weight, const py::array* bias, py::array& dst, bool transpose,
-             int num_threads, Isa isa, bool relu) const {
-    dispatch(src, [&] { run_apply<float>(src, weight, bias, dst, transpose, num_threads, isa, relu); },
-             [&] { run_apply<double>(src, weight, bias, dst, transpose, num_threads, isa, relu); });
+             int num_threads, Isa isa, bool relu, const Skip& skip, bool vector) const {
+    dispatch(src, [&] { run_apply<float>(src, weight, bias, dst, transpose, num_threads, isa, relu, skip, vector); },
+             [&] { run_apply<double>(src, weight, bias, dst, transpose, num_threads, isa, relu, skip, vector); });
   }
 
   static void check_bf16_bits(const py::array& a, const char* name) {
@@ -463,20 +555,27 @@ class ConvPlan {
 
   template <typename T>
   void run_apply(const py::array& src, const py::array& weight, const py::array* bias, py::array& dst,
-                 bool transpose, int num_threads, Isa isa, bool relu) const {
-    const int64_t kc = src.shape(1), cols = dst.shape(1);
+                 bool transpose, int num_threads, Isa isa, bool relu, const Skip& skip, bool vector) const {
+    const int64_t kc = src.shape(1), cols = dst.shape(1), K = kernel_volume();
     if (cols == 0 || dst.shape(0) == 0) return;
     const T* b = bias ? static_cast<const T*>(bias->data()) : nullptr;
     conv::ApplyArgs<T> a{static_cast<const T*>(src.data()), static_cast<const T*>(weight.data()), b,
                          static_cast<T*>(dst.mutable_data()), nullptr, kc, cols, dst.shape(0), transpose,
-                         transpose ? pairs_bwd() : pairs_fwd(), threads(num_threads), relu};
+                         skip.pairs(), threads(num_threads), relu};
+    if (vector) {
+      const int64_t lists = K * conv::panels<T>(Isa::avx2, cols);
+      std::vector<int32_t> idx(std::max<int64_t>(1, lists * kc)), count(std::max<int64_t>(1, lists));
+      py::gil_scoped_release release;
+      conv::apply_sparse(conv::SparseApplyArgs<T>{a, idx.data(), count.data()}, isa);
+      return;
+    }
     py::gil_scoped_release release;
     conv::apply(a, isa);
   }
 
   template <typename T>
   void run_wgrad(const py::array& feats, const py::array& grad, py::array& grad_weight, int num_threads,
-                 Isa isa) const {
+                 Isa isa, const Skip& skip, const py::array* mask) const {
     const int64_t c_in = feats.shape(1), c_out = grad.shape(1), K = kernel_volume();
     if (c_in == 0 || c_out == 0 || K == 0) return;
     if (num_out_ == 0 || (num_pairs() == 0 && identity_ < 0)) {
@@ -508,7 +607,15 @@ class ConvPlan {
     std::vector<T> partials(num_units * K * c_in * c_out);
     conv::WgradArgs<T> a{static_cast<const T*>(feats.data()), static_cast<const T*>(grad.data()),
                          static_cast<T*>(grad_weight.mutable_data()), partials.data(), nullptr,
-                         units.data(), num_units, c_in, c_out, num_out_, pairs_fwd(), nt};
+                         units.data(), num_units, c_in, c_out, num_out_, skip.pairs(), nt};
+    if (mask) {
+      const int64_t lists = K * conv::panels<T>(Isa::avx2, c_out);
+      std::vector<int32_t> idx(std::max<int64_t>(1, lists * c_in)), count(std::max<int64_t>(1, lists));
+      const conv::MaskedWgradArgs<T> m{a, static_cast<const T*>(mask->data()), idx.data(), count.data()};
+      py::gil_scoped_release release;
+      conv::wgrad_masked(m, isa);
+      return;
+    }
     py::gil_scoped_release release;
     conv::wgrad(a, isa);
   }
@@ -542,6 +649,10 @@ void bind_conv(py::module_& m) {
         py::arg("rows"), py::arg("dst"), py::arg("num_threads"),
         "dst[idx[start[g]+i]] += buf[g*rows+i] for i < len[g], segment by segment (indices unique within a "
         "segment); deterministic for any thread count. In place.");
+  m.def("conv_weight_vectors", &weight_vectors, py::arg("weight"), py::arg("transpose") = false,
+        "int32 (K, panels): per offset k and panel p of nr columns (16 float32, 8 float64), the rows of "
+        "weight[k] (weight[k].T when transpose) holding a nonzero in the panel: the vectors the vector-sparse "
+        "kernels visit.");
   m.def("conv_isa", [] { return std::string(isa_name(best_isa())); },
         "Instruction set the fused convolution kernels use on this CPU by default: 'avx512', 'avx2' or 'generic'.");
   m.def("conv_bf16", [] { return conv::bf16_runs(); },
@@ -568,20 +679,29 @@ void bind_conv(py::module_& m) {
       .def_property_readonly("num_pairs", &ConvPlan::num_pairs)
       .def("forward", &ConvPlan::forward, py::arg("feats"), py::arg("weight"), py::arg("bias"), py::arg("out"),
            py::arg("num_threads"), py::arg("isa") = py::none(), py::arg("relu") = false,
+           py::arg("active") = py::none(), py::arg("vector") = false,
            "out = bias + sum over offsets o of feats[in_idx] @ weight[o] added at out_idx (bias None: zero). "
            "Writes every row of out. isa: None (the best build that runs here), 'generic', 'avx2' or 'avx512' "
            "(ValueError where it does not run); True/False: the former `portable` flag. relu: out = max(out, 0) "
-           "in the kernel's epilogue (inference).")
+           "in the kernel's epilogue (inference). active: None or K flags (uint8), the offsets run (the others' "
+           "pairs are left out); vector: the vector-sparse kernels (only the weight rows of each column panel "
+           "that hold a nonzero are visited; they run in the 32-byte builds).")
       .def("forward_bf16", &ConvPlan::forward_bf16, py::arg("feats"), py::arg("weight"), py::arg("bias"),
            py::arg("out"), py::arg("num_threads"), py::arg("relu") = false,
            "Inference forward in bf16 (AVX512-BF16): feats and weight hold bf16 bits (int16/uint16 arrays), bias "
            "(float32 or None) and out float32; products summed in float32. ValueError where the CPU lacks it.")
       .def("backward_input", &ConvPlan::backward_input, py::arg("grad"), py::arg("weight"), py::arg("grad_feats"),
-           py::arg("num_threads"), py::arg("isa") = py::none(),
-           "grad_feats = sum over offsets o of grad[out_idx] @ weight[o].T added at in_idx. Writes every row.")
+           py::arg("num_threads"), py::arg("isa") = py::none(), py::arg("active") = py::none(),
+           py::arg("vector") = false,
+           "grad_feats = sum over offsets o of grad[out_idx] @ weight[o].T added at in_idx. Writes every row. "
+           "isa, active, vector: as in forward.")
       .def("backward_weight", &ConvPlan::backward_weight, py::arg("feats"), py::arg("grad"),
            py::arg("grad_weight"), py::arg("num_threads"), py::arg("isa") = py::none(),
-           "grad_weight[o] = feats[in_idx].T @ grad[out_idx] for every offset o. Writes all of grad_weight.");
+           py::arg("active") = py::none(), py::arg("mask") = py::none(),
+           "grad_weight[o] = feats[in_idx].T @ grad[out_idx] for every offset o. Writes all of grad_weight: zero "
+           "for an offset active leaves out and, with mask (K, C_in, C_out), for every vector (offset, input "
+           "channel, panel of 16 float32 / 8 float64 columns) where the mask is all zero; the entries computed "
+           "equal the dense ones bit for bit.");
 }
 
 }  // namespace ps

@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "conv/fused.h"
+#include "conv/sparse.h"
 
 // The kernels' 32-byte vector types are split into SSE halves here; they never
 // cross a function boundary that is not inlined (internal linkage), so the
@@ -16,6 +17,7 @@ namespace ps {
 namespace conv {
 namespace generic {
 #include "conv/fused_kernels.h"
+#include "conv/sparse_kernels.h"
 }  // namespace generic
 }  // namespace conv
 }  // namespace ps

@@ -16,6 +16,8 @@ element (ESE); ``imbalance`` measures the spread."""
 from __future__ import annotations
 
 import copy
+import statistics
+import time
 
 import torch
 
@@ -46,18 +48,29 @@ def _format_class(format):
     raise ValueError(f"format must be one of {sorted(FORMATS)} (or a format class); got {format!r}")
 
 
-def compress(module: torch.nn.Module, format="csr", **kwargs) -> torch.nn.Module:
+def compress(module: torch.nn.Module, format="csr", example_input=None, **kwargs) -> torch.nn.Module:
     """An inference copy of ``module`` whose weights live in ``format``.
 
     * ``torch.nn.Linear`` -> :class:`SparseLinear` (weight (out, in)).
     * ``pointsparse.nn.Conv3d`` -> :class:`SparseConv3d`: per kernel offset
       ``W[o].T`` (C_out, C_in) in the format; FKW holds the whole
-      (C_out, C_in, K) weight.
+      (C_out, C_in, K) weight. It runs either through the format's product
+      or through the fused engine on the weight the format holds (which
+      skips all-zero offsets and runs the vector-sparse kernels when the
+      weight allows: never slower than the dense module); with
+      ``example_input`` (the conv's input, or for a model the model's
+      input) both are timed on it and the faster kept, else the engine (every
+      format measured slower than the engine on this kind of CPU:
+      bench/RESULTS.md). ``chosen`` on the result records the choice and
+      the times.
     * any other module: a deep copy with every Linear / Conv3d inside replaced.
 
     ``kwargs`` go to the format's ``from_dense`` (``blocksize`` for BSR, ``n,
     m, prune`` for NM, ``num_pe`` for EIE). The effective weight of a pruned
-    module (``weight_orig * weight_mask``) is used; the module is not changed."""
+    module (``weight_orig * weight_mask``, zero outside a ``kernel_region``)
+    is used; the module is not changed. Compressed modules save their
+    formats in ``state_dict``, refuse ``.to(dtype)`` and inputs that need a
+    gradient they cannot give, with a clear error."""
     from ..nn import Conv3d
 
     cls = _format_class(format)
@@ -65,16 +78,10 @@ def compress(module: torch.nn.Module, format="csr", **kwargs) -> torch.nn.Module
         weight = module_weight(module, "weight")
         return SparseLinear(cls.from_dense(weight, **kwargs), module.bias)
     if isinstance(module, Conv3d):
-        if cls is FKW:
-            offsets = FKW.from_module(module, **kwargs)
-        else:
-            weight = module_weight(module, "weight")  # (K, C_in, C_out)
-            offsets = [cls.from_dense(weight[o].t(), **kwargs) for o in range(weight.shape[0])]
-        return SparseConv3d(offsets, module.kernel_size, module.stride, module.dilation,
-                            module.transposed, module.in_channels, module.out_channels,
-                            module.bias)
+        return _compress_conv(module, cls, example_input, kwargs)
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"module must be a torch.nn.Module; got {type(module).__name__}")
+    inputs = {} if example_input is None else _conv_inputs(module, example_input, Conv3d)
     # Pruned weights are computed (non-leaf) tensors that deepcopy refuses:
     # copy them as detached tensors; the forward pre-hooks recompute them.
     memo = {}
@@ -82,17 +89,77 @@ def compress(module: torch.nn.Module, format="csr", **kwargs) -> torch.nn.Module
         for value in vars(sub).values():
             if isinstance(value, torch.Tensor) and not value.is_leaf:
                 memo[id(value)] = value.detach().clone()
+    originals = dict(module.named_modules())
     result = copy.deepcopy(module, memo)
-    _replace_children(result, cls, kwargs, Conv3d)
+    for name, sub in list(result.named_modules()):
+        for child_name, child in list(sub.named_children()):
+            if isinstance(child, (torch.nn.Linear, Conv3d)):
+                qualified = f"{name}.{child_name}" if name else child_name
+                example = inputs.get(originals[qualified]) if qualified in originals else None
+                setattr(sub, child_name, compress(child, cls, example, **kwargs))
     return result
 
 
-def _replace_children(parent, cls, kwargs, conv_cls):
-    for name, child in parent.named_children():
-        if isinstance(child, (torch.nn.Linear, conv_cls)):
-            setattr(parent, name, compress(child, cls, **kwargs))
-        else:
-            _replace_children(child, cls, kwargs, conv_cls)
+def _effective_conv_weight(module) -> torch.Tensor:
+    """``(K, C_in, C_out)``: the masked weight, zero outside the kernel region."""
+    from ..nn.functional import region_of
+
+    weight = module_weight(module, "weight")
+    region = region_of(module.kernel_size, getattr(module, "kernel_region", None))
+    return weight if region is None else weight * region.to(weight.dtype).view(-1, 1, 1)
+
+
+def _compress_conv(module, cls, example_input, kwargs) -> SparseConv3d:
+    weight = _effective_conv_weight(module)
+    if cls is FKW:
+        offsets = FKW.from_dense(weight.permute(2, 1, 0), **kwargs)
+    else:
+        offsets = [cls.from_dense(weight[o].t(), **kwargs) for o in range(weight.shape[0])]
+    sparse = SparseConv3d(offsets, module.kernel_size, module.stride, module.dilation, module.transposed,
+                          module.in_channels, module.out_channels, module.bias, execution="engine")
+    if example_input is None:
+        sparse.chosen = "engine (not measured)"
+        return sparse
+    times = {}
+    for execution in ("engine", "format"):
+        sparse.execution = execution
+        times[execution] = _median_time(sparse, example_input)
+    sparse.execution = min(times, key=times.get)
+    sparse.chosen = f"{sparse.execution} (" + ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in times.items()) + ")"
+    return sparse
+
+
+def _median_time(module, example_input, repeats: int = 3) -> float:
+    """Median wall time of ``module(example_input)`` without gradients, after
+    one warm-up call (which builds the kernel map)."""
+    with torch.no_grad():
+        module(example_input)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            module(example_input)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _conv_inputs(model, example_input, conv_cls) -> dict:
+    """The input each Conv3d of ``model`` sees on ``example_input`` (one run
+    without gradients, in eval mode; the first call of a module shared by
+    several places)."""
+    seen, handles = {}, []
+    for sub in model.modules():
+        if isinstance(sub, conv_cls):
+            handles.append(sub.register_forward_hook(lambda m, args, out: seen.setdefault(m, args[0])))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*(example_input if isinstance(example_input, tuple) else (example_input,)))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return seen
 
 
 __all__ = [

@@ -19,6 +19,14 @@ def _bias_copy(bias):
     return None if bias is None else bias.detach().clone()
 
 
+def refuse_gradient(module: nn.Module, input: torch.Tensor, what: str) -> None:
+    """A clear error where autograd would need a gradient the module cannot give."""
+    if torch.is_grad_enabled() and input.requires_grad:
+        raise RuntimeError(
+            f"{type(module).__name__} ({what}) is inference-only and cannot give a gradient for its input; "
+            "run it under torch.no_grad() (or detach the input), or train the uncompressed module")
+
+
 class SparseLinear(nn.Module):
     """``y = x @ W.T + b`` with W (out, in) held in a sparse format.
     Computes ``(W @ x.T).T``: the activations become the dense operand (K, N)
@@ -35,6 +43,7 @@ class SparseLinear(nn.Module):
                 input.shape[-1] != self.in_features:
             shape = tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
             raise ValueError(f"input must be (..., {self.in_features}); got {shape}")
+        refuse_gradient(self, input, type(self.weight_format).__name__)
         lead = input.shape[:-1]
         x = input.detach().reshape(-1, self.in_features)
         y = self.weight_format.matmul(x.t().contiguous()).t()
@@ -47,8 +56,27 @@ class SparseLinear(nn.Module):
         extra = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
         return self.weight_format.nbytes() + extra
 
+    def get_extra_state(self):
+        return {"weight_format": self.weight_format}
+
+    def set_extra_state(self, state) -> None:
+        self.weight_format = state["weight_format"]
+
+    def _apply(self, fn, *args, **kwargs):
+        refuse_conversion(fn, self.weight_format.dtype, type(self).__name__)
+        return super()._apply(fn, *args, **kwargs)
+
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, weight={self.weight_format!r}"
+
+
+def refuse_conversion(fn, dtype: torch.dtype, what: str) -> None:
+    """``module.to(dtype)`` cannot convert a format's arrays: a clear error
+    (a device move is fine: the formats compute on any device)."""
+    probe = fn(torch.zeros((), dtype=dtype))
+    if probe.dtype != dtype:
+        raise TypeError(f"{what} holds its weight in a sparse format of dtype {dtype} and cannot follow "
+                        f".to({probe.dtype}); compress the module again in {probe.dtype}")
 
 
 def _csr_conv_accumulate(fmt: CSR, feats, in_idx, out_idx, out) -> None:
@@ -67,20 +95,44 @@ def _csr_conv_accumulate(fmt: CSR, feats, in_idx, out_idx, out) -> None:
     )
 
 
+def dense_weight(offsets) -> torch.Tensor:
+    """The ``(K, C_in, C_out)`` weight held by per-offset formats (``W[o].T``
+    each) or by one FKW ``(C_out, C_in, K)``."""
+    if isinstance(offsets, FKW):
+        return offsets.to_dense().permute(2, 1, 0).contiguous()
+    return torch.stack([f.to_dense().t() for f in offsets]).contiguous()
+
+
+#: How a SparseConv3d runs: through the fused engine on the weight its
+#: format holds (which itself skips zero offsets and runs the vector-sparse
+#: kernels when the weight allows; input gradients available), or through the
+#: format's own product (inference only).
+EXECUTIONS = ("engine", "format")
+
+
 class SparseConv3d(nn.Module):
     """A pointsparse ``Conv3d`` whose weight (K, C_in, C_out) is held in a
     sparse format: one ``W[o].T`` (C_out, C_in) per kernel offset, or for FKW
     one filter-kernel-weight array over the (C_out, C_in, K) weight.
 
-    Per offset o with pairs (in_idx, out_idx) from the input's cached kernel
-    map: ``out[out_idx] += (W[o].T @ feats[in_idx].T).T``; for CSR on the CPU
-    one fused C++ call per offset (gather, product and scatter). FKW multiplies the
-    (C_out, C_in * K) matrix with gathered columns of output sites in chunks.
-    Outputs equal the masked dense module's. Inference only."""
+    ``execution="format"``: per offset o with pairs (in_idx, out_idx) from the
+    input's cached kernel map, ``out[out_idx] += (W[o].T @ feats[in_idx].T).T``;
+    for CSR on the CPU one fused C++ call per offset (gather, product and
+    scatter). FKW multiplies the (C_out, C_in * K) matrix with gathered
+    columns of output sites in chunks. Inference only (an input that needs a
+    gradient is refused). ``execution="engine"``: the fused engine on the
+    weight the format holds (``engine_weight``, derived, not saved).
+    :func:`pointsparse.formats.compress` picks the faster; ``chosen`` says
+    what it measured. Outputs equal the masked dense module's. The formats
+    and the choice are saved in ``state_dict`` (extra state)."""
 
     def __init__(self, offsets, kernel_size, stride, dilation, transposed, in_channels,
-                 out_channels, bias=None) -> None:
+                 out_channels, bias=None, execution: str = "format") -> None:
         super().__init__()
+        if execution not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {EXECUTIONS}; got {execution!r}")
+        self.execution = execution
+        self.chosen = execution  # compress() records what it measured here
         self.offsets = offsets  # list of SparseFormat (C_out, C_in) or one FKW
         self.kernel_size = tuple(kernel_size)
         self.stride = tuple(stride)
@@ -90,6 +142,27 @@ class SparseConv3d(nn.Module):
         self.out_channels = out_channels
         self.kernel_volume = self.kernel_size[0] * self.kernel_size[1] * self.kernel_size[2]
         self.register_buffer("bias", _bias_copy(bias))
+        self.register_buffer("engine_weight", dense_weight(offsets), persistent=False)
+
+    @property
+    def format_name(self) -> str:
+        return type(self.offsets if isinstance(self.offsets, FKW) else self.offsets[0]).__name__
+
+    @property
+    def format_dtype(self) -> torch.dtype:
+        return self.offsets.dtype if isinstance(self.offsets, FKW) else self.offsets[0].dtype
+
+    def get_extra_state(self):
+        return {"offsets": self.offsets, "execution": self.execution, "chosen": self.chosen}
+
+    def set_extra_state(self, state) -> None:
+        self.offsets, self.execution, self.chosen = state["offsets"], state["execution"], state["chosen"]
+        weight = dense_weight(self.offsets)
+        self.engine_weight = weight.to(self.engine_weight.device, self.engine_weight.dtype)
+
+    def _apply(self, fn, *args, **kwargs):
+        refuse_conversion(fn, self.format_dtype, type(self).__name__)
+        return super()._apply(fn, *args, **kwargs)
 
     def forward(self, input: SparseTensor) -> SparseTensor:
         if not isinstance(input, SparseTensor):
@@ -97,6 +170,12 @@ class SparseConv3d(nn.Module):
         if input.num_channels != self.in_channels:
             raise ValueError(f"input has {input.num_channels} channels; this conv takes "
                              f"{self.in_channels}")
+        if self.execution == "engine":
+            from ..nn import functional as NF  # noqa: PLC0415 - nn and formats are siblings
+
+            return NF.conv3d(input, self.engine_weight, self.kernel_size, self.stride, self.dilation,
+                             self.bias, self.transposed)
+        refuse_gradient(self, input.feats, f"format {self.format_name}")
         kmap = _kmap.get_kmap(input, self.kernel_size, self.stride, self.dilation, self.transposed)
         feats = input.feats.detach()
         if isinstance(self.offsets, FKW):
@@ -149,6 +228,6 @@ class SparseConv3d(nn.Module):
         return sum(f.nbytes() for f in self.offsets) + extra
 
     def extra_repr(self) -> str:
-        fmt = self.offsets if isinstance(self.offsets, FKW) else self.offsets[0]
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, format={type(fmt).__name__}, nbytes={self.nbytes()}")
+                f"stride={self.stride}, format={self.format_name}, nbytes={self.nbytes()}, "
+                f"execution={self.execution!r}, chosen={self.chosen!r}")

@@ -75,6 +75,15 @@ DEFAULT_TILE_ROWS = 8192
 MIN_PIECE_ROWS = 2048
 
 ENGINE_DTYPES = (torch.float32, torch.float64)
+#: Largest fraction of listed vectors (see :func:`vector_blocks`) at which the
+#: fused engine runs the vector-sparse kernels instead of the dense ones
+#: (``VECTOR_DENSITY``), and the masked weight gradient instead of the dense
+#: one (``MASKED_WGRAD_DENSITY``, given a pruning mask); measured on KITTI at
+#: C=64/128 (bench/RESULTS.md: the vector forward ran 1.02x the dense kernel
+#: at density 0.9, 1.2x at 0.75; the masked weight gradient 0.88x at 0.9,
+#: 1.0x at 0.75).
+VECTOR_DENSITY = 0.85
+MASKED_WGRAD_DENSITY = 0.7
 #: The method :func:`conv` uses when none is given ("fused" or "grouped");
 #: see bench/results/conv.md for the measurements behind it.
 DEFAULT_METHOD = "fused"
@@ -340,13 +349,17 @@ def _backward_steps(feats: torch.Tensor, weight: torch.Tensor, grad: torch.Tenso
 
 
 def conv_forward(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: Plan,
-                 relu: bool = False) -> torch.Tensor:
+                 relu: bool = False, region: torch.Tensor | None = None) -> torch.Tensor:
     """The engine's forward on contiguous CPU float32/float64 tensors
-    (``relu``: max(out, 0), in the fused kernel's epilogue)."""
+    (``relu``: max(out, 0), in the fused kernel's epilogue; the fused plan
+    skips what :func:`choose_execution` allows; ``region``: only those
+    offsets, fused plans only)."""
     out = feats.new_empty((plan.num_out, weight.shape[2]))
     if isinstance(plan, FusedPlan):
         b = None if bias is None else _np(bias.contiguous())
-        plan.core.forward(_np(feats), _np(weight), b, _np(out), _ext.num_threads(), None, relu)
+        run = choose_execution(weight, region)
+        plan.core.forward(_np(feats), _np(weight), b, _np(out), _ext.num_threads(), None, relu, active=run.active,
+                          vector=run.vector)
         return out
     if relu:
         return torch.relu_(conv_forward(feats, weight, bias, plan))
@@ -364,17 +377,26 @@ def conv_forward(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 def conv_backward(feats: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, plan: Plan, need_feats: bool,
-                  need_weight: bool):
-    """Gradients of :func:`conv_forward` for feats and weight (None where not needed)."""
+                  need_weight: bool, region: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+    """Gradients of :func:`conv_forward` for feats and weight (None where not
+    needed). Fused plans: the weight gradient is zero outside ``region`` and,
+    given the pruning ``mask`` the weight was multiplied by, equals
+    ``dense gradient * mask`` (the masked vectors are not computed)."""
     grad_feats = grad_weight = None
     if isinstance(plan, FusedPlan):
         nt = _ext.num_threads()
         if need_feats:
             grad_feats = grad.new_empty((plan.num_in, weight.shape[1]))
-            plan.core.backward_input(_np(grad), _np(weight), _np(grad_feats), nt)
+            run = choose_execution(weight, region, transpose=True)
+            plan.core.backward_input(_np(grad), _np(weight), _np(grad_feats), nt, active=run.active,
+                                     vector=run.vector)
         if need_weight:
             grad_weight = torch.empty_like(weight)
-            plan.core.backward_weight(_np(feats), _np(grad), _np(grad_weight), nt)
+            active, vectors = weight_execution(mask, region)
+            plan.core.backward_weight(_np(feats), _np(grad), _np(grad_weight), nt, active=active,
+                                      mask=None if vectors is None else _np(vectors.contiguous()))
+            if mask is not None:
+                grad_weight.mul_(mask)
         return grad_feats, grad_weight
     centre = None if plan.identity is None else weight[plan.identity]
     if need_feats:
@@ -392,22 +414,133 @@ def conv_backward(feats: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor,
     return grad_feats, grad_weight
 
 
+def panel_width(dtype: torch.dtype) -> int:
+    """Columns of one vector-sparse panel (``sparse_panel<T>()`` in
+    cpp/conv/sparse.h: the 32-byte builds' register tile, 64 bytes) on every
+    CPU, whichever build runs the dense kernels."""
+    return 64 // torch.empty((), dtype=dtype).element_size()
+
+
+def vector_blocks(weight: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """``(K, rows, panels)`` bool: whether row ``c`` of offset ``k``'s matrix
+    (``weight[k]``, or ``weight[k].T`` when ``transpose``) holds a nonzero in
+    the columns of panel ``p`` (:func:`panel_width` columns each). The
+    vector-sparse kernels visit exactly these (offset, row, panel) vectors."""
+    w = weight.detach()
+    if transpose:
+        w = w.transpose(1, 2)
+    width = panel_width(weight.dtype)
+    nonzero = torch.nn.functional.pad(w, (0, -w.shape[2] % width)) != 0
+    return nonzero.view(w.shape[0], w.shape[1], -(-w.shape[2] // width), width).any(-1)
+
+
+@dataclass(frozen=True, eq=False)
+class Execution:
+    """How the fused engine runs one product on given weights: ``active``
+    the offsets it runs (uint8 ``(K,)`` numpy flags, None: all), ``vector``
+    whether through the vector-sparse kernels; ``density`` the fraction of
+    the active offsets' vectors that hold a nonzero."""
+
+    active: object
+    vector: bool
+    density: float
+
+    @property
+    def name(self) -> str:
+        return "vector" if self.vector else ("offsets" if self.active is not None else "dense")
+
+
+def _flags(keep: torch.Tensor):
+    import numpy as np
+
+    return None if bool(keep.all()) else np.ascontiguousarray(keep.numpy().astype(np.uint8))
+
+
+def vector_counts(weight: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """int64 ``(K, panels)``: ``vector_blocks(weight, transpose).sum(1)``,
+    counted in one C++ pass for CPU float32/float64 (the per-call cost of
+    the engine's choice), in torch ops otherwise."""
+    if weight.device.type == "cpu" and weight.dtype in ENGINE_DTYPES:
+        w = weight.detach().contiguous()
+        return torch.from_numpy(_ext.core.conv_weight_vectors(_np(w), transpose)).to(torch.int64)
+    return vector_blocks(weight, transpose).sum(1)
+
+
+def choose_execution(weight: torch.Tensor, region: torch.Tensor | None = None,
+                     transpose: bool = False) -> Execution:
+    """The forward (or, ``transpose``, input-gradient) execution of ``weight``:
+    offsets whose ``(C_in, C_out)`` slab is all zero (or outside ``region``,
+    a bool ``(K,)``) are skipped; the vector-sparse kernels run when at most
+    :data:`VECTOR_DENSITY` of the remaining vectors hold a nonzero."""
+    counts = vector_counts(weight, transpose)
+    return _execution(counts, weight.shape[2] if transpose else weight.shape[1], region, VECTOR_DENSITY)
+
+
+def _execution(counts: torch.Tensor, rows: int, region, threshold: float) -> Execution:
+    per_offset = counts.sum(1)
+    keep = per_offset > 0
+    if region is not None:
+        keep &= region
+    capacity = int(keep.sum()) * rows * counts.shape[1]
+    density = int(per_offset[keep].sum()) / capacity if capacity else 0.0
+    return Execution(_flags(keep), density <= threshold, density)
+
+
+def _panel_columns(cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """Columns of each panel of ``cols`` columns (the last one may be narrower)."""
+    width = panel_width(dtype)
+    columns = torch.full((-(-cols // width),), width, dtype=torch.int64)
+    if columns.numel():
+        columns[-1] = cols - width * (columns.numel() - 1)
+    return columns
+
+
+def executed_flops(weight: torch.Tensor, pair_counts: torch.Tensor, region: torch.Tensor | None = None) -> int:
+    """Multiply-adds x 2 that the fused engine's forward executes for
+    ``weight`` on a map with per-offset ``pair_counts`` (the identity's
+    included): ``pairs(k) * C_in * C_out`` per offset run, or with the
+    vector-sparse kernels ``pairs(k) * (columns of the vectors listed)``."""
+    counts = vector_counts(weight)
+    execution = _execution(counts, weight.shape[1], region, VECTOR_DENSITY)
+    pairs = torch.as_tensor(pair_counts, dtype=torch.int64)
+    keep = torch.ones(weight.shape[0], dtype=torch.bool) if execution.active is None else \
+        torch.from_numpy(execution.active).bool()
+    if not execution.vector:
+        return 2 * int(pairs[keep].sum()) * weight.shape[1] * weight.shape[2]
+    per_offset = (counts * _panel_columns(weight.shape[2], weight.dtype)).sum(1)
+    return 2 * int((pairs * per_offset)[keep].sum())
+
+
+def weight_execution(mask: torch.Tensor | None, region: torch.Tensor | None):
+    """``(active, mask)`` for the weight gradient: an offset is skipped only
+    where ``region`` excludes it or ``mask`` (a pruning mask, whose product
+    zeroes its gradient) is all zero on it; ``mask`` goes to the kernels when
+    at most :data:`MASKED_WGRAD_DENSITY` of the kept offsets' vectors are
+    unmasked (either way the result times the mask is the same, bit for bit)."""
+    if mask is None:
+        return (None if region is None else _flags(region)), None
+    execution = _execution(vector_counts(mask), mask.shape[1], region, MASKED_WGRAD_DENSITY)
+    return execution.active, (mask if execution.vector and execution.density > 0 else None)
+
+
 class ConvFunction(torch.autograd.Function):
-    """Autograd of the engine: ``ConvFunction.apply(feats, weight, bias, plan)``.
+    """Autograd of the engine: ``ConvFunction.apply(feats, weight, bias, plan,
+    region, mask)`` (``region``, ``mask``: see :func:`conv_backward`).
 
     Differentiable to any order: the input gradient and the weight gradient
     are themselves autograd functions (:class:`_InputGrad`, :class:`_WeightGrad`)
     whose gradients are the conv and each other, so a gradient penalty
     (``create_graph=True``) is exact. Without ``create_graph`` backward makes
-    one combined pass."""
+    one combined pass (and computes only the weight-gradient vectors ``mask``
+    keeps)."""
 
     @staticmethod
-    def forward(ctx, feats, weight, bias, plan):
+    def forward(ctx, feats, weight, bias, plan, region=None, mask=None):
         feats_c, weight_c = feats.contiguous(), weight.contiguous()
-        ctx.plan = plan
+        ctx.plan, ctx.region, ctx.mask = plan, region, mask
         ctx.save_for_backward(feats_c, weight_c)
         ctx.has_bias = bias is not None
-        return conv_forward(feats_c, weight_c, bias, plan)
+        return conv_forward(feats_c, weight_c, bias, plan, region)
 
     @staticmethod
     def backward(ctx, grad):
@@ -415,11 +548,14 @@ class ConvFunction(torch.autograd.Function):
         need_feats, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_bias = grad.sum(0) if (ctx.has_bias and need_bias) else None
         if torch.is_grad_enabled():  # create_graph: gradients that can be differentiated again
-            grad_feats = _InputGrad.apply(grad, weight, ctx.plan) if need_feats else None
-            grad_weight = _WeightGrad.apply(feats, grad, ctx.plan, tuple(weight.shape)) if need_weight else None
-            return grad_feats, grad_weight, grad_bias, None
-        grad_feats, grad_weight = conv_backward(feats, weight, grad.contiguous(), ctx.plan, need_feats, need_weight)
-        return grad_feats, grad_weight, grad_bias, None
+            region = ctx.region
+            grad_feats = _InputGrad.apply(grad, weight, ctx.plan, region) if need_feats else None
+            grad_weight = (_WeightGrad.apply(feats, grad, ctx.plan, tuple(weight.shape), region) if need_weight
+                           else None)
+            return grad_feats, grad_weight, grad_bias, None, None, None
+        grad_feats, grad_weight = conv_backward(feats, weight, grad.contiguous(), ctx.plan, need_feats, need_weight,
+                                                ctx.region, ctx.mask)
+        return grad_feats, grad_weight, grad_bias, None, None, None
 
 
 class _InputGrad(torch.autograd.Function):
@@ -427,20 +563,20 @@ class _InputGrad(torch.autograd.Function):
     adjoint is the conv) and in ``weight`` (the weight gradient's form)."""
 
     @staticmethod
-    def forward(ctx, grad, weight, plan):
+    def forward(ctx, grad, weight, plan, region=None):
         grad_c, weight_c = grad.contiguous(), weight.contiguous()
-        ctx.plan = plan
+        ctx.plan, ctx.region = plan, region
         ctx.save_for_backward(grad_c, weight_c)
         shape_only = grad_c.new_empty((plan.num_in, weight_c.shape[1]))
-        return conv_backward(shape_only, weight_c, grad_c, plan, True, False)[0]
+        return conv_backward(shape_only, weight_c, grad_c, plan, True, False, region)[0]
 
     @staticmethod
     def backward(ctx, h):
         grad, weight = ctx.saved_tensors
         need_grad, need_weight = ctx.needs_input_grad[:2]
-        d_grad = ConvFunction.apply(h, weight, None, ctx.plan) if need_grad else None
-        d_weight = _WeightGrad.apply(h, grad, ctx.plan, tuple(weight.shape)) if need_weight else None
-        return d_grad, d_weight, None
+        d_grad = ConvFunction.apply(h, weight, None, ctx.plan, ctx.region) if need_grad else None
+        d_weight = _WeightGrad.apply(h, grad, ctx.plan, tuple(weight.shape), ctx.region) if need_weight else None
+        return d_grad, d_weight, None, None
 
 
 class _WeightGrad(torch.autograd.Function):
@@ -448,20 +584,20 @@ class _WeightGrad(torch.autograd.Function):
     adjoint is the input gradient) and in ``grad`` (its adjoint is the conv)."""
 
     @staticmethod
-    def forward(ctx, feats, grad, plan, weight_shape):
+    def forward(ctx, feats, grad, plan, weight_shape, region=None):
         feats_c, grad_c = feats.contiguous(), grad.contiguous()
-        ctx.plan = plan
+        ctx.plan, ctx.region = plan, region
         ctx.save_for_backward(feats_c, grad_c)
         shape_only = feats_c.new_empty(weight_shape)
-        return conv_backward(feats_c, shape_only, grad_c, plan, False, True)[1]
+        return conv_backward(feats_c, shape_only, grad_c, plan, False, True, region)[1]
 
     @staticmethod
     def backward(ctx, v):
         feats, grad = ctx.saved_tensors
         need_feats, need_grad = ctx.needs_input_grad[:2]
-        d_feats = _InputGrad.apply(grad, v, ctx.plan) if need_feats else None
-        d_grad = ConvFunction.apply(feats, v, None, ctx.plan) if need_grad else None
-        return d_feats, d_grad, None, None
+        d_feats = _InputGrad.apply(grad, v, ctx.plan, ctx.region) if need_feats else None
+        d_grad = ConvFunction.apply(feats, v, None, ctx.plan, ctx.region) if need_grad else None
+        return d_feats, d_grad, None, None, None
 
 
 def runs_bf16(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -517,16 +653,25 @@ def check_arguments(feats, weight, bias, kmap: _kmap.KernelMap) -> None:
 def conv(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kmap: _kmap.KernelMap,
          chunk_rows: int = DEFAULT_CHUNK_ROWS, epsilon: float = DEFAULT_EPSILON,
          tile_rows: int = DEFAULT_TILE_ROWS, method: str | None = None,
-         cache: "CoordinateCache | None" = None, relu: bool = False) -> torch.Tensor:
-    """``out[out_idx] += feats[in_idx] @ weight[o]`` (+ bias) with autograd;
-    the plan is kept in ``cache`` (the coordinate cache holding ``kmap``).
+         cache: "CoordinateCache | None" = None, relu: bool = False, region: torch.Tensor | None = None,
+         mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[out_idx] += feats[in_idx] @ weight[o]`` (+ bias) with autograd,
+    over the offsets of ``region`` (bool ``(K,)``, None: all); the plan is
+    kept in ``cache`` (the coordinate cache holding ``kmap``). ``mask``: the
+    pruning mask ``weight`` was multiplied by (its zeros get no gradient).
     ``relu``: max(out, 0); where no gradient is needed (inference) it runs in
     the fused kernel's store, no pass of its own."""
     check_arguments(feats, weight, bias, kmap)
     plan = get_plan(kmap, chunk_rows, epsilon, tile_rows, method, cache)
+    if region is not None and not isinstance(plan, FusedPlan):
+        weight = weight * region.to(weight.dtype).view(-1, 1, 1)
+    if mask is not None and (mask.shape != weight.shape or mask.dtype != weight.dtype):
+        raise ValueError(f"mask must match the weight {tuple(weight.shape)} {weight.dtype}; got "
+                         f"{tuple(mask.shape)} {mask.dtype}")
+    mask = None if mask is None else mask.detach().contiguous()
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (feats, weight, bias))
     if not grad:
         with torch.no_grad():
-            return conv_forward(feats.contiguous(), weight.contiguous(), bias, plan, relu)
-    out = ConvFunction.apply(feats, weight, bias, plan)
+            return conv_forward(feats.contiguous(), weight.contiguous(), bias, plan, relu, region)
+    out = ConvFunction.apply(feats, weight, bias, plan, region, mask)
     return torch.relu(out) if relu else out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import kmap as _kmap
@@ -36,13 +38,46 @@ def conv_with_map(feats: torch.Tensor, weight: torch.Tensor, kmap: _kmap.KernelM
     return out
 
 
+def region_of(kernel_size, region) -> torch.Tensor | None:
+    """The offsets a conv with a custom kernel region runs, as a bool ``(K,)``
+    (None: every offset). ``region``: None, ``"cross"`` (the hyper-cross: the
+    offsets with at most one axis away from the centre), or a sequence of
+    offset indices (API.md's enumeration)."""
+    k = as_triple(kernel_size, "kernel_size")
+    volume = k[0] * k[1] * k[2]
+    if region is None:
+        return None
+    if isinstance(region, str):
+        if region != "cross":
+            raise ValueError(f"kernel_region must be None, 'cross' or a sequence of offset indices; got {region!r}")
+        grid = torch.stack(torch.meshgrid(*[torch.arange(n) - (n - 1) // 2 for n in k], indexing="ij"), -1)
+        return (grid.reshape(-1, 3) != 0).sum(1) <= 1
+    try:
+        indices = [int(i) for i in region]
+    except (TypeError, ValueError):
+        raise TypeError(f"kernel_region must be None, 'cross' or a sequence of offset indices; got {region!r}") from None
+    if any(isinstance(i, bool) for i in region) or any(not 0 <= i < volume for i in indices) or not indices:
+        raise ValueError(f"kernel_region must list offset indices in [0, {volume}) for kernel_size {k}; got {region!r}")
+    keep = torch.zeros(volume, dtype=torch.bool)
+    keep[indices] = True
+    return keep
+
+
 def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, dilation=1,
-           bias: torch.Tensor | None = None, transposed: bool = False, relu: bool = False) -> SparseTensor:
+           bias: torch.Tensor | None = None, transposed: bool = False, relu: bool = False, kernel_region=None,
+           weight_mask: torch.Tensor | None = None) -> SparseTensor:
     """Sparse 3-D convolution (cross-correlation) of ``input`` with ``weight``
     ``(K, C_in, C_out)``; see API.md for the submanifold, strided and
     transposed semantics. The kernel map comes from ``input``'s coordinate
     cache (built once per structural key). ``relu``: ReLU on the output (in
-    the fused kernel's store where no gradient is needed)."""
+    the fused kernel's store where no gradient is needed).
+
+    ``kernel_region`` (see :func:`region_of`): only those offsets are
+    summed (the others' weights are ignored and get a zero gradient).
+    ``weight_mask``: the pruning mask ``weight`` is the product with (the
+    entries it zeroes get a zero weight gradient, not computed). Offsets whose
+    weight is all zero are skipped, and sparse enough weights run the
+    vector-sparse kernels (see ``nn._engine.choose_execution``)."""
     if not isinstance(input, SparseTensor):
         raise TypeError(f"input must be a SparseTensor; got {type(input).__name__}")
     k = as_triple(kernel_size, "kernel_size")
@@ -56,20 +91,72 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
             raise ValueError(f"bias must be (C_out,) = ({weight.shape[2]},); got {tuple(bias.shape)}")
         if bias.dtype != weight.dtype or bias.device != weight.device:
             raise TypeError(f"bias ({bias.dtype}, {bias.device}) must match the weight ({weight.dtype}, {weight.device})")
+    region = region_of(k, kernel_region)
     if torch.compiler.is_compiling():  # a graph of torch.compile / torch.export: the core as operators
-        return _ops.conv3d(input, weight, bias, k, t, d, transposed)
+        if region is not None:
+            weight = weight * region.to(weight.device, weight.dtype).view(-1, 1, 1)
+        out = _ops.conv3d(input, weight, bias, k, t, d, transposed)
+        return out.with_feats(torch.relu(out.feats)) if relu else out
     kmap = _kmap.get_kmap(input, k, t, d, transposed)
     if _engine.supported(input.feats, weight):
-        feats = _engine.conv(input.feats, weight, bias, kmap, cache=input.cache, relu=relu)
-    elif _engine.runs_bf16(input.feats, weight, bias):  # bf16 inference on an AVX512-BF16 CPU
+        feats = _engine.conv(input.feats, weight, bias, kmap, cache=input.cache, relu=relu, region=region,
+                             mask=weight_mask)
+    elif region is None and _engine.runs_bf16(input.feats, weight, bias):  # bf16 inference on AVX512-BF16
         feats = _engine.conv_bf16(input.feats, weight, bias, kmap, cache=input.cache, relu=relu)
     else:  # other devices and dtypes: the same pairs in torch ops
+        if region is not None:
+            weight = weight * region.to(weight.device, weight.dtype).view(-1, 1, 1)
         feats = conv_with_map(input.feats, weight, kmap)
         if bias is not None:
             feats = feats + bias
         if relu:
             feats = torch.relu(feats)
     return SparseTensor(feats, kmap.out_coords, kmap.key.out_stride, cache=input.cache, validate=False)
+
+
+def keep_per_batch(scores: torch.Tensor, batch: torch.Tensor, keep_ratio: float | None = None,
+                   threshold: float | None = None) -> torch.Tensor:
+    """Sorted int64 rows to keep: per batch item the ``ceil(keep_ratio * n)``
+    highest ``scores`` (ties: the earlier row), or every row whose score is
+    ``>= threshold``."""
+    if threshold is not None:
+        return (scores >= threshold).nonzero().flatten()
+    kept = []
+    for b in torch.unique(batch).tolist():
+        rows = (batch == b).nonzero().flatten()
+        n = math.ceil(round(keep_ratio * rows.numel(), 9))  # 0.3 * 10 is 3, not 4
+        order = torch.sort(scores[rows], descending=True, stable=True).indices[:n]
+        kept.append(rows[order])
+    return torch.sort(torch.cat(kept)).values if kept else batch.new_zeros(0, dtype=torch.int64)
+
+
+def _finer(a, b) -> bool:
+    return a != b and all(x <= y for x, y in zip(a, b))
+
+
+def select_voxels(input: SparseTensor, rows: torch.Tensor, feats: torch.Tensor | None = None) -> SparseTensor:
+    """The sites ``rows`` of ``input`` (sorted int64), as a SparseTensor at the
+    same stride with a coordinate cache of its own: its coords at this
+    stride are the kept ones (later convs build their maps on them, coarser
+    strides come from them), while the coords of every finer stride (and the
+    maps among finer strides only) are the input cache's, so transposed
+    convs upsample back to the coords the skip connections hold."""
+    if not isinstance(input, SparseTensor):
+        raise TypeError(f"input must be a SparseTensor; got {type(input).__name__}")
+    from ..tensor import CoordinateCache
+
+    cache = CoordinateCache()
+    for stride, coords in input.cache.coords.items():
+        if _finer(stride, input.stride):
+            cache.set_coords(stride, coords)
+    for key, kmap in input.cache.kmaps.items():
+        coarse = tuple(a * b for a, b in zip(key.tensor_stride, key.stride))
+        if _finer(key.tensor_stride, input.stride) and _finer(coarse, input.stride):
+            cache.get_kmap(key, lambda kmap=kmap: kmap)
+    coords = input.coords[rows.to(input.coords.device)]
+    cache.set_coords(input.stride, coords)
+    feats = input.feats[rows.to(input.device)] if feats is None else feats
+    return SparseTensor(feats, coords, input.stride, cache=cache, validate=False)
 
 
 def _same_sites(tensors, what: str) -> SparseTensor:

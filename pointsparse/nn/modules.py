@@ -22,10 +22,18 @@ class Conv3d(nn.Module):
 
     ``stride=1`` is submanifold (outputs on the input coords), ``stride>1``
     downsamples, ``transposed=True`` upsamples back to the coords the matching
-    downsampling came from."""
+    downsampling came from.
+
+    ``kernel_region``: a custom kernel region (MinkowskiEngine's idea):
+    ``"cross"`` or a list of offset indices; only those offsets run. The
+    weight keeps its ``(K, C_in, C_out)`` shape: the other offsets are zero
+    at initialisation, ignored by the forward and get a zero gradient.
+    Pruned with ``pointsparse.prune`` (``weight_mask``), the masked entries
+    get no gradient and the engine skips all-zero offsets and runs sparse
+    enough weights through the vector-sparse kernels."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=1, dilation=1,
-                 bias: bool = False, transposed: bool = False) -> None:
+                 bias: bool = False, transposed: bool = False, kernel_region=None) -> None:
         super().__init__()
         in_channels = positive_int(in_channels, "in_channels")
         out_channels = positive_int(out_channels, "out_channels")
@@ -36,6 +44,8 @@ class Conv3d(nn.Module):
         self.dilation = as_triple(dilation, "dilation")
         self.transposed = bool(transposed)
         self.kernel_volume = self.kernel_size[0] * self.kernel_size[1] * self.kernel_size[2]
+        region = F.region_of(self.kernel_size, kernel_region)
+        self.kernel_region = None if region is None else tuple(int(i) for i in region.nonzero().flatten())
         self.weight = nn.Parameter(torch.empty(self.kernel_volume, in_channels, out_channels))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
         #: ReLU on the output, fused into the kernel where no gradient is
@@ -44,15 +54,31 @@ class Conv3d(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        fan = (self.out_channels if self.transposed else self.in_channels) * self.kernel_volume
+        volume = self.kernel_volume if self.kernel_region is None else len(self.kernel_region)
+        fan = (self.out_channels if self.transposed else self.in_channels) * volume
         bound = 1.0 / math.sqrt(fan)
         nn.init.uniform_(self.weight, -bound, bound)
+        if self.kernel_region is not None:
+            with torch.no_grad():
+                outside = torch.ones(self.kernel_volume, dtype=torch.bool)
+                outside[list(self.kernel_region)] = False
+                self.weight[outside] = 0
         if self.bias is not None:
             nn.init.uniform_(self.bias, -bound, bound)
 
+    def pruning_mask(self) -> torch.Tensor | None:
+        """The mask ``weight`` is multiplied by when torch-style pruning is
+        attached (``weight_orig`` parameter + ``weight_mask`` buffer), else None."""
+        mask = getattr(self, "weight_mask", None)
+        orig = getattr(self, "weight_orig", None)
+        return mask if isinstance(orig, nn.Parameter) and isinstance(mask, torch.Tensor) else None
+
     def forward(self, input: SparseTensor) -> SparseTensor:
+        mask = self.pruning_mask()
+        if mask is not None and (mask.dtype != self.weight.dtype or mask.device != self.weight.device):
+            mask = mask.to(self.weight.device, self.weight.dtype)
         return F.conv3d(_check_input(input), self.weight, self.kernel_size, self.stride, self.dilation,
-                        self.bias, self.transposed, self.relu)
+                        self.bias, self.transposed, self.relu, getattr(self, "kernel_region", None), mask)
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -63,7 +89,63 @@ class Conv3d(nn.Module):
             s += ", transposed=True"
         if self.relu:
             s += ", relu=True"
+        if getattr(self, "kernel_region", None) is not None:  # modules pickled before it existed have none
+            s += f", kernel_region={list(self.kernel_region)}"
         return s
+
+
+class VoxelPrune(nn.Module):
+    """Spatial (activation) pruning: keeps the most important voxels of a
+    SparseTensor and drops the rest (SPS-Conv, Ada3D).
+
+    ``score="magnitude"``: a voxel's importance is the L2 norm of its feats;
+    ``score="learned"``: a per-voxel linear score ``Linear(in_channels, 1)``,
+    and the kept feats are multiplied by ``sigmoid(score)`` so that the score
+    learns. Per batch item the ``ceil(keep_ratio * n)`` highest scores are
+    kept, or (``threshold`` given) every voxel scoring ``>= threshold``. The
+    output keeps the input's row order and stride; its coordinate cache
+    holds the kept coords at this stride and the input's coords at finer
+    strides (see :func:`functional.select_voxels`), so the convs after it
+    build their maps on the kept voxels and transposed convs come back to
+    the coords the skip connections expect."""
+
+    SCORES = ("magnitude", "learned")
+
+    def __init__(self, keep_ratio: float = 0.5, score: str = "magnitude", in_channels: int | None = None,
+                 threshold: float | None = None) -> None:
+        super().__init__()
+        if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
+            raise ValueError(f"keep_ratio must be a number in (0, 1]; got {keep_ratio!r}")
+        if score not in self.SCORES:
+            raise ValueError(f"score must be one of {self.SCORES}; got {score!r}")
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
+            raise TypeError(f"threshold must be a number or None; got {threshold!r}")
+        self.keep_ratio = float(keep_ratio)
+        self.score = score
+        self.threshold = None if threshold is None else float(threshold)
+        self.scorer = None
+        if score == "learned":
+            if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
+                raise ValueError(f"score='learned' needs in_channels, a positive int; got {in_channels!r}")
+            self.scorer = nn.Linear(in_channels, 1)
+
+    def scores(self, input: SparseTensor) -> torch.Tensor:
+        if self.scorer is None:
+            return input.feats.detach().norm(dim=1)
+        return self.scorer(input.feats).squeeze(1)
+
+    def forward(self, input: SparseTensor) -> SparseTensor:
+        x = _check_input(input)
+        scores = self.scores(x)
+        rows = F.keep_per_batch(scores.detach(), x.coords[:, 0].to(scores.device), self.keep_ratio, self.threshold)
+        feats = x.feats[rows]
+        if self.scorer is not None:
+            feats = feats * torch.sigmoid(scores[rows]).unsqueeze(1)
+        return F.select_voxels(x, rows, feats)
+
+    def extra_repr(self) -> str:
+        rule = f"threshold={self.threshold}" if self.threshold is not None else f"keep_ratio={self.keep_ratio}"
+        return f"{rule}, score={self.score!r}"
 
 
 class _Pool3d(nn.Module):

@@ -58,6 +58,7 @@ from .structured import (
     channel_structured,
     global_structured,
     kernel_structured,
+    panel_structured,
     stripe_structured,
     vector_structured,
 )
@@ -71,7 +72,7 @@ __all__ = [
     # granularities
     "GroupStructured", "VectorStructured", "KernelStructured", "ChannelStructured", "BlockStructured",
     "StripeStructured", "NMStructured", "PatternStructured", "StripeFromSkeleton", "FilterSkeleton",
-    "vector_structured", "kernel_structured", "channel_structured", "block_structured",
+    "vector_structured", "kernel_structured", "channel_structured", "block_structured", "panel_structured",
     "stripe_structured", "nm_structured", "pattern_structured", "global_structured",
     "attach_filter_skeleton", "detach_filter_skeleton", "prune_stripes",
     "as_patterns", "learn_patterns", "is_nm_sparse",

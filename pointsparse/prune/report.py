@@ -13,7 +13,13 @@ FLOPs count multiply-adds as 2 operations and ignore the bias:
   map of the example input, and ``nnz(W[o])`` counts the nonzeros of that
   offset's ``(C_in, C_out)`` matrix (a pruned offset costs nothing).
 
-``dense_flops`` is the same count with every weight entry nonzero. Without an
+``dense_flops`` is the same count with every weight entry nonzero.
+``executed_flops`` is what the engine runs: for a sparse conv the fused
+engine's choice (``execution``: "dense", "offsets" when all-zero kernel
+offsets and offsets outside a ``kernel_region`` are skipped, "vector" when
+only the nonzero (offset, input channel, column panel) vectors run; see
+``pointsparse.nn._engine.executed_flops``); torch layers run dense
+(``execution`` "dense", ``executed_flops == dense_flops``). Without an
 example input FLOPs are ``None``. Per-offset pair counts come from the kernel
 map the forward used (``pointsparse.kmap.get_kmap`` on the layer's input,
 whose ``sizes`` are the counts); ``pairs={layer_name: counts}`` overrides them
@@ -43,13 +49,26 @@ def _pair_counts_from_kmap(module, sparse_input) -> torch.Tensor:
     return kmap.sizes.to(torch.int64).cpu()
 
 
+def _engine_flops(module, weight, pair_counts) -> tuple[int, str]:
+    """``(executed_flops, execution)`` of a sparse conv on the fused engine."""
+    from ..nn import _engine  # noqa: PLC0415 - nn sits above this package
+    from ..nn.functional import region_of  # noqa: PLC0415
+
+    region = region_of(module.kernel_size, getattr(module, "kernel_region", None))
+    weight = weight.detach().cpu()
+    if weight.dtype not in _engine.ENGINE_DTYPES:
+        weight = weight.float()
+    return _engine.executed_flops(weight, pair_counts, region), _engine.choose_execution(weight, region).name
+
+
 def _layer_flops(module, weight, inputs, output, pair_counts):
-    """``(flops, dense_flops)`` of one call."""
+    """``(flops, dense_flops, executed_flops, execution)`` of one call."""
     nonzero = weight.detach() != 0
     if is_sparse_conv(module):
         per_offset = nonzero.reshape(weight.shape[0], -1).sum(dim=1).cpu()
         dense = weight[0].numel()
-        return 2 * int((pair_counts * per_offset).sum()), 2 * int(pair_counts.sum()) * dense
+        return (2 * int((pair_counts * per_offset).sum()), 2 * int(pair_counts.sum()) * dense,
+                *_engine_flops(module, weight, pair_counts))
     if isinstance(module, nn.Linear):
         positions = inputs[0].numel() // weight.shape[1]
     elif isinstance(module, nn.modules.conv._ConvTransposeNd):
@@ -58,13 +77,14 @@ def _layer_flops(module, weight, inputs, output, pair_counts):
         positions = batch * math.prod(spatial)
     else:
         positions = output.numel() // weight.shape[0]
-    return 2 * positions * int(nonzero.sum()), 2 * positions * weight.numel()
+    dense = 2 * positions * weight.numel()
+    return 2 * positions * int(nonzero.sum()), dense, dense, "dense"
 
 
 def sparsity_report(model: nn.Module, example_input=None, pairs: dict | None = None) -> dict:
     """The report of ``model`` now: ``{"layers": {name: row}, "total": row}``
     with ``row`` holding ``type, shape, params, nonzeros, weight_nonzeros,
-    sparsity, flops, dense_flops``. ``example_input`` (a tensor, a
+    sparsity, flops, dense_flops, executed_flops, execution``. ``example_input`` (a tensor, a
     SparseTensor, or a tuple of forward arguments) is run once in eval mode
     and without gradients to count FLOPs; ``pairs`` maps a sparse conv's
     qualified name to its per-offset pair counts (shape ``(K,)``)."""
@@ -85,6 +105,8 @@ def sparsity_report(model: nn.Module, example_input=None, pairs: dict | None = N
             "sparsity": 1.0 - weight_nonzeros / weight.numel() if weight.numel() else 0.0,
             "flops": None,
             "dense_flops": None,
+            "executed_flops": None,
+            "execution": None,
         }
     if example_input is not None:
         _count_flops(model, modules, layers, example_input, pairs)
@@ -92,7 +114,7 @@ def sparsity_report(model: nn.Module, example_input=None, pairs: dict | None = N
         for qualified, counts in pairs.items():
             module = modules[qualified]
             flops = _layer_flops(module, current_weight(module, "weight"), None, None, counts)
-            layers[qualified]["flops"], layers[qualified]["dense_flops"] = flops
+            _set_flops(layers[qualified], flops)
     return {"layers": layers, "total": _total(layers)}
 
 
@@ -139,10 +161,7 @@ def _count_flops(model, modules, layers, example_input, pairs):
                 counts = pairs[qualified] if qualified in pairs else _pair_counts_from_kmap(mod, inputs[0])
             else:
                 counts = None
-            flops, dense = _layer_flops(mod, weight, inputs, output, counts)
-            row = layers[qualified]
-            row["flops"] = (row["flops"] or 0) + flops
-            row["dense_flops"] = (row["dense_flops"] or 0) + dense
+            _set_flops(layers[qualified], _layer_flops(mod, weight, inputs, output, counts), add=True)
 
         return hook
 
@@ -159,8 +178,15 @@ def _count_flops(model, modules, layers, example_input, pairs):
         for handle in handles:
             handle.remove()
     for qualified, row in layers.items():
-        if row["flops"] is None:
-            row["flops"], row["dense_flops"] = 0, 0  # the layer did not run on this input
+        if row["flops"] is None:  # the layer did not run on this input
+            row["flops"], row["dense_flops"], row["executed_flops"] = 0, 0, 0
+
+
+def _set_flops(row: dict, counts: tuple, add: bool = False) -> None:
+    """Store (or, ``add``, accumulate over calls) one call's counts."""
+    for key, value in zip(("flops", "dense_flops", "executed_flops"), counts[:3]):
+        row[key] = (row[key] or 0) + value if add else value
+    row["execution"] = counts[3]
 
 
 def _total(layers: dict) -> dict:
@@ -169,6 +195,7 @@ def _total(layers: dict) -> dict:
     weight_nonzeros = sum(r["weight_nonzeros"] for r in layers.values())
     flops = [r["flops"] for r in layers.values()]
     dense = [r["dense_flops"] for r in layers.values()]
+    executed = [r["executed_flops"] for r in layers.values()]
     known = bool(flops) and all(f is not None for f in flops)
     return {
         "type": "total",
@@ -179,6 +206,8 @@ def _total(layers: dict) -> dict:
         "sparsity": 1.0 - weight_nonzeros / weights if weights else 0.0,
         "flops": sum(flops) if known else None,
         "dense_flops": sum(dense) if known else None,
+        "executed_flops": sum(executed) if known else None,
+        "execution": None,
     }
 
 
@@ -194,7 +223,7 @@ def _human(value) -> str:
 def format_report(report: dict, before: dict | None = None) -> str:
     """The report as a text table; with ``before`` (an earlier report of the
     same model) nonzeros, sparsity and FLOPs are shown as ``before -> now``."""
-    header = ["layer", "type", "shape", "params", "nonzeros", "sparsity", "FLOPs"]
+    header = ["layer", "type", "shape", "params", "nonzeros", "sparsity", "FLOPs", "executed"]
     rows = []
     names = list(report["layers"]) + ["total"]
     for name in names:
@@ -215,6 +244,7 @@ def format_report(report: dict, before: dict | None = None) -> str:
             pair("nonzeros", _human),
             pair("sparsity", lambda s: f"{100 * s:.1f}%"),
             pair("flops", _human),
+            pair("executed_flops", _human) + (f" ({row['execution']})" if row.get("execution") else ""),
         ])
     widths = [max(len(str(r[c])) for r in rows + [header]) for c in range(len(header))]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()

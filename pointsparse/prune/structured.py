@@ -305,6 +305,28 @@ def block_structured(module, name, amount, block_size=4, n=2, layout=None, impor
     return module
 
 
+def panel_structured(module, name, amount, square=False, n=2, importance_scores=None):
+    """The granularity the engine executes (vector sparsity): prune
+    ``amount`` of the alive vectors of a sparse conv's ``(K, C_in, C_out)``
+    weight, a vector being (offset, input channel, panel of output
+    channels), a panel the fused kernels' register-tile width
+    (``nn._engine.panel_width``: 16 float32 / 8 float64 columns). This is
+    :func:`block_structured` with ``block_size=(width, 1)``; the forward then
+    visits only the vectors left. The input gradient runs on ``W[o].T``,
+    whose vectors are (output channel, panel of input channels): with
+    ``square=True`` the blocks are ``width x width``, zero vectors in both
+    directions, so forward, input and weight gradients all skip them
+    (bench/RESULTS.md). Returns ``module``."""
+    from ..nn._engine import panel_width  # noqa: PLC0415 - nn sits above this package
+
+    weight = getattr(module, name + "_orig", getattr(module, name, None))
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"{type(module).__name__} has no tensor attribute {name!r}")
+    width = panel_width(weight.dtype)
+    return block_structured(module, name, amount, block_size=(width, width if square else 1), n=n,
+                            importance_scores=importance_scores)
+
+
 def stripe_structured(module, name, amount, n=2, layout=None, importance_scores=None):
     """Prune ``amount`` of the alive stripes of ``module.name`` by norm (see
     :class:`StripeStructured`). Returns ``module``."""

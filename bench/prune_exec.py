@@ -1,0 +1,212 @@
+"""Speed-up of executed weight sparsity on a real sweep: a submanifold
+``Conv3d(C, C, 3)`` over KITTI (000049, 0.05 m voxels) pruned by kernel
+offsets (``kernel_structured(scope="offset")``) and by engine vectors
+(``panel_structured``; ``square=True``: width x width blocks, which the
+input gradient skips too), forward and forward+backward, against the unpruned
+conv timed in the same rounds (interleaved, medians). Every pruned conv's
+output is first checked against torch ops on the masked weight. For vector
+sparsity the same pruned weights are also timed through the dense kernels
+(offsets skipped only), which is what sets ``_engine.VECTOR_DENSITY``. A
+last table times a decoder step with half the voxels dropped by
+``nn.VoxelPrune`` (see :func:`spatial`).
+
+    flock /work/bench.lock .venv/bin/python bench/prune_exec.py [--channels 64] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+import statistics
+import sys
+import time
+
+import torch
+
+from _common import RESULTS_DIR, environment, real_scene, real_sweeps, write_markdown
+
+import pointsparse as ps
+from pointsparse import prune
+from pointsparse.nn import _engine
+from pointsparse.nn import functional as F
+
+OFFSET_AMOUNTS = (0.25, 0.5, 0.75)
+VECTOR_AMOUNTS = (0.25, 0.5, 0.75, 0.9)
+SQUARE_AMOUNTS = (0.5, 0.75)
+
+
+def variants(channels: int) -> list[tuple[str, str, float, ps.nn.Conv3d]]:
+    """(name, kind, amount, conv): the unpruned conv first."""
+    torch.manual_seed(0)
+    base = ps.nn.Conv3d(channels, channels, 3)
+    out = [("unpruned", "dense", 0.0, base)]
+    for kind, amounts in (("offset", OFFSET_AMOUNTS), ("vector", VECTOR_AMOUNTS), ("square", SQUARE_AMOUNTS)):
+        for amount in amounts:
+            conv = ps.nn.Conv3d(channels, channels, 3)
+            conv.load_state_dict(base.state_dict())
+            if kind == "offset":
+                prune.kernel_structured(conv, "weight", amount, scope="offset")
+            else:
+                prune.panel_structured(conv, "weight", amount, square=kind == "square")
+            out.append((f"{kind} {amount:.0%}", kind, amount, conv))
+    return out
+
+
+def check(conv, x, kmap) -> None:
+    with torch.no_grad():
+        got = conv(x).feats
+        ref = F.conv_with_map(x.feats, conv.weight.detach(), kmap)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def core_forward(conv, x, kmap, vector_density: float):
+    """The fused kernels alone (plan built, choice made, output allocated
+    once): what the engine's forward costs without the per-call Python."""
+    weight = conv.weight.detach().contiguous()
+    old = _engine.VECTOR_DENSITY
+    _engine.VECTOR_DENSITY = vector_density
+    run = _engine.choose_execution(weight)
+    _engine.VECTOR_DENSITY = old
+    plan = _engine.get_plan(kmap)
+    out = x.feats.new_empty((kmap.num_out, weight.shape[2]))
+    args = (x.feats.numpy(), weight.numpy(), None, out.numpy(), torch.get_num_threads())
+    return lambda: plan.core.forward(*args, active=run.active, vector=run.vector)
+
+
+def once(conv, x, mode: str, vector_density: float) -> float:
+    if callable(mode):
+        t0 = time.perf_counter()
+        mode()
+        return time.perf_counter() - t0
+    backward = mode == "fwd+bwd"
+    old = _engine.VECTOR_DENSITY
+    _engine.VECTOR_DENSITY = vector_density
+    try:
+        t0 = time.perf_counter()
+        if backward:
+            feats = x.feats.detach().requires_grad_()
+            conv(x.with_feats(feats)).feats.sum().backward()
+        else:
+            with torch.no_grad():
+                conv(x)
+        return time.perf_counter() - t0
+    finally:
+        _engine.VECTOR_DENSITY = old
+
+
+def measure(channels: int, coords: torch.Tensor, rounds: int) -> str:
+    x = ps.SparseTensor(torch.randn(len(coords), channels), coords)
+    kmap = ps.kmap.get_kmap(x, 3)
+    sizes = kmap.sizes.to(torch.int64)
+    runs = []  # (label, conv, backward, vector_density)
+    for name, kind, amount, conv in variants(channels):
+        check(conv, x, kmap)
+        for mode in ("fwd", "fwd+bwd", "core"):
+            labels = [(kind, _engine.VECTOR_DENSITY)] + ([("vector/dense kernels", -1.0)] if kind == "vector" else [])
+            for label, vd in labels:
+                runs.append((name, label, conv, core_forward(conv, x, kmap, vd) if mode == "core" else mode, vd, mode))
+    times = {i: [] for i in range(len(runs))}
+    for i, (_, _, conv, mode, vd, _) in enumerate(runs):  # warm-up: maps and plans built
+        once(conv, x, mode, vd)
+    for _ in range(rounds):
+        for i, (_, _, conv, mode, vd, _) in enumerate(runs):
+            times[i].append(once(conv, x, mode, vd))
+    med = {i: statistics.median(t) for i, t in times.items()}
+    base = {r[5]: med[i] for i, r in enumerate(runs) if r[0] == "unpruned"}
+    lines = [f"### C = {channels} ({len(coords):,} voxels, {int(sizes.sum()):,} pairs)", "",
+             "| pruning | run as | engine path | ideal (pairs or FLOPs) | forward ms | fwd speed-up | "
+             "fwd+bwd ms | fwd+bwd speed-up | kernels alone: fwd speed-up |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = {}
+    for i, (name, kind, conv, mode, vd, label) in enumerate(runs):
+        rows.setdefault((name, kind), {})[label] = med[i]
+    for (name, kind), t in rows.items():
+        conv = next(r[2] for r in runs if r[0] == name)
+        w = conv.weight.detach()
+        lines.append(f"| {name} | {kind} | {path_of(w, kind)} | {ideal(w, sizes):.2f}x | {1e3 * t['fwd']:.1f} | "
+                     f"{base['fwd'] / t['fwd']:.2f}x | {1e3 * t['fwd+bwd']:.1f} | "
+                     f"{base['fwd+bwd'] / t['fwd+bwd']:.2f}x | {base['core'] / t['core']:.2f}x |")
+    return "\n".join(lines)
+
+
+def spatial(channels: int, coords: torch.Tensor, rounds: int, keep: float = 0.5) -> str:
+    """A U-Net decoder step on the sweep: the stride-2 tensor (from a k2 s2
+    conv, not timed) through two submanifold k3 convs and a k2 s2 transposed
+    conv back to the full stride-1 coords, with and without
+    ``VoxelPrune(keep)`` first. Both sides start from a fresh coordinate
+    cache every call (``select_voxels`` of all or of the kept rows), so both
+    build their stride-2 maps and the transposed map each time."""
+    torch.manual_seed(0)
+    x = ps.SparseTensor(torch.randn(len(coords), channels), coords)
+    down = ps.nn.Conv3d(channels, channels, 2, 2)
+    body = torch.nn.Sequential(ps.nn.Conv3d(channels, channels, 3), ps.nn.ReLU(), ps.nn.Conv3d(channels, channels, 3),
+                               ps.nn.ReLU(), ps.nn.Conv3d(channels, channels, 2, 2, transposed=True))
+    with torch.no_grad():
+        coarse = down(x)
+    everything = torch.arange(len(coarse))
+    pruner = ps.nn.VoxelPrune(keep)
+
+    def run(prune_first: bool):
+        with torch.no_grad():
+            start = pruner(coarse) if prune_first else F.select_voxels(coarse, everything)
+            out = body(start)
+        assert torch.equal(out.coords, x.coords)
+        return len(start)
+
+    sizes = {flag: run(flag) for flag in (False, True)}
+    times = {False: [], True: []}
+    for _ in range(rounds):
+        for flag in (False, True):
+            t0 = time.perf_counter()
+            run(flag)
+            times[flag].append(time.perf_counter() - t0)
+    full, pruned = (statistics.median(times[f]) for f in (False, True))
+    return (f"### Spatial pruning, C = {channels}: decoder step from stride 2 ({sizes[False]:,} voxels) back to "
+            f"stride 1 ({len(coords):,})\n\n| voxels entering | time ms | speed-up |\n|---|---|---|\n"
+            f"| all {sizes[False]:,} | {1e3 * full:.1f} | 1.00x |\n"
+            f"| VoxelPrune({keep}): {sizes[True]:,} | {1e3 * pruned:.1f} | {full / pruned:.2f}x |")
+
+
+def ideal(weight: torch.Tensor, sizes: torch.Tensor) -> float:
+    """Dense FLOPs over the FLOPs the pruned weights imply at their
+    granularity: total pairs / pairs of the nonzero offsets, or the columns
+    of the nonzero vectors (the vector kernels' count)."""
+    old = _engine.VECTOR_DENSITY
+    _engine.VECTOR_DENSITY = 1.0
+    try:
+        implied = _engine.executed_flops(weight, sizes)
+    finally:
+        _engine.VECTOR_DENSITY = old
+    return 2 * int(sizes.sum()) * weight.shape[1] * weight.shape[2] / implied
+
+
+def path_of(weight: torch.Tensor, kind: str) -> str:
+    if kind == "vector/dense kernels":
+        return "offsets" if _engine.choose_execution(weight).active is not None else "dense"
+    return _engine.choose_execution(weight).name
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--channels", type=int, nargs="+", default=[64])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", default=str(RESULTS_DIR / "prune_exec.md"))
+    args = parser.parse_args()
+    sweeps = real_sweeps()
+    if "kitti-raw/000049" not in sweeps:
+        print("prune_exec: ../shared/datasets/kitti-raw/000049.bin is absent; nothing measured")
+        return
+    torch.set_num_threads(args.threads)
+    coords = real_scene(sweeps["kitti-raw/000049"], 0.05)
+    tables = [measure(c, coords, args.rounds) for c in args.channels]
+    tables += [spatial(c, coords, args.rounds) for c in args.channels]
+    for t in tables:
+        print(t, "\n")
+    command = "python bench/prune_exec.py " + " ".join(sys.argv[1:])
+    write_markdown(Path(args.out), "Executed weight sparsity (kitti-raw/000049 @ 0.05 m)", command, environment(),
+                   tables, "Speed-ups are medians of interleaved rounds against the unpruned conv of the same "
+                   "rounds, on a 2-core AMD EPYC Zen 4 shared with other agents (noisy).")
+
+
+if __name__ == "__main__":
+    main()

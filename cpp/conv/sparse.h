@@ -1,0 +1,67 @@
+// Vector-sparse forms of the fused convolution kernels (sparse_kernels.h).
+//
+// A weight panel is one offset's rows restricted to one register tile's
+// columns (nr<T>() columns, the last panel zero-padded). A row of a panel is
+// a "vector"; the sparse kernels pack only the vectors that hold a nonzero
+// and let the inner loop visit only those: C[r][panel] += sum over listed
+// rows c of A[r][c] * B_k[c][panel]. The lists are built from the values
+// (apply: the weight itself; wgrad: the mask), so nothing but the weight and
+// the pairs is needed, and the result equals the dense kernel's on the same
+// weight (a skipped row adds exact zeros there).
+#pragma once
+
+#include <cstdint>
+
+#include "conv/fused.h"
+
+namespace ps {
+namespace conv {
+
+// The dense arguments plus scratch for the lists: idx[(k * panels + p) * kc
+// + i] is the i-th listed row of panel p of offset k, count[k * panels + p]
+// how many. `base.wpack` (set by the dispatch) holds the packed listed rows
+// in the same place the dense kernel packs all rows. Panels are the 32-byte
+// builds' (kSparsePanel<T> columns) on every CPU, so one pruning granularity
+// serves every machine.
+template <typename T>
+struct SparseApplyArgs {
+  ApplyArgs<T> base;
+  int32_t* idx;    // scratch: K * panels(cols) * kc
+  int32_t* count;  // scratch: K * panels(cols)
+};
+
+// grad_w[k][c][j] for the vectors (k, c, panel of j) where mask holds a
+// nonzero; every other entry of grad_w is zero. An entry computed is
+// bit-identical to the dense wgrad's (same pairs, same order); entries
+// inside a computed vector are not multiplied by the mask here.
+template <typename T>
+struct MaskedWgradArgs {
+  WgradArgs<T> base;
+  const T* mask;   // (K, c_in, c_out)
+  int32_t* idx;    // scratch: K * panels(c_out) * c_in
+  int32_t* count;  // scratch: K * panels(c_out)
+};
+
+// Columns of one panel (a vector) of the sparse kernels: the 32-byte
+// builds' tile width (16 floats, 8 doubles).
+template <typename T>
+constexpr int64_t sparse_panel() { return nr<T>(Isa::avx2); }
+
+// `isa`: the build asked for; the sparse kernels run in the AVX2 build
+// wherever the CPU has it unless the generic one is asked for.
+void apply_sparse(SparseApplyArgs<float> a, Isa isa);
+void apply_sparse(SparseApplyArgs<double> a, Isa isa);
+void wgrad_masked(MaskedWgradArgs<float> a, Isa isa);
+void wgrad_masked(MaskedWgradArgs<double> a, Isa isa);
+
+#define PS_CONV_DECLARE_SPARSE                           \
+  void apply_sparse(const SparseApplyArgs<float>& a);  \
+  void apply_sparse(const SparseApplyArgs<double>& a); \
+  void wgrad_masked(const MaskedWgradArgs<float>& a);  \
+  void wgrad_masked(const MaskedWgradArgs<double>& a);
+namespace avx2 { PS_CONV_DECLARE_SPARSE }
+namespace generic { PS_CONV_DECLARE_SPARSE }
+#undef PS_CONV_DECLARE_SPARSE
+
+}  // namespace conv
+}  // namespace ps

@@ -1,0 +1,247 @@
+// Vector-sparse kernels (see sparse.h), compiled for the 32-byte builds
+// (AVX2 and generic): each of those translation units includes this right
+// after fused_kernels.h, and these reuse its helpers (Vec, vload, vstore,
+// lanes, nr, panels, tile_step, tile_add, prefetch_row) and its tile shape
+// kMR. Same rules: internal linkage, no std templates.
+
+namespace {
+
+// C[r][0:ncols] += sum_i A[r][idx[i]] * B[i][0:NR] for r < mr, B packed (n,
+// NR), in i order from zero (as micro<T, 1> over the listed rows).
+template <typename T>
+inline void micro_idx(int64_t n, const int32_t* __restrict idx, const T* const* a, const T* __restrict b,
+                      T* const* c, int mr, int64_t ncols) {
+  typedef typename Vec<T>::type V;
+  constexpr int L = lanes<T>();
+  constexpr int64_t NR = nr<T>();
+  V acc0[kMR], acc1[kMR];
+#pragma GCC unroll 16
+  for (int r = 0; r < kMR; ++r) acc0[r] = acc1[r] = V{};
+  for (int64_t i = 0; i < n; ++i) {
+    const V b0 = vload(b + i * NR), b1 = vload(b + i * NR + L);
+    tile_step<T>(acc0, acc1, b0, b1, a, idx[i]);
+  }
+  tile_add<T>(acc0, acc1, c, 0, mr, ncols);
+}
+
+// Per offset k and panel p the rows c of B_k with a nonzero in the panel's
+// columns: listed in idx, packed in order into wpack, counted in count.
+template <typename T>
+void pack_sparse(const SparseApplyArgs<T>& s, int64_t c_out) {
+  constexpr int64_t NR = nr<T>();
+  const ApplyArgs<T>& a = s.base;
+  const int64_t np = panels<T>(a.cols), K = a.pairs.kernel_volume;
+  for (int64_t t = 0; t < K * np; ++t) {
+    const int64_t k = t / np, p = t % np;
+    const T* wk = a.w + k * a.kc * a.cols;
+    T* dst = a.wpack + t * a.kc * NR;
+    int32_t* list = s.idx + t * a.kc;
+    int32_t n = 0;
+    for (int64_t c = 0; c < a.kc; ++c) {
+      T* row = dst + n * NR;
+      bool nonzero = false;
+      for (int64_t j = 0; j < NR; ++j) {
+        const int64_t col = p * NR + j;
+        const T v = col < a.cols ? (a.transpose ? wk[col * c_out + c] : wk[c * c_out + col]) : T(0);
+        row[j] = v;
+        nonzero |= v != T(0);
+      }
+      if (nonzero) list[n++] = int32_t(c);
+    }
+    s.count[t] = n;
+  }
+}
+
+// apply_impl (fused_kernels.h) over the listed rows only; an offset whose
+// panels list nothing is not visited.
+template <typename T>
+void apply_sparse_impl(const SparseApplyArgs<T>& s) {
+  constexpr int64_t NR = nr<T>();
+  const ApplyArgs<T>& a = s.base;
+  pack_sparse(s, a.transpose ? a.kc : a.cols);
+  const int64_t np = panels<T>(a.cols), K = a.pairs.kernel_volume;
+  const int64_t blocks = (a.num_rows + kBlockRows - 1) / kBlockRows;
+  const PairList& pl = a.pairs;
+#pragma omp parallel for num_threads(a.nt) schedule(dynamic, 1) if (blocks > 1)
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t r0 = blk * kBlockRows, r1 = r0 + kBlockRows < a.num_rows ? r0 + kBlockRows : a.num_rows;
+    for (int64_t r = r0; r < r1; ++r) {
+      T* __restrict d = a.dst + r * a.cols;
+      if (a.bias)
+        __builtin_memcpy(d, a.bias, sizeof(T) * static_cast<unsigned long>(a.cols));
+      else
+        __builtin_memset(d, 0, sizeof(T) * static_cast<unsigned long>(a.cols));
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const int32_t* count = s.count + k * np;
+      int64_t listed = 0;
+      for (int64_t j = 0; j < np; ++j) listed += count[j];
+      if (listed == 0) continue;
+      const bool ident = k == pl.identity;
+      const int64_t lo = ident ? r0 : pl.cuts[blk * K + k], hi = ident ? r1 : pl.cuts[(blk + 1) * K + k];
+      for (int64_t p = lo; p < hi; p += kMR) {
+        const int mr = int(hi - p < kMR ? hi - p : kMR);
+        const T* arow[kMR];
+        T* crow[kMR];
+        for (int r = 0; r < kMR; ++r) {
+          const int64_t q = p + (r < mr ? r : mr - 1);
+          arow[r] = a.src + (ident ? q : int64_t(pl.col[q])) * a.kc;
+          crow[r] = a.dst + (ident ? q : int64_t(pl.row[q])) * a.cols;
+        }
+        if (!ident) {
+          const int64_t next_end = p + 2 * kMR < hi ? p + 2 * kMR : hi;
+          for (int64_t q = p + kMR; q < next_end; ++q) prefetch_row(a.src + int64_t(pl.col[q]) * a.kc, a.kc);
+        }
+        for (int64_t j = 0; j < np; ++j) {
+          if (count[j] == 0) continue;
+          T* c[kMR];
+          for (int r = 0; r < kMR; ++r) c[r] = crow[r] + j * NR;
+          const int64_t ncols = a.cols - j * NR < NR ? a.cols - j * NR : NR;
+          const int64_t t = k * np + j;
+          micro_idx<T>(count[j], s.idx + t * a.kc, arow, a.wpack + t * a.kc * NR, c, mr, ncols);
+        }
+      }
+    }
+    if (a.relu) {  // the inference epilogue, as apply_impl's
+      T* __restrict d = a.dst + r0 * a.cols;
+      for (int64_t i = 0; i < (r1 - r0) * a.cols; ++i) d[i] = d[i] < T(0) ? T(0) : d[i];
+    }
+  }
+}
+
+// C[ix[r]][j] += sum_q x[q][ix[r]] * B[q][j] for r < mr, j < ncols; x[q] =
+// xp[q] read in place, B packed (q, NR); c points at the panel's column 0.
+template <typename T>
+inline void micro_wg_idx(int64_t n, const T* const* xp, const int32_t* ix, const T* __restrict b, T* c,
+                         int64_t ldc, int mr, int64_t ncols) {
+  typedef typename Vec<T>::type V;
+  constexpr int L = lanes<T>();
+  constexpr int64_t NR = nr<T>();
+  V acc0[kMR], acc1[kMR];
+#pragma GCC unroll 16
+  for (int r = 0; r < kMR; ++r) acc0[r] = acc1[r] = V{};
+  for (int64_t q = 0; q < n; ++q) {
+    const T* x[kMR];
+#pragma GCC unroll 16
+    for (int r = 0; r < kMR; ++r) x[r] = xp[q] + ix[r];
+    const V b0 = vload(b + q * NR), b1 = vload(b + q * NR + L);
+    tile_step<T>(acc0, acc1, b0, b1, x, 0);
+  }
+  T* rows[kMR];
+  for (int r = 0; r < kMR; ++r) rows[r] = c + int64_t(ix[r]) * ldc;
+  tile_add<T>(acc0, acc1, rows, 0, mr, ncols);
+}
+
+// Per offset k and panel p of grad_w's columns, the input channels whose
+// mask row in the panel holds a nonzero.
+template <typename T>
+void list_masked(const MaskedWgradArgs<T>& s) {
+  constexpr int64_t NR = nr<T>();
+  const WgradArgs<T>& a = s.base;
+  const int64_t np = panels<T>(a.c_out), K = a.pairs.kernel_volume;
+  for (int64_t t = 0; t < K * np; ++t) {
+    const int64_t k = t / np, p = t % np;
+    const int64_t j1 = (p + 1) * NR < a.c_out ? (p + 1) * NR : a.c_out;
+    int32_t n = 0;
+    for (int64_t c = 0; c < a.c_in; ++c) {
+      const T* m = s.mask + (k * a.c_in + c) * a.c_out;
+      bool nonzero = false;
+      for (int64_t j = p * NR; j < j1; ++j) nonzero |= m[j] != T(0);
+      if (nonzero) s.idx[t * a.c_in + n++] = int32_t(c);
+    }
+    s.count[t] = n;
+  }
+}
+
+// wgrad_pairs (fused_kernels.h) for the listed channels of offset k: the
+// same chunks of kKC pairs and the same sums, tiles of kMR listed channels.
+template <typename T>
+void wgrad_pairs_masked(const MaskedWgradArgs<T>& s, int64_t k, int64_t s0, int64_t end, bool ident, T* part,
+                        T* bp) {
+  constexpr int64_t NR = nr<T>();
+  const WgradArgs<T>& a = s.base;
+  const int64_t np = panels<T>(a.c_out);
+  const int32_t* count = s.count + k * np;
+  const int32_t* lists = s.idx + k * np * a.c_in;
+  const PairList& pl = a.pairs;
+  for (int64_t s1 = s0; s1 < end; s1 += kKC) {
+    const int64_t n = end - s1 < kKC ? end - s1 : kKC;
+    const T* xp[kKC];
+    for (int64_t q = 0; q < n; ++q) {
+      xp[q] = a.x + (ident ? s1 + q : int64_t(pl.col[s1 + q])) * a.c_in;
+      const T* gr = a.g + (ident ? s1 + q : int64_t(pl.row[s1 + q])) * a.c_out;
+      for (int64_t p = 0; p < np; ++p) {
+        if (count[p] == 0) continue;
+        T* d = bp + (p * kKC + q) * NR;
+        if ((p + 1) * NR <= a.c_out) {
+          vstore(d, vload(gr + p * NR));
+          vstore(d + lanes<T>(), vload(gr + p * NR + lanes<T>()));
+        } else {
+          for (int64_t j = 0; j < NR; ++j) d[j] = p * NR + j < a.c_out ? gr[p * NR + j] : T(0);
+        }
+      }
+    }
+    for (int64_t p = 0; p < np; ++p) {
+      const int64_t ncols = a.c_out - p * NR < NR ? a.c_out - p * NR : NR;
+      const int32_t* list = lists + p * a.c_in;
+      for (int64_t i = 0; i < count[p]; i += kMR) {
+        const int mr = int(count[p] - i < kMR ? count[p] - i : kMR);
+        int32_t ix[kMR];
+        for (int r = 0; r < kMR; ++r) ix[r] = list[i + (r < mr ? r : mr - 1)];
+        micro_wg_idx(n, xp, ix, bp + p * kKC * NR, part + p * NR, a.c_out, mr, ncols);
+      }
+    }
+  }
+}
+
+// wgrad_impl (fused_kernels.h) with the masked pairs: the same units, the
+// same walk and the same reduction in unit order.
+template <typename T>
+void wgrad_masked_impl(const MaskedWgradArgs<T>& s) {
+  const WgradArgs<T>& a = s.base;
+  list_masked(s);
+  const int64_t K = a.pairs.kernel_volume, psize = a.c_in * a.c_out, np = panels<T>(a.c_out);
+  const int64_t per_thread = conv::wgrad_scratch<T>(kIsa, a.c_in, a.c_out);
+  const PairList& pl = a.pairs;
+#pragma omp parallel num_threads(a.nt) if (a.num_units > 1)
+  {
+    T* bp = a.scratch + int64_t(omp_get_thread_num()) * per_thread + kMR * kKC;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t u = 0; u < a.num_units; ++u) {
+      T* part = a.partials + u * K * psize;
+      for (int64_t i = 0; i < K * psize; ++i) part[i] = T(0);
+      const int64_t b_end = a.units[u + 1];
+      for (int64_t b0 = a.units[u]; b0 < b_end; b0 += kWgradBlocks) {
+        const int64_t b1 = b0 + kWgradBlocks < b_end ? b0 + kWgradBlocks : b_end;
+        for (int64_t k = 0; k < K; ++k) {
+          int64_t listed = 0;
+          for (int64_t p = 0; p < np; ++p) listed += s.count[k * np + p];
+          const bool ident = k == pl.identity;
+          const int64_t lo = ident ? b0 * kBlockRows : pl.cuts[b0 * K + k];
+          const int64_t hi = ident ? (b1 * kBlockRows < a.num_rows ? b1 * kBlockRows : a.num_rows)
+                                   : pl.cuts[b1 * K + k];
+          if (hi > lo && listed) wgrad_pairs_masked(s, k, lo, hi, ident, part + k * psize, bp);
+        }
+      }
+    }
+    const int64_t rows_per = 8, pieces = (a.c_in + rows_per - 1) / rows_per;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < K * pieces; ++t) {
+      const int64_t k = t / pieces, i0 = (t % pieces) * rows_per * a.c_out;
+      const int64_t i1 = i0 + rows_per * a.c_out < psize ? i0 + rows_per * a.c_out : psize;
+      T* gw = a.grad_w + k * psize;
+      for (int64_t i = i0; i < i1; ++i) gw[i] = a.partials[k * psize + i];
+      for (int64_t u = 1; u < a.num_units; ++u) {
+        const T* part = a.partials + (u * K + k) * psize;
+        for (int64_t i = i0; i < i1; ++i) gw[i] += part[i];
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void apply_sparse(const SparseApplyArgs<float>& a) { apply_sparse_impl(a); }
+void apply_sparse(const SparseApplyArgs<double>& a) { apply_sparse_impl(a); }
+void wgrad_masked(const MaskedWgradArgs<float>& a) { wgrad_masked_impl(a); }
+void wgrad_masked(const MaskedWgradArgs<double>& a) { wgrad_masked_impl(a); }

@@ -1,0 +1,324 @@
+"""The engine executes weight sparsity: skipped kernel offsets, the
+vector-sparse fused kernels, masked weight gradients and custom kernel
+regions, each against the dense engine (bit for bit where the arithmetic is
+the same) and against torch references with the pruned entries zeroed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import pointsparse as ps
+from pointsparse import prune
+from pointsparse.nn import _engine
+from pointsparse.nn import functional as F
+from reference import dense_conv, random_coords
+
+
+def make(n=400, c=8, extent=8, dtype=torch.float64, seed=0):
+    coords = random_coords(n, extent, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    return ps.SparseTensor(torch.randn(len(coords), c, generator=g, dtype=dtype), coords)
+
+
+def sparse_weight(volume, c_in, c_out, dtype, seed=0, vector_keep=0.3, dead=(0, 4)):
+    """Random weight with whole vectors (offset, input channel, panel) zeroed
+    at random and the offsets ``dead`` zeroed."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(volume, c_in, c_out, generator=g, dtype=dtype)
+    width = _engine.panel_width(dtype)
+    panels = -(-c_out // width)
+    keep = torch.rand(volume, c_in, panels, generator=g) < vector_keep
+    w *= keep.repeat_interleave(width, 2)[:, :, :c_out].to(dtype)
+    w[[d for d in dead if d < volume]] = 0
+    return w
+
+
+def case(k, t, transposed, c_in, c_out, dtype, seed=0):
+    x = make(c=c_in, dtype=dtype, seed=seed)
+    src = x
+    if transposed:
+        down = ps.kmap.get_kmap(x, k, t)
+        src = ps.SparseTensor(torch.randn(down.num_out, c_in, dtype=dtype), down.out_coords, 2, cache=x.cache,
+                              validate=False)
+    kmap = ps.kmap.get_kmap(src, k, t, 1, transposed)
+    return src.feats, kmap
+
+
+def run_core(plan, feats, w, g, portable, active=None, vector=False, wactive=None, mask=None, nt=None):
+    nt = nt or 2
+    out = torch.full((plan.num_out, w.shape[2]), float("nan"), dtype=w.dtype)
+    plan.core.forward(feats.numpy(), w.numpy(), None, out.numpy(), nt, isa=portable, active=active, vector=vector)
+    gf = torch.full_like(feats, float("nan"))
+    plan.core.backward_input(g.numpy(), w.numpy(), gf.numpy(), nt, isa=portable, active=active, vector=vector)
+    gw = torch.full_like(w, float("nan"))
+    plan.core.backward_weight(feats.numpy(), g.numpy(), gw.numpy(), nt, isa=portable, active=wactive,
+                              mask=None if mask is None else mask.numpy())
+    return out, gf, gw
+
+
+CASES = [(3, 1, False), (2, 2, False), (2, 2, True), (5, 1, False)]
+
+
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("c_in,c_out", [(1, 1), (5, 6), (7, 17), (13, 35), (64, 64)])
+@pytest.mark.parametrize("k,t,transposed", CASES)
+def test_skipping_and_vector_kernels_equal_the_dense_kernels(k, t, transposed, c_in, c_out, dtype, portable):
+    """Forward and input gradient: skipping zero offsets and zero vectors
+    changes no bit; weight gradient with a mask: dense gradient * mask, bit
+    for bit; and all of it against torch ops on the zeroed weight."""
+    feats, kmap = case(k, t, transposed, c_in, c_out, dtype)
+    plan = _engine.make_fused_plan(kmap)
+    w = sparse_weight(kmap.kernel_volume, c_in, c_out, dtype)
+    mask = (w != 0).to(dtype)
+    g = torch.randn(kmap.num_out, c_out, dtype=dtype)
+    dense = run_core(plan, feats, w, g, portable)
+    fwd = _engine.choose_execution(w)
+    assert fwd.active is not None and not fwd.active[0]
+    wactive = _engine.weight_execution(mask, None)[0]
+    assert wactive is not None and not wactive[0]
+    for vector in (False, True):  # vector: the vector kernels and the masked weight gradient
+        out, gf, gw = run_core(plan, feats, w, g, portable, fwd.active, vector, wactive, mask if vector else None)
+        assert torch.equal(out, dense[0]) and torch.equal(gf, dense[1])
+        assert torch.equal(gw * mask, dense[2] * mask)
+        assert not gw[0].any() and not (vector and gw[mask == 0].any())
+    f, ww = feats.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = F.conv_with_map(f, ww, kmap)
+    ref_gf, ref_gw = torch.autograd.grad(ref, (f, ww), g)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(out, ref.detach(), **tol)
+    torch.testing.assert_close(gf, ref_gf, **tol)
+    torch.testing.assert_close(gw, ref_gw * mask, **tol)
+
+
+def test_skipped_offsets_and_vectors_are_never_read():
+    """Offsets left out and zero vectors: NaN in the weight outside what runs
+    never reaches the output (the data really is not touched)."""
+    feats, kmap = case(3, 1, False, 8, 16, torch.float32)
+    plan = _engine.make_fused_plan(kmap)
+    w = sparse_weight(27, 8, 16, torch.float32, dead=())
+    active = np.ones(27, dtype=np.uint8)
+    active[[3, 13]] = 0  # 13: the identity of the submanifold map
+    poisoned = w.clone()
+    poisoned[[3, 13]] = float("nan")
+    ref = w.clone()
+    ref[[3, 13]] = 0
+    g = torch.randn(kmap.num_out, 16)
+    out, gf, gw = run_core(plan, feats, poisoned, g, False, active, True, active)
+    want = run_core(plan, feats, ref, g, False)
+    assert torch.equal(out, want[0]) and torch.equal(gf, want[1])
+    assert not gw[[3, 13]].any() and torch.equal(gw[:3], want[2][:3])
+
+
+def test_core_checks_active_and_mask():
+    feats, kmap = case(3, 1, False, 4, 4, torch.float64)
+    plan = _engine.make_fused_plan(kmap)
+    w = torch.randn(27, 4, 4, dtype=torch.float64)
+    out = torch.empty(kmap.num_out, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="active"):
+        plan.core.forward(feats.numpy(), w.numpy(), None, out.numpy(), 1, False, np.ones(26, np.uint8), False)
+    gw = torch.empty_like(w)
+    with pytest.raises(ValueError, match="mask"):
+        plan.core.backward_weight(feats.numpy(), out.numpy(), gw.numpy(), 1, False, None, np.ones((27, 4, 3)))
+    with pytest.raises(ValueError, match="dtype"):
+        plan.core.backward_weight(feats.numpy(), out.numpy(), gw.numpy(), 1, False, None,
+                                  np.ones((27, 4, 4), np.float32))
+
+
+def test_execution_choice():
+    w = torch.randn(27, 64, 64)
+    assert _engine.choose_execution(w).name == "dense"
+    w[:5] = 0
+    run = _engine.choose_execution(w)
+    assert run.name == "offsets" and run.active.tolist() == [0] * 5 + [1] * 22 and run.density == 1.0
+    w[:, :48] = 0  # 25% of the rows of every panel left
+    run = _engine.choose_execution(w)
+    assert run.name == "vector" and run.density == 0.25
+    # W[k].T: rows are output channels, panels of input channels (3 of 4 all zero)
+    assert _engine.choose_execution(w, transpose=True).density == 0.25
+    w[:, :, 16:] = 0  # then only rows 48.. x panel 0 (W.T: rows :16 x panel 3)
+    assert _engine.choose_execution(w).density == 0.0625
+    assert _engine.choose_execution(w, transpose=True).density == 0.0625
+    region = torch.zeros(27, dtype=torch.bool)
+    region[13] = True
+    assert _engine.choose_execution(torch.randn(27, 4, 4), region).active.tolist() == [int(i == 13) for i in range(27)]
+
+
+def pruned_conv(kind, dtype=torch.float64, c=8, seed=0):
+    torch.manual_seed(seed)
+    conv = ps.nn.Conv3d(c, c, 3).to(dtype)
+    if kind in ("offset", "both"):
+        prune.kernel_structured(conv, "weight", 0.5, scope="offset")
+    if kind in ("vector", "both"):
+        prune.panel_structured(conv, "weight", 0.6)
+    return conv
+
+
+@pytest.mark.parametrize("kind", ["offset", "vector", "both"])
+def test_pruned_module_forward_backward_against_dense_conv3d(kind, monkeypatch):
+    """A pruned Conv3d: outputs against torch's conv3d with the pruned
+    entries zeroed; weight_orig's gradient exactly the unmasked engine's
+    gradient * mask (the masked vectors are not computed)."""
+    monkeypatch.setattr(_engine, "VECTOR_DENSITY", 1.0)  # the vector kernels on any density
+    monkeypatch.setattr(_engine, "MASKED_WGRAD_DENSITY", 1.0)
+    conv = pruned_conv(kind)
+    x = make(c=8)
+    feats = x.feats.clone().requires_grad_()
+    out = conv(x.with_feats(feats))
+    w = (conv.weight_orig * conv.weight_mask).detach()
+    torch.testing.assert_close(out.feats, dense_conv(x, w, x.coords), rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(out.feats)
+    out.feats.backward(g)
+    ref_w = w.clone().requires_grad_()
+    ref_f = x.feats.clone().requires_grad_()
+    ref = F.conv3d(x.with_feats(ref_f), ref_w, 3)  # no mask: the dense weight gradient
+    ref_gf, ref_gw = torch.autograd.grad(ref.feats, (ref_f, ref_w), g)
+    assert torch.equal(conv.weight_orig.grad, ref_gw * conv.weight_mask)
+    assert torch.equal(feats.grad, ref_gf)
+
+
+def test_removed_pruning_keeps_the_full_weight_gradient():
+    """After prune.remove the zero offsets still run in the weight gradient
+    (nothing guarantees it is multiplied by zero)."""
+    conv = pruned_conv("offset")
+    prune.remove(conv, "weight")
+    dead = conv.weight.detach().flatten(1).abs().sum(1) == 0
+    assert dead.sum() == 14  # round(0.5 * 27)
+    x = make(c=8)
+    conv(x).feats.square().sum().backward()
+    ref_w = conv.weight.detach().clone().requires_grad_()
+    ref = dense_conv(x, ref_w, x.coords).square().sum()
+    (ref_gw,) = torch.autograd.grad(ref, ref_w)
+    assert conv.weight.grad[dead].abs().sum() > 0
+    torch.testing.assert_close(conv.weight.grad, ref_gw, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("vector_density", [0.0, 1.0])
+def test_gradcheck_pruned(vector_density, monkeypatch):
+    monkeypatch.setattr(_engine, "VECTOR_DENSITY", vector_density)
+    monkeypatch.setattr(_engine, "MASKED_WGRAD_DENSITY", vector_density)
+    conv = pruned_conv("both", c=3)
+    x = make(n=60, c=3, extent=4)
+    w = (conv.weight_orig * conv.weight_mask).detach().requires_grad_()
+    kmap = ps.kmap.get_kmap(x, 3)
+    f = x.feats.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: _engine.conv(a, b, None, kmap), (f, w))
+    # with the mask: the gradient of the masked product
+    orig = conv.weight_orig.detach().clone().requires_grad_()
+    mask = conv.weight_mask
+    assert torch.autograd.gradcheck(lambda a, b: _engine.conv(a, b * mask, None, kmap, mask=mask), (f, orig))
+
+
+def _threads_run(threads, kind):
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        conv = pruned_conv(kind, torch.float32, c=16, seed=3)
+        x = make(n=4000, c=16, extent=24, dtype=torch.float32, seed=7)
+        feats = x.feats.clone().requires_grad_()
+        out = conv(x.with_feats(feats))
+        out.feats.backward(torch.ones_like(out.feats) + out.feats.detach())
+        return out.feats.detach(), feats.grad, conv.weight_orig.grad
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("kind", ["offset", "both"])
+def test_bit_identical_for_1_and_2_threads(kind, monkeypatch):
+    monkeypatch.setattr(_engine, "VECTOR_DENSITY", 1.0)
+    monkeypatch.setattr(_engine, "MASKED_WGRAD_DENSITY", 1.0)
+    for a, b in zip(_threads_run(1, kind), _threads_run(2, kind)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("region", ["cross", [0, 5, 13, 26]])
+@pytest.mark.parametrize("method", _engine.METHODS)
+def test_kernel_region_against_dense_conv3d(region, method, monkeypatch):
+    monkeypatch.setattr(_engine, "DEFAULT_METHOD", method)
+    torch.manual_seed(0)
+    conv = ps.nn.Conv3d(4, 5, 3, kernel_region=region).double()
+    keep = F.region_of(3, region)
+    if region == "cross":
+        assert keep.nonzero().flatten().tolist() == [4, 10, 12, 13, 14, 16, 22]
+    assert not conv.weight.detach()[~keep].any()
+    with torch.no_grad():
+        conv.weight[~keep] = 7.0  # ignored
+    x = make(c=4)
+    out = conv(x)
+    zeroed = conv.weight.detach().clone()
+    zeroed[~keep] = 0
+    torch.testing.assert_close(out.feats, dense_conv(x, zeroed, x.coords), rtol=1e-10, atol=1e-10)
+    out.feats.sum().backward()
+    assert not conv.weight.grad[~keep].any() and conv.weight.grad[keep].abs().sum() > 0
+    assert "kernel_region" in repr(conv)
+
+
+def test_kernel_region_gradcheck_and_errors():
+    x = make(n=60, c=2, extent=4)
+    w = torch.randn(27, 2, 3, dtype=torch.float64, requires_grad=True)
+    f = x.feats.clone().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda a, b: F.conv3d(x.with_feats(a), b, 3, kernel_region="cross").feats, (f, w))
+    with pytest.raises(ValueError, match="kernel_region"):
+        ps.nn.Conv3d(2, 2, 3, kernel_region="star")
+    with pytest.raises(ValueError, match="kernel_region"):
+        ps.nn.Conv3d(2, 2, 3, kernel_region=[0, 27])
+    with pytest.raises(ValueError, match="kernel_region"):
+        ps.nn.Conv3d(2, 2, 3, kernel_region=[])
+    with pytest.raises(TypeError, match="kernel_region"):
+        ps.nn.Conv3d(2, 2, 3, kernel_region=3)
+    with pytest.raises(ValueError, match="mask"):
+        F.conv3d(x, w.detach(), 3, weight_mask=torch.ones(27, 2, 2, dtype=torch.float64))
+
+
+def test_panel_structured_prunes_engine_vectors():
+    conv = ps.nn.Conv3d(8, 40, 3)
+    prune.panel_structured(conv, "weight", 0.5)
+    blocks = _engine.vector_blocks(conv.weight_mask)
+    assert blocks.shape == (27, 8, 3)
+    # every vector all kept or all pruned (the last panel is 8 of 16 columns wide)
+    mask = conv.weight_mask.view(27, 8, 40)
+    full = torch.nn.functional.pad(mask, (0, 8)).view(27, 8, 3, 16)
+    assert torch.equal(full[:, :, :2].amax(-1), full[:, :, :2].amin(-1))
+    assert torch.equal(full[:, :, 2, :8].amax(-1), full[:, :, 2, :8].amin(-1))
+    assert abs(blocks.float().mean().item() - 0.5) < 0.01
+
+
+def test_square_panels_zero_vectors_in_both_directions():
+    conv = ps.nn.Conv3d(32, 32, 3)
+    prune.panel_structured(conv, "weight", 0.75, square=True)
+    forward = _engine.choose_execution(conv.weight)
+    backward = _engine.choose_execution(conv.weight, transpose=True)
+    assert forward.vector and backward.vector and forward.density == backward.density
+    assert _engine.vector_blocks(conv.weight).float().mean() == 0.25
+    assert _engine.vector_blocks(conv.weight, transpose=True).float().mean() == 0.25
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(27, 5, 7), (8, 40, 17), (1, 1, 1), (3, 0, 4)])
+def test_vector_counts_in_cpp_equal_torch(shape, dtype):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(shape, generator=g, dtype=dtype) * (torch.rand(shape, generator=g) < 0.1)
+    for transpose in (False, True):
+        want = _engine.vector_blocks(w, transpose).sum(1)
+        assert torch.equal(_engine.vector_counts(w, transpose), want)
+    with pytest.raises(ValueError, match="weight"):
+        ps._ext.core.conv_weight_vectors(np.ones((2, 2)), False)
+
+
+def test_no_active_offset_leaves_the_bias_and_a_zero_weight_gradient():
+    feats, kmap = case(3, 1, False, 5, 6, torch.float64)
+    plan = _engine.make_fused_plan(kmap)
+    w = torch.randn(27, 5, 6, dtype=torch.float64)
+    bias = torch.randn(6, dtype=torch.float64)
+    none = np.zeros(27, np.uint8)
+    for vector in (False, True):
+        out = torch.full((kmap.num_out, 6), float("nan"), dtype=torch.float64)
+        plan.core.forward(feats.numpy(), w.numpy(), bias.numpy(), out.numpy(), 2, False, none, vector)
+        assert torch.equal(out, bias.expand_as(out))
+    gw = torch.full_like(w, float("nan"))
+    g = torch.randn(kmap.num_out, 6, dtype=torch.float64)
+    plan.core.backward_weight(feats.numpy(), g.numpy(), gw.numpy(), 2, False, none, None)
+    assert not gw.any()

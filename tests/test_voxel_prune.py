@@ -1,0 +1,101 @@
+"""Spatial (activation) pruning: VoxelPrune keeps the most important voxels
+per batch item; convs after it build maps on the kept voxels, and the
+transposed conv back meets the coords of the skip connection."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import pointsparse as ps
+from pointsparse.nn import functional as F
+from reference import dense_conv, dense_conv_transpose, random_coords
+
+
+def make(n=300, c=4, extent=8, dtype=torch.float64, seed=0):
+    coords = random_coords(n, extent, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    return ps.SparseTensor(torch.randn(len(coords), c, generator=g, dtype=dtype), coords)
+
+
+def brute_keep(x, ratio):
+    keep = []
+    for b in x.coords[:, 0].unique().tolist():
+        rows = [i for i in range(len(x)) if int(x.coords[i, 0]) == b]
+        norms = [float(x.feats[i].norm()) for i in rows]
+        ranked = sorted(range(len(rows)), key=lambda j: (-norms[j], j))
+        keep += [rows[j] for j in ranked[:math.ceil(round(ratio * len(rows), 9))]]
+    return sorted(keep)
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.5, 0.3, 0.01])
+def test_magnitude_keeps_the_largest_per_batch_item(ratio):
+    x = make()
+    out = ps.nn.VoxelPrune(ratio)(x)
+    keep = brute_keep(x, ratio)
+    assert torch.equal(out.coords, x.coords[keep]) and torch.equal(out.feats, x.feats[keep])
+    assert out.stride == x.stride and out.cache is not x.cache
+
+
+def test_threshold_and_learned_score():
+    x = make()
+    out = ps.nn.VoxelPrune(score="magnitude", threshold=2.0)(x)
+    assert torch.equal(out.feats, x.feats[x.feats.norm(dim=1) >= 2.0])
+    torch.manual_seed(0)
+    layer = ps.nn.VoxelPrune(0.5, score="learned", in_channels=4).double()
+    feats = x.feats.clone().requires_grad_()
+    out = layer(x.with_feats(feats))
+    score = layer.scorer(x.feats).squeeze(1).detach()
+    batch = x.coords[:, 0]
+    rows = F.keep_per_batch(score, batch, 0.5)
+    assert torch.equal(out.coords, x.coords[rows])
+    torch.testing.assert_close(out.feats, x.feats[rows] * torch.sigmoid(score[rows]).unsqueeze(1))
+    out.feats.sum().backward()
+    assert layer.scorer.weight.grad.abs().sum() > 0
+    assert torch.autograd.gradcheck(lambda f: layer(x.with_feats(f)).feats, (x.feats.clone().requires_grad_(),))
+
+
+def test_pruned_voxels_in_a_unet_step_against_dense_references():
+    """down (k2 s2) -> prune half -> submanifold conv -> transposed conv back
+    -> cat with the skip: the coarse convs see only the kept voxels, the
+    transposed conv lands on the skip's fine coords."""
+    x = make(n=600, c=3, extent=10)
+    torch.manual_seed(1)
+    down = ps.nn.Conv3d(3, 4, 2, 2).double()
+    mid = ps.nn.Conv3d(4, 4, 3).double()
+    up = ps.nn.Conv3d(4, 3, 2, 2, transposed=True).double()
+    coarse = down(x)
+    kept = ps.nn.VoxelPrune(0.5)(coarse)
+    assert len(kept) == sum(math.ceil(len(coarse.coords[coarse.coords[:, 0] == b]) / 2) for b in (0, 1))
+    y = mid(kept)
+    fresh = ps.SparseTensor(kept.feats, kept.coords, 2)  # the same voxels, no history
+    torch.testing.assert_close(y.feats, dense_conv(fresh, mid.weight.detach(), kept.coords), rtol=1e-10, atol=1e-10)
+    z = up(y)
+    assert torch.equal(z.coords, x.coords)
+    torch.testing.assert_close(z.feats, dense_conv_transpose(y, up.weight.detach(), x.coords), rtol=1e-10,
+                               atol=1e-10)
+    skip = ps.nn.functional.cat([z, x])
+    assert skip.num_channels == 6
+    assert coarse.cache.get_coords((2, 2, 2)).shape[0] == len(coarse)  # the source cache is untouched
+    assert kept.cache.get_coords((4, 4, 4)) is None
+    z.feats.sum().backward()  # gradients flow through the kept rows
+    assert down.weight.grad.abs().sum() > 0
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="keep_ratio"):
+        ps.nn.VoxelPrune(0.0)
+    with pytest.raises(ValueError, match="keep_ratio"):
+        ps.nn.VoxelPrune(1.5)
+    with pytest.raises(ValueError, match="score"):
+        ps.nn.VoxelPrune(0.5, score="random")
+    with pytest.raises(ValueError, match="in_channels"):
+        ps.nn.VoxelPrune(0.5, score="learned")
+    with pytest.raises(TypeError, match="threshold"):
+        ps.nn.VoxelPrune(0.5, threshold="high")
+    with pytest.raises(TypeError, match="SparseTensor"):
+        ps.nn.VoxelPrune(0.5)(torch.ones(3, 2))
+    empty = ps.SparseTensor(torch.zeros(0, 2), torch.zeros(0, 4, dtype=torch.int32))
+    assert len(ps.nn.VoxelPrune(0.5)(empty)) == 0
