@@ -118,7 +118,7 @@ def test_core_checks_active_and_mask():
     w = torch.randn(27, 4, 4, dtype=torch.float64)
     out = torch.empty(kmap.num_out, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match="active"):
-        plan.core.forward(feats.numpy(), w.numpy(), None, out.numpy(), 1, False, np.ones(26, np.uint8), False)
+        plan.core.forward(feats.numpy(), w.numpy(), None, out.numpy(), 1, isa=False, active=np.ones(26, np.uint8))
     gw = torch.empty_like(w)
     with pytest.raises(ValueError, match="mask"):
         plan.core.backward_weight(feats.numpy(), out.numpy(), gw.numpy(), 1, False, None, np.ones((27, 4, 3)))
@@ -316,7 +316,7 @@ def test_no_active_offset_leaves_the_bias_and_a_zero_weight_gradient():
     none = np.zeros(27, np.uint8)
     for vector in (False, True):
         out = torch.full((kmap.num_out, 6), float("nan"), dtype=torch.float64)
-        plan.core.forward(feats.numpy(), w.numpy(), bias.numpy(), out.numpy(), 2, False, none, vector)
+        plan.core.forward(feats.numpy(), w.numpy(), bias.numpy(), out.numpy(), 2, isa=False, active=none, vector=vector)
         assert torch.equal(out, bias.expand_as(out))
     gw = torch.full_like(w, float("nan"))
     g = torch.randn(kmap.num_out, 6, dtype=torch.float64)

@@ -540,7 +540,7 @@ class ConvFunction(torch.autograd.Function):
         ctx.plan, ctx.region, ctx.mask = plan, region, mask
         ctx.save_for_backward(feats_c, weight_c)
         ctx.has_bias = bias is not None
-        return conv_forward(feats_c, weight_c, bias, plan, region)
+        return conv_forward(feats_c, weight_c, bias, plan, region=region)
 
     @staticmethod
     def backward(ctx, grad):
