@@ -288,9 +288,13 @@ def test_procedures_reach_every_group_of_minkunet():
     assert pruned(x).feats.shape == (len(x), 19)
 
 
-def test_netadapt_on_coupled_groups_and_unmeetable_budget():
+def test_netadapt_on_coupled_groups_and_unmeetable_budget(monkeypatch):
     from pointsparse.prune import netadapt
-    torch.manual_seed(0)  # wide enough that a cut group is measurably faster on a busy machine
+    torch.manual_seed(0)
+    # Latency stands in as the parameter count: the search logic is tested,
+    # not the machine's timing (no timed assertions in tests).
+    monkeypatch.setattr(netadapt, "measure_latency",
+                        lambda model, example_input, repeats=7: float(sum(p.numel() for p in model.parameters())))
     mlp = nn.Sequential(nn.Linear(64, 768), nn.ReLU(), nn.Linear(768, 768), nn.ReLU(), nn.Linear(768, 3)).eval()
     x = torch.randn(4096, 64)
     calls = []
