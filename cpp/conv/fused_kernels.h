@@ -337,9 +337,10 @@ void wgrad_pairs(const WgradArgs<T>& a, int64_t s0, int64_t end, bool ident, T* 
 // count). A unit walks its blocks kWgradBlocks at a time and, for each, every
 // offset: the rows of x and g it reads stay in L2 across the offsets, and
 // the unit's partial grad_w (all offsets) stays in L2 too. Partials are then
-// added in unit order.
-template <typename T>
-void wgrad_impl(const WgradArgs<T>& a) {
+// added in unit order. `pairs_of(k, lo, hi, ident, part, ap, bp)` adds the
+// pairs [lo, hi) of offset k into part (scratch ap, bp: this thread's).
+template <typename T, typename F>
+void wgrad_units(const WgradArgs<T>& a, F pairs_of) {
   const int64_t K = a.pairs.kernel_volume, psize = a.c_in * a.c_out;
   const int64_t per_thread = wgrad_scratch<T>(kIsa, a.c_in, a.c_out);
   const PairList& pl = a.pairs;
@@ -359,7 +360,7 @@ void wgrad_impl(const WgradArgs<T>& a) {
           const int64_t lo = ident ? b0 * kBlockRows : pl.cuts[b0 * K + k];
           const int64_t hi = ident ? (b1 * kBlockRows < a.num_rows ? b1 * kBlockRows : a.num_rows)
                                    : pl.cuts[b1 * K + k];
-          if (hi > lo) wgrad_pairs(a, lo, hi, ident, part + k * psize, ap, bp);
+          if (hi > lo) pairs_of(k, lo, hi, ident, part + k * psize, ap, bp);
         }
       }
     }
@@ -377,6 +378,13 @@ void wgrad_impl(const WgradArgs<T>& a) {
       }
     }
   }
+}
+
+template <typename T>
+void wgrad_impl(const WgradArgs<T>& a) {
+  wgrad_units(a, [&a](int64_t, int64_t lo, int64_t hi, bool ident, T* part, T* ap, T* bp) {
+    wgrad_pairs(a, lo, hi, ident, part, ap, bp);
+  });
 }
 
 }  // namespace

@@ -195,48 +195,17 @@ void wgrad_pairs_masked(const MaskedWgradArgs<T>& s, int64_t k, int64_t s0, int6
 }
 
 // wgrad_impl (fused_kernels.h) with the masked pairs: the same units, the
-// same walk and the same reduction in unit order.
+// same walk and the same reduction in unit order (wgrad_units); an offset
+// with no listed channel is not visited.
 template <typename T>
 void wgrad_masked_impl(const MaskedWgradArgs<T>& s) {
-  const WgradArgs<T>& a = s.base;
   list_masked(s);
-  const int64_t K = a.pairs.kernel_volume, psize = a.c_in * a.c_out, np = panels<T>(a.c_out);
-  const int64_t per_thread = conv::wgrad_scratch<T>(kIsa, a.c_in, a.c_out);
-  const PairList& pl = a.pairs;
-#pragma omp parallel num_threads(a.nt) if (a.num_units > 1)
-  {
-    T* bp = a.scratch + int64_t(omp_get_thread_num()) * per_thread + kMR * kKC;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t u = 0; u < a.num_units; ++u) {
-      T* part = a.partials + u * K * psize;
-      for (int64_t i = 0; i < K * psize; ++i) part[i] = T(0);
-      const int64_t b_end = a.units[u + 1];
-      for (int64_t b0 = a.units[u]; b0 < b_end; b0 += kWgradBlocks) {
-        const int64_t b1 = b0 + kWgradBlocks < b_end ? b0 + kWgradBlocks : b_end;
-        for (int64_t k = 0; k < K; ++k) {
-          int64_t listed = 0;
-          for (int64_t p = 0; p < np; ++p) listed += s.count[k * np + p];
-          const bool ident = k == pl.identity;
-          const int64_t lo = ident ? b0 * kBlockRows : pl.cuts[b0 * K + k];
-          const int64_t hi = ident ? (b1 * kBlockRows < a.num_rows ? b1 * kBlockRows : a.num_rows)
-                                   : pl.cuts[b1 * K + k];
-          if (hi > lo && listed) wgrad_pairs_masked(s, k, lo, hi, ident, part + k * psize, bp);
-        }
-      }
-    }
-    const int64_t rows_per = 8, pieces = (a.c_in + rows_per - 1) / rows_per;
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < K * pieces; ++t) {
-      const int64_t k = t / pieces, i0 = (t % pieces) * rows_per * a.c_out;
-      const int64_t i1 = i0 + rows_per * a.c_out < psize ? i0 + rows_per * a.c_out : psize;
-      T* gw = a.grad_w + k * psize;
-      for (int64_t i = i0; i < i1; ++i) gw[i] = a.partials[k * psize + i];
-      for (int64_t u = 1; u < a.num_units; ++u) {
-        const T* part = a.partials + (u * K + k) * psize;
-        for (int64_t i = i0; i < i1; ++i) gw[i] += part[i];
-      }
-    }
-  }
+  const int64_t np = panels<T>(s.base.c_out);
+  wgrad_units(s.base, [&s, np](int64_t k, int64_t lo, int64_t hi, bool ident, T* part, T*, T* bp) {
+    int64_t listed = 0;
+    for (int64_t p = 0; p < np; ++p) listed += s.count[k * np + p];
+    if (listed) wgrad_pairs_masked(s, k, lo, hi, ident, part, bp);
+  });
 }
 
 }  // namespace
