@@ -1,0 +1,73 @@
+"""mIoU of a channel-pruned MinkUNet against the unpruned one after the same
+fine-tuning budget.
+
+    make demo   # writes runs/demo/checkpoint.pt (MinkUNet cr=0.5 on generated streets)
+    python bench/prune_finetune.py --checkpoint runs/demo/checkpoint.pt [--ratio 0.5] [--epochs 5]
+
+The unpruned model and a pruned copy (every coupled channel group of the
+dependency graph kept at ``--ratio``, ranked by ``--criterion``) are both
+trained ``--epochs`` more epochs with the run's own options (data, schedule,
+held-out validation scenes); the table gives parameters and validation mIoU
+after the same budget, and writes bench/results/prune_finetune.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+from _common import RESULTS_DIR, environment
+
+from pointsparse.models import load_model
+from pointsparse.prune.workflow import finetune, load_state, prune_checkpoint
+
+
+def _params(path: Path) -> int:
+    return sum(p.numel() for p in load_model(path).parameters())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, default=Path("runs/demo/checkpoint.pt"))
+    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--criterion", default="l1")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path("runs/prune-finetune"))
+    args = parser.parse_args()
+    if not args.checkpoint.is_file():
+        raise SystemExit(f"{args.checkpoint} does not exist: run `make demo` first (or pass --checkpoint)")
+    state = load_state(args.checkpoint)
+    start = state["history"]["val_miou"][-1] if state["history"].get("val_miou") else float("nan")
+    rows = []
+    for name in ("unpruned", f"keep {args.ratio}"):
+        out = args.out / name.replace(" ", "-")
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        if name == "unpruned":
+            shutil.copy(args.checkpoint, out / "checkpoint.pt")
+            path = out / "checkpoint.pt"
+        else:
+            path = prune_checkpoint(args.checkpoint, out, args.ratio, criterion=args.criterion)
+        t0 = time.perf_counter()
+        finetune(path, args.epochs)
+        report = json.loads((out / "metrics.json").read_text())
+        rows.append((name, _params(path), report["miou"], time.perf_counter() - t0))
+        print(f"{name}: mIoU {100 * report['miou']:.1f}% after {args.epochs} more epochs", flush=True)
+    base = rows[0][2]
+    table = "\n".join(f"| {n} | {p / 1e6:.2f} M | {100 * m:.1f}% | {100 * (m - base):+.1f} | {t:.0f} s |"
+                      for n, p, m, t in rows)
+    text = (f"# Pruned vs unpruned MinkUNet after the same fine-tuning budget\n\n"
+            f"`python bench/prune_finetune.py --checkpoint {args.checkpoint} --ratio {args.ratio} --criterion "
+            f"{args.criterion} --epochs {args.epochs}`\n\nStarting point: {args.checkpoint} (epoch "
+            f"{state['epoch']}, validation mIoU {100 * start:.1f}%); both models trained {args.epochs} more "
+            f"epochs with the run's options.\n\n| model | params | val mIoU | vs unpruned (points) | "
+            f"fine-tuning time |\n|---|---|---|---|---|\n{table}\n\nEnvironment: `{json.dumps(environment())}`\n")
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / "prune_finetune.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
