@@ -4,7 +4,8 @@ in the same run (interleaved repeats, medians): parameters, FLOPs (from the
 kernel maps), forward time, speed-up and speed-up / FLOP reduction; at keep
 0.35 also the kept counts rounded to 1, 8 and 16 channels.
 
-Run (short, through the shared lock): ``flock /work/bench.lock .venv/bin/python bench/prune_speed.py``"""
+Run on a quiet machine: ``python bench/prune_speed.py --repeats 5`` (tables in
+bench/results/prune_speed.md, the plot in bench/results/prune_speed.png)."""
 
 from __future__ import annotations
 
@@ -65,7 +66,8 @@ def _time_interleaved(models: dict, x, repeats: int, backward: bool = False) -> 
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def scene_table(name: str, coords: torch.Tensor, repeats: int, backward: bool, keeps) -> str:
+def scene_table(name: str, coords: torch.Tensor, repeats: int, backward: bool, keeps) -> tuple[str, list]:
+    """The markdown table of one scene and its (model, FLOP reduction, speed-up) points."""
     x = _input(coords)
     models = _variants(x, keeps)
     fwd = _time_interleaved(models, x, repeats)
@@ -75,9 +77,11 @@ def scene_table(name: str, coords: torch.Tensor, repeats: int, backward: bool, k
             "| model | params | FLOPs | FLOP reduction | forward ms | speed-up | speed-up / FLOP reduction |"
             + (" fwd+bwd ms | fwd+bwd speed-up |" if backward else ""),
             "|---|---|---|---|---|---|---|" + ("---|---|" if backward else "")]
+    points = []
     for k, net in models.items():
         flops = _flops(net, x)
         reduction, speed = base_flops / flops, fwd["dense"] / fwd[k]
+        points.append((k, reduction, speed))
         row = (f"| {k} | {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M "
                f"({sum(p.numel() for p in net.parameters()) / base_params:.2f}) | {flops / 1e9:.1f} G | "
                f"{reduction:.2f}x | {fwd[k] * 1e3:.0f} | {speed:.2f}x | {speed / reduction:.2f} |")
@@ -85,7 +89,29 @@ def scene_table(name: str, coords: torch.Tensor, repeats: int, backward: bool, k
             row += (f" {bwd[k] * 1e3:.0f} | {bwd['dense'] / bwd[k]:.2f}x |" if k in bwd else " | |")
         rows.append(row)
         print(row, flush=True)
-    return "\n".join(rows)
+    return "\n".join(rows), points
+
+
+def plot(series: dict, path) -> None:
+    """Speed-up against FLOP reduction per scene, with the ideal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 4.2))
+    top = max(r for pts in series.values() for _, r, _ in pts)
+    ax.plot([1, top], [1, top], "k--", lw=0.8, label="ideal (speed-up = FLOP reduction)")
+    for name, pts in series.items():
+        ax.plot([r for _, r, _ in pts], [s for _, _, s in pts], "o", label=name)
+    ax.set_xlabel("FLOP reduction (x)")
+    ax.set_ylabel("forward speed-up (x)")
+    ax.set_title("MinkUNet cr=1.0, every coupled group cut")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> int:
@@ -96,19 +122,23 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rounding = [(0.75, 8), (0.5, 8), (0.35, 1), (0.35, 8), (0.35, 16)]
-    tables = [scene_table("generated street scene (0.05 m)", street_scene(args.voxels), args.repeats, True,
-                          rounding)]
+    table, points = scene_table("generated street scene (0.05 m)", street_scene(args.voxels), args.repeats, True,
+                                rounding)
+    tables, series = [table], {"generated street": points}
     sweeps = real_sweeps()
     if "kitti-raw/000049" in sweeps:
-        tables.append(scene_table("KITTI raw 000049 (0.05 m)", real_scene(sweeps["kitti-raw/000049"], 0.05),
-                                  args.repeats, False, [(0.75, 8), (0.5, 8), (0.35, 8)]))
+        table, points = scene_table("KITTI raw 000049 (0.05 m)", real_scene(sweeps["kitti-raw/000049"], 0.05),
+                                    args.repeats, False, [(0.75, 8), (0.5, 8), (0.35, 8)])
+        tables.append(table)
+        series["KITTI 000049"] = points
     else:
         tables.append("KITTI raw 000049: not present (../shared/datasets/kitti-raw/000049.bin), skipped")
+    plot(series, RESULTS_DIR / "prune_speed.png")
     notes = ("Every coupled channel group of the dependency graph is cut to the keep ratio (channels of lowest "
-             "summed magnitude over the group), rounded to the multiple in brackets. The machine is shared by "
-             "several agents and was busy: times are noisy; ratios come from interleaved repeats in one run.")
+             "summed magnitude over the group), rounded to the multiple in brackets. Times are medians of "
+             "interleaved repeats; ratios are within this run. Plot: prune_speed.png.")
     write_markdown(RESULTS_DIR / "prune_speed.md", "Pruning through the dependency graph: MinkUNet cr=1.0",
-                   "flock /work/bench.lock .venv/bin/python bench/prune_speed.py", environment(), tables, notes)
+                   f"python bench/prune_speed.py --repeats {args.repeats}", environment(), tables, notes)
     print(f"written {RESULTS_DIR / 'prune_speed.md'}")
     return 0
 
