@@ -196,12 +196,15 @@ inline void prefetch_row(const T* p, int64_t n) {
   for (int64_t i = 0; i < n; i += int64_t(64 / sizeof(T))) __builtin_prefetch(p + i);
 }
 
-template <typename T>
-void apply_impl(const ApplyArgs<T>& a) {
-  constexpr int64_t NR = nr<T>();
-  const int64_t c_in = a.transpose ? a.cols : a.kc, c_out = a.transpose ? a.kc : a.cols;
-  pack_weights(a, c_in, c_out);
-  const int64_t np = panels<T>(a.cols), K = a.pairs.kernel_volume;
+// The block walk every apply kernel shares. Each thread owns blocks of
+// kBlockRows written rows; a block's rows start as the bias (or zero), then
+// every offset k that `skip(k)` keeps runs its pairs in tiles of kMR:
+// `tile(k, arow, crow, mr)` adds the tile's products (arow: the rows read,
+// crow: the rows written, rows past mr repeat a valid one); then the ReLU
+// epilogue while the block is still in cache.
+template <typename T, typename Skip, typename Tile>
+void apply_blocks(const ApplyArgs<T>& a, Skip skip, Tile tile) {
+  const int64_t K = a.pairs.kernel_volume;
   const int64_t blocks = (a.num_rows + kBlockRows - 1) / kBlockRows;
   const PairList& pl = a.pairs;
 #pragma omp parallel for num_threads(a.nt) schedule(dynamic, 1) if (blocks > 1)
@@ -215,9 +218,9 @@ void apply_impl(const ApplyArgs<T>& a) {
         __builtin_memset(d, 0, sizeof(T) * static_cast<unsigned long>(a.cols));
     }
     for (int64_t k = 0; k < (a.kc == 0 ? 0 : K); ++k) {
+      if (skip(k)) continue;
       const bool ident = k == pl.identity;
       const int64_t lo = ident ? r0 : pl.cuts[blk * K + k], hi = ident ? r1 : pl.cuts[(blk + 1) * K + k];
-      const T* wk = a.wpack + k * np * a.kc * NR;
       for (int64_t p = lo; p < hi; p += kMR) {
         const int mr = int(hi - p < kMR ? hi - p : kMR);
         const T* arow[kMR];
@@ -232,12 +235,7 @@ void apply_impl(const ApplyArgs<T>& a) {
           const int64_t next_end = p + 2 * kMR < hi ? p + 2 * kMR : hi;
           for (int64_t q = p + kMR; q < next_end; ++q) prefetch_row(a.src + int64_t(pl.col[q]) * a.kc, a.kc);
         }
-        for (int64_t j = 0; j < np; ++j) {
-          T* c[kMR];
-          for (int r = 0; r < kMR; ++r) c[r] = crow[r] + j * NR;
-          const int64_t ncols = a.cols - j * NR < NR ? a.cols - j * NR : NR;
-          micro<T, 1>(a.kc, arow, wk + j * a.kc * NR, c, mr, ncols);
-        }
+        tile(k, arow, crow, mr);
       }
     }
     if (a.relu) {
@@ -245,6 +243,23 @@ void apply_impl(const ApplyArgs<T>& a) {
       for (int64_t i = 0; i < (r1 - r0) * a.cols; ++i) d[i] = d[i] < T(0) ? T(0) : d[i];
     }
   }
+}
+
+template <typename T>
+void apply_impl(const ApplyArgs<T>& a) {
+  constexpr int64_t NR = nr<T>();
+  const int64_t c_in = a.transpose ? a.cols : a.kc, c_out = a.transpose ? a.kc : a.cols;
+  pack_weights(a, c_in, c_out);
+  const int64_t np = panels<T>(a.cols);
+  apply_blocks(a, [](int64_t) { return false; }, [&a, np](int64_t k, const T* const* arow, T* const* crow, int mr) {
+    const T* wk = a.wpack + k * np * a.kc * NR;
+    for (int64_t j = 0; j < np; ++j) {
+      T* c[kMR];
+      for (int r = 0; r < kMR; ++r) c[r] = crow[r] + j * NR;
+      const int64_t ncols = a.cols - j * NR < NR ? a.cols - j * NR : NR;
+      micro<T, 1>(a.kc, arow, wk + j * a.kc * NR, c, mr, ncols);
+    }
+  });
 }
 
 // C[r][j] += sum_q x[q][m0 + r] * B[q][j] for skip_rows <= r < kMR, j <

@@ -59,54 +59,23 @@ void apply_sparse_impl(const SparseApplyArgs<T>& s) {
   constexpr int64_t NR = nr<T>();
   const ApplyArgs<T>& a = s.base;
   pack_sparse(s, a.transpose ? a.kc : a.cols);
-  const int64_t np = panels<T>(a.cols), K = a.pairs.kernel_volume;
-  const int64_t blocks = (a.num_rows + kBlockRows - 1) / kBlockRows;
-  const PairList& pl = a.pairs;
-#pragma omp parallel for num_threads(a.nt) schedule(dynamic, 1) if (blocks > 1)
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    const int64_t r0 = blk * kBlockRows, r1 = r0 + kBlockRows < a.num_rows ? r0 + kBlockRows : a.num_rows;
-    for (int64_t r = r0; r < r1; ++r) {
-      T* __restrict d = a.dst + r * a.cols;
-      if (a.bias)
-        __builtin_memcpy(d, a.bias, sizeof(T) * static_cast<unsigned long>(a.cols));
-      else
-        __builtin_memset(d, 0, sizeof(T) * static_cast<unsigned long>(a.cols));
+  const int64_t np = panels<T>(a.cols);
+  const auto none_listed = [&s, np](int64_t k) {
+    for (int64_t j = 0; j < np; ++j)
+      if (s.count[k * np + j]) return false;
+    return true;
+  };
+  apply_blocks(a, none_listed, [&s, &a, np](int64_t k, const T* const* arow, T* const* crow, int mr) {
+    const int32_t* count = s.count + k * np;
+    for (int64_t j = 0; j < np; ++j) {
+      if (count[j] == 0) continue;
+      T* c[kMR];
+      for (int r = 0; r < kMR; ++r) c[r] = crow[r] + j * NR;
+      const int64_t ncols = a.cols - j * NR < NR ? a.cols - j * NR : NR;
+      const int64_t t = k * np + j;
+      micro_idx<T>(count[j], s.idx + t * a.kc, arow, a.wpack + t * a.kc * NR, c, mr, ncols);
     }
-    for (int64_t k = 0; k < K; ++k) {
-      const int32_t* count = s.count + k * np;
-      int64_t listed = 0;
-      for (int64_t j = 0; j < np; ++j) listed += count[j];
-      if (listed == 0) continue;
-      const bool ident = k == pl.identity;
-      const int64_t lo = ident ? r0 : pl.cuts[blk * K + k], hi = ident ? r1 : pl.cuts[(blk + 1) * K + k];
-      for (int64_t p = lo; p < hi; p += kMR) {
-        const int mr = int(hi - p < kMR ? hi - p : kMR);
-        const T* arow[kMR];
-        T* crow[kMR];
-        for (int r = 0; r < kMR; ++r) {
-          const int64_t q = p + (r < mr ? r : mr - 1);
-          arow[r] = a.src + (ident ? q : int64_t(pl.col[q])) * a.kc;
-          crow[r] = a.dst + (ident ? q : int64_t(pl.row[q])) * a.cols;
-        }
-        if (!ident) {
-          const int64_t next_end = p + 2 * kMR < hi ? p + 2 * kMR : hi;
-          for (int64_t q = p + kMR; q < next_end; ++q) prefetch_row(a.src + int64_t(pl.col[q]) * a.kc, a.kc);
-        }
-        for (int64_t j = 0; j < np; ++j) {
-          if (count[j] == 0) continue;
-          T* c[kMR];
-          for (int r = 0; r < kMR; ++r) c[r] = crow[r] + j * NR;
-          const int64_t ncols = a.cols - j * NR < NR ? a.cols - j * NR : NR;
-          const int64_t t = k * np + j;
-          micro_idx<T>(count[j], s.idx + t * a.kc, arow, a.wpack + t * a.kc * NR, c, mr, ncols);
-        }
-      }
-    }
-    if (a.relu) {  // the inference epilogue, as apply_impl's
-      T* __restrict d = a.dst + r0 * a.cols;
-      for (int64_t i = 0; i < (r1 - r0) * a.cols; ++i) d[i] = d[i] < T(0) ? T(0) : d[i];
-    }
-  }
+  });
 }
 
 // C[ix[r]][j] += sum_q x[q][ix[r]] * B[q][j] for r < mr, j < ncols; x[q] =
