@@ -11,13 +11,12 @@ written to bench/results/memory.md."""
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
 import torch
 
-from _common import RESULTS_DIR, environment
+from _common import RESULTS_DIR, environment, write_markdown
 
 import pointsparse as ps
 from pointsparse.data import OUTDOOR_CLASSES, outdoor_scene
@@ -74,17 +73,14 @@ def main() -> None:
     at50 = next(r for s, r, _ in samples if s >= 50)
     last = samples[-1][1]
     growth = last / at50 - 1.0
-    env = environment()
     rows = "\n".join(f"| {s} | {r:.1f} | {loss:.3f} |" for s, r, loss in samples)
     voxels = [len(c) for _, c, _ in data]
-    text = (f"# Memory over a MinkUNet training loop\n\n`python bench/memory.py --steps {steps} --threads "
-            f"{args.threads}` (MinkUNet cr={args.cr}, generated streets at {args.voxel_size} m, "
-            f"{min(voxels)}-{max(voxels)} voxels, AdamW; {time.perf_counter() - t0:.0f} s)\n\n"
-            f"RSS at step 50: {at50:.1f} MB; at step {samples[-1][0]}: {last:.1f} MB; growth {100 * growth:+.2f}% "
-            f"(target: within 5%)\n\n| step | RSS (MB) | loss |\n|---|---|---|\n{rows}\n\n"
-            f"Environment: `{json.dumps(env)}`\n")
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / "memory.md").write_text(text)
+    summary = (f"MinkUNet cr={args.cr}, generated streets at {args.voxel_size} m, {min(voxels)}-{max(voxels)} "
+               f"voxels, AdamW; {time.perf_counter() - t0:.0f} s. RSS at step 50: {at50:.1f} MB; at step "
+               f"{samples[-1][0]}: {last:.1f} MB; growth {100 * growth:+.2f}% (target: within 5%)")
+    write_markdown(RESULTS_DIR / "memory.md", "Memory over a MinkUNet training loop",
+                   f"python bench/memory.py --steps {steps} --threads {args.threads}", environment(),
+                   [summary, "| step | RSS (MB) | loss |\n|---|---|---|\n" + rows])
     print(f"RSS {at50:.1f} MB at step 50 -> {last:.1f} MB at step {samples[-1][0]} ({100 * growth:+.2f}%)")
 
 

@@ -18,7 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
-from _common import RESULTS_DIR, environment
+from _common import RESULTS_DIR, environment, write_markdown
 
 from pointsparse.models import load_model
 from pointsparse.prune.workflow import finetune, load_state, prune_checkpoint
@@ -58,15 +58,14 @@ def main() -> None:
     base = rows[0][2]
     table = "\n".join(f"| {n} | {p / 1e6:.2f} M | {100 * m:.1f}% | {100 * (m - base):+.1f} | {t:.0f} s |"
                       for n, p, m, t in rows)
-    text = (f"# Pruned vs unpruned MinkUNet after the same fine-tuning budget\n\n"
-            f"`python bench/prune_finetune.py --checkpoint {args.checkpoint} --ratio {args.ratio} --criterion "
-            f"{args.criterion} --epochs {args.epochs}`\n\nStarting point: {args.checkpoint} (epoch "
-            f"{state['epoch']}, validation mIoU {100 * start:.1f}%); both models trained {args.epochs} more "
-            f"epochs with the run's options.\n\n| model | params | val mIoU | vs unpruned (points) | "
-            f"fine-tuning time |\n|---|---|---|---|---|\n{table}\n\nEnvironment: `{json.dumps(environment())}`\n")
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / "prune_finetune.md").write_text(text)
-    print(text)
+    header = "| model | params | val mIoU | vs unpruned (points) | fine-tuning time |\n|---|---|---|---|---|\n"
+    summary = (f"Starting point: {args.checkpoint} (epoch {state['epoch']}, validation mIoU {100 * start:.1f}%); "
+               f"both models trained {args.epochs} more epochs with the run's options.")
+    command = (f"python bench/prune_finetune.py --checkpoint {args.checkpoint} --ratio {args.ratio} "
+               f"--criterion {args.criterion} --epochs {args.epochs}")
+    write_markdown(RESULTS_DIR / "prune_finetune.md", "Pruned vs unpruned MinkUNet after the same fine-tuning budget",
+                   command, environment(), [summary, header + table])
+    print(header + table)
 
 
 if __name__ == "__main__":
