@@ -204,6 +204,25 @@ class NetAdaptResult:
     message: str = ""  # why the budget was not met ("" when it was)
 
 
+def _record(history: list, log, it: int, name: str, channels: int, metric: float, latency: float, proposals: int,
+            how: str) -> None:
+    """One accepted iteration: a history row and a log line (``how`` the
+    latency came: "estimate" or "measured")."""
+    history.append({"iteration": it, "layer": name, "channels": channels, "metric": metric,
+                    "estimated_latency": latency, "proposals": proposals})
+    if log is not None:
+        log(f"iteration {it}: {name} -> {channels} channels, metric {metric:.4f}, {how} {latency * 1e3:.2f} ms")
+
+
+def _finish(net, channels, target, l0, current, history, it, max_iterations, train_fn, eval_fn, long_steps, ft_lr,
+            example_input, repeats) -> "NetAdaptResult":
+    """The long fine-tuning, the final measurement and the result."""
+    message = _unmet(current, target, it, max_iterations)
+    call_train(train_fn, net, long_steps, ft_lr)
+    measured = measure_latency(net, example_input, repeats)
+    return NetAdaptResult(net, channels, target, l0, current, measured, history, float(eval_fn(net)), message)
+
+
 def netadapt(model: nn.Module, table: LatencyTable | None, train_fn: Callable, eval_fn: Callable, example_input,
              budget: float, initial_reduction: float = 0.1, decay: float = 0.96, short_steps: int = 50,
              long_steps: int = 300, lr: float | None = None, finetune_lr_factor: float = 0.1,
@@ -267,15 +286,10 @@ def netadapt(model: nn.Module, table: LatencyTable | None, train_fn: Callable, e
         metric, name, choice, net = max(proposals, key=lambda p: p[0])
         channels[name] = choice
         current = table.latency(channels, layout)
-        history.append({"iteration": it, "layer": name, "channels": choice, "metric": metric,
-                        "estimated_latency": current, "proposals": len(proposals)})
-        if log is not None:
-            log(f"iteration {it}: {name} -> {choice} channels, metric {metric:.4f}, estimate {current * 1e3:.2f} ms")
+        _record(history, log, it, name, choice, metric, current, len(proposals), "estimate")
         it += 1
-    message = _unmet(current, target, it, max_iterations)
-    call_train(train_fn, net, long_steps, ft_lr)
-    measured = measure_latency(net, example_input, table.repeats)
-    return NetAdaptResult(net, channels, target, l0, current, measured, history, float(eval_fn(net)), message)
+    return _finish(net, channels, target, l0, current, history, it, max_iterations, train_fn, eval_fn, long_steps,
+                   ft_lr, example_input, table.repeats)
 
 
 def _unmet(current: float, target: float, iterations: int, max_iterations: int) -> str:
@@ -328,12 +342,7 @@ def _netadapt_coupled(model, train_fn, eval_fn, example_input, budget, initial_r
             break
         metric, name, count, current, net = max(proposals, key=lambda p: p[0])
         channels[name] = count
-        history.append({"iteration": it, "layer": name, "channels": count, "metric": metric,
-                        "estimated_latency": current, "proposals": len(proposals)})
-        if log is not None:
-            log(f"iteration {it}: {name} -> {count} channels, metric {metric:.4f}, measured {current * 1e3:.2f} ms")
+        _record(history, log, it, name, count, metric, current, len(proposals), "measured")
         it += 1
-    message = _unmet(current, target, it, max_iterations)
-    call_train(train_fn, net, long_steps, ft_lr)
-    measured = measure_latency(net, example_input, repeats)
-    return NetAdaptResult(net, channels, target, l0, current, measured, history, float(eval_fn(net)), message)
+    return _finish(net, channels, target, l0, current, history, it, max_iterations, train_fn, eval_fn, long_steps,
+                   ft_lr, example_input, repeats)
