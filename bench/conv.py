@@ -1,5 +1,5 @@
 """Sparse convolution speed: pointsparse's engine against a naive torch loop
-(index_select + mm + index_add_ per offset, written here) and, when installed,
+(gather + mm + index_add_ per offset: pointsparse.nn.reference.conv_sum) and, when installed,
 spconv's CPU build; effective GFLOP/s and the fraction of the torch.mm rate
 measured in the same run.
 
@@ -26,21 +26,12 @@ from _common import RESULTS_DIR, environment, real_scene, real_sweeps, street_sc
 import pointsparse as ps  # noqa: E402  (after _common puts the repo on the path)
 from pointsparse.nn import _engine  # noqa: E402
 from pointsparse.nn import functional as F  # noqa: E402
+from pointsparse.nn.reference import conv_sum  # noqa: E402  (the baseline: gather, mm, index_add_ per offset)
 
 try:  # optional comparison; never installed by this project
     import spconv.pytorch as spconv  # type: ignore
 except Exception:  # noqa: BLE001 - any import failure means "not available"
     spconv = None
-
-
-def naive_conv(feats: torch.Tensor, weight: torch.Tensor, kmap) -> torch.Tensor:
-    """The baseline: per offset, index_select the inputs, mm, index_add_ the outputs."""
-    out = feats.new_zeros((kmap.num_out, weight.shape[2]))
-    for o in range(kmap.kernel_volume):
-        in_idx, out_idx = kmap.pairs(o)
-        if in_idx.numel():
-            out = out.index_add(0, out_idx, torch.mm(feats.index_select(0, in_idx), weight[o]))
-    return out
 
 
 class Layer:
@@ -80,7 +71,7 @@ class Layer:
     def naive(self, backward: bool):
         feats = self.input.feats.requires_grad_(backward)
         weight = self.weight.requires_grad_(backward)
-        out = naive_conv(feats, weight, self.kmap)
+        out = conv_sum(feats, weight, self.kmap)
         if backward:
             out.backward(torch.ones_like(out))
             feats.grad = weight.grad = None

@@ -29,6 +29,7 @@ import pointsparse as ps
 from pointsparse import prune
 from pointsparse.nn import _engine
 from pointsparse.nn import functional as F
+from pointsparse.nn.reference import conv_sum
 
 OFFSET_AMOUNTS = (0.25, 0.5, 0.75)
 VECTOR_AMOUNTS = (0.25, 0.5, 0.75, 0.9)
@@ -55,7 +56,7 @@ def variants(channels: int) -> list[tuple[str, str, float, ps.nn.Conv3d]]:
 def check(conv, x, kmap) -> None:
     with torch.no_grad():
         got = conv(x).feats
-        ref = F.conv_with_map(x.feats, conv.weight.detach(), kmap)
+        ref = conv_sum(x.feats, conv.weight.detach(), kmap)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as TF
 
 from pointsparse import SparseTensor
+from pointsparse.nn.reference import conv_sum, im2col  # noqa: F401  (the library's naive conv sum, held here)
 from pointsparse.tensor import as_triple
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,6 +14,7 @@ from pointsparse import nn as spnn
 from pointsparse.models import MinkUNet
 from pointsparse.nn import _engine
 from pointsparse.nn import functional as F
+from reference import conv_sum
 
 pytestmark = pytest.mark.skipif(not _ext.core.conv_bf16(), reason="the CPU has no AVX512-BF16")
 
@@ -48,9 +49,9 @@ def test_forward_bf16_against_exact_and_float32(c_in):
                                nt, relu)
         outs.append(out)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[2], torch.relu(outs[1]))
-    exact = F.conv_with_map(fb.double(), wb.double(), kmap) + b.double()
+    exact = conv_sum(fb.double(), wb.double(), kmap) + b.double()
     assert _rel(outs[0], exact) < 1e-6
-    assert _rel(outs[0], F.conv_with_map(x.feats, w, kmap) + b) < 1.5e-2
+    assert _rel(outs[0], conv_sum(x.feats, w, kmap) + b) < 1.5e-2
 
 
 def test_conv3d_runs_bf16_in_inference_only():
@@ -60,7 +61,7 @@ def test_conv3d_runs_bf16_in_inference_only():
     with torch.no_grad():
         y = F.conv3d(xb, wb, 3, relu=True)
     assert y.feats.dtype == torch.bfloat16
-    exact = torch.relu(F.conv_with_map(xb.feats.double(), wb.double(), ps.kmap.get_kmap(x, 3)))
+    exact = torch.relu(conv_sum(xb.feats.double(), wb.double(), ps.kmap.get_kmap(x, 3)))
     assert _rel(y.feats, exact) < 2 ** -8  # one bf16 rounding of a float32 sum
     wg = wb.clone().requires_grad_()  # with a gradient: the torch path, still bf16
     assert not _engine.runs_bf16(xb.feats, wg, None)

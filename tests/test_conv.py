@@ -13,7 +13,7 @@ import pointsparse as ps
 from pointsparse import _ext
 from pointsparse.nn import functional as F
 from pointsparse.nn import _engine
-from reference import dense_conv, dense_conv_transpose, random_coords
+from reference import conv_sum, dense_conv, dense_conv_transpose, random_coords
 
 
 def make(n=300, c=3, extent=7, stride=1, dtype=torch.float64, seed=0):
@@ -201,7 +201,7 @@ def test_plans_agree_with_torch_path(plan, k, t):
     for s in p.steps:
         assert s.num_rows <= max(plan["chunk_rows"], s.rows) and (s.length <= s.rows).all()
     out = _engine.ConvFunction.apply(x.feats, w, None, p)
-    torch.testing.assert_close(out, F.conv_with_map(x.feats, w, kmap), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, conv_sum(x.feats, w, kmap), rtol=1e-5, atol=1e-5)
 
 
 def test_partial_gradients():
@@ -458,7 +458,7 @@ def test_fused_kernels_match_torch_on_any_width(k, t, transposed, c_in, c_out, d
     bias = torch.randn(c_out, dtype=dtype)
     f = feats.clone().requires_grad_()
     ww = w.clone().requires_grad_()
-    ref = F.conv_with_map(f, ww, kmap) + bias
+    ref = conv_sum(f, ww, kmap) + bias
     g = torch.randn_like(ref)
     ref_gf, ref_gw = torch.autograd.grad(ref, (f, ww), g)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-11)
@@ -494,9 +494,9 @@ def test_fused_many_units_bit_identical_for_1_and_2_threads():
             results.append((out, gf, gw))
         for a, b in zip(*results):
             assert torch.equal(a, b), isa
-    torch.testing.assert_close(results[0][0], F.conv_with_map(x.feats, w, kmap), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(results[0][0], conv_sum(x.feats, w, kmap), rtol=1e-4, atol=1e-4)
     f, ww = x.feats.clone().requires_grad_(), w.clone().requires_grad_()
-    ref_gw = torch.autograd.grad(F.conv_with_map(f, ww, kmap), ww, g)[0]
+    ref_gw = torch.autograd.grad(conv_sum(f, ww, kmap), ww, g)[0]
     torch.testing.assert_close(results[0][2], ref_gw, rtol=1e-3, atol=1e-3)
 
 
@@ -600,7 +600,7 @@ def test_plans_live_in_the_coordinate_cache_and_transposed_ones_are_derived():
         ours, built = _run_plan(derived.core, up_in.feats, w, g, isa), _run_plan(direct.core, up_in.feats, w, g, isa)
         for a, b in zip(ours, built):
             assert torch.equal(a, b)
-    ref = F.conv_with_map(up_in.feats, w, up)
+    ref = conv_sum(up_in.feats, w, up)
     torch.testing.assert_close(_run_plan(derived.core, up_in.feats, w, g)[0], ref, rtol=1e-12, atol=1e-12)
     # the plans are not pickled or copied with the cache (C++ objects): rebuilt on use
     import copy
@@ -637,7 +637,7 @@ def test_stride_one_map_onto_other_coords_has_no_identity():
     w = weight(3, 3, 4)
     out = torch.empty(kmap.num_out, 4, dtype=torch.float64)
     plan.core.forward(x.feats.numpy(), w.numpy(), None, out.numpy(), 2)
-    torch.testing.assert_close(out, F.conv_with_map(x.feats, w, kmap), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, conv_sum(x.feats, w, kmap), rtol=1e-12, atol=1e-12)
 
 # --- coordinates anywhere in int32 (adaptive keys) ---------------------------
 

@@ -8,6 +8,7 @@ from torch import nn
 
 from .. import _ext
 from .. import kmap as _kmap
+from ..nn.reference import conv_sum, im2col, offset_pairs
 from ..tensor import SparseTensor
 from ._base import SparseFormat
 from ._storage import widen
@@ -77,6 +78,11 @@ def refuse_conversion(fn, dtype: torch.dtype, what: str) -> None:
     if probe.dtype != dtype:
         raise TypeError(f"{what} holds its weight in a sparse format of dtype {dtype} and cannot follow "
                         f".to({probe.dtype}); compress the module again in {probe.dtype}")
+
+
+def _format_product(fmt: SparseFormat):
+    """``rows -> rows @ W[o]`` for a format holding ``W[o].T`` ``(C_out, C_in)``."""
+    return lambda rows: fmt.matmul(rows.t().contiguous()).t()
 
 
 def _csr_conv_accumulate(fmt: CSR, feats, in_idx, out_idx, out) -> None:
@@ -180,18 +186,14 @@ class SparseConv3d(nn.Module):
         feats = input.feats.detach()
         if isinstance(self.offsets, FKW):
             out = self._fkw_forward(feats, kmap)
-        else:
+        elif self._runs_fused_csr(feats):
             out = feats.new_zeros((kmap.num_out, self.out_channels))
-            fused = feats.device.type == "cpu" and feats.dtype in (torch.float32, torch.float64)
-            for o, fmt in enumerate(self.offsets):
-                in_idx, out_idx = kmap.pairs(o)
-                if in_idx.numel() == 0 or fmt.values.numel() == 0:
-                    continue
-                if fused and isinstance(fmt, CSR) and fmt.dtype == feats.dtype:
-                    _csr_conv_accumulate(fmt, feats, in_idx, out_idx, out)
-                    continue
-                gathered = feats[in_idx].t().contiguous()  # (C_in, P)
-                out.index_add_(0, out_idx, fmt.matmul(gathered).t())
+            for o, in_idx, out_idx in offset_pairs(kmap):
+                if self.offsets[o].values.numel():
+                    _csr_conv_accumulate(self.offsets[o], feats, in_idx, out_idx, out)
+        else:
+            products = [_format_product(f) if f.values.numel() else None for f in self.offsets]
+            out = conv_sum(feats, products, kmap, self.out_channels)
         if self.bias is not None:
             out = out + self.bias.to(out.device, out.dtype)
         if self.transposed:
@@ -199,6 +201,11 @@ class SparseConv3d(nn.Module):
         else:
             out_stride = tuple(a * b for a, b in zip(input.stride, self.stride))
         return SparseTensor(out, kmap.out_coords, out_stride, cache=input.cache, validate=False)
+
+    def _runs_fused_csr(self, feats: torch.Tensor) -> bool:
+        """Whether every offset runs the fused C++ CSR product (CPU float32/64)."""
+        return (feats.device.type == "cpu" and feats.dtype in (torch.float32, torch.float64)
+                and all(isinstance(f, CSR) and f.dtype == feats.dtype for f in self.offsets))
 
     def _fkw_forward(self, feats: torch.Tensor, kmap) -> torch.Tensor:
         """im2col over chunks of output sites: column q of the (C_in * K, n)
@@ -208,15 +215,10 @@ class SparseConv3d(nn.Module):
         num_out = kmap.num_out
         out = feats.new_zeros((num_out, self.out_channels))
         chunk = max(1, (1 << 22) // max(1, c_in * K))
-        pairs = [kmap.pairs(o) for o in range(K)]
         for start in range(0, num_out, chunk):
             stop = min(num_out, start + chunk)
             panel = feats.new_zeros((c_in, K, stop - start))
-            for o, (in_idx, out_idx) in enumerate(pairs):
-                lo = int(torch.searchsorted(out_idx, start))
-                hi = int(torch.searchsorted(out_idx, stop))
-                if hi > lo:
-                    panel[:, o, out_idx[lo:hi] - start] = feats[in_idx[lo:hi]].t()
+            im2col(feats, kmap, start, stop, out=panel.permute(2, 1, 0))
             out[start:stop] = self.offsets.matmul(panel.reshape(c_in * K, -1)).t()
         return out
 

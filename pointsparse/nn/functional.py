@@ -9,6 +9,7 @@ import torch
 from .. import kmap as _kmap
 from .. import ops as _ops
 from . import _engine
+from .reference import conv_sum
 from ..tensor import SparseTensor, as_triple
 
 
@@ -25,17 +26,6 @@ def _check_weight(input: SparseTensor, weight: torch.Tensor, k) -> int:
     if weight.device != input.device:
         raise ValueError(f"weight is on {weight.device} but the input on {input.device}")
     return volume
-
-
-def conv_with_map(feats: torch.Tensor, weight: torch.Tensor, kmap: _kmap.KernelMap) -> torch.Tensor:
-    """``out[out_idx] += feats[in_idx] @ weight[o]`` over every offset, in
-    torch ops (any device; autograd through torch)."""
-    out = feats.new_zeros((kmap.num_out, weight.shape[2]))
-    for o in range(kmap.kernel_volume):
-        in_idx, out_idx = kmap.pairs(o)
-        if in_idx.numel():
-            out.index_add_(0, out_idx, feats[in_idx] @ weight[o])
-    return out
 
 
 def region_of(kernel_size, region) -> torch.Tensor | None:
@@ -106,7 +96,7 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
     else:  # other devices and dtypes: the same pairs in torch ops
         if region is not None:
             weight = weight * region.to(weight.device, weight.dtype).view(-1, 1, 1)
-        feats = conv_with_map(input.feats, weight, kmap)
+        feats = conv_sum(input.feats, weight, kmap)
         if bias is not None:
             feats = feats + bias
         if relu:

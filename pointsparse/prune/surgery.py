@@ -305,6 +305,7 @@ def _columns(module: nn.Module, x, y):
     consumer's weight flattened to (fan_in, C_out)."""
     from ..nn import Conv3d as SparseConv3d
     from ..kmap import get_kmap
+    from ..nn.reference import im2col
     if isinstance(module, nn.Linear):
         return x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
     if isinstance(module, nn.Conv2d):
@@ -316,12 +317,7 @@ def _columns(module: nn.Module, x, y):
         return cols.transpose(1, 2).reshape(-1, cols.shape[1]), y.permute(0, 2, 1).reshape(-1, y.shape[1])
     if isinstance(module, SparseConv3d):
         kmap = get_kmap(x, module.kernel_size, module.stride, module.dilation, module.transposed)
-        c_in = x.feats.shape[1]
-        cols = x.feats.new_zeros(kmap.num_out, kmap.kernel_volume, c_in)
-        for o in range(kmap.kernel_volume):
-            in_idx, out_idx = kmap.pairs(o)
-            cols[:, o].index_add_(0, out_idx, x.feats[in_idx])
-        return cols.reshape(kmap.num_out, -1), y.feats
+        return im2col(x.feats, kmap).reshape(kmap.num_out, -1), y.feats
     raise TypeError(f"least-squares reconstruction does not support {type(module).__name__}")
 
 

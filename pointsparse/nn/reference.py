@@ -1,0 +1,75 @@
+"""The conv sum written once, naively, in torch ops.
+
+For every kernel offset ``o`` with pairs ``(in_idx, out_idx)`` of a kernel
+map (API.md)::
+
+    out[out_idx] += feats[in_idx] @ weight[o]
+
+:func:`conv_sum` is that loop: the torch path of
+:func:`pointsparse.nn.functional.conv3d` (devices and dtypes the engine does
+not run), the reference the tests and benchmarks hold the engine to, and the
+per-offset loop of the sparse-format convolutions. :func:`im2col` lays the
+same pairs out as columns (``cols[out_idx, o] = feats[in_idx]``), so that the
+conv is ``cols.reshape(M, K * C_in) @ weight.reshape(K * C_in, C_out)``."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Sequence, Union
+
+import torch
+
+from .. import kmap as _kmap
+
+#: ``rows -> rows @ W[o]`` for one offset, or None where ``W[o]`` is all zero.
+OffsetProduct = Union[Callable[[torch.Tensor], torch.Tensor], None]
+
+
+def offset_pairs(kmap: _kmap.KernelMap) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """``(o, in_idx, out_idx)`` for every offset of ``kmap`` that has pairs,
+    in offset order."""
+    for o in range(kmap.kernel_volume):
+        in_idx, out_idx = kmap.pairs(o)
+        if in_idx.numel():
+            yield o, in_idx, out_idx
+
+
+def conv_sum(feats: torch.Tensor, weight: torch.Tensor | Sequence[OffsetProduct], kmap: _kmap.KernelMap,
+             out_channels: int | None = None) -> torch.Tensor:
+    """``out[out_idx] += feats[in_idx] @ weight[o]`` over the offsets in order,
+    into a zero ``(kmap.num_out, C_out)`` tensor (any device and dtype;
+    autograd through torch). ``weight``: a ``(K, C_in, C_out)`` tensor, or
+    one product per offset (see :data:`OffsetProduct`; then ``out_channels``
+    gives ``C_out``)."""
+    if isinstance(weight, torch.Tensor):
+        out = feats.new_zeros((kmap.num_out, weight.shape[2]))
+        for o, in_idx, out_idx in offset_pairs(kmap):
+            out.index_add_(0, out_idx, feats[in_idx] @ weight[o])
+        return out
+    if out_channels is None:
+        raise ValueError("out_channels is needed when weight is a sequence of per-offset products")
+    out = feats.new_zeros((kmap.num_out, out_channels))
+    for o, in_idx, out_idx in offset_pairs(kmap):
+        if weight[o] is not None:
+            out.index_add_(0, out_idx, weight[o](feats[in_idx]))
+    return out
+
+
+def im2col(feats: torch.Tensor, kmap: _kmap.KernelMap, start: int = 0, stop: int | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """The columns of output rows ``start:stop``: ``cols[q - start, o] =
+    feats[p]`` for each pair ``(p, q)`` of offset ``o``, zero where ``q`` has
+    no neighbour at ``o``; ``(stop - start, K, C_in)``, written into ``out``
+    (a zero tensor or view of that shape) when given. Relies on the map's
+    pairs being sorted by output row within an offset."""
+    stop = kmap.num_out if stop is None else stop
+    if out is None:
+        out = feats.new_zeros((stop - start, kmap.kernel_volume, feats.shape[1]))
+    whole = start == 0 and stop == kmap.num_out
+    for o, in_idx, out_idx in offset_pairs(kmap):
+        if whole:
+            out[out_idx, o] = feats[in_idx]
+            continue
+        lo, hi = int(torch.searchsorted(out_idx, start)), int(torch.searchsorted(out_idx, stop))
+        if hi > lo:
+            out[out_idx[lo:hi] - start, o] = feats[in_idx[lo:hi]]
+    return out
