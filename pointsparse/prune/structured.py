@@ -85,11 +85,6 @@ class GroupStructured(CopyableMethod):
         self.n = n
         self.layout = layout
 
-    def _layout_for(self, t: torch.Tensor) -> WeightLayout:
-        layout = self.layout if self.layout is not None else dense_layout(t.dim())
-        layout.check(t, "the tensor to prune")
-        return layout
-
     def group_ids(self, shape: torch.Size, device) -> tuple[torch.Tensor, int]:
         """``(ids, groups)``: an int64 tensor of ``shape`` giving each entry's
         group in ``[0, groups)``."""
