@@ -24,7 +24,7 @@ import torch
 
 from _common import RESULTS_DIR, environment
 
-from pointsparse.prune import _layers, amc, init, lottery, netadapt, rigl, schedule, sensitivity, surgery
+from pointsparse.prune import adapters, amc, init, lottery, netadapt, procedure, rigl, schedule, sensitivity, surgery
 from pointsparse.prune import tasks as T
 
 SECTIONS = ("sensitivity", "schedule", "lottery", "init", "amc", "netadapt", "minkunet")
@@ -79,7 +79,7 @@ def run_sensitivity(q):
         sensitivity.apply_ratios(pruned, chosen, gran)
         out[model] = {"granularity": gran, "baseline": res.baseline, "curves": res.curves, "chosen": chosen,
                       "pruned_val": task.eval_fn(pruned), "pruned_test": task.test_fn(pruned),
-                      "dense_test": task.test_fn(m), "sparsity": _layers.sparsity(pruned)}
+                      "dense_test": task.test_fn(m), "sparsity": adapters.sparsity(pruned)}
     return out
 
 
@@ -101,7 +101,7 @@ def run_schedule(q, scene=False):
                 schedule.iterative_prune(m, task.train_fn, s, 5, budget // 5, kind, lr=task.lr)
             row[name] = task.test_fn(m)
         m = copy.deepcopy(dense)  # no fine-tuning at all
-        _layers.global_magnitude_prune(m, s)
+        procedure.global_magnitude_prune(m, s)
         row["one-shot, no fine-tune"] = task.test_fn(m)
         out["digits"][str(s)] = row
     if scene:
@@ -180,12 +180,12 @@ def run_init(q):
         m = task.make_model(0)
         layer_masks = {}
         g = torch.Generator().manual_seed(0)
-        for n, mod in _layers.prunable_layers(m):
+        for n, mod in adapters.prunable_layers(m):
             keep = max(1, round((1 - s) * mod.weight.numel()))
             flat = torch.zeros(mod.weight.numel(), dtype=torch.bool)
             flat[torch.randperm(mod.weight.numel(), generator=g)[:keep]] = True
             layer_masks[n] = flat.view_as(mod.weight)
-        _layers.apply_masks(m, layer_masks)
+        adapters.apply_masks(m, layer_masks)
         task.train_fn(m, steps)
         row["random (uniform)"] = task.test_fn(m)
         for dist in ("uniform", "erk"):

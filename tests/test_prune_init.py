@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from pointsparse.prune import _layers, init
+from pointsparse.prune import adapters, init
 from prune_procedures_support import mlp, sparse_chain, sparse_input, teacher_data  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -74,7 +74,7 @@ def test_prune_at_init_reaches_sparsity(method):
     total = sum(m.numel() for m in masks.values())
     kept = sum(int(m.sum()) for m in masks.values())
     assert abs((1 - kept / total) - 0.8) <= 1 / total
-    assert _layers.sparsity(net) == pytest.approx(0.8, abs=1 / total)
+    assert adapters.sparsity(net) == pytest.approx(0.8, abs=1 / total)
     assert all(int(m.sum()) > 0 for m in masks.values())  # no layer collapses at 80%
 
 
@@ -92,7 +92,7 @@ def test_snip_on_sparse_convs():
     x = sparse_input()
     y = torch.randint(0, 4, (len(x),))
     init.prune_at_init(net, "snip", 0.5, [(x, y)], lambda out, t: nn.functional.cross_entropy(out.feats, t))
-    assert _layers.sparsity(net) == pytest.approx(0.5, abs=1e-3)
+    assert adapters.sparsity(net) == pytest.approx(0.5, abs=1e-3)
 
 
 def test_bad_inputs():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pointsparse.prune import _layers, lottery
+from pointsparse.prune import adapters, lottery, procedure
 from prune_procedures_support import Trainer, mlp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -16,7 +16,7 @@ def test_rounds_prune_twenty_percent_of_the_rest():
     tr = Trainer()
     net = mlp(0)
     res = lottery.lottery_ticket(net, tr, tr.accuracy, train_steps=20, rounds=3)
-    total = sum(m.weight.numel() for _, m in _layers.prunable_layers(net))
+    total = sum(m.weight.numel() for _, m in adapters.prunable_layers(net))
     for r, row in enumerate(res.rounds):
         assert row["round"] == r
         assert abs(row["sparsity"] - (1 - 0.8**r)) <= 1 / total
@@ -80,6 +80,6 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="does not fit"):
         lottery.rewind(mlp(0, widths=(8, 4, 3)), lottery.snapshot(mlp(0)))
     net = mlp(0)
-    _layers.global_magnitude_prune(net, 0.5)
+    procedure.global_magnitude_prune(net, 0.5)
     with pytest.raises(ValueError, match="already pruned"):
-        lottery.train_masked(net, _layers.masks(net), tr, tr.accuracy, 1)
+        lottery.train_masked(net, adapters.masks(net), tr, tr.accuracy, 1)

@@ -43,7 +43,7 @@ def test_estimate_of_full_network_matches_measurement():
     net = mlp(0, widths=(64, 256, 256, 10)).eval()
     x = torch.randn(256, 64)
     table = netadapt.build_latency_table(net, x, num_candidates=2, repeats=7)
-    layout, _ = netadapt._layout(net)
+    layout, _ = netadapt._channel_layout(net)
     est = table.latency({"0": 256, "2": 256})
     assert est == table.latency({"0": 256, "2": 256}, layout)
     measured = netadapt.measure_latency(net, x, 7)
@@ -57,7 +57,7 @@ def test_loop_meets_the_table_budget_and_shrinks():
     x = torch.randn(512, 8)
     table = netadapt.build_latency_table(net, x, num_candidates=8, repeats=3)
     res = netadapt.netadapt(net, table, tr, tr.accuracy, x, budget=0.7, short_steps=3, long_steps=5, lr=0.1)
-    layout, _ = netadapt._layout(res.model)
+    layout, _ = netadapt._channel_layout(res.model)
     assert res.estimated_latency == pytest.approx(table.latency(res.channels, layout))
     if res.estimated_latency > res.budget:  # it stopped only because nothing could shrink any further
         assert all(res.channels[n] == table.candidates[n][-1] for n in res.channels)

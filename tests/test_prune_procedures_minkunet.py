@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pointsparse.prune import _layers, amc, init, surgery
+from pointsparse.prune import adapters, amc, init, surgery
 from prune_procedures_support import sparse_input
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,7 +31,7 @@ def test_surgery_exact_and_flops_model():
     x = sparse_input(n=300, extent=16)
     named = dict(net.named_modules())
     g = surgery.channel_groups(net)[1]
-    c = _layers.out_channels(named[g.producer])
+    c = adapters.out_channels(named[g.producer])
     with torch.no_grad():
         named[g.consumer].weight[:, c // 2:] = 0  # the upper half of the channels feeds nothing
     before = net(x).feats

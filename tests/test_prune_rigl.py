@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from pointsparse.prune import _layers, rigl
+from pointsparse.prune import adapters, rigl
 from prune_procedures_support import Trainer, mlp, sparse_chain  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_erk_densities_meet_the_budget():
     net = mlp(0, widths=(8, 64, 64, 3))
     d = rigl.erk_densities(net, 0.2)
-    sizes = {n: m.weight.numel() for n, m in _layers.prunable_layers(net)}
+    sizes = {n: m.weight.numel() for n, m in adapters.prunable_layers(net)}
     total = sum(d[n] * sizes[n] for n in sizes) / sum(sizes.values())
     assert total == pytest.approx(0.2)
     # ERK: small layers are denser; (64+64)/(64*64) < (8+64)/(8*64)
@@ -42,7 +42,7 @@ def test_erk_on_sparse_conv_uses_kernel_dims():
 def test_masks_density_and_cosine_schedule():
     net = mlp(0, widths=(8, 32, 32, 3))
     r = rigl.RigL(net, density=0.25, distribution="uniform", update_interval=5, end_step=40, drop_fraction=0.3)
-    for n, m in _layers.prunable_layers(net):
+    for n, m in adapters.prunable_layers(net):
         assert int(r.masks[n].sum()) == round(0.25 * m.weight.numel())
         assert torch.equal(m.weight != 0, r.masks[n])
     assert r.drop_fraction_at(0) == pytest.approx(0.3)
@@ -83,11 +83,11 @@ def test_training_with_hooks_keeps_density_and_changes_masks():
     with r:
         tr(net, 80)
     assert r.step_count == 80 and r.updates == 5
-    assert _layers.sparsity(net) >= 1 - r.density() - 1e-9
+    assert adapters.sparsity(net) >= 1 - r.density() - 1e-9
     assert r.density() == pytest.approx(sum(int(m.sum()) for m in start.values()) /
                                         sum(m.numel() for m in start.values()))
     assert any(not torch.equal(start[n], r.masks[n]) for n in start)
-    for n, m in _layers.prunable_layers(net):
+    for n, m in adapters.prunable_layers(net):
         assert not bool((m.weight[~r.masks[n]] != 0).any())
     # outside the context the hook is gone
     tr(net, 5)
@@ -106,7 +106,7 @@ def test_static_sparse_never_changes_and_attach():
         opt.step()
     handle.remove()
     assert s.step_count == 3 and all(torch.equal(before[n], s.masks[n]) for n in before)
-    assert _layers.sparsity(net) == pytest.approx(0.5, abs=0.01)
+    assert adapters.sparsity(net) == pytest.approx(0.5, abs=0.01)
 
 
 def test_bad_inputs():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pointsparse.prune import _layers, schedule
+from pointsparse.prune import adapters, schedule
 from prune_procedures_support import Trainer, mlp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,13 +35,13 @@ def test_iterative_reaches_each_target_and_fine_tunes_at_lower_lr(kind, factor):
     res = schedule.iterative_prune(net, tr, 0.8, rounds=4, steps_per_round=5, schedule=kind, lr=0.1,
                                    finetune_lr_factor=factor, eval_fn=tr.accuracy)
     targets = schedule.sparsity_schedule(0.8, 4, kind)
-    total = sum(m.weight.numel() for _, m in _layers.prunable_layers(net))
+    total = sum(m.weight.numel() for _, m in adapters.prunable_layers(net))
     for row, t in zip(res.history, targets):
         assert row["target"] == pytest.approx(t)
         assert abs(row["sparsity"] - t) <= 1 / total
         assert 0 <= row["metric"] <= 1
     assert tr.calls == [(5, pytest.approx(0.1 * factor))] * 4
-    assert _layers.sparsity(net) == pytest.approx(0.8, abs=1 / total)  # fine-tuning kept the masks
+    assert adapters.sparsity(net) == pytest.approx(0.8, abs=1 / total)  # fine-tuning kept the masks
 
 
 def test_layer_scope_and_one_shot():
@@ -49,7 +49,7 @@ def test_layer_scope_and_one_shot():
     net = mlp(0)
     res = schedule.one_shot_prune(net, tr, 0.6, finetune_steps=7, scope="layer", lr=0.1)
     assert len(res.history) == 1 and tr.calls == [(7, pytest.approx(0.01))]
-    for v in _layers.layer_sparsity(net).values():
+    for v in adapters.layer_sparsity(net).values():
         assert v == pytest.approx(0.6, abs=0.02)
 
 

@@ -13,6 +13,8 @@ import numbers
 import torch
 from torch.nn.utils import prune as torch_prune
 
+from ..prune.amount import count_to_prune, validate_amount
+
 
 def _rows_view(t: torch.Tensor, row_dim: int) -> torch.Tensor:
     """``t`` as a (rows, cols) matrix whose rows run along ``row_dim``."""
@@ -68,14 +70,13 @@ class LoadBalancedUnstructured(torch_prune.BasePruningMethod):
     PRUNING_TYPE = "global"
 
     def __init__(self, amount, num_pe: int, row_dim: int = 0) -> None:
-        torch_prune._validate_pruning_amount_init(amount)
+        validate_amount(amount)
         self.amount = amount
         self.num_pe = _check_pe(num_pe)
         self.row_dim = int(row_dim)
 
     def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
-        torch_prune._validate_pruning_amount(self.amount, t.nelement())
-        to_prune = torch_prune._compute_nparams_toprune(self.amount, t.nelement())
+        to_prune = count_to_prune(self.amount, t.nelement(), "entries")
         keep_total = t.nelement() - to_prune
         rows_t = _rows_view(t, self.row_dim)
         rows_m = _rows_view(default_mask, self.row_dim)
@@ -109,13 +110,13 @@ class LoadBalancedUnstructured(torch_prune.BasePruningMethod):
 
 
 def default_row_dim(module: torch.nn.Module) -> int:
-    """The PE row dimension of a module's weight: output channels. Linear and
-    torch convs: dim 0; a pointsparse Conv3d weight (K, C_in, C_out): dim 2."""
-    try:
-        from ..nn import Conv3d
-    except ImportError:  # pragma: no cover - nn always ships with the package
-        return 0
-    return 2 if isinstance(module, Conv3d) else 0
+    """The PE row dimension of a module's weight: its output channels, from
+    the layer's adapter (:mod:`pointsparse.prune.adapters`: Linear and torch
+    convs dim 0, a pointsparse Conv3d weight (K, C_in, C_out) dim 2, a
+    registered type its own); 0 for a module without an adapter."""
+    from ..prune import adapters  # noqa: PLC0415 - prune and formats are siblings
+
+    return adapters.out_channel_dim(module) if adapters.is_layer(module) else 0
 
 
 def load_balanced_unstructured(module: torch.nn.Module, name: str, amount, num_pe: int,

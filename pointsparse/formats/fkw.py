@@ -98,12 +98,15 @@ class FKW(SparseFormat):
     def from_module(cls, module: torch.nn.Module, name: str = "weight", **kwargs) -> "FKW":
         """A torch conv weight (C_out, C_in, *kernel), a Linear weight, or a
         pointsparse Conv3d weight (K_offsets, C_in, C_out), taken as
-        (C_out, C_in, K_offsets); ``kwargs`` go to :meth:`from_dense`."""
-        from ..prune._layout import is_sparse_conv
+        (C_out, C_in, K_offsets): any layer's weight with its axes put in
+        (out, in, *kernel) order by its adapter
+        (:mod:`pointsparse.prune.adapters`); ``kwargs`` go to :meth:`from_dense`."""
+        from ..prune import adapters  # noqa: PLC0415 - prune and formats are siblings
 
         weight = module_weight(module, name)
-        if is_sparse_conv(module):
-            weight = weight.permute(2, 1, 0)
+        if name == "weight" and adapters.is_layer(module):
+            layout = adapters.layout_of(module)
+            weight = weight.permute(layout.out_axis, layout.in_axis, *layout.kernel_axes)
         return cls.from_dense(weight, **kwargs)
 
     def arrays(self) -> dict:

@@ -53,6 +53,25 @@ def region_of(kernel_size, region) -> torch.Tensor | None:
     return keep
 
 
+def engine_cost(weight: torch.Tensor, pair_counts: torch.Tensor, kernel_size=3, kernel_region=None) -> tuple[int, str]:
+    """``(executed FLOPs, execution)`` of a conv with ``weight`` ``(K, C_in,
+    C_out)`` on the fused engine over a map with these per-offset pair
+    counts: what the engine picks (``"dense"``, ``"offsets"`` when all-zero
+    offsets and offsets outside ``kernel_region`` are skipped, ``"vector"``
+    when only the nonzero vectors run) and the multiply-adds (x2) it runs."""
+    region = region_of(kernel_size, kernel_region)
+    weight = weight.detach().cpu()
+    if weight.dtype not in _engine.ENGINE_DTYPES:
+        weight = weight.float()
+    return _engine.executed_flops(weight, pair_counts, region), _engine.choose_execution(weight, region).name
+
+
+def panel_width(dtype: torch.dtype) -> int:
+    """Columns of one vector of the engine's vector-sparse kernels (16
+    float32 / 8 float64): the output-channel panel a weight vector spans."""
+    return _engine.panel_width(dtype)
+
+
 def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, dilation=1,
            bias: torch.Tensor | None = None, transposed: bool = False, relu: bool = False, kernel_region=None,
            weight_mask: torch.Tensor | None = None) -> SparseTensor:

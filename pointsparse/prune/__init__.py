@@ -36,7 +36,7 @@ from torch.nn.utils.prune import (
 )
 
 from . import criteria, regularizers, report
-from ._layout import WeightLayout, current_weight, is_sparse_conv, layout_of
+from .adapters import WeightLayout, current_weight, is_sparse_conv, layout_of
 from .nm import NMStructured, is_nm_sparse, nm_structured
 from .pattern import PatternStructured, as_patterns, learn_patterns, pattern_structured
 from .report import format_report, print_report, sparsity_report

@@ -1,5 +1,7 @@
-"""One adapter per layer type: what the pruning toolkit needs to know about a
-layer, looked up by type (most derived class first) and extensible by users.
+"""One adapter per layer type: what the pruning toolkit knows about a layer,
+looked up by type (most derived class first) and extensible by users. Every
+module of the toolkit (the dependency graph, surgery, the structured methods,
+criteria, the report, NetAdapt, RigL, the sparse formats) asks here.
 
 An adapter says
 
@@ -8,12 +10,23 @@ An adapter says
   its input channels, e.g. BatchNorm);
 * ``axes(module)``: for each parameter or buffer, the axis of its output
   channels (``"out"``) and of its input channels (``"in"``);
-* ``layout(module)``: the weight's :class:`~pointsparse.prune._layout.WeightLayout`
-  (out, in and kernel axes) for the structured pruning methods;
+* ``layout(module)``: the weight's :class:`WeightLayout` (out, in and kernel
+  axes) for the structured pruning methods;
 * ``set_channels(module, role, n)``: updates the width attributes after a cut;
 * ``per_site``: True when the layer is linear at each site (a Linear, a 1x1
   conv without padding): a constant input channel then adds a constant to
-  every output, which can be folded into the bias.
+  every output, which can be folded into the bias;
+* ``supported(module)``: a reason the layer cannot be cut, or None;
+* ``kernel_map(module, input)``: for sparse convolutions, the kernel map the
+  layer runs on ``input`` (its per-offset pair counts give the FLOPs);
+* ``flops(module, weight, inputs, output, pair_counts)``: ``(flops,
+  dense_flops, executed_flops, execution)`` of one call (see
+  :mod:`.report`); by default ``2 * positions * nnz(W)`` with ``positions``
+  the output elements per output channel;
+* ``like(module, c_in, c_out)``: a fresh layer of the same type and geometry
+  with other widths (NetAdapt's latency table);
+* ``columns(module, x, y)`` and ``set_from_2d(module, w2d)``: the layer as a
+  matrix product ``rows @ W2d = y`` (surgery's least-squares refit).
 
 The raw weight (``name_orig`` of a masked tensor) and the mask are read with
 :func:`raw` and :func:`mask` for every type alike.
@@ -27,18 +40,77 @@ Register an adapter for a layer type of your own with :func:`register`::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
-from ._layout import SPARSE_CONV, WeightLayout, dense_layout
+from torch.nn.utils.prune import custom_from_mask
 
 Axes = dict[str, dict[str, int]]
 
 
+# ------------------------------------------------------------------ layouts
+@dataclass(frozen=True)
+class WeightLayout:
+    """Axis roles of a weight tensor: ``out_axis`` (output channels),
+    ``in_axis`` (input channels), ``kernel_axes`` (kernel positions; empty
+    for Linear). ``(O, I)`` Linear and ``(O, I, *k)`` ConvNd: 0, 1, (2, ...);
+    ``(I, O, *k)`` ConvTransposeNd: 1, 0, (2, ...); ``(K, I, O)``
+    ``pointsparse.nn.Conv3d``: 2, 1, (0,). A frozen value: methods carrying
+    one pickle and compare cleanly."""
+
+    out_axis: int
+    in_axis: int
+    kernel_axes: tuple[int, ...] = ()
+
+    @property
+    def ndim(self) -> int:
+        return 2 + len(self.kernel_axes)
+
+    def check(self, t: torch.Tensor, name: str = "tensor") -> None:
+        if t.dim() != self.ndim:
+            raise ValueError(f"{name} must have {self.ndim} dims for layout {self}; got shape {tuple(t.shape)}")
+
+    def to_oik(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` viewed as ``(out, in, kernel)`` (kernel positions flattened,
+        1 for Linear). A permuted copy when the axes are not already in order."""
+        self.check(t)
+        out = t.permute((self.out_axis, self.in_axis, *self.kernel_axes))
+        return out.reshape(out.shape[0], out.shape[1], -1)
+
+    def from_oik(self, oik: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Inverse of :meth:`to_oik` for a tensor of the original ``shape``."""
+        perm = (self.out_axis, self.in_axis, *self.kernel_axes)
+        inverse = [0] * len(perm)
+        for position, axis in enumerate(perm):
+            inverse[axis] = position
+        return oik.reshape([shape[a] for a in perm]).permute(inverse).contiguous()
+
+
+def dense_layout(ndim: int) -> WeightLayout:
+    """Layout of a torch Linear (``ndim == 2``) or ConvNd weight."""
+    if ndim < 2:
+        raise ValueError(f"a weight to prune structurally needs >= 2 dims; got {ndim}")
+    return WeightLayout(0, 1, tuple(range(2, ndim)))
+
+
+SPARSE_CONV = WeightLayout(2, 1, (0,))
+
+
+# ------------------------------------------------------------------ adapters
 def _set_conv(module: nn.Module, role: str, n: int) -> None:
     setattr(module, "out_channels" if role == "out" else "in_channels", n)
+
+
+def positions_flops(positions: int, weight: torch.Tensor) -> tuple[int, int, int, str]:
+    """A dense layer's counts: each weight entry meets ``positions`` inputs."""
+    dense = 2 * positions * weight.numel()
+    return 2 * positions * int((weight.detach() != 0).sum()), dense, dense, "dense"
+
+
+def _output_positions_flops(module, weight, inputs, output, pair_counts):
+    return positions_flops(output.numel() // weight.shape[layout_of(module).out_axis], weight)
 
 
 @dataclass(frozen=True)
@@ -52,6 +124,11 @@ class LayerAdapter:
     layout_fn: Callable[[nn.Module], WeightLayout] | None = None
     per_site: Callable[[nn.Module], bool] = lambda m: False
     supported: Callable[[nn.Module], str | None] = lambda m: None  # a reason it cannot be cut, else None
+    kernel_map: Callable | None = None
+    flops: Callable = _output_positions_flops
+    like: Callable[[nn.Module, int, int], nn.Module] | None = None
+    columns: Callable | None = None
+    set_from_2d: Callable[[nn.Module, torch.Tensor], None] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("layer", "norm"):
@@ -71,7 +148,7 @@ class LayerAdapter:
             t = raw(module, name)
             if t is not None and role in roles:
                 return int(t.shape[roles[role]])
-        if self.kind == "norm":
+        if self.kind == "norm" and role == "in":
             return self.channels(module, "out")
         raise ValueError(f"{type(module).__name__} has no {role!r} channel axis")
 
@@ -94,15 +171,32 @@ def unregister(layer_type: type) -> None:
 
 
 def adapter_for(module: nn.Module) -> LayerAdapter | None:
-    """The adapter of the most derived registered class of ``module``, or None."""
+    """The adapter of the most derived registered class of ``module``; for an
+    unregistered module shaped like a sparse conv (a 3-D ``weight`` ``(K,
+    in_channels, out_channels)``, a 3-tuple ``kernel_size`` of volume K) the
+    sparse conv's; else None."""
     for cls in type(module).__mro__:
         found = _REGISTRY.get(cls)
         if found is not None:
             return found
+    if _shaped_like_sparse_conv(module):
+        from ..nn import Conv3d  # noqa: PLC0415 - nn sits above this package
+
+        return _REGISTRY.get(Conv3d)
     return None
 
 
-def raw(module: nn.Module, name: str) -> torch.Tensor | None:
+def _shaped_like_sparse_conv(module: nn.Module) -> bool:
+    weight = raw(module, "weight")
+    kernel = getattr(module, "kernel_size", None)
+    if weight is None or weight.dim() != 3 or not isinstance(kernel, tuple) or len(kernel) != 3:
+        return False
+    volume = kernel[0] * kernel[1] * kernel[2]
+    return tuple(weight.shape) == (volume, getattr(module, "in_channels", -1), getattr(module, "out_channels", -1))
+
+
+# ------------------------------------------------------------------ one layer
+def raw(module: nn.Module, name: str = "weight") -> torch.Tensor | None:
     """The stored tensor ``name``: ``name_orig`` when a mask re-parametrises it."""
     if name + "_orig" in module._parameters:
         return module._parameters[name + "_orig"]
@@ -116,58 +210,148 @@ def mask(module: nn.Module, name: str = "weight") -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
+def get_mask(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """The module's current mask as bool, all True when it has none."""
+    found = mask(module, name)
+    return torch.ones_like(getattr(module, name), dtype=torch.bool) if found is None else found.detach().bool()
+
+
+def current_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """The tensor the module computes with now, differentiable w.r.t. its
+    parameter: ``name_orig * name_mask`` for a pruned tensor (never the value
+    cached by the last forward), else the parameter itself."""
+    if name + "_orig" in module._parameters:
+        return module._parameters[name + "_orig"] * getattr(module, name + "_mask")
+    weight = getattr(module, name, None)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{type(module).__name__} has no tensor named {name!r}")
+    return weight
+
+
 def is_layer(module: nn.Module) -> bool:
-    """A registered layer with its own output channels (conv, Linear, ...)."""
+    """A layer with its own output channels and an adapter: Linear, torch
+    convolutions, ``pointsparse.nn.Conv3d`` (or anything shaped like it), a
+    user's."""
     a = adapter_for(module)
     return a is not None and a.kind == "layer" and raw(module, "weight") is not None
 
 
-# ------------------------------------------------------------------ built-ins
-def _torch_conv_axes(m) -> Axes:
-    transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
-    return {"weight": {"out": 1, "in": 0} if transposed else {"out": 0, "in": 1}, "bias": {"out": 0}}
+is_prunable = is_layer
 
 
-def _torch_conv_supported(m) -> str | None:
-    return None if m.groups == 1 else f"grouped convolution (groups={m.groups})"
+def is_norm(module: nn.Module) -> bool:
+    """A channel-wise module with an adapter (BatchNorm, a user's norm)."""
+    a = adapter_for(module)
+    return a is not None and a.kind == "norm"
 
 
-def _torch_conv_per_site(m) -> bool:
-    return (all(k == 1 for k in m.kernel_size) and all(p == 0 for p in m.padding)
-            and not isinstance(m, nn.modules.conv._ConvTransposeNd))
+def is_sparse_conv(module: nn.Module) -> bool:
+    """A layer that runs on a kernel map: ``pointsparse.nn.Conv3d``, anything
+    shaped like it, or a user's type whose adapter has a ``kernel_map``."""
+    a = adapter_for(module)
+    return a is not None and a.kernel_map is not None
 
 
-def _linear_set(m, role, n) -> None:
-    setattr(m, "out_features" if role == "out" else "in_features", n)
-
-
-def _norm_set(m, role, n) -> None:
-    m.num_features = n
-
-
-_NORM_AXES = {"weight": {"out": 0}, "bias": {"out": 0}, "running_mean": {"out": 0}, "running_var": {"out": 0}}
-
-
-def _sparse_conv_adapter() -> LayerAdapter:
-    return LayerAdapter(
-        axes=lambda m: {"weight": {"out": 2, "in": 1}, "bias": {"out": 0}},
-        layout_fn=lambda m: SPARSE_CONV,
-        per_site=lambda m: m.kernel_volume == 1 and not m.transposed,
+def layout_of(module: nn.Module, name: str = "weight") -> WeightLayout:
+    """The layout of ``module``'s tensor ``name``; ``TypeError`` for modules
+    whose weight has no channel structure an adapter describes."""
+    weight = raw(module, name)
+    if weight is None:
+        raise TypeError(f"{type(module).__name__} has no tensor named {name!r}")
+    if name == "weight" and is_layer(module):
+        return adapter_for(module).layout(module)
+    raise TypeError(
+        f"cannot tell the channel layout of {type(module).__name__}.{name} (shape "
+        f"{tuple(weight.shape)}); pass layout=WeightLayout(out_axis, in_axis, kernel_axes)"
     )
 
 
-def _register_builtins() -> None:
-    conv = LayerAdapter(axes=_torch_conv_axes, per_site=_torch_conv_per_site, supported=_torch_conv_supported,
-                        layout_fn=lambda m: (WeightLayout(1, 0, tuple(range(2, raw(m, "weight").dim())))
-                                             if isinstance(m, nn.modules.conv._ConvTransposeNd)
-                                             else dense_layout(raw(m, "weight").dim())))
-    register(nn.modules.conv._ConvNd, conv)
-    register(nn.Linear, LayerAdapter(axes=lambda m: {"weight": {"out": 0, "in": 1}, "bias": {"out": 0}},
-                                     set_channels=_linear_set, per_site=lambda m: True))
-    register(nn.modules.batchnorm._BatchNorm, LayerAdapter(axes=lambda m: dict(_NORM_AXES), kind="norm",
-                                                           set_channels=_norm_set))
-    from ..nn import Conv3d
-    register(Conv3d, _sparse_conv_adapter())
+def out_channel_dim(module: nn.Module) -> int:
+    """Axis of the weight that indexes output channels (2 for
+    ``pointsparse.nn.Conv3d``'s ``(K, C_in, C_out)``, 1 for torch transposed
+    convolutions, 0 otherwise)."""
+    return layout_of(module).out_axis
 
 
-_register_builtins()
+def in_channel_dim(module: nn.Module) -> int:
+    return layout_of(module).in_axis
+
+
+def out_channels(module: nn.Module) -> int:
+    return raw(module).shape[out_channel_dim(module)]
+
+
+def in_channels(module: nn.Module) -> int:
+    return raw(module).shape[in_channel_dim(module)]
+
+
+def kernel_volume(module: nn.Module) -> int:
+    w, layout = raw(module), layout_of(module)
+    return w.numel() // (w.shape[layout.out_axis] * w.shape[layout.in_axis])
+
+
+# ------------------------------------------------------------------ a model's layers
+def prunable_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+    """``(qualified_name, module)`` for every prunable layer of ``model``."""
+    for qualified, module in model.named_modules():
+        if is_layer(module):
+            yield qualified, module
+
+
+def prunable_layers(model: nn.Module, layers: Iterable[str] | None = None) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every prunable layer of ``model`` in definition
+    order, or of the named ``layers`` (ValueError naming an unknown or
+    unprunable one)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    named = dict(model.named_modules())
+    if layers is None:
+        out = [(n, m) for n, m in named.items() if is_layer(m)]
+        if not out:
+            raise ValueError("model has no prunable layer (Linear, Conv1d/2d/3d, pointsparse.nn.Conv3d)")
+        return out
+    out = []
+    for n in layers:
+        if n not in named:
+            raise ValueError(f"layer {n!r} is not a submodule of the model; prunable layers: "
+                             f"{[k for k, m in named.items() if is_layer(m)]}")
+        if not is_layer(named[n]):
+            raise ValueError(f"layer {n!r} is a {type(named[n]).__name__}, not a prunable layer")
+        out.append((n, named[n]))
+    if not out:
+        raise ValueError("layers is empty")
+    return out
+
+
+def masks(model: nn.Module, layers=None) -> dict[str, torch.Tensor]:
+    return {n: get_mask(m).clone() for n, m in prunable_layers(model, layers)}
+
+
+def sparsity(model: nn.Module, layers=None) -> float:
+    """Fraction of zero weights over the prunable layers (pruned or exactly 0)."""
+    zeros = total = 0
+    for _, m in prunable_layers(model, layers):
+        w = m.weight.detach()
+        zeros += int((w == 0).sum())
+        total += w.numel()
+    return zeros / max(total, 1)
+
+
+def layer_sparsity(model: nn.Module, layers=None) -> dict[str, float]:
+    return {n: float((m.weight.detach() == 0).float().mean()) for n, m in prunable_layers(model, layers)}
+
+
+def apply_masks(model: nn.Module, mask_dict: dict[str, torch.Tensor]) -> None:
+    """Prune each named layer's weight with the given mask through
+    ``custom_from_mask`` (composes with a mask it already has)."""
+    named = dict(model.named_modules())
+    for n, m in mask_dict.items():
+        if n not in named:
+            raise ValueError(f"mask for unknown layer {n!r}")
+        w = named[n].weight
+        if tuple(m.shape) != tuple(w.shape):
+            raise ValueError(f"mask for {n!r} must have the weight's shape {tuple(w.shape)}; got {tuple(m.shape)}")
+        custom_from_mask(named[n], "weight", m.to(w.device))
+
+
+from . import _builtins  # noqa: E402,F401  (registers the built-in adapters)

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from . import _compat
-from ._layers import check_callable, in_channels, kernel_volume, out_channels
+from .adapters import in_channels, kernel_volume, out_channels
+from .procedure import check_callable
 from .surgery import apply_channel_ratios, channel_groups, kept_count
 
 REWARDS = ("flops", "error")

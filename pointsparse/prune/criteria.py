@@ -31,7 +31,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from ._layout import current_weight, is_prunable, layout_of, prunable_modules
+from . import adapters
+from .adapters import current_weight, is_prunable, layout_of, prunable_modules
 from .structured import ChannelStructured, KernelStructured, StripeStructured, group_scores
 
 Scores = dict  # {(module, name): tensor}
@@ -225,15 +226,16 @@ def obd(
 
 
 def find_batchnorm(module: nn.Module) -> nn.Module | None:
-    """The BatchNorm that ``module`` is or wraps (e.g. ``pointsparse.nn.
-    BatchNorm`` around a ``BatchNorm1d``), else None. A container holding
-    prunable layers (a block, a network) is not a BatchNorm wrapper."""
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+    """The norm (a module whose adapter is a ``"norm"``: BatchNorm, or a
+    user's) that ``module`` is or wraps (e.g. ``pointsparse.nn.BatchNorm``
+    around a ``BatchNorm1d``), else None. A container holding prunable layers
+    (a block, a network) is not a BatchNorm wrapper."""
+    if adapters.is_norm(module):
         return module
     if any(is_prunable(m) for m in module.modules()):
         return None
     for child in module.children():
-        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+        if adapters.is_norm(child):
             return child
     return None
 
@@ -251,17 +253,12 @@ def bn_pairs(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
         bn = find_batchnorm(module)
         if bn is not None:
             inner_seen.add(id(bn))
-            if last is not None and bn.num_features == _out_channels(last):
+            if last is not None and adapters.adapter_for(bn).channels(bn, "out") == adapters.out_channels(last):
                 pairs.append((last, bn))
             last = None
         elif is_prunable(module):
             last = module
     return pairs
-
-
-def _out_channels(module: nn.Module) -> int:
-    weight = _leaf(module, "weight")
-    return weight.shape[layout_of(module, "weight").out_axis]
 
 
 def bn_scaling(model_or_pairs) -> Scores:

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from . import _compat
-from ._layers import apply_masks, check_fraction, get_mask, global_magnitude_prune, original, prunable_layers
+from .adapters import apply_masks, get_mask, prunable_layers, raw
+from .procedure import check_fraction, global_magnitude_prune
 
 METHODS = ("snip", "grasp", "synflow")
 
@@ -56,7 +57,7 @@ def grasp_scores(model: nn.Module, batches: Iterable, loss_fn: Callable, layers=
     (outputs divided by ``temperature``) and ``H`` the Hessian; the weights
     with the HIGHEST scores are the ones to remove."""
     chosen = prunable_layers(model, layers)
-    params = [original(m) for _, m in chosen]
+    params = [raw(m) for _, m in chosen]
     batches = _batches(batches)
     g_total = [torch.zeros_like(p) for p in params]
     for x, y in batches:
@@ -103,7 +104,7 @@ def synflow_scores(model: nn.Module, example_input, sparsity: float = 0.0, itera
                 t.abs_()
     named = dict(net.named_modules())
     mods = [named[n] for n in chosen_names]
-    params = [original(m) for m in mods]
+    params = [raw(m) for m in mods]
     base = [p.detach().clone() for p in params]
     mask = [torch.ones_like(p, dtype=torch.bool) for p in params]
     x = _ones_like_input(example_input)

@@ -14,8 +14,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ._layers import (apply_masks, call_train, check_callable, check_fraction, get_mask, global_magnitude_prune,
-                      layer_magnitude_prune, masks as _masks, prunable_layers, sparsity as _sparsity)
+from .adapters import apply_masks, get_mask, masks as _masks, prunable_layers, sparsity as _sparsity
+from .procedure import call_train, check_callable, check_fraction, global_magnitude_prune, layer_magnitude_prune
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

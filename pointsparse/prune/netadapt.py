@@ -22,9 +22,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ._layout import is_sparse_conv
-from ._layers import call_train, check_callable, in_channels, out_channels
-from .surgery import _capture, chain_followers, channel_groups, keep_by_l1, prune_channels
+from . import adapters
+from .adapters import in_channels, out_channels
+from .procedure import call_train, check_callable
+from .surgery import capture, chain_followers, channel_groups, keep_by_l1, prune_channels
 
 
 def _best_time(fn: Callable, repeats: int, warmup: int = 1) -> float:
@@ -53,22 +54,19 @@ def measure_latency(model: nn.Module, example_input, repeats: int = 7) -> float:
 
 
 def _layer_like(module: nn.Module, c_in: int, c_out: int) -> nn.Module:
-    """A fresh layer of ``module``'s type and geometry with other channel counts."""
-    from ..nn import Conv3d
-    bias = getattr(module, "bias", None) is not None
-    if isinstance(module, Conv3d):
-        return Conv3d(c_in, c_out, module.kernel_size, module.stride, module.dilation, bias, module.transposed)
-    if isinstance(module, nn.Linear):
-        return nn.Linear(c_in, c_out, bias=bias)
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return type(module)(c_in, c_out, module.kernel_size, module.stride, module.padding, module.dilation,
-                            bias=bias, padding_mode=module.padding_mode)
-    raise TypeError(f"NetAdapt's table does not support {type(module).__name__}")
+    """A fresh layer of ``module``'s type and geometry with other channel
+    counts (its adapter's ``like``)."""
+    adapter = adapters.adapter_for(module)
+    if adapter is None or adapter.kind != "layer" or adapter.like is None:
+        raise TypeError(f"NetAdapt's table does not support {type(module).__name__}")
+    return adapter.like(module, c_in, c_out)
 
 
 def _follower_like(module: nn.Module, c_out: int) -> nn.Module:
-    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
-        return type(module)(c_out, eps=module.eps, momentum=module.momentum, affine=module.affine)
+    """A fresh norm of ``c_out`` channels (its adapter's ``like``), else a copy."""
+    adapter = adapters.adapter_for(module)
+    if adapter is not None and adapter.kind == "norm" and adapter.like is not None:
+        return adapter.like(module, c_out, c_out)
     return copy.deepcopy(module)
 
 
@@ -81,9 +79,8 @@ def _input_like(x, c_in: int, repeat: int, gen: torch.Generator):
 
 
 def _structural_key(module, x) -> dict:
-    if is_sparse_conv(module):
-        from ..kmap import get_kmap
-        kmap = get_kmap(x, module.kernel_size, module.stride, module.dilation, module.transposed)
+    if adapters.is_sparse_conv(module):
+        kmap = adapters.adapter_for(module).kernel_map(module, x)
         return {"type": "pointsparse.nn.Conv3d", "kernel_size": list(module.kernel_size),
                 "stride": list(module.stride), "num_in": kmap.num_in, "num_out": kmap.num_out,
                 "kernel_map_sizes": [int(v) for v in kmap.sizes]}
@@ -134,7 +131,7 @@ class LatencyTable:
                    d["candidates"], d["rest"], d["repeats"], [tuple(row) for row in d.get("layout", [])])
 
 
-def _layout(model):
+def _channel_layout(model):
     """``[(layer, feeding producer or None, is producer)]`` for every layer
     whose channels change (producers and consumers of the channel groups), in
     network order, and the consumers' input repeat."""
@@ -159,12 +156,12 @@ def build_latency_table(model: nn.Module, example_input, num_candidates: int = 8
     activations and pooling that follow it, at every candidate (c_in, c_out)
     on its input from ``example_input``; what precedes the first layer is
     measured once as the full latency minus the blocks at full width."""
-    layout, repeats_in = _layout(model)
+    layout, repeats_in = _channel_layout(model)
     if not layout:
         raise ValueError("model has no chain of prunable layers")
     named = dict(model.named_modules())
     layer_names = [n for n, _, _ in layout]
-    inputs = {n: x for n, (x, _) in zip(layer_names, _capture(model, [named[n] for n in layer_names], example_input))}
+    inputs = {n: x for n, (x, _) in zip(layer_names, capture(model, [named[n] for n in layer_names], example_input))}
     candidates = {n: candidate_counts(out_channels(named[n]), num_candidates) for n, _, p in layout if p}
     followers = chain_followers(model)
     gen = torch.Generator().manual_seed(seed)
@@ -254,7 +251,7 @@ def netadapt(model: nn.Module, table: LatencyTable | None, train_fn: Callable, e
                                  short_steps, long_steps, None if lr is None else lr * finetune_lr_factor,
                                  max_iterations, log, budget_seconds)
     net = copy.deepcopy(model)
-    layout, _ = _layout(net)
+    layout, _ = _channel_layout(net)
     named = dict(net.named_modules())
     channels = {n: out_channels(named[n]) for n, _, p in layout if p}
     for n, c in channels.items():

@@ -14,7 +14,7 @@ import torch
 from torch.nn.utils import prune as _torch_prune
 
 from ._copyable import CopyableMethod
-from ._layout import WeightLayout, dense_layout, layout_of
+from .adapters import WeightLayout, dense_layout, layout_of
 
 
 def validate_nm(n, m) -> None:

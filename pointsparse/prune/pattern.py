@@ -19,7 +19,7 @@ import torch
 from torch.nn.utils import prune as _torch_prune
 
 from ._copyable import CopyableMethod
-from ._layout import WeightLayout, dense_layout, layout_of
+from .adapters import WeightLayout, dense_layout, layout_of
 
 
 def as_patterns(patterns, kernel_volume: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._layout import current_weight
+from .adapters import current_weight
 from .criteria import _parameters, bn_pairs, find_batchnorm, group_ids
 from .stripe import filter_skeletons
 

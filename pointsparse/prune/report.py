@@ -18,7 +18,7 @@ FLOPs count multiply-adds as 2 operations and ignore the bias:
 engine's choice (``execution``: "dense", "offsets" when all-zero kernel
 offsets and offsets outside a ``kernel_region`` are skipped, "vector" when
 only the nonzero (offset, input channel, column panel) vectors run; see
-``pointsparse.nn._engine.executed_flops``); torch layers run dense
+``pointsparse.nn.functional.engine_cost``); torch layers run dense
 (``execution`` "dense", ``executed_flops == dense_flops``). Without an
 example input FLOPs are ``None``. Per-offset pair counts come from the kernel
 map the forward used (``pointsparse.kmap.get_kmap`` on the layer's input,
@@ -33,52 +33,14 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ._layout import current_weight, is_sparse_conv, prunable_modules
-
-
-def _pair_counts_from_kmap(module, sparse_input) -> torch.Tensor:
-    """Per-offset pair counts of the map the layer's forward just used (from
-    the input's coordinate cache; for a transposed conv, the transpose of the
-    strided map it mirrors, so the same counts)."""
-    from ..kmap import get_kmap  # noqa: PLC0415 - the kmap layer sits above this package
-
-    kmap = get_kmap(
-        sparse_input, module.kernel_size, module.stride, module.dilation,
-        transposed=bool(getattr(module, "transposed", False)),
-    )
-    return kmap.sizes.to(torch.int64).cpu()
-
-
-def _engine_flops(module, weight, pair_counts) -> tuple[int, str]:
-    """``(executed_flops, execution)`` of a sparse conv on the fused engine."""
-    from ..nn import _engine  # noqa: PLC0415 - nn sits above this package
-    from ..nn.functional import region_of  # noqa: PLC0415
-
-    region = region_of(module.kernel_size, getattr(module, "kernel_region", None))
-    weight = weight.detach().cpu()
-    if weight.dtype not in _engine.ENGINE_DTYPES:
-        weight = weight.float()
-    return _engine.executed_flops(weight, pair_counts, region), _engine.choose_execution(weight, region).name
+from . import adapters
+from .adapters import current_weight, is_sparse_conv, prunable_modules
 
 
 def _layer_flops(module, weight, inputs, output, pair_counts):
-    """``(flops, dense_flops, executed_flops, execution)`` of one call."""
-    nonzero = weight.detach() != 0
-    if is_sparse_conv(module):
-        per_offset = nonzero.reshape(weight.shape[0], -1).sum(dim=1).cpu()
-        dense = weight[0].numel()
-        return (2 * int((pair_counts * per_offset).sum()), 2 * int(pair_counts.sum()) * dense,
-                *_engine_flops(module, weight, pair_counts))
-    if isinstance(module, nn.Linear):
-        positions = inputs[0].numel() // weight.shape[1]
-    elif isinstance(module, nn.modules.conv._ConvTransposeNd):
-        spatial = inputs[0].shape[-(weight.dim() - 2):]
-        batch = inputs[0].numel() // (weight.shape[0] * math.prod(spatial))
-        positions = batch * math.prod(spatial)
-    else:
-        positions = output.numel() // weight.shape[0]
-    dense = 2 * positions * weight.numel()
-    return 2 * positions * int(nonzero.sum()), dense, dense, "dense"
+    """``(flops, dense_flops, executed_flops, execution)`` of one call, from
+    the layer's adapter."""
+    return adapters.adapter_for(module).flops(module, weight, inputs, output, pair_counts)
 
 
 def sparsity_report(model: nn.Module, example_input=None, pairs: dict | None = None) -> dict:
@@ -151,6 +113,13 @@ def _as_counts(counts) -> torch.Tensor:
     return counts
 
 
+def _pair_counts(module, sparse_input) -> torch.Tensor:
+    """Per-offset pair counts of the map the layer's forward just used (from
+    the input's coordinate cache; for a transposed conv, the transpose of the
+    strided map it mirrors, so the same counts)."""
+    return adapters.adapter_for(module).kernel_map(module, sparse_input).sizes.to(torch.int64).cpu()
+
+
 def _count_flops(model, modules, layers, example_input, pairs):
     handles = []
 
@@ -158,7 +127,7 @@ def _count_flops(model, modules, layers, example_input, pairs):
         def hook(mod, inputs, output):
             weight = getattr(mod, "weight")
             if is_sparse_conv(mod):
-                counts = pairs[qualified] if qualified in pairs else _pair_counts_from_kmap(mod, inputs[0])
+                counts = pairs[qualified] if qualified in pairs else _pair_counts(mod, inputs[0])
             else:
                 counts = None
             _set_flops(layers[qualified], _layer_flops(mod, weight, inputs, output, counts), add=True)

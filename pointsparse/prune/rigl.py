@@ -21,8 +21,8 @@ import math
 import torch
 from torch import nn
 
-from ._layers import check_fraction, prunable_layers
-from ._layout import layout_of
+from .adapters import layout_of, prunable_layers
+from .procedure import check_fraction
 
 DISTRIBUTIONS = ("uniform", "erk")
 

@@ -13,8 +13,8 @@ from typing import Callable
 
 from torch import nn
 
-from ._layers import (call_train, check_callable, check_fraction, global_magnitude_prune, layer_magnitude_prune,
-                      sparsity as _sparsity)
+from .adapters import sparsity as _sparsity
+from .procedure import call_train, check_callable, check_fraction, global_magnitude_prune, layer_magnitude_prune
 
 SCHEDULES = ("agp", "constant")
 SCOPES = ("global", "layer")

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from . import _compat
-from ._layers import check_callable, prunable_layers
+from .adapters import prunable_layers
+from .procedure import check_callable
 
 GRANULARITIES = ("unstructured", "channel", "group")
 DEFAULT_RATIOS = tuple(round(0.1 * i, 1) for i in range(10))

@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.utils import prune as _torch_prune
 
 from ._copyable import CopyableMethod
-from ._layout import WeightLayout, layout_of
+from .adapters import WeightLayout, layout_of
 
 
 class FilterSkeleton:

@@ -16,7 +16,7 @@ bring a pruned entry back:
   (already pruned entries count as zero);
 * ties are broken by ``torch.topk``.
 
-Axis roles come from :mod:`pointsparse.prune._layout`: the functional forms
+Axis roles come from :mod:`pointsparse.prune.adapters`: the functional forms
 read them from the module (``Linear``, ``ConvNd``, ``pointsparse.nn.Conv3d``);
 the classes take a ``layout`` (default: a dense torch layout)."""
 
@@ -28,8 +28,8 @@ import torch
 from torch.nn.utils import prune as _torch_prune
 
 from ._copyable import CopyableMethod
-from ._amount import count_to_prune, validate_amount, validate_norm
-from ._layout import WeightLayout, dense_layout, layout_of
+from .amount import count_to_prune, validate_amount, validate_norm
+from .adapters import WeightLayout, dense_layout, layout_of
 
 
 def _axis_grids(shape: torch.Size, device) -> list[torch.Tensor]:
@@ -305,14 +305,14 @@ def panel_structured(module, name, amount, square=False, n=2, importance_scores=
     ``amount`` of the alive vectors of a sparse conv's ``(K, C_in, C_out)``
     weight, a vector being (offset, input channel, panel of output
     channels), a panel the fused kernels' register-tile width
-    (``nn._engine.panel_width``: 16 float32 / 8 float64 columns). This is
+    (``nn.functional.panel_width``: 16 float32 / 8 float64 columns). This is
     :func:`block_structured` with ``block_size=(width, 1)``; the forward then
     visits only the vectors left. The input gradient runs on ``W[o].T``,
     whose vectors are (output channel, panel of input channels): with
     ``square=True`` the blocks are ``width x width``, zero vectors in both
     directions, so forward, input and weight gradients all skip them
     (bench/RESULTS.md). Returns ``module``."""
-    from ..nn._engine import panel_width  # noqa: PLC0415 - nn sits above this package
+    from ..nn.functional import panel_width  # noqa: PLC0415 - nn sits above this package
 
     weight = getattr(module, name + "_orig", getattr(module, name, None))
     if not isinstance(weight, torch.Tensor):

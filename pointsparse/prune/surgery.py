@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import _compat, adapters
-from ._layers import in_channel_dim, is_prunable, out_channel_dim, out_channels
+from .adapters import in_channel_dim, is_prunable, out_channel_dim, out_channels
 
 
 
@@ -302,38 +302,14 @@ def kept_count(channels: int, ratio: float) -> int:
 # ----------------------------------------------------------------- least squares
 def _columns(module: nn.Module, x, y):
     """(inputs as im2col rows, targets) so that ``rows @ W2d = y`` for the
-    consumer's weight flattened to (fan_in, C_out)."""
-    from ..nn import Conv3d as SparseConv3d
-    from ..kmap import get_kmap
-    from ..nn.reference import im2col
-    if isinstance(module, nn.Linear):
-        return x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-    if isinstance(module, nn.Conv2d):
-        cols = nn.functional.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1]), y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
-    if isinstance(module, nn.Conv1d):
-        cols = nn.functional.unfold(x.unsqueeze(-1), (module.kernel_size[0], 1), (module.dilation[0], 1),
-                                    (module.padding[0], 0), (module.stride[0], 1))
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1]), y.permute(0, 2, 1).reshape(-1, y.shape[1])
-    if isinstance(module, SparseConv3d):
-        kmap = get_kmap(x, module.kernel_size, module.stride, module.dilation, module.transposed)
-        return im2col(x.feats, kmap).reshape(kmap.num_out, -1), y.feats
-    raise TypeError(f"least-squares reconstruction does not support {type(module).__name__}")
+    consumer's weight flattened to (fan_in, C_out), from its adapter."""
+    adapter = adapters.adapter_for(module)
+    if adapter is None or adapter.columns is None or adapter.set_from_2d is None:
+        raise TypeError(f"least-squares reconstruction does not support {type(module).__name__}")
+    return adapter.columns(module, x, y)
 
 
-def _set_from_2d(module: nn.Module, w2d: torch.Tensor) -> None:
-    """Write a (fan_in, C_out) solution back into the module's weight layout."""
-    from ..nn import Conv3d as SparseConv3d
-    w = module.weight
-    if isinstance(module, SparseConv3d):
-        new = w2d.reshape(w.shape)
-    else:  # torch: (C_out, C_in, *k); unfold orders fan_in as (C_in, *k)
-        new = w2d.t().reshape(w.shape)
-    with torch.no_grad():
-        w.copy_(new)
-
-
-def _capture(model: nn.Module, modules: list[nn.Module], example) -> list[tuple]:
+def capture(model: nn.Module, modules: list[nn.Module], example) -> list[tuple]:
     """(input, output) of each of ``modules`` in one forward pass of ``model``
     in eval mode (no BatchNorm statistics change); the mode is restored."""
     store: dict[int, tuple] = {}
@@ -360,7 +336,7 @@ def _fit_consumer(module, x, target, ridge: float = 1e-6) -> None:
     gram = rows.t() @ rows
     gram += ridge * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(gram.shape[0], dtype=gram.dtype)
     sol = torch.linalg.solve(gram, rows.t() @ y.double())
-    _set_from_2d(module, sol.to(module.weight.dtype))
+    adapters.adapter_for(module).set_from_2d(module, sol.to(module.weight.dtype))
 
 
 def apply_channel_ratios(model: nn.Module, ratios: dict[str, float], reconstruct: bool = False,
@@ -391,7 +367,7 @@ def apply_channel_ratios(model: nn.Module, ratios: dict[str, float], reconstruct
     targets = {}
     if reconstruct:
         names = list(ratios)
-        captured = _capture(model, [named[groups[n].consumer] for n in names], calibration_input)
+        captured = capture(model, [named[groups[n].consumer] for n in names], calibration_input)
         targets = {n: y for n, (_, y) in zip(names, captured)}
     kept = {}
     for name, g in groups.items():  # in network order
@@ -405,7 +381,7 @@ def apply_channel_ratios(model: nn.Module, ratios: dict[str, float], reconstruct
         prune_channels(model, g, keep_by_l1(producer, n_keep))
         if reconstruct:
             consumer = named[g.consumer]
-            (x, _), = _capture(model, [consumer], calibration_input)
+            (x, _), = capture(model, [consumer], calibration_input)
             _fit_consumer(consumer, x, targets[name])
     return kept
 

@@ -1,0 +1,141 @@
+"""The built-in adapters (see :mod:`.adapters`): torch Linear, ConvNd,
+ConvTransposeNd and BatchNorm, and ``pointsparse.nn.Conv3d``."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+from .adapters import SPARSE_CONV, LayerAdapter, WeightLayout, dense_layout, positions_flops, raw, register
+
+_BIAS = {"bias": {"out": 0}}
+_NORM_AXES = {"weight": {"out": 0}, "bias": {"out": 0}, "running_mean": {"out": 0}, "running_var": {"out": 0}}
+
+
+# ------------------------------------------------------------------ torch layers
+def _linear_set(m, role, n) -> None:
+    setattr(m, "out_features" if role == "out" else "in_features", n)
+
+
+def _linear_flops(m, weight, inputs, output, pair_counts):
+    return positions_flops(inputs[0].numel() // weight.shape[1], weight)
+
+
+def _linear_like(m, c_in, c_out) -> nn.Module:
+    return nn.Linear(c_in, c_out, bias=m.bias is not None)
+
+
+def _linear_columns(m, x, y):
+    return x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+
+
+def _torch_set_from_2d(m, w2d) -> None:
+    """torch weights are ``(C_out, C_in, *k)``; unfold orders fan_in as ``(C_in, *k)``."""
+    with torch.no_grad():
+        m.weight.copy_(w2d.t().reshape(m.weight.shape))
+
+
+def _conv_supported(m) -> str | None:
+    return None if m.groups == 1 else f"grouped convolution (groups={m.groups})"
+
+
+def _conv_per_site(m) -> bool:
+    return all(k == 1 for k in m.kernel_size) and all(p == 0 for p in m.padding)
+
+
+def _conv_like(m, c_in, c_out) -> nn.Module:
+    return type(m)(c_in, c_out, m.kernel_size, m.stride, m.padding, m.dilation, bias=m.bias is not None,
+                   padding_mode=m.padding_mode)
+
+
+def _conv2d_columns(m, x, y):
+    cols = nn.functional.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1]), y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
+
+
+def _conv1d_columns(m, x, y):
+    cols = nn.functional.unfold(x.unsqueeze(-1), (m.kernel_size[0], 1), (m.dilation[0], 1), (m.padding[0], 0),
+                                (m.stride[0], 1))
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1]), y.permute(0, 2, 1).reshape(-1, y.shape[1])
+
+
+def _transposed_flops(m, weight, inputs, output, pair_counts):
+    spatial = inputs[0].shape[-(weight.dim() - 2):]
+    batch = inputs[0].numel() // (weight.shape[0] * math.prod(spatial))
+    return positions_flops(batch * math.prod(spatial), weight)
+
+
+def _norm_set(m, role, n) -> None:
+    m.num_features = n
+
+
+def _norm_like(m, c_in, c_out) -> nn.Module:
+    return type(m)(c_out, eps=m.eps, momentum=m.momentum, affine=m.affine)
+
+
+# ------------------------------------------------------------------ sparse conv
+def _sparse_kernel_map(m, x):
+    from ..kmap import get_kmap  # noqa: PLC0415 - the kmap layer sits above this package
+
+    return get_kmap(x, m.kernel_size, m.stride, m.dilation, transposed=bool(getattr(m, "transposed", False)))
+
+
+def _sparse_flops(m, weight, inputs, output, pair_counts):
+    """``2 * sum_o pairs(o) * nnz(W[o])``, the dense count, and what the fused
+    engine executes (:func:`pointsparse.nn.functional.engine_cost`)."""
+    from ..nn.functional import engine_cost  # noqa: PLC0415 - nn sits above this package
+
+    per_offset = (weight.detach() != 0).reshape(weight.shape[0], -1).sum(dim=1).cpu()
+    executed, execution = engine_cost(weight, pair_counts, m.kernel_size, getattr(m, "kernel_region", None))
+    return (2 * int((pair_counts * per_offset).sum()), 2 * int(pair_counts.sum()) * weight[0].numel(),
+            executed, execution)
+
+
+def _sparse_like(m, c_in, c_out) -> nn.Module:
+    from ..nn import Conv3d  # noqa: PLC0415
+
+    return Conv3d(c_in, c_out, m.kernel_size, m.stride, m.dilation, m.bias is not None, m.transposed)
+
+
+def _sparse_columns(m, x, y):
+    """im2col rows ``(M, K * C_in)`` of the map the layer runs on ``x``."""
+    from ..nn.reference import im2col  # noqa: PLC0415
+
+    kmap = _sparse_kernel_map(m, x)
+    return im2col(x.feats, kmap).reshape(kmap.num_out, -1), y.feats
+
+
+def _sparse_set_from_2d(m, w2d) -> None:
+    with torch.no_grad():
+        m.weight.copy_(w2d.reshape(m.weight.shape))
+
+
+def _register() -> None:
+    conv = LayerAdapter(axes=lambda m: {"weight": {"out": 0, "in": 1}, **_BIAS}, per_site=_conv_per_site,
+                        supported=_conv_supported, layout_fn=lambda m: dense_layout(raw(m, "weight").dim()))
+    register(nn.modules.conv._ConvNd, conv)
+    register(nn.Conv1d, dataclasses.replace(conv, like=_conv_like, columns=_conv1d_columns,
+                                            set_from_2d=_torch_set_from_2d))
+    register(nn.Conv2d, dataclasses.replace(conv, like=_conv_like, columns=_conv2d_columns,
+                                            set_from_2d=_torch_set_from_2d))
+    register(nn.Conv3d, dataclasses.replace(conv, like=_conv_like))
+    register(nn.modules.conv._ConvTransposeNd, LayerAdapter(
+        axes=lambda m: {"weight": {"out": 1, "in": 0}, **_BIAS}, supported=_conv_supported,
+        layout_fn=lambda m: WeightLayout(1, 0, tuple(range(2, raw(m, "weight").dim()))), flops=_transposed_flops))
+    register(nn.Linear, LayerAdapter(axes=lambda m: {"weight": {"out": 0, "in": 1}, **_BIAS}, set_channels=_linear_set,
+                                     per_site=lambda m: True, flops=_linear_flops, like=_linear_like,
+                                     columns=_linear_columns, set_from_2d=_torch_set_from_2d))
+    register(nn.modules.batchnorm._BatchNorm, LayerAdapter(axes=lambda m: dict(_NORM_AXES), kind="norm",
+                                                           set_channels=_norm_set, like=_norm_like))
+    from ..nn import Conv3d  # noqa: PLC0415
+
+    register(Conv3d, LayerAdapter(
+        axes=lambda m: {"weight": {"out": 2, "in": 1}, **_BIAS}, layout_fn=lambda m: SPARSE_CONV,
+        per_site=lambda m: m.kernel_volume == 1 and not m.transposed, kernel_map=_sparse_kernel_map,
+        flops=_sparse_flops, like=_sparse_like, columns=_sparse_columns, set_from_2d=_sparse_set_from_2d))
+
+
+_register()

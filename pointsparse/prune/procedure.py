@@ -1,0 +1,80 @@
+"""What the pruning procedures (schedules, lottery tickets, pruning at
+initialisation, sensitivity scans, AMC, NetAdapt, RigL) share beyond the
+layer adapters: magnitude pruning over many layers, calling a user's training
+callable, and checking their arguments."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import _compat
+from .adapters import get_mask, prunable_layers
+
+
+def global_magnitude_prune(model: nn.Module, target: float, layers=None, scores: dict | None = None) -> None:
+    """Prune the smallest-magnitude (or lowest-``scores``) weights over all
+    ``layers`` together until a fraction ``target`` of their weights is
+    pruned; existing masks are kept (masks never un-prune)."""
+    if not 0.0 <= target < 1.0:
+        raise ValueError(f"target sparsity must be in [0, 1); got {target}")
+    chosen = prunable_layers(model, layers)
+    total = sum(m.weight.numel() for _, m in chosen)
+    pruned = sum(int((~get_mask(m)).sum()) for _, m in chosen)
+    extra = int(round(target * total)) - pruned
+    if extra <= 0:
+        return
+    params = [(m, "weight") for _, m in chosen]
+    kwargs = {}
+    if scores is not None:
+        kwargs["importance_scores"] = {(m, "weight"): scores[n] for n, m in chosen}
+    _compat.global_unstructured(params, pruning_method=torch.nn.utils.prune.L1Unstructured, amount=extra, **kwargs)
+
+
+def layer_magnitude_prune(model: nn.Module, target: float, layers=None) -> None:
+    """Prune each layer to the same sparsity ``target`` by magnitude."""
+    if not 0.0 <= target < 1.0:
+        raise ValueError(f"target sparsity must be in [0, 1); got {target}")
+    for _, m in prunable_layers(model, layers):
+        n = m.weight.numel()
+        extra = int(round(target * n)) - int((~get_mask(m)).sum())
+        if extra > 0:
+            _compat.l1_unstructured(m, "weight", amount=extra)
+
+
+def accepts_lr(fn: Callable) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "lr" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def call_train(train_fn: Callable, model: nn.Module, steps: int, lr: float | None = None) -> None:
+    """``train_fn(model, steps, lr=lr)`` when it takes ``lr`` and one is set,
+    else ``train_fn(model, steps)``."""
+    if steps <= 0:
+        return
+    if lr is not None and accepts_lr(train_fn):
+        train_fn(model, steps, lr=lr)
+    else:
+        train_fn(model, steps)
+
+
+def check_callable(fn, name: str) -> None:
+    if not callable(fn):
+        raise TypeError(f"{name} must be callable; got {type(fn).__name__}")
+
+
+def check_fraction(value, name: str, low_open=False, high_open=True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number; got {type(value).__name__}")
+    v = float(value)
+    ok_low = v > 0 if low_open else v >= 0
+    ok_high = v < 1 if high_open else v <= 1
+    if not (ok_low and ok_high):
+        raise ValueError(f"{name} must be in {'(' if low_open else '['}0, 1{')' if high_open else ']'}; got {value}")
+    return v

@@ -1,0 +1,73 @@
+"""The layer-adapter registry: one user-registered layer type reaches every
+part of the toolkit that asks about layers (structured methods, criteria, the
+report, the sparse formats), and is unknown to all of them unregistered."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import pointsparse.prune as prune
+from pointsparse import formats
+from pointsparse.formats.balance import default_row_dim
+from pointsparse.prune import adapters, criteria
+
+
+class InOut(nn.Module):
+    """A linear layer of our own whose weight is stored (in, out)."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(c_in, c_out, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x):
+        return x @ self.weight
+
+
+ADAPTER = adapters.LayerAdapter(axes=lambda m: {"weight": {"out": 1, "in": 0}})
+
+
+@pytest.fixture
+def registered():
+    adapters.register(InOut, ADAPTER)
+    yield
+    adapters.unregister(InOut)
+
+
+def _model():
+    return nn.Sequential(InOut(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
+
+
+def test_unregistered_layer_is_unknown_everywhere():
+    model = _model()
+    assert not adapters.is_layer(model[0]) and default_row_dim(model[0]) == 0
+    assert list(prune.sparsity_report(model)["layers"]) == ["3"]
+    assert criteria.bn_pairs(model) == []
+    with pytest.raises(TypeError, match="layout"):
+        prune.layout_of(model[0])
+
+
+def test_registered_layer_reaches_methods_criteria_report_and_formats(registered):
+    model = _model()
+    layer = model[0]
+    assert prune.layout_of(layer) == prune.WeightLayout(1, 0, ())
+    assert adapters.out_channels(layer) == 6 and adapters.in_channels(layer) == 4
+    # structured methods cut along its output axis (1)
+    prune.channel_structured(layer, "weight", amount=2)
+    assert int((layer.weight_mask.sum(0) == 0).sum()) == 2 and bool((layer.weight_mask.sum(1) > 0).all())
+    # criteria: the BatchNorm after it is found, its scales spread along axis 1
+    with torch.no_grad():
+        model[1].weight.copy_(torch.arange(6.0))
+    assert criteria.bn_pairs(model) == [(layer, model[1])]
+    scores = criteria.bn_scaling(model)[(layer, "weight")]
+    assert torch.equal(scores, torch.arange(6.0).expand(4, 6))
+    # the report: 2 * rows * nonzeros (each weight entry meets one input per output row)
+    report = prune.sparsity_report(model, torch.randn(5, 4))
+    row = report["layers"]["0"]
+    assert row["type"] == "InOut" and row["weight_nonzeros"] == 16
+    assert row["flops"] == 2 * 5 * 16 and row["dense_flops"] == 2 * 5 * 24 and row["execution"] == "dense"
+    # the formats: rows are output channels; FKW holds the weight as (out, in)
+    assert default_row_dim(layer) == 1
+    dense = (layer.weight_orig * layer.weight_mask).detach()
+    assert torch.equal(formats.FKW.from_module(layer).to_dense(), dense.t())
