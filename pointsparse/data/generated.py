@@ -10,6 +10,8 @@ take well under a second.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from .sample import Sample
@@ -138,6 +140,130 @@ def _check_scene_args(**values) -> None:
             raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
 
 
+@dataclass(frozen=True)
+class _Street:
+    """A street's layout in its own frame (x along the road), turned by
+    ``heading`` (a multiple of 90 degrees, so boxes stay axis-aligned)."""
+
+    heading: float
+    road_half: float
+    walk: float
+    curb: float
+    max_range: float
+
+    def turn(self, points) -> np.ndarray:
+        """Street-frame points in the scan frame."""
+        return _rot(np.asarray(points), -self.heading)
+
+
+class _Boxes:
+    """Axis-aligned boxes collected in the street frame (bounds in the scan frame)."""
+
+    def __init__(self, street: _Street):
+        self.street, self.lo, self.hi, self.labels = street, [], [], []
+
+    def add(self, x0, x1, y0, y1, z0, z1, label) -> None:
+        corners = self.street.turn([[x0, y0, z0], [x1, y0, z0], [x0, y1, z0], [x1, y1, z0]])
+        self.lo.append([corners[:, 0].min(), corners[:, 1].min(), z0])
+        self.hi.append([corners[:, 0].max(), corners[:, 1].max(), z1])
+        self.labels.append(label)
+
+
+def _buildings_and_parked_cars(rng, st: _Street, boxes: _Boxes, side: int) -> None:
+    front = st.road_half + st.walk + rng.uniform(0.0, 4.0)
+    x = -st.max_range
+    while x < st.max_range:
+        length = rng.uniform(8, 25)
+        if rng.random() < 0.8:
+            depth, height = rng.uniform(6, 15), rng.uniform(5, 20)
+            y0 = front + rng.uniform(0, 1.5)
+            boxes.add(x, x + length, *(sorted((side * y0, side * (y0 + depth)))), 0.0, height, _O["building"])
+        x += length + rng.uniform(0, 6)
+    # Parked cars along the curb.
+    x = -st.max_range + rng.uniform(0, 8)
+    while x < st.max_range:
+        if rng.random() < 0.4:
+            cl, cw, ch = rng.uniform(3.8, 4.8), rng.uniform(1.7, 1.95), rng.uniform(1.4, 1.7)
+            y0 = st.road_half - cw - rng.uniform(0.1, 0.4)
+            boxes.add(x, x + cl, *(sorted((side * y0, side * (y0 + cw)))), 0.15, ch, _O["car"])
+            boxes.add(x + 0.25 * cl, x + 0.75 * cl, *(sorted((side * (y0 + 0.1), side * (y0 + cw - 0.1)))),
+                      ch, ch + 0.45, _O["car"])
+        x += rng.uniform(5.5, 12)
+
+
+def _traffic_and_people(rng, st: _Street, boxes: _Boxes) -> None:
+    """Driving cars in the lanes, people on the sidewalks."""
+    for _ in range(rng.integers(0, 4)):
+        x = rng.uniform(-st.max_range, st.max_range)
+        if abs(x) < 6:
+            continue
+        lane = rng.uniform(-st.road_half + 2.5, st.road_half - 2.5)
+        boxes.add(x, x + 4.5, lane - 0.9, lane + 0.9, 0.15, 1.5, _O["car"])
+        boxes.add(x + 1.2, x + 3.4, lane - 0.8, lane + 0.8, 1.5, 1.95, _O["car"])
+    for _ in range(rng.integers(2, 9)):
+        side = rng.choice([-1, 1])
+        x = rng.uniform(-st.max_range * 0.6, st.max_range * 0.6)
+        y = side * (st.road_half + rng.uniform(0.3, st.walk - 0.3))
+        h = rng.uniform(1.55, 1.9)
+        boxes.add(x - 0.2, x + 0.2, y - 0.25, y + 0.25, st.curb, st.curb + h * 0.87, _O["person"])
+        boxes.add(x - 0.12, x + 0.12, y - 0.12, y + 0.12, st.curb + h * 0.87, st.curb + h, _O["person"])
+
+
+def _poles_and_trees(rng, st: _Street, side: int, poles, trunks, crowns) -> None:
+    """Poles and tree trunks (with their crowns: centre, radius) along one side."""
+    x = -st.max_range + rng.uniform(0, 10)
+    while x < st.max_range:
+        poles.append((x, side * (st.road_half + rng.uniform(0.3, 0.8))))
+        x += rng.uniform(12, 30)
+    x = -st.max_range + rng.uniform(0, 6)
+    while x < st.max_range:
+        if rng.random() < 0.6:
+            y = side * (st.road_half + st.walk * rng.uniform(0.4, 0.9))
+            h = rng.uniform(2.0, 3.5)
+            trunks.append((x, y, rng.uniform(0.12, 0.3), h))
+            r = rng.uniform(1.5, 3.0)
+            crowns.append(((x, y, h + r * 0.7), r))
+        x += rng.uniform(6, 14)
+
+
+def _cast_roadside(rng, st: _Street, caster: _Caster) -> None:
+    """Poles, trunks, tree crowns and bushes, cast into ``caster``."""
+    poles, trunks, crowns = [], [], []
+    for side in (-1, 1):
+        _poles_and_trees(rng, st, side, poles, trunks, crowns)
+    bushes = []
+    for _ in range(rng.integers(5, 20)):
+        side = rng.choice([-1, 1])
+        x = rng.uniform(-st.max_range, st.max_range)
+        y = side * (st.road_half + st.walk + rng.uniform(0.5, 3.5))
+        r = rng.uniform(0.5, 1.3)
+        bushes.append(((x, y, r * 0.5), r))
+    if poles:
+        p = st.turn([[x, y, 0.0] for x, y in poles])[:, :2]
+        caster.cylinders(p, rng.uniform(0.06, 0.15, len(p)), np.zeros(len(p)), rng.uniform(4, 9, len(p)), _O["pole"])
+    if trunks:
+        tr = np.array(trunks)
+        p = st.turn(np.c_[tr[:, :2], np.zeros(len(tr))])[:, :2]
+        caster.cylinders(p, tr[:, 2], np.zeros(len(tr)), tr[:, 3] + 0.5, _O["trunk"])
+    veg = crowns + bushes
+    if veg:
+        caster.spheres(st.turn([c for c, _ in veg]), np.array([r for _, r in veg]), _O["vegetation"], 0.6, rng)
+
+
+def _returns(rng, caster: _Caster, range_noise: float, seed: int) -> Sample:
+    """The hits as a LiDAR reports them: noisy ranges, points relative to the
+    sensor, an intensity per class with noise."""
+    hit = caster.label >= 0
+    t = caster.t[hit] + rng.normal(0, range_noise, int(hit.sum()))
+    xyz = caster.o + caster.d[hit] * t[:, None]
+    labels = caster.label[hit]
+    base = np.array([_INTENSITY[c] for c in OUTDOOR_CLASSES])[labels]
+    intensity = np.clip(base + rng.normal(0, 0.12, len(labels)), 0, 1)
+    xyz = xyz - np.array([caster.o[0], caster.o[1], caster.o[2]])
+    return Sample(xyz.astype(np.float32), labels.astype(np.int64), intensity=intensity.astype(np.float32)[:, None],
+                  name=f"generated-outdoor-{seed}")
+
+
 def outdoor_scene(seed: int = 0, beams: int = 64, azimuth_steps: int = 1024, max_range: float = 50.0,
                   range_noise: float = 0.02) -> Sample:
     """A street scanned by a 64-beam LiDAR 1.73 m above the road.
@@ -150,111 +276,20 @@ def outdoor_scene(seed: int = 0, beams: int = 64, azimuth_steps: int = 1024, max
     ``max_range`` in (0, MAX_RANGE] metres, ``range_noise`` finite >= 0."""
     _check_scene_args(beams=beams, azimuth_steps=azimuth_steps, max_range=max_range, range_noise=range_noise)
     rng = np.random.default_rng(seed)
-    # The street is laid out in its own frame (x along the road) and turned by
-    # a multiple of 90 degrees, so boxes stay axis-aligned; training turns the
-    # whole cloud by any angle anyway.
+    # The street is laid out in its own frame and turned by a multiple of 90
+    # degrees; training turns the whole cloud by any angle anyway.
     heading = rng.integers(4) * np.pi / 2
-    road_half = rng.uniform(3.0, 6.5)
-    walk = rng.uniform(1.5, 3.5)
-    curb = rng.uniform(0.1, 0.2)
-    sensor = _rot(np.array([[0.0, rng.uniform(-0.5, 0.5) * road_half, 1.73]]), -heading)[0]
+    st = _Street(heading, rng.uniform(3.0, 6.5), rng.uniform(1.5, 3.5), rng.uniform(0.1, 0.2), max_range)
+    sensor = st.turn(np.array([[0.0, rng.uniform(-0.5, 0.5) * st.road_half, 1.73]]))[0]
     caster = _Caster(sensor, lidar_rays(beams, azimuth_steps), max_range)
-    caster.ground(road_half, walk, curb, heading)
-
-    lo, hi, labels = [], [], []
-
-    def box(x0, x1, y0, y1, z0, z1, label):
-        corners = _rot(np.array([[x0, y0, z0], [x1, y0, z0], [x0, y1, z0], [x1, y1, z0]]), -heading)
-        lo.append([corners[:, 0].min(), corners[:, 1].min(), z0])
-        hi.append([corners[:, 0].max(), corners[:, 1].max(), z1])
-        labels.append(label)
-
+    caster.ground(st.road_half, st.walk, st.curb, heading)
+    boxes = _Boxes(st)
     for side in (-1, 1):
-        front = road_half + walk + rng.uniform(0.0, 4.0)
-        x = -max_range
-        while x < max_range:
-            length = rng.uniform(8, 25)
-            if rng.random() < 0.8:
-                depth, height = rng.uniform(6, 15), rng.uniform(5, 20)
-                y0 = front + rng.uniform(0, 1.5)
-                box(x, x + length, *(sorted((side * y0, side * (y0 + depth)))), 0.0, height, _O["building"])
-            x += length + rng.uniform(0, 6)
-        # Parked cars along the curb.
-        x = -max_range + rng.uniform(0, 8)
-        while x < max_range:
-            if rng.random() < 0.4:
-                cl, cw, ch = rng.uniform(3.8, 4.8), rng.uniform(1.7, 1.95), rng.uniform(1.4, 1.7)
-                y0 = road_half - cw - rng.uniform(0.1, 0.4)
-                box(x, x + cl, *(sorted((side * y0, side * (y0 + cw)))), 0.15, ch, _O["car"])
-                box(x + 0.25 * cl, x + 0.75 * cl, *(sorted((side * (y0 + 0.1), side * (y0 + cw - 0.1)))),
-                    ch, ch + 0.45, _O["car"])
-            x += rng.uniform(5.5, 12)
-    # Driving cars in the lanes.
-    for _ in range(rng.integers(0, 4)):
-        x = rng.uniform(-max_range, max_range)
-        if abs(x) < 6:
-            continue
-        lane = rng.uniform(-road_half + 2.5, road_half - 2.5)
-        box(x, x + 4.5, lane - 0.9, lane + 0.9, 0.15, 1.5, _O["car"])
-        box(x + 1.2, x + 3.4, lane - 0.8, lane + 0.8, 1.5, 1.95, _O["car"])
-    # People on the sidewalks.
-    for _ in range(rng.integers(2, 9)):
-        side = rng.choice([-1, 1])
-        x = rng.uniform(-max_range * 0.6, max_range * 0.6)
-        y = side * (road_half + rng.uniform(0.3, walk - 0.3))
-        h = rng.uniform(1.55, 1.9)
-        box(x - 0.2, x + 0.2, y - 0.25, y + 0.25, curb, curb + h * 0.87, _O["person"])
-        box(x - 0.12, x + 0.12, y - 0.12, y + 0.12, curb + h * 0.87, curb + h, _O["person"])
-    caster.boxes(np.array(lo), np.array(hi), np.array(labels))
-
-    # Poles and tree trunks on the sidewalks/verges, crowns and bushes.
-    poles, trunks, crowns, crown_r = [], [], [], []
-    for side in (-1, 1):
-        x = -max_range + rng.uniform(0, 10)
-        while x < max_range:
-            y = side * (road_half + rng.uniform(0.3, 0.8))
-            poles.append((x, y))
-            x += rng.uniform(12, 30)
-        x = -max_range + rng.uniform(0, 6)
-        while x < max_range:
-            if rng.random() < 0.6:
-                y = side * (road_half + walk * rng.uniform(0.4, 0.9))
-                h = rng.uniform(2.0, 3.5)
-                trunks.append((x, y, rng.uniform(0.12, 0.3), h))
-                r = rng.uniform(1.5, 3.0)
-                crowns.append((x, y, h + r * 0.7))
-                crown_r.append(r)
-            x += rng.uniform(6, 14)
-    bushes, bush_r = [], []
-    for _ in range(rng.integers(5, 20)):
-        side = rng.choice([-1, 1])
-        x = rng.uniform(-max_range, max_range)
-        y = side * (road_half + walk + rng.uniform(0.5, 3.5))
-        r = rng.uniform(0.5, 1.3)
-        bushes.append((x, y, r * 0.5))
-        bush_r.append(r)
-    if poles:
-        p = _rot(np.array([[x, y, 0.0] for x, y in poles]), -heading)[:, :2]
-        caster.cylinders(p, rng.uniform(0.06, 0.15, len(p)), np.zeros(len(p)), rng.uniform(4, 9, len(p)), _O["pole"])
-    if trunks:
-        tr = np.array(trunks)
-        p = _rot(np.c_[tr[:, :2], np.zeros(len(tr))], -heading)[:, :2]
-        caster.cylinders(p, tr[:, 2], np.zeros(len(tr)), tr[:, 3] + 0.5, _O["trunk"])
-    veg = [(c, r) for c, r in zip(crowns + bushes, crown_r + bush_r)]
-    if veg:
-        centres = _rot(np.array([c for c, _ in veg]), -heading)
-        caster.spheres(centres, np.array([r for _, r in veg]), _O["vegetation"], 0.6, rng)
-
-    hit = caster.label >= 0
-    t = caster.t[hit] + rng.normal(0, range_noise, int(hit.sum()))
-    xyz = caster.o + caster.d[hit] * t[:, None]
-    labels = caster.label[hit]
-    base = np.array([_INTENSITY[c] for c in OUTDOOR_CLASSES])[labels]
-    intensity = np.clip(base + rng.normal(0, 0.12, len(labels)), 0, 1)
-    # Points relative to the sensor, as a LiDAR reports them.
-    xyz = xyz - np.array([caster.o[0], caster.o[1], caster.o[2]])
-    return Sample(xyz.astype(np.float32), labels.astype(np.int64), intensity=intensity.astype(np.float32)[:, None],
-                  name=f"generated-outdoor-{seed}")
+        _buildings_and_parked_cars(rng, st, boxes, side)
+    _traffic_and_people(rng, st, boxes)
+    caster.boxes(np.array(boxes.lo), np.array(boxes.hi), np.array(boxes.labels))
+    _cast_roadside(rng, st, caster)
+    return _returns(rng, caster, range_noise, seed)
 
 
 def _sample_box_surface(rng, lo, hi, density, faces=("top", "bottom", "sides")):
@@ -275,6 +310,55 @@ def _sample_box_surface(rng, lo, hi, density, faces=("top", "bottom", "sides")):
     return np.concatenate(out) if out else np.zeros((0, 3))
 
 
+def _shelf(rng, w, d, density) -> np.ndarray:
+    """A shelf against a wall: its box and its boards every 0.4 m."""
+    sw, sd, sh = rng.uniform(0.8, 2.0), rng.uniform(0.3, 0.5), rng.uniform(1.2, 2.2)
+    if rng.random() < 0.5:
+        x0, y0 = rng.uniform(0, w - sw), rng.choice([0.02, d - sd - 0.02])
+        lo, hi = (x0, y0, 0), (x0 + sw, y0 + sd, sh)
+    else:
+        x0, y0 = rng.choice([0.02, w - sd - 0.02]), rng.uniform(0, d - sw)
+        lo, hi = (x0, y0, 0), (x0 + sd, y0 + sw, sh)
+    pts = [_sample_box_surface(rng, lo, hi, density)]
+    for z in np.arange(0.4, sh - 0.1, 0.4):
+        pts.append(_sample_box_surface(rng, (lo[0], lo[1], z), (hi[0], hi[1], z + 0.02), density, ("top",)))
+    return np.concatenate(pts)
+
+
+def _legs(rng, x0, y0, width, depth, leg, height, density) -> list:
+    """Four square legs of side ``leg`` at the corners of a top."""
+    corners = ((x0, y0), (x0 + width - leg, y0), (x0, y0 + depth - leg), (x0 + width - leg, y0 + depth - leg))
+    return [_sample_box_surface(rng, (lx, ly, 0), (lx + leg, ly + leg, height), density, ("sides",))
+            for lx, ly in corners]
+
+
+def _chair(rng, x0, y0, tw, td, density) -> np.ndarray:
+    """A chair on one side of the table at (x0, y0) of size (tw, td), its
+    backrest on the side away from the table."""
+    side = rng.integers(4)
+    cx = x0 + rng.uniform(0.2, tw - 0.2) if side < 2 else (x0 - 0.55 if side == 2 else x0 + tw + 0.1)
+    cy = (y0 - 0.55 if side == 0 else y0 + td + 0.1) if side < 2 else y0 + rng.uniform(0.2, td - 0.2)
+    s = seat = 0.45
+    pts = [_sample_box_surface(rng, (cx, cy, seat - 0.04), (cx + s, cy + s, seat), density)]
+    pts += _legs(rng, cx, cy, s, s, 0.04, seat - 0.04, density)
+    back = {0: ((cx, cy, seat), (cx + s, cy + 0.04, seat + 0.45)),
+            1: ((cx, cy + s - 0.04, seat), (cx + s, cy + s, seat + 0.45)),
+            2: ((cx, cy, seat), (cx + 0.04, cy + s, seat + 0.45))}.get(
+        int(side), ((cx + s - 0.04, cy, seat), (cx + s, cy + s, seat + 0.45)))
+    pts.append(_sample_box_surface(rng, *back, density))
+    return np.concatenate(pts)
+
+
+def _table_with_chairs(rng, w, d, density, add) -> None:
+    tw, td, th = rng.uniform(0.8, 2.0), rng.uniform(0.6, 1.2), rng.uniform(0.7, 0.78)
+    x0, y0 = rng.uniform(1.0, max(1.1, w - tw - 1.0)), rng.uniform(1.0, max(1.1, d - td - 1.0))
+    pts = [_sample_box_surface(rng, (x0, y0, th - 0.04), (x0 + tw, y0 + td, th), density)]
+    pts += _legs(rng, x0, y0, tw, td, 0.06, th - 0.04, density)
+    add(np.concatenate(pts), _I["table"])
+    for _ in range(rng.integers(1, 5)):
+        add(_chair(rng, x0, y0, tw, td, density), _I["chair"])
+
+
 def indoor_scene(seed: int = 0, density: float = 400.0) -> Sample:
     """A furnished room sampled on its surfaces (like a fused RGB-D scan).
 
@@ -288,55 +372,15 @@ def indoor_scene(seed: int = 0, density: float = 400.0) -> Sample:
     parts = []  # (points, label, colour)
 
     def add(points, label):
-        colour = rng.random(3)
-        parts.append((points, label, colour))
+        parts.append((points, label, rng.random(3)))
 
     add(_sample_box_surface(rng, (0, 0, 0), (w, d, 0), density, ("top",)), _I["floor"])
     add(_sample_box_surface(rng, (0, 0, h), (w, d, h), density * 0.5, ("bottom",)), _I["ceiling"])
-    walls = np.concatenate([_sample_box_surface(rng, (0, 0, 0), (w, d, h), density * 0.6, ("sides",))])
-    add(walls, _I["wall"])
-    # Shelves against the walls.
+    add(_sample_box_surface(rng, (0, 0, 0), (w, d, h), density * 0.6, ("sides",)), _I["wall"])
     for _ in range(rng.integers(1, 4)):
-        sw, sd, sh = rng.uniform(0.8, 2.0), rng.uniform(0.3, 0.5), rng.uniform(1.2, 2.2)
-        if rng.random() < 0.5:
-            x0, y0 = rng.uniform(0, w - sw), rng.choice([0.02, d - sd - 0.02])
-            lo, hi = (x0, y0, 0), (x0 + sw, y0 + sd, sh)
-        else:
-            x0, y0 = rng.choice([0.02, w - sd - 0.02]), rng.uniform(0, d - sw)
-            lo, hi = (x0, y0, 0), (x0 + sd, y0 + sw, sh)
-        pts = [_sample_box_surface(rng, lo, hi, density)]
-        for z in np.arange(0.4, sh - 0.1, 0.4):
-            pts.append(_sample_box_surface(rng, (lo[0], lo[1], z), (hi[0], hi[1], z + 0.02), density, ("top",)))
-        add(np.concatenate(pts), _I["shelf"])
-    # Tables with chairs around them.
+        add(_shelf(rng, w, d, density), _I["shelf"])
     for _ in range(rng.integers(1, 4)):
-        tw, td, th = rng.uniform(0.8, 2.0), rng.uniform(0.6, 1.2), rng.uniform(0.7, 0.78)
-        x0, y0 = rng.uniform(1.0, max(1.1, w - tw - 1.0)), rng.uniform(1.0, max(1.1, d - td - 1.0))
-        pts = [_sample_box_surface(rng, (x0, y0, th - 0.04), (x0 + tw, y0 + td, th), density)]
-        for lx, ly in ((x0, y0), (x0 + tw - 0.06, y0), (x0, y0 + td - 0.06), (x0 + tw - 0.06, y0 + td - 0.06)):
-            pts.append(_sample_box_surface(rng, (lx, ly, 0), (lx + 0.06, ly + 0.06, th - 0.04), density, ("sides",)))
-        add(np.concatenate(pts), _I["table"])
-        for _ in range(rng.integers(1, 5)):
-            side = rng.integers(4)
-            cx = x0 + rng.uniform(0.2, tw - 0.2) if side < 2 else (x0 - 0.55 if side == 2 else x0 + tw + 0.1)
-            cy = (y0 - 0.55 if side == 0 else y0 + td + 0.1) if side < 2 else y0 + rng.uniform(0.2, td - 0.2)
-            s = 0.45
-            seat = 0.45
-            pts = [_sample_box_surface(rng, (cx, cy, seat - 0.04), (cx + s, cy + s, seat), density)]
-            for lx, ly in ((cx, cy), (cx + s - 0.04, cy), (cx, cy + s - 0.04), (cx + s - 0.04, cy + s - 0.04)):
-                pts.append(_sample_box_surface(rng, (lx, ly, 0), (lx + 0.04, ly + 0.04, seat - 0.04), density,
-                                               ("sides",)))
-            # Backrest on the side away from the table.
-            if side == 0:
-                back = ((cx, cy, seat), (cx + s, cy + 0.04, seat + 0.45))
-            elif side == 1:
-                back = ((cx, cy + s - 0.04, seat), (cx + s, cy + s, seat + 0.45))
-            elif side == 2:
-                back = ((cx, cy, seat), (cx + 0.04, cy + s, seat + 0.45))
-            else:
-                back = ((cx + s - 0.04, cy, seat), (cx + s, cy + s, seat + 0.45))
-            pts.append(_sample_box_surface(rng, *back, density))
-            add(np.concatenate(pts), _I["chair"])
+        _table_with_chairs(rng, w, d, density, add)
     xyz = np.concatenate([p for p, _, _ in parts])
     labels = np.concatenate([np.full(len(p), lab) for p, lab, _ in parts])
     rgb = np.concatenate([np.broadcast_to(c, (len(p), 3)) for p, _, c in parts])
