@@ -235,6 +235,100 @@ def _states(infos: list[LayerInfo]) -> tuple[list[LayerInfo], list[list[float]]]
     return producers, [[t, i.out_channels, i.in_channels, i.kernel_volume, i.flops] for t, i in enumerate(producers)]
 
 
+@dataclass
+class _Space:
+    """What an episode acts on: the producers, their raw states and scales,
+    the dense FLOPs, and the FLOPs budget (None: unconstrained)."""
+
+    infos: list[LayerInfo]
+    producers: list[LayerInfo]
+    raw_states: list[list[float]]
+    dense: float
+    target: float | None
+    max_ratio: float
+
+    @property
+    def scale(self) -> list[float]:
+        return [max(max(s[j] for s in self.raw_states), 1e-12) for j in range(5)]
+
+    def state(self, t: int, ratios: dict, prev: float, scale: list[float]) -> torch.Tensor:
+        reduced = self.dense - flops_for(self.infos, ratios)
+        rest = sum(p.flops for p in self.producers[t + 1:])
+        return torch.tensor([v / sc for v, sc in zip(self.raw_states[t], scale)]
+                            + [reduced / self.dense, rest / self.dense, prev], dtype=torch.float32)
+
+    def within_budget(self, t: int, ratios: dict, a: float) -> float:
+        """The least ratio >= ``a`` for producer ``t`` that keeps the budget
+        reachable with every later producer at ``max_ratio`` (bisection)."""
+        if self.target is None:
+            return a
+        lo, hi = a, self.max_ratio
+        trial = dict(ratios, **{self.producers[t].name: a}, **{p.name: self.max_ratio for p in self.producers[t + 1:]})
+        if flops_for(self.infos, trial) <= self.target:
+            return a
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            trial[self.producers[t].name] = mid
+            if flops_for(self.infos, trial) > self.target:
+                lo = mid
+            else:
+                hi = mid
+        return hi
+
+
+def _check_search(eval_fn, episodes, warmup, reward, target_flops, max_ratio, reconstruct, coupled) -> None:
+    check_callable(eval_fn, "eval_fn")
+    if reward not in REWARDS:
+        raise ValueError(f"reward must be one of {REWARDS}; got {reward!r}")
+    if reward == "error" and target_flops is None:
+        raise ValueError("reward='error' needs target_flops (the resource-constrained search)")
+    if not 0 < max_ratio < 1:
+        raise ValueError(f"max_ratio must be in (0, 1); got {max_ratio}")
+    if not isinstance(episodes, int) or episodes < 1 or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"episodes must be >= 1 and warmup >= 0; got {episodes}, {warmup}")
+    if coupled and reconstruct:
+        raise ValueError("reconstruct=True works on chain groups only (coupled=False)")
+
+
+def _space(model, example_input, coupled: bool, target_flops, max_ratio: float) -> _Space:
+    infos = layer_infos(model, example_input, coupled)
+    producers, raw_states = _states(infos)
+    if not producers:
+        raise ValueError("model has no layer whose output channels can be removed (needs a chain of >= 2 layers)")
+    dense = flops_for(infos, {})
+    target = None
+    if target_flops is not None:
+        target = float(target_flops) * (dense if target_flops <= 1 else 1.0)
+        floor = flops_for(infos, {p.name: max_ratio for p in producers})
+        if target < floor:
+            raise ValueError(f"target_flops {target:.4g} is below what max_ratio={max_ratio} reaches ({floor:.4g})")
+    return _Space(infos, producers, raw_states, dense, target, max_ratio)
+
+
+def _episode(space: _Space, scale, act: Callable[[torch.Tensor], float]) -> tuple[dict, list, list]:
+    """One pass over the producers: ``(ratios, states, actions)``."""
+    ratios: dict[str, float] = {}
+    states, actions = [], []
+    prev = 0.0
+    for t, info in enumerate(space.producers):
+        s = space.state(t, ratios, prev, scale)
+        a = space.within_budget(t, ratios, min(act(s), 1.0 - 1e-6) * space.max_ratio)
+        ratios[info.name] = a
+        states.append(s)
+        actions.append(a / space.max_ratio)
+        prev = a
+    return ratios, states, actions
+
+
+def _learn(agent: DDPG, states: list, actions: list, advantage: float, train: bool) -> None:
+    for t in range(len(states)):
+        done = t == len(states) - 1
+        agent.remember(states[t], actions[t], advantage, states[t + 1] if not done else states[t], done)
+    if train:
+        for _ in range(len(states)):
+            agent.update()
+
+
 def amc_search(model: nn.Module, eval_fn: Callable[[nn.Module], float], example_input, episodes: int = 100,
                warmup: int = 20, reward: str = "flops", target_flops: float | None = None, max_ratio: float = 0.8,
                reconstruct: bool = False, calibration_input=None, noise: float = 0.5, noise_decay: float = 0.95,
@@ -248,30 +342,9 @@ def amc_search(model: nn.Module, eval_fn: Callable[[nn.Module], float], example_
     acts on every coupled channel group of the dependency graph (residual and
     U-Net networks whole; the ratios are then keyed by group name and applied
     with ``apply_channel_ratios(..., example_input=...)``)."""
-    check_callable(eval_fn, "eval_fn")
-    if reward not in REWARDS:
-        raise ValueError(f"reward must be one of {REWARDS}; got {reward!r}")
-    if reward == "error" and target_flops is None:
-        raise ValueError("reward='error' needs target_flops (the resource-constrained search)")
-    if not 0 < max_ratio < 1:
-        raise ValueError(f"max_ratio must be in (0, 1); got {max_ratio}")
-    if not isinstance(episodes, int) or episodes < 1 or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"episodes must be >= 1 and warmup >= 0; got {episodes}, {warmup}")
-    if coupled and reconstruct:
-        raise ValueError("reconstruct=True works on chain groups only (coupled=False)")
-    infos = layer_infos(model, example_input, coupled)
-    producers, raw_states = _states(infos)
-    if not producers:
-        raise ValueError("model has no layer whose output channels can be removed (needs a chain of >= 2 layers)")
-    dense = flops_for(infos, {})
-    if target_flops is not None:
-        target = float(target_flops) * (dense if target_flops <= 1 else 1.0)
-        floor = flops_for(infos, {p.name: max_ratio for p in producers})
-        if target < floor:
-            raise ValueError(f"target_flops {target:.4g} is below what max_ratio={max_ratio} reaches ({floor:.4g})")
-    else:
-        target = None
-    scale = [max(max(s[j] for s in raw_states), 1e-12) for j in range(5)]
+    _check_search(eval_fn, episodes, warmup, reward, target_flops, max_ratio, reconstruct, coupled)
+    space = _space(model, example_input, coupled, target_flops, max_ratio)
+    scale, dense = space.scale, space.dense
     agent = DDPG(8, seed=seed, **(agent_kwargs or {}))
     rng = _random.Random(seed)
     best: AMCResult | None = None
@@ -279,50 +352,19 @@ def amc_search(model: nn.Module, eval_fn: Callable[[nn.Module], float], example_
     history = []
     sigma = noise
     for ep in range(episodes):
-        ratios: dict[str, float] = {}
-        states, actions = [], []
-        prev = 0.0
-        for t, info in enumerate(producers):
-            reduced = dense - flops_for(infos, ratios)
-            rest = sum(p.flops for p in producers[t + 1:])
-            s = torch.tensor([v / sc for v, sc in zip(raw_states[t], scale)] + [reduced / dense, rest / dense, prev],
-                             dtype=torch.float32)
-            a = rng.random() if ep < warmup else agent.act(s, sigma)
-            a = min(a, 1.0 - 1e-6) * max_ratio
-            if target is not None:  # least ratio that keeps the budget reachable
-                lo, hi = a, max_ratio
-                trial = dict(ratios, **{info.name: a}, **{p.name: max_ratio for p in producers[t + 1:]})
-                if flops_for(infos, trial) > target:
-                    for _ in range(30):
-                        mid = (lo + hi) / 2
-                        trial[info.name] = mid
-                        if flops_for(infos, trial) > target:
-                            lo = mid
-                        else:
-                            hi = mid
-                    a = hi
-            ratios[info.name] = a
-            states.append(s)
-            actions.append(a / max_ratio)
-            prev = a
+        ratios, states, actions = _episode(space, scale, lambda s: rng.random() if ep < warmup else agent.act(s, sigma))
         pruned = copy.deepcopy(model)
         apply_channel_ratios(pruned, ratios, reconstruct, calibration_input,
                              example_input=example_input if coupled else None)
         metric = float(eval_fn(pruned))
-        flops = flops_for(infos, ratios)
-        error = 1.0 - metric
-        r = -error * math.log(flops) if reward == "flops" else -error
+        flops = flops_for(space.infos, ratios)
+        r = -(1.0 - metric) * math.log(flops) if reward == "flops" else -(1.0 - metric)
         history.append({"episode": ep, "reward": r, "metric": metric, "flops": flops, "ratios": dict(ratios)})
         if best is None or r > best.reward:
             best = AMCResult(dict(ratios), metric, flops, dense, r)
         baseline = r if baseline is None else 0.95 * baseline + 0.05 * r
-        for t in range(len(states)):
-            done = t == len(states) - 1
-            nxt = states[t + 1] if not done else states[t]
-            agent.remember(states[t], actions[t], r - baseline, nxt, done)
+        _learn(agent, states, actions, r - baseline, ep >= warmup)
         if ep >= warmup:
-            for _ in range(len(states)):
-                agent.update()
             sigma *= noise_decay
         if log is not None:
             log(f"episode {ep:3d}  metric {metric:.4f}  FLOPs {flops / dense:.3f} of dense  reward {r:.4f}")

@@ -236,6 +236,37 @@ def netadapt(model: nn.Module, table: LatencyTable | None, train_fn: Callable, e
     each proposal's latency measured directly. When no proposal can lower
     the latency any further before the budget is met, the run stops with a
     ``RuntimeWarning`` that says so (also in ``NetAdaptResult.message``)."""
+    _check_netadapt(train_fn, eval_fn, budget, budget_seconds, initial_reduction, decay)
+    ft_lr = None if lr is None else lr * finetune_lr_factor
+    if table is None:
+        return _netadapt_coupled(model, train_fn, eval_fn, example_input, budget, initial_reduction, decay,
+                                 short_steps, long_steps, ft_lr, max_iterations, log, budget_seconds)
+    net = copy.deepcopy(model)
+    layout, _ = _channel_layout(net)
+    named = dict(net.named_modules())
+    channels = {n: out_channels(named[n]) for n, _, p in layout if p}
+    for n, c in channels.items():
+        if table.candidates.get(n, [None])[0] != c:
+            raise ValueError(f"the table was not built for this model: layer {n!r} has {c} channels")
+    l0 = current = table.latency(channels, layout)
+    target = float(budget_seconds) if budget_seconds is not None else budget * l0
+    history, it = [], 0
+    while current > target and it < max_iterations:
+        want = current - initial_reduction * l0 * decay**it
+        proposals = _table_proposals(net, table, layout, channels, want, current,
+                                     lambda cand: _short_tune(cand, train_fn, eval_fn, short_steps, ft_lr))
+        if not proposals:
+            break
+        metric, name, choice, net = max(proposals, key=lambda p: p[0])
+        channels[name] = choice
+        current = table.latency(channels, layout)
+        _record(history, log, it, name, choice, metric, current, len(proposals), "estimate")
+        it += 1
+    return _finish(net, channels, target, l0, current, history, it, max_iterations, train_fn, eval_fn, long_steps,
+                   ft_lr, example_input, table.repeats)
+
+
+def _check_netadapt(train_fn, eval_fn, budget, budget_seconds, initial_reduction, decay) -> None:
     check_callable(train_fn, "train_fn")
     check_callable(eval_fn, "eval_fn")
     if budget_seconds is not None:
@@ -246,47 +277,31 @@ def netadapt(model: nn.Module, table: LatencyTable | None, train_fn: Callable, e
                          "(use budget_seconds= for an absolute target)")
     if not 0 < initial_reduction < 1 or not 0 < decay <= 1:
         raise ValueError(f"initial_reduction must be in (0, 1) and decay in (0, 1]; got {initial_reduction}, {decay}")
-    if table is None:
-        return _netadapt_coupled(model, train_fn, eval_fn, example_input, budget, initial_reduction, decay,
-                                 short_steps, long_steps, None if lr is None else lr * finetune_lr_factor,
-                                 max_iterations, log, budget_seconds)
-    net = copy.deepcopy(model)
-    layout, _ = _channel_layout(net)
-    named = dict(net.named_modules())
-    channels = {n: out_channels(named[n]) for n, _, p in layout if p}
-    for n, c in channels.items():
-        if table.candidates.get(n, [None])[0] != c:
-            raise ValueError(f"the table was not built for this model: layer {n!r} has {c} channels")
-    l0 = table.latency(channels, layout)
-    target = float(budget_seconds) if budget_seconds is not None else budget * l0
-    ft_lr = None if lr is None else lr * finetune_lr_factor
-    history = []
-    it = 0
-    current = l0
-    while current > target and it < max_iterations:
-        want = current - initial_reduction * l0 * decay**it
-        proposals = []
-        for name in channels:
-            below = [c for c in table.candidates[name] if c < channels[name]]
-            if not below:
-                continue
-            # the largest count meeting this iteration's drop; else the smallest (the most this layer can give)
-            choice = next((c for c in below if table.latency(dict(channels, **{name: c}), layout) <= want), below[-1])
-            if table.latency(dict(channels, **{name: choice}), layout) >= current:
-                continue
-            cand = copy.deepcopy(net)
-            prune_channels(cand, name, keep_by_l1(dict(cand.named_modules())[name], choice))
-            call_train(train_fn, cand, short_steps, ft_lr)
-            proposals.append((float(eval_fn(cand)), name, choice, cand))
-        if not proposals:
-            break
-        metric, name, choice, net = max(proposals, key=lambda p: p[0])
-        channels[name] = choice
-        current = table.latency(channels, layout)
-        _record(history, log, it, name, choice, metric, current, len(proposals), "estimate")
-        it += 1
-    return _finish(net, channels, target, l0, current, history, it, max_iterations, train_fn, eval_fn, long_steps,
-                   ft_lr, example_input, table.repeats)
+
+
+def _short_tune(cand: nn.Module, train_fn, eval_fn, short_steps: int, ft_lr) -> float:
+    """A proposal's short fine-tuning and its metric."""
+    call_train(train_fn, cand, short_steps, ft_lr)
+    return float(eval_fn(cand))
+
+
+def _table_proposals(net, table: LatencyTable, layout, channels: dict, want: float, current: float,
+                     tune: Callable[[nn.Module], float]) -> list[tuple]:
+    """``(metric, layer, count, candidate)`` per layer that can shrink: the
+    largest count whose estimate meets ``want`` (else the smallest, the most
+    the layer can give), if it lowers the estimate at all."""
+    proposals = []
+    for name in channels:
+        below = [c for c in table.candidates[name] if c < channels[name]]
+        if not below:
+            continue
+        choice = next((c for c in below if table.latency(dict(channels, **{name: c}), layout) <= want), below[-1])
+        if table.latency(dict(channels, **{name: choice}), layout) >= current:
+            continue
+        cand = copy.deepcopy(net)
+        prune_channels(cand, name, keep_by_l1(dict(cand.named_modules())[name], choice))
+        proposals.append((tune(cand), name, choice, cand))
+    return proposals
 
 
 def _unmet(current: float, target: float, iterations: int, max_iterations: int) -> str:
