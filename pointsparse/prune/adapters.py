@@ -236,8 +236,6 @@ def is_layer(module: nn.Module) -> bool:
     return a is not None and a.kind == "layer" and raw(module, "weight") is not None
 
 
-is_prunable = is_layer
-
 
 def is_norm(module: nn.Module) -> bool:
     """A channel-wise module with an adapter (BatchNorm, a user's norm)."""

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from . import adapters
-from .adapters import current_weight, is_prunable, layout_of, prunable_modules
+from .adapters import current_weight, is_layer, layout_of, prunable_modules
 from .structured import ChannelStructured, KernelStructured, StripeStructured, group_scores
 
 Scores = dict  # {(module, name): tensor}
@@ -232,7 +232,7 @@ def find_batchnorm(module: nn.Module) -> nn.Module | None:
     (a block, a network) is not a BatchNorm wrapper."""
     if adapters.is_norm(module):
         return module
-    if any(is_prunable(m) for m in module.modules()):
+    if any(is_layer(m) for m in module.modules()):
         return None
     for child in module.children():
         if adapters.is_norm(child):
@@ -256,7 +256,7 @@ def bn_pairs(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
             if last is not None and adapters.adapter_for(bn).channels(bn, "out") == adapters.out_channels(last):
                 pairs.append((last, bn))
             last = None
-        elif is_prunable(module):
+        elif is_layer(module):
             last = module
     return pairs
 

@@ -27,14 +27,7 @@ import torch
 from torch import nn
 
 from . import _compat, adapters
-from .adapters import in_channel_dim, is_prunable, out_channel_dim, out_channels
-
-
-
-def _is_norm(m: nn.Module) -> bool:
-    """A norm with a registered adapter (BatchNorm, or a user's)."""
-    adapter = adapters.adapter_for(m)
-    return adapter is not None and adapter.kind == "norm"
+from .adapters import in_channel_dim, is_layer, out_channel_dim, out_channels
 
 
 @dataclass
@@ -53,13 +46,13 @@ class ChannelGroup:
 
 
 def _has_prunable(m: nn.Module) -> bool:
-    return any(is_prunable(d) for d in m.modules())
+    return any(is_layer(d) for d in m.modules())
 
 
 def _is_wrapper(m: nn.Module) -> bool:
     """A module that only wraps one prunable layer (``pointsparse.nn.Linear``)."""
     children = list(m.children())
-    return (not is_prunable(m) and len(children) == 1 and is_prunable(children[0])
+    return (not is_layer(m) and len(children) == 1 and is_layer(children[0])
             and not any(True for _ in m.parameters(recurse=False)))
 
 
@@ -76,12 +69,12 @@ def _join(prefix: str, name: str) -> str:
 def _flatten_sequential(seq: nn.Sequential, prefix: str, chain: list, chains: list) -> None:
     for name, child in seq.named_children():
         full = _join(prefix, name)
-        if is_prunable(child):
+        if is_layer(child):
             chain.append((full, child, "layer"))
         elif _is_wrapper(child):
             inner_name, inner = next(child.named_children())
             chain.append((_join(full, inner_name), inner, "layer"))
-        elif _is_norm(child):
+        elif adapters.is_norm(child):
             chain.append((full, child, "norm"))
         elif isinstance(child, nn.Sequential):
             _flatten_sequential(child, full, chain, chains)
@@ -99,7 +92,7 @@ def _analyse(module: nn.Module, prefix: str, chains: list) -> None:
         chains.append(chain)
         return
     for name, child in module.named_children():
-        if is_prunable(child) or _is_wrapper(child) or not _has_prunable(child):
+        if is_layer(child) or _is_wrapper(child) or not _has_prunable(child):
             continue  # a lone layer outside any Sequential: its consumers are unknown
         _analyse(child, _join(prefix, name), chains)
 
@@ -204,7 +197,7 @@ def _check_keep(keep, n: int, what: str) -> torch.Tensor:
 def remove_output_channels(module: nn.Module, keep) -> None:
     """Keep only output channels ``keep`` of a Linear / torch conv /
     ``pointsparse.nn.Conv3d`` (weight and bias)."""
-    if not is_prunable(module):
+    if not is_layer(module):
         raise TypeError(f"expected a Linear, torch conv or pointsparse.nn.Conv3d; got {type(module).__name__}")
     if getattr(module, "groups", 1) != 1:
         raise ValueError("grouped convolutions are not supported")
@@ -222,7 +215,7 @@ def remove_input_channels(module: nn.Module, keep, offset: int = 0, repeat: int 
     producer channel ``c`` feeds inputs ``offset + c*repeat`` to
     ``offset + (c+1)*repeat - 1``; the producer has ``channels`` channels
     (default: all inputs from ``offset`` on); inputs outside its span stay."""
-    if not is_prunable(module):
+    if not is_layer(module):
         raise TypeError(f"expected a Linear, torch conv or pointsparse.nn.Conv3d; got {type(module).__name__}")
     _unprune(module)
     dim = in_channel_dim(module)
