@@ -301,7 +301,11 @@ class DependencyGraph:
             for m in self.group(gname).members:
                 if m.role == "in":
                     wanted.setdefault(m.module, []).append((gname, m.positions(channels)))
-        seen = _capture_inputs(self.model, {n: self.module(n) for n in wanted}, self.example_input)
+        from .surgery import capture  # noqa: PLC0415 - surgery builds on this module
+
+        names = list(wanted)
+        seen = {n: feats_of(x) for n, (x, _) in zip(names, capture(self.model, [self.module(n) for n in names],
+                                                                   self.example_input))}
         folds = {}
         for name, items in wanted.items():
             x = seen[name]
@@ -382,28 +386,6 @@ def _fold_into_bias(module: nn.Module, position: int, value: float) -> None:
             bias.add_(contribution.to(bias.dtype))
 
 
-def _capture_inputs(model: nn.Module, modules: dict[str, nn.Module], example_input) -> dict[str, torch.Tensor]:
-    seen = {}
-    def hook_for(name):
-        def hook(module, inputs, output):
-            seen.setdefault(name, feats_of(inputs[0]))
-        return hook
-
-    handles = [m.register_forward_hook(hook_for(n)) for n, m in modules.items()]
-    was = model.training
-    model.eval()
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
-    try:
-        with torch.no_grad():
-            model(*args)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
-    return seen
-
-
-# ------------------------------------------------------------- importance
 def group_scores(graph: DependencyGraph, group, scores: dict | None = None, reduce: str = "sum") -> torch.Tensor:
     """One score per channel of ``group``: ``scores`` (``{(module, tensor):
     per-element scores}`` as :mod:`.criteria` returns them; default: the

@@ -303,20 +303,30 @@ def _columns(module: nn.Module, x, y):
 
 
 def capture(model: nn.Module, modules: list[nn.Module], example) -> list[tuple]:
-    """(input, output) of each of ``modules`` in one forward pass of ``model``
-    in eval mode (no BatchNorm statistics change); the mode is restored."""
+    """(input, output) of the first call of each of ``modules`` in one
+    forward pass of ``model`` on ``example`` (a tuple: the forward's
+    arguments) in eval mode (no BatchNorm statistics change); the mode is
+    restored. ValueError naming a module the pass did not call."""
     store: dict[int, tuple] = {}
-    handles = [m.register_forward_hook(lambda mod, inputs, output, i=i: store.__setitem__(i, (inputs[0], output)))
-               for i, m in enumerate(modules)]
+
+    def hook_for(i: int):
+        def hook(module, inputs, output) -> None:  # None: the output stays as it is
+            store.setdefault(i, (inputs[0], output))
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(i)) for i, m in enumerate(modules)]
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            model(example)
+            model(*(example if isinstance(example, tuple) else (example,)))
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
+    missing = [type(modules[i]).__name__ for i in range(len(modules)) if i not in store]
+    if missing:
+        raise ValueError(f"the forward pass on the example input did not call {missing}")
     return [store[i] for i in range(len(modules))]
 
 
