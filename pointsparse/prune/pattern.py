@@ -16,7 +16,6 @@ from __future__ import annotations
 import numbers
 
 import torch
-from torch.nn.utils import prune as _torch_prune
 
 from ._copyable import CopyableMethod
 from .adapters import WeightLayout, dense_layout, layout_of

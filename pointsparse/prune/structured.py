@@ -25,7 +25,6 @@ from __future__ import annotations
 import numbers
 
 import torch
-from torch.nn.utils import prune as _torch_prune
 
 from ._copyable import CopyableMethod
 from .amount import count_to_prune, validate_amount, validate_norm
