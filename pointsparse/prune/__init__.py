@@ -13,7 +13,9 @@ by either library is understood by both. On top of it:
 * a sparsity and FLOPs report (:mod:`.report`).
 
 Every method works on ``torch.nn`` Linear/ConvNd and on the sparse
-``pointsparse.nn.Conv3d`` (weight ``(K, C_in, C_out)``)."""
+``pointsparse.nn.Conv3d`` (weight ``(K, C_in, C_out)``): what the toolkit
+knows about a layer type is its adapter (:mod:`.adapters`; register your own
+layer types there)."""
 
 from torch.nn.utils.prune import (
     BasePruningMethod,
