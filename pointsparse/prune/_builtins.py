@@ -127,7 +127,7 @@ def _register() -> None:
         layout_fn=lambda m: WeightLayout(1, 0, tuple(range(2, raw(m, "weight").dim()))), flops=_transposed_flops))
     register(nn.Linear, LayerAdapter(axes=lambda m: {"weight": {"out": 0, "in": 1}, **_BIAS}, set_channels=_linear_set,
                                      per_site=lambda m: True, flops=_linear_flops, like=_linear_like,
-                                     columns=_linear_columns, set_from_2d=_torch_set_from_2d))
+                                     columns=_linear_columns, set_from_2d=_torch_set_from_2d, channels_last=True))
     register(nn.modules.batchnorm._BatchNorm, LayerAdapter(axes=lambda m: dict(_NORM_AXES), kind="norm",
                                                            set_channels=_norm_set, like=_norm_like))
     from ..nn import Conv3d  # noqa: PLC0415

@@ -387,9 +387,11 @@ def feats_of(value) -> torch.Tensor | None:
 
 
 def feature_axis(module, t: torch.Tensor) -> int:
-    """Channel axis of a layer's input or output tensor: the last for Linear,
-    axis 1 otherwise (``(N, C)`` feats, ``(B, C, ...)`` dense tensors)."""
-    return t.dim() - 1 if isinstance(module, torch.nn.Linear) else min(1, t.dim() - 1)
+    """Channel axis of a layer's input or output tensor: the last where the
+    layer's adapter says ``channels_last`` (Linear), axis 1 otherwise
+    (``(N, C)`` feats, ``(B, C, ...)`` dense tensors)."""
+    adapter = adapters.adapter_for(module)
+    return t.dim() - 1 if adapter is not None and adapter.channels_last else min(1, t.dim() - 1)
 
 
 def registered(module) -> bool:

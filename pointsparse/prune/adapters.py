@@ -26,7 +26,9 @@ An adapter says
 * ``like(module, c_in, c_out)``: a fresh layer of the same type and geometry
   with other widths (NetAdapt's latency table);
 * ``columns(module, x, y)`` and ``set_from_2d(module, w2d)``: the layer as a
-  matrix product ``rows @ W2d = y`` (surgery's least-squares refit).
+  matrix product ``rows @ W2d = y`` (surgery's least-squares refit);
+* ``channels_last``: its inputs and outputs carry channels on their last
+  axis (Linear), not on axis 1 (``(N, C)`` feats, ``(B, C, ...)`` tensors).
 
 The raw weight (``name_orig`` of a masked tensor) and the mask are read with
 :func:`raw` and :func:`mask` for every type alike.
@@ -129,6 +131,7 @@ class LayerAdapter:
     like: Callable[[nn.Module, int, int], nn.Module] | None = None
     columns: Callable | None = None
     set_from_2d: Callable[[nn.Module, torch.Tensor], None] | None = None
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ("layer", "norm"):
