@@ -11,12 +11,12 @@ import sys
 
 # (command, module, one-line help)
 COMMANDS = [
-    ("demo", "pointsparse.demo", "run the main job on data pointsparse generates itself"),
-    ("train", "pointsparse.train", "train a sparse U-Net for semantic segmentation and report its mIoU"),
-    ("eval", "pointsparse.evaluate", "score a segmentation checkpoint (per-class IoU, mIoU) on point clouds"),
+    ("demo", "pointsparse.app.demo", "run the main job on data pointsparse generates itself"),
+    ("train", "pointsparse.app.train", "train a sparse U-Net for semantic segmentation and report its mIoU"),
+    ("eval", "pointsparse.app.evaluate", "score a segmentation checkpoint (per-class IoU, mIoU) on point clouds"),
     ("export", "pointsparse.export", "write a segmentation checkpoint as a torch.export program (.pt2)"),
-    ("bench", "pointsparse.benchmark", "run the benchmark suites in bench/ (kernel maps, convolution, SpMM)"),
-    ("prune", "pointsparse.prune.cli", "pruning procedures: sensitivity, schedule, lottery, init, rigl, amc, netadapt"),
+    ("bench", "pointsparse.app.benchmark", "run the benchmark suites in bench/ (kernel maps, convolution, SpMM)"),
+    ("prune", "pointsparse.app.prune", "pruning procedures: sensitivity, schedule, lottery, init, rigl, amc, netadapt"),
 ]
 
 
