@@ -8,12 +8,16 @@ what it found; ``--quick`` shortens everything."""
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from pathlib import Path
 
 import torch
+
+from ..prune import _layers
+from ..prune.sensitivity import DEFAULT_RATIOS
+from . import channels, procedures
+from .tasks import digits_task, scene_task
 
 PROCEDURES = ("sensitivity", "schedule", "lottery", "init", "rigl", "amc", "netadapt", "channels")
 
@@ -43,14 +47,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", type=Path, default=Path("prune-out"), help="folder for plots, ratios, tables")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="short runs (seconds)")
-    from .workflow import add_arguments as add_channel_arguments
-    add_channel_arguments(parser)
+    channels.add_arguments(parser)
 
 
 def _task(args):
-    from .tasks import digits_task, scene_task
     if getattr(args, "checkpoint", None) is not None:
-        from .workflow import checkpoint_task
+        from .tasks import checkpoint_task
         args.checkpoint_state, task = checkpoint_task(args.checkpoint, args.data, args.label_map)
         return task
     if args.task == "scene":
@@ -98,108 +100,95 @@ def check_args(args) -> None:
 
 def main(args) -> int:
     if args.procedure == "channels":
-        from .workflow import main as channels_main
-        return channels_main(args)
-    from . import _layers
+        return channels.main(args)
     check_args(args)
     torch.manual_seed(args.seed)
     task = _task(args)
     steps = max(20, task.train_steps // (5 if args.quick else 1))
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"task {task.name}: {steps} training steps, metric {task.metric}")
-    p = args.procedure
-    if p in ("init", "rigl", "lottery"):
-        model = task.make_model(args.seed)
-    else:
-        model = task.make_model(args.seed)
+    model = task.make_model(args.seed)
+    if args.procedure not in ("init", "rigl", "lottery"):
         task.train_fn(model, steps)
         print(f"dense {task.metric}: {task.eval_fn(model):.4f}")
-
-    if p == "sensitivity":
-        from .sensitivity import choose_ratios, plot_sensitivity, sensitivity_scan
-        ratios = (0.0, 0.3, 0.6, 0.9) if args.quick else None
-        res = sensitivity_scan(model, task.eval_fn, ratios or tuple(round(0.1 * i, 1) for i in range(10)),
-                               args.granularity, metric=task.metric)
-        for name, vals in res.curves.items():
-            print(f"  {name:>6}: " + " ".join(f"{v:.3f}" for v in vals))
-        chosen = choose_ratios(res, args.threshold)
-        print(f"ratios under a drop of {args.threshold}: {chosen}")
-        print(f"plot: {plot_sensitivity(res, args.out / 'sensitivity.png', args.threshold)}")
-    elif p == "schedule":
-        from .schedule import iterative_prune, one_shot_prune
-        per_round = max(10, steps // 4)
-        if args.schedule == "oneshot":
-            res = one_shot_prune(model, task.train_fn, args.sparsity, per_round * args.rounds, lr=task.lr,
-                                 finetune_lr_factor=args.finetune_lr_factor, eval_fn=task.eval_fn)
-        else:
-            res = iterative_prune(model, task.train_fn, args.sparsity, args.rounds, per_round, args.schedule,
-                                  lr=task.lr, finetune_lr_factor=args.finetune_lr_factor, eval_fn=task.eval_fn)
-        for row in res.history:
-            print(f"  round {row['round']}: target {row['target']:.3f} sparsity {row['sparsity']:.3f} "
-                  f"{task.metric} {row['metric']:.4f}")
-    elif p == "lottery":
-        from .lottery import controls, lottery_ticket
-        rounds = min(args.rounds, 3) if args.quick else args.rounds
-        res = lottery_ticket(model, task.train_fn, task.eval_fn, steps, rounds, args.prune_fraction, args.rewind,
-                             lr=task.lr)
-        for row in res.rounds:
-            print(f"  round {row['round']}: sparsity {row['sparsity']:.3f} {task.metric} {row['metric']:.4f}")
-        ctrl = controls(task.make_model, res, rounds, task.train_fn, task.eval_fn, steps, args.seed, task.lr)
-        print(f"controls at the last round: random re-init {ctrl['reinit']:.4f}, random mask {ctrl['random_mask']:.4f}")
-    elif p == "init":
-        from .init import prune_at_init
-        batches = [task.batch_fn() for _ in range(4)]
-        prune_at_init(model, args.method, args.sparsity, batches, task.loss_fn, task.example_input,
-                      iterations=20 if args.quick else 100)
-        print(f"{args.method}: sparsity {_layers.sparsity(model):.3f}, per layer "
-              + ", ".join(f"{n} {v:.2f}" for n, v in _layers.layer_sparsity(model).items()))
-        task.train_fn(model, steps)
-        print(f"trained {task.metric}: {task.eval_fn(model):.4f}")
-    elif p == "rigl":
-        from .rigl import RigL
-        rigl = RigL(model, 1.0 - args.sparsity, args.distribution, update_interval=max(5, steps // 20),
-                    end_step=int(steps * 0.75))
-        with rigl:
-            task.train_fn(model, steps)
-        print(f"RigL ({args.distribution}): {rigl.updates} drop/grow updates, sparsity {_layers.sparsity(model):.3f}, "
-              f"{task.metric} {task.eval_fn(model):.4f}")
-    elif p == "amc":
-        from .amc import amc_search
-        from .surgery import apply_channel_ratios
-        coupled = args.checkpoint is not None  # a real network: every coupled group
-        res = amc_search(model, task.eval_fn, task.example_input, episodes=30 if args.quick else args.episodes,
-                         warmup=10 if args.quick else 30, reward=args.reward, target_flops=args.flops,
-                         reconstruct=args.reconstruct and not coupled, calibration_input=task.example_input,
-                         seed=args.seed, coupled=coupled)
-        print(f"best ratios {json.dumps({k: round(v, 3) for k, v in res.ratios.items()})}")
-        print(f"  {task.metric} before fine-tuning {res.metric:.4f}, FLOPs {res.flops / res.dense_flops:.3f} of dense")
-        print(f"ratios written to {res.export(args.out / 'amc_ratios.json')}")
-        pruned = copy.deepcopy(model)
-        if coupled:
-            apply_channel_ratios(pruned, res.ratios, example_input=task.example_input)
-        else:
-            apply_channel_ratios(pruned, res.ratios, args.reconstruct, task.example_input)
-        task.train_fn(pruned, steps // 2, lr=task.lr * args.finetune_lr_factor)
-        print(f"  after {steps // 2} fine-tuning steps: {task.metric} {task.eval_fn(pruned):.4f}")
-        _save_if_checkpoint(args, pruned)
-    elif p == "netadapt":
-        from .netadapt import build_latency_table, netadapt
-        x = task.example_input
-        table = None  # a checkpoint's network: every coupled group, latencies measured directly
-        if args.checkpoint is None:
-            table = build_latency_table(model, x, num_candidates=4 if args.quick else 8,
-                                        repeats=3 if args.quick else 7)
-            table.save(args.out / "latency_table.json")
-        res = netadapt(model, table, task.train_fn, task.eval_fn, x, args.latency, short_steps=max(5, steps // 20),
-                       long_steps=steps // 2, lr=task.lr, log=lambda s: print("  " + s))
-        print(f"channels {res.channels}; latency estimate {res.initial_latency * 1e3:.2f} -> "
-              f"{res.estimated_latency * 1e3:.2f} ms (budget {res.budget * 1e3:.2f}), measured again "
-              f"{res.measured_latency * 1e3:.2f} ms; {task.metric} {res.final_metric:.4f}")
-        _save_if_checkpoint(args, res.model)
+    RUN[args.procedure](args, task, model, steps)
     return 0
+
+
+def _sensitivity(args, task, model, steps) -> None:
+    ratios = (0.0, 0.3, 0.6, 0.9) if args.quick else DEFAULT_RATIOS
+    res, chosen, plot = procedures.sensitivity(task, model, args.granularity, args.threshold, ratios,
+                                               plot=args.out / "sensitivity.png")
+    for name, vals in res.curves.items():
+        print(f"  {name:>6}: " + " ".join(f"{v:.3f}" for v in vals))
+    print(f"ratios under a drop of {args.threshold}: {chosen}")
+    print(f"plot: {plot}")
+
+
+def _schedule(args, task, model, steps) -> None:
+    per_round = max(10, steps // 4)
+    res = procedures.schedule(task, model, args.sparsity, args.schedule, args.rounds, per_round * args.rounds,
+                              args.finetune_lr_factor, task.eval_fn)
+    for row in res.history:
+        print(f"  round {row['round']}: target {row['target']:.3f} sparsity {row['sparsity']:.3f} "
+              f"{task.metric} {row['metric']:.4f}")
+
+
+def _lottery(args, task, model, steps) -> None:
+    rounds = min(args.rounds, 3) if args.quick else args.rounds
+    res, ctrl = procedures.lottery(task, model, steps, rounds, args.prune_fraction, args.rewind, (rounds,), args.seed)
+    for row in res.rounds:
+        print(f"  round {row['round']}: sparsity {row['sparsity']:.3f} {task.metric} {row['metric']:.4f}")
+    print(f"controls at the last round: random re-init {ctrl[rounds]['reinit']:.4f}, "
+          f"random mask {ctrl[rounds]['random_mask']:.4f}")
+
+
+def _init(args, task, model, steps) -> None:
+    procedures.prune_at_init(task, model, args.method, args.sparsity, steps, iterations=20 if args.quick else 100)
+    print(f"{args.method}: sparsity {_layers.sparsity(model):.3f}, per layer "
+          + ", ".join(f"{n} {v:.2f}" for n, v in _layers.layer_sparsity(model).items()))
+    print(f"trained {task.metric}: {task.eval_fn(model):.4f}")
+
+
+def _rigl(args, task, model, steps) -> None:
+    state = procedures.rigl(task, model, args.sparsity, args.distribution, steps, max(5, steps // 20))
+    print(f"RigL ({args.distribution}): {state.updates} drop/grow updates, sparsity {_layers.sparsity(model):.3f}, "
+          f"{task.metric} {task.eval_fn(model):.4f}")
+
+
+def _amc(args, task, model, steps) -> None:
+    coupled = args.checkpoint is not None  # a real network: every coupled group
+    x = task.example_input
+    res = procedures.amc(task, model, args.flops, 30 if args.quick else args.episodes, 10 if args.quick else 30,
+                         args.reward, args.reconstruct and not coupled, x, args.seed, coupled)
+    print(f"best ratios {json.dumps({k: round(v, 3) for k, v in res.ratios.items()})}")
+    print(f"  {task.metric} before fine-tuning {res.metric:.4f}, FLOPs {res.flops / res.dense_flops:.3f} of dense")
+    print(f"ratios written to {res.export(args.out / 'amc_ratios.json')}")
+    if coupled:
+        pruned = procedures.cut_channels(model, res.ratios, example_input=x)
+    else:
+        pruned = procedures.cut_channels(model, res.ratios, args.reconstruct, x)
+    task.train_fn(pruned, steps // 2, lr=task.lr * args.finetune_lr_factor)
+    print(f"  after {steps // 2} fine-tuning steps: {task.metric} {task.eval_fn(pruned):.4f}")
+    _save_if_checkpoint(args, pruned)
+
+
+def _netadapt(args, task, model, steps) -> None:
+    # A checkpoint's network: every coupled group, latencies measured directly (no table).
+    candidates = None if args.checkpoint is not None else (4 if args.quick else 8)
+    res, _, _ = procedures.netadapt(task, model, task.example_input, args.latency, max(5, steps // 20), steps // 2,
+                                    candidates, 3 if args.quick else 7, args.out / "latency_table.json",
+                                    log=lambda s: print("  " + s))
+    print(f"channels {res.channels}; latency estimate {res.initial_latency * 1e3:.2f} -> "
+          f"{res.estimated_latency * 1e3:.2f} ms (budget {res.budget * 1e3:.2f}), measured again "
+          f"{res.measured_latency * 1e3:.2f} ms; {task.metric} {res.final_metric:.4f}")
+    _save_if_checkpoint(args, res.model)
 
 
 def _save_if_checkpoint(args, model) -> None:
     if args.checkpoint is not None:
-        from .workflow import save_pruned
-        print(f"pruned checkpoint: {save_pruned(args.checkpoint_state, model, args.out)}")
+        print(f"pruned checkpoint: {channels.save_pruned(args.checkpoint_state, model, args.out)}")
+
+
+RUN = {"sensitivity": _sensitivity, "schedule": _schedule, "lottery": _lottery, "init": _init, "rigl": _rigl,
+       "amc": _amc, "netadapt": _netadapt}
