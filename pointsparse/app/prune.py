@@ -1,8 +1,11 @@
 """Pruning procedures on a ready-made task: ``pointsparse prune <procedure>``.
 
-Procedures: sensitivity, schedule, lottery, init, rigl, amc, netadapt. Tasks:
-``--task digits`` (scikit-learn's bundled digits; ``--model mlp|cnn|deep``)
-or ``--task scene`` (generated street scenes, a sparse-conv chain). Each run
+Procedures: sensitivity, schedule, lottery, init, rigl, amc, netadapt (each
+through its driver in :mod:`pointsparse.app.procedures`), and channels (a
+trained checkpoint's every coupled group: :mod:`pointsparse.app.channels`).
+Tasks: ``--task digits`` (scikit-learn's bundled digits; ``--model
+mlp|cnn|deep``), ``--task scene`` (generated street scenes, a sparse-conv
+chain) or ``--checkpoint`` (a trained MinkUNet and its clouds). Each run
 trains the dense model first (seeded), then runs the procedure and prints
 what it found; ``--quick`` shortens everything."""
 

@@ -8,6 +8,9 @@ training batch and its loss, an example input).
   lottery-ticket LeNet), ``cnn`` (3 conv + BN) and ``deep`` (6 conv + BN).
 - ``scene``: generated street scenes voxelised to sparse tensors, a chain of
   ``pointsparse.nn.Conv3d`` + BatchNorm (``sparse``), metric mIoU.
+- ``checkpoint_task``: a trained MinkUNet checkpoint and the user's clouds.
+
+Every ``train_fn`` runs SGD steps through :class:`~pointsparse.app.trainer.Trainer`.
 """
 
 from __future__ import annotations
