@@ -21,7 +21,7 @@ from pathlib import Path
 from _common import RESULTS_DIR, environment, write_markdown
 
 from pointsparse.models import load_model
-from pointsparse.prune.workflow import finetune, load_state, prune_checkpoint
+from pointsparse.app.channels import finetune, load_state, prune_checkpoint
 
 
 def _params(path: Path) -> int:

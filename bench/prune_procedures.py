@@ -24,8 +24,10 @@ import torch
 
 from _common import RESULTS_DIR, environment
 
-from pointsparse.prune import adapters, amc, init, lottery, netadapt, procedure, rigl, schedule, sensitivity, surgery
-from pointsparse.prune import tasks as T
+from pointsparse.app import procedures as P
+from pointsparse.app import tasks as T
+from pointsparse.app.procedures import trained
+from pointsparse.prune import adapters, amc, netadapt, procedure, rigl, sensitivity, surgery
 
 SECTIONS = ("sensitivity", "schedule", "lottery", "init", "amc", "netadapt", "minkunet")
 STORE = RESULTS_DIR / "prune_procedures.json"
@@ -60,21 +62,14 @@ def plot(path, series: dict, xlabel: str, ylabel: str, title: str, xlog=False, h
     plt.close(fig)
 
 
-def trained(task, seed=0, steps=None):
-    m = task.make_model(seed)
-    task.train_fn(m, steps or task.train_steps)
-    return m
-
-
 # ------------------------------------------------------------------ sections
 def run_sensitivity(q):
     out = {}
     for model, gran in (("mlp", "unstructured"), ("cnn", "channel")):
         task = T.digits_task(model)
         m = trained(task)
-        res = sensitivity.sensitivity_scan(m, task.eval_fn, granularity=gran, metric="val accuracy")
-        chosen = sensitivity.choose_ratios(res, 0.02)
-        sensitivity.plot_sensitivity(res, RESULTS_DIR / f"prune_sensitivity_{model}.png", 0.02)
+        res, chosen, _ = P.sensitivity(task, m, gran, 0.02, metric="val accuracy",
+                                       plot=RESULTS_DIR / f"prune_sensitivity_{model}.png")
         pruned = copy.deepcopy(m)
         sensitivity.apply_ratios(pruned, chosen, gran)
         out[model] = {"granularity": gran, "baseline": res.baseline, "curves": res.curves, "chosen": chosen,
@@ -94,11 +89,8 @@ def run_schedule(q, scene=False):
         row = {}
         for name in ("one-shot", "iterative AGP", "iterative constant"):
             m = copy.deepcopy(dense)
-            if name == "one-shot":
-                schedule.one_shot_prune(m, task.train_fn, s, budget, lr=task.lr)
-            else:
-                kind = "agp" if "AGP" in name else "constant"
-                schedule.iterative_prune(m, task.train_fn, s, 5, budget // 5, kind, lr=task.lr)
+            kind = "oneshot" if name == "one-shot" else "agp" if "AGP" in name else "constant"
+            P.schedule(task, m, s, kind, 5, budget)
             row[name] = task.test_fn(m)
         m = copy.deepcopy(dense)  # no fine-tuning at all
         procedure.global_magnitude_prune(m, s)
@@ -111,8 +103,8 @@ def run_schedule(q, scene=False):
         ft = 10 if q else 25
         for s in (0.9, 0.97):
             a, b = copy.deepcopy(dense), copy.deepcopy(dense)
-            schedule.one_shot_prune(a, st.train_fn, s, ft, lr=st.lr)
-            schedule.iterative_prune(b, st.train_fn, s, 5, ft // 5, "agp", lr=st.lr)
+            P.schedule(st, a, s, "oneshot", 5, ft)
+            P.schedule(st, b, s, "agp", 5, ft)
             res[str(s)] = {"one-shot": st.test_fn(a), "iterative AGP": st.test_fn(b)}
         out["scene"] = res
     xs = sparsities
@@ -124,11 +116,10 @@ def run_schedule(q, scene=False):
 
 
 def _lottery(task, rounds, k, seed=0, control_rounds=()):
-    m = task.make_model(seed)
-    res = lottery.lottery_ticket(m, task.train_fn, task.test_fn, task.train_steps, rounds, 0.2, k, lr=task.lr)
+    res, ctrl = P.lottery(task, task.make_model(seed), task.train_steps, rounds, 0.2, k, control_rounds, seed,
+                          metric_fn=task.test_fn)
     rows = [dict(r) for r in res.rounds]
-    for r in control_rounds:
-        c = lottery.controls(task.make_model, res, r, task.train_fn, task.test_fn, task.train_steps, seed, task.lr)
+    for r, c in ctrl.items():
         rows[r].update(c)
     return rows
 
@@ -171,10 +162,7 @@ def run_init(q):
     for s in sparsities:
         row = {}
         for method in ("snip", "grasp", "synflow"):
-            m = task.make_model(0)
-            batches = [task.batch_fn() for _ in range(8)]
-            init.prune_at_init(m, method, s, batches, task.loss_fn, task.example_input, iterations=100)
-            task.train_fn(m, steps)
+            m = P.prune_at_init(task, task.make_model(0), method, s, steps, batches=8, iterations=100)
             row[method] = task.test_fn(m)
         # a random mask of the same sparsity in every layer
         m = task.make_model(0)
@@ -195,9 +183,7 @@ def run_init(q):
                 task.train_fn(m, steps)
             row[f"static {dist}"] = task.test_fn(m)
             m = task.make_model(0)
-            rg = rigl.RigL(m, 1 - s, dist, update_interval=25, end_step=int(0.75 * steps))
-            with rg:
-                task.train_fn(m, steps)
+            P.rigl(task, m, s, dist, steps, update_interval=25)
             row[f"RigL {dist}"] = task.test_fn(m)
         out[str(s)] = row
     keys = list(out[str(sparsities[0])])
@@ -207,8 +193,7 @@ def run_init(q):
 
 
 def _amc_vs_uniform(task, m, fraction, episodes, finetune, reconstruct, calib):
-    res = amc.amc_search(m, task.eval_fn, task.example_input, episodes=episodes, warmup=min(30, episodes // 3),
-                         reward="error", target_flops=fraction, reconstruct=reconstruct, calibration_input=calib)
+    res = P.amc(task, m, fraction, episodes, min(30, episodes // 3), "error", reconstruct, calib)
     infos = amc.layer_infos(m, task.example_input)
     producers = [i.name for i in infos if i.producer]
     u = amc.uniform_ratio_for_flops(infos, res.flops)
@@ -216,8 +201,7 @@ def _amc_vs_uniform(task, m, fraction, episodes, finetune, reconstruct, calib):
     row = {"amc_ratios": res.ratios, "uniform_ratio": u, "amc_flops": res.flops / res.dense_flops,
            "uniform_flops": amc.flops_for(infos, uniform) / res.dense_flops}
     for name, ratios in (("amc", res.ratios), ("uniform", uniform)):
-        p = copy.deepcopy(m)
-        surgery.apply_channel_ratios(p, ratios, reconstruct, calib)
+        p = P.cut_channels(m, ratios, reconstruct, calib)
         row[f"{name}_test_no_ft"] = task.test_fn(p)
         task.train_fn(p, finetune, lr=task.lr * 0.1)
         row[f"{name}_test_ft"] = task.test_fn(p)
@@ -253,14 +237,11 @@ def run_netadapt(q, scene=False):
         is_scene = label == "scene"
         m = trained(task, steps=(30 if q else 60) if is_scene else None)
         x = task.example_input if is_scene else torch.cat([task.example_input] * 8)  # 512 images
-        t0 = time.perf_counter()
-        table = netadapt.build_latency_table(m, x, num_candidates=4 if q else 8, repeats=5)
-        table_s = time.perf_counter() - t0
-        table.save(RESULTS_DIR / f"prune_netadapt_table_{label}.json")
+        res, table, table_s = P.netadapt(task, m, x, 0.5, short_steps=(3 if q else 5) if is_scene else (10 if q else 30),
+                                         long_steps=(10 if q else 30) if is_scene else (50 if q else 200),
+                                         candidates=4 if q else 8, repeats=5,
+                                         table_path=RESULTS_DIR / f"prune_netadapt_table_{label}.json")
         before = netadapt.measure_latency(m, x, 15)
-        res = netadapt.netadapt(m, table, task.train_fn, task.eval_fn, x, budget=0.5,
-                                short_steps=(3 if q else 5) if is_scene else (10 if q else 30),
-                                long_steps=(10 if q else 30) if is_scene else (50 if q else 200), lr=task.lr)
         after = netadapt.measure_latency(res.model, x, 15)
         out[label] = {"table_seconds": table_s, "table_entries": sum(len(r) for r in table.entries.values()),
                       "measured_before_ms": before * 1e3, "estimate_before_ms": res.initial_latency * 1e3,
@@ -305,19 +286,15 @@ def run_minkunet(q):
     ft = max(5, steps // 2)
     for s in (0.9,):
         a, b = copy.deepcopy(dense), copy.deepcopy(dense)
-        schedule.one_shot_prune(a, st.train_fn, s, ft, lr=st.lr)
-        schedule.iterative_prune(b, st.train_fn, s, 5, ft // 5, "agp", lr=st.lr)
+        P.schedule(st, a, s, "oneshot", 5, ft)
+        P.schedule(st, b, s, "agp", 5, ft)
         out[f"one-shot {s}"] = st.test_fn(a)
         out[f"iterative AGP {s}"] = st.test_fn(b)
         for method in ("snip", "synflow"):
-            m = make(0)
-            init.prune_at_init(m, method, s, [st.batch_fn()], st.loss_fn, st.example_input, iterations=20)
-            st.train_fn(m, steps)
+            m = P.prune_at_init(st, make(0), method, s, steps, batches=1, iterations=20)
             out[f"{method} {s}"] = st.test_fn(m)
         m = make(0)
-        rg = rigl.RigL(m, 1 - s, "erk", update_interval=max(2, steps // 10), end_step=int(0.75 * steps))
-        with rg:
-            st.train_fn(m, steps)
+        P.rigl(st, m, s, "erk", steps, update_interval=max(2, steps // 10))
         out[f"RigL erk {s}"] = st.test_fn(m)
     # AMC on the channels inside MinkUNet's residual blocks (surgery.channel_groups)
     row = _amc_vs_uniform(st, dense, 0.6, 8 if q else 24, 5 if q else 10, False, None)

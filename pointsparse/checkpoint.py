@@ -101,6 +101,16 @@ def load(path):
     return _load_bytes(io.BytesIO(payload), path, "the checkpoint's contents")
 
 
+def load_training(path) -> dict:
+    """A training checkpoint (``pointsparse train``, ``pointsparse prune
+    channels``): :func:`load`, and a ``ValueError`` naming the file when it
+    is not a dict with ``model`` and ``config``."""
+    state = load(path)
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise ValueError(f"{path} is not a pointsparse training checkpoint")
+    return state
+
+
 class DirectoryLock:
     """An exclusive lock on an output directory for the life of a run
     (``fcntl.flock`` on ``DIR/.lock``: released by the OS when the process

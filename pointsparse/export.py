@@ -118,9 +118,10 @@ def _fit_shapes(model: nn.Module, state: dict) -> None:
 def load_checkpoint(path) -> tuple[nn.Module, dict]:
     """``(model in eval mode, config)`` of a ``pointsparse train`` checkpoint
     (channel-pruned ones included), read with ``weights_only=True``."""
-    from .train import build_model, load_checkpoint
+    from .checkpoint import load_training
+    from .models import build_model
 
-    state = load_checkpoint(path)  # data only (weights_only=True), digest checked
+    state = load_training(path)  # data only (weights_only=True), digest checked
     config = state["config"]
     model = build_model(config)
     _fit_shapes(model, state["model"])
@@ -135,9 +136,9 @@ def example_input(in_channels: int, voxel_size: float = 0.2, seed: int = 0) -> S
     from .data.transforms import voxelize_sample
 
     v = voxelize_sample(generated.outdoor_scene(seed=seed, beams=16, azimuth_steps=256), voxel_size, 255)
-    feats = v.feats[:, :in_channels] if v.feats.shape[1] >= in_channels else torch.nn.functional.pad(
-        v.feats, (0, in_channels - v.feats.shape[1]))
-    return SparseTensor(feats.contiguous(), v.coords)
+    feats = v.input.feats[:, :in_channels] if v.input.feats.shape[1] >= in_channels else torch.nn.functional.pad(
+        v.input.feats, (0, in_channels - v.input.feats.shape[1]))
+    return SparseTensor(feats.contiguous(), v.input.coords)
 
 
 # --------------------------------------------------------------------- command

@@ -296,7 +296,7 @@ TRAIN_FLAGS = {"--epochs": ["0", "-1", "3", "1e9"], "--lr": ["nan", "inf", "-0.1
 def case_cli(rng):
     import argparse
 
-    from pointsparse import train as tr
+    from pointsparse.app import train as tr
 
     argv = ["--out", tempfile.gettempdir() + "/never-written"]
     for flag in rng.choice(sorted(TRAIN_FLAGS), size=int(rng.integers(1, 4)), replace=False):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pointsparse import checkpoint
-from pointsparse import train as tr
+from pointsparse.app import train as tr
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--data", "generated", "--scenes", "2", "--val-scenes", "1", "--beams", "16", "--azimuth-steps", "192",
@@ -167,12 +167,12 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     args = [*TINY, "--scenes", "6", "--batch-size", "1", "--epochs", "3"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), POINTSPARSE_NUM_THREADS="1", OMP_NUM_THREADS="1")
     run = lambda out, *extra: subprocess.run(  # noqa: E731
-        [sys.executable, "-m", "pointsparse.train", *args, "--threads", "1", "--out", str(out), *extra],
+        [sys.executable, "-m", "pointsparse.app.train", *args, "--threads", "1", "--out", str(out), *extra],
         env=env, capture_output=True, text=True, timeout=600)
     straight = run(tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr[-2000:]
     cut = tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, "-m", "pointsparse.train", *args, "--threads", "1", "--out", str(cut)],
+    proc = subprocess.Popen([sys.executable, "-m", "pointsparse.app.train", *args, "--threads", "1", "--out", str(cut)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:

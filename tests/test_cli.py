@@ -12,7 +12,7 @@ import tomllib
 
 import pytest
 
-from pointsparse import cli
+from pointsparse.app import cli
 from reference import ROOT
 
 
@@ -75,7 +75,7 @@ def test_unknown_command(capsys):
 def test_console_script_entry_point():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     module, _, attr = scripts["pointsparse"].partition(":")
-    assert (module, attr) == ("pointsparse.cli", "main")
+    assert (module, attr) == ("pointsparse.app.cli", "main")
     with pytest.raises(SystemExit) as info:
         cli.main(["--help"])
     assert info.value.code == 0

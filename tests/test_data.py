@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from pointsparse.data import (INDOOR_CLASSES, OUTDOOR_CLASSES, CloudFiles, GeneratedScenes, LabelMap, Sample,
-                              VoxelDataset, augment, collate, find_clouds, indoor_scene, load_label_map,
+from pointsparse.data import (INDOOR_CLASSES, OUTDOOR_CLASSES, Batch, CloudFiles, GeneratedScenes, LabelMap,
+                              Sample, VoxelDataset, augment, find_clouds, indoor_scene, load_label_map,
                               majority_labels, outdoor_scene, read_cloud, read_las, read_numpy, read_open3d,
                               read_semantickitti, read_text, voxelize_sample)
 from pointsparse.data.generated import lidar_rays
@@ -368,12 +368,12 @@ def test_voxelize_sample_and_collate():
     assert v.inverse.tolist() == [0, 0, 1]
     assert torch.allclose(v.feats[0, 3], torch.tensor(0.3))  # mean intensity of the voxel
     w = voxelize_sample(Sample(np.zeros((1, 3), np.float32), np.array([0])), 0.1, 255)
-    b = collate([v, w])
+    b = Batch.of([v, w])  # pointsparse.collate on the tensors, labels and point maps beside
     assert b.input.coords[:, 0].tolist() == [0, 0, 1]
     assert b.inverse.tolist() == [0, 0, 1, 2] and b.point_batch.tolist() == [0, 0, 0, 1]
     assert b.labels.tolist() == [1, 2, 0]
     with pytest.raises(ValueError):
-        collate([])
+        Batch.of([])
 
 
 def test_voxel_dataset_augments_per_epoch_deterministically():

@@ -265,7 +265,7 @@ def test_export_cli_round_trip_in_fresh_process(tmp_path):
     config = _config()
     ckpt = _checkpoint(tmp_path, model, config)
     out = tmp_path / "model.pt2"
-    from pointsparse.cli import main
+    from pointsparse.app.cli import main
 
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(out)]) == 0
     names = _scenes(tmp_path, model, config, find_datasets())

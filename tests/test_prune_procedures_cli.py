@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pointsparse import cli
+from pointsparse.app import cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -3,7 +3,7 @@
 import torch
 
 from pointsparse import SparseTensor
-from pointsparse.prune import tasks
+from pointsparse.app import tasks
 
 
 def test_street_points_are_seeded_and_labelled():

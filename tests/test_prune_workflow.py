@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pointsparse import checkpoint, cli
+from pointsparse import checkpoint
+from pointsparse.app import cli
 from pointsparse.models import load_model
 from pointsparse.prune import graph as G
 

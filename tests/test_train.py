@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from pointsparse import cli, metrics
-from pointsparse import train as tr
+from pointsparse.app import cli, metrics
+from pointsparse.app import train as tr
 from pointsparse.models import MinkUNet
 
 TINY = ["--data", "generated", "--scenes", "2", "--val-scenes", "1", "--beams", "16", "--azimuth-steps", "192",

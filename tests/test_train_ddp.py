@@ -21,7 +21,7 @@ ARGS = ["--data", "generated", "--scenes", "4", "--val-scenes", "1", "--beams", 
 
 SCRIPT = textwrap.dedent("""
     import argparse, sys
-    from pointsparse import train as tr
+    from pointsparse.app import train as tr
     parser = argparse.ArgumentParser()
     tr.add_arguments(parser)
     args = parser.parse_args(sys.argv[2:])
@@ -36,7 +36,7 @@ def test_two_processes_match_one(tmp_path):
     ddp = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), *ARGS, "--nproc", "2",
                           "--out", str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    single = subprocess.run([sys.executable, "-m", "pointsparse.train", *ARGS, "--out", str(tmp_path / "one")],
+    single = subprocess.run([sys.executable, "-m", "pointsparse.app.train", *ARGS, "--out", str(tmp_path / "one")],
                             env=env, capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
     rank0 = torch.load(tmp_path / "rank0.pt")
@@ -53,3 +53,63 @@ def test_two_processes_match_one(tmp_path):
     init = checkpoint.load(tmp_path / "one" / "checkpoint.pt")
     # The two steps really moved the weights (the comparison is not trivial).
     assert init["history"]["step_loss"][0] != init["history"]["step_loss"][1]
+
+
+SHARD_SCRIPT = textwrap.dedent("""
+    import argparse, sys
+    import torch
+    from pointsparse.app import distributed, scoring
+    from pointsparse.app import train as tr
+
+    def worker(rank, world, port, argv, out):
+        distributed.worker_environment(rank, world, port)
+        parser = argparse.ArgumentParser()
+        tr.add_arguments(parser)
+        args = parser.parse_args(argv)
+        try:
+            job = tr.TrainingJob(args, distributed.init_distributed(args))
+            samples = job.val_samples()
+            cm, first = scoring.evaluate(job.model, samples, len(job.classes), args.ignore_index, job.dist.device,
+                                         all_reduce=True)
+            torch.save({"read": sorted(job.val_src._cache), "names": [s.name for s in samples], "cm": cm,
+                        "first": None if first is None else first[3]}, f"{out}/shard{rank}.pt")
+        finally:
+            distributed.destroy()
+
+    if __name__ == "__main__":
+        out, argv = sys.argv[1], sys.argv[2:]
+        torch.multiprocessing.spawn(worker, args=(2, distributed.free_port(), argv, out), nprocs=2, join=True)
+""")
+
+
+def test_each_rank_scores_its_validation_shard_and_the_sum_is_one_process_score(tmp_path):
+    """Three validation clouds over two processes: rank 0 reads and scores
+    clouds 0 and 2, rank 1 cloud 1; the all-reduced confusion matrix (so the
+    mIoU) equals one process scoring all three."""
+    import argparse
+
+    import numpy as np
+
+    from pointsparse.app import scoring
+    from pointsparse.app import train as tr
+    from pointsparse.app.distributed import Dist
+
+    argv = [*ARGS, "--val-scenes", "3", "--out", str(tmp_path / "run")]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    script = tmp_path / "shards.py"
+    script.write_text(SHARD_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), *argv], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"shard{r}.pt", weights_only=False) for r in (0, 1)]
+    assert ranks[0]["read"] == [0, 2] and ranks[1]["read"] == [1]
+    assert len(ranks[0]["names"]) == 2 and len(ranks[1]["names"]) == 1
+    parser = argparse.ArgumentParser()
+    tr.add_arguments(parser)
+    args = parser.parse_args(argv)
+    one = tr.TrainingJob(args, Dist())
+    cm, first = scoring.evaluate(one.model, one.val_samples(), len(one.classes), args.ignore_index, "cpu")
+    assert sorted(ranks[0]["names"] + ranks[1]["names"]) == sorted(s.name for s in one.val_samples())
+    assert cm.sum() > 0
+    assert np.array_equal(ranks[0]["cm"], cm) and np.array_equal(ranks[1]["cm"], cm)
+    assert ranks[0]["first"] == first[3]

@@ -1,4 +1,5 @@
-"""Augmentation, per-voxel features and labels, and batching.
+"""Augmentation, per-voxel features and labels, and batching (with
+:func:`pointsparse.collate`).
 
 Voxel labels are the majority label of the voxel's points (ties: the smaller
 id); points labelled ``ignore_index`` do not vote, and a voxel whose points
@@ -9,11 +10,12 @@ voxelize inverse (``devoxelize(..., mode="nearest")``) and are scored there.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from ..tensor import SparseTensor
+from ..tensor import SparseTensor, collate
 from ..voxelize import voxelize
 from .sample import Sample
 
@@ -77,16 +79,24 @@ def majority_labels(inverse: np.ndarray, labels: np.ndarray, num_voxels: int, ig
 
 @dataclass
 class VoxelSample:
-    """One voxelised cloud (batch index 0)."""
+    """One voxelised cloud: a SparseTensor (batch index 0) with its labels
+    and the point -> voxel map beside it."""
 
-    coords: torch.Tensor        # int32 (M, 4)
-    feats: torch.Tensor         # float32 (M, NUM_FEATURES), mean over the voxel's points
+    input: SparseTensor         # float32 (M, NUM_FEATURES) mean feats over each voxel's points, int32 coords
     labels: torch.Tensor        # int64 (M,) majority labels
     inverse: torch.Tensor       # int64 (N,) voxel row of each point
     point_labels: torch.Tensor  # int64 (N,)
     xyz: np.ndarray             # float32 (N, 3) positions (after augmentation)
     name: str
     points: torch.Tensor | None = None  # float32 (N, 3) positions in voxel units (floor = voxel coords)
+
+    @property
+    def coords(self) -> torch.Tensor:
+        return self.input.coords
+
+    @property
+    def feats(self) -> torch.Tensor:
+        return self.input.feats
 
 
 def voxelize_sample(sample: Sample, voxel_size: float, ignore_index: int) -> VoxelSample:
@@ -99,23 +109,39 @@ def voxelize_sample(sample: Sample, voxel_size: float, ignore_index: int) -> Vox
     tensor, inverse = voxelize(points, feats, voxel_size=voxel_size, reduce="mean")
     labels = sample.labels if sample.labels is not None else np.full(len(sample), ignore_index, dtype=np.int64)
     vox_labels = majority_labels(inverse.numpy(), labels, len(tensor), ignore_index)
-    return VoxelSample(tensor.coords, tensor.feats.detach(), torch.from_numpy(vox_labels), inverse.long(),
-                       torch.from_numpy(labels.astype(np.int64)), sample.xyz, sample.name,
-                       (points.double() / voxel_size).float())
+    return VoxelSample(tensor, torch.from_numpy(vox_labels), inverse.long(), torch.from_numpy(labels.astype(np.int64)),
+                       sample.xyz, sample.name, (points.double() / voxel_size).float())
 
 
 @dataclass
 class Batch:
-    """Voxel samples stacked along the batch index."""
+    """Voxel samples batched by :func:`pointsparse.collate`, labels beside."""
 
     input: SparseTensor          # stride-1 voxels of every sample
     labels: torch.Tensor         # int64 (M,) voxel labels
     inverse: torch.Tensor        # int64 (N,) voxel row of every point (global rows)
     point_labels: torch.Tensor   # int64 (N,)
-    point_batch: torch.Tensor    # int64 (N,) sample index of every point
+    point_batch: torch.Tensor    # int64 (N,) batch index of every point (that of its sample's voxels)
     xyz: list                    # per-sample positions (for renders)
     names: list
     points: torch.Tensor | None = None  # float32 (N, 3) point positions in voxel units
+
+    @classmethod
+    def of(cls, samples: Sequence[VoxelSample]) -> "Batch":
+        """The samples in one batch: their tensors through
+        :func:`pointsparse.collate` (each sample's batch indices after those
+        of the samples before it), point maps and labels concatenated to match."""
+        tensor = collate([s.input for s in samples])  # ValueError for no samples, range checked
+        inverse, point_batch, row, index = [], [], 0, 0
+        for s in samples:
+            inverse.append(s.inverse + row)
+            point_batch.append(torch.full((len(s.inverse),), index, dtype=torch.int64))
+            row += len(s.input)
+            index += s.input.batch_size
+        points = None if any(s.points is None for s in samples) else torch.cat([s.points for s in samples])
+        return cls(tensor, torch.cat([s.labels for s in samples]), torch.cat(inverse),
+                   torch.cat([s.point_labels for s in samples]), torch.cat(point_batch), [s.xyz for s in samples],
+                   [s.name for s in samples], points)
 
     @property
     def size(self) -> int:
@@ -125,22 +151,3 @@ class Batch:
         return Batch(self.input.to(device), self.labels.to(device), self.inverse.to(device),
                      self.point_labels.to(device), self.point_batch.to(device), self.xyz, self.names,
                      None if self.points is None else self.points.to(device))
-
-
-def collate(items: list[VoxelSample]) -> Batch:
-    """Stack voxel samples: sample ``i`` gets batch index ``i``."""
-    if not items:
-        raise ValueError("collate needs at least one sample")
-    coords, inverse, offset, batch = [], [], 0, []
-    for i, it in enumerate(items):
-        c = it.coords.clone()
-        c[:, 0] = i
-        coords.append(c)
-        inverse.append(it.inverse + offset)
-        offset += len(it.coords)
-        batch.append(torch.full((len(it.inverse),), i, dtype=torch.int64))
-    tensor = SparseTensor(torch.cat([it.feats for it in items]), torch.cat(coords), validate=False)
-    points = None if any(it.points is None for it in items) else torch.cat([it.points for it in items])
-    return Batch(tensor, torch.cat([it.labels for it in items]), torch.cat(inverse),
-                 torch.cat([it.point_labels for it in items]), torch.cat(batch), [it.xyz for it in items],
-                 [it.name for it in items], points)

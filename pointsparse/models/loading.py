@@ -35,10 +35,7 @@ def load_model(path, map_location="cpu") -> nn.Module:
     its weights, in eval mode."""
     from .. import checkpoint
 
-    path = Path(path)
-    state = checkpoint.load(path)  # data only (weights_only=True), digest checked
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise ValueError(f"{path} is not a pointsparse training checkpoint")
+    state = checkpoint.load_training(Path(path))  # data only (weights_only=True), digest checked
     model = build_model(state["config"])
     _bias_like(model, state["model"])
     _mask_like(model, state["model"])

@@ -1,7 +1,9 @@
-"""The ``pointsparse`` command line: ``pointsparse <command> --help``.
+"""The ``pointsparse`` command line (``python -m pointsparse``, the
+``pointsparse`` console script): ``pointsparse <command> --help``.
 
 Each command lives in its own module exposing ``add_arguments(parser)`` and
-``main(args) -> int``; this file only lists them."""
+``main(args) -> int`` (in this package, except ``export``, a library module);
+this file only lists them."""
 
 from __future__ import annotations
 
@@ -11,12 +13,14 @@ import sys
 
 # (command, module, one-line help)
 COMMANDS = [
-    ("demo", "pointsparse.demo", "run the main job on data pointsparse generates itself"),
-    ("train", "pointsparse.train", "train a sparse U-Net for semantic segmentation and report its mIoU"),
-    ("eval", "pointsparse.evaluate", "score a segmentation checkpoint (per-class IoU, mIoU) on point clouds"),
+    ("demo", "pointsparse.app.demo", "run the main job on data pointsparse generates itself"),
+    ("train", "pointsparse.app.train", "train a sparse U-Net for semantic segmentation and report its mIoU"),
+    ("eval", "pointsparse.app.evaluate", "score a segmentation checkpoint (per-class IoU, mIoU) on point clouds"),
     ("export", "pointsparse.export", "write a segmentation checkpoint as a torch.export program (.pt2)"),
-    ("bench", "pointsparse.benchmark", "run the benchmark suites in bench/ (kernel maps, convolution, SpMM)"),
-    ("prune", "pointsparse.prune.cli", "pruning procedures: sensitivity, schedule, lottery, init, rigl, amc, netadapt"),
+    ("bench", "pointsparse.app.benchmark", "run the benchmark suites in bench/ (kernel maps, convolution, SpMM)"),
+    ("prune", "pointsparse.app.prune",
+     "pruning: channels of a trained checkpoint, and the procedures sensitivity, schedule, lottery, init, rigl, "
+     "amc, netadapt"),
 ]
 
 
@@ -25,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pointsparse",
         description="pointsparse: sparse 3-D convolution for point clouds, and pruning that makes models "
                     "really smaller and faster. Start with `pointsparse demo`.",
+        epilog="commands: " + ", ".join(f"{name} ({module})" for name, module, _ in COMMANDS) + ". The "
+               "application is pointsparse.app; the library (pointsparse.tensor, voxelize, kmap, nn, models, data, "
+               "prune, formats, ops, export, checkpoint) never imports it.",
     )
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for name, module_name, help_text in COMMANDS:

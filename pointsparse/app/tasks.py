@@ -8,6 +8,9 @@ training batch and its loss, an example input).
   lottery-ticket LeNet), ``cnn`` (3 conv + BN) and ``deep`` (6 conv + BN).
 - ``scene``: generated street scenes voxelised to sparse tensors, a chain of
   ``pointsparse.nn.Conv3d`` + BatchNorm (``sparse``), metric mIoU.
+- ``checkpoint_task``: a trained MinkUNet checkpoint and the user's clouds.
+
+Every ``train_fn`` runs SGD steps through :class:`~pointsparse.app.trainer.Trainer`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .. import metrics
+from . import metrics
+from .trainer import fit_steps
 
 
 @dataclass
@@ -38,17 +42,16 @@ class Task:
     metric: str
 
 
-def _train_loop(model, steps, lr, batch_fn, loss_fn, momentum=0.9, weight_decay=1e-4):
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum,
-                          weight_decay=weight_decay)
-    model.train()
-    for _ in range(steps):
-        x, y = batch_fn()
-        loss = loss_fn(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+def _sgd(model, lr, momentum=0.9, weight_decay=1e-4) -> torch.optim.SGD:
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum,
+                           weight_decay=weight_decay)
+
+
+def _train_fn(batch_fn, loss_fn, default_lr: float):
+    """``train_fn(model, steps, lr=default_lr)``: SGD steps through the shared :class:`Trainer`."""
+    def train_fn(model, steps, lr=default_lr):
+        fit_steps(model, steps, batch_fn, loss_fn, _sgd(model, lr))
+    return train_fn
 
 
 def _load_digits():
@@ -99,8 +102,7 @@ def digits_task(model: str = "mlp", seed: int = 0, batch_size: int = 64) -> Task
     loss_fn = nn.functional.cross_entropy
     lr = 0.05 if model == "mlp" else 0.02
 
-    def train_fn(m, steps, lr=lr):
-        _train_loop(m, steps, lr, batch_fn, loss_fn)
+    train_fn = _train_fn(batch_fn, loss_fn, lr)
 
     def accuracy(m, xs, ys):
         was = m.training
@@ -177,8 +179,7 @@ def scene_task(seed: int = 0, points: int = 6000, voxel_size: float = 0.5, width
     def loss_fn(out, y):
         return nn.functional.cross_entropy(out.feats, y)
 
-    def train_fn(m, steps, lr=0.05):
-        _train_loop(m, steps, lr, batch_fn, loss_fn)
+    train_fn = _train_fn(batch_fn, loss_fn, 0.05)
 
     def evaluate(m, data):
         was = m.training
@@ -193,9 +194,57 @@ def scene_task(seed: int = 0, points: int = 6000, voxel_size: float = 0.5, width
                 loss_fn, val[0], 0.05, train_steps=60, metric="mIoU")
 
 
-def get_task(name: str, model: str = "mlp", seed: int = 0) -> Task:
-    if name == "digits":
-        return digits_task(model, seed)
-    if name == "scene":
-        return scene_task(seed)
-    raise ValueError(f"task must be 'digits' or 'scene'; got {name!r}")
+# --------------------------------------------------------------------- a training checkpoint
+def checkpoint_batches(state: dict, data=None, label_map=None, count: int = 1) -> list:
+    """The first ``count`` clouds of ``data`` (default: the run's) as
+    batches of one, voxelised as the checkpoint's run did."""
+    from ..data import Batch, VoxelDataset, open_source
+    config, saved = state["config"], state.get("args", {})
+    spec = data or saved.get("data") or ["generated"]
+    if len(spec) == 1 and spec[0].startswith("generated"):
+        source = open_source(spec, count=count, first_seed=0)
+    else:
+        source = open_source(spec, label_map or saved.get("label_map"), config.get("ignore_index", 255))
+    dataset = VoxelDataset(source, config["voxel_size"], config.get("ignore_index", 255))
+    return [Batch.of([dataset[i % len(dataset)]]) for i in range(count)]
+
+
+def checkpoint_task(path, data=None, label_map=None, clouds: int = 4) -> tuple[dict, Task]:
+    """(the checkpoint's state, a :class:`Task` on its trained MinkUNet and
+    the user's clouds: the first ``clouds - 1`` train, the last validates;
+    metric voxel mIoU), so that AMC, NetAdapt and the other procedures run on
+    a real model and real data."""
+    from .. import checkpoint
+    from ..models import build_model
+    state = checkpoint.load_training(path)
+    if str(state["config"].get("model", "minkunet")).lower() != "minkunet":
+        raise ValueError("the procedures' --checkpoint takes a MinkUNet run (SPVCNN: use prune channels)")
+    batches = checkpoint_batches(state, data, label_map, clouds)
+    train, val = batches[:-1] or batches, batches[-1]
+    ignore = state["config"].get("ignore_index", 255)
+    classes = len(state["config"]["classes"])
+    cursor = {"i": 0}
+
+    def make_model(seed=0):
+        model = build_model(state["config"])
+        model.load_state_dict(state["model"])
+        return model.eval()
+
+    def batch_fn():
+        cursor["i"] = (cursor["i"] + 1) % len(train)
+        return train[cursor["i"]].input, train[cursor["i"]].labels
+
+    def loss_fn(out, labels):
+        return nn.functional.cross_entropy(out.feats, labels, ignore_index=ignore)
+
+    def evaluate(model):
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            pred = model(val.input).feats.argmax(1)
+        model.train(was)
+        return metrics.mean_iou(metrics.confusion_matrix(pred, val.labels, classes, ignore))
+
+    lr = float(state.get("args", {}).get("lr", 0.05)) * 0.1
+    return state, Task("checkpoint", make_model, _train_fn(batch_fn, loss_fn, lr), evaluate, evaluate, batch_fn,
+                       loss_fn, val.input, lr, 60, "mIoU")

@@ -6,40 +6,42 @@ LAS/LAZ, PLY/PCD, S3DIS text), validates after every epoch, checkpoints
 atomically to ``DIR/checkpoint.pt`` (``--resume`` continues exactly), and
 writes ``DIR/metrics.json`` and PNGs (curves, confusion matrix, top-down
 render). ``--nproc N`` (or ``torchrun --nproc_per_node N -m
-pointsparse.train``) trains with DistributedDataParallel: gloo on the CPU,
-nccl on GPUs, a DistributedSampler, synchronised batch norm, logging and
-checkpoints on rank 0. ``pointsparse eval --checkpoint C --data D`` scores a
-checkpoint.
+pointsparse.app.train``) trains with DistributedDataParallel: gloo on the CPU,
+nccl on GPUs, a DistributedSampler, synchronised batch norm, each process
+scoring its shard of the validation clouds, logging and checkpoints on rank
+0. ``pointsparse eval --checkpoint C --data D`` scores a checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import math
 import os
-import socket
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import checkpoint, metrics
-from .data import (DEFAULT_IGNORE, NUM_FEATURES, VALIDATION_SEED, Batch, CloudFiles, VoxelDataset, collate,
-                   open_source)
-from .data.generated import MAX_AZIMUTH_STEPS, MAX_BEAMS, MAX_RANGE
-from .models import SPVCNN, SyncBatchNorm
+from .. import checkpoint
+from ..data import DEFAULT_IGNORE, NUM_FEATURES, VALIDATION_SEED, Batch, CloudFiles, VoxelDataset, open_source
+from ..data.generated import MAX_AZIMUTH_STEPS, MAX_BEAMS, MAX_RANGE
+from ..models import SyncBatchNorm
+from . import metrics
+from .distributed import Dist, destroy, free_port, init_distributed, pick_device, worker_environment
+from .scoring import evaluate, logits_of, shard, write_report
+from .trainer import TrainingDiverged, Trainer, check_finite_loss, check_finite_weights, have_tqdm, progress_bar
+
+__all__ = ["TrainingDiverged", "add_arguments", "add_eval_arguments", "evaluate_main", "main", "train"]
 
 MODELS = ("minkunet", "spvcnn")
 SCHEDULES = ("cosine", "onecycle", "step", "constant")
 OPTIMIZERS = ("adamw", "sgd")
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
-
 
 # --------------------------------------------------------------------- arguments
 
@@ -155,16 +157,19 @@ def _check_args(args) -> None:
 
 # --------------------------------------------------------------------- data
 
-def _require_labels(source, flag: str) -> None:
-    """ValueError naming the first cloud of ``source`` without labels (sources
-    cache what they read, so this costs no second read)."""
-    for sample in source:
+def _require_labels(source, flag: str, dist: Dist | None = None) -> None:
+    """ValueError naming the first cloud of ``source`` (of the shard of
+    process ``dist``) without labels (sources cache what they read, so this
+    costs no second read)."""
+    for i in (range(len(source)) if dist is None else shard(len(source), dist.rank, dist.world)):
+        sample = source[i]
         if sample.labels is None:
             raise ValueError(f"{flag}: {sample.name} has no labels; training and validation need labelled clouds")
 
 
-def open_training_data(args):
-    """(train samples, validation samples, class names)."""
+def open_training_data(args, dist: Dist | None = None):
+    """(train samples, validation samples, class names); a process of a
+    distributed run (``dist``) reads only its shard of the validation clouds."""
     generated = args.data[0].startswith("generated") and len(args.data) == 1
     if generated:
         kwargs = _scene_kwargs(vars(args)) if args.data[0] != "generated-indoor" else {}
@@ -173,7 +178,7 @@ def open_training_data(args):
                if args.val_data is None
                else open_source(args.val_data, args.val_label_map or args.label_map, args.ignore_index))
         if args.val_data is not None:
-            _require_labels(val, "--val-data")
+            _require_labels(val, "--val-data", dist)
         return train, val, list(train.classes)
     train = open_source(args.data, args.label_map, args.ignore_index)
     if args.val_data is not None:
@@ -191,7 +196,7 @@ def open_training_data(args):
             val = CloudFiles(files[-held:], train.label_map, args.ignore_index)
             train = CloudFiles(files[:-held], train.label_map, args.ignore_index)
     _require_labels(train, "--data")
-    _require_labels(val, "--val-data")
+    _require_labels(val, "--val-data", dist)
     classes = train.classes
     if classes is None:
         top = max(int(np.max(s.labels[s.labels != args.ignore_index], initial=0)) for s in train)
@@ -205,87 +210,12 @@ def _scene_kwargs(options: dict) -> dict:
             "azimuth_steps": options.get("azimuth_steps", 1024)}
 
 
-# --------------------------------------------------------------------- distributed
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def active(self) -> bool:
-        return self.world > 1
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _pick_device(name, rank: int) -> torch.device:
-    if name is None:
-        return torch.device(f"cuda:{rank % torch.cuda.device_count()}") if torch.cuda.is_available() else \
-            torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device(f"cuda:{rank % max(torch.cuda.device_count(), 1)}")
-    return device
-
-
-def _init_distributed(args) -> Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    device = _pick_device(args.device, local)
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group(backend, rank=rank, world_size=world)
-    threads = args.threads or max(1, torch.get_num_threads() // max(world, 1))
-    torch.set_num_threads(threads)
-    return Dist(rank, world, device)
-
-
-def _spawn_worker(rank: int, world: int, port: int, args) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank))
-    args.nproc = 1
-    try:
-        with _out_lock(args):
-            _, model = _train(args)
-        if getattr(args, "rank_weights", None):  # set by the tests, not a command-line flag
-            torch.save(model.state_dict(), Path(args.rank_weights) / f"rank{rank}.pt")
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
 # --------------------------------------------------------------------- model, optimiser, schedule
 
 def build_model(config: dict) -> torch.nn.Module:
     """The config's model, dense or with the pruned widths it records."""
-    from .models import build_model as build
+    from ..models import build_model as build
     return build(config)
-
-
-def point_level(model) -> bool:
-    """Whether the model (maybe inside DistributedDataParallel) returns per-point logits."""
-    return isinstance(getattr(model, "module", model), SPVCNN)
-
-
-def logits_of(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, the labels they are scored against): per voxel for MinkUNet,
-    per point for SPVCNN."""
-    if point_level(model):
-        return model(batch.input, batch.inverse, batch.points, batch.point_batch), batch.point_labels
-    return model(batch.input).feats, batch.labels
 
 
 def lr_factor(schedule: str, step: int, total: int, warmup: float) -> float:
@@ -368,108 +298,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
 def load_checkpoint(path) -> dict:
     """A training checkpoint, read as data only (never code); ``ValueError``
     naming the file when it is missing, damaged or not a checkpoint."""
-    state = checkpoint.load(path)
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise ValueError(f"{path} is not a pointsparse training checkpoint")
-    return state
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss or the weights stopped being finite."""
-
-
-def check_finite_loss(loss: float, step: int) -> None:
-    if not math.isfinite(loss):
-        raise TrainingDiverged(f"the training loss is {loss} at step {step}: training diverged (lower --lr, "
-                               "check the data for NaN/inf features); no checkpoint was written for this epoch")
-
-
-def check_finite_weights(model: torch.nn.Module, epoch: int) -> None:
-    for name, p in model.state_dict().items():
-        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
-            raise TrainingDiverged(f"{name} holds NaN/inf after epoch {epoch}: training diverged (lower --lr); "
-                                   "no checkpoint was written for this epoch")
-
-
-# --------------------------------------------------------------------- evaluation
-
-@torch.no_grad()
-def predict(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(voxel logits, per-point predicted class) of a batch."""
-    logits, _ = logits_of(model, batch)
-    if point_level(model):
-        return logits, logits.argmax(1)
-    return logits, logits.argmax(1)[batch.inverse]
-
-
-@torch.no_grad()
-def evaluate(model, dataset: VoxelDataset, num_classes: int, ignore_index: int, device, batch_size: int = 1,
-             progress: bool = False, keep_first: bool = True):
-    """Point-level confusion matrix over ``dataset`` and, for the first
-    sample, (xyz, labels, predictions) for the render."""
-    was_training = model.training
-    model.eval()
-    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
-    first = None
-    indices = list(range(len(dataset)))
-    chunks = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
-    bar = _bar(chunks, "eval", progress)
-    for chunk in bar:
-        batch = collate([dataset[i] for i in chunk]).to(device)
-        _, pred = predict(model, batch)
-        cm += metrics.confusion_matrix(pred, batch.point_labels, num_classes, ignore_index)
-        if keep_first and first is None:
-            sel = (batch.point_batch == 0).cpu()
-            first = (batch.xyz[0], batch.point_labels.cpu()[sel].numpy(), pred.cpu()[sel].numpy(), batch.names[0])
-    model.train(was_training)
-    return cm, first
-
-
-def _have_tqdm() -> bool:
-    """tqdm is a dependency, but a trimmed install still trains (no bars)."""
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec("tqdm") is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def _bar(iterable, desc: str, enabled: bool, **kwargs):
-    if not enabled:
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, **kwargs)
-
-
-def write_report(out: Path, cm, classes, first, history, extra: dict, ignore_index: int, prefix: str = "") -> dict:
-    """metrics.json and the PNGs (none, with a warning, where matplotlib
-    cannot be imported); returns the metrics dictionary."""
-    from . import plots
-
-    out.mkdir(parents=True, exist_ok=True)
-    report = metrics.summary(cm, classes)
-    report.update(extra)
-    report["classes"] = list(classes)
-    report["confusion"] = np.asarray(cm).tolist()
-    pictures = {}
-    if not plots.available():
-        print("matplotlib is not importable: no PNG figures written (pip install matplotlib)", file=sys.stderr)
-    else:
-        if history and history.get("step_loss"):
-            pictures["curves"] = str(plots.curves(history, out / f"{prefix}curves.png"))
-        pictures["confusion"] = str(plots.confusion(cm, classes, out / f"{prefix}confusion.png"))
-        if first is not None:
-            xyz, labels, pred, _ = first
-            pictures["topdown"] = str(plots.topdown(xyz, labels, pred, classes, out / f"{prefix}topdown.png",
-                                                    ignore_index=ignore_index))
-    report["pictures"] = pictures
-    if history:
-        report["history"] = history
-    text = (json.dumps(report, indent=1) + "\n").encode()
-    checkpoint.atomic_write(out / f"{prefix}metrics.json", lambda f: f.write(text))
-    return report
+    return checkpoint.load_training(path)
 
 
 # --------------------------------------------------------------------- training
@@ -487,186 +316,260 @@ def _out_lock(args):
     """The lock on ``--out`` for the run: taken by the process that starts it
     (the single process, torchrun's rank 0, or the parent of ``--nproc``
     workers, which then hold none)."""
-    import contextlib
-
     if os.environ.get(_LOCK_HELD) == str(args.out) or int(os.environ.get("RANK", "0")) != 0:
         return contextlib.nullcontext()
     return checkpoint.DirectoryLock(args.out, "--out")
 
 
 def _train(args):
-    dist = _init_distributed(args)
-    out = Path(args.out)
-    progress = dist.main and not args.no_progress and _have_tqdm()
-    log = (lambda *a: print(*a, flush=True)) if dist.main else (lambda *a: None)
+    """(final metrics on rank 0, the trained model) of one process of the job."""
+    job = TrainingJob(args, init_distributed(args))
+    trainer = Trainer(job.net, job.optimizer, job.loss, job.batches, job.scheduler, job.log_step, job.end_epoch)
+    trainer.fit(job.start_epoch, lambda: job.plan["epochs"])
+    return job.report, job.model
 
-    train_src, val_src, classes = open_training_data(args)
-    resume_state = None
-    if args.resume is not None:
-        path = out / CHECKPOINT if args.resume == "auto" else Path(args.resume)
-        resume_state = load_checkpoint(path)
-        config = resume_state["config"]
-        log(f"resuming {path} after epoch {resume_state['epoch']}")
-    else:
-        config = {"in_channels": NUM_FEATURES, "classes": classes, "cr": args.cr, "blocks": args.blocks,
-                  "voxel_size": args.voxel_size, "ignore_index": args.ignore_index, "model": args.model}
-    if config["classes"] != classes:
-        raise ValueError(f"the checkpoint's classes {config['classes']} differ from the data's {classes}")
 
-    torch.manual_seed(args.seed)
-    model = build_model(config)
-    if args.init and resume_state is None:
-        copied = init_from(model, load_checkpoint(args.init), classes)
-        log(f"initialised {len(copied)} tensors from {args.init}")
-    if dist.active:
-        model = SyncBatchNorm.convert(model)
-    model.to(dist.device)
-    optimizer = make_optimizer(args, model)
-    train_ds = VoxelDataset(train_src, config["voxel_size"], args.ignore_index, train=not args.no_augment,
-                            seed=args.seed)
-    val_ds = VoxelDataset(val_src, config["voxel_size"], args.ignore_index)
-    sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=dist.world, rank=dist.rank, shuffle=True,
-                                                  seed=args.seed)
-    local_batch = args.batch_size // dist.world
-    steps_per_epoch = math.ceil(len(sampler) / local_batch)
-    plan = {"epochs": args.epochs}
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(args.schedule, s, steps_per_epoch * plan["epochs"], args.warmup))
-    history = {"step_loss": [], "epoch_loss": [], "val_miou": [], "step_time": [], "lr": []}
-    start_epoch, best = 0, -1.0
-    if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
-        history = resume_state["history"]
-        start_epoch = resume_state["epoch"]
-        if args.time_budget is not None:  # keep the plan made on the first epoch
-            plan["epochs"] = resume_state.get("planned_epochs", args.epochs)
-        best = resume_state.get("best_miou", -1.0)
-        torch.set_rng_state(resume_state["torch_rng"])
+def _spawn_worker(rank: int, world: int, port: int, args) -> None:
+    worker_environment(rank, world, port)
+    args.nproc = 1
+    try:
+        with _out_lock(args):
+            _, model = _train(args)
+        if getattr(args, "rank_weights", None):  # set by the tests, not a command-line flag
+            torch.save(model.state_dict(), Path(args.rank_weights) / f"rank{rank}.pt")
+    finally:
+        destroy()
 
-    net = model
-    if dist.active:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
-    if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-        n_params = sum(p.numel() for p in model.parameters())
-        log(f"{type(model).__name__} cr={config['cr']} ({n_params / 1e6:.2f} M parameters), "
-            f"{len(classes)} classes, voxel "
-            f"{config['voxel_size']} m; {len(train_src)} training and {len(val_src)} validation clouds; "
-            f"{dist.world} process(es) on {dist.device}, {torch.get_num_threads()} thread(s) each; "
-            f"{steps_per_epoch} steps per epoch")
 
-    t_load = time.perf_counter()
-    for source in (train_src, val_src):
-        for _ in source:  # generate or read every cloud once, outside the timed steps
-            pass
-    log(f"data ready in {time.perf_counter() - t_load:.1f} s")
-    weight = None
-    if getattr(args, "class_weights", "none") != "none":
-        weight = class_weights(train_src, len(classes), args.ignore_index).to(dist.device)
-        log("class weights: " + ", ".join(f"{c} {w:.2f}" for c, w in zip(classes, weight.tolist())))
-    t_start = time.perf_counter()
-    train_time = sum(history["step_time"])
-    report = None
-    epoch = start_epoch
-    while epoch < plan["epochs"]:
-        sampler.set_epoch(epoch)
-        train_ds.set_epoch(epoch)
-        order = list(sampler)
-        chunks = [order[i:i + local_batch] for i in range(0, len(order), local_batch)]
-        net.train()
-        losses = []
-        bar = _bar(chunks, f"epoch {epoch + 1}/{plan['epochs']}", progress)
-        for chunk in bar:
-            t0 = time.perf_counter()
-            batch = collate([train_ds[i] for i in chunk]).to(dist.device)
-            logits, target = logits_of(net, batch)
-            ce = torch.nn.functional.cross_entropy(logits, target, weight=weight, ignore_index=args.ignore_index,
-                                                   reduction="sum")
-            valid = target != args.ignore_index
-            counted = valid.sum() if weight is None else weight[target[valid]].sum()
-            stats = torch.stack([ce.detach(), counted.to(ce.dtype)])
-            if dist.active:
-                torch.distributed.all_reduce(stats)
-            # Sum over every process's voxels / their global count: the same
-            # loss (and, with DDP's averaging, gradient) as one process on the
-            # whole batch.
-            loss = ce / stats[1].clamp_min(1) * dist.world
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            step_loss = float(stats[0] / stats[1].clamp_min(1))
-            check_finite_loss(step_loss, len(history["step_loss"]) + 1)
-            dt = time.perf_counter() - t0
-            train_time += dt
-            losses.append(step_loss)
-            history["step_loss"].append(step_loss)
-            history["step_time"].append(dt)
-            history["lr"].append(optimizer.param_groups[0]["lr"])
-            if progress:
-                bar.set_postfix(loss=f"{step_loss:.3f}", s_per_step=f"{dt:.2f}")
-        history["epoch_loss"].append(float(np.mean(losses)) if losses else math.nan)
-        if args.time_budget is not None:
-            # Re-planned after every epoch from the mean epoch time so far
-            # (the machine's load may change during the run).
-            per_epoch = max(sum(history["step_time"]) / (epoch + 1), 1e-9)
-            fit = max(epoch + 1, int(args.time_budget * 60 / per_epoch))
-            if dist.active:  # every process must follow rank 0's plan
-                fit_t = torch.tensor([fit], dtype=torch.int64)
-                torch.distributed.broadcast(fit_t, 0)
-                fit = int(fit_t)
-            if min(args.epochs, fit) != plan["epochs"]:
-                plan["epochs"] = min(args.epochs, fit)
-                log(f"time budget {args.time_budget} min: {plan['epochs']} epochs of about {per_epoch:.0f} s")
-        stop = args.time_limit is not None and train_time >= args.time_limit * 60
-        last = epoch + 1 == plan["epochs"] or stop
-        validate = last or (epoch + 1) % args.eval_every == 0
-        check_finite_weights(model, epoch + 1)
-        if dist.main:
-            summary = (f"epoch {epoch + 1}/{plan['epochs']}: loss {history['epoch_loss'][-1]:.4f}, "
-                       f"{np.median(history['step_time'][-len(losses):]):.2f} s/step, "
-                       f"{train_time / 60:.1f} min of training")
-            miou = -1.0
-            if validate:
-                cm, first = evaluate(model, val_ds, len(classes), args.ignore_index, dist.device, progress=progress)
-                miou = metrics.mean_iou(cm)
-                history["val_miou"].append(miou)
-                history.setdefault("val_epoch", []).append(epoch + 1)
-                summary += f", val mIoU {100 * miou:.1f}%"
-            log(summary)
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
-                     "config": config, "torch_rng": torch.get_rng_state(),
-                     "best_miou": max(best, miou) if validate else best,
-                     "planned_epochs": plan["epochs"],
-                     "val_paths": [str(p) for p in getattr(val_src, "paths", [])],
-                     "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}}
-            save_checkpoint(out / CHECKPOINT, state)
-            if validate and miou > best:
-                best = miou
-                save_checkpoint(out / BEST, state)
-            if last:
-                times = history["step_time"]
-                extra = {"epochs": epoch + 1, "steps": len(times), "train_time_s": train_time,
-                         "wall_time_s": time.perf_counter() - t_start,
-                         "step_time_s_median": statistics.median(times) if times else None,
-                         "scans_per_step": args.batch_size,
-                         "step_time_per_scan_s": statistics.median(times) / args.batch_size if times else None,
-                         "processes": dist.world, "threads_per_process": torch.get_num_threads(),
-                         "device": str(dist.device), "data": args.data, "val_data": args.val_data or "held out",
-                         "config": config, "checkpoint": str(out / CHECKPOINT), "best_miou": best,
-                         "stopped_by_time_limit": bool(stop and epoch + 1 < plan["epochs"])}
-                report = write_report(out, cm, classes, first, history, extra, args.ignore_index)
-                log("\n" + metrics.format_table(cm, classes))
+class TrainingJob:
+    """The pieces of one process's training run that the :class:`Trainer`
+    turns: data, model, loss, optimiser and schedule, per-step logging and
+    what ends an epoch (time-budget plan, validation, checkpoints, report)."""
+
+    def __init__(self, args, dist: Dist) -> None:
+        self.args, self.dist, self.out = args, dist, Path(args.out)
+        self.progress = dist.main and not args.no_progress and have_tqdm()
+        self.train_src, self.val_src, self.classes = open_training_data(args, dist)
+        resume_state = self._config()
+        self._build(resume_state)
+        self.history = {"step_loss": [], "epoch_loss": [], "val_miou": [], "step_time": [], "lr": []}
+        self.start_epoch, self.best, self.report, self._val_samples = 0, -1.0, None, None
+        if resume_state is not None:
+            self._restore(resume_state)
+        self.net = self.model
         if dist.active:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+        self._announce()
+        self._load_data()
+        self.train_time, self.t_start = sum(self.history["step_time"]), time.perf_counter()
+
+    def log(self, *parts) -> None:
+        if self.dist.main:
+            print(*parts, flush=True)
+
+    def _config(self) -> dict | None:
+        """``self.config`` (the checkpoint's when resuming); returns the resumed state or None."""
+        args, state = self.args, None
+        if args.resume is not None:
+            path = self.out / CHECKPOINT if args.resume == "auto" else Path(args.resume)
+            state = load_checkpoint(path)
+            self.config = state["config"]
+            self.log(f"resuming {path} after epoch {state['epoch']}")
+        else:
+            self.config = {"in_channels": NUM_FEATURES, "classes": self.classes, "cr": args.cr,
+                           "blocks": args.blocks, "voxel_size": args.voxel_size, "ignore_index": args.ignore_index,
+                           "model": args.model}
+        if self.config["classes"] != self.classes:
+            raise ValueError(f"the checkpoint's classes {self.config['classes']} differ from the data's "
+                             f"{self.classes}")
+        return state
+
+    def _build(self, resume_state) -> None:
+        """Model (seeded), optimiser, data sets, sampler and schedule."""
+        args, dist = self.args, self.dist
+        torch.manual_seed(args.seed)
+        self.model = build_model(self.config)
+        if args.init and resume_state is None:
+            copied = init_from(self.model, load_checkpoint(args.init), self.classes)
+            self.log(f"initialised {len(copied)} tensors from {args.init}")
+        if dist.active:
+            self.model = SyncBatchNorm.convert(self.model)
+        self.model.to(dist.device)
+        self.optimizer = make_optimizer(args, self.model)
+        voxel = self.config["voxel_size"]
+        self.train_ds = VoxelDataset(self.train_src, voxel, args.ignore_index, train=not args.no_augment,
+                                     seed=args.seed)
+        self.val_ds = VoxelDataset(self.val_src, voxel, args.ignore_index)
+        self.sampler = torch.utils.data.DistributedSampler(self.train_ds, num_replicas=dist.world, rank=dist.rank,
+                                                           shuffle=True, seed=args.seed)
+        self.local_batch = args.batch_size // dist.world
+        self.steps_per_epoch = math.ceil(len(self.sampler) / self.local_batch)
+        self.plan = {"epochs": args.epochs}
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
+            args.schedule, s, self.steps_per_epoch * self.plan["epochs"], args.warmup))
+
+    def _restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.history = state["history"]
+        self.start_epoch = state["epoch"]
+        if self.args.time_budget is not None:  # keep the plan made on the first epoch
+            self.plan["epochs"] = state.get("planned_epochs", self.args.epochs)
+        self.best = state.get("best_miou", -1.0)
+        torch.set_rng_state(state["torch_rng"])
+
+    def _announce(self) -> None:
+        if not self.dist.main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self.log(f"{type(self.model).__name__} cr={self.config['cr']} ({n_params / 1e6:.2f} M parameters), "
+                 f"{len(self.classes)} classes, voxel {self.config['voxel_size']} m; {len(self.train_src)} "
+                 f"training and {len(self.val_src)} validation clouds; {self.dist.world} process(es) on "
+                 f"{self.dist.device}, {torch.get_num_threads()} thread(s) each; {self.steps_per_epoch} steps "
+                 "per epoch")
+
+    def _load_data(self) -> None:
+        """Generate or read every training cloud and this process's
+        validation shard once, outside the timed steps; the class weights."""
+        t_load = time.perf_counter()
+        for _ in self.train_src:
+            pass
+        for i in self._val_shard():
+            self.val_src[i]
+        self.log(f"data ready in {time.perf_counter() - t_load:.1f} s")
+        self.weight = None
+        if getattr(self.args, "class_weights", "none") != "none":
+            self.weight = class_weights(self.train_src, len(self.classes), self.args.ignore_index)
+            self.weight = self.weight.to(self.dist.device)
+            self.log("class weights: " + ", ".join(f"{c} {w:.2f}" for c, w in zip(self.classes,
+                                                                                 self.weight.tolist())))
+
+    def _val_shard(self) -> range:
+        return shard(len(self.val_src), self.dist.rank, self.dist.world)
+
+    def val_samples(self) -> list:
+        """This process's validation clouds, voxelised on first use and kept."""
+        if self._val_samples is None:
+            self._val_samples = [self.val_ds[i] for i in self._val_shard()]
+        return self._val_samples
+
+    # ----------------------------------------------------------------- the Trainer's pieces
+
+    def batches(self, epoch: int):
+        """This process's batches of ``epoch``, augmented and voxelised as they are asked for."""
+        self.sampler.set_epoch(epoch)
+        self.train_ds.set_epoch(epoch)
+        order = list(self.sampler)
+        chunks = [order[i:i + self.local_batch] for i in range(0, len(order), self.local_batch)]
+        self.epoch_losses = []
+        self.bar = progress_bar(chunks, f"epoch {epoch + 1}/{self.plan['epochs']}", self.progress)
+        return (Batch.of([self.train_ds[i] for i in chunk]).to(self.dist.device) for chunk in self.bar)
+
+    def loss(self, net, batch: Batch) -> tuple[torch.Tensor, float]:
+        """Cross-entropy summed over every process's voxels / their global
+        (weighted) count: the same loss (and, with DDP's averaging, gradient)
+        as one process on the whole batch. Also its value, for the log."""
+        ignore = self.args.ignore_index
+        logits, target = logits_of(net, batch)
+        ce = torch.nn.functional.cross_entropy(logits, target, weight=self.weight, ignore_index=ignore,
+                                               reduction="sum")
+        valid = target != ignore
+        counted = valid.sum() if self.weight is None else self.weight[target[valid]].sum()
+        stats = torch.stack([ce.detach(), counted.to(ce.dtype)])
+        if self.dist.active:
+            torch.distributed.all_reduce(stats)
+        return ce / stats[1].clamp_min(1) * self.dist.world, float(stats[0] / stats[1].clamp_min(1))
+
+    def log_step(self, epoch: int, step_loss: float, seconds: float) -> None:
+        check_finite_loss(step_loss, len(self.history["step_loss"]) + 1)
+        self.train_time += seconds
+        self.epoch_losses.append(step_loss)
+        self.history["step_loss"].append(step_loss)
+        self.history["step_time"].append(seconds)
+        self.history["lr"].append(self.optimizer.param_groups[0]["lr"])
+        if self.progress:
+            self.bar.set_postfix(loss=f"{step_loss:.3f}", s_per_step=f"{seconds:.2f}")
+
+    def end_epoch(self, epoch: int) -> bool:
+        """Re-plan, validate, checkpoint and (after the last epoch) report;
+        True when the time limit stops the run."""
+        losses = self.epoch_losses
+        self.history["epoch_loss"].append(float(np.mean(losses)) if losses else math.nan)
+        self._replan(epoch)
+        stop = self.args.time_limit is not None and self.train_time >= self.args.time_limit * 60
+        last = epoch + 1 == self.plan["epochs"] or stop
+        validate = last or (epoch + 1) % self.args.eval_every == 0
+        check_finite_weights(self.model, epoch + 1)
+        cm = first = None
+        if validate:
+            cm, first = evaluate(self.model, self.val_samples(), len(self.classes), self.args.ignore_index,
+                                 self.dist.device, progress=self.progress, all_reduce=self.dist.active)
+        if self.dist.main:
+            self._checkpoint(epoch, losses, cm)
+            if last:
+                self._report(epoch, cm, first, stop)
+        if self.dist.active:
             torch.distributed.barrier()
-        if stop:
-            break
-        epoch += 1
-    return report, model
+        return stop
+
+    def _replan(self, epoch: int) -> None:
+        """With ``--time-budget``: the epoch count that fits, re-planned after
+        every epoch from the mean epoch time so far (the machine's load may
+        change during the run); every process follows rank 0's plan."""
+        args = self.args
+        if args.time_budget is None:
+            return
+        per_epoch = max(sum(self.history["step_time"]) / (epoch + 1), 1e-9)
+        fit = max(epoch + 1, int(args.time_budget * 60 / per_epoch))
+        if self.dist.active:
+            fit_t = torch.tensor([fit], dtype=torch.int64)
+            torch.distributed.broadcast(fit_t, 0)
+            fit = int(fit_t)
+        if min(args.epochs, fit) != self.plan["epochs"]:
+            self.plan["epochs"] = min(args.epochs, fit)
+            self.log(f"time budget {args.time_budget} min: {self.plan['epochs']} epochs of about {per_epoch:.0f} s")
+
+    def _checkpoint(self, epoch: int, losses: list, cm) -> None:
+        """Log the epoch, write ``checkpoint.pt`` (and ``best.pt`` on a better mIoU)."""
+        history = self.history
+        summary = (f"epoch {epoch + 1}/{self.plan['epochs']}: loss {history['epoch_loss'][-1]:.4f}, "
+                   f"{np.median(history['step_time'][-len(losses):]):.2f} s/step, "
+                   f"{self.train_time / 60:.1f} min of training")
+        miou = -1.0
+        if cm is not None:
+            miou = metrics.mean_iou(cm)
+            history["val_miou"].append(miou)
+            history.setdefault("val_epoch", []).append(epoch + 1)
+            summary += f", val mIoU {100 * miou:.1f}%"
+        self.log(summary)
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "epoch": epoch + 1, "history": history,
+                 "config": self.config, "torch_rng": torch.get_rng_state(),
+                 "best_miou": max(self.best, miou) if cm is not None else self.best,
+                 "planned_epochs": self.plan["epochs"],
+                 "val_paths": [str(p) for p in getattr(self.val_src, "paths", [])],
+                 "args": {k: v for k, v in vars(self.args).items() if not k.startswith("_")}}
+        save_checkpoint(self.out / CHECKPOINT, state)
+        if cm is not None and miou > self.best:
+            self.best = miou
+            save_checkpoint(self.out / BEST, state)
+
+    def _report(self, epoch: int, cm, first, stop: bool) -> None:
+        args, times = self.args, self.history["step_time"]
+        extra = {"epochs": epoch + 1, "steps": len(times), "train_time_s": self.train_time,
+                 "wall_time_s": time.perf_counter() - self.t_start,
+                 "step_time_s_median": statistics.median(times) if times else None,
+                 "scans_per_step": args.batch_size,
+                 "step_time_per_scan_s": statistics.median(times) / args.batch_size if times else None,
+                 "processes": self.dist.world, "threads_per_process": torch.get_num_threads(),
+                 "device": str(self.dist.device), "data": args.data, "val_data": args.val_data or "held out",
+                 "config": self.config, "checkpoint": str(self.out / CHECKPOINT), "best_miou": self.best,
+                 "stopped_by_time_limit": bool(stop and epoch + 1 < self.plan["epochs"])}
+        self.report = write_report(self.out, cm, self.classes, first, self.history, extra, args.ignore_index)
+        self.log("\n" + metrics.format_table(cm, self.classes))
 
 
 def main(args) -> int:
@@ -674,7 +577,7 @@ def main(args) -> int:
     if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         import torch.multiprocessing as mp
 
-        port = _free_port()
+        port = free_port()
         # Only the options travel to the workers (the CLI adds module objects).
         plain = argparse.Namespace(**{k: v for k, v in vars(args).items() if not k.startswith("_")})
         with _out_lock(args):
@@ -688,8 +591,7 @@ def main(args) -> int:
             print(f"metrics: {metrics_path}")
         return 0
     report = train(args)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    destroy()
     if report is not None:
         print(f"mIoU {100 * report['miou']:.1f}%  ->  {Path(args.out) / 'metrics.json'}")
         for name, path in report["pictures"].items():
@@ -705,29 +607,14 @@ def evaluate_main(args) -> int:
     _check_args(args)
     state = load_checkpoint(args.checkpoint)
     config = state["config"]
-    saved = state.get("args", {})
     # An explicit --ignore-index always wins, 255 included.
     ignore_index = (args.ignore_index if args.ignore_index is not None
                     else config.get("ignore_index", DEFAULT_IGNORE))
-    device = _pick_device(args.device, 0)
+    device = pick_device(args.device, 0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    label_map = args.label_map
-    if args.data:
-        spec = args.data
-    elif state.get("val_paths"):  # the files the run validated on
-        spec = state["val_paths"]
-        label_map = label_map or saved.get("val_label_map") or saved.get("label_map")
-    else:
-        spec = saved.get("data") or ["generated"]
-        label_map = label_map or saved.get("label_map")
-    if len(spec) == 1 and spec[0].startswith("generated"):
-        source = open_source(spec, count=saved.get("val_scenes", 4), first_seed=VALIDATION_SEED,
-                             **(_scene_kwargs(saved) if spec[0] != "generated-indoor" else {}))
-        classes = list(source.classes)
-    else:
-        source = open_source(spec, label_map, ignore_index)
-        classes = list(source.classes or config["classes"])
+    spec, source = _eval_source(args, state, ignore_index)
+    classes = list(source.classes or config["classes"])
     if classes != config["classes"]:
         raise ValueError(f"the data's classes {classes} differ from the checkpoint's {config['classes']}")
     model = build_model(config)
@@ -736,7 +623,7 @@ def evaluate_main(args) -> int:
     dataset = VoxelDataset(source, config["voxel_size"], ignore_index)
     t0 = time.perf_counter()
     cm, first = evaluate(model, dataset, len(classes), ignore_index, device, args.batch_size,
-                         progress=not args.no_progress and _have_tqdm())
+                         progress=not args.no_progress and have_tqdm())
     elapsed = time.perf_counter() - t0
     print(metrics.format_table(cm, classes))
     print(f"{len(source)} clouds in {elapsed:.1f} s ({elapsed / max(len(source), 1):.2f} s per cloud)")
@@ -748,8 +635,28 @@ def evaluate_main(args) -> int:
     return 0
 
 
+def _eval_source(args, state: dict, ignore_index: int):
+    """(the data spec, its clouds) that ``pointsparse eval`` scores: ``--data``,
+    else the files the run validated on, else the run's data."""
+    saved = state.get("args", {})
+    label_map = args.label_map
+    if args.data:
+        spec = args.data
+    elif state.get("val_paths"):  # the files the run validated on
+        spec = state["val_paths"]
+        label_map = label_map or saved.get("val_label_map") or saved.get("label_map")
+    else:
+        spec = saved.get("data") or ["generated"]
+        label_map = label_map or saved.get("label_map")
+    if len(spec) == 1 and spec[0].startswith("generated"):
+        return spec, open_source(spec, count=saved.get("val_scenes", 4), first_seed=VALIDATION_SEED,
+                                 **(_scene_kwargs(saved) if spec[0] != "generated-indoor" else {}))
+    return spec, open_source(spec, label_map, ignore_index)
+
+
 def _cli(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pointsparse.train", description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pointsparse.app.train",
+                                     description=__doc__.strip().splitlines()[0])
     add_arguments(parser)
     return main(parser.parse_args(argv))
 

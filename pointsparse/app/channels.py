@@ -1,0 +1,102 @@
+"""``pointsparse prune channels``: cut every coupled channel group of a
+trained checkpoint's model and write a checkpoint that records the pruned
+widths (``pointsparse eval``, ``train --resume`` and
+``pointsparse.models.load_model`` rebuild it); optionally fine-tune it by
+resuming training for a few epochs."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from .. import checkpoint
+from ..prune.workflow import CRITERIA, channel_scores, check_options, prune_channels
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--checkpoint", type=Path, help="channels: a checkpoint written by pointsparse train")
+    parser.add_argument("--data", nargs="+", default=None, metavar="SOURCE",
+                        help="channels: clouds for the example input and the criterion (default: the run's data)")
+    parser.add_argument("--label-map", default=None, help="channels: label map of --data")
+    parser.add_argument("--ratio", type=float, default=0.5, help="channels: fraction of each group's channels kept")
+    parser.add_argument("--criterion", choices=CRITERIA, default="l1",
+                        help="channels: importance (l1/l2 weight norms, bn: BatchNorm scale, taylor: first-order)")
+    parser.add_argument("--scope", choices=("group", "global"), default="group",
+                        help="channels: keep --ratio of every group, or of all channels ranked together")
+    parser.add_argument("--multiple", type=int, default=None,
+                        help="channels: kept counts rounded to this multiple (default 8, measured fastest)")
+    parser.add_argument("--finetune-epochs", type=int, default=0, help="channels: epochs of fine-tuning afterwards")
+
+
+def load_state(path) -> dict:
+    """A training checkpoint as data (weights_only, digest checked)."""
+    return checkpoint.load_training(path)
+
+
+def save_pruned(state: dict, model, out) -> Path:
+    """``out/checkpoint.pt``: ``state`` with ``model``'s weights and widths
+    (``config["widths"]``) and a fresh optimizer state for its shapes."""
+    from ..prune.graph import widths
+    from .train import CHECKPOINT, make_optimizer
+    new = dict(state, model=model.state_dict(), config=dict(state["config"], widths=widths(model)))
+    if state.get("args"):
+        new["optimizer"] = make_optimizer(argparse.Namespace(**state["args"]), model).state_dict()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint.save(out / CHECKPOINT, new)
+    return out / CHECKPOINT
+
+
+def prune_checkpoint(path, out, ratio: float = 0.5, data=None, label_map=None, criterion: str = "l1",
+                     scope: str = "group", multiple: int | None = None) -> Path:
+    """Write ``out/checkpoint.pt``: the checkpoint's model with ``ratio`` of
+    every coupled channel group kept (ranked by ``criterion``), the widths in
+    ``config["widths"]``, a fresh optimizer state for the smaller model and
+    the run's epoch, schedule and history. Returns its path."""
+    from ..models import build_model
+    from .tasks import checkpoint_batches
+    from .scoring import logits_of, point_level
+    check_options(criterion, ratio)
+    state = load_state(path)
+    model = build_model(state["config"])
+    model.load_state_dict(state["model"])
+    model.eval()  # scoring (Taylor's backward included) leaves the BatchNorm statistics alone
+    batch = checkpoint_batches(state, data, label_map)[0]
+    example = ((batch.input, batch.inverse, batch.points, batch.point_batch) if point_level(model)
+               else batch.input)
+    ignore_index = state["config"].get("ignore_index", 255)
+
+    def loss_fn(m, b):
+        logits, labels = logits_of(m, b)
+        return torch.nn.functional.cross_entropy(logits, labels, ignore_index=ignore_index)
+
+    scores = channel_scores(criterion, model, loss_fn, [batch])
+    prune_channels(model, example, ratio, scores, scope, multiple)
+    return save_pruned(state, model, out)
+
+
+def finetune(path: Path, epochs: int) -> None:
+    """Resume training the checkpoint at ``path`` for ``epochs`` more epochs
+    (same options as the run that wrote it; output beside it)."""
+    from .train import main
+    state = load_state(path)
+    args = argparse.Namespace(**state["args"])
+    args.out, args.resume = str(path.parent), str(path)
+    args.epochs = int(state["epoch"]) + epochs
+    args.time_budget = args.time_limit = None
+    main(args)
+
+
+def main(args) -> int:
+    if args.checkpoint is None:
+        raise SystemExit("prune channels needs --checkpoint DIR/checkpoint.pt")
+    path = prune_checkpoint(args.checkpoint, args.out, args.ratio, args.data, args.label_map, args.criterion,
+                            args.scope, args.multiple)
+    before = sum(t.numel() for t in load_state(args.checkpoint)["model"].values())
+    after = sum(t.numel() for t in load_state(path)["model"].values())
+    print(f"pruned checkpoint {path}: {before} -> {after} stored values ({after / before:.2f})")
+    if args.finetune_epochs > 0:
+        finetune(path, args.finetune_epochs)
+    return 0

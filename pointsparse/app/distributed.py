@@ -1,0 +1,71 @@
+"""Processes for ``--nproc N`` and torchrun: the process group (gloo on the
+CPU, nccl on GPUs), the device and thread count of each process, and the
+spawned workers."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pick_device(name, rank: int) -> torch.device:
+    if name is None:
+        return torch.device(f"cuda:{rank % torch.cuda.device_count()}") if torch.cuda.is_available() else \
+            torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device(f"cuda:{rank % max(torch.cuda.device_count(), 1)}")
+    return device
+
+
+def init_distributed(args) -> Dist:
+    """This process's rank, world and device from the torchrun/spawn
+    environment (a process group when the world is larger than one), and its
+    torch threads (``--threads``, else torch's default divided among processes)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    device = pick_device(args.device, local)
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend, rank=rank, world_size=world)
+    threads = args.threads or max(1, torch.get_num_threads() // max(world, 1))
+    torch.set_num_threads(threads)
+    return Dist(rank, world, device)
+
+
+def worker_environment(rank: int, world: int, port: int) -> None:
+    """The environment a spawned worker of ``--nproc`` reads its rank from."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+
+
+def destroy() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,197 @@
+"""Pruning procedures on a ready-made task: ``pointsparse prune <procedure>``.
+
+Procedures: sensitivity, schedule, lottery, init, rigl, amc, netadapt (each
+through its driver in :mod:`pointsparse.app.procedures`), and channels (a
+trained checkpoint's every coupled group: :mod:`pointsparse.app.channels`).
+Tasks: ``--task digits`` (scikit-learn's bundled digits; ``--model
+mlp|cnn|deep``), ``--task scene`` (generated street scenes, a sparse-conv
+chain) or ``--checkpoint`` (a trained MinkUNet and its clouds). Each run
+trains the dense model first (seeded), then runs the procedure and prints
+what it found; ``--quick`` shortens everything."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from ..prune import adapters
+from ..prune.sensitivity import DEFAULT_RATIOS
+from . import channels, procedures
+from .tasks import digits_task, scene_task
+
+PROCEDURES = ("sensitivity", "schedule", "lottery", "init", "rigl", "amc", "netadapt", "channels")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("procedure", choices=PROCEDURES, help="which procedure to run")
+    parser.add_argument("--task", choices=("digits", "scene"), default="digits")
+    parser.add_argument("--model", choices=("mlp", "cnn", "deep", "sparse", "minkunet"), default=None,
+                        help="digits: mlp (default), cnn (default for amc/netadapt), deep; scene: sparse (a "
+                             "sparse-conv chain, default) or minkunet (pointsparse.models.MinkUNet, cr 0.25)")
+    parser.add_argument("--sparsity", type=float, default=0.9, help="target sparsity (schedule, init, rigl)")
+    parser.add_argument("--granularity", choices=("unstructured", "channel"), default="unstructured",
+                        help="sensitivity granularity")
+    parser.add_argument("--threshold", type=float, default=0.02, help="sensitivity: allowed metric drop")
+    parser.add_argument("--schedule", choices=("agp", "constant", "oneshot"), default="agp")
+    parser.add_argument("--rounds", type=int, default=5, help="pruning rounds (schedule, lottery)")
+    parser.add_argument("--finetune-lr-factor", type=float, default=0.1, help="fine-tuning lr / training lr (0.1 or 0.01)")
+    parser.add_argument("--prune-fraction", type=float, default=0.2, help="lottery: fraction pruned per round")
+    parser.add_argument("--rewind", type=int, default=0, help="lottery: rewind iteration k (0 = original LTH)")
+    parser.add_argument("--method", choices=("snip", "grasp", "synflow"), default="snip", help="init method")
+    parser.add_argument("--distribution", choices=("uniform", "erk"), default="erk", help="rigl layer densities")
+    parser.add_argument("--flops", type=float, default=0.5, help="amc: FLOPs budget as a fraction of dense")
+    parser.add_argument("--reward", choices=("error", "flops"), default="error", help="amc reward")
+    parser.add_argument("--episodes", type=int, default=120, help="amc episodes")
+    parser.add_argument("--reconstruct", action="store_true", help="amc: least-squares reconstruction")
+    parser.add_argument("--latency", type=float, default=0.6, help="netadapt: latency budget, fraction of the initial")
+    parser.add_argument("--out", type=Path, default=Path("prune-out"), help="folder for plots, ratios, tables")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="short runs (seconds)")
+    channels.add_arguments(parser)
+
+
+def _task(args):
+    if getattr(args, "checkpoint", None) is not None:
+        from .tasks import checkpoint_task
+        args.checkpoint_state, task = checkpoint_task(args.checkpoint, args.data, args.label_map)
+        return task
+    if args.task == "scene":
+        if args.model not in (None, "sparse", "minkunet"):
+            raise SystemExit(f"--model {args.model} is a digits model; the scene task takes sparse or minkunet")
+        make = None
+        if args.model == "minkunet":
+            from ..models import MinkUNet
+
+            def make(seed=args.seed):
+                torch.manual_seed(seed)
+                return MinkUNet(3, 4, cr=0.25, blocks=1)
+        return scene_task(args.seed, points=3000 if args.quick else 6000, make_model=make)
+    if args.model in ("sparse", "minkunet"):
+        raise SystemExit(f"--model {args.model} needs --task scene")
+    model = args.model or ("cnn" if args.procedure in ("amc", "netadapt") else "mlp")
+    return digits_task(model, args.seed)
+
+
+# Flags that must be finite numbers in a range (lo, hi, whether each end is included).
+_RANGES = {"sparsity": (0.0, 1.0, True, False), "threshold": (0.0, math.inf, True, False),
+           "finetune_lr_factor": (0.0, math.inf, False, False), "prune_fraction": (0.0, 1.0, False, False),
+           "flops": (0.0, 1.0, False, True), "latency": (0.0, 1.0, False, True)}
+_COUNTS = ("rounds", "episodes")
+
+
+def check_args(args) -> None:
+    """ValueError naming the first flag that is NaN, infinite or out of its
+    range, before any work."""
+    for name, (lo, hi, lo_in, hi_in) in _RANGES.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        ok = math.isfinite(value) and (value >= lo if lo_in else value > lo) and (value <= hi if hi_in else value < hi)
+        if not ok:
+            lo_s, hi_s = ("[" if lo_in else "(") + f"{lo:g}", f"{hi:g}" + ("]" if hi_in else ")")
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number in {lo_s}, {hi_s}; got {value}")
+    for name in _COUNTS:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be >= 1; got {value}")
+    if getattr(args, "rewind", 0) < 0:
+        raise ValueError(f"--rewind must be >= 0; got {args.rewind}")
+
+
+def main(args) -> int:
+    if args.procedure == "channels":
+        return channels.main(args)
+    check_args(args)
+    torch.manual_seed(args.seed)
+    task = _task(args)
+    steps = max(20, task.train_steps // (5 if args.quick else 1))
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"task {task.name}: {steps} training steps, metric {task.metric}")
+    model = task.make_model(args.seed)
+    if args.procedure not in ("init", "rigl", "lottery"):
+        task.train_fn(model, steps)
+        print(f"dense {task.metric}: {task.eval_fn(model):.4f}")
+    RUN[args.procedure](args, task, model, steps)
+    return 0
+
+
+def _sensitivity(args, task, model, steps) -> None:
+    ratios = (0.0, 0.3, 0.6, 0.9) if args.quick else DEFAULT_RATIOS
+    res, chosen, plot = procedures.sensitivity(task, model, args.granularity, args.threshold, ratios,
+                                               plot=args.out / "sensitivity.png")
+    for name, vals in res.curves.items():
+        print(f"  {name:>6}: " + " ".join(f"{v:.3f}" for v in vals))
+    print(f"ratios under a drop of {args.threshold}: {chosen}")
+    print(f"plot: {plot}")
+
+
+def _schedule(args, task, model, steps) -> None:
+    per_round = max(10, steps // 4)
+    res = procedures.schedule(task, model, args.sparsity, args.schedule, args.rounds, per_round * args.rounds,
+                              args.finetune_lr_factor, task.eval_fn)
+    for row in res.history:
+        print(f"  round {row['round']}: target {row['target']:.3f} sparsity {row['sparsity']:.3f} "
+              f"{task.metric} {row['metric']:.4f}")
+
+
+def _lottery(args, task, model, steps) -> None:
+    rounds = min(args.rounds, 3) if args.quick else args.rounds
+    res, ctrl = procedures.lottery(task, model, steps, rounds, args.prune_fraction, args.rewind, (rounds,), args.seed)
+    for row in res.rounds:
+        print(f"  round {row['round']}: sparsity {row['sparsity']:.3f} {task.metric} {row['metric']:.4f}")
+    print(f"controls at the last round: random re-init {ctrl[rounds]['reinit']:.4f}, "
+          f"random mask {ctrl[rounds]['random_mask']:.4f}")
+
+
+def _init(args, task, model, steps) -> None:
+    procedures.prune_at_init(task, model, args.method, args.sparsity, steps, iterations=20 if args.quick else 100)
+    print(f"{args.method}: sparsity {adapters.sparsity(model):.3f}, per layer "
+          + ", ".join(f"{n} {v:.2f}" for n, v in adapters.layer_sparsity(model).items()))
+    print(f"trained {task.metric}: {task.eval_fn(model):.4f}")
+
+
+def _rigl(args, task, model, steps) -> None:
+    state = procedures.rigl(task, model, args.sparsity, args.distribution, steps, max(5, steps // 20))
+    print(f"RigL ({args.distribution}): {state.updates} drop/grow updates, sparsity {adapters.sparsity(model):.3f}, "
+          f"{task.metric} {task.eval_fn(model):.4f}")
+
+
+def _amc(args, task, model, steps) -> None:
+    coupled = args.checkpoint is not None  # a real network: every coupled group
+    x = task.example_input
+    res = procedures.amc(task, model, args.flops, 30 if args.quick else args.episodes, 10 if args.quick else 30,
+                         args.reward, args.reconstruct and not coupled, x, args.seed, coupled)
+    print(f"best ratios {json.dumps({k: round(v, 3) for k, v in res.ratios.items()})}")
+    print(f"  {task.metric} before fine-tuning {res.metric:.4f}, FLOPs {res.flops / res.dense_flops:.3f} of dense")
+    print(f"ratios written to {res.export(args.out / 'amc_ratios.json')}")
+    if coupled:
+        pruned = procedures.cut_channels(model, res.ratios, example_input=x)
+    else:
+        pruned = procedures.cut_channels(model, res.ratios, args.reconstruct, x)
+    task.train_fn(pruned, steps // 2, lr=task.lr * args.finetune_lr_factor)
+    print(f"  after {steps // 2} fine-tuning steps: {task.metric} {task.eval_fn(pruned):.4f}")
+    _save_if_checkpoint(args, pruned)
+
+
+def _netadapt(args, task, model, steps) -> None:
+    # A checkpoint's network: every coupled group, latencies measured directly (no table).
+    candidates = None if args.checkpoint is not None else (4 if args.quick else 8)
+    res, _, _ = procedures.netadapt(task, model, task.example_input, args.latency, max(5, steps // 20), steps // 2,
+                                    candidates, 3 if args.quick else 7, args.out / "latency_table.json",
+                                    log=lambda s: print("  " + s))
+    print(f"channels {res.channels}; latency estimate {res.initial_latency * 1e3:.2f} -> "
+          f"{res.estimated_latency * 1e3:.2f} ms (budget {res.budget * 1e3:.2f}), measured again "
+          f"{res.measured_latency * 1e3:.2f} ms; {task.metric} {res.final_metric:.4f}")
+    _save_if_checkpoint(args, res.model)
+
+
+def _save_if_checkpoint(args, model) -> None:
+    if args.checkpoint is not None:
+        print(f"pruned checkpoint: {channels.save_pruned(args.checkpoint_state, model, args.out)}")
+
+
+RUN = {"sensitivity": _sensitivity, "schedule": _schedule, "lottery": _lottery, "init": _init, "rigl": _rigl,
+       "amc": _amc, "netadapt": _netadapt}

@@ -1,0 +1,101 @@
+"""Scoring a segmentation model: predictions, the point-level confusion
+matrix (each DDP rank scores its shard, the matrices are summed), and the
+report (``metrics.json`` and the PNGs)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .. import checkpoint
+from ..data import Batch, VoxelSample
+from ..models import SPVCNN
+from . import metrics
+from .trainer import progress_bar
+
+
+def point_level(model) -> bool:
+    """Whether the model (maybe inside DistributedDataParallel) returns per-point logits."""
+    return isinstance(getattr(model, "module", model), SPVCNN)
+
+
+def logits_of(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, the labels they are scored against): per voxel for MinkUNet,
+    per point for SPVCNN."""
+    if point_level(model):
+        return model(batch.input, batch.inverse, batch.points, batch.point_batch), batch.point_labels
+    return model(batch.input).feats, batch.labels
+
+
+@torch.no_grad()
+def predict(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(voxel logits, per-point predicted class) of a batch."""
+    logits, _ = logits_of(model, batch)
+    if point_level(model):
+        return logits, logits.argmax(1)
+    return logits, logits.argmax(1)[batch.inverse]
+
+
+def shard(count: int, rank: int, world: int) -> range:
+    """The indices of ``count`` items that process ``rank`` of ``world`` reads and scores."""
+    return range(rank, count, world)
+
+
+@torch.no_grad()
+def evaluate(model, samples: Sequence[VoxelSample], num_classes: int, ignore_index: int, device,
+             batch_size: int = 1, progress: bool = False, keep_first: bool = True, all_reduce: bool = False):
+    """Point-level confusion matrix over ``samples`` (summed over every
+    process with ``all_reduce``: each scores its own shard) and, for the
+    first sample, (xyz, labels, predictions, name) for the render."""
+    was_training = model.training
+    model.eval()
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    first = None
+    chunks = [range(i, min(i + batch_size, len(samples))) for i in range(0, len(samples), batch_size)]
+    for chunk in progress_bar(chunks, "eval", progress):
+        batch = Batch.of([samples[i] for i in chunk]).to(device)
+        _, pred = predict(model, batch)
+        cm += metrics.confusion_matrix(pred, batch.point_labels, num_classes, ignore_index)
+        if keep_first and first is None:
+            sel = (batch.point_batch == 0).cpu()
+            first = (batch.xyz[0], batch.point_labels.cpu()[sel].numpy(), pred.cpu()[sel].numpy(), batch.names[0])
+    model.train(was_training)
+    if all_reduce:
+        total = torch.from_numpy(cm).to(device)
+        torch.distributed.all_reduce(total)
+        cm = total.cpu().numpy()
+    return cm, first
+
+
+def write_report(out: Path, cm, classes, first, history, extra: dict, ignore_index: int, prefix: str = "") -> dict:
+    """metrics.json and the PNGs (none, with a warning, where matplotlib
+    cannot be imported); returns the metrics dictionary."""
+    from . import plots
+
+    out.mkdir(parents=True, exist_ok=True)
+    report = metrics.summary(cm, classes)
+    report.update(extra)
+    report["classes"] = list(classes)
+    report["confusion"] = np.asarray(cm).tolist()
+    pictures = {}
+    if not plots.available():
+        print("matplotlib is not importable: no PNG figures written (pip install matplotlib)", file=sys.stderr)
+    else:
+        if history and history.get("step_loss"):
+            pictures["curves"] = str(plots.curves(history, out / f"{prefix}curves.png"))
+        pictures["confusion"] = str(plots.confusion(cm, classes, out / f"{prefix}confusion.png"))
+        if first is not None:
+            xyz, labels, pred, _ = first
+            pictures["topdown"] = str(plots.topdown(xyz, labels, pred, classes, out / f"{prefix}topdown.png",
+                                                    ignore_index=ignore_index))
+    report["pictures"] = pictures
+    if history:
+        report["history"] = history
+    text = (json.dumps(report, indent=1) + "\n").encode()
+    checkpoint.atomic_write(out / f"{prefix}metrics.json", lambda f: f.write(text))
+    return report
