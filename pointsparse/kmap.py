@@ -174,7 +174,7 @@ def downsample_coords(coords: torch.Tensor, out_stride: Triple) -> torch.Tensor:
     """Unique ``floor(c / out_stride) * out_stride`` per batch, sorted by key
     (quantise, radix sort, unique: "ranking"). ValueError when a downsampled
     coordinate falls below int32."""
-    if coords.device.type == "cpu":
+    if _ext.serves(coords):
         return _ext.to_tensor(_ext.call(_ext.core.kmap_downsample, _ext.to_numpy(coords), list(out_stride)))
     st = torch.tensor(out_stride, dtype=torch.int64, device=coords.device)
     q = torch.div(coords[:, 1:].long(), st, rounding_mode="floor") * st
@@ -190,8 +190,9 @@ def downsample_coords(coords: torch.Tensor, out_stride: Triple) -> torch.Tensor:
 
 def default_method(device) -> str:
     """The measured fastest method for tensors on ``device``: ``"mergesort"``
-    on the CPU (bench/results/kmap.md), ``"torch"`` elsewhere."""
-    return "mergesort" if torch.device(device).type == "cpu" else "torch"
+    where the core serves them (the CPU, under the backend policy:
+    bench/results/kmap.md), ``"torch"`` elsewhere."""
+    return "mergesort" if _ext.serves(device) else "torch"
 
 
 def _check_method(method: str | None, device) -> str:

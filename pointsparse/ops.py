@@ -157,7 +157,7 @@ def _plan(out_coords, in_idx, out_idx, sizes, key, num_in):
 def _engine_runs(*tensors: Tensor) -> bool:
     from .nn import _engine
 
-    return _ext.use_core(*tensors) and all(t.dtype in _engine.ENGINE_DTYPES for t in tensors)
+    return _ext.serves(*tensors, dtypes=_engine.ENGINE_DTYPES)
 
 
 def _offset_pairs(out_coords, in_idx, out_idx, sizes, key, num_in):

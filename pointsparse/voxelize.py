@@ -13,6 +13,8 @@ from . import coords as _coords
 from .tensor import SparseTensor, as_float
 
 REDUCE_MODES = {"sum": 0, "mean": 1, "max": 2, "first": 3}
+#: The feature dtypes the core reduces (others take the torch path).
+FLOAT_DTYPES = (torch.float32, torch.float64)
 
 
 def _voxel_size(voxel_size) -> tuple[float, float, float]:
@@ -84,7 +86,7 @@ def quantize_keys(points: torch.Tensor, voxel_size, batch=None):
     _check_points(points)
     vs = _voxel_size(voxel_size)
     batch = _check_batch(batch, points.shape[0], points.device)
-    if not _ext.use_core(points):
+    if not _ext.serves(points):
         return _quantize_torch(points, vs, batch)
     p = _ext.to_numpy(points) if points.dtype in (torch.float32, torch.float64) else _ext.to_numpy(points, torch.float32)
     b = None if batch is None else _ext.to_numpy(batch)
@@ -96,7 +98,7 @@ def segment_reduce(feats, inverse, perm, seg_ptr, mode: int):
     """``(out (M, C), arg)``: rows ``perm[seg_ptr[j]:seg_ptr[j + 1]]`` of
     ``feats`` reduced into row ``j`` (``REDUCE_MODES``); ``arg`` the source
     rows of max (M, C) / first (M,), empty otherwise."""
-    if _ext.use_core(feats) and feats.dtype in (torch.float32, torch.float64):
+    if _ext.serves(feats, dtypes=FLOAT_DTYPES):
         out, arg = _ext.call(_ext.core.segment_reduce, _ext.to_numpy(feats), _ext.to_numpy(perm),
                              _ext.to_numpy(seg_ptr), mode)
         return _ext.to_tensor(out), _ext.to_tensor(arg)
@@ -256,7 +258,7 @@ def trilinear_weights(tensor: SparseTensor, points: torch.Tensor, voxel_size, ba
     vs = _voxel_size(voxel_size)
     if torch.compiler.is_compiling():
         return torch.ops.pointsparse.trilinear_weights(tensor.coords, list(tensor.stride), points, list(vs), batch)
-    if not _ext.use_core(tensor.coords, points):
+    if not _ext.serves(tensor.coords, points):
         return _trilinear_torch(tensor, points, vs, batch)
     layout = _coords.KeyLayout.of(tensor.coords)
     sorted_keys, rows = _coords.sort(_coords.pack(tensor.coords, layout))

@@ -98,11 +98,11 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
         out = _ops.conv3d(input, weight, bias, k, t, d, transposed)
         return out.with_feats(torch.relu(out.feats)) if relu else out
     kmap = _kmap.get_kmap(input, k, t, d, transposed)
-    if _engine.supported(input.feats, weight):
+    if region is None and _engine.runs_bf16(input.feats, weight, bias):  # bf16 inference on AVX512-BF16
+        feats = _engine.conv_bf16(input.feats, weight, bias, kmap, cache=input.cache, relu=relu)
+    elif _engine.supported(input.feats, weight):
         feats = _engine.conv(input.feats, weight, bias, kmap, cache=input.cache, relu=relu, region=region,
                              mask=weight_mask)
-    elif region is None and _engine.runs_bf16(input.feats, weight, bias):  # bf16 inference on AVX512-BF16
-        feats = _engine.conv_bf16(input.feats, weight, bias, kmap, cache=input.cache, relu=relu)
     else:  # other devices and dtypes: the same pairs in torch ops
         if region is not None:
             weight = weight * region.to(weight.device, weight.dtype).view(-1, 1, 1)
