@@ -78,6 +78,12 @@ def _quantize_torch(points, vs, batch):
     return _coords.pack_torch(coords, layout), layout
 
 
+def _points_np(points: torch.Tensor):
+    """Points as the core takes them: float32 or float64 as they are, other
+    float dtypes as float32."""
+    return _ext.to_numpy(points) if points.dtype in FLOAT_DTYPES else _ext.to_numpy(points, torch.float32)
+
+
 def quantize_keys(points: torch.Tensor, voxel_size, batch=None):
     """``(keys, layout)``: int64 keys of ``floor(points / voxel_size)`` (with
     batch) in the :class:`~pointsparse.coords.KeyLayout` fitted to them.
@@ -88,9 +94,8 @@ def quantize_keys(points: torch.Tensor, voxel_size, batch=None):
     batch = _check_batch(batch, points.shape[0], points.device)
     if not _ext.serves(points):
         return _quantize_torch(points, vs, batch)
-    p = _ext.to_numpy(points) if points.dtype in (torch.float32, torch.float64) else _ext.to_numpy(points, torch.float32)
     b = None if batch is None else _ext.to_numpy(batch)
-    keys, fields = _ext.call(_ext.core.quantize, p, list(vs), b)
+    keys, fields = _ext.call(_ext.core.quantize, _points_np(points), list(vs), b)
     return _ext.to_tensor(keys), _coords.KeyLayout(tuple(fields[:3]), tuple(fields[3:]))
 
 
@@ -135,6 +140,27 @@ class _SegmentReduce(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        inverse, seg_ptr, arg = ctx.saved_tensors
+        return segment_reduce_backward(grad, inverse, seg_ptr, arg, ctx.mode, ctx.n), None, None, None, None
+
+
+class _VoxelizeCore(torch.autograd.Function):
+    """The whole voxelisation in one core call (quantise, group, reduce),
+    differentiable in ``feats`` as :class:`_SegmentReduce`."""
+
+    @staticmethod
+    def forward(ctx, feats, points, voxel_size, batch, mode: int):
+        b = None if batch is None else _ext.to_numpy(batch)
+        out = _ext.call(_ext.core.voxelize, _points_np(points), _ext.to_numpy(feats), list(voxel_size), b, mode)
+        coords, inverse, _perm, seg_ptr, reduced, arg = (_ext.to_tensor(a) for a in out)
+        ctx.mark_non_differentiable(coords, inverse)
+        ctx.mode = mode
+        ctx.n = feats.shape[0]
+        ctx.save_for_backward(inverse, seg_ptr, arg)
+        return reduced, coords, inverse
+
+    @staticmethod
+    def backward(ctx, grad, _grad_coords, _grad_inverse):
         inverse, seg_ptr, arg = ctx.saved_tensors
         return segment_reduce_backward(grad, inverse, seg_ptr, arg, ctx.mode, ctx.n), None, None, None, None
 
@@ -203,6 +229,10 @@ def voxelize(points: torch.Tensor, feats: torch.Tensor | None = None, voxel_size
             batch, points.shape[0], points.device))
         out_feats = torch.ops.pointsparse.segment_reduce(feats, inverse, perm, seg_ptr, REDUCE_MODES[reduce])[0]
         return SparseTensor(out_feats, coords, 1, validate=False), inverse
+    if _ext.serves(feats, dtypes=FLOAT_DTYPES) and _ext.serves(points):  # one trip into the core
+        batch = _check_batch(batch, points.shape[0], points.device)
+        out_feats, coords, inverse = _VoxelizeCore.apply(feats, points, vs, batch, REDUCE_MODES[reduce])
+        return SparseTensor(out_feats, coords, 1, validate=False), inverse
     keys, layout = quantize_keys(points, vs, batch)
     uniq, inverse, perm, seg_ptr = _coords.unique(keys)
     out_feats = _SegmentReduce.apply(feats, inverse, perm, seg_ptr, REDUCE_MODES[reduce])
@@ -263,8 +293,7 @@ def trilinear_weights(tensor: SparseTensor, points: torch.Tensor, voxel_size, ba
     layout = _coords.KeyLayout.of(tensor.coords)
     sorted_keys, rows = _coords.sort(_coords.pack(tensor.coords, layout))
     b = None if batch is None else _ext.to_numpy(batch, torch.int64)
-    p = _ext.to_numpy(points) if points.dtype in (torch.float32, torch.float64) else _ext.to_numpy(points, torch.float32)
-    idx, w = _ext.call(_ext.core.trilinear_neighbors, p, b, list(vs), list(tensor.stride), layout.core(),
+    idx, w = _ext.call(_ext.core.trilinear_neighbors, _points_np(points), b, list(vs), list(tensor.stride), layout.core(),
                        _ext.to_numpy(sorted_keys), _ext.to_numpy(rows), len(tensor))
     return _ext.to_tensor(idx), _ext.to_tensor(w)
 

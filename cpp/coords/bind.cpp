@@ -9,6 +9,7 @@
 #include "bind.h"
 #include "coords/layout.h"
 #include "coords/sort.h"
+#include "coords/unique.h"
 
 namespace ps {
 namespace {
@@ -137,30 +138,20 @@ py::tuple unique_keys(carray<int64_t> keys, int num_threads) {
   const int64_t n = keys.shape(0);
   const int nt = threads(num_threads, n);
   const int64_t* k = keys.data();
-  std::vector<int64_t> sorted(n), perm(n), starts;
+  std::vector<int64_t> sorted, starts;
   auto inverse = empty_array<int64_t>({n});
-  int64_t* inv = inverse.mutable_data();
+  auto perm = empty_array<int64_t>({n});
   {
     py::gil_scoped_release release;
     check_keys(k, n, nt, "keys");
-    radix_sort_keys(k, n, sorted.data(), perm.data(), nt);
-    starts.reserve(n + 1);
-    for (int64_t i = 0; i < n; ++i)
-      if (i == 0 || sorted[i] != sorted[i - 1]) starts.push_back(i);
-    starts.push_back(n);
-    const int64_t m = int64_t(starts.size()) - 1;
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t j = 0; j < m; ++j)
-      for (int64_t i = starts[j]; i < starts[j + 1]; ++i) inv[perm[i]] = j;
+    group_keys(k, n, sorted, perm.mutable_data(), starts, inverse.mutable_data(), nt);
   }
   const int64_t m = int64_t(starts.size()) - 1;
   auto uniq = empty_array<int64_t>({m});
   auto seg = empty_array<int64_t>({m + 1});
-  auto perm_out = empty_array<int64_t>({n});
   for (int64_t j = 0; j < m; ++j) uniq.mutable_data()[j] = sorted[starts[j]];
   std::copy(starts.begin(), starts.end(), seg.mutable_data());
-  std::copy(perm.begin(), perm.end(), perm_out.mutable_data());
-  return py::make_tuple(uniq, inverse, perm_out, seg);
+  return py::make_tuple(uniq, inverse, perm, seg);
 }
 
 }  // namespace
