@@ -50,7 +50,7 @@ from .voxelize import quantize_keys as _quantize_keys
 from .voxelize import segment_reduce as _segment_reduce
 from .voxelize import segment_reduce_backward as _segment_reduce_backward
 from .voxelize import trilinear_weights as _trilinear_weights
-from .tensor import CoordinateCache, SparseTensor, Triple, as_triple
+from .tensor import CoordinateCache, SparseTensor, Triple
 
 _LIB = "pointsparse"
 
@@ -75,7 +75,7 @@ def _as_kmap(out_coords: Tensor, in_idx: Tensor, out_idx: Tensor, sizes: Tensor,
              num_in: int) -> _kmap.KernelMap:
     """The eager :class:`~pointsparse.kmap.KernelMap` of an operator's tensors."""
     k = key_from_list(key)
-    offsets = _kmap.kernel_offsets(k.kernel_size, k.dilation, k.tensor_stride)
+    offsets = _kmap._offsets(k.kernel_size, k.dilation, k.tensor_stride)
     return _kmap.KernelMap(out_coords, in_idx, out_idx, sizes.cpu(), offsets, num_in, out_coords.shape[0], k)
 
 
@@ -110,7 +110,7 @@ def kmap_build(coords: Tensor, out_coords: Optional[Tensor], key: list[int]) -> 
     """``(in_idx, out_idx, sizes)`` of ``kmap.build`` (out_coords None: the
     submanifold map, or the downsampled coords)."""
     k = key_from_list(key)
-    m = _kmap.build(coords, k.kernel_size, k.stride, k.dilation, k.tensor_stride, out_coords=out_coords)
+    m = _kmap._build(coords, k.kernel_size, k.stride, k.dilation, k.tensor_stride, None, out_coords)
     return m.in_idx, m.out_idx, m.sizes.to(coords.device)
 
 
@@ -370,12 +370,12 @@ def _graph_key(key: _kmap.KernelMapKey) -> tuple:
     return tuple(key_to_list(key))
 
 
-def get_kmap(tensor: SparseTensor, kernel_size, stride=1, dilation=1, transposed: bool = False,
+def get_kmap(tensor: SparseTensor, k: Triple, t: Triple, d: Triple, transposed: bool = False,
              cache: GraphCache | None = None) -> GraphMap:
-    """:func:`pointsparse.kmap.get_kmap` for traced graphs: the same maps,
-    built by the operators above and cached in ``cache`` (default
-    :func:`graph_cache` of ``tensor``)."""
-    k, t, d = as_triple(kernel_size, "kernel_size"), as_triple(stride, "stride"), as_triple(dilation, "dilation")
+    """:func:`pointsparse.kmap.get_kmap` for traced graphs (kernel size,
+    stride and dilation normalised 3-tuples): the same maps, built by the
+    operators above and cached in ``cache`` (default :func:`graph_cache` of
+    ``tensor``)."""
     cache = graph_cache(tensor) if cache is None else cache
     if not transposed:
         return _down_map(cache, tensor.coords, tensor.stride, k, t, d)
