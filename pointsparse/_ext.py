@@ -73,6 +73,8 @@ def num_threads() -> int:
 #: call, as on other devices), ``"core"`` (the core must serve: a call it
 #: cannot take is a ValueError instead of a silent torch fallback).
 BACKENDS = ("auto", "core", "torch")
+#: The float dtypes the core's kernels take (conv, SpMM, voxel reductions).
+FLOAT_DTYPES = (torch.float32, torch.float64)
 BACKEND_ENV = "POINTSPARSE_BACKEND"
 _override: str | None = None
 

@@ -14,7 +14,7 @@ from .tensor import SparseTensor, as_float
 
 REDUCE_MODES = {"sum": 0, "mean": 1, "max": 2, "first": 3}
 #: The feature dtypes the core reduces (others take the torch path).
-FLOAT_DTYPES = (torch.float32, torch.float64)
+FLOAT_DTYPES = _ext.FLOAT_DTYPES
 
 
 def _voxel_size(voxel_size) -> tuple[float, float, float]:

@@ -9,7 +9,7 @@ import torch
 from .. import _ext
 from ._storage import array_nbytes
 
-_KERNEL_DTYPES = (torch.float32, torch.float64)
+_KERNEL_DTYPES = _ext.FLOAT_DTYPES
 
 
 def check_matrix(tensor, name: str = "tensor") -> torch.Tensor:

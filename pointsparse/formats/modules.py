@@ -182,7 +182,7 @@ class SparseConv3d(nn.Module):
             out = self._fkw_forward(feats, kmap)
         else:
             out = feats.new_zeros((kmap.num_out, self.out_channels))
-            fused = _ext.serves(feats, dtypes=(torch.float32, torch.float64))
+            fused = _ext.serves(feats, dtypes=_ext.FLOAT_DTYPES)
             for o, fmt in enumerate(self.offsets):
                 in_idx, out_idx = kmap.pairs(o)
                 if in_idx.numel() == 0 or fmt.values.numel() == 0:

@@ -74,7 +74,7 @@ DEFAULT_EPSILON = 0.25
 DEFAULT_TILE_ROWS = 8192
 MIN_PIECE_ROWS = 2048
 
-ENGINE_DTYPES = (torch.float32, torch.float64)
+ENGINE_DTYPES = _ext.FLOAT_DTYPES
 #: Largest fraction of listed vectors (see :func:`vector_blocks`) at which the
 #: fused engine runs the vector-sparse kernels instead of the dense ones
 #: (``VECTOR_DENSITY``), and the masked weight gradient instead of the dense
