@@ -44,9 +44,8 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _ext
-from . import coords as _coords
 from . import kmap as _kmap
-from .voxelize import quantize_keys as _quantize_keys
+from .voxelize import group_points as _group_points
 from .voxelize import segment_reduce as _segment_reduce
 from .voxelize import segment_reduce_backward as _segment_reduce_backward
 from .voxelize import trilinear_weights as _trilinear_weights
@@ -259,9 +258,7 @@ def voxelize(points: Tensor, voxel_size: list[float], batch: Optional[Tensor]) -
     """``(coords (M, 4), inverse (N,), perm (N,), seg_ptr (M + 1,))`` of
     :func:`pointsparse.voxelize`: voxels sorted by key, the voxel of each
     point, and the points of voxel ``j`` at ``perm[seg_ptr[j]:seg_ptr[j + 1]]``."""
-    keys, layout = _quantize_keys(points, voxel_size, batch)
-    uniq, inverse, perm, seg_ptr = _coords.unique(keys)
-    return _coords.unpack(uniq, layout), inverse, perm, seg_ptr
+    return _group_points(points, voxel_size, batch)
 
 
 @voxelize.register_fake

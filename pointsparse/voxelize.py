@@ -84,6 +84,27 @@ def _points_np(points: torch.Tensor):
     return _ext.to_numpy(points) if points.dtype in FLOAT_DTYPES else _ext.to_numpy(points, torch.float32)
 
 
+def group_points(points: torch.Tensor, voxel_size, batch=None):
+    """``(coords (M, 4), inverse, perm, seg_ptr)`` of the voxels of ``points``
+    (sorted by key; the points of voxel ``j`` at ``perm[seg_ptr[j]:seg_ptr[j +
+    1]]``): one core call (``core.voxelize`` with no feature columns) where
+    the core serves, else quantise, unique and unpack in torch ops."""
+    _check_points(points)
+    return _group(points, _voxel_size(voxel_size), _check_batch(batch, points.shape[0], points.device))
+
+
+def _group(points, vs, batch):
+    """:func:`group_points` of checked arguments."""
+    if _ext.serves(points):
+        b = None if batch is None else _ext.to_numpy(batch)
+        no_feats = _ext.to_numpy(points.new_zeros((points.shape[0], 0), dtype=torch.float32))
+        out = _ext.call(_ext.core.voxelize, _points_np(points), no_feats, list(vs), b, REDUCE_MODES["sum"])
+        return tuple(_ext.to_tensor(a) for a in out[:4])
+    keys, layout = _quantize_torch(points, vs, batch)
+    uniq, inverse, perm, seg_ptr = _coords.unique_torch(keys)
+    return _coords.unpack_torch(uniq, layout), inverse, perm, seg_ptr
+
+
 def quantize_keys(points: torch.Tensor, voxel_size, batch=None):
     """``(keys, layout)``: int64 keys of ``floor(points / voxel_size)`` (with
     batch) in the :class:`~pointsparse.coords.KeyLayout` fitted to them.
@@ -229,14 +250,12 @@ def voxelize(points: torch.Tensor, feats: torch.Tensor | None = None, voxel_size
             batch, points.shape[0], points.device))
         out_feats = torch.ops.pointsparse.segment_reduce(feats, inverse, perm, seg_ptr, REDUCE_MODES[reduce])[0]
         return SparseTensor(out_feats, coords, 1, validate=False), inverse
+    batch = _check_batch(batch, points.shape[0], points.device)
     if _ext.serves(feats, dtypes=FLOAT_DTYPES) and _ext.serves(points):  # one trip into the core
-        batch = _check_batch(batch, points.shape[0], points.device)
         out_feats, coords, inverse = _VoxelizeCore.apply(feats, points, vs, batch, REDUCE_MODES[reduce])
         return SparseTensor(out_feats, coords, 1, validate=False), inverse
-    keys, layout = quantize_keys(points, vs, batch)
-    uniq, inverse, perm, seg_ptr = _coords.unique(keys)
+    coords, inverse, perm, seg_ptr = _group(points, vs, batch)
     out_feats = _SegmentReduce.apply(feats, inverse, perm, seg_ptr, REDUCE_MODES[reduce])
-    coords = _coords.unpack(uniq, layout)
     return SparseTensor(out_feats, coords, 1, validate=False), inverse
 
 
