@@ -58,4 +58,16 @@ inline py::array_t<T> empty_array(std::vector<py::ssize_t> shape) {
   return py::array_t<T>(shape);
 }
 
+inline std::string dtype_str(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
+
+// The one float dtype dispatch of the bindings: fn(float{}) for a float32
+// array, fn(double{}) for float64 (the kernels' element type is
+// decltype(zero)); ValueError naming `name` for any other dtype.
+template <typename Fn>
+decltype(auto) dispatch_float(const py::array& a, const char* name, Fn&& fn) {
+  if (a.dtype().is(py::dtype::of<float>())) return fn(float{});
+  if (a.dtype().is(py::dtype::of<double>())) return fn(double{});
+  value_error(std::string(name) + " must be float32 or float64; got dtype " + dtype_str(a));
+}
+
 }  // namespace ps

@@ -30,9 +30,19 @@ bool cpu_has(Isa isa) {
 #endif
 }
 
+bool cpu_has_bf16() {
+#if defined(PS_ISA_X86)
+  __builtin_cpu_init();
+  return cpu_has(Isa::avx512) && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 struct Support {
   bool runs[kNumIsas];
-  Support() {
+  bool bf16;
+  Support() : bf16(cpu_has_bf16()) {
     for (int i = 0; i < kNumIsas; ++i) runs[i] = cpu_has(Isa(i));
   }
 };
@@ -53,6 +63,8 @@ const char* isa_name(Isa isa) {
 }
 
 bool isa_runs(Isa isa) { return support().runs[int(isa)]; }
+
+bool avx512_bf16_runs() { return support().bf16; }
 
 Isa best_isa() {
   static const Isa best = [] {

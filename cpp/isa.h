@@ -16,6 +16,9 @@ const char* isa_name(Isa isa);
 bool isa_runs(Isa isa);
 // The widest instruction set that runs here: what dispatch picks by default.
 Isa best_isa();
+// Whether the CPU runs AVX512-BF16 on top of the avx512 build (asked once;
+// the bf16 conv kernels' build is the caller's to know).
+bool avx512_bf16_runs();
 // The builds that run here, widest first, e.g. "avx512, avx2, generic".
 std::string runnable_isas();
 // `name` ("generic", "avx2", "avx512"; "" for best_isa()) as an Isa that runs

@@ -65,6 +65,20 @@ def segment_reduce(
     mode 0 sum, 1 mean (sum / count), 2 max, 3 first. The second result is the
     source row of each max (M, C), of each first (M,), empty otherwise."""
 
+def voxelize(
+    points: npt.NDArray[np.floating],
+    feats: npt.NDArray[np.float32] | npt.NDArray[np.float64],
+    voxel_size: Sequence[float],
+    batch: npt.NDArray[np.int64] | None,
+    mode: int,
+    num_threads: int,
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], np.ndarray,
+           npt.NDArray[np.int64]]:
+    """quantize + unique_keys + unpack_keys + segment_reduce in one call:
+    (coords (M, 4) int32 sorted by key, inverse (N,), perm (N,), seg_ptr
+    (M + 1,), reduced feats (M, C), arg as segment_reduce's). ValueError
+    naming the argument (points, feats, voxel_size, batch, mode) or the row."""
+
 def trilinear_neighbors(
     points: npt.NDArray[np.floating],
     batch: npt.NDArray[np.int64] | None,

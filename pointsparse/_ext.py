@@ -4,7 +4,6 @@ back as tensors sharing the core's buffers."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import numpy as np
@@ -69,26 +68,89 @@ def num_threads() -> int:
     return max(1, min(value, max_threads()))
 
 
-_force_torch = False
+#: The backend policies: ``"auto"`` (the C++ core serves every call it can
+#: take, the torch path the rest), ``"torch"`` (the pure-torch path for every
+#: call, as on other devices), ``"core"`` (the core must serve: a call it
+#: cannot take is a ValueError instead of a silent torch fallback).
+BACKENDS = ("auto", "core", "torch")
+#: The float dtypes the core's kernels take (conv, SpMM, voxel reductions).
+FLOAT_DTYPES = (torch.float32, torch.float64)
+BACKEND_ENV = "POINTSPARSE_BACKEND"
+_override: str | None = None
 
 
-def use_core(*tensors: torch.Tensor) -> bool:
-    """Whether the C++ core serves an op on these tensors: all on the CPU, and
-    not inside :func:`torch_path`."""
-    return not _force_torch and all(t.device.type == "cpu" for t in tensors)
+def _checked_backend(name, what: str) -> str:
+    if not isinstance(name, str) or name.strip().lower() not in BACKENDS:
+        raise ValueError(f"{what} must be one of {BACKENDS}; got {name!r}")
+    return name.strip().lower()
 
 
-@contextlib.contextmanager
-def torch_path():
-    """Private, for tests: inside this block every op takes its pure-torch
-    path (the one non-CPU tensors take) even on the CPU, so the tests can hold
-    it against the core. Not thread-safe; not for production code."""
-    global _force_torch
-    previous, _force_torch = _force_torch, True
-    try:
-        yield
-    finally:
-        _force_torch = previous
+def get_backend() -> str:
+    """The policy in force: the innermost :class:`backend` set, else
+    ``POINTSPARSE_BACKEND`` (empty or unset: ``"auto"``)."""
+    if _override is not None:
+        return _override
+    env = os.environ.get(BACKEND_ENV, "").strip()
+    return _checked_backend(env, BACKEND_ENV) if env else "auto"
+
+
+class backend:
+    """Set the backend policy (:data:`BACKENDS`) for every op of every module
+    (coords, voxelize, kmap, the conv engine, the operators, the formats' SpMM).
+
+    ``pointsparse.backend("torch")`` sets it until changed; ``with
+    pointsparse.backend("torch"): ...`` sets it for the block and restores the
+    previous one after. It overrides ``POINTSPARSE_BACKEND``; it is one
+    process-wide setting (not per thread). An explicit per-call choice
+    (``kmap.build(method="hash")``, ``_engine.conv``) still runs what it names."""
+
+    def __init__(self, name: str):
+        global _override
+        self.name = _checked_backend(name, "backend")
+        self._previous = _override
+        _override = self.name
+
+    def __enter__(self) -> "backend":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        global _override
+        _override = self._previous
+        return False
+
+    def __repr__(self) -> str:
+        return f"pointsparse.backend({self.name!r})"
+
+
+def takes(*tensors, dtypes=None) -> bool:
+    """The core's own conditions: every tensor (None skipped; a device stands
+    for a tensor on it) on the CPU and, given ``dtypes``, of one of them."""
+    present = [t for t in tensors if t is not None]
+    devices = [t.device if isinstance(t, torch.Tensor) else torch.device(t) for t in present]
+    return all(d.type == "cpu" for d in devices) and (
+        dtypes is None or all(t.dtype in dtypes for t in present if isinstance(t, torch.Tensor)))
+
+
+def serves(*tensors, dtypes=None) -> bool:
+    """Whether the C++ core serves a call on these tensors: the one decision
+    every module makes. ``"torch"``: never; ``"auto"``: when :func:`takes`;
+    ``"core"``: when :func:`takes`, else a ValueError saying why not."""
+    policy = get_backend()
+    if policy == "torch":
+        return False
+    if takes(*tensors, dtypes=dtypes):
+        return True
+    if policy == "core":
+        got = ", ".join(f"{t.dtype} on {t.device}" if isinstance(t, torch.Tensor) else str(t)
+                        for t in tensors if t is not None)
+        need = "CPU tensors" + ("" if dtypes is None else " of dtype " + " or ".join(str(d) for d in dtypes))
+        raise ValueError(f"backend 'core' is in force but the C++ core takes {need}; got {got}")
+    return False
+
+
+def torch_path() -> backend:
+    """``backend("torch")`` as a context manager (the tests' name for it)."""
+    return backend("torch")
 
 
 def to_numpy(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> np.ndarray:

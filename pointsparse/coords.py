@@ -155,7 +155,7 @@ def bounds(coords: torch.Tensor, name: str = "coords"):
     check_coords(coords, name)
     if coords.shape[0] == 0:
         return None
-    if _ext.use_core(coords):
+    if _ext.serves(coords):
         try:
             b = _ext.call(_ext.core.coords_bounds, _ext.to_numpy(coords))
         except ValueError as exc:
@@ -181,7 +181,7 @@ def pack(coords: torch.Tensor, layout: KeyLayout | None = None) -> torch.Tensor:
     check_coords(coords)
     if layout is None:
         layout = KeyLayout.of(coords)
-    if _ext.use_core(coords):
+    if _ext.serves(coords):
         return _ext.to_tensor(_ext.call(_ext.core.pack_keys, _ext.to_numpy(coords), layout.core()))
     return pack_torch(coords, layout)
 
@@ -202,7 +202,7 @@ def pack_torch(coords: torch.Tensor, layout: KeyLayout | None = None) -> torch.T
 
 def unpack(keys: torch.Tensor, layout: KeyLayout) -> torch.Tensor:
     """(N, 4) int32 coords of int64 keys of ``layout``."""
-    if _ext.use_core(keys):
+    if _ext.serves(keys):
         return _ext.to_tensor(_ext.call(_ext.core.unpack_keys, _ext.to_numpy(keys, torch.int64), layout.core()))
     return unpack_torch(keys, layout)
 
@@ -220,7 +220,7 @@ def unpack_torch(keys: torch.Tensor, layout: KeyLayout) -> torch.Tensor:
 def unique(keys: torch.Tensor):
     """(unique_keys ascending, inverse, perm, seg_ptr) of int64 keys: rows
     ``perm[seg_ptr[j]:seg_ptr[j+1]]`` hold key ``j`` in their original order."""
-    if _ext.use_core(keys):
+    if _ext.serves(keys):
         out = _ext.call(_ext.core.unique_keys, _ext.to_numpy(keys, torch.int64))
         return tuple(_ext.to_tensor(a) for a in out)
     return unique_torch(keys)
@@ -241,7 +241,7 @@ def unique_torch(keys: torch.Tensor):
 
 def sort(keys: torch.Tensor):
     """(sorted_keys, perm), stable."""
-    if _ext.use_core(keys):
+    if _ext.serves(keys):
         s, p = _ext.call(_ext.core.sort_keys, _ext.to_numpy(keys, torch.int64))
         return _ext.to_tensor(s), _ext.to_tensor(p)
     return sort_torch(keys)

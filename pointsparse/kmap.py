@@ -151,9 +151,12 @@ def kernel_offsets(kernel_size, dilation=1, tensor_stride=1) -> torch.Tensor:
     """int32 ``(K, 3)`` coordinate offsets in API.md order (``i_z`` fastest).
     ValueError when the kernel has more than :data:`MAX_KERNEL_VOLUME` offsets
     or an offset leaves int32 (``|offset| <= 2**31 - 1``)."""
-    k = as_triple(kernel_size, "kernel_size")
-    d = as_triple(dilation, "dilation")
-    s = as_triple(tensor_stride, "tensor_stride")
+    return _offsets(as_triple(kernel_size, "kernel_size"), as_triple(dilation, "dilation"),
+                    as_triple(tensor_stride, "tensor_stride"))
+
+
+def _offsets(k: Triple, d: Triple, s: Triple) -> torch.Tensor:
+    """:func:`kernel_offsets` of normalised 3-tuples."""
     volume = k[0] * k[1] * k[2]
     if volume > MAX_KERNEL_VOLUME:
         raise ValueError(f"kernel_size {k} has {volume} offsets; a kernel may have at most {MAX_KERNEL_VOLUME}")
@@ -174,7 +177,7 @@ def downsample_coords(coords: torch.Tensor, out_stride: Triple) -> torch.Tensor:
     """Unique ``floor(c / out_stride) * out_stride`` per batch, sorted by key
     (quantise, radix sort, unique: "ranking"). ValueError when a downsampled
     coordinate falls below int32."""
-    if coords.device.type == "cpu":
+    if _ext.serves(coords):
         return _ext.to_tensor(_ext.call(_ext.core.kmap_downsample, _ext.to_numpy(coords), list(out_stride)))
     st = torch.tensor(out_stride, dtype=torch.int64, device=coords.device)
     q = torch.div(coords[:, 1:].long(), st, rounding_mode="floor") * st
@@ -190,8 +193,9 @@ def downsample_coords(coords: torch.Tensor, out_stride: Triple) -> torch.Tensor:
 
 def default_method(device) -> str:
     """The measured fastest method for tensors on ``device``: ``"mergesort"``
-    on the CPU (bench/results/kmap.md), ``"torch"`` elsewhere."""
-    return "mergesort" if torch.device(device).type == "cpu" else "torch"
+    where the core serves them (the CPU, under the backend policy:
+    bench/results/kmap.md), ``"torch"`` elsewhere."""
+    return "mergesort" if _ext.serves(device) else "torch"
 
 
 def _check_method(method: str | None, device) -> str:
@@ -308,12 +312,16 @@ def build(coords: torch.Tensor, kernel_size=3, stride=1, dilation=1, tensor_stri
     the unique ``floor(c / (s * t)) * (s * t)``, sorted by (batch, x, y, z).
     """
     _coords.check_coords(coords)
-    k = as_triple(kernel_size, "kernel_size")
-    t = as_triple(stride, "stride")
-    d = as_triple(dilation, "dilation")
-    s = as_triple(tensor_stride, "tensor_stride")
+    return _build(coords, as_triple(kernel_size, "kernel_size"), as_triple(stride, "stride"),
+                  as_triple(dilation, "dilation"), as_triple(tensor_stride, "tensor_stride"), method, out_coords)
+
+
+def _build(coords: torch.Tensor, k: Triple, t: Triple, d: Triple, s: Triple, method: str | None = None,
+           out_coords: torch.Tensor | None = None) -> KernelMap:
+    """:func:`build` of checked coords and normalised 3-tuples (the arguments
+    are normalised once, at the public entry point)."""
     method = _check_method(method, coords.device)
-    offsets = kernel_offsets(k, d, s)
+    offsets = _offsets(k, d, s)
     _coords.check_stride_multiple(coords, s)
     if out_coords is not None:
         _coords.check_coords(out_coords, "out_coords")
@@ -341,9 +349,13 @@ def get_kmap(tensor: SparseTensor, kernel_size, stride=1, dilation=1, transposed
     ``S / t`` whose coords the cache holds, and the map is the transpose of
     that tensor's downsampling map (built once, shared by both).
     """
-    k = as_triple(kernel_size, "kernel_size")
-    t = as_triple(stride, "stride")
-    d = as_triple(dilation, "dilation")
+    return _get_kmap(tensor, as_triple(kernel_size, "kernel_size"), as_triple(stride, "stride"),
+                     as_triple(dilation, "dilation"), transposed, method)
+
+
+def _get_kmap(tensor: SparseTensor, k: Triple, t: Triple, d: Triple, transposed: bool = False,
+              method: str | None = None) -> KernelMap:
+    """:func:`get_kmap` of normalised 3-tuples."""
     cache = tensor.cache
     if not transposed:
         key = KernelMapKey(tensor.stride, k, t, d, False)

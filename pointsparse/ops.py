@@ -44,13 +44,12 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _ext
-from . import coords as _coords
 from . import kmap as _kmap
-from .voxelize import quantize_keys as _quantize_keys
+from .voxelize import group_points as _group_points
 from .voxelize import segment_reduce as _segment_reduce
 from .voxelize import segment_reduce_backward as _segment_reduce_backward
 from .voxelize import trilinear_weights as _trilinear_weights
-from .tensor import CoordinateCache, SparseTensor, Triple, as_triple
+from .tensor import CoordinateCache, SparseTensor, Triple
 
 _LIB = "pointsparse"
 
@@ -75,7 +74,7 @@ def _as_kmap(out_coords: Tensor, in_idx: Tensor, out_idx: Tensor, sizes: Tensor,
              num_in: int) -> _kmap.KernelMap:
     """The eager :class:`~pointsparse.kmap.KernelMap` of an operator's tensors."""
     k = key_from_list(key)
-    offsets = _kmap.kernel_offsets(k.kernel_size, k.dilation, k.tensor_stride)
+    offsets = _kmap._offsets(k.kernel_size, k.dilation, k.tensor_stride)
     return _kmap.KernelMap(out_coords, in_idx, out_idx, sizes.cpu(), offsets, num_in, out_coords.shape[0], k)
 
 
@@ -110,7 +109,7 @@ def kmap_build(coords: Tensor, out_coords: Optional[Tensor], key: list[int]) -> 
     """``(in_idx, out_idx, sizes)`` of ``kmap.build`` (out_coords None: the
     submanifold map, or the downsampled coords)."""
     k = key_from_list(key)
-    m = _kmap.build(coords, k.kernel_size, k.stride, k.dilation, k.tensor_stride, out_coords=out_coords)
+    m = _kmap._build(coords, k.kernel_size, k.stride, k.dilation, k.tensor_stride, None, out_coords)
     return m.in_idx, m.out_idx, m.sizes.to(coords.device)
 
 
@@ -157,7 +156,7 @@ def _plan(out_coords, in_idx, out_idx, sizes, key, num_in):
 def _engine_runs(*tensors: Tensor) -> bool:
     from .nn import _engine
 
-    return _ext.use_core(*tensors) and all(t.dtype in _engine.ENGINE_DTYPES for t in tensors)
+    return _ext.serves(*tensors, dtypes=_engine.ENGINE_DTYPES)
 
 
 def _offset_pairs(out_coords, in_idx, out_idx, sizes, key, num_in):
@@ -259,9 +258,7 @@ def voxelize(points: Tensor, voxel_size: list[float], batch: Optional[Tensor]) -
     """``(coords (M, 4), inverse (N,), perm (N,), seg_ptr (M + 1,))`` of
     :func:`pointsparse.voxelize`: voxels sorted by key, the voxel of each
     point, and the points of voxel ``j`` at ``perm[seg_ptr[j]:seg_ptr[j + 1]]``."""
-    keys, layout = _quantize_keys(points, voxel_size, batch)
-    uniq, inverse, perm, seg_ptr = _coords.unique(keys)
-    return _coords.unpack(uniq, layout), inverse, perm, seg_ptr
+    return _group_points(points, voxel_size, batch)
 
 
 @voxelize.register_fake
@@ -370,12 +367,12 @@ def _graph_key(key: _kmap.KernelMapKey) -> tuple:
     return tuple(key_to_list(key))
 
 
-def get_kmap(tensor: SparseTensor, kernel_size, stride=1, dilation=1, transposed: bool = False,
+def get_kmap(tensor: SparseTensor, k: Triple, t: Triple, d: Triple, transposed: bool = False,
              cache: GraphCache | None = None) -> GraphMap:
-    """:func:`pointsparse.kmap.get_kmap` for traced graphs: the same maps,
-    built by the operators above and cached in ``cache`` (default
-    :func:`graph_cache` of ``tensor``)."""
-    k, t, d = as_triple(kernel_size, "kernel_size"), as_triple(stride, "stride"), as_triple(dilation, "dilation")
+    """:func:`pointsparse.kmap.get_kmap` for traced graphs (kernel size,
+    stride and dilation normalised 3-tuples): the same maps, built by the
+    operators above and cached in ``cache`` (default :func:`graph_cache` of
+    ``tensor``)."""
     cache = graph_cache(tensor) if cache is None else cache
     if not transposed:
         return _down_map(cache, tensor.coords, tensor.stride, k, t, d)

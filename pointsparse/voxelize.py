@@ -13,6 +13,8 @@ from . import coords as _coords
 from .tensor import SparseTensor, as_float
 
 REDUCE_MODES = {"sum": 0, "mean": 1, "max": 2, "first": 3}
+#: The feature dtypes the core reduces (others take the torch path).
+FLOAT_DTYPES = _ext.FLOAT_DTYPES
 
 
 def _voxel_size(voxel_size) -> tuple[float, float, float]:
@@ -76,6 +78,33 @@ def _quantize_torch(points, vs, batch):
     return _coords.pack_torch(coords, layout), layout
 
 
+def _points_np(points: torch.Tensor):
+    """Points as the core takes them: float32 or float64 as they are, other
+    float dtypes as float32."""
+    return _ext.to_numpy(points) if points.dtype in FLOAT_DTYPES else _ext.to_numpy(points, torch.float32)
+
+
+def group_points(points: torch.Tensor, voxel_size, batch=None):
+    """``(coords (M, 4), inverse, perm, seg_ptr)`` of the voxels of ``points``
+    (sorted by key; the points of voxel ``j`` at ``perm[seg_ptr[j]:seg_ptr[j +
+    1]]``): one core call (``core.voxelize`` with no feature columns) where
+    the core serves, else quantise, unique and unpack in torch ops."""
+    _check_points(points)
+    return _group(points, _voxel_size(voxel_size), _check_batch(batch, points.shape[0], points.device))
+
+
+def _group(points, vs, batch):
+    """:func:`group_points` of checked arguments."""
+    if _ext.serves(points):
+        b = None if batch is None else _ext.to_numpy(batch)
+        no_feats = _ext.to_numpy(points.new_zeros((points.shape[0], 0), dtype=torch.float32))
+        out = _ext.call(_ext.core.voxelize, _points_np(points), no_feats, list(vs), b, REDUCE_MODES["sum"])
+        return tuple(_ext.to_tensor(a) for a in out[:4])
+    keys, layout = _quantize_torch(points, vs, batch)
+    uniq, inverse, perm, seg_ptr = _coords.unique_torch(keys)
+    return _coords.unpack_torch(uniq, layout), inverse, perm, seg_ptr
+
+
 def quantize_keys(points: torch.Tensor, voxel_size, batch=None):
     """``(keys, layout)``: int64 keys of ``floor(points / voxel_size)`` (with
     batch) in the :class:`~pointsparse.coords.KeyLayout` fitted to them.
@@ -84,11 +113,10 @@ def quantize_keys(points: torch.Tensor, voxel_size, batch=None):
     _check_points(points)
     vs = _voxel_size(voxel_size)
     batch = _check_batch(batch, points.shape[0], points.device)
-    if not _ext.use_core(points):
+    if not _ext.serves(points):
         return _quantize_torch(points, vs, batch)
-    p = _ext.to_numpy(points) if points.dtype in (torch.float32, torch.float64) else _ext.to_numpy(points, torch.float32)
     b = None if batch is None else _ext.to_numpy(batch)
-    keys, fields = _ext.call(_ext.core.quantize, p, list(vs), b)
+    keys, fields = _ext.call(_ext.core.quantize, _points_np(points), list(vs), b)
     return _ext.to_tensor(keys), _coords.KeyLayout(tuple(fields[:3]), tuple(fields[3:]))
 
 
@@ -96,7 +124,7 @@ def segment_reduce(feats, inverse, perm, seg_ptr, mode: int):
     """``(out (M, C), arg)``: rows ``perm[seg_ptr[j]:seg_ptr[j + 1]]`` of
     ``feats`` reduced into row ``j`` (``REDUCE_MODES``); ``arg`` the source
     rows of max (M, C) / first (M,), empty otherwise."""
-    if _ext.use_core(feats) and feats.dtype in (torch.float32, torch.float64):
+    if _ext.serves(feats, dtypes=FLOAT_DTYPES):
         out, arg = _ext.call(_ext.core.segment_reduce, _ext.to_numpy(feats), _ext.to_numpy(perm),
                              _ext.to_numpy(seg_ptr), mode)
         return _ext.to_tensor(out), _ext.to_tensor(arg)
@@ -133,6 +161,27 @@ class _SegmentReduce(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        inverse, seg_ptr, arg = ctx.saved_tensors
+        return segment_reduce_backward(grad, inverse, seg_ptr, arg, ctx.mode, ctx.n), None, None, None, None
+
+
+class _VoxelizeCore(torch.autograd.Function):
+    """The whole voxelisation in one core call (quantise, group, reduce),
+    differentiable in ``feats`` as :class:`_SegmentReduce`."""
+
+    @staticmethod
+    def forward(ctx, feats, points, voxel_size, batch, mode: int):
+        b = None if batch is None else _ext.to_numpy(batch)
+        out = _ext.call(_ext.core.voxelize, _points_np(points), _ext.to_numpy(feats), list(voxel_size), b, mode)
+        coords, inverse, _perm, seg_ptr, reduced, arg = (_ext.to_tensor(a) for a in out)
+        ctx.mark_non_differentiable(coords, inverse)
+        ctx.mode = mode
+        ctx.n = feats.shape[0]
+        ctx.save_for_backward(inverse, seg_ptr, arg)
+        return reduced, coords, inverse
+
+    @staticmethod
+    def backward(ctx, grad, _grad_coords, _grad_inverse):
         inverse, seg_ptr, arg = ctx.saved_tensors
         return segment_reduce_backward(grad, inverse, seg_ptr, arg, ctx.mode, ctx.n), None, None, None, None
 
@@ -201,10 +250,12 @@ def voxelize(points: torch.Tensor, feats: torch.Tensor | None = None, voxel_size
             batch, points.shape[0], points.device))
         out_feats = torch.ops.pointsparse.segment_reduce(feats, inverse, perm, seg_ptr, REDUCE_MODES[reduce])[0]
         return SparseTensor(out_feats, coords, 1, validate=False), inverse
-    keys, layout = quantize_keys(points, vs, batch)
-    uniq, inverse, perm, seg_ptr = _coords.unique(keys)
+    batch = _check_batch(batch, points.shape[0], points.device)
+    if _ext.serves(feats, dtypes=FLOAT_DTYPES) and _ext.serves(points):  # one trip into the core
+        out_feats, coords, inverse = _VoxelizeCore.apply(feats, points, vs, batch, REDUCE_MODES[reduce])
+        return SparseTensor(out_feats, coords, 1, validate=False), inverse
+    coords, inverse, perm, seg_ptr = _group(points, vs, batch)
     out_feats = _SegmentReduce.apply(feats, inverse, perm, seg_ptr, REDUCE_MODES[reduce])
-    coords = _coords.unpack(uniq, layout)
     return SparseTensor(out_feats, coords, 1, validate=False), inverse
 
 
@@ -256,13 +307,12 @@ def trilinear_weights(tensor: SparseTensor, points: torch.Tensor, voxel_size, ba
     vs = _voxel_size(voxel_size)
     if torch.compiler.is_compiling():
         return torch.ops.pointsparse.trilinear_weights(tensor.coords, list(tensor.stride), points, list(vs), batch)
-    if not _ext.use_core(tensor.coords, points):
+    if not _ext.serves(tensor.coords, points):
         return _trilinear_torch(tensor, points, vs, batch)
     layout = _coords.KeyLayout.of(tensor.coords)
     sorted_keys, rows = _coords.sort(_coords.pack(tensor.coords, layout))
     b = None if batch is None else _ext.to_numpy(batch, torch.int64)
-    p = _ext.to_numpy(points) if points.dtype in (torch.float32, torch.float64) else _ext.to_numpy(points, torch.float32)
-    idx, w = _ext.call(_ext.core.trilinear_neighbors, p, b, list(vs), list(tensor.stride), layout.core(),
+    idx, w = _ext.call(_ext.core.trilinear_neighbors, _points_np(points), b, list(vs), list(tensor.stride), layout.core(),
                        _ext.to_numpy(sorted_keys), _ext.to_numpy(rows), len(tensor))
     return _ext.to_tensor(idx), _ext.to_tensor(w)
 

@@ -509,3 +509,70 @@ def test_voxelize_span_over_63_bits_names_it():
         with _ext.torch_path() if path else contextlib.nullcontext():
             with pytest.raises(ValueError, match=r"coordinates span batch \[0, 0\] \(0 bits\), x \[-2000000000, "):
                 ps.voxelize(points, voxel_size=1.0)
+
+
+# --- the one-call core entry (core.voxelize) ------------------------------------
+
+@pytest.mark.parametrize("mode", [0, 1, 2, 3])
+@pytest.mark.parametrize("points_dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("feats_dtype", DTYPES)
+def test_core_voxelize_equals_the_torch_path(mode, points_dtype, feats_dtype):
+    points, feats, batch = cloud(3000, seed=17, dtype=torch.float64, batches=3)
+    points, feats = points.to(points_dtype), feats.to(feats_dtype)
+    feats[::11, 2] = float("nan")
+    feats[::7, 1] = feats[1::7, 1]  # ties for max
+    p = V._points_np(points)
+    coords, inverse, perm, seg_ptr, out, arg = (torch.from_numpy(a) for a in _ext.core.voxelize(
+        p, feats.numpy(), [0.4, 0.3, 0.5], batch.numpy(), mode, 2))
+    keys, layout = V._quantize_torch(torch.from_numpy(p), (0.4, 0.3, 0.5), batch)
+    t_uniq, t_inverse, t_perm, t_seg = C.unique_torch(keys)
+    t_out, t_arg = V._segment_reduce_torch(feats, t_inverse, t_perm, t_seg, mode)
+    assert torch.equal(coords, C.unpack_torch(t_uniq, layout))
+    for got, want in ((inverse, t_inverse), (perm, t_perm), (seg_ptr, t_seg)):
+        assert torch.equal(got, want)
+    torch.testing.assert_close(out, t_out, rtol=0, atol=0, equal_nan=True)
+    if mode in (2, 3):
+        assert torch.equal(arg, t_arg)
+    else:
+        assert arg.numel() == 0
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_core_voxelize_empty_and_single_point(n):
+    points, feats = torch.full((n, 3), 0.7, dtype=torch.float64), torch.ones(n, 2, dtype=torch.float64)
+    coords, inverse, perm, seg_ptr, out, arg = _ext.core.voxelize(points.numpy(), feats.numpy(), [1.0] * 3, None, 2, 1)
+    assert coords.shape == (n, 4) and out.shape == (n, 2) and arg.shape == (n, 2)
+    assert seg_ptr.tolist() == list(range(n + 1)) and inverse.tolist() == [0] * n and perm.tolist() == [0] * n
+
+
+VOXELIZE_RAW = {
+    "points_shape": ("core.voxelize(np.zeros((4, 2)), np.zeros((4, 1)), [1.0] * 3, None, 1, 2)", "points"),
+    "points_strings": ("core.voxelize(np.array([['a', 'b', 'c']]), np.zeros((1, 1)), [1.0] * 3, None, 1, 2)",
+                       "points"),
+    "points_nan": ("core.voxelize(np.full((2, 3), np.nan), np.zeros((2, 1)), [1.0] * 3, None, 1, 2)", "points"),
+    "points_outside_int32": ("core.voxelize(np.full((2, 3), 1e12), np.zeros((2, 1)), [1.0] * 3, None, 1, 2)",
+                             "points"),
+    "feats_rows": ("core.voxelize(np.zeros((4, 3)), np.zeros((5, 1)), [1.0] * 3, None, 1, 2)", "feats"),
+    "feats_1d": ("core.voxelize(np.zeros((4, 3)), np.zeros(4), [1.0] * 3, None, 1, 2)", "feats"),
+    "feats_int": ("core.voxelize(np.zeros((4, 3)), np.zeros((4, 1), np.int32), [1.0] * 3, None, 1, 2)", "feats"),
+    "voxel_size_zero": ("core.voxelize(np.zeros((2, 3)), np.zeros((2, 1)), [1.0, 0.0, 1.0], None, 1, 2)",
+                        "voxel_size"),
+    "voxel_size_len": ("core.voxelize(np.zeros((2, 3)), np.zeros((2, 1)), [1.0], None, 1, 2)", "voxel_size"),
+    "mode": ("core.voxelize(np.zeros((2, 3)), np.zeros((2, 1)), [1.0] * 3, None, 7, 2)", "mode"),
+    "batch_len": ("core.voxelize(np.zeros((2, 3)), np.zeros((2, 1)), [1.0] * 3, np.zeros(5, np.int64), 1, 2)",
+                  "batch"),
+    "batch_negative": ("core.voxelize(np.zeros((2, 3)), np.zeros((2, 1)), [1.0] * 3, np.array([0, -1]), 1, 2)",
+                       "batch"),
+    "batch_strings": ("core.voxelize(np.zeros((1, 3)), np.zeros((1, 1)), [1.0] * 3, np.array(['a']), 1, 2)",
+                      "batch"),
+}
+
+
+@pytest.fixture(scope="module")
+def voxelize_raw_results():
+    return run_in_children({k: v[0] for k, v in VOXELIZE_RAW.items()}, setup=CORE_ONLY + "import numpy as np\n")
+
+
+@pytest.mark.parametrize("name", sorted(VOXELIZE_RAW))
+def test_core_voxelize_bad_arrays_name_the_argument(voxelize_raw_results, name):
+    check_child(voxelize_raw_results[name], "ValueError", VOXELIZE_RAW[name][1], name)

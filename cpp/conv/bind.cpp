@@ -93,16 +93,6 @@ void check_buffer(const py::array& buf, int64_t segments, int64_t rows, int64_t 
                 std::to_string(channels) + "); got " + shape_str(buf));
 }
 
-template <typename Fn32, typename Fn64>
-void dispatch(const py::array& a, Fn32 f32, Fn64 f64) {
-  if (a.dtype().is(py::dtype::of<float>()))
-    f32();
-  else if (a.dtype().is(py::dtype::of<double>()))
-    f64();
-  else
-    value_error("feats must be float32 or float64; got dtype " + std::string(py::str(a.dtype())));
-}
-
 // buf[g * rows + i] = src[idx[start[g] + i]], zero rows past len[g].
 void gather(py::array src, carray<int64_t> idx, carray<int64_t> start, carray<int64_t> len, int64_t rows,
             py::array buf, int num_threads) {
@@ -112,8 +102,7 @@ void gather(py::array src, carray<int64_t> idx, carray<int64_t> start, carray<in
   check_same_dtype(src, buf, "src", "buf");
   const Segments seg = check_segments(idx, start, len, rows, src.shape(0), nt);
   check_buffer(buf, seg.count, rows, src.shape(1));
-  dispatch(src, [&] { gather_impl<float>(src, seg, rows, buf, nt); },
-           [&] { gather_impl<double>(src, seg, rows, buf, nt); });
+  dispatch_float(src, "src", [&](auto zero) { gather_impl<decltype(zero)>(src, seg, rows, buf, nt); });
 }
 
 // dst[idx[start[g] + i]] += buf[g * rows + i], segment after segment.
@@ -125,8 +114,7 @@ void scatter_add(py::array buf, carray<int64_t> idx, carray<int64_t> start, carr
   check_same_dtype(buf, dst, "buf", "dst");
   const Segments seg = check_segments(idx, start, len, rows, dst.shape(0), nt);
   check_buffer(buf, seg.count, rows, dst.shape(1));
-  dispatch(dst, [&] { scatter_impl<float>(buf, seg, rows, dst, nt); },
-           [&] { scatter_impl<double>(buf, seg, rows, dst, nt); });
+  dispatch_float(dst, "dst", [&](auto zero) { scatter_impl<decltype(zero)>(buf, seg, rows, dst, nt); });
 }
 
 // counts[k][p]: the rows c of W[k] (W[k].T when transpose) holding a nonzero
@@ -169,12 +157,10 @@ py::array_t<int32_t> weight_vectors(py::array weight, bool transpose) {
     value_error("weight must be a C-contiguous (K, C_in, C_out) array; got shape " + shape_str(weight));
   const int64_t K = weight.shape(0), c_in = weight.shape(1), c_out = weight.shape(2);
   py::array_t<int32_t> counts;
-  dispatch(weight, [&] {
-    counts = py::array_t<int32_t>({K, conv::panels<float>(Isa::avx2, transpose ? c_in : c_out)});
-    count_vectors(static_cast<const float*>(weight.data()), K, c_in, c_out, transpose, counts.mutable_data());
-  }, [&] {
-    counts = py::array_t<int32_t>({K, conv::panels<double>(Isa::avx2, transpose ? c_in : c_out)});
-    count_vectors(static_cast<const double*>(weight.data()), K, c_in, c_out, transpose, counts.mutable_data());
+  dispatch_float(weight, "weight", [&](auto zero) {
+    using T = decltype(zero);
+    counts = py::array_t<int32_t>({K, conv::panels<T>(Isa::avx2, transpose ? c_in : c_out)});
+    count_vectors(static_cast<const T*>(weight.data()), K, c_in, c_out, transpose, counts.mutable_data());
   });
   return counts;
 }
@@ -375,8 +361,9 @@ class ConvPlan {
     }
     const Skip skip(*this, active, false);
     const py::array* mp = mask.is_none() ? nullptr : &m;
-    dispatch(feats, [&] { run_wgrad<float>(feats, grad, grad_weight, num_threads, use, skip, mp); },
-             [&] { run_wgrad<double>(feats, grad, grad_weight, num_threads, use, skip, mp); });
+    dispatch_float(feats, "feats", [&](auto zero) {
+      run_wgrad<decltype(zero)>(feats, grad, grad_weight, num_threads, use, skip, mp);
+    });
   }
 
  private:
@@ -523,8 +510,9 @@ class ConvPlan {
 
   void apply(const py::array& src, const py::array& weight, const py::array* bias, py::array& dst, bool transpose,
              int num_threads, Isa isa, bool relu, const Skip& skip, bool vector) const {
-    dispatch(src, [&] { run_apply<float>(src, weight, bias, dst, transpose, num_threads, isa, relu, skip, vector); },
-             [&] { run_apply<double>(src, weight, bias, dst, transpose, num_threads, isa, relu, skip, vector); });
+    dispatch_float(src, transpose ? "grad" : "feats", [&](auto zero) {
+      run_apply<decltype(zero)>(src, weight, bias, dst, transpose, num_threads, isa, relu, skip, vector);
+    });
   }
 
   static void check_bf16_bits(const py::array& a, const char* name) {

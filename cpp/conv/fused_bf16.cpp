@@ -133,11 +133,7 @@ namespace conv {
 
 bool bf16_runs() {
 #if defined(PS_CONV_HAVE_BF16)
-  static const bool yes = [] {
-    __builtin_cpu_init();
-    return isa_runs(Isa::avx512) && __builtin_cpu_supports("avx512bf16");
-  }();
-  return yes;
+  return avx512_bf16_runs();
 #else
   return false;
 #endif

@@ -7,8 +7,10 @@
 
 #include "array.h"
 #include "bind.h"
+#include "coords/keys.h"
 #include "coords/layout.h"
 #include "coords/sort.h"
+#include "coords/unique.h"
 
 namespace ps {
 namespace {
@@ -43,72 +45,25 @@ py::array_t<int64_t> pack_keys(carray<int32_t> coords, std::vector<int64_t> layo
   check_2d(coords, 4, "coords");
   const KeyLayout layout = layout_from(layout_in);
   const int64_t n = coords.shape(0);
-  const int nt = threads(num_threads, n);
-  const int32_t* c = coords.data();
   auto keys = empty_array<int64_t>({n});
   int64_t* k = keys.mutable_data();
-  int32_t lo[4], hi[4];
-  layout.int32_bounds(lo, hi);
-  int bad = 0;
   {
     py::gil_scoped_release release;
-    // One pass: pack every row, note whether any lies outside the layout
-    // (then no key is returned); the check in int32 lanes vectorises.
-#pragma omp parallel for num_threads(nt) reduction(| : bad) schedule(static) firstprivate(layout, lo, hi)
-    for (int64_t i = 0; i < n; ++i) {
-      const int32_t* r = c + 4 * i;
-      for (int f = 0; f < 4; ++f) bad |= (r[f] < lo[f]) | (r[f] > hi[f]);
-      k[i] = layout.pack(r[0], r[1], r[2], r[3]);
-    }
-  }
-  if (bad) {
-    int64_t row = 0;
-    while (row + 1 < n && layout.contains(c[4 * row], c[4 * row + 1], c[4 * row + 2], c[4 * row + 3])) ++row;
-    value_error("coords row " + std::to_string(row) + " = " + row_str(c + 4 * row) +
-                " lies outside the key layout: " + layout_str(layout));
+    pack_rows(coords.data(), n, layout, k, threads(num_threads, n));
   }
   return keys;
-}
-
-void check_keys(const int64_t* k, int64_t n, int nt, const char* name) {
-  int64_t bad = 0;
-#pragma omp parallel for num_threads(nt) reduction(+ : bad) schedule(static)
-  for (int64_t i = 0; i < n; ++i) bad += (k[i] < 0);
-  if (bad) value_error(std::string(name) + " must be non-negative packed coordinate keys");
 }
 
 py::array_t<int32_t> unpack_keys(carray<int64_t> keys, std::vector<int64_t> layout_in, int num_threads) {
   check_1d(keys, -1, "keys");
   const KeyLayout layout = layout_from(layout_in);
   const int64_t n = keys.shape(0);
-  const int nt = threads(num_threads, n);
   auto coords = empty_array<int32_t>({n, 4});
-  const int64_t* k = keys.data();
   int32_t* c = coords.mutable_data();
-  // Keys of the layout: below 2^total_bits (one OR over the high bits), and
-  // their coordinates within int32 (checked per row only when a field of the
-  // layout reaches past int32).
-  const int total = layout.total_bits();
-  bool wide = false;
-  for (int a = 0; a < 3; ++a)
-    wide = wide || !coord_in_range(layout.origin[a]) || !coord_in_range(layout.origin[a] + layout.field_max(a + 1));
-  uint64_t high = 0;
-  int64_t bad = 0;
   {
     py::gil_scoped_release release;
-#pragma omp parallel for num_threads(nt) schedule(static) firstprivate(layout) reduction(| : high)
-    for (int64_t i = 0; i < n; ++i) {
-      high |= uint64_t(k[i]) >> total;
-      layout.unpack(k[i], c + 4 * i);
-    }
-    if (wide && !high) {
-#pragma omp parallel for num_threads(nt) schedule(static) reduction(+ : bad)
-      for (int64_t i = 0; i < n; ++i)
-        for (int a = 0; a < 3; ++a) bad += !coord_in_range(layout.field(k[i], a + 1) + layout.origin[a]);
-    }
+    unpack_rows(keys.data(), n, layout, c, threads(num_threads, n));
   }
-  bad += high != 0;
-  if (bad) value_error("keys must be keys of the layout (" + layout_str(layout) + ") of int32 coordinates");
   return coords;
 }
 
@@ -137,30 +92,20 @@ py::tuple unique_keys(carray<int64_t> keys, int num_threads) {
   const int64_t n = keys.shape(0);
   const int nt = threads(num_threads, n);
   const int64_t* k = keys.data();
-  std::vector<int64_t> sorted(n), perm(n), starts;
+  std::vector<int64_t> sorted, starts;
   auto inverse = empty_array<int64_t>({n});
-  int64_t* inv = inverse.mutable_data();
+  auto perm = empty_array<int64_t>({n});
   {
     py::gil_scoped_release release;
     check_keys(k, n, nt, "keys");
-    radix_sort_keys(k, n, sorted.data(), perm.data(), nt);
-    starts.reserve(n + 1);
-    for (int64_t i = 0; i < n; ++i)
-      if (i == 0 || sorted[i] != sorted[i - 1]) starts.push_back(i);
-    starts.push_back(n);
-    const int64_t m = int64_t(starts.size()) - 1;
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t j = 0; j < m; ++j)
-      for (int64_t i = starts[j]; i < starts[j + 1]; ++i) inv[perm[i]] = j;
+    group_keys(k, n, sorted, perm.mutable_data(), starts, inverse.mutable_data(), nt);
   }
   const int64_t m = int64_t(starts.size()) - 1;
   auto uniq = empty_array<int64_t>({m});
   auto seg = empty_array<int64_t>({m + 1});
-  auto perm_out = empty_array<int64_t>({n});
   for (int64_t j = 0; j < m; ++j) uniq.mutable_data()[j] = sorted[starts[j]];
   std::copy(starts.begin(), starts.end(), seg.mutable_data());
-  std::copy(perm.begin(), perm.end(), perm_out.mutable_data());
-  return py::make_tuple(uniq, inverse, perm_out, seg);
+  return py::make_tuple(uniq, inverse, perm, seg);
 }
 
 }  // namespace

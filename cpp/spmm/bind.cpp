@@ -20,13 +20,10 @@ using spmm::CsrArgs;
 using spmm::EieArgs;
 using spmm::NmArgs;
 
-std::string dtype_str(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
-
-// True for float64, false for float32; ValueError otherwise.
+// True for float64, false for float32 (the kernels' Args carry the flag);
+// ValueError otherwise.
 bool float_kind(const py::array& a, const char* name) {
-  if (a.dtype().is(py::dtype::of<float>())) return false;
-  if (a.dtype().is(py::dtype::of<double>())) return true;
-  value_error(std::string(name) + " must be float32 or float64; got " + dtype_str(a));
+  return dispatch_float(a, name, [](auto zero) { return sizeof(zero) == sizeof(double); });
 }
 
 void check_same_dtype(const py::array& a, const py::array& b, const char* na, const char* nb) {

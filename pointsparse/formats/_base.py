@@ -9,7 +9,7 @@ import torch
 from .. import _ext
 from ._storage import array_nbytes
 
-_KERNEL_DTYPES = (torch.float32, torch.float64)
+_KERNEL_DTYPES = _ext.FLOAT_DTYPES
 
 
 def check_matrix(tensor, name: str = "tensor") -> torch.Tensor:
@@ -119,7 +119,7 @@ class SparseFormat:
         if dense.dtype != self.dtype:
             raise TypeError(f"dense must have dtype {self.dtype} like the weight; got {dense.dtype}")
         dense2 = dense[:, None] if vector else dense
-        if dense2.device.type == "cpu" and self.dtype in _KERNEL_DTYPES:
+        if _ext.serves(dense2, dtypes=_KERNEL_DTYPES):
             out = self._kernel(_ext.to_numpy(dense2.detach()))
             out = _ext.to_tensor(out)
         else:

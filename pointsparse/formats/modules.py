@@ -204,8 +204,8 @@ class SparseConv3d(nn.Module):
 
     def _runs_fused_csr(self, feats: torch.Tensor) -> bool:
         """Whether every offset runs the fused C++ CSR product (CPU float32/64)."""
-        return (feats.device.type == "cpu" and feats.dtype in (torch.float32, torch.float64)
-                and all(isinstance(f, CSR) and f.dtype == feats.dtype for f in self.offsets))
+        return (all(isinstance(f, CSR) and f.dtype == feats.dtype for f in self.offsets)
+                and _ext.serves(feats, dtypes=_ext.FLOAT_DTYPES))
 
     def _fkw_forward(self, feats: torch.Tensor, kmap) -> torch.Tensor:
         """im2col over chunks of output sites: column q of the (C_in * K, n)

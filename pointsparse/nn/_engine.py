@@ -74,7 +74,7 @@ DEFAULT_EPSILON = 0.25
 DEFAULT_TILE_ROWS = 8192
 MIN_PIECE_ROWS = 2048
 
-ENGINE_DTYPES = (torch.float32, torch.float64)
+ENGINE_DTYPES = _ext.FLOAT_DTYPES
 #: Largest fraction of listed vectors (see :func:`vector_blocks`) at which the
 #: fused engine runs the vector-sparse kernels instead of the dense ones
 #: (``VECTOR_DENSITY``), and the masked weight gradient instead of the dense
@@ -460,7 +460,7 @@ def vector_counts(weight: torch.Tensor, transpose: bool = False) -> torch.Tensor
     """int64 ``(K, panels)``: ``vector_blocks(weight, transpose).sum(1)``,
     counted in one C++ pass for CPU float32/float64 (the per-call cost of
     the engine's choice), in torch ops otherwise."""
-    if weight.device.type == "cpu" and weight.dtype in ENGINE_DTYPES:
+    if _ext.serves(weight, dtypes=ENGINE_DTYPES):
         w = weight.detach().contiguous()
         return torch.from_numpy(_ext.core.conv_weight_vectors(_np(w), transpose)).to(torch.int64)
     return vector_blocks(weight, transpose).sum(1)
@@ -603,11 +603,11 @@ class _WeightGrad(torch.autograd.Function):
 def runs_bf16(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether :func:`conv_bf16` runs these tensors: CPU bfloat16 feats and
     weight, no gradient needed (inference), a CPU with AVX512-BF16."""
-    if feats.device.type != "cpu" or feats.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
+    if feats.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or not _ext.core.conv_bf16():
         return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (feats, weight, bias)):
         return False
-    return bool(_ext.core.conv_bf16())
+    return _ext.serves(feats, weight)
 
 
 def conv_bf16(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kmap: _kmap.KernelMap,
@@ -624,8 +624,9 @@ def conv_bf16(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def supported(feats: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the C++ engine runs these tensors (CPU float32/float64)."""
-    return feats.device.type == "cpu" and feats.dtype in ENGINE_DTYPES and weight.dtype == feats.dtype
+    """Whether the C++ engine serves these tensors (CPU float32/float64 of
+    one dtype) under the backend policy (``_ext.serves``)."""
+    return weight.dtype == feats.dtype and _ext.serves(feats, weight, dtypes=ENGINE_DTYPES)
 
 
 def check_arguments(feats, weight, bias, kmap: _kmap.KernelMap) -> None:
@@ -634,7 +635,7 @@ def check_arguments(feats, weight, bias, kmap: _kmap.KernelMap) -> None:
     for name, t in (("feats", feats), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-    if not supported(feats, weight):
+    if weight.dtype != feats.dtype or not _ext.takes(feats, weight, dtypes=ENGINE_DTYPES):
         raise TypeError(f"the engine takes CPU float32/float64 feats and weight of one dtype; got feats "
                         f"{feats.dtype} on {feats.device}, weight {weight.dtype} on {weight.device}")
     if feats.dim() != 2 or feats.shape[0] != kmap.num_in:

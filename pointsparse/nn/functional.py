@@ -33,7 +33,11 @@ def region_of(kernel_size, region) -> torch.Tensor | None:
     (None: every offset). ``region``: None, ``"cross"`` (the hyper-cross: the
     offsets with at most one axis away from the centre), or a sequence of
     offset indices (API.md's enumeration)."""
-    k = as_triple(kernel_size, "kernel_size")
+    return _region(as_triple(kernel_size, "kernel_size"), region)
+
+
+def _region(k, region) -> torch.Tensor | None:
+    """:func:`region_of` of a normalised kernel size."""
     volume = k[0] * k[1] * k[2]
     if region is None:
         return None
@@ -100,18 +104,18 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
             raise ValueError(f"bias must be (C_out,) = ({weight.shape[2]},); got {tuple(bias.shape)}")
         if bias.dtype != weight.dtype or bias.device != weight.device:
             raise TypeError(f"bias ({bias.dtype}, {bias.device}) must match the weight ({weight.dtype}, {weight.device})")
-    region = region_of(k, kernel_region)
+    region = _region(k, kernel_region)
     if torch.compiler.is_compiling():  # a graph of torch.compile / torch.export: the core as operators
         if region is not None:
             weight = weight * region.to(weight.device, weight.dtype).view(-1, 1, 1)
         out = _ops.conv3d(input, weight, bias, k, t, d, transposed)
         return out.with_feats(torch.relu(out.feats)) if relu else out
-    kmap = _kmap.get_kmap(input, k, t, d, transposed)
-    if _engine.supported(input.feats, weight):
+    kmap = _kmap._get_kmap(input, k, t, d, transposed)
+    if region is None and _engine.runs_bf16(input.feats, weight, bias):  # bf16 inference on AVX512-BF16
+        feats = _engine.conv_bf16(input.feats, weight, bias, kmap, cache=input.cache, relu=relu)
+    elif _engine.supported(input.feats, weight):
         feats = _engine.conv(input.feats, weight, bias, kmap, cache=input.cache, relu=relu, region=region,
                              mask=weight_mask)
-    elif region is None and _engine.runs_bf16(input.feats, weight, bias):  # bf16 inference on AVX512-BF16
-        feats = _engine.conv_bf16(input.feats, weight, bias, kmap, cache=input.cache, relu=relu)
     else:  # other devices and dtypes: the same pairs in torch ops
         if region is not None:
             weight = weight * region.to(weight.device, weight.dtype).view(-1, 1, 1)
@@ -205,7 +209,7 @@ def _pool_map(input: SparseTensor, kernel_size, stride, dilation, what: str):
     k = as_triple(kernel_size, "kernel_size")
     t = k if stride is None else as_triple(stride, "stride")
     d = as_triple(dilation, "dilation")
-    kmap = _kmap.get_kmap(input, k, t, d, False)
+    kmap = _kmap._get_kmap(input, k, t, d, False)
     return kmap, kmap.key.out_stride
 
 

@@ -1,0 +1,78 @@
+"""voxelize in one trip into the core against the four trips it replaced
+(core.quantize -> core.unique_keys -> core.segment_reduce -> core.unpack_keys,
+the keys handed back and forth through Python), interleaved repeats, medians.
+
+    .venv/bin/python bench/voxelize.py [--repeats 15]
+
+Both paths are checked equal before timing; results go to bench/results/voxelize.md."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import statistics
+import time
+
+import torch
+
+import numpy as np
+
+from _common import RESULTS_DIR, environment, real_sweeps, street_points, write_markdown
+
+import pointsparse as ps  # noqa: E402
+from pointsparse import coords as C  # noqa: E402
+
+V = importlib.import_module("pointsparse.voxelize")
+
+
+def four_trips(points, feats, voxel_size, reduce):
+    """The composition voxelize ran before (each step one core call)."""
+    keys, layout = V.quantize_keys(points, voxel_size)
+    uniq, inverse, perm, seg_ptr = C.unique(keys)
+    out = V._SegmentReduce.apply(feats, inverse, perm, seg_ptr, V.REDUCE_MODES[reduce])
+    return C.unpack(uniq, layout), out, inverse
+
+
+def one_trip(points, feats, voxel_size, reduce):
+    x, inverse = ps.voxelize(points, feats, voxel_size, reduce=reduce)
+    return x.coords, x.feats, inverse
+
+
+def interleaved(fns, repeats):
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args()
+    rows = ["| cloud | points | voxels | reduce | four trips (ms) | one trip (ms) | speed-up |", "|---|---|---|---|---|---|---|"]
+    clouds = {f"street {n // 1000}k": street_points(n, 0.05) for n in (100_000, 400_000)}
+    clouds.update({k: v for k, v in real_sweeps().items() if k.startswith("kitti")})
+    for name, cloud in clouds.items():
+        voxel_size = 0.05
+        points = torch.from_numpy(np.ascontiguousarray(cloud)).float()
+        feats = torch.randn(points.shape[0], 4)
+        for reduce in ("mean", "max"):
+            a = four_trips(points, feats, voxel_size, reduce)
+            b = one_trip(points, feats, voxel_size, reduce)
+            assert all(torch.equal(u, v) for u, v in zip(a, b)), "the paths differ"
+            run = [lambda: four_trips(points, feats, voxel_size, reduce),
+                   lambda: one_trip(points, feats, voxel_size, reduce)]
+            run[0](), run[1]()  # warm-up
+            before, after = interleaved(run, args.repeats)
+            rows.append(f"| {name} @ {voxel_size} m | {points.shape[0]} | {len(b[0])} | {reduce} "
+                        f"| {before * 1e3:.2f} | {after * 1e3:.2f} | {before / after:.2f}x |")
+            print(rows[-1], flush=True)
+    write_markdown(RESULTS_DIR / "voxelize.md", "voxelize: one trip into the core against four",
+                   "bench/voxelize.py --repeats " + str(args.repeats), environment(), ["\n".join(rows)])
+
+
+if __name__ == "__main__":
+    main()

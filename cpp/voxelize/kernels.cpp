@@ -1,0 +1,195 @@
+// Voxelisation kernels (voxelize.h).
+#include "voxelize/voxelize.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <limits>
+#include <string>
+
+#include "coords/unique.h"
+
+namespace ps {
+namespace voxelize {
+namespace {
+
+constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
+
+}  // namespace
+
+template <typename F>
+int64_t quantize_bounds(const F* p, const int64_t* batch, int64_t n, const double* vs, Bounds& out, int nt) {
+  int64_t bad = kNone;
+  int64_t lb = 0, lx = kNone, ly = kNone, lz = kNone;
+  int64_t hb = 0, hx = -kNone, hy = -kNone, hz = -kNone;
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(min : bad, lx, ly, lz) \
+    reduction(max : hb, hx, hy, hz)
+  for (int64_t i = 0; i < n; ++i) {
+    bool ok = batch == nullptr || (batch[i] >= 0 && batch[i] <= kBatchMax);
+    int64_t q[3] = {0, 0, 0};
+    for (int a = 0; a < 3 && ok; ++a) {
+      const double v = std::floor(double(p[3 * i + a]) / vs[a]);
+      ok = std::isfinite(v) && v >= double(kCoordMin) && v <= double(kCoordMax);
+      q[a] = ok ? int64_t(v) : 0;
+    }
+    if (!ok) {
+      bad = std::min(bad, i);
+      continue;
+    }
+    hb = std::max(hb, batch ? batch[i] : 0);
+    lx = std::min(lx, q[0]), hx = std::max(hx, q[0]);
+    ly = std::min(ly, q[1]), hy = std::max(hy, q[1]);
+    lz = std::min(lz, q[2]), hz = std::max(hz, q[2]);
+  }
+  if (n > 0) {
+    const int64_t l[4] = {lb, lx, ly, lz}, h[4] = {hb, hx, hy, hz};
+    std::copy(l, l + 4, out.lo);
+    std::copy(h, h + 4, out.hi);
+  }
+  return bad == kNone ? -1 : bad;
+}
+
+void check_quantized(int64_t bad, const int64_t* b) {
+  if (bad >= 0 && b != nullptr && (b[bad] < 0 || b[bad] > kBatchMax))
+    value_error("batch[" + std::to_string(bad) + "] = " + std::to_string(b[bad]) + " is outside [0, " +
+                std::to_string(kBatchMax) + "]");
+  if (bad >= 0)
+    value_error("points row " + std::to_string(bad) +
+                " cannot be voxelised: coordinates must be finite and points / voxel_size must "
+                "lie in the int32 range [" + std::to_string(kCoordMin) + ", " + std::to_string(kCoordMax) +
+                "] (shift the cloud or use a larger voxel_size)");
+}
+
+template <typename F>
+void quantize_keys(const F* p, const int64_t* batch, int64_t n, const double* vs, const KeyLayout& layout,
+                   int64_t* keys, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static) firstprivate(layout)
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t q[3];
+    for (int a = 0; a < 3; ++a) q[a] = int64_t(std::floor(double(p[3 * i + a]) / vs[a]));
+    keys[i] = layout.pack(batch ? batch[i] : 0, q[0], q[1], q[2]);
+  }
+}
+
+template <typename F>
+Voxels group_points(const F* p, const int64_t* batch, int64_t n, const double* vs, int64_t* perm,
+                    int64_t* inverse, int nt) {
+  Bounds bounds;
+  check_quantized(quantize_bounds(p, batch, n, vs, bounds, nt), batch);
+  const int64_t none[3] = {0, 0, 0};
+  Voxels voxels;
+  voxels.layout = fit_layout(bounds, none);
+  std::vector<int64_t> keys(static_cast<std::size_t>(n));
+  quantize_keys(p, batch, n, vs, voxels.layout, keys.data(), nt);
+  group_keys(keys.data(), n, voxels.sorted, perm, voxels.starts, inverse, nt);
+  return voxels;
+}
+
+void voxel_coords(const Voxels& voxels, int32_t* coords, int64_t* seg_ptr, int nt) {
+  const int64_t m = voxels.count();
+  const KeyLayout layout = voxels.layout;
+  const int64_t* sorted = voxels.sorted.data();
+  const int64_t* starts = voxels.starts.data();
+#pragma omp parallel for num_threads(nt) schedule(static) firstprivate(layout)
+  for (int64_t j = 0; j < m; ++j) layout.unpack(sorted[starts[j]], coords + 4 * j);
+  std::copy(starts, starts + m + 1, seg_ptr);
+}
+
+template <typename F>
+void reduce(const F* x, int64_t c, const int64_t* perm, const int64_t* seg, int64_t m,
+                 int mode, F* out, int64_t* arg, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 256)
+  for (int64_t j = 0; j < m; ++j) {
+    F* o = out + j * c;
+    const int64_t lo = seg[j], hi = seg[j + 1];
+    if (mode == 3) {
+      const F* src = x + perm[lo] * c;
+      std::copy(src, src + c, o);
+      arg[j] = perm[lo];
+      continue;
+    }
+    if (mode == 2) {
+      int64_t* a = arg + j * c;
+      const F* src = x + perm[lo] * c;
+      for (int64_t k = 0; k < c; ++k) o[k] = src[k], a[k] = perm[lo];
+      // NaN propagates (as torch.amax): the first NaN row of a voxel wins
+      // and stays; otherwise the first row holding the maximum.
+      for (int64_t i = lo + 1; i < hi; ++i) {
+        const F* s = x + perm[i] * c;
+        for (int64_t k = 0; k < c; ++k)
+          if (s[k] > o[k] || (s[k] != s[k] && o[k] == o[k])) o[k] = s[k], a[k] = perm[i];
+      }
+      continue;
+    }
+    std::fill(o, o + c, F(0));
+    for (int64_t i = lo; i < hi; ++i) {
+      const F* s = x + perm[i] * c;
+      for (int64_t k = 0; k < c; ++k) o[k] += s[k];
+    }
+    if (mode == 1) {
+      const F count = F(hi - lo);
+      for (int64_t k = 0; k < c; ++k) o[k] /= count;
+    }
+  }
+}
+
+template <typename F>
+void trilinear(const F* p, const int64_t* batch, int64_t n, const double* vs, const int64_t* st,
+               const KeyLayout& layout, const int64_t* keys, const int64_t* rows, int64_t m, int64_t* idx, F* w,
+               int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    double base[3], frac[3];
+    for (int a = 0; a < 3; ++a) {
+      const double u = double(p[3 * i + a]) / (vs[a] * double(st[a])) - 0.5;
+      base[a] = std::floor(u);
+      frac[a] = u - base[a];
+    }
+    // Weights in double: each is rounded to F once, after renormalising.
+    double weights[8];
+    double total = 0;
+    for (int corner = 0; corner < 8; ++corner) {
+      int64_t q[3];
+      double weight = 1;
+      const int64_t b = batch ? batch[i] : 0;
+      bool ok = b <= layout.field_max(0);  // other batches hold no voxel
+      for (int a = 0; a < 3; ++a) {
+        const int bit = (corner >> (2 - a)) & 1;
+        // Check the corner against the layout as a double before any integer
+        // cast (exact: the bounds are below 2^53); outside it no voxel is active.
+        const double qd = (base[a] + bit) * double(st[a]);
+        ok = ok && qd >= double(layout.origin[a]) && qd <= double(layout.origin[a] + layout.field_max(a + 1));
+        q[a] = ok ? int64_t(qd) : 0;
+        weight *= bit ? frac[a] : 1 - frac[a];
+      }
+      int64_t row = -1;
+      if (ok) {
+        const int64_t key = layout.pack(b, q[0], q[1], q[2]);
+        const int64_t* hit = std::lower_bound(keys, keys + m, key);
+        if (hit != keys + m && *hit == key) row = rows[hit - keys];
+      }
+      idx[8 * i + corner] = row;
+      weights[corner] = row >= 0 ? weight : 0.0;
+      total += weights[corner];
+    }
+    for (int corner = 0; corner < 8; ++corner)
+      w[8 * i + corner] = total > 0 ? F(weights[corner] / total) : F(0);
+  }
+}
+
+#define PS_VOXELIZE_INSTANTIATE(F)                                                                        \
+  template int64_t quantize_bounds<F>(const F*, const int64_t*, int64_t, const double*, Bounds&, int);         \
+  template void quantize_keys<F>(const F*, const int64_t*, int64_t, const double*, const KeyLayout&, int64_t*, \
+                                 int);                                                                         \
+  template Voxels group_points<F>(const F*, const int64_t*, int64_t, const double*, int64_t*, int64_t*, int);  \
+  template void reduce<F>(const F*, int64_t, const int64_t*, const int64_t*, int64_t, int, F*, int64_t*, int); \
+  template void trilinear<F>(const F*, const int64_t*, int64_t, const double*, const int64_t*,                 \
+                             const KeyLayout&, const int64_t*, const int64_t*, int64_t, int64_t*, F*, int);
+PS_VOXELIZE_INSTANTIATE(float)
+PS_VOXELIZE_INSTANTIATE(double)
+#undef PS_VOXELIZE_INSTANTIATE
+
+}  // namespace voxelize
+}  // namespace ps

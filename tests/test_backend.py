@@ -1,0 +1,164 @@
+"""The one backend policy (``pointsparse.backend``, ``POINTSPARSE_BACKEND``):
+forcing "torch" reaches every module (the core is never called), and the
+public ops give the same results on the torch path and on the core."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pointsparse as ps
+from pointsparse import _ext
+from pointsparse import coords as C
+from pointsparse import formats
+from pointsparse import kmap as km
+from pointsparse.nn import functional as F
+from reference import dense_conv, dense_conv_transpose, kmap_reference, random_coords
+
+
+class _NoCore:
+    """Stands in for the C++ core: any use of it fails the test."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the core's {name} was called under the torch backend")
+
+
+def _cloud(n=400, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    points = torch.rand(n, 3, generator=g, dtype=dtype) * 6 - 2
+    feats = torch.randn(n, 3, generator=g, dtype=dtype)
+    feats[5, 1] = float("nan")  # max propagates NaN on both paths
+    batch = torch.randint(0, 2, (n,), generator=g)
+    return points, feats, batch
+
+
+def _tensor(seed=0, c=3):
+    coords = random_coords(300, 7, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    return ps.SparseTensor(torch.randn(len(coords), c, generator=g, dtype=torch.float64), coords)
+
+
+def _weight(volume, c_in, c_out, seed=2):
+    return torch.randn(volume, c_in, c_out, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _conv_chain(x, w_sub, w_down, w_up):
+    """Submanifold, strided and transposed conv with gradients for feats and weights."""
+    feats = x.feats.clone().requires_grad_()
+    weights = [w.clone().requires_grad_() for w in (w_sub, w_down, w_up)]
+    a = F.conv3d(x.with_feats(feats), weights[0], 3)
+    b = F.conv3d(a, weights[1], 2, 2)
+    c = F.conv3d(b, weights[2], 2, 2, transposed=True)
+    c.feats.square().sum().backward()
+    return [a.feats, b.feats, c.feats, b.coords, feats.grad, *(w.grad for w in weights)]
+
+
+def _public_ops():
+    """A representative run of the public ops; every result as a list of tensors."""
+    points, feats, batch = _cloud()
+    out = []
+    coords = random_coords(300, 9, seed=3)
+    layout = C.KeyLayout.of(coords)
+    keys = C.pack(coords, layout)
+    out += [keys, *C.unique(torch.cat([keys, keys[:50]])), C.unpack(keys, layout), *C.sort(keys)]
+    for reduce in ("mean", "max", "sum", "first"):
+        x, inverse = ps.voxelize(points, feats, 0.5, batch, reduce)
+        out += [x.feats, x.coords, inverse]
+    out += [ps.devoxelize(x, points=points, voxel_size=0.5, batch=batch, mode="trilinear")]
+    for k, t in ((3, 1), (2, 2), (3, 2)):
+        m = km.build(coords, k, t)
+        out += [m.out_coords, m.in_idx, m.out_idx, m.sizes]
+    x = _tensor()
+    out += _conv_chain(x, _weight(27, 3, 4), _weight(8, 4, 5), _weight(8, 5, 4))
+    w = torch.randn(12, 9, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    w[w.abs() < 0.8] = 0
+    dense = torch.randn(9, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    out += [formats.CSR.from_dense(w).matmul(dense), formats.BSR.from_dense(w, blocksize=(3, 3)).matmul(dense)]
+    return out
+
+
+def _assert_same(core, torch_path):
+    assert len(core) == len(torch_path)
+    for i, (a, b) in enumerate(zip(core, torch_path)):
+        assert a.dtype == b.dtype and a.shape == b.shape, i
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, equal_nan=True, msg=f"result {i}")
+        else:
+            assert torch.equal(a, b), f"result {i}"
+
+
+def test_forced_torch_reaches_every_module_and_equals_the_core(monkeypatch):
+    with ps.backend("core"):
+        core = _public_ops()
+    with monkeypatch.context() as patch:
+        patch.setattr(_ext, "core", _NoCore())
+        with ps.backend("torch"):
+            torch_path = _public_ops()
+    _assert_same(core, torch_path)
+
+
+def test_environment_variable_forces_the_torch_path(monkeypatch):
+    auto = _public_ops()
+    monkeypatch.setenv("POINTSPARSE_BACKEND", "torch")
+    assert ps.get_backend() == "torch"
+    with monkeypatch.context() as patch:
+        patch.setattr(_ext, "core", _NoCore())
+        torch_path = _public_ops()
+    with ps.backend("auto"):  # the call's setting wins over the environment
+        assert ps.get_backend() == "auto"
+    _assert_same(auto, torch_path)
+
+
+def test_the_torch_path_matches_naive_references():
+    coords = random_coords(200, 6, seed=7)
+    with ps.backend("torch"):
+        m = km.build(coords, 3, 2)
+        x = _tensor(seed=5)
+        w, w_up = _weight(8, 3, 4), _weight(8, 4, 3, seed=3)
+        down = F.conv3d(x, w, 2, 2)
+        up = F.conv3d(down, w_up, 2, 2, transposed=True)
+    out_coords, in_idx, out_idx, sizes = kmap_reference(coords, 3, 2)
+    for name, ref in (("out_coords", out_coords), ("in_idx", in_idx), ("out_idx", out_idx), ("sizes", sizes)):
+        assert torch.equal(getattr(m, name), torch.as_tensor(ref, dtype=getattr(m, name).dtype)), name
+    torch.testing.assert_close(down.feats, dense_conv(x, w, down.coords, 2, 2))
+    torch.testing.assert_close(up.feats, dense_conv_transpose(down, w_up, x.coords, 2, 2))
+
+
+def test_backend_setting_nests_and_restores():
+    assert ps.get_backend() == "auto"
+    with ps.backend("torch"):
+        with ps.backend("core"):
+            assert ps.get_backend() == "core"
+        assert ps.get_backend() == "torch"
+    assert ps.get_backend() == "auto"
+    setting = ps.backend("torch")  # without `with`: until changed
+    try:
+        assert ps.get_backend() == "torch" and repr(setting) == "pointsparse.backend('torch')"
+    finally:
+        setting.__exit__(None, None, None)
+    assert ps.get_backend() == "auto"
+
+
+@pytest.mark.parametrize("bad", ["gpu", "", 3, None])
+def test_bad_backend_is_a_value_error_naming_it(bad, monkeypatch):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ps.backend(bad)
+    assert ps.get_backend() == "auto"
+    monkeypatch.setenv("POINTSPARSE_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="POINTSPARSE_BACKEND must be one of"):
+        ps.get_backend()
+
+
+def test_forced_core_refuses_what_the_core_cannot_take():
+    x = _tensor()
+    w = _weight(27, 3, 4)
+    with ps.backend("core"):
+        with pytest.raises(ValueError, match="backend 'core' is in force"):
+            F.conv3d(ps.SparseTensor(x.feats.half(), x.coords), w.half(), 3)
+        with pytest.raises(ValueError, match="backend 'core' is in force"):
+            km.default_method("meta")
+        points, feats, _ = _cloud()
+        with pytest.raises(ValueError, match="float32 or torch.float64"):
+            ps.voxelize(points, feats.half(), 0.5)
+    # the default policy takes the torch path for them
+    assert F.conv3d(ps.SparseTensor(x.feats.half(), x.coords), w.half(), 3).feats.dtype == torch.float16
