@@ -73,6 +73,7 @@ SHARD_SCRIPT = textwrap.dedent("""
                                          all_reduce=True)
             torch.save({"read": sorted(job.val_src._cache), "names": [s.name for s in samples], "cm": cm,
                         "first": None if first is None else first[3]}, f"{out}/shard{rank}.pt")
+            distributed.destroy(barrier=True)
         finally:
             distributed.destroy()
 

@@ -66,6 +66,12 @@ def worker_environment(rank: int, world: int, port: int) -> None:
                       LOCAL_RANK=str(rank))
 
 
-def destroy() -> None:
+def destroy(barrier: bool = False) -> None:
+    """Leave the process group. ``barrier=True`` (on the normal path only, never
+    after an error, where the other ranks may be gone) waits for every rank
+    first: gloo aborts a process whose group is torn down while a peer is still
+    in its last collective."""
     if torch.distributed.is_initialized():
+        if barrier:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -337,6 +337,7 @@ def _spawn_worker(rank: int, world: int, port: int, args) -> None:
             _, model = _train(args)
         if getattr(args, "rank_weights", None):  # set by the tests, not a command-line flag
             torch.save(model.state_dict(), Path(args.rank_weights) / f"rank{rank}.pt")
+        destroy(barrier=True)
     finally:
         destroy()
 
@@ -591,7 +592,7 @@ def main(args) -> int:
             print(f"metrics: {metrics_path}")
         return 0
     report = train(args)
-    destroy()
+    destroy(barrier=True)
     if report is not None:
         print(f"mIoU {100 * report['miou']:.1f}%  ->  {Path(args.out) / 'metrics.json'}")
         for name, path in report["pictures"].items():
