@@ -43,7 +43,7 @@ py::array_t<int64_t> pack_keys(carray<int32_t> coords, std::vector<int64_t> layo
   check_2d(coords, 4, "coords");
   const KeyLayout layout = layout_from(layout_in);
   const int64_t n = coords.shape(0);
-  const int nt = threads(num_threads, n);
+  const int nt = stream_threads(num_threads, n);
   const int32_t* c = coords.data();
   auto keys = empty_array<int64_t>({n});
   int64_t* k = keys.mutable_data();
@@ -81,7 +81,7 @@ py::array_t<int32_t> unpack_keys(carray<int64_t> keys, std::vector<int64_t> layo
   check_1d(keys, -1, "keys");
   const KeyLayout layout = layout_from(layout_in);
   const int64_t n = keys.shape(0);
-  const int nt = threads(num_threads, n);
+  const int nt = stream_threads(num_threads, n);
   auto coords = empty_array<int32_t>({n, 4});
   const int64_t* k = keys.data();
   int32_t* c = coords.mutable_data();
@@ -115,7 +115,7 @@ py::array_t<int32_t> unpack_keys(carray<int64_t> keys, std::vector<int64_t> layo
 py::tuple sort_keys(carray<int64_t> keys, int num_threads) {
   check_1d(keys, -1, "keys");
   const int64_t n = keys.shape(0);
-  const int nt = threads(num_threads, n);
+  const int nt = stream_threads(num_threads, n);  // the checks and scatters; the sort has its own grain
   auto sorted = empty_array<int64_t>({n});
   auto perm = empty_array<int64_t>({n});
   const int64_t* k = keys.data();
@@ -124,7 +124,7 @@ py::tuple sort_keys(carray<int64_t> keys, int num_threads) {
   {
     py::gil_scoped_release release;
     check_keys(k, n, nt, "keys");
-    radix_sort_keys(k, n, s, p, nt);
+    radix_sort_keys(k, n, s, p, threads(num_threads));
   }
   return py::make_tuple(sorted, perm);
 }
@@ -135,7 +135,7 @@ py::tuple sort_keys(carray<int64_t> keys, int num_threads) {
 py::tuple unique_keys(carray<int64_t> keys, int num_threads) {
   check_1d(keys, -1, "keys");
   const int64_t n = keys.shape(0);
-  const int nt = threads(num_threads, n);
+  const int nt = stream_threads(num_threads, n);  // the checks and scatters; the sort has its own grain
   const int64_t* k = keys.data();
   std::vector<int64_t> sorted(n), perm(n), starts;
   auto inverse = empty_array<int64_t>({n});
@@ -143,7 +143,7 @@ py::tuple unique_keys(carray<int64_t> keys, int num_threads) {
   {
     py::gil_scoped_release release;
     check_keys(k, n, nt, "keys");
-    radix_sort_keys(k, n, sorted.data(), perm.data(), nt);
+    radix_sort_keys(k, n, sorted.data(), perm.data(), threads(num_threads));
     starts.reserve(n + 1);
     for (int64_t i = 0; i < n; ++i)
       if (i == 0 || sorted[i] != sorted[i - 1]) starts.push_back(i);
