@@ -115,6 +115,13 @@ inline int threads(int requested) {
 constexpr int64_t kParallelMin = int64_t(1) << 14;
 inline int threads(int requested, int64_t work) { return work < kParallelMin ? 1 : threads(requested); }
 
+// Streaming loops (a read and a write per row, little arithmetic: packing,
+// bounds, checks, scatters of an index) run on one thread below this many
+// rows: 1M rows take about a millisecond on one core, and a team's barrier on
+// a busy machine can cost a whole time slice.
+constexpr int64_t kStreamParallelMin = int64_t(1) << 20;
+inline int stream_threads(int requested, int64_t rows) { return rows < kStreamParallelMin ? 1 : threads(requested); }
+
 [[noreturn]] inline void value_error(const std::string& msg) { throw std::invalid_argument(msg); }
 
 }  // namespace ps

@@ -210,7 +210,7 @@ def test_small_calls_do_not_start_a_thread_team():
         "keys = core.quantize(np.random.rand(100, 3), [0.1] * 3, None, 2)\n"
         "core.trilinear_neighbors(np.random.rand(100, 3), None, [0.1] * 3, [1, 1, 1], lay, u, perm, 100, 2)\n"
         "assert tasks() == before, ('small calls started threads', before, tasks())\n"
-        "core.sort_keys(np.arange(100000), 2)\n"
+        "core.sort_keys(np.arange(300000), 2)\n"  # above the sort's 2^18-key grain
         "assert tasks() > before, 'a large call should use the team'\n"
         "print('ok')\n"
     )

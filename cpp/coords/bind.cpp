@@ -49,7 +49,7 @@ py::array_t<int64_t> pack_keys(carray<int32_t> coords, std::vector<int64_t> layo
   int64_t* k = keys.mutable_data();
   {
     py::gil_scoped_release release;
-    pack_rows(coords.data(), n, layout, k, threads(num_threads, n));
+    pack_rows(coords.data(), n, layout, k, stream_threads(num_threads, n));
   }
   return keys;
 }
@@ -62,7 +62,7 @@ py::array_t<int32_t> unpack_keys(carray<int64_t> keys, std::vector<int64_t> layo
   int32_t* c = coords.mutable_data();
   {
     py::gil_scoped_release release;
-    unpack_rows(keys.data(), n, layout, c, threads(num_threads, n));
+    unpack_rows(keys.data(), n, layout, c, stream_threads(num_threads, n));
   }
   return coords;
 }
@@ -70,7 +70,7 @@ py::array_t<int32_t> unpack_keys(carray<int64_t> keys, std::vector<int64_t> layo
 py::tuple sort_keys(carray<int64_t> keys, int num_threads) {
   check_1d(keys, -1, "keys");
   const int64_t n = keys.shape(0);
-  const int nt = threads(num_threads, n);
+  const int nt = stream_threads(num_threads, n);  // the checks and scatters; the sort has its own grain
   auto sorted = empty_array<int64_t>({n});
   auto perm = empty_array<int64_t>({n});
   const int64_t* k = keys.data();
@@ -79,7 +79,7 @@ py::tuple sort_keys(carray<int64_t> keys, int num_threads) {
   {
     py::gil_scoped_release release;
     check_keys(k, n, nt, "keys");
-    radix_sort_keys(k, n, s, p, nt);
+    radix_sort_keys(k, n, s, p, threads(num_threads));
   }
   return py::make_tuple(sorted, perm);
 }
@@ -90,7 +90,7 @@ py::tuple sort_keys(carray<int64_t> keys, int num_threads) {
 py::tuple unique_keys(carray<int64_t> keys, int num_threads) {
   check_1d(keys, -1, "keys");
   const int64_t n = keys.shape(0);
-  const int nt = threads(num_threads, n);
+  const int nt = stream_threads(num_threads, n);  // the checks and scatters; the sort has its own grain
   const int64_t* k = keys.data();
   std::vector<int64_t> sorted, starts;
   auto inverse = empty_array<int64_t>({n});
@@ -98,7 +98,7 @@ py::tuple unique_keys(carray<int64_t> keys, int num_threads) {
   {
     py::gil_scoped_release release;
     check_keys(k, n, nt, "keys");
-    group_keys(k, n, sorted, perm.mutable_data(), starts, inverse.mutable_data(), nt);
+    group_keys(k, n, sorted, perm.mutable_data(), starts, inverse.mutable_data(), num_threads);
   }
   const int64_t m = int64_t(starts.size()) - 1;
   auto uniq = empty_array<int64_t>({m});

@@ -49,7 +49,7 @@ void Bounds::merge(const Bounds& other) {
 Bounds coords_bounds(const int32_t* c, int64_t n, int nt, int64_t* first_negative_batch) {
   // Per-thread int32 lanes (the compiler vectorises the 4 columns), merged
   // in thread order.
-  const int team = threads(nt, n);
+  const int team = stream_threads(nt, n);
   std::vector<std::array<int32_t, 8>> part(team);
   for (auto& p : part)
     for (int f = 0; f < 4; ++f) {

@@ -5,14 +5,16 @@
 
 #include <cstddef>
 
+#include "common.h"
 #include "coords/sort.h"
 
 namespace ps {
 
 void group_keys(const int64_t* keys, int64_t n, std::vector<int64_t>& sorted, int64_t* perm,
-                std::vector<int64_t>& starts, int64_t* inverse, int nt) {
+                std::vector<int64_t>& starts, int64_t* inverse, int num_threads) {
   sorted.resize(std::size_t(n));
-  radix_sort_keys(keys, n, sorted.data(), perm, nt);
+  radix_sort_keys(keys, n, sorted.data(), perm, threads(num_threads));  // the sort picks its own grain
+  const int nt = stream_threads(num_threads, n);
   starts.clear();
   starts.reserve(std::size_t(n) + 1);
   for (int64_t i = 0; i < n; ++i)

@@ -59,7 +59,7 @@ py::tuple quantize(py::array points, std::vector<double> voxel_size, py::object 
   points = points_arg(points);
   const auto vs = voxel_size_vec(voxel_size);
   const int64_t n = points.shape(0);
-  const int nt = threads(num_threads, n);
+  const int nt = stream_threads(num_threads, n);
   const auto batch = batch_arg(batch_obj, n);
   const int64_t* b = batch.data;
   auto keys = empty_array<int64_t>({n});
@@ -134,7 +134,7 @@ py::tuple voxelize_points(py::array points, py::array feats, std::vector<double>
       using P = decltype(pzero);
       const P* p = static_cast<const P*>(points.data());
       py::gil_scoped_release release;
-      return voxelize::group_points(p, b, n, vs.data(), pm, inverse.mutable_data(), threads(num_threads, n));
+      return voxelize::group_points(p, b, n, vs.data(), pm, inverse.mutable_data(), num_threads);
     });
     const int64_t m = voxels.count();
     auto coords = empty_array<int32_t>({m, 4});
@@ -143,7 +143,7 @@ py::tuple voxelize_points(py::array points, py::array feats, std::vector<double>
     auto arg = reduce_arg(mode, m, c);
     {
       py::gil_scoped_release release;
-      voxelize::voxel_coords(voxels, coords.mutable_data(), seg.mutable_data(), threads(num_threads, m));
+      voxelize::voxel_coords(voxels, coords.mutable_data(), seg.mutable_data(), stream_threads(num_threads, m));
       voxelize::reduce(x.data(), c, pm, seg.data(), m, mode, out.mutable_data(), arg.mutable_data(),
                        threads(num_threads, n * std::max<int64_t>(c, 1)));
     }

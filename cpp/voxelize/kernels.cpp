@@ -75,7 +75,8 @@ void quantize_keys(const F* p, const int64_t* batch, int64_t n, const double* vs
 
 template <typename F>
 Voxels group_points(const F* p, const int64_t* batch, int64_t n, const double* vs, int64_t* perm,
-                    int64_t* inverse, int nt) {
+                    int64_t* inverse, int num_threads) {
+  const int nt = stream_threads(num_threads, n);
   Bounds bounds;
   check_quantized(quantize_bounds(p, batch, n, vs, bounds, nt), batch);
   const int64_t none[3] = {0, 0, 0};
@@ -83,7 +84,7 @@ Voxels group_points(const F* p, const int64_t* batch, int64_t n, const double* v
   voxels.layout = fit_layout(bounds, none);
   std::vector<int64_t> keys(static_cast<std::size_t>(n));
   quantize_keys(p, batch, n, vs, voxels.layout, keys.data(), nt);
-  group_keys(keys.data(), n, voxels.sorted, perm, voxels.starts, inverse, nt);
+  group_keys(keys.data(), n, voxels.sorted, perm, voxels.starts, inverse, num_threads);
   return voxels;
 }
 

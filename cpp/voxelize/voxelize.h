@@ -42,7 +42,7 @@ struct Voxels {
 };
 template <typename F>
 Voxels group_points(const F* p, const int64_t* batch, int64_t n, const double* vs, int64_t* perm,
-                    int64_t* inverse, int nt);
+                    int64_t* inverse, int num_threads);
 
 // coords (M, 4) int32 [batch, x, y, z] and seg_ptr (M + 1) of the voxels.
 void voxel_coords(const Voxels& voxels, int32_t* coords, int64_t* seg_ptr, int nt);

@@ -1,0 +1,105 @@
+"""Issue 14, item 3: what the fused plan costs against its kernel map, and
+whether the engine's grouped method (C++ gather, torch mm/bmm per group of
+offsets, C++ scatter) earns its place against the fused method.
+
+    flock /work/cpu.lock .venv/bin/python bench/plan_grouped.py [--repeats 9]
+
+On the KITTI sweep at 0.05 m (a generated 100k street when absent): for the
+submanifold k=3 and strided k=2 s=2 maps, the map build, the fused plan and
+the grouped plan (interleaved medians); then the conv with each method,
+forward and forward+backward at C = 64 and 128, outputs checked equal to
+float rounding first. Writes bench/results/plan_grouped.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+import torch
+
+from _common import RESULTS_DIR, environment, real_scene, real_sweeps, street_scene, write_markdown
+
+import pointsparse as ps  # noqa: E402  (after _common puts the repo on the path)
+from pointsparse import _ext  # noqa: E402
+from pointsparse.nn import _engine  # noqa: E402
+
+MAPS = (("submanifold k=3", 3, 1), ("strided k=2 s=2", 2, 2))
+
+
+def interleaved(fns: dict, repeats: int) -> dict:
+    """Median seconds of each callable, calls interleaved round by round."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(v)) for name, v in times.items()}
+
+
+def plan_rows(coords: torch.Tensor, repeats: int) -> list[str]:
+    rows = ["| map | pairs | map build ms | fused plan ms | fused plan / map | grouped plan ms |", "|---|---|---|---|---|---|"]
+    for name, k, t in MAPS:
+        kmap = ps.kmap.build(coords, k, t)
+        med = interleaved({"map": lambda: ps.kmap.build(coords, k, t),
+                           "fused": lambda: _engine.make_fused_plan(kmap),
+                           "grouped": lambda: _engine.make_plan(kmap)}, repeats)
+        rows.append(f"| {name} | {kmap.num_pairs} | {med['map'] * 1e3:.2f} | {med['fused'] * 1e3:.2f} | "
+                    f"{100 * med['fused'] / med['map']:.0f}% | {med['grouped'] * 1e3:.2f} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def run(feats, weight, kmap, plan, backward: bool) -> torch.Tensor:
+    f, w = feats.detach().requires_grad_(backward), weight.detach().requires_grad_(backward)
+    out = _engine.ConvFunction.apply(f, w, None, plan)
+    if backward:
+        out.backward(torch.ones_like(out))
+    return out
+
+
+def method_rows(coords: torch.Tensor, repeats: int) -> list[str]:
+    rows = ["| map | C | fused fwd ms | grouped fwd ms | grouped / fused | fused fwd+bwd ms | grouped fwd+bwd ms | "
+            "grouped / fused |", "|---|---|---|---|---|---|---|---|"]
+    for name, k, t in MAPS:
+        kmap = ps.kmap.build(coords, k, t)
+        plans = {"fused": _engine.make_fused_plan(kmap), "grouped": _engine.make_plan(kmap)}
+        for c in (64, 128):
+            g = torch.Generator().manual_seed(c)
+            feats, weight = torch.randn(kmap.num_in, c, generator=g), torch.randn(k**3, c, c, generator=g) / c
+            a, b = (run(feats, weight, kmap, plans[m], False) for m in ("fused", "grouped"))
+            err = float((a - b).abs().max() / a.abs().max())
+            if err > 1e-5:
+                raise RuntimeError(f"{name} C={c}: the methods differ (rel {err:.1e})")
+            med = interleaved({f"{m} {bw}": (lambda m=m, bw=bw: run(feats, weight, kmap, plans[m], bw))
+                               for bw in (False, True) for m in plans}, repeats)
+            f1, g1, f2, g2 = (med[f"{m} {bw}"] for bw in (False, True) for m in ("fused", "grouped"))
+            rows.append(f"| {name} | {c} | {f1 * 1e3:.1f} | {g1 * 1e3:.1f} | {g1 / f1:.2f}x | {f2 * 1e3:.1f} | "
+                        f"{g2 * 1e3:.1f} | {g2 / f2:.2f}x |")
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--repeats", type=int, default=9)
+    args = p.parse_args(argv)
+    sweeps = real_sweeps()
+    name = "kitti-raw/000049"
+    coords = real_scene(sweeps[name], 0.05) if name in sweeps else street_scene(100_000)
+    scene = f"{name} @ 0.05 m" if name in sweeps else "generated street 100k"
+    tables = ["\n".join(plan_rows(coords, args.repeats)), "\n".join(method_rows(coords, args.repeats))]
+    cmd = "flock /work/cpu.lock .venv/bin/python bench/plan_grouped.py " + " ".join(sys.argv[1:] if argv is None
+                                                                                  else argv)
+    write_markdown(RESULTS_DIR / "plan_grouped.md", f"Plan cost and the grouped method ({scene}, {len(coords)} voxels)",
+                   cmd, environment() | {"isa": _ext.core.conv_isa()}, tables)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
