@@ -125,7 +125,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--voxel-size", type=float, default=0.05)
+    parser.add_argument("--quick", action="store_true", help="one round")
     args = parser.parse_args()
+    if args.quick:
+        args.rounds = 1
     if "kitti-raw/000049" not in real_sweeps():
         print("north_star: ../shared/datasets/kitti-raw/000049.bin is absent; nothing measured")
         return

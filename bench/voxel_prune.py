@@ -5,6 +5,7 @@
     flock /work/cpu.lock python bench/voxel_prune.py --variant unpruned     # fine-tune, evaluate (~2 min)
     flock /work/cpu.lock python bench/voxel_prune.py --variant voxelprune   # the same with VoxelPrune
     flock /work/cpu.lock python bench/voxel_prune.py --report               # time both, write the table
+    python bench/voxel_prune.py [--quick]     # all three in one process
 
 Both variants start from the checkpoint's weights and are fine-tuned for
 ``--steps`` steps (AdamW, constant ``--lr``, plain cross-entropy, batches of
@@ -104,7 +105,7 @@ def run_variant(args) -> None:
     print(f"{args.variant}: mIoU {100 * miou:.1f}% after {args.steps} steps ({seconds:.0f} s)")
 
 
-def report(args) -> None:
+def report(args, write: bool = True) -> None:
     models, results = {}, {}
     for variant in VARIANTS:
         models[variant] = build(args, variant)
@@ -137,8 +138,9 @@ def report(args) -> None:
     print(summary + "\n\n" + table)
     command = f"python bench/voxel_prune.py --steps {args.steps} --keep {args.keep} --stages " + \
         " ".join(map(str, args.stages)) + " (--variant unpruned, --variant voxelprune, --report)"
-    write_markdown(RESULTS_DIR / "voxel_prune.md", "VoxelPrune on MinkUNet after the same fine-tuning", command,
-                   environment(), [summary, table])
+    if write:
+        write_markdown(RESULTS_DIR / "voxel_prune.md", "VoxelPrune on MinkUNet after the same fine-tuning",
+                       command, environment(), [summary, table])
 
 
 def main() -> None:
@@ -158,17 +160,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("runs/voxel-prune"))
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 4 steps, 1 held-out scene, 1 round")
     args = parser.parse_args()
     if not args.checkpoint.is_file():
         print(f"voxel_prune: {args.checkpoint} does not exist (run `make demo` first, or pass --checkpoint)")
         return
-    if args.variant is None and not args.report:
-        parser.error("give --variant unpruned|voxelprune or --report")
+    if args.quick:
+        args.steps, args.val_scenes, args.rounds, args.out = 4, 1, 1, args.out.with_name(args.out.name + "-quick")
     torch.set_num_threads(args.threads)
-    if args.variant:
+    given = args.variant  # neither --variant nor --report: everything in one process
+    for variant in [given] if given else ([] if args.report else list(VARIANTS)):
+        args.variant = variant
         run_variant(args)
-    if args.report:
-        report(args)
+    if args.report or not given:
+        report(args, write=not args.quick)
 
 
 if __name__ == "__main__":
