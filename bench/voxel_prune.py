@@ -139,7 +139,7 @@ def report(args, write: bool = True) -> None:
     command = f"python bench/voxel_prune.py --steps {args.steps} --keep {args.keep} --stages " + \
         " ".join(map(str, args.stages)) + " (--variant unpruned, --variant voxelprune, --report)"
     if write:
-        write_markdown(RESULTS_DIR / "voxel_prune.md", "VoxelPrune on MinkUNet after the same fine-tuning",
+        write_markdown(args.results, "VoxelPrune on MinkUNet after the same fine-tuning",
                        command, environment(), [summary, table])
 
 
@@ -160,6 +160,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("runs/voxel-prune"))
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR / "voxel_prune.md")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 4 steps, 1 held-out scene, 1 round")
     args = parser.parse_args()
     if not args.checkpoint.is_file():
