@@ -7,10 +7,13 @@ conv timed in the same rounds (interleaved, medians). Every pruned conv's
 output is first checked against torch ops on the masked weight. For vector
 sparsity the same pruned weights are also timed through the dense kernels
 (offsets skipped only), which is what sets ``_engine.VECTOR_DENSITY``. A
-last table times a decoder step with half the voxels dropped by
-``nn.VoxelPrune`` (see :func:`spatial`).
+table times a decoder step with half the voxels dropped by
+``nn.VoxelPrune`` (see :func:`spatial`); ``--parts formats`` times 2:4 and
+block weights through the engine and through their formats' products (see
+:func:`formats_table`).
 
-    flock /work/bench.lock .venv/bin/python bench/prune_exec.py [--channels 64] [--rounds 5]
+    flock /work/cpu.lock .venv/bin/python bench/prune_exec.py [--channels 64] [--rounds 5] [--threads 1]
+        [--parts sparsity spatial formats]
 """
 
 from __future__ import annotations
@@ -167,6 +170,58 @@ def spatial(channels: int, coords: torch.Tensor, rounds: int, keep: float = 0.5)
             f"| VoxelPrune({keep}): {sizes[True]:,} | {1e3 * pruned:.1f} | {full / pruned:.2f}x |")
 
 
+def formats_table(channels: int, coords: torch.Tensor, rounds: int) -> str:
+    """N:M and block sparsity inside the conv (issue 13 item 3): 2:4 weights
+    (``nm_structured``) and 16 x 16 blocks at 75% (``panel_structured(...,
+    square=True)``, the engine's vector granularity) run through the engine
+    (what ``choose_execution`` picks for them) and through their formats'
+    own products (``formats.compress(..., "nm")``, BSR with 16 x 16 blocks,
+    ``execution="format"``), forward without gradients, against the unpruned
+    conv in the same interleaved rounds."""
+    from pointsparse import formats
+
+    torch.manual_seed(0)
+    x = ps.SparseTensor(torch.randn(len(coords), channels), coords)
+    base = ps.nn.Conv3d(channels, channels, 3)
+    nm = ps.nn.Conv3d(channels, channels, 3)
+    nm.load_state_dict(base.state_dict())
+    prune.nm_structured(nm, "weight", 2, 4)
+    block = ps.nn.Conv3d(channels, channels, 3)
+    block.load_state_dict(base.state_dict())
+    prune.panel_structured(block, "weight", 0.75, square=True)
+    width = _engine.panel_width(torch.float32)
+    runs = {"unpruned (engine)": base, "2:4 (engine)": nm, "2:4 (formats.NM product)": formats.compress(nm, "nm"),
+            f"{width}x{width} blocks 75% (engine)": block,
+            f"{width}x{width} blocks 75% (formats.BSR product)": formats.compress(block, "bsr",
+                                                                                 blocksize=(width, width))}
+    for name, module in runs.items():
+        if "product" in name:
+            module.execution = "format"
+        with torch.no_grad():
+            ref = F.conv_with_map(x.feats, _effective_weight(module), ps.kmap.get_kmap(x, 3))
+            torch.testing.assert_close(module(x).feats, ref, rtol=1e-4, atol=1e-4)
+    times = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, module in runs.items():
+            times[name].append(once(module, x, "fwd", _engine.VECTOR_DENSITY))
+    med = {name: statistics.median(t) for name, t in times.items()}
+    base_t = med["unpruned (engine)"]
+    lines = [f"### N:M and blocks inside the conv, C = {channels}", "",
+             "| weights | run as | engine path | forward ms | speed-up |", "|---|---|---|---|---|"]
+    for name, module in runs.items():
+        path = _engine.choose_execution(_effective_weight(module)).name if "engine" in name else "format"
+        lines.append(f"| {name.split(' (')[0]} | {name.split(' (')[1][:-1]} | {path} | {1e3 * med[name]:.1f} | "
+                     f"{base_t / med[name]:.2f}x |")
+    return "\n".join(lines)
+
+
+def _effective_weight(module) -> torch.Tensor:
+    """The (K, C_in, C_out) weight a conv or a compressed conv computes with."""
+    if isinstance(module, ps.nn.Conv3d):
+        return module.weight.detach()
+    return module.engine_weight.detach()
+
+
 def ideal(weight: torch.Tensor, sizes: torch.Tensor) -> float:
     """Dense FLOPs over the FLOPs the pruned weights imply at their
     granularity: total pairs / pairs of the nonzero offsets, or the columns
@@ -191,6 +246,8 @@ def main() -> None:
     parser.add_argument("--channels", type=int, nargs="+", default=[64])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--parts", nargs="+", default=["sparsity", "spatial"],
+                        choices=["sparsity", "spatial", "formats"])
     parser.add_argument("--out", default=str(RESULTS_DIR / "prune_exec.md"))
     args = parser.parse_args()
     sweeps = real_sweeps()
@@ -199,8 +256,8 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     coords = real_scene(sweeps["kitti-raw/000049"], 0.05)
-    tables = [measure(c, coords, args.rounds) for c in args.channels]
-    tables += [spatial(c, coords, args.rounds) for c in args.channels]
+    parts = {"sparsity": measure, "spatial": spatial, "formats": formats_table}
+    tables = [parts[part](c, coords, args.rounds) for part in args.parts for c in args.channels]
     for t in tables:
         print(t, "\n")
     command = "python bench/prune_exec.py " + " ".join(sys.argv[1:])

@@ -93,6 +93,30 @@ def test_skipping_and_vector_kernels_equal_the_dense_kernels(k, t, transposed, c
     torch.testing.assert_close(gw, ref_gw * mask, **tol)
 
 
+def test_large_outputs_with_bias_and_relu():
+    """An output of more than 4 MB (advised to huge pages before it is
+    written) on a submanifold map (the identity offset stores bias + its
+    products first, listed panels or not): dense and vector kernels agree
+    bit for bit and equal torch ops; every row is written (NaN-filled first)."""
+    x = make(n=22000, c=16, extent=40, dtype=torch.float32)
+    kmap = ps.kmap.get_kmap(x, 3)
+    plan = _engine.make_fused_plan(kmap)
+    w = sparse_weight(27, 16, 64, torch.float32, dead=(0, 13))  # 13: the identity, skipped too
+    w_ident = sparse_weight(27, 16, 64, torch.float32)
+    bias = torch.randn(64)
+    assert plan.identity == 13 and kmap.num_out * 64 * 4 > 4 << 20
+    for weight in (w, w_ident):
+        outs = []
+        for vector in (False, True):
+            out = torch.full((kmap.num_out, 64), float("nan"))
+            plan.core.forward(x.feats.numpy(), weight.numpy(), bias.numpy(), out.numpy(), 2, None, True,
+                              active=_engine.choose_execution(weight).active, vector=vector)
+            outs.append(out)
+        assert torch.equal(outs[0], outs[1])
+        ref = torch.relu(F.conv_with_map(x.feats, weight, kmap) + bias)
+        torch.testing.assert_close(outs[0], ref, rtol=1e-4, atol=1e-4)
+
+
 def test_skipped_offsets_and_vectors_are_never_read():
     """Offsets left out and zero vectors: NaN in the weight outside what runs
     never reaches the output (the data really is not touched)."""

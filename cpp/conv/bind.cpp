@@ -12,6 +12,7 @@
 #include "bind.h"
 #include "conv/fused.h"
 #include "conv/gather_scatter.h"
+#include "conv/pages.h"
 #include "conv/sparse.h"
 #include "isa_arg.h"
 
@@ -322,6 +323,7 @@ class ConvPlan {
       if (!is_c_contiguous(b)) value_error("bias must be C-contiguous");
     }
     if (out.shape(1) == 0 || out.shape(0) == 0) return;
+    conv::prefer_huge_pages(out.mutable_data(), size_t(out.nbytes()));
     conv::ApplyBf16Args a{static_cast<const uint16_t*>(feats.data()), static_cast<const uint16_t*>(weight.data()),
                           bias.is_none() ? nullptr : static_cast<const float*>(b.data()),
                           static_cast<float*>(out.mutable_data()), feats.shape(1), out.shape(1), out.shape(0),
@@ -546,6 +548,7 @@ class ConvPlan {
                  bool transpose, int num_threads, Isa isa, bool relu, const Skip& skip, bool vector) const {
     const int64_t kc = src.shape(1), cols = dst.shape(1), K = kernel_volume();
     if (cols == 0 || dst.shape(0) == 0) return;
+    conv::prefer_huge_pages(dst.mutable_data(), size_t(dst.nbytes()));
     const T* b = bias ? static_cast<const T*>(bias->data()) : nullptr;
     conv::ApplyArgs<T> a{static_cast<const T*>(src.data()), static_cast<const T*>(weight.data()), b,
                          static_cast<T*>(dst.mutable_data()), nullptr, kc, cols, dst.shape(0), transpose,

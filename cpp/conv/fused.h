@@ -6,7 +6,8 @@
 // [ptr[k], ptr[k+1]) with `row` (the side written, strictly increasing within
 // an offset) and `col` (the side read). The writer of row r is the thread that
 // owns the block of rows containing r (blocks of kBlockRows, fixed), and every
-// row adds its offsets' contributions in offset order, each contribution a
+// row adds its offsets' contributions in a fixed order (the identity offset
+// of a submanifold map first, then the others in offset order), each contribution a
 // fixed-order sum over the channels: results do not depend on the thread
 // count, and no two threads ever write one row.
 //

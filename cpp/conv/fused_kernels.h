@@ -65,14 +65,15 @@ inline Vec<float>::type vfma(Vec<float>::type a, Vec<float>::type b, Vec<float>:
 inline Vec<double>::type vfma(Vec<double>::type a, Vec<double>::type b, Vec<double>::type c) {
   return _mm512_fmadd_pd(a, b, c);
 }
-// p[0:n] += v[0:n] (n <= lanes), the other lanes neither read nor written.
-inline void vadd_masked(float* p, Vec<float>::type v, int n) {
+// p[0:n] = s[0:n] + v[0:n] (n <= lanes; s may be p), the other lanes neither
+// read nor written.
+inline void vadd_masked(float* p, const float* s, Vec<float>::type v, int n) {
   const __mmask16 m = __mmask16((1u << n) - 1u);
-  _mm512_mask_storeu_ps(p, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, p), v));
+  _mm512_mask_storeu_ps(p, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, s), v));
 }
-inline void vadd_masked(double* p, Vec<double>::type v, int n) {
+inline void vadd_masked(double* p, const double* s, Vec<double>::type v, int n) {
   const __mmask8 m = __mmask8((1u << n) - 1u);
-  _mm512_mask_storeu_pd(p, m, _mm512_add_pd(_mm512_maskz_loadu_pd(m, p), v));
+  _mm512_mask_storeu_pd(p, m, _mm512_add_pd(_mm512_maskz_loadu_pd(m, s), v));
 }
 #elif defined(__FMA__) && defined(__AVX2__)
 inline Vec<float>::type vfma(Vec<float>::type a, Vec<float>::type b, Vec<float>::type c) {
@@ -101,19 +102,24 @@ inline void tile_step(typename Vec<T>::type* acc0, typename Vec<T>::type* acc1, 
   }
 }
 
-// c[r][0:ncols] += (acc0[r], acc1[r])[0:ncols] for r in [first, last);
-// ncols <= NV * lanes. Only constant indices into acc0/acc1: the accumulators
-// stay in registers (a runtime index would send them through the stack).
+// c[r][0:ncols] = s[0:ncols] + (acc0[r], acc1[r])[0:ncols] for r in [first,
+// last), s = c[r] (init null: +=) or s = init (ncols values: the store of a
+// block's first offset, bias or zero plus its products, so that no pass
+// initialises the rows first); ncols <= NV * lanes. Only constant indices
+// into acc0/acc1: the accumulators stay in registers (a runtime index would
+// send them through the stack).
 template <typename T, int NV = 2>
 inline void tile_add(const typename Vec<T>::type* acc0, const typename Vec<T>::type* acc1, T* const* c, int first,
-                     int last, int64_t ncols) {
+                     int last, int64_t ncols, const T* init = nullptr) {
   constexpr int L = lanes<T>();
-  if (ncols == NV * L && first == 0 && last == kMR) {
+  if (ncols == NV * L) {
 #pragma GCC unroll 16
     for (int r = 0; r < kMR; ++r) {
+      if (r < first || r >= last) continue;
       T* cr = c[r];
-      vstore(cr, vload(cr) + acc0[r]);
-      if (NV > 1) vstore(cr + L, vload(cr + L) + acc1[r]);
+      const T* sr = init ? init : cr;
+      vstore(cr, vload(sr) + acc0[r]);
+      if (NV > 1) vstore(cr + L, vload(sr + L) + acc1[r]);
     }
     return;
   }
@@ -122,8 +128,9 @@ inline void tile_add(const typename Vec<T>::type* acc0, const typename Vec<T>::t
 #pragma GCC unroll 16
   for (int r = 0; r < kMR; ++r) {
     if (r < first || r >= last) continue;
-    vadd_masked(c[r], acc0[r], n0);
-    if (NV > 1 && n1 > 0) vadd_masked(c[r] + L, acc1[r], n1);
+    const T* sr = init ? init : c[r];
+    vadd_masked(c[r], sr, acc0[r], n0);
+    if (NV > 1 && n1 > 0) vadd_masked(c[r] + L, sr + L, acc1[r], n1);
   }
 #else
   T tmp[kMR][NV * L];
@@ -134,7 +141,8 @@ inline void tile_add(const typename Vec<T>::type* acc0, const typename Vec<T>::t
   }
   for (int r = first; r < last; ++r) {
     T* cr = c[r];
-    for (int64_t j = 0; j < ncols; ++j) cr[j] += tmp[r][j];
+    const T* sr = init ? init : cr;
+    for (int64_t j = 0; j < ncols; ++j) cr[j] = sr[j] + tmp[r][j];
   }
 #endif
 }
@@ -143,9 +151,11 @@ inline void tile_add(const typename Vec<T>::type* acc0, const typename Vec<T>::t
 // a[r][k * AS] (AS = 1: rows of a feature matrix; AS = kMR: a packed panel);
 // B rows are NR apart, of which NV vectors are read (NV = 1 for a last panel
 // of at most one vector: half the work). Rows r >= mr of `a` must still be
-// readable (callers repeat a valid row).
+// readable (callers repeat a valid row). `init`: C[r] = init + the sum
+// instead (tile_add).
 template <typename T, int AS, int NV>
-inline void micro_nv(int64_t kc, const T* const* a, const T* __restrict b, T* const* c, int mr, int64_t ncols) {
+inline void micro_nv(int64_t kc, const T* const* a, const T* __restrict b, T* const* c, int mr, int64_t ncols,
+                     const T* init) {
   typedef typename Vec<T>::type V;
   constexpr int L = lanes<T>();
   constexpr int64_t NR = nr<T>();
@@ -159,15 +169,16 @@ inline void micro_nv(int64_t kc, const T* const* a, const T* __restrict b, T* co
     const V b0 = vload(b + k * NR), b1 = NV > 1 ? vload(b + k * NR + L) : V{};
     tile_step<T, NV>(acc0, acc1, b0, b1, x, k * AS);
   }
-  tile_add<T, NV>(acc0, acc1, c, 0, mr, ncols);
+  tile_add<T, NV>(acc0, acc1, c, 0, mr, ncols, init);
 }
 
 template <typename T, int AS>
-inline void micro(int64_t kc, const T* const* a, const T* __restrict b, T* const* c, int mr, int64_t ncols) {
+inline void micro(int64_t kc, const T* const* a, const T* __restrict b, T* const* c, int mr, int64_t ncols,
+                  const T* init = nullptr) {
   if (ncols <= lanes<T>())
-    micro_nv<T, AS, 1>(kc, a, b, c, mr, ncols);
+    micro_nv<T, AS, 1>(kc, a, b, c, mr, ncols, init);
   else
-    micro_nv<T, AS, 2>(kc, a, b, c, mr, ncols);
+    micro_nv<T, AS, 2>(kc, a, b, c, mr, ncols, init);
 }
 
 // wpack[k][p][c][0:NR] = B_k[c][p*NR : p*NR+NR], zero past the last column.
@@ -196,47 +207,62 @@ inline void prefetch_row(const T* p, int64_t n) {
   for (int64_t i = 0; i < n; i += int64_t(64 / sizeof(T))) __builtin_prefetch(p + i);
 }
 
+// The pairs [lo, hi) of offset k in tiles of kMR: `tile(k, arow, crow, mr,
+// first)` adds the tile's products (arow: the rows read, crow: the rows
+// written, rows past mr repeat a valid one; `first`: store instead, see
+// apply_blocks). `ident`: the pairs are (q, q), q in [lo, hi).
+template <typename T, typename Tile>
+inline void apply_pairs(const ApplyArgs<T>& a, int64_t k, int64_t lo, int64_t hi, bool ident, bool first,
+                        Tile& tile) {
+  const PairList& pl = a.pairs;
+  for (int64_t p = lo; p < hi; p += kMR) {
+    const int mr = int(hi - p < kMR ? hi - p : kMR);
+    const T* arow[kMR];
+    T* crow[kMR];
+    for (int r = 0; r < kMR; ++r) {
+      const int64_t q = p + (r < mr ? r : mr - 1);
+      arow[r] = a.src + (ident ? q : int64_t(pl.col[q])) * a.kc;
+      crow[r] = a.dst + (ident ? q : int64_t(pl.row[q])) * a.cols;
+    }
+    if (!ident) {
+      // The next tile's rows are a gather: no hardware prefetcher guesses them.
+      const int64_t next_end = p + 2 * kMR < hi ? p + 2 * kMR : hi;
+      for (int64_t q = p + kMR; q < next_end; ++q) prefetch_row(a.src + int64_t(pl.col[q]) * a.kc, a.kc);
+    }
+    tile(k, arow, crow, mr, first);
+  }
+}
+
 // The block walk every apply kernel shares. Each thread owns blocks of
-// kBlockRows written rows; a block's rows start as the bias (or zero), then
-// every offset k that `skip(k)` keeps runs its pairs in tiles of kMR:
-// `tile(k, arow, crow, mr)` adds the tile's products (arow: the rows read,
-// crow: the rows written, rows past mr repeat a valid one); then the ReLU
-// epilogue while the block is still in cache.
+// kBlockRows written rows. Where the identity offset runs (a submanifold
+// map), it goes first and its tiles store bias (or zero) + their products
+// into every row of the block: the rows need no pass of their own. Else the
+// rows start as the bias (or zero). Then every other offset k that
+// `skip(k)` keeps adds its pairs (apply_pairs), in offset order; then the
+// ReLU epilogue while the block is still in cache.
 template <typename T, typename Skip, typename Tile>
 void apply_blocks(const ApplyArgs<T>& a, Skip skip, Tile tile) {
   const int64_t K = a.pairs.kernel_volume;
   const int64_t blocks = (a.num_rows + kBlockRows - 1) / kBlockRows;
   const PairList& pl = a.pairs;
+  const int64_t ident = a.kc > 0 && pl.identity >= 0 && !skip(pl.identity) ? pl.identity : -1;
 #pragma omp parallel for num_threads(a.nt) schedule(dynamic, 1) if (blocks > 1)
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const int64_t r0 = blk * kBlockRows, r1 = r0 + kBlockRows < a.num_rows ? r0 + kBlockRows : a.num_rows;
-    for (int64_t r = r0; r < r1; ++r) {
-      T* __restrict d = a.dst + r * a.cols;
-      if (a.bias)
-        __builtin_memcpy(d, a.bias, sizeof(T) * static_cast<unsigned long>(a.cols));
-      else
-        __builtin_memset(d, 0, sizeof(T) * static_cast<unsigned long>(a.cols));
+    if (ident >= 0) {
+      apply_pairs(a, ident, r0, r1, true, true, tile);
+    } else {
+      for (int64_t r = r0; r < r1; ++r) {
+        T* __restrict d = a.dst + r * a.cols;
+        if (a.bias)
+          __builtin_memcpy(d, a.bias, sizeof(T) * static_cast<unsigned long>(a.cols));
+        else
+          __builtin_memset(d, 0, sizeof(T) * static_cast<unsigned long>(a.cols));
+      }
     }
     for (int64_t k = 0; k < (a.kc == 0 ? 0 : K); ++k) {
-      if (skip(k)) continue;
-      const bool ident = k == pl.identity;
-      const int64_t lo = ident ? r0 : pl.cuts[blk * K + k], hi = ident ? r1 : pl.cuts[(blk + 1) * K + k];
-      for (int64_t p = lo; p < hi; p += kMR) {
-        const int mr = int(hi - p < kMR ? hi - p : kMR);
-        const T* arow[kMR];
-        T* crow[kMR];
-        for (int r = 0; r < kMR; ++r) {
-          const int64_t q = p + (r < mr ? r : mr - 1);
-          arow[r] = a.src + (ident ? q : int64_t(pl.col[q])) * a.kc;
-          crow[r] = a.dst + (ident ? q : int64_t(pl.row[q])) * a.cols;
-        }
-        if (!ident) {
-          // The next tile's rows are a gather: no hardware prefetcher guesses them.
-          const int64_t next_end = p + 2 * kMR < hi ? p + 2 * kMR : hi;
-          for (int64_t q = p + kMR; q < next_end; ++q) prefetch_row(a.src + int64_t(pl.col[q]) * a.kc, a.kc);
-        }
-        tile(k, arow, crow, mr);
-      }
+      if (k == pl.identity || skip(k)) continue;
+      apply_pairs(a, k, pl.cuts[blk * K + k], pl.cuts[(blk + 1) * K + k], false, false, tile);
     }
     if (a.relu) {
       T* __restrict d = a.dst + r0 * a.cols;
@@ -251,15 +277,18 @@ void apply_impl(const ApplyArgs<T>& a) {
   const int64_t c_in = a.transpose ? a.cols : a.kc, c_out = a.transpose ? a.kc : a.cols;
   pack_weights(a, c_in, c_out);
   const int64_t np = panels<T>(a.cols);
-  apply_blocks(a, [](int64_t) { return false; }, [&a, np](int64_t k, const T* const* arow, T* const* crow, int mr) {
+  const T zero[NR] = {};
+  const auto tile = [&a, &zero, np](int64_t k, const T* const* arow, T* const* crow, int mr, bool first) {
     const T* wk = a.wpack + k * np * a.kc * NR;
     for (int64_t j = 0; j < np; ++j) {
       T* c[kMR];
       for (int r = 0; r < kMR; ++r) c[r] = crow[r] + j * NR;
       const int64_t ncols = a.cols - j * NR < NR ? a.cols - j * NR : NR;
-      micro<T, 1>(a.kc, arow, wk + j * a.kc * NR, c, mr, ncols);
+      const T* init = first ? (a.bias ? a.bias + j * NR : zero) : nullptr;
+      micro<T, 1>(a.kc, arow, wk + j * a.kc * NR, c, mr, ncols, init);
     }
-  });
+  };
+  apply_blocks(a, [](int64_t) { return false; }, tile);
 }
 
 // C[r][j] += sum_q x[q][m0 + r] * B[q][j] for skip_rows <= r < kMR, j <

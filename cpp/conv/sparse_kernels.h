@@ -7,10 +7,11 @@
 namespace {
 
 // C[r][0:ncols] += sum_i A[r][idx[i]] * B[i][0:NR] for r < mr, B packed (n,
-// NR), in i order from zero (as micro<T, 1> over the listed rows).
+// NR), in i order from zero (as micro<T, 1> over the listed rows; `init`
+// as there).
 template <typename T>
 inline void micro_idx(int64_t n, const int32_t* __restrict idx, const T* const* a, const T* __restrict b,
-                      T* const* c, int mr, int64_t ncols) {
+                      T* const* c, int mr, int64_t ncols, const T* init) {
   typedef typename Vec<T>::type V;
   constexpr int L = lanes<T>();
   constexpr int64_t NR = nr<T>();
@@ -21,7 +22,7 @@ inline void micro_idx(int64_t n, const int32_t* __restrict idx, const T* const* 
     const V b0 = vload(b + i * NR), b1 = vload(b + i * NR + L);
     tile_step<T>(acc0, acc1, b0, b1, a, idx[i]);
   }
-  tile_add<T>(acc0, acc1, c, 0, mr, ncols);
+  tile_add<T>(acc0, acc1, c, 0, mr, ncols, init);
 }
 
 // Per offset k and panel p the rows c of B_k with a nonzero in the panel's
@@ -65,17 +66,20 @@ void apply_sparse_impl(const SparseApplyArgs<T>& s) {
       if (s.count[k * np + j]) return false;
     return true;
   };
-  apply_blocks(a, none_listed, [&s, &a, np](int64_t k, const T* const* arow, T* const* crow, int mr) {
+  const T zero[NR] = {};
+  const auto tile = [&s, &a, &zero, np](int64_t k, const T* const* arow, T* const* crow, int mr, bool first) {
     const int32_t* count = s.count + k * np;
     for (int64_t j = 0; j < np; ++j) {
-      if (count[j] == 0) continue;
+      if (count[j] == 0 && !first) continue;  // the first offset stores every panel, listed or not
       T* c[kMR];
       for (int r = 0; r < kMR; ++r) c[r] = crow[r] + j * NR;
       const int64_t ncols = a.cols - j * NR < NR ? a.cols - j * NR : NR;
       const int64_t t = k * np + j;
-      micro_idx<T>(count[j], s.idx + t * a.kc, arow, a.wpack + t * a.kc * NR, c, mr, ncols);
+      const T* init = first ? (a.bias ? a.bias + j * NR : zero) : nullptr;
+      micro_idx<T>(count[j], s.idx + t * a.kc, arow, a.wpack + t * a.kc * NR, c, mr, ncols, init);
     }
-  });
+  };
+  apply_blocks(a, none_listed, tile);
 }
 
 // C[ix[r]][j] += sum_q x[q][ix[r]] * B[q][j] for r < mr, j < ncols; x[q] =

@@ -1,0 +1,155 @@
+"""How far the project is from its goal: a pruned MinkUNet-class network
+segmenting a full KITTI sweep at 0.05 m (~80-90k voxels) in <= 100 ms on 2
+cores, within 2 mIoU of the unpruned network.
+
+    flock /work/cpu.lock python bench/north_star.py [--rounds 5] [--threads 2]
+
+On KITTI raw 000049 (skipped cleanly when ../shared/datasets lacks it):
+MinkUNet(4, 19, cr=1.0) (seeded random weights: no trained full-width
+model exists here) at full width and with what the toolkit gives, step by
+step: channel pruning through the dependency graph (``prune.graph``, every
+coupled group kept at 0.5 and 0.25, counts rounded to 8, as
+bench/prune_speed.py), ``nn.fuse_for_inference`` (BatchNorm folded, ReLU in
+the conv's store), bfloat16 features and weights (the AVX512-BF16 kernels),
+vector sparsity (``prune.panel_structured`` 75% on every conv with more than
+one offset, made permanent) and ``nn.VoxelPrune(0.5)`` before the three
+coarse decoder stages (bench/voxel_prune.py). Each is timed end to end from
+the points (voxelize, every kernel map and plan built, the network; no
+gradients) and with the maps cached (the network alone), interleaved, medians
+of ``--rounds``. The output difference is against the unpruned float32 model
+on the same voxels: the largest logit difference over the largest logit, and
+the share of voxels whose argmax agrees. With untrained weights the pruned
+rows' differences say only that pruning changes the function; the accuracy
+after fine-tuning is measured in bench/prune_finetune.py (channels) and
+bench/voxel_prune.py (voxels)."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+from _common import RESULTS_DIR, environment, real_sweeps, write_markdown
+from prune_speed import _variants
+from voxel_prune import add_voxel_prune
+
+import pointsparse as ps
+from pointsparse import prune
+
+TARGET_MS = 100.0
+
+
+def inputs(points: np.ndarray):
+    """``(xyz, feats)`` torch tensors of the sweep: positions (metres) and
+    (x / 50, y / 50, z / 50, intensity) point features."""
+    xyz = torch.from_numpy(np.ascontiguousarray(points[:, :3]))
+    feats = torch.cat([xyz / 50.0, torch.from_numpy(np.ascontiguousarray(points[:, 3:4]))], 1)
+    return xyz, feats
+
+
+def vector_sparse(model: torch.nn.Module, amount: float) -> torch.nn.Module:
+    for module in model.modules():
+        if isinstance(module, ps.nn.Conv3d) and module.weight.shape[0] > 1:
+            prune.panel_structured(module, "weight", amount)
+            prune.remove(module, "weight")
+    return model
+
+
+def variants(x: ps.SparseTensor) -> dict:
+    """name -> (model, dtype): the unpruned float32 model first; each later
+    row adds one step to a row before it."""
+    nets = _variants(x, [(0.5, 8), (0.25, 8)])
+    full, half, quarter = nets["dense"], nets["keep 0.5 (x8)"], nets["keep 0.25 (x8)"]
+    fused_full, fused_quarter = ps.nn.fuse_for_inference(full), ps.nn.fuse_for_inference(quarter)
+    out = {"full width, float32": (full, torch.float32),
+           "full width + fuse_for_inference": (fused_full, torch.float32),
+           "full width + fuse + bf16": (ps.nn.fuse_for_inference(full).to(torch.bfloat16), torch.bfloat16),
+           "channels keep 0.5": (half, torch.float32),
+           "channels keep 0.25": (quarter, torch.float32),
+           "keep 0.25 + fuse": (fused_quarter, torch.float32),
+           "keep 0.25 + fuse + bf16": (ps.nn.fuse_for_inference(quarter).to(torch.bfloat16), torch.bfloat16)}
+    sparse = vector_sparse(ps.nn.fuse_for_inference(quarter), 0.75)
+    out["keep 0.25 + fuse + vectors 75%"] = (sparse, torch.float32)
+    spatial = vector_sparse(ps.nn.fuse_for_inference(quarter), 0.75)
+    add_voxel_prune(spatial, 0.5, (0, 1, 2))
+    out["keep 0.25 + fuse + vectors 75% + VoxelPrune(0.5)"] = (spatial, torch.float32)
+    bf16_spatial = ps.nn.fuse_for_inference(quarter).to(torch.bfloat16)
+    add_voxel_prune(bf16_spatial, 0.5, (0, 1, 2))
+    out["keep 0.25 + fuse + bf16 + VoxelPrune(0.5)"] = (bf16_spatial, torch.bfloat16)
+    return out
+
+
+def end_to_end(model, dtype, xyz, feats, voxel_size):
+    x, _ = ps.voxelize(xyz, feats, voxel_size=voxel_size)
+    return model(ps.SparseTensor(x.feats.to(dtype), x.coords))
+
+
+def measure(points: np.ndarray, voxel_size: float, rounds: int) -> str:
+    xyz, feats = inputs(points)
+    base, _ = ps.voxelize(xyz, feats, voxel_size=voxel_size)
+    models = variants(ps.SparseTensor(base.feats, base.coords))
+    cached = {name: ps.SparseTensor(base.feats.to(dtype), base.coords) for name, (_, dtype) in models.items()}
+    with torch.no_grad():
+        outs = {name: m(cached[name]).feats.float() for name, (m, _) in models.items()}  # warm-up too
+        e2e, net = {n: [] for n in models}, {n: [] for n in models}
+        for _ in range(rounds):
+            for name, (m, dtype) in models.items():
+                t0 = time.perf_counter()
+                end_to_end(m, dtype, xyz, feats, voxel_size)
+                t1 = time.perf_counter()
+                m(cached[name])
+                e2e[name].append(t1 - t0)
+                net[name].append(time.perf_counter() - t1)
+    ref = outs["full width, float32"]
+    scale = float(ref.abs().max())
+    lines = [f"### KITTI raw 000049 at {voxel_size} m: {len(base):,} voxels, {torch.get_num_threads()} threads, "
+             f"medians of {rounds} interleaved rounds", "",
+             "| model | end to end ms | network alone ms | speed-up (end to end) | x of 100 ms | "
+             "max logit diff / max logit | argmax agrees |", "|---|---|---|---|---|---|---|"]
+    first = statistics.median(e2e["full width, float32"])
+    for name in models:
+        t, n = statistics.median(e2e[name]), statistics.median(net[name])
+        diff = float((outs[name] - ref).abs().max()) / scale
+        agree = float((outs[name].argmax(1) == ref.argmax(1)).float().mean())
+        lines.append(f"| {name} | {1e3 * t:.0f} | {1e3 * n:.0f} | {first / t:.2f}x | {1e3 * t / TARGET_MS:.1f} | "
+                     f"{diff:.1e} | {100 * agree:.1f}% |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--voxel-size", type=float, default=0.05)
+    parser.add_argument("--quick", action="store_true", help="one round")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds = 1
+    if "kitti-raw/000049" not in real_sweeps():
+        print("north_star: ../shared/datasets/kitti-raw/000049.bin is absent; nothing measured")
+        return
+    torch.set_num_threads(args.threads)
+    points = kitti_points()
+    table = measure(points, args.voxel_size, args.rounds)
+    print(table)
+    write_markdown(RESULTS_DIR / "north_star.md", "North star: MinkUNet on a full KITTI sweep in <= 100 ms",
+                   "python bench/north_star.py " + " ".join(sys.argv[1:]), environment(), [table],
+                   "Seeded random weights (MinkUNet(4, 19, cr=1.0), BatchNorm at its initial statistics): the "
+                   "times are the network's, the differences only show how far each step moves the function.")
+
+
+def kitti_points() -> np.ndarray:
+    """(N, 4) float32 x, y, z (shifted to start at 0, as real_sweeps) and intensity of KITTI 000049."""
+    from _common import datasets_dir
+
+    raw = np.fromfile(datasets_dir() / "kitti-raw" / "000049.bin", dtype=np.float32).reshape(-1, 4)
+    xyz = real_sweeps()["kitti-raw/000049"]
+    return np.concatenate([xyz, raw[:, 3:4]], axis=1).astype(np.float32)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""Spatial pruning on MinkUNet: inference time and mIoU after fine-tuning,
+``nn.VoxelPrune`` against the unpruned model given the same fine-tuning.
+
+    make demo   # writes runs/demo/checkpoint.pt (MinkUNet cr=0.5 on generated streets, 0.2 m voxels)
+    flock /work/cpu.lock python bench/voxel_prune.py --variant unpruned     # fine-tune, evaluate (~2 min)
+    flock /work/cpu.lock python bench/voxel_prune.py --variant voxelprune   # the same with VoxelPrune
+    flock /work/cpu.lock python bench/voxel_prune.py --report               # time both, write the table
+    python bench/voxel_prune.py [--quick]     # all three in one process
+
+Both variants start from the checkpoint's weights and are fine-tuned for
+``--steps`` steps (AdamW, constant ``--lr``, plain cross-entropy, batches of
+``--batch`` augmented generated street scenes, seeds 0..``--scenes``-1, the
+same batches in the same order for both). The VoxelPrune variant keeps
+``--keep`` of the voxels (largest feature norm, per scan) entering each of
+the decoder stages ``--stages`` (0: stride 8, 1: stride 4, 2: stride 2; the
+stride-1 stage feeds the classifier and keeps every voxel): the stage's convs
+build their maps on the kept voxels, and the transposed conv after it comes
+back to every voxel of the finer stride. mIoU is per point on held-out
+scenes (seeds 1000 ..), time the median of interleaved eval-mode forwards
+without gradients on one held-out scan. Each variant is its own command so
+that no lock hold runs long; the report reads their saved weights."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from _common import RESULTS_DIR, environment, write_markdown
+
+import pointsparse as ps
+from pointsparse import metrics
+from pointsparse.data import VoxelDataset, collate, open_source
+from pointsparse.models import load_model
+
+VARIANTS = ("unpruned", "voxelprune")
+
+
+def add_voxel_prune(model: torch.nn.Module, keep: float, stages) -> list:
+    """VoxelPrune(keep) on the input of each decoder stage ``model.fuse[j]``
+    (forward pre-hooks: the model's own forward is unchanged)."""
+    hooks = []
+    for j in stages:
+        pruner = ps.nn.VoxelPrune(keep)
+        hooks.append(model.fuse[j].register_forward_pre_hook(lambda module, args, p=pruner: (p(args[0]),)))
+    return hooks
+
+
+def build(args, variant: str) -> torch.nn.Module:
+    model = load_model(args.checkpoint)
+    if variant == "voxelprune":
+        add_voxel_prune(model, args.keep, args.stages)
+    return model
+
+
+def scenes(args, train: bool, count: int, first_seed: int) -> VoxelDataset:
+    """Generated street scenes ``first_seed ..``, voxelised (augmented when ``train``)."""
+    source = open_source(["generated"], count=count, first_seed=first_seed, max_range=args.max_range)
+    return VoxelDataset(source, args.voxel_size, train=train, seed=0)
+
+
+def finetune(model: torch.nn.Module, args) -> float:
+    data = scenes(args, True, args.scenes, 0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                  weight_decay=1e-4)
+    model.train()
+    t0 = time.perf_counter()
+    order = torch.randperm(args.steps * args.batch, generator=torch.Generator().manual_seed(0)) % len(data)
+    for step in range(args.steps):
+        data.set_epoch(step)
+        batch = collate([data[int(i)] for i in order[step * args.batch:(step + 1) * args.batch]])
+        logits = model(batch.input).feats
+        loss = torch.nn.functional.cross_entropy(logits, batch.labels, ignore_index=255)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return time.perf_counter() - t0
+
+
+def evaluate(model: torch.nn.Module, args) -> float:
+    data = scenes(args, False, args.val_scenes, 1000)
+    model.eval()
+    cm = 0
+    with torch.no_grad():
+        for i in range(len(data)):
+            batch = collate([data[i]])
+            pred = model(batch.input).feats.argmax(1)[batch.inverse]
+            cm = cm + metrics.confusion_matrix(pred, batch.point_labels, model.num_classes, ignore_index=255)
+    return metrics.mean_iou(cm)
+
+
+def run_variant(args) -> None:
+    torch.manual_seed(0)
+    model = build(args, args.variant)
+    seconds = finetune(model, args)
+    miou = evaluate(model, args)
+    out = args.out / args.variant
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), out / "weights.pt")
+    (out / "result.json").write_text(json.dumps({"miou": miou, "finetune_s": seconds, "steps": args.steps}))
+    print(f"{args.variant}: mIoU {100 * miou:.1f}% after {args.steps} steps ({seconds:.0f} s)")
+
+
+def report(args, write: bool = True) -> None:
+    models, results = {}, {}
+    for variant in VARIANTS:
+        models[variant] = build(args, variant)
+        models[variant].load_state_dict(torch.load(args.out / variant / "weights.pt", weights_only=True))
+        models[variant].eval()
+        results[variant] = json.loads((args.out / variant / "result.json").read_text())
+    scan = collate([scenes(args, False, 1, 1000)[0]]).input
+    times = {v: [] for v in VARIANTS}
+    with torch.no_grad():
+        for v in VARIANTS:  # warm-up: maps and plans built
+            models[v](scan)
+        for _ in range(args.rounds):
+            for v in VARIANTS:
+                x = ps.SparseTensor(scan.feats, scan.coords)  # a fresh coordinate cache: maps built every call
+                t0 = time.perf_counter()
+                models[v](x)
+                times[v].append(time.perf_counter() - t0)
+    med = {v: statistics.median(t) for v, t in times.items()}
+    base = results["unpruned"]["miou"]
+    rows = [f"| {v} | {1e3 * med[v]:.1f} | {med['unpruned'] / med[v]:.2f}x | {100 * results[v]['miou']:.1f}% | "
+            f"{100 * (results[v]['miou'] - base):+.1f} | {results[v]['finetune_s']:.0f} s |" for v in VARIANTS]
+    header = ("| model | forward ms | speed-up | val mIoU | vs unpruned (points) | fine-tuning time |\n"
+              "|---|---|---|---|---|---|\n")
+    summary = (f"{args.checkpoint}: MinkUNet fine-tuned {args.steps} steps of {args.batch} scans each (lr {args.lr}); "
+               f"VoxelPrune({args.keep}) before decoder stages {list(args.stages)}; forward on a held-out scan of "
+               f"{len(scan):,} voxels at {args.voxel_size} m, {torch.get_num_threads()} threads, median of "
+               f"{args.rounds} interleaved rounds (maps built in every call); mIoU per point on {args.val_scenes} "
+               "held-out scenes.")
+    table = header + "\n".join(rows)
+    print(summary + "\n\n" + table)
+    command = f"python bench/voxel_prune.py --steps {args.steps} --keep {args.keep} --stages " + \
+        " ".join(map(str, args.stages)) + " (--variant unpruned, --variant voxelprune, --report)"
+    if write:
+        write_markdown(args.results, "VoxelPrune on MinkUNet after the same fine-tuning",
+                       command, environment(), [summary, table])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, default=Path("runs/demo/checkpoint.pt"))
+    parser.add_argument("--variant", choices=VARIANTS)
+    parser.add_argument("--report", action="store_true")
+    parser.add_argument("--keep", type=float, default=0.5)
+    parser.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2], choices=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--scenes", type=int, default=24)
+    parser.add_argument("--val-scenes", type=int, default=4)
+    parser.add_argument("--voxel-size", type=float, default=0.2)
+    parser.add_argument("--max-range", type=float, default=35.0)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("runs/voxel-prune"))
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR / "voxel_prune.md")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 4 steps, 1 held-out scene, 1 round")
+    args = parser.parse_args()
+    if not args.checkpoint.is_file():
+        print(f"voxel_prune: {args.checkpoint} does not exist (run `make demo` first, or pass --checkpoint)")
+        return
+    if args.quick:
+        args.steps, args.val_scenes, args.rounds, args.out = 4, 1, 1, args.out.with_name(args.out.name + "-quick")
+    torch.set_num_threads(args.threads)
+    given = args.variant  # neither --variant nor --report: everything in one process
+    for variant in [given] if given else ([] if args.report else list(VARIANTS)):
+        args.variant = variant
+        run_variant(args)
+    if args.report or not given:
+        report(args, write=not args.quick)
+
+
+if __name__ == "__main__":
+    main()
