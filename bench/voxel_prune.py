@@ -33,8 +33,8 @@ import torch
 from _common import RESULTS_DIR, environment, write_markdown
 
 import pointsparse as ps
-from pointsparse import metrics
-from pointsparse.data import VoxelDataset, collate, open_source
+from pointsparse.app import metrics
+from pointsparse.data import Batch, VoxelDataset, open_source
 from pointsparse.models import load_model
 
 VARIANTS = ("unpruned", "voxelprune")
@@ -72,7 +72,7 @@ def finetune(model: torch.nn.Module, args) -> float:
     order = torch.randperm(args.steps * args.batch, generator=torch.Generator().manual_seed(0)) % len(data)
     for step in range(args.steps):
         data.set_epoch(step)
-        batch = collate([data[int(i)] for i in order[step * args.batch:(step + 1) * args.batch]])
+        batch = Batch.of([data[int(i)] for i in order[step * args.batch:(step + 1) * args.batch]])
         logits = model(batch.input).feats
         loss = torch.nn.functional.cross_entropy(logits, batch.labels, ignore_index=255)
         optimizer.zero_grad()
@@ -87,7 +87,7 @@ def evaluate(model: torch.nn.Module, args) -> float:
     cm = 0
     with torch.no_grad():
         for i in range(len(data)):
-            batch = collate([data[i]])
+            batch = Batch.of([data[i]])
             pred = model(batch.input).feats.argmax(1)[batch.inverse]
             cm = cm + metrics.confusion_matrix(pred, batch.point_labels, model.num_classes, ignore_index=255)
     return metrics.mean_iou(cm)
@@ -112,7 +112,7 @@ def report(args, write: bool = True) -> None:
         models[variant].load_state_dict(torch.load(args.out / variant / "weights.pt", weights_only=True))
         models[variant].eval()
         results[variant] = json.loads((args.out / variant / "result.json").read_text())
-    scan = collate([scenes(args, False, 1, 1000)[0]]).input
+    scan = Batch.of([scenes(args, False, 1, 1000)[0]]).input
     times = {v: [] for v in VARIANTS}
     with torch.no_grad():
         for v in VARIANTS:  # warm-up: maps and plans built
