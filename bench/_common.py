@@ -7,6 +7,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +20,16 @@ sys.path.insert(0, str(ROOT))
 import pointsparse as ps  # noqa: E402
 
 RESULTS_DIR = ROOT / "bench" / "results"
+
+
+def results_path(name: str, quick: bool = False) -> Path:
+    """Where a script writes its page ``name`` (``"voxelize.md"``):
+    bench/results/, or for a ``--quick`` smoke run a scratch folder under the
+    system's temporary directory, so that a smoke run never replaces the
+    committed results."""
+    if not quick:
+        return RESULTS_DIR / name
+    return Path(tempfile.gettempdir()) / "pointsparse-bench-quick" / name
 
 
 def datasets_dir() -> Path | None:

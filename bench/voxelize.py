@@ -2,9 +2,10 @@
 (core.quantize -> core.unique_keys -> core.segment_reduce -> core.unpack_keys,
 the keys handed back and forth through Python), interleaved repeats, medians.
 
-    .venv/bin/python bench/voxelize.py [--repeats 15]
+    .venv/bin/python bench/voxelize.py [--repeats 15] [--quick]
 
-Both paths are checked equal before timing; results go to bench/results/voxelize.md."""
+Both paths are checked equal before timing; results go to bench/results/voxelize.md
+(``--quick``: one 20k street, 2 repeats, the page in a temporary folder)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 
 import numpy as np
 
-from _common import RESULTS_DIR, environment, real_sweeps, street_points, write_markdown
+from _common import environment, real_sweeps, results_path, street_points, write_markdown
 
 import pointsparse as ps  # noqa: E402
 from pointsparse import coords as C  # noqa: E402
@@ -48,14 +49,23 @@ def interleaved(fns, repeats):
     return [statistics.median(t) for t in times]
 
 
+def clouds(quick: bool) -> dict:
+    """name -> (N, 3) points: generated streets, and the KITTI sweeps present."""
+    if quick:
+        return {"street 20k": street_points(20_000, 0.05)}
+    out = {f"street {n // 1000}k": street_points(n, 0.05) for n in (100_000, 400_000)}
+    out.update({k: v for k, v in real_sweeps().items() if k.startswith("kitti")})
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 15, --quick 2)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: one 20k street, 2 repeats")
     args = parser.parse_args()
+    repeats = args.repeats or (2 if args.quick else 15)
     rows = ["| cloud | points | voxels | reduce | four trips (ms) | one trip (ms) | speed-up |", "|---|---|---|---|---|---|---|"]
-    clouds = {f"street {n // 1000}k": street_points(n, 0.05) for n in (100_000, 400_000)}
-    clouds.update({k: v for k, v in real_sweeps().items() if k.startswith("kitti")})
-    for name, cloud in clouds.items():
+    for name, cloud in clouds(args.quick).items():
         voxel_size = 0.05
         points = torch.from_numpy(np.ascontiguousarray(cloud)).float()
         feats = torch.randn(points.shape[0], 4)
@@ -66,12 +76,15 @@ def main() -> None:
             run = [lambda: four_trips(points, feats, voxel_size, reduce),
                    lambda: one_trip(points, feats, voxel_size, reduce)]
             run[0](), run[1]()  # warm-up
-            before, after = interleaved(run, args.repeats)
+            before, after = interleaved(run, repeats)
             rows.append(f"| {name} @ {voxel_size} m | {points.shape[0]} | {len(b[0])} | {reduce} "
                         f"| {before * 1e3:.2f} | {after * 1e3:.2f} | {before / after:.2f}x |")
             print(rows[-1], flush=True)
-    write_markdown(RESULTS_DIR / "voxelize.md", "voxelize: one trip into the core against four",
-                   "bench/voxelize.py --repeats " + str(args.repeats), environment(), ["\n".join(rows)])
+    out = results_path("voxelize.md", args.quick)
+    write_markdown(out, "voxelize: one trip into the core against four",
+                   f"bench/voxelize.py --repeats {repeats}" + (" --quick" if args.quick else ""), environment(),
+                   ["\n".join(rows)])
+    print(f"written {out}")
 
 
 if __name__ == "__main__":
