@@ -5,11 +5,12 @@ meanwhile. On a 2-core machine a 2-thread call then shares the cores with the
 competitor: it must not collapse (a parallel region whose second thread is
 descheduled waits a whole time slice at each barrier).
 
-    flock /work/cpu.lock .venv/bin/python bench/busy_machine.py [--repeats 21]
+    flock /work/cpu.lock .venv/bin/python bench/busy_machine.py [--repeats 21] [--quick]
 
 Medians of interleaved repeats (1 thread, 2 threads, in turn); keys from the
 KITTI sweep's points quantised at 0.05 m (a generated street when absent).
-Writes bench/results/busy_machine.md.
+Writes bench/results/busy_machine.md (``--quick``: a 20k generated street,
+3 repeats, the page in a temporary folder).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from _common import RESULTS_DIR, environment, real_sweeps, street_points, write_markdown
+from _common import environment, real_sweeps, results_path, street_points, write_markdown
 
 import pointsparse as ps  # noqa: E402  (after _common puts the repo on the path)
 from pointsparse import _ext  # noqa: E402
@@ -48,11 +49,11 @@ def competitor(busy: bool):
         proc.wait()
 
 
-def inputs() -> dict:
+def inputs(quick: bool = False) -> dict:
     """Point coords (with duplicates), their keys and the voxel coords."""
-    sweeps = real_sweeps()
+    sweeps = {} if quick else real_sweeps()
     name = "kitti-raw/000049"
-    pts = sweeps[name] if name in sweeps else street_points(100_000)
+    pts = sweeps[name] if name in sweeps else street_points(20_000 if quick else 100_000)
     grid = torch.from_numpy(np.floor(pts / VOXEL).astype(np.int32))
     coords = torch.cat([torch.zeros(len(grid), 1, dtype=torch.int32), grid], 1).contiguous()
     layout = _coords.KeyLayout.of(coords)
@@ -90,10 +91,13 @@ def measure(fns: dict, repeats: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--repeats", type=int, default=21)
-    p.add_argument("--output", default=str(RESULTS_DIR / "busy_machine.md"))
+    p.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 21, --quick 3)")
+    p.add_argument("--quick", action="store_true", help="a smoke run: a 20k generated street, 3 repeats")
+    p.add_argument("--output", default=None, help="default bench/results/busy_machine.md")
     args = p.parse_args(argv)
-    data = inputs()
+    repeats = args.repeats or (3 if args.quick else 21)
+    output = args.output or results_path("busy_machine.md", args.quick)
+    data = inputs(args.quick)
     fns = cases(data)
     for fn in fns.values():  # warm up, and check 1 and 2 threads agree
         fn(1), fn(2)
@@ -104,15 +108,16 @@ def main(argv=None) -> int:
     res = {}
     for busy in (False, True):
         with competitor(busy):
-            res[busy] = measure(fns, args.repeats)
+            res[busy] = measure(fns, repeats)
     for c in fns:
         q1, q2, b1, b2 = res[False][(c, 1)], res[False][(c, 2)], res[True][(c, 1)], res[True][(c, 2)]
         rows.append(f"| {c} | {q1 * 1e3:.2f} | {q2 * 1e3:.2f} | {b1 * 1e3:.2f} | {b2 * 1e3:.2f} | {b2 / q1:.1f}x |")
         print(rows[-1], flush=True)
     cmd = "flock /work/cpu.lock .venv/bin/python bench/busy_machine.py " + " ".join(sys.argv[1:] if argv is None
                                                                                    else argv)
-    write_markdown(__import__("pathlib").Path(args.output), f"Coordinate core on a busy machine ({data['name']})",
+    write_markdown(__import__("pathlib").Path(output), f"Coordinate core on a busy machine ({data['name']})",
                    cmd, environment() | {"isa": _ext.core.conv_isa()}, ["\n".join(rows)])
+    print(f"written {output}")
     return 0
 
 

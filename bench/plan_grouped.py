@@ -2,13 +2,14 @@
 whether the engine's grouped method (C++ gather, torch mm/bmm per group of
 offsets, C++ scatter) earns its place against the fused method.
 
-    flock /work/cpu.lock .venv/bin/python bench/plan_grouped.py [--repeats 9]
+    flock /work/cpu.lock .venv/bin/python bench/plan_grouped.py [--repeats 9] [--quick]
 
 On the KITTI sweep at 0.05 m (a generated 100k street when absent): for the
 submanifold k=3 and strided k=2 s=2 maps, the map build, the fused plan and
 the grouped plan (interleaved medians); then the conv with each method,
 forward and forward+backward at C = 64 and 128, outputs checked equal to
-float rounding first. Writes bench/results/plan_grouped.md.
+float rounding first. Writes bench/results/plan_grouped.md (``--quick``: a
+20k generated street, C = 64 only, 2 repeats, the page in a temporary folder).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from _common import RESULTS_DIR, environment, real_scene, real_sweeps, street_scene, write_markdown
+from _common import environment, real_scene, real_sweeps, results_path, street_scene, write_markdown
 
 import pointsparse as ps  # noqa: E402  (after _common puts the repo on the path)
 from pointsparse import _ext  # noqa: E402
@@ -63,13 +64,13 @@ def run(feats, weight, kmap, plan, backward: bool) -> torch.Tensor:
     return out
 
 
-def method_rows(coords: torch.Tensor, repeats: int) -> list[str]:
+def method_rows(coords: torch.Tensor, repeats: int, widths=(64, 128)) -> list[str]:
     rows = ["| map | C | fused fwd ms | grouped fwd ms | grouped / fused | fused fwd+bwd ms | grouped fwd+bwd ms | "
             "grouped / fused |", "|---|---|---|---|---|---|---|---|"]
     for name, k, t in MAPS:
         kmap = ps.kmap.build(coords, k, t)
         plans = {"fused": _engine.make_fused_plan(kmap), "grouped": _engine.make_plan(kmap)}
-        for c in (64, 128):
+        for c in widths:
             g = torch.Generator().manual_seed(c)
             feats, weight = torch.randn(kmap.num_in, c, generator=g), torch.randn(k**3, c, c, generator=g) / c
             a, b = (run(feats, weight, kmap, plans[m], False) for m in ("fused", "grouped"))
@@ -87,17 +88,22 @@ def method_rows(coords: torch.Tensor, repeats: int) -> list[str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 9, --quick 2)")
+    p.add_argument("--quick", action="store_true", help="a smoke run: a 20k generated street, C = 64, 2 repeats")
     args = p.parse_args(argv)
-    sweeps = real_sweeps()
-    name = "kitti-raw/000049"
-    coords = real_scene(sweeps[name], 0.05) if name in sweeps else street_scene(100_000)
-    scene = f"{name} @ 0.05 m" if name in sweeps else "generated street 100k"
-    tables = ["\n".join(plan_rows(coords, args.repeats)), "\n".join(method_rows(coords, args.repeats))]
+    repeats = args.repeats or (2 if args.quick else 9)
+    sweeps = {} if args.quick else real_sweeps()
+    name, size = "kitti-raw/000049", 20_000 if args.quick else 100_000
+    coords = real_scene(sweeps[name], 0.05) if name in sweeps else street_scene(size)
+    scene = f"{name} @ 0.05 m" if name in sweeps else f"generated street {size // 1000}k"
+    tables = ["\n".join(plan_rows(coords, repeats)),
+              "\n".join(method_rows(coords, repeats, (64,) if args.quick else (64, 128)))]
     cmd = "flock /work/cpu.lock .venv/bin/python bench/plan_grouped.py " + " ".join(sys.argv[1:] if argv is None
                                                                                   else argv)
-    write_markdown(RESULTS_DIR / "plan_grouped.md", f"Plan cost and the grouped method ({scene}, {len(coords)} voxels)",
+    output = results_path("plan_grouped.md", args.quick)
+    write_markdown(output, f"Plan cost and the grouped method ({scene}, {len(coords)} voxels)",
                    cmd, environment() | {"isa": _ext.core.conv_isa()}, tables)
+    print(f"written {output}")
     return 0
 
 
