@@ -4,7 +4,7 @@ ReLU, concatenation, residual adds, classifier, loss and optimizer, for
 inference (``model.eval()`` and ``nn.fuse_for_inference``) and a training
 step (forward and backward).
 
-    flock /work/cpu.lock .venv/bin/python bench/profile_minkunet.py [--cr 1.0] [--rounds 3]
+    flock /work/cpu.lock .venv/bin/python bench/profile_minkunet.py [--cr 1.0] [--rounds 3] [--quick]
 
 Forward times are exclusive wall times taken by wrapping each module's
 forward and the engine's map and plan builders (a conv's time excludes the
@@ -14,7 +14,8 @@ likewise (its kind known from the forward that made it); the other autograd
 nodes come from ``torch.profiler`` (their CPU time), and the rest of the
 backward's wall time is the autograd engine's own work. Medians over rounds;
 one cloud per call, maps built anew every call. Writes
-bench/results/profile_minkunet.md.
+bench/results/profile_minkunet.md (``--quick``: a 20k generated street, one
+round after the warm-up, the page in a temporary folder).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from _common import RESULTS_DIR, environment, real_sweeps, street_points, write_markdown
+from _common import environment, real_sweeps, results_path, street_points, write_markdown
 
 import pointsparse as ps  # noqa: E402  (after _common puts the repo on the path)
 from pointsparse import _ext  # noqa: E402
@@ -207,21 +208,24 @@ def table(columns: dict[str, list[Timer]]) -> str:
     return "\n".join(lines)
 
 
-def cloud() -> tuple[str, np.ndarray]:
-    sweeps = real_sweeps()
+def cloud(quick: bool = False) -> tuple[str, np.ndarray]:
+    sweeps = {} if quick else real_sweeps()
     if "kitti-raw/000049" in sweeps:
         return "kitti-raw/000049", sweeps["kitti-raw/000049"]
-    return "generated street (100k voxels)", street_points(100_000)
+    size = 20_000 if quick else 100_000
+    return f"generated street ({size // 1000}k voxels)", street_points(size)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cr", type=float, default=1.0)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=None, help="rounds after the warm-up (default 3, --quick 1)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="a smoke run: a 20k generated street, one round")
     args = p.parse_args(argv)
+    rounds = args.rounds or (1 if args.quick else 3)
     torch.set_num_threads(args.threads)
-    name, pts = cloud()
+    name, pts = cloud(args.quick)
     points = torch.from_numpy(np.ascontiguousarray(pts))
     feats = torch.cat([points - points.mean(0), torch.ones(len(points), 1)], 1)
     torch.manual_seed(0)
@@ -230,7 +234,7 @@ def main(argv=None) -> int:
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
     labels = torch.randint(0, CLASSES, (len(points),), generator=torch.Generator().manual_seed(1))
     columns = defaultdict(list)
-    for r in range(args.rounds + 1):  # the first round warms up
+    for r in range(rounds + 1):  # the first round warms up
         runs = {"inference eval()": inference(model, points, feats),
                 "inference fused": inference(fused, points, feats)}
         runs["training forward"], runs["training backward + step"] = training_step(model, optimizer, points, feats,
@@ -243,8 +247,9 @@ def main(argv=None) -> int:
     print(text)
     title = f"MinkUNet cr={args.cr} per-op profile ({name} @ {VOXEL} m, {args.threads} threads)"
     command = "flock /work/cpu.lock .venv/bin/python bench/profile_minkunet.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    write_markdown(RESULTS_DIR / "profile_minkunet.md", title, command,
-                   environment() | {"isa": _ext.core.conv_isa()}, [text])
+    output = results_path("profile_minkunet.md", args.quick)
+    write_markdown(output, title, command, environment() | {"isa": _ext.core.conv_isa()}, [text])
+    print(f"written {output}")
     return 0
 
 

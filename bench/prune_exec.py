@@ -13,7 +13,10 @@ block weights through the engine and through their formats' products (see
 :func:`formats_table`).
 
     flock /work/cpu.lock .venv/bin/python bench/prune_exec.py [--channels 64] [--rounds 5] [--threads 1]
-        [--parts sparsity spatial formats]
+        [--parts sparsity spatial formats] [--quick]
+
+``--quick``: every part at C = 32 on a 20k generated street (no dataset
+needed), one round, the page in a temporary folder.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import time
 
 import torch
 
-from _common import RESULTS_DIR, environment, real_scene, real_sweeps, write_markdown
+from _common import environment, real_scene, real_sweeps, results_path, street_scene, write_markdown
 
 import pointsparse as ps
 from pointsparse import prune
@@ -243,27 +246,34 @@ def path_of(weight: torch.Tensor, kind: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--channels", type=int, nargs="+", default=[64])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--channels", type=int, nargs="+", default=None, help="default 64 (--quick 32)")
+    parser.add_argument("--rounds", type=int, default=None, help="default 5 (--quick 1)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--parts", nargs="+", default=["sparsity", "spatial"],
-                        choices=["sparsity", "spatial", "formats"])
-    parser.add_argument("--out", default=str(RESULTS_DIR / "prune_exec.md"))
+    parser.add_argument("--parts", nargs="+", default=None, choices=["sparsity", "spatial", "formats"],
+                        help="default sparsity spatial (--quick all three)")
+    parser.add_argument("--out", default=None, help="default bench/results/prune_exec.md")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: C = 32, a 20k generated street, 1 round")
     args = parser.parse_args()
-    sweeps = real_sweeps()
-    if "kitti-raw/000049" not in sweeps:
+    args.channels = args.channels or ([32] if args.quick else [64])
+    args.rounds = args.rounds or (1 if args.quick else 5)
+    args.parts = args.parts or (["sparsity", "spatial", "formats"] if args.quick else ["sparsity", "spatial"])
+    sweeps = {} if args.quick else real_sweeps()
+    if not args.quick and "kitti-raw/000049" not in sweeps:
         print("prune_exec: ../shared/datasets/kitti-raw/000049.bin is absent; nothing measured")
         return
     torch.set_num_threads(args.threads)
-    coords = real_scene(sweeps["kitti-raw/000049"], 0.05)
+    scene = "generated street 20k @ 0.05 m" if args.quick else "kitti-raw/000049 @ 0.05 m"
+    coords = street_scene(20_000) if args.quick else real_scene(sweeps["kitti-raw/000049"], 0.05)
     parts = {"sparsity": measure, "spatial": spatial, "formats": formats_table}
     tables = [parts[part](c, coords, args.rounds) for part in args.parts for c in args.channels]
     for t in tables:
         print(t, "\n")
     command = "python bench/prune_exec.py " + " ".join(sys.argv[1:])
-    write_markdown(Path(args.out), "Executed weight sparsity (kitti-raw/000049 @ 0.05 m)", command, environment(),
+    output = Path(args.out) if args.out else results_path("prune_exec.md", args.quick)
+    write_markdown(output, f"Executed weight sparsity ({scene})", command, environment(),
                    tables, "Speed-ups are medians of interleaved rounds against the unpruned conv of the same "
                    "rounds, on a 2-core AMD EPYC Zen 4 shared with other agents (noisy).")
+    print(f"written {output}")
 
 
 if __name__ == "__main__":
