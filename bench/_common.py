@@ -26,10 +26,10 @@ def results_path(name: str, quick: bool = False) -> Path:
     """Where a script writes its page ``name`` (``"voxelize.md"``):
     bench/results/, or for a ``--quick`` smoke run a scratch folder under the
     system's temporary directory, so that a smoke run never replaces the
-    committed results."""
-    if not quick:
-        return RESULTS_DIR / name
-    return Path(tempfile.gettempdir()) / "pointsparse-bench-quick" / name
+    committed results. The folder is created."""
+    folder = Path(tempfile.gettempdir()) / "pointsparse-bench-quick" if quick else RESULTS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / name
 
 
 def datasets_dir() -> Path | None:

@@ -5,7 +5,9 @@ kernel maps), forward time, speed-up and speed-up / FLOP reduction; at keep
 0.35 also the kept counts rounded to 1, 8 and 16 channels.
 
 Run on a quiet machine: ``python bench/prune_speed.py --repeats 5`` (tables in
-bench/results/prune_speed.md, the plot in bench/results/prune_speed.png)."""
+bench/results/prune_speed.md, the plot in bench/results/prune_speed.png).
+``--quick``: a 5k generated street, keep 0.5 only, one repeat, no KITTI, the
+page and plot in a temporary folder."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import time
 
 import torch
 
-from _common import RESULTS_DIR, environment, real_scene, real_sweeps, street_scene, write_markdown
+from _common import environment, real_scene, real_sweeps, results_path, street_scene, write_markdown
 from pointsparse import SparseTensor
 from pointsparse.models import MinkUNet
 from pointsparse.prune import graph as G
@@ -116,30 +118,36 @@ def plot(series: dict, path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--voxels", type=int, default=30_000, help="generated scene size")
+    parser.add_argument("--repeats", type=int, default=None, help="default 3 (--quick 1)")
+    parser.add_argument("--voxels", type=int, default=None, help="generated scene size (default 30000, --quick 5000)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 5k voxels, keep 0.5, 1 repeat, no KITTI")
     args = parser.parse_args()
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    args.voxels = args.voxels or (5_000 if args.quick else 30_000)
     torch.set_num_threads(args.threads)
-    rounding = [(0.75, 8), (0.5, 8), (0.35, 1), (0.35, 8), (0.35, 16)]
+    rounding = [(0.5, 8)] if args.quick else [(0.75, 8), (0.5, 8), (0.35, 1), (0.35, 8), (0.35, 16)]
     table, points = scene_table("generated street scene (0.05 m)", street_scene(args.voxels), args.repeats, True,
                                 rounding)
     tables, series = [table], {"generated street": points}
-    sweeps = real_sweeps()
+    sweeps = {} if args.quick else real_sweeps()
     if "kitti-raw/000049" in sweeps:
         table, points = scene_table("KITTI raw 000049 (0.05 m)", real_scene(sweeps["kitti-raw/000049"], 0.05),
                                     args.repeats, False, [(0.75, 8), (0.5, 8), (0.35, 8)])
         tables.append(table)
         series["KITTI 000049"] = points
     else:
-        tables.append("KITTI raw 000049: not present (../shared/datasets/kitti-raw/000049.bin), skipped")
-    plot(series, RESULTS_DIR / "prune_speed.png")
+        tables.append("KITTI raw 000049: " + ("not run with --quick" if args.quick else
+                                              "not present (../shared/datasets/kitti-raw/000049.bin), skipped"))
+    plot(series, results_path("prune_speed.png", args.quick))
     notes = ("Every coupled channel group of the dependency graph is cut to the keep ratio (channels of lowest "
              "summed magnitude over the group), rounded to the multiple in brackets. Times are medians of "
              "interleaved repeats; ratios are within this run. Plot: prune_speed.png.")
-    write_markdown(RESULTS_DIR / "prune_speed.md", "Pruning through the dependency graph: MinkUNet cr=1.0",
-                   f"python bench/prune_speed.py --repeats {args.repeats}", environment(), tables, notes)
-    print(f"written {RESULTS_DIR / 'prune_speed.md'}")
+    output = results_path("prune_speed.md", args.quick)
+    write_markdown(output, "Pruning through the dependency graph: MinkUNet cr=1.0",
+                   f"python bench/prune_speed.py --repeats {args.repeats}" + (" --quick" if args.quick else ""),
+                   environment(), tables, notes)
+    print(f"written {output}")
     return 0
 
 
