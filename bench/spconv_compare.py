@@ -22,7 +22,10 @@ On the KITTI sweep (kitti-raw/000049 at 0.05 m; skipped when absent):
   The outputs are compared first (eval and train mode, and the gradients of
   one step).
 
-Writes bench/results/spconv_compare_<part>.md.
+Writes bench/results/spconv_compare_<part>.md. ``--quick`` (both parts unless
+``--part`` names one): an eighth of the sweep (a contiguous wedge of its
+points), C = 64 only, one round, the outputs still checked, the pages in a
+temporary folder. Without spconv or the sweep the script says so and exits 0.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import time
 import numpy as np
 import torch
 
-from _common import RESULTS_DIR, environment, real_sweeps, write_markdown
+from _common import environment, real_sweeps, results_path, write_markdown
 
 import pointsparse as ps  # noqa: E402  (after _common puts the repo on the path)
 from pointsparse import _ext  # noqa: E402
@@ -147,11 +150,11 @@ def layer_errors(case: LayerCase, threads: int, backward: bool = True) -> dict:
     return out
 
 
-def bench_layer(coords: torch.Tensor, rounds: int, threads: int) -> list[str]:
+def bench_layer(coords: torch.Tensor, rounds: int, threads: int, widths=(64, 128)) -> list[str]:
     rows = ["| C | pass | ours ms (2t) | spconv 1t ms | spconv 2t ms | spconv 1t / ours | spconv 2t / ours | "
             "target |", "|---|---|---|---|---|---|---|---|"]
     err_rows = ["| C | side | output | input grad | weight grad |", "|---|---|---|---|---|"]
-    for channels in (64, 128):
+    for channels in widths:
         case = LayerCase(coords, channels)
         for side, errs in layer_errors(case, threads).items():
             err_rows.append(f"| {channels} | {side} | " + " | ".join(f"{e:.1e}" for e in errs) + " |")
@@ -350,30 +353,44 @@ def bench_net(points: np.ndarray, rounds: int, threads: int) -> list[str]:
     return ["\n".join(checks), "\n".join(rows)]
 
 
+def run_part(part: str, points: np.ndarray, args) -> None:
+    """Measures one part and writes its page."""
+    if part == "layer":
+        coords = ps.voxelize(torch.from_numpy(points), voxel_size=VOXEL)[0].coords
+        tables = bench_layer(coords, args.rounds or (1 if args.quick else 7), args.threads,
+                             (64,) if args.quick else (64, 128))
+        title = f"Submanifold k=3 layer vs spconv ({SWEEP} @ {VOXEL} m, {len(coords)} voxels)"
+    else:
+        tables = bench_net(points, args.rounds or (1 if args.quick else 3), args.threads)
+        title = f"MinkUNet cr=1.0 vs spconv ({SWEEP} @ {VOXEL} m)"
+    if args.quick:
+        title += f", --quick: {len(points)} of the sweep's points"
+    env = environment() | {"spconv": getattr(sys.modules.get("spconv"), "__version__", "?"),
+                           "pointsparse isa": _ext.core.conv_isa()}
+    cmd = "env PYTHONPATH=$PWD /work/spconv-venv/bin/python " + " ".join(["bench/spconv_compare.py"] + sys.argv[1:])
+    output = results_path(f"spconv_compare_{part}.md", args.quick)
+    write_markdown(output, title, cmd, env, tables)
+    print(f"written {output}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--part", choices=("layer", "net"), required=True)
-    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (layer 7, net 3)")
+    p.add_argument("--part", choices=("layer", "net"), default=None, help="required unless --quick (then: both)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (layer 7, net 3, --quick 1)")
     p.add_argument("--threads", type=int, default=2, help="threads for ours")
+    p.add_argument("--quick", action="store_true", help="a smoke run: an eighth of the sweep, C = 64, one round")
     args = p.parse_args(argv)
+    if args.part is None and not args.quick:
+        p.error("--part is required (layer or net) unless --quick")
     sweeps = real_sweeps()
     if spconv is None or SWEEP not in sweeps:
         print("skipped: " + ("spconv is not installed" if spconv is None else f"{SWEEP} is absent"))
         return 0
     torch.set_num_threads(args.threads)
-    if args.part == "layer":
-        coords = ps.voxelize(torch.from_numpy(sweeps[SWEEP]), voxel_size=VOXEL)[0].coords
-        tables = bench_layer(coords, args.rounds or 7, args.threads)
-        title = f"Submanifold k=3 layer vs spconv ({SWEEP} @ {VOXEL} m, {len(coords)} voxels)"
-    else:
-        tables = bench_net(sweeps[SWEEP], args.rounds or 3, args.threads)
-        title = f"MinkUNet cr=1.0 vs spconv ({SWEEP} @ {VOXEL} m)"
-    env = environment() | {"spconv": getattr(sys.modules.get("spconv"), "__version__", "?"),
-                           "pointsparse isa": _ext.core.conv_isa()}
-    cmd = "env PYTHONPATH=$PWD /work/spconv-venv/bin/python " + " ".join(["bench/spconv_compare.py"] + sys.argv[1:])
-    write_markdown(RESULTS_DIR / f"spconv_compare_{args.part}.md", title, cmd, env, tables)
+    points = sweeps[SWEEP][: len(sweeps[SWEEP]) // 8] if args.quick else sweeps[SWEEP]
+    for part in [args.part] if args.part else ["layer", "net"]:
+        run_part(part, points, args)
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())
