@@ -1,0 +1,83 @@
+"""`pointsparse bench NAME --quick` passes --quick to every bench/*.py script:
+each one's own argument parser must take it (checked by handing the parser
+the script builds ``["--quick"]``), and a few of the cheapest smoke runs go
+end to end through the command, leaving the committed results untouched."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from pointsparse.app import benchmark, cli
+from reference import ROOT
+
+# Runs each script as __main__ with ArgumentParser.parse_args replaced by a probe
+# that parses ["--quick"] with the script's own parser and stops the script there.
+PROBE = r"""
+import argparse, contextlib, io, json, runpy, sys
+from pathlib import Path
+
+class Parsed(Exception):
+    pass
+
+parse_args = argparse.ArgumentParser.parse_args
+
+def probe(self, args=None, namespace=None):
+    raise Parsed(parse_args(self, ["--quick"]))
+
+argparse.ArgumentParser.parse_args = probe
+bench = Path(sys.argv[1])
+sys.path.insert(0, str(bench))
+found = {}
+for script in sorted(bench.glob("*.py")):
+    if script.stem.startswith("_"):
+        continue
+    sys.argv = [str(script)]
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            runpy.run_path(str(script), run_name="__main__")
+        found[script.stem] = "ran to the end without parsing its arguments"
+    except Parsed as parsed:
+        found[script.stem] = getattr(parsed.args[0], "quick", "no `quick` attribute")
+    except SystemExit as e:
+        found[script.stem] = f"exit {e.code}: {err.getvalue().strip()[-300:]}"
+print(json.dumps(found))
+"""
+
+
+def test_every_bench_script_takes_quick():
+    proc = subprocess.run([sys.executable, "-c", PROBE, str(benchmark.BENCH_DIR)], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted(found) == benchmark.suites()
+    assert len(found) >= 18
+    refused = {name: result for name, result in found.items() if result is not True}
+    assert not refused, refused
+
+
+def test_quick_runs_end_to_end_and_leave_the_results_alone(tmp_path, monkeypatch):
+    """voxelize (one trip against four, checked equal), plan_grouped (fused
+    against grouped conv, checked) and prune_exec (every pruned conv checked
+    against the naive sum): exit 0, pages written to the temporary folder."""
+    names = ["voxelize", "plan_grouped", "prune_exec"]
+    committed = {n: (benchmark.BENCH_DIR / "results" / f"{n}.md").read_bytes() for n in names}
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    assert cli.main(["bench", *names, "--quick"]) == 0
+    for n in names:
+        assert (benchmark.BENCH_DIR / "results" / f"{n}.md").read_bytes() == committed[n]
+        page = (tmp_path / "pointsparse-bench-quick" / f"{n}.md").read_text()
+        assert page.startswith("# ") and "--quick" in page and "|---|" in page
+
+
+def test_quick_without_its_checkpoint_says_so_and_exits_0(tmp_path):
+    absent = tmp_path / "absent" / "checkpoint.pt"
+    for name in ("prune_finetune", "voxel_prune"):
+        proc = subprocess.run([sys.executable, str(benchmark.BENCH_DIR / f"{name}.py"), "--quick", "--checkpoint",
+                               str(absent)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert proc.returncode == 0, (name, proc.stderr[-2000:])
+        assert str(absent) in proc.stdout and "does not exist" in proc.stdout
+        assert not (tmp_path / "runs").exists()
