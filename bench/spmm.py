@@ -191,42 +191,35 @@ def isa_builds(repeats):
     return rows
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(RESULTS_DIR))
-    ap.add_argument("--isa", action="store_true",
-                    help="only the target case in each kernel build (avx512 / avx2 / generic): spmm_isa.md")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    if args.isa:
-        env = environment()
-        env["loadavg"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
-        rows = ["# SpMM kernel builds\n", f"Command: `.venv/bin/python bench/spmm.py --isa --threads {args.threads}`\n",
-                "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()) + "\n",
-                "Medians of 7 interleaved rounds, float32; each build forced through the kernels' `isa` "
-                "argument.\n"] + isa_builds(7)
-        md = os.path.join(args.out, "spmm_isa.md")
-        with open(md, "w") as f:
-            f.write("\n".join(rows) + "\n")
-        print("\n".join(rows))
-        return
-    repeats = 3 if args.quick else 7
-    out = []
+def isa_page(args) -> None:
+    """--isa: the target case in each kernel build, written to spmm_isa.md."""
+    env = environment()
+    env["loadavg"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
+    rows = ["# SpMM kernel builds\n", f"Command: `.venv/bin/python bench/spmm.py --isa --threads {args.threads}`\n",
+            "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()) + "\n",
+            "Medians of 7 interleaved rounds, float32; each build forced through the kernels' `isa` "
+            "argument.\n"] + isa_builds(7)
+    md = os.path.join(args.out, "spmm_isa.md")
+    with open(md, "w") as f:
+        f.write("\n".join(rows) + "\n")
+    print("\n".join(rows))
+
+
+def header(args, repeats) -> list[str]:
     env = environment()
     env["spmm_isa"] = F.spmm_isa()
     env["loadavg"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
     cmd = "flock /tmp/ps-heavy.lock .venv/bin/python bench/spmm.py" + (" --quick" if args.quick else "") + \
         (f" --threads {args.threads}" if args.threads != 2 else "")
-    out.append("# SpMM: sparse weight (M, K) x dense activations (K, N)\n")
-    out.append(f"Command: `{cmd}`\n")
-    out.append("Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()) + "\n")
-    out.append("Ratios within one run are the comparison; absolute times depend on the machine and its "
-               "load (load average above). Times: medians of "
-               f"{repeats} runs, float32, {args.threads} threads.\n")
+    return ["# SpMM: sparse weight (M, K) x dense activations (K, N)\n", f"Command: `{cmd}`\n",
+            "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()) + "\n",
+            "Ratios within one run are the comparison; absolute times depend on the machine and its "
+            "load (load average above). Times: medians of "
+            f"{repeats} runs, float32, {args.threads} threads.\n"]
 
-    # 1. target case
+
+def target_section(repeats) -> list[str]:
+    """1. The target case: 1024 x 1024 at 90% by every method, and 2:4."""
     print("target case ...", flush=True)
     tgt = time_case(1024, 1024, 4096, 0.9, repeats)
     nm_w = F.NM.from_dense(magnitude_sparse(1024, 1024, 0.0), n=2, m=4, prune=True)
@@ -234,24 +227,45 @@ def main():
     check_correct(nm_w.to_dense(), x[:, :64].contiguous(), nm_w)
     tgt_nm = timeit(lambda: nm_w.matmul(x), repeats)
     d = tgt["dense torch.mm"]
-    out.append("## Target: 1024 x 1024 weight at 90% sparsity times 1024 x 4096\n")
-    out.append("| method | time (ms) | speedup vs dense | vs torch.sparse CSR |")
-    out.append("|---|---:|---:|---:|")
+    out = ["## Target: 1024 x 1024 weight at 90% sparsity times 1024 x 4096\n",
+           "| method | time (ms) | speedup vs dense | vs torch.sparse CSR |", "|---|---:|---:|---:|"]
     for k, v in tgt.items():
         out.append(f"| {k} | {v * 1e3:.1f} | {d / v:.2f}x | {tgt['torch.sparse CSR'] / v:.2f}x |")
     out.append(f"| ours 2:4 (50%) | {tgt_nm * 1e3:.1f} | {d / tgt_nm:.2f}x | - |\n")
     out.append("BSR rows use block-pruned weights (4 x 4 blocks by L2 norm) at the same sparsity.\n")
+    return out
 
-    # 2. sweep
-    if args.quick:
-        shapes, columns, sparsities = [(256, 256), (1024, 1024)], [4096], [0.5, 0.9, 0.99]
-    else:
-        shapes = [(64, 64), (256, 256), (1024, 1024)]
-        columns = [1024, 10240, 102400]
-        sparsities = [0.5, 0.7, 0.8, 0.9, 0.95, 0.99]
-    out.append("## Sweep (ms; speedup of ours against dense in brackets)\n")
-    out.append("| M x K | N | sparsity | dense | torch CSR | ours CSR | torch BSR | ours BSR |")
-    out.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+
+def sweep_grid(quick) -> tuple[list, list, list]:
+    """(shapes, columns, sparsities) of the sweep."""
+    if quick:
+        return [(256, 256), (1024, 1024)], [4096], [0.5, 0.9, 0.99]
+    return [(64, 64), (256, 256), (1024, 1024)], [1024, 10240, 102400], [0.5, 0.7, 0.8, 0.9, 0.95, 0.99]
+
+
+def sweep_series(M, K, N, sparsities, repeats, out) -> dict:
+    """method -> seconds per sparsity of one size; a table row per sparsity appended to ``out``."""
+    series = {k: [] for k in ("dense torch.mm", "torch.sparse CSR", "ours CSR",
+                              "torch.sparse BSR 4x4", "ours BSR 4x4")}
+    for s in sparsities:
+        r = time_case(M, K, N, s, max(2, repeats - 4) if N > 10240 else repeats)
+        for k in series:
+            series[k].append(r[k])
+        dd = r["dense torch.mm"]
+        out.append(
+            f"| {M} x {K} | {N} | {s:.0%} | {dd * 1e3:.2f} | {r['torch.sparse CSR'] * 1e3:.2f} | "
+            f"{r['ours CSR'] * 1e3:.2f} ({dd / r['ours CSR']:.1f}x) | "
+            f"{r['torch.sparse BSR 4x4'] * 1e3:.2f} | {r['ours BSR 4x4'] * 1e3:.2f} "
+            f"({dd / r['ours BSR 4x4']:.1f}x) |")
+    return series
+
+
+def sweep_section(quick, repeats) -> tuple[list[str], dict, list]:
+    """2. The sweep and each format's break-even sparsity: (lines, curves, sparsities)."""
+    shapes, columns, sparsities = sweep_grid(quick)
+    out = ["## Sweep (ms; speedup of ours against dense in brackets)\n",
+           "| M x K | N | sparsity | dense | torch CSR | ours CSR | torch BSR | ours BSR |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
     curves = {}
     be_rows = []
     for M, K in shapes:
@@ -259,36 +273,24 @@ def main():
             if M * N > 1024 * 10240 * 2 and M >= 1024:
                 continue  # 1024 x 100k: too long for a few-minute bench
             print(f"sweep {M}x{K} N={N} ...", flush=True)
-            series = {k: [] for k in ("dense torch.mm", "torch.sparse CSR", "ours CSR",
-                                      "torch.sparse BSR 4x4", "ours BSR 4x4")}
-            for s in sparsities:
-                r = time_case(M, K, N, s, max(2, repeats - 4) if N > 10240 else repeats)
-                for k in series:
-                    series[k].append(r[k])
-                dd = r["dense torch.mm"]
-                out.append(
-                    f"| {M} x {K} | {N} | {s:.0%} | {dd * 1e3:.2f} | {r['torch.sparse CSR'] * 1e3:.2f} | "
-                    f"{r['ours CSR'] * 1e3:.2f} ({dd / r['ours CSR']:.1f}x) | "
-                    f"{r['torch.sparse BSR 4x4'] * 1e3:.2f} | {r['ours BSR 4x4'] * 1e3:.2f} "
-                    f"({dd / r['ours BSR 4x4']:.1f}x) |")
-            curves[(M, K, N)] = series
+            series = curves[(M, K, N)] = sweep_series(M, K, N, sparsities, repeats, out)
             be_rows.append((M, K, N, *(break_even(sparsities, series[k], series["dense torch.mm"])
                                       for k in ("ours CSR", "ours BSR 4x4", "torch.sparse CSR",
                                                 "torch.sparse BSR 4x4"))))
-    out.append("")
-    out.append("## Break-even sparsity (faster than dense torch.mm from)\n")
-    out.append("| M x K | N | ours CSR | ours BSR 4x4 | torch CSR | torch BSR 4x4 |")
-    out.append("|---|---:|---:|---:|---:|---:|")
+    out += ["", "## Break-even sparsity (faster than dense torch.mm from)\n",
+            "| M x K | N | ours CSR | ours BSR 4x4 | torch CSR | torch BSR 4x4 |", "|---|---:|---:|---:|---:|---:|"]
     for row in be_rows:
         out.append(f"| {row[0]} x {row[1]} | {row[2]} | " + " | ".join(row[3:]) + " |")
     out.append("")
+    return out, curves, sparsities
 
-    # 3. 2:4 against dense
+
+def nm_section(quick, repeats) -> list[str]:
+    """3. 2:4 against dense."""
     print("2:4 ...", flush=True)
-    out.append("## 2:4 (N:M, 50%) against dense\n")
-    out.append("| M x K | N | dense (ms) | ours 2:4 (ms) | speedup | storage vs dense fp32 |")
-    out.append("|---|---:|---:|---:|---:|---:|")
-    for M, K, N in [(256, 256, 10240), (1024, 1024, 4096)] + ([] if args.quick else [(64, 64, 102400)]):
+    out = ["## 2:4 (N:M, 50%) against dense\n",
+           "| M x K | N | dense (ms) | ours 2:4 (ms) | speedup | storage vs dense fp32 |", "|---|---:|---:|---:|---:|---:|"]
+    for M, K, N in [(256, 256, 10240), (1024, 1024, 4096)] + ([] if quick else [(64, 64, 102400)]):
         w = F.NM.from_dense(torch.randn(M, K), prune=True)
         x = torch.randn(K, N)
         wd = w.to_dense()
@@ -298,28 +300,32 @@ def main():
         out.append(f"| {M} x {K} | {N} | {td * 1e3:.2f} | {tn * 1e3:.2f} | {td / tn:.2f}x | "
                    f"{w.nbytes() / w.dense_nbytes():.3f} |")
     out.append("")
+    return out
 
-    # 4. storage
+
+def storage_section() -> list[str]:
+    """4. Every format's nbytes() against its analytical count."""
     print("storage ...", flush=True)
-    out.append("## Storage of a 1024 x 1024 float32 weight at 90% sparsity, NM at 2:4 (bytes)\n")
-    out.append("`nbytes()` against the count from each format's formula, computed independently "
-               "in this script (BSR on a 4 x 4 block-pruned weight, NM on a dense weight pruned "
-               "to 2:4 (50%), EIE with 8 PEs).\n")
-    out.append("| format | nonzeros | nbytes() | analytical | of dense |")
-    out.append("|---|---:|---:|---:|---:|")
+    out = ["## Storage of a 1024 x 1024 float32 weight at 90% sparsity, NM at 2:4 (bytes)\n",
+           "`nbytes()` against the count from each format's formula, computed independently "
+           "in this script (BSR on a 4 x 4 block-pruned weight, NM on a dense weight pruned "
+           "to 2:4 (50%), EIE with 8 PEs).\n", "| format | nonzeros | nbytes() | analytical | of dense |",
+           "|---|---:|---:|---:|---:|"]
     for name, nnz, nb, an, dn in storage_table(1024, 1024, 0.9):
         ok = "" if an is None or an == nb else " MISMATCH"
         out.append(f"| {name} | {nnz} | {nb} | {'-' if an is None else an}{ok} | {nb / dn:.3f} |")
     out.append("\nFKW's count is checked by hand in tests/test_formats.py (pattern tables "
                "are not recomputed here).\n")
+    return out
 
-    # 5. ESE load balance
+
+def balance_section() -> list[str]:
+    """5. ESE load balance: magnitude against load-balanced pruning."""
     print("load balance ...", flush=True)
-    out.append("## Load balance over P row-interleaved PEs (ESE), 1024 x 1024 at 90% sparsity\n")
-    out.append("Weights with a per-row scale (log-normal, sigma 0.5) as trained layers have; "
-               "imbalance = max PE nonzeros / mean PE nonzeros.\n")
-    out.append("| P | magnitude pruning | load-balanced pruning |")
-    out.append("|---:|---:|---:|")
+    out = ["## Load balance over P row-interleaved PEs (ESE), 1024 x 1024 at 90% sparsity\n",
+           "Weights with a per-row scale (log-normal, sigma 0.5) as trained layers have; "
+           "imbalance = max PE nonzeros / mean PE nonzeros.\n", "| P | magnitude pruning | load-balanced pruning |",
+           "|---:|---:|---:|"]
     from torch.nn.utils import prune as tprune
     g = torch.Generator().manual_seed(3)
     base = torch.randn(1024, 1024, generator=g) * torch.exp(0.5 * torch.randn(1024, 1, generator=g))
@@ -332,39 +338,59 @@ def main():
         F.load_balanced_unstructured(b, "weight", amount=0.9, num_pe=P)
         out.append(f"| {P} | {F.imbalance(a.weight, P):.3f} | {F.imbalance(b.weight, P):.3f} |")
     out.append("")
+    return out
 
-    os.makedirs(args.out, exist_ok=True)
-    md = os.path.join(args.out, "spmm.md")
-    png = os.path.join(args.out, "spmm_speedup.png")
+
+def plot_speedup(curves, sparsities, png) -> str:
+    """Speed-up against dense over sparsity, one panel per size: the page's line about it."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.5), squeeze=False)
-        for ax, ((M, K, N), series) in zip(axes[0], curves.items()):
-            dense = series["dense torch.mm"]
-            for k, v in series.items():
-                if k != "dense torch.mm":
-                    ax.plot([s * 100 for s in sparsities], [d / t for d, t in zip(dense, v)],
-                            marker="o", label=k)
-            ax.axhline(1.0, color="k", lw=0.8, ls="--")
-            ax.set_yscale("log")
-            ax.set_title(f"{M}x{K} @ {K}x{N}")
-            ax.set_xlabel("sparsity (%)")
-            ax.set_ylabel("speedup vs dense torch.mm")
-        axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(png, dpi=110)
-        out.append(f"Plot: `{os.path.basename(png)}` (speedup against dense over sparsity).\n")
     except ImportError:
-        out.append("(matplotlib missing: no plot)\n")
+        return "(matplotlib missing: no plot)\n"
+    fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.5), squeeze=False)
+    for ax, ((M, K, N), series) in zip(axes[0], curves.items()):
+        dense = series["dense torch.mm"]
+        for k, v in series.items():
+            if k != "dense torch.mm":
+                ax.plot([s * 100 for s in sparsities], [d / t for d, t in zip(dense, v)],
+                        marker="o", label=k)
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_yscale("log")
+        ax.set_title(f"{M}x{K} @ {K}x{N}")
+        ax.set_xlabel("sparsity (%)")
+        ax.set_ylabel("speedup vs dense torch.mm")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    return f"Plot: `{os.path.basename(png)}` (speedup against dense over sparsity).\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(RESULTS_DIR))
+    ap.add_argument("--isa", action="store_true",
+                    help="only the target case in each kernel build (avx512 / avx2 / generic): spmm_isa.md")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.isa:
+        isa_page(args)
+        return
+    repeats = 3 if args.quick else 7
+    out = header(args, repeats) + target_section(repeats)
+    sweep, curves, sparsities = sweep_section(args.quick, repeats)
+    out += sweep + nm_section(args.quick, repeats) + storage_section() + balance_section()
+    os.makedirs(args.out, exist_ok=True)
+    md = os.path.join(args.out, "spmm.md")
+    out.append(plot_speedup(curves, sparsities, os.path.join(args.out, "spmm_speedup.png")))
     with open(md, "w") as f:
         f.write("\n".join(out) + "\n")
     print("\n".join(out))
     print(f"wrote {md}")
-
 
 if __name__ == "__main__":
     main()
