@@ -5,7 +5,8 @@ Weights of real layer sizes (64 x 64 .. 1024 x 1024) times 1k .. 100k
 activation columns at 50% .. 99% sparsity; the break-even sparsity of each
 format against dense; 2:4 against dense; storage of every format against its
 analytical count; ESE load balance. Correctness is checked before timing.
-Writes bench/results/spmm.md and bench/results/spmm_speedup.png.
+Writes bench/results/spmm.md and bench/results/spmm_speedup.png (``--quick``:
+in a temporary folder unless ``--out`` says where).
 
     flock /tmp/ps-heavy.lock .venv/bin/python bench/spmm.py [--quick] [--threads 2]
 """
@@ -20,7 +21,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__))))
-from _common import RESULTS_DIR, environment, timeit  # noqa: E402
+from _common import environment, results_path, timeit  # noqa: E402
 
 from pointsparse import formats as F  # noqa: E402
 from pointsparse.formats._storage import bits_for, index_width  # noqa: E402
@@ -372,10 +373,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(RESULTS_DIR))
+    ap.add_argument("--out", default=None, help="folder for the pages (default bench/results; --quick: a temporary one)")
     ap.add_argument("--isa", action="store_true",
                     help="only the target case in each kernel build (avx512 / avx2 / generic): spmm_isa.md")
     args = ap.parse_args()
+    args.out = args.out or str(results_path("spmm.md", args.quick).parent)
     torch.set_num_threads(args.threads)
     if args.isa:
         isa_page(args)
