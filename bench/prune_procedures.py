@@ -307,109 +307,132 @@ def _fmt(v):
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
+def _ratios(r: dict) -> str:
+    return json.dumps({n: round(v, 2) for n, v in r["amc_ratios"].items()})
+
+
+def _table(d: dict, skip: str, first: str) -> list[str]:
+    """A table of ``d``'s entries but ``skip``, one row per key, one column per inner key."""
+    keys = [k for k in d if k != skip]
+    cols = list(d[keys[0]])
+    return (["| " + first + " | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+            + [f"| {k} | " + " | ".join(_fmt(d[k][c]) for c in cols) + " |" for k in keys])
+
+
+def _render_header(env: dict, command: str) -> list[str]:
+    return ["# Pruning procedures: experiments", "",
+            f"Command: `{command}`", "",
+            "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), "",
+            "Taken on a shared 2-core machine under load (other helpers building and testing), one torch thread. "
+            "Accuracies are on held-out digits test images (497) or a held-out generated scene (voxel mIoU); "
+            "one seed each, so differences of ~1 point are within noise.", ""]
+
+
+def _render_sensitivity(s: dict) -> list[str]:
+    lines = ["## Sensitivity", ""]
+    for model, r in s.items():
+        lines += [f"digits {model}, {r['granularity']}: baseline val accuracy {r['baseline']:.3f}; ratios under a "
+                  f"drop of 0.02: `{json.dumps(r['chosen'])}` -> overall sparsity {r['sparsity']:.3f}, test "
+                  f"accuracy {r['dense_test']:.3f} -> {r['pruned_test']:.3f} (no fine-tuning). "
+                  f"Curves: `prune_sensitivity_{model}.png`.", ""]
+    return lines
+
+
+def _render_schedule(s: dict) -> list[str]:
+    d = s["digits"]
+    lines = ["## Iterative vs one-shot (digits MLP 64-300-100-10, equal fine-tuning steps)", "",
+             f"Dense test accuracy {d['dense_test']:.3f}. Fine-tuning at 1/10 of the training lr.", ""]
+    lines += _table(d, "dense_test", "sparsity")
+    if "scene" in s:
+        sc = s["scene"]
+        lines += ["", f"Generated scene, sparse-conv chain (mIoU; dense {sc['dense_test']:.3f}):", "",
+                  "| sparsity | one-shot | iterative AGP |", "|---|---|---|"]
+        lines += [f"| {k} | {v['one-shot']:.3f} | {v['iterative AGP']:.3f} |" for k, v in sc.items()
+                  if k != "dense_test"]
+    return lines + ["", "Plot: `prune_schedule.png`.", ""]
+
+
+def _render_lottery(s: dict) -> list[str]:
+    lines = ["## Lottery tickets (20% of the remaining weights pruned per round, global magnitude)", ""]
+    for key, rows in s.items():
+        lines += [f"{key}:", "", "| round | weights left | ticket | reinit (same mask) | random mask |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['round']} | {1 - r['sparsity']:.3f} | {r['metric']:.3f} | {_fmt(r.get('reinit', '-'))} | "
+                  f"{_fmt(r.get('random_mask', '-'))} |" for r in rows]
+        lines += [""]
+    return lines + ["Plot: `prune_lottery.png`.", ""]
+
+
+def _render_init(s: dict) -> list[str]:
+    lines = ["## Pruning at initialisation and RigL (digits MLP, same training steps as dense)", "",
+             f"Dense test accuracy {s['dense']:.3f}.", ""]
+    return lines + _table(s, "dense", "sparsity") + ["", "Plot: `prune_init.png`.", ""]
+
+
+def _render_amc(s: dict) -> list[str]:
+    lines = ["## AMC vs uniform channel ratios at equal FLOPs", "",
+             f"digits CNN: dense test accuracy {s['dense_test']:.3f}, {s['dense_params']} parameters.", "",
+             "| setting | AMC ratios | uniform ratio | FLOPs AMC / uniform | AMC test (no ft / ft) | "
+             "uniform test (no ft / ft) |", "|---|---|---|---|---|---|"]
+    for k, r in s.items():
+        if not isinstance(r, dict):
+            continue
+        lines.append(f"| {k} | `{_ratios(r)}` | "
+                     f"{r['uniform_ratio']:.2f} | {r['amc_flops']:.3f} / {r['uniform_flops']:.3f} | "
+                     f"{r['amc_test_no_ft']:.3f} / {r['amc_test_ft']:.3f} | "
+                     f"{r['uniform_test_no_ft']:.3f} / {r['uniform_test_ft']:.3f} |")
+    if "scene_dense_test" in s:
+        lines += ["", f"Scene dense mIoU {s['scene_dense_test']:.3f}."]
+    return lines + [""]
+
+
+def _render_netadapt(s: dict) -> list[str]:
+    lines = ["## NetAdapt: latency budget 50% of the measured table estimate", "",
+             "| network | table (entries, s) | measured before | table estimate before | budget | estimate after | "
+             "measured after | channels | params | test metric |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for k, r in s.items():
+        lines.append(f"| {k} | {r['table_entries']}, {r['table_seconds']:.1f} s | {r['measured_before_ms']:.2f} ms | "
+                     f"{r['estimate_before_ms']:.2f} ms | "
+                     f"{r['budget_ms']:.2f} ms | {r['estimate_after_ms']:.2f} ms | {r['measured_after_ms']:.2f} ms | "
+                     f"`{json.dumps(r['channels'])}` | {r['dense_params']} -> {r['adapted_params']} | "
+                     f"{r['dense_test']:.3f} -> {r['adapted_test']:.3f} |")
+    return lines + [""]
+
+
+def _render_minkunet(s: dict) -> list[str]:
+    lines = ["## MinkUNet on generated scenes", ""]
+    if "skipped" in s:
+        return lines + [f"Skipped: {s['skipped']}.", ""]
+    lines += [f"MinkUNet(3, 4, cr={s['cr']}, blocks=1) (source: {s.get('source')}), {s['voxels']} voxels per "
+              f"scene, {s['steps']} training "
+              f"steps ({s['seconds_per_step']:.2f} s each), voxel mIoU on a held-out scene:", "",
+              "| run | mIoU |", "|---|---|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in s.items()
+              if k not in ("cr", "steps", "voxels", "seconds_per_step", "source", "amc")]
+    if "amc" in s:
+        r = s["amc"]
+        lines += ["", f"AMC on the {len(r['amc_ratios'])} channel groups inside MinkUNet's blocks, FLOPs "
+                  f"budget 0.6: AMC {r['amc_flops']:.3f} of dense FLOPs, mIoU {r['amc_test_no_ft']:.3f} before / "
+                  f"{r['amc_test_ft']:.3f} after fine-tuning; uniform ratio {r['uniform_ratio']:.2f} "
+                  f"({r['uniform_flops']:.3f} of dense FLOPs): {r['uniform_test_no_ft']:.3f} / "
+                  f"{r['uniform_test_ft']:.3f}. Ratios: `{_ratios(r)}`."]
+    return lines + [""]
+
+
+RENDERERS = (("sensitivity", _render_sensitivity), ("schedule", _render_schedule), ("lottery", _render_lottery),
+             ("init", _render_init), ("amc", _render_amc), ("netadapt", _render_netadapt),
+             ("minkunet", _render_minkunet))
+
+
 def render(data: dict, command: str) -> str:
-    env = data.get("_env", {})
-    lines = ["# Pruning procedures: experiments", "",
-             f"Command: `{command}`", "",
-             "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), "",
-             "Taken on a shared 2-core machine under load (other helpers building and testing), one torch thread. "
-             "Accuracies are on held-out digits test images (497) or a held-out generated scene (voxel mIoU); "
-             "one seed each, so differences of ~1 point are within noise.", ""]
-    s = data.get("sensitivity")
-    if s:
-        lines += ["## Sensitivity", ""]
-        for model, r in s.items():
-            lines += [f"digits {model}, {r['granularity']}: baseline val accuracy {r['baseline']:.3f}; ratios under a "
-                      f"drop of 0.02: `{json.dumps(r['chosen'])}` -> overall sparsity {r['sparsity']:.3f}, test "
-                      f"accuracy {r['dense_test']:.3f} -> {r['pruned_test']:.3f} (no fine-tuning). "
-                      f"Curves: `prune_sensitivity_{model}.png`.", ""]
-    s = data.get("schedule")
-    if s:
-        d = s["digits"]
-        keys = [k for k in d if k != "dense_test"]
-        cols = list(d[keys[0]])
-        lines += ["## Iterative vs one-shot (digits MLP 64-300-100-10, equal fine-tuning steps)", "",
-                  f"Dense test accuracy {d['dense_test']:.3f}. Fine-tuning at 1/10 of the training lr.", "",
-                  "| sparsity | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-        lines += [f"| {k} | " + " | ".join(_fmt(d[k][c]) for c in cols) + " |" for k in keys]
-        if "scene" in s:
-            sc = s["scene"]
-            lines += ["", f"Generated scene, sparse-conv chain (mIoU; dense {sc['dense_test']:.3f}):", "",
-                      "| sparsity | one-shot | iterative AGP |", "|---|---|---|"]
-            lines += [f"| {k} | {v['one-shot']:.3f} | {v['iterative AGP']:.3f} |" for k, v in sc.items()
-                      if k != "dense_test"]
-        lines += ["", "Plot: `prune_schedule.png`.", ""]
-    s = data.get("lottery")
-    if s:
-        lines += ["## Lottery tickets (20% of the remaining weights pruned per round, global magnitude)", ""]
-        for key, rows in s.items():
-            lines += [f"{key}:", "", "| round | weights left | ticket | reinit (same mask) | random mask |",
-                      "|---|---|---|---|---|"]
-            lines += [f"| {r['round']} | {1 - r['sparsity']:.3f} | {r['metric']:.3f} | {_fmt(r.get('reinit', '-'))} | "
-                      f"{_fmt(r.get('random_mask', '-'))} |" for r in rows]
-            lines += [""]
-        lines += ["Plot: `prune_lottery.png`.", ""]
-    s = data.get("init")
-    if s:
-        keys = [k for k in s if k != "dense"]
-        cols = list(s[keys[0]])
-        lines += ["## Pruning at initialisation and RigL (digits MLP, same training steps as dense)", "",
-                  f"Dense test accuracy {s['dense']:.3f}.", "",
-                  "| sparsity | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-        lines += [f"| {k} | " + " | ".join(_fmt(s[k][c]) for c in cols) + " |" for k in keys]
-        lines += ["", "Plot: `prune_init.png`.", ""]
-    s = data.get("amc")
-    if s:
-        lines += ["## AMC vs uniform channel ratios at equal FLOPs", "",
-                  f"digits CNN: dense test accuracy {s['dense_test']:.3f}, {s['dense_params']} parameters.", "",
-                  "| setting | AMC ratios | uniform ratio | FLOPs AMC / uniform | AMC test (no ft / ft) | "
-                  "uniform test (no ft / ft) |", "|---|---|---|---|---|---|"]
-        for k, r in s.items():
-            if not isinstance(r, dict):
-                continue
-            lines.append(f"| {k} | `{json.dumps({n: round(v, 2) for n, v in r['amc_ratios'].items()})}` | "
-                         f"{r['uniform_ratio']:.2f} | {r['amc_flops']:.3f} / {r['uniform_flops']:.3f} | "
-                         f"{r['amc_test_no_ft']:.3f} / {r['amc_test_ft']:.3f} | "
-                         f"{r['uniform_test_no_ft']:.3f} / {r['uniform_test_ft']:.3f} |")
-        if "scene_dense_test" in s:
-            lines += ["", f"Scene dense mIoU {s['scene_dense_test']:.3f}."]
-        lines += [""]
-    s = data.get("netadapt")
-    if s:
-        lines += ["## NetAdapt: latency budget 50% of the measured table estimate", "",
-                  "| network | table (entries, s) | measured before | table estimate before | budget | estimate after | "
-                  "measured after | channels | params | test metric |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for k, r in s.items():
-            lines.append(f"| {k} | {r['table_entries']}, {r['table_seconds']:.1f} s | {r['measured_before_ms']:.2f} ms | "
-                         f"{r['estimate_before_ms']:.2f} ms | "
-                         f"{r['budget_ms']:.2f} ms | {r['estimate_after_ms']:.2f} ms | {r['measured_after_ms']:.2f} ms | "
-                         f"`{json.dumps(r['channels'])}` | {r['dense_params']} -> {r['adapted_params']} | "
-                         f"{r['dense_test']:.3f} -> {r['adapted_test']:.3f} |")
-        lines += [""]
-    s = data.get("minkunet")
-    if s:
-        lines += ["## MinkUNet on generated scenes", ""]
-        if "skipped" in s:
-            lines += [f"Skipped: {s['skipped']}.", ""]
-        else:
-            lines += [f"MinkUNet(3, 4, cr={s['cr']}, blocks=1) (source: {s.get('source')}), {s['voxels']} voxels per "
-                      f"scene, {s['steps']} training "
-                      f"steps ({s['seconds_per_step']:.2f} s each), voxel mIoU on a held-out scene:", "",
-                      "| run | mIoU |", "|---|---|"]
-            lines += [f"| {k} | {v:.3f} |" for k, v in s.items()
-                      if k not in ("cr", "steps", "voxels", "seconds_per_step", "source", "amc")]
-            if "amc" in s:
-                r = s["amc"]
-                lines += ["", f"AMC on the {len(r['amc_ratios'])} channel groups inside MinkUNet's blocks, FLOPs "
-                          f"budget 0.6: AMC {r['amc_flops']:.3f} of dense FLOPs, mIoU {r['amc_test_no_ft']:.3f} before / "
-                          f"{r['amc_test_ft']:.3f} after fine-tuning; uniform ratio {r['uniform_ratio']:.2f} "
-                          f"({r['uniform_flops']:.3f} of dense FLOPs): {r['uniform_test_no_ft']:.3f} / "
-                          f"{r['uniform_test_ft']:.3f}. Ratios: `{json.dumps({n: round(v, 2) for n, v in r['amc_ratios'].items()})}`."]
-            lines += [""]
+    """The markdown page of the stored results: one section per experiment present."""
+    lines = _render_header(data.get("_env", {}), command)
+    for key, section in RENDERERS:
+        if data.get(key):
+            lines += section(data[key])
     if data.get("_notes"):
         lines += ["## What these show", "", data["_notes"], ""]
     return "\n".join(lines)
-
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
