@@ -9,7 +9,7 @@ amc (learned vs uniform ratios at equal FLOPs), netadapt (latency budget,
 measured again). Digits sections need the optional scikit-learn and are
 skipped without it; ``--scene`` adds the generated-scene sparse-conv runs.
 Results: bench/results/prune_procedures.md (+ .json with every number) and
-bench/results/prune_*.png. One torch thread (tiny models; the machine is
+bench/results/prune_*.png (``--quick``: all in a temporary folder). One torch thread (tiny models; the machine is
 shared)."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from _common import RESULTS_DIR, environment
+from _common import RESULTS_DIR, environment, results_path
 
 from pointsparse.app import procedures as P
 from pointsparse.app import tasks as T
@@ -30,7 +30,6 @@ from pointsparse.app.procedures import trained
 from pointsparse.prune import adapters, amc, netadapt, procedure, rigl, sensitivity, surgery
 
 SECTIONS = ("sensitivity", "schedule", "lottery", "init", "amc", "netadapt", "minkunet")
-STORE = RESULTS_DIR / "prune_procedures.json"
 
 
 def have_sklearn() -> bool:
@@ -63,13 +62,13 @@ def plot(path, series: dict, xlabel: str, ylabel: str, title: str, xlog=False, h
 
 
 # ------------------------------------------------------------------ sections
-def run_sensitivity(q):
+def run_sensitivity(q, folder):
     out = {}
     for model, gran in (("mlp", "unstructured"), ("cnn", "channel")):
         task = T.digits_task(model)
         m = trained(task)
         res, chosen, _ = P.sensitivity(task, m, gran, 0.02, metric="val accuracy",
-                                       plot=RESULTS_DIR / f"prune_sensitivity_{model}.png")
+                                       plot=folder / f"prune_sensitivity_{model}.png")
         pruned = copy.deepcopy(m)
         sensitivity.apply_ratios(pruned, chosen, gran)
         out[model] = {"granularity": gran, "baseline": res.baseline, "curves": res.curves, "chosen": chosen,
@@ -78,7 +77,7 @@ def run_sensitivity(q):
     return out
 
 
-def run_schedule(q, scene=False):
+def run_schedule(q, folder, scene=False):
     out = {"digits": {}}
     task = T.digits_task("mlp")
     dense = trained(task)
@@ -108,7 +107,7 @@ def run_schedule(q, scene=False):
             res[str(s)] = {"one-shot": st.test_fn(a), "iterative AGP": st.test_fn(b)}
         out["scene"] = res
     xs = sparsities
-    plot(RESULTS_DIR / "prune_schedule.png",
+    plot(folder / "prune_schedule.png",
          {k: (xs, [out["digits"][str(s)][k] for s in xs]) for k in out["digits"][str(xs[0])]},
          "sparsity", "test accuracy", "digits MLP: one-shot vs iterative (equal fine-tune steps)",
          hline=("dense", out["digits"]["dense_test"]))
@@ -124,7 +123,7 @@ def _lottery(task, rounds, k, seed=0, control_rounds=()):
     return rows
 
 
-def run_lottery(q):
+def run_lottery(q, folder):
     """Tickets down to ~2% of the MLP's weights and ~7% of the deep CNN's,
     with both controls at several rounds; the deep CNN at a larger learning
     rate (0.08), where rewinding to k > 0 is reported to matter."""
@@ -146,12 +145,12 @@ def run_lottery(q):
         series[key + " reinit"] = ([1 - r["sparsity"] for r in c], [r["reinit"] for r in c])
         if key.startswith("mlp"):
             series[key + " random mask"] = ([1 - r["sparsity"] for r in c], [r["random_mask"] for r in c])
-    plot(RESULTS_DIR / "prune_lottery.png", series, "fraction of weights remaining", "test accuracy",
+    plot(folder / "prune_lottery.png", series, "fraction of weights remaining", "test accuracy",
          "lottery tickets (digits)", xlog=True)
     return out
 
 
-def run_init(q):
+def run_init(q, folder):
     out = {}
     task = T.digits_task("mlp")
     steps = 150 if q else task.train_steps
@@ -187,7 +186,7 @@ def run_init(q):
             row[f"RigL {dist}"] = task.test_fn(m)
         out[str(s)] = row
     keys = list(out[str(sparsities[0])])
-    plot(RESULTS_DIR / "prune_init.png", {k: (sparsities, [out[str(s)][k] for s in sparsities]) for k in keys},
+    plot(folder / "prune_init.png", {k: (sparsities, [out[str(s)][k] for s in sparsities]) for k in keys},
          "sparsity", "test accuracy", "digits MLP: pruning at init and RigL vs dense", hline=("dense", out["dense"]))
     return out
 
@@ -228,7 +227,7 @@ def run_amc(q, scene=False):
     return out
 
 
-def run_netadapt(q, scene=False):
+def run_netadapt(q, folder, scene=False):
     out = {}
     runs = [("digits-cnn", T.digits_task("cnn"), None)]
     if scene:
@@ -240,7 +239,7 @@ def run_netadapt(q, scene=False):
         res, table, table_s = P.netadapt(task, m, x, 0.5, short_steps=(3 if q else 5) if is_scene else (10 if q else 30),
                                          long_steps=(10 if q else 30) if is_scene else (50 if q else 200),
                                          candidates=4 if q else 8, repeats=5,
-                                         table_path=RESULTS_DIR / f"prune_netadapt_table_{label}.json")
+                                         table_path=folder / f"prune_netadapt_table_{label}.json")
         before = netadapt.measure_latency(m, x, 15)
         after = netadapt.measure_latency(res.model, x, 15)
         out[label] = {"table_seconds": table_s, "table_entries": sum(len(r) for r in table.entries.values()),
@@ -448,21 +447,23 @@ def main(argv=None) -> int:
     if not have_sklearn():
         print("scikit-learn is not installed: the digits experiments are skipped (pip install scikit-learn)")
         return 0
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    data = json.loads(STORE.read_text()) if STORE.exists() else {}
-    fns = {"sensitivity": lambda: run_sensitivity(args.quick), "schedule": lambda: run_schedule(args.quick, args.scene),
-           "lottery": lambda: run_lottery(args.quick), "init": lambda: run_init(args.quick),
-           "amc": lambda: run_amc(args.quick, args.scene), "netadapt": lambda: run_netadapt(args.quick, args.scene),
-           "minkunet": lambda: run_minkunet(args.quick)}
+    store = results_path("prune_procedures.json", args.quick)  # --quick: a temporary folder
+    folder, q = store.parent, args.quick
+    data = json.loads(store.read_text()) if store.exists() else {}
+    fns = {"sensitivity": lambda: run_sensitivity(q, folder), "schedule": lambda: run_schedule(q, folder, args.scene),
+           "lottery": lambda: run_lottery(q, folder), "init": lambda: run_init(q, folder),
+           "amc": lambda: run_amc(q, args.scene), "netadapt": lambda: run_netadapt(q, folder, args.scene),
+           "minkunet": lambda: run_minkunet(q)}
     for name in only:
         t0 = time.perf_counter()
         data[name] = fns[name]()
         print(f"{name}: {time.perf_counter() - t0:.0f} s")
         print(json.dumps(data[name], default=str)[:1500])
         data["_env"] = environment()
-        STORE.write_text(json.dumps(data, indent=1, default=str))
+        store.write_text(json.dumps(data, indent=1, default=str))
     command = "python bench/prune_procedures.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    (RESULTS_DIR / "prune_procedures.md").write_text(render(data, command.strip()) + "\n")
+    (folder / "prune_procedures.md").write_text(render(data, command.strip()) + "\n")
+    print(f"written {folder / 'prune_procedures.md'}")
     return 0
 
 
