@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from _common import RESULTS_DIR, environment, real_scene, real_sweeps, street_scene, timeit, write_markdown
+from _common import environment, real_scene, real_sweeps, results_path, street_scene, timeit, write_markdown
 
 import pointsparse as ps  # noqa: E402  (after _common puts the repo on the path)
 from pointsparse.nn import _engine  # noqa: E402
@@ -290,8 +290,9 @@ def main() -> None:
                         help="only each kernel build (avx512 / avx2 / generic): k=1 GEMM vs torch.mm, k=3 on KITTI")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--output", default=str(RESULTS_DIR / "conv.md"))
+    parser.add_argument("--output", default=None, help="default bench/results/conv.md (--quick: a temporary folder)")
     args = parser.parse_args()
+    args.output = args.output or str(results_path("conv.md", args.quick))
     torch.set_num_threads(args.threads)
     repeats = args.repeats or 3
     env = environment()

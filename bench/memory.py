@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from _common import RESULTS_DIR, environment, write_markdown
+from _common import environment, results_path, write_markdown
 
 import pointsparse as ps
 from pointsparse.data import OUTDOOR_CLASSES, outdoor_scene
@@ -78,7 +78,7 @@ def main() -> None:
     summary = (f"MinkUNet cr={args.cr}, generated streets at {args.voxel_size} m, {min(voxels)}-{max(voxels)} "
                f"voxels, AdamW; {time.perf_counter() - t0:.0f} s. RSS at step 50: {at50:.1f} MB; at step "
                f"{samples[-1][0]}: {last:.1f} MB; growth {100 * growth:+.2f}% (target: within 5%)")
-    write_markdown(RESULTS_DIR / "memory.md", "Memory over a MinkUNet training loop",
+    write_markdown(results_path("memory.md", args.quick), "Memory over a MinkUNet training loop",
                    f"python bench/memory.py --steps {steps} --threads {args.threads}", environment(),
                    [summary, "| step | RSS (MB) | loss |\n|---|---|---|\n" + rows])
     print(f"RSS {at50:.1f} MB at step 50 -> {last:.1f} MB at step {samples[-1][0]} ({100 * growth:+.2f}%)")

@@ -33,7 +33,7 @@ import time
 import numpy as np
 import torch
 
-from _common import RESULTS_DIR, environment, real_sweeps, write_markdown
+from _common import environment, real_sweeps, results_path, write_markdown
 from prune_speed import _variants
 from voxel_prune import add_voxel_prune
 
@@ -136,7 +136,7 @@ def main() -> None:
     points = kitti_points()
     table = measure(points, args.voxel_size, args.rounds)
     print(table)
-    write_markdown(RESULTS_DIR / "north_star.md", "North star: MinkUNet on a full KITTI sweep in <= 100 ms",
+    write_markdown(results_path("north_star.md", args.quick), "North star: MinkUNet on a full KITTI sweep in <= 100 ms",
                    "python bench/north_star.py " + " ".join(sys.argv[1:]), environment(), [table],
                    "Seeded random weights (MinkUNet(4, 19, cr=1.0), BatchNorm at its initial statistics): the "
                    "times are the network's, the differences only show how far each step moves the function.")

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from _common import RESULTS_DIR, ROOT, datasets_dir, environment
+from _common import ROOT, datasets_dir, environment, results_path
 
 RUNS = ROOT / "runs" / "bench-train"
 #: What the table says for runs recorded before the engine was (the earlier pure-torch path).
@@ -76,10 +76,11 @@ def experiments(quick: bool, data) -> list[dict]:
     return out
 
 
-def run(exp: dict, threads: int | None, collect: bool = False) -> dict:
+def run(exp: dict, threads: int | None, collect: bool = False, quick: bool = False) -> dict:
     """Run one experiment (or, with ``collect``, read the run already in
-    runs/bench-train) and copy its PNGs to bench/results."""
-    out = RUNS / exp["name"]
+    runs/bench-train) and copy its PNGs to bench/results (``quick``: the run
+    in runs/bench-train-quick, the PNGs in a temporary folder)."""
+    out = (RUNS.with_name(RUNS.name + "-quick") if quick else RUNS) / exp["name"]
     argv = [sys.executable, "-m", "pointsparse", "train", *exp["argv"], "--out", str(out), "--no-progress"]
     if threads:
         argv += ["--threads", str(threads)]
@@ -94,7 +95,7 @@ def run(exp: dict, threads: int | None, collect: bool = False) -> dict:
     report["command"] = f"python {shown}"
     report["wall_s"] = time.perf_counter() - t0 if not collect else report.get("wall_time_s")
     for name, path in report["pictures"].items():
-        dest = RESULTS_DIR / f"train-{exp['name']}-{name}.png"
+        dest = results_path(f"train-{exp['name']}-{name}.png", quick)
         if Path(path).is_file():
             shutil.copyfile(path, dest)
         elif not (collect and dest.is_file()):  # collecting a run made elsewhere: keep the copy we have
@@ -171,10 +172,9 @@ def main() -> int:
     parser.add_argument("--collect", action="store_true",
                         help="do not train: rebuild the results from the runs already in runs/bench-train")
     args = parser.parse_args()
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     env = environment()
     name = "train-quick" if args.quick else "train"
-    store = RESULTS_DIR / f"{name}.json"
+    store, page = results_path(f"{name}.json", args.quick), results_path(f"{name}.md", args.quick)
     # Results of earlier invocations (--only reruns some experiments).
     saved = json.loads(store.read_text()) if store.is_file() else {}
     all_exps = experiments(args.quick, datasets_dir())
@@ -186,7 +186,7 @@ def main() -> int:
             continue
         if args.collect and not (RUNS / exp["name"] / "metrics.json").is_file():
             continue
-        report = run(exp, args.threads, args.collect)
+        report = run(exp, args.threads, args.collect, args.quick)
         if args.collect:
             report["conv_engine"] = saved.get(exp["name"], {}).get("conv_engine")
         else:
@@ -201,9 +201,9 @@ def main() -> int:
         results = [(e, saved[e["name"]]) for e in all_exps if e["name"] in saved]
         # The header names the newest run's environment (with --collect, not this invocation's).
         newest = max((r for _, r in results), key=lambda r: r.get("environment", {}).get("date", ""))
-        (RESULTS_DIR / f"{name}.md").write_text(write_markdown(
+        page.write_text(write_markdown(
             results, newest.get("environment", env), args.quick, newest.get("threads", args.threads)))
-    print(f"results: {RESULTS_DIR / (name + '.md')}")
+    print(f"results: {page}")
     return 0
 
 
