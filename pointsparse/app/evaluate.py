@@ -11,10 +11,11 @@ from pathlib import Path
 import torch
 
 from ..data import DEFAULT_IGNORE, VALIDATION_SEED, VoxelDataset, open_source
+from ..models import model_from_state
 from . import metrics
 from .distributed import pick_device
 from .scoring import evaluate, write_report
-from .train import add_data_arguments, build_model, check_args, load_checkpoint, scene_kwargs
+from .train import add_data_arguments, check_args, load_checkpoint, scene_kwargs
 from .trainer import have_tqdm
 
 __all__ = ["add_arguments", "main"]
@@ -43,9 +44,7 @@ def main(args) -> int:
     classes = list(source.classes or config["classes"])
     if classes != config["classes"]:
         raise ValueError(f"the data's classes {classes} differ from the checkpoint's {config['classes']}")
-    model = build_model(config)
-    model.load_state_dict(state["model"])
-    model.to(device)
+    model = model_from_state(state).to(device)
     dataset = VoxelDataset(source, config["voxel_size"], ignore_index)
     t0 = time.perf_counter()
     cm, first = evaluate(model, dataset, len(classes), ignore_index, device, args.batch_size,
