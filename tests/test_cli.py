@@ -89,6 +89,17 @@ def test_demo_default_plan_is_fixed_and_a_seed_repeats_exactly(tmp_path):
     assert (a["miou"], a["per_class"], a["confusion"]) == (b["miou"], b["per_class"], b["confusion"])
 
 
+def test_readme_layout_names_every_application_module_and_command():
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):]
+    layout = layout[layout.index("  app/"):layout.index("datasets/")]
+    for path in sorted((ROOT / "pointsparse" / "app").glob("*.py")):
+        assert path.name == "__init__.py" or path.name in layout, path.name
+    for name, module, _ in cli.COMMANDS:
+        assert f"`pointsparse {name}" in layout, name
+        assert module.startswith("pointsparse.app.") and f"{module.rsplit('.', 1)[1]}.py" in layout, module
+
+
 def test_no_command_prints_help(capsys):
     assert cli.main([]) == 0
     assert capsys.readouterr().out.startswith("usage: pointsparse")
