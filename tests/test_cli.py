@@ -1,5 +1,6 @@
 """The command line: help for the tool and every command (in subprocesses, as
-a user runs it), errors for unknown commands, and a quick demo run."""
+a user runs it), errors for unknown commands, quick demo runs (one seed: identical
+metrics) and the README's layout of the application."""
 
 from __future__ import annotations
 
