@@ -45,7 +45,6 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _ext
 from . import kmap as _kmap
-from .nn.reference import conv_sum, offset_pairs
 from .voxelize import group_points as _group_points
 from .voxelize import segment_reduce as _segment_reduce
 from .voxelize import segment_reduce_backward as _segment_reduce_backward
@@ -181,6 +180,8 @@ def conv(feats: Tensor, weight: Tensor, bias: Optional[Tensor], out_coords: Tens
 
         plan = _plan(out_coords, in_idx, out_idx, sizes, key, feats.shape[0])
         return _engine.conv_forward(feats.contiguous(), weight.contiguous(), bias, plan)
+    from .nn.reference import conv_sum  # pointsparse.nn loads lazily (import pointsparse does not load it)
+
     out = conv_sum(feats, weight, _as_kmap(out_coords, in_idx, out_idx, sizes, key, feats.shape[0]))
     return out if bias is None else out + bias
 
@@ -199,6 +200,8 @@ def conv_input_grad(grad: Tensor, weight: Tensor, out_coords: Tensor, in_idx: Te
 
         plan = _plan(out_coords, in_idx, out_idx, sizes, key, num_in)
         return _engine.conv_backward(None, weight.contiguous(), grad.contiguous(), plan, True, False)[0]
+    from .nn.reference import conv_sum
+
     return conv_sum(grad, weight.transpose(1, 2), _adjoint_kmap(out_coords, in_idx, out_idx, sizes, key, num_in))
 
 
@@ -218,6 +221,8 @@ def conv_weight_grad(feats: Tensor, grad: Tensor, out_coords: Tensor, in_idx: Te
         plan = _plan(out_coords, in_idx, out_idx, sizes, key, feats.shape[0])
         return _engine.conv_backward(feats.contiguous(), feats.new_empty(shape), grad.contiguous(), plan,
                                      False, True)[1]
+    from .nn.reference import offset_pairs
+
     out = feats.new_zeros(shape)
     for o, i, j in offset_pairs(_as_kmap(out_coords, in_idx, out_idx, sizes, key, feats.shape[0])):
         out[o] = feats[i].t() @ grad[j]
