@@ -1,5 +1,6 @@
-"""``pointsparse export``: a trained (or channel-pruned) segmentation
-checkpoint as a ``torch.export`` program in a ``.pt2`` file.
+"""A trained (or channel-pruned) segmentation checkpoint as a
+``torch.export`` program in a ``.pt2`` file (the ``pointsparse export``
+command, :mod:`pointsparse.app.export`, writes one with these functions).
 
 The program's interface is plain tensors, so any runtime that can call the
 ``pointsparse::*`` operators can run it:
@@ -96,37 +97,15 @@ def load(path) -> tuple[torch.export.ExportedProgram, dict]:
 
 # --------------------------------------------------------------------- checkpoints
 
-def _fit_shapes(model: nn.Module, state: dict) -> None:
-    """Resize the parameters and buffers of ``model`` to ``state``'s shapes
-    (a channel-pruned checkpoint has narrower layers than its config builds);
-    every layer reads its widths from its tensors, so the model then runs."""
-    own = dict(model.named_parameters())
-    own.update(dict(model.named_buffers()))
-    for name, value in state.items():
-        if name not in own or own[name].shape == value.shape:
-            continue
-        owner_name, _, leaf = name.rpartition(".")
-        owner = model.get_submodule(owner_name)
-        if isinstance(own[name], nn.Parameter):
-            setattr(owner, leaf, nn.Parameter(value.new_empty(value.shape), own[name].requires_grad))
-        else:
-            owner.register_buffer(leaf, value.new_empty(value.shape))
-        if isinstance(owner, nn.modules.batchnorm._BatchNorm):
-            owner.num_features = value.shape[0]
-
-
 def load_checkpoint(path) -> tuple[nn.Module, dict]:
     """``(model in eval mode, config)`` of a ``pointsparse train`` checkpoint
-    (channel-pruned ones included), read with ``weights_only=True``."""
+    (channel-pruned ones included), read with ``weights_only=True``: the
+    model :func:`pointsparse.models.load_model` gives, and the config."""
     from .checkpoint import load_training
-    from .models import build_model
+    from .models import model_from_state
 
     state = load_training(path)  # data only (weights_only=True), digest checked
-    config = state["config"]
-    model = build_model(config)
-    _fit_shapes(model, state["model"])
-    model.load_state_dict(state["model"])
-    return model.eval(), config
+    return model_from_state(state).eval(), state["config"]
 
 
 def example_input(in_channels: int, voxel_size: float = 0.2, seed: int = 0) -> SparseTensor:
@@ -139,21 +118,3 @@ def example_input(in_channels: int, voxel_size: float = 0.2, seed: int = 0) -> S
     feats = v.input.feats[:, :in_channels] if v.input.feats.shape[1] >= in_channels else torch.nn.functional.pad(
         v.input.feats, (0, in_channels - v.input.feats.shape[1]))
     return SparseTensor(feats.contiguous(), v.input.coords)
-
-
-# --------------------------------------------------------------------- command
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by pointsparse train")
-    parser.add_argument("--out", required=True, help="the .pt2 file to write")
-
-
-def main(args) -> int:
-    model, config = load_checkpoint(args.checkpoint)
-    program = export_model(model, example_input(config["in_channels"], config.get("voxel_size", 0.2)))
-    meta = {"inputs": {"feats": "float32 (N, in_channels)", "coords": "int32 (N, 4) [batch, x, y, z]"},
-            "output": "float32 (N, num_classes) logits", **{k: v for k, v in config.items()}}
-    save(program, args.out, meta)
-    print(f"wrote {args.out}: {type(model).__name__} (feats (N, {config['in_channels']}), coords (N, 4)) -> "
-          f"logits (N, {len(config['classes'])}); load with torch.export.load after `import pointsparse`")
-    return 0

@@ -159,9 +159,15 @@ def _engine_runs(*tensors: Tensor) -> bool:
     return _ext.serves(*tensors, dtypes=_engine.ENGINE_DTYPES)
 
 
-def _offset_pairs(out_coords, in_idx, out_idx, sizes, key, num_in):
+def _adjoint_kmap(out_coords, in_idx, out_idx, sizes, key, num_in) -> _kmap.KernelMap:
+    """The map's pairs with inputs and outputs swapped (offset by offset, in
+    the same order), for :func:`~pointsparse.nn.reference.conv_sum` to run
+    the input gradient ``grad_in[in_idx] += grad[out_idx] @ weight[o].T``. The
+    op has no coords of the map's inputs; the swapped map's ``out_coords``
+    is an all-zero placeholder of their row count, which ``conv_sum`` never reads."""
     kmap = _as_kmap(out_coords, in_idx, out_idx, sizes, key, num_in)
-    return [(o, *kmap.pairs(o)) for o in range(kmap.kernel_volume) if kmap.ptr[o + 1] > kmap.ptr[o]]
+    placeholder = out_coords.new_zeros((num_in, out_coords.shape[1]))
+    return _kmap.KernelMap(placeholder, out_idx, in_idx, kmap.sizes, kmap.offsets, kmap.num_out, num_in, kmap.key)
 
 
 @torch.library.custom_op(f"{_LIB}::conv", mutates_args=())
@@ -174,9 +180,9 @@ def conv(feats: Tensor, weight: Tensor, bias: Optional[Tensor], out_coords: Tens
 
         plan = _plan(out_coords, in_idx, out_idx, sizes, key, feats.shape[0])
         return _engine.conv_forward(feats.contiguous(), weight.contiguous(), bias, plan)
-    out = feats.new_zeros((out_coords.shape[0], weight.shape[2]))
-    for o, i, j in _offset_pairs(out_coords, in_idx, out_idx, sizes, key, feats.shape[0]):
-        out.index_add_(0, j, feats[i] @ weight[o])
+    from .nn.reference import conv_sum  # pointsparse.nn loads lazily (import pointsparse does not load it)
+
+    out = conv_sum(feats, weight, _as_kmap(out_coords, in_idx, out_idx, sizes, key, feats.shape[0]))
     return out if bias is None else out + bias
 
 
@@ -194,10 +200,9 @@ def conv_input_grad(grad: Tensor, weight: Tensor, out_coords: Tensor, in_idx: Te
 
         plan = _plan(out_coords, in_idx, out_idx, sizes, key, num_in)
         return _engine.conv_backward(None, weight.contiguous(), grad.contiguous(), plan, True, False)[0]
-    out = grad.new_zeros((num_in, weight.shape[1]))
-    for o, i, j in _offset_pairs(out_coords, in_idx, out_idx, sizes, key, num_in):
-        out.index_add_(0, i, grad[j] @ weight[o].t())
-    return out
+    from .nn.reference import conv_sum
+
+    return conv_sum(grad, weight.transpose(1, 2), _adjoint_kmap(out_coords, in_idx, out_idx, sizes, key, num_in))
 
 
 @conv_input_grad.register_fake
@@ -216,8 +221,10 @@ def conv_weight_grad(feats: Tensor, grad: Tensor, out_coords: Tensor, in_idx: Te
         plan = _plan(out_coords, in_idx, out_idx, sizes, key, feats.shape[0])
         return _engine.conv_backward(feats.contiguous(), feats.new_empty(shape), grad.contiguous(), plan,
                                      False, True)[1]
+    from .nn.reference import offset_pairs
+
     out = feats.new_zeros(shape)
-    for o, i, j in _offset_pairs(out_coords, in_idx, out_idx, sizes, key, feats.shape[0]):
+    for o, i, j in offset_pairs(_as_kmap(out_coords, in_idx, out_idx, sizes, key, feats.shape[0])):
         out[o] = feats[i].t() @ grad[j]
     return out
 

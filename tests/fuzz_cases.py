@@ -307,7 +307,7 @@ def case_cli(rng):
         args = parser.parse_args(argv)
     except SystemExit:
         raise Expected("argparse refused it")
-    tr._check_args(args)
+    tr.check_args(args)
     for name in ("lr", "voxel_size", "max_range", "cr", "weight_decay", "warmup"):
         value = getattr(args, name, None)
         assert value is None or math.isfinite(value), f"--{name} {value} was accepted"

@@ -1,5 +1,6 @@
 """The command line: help for the tool and every command (in subprocesses, as
-a user runs it), errors for unknown commands, and a quick demo run."""
+a user runs it), errors for unknown commands, quick demo runs (one seed: identical
+metrics) and the README's layout of the application."""
 
 from __future__ import annotations
 
@@ -59,6 +60,45 @@ def test_demo_runs_and_prints_a_loss(runs):
     losses = [float(v) for v in re.findall(r"loss\s+([-+0-9.eE]+|nan|inf)", out)]
     assert losses, out
     assert all(math.isfinite(v) for v in losses), out
+
+
+def test_demo_default_plan_is_fixed_and_a_seed_repeats_exactly(tmp_path):
+    """The demo's default plan depends on nothing measured (no time budget,
+    no time limit: a fixed epoch count), so two runs with one seed, in two
+    processes, give identical metrics; ``--minutes`` is the opt-in budget."""
+    import argparse
+    import json
+
+    from pointsparse.app import demo
+
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    plan = demo.training_arguments(parser.parse_args([]))
+    assert (plan.time_budget, plan.time_limit, plan.epochs) == (None, None, demo.EPOCHS)
+    budget = demo.training_arguments(parser.parse_args(["--minutes", "2"]))
+    assert (budget.time_budget, budget.epochs) == (2.0, demo.MAX_EPOCHS)
+    with pytest.raises(ValueError, match="--time-budget must be > 0"):
+        demo.training_arguments(parser.parse_args(["--minutes", "nan"]))
+    flags = ("demo", "--epochs", "2", "--points", "1500", "--seed", "3", "--no-progress")
+    procs = [start(*flags, "--out", str(tmp_path / run)) for run in ("a", "b")]
+    for proc in procs:
+        rc, out, err = finish(proc, timeout=300)
+        assert rc == 0, err[-3000:]
+    a, b = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("a", "b"))
+    assert a["epochs"] == b["epochs"] == 2 and a["steps"] == b["steps"] == 24
+    assert a["history"]["step_loss"] == b["history"]["step_loss"]
+    assert (a["miou"], a["per_class"], a["confusion"]) == (b["miou"], b["per_class"], b["confusion"])
+
+
+def test_readme_layout_names_every_application_module_and_command():
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):]
+    layout = layout[layout.index("  app/"):layout.index("datasets/")]
+    for path in sorted((ROOT / "pointsparse" / "app").glob("*.py")):
+        assert path.name == "__init__.py" or path.name in layout, path.name
+    for name, module, _ in cli.COMMANDS:
+        assert f"`pointsparse {name}" in layout, name
+        assert module.startswith("pointsparse.app.") and f"{module.rsplit('.', 1)[1]}.py" in layout, module
 
 
 def test_no_command_prints_help(capsys):

@@ -290,6 +290,25 @@ def test_export_channel_pruned_checkpoint(tmp_path):
         assert torch.allclose(program.module()(y.feats, y.coords), model(y).feats, rtol=0, atol=1e-5)
 
 
+def test_export_loads_checkpoints_as_load_model_does(tmp_path):
+    """One loader: ``export.load_checkpoint`` gives ``models.load_model``'s
+    model (a channel-pruned checkpoint whose config records no widths
+    included) and the checkpoint's config."""
+    from pointsparse.models import load_model
+
+    model = _trained_like(MinkUNet(7, 4, cr=0.25, blocks=1))
+    group = next(g for g in surgery.channel_groups(model) if g.consumer is not None)
+    surgery.apply_channel_ratios(model, {group.producer: 0.5})
+    ckpt = _checkpoint(tmp_path, model, _config())
+    exported, config = export.load_checkpoint(ckpt)
+    loaded = load_model(ckpt)
+    assert config == _config() and not exported.training and not loaded.training
+    y = _cloud(700, 5, channels=7)
+    with torch.no_grad():
+        assert torch.equal(exported(y).feats, loaded(y).feats)
+        assert torch.equal(loaded(y).feats, model.eval()(y).feats)
+
+
 def test_export_errors_are_clear(tmp_path):
     x = export.example_input(7, 0.4)
     model = MinkUNet(7, 4, cr=0.25, blocks=1)

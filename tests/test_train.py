@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from pointsparse.app import cli, metrics
+from pointsparse.app import cli, evaluate, metrics
 from pointsparse.app import train as tr
 from pointsparse.models import MinkUNet
 
@@ -179,7 +179,7 @@ def test_eval_ignore_index_default_and_explicit(flags, saved, expect, tmp_path, 
         used.append((ignore_index, dataset.ignore_index))
         raise _Stop
 
-    monkeypatch.setattr(tr, "evaluate", fake_evaluate)
+    monkeypatch.setattr(evaluate, "evaluate", fake_evaluate)
     with pytest.raises(_Stop):
         cli.main(["eval", "--checkpoint", str(tmp_path / "c.pt"), "--no-progress", *flags])
     assert used == [(expect, expect)]
@@ -252,7 +252,7 @@ def test_eval_checks_its_flags_before_reading_anything(flag, tmp_path):
     import argparse
 
     parser = argparse.ArgumentParser()
-    tr.add_eval_arguments(parser)
+    evaluate.add_arguments(parser)
     args = parser.parse_args(["--checkpoint", str(tmp_path / "missing.pt"), flag, "0"])
     with pytest.raises(ValueError, match=f"{flag} must be >= 1; got 0"):
-        tr.evaluate_main(args)
+        evaluate.main(args)

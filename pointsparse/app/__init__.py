@@ -9,7 +9,8 @@ command line and what its commands run.
 - ``scoring``: predictions, confusion matrices (sharded over DDP ranks),
   ``metrics.json`` and the PNGs; ``metrics`` and ``plots`` beneath it.
 - ``distributed``: process groups and workers for ``--nproc``/torchrun.
-- ``demo``: ``pointsparse demo``; ``benchmark``: ``pointsparse bench``.
+- ``demo``: ``pointsparse demo``; ``benchmark``: ``pointsparse bench``;
+  ``export``: ``pointsparse export`` (on :mod:`pointsparse.export`).
 - ``tasks``: ready-made experiment tasks (digits, generated scenes, a trained
   checkpoint) for the pruning procedures; ``procedures``: one driver per
   procedure, shared by ``pointsparse prune`` and ``bench/prune_procedures.py``;

@@ -55,14 +55,12 @@ def prune_checkpoint(path, out, ratio: float = 0.5, data=None, label_map=None, c
     every coupled channel group kept (ranked by ``criterion``), the widths in
     ``config["widths"]``, a fresh optimizer state for the smaller model and
     the run's epoch, schedule and history. Returns its path."""
-    from ..models import build_model
+    from ..models import model_from_state
     from .tasks import checkpoint_batches
     from .scoring import logits_of, point_level
     check_options(criterion, ratio)
     state = load_state(path)
-    model = build_model(state["config"])
-    model.load_state_dict(state["model"])
-    model.eval()  # scoring (Taylor's backward included) leaves the BatchNorm statistics alone
+    model = model_from_state(state).eval()  # scoring (Taylor's backward included) leaves the BatchNorm statistics alone
     batch = checkpoint_batches(state, data, label_map)[0]
     example = ((batch.input, batch.inverse, batch.points, batch.point_batch) if point_level(model)
                else batch.input)

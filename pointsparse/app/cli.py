@@ -1,9 +1,9 @@
 """The ``pointsparse`` command line (``python -m pointsparse``, the
 ``pointsparse`` console script): ``pointsparse <command> --help``.
 
-Each command lives in its own module exposing ``add_arguments(parser)`` and
-``main(args) -> int`` (in this package, except ``export``, a library module);
-this file only lists them."""
+Each command lives in its own module of this package exposing
+``add_arguments(parser)`` and ``main(args) -> int``; this file only lists
+them."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ COMMANDS = [
     ("demo", "pointsparse.app.demo", "run the main job on data pointsparse generates itself"),
     ("train", "pointsparse.app.train", "train a sparse U-Net for semantic segmentation and report its mIoU"),
     ("eval", "pointsparse.app.evaluate", "score a segmentation checkpoint (per-class IoU, mIoU) on point clouds"),
-    ("export", "pointsparse.export", "write a segmentation checkpoint as a torch.export program (.pt2)"),
+    ("export", "pointsparse.app.export", "write a segmentation checkpoint as a torch.export program (.pt2)"),
     ("bench", "pointsparse.app.benchmark", "run the benchmark suites in bench/ (kernel maps, convolution, SpMM)"),
     ("prune", "pointsparse.app.prune",
      "pruning: channels of a trained checkpoint, and the procedures sensitivity, schedule, lottery, init, rigl, "

@@ -5,7 +5,75 @@
 
 from __future__ import annotations
 
-from .train import add_eval_arguments as add_arguments
-from .train import evaluate_main as main
+import time
+from pathlib import Path
+
+import torch
+
+from ..data import DEFAULT_IGNORE, VALIDATION_SEED, VoxelDataset, open_source
+from ..models import model_from_state
+from . import metrics
+from .distributed import pick_device
+from .scoring import evaluate, write_report
+from .train import add_data_arguments, check_args, load_checkpoint, scene_kwargs
+from .trainer import have_tqdm
 
 __all__ = ["add_arguments", "main"]
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by pointsparse train")
+    add_data_arguments(parser, ignore_default=None)
+    parser.set_defaults(data=None)
+    parser.add_argument("--out", default=None, metavar="DIR", help="also write metrics.json and PNGs here")
+
+
+def main(args) -> int:
+    """``pointsparse eval``: score a checkpoint on clouds (by default the data
+    it was validated on)."""
+    check_args(args)
+    state = load_checkpoint(args.checkpoint)
+    config = state["config"]
+    # An explicit --ignore-index always wins, 255 included.
+    ignore_index = (args.ignore_index if args.ignore_index is not None
+                    else config.get("ignore_index", DEFAULT_IGNORE))
+    device = pick_device(args.device, 0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec, source = eval_source(args, state, ignore_index)
+    classes = list(source.classes or config["classes"])
+    if classes != config["classes"]:
+        raise ValueError(f"the data's classes {classes} differ from the checkpoint's {config['classes']}")
+    model = model_from_state(state).to(device)
+    dataset = VoxelDataset(source, config["voxel_size"], ignore_index)
+    t0 = time.perf_counter()
+    cm, first = evaluate(model, dataset, len(classes), ignore_index, device, args.batch_size,
+                         progress=not args.no_progress and have_tqdm())
+    elapsed = time.perf_counter() - t0
+    print(metrics.format_table(cm, classes))
+    print(f"{len(source)} clouds in {elapsed:.1f} s ({elapsed / max(len(source), 1):.2f} s per cloud)")
+    if args.out:
+        report = write_report(Path(args.out), cm, classes, first, None,
+                              {"checkpoint": str(args.checkpoint), "data": spec, "eval_time_s": elapsed,
+                               "eval_time_per_cloud_s": elapsed / max(len(source), 1)}, ignore_index, "eval-")
+        print(f"metrics: {Path(args.out) / 'eval-metrics.json'}; pictures: {', '.join(report['pictures'].values())}")
+    return 0
+
+
+def eval_source(args, state: dict, ignore_index: int):
+    """(the data spec, its clouds) that ``pointsparse eval`` scores: ``--data``,
+    else the files the run validated on, else the run's data."""
+    saved = state.get("args", {})
+    label_map = args.label_map
+    if args.data:
+        spec = args.data
+    elif state.get("val_paths"):  # the files the run validated on
+        spec = state["val_paths"]
+        label_map = label_map or saved.get("val_label_map") or saved.get("label_map")
+    else:
+        spec = saved.get("data") or ["generated"]
+        label_map = label_map or saved.get("label_map")
+    if len(spec) == 1 and spec[0].startswith("generated"):
+        return spec, open_source(spec, count=saved.get("val_scenes", 4), first_seed=VALIDATION_SEED,
+                                 **(scene_kwargs(saved) if spec[0] != "generated-indoor" else {}))
+    return spec, open_source(spec, label_map, ignore_index)

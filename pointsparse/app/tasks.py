@@ -215,7 +215,7 @@ def checkpoint_task(path, data=None, label_map=None, clouds: int = 4) -> tuple[d
     metric voxel mIoU), so that AMC, NetAdapt and the other procedures run on
     a real model and real data."""
     from .. import checkpoint
-    from ..models import build_model
+    from ..models import model_from_state
     state = checkpoint.load_training(path)
     if str(state["config"].get("model", "minkunet")).lower() != "minkunet":
         raise ValueError("the procedures' --checkpoint takes a MinkUNet run (SPVCNN: use prune channels)")
@@ -226,9 +226,7 @@ def checkpoint_task(path, data=None, label_map=None, clouds: int = 4) -> tuple[d
     cursor = {"i": 0}
 
     def make_model(seed=0):
-        model = build_model(state["config"])
-        model.load_state_dict(state["model"])
-        return model.eval()
+        return model_from_state(state).eval()
 
     def batch_fn():
         cursor["i"] = (cursor["i"] + 1) % len(train)

@@ -9,7 +9,7 @@ render). ``--nproc N`` (or ``torchrun --nproc_per_node N -m
 pointsparse.app.train``) trains with DistributedDataParallel: gloo on the CPU,
 nccl on GPUs, a DistributedSampler, synchronised batch norm, each process
 scoring its shard of the validation clouds, logging and checkpoints on rank
-0. ``pointsparse eval --checkpoint C --data D`` scores a checkpoint.
+0. ``pointsparse eval`` (:mod:`pointsparse.app.evaluate`) scores a checkpoint.
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ import torch
 from .. import checkpoint
 from ..data import DEFAULT_IGNORE, NUM_FEATURES, VALIDATION_SEED, Batch, CloudFiles, VoxelDataset, open_source
 from ..data.generated import MAX_AZIMUTH_STEPS, MAX_BEAMS, MAX_RANGE
-from ..models import SyncBatchNorm
+from ..models import SyncBatchNorm, build_model
 from . import metrics
-from .distributed import Dist, destroy, free_port, init_distributed, pick_device, worker_environment
+from .distributed import Dist, destroy, free_port, init_distributed, worker_environment
 from .scoring import evaluate, logits_of, shard, write_report
 from .trainer import TrainingDiverged, Trainer, check_finite_loss, check_finite_weights, have_tqdm, progress_bar
 
-__all__ = ["TrainingDiverged", "add_arguments", "add_eval_arguments", "evaluate_main", "main", "train"]
+__all__ = ["TrainingDiverged", "add_arguments", "add_data_arguments", "check_args", "main", "train"]
 
 MODELS = ("minkunet", "spvcnn")
 SCHEDULES = ("cosine", "onecycle", "step", "constant")
@@ -46,7 +46,7 @@ BEST = "best.pt"
 # --------------------------------------------------------------------- arguments
 
 def add_data_arguments(parser, ignore_default: int | None = DEFAULT_IGNORE) -> None:
-    """The data flags shared by train and eval; ``ignore_default=None`` (eval)
+    """The data flags shared by train and eval (:mod:`.evaluate`); ``ignore_default=None`` (eval)
     means the checkpoint's ignore index, else ``DEFAULT_IGNORE``."""
     parser.add_argument("--data", nargs="+", default=["generated"], metavar="SOURCE",
                         help="'generated' (LiDAR street scenes, the default), 'generated-indoor', or point cloud "
@@ -117,14 +117,7 @@ def add_arguments(parser) -> None:
                         help="training processes on this machine (DistributedDataParallel; default 1)")
 
 
-def add_eval_arguments(parser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by pointsparse train")
-    add_data_arguments(parser, ignore_default=None)
-    parser.set_defaults(data=None)
-    parser.add_argument("--out", default=None, metavar="DIR", help="also write metrics.json and PNGs here")
-
-
-def _check_args(args) -> None:
+def check_args(args) -> None:
     for name in ("epochs", "batch_size", "nproc", "scenes", "val_scenes", "blocks", "eval_every", "beams",
                  "azimuth_steps", "threads"):
         value = getattr(args, name, None)
@@ -172,7 +165,7 @@ def open_training_data(args, dist: Dist | None = None):
     distributed run (``dist``) reads only its shard of the validation clouds."""
     generated = args.data[0].startswith("generated") and len(args.data) == 1
     if generated:
-        kwargs = _scene_kwargs(vars(args)) if args.data[0] != "generated-indoor" else {}
+        kwargs = scene_kwargs(vars(args)) if args.data[0] != "generated-indoor" else {}
         train = open_source(args.data, count=args.scenes, first_seed=args.seed * 10_000, **kwargs)
         val = (open_source(args.data, count=args.val_scenes, first_seed=VALIDATION_SEED, **kwargs)
                if args.val_data is None
@@ -205,18 +198,12 @@ def open_training_data(args, dist: Dist | None = None):
     return train, val, list(classes)
 
 
-def _scene_kwargs(options: dict) -> dict:
+def scene_kwargs(options: dict) -> dict:
     return {"max_range": options.get("max_range", 50.0), "beams": options.get("beams", 64),
             "azimuth_steps": options.get("azimuth_steps", 1024)}
 
 
 # --------------------------------------------------------------------- model, optimiser, schedule
-
-def build_model(config: dict) -> torch.nn.Module:
-    """The config's model, dense or with the pruned widths it records."""
-    from ..models import build_model as build
-    return build(config)
-
 
 def lr_factor(schedule: str, step: int, total: int, warmup: float) -> float:
     """Multiplier of the peak learning rate at ``step`` (0-based) of ``total``."""
@@ -574,7 +561,7 @@ class TrainingJob:
 
 
 def main(args) -> int:
-    _check_args(args)
+    check_args(args)
     if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         import torch.multiprocessing as mp
 
@@ -598,61 +585,6 @@ def main(args) -> int:
         for name, path in report["pictures"].items():
             print(f"  {name}: {path}")
     return 0
-
-
-# --------------------------------------------------------------------- eval command
-
-def evaluate_main(args) -> int:
-    """``pointsparse eval``: score a checkpoint on clouds (by default the data
-    it was validated on)."""
-    _check_args(args)
-    state = load_checkpoint(args.checkpoint)
-    config = state["config"]
-    # An explicit --ignore-index always wins, 255 included.
-    ignore_index = (args.ignore_index if args.ignore_index is not None
-                    else config.get("ignore_index", DEFAULT_IGNORE))
-    device = pick_device(args.device, 0)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    spec, source = _eval_source(args, state, ignore_index)
-    classes = list(source.classes or config["classes"])
-    if classes != config["classes"]:
-        raise ValueError(f"the data's classes {classes} differ from the checkpoint's {config['classes']}")
-    model = build_model(config)
-    model.load_state_dict(state["model"])
-    model.to(device)
-    dataset = VoxelDataset(source, config["voxel_size"], ignore_index)
-    t0 = time.perf_counter()
-    cm, first = evaluate(model, dataset, len(classes), ignore_index, device, args.batch_size,
-                         progress=not args.no_progress and have_tqdm())
-    elapsed = time.perf_counter() - t0
-    print(metrics.format_table(cm, classes))
-    print(f"{len(source)} clouds in {elapsed:.1f} s ({elapsed / max(len(source), 1):.2f} s per cloud)")
-    if args.out:
-        report = write_report(Path(args.out), cm, classes, first, None,
-                              {"checkpoint": str(args.checkpoint), "data": spec, "eval_time_s": elapsed,
-                               "eval_time_per_cloud_s": elapsed / max(len(source), 1)}, ignore_index, "eval-")
-        print(f"metrics: {Path(args.out) / 'eval-metrics.json'}; pictures: {', '.join(report['pictures'].values())}")
-    return 0
-
-
-def _eval_source(args, state: dict, ignore_index: int):
-    """(the data spec, its clouds) that ``pointsparse eval`` scores: ``--data``,
-    else the files the run validated on, else the run's data."""
-    saved = state.get("args", {})
-    label_map = args.label_map
-    if args.data:
-        spec = args.data
-    elif state.get("val_paths"):  # the files the run validated on
-        spec = state["val_paths"]
-        label_map = label_map or saved.get("val_label_map") or saved.get("label_map")
-    else:
-        spec = saved.get("data") or ["generated"]
-        label_map = label_map or saved.get("label_map")
-    if len(spec) == 1 and spec[0].startswith("generated"):
-        return spec, open_source(spec, count=saved.get("val_scenes", 4), first_seed=VALIDATION_SEED,
-                                 **(_scene_kwargs(saved) if spec[0] != "generated-indoor" else {}))
-    return spec, open_source(spec, label_map, ignore_index)
 
 
 def _cli(argv=None) -> int:

@@ -36,11 +36,21 @@ def load_model(path, map_location="cpu") -> nn.Module:
     from .. import checkpoint
 
     state = checkpoint.load_training(Path(path))  # data only (weights_only=True), digest checked
+    return model_from_state(state).to(map_location).eval()
+
+
+def model_from_state(state: dict) -> nn.Module:
+    """The model of a training checkpoint's contents (``state["config"]``
+    builds it, ``state["model"]`` holds its weights), dense or channel-pruned
+    (the widths in the config, or only in the weights' shapes), with the
+    biases and pruning masks the weights carry; in the mode it was built in."""
     model = build_model(state["config"])
-    _bias_like(model, state["model"])
-    _mask_like(model, state["model"])
-    model.load_state_dict(state["model"])
-    return model.to(map_location).eval()
+    weights = state["model"]
+    _bias_like(model, weights)
+    _mask_like(model, weights)
+    _fit_shapes(model, weights)
+    model.load_state_dict(weights)
+    return model
 
 
 def _bias_like(model: nn.Module, state_dict: dict) -> None:
@@ -64,3 +74,23 @@ def _mask_like(model: nn.Module, state_dict: dict) -> None:
             module = model.get_submodule(module_name)
             if tensor + "_orig" not in module._parameters:
                 custom_from_mask(module, tensor, torch.ones_like(getattr(module, tensor), dtype=torch.bool))
+
+
+def _fit_shapes(model: nn.Module, state_dict: dict) -> None:
+    """Resize the parameters and buffers of ``model`` to ``state_dict``'s
+    shapes (a channel-pruned checkpoint whose config records no widths has
+    narrower layers than its config builds); every layer reads its widths
+    from its tensors, so the model then runs."""
+    own = dict(model.named_parameters())
+    own.update(dict(model.named_buffers()))
+    for name, value in state_dict.items():
+        if name not in own or own[name].shape == value.shape:
+            continue
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if isinstance(own[name], nn.Parameter):
+            setattr(owner, leaf, nn.Parameter(value.new_empty(value.shape), own[name].requires_grad))
+        else:
+            owner.register_buffer(leaf, value.new_empty(value.shape))
+        if isinstance(owner, nn.modules.batchnorm._BatchNorm):
+            owner.num_features = value.shape[0]
