@@ -79,7 +79,7 @@ def method_rows(coords: torch.Tensor, repeats: int) -> list[str]:
             g = torch.Generator().manual_seed(c)
             feats, weight = torch.randn(kmap.num_in, c, generator=g), torch.randn(k**3, c, c, generator=g) / c
             for a, b in zip(*(run(feats, weight, kmap, plans[m], True) for m in ("fused", "grouped"))):
-                err = float((a - b).abs().max() / a.abs().max())
+                err = float((a - b).detach().abs().max() / a.detach().abs().max())
                 if err > 1e-5:
                     raise RuntimeError(f"{name} C={c}: the methods differ (rel {err:.1e})")
             med = interleaved({f"{m} {bw}": (lambda m=m, bw=bw: run(feats, weight, kmap, plans[m], bw))
