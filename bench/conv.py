@@ -6,7 +6,8 @@ measured in the same run.
     flock /tmp/ps-heavy.lock .venv/bin/python bench/conv.py [--quick] [--tune]
     flock /tmp/ps-heavy.lock .venv/bin/python bench/conv.py --parts --output bench/results/conv_parts.md
 
-The engine's default method (fused) and its grouped method are both timed.
+The engine (fused) and the grouped method (bench/_grouped.py: torch gather,
+mm/bmm, index_add_ scatter; it left the package) are both timed.
 Layers: submanifold k=3, strided k=2 s=2, transposed k=2 s=2, on generated
 street scenes (25k / 100k / 200k voxels at 0.05 m) and the real sweeps.
 Results: bench/results/conv.md.
@@ -27,6 +28,7 @@ import pointsparse as ps  # noqa: E402  (after _common puts the repo on the path
 from pointsparse.nn import _engine  # noqa: E402
 from pointsparse.nn import functional as F  # noqa: E402
 from pointsparse.nn.reference import conv_sum  # noqa: E402  (the baseline: gather, mm, index_add_ per offset)
+import _grouped as grouped  # noqa: E402  (bench/_grouped.py)
 
 try:  # optional comparison; never installed by this project
     import spconv.pytorch as spconv  # type: ignore
@@ -61,6 +63,8 @@ class Layer:
         if plan is None:
             k, t, transposed = self.args
             out = F.conv3d(self.input.with_feats(feats), weight, k, t, transposed=transposed).feats
+        elif isinstance(plan, grouped.Plan):
+            out = grouped.GroupedConv.apply(feats, weight, plan)
         else:
             out = _engine.ConvFunction.apply(feats, weight, None, plan)
         if backward:
@@ -149,9 +153,9 @@ def bench(quick: bool, repeats: int) -> list[str]:
                 f_naive = timeit(lambda: layer.naive(False), repeats)
                 b_ours = timeit(lambda: layer.ours(True), repeats)
                 b_naive = timeit(lambda: layer.naive(True), repeats)
-                grouped = _engine.get_plan(layer.kmap, method="grouped")
-                f_grouped = timeit(lambda: layer.ours(False, grouped), repeats)
-                b_grouped = timeit(lambda: layer.ours(True, grouped), repeats)
+                steps = grouped.make_plan(layer.kmap)
+                f_grouped = timeit(lambda: layer.ours(False, steps), repeats)
+                b_grouped = timeit(lambda: layer.ours(True, steps), repeats)
                 gf, gb = layer.flops / f_ours / 1e9, 3 * layer.flops / b_ours / 1e9
                 sp_run = layer.spconv_fn()
                 sp = ("not installed" if spconv is None else "n/a" if sp_run is None
@@ -184,7 +188,7 @@ def tune(repeats: int) -> list[str]:
         for chunk in (4096, 8192, 16384):
             for eps in (0.0, 0.25):
                 for tile in (0, 8192):
-                    plan = _engine.make_plan(layer.kmap, chunk, eps, tile)
+                    plan = grouped.make_plan(layer.kmap, chunk, eps, tile)
                     f = timeit(lambda: layer.ours(False, plan), repeats)
                     b = timeit(lambda: layer.ours(True, plan), repeats)
                     rows.append(f"| {layer.name} | {layer.kind} | grouped | {chunk} | {eps} | {tile} | {len(plan.steps)} | "
@@ -210,7 +214,7 @@ def parts(repeats: int) -> list[str]:
         k, t, _ = layer.args
         t_map = timeit(lambda: ps.kmap.build(x.coords, k, t, tensor_stride=x.stride), repeats)
         t_fused = timeit(lambda: _engine.make_fused_plan(kmap), repeats)
-        t_grouped = timeit(lambda: _engine.make_plan(kmap), repeats)
+        t_grouped = timeit(lambda: grouped.make_plan(kmap), repeats)
         core = _engine.make_fused_plan(kmap).core
         f, w = x.feats.numpy(), layer.weight.detach().numpy()
         g = torch.randn(kmap.num_out, layer.channels).numpy()
@@ -283,7 +287,7 @@ def isa_builds(repeats: int) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="street 100k and the KITTI sweep at C=64 only")
-    parser.add_argument("--tune", action="store_true", help="also sweep the engine's chunk/epsilon/tile settings")
+    parser.add_argument("--tune", action="store_true", help="also sweep bench/_grouped.py's chunk/epsilon/tile settings")
     parser.add_argument("--parts", action="store_true",
                         help="only the costs piece by piece (map, plans, kernels alone) at C=64")
     parser.add_argument("--isa", action="store_true",
@@ -311,7 +315,7 @@ def main() -> None:
     notes = (f"Big square sgemm in this run: {sg:.0f} GFLOP/s. `mm GF/s`: (P/K*4 x C) @ (C x C) in this run, "
              "P the layer's pairs. GF/s are effective: 2 * pairs * C_in * C_out per forward, three times that "
              "for forward+backward. Ours = the default engine method (fused C++ gather-GEMM-scatter); grouped = "
-             "C++ gather + torch mm/bmm + C++ scatter (the other method, same run). "
+             "torch gather + mm/bmm + index_add_ scatter (bench/_grouped.py, same run). "
              "Naive = index_select + mm + index_add per offset with torch autograd. "
              "Ratios within one run are the comparison; absolute times depend on the machine and its load.")
     if args.isa:
@@ -322,7 +326,7 @@ def main() -> None:
                  "same feats and weights rounded to bfloat16, float32 out.")
     elif args.parts:
         notes = ("kmap build: `pointsparse.kmap.build` with the default method; plans: the fused kernels' "
-                 "`ConvPlan` and the grouped method's steps, both built once per map; kernels: the fused C++ "
+                 "`ConvPlan` and bench/_grouped.py's steps, both built once per map; kernels: the fused C++ "
                  "calls alone on preallocated outputs (no autograd, no allocation), medians over the repeats.")
     cmd = "flock /tmp/ps-heavy.lock .venv/bin/python bench/conv.py " + " ".join(sys.argv[1:])
     write_markdown(__import__("pathlib").Path(args.output), "Sparse convolution (bench/conv.py)", cmd.strip(), env,

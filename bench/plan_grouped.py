@@ -1,6 +1,7 @@
 """Issue 14, item 3: what the fused plan costs against its kernel map, and
-whether the engine's grouped method (C++ gather, torch mm/bmm per group of
-offsets, C++ scatter) earns its place against the fused method.
+whether the grouped method (gather, torch mm/bmm per group of offsets,
+scatter-add) earns a place beside the fused engine. It did not, and left the
+package: the grouped method timed here is bench/_grouped.py's pure-torch form.
 
     flock /work/cpu.lock .venv/bin/python bench/plan_grouped.py [--repeats 9] [--quick]
 
@@ -8,8 +9,9 @@ On the KITTI sweep at 0.05 m (a generated 100k street when absent): for the
 submanifold k=3 and strided k=2 s=2 maps, the map build, the fused plan and
 the grouped plan (interleaved medians); then the conv with each method,
 forward and forward+backward at C = 64 and 128, outputs checked equal to
-float rounding first. Writes bench/results/plan_grouped.md (``--quick``: a
-20k generated street, C = 64 only, 2 repeats, the page in a temporary folder).
+float rounding (and the gradients) first. Writes bench/results/plan_grouped.md
+(``--quick``: a 20k generated street, C = 64 only, 2 repeats, the page in a
+temporary folder).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from _common import environment, real_scene, real_sweeps, results_path, street_s
 import pointsparse as ps  # noqa: E402  (after _common puts the repo on the path)
 from pointsparse import _ext  # noqa: E402
 from pointsparse.nn import _engine  # noqa: E402
+import _grouped as grouped  # noqa: E402  (bench/_grouped.py)
 
 MAPS = (("submanifold k=3", 3, 1), ("strided k=2 s=2", 2, 2))
 
@@ -49,19 +52,23 @@ def plan_rows(coords: torch.Tensor, repeats: int) -> list[str]:
         kmap = ps.kmap.build(coords, k, t)
         med = interleaved({"map": lambda: ps.kmap.build(coords, k, t),
                            "fused": lambda: _engine.make_fused_plan(kmap),
-                           "grouped": lambda: _engine.make_plan(kmap)}, repeats)
+                           "grouped": lambda: grouped.make_plan(kmap)}, repeats)
         rows.append(f"| {name} | {kmap.num_pairs} | {med['map'] * 1e3:.2f} | {med['fused'] * 1e3:.2f} | "
                     f"{100 * med['fused'] / med['map']:.0f}% | {med['grouped'] * 1e3:.2f} |")
         print(rows[-1], flush=True)
     return rows
 
 
-def run(feats, weight, kmap, plan, backward: bool) -> torch.Tensor:
+def run(feats, weight, kmap, plan, backward: bool) -> tuple:
+    """The output, and with ``backward`` the gradients of feats and weight."""
     f, w = feats.detach().requires_grad_(backward), weight.detach().requires_grad_(backward)
-    out = _engine.ConvFunction.apply(f, w, None, plan)
+    if isinstance(plan, grouped.Plan):
+        out = grouped.GroupedConv.apply(f, w, plan)
+    else:
+        out = _engine.ConvFunction.apply(f, w, None, plan)
     if backward:
         out.backward(torch.ones_like(out))
-    return out
+    return out, f.grad, w.grad
 
 
 def method_rows(coords: torch.Tensor, repeats: int, widths=(64, 128)) -> list[str]:
@@ -69,14 +76,14 @@ def method_rows(coords: torch.Tensor, repeats: int, widths=(64, 128)) -> list[st
             "grouped / fused |", "|---|---|---|---|---|---|---|---|"]
     for name, k, t in MAPS:
         kmap = ps.kmap.build(coords, k, t)
-        plans = {"fused": _engine.make_fused_plan(kmap), "grouped": _engine.make_plan(kmap)}
+        plans = {"fused": _engine.make_fused_plan(kmap), "grouped": grouped.make_plan(kmap)}
         for c in widths:
             g = torch.Generator().manual_seed(c)
             feats, weight = torch.randn(kmap.num_in, c, generator=g), torch.randn(k**3, c, c, generator=g) / c
-            a, b = (run(feats, weight, kmap, plans[m], False) for m in ("fused", "grouped"))
-            err = float((a - b).abs().max() / a.abs().max())
-            if err > 1e-5:
-                raise RuntimeError(f"{name} C={c}: the methods differ (rel {err:.1e})")
+            for a, b in zip(*(run(feats, weight, kmap, plans[m], True) for m in ("fused", "grouped"))):
+                err = float((a - b).detach().abs().max() / a.detach().abs().max())
+                if err > 1e-5:
+                    raise RuntimeError(f"{name} C={c}: the methods differ (rel {err:.1e})")
             med = interleaved({f"{m} {bw}": (lambda m=m, bw=bw: run(feats, weight, kmap, plans[m], bw))
                                for bw in (False, True) for m in plans}, repeats)
             f1, g1, f2, g2 = (med[f"{m} {bw}"] for bw in (False, True) for m in ("fused", "grouped"))

@@ -96,31 +96,6 @@ def trilinear_neighbors(
     order (x, y, z) bits with z fastest, and trilinear weights renormalised
     over the active corners (float64 points: float64 weights, else float32)."""
 
-def conv_gather(
-    src: np.ndarray,
-    idx: npt.NDArray[np.int64],
-    start: npt.NDArray[np.int64],
-    len: npt.NDArray[np.int64],
-    rows: int,
-    buf: np.ndarray,
-    num_threads: int,
-) -> None:
-    """In place: buf[g * rows + i] = src[idx[start[g] + i]] for i < len[g], and
-    zero rows from len[g] up to rows (a padded group buffer for one bmm)."""
-
-def conv_scatter_add(
-    buf: np.ndarray,
-    idx: npt.NDArray[np.int64],
-    start: npt.NDArray[np.int64],
-    len: npt.NDArray[np.int64],
-    rows: int,
-    dst: np.ndarray,
-    num_threads: int,
-) -> None:
-    """In place: dst[idx[start[g] + i]] += buf[g * rows + i] for i < len[g],
-    segment by segment (indices unique within a segment, so no float atomics);
-    deterministic for any thread count."""
-
 def conv_weight_vectors(weight: np.ndarray, transpose: bool = False) -> np.ndarray:
     """int32 (K, panels): per offset and panel of nr columns (16 float32, 8
     float64) the rows of weight[k] (weight[k].T when transpose) holding a

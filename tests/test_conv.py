@@ -28,13 +28,6 @@ def weight(k, c_in, c_out, dtype=torch.float64, seed=2):
     return torch.randn(volume, c_in, c_out, generator=g, dtype=dtype)
 
 
-@pytest.fixture(params=_engine.METHODS)
-def method(request, monkeypatch):
-    """Run a test with each engine method as the default."""
-    monkeypatch.setattr(_engine, "DEFAULT_METHOD", request.param)
-    return request.param
-
-
 SUBMANIFOLD = [  # kernel, dilation, tensor stride of the input
     (2, 1, 1), (3, 1, 1), (5, 1, 1), (3, 2, 1), ((3, 1, 2), 1, 1), (3, 1, 2), (1, 1, 1),
 ]
@@ -94,7 +87,7 @@ def test_dilated_strided_and_transposed_equal_dense():
 
 @pytest.mark.parametrize("k,t,transposed", [(3, 1, False), (2, 1, False), (2, 2, False), (3, 2, False),
                                             (2, 2, True), (3, 2, True)])
-def test_gradients_equal_dense(k, t, transposed, method):
+def test_gradients_equal_dense(k, t, transposed):
     x = make(c=3)
     if transposed:
         down = F.conv3d(x, weight(k, 3, 3), k, t)
@@ -118,7 +111,7 @@ def test_gradients_equal_dense(k, t, transposed, method):
 
 
 @pytest.mark.parametrize("k,t,transposed", [(3, 1, False), (2, 2, False), (3, 2, True)])
-def test_gradcheck(k, t, transposed, method):
+def test_gradcheck(k, t, transposed):
     x = make(n=20, c=2, extent=3, seed=3)
     if transposed:
         src = F.conv3d(x, weight(k, 2, 2), k, t)
@@ -133,7 +126,7 @@ def test_gradcheck(k, t, transposed, method):
 
 
 @pytest.mark.parametrize("k,t,transposed", [(3, 1, False), (2, 2, False), (2, 2, True)])
-def test_gradgradcheck(k, t, transposed, method):
+def test_gradgradcheck(k, t, transposed):
     """Second-order gradients (a gradient penalty, create_graph=True) are exact."""
     x = make(n=20, c=2, extent=3, seed=3)
     src = x
@@ -146,7 +139,7 @@ def test_gradgradcheck(k, t, transposed, method):
     assert torch.autograd.gradgradcheck(fn, (feats, w))
 
 
-def test_gradient_penalty_equals_the_torch_path(method):
+def test_gradient_penalty_equals_the_torch_path():
     x = make(n=200, c=3, extent=6, seed=4)
     w0 = weight(3, 3, 4)
 
@@ -166,7 +159,7 @@ def test_gradient_penalty_equals_the_torch_path(method):
 
 
 @pytest.mark.parametrize("bad", ["rows", "volume", "channels", "dtype", "bias_shape", "bias_dtype"])
-def test_engine_checks_arguments_for_every_method(bad, method):
+def test_engine_checks_arguments(bad):
     x = make(n=100, c=3)
     kmap = ps.kmap.get_kmap(x, 3)
     feats, w, bias = x.feats, weight(3, 3, 4), None
@@ -183,25 +176,7 @@ def test_engine_checks_arguments_for_every_method(bad, method):
     else:
         bias = torch.zeros(4, dtype=torch.float32)
     with pytest.raises((ValueError, TypeError), match="feats|weight|bias"):
-        _engine.conv(feats, w, bias, kmap, method=method)
-
-
-PLANS = [dict(chunk_rows=13, epsilon=0.0, tile_rows=0), dict(chunk_rows=64, epsilon=0.5),
-         dict(chunk_rows=1 << 20, epsilon=0.9, tile_rows=0), dict(chunk_rows=50, epsilon=0.25, tile_rows=33, min_piece_rows=0)]
-
-
-@pytest.mark.parametrize("plan", PLANS)
-@pytest.mark.parametrize("k,t", [(3, 1), (2, 2), (5, 1)])
-def test_plans_agree_with_torch_path(plan, k, t):
-    x = make(n=300, c=5, extent=8, dtype=torch.float32)
-    kmap = ps.kmap.get_kmap(x, k, t)
-    w = weight(k, 5, 6, torch.float32)
-    p = _engine.make_plan(kmap, **plan)
-    assert sum(int(s.length.sum()) for s in p.steps) + (len(x) if p.identity is not None else 0) == kmap.num_pairs
-    for s in p.steps:
-        assert s.num_rows <= max(plan["chunk_rows"], s.rows) and (s.length <= s.rows).all()
-    out = _engine.ConvFunction.apply(x.feats, w, None, p)
-    torch.testing.assert_close(out, conv_sum(x.feats, w, kmap), rtol=1e-5, atol=1e-5)
+        _engine.conv(feats, w, bias, kmap)
 
 
 def test_partial_gradients():
@@ -240,18 +215,11 @@ def _run(threads, k, t, transposed):
 
 
 @pytest.mark.parametrize("k,t,transposed", [(3, 1, False), (3, 2, False), (2, 2, True)])
-def test_bit_identical_for_1_and_2_threads(k, t, transposed, method):
-    """The fused engine promises bit-identical results for any thread count.
-    The grouped method multiplies with torch.mm/bmm, whose blocking (and so
-    rounding) depends on the thread count on some CPUs (Intel AVX-512 with
-    oneDNN/MKL): it promises float32 rounding across thread counts and bit
-    equality for a fixed one."""
+def test_bit_identical_for_1_and_2_threads(k, t, transposed):
+    """The engine promises bit-identical results for any thread count."""
     one, two = _run(1, k, t, transposed), _run(2, k, t, transposed)
     for a, b in zip(one, two):
-        if method == "fused":
-            assert torch.equal(a, b)
-        else:
-            torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5 * float(a.abs().max()))
+        assert torch.equal(a, b)
     for a, b in zip(one, _run(1, k, t, transposed)):
         assert torch.equal(a, b)
 
@@ -286,7 +254,7 @@ def test_cuda_equals_cpu():
 
 
 @pytest.mark.parametrize("k,t", [(3, 1), (2, 2)])
-def test_empty_input(k, t, method):
+def test_empty_input(k, t):
     x = ps.SparseTensor(torch.zeros(0, 3, dtype=torch.float64), torch.zeros(0, 4, dtype=torch.int32))
     w = weight(k, 3, 4).requires_grad_()
     feats = x.feats.clone().requires_grad_()
@@ -342,28 +310,6 @@ def test_errors():
         F.conv3d(coarse, weight(2, 3, 4), 2, 2, transposed=True)
     with pytest.raises(ValueError, match="kernel_size"):
         F.conv3d(x, weight(3, 3, 4), 0)
-
-
-def test_core_checks_bounds():
-    src = torch.randn(5, 3)
-    buf = torch.empty(4, 3)
-    idx = np.array([0, 1, 7, 2], dtype=np.int64)
-    start, length = np.array([0], dtype=np.int64), np.array([4], dtype=np.int64)
-    with pytest.raises(ValueError, match="outside"):
-        _ext.call(_ext.core.conv_gather, src.numpy(), idx, start, length, 4, buf.numpy())
-    with pytest.raises(ValueError, match="buf must be"):
-        _ext.call(_ext.core.conv_gather, src.numpy(), idx[:2], start, np.array([2]), 4, buf.numpy()[:3])
-    with pytest.raises(ValueError, match="segment 0"):
-        _ext.call(_ext.core.conv_gather, src.numpy(), idx, start, np.array([5]), 5, torch.empty(5, 3).numpy())
-    with pytest.raises(ValueError, match="same dtype"):
-        _ext.call(_ext.core.conv_scatter_add, buf.numpy(), idx[:2], start, np.array([2]), 4, src.double().numpy())
-    # gather pads with zeros, scatter adds in place
-    ok = np.array([4, 0], dtype=np.int64)
-    _ext.call(_ext.core.conv_gather, src.numpy(), ok, start, np.array([2]), 4, buf.numpy())
-    assert torch.equal(buf, torch.cat([src[[4, 0]], torch.zeros(2, 3)]))
-    dst = torch.zeros(5, 3)
-    _ext.call(_ext.core.conv_scatter_add, buf.numpy(), ok, start, np.array([2]), 4, dst.numpy())
-    assert torch.equal(dst[[4, 0]], src[[4, 0]]) and not dst[1:4].any()
 
 
 #: The kernel builds this CPU runs, widest first ("generic" always).
@@ -562,8 +508,6 @@ def test_conv_plan_checks_its_map_and_every_call():
         plan.forward(f.astype(np.int32), w.astype(np.int32), None, y.astype(np.int32), 2)
     with pytest.raises(ValueError, match="grad_weight must be"):
         plan.backward_weight(f, np.ones((3, 4), np.float32), np.empty((2, 2, 3), np.float32), 2)
-    with pytest.raises(ValueError, match="method must be one of"):
-        _engine.get_plan(ps.kmap.get_kmap(make(), 3), method="dense")
 
 
 def _run_plan(core, feats, w, g, isa=None):

@@ -258,9 +258,7 @@ def test_bit_identical_for_1_and_2_threads(kind, monkeypatch):
 
 
 @pytest.mark.parametrize("region", ["cross", [0, 5, 13, 26]])
-@pytest.mark.parametrize("method", _engine.METHODS)
-def test_kernel_region_against_dense_conv3d(region, method, monkeypatch):
-    monkeypatch.setattr(_engine, "DEFAULT_METHOD", method)
+def test_kernel_region_against_dense_conv3d(region):
     torch.manual_seed(0)
     conv = ps.nn.Conv3d(4, 5, 3, kernel_region=region).double()
     keep = F.region_of(3, region)

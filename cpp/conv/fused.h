@@ -11,9 +11,9 @@
 // fixed-order sum over the channels: results do not depend on the thread
 // count, and no two threads ever write one row.
 //
-// Callers check every index and size first (ConvPlan in bind.cpp); the
-// kernels trust them. Scratch that depends on the register tile is allocated
-// by the dispatch (fused.cpp) for the build it runs, outside the per-ISA
+// Callers check every index and size first (conv::Plan in plan.h and
+// bind.cpp); the kernels trust them. Scratch that depends on the register
+// tile is allocated by the dispatch (fused.cpp) for the build it runs, outside the per-ISA
 // builds (fused_kernels.h must not instantiate std templates, see
 // spmm/kernels.h).
 #pragma once

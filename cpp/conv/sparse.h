@@ -47,6 +47,13 @@ struct MaskedWgradArgs {
 template <typename T>
 constexpr int64_t sparse_panel() { return nr<T>(Isa::avx2); }
 
+// counts[k * panels + p]: the rows c of W[k] (W[k].T when transpose) holding
+// a nonzero in the columns of panel p (sparse_panel<T>() columns): the vectors
+// the vector-sparse kernels visit; panels = panels<T>(Isa::avx2, C_out, or
+// C_in when transpose). One pass over the weight (K, c_in, c_out).
+template <typename T>
+void count_vectors(const T* w, int64_t K, int64_t c_in, int64_t c_out, bool transpose, int32_t* counts);
+
 // `isa`: the build asked for; the sparse kernels run in the AVX2 build
 // wherever the CPU has it unless the generic one is asked for.
 void apply_sparse(SparseApplyArgs<float> a, Isa isa);

@@ -4,48 +4,27 @@ For every kernel offset ``o`` with pairs ``(in_idx, out_idx)``::
 
     out[out_idx] += feats[in_idx] @ weight[o]
 
-Two methods. "fused" is bit-identical for any thread count on any CPU;
-"grouped" is deterministic for a fixed thread count, and equal to float
-rounding across thread counts (its GEMMs are torch's, whose blocking depends
-on the thread count on some CPUs):
+One C++ kernel per direction (``cpp/conv/fused_kernels.h``), run over a
+:class:`FusedPlan` (the map's pairs laid out once, ``cpp/conv/plan.h``).
+Output rows are cut into blocks of 256; a thread owns a block and runs every
+offset over it: register tiles (8 pairs x 32 columns with AVX-512, 6 x 16
+with AVX2 or generic; the widest build the CPU runs, ``_core.conv_isa()``)
+read their input rows straight from the feature matrix (no gathered buffer),
+multiply by the offset's packed weight panel and add into their output rows
+(no scatter, no atomics, no race: the block's rows are the thread's own). The
+block's rows stay in cache across the offsets. The identity offset of a
+submanifold map is a plain blocked matmul over contiguous rows, no indices
+read. Results are bit-identical for any thread count on any CPU.
 
-``"fused"`` (the default; :class:`FusedPlan`): one C++ kernel per direction
-(``cpp/conv/fused_kernels.h``). Output rows are cut into blocks of 256; a
-thread owns a block and runs every offset over it: register tiles (8 pairs
-x 32 columns with AVX-512, 6 x 16 with AVX2 or generic; the widest build the
-CPU runs, ``_core.conv_isa()``) read their input rows straight from the
-feature matrix (no gathered buffer), multiply by the offset's packed weight
-panel and add into their output rows (no scatter, no atomics, no race: the block's rows are the
-thread's own). The block's rows stay in cache across the offsets. The
-identity offset of a submanifold map is a plain blocked matmul over
-contiguous rows, no indices read. The input gradient is the same kernel over
-the pairs sorted by input row with ``weight[o].T``; the weight gradient sums
-``feats[in_idx].T @ grad[out_idx]`` per offset over fixed units of row
-blocks (their partial sums added in unit order).
+Backward (``ConvFunction``): the input gradient is the same kernel over the
+pairs sorted by input row with ``weight[o].T``; the weight gradient sums
+``feats[in_idx].T @ grad[out_idx]`` per offset over fixed units of row blocks
+(their partial sums added in unit order).
 
-``"grouped"`` (:class:`Plan`): gather (C++) -> GEMM (torch) -> scatter-add
-(C++). The pairs of a map are cut into *steps* (built once per map).
-The output rows are split into tiles (``tile_rows``, grown on sparse maps);
-the pieces of all offsets within one tile run one after the other, so the
-tile's output rows and the input rows near them stay in cache. A step is
-either a piece of one offset (a plain ``torch.mm``) or a group of pieces of
-similar size (one ``torch.bmm`` over rows padded to the group's largest piece;
-the padding is bounded by ``epsilon``, TorchSparse's idea). A step holds at
-most ``chunk_rows`` rows, so the gathered rows and the GEMM result stay in
-cache between the gather, the GEMM and the scatter. The centre offset of a
-submanifold map (identity pairs) is one ``torch.mm`` on the whole input,
-written straight into the output: no gather, no scatter.
-
-Determinism: a step's scatter adds each output row at most once per offset
-(coords are unique), so its parallel loop is race-free, and steps run in a
-fixed order; results are bit-identical for a fixed thread count (torch's GEMM
-may round differently at another).
-
-Backward (``ConvFunction``): the input gradient runs the same pairs the other
-way (gather output gradients at ``out_idx``, multiply by ``weight[o].T``,
-scatter-add at ``in_idx``, unique within an offset too); the weight gradient
-of offset ``o`` is ``feats[in_idx].T @ grad[out_idx]``, accumulated over the
-offset's steps with ``addmm``/``baddbmm``.
+The engine's former second method (C++ gather, torch ``mm``/``bmm`` over
+groups of offsets, C++ scatter-add) was slower on every benchmarked layer
+(bench/RESULTS.md, "Plan cost and the grouped method"); a pure-torch form of
+it lives on in ``bench/_grouped.py`` for that comparison.
 """
 
 from __future__ import annotations
@@ -61,19 +40,6 @@ from .. import kmap as _kmap
 if TYPE_CHECKING:
     from ..tensor import CoordinateCache
 
-# Defaults measured with `bench/conv.py --tune` (street scene of 100k voxels,
-# C=64, submanifold k=3 and strided k=2 s=2; see bench/results/conv.md).
-#: Rows of one step (a chunk of one offset, or a padded group of offsets).
-DEFAULT_CHUNK_ROWS = 8192
-#: Largest fraction of padded (wasted) rows a batched group may hold.
-DEFAULT_EPSILON = 0.25
-#: Output rows per tile: the steps of a tile run together so its output rows
-#: (and the nearby input rows) stay in cache across the offsets. A sparse map
-#: gets larger tiles, so that an offset's piece of a tile averages at least
-#: MIN_PIECE_ROWS rows (small GEMMs and per-call costs would dominate).
-DEFAULT_TILE_ROWS = 8192
-MIN_PIECE_ROWS = 2048
-
 ENGINE_DTYPES = _ext.FLOAT_DTYPES
 #: Largest fraction of listed vectors (see :func:`vector_blocks`) at which the
 #: fused engine runs the vector-sparse kernels instead of the dense ones
@@ -84,10 +50,6 @@ ENGINE_DTYPES = _ext.FLOAT_DTYPES
 #: 1.0x at 0.75).
 VECTOR_DENSITY = 0.85
 MASKED_WGRAD_DENSITY = 0.7
-#: The method :func:`conv` uses when none is given ("fused" or "grouped");
-#: see bench/results/conv.md for the measurements behind it.
-DEFAULT_METHOD = "fused"
-METHODS = ("fused", "grouped")
 
 
 @dataclass(frozen=True, eq=False)
@@ -136,134 +98,14 @@ def transposed_plan(plan: FusedPlan) -> FusedPlan:
     return FusedPlan(plan.core.transposed(), plan.identity, plan.num_out, plan.num_in)
 
 
-@dataclass(frozen=True)
-class Step:
-    """Rows ``in_idx[start[g]:start[g]+length[g]]`` of offsets ``offsets[g]``,
-    each padded to ``rows`` (one segment: ``rows == length[0]``)."""
-
-    offsets: tuple[int, ...]
-    offsets_tensor: torch.Tensor  # int64 (G,)
-    start: object  # numpy int64 (G,)
-    length: object  # numpy int64 (G,)
-    rows: int
-
-    @property
-    def num_rows(self) -> int:
-        return len(self.offsets) * self.rows
-
-
-@dataclass(frozen=True)
-class Plan:
-    identity: int | None  # the offset whose pairs are the identity, computed as one mm
-    steps: tuple[Step, ...]
-    in_idx: object  # numpy views of the map's indices
-    out_idx: object
-    max_rows: int
-    num_in: int
-    num_out: int
-
-
-def _pieces(kmap: _kmap.KernelMap, skip: int | None, chunk_rows: int, tile_rows: int) -> list[list[tuple]]:
-    """Pairs of every offset but ``skip`` as ``(length, offset, start)``
-    pieces of at most ``chunk_rows``, in lists per output tile of
-    ``tile_rows`` rows (one list when ``tile_rows`` is 0)."""
-    sizes = kmap.sizes.tolist()
-    num_tiles = 1 if tile_rows <= 0 else max(1, -(-kmap.num_out // tile_rows))
-    tiles: list[list[tuple]] = [[] for _ in range(num_tiles)]
-    bounds = torch.arange(1, num_tiles, dtype=torch.int64) * max(tile_rows, 1)
-    for o, n in enumerate(sizes):
-        if n == 0 or o == skip:
-            continue
-        lo = kmap.ptr[o]
-        cuts = [0] + torch.searchsorted(kmap.out_idx[lo:lo + n], bounds).tolist() + [n]
-        for t in range(num_tiles):
-            a, b = cuts[t], cuts[t + 1]
-            if b == a:
-                continue
-            count = -(-(b - a) // chunk_rows)
-            base, extra = divmod(b - a, count)
-            start = lo + a
-            for i in range(count):
-                length = base + (1 if i < extra else 0)
-                tiles[t].append((length, o, start))
-                start += length
-    return tiles
-
-
-def _group(pieces: list[tuple], chunk_rows: int, epsilon: float) -> list[list[tuple]]:
-    """Largest first, greedily: a piece joins the open group while the group
-    stays within ``chunk_rows`` padded rows and its padding within ``epsilon``."""
-    pieces = sorted(pieces, key=lambda p: (-p[0], p[1], p[2]))
-    groups = []
-    i = 0
-    while i < len(pieces):
-        rows, total = pieces[i][0], pieces[i][0]
-        j = i + 1
-        while j < len(pieces):
-            g = j - i + 1
-            if g * rows > chunk_rows or g * rows - (total + pieces[j][0]) > epsilon * g * rows:
-                break
-            total += pieces[j][0]
-            j += 1
-        groups.append(pieces[i:j])
-        i = j
-    return groups
-
-
-def make_plan(kmap: _kmap.KernelMap, chunk_rows: int = DEFAULT_CHUNK_ROWS, epsilon: float = DEFAULT_EPSILON,
-              tile_rows: int = DEFAULT_TILE_ROWS, min_piece_rows: int = MIN_PIECE_ROWS) -> Plan:
-    """Cut a (CPU) map into steps: with ``tile_rows`` > 0 the pairs of each
-    block of ``tile_rows`` output rows are processed together (output-tile
-    order, so the output rows stay in cache); pieces longer than
-    ``chunk_rows`` are cut into near-equal parts; pieces of similar size
-    become batched groups (largest first) while the padding stays within
-    ``epsilon`` of the group and the group within ``chunk_rows`` rows. Tiles
-    grow until an offset's piece of a tile averages ``min_piece_rows``."""
-    if chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be >= 1; got {chunk_rows}")
-    if not 0.0 <= epsilon < 1.0:
-        raise ValueError(f"epsilon must be in [0, 1); got {epsilon}")
-    if tile_rows < 0:
-        raise ValueError(f"tile_rows must be >= 0; got {tile_rows}")
-    import numpy as np
-
-    identity = identity_offset(kmap)
-    if tile_rows and min_piece_rows:
-        busy = [n for o, n in enumerate(kmap.sizes.tolist()) if n and o != identity]
-        if busy:  # mean rows of one offset per output row
-            density = sum(busy) / len(busy) / max(kmap.num_out, 1)
-            tile_rows = max(tile_rows, int(min_piece_rows / density))
-    steps = []
-    for tile in _pieces(kmap, identity, chunk_rows, tile_rows):
-        for group in _group(tile, chunk_rows, epsilon):
-            offsets = tuple(p[1] for p in group)
-            steps.append(Step(offsets, torch.tensor(offsets, dtype=torch.int64),
-                              np.array([p[2] for p in group], dtype=np.int64),
-                              np.array([p[0] for p in group], dtype=np.int64), group[0][0]))
-    max_rows = max((s.num_rows for s in steps), default=0)
-    return Plan(identity, tuple(steps), _ext.to_numpy(kmap.in_idx), _ext.to_numpy(kmap.out_idx), max_rows,
-                kmap.num_in, kmap.num_out)
-
-
-def get_plan(kmap: _kmap.KernelMap, chunk_rows: int = DEFAULT_CHUNK_ROWS, epsilon: float = DEFAULT_EPSILON,
-             tile_rows: int = DEFAULT_TILE_ROWS, method: str | None = None,
-             cache: "CoordinateCache | None" = None) -> "Plan | FusedPlan":
-    """The plan of ``kmap`` for ``method`` (default :data:`DEFAULT_METHOD`;
-    the tuning arguments apply to "grouped"). With the coordinate ``cache``
-    that holds the map, the plan is built once and kept there beside it, and
-    a transposed map's fused plan comes from its downsampling map's plan
-    (built there once for both); without one it is built anew."""
-    method = DEFAULT_METHOD if method is None else method
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
-    if method == "fused":
-        if cache is None:
-            return make_fused_plan(kmap)
-        return cache.get_plan(kmap, "fused", lambda: _fused_plan_in(cache, kmap))
+def get_plan(kmap: _kmap.KernelMap, cache: "CoordinateCache | None" = None) -> FusedPlan:
+    """The plan of ``kmap``. With the coordinate ``cache`` that holds the
+    map, the plan is built once and kept there beside it, and a transposed
+    map's plan comes from its downsampling map's plan (built there once for
+    both); without one it is built anew."""
     if cache is None:
-        return make_plan(kmap, chunk_rows, epsilon, tile_rows)
-    return cache.get_plan(kmap, ("grouped", chunk_rows, epsilon, tile_rows),
-                          lambda: make_plan(kmap, chunk_rows, epsilon, tile_rows))
+        return make_fused_plan(kmap)
+    return cache.get_plan(kmap, "fused", lambda: _fused_plan_in(cache, kmap))
 
 
 def _fused_plan_in(cache: "CoordinateCache", kmap: _kmap.KernelMap) -> FusedPlan:
@@ -282,135 +124,40 @@ def _np(t: torch.Tensor):
     return t.detach().numpy()
 
 
-def _step_weight(weight: torch.Tensor, step: Step, transpose: bool) -> torch.Tensor:
-    if len(step.offsets) == 1:
-        w = weight[step.offsets[0]]
-        return w.t() if transpose else w
-    w = weight.index_select(0, step.offsets_tensor)
-    return w.transpose(1, 2) if transpose else w
-
-
-def _apply(src: torch.Tensor, weight: torch.Tensor, plan: Plan, dst: torch.Tensor, gather_idx, scatter_idx,
-           transpose: bool) -> None:
-    """``dst[scatter_idx] += src[gather_idx] @ W`` over every step, ``W`` the
-    step's ``weight[o]`` (``weight[o].T`` when ``transpose``)."""
-    if not plan.steps:
-        return
-    nt = _ext.num_threads()
-    c_in, c_out = src.shape[1], dst.shape[1]
-    gathered = src.new_empty((plan.max_rows, c_in))
-    product = src.new_empty((plan.max_rows, c_out))
-    src_np, dst_np = _np(src), _np(dst)
-    core = _ext.core
-    for step in plan.steps:
-        g, r = len(step.offsets), step.rows
-        buf, res = gathered[:g * r], product[:g * r]
-        core.conv_gather(src_np, gather_idx, step.start, step.length, r, _np(buf), nt)
-        w = _step_weight(weight, step, transpose)
-        if g == 1:
-            torch.mm(buf, w, out=res)
-        else:
-            torch.bmm(buf.view(g, r, c_in), w, out=res.view(g, r, c_out))
-        core.conv_scatter_add(_np(res), scatter_idx, step.start, step.length, r, dst_np, nt)
-
-
-def _backward_steps(feats: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, plan: Plan,
-                    grad_feats: torch.Tensor | None, grad_weight: torch.Tensor | None) -> None:
-    """One pass over the steps for both gradients, sharing the gathered output
-    gradients: ``grad_feats[in_idx] += grad[out_idx] @ weight[o].T`` and
-    ``grad_weight[o] += feats[in_idx].T @ grad[out_idx]``."""
-    if not plan.steps:
-        return
-    nt = _ext.num_threads()
-    c_in, c_out = feats.shape[1], grad.shape[1]
-    gbuf = grad.new_empty((plan.max_rows, c_out))
-    fbuf = feats.new_empty((plan.max_rows, c_in))  # gathered feats, then the input-gradient product
-    feats_np, grad_np = _np(feats), _np(grad)
-    grad_feats_np = None if grad_feats is None else _np(grad_feats)
-    core = _ext.core
-    for step in plan.steps:
-        g, r = len(step.offsets), step.rows
-        gb, fb = gbuf[:g * r], fbuf[:g * r]
-        core.conv_gather(grad_np, plan.out_idx, step.start, step.length, r, _np(gb), nt)
-        if grad_weight is not None:
-            core.conv_gather(feats_np, plan.in_idx, step.start, step.length, r, _np(fb), nt)
-            if g == 1:
-                grad_weight[step.offsets[0]].addmm_(fb.t(), gb)
-            else:
-                part = torch.bmm(fb.view(g, r, c_in).transpose(1, 2), gb.view(g, r, c_out))
-                grad_weight.index_add_(0, step.offsets_tensor, part)
-        if grad_feats is not None:
-            w = _step_weight(weight, step, transpose=True)
-            if g == 1:
-                torch.mm(gb, w, out=fb)
-            else:
-                torch.bmm(gb.view(g, r, c_out), w, out=fb.view(g, r, c_in))
-            core.conv_scatter_add(_np(fb), plan.in_idx, step.start, step.length, r, grad_feats_np, nt)
-
-
-def conv_forward(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: Plan,
+def conv_forward(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: FusedPlan,
                  relu: bool = False, region: torch.Tensor | None = None) -> torch.Tensor:
     """The engine's forward on contiguous CPU float32/float64 tensors
-    (``relu``: max(out, 0), in the fused kernel's epilogue; the fused plan
-    skips what :func:`choose_execution` allows; ``region``: only those
-    offsets, fused plans only)."""
+    (``relu``: max(out, 0), in the kernel's epilogue; the offsets and
+    vectors :func:`choose_execution` allows are skipped; ``region``: only
+    those offsets)."""
     out = feats.new_empty((plan.num_out, weight.shape[2]))
-    if isinstance(plan, FusedPlan):
-        b = None if bias is None else _np(bias.contiguous())
-        run = choose_execution(weight, region)
-        plan.core.forward(_np(feats), _np(weight), b, _np(out), _ext.num_threads(), None, relu, active=run.active,
-                          vector=run.vector)
-        return out
-    if relu:
-        return torch.relu_(conv_forward(feats, weight, bias, plan))
-    if plan.identity is not None:
-        if bias is None:
-            torch.mm(feats, weight[plan.identity], out=out)
-        else:
-            torch.addmm(bias, feats, weight[plan.identity], out=out)
-    elif bias is None:
-        out.zero_()
-    else:
-        out.copy_(bias.expand_as(out))
-    _apply(feats, weight, plan, out, plan.in_idx, plan.out_idx, transpose=False)
+    b = None if bias is None else _np(bias.contiguous())
+    run = choose_execution(weight, region)
+    plan.core.forward(_np(feats), _np(weight), b, _np(out), _ext.num_threads(), None, relu, active=run.active,
+                      vector=run.vector)
     return out
 
 
-def conv_backward(feats: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, plan: Plan, need_feats: bool,
-                  need_weight: bool, region: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+def conv_backward(feats: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, plan: FusedPlan,
+                  need_feats: bool, need_weight: bool, region: torch.Tensor | None = None,
+                  mask: torch.Tensor | None = None):
     """Gradients of :func:`conv_forward` for feats and weight (None where not
-    needed). Fused plans: the weight gradient is zero outside ``region`` and,
-    given the pruning ``mask`` the weight was multiplied by, equals
-    ``dense gradient * mask`` (the masked vectors are not computed)."""
+    needed). The weight gradient is zero outside ``region`` and, given the
+    pruning ``mask`` the weight was multiplied by, equals ``dense gradient *
+    mask`` (the masked vectors are not computed)."""
     grad_feats = grad_weight = None
-    if isinstance(plan, FusedPlan):
-        nt = _ext.num_threads()
-        if need_feats:
-            grad_feats = grad.new_empty((plan.num_in, weight.shape[1]))
-            run = choose_execution(weight, region, transpose=True)
-            plan.core.backward_input(_np(grad), _np(weight), _np(grad_feats), nt, active=run.active,
-                                     vector=run.vector)
-        if need_weight:
-            grad_weight = torch.empty_like(weight)
-            active, vectors = weight_execution(mask, region)
-            plan.core.backward_weight(_np(feats), _np(grad), _np(grad_weight), nt, active=active,
-                                      mask=None if vectors is None else _np(vectors.contiguous()))
-            if mask is not None:
-                grad_weight.mul_(mask)
-        return grad_feats, grad_weight
-    centre = None if plan.identity is None else weight[plan.identity]
+    nt = _ext.num_threads()
     if need_feats:
         grad_feats = grad.new_empty((plan.num_in, weight.shape[1]))
-        if centre is not None:
-            torch.mm(grad, centre.t(), out=grad_feats)
-        else:
-            grad_feats.zero_()
+        run = choose_execution(weight, region, transpose=True)
+        plan.core.backward_input(_np(grad), _np(weight), _np(grad_feats), nt, active=run.active, vector=run.vector)
     if need_weight:
-        grad_weight = torch.zeros_like(weight)
-        if centre is not None:
-            torch.mm(feats.t(), grad, out=grad_weight[plan.identity])
-    if need_feats or need_weight:
-        _backward_steps(feats, weight, grad, plan, grad_feats, grad_weight)
+        grad_weight = torch.empty_like(weight)
+        active, vectors = weight_execution(mask, region)
+        plan.core.backward_weight(_np(feats), _np(grad), _np(grad_weight), nt, active=active,
+                                  mask=None if vectors is None else _np(vectors.contiguous()))
+        if mask is not None:
+            grad_weight.mul_(mask)
     return grad_feats, grad_weight
 
 
@@ -615,7 +362,7 @@ def conv_bf16(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """The bf16 inference forward (see :func:`runs_bf16`): products of the
     bf16 feats and weight summed in float32 by ``vdpbf16ps``, bias (and
     ReLU) added in float32, the result rounded once to bfloat16."""
-    plan = get_plan(kmap, method="fused", cache=cache)
+    plan = get_plan(kmap, cache)
     out = torch.empty((plan.num_out, weight.shape[2]), dtype=torch.float32)
     b = None if bias is None else _np(bias.detach().float().contiguous())
     plan.core.forward_bf16(_np(feats.contiguous().view(torch.int16)), _np(weight.contiguous().view(torch.int16)),
@@ -630,7 +377,7 @@ def supported(feats: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def check_arguments(feats, weight, bias, kmap: _kmap.KernelMap) -> None:
-    """The checks every method makes before touching memory (ValueError or
+    """The checks the engine makes before touching memory (ValueError or
     TypeError naming the argument)."""
     for name, t in (("feats", feats), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
@@ -652,8 +399,6 @@ def check_arguments(feats, weight, bias, kmap: _kmap.KernelMap) -> None:
 
 
 def conv(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kmap: _kmap.KernelMap,
-         chunk_rows: int = DEFAULT_CHUNK_ROWS, epsilon: float = DEFAULT_EPSILON,
-         tile_rows: int = DEFAULT_TILE_ROWS, method: str | None = None,
          cache: "CoordinateCache | None" = None, relu: bool = False, region: torch.Tensor | None = None,
          mask: torch.Tensor | None = None) -> torch.Tensor:
     """``out[out_idx] += feats[in_idx] @ weight[o]`` (+ bias) with autograd,
@@ -661,11 +406,9 @@ def conv(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k
     kept in ``cache`` (the coordinate cache holding ``kmap``). ``mask``: the
     pruning mask ``weight`` was multiplied by (its zeros get no gradient).
     ``relu``: max(out, 0); where no gradient is needed (inference) it runs in
-    the fused kernel's store, no pass of its own."""
+    the kernel's store, no pass of its own."""
     check_arguments(feats, weight, bias, kmap)
-    plan = get_plan(kmap, chunk_rows, epsilon, tile_rows, method, cache)
-    if region is not None and not isinstance(plan, FusedPlan):
-        weight = weight * region.to(weight.dtype).view(-1, 1, 1)
+    plan = get_plan(kmap, cache)
     if mask is not None and (mask.shape != weight.shape or mask.dtype != weight.dtype):
         raise ValueError(f"mask must match the weight {tuple(weight.shape)} {weight.dtype}; got "
                          f"{tuple(mask.shape)} {mask.dtype}")
