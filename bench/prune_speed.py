@@ -2,7 +2,11 @@
 every coupled channel group cut to a keep ratio, against the unpruned model
 in the same run (interleaved repeats, medians): parameters, FLOPs (from the
 kernel maps), forward time, speed-up and speed-up / FLOP reduction; at keep
-0.35 also the kept counts rounded to 1, 8 and 16 channels.
+0.35 also the kept counts rounded to 1, 8 and 16 channels; and AMC
+(``pointsparse.prune.amc``, resource-constrained, every coupled group) at the
+FLOPs of the keep-0.5 model, its channels cut as the search chose them. Every
+cut model's output is checked against the dense model with the same channels
+masked.
 
 Run on a quiet machine: ``python bench/prune_speed.py --repeats 5`` (tables in
 bench/results/prune_speed.md, the plot in bench/results/prune_speed.png)."""
@@ -20,6 +24,7 @@ from _common import RESULTS_DIR, environment, real_scene, real_sweeps, street_sc
 from pointsparse import SparseTensor
 from pointsparse.models import MinkUNet
 from pointsparse.prune import graph as G
+from pointsparse.prune.amc import amc_search
 from pointsparse.prune.report import sparsity_report
 
 
@@ -29,15 +34,55 @@ def _input(coords: torch.Tensor) -> SparseTensor:
 
 
 def _variants(x, keeps):
+    """The dense model and one copy per (keep ratio, multiple), every coupled
+    group cut; (models, the kept channels of each cut model)."""
     torch.manual_seed(0)
     dense = MinkUNet(4, 19, cr=1.0).eval()
-    out = {"dense": dense}
+    out, kept = {"dense": dense}, {}
     for keep, multiple in keeps:
         net = copy.deepcopy(dense)
         graph = G.DependencyGraph(net, x)
-        graph.cut(G.plan(graph, keep, multiple=multiple), retrace=False)
+        kept[f"keep {keep} (x{multiple})"] = keep_sets = G.plan(graph, keep, multiple=multiple)
+        graph.cut(keep_sets, retrace=False)
         out[f"keep {keep} (x{multiple})"] = net
-    return out
+    return out, kept
+
+
+def agreement(dense, x):
+    """``eval_fn(model)``: the share of voxels whose arg-max class equals the
+    dense model's (AMC's reward on an untrained network, which has no task
+    metric)."""
+    with torch.no_grad():
+        target = dense(x).feats.argmax(1)
+
+    def eval_fn(model):
+        with torch.no_grad():
+            return float((model(x).feats.argmax(1) == target).double().mean())
+    return eval_fn
+
+
+def amc_cut(dense, x, target: float, episodes: int, warmup: int, eval_fn, multiple: int = 1, seed: int = 0):
+    """AMC's resource-constrained search (reward -error, every episode within
+    ``target`` of the dense FLOPs) over every coupled group of ``dense``,
+    then a copy cut to the best episode's ratios (kept counts rounded to
+    ``multiple``); (cut model, kept channels, the search's AMCResult)."""
+    res = amc_search(dense, eval_fn, x, episodes=episodes, warmup=warmup, reward="error", target_flops=target,
+                     coupled=True, seed=seed)
+    net = copy.deepcopy(dense)
+    graph = G.DependencyGraph(net, x)
+    keep = G.plan(graph, {name: 1.0 - r for name, r in res.ratios.items()}, multiple=multiple)
+    graph.cut(keep, retrace=False)
+    return net, keep, res
+
+
+def cut_error(dense, x, keep, net) -> float:
+    """max |cut(x) - masked(x)| / max |masked(x)|: the cut model against the
+    dense one with the same channels masked (they compute the same function)."""
+    masked = copy.deepcopy(dense)
+    G.DependencyGraph(masked, x).mask(keep)
+    with torch.no_grad():
+        ref, got = masked(x).feats, net(x).feats
+    return float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
 def _flops(net, x) -> float:
@@ -66,30 +111,62 @@ def _time_interleaved(models: dict, x, repeats: int, backward: bool = False) -> 
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def scene_table(name: str, coords: torch.Tensor, repeats: int, backward: bool, keeps) -> tuple[str, list]:
-    """The markdown table of one scene and its (model, FLOP reduction, speed-up) points."""
+def _with_amc(models, kept, x, amc: dict | None) -> dict:
+    """Add AMC's models at the keep-0.5 model's FLOPs (x1: as searched, x8:
+    counts rounded to 8); a summary of the search."""
+    if not amc:
+        return {}
+    dense = models["dense"]
+    target = _flops(models["keep 0.5 (x8)"], x) / _flops(dense, x)
+    t0 = time.perf_counter()
+    net, keep, res = amc_cut(dense, x, target, amc["episodes"], amc["warmup"], agreement(dense, x))
+    seconds = time.perf_counter() - t0
+    models["AMC (x1)"], kept["AMC (x1)"] = net, keep
+    net8 = copy.deepcopy(dense)
+    graph = G.DependencyGraph(net8, x)
+    kept["AMC (x8)"] = G.plan(graph, {n: 1.0 - r for n, r in res.ratios.items()}, multiple=8)
+    graph.cut(kept["AMC (x8)"], retrace=False)
+    models["AMC (x8)"] = net8
+    return {"target": target, "seconds": seconds, "agreement": res.metric, "episodes": amc["episodes"],
+            "warmup": amc["warmup"], "flops_model": res.flops / res.dense_flops,
+            "kept": {n: len(k) for n, k in keep.items()}}
+
+
+def _row(k, net, x, base, fwd, bwd, err) -> tuple[str, float, float]:
+    flops, params = _flops(net, x), sum(p.numel() for p in net.parameters())
+    reduction, speed = base[0] / flops, fwd["dense"] / fwd[k]
+    row = (f"| {k} | {params / 1e6:.2f} M ({params / base[1]:.2f}) | {flops / 1e9:.1f} G | "
+           f"{reduction:.2f}x | {fwd[k] * 1e3:.0f} | {speed:.2f}x | {speed / reduction:.2f} | "
+           + (f"{err:.1e} |" if err is not None else "- |"))
+    if bwd:
+        row += f" {bwd[k] * 1e3:.0f} | {bwd['dense'] / bwd[k]:.2f}x |" if k in bwd else " | |"
+    return row, reduction, speed
+
+
+def scene_table(name: str, coords: torch.Tensor, repeats: int, backward: bool, keeps,
+                amc: dict | None = None) -> tuple[str, list, dict]:
+    """The markdown table of one scene, its (model, FLOP reduction, speed-up)
+    points and the AMC search's summary (``amc``: episodes and warm-up, or
+    None for no AMC rows)."""
     x = _input(coords)
-    models = _variants(x, keeps)
+    models, kept = _variants(x, keeps)
+    search = _with_amc(models, kept, x, amc)
+    errors = {k: cut_error(models["dense"], x, kept[k], net) for k, net in models.items() if k in kept}
     fwd = _time_interleaved(models, x, repeats)
-    bwd = _time_interleaved({k: models[k] for k in ("dense", "keep 0.5 (x8)")}, x, 2, True) if backward else {}
-    base_flops, base_params = _flops(models["dense"], x), sum(p.numel() for p in models["dense"].parameters())
+    timed = [k for k in ("dense", "keep 0.5 (x8)", "AMC (x1)", "AMC (x8)") if k in models]
+    bwd = _time_interleaved({k: models[k] for k in timed}, x, 2, True) if backward else {}
+    base = (_flops(models["dense"], x), sum(p.numel() for p in models["dense"].parameters()))
     rows = [f"### {name}: {len(coords)} voxels, {repeats} interleaved repeats (median)", "",
-            "| model | params | FLOPs | FLOP reduction | forward ms | speed-up | speed-up / FLOP reduction |"
-            + (" fwd+bwd ms | fwd+bwd speed-up |" if backward else ""),
-            "|---|---|---|---|---|---|---|" + ("---|---|" if backward else "")]
+            "| model | params | FLOPs | FLOP reduction | forward ms | speed-up | speed-up / FLOP reduction "
+            "| cut vs masked |" + (" fwd+bwd ms | fwd+bwd speed-up |" if backward else ""),
+            "|---|---|---|---|---|---|---|---|" + ("---|---|" if backward else "")]
     points = []
     for k, net in models.items():
-        flops = _flops(net, x)
-        reduction, speed = base_flops / flops, fwd["dense"] / fwd[k]
+        row, reduction, speed = _row(k, net, x, base, fwd, bwd, errors.get(k))
         points.append((k, reduction, speed))
-        row = (f"| {k} | {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M "
-               f"({sum(p.numel() for p in net.parameters()) / base_params:.2f}) | {flops / 1e9:.1f} G | "
-               f"{reduction:.2f}x | {fwd[k] * 1e3:.0f} | {speed:.2f}x | {speed / reduction:.2f} |")
-        if backward:
-            row += (f" {bwd[k] * 1e3:.0f} | {bwd['dense'] / bwd[k]:.2f}x |" if k in bwd else " | |")
         rows.append(row)
         print(row, flush=True)
-    return "\n".join(rows), points
+    return "\n".join(rows), points, search
 
 
 def plot(series: dict, path) -> None:
@@ -103,7 +180,12 @@ def plot(series: dict, path) -> None:
     top = max(r for pts in series.values() for _, r, _ in pts)
     ax.plot([1, top], [1, top], "k--", lw=0.8, label="ideal (speed-up = FLOP reduction)")
     for name, pts in series.items():
-        ax.plot([r for _, r, _ in pts], [s for _, _, s in pts], "o", label=name)
+        uniform = [p for p in pts if not p[0].startswith("AMC")]
+        line, = ax.plot([r for _, r, _ in uniform], [s for _, _, s in uniform], "o", label=name)
+        amc = [p for p in pts if p[0].startswith("AMC")]
+        if amc:
+            ax.plot([r for _, r, _ in amc], [s for _, _, s in amc], "*", ms=10, color=line.get_color(),
+                    label=f"{name}: AMC at the keep-0.5 FLOPs")
     ax.set_xlabel("FLOP reduction (x)")
     ax.set_ylabel("forward speed-up (x)")
     ax.set_title("MinkUNet cr=1.0, every coupled group cut")
@@ -114,32 +196,58 @@ def plot(series: dict, path) -> None:
     plt.close(fig)
 
 
+SCENES = ("generated", "kitti")
+
+
+def _amc_note(scene: str, search: dict) -> str:
+    return (f"AMC on {scene}: {search['episodes']} episodes ({search['warmup']} random warm-up), reward -(1 - "
+            f"agreement) where agreement is the share of voxels whose arg-max class equals the dense model's "
+            f"(the network is untrained); budget {search['target']:.4f} of the dense FLOPs (the keep-0.5 model's), "
+            f"best episode agreement {search['agreement']:.3f}, FLOPs model {search['flops_model']:.4f} of dense; "
+            f"search {search['seconds']:.0f} s. Kept channels per group (x1): {search['kept']}.")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--voxels", type=int, default=30_000, help="generated scene size")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--amc-episodes", type=int, default=30, help="AMC search episodes per scene (0: no AMC rows)")
+    parser.add_argument("--amc-warmup", type=int, default=10, help="AMC episodes of random actions first")
+    parser.add_argument("--scenes", nargs="+", choices=SCENES, default=list(SCENES),
+                        help="which scenes (one alone writes prune_speed_SCENE.md/.png, both prune_speed.md/.png)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    amc = {"episodes": args.amc_episodes, "warmup": args.amc_warmup} if args.amc_episodes > 0 else None
     rounding = [(0.75, 8), (0.5, 8), (0.35, 1), (0.35, 8), (0.35, 16)]
-    table, points = scene_table("generated street scene (0.05 m)", street_scene(args.voxels), args.repeats, True,
-                                rounding)
-    tables, series = [table], {"generated street": points}
-    sweeps = real_sweeps()
+    tables, series, notes = [], {}, []
+    if "generated" in args.scenes:
+        table, points, search = scene_table("generated street scene (0.05 m)", street_scene(args.voxels),
+                                            args.repeats, True, rounding, amc)
+        tables, series = [table], {"generated street": points}
+        notes = [_amc_note("the generated street", search)] if search else []
+    sweeps = real_sweeps() if "kitti" in args.scenes else {}
     if "kitti-raw/000049" in sweeps:
-        table, points = scene_table("KITTI raw 000049 (0.05 m)", real_scene(sweeps["kitti-raw/000049"], 0.05),
-                                    args.repeats, False, [(0.75, 8), (0.5, 8), (0.35, 8)])
+        table, points, search = scene_table("KITTI raw 000049 (0.05 m)", real_scene(sweeps["kitti-raw/000049"], 0.05),
+                                            args.repeats, False, [(0.75, 8), (0.5, 8), (0.35, 8)], amc)
         tables.append(table)
         series["KITTI 000049"] = points
-    else:
+        notes += [_amc_note("KITTI 000049", search)] if search else []
+    elif "kitti" in args.scenes:
         tables.append("KITTI raw 000049: not present (../shared/datasets/kitti-raw/000049.bin), skipped")
-    plot(series, RESULTS_DIR / "prune_speed.png")
-    notes = ("Every coupled channel group of the dependency graph is cut to the keep ratio (channels of lowest "
+    stem = "prune_speed" if len(set(args.scenes)) == len(SCENES) else f"prune_speed_{args.scenes[0]}"
+    if series:
+        plot(series, RESULTS_DIR / f"{stem}.png")
+    notes = ["Every coupled channel group of the dependency graph is cut to the keep ratio (channels of lowest "
              "summed magnitude over the group), rounded to the multiple in brackets. Times are medians of "
-             "interleaved repeats; ratios are within this run. Plot: prune_speed.png.")
-    write_markdown(RESULTS_DIR / "prune_speed.md", "Pruning through the dependency graph: MinkUNet cr=1.0",
-                   f"python bench/prune_speed.py --repeats {args.repeats}", environment(), tables, notes)
-    print(f"written {RESULTS_DIR / 'prune_speed.md'}")
+             "interleaved repeats; ratios are within this run. 'cut vs masked': max |cut - masked| / max |masked| "
+             "of the outputs, the masked model being the dense one with the same channels zeroed. Plot: "
+             f"{stem}.png."] + notes
+    write_markdown(RESULTS_DIR / f"{stem}.md", "Pruning through the dependency graph: MinkUNet cr=1.0",
+                   f"python bench/prune_speed.py --repeats {args.repeats} --amc-episodes {args.amc_episodes} "
+                   f"--amc-warmup {args.amc_warmup} --scenes {' '.join(args.scenes)}", environment(), tables,
+                   "\n\n".join(notes))
+    print(f"written {RESULTS_DIR / f'{stem}.md'}")
     return 0
 
 
