@@ -8,7 +8,11 @@ The unpruned model and a pruned copy (every coupled channel group of the
 dependency graph kept at ``--ratio``, ranked by ``--criterion``) are both
 trained ``--epochs`` more epochs with the run's own options (data, schedule,
 held-out validation scenes); the table gives parameters and validation mIoU
-after the same budget, and writes bench/results/prune_finetune.md."""
+after the same budget, and writes bench/results/prune_finetune.md. With
+``--amc-episodes N`` (default 30; 0: none) a third model is AMC's
+(``pointsparse.prune.amc``, every coupled group, reward the voxel mIoU of
+``checkpoint_task``'s validation cloud without fine-tuning) at the FLOPs of
+the ``--ratio`` model, fine-tuned alike."""
 
 from __future__ import annotations
 
@@ -20,12 +24,52 @@ from pathlib import Path
 
 from _common import RESULTS_DIR, environment, write_markdown
 
+from prune_speed import _flops, amc_cut
+
 from pointsparse.models import load_model
-from pointsparse.app.channels import finetune, load_state, prune_checkpoint
+from pointsparse.app.channels import finetune, load_state, prune_checkpoint, save_pruned
+from pointsparse.app.tasks import checkpoint_batches, checkpoint_task
 
 
 def _params(path: Path) -> int:
     return sum(p.numel() for p in load_model(path).parameters())
+
+
+def amc_checkpoint(path: Path, out: Path, like: Path, episodes: int, warmup: int) -> tuple[Path, str]:
+    """``out/checkpoint.pt``: the checkpoint's model cut to AMC's ratios,
+    searched within the FLOPs of the model at ``like``; (its path, a summary
+    of the search)."""
+    state, task = checkpoint_task(path)
+    dense, x = task.make_model(), task.example_input
+    target = _flops(load_model(like).eval(), x) / _flops(dense, x)
+    t0 = time.perf_counter()
+    net, _, res, _ = amc_cut(dense, x, target, episodes, warmup, task.eval_fn)
+    summary = (f"AMC: {episodes} episodes ({warmup} random warm-up), budget {target:.4f} of the dense FLOPs (the "
+               f"{like.parent.name} model's), reward -(1 - mIoU) before fine-tuning on checkpoint_task's "
+               f"validation cloud (generated seed 3, default scene options: not the run's held-out scenes); best "
+               f"episode {100 * res.metric:.1f}% at {res.flops / res.dense_flops:.4f} of the dense FLOPs (unpruned "
+               f"{100 * task.eval_fn(dense):.1f}%), filled to the budget {100 * task.eval_fn(net):.1f}% at "
+               f"{_flops(net, x) / _flops(dense, x):.4f}; search {time.perf_counter() - t0:.0f} s.")
+    return save_pruned(state, net.train(), out), summary
+
+
+def _flops_of(path: Path, x) -> float:
+    return _flops(load_model(path).eval(), x)
+
+
+def _prepare(name: str, args, out: Path) -> tuple[Path, str]:
+    """The checkpoint of model ``name`` to fine-tune, in ``out``; a note."""
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    if name == "unpruned":
+        shutil.copy(args.checkpoint, out / "checkpoint.pt")
+        return out / "checkpoint.pt", ""
+    if name == "AMC":
+        like = args.out / f"keep {args.ratio}".replace(" ", "-") / "pruned.pt"
+        return amc_checkpoint(args.checkpoint, out, like, args.amc_episodes, args.amc_warmup)
+    path = prune_checkpoint(args.checkpoint, out, args.ratio, criterion=args.criterion)
+    shutil.copy(path, out / "pruned.pt")  # as cut, before fine-tuning: AMC's FLOPs budget
+    return path, ""
 
 
 def main() -> None:
@@ -35,36 +79,37 @@ def main() -> None:
     parser.add_argument("--criterion", default="l1")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("runs/prune-finetune"))
+    parser.add_argument("--amc-episodes", type=int, default=30, help="AMC search episodes (0: no AMC model)")
+    parser.add_argument("--amc-warmup", type=int, default=10, help="AMC episodes of random actions first")
     args = parser.parse_args()
     if not args.checkpoint.is_file():
         raise SystemExit(f"{args.checkpoint} does not exist: run `make demo` first (or pass --checkpoint)")
     state = load_state(args.checkpoint)
     start = state["history"]["val_miou"][-1] if state["history"].get("val_miou") else float("nan")
-    rows = []
-    for name in ("unpruned", f"keep {args.ratio}"):
+    x = checkpoint_batches(state)[0].input
+    rows, notes = [], []
+    for name in ("unpruned", f"keep {args.ratio}") + (("AMC",) if args.amc_episodes > 0 else ()):
         out = args.out / name.replace(" ", "-")
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True)
-        if name == "unpruned":
-            shutil.copy(args.checkpoint, out / "checkpoint.pt")
-            path = out / "checkpoint.pt"
-        else:
-            path = prune_checkpoint(args.checkpoint, out, args.ratio, criterion=args.criterion)
+        path, note = _prepare(name, args, out)
+        notes += [note] if note else []
         t0 = time.perf_counter()
         finetune(path, args.epochs)
         report = json.loads((out / "metrics.json").read_text())
-        rows.append((name, _params(path), report["miou"], time.perf_counter() - t0))
+        rows.append((name, _params(path), _flops_of(path, x), report["miou"], time.perf_counter() - t0))
         print(f"{name}: mIoU {100 * report['miou']:.1f}% after {args.epochs} more epochs", flush=True)
-    base = rows[0][2]
-    table = "\n".join(f"| {n} | {p / 1e6:.2f} M | {100 * m:.1f}% | {100 * (m - base):+.1f} | {t:.0f} s |"
-                      for n, p, m, t in rows)
-    header = "| model | params | val mIoU | vs unpruned (points) | fine-tuning time |\n|---|---|---|---|---|\n"
+    base, dense = rows[0][3], rows[0][2]
+    table = "\n".join(f"| {n} | {p / 1e6:.2f} M | {f / dense:.3f} | {100 * m:.1f}% | {100 * (m - base):+.1f} | "
+                      f"{t:.0f} s |" for n, p, f, m, t in rows)
+    header = ("| model | params | FLOPs (of unpruned) | val mIoU | vs unpruned (points) | fine-tuning time |\n"
+              "|---|---|---|---|---|---|\n")
     summary = (f"Starting point: {args.checkpoint} (epoch {state['epoch']}, validation mIoU {100 * start:.1f}%); "
-               f"both models trained {args.epochs} more epochs with the run's options.")
+               f"every model trained {args.epochs} more epochs with the run's options. FLOPs on the run's first "
+               f"cloud.")
     command = (f"python bench/prune_finetune.py --checkpoint {args.checkpoint} --ratio {args.ratio} "
-               f"--criterion {args.criterion} --epochs {args.epochs}")
+               f"--criterion {args.criterion} --epochs {args.epochs} --amc-episodes {args.amc_episodes} "
+               f"--amc-warmup {args.amc_warmup}")
     write_markdown(RESULTS_DIR / "prune_finetune.md", "Pruned vs unpruned MinkUNet after the same fine-tuning budget",
-                   command, environment(), [summary, header + table])
+                   command, environment(), [summary, header + table] + notes)
     print(header + table)
 
 

@@ -24,7 +24,7 @@ from _common import RESULTS_DIR, environment, real_scene, real_sweeps, street_sc
 from pointsparse import SparseTensor
 from pointsparse.models import MinkUNet
 from pointsparse.prune import graph as G
-from pointsparse.prune.amc import amc_search
+from pointsparse.prune.amc import amc_search, flops_for, layer_infos
 from pointsparse.prune.report import sparsity_report
 
 
@@ -48,31 +48,50 @@ def _variants(x, keeps):
     return out, kept
 
 
-def agreement(dense, x):
-    """``eval_fn(model)``: the share of voxels whose arg-max class equals the
-    dense model's (AMC's reward on an untrained network, which has no task
-    metric)."""
+def fidelity(dense, x):
+    """``eval_fn(model)``: ``max(0, 1 - |model(x) - dense(x)| / |dense(x)|)``
+    over all logits (AMC's metric on an untrained network, which has no task
+    metric; its arg-max is nearly one class everywhere, so agreement of
+    classes tells the candidates apart too little)."""
     with torch.no_grad():
-        target = dense(x).feats.argmax(1)
+        target = dense(x).feats
 
     def eval_fn(model):
         with torch.no_grad():
-            return float((model(x).feats.argmax(1) == target).double().mean())
+            return max(0.0, 1.0 - float((model(x).feats - target).norm() / target.norm()))
     return eval_fn
+
+
+def fill_budget(model, x, ratios: dict, target: float) -> dict:
+    """``ratios`` scaled by the least factor in [0, 1] whose FLOPs (AMC's
+    model) are within ``target`` of the dense FLOPs: the search's best
+    episode may stop short of the budget; this spends the rest evenly."""
+    infos = layer_infos(model, x, coupled=True)
+    budget = target * flops_for(infos, {})
+    lo, hi = 0.0, 1.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        if flops_for(infos, {n: r * mid for n, r in ratios.items()}) > budget:
+            lo = mid
+        else:
+            hi = mid
+    return {n: r * hi for n, r in ratios.items()}
 
 
 def amc_cut(dense, x, target: float, episodes: int, warmup: int, eval_fn, multiple: int = 1, seed: int = 0):
     """AMC's resource-constrained search (reward -error, every episode within
-    ``target`` of the dense FLOPs) over every coupled group of ``dense``,
-    then a copy cut to the best episode's ratios (kept counts rounded to
-    ``multiple``); (cut model, kept channels, the search's AMCResult)."""
+    ``target`` of the dense FLOPs) over every coupled group of ``dense``; a
+    copy cut to the best episode's ratios filled up to the budget
+    (:func:`fill_budget`), kept counts rounded to ``multiple``; (cut model,
+    kept channels, the search's AMCResult, the ratios cut)."""
     res = amc_search(dense, eval_fn, x, episodes=episodes, warmup=warmup, reward="error", target_flops=target,
                      coupled=True, seed=seed)
+    ratios = fill_budget(dense, x, res.ratios, target)
     net = copy.deepcopy(dense)
     graph = G.DependencyGraph(net, x)
-    keep = G.plan(graph, {name: 1.0 - r for name, r in res.ratios.items()}, multiple=multiple)
+    keep = G.plan(graph, {name: 1.0 - r for name, r in ratios.items()}, multiple=multiple)
     graph.cut(keep, retrace=False)
-    return net, keep, res
+    return net, keep, res, ratios
 
 
 def cut_error(dense, x, keep, net) -> float:
@@ -119,16 +138,17 @@ def _with_amc(models, kept, x, amc: dict | None) -> dict:
     dense = models["dense"]
     target = _flops(models["keep 0.5 (x8)"], x) / _flops(dense, x)
     t0 = time.perf_counter()
-    net, keep, res = amc_cut(dense, x, target, amc["episodes"], amc["warmup"], agreement(dense, x))
+    eval_fn = fidelity(dense, x)
+    net, keep, res, ratios = amc_cut(dense, x, target, amc["episodes"], amc["warmup"], eval_fn)
     seconds = time.perf_counter() - t0
     models["AMC (x1)"], kept["AMC (x1)"] = net, keep
     net8 = copy.deepcopy(dense)
     graph = G.DependencyGraph(net8, x)
-    kept["AMC (x8)"] = G.plan(graph, {n: 1.0 - r for n, r in res.ratios.items()}, multiple=8)
+    kept["AMC (x8)"] = G.plan(graph, {n: 1.0 - r for n, r in ratios.items()}, multiple=8)
     graph.cut(kept["AMC (x8)"], retrace=False)
     models["AMC (x8)"] = net8
-    return {"target": target, "seconds": seconds, "agreement": res.metric, "episodes": amc["episodes"],
-            "warmup": amc["warmup"], "flops_model": res.flops / res.dense_flops,
+    return {"target": target, "seconds": seconds, "best": res.metric, "filled": eval_fn(net),
+            "episodes": amc["episodes"], "warmup": amc["warmup"], "best_flops": res.flops / res.dense_flops,
             "kept": {n: len(k) for n, k in keep.items()}}
 
 
@@ -201,10 +221,11 @@ SCENES = ("generated", "kitti")
 
 def _amc_note(scene: str, search: dict) -> str:
     return (f"AMC on {scene}: {search['episodes']} episodes ({search['warmup']} random warm-up), reward -(1 - "
-            f"agreement) where agreement is the share of voxels whose arg-max class equals the dense model's "
-            f"(the network is untrained); budget {search['target']:.4f} of the dense FLOPs (the keep-0.5 model's), "
-            f"best episode agreement {search['agreement']:.3f}, FLOPs model {search['flops_model']:.4f} of dense; "
-            f"search {search['seconds']:.0f} s. Kept channels per group (x1): {search['kept']}.")
+            f"fidelity), fidelity = max(0, 1 - |y - y_dense| / |y_dense|) over the logits (the network is "
+            f"untrained); budget {search['target']:.4f} of the dense FLOPs (the keep-0.5 model's); best episode: "
+            f"fidelity {search['best']:.3f} at {search['best_flops']:.4f} of the dense FLOPs, its ratios then "
+            f"scaled evenly to fill the budget (fidelity {search['filled']:.3f}); search {search['seconds']:.0f} s. "
+            f"Kept channels per group (x1): {search['kept']}.")
 
 
 def main() -> int:
