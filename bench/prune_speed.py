@@ -147,7 +147,9 @@ def _with_amc(models, kept, x, amc: dict | None) -> dict:
     kept["AMC (x8)"] = G.plan(graph, {n: 1.0 - r for n, r in ratios.items()}, multiple=8)
     graph.cut(kept["AMC (x8)"], retrace=False)
     models["AMC (x8)"] = net8
-    return {"target": target, "seconds": seconds, "best": res.metric, "filled": eval_fn(net),
+    best = max(res.history, key=lambda h: h["reward"])["episode"]
+    return {"target": target, "seconds": seconds, "best": res.metric, "filled": eval_fn(net), "best_episode": best,
+            "uniform": eval_fn(models["keep 0.5 (x8)"]),
             "episodes": amc["episodes"], "warmup": amc["warmup"], "best_flops": res.flops / res.dense_flops,
             "kept": {n: len(k) for n, k in keep.items()}}
 
@@ -222,7 +224,8 @@ SCENES = ("generated", "kitti")
 def _amc_note(scene: str, search: dict) -> str:
     return (f"AMC on {scene}: {search['episodes']} episodes ({search['warmup']} random warm-up), reward -(1 - "
             f"fidelity), fidelity = max(0, 1 - |y - y_dense| / |y_dense|) over the logits (the network is "
-            f"untrained); budget {search['target']:.4f} of the dense FLOPs (the keep-0.5 model's); best episode: "
+            f"untrained); budget {search['target']:.4f} of the dense FLOPs (the keep-0.5 model's, fidelity "
+            f"{search['uniform']:.3f}); best episode (number {search['best_episode']}): "
             f"fidelity {search['best']:.3f} at {search['best_flops']:.4f} of the dense FLOPs, its ratios then "
             f"scaled evenly to fill the budget (fidelity {search['filled']:.3f}); search {search['seconds']:.0f} s. "
             f"Kept channels per group (x1): {search['kept']}.")
