@@ -81,30 +81,45 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/prune-finetune"))
     parser.add_argument("--amc-episodes", type=int, default=30, help="AMC search episodes (0: no AMC model)")
     parser.add_argument("--amc-warmup", type=int, default=10, help="AMC episodes of random actions first")
+    parser.add_argument("--models", nargs="+", choices=("unpruned", "keep", "AMC"), default=None,
+                        help="fine-tune only these now (a long run split into shorter ones: rows of earlier runs "
+                             "with the same checkpoint and epochs, kept in OUT/rows.json, join the table)")
     args = parser.parse_args()
     if not args.checkpoint.is_file():
         raise SystemExit(f"{args.checkpoint} does not exist: run `make demo` first (or pass --checkpoint)")
     state = load_state(args.checkpoint)
     start = state["history"]["val_miou"][-1] if state["history"].get("val_miou") else float("nan")
-    x = checkpoint_batches(state)[0].input
-    rows, notes = [], []
-    for name in ("unpruned", f"keep {args.ratio}") + (("AMC",) if args.amc_episodes > 0 else ()):
+    x = checkpoint_batches(state, count=4)[-1].input  # checkpoint_task's validation cloud: AMC's budget is on it
+    names = ("unpruned", f"keep {args.ratio}") + (("AMC",) if args.amc_episodes > 0 else ())
+    store = args.out / "rows.json"
+    key = " ".join(map(str, (args.checkpoint.resolve(), args.epochs, args.ratio, args.criterion, args.amc_episodes,
+                             args.amc_warmup)))
+    saved = json.loads(store.read_text()) if store.is_file() else {}
+    saved = saved if saved.get("key") == key else {"key": key, "rows": {}}
+    for name in names:
+        if args.models is not None and name.split()[0] not in args.models:
+            continue
         out = args.out / name.replace(" ", "-")
         path, note = _prepare(name, args, out)
-        notes += [note] if note else []
         t0 = time.perf_counter()
         finetune(path, args.epochs)
         report = json.loads((out / "metrics.json").read_text())
-        rows.append((name, _params(path), _flops_of(path, x), report["miou"], time.perf_counter() - t0))
+        saved["rows"][name] = [_params(path), _flops_of(path, x), report["miou"], time.perf_counter() - t0, note]
+        store.write_text(json.dumps(saved))
         print(f"{name}: mIoU {100 * report['miou']:.1f}% after {args.epochs} more epochs", flush=True)
+    if any(n not in saved["rows"] for n in names):
+        print(f"not all of {names} fine-tuned yet with this checkpoint and budget ({store}); page not written")
+        return
+    rows = [(n, *saved["rows"][n][:4]) for n in names]
+    notes = [saved["rows"][n][4] for n in names if saved["rows"][n][4]]
     base, dense = rows[0][3], rows[0][2]
     table = "\n".join(f"| {n} | {p / 1e6:.2f} M | {f / dense:.3f} | {100 * m:.1f}% | {100 * (m - base):+.1f} | "
                       f"{t:.0f} s |" for n, p, f, m, t in rows)
     header = ("| model | params | FLOPs (of unpruned) | val mIoU | vs unpruned (points) | fine-tuning time |\n"
               "|---|---|---|---|---|---|\n")
     summary = (f"Starting point: {args.checkpoint} (epoch {state['epoch']}, validation mIoU {100 * start:.1f}%); "
-               f"every model trained {args.epochs} more epochs with the run's options. FLOPs on the run's first "
-               f"cloud.")
+               f"every model trained {args.epochs} more epochs with the run's options. FLOPs on the cloud AMC "
+               f"searched on.")
     command = (f"python bench/prune_finetune.py --checkpoint {args.checkpoint} --ratio {args.ratio} "
                f"--criterion {args.criterion} --epochs {args.epochs} --amc-episodes {args.amc_episodes} "
                f"--amc-warmup {args.amc_warmup}")
