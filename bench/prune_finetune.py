@@ -8,9 +8,13 @@ The unpruned model and a pruned copy (every coupled channel group of the
 dependency graph kept at ``--ratio``, ranked by ``--criterion``) are both
 trained ``--epochs`` more epochs with the run's own options (data, schedule,
 held-out validation scenes); the table gives parameters and validation mIoU
-after the same budget, and writes bench/results/prune_finetune.md. ``--quick``:
-one epoch each, runs in ``--out``-quick, the page in a temporary folder. Without
-the checkpoint the script says so and measures nothing."""
+after the same budget, and writes bench/results/prune_finetune.md. With
+``--amc-episodes N`` (default 30; 0: none) a third model is AMC's
+(``pointsparse.prune.amc``, every coupled group, reward the voxel mIoU of
+``checkpoint_task``'s validation cloud without fine-tuning) at the FLOPs of
+the ``--ratio`` model, fine-tuned alike. ``--quick``: one epoch each and a
+3-episode AMC search, runs in ``--out``-quick, the page in a temporary folder.
+Without the checkpoint the script says so and measures nothing."""
 
 from __future__ import annotations
 
@@ -22,12 +26,52 @@ from pathlib import Path
 
 from _common import environment, results_path, write_markdown
 
+from prune_speed import _flops, amc_cut
+
 from pointsparse.models import load_model
-from pointsparse.app.channels import finetune, load_state, prune_checkpoint
+from pointsparse.app.channels import finetune, load_state, prune_checkpoint, save_pruned
+from pointsparse.app.tasks import checkpoint_batches, checkpoint_task
 
 
 def _params(path: Path) -> int:
     return sum(p.numel() for p in load_model(path).parameters())
+
+
+def amc_checkpoint(path: Path, out: Path, like: Path, episodes: int, warmup: int) -> tuple[Path, str]:
+    """``out/checkpoint.pt``: the checkpoint's model cut to AMC's ratios,
+    searched within the FLOPs of the model at ``like``; (its path, a summary
+    of the search)."""
+    state, task = checkpoint_task(path)
+    dense, x = task.make_model(), task.example_input
+    target = _flops(load_model(like).eval(), x) / _flops(dense, x)
+    t0 = time.perf_counter()
+    net, _, res, _ = amc_cut(dense, x, target, episodes, warmup, task.eval_fn)
+    summary = (f"AMC: {episodes} episodes ({warmup} random warm-up), budget {target:.4f} of the dense FLOPs (the "
+               f"{like.parent.name} model's), reward -(1 - mIoU) before fine-tuning on checkpoint_task's "
+               f"validation cloud (generated seed 3, default scene options: not the run's held-out scenes); best "
+               f"episode {100 * res.metric:.1f}% at {res.flops / res.dense_flops:.4f} of the dense FLOPs (unpruned "
+               f"{100 * task.eval_fn(dense):.1f}%), filled to the budget {100 * task.eval_fn(net):.1f}% at "
+               f"{_flops(net, x) / _flops(dense, x):.4f}; search {time.perf_counter() - t0:.0f} s.")
+    return save_pruned(state, net.train(), out), summary
+
+
+def _flops_of(path: Path, x) -> float:
+    return _flops(load_model(path).eval(), x)
+
+
+def _prepare(name: str, args, out: Path) -> tuple[Path, str]:
+    """The checkpoint of model ``name`` to fine-tune, in ``out``; a note."""
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    if name == "unpruned":
+        shutil.copy(args.checkpoint, out / "checkpoint.pt")
+        return out / "checkpoint.pt", ""
+    if name == "AMC":
+        like = args.out / f"keep {args.ratio}".replace(" ", "-") / "pruned.pt"
+        return amc_checkpoint(args.checkpoint, out, like, args.amc_episodes, args.amc_warmup)
+    path = prune_checkpoint(args.checkpoint, out, args.ratio, criterion=args.criterion)
+    shutil.copy(path, out / "pruned.pt")  # as cut, before fine-tuning: AMC's FLOPs budget
+    return path, ""
 
 
 def main() -> None:
@@ -38,42 +82,61 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="more epochs for each model (default 5, --quick 1)")
     parser.add_argument("--out", type=Path, default=Path("runs/prune-finetune"))
     parser.add_argument("--quick", action="store_true", help="a smoke run: one epoch each, in OUT-quick")
+    parser.add_argument("--amc-episodes", type=int, default=None,
+                        help="AMC search episodes (default 30, --quick 3; 0: no AMC model)")
+    parser.add_argument("--amc-warmup", type=int, default=None, help="AMC episodes of random actions first (default 10, --quick 1)")
+    parser.add_argument("--models", nargs="+", choices=("unpruned", "keep", "AMC"), default=None,
+                        help="fine-tune only these now (a long run split into shorter ones: rows of earlier runs "
+                             "with the same checkpoint and epochs, kept in OUT/rows.json, join the table)")
     args = parser.parse_args()
     if not args.checkpoint.is_file():
         print(f"prune_finetune: {args.checkpoint} does not exist (run `make demo` first, or pass --checkpoint); "
               "nothing measured")
         return
     args.epochs = args.epochs or (1 if args.quick else 5)
+    args.amc_episodes = (3 if args.quick else 30) if args.amc_episodes is None else args.amc_episodes
+    args.amc_warmup = (1 if args.quick else 10) if args.amc_warmup is None else args.amc_warmup
     if args.quick:
         args.out = args.out.with_name(args.out.name + "-quick")
     state = load_state(args.checkpoint)
     start = state["history"]["val_miou"][-1] if state["history"].get("val_miou") else float("nan")
-    rows = []
-    for name in ("unpruned", f"keep {args.ratio}"):
+    x = checkpoint_batches(state, count=4)[-1].input  # checkpoint_task's validation cloud: AMC's budget is on it
+    names = ("unpruned", f"keep {args.ratio}") + (("AMC",) if args.amc_episodes > 0 else ())
+    store = args.out / "rows.json"
+    key = " ".join(map(str, (args.checkpoint.resolve(), args.epochs, args.ratio, args.criterion, args.amc_episodes,
+                             args.amc_warmup)))
+    saved = json.loads(store.read_text()) if store.is_file() else {}
+    saved = saved if saved.get("key") == key else {"key": key, "rows": {}}
+    for name in names:
+        if args.models is not None and name.split()[0] not in args.models:
+            continue
         out = args.out / name.replace(" ", "-")
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True)
-        if name == "unpruned":
-            shutil.copy(args.checkpoint, out / "checkpoint.pt")
-            path = out / "checkpoint.pt"
-        else:
-            path = prune_checkpoint(args.checkpoint, out, args.ratio, criterion=args.criterion)
+        path, note = _prepare(name, args, out)
         t0 = time.perf_counter()
         finetune(path, args.epochs)
         report = json.loads((out / "metrics.json").read_text())
-        rows.append((name, _params(path), report["miou"], time.perf_counter() - t0))
+        saved["rows"][name] = [_params(path), _flops_of(path, x), report["miou"], time.perf_counter() - t0, note]
+        store.write_text(json.dumps(saved))
         print(f"{name}: mIoU {100 * report['miou']:.1f}% after {args.epochs} more epochs", flush=True)
-    base = rows[0][2]
-    table = "\n".join(f"| {n} | {p / 1e6:.2f} M | {100 * m:.1f}% | {100 * (m - base):+.1f} | {t:.0f} s |"
-                      for n, p, m, t in rows)
-    header = "| model | params | val mIoU | vs unpruned (points) | fine-tuning time |\n|---|---|---|---|---|\n"
+    if any(n not in saved["rows"] for n in names):
+        print(f"not all of {names} fine-tuned yet with this checkpoint and budget ({store}); page not written")
+        return
+    rows = [(n, *saved["rows"][n][:4]) for n in names]
+    notes = [saved["rows"][n][4] for n in names if saved["rows"][n][4]]
+    base, dense = rows[0][3], rows[0][2]
+    table = "\n".join(f"| {n} | {p / 1e6:.2f} M | {f / dense:.3f} | {100 * m:.1f}% | {100 * (m - base):+.1f} | "
+                      f"{t:.0f} s |" for n, p, f, m, t in rows)
+    header = ("| model | params | FLOPs (of unpruned) | val mIoU | vs unpruned (points) | fine-tuning time |\n"
+              "|---|---|---|---|---|---|\n")
     summary = (f"Starting point: {args.checkpoint} (epoch {state['epoch']}, validation mIoU {100 * start:.1f}%); "
-               f"both models trained {args.epochs} more epochs with the run's options.")
+               f"every model trained {args.epochs} more epochs with the run's options. FLOPs on the cloud AMC "
+               f"searched on.")
     command = (f"python bench/prune_finetune.py --checkpoint {args.checkpoint} --ratio {args.ratio} "
-               f"--criterion {args.criterion} --epochs {args.epochs}" + (" --quick" if args.quick else ""))
+               f"--criterion {args.criterion} --epochs {args.epochs} --amc-episodes {args.amc_episodes} "
+               f"--amc-warmup {args.amc_warmup}" + (" --quick" if args.quick else ""))
     output = results_path("prune_finetune.md", args.quick)
     write_markdown(output, "Pruned vs unpruned MinkUNet after the same fine-tuning budget",
-                   command, environment(), [summary, header + table])
+                   command, environment(), [summary, header + table] + notes)
     print(header + table)
     print(f"written {output}")
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
 
+from pointsparse.models import MinkUNet
 from pointsparse.prune import amc, surgery
 from prune_procedures_support import Trainer, mlp, sparse_chain, sparse_input  # noqa: F401
 
@@ -108,3 +110,35 @@ def test_residual_network_search_and_netadapt_layout():
     table = netadapt.build_latency_table(net, x, num_candidates=2, repeats=1)
     assert set(table.entries) == {"stem.0", "stem.3", "block.main.0", "block.main.3"}
     assert set(table.entries["block.main.3"]) == {(12, 8), (6, 8)}
+
+
+# ------------------------------------------------------------ the benchmark's AMC path
+def test_bench_amc_cut_meets_the_flops_of_keep_half_and_equals_the_masked_model():
+    """bench/prune_speed.py's AMC rows: a search over every coupled group of
+    MinkUNet within the keep-0.5 model's FLOPs, cut as chosen: the cut model
+    runs, stays within the budget and computes what the masked dense model
+    computes."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import prune_speed as bench
+    from pointsparse.prune import graph as G
+
+    torch.manual_seed(0)
+    dense = MinkUNet(4, 19, cr=0.25).eval()
+    x = sparse_input(n=600, channels=4, extent=16)
+    half = copy.deepcopy(dense)
+    graph = G.DependencyGraph(half, x)
+    graph.cut(G.plan(graph, 0.5), retrace=False)
+    target = bench._flops(half, x) / bench._flops(dense, x)
+    score = bench.fidelity(dense, x)
+    assert score(dense) == 1.0
+    net, keep, res, ratios = bench.amc_cut(dense, x, target, episodes=3, warmup=1, eval_fn=score)
+    assert len(keep) == 33 and all(ratios[n] <= r for n, r in res.ratios.items())
+    flops = bench._flops(net, x)
+    assert res.flops <= flops <= target * bench._flops(dense, x) * (1 + 1e-9)
+    assert flops >= 0.97 * target * bench._flops(dense, x)  # the budget is spent
+    assert 0 < score(net) < 1
+    assert sum(p.numel() for p in net.parameters()) < sum(p.numel() for p in dense.parameters())
+    assert net(x).feats.shape == (len(x), 19)
+    assert bench.cut_error(dense, x, keep, net) < 1e-5
