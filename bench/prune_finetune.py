@@ -84,7 +84,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run: one epoch each, in OUT-quick")
     parser.add_argument("--amc-episodes", type=int, default=None,
                         help="AMC search episodes (default 30, --quick 3; 0: no AMC model)")
-    parser.add_argument("--amc-warmup", type=int, default=None, help="AMC episodes of random actions first (default 10, --quick 1)")
+    parser.add_argument("--amc-warmup", type=int, default=None,
+                        help="AMC episodes of random actions first (default 10, --quick 1)")
     parser.add_argument("--models", nargs="+", choices=("unpruned", "keep", "AMC"), default=None,
                         help="fine-tune only these now (a long run split into shorter ones: rows of earlier runs "
                              "with the same checkpoint and epochs, kept in OUT/rows.json, join the table)")

@@ -242,7 +242,8 @@ def main() -> int:
                         help="a smoke run: 5k voxels, keep 0.5, 1 repeat, a 3-episode AMC search, no KITTI")
     parser.add_argument("--amc-episodes", type=int, default=None,
                         help="AMC search episodes per scene (default 30, --quick 3; 0: no AMC rows)")
-    parser.add_argument("--amc-warmup", type=int, default=None, help="AMC episodes of random actions first (default 10, --quick 1)")
+    parser.add_argument("--amc-warmup", type=int, default=None,
+                        help="AMC episodes of random actions first (default 10, --quick 1)")
     parser.add_argument("--scenes", nargs="+", choices=SCENES, default=None,
                         help="which scenes (one alone writes prune_speed_SCENE.md/.png, both prune_speed.md/.png; "
                              "--quick: generated only)")
@@ -281,7 +282,8 @@ def main() -> int:
     output = results_path(f"{stem}.md", args.quick)
     write_markdown(output, "Pruning through the dependency graph: MinkUNet cr=1.0",
                    f"python bench/prune_speed.py --repeats {args.repeats} --amc-episodes {args.amc_episodes} "
-                   f"--amc-warmup {args.amc_warmup} --scenes {' '.join(args.scenes)}" + (" --quick" if args.quick else ""),
+                   f"--amc-warmup {args.amc_warmup} --scenes {' '.join(args.scenes)}"
+                   + (" --quick" if args.quick else ""),
                    environment(), tables, "\n\n".join(notes))
     print(f"written {output}")
     return 0
