@@ -107,7 +107,7 @@ def _forward_and_input_grad(plan, feats, w, bias, g, isa, nt, vector, relu):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("c_in,c_out", [(16, 16), (3, 40), (33, 100), (130, 24), (64, 128)])
+@pytest.mark.parametrize("c_in,c_out", [(16, 16), (3, 40), (33, 100), (130, 24), (64, 128), (20, 141)])
 @pytest.mark.parametrize("k,t,transposed", CASES[:3])
 def test_vector_kernels_of_every_build_agree_bit_for_bit(k, t, transposed, c_in, c_out, dtype):
     """The vector-sparse forward and input gradient (W[k].T: panels of input
@@ -144,16 +144,17 @@ def test_vector_kernels_of_every_build_agree_bit_for_bit(k, t, transposed, c_in,
 
 def test_avx512_and_avx2_vector_kernels_agree_on_a_large_map():
     """A map of some 8000 rows (full 256-row blocks, long runs of pairs per
-    offset, every tile height's tails) at the bench's density, no bias:
+    offset, every tile height's tails) at the bench's density, no bias,
+    128+ columns (where the avx512 vector kernel runs) with a half panel:
     the avx512 and avx2 vector kernels and the dense kernel agree bit for bit."""
     if "avx512" not in ISAS:
         pytest.skip("this CPU (or build) does not run AVX-512")
     x = make(n=9000, c=48, extent=24, dtype=torch.float32, seed=3)
     kmap = ps.kmap.get_kmap(x, 3)
     plan = _engine.make_fused_plan(kmap)
-    w = sparse_weight(27, 48, 72, torch.float32, vector_keep=0.25, dead=())
-    bias = torch.zeros(72)
-    g = torch.randn(kmap.num_out, 72)
+    w = sparse_weight(27, 48, 136, torch.float32, vector_keep=0.25, dead=())
+    bias = torch.zeros(136)
+    g = torch.randn(kmap.num_out, 136)
     runs = [_forward_and_input_grad(plan, x.feats, w, bias, g, isa, 2, vector, False)
             for isa, vector in (("avx512", True), ("avx2", True), ("avx512", False))]
     for other in runs[1:]:

@@ -49,7 +49,8 @@ template <typename T>
 constexpr int64_t sparse_panel() { return nr<T>(Isa::avx2); }
 
 // `isa`: the build asked for. apply_sparse runs the avx512 build where it is
-// asked (one 64-byte vector per panel, sparse_avx512.cpp), else the AVX2
+// asked and there are at least 128 output columns (one 64-byte vector per
+// panel, sparse_avx512.cpp; measured slower below, see sparse.cpp), else the AVX2
 // build wherever the CPU has it unless the generic one is asked for;
 // wgrad_masked the AVX2 build wherever it runs unless generic is asked.
 void apply_sparse(SparseApplyArgs<float> a, Isa isa);
