@@ -2,7 +2,8 @@
 // BW, DQ) + FMA: one 64-byte vector per panel (16 floats, 8 doubles: the
 // panels of every build), a taller tile of kSparseMR rows, one broadcast FMA
 // per listed row and tile row, masked stores for a partial last panel.
-// sparse.cpp calls it only where isa_runs(Isa::avx512).
+// sparse.cpp calls it only where isa_runs(Isa::avx512), from 128 output
+// columns (kSparse512MinCols).
 //
 // Bit-identical to the 32-byte builds' apply_sparse and to every FMA build's
 // dense apply: per row and panel acc = sum over the listed rows c, in list
