@@ -59,28 +59,31 @@ def run_core(plan, feats, w, g, portable, active=None, vector=False, wactive=Non
 
 
 CASES = [(3, 1, False), (2, 2, False), (2, 2, True), (5, 1, False)]
+#: The kernel builds this CPU runs, widest first: each has its own
+#: vector-sparse forward (avx512: one 64-byte vector per panel, a taller tile).
+ISAS = ps._ext.core.runnable_isas()
 
 
-@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("c_in,c_out", [(1, 1), (5, 6), (7, 17), (13, 35), (64, 64)])
 @pytest.mark.parametrize("k,t,transposed", CASES)
-def test_skipping_and_vector_kernels_equal_the_dense_kernels(k, t, transposed, c_in, c_out, dtype, portable):
-    """Forward and input gradient: skipping zero offsets and zero vectors
-    changes no bit; weight gradient with a mask: dense gradient * mask, bit
-    for bit; and all of it against torch ops on the zeroed weight."""
+def test_skipping_and_vector_kernels_equal_the_dense_kernels(k, t, transposed, c_in, c_out, dtype, isa):
+    """Forward and input gradient of each build: skipping zero offsets and
+    zero vectors changes no bit; weight gradient with a mask: dense gradient
+    * mask, bit for bit; and all of it against torch ops on the zeroed weight."""
     feats, kmap = case(k, t, transposed, c_in, c_out, dtype)
     plan = _engine.make_fused_plan(kmap)
     w = sparse_weight(kmap.kernel_volume, c_in, c_out, dtype)
     mask = (w != 0).to(dtype)
     g = torch.randn(kmap.num_out, c_out, dtype=dtype)
-    dense = run_core(plan, feats, w, g, portable)
+    dense = run_core(plan, feats, w, g, isa)
     fwd = _engine.choose_execution(w)
     assert fwd.active is not None and not fwd.active[0]
     wactive = _engine.weight_execution(mask, None)[0]
     assert wactive is not None and not wactive[0]
     for vector in (False, True):  # vector: the vector kernels and the masked weight gradient
-        out, gf, gw = run_core(plan, feats, w, g, portable, fwd.active, vector, wactive, mask if vector else None)
+        out, gf, gw = run_core(plan, feats, w, g, isa, fwd.active, vector, wactive, mask if vector else None)
         assert torch.equal(out, dense[0]) and torch.equal(gf, dense[1])
         assert torch.equal(gw * mask, dense[2] * mask)
         assert not gw[0].any() and not (vector and gw[mask == 0].any())
@@ -91,6 +94,71 @@ def test_skipping_and_vector_kernels_equal_the_dense_kernels(k, t, transposed, c
     torch.testing.assert_close(out, ref.detach(), **tol)
     torch.testing.assert_close(gf, ref_gf, **tol)
     torch.testing.assert_close(gw, ref_gw * mask, **tol)
+
+
+def _forward_and_input_grad(plan, feats, w, bias, g, isa, nt, vector, relu):
+    active = _engine.choose_execution(w).active
+    out = torch.full((plan.num_out, w.shape[2]), float("nan"), dtype=w.dtype)
+    plan.core.forward(feats.numpy(), w.numpy(), bias.numpy(), out.numpy(), nt, isa, relu, active=active,
+                      vector=vector)
+    gf = torch.full_like(feats, float("nan"))
+    plan.core.backward_input(g.numpy(), w.numpy(), gf.numpy(), nt, isa, active=active, vector=vector)
+    return out, gf
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("c_in,c_out", [(16, 16), (3, 40), (33, 100), (130, 24), (64, 128), (20, 141)])
+@pytest.mark.parametrize("k,t,transposed", CASES[:3])
+def test_vector_kernels_of_every_build_agree_bit_for_bit(k, t, transposed, c_in, c_out, dtype):
+    """The vector-sparse forward and input gradient (W[k].T: panels of input
+    channels) of every FMA build (avx2: 6 x 2 vectors of 32 bytes; avx512: one
+    64-byte vector per panel, taller tiles, masked tails) equal bit for bit
+    each other and the dense kernels of both, with bias and ReLU, for 1 and 2
+    threads; the generic build (no FMA) agrees to rounding. Channel counts
+    off the 16-float panels, and runs of pairs off every tile height."""
+    feats, kmap = case(k, t, transposed, c_in, c_out, dtype, seed=c_in)
+    plan = _engine.make_fused_plan(kmap)
+    w = sparse_weight(kmap.kernel_volume, c_in, c_out, dtype, seed=c_out, vector_keep=0.4)
+    gen = torch.Generator().manual_seed(5)
+    bias = torch.randn(c_out, generator=gen, dtype=dtype)
+    g = torch.randn(kmap.num_out, c_out, generator=gen, dtype=dtype)
+    assert _engine.choose_execution(w).active is not None
+    got = {}
+    for isa in ISAS:
+        for nt in (1, 2):
+            for vector in (False, True):
+                got[isa, nt, vector] = _forward_and_input_grad(plan, feats, w, bias, g, isa, nt, vector, True)
+    fma = [isa for isa in ISAS if isa != "generic"]
+    want = got[ISAS[0], 1, False]
+    assert not torch.isnan(want[0]).any() and not torch.isnan(want[1]).any()
+    for (isa, nt, vector), res in got.items():
+        for a, b in zip(res, want):
+            if isa in fma:
+                assert torch.equal(a, b), (isa, nt, vector)
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-4 if dtype == torch.float32 else 1e-12, atol=1e-5)
+    for vector in (False, True):  # generic: its own runs agree bit for bit across threads and kernels
+        for a, b in zip(got["generic", 2, vector], got["generic", 1, False]):
+            assert torch.equal(a, b)
+
+
+def test_avx512_and_avx2_vector_kernels_agree_on_a_large_map():
+    """A map of some 8000 rows (full 256-row blocks, long runs of pairs per
+    offset, every tile height's tails) at the bench's density, no bias,
+    128+ columns (where the avx512 vector kernel runs) with a half panel:
+    the avx512 and avx2 vector kernels and the dense kernel agree bit for bit."""
+    if "avx512" not in ISAS:
+        pytest.skip("this CPU (or build) does not run AVX-512")
+    x = make(n=9000, c=48, extent=24, dtype=torch.float32, seed=3)
+    kmap = ps.kmap.get_kmap(x, 3)
+    plan = _engine.make_fused_plan(kmap)
+    w = sparse_weight(27, 48, 136, torch.float32, vector_keep=0.25, dead=())
+    bias = torch.zeros(136)
+    g = torch.randn(kmap.num_out, 136)
+    runs = [_forward_and_input_grad(plan, x.feats, w, bias, g, isa, 2, vector, False)
+            for isa, vector in (("avx512", True), ("avx2", True), ("avx512", False))]
+    for other in runs[1:]:
+        assert torch.equal(runs[0][0], other[0]) and torch.equal(runs[0][1], other[1])
 
 
 def test_large_outputs_with_bias_and_relu():

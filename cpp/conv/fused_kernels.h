@@ -210,24 +210,25 @@ inline void prefetch_row(const T* p, int64_t n) {
 // The pairs [lo, hi) of offset k in tiles of kMR: `tile(k, arow, crow, mr,
 // first)` adds the tile's products (arow: the rows read, crow: the rows
 // written, rows past mr repeat a valid one; `first`: store instead, see
-// apply_blocks). `ident`: the pairs are (q, q), q in [lo, hi).
-template <typename T, typename Tile>
+// apply_blocks). `ident`: the pairs are (q, q), q in [lo, hi). MR: rows
+// per tile (a kernel with its own tile height passes it to apply_blocks).
+template <int MR = kMR, typename T, typename Tile>
 inline void apply_pairs(const ApplyArgs<T>& a, int64_t k, int64_t lo, int64_t hi, bool ident, bool first,
                         Tile& tile) {
   const PairList& pl = a.pairs;
-  for (int64_t p = lo; p < hi; p += kMR) {
-    const int mr = int(hi - p < kMR ? hi - p : kMR);
-    const T* arow[kMR];
-    T* crow[kMR];
-    for (int r = 0; r < kMR; ++r) {
+  for (int64_t p = lo; p < hi; p += MR) {
+    const int mr = int(hi - p < MR ? hi - p : MR);
+    const T* arow[MR];
+    T* crow[MR];
+    for (int r = 0; r < MR; ++r) {
       const int64_t q = p + (r < mr ? r : mr - 1);
       arow[r] = a.src + (ident ? q : int64_t(pl.col[q])) * a.kc;
       crow[r] = a.dst + (ident ? q : int64_t(pl.row[q])) * a.cols;
     }
     if (!ident) {
       // The next tile's rows are a gather: no hardware prefetcher guesses them.
-      const int64_t next_end = p + 2 * kMR < hi ? p + 2 * kMR : hi;
-      for (int64_t q = p + kMR; q < next_end; ++q) prefetch_row(a.src + int64_t(pl.col[q]) * a.kc, a.kc);
+      const int64_t next_end = p + 2 * MR < hi ? p + 2 * MR : hi;
+      for (int64_t q = p + MR; q < next_end; ++q) prefetch_row(a.src + int64_t(pl.col[q]) * a.kc, a.kc);
     }
     tile(k, arow, crow, mr, first);
   }
@@ -240,7 +241,7 @@ inline void apply_pairs(const ApplyArgs<T>& a, int64_t k, int64_t lo, int64_t hi
 // rows start as the bias (or zero). Then every other offset k that
 // `skip(k)` keeps adds its pairs (apply_pairs), in offset order; then the
 // ReLU epilogue while the block is still in cache.
-template <typename T, typename Skip, typename Tile>
+template <int MR = kMR, typename T, typename Skip, typename Tile>
 void apply_blocks(const ApplyArgs<T>& a, Skip skip, Tile tile) {
   const int64_t K = a.pairs.kernel_volume;
   const int64_t blocks = (a.num_rows + kBlockRows - 1) / kBlockRows;
@@ -250,7 +251,7 @@ void apply_blocks(const ApplyArgs<T>& a, Skip skip, Tile tile) {
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const int64_t r0 = blk * kBlockRows, r1 = r0 + kBlockRows < a.num_rows ? r0 + kBlockRows : a.num_rows;
     if (ident >= 0) {
-      apply_pairs(a, ident, r0, r1, true, true, tile);
+      apply_pairs<MR>(a, ident, r0, r1, true, true, tile);
     } else {
       for (int64_t r = r0; r < r1; ++r) {
         T* __restrict d = a.dst + r * a.cols;
@@ -262,7 +263,7 @@ void apply_blocks(const ApplyArgs<T>& a, Skip skip, Tile tile) {
     }
     for (int64_t k = 0; k < (a.kc == 0 ? 0 : K); ++k) {
       if (k == pl.identity || skip(k)) continue;
-      apply_pairs(a, k, pl.cuts[blk * K + k], pl.cuts[(blk + 1) * K + k], false, false, tile);
+      apply_pairs<MR>(a, k, pl.cuts[blk * K + k], pl.cuts[(blk + 1) * K + k], false, false, tile);
     }
     if (a.relu) {
       T* __restrict d = a.dst + r0 * a.cols;
@@ -433,7 +434,11 @@ void wgrad_impl(const WgradArgs<T>& a) {
 
 }  // namespace
 
+// PS_CONV_KERNELS_ONLY: an includer that only borrows the helpers above
+// (sparse_avx512.cpp) leaves the entry points to the build's own file.
+#ifndef PS_CONV_KERNELS_ONLY
 void apply(const ApplyArgs<float>& a) { apply_impl(a); }
 void apply(const ApplyArgs<double>& a) { apply_impl(a); }
 void wgrad(const WgradArgs<float>& a) { wgrad_impl(a); }
 void wgrad(const WgradArgs<double>& a) { wgrad_impl(a); }
+#endif

@@ -19,9 +19,10 @@ namespace conv {
 
 // The dense arguments plus scratch for the lists: idx[(k * panels + p) * kc
 // + i] is the i-th listed row of panel p of offset k, count[k * panels + p]
-// how many. `base.wpack` (set by the dispatch) holds the packed listed rows
-// in the same place the dense kernel packs all rows. Panels are the 32-byte
-// builds' (kSparsePanel<T> columns) on every CPU, so one pruning granularity
+// how many. `base.wpack` holds the packed listed rows (panel after panel,
+// sparse_panel<T>() columns each); the dispatch allocates and fills it and
+// the lists. Panels are the 32-byte builds' tiles (sparse_panel<T>()
+// columns) on every CPU and in every build, so one pruning granularity
 // serves every machine.
 template <typename T>
 struct SparseApplyArgs {
@@ -54,8 +55,11 @@ constexpr int64_t sparse_panel() { return nr<T>(Isa::avx2); }
 template <typename T>
 void count_vectors(const T* w, int64_t K, int64_t c_in, int64_t c_out, bool transpose, int32_t* counts);
 
-// `isa`: the build asked for; the sparse kernels run in the AVX2 build
-// wherever the CPU has it unless the generic one is asked for.
+// `isa`: the build asked for. apply_sparse runs the avx512 build where it is
+// asked and there are at least 128 output columns (one 64-byte vector per
+// panel, sparse_avx512.cpp; measured slower below, see sparse.cpp), else the AVX2
+// build wherever the CPU has it unless the generic one is asked for;
+// wgrad_masked the AVX2 build wherever it runs unless generic is asked.
 void apply_sparse(SparseApplyArgs<float> a, Isa isa);
 void apply_sparse(SparseApplyArgs<double> a, Isa isa);
 void wgrad_masked(MaskedWgradArgs<float> a, Isa isa);
@@ -69,6 +73,10 @@ void wgrad_masked(MaskedWgradArgs<double> a, Isa isa);
 namespace avx2 { PS_CONV_DECLARE_SPARSE }
 namespace generic { PS_CONV_DECLARE_SPARSE }
 #undef PS_CONV_DECLARE_SPARSE
+namespace avx512 {
+void apply_sparse(const SparseApplyArgs<float>& a);
+void apply_sparse(const SparseApplyArgs<double>& a);
+}  // namespace avx512
 
 }  // namespace conv
 }  // namespace ps

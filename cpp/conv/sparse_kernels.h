@@ -2,9 +2,13 @@
 // (AVX2 and generic): each of those translation units includes this right
 // after fused_kernels.h, and these reuse its helpers (Vec, vload, vstore,
 // lanes, nr, panels, tile_step, tile_add, prefetch_row) and its tile shape
-// kMR. Same rules: internal linkage, no std templates.
+// kMR. Same rules: internal linkage, no std templates. The listed rows are
+// packed before (pack_sparse, sparse.cpp), in panels of nr<T>() columns.
 
 namespace {
+
+static_assert(nr<float>() == sparse_panel<float>() && nr<double>() == sparse_panel<double>(),
+              "the 32-byte builds' tiles are the sparse panels");
 
 // C[r][0:ncols] += sum_i A[r][idx[i]] * B[i][0:NR] for r < mr, B packed (n,
 // NR), in i order from zero (as micro<T, 1> over the listed rows; `init`
@@ -25,41 +29,12 @@ inline void micro_idx(int64_t n, const int32_t* __restrict idx, const T* const* 
   tile_add<T>(acc0, acc1, c, 0, mr, ncols, init);
 }
 
-// Per offset k and panel p the rows c of B_k with a nonzero in the panel's
-// columns: listed in idx, packed in order into wpack, counted in count.
-template <typename T>
-void pack_sparse(const SparseApplyArgs<T>& s, int64_t c_out) {
-  constexpr int64_t NR = nr<T>();
-  const ApplyArgs<T>& a = s.base;
-  const int64_t np = panels<T>(a.cols), K = a.pairs.kernel_volume;
-  for (int64_t t = 0; t < K * np; ++t) {
-    const int64_t k = t / np, p = t % np;
-    const T* wk = a.w + k * a.kc * a.cols;
-    T* dst = a.wpack + t * a.kc * NR;
-    int32_t* list = s.idx + t * a.kc;
-    int32_t n = 0;
-    for (int64_t c = 0; c < a.kc; ++c) {
-      T* row = dst + n * NR;
-      bool nonzero = false;
-      for (int64_t j = 0; j < NR; ++j) {
-        const int64_t col = p * NR + j;
-        const T v = col < a.cols ? (a.transpose ? wk[col * c_out + c] : wk[c * c_out + col]) : T(0);
-        row[j] = v;
-        nonzero |= v != T(0);
-      }
-      if (nonzero) list[n++] = int32_t(c);
-    }
-    s.count[t] = n;
-  }
-}
-
 // apply_impl (fused_kernels.h) over the listed rows only; an offset whose
 // panels list nothing is not visited.
 template <typename T>
 void apply_sparse_impl(const SparseApplyArgs<T>& s) {
   constexpr int64_t NR = nr<T>();
   const ApplyArgs<T>& a = s.base;
-  pack_sparse(s, a.transpose ? a.kc : a.cols);
   const int64_t np = panels<T>(a.cols);
   const auto none_listed = [&s, np](int64_t k) {
     for (int64_t j = 0; j < np; ++j)

@@ -1,0 +1,140 @@
+// The vector-sparse forward kernel (sparse.h) compiled for AVX-512 (F, VL,
+// BW, DQ) + FMA: one 64-byte vector per panel (16 floats, 8 doubles: the
+// panels of every build), a taller tile of kSparseMR rows, one broadcast FMA
+// per listed row and tile row, masked stores for a partial last panel.
+// sparse.cpp calls it only where isa_runs(Isa::avx512), from 128 output
+// columns (kSparse512MinCols).
+//
+// Bit-identical to the 32-byte builds' apply_sparse and to every FMA build's
+// dense apply: per row and panel acc = sum over the listed rows c, in list
+// order from zero, of fma(A[r][c], B[c][panel], acc); then C[r] = C[r] + acc
+// (or bias/zero + acc for a block's first offset). Only the lanes per
+// vector and the rows per tile differ, which change no element's arithmetic.
+#include <omp.h>
+
+#include <cstdint>
+
+#include "conv/fused.h"
+#include "conv/sparse.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
+#define PS_CONV_ISA Isa::avx512
+#define PS_CONV_VEC_BYTES 64
+#define PS_CONV_KERNELS_ONLY  // fused_avx512.cpp holds this build's dense entry points
+namespace ps {
+namespace conv {
+namespace avx512 {
+#include "conv/fused_kernels.h"
+
+namespace {
+
+// Rows per tile: one accumulator each (of 32 vector registers).
+#ifndef PS_CONV_SPARSE512_MR
+#define PS_CONV_SPARSE512_MR 12
+#endif
+constexpr int kSparseMR = PS_CONV_SPARSE512_MR;
+static_assert(lanes<float>() == sparse_panel<float>() && lanes<double>() == sparse_panel<double>(),
+              "one vector per sparse panel");
+
+// Written with intrinsics, not fused_kernels.h's vfma / vadd_masked: GCC
+// does not define __AVX512F__ / __FMA__ under `#pragma GCC target` in C++,
+// so those fall back to a * b + c (contracted) and unmasked tails there.
+inline Vec<float>::type fma_lanes(Vec<float>::type a, Vec<float>::type b, Vec<float>::type c) {
+  return _mm512_fmadd_ps(a, b, c);
+}
+inline Vec<double>::type fma_lanes(Vec<double>::type a, Vec<double>::type b, Vec<double>::type c) {
+  return _mm512_fmadd_pd(a, b, c);
+}
+// p[0:n] = s[0:n] + v[0:n] (n < lanes; s may be p), other lanes untouched.
+inline void add_masked(float* p, const float* s, Vec<float>::type v, int n) {
+  const __mmask16 m = __mmask16((1u << n) - 1u);
+  _mm512_mask_storeu_ps(p, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, s), v));
+}
+inline void add_masked(double* p, const double* s, Vec<double>::type v, int n) {
+  const __mmask8 m = __mmask8((1u << n) - 1u);
+  _mm512_mask_storeu_pd(p, m, _mm512_add_pd(_mm512_maskz_loadu_pd(m, s), v));
+}
+
+// C[r][0:ncols] (+)= sum_i A[r][idx[i]] * B[i][0:L] for r < mr, B packed (n,
+// L), in i order from zero; init as tile_add's (fused_kernels.h). Rows r >=
+// mr of `a` must be readable (apply_pairs repeats a valid one).
+template <typename T>
+inline void micro_panel(int64_t n, const int32_t* __restrict idx, const T* const* a, const T* __restrict b,
+                        T* const* c, int mr, int64_t ncols, const T* init) {
+  typedef typename Vec<T>::type V;
+  constexpr int L = lanes<T>();
+  V acc[kSparseMR];
+  const T* x[kSparseMR];
+#pragma GCC unroll 16
+  for (int r = 0; r < kSparseMR; ++r) {
+    acc[r] = V{};
+    x[r] = a[r];
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const V bv = vload(b + i * L);
+    const int64_t off = idx[i];
+#pragma GCC unroll 16
+    for (int r = 0; r < kSparseMR; ++r) acc[r] = fma_lanes(vbroadcast(x[r][off]), bv, acc[r]);
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < kSparseMR; ++r) {
+    if (r >= mr) continue;
+    const T* s = init ? init : c[r];
+    if (ncols == L)
+      vstore(c[r], vload(s) + acc[r]);
+    else
+      add_masked(c[r], s, acc[r], int(ncols));
+  }
+}
+
+// apply_sparse_impl (sparse_kernels.h) in this build's tiles: the same
+// block walk (apply_blocks), offsets and panels; lists packed by sparse.cpp.
+template <typename T>
+void apply_sparse_impl(const SparseApplyArgs<T>& s) {
+  constexpr int64_t NR = lanes<T>();
+  const ApplyArgs<T>& a = s.base;
+  const int64_t np = (a.cols + NR - 1) / NR;
+  const auto none_listed = [&s, np](int64_t k) {
+    for (int64_t j = 0; j < np; ++j)
+      if (s.count[k * np + j]) return false;
+    return true;
+  };
+  const T zero[NR] = {};
+  const auto tile = [&s, &a, &zero, np](int64_t k, const T* const* arow, T* const* crow, int mr, bool first) {
+    const int32_t* count = s.count + k * np;
+    for (int64_t j = 0; j < np; ++j) {
+      if (count[j] == 0 && !first) continue;  // the first offset stores every panel, listed or not
+      T* c[kSparseMR];
+      for (int r = 0; r < kSparseMR; ++r) c[r] = crow[r] + j * NR;
+      const int64_t ncols = a.cols - j * NR < NR ? a.cols - j * NR : NR;
+      const int64_t t = k * np + j;
+      const T* init = first ? (a.bias ? a.bias + j * NR : zero) : nullptr;
+      micro_panel<T>(count[j], s.idx + t * a.kc, arow, a.wpack + t * a.kc * NR, c, mr, ncols, init);
+    }
+  };
+  apply_blocks<kSparseMR>(a, none_listed, tile);
+}
+
+}  // namespace
+
+void apply_sparse(const SparseApplyArgs<float>& a) { apply_sparse_impl(a); }
+void apply_sparse(const SparseApplyArgs<double>& a) { apply_sparse_impl(a); }
+
+}  // namespace avx512
+}  // namespace conv
+}  // namespace ps
+#pragma GCC pop_options
+#else
+namespace ps {
+namespace conv {
+namespace avx512 {
+// Never called: isa_runs(Isa::avx512) is false in this build.
+void apply_sparse(const SparseApplyArgs<float>& a) { generic::apply_sparse(a); }
+void apply_sparse(const SparseApplyArgs<double>& a) { generic::apply_sparse(a); }
+}  // namespace avx512
+}  // namespace conv
+}  // namespace ps
+#endif
