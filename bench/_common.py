@@ -63,6 +63,22 @@ def timeit(fn, repeats: int = 7, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def interleaved(fns: dict, repeats: int, warmup: bool = True) -> dict:
+    """Median seconds of each callable (name -> fn), the calls interleaved
+    round by round so that a busy spell slows all of them alike; with
+    ``warmup`` each runs once first, untimed."""
+    if warmup:
+        for fn in fns.values():
+            fn()
+    times: dict = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
 def street_points(num_voxels: int, voxel_size: float = 0.05, seed: int = 0) -> np.ndarray:
     """Points on the surfaces of a street (ground, two facades, cars, poles),
     the street's length chosen so that voxelising at ``voxel_size`` gives about

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import numpy as np
 import torch
 
-from _common import environment, real_scene, real_sweeps, results_path, street_scene, timeit, write_markdown
+from _common import (environment, interleaved, real_scene, real_sweeps, results_path, street_scene, timeit,
+                     write_markdown)
 
 import pointsparse as ps  # noqa: E402  (after _common puts the repo on the path)
 from pointsparse.nn import _engine  # noqa: E402
@@ -227,19 +227,6 @@ def parts(repeats: int) -> list[str]:
         print(rows[-1], flush=True)
     return rows
 
-
-def interleaved(fns: dict, repeats: int) -> dict:
-    """Median seconds of each callable, the calls interleaved round by round
-    (a busy machine slows all of them alike)."""
-    for fn in fns.values():
-        fn()
-    times: dict = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: float(np.median(v)) for name, v in times.items()}
 
 
 def isa_builds(repeats: int) -> list[str]:

@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
-import numpy as np
 import torch
 
-from _common import environment, real_scene, real_sweeps, results_path, street_scene, write_markdown
+from _common import environment, interleaved, real_scene, real_sweeps, results_path, street_scene, write_markdown
 
 import pointsparse as ps  # noqa: E402  (after _common puts the repo on the path)
 from pointsparse import _ext  # noqa: E402
@@ -32,18 +30,6 @@ import _grouped as grouped  # noqa: E402  (bench/_grouped.py)
 
 MAPS = (("submanifold k=3", 3, 1), ("strided k=2 s=2", 2, 2))
 
-
-def interleaved(fns: dict, repeats: int) -> dict:
-    """Median seconds of each callable, calls interleaved round by round."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: float(np.median(v)) for name, v in times.items()}
 
 
 def plan_rows(coords: torch.Tensor, repeats: int) -> list[str]:

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import statistics
-import time
 
 import torch
 
 import numpy as np
 
-from _common import environment, real_sweeps, results_path, street_points, write_markdown
+from _common import environment, interleaved, real_sweeps, results_path, street_points, write_markdown
 
 import pointsparse as ps  # noqa: E402
 from pointsparse import coords as C  # noqa: E402
@@ -38,15 +36,6 @@ def one_trip(points, feats, voxel_size, reduce):
     x, inverse = ps.voxelize(points, feats, voxel_size, reduce=reduce)
     return x.coords, x.feats, inverse
 
-
-def interleaved(fns, repeats):
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            fn()
-            times[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
 
 
 def clouds(quick: bool) -> dict:
@@ -76,7 +65,7 @@ def main() -> None:
             run = [lambda: four_trips(points, feats, voxel_size, reduce),
                    lambda: one_trip(points, feats, voxel_size, reduce)]
             run[0](), run[1]()  # warm-up
-            before, after = interleaved(run, repeats)
+            before, after = interleaved(dict(enumerate(run)), repeats, warmup=False).values()
             rows.append(f"| {name} @ {voxel_size} m | {points.shape[0]} | {len(b[0])} | {reduce} "
                         f"| {before * 1e3:.2f} | {after * 1e3:.2f} | {before / after:.2f}x |")
             print(rows[-1], flush=True)

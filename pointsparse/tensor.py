@@ -93,8 +93,8 @@ class CoordinateCache:
     def __init__(self) -> None:
         self.coords: dict[Triple, torch.Tensor] = {}
         self.kmaps: dict[object, object] = {}
-        # (map key, plan kind) -> (map, plan): each engine plan beside its map.
-        self.plans: dict[tuple, tuple] = {}
+        # map key -> (map, plan): the engine's plan beside its map.
+        self.plans: dict[object, tuple] = {}
 
     def get_coords(self, stride: Triple) -> torch.Tensor | None:
         return self.coords.get(stride)
@@ -110,12 +110,12 @@ class CoordinateCache:
             self.kmaps[key] = kmap
         return kmap
 
-    def get_plan(self, kmap, kind, build: Callable[[], object]):
-        """The engine plan of kind ``kind`` for the cached map ``kmap``,
-        building it with ``build()`` once (kept while this cache holds the map)."""
-        entry = self.plans.get((kmap.key, kind))
+    def get_plan(self, kmap, build: Callable[[], object]):
+        """The engine plan for the cached map ``kmap``, building it with
+        ``build()`` once (kept while this cache holds the map)."""
+        entry = self.plans.get(kmap.key)
         if entry is None or entry[0] is not kmap:
-            entry = self.plans[(kmap.key, kind)] = (kmap, build())
+            entry = self.plans[kmap.key] = (kmap, build())
         return entry[1]
 
     def __getstate__(self) -> dict:

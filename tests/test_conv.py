@@ -527,7 +527,7 @@ def test_plans_live_in_the_coordinate_cache_and_transposed_ones_are_derived():
     w3, w2 = weight(3, 6, 6), weight(2, 6, 5)
     y = F.conv3d(x, w3, 3)
     sub = ps.kmap.get_kmap(x, 3)
-    plan = x.cache.plans[(sub.key, "fused")][1]
+    plan = x.cache.plans[sub.key][1]
     assert plan.identity == 13 and _engine.get_plan(sub, cache=x.cache) is plan
     F.conv3d(y, w3, 3)
     assert _engine.get_plan(sub, cache=x.cache) is plan  # the second layer reused it
@@ -535,8 +535,8 @@ def test_plans_live_in_the_coordinate_cache_and_transposed_ones_are_derived():
     up_in = down_out.with_feats(torch.randn(len(down_out), 6, dtype=torch.float64))
     F.conv3d(up_in, weight(2, 6, 6), 2, 2, transposed=True)
     up = ps.kmap.get_kmap(up_in, 2, 2, 1, True)
-    derived = x.cache.plans[(up.key, "fused")][1]
-    down_plan = x.cache.plans[(ps.kmap.get_kmap(x, 2, 2).key, "fused")][1]
+    derived = x.cache.plans[up.key][1]
+    down_plan = x.cache.plans[ps.kmap.get_kmap(x, 2, 2).key][1]
     assert (derived.num_in, derived.num_out) == (down_plan.num_out, down_plan.num_in) == (up.num_in, up.num_out)
     direct = _engine.make_fused_plan(up)
     w, g = weight(2, 6, 4), torch.randn(up.num_out, 4, dtype=torch.float64)

@@ -105,7 +105,7 @@ def get_plan(kmap: _kmap.KernelMap, cache: "CoordinateCache | None" = None) -> F
     both); without one it is built anew."""
     if cache is None:
         return make_fused_plan(kmap)
-    return cache.get_plan(kmap, "fused", lambda: _fused_plan_in(cache, kmap))
+    return cache.get_plan(kmap, lambda: _fused_plan_in(cache, kmap))
 
 
 def _fused_plan_in(cache: "CoordinateCache", kmap: _kmap.KernelMap) -> FusedPlan:
@@ -116,7 +116,7 @@ def _fused_plan_in(cache: "CoordinateCache", kmap: _kmap.KernelMap) -> FusedPlan
         down = cache.kmaps.get(_kmap.KernelMapKey(key.tensor_stride, key.kernel_size, key.stride, key.dilation))
         if down is not None and (down.num_in, down.num_out, down.num_pairs) == (kmap.num_out, kmap.num_in,
                                                                                 kmap.num_pairs):
-            return transposed_plan(cache.get_plan(down, "fused", lambda: make_fused_plan(down)))
+            return transposed_plan(cache.get_plan(down, lambda: make_fused_plan(down)))
     return make_fused_plan(kmap)
 
 
