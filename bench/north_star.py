@@ -62,7 +62,7 @@ def vector_sparse(model: torch.nn.Module, amount: float) -> torch.nn.Module:
 def variants(x: ps.SparseTensor) -> dict:
     """name -> (model, dtype): the unpruned float32 model first; each later
     row adds one step to a row before it."""
-    nets = _variants(x, [(0.5, 8), (0.25, 8)])
+    nets, _ = _variants(x, [(0.5, 8), (0.25, 8)])
     full, half, quarter = nets["dense"], nets["keep 0.5 (x8)"], nets["keep 0.25 (x8)"]
     fused_full, fused_quarter = ps.nn.fuse_for_inference(full), ps.nn.fuse_for_inference(quarter)
     out = {"full width, float32": (full, torch.float32),
