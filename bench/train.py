@@ -159,9 +159,8 @@ def write_markdown(results: list[tuple[dict, dict]], env: dict, quick: bool, thr
 def conv_engine() -> str:
     """The CPU convolution engine a training run of this checkout uses."""
     from pointsparse import _ext
-    from pointsparse.nn import _engine
 
-    return f"{_engine.DEFAULT_METHOD} C++ ({_ext.core.conv_isa()})"
+    return f"fused C++ ({_ext.core.conv_isa()})"
 
 
 def main() -> int:
