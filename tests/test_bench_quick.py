@@ -81,3 +81,55 @@ def test_quick_without_its_checkpoint_says_so_and_exits_0(tmp_path):
         assert proc.returncode == 0, (name, proc.stderr[-2000:])
         assert str(absent) in proc.stdout and "does not exist" in proc.stdout
         assert not (tmp_path / "runs").exists()
+
+
+def _pointsparse_names(tree) -> dict:
+    """alias -> dotted module path, for every import of a pointsparse module in ``tree``."""
+    import ast
+
+    aliases = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            aliases.update({a.asname or a.name: a.name for a in node.names if a.name.startswith("pointsparse")})
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pointsparse") and not node.level:
+            aliases.update({a.asname or a.name: f"{node.module}.{a.name}" for a in node.names})
+    return aliases
+
+
+def _resolve(dotted: str):
+    """The module or attribute ``dotted`` names, or None when it does not exist."""
+    import importlib
+
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for name in parts[cut:]:
+            obj = getattr(obj, name, None)
+            if obj is None:
+                return None
+        return obj
+    return None
+
+
+def test_bench_scripts_use_only_names_the_package_has():
+    """Every ``module.name`` a bench script reads through an imported pointsparse
+    module (or name it imports from one) exists: the scripts run rarely, so a
+    renamed or removed library name would otherwise surface in a benchmark run
+    (twice this happened: ``functional.conv_with_map``, ``_engine.DEFAULT_METHOD``)."""
+    import ast
+    import inspect
+
+    missing = []
+    for script in sorted((ROOT / "bench").glob("*.py")):
+        tree = ast.parse(script.read_text())
+        aliases = _pointsparse_names(tree)
+        missing += [f"{script.name}: {path}" for path in aliases.values() if _resolve(path) is None]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+                owner = _resolve(aliases[node.value.id])
+                if inspect.ismodule(owner) and _resolve(f"{aliases[node.value.id]}.{node.attr}") is None:
+                    missing.append(f"{script.name}:{node.lineno}: {aliases[node.value.id]}.{node.attr}")
+    assert not missing, missing
