@@ -28,6 +28,7 @@ namespace ps {
 namespace conv {
 namespace avx512 {
 #include "conv/fused_kernels.h"
+#include "conv/sparse_walk.h"
 
 namespace {
 
@@ -90,32 +91,11 @@ inline void micro_panel(int64_t n, const int32_t* __restrict idx, const T* const
   }
 }
 
-// apply_sparse_impl (sparse_kernels.h) in this build's tiles: the same
-// block walk (apply_blocks), offsets and panels; lists packed by sparse.cpp.
+// The shared walk (sparse_walk.h) in this build's tiles; lists packed by
+// sparse.cpp.
 template <typename T>
 void apply_sparse_impl(const SparseApplyArgs<T>& s) {
-  constexpr int64_t NR = lanes<T>();
-  const ApplyArgs<T>& a = s.base;
-  const int64_t np = (a.cols + NR - 1) / NR;
-  const auto none_listed = [&s, np](int64_t k) {
-    for (int64_t j = 0; j < np; ++j)
-      if (s.count[k * np + j]) return false;
-    return true;
-  };
-  const T zero[NR] = {};
-  const auto tile = [&s, &a, &zero, np](int64_t k, const T* const* arow, T* const* crow, int mr, bool first) {
-    const int32_t* count = s.count + k * np;
-    for (int64_t j = 0; j < np; ++j) {
-      if (count[j] == 0 && !first) continue;  // the first offset stores every panel, listed or not
-      T* c[kSparseMR];
-      for (int r = 0; r < kSparseMR; ++r) c[r] = crow[r] + j * NR;
-      const int64_t ncols = a.cols - j * NR < NR ? a.cols - j * NR : NR;
-      const int64_t t = k * np + j;
-      const T* init = first ? (a.bias ? a.bias + j * NR : zero) : nullptr;
-      micro_panel<T>(count[j], s.idx + t * a.kc, arow, a.wpack + t * a.kc * NR, c, mr, ncols, init);
-    }
-  };
-  apply_blocks<kSparseMR>(a, none_listed, tile);
+  walk_listed_panels<kSparseMR, lanes<T>()>(s, [](auto... args) { micro_panel<T>(args...); });
 }
 
 }  // namespace

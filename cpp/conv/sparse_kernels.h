@@ -5,6 +5,8 @@
 // kMR. Same rules: internal linkage, no std templates. The listed rows are
 // packed before (pack_sparse, sparse.cpp), in panels of nr<T>() columns.
 
+#include "conv/sparse_walk.h"
+
 namespace {
 
 static_assert(nr<float>() == sparse_panel<float>() && nr<double>() == sparse_panel<double>(),
@@ -29,32 +31,10 @@ inline void micro_idx(int64_t n, const int32_t* __restrict idx, const T* const* 
   tile_add<T>(acc0, acc1, c, 0, mr, ncols, init);
 }
 
-// apply_impl (fused_kernels.h) over the listed rows only; an offset whose
-// panels list nothing is not visited.
+// The shared walk (sparse_walk.h) in the 32-byte builds' 6 x 16 tiles.
 template <typename T>
 void apply_sparse_impl(const SparseApplyArgs<T>& s) {
-  constexpr int64_t NR = nr<T>();
-  const ApplyArgs<T>& a = s.base;
-  const int64_t np = panels<T>(a.cols);
-  const auto none_listed = [&s, np](int64_t k) {
-    for (int64_t j = 0; j < np; ++j)
-      if (s.count[k * np + j]) return false;
-    return true;
-  };
-  const T zero[NR] = {};
-  const auto tile = [&s, &a, &zero, np](int64_t k, const T* const* arow, T* const* crow, int mr, bool first) {
-    const int32_t* count = s.count + k * np;
-    for (int64_t j = 0; j < np; ++j) {
-      if (count[j] == 0 && !first) continue;  // the first offset stores every panel, listed or not
-      T* c[kMR];
-      for (int r = 0; r < kMR; ++r) c[r] = crow[r] + j * NR;
-      const int64_t ncols = a.cols - j * NR < NR ? a.cols - j * NR : NR;
-      const int64_t t = k * np + j;
-      const T* init = first ? (a.bias ? a.bias + j * NR : zero) : nullptr;
-      micro_idx<T>(count[j], s.idx + t * a.kc, arow, a.wpack + t * a.kc * NR, c, mr, ncols, init);
-    }
-  };
-  apply_blocks(a, none_listed, tile);
+  walk_listed_panels<kMR, nr<T>()>(s, [](auto... args) { micro_idx<T>(args...); });
 }
 
 // C[ix[r]][j] += sum_q x[q][ix[r]] * B[q][j] for r < mr, j < ncols; x[q] =
