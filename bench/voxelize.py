@@ -64,8 +64,7 @@ def main() -> None:
             assert all(torch.equal(u, v) for u, v in zip(a, b)), "the paths differ"
             run = [lambda: four_trips(points, feats, voxel_size, reduce),
                    lambda: one_trip(points, feats, voxel_size, reduce)]
-            run[0](), run[1]()  # warm-up
-            before, after = interleaved(dict(enumerate(run)), repeats, warmup=False).values()
+            before, after = interleaved(dict(enumerate(run)), repeats, warmup=False).values()  # warm: a and b
             rows.append(f"| {name} @ {voxel_size} m | {points.shape[0]} | {len(b[0])} | {reduce} "
                         f"| {before * 1e3:.2f} | {after * 1e3:.2f} | {before / after:.2f}x |")
             print(rows[-1], flush=True)

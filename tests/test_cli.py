@@ -77,8 +77,9 @@ def test_demo_default_plan_is_fixed_and_a_seed_repeats_exactly(tmp_path):
     assert (plan.time_budget, plan.time_limit, plan.epochs) == (None, None, demo.EPOCHS)
     budget = demo.training_arguments(parser.parse_args(["--minutes", "2"]))
     assert (budget.time_budget, budget.epochs) == (2.0, demo.MAX_EPOCHS)
-    with pytest.raises(ValueError, match="--time-budget must be > 0"):
-        demo.training_arguments(parser.parse_args(["--minutes", "nan"]))
+    for bad in ("nan", "0", "-1"):  # named as the user wrote it, not as the train flag it becomes
+        with pytest.raises(ValueError, match="--minutes must be a finite number > 0"):
+            demo.training_arguments(parser.parse_args(["--minutes", bad]))
     flags = ("demo", "--epochs", "2", "--points", "1500", "--seed", "3", "--no-progress")
     procs = [start(*flags, "--out", str(tmp_path / run)) for run in ("a", "b")]
     for proc in procs:

@@ -16,6 +16,7 @@ check of N steps."""
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -56,6 +57,9 @@ def training_arguments(args) -> argparse.Namespace:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be >= 1; got {value}")
+    minutes = getattr(args, "minutes", None)
+    if minutes is not None and not (math.isfinite(minutes) and minutes > 0):
+        raise ValueError(f"--minutes must be a finite number > 0; got {minutes}")
     argv = ["--data", "generated", "--max-range", "35", "--cr", str(args.cr), "--voxel-size", str(args.voxel_size),
             "--batch-size", "2", "--lr", "4e-3", "--class-weights", "sqrt-inverse", "--seed", str(args.seed),
             "--out", str(args.out), "--threads", str(getattr(args, "threads", 1))]
