@@ -159,17 +159,6 @@ def _engine_runs(*tensors: Tensor) -> bool:
     return _ext.serves(*tensors, dtypes=_engine.ENGINE_DTYPES)
 
 
-def _adjoint_kmap(out_coords, in_idx, out_idx, sizes, key, num_in) -> _kmap.KernelMap:
-    """The map's pairs with inputs and outputs swapped (offset by offset, in
-    the same order), for :func:`~pointsparse.nn.reference.conv_sum` to run
-    the input gradient ``grad_in[in_idx] += grad[out_idx] @ weight[o].T``. The
-    op has no coords of the map's inputs; the swapped map's ``out_coords``
-    is an all-zero placeholder of their row count, which ``conv_sum`` never reads."""
-    kmap = _as_kmap(out_coords, in_idx, out_idx, sizes, key, num_in)
-    placeholder = out_coords.new_zeros((num_in, out_coords.shape[1]))
-    return _kmap.KernelMap(placeholder, out_idx, in_idx, kmap.sizes, kmap.offsets, kmap.num_out, num_in, kmap.key)
-
-
 @torch.library.custom_op(f"{_LIB}::conv", mutates_args=())
 def conv(feats: Tensor, weight: Tensor, bias: Optional[Tensor], out_coords: Tensor, in_idx: Tensor,
          out_idx: Tensor, sizes: Tensor, key: list[int]) -> Tensor:
@@ -200,9 +189,12 @@ def conv_input_grad(grad: Tensor, weight: Tensor, out_coords: Tensor, in_idx: Te
 
         plan = _plan(out_coords, in_idx, out_idx, sizes, key, num_in)
         return _engine.conv_backward(None, weight.contiguous(), grad.contiguous(), plan, True, False)[0]
-    from .nn.reference import conv_sum
+    from .nn.reference import offset_pairs
 
-    return conv_sum(grad, weight.transpose(1, 2), _adjoint_kmap(out_coords, in_idx, out_idx, sizes, key, num_in))
+    out = grad.new_zeros((num_in, weight.shape[1]))
+    for o, i, j in offset_pairs(_as_kmap(out_coords, in_idx, out_idx, sizes, key, num_in)):
+        out.index_add_(0, i, grad[j] @ weight[o].t())
+    return out
 
 
 @conv_input_grad.register_fake

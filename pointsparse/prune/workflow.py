@@ -10,6 +10,8 @@ from typing import Callable, Iterable
 
 from torch import nn
 
+from .procedure import check_fraction
+
 CRITERIA = ("l1", "l2", "bn", "taylor")
 
 
@@ -17,8 +19,8 @@ def check_options(criterion: str | None = None, ratio: float | None = None) -> N
     """ValueError naming ``criterion`` or ``ratio`` (each checked when given)."""
     if criterion is not None and criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}; got {criterion!r}")
-    if ratio is not None and not 0 < ratio <= 1:
-        raise ValueError(f"ratio (the kept fraction) must be in (0, 1]; got {ratio}")
+    if ratio is not None:
+        check_fraction(ratio, "ratio (the kept fraction)", low_open=True, high_open=False)
 
 
 def channel_scores(criterion: str, model: nn.Module, loss_fn: Callable | None = None, batches: Iterable = ()):
