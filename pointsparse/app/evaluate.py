@@ -15,7 +15,7 @@ from ..models import model_from_state
 from . import metrics
 from .distributed import pick_device
 from .scoring import evaluate, write_report
-from .train import add_data_arguments, check_args, load_checkpoint, scene_kwargs
+from .train import add_data_arguments, check_args, generated_source, load_checkpoint
 from .trainer import have_tqdm
 
 __all__ = ["add_arguments", "main"]
@@ -74,6 +74,5 @@ def eval_source(args, state: dict, ignore_index: int):
         spec = saved.get("data") or ["generated"]
         label_map = label_map or saved.get("label_map")
     if len(spec) == 1 and spec[0].startswith("generated"):
-        return spec, open_source(spec, count=saved.get("val_scenes", 4), first_seed=VALIDATION_SEED,
-                                 **(scene_kwargs(saved) if spec[0] != "generated-indoor" else {}))
+        return spec, generated_source(spec, saved, saved.get("val_scenes", 4), VALIDATION_SEED)
     return spec, open_source(spec, label_map, ignore_index)

@@ -199,10 +199,11 @@ def checkpoint_batches(state: dict, data=None, label_map=None, count: int = 1) -
     """The first ``count`` clouds of ``data`` (default: the run's) as
     batches of one, voxelised as the checkpoint's run did."""
     from ..data import Batch, VoxelDataset, open_source
+    from .train import generated_source
     config, saved = state["config"], state.get("args", {})
     spec = data or saved.get("data") or ["generated"]
     if len(spec) == 1 and spec[0].startswith("generated"):
-        source = open_source(spec, count=count, first_seed=0)
+        source = generated_source(spec, saved, count, 0)  # the run's sensor (range, beams), its training seeds
     else:
         source = open_source(spec, label_map or saved.get("label_map"), config.get("ignore_index", 255))
     dataset = VoxelDataset(source, config["voxel_size"], config.get("ignore_index", 255))

@@ -165,9 +165,8 @@ def open_training_data(args, dist: Dist | None = None):
     distributed run (``dist``) reads only its shard of the validation clouds."""
     generated = args.data[0].startswith("generated") and len(args.data) == 1
     if generated:
-        kwargs = scene_kwargs(vars(args)) if args.data[0] != "generated-indoor" else {}
-        train = open_source(args.data, count=args.scenes, first_seed=args.seed * 10_000, **kwargs)
-        val = (open_source(args.data, count=args.val_scenes, first_seed=VALIDATION_SEED, **kwargs)
+        train = generated_source(args.data, vars(args), args.scenes, args.seed * 10_000)
+        val = (generated_source(args.data, vars(args), args.val_scenes, VALIDATION_SEED)
                if args.val_data is None
                else open_source(args.val_data, args.val_label_map or args.label_map, args.ignore_index))
         if args.val_data is not None:
@@ -198,7 +197,16 @@ def open_training_data(args, dist: Dist | None = None):
     return train, val, list(classes)
 
 
-def scene_kwargs(options: dict) -> dict:
+def generated_source(spec, options: dict, count: int, first_seed: int):
+    """``count`` generated scenes of ``spec`` from ``first_seed``, with the
+    sensor options (range, beams, azimuth steps) of ``options`` (a run's
+    arguments) for the outdoor scenes."""
+    return open_source(spec, count=count, first_seed=first_seed, **scene_kwargs(options, spec))
+
+
+def scene_kwargs(options: dict, spec=("generated",)) -> dict:
+    if spec[0] == "generated-indoor":
+        return {}
     return {"max_range": options.get("max_range", 50.0), "beams": options.get("beams", 64),
             "azimuth_steps": options.get("azimuth_steps", 1024)}
 
