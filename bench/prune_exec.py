@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from _common import environment, real_scene, real_sweeps, results_path, street_scene, write_markdown
+from _common import environment, interleaved, real_scene, real_sweeps, results_path, street_scene, write_markdown
 
 import pointsparse as ps
 from pointsparse import prune
@@ -160,13 +160,7 @@ def spatial(channels: int, coords: torch.Tensor, rounds: int, keep: float = 0.5)
         return len(start)
 
     sizes = {flag: run(flag) for flag in (False, True)}
-    times = {False: [], True: []}
-    for _ in range(rounds):
-        for flag in (False, True):
-            t0 = time.perf_counter()
-            run(flag)
-            times[flag].append(time.perf_counter() - t0)
-    full, pruned = (statistics.median(times[f]) for f in (False, True))
+    full, pruned = interleaved({f: (lambda f=f: run(f)) for f in (False, True)}, rounds, warmup=False).values()
     return (f"### Spatial pruning, C = {channels}: decoder step from stride 2 ({sizes[False]:,} voxels) back to "
             f"stride 1 ({len(coords):,})\n\n| voxels entering | time ms | speed-up |\n|---|---|---|\n"
             f"| all {sizes[False]:,} | {1e3 * full:.1f} | 1.00x |\n"
