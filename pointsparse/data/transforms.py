@@ -132,16 +132,15 @@ class Batch:
         :func:`pointsparse.collate` (each sample's batch indices after those
         of the samples before it), point maps and labels concatenated to match."""
         tensor = collate([s.input for s in samples])  # ValueError for no samples, range checked
-        inverse, point_batch, row, index = [], [], 0, 0
+        inverse, row = [], 0
         for s in samples:
             inverse.append(s.inverse + row)
-            point_batch.append(torch.full((len(s.inverse),), index, dtype=torch.int64))
             row += len(s.input)
-            index += s.input.batch_size
+        inverse = torch.cat(inverse)
         points = None if any(s.points is None for s in samples) else torch.cat([s.points for s in samples])
-        return cls(tensor, torch.cat([s.labels for s in samples]), torch.cat(inverse),
-                   torch.cat([s.point_labels for s in samples]), torch.cat(point_batch), [s.xyz for s in samples],
-                   [s.name for s in samples], points)
+        return cls(tensor, torch.cat([s.labels for s in samples]), inverse,
+                   torch.cat([s.point_labels for s in samples]), tensor.coords[inverse, 0].long(),
+                   [s.xyz for s in samples], [s.name for s in samples], points)
 
     @property
     def size(self) -> int:
