@@ -67,6 +67,7 @@ std::unique_ptr<conv::Plan> make_plan(carray<int64_t> in_idx, carray<int64_t> ou
     py::gil_scoped_release release;
     plan.reset(new conv::Plan(in, out, pp, K, num_in, num_out, identity, nt, st));
   }
+  if (st.ok()) return plan;
   if (st.bad_in >= 0)
     value_error("in_idx[" + std::to_string(st.bad_in) + "] = " + std::to_string(in[st.bad_in]) + " outside [0, " +
                 std::to_string(num_in) + ")");
@@ -97,14 +98,12 @@ void check_weight(const conv::Plan& plan, const py::array& w, int64_t c_in, int6
 
 void same_dtype(const py::array& a, const py::array& b, const py::array& c) {
   if (!a.dtype().is(b.dtype()) || !a.dtype().is(c.dtype()))
-    value_error("all arrays must have one dtype; got " + std::string(py::str(a.dtype())) + ", " +
-                std::string(py::str(b.dtype())) + ", " + std::string(py::str(c.dtype())));
+    value_error("all arrays must have one dtype; got " + dtype_str(a) + ", " + dtype_str(b) + ", " + dtype_str(c));
 }
 
 void check_bf16_bits(const py::array& a, const char* name) {
   if (a.itemsize() != 2 || (a.dtype().kind() != 'i' && a.dtype().kind() != 'u'))
-    value_error(std::string(name) + " must hold bf16 bits as int16 or uint16; got " +
-                std::string(py::str(a.dtype())));
+    value_error(std::string(name) + " must hold bf16 bits as int16 or uint16; got " + dtype_str(a));
 }
 
 // The arrays of one direction: src read (rows on the read side), dst
