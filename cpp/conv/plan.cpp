@@ -17,9 +17,11 @@ namespace {
 int64_t blocks(int64_t rows) { return (rows + kBlockRows - 1) / kBlockRows; }
 
 // Copy the pairs of one offset sorted by `key` (strictly increasing): a
-// plain copy when sorted already, else a stable sort through `order` (n
-// entries). Returns a key that repeats, or -1. No allocation: runs inside a
-// parallel region.
+// plain copy when sorted already, else a sort through `order` (n entries;
+// std::sort, which allocates nothing, unlike std::stable_sort: keys of a valid
+// offset are distinct, so stability changes nothing, and the smallest
+// repeated key is the one reported either way). Returns a key that repeats,
+// or -1. No allocation: runs inside a parallel region.
 int64_t sorted_copy(const int64_t* key, const int64_t* val, int64_t n, bool unsorted, int32_t* row, int32_t* col,
                     int64_t* order) {
   if (!unsorted) {
@@ -30,7 +32,7 @@ int64_t sorted_copy(const int64_t* key, const int64_t* val, int64_t n, bool unso
     return -1;
   }
   for (int64_t i = 0; i < n; ++i) order[i] = i;
-  std::stable_sort(order, order + n, [&](int64_t a, int64_t b) { return key[a] < key[b]; });
+  std::sort(order, order + n, [&](int64_t a, int64_t b) { return key[a] < key[b]; });
   for (int64_t i = 0; i < n; ++i) {
     if (i && key[order[i]] == key[order[i - 1]]) return key[order[i]];
     row[i] = int32_t(key[order[i]]);
@@ -163,7 +165,7 @@ Plan::Scan Plan::scan_offset(const int64_t* in, const int64_t* out, const int64_
 
 // The rare map whose pairs are not sorted both ways within every offset:
 // the backward gets its own arrays, and every offset out of order on a side
-// is stable-sorted there (a repeated row is reported) and its cuts redone.
+// is sorted there (a repeated row is reported) and its cuts redone.
 void Plan::sort_pairs(const int64_t* in, const int64_t* out, const int64_t* pp, const std::vector<Scan>& scan, int nt,
                       PlanStatus& status) {
   const int64_t K = kernel_volume(), P = pp[K], Q = ptr_.back();
