@@ -1,0 +1,104 @@
+"""The vector-sparse forward kernels of each build against each other, and
+against the dense kernel, in one process (issue 13; the evidence behind
+``kSparse512MinCols`` in cpp/conv/sparse.cpp: the AVX-512 vector kernel runs
+only from 128 output columns).
+
+    flock /work/cpu.lock .venv/bin/python bench/sparse_isa.py [--rounds 9] [--quick]
+
+A submanifold k=3 conv on the KITTI sweep at 0.05 m (a generated 60k street
+when absent), weights pruned by ``prune.panel_structured`` (75% and 50% of the
+engine vectors), one thread, the plan's kernels called directly (no autograd,
+no allocation: one output buffer reused), every build interleaved round by
+round; outputs of the vector kernels checked equal to the dense kernel's first
+(bit for bit between the FMA builds). A column names the build asked for:
+below 128 output columns "avx512 vector" runs the AVX2 vector kernel (the
+threshold itself), so at C = 64 the two vector columns time the same code.
+Writes bench/results/sparse_isa.md
+(``--quick``: a 20k street, C = 64, 2 rounds, the page in a temporary folder)."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from _common import environment, interleaved, real_scene, real_sweeps, results_path, street_scene, write_markdown
+
+import pointsparse as ps  # noqa: E402
+from pointsparse import _ext, prune  # noqa: E402
+from pointsparse.nn import _engine  # noqa: E402
+
+
+def runs(plan, feats, weight, out) -> dict:
+    """name -> a call of one build's kernel on the same buffers."""
+    active = _engine.choose_execution(weight).active
+    builds = [isa for isa in ("avx512", "avx2") if isa in _ext.core.runnable_isas()]
+
+    def call(isa, vector):
+        return lambda: plan.core.forward(feats.numpy(), weight.numpy(), None, out.numpy(), 1, isa=isa,
+                                         active=active, vector=vector)
+    return {**{f"{isa} vector": call(isa, True) for isa in builds}, f"{builds[0]} dense": call(builds[0], False)}
+
+
+def check(calls: dict, out: torch.Tensor) -> None:
+    """Every vector build's output equals the dense kernel's, bit for bit."""
+    results = {}
+    for name, fn in calls.items():
+        fn()
+        results[name] = out.clone()
+    dense = next(v for k, v in results.items() if k.endswith("dense"))
+    for name, got in results.items():
+        if not torch.equal(got, dense):
+            raise RuntimeError(f"{name} differs from the dense kernel")
+
+
+def table(coords: torch.Tensor, widths, amounts, rounds: int) -> list[str]:
+    x = ps.SparseTensor(torch.zeros(len(coords), 1), coords)
+    kmap = ps.kmap.get_kmap(x, 3)
+    plan = _engine.make_fused_plan(kmap)
+    rows, header = [], None
+    for c in widths:
+        feats = torch.randn(kmap.num_in, c, generator=torch.Generator().manual_seed(c))
+        out = torch.empty(kmap.num_out, c)
+        for amount in amounts:
+            conv = ps.nn.Conv3d(c, c, 3)
+            prune.panel_structured(conv, "weight", amount)
+            prune.remove(conv, "weight")
+            calls = runs(plan, feats, conv.weight.detach().contiguous(), out)
+            check(calls, out)
+            med = interleaved(calls, rounds)
+            dense = next(v for k, v in med.items() if k.endswith("dense"))
+            if header is None:
+                header = "| C | vectors pruned | " + " | ".join(f"{k} ms" for k in med) + " | " + \
+                         " | ".join(f"{k} speed-up" for k in med if k.endswith("vector")) + " |"
+                rows += [header, "|" + "---|" * (2 + len(med) + len(med) - 1)]
+            rows.append(f"| {c} | {amount:.0%} | " + " | ".join(f"{1e3 * v:.2f}" for v in med.values()) + " | " +
+                        " | ".join(f"{dense / v:.2f}x" for k, v in med.items() if k.endswith("vector")) + " |")
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 9, --quick 2)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: a 20k street, C = 64, 2 rounds")
+    args = parser.parse_args()
+    rounds = args.rounds or (2 if args.quick else 9)
+    torch.set_num_threads(1)
+    sweeps = {} if args.quick else real_sweeps()
+    if "kitti-raw/000049" in sweeps:
+        name, coords = "KITTI raw 000049 @ 0.05 m", real_scene(sweeps["kitti-raw/000049"], 0.05)
+    else:
+        name, coords = f"generated street {20 if args.quick else 60}k @ 0.05 m", \
+            street_scene(20_000 if args.quick else 60_000)
+    widths, amounts = ((64,), (0.75,)) if args.quick else ((64, 128), (0.75, 0.5))
+    rows = table(coords, widths, amounts, rounds)
+    out = results_path("sparse_isa.md", args.quick)
+    write_markdown(out, f"Vector-sparse kernels of each build, {name} ({len(coords):,} voxels), 1 thread",
+                   f"python bench/sparse_isa.py --rounds {rounds}" + (" --quick" if args.quick else ""),
+                   environment(), ["\n".join(rows)])
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    main()
