@@ -143,7 +143,7 @@ def test_vector_kernels_of_every_build_agree_bit_for_bit(k, t, transposed, c_in,
 
 
 def test_avx512_and_avx2_vector_kernels_agree_on_a_large_map():
-    """A map of some 8000 rows (full 256-row blocks, long runs of pairs per
+    """A map of some 8000 rows (full 512-row blocks, long runs of pairs per
     offset, every tile height's tails) at the bench's density, no bias,
     128+ columns (where the avx512 vector kernel runs) with a half panel:
     the avx512 and avx2 vector kernels and the dense kernel agree bit for bit."""

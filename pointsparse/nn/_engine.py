@@ -6,7 +6,7 @@ For every kernel offset ``o`` with pairs ``(in_idx, out_idx)``::
 
 One C++ kernel per direction (``cpp/conv/fused_kernels.h``), run over a
 :class:`FusedPlan` (the map's pairs laid out once, ``cpp/conv/plan.h``).
-Output rows are cut into blocks of 256; a thread owns a block and runs every
+Output rows are cut into blocks of 512; a thread owns a block and runs every
 offset over it: register tiles (8 pairs x 32 columns with AVX-512, 6 x 16
 with AVX2 or generic; the widest build the CPU runs, ``_core.conv_isa()``)
 read their input rows straight from the feature matrix (no gathered buffer),
