@@ -30,10 +30,12 @@ def finish(proc: subprocess.Popen, timeout: int = 120) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def runs():
+def runs(tmp_path_factory):
     """The help of the tool and of every command, and a quick demo, started
-    together as a user runs them."""
-    invocations = {"--help": ("--help",), "demo": ("demo", "--steps", "2", "--points", "5000")}
+    together as a user runs them (the demo writes to a temporary folder, not
+    over the runs/demo a user's `make demo` left)."""
+    out = tmp_path_factory.mktemp("quick-demo")
+    invocations = {"--help": ("--help",), "demo": ("demo", "--steps", "2", "--points", "5000", "--out", str(out))}
     invocations.update({f"{c} --help": (c, "--help") for c, _, _ in cli.COMMANDS})
     procs = {k: start(*v) for k, v in invocations.items()}
     return {k: finish(p, timeout=300) for k, p in procs.items()}
