@@ -84,6 +84,63 @@ def test_pruned_voxels_in_a_unet_step_against_dense_references():
     assert down.weight.grad.abs().sum() > 0
 
 
+def test_voxel_skip_convolves_the_kept_voxels_and_zeroes_the_others():
+    """VoxelSkip(conv): on the kept voxels (brute-force magnitude ranking)
+    the dense conv3d of a grid holding only them, zero at the others, on the
+    input's coords and cache; float64 gradcheck through it."""
+    x = make(n=400, c=3, extent=9)
+    torch.manual_seed(2)
+    conv = ps.nn.Conv3d(3, 5, 3).double()
+    skip = ps.nn.VoxelSkip(conv, 0.5)
+    out = skip(x)
+    keep = brute_keep(x, 0.5)
+    kept = ps.SparseTensor(x.feats[keep], x.coords[keep])
+    expect = torch.zeros(len(x), 5, dtype=torch.float64)
+    expect[keep] = dense_conv(kept, conv.weight.detach(), kept.coords, bias=conv.bias)
+    assert out.coords is x.coords and out.cache is x.cache and out.stride == x.stride
+    torch.testing.assert_close(out.feats, expect, rtol=1e-10, atol=1e-10)
+    assert torch.autograd.gradcheck(lambda f: skip(x.with_feats(f)).feats, (x.feats.clone().requires_grad_(),))
+
+
+def test_voxel_skip_in_a_residual_block_passes_skipped_voxels_through_the_shortcut():
+    from pointsparse.models.minkunet import ResidualBlock
+
+    x = make(n=400, c=4, extent=9)
+    torch.manual_seed(3)
+    block = ResidualBlock(4, 6).double().eval()
+    reference = ResidualBlock(4, 6).double().eval()
+    reference.load_state_dict(block.state_dict())
+    block.main = ps.nn.VoxelSkip(block.main, 0.3)
+    out = block(x)
+    keep = brute_keep(x, 0.3)
+    dropped = torch.ones(len(x), dtype=torch.bool)
+    dropped[keep] = False
+    shortcut = reference.shortcut(x).feats.clamp_min(0)
+    torch.testing.assert_close(out.feats[dropped], shortcut[dropped], rtol=1e-12, atol=1e-12)
+    kept = ps.SparseTensor(x.feats[keep], x.coords[keep])
+    torch.testing.assert_close(out.feats[keep], reference(kept).feats, rtol=1e-10, atol=1e-10)
+    out.feats.sum().backward()
+    assert block.main.module[0].weight.grad.abs().sum() > 0
+
+
+def test_voxel_skip_errors():
+    with pytest.raises(TypeError, match="module must be a torch.nn.Module"):
+        ps.nn.VoxelSkip(lambda t: t, 0.5)
+    with pytest.raises(ValueError, match="keep_ratio"):
+        ps.nn.VoxelSkip(ps.nn.ReLU(), 0.0)
+    x = make(n=200, c=2)
+    with pytest.raises(ValueError, match="VoxelSkip: module must return a SparseTensor on the"):
+        ps.nn.VoxelSkip(ps.nn.Conv3d(2, 2, 2, 2).double(), 0.5)(x)
+    class Feats(torch.nn.Module):
+        def forward(self, t):
+            return t.feats
+
+    with pytest.raises(ValueError, match="VoxelSkip: module must return .* got Tensor"):
+        ps.nn.VoxelSkip(Feats(), 0.5)(x)
+    with pytest.raises(TypeError, match="SparseTensor"):
+        ps.nn.VoxelSkip(torch.nn.Identity(), 0.5)(x.feats)
+
+
 def test_errors():
     with pytest.raises(ValueError, match="keep_ratio"):
         ps.nn.VoxelPrune(0.0)

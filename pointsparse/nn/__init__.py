@@ -4,8 +4,8 @@ from . import functional
 from .functional import add, cat
 from .fuse import fold_batchnorm, fuse_for_inference
 from .modules import (ELU, GELU, AvgPool3d, BatchNorm, Conv3d, Dropout, GlobalAvgPool, GlobalMaxPool, LeakyReLU,
-                      Linear, MaxPool3d, ReLU, Sigmoid, SiLU, Tanh, VoxelPrune)
+                      Linear, MaxPool3d, ReLU, Sigmoid, SiLU, Tanh, VoxelPrune, VoxelSkip)
 
 __all__ = ["add", "cat", "AvgPool3d", "BatchNorm", "Conv3d", "Dropout", "ELU", "GELU", "GlobalAvgPool", "GlobalMaxPool",
-           "LeakyReLU", "Linear", "MaxPool3d", "ReLU", "Sigmoid", "SiLU", "Tanh", "VoxelPrune", "fold_batchnorm",
-           "fuse_for_inference", "functional"]
+           "LeakyReLU", "Linear", "MaxPool3d", "ReLU", "Sigmoid", "SiLU", "Tanh", "VoxelPrune", "VoxelSkip",
+           "fold_batchnorm", "fuse_for_inference", "functional"]

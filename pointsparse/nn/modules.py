@@ -134,18 +134,54 @@ class VoxelPrune(nn.Module):
             return input.feats.detach().norm(dim=1)
         return self.scorer(input.feats).squeeze(1)
 
-    def forward(self, input: SparseTensor) -> SparseTensor:
+    def select(self, input: SparseTensor) -> tuple[torch.Tensor, SparseTensor]:
+        """``(rows, kept)``: the sorted int64 rows of ``input`` kept and the
+        tensor of those voxels (what :meth:`forward` returns)."""
         x = _check_input(input)
         scores = self.scores(x)
         rows = F.keep_per_batch(scores.detach(), x.coords[:, 0].to(scores.device), self.keep_ratio, self.threshold)
         feats = x.feats[rows]
         if self.scorer is not None:
             feats = feats * torch.sigmoid(scores[rows]).unsqueeze(1)
-        return F.select_voxels(x, rows, feats)
+        return rows, F.select_voxels(x, rows, feats)
+
+    def forward(self, input: SparseTensor) -> SparseTensor:
+        return self.select(input)[1]
 
     def extra_repr(self) -> str:
         rule = f"threshold={self.threshold}" if self.threshold is not None else f"keep_ratio={self.keep_ratio}"
         return f"{rule}, score={self.score!r}"
+
+
+class VoxelSkip(nn.Module):
+    """Spatial pruning that keeps every voxel: ``module`` (a submanifold
+    branch, e.g. a residual block's convs) runs on the voxels a
+    :class:`VoxelPrune` keeps and gives zero at the others, on the input's
+    coords. In a residual block (``out = relu(branch(x) + shortcut(x))``) a
+    skipped voxel keeps its shortcut, as SPS-Conv's submanifold form lets
+    unimportant sites pass unconvolved: the convs cost what the kept voxels
+    cost while no voxel leaves the network. ``keep_ratio``, ``score``,
+    ``in_channels`` and ``threshold`` are :class:`VoxelPrune`'s (``prune``);
+    ``module`` must return a SparseTensor on the coords it was given."""
+
+    def __init__(self, module: nn.Module, keep_ratio: float = 0.5, score: str = "magnitude",
+                 in_channels: int | None = None, threshold: float | None = None) -> None:
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module; got {type(module).__name__}")
+        self.prune = VoxelPrune(keep_ratio, score, in_channels, threshold)
+        self.module = module
+
+    def forward(self, input: SparseTensor) -> SparseTensor:
+        x = _check_input(input)
+        rows, kept = self.prune.select(x)
+        y = self.module(kept)
+        if not isinstance(y, SparseTensor) or y.stride != kept.stride or len(y) != len(kept):
+            got = f"{len(y)} sites at stride {y.stride}" if isinstance(y, SparseTensor) else type(y).__name__
+            raise ValueError(f"VoxelSkip: module must return a SparseTensor on the {len(kept)} kept sites at "
+                             f"stride {kept.stride}; got {got}")
+        feats = y.feats.new_zeros((len(x), y.num_channels)).index_copy(0, rows.to(y.device), y.feats)
+        return x.with_feats(feats)
 
 
 class _Pool3d(nn.Module):
