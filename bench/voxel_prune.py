@@ -4,40 +4,46 @@
     make demo   # writes runs/demo/checkpoint.pt (MinkUNet cr=0.5 on generated streets, 0.2 m voxels)
     flock /work/cpu.lock python bench/voxel_prune.py --variant unpruned     # fine-tune, evaluate (~2 min)
     flock /work/cpu.lock python bench/voxel_prune.py --variant voxelprune   # the same with VoxelPrune
-    flock /work/cpu.lock python bench/voxel_prune.py --report               # time both, write the table
-    python bench/voxel_prune.py [--quick]     # all three in one process
+    flock /work/cpu.lock python bench/voxel_prune.py --variant voxelskip    # the same with VoxelSkip
+    flock /work/cpu.lock python bench/voxel_prune.py --report               # time them, write the table
+    python bench/voxel_prune.py [--quick]     # all of it in one process
 
-Both variants start from the checkpoint's weights and are fine-tuned for
+Every variant starts from the checkpoint's weights and is fine-tuned for
 ``--steps`` steps (AdamW, constant ``--lr``, plain cross-entropy, batches of
 ``--batch`` augmented generated street scenes, seeds 0..``--scenes``-1, the
-same batches in the same order for both). The VoxelPrune variant keeps
+same batches in the same order for each). The VoxelPrune variant keeps
 ``--keep`` of the voxels (largest feature norm, per scan) entering each of
 the decoder stages ``--stages`` (0: stride 8, 1: stride 4, 2: stride 2; the
 stride-1 stage feeds the classifier and keeps every voxel): the stage's convs
 build their maps on the kept voxels, and the transposed conv after it comes
-back to every voxel of the finer stride. mIoU is per point on held-out
-scenes (seeds 1000 ..), time the median of interleaved eval-mode forwards
-without gradients on one held-out scan. Each variant is its own command so
+back to every voxel of the finer stride. The VoxelSkip variant keeps every
+voxel: each residual block of the decoder stages ``--skip-stages`` (by
+default all four, the stride-1 one too) runs its convs on ``--keep`` of its
+input voxels (largest feature norm) and the others pass through its
+shortcut (``nn.VoxelSkip`` around ``block.main``). mIoU is per point on
+held-out scenes (seeds 1000 ..), time the median of interleaved eval-mode
+forwards without gradients on one held-out scan (and the decoder's share:
+the forward less the encoder alone). ``--seed N`` repeats a variant's
+fine-tuning with other batches; ``--report`` averages the seeds' mIoU. Each variant is its own command so
 that no lock hold runs long; the report reads their saved weights."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from _common import RESULTS_DIR, environment, write_markdown
+from _common import RESULTS_DIR, environment, interleaved, write_markdown
 
 import pointsparse as ps
 from pointsparse.app import metrics
 from pointsparse.data import Batch, VoxelDataset, open_source
 from pointsparse.models import load_model
 
-VARIANTS = ("unpruned", "voxelprune")
+VARIANTS = ("unpruned", "voxelprune", "voxelskip")
 
 
 def add_voxel_prune(model: torch.nn.Module, keep: float, stages) -> list:
@@ -50,17 +56,28 @@ def add_voxel_prune(model: torch.nn.Module, keep: float, stages) -> list:
     return hooks
 
 
+def add_voxel_skip(model: torch.nn.Module, keep: float, stages) -> None:
+    """VoxelSkip(keep) around the convs (``main``) of every residual block of
+    the decoder stages ``model.fuse[j]``: each block convolves the voxels of
+    largest feature norm and the others pass through its shortcut."""
+    for j in stages:
+        for block in model.fuse[j]:
+            block.main = ps.nn.VoxelSkip(block.main, keep)
+
+
 def build(args, variant: str) -> torch.nn.Module:
     model = load_model(args.checkpoint)
     if variant == "voxelprune":
         add_voxel_prune(model, args.keep, args.stages)
+    elif variant == "voxelskip":
+        add_voxel_skip(model, args.keep, args.skip_stages)
     return model
 
 
-def scenes(args, train: bool, count: int, first_seed: int) -> VoxelDataset:
+def scenes(args, train: bool, count: int, first_seed: int, voxel_size: float | None = None) -> VoxelDataset:
     """Generated street scenes ``first_seed ..``, voxelised (augmented when ``train``)."""
     source = open_source(["generated"], count=count, first_seed=first_seed, max_range=args.max_range)
-    return VoxelDataset(source, args.voxel_size, train=train, seed=0)
+    return VoxelDataset(source, voxel_size or args.voxel_size, train=train, seed=args.seed)
 
 
 def finetune(model: torch.nn.Module, args) -> float:
@@ -69,7 +86,7 @@ def finetune(model: torch.nn.Module, args) -> float:
                                   weight_decay=1e-4)
     model.train()
     t0 = time.perf_counter()
-    order = torch.randperm(args.steps * args.batch, generator=torch.Generator().manual_seed(0)) % len(data)
+    order = torch.randperm(args.steps * args.batch, generator=torch.Generator().manual_seed(args.seed)) % len(data)
     for step in range(args.steps):
         data.set_epoch(step)
         batch = Batch.of([data[int(i)] for i in order[step * args.batch:(step + 1) * args.batch]])
@@ -94,7 +111,7 @@ def evaluate(model: torch.nn.Module, args) -> float:
 
 
 def run_variant(args) -> None:
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     model = build(args, args.variant)
     seconds = finetune(model, args)
     miou = evaluate(model, args)
@@ -105,41 +122,63 @@ def run_variant(args) -> None:
     print(f"{args.variant}: mIoU {100 * miou:.1f}% after {args.steps} steps ({seconds:.0f} s)")
 
 
+def encoder(model: torch.nn.Module, x) -> None:
+    """MinkUNet's stem and encoder stages alone (the same work in every variant)."""
+    y = model.stem(x)
+    for stage in model.down:
+        y = stage(y)
+
+
+def time_variants(models: dict, scan, rounds: int) -> dict:
+    """Median seconds of each variant's forward and of the encoder alone,
+    interleaved, each call on a fresh coordinate cache (maps built every call)."""
+    fresh = lambda: ps.SparseTensor(scan.feats, scan.coords)  # noqa: E731
+    fns = {v: (lambda m=m: m(fresh())) for v, m in models.items()}
+    fns["encoder"] = lambda: encoder(models["unpruned"], fresh())
+    with torch.no_grad():
+        return interleaved(fns, rounds)
+
+
+def seed_results(args, variant: str) -> list[float]:
+    """The variant's mIoU of every seed run under ``--out`` (seed 0 in it, seed N in seed-N)."""
+    dirs = [args.out] + sorted(args.out.glob("seed-*"))
+    return [json.loads((d / variant / "result.json").read_text())["miou"] for d in dirs
+            if (d / variant / "result.json").is_file()]
+
+
 def report(args, write: bool = True) -> None:
-    models, results = {}, {}
+    models = {}
     for variant in VARIANTS:
         models[variant] = build(args, variant)
         models[variant].load_state_dict(torch.load(args.out / variant / "weights.pt", weights_only=True))
         models[variant].eval()
-        results[variant] = json.loads((args.out / variant / "result.json").read_text())
-    scan = Batch.of([scenes(args, False, 1, 1000)[0]]).input
-    times = {v: [] for v in VARIANTS}
-    with torch.no_grad():
-        for v in VARIANTS:  # warm-up: maps and plans built
-            models[v](scan)
-        for _ in range(args.rounds):
-            for v in VARIANTS:
-                x = ps.SparseTensor(scan.feats, scan.coords)  # a fresh coordinate cache: maps built every call
-                t0 = time.perf_counter()
-                models[v](x)
-                times[v].append(time.perf_counter() - t0)
-    med = {v: statistics.median(t) for v, t in times.items()}
-    base = results["unpruned"]["miou"]
-    rows = [f"| {v} | {1e3 * med[v]:.1f} | {med['unpruned'] / med[v]:.2f}x | {100 * results[v]['miou']:.1f}% | "
-            f"{100 * (results[v]['miou'] - base):+.1f} | {results[v]['finetune_s']:.0f} s |" for v in VARIANTS]
-    header = ("| model | forward ms | speed-up | val mIoU | vs unpruned (points) | fine-tuning time |\n"
-              "|---|---|---|---|---|---|\n")
-    summary = (f"{args.checkpoint}: MinkUNet fine-tuned {args.steps} steps of {args.batch} scans each (lr {args.lr}); "
-               f"VoxelPrune({args.keep}) before decoder stages {list(args.stages)}; forward on a held-out scan of "
-               f"{len(scan):,} voxels at {args.voxel_size} m, {torch.get_num_threads()} threads, median of "
-               f"{args.rounds} interleaved rounds (maps built in every call); mIoU per point on {args.val_scenes} "
-               "held-out scenes.")
+    scan = Batch.of([scenes(args, False, 1, 1000, args.time_voxel_size)[0]]).input
+    med = time_variants(models, scan, args.rounds)
+    miou = {v: seed_results(args, v) for v in VARIANTS}
+    mean = {v: sum(m) / len(m) for v, m in miou.items()}
+    decoder = {v: med[v] - med["encoder"] for v in VARIANTS}
+    rows = [f"| {v} | {1e3 * med[v]:.1f} | {med['unpruned'] / med[v]:.2f}x | {1e3 * decoder[v]:.1f} | "
+            f"{decoder['unpruned'] / decoder[v]:.2f}x | " + " / ".join(f"{100 * m:.1f}" for m in miou[v]) +
+            f" | {100 * mean[v]:.1f}% | {100 * (mean[v] - mean['unpruned']):+.1f} |" for v in VARIANTS]
+    header = ("| model | forward ms | speed-up | decoder ms | decoder speed-up | val mIoU per seed (%) | mean | "
+              "vs unpruned (points) |\n|---|---|---|---|---|---|---|---|\n")
+    summary = (f"{args.checkpoint}: MinkUNet fine-tuned {args.steps} steps of {args.batch} scans each (lr {args.lr}), "
+               f"once per seed ({len(miou['unpruned'])}: the batches' order, augmentation and torch seed); "
+               f"VoxelPrune({args.keep}) before decoder stages {list(args.stages)}, VoxelSkip({args.keep}) around the "
+               f"convs of each residual block of decoder stages {list(args.skip_stages)} (0: stride 8 .. 3: stride "
+               f"1); forward on a held-out scan of {len(scan):,} voxels at "
+               f"{args.time_voxel_size or args.voxel_size} m, {torch.get_num_threads()} threads, median of "
+               f"{args.rounds} interleaved rounds "
+               f"(maps built in every call; the decoder is the forward less the encoder, {1e3 * med['encoder']:.1f} "
+               f"ms, timed in the same rounds); mIoU per point on {args.val_scenes} held-out scenes.")
     table = header + "\n".join(rows)
     print(summary + "\n\n" + table)
     command = f"python bench/voxel_prune.py --steps {args.steps} --keep {args.keep} --stages " + \
-        " ".join(map(str, args.stages)) + " (--variant unpruned, --variant voxelprune, --report)"
+        " ".join(map(str, args.stages)) + " --skip-stages " + " ".join(map(str, args.skip_stages)) + \
+        " (--variant V [--seed N] for each V and N, then --report" + \
+        (f" --time-voxel-size {args.time_voxel_size})" if args.time_voxel_size else ")")
     if write:
-        write_markdown(args.results, "VoxelPrune on MinkUNet after the same fine-tuning",
+        write_markdown(args.results, "VoxelPrune and VoxelSkip on MinkUNet after the same fine-tuning",
                        command, environment(), [summary, table])
 
 
@@ -149,7 +188,11 @@ def main() -> None:
     parser.add_argument("--variant", choices=VARIANTS)
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--keep", type=float, default=0.5)
-    parser.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2], choices=[0, 1, 2])
+    parser.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2], choices=[0, 1, 2],
+                        help="decoder stages VoxelPrune drops voxels before")
+    parser.add_argument("--skip-stages", type=int, nargs="+", default=[0, 1, 2], choices=[0, 1, 2, 3],
+                        help="decoder stages whose residual blocks VoxelSkip wraps (3: stride 1, which feeds "
+                             "the classifier: every voxel still reaches it)")
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -157,6 +200,11 @@ def main() -> None:
     parser.add_argument("--val-scenes", type=int, default=4)
     parser.add_argument("--voxel-size", type=float, default=0.2)
     parser.add_argument("--max-range", type=float, default=35.0)
+    parser.add_argument("--time-voxel-size", type=float, default=None,
+                        help="voxel edge of the scan the report times (default --voxel-size; finer: a larger scan)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the batches' order, augmentation and torch's seed (the same for every variant); runs "
+                             "go to --out/seed-N for N > 0 (--report reads every seed's)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("runs/voxel-prune"))
@@ -166,6 +214,8 @@ def main() -> None:
     if not args.checkpoint.is_file():
         print(f"voxel_prune: {args.checkpoint} does not exist (run `make demo` first, or pass --checkpoint)")
         return
+    if args.seed:
+        args.out = args.out / f"seed-{args.seed}"
     if args.quick:
         args.steps, args.val_scenes, args.rounds, args.out = 4, 1, 1, args.out.with_name(args.out.name + "-quick")
     torch.set_num_threads(args.threads)
