@@ -1,14 +1,17 @@
 """Speed-up of executed weight sparsity on a real sweep: a submanifold
 ``Conv3d(C, C, 3)`` over KITTI (000049, 0.05 m voxels) pruned by kernel
-offsets (``kernel_structured(scope="offset")``) and by engine vectors
+offsets (``kernel_structured(scope="offset")``), by engine vectors
 (``panel_structured``; ``square=True``: width x width blocks, which the
-input gradient skips too), forward and forward+backward, against the unpruned
-conv timed in the same rounds (interleaved, medians). Every pruned conv's
-output is first checked against torch ops on the masked weight. For vector
+input gradient skips too), unstructured (``l1_unstructured``) and 2:4
+(``nm_structured``), forward and forward+backward, against the unpruned
+conv timed in the same rounds (interleaved, medians), with a plot of the
+speed-ups against the fraction pruned and the ideal lines (the page's name
+with ``.png``). Every pruned conv's output is first checked against torch
+ops on the masked weight. For vector
 sparsity the same pruned weights are also timed through the dense kernels
 (offsets skipped only), which is what sets ``_engine.VECTOR_DENSITY``. A
 table times a decoder step with half the voxels dropped by
-``nn.VoxelPrune`` (see :func:`spatial`); ``--parts formats`` times 2:4 and
+``nn.VoxelPrune`` or skipped by ``nn.VoxelSkip`` (see :func:`spatial`); ``--parts formats`` times 2:4 and
 block weights through the engine and through their formats' products (see
 :func:`formats_table`).
 
@@ -37,9 +40,20 @@ from pointsparse.nn import _engine
 from pointsparse.nn import functional as F
 from pointsparse.nn.reference import conv_sum
 
-OFFSET_AMOUNTS = (0.25, 0.5, 0.75)
-VECTOR_AMOUNTS = (0.25, 0.5, 0.75, 0.9)
-SQUARE_AMOUNTS = (0.5, 0.75)
+#: Fractions of the weights pruned, per granularity (2:4 prunes half).
+AMOUNTS = {"offset": (0.25, 0.5, 0.75), "vector": (0.25, 0.5, 0.75, 0.9), "square": (0.5, 0.75),
+           "unstructured": (0.5, 0.75, 0.9), "2:4": (0.5,)}
+
+
+def _prune(conv, kind: str, amount: float) -> None:
+    if kind == "offset":
+        prune.kernel_structured(conv, "weight", amount, scope="offset")
+    elif kind == "unstructured":
+        prune.l1_unstructured(conv, "weight", amount)
+    elif kind == "2:4":
+        prune.nm_structured(conv, "weight", 2, 4)
+    else:
+        prune.panel_structured(conv, "weight", amount, square=kind == "square")
 
 
 def variants(channels: int) -> list[tuple[str, str, float, ps.nn.Conv3d]]:
@@ -47,14 +61,11 @@ def variants(channels: int) -> list[tuple[str, str, float, ps.nn.Conv3d]]:
     torch.manual_seed(0)
     base = ps.nn.Conv3d(channels, channels, 3)
     out = [("unpruned", "dense", 0.0, base)]
-    for kind, amounts in (("offset", OFFSET_AMOUNTS), ("vector", VECTOR_AMOUNTS), ("square", SQUARE_AMOUNTS)):
+    for kind, amounts in AMOUNTS.items():
         for amount in amounts:
             conv = ps.nn.Conv3d(channels, channels, 3)
             conv.load_state_dict(base.state_dict())
-            if kind == "offset":
-                prune.kernel_structured(conv, "weight", amount, scope="offset")
-            else:
-                prune.panel_structured(conv, "weight", amount, square=kind == "square")
+            _prune(conv, kind, amount)
             out.append((f"{kind} {amount:.0%}", kind, amount, conv))
     return out
 
@@ -101,7 +112,10 @@ def once(conv, x, mode: str, vector_density: float) -> float:
         _engine.VECTOR_DENSITY = old
 
 
-def measure(channels: int, coords: torch.Tensor, rounds: int) -> str:
+def measure(channels: int, coords: torch.Tensor, rounds: int, points: list | None = None) -> str:
+    """The sparsity table at ``channels``; ``points`` (when given) collects
+    (channels, kind, amount, ideal, forward speed-up, fwd+bwd speed-up) per
+    pruned conv for :func:`plot`."""
     x = ps.SparseTensor(torch.randn(len(coords), channels), coords)
     kmap = ps.kmap.get_kmap(x, 3)
     sizes = kmap.sizes.to(torch.int64)
@@ -129,6 +143,9 @@ def measure(channels: int, coords: torch.Tensor, rounds: int) -> str:
     for (name, kind), t in rows.items():
         conv = next(r[2] for r in runs if r[0] == name)
         w = conv.weight.detach()
+        if points is not None and kind != "dense" and kind != "vector/dense kernels":
+            points.append((channels, kind, float(name.split()[-1][:-1]) / 100, ideal(w, sizes),
+                           base["fwd"] / t["fwd"], base["fwd+bwd"] / t["fwd+bwd"]))
         lines.append(f"| {name} | {kind} | {path_of(w, kind)} | {ideal(w, sizes):.2f}x | {1e3 * t['fwd']:.1f} | "
                      f"{base['fwd'] / t['fwd']:.2f}x | {1e3 * t['fwd+bwd']:.1f} | "
                      f"{base['fwd+bwd'] / t['fwd+bwd']:.2f}x | {base['core'] / t['core']:.2f}x |")
@@ -137,34 +154,39 @@ def measure(channels: int, coords: torch.Tensor, rounds: int) -> str:
 
 def spatial(channels: int, coords: torch.Tensor, rounds: int, keep: float = 0.5) -> str:
     """A U-Net decoder step on the sweep: the stride-2 tensor (from a k2 s2
-    conv, not timed) through two submanifold k3 convs and a k2 s2 transposed
-    conv back to the full stride-1 coords, with and without
-    ``VoxelPrune(keep)`` first. Both sides start from a fresh coordinate
-    cache every call (``select_voxels`` of all or of the kept rows), so both
-    build their stride-2 maps and the transposed map each time."""
+    conv, not timed) through a residual block (two submanifold k3 convs, the
+    identity shortcut, ReLU) and a k2 s2 transposed conv back to the full
+    stride-1 coords: as is, with ``VoxelPrune(keep)`` first (the block and
+    the transposed conv see the kept voxels only), and with ``VoxelSkip``
+    around the block's convs (they run on the kept voxels, every voxel goes
+    on). Every run starts from a fresh coordinate cache (``select_voxels``
+    of all or of the kept rows), so each builds its maps every call."""
     torch.manual_seed(0)
     x = ps.SparseTensor(torch.randn(len(coords), channels), coords)
     down = ps.nn.Conv3d(channels, channels, 2, 2)
-    body = torch.nn.Sequential(ps.nn.Conv3d(channels, channels, 3), ps.nn.ReLU(), ps.nn.Conv3d(channels, channels, 3),
-                               ps.nn.ReLU(), ps.nn.Conv3d(channels, channels, 2, 2, transposed=True))
+    main = torch.nn.Sequential(ps.nn.Conv3d(channels, channels, 3), ps.nn.ReLU(), ps.nn.Conv3d(channels, channels, 3))
+    up = ps.nn.Conv3d(channels, channels, 2, 2, transposed=True)
     with torch.no_grad():
         coarse = down(x)
     everything = torch.arange(len(coarse))
-    pruner = ps.nn.VoxelPrune(keep)
+    pruner, skip, relu = ps.nn.VoxelPrune(keep), ps.nn.VoxelSkip(main, keep), ps.nn.ReLU()
 
-    def run(prune_first: bool):
+    def run(how: str):
         with torch.no_grad():
-            start = pruner(coarse) if prune_first else F.select_voxels(coarse, everything)
-            out = body(start)
+            start = pruner(coarse) if how == "prune" else F.select_voxels(coarse, everything)
+            branch = skip(start) if how == "skip" else main(start)
+            out = up(relu(ps.nn.add(branch, start)))
         assert torch.equal(out.coords, x.coords)
-        return len(start)
 
-    sizes = {flag: run(flag) for flag in (False, True)}
-    full, pruned = interleaved({f: (lambda f=f: run(f)) for f in (False, True)}, rounds, warmup=False).values()
-    return (f"### Spatial pruning, C = {channels}: decoder step from stride 2 ({sizes[False]:,} voxels) back to "
-            f"stride 1 ({len(coords):,})\n\n| voxels entering | time ms | speed-up |\n|---|---|---|\n"
-            f"| all {sizes[False]:,} | {1e3 * full:.1f} | 1.00x |\n"
-            f"| VoxelPrune({keep}): {sizes[True]:,} | {1e3 * pruned:.1f} | {full / pruned:.2f}x |")
+    sizes = {"all": len(coarse), "kept": len(pruner(coarse))}
+    t = interleaved({how: (lambda how=how: run(how)) for how in ("all", "prune", "skip")}, rounds)
+    return (f"### Spatial pruning, C = {channels}: decoder step from stride 2 ({sizes['all']:,} voxels) back to "
+            f"stride 1 ({len(coords):,})\n\n| voxels convolved | time ms | speed-up |\n|---|---|---|\n"
+            f"| all {sizes['all']:,} | {1e3 * t['all']:.1f} | 1.00x |\n"
+            f"| VoxelPrune({keep}): {sizes['kept']:,} (the rest dropped) | {1e3 * t['prune']:.1f} | "
+            f"{t['all'] / t['prune']:.2f}x |\n"
+            f"| VoxelSkip({keep}): {sizes['kept']:,} (the rest through the shortcut) | {1e3 * t['skip']:.1f} | "
+            f"{t['all'] / t['skip']:.2f}x |")
 
 
 def formats_table(channels: int, coords: torch.Tensor, rounds: int) -> str:
@@ -238,6 +260,43 @@ def path_of(weight: torch.Tensor, kind: str) -> str:
     return _engine.choose_execution(weight).name
 
 
+def plot(points: list, path: Path) -> None:
+    """Speed-up against the fraction of weights pruned, one panel per
+    channel count and direction, a line per granularity with its ideal
+    dashed (dense FLOPs over the FLOPs left once its zero offsets or zero
+    vectors are skipped: unstructured and 2:4 zeros leave few of either) and
+    the FLOP count's 1 / (1 - pruned) dotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    channels = sorted({p[0] for p in points})
+    fig, axes = plt.subplots(2, len(channels), figsize=(4.4 * len(channels), 7.2), squeeze=False)
+    for col, c in enumerate(channels):
+        for row, (label, index) in enumerate((("forward", 4), ("forward + backward", 5))):
+            ax = axes[row][col]
+            for kind in AMOUNTS:
+                pts = sorted((p[2], p[3], p[index]) for p in points if p[0] == c and p[1] == kind)
+                if not pts:
+                    continue
+                xs = [0.0] + [p[0] for p in pts]
+                line, = ax.plot(xs, [1.0] + [p[2] for p in pts], "o-", label=kind)
+                ax.plot(xs, [1.0] + [p[1] for p in pts], "--", color=line.get_color(), alpha=0.6)
+            grid = [i / 100 for i in range(0, 91)]
+            ax.plot(grid, [1 / (1 - x) for x in grid], ":", color="grey", label="1 / (1 - pruned)")
+            ax.set_title(f"C = {c}, {label}")
+            ax.set_xlabel("fraction of weights pruned")
+            ax.set_ylabel("speed-up over the unpruned conv (dashed: ideal)")
+            ax.set_yscale("log", base=2)
+            ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"written {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--channels", type=int, nargs="+", default=None, help="default 64 (--quick 32)")
@@ -258,7 +317,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     scene = "generated street 20k @ 0.05 m" if args.quick else "kitti-raw/000049 @ 0.05 m"
     coords = street_scene(20_000) if args.quick else real_scene(sweeps["kitti-raw/000049"], 0.05)
-    parts = {"sparsity": measure, "spatial": spatial, "formats": formats_table}
+    points: list = []
+    parts = {"sparsity": lambda c, xyz, r: measure(c, xyz, r, points), "spatial": spatial, "formats": formats_table}
     tables = [parts[part](c, coords, args.rounds) for part in args.parts for c in args.channels]
     for t in tables:
         print(t, "\n")
@@ -268,6 +328,8 @@ def main() -> None:
                    tables, "Speed-ups are medians of interleaved rounds against the unpruned conv of the same "
                    "rounds, on a 2-core AMD EPYC Zen 4 shared with other agents (noisy).")
     print(f"written {output}")
+    if points:
+        plot(points, output.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,11 @@ when absent), weights pruned by ``prune.panel_structured`` (75% and 50% of the
 engine vectors), one thread, the plan's kernels called directly (no autograd,
 no allocation: one output buffer reused), every build interleaved round by
 round; outputs of the vector kernels checked equal to the dense kernel's first
-(bit for bit between the FMA builds). A column names the build asked for:
+(bit for bit between the FMA builds). A second table per width times the
+best build's vector kernel with exactly n rows listed per panel against the
+dense kernel and fits a line: the per-row cost and the fixed cost (gathered
+input rows, output rows read and written per offset) that weight sparsity
+cannot remove. A column names the build asked for:
 below 128 output columns "avx512 vector" runs the AVX2 vector kernel (the
 threshold itself), so at C = 64 the two vector columns time the same code.
 Writes bench/results/sparse_isa.md
@@ -78,6 +82,44 @@ def table(coords: torch.Tensor, widths, amounts, rounds: int) -> list[str]:
     return rows
 
 
+def listed_weight(c: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    """A (27, c, c) weight whose every (offset, panel) lists exactly ``n``
+    rows (random ones): the vector kernels visit n rows per panel."""
+    width = _engine.panel_width(torch.float32)
+    w = torch.zeros(27, c, c)
+    for k in range(27):
+        for p in range(0, c, width):
+            rows = torch.randperm(c, generator=generator)[:n]
+            w[k, rows, p:p + width] = torch.randn(n, min(width, c - p), generator=generator)
+    return w
+
+
+def listed_line(coords: torch.Tensor, c: int, rounds: int) -> list[str]:
+    """The vector kernel's time against the rows listed per panel (n = c,
+    c/2, .., 1), the dense kernel on the full weight beside it, and the
+    least-squares line through the vector times: the slope is the cost of a
+    listed row, the intercept what no weight sparsity removes."""
+    x = ps.SparseTensor(torch.zeros(len(coords), 1), coords)
+    kmap = ps.kmap.get_kmap(x, 3)
+    plan = _engine.make_fused_plan(kmap)
+    g = torch.Generator().manual_seed(c)
+    feats, out = torch.randn(kmap.num_in, c, generator=g), torch.empty(kmap.num_out, c)
+    counts = [c >> i for i in range(8) if c >> i >= 1]
+    calls = {"dense": runs(plan, feats, listed_weight(c, c, g), out)[f"{_ext.core.runnable_isas()[0]} dense"]}
+    for n in counts:
+        calls[n] = runs(plan, feats, listed_weight(c, n, g), out)[f"{_ext.core.runnable_isas()[0]} vector"]
+    med = interleaved(calls, rounds)
+    xs, ys = counts, [med[n] for n in counts]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
+    rows = [f"C = {c}: dense kernel {1e3 * med['dense']:.2f} ms; vector kernel ~ {1e3 * (my - slope * mx):.2f} ms "
+            f"+ {1e3 * slope:.3f} ms per listed row (least squares)", "",
+            "| rows listed per panel | vector kernel ms | dense / vector |", "|---|---|---|"]
+    rows += [f"| {n} of {c} | {1e3 * med[n]:.2f} | {med['dense'] / med[n]:.2f}x |" for n in counts]
+    print("\n".join(rows), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 9, --quick 2)")
@@ -93,10 +135,11 @@ def main() -> None:
             street_scene(20_000 if args.quick else 60_000)
     widths, amounts = ((64,), (0.75,)) if args.quick else ((64, 128), (0.75, 0.5))
     rows = table(coords, widths, amounts, rounds)
+    lines = ["\n".join(listed_line(coords, c, rounds)) for c in widths]
     out = results_path("sparse_isa.md", args.quick)
     write_markdown(out, f"Vector-sparse kernels of each build, {name} ({len(coords):,} voxels), 1 thread",
                    f"python bench/sparse_isa.py --rounds {rounds}" + (" --quick" if args.quick else ""),
-                   environment(), ["\n".join(rows)])
+                   environment(), ["\n".join(rows)] + lines)
     print(f"written {out}")
 
 
