@@ -8,10 +8,12 @@
 // Register tile: kMR rows x NR columns (two vectors of PS_CONV_VEC_BYTES),
 // 2 * kMR vector accumulators (tile_shape in fused.h). Per step of the
 // reduction it loads two vectors of B and broadcasts one element of each of
-// the kMR A rows. acc = sum_k a[r][k] * B[k][:] in k order from zero, then
-// C[r] += acc: the same arithmetic for full and partial tiles, for one or two
-// vectors of columns and for every tile shape, so neither tiling nor the
-// vector width changes a bit (the FMA builds agree bit for bit).
+// the kMR A rows. The apply kernels: acc = C[r] (or the bias / zero of a
+// block's first offset), acc += a[r][k] * B[k][:] in k order, C[r] = acc;
+// the weight gradient: acc = the sum in k order from zero, then C[r] += acc.
+// The same arithmetic for full and partial tiles, for one or two vectors of
+// columns and for every tile shape, so neither tiling nor the vector width
+// changes a bit (the FMA builds agree bit for bit).
 
 namespace {
 
@@ -147,21 +149,89 @@ inline void tile_add(const typename Vec<T>::type* acc0, const typename Vec<T>::t
 #endif
 }
 
+// The apply kernels' accumulators start from what they add to: (acc0[r],
+// acc1[r])[0:ncols] = s[0:ncols], s = c[r] or `init` (as tile_add's), zero
+// past ncols; then tile_step adds the products in order and tile_store
+// writes them back. The rows' loads issue before the products' loop, so a
+// row the previous offset wrote arrives while the loop runs; summing into
+// the partial sum after the loop (tile_add) exposed that latency on every
+// tile. Measured on Zen 4 (KITTI sweep, one thread, bench/sparse_isa.py's
+// line): the vector kernel's fixed cost at C = 64 fell from 6.3 to 4.3 ms
+// (75% of the vectors pruned: 11.3 -> 9.6 ms), the dense kernel 4% faster
+// at C = 64 and 128. The row loop is not unswitched by the compiler: a
+// test of ncols inside it cost the dense AVX-512 kernel 7% at C = 128, so
+// the full-panel case has its own loop (as tile_add). Rows r >= mr repeat
+// a valid row (apply_pairs): read, never written.
+template <typename T, int NV = 2>
+inline void tile_load(typename Vec<T>::type* acc0, typename Vec<T>::type* acc1, T* const* c, int64_t ncols,
+                      const T* init) {
+  constexpr int L = lanes<T>();
+  if (ncols == NV * L) {
+#pragma GCC unroll 16
+    for (int r = 0; r < kMR; ++r) {
+      const T* sr = init ? init : c[r];
+      acc0[r] = vload(sr);
+      if (NV > 1) acc1[r] = vload(sr + L);
+    }
+    return;
+  }
+  T tmp[kMR][NV * L] = {};
+  for (int r = 0; r < kMR; ++r) {
+    const T* sr = init ? init : c[r];
+    for (int64_t j = 0; j < ncols; ++j) tmp[r][j] = sr[j];
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < kMR; ++r) {
+    acc0[r] = vload(tmp[r]);
+    if (NV > 1) acc1[r] = vload(tmp[r] + L);
+  }
+}
+
+// c[r][0:ncols] = (acc0[r], acc1[r])[0:ncols] for r < mr.
+template <typename T, int NV = 2>
+inline void tile_store(const typename Vec<T>::type* acc0, const typename Vec<T>::type* acc1, T* const* c, int mr,
+                       int64_t ncols) {
+  constexpr int L = lanes<T>();
+  if (ncols == NV * L) {
+#pragma GCC unroll 16
+    for (int r = 0; r < kMR; ++r) {
+      if (r >= mr) continue;
+      vstore(c[r], acc0[r]);
+      if (NV > 1) vstore(c[r] + L, acc1[r]);
+    }
+    return;
+  }
+  T tmp[kMR][NV * L];
+#pragma GCC unroll 16
+  for (int r = 0; r < kMR; ++r) {
+    vstore(tmp[r], acc0[r]);
+    if (NV > 1) vstore(tmp[r] + L, acc1[r]);
+  }
+  for (int r = 0; r < mr; ++r)
+    for (int64_t j = 0; j < ncols; ++j) c[r][j] = tmp[r][j];
+}
+
 // C[r][0:ncols] += sum_k A[r][k] * B[k][0:ncols] for r < mr. A[r][k] is
 // a[r][k * AS] (AS = 1: rows of a feature matrix; AS = kMR: a packed panel);
 // B rows are NR apart, of which NV vectors are read (NV = 1 for a last panel
 // of at most one vector: half the work). Rows r >= mr of `a` must still be
 // readable (callers repeat a valid row). `init`: C[r] = init + the sum
-// instead (tile_add).
-template <typename T, int AS, int NV>
+// instead (tile_add). kFromC (the apply kernels): the sum runs from C[r]
+// (tile_load: C[r] + p_0 + p_1 + ..., in k order); else from zero and is
+// added to C[r] after (the weight gradient's order).
+template <typename T, int AS, int NV, bool kFromC>
 inline void micro_nv(int64_t kc, const T* const* a, const T* __restrict b, T* const* c, int mr, int64_t ncols,
                      const T* init) {
   typedef typename Vec<T>::type V;
   constexpr int L = lanes<T>();
   constexpr int64_t NR = nr<T>();
   V acc0[kMR], acc1[kMR];
+  if (kFromC) {
+    tile_load<T, NV>(acc0, acc1, c, ncols, init);
+  } else {
 #pragma GCC unroll 16
-  for (int r = 0; r < kMR; ++r) acc0[r] = acc1[r] = V{};
+    for (int r = 0; r < kMR; ++r) acc0[r] = acc1[r] = V{};
+  }
   const T* x[kMR];
 #pragma GCC unroll 16
   for (int r = 0; r < kMR; ++r) x[r] = a[r];
@@ -169,16 +239,19 @@ inline void micro_nv(int64_t kc, const T* const* a, const T* __restrict b, T* co
     const V b0 = vload(b + k * NR), b1 = NV > 1 ? vload(b + k * NR + L) : V{};
     tile_step<T, NV>(acc0, acc1, b0, b1, x, k * AS);
   }
-  tile_add<T, NV>(acc0, acc1, c, 0, mr, ncols, init);
+  if (kFromC)
+    tile_store<T, NV>(acc0, acc1, c, mr, ncols);
+  else
+    tile_add<T, NV>(acc0, acc1, c, 0, mr, ncols, init);
 }
 
-template <typename T, int AS>
+template <typename T, int AS, bool kFromC = false>
 inline void micro(int64_t kc, const T* const* a, const T* __restrict b, T* const* c, int mr, int64_t ncols,
                   const T* init = nullptr) {
   if (ncols <= lanes<T>())
-    micro_nv<T, AS, 1>(kc, a, b, c, mr, ncols, init);
+    micro_nv<T, AS, 1, kFromC>(kc, a, b, c, mr, ncols, init);
   else
-    micro_nv<T, AS, 2>(kc, a, b, c, mr, ncols, init);
+    micro_nv<T, AS, 2, kFromC>(kc, a, b, c, mr, ncols, init);
 }
 
 // wpack[k][p][c][0:NR] = B_k[c][p*NR : p*NR+NR], zero past the last column.
@@ -293,7 +366,7 @@ void apply_impl(const ApplyArgs<T>& a) {
       for (int r = 0; r < kMR; ++r) c[r] = crow[r] + j * NR;
       const int64_t ncols = a.cols - j * NR < NR ? a.cols - j * NR : NR;
       const T* init = first ? (a.bias ? a.bias + j * NR : zero) : nullptr;
-      micro<T, 1>(a.kc, arow, wk + j * a.kc * NR, c, mr, ncols, init);
+      micro<T, 1, true>(a.kc, arow, wk + j * a.kc * NR, c, mr, ncols, init);
     }
   };
   apply_blocks(a, [](int64_t) { return false; }, tile);

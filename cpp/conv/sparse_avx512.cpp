@@ -6,10 +6,11 @@
 // columns (kSparse512MinCols).
 //
 // Bit-identical to the 32-byte builds' apply_sparse and to every FMA build's
-// dense apply: per row and panel acc = sum over the listed rows c, in list
-// order from zero, of fma(A[r][c], B[c][panel], acc); then C[r] = C[r] + acc
-// (or bias/zero + acc for a block's first offset). Only the lanes per
-// vector and the rows per tile differ, which change no element's arithmetic.
+// dense apply: per row and panel acc starts as C[r] (or bias/zero for a
+// block's first offset, tile_load in fused_kernels.h) and takes fma(A[r][c],
+// B[c][panel], acc) over the listed rows c in list order; then C[r] = acc.
+// Only the lanes per vector and the rows per tile differ, which change no
+// element's arithmetic.
 #include <omp.h>
 
 #include <cstdint>
@@ -49,19 +50,25 @@ inline Vec<float>::type fma_lanes(Vec<float>::type a, Vec<float>::type b, Vec<fl
 inline Vec<double>::type fma_lanes(Vec<double>::type a, Vec<double>::type b, Vec<double>::type c) {
   return _mm512_fmadd_pd(a, b, c);
 }
-// p[0:n] = s[0:n] + v[0:n] (n < lanes; s may be p), other lanes untouched.
-inline void add_masked(float* p, const float* s, Vec<float>::type v, int n) {
-  const __mmask16 m = __mmask16((1u << n) - 1u);
-  _mm512_mask_storeu_ps(p, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, s), v));
+// s[0:n] in the low lanes, zero above (n < lanes); p[0:n] = v[0:n], the
+// other lanes of p untouched.
+inline Vec<float>::type load_masked(const float* s, int n) {
+  return _mm512_maskz_loadu_ps(__mmask16((1u << n) - 1u), s);
 }
-inline void add_masked(double* p, const double* s, Vec<double>::type v, int n) {
-  const __mmask8 m = __mmask8((1u << n) - 1u);
-  _mm512_mask_storeu_pd(p, m, _mm512_add_pd(_mm512_maskz_loadu_pd(m, s), v));
+inline Vec<double>::type load_masked(const double* s, int n) {
+  return _mm512_maskz_loadu_pd(__mmask8((1u << n) - 1u), s);
+}
+inline void store_masked(float* p, Vec<float>::type v, int n) {
+  _mm512_mask_storeu_ps(p, __mmask16((1u << n) - 1u), v);
+}
+inline void store_masked(double* p, Vec<double>::type v, int n) {
+  _mm512_mask_storeu_pd(p, __mmask8((1u << n) - 1u), v);
 }
 
 // C[r][0:ncols] (+)= sum_i A[r][idx[i]] * B[i][0:L] for r < mr, B packed (n,
-// L), in i order from zero; init as tile_add's (fused_kernels.h). Rows r >=
-// mr of `a` must be readable (apply_pairs repeats a valid one).
+// L), summed from C[r] (or init, as tile_load's in fused_kernels.h) in i
+// order. Rows r >= mr of `a` and `c` must be readable (apply_pairs repeats a
+// valid one); only rows r < mr are written.
 template <typename T>
 inline void micro_panel(int64_t n, const int32_t* __restrict idx, const T* const* a, const T* __restrict b,
                         T* const* c, int mr, int64_t ncols, const T* init) {
@@ -71,7 +78,8 @@ inline void micro_panel(int64_t n, const int32_t* __restrict idx, const T* const
   const T* x[kSparseMR];
 #pragma GCC unroll 16
   for (int r = 0; r < kSparseMR; ++r) {
-    acc[r] = V{};
+    const T* s = init ? init : c[r];
+    acc[r] = ncols == L ? vload(s) : load_masked(s, int(ncols));
     x[r] = a[r];
   }
   for (int64_t i = 0; i < n; ++i) {
@@ -83,11 +91,10 @@ inline void micro_panel(int64_t n, const int32_t* __restrict idx, const T* const
 #pragma GCC unroll 16
   for (int r = 0; r < kSparseMR; ++r) {
     if (r >= mr) continue;
-    const T* s = init ? init : c[r];
     if (ncols == L)
-      vstore(c[r], vload(s) + acc[r]);
+      vstore(c[r], acc[r]);
     else
-      add_masked(c[r], s, acc[r], int(ncols));
+      store_masked(c[r], acc[r], int(ncols));
   }
 }
 

@@ -1,8 +1,8 @@
 // Vector-sparse kernels (see sparse.h), compiled for the 32-byte builds
 // (AVX2 and generic): each of those translation units includes this right
 // after fused_kernels.h, and these reuse its helpers (Vec, vload, vstore,
-// lanes, nr, panels, tile_step, tile_add, prefetch_row) and its tile shape
-// kMR. Same rules: internal linkage, no std templates. The listed rows are
+// lanes, nr, panels, tile_step, tile_load, tile_store, tile_add,
+// prefetch_row) and its tile shape kMR. Same rules: internal linkage, no std templates. The listed rows are
 // packed before (pack_sparse, sparse.cpp), in panels of nr<T>() columns.
 
 #include "conv/sparse_walk.h"
@@ -13,8 +13,8 @@ static_assert(nr<float>() == sparse_panel<float>() && nr<double>() == sparse_pan
               "the 32-byte builds' tiles are the sparse panels");
 
 // C[r][0:ncols] += sum_i A[r][idx[i]] * B[i][0:NR] for r < mr, B packed (n,
-// NR), in i order from zero (as micro<T, 1> over the listed rows; `init`
-// as there).
+// NR), summed from C[r] in i order (as micro<T, 1, true> over the listed
+// rows; `init` as there).
 template <typename T>
 inline void micro_idx(int64_t n, const int32_t* __restrict idx, const T* const* a, const T* __restrict b,
                       T* const* c, int mr, int64_t ncols, const T* init) {
@@ -22,13 +22,12 @@ inline void micro_idx(int64_t n, const int32_t* __restrict idx, const T* const* 
   constexpr int L = lanes<T>();
   constexpr int64_t NR = nr<T>();
   V acc0[kMR], acc1[kMR];
-#pragma GCC unroll 16
-  for (int r = 0; r < kMR; ++r) acc0[r] = acc1[r] = V{};
+  tile_load<T>(acc0, acc1, c, ncols, init);
   for (int64_t i = 0; i < n; ++i) {
     const V b0 = vload(b + i * NR), b1 = vload(b + i * NR + L);
     tile_step<T>(acc0, acc1, b0, b1, a, idx[i]);
   }
-  tile_add<T>(acc0, acc1, c, 0, mr, ncols, init);
+  tile_store<T>(acc0, acc1, c, mr, ncols);
 }
 
 // The shared walk (sparse_walk.h) in the 32-byte builds' 6 x 16 tiles.
