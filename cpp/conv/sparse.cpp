@@ -16,6 +16,9 @@ namespace {
 // interleaved against avx2, 3 runs): C = 128 vector 75% 3-6% faster, 50%
 // equal; C = 64 6-9% slower in 2 of 3 runs (short lists: 16 rows per panel
 // at 75%, where the 12-row tile's tails and per-panel stores weigh more).
+// Again with its 8-row tile (bench/sparse_isa.py, two runs): C = 64 still
+// 4-7% slower (75%: 9.70 / 9.76 ms against 9.27 / 9.47; 50%: 15.5 / 15.8
+// against 14.5 / 14.7).
 constexpr int64_t kSparse512MinCols = 128;
 
 // The build of apply_sparse that runs for `asked` and `cols`: avx512 where it
