@@ -74,7 +74,7 @@ def _prepare(name: str, args, out: Path) -> tuple[Path, str]:
     return path, ""
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, default=Path("runs/demo/checkpoint.pt"))
     parser.add_argument("--ratio", type=float, default=0.5)
@@ -89,7 +89,11 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=("unpruned", "keep", "AMC"), default=None,
                         help="fine-tune only these now (a long run split into shorter ones: rows of earlier runs "
                              "with the same checkpoint and epochs, kept in OUT/rows.json, join the table)")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if not args.checkpoint.is_file():
         print(f"prune_finetune: {args.checkpoint} does not exist (run `make demo` first, or pass --checkpoint); "
               "nothing measured")
@@ -122,8 +126,13 @@ def main() -> None:
     if any(n not in saved["rows"] for n in names):
         print(f"not all of {names} fine-tuned yet with this checkpoint and budget ({store}); page not written")
         return
-    rows = [(n, *saved["rows"][n][:4]) for n in names]
-    notes = [saved["rows"][n][4] for n in names if saved["rows"][n][4]]
+    write_page(args, state, start, names, saved["rows"])
+
+
+def write_page(args, state: dict, start: float, names, saved_rows: dict) -> None:
+    """The table of the fine-tuned models (rows as kept in OUT/rows.json)."""
+    rows = [(n, *saved_rows[n][:4]) for n in names]
+    notes = [saved_rows[n][4] for n in names if saved_rows[n][4]]
     base, dense = rows[0][3], rows[0][2]
     table = "\n".join(f"| {n} | {p / 1e6:.2f} M | {f / dense:.3f} | {100 * m:.1f}% | {100 * (m - base):+.1f} | "
                       f"{t:.0f} s |" for n, p, f, m, t in rows)
