@@ -104,24 +104,21 @@ inline void tile_step(typename Vec<T>::type* acc0, typename Vec<T>::type* acc1, 
   }
 }
 
-// c[r][0:ncols] = s[0:ncols] + (acc0[r], acc1[r])[0:ncols] for r in [first,
-// last), s = c[r] (init null: +=) or s = init (ncols values: the store of a
-// block's first offset, bias or zero plus its products, so that no pass
-// initialises the rows first); ncols <= NV * lanes. Only constant indices
-// into acc0/acc1: the accumulators stay in registers (a runtime index would
-// send them through the stack).
+// c[r][0:ncols] += (acc0[r], acc1[r])[0:ncols] for r in [first, last);
+// ncols <= NV * lanes (the weight gradient's sums into its partials). Only
+// constant indices into acc0/acc1: the accumulators stay in registers (a
+// runtime index would send them through the stack).
 template <typename T, int NV = 2>
 inline void tile_add(const typename Vec<T>::type* acc0, const typename Vec<T>::type* acc1, T* const* c, int first,
-                     int last, int64_t ncols, const T* init = nullptr) {
+                     int last, int64_t ncols) {
   constexpr int L = lanes<T>();
   if (ncols == NV * L) {
 #pragma GCC unroll 16
     for (int r = 0; r < kMR; ++r) {
       if (r < first || r >= last) continue;
       T* cr = c[r];
-      const T* sr = init ? init : cr;
-      vstore(cr, vload(sr) + acc0[r]);
-      if (NV > 1) vstore(cr + L, vload(sr + L) + acc1[r]);
+      vstore(cr, vload(cr) + acc0[r]);
+      if (NV > 1) vstore(cr + L, vload(cr + L) + acc1[r]);
     }
     return;
   }
@@ -130,9 +127,8 @@ inline void tile_add(const typename Vec<T>::type* acc0, const typename Vec<T>::t
 #pragma GCC unroll 16
   for (int r = 0; r < kMR; ++r) {
     if (r < first || r >= last) continue;
-    const T* sr = init ? init : c[r];
-    vadd_masked(c[r], sr, acc0[r], n0);
-    if (NV > 1 && n1 > 0) vadd_masked(c[r] + L, sr + L, acc1[r], n1);
+    vadd_masked(c[r], c[r], acc0[r], n0);
+    if (NV > 1 && n1 > 0) vadd_masked(c[r] + L, c[r] + L, acc1[r], n1);
   }
 #else
   T tmp[kMR][NV * L];
@@ -143,16 +139,16 @@ inline void tile_add(const typename Vec<T>::type* acc0, const typename Vec<T>::t
   }
   for (int r = first; r < last; ++r) {
     T* cr = c[r];
-    const T* sr = init ? init : cr;
-    for (int64_t j = 0; j < ncols; ++j) cr[j] = sr[j] + tmp[r][j];
+    for (int64_t j = 0; j < ncols; ++j) cr[j] += tmp[r][j];
   }
 #endif
 }
 
 // The apply kernels' accumulators start from what they add to: (acc0[r],
-// acc1[r])[0:ncols] = s[0:ncols], s = c[r] or `init` (as tile_add's), zero
-// past ncols; then tile_step adds the products in order and tile_store
-// writes them back. The rows' loads issue before the products' loop, so a
+// acc1[r])[0:ncols] = s[0:ncols], zero past ncols, s = c[r], or `init` (ncols
+// values: on a block's first offset the bias or zero, so that no pass
+// initialises the rows first); then tile_step adds the products in order and
+// tile_store writes them back. The rows' loads issue before the products' loop, so a
 // row the previous offset wrote arrives while the loop runs; summing into
 // the partial sum after the loop (tile_add) exposed that latency on every
 // tile. Measured on Zen 4 (KITTI sweep, one thread, bench/sparse_isa.py's
@@ -215,10 +211,10 @@ inline void tile_store(const typename Vec<T>::type* acc0, const typename Vec<T>:
 // a[r][k * AS] (AS = 1: rows of a feature matrix; AS = kMR: a packed panel);
 // B rows are NR apart, of which NV vectors are read (NV = 1 for a last panel
 // of at most one vector: half the work). Rows r >= mr of `a` must still be
-// readable (callers repeat a valid row). `init`: C[r] = init + the sum
-// instead (tile_add). kFromC (the apply kernels): the sum runs from C[r]
-// (tile_load: C[r] + p_0 + p_1 + ..., in k order); else from zero and is
-// added to C[r] after (the weight gradient's order).
+// readable (callers repeat a valid row). kFromC (the apply kernels): the
+// sum runs from C[r] (tile_load: C[r] + p_0 + p_1 + ..., in k order), or
+// from `init` (C[r] = init + the sum); else (the weight gradient, init
+// null) from zero and is added to C[r] after (tile_add).
 template <typename T, int AS, int NV, bool kFromC>
 inline void micro_nv(int64_t kc, const T* const* a, const T* __restrict b, T* const* c, int mr, int64_t ncols,
                      const T* init) {
@@ -242,7 +238,7 @@ inline void micro_nv(int64_t kc, const T* const* a, const T* __restrict b, T* co
   if (kFromC)
     tile_store<T, NV>(acc0, acc1, c, mr, ncols);
   else
-    tile_add<T, NV>(acc0, acc1, c, 0, mr, ncols, init);
+    tile_add<T, NV>(acc0, acc1, c, 0, mr, ncols);
 }
 
 template <typename T, int AS, bool kFromC = false>
