@@ -54,6 +54,23 @@ def test_forward_bf16_against_exact_and_float32(c_in):
     assert _rel(outs[0], conv_sum(x.feats, w, kmap) + b) < 1.5e-2
 
 
+def test_forward_bf16_on_a_map_without_identity():
+    """A k2 s2 map (no identity offset: the rows start as the bias, then every
+    offset adds) and a k3 map with the bias absent, against the exact sum."""
+    x = _cloud(c=24, seed=5)
+    g = torch.Generator().manual_seed(2)
+    for kmap, bias in ((ps.kmap.get_kmap(x, 2, stride=2), torch.randn(40, generator=g)),
+                       (ps.kmap.get_kmap(x, 3), None)):
+        plan = _engine.make_fused_plan(kmap)
+        w = (torch.randn(kmap.kernel_volume, 24, 40, generator=g) / 5).bfloat16()
+        fb = x.feats.bfloat16()
+        out = torch.full((kmap.num_out, 40), float("nan"))
+        plan.core.forward_bf16(fb.view(torch.int16).numpy(), w.view(torch.int16).numpy(),
+                               None if bias is None else bias.numpy(), out.numpy(), 2)
+        exact = conv_sum(fb.double(), w.double(), kmap) + (0 if bias is None else bias.double())
+        assert _rel(out, exact) < 1e-6
+
+
 def test_conv3d_runs_bf16_in_inference_only():
     x = _cloud(c=8)
     w = torch.randn(27, 8, 16) / 8 ** 0.5

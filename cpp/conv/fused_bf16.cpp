@@ -56,12 +56,21 @@ inline uint32_t pair_of(const uint16_t* x, int64_t q, int64_t kc) {
   return x[2 * q];
 }
 
-// c[r][0:ncols] += tile rows r < mr; rows r >= mr of `a` repeat a valid row.
+// c[r][0:ncols] += tile rows r < mr (init: c[r] = init + tile rows, the
+// bias or zero on a block's first offset); rows r >= mr of `a` and `c`
+// repeat a valid row. The accumulators start from c's rows (or init), whose
+// loads so issue before the products (as tile_load in fused_kernels.h).
 void micro(int64_t kc, int64_t kp, const uint16_t* const* a, const uint32_t* b, float* const* c, int mr,
-           int64_t ncols) {
+           int64_t ncols, const float* init) {
+  const int n0 = int(ncols < 16 ? ncols : 16), n1 = int(ncols - n0);
+  const __mmask16 m0 = __mmask16((1u << n0) - 1u), m1 = __mmask16((1u << n1) - 1u);
   __m512 acc0[kRows], acc1[kRows];
 #pragma GCC unroll 8
-  for (int r = 0; r < kRows; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+  for (int r = 0; r < kRows; ++r) {
+    const float* s = init ? init : c[r];
+    acc0[r] = _mm512_maskz_loadu_ps(m0, s);
+    acc1[r] = _mm512_maskz_loadu_ps(m1, s + 16);
+  }
   for (int64_t q = 0; q < kp; ++q) {
     const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + q * kCols);
     const __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + q * kCols + 16);
@@ -72,44 +81,67 @@ void micro(int64_t kc, int64_t kp, const uint16_t* const* a, const uint32_t* b, 
       acc1[r] = _mm512_dpbf16_ps(acc1[r], x, b1);
     }
   }
-  const int n0 = int(ncols < 16 ? ncols : 16), n1 = int(ncols - n0);
-  const __mmask16 m0 = __mmask16((1u << n0) - 1u), m1 = __mmask16((1u << n1) - 1u);
 #pragma GCC unroll 8
   for (int r = 0; r < kRows; ++r) {
     if (r >= mr) continue;
-    _mm512_mask_storeu_ps(c[r], m0, _mm512_add_ps(_mm512_maskz_loadu_ps(m0, c[r]), acc0[r]));
-    if (n1 > 0) _mm512_mask_storeu_ps(c[r] + 16, m1, _mm512_add_ps(_mm512_maskz_loadu_ps(m1, c[r] + 16), acc1[r]));
+    _mm512_mask_storeu_ps(c[r], m0, acc0[r]);
+    if (n1 > 0) _mm512_mask_storeu_ps(c[r] + 16, m1, acc1[r]);
   }
 }
 
+// The pairs [lo, hi) of offset k in tiles of kRows (ident: the pairs (q, q);
+// first: store bias or zero + the products, see apply_impl).
+void apply_offset(const ApplyBf16Args& a, const uint32_t* wpack, int64_t np, int64_t kp, int64_t k, int64_t lo,
+                  int64_t hi, bool ident, bool first) {
+  const PairList& pl = a.pairs;
+  static const float zero[kCols] = {};
+  for (int64_t p = lo; p < hi; p += kRows) {
+    const int mr = int(hi - p < kRows ? hi - p : kRows);
+    const uint16_t* arow[kRows];
+    float* crow[kRows];
+    for (int r = 0; r < kRows; ++r) {
+      const int64_t q = p + (r < mr ? r : mr - 1);
+      arow[r] = a.src + (ident ? q : int64_t(pl.col[q])) * a.kc;
+      crow[r] = a.dst + (ident ? q : int64_t(pl.row[q])) * a.cols;
+    }
+    // The next tile's rows read (a gather: as apply_pairs in fused_kernels.h).
+    const int64_t next_end = p + 2 * kRows < hi ? p + 2 * kRows : hi;
+    for (int64_t q = p + kRows; q < next_end; ++q) {
+      const uint16_t* row = a.src + (ident ? q : int64_t(pl.col[q])) * a.kc;
+      for (int64_t i = 0; i < a.kc; i += 32) __builtin_prefetch(row + i);
+    }
+    for (int64_t j = 0; j < np; ++j) {
+      float* c[kRows];
+      for (int r = 0; r < kRows; ++r) c[r] = crow[r] + j * kCols;
+      const int64_t ncols = a.cols - j * kCols < kCols ? a.cols - j * kCols : kCols;
+      const float* init = first ? (a.bias ? a.bias + j * kCols : zero) : nullptr;
+      micro(a.kc, kp, arow, wpack + (k * np + j) * kp * kCols, c, mr, ncols, init);
+    }
+  }
+}
+
+// As apply_blocks (fused_kernels.h): where the identity offset runs, it goes
+// first and stores bias (or zero) + its products into every row of the
+// block; else the rows start as the bias (or zero). Then every other offset.
 void apply_impl(const ApplyBf16Args& a, const uint32_t* wpack, int64_t np, int64_t kp) {
   const int64_t K = a.pairs.kernel_volume, blocks = (a.num_rows + kBlockRows - 1) / kBlockRows;
   const PairList& pl = a.pairs;
+  const int64_t ident = a.kc > 0 ? pl.identity : -1;
 #pragma omp parallel for num_threads(a.nt) schedule(dynamic, 1) if (blocks > 1)
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const int64_t r0 = blk * kBlockRows, r1 = r0 + kBlockRows < a.num_rows ? r0 + kBlockRows : a.num_rows;
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t j = 0; j < a.cols; ++j) a.dst[r * a.cols + j] = a.bias ? a.bias[j] : 0.0f;
-    for (int64_t k = 0; k < (a.kc == 0 ? 0 : K); ++k) {
-      const bool ident = k == pl.identity;
-      const int64_t lo = ident ? r0 : pl.cuts[blk * K + k], hi = ident ? r1 : pl.cuts[(blk + 1) * K + k];
-      for (int64_t p = lo; p < hi; p += kRows) {
-        const int mr = int(hi - p < kRows ? hi - p : kRows);
-        const uint16_t* arow[kRows];
-        float* crow[kRows];
-        for (int r = 0; r < kRows; ++r) {
-          const int64_t q = p + (r < mr ? r : mr - 1);
-          arow[r] = a.src + (ident ? q : int64_t(pl.col[q])) * a.kc;
-          crow[r] = a.dst + (ident ? q : int64_t(pl.row[q])) * a.cols;
-        }
-        for (int64_t j = 0; j < np; ++j) {
-          float* c[kRows];
-          for (int r = 0; r < kRows; ++r) c[r] = crow[r] + j * kCols;
-          const int64_t ncols = a.cols - j * kCols < kCols ? a.cols - j * kCols : kCols;
-          micro(a.kc, kp, arow, wpack + (k * np + j) * kp * kCols, c, mr, ncols);
-        }
+    if (ident >= 0)
+      apply_offset(a, wpack, np, kp, ident, r0, r1, true, true);
+    else
+      for (int64_t r = r0; r < r1; ++r) {
+        float* d = a.dst + r * a.cols;
+        if (a.bias)
+          __builtin_memcpy(d, a.bias, sizeof(float) * static_cast<unsigned long>(a.cols));
+        else
+          __builtin_memset(d, 0, sizeof(float) * static_cast<unsigned long>(a.cols));
       }
-    }
+    for (int64_t k = 0; k < (a.kc == 0 ? 0 : K); ++k)
+      if (k != ident) apply_offset(a, wpack, np, kp, k, pl.cuts[blk * K + k], pl.cuts[(blk + 1) * K + k], false, false);
     if (a.relu)
       for (int64_t i = r0 * a.cols; i < r1 * a.cols; ++i) a.dst[i] = a.dst[i] < 0.0f ? 0.0f : a.dst[i];
   }
