@@ -1,5 +1,6 @@
-// The bf16 inference forward of the fused convolution (fused.h): the same
-// blocks, offsets and row tiles as apply_impl (fused_kernels.h), with
+// The bf16 inference forward of the fused convolution (fused.h): the block
+// walk of every apply kernel (apply_blocks and apply_pairs of
+// fused_kernels.h, included here in the AVX-512 build's shape), with
 // `vdpbf16ps`: per step a tile of 8 rows x 32 columns adds
 // x[r][2q] * W[2q][j] + x[r][2q+1] * W[2q+1][j] into float32 accumulators
 // (the products of two bf16 are exact in float32). Weights are packed per
@@ -17,8 +18,14 @@
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx512bf16,avx2,fma")
+#define PS_CONV_ISA Isa::avx512
+#define PS_CONV_VEC_BYTES 64
+#define PS_CONV_KERNELS_ONLY  // only the block walk is borrowed
 namespace ps {
 namespace conv {
+namespace bf16 {
+#include "conv/fused_kernels.h"
+
 namespace {
 
 constexpr int kRows = 8;     // rows per tile
@@ -60,8 +67,8 @@ inline uint32_t pair_of(const uint16_t* x, int64_t q, int64_t kc) {
 // bias or zero on a block's first offset); rows r >= mr of `a` and `c`
 // repeat a valid row. The accumulators start from c's rows (or init), whose
 // loads so issue before the products (as tile_load in fused_kernels.h).
-void micro(int64_t kc, int64_t kp, const uint16_t* const* a, const uint32_t* b, float* const* c, int mr,
-           int64_t ncols, const float* init) {
+void micro_bf16(int64_t kc, int64_t kp, const uint16_t* const* a, const uint32_t* b, float* const* c, int mr,
+                int64_t ncols, const float* init) {
   const int n0 = int(ncols < 16 ? ncols : 16), n1 = int(ncols - n0);
   const __mmask16 m0 = __mmask16((1u << n0) - 1u), m1 = __mmask16((1u << n1) - 1u);
   __m512 acc0[kRows], acc1[kRows];
@@ -89,69 +96,29 @@ void micro(int64_t kc, int64_t kp, const uint16_t* const* a, const uint32_t* b, 
   }
 }
 
-// The pairs [lo, hi) of offset k in tiles of kRows (ident: the pairs (q, q);
-// first: store bias or zero + the products, see apply_impl).
-void apply_offset(const ApplyBf16Args& a, const uint32_t* wpack, int64_t np, int64_t kp, int64_t k, int64_t lo,
-                  int64_t hi, bool ident, bool first) {
-  const PairList& pl = a.pairs;
+// apply_blocks with this kernel's tiles: a block's first offset (the
+// identity where it runs) stores bias or zero + its products.
+void apply_impl(const ApplyBf16Args& a, const uint32_t* wpack, int64_t np, int64_t kp) {
   static const float zero[kCols] = {};
-  for (int64_t p = lo; p < hi; p += kRows) {
-    const int mr = int(hi - p < kRows ? hi - p : kRows);
-    const uint16_t* arow[kRows];
-    float* crow[kRows];
-    for (int r = 0; r < kRows; ++r) {
-      const int64_t q = p + (r < mr ? r : mr - 1);
-      arow[r] = a.src + (ident ? q : int64_t(pl.col[q])) * a.kc;
-      crow[r] = a.dst + (ident ? q : int64_t(pl.row[q])) * a.cols;
-    }
-    // The next tile's rows read (a gather: as apply_pairs in fused_kernels.h).
-    const int64_t next_end = p + 2 * kRows < hi ? p + 2 * kRows : hi;
-    for (int64_t q = p + kRows; q < next_end; ++q) {
-      const uint16_t* row = a.src + (ident ? q : int64_t(pl.col[q])) * a.kc;
-      for (int64_t i = 0; i < a.kc; i += 32) __builtin_prefetch(row + i);
-    }
+  const auto tile = [&a, wpack, np, kp](int64_t k, const uint16_t* const* arow, float* const* crow, int mr,
+                                         bool first) {
     for (int64_t j = 0; j < np; ++j) {
       float* c[kRows];
       for (int r = 0; r < kRows; ++r) c[r] = crow[r] + j * kCols;
       const int64_t ncols = a.cols - j * kCols < kCols ? a.cols - j * kCols : kCols;
       const float* init = first ? (a.bias ? a.bias + j * kCols : zero) : nullptr;
-      micro(a.kc, kp, arow, wpack + (k * np + j) * kp * kCols, c, mr, ncols, init);
+      micro_bf16(a.kc, kp, arow, wpack + (k * np + j) * kp * kCols, c, mr, ncols, init);
     }
-  }
-}
-
-// As apply_blocks (fused_kernels.h): where the identity offset runs, it goes
-// first and stores bias (or zero) + its products into every row of the
-// block; else the rows start as the bias (or zero). Then every other offset.
-void apply_impl(const ApplyBf16Args& a, const uint32_t* wpack, int64_t np, int64_t kp) {
-  const int64_t K = a.pairs.kernel_volume, blocks = (a.num_rows + kBlockRows - 1) / kBlockRows;
-  const PairList& pl = a.pairs;
-  const int64_t ident = a.kc > 0 ? pl.identity : -1;
-#pragma omp parallel for num_threads(a.nt) schedule(dynamic, 1) if (blocks > 1)
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    const int64_t r0 = blk * kBlockRows, r1 = r0 + kBlockRows < a.num_rows ? r0 + kBlockRows : a.num_rows;
-    if (ident >= 0)
-      apply_offset(a, wpack, np, kp, ident, r0, r1, true, true);
-    else
-      for (int64_t r = r0; r < r1; ++r) {
-        float* d = a.dst + r * a.cols;
-        if (a.bias)
-          __builtin_memcpy(d, a.bias, sizeof(float) * static_cast<unsigned long>(a.cols));
-        else
-          __builtin_memset(d, 0, sizeof(float) * static_cast<unsigned long>(a.cols));
-      }
-    for (int64_t k = 0; k < (a.kc == 0 ? 0 : K); ++k)
-      if (k != ident) apply_offset(a, wpack, np, kp, k, pl.cuts[blk * K + k], pl.cuts[(blk + 1) * K + k], false, false);
-    if (a.relu)
-      for (int64_t i = r0 * a.cols; i < r1 * a.cols; ++i) a.dst[i] = a.dst[i] < 0.0f ? 0.0f : a.dst[i];
-  }
+  };
+  apply_blocks<kRows>(a, [](int64_t) { return false; }, tile);
 }
 
 }  // namespace
+}  // namespace bf16
 
 void apply_bf16_kernels(const ApplyBf16Args& a, uint32_t* wpack, int64_t np, int64_t kp) {
-  pack(a, wpack, np, kp);
-  apply_impl(a, wpack, np, kp);
+  bf16::pack(a, wpack, np, kp);
+  bf16::apply_impl(a, wpack, np, kp);
 }
 
 }  // namespace conv

@@ -271,7 +271,7 @@ void pack_weights(const ApplyArgs<T>& a, int64_t c_in, int64_t c_out) {
   }
 }
 
-template <typename T, bool kWrite = false>
+template <bool kWrite = false, typename T>
 inline void prefetch_row(const T* p, int64_t n) {
   for (int64_t i = 0; i < n; i += int64_t(64 / sizeof(T))) __builtin_prefetch(p + i, kWrite ? 1 : 0);
 }
@@ -281,14 +281,14 @@ inline void prefetch_row(const T* p, int64_t n) {
 // written, rows past mr repeat a valid one; `first`: store instead, see
 // apply_blocks). `ident`: the pairs are (q, q), q in [lo, hi). MR: rows
 // per tile (a kernel with its own tile height passes it to apply_blocks).
-template <int MR = kMR, typename T, typename Tile>
-inline void apply_pairs(const ApplyArgs<T>& a, int64_t k, int64_t lo, int64_t hi, bool ident, bool first,
-                        Tile& tile) {
+// Args: ApplyArgs<T>, or ApplyBf16Args (bf16 rows read, float rows written).
+template <int MR = kMR, typename Args, typename Tile>
+inline void apply_pairs(const Args& a, int64_t k, int64_t lo, int64_t hi, bool ident, bool first, Tile& tile) {
   const PairList& pl = a.pairs;
   for (int64_t p = lo; p < hi; p += MR) {
     const int mr = int(hi - p < MR ? hi - p : MR);
-    const T* arow[MR];
-    T* crow[MR];
+    decltype(a.src) arow[MR];
+    decltype(a.dst) crow[MR];
     for (int r = 0; r < MR; ++r) {
       const int64_t q = p + (r < mr ? r : mr - 1);
       arow[r] = a.src + (ident ? q : int64_t(pl.col[q])) * a.kc;
@@ -304,7 +304,7 @@ inline void apply_pairs(const ApplyArgs<T>& a, int64_t k, int64_t lo, int64_t hi
     const int64_t next_end = p + 2 * MR < hi ? p + 2 * MR : hi;
     for (int64_t q = p + MR; q < next_end; ++q) {
       prefetch_row(a.src + (ident ? q : int64_t(pl.col[q])) * a.kc, a.kc);
-      if (first) prefetch_row<T, true>(a.dst + (ident ? q : int64_t(pl.row[q])) * a.cols, a.cols);
+      if (first) prefetch_row<true>(a.dst + (ident ? q : int64_t(pl.row[q])) * a.cols, a.cols);
     }
     tile(k, arow, crow, mr, first);
   }
@@ -316,9 +316,10 @@ inline void apply_pairs(const ApplyArgs<T>& a, int64_t k, int64_t lo, int64_t hi
 // into every row of the block: the rows need no pass of their own. Else the
 // rows start as the bias (or zero). Then every other offset k that
 // `skip(k)` keeps adds its pairs (apply_pairs), in offset order; then the
-// ReLU epilogue while the block is still in cache.
-template <int MR = kMR, typename T, typename Skip, typename Tile>
-void apply_blocks(const ApplyArgs<T>& a, Skip skip, Tile tile) {
+// ReLU epilogue while the block is still in cache. Args as apply_pairs'.
+template <int MR = kMR, typename Args, typename Skip, typename Tile>
+void apply_blocks(const Args& a, Skip skip, Tile tile) {
+  typedef decltype(a.dst) Out;
   const int64_t K = a.pairs.kernel_volume;
   const int64_t blocks = (a.num_rows + kBlockRows - 1) / kBlockRows;
   const PairList& pl = a.pairs;
@@ -330,11 +331,11 @@ void apply_blocks(const ApplyArgs<T>& a, Skip skip, Tile tile) {
       apply_pairs<MR>(a, ident, r0, r1, true, true, tile);
     } else {
       for (int64_t r = r0; r < r1; ++r) {
-        T* __restrict d = a.dst + r * a.cols;
+        Out __restrict d = a.dst + r * a.cols;
         if (a.bias)
-          __builtin_memcpy(d, a.bias, sizeof(T) * static_cast<unsigned long>(a.cols));
+          __builtin_memcpy(d, a.bias, sizeof(*d) * static_cast<unsigned long>(a.cols));
         else
-          __builtin_memset(d, 0, sizeof(T) * static_cast<unsigned long>(a.cols));
+          __builtin_memset(d, 0, sizeof(*d) * static_cast<unsigned long>(a.cols));
       }
     }
     for (int64_t k = 0; k < (a.kc == 0 ? 0 : K); ++k) {
@@ -342,8 +343,8 @@ void apply_blocks(const ApplyArgs<T>& a, Skip skip, Tile tile) {
       apply_pairs<MR>(a, k, pl.cuts[blk * K + k], pl.cuts[(blk + 1) * K + k], false, false, tile);
     }
     if (a.relu) {
-      T* __restrict d = a.dst + r0 * a.cols;
-      for (int64_t i = 0; i < (r1 - r0) * a.cols; ++i) d[i] = d[i] < T(0) ? T(0) : d[i];
+      Out __restrict d = a.dst + r0 * a.cols;
+      for (int64_t i = 0; i < (r1 - r0) * a.cols; ++i) d[i] = d[i] < 0 ? 0 : d[i];
     }
   }
 }

@@ -2,8 +2,9 @@
 // (AVX2 and generic): each of those translation units includes this right
 // after fused_kernels.h, and these reuse its helpers (Vec, vload, vstore,
 // lanes, nr, panels, tile_step, tile_load, tile_store, tile_add,
-// prefetch_row) and its tile shape kMR. Same rules: internal linkage, no std templates. The listed rows are
-// packed before (pack_sparse, sparse.cpp), in panels of nr<T>() columns.
+// prefetch_row) and its tile shape kMR. Same rules: internal linkage, no
+// std templates. The listed rows are packed before (pack_sparse,
+// sparse.cpp), in panels of nr<T>() columns.
 
 #include "conv/sparse_walk.h"
 
