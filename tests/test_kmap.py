@@ -393,14 +393,15 @@ def test_real_sweep_methods_agree(datasets_dir):
 # --- the coordinate cache -------------------------------------------------
 
 def counting_build(monkeypatch):
+    """Every map a cache builds (through kmap._build, as the public build does)."""
     calls = []
-    real = km.build
+    real = km._build
 
     def build(*args, **kwargs):
         calls.append((args[1:], kwargs))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(km, "build", build)
+    monkeypatch.setattr(km, "_build", build)
     return calls
 
 
