@@ -71,6 +71,33 @@ def test_forward_bf16_on_a_map_without_identity():
         assert _rel(out, exact) < 1e-6
 
 
+def test_forward_bf16_rounds_its_output_as_torch_does():
+    """out_bf16 (each block rounded in the kernel) equals out.to(bfloat16) bit
+    for bit, NaN rows, infinities and values near the rounding ties included."""
+    x = _cloud(c=16, seed=7)
+    kmap = ps.kmap.get_kmap(x, 3)
+    plan = _engine.make_fused_plan(kmap)
+    g = torch.Generator().manual_seed(3)
+    feats = x.feats.clone()
+    feats[0] = float("nan")
+    feats[1, :3] = torch.tensor([float("inf"), 1e-39, 3.0e38])
+    fb, wb = feats.bfloat16(), (torch.randn(27, 16, 24, generator=g) * 4).bfloat16()
+    for nt, relu in ((1, False), (2, True)):
+        out = torch.empty(kmap.num_out, 24)
+        rounded = torch.empty(kmap.num_out, 24, dtype=torch.bfloat16)
+        plan.core.forward_bf16(fb.view(torch.int16).numpy(), wb.view(torch.int16).numpy(), None, out.numpy(), nt,
+                               relu, out_bf16=rounded.view(torch.int16).numpy())
+        assert out.isnan().any() and out.isinf().any()
+        assert torch.equal(rounded.view(torch.int16), out.to(torch.bfloat16).view(torch.int16))
+    bits = fb.view(torch.int16).numpy()
+    for bad, error, match in ((torch.empty(kmap.num_out, 24, dtype=torch.float32).numpy(), ValueError, "out_bf16"),
+                              (torch.empty(kmap.num_out, 23, dtype=torch.int16).numpy(), ValueError, "out_bf16"),
+                              (torch.empty(3, 24, dtype=torch.int16).numpy(), ValueError, "out_bf16"),
+                              ([1, 2], TypeError, "out_bf16")):
+        with pytest.raises(error, match=match):
+            plan.core.forward_bf16(bits, wb.view(torch.int16).numpy(), None, out.numpy(), 1, False, out_bf16=bad)
+
+
 def test_conv3d_runs_bf16_in_inference_only():
     x = _cloud(c=8)
     w = torch.randn(27, 8, 16) / 8 ** 0.5

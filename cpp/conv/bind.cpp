@@ -172,7 +172,7 @@ void forward(const conv::Plan& plan, py::array feats, py::array weight, py::obje
 // The bf16 inference forward: feats and weight hold bf16 bits (int16 or
 // uint16 arrays), bias and out float32; products summed in float32.
 void forward_bf16(const conv::Plan& plan, py::array feats, py::array weight, py::object bias, py::array out,
-                  int num_threads, bool relu) {
+                  int num_threads, bool relu, py::object out_bf16) {
   if (!conv::bf16_runs())
     value_error("forward_bf16 needs AVX-512 with AVX512-BF16; this CPU (or build) runs: " + runnable_isas());
   check_rows(feats, "feats", false);
@@ -189,9 +189,20 @@ void forward_bf16(const conv::Plan& plan, py::array feats, py::array weight, py:
   const auto* w = static_cast<const uint16_t*>(weight.data());
   const float* bp = bias.is_none() ? nullptr : static_cast<const float*>(b.data());
   auto* d = static_cast<float*>(out.mutable_data());
+  uint16_t* d16 = nullptr;
+  py::array o16;
+  if (!out_bf16.is_none()) {
+    if (!py::isinstance<py::array>(out_bf16)) throw py::type_error("out_bf16 must be a numpy array or None");
+    o16 = py::reinterpret_borrow<py::array>(out_bf16);
+    check_rows(o16, "out_bf16", true);
+    rows_are(o16, plan.num_out(), "out_bf16", "num_out");
+    check_bf16_bits(o16, "out_bf16");
+    if (o16.shape(1) != out.shape(1)) value_error("out_bf16 must have out's columns");
+    d16 = static_cast<uint16_t*>(o16.mutable_data());
+  }
   const int64_t kc = feats.shape(1), cols = out.shape(1);
   py::gil_scoped_release release;
-  conv::run_apply_bf16(plan, s, w, bp, d, kc, cols, threads(num_threads), relu);
+  conv::run_apply_bf16(plan, s, w, bp, d, kc, cols, threads(num_threads), relu, d16);
 }
 
 // grad_feats = sum over offsets o of grad_feats[in_idx] += grad[out_idx] @ weight[o]^T.
@@ -276,9 +287,10 @@ void bind_conv(py::module_& m) {
            "pairs are left out); vector: the vector-sparse kernels (only the weight rows of each column panel "
            "that hold a nonzero are visited; they run in the 32-byte builds).")
       .def("forward_bf16", &forward_bf16, py::arg("feats"), py::arg("weight"), py::arg("bias"),
-           py::arg("out"), py::arg("num_threads"), py::arg("relu") = false,
+           py::arg("out"), py::arg("num_threads"), py::arg("relu") = false, py::arg("out_bf16") = py::none(),
            "Inference forward in bf16 (AVX512-BF16): feats and weight hold bf16 bits (int16/uint16 arrays), bias "
-           "(float32 or None) and out float32; products summed in float32. ValueError where the CPU lacks it.")
+           "(float32 or None) and out float32; products summed in float32. out_bf16 (bf16 bits, out's shape, or "
+           "None): out rounded to bf16 as torch rounds, block by block. ValueError where the CPU lacks it.")
       .def("backward_input", &backward_input, py::arg("grad"), py::arg("weight"), py::arg("grad_feats"),
            py::arg("num_threads"), py::arg("isa") = py::none(), py::arg("active") = py::none(),
            py::arg("vector") = false,

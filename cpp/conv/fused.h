@@ -138,6 +138,9 @@ struct ApplyBf16Args {
   PairList pairs;
   int nt;
   bool relu;
+  // (num_rows, cols) or null: dst rounded to bf16 (to nearest even, NaN as
+  // 0xFFFF: torch's CPU rounding) block by block while the rows are in cache.
+  uint16_t* dst_bf16 = nullptr;
 };
 // Whether this build and this CPU run apply_bf16 (AVX-512 F/VL/BW/DQ + BF16).
 bool bf16_runs();

@@ -96,8 +96,21 @@ void micro_bf16(int64_t kc, int64_t kp, const uint16_t* const* a, const uint32_t
   }
 }
 
+// dst[i] = round(src[i]) to bf16 for i < n: to nearest even, NaN as 0xFFFF
+// (torch's CPU float -> bfloat16, whose vectorised conversion writes NaN so:
+// the result equals dst.to(torch.bfloat16) bit for bit).
+void round_bf16(const float* __restrict src, uint16_t* __restrict dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t b;
+    __builtin_memcpy(&b, src + i, 4);
+    const bool nan = (b & 0x7FFFFFFFu) > 0x7F800000u;
+    dst[i] = nan ? uint16_t(0xFFFF) : uint16_t((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+  }
+}
+
 // apply_blocks with this kernel's tiles: a block's first offset (the
-// identity where it runs) stores bias or zero + its products.
+// identity where it runs) stores bias or zero + its products; with
+// dst_bf16, each block's rows are rounded into it once they are done.
 void apply_impl(const ApplyBf16Args& a, const uint32_t* wpack, int64_t np, int64_t kp) {
   static const float zero[kCols] = {};
   const auto tile = [&a, wpack, np, kp](int64_t k, const uint16_t* const* arow, float* const* crow, int mr,
@@ -110,7 +123,14 @@ void apply_impl(const ApplyBf16Args& a, const uint32_t* wpack, int64_t np, int64
       micro_bf16(a.kc, kp, arow, wpack + (k * np + j) * kp * kCols, c, mr, ncols, init);
     }
   };
-  apply_blocks<kRows>(a, [](int64_t) { return false; }, tile);
+  const auto skip_none = [](int64_t) { return false; };
+  if (a.dst_bf16 == nullptr) {
+    apply_blocks<kRows>(a, skip_none, tile);
+    return;
+  }
+  apply_blocks<kRows>(a, skip_none, tile, [&a](int64_t r0, int64_t r1) {
+    round_bf16(a.dst + r0 * a.cols, a.dst_bf16 + r0 * a.cols, (r1 - r0) * a.cols);
+  });
 }
 
 }  // namespace

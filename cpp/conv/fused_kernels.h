@@ -316,9 +316,13 @@ inline void apply_pairs(const Args& a, int64_t k, int64_t lo, int64_t hi, bool i
 // into every row of the block: the rows need no pass of their own. Else the
 // rows start as the bias (or zero). Then every other offset k that
 // `skip(k)` keeps adds its pairs (apply_pairs), in offset order; then the
-// ReLU epilogue while the block is still in cache. Args as apply_pairs'.
-template <int MR = kMR, typename Args, typename Skip, typename Tile>
-void apply_blocks(const Args& a, Skip skip, Tile tile) {
+// ReLU epilogue while the block is still in cache, and `done(r0, r1)` on
+// the block's rows [r0, r1) (a kernel's own epilogue). Args as apply_pairs'.
+struct NoEpilogue {
+  void operator()(int64_t, int64_t) const {}
+};
+template <int MR = kMR, typename Args, typename Skip, typename Tile, typename Done = NoEpilogue>
+void apply_blocks(const Args& a, Skip skip, Tile tile, Done done = Done()) {
   typedef decltype(a.dst) Out;
   const int64_t K = a.pairs.kernel_volume;
   const int64_t blocks = (a.num_rows + kBlockRows - 1) / kBlockRows;
@@ -346,6 +350,7 @@ void apply_blocks(const Args& a, Skip skip, Tile tile) {
       Out __restrict d = a.dst + r0 * a.cols;
       for (int64_t i = 0; i < (r1 - r0) * a.cols; ++i) d[i] = d[i] < 0 ? 0 : d[i];
     }
+    done(r0, r1);
   }
 }
 

@@ -287,11 +287,11 @@ void run_wgrad(const Plan& plan, const T* x, const T* g, T* grad_w, const T* mas
 }
 
 void run_apply_bf16(const Plan& plan, const uint16_t* src, const uint16_t* w, const float* bias, float* dst,
-                    int64_t kc, int64_t cols, int nt, bool relu) {
+                    int64_t kc, int64_t cols, int nt, bool relu, uint16_t* dst_bf16) {
   const int64_t rows = plan.num_out();
   if (cols == 0 || rows == 0) return;
   prefer_huge_pages(dst, size_t(rows * cols) * sizeof(float));
-  apply_bf16(ApplyBf16Args{src, w, bias, dst, kc, cols, rows, plan.pairs(false), nt, relu});
+  apply_bf16(ApplyBf16Args{src, w, bias, dst, kc, cols, rows, plan.pairs(false), nt, relu, dst_bf16});
 }
 
 #define PS_CONV_PLAN_INSTANTIATE(T)                                                                               \

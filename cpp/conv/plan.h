@@ -113,10 +113,11 @@ template <typename T>
 void run_wgrad(const Plan& plan, const T* x, const T* g, T* grad_w, const T* mask, int64_t c_in, int64_t c_out,
                const Skip& skip, int nt, Isa isa);
 
-// The bf16 forward (ApplyBf16Args) over the plan's pairs by output row.
-// Precondition: bf16_runs(). Runs without the GIL.
+// The bf16 forward (ApplyBf16Args) over the plan's pairs by output row;
+// dst_bf16 (or null): dst rounded to bf16 as well. Precondition:
+// bf16_runs(). Runs without the GIL.
 void run_apply_bf16(const Plan& plan, const uint16_t* src, const uint16_t* w, const float* bias, float* dst,
-                    int64_t kc, int64_t cols, int nt, bool relu);
+                    int64_t kc, int64_t cols, int nt, bool relu, uint16_t* dst_bf16 = nullptr);
 
 }  // namespace conv
 }  // namespace ps

@@ -369,10 +369,11 @@ def conv_bf16(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     ReLU) added in float32, the result rounded once to bfloat16."""
     plan = get_plan(kmap, cache)
     out = torch.empty((plan.num_out, weight.shape[2]), dtype=torch.float32)
+    rounded = torch.empty((plan.num_out, weight.shape[2]), dtype=torch.bfloat16)
     b = None if bias is None else _np(bias.detach().float().contiguous())
     plan.core.forward_bf16(_np(feats.contiguous().view(torch.int16)), _np(weight.contiguous().view(torch.int16)),
-                           b, _np(out), _ext.num_threads(), relu)
-    return out.to(torch.bfloat16)
+                           b, _np(out), _ext.num_threads(), relu, out_bf16=_np(rounded.view(torch.int16)))
+    return rounded
 
 
 def supported(feats: torch.Tensor, weight: torch.Tensor) -> bool:
