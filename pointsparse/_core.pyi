@@ -146,11 +146,13 @@ class ConvPlan:
         'generic'). relu: max(out, 0) in the kernel's epilogue (inference)."""
     def forward_bf16(
         self, feats: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, out: np.ndarray, num_threads: int,
-        relu: bool = False,
+        relu: bool = False, out_bf16: np.ndarray | None = None,
     ) -> None:
         """Inference forward in bf16: feats and weight hold bf16 bits (int16 or
         uint16), bias (float32 or None) and out float32; products summed in
-        float32 (AVX512-BF16 vdpbf16ps). ValueError where the CPU lacks it."""
+        float32 (AVX512-BF16 vdpbf16ps). out_bf16 (bf16 bits, out's shape, or
+        None): out rounded to bf16 as torch rounds, block by block. ValueError
+        where the CPU lacks it."""
     def transposed(self) -> "ConvPlan":
         """The plan of the transposed map (inputs and outputs swapped), sharing
         this plan's pairs: no pass over them."""
