@@ -228,7 +228,7 @@ def _execution(counts: torch.Tensor, rows: int, region, threshold: float) -> Exe
     # ops took some 40 (measured per call on Zen 4).
     import numpy as np
 
-    c = counts.numpy()
+    c = counts.cpu().numpy()  # counted on the weight's device (sparsity_report takes CUDA weights too)
     per_offset = c.sum(1)
     keep = per_offset > 0
     if region is not None:
