@@ -313,18 +313,17 @@ def build(coords: torch.Tensor, kernel_size=3, stride=1, dilation=1, tensor_stri
     """
     _coords.check_coords(coords)
     return _build(coords, as_triple(kernel_size, "kernel_size"), as_triple(stride, "stride"),
-                  as_triple(dilation, "dilation"), as_triple(tensor_stride, "tensor_stride"), method, out_coords,
-                  check_multiples=True)
+                  as_triple(dilation, "dilation"), as_triple(tensor_stride, "tensor_stride"), method, out_coords)
 
 
 def _build(coords: torch.Tensor, k: Triple, t: Triple, d: Triple, s: Triple, method: str | None = None,
-           out_coords: torch.Tensor | None = None, check_multiples: bool = False) -> KernelMap:
+           out_coords: torch.Tensor | None = None, check_multiples: bool = True) -> KernelMap:
     """:func:`build` of checked coords and normalised 3-tuples (the arguments
-    are normalised once, at the public entry point). ``check_multiples``
-    (the public entry point): ValueError unless the coords (and out_coords)
-    are multiples of their strides; a cache's coords are so by construction
-    (validated when their tensor was made, or downsampled), so its maps skip
-    the pass (some 0.25 ms per map on a 91k-voxel sweep)."""
+    are normalised once, at the public entry point). ValueError unless the
+    coords (and out_coords) are multiples of their strides; a cache's maps
+    pass ``check_multiples=False``: its coords are multiples by construction
+    (validated when their tensor was made, or downsampled), and the pass
+    costs some 0.25 ms per map on a 91k-voxel sweep."""
     method = _check_method(method, coords.device)
     offsets = _offsets(k, d, s)
     if check_multiples:
@@ -370,7 +369,7 @@ def _get_kmap(tensor: SparseTensor, k: Triple, t: Triple, d: Triple, transposed:
 
         def make():
             known = None if t == (1, 1, 1) else cache.get_coords(out_stride)
-            return _build(tensor.coords, k, t, d, tensor.stride, method, out_coords=known)
+            return _build(tensor.coords, k, t, d, tensor.stride, method, out_coords=known, check_multiples=False)
 
         kmap = cache.get_kmap(key, make)
         cache.set_coords(out_stride, kmap.out_coords)
@@ -387,7 +386,8 @@ def _get_kmap(tensor: SparseTensor, k: Triple, t: Triple, d: Triple, transposed:
     up_key = KernelMapKey(fine_stride, k, t, d, True)
 
     def make_down():
-        return _build(fine, k, t, d, fine_stride, method, out_coords=None if t == (1, 1, 1) else tensor.coords)
+        return _build(fine, k, t, d, fine_stride, method, out_coords=None if t == (1, 1, 1) else tensor.coords,
+                      check_multiples=False)
 
     def make_up():
         down = cache.get_kmap(down_key, make_down)
