@@ -197,19 +197,28 @@ class Execution:
         return "vector" if self.vector else ("offsets" if self.active is not None else "dense")
 
 
-def _flags(keep: torch.Tensor):
+def _flags(keep):
+    """The kernels' offset flags of a bool ``(K,)`` numpy array or tensor:
+    None when every offset runs, else uint8 numpy."""
     import numpy as np
 
-    return None if bool(keep.all()) else np.ascontiguousarray(keep.numpy().astype(np.uint8))
+    keep = keep.cpu().numpy() if isinstance(keep, torch.Tensor) else keep
+    return None if bool(keep.all()) else np.ascontiguousarray(keep.astype(np.uint8))
+
+
+def _counts(weight: torch.Tensor, transpose: bool = False):
+    """:func:`vector_counts` as a numpy array: the C++ counts as they come
+    (the per-call cost of the engine's choice), or the torch count's."""
+    if _ext.serves(weight, dtypes=ENGINE_DTYPES):
+        return _ext.core.conv_weight_vectors(_np(weight.detach().contiguous()), transpose)
+    return vector_blocks(weight, transpose).sum(1).cpu().numpy()
 
 
 def vector_counts(weight: torch.Tensor, transpose: bool = False) -> torch.Tensor:
     """int64 ``(K, panels)``: ``vector_blocks(weight, transpose).sum(1)``,
-    counted in one C++ pass for CPU float32/float64 (the per-call cost of
-    the engine's choice), in torch ops otherwise."""
+    counted in one C++ pass for CPU float32/float64, in torch ops otherwise."""
     if _ext.serves(weight, dtypes=ENGINE_DTYPES):
-        w = weight.detach().contiguous()
-        return torch.from_numpy(_ext.core.conv_weight_vectors(_np(w), transpose)).to(torch.int64)
+        return torch.from_numpy(_counts(weight, transpose)).to(torch.int64)
     return vector_blocks(weight, transpose).sum(1)
 
 
@@ -219,23 +228,21 @@ def choose_execution(weight: torch.Tensor, region: torch.Tensor | None = None,
     offsets whose ``(C_in, C_out)`` slab is all zero (or outside ``region``,
     a bool ``(K,)``) are skipped; the vector-sparse kernels run when at most
     :data:`VECTOR_DENSITY` of the remaining vectors hold a nonzero."""
-    counts = vector_counts(weight, transpose)
-    return _execution(counts, weight.shape[2] if transpose else weight.shape[1], region, VECTOR_DENSITY)
+    return _execution(_counts(weight, transpose), weight.shape[2] if transpose else weight.shape[1], region,
+                      VECTOR_DENSITY)
 
 
-def _execution(counts: torch.Tensor, rows: int, region, threshold: float) -> Execution:
-    # In numpy: a few microseconds per conv call where torch's small-tensor
-    # ops took some 40 (measured per call on Zen 4).
-    import numpy as np
-
-    c = counts.cpu().numpy()  # counted on the weight's device (sparsity_report takes CUDA weights too)
-    per_offset = c.sum(1)
+def _execution(counts, rows: int, region, threshold: float) -> Execution:
+    """From the numpy ``(K, panels)`` counts (:func:`_counts`): in numpy, a
+    few microseconds per conv call where torch's small-tensor ops took some
+    40 (AMD EPYC Zen 4 [avx2 avx512f])."""
+    per_offset = counts.sum(1)
     keep = per_offset > 0
     if region is not None:
         keep &= region.cpu().numpy()
-    capacity = int(keep.sum()) * rows * c.shape[1]
+    capacity = int(keep.sum()) * rows * counts.shape[1]
     density = int(per_offset[keep].sum()) / capacity if capacity else 0.0
-    return Execution(None if keep.all() else keep.astype(np.uint8), density <= threshold, density)
+    return Execution(_flags(keep), density <= threshold, density)
 
 
 def _panel_columns(cols: int, dtype: torch.dtype) -> torch.Tensor:
@@ -252,8 +259,8 @@ def executed_flops(weight: torch.Tensor, pair_counts: torch.Tensor, region: torc
     ``weight`` on a map with per-offset ``pair_counts`` (the identity's
     included): ``pairs(k) * C_in * C_out`` per offset run, or with the
     vector-sparse kernels ``pairs(k) * (columns of the vectors listed)``."""
-    counts = vector_counts(weight)
-    execution = _execution(counts, weight.shape[1], region, VECTOR_DENSITY)
+    counts = vector_counts(weight).cpu()  # a CUDA weight's counts too
+    execution = _execution(counts.numpy(), weight.shape[1], region, VECTOR_DENSITY)
     pairs = torch.as_tensor(pair_counts, dtype=torch.int64)
     keep = torch.ones(weight.shape[0], dtype=torch.bool) if execution.active is None else \
         torch.from_numpy(execution.active).bool()
@@ -271,7 +278,7 @@ def weight_execution(mask: torch.Tensor | None, region: torch.Tensor | None):
     unmasked (either way the result times the mask is the same, bit for bit)."""
     if mask is None:
         return (None if region is None else _flags(region)), None
-    execution = _execution(vector_counts(mask), mask.shape[1], region, MASKED_WGRAD_DENSITY)
+    execution = _execution(_counts(mask), mask.shape[1], region, MASKED_WGRAD_DENSITY)
     return execution.active, (mask if execution.vector and execution.density > 0 else None)
 
 
