@@ -173,15 +173,15 @@ class VoxelSkip(nn.Module):
         self.module = module
 
     def forward(self, input: SparseTensor) -> SparseTensor:
-        x = _check_input(input)
-        rows, kept = self.prune.select(x)
+        rows, kept = self.prune.select(input)  # checks that input is a SparseTensor
         y = self.module(kept)
-        if not isinstance(y, SparseTensor) or y.stride != kept.stride or len(y) != len(kept):
-            got = f"{len(y)} sites at stride {y.stride}" if isinstance(y, SparseTensor) else type(y).__name__
+        if not isinstance(y, SparseTensor):
+            raise TypeError(f"VoxelSkip: module must return a SparseTensor; got {type(y).__name__}")
+        if y.stride != kept.stride or len(y) != len(kept):
             raise ValueError(f"VoxelSkip: module must return a SparseTensor on the {len(kept)} kept sites at "
-                             f"stride {kept.stride}; got {got}")
-        feats = y.feats.new_zeros((len(x), y.num_channels)).index_copy(0, rows.to(y.device), y.feats)
-        return x.with_feats(feats)
+                             f"stride {kept.stride}; got {len(y)} sites at stride {y.stride}")
+        feats = y.feats.new_zeros((len(input), y.num_channels)).index_copy(0, rows.to(y.device), y.feats)
+        return input.with_feats(feats)
 
 
 class _Pool3d(nn.Module):
