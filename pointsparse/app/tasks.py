@@ -203,7 +203,8 @@ def checkpoint_batches(state: dict, data=None, label_map=None, count: int = 1) -
     config, saved = state["config"], state.get("args", {})
     spec = data or saved.get("data") or ["generated"]
     if len(spec) == 1 and spec[0].startswith("generated"):
-        source = generated_source(spec, saved, count, 0)  # the run's sensor (range, beams), its training seeds
+        # The run's sensor (range, beams) and its training scenes (train.py: seeds from seed * 10_000).
+        source = generated_source(spec, saved, count, int(saved.get("seed", 0)) * 10_000)
     else:
         source = open_source(spec, label_map or saved.get("label_map"), config.get("ignore_index", 255))
     dataset = VoxelDataset(source, config["voxel_size"], config.get("ignore_index", 255))
