@@ -25,8 +25,8 @@ needed), one round, the page in a temporary folder.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
-import statistics
 import sys
 import time
 
@@ -119,20 +119,17 @@ def measure(channels: int, coords: torch.Tensor, rounds: int, points: list | Non
     x = ps.SparseTensor(torch.randn(len(coords), channels), coords)
     kmap = ps.kmap.get_kmap(x, 3)
     sizes = kmap.sizes.to(torch.int64)
-    runs = []  # (label, conv, backward, vector_density)
+    runs = []  # (name, label, conv, mode or kernel call, vector_density, mode)
+    amounts = {}
     for name, kind, amount, conv in variants(channels):
+        amounts[name] = amount
         check(conv, x, kmap)
         for mode in ("fwd", "fwd+bwd", "core"):
             labels = [(kind, _engine.VECTOR_DENSITY)] + ([("vector/dense kernels", -1.0)] if kind == "vector" else [])
             for label, vd in labels:
                 runs.append((name, label, conv, core_forward(conv, x, kmap, vd) if mode == "core" else mode, vd, mode))
-    times = {i: [] for i in range(len(runs))}
-    for i, (_, _, conv, mode, vd, _) in enumerate(runs):  # warm-up: maps and plans built
-        once(conv, x, mode, vd)
-    for _ in range(rounds):
-        for i, (_, _, conv, mode, vd, _) in enumerate(runs):
-            times[i].append(once(conv, x, mode, vd))
-    med = {i: statistics.median(t) for i, t in times.items()}
+    # The warm-up builds the maps and plans.
+    med = interleaved({i: (lambda r=r: once(r[2], x, r[3], r[4])) for i, r in enumerate(runs)}, rounds)
     base = {r[5]: med[i] for i, r in enumerate(runs) if r[0] == "unpruned"}
     lines = [f"### C = {channels} ({len(coords):,} voxels, {int(sizes.sum()):,} pairs)", "",
              "| pruning | run as | engine path | ideal (pairs or FLOPs) | forward ms | fwd speed-up | "
@@ -144,7 +141,7 @@ def measure(channels: int, coords: torch.Tensor, rounds: int, points: list | Non
         conv = next(r[2] for r in runs if r[0] == name)
         w = conv.weight.detach()
         if points is not None and kind != "dense" and kind != "vector/dense kernels":
-            points.append((channels, kind, float(name.split()[-1][:-1]) / 100, ideal(w, sizes),
+            points.append((channels, kind, amounts[name], ideal(w, sizes),
                            base["fwd"] / t["fwd"], base["fwd+bwd"] / t["fwd+bwd"]))
         lines.append(f"| {name} | {kind} | {path_of(w, kind)} | {ideal(w, sizes):.2f}x | {1e3 * t['fwd']:.1f} | "
                      f"{base['fwd'] / t['fwd']:.2f}x | {1e3 * t['fwd+bwd']:.1f} | "
@@ -178,7 +175,7 @@ def spatial(channels: int, coords: torch.Tensor, rounds: int, keep: float = 0.5)
             out = up(relu(ps.nn.add(branch, start)))
         assert torch.equal(out.coords, x.coords)
 
-    sizes = {"all": len(coarse), "kept": len(pruner(coarse))}
+    sizes = {"all": len(coarse), "kept": math.ceil(round(keep * len(coarse), 9))}  # one scan: keep_per_batch's count
     t = interleaved({how: (lambda how=how: run(how)) for how in ("all", "prune", "skip")}, rounds)
     return (f"### Spatial pruning, C = {channels}: decoder step from stride 2 ({sizes['all']:,} voxels) back to "
             f"stride 1 ({len(coords):,})\n\n| voxels convolved | time ms | speed-up |\n|---|---|---|\n"
@@ -219,11 +216,8 @@ def formats_table(channels: int, coords: torch.Tensor, rounds: int) -> str:
         with torch.no_grad():
             ref = conv_sum(x.feats, _effective_weight(module), ps.kmap.get_kmap(x, 3))
             torch.testing.assert_close(module(x).feats, ref, rtol=1e-4, atol=1e-4)
-    times = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, module in runs.items():
-            times[name].append(once(module, x, "fwd", _engine.VECTOR_DENSITY))
-    med = {name: statistics.median(t) for name, t in times.items()}
+    med = interleaved({name: (lambda m=module: once(m, x, "fwd", _engine.VECTOR_DENSITY))
+                       for name, module in runs.items()}, rounds, warmup=False)  # each ran once in the check
     base_t = med["unpruned (engine)"]
     lines = [f"### N:M and blocks inside the conv, C = {channels}", "",
              "| weights | run as | engine path | forward ms | speed-up |", "|---|---|---|---|---|"]
