@@ -44,6 +44,7 @@ from pointsparse.data import Batch, VoxelDataset, open_source
 from pointsparse.models import load_model
 
 VARIANTS = ("unpruned", "voxelprune", "voxelskip")
+DEFAULT_OUT, DEFAULT_RESULTS = Path("runs/voxel-prune"), RESULTS_DIR / "voxel_prune.md"
 
 
 def add_voxel_prune(model: torch.nn.Module, keep: float, stages) -> list:
@@ -115,7 +116,7 @@ def run_variant(args) -> None:
     model = build(args, args.variant)
     seconds = finetune(model, args)
     miou = evaluate(model, args)
-    out = args.out / args.variant
+    out = (args.out / f"seed-{args.seed}" if args.seed else args.out) / args.variant
     out.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out / "weights.pt")
     (out / "result.json").write_text(json.dumps({"miou": miou, "finetune_s": seconds, "steps": args.steps}))
@@ -175,8 +176,10 @@ def report(args, write: bool = True) -> None:
     print(summary + "\n\n" + table)
     command = f"python bench/voxel_prune.py --steps {args.steps} --keep {args.keep} --stages " + \
         " ".join(map(str, args.stages)) + " --skip-stages " + " ".join(map(str, args.skip_stages)) + \
+        (f" --out {args.out}" if args.out != DEFAULT_OUT else "") + \
         " (--variant V [--seed N] for each V and N, then --report" + \
-        (f" --time-voxel-size {args.time_voxel_size})" if args.time_voxel_size else ")")
+        (f" --time-voxel-size {args.time_voxel_size}" if args.time_voxel_size else "") + \
+        (f" --results {args.results}" if args.results != DEFAULT_RESULTS else "") + ")"
     if write:
         write_markdown(args.results, "VoxelPrune and VoxelSkip on MinkUNet after the same fine-tuning",
                        command, environment(), [summary, table])
@@ -207,15 +210,13 @@ def main() -> None:
                              "go to --out/seed-N for N > 0 (--report reads every seed's)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path("runs/voxel-prune"))
-    parser.add_argument("--results", type=Path, default=RESULTS_DIR / "voxel_prune.md")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     parser.add_argument("--quick", action="store_true", help="a smoke run: 4 steps, 1 held-out scene, 1 round")
     args = parser.parse_args()
     if not args.checkpoint.is_file():
         print(f"voxel_prune: {args.checkpoint} does not exist (run `make demo` first, or pass --checkpoint)")
         return
-    if args.seed:
-        args.out = args.out / f"seed-{args.seed}"
     if args.quick:
         args.steps, args.val_scenes, args.rounds, args.out = 4, 1, 1, args.out.with_name(args.out.name + "-quick")
     torch.set_num_threads(args.threads)
