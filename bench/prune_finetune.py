@@ -33,8 +33,10 @@ from pointsparse.app.channels import finetune, load_state, prune_checkpoint, sav
 from pointsparse.app.tasks import checkpoint_batches, checkpoint_task
 
 
-def _params(path: Path) -> int:
-    return sum(p.numel() for p in load_model(path).parameters())
+def _size(path: Path, x) -> tuple[int, float]:
+    """(parameters, FLOPs on ``x``) of the model a checkpoint holds, loaded once."""
+    model = load_model(path).eval()
+    return sum(p.numel() for p in model.parameters()), _flops(model, x)
 
 
 def amc_checkpoint(path: Path, out: Path, like: Path, episodes: int, warmup: int) -> tuple[Path, str]:
@@ -53,10 +55,6 @@ def amc_checkpoint(path: Path, out: Path, like: Path, episodes: int, warmup: int
                f"{100 * task.eval_fn(dense):.1f}%), filled to the budget {100 * task.eval_fn(net):.1f}% at "
                f"{_flops(net, x) / _flops(dense, x):.4f}; search {time.perf_counter() - t0:.0f} s.")
     return save_pruned(state, net.train(), out), summary
-
-
-def _flops_of(path: Path, x) -> float:
-    return _flops(load_model(path).eval(), x)
 
 
 def _prepare(name: str, args, out: Path) -> tuple[Path, str]:
@@ -120,7 +118,7 @@ def main() -> None:
         t0 = time.perf_counter()
         finetune(path, args.epochs)
         report = json.loads((out / "metrics.json").read_text())
-        saved["rows"][name] = [_params(path), _flops_of(path, x), report["miou"], time.perf_counter() - t0, note]
+        saved["rows"][name] = [*_size(path, x), report["miou"], time.perf_counter() - t0, note]
         store.write_text(json.dumps(saved))
         print(f"{name}: mIoU {100 * report['miou']:.1f}% after {args.epochs} more epochs", flush=True)
     if any(n not in saved["rows"] for n in names):
