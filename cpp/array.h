@@ -60,6 +60,13 @@ inline py::array_t<T> empty_array(std::vector<py::ssize_t> shape) {
 
 inline std::string dtype_str(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
 
+// ValueError naming both arrays unless they share a dtype.
+inline void check_same_dtype(const py::array& a, const py::array& b, const char* na, const char* nb) {
+  if (!a.dtype().is(b.dtype()))
+    value_error(std::string(na) + " and " + nb + " must have the same dtype; got " + dtype_str(a) + " and " +
+                dtype_str(b));
+}
+
 // The one float dtype dispatch of the bindings: fn(float{}) for a float32
 // array, fn(double{}) for float64 (the kernels' element type is
 // decltype(zero)); ValueError naming `name` for any other dtype.

@@ -495,7 +495,7 @@ def test_conv_plan_checks_its_map_and_every_call():
         plan.forward(f, np.ones((3, 2, 4), np.float32), None, y, 2)
     with pytest.raises(ValueError, match="feats must have num_in = 3 rows"):
         plan.forward(f[:2], w, None, y, 2)
-    with pytest.raises(ValueError, match="one dtype"):
+    with pytest.raises(ValueError, match="weight and feats must have the same dtype"):
         plan.forward(f.astype(np.float64), w, None, y, 2)
     with pytest.raises(ValueError, match="bias must be 1-D of length 4"):
         plan.forward(f, w, np.ones(3, np.float32), y, 2)

@@ -78,7 +78,8 @@ std::unique_ptr<conv::Plan> make_plan(carray<int64_t> in_idx, carray<int64_t> ou
   if (st.repeated_offset >= 0)
     value_error("offset " + std::to_string(st.repeated_offset) + " pairs " +
                 (st.repeated_by_input ? "input" : "output") + " row " + std::to_string(st.repeated_row) + " twice");
-  return plan;
+  value_error("the kernel map is not valid (a check of make_plan without a message here)");
+  return plan;  // not reached
 }
 
 void rows_are(const py::array& a, int64_t rows, const char* name, const char* what) {
@@ -96,10 +97,6 @@ void check_weight(const conv::Plan& plan, const py::array& w, int64_t c_in, int6
   if (!is_c_contiguous(w)) value_error(std::string(name) + " must be C-contiguous");
 }
 
-void same_dtype(const py::array& a, const py::array& b, const py::array& c) {
-  if (!a.dtype().is(b.dtype()) || !a.dtype().is(c.dtype()))
-    value_error("all arrays must have one dtype; got " + dtype_str(a) + ", " + dtype_str(b) + ", " + dtype_str(c));
-}
 
 void check_bf16_bits(const py::array& a, const char* name) {
   if (a.itemsize() != 2 || (a.dtype().kind() != 'i' && a.dtype().kind() != 'u'))
@@ -116,7 +113,8 @@ void check_apply(const conv::Plan& plan, const py::array& src, const char* src_n
   check_weight(plan, weight, transpose ? dst.shape(1) : src.shape(1), transpose ? src.shape(1) : dst.shape(1));
   rows_are(src, plan.rows(!transpose), src_name, transpose ? "num_out" : "num_in");
   rows_are(dst, plan.rows(transpose), dst_name, transpose ? "num_in" : "num_out");
-  same_dtype(src, weight, dst);
+  check_same_dtype(weight, src, "weight", src_name);
+  check_same_dtype(dst, src, dst_name, src_name);
 }
 
 // The offsets one call runs: `active` None (all) or K uint8 flags.
@@ -163,7 +161,7 @@ void forward(const conv::Plan& plan, py::array feats, py::array weight, py::obje
   const bool has_bias = !bias.is_none();
   if (has_bias) {
     b = bias_of(bias, out.shape(1), false);
-    same_dtype(b, feats, out);
+    check_same_dtype(b, feats, "bias", "feats");
   }
   apply(plan, feats, weight, has_bias ? &b : nullptr, out, false, num_threads, use, relu,
         skip_of(plan, active, false), vector);
@@ -226,13 +224,14 @@ void backward_weight(const conv::Plan& plan, py::array feats, py::array grad, py
   rows_are(grad, plan.num_out(), "grad", "num_out");
   check_weight(plan, grad_weight, feats.shape(1), grad.shape(1), "grad_weight");
   if (!grad_weight.writeable()) value_error("grad_weight must be writeable");
-  same_dtype(feats, grad, grad_weight);
+  check_same_dtype(grad, feats, "grad", "feats");
+  check_same_dtype(grad_weight, feats, "grad_weight", "feats");
   py::array m;
   if (!mask.is_none()) {
     m = py::array::ensure(mask);
     if (!m) value_error("mask must be an array or None");
     check_weight(plan, m, feats.shape(1), grad.shape(1), "mask");
-    same_dtype(m, feats, grad);
+    check_same_dtype(m, feats, "mask", "feats");
   }
   const conv::Skip skip = skip_of(plan, active, false);
   dispatch_float(feats, "feats", [&](auto zero) {

@@ -26,12 +26,6 @@ bool float_kind(const py::array& a, const char* name) {
   return dispatch_float(a, name, [](auto zero) { return sizeof(zero) == sizeof(double); });
 }
 
-void check_same_dtype(const py::array& a, const py::array& b, const char* na, const char* nb) {
-  if (!a.dtype().is(b.dtype()))
-    value_error(std::string(na) + " and " + nb + " must have the same dtype; got " +
-                dtype_str(a) + " and " + dtype_str(b));
-}
-
 py::array contiguous(const py::array& a) {
   return py::array::ensure(a, py::array::c_style);
 }
