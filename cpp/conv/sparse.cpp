@@ -21,16 +21,16 @@ namespace {
 // against 14.5 / 14.7).
 constexpr int64_t kSparse512MinCols = 128;
 
-// The build of apply_sparse that runs for `asked` and `cols`: avx512 where it
-// is asked (isa_arg lets through only builds that run) and cols >=
-// kSparse512MinCols, else avx2 wherever it runs unless generic is asked.
+// The 32-byte build that runs for `asked` (isa_arg lets through only builds
+// that run): avx2 wherever it runs unless generic is asked. The masked
+// weight gradient has no avx512 build.
+Isa narrow_isa(Isa asked) { return asked != Isa::generic && isa_runs(Isa::avx2) ? Isa::avx2 : Isa::generic; }
+
+// The build of apply_sparse that runs for `asked` and `cols`: avx512 where
+// it is asked and cols >= kSparse512MinCols, else narrow_isa's.
 Isa sparse_isa(Isa asked, int64_t cols) {
-  if (asked == Isa::avx512 && isa_runs(Isa::avx512) && cols >= kSparse512MinCols) return Isa::avx512;
-  return asked != Isa::generic && isa_runs(Isa::avx2) ? Isa::avx2 : Isa::generic;
+  return asked == Isa::avx512 && cols >= kSparse512MinCols ? Isa::avx512 : narrow_isa(asked);
 }
-// The masked weight gradient has no avx512 build: avx2 wherever it runs
-// unless generic is asked.
-Isa masked_wgrad_isa(Isa asked) { return asked != Isa::generic && isa_runs(Isa::avx2) ? Isa::avx2 : Isa::generic; }
 
 // Per offset k and panel p the rows c of B_k with a nonzero in the panel's
 // columns: listed in idx, packed in order into wpack (panels of
@@ -78,7 +78,7 @@ void apply_sparse_with(SparseApplyArgs<T> s, Isa asked) {
 
 template <typename T>
 void wgrad_masked_with(MaskedWgradArgs<T> m, Isa asked) {
-  const Isa isa = masked_wgrad_isa(asked);
+  const Isa isa = narrow_isa(asked);
   WgradArgs<T>& a = m.base;
   std::vector<T> scratch(size_t(a.nt * wgrad_scratch<T>(isa, a.c_in, a.c_out)));
   a.scratch = scratch.data();
