@@ -152,7 +152,7 @@ inline void tile_add(const typename Vec<T>::type* acc0, const typename Vec<T>::t
 // row the previous offset wrote arrives while the loop runs; summing into
 // the partial sum after the loop (tile_add) exposed that latency on every
 // tile. Measured on Zen 4 (KITTI sweep, one thread, bench/sparse_isa.py's
-// line): the vector kernel's fixed cost at C = 64 fell from 6.3 to 4.3 ms
+// line): the vector kernel's fixed cost at C = 64 fell from 6.4 to 4.2 ms
 // (75% of the vectors pruned: 11.3 -> 9.6 ms), the dense kernel 4% faster
 // at C = 64 and 128. The row loop is not unswitched by the compiler: a
 // test of ncols inside it cost the dense AVX-512 kernel 7% at C = 128, so
@@ -517,7 +517,8 @@ void wgrad_impl(const WgradArgs<T>& a) {
 }  // namespace
 
 // PS_CONV_KERNELS_ONLY: an includer that only borrows the helpers above
-// (sparse_avx512.cpp) leaves the entry points to the build's own file.
+// (sparse_avx512.cpp, fused_bf16.cpp) leaves the entry points to the
+// build's own file.
 #ifndef PS_CONV_KERNELS_ONLY
 void apply(const ApplyArgs<float>& a) { apply_impl(a); }
 void apply(const ApplyArgs<double>& a) { apply_impl(a); }

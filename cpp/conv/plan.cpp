@@ -241,7 +241,7 @@ namespace {
 // less on small maps so that there are about kMinUnits units to share among
 // threads; their number is capped so that all partials fit in kPartialBytes.
 // A function of the map and the channels only.
-std::vector<int64_t> wgrad_units(const Plan& plan, int64_t partial_bytes) {
+std::vector<int64_t> wgrad_unit_bounds(const Plan& plan, int64_t partial_bytes) {
   const int64_t K = plan.kernel_volume(), num_out = plan.num_out(), pairs = plan.num_pairs();
   const int64_t* cuts = plan.pairs(false).cuts;
   const int64_t max_units = std::max<int64_t>(1, kPartialBytes / partial_bytes);
@@ -271,7 +271,7 @@ void run_wgrad(const Plan& plan, const T* x, const T* g, T* grad_w, const T* mas
     std::fill(grad_w, grad_w + K * c_in * c_out, T(0));
     return;
   }
-  const std::vector<int64_t> units = wgrad_units(plan, K * c_in * c_out * int64_t(sizeof(T)));
+  const std::vector<int64_t> units = wgrad_unit_bounds(plan, K * c_in * c_out * int64_t(sizeof(T)));
   const int64_t num_units = int64_t(units.size()) - 1;
   const int use = int(std::min<int64_t>(nt, std::max<int64_t>(num_units, 1)));
   std::vector<T> partials(num_units * K * c_in * c_out);
