@@ -128,8 +128,19 @@ def measure(channels: int, coords: torch.Tensor, rounds: int, points: list | Non
             labels = [(kind, _engine.VECTOR_DENSITY)] + ([("vector/dense kernels", -1.0)] if kind == "vector" else [])
             for label, vd in labels:
                 runs.append((name, label, conv, core_forward(conv, x, kmap, vd) if mode == "core" else mode, vd, mode))
+    # The fixed cost no pruned offset removes: the kernels with every offset
+    # but the smallest zeroed (each output row still written, as bias) and
+    # writing the output alone.
+    smallest = int(torch.argmin(sizes))
+    floor = ps.nn.Conv3d(channels, channels, 3)
+    with torch.no_grad():
+        floor.weight.copy_(next(r[2] for r in runs if r[0] == "unpruned").weight)
+        floor.weight[torch.arange(floor.weight.shape[0]) != smallest] = 0
+    written = x.feats.new_empty((kmap.num_out, channels))
+    extra = {"floor": core_forward(floor, x, kmap, _engine.VECTOR_DENSITY), "fill": lambda: written.fill_(0.5)}
     # The warm-up builds the maps and plans.
-    med = interleaved({i: (lambda r=r: once(r[2], x, r[3], r[4])) for i, r in enumerate(runs)}, rounds)
+    fns = {i: (lambda r=r: once(r[2], x, r[3], r[4])) for i, r in enumerate(runs)}
+    med = interleaved({**fns, **{k: (lambda f=f: once(None, x, f, 0.0)) for k, f in extra.items()}}, rounds)
     base = {r[5]: med[i] for i, r in enumerate(runs) if r[0] == "unpruned"}
     lines = [f"### C = {channels} ({len(coords):,} voxels, {int(sizes.sum()):,} pairs)", "",
              "| pruning | run as | engine path | ideal (pairs or FLOPs) | forward ms | fwd speed-up | "
@@ -146,6 +157,14 @@ def measure(channels: int, coords: torch.Tensor, rounds: int, points: list | Non
         lines.append(f"| {name} | {kind} | {path_of(w, kind)} | {ideal(w, sizes):.2f}x | {1e3 * t['fwd']:.1f} | "
                      f"{base['fwd'] / t['fwd']:.2f}x | {1e3 * t['fwd+bwd']:.1f} | "
                      f"{base['fwd+bwd'] / t['fwd+bwd']:.2f}x | {base['core'] / t['core']:.2f}x |")
+    core = base["core"]
+    lines += ["", f"Fixed cost (kernels alone): only the smallest offset kept ({int(sizes[smallest]):,} pairs, the "
+              f"rest zero) {1e3 * med['floor']:.2f} ms; writing the {kmap.num_out:,} x {channels} output alone "
+              f"{1e3 * med['fill']:.2f} ms; dense {1e3 * core:.2f} ms. With every output row written whatever "
+              f"is pruned, offset pruning that leaves a fraction f of the pairs reaches at most about dense / "
+              f"(fixed + f x dense) = {1e3 * core:.1f} / ({1e3 * med['floor']:.2f} + f x {1e3 * core:.1f}): "
+              + ", ".join(f"{core / (med['floor'] + f * core):.1f}x of {1 / f:.1f}x for f = {f}" for f in (0.5, 0.25, 0.12))
+              + "."]
     return "\n".join(lines)
 
 

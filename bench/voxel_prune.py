@@ -36,12 +36,13 @@ from pathlib import Path
 
 import torch
 
-from _common import RESULTS_DIR, environment, interleaved, write_markdown
+from _common import RESULTS_DIR, datasets_dir, environment, interleaved, write_markdown
 
 import pointsparse as ps
 from pointsparse.app import metrics
-from pointsparse.data import Batch, VoxelDataset, open_source
+from pointsparse.data import Batch, VoxelDataset, open_source, read_cloud, voxelize_sample
 from pointsparse.models import load_model
+from pointsparse.nn.fuse import fuse_for_inference
 
 VARIANTS = ("unpruned", "voxelprune", "voxelskip")
 DEFAULT_OUT, DEFAULT_RESULTS = Path("runs/voxel-prune"), RESULTS_DIR / "voxel_prune.md"
@@ -140,6 +141,24 @@ def time_variants(models: dict, scan, rounds: int) -> dict:
         return interleaved(fns, rounds)
 
 
+def timed_scan(args):
+    """``(tensor, words)``: the scan the report times and how to name it: a
+    held-out generated scan, or (``--time-sweep``) the real KITTI sweep
+    000049 (the north star's input; its features as every cloud's); ``(None,
+    why)`` when that sweep is absent."""
+    if not args.time_sweep:
+        voxel = args.time_voxel_size or args.voxel_size
+        scan = Batch.of([scenes(args, False, 1, 1000, voxel)[0]]).input
+        return scan, f"a held-out generated scan of {len(scan):,} voxels at {voxel} m"
+    root = datasets_dir()
+    path = None if root is None else root / "kitti-raw" / "000049.bin"
+    if path is None or not path.is_file():
+        return None, "--time-sweep needs ../shared/datasets/kitti-raw/000049.bin, which is absent; nothing timed"
+    voxel = args.time_voxel_size or 0.05
+    scan = Batch.of([voxelize_sample(read_cloud(path), voxel, 255)]).input
+    return scan, f"the KITTI sweep 000049 ({len(scan):,} voxels at {voxel} m)"
+
+
 def seed_results(args, variant: str) -> list[float]:
     """The variant's mIoU of every seed run under ``--out`` (seed 0 in it, seed N in seed-N)."""
     dirs = [args.out] + sorted(args.out.glob("seed-*"))
@@ -153,7 +172,12 @@ def report(args, write: bool = True) -> None:
         models[variant] = build(args, variant)
         models[variant].load_state_dict(torch.load(args.out / variant / "weights.pt", weights_only=True))
         models[variant].eval()
-    scan = Batch.of([scenes(args, False, 1, 1000, args.time_voxel_size)[0]]).input
+    if args.fused:
+        models = {v: fuse_for_inference(m) for v, m in models.items()}
+    scan, where = timed_scan(args)
+    if scan is None:
+        print(f"voxel_prune: {where}")
+        return
     med = time_variants(models, scan, args.rounds)
     miou = {v: seed_results(args, v) for v in VARIANTS}
     mean = {v: sum(m) / len(m) for v, m in miou.items()}
@@ -167,8 +191,8 @@ def report(args, write: bool = True) -> None:
                f"once per seed ({len(miou['unpruned'])}: the batches' order, augmentation and torch seed); "
                f"VoxelPrune({args.keep}) before decoder stages {list(args.stages)}, VoxelSkip({args.keep}) around the "
                f"convs of each residual block of decoder stages {list(args.skip_stages)} (0: stride 8 .. 3: stride "
-               f"1); forward on a held-out scan of {len(scan):,} voxels at "
-               f"{args.time_voxel_size or args.voxel_size} m, {torch.get_num_threads()} threads, median of "
+               f"1); forward{' (BatchNorm folded, ReLU in the convs: fuse_for_inference)' if args.fused else ''} "
+               f"on {where}, {torch.get_num_threads()} threads, median of "
                f"{args.rounds} interleaved rounds "
                f"(maps built in every call; the decoder is the forward less the encoder, {1e3 * med['encoder']:.1f} "
                f"ms, timed in the same rounds); mIoU per point on {args.val_scenes} held-out scenes.")
@@ -179,6 +203,7 @@ def report(args, write: bool = True) -> None:
         (f" --out {args.out}" if args.out != DEFAULT_OUT else "") + \
         " (--variant V [--seed N] for each V and N, then --report" + \
         (f" --time-voxel-size {args.time_voxel_size}" if args.time_voxel_size else "") + \
+        (" --time-sweep" if args.time_sweep else "") + (" --fused" if args.fused else "") + \
         (f" --results {args.results}" if args.results != DEFAULT_RESULTS else "") + ")"
     if write:
         write_markdown(args.results, "VoxelPrune and VoxelSkip on MinkUNet after the same fine-tuning",
@@ -205,6 +230,10 @@ def main() -> None:
     parser.add_argument("--max-range", type=float, default=35.0)
     parser.add_argument("--time-voxel-size", type=float, default=None,
                         help="voxel edge of the scan the report times (default --voxel-size; finer: a larger scan)")
+    parser.add_argument("--time-sweep", action="store_true",
+                        help="time on the real KITTI sweep 000049 (0.05 m unless --time-voxel-size) instead")
+    parser.add_argument("--fused", action="store_true",
+                        help="time the models as deployed: fuse_for_inference (BatchNorm folded, ReLU in the convs)")
     parser.add_argument("--seed", type=int, default=0,
                         help="the batches' order, augmentation and torch's seed (the same for every variant); runs "
                              "go to --out/seed-N for N > 0 (--report reads every seed's)")

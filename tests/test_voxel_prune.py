@@ -123,6 +123,60 @@ def test_voxel_skip_in_a_residual_block_passes_skipped_voxels_through_the_shortc
     assert block.main.module[0].weight.grad.abs().sum() > 0
 
 
+def test_voxel_skip_add_to_is_the_sum_with_the_zero_rows():
+    """add_to (the residual block's one pass) gives add(skip(x), other)'s
+    values and gradients; ResidualBlock takes it when main is a VoxelSkip."""
+    from pointsparse.models.minkunet import ResidualBlock
+
+    x = make(n=400, c=4, extent=9)
+    torch.manual_seed(5)
+    block = ResidualBlock(4, 6).double()
+    block.main = ps.nn.VoxelSkip(block.main, 0.4)
+    other = block.shortcut(x).with_feats(block.shortcut(x).feats.detach())
+    feats = x.feats.clone().requires_grad_()
+    got = block.main.add_to(x.with_feats(feats), other)
+    feats2 = x.feats.clone().requires_grad_()
+    expect = F.add(block.main(x.with_feats(feats2)), other)
+    assert torch.equal(got.feats, expect.feats) and got.coords is other.coords
+    g = torch.randn(got.feats.shape, dtype=torch.float64)
+    assert torch.equal(torch.autograd.grad(got.feats, feats, g)[0], torch.autograd.grad(expect.feats, feats2, g)[0])
+    block.eval()
+    out = block(x)
+    torch.testing.assert_close(out.feats, (F.add(block.main(x), block.shortcut(x))).feats.clamp_min(0),
+                               rtol=0, atol=0)
+    assert torch.autograd.gradcheck(lambda f: block(x.with_feats(f)).feats, (x.feats.clone().requires_grad_(),))
+    with pytest.raises(ValueError, match="VoxelSkip.add_to: item 1"):
+        block.main.add_to(x, make(n=300, c=6, extent=9))
+    with pytest.raises(ValueError, match="VoxelSkip.add_to: other has 4 channels; the module gives 6"):
+        block.main.add_to(x, x)
+
+
+def test_keep_per_batch_is_a_stable_ranking():
+    """The selection (kthvalue / partition) keeps what a stable descending
+    sort keeps: ties to the earlier row, NaN above inf, per batch item in
+    any row order."""
+    def ranked(scores, batch, ratio):
+        kept = []
+        for b in torch.unique(batch).tolist():
+            rows = (batch == b).nonzero().flatten()
+            n = math.ceil(round(ratio * rows.numel(), 9))
+            kept.append(rows[torch.sort(scores[rows], descending=True, stable=True).indices[:n]])
+        return torch.sort(torch.cat(kept)).values
+
+    g = torch.Generator().manual_seed(0)
+    for t in range(200):
+        n = int(torch.randint(1, 120, (1,), generator=g))
+        scores = torch.randint(0, 4, (n,), generator=g).to(torch.float64 if t % 2 else torch.float32)
+        if t % 3 == 0:
+            scores[torch.rand(n, generator=g) < 0.1] = float("nan")
+        if t % 5 == 0:
+            scores[torch.rand(n, generator=g) < 0.1] = float("inf")
+        batch = torch.randint(0, 1 + t % 3, (n,), generator=g)
+        ratio = 0.01 + 0.99 * float(torch.rand(1, generator=g))
+        assert torch.equal(F.keep_per_batch(scores, batch, ratio), ranked(scores, batch, ratio)), t
+    assert F.keep_per_batch(torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.5).numel() == 0
+
+
 def test_voxel_skip_errors():
     with pytest.raises(TypeError, match="module must be a torch.nn.Module"):
         ps.nn.VoxelSkip(lambda t: t, 0.5)

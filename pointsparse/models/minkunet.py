@@ -46,6 +46,8 @@ class ResidualBlock(nn.Module):
         self.relu = spnn.ReLU(inplace=True)
 
     def forward(self, x: SparseTensor) -> SparseTensor:
+        if isinstance(self.main, spnn.VoxelSkip):  # its zero rows need not be written and summed
+            return self.relu(self.main.add_to(x, self.shortcut(x)))
         return self.relu(spnn.add(self.main(x), self.shortcut(x)))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from .. import kmap as _kmap
@@ -127,20 +128,50 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
     return SparseTensor(feats, kmap.out_coords, kmap.key.out_stride, cache=input.cache, validate=False)
 
 
+def _top_mask(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """Bool mask of the ``n`` highest of the finite 1-D ``scores`` (ties: the
+    earlier rows), by selection (``kthvalue``) instead of a sort."""
+    m = scores.numel()
+    if n >= m:
+        return torch.ones(m, dtype=torch.bool, device=scores.device)
+    if n <= 0:
+        return torch.zeros(m, dtype=torch.bool, device=scores.device)
+    if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64):
+        v = float(np.partition(scores.detach().numpy(), m - n)[m - n])  # the n-th highest; ~12x kthvalue's speed
+    else:
+        v = torch.kthvalue(scores, m - n + 1).values
+    above = scores > v
+    short = n - int(above.sum())
+    tied = scores == v
+    if int(tied.sum()) == short:
+        return above | tied
+    # Of the rows scoring v, the earliest `short` are kept.
+    return above | (tied & (torch.cumsum(tied, 0) <= short))
+
+
 def keep_per_batch(scores: torch.Tensor, batch: torch.Tensor, keep_ratio: float | None = None,
                    threshold: float | None = None) -> torch.Tensor:
     """Sorted int64 rows to keep: per batch item the ``ceil(keep_ratio * n)``
-    highest ``scores`` (ties: the earlier row), or every row whose score is
-    ``>= threshold``."""
+    highest ``scores`` (ties: the earlier row; NaN above every number), or
+    every row whose score is ``>= threshold``."""
     if threshold is not None:
         return (scores >= threshold).nonzero().flatten()
+    if scores.numel() == 0:
+        return batch.new_zeros(0, dtype=torch.int64)
+    count = lambda k: math.ceil(round(keep_ratio * k, 9))  # noqa: E731  (0.3 * 10 is 3, not 4)
+    finite = bool(torch.isfinite(scores).all())
+    first = batch[0]
+    if finite and bool((batch == first).all()):  # one batch item: a selection, no sort
+        return _top_mask(scores, count(scores.numel())).nonzero().flatten()
     kept = []
     for b in torch.unique(batch).tolist():
         rows = (batch == b).nonzero().flatten()
-        n = math.ceil(round(keep_ratio * rows.numel(), 9))  # 0.3 * 10 is 3, not 4
-        order = torch.sort(scores[rows], descending=True, stable=True).indices[:n]
-        kept.append(rows[order])
-    return torch.sort(torch.cat(kept)).values if kept else batch.new_zeros(0, dtype=torch.int64)
+        n = count(rows.numel())
+        if finite:
+            kept.append(rows[_top_mask(scores[rows], n)])
+        else:  # torch's sort orders NaN above inf; a stable sort keeps ties in row order
+            kept.append(rows[torch.sort(scores[rows], descending=True, stable=True).indices[:n]])
+    return torch.sort(torch.cat(kept)).values
 
 
 def _finer(a, b) -> bool:
@@ -166,9 +197,9 @@ def select_voxels(input: SparseTensor, rows: torch.Tensor, feats: torch.Tensor |
         coarse = tuple(a * b for a, b in zip(key.tensor_stride, key.stride))
         if _finer(key.tensor_stride, input.stride) and _finer(coarse, input.stride):
             cache.get_kmap(key, lambda kmap=kmap: kmap)
-    coords = input.coords[rows.to(input.coords.device)]
+    coords = input.coords.index_select(0, rows.to(input.coords.device))
     cache.set_coords(input.stride, coords)
-    feats = input.feats[rows.to(input.device)] if feats is None else feats
+    feats = input.feats.index_select(0, rows.to(input.device)) if feats is None else feats
     return SparseTensor(feats, coords, input.stride, cache=cache, validate=False)
 
 

@@ -140,9 +140,9 @@ class VoxelPrune(nn.Module):
         x = _check_input(input)
         scores = self.scores(x)
         rows = F.keep_per_batch(scores.detach(), x.coords[:, 0].to(scores.device), self.keep_ratio, self.threshold)
-        feats = x.feats[rows]
+        feats = x.feats.index_select(0, rows)  # (advanced indexing takes ~3x as long on the CPU)
         if self.scorer is not None:
-            feats = feats * torch.sigmoid(scores[rows]).unsqueeze(1)
+            feats = feats * torch.sigmoid(scores.index_select(0, rows)).unsqueeze(1)
         return rows, F.select_voxels(x, rows, feats)
 
     def forward(self, input: SparseTensor) -> SparseTensor:
@@ -172,7 +172,8 @@ class VoxelSkip(nn.Module):
         self.prune = VoxelPrune(keep_ratio, score, in_channels, threshold)
         self.module = module
 
-    def forward(self, input: SparseTensor) -> SparseTensor:
+    def _branch(self, input: SparseTensor) -> tuple[torch.Tensor, SparseTensor]:
+        """``(rows, y)``: the kept rows of ``input`` and ``module``'s output on them."""
         rows, kept = self.prune.select(input)  # checks that input is a SparseTensor
         y = self.module(kept)
         if not isinstance(y, SparseTensor):
@@ -180,8 +181,25 @@ class VoxelSkip(nn.Module):
         if y.stride != kept.stride or len(y) != len(kept):
             raise ValueError(f"VoxelSkip: module must return a SparseTensor on the {len(kept)} kept sites at "
                              f"stride {kept.stride}; got {len(y)} sites at stride {y.stride}")
-        feats = y.feats.new_zeros((len(input), y.num_channels)).index_copy(0, rows.to(y.device), y.feats)
+        return rows.to(y.device), y
+
+    def forward(self, input: SparseTensor) -> SparseTensor:
+        rows, y = self._branch(input)
+        feats = y.feats.new_zeros((len(input), y.num_channels)).index_copy(0, rows, y.feats)
         return input.with_feats(feats)
+
+    def add_to(self, input: SparseTensor, other: SparseTensor) -> SparseTensor:
+        """``functional.add(self(input), other)`` in one pass: ``other``'s
+        feats with the module's output added at the kept rows, instead of
+        zero rows written, the output scattered into them and the sum taken
+        (a residual block's ``main(x) + shortcut(x)``; the same values)."""
+        rows, y = self._branch(input)
+        F._same_sites([input, other], "VoxelSkip.add_to")
+        if other.num_channels != y.num_channels:
+            raise ValueError(f"VoxelSkip.add_to: other has {other.num_channels} channels; the module gives "
+                             f"{y.num_channels}")
+        dtype = torch.promote_types(other.feats.dtype, y.feats.dtype)  # as the sum's
+        return other.with_feats(other.feats.to(dtype).index_add(0, rows, y.feats.to(dtype)))
 
 
 class _Pool3d(nn.Module):
