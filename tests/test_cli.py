@@ -128,3 +128,25 @@ def test_bench_unknown_suite_is_an_error(capsys):
     assert cli.main(["bench", "no-such-suite"]) == 2
     err = capsys.readouterr().err
     assert "no-such-suite" in err or "no benchmark suites" in err
+
+
+def test_bad_input_is_a_message_not_a_traceback(tmp_path):
+    """A missing or damaged checkpoint, as a user meets it from the shell:
+    one line naming the file, exit status 2; POINTSPARSE_TRACEBACK=1 gives
+    the traceback."""
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(b"not a checkpoint")
+    missing = tmp_path / "missing.pt"
+    procs = [start("eval", "--checkpoint", str(missing), "--no-progress"),
+             start("export", "--checkpoint", str(damaged), "--out", str(tmp_path / "m.pt2"))]
+    for proc, (command, path) in zip(procs, (("eval", missing), ("export", damaged))):
+        rc, out, err = finish(proc)
+        assert rc == 2 and err.startswith(f"pointsparse {command}: error: ") and str(path) in err, err
+        assert "Traceback" not in err
+    os.environ[cli.TRACEBACK_ENV] = "1"
+    try:
+        rc, _, err = finish(start("eval", "--checkpoint", str(missing), "--no-progress"))
+    finally:
+        del os.environ[cli.TRACEBACK_ENV]
+    assert rc == 1 and "Traceback" in err and str(missing) in err
+    assert not (tmp_path / "m.pt2").exists()

@@ -30,7 +30,15 @@ def test_quick_runs_on_digits(procedure, tmp_path, capsys):
                                         ("--sparsity", "inf"), ("--flops", "0"), ("--latency", "-1"),
                                         ("--prune-fraction", "nan"), ("--rounds", "0"), ("--episodes", "-3"),
                                         ("--rewind", "-1")])
-def test_bad_flags_fail_before_any_work(flag, value, tmp_path):
+def test_bad_flags_fail_before_any_work(flag, value, tmp_path, capsys, monkeypatch):
+    """The command line prints the message naming the flag and returns 2, no
+    traceback; POINTSPARSE_TRACEBACK=1 raises the ValueError itself."""
+    argv = ["prune", "schedule", flag, value, "--out", str(tmp_path / "never")]
+    monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pointsparse prune: error: ") and flag in err and "Traceback" not in err
+    monkeypatch.setenv(cli.TRACEBACK_ENV, "1")
     with pytest.raises(ValueError, match=flag):
-        cli.main(["prune", "schedule", flag, value, "--out", str(tmp_path / "never")])
+        cli.main(argv)
     assert not (tmp_path / "never").exists()

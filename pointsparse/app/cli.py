@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # (command, module, one-line help)
@@ -42,13 +43,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Set to 1 for the traceback of a bad-input error instead of its message alone.
+TRACEBACK_ENV = "POINTSPARSE_TRACEBACK"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs a command; 0 on success. Bad input (a ValueError, which names the
+    flag or the file, or a file that is not there) prints ``pointsparse
+    <command>: error: <message>`` on stderr and returns 2, as argparse does
+    for a bad flag, unless ``POINTSPARSE_TRACEBACK=1`` asks for the traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    return int(args._module.main(args) or 0)
+    try:
+        return int(args._module.main(args) or 0)
+    except (ValueError, FileNotFoundError) as error:
+        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            raise
+        print(f"pointsparse {args.command}: error: {error}\n(set {TRACEBACK_ENV}=1 for the traceback)",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover
