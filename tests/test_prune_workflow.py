@@ -88,3 +88,30 @@ def test_folded_bias_round_trips(tmp_path):
     config = {"model": "minkunet", "in_channels": 3, "classes": list("abcd"), "cr": 0.25, "blocks": 2}
     torch.save({"model": net.state_dict(), "config": config}, tmp_path / "c.pt")
     assert torch.equal(load_model(tmp_path / "c.pt")(x).feats, net(x).feats)
+
+
+def test_weights_the_config_does_not_describe_are_refused(tmp_path):
+    """A cut checkpoint without widths loads (its narrower tensors are
+    fitted); weights of a wider model or another kernel are a ValueError
+    naming the tensor, not a model that fails in its forward."""
+    from pointsparse.models import MinkUNet
+    from prune_procedures_support import sparse_input
+    torch.manual_seed(0)
+    net, x = MinkUNet(3, 4, cr=0.25).eval(), sparse_input(n=600, extent=16)
+    graph = G.DependencyGraph(net, x)
+    keep = G.plan(graph, 0.5)
+    graph.mask(keep)
+    graph.cut(keep)
+    config = {"model": "minkunet", "in_channels": 3, "classes": list("abcd"), "cr": 0.25, "blocks": 2}
+    torch.save({"model": net.state_dict(), "config": config}, tmp_path / "cut.pt")
+    assert torch.equal(load_model(tmp_path / "cut.pt")(x).feats, net(x).feats)
+    wide = MinkUNet(3, 4, cr=0.5)
+    torch.save({"model": wide.state_dict(), "config": config}, tmp_path / "wide.pt")
+    with pytest.raises(ValueError, match=r"checkpoint tensor 'stem\.0\..*' has shape .* where the config builds"):
+        load_model(tmp_path / "wide.pt")
+    other_kernel = MinkUNet(3, 4, cr=0.25).state_dict()
+    name = next(k for k, v in other_kernel.items() if k.endswith("weight") and v.dim() == 3 and v.shape[0] == 27)
+    other_kernel[name] = other_kernel[name][:8]
+    torch.save({"model": other_kernel, "config": config}, tmp_path / "kernel.pt")
+    with pytest.raises(ValueError, match=f"checkpoint tensor '{name}' has shape"):
+        load_model(tmp_path / "kernel.pt")

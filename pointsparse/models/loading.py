@@ -80,13 +80,24 @@ def _fit_shapes(model: nn.Module, state_dict: dict) -> None:
     """Resize the parameters and buffers of ``model`` to ``state_dict``'s
     shapes (a channel-pruned checkpoint whose config records no widths has
     narrower layers than its config builds); every layer reads its widths
-    from its tensors, so the model then runs."""
+    from its tensors, so the model then runs. ValueError for a tensor that
+    is not a narrowing of the built one (wider, another rank or kernel)."""
     own = dict(model.named_parameters())
     own.update(dict(model.named_buffers()))
     for name, value in state_dict.items():
         if name not in own or own[name].shape == value.shape:
             continue
+        built = tuple(own[name].shape)
         owner_name, _, leaf = name.rpartition(".")
+        # Channel pruning narrows a tensor's channel dims and nothing else: a
+        # wider tensor, another rank or another kernel volume is another
+        # architecture, refused here rather than failing in a forward.
+        kernel_dims = 1 if leaf in ("weight", "weight_orig", "weight_mask") and len(built) == 3 else 0
+        if len(value.shape) != len(built) or any(v > b for v, b in zip(value.shape, built)) or \
+                tuple(value.shape[:kernel_dims]) != built[:kernel_dims]:
+            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(value.shape)} where the config builds "
+                             f"{built}: only narrower channels (a channel-pruned model) are fitted; the config "
+                             f"(model, cr, blocks, in_channels, classes, widths) does not describe these weights")
         owner = model.get_submodule(owner_name)
         if isinstance(own[name], nn.Parameter):
             setattr(owner, leaf, nn.Parameter(value.new_empty(value.shape), own[name].requires_grad))
