@@ -39,12 +39,39 @@ def datasets_dir() -> Path | None:
     return None
 
 
+def cpu_name() -> str:
+    """The CPU as the pages name it: model, family/model numbers and the
+    kernel builds this machine runs, e.g. ``AMD EPYC (family 25 model 1)
+    [avx2 generic]`` (Zen 3) or ``... model 17) [avx512 avx2 generic]``."""
+    name, ids = platform.processor() or platform.machine(), {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key in ("model name", "cpu family", "model") and key not in ids:
+                    ids[key] = value
+                if len(ids) == 3:
+                    break
+    except OSError:
+        pass
+    if "model name" in ids:
+        name = ids["model name"]
+        if "cpu family" in ids and "model" in ids:
+            name += f" (family {ids['cpu family']} model {ids['model']})"
+    try:
+        from pointsparse import _core
+    except ImportError:  # no extension built: the torch paths only
+        return name
+    return f"{name} [{' '.join(_core.runnable_isas())}]"
+
+
 def environment() -> dict:
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "loadavg": " ".join(f"{v:.1f}" for v in os.getloadavg()),

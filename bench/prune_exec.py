@@ -339,7 +339,7 @@ def main() -> None:
     output = Path(args.out) if args.out else results_path("prune_exec.md", args.quick)
     write_markdown(output, f"Executed weight sparsity ({scene})", command, environment(),
                    tables, "Speed-ups are medians of interleaved rounds against the unpruned conv of the same "
-                   "rounds, on a 2-core AMD EPYC Zen 4 shared with other agents (noisy).")
+                   "rounds, on the machine named above.")
     print(f"written {output}")
     if points:
         plot(points, output.with_suffix(".png"))
