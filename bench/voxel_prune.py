@@ -5,7 +5,6 @@
     flock /work/cpu.lock python bench/voxel_prune.py --variant unpruned     # fine-tune, evaluate (~2 min)
     flock /work/cpu.lock python bench/voxel_prune.py --variant voxelprune   # the same with VoxelPrune
     flock /work/cpu.lock python bench/voxel_prune.py --variant voxelskip    # the same with VoxelSkip
-    flock /work/cpu.lock python bench/voxel_prune.py --variant stageskip    # VoxelSkip around whole stages
     flock /work/cpu.lock python bench/voxel_prune.py --report               # time them, write the table
     python bench/voxel_prune.py [--quick]     # all of it in one process
 
@@ -21,11 +20,7 @@ back to every voxel of the finer stride. The VoxelSkip variant keeps every
 voxel: each residual block of the decoder stages ``--skip-stages`` (by
 default all four, the stride-1 one too) runs its convs on ``--keep`` of its
 input voxels (largest feature norm) and the others pass through its
-shortcut (``nn.VoxelSkip`` around ``block.main``). The stageskip variant
-wraps each of those stages whole in one ``nn.VoxelSkip`` (one selection per
-stage; the kept voxels run both blocks on their own maps, the others the
-first block's 1x1 shortcut and ReLU, as skipping both blocks would give
-them: ``passthrough``). mIoU is per point on
+shortcut (``nn.VoxelSkip`` around ``block.main``). mIoU is per point on
 held-out scenes (seeds 1000 ..), time the median of interleaved eval-mode
 forwards without gradients on one held-out scan (and the decoder's share:
 the forward less the encoder alone). ``--seed N`` repeats a variant's
@@ -49,7 +44,7 @@ from pointsparse.data import Batch, VoxelDataset, open_source, read_cloud, voxel
 from pointsparse.models import load_model
 from pointsparse.nn.fuse import fuse_for_inference
 
-VARIANTS = ("unpruned", "voxelprune", "voxelskip", "stageskip")
+VARIANTS = ("unpruned", "voxelprune", "voxelskip")
 DEFAULT_OUT, DEFAULT_RESULTS = Path("runs/voxel-prune"), RESULTS_DIR / "voxel_prune.md"
 
 
@@ -72,26 +67,12 @@ def add_voxel_skip(model: torch.nn.Module, keep: float, stages) -> None:
             block.main = ps.nn.VoxelSkip(block.main, keep)
 
 
-def add_stage_skip(model: torch.nn.Module, keep: float, stages) -> None:
-    """VoxelSkip(keep) around each whole decoder stage ``model.fuse[j]``,
-    one selection per stage: the kept voxels run the stage (both residual
-    blocks, on maps of the kept voxels), the others its first block's 1x1
-    shortcut and ReLU (``passthrough``), which is what skipping both blocks
-    gives them."""
-    for j in stages:
-        stage = model.fuse[j]
-        passthrough = torch.nn.Sequential(stage[0].shortcut, ps.nn.ReLU())
-        model.fuse[j] = ps.nn.VoxelSkip(stage, keep, passthrough=passthrough)
-
-
 def build(args, variant: str) -> torch.nn.Module:
     model = load_model(args.checkpoint)
     if variant == "voxelprune":
         add_voxel_prune(model, args.keep, args.stages)
     elif variant == "voxelskip":
         add_voxel_skip(model, args.keep, args.skip_stages)
-    elif variant == "stageskip":
-        add_stage_skip(model, args.keep, args.skip_stages)
     return model
 
 
@@ -210,8 +191,7 @@ def report(args, write: bool = True) -> None:
                f"once per seed ({len(miou['unpruned'])}: the batches' order, augmentation and torch seed); "
                f"VoxelPrune({args.keep}) before decoder stages {list(args.stages)}, VoxelSkip({args.keep}) around the "
                f"convs of each residual block of decoder stages {list(args.skip_stages)} (0: stride 8 .. 3: stride "
-               f"1); stageskip: VoxelSkip({args.keep}) around each of those stages whole (one selection per "
-               f"stage, the skipped voxels through the first block's shortcut and ReLU); forward{' (BatchNorm folded, ReLU in the convs: fuse_for_inference)' if args.fused else ''} "
+               f"1); forward{' (BatchNorm folded, ReLU in the convs: fuse_for_inference)' if args.fused else ''} "
                f"on {where}, {torch.get_num_threads()} threads, median of "
                f"{args.rounds} interleaved rounds "
                f"(maps built in every call; the decoder is the forward less the encoder, {1e3 * med['encoder']:.1f} "

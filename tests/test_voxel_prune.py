@@ -151,40 +151,6 @@ def test_voxel_skip_add_to_is_the_sum_with_the_zero_rows():
         block.main.add_to(x, x)
 
 
-def test_voxel_skip_around_a_stage_with_a_passthrough():
-    """VoxelSkip(stage, passthrough=...): the kept voxels (brute-force
-    ranking) run the whole stage on their own maps, the skipped ones the
-    passthrough alone (the first block's shortcut and ReLU); gradients flow
-    to both."""
-    from pointsparse.models.minkunet import ResidualBlock
-
-    x = make(n=400, c=4, extent=9)
-    torch.manual_seed(7)
-    stage = torch.nn.Sequential(ResidualBlock(4, 6), ResidualBlock(6, 6)).double().eval()
-    skip = ps.nn.VoxelSkip(stage, 0.4, passthrough=torch.nn.Sequential(stage[0].shortcut, ps.nn.ReLU()))
-    out = skip(x)
-    keep = brute_keep(x, 0.4)
-    others = sorted(set(range(len(x))) - set(keep))
-    assert out.coords is x.coords and out.cache is x.cache and out.num_channels == 6
-    kept = ps.SparseTensor(x.feats[keep], x.coords[keep])
-    torch.testing.assert_close(out.feats[keep], stage(kept).feats, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(out.feats[others], stage[0].shortcut(x).feats[others].clamp_min(0),
-                               rtol=1e-12, atol=1e-12)
-    small = make(n=80, c=4, extent=5)
-    assert torch.autograd.gradcheck(lambda f: skip(small.with_feats(f)).feats,
-                                    (small.feats.clone().requires_grad_(),))
-    skip.train()
-    skip(x).feats.sum().backward()
-    assert stage[1].main[0].weight.grad.abs().sum() > 0 and stage[0].shortcut[0].weight.grad.abs().sum() > 0
-    with pytest.raises(TypeError, match="passthrough must be a torch.nn.Module or None"):
-        ps.nn.VoxelSkip(stage, 0.5, passthrough=lambda t: t)
-    wrong = ps.nn.VoxelSkip(stage, 0.5, passthrough=ps.nn.Conv3d(4, 5, 1).double())
-    skipped = len(x) - len(brute_keep(x, 0.5))
-    with pytest.raises(ValueError, match=f"passthrough must return a SparseTensor on the {skipped} skipped sites at "
-                                         rf"stride \(1, 1, 1\) with the module's 6 channels; got {skipped} sites"):
-        wrong(x)
-
-
 def test_keep_per_batch_is_a_stable_ranking():
     """The selection (kthvalue / partition) keeps what a stable descending
     sort keeps: ties to the earlier row, NaN above inf, per batch item in

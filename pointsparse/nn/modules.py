@@ -162,28 +162,15 @@ class VoxelSkip(nn.Module):
     unimportant sites pass unconvolved: the convs cost what the kept voxels
     cost while no voxel leaves the network. ``keep_ratio``, ``score``,
     ``in_channels`` and ``threshold`` are :class:`VoxelPrune`'s (``prune``);
-    ``module`` must return a SparseTensor on the coords it was given.
-
-    ``passthrough`` (a module, optional) gives the skipped voxels its output
-    instead of zero: ``passthrough`` runs on the skipped voxels alone. Around
-    a whole U-Net stage (residual blocks, the first with a 1x1 shortcut)
-    with ``passthrough = Sequential(first_block.shortcut, ReLU())``, one
-    selection serves every block of the stage: the kept voxels run the stage
-    (its convs on maps of the kept voxels, as after a :class:`VoxelPrune`),
-    the others take what per-block skipping would give them (the first
-    block's shortcut and ReLU; the later blocks pass them on unchanged)."""
+    ``module`` must return a SparseTensor on the coords it was given."""
 
     def __init__(self, module: nn.Module, keep_ratio: float = 0.5, score: str = "magnitude",
-                 in_channels: int | None = None, threshold: float | None = None,
-                 passthrough: nn.Module | None = None) -> None:
+                 in_channels: int | None = None, threshold: float | None = None) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be a torch.nn.Module; got {type(module).__name__}")
-        if passthrough is not None and not isinstance(passthrough, nn.Module):
-            raise TypeError(f"passthrough must be a torch.nn.Module or None; got {type(passthrough).__name__}")
         self.prune = VoxelPrune(keep_ratio, score, in_channels, threshold)
         self.module = module
-        self.passthrough = passthrough
 
     def _branch(self, input: SparseTensor) -> tuple[torch.Tensor, SparseTensor]:
         """``(rows, y)``: the kept rows of ``input`` and ``module``'s output on them."""
@@ -198,22 +185,7 @@ class VoxelSkip(nn.Module):
 
     def forward(self, input: SparseTensor) -> SparseTensor:
         rows, y = self._branch(input)
-        if self.passthrough is None:
-            feats = y.feats.new_zeros((len(input), y.num_channels)).index_copy(0, rows, y.feats)
-            return input.with_feats(feats)
-        skipped = torch.ones(len(input), dtype=torch.bool, device=rows.device)
-        skipped[rows] = False
-        others = skipped.nonzero().flatten()
-        z = self.passthrough(F.select_voxels(input, others))
-        if not isinstance(z, SparseTensor) or z.stride != y.stride or len(z) != len(others) or \
-                z.num_channels != y.num_channels:
-            got = (f"{len(z)} sites at stride {z.stride} with {z.num_channels} channels"
-                   if isinstance(z, SparseTensor) else type(z).__name__)
-            raise ValueError(f"VoxelSkip: passthrough must return a SparseTensor on the {len(others)} skipped sites "
-                             f"at stride {y.stride} with the module's {y.num_channels} channels; got {got}")
-        dtype = torch.promote_types(y.feats.dtype, z.feats.dtype)
-        feats = y.feats.new_empty((len(input), y.num_channels), dtype=dtype)
-        feats.index_copy_(0, rows, y.feats.to(dtype)).index_copy_(0, others, z.feats.to(dtype))  # every row once
+        feats = y.feats.new_zeros((len(input), y.num_channels)).index_copy(0, rows, y.feats)
         return input.with_feats(feats)
 
     def add_to(self, input: SparseTensor, other: SparseTensor) -> SparseTensor:
@@ -221,8 +193,6 @@ class VoxelSkip(nn.Module):
         feats with the module's output added at the kept rows, instead of
         zero rows written, the output scattered into them and the sum taken
         (a residual block's ``main(x) + shortcut(x)``; the same values)."""
-        if self.passthrough is not None:  # every row holds a value: the sum itself
-            return F.add(self(input), other)
         rows, y = self._branch(input)
         F._same_sites([input, other], "VoxelSkip.add_to")
         if other.num_channels != y.num_channels:
