@@ -93,16 +93,21 @@ def timeit(fn, repeats: int = 7, warmup: int = 1) -> float:
 def interleaved(fns: dict, repeats: int, warmup: bool = True) -> dict:
     """Median seconds of each callable (name -> fn), the calls interleaved
     round by round so that a busy spell slows all of them alike; with
-    ``warmup`` each runs once first, untimed."""
+    ``warmup`` each runs once first, untimed. Each round takes the calls in
+    a new (seeded) order: in a fixed order a call always follows the same
+    one, and what that one leaves in the caches (or flushes from them)
+    biases it every round."""
     if warmup:
         for fn in fns.values():
             fn()
     times: dict = {name: [] for name in fns}
+    names = list(fns)
+    order = np.random.default_rng(0)
     for _ in range(repeats):
-        for name, fn in fns.items():
+        for i in order.permutation(len(names)):
             t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+            fns[names[i]]()
+            times[names[i]].append(time.perf_counter() - t0)
     return {name: statistics.median(v) for name, v in times.items()}
 
 
