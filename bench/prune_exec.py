@@ -56,12 +56,15 @@ def _prune(conv, kind: str, amount: float) -> None:
         prune.panel_structured(conv, "weight", amount, square=kind == "square")
 
 
-def variants(channels: int) -> list[tuple[str, str, float, ps.nn.Conv3d]]:
-    """(name, kind, amount, conv): the unpruned conv first."""
+def variants(channels: int, kinds=None) -> list[tuple[str, str, float, ps.nn.Conv3d]]:
+    """(name, kind, amount, conv): the unpruned conv first, then every
+    granularity of ``kinds`` (default all of AMOUNTS)."""
     torch.manual_seed(0)
     base = ps.nn.Conv3d(channels, channels, 3)
     out = [("unpruned", "dense", 0.0, base)]
     for kind, amounts in AMOUNTS.items():
+        if kinds is not None and kind not in kinds:
+            continue
         for amount in amounts:
             conv = ps.nn.Conv3d(channels, channels, 3)
             conv.load_state_dict(base.state_dict())
@@ -112,7 +115,7 @@ def once(conv, x, mode: str, vector_density: float) -> float:
         _engine.VECTOR_DENSITY = old
 
 
-def measure(channels: int, coords: torch.Tensor, rounds: int, points: list | None = None) -> str:
+def measure(channels: int, coords: torch.Tensor, rounds: int, points: list | None = None, kinds=None) -> str:
     """The sparsity table at ``channels``; ``points`` (when given) collects
     (channels, kind, amount, ideal, forward speed-up, fwd+bwd speed-up) per
     pruned conv for :func:`plot`."""
@@ -121,7 +124,7 @@ def measure(channels: int, coords: torch.Tensor, rounds: int, points: list | Non
     sizes = kmap.sizes.to(torch.int64)
     runs = []  # (name, label, conv, mode or kernel call, vector_density, mode)
     amounts = {}
-    for name, kind, amount, conv in variants(channels):
+    for name, kind, amount, conv in variants(channels, kinds):
         amounts[name] = amount
         check(conv, x, kmap)
         for mode in ("fwd", "fwd+bwd", "core"):
@@ -319,6 +322,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--parts", nargs="+", default=None, choices=["sparsity", "spatial", "formats"],
                         help="default sparsity spatial (--quick all three)")
+    parser.add_argument("--kinds", nargs="+", default=None, choices=list(AMOUNTS),
+                        help="the sparsity table's granularities (default all): fewer rows, more rounds in the time")
     parser.add_argument("--out", default=None, help="default bench/results/prune_exec.md")
     parser.add_argument("--quick", action="store_true", help="a smoke run: C = 32, a 20k generated street, 1 round")
     args = parser.parse_args()
@@ -333,7 +338,8 @@ def main() -> None:
     scene = "generated street 20k @ 0.05 m" if args.quick else "kitti-raw/000049 @ 0.05 m"
     coords = street_scene(20_000) if args.quick else real_scene(sweeps["kitti-raw/000049"], 0.05)
     points: list = []
-    parts = {"sparsity": lambda c, xyz, r: measure(c, xyz, r, points), "spatial": spatial, "formats": formats_table}
+    parts = {"sparsity": lambda c, xyz, r: measure(c, xyz, r, points, args.kinds), "spatial": spatial,
+             "formats": formats_table}
     tables = [parts[part](c, coords, args.rounds) for part in args.parts for c in args.channels]
     for t in tables:
         print(t, "\n")
