@@ -193,8 +193,8 @@ class VoxelSkip(nn.Module):
         feats with the module's output added at the kept rows, instead of
         zero rows written, the output scattered into them and the sum taken
         (a residual block's ``main(x) + shortcut(x)``; the same values)."""
+        F._same_sites([input, other], "VoxelSkip.add_to")  # before the branch's work
         rows, y = self._branch(input)
-        F._same_sites([input, other], "VoxelSkip.add_to")
         if other.num_channels != y.num_channels:
             raise ValueError(f"VoxelSkip.add_to: other has {other.num_channels} channels; the module gives "
                              f"{y.num_channels}")
