@@ -195,8 +195,9 @@ def spatial(channels: int, coords: torch.Tensor, rounds: int, keep: float = 0.5)
     def run(how: str):
         with torch.no_grad():
             start = pruner(coarse) if how == "prune" else F.select_voxels(coarse, everything)
-            branch = skip(start) if how == "skip" else main(start)
-            out = up(relu(ps.nn.add(branch, start)))
+            # VoxelSkip adds its kept rows into the shortcut, as ResidualBlock takes it
+            summed = skip.add_to(start, start) if how == "skip" else ps.nn.add(main(start), start)
+            out = up(relu(summed))
         assert torch.equal(out.coords, x.coords)
 
     sizes = {"all": len(coarse), "kept": math.ceil(round(keep * len(coarse), 9))}  # one scan: keep_per_batch's count
