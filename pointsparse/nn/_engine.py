@@ -359,14 +359,31 @@ class _WeightGrad(torch.autograd.Function):
         return d_feats, d_grad, None, None, None
 
 
-def runs_bf16(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether :func:`conv_bf16` runs these tensors: CPU bfloat16 feats and
-    weight, no gradient needed (inference), a CPU with AVX512-BF16."""
-    if feats.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or not _ext.core.conv_bf16():
+def bf16_inference(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether these tensors are bf16 inference the engine serves: CPU
+    bfloat16 feats and weight, no gradient needed."""
+    if feats.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
         return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (feats, weight, bias)):
         return False
     return _ext.serves(feats, weight)
+
+
+def runs_bf16(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether :func:`conv_bf16` runs these tensors: :func:`bf16_inference`
+    on a CPU with AVX512-BF16."""
+    return _ext.core.conv_bf16() and bf16_inference(feats, weight, bias)
+
+
+def conv_bf16_on_float32(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         kmap: _kmap.KernelMap, cache: "CoordinateCache | None" = None, relu: bool = False,
+                         region: torch.Tensor | None = None) -> torch.Tensor:
+    """bf16 inference through the float32 kernels (a CPU without
+    AVX512-BF16, or a kernel region): the bf16 inputs widen to float32
+    exactly, so the products are exact and summed in float32 as
+    ``vdpbf16ps`` sums them; the result is rounded once to bfloat16."""
+    wide_bias = None if bias is None else bias.float()
+    return conv(feats.float(), weight.float(), wide_bias, kmap, cache, relu, region).to(torch.bfloat16)
 
 
 def conv_bf16(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kmap: _kmap.KernelMap,
