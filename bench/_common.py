@@ -39,6 +39,13 @@ def datasets_dir() -> Path | None:
     return None
 
 
+def kitti_path() -> Path | None:
+    """The KITTI raw sweep 000049 (float32 x, y, z, intensity), None when absent."""
+    root = datasets_dir()
+    path = None if root is None else root / "kitti-raw" / "000049.bin"
+    return path if path is not None and path.is_file() else None
+
+
 def cpu_name() -> str:
     """The CPU as the pages name it: model, family/model numbers and the
     kernel builds this machine runs, e.g. ``AMD EPYC (family 25 model 1)
@@ -159,8 +166,8 @@ def real_sweeps() -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     if root is None:
         return out
-    kitti = root / "kitti-raw" / "000049.bin"
-    if kitti.exists():
+    kitti = kitti_path()
+    if kitti is not None:
         out["kitti-raw/000049"] = np.fromfile(kitti, dtype=np.float32).reshape(-1, 4)[:, :3]
     skitti = root / "semantickitti" / "full-scan" / "velodyne" / "000000.bin"
     if skitti.exists():

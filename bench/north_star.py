@@ -149,9 +149,9 @@ def main() -> None:
 
 def kitti_points() -> np.ndarray:
     """(N, 4) float32 x, y, z (shifted to start at 0, as real_sweeps) and intensity of KITTI 000049."""
-    from _common import datasets_dir
+    from _common import kitti_path
 
-    raw = np.fromfile(datasets_dir() / "kitti-raw" / "000049.bin", dtype=np.float32).reshape(-1, 4)
+    raw = np.fromfile(kitti_path(), dtype=np.float32).reshape(-1, 4)
     xyz = real_sweeps()["kitti-raw/000049"]
     return np.concatenate([xyz, raw[:, 3:4]], axis=1).astype(np.float32)
 

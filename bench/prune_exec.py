@@ -144,8 +144,7 @@ def measure(channels: int, coords: torch.Tensor, rounds: int, points: list | Non
     base_core = next(r[3] for r in runs if r[0] == "unpruned" and r[5] == "core")
     # The warm-up builds the maps and plans.
     med = interleaved({i: (lambda r=r: once(r[2], x, r[3], r[4])) for i, r in enumerate(runs)}, rounds)
-    med.update(interleaved({k: (lambda f=f: once(None, x, f, 0.0)) for k, f in {**extra, "dense": base_core}.items()},
-                           rounds))
+    med.update(interleaved({**extra, "dense": base_core}, rounds))
     base = {r[5]: med[i] for i, r in enumerate(runs) if r[0] == "unpruned"}
     lines = [f"### C = {channels} ({len(coords):,} voxels, {int(sizes.sum()):,} pairs)", "",
              "| pruning | run as | engine path | ideal (pairs or FLOPs) | forward ms | fwd speed-up | "
@@ -163,13 +162,13 @@ def measure(channels: int, coords: torch.Tensor, rounds: int, points: list | Non
                      f"{base['fwd'] / t['fwd']:.2f}x | {1e3 * t['fwd+bwd']:.1f} | "
                      f"{base['fwd+bwd'] / t['fwd+bwd']:.2f}x | {base['core'] / t['core']:.2f}x |")
     core = med["dense"]
-    lines += ["", f"Fixed cost (kernels alone, timed in rounds of their own beside the dense kernels): only the smallest offset kept ({int(sizes[smallest]):,} pairs, the "
-              f"rest zero) {1e3 * med['floor']:.2f} ms; writing the {kmap.num_out:,} x {channels} output alone "
+    lines += ["", f"Fixed cost (kernels alone, timed in rounds of their own beside the dense kernels): only the "
+              f"smallest offset kept ({int(sizes[smallest]):,} pairs, the rest zero) {1e3 * med['floor']:.2f} ms; writing the {kmap.num_out:,} x {channels} output alone "
               f"{1e3 * med['fill']:.2f} ms; dense {1e3 * core:.2f} ms. With every output row written whatever "
               f"is pruned, offset pruning that leaves a fraction f of the pairs reaches at most about dense / "
               f"(fixed + f x dense) = {1e3 * core:.1f} / ({1e3 * med['floor']:.2f} + f x {1e3 * core:.1f}): "
-              + ", ".join(f"{core / (med['floor'] + f * core):.1f}x of {1 / f:.1f}x for f = {f}" for f in (0.5, 0.25, 0.12))
-              + "."]
+              + ", ".join(f"{core / (med['floor'] + f * core):.1f}x of {1 / f:.1f}x for f = {f}"
+                          for f in (0.5, 0.25, 0.12)) + "."]
     return "\n".join(lines)
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from _common import RESULTS_DIR, datasets_dir, environment, interleaved, write_markdown
+from _common import RESULTS_DIR, environment, interleaved, kitti_path, write_markdown
 
 import pointsparse as ps
 from pointsparse.app import metrics
@@ -150,9 +150,8 @@ def timed_scan(args):
         voxel = args.time_voxel_size or args.voxel_size
         scan = Batch.of([scenes(args, False, 1, 1000, voxel)[0]]).input
         return scan, f"a held-out generated scan of {len(scan):,} voxels at {voxel} m"
-    root = datasets_dir()
-    path = None if root is None else root / "kitti-raw" / "000049.bin"
-    if path is None or not path.is_file():
+    path = kitti_path()
+    if path is None:
         return None, "--time-sweep needs ../shared/datasets/kitti-raw/000049.bin, which is absent; nothing timed"
     voxel = args.time_voxel_size or 0.05
     scan = Batch.of([voxelize_sample(read_cloud(path), voxel, 255)]).input

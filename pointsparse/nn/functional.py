@@ -133,14 +133,15 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
 
 def _top_mask(scores: torch.Tensor, n: int) -> torch.Tensor:
     """Bool mask of the ``n`` highest of the finite 1-D ``scores`` (ties: the
-    earlier rows), by selection (``kthvalue``) instead of a sort."""
+    earlier rows), by selection (``np.partition`` on the CPU, ``kthvalue``
+    elsewhere) instead of a sort."""
     m = scores.numel()
     if n >= m:
         return torch.ones(m, dtype=torch.bool, device=scores.device)
     if n <= 0:
         return torch.zeros(m, dtype=torch.bool, device=scores.device)
     if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64):
-        v = float(np.partition(scores.detach().numpy(), m - n)[m - n])  # the n-th highest; ~12x kthvalue's speed
+        v = float(np.partition(scores.detach().numpy(), m - n)[m - n])  # the n-th highest (numpy's introselect)
     else:
         v = torch.kthvalue(scores, m - n + 1).values
     above = scores > v
