@@ -372,7 +372,7 @@ def bf16_inference(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 def runs_bf16(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether :func:`conv_bf16` runs these tensors: :func:`bf16_inference`
     on a CPU with AVX512-BF16."""
-    return _ext.core.conv_bf16() and bf16_inference(feats, weight, bias)
+    return bf16_inference(feats, weight, bias) and _ext.core.conv_bf16()  # the core asked only if it serves
 
 
 def conv_bf16_on_float32(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
