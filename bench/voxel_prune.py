@@ -24,7 +24,12 @@ shortcut (``nn.VoxelSkip`` around ``block.main``). mIoU is per point on
 held-out scenes (seeds 1000 ..), time the median of interleaved eval-mode
 forwards without gradients on one held-out scan (and the decoder's share:
 the forward less the encoder alone). ``--seed N`` repeats a variant's
-fine-tuning with other batches; ``--report`` averages the seeds' mIoU. Each variant is its own command so
+fine-tuning with other batches; ``--report`` averages the seeds' mIoU.
+``--score learned`` ranks the voxels of both pruned variants by a learned
+score instead (``VoxelPrune(score="learned")``: ``Linear(C, 1)`` on the
+feats, the kept feats scaled by its sigmoid so that it trains); those runs
+are saved as ``voxelprune-learned`` and ``voxelskip-learned`` beside the
+others, and the report with ``--score learned`` reads them. Each variant is its own command so
 that no lock hold runs long; the report reads their saved weights."""
 
 from __future__ import annotations
@@ -45,34 +50,54 @@ from pointsparse.models import load_model
 from pointsparse.nn.fuse import fuse_for_inference
 
 VARIANTS = ("unpruned", "voxelprune", "voxelskip")
+SCORE_WORDS = {"magnitude": "feature norm",
+               "learned": "a learned score (Linear(C, 1) on the feats, trained through the sigmoid that scales "
+                          "the kept feats)"}
 DEFAULT_OUT, DEFAULT_RESULTS = Path("runs/voxel-prune"), RESULTS_DIR / "voxel_prune.md"
 
 
-def add_voxel_prune(model: torch.nn.Module, keep: float, stages) -> list:
+def _first_conv_channels(module: torch.nn.Module) -> int:
+    """Input channels of the first ``ps.nn.Conv3d`` inside ``module``."""
+    return next(m for m in module.modules() if isinstance(m, ps.nn.Conv3d)).in_channels
+
+
+def add_voxel_prune(model: torch.nn.Module, keep: float, stages, score: str = "magnitude") -> list:
     """VoxelPrune(keep) on the input of each decoder stage ``model.fuse[j]``
-    (forward pre-hooks: the model's own forward is unchanged)."""
+    (forward pre-hooks: the model's own forward is unchanged). A learned
+    score's pruner is registered on the model (``voxel_prune_<j>``), so that
+    its scorer trains and is saved with the weights."""
     hooks = []
     for j in stages:
-        pruner = ps.nn.VoxelPrune(keep)
+        pruner = ps.nn.VoxelPrune(keep, score, _first_conv_channels(model.fuse[j]) if score == "learned" else None)
+        if score == "learned":
+            model.add_module(f"voxel_prune_{j}", pruner)
         hooks.append(model.fuse[j].register_forward_pre_hook(lambda module, args, p=pruner: (p(args[0]),)))
     return hooks
 
 
-def add_voxel_skip(model: torch.nn.Module, keep: float, stages) -> None:
+def add_voxel_skip(model: torch.nn.Module, keep: float, stages, score: str = "magnitude") -> None:
     """VoxelSkip(keep) around the convs (``main``) of every residual block of
     the decoder stages ``model.fuse[j]``: each block convolves the voxels of
-    largest feature norm and the others pass through its shortcut."""
+    largest feature norm (or, ``score="learned"``, of largest learned score)
+    and the others pass through its shortcut."""
     for j in stages:
         for block in model.fuse[j]:
-            block.main = ps.nn.VoxelSkip(block.main, keep)
+            channels = _first_conv_channels(block.main) if score == "learned" else None
+            block.main = ps.nn.VoxelSkip(block.main, keep, score, channels)
+
+
+def variant_dir(args, variant: str) -> str:
+    """The folder name of a variant's run: ``<variant>-learned`` for the
+    pruned variants under ``--score learned``."""
+    return variant if variant == "unpruned" or args.score == "magnitude" else f"{variant}-{args.score}"
 
 
 def build(args, variant: str) -> torch.nn.Module:
     model = load_model(args.checkpoint)
     if variant == "voxelprune":
-        add_voxel_prune(model, args.keep, args.stages)
+        add_voxel_prune(model, args.keep, args.stages, args.score)
     elif variant == "voxelskip":
-        add_voxel_skip(model, args.keep, args.skip_stages)
+        add_voxel_skip(model, args.keep, args.skip_stages, args.score)
     return model
 
 
@@ -117,11 +142,11 @@ def run_variant(args) -> None:
     model = build(args, args.variant)
     seconds = finetune(model, args)
     miou = evaluate(model, args)
-    out = (args.out / f"seed-{args.seed}" if args.seed else args.out) / args.variant
+    out = (args.out / f"seed-{args.seed}" if args.seed else args.out) / variant_dir(args, args.variant)
     out.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out / "weights.pt")
     (out / "result.json").write_text(json.dumps({"miou": miou, "finetune_s": seconds, "steps": args.steps}))
-    print(f"{args.variant}: mIoU {100 * miou:.1f}% after {args.steps} steps ({seconds:.0f} s)")
+    print(f"{variant_dir(args, args.variant)}: mIoU {100 * miou:.1f}% after {args.steps} steps ({seconds:.0f} s)")
 
 
 def encoder(model: torch.nn.Module, x) -> None:
@@ -161,15 +186,23 @@ def timed_scan(args):
 def seed_results(args, variant: str) -> list[float]:
     """The variant's mIoU of every seed run under ``--out`` (seed 0 in it, seed N in seed-N)."""
     dirs = [args.out] + sorted(args.out.glob("seed-*"))
-    return [json.loads((d / variant / "result.json").read_text())["miou"] for d in dirs
-            if (d / variant / "result.json").is_file()]
+    name = variant_dir(args, variant)
+    return [json.loads((d / name / "result.json").read_text())["miou"] for d in dirs
+            if (d / name / "result.json").is_file()]
 
 
 def report(args, write: bool = True) -> None:
+    """Time and tabulate the variants run under ``--out`` (the unpruned one
+    is needed; a pruned variant never run there is left out of the table)."""
+    ran = [v for v in VARIANTS if (args.out / variant_dir(args, v) / "weights.pt").is_file()]
+    if "unpruned" not in ran:
+        print(f"voxel_prune: {args.out / 'unpruned'} holds no run; run --variant unpruned first")
+        return
     models = {}
-    for variant in VARIANTS:
+    for variant in ran:
         models[variant] = build(args, variant)
-        models[variant].load_state_dict(torch.load(args.out / variant / "weights.pt", weights_only=True))
+        models[variant].load_state_dict(torch.load(args.out / variant_dir(args, variant) / "weights.pt",
+                                                   weights_only=True))
         models[variant].eval()
     if args.fused:
         models = {v: fuse_for_inference(m) for v, m in models.items()}
@@ -178,26 +211,30 @@ def report(args, write: bool = True) -> None:
         print(f"voxel_prune: {where}")
         return
     med = time_variants(models, scan, args.rounds)
-    miou = {v: seed_results(args, v) for v in VARIANTS}
+    miou = {v: seed_results(args, v) for v in ran}
     mean = {v: sum(m) / len(m) for v, m in miou.items()}
-    decoder = {v: med[v] - med["encoder"] for v in VARIANTS}
+    decoder = {v: med[v] - med["encoder"] for v in ran}
     rows = [f"| {v} | {1e3 * med[v]:.1f} | {med['unpruned'] / med[v]:.2f}x | {1e3 * decoder[v]:.1f} | "
             f"{decoder['unpruned'] / decoder[v]:.2f}x | " + " / ".join(f"{100 * m:.1f}" for m in miou[v]) +
-            f" | {100 * mean[v]:.1f}% | {100 * (mean[v] - mean['unpruned']):+.1f} |" for v in VARIANTS]
+            f" | {100 * mean[v]:.1f}% | {100 * (mean[v] - mean['unpruned']):+.1f} |" for v in ran]
     header = ("| model | forward ms | speed-up | decoder ms | decoder speed-up | val mIoU per seed (%) | mean | "
               "vs unpruned (points) |\n|---|---|---|---|---|---|---|---|\n")
     summary = (f"{args.checkpoint}: MinkUNet fine-tuned {args.steps} steps of {args.batch} scans each (lr {args.lr}), "
                f"once per seed ({len(miou['unpruned'])}: the batches' order, augmentation and torch seed); "
-               f"VoxelPrune({args.keep}) before decoder stages {list(args.stages)}, VoxelSkip({args.keep}) around the "
-               f"convs of each residual block of decoder stages {list(args.skip_stages)} (0: stride 8 .. 3: stride "
-               f"1); forward{' (BatchNorm folded, ReLU in the convs: fuse_for_inference)' if args.fused else ''} "
+               + ", ".join(([f"VoxelPrune({args.keep}) before decoder stages {list(args.stages)}"]
+                            if "voxelprune" in ran else []) +
+                           ([f"VoxelSkip({args.keep}) around the convs of each residual block of decoder stages "
+                             f"{list(args.skip_stages)}"] if "voxelskip" in ran else [])) +
+               f" (0: stride 8 .. 3: stride 1), voxels ranked by {SCORE_WORDS[args.score]}; "
+               f"forward{' (BatchNorm folded, ReLU in the convs: fuse_for_inference)' if args.fused else ''} "
                f"on {where}, {torch.get_num_threads()} threads, median of "
                f"{args.rounds} interleaved rounds "
                f"(maps built in every call; the decoder is the forward less the encoder, {1e3 * med['encoder']:.1f} "
                f"ms, timed in the same rounds); mIoU per point on {args.val_scenes} held-out scenes.")
     table = header + "\n".join(rows)
     print(summary + "\n\n" + table)
-    command = f"python bench/voxel_prune.py --steps {args.steps} --keep {args.keep} --stages " + \
+    command = f"python bench/voxel_prune.py --steps {args.steps} --keep {args.keep}" + \
+        (f" --score {args.score}" if args.score != "magnitude" else "") + " --stages " + \
         " ".join(map(str, args.stages)) + " --skip-stages " + " ".join(map(str, args.skip_stages)) + \
         (f" --out {args.out}" if args.out != DEFAULT_OUT else "") + \
         " (--variant V [--seed N] for each V and N, then --report" + \
@@ -220,6 +257,9 @@ def main() -> None:
     parser.add_argument("--skip-stages", type=int, nargs="+", default=[0, 1, 2], choices=[0, 1, 2, 3],
                         help="decoder stages whose residual blocks VoxelSkip wraps (3: stride 1, which feeds "
                              "the classifier: every voxel still reaches it)")
+    parser.add_argument("--score", choices=ps.nn.VoxelPrune.SCORES, default="magnitude",
+                        help="what ranks the voxels of both pruned variants; a learned score's runs are saved "
+                             "as <variant>-learned")
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3)
