@@ -66,7 +66,10 @@ ISAS = ps._ext.core.runnable_isas()
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("c_in,c_out", [(1, 1), (5, 6), (7, 17), (13, 35), (64, 64)])
+# (8, 24): panels of exactly one 32-byte vector of float32 (all of c_in = 8
+# in the input gradient, the last of c_out = 24), which the vector kernels'
+# one-vector tiles take whole.
+@pytest.mark.parametrize("c_in,c_out", [(1, 1), (5, 6), (7, 17), (13, 35), (8, 24), (64, 64)])
 @pytest.mark.parametrize("k,t,transposed", CASES)
 def test_skipping_and_vector_kernels_equal_the_dense_kernels(k, t, transposed, c_in, c_out, dtype, isa):
     """Forward and input gradient of each build: skipping zero offsets and

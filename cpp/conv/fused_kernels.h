@@ -271,9 +271,13 @@ void pack_weights(const ApplyArgs<T>& a, int64_t c_in, int64_t c_out) {
   }
 }
 
+// The lines of the row p[0:n] (n >= 1), the first without a loop: a row of
+// at most one line (C <= 16 floats) costs one instruction.
 template <bool kWrite = false, typename T>
 inline void prefetch_row(const T* p, int64_t n) {
-  for (int64_t i = 0; i < n; i += int64_t(64 / sizeof(T))) __builtin_prefetch(p + i, kWrite ? 1 : 0);
+  constexpr int64_t kLine = int64_t(64 / sizeof(T));
+  __builtin_prefetch(p, kWrite ? 1 : 0);
+  for (int64_t i = kLine; i < n; i += kLine) __builtin_prefetch(p + i, kWrite ? 1 : 0);
 }
 
 // The pairs [lo, hi) of offset k in tiles of kMR: `tile(k, arow, crow, mr,
@@ -289,10 +293,17 @@ inline void apply_pairs(const Args& a, int64_t k, int64_t lo, int64_t hi, bool i
     const int mr = int(hi - p < MR ? hi - p : MR);
     decltype(a.src) arow[MR];
     decltype(a.dst) crow[MR];
-    for (int r = 0; r < MR; ++r) {
-      const int64_t q = p + (r < mr ? r : mr - 1);
-      arow[r] = a.src + (ident ? q : int64_t(pl.col[q])) * a.kc;
-      crow[r] = a.dst + (ident ? q : int64_t(pl.row[q])) * a.cols;
+    if (mr == MR) {  // a full tile (most of them): no clamp per row
+      for (int r = 0; r < MR; ++r) {
+        arow[r] = a.src + (ident ? p + r : int64_t(pl.col[p + r])) * a.kc;
+        crow[r] = a.dst + (ident ? p + r : int64_t(pl.row[p + r])) * a.cols;
+      }
+    } else {
+      for (int r = 0; r < MR; ++r) {
+        const int64_t q = p + (r < mr ? r : mr - 1);
+        arow[r] = a.src + (ident ? q : int64_t(pl.col[q])) * a.kc;
+        crow[r] = a.dst + (ident ? q : int64_t(pl.row[q])) * a.cols;
+      }
     }
     // The next tile's rows, one tile ahead: the rows read (a gather that no
     // hardware prefetcher guesses; on the identity pass the next rows, which

@@ -1,0 +1,177 @@
+"""Instructions per call of the fused convolution kernels, counted by
+valgrind's callgrind: a figure that repeats to the instruction on a machine
+whose timings move by a quarter from one minute to the next (the 2-core
+virtual machines this project runs on), for comparing two builds of the
+kernels where a timing cannot tell 5% apart.
+
+    python bench/conv_instructions.py [--channels 8 32 64] [--kinds dense offset vector] [--calls 2]
+        [--out bench/results/conv_instructions.md] [--quick]
+
+A submanifold ``Conv3d(C, C, 3)`` over the KITTI sweep (000049, 0.05 m; a
+generated street of 20k voxels where the dataset is absent), unpruned and
+pruned as ``bench/prune_exec.py`` prunes it (``offset``: 75% of the kernel
+offsets, ``vector``: 75% of the engine's vectors), run by the engine's
+choice (dense, offset-skipping or vector-sparse kernels), one thread, the
+widest build this CPU runs. Each case runs in a child process under
+``valgrind --tool=callgrind`` that loads the extension module alone (numpy,
+no torch), builds the plan and calls ``ConvPlan.forward`` ``--calls`` times;
+a child making no call gives the set-up's count, and the difference over
+``--calls`` is one call's instructions (the binding's checks and the
+kernels). Every child's output is checked against the parent's
+``ConvPlan.forward`` (same build, outside valgrind) first. Each child takes
+a minute or two (valgrind runs some 50x slower). ``--quick``: C = 8 unpruned
+on the generated street, one call, the page in a temporary folder."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from _common import environment, real_scene, real_sweeps, results_path, street_scene, write_markdown
+from prune_exec import variants
+
+import pointsparse as ps
+from pointsparse.nn import _engine
+
+KINDS = {"dense": "unpruned", "offset": "offset 75%", "vector": "vector 75%"}
+
+# The child: the extension module by its path, the case from the .npz, the
+# plan, `calls` forwards on one thread; the last output saved for the check.
+CHILD = r"""
+import importlib.util, sys
+import numpy as np
+so, data, name, calls, out_path = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+spec = importlib.util.spec_from_file_location("_core", so)
+core = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(core)
+d = np.load(data)
+plan = core.ConvPlan(d["in_idx"], d["out_idx"], d["ptr"], int(d["num_in"]), int(d["num_out"]), int(d["identity"]), 1)
+# Every array read out of the .npz before the loop (each read of an .npz
+# member unzips it again and checks its CRC: as many instructions as the
+# kernels at C = 64).
+feats, weight, active = d["feats"], d["weight_" + name], d["active_" + name]
+active = active if active.size else None
+vector = bool(d["vector_" + name])
+out = np.empty((int(d["num_out"]), weight.shape[2]), dtype=np.float32)
+for _ in range(calls):
+    plan.forward(feats, weight, None, out, 1, None, False, active=active, vector=vector)
+if calls:
+    np.save(out_path, out)
+"""
+
+
+def case_data(channels: int, coords: torch.Tensor, kinds, folder: Path) -> tuple[Path, dict, int]:
+    """The .npz a child reads (map, feats, each variant's weight and the
+    engine's choice for it), the engine path of each variant, and the pairs."""
+    torch.manual_seed(0)
+    x = ps.SparseTensor(torch.randn(len(coords), channels), coords)
+    kmap = ps.kmap.get_kmap(x, 3)
+    plan = _engine.get_plan(kmap)
+    arrays = {"in_idx": kmap.in_idx.numpy(), "out_idx": kmap.out_idx.numpy(),
+              "ptr": np.asarray(kmap.ptr, dtype=np.int64), "num_in": kmap.num_in, "num_out": kmap.num_out,
+              "identity": -1 if plan.identity is None else plan.identity, "feats": x.feats.numpy()}
+    wanted = {KINDS[k]: k for k in kinds}
+    paths = {}
+    for name, _, _, conv in variants(channels, [k for k in kinds if k != "dense"]):
+        if name not in wanted:
+            continue
+        weight = conv.weight.detach().contiguous()
+        run = _engine.choose_execution(weight)
+        kind = wanted[name]
+        arrays[f"weight_{kind}"] = weight.numpy()
+        arrays[f"active_{kind}"] = np.zeros(0, np.uint8) if run.active is None else run.active
+        arrays[f"vector_{kind}"] = run.vector
+        paths[kind] = run.name
+    path = folder / f"case_c{channels}.npz"
+    np.savez(path, **arrays)
+    return path, paths, int(kmap.sizes.sum())
+
+
+def expected(data: Path, kind: str) -> np.ndarray:
+    """The output of the case's ConvPlan.forward in this process (the same build)."""
+    d = np.load(data)
+    plan = ps._core.ConvPlan(d["in_idx"], d["out_idx"], d["ptr"], int(d["num_in"]), int(d["num_out"]),
+                             int(d["identity"]), 1)
+    weight, active = d[f"weight_{kind}"], d[f"active_{kind}"]
+    out = np.empty((int(d["num_out"]), weight.shape[2]), dtype=np.float32)
+    plan.forward(d["feats"], weight, None, out, 1, None, False, active=active if active.size else None,
+                 vector=bool(d[f"vector_{kind}"]))
+    return out
+
+
+def count(data: Path, kind: str, calls: int, folder: Path) -> int:
+    """Instructions of a child that makes ``calls`` forwards of ``kind``
+    (its output checked against :func:`expected` when it made any)."""
+    out_path = folder / f"out_{kind}.npy"
+    proc = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-c",
+                           CHILD, ps._core.__file__, str(data), kind, str(calls), str(out_path)],
+                          capture_output=True, text=True, env={"PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1",
+                                                               "PATH": "/usr/bin:/bin"})
+    found = re.search(r"Collected : (\d+)", proc.stderr)
+    if proc.returncode != 0 or found is None:
+        raise RuntimeError(f"the callgrind child failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    if calls:
+        got, want = np.load(out_path), expected(data, kind)
+        if not np.array_equal(got, want):
+            raise RuntimeError(f"{kind}: the child's output differs from this process's by "
+                               f"{np.abs(got - want).max()}")
+    return int(found.group(1))
+
+
+def measure(channels: list, kinds: list, calls: int, coords: torch.Tensor, where: str) -> str:
+    lines = [f"{where}; one thread, build {ps._core.runnable_isas()[0]}; instructions per call = (child with "
+             f"{calls} calls - child with none) / {calls}.", "",
+             "| C | pruning | engine path | pairs | instructions per call | per pair |", "|---|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for c in channels:
+            data, paths, pairs = case_data(c, coords, kinds, folder)
+            base = count(data, kinds[0], 0, folder)
+            for kind in kinds:
+                per_call = (count(data, kind, calls, folder) - base) / calls
+                lines.append(f"| {c} | {KINDS[kind]} | {paths[kind]} | {pairs:,} | {per_call / 1e6:.2f} M | "
+                             f"{per_call / pairs:.1f} |")
+                print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--channels", type=int, nargs="+", default=[8, 32, 64])
+    parser.add_argument("--kinds", nargs="+", choices=list(KINDS), default=list(KINDS))
+    parser.add_argument("--calls", type=int, default=2)
+    parser.add_argument("--out", default=None, help="default bench/results/conv_instructions.md")
+    parser.add_argument("--quick", action="store_true", help="C = 8 unpruned on a 20k generated street, one call")
+    args = parser.parse_args()
+    if shutil.which("valgrind") is None:
+        print("conv_instructions: valgrind is not installed here; nothing counted")
+        return
+    if args.calls < 1:
+        parser.error("--calls must be at least 1")
+    sweeps = {} if args.quick else real_sweeps()
+    if args.quick or "kitti-raw/000049" not in sweeps:
+        args.channels, args.kinds, args.calls = ([8], ["dense"], 1) if args.quick else \
+            (args.channels, args.kinds, args.calls)
+        coords, where = street_scene(20_000), "A generated street of 20k voxels"
+    else:
+        coords, where = real_scene(sweeps["kitti-raw/000049"], 0.05), "KITTI raw 000049 at 0.05 m"
+    where = f"{where} ({len(coords):,} voxels)"
+    torch.set_num_threads(1)
+    table = measure(args.channels, list(args.kinds), args.calls, coords, where)
+    command = "python bench/conv_instructions.py " + " ".join(sys.argv[1:])
+    out = Path(args.out) if args.out else results_path("conv_instructions.md", args.quick)
+    write_markdown(out, "Instructions per call of the fused conv kernels (callgrind)", command.strip(),
+                   environment(), [table])
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
