@@ -372,7 +372,13 @@ def bf16_inference(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 def runs_bf16(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether :func:`conv_bf16` runs these tensors: :func:`bf16_inference`
     on a CPU with AVX512-BF16."""
-    return bf16_inference(feats, weight, bias) and _ext.core.conv_bf16()  # the core asked only if it serves
+    return bf16_inference(feats, weight, bias) and bf16_kernels()  # the core asked only if it serves
+
+
+def bf16_kernels() -> bool:
+    """Whether the core's AVX512-BF16 kernels run on this CPU (ask only once
+    :func:`bf16_inference` holds: the torch backend must not reach the core)."""
+    return _ext.core.conv_bf16()
 
 
 def conv_bf16_on_float32(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -112,9 +112,10 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
         out = _ops.conv3d(input, weight, bias, k, t, d, transposed)
         return out.with_feats(torch.relu(out.feats)) if relu else out
     kmap = _kmap._get_kmap(input, k, t, d, transposed)
-    if region is None and _engine.runs_bf16(input.feats, weight, bias):  # bf16 inference on AVX512-BF16
+    bf16 = _engine.bf16_inference(input.feats, weight, bias)  # (runs_bf16, asked once)
+    if bf16 and region is None and _engine.bf16_kernels():  # bf16 inference on AVX512-BF16
         feats = _engine.conv_bf16(input.feats, weight, bias, kmap, cache=input.cache, relu=relu)
-    elif _engine.bf16_inference(input.feats, weight, bias):  # the same sums in the float32 kernels
+    elif bf16:  # the same sums in the float32 kernels
         feats = _engine.conv_bf16_on_float32(input.feats, weight, bias, kmap, cache=input.cache, relu=relu,
                                              region=region)
     elif _engine.supported(input.feats, weight):
