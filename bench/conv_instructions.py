@@ -17,9 +17,9 @@ widest build this CPU runs. Each case runs in a child process under
 no torch), builds the plan and calls ``ConvPlan.forward`` ``--calls`` times;
 a child making no call gives the set-up's count, and the difference over
 ``--calls`` is one call's instructions (the binding's checks and the
-kernels). Every child's output is checked against the parent's
-``ConvPlan.forward`` (same build, outside valgrind) first. Each child takes
-a minute or two (valgrind runs some 50x slower). ``--quick``: C = 8 unpruned
+kernels). Every child's output must equal the engine's own plan run in
+the parent (same build, outside valgrind). A child takes some 10-30 s (no
+torch to load under valgrind); the default run about 5 minutes. ``--quick``: C = 8 unpruned
 on the generated street, one call, the page in a temporary folder."""
 
 from __future__ import annotations
@@ -68,9 +68,11 @@ if calls:
 """
 
 
-def case_data(channels: int, coords: torch.Tensor, kinds, folder: Path) -> tuple[Path, dict, int]:
+def case_data(channels: int, coords: torch.Tensor, kinds, folder: Path) -> tuple[Path, dict, int, dict]:
     """The .npz a child reads (map, feats, each variant's weight and the
-    engine's choice for it), the engine path of each variant, and the pairs."""
+    engine's choice for it), the engine path of each variant, the pairs, and
+    each variant's output from the engine's own plan in this process (the
+    same build), which every child's output must equal."""
     torch.manual_seed(0)
     x = ps.SparseTensor(torch.randn(len(coords), channels), coords)
     kmap = ps.kmap.get_kmap(x, 3)
@@ -79,7 +81,7 @@ def case_data(channels: int, coords: torch.Tensor, kinds, folder: Path) -> tuple
               "ptr": np.asarray(kmap.ptr, dtype=np.int64), "num_in": kmap.num_in, "num_out": kmap.num_out,
               "identity": -1 if plan.identity is None else plan.identity, "feats": x.feats.numpy()}
     wanted = {KINDS[k]: k for k in kinds}
-    paths = {}
+    paths, outputs = {}, {}
     for name, _, _, conv in variants(channels, [k for k in kinds if k != "dense"]):
         if name not in wanted:
             continue
@@ -90,28 +92,19 @@ def case_data(channels: int, coords: torch.Tensor, kinds, folder: Path) -> tuple
         arrays[f"active_{kind}"] = np.zeros(0, np.uint8) if run.active is None else run.active
         arrays[f"vector_{kind}"] = run.vector
         paths[kind] = run.name
+        outputs[kind] = np.empty((kmap.num_out, channels), dtype=np.float32)
+        plan.core.forward(arrays["feats"], weight.numpy(), None, outputs[kind], 1, None, False, active=run.active,
+                          vector=run.vector)
     path = folder / f"case_c{channels}.npz"
     np.savez(path, **arrays)
-    return path, paths, int(kmap.sizes.sum())
+    return path, paths, int(kmap.sizes.sum()), outputs
 
 
-def expected(data: Path, kind: str) -> np.ndarray:
-    """The output of the case's ConvPlan.forward in this process (the same build)."""
-    d = np.load(data)
-    plan = ps._core.ConvPlan(d["in_idx"], d["out_idx"], d["ptr"], int(d["num_in"]), int(d["num_out"]),
-                             int(d["identity"]), 1)
-    weight, active = d[f"weight_{kind}"], d[f"active_{kind}"]
-    out = np.empty((int(d["num_out"]), weight.shape[2]), dtype=np.float32)
-    plan.forward(d["feats"], weight, None, out, 1, None, False, active=active if active.size else None,
-                 vector=bool(d[f"vector_{kind}"]))
-    return out
-
-
-def count(data: Path, kind: str, calls: int, folder: Path) -> int:
+def count(data: Path, kind: str, calls: int, folder: Path, want: np.ndarray) -> int:
     """Instructions of a child that makes ``calls`` forwards of ``kind``
-    (its output checked against :func:`expected` when it made any)."""
+    (its output checked against ``want`` when it made any)."""
     out_path = folder / f"out_{kind}.npy"
-    proc = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-c",
+    proc = subprocess.run([shutil.which("valgrind"), "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-c",
                            CHILD, ps._core.__file__, str(data), kind, str(calls), str(out_path)],
                           capture_output=True, text=True, env={"PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1",
                                                                "PATH": "/usr/bin:/bin"})
@@ -119,7 +112,7 @@ def count(data: Path, kind: str, calls: int, folder: Path) -> int:
     if proc.returncode != 0 or found is None:
         raise RuntimeError(f"the callgrind child failed ({proc.returncode}): {proc.stderr[-2000:]}")
     if calls:
-        got, want = np.load(out_path), expected(data, kind)
+        got = np.load(out_path)
         if not np.array_equal(got, want):
             raise RuntimeError(f"{kind}: the child's output differs from this process's by "
                                f"{np.abs(got - want).max()}")
@@ -133,10 +126,10 @@ def measure(channels: list, kinds: list, calls: int, coords: torch.Tensor, where
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for c in channels:
-            data, paths, pairs = case_data(c, coords, kinds, folder)
-            base = count(data, kinds[0], 0, folder)
+            data, paths, pairs, outputs = case_data(c, coords, kinds, folder)
+            base = count(data, kinds[0], 0, folder, outputs[kinds[0]])
             for kind in kinds:
-                per_call = (count(data, kind, calls, folder) - base) / calls
+                per_call = (count(data, kind, calls, folder, outputs[kind]) - base) / calls
                 lines.append(f"| {c} | {KINDS[kind]} | {paths[kind]} | {pairs:,} | {per_call / 1e6:.2f} M | "
                              f"{per_call / pairs:.1f} |")
                 print(lines[-1], flush=True)
@@ -156,10 +149,10 @@ def main() -> None:
         return
     if args.calls < 1:
         parser.error("--calls must be at least 1")
+    if args.quick:
+        args.channels, args.kinds, args.calls = [8], ["dense"], 1
     sweeps = {} if args.quick else real_sweeps()
-    if args.quick or "kitti-raw/000049" not in sweeps:
-        args.channels, args.kinds, args.calls = ([8], ["dense"], 1) if args.quick else \
-            (args.channels, args.kinds, args.calls)
+    if "kitti-raw/000049" not in sweeps:
         coords, where = street_scene(20_000), "A generated street of 20k voxels"
     else:
         coords, where = real_scene(sweeps["kitti-raw/000049"], 0.05), "KITTI raw 000049 at 0.05 m"
