@@ -271,8 +271,9 @@ void pack_weights(const ApplyArgs<T>& a, int64_t c_in, int64_t c_out) {
   }
 }
 
-// The lines of the row p[0:n] (n >= 1), the first without a loop: a row of
-// at most one line (C <= 16 floats) costs one instruction.
+// The lines of the row p[0:n], the first without a loop: a row of at most
+// one line (C <= 16 floats) costs one instruction (and n == 0 costs a
+// prefetch of p, harmless: a prefetch never faults).
 template <bool kWrite = false, typename T>
 inline void prefetch_row(const T* p, int64_t n) {
   constexpr int64_t kLine = int64_t(64 / sizeof(T));
