@@ -208,16 +208,17 @@ inline void tile_store(const typename Vec<T>::type* acc0, const typename Vec<T>:
 }
 
 // C[r][0:ncols] += sum_k A[r][k] * B[k][0:ncols] for r < mr. A[r][k] is
-// a[r][k * AS] (AS = 1: rows of a feature matrix; AS = kMR: a packed panel);
+// a[r][col(k)] (micro: col(k) = k * AS, AS = 1 for rows of a feature matrix,
+// kMR for a packed panel; micro_idx: the k-th listed row);
 // B rows are NR apart, of which NV vectors are read (NV = 1 for a last panel
 // of at most one vector: half the work). Rows r >= mr of `a` must still be
 // readable (callers repeat a valid row). kFromC (the apply kernels): the
 // sum runs from C[r] (tile_load: C[r] + p_0 + p_1 + ..., in k order), or
 // from `init` (C[r] = init + the sum); else (the weight gradient, init
 // null) from zero and is added to C[r] after (tile_add).
-template <typename T, int AS, int NV, bool kFromC>
-inline void micro_nv(int64_t kc, const T* const* a, const T* __restrict b, T* const* c, int mr, int64_t ncols,
-                     const T* init) {
+template <typename T, int NV, bool kFromC, typename Col>
+inline void micro_nv(int64_t kc, Col col, const T* const* a, const T* __restrict b, T* const* c, int mr,
+                     int64_t ncols, const T* init) {
   typedef typename Vec<T>::type V;
   constexpr int L = lanes<T>();
   constexpr int64_t NR = nr<T>();
@@ -233,7 +234,7 @@ inline void micro_nv(int64_t kc, const T* const* a, const T* __restrict b, T* co
   for (int r = 0; r < kMR; ++r) x[r] = a[r];
   for (int64_t k = 0; k < kc; ++k) {
     const V b0 = vload(b + k * NR), b1 = NV > 1 ? vload(b + k * NR + L) : V{};
-    tile_step<T, NV>(acc0, acc1, b0, b1, x, k * AS);
+    tile_step<T, NV>(acc0, acc1, b0, b1, x, col(k));
   }
   if (kFromC)
     tile_store<T, NV>(acc0, acc1, c, mr, ncols);
@@ -241,13 +242,21 @@ inline void micro_nv(int64_t kc, const T* const* a, const T* __restrict b, T* co
     tile_add<T, NV>(acc0, acc1, c, 0, mr, ncols);
 }
 
+// micro_nv with NV chosen by ncols; A[r][k] is a[r][col(k)] (col: the k-th
+// column read, k * AS in micro, a listed row in the vector kernels).
+template <typename T, bool kFromC, typename Col>
+inline void micro_cols(int64_t kc, Col col, const T* const* a, const T* __restrict b, T* const* c, int mr,
+                       int64_t ncols, const T* init) {
+  if (ncols <= lanes<T>())
+    micro_nv<T, 1, kFromC>(kc, col, a, b, c, mr, ncols, init);
+  else
+    micro_nv<T, 2, kFromC>(kc, col, a, b, c, mr, ncols, init);
+}
+
 template <typename T, int AS, bool kFromC = false>
 inline void micro(int64_t kc, const T* const* a, const T* __restrict b, T* const* c, int mr, int64_t ncols,
                   const T* init = nullptr) {
-  if (ncols <= lanes<T>())
-    micro_nv<T, AS, 1, kFromC>(kc, a, b, c, mr, ncols, init);
-  else
-    micro_nv<T, AS, 2, kFromC>(kc, a, b, c, mr, ncols, init);
+  micro_cols<T, kFromC>(kc, [](int64_t k) { return k * AS; }, a, b, c, mr, ncols, init);
 }
 
 // wpack[k][p][c][0:NR] = B_k[c][p*NR : p*NR+NR], zero past the last column.

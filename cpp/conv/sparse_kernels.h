@@ -14,34 +14,13 @@ static_assert(nr<float>() == sparse_panel<float>() && nr<double>() == sparse_pan
               "the 32-byte builds' tiles are the sparse panels");
 
 // C[r][0:ncols] += sum_i A[r][idx[i]] * B[i][0:NR] for r < mr, B packed (n,
-// NR), summed from C[r] in i order (as micro<T, 1, true> over the listed
-// rows; `init` as there). NV vectors of B read: one for a panel of at most
-// one vector's columns (a conv with 8 output floats, or the last panel of
-// 24), whose tile then loads and stores whole vectors instead of going
-// through the partial-panel copies (the same sums: the second vector's
-// columns are past ncols).
-template <typename T, int NV>
-inline void micro_idx_nv(int64_t n, const int32_t* __restrict idx, const T* const* a, const T* __restrict b,
-                         T* const* c, int mr, int64_t ncols, const T* init) {
-  typedef typename Vec<T>::type V;
-  constexpr int L = lanes<T>();
-  constexpr int64_t NR = nr<T>();
-  V acc0[kMR], acc1[kMR];
-  tile_load<T, NV>(acc0, acc1, c, ncols, init);
-  for (int64_t i = 0; i < n; ++i) {
-    const V b0 = vload(b + i * NR), b1 = NV > 1 ? vload(b + i * NR + L) : V{};
-    tile_step<T, NV>(acc0, acc1, b0, b1, a, idx[i]);
-  }
-  tile_store<T, NV>(acc0, acc1, c, mr, ncols);
-}
-
+// NR), summed from C[r] in i order: micro<T, 1, true> over the listed rows
+// (`init` as there; a panel of at most one vector's columns, such as C_out = 8
+// or the last panel of 24, in one-vector tiles).
 template <typename T>
 inline void micro_idx(int64_t n, const int32_t* __restrict idx, const T* const* a, const T* __restrict b,
                       T* const* c, int mr, int64_t ncols, const T* init) {
-  if (ncols <= lanes<T>())
-    micro_idx_nv<T, 1>(n, idx, a, b, c, mr, ncols, init);
-  else
-    micro_idx_nv<T, 2>(n, idx, a, b, c, mr, ncols, init);
+  micro_cols<T, true>(n, [idx](int64_t i) { return int64_t(idx[i]); }, a, b, c, mr, ncols, init);
 }
 
 // The shared walk (sparse_walk.h) in the 32-byte builds' 6 x 16 tiles.
