@@ -241,6 +241,24 @@ def test_execution_choice():
     assert _engine.choose_execution(torch.randn(27, 4, 4), region).active.tolist() == [int(i == 13) for i in range(27)]
 
 
+def test_vector_threshold_falls_with_the_rows_per_panel():
+    """Fewer rows per panel (C_in forward, C_out for the input gradient):
+    the vector kernels need a sparser weight (they broke even with the dense
+    ones near density 0.33 at C = 8 and 0.9 at C = 64)."""
+    assert _engine.vector_threshold(64) == _engine.vector_threshold(256) == _engine.VECTOR_DENSITY
+    assert _engine.vector_threshold(8) == pytest.approx(_engine.VECTOR_DENSITY * 28 / 84)
+    w = torch.randn(27, 8, 32)
+    w[:, 4:] = 0  # half the rows of every panel listed: dense at 8 rows
+    assert _engine.choose_execution(w).name == "dense"
+    w[:, 2:] = 0  # a quarter
+    assert _engine.choose_execution(w).name == "vector"
+    w = torch.randn(27, 32, 8)
+    w[:, 8:] = 0  # a quarter of 32 rows: vector; W.T: 8 rows, half of the 2 input panels: dense
+    assert _engine.choose_execution(w).name == "vector"
+    back = _engine.choose_execution(w, transpose=True)
+    assert back.density == 0.5 and back.name == "dense"
+
+
 def pruned_conv(kind, dtype=torch.float64, c=8, seed=0):
     torch.manual_seed(seed)
     conv = ps.nn.Conv3d(c, c, 3).to(dtype)
@@ -257,6 +275,7 @@ def test_pruned_module_forward_backward_against_dense_conv3d(kind, monkeypatch):
     entries zeroed; weight_orig's gradient exactly the unmasked engine's
     gradient * mask (the masked vectors are not computed)."""
     monkeypatch.setattr(_engine, "VECTOR_DENSITY", 1.0)  # the vector kernels on any density
+    monkeypatch.setattr(_engine, "VECTOR_FULL_ROWS", 0)
     monkeypatch.setattr(_engine, "MASKED_WGRAD_DENSITY", 1.0)
     conv = pruned_conv(kind)
     x = make(c=8)
@@ -293,6 +312,7 @@ def test_removed_pruning_keeps_the_full_weight_gradient():
 @pytest.mark.parametrize("vector_density", [0.0, 1.0])
 def test_gradcheck_pruned(vector_density, monkeypatch):
     monkeypatch.setattr(_engine, "VECTOR_DENSITY", vector_density)
+    monkeypatch.setattr(_engine, "VECTOR_FULL_ROWS", 0)
     monkeypatch.setattr(_engine, "MASKED_WGRAD_DENSITY", vector_density)
     conv = pruned_conv("both", c=3)
     x = make(n=60, c=3, extent=4)
@@ -323,6 +343,7 @@ def _threads_run(threads, kind):
 @pytest.mark.parametrize("kind", ["offset", "both"])
 def test_bit_identical_for_1_and_2_threads(kind, monkeypatch):
     monkeypatch.setattr(_engine, "VECTOR_DENSITY", 1.0)
+    monkeypatch.setattr(_engine, "VECTOR_FULL_ROWS", 0)
     monkeypatch.setattr(_engine, "MASKED_WGRAD_DENSITY", 1.0)
     for a, b in zip(_threads_run(1, kind), _threads_run(2, kind)):
         assert torch.equal(a, b)

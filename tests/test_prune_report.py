@@ -191,7 +191,7 @@ def test_executed_flops_follow_the_engine_choice():
         conv.weight[:10] = 0
     row = prune.sparsity_report(conv, pairs={"": counts})["layers"][""]
     assert row["execution"] == "offsets" and row["executed_flops"] == row["flops"] == 2 * int(counts[10:].sum()) * 320
-    prune.panel_structured(conv, "weight", 0.8)
+    prune.panel_structured(conv, "weight", 0.85)  # density under vector_threshold(8)
     row = prune.sparsity_report(conv, pairs={"": counts})["layers"][""]
     blocks = _engine.vector_blocks(conv.weight)  # panels of 16, 16 and 8 columns
     columns = (blocks * torch.tensor([16, 16, 8])).sum((1, 2))

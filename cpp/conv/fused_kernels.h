@@ -259,6 +259,91 @@ inline void micro(int64_t kc, const T* const* a, const T* __restrict b, T* const
   micro_cols<T, kFromC>(kc, [](int64_t k) { return k * AS; }, a, b, c, mr, ncols, init);
 }
 
+// A tile of one offset across all np panels of a product whose columns
+// fill whole panels (C_out a multiple of NR), or whole panels and a last one
+// of one vector (tiles_whole_panels; that one in one-vector tiles): for
+// panel j, C[r][j*NR : j*NR+NR] = (C[r] or, on a block's first offset, the
+// bias or zero) + sum_i A[r][col(i)] * B_j[i][:] in i order, i < steps(j),
+// col = cols(j), B_j = b(j) packed (steps, NR): micro's sums panel by panel,
+// bit for bit, without its per-call work (no test of the panel's width or
+// of mr, the rows' pointers set once for all panels, the bias or zero loaded
+// once for all rows) and with the steps unrolled by two. A panel of no step
+// is stored on the first offset (its init) and skipped on the others. All
+// kMR rows are stored: in a partial tile the rows past mr repeat row mr - 1
+// (apply_pairs: the same row read, the same row written, and an offset
+// writes a row at most once), so they compute its sum again and store the
+// same bits to the same place. On the KITTI sweep, one thread, AMD EPYC Zen
+// 3 [avx2] (bench/RESULTS.md "Dense kernels a fifth faster"): the dense
+// conv's instructions per call -21% at C = 64 (22 a step of 12 FMAs, 26
+// before), -23% at C = 8; its time 0.75-0.83x of the build before in
+// alternated runs.
+template <int N>
+struct Vectors {
+  static constexpr int value = N;
+};
+// Whether tile_panels_full takes a product of `cols` columns: whole panels,
+// or whole panels and a last one of exactly one vector (C_out = 8 or 24
+// floats in the 32-byte builds).
+template <typename T>
+constexpr bool tiles_whole_panels(int64_t cols) {
+  return cols % nr<T>() == 0 || cols % nr<T>() == lanes<T>();
+}
+template <typename T, typename Steps, typename Cols, typename BPanel>
+inline void tile_panels_full(int64_t np, int64_t ncols, Steps steps, Cols cols, BPanel b, const T* const* arow,
+                             T* const* crow, const T* bias, bool first) {
+  typedef typename Vec<T>::type V;
+  constexpr int L = lanes<T>();
+  constexpr int64_t NR = nr<T>();
+  const T* x[kMR];
+  T* c[kMR];
+#pragma GCC unroll 16
+  for (int r = 0; r < kMR; ++r) {
+    x[r] = arow[r];
+    c[r] = crow[r];
+  }
+  // Panel j in NV vectors (NV = 1: nothing past the panel's first vector is
+  // read or written: not the bias, not the rows).
+  const auto panel = [&](auto vectors, int64_t j, int64_t n) {
+    constexpr int NV = decltype(vectors)::value;
+    V acc0[kMR], acc1[kMR];
+    if (first) {
+      const V i0 = bias ? vload(bias + j * NR) : V{}, i1 = NV > 1 && bias ? vload(bias + j * NR + L) : V{};
+#pragma GCC unroll 16
+      for (int r = 0; r < kMR; ++r) {
+        acc0[r] = i0;
+        acc1[r] = i1;
+      }
+    } else {
+#pragma GCC unroll 16
+      for (int r = 0; r < kMR; ++r) {
+        acc0[r] = vload(c[r] + j * NR);
+        acc1[r] = NV > 1 ? vload(c[r] + j * NR + L) : V{};
+      }
+    }
+    const auto col = cols(j);
+    const T* __restrict bj = b(j);
+#pragma GCC unroll 2
+    for (int64_t i = 0; i < n; ++i) {
+      const V b0 = vload(bj + i * NR), b1 = NV > 1 ? vload(bj + i * NR + L) : V{};
+      tile_step<T, NV>(acc0, acc1, b0, b1, x, col(i));
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < kMR; ++r) {
+      vstore(c[r] + j * NR, acc0[r]);
+      if (NV > 1) vstore(c[r] + j * NR + L, acc1[r]);
+    }
+  };
+  const int64_t two = ncols % NR == 0 ? np : np - 1;  // panels of two vectors; the last may have one
+  for (int64_t j = 0; j < two; ++j) {
+    const int64_t n = steps(j);
+    if (n != 0 || first) panel(Vectors<2>(), j, n);
+  }
+  if (two < np) {
+    const int64_t n = steps(two);
+    if (n != 0 || first) panel(Vectors<1>(), two, n);
+  }
+}
+
 // wpack[k][p][c][0:NR] = B_k[c][p*NR : p*NR+NR], zero past the last column.
 template <typename T>
 void pack_weights(const ApplyArgs<T>& a, int64_t c_in, int64_t c_out) {
@@ -392,7 +477,18 @@ void apply_impl(const ApplyArgs<T>& a) {
       micro<T, 1, true>(a.kc, arow, wk + j * a.kc * NR, c, mr, ncols, init);
     }
   };
-  apply_blocks(a, [](int64_t) { return false; }, tile);
+  const auto none = [](int64_t) { return false; };
+  if (!tiles_whole_panels<T>(a.cols)) {  // a last panel of part of a vector: every tile through micro
+    apply_blocks(a, none, tile);
+    return;
+  }
+  const int64_t kc = a.kc;
+  apply_blocks(a, none, [&a, np, kc](int64_t k, const T* const* arow, T* const* crow, int, bool first) {
+    const T* wk = a.wpack + k * np * kc * NR;
+    tile_panels_full<T>(
+        np, a.cols, [kc](int64_t) { return kc; }, [](int64_t) { return [](int64_t i) { return i; }; },
+        [wk, kc](int64_t j) { return wk + j * kc * NR; }, arow, crow, a.bias, first);
+  });
 }
 
 // C[r][j] += sum_q x[q][m0 + r] * B[q][j] for skip_rows <= r < kMR, j <

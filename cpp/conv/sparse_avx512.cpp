@@ -106,7 +106,8 @@ inline void micro_panel(int64_t n, const int32_t* __restrict idx, const T* const
 // sparse.cpp.
 template <typename T>
 void apply_sparse_impl(const SparseApplyArgs<T>& s) {
-  walk_listed_panels<kSparseMR, lanes<T>()>(s, [](auto... args) { micro_panel<T>(args...); });
+  walk_listed_panels<kSparseMR, lanes<T>()>(s, [](auto... args) { micro_panel<T>(args...); },
+                                            [](auto...) { return false; });
 }
 
 }  // namespace

@@ -23,10 +23,35 @@ inline void micro_idx(int64_t n, const int32_t* __restrict idx, const T* const* 
   micro_cols<T, true>(n, [idx](int64_t i) { return int64_t(idx[i]); }, a, b, c, mr, ncols, init);
 }
 
-// The shared walk (sparse_walk.h) in the 32-byte builds' 6 x 16 tiles.
+// The shared walk (sparse_walk.h) in the 32-byte builds' 6 x 16 tiles, full
+// tiles of whole panels through tile_panels_full (fused_kernels.h).
 template <typename T>
 void apply_sparse_impl(const SparseApplyArgs<T>& s) {
-  walk_listed_panels<kMR, nr<T>()>(s, [](auto... args) { micro_idx<T>(args...); });
+  const ApplyArgs<T>& a = s.base;
+  const int64_t np = panels<T>(a.cols);
+  const auto micro = [](auto... args) { micro_idx<T>(args...); };
+  // Whole panels through tile_panels_full; a last panel of one vector (C_out
+  // = 8 or 24) or less through micro_idx, every tile: at C = 8 with 75% of
+  // the vectors pruned (some two listed rows a panel) tile_panels_full's
+  // one-vector panel took 5% more instructions (bench/conv_instructions.py).
+  if (a.cols % nr<T>() != 0) {
+    walk_listed_panels<kMR, nr<T>()>(s, micro, [](auto...) { return false; });
+    return;
+  }
+  walk_listed_panels<kMR, nr<T>()>(s, micro,
+                                   [&a, np](const int32_t* count, const int32_t* idx, const T* wpack,
+                                            const T* const* arow, T* const* crow, bool first) {
+                                     const int64_t kc = a.kc;
+                                     tile_panels_full<T>(
+                                         np, a.cols, [count](int64_t j) { return int64_t(count[j]); },
+                                         [idx, kc](int64_t j) {
+                                           const int32_t* __restrict id = idx + j * kc;
+                                           return [id](int64_t i) { return int64_t(id[i]); };
+                                         },
+                                         [wpack, kc](int64_t j) { return wpack + j * kc * nr<T>(); }, arow, crow,
+                                         a.bias, first);
+                                     return true;
+                                   });
 }
 
 // C[ix[r]][j] += sum_q x[q][ix[r]] * B[q][j] for r < mr, j < ncols; x[q] =

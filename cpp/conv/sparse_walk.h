@@ -12,8 +12,12 @@ namespace {
 // into C's panel (n listed rows, B packed (n, NR) by pack_sparse); an offset
 // whose panels list nothing is not visited, and a block's first offset
 // stores bias (or zero) + its products into every panel, listed or not.
-template <int MR, int64_t NR, typename T, typename Micro>
-void walk_listed_panels(const SparseApplyArgs<T>& s, Micro micro) {
+// `full(count, idx, wpack, arow, crow, first)` may take a tile across
+// every panel of offset k instead (count, idx, wpack: offset k's; rows past
+// mr repeat a valid one), the same sums: it returns false where it does
+// not, and the panels then go through `micro` one by one.
+template <int MR, int64_t NR, typename T, typename Micro, typename Full>
+void walk_listed_panels(const SparseApplyArgs<T>& s, Micro micro, Full full) {
   const ApplyArgs<T>& a = s.base;
   const int64_t np = (a.cols + NR - 1) / NR;
   const auto none_listed = [&s, np](int64_t k) {
@@ -22,9 +26,10 @@ void walk_listed_panels(const SparseApplyArgs<T>& s, Micro micro) {
     return true;
   };
   const T zero[NR] = {};
-  const auto tile = [&s, &a, &zero, &micro, np](int64_t k, const T* const* arow, T* const* crow, int mr,
-                                                bool first) {
+  const auto tile = [&s, &a, &zero, &micro, &full, np](int64_t k, const T* const* arow, T* const* crow, int mr,
+                                                       bool first) {
     const int32_t* count = s.count + k * np;
+    if (full(count, s.idx + k * np * a.kc, a.wpack + k * np * a.kc * NR, arow, crow, first)) return;
     for (int64_t j = 0; j < np; ++j) {
       if (count[j] == 0 && !first) continue;
       T* c[MR];

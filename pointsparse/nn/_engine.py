@@ -50,6 +50,21 @@ ENGINE_DTYPES = _ext.FLOAT_DTYPES
 #: 1.0x at 0.75).
 VECTOR_DENSITY = 0.85
 MASKED_WGRAD_DENSITY = 0.7
+#: Rows per panel (C_in of the forward, C_out of the input gradient) from
+#: which :data:`VECTOR_DENSITY` holds whole; below, the vector kernels need a
+#: sparser weight: threshold ``VECTOR_DENSITY * min(1, (rows + 20) /
+#: (VECTOR_FULL_ROWS + 20))`` (0.28 at 8 rows, 0.53 at 32). Measured once the
+#: dense kernels ran a tile across all its panels (KITTI sweep, one thread,
+#: AMD EPYC Zen 3 [avx2], random vectors; bench/RESULTS.md "Dense kernels a
+#: fifth faster"): the vector forward broke even with the dense one near
+#: density 0.33 at C = 8, 0.6 at C = 32, 0.75 at C = 48 and 0.9 at C = 64.
+VECTOR_FULL_ROWS = 64
+
+
+def vector_threshold(rows: int) -> float:
+    """The largest density of listed vectors at which a product with
+    ``rows`` rows per panel runs the vector-sparse kernels."""
+    return VECTOR_DENSITY * min(1.0, (rows + 20) / (VECTOR_FULL_ROWS + 20))
 
 
 @dataclass(frozen=True, eq=False)
@@ -227,15 +242,18 @@ def choose_execution(weight: torch.Tensor, region: torch.Tensor | None = None,
     """The forward (or, ``transpose``, input-gradient) execution of ``weight``:
     offsets whose ``(C_in, C_out)`` slab is all zero (or outside ``region``,
     a bool ``(K,)``) are skipped; the vector-sparse kernels run when at most
-    :data:`VECTOR_DENSITY` of the remaining vectors hold a nonzero."""
+    :func:`vector_threshold` of the remaining vectors hold a nonzero."""
     return _execution(_counts(weight, transpose), weight.shape[2] if transpose else weight.shape[1], region,
-                      VECTOR_DENSITY)
+                      None)
 
 
-def _execution(counts, rows: int, region, threshold: float) -> Execution:
+def _execution(counts, rows: int, region, threshold: float | None) -> Execution:
     """From the numpy ``(K, panels)`` counts (:func:`_counts`): in numpy, a
     few microseconds per conv call where torch's small-tensor ops took some
-    40 (AMD EPYC Zen 4 [avx2 avx512f])."""
+    40 (AMD EPYC Zen 4 [avx2 avx512f]). ``threshold`` None: the vector
+    kernels' (:func:`vector_threshold`)."""
+    if threshold is None:
+        threshold = vector_threshold(rows)
     per_offset = counts.sum(1)
     keep = per_offset > 0
     if region is not None:
@@ -260,7 +278,7 @@ def executed_flops(weight: torch.Tensor, pair_counts: torch.Tensor, region: torc
     included): ``pairs(k) * C_in * C_out`` per offset run, or with the
     vector-sparse kernels ``pairs(k) * (columns of the vectors listed)``."""
     counts = vector_counts(weight).cpu()  # a CUDA weight's counts too
-    execution = _execution(counts.numpy(), weight.shape[1], region, VECTOR_DENSITY)
+    execution = _execution(counts.numpy(), weight.shape[1], region, None)
     pairs = torch.as_tensor(pair_counts, dtype=torch.int64)
     keep = torch.ones(weight.shape[0], dtype=torch.bool) if execution.active is None else \
         torch.from_numpy(execution.active).bool()
