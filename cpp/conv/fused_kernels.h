@@ -278,7 +278,7 @@ inline void micro(int64_t kc, const T* const* a, const T* __restrict b, T* const
 // before), -23% at C = 8; its time 0.75-0.83x of the build before in
 // alternated runs.
 template <int N>
-struct Vectors {
+struct Vectors {  // a constant to pass through generic lambdas
   static constexpr int value = N;
 };
 // Whether tile_panels_full takes a product of `cols` columns: whole panels,
@@ -288,9 +288,10 @@ template <typename T>
 constexpr bool tiles_whole_panels(int64_t cols) {
   return cols % nr<T>() == 0 || cols % nr<T>() == lanes<T>();
 }
-template <typename T, typename Steps, typename Cols, typename BPanel>
-inline void tile_panels_full(int64_t np, int64_t ncols, Steps steps, Cols cols, BPanel b, const T* const* arow,
-                             T* const* crow, const T* bias, bool first) {
+// kLastOne: the last panel is one vector (else every panel is two).
+template <typename T, bool kLastOne, typename Steps, typename Cols, typename BPanel>
+inline void tile_panels_full(int64_t np, Steps steps, Cols cols, BPanel b, const T* const* arow, T* const* crow,
+                             const T* bias, bool first) {
   typedef typename Vec<T>::type V;
   constexpr int L = lanes<T>();
   constexpr int64_t NR = nr<T>();
@@ -333,12 +334,12 @@ inline void tile_panels_full(int64_t np, int64_t ncols, Steps steps, Cols cols, 
       if (NV > 1) vstore(c[r] + j * NR + L, acc1[r]);
     }
   };
-  const int64_t two = ncols % NR == 0 ? np : np - 1;  // panels of two vectors; the last may have one
+  const int64_t two = kLastOne ? np - 1 : np;  // panels of two vectors
   for (int64_t j = 0; j < two; ++j) {
     const int64_t n = steps(j);
     if (n != 0 || first) panel(Vectors<2>(), j, n);
   }
-  if (two < np) {
+  if (kLastOne) {
     const int64_t n = steps(two);
     if (n != 0 || first) panel(Vectors<1>(), two, n);
   }
@@ -483,12 +484,18 @@ void apply_impl(const ApplyArgs<T>& a) {
     return;
   }
   const int64_t kc = a.kc;
-  apply_blocks(a, none, [&a, np, kc](int64_t k, const T* const* arow, T* const* crow, int, bool first) {
-    const T* wk = a.wpack + k * np * kc * NR;
-    tile_panels_full<T>(
-        np, a.cols, [kc](int64_t) { return kc; }, [](int64_t) { return [](int64_t i) { return i; }; },
-        [wk, kc](int64_t j) { return wk + j * kc * NR; }, arow, crow, a.bias, first);
-  });
+  const auto full = [&a, np, kc](auto last_one) {
+    return [&a, np, kc](int64_t k, const T* const* arow, T* const* crow, int, bool first) {
+      const T* wk = a.wpack + k * np * kc * NR;
+      tile_panels_full<T, decltype(last_one)::value>(
+          np, [kc](int64_t) { return kc; }, [](int64_t) { return [](int64_t i) { return i; }; },
+          [wk, kc](int64_t j) { return wk + j * kc * NR; }, arow, crow, a.bias, first);
+    };
+  };
+  if (a.cols % NR == 0)
+    apply_blocks(a, none, full(Vectors<0>()));
+  else
+    apply_blocks(a, none, full(Vectors<1>()));
 }
 
 // C[r][j] += sum_q x[q][m0 + r] * B[q][j] for skip_rows <= r < kMR, j <

@@ -42,8 +42,8 @@ void apply_sparse_impl(const SparseApplyArgs<T>& s) {
                                    [&a, np](const int32_t* count, const int32_t* idx, const T* wpack,
                                             const T* const* arow, T* const* crow, bool first) {
                                      const int64_t kc = a.kc;
-                                     tile_panels_full<T>(
-                                         np, a.cols, [count](int64_t j) { return int64_t(count[j]); },
+                                     tile_panels_full<T, false>(
+                                         np, [count](int64_t j) { return int64_t(count[j]); },
                                          [idx, kc](int64_t j) {
                                            const int32_t* __restrict id = idx + j * kc;
                                            return [id](int64_t i) { return int64_t(id[i]); };
