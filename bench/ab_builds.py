@@ -1,0 +1,176 @@
+"""Two or more builds of the extension module timed on the same conv, in
+lockstep: each build runs in a child process of its own (the module loaded
+by its path with numpy alone: pybind11 refuses a second module that
+registers the same types in one process), and the parent asks the children
+in turn for one call at a time, alternating their order every round, so that
+a slow phase of these virtual machines falls on every build alike. Every
+child is pinned to the same CPU (``--cpu``): the two CPUs of these machines
+have run the same code at different speeds.
+
+    python bench/ab_builds.py OLD.so NEW.so [...] [--channels 64] [--kinds dense offset vector]
+        [--passes forward input weight] [--rounds 15] [--cpu 1] [--out PAGE.md] [--quick]
+
+``--quick``: this tree's module against itself, C = 8 unpruned on a
+generated street of 20k voxels, forward, one round, the page in a
+temporary folder.
+
+A build of an earlier commit: ``git worktree add /tmp/old <commit>``, then in
+it the Makefile's cmake configure and build (``make build`` there copies the
+module into that tree's ``pointsparse/``). The conv is ``bench/conv_instructions.py``'s:
+a submanifold ``Conv3d(C, C, 3)`` on the KITTI sweep (000049, 0.05 m; a
+generated street of 20k voxels where the dataset is absent), unpruned and
+pruned (``offset``: 75% of the kernel offsets, ``vector``: 75% of the
+engine's vectors), run as this tree's engine chooses for the forward.
+Passes: ``forward``, ``input`` (the input gradient, with the forward's
+choice of kernels), ``weight`` (the weight gradient; pruning only skips
+offsets there). Every build's outputs must equal the first
+build's bit for bit (forward: this tree's engine's too) before any timing.
+One thread; medians over the rounds; the ratios are each build's time over
+the first build's in the same rounds."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from _common import environment, real_scene, real_sweeps, results_path, street_scene, write_markdown
+from conv_instructions import KINDS, case_data
+
+# The child: the module by its path, the case from the .npz, then one call
+# per line read ("pass kind"), its time printed and its result saved.
+CHILD = r"""
+import importlib.util, os, sys, time
+import numpy as np
+os.sched_setaffinity(0, {int(sys.argv[4])})
+spec = importlib.util.spec_from_file_location("_core", sys.argv[1])
+core = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(core)
+d = np.load(sys.argv[2])
+arr = {k: d[k] for k in d.files}
+plan = core.ConvPlan(arr["in_idx"], arr["out_idx"], arr["ptr"], int(arr["num_in"]), int(arr["num_out"]),
+                     int(arr["identity"]), 1)
+feats = arr["feats"]
+out = np.empty((int(arr["num_out"]), feats.shape[1]), np.float32)
+grad = np.random.default_rng(0).standard_normal(out.shape).astype(np.float32)
+grad_w = np.empty((int(arr["ptr"].shape[0]) - 1, feats.shape[1], out.shape[1]), np.float32)
+grad_f = np.empty_like(feats)
+for line in sys.stdin:
+    which, kind = line.split()
+    active = arr["active_" + kind]
+    active = active if active.size else None
+    w, vector = arr["weight_" + kind], bool(arr["vector_" + kind])
+    t = time.perf_counter()
+    if which == "forward":
+        plan.forward(feats, w, None, out, 1, None, False, active=active, vector=vector)
+        res = out
+    elif which == "input":
+        plan.backward_input(grad, w, grad_f, 1, None, active=active, vector=vector)
+        res = grad_f
+    else:
+        plan.backward_weight(feats, grad, grad_w, 1, None, active=active)
+        res = grad_w
+    t = time.perf_counter() - t
+    np.save(sys.argv[3] + which + "_" + kind + ".npy", res)
+    print(t, flush=True)
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("builds", nargs="*", help="paths of extension modules (_core*.so); the first is the baseline")
+    parser.add_argument("--channels", type=int, default=64)
+    parser.add_argument("--kinds", nargs="+", choices=list(KINDS), default=["dense", "vector"])
+    parser.add_argument("--passes", nargs="+", choices=["forward", "input", "weight"], default=["forward"])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--cpu", type=int, default=max(os.sched_getaffinity(0)),
+                        help="the CPU every child runs on (default: the last this process may use)")
+    parser.add_argument("--out", default=None, help="also write a page there")
+    parser.add_argument("--quick", action="store_true", help="this module against itself, C = 8, one round")
+    args = parser.parse_args()
+    if args.quick:
+        import pointsparse as ps
+
+        args.builds = args.builds or [ps._core.__file__] * 2
+        args.channels, args.kinds, args.passes, args.rounds = 8, ["dense"], ["forward"], 1
+        args.out = str(results_path("ab_builds.md", quick=True))
+    if len(args.builds) < 2:
+        parser.error("give at least two builds")
+    for b in args.builds:
+        if not Path(b).is_file():
+            parser.error(f"build {b!r} is not a file")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    if args.cpu not in os.sched_getaffinity(0):
+        parser.error(f"--cpu {args.cpu} is not one this process may run on: {sorted(os.sched_getaffinity(0))}")
+    sweeps = {} if args.quick else real_sweeps()
+    if "kitti-raw/000049" in sweeps:
+        coords, where = real_scene(sweeps["kitti-raw/000049"], 0.05), "KITTI raw 000049 at 0.05 m"
+    else:
+        coords, where = street_scene(20_000), "a generated street of 20k voxels"
+    torch.set_num_threads(1)
+    kinds = [k for k in KINDS if k in args.kinds]
+    calls = [(p, k) for p in args.passes for k in kinds]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        data, paths, pairs, outputs = case_data(args.channels, coords, kinds, folder)
+        env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+        children = [subprocess.Popen([sys.executable, "-c", CHILD, str(Path(b).resolve()), str(data),
+                                      str(folder / f"b{i}_"), str(args.cpu)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+                    for i, b in enumerate(args.builds)]
+
+        def call(i: int, which: str, kind: str) -> float:
+            child = children[i]
+            child.stdin.write(f"{which} {kind}\n")
+            child.stdin.flush()
+            line = child.stdout.readline()
+            if not line:
+                raise RuntimeError(f"build {args.builds[i]} stopped (exit {child.wait()})")
+            return float(line)
+
+        try:
+            for i in range(len(children)):
+                for which, kind in calls:
+                    call(i, which, kind)
+                    got = np.load(folder / f"b{i}_{which}_{kind}.npy")
+                    want = outputs[kind] if which == "forward" else np.load(folder / f"b0_{which}_{kind}.npy")
+                    if not np.array_equal(got, want):
+                        raise RuntimeError(f"{args.builds[i]}: {which} of {kind} differs from the baseline's by "
+                                           f"{np.abs(got - want).max()}")
+            times = {(i, c): [] for i in range(len(children)) for c in calls}
+            for r in range(args.rounds):
+                order = range(len(children)) if r % 2 == 0 else reversed(range(len(children)))
+                for i in order:
+                    for c in calls:
+                        times[i, c].append(call(i, *c))
+        finally:
+            for child in children:
+                child.stdin.close()
+                child.wait()
+    med = {key: float(np.median(v)) * 1e3 for key, v in times.items()}
+    names = [f"`{Path(b).name}`" for b in args.builds]
+    lines = [f"C = {args.channels}, {where} ({len(coords):,} voxels, {pairs:,} pairs), one thread on CPU "
+             f"{args.cpu}, medians of {args.rounds} rounds; each cell: ms (time / the first build's).", "",
+             "| pass | pruning (engine path) | " + " | ".join(names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    for which, kind in calls:
+        base = med[0, (which, kind)]
+        cells = [f"{med[i, (which, kind)]:.2f} ({med[i, (which, kind)] / base:.3f})" for i in range(len(names))]
+        lines.append(f"| {which} | {KINDS[kind]} ({paths[kind]}) | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        command = "python bench/ab_builds.py " + " ".join(sys.argv[1:])
+        write_markdown(Path(args.out), "Builds in lockstep", command, environment(), [table])
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
