@@ -4,8 +4,8 @@ by its path with numpy alone: pybind11 refuses a second module that
 registers the same types in one process), and the parent asks the children
 in turn for one call at a time, alternating their order every round, so that
 a slow phase of these virtual machines falls on every build alike. Every
-child is pinned to the same CPU (``--cpu``): the two CPUs of these machines
-have run the same code at different speeds.
+child is pinned to the same CPU (``--cpu``), so that no build runs on
+another core than the others.
 
     python bench/ab_builds.py OLD.so NEW.so [...] [--channels 64] [--kinds dense offset vector]
         [--passes forward input weight] [--rounds 15] [--cpu 1] [--out PAGE.md] [--quick]

@@ -157,7 +157,8 @@ inline void tile_add(const typename Vec<T>::type* acc0, const typename Vec<T>::t
 // at C = 64 and 128. The row loop is not unswitched by the compiler: a
 // test of ncols inside it cost the dense AVX-512 kernel 7% at C = 128, so
 // the full-panel case has its own loop (as tile_add). Rows r >= mr repeat
-// a valid row (apply_pairs): read, never written.
+// a valid row (apply_pairs): read, never written here (tile_panels_full
+// stores them: the repeated row's own bits, to its own place).
 template <typename T, int NV = 2>
 inline void tile_load(typename Vec<T>::type* acc0, typename Vec<T>::type* acc1, T* const* c, int64_t ncols,
                       const T* init) {
