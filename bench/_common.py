@@ -185,6 +185,16 @@ def real_scene(points: np.ndarray, voxel_size: float) -> torch.Tensor:
     return tensor.coords
 
 
+def kitti_or_street(quick: bool = False) -> tuple[torch.Tensor, str]:
+    """The north star's sweep (KITTI raw 000049 at 0.05 m) and its name, or,
+    for ``quick`` or where the dataset is absent, a generated street of 20k
+    voxels."""
+    sweeps = {} if quick else real_sweeps()
+    if "kitti-raw/000049" in sweeps:
+        return real_scene(sweeps["kitti-raw/000049"], 0.05), "KITTI raw 000049 at 0.05 m"
+    return street_scene(20_000), "A generated street of 20k voxels"
+
+
 def write_markdown(path: Path, title: str, command: str, env: dict, tables: list[str], notes: str = "") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     env_line = ", ".join(f"{k} {v}" for k, v in env.items())

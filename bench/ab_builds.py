@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import environment, real_scene, real_sweeps, results_path, street_scene, write_markdown
+from _common import environment, kitti_or_street, results_path, write_markdown
 from conv_instructions import KINDS, case_data
 
 # The child: the module by its path, the case from the .npz, then one call
@@ -109,11 +109,7 @@ def main() -> None:
         parser.error("--rounds must be at least 1")
     if args.cpu not in os.sched_getaffinity(0):
         parser.error(f"--cpu {args.cpu} is not one this process may run on: {sorted(os.sched_getaffinity(0))}")
-    sweeps = {} if args.quick else real_sweeps()
-    if "kitti-raw/000049" in sweeps:
-        coords, where = real_scene(sweeps["kitti-raw/000049"], 0.05), "KITTI raw 000049 at 0.05 m"
-    else:
-        coords, where = street_scene(20_000), "a generated street of 20k voxels"
+    coords, where = kitti_or_street(args.quick)
     torch.set_num_threads(1)
     kinds = [k for k in KINDS if k in args.kinds]
     calls = [(p, k) for p in args.passes for k in kinds]

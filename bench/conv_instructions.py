@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import environment, real_scene, real_sweeps, results_path, street_scene, write_markdown
+from _common import environment, kitti_or_street, results_path, write_markdown
 from prune_exec import variants
 
 import pointsparse as ps
@@ -151,11 +151,7 @@ def main() -> None:
         parser.error("--calls must be at least 1")
     if args.quick:
         args.channels, args.kinds, args.calls = [8], ["dense"], 1
-    sweeps = {} if args.quick else real_sweeps()
-    if "kitti-raw/000049" not in sweeps:
-        coords, where = street_scene(20_000), "A generated street of 20k voxels"
-    else:
-        coords, where = real_scene(sweeps["kitti-raw/000049"], 0.05), "KITTI raw 000049 at 0.05 m"
+    coords, where = kitti_or_street(args.quick)
     where = f"{where} ({len(coords):,} voxels)"
     torch.set_num_threads(1)
     table = measure(args.channels, list(args.kinds), args.calls, coords, where)
