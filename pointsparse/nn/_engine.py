@@ -52,19 +52,20 @@ VECTOR_DENSITY = 0.85
 MASKED_WGRAD_DENSITY = 0.7
 #: Rows per panel (C_in of the forward, C_out of the input gradient) from
 #: which :data:`VECTOR_DENSITY` holds whole; below, the vector kernels need a
-#: sparser weight: threshold ``VECTOR_DENSITY * min(1, (rows + 20) /
-#: (VECTOR_FULL_ROWS + 20))`` (0.28 at 8 rows, 0.53 at 32). Measured once the
-#: dense kernels ran a tile across all its panels (KITTI sweep, one thread,
-#: AMD EPYC Zen 3 [avx2], random vectors; bench/RESULTS.md "Dense kernels a
-#: fifth faster"): the vector forward broke even with the dense one near
-#: density 0.33 at C = 8, 0.6 at C = 32, 0.75 at C = 48 and 0.9 at C = 64.
-VECTOR_FULL_ROWS = 64
+#: sparser weight: threshold ``VECTOR_DENSITY * min(1, (rows + 4) /
+#: (VECTOR_FULL_ROWS + 4))`` (0.28 at 8 rows, 0.47 at 16, 0.66 at 24).
+#: Measured once the dense kernels ran a tile across all its panels
+#: (``python bench/vector_threshold.py``, KITTI sweep, one thread, AMD EPYC
+#: Zen 3 [avx2], three runs; bench/RESULTS.md "Dense kernels a fifth
+#: faster"): the vector forward broke even with the dense one near density
+#: 0.3 at C = 8, 0.6-0.7 at 16 and 24, 0.8-0.9 at 32 and 48, above 0.9 at 64.
+VECTOR_FULL_ROWS = 32
 
 
 def vector_threshold(rows: int) -> float:
     """The largest density of listed vectors at which a product with
     ``rows`` rows per panel runs the vector-sparse kernels."""
-    return VECTOR_DENSITY * min(1.0, (rows + 20) / (VECTOR_FULL_ROWS + 20))
+    return VECTOR_DENSITY * min(1.0, (rows + 4) / (VECTOR_FULL_ROWS + 4))
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,0 +1,149 @@
+"""Where the vector-sparse forward beats the dense one: the measurements
+behind ``_engine.vector_threshold``. A submanifold ``Conv3d(C, C, 3)`` on the
+KITTI sweep (000049, 0.05 m; a generated street of 20k voxels where the
+dataset is absent), one thread, through the engine's plan (``ConvPlan``):
+
+1. *Break-even by density*: weights whose vectors (offset, input channel,
+   panel) are kept at random with probability d; the same weights through
+   the vector kernels and through the dense kernels (every offset run),
+   interleaved; the ratio dense / vector (> 1: the vector kernels win) and
+   the engine's threshold for C rows beside it.
+2. *Time by listed rows* (``--listed``): every panel of every offset lists
+   the same n rows (the first n input channels), the vector forward's time
+   against n: its fixed cost per pair and offset and its cost per listed row.
+
+Each output is checked against the dense kernels' first.
+
+    python bench/vector_threshold.py [--channels 8 16 24 32 48 64] [--densities 0.2 0.3 0.5 0.7 0.9]
+        [--listed 1 4 8 16 32] [--rounds 9] [--out bench/results/vector_threshold.md] [--quick]
+
+``--quick``: C = 8 on a 20k generated street, two densities, one round, the
+page in a temporary folder."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from _common import environment, kitti_or_street, results_path, write_markdown
+
+import pointsparse as ps
+from pointsparse.nn import _engine
+
+
+def median_ms(calls: dict, rounds: int) -> dict:
+    """Each call timed once a round, in a new seeded order each round."""
+    times = {name: [] for name in calls}
+    order = list(calls)
+    rng = np.random.default_rng(0)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for name in order:
+            t = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - t)
+    return {name: float(np.median(v)) * 1e3 for name, v in times.items()}
+
+
+def setup(coords: torch.Tensor, channels: int):
+    torch.manual_seed(0)
+    x = ps.SparseTensor(torch.randn(len(coords), channels), coords)
+    plan = _engine.get_plan(ps.kmap.get_kmap(x, 3)).core
+    feats = x.feats.numpy()
+    out = np.empty((plan.num_out, channels), np.float32)
+    want = np.empty_like(out)
+
+    def run(weight: np.ndarray, vector: bool, dst: np.ndarray = out) -> None:
+        plan.forward(feats, weight, None, dst, 1, None, False, active=None, vector=vector)
+
+    def checked(weight: np.ndarray) -> None:
+        run(weight, False, want)
+        run(weight, True)
+        if not np.array_equal(out, want):
+            raise RuntimeError(f"C = {channels}: the vector kernels differ from the dense ones by "
+                               f"{np.abs(out - want).max()}")
+
+    return run, checked
+
+
+def break_even(coords, channels: list, densities: list, rounds: int) -> str:
+    lines = ["| C | " + " | ".join(f"d = {d}" for d in densities) + " | engine's threshold |",
+             "|---|" + "---|" * (len(densities) + 1)]
+    width = _engine.panel_width(torch.float32)
+    for c in channels:
+        run, checked = setup(coords, c)
+        g = torch.Generator().manual_seed(1)
+        w = torch.randn(27, c, c, generator=g)
+        panels = -(-c // width)
+        calls = {}
+        for d in densities:
+            keep = (torch.rand(27, c, panels, generator=g) < d).float().repeat_interleave(width, 2)[:, :, :c]
+            wd = (w * keep).contiguous().numpy()
+            checked(wd)
+            calls[d, False] = lambda wd=wd: run(wd, False)
+            calls[d, True] = lambda wd=wd: run(wd, True)
+        med = median_ms(calls, rounds)
+        cells = [f"{med[d, False] / med[d, True]:.2f}x ({med[d, True]:.2f} ms)" for d in densities]
+        lines.append(f"| {c} | " + " | ".join(cells) + f" | {_engine.vector_threshold(c):.2f} |")
+        print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+def by_listed(coords, channels: int, listed: list, rounds: int) -> str:
+    run, checked = setup(coords, channels)
+    w = torch.randn(27, channels, channels, generator=torch.Generator().manual_seed(2))
+    calls = {"dense": lambda wd=w.numpy(): run(wd, False)}
+    for n in [n for n in listed if n <= channels]:
+        wn = w.clone()
+        wn[:, n:] = 0
+        wn = wn.contiguous().numpy()
+        checked(wn)
+        calls[n] = lambda wn=wn: run(wn, True)
+    med = median_ms(calls, rounds)
+    names = [k for k in calls if k != "dense"]
+    return "\n".join([f"C = {channels}: the vector forward with n listed rows in every panel, and the dense "
+                      f"forward of the unpruned weight ({med['dense']:.2f} ms).", "",
+                      "| listed rows n | " + " | ".join(str(n) for n in names) + " |",
+                      "|---|" + "---|" * len(names),
+                      "| vector forward ms | " + " | ".join(f"{med[n]:.2f}" for n in names) + " |"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--channels", type=int, nargs="+", default=[8, 16, 24, 32, 48, 64])
+    parser.add_argument("--densities", type=float, nargs="+", default=[0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    parser.add_argument("--listed", type=int, nargs="*", default=[1, 4, 8, 16, 32],
+                        help="rows listed per panel for the second table, at the largest C (none: no table)")
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--out", default=None, help="default bench/results/vector_threshold.md")
+    parser.add_argument("--quick", action="store_true", help="C = 8 on a 20k street, two densities, one round")
+    args = parser.parse_args()
+    if args.quick:
+        args.channels, args.densities, args.listed, args.rounds = [8], [0.3, 0.9], [2], 1
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    if any(c < 1 for c in args.channels):
+        parser.error("--channels must be positive")
+    if any(not 0 <= d <= 1 for d in args.densities):
+        parser.error("--densities must lie in [0, 1]")
+    coords, where = kitti_or_street(args.quick)
+    torch.set_num_threads(1)
+    tables = [f"{where} ({len(coords):,} voxels), one thread, medians of {args.rounds} rounds. Each cell: "
+              "dense time / vector time for the same weight (> 1: the vector kernels win), and the vector "
+              "time; vectors kept at random with probability d.", "",
+              break_even(coords, args.channels, args.densities, args.rounds)]
+    if args.listed:
+        tables += ["", by_listed(coords, max(args.channels), args.listed, args.rounds)]
+    command = "python bench/vector_threshold.py " + " ".join(sys.argv[1:])
+    out = Path(args.out) if args.out else results_path("vector_threshold.md", args.quick)
+    write_markdown(out, "Vector-sparse against dense forward", command.strip(), environment(), ["\n".join(tables)])
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
