@@ -276,8 +276,8 @@ inline void micro(int64_t kc, const T* const* a, const T* __restrict b, T* const
 // same bits to the same place. On the KITTI sweep, one thread, AMD EPYC Zen
 // 3 [avx2] (bench/RESULTS.md "Dense kernels a fifth faster"): the dense
 // conv's instructions per call -21% at C = 64 (22 a step of 12 FMAs, 26
-// before), -23% at C = 8; its time 0.75-0.83x of the build before in
-// alternated runs.
+// before), -24% at C = 8; its forward 0.79x / 0.85x / 0.84x the build
+// before's time at C = 64 / 32 / 8 (bench/ab_builds.py).
 template <int N>
 struct Vectors {  // a constant to pass through generic lambdas
   static constexpr int value = N;
