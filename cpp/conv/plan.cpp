@@ -229,7 +229,8 @@ void run_apply(const Plan& plan, const T* src, const T* w, const T* bias, T* dst
   if (vector) {
     const int64_t lists = K * panels<T>(Isa::avx2, cols);
     std::vector<int32_t> idx(std::max<int64_t>(1, lists * kc)), count(std::max<int64_t>(1, lists));
-    apply_sparse(SparseApplyArgs<T>{a, idx.data(), count.data()}, isa);
+    std::vector<int64_t> start(lists + 1);
+    apply_sparse(SparseApplyArgs<T>{a, idx.data(), count.data(), start.data()}, isa);
     return;
   }
   apply(a, isa);

@@ -41,10 +41,11 @@ void pack_sparse(const SparseApplyArgs<T>& s) {
   const ApplyArgs<T>& a = s.base;
   const int64_t c_out = a.transpose ? a.kc : a.cols;
   const int64_t np = panels<T>(Isa::avx2, a.cols), K = a.pairs.kernel_volume;
+  s.start[0] = 0;
   for (int64_t t = 0; t < K * np; ++t) {
     const int64_t k = t / np, p = t % np;
     const T* wk = a.w + k * a.kc * a.cols;
-    T* dst = a.wpack + t * a.kc * NR;
+    T* dst = a.wpack + s.start[t] * NR;
     int32_t* list = s.idx + t * a.kc;
     int32_t n = 0;
     for (int64_t c = 0; c < a.kc; ++c) {
@@ -59,6 +60,7 @@ void pack_sparse(const SparseApplyArgs<T>& s) {
       if (nonzero) list[n++] = int32_t(c);
     }
     s.count[t] = n;
+    s.start[t + 1] = s.start[t] + n;
   }
 }
 

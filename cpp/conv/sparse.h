@@ -19,9 +19,10 @@ namespace conv {
 
 // The dense arguments plus scratch for the lists: idx[(k * panels + p) * kc
 // + i] is the i-th listed row of panel p of offset k, count[k * panels + p]
-// how many. `base.wpack` holds the packed listed rows (panel after panel,
-// sparse_panel<T>() columns each); the dispatch allocates and fills it and
-// the lists. Panels are the 32-byte builds' tiles (sparse_panel<T>()
+// how many. `base.wpack` holds the packed listed rows, panel after panel
+// with nothing between them (sparse_panel<T>() columns each; panel t's
+// first row is row start[t] of wpack, start[K * panels] rows in all); the
+// dispatch allocates and fills it, the lists and start. Panels are the 32-byte builds' tiles (sparse_panel<T>()
 // columns) on every CPU and in every build, so one pruning granularity
 // serves every machine.
 template <typename T>
@@ -29,6 +30,7 @@ struct SparseApplyArgs {
   ApplyArgs<T> base;
   int32_t* idx;    // scratch: K * panels(cols) * kc
   int32_t* count;  // scratch: K * panels(cols)
+  int64_t* start;  // scratch: K * panels(cols) + 1
 };
 
 // grad_w[k][c][j] for the vectors (k, c, panel of j) where mask holds a

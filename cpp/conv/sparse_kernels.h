@@ -39,7 +39,7 @@ void apply_sparse_impl(const SparseApplyArgs<T>& s) {
     return;
   }
   walk_listed_panels<kMR, nr<T>()>(s, micro,
-                                   [&a, np](const int32_t* count, const int32_t* idx, const T* wpack,
+                                   [&a, np](const int32_t* count, const int32_t* idx, const int64_t* start,
                                             const T* const* arow, T* const* crow, bool first) {
                                      const int64_t kc = a.kc;
                                      tile_panels_full<T, false>(
@@ -48,7 +48,7 @@ void apply_sparse_impl(const SparseApplyArgs<T>& s) {
                                            const int32_t* __restrict id = idx + j * kc;
                                            return [id](int64_t i) { return int64_t(id[i]); };
                                          },
-                                         [wpack, kc](int64_t j) { return wpack + j * kc * nr<T>(); }, arow, crow,
+                                         [&a, start](int64_t j) { return a.wpack + start[j] * nr<T>(); }, arow, crow,
                                          a.bias, first);
                                      return true;
                                    });

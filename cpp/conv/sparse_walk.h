@@ -12,8 +12,8 @@ namespace {
 // into C's panel (n listed rows, B packed (n, NR) by pack_sparse); an offset
 // whose panels list nothing is not visited, and a block's first offset
 // stores bias (or zero) + its products into every panel, listed or not.
-// `full(count, idx, wpack, arow, crow, first)` may take a tile across
-// every panel of offset k instead (count, idx, wpack: offset k's; rows past
+// `full(count, idx, start, arow, crow, first)` may take a tile across
+// every panel of offset k instead (count, idx, start: offset k's; rows past
 // mr repeat a valid one), the same sums: it returns false where it does
 // not, and the panels then go through `micro` one by one.
 template <int MR, int64_t NR, typename T, typename Micro, typename Full>
@@ -29,7 +29,7 @@ void walk_listed_panels(const SparseApplyArgs<T>& s, Micro micro, Full full) {
   const auto tile = [&s, &a, &zero, &micro, &full, np](int64_t k, const T* const* arow, T* const* crow, int mr,
                                                        bool first) {
     const int32_t* count = s.count + k * np;
-    if (full(count, s.idx + k * np * a.kc, a.wpack + k * np * a.kc * NR, arow, crow, first)) return;
+    if (full(count, s.idx + k * np * a.kc, s.start + k * np, arow, crow, first)) return;
     for (int64_t j = 0; j < np; ++j) {
       if (count[j] == 0 && !first) continue;
       T* c[MR];
@@ -37,7 +37,7 @@ void walk_listed_panels(const SparseApplyArgs<T>& s, Micro micro, Full full) {
       const int64_t ncols = a.cols - j * NR < NR ? a.cols - j * NR : NR;
       const int64_t t = k * np + j;
       const T* init = first ? (a.bias ? a.bias + j * NR : zero) : nullptr;
-      micro(count[j], s.idx + t * a.kc, arow, a.wpack + t * a.kc * NR, c, mr, ncols, init);
+      micro(count[j], s.idx + t * a.kc, arow, a.wpack + s.start[t] * NR, c, mr, ncols, init);
     }
   };
   apply_blocks<MR>(a, none_listed, tile);
