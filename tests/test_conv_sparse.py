@@ -188,6 +188,43 @@ def test_large_outputs_with_bias_and_relu():
         torch.testing.assert_close(outs[0], ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("c_out", [32, 64])
+def test_vector_panels_with_no_row_or_one_row_listed(c_out, dtype):
+    """Panels of whole tiles (C_out a multiple of the panel) listing no row,
+    one row or an odd number of rows, on the identity offset (its tiles store
+    bias + products into every panel, one listing nothing stores the bias
+    alone) and on the others (a panel listing nothing is left as it is):
+    with and without bias and ReLU, the vector kernels of each build equal
+    its dense kernels bit for bit, and torch ops."""
+    feats, kmap = case(3, 1, False, 24, c_out, dtype)
+    plan = _engine.make_fused_plan(kmap)
+    assert plan.identity == 13
+    width = _engine.panel_width(dtype)
+    w = sparse_weight(27, 24, c_out, dtype, vector_keep=0.5)
+    for k in (13, 5):  # the identity, and one other
+        w[k, :, :width] = 0  # panel 0: no row
+        w[k, :, width:2 * width] = 0
+        w[k, 7, width:2 * width] = 1.5  # panel 1: one row
+        w[k, :, 2 * width:] = 0
+        w[k, ::8, 2 * width:] = 0.25  # then three rows a panel
+    for bias in (None, torch.randn(c_out, dtype=dtype)):
+        for relu in (False, True):
+            outs = {}
+            for isa in ISAS:
+                for vector in (False, True):
+                    out = torch.full((kmap.num_out, c_out), float("nan"), dtype=dtype)
+                    plan.core.forward(feats.numpy(), w.numpy(), None if bias is None else bias.numpy(),
+                                      out.numpy(), 2, isa, relu, active=_engine.choose_execution(w).active,
+                                      vector=vector)
+                    outs[isa, vector] = out
+            ref = conv_sum(feats, w, kmap) + (0 if bias is None else bias)
+            for isa in ISAS:
+                assert torch.equal(outs[isa, True], outs[isa, False])
+                torch.testing.assert_close(outs[isa, True], torch.relu(ref) if relu else ref, rtol=1e-4,
+                                           atol=1e-4)
+
+
 def test_skipped_offsets_and_vectors_are_never_read():
     """Offsets left out and zero vectors: NaN in the weight outside what runs
     never reaches the output (the data really is not touched)."""
