@@ -98,6 +98,9 @@ def instrumented(model: torch.nn.Module, forward: Timer, backward: Timer):
             if isinstance(m, cls):
                 patch(m, "forward", forward.wrap(label, m.forward))
     patch(_kmap, "get_kmap", forward.wrap("kernel maps", _kmap.get_kmap))
+    # The convs (nn.functional) call _get_kmap, not get_kmap: without this
+    # their maps went into the conv rows.
+    patch(_kmap, "_get_kmap", forward.wrap("kernel maps", _kmap._get_kmap))
     patch(_engine, "make_fused_plan", forward.wrap("plans", _engine.make_fused_plan))
     patch(_engine, "transposed_plan", forward.wrap("plans", _engine.transposed_plan))
     patch(spnn, "cat", forward.wrap("concatenation", spnn.cat))
