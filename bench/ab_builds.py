@@ -53,14 +53,24 @@ spec = importlib.util.spec_from_file_location("_core", sys.argv[1])
 core = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(core)
 d = np.load(sys.argv[2])
-arr = {k: d[k] for k in d.files}
+
+
+def aligned(a):  # a copy at a 64-byte boundary, as torch allocates (numpy's large arrays sit 16 bytes past one)
+    buf = np.empty(a.nbytes + 64, np.uint8)
+    start = -buf.ctypes.data % 64
+    out = buf[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+arr = {k: aligned(d[k]) for k in d.files}
 plan = core.ConvPlan(arr["in_idx"], arr["out_idx"], arr["ptr"], int(arr["num_in"]), int(arr["num_out"]),
                      int(arr["identity"]), 1)
 feats = arr["feats"]
-out = np.empty((int(arr["num_out"]), feats.shape[1]), np.float32)
-grad = np.random.default_rng(0).standard_normal(out.shape).astype(np.float32)
-grad_w = np.empty((int(arr["ptr"].shape[0]) - 1, feats.shape[1], out.shape[1]), np.float32)
-grad_f = np.empty_like(feats)
+out = aligned(np.empty((int(arr["num_out"]), feats.shape[1]), np.float32))
+grad = aligned(np.random.default_rng(0).standard_normal(out.shape).astype(np.float32))
+grad_w = aligned(np.empty((int(arr["ptr"].shape[0]) - 1, feats.shape[1], out.shape[1]), np.float32))
+grad_f = aligned(np.empty_like(feats))
 for line in sys.stdin:
     which, kind = line.split()
     active = arr["active_" + kind]
