@@ -340,11 +340,15 @@ inline void tile_panels_full(int64_t np, Steps steps, Cols cols, BPanel b, const
     }
     const auto col = cols(j);
     const T* __restrict bj = b(j);
-#pragma GCC unroll 2
-    for (int64_t i = 0; i < n; ++i) {
+    // The step as a lambda: the same loop written inline compiled to 3% more
+    // instructions in the vector kernel (96.79 against 93.79 M a call at C =
+    // 64, vectors 75%; bench/conv_instructions.py, GCC 12).
+    const auto step = [&](int64_t i) {
       const V b0 = vload(bj + i * NR), b1 = NV > 1 ? vload(bj + i * NR + L) : V{};
       tile_step<T, NV>(acc0, acc1, b0, b1, x, col(i));
-    }
+    };
+#pragma GCC unroll 2
+    for (int64_t i = 0; i < n; ++i) step(i);
 #pragma GCC unroll 16
     for (int r = 0; r < kMR; ++r) {
       vstore(c[r] + j * NR, acc0[r]);
