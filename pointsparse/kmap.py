@@ -338,6 +338,10 @@ def _build(coords: torch.Tensor, k: Triple, t: Triple, d: Triple, s: Triple, met
     submanifold = out_coords is None and t == (1, 1, 1)
     if out_coords is None:
         out_coords = coords if submanifold else downsample_coords(coords, tuple(a * b for a, b in zip(s, t)))
+    if submanifold and k == (1, 1, 1):  # one offset, zero: every row its own pair (the 1x1 shortcut convs)
+        n = coords.shape[0]
+        return KernelMap(coords, torch.arange(n, device=coords.device), torch.arange(n, device=coords.device),
+                         torch.tensor([n], dtype=torch.int64), offsets, n, n, key)
     if method == "torch":
         in_idx, out_idx, sizes = _build_torch(coords, out_coords, offsets, submanifold)
     else:

@@ -468,3 +468,21 @@ def test_key_out_stride_for_down_and_transposed_maps():
     up = km.get_kmap(coarse, 2, (2, 1, 2), 1, True)
     assert up.key.transposed and up.key.out_stride == (2, 2, 2) and up.num_out == len(x)
     assert km.get_kmap(x, 3).key.out_stride == (2, 2, 2)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_one_by_one_map_is_the_identity_without_a_search(method, monkeypatch):
+    """A 1x1x1 kernel at stride 1 pairs every row with itself: built
+    directly (no sort, no table), the same tensors as the search gives, at any
+    tensor stride and dilation and for an empty cloud."""
+    for s, d in ((1, 1), (2, 3)):
+        coords = random_coords(500, 4, 6, km.as_triple(s, "s"), seed=3, shuffle=True)
+        searched = km.build(coords, (1, 1, 1), 1, 1, s, method=method)
+        assert_matches_reference(searched, coords, 1, 1, d, s)
+        assert searched.in_idx.tolist() == list(range(len(coords))) == searched.out_idx.tolist()
+    assert km.build(coords, 1, 2, 1, s, method=method).num_out < len(coords)  # strided: not the identity
+    monkeypatch.setattr(km, "_build_core", None)  # no search may run
+    monkeypatch.setattr(km, "_build_torch", None)
+    assert torch.equal(km.build(coords, 1, 1, 3, s, method=method).in_idx, searched.in_idx)
+    empty = km.build(torch.zeros((0, 4), dtype=torch.int32), 1, method=method)
+    assert empty.sizes.tolist() == [0] and empty.in_idx.shape == (0,) and empty.in_idx.dtype == torch.int64
