@@ -486,3 +486,49 @@ def test_one_by_one_map_is_the_identity_without_a_search(method, monkeypatch):
     assert torch.equal(km.build(coords, 1, 1, 3, s, method=method).in_idx, searched.in_idx)
     empty = km.build(torch.zeros((0, 4), dtype=torch.int32), 1, method=method)
     assert empty.sizes.tolist() == [0] and empty.in_idx.shape == (0,) and empty.in_idx.dtype == torch.int64
+
+
+@pytest.mark.parametrize("k", [2, (2, 1, 2), (1, 2, 2)])
+@pytest.mark.parametrize("s", [1, (2, 1, 4)])
+def test_window_maps_equal_the_searched_ones(k, s, monkeypatch):
+    """A strided conv whose kernel tiles its stride (kernel = stride, 1 or 2
+    on each axis: offsets from 0) takes its outputs and pairs from one sort of
+    the inputs by window (kmap_window), with no search: the same tensors as
+    the hash and torch methods' search and the brute-force reference, rows
+    in any order, several batches, negative coordinates."""
+    st = km.as_triple(s, "s")
+    coords = random_coords(3000, 3, 14, st, seed=5, shuffle=True)
+    coords[:, 1:] -= torch.tensor(st, dtype=torch.int32) * 5  # negative coordinates too
+    searched = {m: km.build(coords, k, k, 1, s, method=m) for m in ("hash", "torch")}
+    monkeypatch.setattr(km, "downsample_coords", None)  # the window path needs no downsampling first
+    monkeypatch.setattr(km, "_build_core", None)  # nor a search
+    got = km.build(coords, k, k, 1, s, method="mergesort")
+    for want in searched.values():
+        for name in ("out_coords", "in_idx", "out_idx", "sizes", "offsets"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert_matches_reference(got, coords, k, k, 1, s)
+    empty = km.build(coords[:0], k, k, 1, s, method="mergesort")
+    assert empty.num_out == 0 and empty.sizes.tolist() == [0] * got.sizes.numel()
+    # kernels 3 and 4 start their offsets below 0, a dilated 2 spans more than the stride: searched
+    for kk, t, d in (((4, 4, 4), (4, 4, 4), (1, 1, 1)), ((3, 3, 3), (3, 3, 3), (1, 1, 1)), ((2, 2, 2), (2, 2, 2), (2, 2, 2))):
+        assert not km._tiles_stride(kk, t, d)
+
+
+def test_window_maps_of_rows_off_the_grid_and_duplicates():
+    """The cache's maps skip the multiples check: a row off the tensor
+    stride's grid gets no pair there, as in a searched map; a duplicate row
+    is the searched maps' ValueError."""
+    coords = random_coords(800, 2, 10, (2, 2, 2), seed=2)
+    coords[::7, 2] += 1  # off the stride-2 grid
+    args = ((2, 2, 2), (2, 2, 2), (1, 1, 1), (2, 2, 2))
+    got = km._build(coords, *args, method="mergesort", check_multiples=False)
+    want = km._build(coords, *args, method="hash", check_multiples=False)
+    for name in ("out_coords", "in_idx", "out_idx", "sizes"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert got.num_pairs < len(coords)
+    on_grid = random_coords(800, 2, 10, (2, 2, 2), seed=2)
+    dup = torch.cat([on_grid, on_grid[3:4]])
+    with pytest.raises(ValueError, match="duplicate rows"):
+        km.build(dup, 2, 2, 1, 2, method="mergesort")
+    with pytest.raises(ValueError, match="duplicate rows"):
+        km.build(dup, 2, 2, 1, 2, method="hash")
