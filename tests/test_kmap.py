@@ -532,3 +532,21 @@ def test_window_maps_of_rows_off_the_grid_and_duplicates():
         km.build(dup, 2, 2, 1, 2, method="mergesort")
     with pytest.raises(ValueError, match="duplicate rows"):
         km.build(dup, 2, 2, 1, 2, method="hash")
+
+
+def test_core_window_map_checks_its_arguments():
+    core = _ext.core
+    coords = random_coords(50, 1, 4, (1, 1, 1), seed=1).numpy()
+    offsets = km.kernel_offsets(2).numpy()
+    with pytest.raises(ValueError, match="step must divide out_stride"):
+        core.kmap_window(coords, [2, 2, 2], offsets, [3, 1, 1], 1)
+    with pytest.raises(ValueError, match="one offset per cell"):
+        core.kmap_window(coords, [2, 2, 2], offsets[:7], [1, 1, 1], 1)
+    with pytest.raises(ValueError, match="multiples of step"):
+        core.kmap_window(coords, [2, 2, 2], km.kernel_offsets(3)[:8].numpy(), [1, 1, 1], 1)
+    with pytest.raises(ValueError, match="once"):
+        core.kmap_window(coords, [2, 2, 2], np.zeros((8, 3), np.int32), [1, 1, 1], 1)
+    with pytest.raises(ValueError, match="stride"):
+        core.kmap_window(coords, [0, 2, 2], offsets, [1, 1, 1], 1)
+    with pytest.raises(ValueError, match="coords"):
+        core.kmap_window(coords[:, :3].copy(), [2, 2, 2], offsets, [1, 1, 1], 1)
