@@ -243,5 +243,5 @@ def kmap_window(
     """(out_coords, in_idx, out_idx, sizes) of a strided map whose offsets
     tile the stride's window (multiples of ``step`` in [0, out_stride), one
     per cell): kmap_downsample's outputs and the pairs kmap_mergesort would
-    find, from one sort; ValueError on duplicate rows or offsets that do not
-    tile the window."""
+    find, from one sort; ValueError on duplicate rows, rows off the grid of
+    ``step`` or offsets that do not tile the window."""

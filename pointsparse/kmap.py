@@ -355,7 +355,9 @@ def _build(coords: torch.Tensor, k: Triple, t: Triple, d: Triple, s: Triple, met
                          offsets, coords.shape[0], out_coords.shape[0], key)
     if out_coords is None:
         out_coords = coords if submanifold else downsample_coords(coords, tuple(a * b for a, b in zip(s, t)))
-    if submanifold and k == (1, 1, 1):  # one offset, zero: every row its own pair (the 1x1 shortcut convs)
+    if submanifold and k == (1, 1, 1) and not check_multiples:
+        # one offset, zero: every row its own pair (the 1x1 shortcut convs). Only for a cache's maps, whose
+        # coords were checked when their tensor was made: a search is what finds duplicate or bad rows.
         n = coords.shape[0]
         return KernelMap(coords, torch.arange(n, device=coords.device), torch.arange(n, device=coords.device),
                          torch.tensor([n], dtype=torch.int64), offsets, n, n, key)

@@ -472,20 +472,28 @@ def test_key_out_stride_for_down_and_transposed_maps():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_one_by_one_map_is_the_identity_without_a_search(method, monkeypatch):
-    """A 1x1x1 kernel at stride 1 pairs every row with itself: built
-    directly (no sort, no table), the same tensors as the search gives, at any
-    tensor stride and dilation and for an empty cloud."""
+    """A 1x1x1 kernel at stride 1 pairs every row with itself: a cache's map
+    (coords checked when their tensor was made) is built directly, no sort,
+    no table, the same tensors as the search gives, at any tensor stride and
+    dilation and for an empty cloud; the public build still searches, which
+    is what finds duplicate rows."""
     for s, d in ((1, 1), (2, 3)):
-        coords = random_coords(500, 4, 6, km.as_triple(s, "s"), seed=3, shuffle=True)
-        searched = km.build(coords, (1, 1, 1), 1, 1, s, method=method)
+        st = km.as_triple(s, "s")
+        coords = random_coords(500, 4, 6, st, seed=3, shuffle=True)
+        searched = km.build(coords, (1, 1, 1), 1, d, s, method=method)
         assert_matches_reference(searched, coords, 1, 1, d, s)
         assert searched.in_idx.tolist() == list(range(len(coords))) == searched.out_idx.tolist()
+        with monkeypatch.context() as m:
+            m.setattr(km, "_build_core", None)  # no search may run
+            m.setattr(km, "_build_torch", None)
+            direct = km._build(coords, (1, 1, 1), (1, 1, 1), (d,) * 3, st, method=method, check_multiples=False)
+            empty = km._build(coords[:0], (1, 1, 1), (1, 1, 1), (1, 1, 1), st, method=method, check_multiples=False)
+        for name in ("out_coords", "in_idx", "out_idx", "sizes", "offsets"):
+            assert torch.equal(getattr(direct, name), getattr(searched, name)), name
+        assert empty.sizes.tolist() == [0] and empty.in_idx.shape == (0,) and empty.in_idx.dtype == torch.int64
     assert km.build(coords, 1, 2, 1, s, method=method).num_out < len(coords)  # strided: not the identity
-    monkeypatch.setattr(km, "_build_core", None)  # no search may run
-    monkeypatch.setattr(km, "_build_torch", None)
-    assert torch.equal(km.build(coords, 1, 1, 3, s, method=method).in_idx, searched.in_idx)
-    empty = km.build(torch.zeros((0, 4), dtype=torch.int32), 1, method=method)
-    assert empty.sizes.tolist() == [0] and empty.in_idx.shape == (0,) and empty.in_idx.dtype == torch.int64
+    with pytest.raises(ValueError, match="duplicate"):
+        km.build(torch.cat([coords, coords[:1]]), 1, 1, 1, s, method=method)
 
 
 @pytest.mark.parametrize("k", [2, (2, 1, 2), (1, 2, 2)])
@@ -515,17 +523,15 @@ def test_window_maps_equal_the_searched_ones(k, s, monkeypatch):
 
 
 def test_window_maps_of_rows_off_the_grid_and_duplicates():
-    """The cache's maps skip the multiples check: a row off the tensor
-    stride's grid gets no pair there, as in a searched map; a duplicate row
-    is the searched maps' ValueError."""
+    """The cache's maps skip the multiples check (their coords are checked
+    when their tensor is made): a row off the tensor stride's grid, which
+    no window cell holds, is still a ValueError naming it on the window path,
+    and a duplicate row is the searched maps' ValueError."""
     coords = random_coords(800, 2, 10, (2, 2, 2), seed=2)
-    coords[::7, 2] += 1  # off the stride-2 grid
+    coords[7, 2] += 1  # off the stride-2 grid
     args = ((2, 2, 2), (2, 2, 2), (1, 1, 1), (2, 2, 2))
-    got = km._build(coords, *args, method="mergesort", check_multiples=False)
-    want = km._build(coords, *args, method="hash", check_multiples=False)
-    for name in ("out_coords", "in_idx", "out_idx", "sizes"):
-        assert torch.equal(getattr(got, name), getattr(want, name)), name
-    assert got.num_pairs < len(coords)
+    with pytest.raises(ValueError, match="coords row 7 .* is not on the grid of step"):
+        km._build(coords, *args, method="mergesort", check_multiples=False)
     on_grid = random_coords(800, 2, 10, (2, 2, 2), seed=2)
     dup = torch.cat([on_grid, on_grid[3:4]])
     with pytest.raises(ValueError, match="duplicate rows"):
@@ -550,3 +556,7 @@ def test_core_window_map_checks_its_arguments():
         core.kmap_window(coords, [0, 2, 2], offsets, [1, 1, 1], 1)
     with pytest.raises(ValueError, match="coords"):
         core.kmap_window(coords[:, :3].copy(), [2, 2, 2], offsets, [1, 1, 1], 1)
+    with pytest.raises(ValueError, match="one offset per cell"):  # no offset at all
+        core.kmap_window(coords, [2, 2, 2], np.zeros((0, 3), np.int32), [1, 1, 1], 1)
+    with pytest.raises(ValueError, match="one offset per cell"):  # 2**64 cells: no wrap to 0
+        core.kmap_window(np.abs(coords), [2**21, 2**21, 2**22], np.zeros((0, 3), np.int32), [1, 1, 1], 1)

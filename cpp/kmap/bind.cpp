@@ -186,7 +186,9 @@ py::array_t<int32_t> kmap_downsample(carray<int32_t> coords, std::vector<int64_t
 // by key) and the pairs need no search: one sort of the inputs by their
 // window, then a counting pass by offset, in window order (so within an
 // offset by out_idx, as the searched maps). (out_coords, in_idx, out_idx,
-// sizes), the same as kmap_downsample then kmap_mergesort give.
+// sizes), the same as kmap_downsample then kmap_mergesort give; a row off
+// the grid of `step` (which a searched map leaves without a pair, and whose
+// duplicates no cell would show) is a ValueError.
 py::tuple kmap_window(carray<int32_t> coords, std::vector<int64_t> out_stride, carray<int32_t> offsets,
                       std::vector<int64_t> step, int num_threads) {
   const int nt = threads(num_threads);
@@ -199,8 +201,11 @@ py::tuple kmap_window(carray<int32_t> coords, std::vector<int64_t> out_stride, c
       value_error("step must divide out_stride on every axis, each at least 1");
     t[a] = out_stride[a] / step[a];
   }
-  const int64_t k = offsets.shape(0), cells = t[0] * t[1] * t[2];
-  if (k != cells || k > kmap::kMaxKernelVolume)
+  const int64_t k = offsets.shape(0);
+  int64_t cells = 1;  // the window's cells, at most kMaxKernelVolume (checked per factor: no overflow)
+  for (int a = 0; a < 3; ++a) cells = t[a] > kmap::kMaxKernelVolume ? kmap::kMaxKernelVolume + 1
+                                                                    : std::min(cells * t[a], kmap::kMaxKernelVolume + 1);
+  if (k < 1 || k != cells || k > kmap::kMaxKernelVolume)
     value_error("offsets must hold one offset per cell of the stride's window (" + std::to_string(cells) +
                 "); got shape " + shape_str(offsets));
   std::vector<int32_t> slot(size_t(k), -1);  // window cell -> offset row
@@ -221,7 +226,7 @@ py::tuple kmap_window(carray<int32_t> coords, std::vector<int64_t> out_stride, c
   std::vector<int64_t> sizes_v(size_t(k), 0), ptr(size_t(k) + 1, 0), out_keys;
   std::vector<int64_t> sorted(static_cast<size_t>(n)), perm(static_cast<size_t>(n));
   std::vector<int32_t> cell_of(static_cast<size_t>(n));
-  int64_t duplicate = -1;
+  int64_t duplicate = -1, off_grid = -1;
   {
     py::gil_scoped_release release;
     std::vector<int64_t> keys(static_cast<size_t>(n));
@@ -229,7 +234,7 @@ py::tuple kmap_window(carray<int32_t> coords, std::vector<int64_t> out_stride, c
     for (int64_t i = 0; i < n; ++i) {
       const int32_t* r = c + 4 * i;
       int64_t q[3], cell = 0;
-      bool on_grid = true;  // a row off the step's grid has no pair (as in a searched map)
+      bool on_grid = true;  // a row off the step's grid: refused below
       for (int a = 0; a < 3; ++a) {
         q[a] = floor_div(r[a + 1], out_stride[a]) * out_stride[a];
         on_grid &= (r[a + 1] - q[a]) % step[a] == 0;
@@ -246,12 +251,19 @@ py::tuple kmap_window(carray<int32_t> coords, std::vector<int64_t> out_stride, c
       if (i == 0 || sorted[size_t(i)] != sorted[size_t(i - 1)]) out_keys.push_back(sorted[size_t(i)]);
       const int64_t w = int64_t(out_keys.size()) - 1;
       const int32_t cell = cell_of[size_t(perm[size_t(i)])];
-      if (cell < 0) continue;
+      if (cell < 0) {  // no cell holds it, and a duplicate of it could not be seen: refused
+        if (off_grid < 0 || perm[size_t(i)] < off_grid) off_grid = perm[size_t(i)];
+        continue;
+      }
       if (seen[size_t(cell)] == w && duplicate < 0) duplicate = perm[size_t(i)];
       seen[size_t(cell)] = w;
       ++sizes_v[size_t(slot[size_t(cell)])];
     }
   }
+  if (off_grid >= 0)
+    value_error("coords row " + std::to_string(off_grid) + " = " + row_str(c + 4 * off_grid) +
+                " is not on the grid of step (" + std::to_string(step[0]) + ", " + std::to_string(step[1]) + ", " +
+                std::to_string(step[2]) + "): coords of a tensor must be multiples of its stride");
   if (duplicate >= 0) value_error("in_coords hold duplicate rows; each [batch, x, y, z] must appear once");
   for (int64_t o = 0; o < k; ++o) ptr[size_t(o + 1)] = ptr[size_t(o)] + sizes_v[size_t(o)];
   const int64_t m = int64_t(out_keys.size());
