@@ -235,13 +235,3 @@ def kmap_mergesort(
 def kmap_downsample(coords: npt.NDArray[np.int32], stride: Sequence[int], num_threads: int) -> npt.NDArray[np.int32]:
     """(M, 4) unique floor(c / stride) * stride rows per batch, sorted by
     (batch, x, y, z); ValueError when a row's output falls below int32."""
-
-def kmap_window(
-    coords: npt.NDArray[np.int32], out_stride: Sequence[int], offsets: npt.NDArray[np.int32], step: Sequence[int],
-    num_threads: int,
-) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """(out_coords, in_idx, out_idx, sizes) of a strided map whose offsets
-    tile the stride's window (multiples of ``step`` in [0, out_stride), one
-    per cell): kmap_downsample's outputs and the pairs kmap_mergesort would
-    find, from one sort; ValueError on duplicate rows, rows off the grid of
-    ``step`` or offsets that do not tile the window."""

@@ -316,12 +316,6 @@ def build(coords: torch.Tensor, kernel_size=3, stride=1, dilation=1, tensor_stri
                   as_triple(dilation, "dilation"), as_triple(tensor_stride, "tensor_stride"), method, out_coords)
 
 
-def _tiles_stride(k: Triple, t: Triple, d: Triple) -> bool:
-    """Whether a kernel's offsets tile its stride's window: kernel = stride
-    per axis, 1 or 2 (the sizes whose offsets start at 0), undilated."""
-    return t != (1, 1, 1) and d == (1, 1, 1) and all(a == b and a in (1, 2) for a, b in zip(k, t))
-
-
 def _build(coords: torch.Tensor, k: Triple, t: Triple, d: Triple, s: Triple, method: str | None = None,
            out_coords: torch.Tensor | None = None, check_multiples: bool = True) -> KernelMap:
     """:func:`build` of checked coords and normalised 3-tuples (the arguments
@@ -342,25 +336,8 @@ def _build(coords: torch.Tensor, k: Triple, t: Triple, d: Triple, s: Triple, met
             _coords.check_stride_multiple(out_coords, tuple(a * b for a, b in zip(s, t)), "out_coords")
     key = KernelMapKey(s, k, t, d, False)
     submanifold = out_coords is None and t == (1, 1, 1)
-    if out_coords is None and not submanifold and method == "mergesort" and _tiles_stride(k, t, d):
-        # every input in exactly one output's window: the outputs and the pairs from one sort, no search
-        out_stride = tuple(a * b for a, b in zip(s, t))
-        try:
-            out, in_idx, out_idx, sizes = _ext.call(_ext.core.kmap_window, _ext.to_numpy(coords), list(out_stride),
-                                                    _ext.to_numpy(offsets), list(s))
-        except ValueError as exc:
-            raise ValueError(str(exc).replace("in_coords", "coords")) from None
-        out_coords = _ext.to_tensor(out)
-        return KernelMap(out_coords, _ext.to_tensor(in_idx), _ext.to_tensor(out_idx), _ext.to_tensor(sizes),
-                         offsets, coords.shape[0], out_coords.shape[0], key)
     if out_coords is None:
         out_coords = coords if submanifold else downsample_coords(coords, tuple(a * b for a, b in zip(s, t)))
-    if submanifold and k == (1, 1, 1) and not check_multiples:
-        # one offset, zero: every row its own pair (the 1x1 shortcut convs). Only for a cache's maps, whose
-        # coords were checked when their tensor was made: a search is what finds duplicate or bad rows.
-        n = coords.shape[0]
-        return KernelMap(coords, torch.arange(n, device=coords.device), torch.arange(n, device=coords.device),
-                         torch.tensor([n], dtype=torch.int64), offsets, n, n, key)
     if method == "torch":
         in_idx, out_idx, sizes = _build_torch(coords, out_coords, offsets, submanifold)
     else:

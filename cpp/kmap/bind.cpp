@@ -11,12 +11,10 @@
 #include <limits>
 #include <new>
 #include <string>
-#include <vector>
 
 #include "array.h"
 #include "bind.h"
 #include "coords/layout.h"
-#include "coords/sort.h"
 #include "kmap/kmap.h"
 
 namespace ps {
@@ -133,9 +131,8 @@ int64_t first_unrepresentable(const int32_t* c, int64_t n, const std::vector<int
   return -1;
 }
 
-// The layout holding every row of coords downsampled to `stride` (checked:
-// ValueError on a bad stride or a downsampled row below int32).
-KeyLayout downsampled_layout(const carray<int32_t>& coords, const std::vector<int64_t>& stride, int nt) {
+py::array_t<int32_t> kmap_downsample(carray<int32_t> coords, std::vector<int64_t> stride, int num_threads) {
+  const int nt = threads(num_threads);
   Bounds bounds = check_coords_array(coords, "coords", nt);
   if (stride.size() != 3) value_error("stride must have 3 entries; got " + std::to_string(stride.size()));
   for (int64_t s : stride)
@@ -155,14 +152,7 @@ KeyLayout downsampled_layout(const carray<int32_t>& coords, const std::vector<in
                 std::to_string(kCoordMin) + ")");
   }
   const int64_t none[3] = {0, 0, 0};
-  return fit_layout(bounds, none);
-}
-
-py::array_t<int32_t> kmap_downsample(carray<int32_t> coords, std::vector<int64_t> stride, int num_threads) {
-  const int nt = threads(num_threads);
-  const KeyLayout layout = downsampled_layout(coords, stride, nt);
-  const int64_t n = coords.shape(0);
-  const int32_t* c = coords.data();
+  const KeyLayout layout = fit_layout(bounds, none);
   std::vector<int64_t> keys;
   {
     py::gil_scoped_release release;
@@ -179,119 +169,6 @@ py::array_t<int32_t> kmap_downsample(carray<int32_t> coords, std::vector<int64_t
   return out;
 }
 
-// The map of a strided conv whose kernel tiles its stride: offsets
-// {0, s, ..., (t - 1) s} per axis (t = out_stride / s; every kernel index
-// once), so every input lies in exactly one output's window. The outputs
-// are kmap_downsample's (unique floor(c / out_stride) * out_stride, sorted
-// by key) and the pairs need no search: one sort of the inputs by their
-// window, then a counting pass by offset, in window order (so within an
-// offset by out_idx, as the searched maps). (out_coords, in_idx, out_idx,
-// sizes), the same as kmap_downsample then kmap_mergesort give; a row off
-// the grid of `step` (which a searched map leaves without a pair, and whose
-// duplicates no cell would show) is a ValueError.
-py::tuple kmap_window(carray<int32_t> coords, std::vector<int64_t> out_stride, carray<int32_t> offsets,
-                      std::vector<int64_t> step, int num_threads) {
-  const int nt = threads(num_threads);
-  const KeyLayout layout = downsampled_layout(coords, out_stride, nt);
-  check_2d(offsets, 3, "offsets");
-  if (step.size() != 3) value_error("step must have 3 entries; got " + std::to_string(step.size()));
-  int64_t t[3];
-  for (int a = 0; a < 3; ++a) {
-    if (step[a] < 1 || out_stride[a] % step[a] != 0)
-      value_error("step must divide out_stride on every axis, each at least 1");
-    t[a] = out_stride[a] / step[a];
-  }
-  const int64_t k = offsets.shape(0);
-  int64_t cells = 1;  // the window's cells, at most kMaxKernelVolume (checked per factor: no overflow)
-  for (int a = 0; a < 3; ++a) cells = t[a] > kmap::kMaxKernelVolume ? kmap::kMaxKernelVolume + 1
-                                                                    : std::min(cells * t[a], kmap::kMaxKernelVolume + 1);
-  if (k < 1 || k != cells || k > kmap::kMaxKernelVolume)
-    value_error("offsets must hold one offset per cell of the stride's window (" + std::to_string(cells) +
-                "); got shape " + shape_str(offsets));
-  std::vector<int32_t> slot(size_t(k), -1);  // window cell -> offset row
-  const int32_t* off = offsets.data();
-  for (int64_t o = 0; o < k; ++o) {
-    int64_t cell = 0;
-    for (int a = 0; a < 3; ++a) {
-      const int64_t v = off[3 * o + a];
-      if (v < 0 || v % step[a] != 0 || v / step[a] >= t[a])
-        value_error("offsets must be multiples of step in [0, out_stride) on every axis");
-      cell = cell * t[a] + v / step[a];
-    }
-    if (slot[size_t(cell)] >= 0) value_error("offsets must cover the stride's window once");
-    slot[size_t(cell)] = int32_t(o);
-  }
-  const int64_t n = coords.shape(0);
-  const int32_t* c = coords.data();
-  std::vector<int64_t> sizes_v(size_t(k), 0), ptr(size_t(k) + 1, 0), out_keys;
-  std::vector<int64_t> sorted(static_cast<size_t>(n)), perm(static_cast<size_t>(n));
-  std::vector<int32_t> cell_of(static_cast<size_t>(n));
-  int64_t duplicate = -1, off_grid = -1;
-  {
-    py::gil_scoped_release release;
-    std::vector<int64_t> keys(static_cast<size_t>(n));
-#pragma omp parallel for num_threads(nt) schedule(static) firstprivate(layout)
-    for (int64_t i = 0; i < n; ++i) {
-      const int32_t* r = c + 4 * i;
-      int64_t q[3], cell = 0;
-      bool on_grid = true;  // a row off the step's grid: refused below
-      for (int a = 0; a < 3; ++a) {
-        q[a] = floor_div(r[a + 1], out_stride[a]) * out_stride[a];
-        on_grid &= (r[a + 1] - q[a]) % step[a] == 0;
-        cell = cell * t[a] + (r[a + 1] - q[a]) / step[a];
-      }
-      keys[size_t(i)] = layout.pack(r[0], q[0], q[1], q[2]);
-      cell_of[size_t(i)] = on_grid ? int32_t(cell) : -1;
-    }
-    radix_sort_keys(keys.data(), n, sorted.data(), perm.data(), nt);
-    // Windows in key order; a cell met twice in one window is a duplicate input row.
-    std::vector<int64_t> seen(size_t(k), -1);
-    out_keys.reserve(size_t(n));
-    for (int64_t i = 0; i < n; ++i) {
-      if (i == 0 || sorted[size_t(i)] != sorted[size_t(i - 1)]) out_keys.push_back(sorted[size_t(i)]);
-      const int64_t w = int64_t(out_keys.size()) - 1;
-      const int32_t cell = cell_of[size_t(perm[size_t(i)])];
-      if (cell < 0) {  // no cell holds it, and a duplicate of it could not be seen: refused
-        if (off_grid < 0 || perm[size_t(i)] < off_grid) off_grid = perm[size_t(i)];
-        continue;
-      }
-      if (seen[size_t(cell)] == w && duplicate < 0) duplicate = perm[size_t(i)];
-      seen[size_t(cell)] = w;
-      ++sizes_v[size_t(slot[size_t(cell)])];
-    }
-  }
-  if (off_grid >= 0)
-    value_error("coords row " + std::to_string(off_grid) + " = " + row_str(c + 4 * off_grid) +
-                " is not on the grid of step (" + std::to_string(step[0]) + ", " + std::to_string(step[1]) + ", " +
-                std::to_string(step[2]) + "): coords of a tensor must be multiples of its stride");
-  if (duplicate >= 0) value_error("in_coords hold duplicate rows; each [batch, x, y, z] must appear once");
-  for (int64_t o = 0; o < k; ++o) ptr[size_t(o + 1)] = ptr[size_t(o)] + sizes_v[size_t(o)];
-  const int64_t m = int64_t(out_keys.size());
-  auto out = empty_array<int32_t>({m, 4});
-  auto in_idx = output_array<int64_t>(ptr[size_t(k)]);
-  auto out_idx = output_array<int64_t>(ptr[size_t(k)]);
-  auto sizes = empty_array<int64_t>({k});
-  std::copy(sizes_v.begin(), sizes_v.end(), sizes.mutable_data());
-  int32_t* o_c = out.mutable_data();
-  int64_t* in_o = in_idx.mutable_data();
-  int64_t* out_o = out_idx.mutable_data();
-  {
-    py::gil_scoped_release release;
-#pragma omp parallel for num_threads(nt) schedule(static) firstprivate(layout)
-    for (int64_t i = 0; i < m; ++i) layout.unpack(out_keys[size_t(i)], o_c + 4 * i);
-    int64_t w = -1;
-    for (int64_t i = 0; i < n; ++i) {
-      if (i == 0 || sorted[size_t(i)] != sorted[size_t(i - 1)]) ++w;
-      const int64_t p = perm[size_t(i)];
-      if (cell_of[size_t(p)] < 0) continue;
-      const int64_t at = ptr[size_t(slot[size_t(cell_of[size_t(p)])])]++;
-      in_o[at] = p;
-      out_o[at] = w;
-    }
-  }
-  return py::make_tuple(out, in_idx, out_idx, sizes);
-}
-
 }  // namespace
 
 void bind_kmap(py::module_& m) {
@@ -305,10 +182,6 @@ void bind_kmap(py::module_& m) {
         "Kernel map by merging sorted keys: same result as kmap_hash.");
   m.def("kmap_downsample", &kmap_downsample, py::arg("coords"), py::arg("stride"), py::arg("num_threads"),
         "Unique floor(c / stride) * stride rows per batch, sorted by (batch, x, y, z).");
-  m.def("kmap_window", &kmap_window, py::arg("coords"), py::arg("out_stride"), py::arg("offsets"),
-        py::arg("step"), py::arg("num_threads"),
-        "The map of a strided conv whose kernel offsets tile the stride's window (multiples of step in "
-        "[0, out_stride)): (out_coords, in_idx, out_idx, sizes), as kmap_downsample then kmap_mergesort.");
 }
 
 }  // namespace ps
