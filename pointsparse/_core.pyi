@@ -101,6 +101,16 @@ def conv_weight_vectors(weight: np.ndarray, transpose: bool = False) -> np.ndarr
     float64) the rows of weight[k] (weight[k].T when transpose) holding a
     nonzero in the panel: the vectors the vector-sparse kernels visit."""
 
+def conv_execution(
+    weight: np.ndarray, transpose: bool, region: np.ndarray | None, threshold: float,
+) -> tuple[np.ndarray | None, bool, float]:
+    """(active, vector, density): the fused engine's choice for weight (K,
+    C_in, C_out) (weight[k].T per offset when transpose): active None where
+    every offset runs, else uint8 (K,) flags (an offset runs where it holds a
+    nonzero and region, uint8 (K,) or None, keeps it); density the run
+    offsets' listed vectors over all their vectors (0 with none run);
+    vector: density <= threshold."""
+
 def conv_isa() -> str:
     """Instruction set the fused convolution kernels use on this CPU by default:
     'avx512', 'avx2' or 'generic' (the widest build that runs here)."""
@@ -138,12 +148,15 @@ class ConvPlan:
     def forward(
         self, feats: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, out: np.ndarray, num_threads: int,
         isa: str | bool | None = None, relu: bool = False, active: np.ndarray | None = None, vector: bool = False,
+        add: np.ndarray | None = None,
     ) -> None:
         """out = bias + sum over offsets o of feats[in_idx] @ weight[o] added at
         out_idx (bias None: zero); writes every row of out. `isa`: None (the
         widest build that runs here), 'generic', 'avx2' or 'avx512' (ValueError
         where it does not run); a bool is the former `portable` flag (True:
-        'generic'). relu: max(out, 0) in the kernel's epilogue (inference)."""
+        'generic'). relu: max(out, 0) in the kernel's epilogue (inference).
+        add: None or a residual of out's shape and dtype (C-contiguous, not
+        sharing out's memory) added to out before the ReLU, block by block."""
     def forward_bf16(
         self, feats: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, out: np.ndarray, num_threads: int,
         relu: bool = False, out_bf16: np.ndarray | None = None,

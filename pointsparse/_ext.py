@@ -125,10 +125,16 @@ class backend:
 def takes(*tensors, dtypes=None) -> bool:
     """The core's own conditions: every tensor (None skipped; a device stands
     for a tensor on it) on the CPU and, given ``dtypes``, of one of them."""
-    present = [t for t in tensors if t is not None]
-    devices = [t.device if isinstance(t, torch.Tensor) else torch.device(t) for t in present]
-    return all(d.type == "cpu" for d in devices) and (
-        dtypes is None or all(t.dtype in dtypes for t in present if isinstance(t, torch.Tensor)))
+    # A plain loop (is_cpu, no device objects): asked several times on every conv call.
+    for t in tensors:
+        if t is None:
+            continue
+        if isinstance(t, torch.Tensor):
+            if not t.is_cpu or (dtypes is not None and t.dtype not in dtypes):
+                return False
+        elif torch.device(t).type != "cpu":
+            return False
+    return True
 
 
 def serves(*tensors, dtypes=None) -> bool:

@@ -55,14 +55,15 @@ class KernelMapKey:
     dilation: Triple
     transposed: bool = False
 
-    @property
-    def out_stride(self) -> Triple:
-        """Stride of the map's outputs: ``tensor_stride * stride``; a
-        transposed map's key holds the stride of the finer tensor, which is
-        its output."""
-        if self.transposed:
-            return self.tensor_stride
-        return tuple(a * b for a, b in zip(self.tensor_stride, self.stride))
+    #: Stride of the map's outputs: ``tensor_stride * stride``; a transposed
+    #: map's key holds the stride of the finer tensor, which is its output.
+    #: Set once (read on every conv call).
+    out_stride: Triple = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        out = self.tensor_stride if self.transposed else tuple(
+            a * b for a, b in zip(self.tensor_stride, self.stride))
+        object.__setattr__(self, "out_stride", out)
 
 
 @dataclass(frozen=True, eq=False)

@@ -60,6 +60,9 @@ def as_float(value, name: str) -> float:
 
 def as_triple(value, name: str, minimum: int = 1) -> Triple:
     """An int or 3-sequence of ints as a 3-tuple; ValueError/TypeError naming ``name``."""
+    if type(value) is tuple and len(value) == 3 and type(value[0]) is int and type(value[1]) is int \
+            and type(value[2]) is int and min(value) >= minimum:
+        return value  # the common case (a module's own triple), on every conv call
     as_int = _index
     try:
         out = (as_int(value),) * 3

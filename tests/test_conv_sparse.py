@@ -278,6 +278,41 @@ def test_execution_choice():
     assert _engine.choose_execution(torch.randn(27, 4, 4), region).active.tolist() == [int(i == 13) for i in range(27)]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_execution_choice_in_cpp_equals_the_numpy_choice(dtype):
+    """``_core.conv_execution`` (the choice every conv call makes) against
+    :func:`_engine._execution` on the counts: the same offsets, the same
+    density (a float compared exactly), the same kernels, for weights with
+    dead offsets and vectors, regions and thresholds at and around the
+    density."""
+    g = torch.Generator().manual_seed(3)
+    for trial in range(60):
+        K = int(torch.randint(1, 28, (1,), generator=g))
+        c_in, c_out = (int(v) for v in torch.randint(1, 70, (2,), generator=g))
+        w = sparse_weight(K, c_in, c_out, dtype, seed=trial, vector_keep=float(torch.rand(1, generator=g)),
+                          dead=tuple(int(i) for i in torch.randint(0, K, (trial % 4,), generator=g)))
+        if trial % 7 == 0:
+            w.zero_()
+        region = None if trial % 3 else torch.rand(K, generator=g) < 0.6
+        for transpose in (False, True):
+            counts = _engine.vector_counts(w, transpose).numpy()
+            rows = c_out if transpose else c_in
+            want = _engine._execution(counts, rows, region, None)
+            got = _engine.choose_execution(w, region, transpose)
+            assert (got.active is None) == (want.active is None)
+            if want.active is not None:
+                assert got.active.dtype == np.uint8 and got.active.tolist() == want.active.tolist()
+            assert got.density == want.density and got.vector == want.vector
+            for threshold in (0.0, want.density, np.nextafter(want.density, 0), 1.0):
+                flags = None if region is None else region.numpy()
+                _, vector, density = ps._ext.core.conv_execution(w.numpy(), transpose, flags, float(threshold))
+                assert density == want.density and vector == (want.density <= threshold)
+    with pytest.raises(ValueError, match="weight"):
+        ps._ext.core.conv_execution(np.ones((2, 2)), False, None, 0.5)
+    with pytest.raises(ValueError, match="region"):
+        ps._ext.core.conv_execution(np.ones((3, 2, 2)), False, np.ones(2, np.uint8), 0.5)
+
+
 def test_vector_threshold_falls_with_the_rows_per_panel():
     """Fewer rows per panel (C_in forward, C_out for the input gradient):
     the vector kernels need a sparser weight (they broke even with the dense

@@ -99,3 +99,124 @@ def test_fused_minkunet_equals_eval(cr):
         ref64 = net64(x64).feats
         out64 = spnn.fuse_for_inference(net64)(ps.SparseTensor(x64.feats, x64.coords)).feats
     torch.testing.assert_close(out64, ref64, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("isa", _ext.core.runnable_isas())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_residual_in_the_kernel_store_equals_the_sum_after(isa, dtype):
+    """``add``: the residual summed into every block's rows before the ReLU,
+    bit for bit the conv's output + add (then the ReLU), through the dense,
+    offset-skipping and vector kernels, 1 and 2 threads, with and without a
+    bias; every row written (NaN-filled first)."""
+    x = _cloud(n=3000, channels=16, extent=30)
+    x = x.with_feats(x.feats.to(dtype))
+    kmap = ps.kmap.get_kmap(x, 3)
+    plan = _engine.make_fused_plan(kmap)
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(27, 16, 40, generator=g, dtype=dtype)
+    sparse = w * (torch.rand(27, 16, 1, generator=g) < 0.2).to(dtype)
+    sparse[:4] = 0
+    res = torch.randn(len(x), 40, generator=g, dtype=dtype)
+    for weight, vector in ((w, False), (sparse, False), (sparse, True)):
+        active = _engine.choose_execution(weight).active
+        for bias in (None, torch.randn(40, generator=g, dtype=dtype)):
+            b = None if bias is None else bias.numpy()
+            plain = torch.empty(len(x), 40, dtype=dtype)
+            plan.core.forward(x.feats.numpy(), weight.numpy(), b, plain.numpy(), 1, isa, active=active, vector=vector)
+            for relu in (False, True):
+                want = torch.relu(plain + res) if relu else plain + res
+                for nt in (1, 2):
+                    out = torch.full((len(x), 40), float("nan"), dtype=dtype)
+                    plan.core.forward(x.feats.numpy(), weight.numpy(), b, out.numpy(), nt, isa, relu, active=active,
+                                      vector=vector, add=res.numpy())
+                    assert torch.equal(out, want)
+    assert (plain + res < 0).any()
+
+
+def test_residual_argument_checks():
+    x = _cloud(channels=3)
+    plan = _engine.make_fused_plan(ps.kmap.get_kmap(x, 3))
+    w = torch.randn(27, 3, 8)
+    out = torch.empty(len(x), 8)
+    call = lambda add: plan.core.forward(x.feats.numpy(), w.numpy(), None, out.numpy(), 1, add=add)  # noqa: E731
+    with pytest.raises(ValueError, match="add"):
+        call(torch.zeros(len(x) - 1, 8).numpy())
+    with pytest.raises(ValueError, match="add"):
+        call(torch.zeros(len(x), 7).numpy())
+    with pytest.raises(ValueError, match="dtype"):
+        call(torch.zeros(len(x), 8, dtype=torch.float64).numpy())
+    with pytest.raises(ValueError, match="add"):
+        call(torch.zeros(8, len(x)).numpy().T)  # not C-contiguous
+    with pytest.raises(ValueError, match="share memory"):
+        call(out.numpy())
+    with pytest.raises(TypeError, match="add"):
+        call([0.0])
+    with pytest.raises(TypeError, match="add"):
+        spnn.functional.conv3d(x, w, 3, add=torch.zeros(len(x), 8))
+    with pytest.raises(ValueError, match="output channels"):
+        spnn.functional.conv3d(x, w, 3, add=x)
+    with pytest.raises(ValueError, match="output coords"):
+        spnn.functional.conv3d(x, w, 3, add=ps.SparseTensor(torch.zeros(len(x) - 1, 8), x.coords[1:]))
+    with pytest.raises(ValueError, match="output coords"):
+        spnn.functional.conv3d(x, torch.randn(8, 3, 8), 2, 2, add=x.with_feats(torch.zeros(len(x), 8)))
+
+
+def test_conv3d_add_with_and_without_gradients():
+    """``conv3d(..., add=r, relu=True)`` is relu(conv + r): in the kernel's
+    store without gradients, in autograd ops with them (float64 gradcheck
+    for feats, weight, bias and the residual); the torch backend and a
+    float64 residual on float32 feats (summed after, promoted as
+    ``functional.add``) give the same values."""
+    x = _cloud(n=300, channels=3, extent=10)
+    x64 = x.with_feats(x.feats.double())
+    w = torch.randn(27, 3, 5, dtype=torch.float64)
+    b = torch.randn(5, dtype=torch.float64)
+    r = x64.with_feats(torch.randn(len(x), 5, dtype=torch.float64))
+    ref = torch.relu(spnn.functional.conv3d(x64, w, 3, bias=b).feats + r.feats)
+    with torch.no_grad():
+        assert torch.equal(spnn.functional.conv3d(x64, w, 3, bias=b, relu=True, add=r).feats, ref)
+    with ps.backend("torch"):
+        torch.testing.assert_close(spnn.functional.conv3d(x64, w, 3, bias=b, relu=True, add=r).feats, ref)
+
+    def f(feats, weight, bias, res):
+        return spnn.functional.conv3d(x64.with_feats(feats), weight, 3, bias=bias, relu=True,
+                                      add=r.with_feats(res)).feats
+    inputs = [t.clone().requires_grad_() for t in (x64.feats, w, b, r.feats)]
+    assert torch.equal(f(*inputs), ref)
+    assert torch.autograd.gradcheck(f, inputs)
+    mixed = spnn.functional.conv3d(x, w.float(), 3, add=r).feats
+    assert mixed.dtype == torch.float64
+    torch.testing.assert_close(mixed, spnn.functional.conv3d(x, w.float(), 3).feats + r.feats)
+
+
+def test_fused_minkunet_runs_the_residual_sum_in_the_conv():
+    """fuse_for_inference moves every residual block's sum and ReLU into its
+    last conv's store: the logits are bit for bit those of the same fused
+    model with the sum and the ReLU after (and model.eval()'s to float32
+    rounding); the state_dict keys do not change."""
+    from pointsparse.models import ResidualBlock
+
+    torch.manual_seed(0)
+    net = MinkUNet(4, 6, cr=0.5)
+    _randomise_bn(net)
+    net.eval()
+    x = _cloud(3000, 4, extent=40)
+    fused = spnn.fuse_for_inference(net)
+    blocks = [m for m in fused.modules() if isinstance(m, ResidualBlock)]
+    assert blocks and all(m.sum_in_conv is not None for m in blocks)
+    assert all(m.sum_in_conv is None for m in net.modules() if isinstance(m, ResidualBlock))
+    assert not blocks[0].fuse_residual()  # once only
+    unfused = spnn.fuse_for_inference(net)
+    for m in unfused.modules():
+        if isinstance(m, ResidualBlock):
+            m.main[m.sum_in_conv].relu, m.relu, m.sum_in_conv = False, spnn.ReLU(inplace=True), None
+    with torch.no_grad():
+        ref = net(x).feats
+        out = fused(ps.SparseTensor(x.feats, x.coords)).feats
+        assert torch.equal(out, unfused(ps.SparseTensor(x.feats, x.coords)).feats)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+    assert list(fused.state_dict()) == list(unfused.state_dict())
+
+    blocks[0].main = spnn.VoxelSkip(blocks[0].main, 0.5)  # after fusing: refused, not silently wrong
+    with torch.no_grad(), pytest.raises(ValueError, match="before fusing"):
+        fused(ps.SparseTensor(x.feats, x.coords))

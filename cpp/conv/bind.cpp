@@ -40,6 +40,29 @@ py::array_t<int32_t> weight_vectors(py::array weight, bool transpose) {
   return counts;
 }
 
+// (active, vector, density): conv::choose_execution; active None where
+// every offset is kept, else uint8 (K,) flags.
+py::tuple weight_execution(py::array weight, bool transpose, py::object region, double threshold) {
+  if (weight.ndim() != 3 || !is_c_contiguous(weight))
+    value_error("weight must be a C-contiguous (K, C_in, C_out) array; got shape " + shape_str(weight));
+  const int64_t K = weight.shape(0), c_in = weight.shape(1), c_out = weight.shape(2);
+  const uint8_t* flags = nullptr;
+  carray<uint8_t> region_array;
+  if (!region.is_none()) {
+    region_array = as_carray<uint8_t>(region, "region");
+    check_1d(region_array, K, "region");
+    flags = region_array.data();
+  }
+  py::array_t<uint8_t> keep(K);
+  uint8_t* out = keep.mutable_data();
+  conv::Execution e{};
+  dispatch_float(weight, "weight", [&](auto zero) {
+    using T = decltype(zero);
+    e = conv::choose_execution(static_cast<const T*>(weight.data()), K, c_in, c_out, transpose, flags, threshold, out);
+  });
+  return py::make_tuple(e.all_kept ? py::object(py::none()) : py::object(keep), e.vector, e.density);
+}
+
 // ConvPlan: a conv::Plan (plan.h) built from a map's int64 pairs. Every
 // shape and range is checked here; the pairs are checked while the plan is
 // built (its status raised here).
@@ -136,25 +159,31 @@ py::array bias_of(const py::object& bias, int64_t cols, bool float32) {
 }
 
 // One product over the plan (forward, or the input gradient when transpose).
+// add (forward only, or null): a residual of dst's shape and dtype, added
+// before the ReLU.
 void apply(const conv::Plan& plan, const py::array& src, const py::array& weight, const py::array* bias,
-           py::array& dst, bool transpose, int num_threads, Isa isa, bool relu, const conv::Skip& skip, bool vector) {
+           py::array& dst, bool transpose, int num_threads, Isa isa, bool relu, const conv::Skip& skip, bool vector,
+           const py::array* add = nullptr) {
   dispatch_float(src, transpose ? "grad" : "feats", [&](auto zero) {
     using T = decltype(zero);
     const T* b = bias ? static_cast<const T*>(bias->data()) : nullptr;
+    const T* r = add ? static_cast<const T*>(add->data()) : nullptr;
     const T* s = static_cast<const T*>(src.data());
     const T* w = static_cast<const T*>(weight.data());
     T* d = static_cast<T*>(dst.mutable_data());
     const int64_t kc = src.shape(1), cols = dst.shape(1);
     py::gil_scoped_release release;
-    conv::run_apply<T>(plan, s, w, b, d, kc, cols, transpose, skip, threads(num_threads), isa, relu, vector);
+    conv::run_apply<T>(plan, s, w, b, d, kc, cols, transpose, skip, threads(num_threads), isa, relu, vector, r);
   });
 }
 
 // out = bias + sum over offsets o of out[out_idx] += feats[in_idx] @ weight[o].
 // `active`: None (every offset) or K flags, the offsets run (a skipped
-// offset's pairs are left out); `vector`: the vector-sparse kernels.
+// offset's pairs are left out); `vector`: the vector-sparse kernels; `add`:
+// None or a residual (out's shape and dtype, C-contiguous, not sharing
+// out's memory) added before the ReLU.
 void forward(const conv::Plan& plan, py::array feats, py::array weight, py::object bias, py::array out,
-             int num_threads, py::object isa, bool relu, py::object active, bool vector) {
+             int num_threads, py::object isa, bool relu, py::object active, bool vector, py::object add) {
   const Isa use = isa_arg(isa);
   check_apply(plan, feats, "feats", out, "out", weight, false);
   py::array b;
@@ -163,8 +192,20 @@ void forward(const conv::Plan& plan, py::array feats, py::array weight, py::obje
     b = bias_of(bias, out.shape(1), false);
     check_same_dtype(b, feats, "bias", "feats");
   }
+  py::array r;
+  if (!add.is_none()) {
+    if (!py::isinstance<py::array>(add)) throw py::type_error("add must be a numpy array or None");
+    r = py::reinterpret_borrow<py::array>(add);
+    check_rows(r, "add", false);
+    rows_are(r, plan.num_out(), "add", "num_out");
+    if (r.shape(1) != out.shape(1)) value_error("add must have out's columns");
+    check_same_dtype(r, out, "add", "out");
+    const auto* r0 = static_cast<const char*>(r.data());
+    const auto* o0 = static_cast<const char*>(out.data());
+    if (r0 < o0 + out.nbytes() && o0 < r0 + r.nbytes()) value_error("add must not share memory with out");
+  }
   apply(plan, feats, weight, has_bias ? &b : nullptr, out, false, num_threads, use, relu,
-        skip_of(plan, active, false), vector);
+        skip_of(plan, active, false), vector, add.is_none() ? nullptr : &r);
 }
 
 // The bf16 inference forward: feats and weight hold bf16 bits (int16 or
@@ -252,6 +293,12 @@ void bind_conv(py::module_& m) {
         "int32 (K, panels): per offset k and panel p of nr columns (16 float32, 8 float64), the rows of "
         "weight[k] (weight[k].T when transpose) holding a nonzero in the panel: the vectors the vector-sparse "
         "kernels visit.");
+  m.def("conv_execution", &weight_execution, py::arg("weight"), py::arg("transpose"), py::arg("region"),
+        py::arg("threshold"),
+        "(active, vector, density): the fused engine's choice for weight (K, C_in, C_out) (weight[k].T per offset "
+        "when transpose): active None where every offset is run, else uint8 (K,) flags (an offset runs where "
+        "it holds a nonzero and region, uint8 (K,) or None, keeps it); density the run offsets' listed vectors "
+        "(conv_weight_vectors) over all their vectors, 0 with none run; vector: density <= threshold.");
   m.def("conv_isa", [] { return std::string(isa_name(best_isa())); },
         "Instruction set the fused convolution kernels use on this CPU by default: 'avx512', 'avx2' or 'generic'.");
   m.def("conv_bf16", [] { return conv::bf16_runs(); },
@@ -278,13 +325,15 @@ void bind_conv(py::module_& m) {
       .def_property_readonly("num_pairs", &conv::Plan::num_pairs)
       .def("forward", &forward, py::arg("feats"), py::arg("weight"), py::arg("bias"), py::arg("out"),
            py::arg("num_threads"), py::arg("isa") = py::none(), py::arg("relu") = false,
-           py::arg("active") = py::none(), py::arg("vector") = false,
+           py::arg("active") = py::none(), py::arg("vector") = false, py::arg("add") = py::none(),
            "out = bias + sum over offsets o of feats[in_idx] @ weight[o] added at out_idx (bias None: zero). "
            "Writes every row of out. isa: None (the best build that runs here), 'generic', 'avx2' or 'avx512' "
            "(ValueError where it does not run); True/False: the former `portable` flag. relu: out = max(out, 0) "
            "in the kernel's epilogue (inference). active: None or K flags (uint8), the offsets run (the others' "
            "pairs are left out); vector: the vector-sparse kernels (only the weight rows of each column panel "
-           "that hold a nonzero are visited; they run in the 32-byte builds).")
+           "that hold a nonzero are visited; they run in the 32-byte builds). add: None or a residual of out's shape "
+           "and dtype (C-contiguous, not sharing out's memory) added to out before the ReLU, block by block "
+           "while the rows are in cache (a residual block's sum and ReLU in the conv's store).")
       .def("forward_bf16", &forward_bf16, py::arg("feats"), py::arg("weight"), py::arg("bias"),
            py::arg("out"), py::arg("num_threads"), py::arg("relu") = false, py::arg("out_bf16") = py::none(),
            "Inference forward in bf16 (AVX512-BF16): feats and weight hold bf16 bits (int16/uint16 arrays), bias "

@@ -54,9 +54,11 @@ struct ApplyArgs {
   bool transpose;
   PairList pairs;
   int nt;
-  // Inference epilogue: dst = max(dst, 0) on each block's rows once all its
-  // offsets are in (still in cache); NaN stays NaN.
+  // Inference epilogue on each block's rows once all its offsets are in
+  // (still in cache): dst += add (a residual, (num_rows, cols), not
+  // overlapping dst), then dst = max(dst, 0) with relu; NaN stays NaN.
   bool relu = false;
+  const T* add = nullptr;
 };
 
 // grad_w[k] = x[col]^T @ g[row] summed over the pairs of offset k (every

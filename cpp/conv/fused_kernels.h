@@ -440,14 +440,44 @@ inline void apply_pairs(const Args& a, int64_t k, int64_t lo, int64_t hi, bool i
   }
 }
 
+// The epilogue of a block's rows [r0, r1) (ApplyArgs: dst += add, then the
+// ReLU; the bf16 kernel: the ReLU): one pass while they are in cache, in
+// place of a residual sum and a ReLU of their own over the whole output
+// (each a pass through memory).
+template <typename T>
+inline void block_epilogue(const ApplyArgs<T>& a, int64_t r0, int64_t r1) {
+  T* __restrict d = a.dst + r0 * a.cols;
+  const int64_t n = (r1 - r0) * a.cols;
+  if (a.add) {
+    const T* __restrict s = a.add + r0 * a.cols;
+    if (a.relu) {
+      for (int64_t i = 0; i < n; ++i) {
+        const T v = d[i] + s[i];
+        d[i] = v < 0 ? 0 : v;
+      }
+    } else {
+      for (int64_t i = 0; i < n; ++i) d[i] += s[i];
+    }
+  } else if (a.relu) {
+    for (int64_t i = 0; i < n; ++i) d[i] = d[i] < 0 ? 0 : d[i];
+  }
+}
+template <typename Args>
+inline void block_epilogue(const Args& a, int64_t r0, int64_t r1) {
+  if (!a.relu) return;
+  float* __restrict d = a.dst + r0 * a.cols;
+  for (int64_t i = 0; i < (r1 - r0) * a.cols; ++i) d[i] = d[i] < 0 ? 0 : d[i];
+}
+
 // The block walk every apply kernel shares. Each thread owns blocks of
 // kBlockRows written rows. Where the identity offset runs (a submanifold
 // map), it goes first and its tiles store bias (or zero) + their products
 // into every row of the block: the rows need no pass of their own. Else the
 // rows start as the bias (or zero). Then every other offset k that
-// `skip(k)` keeps adds its pairs (apply_pairs), in offset order; then the
-// ReLU epilogue while the block is still in cache, and `done(r0, r1)` on
-// the block's rows [r0, r1) (a kernel's own epilogue). Args as apply_pairs'.
+// `skip(k)` keeps adds its pairs (apply_pairs), in offset order; then
+// block_epilogue (the residual and the ReLU) while the block is still in
+// cache, and `done(r0, r1)` on the block's rows [r0, r1) (a kernel's own
+// epilogue). Args as apply_pairs'.
 struct NoEpilogue {
   void operator()(int64_t, int64_t) const {}
 };
@@ -476,10 +506,7 @@ void apply_blocks(const Args& a, Skip skip, Tile tile, Done done = Done()) {
       if (k == pl.identity || skip(k)) continue;
       apply_pairs<MR>(a, k, pl.cuts[blk * K + k], pl.cuts[(blk + 1) * K + k], false, false, tile);
     }
-    if (a.relu) {
-      Out __restrict d = a.dst + r0 * a.cols;
-      for (int64_t i = 0; i < (r1 - r0) * a.cols; ++i) d[i] = d[i] < 0 ? 0 : d[i];
-    }
+    block_epilogue(a, r0, r1);
     done(r0, r1);
   }
 }

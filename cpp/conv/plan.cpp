@@ -221,11 +221,11 @@ Skip::Skip(const Plan& plan, bool by_input, const uint8_t* active) : pairs_(plan
 
 template <typename T>
 void run_apply(const Plan& plan, const T* src, const T* w, const T* bias, T* dst, int64_t kc, int64_t cols,
-               bool transpose, const Skip& skip, int nt, Isa isa, bool relu, bool vector) {
+               bool transpose, const Skip& skip, int nt, Isa isa, bool relu, bool vector, const T* add) {
   const int64_t rows = plan.rows(transpose), K = plan.kernel_volume();
   if (cols == 0 || rows == 0) return;
   prefer_huge_pages(dst, size_t(rows * cols) * sizeof(T));
-  ApplyArgs<T> a{src, w, bias, dst, nullptr, kc, cols, rows, transpose, skip.pairs(), nt, relu};
+  ApplyArgs<T> a{src, w, bias, dst, nullptr, kc, cols, rows, transpose, skip.pairs(), nt, relu, add};
   if (vector) {
     const int64_t lists = K * panels<T>(Isa::avx2, cols);
     std::vector<int32_t> idx(std::max<int64_t>(1, lists * kc)), count(std::max<int64_t>(1, lists));
@@ -297,7 +297,7 @@ void run_apply_bf16(const Plan& plan, const uint16_t* src, const uint16_t* w, co
 
 #define PS_CONV_PLAN_INSTANTIATE(T)                                                                               \
   template void run_apply<T>(const Plan&, const T*, const T*, const T*, T*, int64_t, int64_t, bool, const Skip&, \
-                             int, Isa, bool, bool);                                                             \
+                             int, Isa, bool, bool, const T*);                                              \
   template void run_wgrad<T>(const Plan&, const T*, const T*, T*, const T*, int64_t, int64_t, const Skip&, int, Isa);
 PS_CONV_PLAN_INSTANTIATE(float)
 PS_CONV_PLAN_INSTANTIATE(double)

@@ -99,10 +99,11 @@ class Skip {
 // dst = bias + sum over the offsets of `skip` of dst[row] += src[col] @ W_k
 // (W[k], or W[k]^T when transpose: the input gradient); every row of dst
 // (plan.rows(transpose) rows, cols columns) is written. vector: the
-// vector-sparse kernels. Runs without the GIL.
+// vector-sparse kernels; add (dst's shape, or null): a residual added to
+// dst before the ReLU (ApplyArgs::add). Runs without the GIL.
 template <typename T>
 void run_apply(const Plan& plan, const T* src, const T* w, const T* bias, T* dst, int64_t kc, int64_t cols,
-               bool transpose, const Skip& skip, int nt, Isa isa, bool relu, bool vector);
+               bool transpose, const Skip& skip, int nt, Isa isa, bool relu, bool vector, const T* add = nullptr);
 
 // grad_w[k] = x[in]^T @ g[out] over the pairs of offset k, summed over fixed
 // units of row blocks (a function of the map and the channels only) and the

@@ -119,6 +119,35 @@ void count_vectors(const T* w, int64_t K, int64_t c_in, int64_t c_out, bool tran
     }
   }
 }
+template <typename T>
+Execution choose_execution(const T* w, int64_t K, int64_t c_in, int64_t c_out, bool transpose,
+                           const uint8_t* region, double threshold, uint8_t* keep) {
+  const int64_t rows = transpose ? c_out : c_in, np = panels<T>(Isa::avx2, transpose ? c_in : c_out);
+  std::vector<int32_t> counts(size_t(K * np));
+  count_vectors(w, K, c_in, c_out, transpose, counts.data());
+  int64_t kept = 0, listed = 0;
+  bool all_kept = true;
+  for (int64_t k = 0; k < K; ++k) {
+    int64_t n = 0;
+    for (int64_t p = 0; p < np; ++p) n += counts[k * np + p];
+    keep[k] = n > 0 && (region == nullptr || region[k] != 0);
+    all_kept = all_kept && keep[k];
+    if (keep[k]) {
+      ++kept;
+      listed += n;
+    }
+  }
+  const int64_t capacity = kept * rows * np;
+  // Both counts are exact in a double: the quotient is the correctly
+  // rounded one, as Python's int / int.
+  const double density = capacity ? double(listed) / double(capacity) : 0.0;
+  return Execution{all_kept, density <= threshold, density};
+}
+template Execution choose_execution<float>(const float*, int64_t, int64_t, int64_t, bool, const uint8_t*, double,
+                                           uint8_t*);
+template Execution choose_execution<double>(const double*, int64_t, int64_t, int64_t, bool, const uint8_t*, double,
+                                            uint8_t*);
+
 template void count_vectors<float>(const float*, int64_t, int64_t, int64_t, bool, int32_t*);
 template void count_vectors<double>(const double*, int64_t, int64_t, int64_t, bool, int32_t*);
 

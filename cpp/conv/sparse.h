@@ -57,6 +57,21 @@ constexpr int64_t sparse_panel() { return nr<T>(Isa::avx2); }
 template <typename T>
 void count_vectors(const T* w, int64_t K, int64_t c_in, int64_t c_out, bool transpose, int32_t* counts);
 
+// The engine's choice for one product of W (nn/_engine.py's `_execution`,
+// made here in one pass so that a conv call pays microseconds for it):
+// keep[k] = offset k holds a nonzero and (region null or region[k]);
+// density = the kept offsets' listed vectors / (kept offsets x rows x
+// panels), 0 with none kept (rows: c_out when transpose, else c_in);
+// vector = density <= threshold; all_kept = every keep[k] is 1.
+struct Execution {
+  bool all_kept;
+  bool vector;
+  double density;
+};
+template <typename T>
+Execution choose_execution(const T* w, int64_t K, int64_t c_in, int64_t c_out, bool transpose,
+                           const uint8_t* region, double threshold, uint8_t* keep);
+
 // `isa`: the build asked for. apply_sparse runs the avx512 build where it is
 // asked and there are at least 128 output columns (one 64-byte vector per
 // panel, sparse_avx512.cpp; measured slower below, see sparse.cpp), else the AVX2

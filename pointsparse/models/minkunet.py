@@ -44,8 +44,43 @@ class ResidualBlock(nn.Module):
         else:
             self.shortcut = nn.Sequential(spnn.Conv3d(in_channels, out_channels, 1), spnn.BatchNorm(out_channels))
         self.relu = spnn.ReLU(inplace=True)
+        #: Index in ``main`` of the conv whose store takes the sum and the
+        #: ReLU (set by :meth:`fuse_residual`), or None.
+        self.sum_in_conv: int | None = None
+
+    def fuse_residual(self) -> bool:
+        """For inference, once ``main``'s last BatchNorm is folded into its
+        last conv (``nn.fuse_for_inference`` calls this): that conv takes
+        the shortcut and the block's ReLU into its store
+        (``relu(conv(h) + shortcut(x))``, one pass instead of a sum and a
+        ReLU of their own over the output). True where it did: ``main`` a
+        ``Sequential`` ending in a :class:`~pointsparse.nn.Conv3d` without a
+        ReLU of its own (then only ``nn.Identity``) and the block's ReLU a
+        :class:`~pointsparse.nn.ReLU`."""
+        if self.sum_in_conv is not None or not isinstance(self.main, nn.Sequential) \
+                or not isinstance(self.relu, spnn.ReLU):
+            return False
+        layers = list(self.main)
+        last = max((i for i, m in enumerate(layers) if not isinstance(m, nn.Identity)), default=None)
+        if last is None or type(layers[last]) is not spnn.Conv3d or layers[last].relu:
+            return False
+        layers[last].relu = True
+        self.relu = nn.Identity()
+        self.sum_in_conv = last
+        return True
 
     def forward(self, x: SparseTensor) -> SparseTensor:
+        fused = getattr(self, "sum_in_conv", None)  # (blocks pickled before it existed have none)
+        if fused is not None:
+            if not (isinstance(self.main, nn.Sequential) and fused < len(self.main)
+                    and isinstance(self.main[fused], spnn.Conv3d) and self.main[fused].relu):
+                raise ValueError("ResidualBlock: fuse_for_inference moved this block's sum and ReLU into main's "
+                                 f"conv {fused}, which main no longer holds; change main (e.g. wrap it in "
+                                 "VoxelSkip) before fusing")
+            y = x
+            for i, layer in enumerate(self.main):
+                y = layer(y, add=self.shortcut(x)) if i == fused else layer(y)
+            return y
         if isinstance(self.main, spnn.VoxelSkip):  # its zero rows need not be written and summed
             return self.relu(self.main.add_to(x, self.shortcut(x)))
         return self.relu(spnn.add(self.main(x), self.shortcut(x)))

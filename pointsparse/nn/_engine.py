@@ -141,16 +141,18 @@ def _np(t: torch.Tensor):
 
 
 def conv_forward(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: FusedPlan,
-                 relu: bool = False, region: torch.Tensor | None = None) -> torch.Tensor:
+                 relu: bool = False, region: torch.Tensor | None = None,
+                 add: torch.Tensor | None = None) -> torch.Tensor:
     """The engine's forward on contiguous CPU float32/float64 tensors
     (``relu``: max(out, 0), in the kernel's epilogue; the offsets and
     vectors :func:`choose_execution` allows are skipped; ``region``: only
-    those offsets)."""
+    those offsets; ``add``: a residual ``(num_out, C_out)`` of the feats'
+    dtype added before the ReLU, in the same epilogue)."""
     out = feats.new_empty((plan.num_out, weight.shape[2]))
     b = None if bias is None else _np(bias.contiguous())
     run = choose_execution(weight, region)
     plan.core.forward(_np(feats), _np(weight), b, _np(out), _ext.num_threads(), None, relu, active=run.active,
-                      vector=run.vector)
+                      vector=run.vector, add=None if add is None else _np(add.contiguous()))
     return out
 
 
@@ -243,9 +245,17 @@ def choose_execution(weight: torch.Tensor, region: torch.Tensor | None = None,
     """The forward (or, ``transpose``, input-gradient) execution of ``weight``:
     offsets whose ``(C_in, C_out)`` slab is all zero (or outside ``region``,
     a bool ``(K,)``) are skipped; the vector-sparse kernels run when at most
-    :func:`vector_threshold` of the remaining vectors hold a nonzero."""
-    return _execution(_counts(weight, transpose), weight.shape[2] if transpose else weight.shape[1], region,
-                      None)
+    :func:`vector_threshold` of the remaining vectors hold a nonzero. CPU
+    float32/float64 weights are counted and decided in one C++ call
+    (``_core.conv_execution``, a few microseconds: it runs on every conv
+    call); others through the torch count and :func:`_execution`."""
+    rows = weight.shape[2] if transpose else weight.shape[1]
+    if not _ext.serves(weight, dtypes=ENGINE_DTYPES):
+        return _execution(vector_blocks(weight, transpose).sum(1).cpu().numpy(), rows, region, None)
+    flags = None if region is None else region.cpu().numpy()
+    active, vector, density = _ext.core.conv_execution(_np(weight.contiguous()), transpose, flags,
+                                                       vector_threshold(rows))
+    return Execution(active, vector, density)
 
 
 def _execution(counts, rows: int, region, threshold: float | None) -> Execution:
@@ -455,22 +465,33 @@ def check_arguments(feats, weight, bias, kmap: _kmap.KernelMap) -> None:
 
 def conv(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kmap: _kmap.KernelMap,
          cache: "CoordinateCache | None" = None, relu: bool = False, region: torch.Tensor | None = None,
-         mask: torch.Tensor | None = None) -> torch.Tensor:
+         mask: torch.Tensor | None = None, add: torch.Tensor | None = None) -> torch.Tensor:
     """``out[out_idx] += feats[in_idx] @ weight[o]`` (+ bias) with autograd,
     over the offsets of ``region`` (bool ``(K,)``, None: all); the plan is
     kept in ``cache`` (the coordinate cache holding ``kmap``). ``mask``: the
     pruning mask ``weight`` was multiplied by (its zeros get no gradient).
-    ``relu``: max(out, 0); where no gradient is needed (inference) it runs in
-    the kernel's store, no pass of its own."""
+    ``add``: a residual ``(num_out, C_out)`` added to the output (before the
+    ReLU). ``relu``: max(out, 0). Where no gradient is needed (inference) the
+    residual and the ReLU run in the kernel's store, no pass of their own."""
     check_arguments(feats, weight, bias, kmap)
+    if add is not None:
+        if not isinstance(add, torch.Tensor):
+            raise TypeError(f"add must be a torch.Tensor or None; got {type(add).__name__}")
+        if add.shape != (kmap.num_out, weight.shape[2]) or add.dtype != feats.dtype or add.device != feats.device:
+            raise ValueError(f"add must be ({kmap.num_out}, {weight.shape[2]}) {feats.dtype} on {feats.device} "
+                             f"(the output's shape); got {tuple(add.shape)} {add.dtype} on {add.device}")
     plan = get_plan(kmap, cache)
     if mask is not None and (mask.shape != weight.shape or mask.dtype != weight.dtype):
         raise ValueError(f"mask must match the weight {tuple(weight.shape)} {weight.dtype}; got "
                          f"{tuple(mask.shape)} {mask.dtype}")
     mask = None if mask is None else mask.detach().contiguous()
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (feats, weight, bias))
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (feats, weight, bias, add))
     if not grad:
+        if not torch.is_grad_enabled():  # (inference: no context to enter on every call)
+            return conv_forward(feats.contiguous(), weight.contiguous(), bias, plan, relu, region, add)
         with torch.no_grad():
-            return conv_forward(feats.contiguous(), weight.contiguous(), bias, plan, relu, region)
+            return conv_forward(feats.contiguous(), weight.contiguous(), bias, plan, relu, region, add)
     out = ConvFunction.apply(feats, weight, bias, plan, region, mask)
+    if add is not None:
+        out = out + add
     return torch.relu(out) if relu else out

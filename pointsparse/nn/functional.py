@@ -79,7 +79,7 @@ def panel_width(dtype: torch.dtype) -> int:
 
 def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, dilation=1,
            bias: torch.Tensor | None = None, transposed: bool = False, relu: bool = False, kernel_region=None,
-           weight_mask: torch.Tensor | None = None) -> SparseTensor:
+           weight_mask: torch.Tensor | None = None, add: SparseTensor | None = None) -> SparseTensor:
     """Sparse 3-D convolution (cross-correlation) of ``input`` with ``weight``
     ``(K, C_in, C_out)``; see API.md for the submanifold, strided and
     transposed semantics. The kernel map comes from ``input``'s coordinate
@@ -91,7 +91,14 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
     ``weight_mask``: the pruning mask ``weight`` is the product with (the
     entries it zeroes get a zero weight gradient, not computed). Offsets whose
     weight is all zero are skipped, and sparse enough weights run the
-    vector-sparse kernels (see ``nn._engine.choose_execution``)."""
+    vector-sparse kernels (see ``nn._engine.choose_execution``).
+
+    ``add``: a SparseTensor on the output's coords (a residual block's
+    shortcut) added to the output before the ReLU: ``relu(conv + add)``. On
+    the engine without gradients the sum and the ReLU run in the kernel's
+    store, block by block while the rows are in cache (no sum and no ReLU
+    pass of their own); the values are those of ``functional.add`` and a
+    ReLU after the conv."""
     if not isinstance(input, SparseTensor):
         raise TypeError(f"input must be a SparseTensor; got {type(input).__name__}")
     k = as_triple(kernel_size, "kernel_size")
@@ -106,29 +113,54 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
         if bias.dtype != weight.dtype or bias.device != weight.device:
             raise TypeError(f"bias ({bias.dtype}, {bias.device}) must match the weight ({weight.dtype}, {weight.device})")
     region = _region(k, kernel_region)
+    if add is not None and not isinstance(add, SparseTensor):
+        raise TypeError(f"add must be a SparseTensor or None; got {type(add).__name__}")
     if torch.compiler.is_compiling():  # a graph of torch.compile / torch.export: the core as operators
         if region is not None:
             weight = weight * region.to(weight.device, weight.dtype).view(-1, 1, 1)
         out = _ops.conv3d(input, weight, bias, k, t, d, transposed)
+        if add is not None:
+            out = out.with_feats(out.feats + add.feats)
         return out.with_feats(torch.relu(out.feats)) if relu else out
     kmap = _kmap._get_kmap(input, k, t, d, transposed)
+    residual = None
+    if add is not None:
+        out_stride = kmap.key.out_stride
+        if add.stride != out_stride or len(add) != kmap.num_out or (
+                add.coords is not kmap.out_coords and not torch.equal(add.coords, kmap.out_coords)):
+            raise ValueError(f"add must be on the conv's output coords ({kmap.num_out} sites at stride "
+                             f"{out_stride}, in their order); got {len(add)} sites at stride {add.stride}")
+        if add.num_channels != weight.shape[2]:
+            raise ValueError(f"add must have the conv's {weight.shape[2]} output channels; got {add.num_channels}")
+        residual = add.feats
     bf16 = _engine.bf16_inference(input.feats, weight, bias)  # (runs_bf16, asked once)
-    if bf16 and region is None and _engine.bf16_kernels():  # bf16 inference on AVX512-BF16
-        feats = _engine.conv_bf16(input.feats, weight, bias, kmap, cache=input.cache, relu=relu)
-    elif bf16:  # the same sums in the float32 kernels
-        feats = _engine.conv_bf16_on_float32(input.feats, weight, bias, kmap, cache=input.cache, relu=relu,
+    if bf16:
+        path = "bf16" if region is None and _engine.bf16_kernels() else "bf16 on float32"
+    else:
+        path = "engine" if _engine.supported(input.feats, weight) else "torch"
+    # The residual goes into the engine's store where it can (its dtype and
+    # device); elsewhere it is added after, as functional.add adds.
+    fuse = residual is not None and path == "engine" and residual.dtype == input.feats.dtype \
+        and residual.device == input.feats.device
+    relu_inside = relu and path != "torch" and (residual is None or fuse)
+    if path == "bf16":  # bf16 inference on AVX512-BF16
+        feats = _engine.conv_bf16(input.feats, weight, bias, kmap, cache=input.cache, relu=relu_inside)
+    elif path == "bf16 on float32":  # the same sums in the float32 kernels
+        feats = _engine.conv_bf16_on_float32(input.feats, weight, bias, kmap, cache=input.cache, relu=relu_inside,
                                              region=region)
-    elif _engine.supported(input.feats, weight):
-        feats = _engine.conv(input.feats, weight, bias, kmap, cache=input.cache, relu=relu, region=region,
-                             mask=weight_mask)
+    elif path == "engine":
+        feats = _engine.conv(input.feats, weight, bias, kmap, cache=input.cache, relu=relu_inside, region=region,
+                             mask=weight_mask, add=residual if fuse else None)
     else:  # other devices and dtypes: the same pairs in torch ops
         if region is not None:
             weight = weight * region.to(weight.device, weight.dtype).view(-1, 1, 1)
         feats = conv_sum(input.feats, weight, kmap)
         if bias is not None:
             feats = feats + bias
-        if relu:
-            feats = torch.relu(feats)
+    if residual is not None and not fuse:
+        feats = feats + residual
+    if relu and not relu_inside:
+        feats = torch.relu(feats)
     return SparseTensor(feats, kmap.out_coords, kmap.key.out_stride, cache=input.cache, validate=False)
 
 

@@ -35,8 +35,11 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     ``nn.Sequential``, each :class:`Conv3d` directly followed by a
     :class:`BatchNorm` has it folded into its weight and bias, and a
     :class:`ReLU` right after them runs in the convolution's store (the folded
-    modules become ``nn.Identity``). The output equals ``model.eval()``'s up
-    to float rounding; the copy is for inference only (``model`` is unchanged)."""
+    modules become ``nn.Identity``). Then every module with a
+    ``fuse_residual()`` method (MinkUNet's and SPVCNN's ``ResidualBlock``) is
+    asked to run its residual sum and ReLU in its last conv's store. The
+    output equals ``model.eval()``'s up to float rounding; the copy is for
+    inference only (``model`` is unchanged)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     fused = copy.deepcopy(model).eval()
@@ -55,4 +58,8 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
             if j < len(names) and isinstance(seq._modules[names[j]], ReLU):
                 conv.relu = True
                 seq._modules[names[j]] = nn.Identity()
+    for module in list(fused.modules()):
+        fuse_residual = getattr(module, "fuse_residual", None)
+        if callable(fuse_residual):
+            fuse_residual()
     return fused

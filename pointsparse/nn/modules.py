@@ -48,8 +48,9 @@ class Conv3d(nn.Module):
         self.kernel_region = None if region is None else tuple(int(i) for i in region.nonzero().flatten())
         self.weight = nn.Parameter(torch.empty(self.kernel_volume, in_channels, out_channels))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
-        #: ReLU on the output, fused into the kernel where no gradient is
-        #: needed (set by :func:`pointsparse.nn.fuse_for_inference`).
+        #: ReLU on the output (on the sum, when ``forward`` is given ``add``),
+        #: fused into the kernel where no gradient is needed (set by
+        #: :func:`pointsparse.nn.fuse_for_inference`).
         self.relu = False
         self.reset_parameters()
 
@@ -73,12 +74,16 @@ class Conv3d(nn.Module):
         orig = getattr(self, "weight_orig", None)
         return mask if isinstance(orig, nn.Parameter) and isinstance(mask, torch.Tensor) else None
 
-    def forward(self, input: SparseTensor) -> SparseTensor:
+    def forward(self, input: SparseTensor, add: SparseTensor | None = None) -> SparseTensor:
+        """The conv of ``input``; ``add`` (a SparseTensor on the output's
+        coords, e.g. a residual block's shortcut) is added to it before
+        :attr:`relu`: ``relu(conv(input) + add)``, in the kernel's store
+        where no gradient is needed (see ``functional.conv3d``)."""
         mask = self.pruning_mask()
         if mask is not None and (mask.dtype != self.weight.dtype or mask.device != self.weight.device):
             mask = mask.to(self.weight.device, self.weight.dtype)
         return F.conv3d(_check_input(input), self.weight, self.kernel_size, self.stride, self.dilation,
-                        self.bias, self.transposed, self.relu, getattr(self, "kernel_region", None), mask)
+                        self.bias, self.transposed, self.relu, getattr(self, "kernel_region", None), mask, add=add)
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -1,0 +1,131 @@
+"""What an inference forward pays besides the conv kernels: the per-call
+cost of a ``Conv3d`` module (argument checks, the map lookup, the engine's
+choice of kernels, the output's allocation) and the residual blocks' sums
+and ReLUs, on the north star's pruned MinkUNet.
+
+    flock /work/cpu.lock .venv/bin/python bench/call_overhead.py [--rounds 15] [--threads 2]
+        [--parts calls residual] [--quick]
+
+Table 1: one submanifold ``Conv3d(C, C, 3)`` on a 64-voxel cloud (the kernels
+take microseconds there), called through the module and through the core's
+``ConvPlan.forward`` alone (plan, choice and output made once), for a dense
+and a vector-pruned weight (``panel_structured`` 75%, made permanent); the
+difference is what every conv call of a network pays on top of its kernels.
+Table 2: the north star's "keep 0.25 + fuse + vectors 75%" MinkUNet on KITTI
+raw 000049 at 0.05 m (maps cached: the network alone) as
+``fuse_for_inference`` leaves it (each residual block's sum and ReLU in its
+last conv's store) and the same model with the sum (``nn.add``) and the ReLU
+after the conv, as before; outputs compared bit for bit first. Medians of
+interleaved rounds. ``--quick``: a 20k generated street, one round, the page
+in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+import sys
+
+import numpy as np
+import torch
+
+from _common import environment, interleaved, kitti_path, results_path, street_scene, write_markdown
+
+import pointsparse as ps
+from pointsparse import prune
+from pointsparse.nn import _engine
+from north_star import inputs, vector_sparse
+from prune_speed import _variants
+
+
+def per_call(rounds: int, channels: int = 16, calls: int = 200) -> str:
+    grid = torch.stack(torch.meshgrid(*[torch.arange(4)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    coords = torch.cat([torch.zeros(len(grid), 1, dtype=torch.int64), grid], 1).int()
+    x = ps.SparseTensor(torch.randn(len(coords), channels), coords)
+    torch.manual_seed(0)
+    dense = ps.nn.Conv3d(channels, channels, 3)
+    pruned = copy.deepcopy(dense)
+    prune.panel_structured(pruned, "weight", 0.75)
+    prune.remove(pruned, "weight")
+    kmap = ps.kmap.get_kmap(x, 3)
+    plan = _engine.get_plan(kmap, x.cache)
+    fns = {}
+    for name, conv in (("dense", dense), ("vectors 75%", pruned)):
+        w = conv.weight.detach().contiguous()
+        run = _engine.choose_execution(w)
+        out = x.feats.new_empty((kmap.num_out, channels))
+        args = (x.feats.numpy(), w.numpy(), None, out.numpy(), torch.get_num_threads())
+
+        def module(conv=conv):
+            with torch.no_grad():
+                for _ in range(calls):
+                    conv(x)
+
+        def core(args=args, run=run):
+            for _ in range(calls):
+                plan.core.forward(*args, active=run.active, vector=run.vector)
+
+        fns[(name, "module")], fns[(name, "core")] = module, core
+    med = interleaved(fns, rounds)
+    lines = [f"### One Conv3d({channels}, {channels}, 3) call on {len(coords)} voxels (a 4 x 4 x 4 block), "
+             f"{torch.get_num_threads()} threads, medians of {rounds} interleaved rounds of {calls} calls", "",
+             "| weight | module call us | core forward alone us | the module's own cost us |", "|---|---|---|---|"]
+    for name in ("dense", "vectors 75%"):
+        m, c = (1e6 * med[(name, k)] / calls for k in ("module", "core"))
+        lines.append(f"| {name} | {m:.0f} | {c:.0f} | {m - c:.0f} |")
+    return "\n".join(lines)
+
+
+def residual(rounds: int, quick: bool) -> str:
+    if quick or kitti_path() is None:
+        coords, scene = street_scene(20_000), "a generated street of 20k voxels"
+        base = ps.SparseTensor(torch.randn(len(coords), 4), coords)
+    else:
+        xyz, feats = inputs(np.fromfile(str(kitti_path()), dtype=np.float32).reshape(-1, 4))
+        base, _ = ps.voxelize(xyz, feats, voxel_size=0.05)
+        scene = f"KITTI raw 000049 at 0.05 m ({len(base):,} voxels)"
+    x = ps.SparseTensor(base.feats, base.coords)
+    nets, _ = _variants(x, [(0.25, 8)])
+    fused = vector_sparse(ps.nn.fuse_for_inference(nets["keep 0.25 (x8)"]), 0.75)
+    after = copy.deepcopy(fused)
+    blocks = 0
+    for m in after.modules():
+        if getattr(m, "sum_in_conv", None) is not None:
+            m.main[m.sum_in_conv].relu, m.relu, m.sum_in_conv = False, ps.nn.ReLU(inplace=True), None
+            blocks += 1
+    with torch.no_grad():
+        same = torch.equal(fused(x).feats, after(x).feats)
+        med = interleaved({"in": lambda: fused(x), "after": lambda: after(x)}, rounds)
+    if not same:
+        raise SystemExit("call_overhead: the fused residual changed the output")
+    return "\n".join([
+        f"### The north star's keep 0.25 + fuse + vectors 75% MinkUNet on {scene}, network alone, "
+        f"{torch.get_num_threads()} threads, medians of {rounds} interleaved rounds", "",
+        "| residual blocks' sum and ReLU | forward ms | ratio |", "|---|---|---|",
+        f"| after the conv (nn.add, then ReLU) | {1e3 * med['after']:.1f} | 1.00x |",
+        f"| in the last conv's store ({blocks} blocks, fuse_for_inference) | {1e3 * med['in']:.1f} | "
+        f"{med['after'] / med['in']:.2f}x |", "",
+        "Outputs equal bit for bit."])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--parts", nargs="+", choices=("calls", "residual"), default=("calls", "residual"))
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=None, help="the page (default bench/results/call_overhead.md)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rounds = 1 if args.quick else args.rounds
+    tables = ([per_call(rounds)] if "calls" in args.parts else []) + (
+        [residual(rounds, args.quick)] if "residual" in args.parts else [])
+    path = results_path("call_overhead.md", args.quick) if args.out is None else Path(args.out)
+    command = "python bench/call_overhead.py " + " ".join(sys.argv[1:])
+    write_markdown(path, "Per-call costs of an inference forward", command.strip(), environment(), tables)
+    print(path.read_text())
+
+
+if __name__ == "__main__":
+    main()
