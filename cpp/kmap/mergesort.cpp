@@ -93,24 +93,26 @@ std::vector<Column> columns(const int32_t* offsets, int64_t k, const std::vector
   return cols;
 }
 
-// Matches of one work item, per column entry e: sorted positions
-// (in_pos[e * kChunk + t], out_pos[e * kChunk + t]) for t < count[e]. Entry
-// `entries` is a dump for the branch-free scan (never counted).
+// Matches of one work item in regions of 2 * kChunk positions: region r
+// holds its sorted input positions at in(r)[t] and output positions at
+// out(r)[t], t < count[r]. A narrow column (a window of at most
+// kFixedWindow) uses one region per window slot (dz - dz.front(), whether
+// an offset of the map has that dz or not: a slot without one is written
+// and never read); a wide column one region per entry.
 struct Scratch {
-  std::vector<int32_t> in_pos, out_pos;
+  std::vector<int32_t> pos;
   std::vector<int64_t> count;
 
-  void reset(size_t entries) {
-    if (in_pos.size() < (entries + 1) * kChunk) {
-      in_pos.resize((entries + 1) * kChunk);
-      out_pos.resize((entries + 1) * kChunk);
-    }
-    count.assign(entries + 1, 0);
+  void reset(size_t regions) {
+    if (pos.size() < regions * 2 * kChunk) pos.resize(regions * 2 * kChunk);
+    count.assign(regions, 0);
   }
-  void add(int64_t e, int64_t j, int64_t i) {
-    const int64_t t = e * kChunk + count[e]++;
-    in_pos[t] = int32_t(j);
-    out_pos[t] = int32_t(i);
+  int32_t* in(int64_t r) { return pos.data() + r * 2 * kChunk; }
+  int32_t* out(int64_t r) { return in(r) + kChunk; }
+  void add(int64_t r, int64_t j, int64_t i) {
+    const int64_t t = count[r]++;
+    in(r)[t] = int32_t(j);
+    out(r)[t] = int32_t(i);
   }
 };
 
@@ -122,99 +124,139 @@ struct Merge {
   const SortedKeys* out_sorted;
   Found* found;
 
-  // Rows whose window leaves the coordinate range: one exact lookup per offset.
-  void lookup(const Column& col, int64_t i, int64_t key, Scratch& s) const {
+  // Rows whose window leaves the coordinate range: one exact lookup per
+  // offset (entry e into region e, or its slot's when `by_slot`).
+  void lookup(const Column& col, bool by_slot, int64_t i, int64_t key, Scratch& s) const {
     for (size_t e = 0; e < col.dz.size(); ++e) {
       if (!layout->key_shift_ok(key, col.dx, col.dy, col.dz[e])) continue;
       const int64_t q = key + layout->delta(col.dx, col.dy, col.dz[e]);
       const int64_t* p = std::lower_bound(in, in + n, q);
-      if (p != in + n && *p == q) s.add(int64_t(e), p - in, i);
+      if (p != in + n && *p == q) s.add(by_slot ? col.dz[e] - col.dz.front() : int64_t(e), p - in, i);
     }
   }
 
   // Output rows [r0, r1) (sorted positions) of chunk c against one column;
-  // W: the window width when at most kFixedWindow (0: any width).
-  template <int W>
-  void scan(const Column& col, bool column_safe, int64_t r0, int64_t r1, Scratch& s) const {
+  // W: the window width when at most kFixedWindow (0: any width); kSafe:
+  // every row's window stays inside the key fields (shift_safe), so no
+  // row is checked (the check, a call per row and column, was a fifth of
+  // the map's instructions on the KITTI sweep).
+  template <int W, bool kSafe>
+  void scan(const Column& col, int64_t r0, int64_t r1, Scratch& s) const {
     const int64_t* __restrict in_keys = in;
     const int64_t* __restrict out = out_sorted->keys.data();
     const int64_t base = layout->delta(col.dx, col.dy, 0);
     const int64_t zlo = col.dz.front(), zhi = col.dz.back();
-    const int64_t entries = int64_t(col.dz.size());
-    // slot of a window position; the dump entry for non-matching positions.
-    int32_t slot[kFixedWindow + 1];
-    if (W > 0) {
-      for (int t = 0; t <= W; ++t) slot[t] = t < W && col.slot[t] >= 0 ? col.slot[t] : int32_t(entries);
-    }
     const int32_t* wide_slot = col.slot.data();
-    int32_t* __restrict in_pos = s.in_pos.data();
-    int32_t* __restrict out_pos = s.out_pos.data();
-    int64_t* __restrict count = s.count.data();
     // Modulo 2^64, as delta(): exact for the rows whose window is exact.
     const int64_t shift_lo = int64_t(uint64_t(base) + uint64_t(zlo));
     const int64_t shift_hi = int64_t(uint64_t(base) + uint64_t(zhi));
     auto exact = [&](int64_t key) {
-      return column_safe || (layout->key_shift_ok(key, col.dx, col.dy, zlo) &&
-                             layout->key_shift_ok(key, col.dx, col.dy, zhi) && key + shift_hi < kSentinel);
+      return kSafe || (layout->key_shift_ok(key, col.dx, col.dy, zlo) &&
+                       layout->key_shift_ok(key, col.dx, col.dy, zhi) && key + shift_hi < kSentinel);
     };
     int64_t i = r0;
-    for (; i < r1 && !exact(out[i]); ++i) lookup(col, i, out[i], s);
+    for (; i < r1 && !exact(out[i]); ++i) lookup(col, W > 0, i, out[i], s);
     if (i == r1) return;
     int64_t j = std::lower_bound(in_keys, in_keys + n, out[i] + shift_lo) - in_keys;
+    // W > 0: slot w's next write, a pointer in a register for the whole
+    // scan (the input position at p[w][0], the output one at p[w][kChunk]),
+    // advanced by one where the slot matched: no count in memory that every
+    // match waits on (indexing counts by the entry found made each match
+    // wait on the store of the one before: a third of the map's time on
+    // the KITTI sweep).
+    int32_t* p[kFixedWindow];
+#pragma GCC unroll 8
+    for (int w = 0; w < W; ++w) p[w] = s.in(w) + s.count[w];
+    auto flush = [&] {
+#pragma GCC unroll 8
+      for (int w = 0; w < W; ++w) s.count[w] = p[w] - s.in(w);
+    };
     for (; i < r1; ++i) {
       const int64_t key = out[i];
-      if (!exact(key)) {
-        lookup(col, i, key, s);
+      if (!kSafe && !exact(key)) {
+        if (W > 0) flush();
+        lookup(col, W > 0, i, key, s);
+#pragma GCC unroll 8
+        for (int w = 0; w < W; ++w) p[w] = s.in(w) + s.count[w];
         continue;
       }
       const int64_t lo = key + shift_lo;
-      while (in_keys[j] < lo) ++j;  // the sentinels stop it at n
+      // Up to four keys skipped at once, their loads independent (the next
+      // output row's window starts about one input key further on): one
+      // load's latency per row instead of a chain of dependent ones; the
+      // loop only for longer gaps. The keys are sorted, so the keys below
+      // lo come first; the sentinels stop it at n (kPad keys after it).
+      for (;;) {
+        const int64_t skip = int64_t(in_keys[j] < lo) + int64_t(in_keys[j + 1] < lo) +
+                             int64_t(in_keys[j + 2] < lo) + int64_t(in_keys[j + 3] < lo);
+        j += skip;
+        if (skip < 4) break;
+      }
       if (W > 0) {
-        // Keys are unique: the window's keys are among in[j .. j + W).
-        for (int t = 0; t < W; ++t) {
-          const uint64_t d = uint64_t(in_keys[j + t] - lo);
-          const int32_t e = slot[d < uint64_t(W) ? d : uint64_t(W)];
-          const int64_t pos = e * kChunk + count[e];
-          in_pos[pos] = int32_t(j + t);
-          out_pos[pos] = int32_t(i);
-          count[e] += e != entries;
+        // Keys are unique and sorted: the key of slot w (lo + w), if
+        // present, is in[j + t] for one t <= w.
+        uint64_t d[kFixedWindow];
+#pragma GCC unroll 8
+        for (int t = 0; t < W; ++t) d[t] = uint64_t(in_keys[j + t]) - uint64_t(lo);
+#pragma GCC unroll 8
+        for (int w = 0; w < W; ++w) {
+          int64_t at = 0;
+          bool hit_any = false;
+#pragma GCC unroll 8
+          for (int t = 0; t <= w; ++t) {
+            const bool hit = d[t] == uint64_t(w);
+            hit_any |= hit;
+            at |= hit ? t : 0;
+          }
+          p[w][0] = int32_t(j + at);
+          p[w][kChunk] = int32_t(i);
+          p[w] += hit_any;
         }
       } else {
         const int64_t hi = key + shift_hi;
         for (int64_t jj = j; in_keys[jj] <= hi; ++jj) {
           const int32_t e = wide_slot[in_keys[jj] - lo];
-          if (e < 0) continue;
-          const int64_t pos = e * kChunk + count[e]++;
-          in_pos[pos] = int32_t(jj);
-          out_pos[pos] = int32_t(i);
+          if (e >= 0) s.add(e, jj, i);
         }
       }
     }
+    if (W > 0) flush();
+  }
+
+  template <int W>
+  void scan_column(const Column& col, bool column_safe, int64_t r0, int64_t r1, Scratch& s) const {
+    if (column_safe)
+      scan<W, true>(col, r0, r1, s);
+    else
+      scan<W, false>(col, r0, r1, s);
   }
 
   void run(const Column& col, bool column_safe, int64_t c, int64_t r0, int64_t r1, Scratch& s) const {
-    s.reset(col.dz.size());
-    switch (col.slot.size()) {
-      case 1: scan<1>(col, column_safe, r0, r1, s); break;
-      case 2: scan<2>(col, column_safe, r0, r1, s); break;
-      case 3: scan<3>(col, column_safe, r0, r1, s); break;
-      case 4: scan<4>(col, column_safe, r0, r1, s); break;
-      case 5: scan<5>(col, column_safe, r0, r1, s); break;
-      case 6: scan<6>(col, column_safe, r0, r1, s); break;
-      case 7: scan<7>(col, column_safe, r0, r1, s); break;
-      case 8: scan<8>(col, column_safe, r0, r1, s); break;
-      default: scan<0>(col, column_safe, r0, r1, s); break;
+    const int64_t width = int64_t(col.slot.size());
+    const bool by_slot = width <= kFixedWindow;
+    s.reset(size_t(by_slot ? width : int64_t(col.dz.size())));
+    switch (by_slot ? width : 0) {
+      case 1: scan_column<1>(col, column_safe, r0, r1, s); break;
+      case 2: scan_column<2>(col, column_safe, r0, r1, s); break;
+      case 3: scan_column<3>(col, column_safe, r0, r1, s); break;
+      case 4: scan_column<4>(col, column_safe, r0, r1, s); break;
+      case 5: scan_column<5>(col, column_safe, r0, r1, s); break;
+      case 6: scan_column<6>(col, column_safe, r0, r1, s); break;
+      case 7: scan_column<7>(col, column_safe, r0, r1, s); break;
+      case 8: scan_column<8>(col, column_safe, r0, r1, s); break;
+      default: scan_column<0>(col, column_safe, r0, r1, s); break;
     }
     // Sorted positions -> original rows, into this (offset, chunk)'s buffer.
     const int64_t* in_perm = in_sorted->identity ? nullptr : in_sorted->perm.data();
     const int64_t* out_perm = out_sorted->identity ? nullptr : out_sorted->perm.data();
     for (size_t e = 0; e < col.dz.size(); ++e) {
+      const int64_t r = by_slot ? col.dz[e] - col.dz.front() : int64_t(e);
       PairBuffer& b = found->buffers[col.offset[e] * found->num_chunks + c];
-      const int64_t size = s.count[e];
+      const int64_t size = s.count[r];
       b.in.resize(size);
       b.out.resize(size);
-      const int32_t* pi = s.in_pos.data() + e * kChunk;
-      const int32_t* po = s.out_pos.data() + e * kChunk;
+      const int32_t* pi = s.in(r);
+      const int32_t* po = s.out(r);
       for (int64_t t = 0; t < size; ++t) {
         b.in[t] = in_perm ? int32_t(in_perm[pi[t]]) : pi[t];
         b.out[t] = out_perm ? int32_t(out_perm[po[t]]) : po[t];
