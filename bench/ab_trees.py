@@ -1,0 +1,155 @@
+"""Two or more checkouts of the package timed on the north star's whole
+inference, in lockstep: each tree runs in a child process of its own (its
+``pointsparse`` imported from that tree, its module built there), and the
+parent asks the children in turn for one run at a time, alternating their
+order every round, so that a slow phase of these virtual machines falls on
+every tree alike (separate runs of one tree move by 15% here within
+minutes). The parent waits 50 ms before each request, so that the idle
+OpenMP threads of the child that ran last have stopped spinning.
+
+    python bench/ab_trees.py OLD_TREE NEW_TREE [...] [--rounds 11] [--threads 2] [--out PAGE.md] [--quick]
+
+The workload is bench/north_star.py's "keep 0.25 + fuse + vectors 75%"
+MinkUNet (built by this tree's bench code against each tree's package) on
+KITTI raw 000049 at 0.05 m: end to end from the points (voxelize, every map
+and plan, the network) and the network alone (maps cached). Every tree's
+logits must equal the first tree's bit for bit before any timing (the page
+says so, or gives the largest difference). A tree of an earlier commit:
+``git worktree add /tmp/old <commit>`` and its module built there (see
+bench/ab_builds.py). ``--quick``: this tree against itself on a generated
+street of 20k voxels, one round, the page in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from _common import environment, kitti_path, results_path, write_markdown
+
+BENCH = Path(__file__).resolve().parent
+
+# The child: the tree's package first on the path, this tree's bench code
+# after it; the model built once; then one run per line read ("e2e" or
+# "net"), its seconds printed; "save PATH" writes the logits.
+CHILD = r"""
+import sys, time
+tree, bench, threads, quick = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+sys.path.insert(0, tree)
+sys.path.insert(1, bench)
+import numpy as np
+import torch
+torch.set_num_threads(threads)
+import pointsparse as ps
+assert ps.__file__.startswith(tree), (ps.__file__, tree)
+import _common
+from north_star import inputs, vector_sparse
+from prune_speed import _variants
+if quick or _common.kitti_path() is None:
+    coords = _common.street_scene(20000)
+    xyz = coords[:, 1:].float() * 0.05
+    feats = torch.cat([xyz / 50.0, torch.rand(len(xyz), 1, generator=torch.Generator().manual_seed(0))], 1)
+else:
+    xyz, feats = inputs(np.fromfile(str(_common.kitti_path()), dtype=np.float32).reshape(-1, 4))
+base, _ = ps.voxelize(xyz, feats, voxel_size=0.05)
+x = ps.SparseTensor(base.feats, base.coords)
+nets, _ = _variants(x, [(0.25, 8)])
+model = vector_sparse(ps.nn.fuse_for_inference(nets["keep 0.25 (x8)"]), 0.75)
+with torch.no_grad():
+    model(x)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        what = line.split()
+        if what[0] == "save":
+            v, _ = ps.voxelize(xyz, feats, voxel_size=0.05)
+            np.save(what[1], model(ps.SparseTensor(v.feats, v.coords)).feats.numpy())
+            print("saved", flush=True)
+            continue
+        t0 = time.perf_counter()
+        if what[0] == "e2e":
+            v, _ = ps.voxelize(xyz, feats, voxel_size=0.05)
+            model(ps.SparseTensor(v.feats, v.coords))
+        else:
+            model(x)
+        print(time.perf_counter() - t0, flush=True)
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("trees", nargs="*", help="checkouts with their module built (the first is the baseline)")
+    parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    root = str(BENCH.parent)
+    trees = [str(Path(t).resolve()) for t in args.trees] or [root, root]
+    if args.quick:
+        trees, args.rounds = [root, root], 1
+    if len(trees) < 2:
+        parser.error("give two or more trees")
+    for t in trees:
+        if not any((Path(t) / "pointsparse").glob("_core*.so")):
+            parser.error(f"{t}: no built module in pointsparse/ (build it there first)")
+    quick = args.quick or kitti_path() is None
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), POINTSPARSE_NUM_THREADS=str(args.threads))
+    env.pop("PYTHONPATH", None)
+    kids = [subprocess.Popen([sys.executable, "-c", CHILD, t, str(BENCH), str(args.threads), "1" if quick else "0"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=t)
+            for t in trees]
+
+    def ask(i: int, line: str) -> str:
+        time.sleep(0.05)  # the other child's idle OpenMP threads stop spinning first
+        kids[i].stdin.write(line + "\n")
+        kids[i].stdin.flush()
+        return kids[i].stdout.readline().strip()
+
+    try:
+        for i, k in enumerate(kids):
+            if k.stdout.readline().strip() != "ready":
+                raise SystemExit(f"ab_trees: the child of {trees[i]} failed")
+        with tempfile.TemporaryDirectory() as tmp:
+            outs = []
+            for i in range(len(kids)):
+                ask(i, f"save {tmp}/{i}.npy")
+                outs.append(np.load(f"{tmp}/{i}.npy"))
+        same = [bool(np.array_equal(outs[0], o)) for o in outs]
+        diffs = [float(np.abs(outs[0] - o).max()) if o.shape == outs[0].shape else float("inf") for o in outs]
+        times = {(i, w): [] for i in range(len(kids)) for w in ("e2e", "net")}
+        for r in range(args.rounds):
+            order = list(range(len(kids)))
+            if r % 2:
+                order.reverse()
+            for w in ("e2e", "net"):
+                for i in order:
+                    times[(i, w)].append(float(ask(i, w)))
+    finally:
+        for k in kids:
+            k.stdin.close()
+            k.wait()
+    med = {key: float(np.median(v)) for key, v in times.items()}
+    lines = [f"### North star model (keep 0.25 + fuse + vectors 75%), {'a generated street' if quick else 'KITTI raw 000049 at 0.05 m'}, "
+             f"{args.threads} threads, medians of {args.rounds} lockstep rounds", "",
+             "| tree | logits vs the first | end to end ms | ratio | network alone ms | ratio |",
+             "|---|---|---|---|---|---|"]
+    for i, t in enumerate(trees):
+        same_text = "equal" if same[i] else f"max diff {diffs[i]:.2e}"
+        lines.append(f"| {t} | {same_text} | {1e3 * med[(i, 'e2e')]:.1f} | {med[(0, 'e2e')] / med[(i, 'e2e')]:.2f}x | "
+                     f"{1e3 * med[(i, 'net')]:.1f} | {med[(0, 'net')] / med[(i, 'net')]:.2f}x |")
+    path = results_path("ab_trees.md", args.quick) if args.out is None else Path(args.out)
+    write_markdown(path, "Checkouts in lockstep on the north star's inference",
+                   "python bench/ab_trees.py " + " ".join(sys.argv[1:]), environment(), ["\n".join(lines)],
+                   "Ratios: the first tree's median over each tree's (above 1: faster than the first).")
+    print(path.read_text())
+
+
+if __name__ == "__main__":
+    main()
