@@ -7,7 +7,8 @@ every tree alike (separate runs of one tree move by 15% here within
 minutes). The parent waits 50 ms before each request, so that the idle
 OpenMP threads of the child that ran last have stopped spinning.
 
-    python bench/ab_trees.py OLD_TREE NEW_TREE [...] [--rounds 11] [--threads 2] [--out PAGE.md] [--quick]
+    python bench/ab_trees.py OLD_TREE NEW_TREE [...] [--rounds 11] [--threads 2] [--setup INDEX CODE]
+        [--out PAGE.md] [--quick]
 
 The workload is bench/north_star.py's "keep 0.25 + fuse + vectors 75%"
 MinkUNet (built by this tree's bench code against each tree's package) on
@@ -41,7 +42,7 @@ BENCH = Path(__file__).resolve().parent
 # "net"), its seconds printed; "save PATH" writes the logits.
 CHILD = r"""
 import sys, time
-tree, bench, threads, quick = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+tree, bench, threads, quick, setup = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1", sys.argv[5]
 sys.path.insert(0, tree)
 sys.path.insert(1, bench)
 import numpy as np
@@ -49,6 +50,7 @@ import torch
 torch.set_num_threads(threads)
 import pointsparse as ps
 assert ps.__file__.startswith(tree), (ps.__file__, tree)
+exec(setup)
 import _common
 from north_star import inputs, vector_sparse
 from prune_speed import _variants
@@ -88,6 +90,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--setup", nargs=2, action="append", default=[], metavar=("INDEX", "CODE"),
+                        help="Python run in tree INDEX's child after `import pointsparse as ps`, e.g. "
+                             "1 'ps.reuse_freed_memory(True)' (a tree may be given twice)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     root = str(BENCH.parent)
@@ -102,9 +107,11 @@ def main() -> None:
     quick = args.quick or kitti_path() is None
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), POINTSPARSE_NUM_THREADS=str(args.threads))
     env.pop("PYTHONPATH", None)
-    kids = [subprocess.Popen([sys.executable, "-c", CHILD, t, str(BENCH), str(args.threads), "1" if quick else "0"],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=t)
-            for t in trees]
+    setups = {int(i): code for i, code in args.setup}
+    kids = [subprocess.Popen([sys.executable, "-c", CHILD, t, str(BENCH), str(args.threads), "1" if quick else "0",
+                              setups.get(i, "")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                             cwd=t)
+            for i, t in enumerate(trees)]
 
     def ask(i: int, line: str) -> str:
         time.sleep(0.05)  # the other child's idle OpenMP threads stop spinning first
@@ -141,6 +148,8 @@ def main() -> None:
              "| tree | logits vs the first | end to end ms | ratio | network alone ms | ratio |",
              "|---|---|---|---|---|---|"]
     for i, t in enumerate(trees):
+        if i in setups:
+            t = f"{t} + `{setups[i]}`"
         same_text = "equal" if same[i] else f"max diff {diffs[i]:.2e}"
         lines.append(f"| {t} | {same_text} | {1e3 * med[(i, 'e2e')]:.1f} | {med[(0, 'e2e')] / med[(i, 'e2e')]:.2f}x | "
                      f"{1e3 * med[(i, 'net')]:.1f} | {med[(0, 'net')] / med[(i, 'net')]:.2f}x |")

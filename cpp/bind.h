@@ -9,4 +9,5 @@ void bind_voxelize(pybind11::module_& m);
 void bind_kmap(pybind11::module_& m);
 void bind_conv(pybind11::module_& m);
 void bind_spmm(pybind11::module_& m);
+void bind_runtime(pybind11::module_& m);
 }  // namespace ps

@@ -8,4 +8,5 @@ PYBIND11_MODULE(_core, m) {
   ps::bind_kmap(m);
   ps::bind_conv(m);
   ps::bind_spmm(m);
+  ps::bind_runtime(m);
 }

@@ -101,6 +101,12 @@ def conv_weight_vectors(weight: np.ndarray, transpose: bool = False) -> np.ndarr
     float64) the rows of weight[k] (weight[k].T when transpose) holding a
     nonzero in the panel: the vectors the vector-sparse kernels visit."""
 
+def reuse_freed_memory(on: bool, bytes: int) -> bool:
+    """glibc malloc: on, blocks up to `bytes` come from the heap and freed
+    memory up to `bytes` stays in the process (M_MMAP_THRESHOLD,
+    M_TRIM_THRESHOLD); off, glibc's 128 KiB defaults. False where the C
+    library is not glibc (nothing changed)."""
+
 def conv_execution(
     weight: np.ndarray, transpose: bool, region: np.ndarray | None, threshold: float,
 ) -> tuple[np.ndarray | None, bool, float]:
