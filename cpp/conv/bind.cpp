@@ -158,6 +158,20 @@ py::array bias_of(const py::object& bias, int64_t cols, bool float32) {
   return b;
 }
 
+// An optional array argument with out's rows and columns: false for None,
+// else true with `a` set to a C-contiguous 2-D numpy array (writeable when
+// asked); TypeError / ValueError naming it.
+bool rows_like_out(const py::object& arg, const char* name, const py::array& out, const conv::Plan& plan,
+                   bool writeable, py::array& a) {
+  if (arg.is_none()) return false;
+  if (!py::isinstance<py::array>(arg)) throw py::type_error(std::string(name) + " must be a numpy array or None");
+  a = py::reinterpret_borrow<py::array>(arg);
+  check_rows(a, name, writeable);
+  rows_are(a, plan.num_out(), name, "num_out");
+  if (a.shape(1) != out.shape(1)) value_error(std::string(name) + " must have out's columns");
+  return true;
+}
+
 // One product over the plan (forward, or the input gradient when transpose).
 // add (forward only, or null): a residual of dst's shape and dtype, added
 // before the ReLU.
@@ -193,19 +207,15 @@ void forward(const conv::Plan& plan, py::array feats, py::array weight, py::obje
     check_same_dtype(b, feats, "bias", "feats");
   }
   py::array r;
-  if (!add.is_none()) {
-    if (!py::isinstance<py::array>(add)) throw py::type_error("add must be a numpy array or None");
-    r = py::reinterpret_borrow<py::array>(add);
-    check_rows(r, "add", false);
-    rows_are(r, plan.num_out(), "add", "num_out");
-    if (r.shape(1) != out.shape(1)) value_error("add must have out's columns");
+  const bool has_add = rows_like_out(add, "add", out, plan, false, r);
+  if (has_add) {
     check_same_dtype(r, out, "add", "out");
     const auto* r0 = static_cast<const char*>(r.data());
     const auto* o0 = static_cast<const char*>(out.data());
     if (r0 < o0 + out.nbytes() && o0 < r0 + r.nbytes()) value_error("add must not share memory with out");
   }
   apply(plan, feats, weight, has_bias ? &b : nullptr, out, false, num_threads, use, relu,
-        skip_of(plan, active, false), vector, add.is_none() ? nullptr : &r);
+        skip_of(plan, active, false), vector, has_add ? &r : nullptr);
 }
 
 // The bf16 inference forward: feats and weight hold bf16 bits (int16 or
@@ -230,13 +240,8 @@ void forward_bf16(const conv::Plan& plan, py::array feats, py::array weight, py:
   auto* d = static_cast<float*>(out.mutable_data());
   uint16_t* d16 = nullptr;
   py::array o16;
-  if (!out_bf16.is_none()) {
-    if (!py::isinstance<py::array>(out_bf16)) throw py::type_error("out_bf16 must be a numpy array or None");
-    o16 = py::reinterpret_borrow<py::array>(out_bf16);
-    check_rows(o16, "out_bf16", true);
-    rows_are(o16, plan.num_out(), "out_bf16", "num_out");
+  if (rows_like_out(out_bf16, "out_bf16", out, plan, true, o16)) {
     check_bf16_bits(o16, "out_bf16");
-    if (o16.shape(1) != out.shape(1)) value_error("out_bf16 must have out's columns");
     d16 = static_cast<uint16_t*>(o16.mutable_data());
   }
   const int64_t kc = feats.shape(1), cols = out.shape(1);
