@@ -185,8 +185,9 @@ def reuse_freed_memory(on: bool = True, max_bytes: int = 1 << 30) -> bool:
     voxelised cloud, kernel maps, plans, conv outputs). With glibc's
     defaults each comes from fresh pages that the kernel faults in and
     zeroes on first touch (some 1,500-2,000 faults per voxelisation of a
-    KITTI sweep). ``on``: blocks up to ``max_bytes`` come from the heap and
-    up to ``max_bytes`` of freed heap stays in the process, so a repeated
+    KITTI sweep). ``on``: blocks up to ``max_bytes`` (or 32 MiB, where a
+    glibc version refuses more) come from the heap and up to ``max_bytes``
+    of freed heap stays in the process, so a repeated
     call finds its pages mapped (the resident size stays near its peak);
     off: glibc's 128 KiB thresholds again (its dynamic threshold stays off).
     Process-wide (every library's allocations); returns False where the C

@@ -18,8 +18,13 @@ bool reuse_freed_memory(bool on, long long bytes) {
 #if defined(__GLIBC__)
   // glibc's defaults: 128 KiB for both (mallopt turns its dynamic mmap
   // threshold off either way).
+  // Some glibc versions refuse an mmap threshold above 32 MiB (4 MiB x
+  // sizeof(long)): then the largest they take.
   const long long limit = on ? bytes : 128 * 1024;
-  return mallopt(M_MMAP_THRESHOLD, int(limit)) == 1 && mallopt(M_TRIM_THRESHOLD, int(limit)) == 1;
+  const long long cap = 4LL * 1024 * 1024 * static_cast<long long>(sizeof(long));
+  const bool mmap_set = mallopt(M_MMAP_THRESHOLD, int(limit)) == 1 ||
+                        (limit > cap && mallopt(M_MMAP_THRESHOLD, int(cap)) == 1);
+  return mmap_set && mallopt(M_TRIM_THRESHOLD, int(limit)) == 1;
 #else
   (void)on;
   (void)bytes;
