@@ -297,7 +297,7 @@ def test_execution_choice_in_cpp_equals_the_numpy_choice(dtype):
         for transpose in (False, True):
             counts = _engine.vector_counts(w, transpose).numpy()
             rows = c_out if transpose else c_in
-            want = _engine._execution(counts, rows, region, None)
+            want = _engine._execution(counts, rows, region, _engine.vector_threshold(rows))
             got = _engine.choose_execution(w, region, transpose)
             assert (got.active is None) == (want.active is None)
             if want.active is not None:

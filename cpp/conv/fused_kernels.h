@@ -445,28 +445,26 @@ inline void apply_pairs(const Args& a, int64_t k, int64_t lo, int64_t hi, bool i
 // place of a residual sum and a ReLU of their own over the whole output
 // (each a pass through memory).
 template <typename T>
-inline void block_epilogue(const ApplyArgs<T>& a, int64_t r0, int64_t r1) {
-  T* __restrict d = a.dst + r0 * a.cols;
-  const int64_t n = (r1 - r0) * a.cols;
-  if (a.add) {
-    const T* __restrict s = a.add + r0 * a.cols;
-    if (a.relu) {
+inline void block_epilogue(T* __restrict d, const T* __restrict add, bool relu, int64_t n) {
+  if (add) {
+    if (relu) {
       for (int64_t i = 0; i < n; ++i) {
-        const T v = d[i] + s[i];
+        const T v = d[i] + add[i];
         d[i] = v < 0 ? 0 : v;
       }
     } else {
-      for (int64_t i = 0; i < n; ++i) d[i] += s[i];
+      for (int64_t i = 0; i < n; ++i) d[i] += add[i];
     }
-  } else if (a.relu) {
+  } else if (relu) {
     for (int64_t i = 0; i < n; ++i) d[i] = d[i] < 0 ? 0 : d[i];
   }
 }
-template <typename Args>
-inline void block_epilogue(const Args& a, int64_t r0, int64_t r1) {
-  if (!a.relu) return;
-  float* __restrict d = a.dst + r0 * a.cols;
-  for (int64_t i = 0; i < (r1 - r0) * a.cols; ++i) d[i] = d[i] < 0 ? 0 : d[i];
+template <typename T>
+inline void block_epilogue(const ApplyArgs<T>& a, int64_t r0, int64_t r1) {
+  block_epilogue(a.dst + r0 * a.cols, a.add ? a.add + r0 * a.cols : nullptr, a.relu, (r1 - r0) * a.cols);
+}
+inline void block_epilogue(const ApplyBf16Args& a, int64_t r0, int64_t r1) {
+  block_epilogue<float>(a.dst + r0 * a.cols, nullptr, a.relu, (r1 - r0) * a.cols);
 }
 
 // The block walk every apply kernel shares. Each thread owns blocks of

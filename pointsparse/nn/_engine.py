@@ -224,19 +224,12 @@ def _flags(keep):
     return None if bool(keep.all()) else np.ascontiguousarray(keep.astype(np.uint8))
 
 
-def _counts(weight: torch.Tensor, transpose: bool = False):
-    """:func:`vector_counts` as a numpy array: the C++ counts as they come
-    (the per-call cost of the engine's choice), or the torch count's."""
-    if _ext.serves(weight, dtypes=ENGINE_DTYPES):
-        return _ext.core.conv_weight_vectors(_np(weight.detach().contiguous()), transpose)
-    return vector_blocks(weight, transpose).sum(1).cpu().numpy()
-
-
 def vector_counts(weight: torch.Tensor, transpose: bool = False) -> torch.Tensor:
     """int64 ``(K, panels)``: ``vector_blocks(weight, transpose).sum(1)``,
     counted in one C++ pass for CPU float32/float64, in torch ops otherwise."""
     if _ext.serves(weight, dtypes=ENGINE_DTYPES):
-        return torch.from_numpy(_counts(weight, transpose)).to(torch.int64)
+        counts = _ext.core.conv_weight_vectors(_np(weight.contiguous()), transpose)
+        return torch.from_numpy(counts).to(torch.int64)
     return vector_blocks(weight, transpose).sum(1)
 
 
@@ -249,22 +242,26 @@ def choose_execution(weight: torch.Tensor, region: torch.Tensor | None = None,
     float32/float64 weights are counted and decided in one C++ call
     (``_core.conv_execution``, a few microseconds: it runs on every conv
     call); others through the torch count and :func:`_execution`."""
-    rows = weight.shape[2] if transpose else weight.shape[1]
+    return _decide(weight, transpose, region, vector_threshold(weight.shape[2] if transpose else weight.shape[1]))
+
+
+def _decide(weight: torch.Tensor, transpose: bool, region: torch.Tensor | None, threshold: float) -> Execution:
+    """The execution of ``weight`` (or ``weight[k].T``) at this vector
+    ``threshold``: the core's one call for CPU float32/float64, else
+    :func:`_execution` on the torch count. Every per-call choice (forward,
+    input gradient, masked weight gradient) goes through here."""
     if not _ext.serves(weight, dtypes=ENGINE_DTYPES):
-        return _execution(vector_blocks(weight, transpose).sum(1).cpu().numpy(), rows, region, None)
+        return _execution(vector_blocks(weight, transpose).sum(1).cpu().numpy(),
+                          weight.shape[2] if transpose else weight.shape[1], region, threshold)
     flags = None if region is None else region.cpu().numpy()
-    active, vector, density = _ext.core.conv_execution(_np(weight.contiguous()), transpose, flags,
-                                                       vector_threshold(rows))
+    active, vector, density = _ext.core.conv_execution(_np(weight.contiguous()), transpose, flags, threshold)
     return Execution(active, vector, density)
 
 
-def _execution(counts, rows: int, region, threshold: float | None) -> Execution:
-    """From the numpy ``(K, panels)`` counts (:func:`_counts`): in numpy, a
-    few microseconds per conv call where torch's small-tensor ops took some
-    40 (AMD EPYC Zen 4 [avx2 avx512f]). ``threshold`` None: the vector
-    kernels' (:func:`vector_threshold`)."""
-    if threshold is None:
-        threshold = vector_threshold(rows)
+def _execution(counts, rows: int, region, threshold: float) -> Execution:
+    """The same choice from numpy ``(K, panels)`` counts (:func:`vector_counts`)
+    of ``rows`` rows per panel: where the core does not serve the weight, and
+    for :func:`executed_flops` (a CUDA weight's counts too)."""
     per_offset = counts.sum(1)
     keep = per_offset > 0
     if region is not None:
@@ -289,7 +286,7 @@ def executed_flops(weight: torch.Tensor, pair_counts: torch.Tensor, region: torc
     included): ``pairs(k) * C_in * C_out`` per offset run, or with the
     vector-sparse kernels ``pairs(k) * (columns of the vectors listed)``."""
     counts = vector_counts(weight).cpu()  # a CUDA weight's counts too
-    execution = _execution(counts.numpy(), weight.shape[1], region, None)
+    execution = _execution(counts.numpy(), weight.shape[1], region, vector_threshold(weight.shape[1]))
     pairs = torch.as_tensor(pair_counts, dtype=torch.int64)
     keep = torch.ones(weight.shape[0], dtype=torch.bool) if execution.active is None else \
         torch.from_numpy(execution.active).bool()
@@ -307,7 +304,7 @@ def weight_execution(mask: torch.Tensor | None, region: torch.Tensor | None):
     unmasked (either way the result times the mask is the same, bit for bit)."""
     if mask is None:
         return (None if region is None else _flags(region)), None
-    execution = _execution(_counts(mask), mask.shape[1], region, MASKED_WGRAD_DENSITY)
+    execution = _decide(mask, False, region, MASKED_WGRAD_DENSITY)
     return execution.active, (mask if execution.vector and execution.density > 0 else None)
 
 
