@@ -184,15 +184,14 @@ def reuse_freed_memory(on: bool = True, max_bytes: int = 1 << 30) -> bool:
     Every inference call allocates and frees buffers of megabytes (the
     voxelised cloud, kernel maps, plans, conv outputs). With glibc's
     defaults each comes from fresh pages that the kernel faults in and
-    zeroes on first touch (some 1,500-2,000 faults per voxelisation of a
-    KITTI sweep). ``on``: blocks up to ``max_bytes`` (or 32 MiB, where a
+    zeroes on first touch. ``on``: blocks up to ``max_bytes`` (or 32 MiB, where a
     glibc version refuses more) come from the heap and up to ``max_bytes``
     of freed heap stays in the process, so a repeated
     call finds its pages mapped (the resident size stays near its peak);
     off: glibc's 128 KiB thresholds again (its dynamic threshold stays off).
     Process-wide (every library's allocations); returns False where the C
-    library is not glibc (nothing changed). Measured in bench/call_overhead.py
-    and bench/ab_trees.py."""
+    library is not glibc (nothing changed). Measured with
+    ``bench/ab_trees.py --setup 1 'ps.reuse_freed_memory(True)'`` (bench/RESULTS.md)."""
     if not isinstance(on, bool):
         raise TypeError(f"on must be a bool; got {on!r}")
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or not 0 <= max_bytes <= 1 << 30:

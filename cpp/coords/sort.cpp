@@ -70,10 +70,9 @@ void radix_sort_keys(const int64_t* keys, int64_t n, int64_t* keys_out, int64_t*
 #pragma omp barrier
 #pragma omp single
     {
-      // Keys already in order (a voxelised or downsampled cloud's, which
-      // most maps sort again): the copy is the stable sort, no pass runs.
-      // KITTI sweep, 91k keys, AMD EPYC Zen 3 [avx2]: 2.1-2.3 ms of radix
-      // passes saved per sort (numpy's adaptive stable sort: 0.2 ms).
+      // Keys already in order (a voxelised or downsampled cloud's): the
+      // copy is the stable sort, no pass runs. (The merge-sort map checks
+      // its keys itself before sorting; this serves coords.sort / unique.)
       const bool all = std::all_of(ordered.begin(), ordered.begin() + team, [](uint8_t v) { return v != 0; });
       passes = all ? 0 : digit_passes(*std::max_element(maxima.begin(), maxima.begin() + team));
     }

@@ -181,33 +181,8 @@ void downsample_keys(const int32_t* c, int64_t n, const int64_t* stride, const K
     for (int a = 0; a < 3; ++a) q[a] = floor_div(r[a + 1], stride[a]) * stride[a];
     keys[i] = layout.pack(r[0], q[0], q[1], q[2]);
   }
-  // Rows in key order (a voxelised or downsampled cloud's) keep their
-  // (batch, x) fields in order when quantised: only the runs of one (batch,
-  // x) need sorting, by (y, z) (some 60 keys each on a KITTI sweep), not
-  // the whole array, and the runs share out among threads. Else (or on one
-  // thread) the radix sort, which runs on one thread below 2^18 keys.
-  // Either way the unique sorted keys. KITTI 000049 (91k rows, stride 2),
-  // AMD EPYC Zen 3 [avx2]: 2 threads 3.0 against 3.8-4.3 ms a call; on one
-  // thread the runs' std::sort took 4.7-5.1 ms against the radix sort's 4.1
-  // (its compares mispredict), so one thread keeps the radix sort.
-  const int64_t high = layout.shift[1];  // the key's bits from x up hold (batch, x)
-  bool ordered = nt > 1;
-  for (int64_t i = 1; i < n && ordered; ++i) ordered = (keys[i - 1] >> high) <= (keys[i] >> high);
-  std::vector<int64_t> sorted;
-  if (ordered) {
-    std::vector<int64_t> starts;
-    for (int64_t i = 0; i < n; ++i)
-      if (i == 0 || (keys[i - 1] >> high) != (keys[i] >> high)) starts.push_back(i);
-    starts.push_back(n);
-    const int64_t runs = int64_t(starts.size()) - 1;
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 64) if (n >= (int64_t(1) << 16))
-    for (int64_t r = 0; r < runs; ++r) std::sort(keys.begin() + starts[r], keys.begin() + starts[r + 1]);
-    sorted.swap(keys);
-  } else {
-    std::vector<int64_t> perm(n);
-    sorted.resize(n);
-    radix_sort_keys(keys.data(), n, sorted.data(), perm.data(), nt);
-  }
+  std::vector<int64_t> sorted(n), perm(n);
+  radix_sort_keys(keys.data(), n, sorted.data(), perm.data(), nt);
   out_keys.clear();
   out_keys.reserve(n);
   for (int64_t i = 0; i < n; ++i)

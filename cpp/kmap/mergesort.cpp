@@ -138,8 +138,7 @@ struct Merge {
   // Output rows [r0, r1) (sorted positions) of chunk c against one column;
   // W: the window width when at most kFixedWindow (0: any width); kSafe:
   // every row's window stays inside the key fields (shift_safe), so no
-  // row is checked (the check, a call per row and column, was a fifth of
-  // the map's instructions on the KITTI sweep).
+  // row is checked.
   template <int W, bool kSafe>
   void scan(const Column& col, int64_t r0, int64_t r1, Scratch& s) const {
     const int64_t* __restrict in_keys = in;
@@ -160,10 +159,11 @@ struct Merge {
     int64_t j = std::lower_bound(in_keys, in_keys + n, out[i] + shift_lo) - in_keys;
     // W > 0: slot w's next write, a pointer in a register for the whole
     // scan (the input position at p[w][0], the output one at p[w][kChunk]),
-    // advanced by one where the slot matched: no count in memory that every
-    // match waits on (indexing counts by the entry found made each match
-    // wait on the store of the one before: a third of the map's time on
-    // the KITTI sweep).
+    // advanced by one where the slot matched, instead of a count in memory
+    // indexed by the entry found. With the kSafe scan and the four-key skip
+    // below: KITTI 000049 subm k3, one thread, 53.51 -> 51.68 M
+    // instructions a build against 16ad684 (bench/kmap_instructions.py,
+    // AMD EPYC Zen 3 [avx2]).
     int32_t* p[kFixedWindow];
 #pragma GCC unroll 8
     for (int w = 0; w < W; ++w) p[w] = s.in(w) + s.count[w];

@@ -1,0 +1,128 @@
+"""Instructions per kernel-map build, counted by valgrind's callgrind (a
+figure that repeats to the instruction where these machines' timings move
+by a quarter), for one or more builds of the extension module.
+
+    python bench/kmap_instructions.py [MODULE.so ...] [--calls 2] [--out PAGE.md] [--quick]
+
+The maps of the north star's first level on the KITTI sweep (000049, 0.05 m;
+a generated street of 20k voxels where the dataset is absent): submanifold
+k3 (``_core.kmap_mergesort`` and ``kmap_hash``, out coords None) and k2 s2
+(``kmap_downsample`` then ``kmap_mergesort`` with those out coords), one
+thread. Each case runs in a child under ``valgrind --tool=callgrind`` that
+loads the module by its path (numpy alone); a child making no call gives
+the set-up's count, and the difference over ``--calls`` is one build's
+instructions. Every module's maps must equal this tree's (``pointsparse.kmap``
+on the same coords) before they count. With no module: this tree's.
+``--quick``: the generated street, one call, this tree's module, the page
+in a temporary folder. A build of an earlier commit: see bench/ab_builds.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from _common import environment, kitti_or_street, results_path, write_markdown
+
+import pointsparse as ps
+from pointsparse import kmap as K
+
+CASES = ("subm k3 mergesort", "subm k3 hash", "k2 s2 mergesort")
+
+# The child: the module by its path, the coords and offsets from the .npz,
+# `calls` builds of one case on one thread; the last map saved for the check.
+CHILD = r"""
+import importlib.util, sys
+import numpy as np
+so, data, case, calls, out_path = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+spec = importlib.util.spec_from_file_location("_core", so)
+core = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(core)
+d = np.load(data)
+coords, sub, down = d["coords"], d["offsets_k3"], d["offsets_k2"]
+for _ in range(calls):
+    if case == "subm k3 mergesort":
+        got = core.kmap_mergesort(coords, None, sub, 1)
+    elif case == "subm k3 hash":
+        got = core.kmap_hash(coords, None, sub, 1)
+    else:
+        out = core.kmap_downsample(coords, [2, 2, 2], 1)
+        got = (out,) + tuple(core.kmap_mergesort(coords, out, down, 1))
+if calls:
+    np.savez(out_path, *got)
+"""
+
+
+def expected(coords) -> dict:
+    """Each case's arrays from this tree's package (one thread)."""
+    sub = K._build(coords, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), method="mergesort")
+    down = K._build(coords, (2, 2, 2), (2, 2, 2), (1, 1, 1), (1, 1, 1), method="mergesort")
+    m = (sub.in_idx.numpy(), sub.out_idx.numpy(), sub.sizes.numpy())
+    return {"subm k3 mergesort": m, "subm k3 hash": m,
+            "k2 s2 mergesort": (down.out_coords.numpy(), down.in_idx.numpy(), down.out_idx.numpy(),
+                                down.sizes.numpy())}
+
+
+def count(so: str, data: Path, case: str, calls: int, folder: Path, want) -> int:
+    out_path = folder / "out.npz"
+    proc = subprocess.run([shutil.which("valgrind"), "--tool=callgrind", "--callgrind-out-file=/dev/null",
+                           sys.executable, "-c", CHILD, so, str(data), case, str(calls), str(out_path)],
+                          capture_output=True, text=True, env={"PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1",
+                                                               "PATH": "/usr/bin:/bin"})
+    found = re.search(r"Collected : (\d+)", proc.stderr)
+    if proc.returncode != 0 or found is None:
+        raise RuntimeError(f"the callgrind child failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    if calls:
+        with np.load(out_path) as got:
+            arrays = [got[f"arr_{i}"] for i in range(len(got.files))]
+        if len(arrays) != len(want) or not all(np.array_equal(a, b) for a, b in zip(arrays, want)):
+            raise RuntimeError(f"{so}: {case}: the child's map differs from this tree's")
+    return int(found.group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("modules", nargs="*", help="builds of _core (default: this tree's)")
+    parser.add_argument("--calls", type=int, default=2)
+    parser.add_argument("--out", default=None, help="default bench/results/kmap_instructions.md")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if shutil.which("valgrind") is None:
+        print("kmap_instructions: valgrind is not installed; nothing measured")
+        return
+    modules = [str(Path(m).resolve()) for m in args.modules] or [ps._core.__file__]
+    calls = 1 if args.quick else args.calls
+    coords, where = kitti_or_street(args.quick)
+    import torch
+
+    torch.set_num_threads(1)
+    want = expected(coords)
+    offsets = {"offsets_k3": K._offsets((3, 3, 3), (1, 1, 1), (1, 1, 1)).numpy(),
+               "offsets_k2": K._offsets((2, 2, 2), (1, 1, 1), (1, 1, 1)).numpy()}
+    lines = [f"### {where} ({len(coords):,} voxels), one thread; instructions per build = (child with {calls} "
+             f"calls - child with none) / {calls}", "",
+             "| module | " + " | ".join(CASES) + " |", "|---|" + "---|" * len(CASES)]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        data = folder / "case.npz"
+        np.savez(data, coords=np.ascontiguousarray(coords.numpy()), **offsets)
+        for so in modules:
+            base = count(so, data, CASES[0], 0, folder, None)
+            cells = [(count(so, data, case, calls, folder, want[case]) - base) / calls for case in CASES]
+            lines.append(f"| {so} | " + " | ".join(f"{c / 1e6:.2f} M" for c in cells) + " |")
+            print(lines[-1], flush=True)
+    path = results_path("kmap_instructions.md", args.quick) if args.out is None else Path(args.out)
+    write_markdown(path, "Instructions per kernel-map build (callgrind)",
+                   "python bench/kmap_instructions.py " + " ".join(sys.argv[1:]), environment(), ["\n".join(lines)])
+    print(path.read_text())
+
+
+if __name__ == "__main__":
+    main()
