@@ -159,6 +159,9 @@ def test_residual_argument_checks():
         spnn.functional.conv3d(x, w, 3, add=ps.SparseTensor(torch.zeros(len(x) - 1, 8), x.coords[1:]))
     with pytest.raises(ValueError, match="output coords"):
         spnn.functional.conv3d(x, torch.randn(8, 3, 8), 2, 2, add=x.with_feats(torch.zeros(len(x), 8)))
+    elsewhere = ps.SparseTensor(torch.zeros(len(x), 8, device="meta"), x.coords.to("meta"), validate=False)
+    with pytest.raises(ValueError, match="add is on meta"):
+        spnn.functional.conv3d(x, w, 3, add=elsewhere)
 
 
 def test_conv3d_add_with_and_without_gradients():

@@ -125,6 +125,8 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
     kmap = _kmap._get_kmap(input, k, t, d, transposed)
     residual = None
     if add is not None:
+        if add.device != input.device:
+            raise ValueError(f"add is on {add.device} but the input on {input.device}")
         out_stride = kmap.key.out_stride
         if add.stride != out_stride or len(add) != kmap.num_out or (
                 add.coords is not kmap.out_coords and not torch.equal(add.coords, kmap.out_coords)):
