@@ -202,3 +202,32 @@ def write_markdown(path: Path, title: str, command: str, env: dict, tables: list
     if notes:
         body += "\n\n" + notes
     path.write_text(body + "\n")
+
+
+# The opening of a child that loads the extension module by its path
+# (argv[1]) with numpy alone, as `core` (pybind11 refuses a second module
+# registering the same types in one process, and torch under valgrind is slow).
+LOAD_CORE = """
+import importlib.util, sys
+import numpy as np
+spec = importlib.util.spec_from_file_location("_core", sys.argv[1])
+core = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(core)
+"""
+
+
+def callgrind_instructions(child: str, args: list) -> int:
+    """Instructions valgrind's callgrind counts for ``python -c child *args``
+    (one thread, a fixed hash seed); RuntimeError with its stderr when the
+    child fails."""
+    import re
+    import shutil
+    import subprocess
+
+    proc = subprocess.run([shutil.which("valgrind"), "--tool=callgrind", "--callgrind-out-file=/dev/null",
+                           sys.executable, "-c", child, *map(str, args)], capture_output=True, text=True,
+                          env={"PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    found = re.search(r"Collected : (\d+)", proc.stderr)
+    if proc.returncode != 0 or found is None:
+        raise RuntimeError(f"the callgrind child failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return int(found.group(1))

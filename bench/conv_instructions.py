@@ -25,9 +25,7 @@ on the generated street, one call, the page in a temporary folder."""
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -35,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import environment, kitti_or_street, results_path, write_markdown
+from _common import LOAD_CORE, callgrind_instructions, environment, kitti_or_street, results_path, write_markdown
 from prune_exec import variants
 
 import pointsparse as ps
@@ -45,13 +43,8 @@ KINDS = {"dense": "unpruned", "offset": "offset 75%", "vector": "vector 75%"}
 
 # The child: the extension module by its path, the case from the .npz, the
 # plan, `calls` forwards on one thread; the last output saved for the check.
-CHILD = r"""
-import importlib.util, sys
-import numpy as np
-so, data, name, calls, out_path = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
-spec = importlib.util.spec_from_file_location("_core", so)
-core = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(core)
+CHILD = LOAD_CORE + r"""
+data, name, calls, out_path = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 d = np.load(data)
 plan = core.ConvPlan(d["in_idx"], d["out_idx"], d["ptr"], int(d["num_in"]), int(d["num_out"]), int(d["identity"]), 1)
 # Every array read out of the .npz before the loop (each read of an .npz
@@ -104,19 +97,13 @@ def count(data: Path, kind: str, calls: int, folder: Path, want: np.ndarray) -> 
     """Instructions of a child that makes ``calls`` forwards of ``kind``
     (its output checked against ``want`` when it made any)."""
     out_path = folder / f"out_{kind}.npy"
-    proc = subprocess.run([shutil.which("valgrind"), "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-c",
-                           CHILD, ps._core.__file__, str(data), kind, str(calls), str(out_path)],
-                          capture_output=True, text=True, env={"PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1",
-                                                               "PATH": "/usr/bin:/bin"})
-    found = re.search(r"Collected : (\d+)", proc.stderr)
-    if proc.returncode != 0 or found is None:
-        raise RuntimeError(f"the callgrind child failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    instructions = callgrind_instructions(CHILD, [ps._core.__file__, data, kind, calls, out_path])
     if calls:
         got = np.load(out_path)
         if not np.array_equal(got, want):
             raise RuntimeError(f"{kind}: the child's output differs from this process's by "
                                f"{np.abs(got - want).max()}")
-    return int(found.group(1))
+    return instructions
 
 
 def measure(channels: list, kinds: list, calls: int, coords: torch.Tensor, where: str) -> str:

@@ -20,16 +20,14 @@ in a temporary folder. A build of an earlier commit: see bench/ab_builds.py.
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from _common import environment, kitti_or_street, results_path, write_markdown
+from _common import LOAD_CORE, callgrind_instructions, environment, kitti_or_street, results_path, write_markdown
 
 import pointsparse as ps
 from pointsparse import kmap as K
@@ -38,13 +36,8 @@ CASES = ("subm k3 mergesort", "subm k3 hash", "k2 s2 mergesort")
 
 # The child: the module by its path, the coords and offsets from the .npz,
 # `calls` builds of one case on one thread; the last map saved for the check.
-CHILD = r"""
-import importlib.util, sys
-import numpy as np
-so, data, case, calls, out_path = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
-spec = importlib.util.spec_from_file_location("_core", so)
-core = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(core)
+CHILD = LOAD_CORE + r"""
+data, case, calls, out_path = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 d = np.load(data)
 coords, sub, down = d["coords"], d["offsets_k3"], d["offsets_k2"]
 for _ in range(calls):
@@ -72,19 +65,13 @@ def expected(coords) -> dict:
 
 def count(so: str, data: Path, case: str, calls: int, folder: Path, want) -> int:
     out_path = folder / "out.npz"
-    proc = subprocess.run([shutil.which("valgrind"), "--tool=callgrind", "--callgrind-out-file=/dev/null",
-                           sys.executable, "-c", CHILD, so, str(data), case, str(calls), str(out_path)],
-                          capture_output=True, text=True, env={"PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1",
-                                                               "PATH": "/usr/bin:/bin"})
-    found = re.search(r"Collected : (\d+)", proc.stderr)
-    if proc.returncode != 0 or found is None:
-        raise RuntimeError(f"the callgrind child failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    instructions = callgrind_instructions(CHILD, [so, data, case, calls, out_path])
     if calls:
         with np.load(out_path) as got:
             arrays = [got[f"arr_{i}"] for i in range(len(got.files))]
         if len(arrays) != len(want) or not all(np.array_equal(a, b) for a, b in zip(arrays, want)):
             raise RuntimeError(f"{so}: {case}: the child's map differs from this tree's")
-    return int(found.group(1))
+    return instructions
 
 
 def main() -> None:
