@@ -508,3 +508,73 @@ def test_no_active_offset_leaves_the_bias_and_a_zero_weight_gradient():
     g = torch.randn(kmap.num_out, 6, dtype=torch.float64)
     plan.core.backward_weight(feats.numpy(), g.numpy(), gw.numpy(), 2, False, none, None)
     assert not gw.any()
+
+
+@pytest.fixture
+def stream_all():
+    """Every output whose rows the streaming stores take is streamed
+    (threshold 0); the threshold in force before is put back after."""
+    core = ps._ext.core
+    before = core.conv_stream_bytes(0)
+    yield core
+    core.conv_stream_bytes(before)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("c_in,c_out", [(16, 64), (24, 32), (8, 12)])
+def test_streamed_output_equals_the_output_summed_in_place(c_in, c_out, dtype, isa, stream_all):
+    """Large outputs are summed block by block in a scratch and streamed to
+    their place (the threshold set to 0 here, so these small maps take that
+    path): bit for bit the in-place result for the dense, offset-skipping and
+    vector kernels, with the identity offset run first or skipped (the rows
+    then start from the bias), with bias, ReLU and a residual, for the input
+    gradient too, on 1 and 2 threads; every row written (NaN first). 12
+    columns are rows the streaming stores do not take (not whole vectors):
+    summed in place, the same."""
+    x = make(n=2500, c=c_in, extent=20, dtype=dtype, seed=5)  # several 512-row blocks and a partial one
+    kmap = ps.kmap.get_kmap(x, 3)
+    plan = _engine.make_fused_plan(kmap)
+    assert plan.identity == 13 and kmap.num_out > 3 * 512
+    g = torch.Generator().manual_seed(6)
+    bias = torch.randn(c_out, generator=g, dtype=dtype)
+    add = torch.randn(kmap.num_out, c_out, generator=g, dtype=dtype)
+    grad = torch.randn(kmap.num_out, c_out, generator=g, dtype=dtype)
+    weights = {"dense": torch.randn(27, c_in, c_out, generator=g, dtype=dtype),
+               "offsets, no identity": sparse_weight(27, c_in, c_out, dtype, vector_keep=1.0, dead=(0, 4, 13)),
+               "vectors": sparse_weight(27, c_in, c_out, dtype, vector_keep=0.25, dead=(2,))}
+
+    def run(weight, vector, nt, stream):
+        stream_all.conv_stream_bytes(0 if stream else 1 << 62)
+        active = _engine.choose_execution(weight).active
+        out = torch.full((kmap.num_out, c_out), float("nan"), dtype=dtype)
+        plan.core.forward(x.feats.numpy(), weight.numpy(), bias.numpy(), out.numpy(), nt, isa, True,
+                          active=active, vector=vector, add=add.numpy())
+        plain = torch.full((kmap.num_out, c_out), float("nan"), dtype=dtype)
+        plan.core.forward(x.feats.numpy(), weight.numpy(), None, plain.numpy(), nt, isa, False, active=active,
+                          vector=vector)
+        gf = torch.full_like(x.feats, float("nan"))
+        plan.core.backward_input(grad.numpy(), weight.numpy(), gf.numpy(), nt, isa, active=active, vector=vector)
+        return out, plain, gf
+
+    for name, weight in weights.items():
+        for vector in (False, True):
+            for nt in (1, 2):
+                in_place = run(weight, vector, nt, False)
+                streamed = run(weight, vector, nt, True)
+                for a, b in zip(in_place, streamed):
+                    assert not b.isnan().any(), (name, vector, nt)
+                    assert torch.equal(a, b), (name, vector, nt)
+    ref = torch.relu(conv_sum(x.feats, weights["vectors"], kmap) + bias + add)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(streamed[0], ref, **tol)
+
+
+def test_stream_threshold_is_checked_and_restored():
+    core = ps._ext.core
+    before = core.conv_stream_bytes()
+    assert before == 16 << 20  # the default: outputs of 16 MB and more
+    with pytest.raises(ValueError, match="bytes must be >= 0"):
+        core.conv_stream_bytes(-1)
+    assert core.conv_stream_bytes(123) == before and core.conv_stream_bytes() == 123
+    assert core.conv_stream_bytes(before) == 123 and core.conv_stream_bytes() == before

@@ -5,8 +5,11 @@
 // is released around the kernels.
 #include <limits>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
+
+#include <pybind11/stl.h>
 
 #include "array.h"
 #include "bind.h"
@@ -304,6 +307,17 @@ void bind_conv(py::module_& m) {
         "when transpose): active None where every offset is run, else uint8 (K,) flags (an offset runs where "
         "it holds a nonzero and region, uint8 (K,) or None, keeps it); density the run offsets' listed vectors "
         "(conv_weight_vectors) over all their vectors, 0 with none run; vector: density <= threshold.");
+  m.def(
+      "conv_stream_bytes",
+      [](std::optional<int64_t> bytes) {
+        if (!bytes) return conv::stream_bytes();
+        if (*bytes < 0) throw py::value_error("conv_stream_bytes: bytes must be >= 0, got " + std::to_string(*bytes));
+        return conv::set_stream_bytes(*bytes);
+      },
+      py::arg("bytes") = py::none(),
+      "Output bytes from which the fused forward streams its output (rows summed in a scratch block per "
+      "thread, written with non-temporal stores); with `bytes` sets it (process-wide) and returns the "
+      "previous value. For tests and benchmarks.");
   m.def("conv_isa", [] { return std::string(isa_name(best_isa())); },
         "Instruction set the fused convolution kernels use on this CPU by default: 'avx512', 'avx2' or 'generic'.");
   m.def("conv_bf16", [] { return conv::bf16_runs(); },

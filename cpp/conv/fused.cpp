@@ -3,6 +3,8 @@
 // runs, so a caller cannot size it for another.
 #include "conv/fused.h"
 
+#include <atomic>
+#include <memory>
 #include <vector>
 
 namespace ps {
@@ -14,6 +16,11 @@ void apply_with(ApplyArgs<T> a, Isa isa) {
   const int64_t K = a.pairs.kernel_volume;
   std::vector<T> wpack(size_t(wpack_size<T>(isa, K, a.kc, a.cols) > 0 ? wpack_size<T>(isa, K, a.kc, a.cols) : 1));
   a.wpack = wpack.data();
+  std::unique_ptr<T[]> blocks;
+  if (streams_output(a, isa)) {
+    blocks.reset(new T[size_t(blocks_size<T>(a.nt, a.cols))]);
+    a.blocks = aligned_blocks(blocks.get());
+  }
   switch (isa) {
     case Isa::avx512: avx512::apply(a); break;
     case Isa::avx2: avx2::apply(a); break;
@@ -32,7 +39,12 @@ void wgrad_with(WgradArgs<T> a, Isa isa) {
   }
 }
 
+std::atomic<int64_t> g_stream_bytes{kStreamBytes};
+
 }  // namespace
+
+int64_t stream_bytes() { return g_stream_bytes.load(std::memory_order_relaxed); }
+int64_t set_stream_bytes(int64_t bytes) { return g_stream_bytes.exchange(bytes); }
 
 void apply(ApplyArgs<float> a, Isa isa) { apply_with(a, isa); }
 void apply(ApplyArgs<double> a, Isa isa) { apply_with(a, isa); }

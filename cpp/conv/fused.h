@@ -59,6 +59,11 @@ struct ApplyArgs {
   // overlapping dst), then dst = max(dst, 0) with relu; NaN stays NaN.
   bool relu = false;
   const T* add = nullptr;
+  // Scratch of nt * 2 * kBlockRows * cols elements at a 64-byte boundary, or null
+  // (set by the dispatch where streams_output holds): each block's rows are
+  // summed there, in L2, and then written to dst with streaming stores, so
+  // that dst's lines are never read before they are written.
+  T* blocks = nullptr;
 };
 
 // grad_w[k] = x[col]^T @ g[row] summed over the pairs of offset k (every
@@ -91,6 +96,19 @@ constexpr int64_t kPartialBytes = int64_t(64) << 20;  // cap on all units' parti
 constexpr int64_t kKC = 64;         // pairs per packed weight-gradient panel
 constexpr int64_t kWC = 128;          // pairs per step of the unpacked weight gradient
 
+// Output bytes from which the apply kernels sum each block of rows in a
+// scratch block and stream it to dst (ApplyArgs::blocks): an output this large
+// leaves the caches anyway before anything reads it, and written in place
+// each of its lines is first read from memory (a write-allocate) and written
+// back later; streamed it is written once. Smaller outputs stay where the
+// next layer finds them in cache.
+constexpr int64_t kStreamBytes = int64_t(16) << 20;
+// The threshold in force (kStreamBytes unless set; process-wide, for tests
+// and benchmarks: _core.conv_stream_bytes). set_stream_bytes returns the one
+// it replaces.
+int64_t stream_bytes();
+int64_t set_stream_bytes(int64_t bytes);
+
 // The register tile of each build: `mr` pairs (rows) x two vectors of
 // `vec_bytes` (columns). generic and avx2: 6 x (2 x 32 bytes), 12
 // accumulators of the 16 ymm registers; avx512: 8 x (2 x 64 bytes), 16 of the
@@ -119,6 +137,27 @@ constexpr int64_t wpack_size(Isa isa, int64_t k, int64_t kc, int64_t cols) {
 template <typename T>
 constexpr int64_t wgrad_scratch(Isa isa, int64_t c_in, int64_t c_out) {
   return tile_shape(isa).mr * kKC + panels<T>(isa, c_out) * nr<T>(isa) * kKC;
+}
+
+// Whether the apply kernels of build `isa` stream a's output (see
+// kStreamBytes): a large output whose rows are whole vectors of the build
+// and start at its vector boundary (the streaming stores need aligned rows).
+template <typename T>
+inline bool streams_output(const ApplyArgs<T>& a, Isa isa) {
+  const int64_t vb = tile_shape(isa).vec_bytes;
+  return a.num_rows * a.cols * int64_t(sizeof(T)) >= stream_bytes() && a.cols * int64_t(sizeof(T)) % vb == 0 &&
+         reinterpret_cast<uintptr_t>(a.dst) % uintptr_t(vb) == 0;
+}
+// Elements of ApplyArgs::blocks for nt threads (two blocks each), 64 bytes
+// of alignment slack included (aligned_blocks takes the boundary within).
+template <typename T>
+constexpr int64_t blocks_size(int nt, int64_t cols) {
+  return int64_t(nt) * 2 * kBlockRows * cols + 64 / int64_t(sizeof(T));
+}
+template <typename T>
+inline T* aligned_blocks(T* p) {
+  const uintptr_t off = reinterpret_cast<uintptr_t>(p) % 64;
+  return off ? reinterpret_cast<T*>(reinterpret_cast<char*>(p) + (64 - off)) : p;
 }
 
 // Entry points: the build `isa` (one that runs here: isa_runs(isa)) with its

@@ -3,6 +3,10 @@
 
 #include <cstdint>
 
+#if defined(__SSE2__)
+#include <immintrin.h>  // the baseline's streaming stores (stream_rows)
+#endif
+
 #include "conv/fused.h"
 #include "conv/sparse.h"
 

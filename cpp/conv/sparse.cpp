@@ -5,6 +5,7 @@
 #include "conv/sparse.h"
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 namespace ps {
@@ -71,7 +72,13 @@ void apply_sparse_with(SparseApplyArgs<T> s, Isa asked) {
   std::vector<T> wpack(size_t(size > 0 ? size : 1));
   a.wpack = wpack.data();
   pack_sparse(s);
-  switch (sparse_isa(asked, a.cols)) {
+  const Isa isa = sparse_isa(asked, a.cols);
+  std::unique_ptr<T[]> blocks;
+  if (streams_output(a, isa)) {
+    blocks.reset(new T[size_t(blocks_size<T>(a.nt, a.cols))]);
+    a.blocks = aligned_blocks(blocks.get());
+  }
+  switch (isa) {
     case Isa::avx512: avx512::apply_sparse(s); break;
     case Isa::avx2: avx2::apply_sparse(s); break;
     default: generic::apply_sparse(s); break;

@@ -1,0 +1,150 @@
+"""Streamed against in-place output rows in the fused forward: the same
+build, the same process, the threshold (``_core.conv_stream_bytes``) switched
+between calls, so the two ways alternate round by round.
+
+    python bench/stream_output.py [--channels 32 64 128] [--threads 1] [--rounds 15]
+        [--network] [--out PAGE.md] [--quick]
+
+In place, a block's rows are summed where they live in the output: each line
+of a large output is read from memory before it is first written (a
+write-allocate) and written back later. Streamed (outputs of at least
+``conv_stream_bytes()``, 16 MB by default), a thread sums its block in a
+scratch block that stays in L2 and writes it out with non-temporal stores a
+tile's worth of rows at a time while its next block runs.
+
+Table 1: a submanifold ``Conv3d(C, C, 3)`` on the KITTI sweep (000049, 0.05
+m; a generated street of 20k voxels where the dataset is absent), unpruned
+and pruned as ``bench/prune_exec.py`` prunes it (offsets 75%, vectors 50% and
+75%), run by the engine's choice of kernels (``ConvPlan.forward``, the
+kernels alone); both outputs equal bit for bit first. Each conv is timed writing one output buffer again and again and writing a
+new output each call (as a module call allocates it: its pages are faulted in
+by the first write). ``--network``: also the
+full-width ``MinkUNet(4, 19)`` after ``fuse_for_inference`` on the same sweep
+(its 96-channel decoder rows and the 64-channel ones pass 16 MB; the rest are
+summed in place either way), logits compared first. Medians; the ratio is
+in-place time over streamed time (above 1: streaming is faster).
+``--quick``: C = 8 on the generated street with the threshold at 0, one
+round, the page in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from _common import environment, interleaved, kitti_or_street, results_path, write_markdown
+from prune_exec import variants
+
+import pointsparse as ps
+from pointsparse.nn import _engine
+
+CORE = ps._ext.core
+NEVER = 1 << 62
+WANTED = ("unpruned", "offset 75%", "vector 50%", "vector 75%")
+
+
+def with_threshold(fn, threshold):
+    def call():
+        CORE.conv_stream_bytes(threshold)
+        return fn()
+    return call
+
+
+def conv_rows(channels: int, coords: torch.Tensor, threads: int, rounds: int, threshold: int) -> list[str]:
+    torch.manual_seed(0)
+    x = ps.SparseTensor(torch.randn(len(coords), channels), coords)
+    kmap = ps.kmap.get_kmap(x, 3)
+    plan = _engine.get_plan(kmap)
+    feats = x.feats.numpy()
+    out = np.empty((kmap.num_out, channels), np.float32)
+    rows = []
+    for name, _, _, conv in variants(channels, ["offset", "vector"]):
+        if name not in WANTED:
+            continue
+        weight = conv.weight.detach().contiguous().numpy()
+        run = _engine.choose_execution(conv.weight.detach())
+
+        def forward(dst=out, weight=weight, run=run):
+            plan.core.forward(feats, weight, None, dst, threads, None, False, active=run.active, vector=run.vector)
+            return dst
+
+        def fresh(forward=forward):  # a new output each call, as a module call allocates it
+            return forward(np.empty_like(out))
+
+        results = [with_threshold(fresh, t)() for t in (NEVER, threshold)]
+        if not np.array_equal(results[0], results[1]):
+            raise RuntimeError(f"C = {channels}, {name}: the streamed output differs from the in-place one")
+        t = interleaved({"in place": with_threshold(forward, NEVER), "streamed": with_threshold(forward, threshold),
+                         "in place, new": with_threshold(fresh, NEVER), "streamed, new": with_threshold(fresh, threshold)},
+                        rounds)
+        rows.append(f"| {channels} | {name} | {run.name} | {kmap.num_out * channels * 4 / 2**20:.1f} | "
+                    f"{t['in place'] * 1e3:.2f} | {t['streamed'] * 1e3:.2f} | {t['in place'] / t['streamed']:.3f} | "
+                    f"{t['in place, new'] * 1e3:.2f} | {t['streamed, new'] * 1e3:.2f} | "
+                    f"{t['in place, new'] / t['streamed, new']:.3f} |")
+    return rows
+
+
+def network_row(threads: int, rounds: int, threshold: int) -> str:
+    from north_star import inputs, kitti_points
+
+    xyz, feats = inputs(kitti_points())
+    x, _ = ps.voxelize(xyz, feats, voxel_size=0.05)
+    torch.manual_seed(0)
+    model = ps.nn.fuse_for_inference(ps.models.MinkUNet(4, 19, cr=1.0).eval())
+
+    def forward():
+        with torch.inference_mode():
+            return model(ps.SparseTensor(x.feats, x.coords)).feats
+
+    logits = [with_threshold(forward, t)() for t in (NEVER, threshold)]
+    if not torch.equal(logits[0], logits[1]):
+        raise RuntimeError("MinkUNet: the streamed logits differ from the in-place ones")
+    t = interleaved({"in place": with_threshold(forward, NEVER), "streamed": with_threshold(forward, threshold)},
+                    rounds)
+    return (f"| MinkUNet(4, 19) fused, {len(x.coords):,} voxels | {t['in place'] * 1e3:.1f} | "
+            f"{t['streamed'] * 1e3:.1f} | {t['in place'] / t['streamed']:.3f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--network", action="store_true", help="also the full-width MinkUNet on the sweep")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    coords, scene = kitti_or_street(args.quick)
+    channels, rounds = ([8], 1) if args.quick else (args.channels, args.rounds)
+    default = CORE.conv_stream_bytes()
+    threshold = 0 if args.quick else default
+    torch.set_num_threads(args.threads)
+    try:
+        rows = []
+        for c in channels:
+            rows += conv_rows(c, coords, args.threads, rounds, threshold)
+            print(rows[-1], flush=True)
+        tables = [f"### One conv, {scene} ({len(coords):,} voxels), {args.threads} thread(s), medians of {rounds} "
+                  f"rounds\n\n| C | pruning | kernels | output MB | in place ms | streamed ms | ratio | "
+                  "new output: in place ms | streamed ms | ratio |\n"
+                  "|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows)]
+        if args.network and not args.quick:
+            row = network_row(args.threads, rounds, threshold)
+            print(row, flush=True)
+            tables.append(f"### Whole network, {args.threads} thread(s), medians of {rounds} rounds\n\n"
+                          "| model | in place ms | streamed ms | ratio |\n|---|---|---|---|\n" + row)
+    finally:
+        CORE.conv_stream_bytes(default)
+    out = Path(args.out) if args.out else results_path("stream_output.md", args.quick)
+    command = "python bench/stream_output.py " + " ".join(sys.argv[1:])
+    write_markdown(out, "Streamed against in-place output rows", command, environment(), tables,
+                   f"Threshold: outputs of {threshold:,} bytes and more streamed (ratio: in place / streamed).")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
