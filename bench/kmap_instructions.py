@@ -7,12 +7,14 @@ by a quarter), for one or more builds of the extension module.
 The maps of the north star's first level on the KITTI sweep (000049, 0.05 m;
 a generated street of 20k voxels where the dataset is absent): submanifold
 k3 (``_core.kmap_mergesort`` and ``kmap_hash``, out coords None) and k2 s2
-(``kmap_downsample`` then ``kmap_mergesort`` with those out coords), one
-thread. Each case runs in a child under ``valgrind --tool=callgrind`` that
+(``kmap_downsample`` then ``kmap_mergesort`` with those out coords; and
+``kmap_downsample`` alone), one thread. Each case runs in a child under ``valgrind --tool=callgrind`` that
 loads the module by its path (numpy alone); a child making no call gives
 the set-up's count, and the difference over ``--calls`` is one build's
 instructions. Every module's maps must equal this tree's (``pointsparse.kmap``
 on the same coords) before they count. With no module: this tree's.
+``--time ROUNDS``: the same builds also timed (no valgrind), each in a child
+pinned to one CPU (``--cpu``), the children in lockstep round by round.
 ``--quick``: the generated street, one call, this tree's module, the page
 in a temporary folder. A build of an earlier commit: see bench/ab_builds.py.
 """
@@ -20,7 +22,9 @@ in a temporary folder. A build of an earlier commit: see bench/ab_builds.py.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -32,24 +36,51 @@ from _common import LOAD_CORE, callgrind_instructions, environment, kitti_or_str
 import pointsparse as ps
 from pointsparse import kmap as K
 
-CASES = ("subm k3 mergesort", "subm k3 hash", "k2 s2 mergesort")
+CASES = ("subm k3 mergesort", "subm k3 hash", "k2 s2 mergesort", "downsample s2")
 
-# The child: the module by its path, the coords and offsets from the .npz,
-# `calls` builds of one case on one thread; the last map saved for the check.
-CHILD = LOAD_CORE + r"""
-data, case, calls, out_path = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
-d = np.load(data)
+# One build of a case (the module as `core`, the coords and offsets from the
+# .npz at argv[2]), shared by both children.
+RUN_CASE = r"""
+d = np.load(sys.argv[2])
 coords, sub, down = d["coords"], d["offsets_k3"], d["offsets_k2"]
-for _ in range(calls):
+
+
+def run(case):
     if case == "subm k3 mergesort":
-        got = core.kmap_mergesort(coords, None, sub, 1)
-    elif case == "subm k3 hash":
-        got = core.kmap_hash(coords, None, sub, 1)
-    else:
-        out = core.kmap_downsample(coords, [2, 2, 2], 1)
-        got = (out,) + tuple(core.kmap_mergesort(coords, out, down, 1))
+        return core.kmap_mergesort(coords, None, sub, 1)
+    if case == "subm k3 hash":
+        return core.kmap_hash(coords, None, sub, 1)
+    if case == "downsample s2":
+        return (core.kmap_downsample(coords, [2, 2, 2], 1),)
+    out = core.kmap_downsample(coords, [2, 2, 2], 1)
+    return (out,) + tuple(core.kmap_mergesort(coords, out, down, 1))
+"""
+
+# The child: `calls` builds of one case on one thread; the last map saved
+# for the check.
+CHILD = LOAD_CORE + RUN_CASE + r"""
+case, calls, out_path = sys.argv[3], int(sys.argv[4]), sys.argv[5]
+for _ in range(calls):
+    got = run(case)
 if calls:
     np.savez(out_path, *got)
+"""
+
+# The timed child (--time): pinned to CPU argv[3]; per case name read, one
+# build timed; the first build of each case saved (argv[4] + case) for the check.
+TIMED_CHILD = LOAD_CORE + RUN_CASE + r"""
+import os, time
+os.sched_setaffinity(0, {int(sys.argv[3])})
+saved = set()
+for line in sys.stdin:
+    case = line.strip()
+    t = time.perf_counter()
+    got = run(case)
+    t = time.perf_counter() - t
+    if case not in saved:
+        np.savez(sys.argv[4] + case.replace(" ", "_") + ".npz", *got)
+        saved.add(case)
+    print(t, flush=True)
 """
 
 
@@ -60,18 +91,60 @@ def expected(coords) -> dict:
     m = (sub.in_idx.numpy(), sub.out_idx.numpy(), sub.sizes.numpy())
     return {"subm k3 mergesort": m, "subm k3 hash": m,
             "k2 s2 mergesort": (down.out_coords.numpy(), down.in_idx.numpy(), down.out_idx.numpy(),
-                                down.sizes.numpy())}
+                                down.sizes.numpy()),
+            "downsample s2": (down.out_coords.numpy(),)}
+
+
+def check(so: str, case: str, path: Path, want) -> None:
+    with np.load(path) as got:
+        arrays = [got[f"arr_{i}"] for i in range(len(got.files))]
+    if len(arrays) != len(want) or not all(np.array_equal(a, b) for a, b in zip(arrays, want)):
+        raise RuntimeError(f"{so}: {case}: the child's map differs from this tree's")
 
 
 def count(so: str, data: Path, case: str, calls: int, folder: Path, want) -> int:
     out_path = folder / "out.npz"
     instructions = callgrind_instructions(CHILD, [so, data, case, calls, out_path])
     if calls:
-        with np.load(out_path) as got:
-            arrays = [got[f"arr_{i}"] for i in range(len(got.files))]
-        if len(arrays) != len(want) or not all(np.array_equal(a, b) for a, b in zip(arrays, want)):
-            raise RuntimeError(f"{so}: {case}: the child's map differs from this tree's")
+        check(so, case, out_path, want)
     return instructions
+
+
+def timed(modules: list[str], data: Path, folder: Path, want: dict, rounds: int, cpu: int) -> list[str]:
+    """Median ms of each case per module: the modules' children run in
+    lockstep (one build each in turn, the order reversed every round), all
+    pinned to one CPU, their first maps checked against this tree's."""
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    children = [subprocess.Popen([sys.executable, "-c", TIMED_CHILD, so, str(data), str(cpu), str(folder / f"t{i}_")],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+                for i, so in enumerate(modules)]
+    times = {(i, c): [] for i in range(len(modules)) for c in CASES}
+    try:
+        for r in range(rounds + 1):  # round 0 warms up and checks
+            for i in (range(len(modules)) if r % 2 == 0 else reversed(range(len(modules)))):
+                for case in CASES:
+                    children[i].stdin.write(case + "\n")
+                    children[i].stdin.flush()
+                    line = children[i].stdout.readline()
+                    if not line:
+                        raise RuntimeError(f"{modules[i]} stopped (exit {children[i].wait()})")
+                    if r == 0:
+                        check(modules[i], case, folder / f"t{i}_{case.replace(' ', '_')}.npz", want[case])
+                    else:
+                        times[i, case].append(float(line))
+    finally:
+        for child in children:
+            child.stdin.close()
+            child.wait()
+    lines = [f"### The same builds timed in lockstep, one thread on CPU {cpu}, medians of {rounds} rounds: ms "
+             "(time / the first module's)", "", "| module | " + " | ".join(CASES) + " |", "|---|" + "---|" * len(CASES)]
+    for i, so in enumerate(modules):
+        cells = []
+        for case in CASES:
+            med, base = np.median(times[i, case]) * 1e3, np.median(times[0, case]) * 1e3
+            cells.append(f"{med:.2f} ({med / base:.3f})")
+        lines.append(f"| {so} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main() -> None:
@@ -79,6 +152,10 @@ def main() -> None:
     parser.add_argument("modules", nargs="*", help="builds of _core (default: this tree's)")
     parser.add_argument("--calls", type=int, default=2)
     parser.add_argument("--out", default=None, help="default bench/results/kmap_instructions.md")
+    parser.add_argument("--time", type=int, default=0, metavar="ROUNDS",
+                        help="also time the builds in lockstep over ROUNDS rounds (no valgrind)")
+    parser.add_argument("--cpu", type=int, default=max(os.sched_getaffinity(0)),
+                        help="the CPU the timed children run on (default: the last this process may use)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
@@ -105,9 +182,13 @@ def main() -> None:
             cells = [(count(so, data, case, calls, folder, want[case]) - base) / calls for case in CASES]
             lines.append(f"| {so} | " + " | ".join(f"{c / 1e6:.2f} M" for c in cells) + " |")
             print(lines[-1], flush=True)
+        tables = ["\n".join(lines)]
+        if args.time > 0:
+            tables.append("\n".join(timed(modules, data, folder, want, 1 if args.quick else args.time, args.cpu)))
+            print(tables[-1], flush=True)
     path = results_path("kmap_instructions.md", args.quick) if args.out is None else Path(args.out)
     write_markdown(path, "Instructions per kernel-map build (callgrind)",
-                   "python bench/kmap_instructions.py " + " ".join(sys.argv[1:]), environment(), ["\n".join(lines)])
+                   "python bench/kmap_instructions.py " + " ".join(sys.argv[1:]), environment(), tables)
     print(path.read_text())
 
 

@@ -42,11 +42,13 @@ void exclusive_scan(int64_t* counts, int team) {
 // 1 + 3 * passes times instead of forking a team per step. Each thread owns
 // the same row range in every pass. The result is the unique stable order:
 // identical for any thread count.
-void radix_sort_keys(const int64_t* keys, int64_t n, int64_t* keys_out, int64_t* perm_out,
-                     int num_threads) {
+// kPerm false: the keys alone (perm_out unused), half the bytes moved a pass.
+namespace {
+template <bool kPerm>
+void radix_sort_impl(const int64_t* keys, int64_t n, int64_t* keys_out, int64_t* perm_out, int num_threads) {
   if (n <= 0) return;
   const int nt = n < kSortParallelMin ? 1 : threads(num_threads);
-  std::vector<int64_t> k_tmp(n), p_tmp(n);
+  std::vector<int64_t> k_tmp(n), p_tmp(kPerm ? n : 0);
   // Rows of counts and maxima follow the team OpenMP really starts, which can
   // be smaller than nt (OMP_THREAD_LIMIT, OMP_DYNAMIC, a nested region).
   std::vector<int64_t> counts(size_t(nt) * kBuckets), maxima(nt, 0);
@@ -63,7 +65,7 @@ void radix_sort_keys(const int64_t* keys, int64_t n, int64_t* keys_out, int64_t*
       top = std::max(top, keys[i]);
       up = up && (i == 0 || keys[i - 1] <= keys[i]);
       keys_out[i] = keys[i];
-      perm_out[i] = i;
+      if (kPerm) perm_out[i] = i;
     }
     maxima[t] = top;
     ordered[t] = up;
@@ -88,7 +90,7 @@ void radix_sort_keys(const int64_t* keys, int64_t n, int64_t* keys_out, int64_t*
       for (int64_t i = lo; i < hi; ++i) {
         const int64_t pos = c[(k_src[i] >> shift) & (kBuckets - 1)]++;
         k_dst[pos] = k_src[i];
-        p_dst[pos] = p_src[i];
+        if (kPerm) p_dst[pos] = p_src[i];
       }
       std::swap(k_src, k_dst);
       std::swap(p_src, p_dst);
@@ -97,8 +99,17 @@ void radix_sort_keys(const int64_t* keys, int64_t n, int64_t* keys_out, int64_t*
   }
   if (passes % 2 == 1) {  // the last pass wrote the scratch buffers
     std::memcpy(keys_out, k_tmp.data(), sizeof(int64_t) * n);
-    std::memcpy(perm_out, p_tmp.data(), sizeof(int64_t) * n);
+    if (kPerm) std::memcpy(perm_out, p_tmp.data(), sizeof(int64_t) * n);
   }
+}
+}  // namespace
+
+void radix_sort_keys(const int64_t* keys, int64_t n, int64_t* keys_out, int64_t* perm_out, int num_threads) {
+  radix_sort_impl<true>(keys, n, keys_out, perm_out, num_threads);
+}
+
+void radix_sort_keys_only(const int64_t* keys, int64_t n, int64_t* keys_out, int num_threads) {
+  radix_sort_impl<false>(keys, n, keys_out, nullptr, num_threads);
 }
 
 void radix_sort_keys(std::vector<int64_t>& keys, std::vector<int64_t>& perm, int num_threads) {

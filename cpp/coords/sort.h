@@ -18,4 +18,7 @@ void radix_sort_keys(std::vector<int64_t>& keys, std::vector<int64_t>& perm, int
 void radix_sort_keys(const int64_t* keys, int64_t n, int64_t* keys_out, int64_t* perm_out,
                      int num_threads);
 
+// keys_out = keys sorted ascending (n rows), no permutation kept.
+void radix_sort_keys_only(const int64_t* keys, int64_t n, int64_t* keys_out, int num_threads);
+
 }  // namespace ps
