@@ -405,12 +405,17 @@ inline void prefetch_row(const T* p, int64_t n) {
 // apply_blocks). `ident`: the pairs are (q, q), q in [lo, hi). MR: rows
 // per tile (a kernel with its own tile height passes it to apply_blocks).
 // Args: ApplyArgs<T>, or ApplyBf16Args (bf16 rows read, float rows written).
-// Written row q lives at out + (q - row0) * a.cols: a.dst and 0, or the
-// block's scratch and its first row (ApplyArgs::blocks).
-template <int MR = kMR, typename Args, typename Out, typename Tile>
+// kScratch: written row q lives at out + (q - row0) * a.cols (the block's
+// scratch and its first row, ApplyArgs::blocks); else at a.dst + q * a.cols
+// (out and row0 not read).
+template <int MR = kMR, bool kScratch = false, typename Args, typename Out, typename Tile>
 inline void apply_pairs(const Args& a, int64_t k, int64_t lo, int64_t hi, bool ident, bool first, Out out,
                         int64_t row0, Tile& tile) {
   const PairList& pl = a.pairs;
+  if (!kScratch) {
+    out = a.dst;
+    row0 = 0;
+  }
   for (int64_t p = lo; p < hi; p += MR) {
     const int mr = int(hi - p < MR ? hi - p : MR);
     decltype(a.src) arow[MR];
@@ -547,33 +552,39 @@ struct Drain {
 struct NoEpilogue {
   void operator()(int64_t, int64_t) const {}
 };
-template <int MR = kMR, typename Args, typename Skip, typename Tile, typename Done = NoEpilogue>
+// kScratch (a.blocks set, ApplyArgs only): each thread sums its block in a
+// scratch block and streams it to dst while its next block runs. The two
+// ways are two instantiations, each kernel's tile called from one place:
+// with both in one function GCC no longer inlined the dense tile (C = 8:
+// 4.5% more instructions a conv, bench/conv_instructions.py).
+template <int MR = kMR, bool kScratch = false, typename Args, typename Skip, typename Tile,
+          typename Done = NoEpilogue>
 void apply_blocks(const Args& a, Skip skip, Tile tile, Done done = Done()) {
   typedef decltype(a.dst) Out;
   const int64_t K = a.pairs.kernel_volume;
   const int64_t blocks = (a.num_rows + kBlockRows - 1) / kBlockRows;
   const PairList& pl = a.pairs;
   const int64_t ident = a.kc > 0 && pl.identity >= 0 && !skip(pl.identity) ? pl.identity : -1;
-  const Out scratch = block_scratch(a);
+  const Out scratch = kScratch ? block_scratch(a) : nullptr;
 #pragma omp parallel num_threads(a.nt) if (blocks > 1)
   {
     // With a scratch: this thread's two blocks of it, one summed into while
     // the other drains to dst.
-    const Out mine = scratch ? scratch + int64_t(omp_get_thread_num()) * 2 * kBlockRows * a.cols : nullptr;
+    const Out mine = kScratch ? scratch + int64_t(omp_get_thread_num()) * 2 * kBlockRows * a.cols : nullptr;
     int half = 0;
     Drain<Out> pending;
-    const auto tile_then_drain = [&tile, &pending, &a](int64_t k, decltype(a.src) const* arow, Out const* crow, int mr,
-                                                       bool first) {
+    const auto tl = [&tile, &pending, &a](int64_t k, decltype(a.src) const* arow, Out const* crow, int mr,
+                                          bool first) {
       tile(k, arow, crow, mr, first);
-      pending.step(MR * a.cols);
+      if (kScratch) pending.step(MR * a.cols);
     };
 #pragma omp for schedule(dynamic, 1) nowait
     for (int64_t blk = 0; blk < blocks; ++blk) {
       const int64_t r0 = blk * kBlockRows, r1 = r0 + kBlockRows < a.num_rows ? r0 + kBlockRows : a.num_rows;
-      // Where the rows are summed: in place, or in a scratch block.
-      const Out out = scratch ? mine + half * kBlockRows * a.cols : a.dst + r0 * a.cols;
+      // Where the rows are summed: a scratch block, or in place.
+      const Out out = kScratch ? mine + half * kBlockRows * a.cols : a.dst + r0 * a.cols;
       if (ident >= 0) {
-        apply_pairs<MR>(a, ident, r0, r1, true, true, out, r0, tile_then_drain);
+        apply_pairs<MR, kScratch>(a, ident, r0, r1, true, true, out, r0, tl);
       } else {
         for (int64_t r = r0; r < r1; ++r) {
           Out __restrict d = out + (r - r0) * a.cols;
@@ -585,23 +596,25 @@ void apply_blocks(const Args& a, Skip skip, Tile tile, Done done = Done()) {
       }
       for (int64_t k = 0; k < (a.kc == 0 ? 0 : K); ++k) {
         if (k == pl.identity || skip(k)) continue;
-        apply_pairs<MR>(a, k, pl.cuts[blk * K + k], pl.cuts[(blk + 1) * K + k], false, false, out, r0,
-                        tile_then_drain);
+        apply_pairs<MR, kScratch>(a, k, pl.cuts[blk * K + k], pl.cuts[(blk + 1) * K + k], false, false, out, r0,
+                                  tl);
       }
       block_epilogue(a, out, r0, r1);
-      if (scratch) {
+      if (kScratch) {
         pending.step(pending.left);  // what this block's tiles did not drain
         pending = Drain<Out>{a.dst + r0 * a.cols, out, (r1 - r0) * a.cols};
         half ^= 1;
       }
       done(r0, r1);
     }
-    pending.step(pending.left);
-    if (scratch) stream_fence();
+    if (kScratch) {
+      pending.step(pending.left);
+      stream_fence();
+    }
   }
 }
 
-template <typename T>
+template <typename T, bool kScratch>
 void apply_impl(const ApplyArgs<T>& a) {
   constexpr int64_t NR = nr<T>();
   const int64_t c_in = a.transpose ? a.cols : a.kc, c_out = a.transpose ? a.kc : a.cols;
@@ -620,7 +633,7 @@ void apply_impl(const ApplyArgs<T>& a) {
   };
   const auto none = [](int64_t) { return false; };
   if (!tiles_whole_panels<T>(a.cols)) {  // a last panel of part of a vector: every tile through micro
-    apply_blocks(a, none, tile);
+    apply_blocks<kMR, kScratch>(a, none, tile);
     return;
   }
   const int64_t kc = a.kc;
@@ -633,9 +646,18 @@ void apply_impl(const ApplyArgs<T>& a) {
     };
   };
   if (a.cols % NR == 0)
-    apply_blocks(a, none, full(Vectors<0>()));
+    apply_blocks<kMR, kScratch>(a, none, full(Vectors<0>()));
   else
-    apply_blocks(a, none, full(Vectors<1>()));
+    apply_blocks<kMR, kScratch>(a, none, full(Vectors<1>()));
+}
+
+// The kernel, summing in place or (a.blocks set) in scratch blocks.
+template <typename T>
+void apply_either(const ApplyArgs<T>& a) {
+  if (a.blocks)
+    apply_impl<T, true>(a);
+  else
+    apply_impl<T, false>(a);
 }
 
 // C[r][j] += sum_q x[q][m0 + r] * B[q][j] for skip_rows <= r < kMR, j <
@@ -784,8 +806,8 @@ void wgrad_impl(const WgradArgs<T>& a) {
 // (sparse_avx512.cpp, fused_bf16.cpp) leaves the entry points to the
 // build's own file.
 #ifndef PS_CONV_KERNELS_ONLY
-void apply(const ApplyArgs<float>& a) { apply_impl(a); }
-void apply(const ApplyArgs<double>& a) { apply_impl(a); }
+void apply(const ApplyArgs<float>& a) { apply_either(a); }
+void apply(const ApplyArgs<double>& a) { apply_either(a); }
 void wgrad(const WgradArgs<float>& a) { wgrad_impl(a); }
 void wgrad(const WgradArgs<double>& a) { wgrad_impl(a); }
 #endif

@@ -104,16 +104,24 @@ inline void micro_panel(int64_t n, const int32_t* __restrict idx, const T* const
 
 // The shared walk (sparse_walk.h) in this build's tiles; lists packed by
 // sparse.cpp.
-template <typename T>
+template <typename T, bool kScratch>
 void apply_sparse_impl(const SparseApplyArgs<T>& s) {
-  walk_listed_panels<kSparseMR, lanes<T>()>(s, [](auto... args) { micro_panel<T>(args...); },
-                                            [](auto...) { return false; });
+  walk_listed_panels<kSparseMR, lanes<T>(), kScratch>(s, [](auto... args) { micro_panel<T>(args...); },
+                                                      [](auto...) { return false; });
+}
+
+template <typename T>
+void apply_sparse_either(const SparseApplyArgs<T>& s) {
+  if (s.base.blocks)
+    apply_sparse_impl<T, true>(s);
+  else
+    apply_sparse_impl<T, false>(s);
 }
 
 }  // namespace
 
-void apply_sparse(const SparseApplyArgs<float>& a) { apply_sparse_impl(a); }
-void apply_sparse(const SparseApplyArgs<double>& a) { apply_sparse_impl(a); }
+void apply_sparse(const SparseApplyArgs<float>& a) { apply_sparse_either(a); }
+void apply_sparse(const SparseApplyArgs<double>& a) { apply_sparse_either(a); }
 
 }  // namespace avx512
 }  // namespace conv

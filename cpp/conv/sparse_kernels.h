@@ -25,7 +25,7 @@ inline void micro_idx(int64_t n, const int32_t* __restrict idx, const T* const* 
 
 // The shared walk (sparse_walk.h) in the 32-byte builds' 6 x 16 tiles, full
 // tiles of whole panels through tile_panels_full (fused_kernels.h).
-template <typename T>
+template <typename T, bool kScratch>
 void apply_sparse_impl(const SparseApplyArgs<T>& s) {
   const ApplyArgs<T>& a = s.base;
   const int64_t np = panels<T>(a.cols);
@@ -35,10 +35,10 @@ void apply_sparse_impl(const SparseApplyArgs<T>& s) {
   // the vectors pruned (some two listed rows a panel) tile_panels_full's
   // one-vector panel took 5% more instructions (bench/conv_instructions.py).
   if (a.cols % nr<T>() != 0) {
-    walk_listed_panels<kMR, nr<T>()>(s, micro, [](auto...) { return false; });
+    walk_listed_panels<kMR, nr<T>(), kScratch>(s, micro, [](auto...) { return false; });
     return;
   }
-  walk_listed_panels<kMR, nr<T>()>(s, micro,
+  walk_listed_panels<kMR, nr<T>(), kScratch>(s, micro,
                                    [&a, np](const int32_t* count, const int32_t* idx, const int64_t* start,
                                             const T* const* arow, T* const* crow, bool first) {
                                      const int64_t kc = a.kc;
@@ -153,9 +153,17 @@ void wgrad_masked_impl(const MaskedWgradArgs<T>& s) {
   });
 }
 
+template <typename T>
+void apply_sparse_either(const SparseApplyArgs<T>& s) {
+  if (s.base.blocks)
+    apply_sparse_impl<T, true>(s);
+  else
+    apply_sparse_impl<T, false>(s);
+}
+
 }  // namespace
 
-void apply_sparse(const SparseApplyArgs<float>& a) { apply_sparse_impl(a); }
-void apply_sparse(const SparseApplyArgs<double>& a) { apply_sparse_impl(a); }
+void apply_sparse(const SparseApplyArgs<float>& a) { apply_sparse_either(a); }
+void apply_sparse(const SparseApplyArgs<double>& a) { apply_sparse_either(a); }
 void wgrad_masked(const MaskedWgradArgs<float>& a) { wgrad_masked_impl(a); }
 void wgrad_masked(const MaskedWgradArgs<double>& a) { wgrad_masked_impl(a); }

@@ -16,7 +16,8 @@ namespace {
 // every panel of offset k instead (count, idx, start: offset k's; rows past
 // mr repeat a valid one), the same sums: it returns false where it does
 // not, and the panels then go through `micro` one by one.
-template <int MR, int64_t NR, typename T, typename Micro, typename Full>
+// kScratch: as apply_blocks'.
+template <int MR, int64_t NR, bool kScratch, typename T, typename Micro, typename Full>
 void walk_listed_panels(const SparseApplyArgs<T>& s, Micro micro, Full full) {
   const ApplyArgs<T>& a = s.base;
   const int64_t np = (a.cols + NR - 1) / NR;
@@ -40,7 +41,7 @@ void walk_listed_panels(const SparseApplyArgs<T>& s, Micro micro, Full full) {
       micro(count[j], s.idx + t * a.kc, arow, a.wpack + s.start[t] * NR, c, mr, ncols, init);
     }
   };
-  apply_blocks<MR>(a, none_listed, tile);
+  apply_blocks<MR, kScratch>(a, none_listed, tile);
 }
 
 }  // namespace
