@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
 
 #include "common.h"
 
@@ -48,7 +49,8 @@ template <bool kPerm>
 void radix_sort_impl(const int64_t* keys, int64_t n, int64_t* keys_out, int64_t* perm_out, int num_threads) {
   if (n <= 0) return;
   const int nt = n < kSortParallelMin ? 1 : threads(num_threads);
-  std::vector<int64_t> k_tmp(n), p_tmp(kPerm ? n : 0);
+  // Scratch written before it is read: not zeroed (a pass over it less).
+  std::unique_ptr<int64_t[]> k_tmp(new int64_t[size_t(n)]), p_tmp(kPerm ? new int64_t[size_t(n)] : nullptr);
   // Rows of counts and maxima follow the team OpenMP really starts, which can
   // be smaller than nt (OMP_THREAD_LIMIT, OMP_DYNAMIC, a nested region).
   std::vector<int64_t> counts(size_t(nt) * kBuckets), maxima(nt, 0);
@@ -78,7 +80,7 @@ void radix_sort_impl(const int64_t* keys, int64_t n, int64_t* keys_out, int64_t*
       const bool all = std::all_of(ordered.begin(), ordered.begin() + team, [](uint8_t v) { return v != 0; });
       passes = all ? 0 : digit_passes(*std::max_element(maxima.begin(), maxima.begin() + team));
     }
-    int64_t *k_src = keys_out, *p_src = perm_out, *k_dst = k_tmp.data(), *p_dst = p_tmp.data();
+    int64_t *k_src = keys_out, *p_src = perm_out, *k_dst = k_tmp.get(), *p_dst = p_tmp.get();
     int64_t* c = counts.data() + size_t(t) * kBuckets;
     for (int pass = 0; pass < passes; ++pass) {
       const int shift = pass * kDigitBits;
@@ -98,8 +100,8 @@ void radix_sort_impl(const int64_t* keys, int64_t n, int64_t* keys_out, int64_t*
     }
   }
   if (passes % 2 == 1) {  // the last pass wrote the scratch buffers
-    std::memcpy(keys_out, k_tmp.data(), sizeof(int64_t) * n);
-    if (kPerm) std::memcpy(perm_out, p_tmp.data(), sizeof(int64_t) * n);
+    std::memcpy(keys_out, k_tmp.get(), sizeof(int64_t) * n);
+    if (kPerm) std::memcpy(perm_out, p_tmp.get(), sizeof(int64_t) * n);
   }
 }
 }  // namespace

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <array>
 #include <limits>
+#include <memory>
 
 #include "common.h"
 #include "coords/sort.h"
@@ -173,7 +174,7 @@ void assemble(const Found& found, int64_t k, int64_t num_out, const std::vector<
 
 void downsample_keys(const int32_t* c, int64_t n, const int64_t* stride, const KeyLayout& layout,
                      std::vector<int64_t>& out_keys, int nt) {
-  std::vector<int64_t> keys(n);
+  std::unique_ptr<int64_t[]> keys(new int64_t[size_t(n > 0 ? n : 1)]);  // every row written below
   // Strides of powers of two (all the networks' strides): floor(c / s) * s is
   // c with its low bits cleared (c & -s, negative c included), where a
   // division per axis and row took most of the call (KITTI sweep, 91k rows,
@@ -196,12 +197,12 @@ void downsample_keys(const int32_t* c, int64_t n, const int64_t* stride, const K
       keys[i] = layout.pack(r[0], q[0], q[1], q[2]);
     }
   }
-  std::vector<int64_t> sorted(n);
-  radix_sort_keys_only(keys.data(), n, sorted.data(), nt);
-  out_keys.clear();
-  out_keys.reserve(n);
+  std::unique_ptr<int64_t[]> sorted(new int64_t[size_t(n > 0 ? n : 1)]);
+  radix_sort_keys_only(keys.get(), n, sorted.get(), nt);
+  int64_t m = 0;  // the distinct keys, in place
   for (int64_t i = 0; i < n; ++i)
-    if (i == 0 || sorted[i] != sorted[i - 1]) out_keys.push_back(sorted[i]);
+    if (i == 0 || sorted[i] != sorted[m - 1]) sorted[m++] = sorted[i];
+  out_keys.assign(sorted.get(), sorted.get() + m);
 }
 
 }  // namespace kmap
