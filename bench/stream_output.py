@@ -2,13 +2,13 @@
 build, the same process, the threshold (``_core.conv_stream_bytes``) switched
 between calls, so the two ways alternate round by round.
 
-    python bench/stream_output.py [--channels 32 64 128] [--threads 1] [--rounds 15]
+    python bench/stream_output.py [--channels 32 64 128] [--threads 1] [--rounds 15] [--mb 16]
         [--network] [--out PAGE.md] [--quick]
 
 In place, a block's rows are summed where they live in the output: each line
 of a large output is read from memory before it is first written (a
 write-allocate) and written back later. Streamed (outputs of at least
-``conv_stream_bytes()``, 16 MB by default), a thread sums its block in a
+``--mb`` MB here; the engine's default threshold is off), a thread sums its block in a
 scratch block that stays in L2 and writes it out with non-temporal stores a
 tile's worth of rows at a time while its next block runs.
 
@@ -20,8 +20,8 @@ kernels alone); both outputs equal bit for bit first. Each conv is timed writing
 new output each call (as a module call allocates it: its pages are faulted in
 by the first write). ``--network``: also the
 full-width ``MinkUNet(4, 19)`` after ``fuse_for_inference`` on the same sweep
-(its 96-channel decoder rows and the 64-channel ones pass 16 MB; the rest are
-summed in place either way), logits compared first. Medians; the ratio is
+(at 16 MB its 96-channel decoder rows and the 64-channel ones are streamed;
+the rest are summed in place either way), logits compared first. Medians; the ratio is
 in-place time over streamed time (above 1: streaming is faster).
 ``--quick``: C = 8 on the generated street with the threshold at 0, one
 round, the page in a temporary folder.
@@ -114,6 +114,7 @@ def main() -> None:
     parser.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--mb", type=float, default=16.0, help="streamed from this output size (MB)")
     parser.add_argument("--network", action="store_true", help="also the full-width MinkUNet on the sweep")
     parser.add_argument("--out", default=None)
     parser.add_argument("--quick", action="store_true")
@@ -121,7 +122,7 @@ def main() -> None:
     coords, scene = kitti_or_street(args.quick)
     channels, rounds = ([8], 1) if args.quick else (args.channels, args.rounds)
     default = CORE.conv_stream_bytes()
-    threshold = 0 if args.quick else default
+    threshold = 0 if args.quick else int(args.mb * 2**20)
     torch.set_num_threads(args.threads)
     try:
         rows = []

@@ -316,8 +316,8 @@ void bind_conv(py::module_& m) {
       },
       py::arg("bytes") = py::none(),
       "Output bytes from which the fused forward streams its output (rows summed in a scratch block per "
-      "thread, written with non-temporal stores); with `bytes` sets it (process-wide) and returns the "
-      "previous value. For tests and benchmarks.");
+      "thread, written with non-temporal stores; default 2**62: off); with `bytes` sets it (process-wide) "
+      "and returns the previous value. For tests and benchmarks.");
   m.def("conv_isa", [] { return std::string(isa_name(best_isa())); },
         "Instruction set the fused convolution kernels use on this CPU by default: 'avx512', 'avx2' or 'generic'.");
   m.def("conv_bf16", [] { return conv::bf16_runs(); },

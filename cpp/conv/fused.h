@@ -97,12 +97,14 @@ constexpr int64_t kKC = 64;         // pairs per packed weight-gradient panel
 constexpr int64_t kWC = 128;          // pairs per step of the unpacked weight gradient
 
 // Output bytes from which the apply kernels sum each block of rows in a
-// scratch block and stream it to dst (ApplyArgs::blocks): an output this large
+// scratch block and stream it to dst (ApplyArgs::blocks): a large output
 // leaves the caches anyway before anything reads it, and written in place
 // each of its lines is first read from memory (a write-allocate) and written
-// back later; streamed it is written once. Smaller outputs stay where the
-// next layer finds them in cache.
-constexpr int64_t kStreamBytes = int64_t(16) << 20;
+// back later; streamed it is written once. Off by default (no output is that
+// large): on AMD EPYC Zen 3 [avx2] (bench/stream_output.py, 16 MB) it was
+// neither reliably faster nor slower, vectors 75% at C = 64 0.98-1.17x,
+// the full-width MinkUNet 0.94-1.05x from one run to the next.
+constexpr int64_t kStreamBytes = int64_t(1) << 62;
 // The threshold in force (kStreamBytes unless set; process-wide, for tests
 // and benchmarks: _core.conv_stream_bytes). set_stream_bytes returns the one
 // it replaces.

@@ -523,9 +523,8 @@ inline void stream_fence() {
 // A finished block in a thread's scratch, not yet in dst: `left` elements
 // from src to dst. The walk streams a tile's worth of rows of it after each
 // tile of the thread's next block, so that its writes go out while that
-// block's products run (streamed all at once after the block, they stalled
-// it: the vector kernel at C = 64 gained 4-9% over in place where it could
-// have gained 20%, the offset kernel lost 5%).
+// block's products run (streamed all at once after the block, the writes
+// stalled the walk; bench/stream_output.py compares the ways).
 template <typename P>
 struct Drain {
   P dst = nullptr, src = nullptr;
