@@ -110,14 +110,6 @@ void apply_sparse_impl(const SparseApplyArgs<T>& s) {
                                                       [](auto...) { return false; });
 }
 
-template <typename T>
-void apply_sparse_either(const SparseApplyArgs<T>& s) {
-  if (s.base.blocks)
-    apply_sparse_impl<T, true>(s);
-  else
-    apply_sparse_impl<T, false>(s);
-}
-
 }  // namespace
 
 void apply_sparse(const SparseApplyArgs<float>& a) { apply_sparse_either(a); }

@@ -153,14 +153,6 @@ void wgrad_masked_impl(const MaskedWgradArgs<T>& s) {
   });
 }
 
-template <typename T>
-void apply_sparse_either(const SparseApplyArgs<T>& s) {
-  if (s.base.blocks)
-    apply_sparse_impl<T, true>(s);
-  else
-    apply_sparse_impl<T, false>(s);
-}
-
 }  // namespace
 
 void apply_sparse(const SparseApplyArgs<float>& a) { apply_sparse_either(a); }

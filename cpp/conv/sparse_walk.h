@@ -44,4 +44,17 @@ void walk_listed_panels(const SparseApplyArgs<T>& s, Micro micro, Full full) {
   apply_blocks<MR, kScratch>(a, none_listed, tile);
 }
 
+// Each build's vector-sparse forward (kScratch: as apply_blocks'), and the
+// entry that picks the instantiation: summing in scratch blocks where the
+// dispatch set them (ApplyArgs::blocks), else in place.
+template <typename T, bool kScratch>
+void apply_sparse_impl(const SparseApplyArgs<T>& s);
+template <typename T>
+void apply_sparse_either(const SparseApplyArgs<T>& s) {
+  if (s.base.blocks)
+    apply_sparse_impl<T, true>(s);
+  else
+    apply_sparse_impl<T, false>(s);
+}
+
 }  // namespace
