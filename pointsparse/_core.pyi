@@ -117,6 +117,13 @@ def conv_execution(
     offsets' listed vectors over all their vectors (0 with none run);
     vector: density <= threshold."""
 
+def conv_stream_bytes(bytes: int | None = None) -> int:
+    """Output bytes from which the fused forward streams its output (each
+    block of rows summed in a per-thread scratch block, written with
+    non-temporal stores; default 2**62: off). With `bytes` (>= 0, else
+    ValueError): sets it, process-wide, and returns the previous value; with
+    None returns it. For tests and benchmarks."""
+
 def conv_isa() -> str:
     """Instruction set the fused convolution kernels use on this CPU by default:
     'avx512', 'avx2' or 'generic' (the widest build that runs here)."""
