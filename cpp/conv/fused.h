@@ -102,7 +102,7 @@ constexpr int64_t kWC = 128;          // pairs per step of the unpacked weight g
 // each of its lines is first read from memory (a write-allocate) and written
 // back later; streamed it is written once. Off by default (no output is that
 // large): on AMD EPYC Zen 3 [avx2] (bench/stream_output.py, 16 MB) it was
-// neither reliably faster nor slower, vectors 75% at C = 64 0.98-1.17x,
+// neither reliably faster nor slower, vectors 75% at C = 64 0.96-1.17x,
 // the full-width MinkUNet 0.94-1.05x from one run to the next.
 constexpr int64_t kStreamBytes = int64_t(1) << 62;
 // The threshold in force (kStreamBytes unless set; process-wide, for tests
