@@ -17,10 +17,7 @@ void apply_with(ApplyArgs<T> a, Isa isa) {
   std::vector<T> wpack(size_t(wpack_size<T>(isa, K, a.kc, a.cols) > 0 ? wpack_size<T>(isa, K, a.kc, a.cols) : 1));
   a.wpack = wpack.data();
   std::unique_ptr<T[]> blocks;
-  if (streams_output(a, isa)) {
-    blocks.reset(new T[size_t(blocks_size<T>(a.nt, a.cols))]);
-    a.blocks = aligned_blocks(blocks.get());
-  }
+  attach_blocks(a, isa, blocks);
   switch (isa) {
     case Isa::avx512: avx512::apply(a); break;
     case Isa::avx2: avx2::apply(a); break;
@@ -41,7 +38,23 @@ void wgrad_with(WgradArgs<T> a, Isa isa) {
 
 std::atomic<int64_t> g_stream_bytes{kStreamBytes};
 
+template <typename T>
+void attach_blocks_with(ApplyArgs<T>& a, Isa isa, std::unique_ptr<T[]>& owner) {
+  const int64_t vb = tile_shape(isa).vec_bytes, row_bytes = a.cols * int64_t(sizeof(T));
+  if (a.num_rows * row_bytes < stream_bytes() || row_bytes % vb != 0 || reinterpret_cast<uintptr_t>(a.dst) % vb != 0)
+    return;
+  // Written before read: not zeroed; 64 bytes of slack for the boundary.
+  owner.reset(new T[size_t(int64_t(a.nt) * 2 * kBlockRows * a.cols + 64 / int64_t(sizeof(T)))]);
+  const uintptr_t off = reinterpret_cast<uintptr_t>(owner.get()) % 64;
+  a.blocks = off ? reinterpret_cast<T*>(reinterpret_cast<char*>(owner.get()) + (64 - off)) : owner.get();
+}
+
 }  // namespace
+
+void attach_blocks(ApplyArgs<float>& a, Isa isa, std::unique_ptr<float[]>& owner) { attach_blocks_with(a, isa, owner); }
+void attach_blocks(ApplyArgs<double>& a, Isa isa, std::unique_ptr<double[]>& owner) {
+  attach_blocks_with(a, isa, owner);
+}
 
 int64_t stream_bytes() { return g_stream_bytes.load(std::memory_order_relaxed); }
 int64_t set_stream_bytes(int64_t bytes) { return g_stream_bytes.exchange(bytes); }

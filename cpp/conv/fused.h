@@ -19,6 +19,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 
 #include "isa.h"
 
@@ -60,7 +61,7 @@ struct ApplyArgs {
   bool relu = false;
   const T* add = nullptr;
   // Scratch of nt * 2 * kBlockRows * cols elements at a 64-byte boundary, or null
-  // (set by the dispatch where streams_output holds): each block's rows are
+  // (set by the dispatch: attach_blocks): each block's rows are
   // summed there, in L2, and then written to dst with streaming stores, so
   // that dst's lines are never read before they are written.
   T* blocks = nullptr;
@@ -103,7 +104,9 @@ constexpr int64_t kWC = 128;          // pairs per step of the unpacked weight g
 // back later; streamed it is written once. Off by default (no output is that
 // large): on AMD EPYC Zen 3 [avx2] (bench/stream_output.py, 16 MB) it was
 // neither reliably faster nor slower, vectors 75% at C = 64 0.96-1.17x,
-// the full-width MinkUNet 0.94-1.05x from one run to the next.
+// the full-width MinkUNet 0.94-1.05x from one run to the next (16-byte
+// stores); with the AVX2 build's 32-byte stores 0.87-1.03x at C = 64 and
+// 128 (stream_output_zen3_ymm.md).
 constexpr int64_t kStreamBytes = int64_t(1) << 62;
 // The threshold in force (kStreamBytes unless set; process-wide, for tests
 // and benchmarks: _core.conv_stream_bytes). set_stream_bytes returns the one
@@ -141,26 +144,14 @@ constexpr int64_t wgrad_scratch(Isa isa, int64_t c_in, int64_t c_out) {
   return tile_shape(isa).mr * kKC + panels<T>(isa, c_out) * nr<T>(isa) * kKC;
 }
 
-// Whether the apply kernels of build `isa` stream a's output (see
-// kStreamBytes): a large output whose rows are whole vectors of the build
-// and start at its vector boundary (the streaming stores need aligned rows).
-template <typename T>
-inline bool streams_output(const ApplyArgs<T>& a, Isa isa) {
-  const int64_t vb = tile_shape(isa).vec_bytes;
-  return a.num_rows * a.cols * int64_t(sizeof(T)) >= stream_bytes() && a.cols * int64_t(sizeof(T)) % vb == 0 &&
-         reinterpret_cast<uintptr_t>(a.dst) % uintptr_t(vb) == 0;
-}
-// Elements of ApplyArgs::blocks for nt threads (two blocks each), 64 bytes
-// of alignment slack included (aligned_blocks takes the boundary within).
-template <typename T>
-constexpr int64_t blocks_size(int nt, int64_t cols) {
-  return int64_t(nt) * 2 * kBlockRows * cols + 64 / int64_t(sizeof(T));
-}
-template <typename T>
-inline T* aligned_blocks(T* p) {
-  const uintptr_t off = reinterpret_cast<uintptr_t>(p) % 64;
-  return off ? reinterpret_cast<T*>(reinterpret_cast<char*>(p) + (64 - off)) : p;
-}
+// Where the apply kernels of build `isa` stream a's output (see
+// kStreamBytes: a large output whose rows are whole vectors of the build and
+// start at its vector boundary, as the streaming stores need): a.blocks set
+// to 64-byte aligned scratch of nt * 2 * kBlockRows * cols elements, which
+// `owner` keeps; elsewhere nothing is changed. Called by the dispatch (fused.cpp,
+// sparse.cpp) for the build that runs.
+void attach_blocks(ApplyArgs<float>& a, Isa isa, std::unique_ptr<float[]>& owner);
+void attach_blocks(ApplyArgs<double>& a, Isa isa, std::unique_ptr<double[]>& owner);
 
 // Entry points: the build `isa` (one that runs here: isa_runs(isa)) with its
 // scratch (a.wpack / a.scratch are set here).

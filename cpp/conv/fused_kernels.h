@@ -484,28 +484,26 @@ inline float* block_scratch(const ApplyBf16Args&) { return nullptr; }
 
 // d[0:n] = s[0:n] with streaming stores (non-temporal: the lines are written
 // to memory without being read first and without taking cache space); d and
-// s at this build's vector boundary, n whole vectors (streams_output).
+// s at this build's vector boundary, n whole vectors (attach_blocks).
 // stream_fence orders them before what the thread writes next.
 template <typename T>
 inline void stream_rows(T* __restrict d, const T* __restrict s, int64_t n) {
-#if PS_CONV_VEC_BYTES == 64 && defined(__AVX512F__)
-  for (int64_t i = 0; i < n; i += lanes<T>()) {
-    if constexpr (sizeof(T) == 4)
+#if defined(__SSE2__)  // x86: every build's translation unit includes <immintrin.h>
+  // Chosen by the build (kIsa), not by __AVX__ / __AVX512F__: GCC does not
+  // define those under `#pragma GCC target` in C++ (see sparse_avx512.cpp),
+  // and the wider builds would take the 16-byte stores.
+  constexpr int64_t L = kIsa == Isa::avx512 ? 64 / int64_t(sizeof(T)) : kIsa == Isa::avx2 ? 32 / int64_t(sizeof(T))
+                                                                                          : 16 / int64_t(sizeof(T));
+  for (int64_t i = 0; i < n; i += L) {
+    if constexpr (kIsa == Isa::avx512 && sizeof(T) == 4)
       _mm512_stream_ps(reinterpret_cast<float*>(d + i), _mm512_load_ps(reinterpret_cast<const float*>(s + i)));
-    else
+    else if constexpr (kIsa == Isa::avx512)
       _mm512_stream_pd(reinterpret_cast<double*>(d + i), _mm512_load_pd(reinterpret_cast<const double*>(s + i)));
-  }
-#elif defined(__AVX__)
-  for (int64_t i = 0; i < n; i += lanes<T>()) {
-    if constexpr (sizeof(T) == 4)
+    else if constexpr (kIsa == Isa::avx2 && sizeof(T) == 4)
       _mm256_stream_ps(reinterpret_cast<float*>(d + i), _mm256_load_ps(reinterpret_cast<const float*>(s + i)));
-    else
+    else if constexpr (kIsa == Isa::avx2)
       _mm256_stream_pd(reinterpret_cast<double*>(d + i), _mm256_load_pd(reinterpret_cast<const double*>(s + i)));
-  }
-#elif defined(__SSE2__)
-  constexpr int64_t kLanes = int64_t(16 / sizeof(T));
-  for (int64_t i = 0; i < n; i += kLanes) {
-    if constexpr (sizeof(T) == 4)
+    else if constexpr (sizeof(T) == 4)
       _mm_stream_ps(reinterpret_cast<float*>(d + i), _mm_load_ps(reinterpret_cast<const float*>(s + i)));
     else
       _mm_stream_pd(reinterpret_cast<double*>(d + i), _mm_load_pd(reinterpret_cast<const double*>(s + i)));
@@ -515,7 +513,7 @@ inline void stream_rows(T* __restrict d, const T* __restrict s, int64_t n) {
 #endif
 }
 inline void stream_fence() {
-#if defined(__SSE2__) || defined(__AVX__)
+#if defined(__SSE2__)
   _mm_sfence();
 #endif
 }
@@ -523,8 +521,7 @@ inline void stream_fence() {
 // A finished block in a thread's scratch, not yet in dst: `left` elements
 // from src to dst. The walk streams a tile's worth of rows of it after each
 // tile of the thread's next block, so that its writes go out while that
-// block's products run (streamed all at once after the block, the writes
-// stalled the walk; bench/stream_output.py compares the ways).
+// block's products run.
 template <typename P>
 struct Drain {
   P dst = nullptr, src = nullptr;

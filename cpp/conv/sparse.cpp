@@ -74,10 +74,7 @@ void apply_sparse_with(SparseApplyArgs<T> s, Isa asked) {
   pack_sparse(s);
   const Isa isa = sparse_isa(asked, a.cols);
   std::unique_ptr<T[]> blocks;
-  if (streams_output(a, isa)) {
-    blocks.reset(new T[size_t(blocks_size<T>(a.nt, a.cols))]);
-    a.blocks = aligned_blocks(blocks.get());
-  }
+  attach_blocks(a, isa, blocks);
   switch (isa) {
     case Isa::avx512: avx512::apply_sparse(s); break;
     case Isa::avx2: avx2::apply_sparse(s); break;
