@@ -144,6 +144,21 @@ def test_sort_order_is_lexicographic(regime):
     assert torch.equal(s, sorted_keys) and torch.equal(p, perm)
 
 
+@pytest.mark.parametrize("key_bits", [11, 22, 33, 44, 46, 47, 62])
+def test_sort_carries_rows_in_the_keys_or_beside_them(key_bits):
+    """2^17 rows (17 bits): keys of up to 46 bits are sorted with their row
+    in the word's low bits, wider ones with the rows moved beside them; the
+    same stable order either way, for odd and even counts of digit passes."""
+    n = 1 << 17
+    keys = np.random.default_rng(key_bits).integers(0, 2**key_bits, n)
+    keys[1::3] = keys[::3][: len(keys[1::3])]  # many equal keys
+    keys[5] = 2**key_bits - 1  # the widest key has exactly key_bits bits
+    sorted_keys, perm = C.sort(torch.from_numpy(keys))
+    order = np.argsort(keys, kind="stable")
+    assert np.array_equal(perm.numpy(), order)
+    assert np.array_equal(sorted_keys.numpy(), keys[order])
+
+
 @pytest.mark.parametrize("n", [0, 1, 2, 20000])
 def test_unique_groups(n):
     rng = np.random.default_rng(n)

@@ -7,6 +7,7 @@
 #include <memory>
 
 #include "common.h"
+#include "scratch.h"
 
 namespace ps {
 namespace {
@@ -17,12 +18,6 @@ constexpr int kBuckets = 1 << kDigitBits;
 // on 2), while on a busy machine every barrier of a 2-thread sort can wait a
 // time slice for a descheduled thread (the same 120k keys: 5-140 ms).
 constexpr int64_t kSortParallelMin = int64_t(1) << 18;
-
-int digit_passes(int64_t max_key) {
-  int bits = 0;
-  while (bits < 63 && (max_key >> bits) != 0) ++bits;
-  return (bits + kDigitBits - 1) / kDigitBits;
-}
 
 // counts[u][b] (u = thread, b = bucket) -> the first output row of thread u's
 // keys in bucket b: buckets in order, threads in order within a bucket.
@@ -38,24 +33,34 @@ void exclusive_scan(int64_t* counts, int team) {
 }
 }  // namespace
 
-// One parallel region for the whole sort (a copy pass that also finds the
-// largest key, then per digit: count, scan, scatter), so a call synchronises
-// 1 + 3 * passes times instead of forking a team per step. Each thread owns
-// the same row range in every pass. The result is the unique stable order:
-// identical for any thread count.
+// Two parallel regions: a read pass that finds the largest key and whether
+// the keys are sorted already (and copies keys alone to keys_out), then one
+// for the rest (with rows: the copy or packing below; per digit: count,
+// scan, scatter), so a call synchronises 2 + 3 * passes times instead of
+// forking a team per step. Each thread owns the same row range in
+// every pass. The result is the unique stable order: identical for any
+// thread count.
 // kPerm false: the keys alone (perm_out unused), half the bytes moved a pass.
+// kPerm true and the key's bits and a row's bits fit one word together: the
+// row rides in the word's low bits ((key << row_bits) | row, sorted on the
+// key's digits only, split again at the end), so a pass moves one word a row
+// instead of a key and a row: the same stable order, half the bytes.
 namespace {
+int bit_width(int64_t v) {
+  int bits = 0;
+  while (bits < 63 && (v >> bits) != 0) ++bits;
+  return bits;
+}
+
 template <bool kPerm>
 void radix_sort_impl(const int64_t* keys, int64_t n, int64_t* keys_out, int64_t* perm_out, int num_threads) {
   if (n <= 0) return;
   const int nt = n < kSortParallelMin ? 1 : threads(num_threads);
-  // Scratch written before it is read: not zeroed (a pass over it less).
-  std::unique_ptr<int64_t[]> k_tmp(new int64_t[size_t(n)]), p_tmp(kPerm ? new int64_t[size_t(n)] : nullptr);
-  // Rows of counts and maxima follow the team OpenMP really starts, which can
-  // be smaller than nt (OMP_THREAD_LIMIT, OMP_DYNAMIC, a nested region).
   std::vector<int64_t> counts(size_t(nt) * kBuckets), maxima(nt, 0);
   std::vector<uint8_t> ordered(nt, 1);
-  int passes = 0;
+  // The largest key and whether the keys are in order already, in a region
+  // of its own: the buffers below are sized by it, and an allocation that
+  // throws inside a parallel region would terminate the process.
 #pragma omp parallel num_threads(nt)
   {
     const int team = omp_get_num_threads();
@@ -66,24 +71,41 @@ void radix_sort_impl(const int64_t* keys, int64_t n, int64_t* keys_out, int64_t*
     for (int64_t i = lo; i < hi; ++i) {
       top = std::max(top, keys[i]);
       up = up && (i == 0 || keys[i - 1] <= keys[i]);
-      keys_out[i] = keys[i];
-      if (kPerm) perm_out[i] = i;
+      if (!kPerm) keys_out[i] = keys[i];  // the keys alone: copied in this pass (keys_out != keys)
     }
     maxima[t] = top;
     ordered[t] = up;
+  }
+  // Keys already in order (a re-sort of sorted keys, common for the coords of
+  // a cache) need no pass: the copy below is the whole sort.
+  const bool all = std::all_of(ordered.begin(), ordered.end(), [](uint8_t v) { return v != 0; });
+  const int key_bits = bit_width(*std::max_element(maxima.begin(), maxima.end()));
+  const int passes = all ? 0 : (key_bits + kDigitBits - 1) / kDigitBits;
+  const int row_bits = bit_width(n - 1);
+  const bool packed = kPerm && passes > 0 && key_bits + row_bits <= kKeyBits;
+  const int low = packed ? row_bits : 0;  // digits start at bit `low`
+  const bool rows = kPerm && !packed;      // rows moved beside the keys
+  Scratch<int64_t> k_tmp(kScratchSortKeys, passes > 0 ? n : 0), p_tmp(kScratchSortRows, rows && passes > 0 ? n : 0);
+#pragma omp parallel num_threads(nt)
+  {
+    const int team = omp_get_num_threads();
+    const int t = omp_get_thread_num();
+    const int64_t lo = n * t / team, hi = n * (t + 1) / team;
+    if (kPerm) {
+      for (int64_t i = lo; i < hi; ++i) {
+        if (packed) {
+          keys_out[i] = (keys[i] << low) | i;
+        } else {
+          keys_out[i] = keys[i];
+          perm_out[i] = i;
+        }
+      }
 #pragma omp barrier
-#pragma omp single
-    {
-      // Keys already in order (a voxelised or downsampled cloud's): the
-      // copy is the stable sort, no pass runs. (The merge-sort map checks
-      // its keys itself before sorting; this serves coords.sort / unique.)
-      const bool all = std::all_of(ordered.begin(), ordered.begin() + team, [](uint8_t v) { return v != 0; });
-      passes = all ? 0 : digit_passes(*std::max_element(maxima.begin(), maxima.begin() + team));
     }
     int64_t *k_src = keys_out, *p_src = perm_out, *k_dst = k_tmp.get(), *p_dst = p_tmp.get();
     int64_t* c = counts.data() + size_t(t) * kBuckets;
     for (int pass = 0; pass < passes; ++pass) {
-      const int shift = pass * kDigitBits;
+      const int shift = low + pass * kDigitBits;
       std::fill(c, c + kBuckets, 0);
       for (int64_t i = lo; i < hi; ++i) ++c[(k_src[i] >> shift) & (kBuckets - 1)];
 #pragma omp barrier
@@ -92,14 +114,22 @@ void radix_sort_impl(const int64_t* keys, int64_t n, int64_t* keys_out, int64_t*
       for (int64_t i = lo; i < hi; ++i) {
         const int64_t pos = c[(k_src[i] >> shift) & (kBuckets - 1)]++;
         k_dst[pos] = k_src[i];
-        if (kPerm) p_dst[pos] = p_src[i];
+        if (rows) p_dst[pos] = p_src[i];
       }
       std::swap(k_src, k_dst);
       std::swap(p_src, p_dst);
 #pragma omp barrier
     }
+    if (packed) {  // split the words (from wherever the last pass wrote them)
+      const int64_t mask = (int64_t(1) << low) - 1;
+      for (int64_t i = lo; i < hi; ++i) {
+        const int64_t w = k_src[i];
+        perm_out[i] = w & mask;
+        keys_out[i] = w >> low;
+      }
+    }
   }
-  if (passes % 2 == 1) {  // the last pass wrote the scratch buffers
+  if (!packed && passes % 2 == 1) {  // the last pass wrote the scratch buffers
     std::memcpy(keys_out, k_tmp.get(), sizeof(int64_t) * n);
     if (kPerm) std::memcpy(perm_out, p_tmp.get(), sizeof(int64_t) * n);
   }

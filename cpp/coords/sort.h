@@ -14,7 +14,8 @@ namespace ps {
 void radix_sort_keys(std::vector<int64_t>& keys, std::vector<int64_t>& perm, int num_threads);
 
 // The same for keys that are already in a caller buffer (n rows); perm_out
-// receives the permutation, keys_out the sorted keys.
+// receives the permutation, keys_out the sorted keys (keys_out may be keys:
+// a row is read before it is written).
 void radix_sort_keys(const int64_t* keys, int64_t n, int64_t* keys_out, int64_t* perm_out,
                      int num_threads);
 

@@ -3,6 +3,7 @@
 // GIL is released and the kernels of voxelize.h run.
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <string>
 
 #include "array.h"
@@ -65,15 +66,16 @@ py::tuple quantize(py::array points, std::vector<double> voxel_size, py::object 
   auto keys = empty_array<int64_t>({n});
   int64_t* k = keys.mutable_data();
   KeyLayout layout;
+  std::unique_ptr<int32_t[]> q(new int32_t[static_cast<std::size_t>(3 * n)]);
   dispatch_float(points, "points", [&](auto zero) {
     using F = decltype(zero);
     const F* p = static_cast<const F*>(points.data());
     py::gil_scoped_release release;
     Bounds bounds;
-    voxelize::check_quantized(voxelize::quantize_bounds(p, b, n, vs.data(), bounds, nt), b);
+    voxelize::check_quantized(voxelize::quantize_bounds(p, b, n, vs.data(), bounds, q.get(), nt), b);
     const int64_t none[3] = {0, 0, 0};
     layout = fit_layout(bounds, none);
-    voxelize::quantize_keys(p, b, n, vs.data(), layout, k, nt);
+    voxelize::quantize_keys(q.get(), b, n, layout, k, nt);
   });
   return py::make_tuple(keys, layout_fields(layout));
 }

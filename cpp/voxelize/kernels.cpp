@@ -7,9 +7,11 @@
 #include <cmath>
 #include <cstddef>
 #include <limits>
+#include <memory>
 #include <string>
 
 #include "coords/unique.h"
+#include "scratch.h"
 
 namespace ps {
 namespace voxelize {
@@ -19,29 +21,42 @@ constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
 
 }  // namespace
 
+namespace {
+// floor(v) into q when it lies in [kCoordMin, kCoordMax] (false otherwise,
+// NaN included): the truncation, one less for a negative non-integer. No
+// call of std::floor, which the generic x86-64 build (no SSE4.1 round)
+// makes a libm call per coordinate.
+inline bool floor_coord(double v, int64_t& q) {
+  if (!(v >= double(kCoordMin) && v < double(kCoordMax) + 1.0)) return false;
+  const int64_t t = int64_t(v);
+  q = t - int64_t(double(t) > v);
+  return true;
+}
+}  // namespace
+
 template <typename F>
-int64_t quantize_bounds(const F* p, const int64_t* batch, int64_t n, const double* vs, Bounds& out, int nt) {
+int64_t quantize_bounds(const F* p, const int64_t* batch, int64_t n, const double* vs, Bounds& out, int32_t* q,
+                        int nt) {
   int64_t bad = kNone;
   int64_t lb = 0, lx = kNone, ly = kNone, lz = kNone;
   int64_t hb = 0, hx = -kNone, hy = -kNone, hz = -kNone;
 #pragma omp parallel for num_threads(nt) schedule(static) reduction(min : bad, lx, ly, lz) \
     reduction(max : hb, hx, hy, hz)
   for (int64_t i = 0; i < n; ++i) {
+    int64_t c[3] = {0, 0, 0};
     bool ok = batch == nullptr || (batch[i] >= 0 && batch[i] <= kBatchMax);
-    int64_t q[3] = {0, 0, 0};
-    for (int a = 0; a < 3 && ok; ++a) {
-      const double v = std::floor(double(p[3 * i + a]) / vs[a]);
-      ok = std::isfinite(v) && v >= double(kCoordMin) && v <= double(kCoordMax);
-      q[a] = ok ? int64_t(v) : 0;
-    }
+    ok = ok && floor_coord(double(p[3 * i]) / vs[0], c[0]);
+    ok = ok && floor_coord(double(p[3 * i + 1]) / vs[1], c[1]);
+    ok = ok && floor_coord(double(p[3 * i + 2]) / vs[2], c[2]);
     if (!ok) {
       bad = std::min(bad, i);
       continue;
     }
+    q[3 * i] = int32_t(c[0]), q[3 * i + 1] = int32_t(c[1]), q[3 * i + 2] = int32_t(c[2]);
     hb = std::max(hb, batch ? batch[i] : 0);
-    lx = std::min(lx, q[0]), hx = std::max(hx, q[0]);
-    ly = std::min(ly, q[1]), hy = std::max(hy, q[1]);
-    lz = std::min(lz, q[2]), hz = std::max(hz, q[2]);
+    lx = std::min(lx, c[0]), hx = std::max(hx, c[0]);
+    ly = std::min(ly, c[1]), hy = std::max(hy, c[1]);
+    lz = std::min(lz, c[2]), hz = std::max(hz, c[2]);
   }
   if (n > 0) {
     const int64_t l[4] = {lb, lx, ly, lz}, h[4] = {hb, hx, hy, hz};
@@ -62,15 +77,10 @@ void check_quantized(int64_t bad, const int64_t* b) {
                 "] (shift the cloud or use a larger voxel_size)");
 }
 
-template <typename F>
-void quantize_keys(const F* p, const int64_t* batch, int64_t n, const double* vs, const KeyLayout& layout,
-                   int64_t* keys, int nt) {
+void quantize_keys(const int32_t* q, const int64_t* batch, int64_t n, const KeyLayout& layout, int64_t* keys,
+                   int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static) firstprivate(layout)
-  for (int64_t i = 0; i < n; ++i) {
-    int64_t q[3];
-    for (int a = 0; a < 3; ++a) q[a] = int64_t(std::floor(double(p[3 * i + a]) / vs[a]));
-    keys[i] = layout.pack(batch ? batch[i] : 0, q[0], q[1], q[2]);
-  }
+  for (int64_t i = 0; i < n; ++i) keys[i] = layout.pack(batch ? batch[i] : 0, q[3 * i], q[3 * i + 1], q[3 * i + 2]);
 }
 
 template <typename F>
@@ -78,13 +88,16 @@ Voxels group_points(const F* p, const int64_t* batch, int64_t n, const double* v
                     int64_t* inverse, int num_threads) {
   const int nt = stream_threads(num_threads, n);
   Bounds bounds;
-  check_quantized(quantize_bounds(p, batch, n, vs, bounds, nt), batch);
+  Scratch<int64_t> keys(kScratchKeys, n);
+  // Each point's voxel, quantised once (one division a coordinate) and
+  // packed into its key once the bounds have fixed the layout.
+  Scratch<int32_t> q(kScratchQuantized, 3 * n);
+  check_quantized(quantize_bounds(p, batch, n, vs, bounds, q.get(), nt), batch);
   const int64_t none[3] = {0, 0, 0};
   Voxels voxels;
   voxels.layout = fit_layout(bounds, none);
-  std::vector<int64_t> keys(static_cast<std::size_t>(n));
-  quantize_keys(p, batch, n, vs, voxels.layout, keys.data(), nt);
-  group_keys(keys.data(), n, voxels.sorted, perm, voxels.starts, inverse, num_threads);
+  quantize_keys(q.get(), batch, n, voxels.layout, keys.get(), nt);
+  group_keys(keys.get(), n, voxels.sorted, perm, voxels.starts, inverse, num_threads);
   return voxels;
 }
 
@@ -98,13 +111,64 @@ void voxel_coords(const Voxels& voxels, int32_t* coords, int64_t* seg_ptr, int n
   std::copy(starts, starts + m + 1, seg_ptr);
 }
 
+namespace {
+// The rows of a voxel sit anywhere in x (perm follows the sorted keys, not
+// the points' order), and voxels of one to three points make every segment
+// end a mispredicted branch that drops the loads in flight: each voxel
+// prefetches the row kAhead points ahead.
+constexpr int64_t kAhead = 16;
+
+// o = the sum (mean: / count) of the rows perm[lo:hi] of C columns: the same
+// sums as the generic loop (from zero, in row order), in registers.
+template <int C, typename F>
+inline void sum_segment(const F* x, const int64_t* perm, int64_t lo, int64_t hi, bool mean, F* o) {
+  F acc[C];
+  for (int k = 0; k < C; ++k) acc[k] = F(0);
+  for (int64_t i = lo; i < hi; ++i) {
+    const F* s = x + perm[i] * C;
+    for (int k = 0; k < C; ++k) acc[k] += s[k];
+  }
+  if (mean) {
+    const F count = F(hi - lo);
+    for (int k = 0; k < C; ++k) acc[k] /= count;
+  }
+  for (int k = 0; k < C; ++k) o[k] = acc[k];
+}
+
+template <int C, typename F>
+void sum_voxels(const F* x, const int64_t* perm, const int64_t* seg, int64_t m, bool mean, F* out, int nt) {
+  const int64_t n = seg[m];
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 256)
+  for (int64_t j = 0; j < m; ++j) {
+    if (seg[j] + kAhead < n) __builtin_prefetch(x + perm[seg[j] + kAhead] * C);
+    sum_segment<C>(x, perm, seg[j], seg[j + 1], mean, out + j * C);
+  }
+}
+}  // namespace
+
 template <typename F>
 void reduce(const F* x, int64_t c, const int64_t* perm, const int64_t* seg, int64_t m,
                  int mode, F* out, int64_t* arg, int nt) {
+  if (mode == kSum || mode == kMean) {  // a few columns (points' features): summed in registers
+    const bool mean = mode == kMean;
+    switch (c) {
+      case 1: return sum_voxels<1>(x, perm, seg, m, mean, out, nt);
+      case 2: return sum_voxels<2>(x, perm, seg, m, mean, out, nt);
+      case 3: return sum_voxels<3>(x, perm, seg, m, mean, out, nt);
+      case 4: return sum_voxels<4>(x, perm, seg, m, mean, out, nt);
+      case 5: return sum_voxels<5>(x, perm, seg, m, mean, out, nt);
+      case 6: return sum_voxels<6>(x, perm, seg, m, mean, out, nt);
+      case 7: return sum_voxels<7>(x, perm, seg, m, mean, out, nt);
+      case 8: return sum_voxels<8>(x, perm, seg, m, mean, out, nt);
+      default: break;
+    }
+  }
+  const int64_t n = seg[m];
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 256)
   for (int64_t j = 0; j < m; ++j) {
     F* o = out + j * c;
     const int64_t lo = seg[j], hi = seg[j + 1];
+    if (lo + kAhead < n) __builtin_prefetch(x + perm[lo + kAhead] * c);
     if (mode == 3) {
       const F* src = x + perm[lo] * c;
       std::copy(src, src + c, o);
@@ -181,9 +245,7 @@ void trilinear(const F* p, const int64_t* batch, int64_t n, const double* vs, co
 }
 
 #define PS_VOXELIZE_INSTANTIATE(F)                                                                        \
-  template int64_t quantize_bounds<F>(const F*, const int64_t*, int64_t, const double*, Bounds&, int);         \
-  template void quantize_keys<F>(const F*, const int64_t*, int64_t, const double*, const KeyLayout&, int64_t*, \
-                                 int);                                                                         \
+  template int64_t quantize_bounds<F>(const F*, const int64_t*, int64_t, const double*, Bounds&, int32_t*, int); \
   template Voxels group_points<F>(const F*, const int64_t*, int64_t, const double*, int64_t*, int64_t*, int);  \
   template void reduce<F>(const F*, int64_t, const int64_t*, const int64_t*, int64_t, int, F*, int64_t*, int); \
   template void trilinear<F>(const F*, const int64_t*, int64_t, const double*, const int64_t*,                 \

@@ -20,17 +20,20 @@ enum Mode : int { kSum = 0, kMean = 1, kMax = 2, kFirst = 3 };
 
 // Pass 1 of quantisation: the first unrepresentable row (non-finite, outside
 // int32, or a batch outside [0, kBatchMax]), -1 when none, and the bounds of
-// the voxels [batch, floor(p / vs)]. p: (n, 3); batch: (n) or null; vs: 3.
+// the voxels [batch, floor(p / vs)], written to q (n, 3) as int32 (a bad
+// row's left unset). p: (n, 3); batch: (n) or
+// null; vs: 3.
 template <typename F>
-int64_t quantize_bounds(const F* p, const int64_t* batch, int64_t n, const double* vs, Bounds& out, int nt);
+int64_t quantize_bounds(const F* p, const int64_t* batch, int64_t n, const double* vs, Bounds& out, int32_t* q,
+                        int nt);
 
 // ValueError naming the row `bad` found by quantize_bounds (no-op for -1).
 void check_quantized(int64_t bad, const int64_t* batch);
 
-// Pass 2: the key of each point's voxel in `layout` (fitted to the bounds).
-template <typename F>
-void quantize_keys(const F* p, const int64_t* batch, int64_t n, const double* vs, const KeyLayout& layout,
-                   int64_t* keys, int nt);
+// Pass 2: the key of each point's voxel q (pass 1's) in `layout` (fitted to
+// the bounds).
+void quantize_keys(const int32_t* q, const int64_t* batch, int64_t n, const KeyLayout& layout, int64_t* keys,
+                   int nt);
 
 // The voxels of n points: quantise (both passes, ValueError on a bad row),
 // then group equal keys (coords/unique.h). perm and inverse hold n each.
