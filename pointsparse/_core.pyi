@@ -261,3 +261,18 @@ def kmap_mergesort(
 def kmap_downsample(coords: npt.NDArray[np.int32], stride: Sequence[int], num_threads: int) -> npt.NDArray[np.int32]:
     """(M, 4) unique floor(c / stride) * stride rows per batch, sorted by
     (batch, x, y, z); ValueError when a row's output falls below int32."""
+
+def kmap_parents(
+    coords: npt.NDArray[np.int32],
+    stride: Sequence[int],
+    kernel: Sequence[int],
+    out_coords: npt.NDArray[np.int32] | None,
+    num_threads: int,
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]] | None:
+    """The map of a conv whose kernel (1 or 2 offsets per axis, dilation 1)
+    tiles its stride (stride = kernel x tensor stride per axis): (out_coords,
+    in_idx, out_idx, sizes) equal to kmap_downsample then kmap_mergesort,
+    each row paired with its parent through one sort and no search. None
+    when out_coords are given and are not the downsampled coords. ValueError
+    for a bad stride or kernel, a row off the tensor stride's grid, a
+    duplicate row or an output below int32."""

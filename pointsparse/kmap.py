@@ -337,6 +337,26 @@ def _build(coords: torch.Tensor, k: Triple, t: Triple, d: Triple, s: Triple, met
             _coords.check_stride_multiple(out_coords, tuple(a * b for a, b in zip(s, t)), "out_coords")
     key = KernelMapKey(s, k, t, d, False)
     submanifold = out_coords is None and t == (1, 1, 1)
+    if submanifold and offsets.shape[0] == 1 and not check_multiples:
+        # A cache's 1x1x1 map (a residual block's shortcut): every row paired
+        # with itself, no search. Its coords are unique by construction (the
+        # public build() still runs a builder, which rejects duplicates). On
+        # the KITTI sweep (91k voxels) the merge-sort build took 1.4 ms (2 threads, AMD EPYC Zen 3).
+        n = coords.shape[0]
+        rows = torch.arange(n, dtype=torch.int64, device=coords.device)
+        return KernelMap(coords, rows, rows.clone(), torch.tensor([n], dtype=torch.int64), offsets, n, n, key)
+    if (not submanifold and not check_multiples and method != "torch" and _ext.serves(coords)
+            and all(k[a] == t[a] and (k[a] == 1 or (k[a] == 2 and d[a] == 1)) for a in range(3))):
+        # A cache's map whose kernel tiles its stride (the U-Net's k2 s2
+        # downsampling): each row pairs with its parent, found by the
+        # downsampling's own sort (kmap_parents), with no search. None: the
+        # out_coords given are not the downsampled coords; a search below.
+        got = _ext.call(_ext.core.kmap_parents, _ext.to_numpy(coords), [a * b for a, b in zip(s, t)], list(k),
+                        None if out_coords is None else _ext.to_numpy(out_coords))
+        if got is not None:
+            parents, in_idx, out_idx, sizes = (_ext.to_tensor(a) for a in got)
+            out = parents if out_coords is None else out_coords
+            return KernelMap(out, in_idx, out_idx, sizes, offsets, coords.shape[0], out.shape[0], key)
     if out_coords is None:
         out_coords = coords if submanifold else downsample_coords(coords, tuple(a * b for a, b in zip(s, t)))
     if method == "torch":

@@ -445,6 +445,81 @@ def test_cache_transposed_is_transpose_of_downsampling(monkeypatch):
     assert len(calls) == 2 and up3.num_out == coords.shape[0]
 
 
+@pytest.mark.parametrize("stride", [(1, 1, 1), (2, 2, 2)])
+def test_cached_1x1x1_map_is_every_builders_map(stride):
+    """A cache's 1x1x1 map (built without a search) equals what every builder
+    returns for those coords, at any tensor stride and dilation."""
+    coords = random_coords(500, 2, 7, stride, seed=15, shuffle=True)
+    x = ps.SparseTensor(torch.randn(coords.shape[0], 3), coords, stride)
+    for dilation in (1, 2):
+        got = km.get_kmap(x, 1, dilation=dilation)
+        for method in ("mergesort", "hash", "torch"):
+            want = km.build(coords, 1, dilation=dilation, tensor_stride=stride, method=method)
+            for a, b in ((got.in_idx, want.in_idx), (got.out_idx, want.out_idx), (got.sizes, want.sizes),
+                         (got.offsets, want.offsets), (got.out_coords, want.out_coords)):
+                assert a.dtype == b.dtype and torch.equal(a, b), method
+            assert (got.num_in, got.num_out, got.ptr) == (want.num_in, want.num_out, want.ptr)
+    conv = ps.nn.Conv3d(3, 4, 1, bias=True).double()
+    ref = x.feats.double() @ conv.weight.detach()[0] + conv.bias.detach()
+    torch.testing.assert_close(conv(ps.SparseTensor(x.feats.double(), coords, stride)).feats, ref)
+
+
+@pytest.mark.parametrize("stride,kernel", [((1, 1, 1), (2, 2, 2)), ((2, 2, 2), (2, 2, 2)), ((3, 3, 3), (2, 2, 2)),
+                                           ((1, 2, 4), (2, 1, 2)), ((3, 1, 2), (2, 2, 1))])
+def test_cached_map_of_a_kernel_tiling_its_stride_is_every_builders_map(stride, kernel):
+    """A cache's k == s map (each row paired with its parent by
+    _core.kmap_parents, no search) equals every builder's: tensor strides of
+    powers of two and not, kernels of 1 and 2 per axis, negative coords,
+    batches, shuffled rows; with the out coords built by it, given by the
+    cache, or given and not the downsampled ones (then a search)."""
+    coords = random_coords(900, 3, 9, stride, seed=16, shuffle=True)
+    x = ps.SparseTensor(torch.randn(coords.shape[0], 2), coords, stride)
+    got = km.get_kmap(x, kernel, kernel)
+    out_stride = tuple(a * b for a, b in zip(stride, kernel))
+    for method in ("mergesort", "hash", "torch"):
+        want = km.build(coords, kernel, kernel, tensor_stride=stride, method=method)
+        for a, b in ((got.in_idx, want.in_idx), (got.out_idx, want.out_idx), (got.sizes, want.sizes),
+                     (got.offsets, want.offsets), (got.out_coords, want.out_coords)):
+            assert a.dtype == b.dtype and torch.equal(a, b), method
+    assert_matches_reference(got, coords, kernel, kernel, (1, 1, 1), stride)
+    assert x.cache.get_coords(out_stride) is got.out_coords
+    # Out coords the cache holds already (a strided conv of another kernel built them first).
+    y = ps.SparseTensor(torch.randn(coords.shape[0], 2), coords, stride)
+    first = km.get_kmap(y, 3, kernel)
+    again = km.get_kmap(y, kernel, kernel)
+    assert again.out_coords is first.out_coords and torch.equal(again.in_idx, got.in_idx)
+    assert torch.equal(again.out_idx, got.out_idx)
+    # Given out coords that are not the downsampled ones: the search's map.
+    fewer = got.out_coords[::2].contiguous()
+    mapped = km._build(coords, kernel, kernel, (1, 1, 1), stride, out_coords=fewer, check_multiples=False)
+    want = km.build(coords, kernel, kernel, tensor_stride=stride, out_coords=fewer, method="mergesort")
+    assert torch.equal(mapped.in_idx, want.in_idx) and torch.equal(mapped.out_idx, want.out_idx)
+    assert torch.equal(mapped.sizes, want.sizes) and mapped.out_coords is fewer
+
+
+def test_kmap_parents_rejects_bad_arguments():
+    core = _ext.core
+    c = np.array([[0, 0, 0, 0], [0, 1, 0, 0], [0, 2, 2, 2]], np.int32)
+    assert core.kmap_parents(c, [2, 2, 2], [2, 2, 2], None, 1) is not None
+    with pytest.raises(ValueError, match="duplicate"):
+        core.kmap_parents(np.concatenate([c, c[1:2]]), [2, 2, 2], [2, 2, 2], None, 1)
+    with pytest.raises(ValueError, match="row 1 .* multiple of the tensor stride"):
+        core.kmap_parents(c, [4, 4, 4], [2, 2, 2], None, 1)
+    with pytest.raises(ValueError, match="kernel must be 1 or 2"):
+        core.kmap_parents(c, [3, 3, 3], [3, 3, 3], None, 1)
+    with pytest.raises(ValueError, match="kernel must be 1 or 2"):
+        core.kmap_parents(c, [3, 2, 2], [2, 2, 2], None, 1)
+    with pytest.raises(ValueError, match="stride"):
+        core.kmap_parents(c, [0, 2, 2], [1, 2, 2], None, 1)
+    with pytest.raises(ValueError, match="out_coords"):
+        core.kmap_parents(c, [2, 2, 2], [2, 2, 2], np.zeros((2, 3), np.int32), 1)
+    with pytest.raises(ValueError, match="coords"):
+        core.kmap_parents(c[:, :3].copy(), [2, 2, 2], [2, 2, 2], None, 1)
+    low = np.array([[0, -2**31, 0, 0]], np.int32)
+    with pytest.raises(ValueError, match="below the int32 range"):
+        core.kmap_parents(low, [6, 1, 1], [2, 1, 1], None, 1)
+
+
 def test_cache_missing_finer_stride_raises():
     coords = random_coords(50, 1, 3, (2, 2, 2), seed=14)
     coarse = ps.SparseTensor(torch.randn(coords.shape[0], 1), coords, 2)

@@ -206,5 +206,70 @@ void downsample_keys(const int32_t* c, int64_t n, const int64_t* stride, const K
   out_keys.assign(sorted.get(), sorted.get() + m);
 }
 
+ParentPairs parent_pairs(const int32_t* c, int64_t n, const int64_t* stride, const int64_t* kernel,
+                         const KeyLayout& layout, int64_t* in_idx, int64_t* out_idx, int nt) {
+  ParentPairs out;
+  const int64_t volume = kernel[0] * kernel[1] * kernel[2];
+  out.sizes.assign(size_t(volume), 0);
+  if (n == 0) return out;
+  // Offset index of a row: i_x * k_y * k_z + i_y * k_z + i_z (z fastest, as
+  // kernel_offsets), i_a = (c_a - parent_a) / step_a in [0, k_a), k_a <= 2:
+  // whether c_a - parent_a reaches step_a (step = the tensor stride).
+  const int64_t step[3] = {stride[0] / kernel[0], stride[1] / kernel[1], stride[2] / kernel[2]};
+  const int64_t weight[3] = {kernel[1] * kernel[2], kernel[2], 1};
+  bool pow2 = true;  // parents by clearing low bits (see downsample_keys)
+  for (int a = 0; a < 3; ++a) pow2 = pow2 && (stride[a] & (stride[a] - 1)) == 0;
+  std::unique_ptr<int64_t[]> keys(new int64_t[size_t(n)]), perm(new int64_t[size_t(n)]);
+  std::unique_ptr<uint8_t[]> offset(new uint8_t[size_t(n)]);  // volume <= 8
+  int64_t off_grid = std::numeric_limits<int64_t>::max();     // first row not on the tensor stride's grid
+#pragma omp parallel for num_threads(nt) schedule(static) firstprivate(layout) reduction(min : off_grid)
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t* r = c + 4 * i;
+    int64_t q[3], k = 0;
+    bool grid = true;
+    for (int a = 0; a < 3; ++a) {
+      q[a] = pow2 ? int64_t(r[a + 1]) & -stride[a] : floor_div(r[a + 1], stride[a]) * stride[a];
+      const int64_t d = r[a + 1] - q[a];
+      grid = grid && (pow2 ? (d & (step[a] - 1)) == 0 : d % step[a] == 0);
+      k += int64_t(d >= step[a]) * weight[a];
+    }
+    if (!grid) off_grid = std::min(off_grid, i);
+    keys[i] = layout.pack(r[0], q[0], q[1], q[2]);
+    offset[i] = uint8_t(k);
+  }
+  if (off_grid != std::numeric_limits<int64_t>::max()) {
+    out.off_grid_row = off_grid;
+    return out;
+  }
+  radix_sort_keys(keys.get(), n, keys.get(), perm.get(), nt);  // in place: the sort reads a row before writing it
+  // Out row of each sorted position and the pairs per offset; a parent meets
+  // each offset at most once unless two input rows are equal.
+  std::unique_ptr<int32_t[]> row(new int32_t[size_t(n)]);
+  out.out_keys.reserve(size_t(n));
+  int64_t m = -1;
+  unsigned seen = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (i == 0 || keys[i] != keys[i - 1]) {
+      out.out_keys.push_back(keys[i]);
+      ++m;
+      seen = 0;
+    }
+    const unsigned bit = 1u << offset[perm[i]];
+    if ((seen & bit) && out.duplicate_row < 0) out.duplicate_row = perm[i];
+    seen |= bit;
+    row[i] = int32_t(m);
+    ++out.sizes[offset[perm[i]]];
+  }
+  if (out.duplicate_row >= 0) return out;
+  std::vector<int64_t> next(size_t(volume), 0);
+  for (int64_t k = 1; k < volume; ++k) next[k] = next[k - 1] + out.sizes[k - 1];
+  for (int64_t i = 0; i < n; ++i) {  // sorted order: out rows ascending within each offset
+    const int64_t pos = next[offset[perm[i]]]++;
+    in_idx[pos] = perm[i];
+    out_idx[pos] = row[i];
+  }
+  return out;
+}
+
 }  // namespace kmap
 }  // namespace ps

@@ -131,8 +131,9 @@ int64_t first_unrepresentable(const int32_t* c, int64_t n, const std::vector<int
   return -1;
 }
 
-py::array_t<int32_t> kmap_downsample(carray<int32_t> coords, std::vector<int64_t> stride, int num_threads) {
-  const int nt = threads(num_threads);
+// The checked stride of a downsampling and the layout that holds its output
+// rows (ValueError for a bad stride or a row whose output leaves int32).
+KeyLayout downsample_layout(const carray<int32_t>& coords, const std::vector<int64_t>& stride, int nt) {
   Bounds bounds = check_coords_array(coords, "coords", nt);
   if (stride.size() != 3) value_error("stride must have 3 entries; got " + std::to_string(stride.size()));
   for (int64_t s : stride)
@@ -152,21 +153,73 @@ py::array_t<int32_t> kmap_downsample(carray<int32_t> coords, std::vector<int64_t
                 std::to_string(kCoordMin) + ")");
   }
   const int64_t none[3] = {0, 0, 0};
-  const KeyLayout layout = fit_layout(bounds, none);
-  std::vector<int64_t> keys;
-  {
-    py::gil_scoped_release release;
-    kmap::downsample_keys(c, n, stride.data(), layout, keys, nt);
-  }
+  return fit_layout(bounds, none);
+}
+
+// (m, 4) int32 rows of the keys.
+py::array_t<int32_t> unpack_rows(const std::vector<int64_t>& keys, const KeyLayout& layout, int nt) {
   const int64_t m = int64_t(keys.size());
   auto out = empty_array<int32_t>({m, 4});
   int32_t* o = out.mutable_data();
+  py::gil_scoped_release release;
+#pragma omp parallel for num_threads(nt) schedule(static) firstprivate(layout)
+  for (int64_t i = 0; i < m; ++i) layout.unpack(keys[i], o + 4 * i);
+  return out;
+}
+
+py::array_t<int32_t> kmap_downsample(carray<int32_t> coords, std::vector<int64_t> stride, int num_threads) {
+  const int nt = threads(num_threads);
+  const KeyLayout layout = downsample_layout(coords, stride, nt);
+  std::vector<int64_t> keys;
   {
     py::gil_scoped_release release;
-#pragma omp parallel for num_threads(nt) schedule(static) firstprivate(layout)
-    for (int64_t i = 0; i < m; ++i) layout.unpack(keys[i], o + 4 * i);
+    kmap::downsample_keys(coords.data(), coords.shape(0), stride.data(), layout, keys, nt);
   }
-  return out;
+  return unpack_rows(keys, layout, nt);
+}
+
+// (out_coords, in_idx, out_idx, sizes) of a conv whose kernel tiles its
+// stride (kmap::parent_pairs), or None where out_coords are given and are
+// not the distinct parents (the caller builds such a map by a search).
+py::object kmap_parents(carray<int32_t> coords, std::vector<int64_t> stride, std::vector<int64_t> kernel,
+                        py::object out_obj, int num_threads) {
+  const int nt = threads(num_threads);
+  const KeyLayout layout = downsample_layout(coords, stride, nt);
+  if (kernel.size() != 3) value_error("kernel must have 3 entries; got " + std::to_string(kernel.size()));
+  for (int a = 0; a < 3; ++a)
+    if ((kernel[a] != 1 && kernel[a] != 2) || stride[a] % kernel[a] != 0)
+      value_error("kernel must be 1 or 2 per axis and divide the stride; got kernel " + std::to_string(kernel[a]) +
+                  " and stride " + std::to_string(stride[a]) + " on axis " + std::to_string(a));
+  carray<int32_t> given;
+  if (!out_obj.is_none()) {
+    given = out_obj.cast<carray<int32_t>>();
+    check_2d(given, 4, "out_coords");
+  }
+  const int64_t n = coords.shape(0);
+  auto in_idx = output_array<int64_t>(n);
+  auto out_idx = output_array<int64_t>(n);
+  kmap::ParentPairs found;
+  {
+    py::gil_scoped_release release;
+    found = kmap::parent_pairs(coords.data(), n, stride.data(), kernel.data(), layout, in_idx.mutable_data(),
+                               out_idx.mutable_data(), nt);
+  }
+  if (found.off_grid_row >= 0)
+    value_error("coords row " + std::to_string(found.off_grid_row) + " = " +
+                row_str(coords.data() + 4 * found.off_grid_row) +
+                " is not a multiple of the tensor stride (stride / kernel)");
+  if (found.duplicate_row >= 0)
+    value_error("coords hold duplicate rows; each [batch, x, y, z] must appear once");
+  auto out = unpack_rows(found.out_keys, layout, nt);
+  if (!out_obj.is_none()) {
+    const int64_t m = int64_t(found.out_keys.size());
+    if (given.shape(0) != m || !std::equal(given.data(), given.data() + 4 * m, out.data())) return py::none();
+    out = given;  // the caller's own array
+  }
+  const int64_t k = kernel[0] * kernel[1] * kernel[2];
+  auto sizes = empty_array<int64_t>({k});
+  std::copy(found.sizes.begin(), found.sizes.end(), sizes.mutable_data());
+  return py::make_tuple(out, in_idx, out_idx, sizes);
 }
 
 }  // namespace
@@ -182,6 +235,11 @@ void bind_kmap(py::module_& m) {
         "Kernel map by merging sorted keys: same result as kmap_hash.");
   m.def("kmap_downsample", &kmap_downsample, py::arg("coords"), py::arg("stride"), py::arg("num_threads"),
         "Unique floor(c / stride) * stride rows per batch, sorted by (batch, x, y, z).");
+  m.def("kmap_parents", &kmap_parents, py::arg("coords"), py::arg("stride"), py::arg("kernel"),
+        py::arg("out_coords"), py::arg("num_threads"),
+        "Map of a conv whose kernel (1 or 2 per axis, dilation 1) tiles its stride: (out_coords, in_idx, "
+        "out_idx, sizes) as kmap_downsample then kmap_mergesort, or None when out_coords are given and are not "
+        "the downsampled coords.");
 }
 
 }  // namespace ps

@@ -67,6 +67,24 @@ void assemble(const Found& found, int64_t k, int64_t num_out, const std::vector<
 void downsample_keys(const int32_t* coords, int64_t n, const int64_t* stride, const KeyLayout& layout,
                      std::vector<int64_t>& out_keys, int nt);
 
+// The map of a conv whose kernel tiles its stride (per axis the kernel is
+// 1 or 2 offsets, stride[a] = kernel[a] * tensor_stride[a], dilation 1):
+// every input row pairs with its parent floor(c / stride) * stride through
+// the offset c - parent. Parent keys of `layout` (which holds every
+// downsampled row) sorted with their rows (one sort, the downsampling's), so
+// the out rows are the distinct parents in key order and the pairs come out
+// grouped by offset, by out row within an offset, without a search.
+// out_keys: the distinct parents; in_idx, out_idx: n each; sizes: kernel
+// volume. Reports (and fills nothing past) the first input row off the grid
+// of stride / kernel, or else the first row that shares its parent and
+// offset with an earlier one (a duplicate coordinate); -1 when none.
+struct ParentPairs {
+  std::vector<int64_t> out_keys, sizes;
+  int64_t off_grid_row = -1, duplicate_row = -1;
+};
+ParentPairs parent_pairs(const int32_t* coords, int64_t n, const int64_t* stride, const int64_t* kernel,
+                         const KeyLayout& layout, int64_t* in_idx, int64_t* out_idx, int nt);
+
 // Bounding box of coords' x, y, z: lo[3], hi[3] (n > 0).
 void coords_bbox(const int32_t* coords, int64_t n, int64_t* lo, int64_t* hi, int nt);
 
