@@ -7,8 +7,11 @@ by a quarter), for one or more builds of the extension module.
 The maps of the north star's first level on the KITTI sweep (000049, 0.05 m;
 a generated street of 20k voxels where the dataset is absent): submanifold
 k3 (``_core.kmap_mergesort`` and ``kmap_hash``, out coords None) and k2 s2
-(``kmap_downsample`` then ``kmap_mergesort`` with those out coords; and
-``kmap_downsample`` alone), one thread. Each case runs in a child under ``valgrind --tool=callgrind`` that
+(``kmap_downsample`` then ``kmap_mergesort`` with those out coords; the
+same map as a coordinate cache builds it, ``kmap_parents`` where the module
+has it, else the mergesort way as before; and ``kmap_downsample`` alone), and the voxelisation that makes the coords
+(``_core.voxelize`` of the sweep's points, mean of 4 features; the
+street's voxel centres), one thread. Each case runs in a child under ``valgrind --tool=callgrind`` that
 loads the module by its path (numpy alone); a child making no call gives
 the set-up's count, and the difference over ``--calls`` is one build's
 instructions. Every module's maps must equal this tree's (``pointsparse.kmap``
@@ -36,7 +39,7 @@ from _common import LOAD_CORE, callgrind_instructions, environment, kitti_or_str
 import pointsparse as ps
 from pointsparse import kmap as K
 
-CASES = ("subm k3 mergesort", "subm k3 hash", "k2 s2 mergesort", "downsample s2")
+CASES = ("subm k3 mergesort", "subm k3 hash", "k2 s2 mergesort", "k2 s2 cached", "downsample s2", "voxelize")
 
 # One build of a case (the module as `core`, the coords and offsets from the
 # .npz at argv[2]), shared by both children.
@@ -52,6 +55,10 @@ def run(case):
         return core.kmap_hash(coords, None, sub, 1)
     if case == "downsample s2":
         return (core.kmap_downsample(coords, [2, 2, 2], 1),)
+    if case == "voxelize":
+        return core.voxelize(d["points"], d["feats"], [0.05] * 3, None, 1, 1)
+    if case == "k2 s2 cached" and hasattr(core, "kmap_parents"):
+        return core.kmap_parents(coords, [2, 2, 2], [2, 2, 2], None, 1)
     out = core.kmap_downsample(coords, [2, 2, 2], 1)
     return (out,) + tuple(core.kmap_mergesort(coords, out, down, 1))
 """
@@ -84,7 +91,23 @@ for line in sys.stdin:
 """
 
 
-def expected(coords) -> dict:
+def sweep_points(coords, kitti: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(points (N, 3), feats (N, 4)) float32 of the voxelize case: the KITTI
+    sweep's points and the north star's features (x, y, z / 50, intensity),
+    or the generated street's voxel centres at 0.05 m and 4 features."""
+    from _common import kitti_path, real_sweeps
+
+    if kitti:
+        xyz = real_sweeps()["kitti-raw/000049"]
+        intensity = np.fromfile(kitti_path(), dtype=np.float32).reshape(-1, 4)[:, 3:4]
+    else:
+        xyz = (coords[:, 1:].numpy().astype(np.float32) + 0.5) * 0.05
+        intensity = np.linspace(0, 1, len(xyz), dtype=np.float32)[:, None]
+    xyz = np.ascontiguousarray(xyz, dtype=np.float32)
+    return xyz, np.ascontiguousarray(np.concatenate([xyz / 50, intensity], 1), dtype=np.float32)
+
+
+def expected(coords, points, feats) -> dict:
     """Each case's arrays from this tree's package (one thread)."""
     sub = K._build(coords, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), method="mergesort")
     down = K._build(coords, (2, 2, 2), (2, 2, 2), (1, 1, 1), (1, 1, 1), method="mergesort")
@@ -92,7 +115,10 @@ def expected(coords) -> dict:
     return {"subm k3 mergesort": m, "subm k3 hash": m,
             "k2 s2 mergesort": (down.out_coords.numpy(), down.in_idx.numpy(), down.out_idx.numpy(),
                                 down.sizes.numpy()),
-            "downsample s2": (down.out_coords.numpy(),)}
+            "k2 s2 cached": (down.out_coords.numpy(), down.in_idx.numpy(), down.out_idx.numpy(),
+                             down.sizes.numpy()),
+            "downsample s2": (down.out_coords.numpy(),),
+            "voxelize": ps._core.voxelize(points, feats, [0.05] * 3, None, 1, 1)}
 
 
 def check(so: str, case: str, path: Path, want) -> None:
@@ -167,7 +193,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    want = expected(coords)
+    points, feats = sweep_points(coords, where.startswith("KITTI"))
+    want = expected(coords, points, feats)
     offsets = {"offsets_k3": K._offsets((3, 3, 3), (1, 1, 1), (1, 1, 1)).numpy(),
                "offsets_k2": K._offsets((2, 2, 2), (1, 1, 1), (1, 1, 1)).numpy()}
     lines = [f"### {where} ({len(coords):,} voxels), one thread; instructions per build = (child with {calls} "
@@ -176,7 +203,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         data = folder / "case.npz"
-        np.savez(data, coords=np.ascontiguousarray(coords.numpy()), **offsets)
+        np.savez(data, coords=np.ascontiguousarray(coords.numpy()), points=points, feats=feats, **offsets)
         for so in modules:
             base = count(so, data, CASES[0], 0, folder, None)
             cells = [(count(so, data, case, calls, folder, want[case]) - base) / calls for case in CASES]
