@@ -317,6 +317,21 @@ def build(coords: torch.Tensor, kernel_size=3, stride=1, dilation=1, tensor_stri
                   as_triple(dilation, "dilation"), as_triple(tensor_stride, "tensor_stride"), method, out_coords)
 
 
+_ROWS: dict = {}
+
+
+def _row_numbers(n: int, device) -> torch.Tensor:
+    """``arange(n)`` (int64) as a view of one shared range per device, grown
+    by doubling: the pairs of an identity map, read only (a map is
+    immutable), without a new tensor's pages to fault in per map."""
+    key = str(device)
+    rows = _ROWS.get(key)
+    if rows is None or rows.numel() < n:
+        rows = torch.arange(max(n, 2 * (0 if rows is None else rows.numel()), 1024), dtype=torch.int64, device=device)
+        _ROWS[key] = rows
+    return rows[:n]
+
+
 def _build(coords: torch.Tensor, k: Triple, t: Triple, d: Triple, s: Triple, method: str | None = None,
            out_coords: torch.Tensor | None = None, check_multiples: bool = True) -> KernelMap:
     """:func:`build` of checked coords and normalised 3-tuples (the arguments
@@ -343,8 +358,8 @@ def _build(coords: torch.Tensor, k: Triple, t: Triple, d: Triple, s: Triple, met
         # public build() still runs a builder, which rejects duplicates). On
         # the KITTI sweep (91k voxels) the merge-sort build took 1.4 ms (2 threads, AMD EPYC Zen 3).
         n = coords.shape[0]
-        rows = torch.arange(n, dtype=torch.int64, device=coords.device)
-        return KernelMap(coords, rows, rows.clone(), torch.tensor([n], dtype=torch.int64), offsets, n, n, key)
+        rows = _row_numbers(n, coords.device)
+        return KernelMap(coords, rows, rows, torch.tensor([n], dtype=torch.int64), offsets, n, n, key)
     if (not submanifold and not check_multiples and method != "torch" and _ext.serves(coords)
             and all(k[a] == t[a] and (k[a] == 1 or (k[a] == 2 and d[a] == 1)) for a in range(3))):
         # A cache's map whose kernel tiles its stride (the U-Net's k2 s2

@@ -175,7 +175,10 @@ def validate_coords(coords, stride: Triple) -> torch.Tensor:
         raise ValueError(f"coords has a negative batch index at row {row}: {coords[row].tolist()}")
     keys = _coords.pack(coords)
     _coords.check_stride_multiple(coords, stride)
-    if keys.numel() > 1:
+    # Keys strictly increasing (coords in key order, as voxelize() and every
+    # layer return them) hold no duplicate: one comparison pass, where the
+    # unique below sorts (1.7 ms of a KITTI sweep's 91k voxels).
+    if keys.numel() > 1 and not bool((keys[1:] > keys[:-1]).all()):
         uniq = _coords.unique(keys)[0]
         if uniq.numel() != keys.numel():
             raise ValueError(
