@@ -254,6 +254,20 @@ def test_unreachable_devices_and_meta_tensors_are_clear_errors():
     with pytest.raises(ValueError, match="meta"):
         ps.SparseTensor(torch.ones(2, 3), x.coords.to("meta"))
 
+def test_duplicates_found_in_key_order_and_out_of_it():
+    """Coords in key order take the one-pass check, others the sort: a
+    duplicate is reported either way, wherever it sits."""
+    rng = np.random.default_rng(5)
+    c = torch.from_numpy(np.unique(rng.integers(0, 50, (3000, 4)), axis=0).astype(np.int32))  # key order
+    ps.SparseTensor(torch.ones(len(c), 1), c)
+    ps.SparseTensor(torch.ones(len(c), 1), c.flip(0))
+    for i in (0, 1, len(c) // 2, len(c) - 2):
+        twice = torch.cat([c[: i + 1], c[i:]])  # row i twice, still sorted
+        for coords in (twice, twice.flip(0)):
+            with pytest.raises(ValueError, match="1 duplicate rows"):
+                ps.SparseTensor(torch.ones(len(coords), 1), coords)
+
+
 # --- coordinates anywhere in int32 (adaptive keys) ---------------------------
 
 def test_far_coords_construct_collate_and_dense():
