@@ -466,13 +466,15 @@ def test_cached_1x1x1_map_is_every_builders_map(stride):
 
 @pytest.mark.parametrize("stride,kernel", [((1, 1, 1), (2, 2, 2)), ((2, 2, 2), (2, 2, 2)), ((3, 3, 3), (2, 2, 2)),
                                            ((1, 2, 4), (2, 1, 2)), ((3, 1, 2), (2, 2, 1))])
-def test_cached_map_of_a_kernel_tiling_its_stride_is_every_builders_map(stride, kernel):
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_cached_map_of_a_kernel_tiling_its_stride_is_every_builders_map(stride, kernel, shuffle):
     """A cache's k == s map (each row paired with its parent by
     _core.kmap_parents, no search) equals every builder's: tensor strides of
     powers of two and not, kernels of 1 and 2 per axis, negative coords,
-    batches, shuffled rows; with the out coords built by it, given by the
-    cache, or given and not the downsampled ones (then a search)."""
-    coords = random_coords(900, 3, 9, stride, seed=16, shuffle=True)
+    batches, rows in key order (a cache's) and shuffled; with the out
+    coords built by it, given by the cache, or given and not the
+    downsampled ones (then a search)."""
+    coords = random_coords(900, 3, 9, stride, seed=16, shuffle=shuffle)
     x = ps.SparseTensor(torch.randn(coords.shape[0], 2), coords, stride)
     got = km.get_kmap(x, kernel, kernel)
     out_stride = tuple(a * b for a, b in zip(stride, kernel))
