@@ -93,6 +93,14 @@ struct KeyLayout {
   }
 };
 
+// Fewest bits that hold `count` distinct values 0 .. count - 1 (count >= 1):
+// the width of count - 1.
+inline int bits_for(uint64_t count) {
+  int bits = 0;
+  while (bits < 64 && (uint64_t(1) << bits) < count) ++bits;
+  return bits;
+}
+
 // Floor division for the quantisation of negative coordinates.
 inline int64_t floor_div(int64_t a, int64_t b) {
   int64_t q = a / b;

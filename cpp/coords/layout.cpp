@@ -9,13 +9,6 @@
 namespace ps {
 namespace {
 
-// Fewest bits that hold `count` distinct values (count >= 1).
-int bits_for(uint64_t count) {
-  int bits = 0;
-  while (bits < 64 && (uint64_t(1) << bits) < count) ++bits;
-  return bits;
-}
-
 const char* const kAxis[4] = {"batch", "x", "y", "z"};
 
 // Layout of `bounds` widened by margin[a] on both sides of axis a (no check

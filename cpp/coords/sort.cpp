@@ -46,12 +46,6 @@ void exclusive_scan(int64_t* counts, int team) {
 // key's digits only, split again at the end), so a pass moves one word a row
 // instead of a key and a row: the same stable order, half the bytes.
 namespace {
-int bit_width(int64_t v) {
-  int bits = 0;
-  while (bits < 63 && (v >> bits) != 0) ++bits;
-  return bits;
-}
-
 template <bool kPerm>
 void radix_sort_impl(const int64_t* keys, int64_t n, int64_t* keys_out, int64_t* perm_out, int num_threads) {
   if (n <= 0) return;
@@ -79,9 +73,9 @@ void radix_sort_impl(const int64_t* keys, int64_t n, int64_t* keys_out, int64_t*
   // Keys already in order (a re-sort of sorted keys, common for the coords of
   // a cache) need no pass: the copy below is the whole sort.
   const bool all = std::all_of(ordered.begin(), ordered.end(), [](uint8_t v) { return v != 0; });
-  const int key_bits = bit_width(*std::max_element(maxima.begin(), maxima.end()));
+  const int key_bits = bits_for(uint64_t(*std::max_element(maxima.begin(), maxima.end())) + 1);
   const int passes = all ? 0 : (key_bits + kDigitBits - 1) / kDigitBits;
-  const int row_bits = bit_width(n - 1);
+  const int row_bits = bits_for(uint64_t(n));
   const bool packed = kPerm && passes > 0 && key_bits + row_bits <= kKeyBits;
   const int low = packed ? row_bits : 0;  // digits start at bit `low`
   const bool rows = kPerm && !packed;      // rows moved beside the keys
