@@ -4,7 +4,7 @@ choice of kernels, the output's allocation) and the residual blocks' sums
 and ReLUs, on the north star's pruned MinkUNet.
 
     flock /work/cpu.lock .venv/bin/python bench/call_overhead.py [--rounds 15] [--threads 2]
-        [--parts calls residual] [--quick]
+        [--parts calls residual cache] [--quick]
 
 Table 1: one submanifold ``Conv3d(C, C, 3)`` on a 64-voxel cloud (the kernels
 take microseconds there), called through the module and through the core's
@@ -15,8 +15,9 @@ Table 2: the north star's "keep 0.25 + fuse + vectors 75%" MinkUNet on KITTI
 raw 000049 at 0.05 m (maps cached: the network alone) as
 ``fuse_for_inference`` leaves it (each residual block's sum and ReLU in its
 last conv's store) and the same model with the sum (``nn.add``) and the ReLU
-after the conv, as before; outputs compared bit for bit first. Medians of
-interleaved rounds. ``--quick``: a 20k generated street, one round, the page
+after the conv, as before; outputs compared bit for bit first. Table 3
+(``cache``): steps that coords in key order let skip work, against the way
+they take otherwise (see :func:`cache_steps`). Medians of interleaved rounds. ``--quick``: a 20k generated street, one round, the page
 in a temporary folder.
 """
 
@@ -77,6 +78,52 @@ def per_call(rounds: int, channels: int = 16, calls: int = 200) -> str:
     return "\n".join(lines)
 
 
+def cache_steps(rounds: int, quick: bool) -> str:
+    """Two steps of an end-to-end inference that a tensor in key order lets
+    skip work, each against the way it takes otherwise, in the same rounds:
+    ``SparseTensor(feats, coords)`` on the sweep's voxels (in key order: one
+    comparison pass finds no duplicate) and the same checks with ``unique``
+    finding the duplicates, as before stop 28; the 1x1x1 map a coordinate cache builds (every row
+    with itself) and ``kmap.build(coords, 1)`` (the merge-sort builder)."""
+    if quick or kitti_path() is None:
+        coords, scene = street_scene(20_000), "a generated street of 20k voxels"
+    else:
+        xyz, feats = inputs(np.fromfile(str(kitti_path()), dtype=np.float32).reshape(-1, 4))
+        coords, scene = ps.voxelize(xyz, feats, voxel_size=0.05)[0].coords, "KITTI raw 000049 at 0.05 m"
+    f = torch.randn(len(coords), 4)
+    from pointsparse import coords as C
+    from pointsparse import kmap as K
+    from pointsparse import tensor as T
+
+    def with_unique():  # validate_coords' checks, duplicates found by unique's sort
+        T.check_coords_type(coords)
+        bool((coords[:, 0] < 0).any())
+        keys = C.pack(coords)
+        if C.unique(keys)[0].numel() != keys.numel():
+            raise SystemExit("call_overhead: duplicate coords")
+        return ps.SparseTensor(f, coords, validate=False)
+
+    cached = K._build(coords, (1, 1, 1), (1, 1, 1), (1, 1, 1), (1, 1, 1), trusted=True)
+    built = K.build(coords, 1, method="mergesort")
+    if not (torch.equal(cached.in_idx, built.in_idx) and torch.equal(cached.out_idx, built.out_idx)):
+        raise SystemExit("call_overhead: the cached 1x1x1 map differs from the builder's")
+    med = interleaved({
+        "in order": lambda: ps.SparseTensor(f, coords),
+        "with unique": with_unique,
+        "cached": lambda: K._build(coords, (1, 1, 1), (1, 1, 1), (1, 1, 1), (1, 1, 1), trusted=True),
+        "builder": lambda: K.build(coords, 1, method="mergesort")}, rounds)
+    return "\n".join([
+        f"### {scene} ({len(coords):,} voxels), {torch.get_num_threads()} threads, medians of {rounds} "
+        "interleaved rounds", "",
+        "| step | the usual way ms | the other way ms | ratio |", "|---|---|---|---|",
+        f"| `SparseTensor(feats, coords)` / the same checks by `unique` (before stop 28) | "
+        f"{1e3 * med['in order']:.2f} | {1e3 * med['with unique']:.2f} | "
+        f"{med['with unique'] / med['in order']:.2f}x |",
+        f"| 1x1x1 map: a coordinate cache's / `kmap.build(coords, 1)` (merge sort) | {1e3 * med['cached']:.2f} | "
+        f"{1e3 * med['builder']:.2f} | {med['builder'] / med['cached']:.2f}x |", "",
+        "The cached map equals the builder's."])
+
+
 def residual(rounds: int, quick: bool) -> str:
     if quick or kitti_path() is None:
         coords, scene = street_scene(20_000), "a generated street of 20k voxels"
@@ -113,14 +160,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--parts", nargs="+", choices=("calls", "residual"), default=("calls", "residual"))
+    parser.add_argument("--parts", nargs="+", choices=("calls", "residual", "cache"),
+                        default=("calls", "residual", "cache"))
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None, help="the page (default bench/results/call_overhead.md)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rounds = 1 if args.quick else args.rounds
     tables = ([per_call(rounds)] if "calls" in args.parts else []) + (
-        [residual(rounds, args.quick)] if "residual" in args.parts else [])
+        [residual(rounds, args.quick)] if "residual" in args.parts else []) + (
+        [cache_steps(rounds, args.quick)] if "cache" in args.parts else [])
     path = results_path("call_overhead.md", args.quick) if args.out is None else Path(args.out)
     command = "python bench/call_overhead.py " + " ".join(sys.argv[1:])
     write_markdown(path, "Per-call costs of an inference forward", command.strip(), environment(), tables)

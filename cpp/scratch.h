@@ -3,8 +3,8 @@
 // radix sort). Memory freed at the end of a call goes back to the system
 // when glibc trims its heap, and the next call faults every page of it in
 // again, zeroed by the kernel: on the KITTI sweep (120k points) a
-// voxelisation faulted some 700 pages a call, about a third of its time on
-// these virtual machines (bench/RESULTS.md). A slot keeps its buffer for the
+// voxelisation faulted some 700 pages a call (bench/RESULTS.md "Stop 28",
+// with the voxelisation's time before and after). A slot keeps its buffer for the
 // calling thread (grown when too small, never shrunk) up to kScratchKeep
 // bytes; a larger request gets memory of its own, freed with the Scratch.
 // Each slot has one user at a time: a slot is named after the one function

@@ -317,50 +317,37 @@ def build(coords: torch.Tensor, kernel_size=3, stride=1, dilation=1, tensor_stri
                   as_triple(dilation, "dilation"), as_triple(tensor_stride, "tensor_stride"), method, out_coords)
 
 
-_ROWS: dict = {}
-
-
-def _row_numbers(n: int, device) -> torch.Tensor:
-    """``arange(n)`` (int64) as a view of one shared range per device, grown
-    by doubling: the pairs of an identity map, read only (a map is
-    immutable), without a new tensor's pages to fault in per map."""
-    key = str(device)
-    rows = _ROWS.get(key)
-    if rows is None or rows.numel() < n:
-        rows = torch.arange(max(n, 2 * (0 if rows is None else rows.numel()), 1024), dtype=torch.int64, device=device)
-        _ROWS[key] = rows
-    return rows[:n]
-
-
 def _build(coords: torch.Tensor, k: Triple, t: Triple, d: Triple, s: Triple, method: str | None = None,
-           out_coords: torch.Tensor | None = None, check_multiples: bool = True) -> KernelMap:
+           out_coords: torch.Tensor | None = None, trusted: bool = False) -> KernelMap:
     """:func:`build` of checked coords and normalised 3-tuples (the arguments
     are normalised once, at the public entry point). ValueError unless the
-    coords (and out_coords) are multiples of their strides; a cache's maps
-    pass ``check_multiples=False``: its coords are multiples by construction
-    (validated when their tensor was made, or downsampled), and the pass
-    costs some 0.25 ms per map on a 91k-voxel sweep."""
+    coords (and out_coords) are multiples of their strides. A cache's maps
+    pass ``trusted=True``: its coords are unique multiples of their stride
+    by construction (validated when their tensor was made, or downsampled),
+    so the check is skipped (some 0.25 ms per map on a 91k-voxel sweep) and
+    the maps that need no search take their shortcuts (a 1x1x1 map; a kernel
+    tiling its stride: ``_core.kmap_parents``)."""
     method = _check_method(method, coords.device)
     offsets = _offsets(k, d, s)
-    if check_multiples:
+    if not trusted:
         _coords.check_stride_multiple(coords, s)
     if out_coords is not None:
         _coords.check_coords(out_coords, "out_coords")
         if out_coords.device != coords.device:
             raise ValueError(f"out_coords are on {out_coords.device} but coords on {coords.device}")
-        if check_multiples:
+        if not trusted:
             _coords.check_stride_multiple(out_coords, tuple(a * b for a, b in zip(s, t)), "out_coords")
     key = KernelMapKey(s, k, t, d, False)
     submanifold = out_coords is None and t == (1, 1, 1)
-    if submanifold and offsets.shape[0] == 1 and not check_multiples:
+    if submanifold and offsets.shape[0] == 1 and trusted:
         # A cache's 1x1x1 map (a residual block's shortcut): every row paired
-        # with itself, no search. Its coords are unique by construction (the
-        # public build() still runs a builder, which rejects duplicates). On
-        # the KITTI sweep (91k voxels) the merge-sort build took 1.4 ms (2 threads, AMD EPYC Zen 3).
+        # with itself, no search (the public build() still runs a builder,
+        # which rejects duplicate coords). bench/call_overhead.py --parts
+        # cache times it against the builder.
         n = coords.shape[0]
-        rows = _row_numbers(n, coords.device)
-        return KernelMap(coords, rows, rows, torch.tensor([n], dtype=torch.int64), offsets, n, n, key)
-    if (not submanifold and not check_multiples and method != "torch" and _ext.serves(coords)
+        rows = torch.arange(n, dtype=torch.int64, device=coords.device)
+        return KernelMap(coords, rows, rows.clone(), torch.tensor([n], dtype=torch.int64), offsets, n, n, key)
+    if (not submanifold and trusted and method != "torch" and _ext.serves(coords)
             and all(k[a] == t[a] and (k[a] == 1 or (k[a] == 2 and d[a] == 1)) for a in range(3))):
         # A cache's map whose kernel tiles its stride (the U-Net's k2 s2
         # downsampling): each row pairs with its parent, found by the
@@ -405,7 +392,7 @@ def _get_kmap(tensor: SparseTensor, k: Triple, t: Triple, d: Triple, transposed:
 
         def make():
             known = None if t == (1, 1, 1) else cache.get_coords(out_stride)
-            return _build(tensor.coords, k, t, d, tensor.stride, method, out_coords=known, check_multiples=False)
+            return _build(tensor.coords, k, t, d, tensor.stride, method, out_coords=known, trusted=True)
 
         kmap = cache.get_kmap(key, make)
         cache.set_coords(out_stride, kmap.out_coords)
@@ -423,7 +410,7 @@ def _get_kmap(tensor: SparseTensor, k: Triple, t: Triple, d: Triple, transposed:
 
     def make_down():
         return _build(fine, k, t, d, fine_stride, method, out_coords=None if t == (1, 1, 1) else tensor.coords,
-                      check_multiples=False)
+                      trusted=True)
 
     def make_up():
         down = cache.get_kmap(down_key, make_down)

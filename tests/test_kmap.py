@@ -493,7 +493,7 @@ def test_cached_map_of_a_kernel_tiling_its_stride_is_every_builders_map(stride, 
     assert torch.equal(again.out_idx, got.out_idx)
     # Given out coords that are not the downsampled ones: the search's map.
     fewer = got.out_coords[::2].contiguous()
-    mapped = km._build(coords, kernel, kernel, (1, 1, 1), stride, out_coords=fewer, check_multiples=False)
+    mapped = km._build(coords, kernel, kernel, (1, 1, 1), stride, out_coords=fewer, trusted=True)
     want = km.build(coords, kernel, kernel, tensor_stride=stride, out_coords=fewer, method="mergesort")
     assert torch.equal(mapped.in_idx, want.in_idx) and torch.equal(mapped.out_idx, want.out_idx)
     assert torch.equal(mapped.sizes, want.sizes) and mapped.out_coords is fewer
