@@ -19,8 +19,8 @@ it the Makefile's cmake configure and build (``make build`` there copies the
 module into that tree's ``pointsparse/``). The conv is ``bench/conv_instructions.py``'s:
 a submanifold ``Conv3d(C, C, 3)`` on the KITTI sweep (000049, 0.05 m; a
 generated street of 20k voxels where the dataset is absent), unpruned and
-pruned (``offset``: 75% of the kernel offsets, ``vector``: 75% of the
-engine's vectors), run as this tree's engine chooses for the forward.
+pruned (``offset``: 75% of the kernel offsets, ``vector``: 75% of the engine's
+vectors, ``vector50``: 50%), run as this tree's engine chooses for the forward.
 Passes: ``forward``, ``input`` (the input gradient, with the forward's
 choice of kernels), ``weight`` (the weight gradient; pruning only skips
 offsets there). Every build's outputs must equal the first

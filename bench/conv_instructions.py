@@ -10,7 +10,7 @@ kernels where a timing cannot tell 5% apart.
 A submanifold ``Conv3d(C, C, 3)`` over the KITTI sweep (000049, 0.05 m; a
 generated street of 20k voxels where the dataset is absent), unpruned and
 pruned as ``bench/prune_exec.py`` prunes it (``offset``: 75% of the kernel
-offsets, ``vector``: 75% of the engine's vectors), run by the engine's
+offsets, ``vector``: 75% of the engine's vectors, ``vector50``: 50%), run by the engine's
 choice (dense, offset-skipping or vector-sparse kernels), one thread, the
 widest build this CPU runs. Each case runs in a child process under
 ``valgrind --tool=callgrind`` that loads the extension module alone (numpy,
@@ -39,7 +39,7 @@ from prune_exec import variants
 import pointsparse as ps
 from pointsparse.nn import _engine
 
-KINDS = {"dense": "unpruned", "offset": "offset 75%", "vector": "vector 75%"}
+KINDS = {"dense": "unpruned", "offset": "offset 75%", "vector": "vector 75%", "vector50": "vector 50%"}
 
 # The child: the extension module by its path, the case from the .npz, the
 # plan, `calls` forwards on one thread; the last output saved for the check.
@@ -126,7 +126,7 @@ def measure(channels: list, kinds: list, calls: int, coords: torch.Tensor, where
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--channels", type=int, nargs="+", default=[8, 32, 64])
-    parser.add_argument("--kinds", nargs="+", choices=list(KINDS), default=list(KINDS))
+    parser.add_argument("--kinds", nargs="+", choices=list(KINDS), default=["dense", "offset", "vector"])
     parser.add_argument("--calls", type=int, default=2)
     parser.add_argument("--out", default=None, help="default bench/results/conv_instructions.md")
     parser.add_argument("--quick", action="store_true", help="C = 8 unpruned on a 20k generated street, one call")

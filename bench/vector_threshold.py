@@ -10,7 +10,9 @@ dataset is absent), one thread, through the engine's plan (``ConvPlan``):
    the engine's threshold for C rows beside it.
 2. *Time by listed rows* (``--listed``): every panel of every offset lists
    the same n rows (the first n input channels), the vector forward's time
-   against n: its fixed cost per pair and offset and its cost per listed row.
+   against n: its fixed cost per pair and offset and its cost per listed row;
+   beside it the dense forward of ``Conv3d(n, C, 3)`` on the same map (the
+   same steps a panel, input rows n channels wide).
 
 Each output is checked against the dense kernels' first.
 
@@ -61,6 +63,8 @@ def setup(coords: torch.Tensor, channels: int):
     def run(weight: np.ndarray, vector: bool, dst: np.ndarray = out) -> None:
         plan.forward(feats, weight, None, dst, 1, None, False, active=None, vector=vector)
 
+    run.plan, run.feats, run.out = plan, feats, out
+
     def checked(weight: np.ndarray) -> None:
         run(weight, False, want)
         run(weight, True)
@@ -95,29 +99,53 @@ def break_even(coords, channels: list, densities: list, rounds: int) -> str:
 
 
 def by_listed(coords, channels: int, listed: list, rounds: int) -> str:
+    """The vector forward with n listed rows in every panel (the first n input
+    channels), the dense forward of a ``Conv3d(n, C, 3)`` on the same map (the
+    same steps a panel, but input rows n channels wide instead of C: what the
+    gather of whole input rows costs), and the straight line t = a + b n
+    through the vector times (a: the fixed cost of the pairs and the output
+    rows, b: the cost of one listed row)."""
     run, checked = setup(coords, channels)
+    plan, feats = run.plan, run.feats
     w = torch.randn(27, channels, channels, generator=torch.Generator().manual_seed(2))
     calls = {"dense": lambda wd=w.numpy(): run(wd, False)}
-    for n in [n for n in listed if n <= channels]:
+    ns = [n for n in listed if n <= channels]
+    for n in ns:
         wn = w.clone()
         wn[:, n:] = 0
         wn = wn.contiguous().numpy()
         checked(wn)
         calls[n] = lambda wn=wn: run(wn, True)
+        # The first n input channels alone: the same sums as the vector run.
+        fn, wnn = np.ascontiguousarray(feats[:, :n]), np.ascontiguousarray(wn[:, :n])
+        dst = np.empty((plan.num_out, channels), np.float32)
+        plan.forward(fn, wnn, None, dst, 1, None, False, active=None, vector=False)
+        if not np.array_equal(dst, run.out):
+            raise RuntimeError(f"C = {channels}, n = {n}: the narrow dense conv differs from the vector one by "
+                               f"{np.abs(dst - run.out).max()}")
+        calls["narrow", n] = lambda fn=fn, wnn=wnn, dst=dst: plan.forward(fn, wnn, None, dst, 1, None, False,
+                                                                         active=None, vector=False)
     med = median_ms(calls, rounds)
-    names = [k for k in calls if k != "dense"]
-    return "\n".join([f"C = {channels}: the vector forward with n listed rows in every panel, and the dense "
-                      f"forward of the unpruned weight ({med['dense']:.2f} ms).", "",
-                      "| listed rows n | " + " | ".join(str(n) for n in names) + " |",
-                      "|---|" + "---|" * len(names),
-                      "| vector forward ms | " + " | ".join(f"{med[n]:.2f}" for n in names) + " |"])
+    b, a = np.polyfit(np.array(ns, float), np.array([med[n] for n in ns]), 1) if len(ns) > 1 else (0.0, med[ns[0]])
+    return "\n".join([f"C = {channels}: the vector forward with n listed rows in every panel, the dense forward "
+                      f"of Conv3d(n, {channels}, 3) on the same map (the same steps a panel, input rows n wide), "
+                      f"and the dense forward of the unpruned weight ({med['dense']:.2f} ms).", "",
+                      "| listed rows n | " + " | ".join(str(n) for n in ns) + " |",
+                      "|---|" + "---|" * len(ns),
+                      "| vector forward ms | " + " | ".join(f"{med[n]:.2f}" for n in ns) + " |",
+                      f"| dense Conv3d(n, {channels}, 3) ms | " + " | ".join(f"{med['narrow', n]:.2f}" for n in ns)
+                      + " |", "",
+                      f"Vector times against n: {a:.2f} ms + {b:.3f} ms a listed row (the fixed cost "
+                      f"{a / med['dense']:.0%} of the dense forward); at the 25% of the rows listed that 75% "
+                      f"vector pruning leaves (n = {channels // 4}) at most {med['dense'] / (a + b * channels / 4):.2f}x "
+                      "the dense forward."])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--channels", type=int, nargs="+", default=[8, 16, 24, 32, 48, 64])
     parser.add_argument("--densities", type=float, nargs="+", default=[0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
-    parser.add_argument("--listed", type=int, nargs="*", default=[1, 4, 8, 16, 32],
+    parser.add_argument("--listed", type=int, nargs="*", default=[1, 4, 8, 16, 32, 48],
                         help="rows listed per panel for the second table, at the largest C (none: no table)")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--out", default=None, help="default bench/results/vector_threshold.md")
