@@ -2,8 +2,10 @@
 
 Clouds: generated street scenes of 25k, 100k, 400k and 1M voxels and the real
 sweeps in ../shared/datasets at 0.05 m and 0.1 m. Maps: submanifold k=3 and
-k=5, strided k=2 s=2 and k=3 s=2. Every method is checked against the others
-(identical tensors) before it is timed. Baselines timed in the same run: a
+k=5, strided k=2 s=2 and k=3 s=2. Methods: each named one, and ``default``
+(``method=None``: mergesort on the CPU, and for k2 s2 the parents from the
+downsampling's own sort, no search). Every method is checked against the
+others (identical tensors) before it is timed. Baselines timed in the same run: a
 plain torch sort/searchsorted map that mirrors half the offsets (written here)
 and spconv's CPU map when the ``spconv`` package is installed.
 
@@ -113,10 +115,11 @@ def main() -> None:
         for map_name, (k, t) in maps.items():
             repeats = args.repeats or (3 if args.quick or n > 300_000 else 7)
             built = {m: km.build(coords, k, t, method=m) for m in METHODS}
+            built["default"] = km.build(coords, k, t)
             check_equal(built)
             kvol = built["mergesort"].kernel_volume
-            for m in METHODS:
-                sec = c.timeit(lambda: km.build(coords, k, t, method=m), repeats=repeats)
+            for m in METHODS + ("default",):
+                sec = c.timeit(lambda: km.build(coords, k, t, method=None if m == "default" else m), repeats=repeats)
                 rows.append((cloud, n, map_name, kvol, m, sec))
             ref = torch_reference(coords, k, t)
             for o in range(kvol):
@@ -150,7 +153,7 @@ def write_results(rows, maps, args, have_spconv) -> None:
         for name in cl:
             r = {x[4]: x for x in sub if x[0] == name}
             n, kvol = r[methods[0]][1], r[methods[0]][3]
-            ours = min(r[m][5] for m in METHODS)
+            ours = min(r[m][5] for m in METHODS + ("default",))
             cells = " | ".join(f"{r[m][5] * 1e3:.2f}" if m in r else "-" for m in methods)
             lines.append(f"| {name} | {n} | {cells} | {ours * 1e9 / (n * kvol):.2f} | "
                          f"{r['torch reference'][5] / ours:.1f}x |")

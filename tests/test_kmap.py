@@ -499,6 +499,79 @@ def test_cached_map_of_a_kernel_tiling_its_stride_is_every_builders_map(stride, 
     assert torch.equal(mapped.sizes, want.sizes) and mapped.out_coords is fewer
 
 
+@pytest.mark.parametrize("stride,kernel", [((1, 1, 1), (2, 2, 2)), ((2, 2, 2), (2, 2, 2)), ((3, 3, 3), (2, 2, 2)),
+                                           ((1, 2, 4), (2, 1, 2))])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_default_build_of_a_kernel_tiling_its_stride_takes_the_parents(stride, kernel, shuffle, monkeypatch):
+    """build() with the default method maps a k == s conv through
+    _core.kmap_parents (no search): every builder's tensors, on coords in key
+    order and shuffled, with out coords built, given (the downsampled ones)
+    or given and not the downsampled ones (then a search); duplicates and
+    coords off the tensor stride are refused as by the builders."""
+    calls = []
+    parents = _ext.core.kmap_parents
+
+    def counted(*args):
+        calls.append(args[0].shape[0])
+        return parents(*args)
+
+    monkeypatch.setattr(_ext.core, "kmap_parents", counted)
+    coords = random_coords(900, 3, 9, stride, seed=17, shuffle=shuffle)
+    got = km.build(coords, kernel, kernel, tensor_stride=stride)
+    assert calls == [coords.shape[0]]
+    for method in ("mergesort", "hash", "torch"):
+        want = km.build(coords, kernel, kernel, tensor_stride=stride, method=method)
+        for a, b in ((got.in_idx, want.in_idx), (got.out_idx, want.out_idx), (got.sizes, want.sizes),
+                     (got.offsets, want.offsets), (got.out_coords, want.out_coords)):
+            assert a.dtype == b.dtype and torch.equal(a, b), method
+        assert (got.num_in, got.num_out, got.ptr) == (want.num_in, want.num_out, want.ptr)
+    assert len(calls) == 1  # the named methods search
+    assert_matches_reference(got, coords, kernel, kernel, (1, 1, 1), stride)
+    given = got.out_coords.clone()
+    again = km.build(coords, kernel, kernel, tensor_stride=stride, out_coords=given)
+    assert again.out_coords is given and torch.equal(again.in_idx, got.in_idx)
+    assert torch.equal(again.out_idx, got.out_idx) and torch.equal(again.sizes, got.sizes)
+    fewer = got.out_coords[::2].contiguous()
+    mapped = km.build(coords, kernel, kernel, tensor_stride=stride, out_coords=fewer)
+    want = km.build(coords, kernel, kernel, tensor_stride=stride, out_coords=fewer, method="mergesort")
+    assert torch.equal(mapped.in_idx, want.in_idx) and torch.equal(mapped.out_idx, want.out_idx)
+    assert torch.equal(mapped.sizes, want.sizes) and mapped.out_coords is fewer
+    twice = torch.cat([coords, coords[3:4]])
+    for method in (None, "mergesort"):
+        with pytest.raises(ValueError, match=r"^coords hold duplicate rows; each \[batch, x, y, z\] must appear once$"):
+            km.build(twice, kernel, kernel, tensor_stride=stride, method=method)
+    if max(stride) > 1:
+        off = coords.clone()
+        off[5, 1 + stride.index(max(stride))] += 1
+        with pytest.raises(ValueError, match="multiple"):
+            km.build(off, kernel, kernel, tensor_stride=stride)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_kmap_parents_is_the_same_for_any_thread_count(shuffle):
+    """Above 2^15 rows kmap_parents splits its passes after the sort over the
+    threads (chunks starting where a parent starts): the same arrays as one
+    thread and as the merge-sort builder; a duplicate is refused with any
+    thread count."""
+    core = _ext.core
+    coords = random_coords(120_000, 2, 40, (2, 2, 2), seed=18, shuffle=shuffle)
+    assert coords.shape[0] > 2**15
+    c = coords.numpy()
+    one = core.kmap_parents(c, [4, 4, 4], [2, 2, 2], None, 1)
+    for nt in (2, 3, 7):
+        many = core.kmap_parents(c, [4, 4, 4], [2, 2, 2], None, nt)
+        for a, b in zip(one, many):
+            assert a.dtype == b.dtype and np.array_equal(a, b), nt
+    want = km.build(coords, 2, 2, tensor_stride=2, method="mergesort")
+    assert np.array_equal(one[0], want.out_coords.numpy()) and np.array_equal(one[3], want.sizes.numpy())
+    assert np.array_equal(one[1], want.in_idx.numpy()) and np.array_equal(one[2], want.out_idx.numpy())
+    # A repeated row in the last chunk: found (and named the same) with any thread count.
+    twice = np.concatenate([c, c[-5:-4]])
+    for nt in (1, 2, 7):
+        with pytest.raises(ValueError, match="duplicate"):
+            core.kmap_parents(twice, [4, 4, 4], [2, 2, 2], None, nt)
+
+
 def test_kmap_parents_rejects_bad_arguments():
     core = _ext.core
     c = np.array([[0, 0, 0, 0], [0, 1, 0, 0], [0, 2, 2, 2]], np.int32)

@@ -14,6 +14,10 @@
 namespace ps {
 namespace kmap {
 
+// Rows from which parent_pairs splits its passes after the sort over the
+// threads.
+constexpr int64_t kParentsParallelMin = int64_t(1) << 15;
+
 std::vector<int64_t> mirror_sources(const int32_t* offsets, int64_t k, bool submanifold) {
   std::vector<int64_t> mirror(k, -1);
   if (!submanifold) return mirror;
@@ -242,31 +246,74 @@ ParentPairs parent_pairs(const int32_t* c, int64_t n, const int64_t* stride, con
     return out;
   }
   radix_sort_keys(keys.get(), n, keys.get(), perm.get(), nt);  // in place: the sort reads a row before writing it
-  // Out row of each sorted position and the pairs per offset; a parent meets
-  // each offset at most once unless two input rows are equal.
-  std::unique_ptr<int32_t[]> row(new int32_t[size_t(n)]);
-  out.out_keys.reserve(size_t(n));
-  int64_t m = -1;
-  unsigned seen = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    if (i == 0 || keys[i] != keys[i - 1]) {
-      out.out_keys.push_back(keys[i]);
-      ++m;
-      seen = 0;
-    }
-    const unsigned bit = 1u << offset[perm[i]];
-    if ((seen & bit) && out.duplicate_row < 0) out.duplicate_row = perm[i];
-    seen |= bit;
-    row[i] = int32_t(m);
-    ++out.sizes[offset[perm[i]]];
+  // The sorted rows in chunks that start where a parent starts (a parent's
+  // rows never split), one per thread where there are enough rows: each
+  // chunk counts its parents and its pairs per offset, then writes them at
+  // its own place in every offset's run, in sorted order: out rows ascending
+  // within each offset, the arrays those of one pass over all rows, for any
+  // thread count. Serial, these passes made the call 1.45x slower than the
+  // merge-sort builder on a generated street of 1M voxels (2 threads,
+  // bench/kmap.py); split, 1.48x faster (bench/results/kmap_zen3_stop29.md).
+  // One thread: 2% more instructions than the serial single pass on the
+  // KITTI sweep (bench/kmap_instructions.py, case "k2 s2 cached").
+  const int64_t chunks = n < kParentsParallelMin ? 1 : nt;
+  std::vector<int64_t> bound(size_t(chunks + 1), n);
+  bound[0] = 0;
+  for (int64_t t = 1; t < chunks; ++t) {
+    int64_t b = std::max(bound[t - 1], n * t / chunks);
+    while (b > 0 && b < n && keys[b] == keys[b - 1]) ++b;
+    bound[t] = b;
   }
-  if (out.duplicate_row >= 0) return out;
-  std::vector<int64_t> next(size_t(volume), 0);
-  for (int64_t k = 1; k < volume; ++k) next[k] = next[k - 1] + out.sizes[k - 1];
-  for (int64_t i = 0; i < n; ++i) {  // sorted order: out rows ascending within each offset
-    const int64_t pos = next[offset[perm[i]]]++;
-    in_idx[pos] = perm[i];
-    out_idx[pos] = row[i];
+  // Per chunk: its parents, its pairs per offset, its first repeated (parent, offset).
+  std::vector<int64_t> groups(size_t(chunks), 0), counts(size_t(chunks * volume), 0), repeat(size_t(chunks), -1);
+#pragma omp parallel for num_threads(nt) schedule(static, 1) if (chunks > 1)
+  for (int64_t t = 0; t < chunks; ++t) {
+    int64_t* cnt = counts.data() + t * volume;
+    int64_t g = 0;
+    unsigned seen = 0;
+    for (int64_t i = bound[t]; i < bound[t + 1]; ++i) {
+      if (i == bound[t] || keys[i] != keys[i - 1]) {
+        ++g;
+        seen = 0;
+      }
+      const unsigned bit = 1u << offset[perm[i]];
+      if ((seen & bit) && repeat[t] < 0) repeat[t] = i;
+      seen |= bit;
+      ++cnt[offset[perm[i]]];
+    }
+    groups[t] = g;
+  }
+  for (int64_t t = 0; t < chunks; ++t) {  // the first in sorted order, as one pass finds it
+    if (repeat[t] >= 0) {
+      out.duplicate_row = perm[repeat[t]];
+      return out;
+    }
+  }
+  // Where each chunk writes: its first out row, and per offset its first pair.
+  std::vector<int64_t> first_group(size_t(chunks), 0), cursor(size_t(chunks * volume), 0);
+  for (int64_t t = 1; t < chunks; ++t) first_group[t] = first_group[t - 1] + groups[t - 1];
+  int64_t pos = 0;
+  for (int64_t k = 0; k < volume; ++k) {
+    for (int64_t t = 0; t < chunks; ++t) {
+      cursor[t * volume + k] = pos;
+      pos += counts[t * volume + k];
+    }
+    out.sizes[k] = 0;
+    for (int64_t t = 0; t < chunks; ++t) out.sizes[k] += counts[t * volume + k];
+  }
+  out.out_keys.resize(size_t(first_group[chunks - 1] + groups[chunks - 1]));
+  int64_t* out_keys = out.out_keys.data();
+#pragma omp parallel for num_threads(nt) schedule(static, 1) if (chunks > 1)
+  for (int64_t t = 0; t < chunks; ++t) {
+    int64_t* cur = cursor.data() + t * volume;
+    int64_t m = first_group[t] - 1;
+    for (int64_t i = bound[t]; i < bound[t + 1]; ++i) {
+      if (i == bound[t] || keys[i] != keys[i - 1]) out_keys[++m] = keys[i];
+      const int64_t p = perm[i];
+      const int64_t at = cur[offset[p]]++;
+      in_idx[at] = p;
+      out_idx[at] = m;
+    }
   }
   return out;
 }
