@@ -63,8 +63,6 @@ def setup(coords: torch.Tensor, channels: int):
     def run(weight: np.ndarray, vector: bool, dst: np.ndarray = out) -> None:
         plan.forward(feats, weight, None, dst, 1, None, False, active=None, vector=vector)
 
-    run.plan, run.feats, run.out = plan, feats, out
-
     def checked(weight: np.ndarray) -> None:
         run(weight, False, want)
         run(weight, True)
@@ -72,7 +70,7 @@ def setup(coords: torch.Tensor, channels: int):
             raise RuntimeError(f"C = {channels}: the vector kernels differ from the dense ones by "
                                f"{np.abs(out - want).max()}")
 
-    return run, checked
+    return run, checked, plan, feats, out
 
 
 def break_even(coords, channels: list, densities: list, rounds: int) -> str:
@@ -80,7 +78,7 @@ def break_even(coords, channels: list, densities: list, rounds: int) -> str:
              "|---|" + "---|" * (len(densities) + 1)]
     width = _engine.panel_width(torch.float32)
     for c in channels:
-        run, checked = setup(coords, c)
+        run, checked, *_ = setup(coords, c)
         g = torch.Generator().manual_seed(1)
         w = torch.randn(27, c, c, generator=g)
         panels = -(-c // width)
@@ -105,8 +103,7 @@ def by_listed(coords, channels: int, listed: list, rounds: int) -> str:
     gather of whole input rows costs), and the straight line t = a + b n
     through the vector times (a: the fixed cost of the pairs and the output
     rows, b: the cost of one listed row)."""
-    run, checked = setup(coords, channels)
-    plan, feats = run.plan, run.feats
+    run, checked, plan, feats, out = setup(coords, channels)
     w = torch.randn(27, channels, channels, generator=torch.Generator().manual_seed(2))
     calls = {"dense": lambda wd=w.numpy(): run(wd, False)}
     ns = [n for n in listed if n <= channels]
@@ -114,15 +111,15 @@ def by_listed(coords, channels: int, listed: list, rounds: int) -> str:
         wn = w.clone()
         wn[:, n:] = 0
         wn = wn.contiguous().numpy()
-        checked(wn)
+        checked(wn)  # leaves the vector forward's output in `out`
         calls[n] = lambda wn=wn: run(wn, True)
         # The first n input channels alone: the same sums as the vector run.
         fn, wnn = np.ascontiguousarray(feats[:, :n]), np.ascontiguousarray(wn[:, :n])
         dst = np.empty((plan.num_out, channels), np.float32)
         plan.forward(fn, wnn, None, dst, 1, None, False, active=None, vector=False)
-        if not np.array_equal(dst, run.out):
+        if not np.array_equal(dst, out):
             raise RuntimeError(f"C = {channels}, n = {n}: the narrow dense conv differs from the vector one by "
-                               f"{np.abs(dst - run.out).max()}")
+                               f"{np.abs(dst - out).max()}")
         calls["narrow", n] = lambda fn=fn, wnn=wnn, dst=dst: plan.forward(fn, wnn, None, dst, 1, None, False,
                                                                          active=None, vector=False)
     med = median_ms(calls, rounds)

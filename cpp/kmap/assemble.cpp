@@ -14,9 +14,23 @@
 namespace ps {
 namespace kmap {
 
+namespace {
+
 // Rows from which parent_pairs splits its passes after the sort over the
 // threads.
 constexpr int64_t kParentsParallelMin = int64_t(1) << 15;
+
+// Whether every stride is a power of two (all the networks' strides): then
+// a parent floor(c / s) * s is c with its low bits cleared (c & -s, negative
+// c included), where a division per axis and row took most of a
+// downsampling.
+bool pow2_strides(const int64_t* stride) {
+  bool pow2 = true;
+  for (int a = 0; a < 3; ++a) pow2 = pow2 && (stride[a] & (stride[a] - 1)) == 0;
+  return pow2;
+}
+
+}  // namespace
 
 std::vector<int64_t> mirror_sources(const int32_t* offsets, int64_t k, bool submanifold) {
   std::vector<int64_t> mirror(k, -1);
@@ -184,9 +198,7 @@ void downsample_keys(const int32_t* c, int64_t n, const int64_t* stride, const K
   // division per axis and row took most of the call: KITTI sweep, 91k rows,
   // stride 2, one thread, AMD EPYC Zen 3 [avx2], 4.90 -> 3.19 ms
   // (bench/kmap_instructions.py --time, case "downsample s2").
-  bool pow2 = true;
-  for (int a = 0; a < 3; ++a) pow2 = pow2 && (stride[a] & (stride[a] - 1)) == 0;
-  if (pow2) {
+  if (pow2_strides(stride)) {
     const int64_t m0 = -stride[0], m1 = -stride[1], m2 = -stride[2];
 #pragma omp parallel for num_threads(nt) schedule(static) firstprivate(layout)
     for (int64_t i = 0; i < n; ++i) {
@@ -221,8 +233,7 @@ ParentPairs parent_pairs(const int32_t* c, int64_t n, const int64_t* stride, con
   // whether c_a - parent_a reaches step_a (step = the tensor stride).
   const int64_t step[3] = {stride[0] / kernel[0], stride[1] / kernel[1], stride[2] / kernel[2]};
   const int64_t weight[3] = {kernel[1] * kernel[2], kernel[2], 1};
-  bool pow2 = true;  // parents by clearing low bits (see downsample_keys)
-  for (int a = 0; a < 3; ++a) pow2 = pow2 && (stride[a] & (stride[a] - 1)) == 0;
+  const bool pow2 = pow2_strides(stride);
   std::unique_ptr<int64_t[]> keys(new int64_t[size_t(n)]), perm(new int64_t[size_t(n)]);
   std::unique_ptr<uint8_t[]> offset(new uint8_t[size_t(n)]);  // volume <= 8
   int64_t off_grid = std::numeric_limits<int64_t>::max();     // first row not on the tensor stride's grid
@@ -297,9 +308,8 @@ ParentPairs parent_pairs(const int32_t* c, int64_t n, const int64_t* stride, con
     for (int64_t t = 0; t < chunks; ++t) {
       cursor[t * volume + k] = pos;
       pos += counts[t * volume + k];
+      out.sizes[k] += counts[t * volume + k];
     }
-    out.sizes[k] = 0;
-    for (int64_t t = 0; t < chunks; ++t) out.sizes[k] += counts[t * volume + k];
   }
   out.out_keys.resize(size_t(first_group[chunks - 1] + groups[chunks - 1]));
   int64_t* out_keys = out.out_keys.data();
