@@ -115,3 +115,54 @@ def test_weights_the_config_does_not_describe_are_refused(tmp_path):
     torch.save({"model": other_kernel, "config": config}, tmp_path / "kernel.pt")
     with pytest.raises(ValueError, match=f"checkpoint tensor '{name}' has shape"):
         load_model(tmp_path / "kernel.pt")
+
+
+def test_prune_vectors_checkpoint_keeps_its_masks_through_fine_tuning(tmp_path, capsys):
+    """``prune vectors`` masks the engine vectors of every conv with more
+    than one offset; the checkpoint stores the masks; ``train --resume``
+    (the fine-tuning) rebuilds them before its optimizer and keeps every
+    masked weight at zero while the others train; ``load_model`` and
+    ``eval`` run the masked model."""
+    from pointsparse.nn import Conv3d
+    from pointsparse.nn.functional import panel_width
+    dense, sparse = tmp_path / "dense", tmp_path / "sparse"
+    assert cli.main(["train", *TINY, "--epochs", "1", "--out", str(dense)]) == 0
+    assert cli.main(["prune", "vectors", "--checkpoint", str(dense / "checkpoint.pt"), "--sparsity", "0.75",
+                     "--out", str(sparse)]) == 0
+    assert "convs masked by engine vectors" in capsys.readouterr().out
+    before = checkpoint.load(sparse / "checkpoint.pt")["model"]
+    masks = {k: v for k, v in before.items() if k.endswith("weight_mask")}
+    model = load_model(dense / "checkpoint.pt")
+    convs = {n for n, m in model.named_modules() if isinstance(m, Conv3d) and m.weight.shape[0] > 1}
+    assert {k[:-len(".weight_mask")] for k in masks} == convs
+    width = panel_width(torch.float32)
+    for key, mask in masks.items():
+        # whole vectors: (offset, input channel, panel of `width` output columns) all kept or all zero
+        panels = mask.bool().split(width, dim=2)
+        assert all((p.all(-1) | ~p.any(-1)).all() for p in panels), key
+        kept = torch.stack([p[..., 0] for p in panels]).float().mean().item()
+        assert 0.2 <= kept <= 0.3, (key, kept)
+    assert cli.main(["train", *TINY, "--epochs", "2", "--out", str(sparse), "--resume"]) == 0
+    after = checkpoint.load(sparse / "checkpoint.pt")
+    assert after["epoch"] == 2
+    moved = 0
+    for key, mask in masks.items():
+        assert torch.equal(after["model"][key], mask), key
+        orig = key[:-len("_mask")] + "_orig"
+        weight = after["model"][orig] * mask
+        assert not weight[~mask.bool()].any(), key
+        moved += int(not torch.equal(after["model"][orig][mask.bool()], before[orig][mask.bool()]))
+    assert moved == len(masks)  # every masked conv trained its kept weights
+    loaded = load_model(sparse / "checkpoint.pt")
+    for name in convs:
+        module = loaded.get_submodule(name)
+        assert torch.equal(module.weight_mask, masks[name + ".weight_mask"])
+        assert not module.weight[~module.weight_mask.bool()].any()
+    assert cli.main(["eval", "--checkpoint", str(sparse / "checkpoint.pt"), "--no-progress"]) == 0
+
+
+@pytest.mark.parametrize("amount", ["1.0", "-0.1", "nan"])
+def test_prune_vectors_refuses_a_bad_sparsity(tmp_path, amount):
+    from pointsparse.app.channels import prune_vectors_checkpoint
+    with pytest.raises(ValueError, match=r"--sparsity"):
+        prune_vectors_checkpoint(tmp_path / "none.pt", tmp_path / "out", float(amount))

@@ -2,11 +2,15 @@
 trained checkpoint's model and write a checkpoint that records the pruned
 widths (``pointsparse eval``, ``train --resume`` and
 ``pointsparse.models.load_model`` rebuild it); optionally fine-tune it by
-resuming training for a few epochs."""
+resuming training for a few epochs. ``pointsparse prune vectors``: mask the
+engine's vectors of every sparse conv of a checkpoint's model (the
+granularity the fused kernels skip) and write a checkpoint that stores the
+masks, which fine-tuning keeps."""
 
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
@@ -27,7 +31,10 @@ def add_arguments(parser) -> None:
                         help="channels: keep --ratio of every group, or of all channels ranked together")
     parser.add_argument("--multiple", type=int, default=None,
                         help="channels: kept counts rounded to this multiple (default 8, measured fastest)")
-    parser.add_argument("--finetune-epochs", type=int, default=0, help="channels: epochs of fine-tuning afterwards")
+    parser.add_argument("--finetune-epochs", type=int, default=0,
+                        help="channels, vectors: epochs of fine-tuning afterwards")
+    parser.add_argument("--square", action="store_true",
+                        help="vectors: width x width blocks, which the input gradient skips too")
 
 
 def load_state(path) -> dict:
@@ -75,6 +82,35 @@ def prune_checkpoint(path, out, ratio: float = 0.5, data=None, label_map=None, c
     return save_pruned(state, model, out)
 
 
+def prune_vectors_checkpoint(path, out, amount: float, square: bool = False) -> Path:
+    """Write ``out/checkpoint.pt``: the checkpoint's model (dense or
+    channel-pruned) with ``amount`` of the alive engine vectors of every
+    sparse conv with more than one offset pruned by magnitude
+    (:func:`pointsparse.prune.panel_structured`; ``square``: width x width
+    blocks), the masks stored as ``torch.nn.utils.prune`` stores them
+    (``weight_orig`` + ``weight_mask``): ``load_model``, ``pointsparse eval``
+    and ``train --resume`` rebuild them, and fine-tuning keeps the masked
+    weights at zero (they get no gradient). ``prune.remove`` (or
+    ``nn.fuse_for_inference`` after it) makes them plain weights for
+    inference. The run's epoch, schedule and history are kept, the optimizer
+    state is fresh. Returns its path."""
+    from ..models import model_from_state
+    from ..nn import Conv3d
+    from ..prune import panel_structured
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not math.isfinite(amount) \
+            or not 0.0 <= amount < 1.0:
+        raise ValueError(f"amount (--sparsity) must be a number in [0, 1): the fraction of each conv's vectors "
+                         f"pruned; got {amount!r}")
+    state = load_state(path)
+    model = model_from_state(state)
+    convs = [m for m in model.modules() if isinstance(m, Conv3d) and m.weight.shape[0] > 1]
+    if not convs:
+        raise ValueError(f"{path}: the model has no sparse conv with more than one offset to prune by vectors")
+    for module in convs:
+        panel_structured(module, "weight", float(amount), square=square)
+    return save_pruned(state, model, out)
+
+
 def finetune(path: Path, epochs: int) -> None:
     """Resume training the checkpoint at ``path`` for ``epochs`` more epochs
     (same options as the run that wrote it; output beside it)."""
@@ -85,6 +121,20 @@ def finetune(path: Path, epochs: int) -> None:
     args.epochs = int(state["epoch"]) + epochs
     args.time_budget = args.time_limit = None
     main(args)
+
+
+def vectors_main(args) -> int:
+    if args.checkpoint is None:
+        raise SystemExit("prune vectors needs --checkpoint DIR/checkpoint.pt")
+    amount = 0.75 if args.sparsity is None else args.sparsity
+    path = prune_vectors_checkpoint(args.checkpoint, args.out, amount, args.square)
+    masks = [t for k, t in load_state(path)["model"].items() if k.endswith("weight_mask")]
+    kept, total = sum(int(m.count_nonzero()) for m in masks), sum(m.numel() for m in masks)
+    print(f"pruned checkpoint {path}: {len(masks)} convs masked by engine vectors, {kept} of {total} weights kept "
+          f"({kept / total:.2f})")
+    if args.finetune_epochs > 0:
+        finetune(path, args.finetune_epochs)
+    return 0
 
 
 def main(args) -> int:

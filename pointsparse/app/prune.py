@@ -1,8 +1,9 @@
 """Pruning procedures on a ready-made task: ``pointsparse prune <procedure>``.
 
 Procedures: sensitivity, schedule, lottery, init, rigl, amc, netadapt (each
-through its driver in :mod:`pointsparse.app.procedures`), and channels (a
-trained checkpoint's every coupled group: :mod:`pointsparse.app.channels`).
+through its driver in :mod:`pointsparse.app.procedures`), channels (a
+trained checkpoint's every coupled group) and vectors (a trained
+checkpoint's engine vectors, masked), both in :mod:`pointsparse.app.channels`.
 Tasks: ``--task digits`` (scikit-learn's bundled digits; ``--model
 mlp|cnn|deep``), ``--task scene`` (generated street scenes, a sparse-conv
 chain) or ``--checkpoint`` (a trained MinkUNet and its clouds). Each run
@@ -22,7 +23,7 @@ from ..prune.sensitivity import DEFAULT_RATIOS
 from . import channels, procedures
 from .tasks import digits_task, scene_task
 
-PROCEDURES = ("sensitivity", "schedule", "lottery", "init", "rigl", "amc", "netadapt", "channels")
+PROCEDURES = ("sensitivity", "schedule", "lottery", "init", "rigl", "amc", "netadapt", "channels", "vectors")
 
 
 def add_arguments(parser) -> None:
@@ -31,7 +32,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", choices=("mlp", "cnn", "deep", "sparse", "minkunet"), default=None,
                         help="digits: mlp (default), cnn (default for amc/netadapt), deep; scene: sparse (a "
                              "sparse-conv chain, default) or minkunet (pointsparse.models.MinkUNet, cr 0.25)")
-    parser.add_argument("--sparsity", type=float, default=0.9, help="target sparsity (schedule, init, rigl)")
+    parser.add_argument("--sparsity", type=float, default=None,
+                        help="target sparsity (schedule, init, rigl: default 0.9; vectors: the fraction of each "
+                             "conv's engine vectors pruned, default 0.75)")
     parser.add_argument("--granularity", choices=("unstructured", "channel"), default="unstructured",
                         help="sensitivity granularity")
     parser.add_argument("--threshold", type=float, default=0.02, help="sensitivity: allowed metric drop")
@@ -105,6 +108,10 @@ def main(args) -> int:
     if args.procedure == "channels":
         return channels.main(args)
     check_args(args)
+    if args.procedure == "vectors":
+        return channels.vectors_main(args)
+    if args.sparsity is None:
+        args.sparsity = 0.9
     torch.manual_seed(args.seed)
     task = _task(args)
     steps = max(20, task.train_steps // (5 if args.quick else 1))

@@ -30,6 +30,7 @@ from .. import checkpoint
 from ..data import DEFAULT_IGNORE, NUM_FEATURES, VALIDATION_SEED, Batch, CloudFiles, VoxelDataset, open_source
 from ..data.generated import MAX_AZIMUTH_STEPS, MAX_BEAMS, MAX_RANGE
 from ..models import SyncBatchNorm, build_model
+from ..models.loading import shape_like
 from . import metrics
 from .distributed import Dist, destroy, free_port, init_distributed, worker_environment
 from .scoring import evaluate, logits_of, shard, write_report
@@ -386,6 +387,8 @@ class TrainingJob:
         args, dist = self.args, self.dist
         torch.manual_seed(args.seed)
         self.model = build_model(self.config)
+        if resume_state is not None:  # masks, folded biases, narrower layers: before the optimizer sees them
+            shape_like(self.model, resume_state["model"])
         if args.init and resume_state is None:
             copied = init_from(self.model, load_checkpoint(args.init), self.classes)
             self.log(f"initialised {len(copied)} tensors from {args.init}")

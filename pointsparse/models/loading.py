@@ -46,11 +46,33 @@ def model_from_state(state: dict) -> nn.Module:
     biases and pruning masks the weights carry; in the mode it was built in."""
     model = build_model(state["config"])
     weights = state["model"]
-    _bias_like(model, weights)
-    _mask_like(model, weights)
-    _fit_shapes(model, weights)
+    shape_like(model, weights)
     model.load_state_dict(weights)
+    _apply_masks(model)
     return model
+
+
+def _apply_masks(model: nn.Module) -> None:
+    """Recompute every masked tensor (``weight = weight_orig * weight_mask``)
+    from the loaded ``_orig`` and ``_mask``: ``torch.nn.utils.prune`` does it
+    in a forward pre-hook, so until the first forward ``module.weight`` would
+    still hold what it was before the load (the full mask's ``weight_orig``)."""
+    from ..prune import BasePruningMethod
+    for module in model.modules():
+        for hook in list(module._forward_pre_hooks.values()):
+            if isinstance(hook, BasePruningMethod):
+                hook(module, None)
+
+
+def shape_like(model: nn.Module, state_dict: dict) -> None:
+    """Give ``model`` (as :func:`build_model` makes it) what ``state_dict``
+    holds beyond its config: biases folded in, pruning masks (``name_orig``
+    + ``name_mask``, as ``torch.nn.utils.prune`` stores them) and narrower
+    tensors, so that ``model.load_state_dict(state_dict)`` then loads. The
+    trainer calls it before it makes the optimizer of a resumed run."""
+    _bias_like(model, state_dict)
+    _mask_like(model, state_dict)
+    _fit_shapes(model, state_dict)
 
 
 def _bias_like(model: nn.Module, state_dict: dict) -> None:
