@@ -140,7 +140,12 @@ def measure(channels: int, coords: torch.Tensor, rounds: int, points: list | Non
         floor.weight.copy_(next(r[2] for r in runs if r[0] == "unpruned").weight)
         floor.weight[torch.arange(floor.weight.shape[0]) != smallest] = 0
     written = x.feats.new_empty((kmap.num_out, channels))
-    extra = {"floor": core_forward(floor, x, kmap, _engine.VECTOR_DENSITY), "fill": lambda: written.fill_(0.5)}
+    # The machine's practical multiply-add rate at this thread count: torch's
+    # sgemm on a 2048^3 product, the ceiling for any kernel's pairs.
+    sq = torch.randn(2048, 2048)
+    sq_out = torch.empty_like(sq)
+    extra = {"floor": core_forward(floor, x, kmap, _engine.VECTOR_DENSITY), "fill": lambda: written.fill_(0.5),
+             "sgemm": lambda: torch.mm(sq, sq, out=sq_out)}
     base_core = next(r[3] for r in runs if r[0] == "unpruned" and r[5] == "core")
     # The warm-up builds the maps and plans.
     med = interleaved({i: (lambda r=r: once(r[2], x, r[3], r[4])) for i, r in enumerate(runs)}, rounds)
@@ -169,7 +174,32 @@ def measure(channels: int, coords: torch.Tensor, rounds: int, points: list | Non
               f"(fixed + f x dense) = {1e3 * core:.1f} / ({1e3 * med['floor']:.2f} + f x {1e3 * core:.1f}): "
               + ", ".join(f"{core / (med['floor'] + f * core):.1f}x of {1 / f:.1f}x for f = {f}"
                           for f in (0.5, 0.25, 0.12)) + "."]
+    lines += ["", ceiling_line(rows, runs, sizes, channels, med)]
     return "\n".join(lines)
+
+
+def ceiling_line(rows: dict, runs: list, sizes: torch.Tensor, channels: int, med: dict) -> str:
+    """What no kernel could beat on this machine for each offset-pruned conv:
+    the output written once (the fill timed above) plus the executed pairs'
+    multiply-adds at the rate torch's sgemm reaches on a 2048^3 product in
+    the same rounds; the best speed-up against the dense kernels' time, and
+    as a fraction of the ideal (total pairs / executed pairs)."""
+    rate = 2048 ** 3 / med["sgemm"]
+    parts = []
+    for (name, kind) in rows:
+        if kind != "offset":
+            continue
+        w = next(r[2] for r in runs if r[0] == name).weight.detach()
+        executed = int(sizes[(w != 0).flatten(1).any(1)].sum())
+        bound = med["fill"] + executed * channels * channels / rate
+        parts.append(f"{name}: {executed:,} pairs executed, at least {1e3 * bound:.2f} ms, so at most "
+                     f"{med['dense'] / bound:.2f}x of the {ideal(w, sizes):.2f}x ideal "
+                     f"(**{med['dense'] / bound / ideal(w, sizes):.2f}** of it)")
+    return (f"Machine ceiling for offset pruning: torch's sgemm (2048^3) ran {rate / 1e9:.1f} G multiply-adds a "
+            f"second in these rounds ({1e3 * med['sgemm']:.1f} ms), the dense kernels "
+            f"{int(sizes.sum()) * channels * channels / med['dense'] / 1e9:.1f} G. A kernel that wrote the output "
+            f"once and ran the kept pairs at the sgemm rate would take the output's fill plus those products: "
+            + "; ".join(parts) + ".")
 
 
 def spatial(channels: int, coords: torch.Tensor, rounds: int, keep: float = 0.5) -> str:

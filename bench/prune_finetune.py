@@ -12,8 +12,17 @@ after the same budget, and writes bench/results/prune_finetune.md. With
 ``--amc-episodes N`` (default 30; 0: none) a third model is AMC's
 (``pointsparse.prune.amc``, every coupled group, reward the voxel mIoU of
 ``checkpoint_task``'s validation cloud without fine-tuning) at the FLOPs of
-the ``--ratio`` model, fine-tuned alike. ``--quick``: one epoch each and a
-3-episode AMC search, runs in ``--out``-quick, the page in a temporary folder.
+the ``--ratio`` model, fine-tuned alike. With ``--vectors AMOUNT`` (default
+0.75; 0: none) another model is the ``--ratio`` model with ``AMOUNT`` of the
+engine's vectors of every conv with more than one offset pruned as well
+(``prune.panel_structured``: the granularity the fused kernels skip; the
+north star's fastest float32 model), its masks kept through the fine-tuning
+(``torch.nn.utils.prune``'s ``weight_orig`` / ``weight_mask``, which the
+checkpoint stores and the trainer resumes). FLOPs: the dense FLOPs of each
+model's shapes and the FLOPs the engine executes for its weights
+(``sparsity_report``'s ``executed_flops``), on the cloud AMC searches on.
+``--quick``: one epoch each and a 3-episode AMC search, runs in
+``--out``-quick, the page in a temporary folder.
 Without the checkpoint the script says so and measures nothing."""
 
 from __future__ import annotations
@@ -28,15 +37,21 @@ from _common import environment, results_path, write_markdown
 
 from prune_speed import _flops, amc_cut
 
+from pointsparse.prune import sparsity_report
 from pointsparse.models import load_model
-from pointsparse.app.channels import finetune, load_state, prune_checkpoint, save_pruned
+from pointsparse.app.channels import finetune, load_state, prune_checkpoint, prune_vectors_checkpoint, save_pruned
 from pointsparse.app.tasks import checkpoint_batches, checkpoint_task
 
 
-def _size(path: Path, x) -> tuple[int, float]:
-    """(parameters, FLOPs on ``x``) of the model a checkpoint holds, loaded once."""
+def _size(path: Path, x) -> tuple[int, float, float]:
+    """(parameters, dense FLOPs, executed FLOPs on ``x``) of the model a
+    checkpoint holds, loaded once; a masked tensor counts its kept entries."""
     model = load_model(path).eval()
-    return sum(p.numel() for p in model.parameters()), _flops(model, x)
+    masks = dict(model.named_buffers())
+    params = sum(int(masks[n[:-5] + "_mask"].count_nonzero()) if n.endswith("_orig") and n[:-5] + "_mask" in masks
+                 else p.numel() for n, p in model.named_parameters())
+    total = sparsity_report(model, x)["total"]
+    return params, float(total["dense_flops"]), float(total["executed_flops"])
 
 
 def amc_checkpoint(path: Path, out: Path, like: Path, episodes: int, warmup: int) -> tuple[Path, str]:
@@ -64,6 +79,11 @@ def _prepare(name: str, args, out: Path) -> tuple[Path, str]:
     if name == "unpruned":
         shutil.copy(args.checkpoint, out / "checkpoint.pt")
         return out / "checkpoint.pt", ""
+    if name.startswith("keep") and "vectors" in name:
+        like = args.out / f"keep {args.ratio}".replace(" ", "-") / "pruned.pt"
+        path = prune_vectors_checkpoint(like, out, args.vectors)
+        shutil.copy(path, out / "pruned.pt")
+        return path, ""
     if name == "AMC":
         like = args.out / f"keep {args.ratio}".replace(" ", "-") / "pruned.pt"
         return amc_checkpoint(args.checkpoint, out, like, args.amc_episodes, args.amc_warmup)
@@ -84,7 +104,9 @@ def parse_args() -> argparse.Namespace:
                         help="AMC search episodes (default 30, --quick 3; 0: no AMC model)")
     parser.add_argument("--amc-warmup", type=int, default=None,
                         help="AMC episodes of random actions first (default 10, --quick 1)")
-    parser.add_argument("--models", nargs="+", choices=("unpruned", "keep", "AMC"), default=None,
+    parser.add_argument("--vectors", type=float, default=0.75,
+                        help="a model with this fraction of the --ratio model's engine vectors pruned too (0: none)")
+    parser.add_argument("--models", nargs="+", choices=("unpruned", "keep", "vectors", "AMC"), default=None,
                         help="fine-tune only these now (a long run split into shorter ones: rows of earlier runs "
                              "with the same checkpoint and epochs, kept in OUT/rows.json, join the table)")
     return parser.parse_args()
@@ -104,14 +126,15 @@ def main() -> None:
     state = load_state(args.checkpoint)
     start = state["history"]["val_miou"][-1] if state["history"].get("val_miou") else float("nan")
     x = checkpoint_batches(state, count=4)[-1].input  # checkpoint_task's validation cloud: AMC's budget is on it
-    names = ("unpruned", f"keep {args.ratio}") + (("AMC",) if args.amc_episodes > 0 else ())
+    names = (("unpruned", f"keep {args.ratio}") + (("AMC",) if args.amc_episodes > 0 else ())
+             + ((f"keep {args.ratio} + vectors {args.vectors}",) if args.vectors > 0 else ()))
     store = args.out / "rows.json"
     key = " ".join(map(str, (args.checkpoint.resolve(), args.epochs, args.ratio, args.criterion, args.amc_episodes,
-                             args.amc_warmup)))
+                             args.amc_warmup, args.vectors)))
     saved = json.loads(store.read_text()) if store.is_file() else {}
     saved = saved if saved.get("key") == key else {"key": key, "rows": {}}
     for name in names:
-        if args.models is not None and name.split()[0] not in args.models:
+        if args.models is not None and ("vectors" if "vectors" in name else name.split()[0]) not in args.models:
             continue
         out = args.out / name.replace(" ", "-")
         path, note = _prepare(name, args, out)
@@ -129,19 +152,19 @@ def main() -> None:
 
 def write_page(args, state: dict, start: float, names, saved_rows: dict) -> None:
     """The table of the fine-tuned models (rows as kept in OUT/rows.json)."""
-    rows = [(n, *saved_rows[n][:4]) for n in names]
-    notes = [saved_rows[n][4] for n in names if saved_rows[n][4]]
-    base, dense = rows[0][3], rows[0][2]
-    table = "\n".join(f"| {n} | {p / 1e6:.2f} M | {f / dense:.3f} | {100 * m:.1f}% | {100 * (m - base):+.1f} | "
-                      f"{t:.0f} s |" for n, p, f, m, t in rows)
-    header = ("| model | params | FLOPs (of unpruned) | val mIoU | vs unpruned (points) | fine-tuning time |\n"
-              "|---|---|---|---|---|---|\n")
+    rows = [(n, *saved_rows[n][:5]) for n in names]
+    notes = [saved_rows[n][5] for n in names if saved_rows[n][5]]
+    base, dense = rows[0][4], rows[0][2]
+    table = "\n".join(f"| {n} | {p / 1e6:.2f} M | {f / dense:.3f} | {e / dense:.3f} | {100 * m:.1f}% | "
+                      f"{100 * (m - base):+.1f} | {t:.0f} s |" for n, p, f, e, m, t in rows)
+    header = ("| model | params (kept) | FLOPs (of unpruned) | executed FLOPs (of unpruned) | val mIoU | "
+              "vs unpruned (points) | fine-tuning time |\n|---|---|---|---|---|---|---|\n")
     summary = (f"Starting point: {args.checkpoint} (epoch {state['epoch']}, validation mIoU {100 * start:.1f}%); "
                f"every model trained {args.epochs} more epochs with the run's options. FLOPs on the cloud AMC "
                f"searched on.")
     command = (f"python bench/prune_finetune.py --checkpoint {args.checkpoint} --ratio {args.ratio} "
                f"--criterion {args.criterion} --epochs {args.epochs} --amc-episodes {args.amc_episodes} "
-               f"--amc-warmup {args.amc_warmup}" + (" --quick" if args.quick else ""))
+               f"--amc-warmup {args.amc_warmup} --vectors {args.vectors}" + (" --quick" if args.quick else ""))
     output = results_path("prune_finetune.md", args.quick)
     write_markdown(output, "Pruned vs unpruned MinkUNet after the same fine-tuning budget",
                    command, environment(), [summary, header + table] + notes)
