@@ -494,6 +494,41 @@ def test_vector_counts_in_cpp_equal_torch(shape, dtype):
         ps._ext.core.conv_weight_vectors(np.ones((2, 2)), False)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_vector_counts_and_packing_take_special_values_as_the_comparison_does(dtype):
+    """The core tests a value's bits without its sign: -0.0 is zero; NaN,
+    +-inf and a subnormal are not, as for ``!= 0``. In the choice, the
+    counts and the packed forward (whose listed rows must hold them)."""
+    w = torch.zeros(27, 20, 24, dtype=dtype)
+    w[0, 1, 3] = -0.0
+    w[0, 2, 17] = float("nan")
+    w[1, 5, 20] = float("inf")
+    w[1, 6, 0] = -float("inf")
+    w[2, 7, 23] = torch.finfo(dtype).tiny / 4
+    w[2, 8, 8] = -0.0
+    w[2, 9, 15] = -torch.finfo(dtype).tiny / 2
+    for transpose in (False, True):
+        want = _engine.vector_blocks(w, transpose).sum(1)
+        assert torch.equal(_engine.vector_counts(w, transpose), want)
+        counts = want.numpy()
+        rows = w.shape[2] if transpose else w.shape[1]
+        got, ref = _engine.choose_execution(w, None, transpose), _engine._execution(counts, rows, None, 1.0)
+        assert got.density == ref.density
+    # A forward through the vector kernels sees every listed value (the subnormals and infinities).
+    finite = w.clone()
+    finite[0, 2, 17] = 0.5
+    x = make(n=300, c=20, dtype=dtype)
+    kmap = ps.kmap.get_kmap(x, 3)
+    plan = _engine.get_plan(kmap).core
+    outs = []
+    for vector in (False, True):
+        out = torch.full((kmap.num_out, 24), float("nan"), dtype=dtype)
+        plan.forward(x.feats.numpy(), finite.numpy(), None, out.numpy(), 1, active=None, vector=vector)
+        outs.append(out)
+    assert torch.equal(outs[0].isnan(), outs[1].isnan())
+    assert torch.equal(torch.nan_to_num(outs[0]), torch.nan_to_num(outs[1]))
+
+
 def test_no_active_offset_leaves_the_bias_and_a_zero_weight_gradient():
     feats, kmap = case(3, 1, False, 5, 6, torch.float64)
     plan = _engine.make_fused_plan(kmap)

@@ -14,8 +14,9 @@ namespace {
 template <typename T>
 void apply_with(ApplyArgs<T> a, Isa isa) {
   const int64_t K = a.pairs.kernel_volume;
-  std::vector<T> wpack(size_t(wpack_size<T>(isa, K, a.kc, a.cols) > 0 ? wpack_size<T>(isa, K, a.kc, a.cols) : 1));
-  a.wpack = wpack.data();
+  const int64_t size = wpack_size<T>(isa, K, a.kc, a.cols);
+  std::unique_ptr<T[]> wpack(new T[size_t(size > 0 ? size : 1)]);  // pack_weights writes every element
+  a.wpack = wpack.get();
   std::unique_ptr<T[]> blocks;
   attach_blocks(a, isa, blocks);
   switch (isa) {

@@ -5,7 +5,10 @@
 #include "conv/sparse.h"
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 namespace ps {
@@ -33,9 +36,26 @@ Isa sparse_isa(Isa asked, int64_t cols) {
   return asked == Isa::avx512 && cols >= kSparse512MinCols ? Isa::avx512 : narrow_isa(asked);
 }
 
+// Whether p[0:n] holds a nonzero, as `p[j] != T(0)` for some j (-0.0 is
+// zero, a NaN is not): the values' bits without their sign, or-ed, a loop
+// GCC vectorises (the comparison per value did not vectorise: the decision
+// and the packing of a (27, 64, 64) weight took some 80 us each a call).
+template <typename T>
+inline bool any_nonzero(const T* p, int64_t n) {
+  typedef typename std::conditional<sizeof(T) == 4, uint32_t, uint64_t>::type U;
+  U acc = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    U u;
+    std::memcpy(&u, p + j, sizeof(u));
+    acc |= u << 1;
+  }
+  return acc != 0;
+}
+
 // Per offset k and panel p the rows c of B_k with a nonzero in the panel's
 // columns: listed in idx, packed in order into wpack (panels of
 // sparse_panel<T>() columns, zero past the last column), counted in count.
+// Only the listed rows are written (the kernels read no others).
 template <typename T>
 void pack_sparse(const SparseApplyArgs<T>& s) {
   constexpr int64_t NR = sparse_panel<T>();
@@ -49,6 +69,20 @@ void pack_sparse(const SparseApplyArgs<T>& s) {
     T* dst = a.wpack + s.start[t] * NR;
     int32_t* list = s.idx + t * a.kc;
     int32_t n = 0;
+    if (!a.transpose) {  // the panel's columns of row c are contiguous in W_k
+      const int64_t ncols = std::min(NR, a.cols - p * NR);
+      for (int64_t c = 0; c < a.kc; ++c) {
+        const T* src = wk + c * c_out + p * NR;
+        if (!any_nonzero(src, ncols)) continue;
+        T* row = dst + n * NR;
+        std::memcpy(row, src, sizeof(T) * size_t(ncols));
+        for (int64_t j = ncols; j < NR; ++j) row[j] = T(0);
+        list[n++] = int32_t(c);
+      }
+      s.count[t] = n;
+      s.start[t + 1] = s.start[t] + n;
+      continue;
+    }
     for (int64_t c = 0; c < a.kc; ++c) {
       T* row = dst + n * NR;
       bool nonzero = false;
@@ -69,8 +103,8 @@ template <typename T>
 void apply_sparse_with(SparseApplyArgs<T> s, Isa asked) {
   ApplyArgs<T>& a = s.base;
   const int64_t size = wpack_size<T>(Isa::avx2, a.pairs.kernel_volume, a.kc, a.cols);  // sparse panels
-  std::vector<T> wpack(size_t(size > 0 ? size : 1));
-  a.wpack = wpack.data();
+  std::unique_ptr<T[]> wpack(new T[size_t(size > 0 ? size : 1)]);  // written where listed (pack_sparse)
+  a.wpack = wpack.get();
   pack_sparse(s);
   const Isa isa = sparse_isa(asked, a.cols);
   std::unique_ptr<T[]> blocks;
@@ -109,12 +143,7 @@ void count_vectors(const T* w, int64_t K, int64_t c_in, int64_t c_out, bool tran
         for (int64_t j = 0; j < c_out; ++j) mark[j * np + c / NR] |= row[j] != T(0);
         continue;
       }
-      for (int64_t p = 0; p < np; ++p) {
-        const int64_t n = std::min(NR, c_out - p * NR);
-        bool nonzero = false;
-        for (int64_t j = 0; j < n; ++j) nonzero |= row[p * NR + j] != T(0);
-        mark[c * np + p] = nonzero;
-      }
+      for (int64_t p = 0; p < np; ++p) mark[c * np + p] = any_nonzero(row + p * NR, std::min(NR, c_out - p * NR));
     }
     for (int64_t p = 0; p < np; ++p) {
       int32_t n = 0;
