@@ -100,6 +100,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=None, help="more epochs for each model (default 5, --quick 1)")
     parser.add_argument("--out", type=Path, default=Path("runs/prune-finetune"))
     parser.add_argument("--quick", action="store_true", help="a smoke run: one epoch each, in OUT-quick")
+    parser.add_argument("--page", type=Path, default=None,
+                        help="where the page goes (default bench/results/prune_finetune.md; --quick: a temporary folder)")
     parser.add_argument("--amc-episodes", type=int, default=None,
                         help="AMC search episodes (default 30, --quick 3; 0: no AMC model)")
     parser.add_argument("--amc-warmup", type=int, default=None,
@@ -164,8 +166,9 @@ def write_page(args, state: dict, start: float, names, saved_rows: dict) -> None
                f"searched on.")
     command = (f"python bench/prune_finetune.py --checkpoint {args.checkpoint} --ratio {args.ratio} "
                f"--criterion {args.criterion} --epochs {args.epochs} --amc-episodes {args.amc_episodes} "
-               f"--amc-warmup {args.amc_warmup} --vectors {args.vectors}" + (" --quick" if args.quick else ""))
-    output = results_path("prune_finetune.md", args.quick)
+               f"--amc-warmup {args.amc_warmup} --vectors {args.vectors} --out {args.out}"
+               + (f" --page {args.page}" if args.page else "") + (" --quick" if args.quick else ""))
+    output = args.page or results_path("prune_finetune.md", args.quick)
     write_markdown(output, "Pruned vs unpruned MinkUNet after the same fine-tuning budget",
                    command, environment(), [summary, header + table] + notes)
     print(header + table)
