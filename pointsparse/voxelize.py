@@ -35,13 +35,21 @@ def _voxel_size(voxel_size) -> tuple[float, float, float]:
     return vs  # type: ignore[return-value]
 
 
-def _check_points(points, name="points") -> None:
+def _check_points(points, name="points", values: bool = True) -> None:
+    """Type and shape of ``points``; with ``values`` also that every
+    coordinate is finite (a path whose core checks them itself passes
+    False and calls :func:`_check_finite` where the core does not run)."""
     if not isinstance(points, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(points).__name__}")
     if not points.is_floating_point():
         raise TypeError(f"{name} must be a float tensor (N, 3); got dtype {points.dtype}")
     if points.dim() != 2 or points.shape[1] != 3:
         raise ValueError(f"{name} must be (N, 3) [x, y, z]; got shape {tuple(points.shape)}")
+    if values:
+        _check_finite(points, name)
+
+
+def _check_finite(points, name="points") -> None:
     if torch.compiler.is_compiling():  # in a graph the core checks the values when it runs
         return
     if points.numel() and not bool(torch.isfinite(points).all()):
@@ -231,7 +239,7 @@ def voxelize(points: torch.Tensor, feats: torch.Tensor | None = None, voxel_size
         coords ``floor(points / voxel_size)``; ``inverse[i]`` is the row of the
         voxel holding point ``i``. Differentiable in ``feats``.
     """
-    _check_points(points)
+    _check_points(points, values=False)  # the core's pass rejects a non-finite row itself (naming it)
     vs = _voxel_size(voxel_size)
     if not isinstance(reduce, str) or reduce not in REDUCE_MODES:
         raise ValueError(f"reduce must be one of {sorted(REDUCE_MODES)}; got {reduce!r}")
@@ -254,6 +262,7 @@ def voxelize(points: torch.Tensor, feats: torch.Tensor | None = None, voxel_size
     if _ext.serves(feats, dtypes=FLOAT_DTYPES) and _ext.serves(points):  # one trip into the core
         out_feats, coords, inverse = _VoxelizeCore.apply(feats, points, vs, batch, REDUCE_MODES[reduce])
         return SparseTensor(out_feats, coords, 1, validate=False), inverse
+    _check_finite(points)
     coords, inverse, perm, seg_ptr = _group(points, vs, batch)
     out_feats = _SegmentReduce.apply(feats, inverse, perm, seg_ptr, REDUCE_MODES[reduce])
     return SparseTensor(out_feats, coords, 1, validate=False), inverse

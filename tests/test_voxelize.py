@@ -576,3 +576,16 @@ def voxelize_raw_results():
 @pytest.mark.parametrize("name", sorted(VOXELIZE_RAW))
 def test_core_voxelize_bad_arrays_name_the_argument(voxelize_raw_results, name):
     check_child(voxelize_raw_results[name], "ValueError", VOXELIZE_RAW[name][1], name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_points_are_refused_naming_the_row_on_every_path(dtype, bad):
+    """The core's pass rejects a non-finite row itself (voxelize checks the
+    values in Python only where the core does not run: other dtypes, the
+    torch backend)."""
+    points = torch.zeros(6, 3, dtype=dtype)
+    points[4, 2] = bad
+    for backend in ("auto", "torch"):
+        with ps.backend(backend), pytest.raises(ValueError, match=r"points row 4"):
+            ps.voxelize(points, voxel_size=0.1)
