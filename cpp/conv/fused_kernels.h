@@ -377,21 +377,14 @@ void pack_weights(const ApplyArgs<T>& a, int64_t c_in, int64_t c_out) {
     const T* wk = a.w + k * c_in * c_out;
     for (int64_t p = 0; p < np; ++p) {
       T* dst = a.wpack + (k * np + p) * a.kc * NR;
-      if (!a.transpose) {  // the panel's columns of row c are contiguous in W_k: copied, the rest zero
-        const int64_t ncols = a.cols - p * NR < NR ? a.cols - p * NR : NR;
-        for (int64_t c = 0; c < a.kc; ++c) {
-          __builtin_memcpy(dst + c * NR, wk + c * c_out + p * NR, sizeof(T) * static_cast<unsigned long>(ncols));
-          for (int64_t j = ncols; j < NR; ++j) dst[c * NR + j] = T(0);
-        }
-        continue;
-      }
+      const int64_t ncols = a.cols - p * NR < NR ? a.cols - p * NR : NR;
       for (int64_t c = 0; c < a.kc; ++c) {
-        for (int64_t j = 0; j < NR; ++j) {
-          const int64_t col = p * NR + j;
-          T v = T(0);
-          if (col < a.cols) v = a.transpose ? wk[col * c_out + c] : wk[c * c_out + col];
-          dst[c * NR + j] = v;
-        }
+        T* row = dst + c * NR;
+        if (!a.transpose)  // the panel's columns of row c are contiguous in W_k
+          __builtin_memcpy(row, wk + c * c_out + p * NR, sizeof(T) * static_cast<unsigned long>(ncols));
+        else  // W_k^T: a column of W_k, read with a stride
+          for (int64_t j = 0; j < ncols; ++j) row[j] = wk[(p * NR + j) * c_out + c];
+        for (int64_t j = ncols; j < NR; ++j) row[j] = T(0);
       }
     }
   }

@@ -79,20 +79,18 @@ void pack_sparse(const SparseApplyArgs<T>& s) {
         for (int64_t j = ncols; j < NR; ++j) row[j] = T(0);
         list[n++] = int32_t(c);
       }
-      s.count[t] = n;
-      s.start[t + 1] = s.start[t] + n;
-      continue;
-    }
-    for (int64_t c = 0; c < a.kc; ++c) {
-      T* row = dst + n * NR;
-      bool nonzero = false;
-      for (int64_t j = 0; j < NR; ++j) {
-        const int64_t col = p * NR + j;
-        const T v = col < a.cols ? (a.transpose ? wk[col * c_out + c] : wk[c * c_out + col]) : T(0);
-        row[j] = v;
-        nonzero |= v != T(0);
+    } else {  // W_k^T: the panel's columns of row c are a column of W_k, read with a stride
+      for (int64_t c = 0; c < a.kc; ++c) {
+        T* row = dst + n * NR;  // written, and kept only when it holds a nonzero
+        bool nonzero = false;
+        for (int64_t j = 0; j < NR; ++j) {
+          const int64_t col = p * NR + j;
+          const T v = col < a.cols ? wk[col * c_out + c] : T(0);
+          row[j] = v;
+          nonzero |= v != T(0);
+        }
+        if (nonzero) list[n++] = int32_t(c);
       }
-      if (nonzero) list[n++] = int32_t(c);
     }
     s.count[t] = n;
     s.start[t + 1] = s.start[t] + n;
