@@ -190,7 +190,8 @@ def ceiling_line(rows: dict, runs: list, sizes: torch.Tensor, channels: int, med
         if kind != "offset":
             continue
         w = next(r[2] for r in runs if r[0] == name).weight.detach()
-        executed = int(sizes[(w != 0).flatten(1).any(1)].sum())
+        active = _engine.choose_execution(w).active  # the offsets the engine runs (None: all)
+        executed = int(sizes.sum() if active is None else sizes[torch.from_numpy(active).bool()].sum())
         bound = med["fill"] + executed * channels * channels / rate
         parts.append(f"{name}: {executed:,} pairs executed, at least {1e3 * bound:.2f} ms, so at most "
                      f"{med['dense'] / bound:.2f}x of the {ideal(w, sizes):.2f}x ideal "
