@@ -79,14 +79,11 @@ def _prepare(name: str, args, out: Path) -> tuple[Path, str]:
     if name == "unpruned":
         shutil.copy(args.checkpoint, out / "checkpoint.pt")
         return out / "checkpoint.pt", ""
-    if name.startswith("keep") and "vectors" in name:
-        like = args.out / f"keep {args.ratio}".replace(" ", "-") / "pruned.pt"
-        path = prune_vectors_checkpoint(like, out, args.vectors)
-        shutil.copy(path, out / "pruned.pt")
-        return path, ""
+    cut = args.out / f"keep {args.ratio}".replace(" ", "-") / "pruned.pt"  # the keep model as cut
+    if "vectors" in name:
+        return prune_vectors_checkpoint(cut, out, args.vectors), ""
     if name == "AMC":
-        like = args.out / f"keep {args.ratio}".replace(" ", "-") / "pruned.pt"
-        return amc_checkpoint(args.checkpoint, out, like, args.amc_episodes, args.amc_warmup)
+        return amc_checkpoint(args.checkpoint, out, cut, args.amc_episodes, args.amc_warmup)
     path = prune_checkpoint(args.checkpoint, out, args.ratio, criterion=args.criterion)
     shutil.copy(path, out / "pruned.pt")  # as cut, before fine-tuning: AMC's FLOPs budget
     return path, ""

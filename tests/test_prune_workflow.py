@@ -129,7 +129,7 @@ def test_prune_vectors_checkpoint_keeps_its_masks_through_fine_tuning(tmp_path, 
     assert cli.main(["train", *TINY, "--epochs", "1", "--out", str(dense)]) == 0
     assert cli.main(["prune", "vectors", "--checkpoint", str(dense / "checkpoint.pt"), "--sparsity", "0.75",
                      "--out", str(sparse)]) == 0
-    assert "convs masked by engine vectors" in capsys.readouterr().out
+    assert "engine vectors masked" in capsys.readouterr().out
     before = checkpoint.load(sparse / "checkpoint.pt")["model"]
     masks = {k: v for k, v in before.items() if k.endswith("weight_mask")}
     model = load_model(dense / "checkpoint.pt")

@@ -94,6 +94,11 @@ def prune_vectors_checkpoint(path, out, amount: float, square: bool = False) -> 
     ``nn.fuse_for_inference`` after it) makes them plain weights for
     inference. The run's epoch, schedule and history are kept, the optimizer
     state is fresh. Returns its path."""
+    return _prune_vectors(path, out, amount, square)[0]
+
+
+def _prune_vectors(path, out, amount: float, square: bool) -> tuple[Path, int, int]:
+    """:func:`prune_vectors_checkpoint`, and the weights its masks keep and cover."""
     from ..models import model_from_state
     from ..nn import Conv3d
     from ..prune import panel_structured
@@ -108,7 +113,8 @@ def prune_vectors_checkpoint(path, out, amount: float, square: bool = False) -> 
         raise ValueError(f"{path}: the model has no sparse conv with more than one offset to prune by vectors")
     for module in convs:
         panel_structured(module, "weight", float(amount), square=square)
-    return save_pruned(state, model, out)
+    kept = sum(int(m.weight_mask.count_nonzero()) for m in convs)
+    return save_pruned(state, model, out), kept, sum(m.weight_mask.numel() for m in convs)
 
 
 def finetune(path: Path, epochs: int) -> None:
@@ -127,11 +133,9 @@ def vectors_main(args) -> int:
     if args.checkpoint is None:
         raise SystemExit("prune vectors needs --checkpoint DIR/checkpoint.pt")
     amount = 0.75 if args.sparsity is None else args.sparsity
-    path = prune_vectors_checkpoint(args.checkpoint, args.out, amount, args.square)
-    masks = [t for k, t in load_state(path)["model"].items() if k.endswith("weight_mask")]
-    kept, total = sum(int(m.count_nonzero()) for m in masks), sum(m.numel() for m in masks)
-    print(f"pruned checkpoint {path}: {len(masks)} convs masked by engine vectors, {kept} of {total} weights kept "
-          f"({kept / total:.2f})")
+    path, kept, total = _prune_vectors(args.checkpoint, args.out, amount, args.square)
+    print(f"pruned checkpoint {path}: engine vectors masked, {kept} of the {total} weights of its convs with more "
+          f"than one offset kept ({kept / total:.2f})")
     if args.finetune_epochs > 0:
         finetune(path, args.finetune_epochs)
     return 0
