@@ -172,13 +172,16 @@ class ConvPlan:
         sharing out's memory) added to out before the ReLU, block by block."""
     def forward_bf16(
         self, feats: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, out: np.ndarray, num_threads: int,
-        relu: bool = False, out_bf16: np.ndarray | None = None,
-    ) -> None:
+        relu: bool = False, out_bf16: np.ndarray | None = None, vector_density: float = -1.0,
+    ) -> str:
         """Inference forward in bf16: feats and weight hold bf16 bits (int16 or
         uint16), bias (float32 or None) and out float32; products summed in
         float32 (AVX512-BF16 vdpbf16ps). out_bf16 (bf16 bits, out's shape, or
-        None): out rounded to bf16 as torch rounds, block by block. ValueError
-        where the CPU lacks it."""
+        None): out rounded to bf16 as torch rounds, block by block. Offsets
+        whose weight is all zero are skipped; where at most vector_density
+        (negative: never) of the kept offsets' bf16 vectors (offset, channel
+        pair, 16 output columns) hold a nonzero, only those run. Returns what
+        ran: 'dense', 'offsets' or 'vector'. ValueError where the CPU lacks it."""
     def transposed(self) -> "ConvPlan":
         """The plan of the transposed map (inputs and outputs swapped), sharing
         this plan's pairs: no pass over them."""

@@ -137,3 +137,143 @@ def test_minkunet_bf16_inference_accuracy():
     err = _rel(out, ref)
     assert err < 5e-2, err
     assert (out.float().argmax(1) == ref.argmax(1)).float().mean() > 0.9
+
+
+def _vector_pruned(k, c_in, c_out, keep, g, zero_offsets=()):
+    """A (k, c_in, c_out) weight with about ``keep`` of its float32 engine
+    vectors (input channel x 16 output columns) nonzero, every offset but
+    ``zero_offsets`` (all zero) holding one at least."""
+    w = torch.randn(k, c_in, c_out, generator=g) / c_in ** 0.5
+    panels = -(-c_out // 16)
+    mask = (torch.rand(k, c_in, panels, generator=g) < keep).repeat_interleave(16, 2)[:, :, :c_out]
+    w = w * mask
+    w[:, 0, 0] = 0.5  # every offset holds a nonzero
+    w[list(zero_offsets)] = 0
+    return w
+
+
+def _forward_bf16(plan, fb, wb, bias, c_out, nt, relu, density):
+    out = torch.full((plan.num_out, c_out), float("nan"))
+    rounded = torch.empty(plan.num_out, c_out, dtype=torch.bfloat16)
+    ran = plan.core.forward_bf16(fb.view(torch.int16).numpy(), wb.view(torch.int16).numpy(),
+                                 None if bias is None else bias.numpy(), out.numpy(), nt, relu,
+                                 out_bf16=rounded.view(torch.int16).numpy(), vector_density=density)
+    return ran, out, rounded
+
+
+@pytest.mark.parametrize("c_in,c_out", [(1, 5), (2, 16), (7, 17), (13, 40), (16, 8), (33, 32), (64, 64)])
+def test_forward_bf16_vector_form_equals_the_dense_form(c_in, c_out):
+    """The vector-sparse form (only the listed (offset, channel pair, 16
+    columns) vectors) sums the same products in the same order as the dense
+    form: equal bit for bit, for any thread count, with and without the
+    ReLU, the bias and the identity offset; and within float32 rounding of
+    the exact sum. Odd c_in: the last pair holds one channel."""
+    x = _cloud(c=c_in, seed=c_in + c_out)
+    kmap = ps.kmap.get_kmap(x, 3)
+    plan = _engine.make_fused_plan(kmap)
+    g = torch.Generator().manual_seed(c_in * 100 + c_out)
+    identity = _engine.identity_offset(kmap)
+    for zero, bias in (((), torch.randn(c_out, generator=g)), ((3, identity), None)):
+        wb = _vector_pruned(27, c_in, c_out, 0.4, g, zero).bfloat16()
+        fb = x.feats.bfloat16()
+        runs = {}
+        for nt, relu in ((1, False), (2, False), (2, True)):
+            dense = _forward_bf16(plan, fb, wb, bias, c_out, nt, relu, -1.0)
+            vector = _forward_bf16(plan, fb, wb, bias, c_out, nt, relu, 1.0)
+            assert dense[0] == ("offsets" if zero else "dense") and vector[0] == "vector"
+            assert torch.equal(dense[1], vector[1]) and torch.equal(dense[2], vector[2])
+            runs[(nt, relu)] = vector[1]
+        assert torch.equal(runs[(1, False)], runs[(2, False)])
+        assert torch.equal(runs[(2, True)], torch.relu(runs[(2, False)]))
+        exact = conv_sum(fb.double(), wb.double(), kmap) + (0 if bias is None else bias.double())
+        assert _rel(runs[(1, False)], exact) < 1e-6
+
+
+def test_forward_bf16_decides_by_the_density_of_bf16_vectors():
+    """Density = listed (offset, channel pair, 16 columns) vectors / (kept
+    offsets x pairs x panels): the vector form runs at or below the
+    threshold. A pair is listed when either of its channels holds a nonzero
+    (-0.0 is zero, NaN is not); an all-zero offset is never counted."""
+    x = _cloud(c=8, seed=11)
+    plan = _engine.make_fused_plan(ps.kmap.get_kmap(x, 3))
+    fb = x.feats.bfloat16()
+    w = torch.zeros(27, 8, 32)
+    w[:, 0, :16] = 1.0       # pair 0, panel 0 on every offset
+    w[:, 3, 16:] = -2.0      # pair 1 (channels 2, 3), panel 1
+    w[5] = 0                 # an offset left out
+    w[7, 6, 20] = -0.0       # a negative zero lists nothing
+    # 26 offsets kept x 4 pairs x 2 panels = 208; listed 2 per offset = 52: density 0.25
+    for threshold, ran in ((0.25, "vector"), (0.2499, "offsets"), (-1.0, "offsets")):
+        assert _forward_bf16(plan, fb, w.bfloat16(), None, 32, 1, False, threshold)[0] == ran
+    w[7, 6, 20] = float("nan")  # a NaN is listed: 53 / 208 > 0.25
+    assert _forward_bf16(plan, fb, w.bfloat16(), None, 32, 1, False, 0.25)[0] == "offsets"
+    assert _forward_bf16(plan, fb, torch.randn(27, 8, 32).bfloat16(), None, 32, 1, False, 0.9)[0] == "dense"
+    with pytest.raises(ValueError, match="vector_density"):
+        _forward_bf16(plan, fb, w.bfloat16(), None, 32, 1, False, float("nan"))
+
+
+def test_bf16_vector_threshold_by_columns():
+    """Always the vector form where the dense form's last 32-column tile
+    would hold 16 columns or fewer; elsewhere the measured threshold."""
+    assert [_engine.bf16_vector_threshold(c) for c in (8, 16, 24, 32, 48, 64, 96, 100)] == \
+        [1.0, 1.0, _engine.BF16_VECTOR_DENSITY, _engine.BF16_VECTOR_DENSITY, 1.0, _engine.BF16_VECTOR_DENSITY,
+         _engine.BF16_VECTOR_DENSITY, 1.0]
+
+
+def test_vector_pruned_minkunet_in_bf16_equals_its_dense_bf16_run(monkeypatch):
+    """A fused MinkUNet with 75% of its engine vectors pruned, run in bf16:
+    the outputs with the vector forms (the engine's choice) equal those with
+    every conv forced to the dense form, bit for bit; the vector form ran."""
+    from pointsparse import prune
+
+    torch.manual_seed(1)
+    net = spnn.fuse_for_inference(MinkUNet(4, 6, cr=0.25).eval())
+    for module in net.modules():
+        if isinstance(module, spnn.Conv3d) and module.weight.shape[0] > 1:
+            prune.panel_structured(module, "weight", 0.75, square=True)
+            prune.remove(module, "weight")
+    net = net.to(torch.bfloat16)
+    x = _cloud(4000, 4, extent=40)
+    xb = ps.SparseTensor(x.feats.bfloat16(), x.coords)
+    first = next(m for m in net.modules() if isinstance(m, spnn.Conv3d) and m.weight.shape[0] > 1)
+    assert first.weight.shape[2] == 8  # cr=0.25: 8 output columns, where the vector form always runs
+    plan = _engine.make_fused_plan(ps.kmap.get_kmap(ps.SparseTensor(xb.feats[:, :1], x.coords), 3))
+    ran = _forward_bf16(plan, torch.zeros(len(x), first.weight.shape[1], dtype=torch.bfloat16), first.weight,
+                        None, 8, 1, False, _engine.bf16_vector_threshold(8))[0]
+    assert ran == "vector"
+    seen = []
+    real = _engine.bf16_vector_threshold
+    monkeypatch.setattr(_engine, "bf16_vector_threshold", lambda cols: seen.append(cols) or real(cols))
+    with torch.no_grad():
+        out = net(xb).feats
+    assert seen
+    monkeypatch.setattr(_engine, "bf16_vector_threshold", lambda cols: -1.0)
+    with torch.no_grad():
+        dense = net(ps.SparseTensor(x.feats.bfloat16(), x.coords)).feats
+    assert out.dtype == torch.bfloat16 and torch.equal(out.view(torch.int16), dense.view(torch.int16))
+
+
+def test_bf16_cost_counts_what_the_bf16_kernels_run():
+    """sparsity_report's executed FLOPs for a bfloat16 weight (through
+    F.engine_cost): the bf16 kernels' choice and the products they run, a
+    listed channel pair counting both its channels (one where c_in is odd
+    and it is the last)."""
+    w = torch.zeros(27, 7, 24)
+    w[:, 0, :16] = 1.0   # pair 0, panel 0 (16 columns)
+    w[:, 6, 16:] = 1.0   # pair 3 (channel 6 alone), panel 1 (8 columns)
+    w[4] = 0
+    pairs = torch.arange(27) + 10
+    kept = int(pairs.sum() - pairs[4])
+    assert _engine.bf16_cost(w.bfloat16(), pairs) == (2 * kept * (2 * 16 + 1 * 8), "vector")
+    assert F.engine_cost(w.bfloat16(), pairs) == (2 * kept * (2 * 16 + 1 * 8), "vector")
+    full = torch.randn(27, 7, 24).bfloat16()
+    assert F.engine_cost(full, pairs) == (2 * int(pairs.sum()) * 7 * 24, "dense")
+    full[4] = 0
+    assert F.engine_cost(full, pairs) == (2 * kept * 7 * 24, "offsets")
+    # the decision agrees with the kernel's own
+    x = _cloud(c=7, seed=2)
+    plan = _engine.make_fused_plan(ps.kmap.get_kmap(x, 3))
+    for weight in (w.bfloat16(), full):
+        ran = _forward_bf16(plan, x.feats.bfloat16(), weight, None, 24, 1, False,
+                            _engine.bf16_vector_threshold(24))[0]
+        assert ran == _engine.bf16_cost(weight, pairs)[1]

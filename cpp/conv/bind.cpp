@@ -223,8 +223,11 @@ void forward(const conv::Plan& plan, py::array feats, py::array weight, py::obje
 
 // The bf16 inference forward: feats and weight hold bf16 bits (int16 or
 // uint16 arrays), bias and out float32; products summed in float32.
-void forward_bf16(const conv::Plan& plan, py::array feats, py::array weight, py::object bias, py::array out,
-                  int num_threads, bool relu, py::object out_bf16) {
+// Returns what ran: "dense", "offsets" (all-zero offsets skipped) or
+// "vector" (the vector-sparse form, where the density of listed vectors is
+// at most vector_density; negative: never).
+std::string forward_bf16(const conv::Plan& plan, py::array feats, py::array weight, py::object bias, py::array out,
+                         int num_threads, bool relu, py::object out_bf16, double vector_density) {
   if (!conv::bf16_runs())
     value_error("forward_bf16 needs AVX-512 with AVX512-BF16; this CPU (or build) runs: " + runnable_isas());
   check_rows(feats, "feats", false);
@@ -247,9 +250,14 @@ void forward_bf16(const conv::Plan& plan, py::array feats, py::array weight, py:
     check_bf16_bits(o16, "out_bf16");
     d16 = static_cast<uint16_t*>(o16.mutable_data());
   }
+  if (!(vector_density == vector_density)) value_error("vector_density must be a number, not NaN");
   const int64_t kc = feats.shape(1), cols = out.shape(1);
-  py::gil_scoped_release release;
-  conv::run_apply_bf16(plan, s, w, bp, d, kc, cols, threads(num_threads), relu, d16);
+  conv::Bf16Execution ran;
+  {
+    py::gil_scoped_release release;
+    ran = conv::run_apply_bf16(plan, s, w, bp, d, kc, cols, threads(num_threads), relu, d16, vector_density);
+  }
+  return ran == conv::Bf16Execution::vector ? "vector" : ran == conv::Bf16Execution::offsets ? "offsets" : "dense";
 }
 
 // grad_feats = sum over offsets o of grad_feats[in_idx] += grad[out_idx] @ weight[o]^T.
@@ -355,9 +363,13 @@ void bind_conv(py::module_& m) {
            "while the rows are in cache (a residual block's sum and ReLU in the conv's store).")
       .def("forward_bf16", &forward_bf16, py::arg("feats"), py::arg("weight"), py::arg("bias"),
            py::arg("out"), py::arg("num_threads"), py::arg("relu") = false, py::arg("out_bf16") = py::none(),
+           py::arg("vector_density") = -1.0,
            "Inference forward in bf16 (AVX512-BF16): feats and weight hold bf16 bits (int16/uint16 arrays), bias "
            "(float32 or None) and out float32; products summed in float32. out_bf16 (bf16 bits, out's shape, or "
-           "None): out rounded to bf16 as torch rounds, block by block. ValueError where the CPU lacks it.")
+           "None): out rounded to bf16 as torch rounds, block by block. Offsets whose weight is all zero are "
+           "skipped; where at most vector_density (negative: never) of the kept offsets' bf16 vectors (offset, "
+           "channel pair, 16 output columns) hold a nonzero, only those run. Returns what ran: 'dense', "
+           "'offsets' or 'vector'. ValueError where the CPU lacks it.")
       .def("backward_input", &backward_input, py::arg("grad"), py::arg("weight"), py::arg("grad_feats"),
            py::arg("num_threads"), py::arg("isa") = py::none(), py::arg("active") = py::none(),
            py::arg("vector") = false,

@@ -175,11 +175,27 @@ struct ApplyBf16Args {
   // (num_rows, cols) or null: dst rounded to bf16 (to nearest even, NaN as
   // 0xFFFF: torch's CPU rounding) block by block while the rows are in cache.
   uint16_t* dst_bf16 = nullptr;
+  // The largest density of listed vectors at which the vector-sparse form
+  // runs (see Bf16Execution); negative: never.
+  double vector_density = -1.0;
 };
 // Whether this build and this CPU run apply_bf16 (AVX-512 F/VL/BW/DQ + BF16).
 bool bf16_runs();
+
+// What apply_bf16 ran. Offsets whose weight slab is all zero are skipped
+// (`offsets`: some were). A bf16 vector is (offset k, channel pair q, panel
+// of kBf16Panel output columns): listed where W_k[2q] or W_k[2q + 1] holds a
+// nonzero in the panel's columns (`!= 0`: -0 is zero, NaN is not); density
+// = listed vectors / (kept offsets x pairs x panels). Where density <=
+// vector_density the vector-sparse form runs (`vector`): per tile and panel
+// only the listed pairs, the same float32 sums of the same products in the
+// same order as the dense form (a pair left out adds only zero products).
+enum class Bf16Execution { dense = 0, offsets = 1, vector = 2 };
+// Columns of a bf16 vector: the float32 vector kernels' panel (16), so that
+// one pruning mask (prune.panel_structured) serves both.
+constexpr int64_t kBf16Panel = 16;
 // Precondition: bf16_runs().
-void apply_bf16(const ApplyBf16Args& a);
+Bf16Execution apply_bf16(const ApplyBf16Args& a);
 
 // Each build's kernels; their scratch must be set.
 #define PS_CONV_DECLARE_KERNELS         \

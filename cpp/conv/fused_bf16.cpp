@@ -108,13 +108,107 @@ void round_bf16(const float* __restrict src, uint16_t* __restrict dst, int64_t n
   }
 }
 
-// apply_blocks with this kernel's tiles: a block's first offset (the
-// identity where it runs) stores bias or zero + its products; with
+// Whether bf16 bits v are a nonzero value as `!= 0` sees it (-0 is zero).
+inline bool nonzero16(uint16_t v) { return (v & 0x7FFFu) != 0; }
+
+// The vector-sparse lists (Bf16Execution in fused.h): per offset k and
+// panel p of kBf16Panel columns (t = k * np16 + p) the listed pairs q in
+// idx[t * kp ...], count[t] of them, packed from wpack row start[t] on
+// (kBf16Panel lanes of W_k[2q] | W_k[2q + 1] << 16 each, zero past the last
+// column). keep[k]: offset k holds a nonzero. Returns the listed vectors.
+int64_t pack_sparse(const ApplyBf16Args& a, uint32_t* wpack, int32_t* idx, int32_t* count, int64_t* start,
+                    uint8_t* keep, int64_t np16, int64_t kp) {
+  const int64_t K = a.pairs.kernel_volume;
+  int64_t listed = 0;
+  start[0] = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    const uint16_t* wk = a.w + k * a.kc * a.cols;
+    int64_t in_offset = 0;
+    for (int64_t p = 0; p < np16; ++p) {
+      const int64_t t = k * np16 + p, j0 = p * kBf16Panel;
+      const int64_t ncols = a.cols - j0 < kBf16Panel ? a.cols - j0 : kBf16Panel;
+      uint32_t* dst = wpack + start[t] * kBf16Panel;
+      int32_t n = 0;
+      for (int64_t q = 0; q < kp; ++q) {
+        const uint16_t* lo = wk + 2 * q * a.cols + j0;
+        const uint16_t* hi = 2 * q + 1 < a.kc ? lo + a.cols : nullptr;
+        uint32_t bits = 0;
+        for (int64_t j = 0; j < ncols; ++j) bits |= (lo[j] | (hi ? hi[j] : 0u)) & 0x7FFFu;
+        if (bits == 0) continue;
+        uint32_t* row = dst + n * kBf16Panel;
+        for (int64_t j = 0; j < kBf16Panel; ++j)
+          row[j] = j < ncols ? uint32_t(lo[j]) | uint32_t(hi ? hi[j] : 0u) << 16 : 0u;
+        idx[t * kp + n++] = int32_t(q);
+      }
+      count[t] = n;
+      start[t + 1] = start[t] + n;
+      in_offset += n;
+    }
+    keep[k] = in_offset > 0;
+    listed += in_offset;
+  }
+  return listed;
+}
+
+// c[r][0:ncols] (+)= sum over the n listed pairs of x[r] pair q_i times
+// B[i] (ncols <= kBf16Panel; init as micro_bf16's): micro_bf16's sums of
+// one panel, the pairs not listed left out. The last pair of an odd kc (one
+// channel: its row ends there) is taken after the loop, so that the loop
+// reads each pair as one 32-bit word at a fixed offset from every row (no
+// test per step: with it GCC recomputed and spilled the rows' addresses).
+void micro_sparse(int64_t n, const int32_t* __restrict list, int64_t kc, const uint16_t* const* a,
+                  const uint32_t* __restrict b, float* const* c, int mr, int64_t ncols, const float* init) {
+  const __mmask16 m = __mmask16((1u << ncols) - 1u);
+  const bool half = (kc & 1) && n > 0 && list[n - 1] == kc / 2;  // the pair (kc - 1, none)
+  const int64_t whole = n - half;
+  const char* row[kRows];
+  __m512 acc[kRows];
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r) {
+    row[r] = reinterpret_cast<const char*>(a[r]);
+    acc[r] = _mm512_maskz_loadu_ps(m, init ? init : c[r]);
+  }
+  for (int64_t i = 0; i < whole; ++i) {
+    const int64_t off = int64_t(list[i]) * 4;
+    const __m512bh w = (__m512bh)_mm512_loadu_si512(b + i * kBf16Panel);
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) {
+      uint32_t v;
+      __builtin_memcpy(&v, row[r] + off, 4);
+      acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(int(v)), w);
+    }
+  }
+  if (half) {
+    const __m512bh w = (__m512bh)_mm512_loadu_si512(b + whole * kBf16Panel);
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r)
+      acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(int(a[r][kc - 1])), w);
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r)
+    if (r < mr) _mm512_mask_storeu_ps(c[r], m, acc[r]);
+}
+
+// apply_blocks with this kernel's tiles (dense, or the vector-sparse form
+// where `sparse`): offsets without a nonzero skipped; a block's first offset
+// (the identity where it runs) stores bias or zero + its products; with
 // dst_bf16, each block's rows are rounded into it once they are done.
-void apply_impl(const ApplyBf16Args& a, const uint32_t* wpack, int64_t np, int64_t kp) {
+template <typename Tile>
+void walk(const ApplyBf16Args& a, const uint8_t* keep, Tile tile) {
+  const auto skip = [keep](int64_t k) { return keep[k] == 0; };
+  if (a.dst_bf16 == nullptr) {
+    apply_blocks<kRows>(a, skip, tile);
+    return;
+  }
+  apply_blocks<kRows>(a, skip, tile, [&a](int64_t r0, int64_t r1) {
+    round_bf16(a.dst + r0 * a.cols, a.dst_bf16 + r0 * a.cols, (r1 - r0) * a.cols);
+  });
+}
+
+void apply_dense(const ApplyBf16Args& a, const uint32_t* wpack, const uint8_t* keep, int64_t np, int64_t kp) {
   static const float zero[kCols] = {};
-  const auto tile = [&a, wpack, np, kp](int64_t k, const uint16_t* const* arow, float* const* crow, int mr,
-                                         bool first) {
+  walk(a, keep, [&a, wpack, np, kp](int64_t k, const uint16_t* const* arow, float* const* crow, int mr,
+                                    bool first) {
     for (int64_t j = 0; j < np; ++j) {
       float* c[kRows];
       for (int r = 0; r < kRows; ++r) c[r] = crow[r] + j * kCols;
@@ -122,23 +216,50 @@ void apply_impl(const ApplyBf16Args& a, const uint32_t* wpack, int64_t np, int64
       const float* init = first ? (a.bias ? a.bias + j * kCols : zero) : nullptr;
       micro_bf16(a.kc, kp, arow, wpack + (k * np + j) * kp * kCols, c, mr, ncols, init);
     }
-  };
-  const auto skip_none = [](int64_t) { return false; };
-  if (a.dst_bf16 == nullptr) {
-    apply_blocks<kRows>(a, skip_none, tile);
-    return;
-  }
-  apply_blocks<kRows>(a, skip_none, tile, [&a](int64_t r0, int64_t r1) {
-    round_bf16(a.dst + r0 * a.cols, a.dst_bf16 + r0 * a.cols, (r1 - r0) * a.cols);
+  });
+}
+
+void apply_sparse(const ApplyBf16Args& a, const uint32_t* wpack, const int32_t* idx, const int32_t* count,
+                  const int64_t* start, const uint8_t* keep, int64_t np16, int64_t kp) {
+  static const float zero[kBf16Panel] = {};
+  walk(a, keep, [&](int64_t k, const uint16_t* const* arow, float* const* crow, int mr, bool first) {
+    for (int64_t j = 0; j < np16; ++j) {
+      const int64_t t = k * np16 + j;
+      if (count[t] == 0 && !first) continue;
+      float* c[kRows];
+      for (int r = 0; r < kRows; ++r) c[r] = crow[r] + j * kBf16Panel;
+      const int64_t ncols = a.cols - j * kBf16Panel < kBf16Panel ? a.cols - j * kBf16Panel : kBf16Panel;
+      const float* init = first ? (a.bias ? a.bias + j * kBf16Panel : zero) : nullptr;
+      micro_sparse(count[t], idx + t * kp, a.kc, arow, wpack + start[t] * kBf16Panel, c, mr, ncols, init);
+    }
   });
 }
 
 }  // namespace
 }  // namespace bf16
 
-void apply_bf16_kernels(const ApplyBf16Args& a, uint32_t* wpack, int64_t np, int64_t kp) {
-  bf16::pack(a, wpack, np, kp);
-  bf16::apply_impl(a, wpack, np, kp);
+Bf16Execution apply_bf16_kernels(const ApplyBf16Args& a) {
+  const int64_t K = a.pairs.kernel_volume, kp = (a.kc + 1) / 2;
+  const int64_t np = (a.cols + bf16::kCols - 1) / bf16::kCols, np16 = (a.cols + kBf16Panel - 1) / kBf16Panel;
+  // Both packings hold at most K x kp x (np16 x kBf16Panel <= np x kCols) lanes.
+  std::vector<uint32_t> wpack(size_t(K * kp * np * bf16::kCols > 0 ? K * kp * np * bf16::kCols : 1));
+  std::vector<int32_t> idx(size_t(K * np16 * kp > 0 ? K * np16 * kp : 1)), count(size_t(K * np16 + 1));
+  std::vector<int64_t> start(size_t(K * np16 + 1));
+  std::vector<uint8_t> keep(size_t(K + 1));
+  const int64_t listed = bf16::pack_sparse(a, wpack.data(), idx.data(), count.data(), start.data(), keep.data(),
+                                           np16, kp);
+  int64_t kept = 0;
+  for (int64_t k = 0; k < K; ++k) kept += keep[k];
+  const int64_t capacity = kept * kp * np16;
+  // Exact in a double, as in choose_execution (sparse.cpp).
+  const double density = capacity ? double(listed) / double(capacity) : 0.0;
+  if (density <= a.vector_density) {
+    bf16::apply_sparse(a, wpack.data(), idx.data(), count.data(), start.data(), keep.data(), np16, kp);
+    return Bf16Execution::vector;
+  }
+  bf16::pack(a, wpack.data(), np, kp);
+  bf16::apply_dense(a, wpack.data(), keep.data(), np, kp);
+  return kept < K ? Bf16Execution::offsets : Bf16Execution::dense;
 }
 
 }  // namespace conv
@@ -158,13 +279,12 @@ bool bf16_runs() {
 #endif
 }
 
-void apply_bf16(const ApplyBf16Args& a) {
+Bf16Execution apply_bf16(const ApplyBf16Args& a) {
 #if defined(PS_CONV_HAVE_BF16)
-  const int64_t np = (a.cols + 31) / 32, kp = (a.kc + 1) / 2;
-  std::vector<uint32_t> wpack(size_t(a.pairs.kernel_volume * np * kp * 32 > 0 ? a.pairs.kernel_volume * np * kp * 32 : 1));
-  apply_bf16_kernels(a, wpack.data(), np, kp);
+  return apply_bf16_kernels(a);
 #else
   (void)a;
+  return Bf16Execution::dense;
 #endif
 }
 

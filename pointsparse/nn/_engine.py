@@ -418,17 +418,67 @@ def conv_bf16_on_float32(feats: torch.Tensor, weight: torch.Tensor, bias: torch.
     return conv(feats.float(), weight.float(), wide_bias, kmap, cache, relu, region).to(torch.bfloat16)
 
 
+#: Largest density of listed bf16 vectors (offset, channel pair, 16 output
+#: columns; see ``ConvPlan.forward_bf16``) at which the bf16 forward runs
+#: its vector-sparse form; :func:`bf16_vector_threshold` raises it to 1 where
+#: the dense form's 32-column tiles would leave half a tile empty. Measured
+#: (``python bench/bf16_vectors.py``, KITTI sweep, one thread, AMD EPYC Zen 4
+#: [avx512 bf16], bench/RESULTS.md): at C = 64 the vector form ran 0.90x the
+#: dense one at density 1.0, 1.17x at 0.75, 1.6x at 0.43-0.5; at C = 16
+#: 1.24x at density 1.0.
+BF16_VECTOR_DENSITY = 0.85
+
+
+def bf16_vector_threshold(cols: int) -> float:
+    """The bf16 forward's vector threshold for ``cols`` output columns: 1.0
+    (always the vector form) where the last 32-column tile of the dense form
+    would hold 16 columns or fewer (C_out = 8, 16, 48, ...), else
+    :data:`BF16_VECTOR_DENSITY`."""
+    return 1.0 if 0 < cols % 32 <= 16 else BF16_VECTOR_DENSITY
+
+
+def bf16_cost(weight: torch.Tensor, pair_counts) -> tuple[int, str]:
+    """``(executed FLOPs, execution)`` of the bf16 kernels for a bfloat16
+    ``(K, C_in, C_out)`` weight on a map with these per-offset pair counts,
+    as ``forward_bf16`` decides: offsets without a nonzero skipped; the
+    vector form (where the density of listed (offset, channel pair, 16
+    columns) vectors is at most :func:`bf16_vector_threshold`) runs
+    ``pairs(k) x channels x columns`` of each listed vector (a listed pair
+    counts both its channels), the dense form ``pairs(k) x C_in x C_out``
+    per kept offset."""
+    k, c_in, c_out = weight.shape
+    nonzero = torch.nn.functional.pad(weight.detach().cpu() != 0, (0, -c_out % 16, 0, c_in % 2))
+    listed = nonzero.view(k, (c_in + 1) // 2, 2, -(-c_out // 16), 16).any(2).any(-1)  # (K, pairs, panels)
+    keep = listed.flatten(1).any(1)
+    pairs = torch.as_tensor(pair_counts, dtype=torch.int64)
+    capacity = int(keep.sum()) * listed.shape[1] * listed.shape[2]
+    density = int(listed[keep].sum()) / capacity if capacity else 0.0
+    if density <= bf16_vector_threshold(c_out):
+        channels = torch.full((listed.shape[1],), 2, dtype=torch.int64)
+        if channels.numel():
+            channels[-1] = 2 - c_in % 2
+        columns = _panel_columns(c_out, torch.float32)
+        per_offset = (listed.long() * channels[:, None] * columns[None, :]).sum((1, 2))
+        return 2 * int((pairs * per_offset)[keep].sum()), "vector"
+    flops = 2 * int(pairs[keep].sum()) * c_in * c_out
+    return flops, ("offsets" if not bool(keep.all()) else "dense")
+
+
 def conv_bf16(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kmap: _kmap.KernelMap,
               cache: "CoordinateCache | None" = None, relu: bool = False) -> torch.Tensor:
     """The bf16 inference forward (see :func:`runs_bf16`): products of the
     bf16 feats and weight summed in float32 by ``vdpbf16ps``, bias (and
-    ReLU) added in float32, the result rounded once to bfloat16."""
+    ReLU) added in float32, the result rounded once to bfloat16. Offsets
+    whose weight is all zero are skipped, and a vector-sparse weight (see
+    :func:`bf16_vector_threshold`) runs only its listed vectors."""
     plan = get_plan(kmap, cache)
-    out = torch.empty((plan.num_out, weight.shape[2]), dtype=torch.float32)
-    rounded = torch.empty((plan.num_out, weight.shape[2]), dtype=torch.bfloat16)
+    cols = weight.shape[2]
+    out = torch.empty((plan.num_out, cols), dtype=torch.float32)
+    rounded = torch.empty((plan.num_out, cols), dtype=torch.bfloat16)
     b = None if bias is None else _np(bias.detach().float().contiguous())
     plan.core.forward_bf16(_np(feats.contiguous().view(torch.int16)), _np(weight.contiguous().view(torch.int16)),
-                           b, _np(out), _ext.num_threads(), relu, out_bf16=_np(rounded.view(torch.int16)))
+                           b, _np(out), _ext.num_threads(), relu, out_bf16=_np(rounded.view(torch.int16)),
+                           vector_density=bf16_vector_threshold(cols))
     return rounded
 
 

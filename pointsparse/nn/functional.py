@@ -63,9 +63,14 @@ def engine_cost(weight: torch.Tensor, pair_counts: torch.Tensor, kernel_size=3, 
     C_out)`` on the fused engine over a map with these per-offset pair
     counts: what the engine picks (``"dense"``, ``"offsets"`` when all-zero
     offsets and offsets outside ``kernel_region`` are skipped, ``"vector"``
-    when only the nonzero vectors run) and the multiply-adds (x2) it runs."""
+    when only the nonzero vectors run) and the multiply-adds (x2) it runs.
+    A bfloat16 weight on a CPU with AVX512-BF16 is costed as the bf16
+    kernels run it (:func:`pointsparse.nn._engine.bf16_cost`), elsewhere as
+    the float32 kernels run its widened values."""
     region = region_of(kernel_size, kernel_region)
     weight = weight.detach().cpu()
+    if weight.dtype == torch.bfloat16 and region is None and _engine.bf16_kernels():
+        return _engine.bf16_cost(weight, pair_counts)  # the AVX512-BF16 kernels' own vectors
     if weight.dtype not in _engine.ENGINE_DTYPES:
         weight = weight.float()
     return _engine.executed_flops(weight, pair_counts, region), _engine.choose_execution(weight, region).name

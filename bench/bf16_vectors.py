@@ -1,0 +1,128 @@
+"""The bf16 inference forward with vector sparsity (AVX512-BF16): its dense
+and vector-sparse forms against each other and against the float32 kernels,
+in one process (the evidence behind ``nn._engine.BF16_VECTOR_DENSITY``).
+
+    flock /work/cpu.lock .venv/bin/python bench/bf16_vectors.py [--rounds 9] [--threads 1] [--quick]
+
+A submanifold k=3 conv on the KITTI sweep at 0.05 m (a generated 60k street
+when absent), weights pruned by ``prune.panel_structured`` (vectors of 16
+output columns per input channel: the float32 engine's granularity; with
+``square=True``, 16 x 16 blocks, whose vectors pair up) at several amounts;
+the plan's kernels called directly (no autograd, one output buffer reused),
+interleaved round by round. Per row: the float32 dense and vector kernels
+(``_engine.choose_execution`` decides the offsets), the bf16 kernel forced
+dense (``vector_density=-1``: offsets whose weight is zero still skipped) and
+forced vector-sparse (``vector_density=1``); the density of listed bf16
+vectors (offset, channel pair, 16 columns), which sets whether the engine
+takes the vector form. Every bf16 vector output is first checked equal, bit
+for bit, to the bf16 dense one. Writes bench/results/bf16_vectors.md
+(``--quick``: a 20k street, C = 32, one round, the page in a temporary
+folder). Needs a CPU with AVX512-BF16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from _common import environment, interleaved, real_scene, real_sweeps, results_path, street_scene, write_markdown
+
+import pointsparse as ps  # noqa: E402
+from pointsparse import _ext, prune  # noqa: E402
+from pointsparse.nn import _engine  # noqa: E402
+
+
+def bf16_density(weight: torch.Tensor) -> float:
+    """Listed bf16 vectors / (kept offsets x channel pairs x 16-column panels)."""
+    k, c_in, c_out = weight.shape
+    nz = torch.nn.functional.pad(weight != 0, (0, -c_out % 16, 0, c_in % 2))
+    vec = nz.view(k, (c_in + 1) // 2, 2, -1, 16).any(2).any(-1)
+    kept = vec.flatten(1).any(1)
+    return float(vec[kept].sum()) / max(1, int(kept.sum()) * vec.shape[1] * vec.shape[2])
+
+
+def calls(plan, feats, weight, out, threads: int) -> dict:
+    """name -> a call of one kernel on the same buffers."""
+    run = _engine.choose_execution(weight)
+    fb, wb = feats.bfloat16().view(torch.int16).numpy(), weight.bfloat16().view(torch.int16).numpy()
+    f, w, o = feats.numpy(), weight.numpy(), out.numpy()
+
+    def f32(vector):
+        return lambda: plan.core.forward(f, w, None, o, threads, active=run.active, vector=vector)
+
+    def bf16(density):
+        return lambda: plan.core.forward_bf16(fb, wb, None, o, threads, vector_density=density)
+    return {"float32 dense": f32(False), "float32 vector": f32(True), "bf16 dense": bf16(-1.0),
+            "bf16 vector": bf16(1.0)}
+
+
+def check(fns: dict, out: torch.Tensor) -> None:
+    """The bf16 vector form equals the bf16 dense form bit for bit."""
+    fns["bf16 dense"]()
+    dense = out.clone()
+    fns["bf16 vector"]()
+    if not torch.equal(out, dense):
+        raise RuntimeError("the bf16 vector form differs from the bf16 dense form")
+
+
+def table(coords: torch.Tensor, widths, amounts, rounds: int, threads: int) -> list[str]:
+    x = ps.SparseTensor(torch.zeros(len(coords), 1), coords)
+    kmap = ps.kmap.get_kmap(x, 3)
+    plan = _engine.make_fused_plan(kmap)
+    names = ["float32 dense", "float32 vector", "bf16 dense", "bf16 vector"]
+    rows = ["| C | pruned | bf16 vector density | " + " | ".join(f"{n} ms" for n in names) +
+            " | bf16 vector / bf16 dense | bf16 vector / float32 dense | bf16 vector / float32 vector |",
+            "|---|---|---|" + "---|" * (len(names) + 3)]
+    for c in widths:
+        feats = torch.randn(kmap.num_in, c, generator=torch.Generator().manual_seed(c))
+        out = torch.empty(kmap.num_out, c)
+        for amount, square in amounts:
+            conv = ps.nn.Conv3d(c, c, 3)
+            if amount > 0:
+                prune.panel_structured(conv, "weight", amount, square=square)
+                prune.remove(conv, "weight")
+            weight = conv.weight.detach().contiguous()
+            fns = calls(plan, feats, weight, out, threads)
+            check(fns, out)
+            med = interleaved(fns, rounds)
+            label = "none" if amount == 0 else f"{amount:.0%}{' square' if square else ''}"
+            rows.append(f"| {c} | {label} | {bf16_density(weight):.2f} | " +
+                        " | ".join(f"{1e3 * med[n]:.2f}" for n in names) +
+                        f" | {med['bf16 dense'] / med['bf16 vector']:.2f}x"
+                        f" | {med['float32 dense'] / med['bf16 vector']:.2f}x"
+                        f" | {med['float32 vector'] / med['bf16 vector']:.2f}x |")
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 9, --quick 1)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--channels", type=int, nargs="+", default=None, help="default 16 32 64 128")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: a 20k street, C = 32, one round")
+    args = parser.parse_args()
+    if not _ext.core.conv_bf16():
+        sys.exit("this CPU has no AVX512-BF16: nothing to measure")
+    rounds = args.rounds or (1 if args.quick else 9)
+    torch.set_num_threads(args.threads)
+    sweeps = {} if args.quick else real_sweeps()
+    if "kitti-raw/000049" in sweeps:
+        name, coords = "KITTI raw 000049 @ 0.05 m", real_scene(sweeps["kitti-raw/000049"], 0.05)
+    else:
+        name, coords = f"generated street {20 if args.quick else 60}k @ 0.05 m", \
+            street_scene(20_000 if args.quick else 60_000)
+    widths = args.channels or ((32,) if args.quick else (16, 32, 64, 128))
+    amounts = [(0.0, False), (0.5, False), (0.75, False), (0.9, False), (0.5, True), (0.75, True)]
+    rows = table(coords, widths, amounts, rounds, args.threads)
+    out = results_path("bf16_vectors.md", args.quick)
+    command = "python bench/bf16_vectors.py " + " ".join(sys.argv[1:])
+    write_markdown(out, f"bf16 vector sparsity, {name} ({len(coords):,} voxels), {args.threads} thread(s)",
+                   command, environment(), ["\n".join(rows)])
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    main()
