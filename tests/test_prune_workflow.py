@@ -4,6 +4,8 @@ smaller model, and the checkpoint loads with ``weights_only=True``."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -158,7 +160,43 @@ def test_prune_vectors_checkpoint_keeps_its_masks_through_fine_tuning(tmp_path, 
         module = loaded.get_submodule(name)
         assert torch.equal(module.weight_mask, masks[name + ".weight_mask"])
         assert not module.weight[~module.weight_mask.bool()].any()
-    assert cli.main(["eval", "--checkpoint", str(sparse / "checkpoint.pt"), "--no-progress"]) == 0
+    scores = {}
+    for inference in ("float32", "fused", "bf16"):
+        out = tmp_path / f"eval-{inference}"
+        assert cli.main(["eval", "--checkpoint", str(sparse / "checkpoint.pt"), "--no-progress", "--inference",
+                         inference, "--out", str(out)]) == 0
+        report = json.loads((out / "eval-metrics.json").read_text())
+        assert report["inference"] == inference
+        scores[inference] = report["miou"]
+    # fusing changes only the float rounding; bf16 rounds weights and features (about 2e-3 of the logits)
+    assert abs(scores["fused"] - scores["float32"]) < 0.01 and abs(scores["bf16"] - scores["float32"]) < 0.03, scores
+
+
+def test_inference_model_forms():
+    """``pointsparse eval --inference``'s models: masks made permanent
+    (no ``weight_orig`` left, the masked weights zero), BatchNorm folded, the
+    bf16 copy in bfloat16; the model itself unchanged; a bad name and bf16
+    of a point-level model refused."""
+    from pointsparse.app.evaluate import inference_model
+    from pointsparse.models import SPVCNN, MinkUNet
+    from pointsparse.nn import BatchNorm, Conv3d
+    from pointsparse.prune import panel_structured
+
+    torch.manual_seed(0)
+    net = MinkUNet(4, 5, cr=0.25).eval()
+    conv = next(m for m in net.modules() if isinstance(m, Conv3d) and m.weight.shape[0] > 1)
+    panel_structured(conv, "weight", 0.75)
+    assert inference_model(net, "float32") is net
+    for form, dtype in (("fused", torch.float32), ("bf16", torch.bfloat16)):
+        model = inference_model(net, form)
+        assert not any(hasattr(m, "weight_orig") for m in model.modules())
+        assert not any(isinstance(m, BatchNorm) for m in model.modules())
+        assert {p.dtype for p in model.parameters()} == {dtype}
+    assert hasattr(conv, "weight_orig")  # the model given is left as it was
+    with pytest.raises(ValueError, match="inference must be one of"):
+        inference_model(net, "int8")
+    with pytest.raises(ValueError, match="SPVCNN"):
+        inference_model(SPVCNN(4, 5, cr=0.25), "bf16")
 
 
 @pytest.mark.parametrize("amount", ["1.0", "-0.1", "nan"])

@@ -1,7 +1,8 @@
 """Score a segmentation checkpoint (per-class IoU, mIoU) on point clouds.
 
-``pointsparse eval --checkpoint DIR/checkpoint.pt [--data SOURCE...] [--out DIR]``
-(the data defaults to what the run validated on)."""
+``pointsparse eval --checkpoint DIR/checkpoint.pt [--data SOURCE...] [--out DIR] [--inference bf16]``
+(the data defaults to what the run validated on; ``--inference``: the model
+fused for inference, or fused and in bfloat16)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,51 @@ from ..data import DEFAULT_IGNORE, VALIDATION_SEED, VoxelDataset, open_source
 from ..models import model_from_state
 from . import metrics
 from .distributed import pick_device
-from .scoring import evaluate, write_report
+from .scoring import evaluate, point_level, write_report
 from .train import add_data_arguments, check_args, generated_source, load_checkpoint
 from .trainer import have_tqdm
 
-__all__ = ["add_arguments", "main"]
+__all__ = ["INFERENCE", "add_arguments", "inference_model", "main"]
+
+#: The forms ``pointsparse eval --inference`` scores a model in.
+INFERENCE = ("float32", "fused", "bf16")
+
+
+def inference_model(model: torch.nn.Module, inference: str = "float32") -> torch.nn.Module:
+    """``model`` as ``pointsparse eval --inference`` runs it: itself
+    (``"float32"``); a copy with every pruning mask made permanent and then
+    ``nn.fuse_for_inference`` (``"fused"``); that copy in bfloat16
+    (``"bf16"``, voxel-level models: the features are cast to the weights'
+    dtype by the scorer). ValueError for another name, or bf16 asked of a
+    point-level model (SPVCNN)."""
+    import copy
+
+    from ..nn import fuse_for_inference
+    from ..prune import _compat
+
+    if inference not in INFERENCE:
+        raise ValueError(f"inference must be one of {', '.join(INFERENCE)}; got {inference!r}")
+    if inference == "float32":
+        return model
+    if inference == "bf16" and point_level(model):
+        raise ValueError("--inference bf16 takes voxel-level models (MinkUNet); SPVCNN's point branch runs in "
+                         "float32: use --inference fused")
+    # A pruned module's `weight` is weight_orig * mask, not a leaf, which
+    # deepcopy refuses: the copy takes its detached value (the hook that
+    # recomputes it is removed below anyway).
+    memo = {}
+    for module in model.modules():
+        for name in ("weight", "bias"):
+            value = getattr(module, name, None) if hasattr(module, name + "_orig") else None
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    plain = copy.deepcopy(model, memo)
+    for module in plain.modules():
+        for name in ("weight", "bias"):
+            if hasattr(module, name + "_orig"):
+                _compat.remove(module, name)
+    fused = fuse_for_inference(plain)
+    return fused.to(torch.bfloat16) if inference == "bf16" else fused
 
 
 def add_arguments(parser) -> None:
@@ -26,6 +67,11 @@ def add_arguments(parser) -> None:
     add_data_arguments(parser, ignore_default=None)
     parser.set_defaults(data=None)
     parser.add_argument("--out", default=None, metavar="DIR", help="also write metrics.json and PNGs here")
+    parser.add_argument("--inference", choices=INFERENCE, default="float32",
+                        help="score the model as it is run for inference: 'fused' (pruning masks made permanent, "
+                             "BatchNorm folded, ReLU in the conv's store: nn.fuse_for_inference), 'bf16' (fused, "
+                             "then bfloat16 weights and features: the AVX512-BF16 kernels where the CPU has them, "
+                             "MinkUNet-style voxel models only); default float32, the model as trained")
 
 
 def main(args) -> int:
@@ -44,7 +90,7 @@ def main(args) -> int:
     classes = list(source.classes or config["classes"])
     if classes != config["classes"]:
         raise ValueError(f"the data's classes {classes} differ from the checkpoint's {config['classes']}")
-    model = model_from_state(state).to(device)
+    model = inference_model(model_from_state(state).to(device), args.inference)
     dataset = VoxelDataset(source, config["voxel_size"], ignore_index)
     t0 = time.perf_counter()
     cm, first = evaluate(model, dataset, len(classes), ignore_index, device, args.batch_size,
@@ -54,7 +100,8 @@ def main(args) -> int:
     print(f"{len(source)} clouds in {elapsed:.1f} s ({elapsed / max(len(source), 1):.2f} s per cloud)")
     if args.out:
         report = write_report(Path(args.out), cm, classes, first, None,
-                              {"checkpoint": str(args.checkpoint), "data": spec, "eval_time_s": elapsed,
+                              {"checkpoint": str(args.checkpoint), "data": spec, "inference": args.inference,
+                               "eval_time_s": elapsed,
                                "eval_time_per_cloud_s": elapsed / max(len(source), 1)}, ignore_index, "eval-")
         print(f"metrics: {Path(args.out) / 'eval-metrics.json'}; pictures: {', '.join(report['pictures'].values())}")
     return 0

@@ -29,7 +29,11 @@ def logits_of(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     per point for SPVCNN."""
     if point_level(model):
         return model(batch.input, batch.inverse, batch.points, batch.point_batch), batch.point_labels
-    return model(batch.input).feats, batch.labels
+    x = batch.input
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), x.feats.dtype)
+    if dtype != x.feats.dtype:  # a model cast for inference (bf16): its features alike
+        x = x.with_feats(x.feats.to(dtype))
+    return model(x).feats, batch.labels
 
 
 @torch.no_grad()
