@@ -52,10 +52,10 @@ def inputs(points: np.ndarray):
     return xyz, feats
 
 
-def vector_sparse(model: torch.nn.Module, amount: float) -> torch.nn.Module:
+def vector_sparse(model: torch.nn.Module, amount: float, square: bool = False) -> torch.nn.Module:
     for module in model.modules():
         if isinstance(module, ps.nn.Conv3d) and module.weight.shape[0] > 1:
-            prune.panel_structured(module, "weight", amount)
+            prune.panel_structured(module, "weight", amount, square=square)
             prune.remove(module, "weight")
     return model
 
@@ -81,6 +81,10 @@ def variants(x: ps.SparseTensor) -> dict:
     bf16_spatial = ps.nn.fuse_for_inference(quarter).to(torch.bfloat16)
     add_voxel_prune(bf16_spatial, 0.5, (0, 1, 2))
     out["keep 0.25 + fuse + bf16 + VoxelPrune(0.5)"] = (bf16_spatial, torch.bfloat16)
+    out["keep 0.25 + fuse + vectors 75% + bf16"] = (
+        vector_sparse(ps.nn.fuse_for_inference(quarter), 0.75).to(torch.bfloat16), torch.bfloat16)
+    out["keep 0.25 + fuse + square vectors 75% + bf16"] = (
+        vector_sparse(ps.nn.fuse_for_inference(quarter), 0.75, square=True).to(torch.bfloat16), torch.bfloat16)
     return out
 
 
