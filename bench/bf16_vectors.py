@@ -4,7 +4,7 @@ in one process (the evidence behind ``nn._engine.BF16_VECTOR_DENSITY``).
 
     flock /work/cpu.lock .venv/bin/python bench/bf16_vectors.py [--rounds 9] [--threads 1] [--quick]
 
-A submanifold k=3 conv on the KITTI sweep at 0.05 m (a generated 60k street
+A submanifold k=3 conv on the KITTI sweep at 0.05 m (a generated 20k street
 when absent), weights pruned by ``prune.panel_structured`` (vectors of 16
 output columns per input channel: the float32 engine's granularity; with
 ``square=True``, 16 x 16 blocks, whose vectors pair up) at several amounts;
@@ -27,7 +27,7 @@ import sys
 
 import torch
 
-from _common import environment, interleaved, real_scene, real_sweeps, results_path, street_scene, write_markdown
+from _common import environment, interleaved, kitti_or_street, results_path, write_markdown
 
 import pointsparse as ps  # noqa: E402
 from pointsparse import _ext, prune  # noqa: E402
@@ -108,12 +108,7 @@ def main() -> None:
         sys.exit("this CPU has no AVX512-BF16: nothing to measure")
     rounds = args.rounds or (1 if args.quick else 9)
     torch.set_num_threads(args.threads)
-    sweeps = {} if args.quick else real_sweeps()
-    if "kitti-raw/000049" in sweeps:
-        name, coords = "KITTI raw 000049 @ 0.05 m", real_scene(sweeps["kitti-raw/000049"], 0.05)
-    else:
-        name, coords = f"generated street {20 if args.quick else 60}k @ 0.05 m", \
-            street_scene(20_000 if args.quick else 60_000)
+    coords, name = kitti_or_street(args.quick)
     widths = args.channels or ((32,) if args.quick else (16, 32, 64, 128))
     amounts = [(0.0, False), (0.5, False), (0.75, False), (0.9, False), (0.5, True), (0.75, True)]
     rows = table(coords, widths, amounts, rounds, args.threads)
