@@ -19,8 +19,8 @@ engine's vectors of every conv with more than one offset pruned as well
 north star's fastest float32 model), its masks kept through the fine-tuning
 (``torch.nn.utils.prune``'s ``weight_orig`` / ``weight_mask``, which the
 checkpoint stores and the trainer resumes); with ``--square`` its blocks are
-16 x 16 (``panel_structured(square=True)``: whole bf16 vectors, which the
-bf16 kernels skip too, bench/bf16_vectors.py). FLOPs: the dense FLOPs of each
+16 x 16 (``panel_structured(square=True)``), with ``--pairs`` 16 x 2 (``rows=2``:
+whole bf16 vectors, channel pairs, which the bf16 kernels skip, bench/bf16_vectors.py). FLOPs: the dense FLOPs of each
 model's shapes and the FLOPs the engine executes for its weights
 (``sparsity_report``'s ``executed_flops``), on the cloud AMC searches on.
 ``--quick``: one epoch each and a 3-episode AMC search, runs in
@@ -83,12 +83,18 @@ def _prepare(name: str, args, out: Path) -> tuple[Path, str]:
         return out / "checkpoint.pt", ""
     cut = args.out / f"keep {args.ratio}".replace(" ", "-") / "pruned.pt"  # the keep model as cut
     if "vectors" in name:
-        return prune_vectors_checkpoint(cut, out, args.vectors, square=args.square), ""
+        return prune_vectors_checkpoint(cut, out, args.vectors, square=args.square,
+                                        rows=2 if args.pairs else None), ""
     if name == "AMC":
         return amc_checkpoint(args.checkpoint, out, cut, args.amc_episodes, args.amc_warmup)
     path = prune_checkpoint(args.checkpoint, out, args.ratio, criterion=args.criterion)
     shutil.copy(path, out / "pruned.pt")  # as cut, before fine-tuning: AMC's FLOPs budget
     return path, ""
+
+
+def _shape(args) -> str:
+    """The --vectors model's block shape as its row name says it ("" for 16 x 1)."""
+    return "square " if args.square else ("pair " if args.pairs else "")
 
 
 def parse_args() -> argparse.Namespace:
@@ -109,6 +115,8 @@ def parse_args() -> argparse.Namespace:
                         help="a model with this fraction of the --ratio model's engine vectors pruned too (0: none)")
     parser.add_argument("--square", action="store_true",
                         help="the --vectors model's blocks are 16 x 16 (whole bf16 vectors) instead of 16 x 1")
+    parser.add_argument("--pairs", action="store_true",
+                        help="the --vectors model's blocks are 16 x 2 (whole bf16 vectors: channel pairs)")
     parser.add_argument("--models", nargs="+", choices=("unpruned", "keep", "vectors", "AMC"), default=None,
                         help="fine-tune only these now (a long run split into shorter ones: rows of earlier runs "
                              "with the same checkpoint and epochs, kept in OUT/rows.json, join the table)")
@@ -130,11 +138,11 @@ def main() -> None:
     start = state["history"]["val_miou"][-1] if state["history"].get("val_miou") else float("nan")
     x = checkpoint_batches(state, count=4)[-1].input  # checkpoint_task's validation cloud: AMC's budget is on it
     names = (("unpruned", f"keep {args.ratio}") + (("AMC",) if args.amc_episodes > 0 else ())
-             + ((f"keep {args.ratio} + {'square ' if args.square else ''}vectors {args.vectors}",)
+             + ((f"keep {args.ratio} + {_shape(args)}vectors {args.vectors}",)
                 if args.vectors > 0 else ()))
     store = args.out / "rows.json"
     key = " ".join(map(str, (args.checkpoint.resolve(), args.epochs, args.ratio, args.criterion, args.amc_episodes,
-                             args.amc_warmup, args.vectors) + (("square",) if args.square else ())))
+                             args.amc_warmup, args.vectors) + ((_shape(args).strip(),) if _shape(args) else ())))
     saved = json.loads(store.read_text()) if store.is_file() else {}
     saved = saved if saved.get("key") == key else {"key": key, "rows": {}}
     for name in names:
@@ -168,7 +176,7 @@ def write_page(args, state: dict, start: float, names, saved_rows: dict) -> None
                f"searched on.")
     command = (f"python bench/prune_finetune.py --checkpoint {args.checkpoint} --ratio {args.ratio} "
                f"--criterion {args.criterion} --epochs {args.epochs} --amc-episodes {args.amc_episodes} "
-               f"--amc-warmup {args.amc_warmup} --vectors {args.vectors}{' --square' if args.square else ''} --out {args.out}"
+               f"--amc-warmup {args.amc_warmup} --vectors {args.vectors}{' --square' if args.square else ''}{' --pairs' if args.pairs else ''} --out {args.out}"
                + (f" --page {args.page}" if args.page else "") + (" --quick" if args.quick else ""))
     output = args.page or results_path("prune_finetune.md", args.quick)
     write_markdown(output, "Pruned vs unpruned MinkUNet after the same fine-tuning budget",

@@ -472,6 +472,30 @@ def test_panel_structured_prunes_engine_vectors():
     assert abs(blocks.float().mean().item() - 0.5) < 0.01
 
 
+@pytest.mark.parametrize("c_in", [8, 7])
+def test_pair_panels_prune_whole_bf16_vectors(c_in):
+    """rows=2: blocks of two input channels x 16 columns (odd c_in: the
+    last block holds one channel), so a bf16 vector (offset, channel pair,
+    16 columns) is all kept or all pruned; panel_width is 16 for a bf16
+    weight too (its vectors span 16 columns on every CPU)."""
+    assert _engine.panel_width(torch.bfloat16) == _engine.panel_width(torch.float32) == 16
+    conv = ps.nn.Conv3d(c_in, 40, 3)
+    prune.panel_structured(conv, "weight", 0.5, rows=2)
+    mask = conv.weight_mask.view(27, c_in, 40)
+    kept = []
+    for q in range(0, c_in, 2):
+        for p in range(0, 40, 16):
+            block = mask[:, q:q + 2, p:p + 16].flatten(1)  # a bf16 vector (one channel at an odd end)
+            assert torch.equal(block.amax(1), block.amin(1)), (q, p)
+            kept.append(block.amax(1))
+    assert abs(torch.cat(kept).float().mean().item() - 0.5) < 0.02  # half the blocks
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="rows"):
+            prune.panel_structured(ps.nn.Conv3d(4, 4, 3), "weight", 0.5, rows=bad)
+    with pytest.raises(ValueError, match="square"):
+        prune.panel_structured(ps.nn.Conv3d(4, 4, 3), "weight", 0.5, square=True, rows=2)
+
+
 def test_square_panels_zero_vectors_in_both_directions():
     conv = ps.nn.Conv3d(32, 32, 3)
     prune.panel_structured(conv, "weight", 0.75, square=True)

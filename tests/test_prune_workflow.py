@@ -204,3 +204,23 @@ def test_prune_vectors_refuses_a_bad_sparsity(tmp_path, amount):
     from pointsparse.app.channels import prune_vectors_checkpoint
     with pytest.raises(ValueError, match=r"--sparsity"):
         prune_vectors_checkpoint(tmp_path / "none.pt", tmp_path / "out", float(amount))
+
+
+def test_prune_vectors_pairs_masks_whole_bf16_vectors(tmp_path, capsys):
+    """``prune vectors --pairs``: blocks of two input channels x 16 columns
+    (the bf16 kernels' vectors), both channels of a pair masked alike;
+    ``--square`` with ``--pairs`` refused."""
+    dense, pairs = tmp_path / "dense", tmp_path / "pairs"
+    assert cli.main(["train", *TINY, "--epochs", "1", "--out", str(dense)]) == 0
+    assert cli.main(["prune", "vectors", "--checkpoint", str(dense / "checkpoint.pt"), "--sparsity", "0.5",
+                     "--pairs", "--out", str(pairs)]) == 0
+    masks = {k: v for k, v in checkpoint.load(pairs / "checkpoint.pt")["model"].items() if k.endswith("weight_mask")}
+    assert masks
+    for key, mask in masks.items():
+        even = mask.shape[1] - mask.shape[1] % 2
+        assert torch.equal(mask[:, 0:even:2], mask[:, 1:even:2]), key
+        assert 0.3 <= mask.float().mean().item() <= 0.7, key
+    capsys.readouterr()
+    assert cli.main(["prune", "vectors", "--checkpoint", str(dense / "checkpoint.pt"), "--square", "--pairs",
+                     "--out", str(tmp_path / "both")]) == 2
+    assert "--square and --pairs" in capsys.readouterr().err and not (tmp_path / "both").exists()

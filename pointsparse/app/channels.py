@@ -35,6 +35,9 @@ def add_arguments(parser) -> None:
                         help="channels, vectors: epochs of fine-tuning afterwards")
     parser.add_argument("--square", action="store_true",
                         help="vectors: width x width blocks, which the input gradient skips too")
+    parser.add_argument("--pairs", action="store_true",
+                        help="vectors: blocks of two input channels (whole bf16 vectors, which the bf16 kernels "
+                             "skip too)")
 
 
 def load_state(path) -> dict:
@@ -82,22 +85,22 @@ def prune_checkpoint(path, out, ratio: float = 0.5, data=None, label_map=None, c
     return save_pruned(state, model, out)
 
 
-def prune_vectors_checkpoint(path, out, amount: float, square: bool = False) -> Path:
+def prune_vectors_checkpoint(path, out, amount: float, square: bool = False, rows: int | None = None) -> Path:
     """Write ``out/checkpoint.pt``: the checkpoint's model (dense or
     channel-pruned) with ``amount`` of the alive engine vectors of every
     sparse conv with more than one offset pruned by magnitude
     (:func:`pointsparse.prune.panel_structured`; ``square``: width x width
-    blocks), the masks stored as ``torch.nn.utils.prune`` stores them
+    blocks; ``rows``: input channels per block, 2 for whole bf16 vectors), the masks stored as ``torch.nn.utils.prune`` stores them
     (``weight_orig`` + ``weight_mask``): ``load_model``, ``pointsparse eval``
     and ``train --resume`` rebuild them, and fine-tuning keeps the masked
     weights at zero (they get no gradient). ``prune.remove`` (or
     ``nn.fuse_for_inference`` after it) makes them plain weights for
     inference. The run's epoch, schedule and history are kept, the optimizer
     state is fresh. Returns its path."""
-    return _prune_vectors(path, out, amount, square)[0]
+    return _prune_vectors(path, out, amount, square, rows)[0]
 
 
-def _prune_vectors(path, out, amount: float, square: bool) -> tuple[Path, int, int]:
+def _prune_vectors(path, out, amount: float, square: bool, rows: int | None = None) -> tuple[Path, int, int]:
     """:func:`prune_vectors_checkpoint`, and the weights its masks keep and cover."""
     from ..models import model_from_state
     from ..nn import Conv3d
@@ -112,7 +115,7 @@ def _prune_vectors(path, out, amount: float, square: bool) -> tuple[Path, int, i
     if not convs:
         raise ValueError(f"{path}: the model has no sparse conv with more than one offset to prune by vectors")
     for module in convs:
-        panel_structured(module, "weight", float(amount), square=square)
+        panel_structured(module, "weight", float(amount), square=square, rows=rows)
     kept = sum(int(m.weight_mask.count_nonzero()) for m in convs)
     return save_pruned(state, model, out), kept, sum(m.weight_mask.numel() for m in convs)
 
@@ -133,7 +136,9 @@ def vectors_main(args) -> int:
     if args.checkpoint is None:
         raise SystemExit("prune vectors needs --checkpoint DIR/checkpoint.pt")
     amount = 0.75 if args.sparsity is None else args.sparsity
-    path, kept, total = _prune_vectors(args.checkpoint, args.out, amount, args.square)
+    if args.square and args.pairs:
+        raise ValueError("--square and --pairs are two block shapes: give one")
+    path, kept, total = _prune_vectors(args.checkpoint, args.out, amount, args.square, 2 if args.pairs else None)
     print(f"pruned checkpoint {path}: engine vectors masked, {kept} of the {total} weights of its convs with more "
           f"than one offset kept ({kept / total:.2f})")
     if args.finetune_epochs > 0:

@@ -182,8 +182,12 @@ def conv_backward(feats: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor,
 def panel_width(dtype: torch.dtype) -> int:
     """Columns of one vector-sparse panel (``sparse_panel<T>()`` in
     cpp/conv/sparse.h: the 32-byte builds' register tile, 64 bytes) on every
-    CPU, whichever build runs the dense kernels."""
-    return 64 // torch.empty((), dtype=dtype).element_size()
+    CPU, whichever build runs the dense kernels: 16 float32, 8 float64. A
+    16-bit weight (bfloat16, float16) runs as float32 panels: the bf16
+    kernels' vectors span 16 columns (``kBf16Panel``), and elsewhere its
+    values run widened through the float32 kernels."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return 64 // max(size, 4)
 
 
 def vector_blocks(weight: torch.Tensor, transpose: bool = False) -> torch.Tensor:

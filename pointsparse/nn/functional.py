@@ -78,7 +78,8 @@ def engine_cost(weight: torch.Tensor, pair_counts: torch.Tensor, kernel_size=3, 
 
 def panel_width(dtype: torch.dtype) -> int:
     """Columns of one vector of the engine's vector-sparse kernels (16
-    float32 / 8 float64): the output-channel panel a weight vector spans."""
+    float32 and bfloat16 / 8 float64): the output-channel panel a weight
+    vector spans."""
     return _engine.panel_width(dtype)
 
 

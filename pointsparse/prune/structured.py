@@ -299,7 +299,7 @@ def block_structured(module, name, amount, block_size=4, n=2, layout=None, impor
     return module
 
 
-def panel_structured(module, name, amount, square=False, n=2, importance_scores=None):
+def panel_structured(module, name, amount, square=False, n=2, importance_scores=None, rows=None):
     """The granularity the engine executes (vector sparsity): prune
     ``amount`` of the alive vectors of a sparse conv's ``(K, C_in, C_out)``
     weight, a vector being (offset, input channel, panel of output
@@ -310,14 +310,24 @@ def panel_structured(module, name, amount, square=False, n=2, importance_scores=
     whose vectors are (output channel, panel of input channels): with
     ``square=True`` the blocks are ``width x width``, zero vectors in both
     directions, so forward, input and weight gradients all skip them
-    (bench/RESULTS.md). Returns ``module``."""
+    (bench/RESULTS.md). ``rows``: input channels per block (default 1, or
+    ``width`` with ``square``); ``rows=2`` prunes whole bf16 vectors
+    (offset, channel pair, 16 columns), which the bf16 kernels skip (with
+    ``rows=1`` they skip a pair only where both its channels are pruned).
+    Returns ``module``."""
     from ..nn.functional import panel_width  # noqa: PLC0415 - nn sits above this package
 
     weight = getattr(module, name + "_orig", getattr(module, name, None))
     if not isinstance(weight, torch.Tensor):
         raise ValueError(f"{type(module).__name__} has no tensor attribute {name!r}")
     width = panel_width(weight.dtype)
-    return block_structured(module, name, amount, block_size=(width, width if square else 1), n=n,
+    if rows is None:
+        rows = width if square else 1
+    elif isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise ValueError(f"rows must be a positive int (input channels per block); got {rows!r}")
+    elif square and rows != width:
+        raise ValueError(f"square=True means rows = width = {width}; got rows={rows}")
+    return block_structured(module, name, amount, block_size=(width, rows), n=n,
                             importance_scores=importance_scores)
 
 
