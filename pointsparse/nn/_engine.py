@@ -426,11 +426,12 @@ def conv_bf16_on_float32(feats: torch.Tensor, weight: torch.Tensor, bias: torch.
 #: columns; see ``ConvPlan.forward_bf16``) at which the bf16 forward runs
 #: its vector-sparse form; :func:`bf16_vector_threshold` raises it to 1 where
 #: the dense form's 32-column tiles would leave half a tile empty. Measured
-#: (``python bench/bf16_vectors.py``, KITTI sweep, one thread, AMD EPYC Zen 4
-#: [avx512 bf16], bench/RESULTS.md): at C = 64 the vector form ran 0.90x the
-#: dense one at density 1.0, 1.17x at 0.75, 1.6x at 0.43-0.5; at C = 16
-#: 1.24x at density 1.0.
-BF16_VECTOR_DENSITY = 0.85
+#: (``python bench/bf16_vectors.py --rounds 7 --channels 8 16 24 32 64 128``,
+#: KITTI sweep, one thread, AMD EPYC Zen 4 [avx512 bf16], bench/RESULTS.md):
+#: against the dense form the vector form ran 0.83-0.96x at density 1.0 and
+#: 1.05-1.09x at 0.59-0.75 (C = 24 to 128: crossings near 0.73-0.83), 1.2-1.8x
+#: at 0.4-0.5; at C = 8 and 16 1.08x and 1.25x at density 1.0.
+BF16_VECTOR_DENSITY = 0.75
 
 
 def bf16_vector_threshold(cols: int) -> float:
