@@ -173,6 +173,7 @@ class ConvPlan:
     def forward_bf16(
         self, feats: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, out: np.ndarray, num_threads: int,
         relu: bool = False, out_bf16: np.ndarray | None = None, vector_density: float = -1.0,
+        add: np.ndarray | None = None,
     ) -> str:
         """Inference forward in bf16: feats and weight hold bf16 bits (int16 or
         uint16), bias (float32 or None) and out float32; products summed in
@@ -180,8 +181,10 @@ class ConvPlan:
         None): out rounded to bf16 as torch rounds, block by block. Offsets
         whose weight is all zero are skipped; where at most vector_density
         (negative: never) of the kept offsets' bf16 vectors (offset, channel
-        pair, 16 output columns) hold a nonzero, only those run. Returns what
-        ran: 'dense', 'offsets' or 'vector'. ValueError where the CPU lacks it."""
+        pair, 16 output columns) hold a nonzero, only those run. add: None or
+        a bf16 residual (bf16 bits, out's shape, not sharing memory with out
+        or out_bf16) added in float32 before the ReLU. Returns what ran:
+        'dense', 'offsets' or 'vector'. ValueError where the CPU lacks it."""
     def transposed(self) -> "ConvPlan":
         """The plan of the transposed map (inputs and outputs swapped), sharing
         this plan's pairs: no pass over them."""

@@ -277,3 +277,39 @@ def test_bf16_cost_counts_what_the_bf16_kernels_run():
         ran = _forward_bf16(plan, x.feats.bfloat16(), weight, None, 24, 1, False,
                             _engine.bf16_vector_threshold(24))[0]
         assert ran == _engine.bf16_cost(weight, pairs)[1]
+
+
+def test_forward_bf16_adds_a_bf16_residual_before_the_relu():
+    """add: a bf16 residual widened and added in float32 before the ReLU,
+    block by block: equal bit for bit to the same float32 ops after the
+    kernel, in both forms; the rounded output is its one rounding. Through
+    F.conv3d(add=) a bf16 residual block's sum runs in the store too."""
+    x = _cloud(c=24, seed=9)
+    kmap = ps.kmap.get_kmap(x, 3)
+    plan = _engine.make_fused_plan(kmap)
+    g = torch.Generator().manual_seed(9)
+    wb = _vector_pruned(27, 24, 40, 0.3, g).bfloat16()
+    fb, bias = x.feats.bfloat16(), torch.randn(40, generator=g)
+    residual = torch.randn(kmap.num_out, 40, generator=g).bfloat16()
+    plain = _forward_bf16(plan, fb, wb, bias, 40, 2, False, -1.0)[1]
+    want = torch.relu(plain + residual.float())
+    for density in (-1.0, 1.0):
+        out = torch.full((kmap.num_out, 40), float("nan"))
+        rounded = torch.empty(kmap.num_out, 40, dtype=torch.bfloat16)
+        plan.core.forward_bf16(fb.view(torch.int16).numpy(), wb.view(torch.int16).numpy(), bias.numpy(),
+                               out.numpy(), 2, True, out_bf16=rounded.view(torch.int16).numpy(),
+                               vector_density=density, add=residual.view(torch.int16).numpy())
+        assert torch.equal(out, want) and torch.equal(rounded, want.to(torch.bfloat16))
+    bits = fb.view(torch.int16).numpy()
+    out = torch.empty(kmap.num_out, 40)
+    for bad, match in ((residual.float().numpy(), "add must hold bf16 bits"),
+                       (torch.zeros(3, 40, dtype=torch.int16).numpy(), "add"),
+                       (out.view(torch.int16).view(-1)[:kmap.num_out * 40].view(kmap.num_out, 40).numpy(),
+                        "add must not share memory with out")):
+        with pytest.raises(ValueError, match=match):
+            plan.core.forward_bf16(bits, wb.view(torch.int16).numpy(), None, out.numpy(), 1, add=bad)
+    with torch.no_grad():
+        y = F.conv3d(x.with_feats(fb), wb, 3, bias=bias.bfloat16(), relu=True,
+                     add=ps.SparseTensor(residual, x.coords))
+    exact = torch.relu(conv_sum(fb.double(), wb.double(), kmap) + bias.bfloat16().double() + residual.double())
+    assert y.feats.dtype == torch.bfloat16 and _rel(y.feats, exact) < 2 ** -8

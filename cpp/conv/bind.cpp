@@ -175,6 +175,14 @@ bool rows_like_out(const py::object& arg, const char* name, const py::array& out
   return true;
 }
 
+// ValueError naming both where a's and b's memory overlap.
+void apart(const py::array& a, const char* a_name, const py::array& b, const char* b_name) {
+  const auto* a0 = static_cast<const char*>(a.data());
+  const auto* b0 = static_cast<const char*>(b.data());
+  if (a0 < b0 + b.nbytes() && b0 < a0 + a.nbytes())
+    value_error(std::string(a_name) + " must not share memory with " + b_name);
+}
+
 // One product over the plan (forward, or the input gradient when transpose).
 // add (forward only, or null): a residual of dst's shape and dtype, added
 // before the ReLU.
@@ -213,9 +221,7 @@ void forward(const conv::Plan& plan, py::array feats, py::array weight, py::obje
   const bool has_add = rows_like_out(add, "add", out, plan, false, r);
   if (has_add) {
     check_same_dtype(r, out, "add", "out");
-    const auto* r0 = static_cast<const char*>(r.data());
-    const auto* o0 = static_cast<const char*>(out.data());
-    if (r0 < o0 + out.nbytes() && o0 < r0 + r.nbytes()) value_error("add must not share memory with out");
+    apart(r, "add", out, "out");
   }
   apply(plan, feats, weight, has_bias ? &b : nullptr, out, false, num_threads, use, relu,
         skip_of(plan, active, false), vector, has_add ? &r : nullptr);
@@ -227,7 +233,7 @@ void forward(const conv::Plan& plan, py::array feats, py::array weight, py::obje
 // "vector" (the vector-sparse form, where the density of listed vectors is
 // at most vector_density; negative: never).
 std::string forward_bf16(const conv::Plan& plan, py::array feats, py::array weight, py::object bias, py::array out,
-                         int num_threads, bool relu, py::object out_bf16, double vector_density) {
+                         int num_threads, bool relu, py::object out_bf16, double vector_density, py::object add) {
   if (!conv::bf16_runs())
     value_error("forward_bf16 needs AVX-512 with AVX512-BF16; this CPU (or build) runs: " + runnable_isas());
   check_rows(feats, "feats", false);
@@ -251,11 +257,19 @@ std::string forward_bf16(const conv::Plan& plan, py::array feats, py::array weig
     d16 = static_cast<uint16_t*>(o16.mutable_data());
   }
   if (!(vector_density == vector_density)) value_error("vector_density must be a number, not NaN");
+  const uint16_t* r = nullptr;
+  py::array ra;
+  if (rows_like_out(add, "add", out, plan, false, ra)) {
+    check_bf16_bits(ra, "add");
+    apart(ra, "add", out, "out");
+    if (d16) apart(ra, "add", o16, "out_bf16");
+    r = static_cast<const uint16_t*>(ra.data());
+  }
   const int64_t kc = feats.shape(1), cols = out.shape(1);
   conv::Bf16Execution ran;
   {
     py::gil_scoped_release release;
-    ran = conv::run_apply_bf16(plan, s, w, bp, d, kc, cols, threads(num_threads), relu, d16, vector_density);
+    ran = conv::run_apply_bf16(plan, s, w, bp, d, kc, cols, threads(num_threads), relu, d16, vector_density, r);
   }
   return ran == conv::Bf16Execution::vector ? "vector" : ran == conv::Bf16Execution::offsets ? "offsets" : "dense";
 }
@@ -363,12 +377,13 @@ void bind_conv(py::module_& m) {
            "while the rows are in cache (a residual block's sum and ReLU in the conv's store).")
       .def("forward_bf16", &forward_bf16, py::arg("feats"), py::arg("weight"), py::arg("bias"),
            py::arg("out"), py::arg("num_threads"), py::arg("relu") = false, py::arg("out_bf16") = py::none(),
-           py::arg("vector_density") = -1.0,
+           py::arg("vector_density") = -1.0, py::arg("add") = py::none(),
            "Inference forward in bf16 (AVX512-BF16): feats and weight hold bf16 bits (int16/uint16 arrays), bias "
            "(float32 or None) and out float32; products summed in float32. out_bf16 (bf16 bits, out's shape, or "
            "None): out rounded to bf16 as torch rounds, block by block. Offsets whose weight is all zero are "
            "skipped; where at most vector_density (negative: never) of the kept offsets' bf16 vectors (offset, "
-           "channel pair, 16 output columns) hold a nonzero, only those run. Returns what ran: 'dense', "
+           "channel pair, 16 output columns) hold a nonzero, only those run. add: None or a bf16 residual "
+           "(bf16 bits, out's shape) added in float32 before the ReLU. Returns what ran: 'dense', "
            "'offsets' or 'vector'. ValueError where the CPU lacks it.")
       .def("backward_input", &backward_input, py::arg("grad"), py::arg("weight"), py::arg("grad_feats"),
            py::arg("num_threads"), py::arg("isa") = py::none(), py::arg("active") = py::none(),

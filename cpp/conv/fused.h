@@ -178,6 +178,9 @@ struct ApplyBf16Args {
   // The largest density of listed vectors at which the vector-sparse form
   // runs (see Bf16Execution); negative: never.
   double vector_density = -1.0;
+  // (num_rows, cols) bf16 bits or null: a residual added (widened to
+  // float32) to dst before the ReLU, block by block (ApplyArgs::add).
+  const uint16_t* add = nullptr;
 };
 // Whether this build and this CPU run apply_bf16 (AVX-512 F/VL/BW/DQ + BF16).
 bool bf16_runs();

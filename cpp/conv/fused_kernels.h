@@ -449,8 +449,7 @@ inline void apply_pairs(const Args& a, int64_t k, int64_t lo, int64_t hi, bool i
   }
 }
 
-// The epilogue of a block's rows [r0, r1) (ApplyArgs: dst += add, then the
-// ReLU; the bf16 kernel: the ReLU): one pass while they are in cache, in
+// The epilogue of a block's rows [r0, r1) (dst += add, then the ReLU): one pass while they are in cache, in
 // place of a residual sum and a ReLU of their own over the whole output
 // (each a pass through memory).
 template <typename T>
@@ -473,8 +472,26 @@ template <typename T>
 inline void block_epilogue(const ApplyArgs<T>& a, T* rows, int64_t r0, int64_t r1) {
   block_epilogue(rows, a.add ? a.add + r0 * a.cols : nullptr, a.relu, (r1 - r0) * a.cols);
 }
+// The bf16 kernel's: dst += the bf16 residual (widened exactly), then the
+// ReLU, in float32 (rounded once after, with the block).
+template <bool kRelu>
+inline void add_bf16(float* __restrict d, const uint16_t* __restrict add, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t bits = uint32_t(add[i]) << 16;
+    float f;
+    __builtin_memcpy(&f, &bits, 4);
+    const float v = d[i] + f;
+    d[i] = kRelu && v < 0 ? 0.0f : v;
+  }
+}
 inline void block_epilogue(const ApplyBf16Args& a, float* rows, int64_t r0, int64_t r1) {
-  block_epilogue<float>(rows, nullptr, a.relu, (r1 - r0) * a.cols);
+  const int64_t n = (r1 - r0) * a.cols;
+  if (a.add == nullptr)
+    block_epilogue<float>(rows, nullptr, a.relu, n);
+  else if (a.relu)
+    add_bf16<true>(rows, a.add + r0 * a.cols, n);
+  else
+    add_bf16<false>(rows, a.add + r0 * a.cols, n);
 }
 
 // The block scratch of ApplyArgs (null: rows summed in place); the bf16

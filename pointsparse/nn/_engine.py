@@ -470,12 +470,15 @@ def bf16_cost(weight: torch.Tensor, pair_counts) -> tuple[int, str]:
 
 
 def conv_bf16(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kmap: _kmap.KernelMap,
-              cache: "CoordinateCache | None" = None, relu: bool = False) -> torch.Tensor:
+              cache: "CoordinateCache | None" = None, relu: bool = False,
+              add: torch.Tensor | None = None) -> torch.Tensor:
     """The bf16 inference forward (see :func:`runs_bf16`): products of the
     bf16 feats and weight summed in float32 by ``vdpbf16ps``, bias (and
     ReLU) added in float32, the result rounded once to bfloat16. Offsets
     whose weight is all zero are skipped, and a vector-sparse weight (see
-    :func:`bf16_vector_threshold`) runs only its listed vectors."""
+    :func:`bf16_vector_threshold`) runs only its listed vectors. ``add``: a
+    bfloat16 residual ``(num_out, C_out)`` added in float32 before the ReLU
+    (one rounding for the conv, the sum and the ReLU)."""
     plan = get_plan(kmap, cache)
     cols = weight.shape[2]
     out = torch.empty((plan.num_out, cols), dtype=torch.float32)
@@ -483,7 +486,8 @@ def conv_bf16(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     b = None if bias is None else _np(bias.detach().float().contiguous())
     plan.core.forward_bf16(_np(feats.contiguous().view(torch.int16)), _np(weight.contiguous().view(torch.int16)),
                            b, _np(out), _ext.num_threads(), relu, out_bf16=_np(rounded.view(torch.int16)),
-                           vector_density=bf16_vector_threshold(cols))
+                           vector_density=bf16_vector_threshold(cols),
+                           add=None if add is None else _np(add.contiguous().view(torch.int16)))
     return rounded
 
 
