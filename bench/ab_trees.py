@@ -11,7 +11,7 @@ OpenMP threads of the child that ran last have stopped spinning.
         [--out PAGE.md] [--quick]
 
 The workload is bench/north_star.py's "keep 0.25 + fuse + vectors 75%"
-MinkUNet (built by this tree's bench code against each tree's package) on
+MinkUNet (``--model pairs-bf16``: "keep 0.25 + fuse + pair vectors 75% + bf16") (built by this tree's bench code against each tree's package) on
 KITTI raw 000049 at 0.05 m: end to end from the points (voxelize, every map
 and plan, the network) and the network alone (maps cached). Every tree's
 logits must equal the first tree's bit for bit before any timing (the page
@@ -43,6 +43,7 @@ BENCH = Path(__file__).resolve().parent
 CHILD = r"""
 import sys, time
 tree, bench, threads, quick, setup = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1", sys.argv[5]
+which = sys.argv[6]
 sys.path.insert(0, tree)
 sys.path.insert(1, bench)
 import numpy as np
@@ -63,7 +64,13 @@ else:
 base, _ = ps.voxelize(xyz, feats, voxel_size=0.05)
 x = ps.SparseTensor(base.feats, base.coords)
 nets, _ = _variants(x, [(0.25, 8)])
-model = vector_sparse(ps.nn.fuse_for_inference(nets["keep 0.25 (x8)"]), 0.75)
+if which == "pairs-bf16":
+    dtype = torch.bfloat16
+    model = vector_sparse(ps.nn.fuse_for_inference(nets["keep 0.25 (x8)"]), 0.75, rows=2).to(dtype)
+else:
+    dtype = torch.float32
+    model = vector_sparse(ps.nn.fuse_for_inference(nets["keep 0.25 (x8)"]), 0.75)
+x = ps.SparseTensor(base.feats.to(dtype), base.coords)
 with torch.no_grad():
     model(x)
     print("ready", flush=True)
@@ -71,13 +78,13 @@ with torch.no_grad():
         what = line.split()
         if what[0] == "save":
             v, _ = ps.voxelize(xyz, feats, voxel_size=0.05)
-            np.save(what[1], model(ps.SparseTensor(v.feats, v.coords)).feats.numpy())
+            np.save(what[1], model(ps.SparseTensor(v.feats.to(dtype), v.coords)).feats.float().numpy())
             print("saved", flush=True)
             continue
         t0 = time.perf_counter()
         if what[0] == "e2e":
             v, _ = ps.voxelize(xyz, feats, voxel_size=0.05)
-            model(ps.SparseTensor(v.feats, v.coords))
+            model(ps.SparseTensor(v.feats.to(dtype), v.coords))
         else:
             model(x)
         print(time.perf_counter() - t0, flush=True)
@@ -93,6 +100,10 @@ def main() -> None:
     parser.add_argument("--setup", nargs=2, action="append", default=[], metavar=("INDEX", "CODE"),
                         help="Python run in tree INDEX's child after `import pointsparse as ps`, e.g. "
                              "1 'ps.reuse_freed_memory(True)' (a tree may be given twice)")
+    parser.add_argument("--model", choices=("vectors", "pairs-bf16"), default="vectors",
+                        help="vectors: the float32 keep 0.25 + fuse + vectors 75%% model (default); pairs-bf16: "
+                             "its 16 x 2 vector blocks in bfloat16 (the bf16 kernels; needs AVX512-BF16 to run "
+                             "them, and trees whose prune.panel_structured takes rows)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     root = str(BENCH.parent)
@@ -109,7 +120,7 @@ def main() -> None:
     env.pop("PYTHONPATH", None)
     setups = {int(i): code for i, code in args.setup}
     kids = [subprocess.Popen([sys.executable, "-c", CHILD, t, str(BENCH), str(args.threads), "1" if quick else "0",
-                              setups.get(i, "")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                              setups.get(i, ""), args.model], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
                              cwd=t)
             for i, t in enumerate(trees)]
 
@@ -143,7 +154,9 @@ def main() -> None:
             k.stdin.close()
             k.wait()
     med = {key: float(np.median(v)) for key, v in times.items()}
-    lines = [f"### North star model (keep 0.25 + fuse + vectors 75%), {'a generated street' if quick else 'KITTI raw 000049 at 0.05 m'}, "
+    name = "keep 0.25 + fuse + pair vectors 75% + bf16" if args.model == "pairs-bf16" else \
+        "keep 0.25 + fuse + vectors 75%"
+    lines = [f"### North star model ({name}), {'a generated street' if quick else 'KITTI raw 000049 at 0.05 m'}, "
              f"{args.threads} threads, medians of {args.rounds} lockstep rounds", "",
              "| tree | logits vs the first | end to end ms | ratio | network alone ms | ratio |",
              "|---|---|---|---|---|---|"]
