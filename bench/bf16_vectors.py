@@ -7,8 +7,9 @@ in one process (the evidence behind ``nn._engine.BF16_VECTOR_DENSITY``).
 A submanifold k=3 conv on the KITTI sweep at 0.05 m (a generated 20k street
 when absent), weights pruned by ``prune.panel_structured`` (vectors of 16
 output columns per input channel: the float32 engine's granularity; with
-``square=True``, 16 x 16 blocks, whose vectors pair up) at several amounts;
-the plan's kernels called directly (no autograd, one output buffer reused),
+``rows=2``, 16 x 2 blocks: whole bf16 vectors, channel pairs; with
+``square=True``, 16 x 16 blocks) at several amounts; the plan's kernels
+called directly (no autograd, one output buffer reused),
 interleaved round by round. Per row: the float32 dense and vector kernels
 (``_engine.choose_execution`` decides the offsets), the bf16 kernel forced
 dense (``vector_density=-1``: offsets whose weight is zero still skipped) and
@@ -78,16 +79,17 @@ def table(coords: torch.Tensor, widths, amounts, rounds: int, threads: int) -> l
     for c in widths:
         feats = torch.randn(kmap.num_in, c, generator=torch.Generator().manual_seed(c))
         out = torch.empty(kmap.num_out, c)
-        for amount, square in amounts:
+        for amount, shape in amounts:
             conv = ps.nn.Conv3d(c, c, 3)
             if amount > 0:
-                prune.panel_structured(conv, "weight", amount, square=square)
+                prune.panel_structured(conv, "weight", amount, square=shape == "square",
+                                       rows=shape if isinstance(shape, int) else None)
                 prune.remove(conv, "weight")
             weight = conv.weight.detach().contiguous()
             fns = calls(plan, feats, weight, out, threads)
             check(fns, out)
             med = interleaved(fns, rounds)
-            label = "none" if amount == 0 else f"{amount:.0%}{' square' if square else ''}"
+            label = "none" if amount == 0 else f"{amount:.0%}" + {None: "", 2: " pairs", "square": " square"}[shape]
             rows.append(f"| {c} | {label} | {bf16_density(weight):.2f} | " +
                         " | ".join(f"{1e3 * med[n]:.2f}" for n in names) +
                         f" | {med['bf16 dense'] / med['bf16 vector']:.2f}x"
@@ -110,7 +112,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     coords, name = kitti_or_street(args.quick)
     widths = args.channels or ((32,) if args.quick else (16, 32, 64, 128))
-    amounts = [(0.0, False), (0.5, False), (0.75, False), (0.9, False), (0.5, True), (0.75, True)]
+    amounts = [(0.0, None), (0.5, None), (0.75, None), (0.9, None), (0.5, 2), (0.75, 2), (0.5, "square"),
+               (0.75, "square")]
     rows = table(coords, widths, amounts, rounds, args.threads)
     out = results_path("bf16_vectors.md", args.quick)
     command = "python bench/bf16_vectors.py " + " ".join(sys.argv[1:])
