@@ -159,16 +159,32 @@ def _engine_runs(*tensors: Tensor) -> bool:
     return _ext.serves(*tensors, dtypes=_engine.ENGINE_DTYPES)
 
 
+def _bf16_runs(feats: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+    """CPU bfloat16 feats, weight (and bias) that the core serves, on a CPU
+    whose bf16 kernels run."""
+    from .nn import _engine
+
+    return all(t is None or t.dtype == torch.bfloat16 for t in (feats, weight, bias)) \
+        and _ext.serves(feats, weight) and _engine.bf16_kernels()
+
+
 @torch.library.custom_op(f"{_LIB}::conv", mutates_args=())
 def conv(feats: Tensor, weight: Tensor, bias: Optional[Tensor], out_coords: Tensor, in_idx: Tensor,
          out_idx: Tensor, sizes: Tensor, key: list[int]) -> Tensor:
     """``out = bias + sum_o feats[in_idx] @ weight[o]`` added at ``out_idx``:
-    the fused engine on CPU float32/float64, the torch loop elsewhere."""
+    the fused engine on CPU float32/float64, its bf16 kernels on CPU
+    bfloat16 where the CPU has AVX512-BF16 (the sums in float32, rounded
+    once: an exported bf16 model runs them), the torch loop elsewhere."""
     if _engine_runs(feats, weight):
         from .nn import _engine
 
         plan = _plan(out_coords, in_idx, out_idx, sizes, key, feats.shape[0])
         return _engine.conv_forward(feats.contiguous(), weight.contiguous(), bias, plan)
+    if _bf16_runs(feats, weight, bias):
+        from .nn import _engine
+
+        plan = _plan(out_coords, in_idx, out_idx, sizes, key, feats.shape[0])
+        return _engine.bf16_forward(feats, weight, bias, plan)
     from .nn.reference import conv_sum  # pointsparse.nn loads lazily (import pointsparse does not load it)
 
     out = conv_sum(feats, weight, _as_kmap(out_coords, in_idx, out_idx, sizes, key, feats.shape[0]))

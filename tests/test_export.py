@@ -327,3 +327,62 @@ def test_export_errors_are_clear(tmp_path):
     bad[1] = bad[0]
     with pytest.raises(ValueError, match="duplicate"):
         program.module()(x.feats, bad)
+
+
+@pytest.mark.skipif(not ps._ext.core.conv_bf16(), reason="the CPU has no AVX512-BF16")
+def test_exported_bf16_vector_pruned_model_runs_the_bf16_kernels(monkeypatch, tmp_path):
+    """A fused MinkUNet with whole bf16 vectors pruned (rows=2), in bfloat16,
+    exported and loaded back: its conv operator runs the bf16 kernels (the
+    vector form included) and the logits agree with eager bf16 inference
+    (which rounds the residual sums once, the program twice)."""
+    from pointsparse import prune
+    from pointsparse.nn import _engine
+
+    torch.manual_seed(0)
+    net = spnn.fuse_for_inference(_trained_like(MinkUNet(3, 5, cr=0.25, blocks=1)))
+    for module in net.modules():
+        if isinstance(module, spnn.Conv3d) and module.weight.shape[0] > 1:
+            prune.panel_structured(module, "weight", 0.75, rows=2)
+            prune.remove(module, "weight")
+    net = net.to(torch.bfloat16)
+    x = _cloud(3000, 3)
+    xb = ps.SparseTensor(x.feats.bfloat16(), x.coords)
+    with torch.no_grad():
+        eager = net(xb).feats.float()
+    path = tmp_path / "bf16.pt2"
+    export.save(export.export_model(net, xb), path)
+    program, _ = export.load(path)
+    calls, real = [], _engine.bf16_forward
+    monkeypatch.setattr(_engine, "bf16_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        out = program.module()(xb.feats, xb.coords)
+    assert out.dtype == torch.bfloat16 and len(calls) >= 10
+    err = float((out.float() - eager).abs().max() / eager.abs().max())
+    assert err < 2e-2, err
+    assert (out.float().argmax(1) == eager.argmax(1)).float().mean() > 0.97
+
+
+@pytest.mark.parametrize("inference", ["fused", "bf16"])
+def test_export_cli_inference_forms(tmp_path, inference):
+    """``pointsparse export --inference fused|bf16``: the program of the model
+    ``pointsparse eval --inference`` scores (masks permanent, BatchNorm
+    folded; bf16 feats and logits), its form named in the file."""
+    from pointsparse.app.cli import main
+    from pointsparse.app.evaluate import inference_model
+
+    if inference == "bf16" and not ps._ext.core.conv_bf16():
+        pytest.skip("the CPU has no AVX512-BF16 (the program would run the torch loop in bf16)")
+    model = _trained_like(MinkUNet(7, 4, cr=0.25, blocks=1))
+    ckpt = _checkpoint(tmp_path, model, _config())
+    out = tmp_path / f"{inference}.pt2"
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--inference", inference]) == 0
+    program, meta = export.load(out)
+    assert meta["inference"] == inference
+    reference = inference_model(export.load_checkpoint(ckpt)[0], inference)
+    dtype = torch.bfloat16 if inference == "bf16" else torch.float32
+    y = _cloud(900, 6, channels=7, dtype=dtype)
+    with torch.no_grad():
+        got, want = program.module()(y.feats, y.coords), reference(y).feats
+    assert got.dtype == dtype
+    err = float((got.float() - want.float()).abs().max() / want.float().abs().max())
+    assert err < (2e-2 if inference == "bf16" else 1e-5), err

@@ -1,9 +1,10 @@
 """Write a segmentation checkpoint as a torch.export program (.pt2).
 
-``pointsparse export --checkpoint DIR/checkpoint.pt --out model.pt2``: the
-checkpoint's model (dense or channel-pruned) in eval mode as a program of
-plain tensors, ``(feats (N, in_channels) float32, coords (N, 4) int32) ->
-logits (N, classes)``, with the checkpoint's config in the file
+``pointsparse export --checkpoint DIR/checkpoint.pt --out model.pt2
+[--inference fused|bf16]``: the checkpoint's model (dense, channel-pruned or
+vector-masked) in eval mode as a program of plain tensors, ``(feats (N,
+in_channels) float32, coords (N, 4) int32) -> logits (N, classes)`` (bfloat16
+feats and logits with ``--inference bf16``), with the checkpoint's config in the file
 (:mod:`pointsparse.export` holds the library functions it calls)."""
 
 from __future__ import annotations
@@ -14,15 +15,28 @@ __all__ = ["add_arguments", "main"]
 
 
 def add_arguments(parser) -> None:
+    from .evaluate import INFERENCE
+
     parser.add_argument("--checkpoint", required=True, help="a checkpoint written by pointsparse train")
     parser.add_argument("--out", required=True, help="the .pt2 file to write")
+    parser.add_argument("--inference", choices=INFERENCE, default="float32",
+                        help="the program's model: float32 (the checkpoint's, default), fused (pruning masks made "
+                             "permanent, BatchNorm folded) or bf16 (fused, then bfloat16: feats and logits "
+                             "bfloat16; the AVX512-BF16 kernels where the CPU has them); as pointsparse eval "
+                             "--inference scores it")
 
 
 def main(args) -> int:
+    from .evaluate import inference_model
+
     model, config = export.load_checkpoint(args.checkpoint)
-    program = export.export_model(model, export.example_input(config["in_channels"], config.get("voxel_size", 0.2)))
-    meta = {"inputs": {"feats": "float32 (N, in_channels)", "coords": "int32 (N, 4) [batch, x, y, z]"},
-            "output": "float32 (N, num_classes) logits", **config}
+    model = inference_model(model, args.inference)
+    dtype = next(model.parameters()).dtype
+    example = export.example_input(config["in_channels"], config.get("voxel_size", 0.2))
+    program = export.export_model(model, example.with_feats(example.feats.to(dtype)))
+    kind = str(dtype).replace("torch.", "")
+    meta = {"inputs": {"feats": f"{kind} (N, in_channels)", "coords": "int32 (N, 4) [batch, x, y, z]"},
+            "output": f"{kind} (N, num_classes) logits", "inference": args.inference, **config}
     export.save(program, args.out, meta)
     print(f"wrote {args.out}: {type(model).__name__} (feats (N, {config['in_channels']}), coords (N, 4)) -> "
           f"logits (N, {len(config['classes'])}); load with torch.export.load after `import pointsparse`")

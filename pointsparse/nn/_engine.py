@@ -472,14 +472,20 @@ def bf16_cost(weight: torch.Tensor, pair_counts) -> tuple[int, str]:
 def conv_bf16(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kmap: _kmap.KernelMap,
               cache: "CoordinateCache | None" = None, relu: bool = False,
               add: torch.Tensor | None = None) -> torch.Tensor:
-    """The bf16 inference forward (see :func:`runs_bf16`): products of the
-    bf16 feats and weight summed in float32 by ``vdpbf16ps``, bias (and
-    ReLU) added in float32, the result rounded once to bfloat16. Offsets
-    whose weight is all zero are skipped, and a vector-sparse weight (see
+    """The bf16 inference forward (see :func:`runs_bf16`) on ``kmap``'s plan:
+    :func:`bf16_forward`."""
+    return bf16_forward(feats, weight, bias, get_plan(kmap, cache), relu, add)
+
+
+def bf16_forward(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: FusedPlan,
+                 relu: bool = False, add: torch.Tensor | None = None) -> torch.Tensor:
+    """Products of the bf16 feats and weight summed in float32 by
+    ``vdpbf16ps``, bias (and ReLU) added in float32, the result rounded once
+    to bfloat16 (AVX512-BF16 CPUs: :func:`bf16_kernels`). Offsets whose
+    weight is all zero are skipped, and a vector-sparse weight (see
     :func:`bf16_vector_threshold`) runs only its listed vectors. ``add``: a
     bfloat16 residual ``(num_out, C_out)`` added in float32 before the ReLU
     (one rounding for the conv, the sum and the ReLU)."""
-    plan = get_plan(kmap, cache)
     cols = weight.shape[2]
     out = torch.empty((plan.num_out, cols), dtype=torch.float32)
     rounded = torch.empty((plan.num_out, cols), dtype=torch.bfloat16)
