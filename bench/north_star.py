@@ -13,7 +13,9 @@ bench/prune_speed.py), ``nn.fuse_for_inference`` (BatchNorm folded, ReLU in
 the conv's store), bfloat16 features and weights (the AVX512-BF16 kernels),
 vector sparsity (``prune.panel_structured`` 75% on every conv with more than
 one offset, made permanent; 16 x 1 blocks, or 16 x 2 (``rows=2``: whole bf16
-vectors) for the "pair vectors" row, which the bf16 kernels skip) and ``nn.VoxelPrune(0.5)`` before the three
+vectors) for the "pair vectors" row, which the bf16 kernels skip; that
+model is also timed as a ``pointsparse.export`` program written to a file and
+loaded back, whose maps are built inside every call) and ``nn.VoxelPrune(0.5)`` before the three
 coarse decoder stages (bench/voxel_prune.py). Each is timed end to end from
 the points (voxelize, every kernel map and plan built, the network; no
 gradients) and with the maps cached (the network alone), interleaved, medians
@@ -84,9 +86,31 @@ def variants(x: ps.SparseTensor) -> dict:
     out["keep 0.25 + fuse + bf16 + VoxelPrune(0.5)"] = (bf16_spatial, torch.bfloat16)
     out["keep 0.25 + fuse + vectors 75% + bf16"] = (
         vector_sparse(ps.nn.fuse_for_inference(quarter), 0.75).to(torch.bfloat16), torch.bfloat16)
-    out["keep 0.25 + fuse + pair vectors 75% + bf16"] = (
-        vector_sparse(ps.nn.fuse_for_inference(quarter), 0.75, rows=2).to(torch.bfloat16), torch.bfloat16)
+    pairs = vector_sparse(ps.nn.fuse_for_inference(quarter), 0.75, rows=2).to(torch.bfloat16)
+    out["keep 0.25 + fuse + pair vectors 75% + bf16"] = (pairs, torch.bfloat16)
+    out["the same, exported (.pt2 written and loaded back)"] = (
+        Program(pairs, ps.SparseTensor(x.feats.bfloat16(), x.coords)), torch.bfloat16)
     return out
+
+
+class Program(torch.nn.Module):
+    """``model`` as a ``pointsparse.export`` program, written to a file and
+    loaded back, called as the eager models are (a SparseTensor in, one
+    out). The program builds its maps and plans in every call (no cache
+    between calls): its "network alone" time includes them."""
+
+    def __init__(self, model: torch.nn.Module, example: ps.SparseTensor) -> None:
+        import tempfile
+
+        from pointsparse import export
+
+        super().__init__()
+        with tempfile.TemporaryDirectory() as tmp:
+            export.save(export.export_model(model, example), Path(tmp) / "model.pt2")
+            self.run = export.load(Path(tmp) / "model.pt2")[0].module()
+
+    def forward(self, x: ps.SparseTensor) -> ps.SparseTensor:
+        return ps.SparseTensor(self.run(x.feats, x.coords), x.coords, validate=False)
 
 
 def end_to_end(model, dtype, xyz, feats, voxel_size):

@@ -105,16 +105,22 @@ def _(coords, out_stride):
 
 
 @torch.library.custom_op(f"{_LIB}::kmap_build", mutates_args=())
-def kmap_build(coords: Tensor, out_coords: Optional[Tensor], key: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+def kmap_build(coords: Tensor, out_coords: Optional[Tensor], key: list[int],
+               trusted: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """``(in_idx, out_idx, sizes)`` of ``kmap.build`` (out_coords None: the
-    submanifold map, or the downsampled coords)."""
+    submanifold map, or the downsampled coords). ``trusted``: the coords
+    (and out_coords) are unique multiples of their strides, made or checked
+    earlier in the same graph (see :class:`GraphCache`): the checks are
+    skipped and the maps that need no search (1x1x1) take their shortcut,
+    as an eager cache's maps do."""
     k = key_from_list(key)
-    m = _kmap._build(coords, k.kernel_size, k.stride, k.dilation, k.tensor_stride, None, out_coords)
+    m = _kmap._build(coords, k.kernel_size, k.stride, k.dilation, k.tensor_stride, None, out_coords,
+                     trusted=trusted)
     return m.in_idx, m.out_idx, m.sizes.to(coords.device)
 
 
 @kmap_build.register_fake
-def _(coords, out_coords, key):
+def _(coords, out_coords, key, trusted=False):
     in_idx, out_idx = _new_pairs(coords)
     return in_idx, out_idx, coords.new_empty((_kernel_volume(key),), dtype=torch.int64)
 
@@ -366,7 +372,17 @@ class GraphCache(CoordinateCache):
     meets a tensor with an eager cache (the graph's input) starts a new one
     seeded with that tensor's coords, so a graph never reads or writes its
     inputs' caches (no guards on their contents, no side effects, no
-    recompilation for a tensor whose cache already holds eager maps)."""
+    recompilation for a tensor whose cache already holds eager maps).
+    ``valid``: the tensor strides whose coords are known, at trace time, to
+    be unique multiples of their stride when the graph runs: made by the
+    graph's own downsampling, or checked by an earlier map built on them as
+    its input side; maps on them are built ``trusted`` (no check, no search
+    for a 1x1x1 map). The graph's input coords are checked by the first map
+    built on them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.valid: set = set()
 
 
 def graph_cache(tensor: SparseTensor) -> GraphCache:
@@ -416,11 +432,16 @@ def _down_map(cache, coords, tensor_stride, k, t, d, out_coords=None) -> GraphMa
 
     def make():
         known = out_coords
+        trusted = tensor_stride in cache.valid
         if known is None and t != (1, 1, 1):
             known = cache.get_coords(out_stride)
             if known is None:
-                known = downsample(coords, list(out_stride))
-        in_idx, out_idx, sizes = kmap_build(coords, known, key_to_list(key))
+                known = downsample(coords, list(out_stride))  # unique multiples of out_stride by construction
+                cache.valid.add(out_stride)
+        if known is not None:
+            trusted = trusted and out_stride in cache.valid
+        in_idx, out_idx, sizes = kmap_build(coords, known, key_to_list(key), trusted)
+        cache.valid.add(tensor_stride)  # the build checked its input coords when they were not trusted
         return GraphMap(coords if known is None else known, in_idx, out_idx, sizes, key)
 
     kmap = cache.get_kmap(_graph_key(key), make)

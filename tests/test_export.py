@@ -386,3 +386,21 @@ def test_export_cli_inference_forms(tmp_path, inference):
     assert got.dtype == dtype
     err = float((got.float() - want.float()).abs().max() / want.float().abs().max())
     assert err < (2e-2 if inference == "bf16" else 1e-5), err
+
+
+def test_graph_maps_trust_only_coords_the_graph_checked_or_made():
+    """In an exported MinkUNet the first map built on the input coords is
+    untrusted (it checks them: duplicates raise), every later map on them,
+    and every map on coords the graph downsampled itself, is trusted (no
+    check, a 1x1x1 map without a search); a graph of one 1x1x1 conv on its
+    input checks the input all the same."""
+    x = export.example_input(7, 0.4)
+    program = export.export_model(_trained_like(MinkUNet(7, 4, cr=0.25, blocks=1)), x)
+    flags = [n.args[3] if len(n.args) > 3 else n.kwargs.get("trusted", False)
+             for n in program.graph.nodes if n.op == "call_function" and "kmap_build" in str(n.target)]
+    assert flags[0] is False and all(flags[1:]) and len(flags) > 5
+    one = export.export_model(torch.nn.Sequential(spnn.Conv3d(7, 4, 1)).eval(), x)
+    bad = x.coords.clone()
+    bad[1] = bad[0]
+    with pytest.raises(ValueError, match="duplicate"):
+        one.module()(x.feats, bad)
