@@ -125,6 +125,31 @@ def _(coords, out_coords, key, trusted=False):
     return in_idx, out_idx, coords.new_empty((_kernel_volume(key),), dtype=torch.int64)
 
 
+@torch.library.custom_op(f"{_LIB}::kmap_parents", mutates_args=())
+def kmap_parents(coords: Tensor, key: list[int], trusted: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(out_coords, in_idx, out_idx, sizes)`` of a map whose kernel tiles
+    its stride (kernel == stride, 1 or 2 per axis, dilation 1: the U-Net's
+    k2 s2), its output coords made with it: each row paired with its parent
+    from the downsampling's own sort, in one pass (the graph's
+    :func:`downsample` then :func:`kmap_build` make two). ``trusted``: as
+    :func:`kmap_build`'s."""
+    k = key_from_list(key)
+    m = _kmap._build(coords, k.kernel_size, k.stride, k.dilation, k.tensor_stride, None, None, trusted=trusted)
+    return m.out_coords, m.in_idx, m.out_idx, m.sizes.to(coords.device)
+
+
+@kmap_parents.register_fake
+def _(coords, key, trusted=False):
+    rows = torch.library.get_ctx().new_dynamic_size(min=_rows_at_least_one(coords))
+    in_idx, out_idx = _new_pairs(coords)
+    return coords.new_empty((rows, 4)), in_idx, out_idx, coords.new_empty((_kernel_volume(key),), dtype=torch.int64)
+
+
+def _tiles_its_stride(k: Triple, t: Triple, d: Triple) -> bool:
+    """A kernel that tiles its stride (kmap._build's search-free parents map)."""
+    return t != (1, 1, 1) and all(k[a] == t[a] and (k[a] == 1 or (k[a] == 2 and d[a] == 1)) for a in range(3))
+
+
 @torch.library.custom_op(f"{_LIB}::kmap_transpose", mutates_args=())
 def kmap_transpose(coarse_coords: Tensor, fine_coords: Tensor, in_idx: Tensor, out_idx: Tensor, sizes: Tensor,
                    key: list[int]) -> tuple[Tensor, Tensor]:
@@ -435,6 +460,10 @@ def _down_map(cache, coords, tensor_stride, k, t, d, out_coords=None) -> GraphMa
         trusted = tensor_stride in cache.valid
         if known is None and t != (1, 1, 1):
             known = cache.get_coords(out_stride)
+            if known is None and _tiles_its_stride(k, t, d):  # the output coords and the map in one pass
+                parents, in_idx, out_idx, sizes = kmap_parents(coords, key_to_list(key), trusted)
+                cache.valid.update((tensor_stride, out_stride))
+                return GraphMap(parents, in_idx, out_idx, sizes, key)
             if known is None:
                 known = downsample(coords, list(out_stride))  # unique multiples of out_stride by construction
                 cache.valid.add(out_stride)

@@ -392,13 +392,17 @@ def test_graph_maps_trust_only_coords_the_graph_checked_or_made():
     """In an exported MinkUNet the first map built on the input coords is
     untrusted (it checks them: duplicates raise), every later map on them,
     and every map on coords the graph downsampled itself, is trusted (no
-    check, a 1x1x1 map without a search); a graph of one 1x1x1 conv on its
-    input checks the input all the same."""
+    check, a 1x1x1 map without a search); its k2 s2 maps come with their
+    output coords (kmap_parents); a graph of one 1x1x1 conv on its input
+    checks the input all the same."""
     x = export.example_input(7, 0.4)
     program = export.export_model(_trained_like(MinkUNet(7, 4, cr=0.25, blocks=1)), x)
     flags = [n.args[3] if len(n.args) > 3 else n.kwargs.get("trusted", False)
              for n in program.graph.nodes if n.op == "call_function" and "kmap_build" in str(n.target)]
     assert flags[0] is False and all(flags[1:]) and len(flags) > 5
+    # the k2 s2 maps make their output coords themselves (one pass), no downsample of their own
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert sum("kmap_parents" in t for t in targets) >= 2 and not any("downsample" in t for t in targets)
     one = export.export_model(torch.nn.Sequential(spnn.Conv3d(7, 4, 1)).eval(), x)
     bad = x.coords.clone()
     bad[1] = bad[0]
