@@ -7,13 +7,18 @@ output shapes, with unbacked symbolic sizes where a count depends on the data):
 
 ``downsample(coords, out_stride)``
     unique ``floor(c / out_stride) * out_stride`` rows, ``(M, 4)``, M unbacked.
-``kmap_build(coords, out_coords?, key)``
-    ``(in_idx, out_idx, sizes)`` of a map (P pairs, P unbacked; ``sizes (K,)``).
+``kmap_build(coords, out_coords?, key, trusted=False)``
+    ``(in_idx, out_idx, sizes)`` of a map (P pairs, P unbacked; ``sizes (K,)``);
+    ``trusted``: coords the graph made or already checked (see :class:`GraphCache`).
+``kmap_parents(coords, key, trusted=False)``
+    ``(out_coords, in_idx, out_idx, sizes)`` of a map whose kernel tiles its
+    stride (k2 s2), its output coords made by the same pass.
 ``kmap_transpose(coarse_coords, fine_coords, in_idx, out_idx, sizes, key)``
     the pairs of the adjoint map, re-sorted by the new output row.
 ``conv(feats, weight, bias?, out_coords, in_idx, out_idx, sizes, key)``
-    the fused gather-GEMM-scatter forward, with a registered autograd formula
-    that calls ``conv_input_grad`` and ``conv_weight_grad``.
+    the fused gather-GEMM-scatter forward (bfloat16: the AVX512-BF16 kernels
+    where they run), with a registered autograd formula that calls
+    ``conv_input_grad`` and ``conv_weight_grad``.
 ``voxelize(points, voxel_size, batch?)`` and ``segment_reduce(feats, inverse, perm, seg_ptr, mode)``
     the two halves of :func:`pointsparse.voxelize` (M voxels unbacked).
 ``trilinear_weights(coords, stride, points, voxel_size, batch?)``
