@@ -19,6 +19,9 @@ output shapes, with unbacked symbolic sizes where a count depends on the data):
     the fused gather-GEMM-scatter forward (bfloat16: the AVX512-BF16 kernels
     where they run), with a registered autograd formula that calls
     ``conv_input_grad`` and ``conv_weight_grad``.
+``conv_inference(feats, weight, bias?, out_coords, in_idx, out_idx, sizes, key, add?, relu)``
+    the same forward with a residual and the ReLU in the kernel's store, no
+    autograd: a graph's conv where no gradient is needed.
 ``voxelize(points, voxel_size, batch?)`` and ``segment_reduce(feats, inverse, perm, seg_ptr, mode)``
     the two halves of :func:`pointsparse.voxelize` (M voxels unbacked).
 ``trilinear_weights(coords, stride, points, voxel_size, batch?)``
@@ -229,6 +232,35 @@ def conv(feats: Tensor, weight: Tensor, bias: Optional[Tensor], out_coords: Tens
 
 @conv.register_fake
 def _(feats, weight, bias, out_coords, in_idx, out_idx, sizes, key):
+    return feats.new_empty((out_coords.shape[0], weight.shape[2]))
+
+
+@torch.library.custom_op(f"{_LIB}::conv_inference", mutates_args=())
+def conv_inference(feats: Tensor, weight: Tensor, bias: Optional[Tensor], out_coords: Tensor, in_idx: Tensor,
+                   out_idx: Tensor, sizes: Tensor, key: list[int], add: Optional[Tensor], relu: bool) -> Tensor:
+    """``relu(conv(...) + add)`` without autograd (a graph that needs no
+    gradient: an exported inference program): the residual ``add`` (or
+    None) and the ReLU run in the kernel's store, block by block, as in
+    eager inference (the same bits); the torch loop elsewhere sums and
+    clamps after."""
+    if _engine_runs(feats, weight) and (add is None or add.dtype == feats.dtype):
+        from .nn import _engine
+
+        plan = _plan(out_coords, in_idx, out_idx, sizes, key, feats.shape[0])
+        return _engine.conv_forward(feats.contiguous(), weight.contiguous(), bias, plan, relu=relu, add=add)
+    if _bf16_runs(feats, weight, bias) and (add is None or add.dtype == torch.bfloat16):
+        from .nn import _engine
+
+        plan = _plan(out_coords, in_idx, out_idx, sizes, key, feats.shape[0])
+        return _engine.bf16_forward(feats, weight, bias, plan, relu, add)
+    out = conv(feats, weight, bias, out_coords, in_idx, out_idx, sizes, key)
+    if add is not None:
+        out = out + add
+    return torch.relu(out) if relu else out
+
+
+@conv_inference.register_fake
+def _(feats, weight, bias, out_coords, in_idx, out_idx, sizes, key, add, relu):
     return feats.new_empty((out_coords.shape[0], weight.shape[2]))
 
 
@@ -484,11 +516,21 @@ def _down_map(cache, coords, tensor_stride, k, t, d, out_coords=None) -> GraphMa
 
 
 def conv3d(input: SparseTensor, weight: Tensor, bias: Tensor | None, kernel_size: Triple, stride: Triple,
-           dilation: Triple, transposed: bool) -> SparseTensor:
+           dilation: Triple, transposed: bool, add: Tensor | None = None, relu: bool = False) -> SparseTensor:
     """:func:`pointsparse.nn.functional.conv3d` in a traced graph (arguments
-    already checked): the map from the graph's cache, the :func:`conv` operator."""
+    already checked): the map from the graph's cache, the :func:`conv`
+    operator, then the residual ``add`` (feats or None) and the ReLU; where
+    no gradient is needed, :func:`conv_inference` (both in the kernel's
+    store)."""
     cache = graph_cache(input)
     kmap = get_kmap(input, kernel_size, stride, dilation, transposed, cache)
-    feats = conv(input.feats, weight, bias, kmap.out_coords, kmap.in_idx, kmap.out_idx, kmap.sizes,
-                 key_to_list(kmap.key))
+    args = (input.feats, weight, bias, kmap.out_coords, kmap.in_idx, kmap.out_idx, kmap.sizes, key_to_list(kmap.key))
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input.feats, weight, bias, add))):
+        feats = conv_inference(*args, add, relu)
+    else:
+        feats = conv(*args)
+        if add is not None:
+            feats = feats + add
+        if relu:
+            feats = torch.relu(feats)
     return SparseTensor(feats, kmap.out_coords, kmap.key.out_stride, cache=cache, validate=False)

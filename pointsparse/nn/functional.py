@@ -124,10 +124,7 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
     if torch.compiler.is_compiling():  # a graph of torch.compile / torch.export: the core as operators
         if region is not None:
             weight = weight * region.to(weight.device, weight.dtype).view(-1, 1, 1)
-        out = _ops.conv3d(input, weight, bias, k, t, d, transposed)
-        if add is not None:
-            out = out.with_feats(out.feats + add.feats)
-        return out.with_feats(torch.relu(out.feats)) if relu else out
+        return _ops.conv3d(input, weight, bias, k, t, d, transposed, None if add is None else add.feats, relu)
     kmap = _kmap._get_kmap(input, k, t, d, transposed)
     residual = None
     if add is not None:
