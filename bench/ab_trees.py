@@ -66,11 +66,15 @@ x = ps.SparseTensor(base.feats, base.coords)
 nets, _ = _variants(x, [(0.25, 8)])
 if which == "pairs-bf16":
     dtype = torch.bfloat16
-    model = vector_sparse(ps.nn.fuse_for_inference(nets["keep 0.25 (x8)"]), 0.75, rows=2).to(dtype)
+    model = vector_sparse(ps.nn.fuse_for_inference(nets["keep 0.25 (x8)"]), globals().get("AMOUNT", 0.75),
+                          rows=2).to(dtype)
 else:
     dtype = torch.float32
     model = vector_sparse(ps.nn.fuse_for_inference(nets["keep 0.25 (x8)"]), 0.75)
 x = ps.SparseTensor(base.feats.to(dtype), base.coords)
+if globals().get("EXPORT"):  # --setup I 'EXPORT = True': the model as an exported program (north_star.Program)
+    from north_star import Program
+    model = Program(model, x)
 with torch.no_grad():
     model(x)
     print("ready", flush=True)
@@ -99,7 +103,9 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--setup", nargs=2, action="append", default=[], metavar=("INDEX", "CODE"),
                         help="Python run in tree INDEX's child after `import pointsparse as ps`, e.g. "
-                             "1 'ps.reuse_freed_memory(True)' (a tree may be given twice)")
+                             "1 'ps.reuse_freed_memory(True)' (a tree may be given twice); 1 'EXPORT = True' "
+                             "times that child's model as an exported .pt2 program (north_star.Program); with --model "
+                             "pairs-bf16, 1 'AMOUNT = 0.5' prunes that child's pair vectors by 0.5 instead of 0.75")
     parser.add_argument("--model", choices=("vectors", "pairs-bf16"), default="vectors",
                         help="vectors: the float32 keep 0.25 + fuse + vectors 75%% model (default); pairs-bf16: "
                              "its 16 x 2 vector blocks in bfloat16 (the bf16 kernels; needs AVX512-BF16 to run "

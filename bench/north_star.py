@@ -86,6 +86,8 @@ def variants(x: ps.SparseTensor) -> dict:
     out["keep 0.25 + fuse + bf16 + VoxelPrune(0.5)"] = (bf16_spatial, torch.bfloat16)
     out["keep 0.25 + fuse + vectors 75% + bf16"] = (
         vector_sparse(ps.nn.fuse_for_inference(quarter), 0.75).to(torch.bfloat16), torch.bfloat16)
+    out["keep 0.25 + fuse + pair vectors 50% + bf16"] = (
+        vector_sparse(ps.nn.fuse_for_inference(quarter), 0.5, rows=2).to(torch.bfloat16), torch.bfloat16)
     pairs = vector_sparse(ps.nn.fuse_for_inference(quarter), 0.75, rows=2).to(torch.bfloat16)
     out["keep 0.25 + fuse + pair vectors 75% + bf16"] = (pairs, torch.bfloat16)
     out["the same, exported (.pt2 written and loaded back)"] = (
