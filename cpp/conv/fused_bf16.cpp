@@ -108,14 +108,13 @@ void round_bf16(const float* __restrict src, uint16_t* __restrict dst, int64_t n
   }
 }
 
-// Whether bf16 bits v are a nonzero value as `!= 0` sees it (-0 is zero).
-inline bool nonzero16(uint16_t v) { return (v & 0x7FFFu) != 0; }
-
 // The vector-sparse lists (Bf16Execution in fused.h): per offset k and
 // panel p of kBf16Panel columns (t = k * np16 + p) the listed pairs q in
 // idx[t * kp ...], count[t] of them, packed from wpack row start[t] on
 // (kBf16Panel lanes of W_k[2q] | W_k[2q + 1] << 16 each, zero past the last
-// column). keep[k]: offset k holds a nonzero. Returns the listed vectors.
+// column). A pair is listed where its bits without the sign are not all
+// zero (as `!= 0`: -0 is zero, NaN is not). keep[k]: offset k holds a
+// nonzero. Returns the listed vectors.
 int64_t pack_sparse(const ApplyBf16Args& a, uint32_t* wpack, int32_t* idx, int32_t* count, int64_t* start,
                     uint8_t* keep, int64_t np16, int64_t kp) {
   const int64_t K = a.pairs.kernel_volume;
@@ -189,8 +188,8 @@ void micro_sparse(int64_t n, const int32_t* __restrict list, int64_t kc, const u
     if (r < mr) _mm512_mask_storeu_ps(c[r], m, acc[r]);
 }
 
-// apply_blocks with this kernel's tiles (dense, or the vector-sparse form
-// where `sparse`): offsets without a nonzero skipped; a block's first offset
+// apply_blocks with a tile of this kernel's (apply_dense's or
+// apply_sparse's): offsets without a nonzero skipped; a block's first offset
 // (the identity where it runs) stores bias or zero + its products; with
 // dst_bf16, each block's rows are rounded into it once they are done.
 template <typename Tile>
