@@ -41,6 +41,9 @@ from prune_speed import _variants
 
 
 def per_call(rounds: int, channels: int = 16, calls: int = 200) -> str:
+    """Table 1 (``--channels``); a last column times ``ConvPlan.forward_bf16``
+    alone on the same weight in bf16 (the engine's vector threshold), where
+    the CPU has AVX512-BF16."""
     grid = torch.stack(torch.meshgrid(*[torch.arange(4)] * 3, indexing="ij"), -1).reshape(-1, 3)
     coords = torch.cat([torch.zeros(len(grid), 1, dtype=torch.int64), grid], 1).int()
     x = ps.SparseTensor(torch.randn(len(coords), channels), coords)
@@ -68,13 +71,24 @@ def per_call(rounds: int, channels: int = 16, calls: int = 200) -> str:
                 plan.core.forward(*args, active=run.active, vector=run.vector)
 
         fns[(name, "module")], fns[(name, "core")] = module, core
+        if _engine.bf16_kernels():  # the bf16 forward alone: its choice and packing are per call too
+            bits = (x.feats.bfloat16().view(torch.int16).numpy(), w.bfloat16().view(torch.int16).numpy())
+            out32, threshold = out.float().numpy(), _engine.bf16_vector_threshold(channels)
+
+            def core_bf16(bits=bits, out32=out32, threshold=threshold):
+                for _ in range(calls):
+                    plan.core.forward_bf16(*bits, None, out32, torch.get_num_threads(), vector_density=threshold)
+
+            fns[(name, "bf16")] = core_bf16
     med = interleaved(fns, rounds)
     lines = [f"### One Conv3d({channels}, {channels}, 3) call on {len(coords)} voxels (a 4 x 4 x 4 block), "
              f"{torch.get_num_threads()} threads, medians of {rounds} interleaved rounds of {calls} calls", "",
-             "| weight | module call us | core forward alone us | the module's own cost us |", "|---|---|---|---|"]
+             "| weight | module call us | core forward alone us | the module's own cost us | "
+             "core bf16 forward alone us |", "|---|---|---|---|---|"]
     for name in ("dense", "vectors 75%"):
         m, c = (1e6 * med[(name, k)] / calls for k in ("module", "core"))
-        lines.append(f"| {name} | {m:.0f} | {c:.0f} | {m - c:.0f} |")
+        b = f"{1e6 * med[(name, 'bf16')] / calls:.1f}" if (name, "bf16") in med else "(no AVX512-BF16)"
+        lines.append(f"| {name} | {m:.0f} | {c:.0f} | {m - c:.0f} | {b} |")
     return "\n".join(lines)
 
 
@@ -162,12 +176,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--parts", nargs="+", choices=("calls", "residual", "cache"),
                         default=("calls", "residual", "cache"))
+    parser.add_argument("--channels", type=int, default=16, help="table 1's C (default 16)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None, help="the page (default bench/results/call_overhead.md)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rounds = 1 if args.quick else args.rounds
-    tables = ([per_call(rounds)] if "calls" in args.parts else []) + (
+    tables = ([per_call(rounds, args.channels)] if "calls" in args.parts else []) + (
         [residual(rounds, args.quick)] if "residual" in args.parts else []) + (
         [cache_steps(rounds, args.quick)] if "cache" in args.parts else [])
     path = results_path("call_overhead.md", args.quick) if args.out is None else Path(args.out)
