@@ -9,6 +9,7 @@
 #include <omp.h>
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "conv/fused.h"
@@ -110,15 +111,14 @@ void round_bf16(const float* __restrict src, uint16_t* __restrict dst, int64_t n
 
 // The vector-sparse lists (Bf16Execution in fused.h): per offset k and
 // panel p of kBf16Panel columns (t = k * np16 + p) the listed pairs q in
-// idx[t * kp ...], count[t] of them, packed from wpack row start[t] on
-// (kBf16Panel lanes of W_k[2q] | W_k[2q + 1] << 16 each, zero past the last
-// column). A pair is listed where its bits without the sign are not all
-// zero (as `!= 0`: -0 is zero, NaN is not). keep[k]: offset k holds a
-// nonzero. Returns the listed vectors.
-int64_t pack_sparse(const ApplyBf16Args& a, uint32_t* wpack, int32_t* idx, int32_t* count, int64_t* start,
-                    uint8_t* keep, int64_t np16, int64_t kp) {
+// idx[t * kp ...], count[t] of them, start[t] the listed pairs before t. A
+// pair is listed where its bits without the sign are not all zero (as
+// `!= 0`: -0 is zero, NaN is not). keep[k]: offset k holds a nonzero.
+// Reads the weight only (the choice needs no packing: pack_listed or the
+// dense pack follows). Returns the listed vectors.
+int64_t list_pairs(const ApplyBf16Args& a, int32_t* idx, int32_t* count, int64_t* start, uint8_t* keep,
+                   int64_t np16, int64_t kp) {
   const int64_t K = a.pairs.kernel_volume;
-  int64_t listed = 0;
   start[0] = 0;
   for (int64_t k = 0; k < K; ++k) {
     const uint16_t* wk = a.w + k * a.kc * a.cols;
@@ -126,27 +126,40 @@ int64_t pack_sparse(const ApplyBf16Args& a, uint32_t* wpack, int32_t* idx, int32
     for (int64_t p = 0; p < np16; ++p) {
       const int64_t t = k * np16 + p, j0 = p * kBf16Panel;
       const int64_t ncols = a.cols - j0 < kBf16Panel ? a.cols - j0 : kBf16Panel;
-      uint32_t* dst = wpack + start[t] * kBf16Panel;
       int32_t n = 0;
       for (int64_t q = 0; q < kp; ++q) {
         const uint16_t* lo = wk + 2 * q * a.cols + j0;
-        const uint16_t* hi = 2 * q + 1 < a.kc ? lo + a.cols : nullptr;
-        uint32_t bits = 0;
-        for (int64_t j = 0; j < ncols; ++j) bits |= (lo[j] | (hi ? hi[j] : 0u)) & 0x7FFFu;
-        if (bits == 0) continue;
-        uint32_t* row = dst + n * kBf16Panel;
-        for (int64_t j = 0; j < kBf16Panel; ++j)
-          row[j] = j < ncols ? uint32_t(lo[j]) | uint32_t(hi ? hi[j] : 0u) << 16 : 0u;
-        idx[t * kp + n++] = int32_t(q);
+        uint32_t bits = 0;  // or-ed whole, the sign masked once: the same as masking each value
+        for (int64_t j = 0; j < ncols; ++j) bits |= lo[j];
+        if (2 * q + 1 < a.kc)
+          for (int64_t j = 0; j < ncols; ++j) bits |= lo[a.cols + j];
+        if (bits & 0x7FFFu) idx[t * kp + n++] = int32_t(q);
       }
       count[t] = n;
       start[t + 1] = start[t] + n;
       in_offset += n;
     }
     keep[k] = in_offset > 0;
-    listed += in_offset;
   }
-  return listed;
+  return start[K * np16];
+}
+
+// The listed pairs packed from wpack row start[t] on: kBf16Panel lanes of
+// W_k[2q] | W_k[2q + 1] << 16 each (zero past the last column or channel).
+void pack_listed(const ApplyBf16Args& a, uint32_t* wpack, const int32_t* idx, const int32_t* count,
+                 const int64_t* start, int64_t np16, int64_t kp) {
+  for (int64_t t = 0; t < a.pairs.kernel_volume * np16; ++t) {
+    const int64_t k = t / np16, j0 = (t % np16) * kBf16Panel;
+    const int64_t ncols = a.cols - j0 < kBf16Panel ? a.cols - j0 : kBf16Panel;
+    for (int32_t i = 0; i < count[t]; ++i) {
+      const int64_t q = idx[t * kp + i];
+      const uint16_t* lo = a.w + (k * a.kc + 2 * q) * a.cols + j0;
+      uint32_t* row = wpack + (start[t] + i) * kBf16Panel;
+      for (int64_t j = 0; j < kBf16Panel; ++j) row[j] = j < ncols ? lo[j] : 0u;
+      if (2 * q + 1 < a.kc)
+        for (int64_t j = 0; j < ncols; ++j) row[j] |= uint32_t(lo[a.cols + j]) << 16;
+    }
+  }
 }
 
 // c[r][0:ncols] (+)= sum over the n listed pairs of x[r] pair q_i times
@@ -240,24 +253,28 @@ void apply_sparse(const ApplyBf16Args& a, const uint32_t* wpack, const int32_t* 
 Bf16Execution apply_bf16_kernels(const ApplyBf16Args& a) {
   const int64_t K = a.pairs.kernel_volume, kp = (a.kc + 1) / 2;
   const int64_t np = (a.cols + bf16::kCols - 1) / bf16::kCols, np16 = (a.cols + kBf16Panel - 1) / kBf16Panel;
-  // Both packings hold at most K x kp x (np16 x kBf16Panel <= np x kCols) lanes.
-  std::vector<uint32_t> wpack(size_t(K * kp * np * bf16::kCols > 0 ? K * kp * np * bf16::kCols : 1));
-  std::vector<int32_t> idx(size_t(K * np16 * kp > 0 ? K * np16 * kp : 1)), count(size_t(K * np16 + 1));
+  // Both packings hold at most K x kp x (np16 x kBf16Panel <= np x kCols)
+  // lanes; neither buffer is zeroed: every lane (and list entry) read is
+  // written first.
+  const int64_t lanes = K * kp * np * bf16::kCols, lists = K * np16 * kp;
+  std::unique_ptr<uint32_t[]> wpack(new uint32_t[size_t(lanes > 0 ? lanes : 1)]);
+  std::unique_ptr<int32_t[]> idx(new int32_t[size_t(lists > 0 ? lists : 1)]);
+  std::vector<int32_t> count(size_t(K * np16 + 1));
   std::vector<int64_t> start(size_t(K * np16 + 1));
   std::vector<uint8_t> keep(size_t(K + 1));
-  const int64_t listed = bf16::pack_sparse(a, wpack.data(), idx.data(), count.data(), start.data(), keep.data(),
-                                           np16, kp);
+  const int64_t listed = bf16::list_pairs(a, idx.get(), count.data(), start.data(), keep.data(), np16, kp);
   int64_t kept = 0;
   for (int64_t k = 0; k < K; ++k) kept += keep[k];
   const int64_t capacity = kept * kp * np16;
   // Exact in a double, as in choose_execution (sparse.cpp).
   const double density = capacity ? double(listed) / double(capacity) : 0.0;
   if (density <= a.vector_density) {
-    bf16::apply_sparse(a, wpack.data(), idx.data(), count.data(), start.data(), keep.data(), np16, kp);
+    bf16::pack_listed(a, wpack.get(), idx.get(), count.data(), start.data(), np16, kp);
+    bf16::apply_sparse(a, wpack.get(), idx.get(), count.data(), start.data(), keep.data(), np16, kp);
     return Bf16Execution::vector;
   }
-  bf16::pack(a, wpack.data(), np, kp);
-  bf16::apply_dense(a, wpack.data(), keep.data(), np, kp);
+  bf16::pack(a, wpack.get(), np, kp);
+  bf16::apply_dense(a, wpack.get(), keep.data(), np, kp);
   return kept < K ? Bf16Execution::offsets : Bf16Execution::dense;
 }
 
