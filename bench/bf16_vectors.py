@@ -35,15 +35,6 @@ from pointsparse import _ext, prune  # noqa: E402
 from pointsparse.nn import _engine  # noqa: E402
 
 
-def bf16_density(weight: torch.Tensor) -> float:
-    """Listed bf16 vectors / (kept offsets x channel pairs x 16-column panels)."""
-    k, c_in, c_out = weight.shape
-    nz = torch.nn.functional.pad(weight != 0, (0, -c_out % 16, 0, c_in % 2))
-    vec = nz.view(k, (c_in + 1) // 2, 2, -1, 16).any(2).any(-1)
-    kept = vec.flatten(1).any(1)
-    return float(vec[kept].sum()) / max(1, int(kept.sum()) * vec.shape[1] * vec.shape[2])
-
-
 def calls(plan, feats, weight, out, threads: int) -> dict:
     """name -> a call of one kernel on the same buffers."""
     run = _engine.choose_execution(weight)
@@ -90,7 +81,7 @@ def table(coords: torch.Tensor, widths, amounts, rounds: int, threads: int) -> l
             check(fns, out)
             med = interleaved(fns, rounds)
             label = "none" if amount == 0 else f"{amount:.0%}" + {None: "", 2: " pairs", "square": " square"}[shape]
-            rows.append(f"| {c} | {label} | {bf16_density(weight):.2f} | " +
+            rows.append(f"| {c} | {label} | {_engine.bf16_vectors(weight)[2]:.2f} | " +
                         " | ".join(f"{1e3 * med[n]:.2f}" for n in names) +
                         f" | {med['bf16 dense'] / med['bf16 vector']:.2f}x"
                         f" | {med['float32 dense'] / med['bf16 vector']:.2f}x"

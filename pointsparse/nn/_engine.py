@@ -442,22 +442,32 @@ def bf16_vector_threshold(cols: int) -> float:
     return 1.0 if 0 < cols % 32 <= 16 else BF16_VECTOR_DENSITY
 
 
+def bf16_vectors(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(listed, keep, density)`` of a ``(K, C_in, C_out)`` weight as the
+    bf16 kernels list it (``forward_bf16``): ``listed`` bool ``(K, pairs,
+    panels)``, whether channel pair ``q`` holds a nonzero in the 16 columns
+    of panel ``p`` of offset ``k``; ``keep`` the offsets holding a nonzero;
+    ``density`` the kept offsets' listed vectors over their capacity (0
+    with none kept)."""
+    k, c_in, c_out = weight.shape
+    nonzero = torch.nn.functional.pad(weight.detach().cpu() != 0, (0, -c_out % 16, 0, c_in % 2))
+    listed = nonzero.view(k, (c_in + 1) // 2, 2, -(-c_out // 16), 16).any(2).any(-1)
+    keep = listed.flatten(1).any(1)
+    capacity = int(keep.sum()) * listed.shape[1] * listed.shape[2]
+    return listed, keep, (int(listed[keep].sum()) / capacity if capacity else 0.0)
+
+
 def bf16_cost(weight: torch.Tensor, pair_counts) -> tuple[int, str]:
     """``(executed FLOPs, execution)`` of the bf16 kernels for a bfloat16
     ``(K, C_in, C_out)`` weight on a map with these per-offset pair counts,
-    as ``forward_bf16`` decides: offsets without a nonzero skipped; the
-    vector form (where the density of listed (offset, channel pair, 16
-    columns) vectors is at most :func:`bf16_vector_threshold`) runs
-    ``pairs(k) x channels x columns`` of each listed vector (a listed pair
-    counts both its channels), the dense form ``pairs(k) x C_in x C_out``
-    per kept offset."""
-    k, c_in, c_out = weight.shape
-    nonzero = torch.nn.functional.pad(weight.detach().cpu() != 0, (0, -c_out % 16, 0, c_in % 2))
-    listed = nonzero.view(k, (c_in + 1) // 2, 2, -(-c_out // 16), 16).any(2).any(-1)  # (K, pairs, panels)
-    keep = listed.flatten(1).any(1)
+    as ``forward_bf16`` decides (:func:`bf16_vectors`): offsets without a
+    nonzero skipped; the vector form (where the density is at most
+    :func:`bf16_vector_threshold`) runs ``pairs(k) x channels x columns``
+    of each listed vector (a listed pair counts both its channels), the
+    dense form ``pairs(k) x C_in x C_out`` per kept offset."""
+    _, c_in, c_out = weight.shape
+    listed, keep, density = bf16_vectors(weight)
     pairs = torch.as_tensor(pair_counts, dtype=torch.int64)
-    capacity = int(keep.sum()) * listed.shape[1] * listed.shape[2]
-    density = int(listed[keep].sum()) / capacity if capacity else 0.0
     if density <= bf16_vector_threshold(c_out):
         channels = torch.full((listed.shape[1],), 2, dtype=torch.int64)
         if channels.numel():
