@@ -207,27 +207,45 @@ def _bf16_runs(feats: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
         and _ext.serves(feats, weight) and _engine.bf16_kernels()
 
 
+def _forward(feats: Tensor, weight: Tensor, bias: Optional[Tensor], out_coords: Tensor, in_idx: Tensor,
+             out_idx: Tensor, sizes: Tensor, key: list[int], add: Optional[Tensor] = None,
+             relu: bool = False) -> Tensor:
+    """``relu(bias + sum_o feats[in_idx] @ weight[o] + add)``, the body of
+    :func:`conv` and :func:`conv_inference`: the fused engine on CPU
+    float32/float64, its bf16 kernels on CPU bfloat16 where the CPU has
+    AVX512-BF16 (the sums in float32, rounded once), with the residual and
+    the ReLU in their store where the residual has the feats' dtype; the
+    torch loop elsewhere, the residual and the ReLU after."""
+    from .nn import _engine
+
+    store = add is None or add.dtype == feats.dtype  # the kernels' store takes it
+    if _engine_runs(feats, weight) or _bf16_runs(feats, weight, bias):
+        plan = _plan(out_coords, in_idx, out_idx, sizes, key, feats.shape[0])
+        fused_add, fused_relu = (add, relu) if store else (None, False)
+        if feats.dtype == torch.bfloat16:
+            out = _engine.bf16_forward(feats, weight, bias, plan, fused_relu, fused_add)
+        else:
+            out = _engine.conv_forward(feats.contiguous(), weight.contiguous(), bias, plan, relu=fused_relu,
+                                       add=fused_add)
+        if store:
+            return out
+    else:
+        from .nn.reference import conv_sum  # pointsparse.nn loads lazily (import pointsparse does not load it)
+
+        out = conv_sum(feats, weight, _as_kmap(out_coords, in_idx, out_idx, sizes, key, feats.shape[0]))
+        out = out if bias is None else out + bias
+    if add is not None:
+        out = out + add
+    return torch.relu(out) if relu else out
+
+
 @torch.library.custom_op(f"{_LIB}::conv", mutates_args=())
 def conv(feats: Tensor, weight: Tensor, bias: Optional[Tensor], out_coords: Tensor, in_idx: Tensor,
          out_idx: Tensor, sizes: Tensor, key: list[int]) -> Tensor:
-    """``out = bias + sum_o feats[in_idx] @ weight[o]`` added at ``out_idx``:
-    the fused engine on CPU float32/float64, its bf16 kernels on CPU
-    bfloat16 where the CPU has AVX512-BF16 (the sums in float32, rounded
-    once: an exported bf16 model runs them), the torch loop elsewhere."""
-    if _engine_runs(feats, weight):
-        from .nn import _engine
-
-        plan = _plan(out_coords, in_idx, out_idx, sizes, key, feats.shape[0])
-        return _engine.conv_forward(feats.contiguous(), weight.contiguous(), bias, plan)
-    if _bf16_runs(feats, weight, bias):
-        from .nn import _engine
-
-        plan = _plan(out_coords, in_idx, out_idx, sizes, key, feats.shape[0])
-        return _engine.bf16_forward(feats, weight, bias, plan)
-    from .nn.reference import conv_sum  # pointsparse.nn loads lazily (import pointsparse does not load it)
-
-    out = conv_sum(feats, weight, _as_kmap(out_coords, in_idx, out_idx, sizes, key, feats.shape[0]))
-    return out if bias is None else out + bias
+    """``out = bias + sum_o feats[in_idx] @ weight[o]`` added at ``out_idx``
+    (:func:`_forward`: the fused engine, its bf16 kernels, or the torch
+    loop; an exported bf16 model runs the bf16 kernels)."""
+    return _forward(feats, weight, bias, out_coords, in_idx, out_idx, sizes, key)
 
 
 @conv.register_fake
@@ -241,22 +259,8 @@ def conv_inference(feats: Tensor, weight: Tensor, bias: Optional[Tensor], out_co
     """``relu(conv(...) + add)`` without autograd (a graph that needs no
     gradient: an exported inference program): the residual ``add`` (or
     None) and the ReLU run in the kernel's store, block by block, as in
-    eager inference (the same bits); the torch loop elsewhere sums and
-    clamps after."""
-    if _engine_runs(feats, weight) and (add is None or add.dtype == feats.dtype):
-        from .nn import _engine
-
-        plan = _plan(out_coords, in_idx, out_idx, sizes, key, feats.shape[0])
-        return _engine.conv_forward(feats.contiguous(), weight.contiguous(), bias, plan, relu=relu, add=add)
-    if _bf16_runs(feats, weight, bias) and (add is None or add.dtype == torch.bfloat16):
-        from .nn import _engine
-
-        plan = _plan(out_coords, in_idx, out_idx, sizes, key, feats.shape[0])
-        return _engine.bf16_forward(feats, weight, bias, plan, relu, add)
-    out = conv(feats, weight, bias, out_coords, in_idx, out_idx, sizes, key)
-    if add is not None:
-        out = out + add
-    return torch.relu(out) if relu else out
+    eager inference (the same bits); see :func:`_forward`."""
+    return _forward(feats, weight, bias, out_coords, in_idx, out_idx, sizes, key, add, relu)
 
 
 @conv_inference.register_fake
