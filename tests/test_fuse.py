@@ -30,6 +30,36 @@ def _randomise_bn(model, seed=0):
             m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.2)
 
 
+@pytest.mark.parametrize("forward_first", [False, True])
+def test_fused_pruned_minkunet_equals_eval(forward_first):
+    """A MinkUNet with pruning masks (weight_orig, weight_mask, the hook):
+    the fused copy has them made permanent before folding, so its logits
+    are model.eval()'s; the model keeps its masks. Without a forward first
+    the masked weight is not a leaf (deepcopy refuses those: the copy takes
+    its value); after a no-grad forward it is, and the fold once went into a
+    weight the hook then overwrote."""
+    from pointsparse import prune
+
+    torch.manual_seed(0)
+    net = MinkUNet(4, 6, cr=0.25)
+    _randomise_bn(net)
+    net.eval()
+    convs = [m for m in net.modules() if isinstance(m, spnn.Conv3d) and m.weight.shape[0] > 1]
+    for conv in convs:
+        prune.panel_structured(conv, "weight", 0.5)
+    x = _cloud(3000, 4, extent=40)
+    if forward_first:
+        with torch.no_grad():
+            net(x)
+    fused = spnn.fuse_for_inference(net)
+    with torch.no_grad():
+        ref = net(x).feats
+        out = fused(ps.SparseTensor(x.feats, x.coords)).feats
+    assert not any(hasattr(m, "weight_orig") for m in fused.modules())
+    assert all(hasattr(m, "weight_orig") for m in convs)  # the model keeps its masks
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+
+
 @pytest.mark.parametrize("isa", _ext.core.runnable_isas())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_relu_in_the_kernel_store_equals_relu_after(isa, dtype):

@@ -27,15 +27,12 @@ INFERENCE = ("float32", "fused", "bf16")
 
 def inference_model(model: torch.nn.Module, inference: str = "float32") -> torch.nn.Module:
     """``model`` as ``pointsparse eval --inference`` runs it: itself
-    (``"float32"``); a copy with every pruning mask made permanent and then
-    ``nn.fuse_for_inference`` (``"fused"``); that copy in bfloat16
+    (``"float32"``); ``nn.fuse_for_inference``'s copy, pruning masks made
+    permanent and BatchNorm folded (``"fused"``); that copy in bfloat16
     (``"bf16"``, voxel-level models: the features are cast to the weights'
     dtype by the scorer). ValueError for another name, or bf16 asked of a
     point-level model (SPVCNN)."""
-    import copy
-
     from ..nn import fuse_for_inference
-    from ..prune import _compat
 
     if inference not in INFERENCE:
         raise ValueError(f"inference must be one of {', '.join(INFERENCE)}; got {inference!r}")
@@ -44,21 +41,7 @@ def inference_model(model: torch.nn.Module, inference: str = "float32") -> torch
     if inference == "bf16" and point_level(model):
         raise ValueError("--inference bf16 takes voxel-level models (MinkUNet); SPVCNN's point branch runs in "
                          "float32: use --inference fused")
-    # A pruned module's `weight` is weight_orig * mask, not a leaf, which
-    # deepcopy refuses: the copy takes its detached value (the hook that
-    # recomputes it is removed below anyway).
-    memo = {}
-    for module in model.modules():
-        for name in ("weight", "bias"):
-            value = getattr(module, name, None) if hasattr(module, name + "_orig") else None
-            if isinstance(value, torch.Tensor) and not value.is_leaf:
-                memo[id(value)] = value.detach().clone()
-    plain = copy.deepcopy(model, memo)
-    for module in plain.modules():
-        for name in ("weight", "bias"):
-            if hasattr(module, name + "_orig"):
-                _compat.remove(module, name)
-    fused = fuse_for_inference(plain)
+    fused = fuse_for_inference(model)
     return fused.to(torch.bfloat16) if inference == "bf16" else fused
 
 

@@ -30,6 +30,25 @@ def fold_batchnorm(conv: Conv3d, bn: nn.BatchNorm1d) -> None:
         conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype))
 
 
+def _unpruned_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose pruning reparametrisations are made
+    permanent (``prune.remove``: ``weight = weight_orig * mask``, the hook
+    gone). A pruned module's ``weight`` is not a leaf where it was computed
+    with gradients, which deepcopy refuses: the copy starts from its
+    detached value, which ``remove`` then recomputes."""
+    from ..prune import _compat  # noqa: PLC0415 - the pruning package sits below nn
+
+    pruned = [(m, n) for m in model.modules() for n in ("weight", "bias") if hasattr(m, n + "_orig")]
+    memo = {id(getattr(m, n)): getattr(m, n).detach().clone() for m, n in pruned
+            if isinstance(getattr(m, n, None), torch.Tensor) and not getattr(m, n).is_leaf}
+    copied = copy.deepcopy(model, memo)
+    for module in copied.modules():
+        for name in ("weight", "bias"):
+            if hasattr(module, name + "_orig"):
+                _compat.remove(module, name)
+    return copied
+
+
 def fuse_for_inference(model: nn.Module) -> nn.Module:
     """A copy of ``model`` for inference (eval mode): in every
     ``nn.Sequential``, each :class:`Conv3d` directly followed by a
@@ -37,12 +56,15 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     :class:`ReLU` right after them runs in the convolution's store (the folded
     modules become ``nn.Identity``). Then every module with a
     ``fuse_residual()`` method (MinkUNet's and SPVCNN's ``ResidualBlock``) is
-    asked to run its residual sum and ReLU in its last conv's store. The
-    output equals ``model.eval()``'s up to float rounding; the copy is for
-    inference only (``model`` is unchanged)."""
+    asked to run its residual sum and ReLU in its last conv's store. A
+    pruned module (``torch.nn.utils.prune`` / ``pointsparse.prune``:
+    ``weight_orig`` and a mask) has its pruning made permanent in the copy
+    first, so the fold lands in the weight the forward uses. The output
+    equals ``model.eval()``'s up to float rounding; the copy is for
+    inference only (``model`` is unchanged, masks included)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    fused = copy.deepcopy(model).eval()
+    fused = _unpruned_copy(model).eval()
     for seq in [m for m in fused.modules() if isinstance(m, nn.Sequential)]:
         names = list(seq._modules)
         for i, name in enumerate(names):
