@@ -8,7 +8,7 @@ child is pinned to the same CPU (``--cpu``), so that no build runs on
 another core than the others.
 
     python bench/ab_builds.py OLD.so NEW.so [...] [--channels 64] [--kinds dense offset vector]
-        [--passes forward input weight] [--rounds 15] [--cpu 1] [--out PAGE.md] [--quick]
+        [--passes forward input weight] [--rounds 15] [--cpu 1] [--isa avx2] [--out PAGE.md] [--quick]
 
 ``--quick``: this tree's module against itself, C = 8 unpruned on a
 generated street of 20k voxels, forward, one round, the page in a
@@ -19,8 +19,10 @@ it the Makefile's cmake configure and build (``make build`` there copies the
 module into that tree's ``pointsparse/``). The conv is ``bench/conv_instructions.py``'s:
 a submanifold ``Conv3d(C, C, 3)`` on the KITTI sweep (000049, 0.05 m; a
 generated street of 20k voxels where the dataset is absent), unpruned and
-pruned (``offset``: 75% of the kernel offsets, ``vector``: 75% of the engine's
-vectors, ``vector50``: 50%), run as this tree's engine chooses for the forward.
+pruned (``offset``: 75% of the kernel offsets, ``offset50``: 50%, ``vector``:
+75% of the engine's vectors, ``vector50``: 50%), run as this tree's engine
+chooses for the forward, by the kernels of the build the CPU runs best or
+of ``--isa`` (one that runs here: ``_core.runnable_isas()``).
 Passes: ``forward``, ``input`` (the input gradient, with the forward's
 choice of kernels), ``weight`` (the weight gradient; pruning only skips
 offsets there). Every build's outputs must equal the first
@@ -49,6 +51,7 @@ CHILD = r"""
 import importlib.util, os, sys, time
 import numpy as np
 os.sched_setaffinity(0, {int(sys.argv[4])})
+isa = None if sys.argv[5] == "auto" else sys.argv[5]
 spec = importlib.util.spec_from_file_location("_core", sys.argv[1])
 core = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(core)
@@ -78,13 +81,13 @@ for line in sys.stdin:
     w, vector = arr["weight_" + kind], bool(arr["vector_" + kind])
     t = time.perf_counter()
     if which == "forward":
-        plan.forward(feats, w, None, out, 1, None, False, active=active, vector=vector)
+        plan.forward(feats, w, None, out, 1, isa, False, active=active, vector=vector)
         res = out
     elif which == "input":
-        plan.backward_input(grad, w, grad_f, 1, None, active=active, vector=vector)
+        plan.backward_input(grad, w, grad_f, 1, isa, active=active, vector=vector)
         res = grad_f
     else:
-        plan.backward_weight(feats, grad, grad_w, 1, None, active=active)
+        plan.backward_weight(feats, grad, grad_w, 1, isa, active=active)
         res = grad_w
     t = time.perf_counter() - t
     np.save(sys.argv[3] + which + "_" + kind + ".npy", res)
@@ -101,6 +104,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--cpu", type=int, default=max(os.sched_getaffinity(0)),
                         help="the CPU every child runs on (default: the last this process may use)")
+    parser.add_argument("--isa", default="auto", help="the kernels' build (avx512, avx2, generic; default: the best "
+                        "this CPU runs)")
     parser.add_argument("--out", default=None, help="also write a page there")
     parser.add_argument("--quick", action="store_true", help="this module against itself, C = 8, one round")
     args = parser.parse_args()
@@ -128,7 +133,7 @@ def main() -> None:
         data, paths, pairs, outputs = case_data(args.channels, coords, kinds, folder)
         env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
         children = [subprocess.Popen([sys.executable, "-c", CHILD, str(Path(b).resolve()), str(data),
-                                      str(folder / f"b{i}_"), str(args.cpu)],
+                                      str(folder / f"b{i}_"), str(args.cpu), args.isa],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
                     for i, b in enumerate(args.builds)]
 
@@ -163,7 +168,7 @@ def main() -> None:
     med = {key: float(np.median(v)) * 1e3 for key, v in times.items()}
     names = [f"`{Path(b).name}`" for b in args.builds]
     lines = [f"C = {args.channels}, {where} ({len(coords):,} voxels, {pairs:,} pairs), one thread on CPU "
-             f"{args.cpu}, medians of {args.rounds} rounds; each cell: ms (time / the first build's).", "",
+             f"{args.cpu}, kernels: {args.isa}, medians of {args.rounds} rounds; each cell: ms (time / the first build's).", "",
              "| pass | pruning (engine path) | " + " | ".join(names) + " |",
              "|---|---|" + "---|" * len(names)]
     for which, kind in calls:

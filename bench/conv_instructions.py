@@ -39,7 +39,8 @@ from prune_exec import variants
 import pointsparse as ps
 from pointsparse.nn import _engine
 
-KINDS = {"dense": "unpruned", "offset": "offset 75%", "vector": "vector 75%", "vector50": "vector 50%"}
+KINDS = {"dense": "unpruned", "offset": "offset 75%", "offset50": "offset 50%", "vector": "vector 75%",
+         "vector50": "vector 50%"}
 
 # The child: the extension module by its path, the case from the .npz, the
 # plan, `calls` forwards on one thread; the last output saved for the check.
@@ -75,7 +76,7 @@ def case_data(channels: int, coords: torch.Tensor, kinds, folder: Path) -> tuple
               "identity": -1 if plan.identity is None else plan.identity, "feats": x.feats.numpy()}
     wanted = {KINDS[k]: k for k in kinds}
     paths, outputs = {}, {}
-    for name, _, _, conv in variants(channels, [k for k in kinds if k != "dense"]):
+    for name, _, _, conv in variants(channels, sorted({k.rstrip("0123456789") for k in kinds if k != "dense"})):
         if name not in wanted:
             continue
         weight = conv.weight.detach().contiguous()

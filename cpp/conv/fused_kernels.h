@@ -92,12 +92,13 @@ inline V vfma(V a, V b, V c) {
 #endif
 
 // One step of a register tile: acc0[r] += x_r * b0 and (NV = 2) acc1[r] +=
-// x_r * b1, x_r = x[r][off], for r < kMR.
-template <typename T, int NV = 2>
+// x_r * b1, x_r = x[r][off], for r < R (a tile of R rows; kMR but in a tail
+// tile, see apply_pairs).
+template <typename T, int NV = 2, int R = kMR>
 inline void tile_step(typename Vec<T>::type* acc0, typename Vec<T>::type* acc1, typename Vec<T>::type b0,
                       typename Vec<T>::type b1, const T* const* x, int64_t off) {
 #pragma GCC unroll 16
-  for (int r = 0; r < kMR; ++r) {
+  for (int r = 0; r < R; ++r) {
     const typename Vec<T>::type v = vbroadcast(x[r][off]);
     acc0[r] = vfma(v, b0, acc0[r]);
     if (NV > 1) acc1[r] = vfma(v, b1, acc1[r]);
@@ -270,7 +271,7 @@ inline void micro(int64_t kc, const T* const* a, const T* __restrict b, T* const
 // of mr, the rows' pointers set once for all panels, the bias or zero loaded
 // once for all rows) and with the steps unrolled by two. A panel of no step
 // is stored on the first offset (its init) and skipped on the others. All
-// kMR rows are stored: in a partial tile the rows past mr repeat row mr - 1
+// R rows are stored: in a partial tile the rows past mr repeat row mr - 1
 // (apply_pairs: the same row read, the same row written, and an offset
 // writes a row at most once), so they compute its sum again and store the
 // same bits to the same place. On the KITTI sweep, one thread, AMD EPYC Zen
@@ -289,17 +290,18 @@ template <typename T>
 constexpr bool tiles_whole_panels(int64_t cols) {
   return cols % nr<T>() == 0 || cols % nr<T>() == lanes<T>();
 }
-// kLastOne: the last panel is one vector (else every panel is two).
-template <typename T, bool kLastOne, typename Steps, typename Cols, typename BPanel>
+// kLastOne: the last panel is one vector (else every panel is two); R: the
+// tile's rows (kMR, or fewer in a tail tile: apply_pairs).
+template <typename T, bool kLastOne, int R = kMR, typename Steps, typename Cols, typename BPanel>
 inline void tile_panels_full(int64_t np, Steps steps, Cols cols, BPanel b, const T* const* arow, T* const* crow,
                              const T* bias, bool first) {
   typedef typename Vec<T>::type V;
   constexpr int L = lanes<T>();
   constexpr int64_t NR = nr<T>();
-  const T* x[kMR];
-  T* c[kMR];
+  const T* x[R];
+  T* c[R];
 #pragma GCC unroll 16
-  for (int r = 0; r < kMR; ++r) {
+  for (int r = 0; r < R; ++r) {
     x[r] = arow[r];
     c[r] = crow[r];
   }
@@ -318,24 +320,24 @@ inline void tile_panels_full(int64_t np, Steps steps, Cols cols, BPanel b, const
     if (n == 0) {
       const V i0 = bias ? vload(bias + j * NR) : V{}, i1 = NV > 1 && bias ? vload(bias + j * NR + L) : V{};
 #pragma GCC unroll 16
-      for (int r = 0; r < kMR; ++r) {
+      for (int r = 0; r < R; ++r) {
         vstore(c[r] + j * NR, i0);
         if (NV > 1) vstore(c[r] + j * NR + L, i1);
       }
       return;
     }
     if (n < 1) __builtin_unreachable();
-    V acc0[kMR], acc1[kMR];
+    V acc0[R], acc1[R];
     if (first) {
       const V i0 = bias ? vload(bias + j * NR) : V{}, i1 = NV > 1 && bias ? vload(bias + j * NR + L) : V{};
 #pragma GCC unroll 16
-      for (int r = 0; r < kMR; ++r) {
+      for (int r = 0; r < R; ++r) {
         acc0[r] = i0;
         acc1[r] = i1;
       }
     } else {
 #pragma GCC unroll 16
-      for (int r = 0; r < kMR; ++r) {
+      for (int r = 0; r < R; ++r) {
         acc0[r] = vload(c[r] + j * NR);
         acc1[r] = NV > 1 ? vload(c[r] + j * NR + L) : V{};
       }
@@ -347,12 +349,12 @@ inline void tile_panels_full(int64_t np, Steps steps, Cols cols, BPanel b, const
     // 64, vectors 75%; bench/conv_instructions.py, GCC 12).
     const auto step = [&](int64_t i) {
       const V b0 = vload(bj + i * NR), b1 = NV > 1 ? vload(bj + i * NR + L) : V{};
-      tile_step<T, NV>(acc0, acc1, b0, b1, x, col(i));
+      tile_step<T, NV, R>(acc0, acc1, b0, b1, x, col(i));
     };
 #pragma GCC unroll 2
     for (int64_t i = 0; i < n; ++i) step(i);
 #pragma GCC unroll 16
-    for (int r = 0; r < kMR; ++r) {
+    for (int r = 0; r < R; ++r) {
       vstore(c[r] + j * NR, acc0[r]);
       if (NV > 1) vstore(c[r] + j * NR + L, acc1[r]);
     }
@@ -400,16 +402,24 @@ inline void prefetch_row(const T* p, int64_t n) {
   for (int64_t i = kLine; i < n; i += kLine) __builtin_prefetch(p + i, kWrite ? 1 : 0);
 }
 
-// The pairs [lo, hi) of offset k in tiles of kMR: `tile(k, arow, crow, mr,
-// first)` adds the tile's products (arow: the rows read, crow: the rows
+// The pairs [lo, hi) of offset k in tiles of MR rows: `tile(k, arow, crow,
+// mr, first)` adds the tile's products (arow: the rows read, crow: the rows
 // written, rows past mr repeat a valid one; `first`: store instead, see
 // apply_blocks). `ident`: the pairs are (q, q), q in [lo, hi). MR: rows
 // per tile (a kernel with its own tile height passes it to apply_blocks).
+// kTails: the tile also takes a tile height R <= MR first, `tile(Vectors<R>(),
+// k, arow, crow, R, first)` (only arow[0:R] and crow[0:R] set), and the last
+// pairs of a run that fill no whole tile go in tail tiles of 4, 2 and 1 rows
+// (those of its binary digits), so that no row is computed twice: the same
+// sums per row (a tile's height changes no row's arithmetic). A run of an
+// offset in a block holds 36 pairs on average on the KITTI sweep with 75%
+// of the offsets pruned, and tiles of 8 computed 7.8% of their rows again
+// (the last tile's repeats).
 // Args: ApplyArgs<T>, or ApplyBf16Args (bf16 rows read, float rows written).
 // kScratch: written row q lives at out + (q - row0) * a.cols (the block's
 // scratch and its first row, ApplyArgs::blocks); else at a.dst + q * a.cols
 // (out and row0 not read).
-template <int MR = kMR, bool kScratch = false, typename Args, typename Out, typename Tile>
+template <int MR = kMR, bool kScratch = false, bool kTails = false, typename Args, typename Out, typename Tile>
 inline void apply_pairs(const Args& a, int64_t k, int64_t lo, int64_t hi, bool ident, bool first, Out out,
                         int64_t row0, Tile& tile) {
   const PairList& pl = a.pairs;
@@ -417,8 +427,9 @@ inline void apply_pairs(const Args& a, int64_t k, int64_t lo, int64_t hi, bool i
     out = a.dst;
     row0 = 0;
   }
-  for (int64_t p = lo; p < hi; p += MR) {
-    const int mr = int(hi - p < MR ? hi - p : MR);
+  const int64_t whole = kTails ? lo + (hi - lo) / MR * MR : hi;  // kTails: where the tail tiles start
+  for (int64_t p = lo; p < whole; p += MR) {
+    const int mr = int(whole - p < MR ? whole - p : MR);
     decltype(a.src) arow[MR];
     decltype(a.dst) crow[MR];
     if (mr == MR) {  // a full tile (most of them): no clamp per row
@@ -445,7 +456,30 @@ inline void apply_pairs(const Args& a, int64_t k, int64_t lo, int64_t hi, bool i
       prefetch_row(a.src + (ident ? q : int64_t(pl.col[q])) * a.kc, a.kc);
       if (first) prefetch_row<true>(out + ((ident ? q : int64_t(pl.row[q])) - row0) * a.cols, a.cols);
     }
-    tile(k, arow, crow, mr, first);
+    if constexpr (kTails)
+      tile(Vectors<MR>(), k, arow, crow, MR, first);
+    else
+      tile(k, arow, crow, mr, first);
+  }
+  if constexpr (kTails) {
+    static_assert(MR <= 8, "tail tiles of 4, 2 and 1 rows cover a remainder below 8");
+    int64_t p = whole;
+    const auto tail = [&](auto height) {
+      constexpr int R = decltype(height)::value;
+      if (R < MR && hi - p >= R) {
+        decltype(a.src) arow[R];
+        decltype(a.dst) crow[R];
+        for (int r = 0; r < R; ++r) {
+          arow[r] = a.src + (ident ? p + r : int64_t(pl.col[p + r])) * a.kc;
+          crow[r] = out + ((ident ? p + r : int64_t(pl.row[p + r])) - row0) * a.cols;
+        }
+        tile(Vectors<R>(), k, arow, crow, R, first);
+        p += R;
+      }
+    };
+    tail(Vectors<4>());
+    tail(Vectors<2>());
+    tail(Vectors<1>());
   }
 }
 
@@ -563,6 +597,14 @@ struct Drain {
 // block_epilogue (the residual and the ReLU) while the block is still in
 // cache, and `done(r0, r1)` on the block's rows [r0, r1) (a kernel's own
 // epilogue). Args as apply_pairs'.
+// a where kFirst, else b.
+template <bool kFirst, typename A, typename B>
+inline auto& either(A& a, B& b) {
+  if constexpr (kFirst)
+    return a;
+  else
+    return b;
+}
 struct NoEpilogue {
   void operator()(int64_t, int64_t) const {}
 };
@@ -571,7 +613,8 @@ struct NoEpilogue {
 // ways are two instantiations, each kernel's tile called from one place:
 // with both in one function GCC no longer inlined the dense tile (C = 8:
 // 4.5% more instructions a conv, bench/conv_instructions.py).
-template <int MR = kMR, bool kScratch = false, typename Args, typename Skip, typename Tile,
+// kTails: the tile takes tail tiles (apply_pairs).
+template <int MR = kMR, bool kScratch = false, bool kTails = false, typename Args, typename Skip, typename Tile,
           typename Done = NoEpilogue>
 void apply_blocks(const Args& a, Skip skip, Tile tile, Done done = Done()) {
   typedef decltype(a.dst) Out;
@@ -587,18 +630,29 @@ void apply_blocks(const Args& a, Skip skip, Tile tile, Done done = Done()) {
     const Out mine = kScratch ? scratch + int64_t(omp_get_thread_num()) * 2 * kBlockRows * a.cols : nullptr;
     int half = 0;
     Drain<Out> pending;
-    const auto tl = [&tile, &pending, &a](int64_t k, decltype(a.src) const* arow, Out const* crow, int mr,
-                                          bool first) {
-      tile(k, arow, crow, mr, first);
+    // The tile as apply_pairs calls it, with a tile height first or not
+    // (kTails). The one without is typed: as a generic lambda it cost the
+    // vector kernels 2-5% at C = 64 (AMD EPYC Zen 4, bench/ab_builds.py).
+    const auto typed = [&tile, &pending, &a](int64_t k, decltype(a.src) const* arow, Out const* crow, int mr,
+                                             bool first) {
+      if constexpr (!kTails) {  // else never called
+        tile(k, arow, crow, mr, first);
+        if (kScratch) pending.step(MR * a.cols);
+      }
+    };
+    const auto with_height = [&tile, &pending, &a](auto height, int64_t k, decltype(a.src) const* arow,
+                                                   Out const* crow, int mr, bool first) {
+      tile(height, k, arow, crow, mr, first);
       if (kScratch) pending.step(MR * a.cols);
     };
+    auto& tl = either<kTails>(with_height, typed);
 #pragma omp for schedule(dynamic, 1) nowait
     for (int64_t blk = 0; blk < blocks; ++blk) {
       const int64_t r0 = blk * kBlockRows, r1 = r0 + kBlockRows < a.num_rows ? r0 + kBlockRows : a.num_rows;
       // Where the rows are summed: a scratch block, or in place.
       const Out out = kScratch ? mine + half * kBlockRows * a.cols : a.dst + r0 * a.cols;
       if (ident >= 0) {
-        apply_pairs<MR, kScratch>(a, ident, r0, r1, true, true, out, r0, tl);
+        apply_pairs<MR, kScratch, kTails>(a, ident, r0, r1, true, true, out, r0, tl);
       } else {
         for (int64_t r = r0; r < r1; ++r) {
           Out __restrict d = out + (r - r0) * a.cols;
@@ -610,8 +664,8 @@ void apply_blocks(const Args& a, Skip skip, Tile tile, Done done = Done()) {
       }
       for (int64_t k = 0; k < (a.kc == 0 ? 0 : K); ++k) {
         if (k == pl.identity || skip(k)) continue;
-        apply_pairs<MR, kScratch>(a, k, pl.cuts[blk * K + k], pl.cuts[(blk + 1) * K + k], false, false, out, r0,
-                                  tl);
+        apply_pairs<MR, kScratch, kTails>(a, k, pl.cuts[blk * K + k], pl.cuts[(blk + 1) * K + k], false, false,
+                                          out, r0, tl);
       }
       block_epilogue(a, out, r0, r1);
       if (kScratch) {
@@ -652,17 +706,17 @@ void apply_impl(const ApplyArgs<T>& a) {
   }
   const int64_t kc = a.kc;
   const auto full = [&a, np, kc](auto last_one) {
-    return [&a, np, kc](int64_t k, const T* const* arow, T* const* crow, int, bool first) {
+    return [&a, np, kc](auto height, int64_t k, const T* const* arow, T* const* crow, int, bool first) {
       const T* wk = a.wpack + k * np * kc * NR;
-      tile_panels_full<T, decltype(last_one)::value>(
+      tile_panels_full<T, decltype(last_one)::value, decltype(height)::value>(
           np, [kc](int64_t) { return kc; }, [](int64_t) { return [](int64_t i) { return i; }; },
           [wk, kc](int64_t j) { return wk + j * kc * NR; }, arow, crow, a.bias, first);
     };
   };
   if (a.cols % NR == 0)
-    apply_blocks<kMR, kScratch>(a, none, full(Vectors<0>()));
+    apply_blocks<kMR, kScratch, true>(a, none, full(Vectors<0>()));
   else
-    apply_blocks<kMR, kScratch>(a, none, full(Vectors<1>()));
+    apply_blocks<kMR, kScratch, true>(a, none, full(Vectors<1>()));
 }
 
 // The kernel, summing in place or (a.blocks set) in scratch blocks.
