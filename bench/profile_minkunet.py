@@ -120,8 +120,8 @@ def instrumented(model: torch.nn.Module, forward: Timer, backward: Timer):
 
 def labelled_conv(forward, label: str, conv_of_node: dict):
     """The conv's forward, noting which conv made each autograd node."""
-    def run(x):
-        out = forward(x)
+    def run(x, **kwargs):  # add=: a fused residual block's shortcut
+        out = forward(x, **kwargs)
         if out.feats.grad_fn is not None:
             conv_of_node[id(out.feats.grad_fn)] = label
         return out
