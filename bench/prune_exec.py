@@ -13,10 +13,11 @@ sparsity the same pruned weights are also timed through the dense kernels
 table times a decoder step with half the voxels dropped by
 ``nn.VoxelPrune`` or skipped by ``nn.VoxelSkip`` (see :func:`spatial`); ``--parts formats`` times 2:4 and
 block weights through the engine and through their formats' products (see
-:func:`formats_table`).
+:func:`formats_table`); ``--parts per_offset`` times each kernel offset
+alone against the unpruned conv, per pair (see :func:`per_offset`).
 
     flock /work/cpu.lock .venv/bin/python bench/prune_exec.py [--channels 64] [--rounds 5] [--threads 1]
-        [--parts sparsity spatial formats] [--quick]
+        [--parts sparsity spatial formats per_offset] [--quick]
 
 ``--quick``: every part at C = 32 on a 20k generated street (no dataset
 needed), one round, the page in a temporary folder.
@@ -30,6 +31,7 @@ from pathlib import Path
 import sys
 import time
 
+import numpy as np
 import torch
 
 from _common import environment, interleaved, real_scene, real_sweeps, results_path, street_scene, write_markdown
@@ -203,6 +205,47 @@ def ceiling_line(rows: dict, runs: list, sizes: torch.Tensor, channels: int, med
             + "; ".join(parts) + ".")
 
 
+def per_offset(channels: int, coords: torch.Tensor, rounds: int) -> str:
+    """What a pair costs in each offset run alone (the fused kernels with
+    every other offset zero, the output still written as bias), against a
+    pair of the unpruned conv: the ms over the call with no offset at all
+    (the bias written to every row), per pair. Offset pruning reaches its
+    ideal only where the kept offsets' pairs cost what the dense conv's do."""
+    torch.manual_seed(0)
+    x = ps.SparseTensor(torch.randn(len(coords), channels), coords)
+    kmap = ps.kmap.get_kmap(x, 3)
+    sizes = kmap.sizes.to(torch.int64)
+    plan = _engine.get_plan(kmap)
+    out = x.feats.new_empty((kmap.num_out, channels))
+    weight = torch.randn(kmap.kernel_volume, channels, channels)
+    feats, w, res, nt = x.feats.numpy(), weight.numpy(), out.numpy(), torch.get_num_threads()
+
+    def alone(k):
+        active = np.zeros(kmap.kernel_volume, np.uint8)
+        if k is not None:
+            active[k] = 1
+        return lambda: plan.core.forward(feats, w, None, res, nt, active=active)
+
+    fns = {k: alone(k) for k in range(kmap.kernel_volume)}
+    fns["none"] = alone(None)
+    fns["dense"] = lambda: plan.core.forward(feats, w, None, res, nt)
+    med = interleaved(fns, rounds)
+    total = int(sizes.sum())
+    lines = [f"### Each offset alone, C = {channels} ({len(coords):,} voxels, {total:,} pairs)", "",
+             f"Kernels alone, {torch.get_num_threads()} thread(s), medians of {rounds} interleaved rounds. No offset "
+             f"(every row written as the bias): {1e3 * med['none']:.2f} ms. The unpruned conv: "
+             f"{1e3 * med['dense']:.2f} ms, {1e9 * (med['dense'] - med['none']) / total:.1f} ns a pair over that.", "",
+             "| offset | pairs | pairs per run (block of 512 rows) | ms over no offset | ns a pair |",
+             "|---|---|---|---|---|"]
+    for k in range(kmap.kernel_volume):
+        _, rows = kmap.pairs(k)
+        runs = int(torch.unique(rows.to(torch.int64) // 512).numel())  # blocks of conv::kBlockRows written rows
+        extra = med[k] - med["none"]
+        lines.append(f"| {k}{' (identity)' if k == kmap.kernel_volume // 2 else ''} | {int(sizes[k]):,} | "
+                     f"{int(sizes[k]) / max(runs, 1):.1f} | {1e3 * extra:.3f} | {1e9 * extra / max(int(sizes[k]), 1):.1f} |")
+    return "\n".join(lines)
+
+
 def spatial(channels: int, coords: torch.Tensor, rounds: int, keep: float = 0.5) -> str:
     """A U-Net decoder step on the sweep: the stride-2 tensor (from a k2 s2
     conv, not timed) through a residual block (two submanifold k3 convs, the
@@ -351,8 +394,9 @@ def main() -> None:
     parser.add_argument("--channels", type=int, nargs="+", default=None, help="default 64 (--quick 32)")
     parser.add_argument("--rounds", type=int, default=None, help="default 5 (--quick 1)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--parts", nargs="+", default=None, choices=["sparsity", "spatial", "formats"],
-                        help="default sparsity spatial (--quick all three)")
+    parser.add_argument("--parts", nargs="+", default=None,
+                        choices=["sparsity", "spatial", "formats", "per_offset"],
+                        help="default sparsity spatial (--quick all four)")
     parser.add_argument("--kinds", nargs="+", default=None, choices=list(AMOUNTS),
                         help="the sparsity table's granularities (default all): fewer rows, more rounds in the time")
     parser.add_argument("--out", default=None, help="default bench/results/prune_exec.md")
@@ -360,7 +404,8 @@ def main() -> None:
     args = parser.parse_args()
     args.channels = args.channels or ([32] if args.quick else [64])
     args.rounds = args.rounds or (1 if args.quick else 5)
-    args.parts = args.parts or (["sparsity", "spatial", "formats"] if args.quick else ["sparsity", "spatial"])
+    args.parts = args.parts or (["sparsity", "spatial", "formats", "per_offset"] if args.quick
+                                else ["sparsity", "spatial"])
     sweeps = {} if args.quick else real_sweeps()
     if not args.quick and "kitti-raw/000049" not in sweeps:
         print("prune_exec: ../shared/datasets/kitti-raw/000049.bin is absent; nothing measured")
@@ -370,7 +415,7 @@ def main() -> None:
     coords = street_scene(20_000) if args.quick else real_scene(sweeps["kitti-raw/000049"], 0.05)
     points: list = []
     parts = {"sparsity": lambda c, xyz, r: measure(c, xyz, r, points, args.kinds), "spatial": spatial,
-             "formats": formats_table}
+             "formats": formats_table, "per_offset": per_offset}
     tables = [parts[part](c, coords, args.rounds) for part in args.parts for c in args.channels]
     for t in tables:
         print(t, "\n")

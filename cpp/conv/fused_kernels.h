@@ -407,14 +407,19 @@ inline void prefetch_row(const T* p, int64_t n) {
 // written, rows past mr repeat a valid one; `first`: store instead, see
 // apply_blocks). `ident`: the pairs are (q, q), q in [lo, hi). MR: rows
 // per tile (a kernel with its own tile height passes it to apply_blocks).
-// kTails: the tile also takes a tile height R <= MR first, `tile(Vectors<R>(),
-// k, arow, crow, R, first)` (only arow[0:R] and crow[0:R] set), and the last
-// pairs of a run that fill no whole tile go in tail tiles of 4, 2 and 1 rows
-// (those of its binary digits), so that no row is computed twice: the same
-// sums per row (a tile's height changes no row's arithmetic). A run of an
-// offset in a block holds 36 pairs on average on the KITTI sweep with 75%
-// of the offsets pruned, and tiles of 8 computed 7.8% of their rows again
-// (the last tile's repeats).
+// kTails: the tile also takes a tile height R first, `tile(Vectors<R>(), k,
+// arow, crow, mr, first)` (arow, crow: R rows), and in the AVX-512 build the
+// last pairs of a run that fill no whole tile go in tail tiles of 4, 2 and
+// 1 rows (those of its binary digits), so that no row is computed twice:
+// the same sums per row (a tile's height changes no row's arithmetic). A
+// run of an offset in a block holds 36 pairs on average on the KITTI sweep
+// with 75% of the offsets pruned, where tiles of 8 computed 7.8% of their
+// rows again. On AMD EPYC Zen 4, C = 64, one thread, bench/ab_builds.py in
+// lockstep: the AVX-512 forward 4% faster dense and 3-5% offset-pruned;
+// the AVX2 build (6-row tiles, 12 ymm accumulators) gained nothing,
+// tails of 4, 2 and 1 rows or of 4 alone (0.98-1.03x): its small tiles
+// have too few accumulators for the FMAs' latency, and it keeps its
+// partial tiles.
 // Args: ApplyArgs<T>, or ApplyBf16Args (bf16 rows read, float rows written).
 // kScratch: written row q lives at out + (q - row0) * a.cols (the block's
 // scratch and its first row, ApplyArgs::blocks); else at a.dst + q * a.cols
@@ -427,7 +432,10 @@ inline void apply_pairs(const Args& a, int64_t k, int64_t lo, int64_t hi, bool i
     out = a.dst;
     row0 = 0;
   }
-  const int64_t whole = kTails ? lo + (hi - lo) / MR * MR : hi;  // kTails: where the tail tiles start
+  // Tail tiles in the AVX-512 build only (see above); elsewhere a partial
+  // full tile, as without kTails.
+  constexpr bool kSmall = kTails && kIsa == Isa::avx512;
+  const int64_t whole = kSmall ? lo + (hi - lo) / MR * MR : hi;  // where the tail tiles start
   for (int64_t p = lo; p < whole; p += MR) {
     const int mr = int(whole - p < MR ? whole - p : MR);
     decltype(a.src) arow[MR];
@@ -457,11 +465,11 @@ inline void apply_pairs(const Args& a, int64_t k, int64_t lo, int64_t hi, bool i
       if (first) prefetch_row<true>(out + ((ident ? q : int64_t(pl.row[q])) - row0) * a.cols, a.cols);
     }
     if constexpr (kTails)
-      tile(Vectors<MR>(), k, arow, crow, MR, first);
+      tile(Vectors<MR>(), k, arow, crow, mr, first);
     else
       tile(k, arow, crow, mr, first);
   }
-  if constexpr (kTails) {
+  if constexpr (kSmall) {
     static_assert(MR <= 8, "tail tiles of 4, 2 and 1 rows cover a remainder below 8");
     int64_t p = whole;
     const auto tail = [&](auto height) {
