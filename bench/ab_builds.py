@@ -8,7 +8,8 @@ child is pinned to the same CPU (``--cpu``), so that no build runs on
 another core than the others.
 
     python bench/ab_builds.py OLD.so NEW.so [...] [--channels 64] [--kinds dense offset vector]
-        [--passes forward input weight] [--rounds 15] [--cpu 1] [--isa avx2] [--out PAGE.md] [--quick]
+        [--passes forward input weight] [--rounds 15] [--cpu 1] [--threads 1] [--isa avx2] [--out PAGE.md]
+        [--quick]
 
 ``--quick``: this tree's module against itself, C = 8 unpruned on a
 generated street of 20k voxels, forward, one round, the page in a
@@ -27,7 +28,7 @@ Passes: ``forward``, ``input`` (the input gradient, with the forward's
 choice of kernels), ``weight`` (the weight gradient; pruning only skips
 offsets there). Every build's outputs must equal the first
 build's bit for bit (forward: this tree's engine's too) before any timing.
-One thread; medians over the rounds; the ratios are each build's time over
+One thread (``--threads``: more); medians over the rounds; the ratios are each build's time over
 the first build's in the same rounds."""
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ from conv_instructions import KINDS, case_data
 CHILD = r"""
 import importlib.util, os, sys, time
 import numpy as np
-os.sched_setaffinity(0, {int(sys.argv[4])})
+cpus = [int(c) for c in sys.argv[4].split(",")]
+os.sched_setaffinity(0, set(cpus))
 isa = None if sys.argv[5] == "auto" else sys.argv[5]
+nt = len(cpus)
 spec = importlib.util.spec_from_file_location("_core", sys.argv[1])
 core = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(core)
@@ -68,7 +71,7 @@ def aligned(a):  # a copy at a 64-byte boundary, as torch allocates (numpy's lar
 
 arr = {k: aligned(d[k]) for k in d.files}
 plan = core.ConvPlan(arr["in_idx"], arr["out_idx"], arr["ptr"], int(arr["num_in"]), int(arr["num_out"]),
-                     int(arr["identity"]), 1)
+                     int(arr["identity"]), nt)
 feats = arr["feats"]
 out = aligned(np.empty((int(arr["num_out"]), feats.shape[1]), np.float32))
 grad = aligned(np.random.default_rng(0).standard_normal(out.shape).astype(np.float32))
@@ -81,13 +84,13 @@ for line in sys.stdin:
     w, vector = arr["weight_" + kind], bool(arr["vector_" + kind])
     t = time.perf_counter()
     if which == "forward":
-        plan.forward(feats, w, None, out, 1, isa, False, active=active, vector=vector)
+        plan.forward(feats, w, None, out, nt, isa, False, active=active, vector=vector)
         res = out
     elif which == "input":
-        plan.backward_input(grad, w, grad_f, 1, isa, active=active, vector=vector)
+        plan.backward_input(grad, w, grad_f, nt, isa, active=active, vector=vector)
         res = grad_f
     else:
-        plan.backward_weight(feats, grad, grad_w, 1, isa, active=active)
+        plan.backward_weight(feats, grad, grad_w, nt, isa, active=active)
         res = grad_w
     t = time.perf_counter() - t
     np.save(sys.argv[3] + which + "_" + kind + ".npy", res)
@@ -104,6 +107,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--cpu", type=int, default=max(os.sched_getaffinity(0)),
                         help="the CPU every child runs on (default: the last this process may use)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="threads a call (default 1, pinned to --cpu; 2 or more: pinned to that many of the "
+                             "CPUs this process may use, --cpu ignored)")
     parser.add_argument("--isa", default="auto", help="the kernels' build (avx512, avx2, generic; default: the best "
                         "this CPU runs)")
     parser.add_argument("--out", default=None, help="also write a page there")
@@ -122,6 +128,10 @@ def main() -> None:
             parser.error(f"build {b!r} is not a file")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    allowed = sorted(os.sched_getaffinity(0))
+    if args.threads < 1 or args.threads > len(allowed):
+        parser.error(f"--threads must be in [1, {len(allowed)}] (the CPUs this process may use)")
+    cpus = [args.cpu] if args.threads == 1 else allowed[:args.threads]
     if args.cpu not in os.sched_getaffinity(0):
         parser.error(f"--cpu {args.cpu} is not one this process may run on: {sorted(os.sched_getaffinity(0))}")
     coords, where = kitti_or_street(args.quick)
@@ -131,9 +141,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         data, paths, pairs, outputs = case_data(args.channels, coords, kinds, folder)
-        env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+        env = {"OMP_NUM_THREADS": str(args.threads), "PATH": "/usr/bin:/bin"}
         children = [subprocess.Popen([sys.executable, "-c", CHILD, str(Path(b).resolve()), str(data),
-                                      str(folder / f"b{i}_"), str(args.cpu), args.isa],
+                                      str(folder / f"b{i}_"), ",".join(map(str, cpus)), args.isa],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
                     for i, b in enumerate(args.builds)]
 
@@ -167,8 +177,8 @@ def main() -> None:
                 child.wait()
     med = {key: float(np.median(v)) * 1e3 for key, v in times.items()}
     names = [f"`{Path(b).name}`" for b in args.builds]
-    lines = [f"C = {args.channels}, {where} ({len(coords):,} voxels, {pairs:,} pairs), one thread on CPU "
-             f"{args.cpu}, kernels: {args.isa}, medians of {args.rounds} rounds; each cell: ms (time / the first build's).", "",
+    on = f"one thread on CPU {args.cpu}" if args.threads == 1 else f"{args.threads} threads on CPUs {cpus}"
+    lines = [f"C = {args.channels}, {where} ({len(coords):,} voxels, {pairs:,} pairs), {on}, kernels: {args.isa}, medians of {args.rounds} rounds; each cell: ms (time / the first build's).", "",
              "| pass | pruning (engine path) | " + " | ".join(names) + " |",
              "|---|---|" + "---|" * len(names)]
     for which, kind in calls:

@@ -12,7 +12,8 @@ generated street of 20k voxels where the dataset is absent), unpruned and
 pruned as ``bench/prune_exec.py`` prunes it (``offset``: 75% of the kernel
 offsets, ``vector``: 75% of the engine's vectors, ``vector50``: 50%), run by the engine's
 choice (dense, offset-skipping or vector-sparse kernels), one thread, the
-widest build this CPU runs. Each case runs in a child process under
+widest build that runs under valgrind (which has no AVX-512: the AVX2
+build on an AVX-512 CPU; the page names it). Each case runs in a child process under
 ``valgrind --tool=callgrind`` that loads the extension module alone (numpy,
 no torch), builds the plan and calls ``ConvPlan.forward`` ``--calls`` times;
 a child making no call gives the set-up's count, and the difference over
@@ -59,6 +60,8 @@ for _ in range(calls):
     plan.forward(feats, weight, None, out, 1, None, False, active=active, vector=vector)
 if calls:
     np.save(out_path, out)
+with open(out_path + ".isa", "w") as f:  # the build that ran: valgrind runs no AVX-512, whatever the CPU has
+    f.write(core.runnable_isas()[0])
 """
 
 
@@ -94,9 +97,11 @@ def case_data(channels: int, coords: torch.Tensor, kinds, folder: Path) -> tuple
     return path, paths, int(kmap.sizes.sum()), outputs
 
 
-def count(data: Path, kind: str, calls: int, folder: Path, want: np.ndarray) -> int:
+def count(data: Path, kind: str, calls: int, folder: Path, want: np.ndarray) -> tuple[int, str]:
     """Instructions of a child that makes ``calls`` forwards of ``kind``
-    (its output checked against ``want`` when it made any)."""
+    (its output checked against ``want`` when it made any), and the build
+    it ran (the widest that runs under valgrind, which has no AVX-512: on
+    an AVX-512 CPU the AVX2 build)."""
     out_path = folder / f"out_{kind}.npy"
     instructions = callgrind_instructions(CHILD, [ps._core.__file__, data, kind, calls, out_path])
     if calls:
@@ -104,24 +109,28 @@ def count(data: Path, kind: str, calls: int, folder: Path, want: np.ndarray) -> 
         if not np.array_equal(got, want):
             raise RuntimeError(f"{kind}: the child's output differs from this process's by "
                                f"{np.abs(got - want).max()}")
-    return instructions
+    return instructions, Path(str(out_path) + ".isa").read_text()
 
 
 def measure(channels: list, kinds: list, calls: int, coords: torch.Tensor, where: str) -> str:
-    lines = [f"{where}; one thread, build {ps._core.runnable_isas()[0]}; instructions per call = (child with "
-             f"{calls} calls - child with none) / {calls}.", "",
-             "| C | pruning | engine path | pairs | instructions per call | per pair |", "|---|---|---|---|---|---|"]
+    builds = set()
+    lines = ["| C | pruning | engine path | pairs | instructions per call | per pair |", "|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for c in channels:
             data, paths, pairs, outputs = case_data(c, coords, kinds, folder)
-            base = count(data, kinds[0], 0, folder, outputs[kinds[0]])
+            base, _ = count(data, kinds[0], 0, folder, outputs[kinds[0]])
             for kind in kinds:
-                per_call = (count(data, kind, calls, folder, outputs[kind]) - base) / calls
+                counted, build = count(data, kind, calls, folder, outputs[kind])
+                builds.add(build)
+                per_call = (counted - base) / calls
                 lines.append(f"| {c} | {KINDS[kind]} | {paths[kind]} | {pairs:,} | {per_call / 1e6:.2f} M | "
                              f"{per_call / pairs:.1f} |")
                 print(lines[-1], flush=True)
-    return "\n".join(lines)
+    head = (f"{where}; one thread, build {', '.join(sorted(builds))} under valgrind (this CPU's widest: "
+            f"{ps._core.runnable_isas()[0]}); instructions per call = (child with {calls} calls - child with none) "
+            f"/ {calls}.")
+    return "\n".join([head, ""] + lines)
 
 
 def main() -> None:
