@@ -99,6 +99,31 @@ def test_skipping_and_vector_kernels_equal_the_dense_kernels(k, t, transposed, c
     torch.testing.assert_close(gw, ref_gw * mask, **tol)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("c", [16, 24])  # whole panels in every build, and a last panel of one vector
+def test_skipping_over_many_blocks_equals_the_dense_kernels_for_every_thread_count(c, isa):
+    """A map of many blocks of written rows (the offset-skipping forward
+    fetches each thread's next block's rows ahead while one runs): the
+    forward and input gradient with three quarters of the offsets and the
+    identity zeroed equal the dense kernels' bit for bit on 1, 2 and 3
+    threads, and torch ops on the zeroed weight."""
+    x = make(n=6000, c=c, extent=40, dtype=torch.float32, seed=5)
+    kmap = ps.kmap.get_kmap(x, 3)
+    assert kmap.num_out > 8 * 512
+    plan = _engine.make_fused_plan(kmap)
+    w = torch.randn(27, c, c, generator=torch.Generator().manual_seed(6)) / c ** 0.5
+    w[torch.randperm(27, generator=torch.Generator().manual_seed(7))[:20]] = 0
+    w[13] = 0
+    active = _engine.choose_execution(w).active
+    assert active is not None and active.sum() == 27 - len(torch.nonzero(w.flatten(1).abs().sum(1) == 0))
+    g = torch.randn(kmap.num_out, c, generator=torch.Generator().manual_seed(8))
+    dense = run_core(plan, x.feats, w, g, isa, nt=1)
+    for nt in (1, 2, 3):
+        out, gf, _ = run_core(plan, x.feats, w, g, isa, active, nt=nt)
+        assert torch.equal(out, dense[0]) and torch.equal(gf, dense[1]), nt
+    torch.testing.assert_close(out, conv_sum(x.feats, w, kmap), rtol=1e-4, atol=1e-4)
+
+
 def _forward_and_input_grad(plan, feats, w, bias, g, isa, nt, vector, relu):
     active = _engine.choose_execution(w).active
     out = torch.full((plan.num_out, w.shape[2]), float("nan"), dtype=w.dtype)
