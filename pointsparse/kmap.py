@@ -323,6 +323,13 @@ def build(coords: torch.Tensor, kernel_size=3, stride=1, dilation=1, tensor_stri
                   as_triple(dilation, "dilation"), as_triple(tensor_stride, "tensor_stride"), method, out_coords)
 
 
+def _tiles_its_stride(k: Triple, t: Triple, d: Triple) -> bool:
+    """Whether a kernel tiles its stride (kernel == stride > 1 somewhere, 1
+    or 2 per axis, dilation 1 where 2: the U-Net's k2 s2), whose map pairs
+    each row with its parent, no search (``_core.kmap_parents``)."""
+    return t != (1, 1, 1) and all(k[a] == t[a] and (k[a] == 1 or (k[a] == 2 and d[a] == 1)) for a in range(3))
+
+
 def _build(coords: torch.Tensor, k: Triple, t: Triple, d: Triple, s: Triple, method: str | None = None,
            out_coords: torch.Tensor | None = None, trusted: bool = False) -> KernelMap:
     """:func:`build` of checked coords and normalised 3-tuples (the arguments
@@ -355,7 +362,7 @@ def _build(coords: torch.Tensor, k: Triple, t: Triple, d: Triple, s: Triple, met
         rows = torch.arange(n, dtype=torch.int64, device=coords.device)
         return KernelMap(coords, rows, rows.clone(), torch.tensor([n], dtype=torch.int64), offsets, n, n, key)
     if (not submanifold and (trusted or default) and method != "torch" and _ext.serves(coords)
-            and all(k[a] == t[a] and (k[a] == 1 or (k[a] == 2 and d[a] == 1)) for a in range(3))):
+            and _tiles_its_stride(k, t, d)):
         # A map whose kernel tiles its stride (the U-Net's k2 s2
         # downsampling), a cache's or build()'s with the default method: each
         # row pairs with its parent, found by the downsampling's own sort

@@ -153,11 +153,6 @@ def _(coords, key, trusted=False):
     return coords.new_empty((rows, 4)), in_idx, out_idx, coords.new_empty((_kernel_volume(key),), dtype=torch.int64)
 
 
-def _tiles_its_stride(k: Triple, t: Triple, d: Triple) -> bool:
-    """A kernel that tiles its stride (kmap._build's search-free parents map)."""
-    return t != (1, 1, 1) and all(k[a] == t[a] and (k[a] == 1 or (k[a] == 2 and d[a] == 1)) for a in range(3))
-
-
 @torch.library.custom_op(f"{_LIB}::kmap_transpose", mutates_args=())
 def kmap_transpose(coarse_coords: Tensor, fine_coords: Tensor, in_idx: Tensor, out_idx: Tensor, sizes: Tensor,
                    key: list[int]) -> tuple[Tensor, Tensor]:
@@ -501,7 +496,7 @@ def _down_map(cache, coords, tensor_stride, k, t, d, out_coords=None) -> GraphMa
         trusted = tensor_stride in cache.valid
         if known is None and t != (1, 1, 1):
             known = cache.get_coords(out_stride)
-            if known is None and _tiles_its_stride(k, t, d):  # the output coords and the map in one pass
+            if known is None and _kmap._tiles_its_stride(k, t, d):  # the output coords and the map in one pass
                 parents, in_idx, out_idx, sizes = kmap_parents(coords, key_to_list(key), trusted)
                 cache.valid.update((tensor_stride, out_stride))
                 return GraphMap(parents, in_idx, out_idx, sizes, key)

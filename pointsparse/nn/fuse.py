@@ -36,16 +36,17 @@ def _unpruned_copy(model: nn.Module) -> nn.Module:
     gone). A pruned module's ``weight`` is not a leaf where it was computed
     with gradients, which deepcopy refuses: the copy starts from its
     detached value, which ``remove`` then recomputes."""
-    from ..prune import _compat  # noqa: PLC0415 - the pruning package sits below nn
+    from ..prune.surgery import _unprune  # noqa: PLC0415 - the pruning package sits below nn
 
-    pruned = [(m, n) for m in model.modules() for n in ("weight", "bias") if hasattr(m, n + "_orig")]
-    memo = {id(getattr(m, n)): getattr(m, n).detach().clone() for m, n in pruned
-            if isinstance(getattr(m, n, None), torch.Tensor) and not getattr(m, n).is_leaf}
+    memo = {}
+    for module in model.modules():
+        for name in ("weight", "bias"):
+            value = getattr(module, name, None) if hasattr(module, name + "_orig") else None
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
     copied = copy.deepcopy(model, memo)
     for module in copied.modules():
-        for name in ("weight", "bias"):
-            if hasattr(module, name + "_orig"):
-                _compat.remove(module, name)
+        _unprune(module)
     return copied
 
 
