@@ -98,6 +98,13 @@ for line in sys.stdin:
 """
 
 
+def ps_isas() -> list[str]:
+    """The kernel builds this CPU runs (this tree's module)."""
+    import pointsparse as ps
+
+    return list(ps._core.runnable_isas())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("builds", nargs="*", help="paths of extension modules (_core*.so); the first is the baseline")
@@ -110,8 +117,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="threads a call (default 1, pinned to --cpu; 2 or more: pinned to that many of the "
                              "CPUs this process may use, --cpu ignored)")
-    parser.add_argument("--isa", default="auto", help="the kernels' build (avx512, avx2, generic; default: the best "
-                        "this CPU runs)")
+    parser.add_argument("--isa", default="auto", choices=("auto", "avx512", "avx2", "generic"),
+                        help="the kernels' build (default: the best this CPU runs)")
     parser.add_argument("--out", default=None, help="also write a page there")
     parser.add_argument("--quick", action="store_true", help="this module against itself, C = 8, one round")
     args = parser.parse_args()
@@ -132,6 +139,8 @@ def main() -> None:
     if args.threads < 1 or args.threads > len(allowed):
         parser.error(f"--threads must be in [1, {len(allowed)}] (the CPUs this process may use)")
     cpus = [args.cpu] if args.threads == 1 else allowed[:args.threads]
+    if args.isa != "auto" and args.isa not in ps_isas():
+        parser.error(f"--isa {args.isa} does not run here: {', '.join(ps_isas())}")
     if args.cpu not in os.sched_getaffinity(0):
         parser.error(f"--cpu {args.cpu} is not one this process may run on: {sorted(os.sched_getaffinity(0))}")
     coords, where = kitti_or_street(args.quick)

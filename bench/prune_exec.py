@@ -241,7 +241,7 @@ def per_offset(channels: int, coords: torch.Tensor, rounds: int) -> str:
         _, rows = kmap.pairs(k)
         runs = int(torch.unique(rows.to(torch.int64) // 512).numel())  # blocks of conv::kBlockRows written rows
         extra = med[k] - med["none"]
-        lines.append(f"| {k}{' (identity)' if k == kmap.kernel_volume // 2 else ''} | {int(sizes[k]):,} | "
+        lines.append(f"| {k}{' (identity)' if k == plan.identity else ''} | {int(sizes[k]):,} | "
                      f"{int(sizes[k]) / max(runs, 1):.1f} | {1e3 * extra:.3f} | {1e9 * extra / max(int(sizes[k]), 1):.1f} |")
     return "\n".join(lines)
 

@@ -414,12 +414,13 @@ inline void prefetch_row(const T* p, int64_t n) {
 // the same sums per row (a tile's height changes no row's arithmetic). A
 // run of an offset in a block holds 36 pairs on average on the KITTI sweep
 // with 75% of the offsets pruned, where tiles of 8 computed 7.8% of their
-// rows again. On AMD EPYC Zen 4, C = 64, one thread, bench/ab_builds.py in
-// lockstep: the AVX-512 forward 4% faster dense and 3-5% offset-pruned;
-// the AVX2 build (6-row tiles, 12 ymm accumulators) gained nothing,
-// tails of 4, 2 and 1 rows or of 4 alone (0.98-1.03x): its small tiles
-// have too few accumulators for the FMAs' latency, and it keeps its
-// partial tiles.
+// rows again. On AMD EPYC Zen 4, one thread, bench/ab_builds.py in
+// lockstep (bench/RESULTS.md, stop 32): the AVX-512 forward 0.974 / 0.976
+// of the time before dense at C = 64 / 128, offset-pruned 0.96-0.98, at
+// that machine's noise but of one sign in every run; the AVX2 build (6-row
+// tiles, 12 ymm accumulators) gained nothing, tails of 4, 2 and 1 rows or
+// of 4 alone (0.98-1.03x): its small tiles have too few accumulators for
+// the FMAs' latency, and it keeps its partial tiles.
 // Args: ApplyArgs<T>, or ApplyBf16Args (bf16 rows read, float rows written).
 // kScratch: written row q lives at out + (q - row0) * a.cols (the block's
 // scratch and its first row, ApplyArgs::blocks); else at a.dst + q * a.cols
@@ -630,9 +631,11 @@ struct NoEpilogue {
 // few x slices of the sorted coords) whichever offsets run; the unpruned
 // conv reads each such row from memory once and then from cache for its
 // other offsets, while with offsets pruned the same rows serve fewer pairs
-// and their fetch is exposed. On AMD EPYC Zen 4 (KITTI sweep, C = 64, one
-// thread, bench/ab_builds.py in lockstep): offsets 75% pruned 0.87-0.93x the
-// time, 50% 0.86-0.91x. The instantiation without it is the walk of before.
+// and their fetch is exposed. On AMD EPYC Zen 4 (KITTI sweep, C = 64,
+// bench/ab_builds.py in lockstep, bench/RESULTS.md stop 32): one thread,
+// offsets 75% pruned 0.85-0.92x the time, 50% 0.87-0.92x; two threads
+// 0.96 / 0.95; nothing at C = 128. The instantiation without it is the walk
+// of before.
 template <int MR = kMR, bool kScratch = false, bool kTails = false, bool kAhead = false, typename Args,
           typename Skip, typename Tile, typename Done = NoEpilogue>
 void apply_blocks(const Args& a, Skip skip, Tile tile, Done done = Done()) {
@@ -673,8 +676,10 @@ void apply_blocks(const Args& a, Skip skip, Tile tile, Done done = Done()) {
       }
     };
     // The tile as apply_pairs calls it, with a tile height first or not
-    // (kTails). The one without is typed: as a generic lambda it cost the
-    // vector kernels 2-5% at C = 64 (AMD EPYC Zen 4, bench/ab_builds.py).
+    // (kTails). The one without is typed, as it was before the tile heights
+    // came: a generic wrapper compiles the vector and bf16 kernels, which
+    // take no tile height, to other code (their walk otherwise unchanged;
+    // no timing on the noisy Zen 4 told the two apart).
     const auto typed = [&tile, &pending, &a](int64_t k, decltype(a.src) const* arow, Out const* crow, int mr,
                                              bool first) {
       if constexpr (!kTails) {  // else never called
