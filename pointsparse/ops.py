@@ -193,13 +193,16 @@ def _engine_runs(*tensors: Tensor) -> bool:
     return _ext.serves(*tensors, dtypes=_engine.ENGINE_DTYPES)
 
 
+def _bf16_served(feats: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+    """CPU bfloat16 feats, weight (and bias) that the core serves."""
+    return all(t is None or t.dtype == torch.bfloat16 for t in (feats, weight, bias)) and _ext.serves(feats, weight)
+
+
 def _bf16_runs(feats: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
-    """CPU bfloat16 feats, weight (and bias) that the core serves, on a CPU
-    whose bf16 kernels run."""
+    """:func:`_bf16_served` on a CPU whose bf16 kernels run."""
     from .nn import _engine
 
-    return all(t is None or t.dtype == torch.bfloat16 for t in (feats, weight, bias)) \
-        and _ext.serves(feats, weight) and _engine.bf16_kernels()
+    return _bf16_served(feats, weight, bias) and _engine.bf16_kernels()
 
 
 def _forward(feats: Tensor, weight: Tensor, bias: Optional[Tensor], out_coords: Tensor, in_idx: Tensor,
@@ -209,12 +212,22 @@ def _forward(feats: Tensor, weight: Tensor, bias: Optional[Tensor], out_coords: 
     :func:`conv` and :func:`conv_inference`: the fused engine on CPU
     float32/float64, its bf16 kernels on CPU bfloat16 where the CPU has
     AVX512-BF16 (the sums in float32, rounded once), with the residual and
-    the ReLU in their store where the residual has the feats' dtype; the
-    torch loop elsewhere, the residual and the ReLU after."""
+    the ReLU in their store where the residual has the feats' dtype; CPU
+    bfloat16 on a CPU without AVX512-BF16 in the float32 kernels on the
+    widened values, rounded once, the residual added after (eager
+    inference's "bf16 on float32"); the torch loop elsewhere, the residual
+    and the ReLU after."""
     from .nn import _engine
 
     store = add is None or add.dtype == feats.dtype  # the kernels' store takes it
-    if _engine_runs(feats, weight) or _bf16_runs(feats, weight, bias):
+    if _bf16_served(feats, weight, bias) and not _engine.bf16_kernels():
+        plan = _plan(out_coords, in_idx, out_idx, sizes, key, feats.shape[0])
+        out = _engine.conv_forward(feats.float().contiguous(), weight.float().contiguous(),
+                                   None if bias is None else bias.float(), plan,
+                                   relu=relu and add is None).to(torch.bfloat16)
+        if add is None:
+            return out
+    elif _engine_runs(feats, weight) or _bf16_runs(feats, weight, bias):
         plan = _plan(out_coords, in_idx, out_idx, sizes, key, feats.shape[0])
         fused_add, fused_relu = (add, relu) if store else (None, False)
         if feats.dtype == torch.bfloat16:

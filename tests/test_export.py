@@ -388,16 +388,29 @@ def test_exported_bf16_vector_pruned_model_runs_the_bf16_kernels(monkeypatch, tm
     assert torch.equal(out.float(), eager)  # residual sums and ReLUs in the store, as in eager inference
 
 
-@pytest.mark.parametrize("inference", ["fused", "bf16"])
-def test_export_cli_inference_forms(tmp_path, inference):
+def _refuse(*args, **kwargs):
+    raise AssertionError("this path must not run here")
+
+
+@pytest.mark.parametrize("inference", ["fused", "bf16", "bf16 without AVX512-BF16"])
+def test_export_cli_inference_forms(monkeypatch, tmp_path, inference):
     """``pointsparse export --inference fused|bf16``: the program of the model
     ``pointsparse eval --inference`` scores (masks permanent, BatchNorm
-    folded; bf16 feats and logits), its form named in the file."""
+    folded; bf16 feats and logits), its form named in the file. Where the
+    bf16 kernels do not run (a CPU without AVX512-BF16; here switched off),
+    the program's convs run the float32 kernels on the widened values as
+    eager inference does, never the torch loop in bfloat16."""
     from pointsparse.app.cli import main
     from pointsparse.app.evaluate import inference_model
+    from pointsparse.nn import _engine, reference
 
     if inference == "bf16" and not ps._ext.core.conv_bf16():
-        pytest.skip("the CPU has no AVX512-BF16 (the program would run the torch loop in bf16)")
+        pytest.skip("the CPU has no AVX512-BF16 (the case below runs that path)")
+    if inference.startswith("bf16 without"):
+        inference = "bf16"
+        monkeypatch.setattr(_engine, "bf16_kernels", lambda: False)
+        monkeypatch.setattr(_engine, "bf16_forward", _refuse)
+        monkeypatch.setattr(reference, "conv_sum", _refuse)
     model = _trained_like(MinkUNet(7, 4, cr=0.25, blocks=1))
     ckpt = _checkpoint(tmp_path, model, _config())
     out = tmp_path / f"{inference}.pt2"
