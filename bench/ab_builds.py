@@ -9,7 +9,7 @@ another core than the others.
 
     python bench/ab_builds.py OLD.so NEW.so [...] [--channels 64] [--kinds dense offset vector]
         [--passes forward input weight] [--rounds 15] [--cpu 1] [--threads 1] [--isa avx2] [--out PAGE.md]
-        [--quick]
+        [--dtype bfloat16] [--quick]
 
 ``--quick``: this tree's module against itself, C = 8 unpruned on a
 generated street of 20k voxels, forward, one round, the page in a
@@ -28,8 +28,12 @@ Passes: ``forward``, ``input`` (the input gradient, with the forward's
 choice of kernels), ``weight`` (the weight gradient; pruning only skips
 offsets there). Every build's outputs must equal the first
 build's bit for bit (forward: this tree's engine's too) before any timing.
-One thread (``--threads``: more); medians over the rounds; the ratios are each build's time over
-the first build's in the same rounds."""
+``--dtype bfloat16`` (forward only, a CPU with AVX512-BF16): the same
+feats and weights rounded to bfloat16, through the bf16 kernels
+(``ConvPlan.forward_bf16``, the sums rounded into bf16 output as
+inference does, the vector threshold ``nn._engine`` gives), the path each
+took named. One thread (``--threads``: more); medians over the rounds; the
+ratios are each build's time over the first build's in the same rounds."""
 
 from __future__ import annotations
 
@@ -77,13 +81,18 @@ out = aligned(np.empty((int(arr["num_out"]), feats.shape[1]), np.float32))
 grad = aligned(np.random.default_rng(0).standard_normal(out.shape).astype(np.float32))
 grad_w = aligned(np.empty((int(arr["ptr"].shape[0]) - 1, feats.shape[1], out.shape[1]), np.float32))
 grad_f = aligned(np.empty_like(feats))
+out16 = aligned(np.empty(out.shape, np.int16))
 for line in sys.stdin:
     which, kind = line.split()
     active = arr["active_" + kind]
     active = active if active.size else None
     w, vector = arr["weight_" + kind], bool(arr["vector_" + kind])
     t = time.perf_counter()
-    if which == "forward":
+    if which == "forward" and "bf16_feats" in arr:
+        plan.forward_bf16(arr["bf16_feats"], arr["bf16_weight_" + kind], None, out, nt, False, out_bf16=out16,
+                          vector_density=float(arr["vector_density"]))
+        res = out16
+    elif which == "forward":
         plan.forward(feats, w, None, out, nt, isa, False, active=active, vector=vector)
         res = out
     elif which == "input":
@@ -105,6 +114,37 @@ def ps_isas() -> list[str]:
     return list(ps._core.runnable_isas())
 
 
+def ps_core():
+    import pointsparse as ps
+
+    return ps._core
+
+
+def bf16_case(data: Path, kinds: list) -> tuple[dict, dict]:
+    """Adds to the case's .npz the feats and each variant's weight rounded to
+    bfloat16 (their bits) and the bf16 vector threshold; returns the path
+    the bf16 kernels of this tree take for each and its bf16 output (bits)."""
+    from pointsparse.nn import _engine
+
+    arrays = dict(np.load(data))
+    plan = ps_core().ConvPlan(arrays["in_idx"], arrays["out_idx"], arrays["ptr"], int(arrays["num_in"]),
+                              int(arrays["num_out"]), int(arrays["identity"]), 1)
+    bits = lambda a: torch.from_numpy(a).bfloat16().view(torch.int16).numpy()  # noqa: E731
+    arrays["bf16_feats"] = bits(arrays["feats"])
+    cols = arrays["feats"].shape[1]
+    arrays["vector_density"] = np.float64(_engine.bf16_vector_threshold(cols))
+    paths, outputs = {}, {}
+    for kind in kinds:
+        arrays["bf16_weight_" + kind] = bits(arrays["weight_" + kind])
+        out = np.empty((int(arrays["num_out"]), cols), np.float32)
+        outputs[kind] = np.empty(out.shape, np.int16)
+        paths[kind] = "bf16 " + plan.forward_bf16(arrays["bf16_feats"], arrays["bf16_weight_" + kind], None, out, 1,
+                                                  False, out_bf16=outputs[kind],
+                                                  vector_density=float(arrays["vector_density"]))
+    np.savez(data, **arrays)
+    return paths, outputs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("builds", nargs="*", help="paths of extension modules (_core*.so); the first is the baseline")
@@ -120,6 +160,8 @@ def main() -> None:
     parser.add_argument("--isa", default="auto", choices=("auto", "avx512", "avx2", "generic"),
                         help="the kernels' build (default: the best this CPU runs)")
     parser.add_argument("--out", default=None, help="also write a page there")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="bfloat16: the forward of the bf16 kernels (AVX512-BF16)")
     parser.add_argument("--quick", action="store_true", help="this module against itself, C = 8, one round")
     args = parser.parse_args()
     if args.quick:
@@ -141,6 +183,10 @@ def main() -> None:
     cpus = [args.cpu] if args.threads == 1 else allowed[:args.threads]
     if args.isa != "auto" and args.isa not in ps_isas():
         parser.error(f"--isa {args.isa} does not run here: {', '.join(ps_isas())}")
+    if args.dtype == "bfloat16" and (args.passes != ["forward"] or args.isa != "auto"):
+        parser.error("--dtype bfloat16 times the forward of the bf16 kernels alone: no --passes, no --isa")
+    if args.dtype == "bfloat16" and not ps_core().conv_bf16():
+        parser.error("--dtype bfloat16 needs a CPU with AVX512-BF16")
     if args.cpu not in os.sched_getaffinity(0):
         parser.error(f"--cpu {args.cpu} is not one this process may run on: {sorted(os.sched_getaffinity(0))}")
     coords, where = kitti_or_street(args.quick)
@@ -150,6 +196,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         data, paths, pairs, outputs = case_data(args.channels, coords, kinds, folder)
+        if args.dtype == "bfloat16":
+            paths, outputs = bf16_case(data, kinds)
         env = {"OMP_NUM_THREADS": str(args.threads), "PATH": "/usr/bin:/bin"}
         children = [subprocess.Popen([sys.executable, "-c", CHILD, str(Path(b).resolve()), str(data),
                                       str(folder / f"b{i}_"), ",".join(map(str, cpus)), args.isa],
@@ -187,7 +235,7 @@ def main() -> None:
     med = {key: float(np.median(v)) * 1e3 for key, v in times.items()}
     names = [f"`{Path(b).name}`" for b in args.builds]
     on = f"one thread on CPU {args.cpu}" if args.threads == 1 else f"{args.threads} threads on CPUs {cpus}"
-    lines = [f"C = {args.channels}, {where} ({len(coords):,} voxels, {pairs:,} pairs), {on}, kernels: {args.isa}, medians of {args.rounds} rounds; each cell: ms (time / the first build's).", "",
+    lines = [f"C = {args.channels}, {where} ({len(coords):,} voxels, {pairs:,} pairs), {on}, kernels: {args.isa if args.dtype == 'float32' else 'bf16'}, medians of {args.rounds} rounds; each cell: ms (time / the first build's).", "",
              "| pass | pruning (engine path) | " + " | ".join(names) + " |",
              "|---|---|" + "---|" * len(names)]
     for which, kind in calls:
