@@ -9,7 +9,7 @@ another core than the others.
 
     python bench/ab_builds.py OLD.so NEW.so [...] [--channels 64] [--kinds dense offset vector]
         [--passes forward input weight] [--rounds 15] [--cpu 1] [--threads 1] [--isa avx2] [--out PAGE.md]
-        [--dtype bfloat16] [--quick]
+        [--dtype bfloat16] [--bias] [--quick]
 
 ``--quick``: this tree's module against itself, C = 8 unpruned on a
 generated street of 20k voxels, forward, one round, the page in a
@@ -32,7 +32,8 @@ build's bit for bit (forward: this tree's engine's too) before any timing.
 feats and weights rounded to bfloat16, through the bf16 kernels
 (``ConvPlan.forward_bf16``, the sums rounded into bf16 output as
 inference does, the vector threshold ``nn._engine`` gives), the path each
-took named. One thread (``--threads``: more); medians over the rounds; the
+took named. ``--bias``: the convs add a bias (a fused model's convs
+do), the same seeded one in every build. One thread (``--threads``: more); medians over the rounds; the
 ratios are each build's time over the first build's in the same rounds."""
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ grad = aligned(np.random.default_rng(0).standard_normal(out.shape).astype(np.flo
 grad_w = aligned(np.empty((int(arr["ptr"].shape[0]) - 1, feats.shape[1], out.shape[1]), np.float32))
 grad_f = aligned(np.empty_like(feats))
 out16 = aligned(np.empty(out.shape, np.int16))
+bias = arr["bias"] if "bias" in arr else None
 for line in sys.stdin:
     which, kind = line.split()
     active = arr["active_" + kind]
@@ -89,11 +91,11 @@ for line in sys.stdin:
     w, vector = arr["weight_" + kind], bool(arr["vector_" + kind])
     t = time.perf_counter()
     if which == "forward" and "bf16_feats" in arr:
-        plan.forward_bf16(arr["bf16_feats"], arr["bf16_weight_" + kind], None, out, nt, False, out_bf16=out16,
+        plan.forward_bf16(arr["bf16_feats"], arr["bf16_weight_" + kind], bias, out, nt, False, out_bf16=out16,
                           vector_density=float(arr["vector_density"]))
         res = out16
     elif which == "forward":
-        plan.forward(feats, w, None, out, nt, isa, False, active=active, vector=vector)
+        plan.forward(feats, w, bias, out, nt, isa, False, active=active, vector=vector)
         res = out
     elif which == "input":
         plan.backward_input(grad, w, grad_f, nt, isa, active=active, vector=vector)
@@ -120,6 +122,24 @@ def ps_core():
     return ps._core
 
 
+def with_bias(data: Path, kinds: list, paths: dict) -> tuple[dict, dict]:
+    """Adds a seeded bias to the case's .npz; returns the paths and each
+    variant's float32 output with it from this tree's build."""
+    arrays = dict(np.load(data))
+    plan = ps_core().ConvPlan(arrays["in_idx"], arrays["out_idx"], arrays["ptr"], int(arrays["num_in"]),
+                              int(arrays["num_out"]), int(arrays["identity"]), 1)
+    cols = arrays["feats"].shape[1]
+    arrays["bias"] = np.random.default_rng(1).standard_normal(cols).astype(np.float32)
+    outputs = {}
+    for kind in kinds:
+        active = arrays["active_" + kind]
+        outputs[kind] = np.empty((int(arrays["num_out"]), cols), np.float32)
+        plan.forward(arrays["feats"], arrays["weight_" + kind], arrays["bias"], outputs[kind], 1, None, False,
+                     active=active if active.size else None, vector=bool(arrays["vector_" + kind]))
+    np.savez(data, **arrays)
+    return paths, outputs
+
+
 def bf16_case(data: Path, kinds: list) -> tuple[dict, dict]:
     """Adds to the case's .npz the feats and each variant's weight rounded to
     bfloat16 (their bits) and the bf16 vector threshold; returns the path
@@ -138,7 +158,8 @@ def bf16_case(data: Path, kinds: list) -> tuple[dict, dict]:
         arrays["bf16_weight_" + kind] = bits(arrays["weight_" + kind])
         out = np.empty((int(arrays["num_out"]), cols), np.float32)
         outputs[kind] = np.empty(out.shape, np.int16)
-        paths[kind] = "bf16 " + plan.forward_bf16(arrays["bf16_feats"], arrays["bf16_weight_" + kind], None, out, 1,
+        paths[kind] = "bf16 " + plan.forward_bf16(arrays["bf16_feats"], arrays["bf16_weight_" + kind],
+                                                  arrays.get("bias"), out, 1,
                                                   False, out_bf16=outputs[kind],
                                                   vector_density=float(arrays["vector_density"]))
     np.savez(data, **arrays)
@@ -162,6 +183,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="also write a page there")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="bfloat16: the forward of the bf16 kernels (AVX512-BF16)")
+    parser.add_argument("--bias", action="store_true", help="the convs add a bias")
     parser.add_argument("--quick", action="store_true", help="this module against itself, C = 8, one round")
     args = parser.parse_args()
     if args.quick:
@@ -196,6 +218,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         data, paths, pairs, outputs = case_data(args.channels, coords, kinds, folder)
+        if args.bias:
+            paths, outputs = with_bias(data, kinds, paths)
         if args.dtype == "bfloat16":
             paths, outputs = bf16_case(data, kinds)
         env = {"OMP_NUM_THREADS": str(args.threads), "PATH": "/usr/bin:/bin"}
