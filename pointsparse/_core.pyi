@@ -159,7 +159,7 @@ class ConvPlan:
         num_threads: int = 1,
     ) -> None: ...
     def forward(
-        self, feats: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, out: np.ndarray, num_threads: int,
+        self, feats: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, out: np.ndarray | None, num_threads: int,
         isa: str | bool | None = None, relu: bool = False, active: np.ndarray | None = None, vector: bool = False,
         add: np.ndarray | None = None,
     ) -> None:
@@ -171,15 +171,17 @@ class ConvPlan:
         add: None or a residual of out's shape and dtype (C-contiguous, not
         sharing out's memory) added to out before the ReLU, block by block."""
     def forward_bf16(
-        self, feats: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, out: np.ndarray, num_threads: int,
+        self, feats: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, out: np.ndarray | None, num_threads: int,
         relu: bool = False, out_bf16: np.ndarray | None = None, vector_density: float = -1.0,
         add: np.ndarray | None = None,
     ) -> str:
         """Inference forward in bf16: feats and weight hold bf16 bits (int16 or
         uint16), bias (float32 or None) and out float32; products summed in
         float32 (AVX512-BF16 vdpbf16ps). out_bf16 (bf16 bits, out's shape, or
-        None): out rounded to bf16 as torch rounds, block by block. Offsets
-        whose weight is all zero are skipped; where at most vector_density
+        None): out rounded to bf16 as torch rounds, block by block. out may
+        be None where out_bf16 is given: the float32 sums are then kept block
+        by block only (never written in full). ValueError where both are
+        None. Offsets whose weight is all zero are skipped; where at most vector_density
         (negative: never) of the kept offsets' bf16 vectors (offset, channel
         pair, 16 output columns) hold a nonzero, only those run. add: None or
         a bf16 residual (bf16 bits, out's shape, not sharing memory with out

@@ -152,13 +152,51 @@ def _vector_pruned(k, c_in, c_out, keep, g, zero_offsets=()):
     return w
 
 
-def _forward_bf16(plan, fb, wb, bias, c_out, nt, relu, density):
+def _forward_bf16(plan, fb, wb, bias, c_out, nt, relu, density, add=None):
+    """``(what ran, float32 out, rounded out)``; the same call without the
+    float32 out (its sums kept block by block) must round to the same bits."""
     out = torch.full((plan.num_out, c_out), float("nan"))
     rounded = torch.empty(plan.num_out, c_out, dtype=torch.bfloat16)
-    ran = plan.core.forward_bf16(fb.view(torch.int16).numpy(), wb.view(torch.int16).numpy(),
-                                 None if bias is None else bias.numpy(), out.numpy(), nt, relu,
-                                 out_bf16=rounded.view(torch.int16).numpy(), vector_density=density)
+    blocks = torch.empty(plan.num_out, c_out, dtype=torch.bfloat16)
+    args = (fb.view(torch.int16).numpy(), wb.view(torch.int16).numpy(), None if bias is None else bias.numpy())
+    kwargs = dict(vector_density=density, add=None if add is None else add.view(torch.int16).numpy())
+    ran = plan.core.forward_bf16(*args, out.numpy(), nt, relu, out_bf16=rounded.view(torch.int16).numpy(), **kwargs)
+    assert plan.core.forward_bf16(*args, None, nt, relu, out_bf16=blocks.view(torch.int16).numpy(), **kwargs) == ran
+    assert torch.equal(blocks.view(torch.int16), rounded.view(torch.int16))
     return ran, out, rounded
+
+
+def test_forward_bf16_without_a_float32_out_rounds_the_same_bits():
+    """out=None (the float32 sums kept in a block of each thread's, as
+    inference runs it): the same rounded bits as with a float32 out, over
+    many blocks a thread, for 1, 2 and 3 threads, in the dense, offset and
+    vector forms, with bias, residual and ReLU; neither out nor out_bf16, or
+    the two sharing memory, is a ValueError."""
+    x = _cloud(n=9000, c=24, seed=4, extent=30)
+    assert len(x) > 12 * 512  # blocks of 512 rows: several a thread
+    kmap = ps.kmap.get_kmap(x, 3)
+    plan = _engine.make_fused_plan(kmap)
+    g = torch.Generator().manual_seed(4)
+    fb, bias = x.feats.bfloat16(), torch.randn(40, generator=g)
+    residual = torch.randn(kmap.num_out, 40, generator=g).bfloat16()
+    seen = set()
+    for zero in ((), (2, 5, _engine.identity_offset(kmap))):
+        wb = _vector_pruned(27, 24, 40, 0.4, g, zero).bfloat16()
+        for nt in (1, 2, 3):
+            for density in (-1.0, 1.0):
+                seen.add(_forward_bf16(plan, fb, wb, bias, 40, nt, True, density, add=residual)[0])
+                seen.add(_forward_bf16(plan, fb, wb, None, 40, nt, False, density)[0])
+    assert seen == {"dense", "offsets", "vector"}
+    bits, w = fb.view(torch.int16).numpy(), wb.view(torch.int16).numpy()
+    with pytest.raises(ValueError, match="needs out, out_bf16 or both"):
+        plan.core.forward_bf16(bits, w, None, None, 1)
+    out = torch.empty(kmap.num_out, 40)
+    with pytest.raises(ValueError, match="out_bf16 must not share memory with out"):
+        plan.core.forward_bf16(bits, w, None, out.numpy(), 1, out_bf16=out.view(torch.int16).view(-1)[:kmap.num_out * 40].view(kmap.num_out, 40).numpy())
+    with pytest.raises(ValueError, match="out_bf16 must have num_out"):
+        plan.core.forward_bf16(bits, w, None, None, 1, out_bf16=torch.empty(5, 40, dtype=torch.int16).numpy())
+    with pytest.raises(TypeError, match="out_bf16 must be a numpy array"):
+        plan.core.forward_bf16(bits, w, None, None, 1, out_bf16=[1, 2])
 
 
 @pytest.mark.parametrize("c_in,c_out", [(1, 5), (2, 16), (7, 17), (13, 40), (16, 8), (33, 32), (64, 64)])

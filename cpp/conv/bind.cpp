@@ -229,43 +229,54 @@ void forward(const conv::Plan& plan, py::array feats, py::array weight, py::obje
 
 // The bf16 inference forward: feats and weight hold bf16 bits (int16 or
 // uint16 arrays), bias and out float32; products summed in float32.
-// Returns what ran: "dense", "offsets" (all-zero offsets skipped) or
-// "vector" (the vector-sparse form, where the density of listed vectors is
-// at most vector_density; negative: never).
-std::string forward_bf16(const conv::Plan& plan, py::array feats, py::array weight, py::object bias, py::array out,
+// out may be None where out_bf16 is given (the sums then kept block by
+// block only). Returns what ran: "dense", "offsets" (all-zero offsets
+// skipped) or "vector" (the vector-sparse form, where the density of listed
+// vectors is at most vector_density; negative: never).
+std::string forward_bf16(const conv::Plan& plan, py::array feats, py::array weight, py::object bias, py::object out_arg,
                          int num_threads, bool relu, py::object out_bf16, double vector_density, py::object add) {
   if (!conv::bf16_runs())
     value_error("forward_bf16 needs AVX-512 with AVX512-BF16; this CPU (or build) runs: " + runnable_isas());
   check_rows(feats, "feats", false);
-  check_rows(out, "out", true);
-  check_weight(plan, weight, feats.shape(1), out.shape(1));
+  if (out_arg.is_none() && out_bf16.is_none()) value_error("forward_bf16 needs out, out_bf16 or both; got neither");
+  // The array whose shape the others follow: out, else out_bf16.
+  const char* ref_name = out_arg.is_none() ? "out_bf16" : "out";
+  const py::object& ref_arg = out_arg.is_none() ? out_bf16 : out_arg;
+  if (!py::isinstance<py::array>(ref_arg)) throw py::type_error(std::string(ref_name) + " must be a numpy array");
+  py::array ref = py::reinterpret_borrow<py::array>(ref_arg);
+  check_rows(ref, ref_name, true);
+  check_weight(plan, weight, feats.shape(1), ref.shape(1));
   rows_are(feats, plan.num_in(), "feats", "num_in");
-  rows_are(out, plan.num_out(), "out", "num_out");
+  rows_are(ref, plan.num_out(), ref_name, "num_out");
   check_bf16_bits(feats, "feats");
   check_bf16_bits(weight, "weight");
-  if (!out.dtype().is(py::dtype::of<float>())) value_error("out must be float32");
+  float* d = nullptr;
+  if (!out_arg.is_none()) {
+    if (!ref.dtype().is(py::dtype::of<float>())) value_error("out must be float32");
+    d = static_cast<float*>(ref.mutable_data());
+  }
   py::array b;
-  if (!bias.is_none()) b = bias_of(bias, out.shape(1), true);
+  if (!bias.is_none()) b = bias_of(bias, ref.shape(1), true);
   const auto* s = static_cast<const uint16_t*>(feats.data());
   const auto* w = static_cast<const uint16_t*>(weight.data());
   const float* bp = bias.is_none() ? nullptr : static_cast<const float*>(b.data());
-  auto* d = static_cast<float*>(out.mutable_data());
   uint16_t* d16 = nullptr;
   py::array o16;
-  if (rows_like_out(out_bf16, "out_bf16", out, plan, true, o16)) {
+  if (rows_like_out(out_bf16, "out_bf16", ref, plan, true, o16)) {
     check_bf16_bits(o16, "out_bf16");
     d16 = static_cast<uint16_t*>(o16.mutable_data());
   }
   if (!(vector_density == vector_density)) value_error("vector_density must be a number, not NaN");
   const uint16_t* r = nullptr;
   py::array ra;
-  if (rows_like_out(add, "add", out, plan, false, ra)) {
+  if (d && d16) apart(o16, "out_bf16", ref, "out");
+  if (rows_like_out(add, "add", ref, plan, false, ra)) {
     check_bf16_bits(ra, "add");
-    apart(ra, "add", out, "out");
+    if (d) apart(ra, "add", ref, "out");
     if (d16) apart(ra, "add", o16, "out_bf16");
     r = static_cast<const uint16_t*>(ra.data());
   }
-  const int64_t kc = feats.shape(1), cols = out.shape(1);
+  const int64_t kc = feats.shape(1), cols = ref.shape(1);
   conv::Bf16Execution ran;
   {
     py::gil_scoped_release release;
@@ -380,7 +391,8 @@ void bind_conv(py::module_& m) {
            py::arg("vector_density") = -1.0, py::arg("add") = py::none(),
            "Inference forward in bf16 (AVX512-BF16): feats and weight hold bf16 bits (int16/uint16 arrays), bias "
            "(float32 or None) and out float32; products summed in float32. out_bf16 (bf16 bits, out's shape, or "
-           "None): out rounded to bf16 as torch rounds, block by block. Offsets whose weight is all zero are "
+           "None): out rounded to bf16 as torch rounds, block by block. out may be None where out_bf16 is given: "
+           "the float32 sums are then kept block by block only. Offsets whose weight is all zero are "
            "skipped; where at most vector_density (negative: never) of the kept offsets' bf16 vectors (offset, "
            "channel pair, 16 output columns) hold a nonzero, only those run. add: None or a bf16 residual "
            "(bf16 bits, out's shape) added in float32 before the ReLU. Returns what ran: 'dense', "

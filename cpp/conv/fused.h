@@ -167,7 +167,9 @@ struct ApplyBf16Args {
   const uint16_t* src;  // (rows of the read side, kc)
   const uint16_t* w;    // (K, kc, cols)
   const float* bias;    // (cols) or null
-  float* dst;           // (num_rows, cols)
+  // (num_rows, cols), or null where dst_bf16 is set: the float32 sums are
+  // then kept only block by block (sums), never written in full.
+  float* dst;
   int64_t kc, cols, num_rows;
   PairList pairs;
   int nt;
@@ -181,6 +183,9 @@ struct ApplyBf16Args {
   // (num_rows, cols) bf16 bits or null: a residual added (widened to
   // float32) to dst before the ReLU, block by block (ApplyArgs::add).
   const uint16_t* add = nullptr;
+  // Set by apply_bf16 where dst is null: nt blocks of kBlockRows x cols,
+  // one a thread, where its block's rows are summed.
+  float* sums = nullptr;
 };
 // Whether this build and this CPU run apply_bf16 (AVX-512 F/VL/BW/DQ + BF16).
 bool bf16_runs();

@@ -205,6 +205,7 @@ void micro_sparse(int64_t n, const int32_t* __restrict list, int64_t kc, const u
 // apply_sparse's): offsets without a nonzero skipped; a block's first offset
 // (the identity where it runs) stores bias or zero + its products; with
 // dst_bf16, each block's rows are rounded into it once they are done.
+// The sums in dst, or (a.sums) in a block of the thread's own.
 template <typename Tile>
 void walk(const ApplyBf16Args& a, const uint8_t* keep, Tile tile) {
   const auto skip = [keep](int64_t k) { return keep[k] == 0; };
@@ -212,9 +213,13 @@ void walk(const ApplyBf16Args& a, const uint8_t* keep, Tile tile) {
     apply_blocks<kRows>(a, skip, tile);
     return;
   }
-  apply_blocks<kRows>(a, skip, tile, [&a](int64_t r0, int64_t r1) {
-    round_bf16(a.dst + r0 * a.cols, a.dst_bf16 + r0 * a.cols, (r1 - r0) * a.cols);
-  });
+  const auto round = [&a](int64_t r0, int64_t r1, const float* rows) {
+    round_bf16(rows, a.dst_bf16 + r0 * a.cols, (r1 - r0) * a.cols);
+  };
+  if (a.sums)
+    apply_blocks<kRows, true>(a, skip, tile, round);
+  else
+    apply_blocks<kRows>(a, skip, tile, round);
 }
 
 void apply_dense(const ApplyBf16Args& a, const uint32_t* wpack, const uint8_t* keep, int64_t np, int64_t kp) {
@@ -250,7 +255,7 @@ void apply_sparse(const ApplyBf16Args& a, const uint32_t* wpack, const int32_t* 
 }  // namespace
 }  // namespace bf16
 
-Bf16Execution apply_bf16_kernels(const ApplyBf16Args& a) {
+Bf16Execution apply_bf16_kernels(ApplyBf16Args a) {
   const int64_t K = a.pairs.kernel_volume, kp = (a.kc + 1) / 2;
   const int64_t np = (a.cols + bf16::kCols - 1) / bf16::kCols, np16 = (a.cols + kBf16Panel - 1) / kBf16Panel;
   // Both packings hold at most K x kp x (np16 x kBf16Panel <= np x kCols)
@@ -262,6 +267,15 @@ Bf16Execution apply_bf16_kernels(const ApplyBf16Args& a) {
   std::vector<int32_t> count(size_t(K * np16 + 1));
   std::vector<int64_t> start(size_t(K * np16 + 1));
   std::vector<uint8_t> keep(size_t(K + 1));
+  // No dst: each thread sums its block in a block of its own (not zeroed:
+  // every row is written before it is read), 64-byte aligned.
+  std::unique_ptr<float[]> sums;
+  if (a.dst == nullptr) {
+    const int64_t n = int64_t(a.nt) * kBlockRows * a.cols + 16;
+    sums.reset(new float[size_t(n)]);
+    const uintptr_t off = reinterpret_cast<uintptr_t>(sums.get()) % 64;
+    a.sums = off ? reinterpret_cast<float*>(reinterpret_cast<char*>(sums.get()) + (64 - off)) : sums.get();
+  }
   const int64_t listed = bf16::list_pairs(a, idx.get(), count.data(), start.data(), keep.data(), np16, kp);
   int64_t kept = 0;
   for (int64_t k = 0; k < K; ++k) kept += keep[k];

@@ -541,7 +541,7 @@ inline void block_epilogue(const ApplyBf16Args& a, float* rows, int64_t r0, int6
 // kernel has none.
 template <typename T>
 inline T* block_scratch(const ApplyArgs<T>& a) { return a.blocks; }
-inline float* block_scratch(const ApplyBf16Args&) { return nullptr; }
+inline float* block_scratch(const ApplyBf16Args& a) { return a.sums; }
 
 // d[0:n] = s[0:n] with streaming stores (non-temporal: the lines are written
 // to memory without being read first and without taking cache space); d and
@@ -604,8 +604,8 @@ struct Drain {
 // rows start as the bias (or zero). Then every other offset k that
 // `skip(k)` keeps adds its pairs (apply_pairs), in offset order; then
 // block_epilogue (the residual and the ReLU) while the block is still in
-// cache, and `done(r0, r1)` on the block's rows [r0, r1) (a kernel's own
-// epilogue). Args as apply_pairs'.
+// cache, and `done(r0, r1, rows)` on the block's rows [r0, r1), summed at
+// `rows` (a kernel's own epilogue). Args as apply_pairs'.
 // a where kFirst, else b.
 template <bool kFirst, typename A, typename B>
 inline auto& either(A& a, B& b) {
@@ -615,10 +615,14 @@ inline auto& either(A& a, B& b) {
     return b;
 }
 struct NoEpilogue {
-  void operator()(int64_t, int64_t) const {}
+  template <typename P>
+  void operator()(int64_t, int64_t, P) const {}
 };
-// kScratch (a.blocks set, ApplyArgs only): each thread sums its block in a
-// scratch block and streams it to dst while its next block runs. The two
+// kScratch: each thread sums its block in a scratch block of its own
+// (block_scratch(a)). ApplyArgs (a.blocks set): two of them, the block
+// streamed to dst while its next block runs (kDrain). ApplyBf16Args
+// (a.sums set, no dst): one, which `done` rounds into dst_bf16, and dst is
+// never written. The two
 // ways are two instantiations, each kernel's tile called from one place:
 // with both in one function GCC no longer inlined the dense tile (C = 8:
 // 4.5% more instructions a conv, bench/conv_instructions.py).
@@ -645,11 +649,13 @@ void apply_blocks(const Args& a, Skip skip, Tile tile, Done done = Done()) {
   const PairList& pl = a.pairs;
   const int64_t ident = a.kc > 0 && pl.identity >= 0 && !skip(pl.identity) ? pl.identity : -1;
   const Out scratch = kScratch ? block_scratch(a) : nullptr;
+  constexpr bool kDrain = kScratch && !std::is_same<std::decay_t<Args>, ApplyBf16Args>::value;
 #pragma omp parallel num_threads(a.nt) if (blocks > 1)
   {
-    // With a scratch: this thread's two blocks of it, one summed into while
-    // the other drains to dst.
-    const Out mine = kScratch ? scratch + int64_t(omp_get_thread_num()) * 2 * kBlockRows * a.cols : nullptr;
+    // With a scratch: this thread's blocks of it (kDrain: two, one summed
+    // into while the other drains to dst).
+    const Out mine =
+        kScratch ? scratch + int64_t(omp_get_thread_num()) * (kDrain ? 2 : 1) * kBlockRows * a.cols : nullptr;
     int half = 0;
     Drain<Out> pending;
     // kAhead: the cursor over the next block's pairs (offset ak, pair aq of
@@ -684,13 +690,13 @@ void apply_blocks(const Args& a, Skip skip, Tile tile, Done done = Done()) {
                                              bool first) {
       if constexpr (!kTails) {  // else never called
         tile(k, arow, crow, mr, first);
-        if (kScratch) pending.step(MR * a.cols);
+        if (kDrain) pending.step(MR * a.cols);
       }
     };
     const auto with_height = [&tile, &pending, &a, &fetch_ahead](auto height, int64_t k, decltype(a.src) const* arow,
                                                                  Out const* crow, int mr, bool first) {
       tile(height, k, arow, crow, mr, first);
-      if (kScratch) pending.step(MR * a.cols);
+      if (kDrain) pending.step(MR * a.cols);
       if constexpr (kAhead) fetch_ahead();
     };
     auto& tl = either<kTails>(with_height, typed);
@@ -731,14 +737,14 @@ void apply_blocks(const Args& a, Skip skip, Tile tile, Done done = Done()) {
                                           out, r0, tl);
       }
       block_epilogue(a, out, r0, r1);
-      if (kScratch) {
+      if (kDrain) {
         pending.step(pending.left);  // what this block's tiles did not drain
         pending = Drain<Out>{a.dst + r0 * a.cols, out, (r1 - r0) * a.cols};
         half ^= 1;
       }
-      done(r0, r1);
+      done(r0, r1, static_cast<const std::remove_pointer_t<Out>*>(out));
     }
-    if (kScratch) {
+    if (kDrain) {
       pending.step(pending.left);
       stream_fence();
     }

@@ -292,7 +292,7 @@ Bf16Execution run_apply_bf16(const Plan& plan, const uint16_t* src, const uint16
                              double vector_density, const uint16_t* add) {
   const int64_t rows = plan.num_out();
   if (cols == 0 || rows == 0) return Bf16Execution::dense;
-  prefer_huge_pages(dst, size_t(rows * cols) * sizeof(float));
+  if (dst) prefer_huge_pages(dst, size_t(rows * cols) * sizeof(float));
   return apply_bf16(
       ApplyBf16Args{src, w, bias, dst, kc, cols, rows, plan.pairs(false), nt, relu, dst_bf16, vector_density, add});
 }

@@ -497,11 +497,12 @@ def bf16_forward(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     bfloat16 residual ``(num_out, C_out)`` added in float32 before the ReLU
     (one rounding for the conv, the sum and the ReLU)."""
     cols = weight.shape[2]
-    out = torch.empty((plan.num_out, cols), dtype=torch.float32)
     rounded = torch.empty((plan.num_out, cols), dtype=torch.bfloat16)
     b = None if bias is None else _np(bias.detach().float().contiguous())
+    # No float32 output: the sums stay in a block of each thread's, rounded
+    # into ``rounded`` block by block.
     plan.core.forward_bf16(_np(feats.contiguous().view(torch.int16)), _np(weight.contiguous().view(torch.int16)),
-                           b, _np(out), _ext.num_threads(), relu, out_bf16=_np(rounded.view(torch.int16)),
+                           b, None, _ext.num_threads(), relu, out_bf16=_np(rounded.view(torch.int16)),
                            vector_density=bf16_vector_threshold(cols),
                            add=None if add is None else _np(add.contiguous().view(torch.int16)))
     return rounded
