@@ -17,8 +17,12 @@ block weights through the engine and through their formats' products (see
 alone against the unpruned conv, per pair (see :func:`per_offset`).
 
     flock /work/cpu.lock .venv/bin/python bench/prune_exec.py [--channels 64] [--rounds 5] [--threads 1]
-        [--parts sparsity spatial formats per_offset] [--quick]
+        [--parts sparsity spatial formats per_offset] [--reuse-memory] [--quick]
 
+``--reuse-memory``: ``pointsparse.reuse_freed_memory(True)`` first, as a
+user may set it: every conv's fresh output then reuses freed pages instead
+of faulting new ones in (the module rows; the kernels-alone rows write one
+output allocated once either way).
 ``--quick``: every part at C = 32 on a 20k generated street (no dataset
 needed), one round, the page in a temporary folder.
 """
@@ -400,8 +404,13 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=None, choices=list(AMOUNTS),
                         help="the sparsity table's granularities (default all): fewer rows, more rounds in the time")
     parser.add_argument("--out", default=None, help="default bench/results/prune_exec.md")
+    parser.add_argument("--reuse-memory", action="store_true",
+                        help="pointsparse.reuse_freed_memory(True) first: freed outputs' pages kept for the next "
+                             "call (no page faults on a fresh output)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: C = 32, a 20k generated street, 1 round")
     args = parser.parse_args()
+    if args.reuse_memory and not ps.reuse_freed_memory(True):
+        parser.error("--reuse-memory: this C library does not take it (glibc only)")
     args.channels = args.channels or ([32] if args.quick else [64])
     args.rounds = args.rounds or (1 if args.quick else 5)
     args.parts = args.parts or (["sparsity", "spatial", "formats", "per_offset"] if args.quick
