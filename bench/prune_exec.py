@@ -17,7 +17,13 @@ block weights through the engine and through their formats' products (see
 alone against the unpruned conv, per pair (see :func:`per_offset`).
 
     flock /work/cpu.lock .venv/bin/python bench/prune_exec.py [--channels 64] [--rounds 5] [--threads 1]
-        [--parts sparsity spatial formats per_offset] [--reuse-memory] [--quick]
+        [--parts sparsity spatial formats per_offset] [--modes fwd core] [--reuse-memory] [--quick]
+
+``--modes``: the sparsity table's columns timed (``fwd``, ``fwd+bwd``,
+``core``: the kernels alone; default all three, interleaved in every
+round). ``--modes fwd core`` times forwards after forwards only, as
+inference runs them: with ``fwd+bwd`` in the rounds, each forward follows
+a backward that has filled the caches with other data.
 
 ``--reuse-memory``: ``pointsparse.reuse_freed_memory(True)`` first, as a
 user may set it: every conv's fresh output then reuses freed pages instead
@@ -121,10 +127,19 @@ def once(conv, x, mode: str, vector_density: float) -> float:
         _engine.VECTOR_DENSITY = old
 
 
-def measure(channels: int, coords: torch.Tensor, rounds: int, points: list | None = None, kinds=None) -> str:
+MODES = ("fwd", "fwd+bwd", "core")
+
+
+def measure(channels: int, coords: torch.Tensor, rounds: int, points: list | None = None, kinds=None,
+            modes=MODES) -> str:
     """The sparsity table at ``channels``; ``points`` (when given) collects
     (channels, kind, amount, ideal, forward speed-up, fwd+bwd speed-up) per
-    pruned conv for :func:`plot`."""
+    pruned conv for :func:`plot` (where both directions are timed).
+    ``modes``: which columns are timed (the rounds interleave only those:
+    without ``fwd+bwd`` the forwards run after forwards, as in inference,
+    not after a backward that has left other data in the caches); the
+    unpruned conv's forward is always timed."""
+    modes = tuple(m for m in MODES if m in modes or m == "fwd")
     x = ps.SparseTensor(torch.randn(len(coords), channels), coords)
     kmap = ps.kmap.get_kmap(x, 3)
     sizes = kmap.sizes.to(torch.int64)
@@ -133,7 +148,7 @@ def measure(channels: int, coords: torch.Tensor, rounds: int, points: list | Non
     for name, kind, amount, conv in variants(channels, kinds):
         amounts[name] = amount
         check(conv, x, kmap)
-        for mode in ("fwd", "fwd+bwd", "core"):
+        for mode in modes:
             labels = [(kind, _engine.VECTOR_DENSITY)] + ([("vector/dense kernels", -1.0)] if kind == "vector" else [])
             for label, vd in labels:
                 runs.append((name, label, conv, core_forward(conv, x, kmap, vd) if mode == "core" else mode, vd, mode))
@@ -152,7 +167,7 @@ def measure(channels: int, coords: torch.Tensor, rounds: int, points: list | Non
     sq_out = torch.empty_like(sq)
     extra = {"floor": core_forward(floor, x, kmap, _engine.VECTOR_DENSITY), "fill": lambda: written.fill_(0.5),
              "sgemm": lambda: torch.mm(sq, sq, out=sq_out)}
-    base_core = next(r[3] for r in runs if r[0] == "unpruned" and r[5] == "core")
+    base_core = core_forward(next(r[2] for r in runs if r[0] == "unpruned"), x, kmap, _engine.VECTOR_DENSITY)
     # The warm-up builds the maps and plans.
     med = interleaved({i: (lambda r=r: once(r[2], x, r[3], r[4])) for i, r in enumerate(runs)}, rounds)
     med.update(interleaved({**extra, "dense": base_core}, rounds))
@@ -163,15 +178,20 @@ def measure(channels: int, coords: torch.Tensor, rounds: int, points: list | Non
     rows = {}
     for i, (name, kind, conv, mode, vd, label) in enumerate(runs):
         rows.setdefault((name, kind), {})[label] = med[i]
+    def cells(t: dict, mode: str, with_ms: bool) -> str:
+        if mode not in t:
+            return "- | -" if with_ms else "-"
+        ratio = f"{base[mode] / t[mode]:.2f}x"
+        return f"{1e3 * t[mode]:.1f} | {ratio}" if with_ms else ratio
+
     for (name, kind), t in rows.items():
         conv = next(r[2] for r in runs if r[0] == name)
         w = conv.weight.detach()
-        if points is not None and kind != "dense" and kind != "vector/dense kernels":
+        if points is not None and kind != "dense" and kind != "vector/dense kernels" and "fwd+bwd" in t:
             points.append((channels, kind, amounts[name], ideal(w, sizes),
                            base["fwd"] / t["fwd"], base["fwd+bwd"] / t["fwd+bwd"]))
-        lines.append(f"| {name} | {kind} | {path_of(w, kind)} | {ideal(w, sizes):.2f}x | {1e3 * t['fwd']:.1f} | "
-                     f"{base['fwd'] / t['fwd']:.2f}x | {1e3 * t['fwd+bwd']:.1f} | "
-                     f"{base['fwd+bwd'] / t['fwd+bwd']:.2f}x | {base['core'] / t['core']:.2f}x |")
+        lines.append(f"| {name} | {kind} | {path_of(w, kind)} | {ideal(w, sizes):.2f}x | {cells(t, 'fwd', True)} | "
+                     f"{cells(t, 'fwd+bwd', True)} | {cells(t, 'core', False)} |")
     core = med["dense"]
     lines += ["", f"Fixed cost (kernels alone, timed in rounds of their own beside the dense kernels): only the "
               f"smallest offset kept ({int(sizes[smallest]):,} pairs, the rest zero) {1e3 * med['floor']:.2f} ms; writing the {kmap.num_out:,} x {channels} output alone "
@@ -404,6 +424,9 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=None, choices=list(AMOUNTS),
                         help="the sparsity table's granularities (default all): fewer rows, more rounds in the time")
     parser.add_argument("--out", default=None, help="default bench/results/prune_exec.md")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
+                        help="the sparsity table's columns timed (default all; the forward always): 'fwd core' "
+                             "times forwards after forwards only, as inference runs them")
     parser.add_argument("--reuse-memory", action="store_true",
                         help="pointsparse.reuse_freed_memory(True) first: freed outputs' pages kept for the next "
                              "call (no page faults on a fresh output)")
@@ -423,7 +446,7 @@ def main() -> None:
     scene = "generated street 20k @ 0.05 m" if args.quick else "kitti-raw/000049 @ 0.05 m"
     coords = street_scene(20_000) if args.quick else real_scene(sweeps["kitti-raw/000049"], 0.05)
     points: list = []
-    parts = {"sparsity": lambda c, xyz, r: measure(c, xyz, r, points, args.kinds), "spatial": spatial,
+    parts = {"sparsity": lambda c, xyz, r: measure(c, xyz, r, points, args.kinds, args.modes), "spatial": spatial,
              "formats": formats_table, "per_offset": per_offset}
     tables = [parts[part](c, coords, args.rounds) for part in args.parts for c in args.channels]
     for t in tables:
