@@ -254,16 +254,16 @@ def per_offset(channels: int, coords: torch.Tensor, rounds: int) -> str:
     fns["none"] = alone(None)
     fns["dense"] = lambda: plan.core.forward(feats, w, None, res, nt)
     med = interleaved(fns, rounds)
-    total = int(sizes.sum())
+    total, block = int(sizes.sum()), ps._core.CONV_BLOCK_ROWS
     lines = [f"### Each offset alone, C = {channels} ({len(coords):,} voxels, {total:,} pairs)", "",
              f"Kernels alone, {torch.get_num_threads()} thread(s), medians of {rounds} interleaved rounds. No offset "
              f"(every row written as the bias): {1e3 * med['none']:.2f} ms. The unpruned conv: "
              f"{1e3 * med['dense']:.2f} ms, {1e9 * (med['dense'] - med['none']) / total:.1f} ns a pair over that.", "",
-             "| offset | pairs | pairs per run (block of 512 rows) | ms over no offset | ns a pair |",
+             f"| offset | pairs | pairs per run (block of {block} rows) | ms over no offset | ns a pair |",
              "|---|---|---|---|---|"]
     for k in range(kmap.kernel_volume):
         _, rows = kmap.pairs(k)
-        runs = int(torch.unique(rows.to(torch.int64) // 512).numel())  # blocks of conv::kBlockRows written rows
+        runs = int(torch.unique(rows.to(torch.int64) // block).numel())  # the kernels' blocks of written rows
         extra = med[k] - med["none"]
         lines.append(f"| {k}{' (identity)' if k == plan.identity else ''} | {int(sizes[k]):,} | "
                      f"{int(sizes[k]) / max(runs, 1):.1f} | {1e3 * extra:.3f} | {1e9 * extra / max(int(sizes[k]), 1):.1f} |")

@@ -15,6 +15,7 @@ COORD_MAX: int  # 2**31 - 1
 BATCH_MAX: int  # 2**31 - 1 (batch >= 0)
 KEY_BITS: int  # 63: a key layout's fields add up to at most this
 MAX_KERNEL_VOLUME: int  # 32**3 offsets per kernel map
+CONV_BLOCK_ROWS: int  # written rows per work block of the fused kernels (each thread takes blocks in turn)
 
 # A key layout travels as 7 ints: origin x, y, z, then the bits of the batch,
 # x, y, z fields (pointsparse.coords.KeyLayout). Keys of one layout compare.

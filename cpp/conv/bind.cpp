@@ -330,6 +330,7 @@ void backward_weight(const conv::Plan& plan, py::array feats, py::array grad, py
 }  // namespace
 
 void bind_conv(py::module_& m) {
+  m.attr("CONV_BLOCK_ROWS") = conv::kBlockRows;
   m.def("conv_weight_vectors", &weight_vectors, py::arg("weight"), py::arg("transpose") = false,
         "int32 (K, panels): per offset k and panel p of nr columns (16 float32, 8 float64), the rows of "
         "weight[k] (weight[k].T when transpose) holding a nonzero in the panel: the vectors the vector-sparse "
