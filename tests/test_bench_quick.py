@@ -143,3 +143,20 @@ def test_bench_scripts_use_only_names_the_package_has():
                     missing.add(f"{script.name}:{node.lineno}: {path}")
                     break
     assert not missing, sorted(missing)
+
+
+def test_prune_exec_times_only_the_modes_asked(tmp_path):
+    """``prune_exec.py --modes fwd core``: the forward and kernels-alone
+    columns timed (every pruned conv still checked), the fwd+bwd ones
+    left as '-' rather than filled."""
+    page = tmp_path / "page.md"
+    proc = subprocess.run([sys.executable, str(benchmark.BENCH_DIR / "prune_exec.py"), "--quick", "--parts",
+                           "sparsity", "--kinds", "offset", "--modes", "fwd", "core", "--out", str(page)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in page.read_text().splitlines() if line.startswith("| offset")]
+    assert len(rows) == 3
+    for cells in rows:
+        fwd_ms, fwd_x, bwd_ms, bwd_x, core_x = (c.strip() for c in cells[4:9])
+        assert float(fwd_ms) > 0 and fwd_x.endswith("x") and core_x.endswith("x")
+        assert bwd_ms == bwd_x == "-"
