@@ -160,7 +160,7 @@ class ConvPlan:
         num_threads: int = 1,
     ) -> None: ...
     def forward(
-        self, feats: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, out: np.ndarray | None, num_threads: int,
+        self, feats: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, out: np.ndarray, num_threads: int,
         isa: str | bool | None = None, relu: bool = False, active: np.ndarray | None = None, vector: bool = False,
         add: np.ndarray | None = None,
     ) -> None:

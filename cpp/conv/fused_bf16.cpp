@@ -204,8 +204,8 @@ void micro_sparse(int64_t n, const int32_t* __restrict list, int64_t kc, const u
 // apply_blocks with a tile of this kernel's (apply_dense's or
 // apply_sparse's): offsets without a nonzero skipped; a block's first offset
 // (the identity where it runs) stores bias or zero + its products; with
-// dst_bf16, each block's rows are rounded into it once they are done.
-// The sums in dst, or (a.sums) in a block of the thread's own.
+// dst_bf16, each block's rows are rounded into it once they are done (the
+// sums in dst, or, with a.sums, in a block of the thread's own).
 template <typename Tile>
 void walk(const ApplyBf16Args& a, const uint8_t* keep, Tile tile) {
   const auto skip = [keep](int64_t k) { return keep[k] == 0; };

@@ -537,8 +537,8 @@ inline void block_epilogue(const ApplyBf16Args& a, float* rows, int64_t r0, int6
     add_bf16<false>(rows, a.add + r0 * a.cols, n);
 }
 
-// The block scratch of ApplyArgs (null: rows summed in place); the bf16
-// kernel has none.
+// The block scratch of ApplyArgs (null: rows summed in place), or the bf16
+// kernel's blocks of sums (null: summed in dst).
 template <typename T>
 inline T* block_scratch(const ApplyArgs<T>& a) { return a.blocks; }
 inline float* block_scratch(const ApplyBf16Args& a) { return a.sums; }
@@ -621,9 +621,9 @@ struct NoEpilogue {
 // kScratch: each thread sums its block in a scratch block of its own
 // (block_scratch(a)). ApplyArgs (a.blocks set): two of them, the block
 // streamed to dst while its next block runs (kDrain). ApplyBf16Args
-// (a.sums set, no dst): one, which `done` rounds into dst_bf16, and dst is
-// never written. The two
-// ways are two instantiations, each kernel's tile called from one place:
+// (a.sums set, no dst): one, which `done` rounds into dst_bf16; dst is
+// never written. Scratch and in place are two instantiations, each
+// kernel's tile called from one place:
 // with both in one function GCC no longer inlined the dense tile (C = 8:
 // 4.5% more instructions a conv, bench/conv_instructions.py).
 // kTails: the tile takes tail tiles (apply_pairs).
