@@ -122,12 +122,17 @@ def ps_core():
     return ps._core
 
 
-def with_bias(data: Path, kinds: list, paths: dict) -> tuple[dict, dict]:
-    """Adds a seeded bias to the case's .npz; returns the paths and each
-    variant's float32 output with it from this tree's build."""
-    arrays = dict(np.load(data))
-    plan = ps_core().ConvPlan(arrays["in_idx"], arrays["out_idx"], arrays["ptr"], int(arrays["num_in"]),
+def case_plan(arrays: dict):
+    """This tree's plan of the case's map (one thread)."""
+    return ps_core().ConvPlan(arrays["in_idx"], arrays["out_idx"], arrays["ptr"], int(arrays["num_in"]),
                               int(arrays["num_out"]), int(arrays["identity"]), 1)
+
+
+def with_bias(data: Path, kinds: list) -> dict:
+    """Adds a seeded bias to the case's .npz; returns each variant's float32
+    output with it from this tree's build."""
+    arrays = dict(np.load(data))
+    plan = case_plan(arrays)
     cols = arrays["feats"].shape[1]
     arrays["bias"] = np.random.default_rng(1).standard_normal(cols).astype(np.float32)
     outputs = {}
@@ -137,7 +142,7 @@ def with_bias(data: Path, kinds: list, paths: dict) -> tuple[dict, dict]:
         plan.forward(arrays["feats"], arrays["weight_" + kind], arrays["bias"], outputs[kind], 1, None, False,
                      active=active if active.size else None, vector=bool(arrays["vector_" + kind]))
     np.savez(data, **arrays)
-    return paths, outputs
+    return outputs
 
 
 def bf16_case(data: Path, kinds: list) -> tuple[dict, dict]:
@@ -147,8 +152,7 @@ def bf16_case(data: Path, kinds: list) -> tuple[dict, dict]:
     from pointsparse.nn import _engine
 
     arrays = dict(np.load(data))
-    plan = ps_core().ConvPlan(arrays["in_idx"], arrays["out_idx"], arrays["ptr"], int(arrays["num_in"]),
-                              int(arrays["num_out"]), int(arrays["identity"]), 1)
+    plan = case_plan(arrays)
     bits = lambda a: torch.from_numpy(a).bfloat16().view(torch.int16).numpy()  # noqa: E731
     arrays["bf16_feats"] = bits(arrays["feats"])
     cols = arrays["feats"].shape[1]
@@ -219,7 +223,7 @@ def main() -> None:
         folder = Path(tmp)
         data, paths, pairs, outputs = case_data(args.channels, coords, kinds, folder)
         if args.bias:
-            paths, outputs = with_bias(data, kinds, paths)
+            outputs = with_bias(data, kinds)
         if args.dtype == "bfloat16":
             paths, outputs = bf16_case(data, kinds)
         env = {"OMP_NUM_THREADS": str(args.threads), "PATH": "/usr/bin:/bin"}

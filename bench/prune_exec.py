@@ -29,6 +29,7 @@ a backward that has filled the caches with other data.
 user may set it: every conv's fresh output then reuses freed pages instead
 of faulting new ones in (the module rows; the kernels-alone rows write one
 output allocated once either way).
+
 ``--quick``: every part at C = 32 on a 20k generated street (no dataset
 needed), one round, the page in a temporary folder.
 """
@@ -178,6 +179,7 @@ def measure(channels: int, coords: torch.Tensor, rounds: int, points: list | Non
     rows = {}
     for i, (name, kind, conv, mode, vd, label) in enumerate(runs):
         rows.setdefault((name, kind), {})[label] = med[i]
+
     def cells(t: dict, mode: str, with_ms: bool) -> str:
         if mode not in t:
             return "- | -" if with_ms else "-"
