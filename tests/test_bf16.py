@@ -187,6 +187,11 @@ def test_forward_bf16_without_a_float32_out_rounds_the_same_bits():
                 seen.add(_forward_bf16(plan, fb, wb, bias, 40, nt, True, density, add=residual)[0])
                 seen.add(_forward_bf16(plan, fb, wb, None, 40, nt, False, density)[0])
     assert seen == {"dense", "offsets", "vector"}
+    small = _cloud(n=40, c=24, seed=5, extent=4)  # fewer rows than a block: a block of sums that short
+    assert len(small) < 512
+    small_plan = _engine.make_fused_plan(ps.kmap.get_kmap(small, 3))
+    for nt in (1, 3):
+        _forward_bf16(small_plan, small.feats.bfloat16(), wb, bias, 40, nt, True, -1.0)
     bits, w = fb.view(torch.int16).numpy(), wb.view(torch.int16).numpy()
     with pytest.raises(ValueError, match="needs out, out_bf16 or both"):
         plan.core.forward_bf16(bits, w, None, None, 1)

@@ -271,7 +271,7 @@ Bf16Execution apply_bf16_kernels(ApplyBf16Args a) {
   // every row is written before it is read), 64-byte aligned.
   std::unique_ptr<float[]> sums;
   if (a.dst == nullptr) {
-    const int64_t n = int64_t(a.nt) * kBlockRows * a.cols + 16;
+    const int64_t n = int64_t(a.nt) * bf16::scratch_rows(a) * a.cols + 16;
     sums.reset(new float[size_t(n)]);
     const uintptr_t off = reinterpret_cast<uintptr_t>(sums.get()) % 64;
     a.sums = off ? reinterpret_cast<float*>(reinterpret_cast<char*>(sums.get()) + (64 - off)) : sums.get();

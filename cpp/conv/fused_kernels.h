@@ -538,10 +538,16 @@ inline void block_epilogue(const ApplyBf16Args& a, float* rows, int64_t r0, int6
 }
 
 // The block scratch of ApplyArgs (null: rows summed in place), or the bf16
-// kernel's blocks of sums (null: summed in dst).
+// kernel's blocks of sums (null: summed in dst); scratch_rows: its rows a
+// thread (ApplyArgs: two blocks; the bf16 kernel: one, no more rows than
+// the output has, so that a short output with wide rows allocates no more
+// than it).
 template <typename T>
 inline T* block_scratch(const ApplyArgs<T>& a) { return a.blocks; }
 inline float* block_scratch(const ApplyBf16Args& a) { return a.sums; }
+template <typename T>
+inline int64_t scratch_rows(const ApplyArgs<T>&) { return 2 * kBlockRows; }
+inline int64_t scratch_rows(const ApplyBf16Args& a) { return a.num_rows < kBlockRows ? a.num_rows : kBlockRows; }
 
 // d[0:n] = s[0:n] with streaming stores (non-temporal: the lines are written
 // to memory without being read first and without taking cache space); d and
@@ -653,9 +659,9 @@ void apply_blocks(const Args& a, Skip skip, Tile tile, Done done = Done()) {
 #pragma omp parallel num_threads(a.nt) if (blocks > 1)
   {
     // With a scratch: this thread's blocks of it (kDrain: two, one summed
-    // into while the other drains to dst).
-    const Out mine =
-        kScratch ? scratch + int64_t(omp_get_thread_num()) * (kDrain ? 2 : 1) * kBlockRows * a.cols : nullptr;
+    // into while the other drains to dst; else one, of at most num_rows
+    // rows: scratch_rows(a)).
+    const Out mine = kScratch ? scratch + int64_t(omp_get_thread_num()) * scratch_rows(a) * a.cols : nullptr;
     int half = 0;
     Drain<Out> pending;
     // kAhead: the cursor over the next block's pairs (offset ak, pair aq of
