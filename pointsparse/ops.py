@@ -159,7 +159,10 @@ def kmap_transpose(coarse_coords: Tensor, fine_coords: Tensor, in_idx: Tensor, o
     """Pairs of the adjoint of the map ``fine -> coarse`` (``KernelMap.transpose``)."""
     up = _as_kmap(coarse_coords, in_idx, out_idx, sizes, key, fine_coords.shape[0]).transpose(fine_coords)
     # outputs may not alias inputs: copy when the transpose needed no sort
-    return tuple(t.clone() if t is in_idx or t is out_idx else t for t in (up.in_idx, up.out_idx))
+    up_in, up_out = (t.clone() if t is in_idx or t is out_idx else t for t in (up.in_idx, up.out_idx))
+    # Its plan is the transposed plan of the map it transposes (_plan).
+    _GRAPH_TRANSPOSES[up_in] = (up_out, (coarse_coords, in_idx, out_idx, sizes, list(key), fine_coords.shape[0]))
+    return up_in, up_out
 
 
 @kmap_transpose.register_fake
@@ -173,6 +176,10 @@ def _(coarse_coords, fine_coords, in_idx, out_idx, sizes, key):
 # pairs are fresh tensors made by kmap_build / kmap_transpose, shared by every
 # layer of the map and by the backward): built once per map and graph run.
 _GRAPH_PLANS = WeakIdKeyDictionary()
+# The maps kmap_transpose made, keyed by their in_idx: (their out_idx, the
+# arguments of _plan for the map they transpose), so that their plan is
+# that map's plan transposed (no pass over the pairs), as eager caches do.
+_GRAPH_TRANSPOSES = WeakIdKeyDictionary()
 
 
 def _plan(out_coords, in_idx, out_idx, sizes, key, num_in):
@@ -182,7 +189,11 @@ def _plan(out_coords, in_idx, out_idx, sizes, key, num_in):
     hit = _GRAPH_PLANS.get(in_idx)
     if hit is not None and hit[0][0] is out_idx and hit[0][1:] == stamp[1:]:
         return hit[1]
-    plan = _engine.make_fused_plan(_as_kmap(out_coords, in_idx, out_idx, sizes, key, num_in))
+    up = _GRAPH_TRANSPOSES.get(in_idx)
+    if up is not None and up[0] is out_idx and up[1][5] == out_coords.shape[0] and up[1][0].shape[0] == num_in:
+        plan = _engine.transposed_plan(_plan(*up[1]))
+    else:
+        plan = _engine.make_fused_plan(_as_kmap(out_coords, in_idx, out_idx, sizes, key, num_in))
     _GRAPH_PLANS[in_idx] = (stamp, plan)
     return plan
 

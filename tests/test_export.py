@@ -445,3 +445,27 @@ def test_graph_maps_trust_only_coords_the_graph_checked_or_made():
     bad[1] = bad[0]
     with pytest.raises(ValueError, match="duplicate"):
         one.module()(x.feats, bad)
+
+
+def test_graph_plans_a_transposed_map_as_its_downsampling_maps_plan_transposed(monkeypatch):
+    """In an exported MinkUNet each transposed conv's plan is the plan of
+    the k2 s2 map it transposes, transposed (no pass over its pairs, as the
+    eager cache does): no plan is built from a transposed map's pairs, every
+    other map's once, and the logits equal eager inference bit for bit."""
+    from pointsparse.nn import _engine
+
+    model = spnn.fuse_for_inference(_trained_like(MinkUNet(7, 4, cr=0.25, blocks=1)))
+    x = export.example_input(7, 0.4)
+    y = _cloud(1500, 8, channels=7)
+    program = export.export_model(model, x).module()
+    built, transposed = [], []
+    make, flip = _engine.make_fused_plan, _engine.transposed_plan
+    monkeypatch.setattr(_engine, "make_fused_plan", lambda kmap: built.append(kmap.key) or make(kmap))
+    monkeypatch.setattr(_engine, "transposed_plan", lambda plan: transposed.append(plan) or flip(plan))
+    with torch.no_grad():
+        got = program(y.feats, y.coords)
+    ups = [n for n in program.graph.nodes if n.op == "call_function" and "kmap_transpose" in str(n.target)]
+    assert len(ups) == 4 and len(transposed) == 4
+    assert built and not any(key.transposed for key in built) and len(set(built)) == len(built)
+    with torch.no_grad():
+        assert torch.equal(got, model(y).feats)
