@@ -44,10 +44,7 @@ void attach_blocks_with(ApplyArgs<T>& a, Isa isa, std::unique_ptr<T[]>& owner) {
   const int64_t vb = tile_shape(isa).vec_bytes, row_bytes = a.cols * int64_t(sizeof(T));
   if (a.num_rows * row_bytes < stream_bytes() || row_bytes % vb != 0 || reinterpret_cast<uintptr_t>(a.dst) % vb != 0)
     return;
-  // Written before read: not zeroed; 64 bytes of slack for the boundary.
-  owner.reset(new T[size_t(int64_t(a.nt) * 2 * kBlockRows * a.cols + 64 / int64_t(sizeof(T)))]);
-  const uintptr_t off = reinterpret_cast<uintptr_t>(owner.get()) % 64;
-  a.blocks = off ? reinterpret_cast<T*>(reinterpret_cast<char*>(owner.get()) + (64 - off)) : owner.get();
+  a.blocks = aligned_scratch(owner, int64_t(a.nt) * 2 * kBlockRows * a.cols);  // written before read
 }
 
 }  // namespace

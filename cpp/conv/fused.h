@@ -144,6 +144,15 @@ constexpr int64_t wgrad_scratch(Isa isa, int64_t c_in, int64_t c_out) {
   return tile_shape(isa).mr * kKC + panels<T>(isa, c_out) * nr<T>(isa) * kKC;
 }
 
+// n elements of T (not initialised) at a 64-byte boundary, in memory that
+// `owner` keeps: the kernels' scratch blocks.
+template <typename T>
+T* aligned_scratch(std::unique_ptr<T[]>& owner, int64_t n) {
+  owner.reset(new T[size_t(n + 64 / int64_t(sizeof(T)))]);  // 64 bytes of slack for the boundary
+  const uintptr_t off = reinterpret_cast<uintptr_t>(owner.get()) % 64;
+  return off ? reinterpret_cast<T*>(reinterpret_cast<char*>(owner.get()) + (64 - off)) : owner.get();
+}
+
 // Where the apply kernels of build `isa` stream a's output (see
 // kStreamBytes: a large output whose rows are whole vectors of the build and
 // start at its vector boundary, as the streaming stores need): a.blocks set
@@ -183,8 +192,8 @@ struct ApplyBf16Args {
   // (num_rows, cols) bf16 bits or null: a residual added (widened to
   // float32) to dst before the ReLU, block by block (ApplyArgs::add).
   const uint16_t* add = nullptr;
-  // Set by apply_bf16 where dst is null: nt blocks of kBlockRows x cols,
-  // one a thread, where its block's rows are summed.
+  // Set by apply_bf16 where dst is null: a block of sums a thread, of
+  // min(kBlockRows, num_rows) x cols (scratch_rows in fused_kernels.h).
   float* sums = nullptr;
 };
 // Whether this build and this CPU run apply_bf16 (AVX-512 F/VL/BW/DQ + BF16).

@@ -267,15 +267,10 @@ Bf16Execution apply_bf16_kernels(ApplyBf16Args a) {
   std::vector<int32_t> count(size_t(K * np16 + 1));
   std::vector<int64_t> start(size_t(K * np16 + 1));
   std::vector<uint8_t> keep(size_t(K + 1));
-  // No dst: each thread sums its block in a block of its own (not zeroed:
-  // every row is written before it is read), 64-byte aligned.
+  // No dst: each thread sums its block in a block of its own (every row
+  // is written before it is read).
   std::unique_ptr<float[]> sums;
-  if (a.dst == nullptr) {
-    const int64_t n = int64_t(a.nt) * bf16::scratch_rows(a) * a.cols + 16;
-    sums.reset(new float[size_t(n)]);
-    const uintptr_t off = reinterpret_cast<uintptr_t>(sums.get()) % 64;
-    a.sums = off ? reinterpret_cast<float*>(reinterpret_cast<char*>(sums.get()) + (64 - off)) : sums.get();
-  }
+  if (a.dst == nullptr) a.sums = aligned_scratch(sums, int64_t(a.nt) * bf16::scratch_rows(a) * a.cols);
   const int64_t listed = bf16::list_pairs(a, idx.get(), count.data(), start.data(), keep.data(), np16, kp);
   int64_t kept = 0;
   for (int64_t k = 0; k < K; ++k) kept += keep[k];

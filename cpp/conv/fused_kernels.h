@@ -812,7 +812,7 @@ template <typename T>
 void apply_either(const ApplyArgs<T>& a) {
   if (a.blocks)
     apply_impl<T, true>(a);
-  else if (a.kc > 0 && tiles_whole_panels<T>(a.cols) && skips_offsets(a))
+  else if (skips_offsets(a))  // apply_impl fetches ahead only where its tiles take whole panels
     apply_impl<T, false, true>(a);
   else
     apply_impl<T, false>(a);
