@@ -182,8 +182,8 @@ class ConvPlan:
         None): out rounded to bf16 as torch rounds, block by block. out may
         be None where out_bf16 is given: the float32 sums are then kept block
         by block only (never written in full). ValueError where both are
-        None. Offsets whose weight is all zero are skipped; where at most vector_density
-        (negative: never) of the kept offsets' bf16 vectors (offset, channel
+        None. Offsets whose weight is all zero are skipped; where at most
+        vector_density (negative: never) of the kept offsets' bf16 vectors (offset, channel
         pair, 16 output columns) hold a nonzero, only those run. add: None or
         a bf16 residual (bf16 bits, out's shape, not sharing memory with out
         or out_bf16) added in float32 before the ReLU. Returns what ran:

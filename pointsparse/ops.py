@@ -190,8 +190,9 @@ def _plan(out_coords, in_idx, out_idx, sizes, key, num_in):
     if hit is not None and hit[0][0] is out_idx and hit[0][1:] == stamp[1:]:
         return hit[1]
     up = _GRAPH_TRANSPOSES.get(in_idx)
-    if up is not None and up[0] is out_idx and up[1][5] == out_coords.shape[0] and up[1][0].shape[0] == num_in:
-        plan = _engine.transposed_plan(_plan(*up[1]))
+    down = up[1] if up is not None and up[0] is out_idx else None  # _plan's arguments for the map transposed
+    if down is not None and down[5] == out_coords.shape[0] and down[0].shape[0] == num_in:  # rows swapped
+        plan = _engine.transposed_plan(_plan(*down))
     else:
         plan = _engine.make_fused_plan(_as_kmap(out_coords, in_idx, out_idx, sizes, key, num_in))
     _GRAPH_PLANS[in_idx] = (stamp, plan)
