@@ -18,7 +18,10 @@ vectors (offset, channel pair, 16 columns), which sets whether the engine
 takes the vector form. Every bf16 vector output is first checked equal, bit
 for bit, to the bf16 dense one. Writes bench/results/bf16_vectors.md
 (``--quick``: a 20k street, C = 32, one round, the page in a temporary
-folder). Needs a CPU with AVX512-BF16.
+folder). Needs a CPU with AVX512-BF16. Where the CPU runs AMX-BF16
+(``_core.conv_amx()``) a column more: the AMX form (``tiles_width=0``: every
+kept offset on the tiles), first checked against the bf16 dense form (the
+same products summed in another order: within 1e-5 of the largest output).
 """
 
 from __future__ import annotations
@@ -46,17 +49,25 @@ def calls(plan, feats, weight, out, threads: int) -> dict:
 
     def bf16(density):
         return lambda: plan.core.forward_bf16(fb, wb, None, o, threads, vector_density=density)
-    return {"float32 dense": f32(False), "float32 vector": f32(True), "bf16 dense": bf16(-1.0),
-            "bf16 vector": bf16(1.0)}
+    fns = {"float32 dense": f32(False), "float32 vector": f32(True), "bf16 dense": bf16(-1.0),
+           "bf16 vector": bf16(1.0)}
+    if _ext.core.conv_amx():
+        fns["bf16 tiles"] = lambda: plan.core.forward_bf16(fb, wb, None, o, threads, tiles_width=0.0)
+    return fns
 
 
 def check(fns: dict, out: torch.Tensor) -> None:
-    """The bf16 vector form equals the bf16 dense form bit for bit."""
+    """The bf16 vector form equals the bf16 dense form bit for bit; the AMX
+    form (where it runs) is within 1e-5 of the largest output of it."""
     fns["bf16 dense"]()
     dense = out.clone()
     fns["bf16 vector"]()
     if not torch.equal(out, dense):
         raise RuntimeError("the bf16 vector form differs from the bf16 dense form")
+    if "bf16 tiles" in fns:
+        fns["bf16 tiles"]()
+        if float((out - dense).abs().max()) > 1e-5 * float(dense.abs().max()):
+            raise RuntimeError("the bf16 AMX form differs from the bf16 dense form")
 
 
 def table(coords: torch.Tensor, widths, amounts, rounds: int, threads: int) -> list[str]:
@@ -64,9 +75,13 @@ def table(coords: torch.Tensor, widths, amounts, rounds: int, threads: int) -> l
     kmap = ps.kmap.get_kmap(x, 3)
     plan = _engine.make_fused_plan(kmap)
     names = ["float32 dense", "float32 vector", "bf16 dense", "bf16 vector"]
+    amx = _ext.core.conv_amx()
+    if amx:
+        names.append("bf16 tiles")
     rows = ["| C | pruned | bf16 vector density | " + " | ".join(f"{n} ms" for n in names) +
-            " | bf16 vector / bf16 dense | bf16 vector / float32 dense | bf16 vector / float32 vector |",
-            "|---|---|---|" + "---|" * (len(names) + 3)]
+            " | bf16 vector / bf16 dense | bf16 vector / float32 dense | bf16 vector / float32 vector |" +
+            (" bf16 tiles / best vdpbf16ps form |" if amx else ""),
+            "|---|---|---|" + "---|" * (len(names) + 3 + amx)]
     for c in widths:
         feats = torch.randn(kmap.num_in, c, generator=torch.Generator().manual_seed(c))
         out = torch.empty(kmap.num_out, c)
@@ -85,7 +100,8 @@ def table(coords: torch.Tensor, widths, amounts, rounds: int, threads: int) -> l
                         " | ".join(f"{1e3 * med[n]:.2f}" for n in names) +
                         f" | {med['bf16 dense'] / med['bf16 vector']:.2f}x"
                         f" | {med['float32 dense'] / med['bf16 vector']:.2f}x"
-                        f" | {med['float32 vector'] / med['bf16 vector']:.2f}x |")
+                        f" | {med['float32 vector'] / med['bf16 vector']:.2f}x |" +
+                        (f" {min(med['bf16 dense'], med['bf16 vector']) / med['bf16 tiles']:.2f}x |" if amx else ""))
             print(rows[-1], flush=True)
     return rows
 
@@ -96,6 +112,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--channels", type=int, nargs="+", default=None, help="default 16 32 64 128")
     parser.add_argument("--quick", action="store_true", help="a smoke run: a 20k street, C = 32, one round")
+    parser.add_argument("--out", default=None, help="the page's name in bench/results (default bf16_vectors.md)")
     args = parser.parse_args()
     if not _ext.core.conv_bf16():
         sys.exit("this CPU has no AVX512-BF16: nothing to measure")
@@ -106,7 +123,7 @@ def main() -> None:
     amounts = [(0.0, None), (0.5, None), (0.75, None), (0.9, None), (0.5, 2), (0.75, 2), (0.5, "square"),
                (0.75, "square")]
     rows = table(coords, widths, amounts, rounds, args.threads)
-    out = results_path("bf16_vectors.md", args.quick)
+    out = results_path(args.out or "bf16_vectors.md", args.quick)
     command = "python bench/bf16_vectors.py " + " ".join(sys.argv[1:])
     write_markdown(out, f"bf16 vector sparsity, {name} ({len(coords):,} voxels), {args.threads} thread(s)",
                    command, environment(), ["\n".join(rows)])

@@ -4,6 +4,11 @@
 
 #include "common.h"
 
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace ps {
 namespace {
 
@@ -39,10 +44,25 @@ bool cpu_has_bf16() {
 #endif
 }
 
+// AMX tiles with AMX-BF16 on top of AVX512-BF16, and the kernel's leave to
+// use the tile data (Linux 5.16+: arch_prctl(ARCH_REQ_XCOMP_PERM,
+// XFEATURE_XTILEDATA), asked once for the whole process; a kernel that
+// refuses it, or another OS, leaves the tiles off).
+bool cpu_has_amx() {
+#if defined(PS_ISA_X86) && defined(__linux__) && defined(SYS_arch_prctl) && __GNUC__ >= 11
+  __builtin_cpu_init();
+  if (!cpu_has_bf16() || !__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16")) return false;
+  constexpr long kReqXcompPerm = 0x1023, kXtiledata = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+
 struct Support {
   bool runs[kNumIsas];
-  bool bf16;
-  Support() : bf16(cpu_has_bf16()) {
+  bool bf16, amx;
+  Support() : bf16(cpu_has_bf16()), amx(cpu_has_amx()) {
     for (int i = 0; i < kNumIsas; ++i) runs[i] = cpu_has(Isa(i));
   }
 };
@@ -65,6 +85,8 @@ const char* isa_name(Isa isa) {
 bool isa_runs(Isa isa) { return support().runs[int(isa)]; }
 
 bool avx512_bf16_runs() { return support().bf16; }
+
+bool amx_bf16_runs() { return support().amx; }
 
 Isa best_isa() {
   static const Isa best = [] {

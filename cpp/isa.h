@@ -19,6 +19,9 @@ Isa best_isa();
 // Whether the CPU runs AVX512-BF16 on top of the avx512 build (asked once;
 // the bf16 conv kernels' build is the caller's to know).
 bool avx512_bf16_runs();
+// Whether the CPU runs AMX-TILE and AMX-BF16 on top of that, and the OS lets
+// this process use the tiles (asked once).
+bool amx_bf16_runs();
 // The builds that run here, widest first, e.g. "avx512, avx2, generic".
 std::string runnable_isas();
 // `name` ("generic", "avx2", "avx512"; "" for best_isa()) as an Isa that runs

@@ -132,6 +132,11 @@ def conv_isa() -> str:
 def conv_bf16() -> bool:
     """Whether ConvPlan.forward_bf16 (AVX512-BF16 vdpbf16ps) runs on this CPU."""
 
+def conv_amx() -> bool:
+    """Whether ConvPlan.forward_bf16's AMX form (tiles_width) runs here:
+    AMX-TILE and AMX-BF16 on top of AVX512-BF16, and the OS's leave to use
+    the tiles (Linux: arch_prctl XTILEDATA, asked once)."""
+
 def runnable_isas() -> list[str]:
     """The kernel builds (conv and SpMM) this CPU runs, widest first: the
     values an `isa` argument accepts."""
@@ -174,7 +179,7 @@ class ConvPlan:
     def forward_bf16(
         self, feats: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, out: np.ndarray | None, num_threads: int,
         relu: bool = False, out_bf16: np.ndarray | None = None, vector_density: float = -1.0,
-        add: np.ndarray | None = None,
+        add: np.ndarray | None = None, tiles_width: float = float("inf"),
     ) -> str:
         """Inference forward in bf16: feats and weight hold bf16 bits (int16 or
         uint16), bias (float32 or None) and out float32; products summed in
@@ -186,8 +191,13 @@ class ConvPlan:
         vector_density (negative: never) of the kept offsets' bf16 vectors (offset, channel
         pair, 16 output columns) hold a nonzero, only those run. add: None or
         a bf16 residual (bf16 bits, out's shape, not sharing memory with out
-        or out_bf16) added in float32 before the ReLU. Returns what ran:
-        'dense', 'offsets' or 'vector'. ValueError where the CPU lacks it."""
+        or out_bf16) added in float32 before the ReLU. tiles_width: where
+        conv_amx() and the listed width (the density of listed vectors x
+        sqrt(C_in x C_out)) is at least tiles_width, every kept offset runs
+        on the AMX tiles (16 pairs x 16 columns a tile, summed from zero in
+        float32, then added to the row); infinite (default): never; NaN:
+        ValueError. Returns what ran: 'dense', 'offsets', 'vector' or
+        'tiles'. ValueError where the CPU lacks AVX512-BF16."""
     def transposed(self) -> "ConvPlan":
         """The plan of the transposed map (inputs and outputs swapped), sharing
         this plan's pairs: no pass over them."""

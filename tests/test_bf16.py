@@ -356,3 +356,23 @@ def test_forward_bf16_adds_a_bf16_residual_before_the_relu():
                      add=ps.SparseTensor(residual, x.coords))
     exact = torch.relu(conv_sum(fb.double(), wb.double(), kmap) + bias.bfloat16().double() + residual.double())
     assert y.feats.dtype == torch.bfloat16 and _rel(y.feats, exact) < 2 ** -8
+
+
+@pytest.mark.skipif(_ext.core.conv_amx(), reason="the CPU runs the AMX tiles (tests/test_bf16_tiles.py)")
+def test_forward_bf16_ignores_tiles_width_without_amx():
+    """Where the CPU (or OS) runs no AMX-BF16 tiles, tiles_width changes
+    nothing: the vdpbf16ps form runs, the same bits; the engine never
+    passes a finite width and costs no conv as tiles."""
+    x = _cloud(c=32, seed=12)
+    plan = _engine.make_fused_plan(ps.kmap.get_kmap(x, 3))
+    fb = x.feats.bfloat16()
+    wb = (torch.randn(27, 32, 32, generator=torch.Generator().manual_seed(12)) / 6).bfloat16()
+    outs = []
+    for width in (float("inf"), 0.0):
+        out = torch.empty(len(x), 32)
+        assert plan.core.forward_bf16(fb.view(torch.int16).numpy(), wb.view(torch.int16).numpy(), None, out.numpy(),
+                                      1, tiles_width=width) == "dense"
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    assert not _engine.bf16_tiles() and _engine.bf16_tiles_width() == float("inf")
+    assert F.engine_cost(wb, torch.arange(27) + 10)[1] == "dense"

@@ -234,7 +234,8 @@ void forward(const conv::Plan& plan, py::array feats, py::array weight, py::obje
 // skipped) or "vector" (the vector-sparse form, where the density of listed
 // vectors is at most vector_density; negative: never).
 std::string forward_bf16(const conv::Plan& plan, py::array feats, py::array weight, py::object bias, py::object out_arg,
-                         int num_threads, bool relu, py::object out_bf16, double vector_density, py::object add) {
+                         int num_threads, bool relu, py::object out_bf16, double vector_density, py::object add,
+                         double tiles_width) {
   if (!conv::bf16_runs())
     value_error("forward_bf16 needs AVX-512 with AVX512-BF16; this CPU (or build) runs: " + runnable_isas());
   check_rows(feats, "feats", false);
@@ -267,6 +268,7 @@ std::string forward_bf16(const conv::Plan& plan, py::array feats, py::array weig
     d16 = static_cast<uint16_t*>(o16.mutable_data());
   }
   if (!(vector_density == vector_density)) value_error("vector_density must be a number, not NaN");
+  if (!(tiles_width == tiles_width)) value_error("tiles_width must be a number, not NaN");
   const uint16_t* r = nullptr;
   py::array ra;
   if (d && d16) apart(o16, "out_bf16", ref, "out");
@@ -280,9 +282,15 @@ std::string forward_bf16(const conv::Plan& plan, py::array feats, py::array weig
   conv::Bf16Execution ran;
   {
     py::gil_scoped_release release;
-    ran = conv::run_apply_bf16(plan, s, w, bp, d, kc, cols, threads(num_threads), relu, d16, vector_density, r);
+    ran = conv::run_apply_bf16(plan, s, w, bp, d, kc, cols, threads(num_threads), relu, d16, vector_density, r,
+                               tiles_width);
   }
-  return ran == conv::Bf16Execution::vector ? "vector" : ran == conv::Bf16Execution::offsets ? "offsets" : "dense";
+  switch (ran) {
+    case conv::Bf16Execution::vector: return "vector";
+    case conv::Bf16Execution::offsets: return "offsets";
+    case conv::Bf16Execution::tiles: return "tiles";
+    default: return "dense";
+  }
 }
 
 // grad_feats = sum over offsets o of grad_feats[in_idx] += grad[out_idx] @ weight[o]^T.
@@ -356,6 +364,9 @@ void bind_conv(py::module_& m) {
         "Instruction set the fused convolution kernels use on this CPU by default: 'avx512', 'avx2' or 'generic'.");
   m.def("conv_bf16", [] { return conv::bf16_runs(); },
         "Whether the bf16 inference forward (AVX512-BF16 vdpbf16ps) runs on this CPU.");
+  m.def("conv_amx", [] { return conv::bf16_tiles_run(); },
+        "Whether the bf16 inference forward's AMX form (forward_bf16(tiles=True): AMX-TILE + AMX-BF16, with the "
+        "OS's leave to use the tiles) runs here.");
   m.def("runnable_isas", [] {
         std::vector<std::string> names;
         for (int i = kNumIsas - 1; i >= 0; --i)
@@ -390,14 +401,18 @@ void bind_conv(py::module_& m) {
       .def("forward_bf16", &forward_bf16, py::arg("feats"), py::arg("weight"), py::arg("bias"),
            py::arg("out"), py::arg("num_threads"), py::arg("relu") = false, py::arg("out_bf16") = py::none(),
            py::arg("vector_density") = -1.0, py::arg("add") = py::none(),
+           py::arg("tiles_width") = std::numeric_limits<double>::infinity(),
            "Inference forward in bf16 (AVX512-BF16): feats and weight hold bf16 bits (int16/uint16 arrays), bias "
            "(float32 or None) and out float32; products summed in float32. out_bf16 (bf16 bits, out's shape, or "
            "None): out rounded to bf16 as torch rounds, block by block. out may be None where out_bf16 is given: "
            "the float32 sums are then kept block by block only. Offsets whose weight is all zero are "
            "skipped; where at most vector_density (negative: never) of the kept offsets' bf16 vectors (offset, "
            "channel pair, 16 output columns) hold a nonzero, only those run. add: None or a bf16 residual "
-           "(bf16 bits, out's shape) added in float32 before the ReLU. Returns what ran: 'dense', "
-           "'offsets' or 'vector'. ValueError where the CPU lacks it.")
+           "(bf16 bits, out's shape) added in float32 before the ReLU. tiles_width: where the CPU runs AMX-BF16 "
+           "(conv_amx()) and the listed width (the density of listed vectors x sqrt(C_in x C_out)) is at least "
+           "tiles_width, every kept offset runs on the AMX tiles (16 pairs x 16 columns a tile, summed from zero "
+           "in float32, then added to the row); infinite (default): never. Returns what ran: 'dense', 'offsets', "
+           "'vector' or 'tiles'. ValueError where the CPU lacks AVX512-BF16.")
       .def("backward_input", &backward_input, py::arg("grad"), py::arg("weight"), py::arg("grad_feats"),
            py::arg("num_threads"), py::arg("isa") = py::none(), py::arg("active") = py::none(),
            py::arg("vector") = false,

@@ -195,6 +195,11 @@ struct ApplyBf16Args {
   // Set by apply_bf16 where dst is null: a block of sums a thread, of
   // min(kBlockRows, num_rows) x cols (scratch_rows in fused_kernels.h).
   float* sums = nullptr;
+  // The smallest listed width (density of listed vectors, as for
+  // vector_density, x sqrt(kc x cols): the channels a pair's vector form
+  // would run, in a square conv's terms) at which the AMX form
+  // (Bf16Execution::tiles) runs where amx_bf16_runs(); infinite: never.
+  double tiles_width = __builtin_inf();
 };
 // Whether this build and this CPU run apply_bf16 (AVX-512 F/VL/BW/DQ + BF16).
 bool bf16_runs();
@@ -207,10 +212,22 @@ bool bf16_runs();
 // vector_density the vector-sparse form runs (`vector`): per tile and panel
 // only the listed pairs, the same float32 sums of the same products in the
 // same order as the dense form (a pair left out adds only zero products).
-enum class Bf16Execution { dense = 0, offsets = 1, vector = 2 };
+// `tiles` (where the CPU runs AMX-BF16, amx_bf16_runs(), and the listed
+// width is at least tiles_width, see ApplyBf16Args): every
+// kept offset's products by the AMX tiles, 16 pairs x 16 columns a tile:
+// per tile the gathered rows' channel pairs (zero past kc) times the
+// offset's weight, summed in float32 from zero in channel-pair order by
+// `tdpbf16ps`, then added to the row (or to bias / zero on a block's first
+// offset). Other sums than the vdpbf16ps forms' (those add each product to
+// the row's running sum), within float32 rounding of the same exact sum,
+// and as those the same for any thread count.
+enum class Bf16Execution { dense = 0, offsets = 1, vector = 2, tiles = 3 };
 // Columns of a bf16 vector: the float32 vector kernels' panel (16), so that
 // one pruning mask (prune.panel_structured) serves both.
 constexpr int64_t kBf16Panel = 16;
+// Whether this build and this CPU run the `tiles` form (AMX-TILE + AMX-BF16
+// and the OS's leave: amx_bf16_runs()).
+bool bf16_tiles_run();
 // Precondition: bf16_runs().
 Bf16Execution apply_bf16(const ApplyBf16Args& a);
 

@@ -18,7 +18,12 @@
 #include <immintrin.h>
 
 #pragma GCC push_options
+#if __GNUC__ >= 11  // the AMX tiles' intrinsics (run only where amx_bf16_runs())
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx512bf16,avx2,fma,amx-tile,amx-bf16")
+#define PS_CONV_HAVE_AMX 1
+#else
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx512bf16,avx2,fma")
+#endif
 #define PS_CONV_ISA Isa::avx512
 #define PS_CONV_VEC_BYTES 64
 #define PS_CONV_KERNELS_ONLY  // only the block walk is borrowed
@@ -201,25 +206,25 @@ void micro_sparse(int64_t n, const int32_t* __restrict list, int64_t kc, const u
     if (r < mr) _mm512_mask_storeu_ps(c[r], m, acc[r]);
 }
 
-// apply_blocks with a tile of this kernel's (apply_dense's or
-// apply_sparse's): offsets without a nonzero skipped; a block's first offset
+// apply_blocks (tiles of MR rows) with a tile of this kernel's (apply_dense's,
+// apply_sparse's or amx::apply's): offsets without a nonzero skipped; a block's first offset
 // (the identity where it runs) stores bias or zero + its products; with
 // dst_bf16, each block's rows are rounded into it once they are done (the
 // sums in dst, or, with a.sums, in a block of the thread's own).
-template <typename Tile>
-void walk(const ApplyBf16Args& a, const uint8_t* keep, Tile tile) {
+template <int MR = kRows, typename Tile, typename Finish = NoFinish>
+void walk(const ApplyBf16Args& a, const uint8_t* keep, Tile tile, Finish finish = Finish()) {
   const auto skip = [keep](int64_t k) { return keep[k] == 0; };
   if (a.dst_bf16 == nullptr) {
-    apply_blocks<kRows>(a, skip, tile);
+    apply_blocks<MR>(a, skip, tile, NoEpilogue(), finish);
     return;
   }
   const auto round = [&a](int64_t r0, int64_t r1, const float* rows) {
     round_bf16(rows, a.dst_bf16 + r0 * a.cols, (r1 - r0) * a.cols);
   };
   if (a.sums)
-    apply_blocks<kRows, true>(a, skip, tile, round);
+    apply_blocks<MR, true>(a, skip, tile, round, finish);
   else
-    apply_blocks<kRows>(a, skip, tile, round);
+    apply_blocks<MR>(a, skip, tile, round, finish);
 }
 
 void apply_dense(const ApplyBf16Args& a, const uint32_t* wpack, const uint8_t* keep, int64_t np, int64_t kp) {
@@ -252,6 +257,230 @@ void apply_sparse(const ApplyBf16Args& a, const uint32_t* wpack, const int32_t* 
   });
 }
 
+#if defined(PS_CONV_HAVE_AMX)
+// The AMX form (Bf16Execution::tiles). Tile registers: 0-3 the sums of a
+// tile (16 rows x 16 columns of float32 each), 4 the tile's rows (16 rows x
+// kpa channel pairs), 5-7 the weight (kpa pairs x 16 columns, as the
+// vdpbf16ps packing: a pair's two bf16 in one 32-bit lane), three of them in
+// turn so that a load need not wait for the product reading the last one.
+namespace amx {
+
+constexpr int kRows = 16;       // rows (pairs) a tile
+constexpr int64_t kGroup = 16;  // columns a sums tile
+constexpr int kSums = 4;        // sums tiles a pass over the channels
+
+struct alignas(64) Config {  // the LDTILECFG operand, palette 1
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// kp channel pairs, taken kpa (<= 16) at a time, kpp = kp rounded up to a
+// multiple of kpa; ng column groups of kGroup; a gathered row holds kpp
+// pairs (astride bf16).
+struct Shape {
+  int64_t kp, kpa, kpp, ng, astride;
+  explicit Shape(const ApplyBf16Args& a)
+      : kp((a.kc + 1) / 2),
+        kpa(kp < 16 ? (kp > 0 ? kp : 1) : 16),
+        kpp((kp + kpa - 1) / kpa * kpa),
+        ng((a.cols + kGroup - 1) / kGroup),
+        astride(2 * kpp) {}
+};
+
+Config config_of(const Shape& s) {
+  Config c;
+  __builtin_memset(&c, 0, sizeof c);
+  c.palette = 1;
+  for (int t = 0; t < kSums; ++t) {
+    c.rows[t] = kRows;
+    c.colsb[t] = uint16_t(kGroup * 4);
+  }
+  c.rows[4] = kRows;
+  c.colsb[4] = uint16_t(s.kpa * 4);
+  for (int t = 5; t < 8; ++t) {
+    c.rows[t] = uint8_t(s.kpa);
+    c.colsb[t] = uint16_t(kGroup * 4);
+  }
+  return c;
+}
+
+// wamx[k][g][q][j] = W_k[2q][16g + j] | W_k[2q + 1][16g + j] << 16 (zero
+// past the last channel, pair or column), q < kpp.
+void pack(const ApplyBf16Args& a, uint32_t* wamx, const Shape& s) {
+  for (int64_t k = 0; k < a.pairs.kernel_volume; ++k) {
+    const uint16_t* wk = a.w + k * a.kc * a.cols;
+    for (int64_t g = 0; g < s.ng; ++g) {
+      uint32_t* dst = wamx + (k * s.ng + g) * s.kpp * kGroup;
+      for (int64_t q = 0; q < s.kpp; ++q)
+        for (int64_t j = 0; j < kGroup; ++j) {
+          const int64_t col = g * kGroup + j;
+          uint32_t lo = 0, hi = 0;
+          if (col < a.cols && q < s.kp) {
+            lo = wk[2 * q * a.cols + col];
+            if (2 * q + 1 < a.kc) hi = wk[(2 * q + 1) * a.cols + col];
+          }
+          dst[q * kGroup + j] = lo | hi << 16;
+        }
+    }
+  }
+}
+
+// The sums of N column groups (N <= kSums) of a tile: rows `ab` (16 x
+// astride bf16) times the groups' weights from `wg` on (kpp x 16 lanes a
+// group), stored to cb (16 rows of ng * kGroup floats) from column group g0.
+template <int N>
+inline void products(const Shape& s, const uint16_t* ab, const uint32_t* wg, float* cb) {
+  const int64_t sa = s.astride * 2, sc = s.ng * kGroup * 4, gw = s.kpp * kGroup;
+  _tile_zero(0);
+  if (N > 1) _tile_zero(1);
+  if (N > 2) _tile_zero(2);
+  if (N > 3) _tile_zero(3);
+  for (int64_t q = 0; q < s.kpp; q += s.kpa) {
+    _tile_loadd(4, ab + 2 * q, sa);
+    _tile_loadd(5, wg + q * kGroup, 64);
+    _tile_dpbf16ps(0, 4, 5);
+    if (N > 1) {
+      _tile_loadd(6, wg + gw + q * kGroup, 64);
+      _tile_dpbf16ps(1, 4, 6);
+    }
+    if (N > 2) {
+      _tile_loadd(7, wg + 2 * gw + q * kGroup, 64);
+      _tile_dpbf16ps(2, 4, 7);
+    }
+    if (N > 3) {
+      _tile_loadd(5, wg + 3 * gw + q * kGroup, 64);
+      _tile_dpbf16ps(3, 4, 5);
+    }
+  }
+  _tile_stored(0, cb, sc);
+  if (N > 1) _tile_stored(1, cb + kGroup, sc);
+  if (N > 2) _tile_stored(2, cb + 2 * kGroup, sc);
+  if (N > 3) _tile_stored(3, cb + 3 * kGroup, sc);
+}
+
+// The tile configuration each thread loads before its first tile of a call
+// (another library may have loaded its own on the thread since): `loaded`,
+// the call it last loaded for.
+uint64_t calls = 0;
+thread_local uint64_t loaded = 0;
+
+// A tile as the walk gave it: its offset, rows written, valid rows and
+// whether it stores (a block's first offset).
+struct Pending {
+  float* crow[kRows];
+  int64_t k;
+  int mr;
+  bool first;
+};
+
+// A thread's pipeline of three stages, so that no stage waits on the memory
+// the one before it wrote (the tiles load and store through memory, which
+// the vector loads and stores do not forward to them): tile i's rows are
+// gathered into ab[i % 2] when the walk gives it; its products run when
+// tile i + 1 comes, into cb[i % 2]; its sums are added to its rows when
+// tile i + 2 comes, or when the block ends (finish). The rows are added in
+// the walk's order: each row's sums are those of the unpipelined order.
+struct Pipe {
+  uint16_t* ab[2];  // 16 rows of astride bf16 each (zero past kc)
+  float* cb[2];     // 16 rows of ng * kGroup floats each
+  Pending tile[3];
+  int64_t n;  // tiles taken in the thread's current block
+};
+
+struct Amx {
+  const ApplyBf16Args& a;
+  const Shape& s;
+  const uint32_t* wamx;
+
+  void gather(Pipe& p, const uint16_t* const* arow, int mr) const {
+    uint16_t* ab = p.ab[p.n & 1];
+    for (int r = 0; r < mr; ++r)  // rows past mr keep what they held: their sums are never added
+      for (int64_t i = 0; i < a.kc; i += 32) {
+        const int n = int(a.kc - i < 32 ? a.kc - i : 32);
+        const __mmask32 m = n == 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1u;
+        _mm512_mask_storeu_epi16(ab + r * s.astride + i, m, _mm512_maskz_loadu_epi16(m, arow[r] + i));
+      }
+  }
+
+  // Tile i's products (its rows gathered in ab[i % 2]) into cb[i % 2].
+  void multiply(Pipe& p, int64_t i) const {
+    const uint16_t* ab = p.ab[i & 1];
+    float* cb = p.cb[i & 1];
+    const uint32_t* wk = wamx + p.tile[i % 3].k * s.ng * s.kpp * kGroup;
+    for (int64_t g0 = 0; g0 < s.ng; g0 += kSums) {
+      const int n = int(s.ng - g0 < kSums ? s.ng - g0 : kSums);
+      const uint32_t* wg = wk + g0 * s.kpp * kGroup;
+      if (n == 4)
+        products<4>(s, ab, wg, cb + g0 * kGroup);
+      else if (n == 3)
+        products<3>(s, ab, wg, cb + g0 * kGroup);
+      else if (n == 2)
+        products<2>(s, ab, wg, cb + g0 * kGroup);
+      else
+        products<1>(s, ab, wg, cb + g0 * kGroup);
+    }
+  }
+
+  // Tile i's sums (cb[i % 2]) added to its rows (stored over bias or zero
+  // where it is a block's first offset).
+  void add(Pipe& p, int64_t i) const {
+    static const float zero[kGroup] = {};
+    const Pending& t = p.tile[i % 3];
+    const float* cb = p.cb[i & 1];
+    for (int r = 0; r < t.mr; ++r)
+      for (int64_t g = 0; g < s.ng; ++g) {
+        const int64_t col = g * kGroup, nc = a.cols - col < kGroup ? a.cols - col : kGroup;
+        const __mmask16 m = __mmask16((1u << nc) - 1u);
+        const float* base = t.first ? (a.bias ? a.bias + col : zero) : t.crow[r] + col;
+        const __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, base), _mm512_loadu_ps(cb + r * s.ng * kGroup + col));
+        _mm512_mask_storeu_ps(t.crow[r] + col, m, v);
+      }
+  }
+
+  void take(Pipe& p, int64_t k, const uint16_t* const* arow, float* const* crow, int mr, bool first) const {
+    Pending& t = p.tile[p.n % 3];
+    for (int r = 0; r < kRows; ++r) t.crow[r] = crow[r];
+    t.k = k;
+    t.mr = mr;
+    t.first = first;
+    gather(p, arow, mr);
+    if (p.n >= 1) multiply(p, p.n - 1);
+    if (p.n >= 2) add(p, p.n - 2);
+    ++p.n;
+  }
+
+  void finish(Pipe& p) const {
+    if (p.n >= 1) multiply(p, p.n - 1);
+    if (p.n >= 2) add(p, p.n - 2);
+    if (p.n >= 1) add(p, p.n - 1);
+    p.n = 0;
+  }
+};
+
+// pipes: one a thread, their buffers set.
+void apply(const ApplyBf16Args& a, const uint32_t* wamx, const uint8_t* keep, const Shape& s, Pipe* pipes) {
+  const Config cfg = config_of(s);
+  const uint64_t call = __atomic_add_fetch(&calls, 1, __ATOMIC_RELAXED);
+  const Amx amx{a, s, wamx};
+  walk<kRows>(
+      a, keep,
+      [&](int64_t k, const uint16_t* const* arow, float* const* crow, int mr, bool first) {
+        if (loaded != call) {
+          _tile_loadconfig(&cfg);
+          loaded = call;
+        }
+        amx.take(pipes[omp_get_thread_num()], k, arow, crow, mr, first);
+      },
+      [&]() { amx.finish(pipes[omp_get_thread_num()]); });
+  // The calling thread gives its tiles back (the pool's threads keep theirs
+  // configured until their next call, or another library's).
+  _tile_release();
+}
+
+}  // namespace amx
+#endif
+
 }  // namespace
 }  // namespace bf16
 
@@ -277,6 +506,33 @@ Bf16Execution apply_bf16_kernels(ApplyBf16Args a) {
   const int64_t capacity = kept * kp * np16;
   // Exact in a double, as in choose_execution (sparse.cpp).
   const double density = capacity ? double(listed) / double(capacity) : 0.0;
+#if defined(PS_CONV_HAVE_AMX)
+  if (capacity > 0 && density * __builtin_sqrt(double(a.kc) * double(a.cols)) >= a.tiles_width &&
+      amx_bf16_runs()) {  // (PS_CONV_HAVE_AMX: the build has the tiles)
+    const bf16::amx::Shape s(a);
+    std::unique_ptr<uint32_t[]> wamx(new uint32_t[size_t(K * s.ng * s.kpp * bf16::amx::kGroup + 1)]);
+    bf16::amx::pack(a, wamx.get(), s);
+    // Per thread two blocks of gathered rows (zero: the channels past kc
+    // stay zero) and two of sums.
+    const int64_t arows = bf16::amx::kRows * s.astride, crows = bf16::amx::kRows * s.ng * bf16::amx::kGroup;
+    std::unique_ptr<uint16_t[]> abuf_owner;
+    std::unique_ptr<float[]> cbuf_owner;
+    uint16_t* abuf = aligned_scratch(abuf_owner, 2 * a.nt * arows);
+    __builtin_memset(abuf, 0, sizeof(uint16_t) * size_t(2 * a.nt * arows));
+    float* cbuf = aligned_scratch(cbuf_owner, 2 * a.nt * crows);
+    std::unique_ptr<bf16::amx::Pipe[]> pipes(new bf16::amx::Pipe[size_t(a.nt)]);
+    for (int t = 0; t < a.nt; ++t) {
+      bf16::amx::Pipe& p = pipes[size_t(t)];
+      p.ab[0] = abuf + 2 * t * arows;
+      p.ab[1] = p.ab[0] + arows;
+      p.cb[0] = cbuf + 2 * t * crows;
+      p.cb[1] = p.cb[0] + crows;
+      p.n = 0;
+    }
+    bf16::amx::apply(a, wamx.get(), keep.data(), s, pipes.get());
+    return Bf16Execution::tiles;
+  }
+#endif
   if (density <= a.vector_density) {
     bf16::pack_listed(a, wpack.get(), idx.get(), count.data(), start.data(), np16, kp);
     bf16::apply_sparse(a, wpack.get(), idx.get(), count.data(), start.data(), keep.data(), np16, kp);
@@ -299,6 +555,14 @@ namespace conv {
 bool bf16_runs() {
 #if defined(PS_CONV_HAVE_BF16)
   return avx512_bf16_runs();
+#else
+  return false;
+#endif
+}
+
+bool bf16_tiles_run() {
+#if defined(PS_CONV_HAVE_BF16) && defined(PS_CONV_HAVE_AMX)
+  return avx512_bf16_runs() && amx_bf16_runs();
 #else
   return false;
 #endif

@@ -624,6 +624,9 @@ struct NoEpilogue {
   template <typename P>
   void operator()(int64_t, int64_t, P) const {}
 };
+struct NoFinish {
+  void operator()() const {}
+};
 // kScratch: each thread sums its block in a scratch block of its own
 // (block_scratch(a)). ApplyArgs (a.blocks set): two of them, the block
 // streamed to dst while its next block runs (kDrain). ApplyBf16Args
@@ -633,6 +636,9 @@ struct NoEpilogue {
 // with both in one function GCC no longer inlined the dense tile (C = 8:
 // 4.5% more instructions a conv, bench/conv_instructions.py).
 // kTails: the tile takes tail tiles (apply_pairs).
+// finish(): called by the thread after a block's last tile, before the
+// epilogue (a tile whose sums reach their rows later, as the AMX form's
+// pipeline, adds what it holds).
 // kAhead (the dense kernels' where the pairs skip offsets: skips_offsets):
 // after each tile of a block, a share of the rows that the thread's next
 // block (guessed: nt blocks on, as the threads take them in turn; exact on
@@ -647,8 +653,8 @@ struct NoEpilogue {
 // 0.96 / 0.95; nothing at C = 128. The instantiation without it is the walk
 // of before.
 template <int MR = kMR, bool kScratch = false, bool kTails = false, bool kAhead = false, typename Args,
-          typename Skip, typename Tile, typename Done = NoEpilogue>
-void apply_blocks(const Args& a, Skip skip, Tile tile, Done done = Done()) {
+          typename Skip, typename Tile, typename Done = NoEpilogue, typename Finish = NoFinish>
+void apply_blocks(const Args& a, Skip skip, Tile tile, Done done = Done(), Finish finish = Finish()) {
   typedef decltype(a.dst) Out;
   const int64_t K = a.pairs.kernel_volume;
   const int64_t blocks = (a.num_rows + kBlockRows - 1) / kBlockRows;
@@ -742,6 +748,7 @@ void apply_blocks(const Args& a, Skip skip, Tile tile, Done done = Done()) {
         apply_pairs<MR, kScratch, kTails>(a, k, pl.cuts[blk * K + k], pl.cuts[(blk + 1) * K + k], false, false,
                                           out, r0, tl);
       }
+      finish();
       block_epilogue(a, out, r0, r1);
       if (kDrain) {
         pending.step(pending.left);  // what this block's tiles did not drain

@@ -289,12 +289,13 @@ void run_wgrad(const Plan& plan, const T* x, const T* g, T* grad_w, const T* mas
 
 Bf16Execution run_apply_bf16(const Plan& plan, const uint16_t* src, const uint16_t* w, const float* bias,
                              float* dst, int64_t kc, int64_t cols, int nt, bool relu, uint16_t* dst_bf16,
-                             double vector_density, const uint16_t* add) {
+                             double vector_density, const uint16_t* add, double tiles_width) {
   const int64_t rows = plan.num_out();
   if (cols == 0 || rows == 0) return Bf16Execution::dense;
   if (dst) prefer_huge_pages(dst, size_t(rows * cols) * sizeof(float));
-  return apply_bf16(
-      ApplyBf16Args{src, w, bias, dst, kc, cols, rows, plan.pairs(false), nt, relu, dst_bf16, vector_density, add});
+  ApplyBf16Args a{src, w, bias, dst, kc, cols, rows, plan.pairs(false), nt, relu, dst_bf16, vector_density, add};
+  a.tiles_width = tiles_width;
+  return apply_bf16(a);
 }
 
 #define PS_CONV_PLAN_INSTANTIATE(T)                                                                               \

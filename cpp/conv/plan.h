@@ -116,12 +116,13 @@ void run_wgrad(const Plan& plan, const T* x, const T* g, T* grad_w, const T* mas
 
 // The bf16 forward (ApplyBf16Args) over the plan's pairs by output row;
 // dst_bf16 (or null): dst rounded to bf16 as well; vector_density: see
-// Bf16Execution (fused.h); add (or null): a bf16 residual (ApplyBf16Args).
-// Returns what ran. Precondition: bf16_runs().
-// Runs without the GIL.
+// Bf16Execution (fused.h); add (or null): a bf16 residual (ApplyBf16Args);
+// tiles_width: where the AMX form runs (ApplyBf16Args). Returns what ran.
+// Precondition: bf16_runs(). Runs without the GIL.
 Bf16Execution run_apply_bf16(const Plan& plan, const uint16_t* src, const uint16_t* w, const float* bias,
                              float* dst, int64_t kc, int64_t cols, int nt, bool relu, uint16_t* dst_bf16 = nullptr,
-                             double vector_density = -1.0, const uint16_t* add = nullptr);
+                             double vector_density = -1.0, const uint16_t* add = nullptr,
+                             double tiles_width = __builtin_inf());
 
 }  // namespace conv
 }  // namespace ps

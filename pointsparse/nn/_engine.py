@@ -29,6 +29,7 @@ it lives on in ``bench/_grouped.py`` for that comparison.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -442,6 +443,37 @@ def bf16_vector_threshold(cols: int) -> float:
     return 1.0 if 0 < cols % 32 <= 16 else BF16_VECTOR_DENSITY
 
 
+#: Whether the bf16 forward may run on the AMX tiles where the CPU has them
+#: (:func:`bf16_tiles`); tests and benchmarks turn it off to reach the
+#: ``vdpbf16ps`` forms on such a CPU.
+BF16_TILES = True
+
+#: The smallest listed width (the density of listed bf16 vectors, as for
+#: :func:`bf16_vector_threshold`, x sqrt(C_in x C_out)) at which a conv runs
+#: on the AMX tiles (``forward_bf16(tiles_width=...)``: every kept offset
+#: dense, 16 pairs x 16 columns a tile) rather than in a ``vdpbf16ps`` form.
+#: Measured (``python bench/bf16_vectors.py --channels 8 16 24 32 64``, KITTI
+#: sweep, one thread, Intel Xeon with AMX, bench/RESULTS.md): the tiles ran
+#: 1.4-2.9x the best ``vdpbf16ps`` form unpruned at C = 24 to 64, even at
+#: C = 16, 0.5-0.7x at C = 8; pruned, they won from a listed width of about
+#: 14 (C = 24, 32) to 22 (C = 64) and lost below.
+BF16_TILES_WIDTH = 20.0
+
+
+def bf16_tiles() -> bool:
+    """Whether the bf16 forward may run its AMX form here: :data:`BF16_TILES`
+    on a CPU with AMX-BF16 whose OS lets this process use the tiles (Intel
+    Xeon from Sapphire Rapids on); a conv then runs on the tiles where its
+    listed width is at least :data:`BF16_TILES_WIDTH`."""
+    return BF16_TILES and _ext.core.conv_amx()
+
+
+def bf16_tiles_width() -> float:
+    """The ``tiles_width`` the engine passes to ``forward_bf16``:
+    :data:`BF16_TILES_WIDTH` where :func:`bf16_tiles`, else infinite (never)."""
+    return BF16_TILES_WIDTH if bf16_tiles() else math.inf
+
+
 def bf16_vectors(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``(listed, keep, density)`` of a ``(K, C_in, C_out)`` weight as the
     bf16 kernels list it (``forward_bf16``): ``listed`` bool ``(K, pairs,
@@ -464,10 +496,13 @@ def bf16_cost(weight: torch.Tensor, pair_counts) -> tuple[int, str]:
     nonzero skipped; the vector form (where the density is at most
     :func:`bf16_vector_threshold`) runs ``pairs(k) x channels x columns``
     of each listed vector (a listed pair counts both its channels), the
-    dense form ``pairs(k) x C_in x C_out`` per kept offset."""
+    dense form ``pairs(k) x C_in x C_out`` per kept offset; so does the AMX
+    form (``tiles``, where the listed width reaches :func:`bf16_tiles_width`)."""
     _, c_in, c_out = weight.shape
     listed, keep, density = bf16_vectors(weight)
     pairs = torch.as_tensor(pair_counts, dtype=torch.int64)
+    if bool(keep.any()) and density * math.sqrt(c_in * c_out) >= bf16_tiles_width():
+        return 2 * int(pairs[keep].sum()) * c_in * c_out, "tiles"
     if density <= bf16_vector_threshold(c_out):
         channels = torch.full((listed.shape[1],), 2, dtype=torch.int64)
         if channels.numel():
@@ -490,10 +525,12 @@ def conv_bf16(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def bf16_forward(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: FusedPlan,
                  relu: bool = False, add: torch.Tensor | None = None) -> torch.Tensor:
     """Products of the bf16 feats and weight summed in float32 by
-    ``vdpbf16ps``, bias (and ReLU) added in float32, the result rounded once
-    to bfloat16 (AVX512-BF16 CPUs: :func:`bf16_kernels`). Offsets whose
-    weight is all zero are skipped, and a vector-sparse weight (see
-    :func:`bf16_vector_threshold`) runs only its listed vectors. ``add``: a
+    ``vdpbf16ps`` (or the AMX tiles: :func:`bf16_tiles`), bias (and ReLU)
+    added in float32, the result rounded once to bfloat16 (AVX512-BF16 CPUs:
+    :func:`bf16_kernels`). Offsets whose weight is all zero are skipped, and
+    a vector-sparse weight (see :func:`bf16_vector_threshold`) runs only its
+    listed vectors (not on the tiles, which run every kept offset: see
+    :data:`BF16_TILES_WIDTH`). ``add``: a
     bfloat16 residual ``(num_out, C_out)`` added in float32 before the ReLU
     (one rounding for the conv, the sum and the ReLU)."""
     cols = weight.shape[2]
@@ -504,7 +541,8 @@ def bf16_forward(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     plan.core.forward_bf16(_np(feats.contiguous().view(torch.int16)), _np(weight.contiguous().view(torch.int16)),
                            b, None, _ext.num_threads(), relu, out_bf16=_np(rounded.view(torch.int16)),
                            vector_density=bf16_vector_threshold(cols),
-                           add=None if add is None else _np(add.contiguous().view(torch.int16)))
+                           add=None if add is None else _np(add.contiguous().view(torch.int16)),
+                           tiles_width=bf16_tiles_width())
     return rounded
 
 

@@ -63,7 +63,8 @@ def engine_cost(weight: torch.Tensor, pair_counts: torch.Tensor, kernel_size=3, 
     C_out)`` on the fused engine over a map with these per-offset pair
     counts: what the engine picks (``"dense"``, ``"offsets"`` when all-zero
     offsets and offsets outside ``kernel_region`` are skipped, ``"vector"``
-    when only the nonzero vectors run) and the multiply-adds (x2) it runs.
+    when only the nonzero vectors run; ``"tiles"``: the bf16 AMX form) and
+    the multiply-adds (x2) it runs.
     A bfloat16 weight on a CPU with AVX512-BF16 is costed as the bf16
     kernels run it (:func:`pointsparse.nn._engine.bf16_cost`), elsewhere as
     the float32 kernels run its widened values."""

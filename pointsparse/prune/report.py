@@ -17,7 +17,8 @@ FLOPs count multiply-adds as 2 operations and ignore the bias:
 ``executed_flops`` is what the engine runs: for a sparse conv the fused
 engine's choice (``execution``: "dense", "offsets" when all-zero kernel
 offsets and offsets outside a ``kernel_region`` are skipped, "vector" when
-only the nonzero (offset, input channel, column panel) vectors run; see
+only the nonzero (offset, input channel, column panel) vectors run, "tiles"
+when a bfloat16 conv runs dense on the AMX tiles; see
 ``pointsparse.nn.functional.engine_cost``); torch layers run dense
 (``execution`` "dense", ``executed_flops == dense_flops``). Without an
 example input FLOPs are ``None``. Per-offset pair counts come from the kernel
