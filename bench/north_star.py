@@ -16,7 +16,8 @@ one offset, made permanent; 16 x 1 blocks, or 16 x 2 (``rows=2``: whole bf16
 vectors) for the "pair vectors" row, which the bf16 kernels skip; that
 model is also timed as a ``pointsparse.export`` program written to a file and
 loaded back, whose maps are built inside every call) and ``nn.VoxelPrune(0.5)`` before the three
-coarse decoder stages (bench/voxel_prune.py). Each is timed end to end from
+coarse decoder stages (bench/voxel_prune.py); on a CPU with AMX-BF16 the two
+unpruned bf16 rows again with the AMX tiles off. Each is timed end to end from
 the points (voxelize, every kernel map and plan built, the network; no
 gradients) and with the maps cached (the network alone), interleaved, medians
 of ``--rounds``. The output difference is against the unpruned float32 model
@@ -76,6 +77,9 @@ def variants(x: ps.SparseTensor) -> dict:
            "channels keep 0.25": (quarter, torch.float32),
            "keep 0.25 + fuse": (fused_quarter, torch.float32),
            "keep 0.25 + fuse + bf16": (ps.nn.fuse_for_inference(quarter).to(torch.bfloat16), torch.bfloat16)}
+    if _core.conv_amx():  # the bf16 rows again without the AMX tiles (vdpbf16ps only)
+        for name in ("full width + fuse + bf16", "keep 0.25 + fuse + bf16"):
+            out[name + ", AMX tiles off"] = (NoTiles(out[name][0]), torch.bfloat16)
     sparse = vector_sparse(ps.nn.fuse_for_inference(quarter), 0.75)
     out["keep 0.25 + fuse + vectors 75%"] = (sparse, torch.float32)
     spatial = vector_sparse(ps.nn.fuse_for_inference(quarter), 0.75)
@@ -93,6 +97,25 @@ def variants(x: ps.SparseTensor) -> dict:
     out["the same, exported (.pt2 written and loaded back)"] = (
         Program(pairs, ps.SparseTensor(x.feats.bfloat16(), x.coords)), torch.bfloat16)
     return out
+
+
+class NoTiles(torch.nn.Module):
+    """``model`` run with the bf16 forward's AMX tiles turned off
+    (``nn._engine.BF16_TILES``), for the rows that compare the two on a CPU
+    with AMX-BF16."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: ps.SparseTensor) -> ps.SparseTensor:
+        from pointsparse.nn import _engine
+
+        before, _engine.BF16_TILES = _engine.BF16_TILES, False
+        try:
+            return self.model(x)
+        finally:
+            _engine.BF16_TILES = before
 
 
 class Program(torch.nn.Module):
