@@ -201,6 +201,20 @@ def random_coords(n: int, extent: int = 8, batch: int = 2, stride: int = 1, seed
     return torch.unique(rows, dim=0)
 
 
+def random_cloud(n: int = 1500, c: int = 4, seed: int = 0, extent: int = 14) -> SparseTensor:
+    """One batch of about ``n`` unique voxels on an ``extent``-cell grid with
+    ``c`` standard-normal feature channels (the bf16 kernels' tests)."""
+    g = torch.Generator().manual_seed(seed)
+    coords = torch.unique(torch.cat([torch.zeros(n, 1, dtype=torch.int64),
+                                     torch.randint(0, extent, (n, 3), generator=g)], 1), dim=0).int()
+    return SparseTensor(torch.randn(len(coords), c, generator=g), coords)
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| over max |b|, in float64."""
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
 def _torch_weight(weight: torch.Tensor, k, transposed: bool = False) -> torch.Tensor:
     """``(K, C_in, C_out)`` -> torch's ``(C_out, C_in, kx, ky, kz)`` (conv3d) or
     ``(C_in, C_out, kx, ky, kz)`` (conv_transpose3d)."""

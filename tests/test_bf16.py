@@ -14,22 +14,11 @@ from pointsparse import nn as spnn
 from pointsparse.models import MinkUNet
 from pointsparse.nn import _engine
 from pointsparse.nn import functional as F
-from reference import conv_sum
+from reference import conv_sum, random_cloud as _cloud, rel_error as _rel
 
 pytestmark = pytest.mark.skipif(not _ext.core.conv_bf16(), reason="the CPU has no AVX512-BF16")
 
 CHANNELS = [1, 5, 6, 7, 13, 15, 16, 17, 31, 33, 64, 100]
-
-
-def _cloud(n=1500, c=4, seed=0, extent=14):
-    g = torch.Generator().manual_seed(seed)
-    coords = torch.unique(torch.cat([torch.zeros(n, 1, dtype=torch.int64),
-                                     torch.randint(0, extent, (n, 3), generator=g)], 1), dim=0).int()
-    return ps.SparseTensor(torch.randn(len(coords), c, generator=g), coords)
-
-
-def _rel(a, b):
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
 
 
 @pytest.mark.parametrize("c_in", CHANNELS)

@@ -16,22 +16,11 @@ import pointsparse as ps
 from pointsparse import _ext
 from pointsparse.nn import _engine
 from pointsparse.nn import functional as F
-from reference import conv_sum
+from reference import conv_sum, random_cloud as _cloud, rel_error as _rel
 
 pytestmark = pytest.mark.skipif(not _ext.core.conv_amx(), reason="the CPU (or OS) runs no AMX-BF16 tiles")
 
 ALWAYS = 0.0  # tiles_width: the tiles wherever they run
-
-
-def _cloud(n=1500, c=4, seed=0, extent=14):
-    g = torch.Generator().manual_seed(seed)
-    coords = torch.unique(torch.cat([torch.zeros(n, 1, dtype=torch.int64),
-                                     torch.randint(0, extent, (n, 3), generator=g)], 1), dim=0).int()
-    return ps.SparseTensor(torch.randn(len(coords), c, generator=g), coords)
-
-
-def _rel(a, b):
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
 
 
 def _bits(t):
