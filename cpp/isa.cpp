@@ -46,7 +46,9 @@ bool cpu_has_bf16() {
 
 // AMX tiles with AMX-BF16 on top of AVX512-BF16, and the kernel's leave to
 // use the tile data (Linux 5.16+: arch_prctl(ARCH_REQ_XCOMP_PERM,
-// XFEATURE_XTILEDATA), asked once for the whole process; a kernel that
+// XFEATURE_XTILEDATA), asked once for the whole process, on the first
+// question about the tiles only: once granted, the kernel refuses an
+// alternate signal stack too small for the tiles' state; a kernel that
 // refuses it, or another OS, leaves the tiles off).
 bool cpu_has_amx() {
 #if defined(PS_ISA_X86) && defined(__linux__) && defined(SYS_arch_prctl) && __GNUC__ >= 11
@@ -61,8 +63,8 @@ bool cpu_has_amx() {
 
 struct Support {
   bool runs[kNumIsas];
-  bool bf16, amx;
-  Support() : bf16(cpu_has_bf16()), amx(cpu_has_amx()) {
+  bool bf16;
+  Support() : bf16(cpu_has_bf16()) {
     for (int i = 0; i < kNumIsas; ++i) runs[i] = cpu_has(Isa(i));
   }
 };
@@ -86,7 +88,10 @@ bool isa_runs(Isa isa) { return support().runs[int(isa)]; }
 
 bool avx512_bf16_runs() { return support().bf16; }
 
-bool amx_bf16_runs() { return support().amx; }
+bool amx_bf16_runs() {
+  static const bool amx = cpu_has_amx();
+  return amx;
+}
 
 Isa best_isa() {
   static const Isa best = [] {

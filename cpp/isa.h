@@ -20,7 +20,7 @@ Isa best_isa();
 // the bf16 conv kernels' build is the caller's to know).
 bool avx512_bf16_runs();
 // Whether the CPU runs AMX-TILE and AMX-BF16 on top of that, and the OS lets
-// this process use the tiles (asked once).
+// this process use the tiles (asked once, on the first call).
 bool amx_bf16_runs();
 // The builds that run here, widest first, e.g. "avx512, avx2, generic".
 std::string runnable_isas();

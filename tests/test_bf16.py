@@ -18,6 +18,13 @@ from reference import conv_sum, random_cloud as _cloud, rel_error as _rel
 
 pytestmark = pytest.mark.skipif(not _ext.core.conv_bf16(), reason="the CPU has no AVX512-BF16")
 
+
+@pytest.fixture(autouse=True)
+def _vdpbf16ps_forms(monkeypatch):
+    """These tests are the vdpbf16ps forms': the engine never takes the AMX
+    tiles here (tests/test_bf16_tiles.py tests those)."""
+    monkeypatch.setattr(_engine, "BF16_TILES", False)
+
 CHANNELS = [1, 5, 6, 7, 13, 15, 16, 17, 31, 33, 64, 100]
 
 
@@ -348,10 +355,11 @@ def test_forward_bf16_adds_a_bf16_residual_before_the_relu():
 
 
 @pytest.mark.skipif(_ext.core.conv_amx(), reason="the CPU runs the AMX tiles (tests/test_bf16_tiles.py)")
-def test_forward_bf16_ignores_tiles_width_without_amx():
+def test_forward_bf16_ignores_tiles_width_without_amx(monkeypatch):
     """Where the CPU (or OS) runs no AMX-BF16 tiles, tiles_width changes
-    nothing: the vdpbf16ps form runs, the same bits; the engine never
-    passes a finite width and costs no conv as tiles."""
+    nothing: the vdpbf16ps form runs, the same bits; the engine (tiles
+    allowed) never passes a finite width and costs no conv as tiles."""
+    monkeypatch.setattr(_engine, "BF16_TILES", True)
     x = _cloud(c=32, seed=12)
     plan = _engine.make_fused_plan(ps.kmap.get_kmap(x, 3))
     fb = x.feats.bfloat16()

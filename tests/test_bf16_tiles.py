@@ -41,13 +41,14 @@ def _run(plan, fb, wb, bias, c_out, nt, relu=False, width=ALWAYS, add=None):
     return ran, out, rounded
 
 
-@pytest.mark.parametrize("c_in,c_out", [(1, 5), (2, 16), (7, 17), (8, 8), (24, 24), (31, 33), (33, 64), (64, 64),
-                                        (100, 100), (64, 160)])
+@pytest.mark.parametrize("c_in,c_out", [(1, 5), (2, 16), (7, 17), (8, 8), (24, 24), (31, 33), (32, 32), (33, 64),
+                                        (64, 64), (70, 40), (64, 72), (100, 100), (64, 160)])
 def test_tiles_against_the_exact_sum_for_any_thread_count(c_in, c_out):
-    """One or several channel chunks (c_in up to 32, or more: 16 pairs a
-    chunk, the last padded), one to four sums tiles a pass or more (c_out
-    past 64), odd channels and columns: within float32 rounding of the exact
-    sum, equal for 1, 2 and 3 threads, the ReLU the ReLU of the sums."""
+    """One or several channel chunks (c_in up to 32, or more: chunks of up
+    to 16 pairs, as even as they come, the last pairs padded), one to four
+    sums tiles a pass or more (c_out past 64: a last pass of one), odd
+    channels and columns: within float32 rounding of the exact sum, equal
+    for 1, 2 and 3 threads, the ReLU the ReLU of the sums."""
     x = _cloud(c=c_in, seed=c_in + c_out)
     kmap = ps.kmap.get_kmap(x, 3)
     plan = _engine.make_fused_plan(kmap)
@@ -150,3 +151,127 @@ def test_the_engine_runs_and_costs_the_tiles_by_the_listed_width(monkeypatch):
     assert F.engine_cost(dense, pairs) == (2 * int(pairs.sum()) * 32 * 32, "tiles")
     monkeypatch.setattr(_engine, "BF16_TILES", False)
     assert _engine.bf16_tiles_width() == math.inf and F.engine_cost(dense, pairs)[1] == "dense"
+
+
+def _offset_sums(plan, fb, w, k, c_out):
+    """Offset k's tile sums alone: its weight only, no bias (rows without a
+    pair stay zero; a row's sums do not depend on the other rows of its
+    tile)."""
+    alone = torch.zeros_like(w)
+    alone[k] = w[k]
+    return _run(plan, fb, alone, None, c_out, 1)[1]
+
+
+def test_tiles_add_each_offsets_sums_in_the_walks_order():
+    """Bit for bit: the identity's tile sums stored over the bias, then each
+    other kept offset's sums added to its rows in offset order (the order
+    the pipeline must keep although it adds a tile two tiles later), for 1
+    and 2 threads over many blocks."""
+    x = _cloud(n=4000, c=20, seed=21, extent=24)
+    assert len(x) > 4 * 512
+    kmap = ps.kmap.get_kmap(x, 3)
+    plan = _engine.make_fused_plan(kmap)
+    g = torch.Generator().manual_seed(21)
+    fb = x.feats.bfloat16()
+    w = (torch.randn(27, 20, 24, generator=g) / 4).bfloat16()
+    w[6] = 0  # an offset left out
+    bias = torch.randn(24, generator=g)
+    identity = _engine.identity_offset(kmap)
+    want = bias + _offset_sums(plan, fb, w, identity, 24)
+    for k in range(27):
+        if k in (identity, 6):
+            continue
+        rows = kmap.pairs(k)[1].long()
+        want[rows] = want[rows] + _offset_sums(plan, fb, w, k, 24)[rows]
+    for nt in (1, 2):
+        assert torch.equal(_run(plan, fb, w, bias, 24, nt)[1], want)
+
+
+def test_tiles_on_one_block_and_more_threads_than_blocks():
+    """An output of fewer rows than a block (the walk not parallel, a block
+    of sums that short) with 1 and 3 threads: the exact sum, the same bits."""
+    x = _cloud(n=300, c=24, seed=5, extent=9)
+    assert len(x) < 512
+    kmap = ps.kmap.get_kmap(x, 3)
+    plan = _engine.make_fused_plan(kmap)
+    g = torch.Generator().manual_seed(5)
+    fb, wb = x.feats.bfloat16(), (torch.randn(27, 24, 40, generator=g) / 5).bfloat16()
+    bias = torch.randn(40, generator=g)
+    outs = [_run(plan, fb, wb, bias, 40, nt, True)[1] for nt in (1, 3)]
+    assert torch.equal(outs[0], outs[1])
+    exact = torch.relu(conv_sum(fb.double(), wb.double(), kmap) + bias.double())
+    assert _rel(outs[0], exact) < 1e-6
+
+
+def test_tiles_after_other_tile_users_and_from_several_threads():
+    """Each call loads its own tile configuration: calls of other shapes
+    (another chunk width) and torch's own bf16 matmuls between them change
+    nothing; calls from several Python threads at once give the bits of a
+    call alone."""
+    import threading
+
+    x = _cloud(c=64, seed=8)
+    plan = _engine.make_fused_plan(ps.kmap.get_kmap(x, 3))
+    g = torch.Generator().manual_seed(8)
+    cases = []
+    for c_in, c_out in ((8, 16), (64, 40), (40, 24)):
+        fb = x.feats[:, :c_in].bfloat16()
+        wb = (torch.randn(27, c_in, c_out, generator=g) / 4).bfloat16()
+        cases.append((fb, wb, c_out, _run(plan, fb, wb, None, c_out, 2)[1]))
+    a = torch.randn(512, 512, generator=g).bfloat16()
+    for fb, wb, c_out, want in cases + cases[::-1]:
+        _ = a @ a  # torch's kernels (oneDNN, AMX where it has it) between calls
+        assert torch.equal(_run(plan, fb, wb, None, c_out, 2)[1], want)
+    got = {}
+
+    def call(i):
+        fb, wb, c_out, _ = cases[i % 3]
+        got[i] = _run(plan, fb, wb, None, c_out, 2)[1]
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(got[i], cases[i % 3][3]) for i in range(6))
+
+
+def test_minkunet_bf16_on_the_tiles():
+    """A fused MinkUNet (cr = 0.5: 16 to 128 channels) in bf16 with the
+    engine's choice of forms: some convs on the tiles (the listed width at
+    least BF16_TILES_WIDTH), within the bf16 accuracy of its float32 eval
+    output, and within float32 rounding effects of its run without the
+    tiles."""
+    from pointsparse import nn as spnn
+    from pointsparse.models import MinkUNet
+
+    torch.manual_seed(0)
+    net = MinkUNet(4, 6, cr=0.5).eval()
+    x = _cloud(4000, 4, extent=40)
+    fused = spnn.fuse_for_inference(net).to(torch.bfloat16)
+    widths = [m.weight.shape for m in fused.modules() if isinstance(m, spnn.Conv3d)]
+    assert any(math.sqrt(c_in * c_out) >= _engine.BF16_TILES_WIDTH for _, c_in, c_out in widths)
+    xb = ps.SparseTensor(x.feats.bfloat16(), x.coords)
+    ran = []
+    real = _engine.bf16_forward
+
+    def spy(feats, weight, *args, **kwargs):
+        ran.append(_engine.bf16_cost(weight, [1] * weight.shape[0])[1])
+        return real(feats, weight, *args, **kwargs)
+
+    with torch.no_grad():
+        ref = net(x).feats
+        _engine.bf16_forward = spy
+        try:
+            out = fused(xb).feats
+        finally:
+            _engine.bf16_forward = real
+        _engine.BF16_TILES = False
+        try:
+            plain = fused(xb).feats
+        finally:
+            _engine.BF16_TILES = True
+    assert "tiles" in ran and out.dtype == torch.bfloat16
+    assert _rel(out, ref) < 5e-2
+    assert (out.float().argmax(1) == ref.argmax(1)).float().mean() > 0.9
+    assert _rel(out, plain) < 2e-2

@@ -365,8 +365,8 @@ void bind_conv(py::module_& m) {
   m.def("conv_bf16", [] { return conv::bf16_runs(); },
         "Whether the bf16 inference forward (AVX512-BF16 vdpbf16ps) runs on this CPU.");
   m.def("conv_amx", [] { return conv::bf16_tiles_run(); },
-        "Whether the bf16 inference forward's AMX form (forward_bf16(tiles=True): AMX-TILE + AMX-BF16, with the "
-        "OS's leave to use the tiles) runs here.");
+        "Whether the bf16 inference forward's AMX form (forward_bf16(tiles_width=...): AMX-TILE + AMX-BF16, with "
+        "the OS's leave to use the tiles, asked on the first call) runs here.");
   m.def("runnable_isas", [] {
         std::vector<std::string> names;
         for (int i = kNumIsas - 1; i >= 0; --i)

@@ -18,7 +18,10 @@
 #include <immintrin.h>
 
 #pragma GCC push_options
-#if __GNUC__ >= 11  // the AMX tiles' intrinsics (run only where amx_bf16_runs())
+// The AMX tiles' intrinsics (run only where amx_bf16_runs()): GCC 11 on, x86-64
+// only (its AMX header), and an assembler that knows the instructions
+// (PS_AMX_ASSEMBLES, probed by CMakeLists.txt).
+#if __GNUC__ >= 11 && defined(__x86_64__) && defined(PS_AMX_ASSEMBLES)
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx512bf16,avx2,fma,amx-tile,amx-bf16")
 #define PS_CONV_HAVE_AMX 1
 #else
@@ -211,20 +214,20 @@ void micro_sparse(int64_t n, const int32_t* __restrict list, int64_t kc, const u
 // (the identity where it runs) stores bias or zero + its products; with
 // dst_bf16, each block's rows are rounded into it once they are done (the
 // sums in dst, or, with a.sums, in a block of the thread's own).
-template <int MR = kRows, typename Tile, typename Finish = NoFinish>
-void walk(const ApplyBf16Args& a, const uint8_t* keep, Tile tile, Finish finish = Finish()) {
+template <int MR = kRows, typename Tile, typename Finish = NoFinish, typename Leave = NoFinish>
+void walk(const ApplyBf16Args& a, const uint8_t* keep, Tile tile, Finish finish = Finish(), Leave leave = Leave()) {
   const auto skip = [keep](int64_t k) { return keep[k] == 0; };
   if (a.dst_bf16 == nullptr) {
-    apply_blocks<MR>(a, skip, tile, NoEpilogue(), finish);
+    apply_blocks<MR>(a, skip, tile, NoEpilogue(), finish, leave);
     return;
   }
   const auto round = [&a](int64_t r0, int64_t r1, const float* rows) {
     round_bf16(rows, a.dst_bf16 + r0 * a.cols, (r1 - r0) * a.cols);
   };
   if (a.sums)
-    apply_blocks<MR, true>(a, skip, tile, round, finish);
+    apply_blocks<MR, true>(a, skip, tile, round, finish, leave);
   else
-    apply_blocks<MR>(a, skip, tile, round, finish);
+    apply_blocks<MR>(a, skip, tile, round, finish, leave);
 }
 
 void apply_dense(const ApplyBf16Args& a, const uint32_t* wpack, const uint8_t* keep, int64_t np, int64_t kp) {
@@ -261,8 +264,8 @@ void apply_sparse(const ApplyBf16Args& a, const uint32_t* wpack, const int32_t* 
 // The AMX form (Bf16Execution::tiles). Tile registers: 0-3 the sums of a
 // tile (16 rows x 16 columns of float32 each), 4 the tile's rows (16 rows x
 // kpa channel pairs), 5-7 the weight (kpa pairs x 16 columns, as the
-// vdpbf16ps packing: a pair's two bf16 in one 32-bit lane), three of them in
-// turn so that a load need not wait for the product reading the last one.
+// vdpbf16ps packing: a pair's two bf16 in one 32-bit lane): a step of four
+// column groups loads the weight of groups 0-3 into 5, 6, 7 and 5 again.
 namespace amx {
 
 constexpr int kRows = 16;       // rows (pairs) a tile
@@ -275,15 +278,17 @@ struct alignas(64) Config {  // the LDTILECFG operand, palette 1
   uint8_t rows[16];
 };
 
-// kp channel pairs, taken kpa (<= 16) at a time, kpp = kp rounded up to a
-// multiple of kpa; ng column groups of kGroup; a gathered row holds kpp
-// pairs (astride bf16).
+// kp channel pairs, in chunks of kpa (<= 16) pairs as even as they come
+// (kp = 17: two chunks of 9), kpp = the chunks' pairs (>= kp: the last
+// ones zero); ng column groups of kGroup; a gathered row holds kpp pairs
+// (astride bf16).
 struct Shape {
-  int64_t kp, kpa, kpp, ng, astride;
+  int64_t kp, chunks, kpa, kpp, ng, astride;
   explicit Shape(const ApplyBf16Args& a)
       : kp((a.kc + 1) / 2),
-        kpa(kp < 16 ? (kp > 0 ? kp : 1) : 16),
-        kpp((kp + kpa - 1) / kpa * kpa),
+        chunks(kp > 16 ? (kp + 15) / 16 : 1),
+        kpa(kp > 0 ? (kp + chunks - 1) / chunks : 1),
+        kpp(kpa * chunks),
         ng((a.cols + kGroup - 1) / kGroup),
         astride(2 * kpp) {}
 };
@@ -328,9 +333,12 @@ void pack(const ApplyBf16Args& a, uint32_t* wamx, const Shape& s) {
 
 // The sums of N column groups (N <= kSums) of a tile: rows `ab` (16 x
 // astride bf16) times the groups' weights from `wg` on (kpp x 16 lanes a
-// group), stored to cb (16 rows of ng * kGroup floats) from column group g0.
+// group), stored to cb (16 rows, ng * kGroup floats apart).
 template <int N>
 inline void products(const Shape& s, const uint16_t* ab, const uint32_t* wg, float* cb) {
+  // GCC's tile loads are asm that names no memory operand: the barrier keeps
+  // the gathered rows' stores (and any other) before them.
+  asm volatile("" ::: "memory");
   const int64_t sa = s.astride * 2, sc = s.ng * kGroup * 4, gw = s.kpp * kGroup;
   _tile_zero(0);
   if (N > 1) _tile_zero(1);
@@ -359,12 +367,6 @@ inline void products(const Shape& s, const uint16_t* ab, const uint32_t* wg, flo
   if (N > 3) _tile_stored(3, cb + 3 * kGroup, sc);
 }
 
-// The tile configuration each thread loads before its first tile of a call
-// (another library may have loaded its own on the thread since): `loaded`,
-// the call it last loaded for.
-uint64_t calls = 0;
-thread_local uint64_t loaded = 0;
-
 // A tile as the walk gave it: its offset, rows written, valid rows and
 // whether it stores (a block's first offset).
 struct Pending {
@@ -381,11 +383,16 @@ struct Pending {
 // tile i + 1 comes, into cb[i % 2]; its sums are added to its rows when
 // tile i + 2 comes, or when the block ends (finish). The rows are added in
 // the walk's order: each row's sums are those of the unpipelined order.
-struct Pipe {
+// A call's pipes are its own (one a thread): each thread loads the tile
+// configuration at its first tile (another library may have loaded its own
+// on the thread since the last call) and gives the tiles back when it
+// leaves the walk.
+struct alignas(64) Pipe {
   uint16_t* ab[2];  // 16 rows of astride bf16 each (zero past kc)
   float* cb[2];     // 16 rows of ng * kGroup floats each
   Pending tile[3];
-  int64_t n;  // tiles taken in the thread's current block
+  int64_t n;        // tiles taken in the thread's current block
+  bool configured;  // the tile configuration loaded
 };
 
 struct Amx {
@@ -458,24 +465,24 @@ struct Amx {
   }
 };
 
-// pipes: one a thread, their buffers set.
+// pipes: one a thread, their buffers set, n = 0, not configured.
 void apply(const ApplyBf16Args& a, const uint32_t* wamx, const uint8_t* keep, const Shape& s, Pipe* pipes) {
   const Config cfg = config_of(s);
-  const uint64_t call = __atomic_add_fetch(&calls, 1, __ATOMIC_RELAXED);
   const Amx amx{a, s, wamx};
   walk<kRows>(
       a, keep,
       [&](int64_t k, const uint16_t* const* arow, float* const* crow, int mr, bool first) {
-        if (loaded != call) {
+        Pipe& p = pipes[omp_get_thread_num()];
+        if (!p.configured) {
           _tile_loadconfig(&cfg);
-          loaded = call;
+          p.configured = true;
         }
-        amx.take(pipes[omp_get_thread_num()], k, arow, crow, mr, first);
+        amx.take(p, k, arow, crow, mr, first);
       },
-      [&]() { amx.finish(pipes[omp_get_thread_num()]); });
-  // The calling thread gives its tiles back (the pool's threads keep theirs
-  // configured until their next call, or another library's).
-  _tile_release();
+      [&]() { amx.finish(pipes[omp_get_thread_num()]); },
+      [&]() {
+        if (pipes[omp_get_thread_num()].configured) _tile_release();
+      });
 }
 
 }  // namespace amx
@@ -487,11 +494,9 @@ void apply(const ApplyBf16Args& a, const uint32_t* wamx, const uint8_t* keep, co
 Bf16Execution apply_bf16_kernels(ApplyBf16Args a) {
   const int64_t K = a.pairs.kernel_volume, kp = (a.kc + 1) / 2;
   const int64_t np = (a.cols + bf16::kCols - 1) / bf16::kCols, np16 = (a.cols + kBf16Panel - 1) / kBf16Panel;
-  // Both packings hold at most K x kp x (np16 x kBf16Panel <= np x kCols)
-  // lanes; neither buffer is zeroed: every lane (and list entry) read is
-  // written first.
-  const int64_t lanes = K * kp * np * bf16::kCols, lists = K * np16 * kp;
-  std::unique_ptr<uint32_t[]> wpack(new uint32_t[size_t(lanes > 0 ? lanes : 1)]);
+  // Neither the lists nor (below) the packing is zeroed: every entry read
+  // is written first.
+  const int64_t lists = K * np16 * kp;
   std::unique_ptr<int32_t[]> idx(new int32_t[size_t(lists > 0 ? lists : 1)]);
   std::vector<int32_t> count(size_t(K * np16 + 1));
   std::vector<int64_t> start(size_t(K * np16 + 1));
@@ -528,11 +533,16 @@ Bf16Execution apply_bf16_kernels(ApplyBf16Args a) {
       p.cb[0] = cbuf + 2 * t * crows;
       p.cb[1] = p.cb[0] + crows;
       p.n = 0;
+      p.configured = false;
     }
     bf16::amx::apply(a, wamx.get(), keep.data(), s, pipes.get());
     return Bf16Execution::tiles;
   }
 #endif
+  // Both packings hold at most K x kp x (np16 x kBf16Panel <= np x kCols)
+  // lanes.
+  const int64_t lanes = K * kp * np * bf16::kCols;
+  std::unique_ptr<uint32_t[]> wpack(new uint32_t[size_t(lanes > 0 ? lanes : 1)]);
   if (density <= a.vector_density) {
     bf16::pack_listed(a, wpack.get(), idx.get(), count.data(), start.data(), np16, kp);
     bf16::apply_sparse(a, wpack.get(), idx.get(), count.data(), start.data(), keep.data(), np16, kp);

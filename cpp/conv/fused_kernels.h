@@ -638,7 +638,8 @@ struct NoFinish {
 // kTails: the tile takes tail tiles (apply_pairs).
 // finish(): called by the thread after a block's last tile, before the
 // epilogue (a tile whose sums reach their rows later, as the AMX form's
-// pipeline, adds what it holds).
+// pipeline, adds what it holds); leave(): by each thread of the walk once
+// it has no block left (the AMX form gives its tiles back).
 // kAhead (the dense kernels' where the pairs skip offsets: skips_offsets):
 // after each tile of a block, a share of the rows that the thread's next
 // block (guessed: nt blocks on, as the threads take them in turn; exact on
@@ -653,8 +654,10 @@ struct NoFinish {
 // 0.96 / 0.95; nothing at C = 128. The instantiation without it is the walk
 // of before.
 template <int MR = kMR, bool kScratch = false, bool kTails = false, bool kAhead = false, typename Args,
-          typename Skip, typename Tile, typename Done = NoEpilogue, typename Finish = NoFinish>
-void apply_blocks(const Args& a, Skip skip, Tile tile, Done done = Done(), Finish finish = Finish()) {
+          typename Skip, typename Tile, typename Done = NoEpilogue, typename Finish = NoFinish,
+          typename Leave = NoFinish>
+void apply_blocks(const Args& a, Skip skip, Tile tile, Done done = Done(), Finish finish = Finish(),
+                  Leave leave = Leave()) {
   typedef decltype(a.dst) Out;
   const int64_t K = a.pairs.kernel_volume;
   const int64_t blocks = (a.num_rows + kBlockRows - 1) / kBlockRows;
@@ -761,6 +764,7 @@ void apply_blocks(const Args& a, Skip skip, Tile tile, Done done = Done(), Finis
       pending.step(pending.left);
       stream_fence();
     }
+    leave();
   }
 }
 

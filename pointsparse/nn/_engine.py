@@ -444,8 +444,8 @@ def bf16_vector_threshold(cols: int) -> float:
 
 
 #: Whether the bf16 forward may run on the AMX tiles where the CPU has them
-#: (:func:`bf16_tiles`); tests and benchmarks turn it off to reach the
-#: ``vdpbf16ps`` forms on such a CPU.
+#: (:func:`bf16_tiles`); turned off (tests/test_bf16.py, bench/north_star.py)
+#: to reach the ``vdpbf16ps`` forms on such a CPU.
 BF16_TILES = True
 
 #: The smallest listed width (the density of listed bf16 vectors, as for
@@ -455,7 +455,7 @@ BF16_TILES = True
 #: Measured (``python bench/bf16_vectors.py --channels 8 16 24 32 64``, KITTI
 #: sweep, one thread, Intel Xeon with AMX, bench/RESULTS.md): the tiles ran
 #: 1.4-2.9x the best ``vdpbf16ps`` form unpruned at C = 24 to 64, even at
-#: C = 16, 0.5-0.7x at C = 8; pruned, they won from a listed width of about
+#: C = 16, 0.45-0.72x at C = 8; pruned, they won from a listed width of about
 #: 14 (C = 24, 32) to 22 (C = 64) and lost below.
 BF16_TILES_WIDTH = 20.0
 
@@ -497,7 +497,8 @@ def bf16_cost(weight: torch.Tensor, pair_counts) -> tuple[int, str]:
     :func:`bf16_vector_threshold`) runs ``pairs(k) x channels x columns``
     of each listed vector (a listed pair counts both its channels), the
     dense form ``pairs(k) x C_in x C_out`` per kept offset; so does the AMX
-    form (``tiles``, where the listed width reaches :func:`bf16_tiles_width`)."""
+    form (``tiles``, where the listed width reaches :func:`bf16_tiles_width`;
+    the products counted, not the zero padding its tiles also multiply)."""
     _, c_in, c_out = weight.shape
     listed, keep, density = bf16_vectors(weight)
     pairs = torch.as_tensor(pair_counts, dtype=torch.int64)
