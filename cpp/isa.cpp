@@ -88,6 +88,18 @@ bool isa_runs(Isa isa) { return support().runs[int(isa)]; }
 
 bool avx512_bf16_runs() { return support().bf16; }
 
+bool avx512_full_width() {
+#if defined(PS_ISA_X86)
+  static const bool wide = [] {
+    __builtin_cpu_init();
+    return isa_runs(Isa::avx512) && __builtin_cpu_is("intel");
+  }();
+  return wide;
+#else
+  return false;
+#endif
+}
+
 bool amx_bf16_runs() {
   static const bool amx = cpu_has_amx();
   return amx;

@@ -19,6 +19,11 @@ Isa best_isa();
 // Whether the CPU runs AVX512-BF16 on top of the avx512 build (asked once;
 // the bf16 conv kernels' build is the caller's to know).
 bool avx512_bf16_runs();
+// Whether the avx512 build runs here on an Intel CPU, whose AVX-512 cores
+// execute 512-bit FMAs at full width (AMD Zen 4 runs each as two 256-bit
+// halves): there the dense AVX-512 kernels gain most over the 32-byte builds
+// (asked once).
+bool avx512_full_width();
 // Whether the CPU runs AMX-TILE and AMX-BF16 on top of that, and the OS lets
 // this process use the tiles (asked once, on the first call).
 bool amx_bf16_runs();

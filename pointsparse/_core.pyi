@@ -132,6 +132,11 @@ def conv_isa() -> str:
 def conv_bf16() -> bool:
     """Whether ConvPlan.forward_bf16 (AVX512-BF16 vdpbf16ps) runs on this CPU."""
 
+def avx512_full_width() -> bool:
+    """Whether the avx512 build runs on an Intel CPU, which executes 512-bit
+    FMAs at full width (AMD Zen 4: two 256-bit halves): where the dense
+    AVX-512 kernels gain most over the AVX2 vector-sparse kernels."""
+
 def conv_amx() -> bool:
     """Whether ConvPlan.forward_bf16's AMX form (tiles_width) runs here:
     AMX-TILE and AMX-BF16 on top of AVX512-BF16, and the OS's leave to use

@@ -338,10 +338,29 @@ def test_execution_choice_in_cpp_equals_the_numpy_choice(dtype):
         ps._ext.core.conv_execution(np.ones((3, 2, 2)), False, np.ones(2, np.uint8), 0.5)
 
 
-def test_vector_threshold_falls_with_the_rows_per_panel():
+def test_vector_density_follows_the_width_of_the_cpus_fmas():
+    """0.85 (measured on AMD Zen 3) unless the CPU runs the avx512 build on
+    Intel, whose full-width 512-bit FMAs make the dense kernels faster
+    against the vector ones: 0.6 there (measured on an Intel Xeon)."""
+    vendor_intel = False
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        vendor_intel = "GenuineIntel" in info
+    except OSError:
+        pytest.skip("no /proc/cpuinfo to tell the vendor")
+    wide = vendor_intel and "avx512" in ps._ext.core.runnable_isas()
+    assert ps._ext.core.avx512_full_width() == wide
+    assert _engine.VECTOR_DENSITY == (_engine.VECTOR_DENSITY_WIDE if wide else _engine.VECTOR_DENSITY_SPLIT)
+    assert (_engine.VECTOR_DENSITY_SPLIT, _engine.VECTOR_DENSITY_WIDE) == (0.85, 0.6)
+
+
+def test_vector_threshold_falls_with_the_rows_per_panel(monkeypatch):
     """Fewer rows per panel (C_in forward, C_out for the input gradient):
-    the vector kernels need a sparser weight (they broke even with the dense
-    ones near density 0.3 at C = 8 and above 0.9 at C = 64)."""
+    the vector kernels need a sparser weight (on the Zen 3 they broke even
+    with the dense ones near density 0.3 at C = 8 and above 0.9 at C = 64;
+    its density, whatever this CPU's)."""
+    monkeypatch.setattr(_engine, "VECTOR_DENSITY", _engine.VECTOR_DENSITY_SPLIT)
     assert _engine.vector_threshold(64) == _engine.vector_threshold(256) == _engine.VECTOR_DENSITY
     assert _engine.vector_threshold(8) == pytest.approx(_engine.VECTOR_DENSITY / 3)
     w = torch.randn(27, 8, 32)

@@ -367,6 +367,10 @@ void bind_conv(py::module_& m) {
   m.def("conv_amx", [] { return conv::bf16_tiles_run(); },
         "Whether the bf16 inference forward's AMX form (forward_bf16(tiles_width=...): AMX-TILE + AMX-BF16, with "
         "the OS's leave to use the tiles, asked on the first call) runs here.");
+  m.def("avx512_full_width", [] { return avx512_full_width(); },
+        "Whether the avx512 build runs on an Intel CPU, which executes 512-bit FMAs at full width (AMD Zen 4: two "
+        "256-bit halves): where the dense AVX-512 kernels gain most over the AVX2 vector-sparse kernels, so that "
+        "the engine takes those at lower densities only (nn._engine.VECTOR_DENSITY).");
   m.def("runnable_isas", [] {
         std::vector<std::string> names;
         for (int i = kNumIsas - 1; i >= 0; --i)

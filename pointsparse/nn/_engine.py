@@ -46,10 +46,19 @@ ENGINE_DTYPES = _ext.FLOAT_DTYPES
 #: fused engine runs the vector-sparse kernels instead of the dense ones
 #: (``VECTOR_DENSITY``), and the masked weight gradient instead of the dense
 #: one (``MASKED_WGRAD_DENSITY``, given a pruning mask); measured on KITTI at
-#: C=64/128 (bench/RESULTS.md: the vector forward ran 1.02x the dense kernel
-#: at density 0.9, 1.2x at 0.75; the masked weight gradient 0.88x at 0.9,
-#: 1.0x at 0.75).
-VECTOR_DENSITY = 0.85
+#: C=64/128 on AMD Zen 3 (bench/RESULTS.md: the vector forward ran 1.02x the
+#: dense kernel at density 0.9, 1.2x at 0.75; the masked weight gradient
+#: 0.88x at 0.9, 1.0x at 0.75): ``VECTOR_DENSITY_SPLIT``.
+VECTOR_DENSITY_SPLIT = 0.85
+#: The same on a CPU whose AVX-512 FMAs run at full width
+#: (``_core.avx512_full_width()``: Intel): its dense AVX-512 kernels ran
+#: 1.4-1.5x the AVX2 ones (about 1x on the Zen 4), and the vector forward
+#: broke even with them near density 0.6 at C = 32 to 128, lost 0.70-0.94x
+#: at 0.7-0.9 (``python bench/vector_threshold.py --channels 16 24 32 48 64
+#: 128 --listed``, KITTI sweep, one thread, Intel Xeon, two runs;
+#: bench/RESULTS.md stop 34).
+VECTOR_DENSITY_WIDE = 0.6
+VECTOR_DENSITY = VECTOR_DENSITY_WIDE if _ext.core.avx512_full_width() else VECTOR_DENSITY_SPLIT
 MASKED_WGRAD_DENSITY = 0.7
 #: Rows per panel (C_in of the forward, C_out of the input gradient) from
 #: which :data:`VECTOR_DENSITY` holds whole; below, the vector kernels need a
