@@ -3,7 +3,7 @@ against the dense kernel, in one process (issue 13; the evidence behind
 ``kSparse512MinCols`` in cpp/conv/sparse.cpp: the AVX-512 vector kernel runs
 only from 128 output columns).
 
-    flock /work/cpu.lock .venv/bin/python bench/sparse_isa.py [--rounds 9] [--quick]
+    flock /work/cpu.lock .venv/bin/python bench/sparse_isa.py [--rounds 9] [--channels 64 128] [--out PAGE.md] [--quick]
 
 A submanifold k=3 conv on the KITTI sweep at 0.05 m (a generated 60k street
 when absent), weights pruned by ``prune.panel_structured`` (75% and 50% of the
@@ -16,8 +16,9 @@ dense kernel and fits a line: the per-row cost and the fixed cost (gathered
 input rows, output rows read and written per offset) that weight sparsity
 cannot remove. A column names the build asked for:
 below 128 output columns "avx512 vector" runs the AVX2 vector kernel (the
-threshold itself), so at C = 64 the two vector columns time the same code.
-Writes bench/results/sparse_isa.md
+threshold itself) but on Intel (``_core.avx512_full_width()``: from 16), so
+that at C = 64 the two vector columns time the same code on AMD.
+Writes bench/results/sparse_isa.md (``--out``: another page)
 (``--quick``: a 20k street, C = 64, 2 rounds, the page in a temporary folder)."""
 
 from __future__ import annotations
@@ -124,6 +125,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 9, --quick 2)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: a 20k street, C = 64, 2 rounds")
+    parser.add_argument("--out", default=None, help="the page's name in bench/results (default sparse_isa.md)")
+    parser.add_argument("--channels", type=int, nargs="+", default=None, help="default 64 128 (--quick 64)")
     args = parser.parse_args()
     rounds = args.rounds or (2 if args.quick else 9)
     torch.set_num_threads(1)
@@ -134,11 +137,14 @@ def main() -> None:
         name, coords = f"generated street {20 if args.quick else 60}k @ 0.05 m", \
             street_scene(20_000 if args.quick else 60_000)
     widths, amounts = ((64,), (0.75,)) if args.quick else ((64, 128), (0.75, 0.5))
+    widths = tuple(args.channels) if args.channels else widths
     rows = table(coords, widths, amounts, rounds)
     lines = ["\n".join(listed_line(coords, c, rounds)) for c in widths]
-    out = results_path("sparse_isa.md", args.quick)
+    out = results_path(args.out or "sparse_isa.md", args.quick)
     write_markdown(out, f"Vector-sparse kernels of each build, {name} ({len(coords):,} voxels), 1 thread",
-                   f"python bench/sparse_isa.py --rounds {rounds}" + (" --quick" if args.quick else ""),
+                   f"python bench/sparse_isa.py --rounds {rounds}" + (" --quick" if args.quick else "") +
+                   (f" --out {args.out}" if args.out else "") +
+                   (" --channels " + " ".join(map(str, args.channels)) if args.channels else ""),
                    environment(), ["\n".join(rows)] + lines)
     print(f"written {out}")
 

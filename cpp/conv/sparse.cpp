@@ -23,7 +23,15 @@ namespace {
 // Again with its 8-row tile (bench/sparse_isa.py, two runs): C = 64 still
 // 4-7% slower (75%: 9.70 / 9.76 ms against 9.27 / 9.47; 50%: 15.5 / 15.8
 // against 14.5 / 14.7).
+// On an Intel Xeon, whose 512-bit FMAs run at full width
+// (avx512_full_width()), the avx512 kernel ran faster than the avx2 one at
+// every width (bench/sparse_isa.py, one thread, three runs at C = 64 and
+// 128, one at 16-48; over the dense kernel, avx512 / avx2): C = 64 75%
+// 1.85-1.92x / 1.79-1.85x, 50% 1.19-1.32x / 1.11-1.14x; C = 128 equal to
+// 6% faster; C = 16, 32, 48 2-6% faster. There it runs from one panel of
+// columns (kSparse512MinColsWide).
 constexpr int64_t kSparse512MinCols = 128;
+constexpr int64_t kSparse512MinColsWide = 16;
 
 // The 32-byte build that runs for `asked` (isa_arg lets through only builds
 // that run): avx2 wherever it runs unless generic is asked. The masked
@@ -31,9 +39,11 @@ constexpr int64_t kSparse512MinCols = 128;
 Isa narrow_isa(Isa asked) { return asked != Isa::generic && isa_runs(Isa::avx2) ? Isa::avx2 : Isa::generic; }
 
 // The build of apply_sparse that runs for `asked` and `cols`: avx512 where
-// it is asked and cols >= kSparse512MinCols, else narrow_isa's.
+// it is asked and cols >= kSparse512MinCols (kSparse512MinColsWide on
+// Intel), else narrow_isa's.
 Isa sparse_isa(Isa asked, int64_t cols) {
-  return asked == Isa::avx512 && cols >= kSparse512MinCols ? Isa::avx512 : narrow_isa(asked);
+  const int64_t from = avx512_full_width() ? kSparse512MinColsWide : kSparse512MinCols;
+  return asked == Isa::avx512 && cols >= from ? Isa::avx512 : narrow_isa(asked);
 }
 
 // Whether p[0:n] holds a nonzero, as `p[j] != T(0)` for some j (-0.0 is
