@@ -5,6 +5,8 @@
 // x[r][2q] * W[2q][j] + x[r][2q+1] * W[2q+1][j] into float32 accumulators
 // (the products of two bf16 are exact in float32). Weights are packed per
 // offset and 32-column panel as channel pairs (low half: the even channel).
+// Where the CPU runs AMX-BF16, the same walk with `tdpbf16ps` on the tiles
+// (namespace amx: Bf16Execution::tiles, chosen by tiles_width).
 // Compiled only where GCC targets x86; dispatch asks bf16_runs() first.
 #include <omp.h>
 
