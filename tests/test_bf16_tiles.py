@@ -236,7 +236,7 @@ def test_tiles_after_other_tile_users_and_from_several_threads():
     assert all(torch.equal(got[i], cases[i % 3][3]) for i in range(6))
 
 
-def test_minkunet_bf16_on_the_tiles():
+def test_minkunet_bf16_on_the_tiles(monkeypatch):
     """A fused MinkUNet (cr = 0.5: 16 to 128 channels) in bf16 with the
     engine's choice of forms: some convs on the tiles (the listed width at
     least BF16_TILES_WIDTH), within the bf16 accuracy of its float32 eval
@@ -261,16 +261,10 @@ def test_minkunet_bf16_on_the_tiles():
 
     with torch.no_grad():
         ref = net(x).feats
-        _engine.bf16_forward = spy
-        try:
-            out = fused(xb).feats
-        finally:
-            _engine.bf16_forward = real
-        _engine.BF16_TILES = False
-        try:
-            plain = fused(xb).feats
-        finally:
-            _engine.BF16_TILES = True
+        monkeypatch.setattr(_engine, "bf16_forward", spy)
+        out = fused(xb).feats
+        monkeypatch.setattr(_engine, "BF16_TILES", False)
+        plain = fused(xb).feats
     assert "tiles" in ran and out.dtype == torch.bfloat16
     assert _rel(out, ref) < 5e-2
     assert (out.float().argmax(1) == ref.argmax(1)).float().mean() > 0.9

@@ -467,7 +467,7 @@ struct Amx {
   }
 };
 
-// pipes: one a thread, their buffers set, n = 0, not configured.
+// pipes: one a thread, their buffers set, n = 0, not configured (run).
 void apply(const ApplyBf16Args& a, const uint32_t* wamx, const uint8_t* keep, const Shape& s, Pipe* pipes) {
   const Config cfg = config_of(s);
   const Amx amx{a, s, wamx};
@@ -485,6 +485,33 @@ void apply(const ApplyBf16Args& a, const uint32_t* wamx, const uint8_t* keep, co
       [&]() {
         if (pipes[omp_get_thread_num()].configured) _tile_release();
       });
+}
+
+// The AMX form of apply_bf16 (offsets with keep[k] == 0 skipped): the
+// weight packed, each thread's pipe and buffers set, the walk.
+void run(const ApplyBf16Args& a, const uint8_t* keep) {
+  const Shape s(a);
+  std::unique_ptr<uint32_t[]> wamx(new uint32_t[size_t(a.pairs.kernel_volume * s.ng * s.kpp * kGroup + 1)]);
+  pack(a, wamx.get(), s);
+  // Per thread two blocks of gathered rows (zero: the channels past kc
+  // stay zero) and two of sums.
+  const int64_t arows = kRows * s.astride, crows = kRows * s.ng * kGroup;
+  std::unique_ptr<uint16_t[]> abuf_owner;
+  std::unique_ptr<float[]> cbuf_owner;
+  uint16_t* abuf = aligned_scratch(abuf_owner, 2 * a.nt * arows);
+  __builtin_memset(abuf, 0, sizeof(uint16_t) * size_t(2 * a.nt * arows));
+  float* cbuf = aligned_scratch(cbuf_owner, 2 * a.nt * crows);
+  std::unique_ptr<Pipe[]> pipes(new Pipe[size_t(a.nt)]);
+  for (int t = 0; t < a.nt; ++t) {
+    Pipe& p = pipes[size_t(t)];
+    p.ab[0] = abuf + 2 * t * arows;
+    p.ab[1] = p.ab[0] + arows;
+    p.cb[0] = cbuf + 2 * t * crows;
+    p.cb[1] = p.cb[0] + crows;
+    p.n = 0;
+    p.configured = false;
+  }
+  apply(a, wamx.get(), keep, s, pipes.get());
 }
 
 }  // namespace amx
@@ -516,28 +543,7 @@ Bf16Execution apply_bf16_kernels(ApplyBf16Args a) {
 #if defined(PS_CONV_HAVE_AMX)
   if (capacity > 0 && density * __builtin_sqrt(double(a.kc) * double(a.cols)) >= a.tiles_width &&
       amx_bf16_runs()) {  // (PS_CONV_HAVE_AMX: the build has the tiles)
-    const bf16::amx::Shape s(a);
-    std::unique_ptr<uint32_t[]> wamx(new uint32_t[size_t(K * s.ng * s.kpp * bf16::amx::kGroup + 1)]);
-    bf16::amx::pack(a, wamx.get(), s);
-    // Per thread two blocks of gathered rows (zero: the channels past kc
-    // stay zero) and two of sums.
-    const int64_t arows = bf16::amx::kRows * s.astride, crows = bf16::amx::kRows * s.ng * bf16::amx::kGroup;
-    std::unique_ptr<uint16_t[]> abuf_owner;
-    std::unique_ptr<float[]> cbuf_owner;
-    uint16_t* abuf = aligned_scratch(abuf_owner, 2 * a.nt * arows);
-    __builtin_memset(abuf, 0, sizeof(uint16_t) * size_t(2 * a.nt * arows));
-    float* cbuf = aligned_scratch(cbuf_owner, 2 * a.nt * crows);
-    std::unique_ptr<bf16::amx::Pipe[]> pipes(new bf16::amx::Pipe[size_t(a.nt)]);
-    for (int t = 0; t < a.nt; ++t) {
-      bf16::amx::Pipe& p = pipes[size_t(t)];
-      p.ab[0] = abuf + 2 * t * arows;
-      p.ab[1] = p.ab[0] + arows;
-      p.cb[0] = cbuf + 2 * t * crows;
-      p.cb[1] = p.cb[0] + crows;
-      p.n = 0;
-      p.configured = false;
-    }
-    bf16::amx::apply(a, wamx.get(), keep.data(), s, pipes.get());
+    bf16::amx::run(a, keep.data());
     return Bf16Execution::tiles;
   }
 #endif
