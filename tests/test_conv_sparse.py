@@ -681,3 +681,46 @@ def test_stream_threshold_is_checked_and_restored():
         core.conv_stream_bytes(-1)
     assert core.conv_stream_bytes(123) == before and core.conv_stream_bytes() == 123
     assert core.conv_stream_bytes(before) == 123 and core.conv_stream_bytes() == before
+
+
+def test_outputs_sharing_memory_with_what_the_kernels_read_are_refused():
+    """Every product writes blocks of its output while it still reads its
+    inputs: an output that shares memory with feats, weight, bias (or, for
+    the weight gradient, feats, grad and mask) is a ValueError naming both,
+    not a silently wrong result."""
+    x = make(n=300, c=8, dtype=torch.float32, seed=9)
+    kmap = ps.kmap.get_kmap(x, 3)
+    core = _engine.make_fused_plan(kmap).core
+    w = torch.randn(27, 8, 8)
+    feats = x.feats.numpy()
+    with pytest.raises(ValueError, match="feats must not share memory with out"):
+        core.forward(feats, w.numpy(), None, feats, 1)  # C_in == C_out: the in-place call a user might try
+    big = np.zeros((kmap.num_out + 27 * 8, 8), np.float32)  # out's last 8 rows are the weight's first 8
+    with pytest.raises(ValueError, match="weight must not share memory with out"):
+        core.forward(feats, big[kmap.num_out - 8:kmap.num_out - 8 + 27 * 8].reshape(27, 8, 8), None,
+                     big[:kmap.num_out], 1)
+    out = torch.zeros(kmap.num_out, 8)
+    with pytest.raises(ValueError, match="bias must not share memory with out"):
+        core.forward(feats, w.numpy(), out[0].numpy(), out.numpy(), 1)
+    g = torch.randn(kmap.num_out, 8)
+    with pytest.raises(ValueError, match="grad must not share memory with grad_feats"):
+        core.backward_input(g.numpy(), w.numpy(), g.numpy(), 1)
+    gw = torch.zeros(27, 8, 8)
+    with pytest.raises(ValueError, match="feats must not share memory with grad_weight"):
+        core.backward_weight(feats, g.numpy(), feats[:27 * 8].reshape(27, 8, 8), 1)
+    with pytest.raises(ValueError, match="mask must not share memory with grad_weight"):
+        core.backward_weight(feats, g.numpy(), gw.numpy(), 1, mask=gw.numpy())
+    core.forward(feats, w.numpy(), None, out.numpy(), 1)  # apart: runs
+    torch.testing.assert_close(out, conv_sum(x.feats, w, kmap), rtol=1e-4, atol=1e-4)
+    if _engine.bf16_kernels():
+        fb = x.feats.bfloat16().view(torch.int16).numpy()
+        wb = w.bfloat16().view(torch.int16).numpy()
+        with pytest.raises(ValueError, match="feats must not share memory with out_bf16"):
+            core.forward_bf16(fb, wb, None, None, 1, out_bf16=fb)
+        o16 = np.zeros((kmap.num_out + 27 * 8, 8), np.int16)
+        with pytest.raises(ValueError, match="weight must not share memory with out_bf16"):
+            core.forward_bf16(fb, o16[kmap.num_out - 1:kmap.num_out - 1 + 27 * 8].reshape(27, 8, 8), None, None,
+                              1, out_bf16=o16[:kmap.num_out])
+        with pytest.raises(ValueError, match="bias must not share memory with out"):
+            o32 = np.zeros((kmap.num_out, 8), np.float32)
+            core.forward_bf16(fb, wb, o32[3], o32, 1)

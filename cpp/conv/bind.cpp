@@ -129,6 +129,15 @@ void check_bf16_bits(const py::array& a, const char* name) {
     value_error(std::string(name) + " must hold bf16 bits as int16 or uint16; got " + dtype_str(a));
 }
 
+// ValueError naming both where a's and b's memory overlap.
+void apart(const py::array& a, const char* a_name, const py::array& b, const char* b_name) {
+  if (a.nbytes() == 0 || b.nbytes() == 0) return;  // nothing shared (an empty array's pointer is arbitrary)
+  const auto* a0 = static_cast<const char*>(a.data());
+  const auto* b0 = static_cast<const char*>(b.data());
+  if (a0 < b0 + b.nbytes() && b0 < a0 + a.nbytes())
+    value_error(std::string(a_name) + " must not share memory with " + b_name);
+}
+
 // The arrays of one direction: src read (rows on the read side), dst
 // written (rows on the written side), weight (K, C_in, C_out); transpose:
 // the input-gradient direction (read side = outputs, written = inputs).
@@ -141,6 +150,9 @@ void check_apply(const conv::Plan& plan, const py::array& src, const char* src_n
   rows_are(dst, plan.rows(transpose), dst_name, transpose ? "num_in" : "num_out");
   check_same_dtype(weight, src, "weight", src_name);
   check_same_dtype(dst, src, dst_name, src_name);
+  // The kernels read src and weight while blocks of dst are written.
+  apart(src, src_name, dst, dst_name);
+  apart(weight, "weight", dst, dst_name);
 }
 
 // The offsets one call runs: `active` None (all) or K uint8 flags.
@@ -173,14 +185,6 @@ bool rows_like_out(const py::object& arg, const char* name, const py::array& out
   rows_are(a, plan.num_out(), name, "num_out");
   if (a.shape(1) != out.shape(1)) value_error(std::string(name) + " must have out's columns");
   return true;
-}
-
-// ValueError naming both where a's and b's memory overlap.
-void apart(const py::array& a, const char* a_name, const py::array& b, const char* b_name) {
-  const auto* a0 = static_cast<const char*>(a.data());
-  const auto* b0 = static_cast<const char*>(b.data());
-  if (a0 < b0 + b.nbytes() && b0 < a0 + a.nbytes())
-    value_error(std::string(a_name) + " must not share memory with " + b_name);
 }
 
 // One product over the plan (forward, or the input gradient when transpose).
@@ -216,6 +220,7 @@ void forward(const conv::Plan& plan, py::array feats, py::array weight, py::obje
   if (has_bias) {
     b = bias_of(bias, out.shape(1), false);
     check_same_dtype(b, feats, "bias", "feats");
+    apart(b, "bias", out, "out");
   }
   py::array r;
   const bool has_add = rows_like_out(add, "add", out, plan, false, r);
@@ -272,6 +277,14 @@ std::string forward_bf16(const conv::Plan& plan, py::array feats, py::array weig
   const uint16_t* r = nullptr;
   py::array ra;
   if (d && d16) apart(o16, "out_bf16", ref, "out");
+  // feats, weight and bias are read while blocks of the outputs are written.
+  for (const py::array* o : {d ? &ref : nullptr, d16 ? &o16 : nullptr}) {
+    if (!o) continue;
+    const char* name = o == &ref ? "out" : "out_bf16";
+    apart(feats, "feats", *o, name);
+    apart(weight, "weight", *o, name);
+    if (bp) apart(b, "bias", *o, name);
+  }
   if (rows_like_out(add, "add", ref, plan, false, ra)) {
     check_bf16_bits(ra, "add");
     if (d) apart(ra, "add", ref, "out");
@@ -316,12 +329,15 @@ void backward_weight(const conv::Plan& plan, py::array feats, py::array grad, py
   if (!grad_weight.writeable()) value_error("grad_weight must be writeable");
   check_same_dtype(grad, feats, "grad", "feats");
   check_same_dtype(grad_weight, feats, "grad_weight", "feats");
+  apart(feats, "feats", grad_weight, "grad_weight");
+  apart(grad, "grad", grad_weight, "grad_weight");
   py::array m;
   if (!mask.is_none()) {
     m = py::array::ensure(mask);
     if (!m) value_error("mask must be an array or None");
     check_weight(plan, m, feats.shape(1), grad.shape(1), "mask");
     check_same_dtype(m, feats, "mask", "feats");
+    apart(m, "mask", grad_weight, "grad_weight");
   }
   const conv::Skip skip = skip_of(plan, active, false);
   dispatch_float(feats, "feats", [&](auto zero) {

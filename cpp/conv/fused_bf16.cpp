@@ -367,6 +367,10 @@ inline void products(const Shape& s, const uint16_t* ab, const uint32_t* wg, flo
   if (N > 1) _tile_stored(1, cb + kGroup, sc);
   if (N > 2) _tile_stored(2, cb + 2 * kGroup, sc);
   if (N > 3) _tile_stored(3, cb + 3 * kGroup, sc);
+  // And the sums' loads after the tile stores (add, even right after them
+  // in finish): GCC 12's _tile_stored clobbers memory, headers before it
+  // need not.
+  asm volatile("" ::: "memory");
 }
 
 // A tile as the walk gave it: its offset, rows written, valid rows and
