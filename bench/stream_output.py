@@ -3,12 +3,14 @@ build, the same process, the threshold (``_core.conv_stream_bytes``) switched
 between calls, so the two ways alternate round by round.
 
     python bench/stream_output.py [--channels 32 64 128] [--threads 1] [--rounds 15] [--mb 16]
-        [--network] [--out PAGE.md] [--quick]
+        [--network] [--chain] [--out PAGE.md] [--quick]
 
 In place, a block's rows are summed where they live in the output: each line
 of a large output is read from memory before it is first written (a
 write-allocate) and written back later. Streamed (outputs of at least
-``--mb`` MB here; the engine's default threshold is off), a thread sums its block in a
+``--mb`` MB here; the engine's default threshold is off, and the threshold
+of the offset-pruned forwards it streams itself, ``_core.conv_stream_auto_bytes``,
+is turned off for the in-place columns), a thread sums its block in a
 scratch block that stays in L2 and writes it out with non-temporal stores a
 tile's worth of rows at a time while its next block runs.
 
@@ -21,7 +23,9 @@ new output each call (as a module call allocates it: its pages are faulted in
 by the first write). ``--network``: also the
 full-width ``MinkUNet(4, 19)`` after ``fuse_for_inference`` on the same sweep
 (at 16 MB its 96-channel decoder rows and the 64-channel ones are streamed;
-the rest are summed in place either way), logits compared first. Medians; the ratio is
+the rest are summed in place either way), logits compared first. ``--chain``:
+module calls of the offset-pruned conv (75%) alone and followed by a second
+conv reading its output (see :func:`chain_rows`), outputs compared first. Medians; the ratio is
 in-place time over streamed time (above 1: streaming is faster).
 ``--quick``: C = 8 on the generated street with the threshold at 0, one
 round, the page in a temporary folder.
@@ -48,8 +52,12 @@ WANTED = ("unpruned", "offset 75%", "vector 50%", "vector 75%")
 
 
 def with_threshold(fn, threshold):
+    """fn with outputs of `threshold` bytes and more streamed and the rest
+    summed in place (the offset-pruned forward's own threshold,
+    ``_core.conv_stream_auto_bytes``, off)."""
     def call():
         CORE.conv_stream_bytes(threshold)
+        CORE.conv_stream_auto_bytes(NEVER)
         return fn()
     return call
 
@@ -88,6 +96,37 @@ def conv_rows(channels: int, coords: torch.Tensor, threads: int, rounds: int, th
     return rows
 
 
+def chain_rows(channels: int, coords: torch.Tensor, rounds: int, threshold: int) -> list[str]:
+    """Module calls (a new output each call) of the offset-pruned conv
+    (75%, as prune_exec prunes it) alone and followed by a second conv that
+    reads its output (unpruned, or offset-pruned too), the first conv's
+    output streamed or in place (the second's in place either way): what
+    streaming gains where the next layer reads the rows it wrote."""
+    by_name = {name: conv for name, _, _, conv in variants(channels, ["offset"])}
+    first = by_name["offset 75%"]
+    torch.manual_seed(0)
+    x = ps.SparseTensor(torch.randn(len(coords), channels), coords)
+    rows = []
+    for label, second in (("alone", None), ("then unpruned", by_name["unpruned"]),
+                          ("then offset 75%", first)):
+        def call(threshold_first, second=second):
+            with torch.no_grad():
+                CORE.conv_stream_bytes(threshold_first)
+                CORE.conv_stream_auto_bytes(NEVER)
+                y = first(x)
+                CORE.conv_stream_bytes(NEVER)
+                return y.feats if second is None else second(y).feats
+
+        outs = [call(t) for t in (NEVER, threshold)]
+        if not torch.equal(outs[0], outs[1]):
+            raise RuntimeError(f"C = {channels}, {label}: the streamed chain differs from the in-place one")
+        t = interleaved({"in place": lambda call=call: call(NEVER), "streamed": lambda call=call: call(threshold)},
+                        rounds)
+        rows.append(f"| {channels} | offset 75% {label} | {t['in place'] * 1e3:.2f} | {t['streamed'] * 1e3:.2f} | "
+                    f"{t['in place'] / t['streamed']:.3f} |")
+    return rows
+
+
 def network_row(threads: int, rounds: int, threshold: int) -> str:
     from north_star import inputs, kitti_points
 
@@ -116,12 +155,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--mb", type=float, default=16.0, help="streamed from this output size (MB)")
     parser.add_argument("--network", action="store_true", help="also the full-width MinkUNet on the sweep")
+    parser.add_argument("--chain", action="store_true",
+                        help="also module calls of the offset-pruned conv followed by a conv reading its output")
     parser.add_argument("--out", default=None)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     coords, scene = kitti_or_street(args.quick)
     channels, rounds = ([8], 1) if args.quick else (args.channels, args.rounds)
-    default = CORE.conv_stream_bytes()
+    default, default_auto = CORE.conv_stream_bytes(), CORE.conv_stream_auto_bytes()
     threshold = 0 if args.quick else int(args.mb * 2**20)
     torch.set_num_threads(args.threads)
     try:
@@ -133,6 +174,14 @@ def main() -> None:
                   f"rounds\n\n| C | pruning | kernels | output MB | in place ms | streamed ms | ratio | "
                   "new output: in place ms | streamed ms | ratio |\n"
                   "|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows)]
+        if args.chain:
+            chained = []
+            for c in channels:
+                chained += chain_rows(c, coords, rounds, threshold)
+                print("\n".join(chained[-3:]), flush=True)
+            tables.append(f"### Module calls, the offset-pruned conv's output streamed or not, {args.threads} "
+                          f"thread(s), medians of {rounds} rounds\n\n| C | calls | in place ms | streamed ms | "
+                          "ratio |\n|---|---|---|---|---|\n" + "\n".join(chained))
         if args.network and not args.quick:
             row = network_row(args.threads, rounds, threshold)
             print(row, flush=True)
@@ -140,6 +189,7 @@ def main() -> None:
                           "| model | in place ms | streamed ms | ratio |\n|---|---|---|---|\n" + row)
     finally:
         CORE.conv_stream_bytes(default)
+        CORE.conv_stream_auto_bytes(default_auto)
     out = Path(args.out) if args.out else results_path("stream_output.md", args.quick)
     command = "python bench/stream_output.py " + " ".join(sys.argv[1:])
     write_markdown(out, "Streamed against in-place output rows", command, environment(), tables,

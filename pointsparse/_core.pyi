@@ -125,6 +125,14 @@ def conv_stream_bytes(bytes: int | None = None) -> int:
     ValueError): sets it, process-wide, and returns the previous value; with
     None returns it. For tests and benchmarks."""
 
+def conv_stream_auto_bytes(bytes: int | None = None) -> int:
+    """Output bytes from which a forward that ``ConvPlan.streams_output``
+    marks (offset pruning that leaves out the identity offset) streams its
+    output (default 8 MiB where ``avx512_full_width()``, as measured
+    there, else 2**62: never). With `bytes` (>= 0, else
+    ValueError): sets it, process-wide, and returns the previous value; with
+    None returns it. For tests and benchmarks."""
+
 def conv_isa() -> str:
     """Instruction set the fused convolution kernels use on this CPU by default:
     'avx512', 'avx2' or 'generic' (the widest build that runs here)."""
@@ -181,6 +189,11 @@ class ConvPlan:
         'generic'). relu: max(out, 0) in the kernel's epilogue (inference).
         add: None or a residual of out's shape and dtype (C-contiguous, not
         sharing out's memory) added to out before the ReLU, block by block."""
+    def streams_output(self, active: np.ndarray | None = None, vector: bool = False) -> bool:
+        """Whether forward(active=, vector=) streams its output once it holds
+        conv_stream_auto_bytes() bytes: the dense kernels on a submanifold
+        map whose identity offset `active` leaves out, at most one pair per
+        output row run (offset pruning)."""
     def forward_bf16(
         self, feats: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, out: np.ndarray | None, num_threads: int,
         relu: bool = False, out_bf16: np.ndarray | None = None, vector_density: float = -1.0,

@@ -683,6 +683,78 @@ def test_stream_threshold_is_checked_and_restored():
     assert core.conv_stream_bytes(before) == 123 and core.conv_stream_bytes() == before
 
 
+@pytest.fixture
+def auto_stream():
+    """The threshold of the offset-pruned forward's streamed output set to 0
+    (every output it marks is streamed), the one in force put back after."""
+    core = ps._ext.core
+    before = core.conv_stream_auto_bytes(0)
+    yield core
+    core.conv_stream_auto_bytes(before)
+
+
+def test_offset_pruned_forward_without_its_identity_streams_its_output(auto_stream):
+    """ConvPlan.streams_output marks the forward whose kept offsets leave out
+    a submanifold map's identity and run at most one pair per output row
+    (offset pruning), and only it: not with the identity kept, not with more
+    pairs, not in the vector kernels, not for a map without an identity
+    (k2 s2). The marked forward, streamed from conv_stream_auto_bytes() on
+    (0 here), gives the in-place output bit for bit, on 1 and 2 threads,
+    with bias, ReLU and a residual; off (2**62) it is summed in place."""
+    x = make(n=2500, c=16, extent=20, dtype=torch.float32, seed=7)  # several 512-row blocks
+    kmap = ps.kmap.get_kmap(x, 3)
+    plan = _engine.make_fused_plan(kmap)
+    assert plan.identity == 13
+    sizes = kmap.sizes.clone()
+    sizes[13] = kmap.num_out
+    order = [k for k in torch.argsort(sizes).tolist() if k != 13]  # fewest pairs first
+    few = np.zeros(27, np.uint8)
+    run = 0
+    for k in order:  # as many offsets as fit in one pair a row
+        if run + int(sizes[k]) > kmap.num_out:
+            break
+        few[k], run = 1, run + int(sizes[k])
+    assert 0 < run <= kmap.num_out and few.sum() >= 2
+    core = plan.core
+    assert core.streams_output(few)
+    assert not core.streams_output(few, vector=True)
+    with_identity = few.copy()
+    with_identity[13] = 1
+    assert not core.streams_output(with_identity) and not core.streams_output(None)
+    many = np.ones(27, np.uint8)
+    many[13] = 0
+    assert not core.streams_output(many)  # no identity but ~2 pairs a row
+    down = _engine.make_fused_plan(ps.kmap.get_kmap(x, 2, 2))
+    assert down.identity is None and not down.core.streams_output(np.ones(8, np.uint8))
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(27, 16, 32, generator=g) * torch.as_tensor(few, dtype=torch.float32).view(27, 1, 1)
+    bias = torch.randn(32, generator=g)
+    add = torch.randn(kmap.num_out, 32, generator=g)
+
+    def forward(nt, threshold):
+        auto_stream.conv_stream_auto_bytes(threshold)
+        out = torch.full((kmap.num_out, 32), float("nan"))
+        core.forward(x.feats.numpy(), w.numpy(), bias.numpy(), out.numpy(), nt, None, True, active=few,
+                     add=add.numpy())
+        return out
+
+    for nt in (1, 2):
+        streamed, in_place = forward(nt, 0), forward(nt, 1 << 62)
+        assert not streamed.isnan().any() and torch.equal(streamed, in_place), nt
+    ref = torch.relu(conv_sum(x.feats, w, kmap) + bias + add)
+    torch.testing.assert_close(streamed, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_stream_auto_threshold_is_checked_and_restored():
+    core = ps._ext.core
+    before = core.conv_stream_auto_bytes()
+    assert before == (8 << 20 if core.avx512_full_width() else 1 << 62)  # the default: on where measured
+    with pytest.raises(ValueError, match="bytes must be >= 0"):
+        core.conv_stream_auto_bytes(-1)
+    assert core.conv_stream_auto_bytes(123) == before and core.conv_stream_auto_bytes() == 123
+    assert core.conv_stream_auto_bytes(before) == 123 and core.conv_stream_auto_bytes() == before
+
+
 def test_outputs_sharing_memory_with_what_the_kernels_read_are_refused():
     """Every product writes blocks of its output while it still reads its
     inputs: an output that shares memory with feats, weight, bias (or, for

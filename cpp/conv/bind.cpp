@@ -376,6 +376,18 @@ void bind_conv(py::module_& m) {
       "Output bytes from which the fused forward streams its output (rows summed in a scratch block per "
       "thread, written with non-temporal stores; default 2**62: off); with `bytes` sets it (process-wide) "
       "and returns the previous value. For tests and benchmarks.");
+  m.def(
+      "conv_stream_auto_bytes",
+      [](std::optional<int64_t> bytes) {
+        if (!bytes) return conv::stream_auto_bytes();
+        if (*bytes < 0)
+          throw py::value_error("conv_stream_auto_bytes: bytes must be >= 0, got " + std::to_string(*bytes));
+        return conv::set_stream_auto_bytes(*bytes);
+      },
+      py::arg("bytes") = py::none(),
+      "Output bytes from which a forward that ConvPlan.streams_output marks streams its output (default 8 MiB "
+      "where avx512_full_width(), as measured there, else 2**62: never); with `bytes` sets it (process-wide) and returns the previous value. For tests and "
+      "benchmarks.");
   m.def("conv_isa", [] { return std::string(isa_name(best_isa())); },
         "Instruction set the fused convolution kernels use on this CPU by default: 'avx512', 'avx2' or 'generic'.");
   m.def("conv_bf16", [] { return conv::bf16_runs(); },
@@ -418,6 +430,17 @@ void bind_conv(py::module_& m) {
            "that hold a nonzero are visited; they run in the 32-byte builds). add: None or a residual of out's shape "
            "and dtype (C-contiguous, not sharing out's memory) added to out before the ReLU, block by block "
            "while the rows are in cache (a residual block's sum and ReLU in the conv's store).")
+      .def(
+          "streams_output",
+          [](const conv::Plan& plan, py::object active, bool vector) {
+            const conv::Skip skip = skip_of(plan, active, false);
+            return conv::streams_output(plan, skip, false, vector);
+          },
+          py::arg("active") = py::none(), py::arg("vector") = false,
+          "Whether forward(active=, vector=) streams its output once it holds conv_stream_auto_bytes() bytes "
+          "(whatever conv_stream_bytes() says): the dense kernels on a submanifold map whose identity offset "
+          "active leaves out, at most one pair per output row run (offset pruning). Rows whose columns are not "
+          "whole vectors of the build, or an output not at its vector boundary, are summed in place anyway.")
       .def("forward_bf16", &forward_bf16, py::arg("feats"), py::arg("weight"), py::arg("bias"),
            py::arg("out"), py::arg("num_threads"), py::arg("relu") = false, py::arg("out_bf16") = py::none(),
            py::arg("vector_density") = -1.0, py::arg("add") = py::none(),

@@ -38,12 +38,18 @@ void wgrad_with(WgradArgs<T> a, Isa isa) {
 }
 
 std::atomic<int64_t> g_stream_bytes{kStreamBytes};
+std::atomic<int64_t> g_stream_auto_bytes{-1};  // -1: not set, the CPU's default
+
+// kStreamAutoBytes where it was measured (an Intel CPU running the avx512
+// build: avx512_full_width()), else never.
+int64_t default_stream_auto_bytes() { return avx512_full_width() ? kStreamAutoBytes : kStreamBytes; }
 
 template <typename T>
 void attach_blocks_with(ApplyArgs<T>& a, Isa isa, std::unique_ptr<T[]>& owner) {
   const int64_t vb = tile_shape(isa).vec_bytes, row_bytes = a.cols * int64_t(sizeof(T));
-  if (a.num_rows * row_bytes < stream_bytes() || row_bytes % vb != 0 || reinterpret_cast<uintptr_t>(a.dst) % vb != 0)
-    return;
+  const int64_t bytes = a.num_rows * row_bytes;
+  const bool large = bytes >= stream_bytes() || (a.stream && bytes >= stream_auto_bytes());
+  if (!large || row_bytes % vb != 0 || reinterpret_cast<uintptr_t>(a.dst) % vb != 0) return;
   a.blocks = aligned_scratch(owner, int64_t(a.nt) * 2 * kBlockRows * a.cols);  // written before read
 }
 
@@ -56,6 +62,14 @@ void attach_blocks(ApplyArgs<double>& a, Isa isa, std::unique_ptr<double[]>& own
 
 int64_t stream_bytes() { return g_stream_bytes.load(std::memory_order_relaxed); }
 int64_t set_stream_bytes(int64_t bytes) { return g_stream_bytes.exchange(bytes); }
+int64_t stream_auto_bytes() {
+  const int64_t v = g_stream_auto_bytes.load(std::memory_order_relaxed);
+  return v >= 0 ? v : default_stream_auto_bytes();
+}
+int64_t set_stream_auto_bytes(int64_t bytes) {
+  const int64_t v = g_stream_auto_bytes.exchange(bytes);
+  return v >= 0 ? v : default_stream_auto_bytes();
+}
 
 void apply(ApplyArgs<float> a, Isa isa) { apply_with(a, isa); }
 void apply(ApplyArgs<double> a, Isa isa) { apply_with(a, isa); }

@@ -65,6 +65,9 @@ struct ApplyArgs {
   // summed there, in L2, and then written to dst with streaming stores, so
   // that dst's lines are never read before they are written.
   T* blocks = nullptr;
+  // Stream the output whatever its size under stream_bytes() when it is at
+  // least stream_auto_bytes() (set by run_apply: streams_output in plan.h).
+  bool stream = false;
 };
 
 // grad_w[k] = x[col]^T @ g[row] summed over the pairs of offset k (every
@@ -108,11 +111,26 @@ constexpr int64_t kWC = 128;          // pairs per step of the unpacked weight g
 // stores); with the AVX2 build's 32-byte stores 0.87-1.03x at C = 64 and
 // 128 (stream_output_zen3_ymm.md).
 constexpr int64_t kStreamBytes = int64_t(1) << 62;
+// But a forward whose kept offsets leave out the identity of a submanifold
+// map and run at most one pair per output row (offset pruning) streams
+// outputs from 8 MB (plan.h: streams_output): its rows start as the bias and
+// take a few sparse additions each, so write-allocating them costs as much
+// as the products. Measured on an Intel Xeon [avx512 amx] (KITTI sweep,
+// offsets 75% pruned, bench/stream_output.py --chain --mb 8, four runs, 1 and
+// 2 threads): the conv alone 1.15-1.26x, followed by a conv reading its
+// output 1.02-1.16x (one 0.97x) at C = 32 and 64; with the identity kept,
+// 0.95-1.04x (not streamed); an unpruned conv 0.94-0.98x. The default on
+// an Intel CPU running the avx512 build (avx512_full_width(), as measured);
+// elsewhere never (kStreamBytes) until measured there.
+constexpr int64_t kStreamAutoBytes = int64_t(8) << 20;
 // The threshold in force (kStreamBytes unless set; process-wide, for tests
 // and benchmarks: _core.conv_stream_bytes). set_stream_bytes returns the one
 // it replaces.
 int64_t stream_bytes();
 int64_t set_stream_bytes(int64_t bytes);
+// The same for kStreamAutoBytes (_core.conv_stream_auto_bytes).
+int64_t stream_auto_bytes();
+int64_t set_stream_auto_bytes(int64_t bytes);
 
 // The register tile of each build: `mr` pairs (rows) x two vectors of
 // `vec_bytes` (columns). generic and avx2: 6 x (2 x 32 bytes), 12

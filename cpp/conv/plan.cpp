@@ -219,6 +219,15 @@ Skip::Skip(const Plan& plan, bool by_input, const uint8_t* active) : pairs_(plan
   pairs_.cuts = cuts_.data();
 }
 
+bool streams_output(const Plan& plan, const Skip& skip, bool transpose, bool vector) {
+  const PairList& pl = skip.pairs();
+  if (transpose || vector || plan.identity() < 0 || pl.identity >= 0) return false;
+  const int64_t K = pl.kernel_volume, rows = plan.num_out(), nb = blocks(rows);
+  int64_t run = 0;
+  for (int64_t k = 0; k < K; ++k) run += pl.cuts[nb * K + k] - pl.cuts[k];
+  return run <= rows;
+}
+
 template <typename T>
 void run_apply(const Plan& plan, const T* src, const T* w, const T* bias, T* dst, int64_t kc, int64_t cols,
                bool transpose, const Skip& skip, int nt, Isa isa, bool relu, bool vector, const T* add) {
@@ -226,6 +235,7 @@ void run_apply(const Plan& plan, const T* src, const T* w, const T* bias, T* dst
   if (cols == 0 || rows == 0) return;
   prefer_huge_pages(dst, size_t(rows * cols) * sizeof(T));
   ApplyArgs<T> a{src, w, bias, dst, nullptr, kc, cols, rows, transpose, skip.pairs(), nt, relu, add};
+  a.stream = streams_output(plan, skip, transpose, vector);
   if (vector) {
     const int64_t lists = K * panels<T>(Isa::avx2, cols);
     std::vector<int32_t> idx(std::max<int64_t>(1, lists * kc)), count(std::max<int64_t>(1, lists));

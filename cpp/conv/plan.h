@@ -96,6 +96,12 @@ class Skip {
   std::vector<int64_t> cuts_;
 };
 
+// Whether run_apply marks its output to stream (ApplyArgs::stream, kStreamAutoBytes
+// in fused.h): the forward (not transpose) of the dense kernels (not
+// vector) on a submanifold map whose identity offset `skip` leaves out, at
+// most one pair per output row run.
+bool streams_output(const Plan& plan, const Skip& skip, bool transpose, bool vector);
+
 // dst = bias + sum over the offsets of `skip` of dst[row] += src[col] @ W_k
 // (W[k], or W[k]^T when transpose: the input gradient); every row of dst
 // (plan.rows(transpose) rows, cols columns) is written. vector: the
