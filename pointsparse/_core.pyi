@@ -133,6 +133,10 @@ def conv_stream_auto_bytes(bytes: int | None = None) -> int:
     ValueError): sets it, process-wide, and returns the previous value; with
     None returns it. For tests and benchmarks."""
 
+def conv_streamed() -> bool:
+    """Whether the last float forward or input gradient of ConvPlan this
+    thread ran streamed its output. For tests and benchmarks."""
+
 def conv_isa() -> str:
     """Instruction set the fused convolution kernels use on this CPU by default:
     'avx512', 'avx2' or 'generic' (the widest build that runs here)."""
@@ -190,10 +194,11 @@ class ConvPlan:
         add: None or a residual of out's shape and dtype (C-contiguous, not
         sharing out's memory) added to out before the ReLU, block by block."""
     def streams_output(self, active: np.ndarray | None = None, vector: bool = False) -> bool:
-        """Whether forward(active=, vector=) streams its output once it holds
-        conv_stream_auto_bytes() bytes: the dense kernels on a submanifold
-        map whose identity offset `active` leaves out, at most one pair per
-        output row run (offset pruning)."""
+        """Whether forward(active=, vector=) marks its output to stream once it
+        holds conv_stream_auto_bytes() bytes: the dense kernels on a
+        submanifold map whose identity offset `active` leaves out, running no
+        more pairs than the map has output rows (offset pruning). Streamed in
+        the avx512 build's float32 forward only (conv_streamed() tells)."""
     def forward_bf16(
         self, feats: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, out: np.ndarray | None, num_threads: int,
         relu: bool = False, out_bf16: np.ndarray | None = None, vector_density: float = -1.0,

@@ -695,12 +695,13 @@ def auto_stream():
 
 def test_offset_pruned_forward_without_its_identity_streams_its_output(auto_stream):
     """ConvPlan.streams_output marks the forward whose kept offsets leave out
-    a submanifold map's identity and run at most one pair per output row
-    (offset pruning), and only it: not with the identity kept, not with more
-    pairs, not in the vector kernels, not for a map without an identity
+    a submanifold map's identity and run no more pairs than it has output
+    rows (offset pruning), and only it: not with the identity kept, not with
+    more pairs, not in the vector kernels, not for a map without an identity
     (k2 s2). The marked forward, streamed from conv_stream_auto_bytes() on
-    (0 here), gives the in-place output bit for bit, on 1 and 2 threads,
-    with bias, ReLU and a residual; off (2**62) it is summed in place."""
+    (0 here) where the avx512 build runs it (conv_streamed()), gives the
+    in-place output bit for bit, on 1 and 2 threads, with bias, ReLU and a
+    residual; off (2**62) it is summed in place."""
     x = make(n=2500, c=16, extent=20, dtype=torch.float32, seed=7)  # several 512-row blocks
     kmap = ps.kmap.get_kmap(x, 3)
     plan = _engine.make_fused_plan(kmap)
@@ -731,16 +732,21 @@ def test_offset_pruned_forward_without_its_identity_streams_its_output(auto_stre
     bias = torch.randn(32, generator=g)
     add = torch.randn(kmap.num_out, 32, generator=g)
 
-    def forward(nt, threshold):
+    avx512 = "avx512" in auto_stream.runnable_isas()
+
+    def forward(nt, threshold, isa=None, active=few):
         auto_stream.conv_stream_auto_bytes(threshold)
         out = torch.full((kmap.num_out, 32), float("nan"))
-        core.forward(x.feats.numpy(), w.numpy(), bias.numpy(), out.numpy(), nt, None, True, active=few,
+        core.forward(x.feats.numpy(), w.numpy(), bias.numpy(), out.numpy(), nt, isa, True, active=active,
                      add=add.numpy())
-        return out
+        return out, auto_stream.conv_streamed()
 
     for nt in (1, 2):
-        streamed, in_place = forward(nt, 0), forward(nt, 1 << 62)
+        (streamed, on), (in_place, off) = forward(nt, 0), forward(nt, 1 << 62)
+        assert (on, off) == (avx512, False), nt
         assert not streamed.isnan().any() and torch.equal(streamed, in_place), nt
+    assert not forward(1, 0, active=with_identity)[1]  # not marked: in place at any threshold
+    assert not forward(1, 0, isa="generic")[1]  # marked, but streamed only in the avx512 build
     ref = torch.relu(conv_sum(x.feats, w, kmap) + bias + add)
     torch.testing.assert_close(streamed, ref, rtol=1e-4, atol=1e-4)
 

@@ -388,6 +388,9 @@ void bind_conv(py::module_& m) {
       "Output bytes from which a forward that ConvPlan.streams_output marks streams its output (default 8 MiB "
       "where avx512_full_width(), as measured there, else 2**62: never); with `bytes` sets it (process-wide) and returns the previous value. For tests and "
       "benchmarks.");
+  m.def("conv_streamed", [] { return conv::last_streamed(); },
+        "Whether the last float forward or input gradient of ConvPlan this thread ran streamed its output "
+        "(summed in scratch blocks, written with non-temporal stores). For tests and benchmarks.");
   m.def("conv_isa", [] { return std::string(isa_name(best_isa())); },
         "Instruction set the fused convolution kernels use on this CPU by default: 'avx512', 'avx2' or 'generic'.");
   m.def("conv_bf16", [] { return conv::bf16_runs(); },
@@ -437,10 +440,12 @@ void bind_conv(py::module_& m) {
             return conv::streams_output(plan, skip, false, vector);
           },
           py::arg("active") = py::none(), py::arg("vector") = false,
-          "Whether forward(active=, vector=) streams its output once it holds conv_stream_auto_bytes() bytes "
-          "(whatever conv_stream_bytes() says): the dense kernels on a submanifold map whose identity offset "
-          "active leaves out, at most one pair per output row run (offset pruning). Rows whose columns are not "
-          "whole vectors of the build, or an output not at its vector boundary, are summed in place anyway.")
+          "Whether forward(active=, vector=) marks its output to stream once it holds conv_stream_auto_bytes() "
+          "bytes (whatever conv_stream_bytes() says): the dense kernels on a submanifold map whose identity "
+          "offset active leaves out, running no more pairs than the map has output rows (offset pruning). "
+          "Streamed in the avx512 build's float32 forward only (as measured); rows whose columns are not whole "
+          "vectors of the build, or an output not at its vector boundary, are summed in place anyway "
+          "(conv_streamed() says which way the last call went).")
       .def("forward_bf16", &forward_bf16, py::arg("feats"), py::arg("weight"), py::arg("bias"),
            py::arg("out"), py::arg("num_threads"), py::arg("relu") = false, py::arg("out_bf16") = py::none(),
            py::arg("vector_density") = -1.0, py::arg("add") = py::none(),

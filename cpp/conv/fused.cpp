@@ -39,6 +39,7 @@ void wgrad_with(WgradArgs<T> a, Isa isa) {
 
 std::atomic<int64_t> g_stream_bytes{kStreamBytes};
 std::atomic<int64_t> g_stream_auto_bytes{-1};  // -1: not set, the CPU's default
+thread_local bool g_streamed = false;          // last_streamed()
 
 // kStreamAutoBytes where it was measured (an Intel CPU running the avx512
 // build: avx512_full_width()), else never.
@@ -48,8 +49,13 @@ template <typename T>
 void attach_blocks_with(ApplyArgs<T>& a, Isa isa, std::unique_ptr<T[]>& owner) {
   const int64_t vb = tile_shape(isa).vec_bytes, row_bytes = a.cols * int64_t(sizeof(T));
   const int64_t bytes = a.num_rows * row_bytes;
-  const bool large = bytes >= stream_bytes() || (a.stream && bytes >= stream_auto_bytes());
-  if (!large || row_bytes % vb != 0 || reinterpret_cast<uintptr_t>(a.dst) % vb != 0) return;
+  // The offset-pruned forward's own threshold where it was measured: the
+  // avx512 build's float32 kernels.
+  const bool marked = a.stream && isa == Isa::avx512 && sizeof(T) == 4 && bytes >= stream_auto_bytes();
+  g_streamed = false;
+  if ((bytes < stream_bytes() && !marked) || row_bytes % vb != 0 || reinterpret_cast<uintptr_t>(a.dst) % vb != 0)
+    return;
+  g_streamed = true;
   a.blocks = aligned_scratch(owner, int64_t(a.nt) * 2 * kBlockRows * a.cols);  // written before read
 }
 
@@ -62,6 +68,7 @@ void attach_blocks(ApplyArgs<double>& a, Isa isa, std::unique_ptr<double[]>& own
 
 int64_t stream_bytes() { return g_stream_bytes.load(std::memory_order_relaxed); }
 int64_t set_stream_bytes(int64_t bytes) { return g_stream_bytes.exchange(bytes); }
+bool last_streamed() { return g_streamed; }
 int64_t stream_auto_bytes() {
   const int64_t v = g_stream_auto_bytes.load(std::memory_order_relaxed);
   return v >= 0 ? v : default_stream_auto_bytes();

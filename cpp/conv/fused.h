@@ -112,15 +112,16 @@ constexpr int64_t kWC = 128;          // pairs per step of the unpacked weight g
 // 128 (stream_output_zen3_ymm.md).
 constexpr int64_t kStreamBytes = int64_t(1) << 62;
 // But a forward whose kept offsets leave out the identity of a submanifold
-// map and run at most one pair per output row (offset pruning) streams
-// outputs from 8 MB (plan.h: streams_output): its rows start as the bias and
+// map and run no more pairs than it has output rows (offset pruning: one
+// pair a row on average) streams outputs from 8 MiB (plan.h: streams_output;
+// the avx512 build's float32 forward, as measured): its rows start as the bias and
 // take a few sparse additions each, so write-allocating them costs as much
 // as the products. Measured on an Intel Xeon [avx512 amx] (KITTI sweep,
 // offsets 75% pruned, bench/stream_output.py --chain --mb 8, four runs, 1 and
 // 2 threads): the conv alone 1.15-1.26x, followed by a conv reading its
 // output 1.02-1.16x (one 0.97x) at C = 32 and 64; with the identity kept,
 // 0.95-1.04x (not streamed); an unpruned conv 0.94-0.98x. The default on
-// an Intel CPU running the avx512 build (avx512_full_width(), as measured);
+// an Intel CPU with the avx512 build (avx512_full_width(), as measured);
 // elsewhere never (kStreamBytes) until measured there.
 constexpr int64_t kStreamAutoBytes = int64_t(8) << 20;
 // The threshold in force (kStreamBytes unless set; process-wide, for tests
@@ -131,6 +132,9 @@ int64_t set_stream_bytes(int64_t bytes);
 // The same for kStreamAutoBytes (_core.conv_stream_auto_bytes).
 int64_t stream_auto_bytes();
 int64_t set_stream_auto_bytes(int64_t bytes);
+// Whether the last apply (forward or input gradient) the calling thread ran
+// streamed its output (tests and benchmarks: _core.conv_streamed).
+bool last_streamed();
 
 // The register tile of each build: `mr` pairs (rows) x two vectors of
 // `vec_bytes` (columns). generic and avx2: 6 x (2 x 32 bytes), 12

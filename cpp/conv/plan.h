@@ -98,8 +98,9 @@ class Skip {
 
 // Whether run_apply marks its output to stream (ApplyArgs::stream, kStreamAutoBytes
 // in fused.h): the forward (not transpose) of the dense kernels (not
-// vector) on a submanifold map whose identity offset `skip` leaves out, at
-// most one pair per output row run.
+// vector) on a submanifold map whose identity offset `skip` leaves out,
+// running no more pairs than the map has output rows (one a row on average).
+// fused.cpp streams it only in the avx512 build's float32 kernels.
 bool streams_output(const Plan& plan, const Skip& skip, bool transpose, bool vector);
 
 // dst = bias + sum over the offsets of `skip` of dst[row] += src[col] @ W_k
