@@ -3,7 +3,7 @@ build, the same process, the threshold (``_core.conv_stream_bytes``) switched
 between calls, so the two ways alternate round by round.
 
     python bench/stream_output.py [--channels 32 64 128] [--threads 1] [--rounds 15] [--mb 16]
-        [--network] [--chain] [--out PAGE.md] [--quick]
+        [--network] [--chain] [--amounts 0.5 0.75 ...] [--out PAGE.md] [--quick]
 
 In place, a block's rows are summed where they live in the output: each line
 of a large output is read from memory before it is first written (a
@@ -25,7 +25,9 @@ full-width ``MinkUNet(4, 19)`` after ``fuse_for_inference`` on the same sweep
 (at 16 MB its 96-channel decoder rows and the 64-channel ones are streamed;
 the rest are summed in place either way), logits compared first. ``--chain``:
 module calls of the offset-pruned conv (75%) alone and followed by a second
-conv reading its output (see :func:`chain_rows`), outputs compared first. Medians; the ratio is
+conv reading its output (see :func:`chain_rows`), outputs compared first.
+``--amounts``: the rule the engine streams by, convs offset-pruned by each
+fraction followed by themselves (see :func:`amount_rows`). Medians; the ratio is
 in-place time over streamed time (above 1: streaming is faster).
 ``--quick``: C = 8 on the generated street with the threshold at 0, one
 round, the page in a temporary folder.
@@ -127,6 +129,49 @@ def chain_rows(channels: int, coords: torch.Tensor, rounds: int, threshold: int)
     return rows
 
 
+def amount_rows(channels: int, coords: torch.Tensor, rounds: int, threshold: int, amounts) -> list[str]:
+    """The rule behind ``ConvPlan.streams_output``: a conv offset-pruned by
+    each of ``amounts`` (``kernel_structured(scope="offset")`` of the same
+    seeded weight) followed by itself, its first call's output streamed or in
+    place, with the pairs a row it runs, whether it keeps the identity offset
+    and whether the engine marks it."""
+    from pointsparse import prune
+
+    torch.manual_seed(0)
+    x = ps.SparseTensor(torch.randn(len(coords), channels), coords)
+    base = ps.nn.Conv3d(channels, channels, 3)
+    kmap = ps.kmap.get_kmap(x, 3)
+    plan = _engine.get_plan(kmap)
+    pairs = kmap.sizes.clone()
+    pairs[plan.identity] = kmap.num_out  # the identity's pairs are not in the map's lists
+    rows = []
+    for amount in amounts:
+        conv = ps.nn.Conv3d(channels, channels, 3)
+        conv.load_state_dict(base.state_dict())
+        prune.kernel_structured(conv, "weight", amount, scope="offset")
+        prune.remove(conv, "weight")
+        active = _engine.choose_execution(conv.weight.detach()).active
+        kept = torch.as_tensor(active, dtype=torch.bool)
+
+        def call(threshold_first, conv=conv):
+            with torch.no_grad():
+                CORE.conv_stream_bytes(threshold_first)
+                CORE.conv_stream_auto_bytes(NEVER)
+                y = conv(x)
+                CORE.conv_stream_bytes(NEVER)
+                return conv(y).feats
+
+        if not torch.equal(call(NEVER), call(threshold)):
+            raise RuntimeError(f"C = {channels}, offsets {amount:.0%}: the streamed chain differs")
+        t = interleaved({"in place": lambda call=call: call(NEVER), "streamed": lambda call=call: call(threshold)},
+                        rounds)
+        rows.append(f"| {channels} | {amount:.0%} | {float(pairs[kept].sum()) / kmap.num_out:.2f} | "
+                    f"{'yes' if bool(kept[plan.identity]) else 'no'} | "
+                    f"{'yes' if plan.core.streams_output(active) else 'no'} | {t['in place'] * 1e3:.2f} | "
+                    f"{t['streamed'] * 1e3:.2f} | {t['in place'] / t['streamed']:.3f} |")
+    return rows
+
+
 def network_row(threads: int, rounds: int, threshold: int) -> str:
     from north_star import inputs, kitti_points
 
@@ -157,6 +202,8 @@ def main() -> None:
     parser.add_argument("--network", action="store_true", help="also the full-width MinkUNet on the sweep")
     parser.add_argument("--chain", action="store_true",
                         help="also module calls of the offset-pruned conv followed by a conv reading its output")
+    parser.add_argument("--amounts", type=float, nargs="*", default=None,
+                        help="also chains of an offset-pruned conv and itself at these fractions of the offsets")
     parser.add_argument("--out", default=None)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
@@ -182,6 +229,15 @@ def main() -> None:
             tables.append(f"### Module calls, the offset-pruned conv's output streamed or not, {args.threads} "
                           f"thread(s), medians of {rounds} rounds\n\n| C | calls | in place ms | streamed ms | "
                           "ratio |\n|---|---|---|---|---|\n" + "\n".join(chained))
+        if args.amounts:
+            rule = []
+            for c in channels:
+                rule += amount_rows(c, coords, rounds, threshold, args.amounts)
+                print("\n".join(rule[-len(args.amounts):]), flush=True)
+            tables.append(f"### An offset-pruned conv followed by itself, its first output streamed or not, "
+                          f"{args.threads} thread(s), medians of {rounds} rounds\n\n| C | offsets pruned | "
+                          "pairs a row run | identity kept | marked (streams_output) | in place ms | "
+                          "streamed ms | ratio |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rule))
         if args.network and not args.quick:
             row = network_row(args.threads, rounds, threshold)
             print(row, flush=True)
