@@ -46,6 +46,7 @@ from _common import environment, interleaved, kitti_or_street, results_path, wri
 from prune_exec import variants
 
 import pointsparse as ps
+from pointsparse import prune
 from pointsparse.nn import _engine
 
 CORE = ps._ext.core
@@ -98,6 +99,25 @@ def conv_rows(channels: int, coords: torch.Tensor, threads: int, rounds: int, th
     return rows
 
 
+def time_chain(first, second, x: ps.SparseTensor, threshold: int, rounds: int, what: str) -> dict:
+    """Medians of ``second(first(x))`` (or ``first(x)`` alone where
+    ``second`` is None), module calls without gradients, with the first
+    conv's output summed in place and streamed from ``threshold`` bytes (the
+    second's in place either way), interleaved; both results compared bit
+    for bit first (RuntimeError naming ``what``)."""
+    def call(threshold_first):
+        with torch.no_grad():
+            CORE.conv_stream_bytes(threshold_first)
+            CORE.conv_stream_auto_bytes(NEVER)
+            y = first(x)
+            CORE.conv_stream_bytes(NEVER)
+            return y.feats if second is None else second(y).feats
+
+    if not torch.equal(call(NEVER), call(threshold)):
+        raise RuntimeError(f"{what}: the streamed chain differs from the in-place one")
+    return interleaved({"in place": lambda: call(NEVER), "streamed": lambda: call(threshold)}, rounds)
+
+
 def chain_rows(channels: int, coords: torch.Tensor, rounds: int, threshold: int) -> list[str]:
     """Module calls (a new output each call) of the offset-pruned conv
     (75%, as prune_exec prunes it) alone and followed by a second conv that
@@ -111,19 +131,7 @@ def chain_rows(channels: int, coords: torch.Tensor, rounds: int, threshold: int)
     rows = []
     for label, second in (("alone", None), ("then unpruned", by_name["unpruned"]),
                           ("then offset 75%", first)):
-        def call(threshold_first, second=second):
-            with torch.no_grad():
-                CORE.conv_stream_bytes(threshold_first)
-                CORE.conv_stream_auto_bytes(NEVER)
-                y = first(x)
-                CORE.conv_stream_bytes(NEVER)
-                return y.feats if second is None else second(y).feats
-
-        outs = [call(t) for t in (NEVER, threshold)]
-        if not torch.equal(outs[0], outs[1]):
-            raise RuntimeError(f"C = {channels}, {label}: the streamed chain differs from the in-place one")
-        t = interleaved({"in place": lambda call=call: call(NEVER), "streamed": lambda call=call: call(threshold)},
-                        rounds)
+        t = time_chain(first, second, x, threshold, rounds, f"C = {channels}, {label}")
         rows.append(f"| {channels} | offset 75% {label} | {t['in place'] * 1e3:.2f} | {t['streamed'] * 1e3:.2f} | "
                     f"{t['in place'] / t['streamed']:.3f} |")
     return rows
@@ -135,8 +143,6 @@ def amount_rows(channels: int, coords: torch.Tensor, rounds: int, threshold: int
     seeded weight) followed by itself, its first call's output streamed or in
     place, with the pairs a row it runs, whether it keeps the identity offset
     and whether the engine marks it."""
-    from pointsparse import prune
-
     torch.manual_seed(0)
     x = ps.SparseTensor(torch.randn(len(coords), channels), coords)
     base = ps.nn.Conv3d(channels, channels, 3)
@@ -152,19 +158,7 @@ def amount_rows(channels: int, coords: torch.Tensor, rounds: int, threshold: int
         prune.remove(conv, "weight")
         active = _engine.choose_execution(conv.weight.detach()).active
         kept = torch.as_tensor(active, dtype=torch.bool)
-
-        def call(threshold_first, conv=conv):
-            with torch.no_grad():
-                CORE.conv_stream_bytes(threshold_first)
-                CORE.conv_stream_auto_bytes(NEVER)
-                y = conv(x)
-                CORE.conv_stream_bytes(NEVER)
-                return conv(y).feats
-
-        if not torch.equal(call(NEVER), call(threshold)):
-            raise RuntimeError(f"C = {channels}, offsets {amount:.0%}: the streamed chain differs")
-        t = interleaved({"in place": lambda call=call: call(NEVER), "streamed": lambda call=call: call(threshold)},
-                        rounds)
+        t = time_chain(conv, conv, x, threshold, rounds, f"C = {channels}, offsets {amount:.0%}")
         rows.append(f"| {channels} | {amount:.0%} | {float(pairs[kept].sum()) / kmap.num_out:.2f} | "
                     f"{'yes' if bool(kept[plan.identity]) else 'no'} | "
                     f"{'yes' if plan.core.streams_output(active) else 'no'} | {t['in place'] * 1e3:.2f} | "

@@ -65,8 +65,9 @@ struct ApplyArgs {
   // summed there, in L2, and then written to dst with streaming stores, so
   // that dst's lines are never read before they are written.
   T* blocks = nullptr;
-  // Stream the output whatever its size under stream_bytes() when it is at
-  // least stream_auto_bytes() (set by run_apply: streams_output in plan.h).
+  // Marked by run_apply (streams_output in plan.h): the output is streamed
+  // from stream_auto_bytes() on, whatever stream_bytes() says, in the avx512
+  // build's float32 kernels (attach_blocks).
   bool stream = false;
 };
 
