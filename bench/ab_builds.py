@@ -21,7 +21,7 @@ module into that tree's ``pointsparse/``). The conv is ``bench/conv_instructions
 a submanifold ``Conv3d(C, C, 3)`` on the KITTI sweep (000049, 0.05 m; a
 generated street of 20k voxels where the dataset is absent), unpruned and
 pruned (``offset``: 75% of the kernel offsets, ``offset50``: 50%, ``vector``:
-75% of the engine's vectors, ``vector50``: 50%), run as this tree's engine
+75% of the engine's vectors, ``vector50``: 50%; ``twin`` / ``twin50``: vectors of two panels, 75% / 50%), run as this tree's engine
 chooses for the forward, by the kernels of the build the CPU runs best or
 of ``--isa`` (one that runs here: ``_core.runnable_isas()``).
 Passes: ``forward``, ``input`` (the input gradient, with the forward's

@@ -41,7 +41,7 @@ import pointsparse as ps
 from pointsparse.nn import _engine
 
 KINDS = {"dense": "unpruned", "offset": "offset 75%", "offset50": "offset 50%", "vector": "vector 75%",
-         "vector50": "vector 50%"}
+         "vector50": "vector 50%", "twin": "twin 75%", "twin50": "twin 50%"}
 
 # The child: the extension module by its path, the case from the .npz, the
 # plan, `calls` forwards on one thread; the last output saved for the check.

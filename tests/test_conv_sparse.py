@@ -22,12 +22,12 @@ def make(n=400, c=8, extent=8, dtype=torch.float64, seed=0):
     return ps.SparseTensor(torch.randn(len(coords), c, generator=g, dtype=dtype), coords)
 
 
-def sparse_weight(volume, c_in, c_out, dtype, seed=0, vector_keep=0.3, dead=(0, 4)):
-    """Random weight with whole vectors (offset, input channel, panel) zeroed
-    at random and the offsets ``dead`` zeroed."""
+def sparse_weight(volume, c_in, c_out, dtype, seed=0, vector_keep=0.3, dead=(0, 4), span=1):
+    """Random weight with whole vectors (offset, input channel, ``span``
+    adjacent panels) zeroed at random and the offsets ``dead`` zeroed."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(volume, c_in, c_out, generator=g, dtype=dtype)
-    width = _engine.panel_width(dtype)
+    width = _engine.panel_width(dtype) * span
     panels = -(-c_out // width)
     keep = torch.rand(volume, c_in, panels, generator=g) < vector_keep
     w *= keep.repeat_interleave(width, 2)[:, :, :c_out].to(dtype)
@@ -187,6 +187,37 @@ def test_avx512_and_avx2_vector_kernels_agree_on_a_large_map():
             for isa, vector in (("avx512", True), ("avx2", True), ("avx512", False))]
     for other in runs[1:]:
         assert torch.equal(runs[0][0], other[0]) and torch.equal(runs[0][1], other[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("c_out", [32, 48, 64, 72, 136])
+def test_twin_panels_run_two_vectors_a_row_bit_for_bit(c_out, dtype):
+    """Weights pruned in vectors of two panels (panel_structured(panels=2)):
+    adjacent whole panels that list the same input channels run in the
+    avx512 build's two-vector tiles (SparseApplyArgs::twin). Some offsets'
+    second panel gets one more row, so twins and lone panels mix in one
+    offset, and a last partial panel (72, 136) never pairs. On a map of
+    many blocks, with bias and ReLU, 1 and 2 threads: every FMA build's
+    vector forward equals the dense kernels bit for bit, and torch ops."""
+    x = make(n=7000, c=24, extent=30, dtype=dtype, seed=9)
+    kmap = ps.kmap.get_kmap(x, 3)
+    plan = _engine.make_fused_plan(kmap)
+    w = sparse_weight(27, 24, c_out, dtype, seed=c_out, vector_keep=0.3, span=2)
+    width = _engine.panel_width(dtype)
+    w[1:27:3, 5, width:2 * width] = 0.5  # breaks the twin of panels 0 and 1 there (or fills a pruned one)
+    bias = torch.randn(c_out, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    g = torch.randn(kmap.num_out, c_out, dtype=dtype)
+    want = _forward_and_input_grad(plan, x.feats, w, bias, g, ISAS[0], 1, False, True)
+    for isa in ISAS:
+        for nt in (1, 2):
+            got = _forward_and_input_grad(plan, x.feats, w, bias, g, isa, nt, True, True)
+            if isa == "generic":
+                torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
+            else:
+                assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (isa, nt)
+    ref = torch.relu(conv_sum(x.feats, w, kmap) + bias)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(want[0], ref, **tol)
 
 
 def test_large_outputs_with_bias_and_relu():
@@ -538,6 +569,27 @@ def test_pair_panels_prune_whole_bf16_vectors(c_in):
             prune.panel_structured(ps.nn.Conv3d(4, 4, 3), "weight", 0.5, rows=bad)
     with pytest.raises(ValueError, match="square"):
         prune.panel_structured(ps.nn.Conv3d(4, 4, 3), "weight", 0.5, square=True, rows=2)
+
+
+def test_panels_prune_vectors_of_adjacent_panels():
+    """panels=2: blocks of one input channel x 2 panels (32 float32
+    columns; the last block of 40 columns holds 8), so both panels of a pair
+    list the same channels; tile_panels says 2 where the AVX-512 vector
+    kernels run two vectors a row (Intel, float32 / float64), else 1."""
+    conv = ps.nn.Conv3d(8, 40, 3)
+    prune.panel_structured(conv, "weight", 0.5, panels=2)
+    mask = conv.weight_mask.view(27, 8, 40)
+    assert torch.equal(mask[..., :32].amax(-1), mask[..., :32].amin(-1))
+    assert torch.equal(mask[..., 32:].amax(-1), mask[..., 32:].amin(-1))
+    assert mask[..., 0].sum() + mask[..., 32].sum() == 27 * 8  # half of the 2 x 27 x 8 blocks
+    blocks = _engine.vector_blocks(conv.weight)
+    assert torch.equal(blocks[..., 0], blocks[..., 1])
+    for bad in (0, -2, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="panels"):
+            prune.panel_structured(ps.nn.Conv3d(4, 4, 3), "weight", 0.5, panels=bad)
+    wide = "avx512" in ps._ext.core.runnable_isas() and ps._ext.core.avx512_full_width()
+    assert F.tile_panels(torch.float32) == F.tile_panels(torch.float64) == (2 if wide else 1)
+    assert F.tile_panels(torch.bfloat16) == 1
 
 
 def test_square_panels_zero_vectors_in_both_directions():

@@ -105,6 +105,13 @@ void pack_sparse(const SparseApplyArgs<T>& s) {
     s.count[t] = n;
     s.start[t + 1] = s.start[t] + n;
   }
+  if (s.twin == nullptr) return;
+  for (int64_t t = 0; t < K * np; ++t) {
+    const int64_t p = t % np;
+    const int32_t n = s.count[t];
+    s.twin[t] = p + 1 < np && (p + 2) * NR <= a.cols && s.count[t + 1] == n &&
+                std::equal(s.idx + t * a.kc, s.idx + t * a.kc + n, s.idx + (t + 1) * a.kc);
+  }
 }
 
 template <typename T>
@@ -113,8 +120,12 @@ void apply_sparse_with(SparseApplyArgs<T> s, Isa asked) {
   const int64_t size = wpack_size<T>(Isa::avx2, a.pairs.kernel_volume, a.kc, a.cols);  // sparse panels
   std::unique_ptr<T[]> wpack(new T[size_t(size > 0 ? size : 1)]);  // written where listed (pack_sparse)
   a.wpack = wpack.get();
-  pack_sparse(s);
   const Isa isa = sparse_isa(asked, a.cols);
+  // The pairs of panels that list the same rows, for the avx512 build's
+  // two-vector tiles (the 32-byte builds' tiles are one panel wide).
+  std::vector<uint8_t> twin(isa == Isa::avx512 ? size_t(a.pairs.kernel_volume * panels<T>(Isa::avx2, a.cols)) : 0);
+  s.twin = twin.empty() ? nullptr : twin.data();
+  pack_sparse(s);
   std::unique_ptr<T[]> blocks;
   attach_blocks(a, isa, blocks);
   switch (isa) {

@@ -31,6 +31,11 @@ struct SparseApplyArgs {
   int32_t* idx;    // scratch: K * panels(cols) * kc
   int32_t* count;  // scratch: K * panels(cols)
   int64_t* start;  // scratch: K * panels(cols) + 1
+  // scratch: K * panels(cols), or null. twin[k * panels + p] = 1 where panels
+  // p and p + 1 of offset k are both whole (sparse_panel<T>() columns) and
+  // list the same rows: the avx512 build runs such a pair in tiles of two
+  // vectors a row, as its dense tiles (pack_sparse fills it).
+  uint8_t* twin = nullptr;
 };
 
 // grad_w[k][c][j] for the vectors (k, c, panel of j) where mask holds a

@@ -200,6 +200,18 @@ def panel_width(dtype: torch.dtype) -> int:
     return 64 // max(size, 4)
 
 
+def tile_panels(dtype: torch.dtype) -> int:
+    """Adjacent panels (:func:`panel_width` columns each) that one row of
+    the vector-sparse forward's register tile spans on this CPU where they
+    list the same input channels: 2 for float32 and float64 where the
+    AVX-512 vector kernels run from one panel (``_core.avx512_full_width()``:
+    Intel; cpp/conv/sparse_avx512.cpp's two-vector tiles), else 1. A weight
+    pruned in blocks of that many panels (``prune.panel_structured(...,
+    panels=tile_panels(dtype))``) runs as the dense tiles do per FMA."""
+    wide = "avx512" in _ext.core.runnable_isas() and _ext.core.avx512_full_width()
+    return 2 if wide and dtype in (torch.float32, torch.float64) else 1
+
+
 def vector_blocks(weight: torch.Tensor, transpose: bool = False) -> torch.Tensor:
     """``(K, rows, panels)`` bool: whether row ``c`` of offset ``k``'s matrix
     (``weight[k]``, or ``weight[k].T`` when ``transpose``) holds a nonzero in

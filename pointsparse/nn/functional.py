@@ -84,6 +84,14 @@ def panel_width(dtype: torch.dtype) -> int:
     return _engine.panel_width(dtype)
 
 
+def tile_panels(dtype: torch.dtype) -> int:
+    """Adjacent panels a row of the vector-sparse forward's register tile
+    spans on this CPU (2 for float32 / float64 with the AVX-512 kernels on a
+    full-width CPU, else 1): the ``panels`` to give
+    ``prune.panel_structured`` for the fastest vector-sparse forward here."""
+    return _engine.tile_panels(dtype)
+
+
 def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, dilation=1,
            bias: torch.Tensor | None = None, transposed: bool = False, relu: bool = False, kernel_region=None,
            weight_mask: torch.Tensor | None = None, add: SparseTensor | None = None) -> SparseTensor:

@@ -299,7 +299,7 @@ def block_structured(module, name, amount, block_size=4, n=2, layout=None, impor
     return module
 
 
-def panel_structured(module, name, amount, square=False, n=2, importance_scores=None, rows=None):
+def panel_structured(module, name, amount, square=False, n=2, importance_scores=None, rows=None, panels=1):
     """The granularity the engine executes (vector sparsity): prune
     ``amount`` of the alive vectors of a sparse conv's ``(K, C_in, C_out)``
     weight, a vector being (offset, input channel, panel of output
@@ -314,7 +314,11 @@ def panel_structured(module, name, amount, square=False, n=2, importance_scores=
     ``width`` with ``square``); ``rows=2`` prunes whole bf16 vectors
     (offset, channel pair, 16 columns), which the bf16 kernels skip (with
     ``rows=1`` they skip a pair only where both its channels are pruned).
-    Returns ``module``."""
+    ``panels``: adjacent panels per block (default 1); ``panels=2`` prunes
+    vectors of ``2 * width`` columns, the AVX-512 dense tile's width, which
+    the float32 / float64 AVX-512 vector kernels run two vectors a tile row
+    (``nn.functional.tile_panels``: the panels a block should span on this
+    CPU). Returns ``module``."""
     from ..nn.functional import panel_width  # noqa: PLC0415 - nn sits above this package
 
     weight = getattr(module, name + "_orig", getattr(module, name, None))
@@ -327,7 +331,9 @@ def panel_structured(module, name, amount, square=False, n=2, importance_scores=
         raise ValueError(f"rows must be a positive int (input channels per block); got {rows!r}")
     elif square and rows != width:
         raise ValueError(f"square=True means rows = width = {width}; got rows={rows}")
-    return block_structured(module, name, amount, block_size=(width, rows), n=n,
+    if isinstance(panels, bool) or not isinstance(panels, int) or panels < 1:
+        raise ValueError(f"panels must be a positive int (adjacent panels per block); got {panels!r}")
+    return block_structured(module, name, amount, block_size=(width * panels, rows), n=n,
                             importance_scores=importance_scores)
 
 
