@@ -95,14 +95,29 @@ def check(conv, x, kmap) -> None:
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
+class _Density:
+    """``_engine.VECTOR_DENSITY`` set to ``vector_density`` inside the block
+    (< 0: the dense kernels, twin panels too: ``VECTOR_DENSITY_TWIN`` None)."""
+
+    def __init__(self, vector_density: float) -> None:
+        self.value = vector_density
+
+    def __enter__(self) -> None:
+        self.old = _engine.VECTOR_DENSITY, _engine.VECTOR_DENSITY_TWIN
+        _engine.VECTOR_DENSITY = self.value
+        if self.value < 0:
+            _engine.VECTOR_DENSITY_TWIN = None
+
+    def __exit__(self, *exc) -> None:
+        _engine.VECTOR_DENSITY, _engine.VECTOR_DENSITY_TWIN = self.old
+
+
 def core_forward(conv, x, kmap, vector_density: float):
     """The fused kernels alone (plan built, choice made, output allocated
     once): what the engine's forward costs without the per-call Python."""
     weight = conv.weight.detach().contiguous()
-    old = _engine.VECTOR_DENSITY
-    _engine.VECTOR_DENSITY = vector_density
-    run = _engine.choose_execution(weight)
-    _engine.VECTOR_DENSITY = old
+    with _Density(vector_density):
+        run = _engine.choose_execution(weight)
     plan = _engine.get_plan(kmap)
     out = x.feats.new_empty((kmap.num_out, weight.shape[2]))
     args = (x.feats.numpy(), weight.numpy(), None, out.numpy(), torch.get_num_threads())
@@ -115,9 +130,7 @@ def once(conv, x, mode: str, vector_density: float) -> float:
         mode()
         return time.perf_counter() - t0
     backward = mode == "fwd+bwd"
-    old = _engine.VECTOR_DENSITY
-    _engine.VECTOR_DENSITY = vector_density
-    try:
+    with _Density(vector_density):
         t0 = time.perf_counter()
         if backward:
             feats = x.feats.detach().requires_grad_()
@@ -126,8 +139,6 @@ def once(conv, x, mode: str, vector_density: float) -> float:
             with torch.no_grad():
                 conv(x)
         return time.perf_counter() - t0
-    finally:
-        _engine.VECTOR_DENSITY = old
 
 
 MODES = ("fwd", "fwd+bwd", "core")
@@ -152,7 +163,7 @@ def measure(channels: int, coords: torch.Tensor, rounds: int, points: list | Non
         amounts[name] = amount
         check(conv, x, kmap)
         for mode in modes:
-            labels = [(kind, _engine.VECTOR_DENSITY)] + ([("vector/dense kernels", -1.0)] if kind == "vector" else [])
+            labels = [(kind, _engine.VECTOR_DENSITY)] + ([("vector/dense kernels", -1.0)] if kind in ("vector", "twin") else [])
             for label, vd in labels:
                 runs.append((name, label, conv, core_forward(conv, x, kmap, vd) if mode == "core" else mode, vd, mode))
     # The fixed cost no pruned offset removes: the kernels with every offset

@@ -73,10 +73,10 @@ def setup(coords: torch.Tensor, channels: int):
     return run, checked, plan, feats, out
 
 
-def break_even(coords, channels: list, densities: list, rounds: int) -> str:
+def break_even(coords, channels: list, densities: list, rounds: int, span: int = 1) -> str:
     lines = ["| C | " + " | ".join(f"d = {d}" for d in densities) + " | engine's threshold |",
              "|---|" + "---|" * (len(densities) + 1)]
-    width = _engine.panel_width(torch.float32)
+    width = _engine.panel_width(torch.float32) * span
     for c in channels:
         run, checked, *_ = setup(coords, c)
         g = torch.Generator().manual_seed(1)
@@ -144,6 +144,9 @@ def main() -> None:
     parser.add_argument("--densities", type=float, nargs="+", default=[0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     parser.add_argument("--listed", type=int, nargs="*", default=[1, 4, 8, 16, 32, 48],
                         help="rows listed per panel for the second table, at the largest C (none: no table)")
+    parser.add_argument("--panels", type=int, default=1,
+                        help="break-even weights keep vectors of this many adjacent panels (2: the AVX-512 "
+                             "two-vector tiles, nn.functional.tile_panels)")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--out", default=None, help="default bench/results/vector_threshold.md")
     parser.add_argument("--quick", action="store_true", help="C = 8 on a 20k street, two densities, one round")
@@ -152,6 +155,8 @@ def main() -> None:
         args.channels, args.densities, args.listed, args.rounds = [8], [0.3, 0.9], [2], 1
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if args.panels < 1:
+        parser.error("--panels must be at least 1")
     if any(c < 1 for c in args.channels):
         parser.error("--channels must be positive")
     if any(not 0 <= d <= 1 for d in args.densities):
@@ -160,8 +165,8 @@ def main() -> None:
     torch.set_num_threads(1)
     tables = [f"{where} ({len(coords):,} voxels), one thread, medians of {args.rounds} rounds. Each cell: "
               "dense time / vector time for the same weight (> 1: the vector kernels win), and the vector "
-              "time; vectors kept at random with probability d.", "",
-              break_even(coords, args.channels, args.densities, args.rounds)]
+              f"time; vectors of {args.panels} panel(s) kept at random with probability d.", "",
+              break_even(coords, args.channels, args.densities, args.rounds, args.panels)]
     if args.listed:
         tables += ["", by_listed(coords, max(args.channels), args.listed, args.rounds)]
     command = "python bench/vector_threshold.py " + " ".join(sys.argv[1:])

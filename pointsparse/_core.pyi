@@ -110,13 +110,17 @@ def reuse_freed_memory(on: bool, bytes: int) -> bool:
 
 def conv_execution(
     weight: np.ndarray, transpose: bool, region: np.ndarray | None, threshold: float,
+    twin_threshold: float | None = None,
 ) -> tuple[np.ndarray | None, bool, float]:
     """(active, vector, density): the fused engine's choice for weight (K,
     C_in, C_out) (weight[k].T per offset when transpose): active None where
     every offset runs, else uint8 (K,) flags (an offset runs where it holds a
     nonzero and region, uint8 (K,) or None, keeps it); density the run
     offsets' listed vectors over all their vectors (0 with none run);
-    vector: density <= threshold."""
+    vector: density <= threshold, or with twin_threshold (>= 0, else
+    ValueError) density <= threshold + (twin_threshold - threshold) * the
+    share of those vectors in twin panels (adjacent whole panels listing
+    the same rows, paired from panel 0)."""
 
 def conv_stream_bytes(bytes: int | None = None) -> int:
     """Output bytes from which the fused forward streams its output (each

@@ -592,6 +592,76 @@ def test_panels_prune_vectors_of_adjacent_panels():
     assert F.tile_panels(torch.bfloat16) == 1
 
 
+@pytest.mark.parametrize("transpose", [False, True])
+def test_twin_share_moves_the_vector_threshold_in_cpp_as_in_torch(transpose):
+    """conv_execution's twin_threshold: the threshold moves toward it by the
+    kept offsets' share of listed vectors in twin panels. The C++ choice
+    equals _execution's on twinned_vectors (torch ops) for weights whose
+    share runs from none to all (vectors of one and of two panels mixed per
+    offset, a partial last panel, a dead offset, a region), at thresholds
+    around each weight's density; and the torch count of twins is checked
+    by hand on one weight."""
+    rng = torch.Generator().manual_seed(3)
+    for c, mix in ((64, 0.0), (64, 0.5), (64, 1.0), (72, 0.7), (40, 1.0), (16, 1.0)):
+        w = torch.randn(27, c, c, generator=rng)
+        width = _engine.panel_width(torch.float32)
+        panels = -(-c // width)
+        keep = torch.rand(27, c, panels, generator=rng) < 0.6
+        pair = torch.rand(27, c, panels, generator=rng) < 0.6
+        keep[:, :, 1::2] = torch.where(torch.rand(27, 1, 1, generator=rng) < mix, pair[:, :, 0:panels - 1:2],
+                                       keep[:, :, 1::2])
+        w *= keep.repeat_interleave(width, 2)[:, :, :c]
+        w[5] = 0
+        if transpose:
+            w = w.transpose(1, 2).contiguous()
+        region = torch.ones(27, dtype=torch.bool)
+        region[7] = False
+        counts = _engine.vector_counts(w, transpose).numpy()
+        twinned = _engine.twinned_vectors(w, transpose).numpy()
+        density = _engine._execution(counts, c, region, 0.5).density
+        for reg in (None, region):
+            for thr in (density - 0.2, density - 0.05, density - 0.01, density + 0.01):
+                for twin in (None, density - 0.3, density, density + 0.02, 0.95):
+                    if twin is not None and twin < 0:
+                        continue
+                    got = ps._ext.core.conv_execution(w.numpy(), transpose, None if reg is None else reg.numpy(),
+                                                      thr, twin)
+                    want = _engine._execution(counts, c, reg, thr, twin, twinned)
+                    assert got[1] == want.vector and got[2] == want.density, (c, mix, thr, twin)
+    w = torch.zeros(3, 2, 48)
+    w[0, 0, :32] = 1  # panels 0 and 1 list row 0: a twin; panel 2 alone
+    w[0, 1, 32:] = 1
+    w[1, 0, 16:] = 1  # panel 0 lists nothing: panels 1 and 2 (row 0) pair
+    w[2, 0, :] = 1  # every panel lists row 0: 0 and 1 pair, 2 is left alone
+    assert _engine.twinned_vectors(w).tolist() == [2, 2, 2]
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="twin_threshold"):
+            ps._ext.core.conv_execution(w.numpy(), False, None, 0.5, bad)
+
+
+def test_twin_pruned_weights_run_the_vector_kernels_to_a_higher_density():
+    """Where tile_panels is 2 (Intel AVX-512), a weight pruned in vectors of
+    two panels at density 0.7 runs the vector kernels (twin threshold 0.75),
+    the same density in vectors of one panel the dense ones (0.6); elsewhere
+    both go by VECTOR_DENSITY alone. sparsity_report's executed FLOPs follow
+    the same choice."""
+    torch.manual_seed(0)
+    twin, single = ps.nn.Conv3d(64, 64, 3), ps.nn.Conv3d(64, 64, 3)
+    prune.panel_structured(twin, "weight", 0.3, panels=2)
+    prune.panel_structured(single, "weight", 0.3)
+    runs = [_engine.choose_execution(m.weight.detach()) for m in (twin, single)]
+    assert all(abs(r.density - 0.7) < 0.01 for r in runs)
+    wide = F.tile_panels(torch.float32) == 2
+    assert _engine.twin_threshold(64) == (0.75 if wide else None)
+    assert runs[0].vector == (wide or _engine.VECTOR_DENSITY >= runs[0].density)
+    assert runs[1].vector == (_engine.VECTOR_DENSITY >= runs[1].density)
+    pairs = torch.full((27,), 1000)
+    for m, r in zip((twin, single), runs):
+        flops = _engine.executed_flops(m.weight.detach(), pairs)
+        dense = 2 * 27000 * 64 * 64
+        assert (flops < dense) == r.vector
+
+
 def test_square_panels_zero_vectors_in_both_directions():
     conv = ps.nn.Conv3d(32, 32, 3)
     prune.panel_structured(conv, "weight", 0.75, square=True)

@@ -45,10 +45,13 @@ py::array_t<int32_t> weight_vectors(py::array weight, bool transpose) {
 
 // (active, vector, density): conv::choose_execution; active None where
 // every offset is kept, else uint8 (K,) flags.
-py::tuple weight_execution(py::array weight, bool transpose, py::object region, double threshold) {
+py::tuple weight_execution(py::array weight, bool transpose, py::object region, double threshold,
+                           std::optional<double> twin_threshold) {
   if (weight.ndim() != 3 || !is_c_contiguous(weight))
     value_error("weight must be a C-contiguous (K, C_in, C_out) array; got shape " + shape_str(weight));
   const int64_t K = weight.shape(0), c_in = weight.shape(1), c_out = weight.shape(2);
+  if (twin_threshold && !(*twin_threshold >= 0))
+    value_error("twin_threshold must be >= 0 or None; got " + std::to_string(*twin_threshold));
   const uint8_t* flags = nullptr;
   carray<uint8_t> region_array;
   if (!region.is_none()) {
@@ -61,7 +64,8 @@ py::tuple weight_execution(py::array weight, bool transpose, py::object region, 
   conv::Execution e{};
   dispatch_float(weight, "weight", [&](auto zero) {
     using T = decltype(zero);
-    e = conv::choose_execution(static_cast<const T*>(weight.data()), K, c_in, c_out, transpose, flags, threshold, out);
+    e = conv::choose_execution(static_cast<const T*>(weight.data()), K, c_in, c_out, transpose, flags, threshold, out,
+                               twin_threshold ? *twin_threshold : -1.0);
   });
   return py::make_tuple(e.all_kept ? py::object(py::none()) : py::object(keep), e.vector, e.density);
 }
@@ -360,11 +364,14 @@ void bind_conv(py::module_& m) {
         "weight[k] (weight[k].T when transpose) holding a nonzero in the panel: the vectors the vector-sparse "
         "kernels visit.");
   m.def("conv_execution", &weight_execution, py::arg("weight"), py::arg("transpose"), py::arg("region"),
-        py::arg("threshold"),
+        py::arg("threshold"), py::arg("twin_threshold") = py::none(),
         "(active, vector, density): the fused engine's choice for weight (K, C_in, C_out) (weight[k].T per offset "
         "when transpose): active None where every offset is run, else uint8 (K,) flags (an offset runs where "
         "it holds a nonzero and region, uint8 (K,) or None, keeps it); density the run offsets' listed vectors "
-        "(conv_weight_vectors) over all their vectors, 0 with none run; vector: density <= threshold.");
+        "(conv_weight_vectors) over all their vectors, 0 with none run; vector: density <= threshold, or with "
+        "twin_threshold (>= 0) density <= threshold + (twin_threshold - threshold) * the share of those vectors "
+        "in twin panels (adjacent whole panels listing the same rows, paired from panel 0: the avx512 build's "
+        "two-vector tiles).");
   m.def(
       "conv_stream_bytes",
       [](std::optional<int64_t> bytes) {

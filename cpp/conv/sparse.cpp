@@ -147,7 +147,8 @@ void wgrad_masked_with(MaskedWgradArgs<T> m, Isa asked) {
 }  // namespace
 
 template <typename T>
-void count_vectors(const T* w, int64_t K, int64_t c_in, int64_t c_out, bool transpose, int32_t* counts) {
+void count_vectors(const T* w, int64_t K, int64_t c_in, int64_t c_out, bool transpose, int32_t* counts,
+                   uint8_t* twins) {
   constexpr int64_t NR = sparse_panel<T>();
   const int64_t rows = transpose ? c_out : c_in, np = panels<T>(Isa::avx2, transpose ? c_in : c_out);
   std::vector<uint8_t> mark(rows * np);
@@ -169,15 +170,23 @@ void count_vectors(const T* w, int64_t K, int64_t c_in, int64_t c_out, bool tran
       for (int64_t r = 0; r < rows; ++r) n += mark[r * np + p];
       counts[k * np + p] = n;
     }
+    if (twins == nullptr) continue;
+    const int64_t cols = transpose ? c_in : c_out;
+    for (int64_t p = 0; p < np; ++p) {
+      bool same = p + 1 < np && (p + 2) * NR <= cols && (p == 0 || !twins[k * np + p - 1]);
+      for (int64_t r = 0; same && r < rows; ++r) same = mark[r * np + p] == mark[r * np + p + 1];
+      twins[k * np + p] = same;
+    }
   }
 }
 template <typename T>
 Execution choose_execution(const T* w, int64_t K, int64_t c_in, int64_t c_out, bool transpose,
-                           const uint8_t* region, double threshold, uint8_t* keep) {
+                           const uint8_t* region, double threshold, uint8_t* keep, double twin_threshold) {
   const int64_t rows = transpose ? c_out : c_in, np = panels<T>(Isa::avx2, transpose ? c_in : c_out);
   std::vector<int32_t> counts(size_t(K * np));
-  count_vectors(w, K, c_in, c_out, transpose, counts.data());
-  int64_t kept = 0, listed = 0;
+  std::vector<uint8_t> twins(twin_threshold >= 0 ? size_t(K * np) : 0);
+  count_vectors(w, K, c_in, c_out, transpose, counts.data(), twins.empty() ? nullptr : twins.data());
+  int64_t kept = 0, listed = 0, twinned = 0;
   bool all_kept = true;
   for (int64_t k = 0; k < K; ++k) {
     int64_t n = 0;
@@ -187,21 +196,26 @@ Execution choose_execution(const T* w, int64_t K, int64_t c_in, int64_t c_out, b
     if (keep[k]) {
       ++kept;
       listed += n;
+      for (int64_t p = 0; p < np && !twins.empty(); ++p)
+        if (twins[k * np + p]) twinned += counts[k * np + p] + counts[k * np + p + 1];
     }
   }
   const int64_t capacity = kept * rows * np;
   // Both counts are exact in a double: the quotient is the correctly
   // rounded one, as Python's int / int.
   const double density = capacity ? double(listed) / double(capacity) : 0.0;
-  return Execution{all_kept, density <= threshold, density};
+  const double limit =
+      twin_threshold >= 0 && listed ? threshold + (twin_threshold - threshold) * double(twinned) / double(listed)
+                                    : threshold;
+  return Execution{all_kept, density <= limit, density};
 }
 template Execution choose_execution<float>(const float*, int64_t, int64_t, int64_t, bool, const uint8_t*, double,
-                                           uint8_t*);
+                                           uint8_t*, double);
 template Execution choose_execution<double>(const double*, int64_t, int64_t, int64_t, bool, const uint8_t*, double,
-                                            uint8_t*);
+                                            uint8_t*, double);
 
-template void count_vectors<float>(const float*, int64_t, int64_t, int64_t, bool, int32_t*);
-template void count_vectors<double>(const double*, int64_t, int64_t, int64_t, bool, int32_t*);
+template void count_vectors<float>(const float*, int64_t, int64_t, int64_t, bool, int32_t*, uint8_t*);
+template void count_vectors<double>(const double*, int64_t, int64_t, int64_t, bool, int32_t*, uint8_t*);
 
 void apply_sparse(SparseApplyArgs<float> a, Isa isa) { apply_sparse_with(a, isa); }
 void apply_sparse(SparseApplyArgs<double> a, Isa isa) { apply_sparse_with(a, isa); }

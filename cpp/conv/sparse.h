@@ -59,15 +59,23 @@ constexpr int64_t sparse_panel() { return nr<T>(Isa::avx2); }
 // a nonzero in the columns of panel p (sparse_panel<T>() columns): the vectors
 // the vector-sparse kernels visit; panels = panels<T>(Isa::avx2, C_out, or
 // C_in when transpose). One pass over the weight (K, c_in, c_out).
+// twins (optional, K * panels): twins[k * panels + p] = 1 where panels p and
+// p + 1 of offset k are both whole and list the same rows and p is not the
+// second panel of an earlier such pair: the pairs the avx512 build runs in
+// two-vector tiles (SparseApplyArgs::twin, taken from panel 0 on).
 template <typename T>
-void count_vectors(const T* w, int64_t K, int64_t c_in, int64_t c_out, bool transpose, int32_t* counts);
+void count_vectors(const T* w, int64_t K, int64_t c_in, int64_t c_out, bool transpose, int32_t* counts,
+                   uint8_t* twins = nullptr);
 
 // The engine's choice for one product of W (nn/_engine.py's `_execution`,
 // made here in one pass so that a conv call pays microseconds for it):
 // keep[k] = offset k holds a nonzero and (region null or region[k]);
 // density = the kept offsets' listed vectors / (kept offsets x rows x
 // panels), 0 with none kept (rows: c_out when transpose, else c_in);
-// vector = density <= threshold; all_kept = every keep[k] is 1.
+// vector = density <= threshold; all_kept = every keep[k] is 1. With
+// twin_threshold >= 0 the threshold moves toward it by the share of the
+// kept offsets' listed vectors that sit in twin panels (count_vectors'
+// twins): threshold + (twin_threshold - threshold) * twinned / listed.
 struct Execution {
   bool all_kept;
   bool vector;
@@ -75,7 +83,7 @@ struct Execution {
 };
 template <typename T>
 Execution choose_execution(const T* w, int64_t K, int64_t c_in, int64_t c_out, bool transpose,
-                           const uint8_t* region, double threshold, uint8_t* keep);
+                           const uint8_t* region, double threshold, uint8_t* keep, double twin_threshold = -1.0);
 
 // `isa`: the build asked for. apply_sparse runs the avx512 build where it is
 // asked and there are at least 128 output columns (one 64-byte vector per

@@ -72,10 +72,33 @@ MASKED_WGRAD_DENSITY = 0.7
 VECTOR_FULL_ROWS = 32
 
 
+#: The same for vectors in twin panels (two adjacent whole panels listing
+#: the same input channels, ``prune.panel_structured(..., panels=2)``), which
+#: the AVX-512 vector kernels run two vectors a tile row where
+#: :func:`tile_panels` is 2 (None elsewhere: no twin tiles). Weights pruned in
+#: vectors of two panels broke even with the dense forward near density 0.8
+#: at C = 32, 48, 64 and 128 (1.06-1.19x at 0.7, 0.92-0.96x at 0.9; ``python
+#: bench/vector_threshold.py --channels 32 48 64 128 --panels 2``, KITTI
+#: sweep, one thread, Intel Xeon, bench/RESULTS.md stop 36). A weight's
+#: threshold moves from :data:`VECTOR_DENSITY` toward this one by the share
+#: of its listed vectors in twins (``_core.conv_execution``).
+VECTOR_DENSITY_TWIN_WIDE = 0.75
+VECTOR_DENSITY_TWIN = VECTOR_DENSITY_TWIN_WIDE if _ext.core.avx512_full_width() else None
+
+
 def vector_threshold(rows: int) -> float:
     """The largest density of listed vectors at which a product with
     ``rows`` rows per panel runs the vector-sparse kernels."""
     return VECTOR_DENSITY * min(1.0, (rows + 4) / (VECTOR_FULL_ROWS + 4))
+
+
+def twin_threshold(rows: int, dtype: torch.dtype = torch.float32) -> float | None:
+    """:func:`vector_threshold` for a weight whose listed vectors all sit in
+    twin panels (``VECTOR_DENSITY_TWIN`` scaled alike), or None where this
+    CPU runs no twin tiles for ``dtype`` (:func:`tile_panels` 1)."""
+    if VECTOR_DENSITY_TWIN is None or tile_panels(dtype) < 2:
+        return None
+    return VECTOR_DENSITY_TWIN * min(1.0, (rows + 4) / (VECTOR_FULL_ROWS + 4))
 
 
 @dataclass(frozen=True, eq=False)
@@ -267,33 +290,65 @@ def choose_execution(weight: torch.Tensor, region: torch.Tensor | None = None,
     :func:`vector_threshold` of the remaining vectors hold a nonzero. CPU
     float32/float64 weights are counted and decided in one C++ call
     (``_core.conv_execution``, a few microseconds: it runs on every conv
-    call); others through the torch count and :func:`_execution`."""
-    return _decide(weight, transpose, region, vector_threshold(weight.shape[2] if transpose else weight.shape[1]))
+    call), the threshold moved toward :func:`twin_threshold` by the share of
+    vectors in twin panels; others through the torch count and
+    :func:`_execution`."""
+    rows = weight.shape[2] if transpose else weight.shape[1]
+    return _decide(weight, transpose, region, vector_threshold(rows), twin_threshold(rows, weight.dtype))
 
 
-def _decide(weight: torch.Tensor, transpose: bool, region: torch.Tensor | None, threshold: float) -> Execution:
+def _decide(weight: torch.Tensor, transpose: bool, region: torch.Tensor | None, threshold: float,
+            twin: float | None = None) -> Execution:
     """The execution of ``weight`` (or ``weight[k].T``) at this vector
-    ``threshold``: the core's one call for CPU float32/float64, else
-    :func:`_execution` on the torch count. Every per-call choice (forward,
-    input gradient, masked weight gradient) goes through here."""
+    ``threshold`` (``twin``: the threshold of vectors in twin panels, where
+    the kernels run them in twin tiles): the core's one call for CPU
+    float32/float64, else :func:`_execution` on the torch count (no twin
+    tiles there). Every per-call choice (forward, input gradient, masked
+    weight gradient) goes through here."""
     if not _ext.serves(weight, dtypes=ENGINE_DTYPES):
         return _execution(vector_blocks(weight, transpose).sum(1).cpu().numpy(),
                           weight.shape[2] if transpose else weight.shape[1], region, threshold)
     flags = None if region is None else region.cpu().numpy()
-    active, vector, density = _ext.core.conv_execution(_np(weight.contiguous()), transpose, flags, threshold)
+    active, vector, density = _ext.core.conv_execution(_np(weight.contiguous()), transpose, flags, threshold, twin)
     return Execution(active, vector, density)
 
 
-def _execution(counts, rows: int, region, threshold: float) -> Execution:
+def twinned_vectors(weight: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """``(K,)`` int64: per offset, the listed vectors that sit in twin panels
+    (two adjacent whole panels of :func:`panel_width` columns listing the same
+    rows, paired from panel 0 on, as cpp/conv/sparse.cpp pairs them), from
+    :func:`vector_blocks` in torch ops."""
+    blocks = vector_blocks(weight, transpose).cpu()
+    cols = weight.shape[1] if transpose else weight.shape[2]
+    width = panel_width(weight.dtype)
+    out = torch.zeros(weight.shape[0], dtype=torch.int64)
+    for k in range(weight.shape[0]):
+        p = 0
+        while p + 1 < blocks.shape[2]:
+            if (p + 2) * width <= cols and torch.equal(blocks[k, :, p], blocks[k, :, p + 1]):
+                out[k] += int(blocks[k, :, p].sum()) * 2
+                p += 2
+            else:
+                p += 1
+    return out
+
+
+def _execution(counts, rows: int, region, threshold: float, twin: float | None = None, twinned=None) -> Execution:
     """The same choice from numpy ``(K, panels)`` counts (:func:`vector_counts`)
     of ``rows`` rows per panel: where the core does not serve the weight, and
-    for :func:`executed_flops` (a CUDA weight's counts too)."""
+    for :func:`executed_flops` (a CUDA weight's counts too). ``twin`` and
+    ``twinned`` (numpy ``(K,)``, :func:`twinned_vectors`): the threshold
+    moved toward ``twin`` by the kept offsets' share of vectors in twins,
+    as ``_core.conv_execution``."""
     per_offset = counts.sum(1)
     keep = per_offset > 0
     if region is not None:
         keep &= region.cpu().numpy()
     capacity = int(keep.sum()) * rows * counts.shape[1]
-    density = int(per_offset[keep].sum()) / capacity if capacity else 0.0
+    listed = int(per_offset[keep].sum())
+    density = listed / capacity if capacity else 0.0
+    if twin is not None and twinned is not None and listed:
+        threshold = threshold + (twin - threshold) * int(twinned[keep].sum()) / listed
     return Execution(_flags(keep), density <= threshold, density)
 
 
@@ -312,7 +367,9 @@ def executed_flops(weight: torch.Tensor, pair_counts: torch.Tensor, region: torc
     included): ``pairs(k) * C_in * C_out`` per offset run, or with the
     vector-sparse kernels ``pairs(k) * (columns of the vectors listed)``."""
     counts = vector_counts(weight).cpu()  # a CUDA weight's counts too
-    execution = _execution(counts.numpy(), weight.shape[1], region, vector_threshold(weight.shape[1]))
+    twin = twin_threshold(weight.shape[1], weight.dtype) if _ext.serves(weight, dtypes=ENGINE_DTYPES) else None
+    twinned = twinned_vectors(weight).numpy() if twin is not None else None
+    execution = _execution(counts.numpy(), weight.shape[1], region, vector_threshold(weight.shape[1]), twin, twinned)
     pairs = torch.as_tensor(pair_counts, dtype=torch.int64)
     keep = torch.ones(weight.shape[0], dtype=torch.bool) if execution.active is None else \
         torch.from_numpy(execution.active).bool()
