@@ -587,6 +587,14 @@ def test_panels_prune_vectors_of_adjacent_panels():
     for bad in (0, -2, 1.5, True, "2"):
         with pytest.raises(ValueError, match="panels"):
             prune.panel_structured(ps.nn.Conv3d(4, 4, 3), "weight", 0.5, panels=bad)
+    square = ps.nn.Conv3d(64, 64, 3)  # square: 32 x 32 blocks, twins in the input gradient's W[k].T too
+    prune.panel_structured(square, "weight", 0.5, square=True, panels=2)
+    for transpose in (False, True):
+        blocks = _engine.vector_blocks(square.weight.detach(), transpose)
+        assert torch.equal(blocks[..., 0::2], blocks[..., 1::2])
+        assert _engine.twinned_vectors(square.weight.detach(), transpose).sum() == blocks.sum()
+    with pytest.raises(ValueError, match="square"):
+        prune.panel_structured(square, "weight", 0.5, square=True, panels=2, rows=16)
     wide = "avx512" in ps._ext.core.runnable_isas() and ps._ext.core.avx512_full_width()
     assert F.tile_panels(torch.float32) == F.tile_panels(torch.float64) == (2 if wide else 1)
     assert F.tile_panels(torch.bfloat16) == 1

@@ -318,22 +318,23 @@ def panel_structured(module, name, amount, square=False, n=2, importance_scores=
     vectors of ``2 * width`` columns, the AVX-512 dense tile's width, which
     the float32 / float64 AVX-512 vector kernels run two vectors a tile row
     (``nn.functional.tile_panels``: the panels a block should span on this
-    CPU). Returns ``module``."""
+    CPU); with ``square`` the blocks are then ``2 width`` square, twins in
+    both directions. Returns ``module``."""
     from ..nn.functional import panel_width  # noqa: PLC0415 - nn sits above this package
 
     weight = getattr(module, name + "_orig", getattr(module, name, None))
     if not isinstance(weight, torch.Tensor):
         raise ValueError(f"{type(module).__name__} has no tensor attribute {name!r}")
-    width = panel_width(weight.dtype)
+    if isinstance(panels, bool) or not isinstance(panels, int) or panels < 1:
+        raise ValueError(f"panels must be a positive int (adjacent panels per block); got {panels!r}")
+    width = panel_width(weight.dtype) * panels
     if rows is None:
         rows = width if square else 1
     elif isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
         raise ValueError(f"rows must be a positive int (input channels per block); got {rows!r}")
     elif square and rows != width:
         raise ValueError(f"square=True means rows = width = {width}; got rows={rows}")
-    if isinstance(panels, bool) or not isinstance(panels, int) or panels < 1:
-        raise ValueError(f"panels must be a positive int (adjacent panels per block); got {panels!r}")
-    return block_structured(module, name, amount, block_size=(width * panels, rows), n=n,
+    return block_structured(module, name, amount, block_size=(width, rows), n=n,
                             importance_scores=importance_scores)
 
 
