@@ -2,7 +2,8 @@
 ``Conv3d(C, C, 3)`` over KITTI (000049, 0.05 m voxels) pruned by kernel
 offsets (``kernel_structured(scope="offset")``), by engine vectors
 (``panel_structured``; ``square=True``: width x width blocks, which the
-input gradient skips too; ``twin``: vectors of two panels, ``panels=2``), unstructured (``l1_unstructured``) and 2:4
+input gradient skips too; ``twin``: vectors of two panels, ``panels=2``;
+``square2``: both), unstructured (``l1_unstructured``) and 2:4
 (``nm_structured``), forward and forward+backward, against the unpruned
 conv timed in the same rounds (interleaved, medians), with a plot of the
 speed-ups against the fraction pruned and the ideal lines (the page's name
@@ -54,8 +55,8 @@ from pointsparse.nn import functional as F
 from pointsparse.nn.reference import conv_sum
 
 #: Fractions of the weights pruned, per granularity (2:4 prunes half).
-AMOUNTS = {"offset": (0.25, 0.5, 0.75), "vector": (0.25, 0.5, 0.75, 0.9), "twin": (0.5, 0.75, 0.9),
-           "square": (0.5, 0.75), "unstructured": (0.5, 0.75, 0.9), "2:4": (0.5,)}
+AMOUNTS = {"offset": (0.25, 0.5, 0.75), "vector": (0.25, 0.5, 0.75, 0.9), "twin": (0.25, 0.5, 0.75, 0.9),
+           "square": (0.5, 0.75), "square2": (0.5, 0.75), "unstructured": (0.5, 0.75, 0.9), "2:4": (0.5,)}
 
 
 def _prune(conv, kind: str, amount: float) -> None:
@@ -67,6 +68,8 @@ def _prune(conv, kind: str, amount: float) -> None:
         prune.nm_structured(conv, "weight", 2, 4)
     elif kind == "twin":  # vectors of two panels: the AVX-512 dense tile's width (nn.functional.tile_panels)
         prune.panel_structured(conv, "weight", amount, panels=2)
+    elif kind == "square2":  # 2 width square blocks: twins in the input gradient too
+        prune.panel_structured(conv, "weight", amount, square=True, panels=2)
     else:
         prune.panel_structured(conv, "weight", amount, square=kind == "square")
 

@@ -91,7 +91,9 @@ def break_even(coords, channels: list, densities: list, rounds: int, span: int =
             calls[d, True] = lambda wd=wd: run(wd, True)
         med = median_ms(calls, rounds)
         cells = [f"{med[d, False] / med[d, True]:.2f}x ({med[d, True]:.2f} ms)" for d in densities]
-        lines.append(f"| {c} | " + " | ".join(cells) + f" | {_engine.vector_threshold(c):.2f} |")
+        twin = _engine.twin_threshold(c) if span == 2 else None  # a weight all in twins: the twin threshold
+        threshold = _engine.vector_threshold(c) if twin is None else twin
+        lines.append(f"| {c} | " + " | ".join(cells) + f" | {threshold:.2f} |")
         print(lines[-1], flush=True)
     return "\n".join(lines)
 
