@@ -135,13 +135,24 @@ void apply_sparse_with(SparseApplyArgs<T> s, Isa asked) {
   }
 }
 
+// The build of wgrad_masked that runs for `asked`: avx512 where it is asked
+// and its FMAs run at full width (avx512_full_width(): Intel), else
+// narrow_isa's.
+Isa wgrad_masked_isa(Isa asked) {
+  return asked == Isa::avx512 && avx512_full_width() ? Isa::avx512 : narrow_isa(asked);
+}
+
 template <typename T>
 void wgrad_masked_with(MaskedWgradArgs<T> m, Isa asked) {
-  const Isa isa = narrow_isa(asked);
+  const Isa isa = wgrad_masked_isa(asked);
   WgradArgs<T>& a = m.base;
   std::vector<T> scratch(size_t(a.nt * wgrad_scratch<T>(isa, a.c_in, a.c_out)));
   a.scratch = scratch.data();
-  isa == Isa::avx2 ? avx2::wgrad_masked(m) : generic::wgrad_masked(m);
+  switch (isa) {
+    case Isa::avx512: avx512::wgrad_masked(m); break;
+    case Isa::avx2: avx2::wgrad_masked(m); break;
+    default: generic::wgrad_masked(m); break;
+  }
 }
 
 }  // namespace

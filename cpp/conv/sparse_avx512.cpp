@@ -192,6 +192,10 @@ void apply_sparse_impl(const SparseApplyArgs<T>& s) {
 void apply_sparse(const SparseApplyArgs<float>& a) { apply_sparse_either(a); }
 void apply_sparse(const SparseApplyArgs<double>& a) { apply_sparse_either(a); }
 
+// The masked weight gradient in this build's 8 x 32 tiles (lists per 32
+// columns: two sparse panels), sparse_wgrad.h.
+#include "conv/sparse_wgrad.h"
+
 }  // namespace avx512
 }  // namespace conv
 }  // namespace ps
@@ -203,6 +207,8 @@ namespace avx512 {
 // Never called: isa_runs(Isa::avx512) is false in this build.
 void apply_sparse(const SparseApplyArgs<float>& a) { generic::apply_sparse(a); }
 void apply_sparse(const SparseApplyArgs<double>& a) { generic::apply_sparse(a); }
+void wgrad_masked(const MaskedWgradArgs<float>& a) { generic::wgrad_masked(a); }
+void wgrad_masked(const MaskedWgradArgs<double>& a) { generic::wgrad_masked(a); }
 }  // namespace avx512
 }  // namespace conv
 }  // namespace ps
