@@ -204,6 +204,26 @@ def test_prune_vectors_refuses_a_bad_sparsity(tmp_path, amount):
     from pointsparse.app.channels import prune_vectors_checkpoint
     with pytest.raises(ValueError, match=r"--sparsity"):
         prune_vectors_checkpoint(tmp_path / "none.pt", tmp_path / "out", float(amount))
+    for panels in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match=r"--panels"):
+            prune_vectors_checkpoint(tmp_path / "none.pt", tmp_path / "out", 0.5, panels=panels)
+
+
+def test_prune_vectors_panels_masks_vectors_of_two_panels(tmp_path):
+    """``prune vectors --panels 2``: one input channel x 32 columns blocks
+    (the AVX-512 tile's width), so each 32-column stretch of a mask row is
+    all kept or all pruned, about half the blocks kept."""
+    dense, wide = tmp_path / "dense", tmp_path / "wide"
+    assert cli.main(["train", *TINY, "--epochs", "1", "--out", str(dense)]) == 0
+    assert cli.main(["prune", "vectors", "--checkpoint", str(dense / "checkpoint.pt"), "--sparsity", "0.5",
+                     "--panels", "2", "--out", str(wide)]) == 0
+    masks = {k: v for k, v in checkpoint.load(wide / "checkpoint.pt")["model"].items() if k.endswith("weight_mask")}
+    assert masks
+    for key, mask in masks.items():
+        for j in range(0, mask.shape[2], 32):
+            block = mask[..., j:j + 32]
+            assert torch.equal(block.amax(-1), block.amin(-1)), (key, j)
+        assert 0.3 <= mask.float().mean().item() <= 0.7, key
 
 
 def test_prune_vectors_pairs_masks_whole_bf16_vectors(tmp_path, capsys):

@@ -38,6 +38,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--pairs", action="store_true",
                         help="vectors: blocks of two input channels (whole bf16 vectors, which the bf16 kernels "
                              "skip too)")
+    parser.add_argument("--panels", type=int, default=1,
+                        help="vectors: adjacent 16-column panels per block (2: the AVX-512 tile's width, whose "
+                             "vector kernels run such blocks two vectors a row; nn.functional.tile_panels)")
 
 
 def load_state(path) -> dict:
@@ -85,22 +88,25 @@ def prune_checkpoint(path, out, ratio: float = 0.5, data=None, label_map=None, c
     return save_pruned(state, model, out)
 
 
-def prune_vectors_checkpoint(path, out, amount: float, square: bool = False, rows: int | None = None) -> Path:
+def prune_vectors_checkpoint(path, out, amount: float, square: bool = False, rows: int | None = None,
+                             panels: int = 1) -> Path:
     """Write ``out/checkpoint.pt``: the checkpoint's model (dense or
     channel-pruned) with ``amount`` of the alive engine vectors of every
     sparse conv with more than one offset pruned by magnitude
     (:func:`pointsparse.prune.panel_structured`; ``square``: width x width
-    blocks; ``rows``: input channels per block, 2 for whole bf16 vectors), the masks stored as ``torch.nn.utils.prune`` stores them
+    blocks; ``rows``: input channels per block, 2 for whole bf16 vectors;
+    ``panels``: adjacent panels per block), the masks stored as ``torch.nn.utils.prune`` stores them
     (``weight_orig`` + ``weight_mask``): ``load_model``, ``pointsparse eval``
     and ``train --resume`` rebuild them, and fine-tuning keeps the masked
     weights at zero (they get no gradient). ``prune.remove`` (or
     ``nn.fuse_for_inference`` after it) makes them plain weights for
     inference. The run's epoch, schedule and history are kept, the optimizer
     state is fresh. Returns its path."""
-    return _prune_vectors(path, out, amount, square, rows)[0]
+    return _prune_vectors(path, out, amount, square, rows, panels)[0]
 
 
-def _prune_vectors(path, out, amount: float, square: bool, rows: int | None = None) -> tuple[Path, int, int]:
+def _prune_vectors(path, out, amount: float, square: bool, rows: int | None = None,
+                   panels: int = 1) -> tuple[Path, int, int]:
     """:func:`prune_vectors_checkpoint`, and the weights its masks keep and cover."""
     from ..models import model_from_state
     from ..nn import Conv3d
@@ -109,13 +115,15 @@ def _prune_vectors(path, out, amount: float, square: bool, rows: int | None = No
             or not 0.0 <= amount < 1.0:
         raise ValueError(f"amount (--sparsity) must be a number in [0, 1): the fraction of each conv's vectors "
                          f"pruned; got {amount!r}")
+    if isinstance(panels, bool) or not isinstance(panels, int) or panels < 1:
+        raise ValueError(f"panels (--panels) must be a positive int (adjacent panels per block); got {panels!r}")
     state = load_state(path)
     model = model_from_state(state)
     convs = [m for m in model.modules() if isinstance(m, Conv3d) and m.weight.shape[0] > 1]
     if not convs:
         raise ValueError(f"{path}: the model has no sparse conv with more than one offset to prune by vectors")
     for module in convs:
-        panel_structured(module, "weight", float(amount), square=square, rows=rows)
+        panel_structured(module, "weight", float(amount), square=square, rows=rows, panels=panels)
     kept = sum(int(m.weight_mask.count_nonzero()) for m in convs)
     return save_pruned(state, model, out), kept, sum(m.weight_mask.numel() for m in convs)
 
@@ -138,7 +146,8 @@ def vectors_main(args) -> int:
     amount = 0.75 if args.sparsity is None else args.sparsity
     if args.square and args.pairs:
         raise ValueError("--square and --pairs are two block shapes: give one")
-    path, kept, total = _prune_vectors(args.checkpoint, args.out, amount, args.square, 2 if args.pairs else None)
+    path, kept, total = _prune_vectors(args.checkpoint, args.out, amount, args.square, 2 if args.pairs else None,
+                                       args.panels)
     print(f"pruned checkpoint {path}: engine vectors masked, {kept} of the {total} weights of its convs with more "
           f"than one offset kept ({kept / total:.2f})")
     if args.finetune_epochs > 0:
