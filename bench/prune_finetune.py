@@ -20,7 +20,8 @@ north star's fastest float32 model), its masks kept through the fine-tuning
 (``torch.nn.utils.prune``'s ``weight_orig`` / ``weight_mask``, which the
 checkpoint stores and the trainer resumes); with ``--square`` its blocks are
 16 x 16 (``panel_structured(square=True)``), with ``--pairs`` 16 x 2 (``rows=2``:
-whole bf16 vectors, channel pairs, which the bf16 kernels skip, bench/bf16_vectors.py). FLOPs: the dense FLOPs of each
+whole bf16 vectors, channel pairs, which the bf16 kernels skip, bench/bf16_vectors.py), with
+``--panels 2`` 32 columns wide (twin vectors, the AVX-512 tile's width). FLOPs: the dense FLOPs of each
 model's shapes and the FLOPs the engine executes for its weights
 (``sparsity_report``'s ``executed_flops``), on the cloud AMC searches on.
 ``--quick``: one epoch each and a 3-episode AMC search, runs in
@@ -84,7 +85,7 @@ def _prepare(name: str, args, out: Path) -> tuple[Path, str]:
     cut = args.out / f"keep {args.ratio}".replace(" ", "-") / "pruned.pt"  # the keep model as cut
     if "vectors" in name:
         return prune_vectors_checkpoint(cut, out, args.vectors, square=args.square,
-                                        rows=2 if args.pairs else None), ""
+                                        rows=2 if args.pairs else None, panels=args.panels), ""
     if name == "AMC":
         return amc_checkpoint(args.checkpoint, out, cut, args.amc_episodes, args.amc_warmup)
     path = prune_checkpoint(args.checkpoint, out, args.ratio, criterion=args.criterion)
@@ -94,7 +95,8 @@ def _prepare(name: str, args, out: Path) -> tuple[Path, str]:
 
 def _shape(args) -> str:
     """The --vectors model's block shape as its row name says it ("" for 16 x 1)."""
-    return "square " if args.square else ("pair " if args.pairs else "")
+    shape = "square " if args.square else ("pair " if args.pairs else "")
+    return shape + ("twin " if args.panels == 2 else f"{args.panels}-panel " if args.panels > 2 else "")
 
 
 def parse_args() -> argparse.Namespace:
@@ -117,6 +119,9 @@ def parse_args() -> argparse.Namespace:
                         help="the --vectors model's blocks are 16 x 16 (whole bf16 vectors) instead of 16 x 1")
     parser.add_argument("--pairs", action="store_true",
                         help="the --vectors model's blocks are 16 x 2 (whole bf16 vectors: channel pairs)")
+    parser.add_argument("--panels", type=int, default=1,
+                        help="the --vectors model's blocks span this many 16-column panels (2: twin vectors, the "
+                             "AVX-512 tile's width)")
     parser.add_argument("--models", nargs="+", choices=("unpruned", "keep", "vectors", "AMC"), default=None,
                         help="fine-tune only these now (a long run split into shorter ones: rows of earlier runs "
                              "with the same checkpoint and epochs, kept in OUT/rows.json, join the table)")
@@ -176,7 +181,7 @@ def write_page(args, state: dict, start: float, names, saved_rows: dict) -> None
                f"searched on.")
     command = (f"python bench/prune_finetune.py --checkpoint {args.checkpoint} --ratio {args.ratio} "
                f"--criterion {args.criterion} --epochs {args.epochs} --amc-episodes {args.amc_episodes} "
-               f"--amc-warmup {args.amc_warmup} --vectors {args.vectors}{' --square' if args.square else ''}{' --pairs' if args.pairs else ''} --out {args.out}"
+               f"--amc-warmup {args.amc_warmup} --vectors {args.vectors}{' --square' if args.square else ''}{' --pairs' if args.pairs else ''}{f' --panels {args.panels}' if args.panels != 1 else ''} --out {args.out}"
                + (f" --page {args.page}" if args.page else "") + (" --quick" if args.quick else ""))
     output = args.page or results_path("prune_finetune.md", args.quick)
     write_markdown(output, "Pruned vs unpruned MinkUNet after the same fine-tuning budget",
