@@ -231,8 +231,12 @@ def tile_panels(dtype: torch.dtype) -> int:
     Intel; cpp/conv/sparse_avx512.cpp's two-vector tiles), else 1. A weight
     pruned in blocks of that many panels (``prune.panel_structured(...,
     panels=tile_panels(dtype))``) runs as the dense tiles do per FMA."""
-    wide = "avx512" in _ext.core.runnable_isas() and _ext.core.avx512_full_width()
-    return 2 if wide and dtype in (torch.float32, torch.float64) else 1
+    return 2 if _TWIN_TILES and dtype in (torch.float32, torch.float64) else 1
+
+
+#: Whether this CPU runs the AVX-512 vector kernels' twin tiles (asked once:
+#: :func:`tile_panels` runs on every conv call).
+_TWIN_TILES = "avx512" in _ext.core.runnable_isas() and _ext.core.avx512_full_width()
 
 
 def vector_blocks(weight: torch.Tensor, transpose: bool = False) -> torch.Tensor:
