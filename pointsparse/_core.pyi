@@ -117,8 +117,8 @@ def conv_execution(
     every offset runs, else uint8 (K,) flags (an offset runs where it holds a
     nonzero and region, uint8 (K,) or None, keeps it); density the run
     offsets' listed vectors over all their vectors (0 with none run);
-    vector: density <= threshold, or with twin_threshold (>= 0, else
-    ValueError) density <= threshold + (twin_threshold - threshold) * the
+    vector: density <= threshold, or with twin_threshold (finite, >= 0,
+    else ValueError) density <= threshold + (twin_threshold - threshold) * the
     share of those vectors in twin panels (adjacent whole panels listing
     the same rows, paired from panel 0)."""
 

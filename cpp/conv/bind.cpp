@@ -3,6 +3,7 @@
 // preallocates them (torch tensors viewed as numpy arrays), so every argument
 // is checked here for dtype, layout and shape before any kernel runs; the GIL
 // is released around the kernels.
+#include <cmath>
 #include <limits>
 #include <memory>
 #include <optional>
@@ -50,8 +51,8 @@ py::tuple weight_execution(py::array weight, bool transpose, py::object region, 
   if (weight.ndim() != 3 || !is_c_contiguous(weight))
     value_error("weight must be a C-contiguous (K, C_in, C_out) array; got shape " + shape_str(weight));
   const int64_t K = weight.shape(0), c_in = weight.shape(1), c_out = weight.shape(2);
-  if (twin_threshold && !(*twin_threshold >= 0))
-    value_error("twin_threshold must be >= 0 or None; got " + std::to_string(*twin_threshold));
+  if (twin_threshold && !(std::isfinite(*twin_threshold) && *twin_threshold >= 0))
+    value_error("twin_threshold must be a finite number >= 0 or None; got " + std::to_string(*twin_threshold));
   const uint8_t* flags = nullptr;
   carray<uint8_t> region_array;
   if (!region.is_none()) {
@@ -369,7 +370,7 @@ void bind_conv(py::module_& m) {
         "when transpose): active None where every offset is run, else uint8 (K,) flags (an offset runs where "
         "it holds a nonzero and region, uint8 (K,) or None, keeps it); density the run offsets' listed vectors "
         "(conv_weight_vectors) over all their vectors, 0 with none run; vector: density <= threshold, or with "
-        "twin_threshold (>= 0) density <= threshold + (twin_threshold - threshold) * the share of those vectors "
+        "twin_threshold (finite, >= 0) density <= threshold + (twin_threshold - threshold) * the share of those vectors "
         "in twin panels (adjacent whole panels listing the same rows, paired from panel 0: the avx512 build's "
         "two-vector tiles).");
   m.def(

@@ -94,7 +94,7 @@ Execution choose_execution(const T* w, int64_t K, int64_t c_in, int64_t c_out, b
 // lists per 32 columns, masked halves zeroed after: sparse_wgrad.h), else the
 // AVX2 build wherever it runs unless generic is asked. On an Intel Xeon
 // (bench/masked_wgrad.py, KITTI sweep, one thread, C = 32 / 64 / 128) the
-// avx512 masked gradient ran 1.09-1.13x the dense one at 50% of the
+// avx512 masked gradient ran 1.00-1.13x the dense one at 50% of the
 // vectors masked (avx2's 0.93-1.01x), 1.32-2.09x at 75% of twin vectors
 // (avx2's 1.18-1.66x), as fast as avx2 at 75% of one-panel vectors.
 void apply_sparse(SparseApplyArgs<float> a, Isa isa);

@@ -317,42 +317,16 @@ def _decide(weight: torch.Tensor, transpose: bool, region: torch.Tensor | None, 
     return Execution(active, vector, density)
 
 
-def twinned_vectors(weight: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-    """``(K,)`` int64: per offset, the listed vectors that sit in twin panels
-    (two adjacent whole panels of :func:`panel_width` columns listing the same
-    rows, paired from panel 0 on, as cpp/conv/sparse.cpp pairs them), from
-    :func:`vector_blocks` in torch ops."""
-    blocks = vector_blocks(weight, transpose).cpu()
-    cols = weight.shape[1] if transpose else weight.shape[2]
-    width = panel_width(weight.dtype)
-    out = torch.zeros(weight.shape[0], dtype=torch.int64)
-    for k in range(weight.shape[0]):
-        p = 0
-        while p + 1 < blocks.shape[2]:
-            if (p + 2) * width <= cols and torch.equal(blocks[k, :, p], blocks[k, :, p + 1]):
-                out[k] += int(blocks[k, :, p].sum()) * 2
-                p += 2
-            else:
-                p += 1
-    return out
-
-
-def _execution(counts, rows: int, region, threshold: float, twin: float | None = None, twinned=None) -> Execution:
+def _execution(counts, rows: int, region, threshold: float) -> Execution:
     """The same choice from numpy ``(K, panels)`` counts (:func:`vector_counts`)
-    of ``rows`` rows per panel: where the core does not serve the weight, and
-    for :func:`executed_flops` (a CUDA weight's counts too). ``twin`` and
-    ``twinned`` (numpy ``(K,)``, :func:`twinned_vectors`): the threshold
-    moved toward ``twin`` by the kept offsets' share of vectors in twins,
-    as ``_core.conv_execution``."""
+    of ``rows`` rows per panel, where the core does not serve the weight (a
+    CUDA weight, other dtypes: no twin tiles there)."""
     per_offset = counts.sum(1)
     keep = per_offset > 0
     if region is not None:
         keep &= region.cpu().numpy()
     capacity = int(keep.sum()) * rows * counts.shape[1]
-    listed = int(per_offset[keep].sum())
-    density = listed / capacity if capacity else 0.0
-    if twin is not None and twinned is not None and listed:
-        threshold = threshold + (twin - threshold) * int(twinned[keep].sum()) / listed
+    density = int(per_offset[keep].sum()) / capacity if capacity else 0.0
     return Execution(_flags(keep), density <= threshold, density)
 
 
@@ -365,15 +339,20 @@ def _panel_columns(cols: int, dtype: torch.dtype) -> torch.Tensor:
     return columns
 
 
-def executed_flops(weight: torch.Tensor, pair_counts: torch.Tensor, region: torch.Tensor | None = None) -> int:
+def executed_flops(weight: torch.Tensor, pair_counts: torch.Tensor, region: torch.Tensor | None = None,
+                   execution: Execution | None = None) -> int:
     """Multiply-adds x 2 that the fused engine's forward executes for
     ``weight`` on a map with per-offset ``pair_counts`` (the identity's
     included): ``pairs(k) * C_in * C_out`` per offset run, or with the
-    vector-sparse kernels ``pairs(k) * (columns of the vectors listed)``."""
+    vector-sparse kernels ``pairs(k) * (columns of the vectors listed)``.
+    The choice is the engine's own (``execution``, or :func:`choose_execution`;
+    for a weight the core does not serve, such as a CUDA one,
+    :func:`_execution` on its counts)."""
     counts = vector_counts(weight).cpu()  # a CUDA weight's counts too
-    twin = twin_threshold(weight.shape[1], weight.dtype) if _ext.serves(weight, dtypes=ENGINE_DTYPES) else None
-    twinned = twinned_vectors(weight).numpy() if twin is not None else None
-    execution = _execution(counts.numpy(), weight.shape[1], region, vector_threshold(weight.shape[1]), twin, twinned)
+    if execution is None and _ext.serves(weight, dtypes=ENGINE_DTYPES):
+        execution = choose_execution(weight, region)
+    elif execution is None:
+        execution = _execution(counts.numpy(), weight.shape[1], region, vector_threshold(weight.shape[1]))
     pairs = torch.as_tensor(pair_counts, dtype=torch.int64)
     keep = torch.ones(weight.shape[0], dtype=torch.bool) if execution.active is None else \
         torch.from_numpy(execution.active).bool()

@@ -74,7 +74,8 @@ def engine_cost(weight: torch.Tensor, pair_counts: torch.Tensor, kernel_size=3, 
         return _engine.bf16_cost(weight, pair_counts)  # the AVX512-BF16 kernels' own vectors
     if weight.dtype not in _engine.ENGINE_DTYPES:
         weight = weight.float()
-    return _engine.executed_flops(weight, pair_counts, region), _engine.choose_execution(weight, region).name
+    run = _engine.choose_execution(weight, region)
+    return _engine.executed_flops(weight, pair_counts, region, run), run.name
 
 
 def panel_width(dtype: torch.dtype) -> int:
