@@ -189,22 +189,44 @@ def test_avx512_and_avx2_vector_kernels_agree_on_a_large_map():
         assert torch.equal(runs[0][0], other[0]) and torch.equal(runs[0][1], other[1])
 
 
+def square_weight(volume, c_in, c_out, dtype, seed=0, keep=0.3):
+    """Random weight zeroed in square blocks of two panels a side (as
+    panel_structured(square=True, panels=2)): twin vectors in ``W[k]`` and in
+    ``W[k].T`` alike, the last blocks partial where a size is off them."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(volume, c_in, c_out, generator=g, dtype=dtype)
+    side = 2 * _engine.panel_width(dtype)
+    blocks = torch.rand(volume, -(-c_in // side), -(-c_out // side), generator=g) < keep
+    return w * blocks.repeat_interleave(side, 1).repeat_interleave(side, 2)[:, :c_in, :c_out].to(dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("c_out", [32, 48, 64, 72, 136])
-def test_twin_panels_run_two_vectors_a_row_bit_for_bit(c_out, dtype):
-    """Weights pruned in vectors of two panels (panel_structured(panels=2)):
-    adjacent whole panels that list the same input channels run in the
-    avx512 build's two-vector tiles (SparseApplyArgs::twin). Some offsets'
-    second panel gets one more row, so twins and lone panels mix in one
-    offset, and a last partial panel (72, 136) never pairs. On a map of
-    many blocks, with bias and ReLU, 1 and 2 threads: every FMA build's
-    vector forward equals the dense kernels bit for bit, and torch ops."""
-    x = make(n=7000, c=24, extent=30, dtype=dtype, seed=9)
+@pytest.mark.parametrize("c_out", [32, 44, 48, 64, 71, 72, 136])
+@pytest.mark.parametrize("square", [False, True])
+def test_twin_panels_run_two_vectors_a_row_bit_for_bit(c_out, dtype, square):
+    """Weights pruned in vectors of two panels (panel_structured(panels=2)),
+    or in square blocks of two panels a side (``square``: twins in the input
+    gradient's ``W[k].T`` too, 48 input channels): adjacent whole panels
+    that list the same rows run in the avx512 build's two-vector tiles
+    (SparseApplyArgs::twin). Some offsets' second panel gets one more row,
+    so twins and lone panels mix in one offset, and a last partial panel
+    (float32: 44, 71, 72, 136; float64: 44, 71) never pairs. On a map of many
+    blocks, with bias and ReLU, 1 and 2 threads: every FMA build's vector
+    forward and input gradient equal the dense kernels' bit for bit, the
+    generic build's to rounding, and torch ops."""
+    c_in = 48 if square else 24
+    x = make(n=7000, c=c_in, extent=30, dtype=dtype, seed=9)
     kmap = ps.kmap.get_kmap(x, 3)
     plan = _engine.make_fused_plan(kmap)
-    w = sparse_weight(27, 24, c_out, dtype, seed=c_out, vector_keep=0.3, span=2)
+    if square:
+        w = square_weight(27, c_in, c_out, dtype, seed=c_out)
+    else:
+        w = sparse_weight(27, c_in, c_out, dtype, seed=c_out, vector_keep=0.3, span=2)
     width = _engine.panel_width(dtype)
     w[1:27:3, 5, width:2 * width] = 0.5  # breaks the twin of panels 0 and 1 there (or fills a pruned one)
+    assert int(_twinned(w).sum()) > 0  # twins in the forward's panels (and lone panels: the line above)
+    if square:
+        assert int(_twinned(w, transpose=True).sum()) > 0  # and in the input gradient's
     bias = torch.randn(c_out, generator=torch.Generator().manual_seed(1), dtype=dtype)
     g = torch.randn(kmap.num_out, c_out, dtype=dtype)
     want = _forward_and_input_grad(plan, x.feats, w, bias, g, ISAS[0], 1, False, True)
@@ -212,7 +234,9 @@ def test_twin_panels_run_two_vectors_a_row_bit_for_bit(c_out, dtype):
         for nt in (1, 2):
             got = _forward_and_input_grad(plan, x.feats, w, bias, g, isa, nt, True, True)
             if isa == "generic":
-                torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
+                tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-11)
+                torch.testing.assert_close(got[0], want[0], **tol)
+                torch.testing.assert_close(got[1], want[1], **tol)
             else:
                 assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (isa, nt)
     ref = torch.relu(conv_sum(x.feats, w, kmap) + bias)
@@ -641,24 +665,12 @@ def test_twin_share_moves_the_vector_threshold_in_cpp_as_in_torch(transpose):
     offset, a partial last panel, a dead offset, a region), at thresholds
     around each weight's density; and the torch count of twins is checked
     by hand on one weight."""
-    rng = torch.Generator().manual_seed(3)
-    for c, mix in ((64, 0.0), (64, 0.5), (64, 1.0), (72, 0.7), (40, 1.0), (16, 1.0)):
-        w = torch.randn(27, c, c, generator=rng)
-        width = _engine.panel_width(torch.float32)
-        panels = -(-c // width)
-        keep = torch.rand(27, c, panels, generator=rng) < 0.6
-        pair = torch.rand(27, c, panels, generator=rng) < 0.6
-        keep[:, :, 1::2] = torch.where(torch.rand(27, 1, 1, generator=rng) < mix, pair[:, :, 0:panels - 1:2],
-                                       keep[:, :, 1::2])
-        w *= keep.repeat_interleave(width, 2)[:, :, :c]
-        w[5] = 0
-        if transpose:
-            w = w.transpose(1, 2).contiguous()
-        region = torch.ones(27, dtype=torch.bool)
-        region[7] = False
+    def check(w, rows, region, label):
+        """The C++ choice against the reference on every threshold around the density."""
         counts = _engine.vector_counts(w, transpose).numpy()
         twinned = _twinned(w, transpose).numpy()
-        density = _engine._execution(counts, c, region, 0.5).density
+        density = _engine._execution(counts, rows, region, 0.5).density
+        choices = set()
         for reg in (None, region):
             for thr in (density - 0.2, density - 0.05, density - 0.01, density + 0.01):
                 for twin in (None, density - 0.3, density, density + 0.02, 0.95):
@@ -666,14 +678,43 @@ def test_twin_share_moves_the_vector_threshold_in_cpp_as_in_torch(transpose):
                         continue
                     got = ps._ext.core.conv_execution(w.numpy(), transpose, None if reg is None else reg.numpy(),
                                                       thr, twin)
-                    want = _twin_choice(counts, twinned, c, reg, thr, twin)
-                    assert (got[1], got[2]) == want, (c, mix, thr, twin)
+                    want = _twin_choice(counts, twinned, rows, reg, thr, twin)
+                    assert (got[1], got[2]) == want, (label, thr, twin)
+                    choices.add(want[0])
+        return twinned, choices
+
+    rng = torch.Generator().manual_seed(3)
+    region = torch.ones(27, dtype=torch.bool)
+    region[7] = False
+    for c, mix in ((64, 0.0), (64, 0.5), (64, 1.0), (72, 0.7), (40, 1.0), (16, 1.0)):
+        w = torch.randn(27, c, c, generator=rng)
+        width = _engine.panel_width(torch.float32)
+        panels = -(-c // width)
+        keep = torch.rand(27, c, panels, generator=rng) < 0.6
+        # Per offset (with probability mix) each odd panel takes the panel before it: twins
+        keep[:, :, 1::2] = torch.where(torch.rand(27, 1, 1, generator=rng) < mix, keep[:, :, 0:panels - 1:2],
+                                       keep[:, :, 1::2])
+        w *= keep.repeat_interleave(width, 2)[:, :, :c]
+        w[5] = 0
+        if transpose:
+            w = w.transpose(1, 2).contiguous()
+        twinned, _ = check(w, c, region, (c, mix))
+        listed = int(_engine.vector_counts(w, transpose).sum())
+        if mix == 0.0 or c < 32:  # none paired (64 random rows never match), or one panel only
+            assert int(twinned.sum()) == 0, (c, mix)
+        elif mix == 1.0 and c % (2 * width) == 0:
+            assert int(twinned.sum()) == listed, (c, mix)  # every vector in a twin
+        else:
+            assert 0 < int(twinned.sum()) < listed, (c, mix)
     w = torch.zeros(3, 2, 48)
     w[0, 0, :32] = 1  # panels 0 and 1 list row 0: a twin; panel 2 alone
     w[0, 1, 32:] = 1
     w[1, 0, 16:] = 1  # panel 0 lists nothing: panels 1 and 2 (row 0) pair
     w[2, 0, :] = 1  # every panel lists row 0: 0 and 1 pair, 2 is left alone
     assert _twinned(w).tolist() == [2, 2, 2]
+    if not transpose:  # the C++ count on it too: 6 of 8 listed vectors in twins
+        _, choices = check(w, 2, None, "by hand")
+        assert choices == {False, True}  # the thresholds tried give both choices
     for bad in (-0.1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="twin_threshold"):
             ps._ext.core.conv_execution(w.numpy(), False, None, 0.5, bad)

@@ -34,8 +34,9 @@ constexpr int64_t kSparse512MinCols = 128;
 constexpr int64_t kSparse512MinColsWide = 16;
 
 // The 32-byte build that runs for `asked` (isa_arg lets through only builds
-// that run): avx2 wherever it runs unless generic is asked. The masked
-// weight gradient has no avx512 build.
+// that run): avx2 wherever it runs unless generic is asked (the vector
+// forward below kSparse512MinCols off Intel, the masked weight gradient
+// off Intel: wgrad_masked_isa).
 Isa narrow_isa(Isa asked) { return asked != Isa::generic && isa_runs(Isa::avx2) ? Isa::avx2 : Isa::generic; }
 
 // The build of apply_sparse that runs for `asked` and `cols`: avx512 where
@@ -122,7 +123,10 @@ void apply_sparse_with(SparseApplyArgs<T> s, Isa asked) {
   a.wpack = wpack.get();
   const Isa isa = sparse_isa(asked, a.cols);
   // The pairs of panels that list the same rows, for the avx512 build's
-  // two-vector tiles (the 32-byte builds' tiles are one panel wide).
+  // two-vector tiles (the 32-byte builds' tiles are one panel wide): on
+  // every CPU where that build runs, though measured on Intel only (bench/
+  // RESULTS.md stop 36); on Zen 4 it runs from 128 columns, where weights
+  // pruned in twins (tile_panels is 1 there) were not timed.
   std::vector<uint8_t> twin(isa == Isa::avx512 ? size_t(a.pairs.kernel_volume * panels<T>(Isa::avx2, a.cols)) : 0);
   s.twin = twin.empty() ? nullptr : twin.data();
   pack_sparse(s);

@@ -75,7 +75,10 @@ VECTOR_FULL_ROWS = 32
 #: The same for vectors in twin panels (two adjacent whole panels listing
 #: the same input channels, ``prune.panel_structured(..., panels=2)``), which
 #: the AVX-512 vector kernels run two vectors a tile row where
-#: :func:`tile_panels` is 2 (None elsewhere: no twin tiles). Weights pruned in
+#: :func:`tile_panels` is 2 (None elsewhere: the threshold is not moved; on
+#: other AVX-512 CPUs the kernels take twins in two-vector tiles too where
+#: the AVX-512 vector kernel runs, from 128 columns, unmeasured there, the
+#: sums bit for bit the same). Weights pruned in
 #: vectors of two panels broke even with the dense forward near density 0.8
 #: at C = 32, 48, 64 and 128 (1.06-1.19x at 0.7, 0.92-0.96x at 0.9; ``python
 #: bench/vector_threshold.py --channels 32 48 64 128 --panels 2``, KITTI
