@@ -244,3 +244,17 @@ def test_prune_vectors_pairs_masks_whole_bf16_vectors(tmp_path, capsys):
     assert cli.main(["prune", "vectors", "--checkpoint", str(dense / "checkpoint.pt"), "--square", "--pairs",
                      "--out", str(tmp_path / "both")]) == 2
     assert "--square and --pairs" in capsys.readouterr().err and not (tmp_path / "both").exists()
+
+
+@pytest.mark.parametrize("procedure", ["channels", "schedule"])
+def test_vector_block_flags_are_refused_by_other_procedures(tmp_path, capsys, procedure):
+    """``--square``, ``--pairs`` and ``--panels`` shape ``prune vectors``'
+    blocks; any other procedure refuses them (exit 2, the flags named)
+    before it reads a checkpoint or trains."""
+    for flags in (["--panels", "2"], ["--square"], ["--pairs", "--panels", "3"]):
+        capsys.readouterr()
+        assert cli.main(["prune", procedure, "--checkpoint", str(tmp_path / "missing.pt"), *flags,
+                         "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert all(f in err for f in flags if f.startswith("--")) and "prune vectors" in err, err
+    assert not (tmp_path / "out").exists()

@@ -105,6 +105,12 @@ def check_args(args) -> None:
 
 
 def main(args) -> int:
+    if args.procedure != "vectors":
+        given = [flag for flag, on in (("--square", args.square), ("--pairs", args.pairs),
+                                       ("--panels", args.panels != 1)) if on]
+        if given:
+            raise ValueError(f"{', '.join(given)}: the block shapes of `prune vectors`; `prune {args.procedure}` "
+                             "takes none of them")
     if args.procedure == "channels":
         return channels.main(args)
     check_args(args)
