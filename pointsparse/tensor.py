@@ -207,6 +207,16 @@ class SparseTensor:
             if feats.device != coords.device:
                 raise ValueError(f"feats are on {feats.device} but coords on {coords.device}")
             validate_coords(coords, stride)
+        if validate and cache is not None:
+            # A cache belongs to one set of coordinates: its maps and plans
+            # were built on the coords it holds, which other coords of the
+            # same length would silently reuse.
+            held = cache.get_coords(stride)
+            if held is not None and held is not coords and (
+                    held.shape != coords.shape or held.device != coords.device or not torch.equal(held, coords)):
+                raise ValueError(f"cache holds other coords at stride {stride} than the coords given: a coordinate "
+                                 "cache belongs to one set of coordinates (derive tensors on the same coords with "
+                                 "SparseTensor.with_feats, or leave cache unset)")
         self._feats = feats
         self._coords = coords
         self._stride = stride

@@ -50,10 +50,30 @@ def test_to_and_cpu():
     assert m.stride == x.stride and m.feats.shape == x.feats.shape
 
 
+def test_a_cache_refuses_other_coords():
+    """``cache=`` with coords other than those the cache holds at that
+    stride (another cloud of the same length, the same sites in another
+    order, another length) is refused: its maps and plans were built on its
+    own coords, which a conv would silently reuse. The same coords (the held
+    tensor, or an equal copy) are taken."""
+    x = make(seed=1)
+    conv = ps.nn.Conv3d(3, 2, 3)
+    conv(x)  # the cache now holds x's k3 map
+    n = len(x)
+    others = [make(seed=2, n=n).coords, x.coords.flip(0), x.coords[: n - 1]]
+    assert len(others[0]) == n and not torch.equal(others[0], x.coords)
+    for coords in others:
+        with pytest.raises(ValueError, match="cache holds other coords"):
+            ps.SparseTensor(torch.zeros(len(coords), 3), coords, cache=x.cache)
+    for coords in (x.coords, x.coords.clone()):
+        y = ps.SparseTensor(torch.randn(n, 3), coords, cache=x.cache)
+        torch.testing.assert_close(conv(y).feats, conv(x.with_feats(y.feats)).feats)
+
+
 def test_to_keeps_own_coords_when_the_cache_holds_others():
     x = make(seed=1)
     other = ps.SparseTensor(torch.zeros(2, 3), torch.tensor([[0, 1, 1, 1], [0, 2, 2, 2]], dtype=torch.int32),
-                            cache=x.cache)
+                            cache=x.cache, validate=False)  # refused where validated (above)
     assert x.cache.get_coords((1, 1, 1)) is x.coords  # the first coords of a stride stay cached
     m = other.to("meta")
     assert m.coords.shape == other.coords.shape == (2, 4)
