@@ -147,6 +147,10 @@ def test_pool_and_module_errors():
         spnn.MaxPool3d(0)
     with pytest.raises(ValueError, match="in_channels"):
         spnn.Conv3d(0, 3)
+    # a weight too large to hold is refused before it is allocated (not torch's allocation error)
+    for args in ((1 << 20, 1 << 20, 3), (1 << 16, 1 << 16, 5), (50000, 50000, 1)):
+        with pytest.raises(ValueError, match="in_channels .* out_channels .* over the limit"):
+            spnn.Conv3d(*args)
 
 
 def test_channel_counts_accept_numpy_and_tensor_integers():

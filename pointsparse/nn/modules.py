@@ -17,6 +17,12 @@ def _check_input(x) -> SparseTensor:
     return x
 
 
+
+#: The most values a conv weight may hold (checked before it is allocated):
+#: 2^31, 8 GiB of float32, far beyond any point-cloud network.
+MAX_WEIGHT_ELEMENTS = 2**31
+
+
 class Conv3d(nn.Module):
     """Sparse 3-D convolution; ``weight`` is ``(K, C_in, C_out)`` (API.md).
 
@@ -44,6 +50,10 @@ class Conv3d(nn.Module):
         self.dilation = as_triple(dilation, "dilation")
         self.transposed = bool(transposed)
         self.kernel_volume = self.kernel_size[0] * self.kernel_size[1] * self.kernel_size[2]
+        if self.kernel_volume * in_channels * out_channels > MAX_WEIGHT_ELEMENTS:
+            raise ValueError(f"a Conv3d weight of kernel_size {self.kernel_size} x in_channels {in_channels} x "
+                             f"out_channels {out_channels} = {self.kernel_volume * in_channels * out_channels:,} "
+                             f"values is over the limit of {MAX_WEIGHT_ELEMENTS:,} (2^31)")
         region = F.region_of(self.kernel_size, kernel_region)
         self.kernel_region = None if region is None else tuple(int(i) for i in region.nonzero().flatten())
         self.weight = nn.Parameter(torch.empty(self.kernel_volume, in_channels, out_channels))
