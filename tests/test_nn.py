@@ -165,3 +165,25 @@ def test_channel_counts_accept_numpy_and_tensor_integers():
     for bad in (3.0, True, "3", 0, np.int64(-1), torch.tensor([3])):
         with pytest.raises(ValueError, match="in_channels"):
             spnn.Conv3d(bad, 4)
+
+
+def test_feats_that_do_not_fit_a_module_are_named():
+    """BatchNorm, Linear, a learned VoxelPrune and add refuse feats of the
+    wrong channel count (ValueError) or dtype (TypeError), naming the module
+    and what it expected, instead of torch's error from inside the op."""
+    x3 = make(c=3)
+    x3d = x3.with_feats(x3.feats.double())
+    cases = [(lambda: spnn.BatchNorm(4)(x3), ValueError, "BatchNorm: .* 3 channels but num_features is 4"),
+             (lambda: spnn.BatchNorm(3)(x3d), TypeError, "BatchNorm: .*float64 but its parameters torch.float32"),
+             (lambda: spnn.Linear(4, 2)(x3), ValueError, "Linear: .* 3 channels but in_features is 4"),
+             (lambda: spnn.Linear(3, 2)(x3d), TypeError, "Linear: .*float64"),
+             (lambda: spnn.VoxelPrune(0.5, score="learned", in_channels=4)(x3), ValueError,
+              "VoxelPrune: .* 3 channels but in_channels is 4"),
+             (lambda: F.add(x3, x3.with_feats(torch.randn(len(x3), 1))), ValueError, "add: .*channels"),
+             (lambda: F.add(x3, x3.with_feats(torch.randn(len(x3), 4))), ValueError, "add: .*channels")]
+    for call, error, match in cases:
+        with pytest.raises(error, match=match):
+            call()
+    # what fits still runs: float64 modules on float64 feats
+    assert spnn.BatchNorm(3).double().eval()(x3d).feats.dtype == torch.float64
+    assert spnn.Linear(3, 2).double()(x3d).feats.shape == (len(x3), 2)

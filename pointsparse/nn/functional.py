@@ -281,6 +281,9 @@ def cat(tensors) -> SparseTensor:
 def add(a: SparseTensor, b: SparseTensor) -> SparseTensor:
     """Sum of two tensors on the same coords (residual connections)."""
     first = _same_sites([a, b], "add")
+    if a.feats.shape[1:] != b.feats.shape[1:]:
+        raise ValueError(f"add: the feats have {tuple(a.feats.shape[1:])} and {tuple(b.feats.shape[1:])} channels; "
+                         "a sum needs the same")
     return first.with_feats(a.feats + b.feats)
 
 

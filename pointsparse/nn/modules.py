@@ -17,6 +17,19 @@ def _check_input(x) -> SparseTensor:
     return x
 
 
+def _check_feats_for(module: nn.Module, x: SparseTensor, channels: int, what: str,
+                     param: torch.Tensor | None) -> None:
+    """The feats a module with ``channels`` input channels (its ``what``)
+    and parameters like ``param`` takes: a ValueError / TypeError naming
+    both, instead of torch's shape or dtype error from inside the op."""
+    name = type(module).__name__
+    got = x.feats.shape[1] if x.feats.dim() == 2 else None
+    if got != channels:
+        raise ValueError(f"{name}: the input's feats have {got} channels but {what} is {channels}")
+    if param is not None and x.feats.dtype != param.dtype:
+        raise TypeError(f"{name}: the input's feats are {x.feats.dtype} but its parameters {param.dtype} "
+                        "(convert one of them: module.to(dtype) or the feats)")
+
 
 #: The most values a conv weight may hold (checked before it is allocated):
 #: 2^31, 8 GiB of float32, far beyond any point-cloud network.
@@ -153,6 +166,8 @@ class VoxelPrune(nn.Module):
         """``(rows, kept)``: the sorted int64 rows of ``input`` kept and the
         tensor of those voxels (what :meth:`forward` returns)."""
         x = _check_input(input)
+        if self.scorer is not None:
+            _check_feats_for(self, x, self.scorer.in_features, "in_channels", self.scorer.weight)
         scores = self.scores(x)
         rows = F.keep_per_batch(scores.detach(), x.coords[:, 0].to(scores.device), self.keep_ratio, self.threshold)
         feats = x.feats.index_select(0, rows)
@@ -267,6 +282,8 @@ class BatchNorm(nn.BatchNorm1d):
 
     def forward(self, input: SparseTensor) -> SparseTensor:  # type: ignore[override]
         x = _check_input(input)
+        _check_feats_for(self, x, self.num_features, "num_features",
+                         self.weight if self.weight is not None else self.running_mean)
         if self.training and torch.compiler.is_compiling():
             # batch norm's own check, stated for a row count the graph only knows symbolically
             torch._check(x.feats.shape[0] != 1, lambda: "BatchNorm in training needs more than 1 site")
@@ -284,6 +301,8 @@ class _Pointwise(nn.Module):
 
     def forward(self, input: SparseTensor) -> SparseTensor:
         x = _check_input(input)
+        if isinstance(self.fn, nn.Linear):
+            _check_feats_for(self, x, self.fn.in_features, "in_features", self.fn.weight)
         return x.with_feats(self.fn(x.feats))
 
     def extra_repr(self) -> str:
