@@ -264,6 +264,7 @@ def test_bad_inputs():
 @pytest.mark.parametrize("blocksize, error", [
     ((2.5, 2), TypeError), (2.0, TypeError), ((2, True), TypeError), ("22", TypeError),
     ((2, 2, 2), ValueError), ((2, -1), ValueError), (0, ValueError),
+    ((10**9, 10**9), ValueError), ((2**31, 1), ValueError),  # refused before the blocks are allocated
 ])
 def test_bsr_rejects_bad_blocksize(blocksize, error):
     with pytest.raises(error, match="blocksize"):
@@ -308,3 +309,24 @@ def test_eie_num_pe_is_bounded_by_the_rows():
     for bad in (10**9, 101, 0, 2.0, True):
         with pytest.raises(ValueError, match="num_pe"):
             EIE.from_dense(w, num_pe=bad)
+
+
+def test_coo_refuses_indices_outside_its_shape():
+    """COO's constructor checks its indices against ``shape`` (a row index
+    past it made a product with more rows than the shape, silently)."""
+    ok = F.COO(torch.tensor([1, 0]), torch.tensor([3, 0]), torch.tensor([2.0, 1.0]), (2, 4))
+    assert torch.equal(ok.matmul(torch.ones(4, 3)), torch.tensor([[1.0] * 3, [2.0] * 3]))
+    for rows, cols, match in (([0, 99], [0, 1], "row_idx must lie in"), ([0, -1], [0, 1], "non-negative"),
+                              ([0, 1], [0, 4], "col_idx must lie in"), ([0, 1], [-3, 1], "non-negative")):
+        with pytest.raises(ValueError, match=match):
+            F.COO(torch.tensor(rows), torch.tensor(cols), torch.tensor([1.0, 2.0]), (2, 4))
+
+
+def test_load_balanced_num_pe_is_bounded_by_the_rows():
+    """More PEs than rows is refused at once (it looped over every PE: a
+    billion PEs hung)."""
+    lin = torch.nn.Linear(8, 8)
+    F.load_balanced_unstructured(lin, "weight", amount=0.5, num_pe=8)
+    for bad in (9, 10**9):
+        with pytest.raises(ValueError, match="num_pe must be at most the 8 rows"):
+            F.load_balanced_unstructured(torch.nn.Linear(8, 8), "weight", amount=0.5, num_pe=bad)

@@ -80,6 +80,9 @@ class LoadBalancedUnstructured(torch_prune.BasePruningMethod):
         keep_total = t.nelement() - to_prune
         rows_t = _rows_view(t, self.row_dim)
         rows_m = _rows_view(default_mask, self.row_dim)
+        if self.num_pe > max(1, rows_t.shape[0]):
+            raise ValueError(f"num_pe must be at most the {rows_t.shape[0]} rows along row_dim {self.row_dim} "
+                             f"(a PE holds whole rows); got {self.num_pe}")
         score = rows_t.detach().abs().to(torch.float64).nan_to_num(nan=float("inf"))
         score = torch.where(rows_m != 0, score, torch.full_like(score, -1.0))
         pe_of_row = torch.arange(rows_t.shape[0], device=t.device) % self.num_pe

@@ -36,7 +36,14 @@ def _check_blocksize(blocksize) -> tuple:
             raise TypeError(f"blocksize must be an int or a pair of ints; got {blocksize!r}") from None
     if len(pair) != 2 or any(b < 1 for b in pair):
         raise ValueError(f"blocksize must be two positive ints; got {blocksize!r}")
+    if pair[0] * pair[1] > MAX_BLOCK_VALUES:
+        raise ValueError(f"blocksize {pair} holds {pair[0] * pair[1]:,} values a block, over the limit of "
+                         f"{MAX_BLOCK_VALUES:,} (checked before the blocks are allocated)")
     return pair
+
+
+#: The most values one block may hold (2^20: a 1024 x 1024 block).
+MAX_BLOCK_VALUES = 1 << 20
 
 
 class BSR(SparseFormat):

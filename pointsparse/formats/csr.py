@@ -136,6 +136,12 @@ class COO(SparseFormat):
         values = values.detach().to("cpu").contiguous()
         if not (rows.numel() == cols.numel() == values.numel()) or values.dim() != 1:
             raise ValueError("row_idx, col_idx and values must be 1-D of the same length")
+        if min(self.shape) < 0:
+            raise ValueError(f"shape must be two sizes >= 0; got {self.shape}")
+        for name, idx, size in (("row_idx", rows, self.shape[0]), ("col_idx", cols, self.shape[1])):
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
+                raise ValueError(f"{name} must lie in [0, {size}) for shape {self.shape}; got values in "
+                                 f"[{int(idx.min())}, {int(idx.max())}]")
         order = torch.argsort(rows * max(1, self.shape[1]) + cols)
         self.row_idx = narrow(rows[order])
         self.col_idx = narrow(cols[order])
