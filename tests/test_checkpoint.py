@@ -194,3 +194,35 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name
     assert a["history"]["step_loss"] == b["history"]["step_loss"]
+
+
+def test_crafted_checkpoints_are_refused_naming_the_file(tmp_path):
+    """load_model on a checkpoint whose config or weights do not make a
+    model: a ValueError / TypeError that names the file and the problem, at
+    once (a config asking for a million residual blocks built for ever;
+    missing keys gave KeyError, weights that do not fit torch's RuntimeError);
+    the untouched checkpoint loads."""
+    from pointsparse.models import MinkUNet, load_model
+
+    config = {"model": "minkunet", "in_channels": 4, "classes": ["a", "b", "c"], "cr": 0.125, "blocks": 1}
+    weights = MinkUNet(4, 3, cr=0.125, blocks=1).state_dict()
+    good = tmp_path / "good.pt"
+    checkpoint.save(good, {"config": config, "model": weights})
+    assert isinstance(load_model(good), MinkUNet)
+    first = next(iter(weights))
+    crafted = {
+        "blocks_huge": ({**config, "blocks": 10**6}, weights, ValueError, "blocks must be at most 64"),
+        "no_classes": ({k: v for k, v in config.items() if k != "classes"}, weights, ValueError, "lacks 'classes'"),
+        "classes_int": ({**config, "classes": 5}, weights, TypeError, "classes must be a list"),
+        "widths_list": ({**config, "widths": [1, 2]}, weights, TypeError, "widths must be a dict"),
+        "weights_empty": (config, {}, ValueError, "do not fit the model"),
+        "weights_list": (config, [1, 2], ValueError, "'model' dict"),
+        "extra_key": (config, {**weights, "bogus.weight": torch.zeros(3)}, ValueError, "do not fit"),
+        "wrong_shape": (config, {**weights, first: torch.zeros(3, 3)}, ValueError, first.split(".")[0]),
+    }
+    for name, (cfg, w, error, match) in crafted.items():
+        path = tmp_path / f"{name}.pt"
+        checkpoint.save(path, {"config": cfg, "model": w})
+        with pytest.raises(error, match=match) as info:
+            load_model(path)
+        assert str(path) in str(info.value), name

@@ -21,6 +21,13 @@ def build_model(config: dict) -> nn.Module:
     name = str(config.get("model", "minkunet")).lower()
     if name not in ("minkunet", "spvcnn"):
         raise ValueError(f"config model must be 'minkunet' or 'spvcnn'; got {config.get('model')!r}")
+    missing = [key for key in ("in_channels", "classes", "cr", "blocks") if key not in config]
+    if missing:
+        raise ValueError(f"config lacks {', '.join(map(repr, missing))}")
+    if not isinstance(config["classes"], (list, tuple)):
+        raise TypeError(f"config classes must be a list of class names; got {type(config['classes']).__name__}")
+    if config.get("widths") is not None and not isinstance(config["widths"], dict):
+        raise TypeError(f"config widths must be a dict (group -> width); got {type(config['widths']).__name__}")
     cls = SPVCNN if name == "spvcnn" else MinkUNet
     model = cls(config["in_channels"], len(config["classes"]), cr=config["cr"], blocks=config["blocks"])
     if config.get("widths"):
@@ -36,7 +43,10 @@ def load_model(path, map_location="cpu") -> nn.Module:
     from .. import checkpoint
 
     state = checkpoint.load_training(Path(path))  # data only (weights_only=True), digest checked
-    return model_from_state(state).to(map_location).eval()
+    try:
+        return model_from_state(state).to(map_location).eval()
+    except (ValueError, TypeError) as error:
+        raise type(error)(f"checkpoint {path}: {error}") from error
 
 
 def model_from_state(state: dict) -> nn.Module:
@@ -44,10 +54,16 @@ def model_from_state(state: dict) -> nn.Module:
     builds it, ``state["model"]`` holds its weights), dense or channel-pruned
     (the widths in the config, or only in the weights' shapes), with the
     biases and pruning masks the weights carry; in the mode it was built in."""
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict) or not isinstance(
+            state.get("model"), dict):
+        raise ValueError("a training checkpoint holds a dict with a 'config' dict and a 'model' dict (a state_dict)")
     model = build_model(state["config"])
     weights = state["model"]
     shape_like(model, weights)
-    model.load_state_dict(weights)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:  # missing, unexpected or misshapen tensors
+        raise ValueError(f"the weights do not fit the model its config builds: {error}") from error
     _apply_masks(model)
     return model
 
@@ -127,3 +143,5 @@ def _fit_shapes(model: nn.Module, state_dict: dict) -> None:
             owner.register_buffer(leaf, value.new_empty(value.shape))
         if isinstance(owner, nn.modules.batchnorm._BatchNorm):
             owner.num_features = value.shape[0]
+        elif isinstance(owner, nn.Linear) and leaf == "weight":
+            owner.out_features, owner.in_features = value.shape

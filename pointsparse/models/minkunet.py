@@ -86,6 +86,11 @@ class ResidualBlock(nn.Module):
         return self.relu(spnn.add(self.main(x), self.shortcut(x)))
 
 
+#: Residual blocks a stage at most (MinkUNet18-style layouts use 2; a
+#: checkpoint's config asking for millions would build for ever).
+MAX_BLOCKS = 64
+
+
 class MinkUNet(nn.Module):
     """Sparse residual U-Net for per-voxel classification.
 
@@ -105,6 +110,8 @@ class MinkUNet(nn.Module):
         super().__init__()
         in_channels, num_classes, blocks = (positive_int(v, name) for name, v in (
             ("in_channels", in_channels), ("num_classes", num_classes), ("blocks", blocks)))
+        if blocks > MAX_BLOCKS:
+            raise ValueError(f"blocks must be at most {MAX_BLOCKS} residual blocks a stage; got {blocks}")
         try:
             cr = as_float(cr, "cr")
         except TypeError:

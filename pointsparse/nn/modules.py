@@ -167,7 +167,7 @@ class VoxelPrune(nn.Module):
         tensor of those voxels (what :meth:`forward` returns)."""
         x = _check_input(input)
         if self.scorer is not None:
-            _check_feats_for(self, x, self.scorer.in_features, "in_channels", self.scorer.weight)
+            _check_feats_for(self, x, self.scorer.weight.shape[1], "in_channels", self.scorer.weight)
         scores = self.scores(x)
         rows = F.keep_per_batch(scores.detach(), x.coords[:, 0].to(scores.device), self.keep_ratio, self.threshold)
         feats = x.feats.index_select(0, rows)
@@ -282,8 +282,9 @@ class BatchNorm(nn.BatchNorm1d):
 
     def forward(self, input: SparseTensor) -> SparseTensor:  # type: ignore[override]
         x = _check_input(input)
-        _check_feats_for(self, x, self.num_features, "num_features",
-                         self.weight if self.weight is not None else self.running_mean)
+        stats = self.weight if self.weight is not None else self.running_mean
+        if stats is not None:  # its tensors' length: a channel cut narrows them, maybe not num_features
+            _check_feats_for(self, x, stats.shape[0], "num_features", stats)
         if self.training and torch.compiler.is_compiling():
             # batch norm's own check, stated for a row count the graph only knows symbolically
             torch._check(x.feats.shape[0] != 1, lambda: "BatchNorm in training needs more than 1 site")
@@ -302,7 +303,7 @@ class _Pointwise(nn.Module):
     def forward(self, input: SparseTensor) -> SparseTensor:
         x = _check_input(input)
         if isinstance(self.fn, nn.Linear):
-            _check_feats_for(self, x, self.fn.in_features, "in_features", self.fn.weight)
+            _check_feats_for(self, x, self.fn.weight.shape[1], "in_features", self.fn.weight)
         return x.with_feats(self.fn(x.feats))
 
     def extra_repr(self) -> str:
