@@ -89,10 +89,23 @@ def save(program: torch.export.ExportedProgram, path, meta: dict | None = None) 
 
 
 def load(path) -> tuple[torch.export.ExportedProgram, dict]:
-    """``(program, meta)`` of a file written by :func:`save`."""
+    """``(program, meta)`` of a file written by :func:`save`;
+    ``FileNotFoundError`` where there is no such file, a ``ValueError``
+    naming it where it is not such a program (another kind of file, or one
+    truncated or damaged so that it no longer reads)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no exported program at {path}")
     extra = {META_FILE: ""}
-    program = torch.export.load(str(path), extra_files=extra)
-    return program, json.loads(extra[META_FILE] or "{}")
+    try:
+        program = torch.export.load(str(path), extra_files=extra)
+        meta = json.loads(extra[META_FILE] or "{}")
+    except Exception as error:  # zipfile.BadZipFile, torch's RuntimeError, a damaged meta's decode errors, ...
+        raise ValueError(f"{path} is not a program written by pointsparse.export.save, or it is damaged "
+                         f"({type(error).__name__}: {str(error)[:200]})") from error
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: its {META_FILE} holds {type(meta).__name__}, not the meta dict save writes")
+    return program, meta
 
 
 # --------------------------------------------------------------------- checkpoints

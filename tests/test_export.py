@@ -469,3 +469,23 @@ def test_graph_plans_a_transposed_map_as_its_downsampling_maps_plan_transposed(m
     assert built and not any(key.transposed for key in built) and len(set(built)) == len(built)
     with torch.no_grad():
         assert torch.equal(got, model(y).feats)
+
+
+def test_load_names_a_file_that_is_no_exported_program(tmp_path):
+    """export.load on an empty file, text, random bytes, a torch.save file
+    (a zip, but no program) or the first half of one: a ValueError naming the
+    file (was zipfile's BadZipFile or torch's RuntimeError); a missing path:
+    FileNotFoundError naming it."""
+    import os
+
+    files = {"empty.pt2": b"", "text.pt2": b"not a program\n", "garbage.pt2": os.urandom(4096)}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    torch.save({"w": torch.arange(1000.0)}, tmp_path / "saved.pt2")
+    (tmp_path / "half.pt2").write_bytes((tmp_path / "saved.pt2").read_bytes()[:3000])
+    for name in [*files, "saved.pt2", "half.pt2"]:
+        with pytest.raises(ValueError, match="is not a program written by pointsparse.export.save") as info:
+            export.load(tmp_path / name)
+        assert str(tmp_path / name) in str(info.value)
+    with pytest.raises(FileNotFoundError, match="missing.pt2"):
+        export.load(tmp_path / "missing.pt2")
