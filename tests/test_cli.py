@@ -150,3 +150,20 @@ def test_bad_input_is_a_message_not_a_traceback(tmp_path):
         del os.environ[cli.TRACEBACK_ENV]
     assert rc == 1 and "Traceback" in err and str(missing) in err
     assert not (tmp_path / "m.pt2").exists()
+
+
+def test_train_device_is_checked_before_training():
+    """--device: cpu and cuda[:N] where this machine has them; anything else
+    (a bogus name, another device type, cuda without CUDA or past the
+    devices) a ValueError naming --device (it was torch's RuntimeError from
+    deep inside the first .to())."""
+    import torch
+
+    from pointsparse.app.distributed import pick_device
+    assert pick_device("cpu", 0) == torch.device("cpu")
+    bad = ["bogus", "meta", "cuda:99", "cuda:-1x"]
+    if not torch.cuda.is_available():
+        bad += ["cuda", "cuda:0"]
+    for name in bad:
+        with pytest.raises(ValueError, match="--device"):
+            pick_device(name, 0)

@@ -36,9 +36,20 @@ def pick_device(name, rank: int) -> torch.device:
     if name is None:
         return torch.device(f"cuda:{rank % torch.cuda.device_count()}") if torch.cuda.is_available() else \
             torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device(f"cuda:{rank % max(torch.cuda.device_count(), 1)}")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"--device must be cpu, cuda or cuda:N; got {name!r}") from error
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N; got {name!r}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {name}: this machine has no CUDA device (torch {torch.__version__})")
+        if device.index is None:
+            device = torch.device(f"cuda:{rank % count}")
+        elif device.index >= count:
+            raise ValueError(f"--device {name}: this machine has {count} CUDA device(s)")
     return device
 
 
