@@ -187,3 +187,18 @@ def test_feats_that_do_not_fit_a_module_are_named():
     # what fits still runs: float64 modules on float64 feats
     assert spnn.BatchNorm(3).double().eval()(x3d).feats.dtype == torch.float64
     assert spnn.Linear(3, 2).double()(x3d).feats.shape == (len(x3), 2)
+
+
+def test_non_tensor_arguments_are_type_errors_naming_them():
+    """A list where a tensor belongs (conv3d's weight_mask, global_structured's
+    importance_scores) or a string for a model (sparsity_report): a
+    TypeError naming the argument, not an AttributeError from inside."""
+    from pointsparse import prune
+    x = make(c=3)
+    with pytest.raises(TypeError, match="weight_mask must be a torch.Tensor"):
+        F.conv3d(x, torch.zeros(27, 3, 2, dtype=x.dtype), 3, weight_mask=[1])
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        prune.sparsity_report("x")
+    m = spnn.Conv3d(4, 4, 3)
+    with pytest.raises(TypeError, match="importance_scores for weight must be a torch.Tensor"):
+        prune.global_structured([(m, "weight")], prune.ChannelStructured, 0.5, importance_scores={(m, "weight"): [1]})

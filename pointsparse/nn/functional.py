@@ -128,6 +128,8 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
             raise ValueError(f"bias must be (C_out,) = ({weight.shape[2]},); got {tuple(bias.shape)}")
         if bias.dtype != weight.dtype or bias.device != weight.device:
             raise TypeError(f"bias ({bias.dtype}, {bias.device}) must match the weight ({weight.dtype}, {weight.device})")
+    if weight_mask is not None and not isinstance(weight_mask, torch.Tensor):
+        raise TypeError(f"weight_mask must be a torch.Tensor or None; got {type(weight_mask).__name__}")
     region = _region(k, kernel_region)
     if add is not None and not isinstance(add, SparseTensor):
         raise TypeError(f"add must be a SparseTensor or None; got {type(add).__name__}")

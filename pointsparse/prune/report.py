@@ -51,6 +51,8 @@ def sparsity_report(model: nn.Module, example_input=None, pairs: dict | None = N
     SparseTensor, or a tuple of forward arguments) is run once in eval mode
     and without gradients to count FLOPs; ``pairs`` maps a sparse conv's
     qualified name to its per-offset pair counts (shape ``(K,)``)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     layers = {}
     modules = dict(prunable_modules(model))
     pairs = _check_pairs(pairs, modules)

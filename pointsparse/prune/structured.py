@@ -372,6 +372,8 @@ def global_structured(parameters, pruning_method, amount, importance_scores=None
         weight = getattr(module, name + "_orig", None)
         weight = weight if weight is not None else getattr(module, name)
         scores = importance_scores.get((module, name), weight)
+        if not isinstance(scores, torch.Tensor):
+            raise TypeError(f"importance_scores for {name} must be a torch.Tensor; got {type(scores).__name__}")
         if scores.shape != weight.shape:
             raise ValueError(
                 f"importance_scores for {name} must have shape {tuple(weight.shape)}; got {tuple(scores.shape)}"
