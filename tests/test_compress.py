@@ -180,6 +180,26 @@ def test_state_dict_round_trip(fmt, kwargs):
     assert other.nbytes() == sparse.nbytes()
 
 
+def test_a_corrupt_extra_state_is_refused_and_leaves_the_module_as_it_was():
+    """load_state_dict with format arrays that make no weight (an index past
+    the columns) or a weight of another shape, or an _extra_state that is not
+    a state at all: a ValueError, and the module still computes what it did."""
+    conv = _pruned_conv()
+    x = _sparse_input(channels=8)
+    sparse = F.compress(conv, "csr")
+    ref = sparse(x).feats
+    bad_index = sparse.state_dict()
+    bad_index["_extra_state"]["offsets"][13].col_idx = torch.full_like(
+        bad_index["_extra_state"]["offsets"][13].col_idx, 250)
+    narrow = F.compress(_pruned_conv(seed=2, channels=4), "csr").state_dict()["_extra_state"]
+    cases = [(bad_index, "do not make a weight"), ({**sparse.state_dict(), "_extra_state": [1]}, "_extra_state must"),
+             ({**sparse.state_dict(), "_extra_state": narrow}, r"shape \(27, 4, 4\); this conv's is \(27, 8, 8\)")]
+    for state, match in cases:
+        with pytest.raises(ValueError, match=match):
+            sparse.load_state_dict(state, strict=False)
+        assert torch.equal(sparse(x).feats, ref)
+
+
 def test_compressed_modules_refuse_dtype_changes_and_gradients_they_cannot_give():
     conv = _pruned_conv()
     sparse = F.compress(conv, "csr")

@@ -162,8 +162,18 @@ class SparseConv3d(nn.Module):
         return {"offsets": self.offsets, "execution": self.execution, "chosen": self.chosen}
 
     def set_extra_state(self, state) -> None:
+        if not isinstance(state, dict) or not {"offsets", "execution", "chosen"} <= state.keys():
+            raise ValueError(f"{type(self).__name__}: _extra_state must be the dict get_extra_state gives "
+                             "(offsets, execution, chosen)")
+        try:  # checked before anything is replaced: a bad state leaves the module as it was
+            weight = dense_weight(state["offsets"])
+        except (IndexError, RuntimeError, ValueError, TypeError, AttributeError) as error:
+            raise ValueError(f"{type(self).__name__}: _extra_state's offsets do not make a weight "
+                             f"({type(error).__name__}: {error})") from error
+        if weight.shape != self.engine_weight.shape:
+            raise ValueError(f"{type(self).__name__}: _extra_state's offsets make a weight of shape "
+                             f"{tuple(weight.shape)}; this conv's is {tuple(self.engine_weight.shape)}")
         self.offsets, self.execution, self.chosen = state["offsets"], state["execution"], state["chosen"]
-        weight = dense_weight(self.offsets)
         self.engine_weight = weight.to(self.engine_weight.device, self.engine_weight.dtype)
 
     def _apply(self, fn, *args, **kwargs):
