@@ -125,6 +125,8 @@ class DirectoryLock:
     def __enter__(self) -> "DirectoryLock":
         import fcntl
 
+        if self.directory.exists() and not self.directory.is_dir():
+            raise ValueError(f"{self.what} {self.directory} is a file; it must be a directory (or not exist yet)")
         self.directory.mkdir(parents=True, exist_ok=True)
         f = open(self.directory / ".lock", "a+")
         try:

@@ -84,7 +84,11 @@ def export_model(model: nn.Module, example: SparseTensor) -> torch.export.Export
 
 
 def save(program: torch.export.ExportedProgram, path, meta: dict | None = None) -> None:
-    """``torch.export.save`` with ``meta`` as JSON in ``extra_files``."""
+    """``torch.export.save`` with ``meta`` as JSON in ``extra_files``;
+    ``FileNotFoundError`` naming the folder where ``path``'s does not exist."""
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no folder {folder} to write the exported program {Path(path).name} in")
     torch.export.save(program, str(path), extra_files={META_FILE: json.dumps(meta or {})})
 
 

@@ -226,3 +226,13 @@ def test_crafted_checkpoints_are_refused_naming_the_file(tmp_path):
         with pytest.raises(error, match=match) as info:
             load_model(path)
         assert str(path) in str(info.value), name
+
+
+def test_an_out_that_is_a_file_is_refused(tmp_path):
+    """--out naming a file: a ValueError naming it (was FileExistsError from mkdir)."""
+    path = tmp_path / "file.pt"
+    path.write_bytes(b"x")
+    with pytest.raises(ValueError, match="--out .*file.pt is a file"):
+        with checkpoint.DirectoryLock(path):
+            pass
+    assert path.read_bytes() == b"x"

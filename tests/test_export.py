@@ -489,3 +489,13 @@ def test_load_names_a_file_that_is_no_exported_program(tmp_path):
         assert str(tmp_path / name) in str(info.value)
     with pytest.raises(FileNotFoundError, match="missing.pt2"):
         export.load(tmp_path / "missing.pt2")
+
+
+def test_save_names_a_missing_folder(tmp_path):
+    """export.save into a folder that does not exist: FileNotFoundError
+    naming it (was torch's RuntimeError from its archive writer)."""
+    program = torch.export.export(torch.nn.Linear(2, 2), (torch.randn(1, 2),))
+    with pytest.raises(FileNotFoundError, match="no folder .*missing"):
+        export.save(program, tmp_path / "missing" / "p.pt2")
+    export.save(program, tmp_path / "p.pt2", {"k": 1})
+    assert export.load(tmp_path / "p.pt2")[1] == {"k": 1}
