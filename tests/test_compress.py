@@ -250,3 +250,22 @@ def test_compress_zeroes_what_a_kernel_region_leaves_out():
         sparse.execution = execution
         with torch.no_grad():
             torch.testing.assert_close(sparse(x).feats, conv(x).feats, atol=1e-5, rtol=1e-5)
+
+
+def test_a_shared_layer_stays_shared():
+    """A conv reached under two names (weight sharing) is compressed once:
+    both names hold the same compressed module, as they held one conv."""
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = _pruned_conv()
+            self.b = self.a
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    model = Twice()
+    x = _sparse_input(channels=8)
+    out = F.compress(model, "csr")
+    assert out.a is out.b and isinstance(out.a, F.SparseConv3d)
+    torch.testing.assert_close(out(x).feats, model(x).feats, atol=1e-5, rtol=1e-5)

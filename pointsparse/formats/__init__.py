@@ -91,12 +91,15 @@ def compress(module: torch.nn.Module, format="csr", example_input=None, **kwargs
                 memo[id(value)] = value.detach().clone()
     originals = dict(module.named_modules())
     result = copy.deepcopy(module, memo)
+    done = {}  # id(layer) -> its compressed module: a layer shared by two parents stays shared
     for name, sub in list(result.named_modules()):
-        for child_name, child in list(sub.named_children()):
+        for child_name, child in list(sub._modules.items()):  # every name: named_children skips repeats
             if isinstance(child, (torch.nn.Linear, Conv3d)):
-                qualified = f"{name}.{child_name}" if name else child_name
-                example = inputs.get(originals[qualified]) if qualified in originals else None
-                setattr(sub, child_name, compress(child, cls, example, **kwargs))
+                if id(child) not in done:
+                    qualified = f"{name}.{child_name}" if name else child_name
+                    example = inputs.get(originals[qualified]) if qualified in originals else None
+                    done[id(child)] = compress(child, cls, example, **kwargs)
+                setattr(sub, child_name, done[id(child)])
     return result
 
 
