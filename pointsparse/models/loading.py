@@ -46,7 +46,7 @@ def load_model(path, map_location="cpu") -> nn.Module:
     try:
         return model_from_state(state).to(map_location).eval()
     except (ValueError, TypeError) as error:
-        raise type(error)(f"checkpoint {path}: {error}") from error
+        raise (TypeError if isinstance(error, TypeError) else ValueError)(f"checkpoint {path}: {error}") from error
 
 
 def model_from_state(state: dict) -> nn.Module:
