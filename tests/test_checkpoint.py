@@ -236,3 +236,20 @@ def test_an_out_that_is_a_file_is_refused(tmp_path):
         with checkpoint.DirectoryLock(path):
             pass
     assert path.read_bytes() == b"x"
+
+
+def test_resume_from_a_weights_only_checkpoint_is_refused(tmp_path, capsys):
+    """train --resume on a checkpoint of weights and config only (what
+    `prune channels` or a hand-made file holds, no optimizer or epoch): exit
+    2 with a message naming --resume and what it lacks (was KeyError 'epoch')."""
+    from pointsparse.app import cli
+    from pointsparse.models import MinkUNet
+
+    config = {"model": "minkunet", "in_channels": 4, "classes": [str(i) for i in range(19)], "cr": 0.125,
+              "blocks": 1, "voxel_size": 0.5}
+    path = tmp_path / "weights.pt"
+    checkpoint.save(path, {"config": config, "model": MinkUNet(4, 19, cr=0.125, blocks=1).state_dict()})
+    capsys.readouterr()
+    assert cli.main(["train", *TINY, "--epochs", "1", "--resume", str(path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "lacks" in err and "epoch" in err, err

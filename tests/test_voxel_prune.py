@@ -211,3 +211,22 @@ def test_errors():
         ps.nn.VoxelPrune(0.5)(torch.ones(3, 2))
     empty = ps.SparseTensor(torch.zeros(0, 2), torch.zeros(0, 4, dtype=torch.int32))
     assert len(ps.nn.VoxelPrune(0.5)(empty)) == 0
+
+
+def test_keep_rules_out_of_range_are_refused():
+    """keep_per_batch: a keep_ratio outside (0, 1], a NaN threshold, or batch
+    ids of another length than the scores are ValueErrors (a ratio of 1.5,
+    and a batch one element short, were taken; a NaN threshold kept nothing);
+    VoxelPrune refuses a NaN or infinite threshold when it is built."""
+    scores, batch = torch.rand(10), torch.zeros(10, dtype=torch.int64)
+    for ratio in (1.5, 0, -0.1, float("nan"), True):
+        with pytest.raises(ValueError, match="keep_ratio"):
+            F.keep_per_batch(scores, batch, ratio)
+    with pytest.raises(ValueError, match="threshold must be a finite"):
+        F.keep_per_batch(scores, batch, threshold=float("nan"))
+    with pytest.raises(ValueError, match="same length"):
+        F.keep_per_batch(scores, batch[:9], 0.5)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="threshold must be a finite"):
+            ps.nn.VoxelPrune(0.5, threshold=bad)
+    assert F.keep_per_batch(scores, batch, 1.0).tolist() == list(range(10))

@@ -371,6 +371,10 @@ class TrainingJob:
         if args.resume is not None:
             path = self.out / CHECKPOINT if args.resume == "auto" else Path(args.resume)
             state = load_checkpoint(path)
+            missing = [k for k in ("optimizer", "scheduler", "history", "epoch", "torch_rng") if k not in state]
+            if missing:
+                raise ValueError(f"--resume {path}: a checkpoint of weights only (it lacks {', '.join(missing)}), "
+                                 "not of a training run to resume")
             self.config = state["config"]
             self.log(f"resuming {path} after epoch {state['epoch']}")
         else:

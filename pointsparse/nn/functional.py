@@ -209,8 +209,16 @@ def keep_per_batch(scores: torch.Tensor, batch: torch.Tensor, keep_ratio: float 
     """Sorted int64 rows to keep: per batch item the ``ceil(keep_ratio * n)``
     highest ``scores`` (ties: the earlier row; NaN above every number), or
     every row whose score is ``>= threshold``."""
+    if not isinstance(scores, torch.Tensor) or not isinstance(batch, torch.Tensor) or scores.dim() != 1 or \
+            batch.shape != scores.shape:
+        raise ValueError("scores and batch must be 1-D tensors of the same length; got "
+                         f"{getattr(scores, 'shape', scores)!r} and {getattr(batch, 'shape', batch)!r}")
     if threshold is not None:
+        if not math.isfinite(threshold):
+            raise ValueError(f"threshold must be a finite number; got {threshold!r}")
         return (scores >= threshold).nonzero().flatten()
+    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
+        raise ValueError(f"keep_ratio must be a number in (0, 1]; got {keep_ratio!r}")
     if scores.numel() == 0:
         return batch.new_zeros(0, dtype=torch.int64)
     count = lambda k: math.ceil(round(keep_ratio * k, 9))  # noqa: E731  (0.3 * 10 is 3, not 4)

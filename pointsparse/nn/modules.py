@@ -150,6 +150,8 @@ class VoxelPrune(nn.Module):
             raise ValueError(f"score must be one of {self.SCORES}; got {score!r}")
         if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
             raise TypeError(f"threshold must be a number or None; got {threshold!r}")
+        if threshold is not None and not math.isfinite(threshold):
+            raise ValueError(f"threshold must be a finite number; got {threshold!r}")
         self.keep_ratio = float(keep_ratio)
         self.score = score
         self.threshold = None if threshold is None else float(threshold)
