@@ -230,3 +230,23 @@ def test_keep_rules_out_of_range_are_refused():
         with pytest.raises(ValueError, match="threshold must be a finite"):
             ps.nn.VoxelPrune(0.5, threshold=bad)
     assert F.keep_per_batch(scores, batch, 1.0).tolist() == list(range(10))
+
+
+def test_select_voxels_checks_its_rows_and_feats():
+    """select_voxels takes increasing int rows within the input and feats of
+    one row each: repeated, unsorted or out-of-range rows (a tensor with
+    duplicate coords, or torch's IndexError), float rows and feats of another
+    length are refused; a Conv3d kernel_region of floats is a TypeError (13.9
+    was truncated to 13)."""
+    x = ps.SparseTensor(torch.randn(6, 2), random_coords(6, 4, seed=1))
+    kept = F.select_voxels(x, torch.tensor([0, 2, 5]))
+    assert torch.equal(kept.coords, x.coords[[0, 2, 5]]) and torch.equal(kept.feats, x.feats[[0, 2, 5]])
+    for rows, error in (([1, 1, 2], ValueError), ([2, 1], ValueError), ([0, 6], ValueError), ([-1, 2], ValueError),
+                        ([0.0, 1.0], TypeError)):
+        with pytest.raises(error, match="rows"):
+            F.select_voxels(x, torch.tensor(rows))
+    with pytest.raises(ValueError, match="feats must be"):
+        F.select_voxels(x, torch.tensor([0, 2]), torch.randn(3, 2))
+    with pytest.raises(TypeError, match="kernel_region"):
+        ps.nn.Conv3d(1, 1, 3, kernel_region=[13.9])
+    assert ps.nn.Conv3d(1, 1, 3, kernel_region=[13, torch.tensor(4)]).kernel_region == (4, 13)

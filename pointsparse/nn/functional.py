@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ def _region(k, region) -> torch.Tensor | None:
         grid = torch.stack(torch.meshgrid(*[torch.arange(n) - (n - 1) // 2 for n in k], indexing="ij"), -1)
         return (grid.reshape(-1, 3) != 0).sum(1) <= 1
     try:
-        indices = [int(i) for i in region]
+        indices = [operator.index(i) for i in region]  # ints (numpy, 0-d tensors too), never a truncated float
     except (TypeError, ValueError):
         raise TypeError(f"kernel_region must be None, 'cross' or a sequence of offset indices; got {region!r}") from None
     if any(isinstance(i, bool) for i in region) or any(not 0 <= i < volume for i in indices) or not indices:
@@ -260,6 +261,14 @@ def select_voxels(input: SparseTensor, rows: torch.Tensor, feats: torch.Tensor |
         coarse = tuple(a * b for a, b in zip(key.tensor_stride, key.stride))
         if _finer(key.tensor_stride, input.stride) and _finer(coarse, input.stride):
             cache.get_kmap(key, lambda kmap=kmap: kmap)
+    if not isinstance(rows, torch.Tensor) or rows.dim() != 1 or rows.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"rows must be a 1-D int64 (or int32) tensor of row indices; got "
+                        f"{getattr(rows, 'dtype', type(rows).__name__)} {tuple(getattr(rows, 'shape', ()))}")
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= len(input) or bool((rows[1:] <= rows[:-1]).any())):
+        raise ValueError(f"rows must be increasing row indices in [0, {len(input)}) (each site once)")
+    if feats is not None and (not isinstance(feats, torch.Tensor) or feats.dim() != 2 or feats.shape[0] != len(rows)):
+        raise ValueError(f"feats must be ({len(rows)}, C), a row for each kept site; got "
+                         f"{tuple(getattr(feats, 'shape', ()))}")
     coords = input.coords.index_select(0, rows.to(input.coords.device))
     cache.set_coords(input.stride, coords)
     feats = input.feats.index_select(0, rows.to(input.device)) if feats is None else feats
