@@ -59,8 +59,12 @@ def test_loop_meets_the_table_budget_and_shrinks():
     res = netadapt.netadapt(net, table, tr, tr.accuracy, x, budget=0.7, short_steps=3, long_steps=5, lr=0.1)
     layout, _ = netadapt._channel_layout(res.model)
     assert res.estimated_latency == pytest.approx(table.latency(res.channels, layout))
-    if res.estimated_latency > res.budget:  # it stopped only because nothing could shrink any further
-        assert all(res.channels[n] == table.candidates[n][-1] for n in res.channels)
+    if res.estimated_latency > res.budget:  # it stopped only because no smaller width lowers the estimate
+        # (on a measured table, noisy on a busy machine, a narrower width may not estimate faster)
+        for n in res.channels:
+            for c in table.candidates[n]:
+                if c < res.channels[n]:
+                    assert table.latency(dict(res.channels, **{n: c}), layout) >= res.estimated_latency, (n, c)
     assert res.channels["0"] < 64 or res.channels["2"] < 64
     assert res.model[0].out_features == res.channels["0"] and res.model[2].out_features == res.channels["2"]
     assert res.model(x).shape == (512, 3) and res.measured_latency > 0

@@ -288,15 +288,17 @@ def _short_tune(cand: nn.Module, train_fn, eval_fn, short_steps: int, ft_lr) -> 
 def _table_proposals(net, table: LatencyTable, layout, channels: dict, want: float, current: float,
                      tune: Callable[[nn.Module], float]) -> list[tuple]:
     """``(metric, layer, count, candidate)`` per layer that can shrink: the
-    largest count whose estimate meets ``want`` (else the smallest, the most
-    the layer can give), if it lowers the estimate at all."""
+    largest count whose estimate meets ``want`` (else the count of the lowest
+    estimate, the most the layer can give: on a measured table a narrower
+    width need not estimate faster), if it lowers the estimate at all."""
     proposals = []
     for name in channels:
         below = [c for c in table.candidates[name] if c < channels[name]]
         if not below:
             continue
-        choice = next((c for c in below if table.latency(dict(channels, **{name: c}), layout) <= want), below[-1])
-        if table.latency(dict(channels, **{name: choice}), layout) >= current:
+        estimate = {c: table.latency(dict(channels, **{name: c}), layout) for c in below}
+        choice = next((c for c in below if estimate[c] <= want), min(below, key=estimate.get))
+        if estimate[choice] >= current:
             continue
         cand = copy.deepcopy(net)
         prune_channels(cand, name, keep_by_l1(dict(cand.named_modules())[name], choice))
@@ -309,7 +311,7 @@ def _unmet(current: float, target: float, iterations: int, max_iterations: int) 
     if current <= target:
         return ""
     why = (f"max_iterations={max_iterations} reached" if iterations >= max_iterations
-           else "no layer can shrink further (every candidate width tried)")
+           else "no narrower width of any layer lowers the estimate further")
     message = (f"NetAdapt could not meet the latency budget: {current * 1e3:.3f} ms estimated against "
                f"{target * 1e3:.3f} ms; {why}")
     warnings.warn(message, RuntimeWarning, stacklevel=3)
