@@ -251,6 +251,14 @@ def select_voxels(input: SparseTensor, rows: torch.Tensor, feats: torch.Tensor |
     convs upsample back to the coords the skip connections hold."""
     if not isinstance(input, SparseTensor):
         raise TypeError(f"input must be a SparseTensor; got {type(input).__name__}")
+    if not isinstance(rows, torch.Tensor) or rows.dim() != 1 or rows.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"rows must be a 1-D int64 (or int32) tensor of row indices; got "
+                        f"{getattr(rows, 'dtype', type(rows).__name__)} {tuple(getattr(rows, 'shape', ()))}")
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= len(input) or bool((rows[1:] <= rows[:-1]).any())):
+        raise ValueError(f"rows must be increasing row indices in [0, {len(input)}) (each site once)")
+    if feats is not None and (not isinstance(feats, torch.Tensor) or feats.dim() != 2 or feats.shape[0] != len(rows)):
+        raise ValueError(f"feats must be ({len(rows)}, C), a row for each kept site; got "
+                         f"{tuple(getattr(feats, 'shape', ()))}")
     from ..tensor import CoordinateCache
 
     cache = CoordinateCache()
@@ -261,14 +269,6 @@ def select_voxels(input: SparseTensor, rows: torch.Tensor, feats: torch.Tensor |
         coarse = tuple(a * b for a, b in zip(key.tensor_stride, key.stride))
         if _finer(key.tensor_stride, input.stride) and _finer(coarse, input.stride):
             cache.get_kmap(key, lambda kmap=kmap: kmap)
-    if not isinstance(rows, torch.Tensor) or rows.dim() != 1 or rows.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"rows must be a 1-D int64 (or int32) tensor of row indices; got "
-                        f"{getattr(rows, 'dtype', type(rows).__name__)} {tuple(getattr(rows, 'shape', ()))}")
-    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= len(input) or bool((rows[1:] <= rows[:-1]).any())):
-        raise ValueError(f"rows must be increasing row indices in [0, {len(input)}) (each site once)")
-    if feats is not None and (not isinstance(feats, torch.Tensor) or feats.dim() != 2 or feats.shape[0] != len(rows)):
-        raise ValueError(f"feats must be ({len(rows)}, C), a row for each kept site; got "
-                         f"{tuple(getattr(feats, 'shape', ()))}")
     coords = input.coords.index_select(0, rows.to(input.coords.device))
     cache.set_coords(input.stride, coords)
     feats = input.feats.index_select(0, rows.to(input.device)) if feats is None else feats
