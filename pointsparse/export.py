@@ -96,10 +96,14 @@ def load(path) -> tuple[torch.export.ExportedProgram, dict]:
     """``(program, meta)`` of a file written by :func:`save`;
     ``FileNotFoundError`` where there is no such file, a ``ValueError``
     naming it where it is not such a program (another kind of file, or one
-    truncated or damaged so that it no longer reads)."""
+    truncated or damaged so that it no longer reads). Every member of the
+    archive is checked against the CRC-32 the writer stored for it before
+    torch reads it (torch's reader does not check them, so a flipped byte in
+    a weight loaded silently); the error names the damaged member."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no exported program at {path}")
+    _check_members(path)
     extra = {META_FILE: ""}
     try:
         program = torch.export.load(str(path), extra_files=extra)
@@ -110,6 +114,27 @@ def load(path) -> tuple[torch.export.ExportedProgram, dict]:
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: its {META_FILE} holds {type(meta).__name__}, not the meta dict save writes")
     return program, meta
+
+
+def _check_members(path: Path) -> None:
+    """``ValueError`` naming ``path`` (and the member) where a member of the
+    zip archive does not match its stored CRC-32 or its headers disagree; a
+    file that is no zip at all is left to the reader's own error."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()  # reads every member, checks its CRC-32 and its local header
+    except zipfile.BadZipFile as error:
+        if not zipfile.is_zipfile(path):
+            return  # not a zip: the loader says the file is no program
+        raise ValueError(f"{path} is damaged: its zip archive does not read ({error})") from error
+    except (OSError, EOFError, ValueError, NotImplementedError) as error:
+        raise ValueError(f"{path} is damaged: its zip archive does not read "
+                         f"({type(error).__name__}: {str(error)[:200]})") from error
+    if bad is not None:
+        raise ValueError(f"{path} is damaged: its member {bad} does not match the CRC-32 stored for it "
+                         "(the file changed after it was written)")
 
 
 # --------------------------------------------------------------------- checkpoints
