@@ -395,6 +395,9 @@ def get_kmap(tensor: SparseTensor, kernel_size, stride=1, dilation=1, transposed
     ``S / t`` whose coords the cache holds, and the map is the transpose of
     that tensor's downsampling map (built once, shared by both).
     """
+    if not isinstance(tensor, SparseTensor):
+        raise TypeError(f"tensor must be a SparseTensor (its coordinate cache holds the maps); "
+                        f"got {type(tensor).__name__}")
     return _get_kmap(tensor, as_triple(kernel_size, "kernel_size"), as_triple(stride, "stride"),
                      as_triple(dilation, "dilation"), transposed, method)
 

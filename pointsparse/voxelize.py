@@ -281,8 +281,12 @@ def devoxelize(tensor: SparseTensor, inverse: torch.Tensor | None = None, *, poi
     if not isinstance(tensor, SparseTensor):
         raise TypeError(f"tensor must be a SparseTensor; got {type(tensor).__name__}")
     if mode == "nearest":
-        if not isinstance(inverse, torch.Tensor) or inverse.is_floating_point() or inverse.dim() != 1:
-            raise TypeError("devoxelize(mode='nearest') needs inverse: the (N,) integer map returned by voxelize")
+        if (not isinstance(inverse, torch.Tensor) or inverse.is_floating_point() or inverse.is_complex()
+                or inverse.dtype == torch.bool or inverse.dim() != 1):
+            got = (f"{inverse.dtype} of shape {tuple(inverse.shape)}" if isinstance(inverse, torch.Tensor)
+                   else type(inverse).__name__)
+            raise TypeError("devoxelize(mode='nearest') needs inverse: the (N,) integer map returned by voxelize "
+                            f"(a bool mask is no row map); got {got}")
         if inverse.numel() and not torch.compiler.is_compiling() and (
                 int(inverse.min()) < 0 or int(inverse.max()) >= len(tensor)):
             raise ValueError(f"inverse holds rows outside [0, {len(tensor)})")

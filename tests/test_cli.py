@@ -167,3 +167,39 @@ def test_train_device_is_checked_before_training():
     for name in bad:
         with pytest.raises(ValueError, match="--device"):
             pick_device(name, 0)
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["train", "--out", "{tmp}/r", "--ignore-index", str(1 << 40)], "--ignore-index must fit in int32"),
+    (["train", "--out", "{tmp}/r", "--label-map", "semantic-kitti"], "--label-map maps the raw labels"),
+    (["train", "--out", "{tmp}/r", "--data", "generated-indoor", "--val-label-map", "s3dis"],
+     "--val-label-map maps the raw labels"),
+    (["prune", "channels", "--out", "{tmp}/p"], "prune channels needs --checkpoint"),
+    (["prune", "vectors", "--out", "{tmp}/p"], "prune vectors needs --checkpoint"),
+    (["prune", "channels", "--out", "{tmp}/p", "--checkpoint", "{tmp}/c.pt", "--multiple", "0"],
+     "--multiple must be >= 1"),
+    (["prune", "channels", "--out", "{tmp}/p", "--checkpoint", "{tmp}/c.pt", "--finetune-epochs", "-1"],
+     "--finetune-epochs must be >= 0"),
+    (["prune", "vectors", "--out", "{tmp}/p", "--checkpoint", "{tmp}/c.pt", "--finetune-epochs", "-1"],
+     "--finetune-epochs must be >= 0"),
+])
+def test_flags_checked_before_any_work(tmp_path, capsys, argv, words):
+    """Flags that were accepted and then ignored or misread (a label map on
+    generated scenes, an ignore index no label can hold, --multiple 0 read as
+    the default 8, a negative fine-tuning count) or exited with status 1 (no
+    --checkpoint): a one-line error naming the flag, exit status 2, nothing
+    written."""
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert cli.main(argv) == 2
+    assert words in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_prune_channels_multiple_is_checked_in_the_api():
+    from pointsparse.models import MinkUNet
+    from pointsparse.prune.workflow import prune_channels
+
+    model = MinkUNet(4, 3, cr=0.25, blocks=1).eval()
+    for bad in (0, -8, 2.5, True):
+        with pytest.raises(ValueError, match="multiple .* must be a positive int"):
+            prune_channels(model, None, 0.5, multiple=bad)

@@ -618,3 +618,13 @@ def test_key_out_stride_for_down_and_transposed_maps():
     up = km.get_kmap(coarse, 2, (2, 1, 2), 1, True)
     assert up.key.transposed and up.key.out_stride == (2, 2, 2) and up.num_out == len(x)
     assert km.get_kmap(x, 3).key.out_stride == (2, 2, 2)
+
+
+def test_get_kmap_names_a_tensor_that_is_no_sparse_tensor():
+    """get_kmap reads the SparseTensor's coordinate cache: a plain tensor or
+    coords array is a TypeError naming the argument (was AttributeError)."""
+    from pointsparse.kmap import get_kmap
+
+    for bad in (torch.zeros(3, 4, dtype=torch.int32), [[0, 0, 0, 0]], None):
+        with pytest.raises(TypeError, match="tensor must be a SparseTensor"):
+            get_kmap(bad, 3)

@@ -345,3 +345,26 @@ def test_global_structured_channels_across_layers():
         prune.global_structured([], prune.ChannelStructured, amount=1)
     with pytest.raises(ValueError, match="amount=9 is more than the 3"):
         prune.global_structured([(first, "weight"), (second, "weight")], prune.ChannelStructured, amount=9)
+
+
+@pytest.mark.parametrize("method", [
+    lambda m, s: prune.vector_structured(m, "weight", 0.5, importance_scores=s),
+    lambda m, s: prune.kernel_structured(m, "weight", 0.5, importance_scores=s),
+    lambda m, s: prune.channel_structured(m, "weight", 0.5, importance_scores=s),
+    lambda m, s: prune.block_structured(m, "weight", 0.5, block_size=2, importance_scores=s),
+    lambda m, s: prune.panel_structured(m, "weight", 0.5, importance_scores=s),
+    lambda m, s: prune.nm_structured(m, "weight", importance_scores=s),
+], ids=["vector", "kernel", "channel", "block", "panel", "nm"])
+def test_importance_scores_of_another_shape_are_a_value_error(method):
+    """The toolkit's methods check ``importance_scores`` before pruning: another
+    shape is a ValueError naming it and both shapes, a list a TypeError (was
+    the AssertionError of torch's own check, which ``python -O`` drops); the
+    module is left unpruned; scores of the right shape prune."""
+    conv = SparseConv(4, 4, kernel_size=3)
+    with pytest.raises(ValueError, match=r"importance_scores must have the shape of .*\(27, 4, 4\); got \(3,\)"):
+        method(conv, torch.rand(3))
+    with pytest.raises(TypeError, match="importance_scores must be a tensor"):
+        method(conv, [1.0] * 432)
+    assert not prune.is_pruned(conv)
+    method(conv, torch.rand(27, 4, 4))
+    assert prune.is_pruned(conv) and bool((conv.weight == 0).any())

@@ -205,3 +205,18 @@ def test_executed_flops_follow_the_engine_choice(monkeypatch):
     assert row["execution"] == "offsets" and row["executed_flops"] == 2 * int(counts[keep].sum()) * 64
     report = prune.sparsity_report(nn.Linear(3, 4), torch.randn(5, 3))
     assert report["layers"][""]["executed_flops"] == 2 * 5 * 12 and report["total"]["executed_flops"] == 120
+
+
+def test_engine_cost_checks_its_pair_counts():
+    """engine_cost with pair counts of another length than the weight's
+    offsets: a ValueError naming pair_counts (was torch's RuntimeError from a
+    broadcast); a weight that is not (K, C_in, C_out): a TypeError."""
+    from pointsparse.nn import functional as F
+
+    weight = torch.randn(27, 4, 4)
+    assert F.engine_cost(weight, torch.full((27,), 10)) == (2 * 270 * 16, "dense")
+    for bad in (torch.zeros(5, dtype=torch.long), torch.zeros(27, 1, dtype=torch.long), [1] * 27):
+        with pytest.raises(ValueError, match=r"pair_counts must hold one count per kernel offset \(27"):
+            F.engine_cost(weight, bad)
+    with pytest.raises(TypeError, match=r"weight must be a \(K, C_in, C_out\) tensor"):
+        F.engine_cost(torch.randn(27, 16), torch.full((27,), 10))

@@ -344,6 +344,7 @@ BAD = {
     "batch_2d": ("ps.voxelize(p, voxel_size=1, batch=torch.zeros(10, 1, dtype=torch.long))", "ValueError", "batch"),
     "devox_mode": (VOX + "ps.devoxelize(x, inv, mode='cubic')", "ValueError", "mode"),
     "devox_inverse_missing": (VOX + "ps.devoxelize(x)", "TypeError", "inverse"),
+    "devox_inverse_bool": (VOX + "ps.devoxelize(x, inv == 0)", "TypeError", "bool mask is no row map"),
     "devox_inverse_range": (VOX + "ps.devoxelize(x, inv + 100)", "ValueError", "inverse"),
     "devox_inverse_negative": (VOX + "ps.devoxelize(x, inv - 100)", "ValueError", "inverse"),
     "devox_tensor": (VOX + "ps.devoxelize(x.feats, inv)", "TypeError", "tensor"),

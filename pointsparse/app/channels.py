@@ -140,9 +140,20 @@ def finetune(path: Path, epochs: int) -> None:
     main(args)
 
 
-def vectors_main(args) -> int:
+def _check_flags(args, procedure: str) -> None:
+    """ValueError (exit status 2, as for the other bad flags) naming a missing
+    --checkpoint or a negative --finetune-epochs, before any work."""
     if args.checkpoint is None:
-        raise SystemExit("prune vectors needs --checkpoint DIR/checkpoint.pt")
+        raise ValueError(f"prune {procedure} needs --checkpoint DIR/checkpoint.pt (a checkpoint written by "
+                         "pointsparse train)")
+    if args.finetune_epochs < 0:
+        raise ValueError(f"--finetune-epochs must be >= 0 (0: no fine-tuning); got {args.finetune_epochs}")
+    if getattr(args, "multiple", None) is not None and args.multiple < 1:
+        raise ValueError(f"--multiple must be >= 1 (kept channel counts are rounded to it); got {args.multiple}")
+
+
+def vectors_main(args) -> int:
+    _check_flags(args, "vectors")
     amount = 0.75 if args.sparsity is None else args.sparsity
     if args.square and args.pairs:
         raise ValueError("--square and --pairs are two block shapes: give one")
@@ -156,8 +167,7 @@ def vectors_main(args) -> int:
 
 
 def main(args) -> int:
-    if args.checkpoint is None:
-        raise SystemExit("prune channels needs --checkpoint DIR/checkpoint.pt")
+    _check_flags(args, "channels")
     path = prune_checkpoint(args.checkpoint, args.out, args.ratio, args.data, args.label_map, args.criterion,
                             args.scope, args.multiple)
     before = sum(t.numel() for t in load_state(args.checkpoint)["model"].values())

@@ -145,6 +145,17 @@ def check_args(args) -> None:
     value = getattr(args, "warmup", None)
     if value is not None and not 0 <= value <= 1:
         raise ValueError(f"--warmup must be a share of the steps in [0, 1]; got {value}")
+    value = getattr(args, "ignore_index", None)
+    if value is not None and not -(1 << 31) <= value < (1 << 31):
+        raise ValueError(f"--ignore-index must fit in int32 (a label value, 255 by default); got {value}")
+    data = getattr(args, "data", None)
+    if data and len(data) == 1 and str(data[0]).startswith("generated"):
+        given = [flag for flag in ("label_map", "val_label_map")
+                 if getattr(args, flag, None) is not None and not (flag == "val_label_map" and args.val_data)]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} maps the raw labels of point cloud files; the "
+                             f"generated scenes ({data[0]}) are labelled with their own classes: drop it, or "
+                             "give --data files")
     if getattr(args, "nproc", 1) > 1 and args.batch_size % args.nproc:
         raise ValueError(f"--batch-size ({args.batch_size}) must be a multiple of --nproc ({args.nproc})")
 

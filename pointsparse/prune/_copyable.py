@@ -34,6 +34,24 @@ class CopyableMethod(_torch_prune.BasePruningMethod):
 
     @classmethod
     def apply(cls, module, name, *args, importance_scores=None, **kwargs):
+        if importance_scores is not None:
+            _check_scores(module, name, importance_scores)
         method = super().apply(module, name, *args, importance_scores=importance_scores, **kwargs)
         keep_copyable(module)
         return method
+
+
+def _check_scores(module: nn.Module, name: str, scores) -> None:
+    """``importance_scores`` must be a tensor of the pruned tensor's shape:
+    a ``TypeError`` / ``ValueError`` naming it (torch's own check is an
+    ``assert``, gone under ``python -O``)."""
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"importance_scores must be a tensor; got {type(scores).__name__}")
+    target = getattr(module, name + "_orig", None)
+    if target is None:
+        target = getattr(module, name, None)
+    if isinstance(target, torch.Tensor) and scores.shape != target.shape:
+        raise ValueError(f"importance_scores must have the shape of {type(module).__name__}.{name}, "
+                         f"{tuple(target.shape)}; got {tuple(scores.shape)}")
+    if scores.is_complex() or scores.dtype == torch.bool:
+        raise TypeError(f"importance_scores must be real numbers; got {scores.dtype}")

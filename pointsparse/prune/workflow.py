@@ -46,6 +46,9 @@ def prune_channels(model: nn.Module, example_input, ratio: float = 0.5, scores=N
     and cut the rest in place. Returns ``model``."""
     from .graph import DEFAULT_MULTIPLE, DependencyGraph, plan
     check_options(ratio=ratio)
+    if multiple is not None and (isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1):
+        raise ValueError(f"multiple (--multiple) must be a positive int (kept channel counts are rounded to it); "
+                         f"got {multiple!r}")
     graph = DependencyGraph(model, example_input)
-    graph.cut(plan(graph, ratio, scores, scope, multiple or DEFAULT_MULTIPLE), retrace=False)
+    graph.cut(plan(graph, ratio, scores, scope, DEFAULT_MULTIPLE if multiple is None else multiple), retrace=False)
     return model
