@@ -142,7 +142,8 @@ def finetune(path: Path, epochs: int) -> None:
 
 def _check_flags(args, procedure: str) -> None:
     """ValueError (exit status 2, as for the other bad flags) naming a missing
-    --checkpoint or a negative --finetune-epochs, before any work."""
+    --checkpoint, a negative --finetune-epochs or a --multiple under 1, before
+    any work."""
     if args.checkpoint is None:
         raise ValueError(f"prune {procedure} needs --checkpoint DIR/checkpoint.pt (a checkpoint written by "
                          "pointsparse train)")
