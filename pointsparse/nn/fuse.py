@@ -50,6 +50,22 @@ def _unpruned_copy(model: nn.Module) -> nn.Module:
     return copied
 
 
+def _untie_convs(model: nn.Module) -> None:
+    """In place: every place after the first that holds a :class:`Conv3d`
+    held elsewhere too gets its own copy. Fusion changes a conv for what
+    follows it in one place (the BatchNorm folded into its weight, the ReLU
+    and the residual in its store); a conv shared by two places would take
+    both places' folds and flags, and compute neither."""
+    seen = set()
+    for module in list(model.modules()):
+        for name, child in list(module._modules.items()):
+            if isinstance(child, Conv3d):
+                if id(child) in seen:
+                    module._modules[name] = copy.deepcopy(child)
+                else:
+                    seen.add(id(child))
+
+
 def fuse_for_inference(model: nn.Module) -> nn.Module:
     """A copy of ``model`` for inference (eval mode): in every
     ``nn.Sequential``, each :class:`Conv3d` directly followed by a
@@ -60,12 +76,15 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     asked to run its residual sum and ReLU in its last conv's store. A
     pruned module (``torch.nn.utils.prune`` / ``pointsparse.prune``:
     ``weight_orig`` and a mask) has its pruning made permanent in the copy
-    first, so the fold lands in the weight the forward uses. The output
+    first, so the fold lands in the weight the forward uses. A conv held
+    in more than one place is copied for each place in the copy, so that
+    each is fused with what follows it there. The output
     equals ``model.eval()``'s up to float rounding; the copy is for
     inference only (``model`` is unchanged, masks included)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     fused = _unpruned_copy(model).eval()
+    _untie_convs(fused)
     for seq in [m for m in fused.modules() if isinstance(m, nn.Sequential)]:
         names = list(seq._modules)
         for i, name in enumerate(names):
