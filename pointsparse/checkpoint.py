@@ -111,6 +111,21 @@ def load_training(path) -> dict:
     return state
 
 
+def make_directory(path, what: str = "--out") -> Path:
+    """``path`` as a directory, made where it does not exist yet; a
+    ``ValueError`` naming ``what`` and ``path`` where it is a file, lies
+    under a file or cannot be made (permissions, a read-only file system)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path} is a file; it must be a directory (or not exist yet)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # FileExistsError / NotADirectoryError (a file on the way), PermissionError, ...
+        raise ValueError(f"{what} {path}: cannot make this directory ({type(error).__name__}: "
+                         f"{error.strerror or error})") from error
+    return path
+
+
 class DirectoryLock:
     """An exclusive lock on an output directory for the life of a run
     (``fcntl.flock`` on ``DIR/.lock``: released by the OS when the process
@@ -125,9 +140,7 @@ class DirectoryLock:
     def __enter__(self) -> "DirectoryLock":
         import fcntl
 
-        if self.directory.exists() and not self.directory.is_dir():
-            raise ValueError(f"{self.what} {self.directory} is a file; it must be a directory (or not exist yet)")
-        self.directory.mkdir(parents=True, exist_ok=True)
+        make_directory(self.directory, self.what)
         f = open(self.directory / ".lock", "a+")
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

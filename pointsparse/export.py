@@ -85,11 +85,32 @@ def export_model(model: nn.Module, example: SparseTensor) -> torch.export.Export
 
 def save(program: torch.export.ExportedProgram, path, meta: dict | None = None) -> None:
     """``torch.export.save`` with ``meta`` as JSON in ``extra_files``;
-    ``FileNotFoundError`` naming the folder where ``path``'s does not exist."""
-    folder = Path(path).parent
+    ``FileNotFoundError`` naming the folder where ``path``'s does not exist,
+    a ``ValueError`` naming ``path`` where it is a folder or cannot be
+    written (:func:`check_out_path`)."""
+    check_out_path(path)
+    try:
+        torch.export.save(program, str(path), extra_files={META_FILE: json.dumps(meta or {})})
+    except (RuntimeError, OSError) as error:  # torch's archive writer: "open file failed", a full disk, ...
+        raise ValueError(f"cannot write the exported program to {path} "
+                         f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from error
+
+
+def check_out_path(path) -> None:
+    """Where :func:`save` can write ``path``: ``FileNotFoundError`` naming
+    its folder where that does not exist, ``ValueError`` where ``path`` is a
+    folder or its folder cannot be written. Cheap: the export CLI calls it
+    before the export's work."""
+    import os
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give the .pt2 file to write (e.g. {path / 'model.pt2'})")
+    folder = path.parent
     if not folder.is_dir():
-        raise FileNotFoundError(f"no folder {folder} to write the exported program {Path(path).name} in")
-    torch.export.save(program, str(path), extra_files={META_FILE: json.dumps(meta or {})})
+        raise FileNotFoundError(f"no folder {folder} to write the exported program {path.name} in")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"cannot write the exported program to {path}: no write permission")
 
 
 def load(path) -> tuple[torch.export.ExportedProgram, dict]:

@@ -203,3 +203,29 @@ def test_prune_channels_multiple_is_checked_in_the_api():
     for bad in (0, -8, 2.5, True):
         with pytest.raises(ValueError, match="multiple .* must be a positive int"):
             prune_channels(model, None, 0.5, multiple=bad)
+
+
+def test_out_paths_that_cannot_be_written_are_named(tmp_path, capsys):
+    """--out that is a file where a directory is wanted (eval, prune), a
+    folder where a file is wanted (export) or under a file: a one-line error
+    naming it, exit status 2, before any work (were FileExistsError /
+    torch's RuntimeError tracebacks, exit status 1, after the work)."""
+    import torch
+
+    from pointsparse import export
+
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    missing_ckpt = str(tmp_path / "missing.pt")
+    cases = [(["eval", "--checkpoint", missing_ckpt, "--out", str(a_file)], f"--out {a_file} is a file"),
+             (["eval", "--checkpoint", missing_ckpt, "--out", str(a_file / "sub")], "cannot make this directory"),
+             (["prune", "channels", "--checkpoint", missing_ckpt, "--out", str(a_file)], f"--out {a_file} is a file"),
+             (["export", "--checkpoint", missing_ckpt, "--out", str(tmp_path)], "is a folder; give the .pt2 file"),
+             (["export", "--checkpoint", missing_ckpt, "--out", str(a_file / "m.pt2")], "no folder")]
+    for argv, words in cases:
+        assert cli.main(argv) == 2, argv
+        assert words in capsys.readouterr().err, argv
+    program = torch.export.export(torch.nn.Linear(2, 2), (torch.randn(1, 2),))
+    with pytest.raises(ValueError, match="is a folder"):
+        export.save(program, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]

@@ -57,7 +57,7 @@ def save_pruned(state: dict, model, out) -> Path:
     if state.get("args"):
         new["optimizer"] = make_optimizer(argparse.Namespace(**state["args"]), model).state_dict()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    checkpoint.make_directory(out)
     checkpoint.save(out / CHECKPOINT, new)
     return out / CHECKPOINT
 
@@ -142,8 +142,8 @@ def finetune(path: Path, epochs: int) -> None:
 
 def _check_flags(args, procedure: str) -> None:
     """ValueError (exit status 2, as for the other bad flags) naming a missing
-    --checkpoint, a negative --finetune-epochs or a --multiple under 1, before
-    any work."""
+    --checkpoint, a negative --finetune-epochs, a --multiple under 1 or an
+    --out that cannot be a directory, before any work."""
     if args.checkpoint is None:
         raise ValueError(f"prune {procedure} needs --checkpoint DIR/checkpoint.pt (a checkpoint written by "
                          "pointsparse train)")
@@ -151,6 +151,8 @@ def _check_flags(args, procedure: str) -> None:
         raise ValueError(f"--finetune-epochs must be >= 0 (0: no fine-tuning); got {args.finetune_epochs}")
     if getattr(args, "multiple", None) is not None and args.multiple < 1:
         raise ValueError(f"--multiple must be >= 1 (kept channel counts are rounded to it); got {args.multiple}")
+    if args.out is not None:
+        checkpoint.make_directory(args.out)
 
 
 def vectors_main(args) -> int:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import make_directory
 from ..data import DEFAULT_IGNORE, VALIDATION_SEED, VoxelDataset, open_source
 from ..models import model_from_state
 from . import metrics
@@ -61,6 +62,8 @@ def main(args) -> int:
     """``pointsparse eval``: score a checkpoint on clouds (by default the data
     it was validated on)."""
     check_args(args)
+    if args.out:  # before the evaluation's work
+        make_directory(Path(args.out))
     state = load_checkpoint(args.checkpoint)
     config = state["config"]
     # An explicit --ignore-index always wins, 255 included.

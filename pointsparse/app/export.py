@@ -29,6 +29,7 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     from .evaluate import inference_model
 
+    export.check_out_path(args.out)  # before the export's work
     model, config = export.load_checkpoint(args.checkpoint)
     model = inference_model(model, args.inference)
     dtype = next(model.parameters()).dtype

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import make_directory
 from ..prune import adapters
 from ..prune.sensitivity import DEFAULT_RATIOS
 from . import channels, procedures
@@ -121,7 +122,7 @@ def main(args) -> int:
     torch.manual_seed(args.seed)
     task = _task(args)
     steps = max(20, task.train_steps // (5 if args.quick else 1))
-    args.out.mkdir(parents=True, exist_ok=True)
+    make_directory(args.out)
     print(f"task {task.name}: {steps} training steps, metric {task.metric}")
     model = task.make_model(args.seed)
     if args.procedure not in ("init", "rigl", "lottery"):

@@ -81,7 +81,7 @@ def write_report(out: Path, cm, classes, first, history, extra: dict, ignore_ind
     cannot be imported); returns the metrics dictionary."""
     from . import plots
 
-    out.mkdir(parents=True, exist_ok=True)
+    checkpoint.make_directory(out)
     report = metrics.summary(cm, classes)
     report.update(extra)
     report["classes"] = list(classes)
