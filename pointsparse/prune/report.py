@@ -192,9 +192,30 @@ def _human(value) -> str:
     return str(value)
 
 
+_ROW_KEYS = ("type", "shape", "params", "nonzeros", "sparsity", "flops", "executed_flops")
+
+
+def _check_report(report, name: str) -> None:
+    """``report`` has the form :func:`sparsity_report` returns: ``layers``
+    (a dict of rows) and ``total`` (a row), each row holding the table's keys."""
+    expected = f"{name} must be what sparsity_report returns ({{'layers': {{name: row}}, 'total': row}})"
+    if not isinstance(report, Mapping):
+        raise TypeError(f"{expected}; got {type(report).__name__}")
+    if not isinstance(report.get("layers"), Mapping) or not isinstance(report.get("total"), Mapping):
+        raise TypeError(f"{expected}; got a {type(report).__name__} with keys {sorted(map(str, report))}")
+    for layer, row in [*report["layers"].items(), ("total", report["total"])]:
+        missing = [key for key in _ROW_KEYS if key not in row] if isinstance(row, Mapping) else list(_ROW_KEYS)
+        if missing:
+            raise TypeError(f"{expected}; its row {layer!r} lacks {missing}")
+
+
 def format_report(report: dict, before: dict | None = None) -> str:
     """The report as a text table; with ``before`` (an earlier report of the
-    same model) nonzeros, sparsity and FLOPs are shown as ``before -> now``."""
+    same model) nonzeros, sparsity and FLOPs are shown as ``before -> now``.
+    Both must be what :func:`sparsity_report` returns (TypeError otherwise)."""
+    _check_report(report, "report")
+    if before is not None:
+        _check_report(before, "before")
     header = ["layer", "type", "shape", "params", "nonzeros", "sparsity", "FLOPs", "executed"]
     rows = []
     names = list(report["layers"]) + ["total"]
