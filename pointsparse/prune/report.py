@@ -50,7 +50,9 @@ def sparsity_report(model: nn.Module, example_input=None, pairs: dict | None = N
     sparsity, flops, dense_flops, executed_flops, execution``. ``example_input`` (a tensor, a
     SparseTensor, or a tuple of forward arguments) is run once in eval mode
     and without gradients to count FLOPs; ``pairs`` maps a sparse conv's
-    qualified name to its per-offset pair counts (shape ``(K,)``)."""
+    qualified name to its per-offset pair counts (shape ``(K,)``). The
+    weights may be on any device that holds values (not ``meta``: a
+    ValueError)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     layers = {}
@@ -60,6 +62,7 @@ def sparsity_report(model: nn.Module, example_input=None, pairs: dict | None = N
         weight = current_weight(module, "weight").detach()
         bias = getattr(module, "bias", None)
         bias = bias.detach() if isinstance(bias, torch.Tensor) else None
+        _check_has_values(qualified, weight, bias)
         weight_nonzeros = int((weight != 0).sum())
         layers[qualified] = {
             "type": type(module).__name__,
@@ -81,6 +84,18 @@ def sparsity_report(model: nn.Module, example_input=None, pairs: dict | None = N
             flops = _layer_flops(module, current_weight(module, "weight"), None, None, counts)
             _set_flops(layers[qualified], flops)
     return {"layers": layers, "total": _total(layers)}
+
+
+def _check_has_values(qualified: str, weight: torch.Tensor, bias) -> None:
+    """The report counts nonzeros: a tensor on the meta device has a shape
+    but no values to count (on any other device they are counted there)."""
+    for label, tensor in (("weight", weight), ("bias", bias)):
+        if tensor is not None and tensor.is_meta:
+            raise ValueError(
+                f"layer {qualified or '(model)'!r} has its {label} on the meta device (a shape without values); "
+                f"sparsity_report counts nonzeros, so the model's weights must hold values (materialize or load "
+                f"them first)"
+            )
 
 
 def _check_pairs(pairs, modules: dict) -> dict:
