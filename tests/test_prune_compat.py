@@ -304,6 +304,27 @@ def test_amount_validation(amount, error):
         prune.VectorStructured(amount, axis=0)
 
 
+@pytest.mark.parametrize("amount, error", [(True, TypeError), (float("nan"), ValueError), (float("inf"), ValueError)])
+def test_the_toolkits_function_forms_refuse_a_bool_or_non_finite_amount(amount, error):
+    # torch's own functions (ln_structured, ...) are re-exported as they are and not checked here
+    module, _ = make("conv2d")
+    forms = [
+        lambda: prune.vector_structured(module, "weight", amount),
+        lambda: prune.kernel_structured(module, "weight", amount),
+        lambda: prune.channel_structured(module, "weight", amount),
+        lambda: prune.block_structured(module, "weight", amount, block_size=2),
+        lambda: prune.stripe_structured(module, "weight", amount),
+        lambda: prune.global_structured([(module, "weight")], prune.ChannelStructured, amount),
+    ]
+    for form in forms:
+        with pytest.raises(error, match="amount"):
+            form()
+    linear_module, _ = make("linear")
+    with pytest.raises(error, match="amount"):
+        prune.panel_structured(linear_module, "weight", amount)
+    assert not prune.is_pruned(module) and not prune.is_pruned(linear_module)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_int_amount_larger_than_the_tensor(kind):
     module, _ = make(kind)
