@@ -256,7 +256,8 @@ def test_importance_scores_decide_the_mask(kind):
     assert kept[2] == 0 and torch.all(kept[[0, 1, 3]] > 0)
     with pytest.raises(AssertionError, match="importance_scores should have the same shape"):
         prune.l1_unstructured(make(kind)[0], "weight", amount=1, importance_scores=torch.ones(3))
-    with pytest.raises(AssertionError, match="importance_scores should have the same shape"):
+    # the toolkit's own methods check the shape themselves (a ValueError, not torch's assert)
+    with pytest.raises(ValueError, match=r"importance_scores must have the shape of .*; got \(3,\)"):
         prune.channel_structured(make(kind)[0], "weight", amount=1, importance_scores=torch.ones(3))
 
 
@@ -302,6 +303,27 @@ def test_amount_validation(amount, error):
             cls(amount)
     with pytest.raises(error, match="amount"):
         prune.VectorStructured(amount, axis=0)
+
+
+@pytest.mark.parametrize("amount, error", [(True, TypeError), (float("nan"), ValueError), (float("inf"), ValueError)])
+def test_the_toolkits_function_forms_refuse_a_bool_or_non_finite_amount(amount, error):
+    # torch's own functions (ln_structured, ...) are re-exported as they are and not checked here
+    module, _ = make("conv2d")
+    forms = [
+        lambda: prune.vector_structured(module, "weight", amount),
+        lambda: prune.kernel_structured(module, "weight", amount),
+        lambda: prune.channel_structured(module, "weight", amount),
+        lambda: prune.block_structured(module, "weight", amount, block_size=2),
+        lambda: prune.stripe_structured(module, "weight", amount),
+        lambda: prune.global_structured([(module, "weight")], prune.ChannelStructured, amount),
+    ]
+    for form in forms:
+        with pytest.raises(error, match="amount"):
+            form()
+    linear_module, _ = make("linear")
+    with pytest.raises(error, match="amount"):
+        prune.panel_structured(linear_module, "weight", amount)
+    assert not prune.is_pruned(module) and not prune.is_pruned(linear_module)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -203,3 +203,11 @@ def test_normalize_and_global_use():
     assert int(a.weight_mask.sum()) == 8 and torch.equal(b.weight_mask.flatten(), torch.tensor([0.0] * 4 + [1.0] * 4))
     with pytest.raises(ValueError, match="how must be"):
         criteria.normalize(scores, how="sum")
+
+
+def test_normalize_takes_a_criterion_dict_of_tensors():
+    with pytest.raises(TypeError, match=r"scores must be a dict \{\(module, name\): tensor\}.*got list"):
+        criteria.normalize([1, 2])
+    layer = nn.Linear(4, 2)
+    with pytest.raises(TypeError, match=r"scores\[.*'weight'\)\] must be a tensor; got list"):
+        criteria.normalize({(layer, "weight"): [1.0, 2.0]})

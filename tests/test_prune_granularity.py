@@ -198,6 +198,16 @@ def test_n_m_needs_whole_groups():
         prune.nm_structured(linear(torch.ones(2, 6)), "weight", 2, 4)
 
 
+def test_is_nm_sparse_takes_a_tensor_and_a_layout():
+    with pytest.raises(TypeError, match="t must be a torch.Tensor.*got list"):
+        prune.is_nm_sparse([[0.0] * 4], 2, 4)
+    with pytest.raises(TypeError, match="layout must be a WeightLayout or None; got str"):
+        prune.is_nm_sparse(torch.zeros(1, 4), 2, 4, layout="dense")
+    with pytest.raises(ValueError, match="t must have 3 dims"):
+        prune.is_nm_sparse(torch.zeros(1, 4), 2, 4, layout=prune.WeightLayout(2, 1, (0,)))
+    assert prune.is_nm_sparse(torch.tensor([[1.0, 0, 0, 2]]), 2, 4)
+
+
 # ---------------------------------------------------------------- pattern
 
 def test_given_patterns_on_a_dense_conv():

@@ -83,3 +83,12 @@ def test_bad_inputs():
     procedure.global_magnitude_prune(net, 0.5)
     with pytest.raises(ValueError, match="already pruned"):
         lottery.train_masked(net, adapters.masks(net), tr, tr.accuracy, 1)
+
+
+def test_random_masks_like_takes_a_dict_of_tensors():
+    with pytest.raises(TypeError, match=r"mask_dict\['a'\] must be a mask tensor; got str"):
+        lottery.random_masks_like({"a": "x"})
+    with pytest.raises(TypeError, match=r"mask_dict must be a dict \{layer name: mask tensor\}; got list"):
+        lottery.random_masks_like([torch.ones(2, 2)])
+    out = lottery.random_masks_like({"a": torch.tensor([[1, 0], [1, 1]], dtype=torch.bool)})
+    assert out["a"].shape == (2, 2) and int(out["a"].sum()) == 3

@@ -127,6 +127,35 @@ def test_report_leaves_training_state_alone_and_without_input_has_no_flops():
     assert "-" in prune.format_report(bare)
 
 
+def test_format_report_takes_sparsity_reports():
+    report = prune.sparsity_report(nn.Linear(4, 4))
+    with pytest.raises(TypeError, match=r"report must be what sparsity_report returns.*keys \['a'\]"):
+        prune.format_report({"a": 1})
+    with pytest.raises(TypeError, match="report must be what sparsity_report returns.*got list"):
+        prune.format_report([report])
+    with pytest.raises(TypeError, match="before must be what sparsity_report returns.*got str"):
+        prune.format_report(report, before="report")
+    broken = {"layers": {"fc": {"type": "Linear"}}, "total": report["total"]}
+    with pytest.raises(TypeError, match=r"before must be .*its row 'fc' lacks \['shape', 'params'"):
+        prune.format_report(report, before=broken)
+    with pytest.raises(TypeError, match="its row 'total' lacks"):
+        prune.format_report({"layers": {}, "total": {"type": "total"}})
+
+
+def test_report_of_meta_weights_is_a_value_error():
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), SparseConv(3, 2, kernel_size=3)).to("meta")
+    with pytest.raises(ValueError, match="layer '0' has its weight on the meta device.*must hold values"):
+        prune.sparsity_report(model)
+    model = nn.Sequential(nn.Linear(4, 3), SparseConv(3, 2, kernel_size=3))
+    model[1].to("meta")
+    with pytest.raises(ValueError, match="layer '1' has its weight on the meta device"):
+        prune.sparsity_report(model)
+    layer = nn.Linear(4, 4)
+    layer.bias = nn.Parameter(torch.empty(4, device="meta"))
+    with pytest.raises(ValueError, match="layer '\\(model\\)' has its bias on the meta device"):
+        prune.sparsity_report(layer)
+
+
 def test_print_report(capsys):
     model = nn.Linear(4, 4)
     prune.print_report(model, torch.randn(1, 4))

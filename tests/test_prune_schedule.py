@@ -73,3 +73,33 @@ def test_bad_inputs():
         schedule.iterative_prune(net, tr, 0.5, finetune_lr_factor=0)
     with pytest.raises(ValueError, match="scope"):
         schedule.iterative_prune(net, tr, 0.5, scope="net")
+
+
+@pytest.mark.parametrize("fn", [schedule.agp_sparsity, schedule.constant_sparsity])
+def test_step_formulas_check_their_arguments(fn):
+    assert fn(10, 10, 1.0) == pytest.approx(1.0)  # a sparsity of 1 is a value of the formula
+    for final in (2.0, -0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="final must be in"):
+            fn(2, 5, final)
+    with pytest.raises(ValueError, match="initial must be in"):
+        fn(2, 5, 0.5, float("nan"))
+    with pytest.raises(TypeError, match="final must be a number"):
+        fn(2, 5, "0.5")
+    for step in (2.5, True, "2", None):
+        with pytest.raises(TypeError, match="step must be an int"):
+            fn(step, 5, 0.5)
+    for num_steps in (5.0, False):
+        with pytest.raises(TypeError, match="num_steps must be an int"):
+            fn(2, num_steps, 0.5)
+    with pytest.raises(ValueError, match="num_steps must be >= 1"):
+        fn(0, 0, 0.5)
+
+
+def test_rounds_are_capped_before_the_list_is_built():
+    assert len(schedule.sparsity_schedule(0.5, schedule.MAX_ROUNDS, "constant")) == schedule.MAX_ROUNDS
+    with pytest.raises(ValueError, match=f"rounds must be <= MAX_ROUNDS={schedule.MAX_ROUNDS}; got 1000000000"):
+        schedule.sparsity_schedule(0.5, 10**9)  # was a billion-entry list
+    with pytest.raises(ValueError, match="rounds must be <= MAX_ROUNDS"):
+        schedule.iterative_prune(mlp(0), Trainer(), 0.5, rounds=schedule.MAX_ROUNDS + 1)
+    with pytest.raises(ValueError, match="rounds must be a positive int; got True"):
+        schedule.sparsity_schedule(0.5, True)

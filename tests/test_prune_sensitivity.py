@@ -74,3 +74,52 @@ def test_bad_inputs():
         sensitivity.sensitivity_scan(net, _density(0), layers=["9"])
     with pytest.raises(ValueError, match="threshold"):
         sensitivity.choose_ratios(sensitivity.SensitivityResult([0.0], {"a": [1.0]}, 1.0, "unstructured"), -1)
+
+
+def test_nan_metric_is_never_an_acceptable_drop():
+    net = mlp(0)
+    pruned_nan = lambda m: 1.0 if float((m[0].weight == 0).float().mean()) == 0 else float("nan")
+    res = sensitivity.sensitivity_scan(net, pruned_nan, ratios=[0.0, 0.5, 0.9], layers=["0"])
+    assert res.baseline == 1.0 and res.curves["0"][0] == 1.0
+    assert all(v != v for v in res.curves["0"][1:])  # recorded as NaN
+    assert sensitivity.choose_ratios(res, 0.02) == {"0": 0.0}
+    assert sensitivity.choose_ratios(res, 0.02, relative=True) == {"0": 0.0}
+    # a NaN, or an infinite, value after a good one stops the layer there
+    res = sensitivity.SensitivityResult([0.0, 0.1, 0.2, 0.3], {"a": [1.0, 1.0, float("nan"), 1.0],
+                                                               "b": [1.0, 1.0, float("inf"), 1.0]}, 1.0, "unstructured")
+    assert sensitivity.choose_ratios(res, 0.5) == {"a": 0.1, "b": 0.1}
+
+
+def test_non_finite_baseline_or_threshold_is_a_value_error():
+    net = mlp(0)
+
+    def nan_metric(m):
+        return float("nan")
+
+    with pytest.raises(ValueError, match="nan_metric.*'acc'.*nan on the unpruned model"):
+        sensitivity.sensitivity_scan(net, nan_metric, metric="acc")
+    with pytest.raises(ValueError, match="eval_fn.*inf on the unpruned model"):
+        sensitivity.sensitivity_scan(net, lambda m: float("inf"), ratios=[0.0, 0.5])
+    res = sensitivity.sensitivity_scan(net, lambda m: 1.0, ratios=[0.0, 0.5])
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="threshold must be a finite number >= 0"):
+            sensitivity.choose_ratios(res, bad)
+    for bad in ("0.1", None, True):
+        with pytest.raises(TypeError, match="threshold must be a number"):
+            sensitivity.choose_ratios(res, bad)
+    res.baseline = float("nan")  # a result built or edited by hand
+    with pytest.raises(ValueError, match="baseline metric of the scan is nan"):
+        sensitivity.choose_ratios(res, 0.1)
+
+
+def test_apply_ratios_checks_every_ratio_before_pruning():
+    net = mlp(0)
+    with pytest.raises(ValueError, match=r"ratios\['2'\] must be in \[0, 1\); got nan"):
+        sensitivity.apply_ratios(net, {"0": 0.5, "2": float("nan")})
+    with pytest.raises(ValueError, match=r"ratios\['0'\] must be in \[0, 1\); got 1.0"):
+        sensitivity.apply_ratios(net, {"0": 1.0})
+    with pytest.raises(TypeError, match=r"ratios\['0'\] must be a number"):
+        sensitivity.apply_ratios(net, {"0": True})
+    with pytest.raises(TypeError, match="ratios must be a dict"):
+        sensitivity.apply_ratios(net, [0.5])
+    assert not any(k.endswith("_mask") for k in net.state_dict())  # layer 0 was not pruned first

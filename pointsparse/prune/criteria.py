@@ -26,6 +26,7 @@ criterion         score of weight ``w`` (B batches, ``g_b = dL_b/dw``)
 from __future__ import annotations
 
 import numbers
+from collections.abc import Mapping
 from typing import Callable, Iterable
 
 import torch
@@ -309,8 +310,13 @@ def normalize(scores: Scores, how: str = "l2") -> Scores:
     reducers = {"l2": torch.linalg.vector_norm, "max": torch.amax, "mean": torch.mean}
     if how not in reducers:
         raise ValueError(f"how must be one of {sorted(reducers)}; got {how!r}")
+    if not isinstance(scores, Mapping):
+        raise TypeError(f"scores must be a dict {{(module, name): tensor}} (what a criterion returns); "
+                        f"got {type(scores).__name__}")
     out = {}
     for key, value in scores.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"scores[{key!r}] must be a tensor; got {type(value).__name__}")
         scale = reducers[how](value.abs())
         out[key] = value / scale if scale > 0 else value.clone()
     return out

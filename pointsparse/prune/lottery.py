@@ -8,6 +8,7 @@ sparsity with the rewound weights."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -98,6 +99,11 @@ def lottery_ticket(model: nn.Module, train_fn: Callable, eval_fn: Callable, trai
 
 def random_masks_like(mask_dict: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
     """Random masks with the same number of kept weights in each layer."""
+    if not isinstance(mask_dict, Mapping):
+        raise TypeError(f"mask_dict must be a dict {{layer name: mask tensor}}; got {type(mask_dict).__name__}")
+    for name, m in mask_dict.items():
+        if not isinstance(m, torch.Tensor):
+            raise TypeError(f"mask_dict[{name!r}] must be a mask tensor; got {type(m).__name__}")
     g = torch.Generator().manual_seed(seed)
     out = {}
     for name, m in mask_dict.items():

@@ -75,8 +75,13 @@ def nm_structured(module, name, n=2, m=4, layout=None, importance_scores=None):
 
 def is_nm_sparse(t: torch.Tensor, n: int, m: int, layout: WeightLayout | None = None) -> bool:
     """True when every run of ``m`` input channels of ``t`` has <= ``n`` nonzeros."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"t must be a torch.Tensor (a weight); got {type(t).__name__}")
+    if layout is not None and not isinstance(layout, WeightLayout):
+        raise TypeError(f"layout must be a WeightLayout or None; got {type(layout).__name__}")
     validate_nm(n, m)
     layout = layout if layout is not None else dense_layout(t.dim())
+    layout.check(t, "t")
     oik = layout.to_oik(t)
     out, inp, kernel = oik.shape
     if inp % m:

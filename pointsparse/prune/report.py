@@ -50,7 +50,9 @@ def sparsity_report(model: nn.Module, example_input=None, pairs: dict | None = N
     sparsity, flops, dense_flops, executed_flops, execution``. ``example_input`` (a tensor, a
     SparseTensor, or a tuple of forward arguments) is run once in eval mode
     and without gradients to count FLOPs; ``pairs`` maps a sparse conv's
-    qualified name to its per-offset pair counts (shape ``(K,)``)."""
+    qualified name to its per-offset pair counts (shape ``(K,)``). The
+    weights may be on any device that holds values (not ``meta``: a
+    ValueError)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     layers = {}
@@ -60,6 +62,7 @@ def sparsity_report(model: nn.Module, example_input=None, pairs: dict | None = N
         weight = current_weight(module, "weight").detach()
         bias = getattr(module, "bias", None)
         bias = bias.detach() if isinstance(bias, torch.Tensor) else None
+        _check_has_values(qualified, weight, bias)
         weight_nonzeros = int((weight != 0).sum())
         layers[qualified] = {
             "type": type(module).__name__,
@@ -81,6 +84,18 @@ def sparsity_report(model: nn.Module, example_input=None, pairs: dict | None = N
             flops = _layer_flops(module, current_weight(module, "weight"), None, None, counts)
             _set_flops(layers[qualified], flops)
     return {"layers": layers, "total": _total(layers)}
+
+
+def _check_has_values(qualified: str, weight: torch.Tensor, bias) -> None:
+    """The report counts nonzeros: a tensor on the meta device has a shape
+    but no values to count (on any other device they are counted there)."""
+    for label, tensor in (("weight", weight), ("bias", bias)):
+        if tensor is not None and tensor.is_meta:
+            raise ValueError(
+                f"layer {qualified or '(model)'!r} has its {label} on the meta device (a shape without values); "
+                f"sparsity_report counts nonzeros, so the model's weights must hold values (materialize or load "
+                f"them first)"
+            )
 
 
 def _check_pairs(pairs, modules: dict) -> dict:
@@ -192,9 +207,30 @@ def _human(value) -> str:
     return str(value)
 
 
+_ROW_KEYS = ("type", "shape", "params", "nonzeros", "sparsity", "flops", "executed_flops")
+
+
+def _check_report(report, name: str) -> None:
+    """``report`` has the form :func:`sparsity_report` returns: ``layers``
+    (a dict of rows) and ``total`` (a row), each row holding the table's keys."""
+    expected = f"{name} must be what sparsity_report returns ({{'layers': {{name: row}}, 'total': row}})"
+    if not isinstance(report, Mapping):
+        raise TypeError(f"{expected}; got {type(report).__name__}")
+    if not isinstance(report.get("layers"), Mapping) or not isinstance(report.get("total"), Mapping):
+        raise TypeError(f"{expected}; got a {type(report).__name__} with keys {sorted(map(str, report))}")
+    for layer, row in [*report["layers"].items(), ("total", report["total"])]:
+        missing = [key for key in _ROW_KEYS if key not in row] if isinstance(row, Mapping) else list(_ROW_KEYS)
+        if missing:
+            raise TypeError(f"{expected}; its row {layer!r} lacks {missing}")
+
+
 def format_report(report: dict, before: dict | None = None) -> str:
     """The report as a text table; with ``before`` (an earlier report of the
-    same model) nonzeros, sparsity and FLOPs are shown as ``before -> now``."""
+    same model) nonzeros, sparsity and FLOPs are shown as ``before -> now``.
+    Both must be what :func:`sparsity_report` returns (TypeError otherwise)."""
+    _check_report(report, "report")
+    if before is not None:
+        _check_report(before, "before")
     header = ["layer", "type", "shape", "params", "nonzeros", "sparsity", "FLOPs", "executed"]
     rows = []
     names = list(report["layers"]) + ["total"]

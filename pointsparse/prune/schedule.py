@@ -8,6 +8,7 @@ selectable) times the training learning rate ``lr``, passed to
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -18,34 +19,57 @@ from .procedure import call_train, check_callable, check_fraction, global_magnit
 
 SCHEDULES = ("agp", "constant")
 SCOPES = ("global", "layer")
+# The most rounds sparsity_schedule lays out (its list has one entry per round).
+MAX_ROUNDS = 1_000_000
+
+
+def _check_step_args(step, num_steps, final, initial) -> int:
+    """``step`` clamped to ``[0, num_steps]``, after checking that both are
+    ints (``num_steps >= 1``) and ``final``, ``initial`` sparsities in [0, 1]."""
+    for label, value in (("step", step), ("num_steps", num_steps)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{label} must be an int; got {value!r}")
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1; got {num_steps}")
+    check_fraction(final, "final", high_open=False)
+    check_fraction(initial, "initial", high_open=False)
+    return min(max(int(step), 0), int(num_steps))
 
 
 def agp_sparsity(step: int, num_steps: int, final: float, initial: float = 0.0) -> float:
     """AGP: ``s_t = s_f + (s_i - s_f) * (1 - t/n)^3`` for ``t`` in ``[0, n]``
-    (fast early, slow near the end)."""
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1; got {num_steps}")
-    t = min(max(step, 0), num_steps)
-    return final + (initial - final) * (1.0 - t / num_steps) ** 3
+    (fast early, slow near the end). ``step`` and ``num_steps >= 1`` are ints
+    (``step`` clamped to ``[0, n]``), ``final`` and ``initial`` sparsities in
+    [0, 1]."""
+    return _agp(_check_step_args(step, num_steps, final, initial), num_steps, final, initial)
 
 
 def constant_sparsity(step: int, num_steps: int, final: float, initial: float = 0.0) -> float:
-    """Equal increments: ``s_t = s_i + (s_f - s_i) * t/n``."""
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1; got {num_steps}")
-    t = min(max(step, 0), num_steps)
-    return initial + (final - initial) * t / num_steps
+    """Equal increments: ``s_t = s_i + (s_f - s_i) * t/n`` (arguments as for
+    :func:`agp_sparsity`)."""
+    return _constant(_check_step_args(step, num_steps, final, initial), num_steps, final, initial)
+
+
+def _agp(t: int, n: int, final: float, initial: float) -> float:
+    return final + (initial - final) * (1.0 - t / n) ** 3
+
+
+def _constant(t: int, n: int, final: float, initial: float) -> float:
+    return initial + (final - initial) * t / n
 
 
 def sparsity_schedule(final: float, rounds: int, kind: str = "agp", initial: float = 0.0) -> list[float]:
-    """The target sparsity after each of ``rounds`` pruning rounds (the last is ``final``)."""
+    """The target sparsity after each of ``rounds`` pruning rounds (the last
+    is ``final``); ``rounds`` is an int in ``[1, MAX_ROUNDS]``."""
     check_fraction(final, "final")
     check_fraction(initial, "initial")
     if kind not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}; got {kind!r}")
-    if not isinstance(rounds, int) or rounds < 1:
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be a positive int; got {rounds!r}")
-    fn = agp_sparsity if kind == "agp" else constant_sparsity
+    if rounds > MAX_ROUNDS:
+        raise ValueError(f"rounds must be <= MAX_ROUNDS={MAX_ROUNDS}; got {rounds}")
+    fn = _agp if kind == "agp" else _constant  # arguments checked once above, not per round
     return [fn(t, rounds, final, initial) for t in range(1, rounds + 1)]
 
 

@@ -6,6 +6,9 @@ largest ratio whose drop stays under a threshold."""
 from __future__ import annotations
 
 import copy
+import math
+import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -15,7 +18,7 @@ from torch import nn
 
 from . import _compat
 from .adapters import prunable_layers
-from .procedure import check_callable
+from .procedure import check_callable, check_fraction
 
 GRANULARITIES = ("unstructured", "channel", "group")
 DEFAULT_RATIOS = tuple(round(0.1 * i, 1) for i in range(10))
@@ -44,6 +47,18 @@ def _prune_one(module: nn.Module, ratio: float, granularity: str) -> None:
         _compat.channel_structured(module, "weight", amount=ratio, n=1, axis="out")
 
 
+def _baseline(model: nn.Module, eval_fn, metric: str) -> float:
+    """``eval_fn(model)`` on the unpruned model, which every drop is measured
+    from: a NaN or infinite baseline makes every drop meaningless."""
+    baseline = float(eval_fn(model))
+    if not math.isfinite(baseline):
+        raise ValueError(
+            f"eval_fn ({getattr(eval_fn, '__name__', type(eval_fn).__name__)}, metric {metric!r}) returned "
+            f"{baseline} on the unpruned model; the baseline metric must be finite"
+        )
+    return baseline
+
+
 def sensitivity_scan(model: nn.Module, eval_fn: Callable[[nn.Module], float], ratios=DEFAULT_RATIOS,
                      granularity: str = "unstructured", layers=None, metric: str = "metric",
                      example_input=None) -> SensitivityResult:
@@ -53,7 +68,11 @@ def sensitivity_scan(model: nn.Module, eval_fn: Callable[[nn.Module], float], ra
     as it was. ``"group"`` scans every coupled channel group of the
     dependency graph traced on ``example_input`` instead (each cut on a copy
     of the model: the fraction of the group's channels of lowest summed
-    magnitude removed from every member)."""
+    magnitude removed from every member).
+
+    The unpruned model's metric (the baseline) must be finite, else a
+    ValueError naming ``eval_fn``; a pruned model's NaN or infinite metric is
+    recorded as it is (and :func:`choose_ratios` never chooses that ratio)."""
     check_callable(eval_fn, "eval_fn")
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}; got {granularity!r}")
@@ -66,7 +85,7 @@ def sensitivity_scan(model: nn.Module, eval_fn: Callable[[nn.Module], float], ra
     for name, m in chosen:
         if _compat.is_pruned(m):
             raise ValueError(f"layer {name!r} is already pruned; scan an unpruned model (or call remove first)")
-    baseline = float(eval_fn(model))
+    baseline = _baseline(model, eval_fn, metric)
     curves: dict[str, list[float]] = {}
     for name, m in chosen:
         saved = m.weight.detach().clone()
@@ -93,7 +112,7 @@ def _group_scan(model, eval_fn, ratios, metric, example_input) -> SensitivityRes
     if example_input is None:
         raise ValueError("granularity='group' needs example_input (to trace the dependency graph)")
     groups = DependencyGraph(model, example_input).groups
-    baseline = float(eval_fn(model))
+    baseline = _baseline(model, eval_fn, metric)
     curves = {}
     for g in groups:
         values = []
@@ -109,9 +128,19 @@ def _group_scan(model, eval_fn, ratios, metric, example_input) -> SensitivityRes
 def choose_ratios(result: SensitivityResult, threshold: float, relative: bool = False) -> dict[str, float]:
     """Per layer the largest ratio at which the metric drop (baseline - value,
     or that over the baseline when ``relative``) is <= ``threshold``, and at
-    all smaller ratios too (a curve that recovers after a dip does not count)."""
-    if threshold < 0:
-        raise ValueError(f"threshold must be >= 0; got {threshold}")
+    all smaller ratios too (a curve that recovers after a dip does not count).
+
+    ``threshold`` must be a finite number >= 0 and ``result.baseline``
+    finite (ValueError otherwise). A NaN or infinite metric at a ratio counts
+    as an unacceptable drop: neither that ratio nor any larger one is chosen."""
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise TypeError(f"threshold must be a number; got {type(threshold).__name__}")
+    if not math.isfinite(threshold) or threshold < 0:
+        raise ValueError(f"threshold must be a finite number >= 0; got {threshold}")
+    if not math.isfinite(result.baseline):
+        raise ValueError(
+            f"the baseline {result.metric} of the scan is {result.baseline}; choosing ratios needs a finite baseline"
+        )
     out = {}
     for name, values in result.curves.items():
         best = 0.0
@@ -119,7 +148,7 @@ def choose_ratios(result: SensitivityResult, threshold: float, relative: bool = 
             drop = result.baseline - v
             if relative:
                 drop = drop / max(abs(result.baseline), 1e-12)
-            if drop > threshold:
+            if not math.isfinite(v) or drop > threshold:  # NaN > threshold is False: test it explicitly
                 break
             best = r
         out[name] = best
@@ -129,9 +158,14 @@ def choose_ratios(result: SensitivityResult, threshold: float, relative: bool = 
 def apply_ratios(model: nn.Module, ratios: dict[str, float], granularity: str = "unstructured",
                  example_input=None) -> None:
     """Prune each named layer at its ratio (what :func:`choose_ratios` returns);
-    ``"group"``: cut each named coupled group (needs ``example_input``)."""
+    ``"group"``: cut each named coupled group (needs ``example_input``).
+    Every ratio must be a number in [0, 1) (a NaN is a ValueError, not
+    "prune nothing"); all are checked before anything is pruned."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}; got {granularity!r}")
+    if not isinstance(ratios, Mapping):
+        raise TypeError(f"ratios must be a dict {{layer name: ratio}}; got {type(ratios).__name__}")
+    ratios = {name: check_fraction(r, f"ratios[{name!r}]") for name, r in ratios.items()}
     if granularity == "group":
         if example_input is None:
             raise ValueError("granularity='group' needs example_input (to trace the dependency graph)")
