@@ -298,10 +298,54 @@ def test_s3dis_text_reader(tmp_path):
     (tmp_path / "bad.txt").write_text("1 2\n")
     with pytest.raises(ValueError, match="columns"):
         read_text(tmp_path / "bad.txt")
+    (tmp_path / "x.xyz").write_text("0 0 0\n")
     with pytest.raises(ValueError, match="unknown point cloud format"):
         read_cloud(tmp_path / "x.xyz")
     with pytest.raises(ValueError, match="no files match"):
         find_clouds(str(tmp_path / "*.nothing"))
+
+
+def test_missing_paths_and_wrong_types_are_named(tmp_path):
+    for name in ("gone.npy", "gone.ply", "gone.las", "gone.bin", "gone.txt", "gone"):
+        with pytest.raises(FileNotFoundError, match=f"{name}: no such file"):
+            read_cloud(tmp_path / name)
+    for reader in (read_numpy, read_las, read_open3d, read_text, read_semantickitti):
+        with pytest.raises(FileNotFoundError, match=r"gone\.x: no such file"):
+            reader(tmp_path / "gone.x")
+        with pytest.raises(TypeError, match="path must be a file path"):
+            reader(None)
+    with pytest.raises(TypeError, match="path must be a file path"):
+        read_cloud(5)
+    for specs in (None, 5, [None], [str(tmp_path), 3]):
+        with pytest.raises(TypeError, match="specs must be a path"):
+            find_clouds(specs)
+
+
+def test_upper_case_numpy_extensions(tmp_path):
+    xyz, lab = _cloud()
+    with open(tmp_path / "a.NPY", "wb") as f:
+        np.save(f, xyz)
+    with open(tmp_path / "b.NPZ", "wb") as f:
+        np.savez(f, xyz=xyz, labels=lab)
+    assert np.array_equal(read_cloud(tmp_path / "a.NPY").xyz, xyz)
+    s = read_cloud(tmp_path / "b.NPZ")
+    assert np.array_equal(s.xyz, xyz) and np.array_equal(s.labels, lab)
+    assert np.array_equal(read_numpy(tmp_path / "b.NPZ").labels, lab)
+
+
+def test_corrupt_npy_header_names_the_file(tmp_path):
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    np.save(buf, np.ones((10, 3), np.float32))
+    bad = buf.getvalue().replace(b"(10, 3)", b"(10, 3")
+    (tmp_path / "t.npy").write_bytes(bad)
+    with zipfile.ZipFile(tmp_path / "t.npz", "w") as z:
+        z.writestr("xyz.npy", bad)
+    for name in ("t.npy", "t.npz"):
+        with pytest.raises(ValueError, match=rf"t\.{name[-3:]}: cannot read this file"):
+            read_cloud(tmp_path / name)
 
 
 # --------------------------------------------------------------------- real data (skipped when absent)

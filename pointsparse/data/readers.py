@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import functools
 import glob
+import inspect
 import json
+import os
+import tokenize
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,11 +165,24 @@ def _labels(raw, label_map: LabelMap | None, ignore_index: int, where: str = "la
 def _names_the_file(reader):
     """Readers fail with a ValueError that names the file: whatever numpy,
     zipfile, laspy or Open3D raise on a corrupt, truncated or unreadable file
-    (an ImportError for a missing optional package passes unchanged)."""
+    (an ImportError for a missing optional package passes unchanged). A path
+    that is not there is a FileNotFoundError naming it; a path of another type
+    a TypeError. The ``label_map`` argument is loaded first, outside the
+    wrapping, so its errors name the label map's file, not the cloud's."""
+    signature = inspect.signature(reader)
+
     @functools.wraps(reader)
     def read(path, *args, **kwargs):
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a file path (str or Path); got {type(path).__name__}")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such file or folder")
+        bound = signature.bind(path, *args, **kwargs)
+        bound.apply_defaults()
+        if bound.arguments.get("label_map") is not None:
+            bound.arguments["label_map"] = load_label_map(bound.arguments["label_map"])
         try:
-            return reader(path, *args, **kwargs)
+            return reader(*bound.args, **bound.kwargs)
         except ImportError:
             raise
         except ValueError as exc:
@@ -174,7 +190,8 @@ def _names_the_file(reader):
                 raise
             raise ValueError(f"{path}: {exc}") from None
         except (OSError, EOFError, KeyError, IndexError, TypeError, RuntimeError, MemoryError, OverflowError,
-                zipfile.BadZipFile, UnicodeDecodeError) as exc:
+                zipfile.BadZipFile, UnicodeDecodeError, tokenize.TokenError) as exc:
+            # tokenize.TokenError: numpy parsing a corrupt .npy header
             raise ValueError(f"{path}: cannot read this file ({type(exc).__name__}: {str(exc)[:300]})") from None
     return read
 
@@ -248,7 +265,8 @@ def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_
     ``labels`` in place of ``points`` (Open3D-ML layout)."""
     path = Path(path)
     label_map = load_label_map(label_map) if label_map is not None else None
-    if path.suffix == ".npz":
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
         with np.load(path) as z:
             key = next((k for k in _NPZ_XYZ if k in z.files), None)
             if key is None:
@@ -262,8 +280,8 @@ def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_
             rgb = _scale_rgb(_npz_array(z, "rgb", path)) if "rgb" in z.files else None
         return Sample(xyz[:, :3], _labels(raw, label_map, ignore_index, f"{path} key {lab_key!r}"), intensity, rgb,
                       name=str(path))
-    if path.suffix != ".npy":
-        raise ValueError(f"{path}: read_numpy reads .npy or .npz files")
+    if suffix != ".npy":
+        raise ValueError(f"{path}: read_numpy reads .npy or .npz files (any case)")
     arr = _load_npy(path)
     if arr.ndim != 2 or arr.shape[1] not in (3, 4, 6, 7):
         raise ValueError(f"{path}: a .npy cloud must be (N, 3|4|6|7) [x y z (intensity) (r g b)]; got {arr.shape}")
@@ -377,7 +395,11 @@ def read_cloud(path, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> Samp
     """Any supported file, by extension (``.bin`` SemanticKITTI, ``.npy``/
     ``.npz``, ``.las``/``.laz``, ``.ply``/``.pcd``, ``.txt`` or an S3DIS room
     folder). ``label_map`` defaults to SemanticKITTI's for ``.bin``."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a file path (str or Path); got {type(path).__name__}")
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
     suffix = path.suffix.lower()
     if suffix == ".bin":
         return read_semantickitti(path, label_map=label_map or "semantic-kitti", ignore_index=ignore_index)
@@ -397,11 +419,17 @@ def find_clouds(specs) -> list[Path]:
     ``velodyne/*.bin`` (SemanticKITTI), ``points/*.npy`` (Open3D-ML), else
     every supported file in it (``*labels*`` arrays are label files, not
     clouds); an S3DIS room folder (with ``Annotations/``) is one cloud."""
-    if isinstance(specs, (str, Path)):
+    if isinstance(specs, (str, os.PathLike)):
         specs = [specs]
+    given = specs
+    iterable = hasattr(specs, "__iter__") and not isinstance(specs, (bytes, dict))
+    specs = list(specs) if iterable else []
+    if not iterable or not all(isinstance(s, (str, os.PathLike)) for s in specs):
+        got = [type(s).__name__ for s in specs] if iterable else type(given).__name__
+        raise TypeError(f"specs must be a path, glob or folder (str or Path), or a list of them; got {got}")
     out: list[Path] = []
     for spec in specs:
-        spec = str(spec)
+        spec = os.fspath(spec)
         matches = sorted(glob.glob(spec)) if any(ch in spec for ch in "*?[") else [spec]
         if not matches:
             raise ValueError(f"no files match {spec!r}")
