@@ -157,6 +157,47 @@ def test_label_map_json(tmp_path):
         load_label_map(path)
 
 
+def test_label_map_json_wrong_types_name_the_file_and_field(tmp_path):
+    path = tmp_path / "m.json"
+    xyz, lab = _cloud()
+    np.savez(tmp_path / "c.npz", xyz=xyz, labels=lab)
+    bad = [({"classes": ["a"], "map": [1, 2]}, "'map' must be an object"),
+           ({"classes": ["a"], "map": {}, "names": [1]}, "'names' must be an object"),
+           ({"classes": ["a"], "map": {"0": 1e400}}, r"'map'\[0\] must be an integer"),
+           ({"classes": ["a"], "map": {"0": 0.0}}, "must be an integer"),
+           ({"classes": ["a", "b"], "map": {"0": 1.7}}, "must be an integer"),
+           ({"classes": ["a", "b"], "map": {"0": True}}, "must be an integer"),
+           ({"classes": ["a"], "map": {str(10**30): 0}}, "does not fit int64"),
+           ({"classes": ["a"], "map": {"1.5": 0}}, "not a whole number"),
+           ({"classes": ["a"], "map": {"7": 0, "07": 0}}, "twice"),
+           ({"classes": ["a"], "map": {}, "names": {"x": 1}}, "outside"),
+           ({"classes": "abc", "map": {}}, "'classes' must be a list"),
+           ({"classes": ["a", 1], "map": {}}, "'classes' must be a list"),
+           ({"classes": ["a"], "map": {}, "name": 3}, "'name' must be a string"),
+           ([1, 2], "not a label map"), ("[" * 100_000, "not a label map")]
+    for content, match in bad:
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+        with pytest.raises(ValueError, match=r"m\.json: .*" + match):
+            load_label_map(path)
+        with pytest.raises(ValueError, match=r"m\.json: .*" + match):  # the map's file, not the cloud's
+            read_numpy(tmp_path / "c.npz", path)
+    path.write_text(json.dumps({"classes": ["a", "b"], "map": {" -3 ": 1, "4000000000": 0}, "names": {"a": 0}}))
+    m = load_label_map(path)
+    assert m.mapping == {-3: 1, 4_000_000_000: 0} and m.names == {"a": 0}
+    for arg in (5, None, 2.5, ["a"]):
+        with pytest.raises(TypeError, match="label_map must be"):
+            load_label_map(arg)
+    with pytest.raises(TypeError, match="must be an int training id"):
+        LabelMap(["a", "b"], {0: 1.0})
+    with pytest.raises(TypeError, match="keys must be int"):
+        LabelMap(["a", "b"], {True: 1})
+    with pytest.raises(ValueError, match="does not fit int64"):
+        LabelMap(["a"], {10**30: 0})
+    assert LabelMap(["a", "b"], {np.int64(3): np.int32(1)}).mapping == {3: 1}
+    with pytest.raises(ValueError, match="fit int64"):
+        LabelMap(["a"], {0: 0}).apply(np.array([2**64 - 1], np.uint64))
+
+
 # --------------------------------------------------------------------- readers on files in the real formats
 
 def _cloud(n=50, seed=0):

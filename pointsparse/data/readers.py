@@ -28,7 +28,9 @@ import functools
 import glob
 import inspect
 import json
+import numbers
 import os
+import re
 import tokenize
 import zipfile
 from dataclasses import dataclass, field
@@ -39,6 +41,7 @@ import numpy as np
 from .sample import Sample
 
 DEFAULT_IGNORE = 255
+_INT64_MIN, _INT64_MAX = -2**63, 2**63 - 1
 # An installed wheel carries the label maps in pointsparse/label_maps/; a
 # source checkout reads them from datasets/.
 _PACKAGED_LABEL_MAPS = Path(__file__).resolve().parents[1] / "label_maps"
@@ -62,10 +65,27 @@ class LabelMap:
     name: str = ""
 
     def __post_init__(self) -> None:
-        for raw, tid in self.mapping.items():
-            if not 0 <= tid < len(self.classes):
-                raise ValueError(f"label map {self.name!r}: raw id {raw} maps to {tid}, outside the "
-                                 f"{len(self.classes)} classes")
+        where = f"label map {self.name!r}"
+        if not isinstance(self.classes, (list, tuple)) or not all(isinstance(c, str) for c in self.classes):
+            raise TypeError(f"{where}: classes must be a list of class names (str)")
+        self.classes = list(self.classes)
+        whole = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)  # noqa: E731
+        for field_name, key_ok, key_kind in (("mapping", whole, "int raw ids"),
+                                             ("names", lambda k: isinstance(k, str), "str class names")):
+            table = getattr(self, field_name)
+            if not isinstance(table, dict):
+                raise TypeError(f"{where}: {field_name} must be a dict; got {type(table).__name__}")
+            for key, tid in table.items():
+                if not key_ok(key):
+                    raise TypeError(f"{where}: {field_name} keys must be {key_kind}; got {key!r}")
+                if not whole(tid):
+                    raise TypeError(f"{where}: {field_name}[{key!r}] must be an int training id; got {tid!r}")
+                if field_name == "mapping" and not _INT64_MIN <= key <= _INT64_MAX:
+                    raise ValueError(f"{where}: raw id {key} does not fit int64")
+                if not 0 <= tid < len(self.classes):
+                    raise ValueError(f"{where}: {'raw id' if field_name == 'mapping' else 'class name'} {key!r} "
+                                     f"maps to {tid}, outside the {len(self.classes)} classes")
+            setattr(self, field_name, {(int(k) if field_name == "mapping" else k): int(v) for k, v in table.items()})
 
     @property
     def num_classes(self) -> int:
@@ -76,6 +96,8 @@ class LabelMap:
         raw = np.asarray(raw)
         if not np.issubdtype(raw.dtype, np.integer):
             raise TypeError(f"raw labels must be integers; got {raw.dtype}")
+        if raw.dtype == np.uint64 and raw.size and int(raw.max()) > _INT64_MAX:
+            raise ValueError(f"raw labels must fit int64; got {int(raw.max())}")
         raw = raw.astype(np.int64).reshape(-1)
         if raw.size == 0:
             return raw
@@ -103,6 +125,9 @@ def load_label_map(name_or_path) -> LabelMap:
     train_id}, "names": {...}}``."""
     if isinstance(name_or_path, LabelMap):
         return name_or_path
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"label_map must be a LabelMap, a JSON file path or a map's name (str); got "
+                        f"{type(name_or_path).__name__}")
     path = Path(name_or_path)
     if not path.is_file():
         candidate = LABEL_MAP_DIR / f"{name_or_path}.json"
@@ -112,12 +137,46 @@ def load_label_map(name_or_path) -> LabelMap:
         path = candidate
     try:
         data = json.loads(path.read_text())
-        classes = [str(c) for c in data["classes"]]
-        mapping = {int(k): int(v) for k, v in data["map"].items()}
-        names = {str(k): int(v) for k, v in data.get("names", {}).items()}
-    except (KeyError, ValueError, TypeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not a label map (needs 'classes' and 'map'): {exc}") from None
-    return LabelMap(classes, mapping, names, data.get("name", path.stem))
+    except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a label map (not readable JSON: {exc})") from None
+    if not isinstance(data, dict) or "classes" not in data or "map" not in data:
+        raise ValueError(f"{path}: not a label map (needs 'classes' and 'map')")
+    classes = data["classes"]
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise ValueError(f"{path}: 'classes' must be a list of class names (strings); got {classes!r:.200}")
+    mapping = _id_table(data["map"], path, "map", raw_ids=True)
+    names = _id_table(data.get("names", {}), path, "names", raw_ids=False)
+    name = data.get("name", path.stem)
+    if not isinstance(name, str):
+        raise ValueError(f"{path}: 'name' must be a string; got {name!r:.200}")
+    try:
+        return LabelMap(classes, mapping, names, name)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+def _id_table(table, path: Path, field_name: str, raw_ids: bool) -> dict:
+    """A label map's ``map`` (raw id -> training id; the ids written as
+    decimal strings, JSON's only keys) or ``names`` (class name -> training
+    id): ValueError naming the file and the field for anything else (a list,
+    a float, bool or out-of-range id), never a silent ``int()``."""
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: {field_name!r} must be an object of {'raw id' if raw_ids else 'name'} -> "
+                         f"training id; got {type(table).__name__}")
+    out: dict = {}
+    for key, tid in table.items():
+        if raw_ids:
+            if not re.fullmatch(r"\s*-?[0-9]{1,40}\s*", key):
+                raise ValueError(f"{path}: {field_name!r} key {key!r:.100} is not a whole number (a raw class id)")
+            key = int(key)
+            if not _INT64_MIN <= key <= _INT64_MAX:
+                raise ValueError(f"{path}: {field_name!r} raw id {key} does not fit int64")
+        if key in out:
+            raise ValueError(f"{path}: {field_name!r} lists {key!r} twice")
+        if not isinstance(tid, int) or isinstance(tid, bool):
+            raise ValueError(f"{path}: {field_name!r}[{key!r}] must be an integer training id; got {tid!r:.100}")
+        out[key] = tid
+    return out
 
 
 def _scale_intensity(values) -> np.ndarray:
