@@ -321,6 +321,57 @@ def test_open3d_reader(tmp_path):
         read_open3d(tmp_path / "f.ply")
 
 
+def test_open3d_reader_refuses_a_body_shorter_than_its_header(tmp_path):
+    """Open3D logs "Read PLY failed" on a short body but returns the header's
+    count of points, the missing ones uninitialised memory."""
+    try:
+        import open3d  # noqa: F401
+    except (ImportError, OSError) as exc:
+        pytest.skip(f"open3d not usable: {exc}")
+    ply = "ply\nformat {fmt} 1.0\nelement vertex {n}\nproperty float x\nproperty float y\nproperty float z\n{extra}" \
+          "end_header\n"
+    pcd = ("# .PCD v0.7\nVERSION 0.7\nFIELDS x y z{f}\nSIZE 4 4 4{s}\nTYPE F F F{t}\nCOUNT 1 1 1{c}\nWIDTH {n}\n"
+           "HEIGHT 1\nVIEWPOINT 0 0 0 1 0 0 0\nPOINTS {n}\nDATA {data}\n")
+    plain = dict(f="", s="", t="", c="")
+    label = dict(f=" label", s=" 1", t=" U", c=" 1")
+    xyz = np.arange(6, dtype=np.float32).reshape(2, 3)
+    cases = {
+        "a.ply": (ply.format(fmt="ascii", n=5, extra="") + "1 2 3\n", "header says 5 points but the file holds 1"),
+        "b.ply": (ply.format(fmt="binary_little_endian", n=100_000, extra="").encode() + xyz.tobytes(),
+                  "header says 100000 points .* holds 2"),
+        "c.ply": (ply.format(fmt="binary_little_endian", n=10**15, extra="").encode() + xyz.tobytes(),
+                  "header says 1000000000000000 points"),
+        "d.ply": (ply.format(fmt="ascii", n=2, extra="") + "1 2 3\n4 x 6\n", r"value 5 \(b'x'\) is not a number"),
+        "e.ply": (ply.format(fmt="ascii", n=2, extra="property uchar label\n") + "1 2 3 1\n4 5 6 300\n",
+                  "vertex 1 property 4 is 300.0, not a uint8"),
+        "f.ply": ("ply\nformat ascii 1.0\nelement vertex 2\n", "no 'end_header' line"),
+        "g.ply": ("plyx\nend_header\n", "does not start with 'ply'"),
+        "h.ply": (ply.format(fmt="ascii", n=1, extra="property quad w\n") + "1 2 3 4\n", "'property quad w'"),
+        "a.pcd": (pcd.format(n=5, data="ascii", **plain) + "1 2 3\n", "header says 5 points but the file holds 1"),
+        "b.pcd": (pcd.format(n=100_000, data="binary", **plain).encode() + xyz.tobytes(),
+                  "header says 100000 points .* holds 2"),
+        "c.pcd": (pcd.format(n=2, data="ascii", **label) + "1 2 3 1\n4 5 6 1.5\n", "point 1 value 4 is 1.5"),
+        "d.pcd": (pcd.format(n=2, data="ascii", **plain) + "1 2 3\n4 five 6\n", "not rows of 3 numbers"),
+        "e.pcd": (pcd.format(n=3, data="binary_compressed", **plain).encode() + b"\x10\0\0\0\x24\0\0\0" + b"\0" * 8,
+                  "compressed data says 36 bytes, packed in 16 of the 8"),
+        "f.pcd": (pcd.format(n=2, data="ascii", **plain).replace("SIZE 4 4 4", "SIZE 4 4"), "do not agree"),
+    }
+    for name, (content, match) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        with pytest.raises(ValueError, match=rf"{name}: .*{match}"):
+            read_cloud(path)
+    for name, content in {"ok.ply": ply.format(fmt="ascii", n=2, extra="") + "1 2 3 4 5\n6\n",
+                          "ok.pcd": pcd.format(n=2, data="ascii", **label) + "1 2 3 1\n\n4 5 6 2\n",
+                          "bin.ply": ply.format(fmt="binary_little_endian", n=2, extra="").encode() + xyz.tobytes()
+                          }.items():
+        path = tmp_path / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        s = read_cloud(path)
+        assert len(s) == 2 and s.xyz[1].tolist() == ([3, 4, 5] if name == "bin.ply" else
+                                                      [4, 5, 6] if name == "ok.pcd" else [4, 5, 6])
+
+
 def test_s3dis_text_reader(tmp_path):
     room = tmp_path / "Area_1" / "office_1"
     (room / "Annotations").mkdir(parents=True)

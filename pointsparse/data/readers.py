@@ -32,6 +32,7 @@ import numbers
 import os
 import re
 import tokenize
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -386,16 +387,196 @@ def read_las(path, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> Sample
                   intensity, rgb, name=str(path))
 
 
+_HEADER_LIMIT = 1 << 20  # bytes searched for the end of a PLY/PCD text header
+_PLY_TYPES = {"char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2", "int16": "i2",
+              "ushort": "u2", "uint16": "u2", "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4",
+              "float": "f4", "float32": "f4", "double": "f8", "float64": "f8"}
+_PCD_TYPES = {("I", 1): "i1", ("I", 2): "i2", ("I", 4): "i4", ("I", 8): "i8", ("U", 1): "u1", ("U", 2): "u2",
+              ("U", 4): "u4", ("U", 8): "u8", ("F", 4): "f4", ("F", 8): "f8"}
+
+
+def _text_header(path: Path, end: bytes, kind: str) -> tuple[list[str], bytes, int, int]:
+    """The header lines of a PLY/PCD file up to the line starting with
+    ``end`` (included), where its data starts, and the file's size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(_HEADER_LIMIT)
+    lines, pos = [], 0
+    while True:
+        nl = head.find(b"\n", pos)
+        if nl < 0:
+            raise ValueError(f"{path}: not a {kind} file (no '{end.decode()}' line in its first "
+                             f"{min(size, _HEADER_LIMIT)} bytes)")
+        line = head[pos:nl].decode("ascii", errors="replace").strip()
+        lines.append(line)
+        pos = nl + 1
+        if line.split(" ", 1)[0] == end.decode():
+            return lines, head, pos, size
+
+
+def _ascii_values(path: Path, start: int, count: int, what: str) -> np.ndarray:
+    """The first ``count`` whitespace-separated numbers after byte ``start``;
+    ValueError when fewer are there or one of them is not a number (Open3D
+    reads a short or garbled text body as uninitialised memory)."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read()
+    try:
+        values = np.fromstring(data, sep=" ") if data.strip() else np.zeros(0)  # whitespace alone reads as [-1]
+    except ValueError:
+        tokens = data.split(None, count)[:count]
+        for i, token in enumerate(tokens):
+            try:
+                float(token)
+            except ValueError:
+                raise ValueError(f"{path}: {what}: value {i + 1} ({token[:40]!r}) is not a number") from None
+        values = np.array(tokens, dtype=np.float64)
+    return values[:count]
+
+
+def _check_ply(path: Path) -> None:
+    """A PLY file's header against its body before Open3D reads it: the
+    vertex count against the bytes (binary) or numbers (ASCII) there, and
+    ASCII integer properties whole and in range. Open3D logs "Read PLY
+    failed" on a short body but returns the header's count of points, the
+    missing ones uninitialised memory."""
+    lines, _, start, size = _text_header(path, b"end_header", "PLY")
+    if lines[0] != "ply":
+        raise ValueError(f"{path}: not a PLY file (it does not start with 'ply')")
+    fmt, elements = None, []  # elements: [name, count, [(dtype or None for a list, list count/item types)]]
+    for line in lines[1:-1]:
+        word = line.split()
+        if not word or word[0] in ("comment", "obj_info"):
+            continue
+        if word[0] == "format" and len(word) == 3:
+            fmt = word[1]
+        elif word[0] == "element" and len(word) == 3 and word[2].isdigit():
+            elements.append([word[1], int(word[2]), []])
+        elif word[0] == "property" and elements and len(word) == 3 and word[1] in _PLY_TYPES:
+            elements[-1][2].append(np.dtype(_PLY_TYPES[word[1]]))
+        elif word[0] == "property" and elements and len(word) == 5 and word[1] == "list" and \
+                word[2] in _PLY_TYPES and word[3] in _PLY_TYPES:
+            elements[-1][2].append(None)
+        else:
+            raise ValueError(f"{path}: PLY header line {line[:80]!r} is not a format, element or property line "
+                             f"this reader knows")
+    if fmt not in ("ascii", "binary_little_endian", "binary_big_endian"):
+        raise ValueError(f"{path}: PLY format {fmt!r} is not ascii, binary_little_endian or binary_big_endian")
+    names = [e[0] for e in elements]
+    if "vertex" not in names:
+        raise ValueError(f"{path}: the PLY header has no vertex element")
+    upto = elements[:names.index("vertex") + 1]
+    n, props = upto[-1][1], upto[-1][2]
+    # Up to the vertex element, each row needs its fixed properties and each list's count.
+    if fmt == "ascii":
+        need = sum(count * len(p) for _, count, p in upto)
+        values = _ascii_values(path, start, need, "vertex data")
+        if values.size < need:
+            held = max(0, values.size - (need - n * len(props))) // max(len(props), 1)
+            raise ValueError(f"{path}: the header says {n} points but the file holds {held} "
+                             f"({values.size} of the {need} numbers needed; truncated)")
+        if all(None not in p for _, _, p in upto) and props:
+            rows = values[need - n * len(props):].reshape(n, len(props))
+            for j, dtype in enumerate(props):
+                if dtype.kind in "iu":
+                    col, info = rows[:, j], np.iinfo(dtype)
+                    bad = ~((np.floor(col) == col) & (col >= info.min) & (col <= info.max))
+                    if bad.any():
+                        i = int(np.argmax(bad))
+                        raise ValueError(f"{path}: vertex {i} property {j + 1} is {float(col[i])!r}, not a {dtype} "
+                                         "as the header says")
+        return
+    need = sum(count * sum(d.itemsize if d is not None else 1 for d in p) for _, count, p in upto)
+    held_bytes = size - start
+    if held_bytes < need:
+        row = sum(d.itemsize if d is not None else 1 for d in props)
+        held = max(0, held_bytes - (need - n * row)) // max(row, 1)
+        raise ValueError(f"{path}: the header says {n} points ({need} bytes) but the file holds {held} "
+                         f"({held_bytes} bytes of data; truncated)")
+
+
+def _check_pcd(path: Path) -> None:
+    """A PCD file's header against its body before Open3D reads it: POINTS
+    (or WIDTH x HEIGHT) against the bytes (binary, binary_compressed) or the
+    rows (ascii) there; Open3D returns uninitialised memory for missing
+    ascii rows and reads a text integer field through strtol (1.5 -> 1)."""
+    lines, head, start, size = _text_header(path, b"DATA", "PCD")
+    fields: dict[str, list[str]] = {}
+    for line in lines:
+        word = line.split()
+        if word and not word[0].startswith("#"):
+            fields[word[0].upper()] = word[1:]
+    try:
+        names, sizes, types = fields["FIELDS"], [int(v) for v in fields["SIZE"]], fields["TYPE"]
+        counts = [int(v) for v in fields.get("COUNT", ["1"] * len(names))]
+        width, height = int(fields["WIDTH"][0]), int(fields.get("HEIGHT", ["1"])[0])
+        n = int(fields["POINTS"][0]) if "POINTS" in fields else width * height
+        data = fields["DATA"][0].lower()
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(f"{path}: not a PCD header (FIELDS, SIZE, TYPE, WIDTH, POINTS, DATA; {exc!r})") from None
+    if not len(names) == len(sizes) == len(types) == len(counts) or min(counts, default=1) < 1 or n < 0:
+        raise ValueError(f"{path}: PCD FIELDS {names}, SIZE {sizes}, TYPE {types}, COUNT {counts} do not agree")
+    dtypes = []
+    for name, t, b, c in zip(names, types, sizes, counts):
+        if (t.upper(), b) not in _PCD_TYPES:
+            raise ValueError(f"{path}: PCD field {name!r} has TYPE {t} SIZE {b}; not a type this reader knows")
+        dtypes += [np.dtype(_PCD_TYPES[t.upper(), b])] * c
+    row = sum(d.itemsize for d in dtypes)
+    held_bytes = size - start
+    if data == "binary":
+        if held_bytes < n * row:
+            raise ValueError(f"{path}: the header says {n} points ({n * row} bytes) but the file holds "
+                             f"{held_bytes // max(row, 1)} ({held_bytes} bytes of data; truncated)")
+    elif data == "binary_compressed":
+        if held_bytes < 8:
+            raise ValueError(f"{path}: binary_compressed PCD data has no size words (truncated)")
+        with open(path, "rb") as f:
+            f.seek(start)
+            packed, unpacked = np.frombuffer(f.read(8), "<u4").tolist()
+        if unpacked != n * row or packed > held_bytes - 8:
+            raise ValueError(f"{path}: the header says {n} points ({n * row} bytes) but the compressed data "
+                             f"says {unpacked} bytes, packed in {packed} of the {held_bytes - 8} there")
+    elif data == "ascii":
+        try:
+            with warnings.catch_warnings():  # numpy's note that max_rows counts rows, not blank lines
+                warnings.simplefilter("ignore", UserWarning)
+                rows = np.loadtxt(path, dtype=np.float64, ndmin=2, comments=None, skiprows=len(lines), max_rows=n)
+        except ValueError as exc:
+            raise ValueError(f"{path}: PCD ascii data is not rows of {len(dtypes)} numbers: {exc}") from None
+        if len(rows) < n:
+            raise ValueError(f"{path}: the header says {n} points but the file holds {len(rows)} (truncated)")
+        if n and rows.shape[1] != len(dtypes):
+            raise ValueError(f"{path}: PCD ascii rows hold {rows.shape[1]} numbers; the header's fields "
+                             f"need {len(dtypes)}")
+        for j, dtype in enumerate(dtypes):
+            if dtype.kind in "iu" and n:
+                col, info = rows[:, j], np.iinfo(dtype)
+                bad = ~((np.floor(col) == col) & (col >= info.min) & (col <= info.max))
+                if bad.any():
+                    i = int(np.argmax(bad))
+                    raise ValueError(f"{path}: point {i} value {j + 1} is {float(col[i])!r}, not a {dtype} as the "
+                                     "header says")
+    else:
+        raise ValueError(f"{path}: PCD DATA {data!r} is not ascii, binary or binary_compressed")
+
+
 @_names_the_file
 def read_open3d(path, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> Sample:
     """A PLY or PCD file through open3d (optional extra ``open3d-cpu``; on
     Debian it needs the system library ``libusb-1.0-0``). Colour from
     ``colors``, intensity from ``intensity``, labels from a ``labels``,
-    ``label``, ``class`` or ``classification`` attribute."""
+    ``label``, ``class`` or ``classification`` attribute. The header's point
+    count is checked against the data there first (Open3D pads a short file
+    with uninitialised memory)."""
     try:
         import open3d as o3d
     except (ImportError, OSError) as exc:
         raise ImportError(f"reading PLY/PCD needs the optional extra open3d-cpu (and libusb-1.0-0): {exc}") from None
+    path = Path(path)
+    if path.suffix.lower() == ".ply":
+        _check_ply(path)
+    elif path.suffix.lower() == ".pcd":
+        _check_pcd(path)
     cloud = o3d.t.io.read_point_cloud(str(path))
     if "positions" not in cloud.point:
         raise ValueError(f"{path}: no points read")
