@@ -298,6 +298,54 @@ def test_las_reader(tmp_path):
     assert np.allclose(s.rgb, 1.0)
 
 
+def test_las_header_checked_against_the_file_before_laspy(tmp_path):
+    """laspy looped over a corrupt header's millions of VLRs (over a minute
+    for 404 bytes), allocated a header's 4e9 points and called an empty file
+    a LaspyException: each is a quick ValueError naming the file."""
+    import time
+
+    laspy = pytest.importorskip("laspy")
+    header = laspy.LasHeader(point_format=3, version="1.2")
+    las = laspy.LasData(header)
+    las.x = las.y = las.z = np.arange(5.0)
+    las.write(tmp_path / "good.las")
+    good = (tmp_path / "good.las").read_bytes()
+
+    def patched(offset, value, dtype):
+        data = bytearray(good)
+        data[offset:offset + np.dtype(dtype).itemsize] = np.array(value, dtype).tobytes()
+        return bytes(data)
+
+    cases = {"f.laz": (b"LASF" + b"\x01" * 400, "points at byte 16843009, past the file's 404 bytes"),
+             "empty.las": (b"", "the file is empty"),
+             "short.las": (b"LASF" + b"\0" * 100, "too short for a LAS header"),
+             "magic.las": (b"LASX" + good[4:], "does not start with 'LASF'"),
+             "count.las": (patched(107, 4_000_000_000, "<u4"), "says 4000000000 points .* holds 5"),
+             "vlrs.las": (patched(100, 10**9, "<u4"), "claims 1000000000 variable-length records"),
+             "version.las": (patched(24, 9, "u1"), "version 9.2"),
+             "format.las": (patched(104, 11, "u1"), "point format 11"),
+             "record.las": (patched(105, 10, "<u2"), "10-byte records"),
+             "hsize.las": (patched(94, 100, "<u2"), "header size 100"),
+             "cut.las": (good[:-30], "says 5 points .* holds 4")}
+    for name, (content, match) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        t0 = time.perf_counter()
+        with pytest.raises(ValueError, match=rf"{name}: .*{match}"):
+            read_cloud(tmp_path / name)
+        assert time.perf_counter() - t0 < 5
+    assert len(read_las(tmp_path / "good.las")) == 5
+    header = laspy.LasHeader(point_format=6, version="1.4")
+    las = laspy.LasData(header)
+    las.x = las.y = las.z = np.arange(7.0)
+    las.write(tmp_path / "v14.las")
+    assert len(read_las(tmp_path / "v14.las")) == 7
+    data = bytearray((tmp_path / "v14.las").read_bytes())
+    data[247:255] = np.array(10**12, "<u8").tobytes()
+    (tmp_path / "v14big.las").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="says 1000000000000 points"):
+        read_las(tmp_path / "v14big.las")
+
+
 def test_open3d_reader(tmp_path):
     try:
         import open3d as o3d

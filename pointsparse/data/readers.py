@@ -365,15 +365,75 @@ def _sibling_labels(path: Path) -> Path | None:
     return None
 
 
+# Shortest point record of each LAS point format (0..10), in bytes.
+_LAS_RECORD = (20, 28, 26, 34, 57, 63, 30, 36, 38, 59, 67)
+# LASzip stores the first point of each chunk (50 000 points by default)
+# raw, so a LAZ file holds at least ~20 bytes per 50 000 points.
+_LAZ_POINTS_PER_BYTE = 2500
+
+
+def _check_las_header(path: Path) -> None:
+    """The LAS 1.0-1.4 public header block read here and checked against the
+    file size before laspy sees the file: laspy loops over a corrupt header's
+    millions of VLRs (minutes) and allocates a header's point count."""
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"{path}: the file is empty (not a LAS/LAZ file)")
+    with open(path, "rb") as f:
+        head = f.read(375)
+    if head[:4] != b"LASF":
+        raise ValueError(f"{path}: not a LAS/LAZ file (it does not start with 'LASF')")
+    if len(head) < 227:
+        raise ValueError(f"{path}: {size} bytes is too short for a LAS header (227 bytes at least)")
+    major, minor = head[24], head[25]
+    header_size = int(np.frombuffer(head, "<u2", 1, 94)[0])
+    point_offset, vlrs = (int(v) for v in np.frombuffer(head, "<u4", 2, 96))
+    point_format, record = head[104], int(np.frombuffer(head, "<u2", 1, 105)[0])
+    count = int(np.frombuffer(head, "<u4", 1, 107)[0])
+    if (major, minor) not in ((1, 0), (1, 1), (1, 2), (1, 3), (1, 4)):
+        raise ValueError(f"{path}: LAS version {major}.{minor} is not 1.0 to 1.4")
+    least = 375 if minor >= 4 else 235 if minor == 3 else 227
+    if not least <= header_size <= min(point_offset, size):
+        raise ValueError(f"{path}: LAS header size {header_size} is not between {least} and the offset to the "
+                         f"points ({point_offset}) within the file's {size} bytes")
+    if point_offset > size:
+        raise ValueError(f"{path}: the LAS header puts the points at byte {point_offset}, past the file's {size} "
+                         "bytes (truncated or corrupt)")
+    if vlrs * 54 > point_offset - header_size:
+        raise ValueError(f"{path}: the LAS header claims {vlrs} variable-length records (54 bytes each at least) "
+                         f"in the {point_offset - header_size} bytes before the points")
+    compressed = bool(point_format & 0x80)
+    point_format &= 0x3F
+    if point_format >= len(_LAS_RECORD) or record < _LAS_RECORD[point_format]:
+        raise ValueError(f"{path}: LAS point format {point_format} with {record}-byte records is not one of the "
+                         f"formats 0-10 (records of {_LAS_RECORD} bytes at least)")
+    if minor >= 4:
+        extended = int(np.frombuffer(head, "<u8", 1, 247)[0])
+        count = extended or count
+        first_evlr, evlrs = int(np.frombuffer(head, "<u8", 1, 235)[0]), int(np.frombuffer(head, "<u4", 1, 243)[0])
+        if evlrs and (first_evlr < point_offset or first_evlr + evlrs * 60 > size):
+            raise ValueError(f"{path}: the LAS header claims {evlrs} extended records from byte {first_evlr}, "
+                             f"outside the file's {size} bytes")
+    data = size - point_offset
+    if not compressed and count * record > data:
+        raise ValueError(f"{path}: the LAS header says {count} points ({count * record} bytes) but the file holds "
+                         f"{data // record} ({data} bytes of point data; truncated)")
+    if compressed and count > _LAZ_POINTS_PER_BYTE * max(data, 1):
+        raise ValueError(f"{path}: the LAZ header says {count} points; {data} bytes of compressed points cannot "
+                         "hold that many (corrupt)")
+
+
 @_names_the_file
 def read_las(path, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> Sample:
     """A LAS/LAZ file through laspy (``pip install laspy``, plus ``lazrs`` for
     LAZ). Positions are taken relative to the header's minimum (real tiles
-    have large absolute coordinates); labels from ``classification``."""
+    have large absolute coordinates); labels from ``classification``. The
+    public header is checked against the file size first."""
     try:
         import laspy
     except ImportError:
         raise ImportError("reading LAS/LAZ needs the optional extra laspy: pip install laspy") from None
+    _check_las_header(Path(path))
     las = laspy.read(str(path))
     offset = np.asarray(las.header.mins, dtype=np.float64)
     xyz = (np.stack([np.asarray(las.x), np.asarray(las.y), np.asarray(las.z)], 1) - offset).astype(np.float32)
