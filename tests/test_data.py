@@ -255,6 +255,45 @@ def test_numpy_readers(tmp_path):
         read_numpy(tmp_path / "nopos.npz")
 
 
+def test_numpy_values_of_the_wrong_shape_or_type_are_refused(tmp_path):
+    """A (9, 2) rgb for 6 points was reshaped to (6, 3), uint64 labels of
+    2**64-1 became -1, complex/datetime/bool positions were cast to floats."""
+    xyz, lab = _cloud(6)
+    bad = {"rgb": (dict(rgb=np.ones((9, 2), np.uint8)), r"colour must be of shape \(6, 3\)"),
+           "inten": (dict(intensity=np.ones((3, 2), np.float32)), r"intensity must be of shape"),
+           "lab": (dict(labels=np.ones((3, 2), np.int32)), r"labels must be of shape"),
+           "u64": (dict(labels=np.full(6, 2**64 - 1, np.uint64)), "labels must fit int64"),
+           "boollab": (dict(labels=np.ones(6, bool)), "labels must be integers or floats; got bool"),
+           "rgbstr": (dict(rgb=np.full((6, 3), "a")), "colour must be integers or floats")}
+    for name, (extra, match) in bad.items():
+        np.savez(tmp_path / f"{name}.npz", xyz=xyz, **extra)
+        with pytest.raises(ValueError, match=rf"{name}\.npz key .*{match}"):
+            read_numpy(tmp_path / f"{name}.npz")
+    for name, pos in {"cplx": xyz.astype(np.complex64), "date": xyz.astype("datetime64[s]"),
+                      "bool": xyz > 0}.items():
+        np.savez(tmp_path / f"{name}.npz", xyz=pos)
+        with pytest.raises(ValueError, match=rf"{name}\.npz key 'xyz': positions must be integers or floats"):
+            read_numpy(tmp_path / f"{name}.npz")
+        np.save(tmp_path / f"{name}.npy", pos)
+        with pytest.raises(ValueError, match=rf"{name}\.npy: .* must be integers or floats"):
+            read_numpy(tmp_path / f"{name}.npy")
+    np.save(tmp_path / "s_points.npy", xyz)
+    np.save(tmp_path / "s_labels.npy", np.ones((3, 2), np.int64))
+    with pytest.raises(ValueError, match=r"s_labels\.npy: labels of shape \(3, 2\) for 6 points"):
+        read_numpy(tmp_path / "s_points.npy")
+    np.savez(tmp_path / "ok.npz", xyz=xyz.astype(np.int16), labels=lab.astype(np.uint64)[:, None],
+             rgb=np.full((6, 3), 255, np.uint8), intensity=np.ones((6, 1), np.float32))
+    s = read_numpy(tmp_path / "ok.npz")
+    assert np.array_equal(s.labels, lab) and np.allclose(s.rgb, 1) and np.allclose(s.intensity, 1)
+
+
+def test_text_16_bit_colour_is_scaled_once(tmp_path):
+    np.savetxt(tmp_path / "c16.txt", np.array([[0, 0, 0, 65535, 32768, 0], [1, 1, 1, 0, 0, 0]]))
+    np.savetxt(tmp_path / "c8.txt", np.array([[0, 0, 0, 255, 51, 0], [1, 1, 1, 0, 0, 0]]))
+    assert np.allclose(read_text(tmp_path / "c16.txt", None).rgb[0], [1, 32768 / 65535, 0])
+    assert np.allclose(read_text(tmp_path / "c8.txt", None).rgb[0], [1, 0.2, 0])
+
+
 def test_float_labels_whole_or_a_value_error(tmp_path):
     xyz, lab = _cloud()
     np.savez(tmp_path / "whole.npz", xyz=xyz, labels=lab.astype(np.float32))

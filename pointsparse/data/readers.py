@@ -202,7 +202,9 @@ def _integral(raw, where: str) -> np.ndarray:
     """Floating labels as int64 when every value is a whole number (files
     often store class ids as floats); ValueError naming ``where`` (the file
     and key) otherwise, never a silent truncation."""
-    raw = np.asarray(raw).reshape(-1)
+    raw = _real(raw, where, "labels").reshape(-1)
+    if raw.dtype == np.uint64 and raw.size and int(raw.max()) > _INT64_MAX:
+        raise ValueError(f"{where}: labels must fit int64; got {int(raw.max())}")
     if not np.issubdtype(raw.dtype, np.floating):
         return raw
     whole = np.isfinite(raw) & (np.floor(raw) == raw) & (np.abs(raw) < 2.0 ** 63)
@@ -211,6 +213,20 @@ def _integral(raw, where: str) -> np.ndarray:
         raise ValueError(f"{where}: labels must be whole numbers; {bad.size} of {raw.size} are not "
                          f"(first {bad[0]!r})")
     return raw.astype(np.int64)
+
+
+def _real(values, where: str, what: str, shapes=None) -> np.ndarray:
+    """``values`` as an array of integers or floats (bool, complex, datetime,
+    strings and records refused, not cast) of one of ``shapes`` (None in a
+    shape: any size); ValueError naming ``where`` otherwise."""
+    values = np.asarray(values)
+    if values.dtype.kind not in "iuf":
+        raise ValueError(f"{where}: {what} must be integers or floats; got {values.dtype}")
+    if shapes is not None and not any(len(shape) == values.ndim and all(s is None or s == d for s, d in
+                                                                          zip(shape, values.shape))
+                                      for shape in shapes):
+        raise ValueError(f"{where}: {what} must be of shape {' or '.join(map(str, shapes))}; got {values.shape}")
+    return values
 
 
 def _labels(raw, label_map: LabelMap | None, ignore_index: int, where: str = "labels"):
@@ -334,10 +350,17 @@ def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_
             xyz = _npz_array(z, key, path)
             if xyz.ndim != 2 or xyz.shape[1] < 3:
                 raise ValueError(f"{path}: key {key!r} must be (N, 3) positions; got {xyz.shape}")
+            _real(xyz, f"{path} key {key!r}", "positions")
+            n = len(xyz)
             lab_key = next((k for k in _NPZ_LABELS if k in z.files), None)
-            raw = _npz_array(z, lab_key, path) if lab_key else None
-            intensity = _scale_intensity(_npz_array(z, "intensity", path)) if "intensity" in z.files else None
-            rgb = _scale_rgb(_npz_array(z, "rgb", path)) if "rgb" in z.files else None
+            raw = _real(_npz_array(z, lab_key, path), f"{path} key {lab_key!r}", "labels",
+                        [(n,), (n, 1)]) if lab_key else None
+            intensity = rgb = None
+            if "intensity" in z.files:
+                intensity = _scale_intensity(_real(_npz_array(z, "intensity", path), f"{path} key 'intensity'",
+                                                   "intensity", [(n,), (n, 1)]))
+            if "rgb" in z.files:
+                rgb = _scale_rgb(_real(_npz_array(z, "rgb", path), f"{path} key 'rgb'", "colour", [(n, 3)]))
         return Sample(xyz[:, :3], _labels(raw, label_map, ignore_index, f"{path} key {lab_key!r}"), intensity, rgb,
                       name=str(path))
     if suffix != ".npy":
@@ -345,14 +368,16 @@ def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_
     arr = _load_npy(path)
     if arr.ndim != 2 or arr.shape[1] not in (3, 4, 6, 7):
         raise ValueError(f"{path}: a .npy cloud must be (N, 3|4|6|7) [x y z (intensity) (r g b)]; got {arr.shape}")
+    _real(arr, str(path), "a .npy cloud's values")
     intensity = _scale_intensity(arr[:, 3]) if arr.shape[1] in (4, 7) else None
     rgb = _scale_rgb(arr[:, -3:]) if arr.shape[1] >= 6 else None
     if labels_path is None:
         sibling = _sibling_labels(path)
         labels_path = sibling if sibling is not None and sibling.is_file() else None
-    raw = _load_npy(labels_path).reshape(-1) if labels_path is not None else None
-    if raw is not None and raw.size != len(arr):
-        raise ValueError(f"{labels_path}: {raw.size} labels for {len(arr)} points in {path}")
+    raw = _load_npy(labels_path) if labels_path is not None else None
+    if raw is not None and raw.shape not in ((len(arr),), (len(arr), 1)):
+        raise ValueError(f"{labels_path}: labels of shape {raw.shape} for {len(arr)} points in {path} (needs "
+                         f"({len(arr)},) or ({len(arr)}, 1))")
     return Sample(arr[:, :3], _labels(raw, label_map, ignore_index, f"{labels_path}"), intensity, rgb,
                   name=str(path))
 
@@ -688,7 +713,12 @@ def _load_rows(path) -> np.ndarray:
 
 
 def _rgb_rows(rows):
-    return _scale_rgb(rows[:, 3:6].astype(np.float32) / 255.0) if rows.shape[1] >= 6 else None
+    """Text colour in 0..255, or 16-bit (0..65535) where a value passes 255
+    (it was divided by 255 and then, past 1, by 65535 again)."""
+    if rows.shape[1] < 6:
+        return None
+    rgb = rows[:, 3:6].astype(np.float32)
+    return _scale_rgb(rgb / (255.0 if rgb.size == 0 or rgb.max() <= 255 else 65535.0))
 
 
 def read_cloud(path, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> Sample:
