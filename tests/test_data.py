@@ -157,6 +157,47 @@ def test_label_map_json(tmp_path):
         load_label_map(path)
 
 
+def test_label_map_json_wrong_types_name_the_file_and_field(tmp_path):
+    path = tmp_path / "m.json"
+    xyz, lab = _cloud()
+    np.savez(tmp_path / "c.npz", xyz=xyz, labels=lab)
+    bad = [({"classes": ["a"], "map": [1, 2]}, "'map' must be an object"),
+           ({"classes": ["a"], "map": {}, "names": [1]}, "'names' must be an object"),
+           ({"classes": ["a"], "map": {"0": 1e400}}, r"'map'\[0\] must be an integer"),
+           ({"classes": ["a"], "map": {"0": 0.0}}, "must be an integer"),
+           ({"classes": ["a", "b"], "map": {"0": 1.7}}, "must be an integer"),
+           ({"classes": ["a", "b"], "map": {"0": True}}, "must be an integer"),
+           ({"classes": ["a"], "map": {str(10**30): 0}}, "does not fit int64"),
+           ({"classes": ["a"], "map": {"1.5": 0}}, "not a whole number"),
+           ({"classes": ["a"], "map": {"7": 0, "07": 0}}, "twice"),
+           ({"classes": ["a"], "map": {}, "names": {"x": 1}}, "outside"),
+           ({"classes": "abc", "map": {}}, "'classes' must be a list"),
+           ({"classes": ["a", 1], "map": {}}, "'classes' must be a list"),
+           ({"classes": ["a"], "map": {}, "name": 3}, "'name' must be a string"),
+           ([1, 2], "not a label map"), ("[" * 100_000, "not a label map")]
+    for content, match in bad:
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+        with pytest.raises(ValueError, match=r"m\.json: .*" + match):
+            load_label_map(path)
+        with pytest.raises(ValueError, match=r"m\.json: .*" + match):  # the map's file, not the cloud's
+            read_numpy(tmp_path / "c.npz", path)
+    path.write_text(json.dumps({"classes": ["a", "b"], "map": {" -3 ": 1, "4000000000": 0}, "names": {"a": 0}}))
+    m = load_label_map(path)
+    assert m.mapping == {-3: 1, 4_000_000_000: 0} and m.names == {"a": 0}
+    for arg in (5, None, 2.5, ["a"]):
+        with pytest.raises(TypeError, match="label_map must be"):
+            load_label_map(arg)
+    with pytest.raises(TypeError, match="must be an int training id"):
+        LabelMap(["a", "b"], {0: 1.0})
+    with pytest.raises(TypeError, match="keys must be int"):
+        LabelMap(["a", "b"], {True: 1})
+    with pytest.raises(ValueError, match="does not fit int64"):
+        LabelMap(["a"], {10**30: 0})
+    assert LabelMap(["a", "b"], {np.int64(3): np.int32(1)}).mapping == {3: 1}
+    with pytest.raises(ValueError, match="fit int64"):
+        LabelMap(["a"], {0: 0}).apply(np.array([2**64 - 1], np.uint64))
+
+
 # --------------------------------------------------------------------- readers on files in the real formats
 
 def _cloud(n=50, seed=0):
@@ -214,6 +255,45 @@ def test_numpy_readers(tmp_path):
         read_numpy(tmp_path / "nopos.npz")
 
 
+def test_numpy_values_of_the_wrong_shape_or_type_are_refused(tmp_path):
+    """A (9, 2) rgb for 6 points was reshaped to (6, 3), uint64 labels of
+    2**64-1 became -1, complex/datetime/bool positions were cast to floats."""
+    xyz, lab = _cloud(6)
+    bad = {"rgb": (dict(rgb=np.ones((9, 2), np.uint8)), r"colour must be of shape \(6, 3\)"),
+           "inten": (dict(intensity=np.ones((3, 2), np.float32)), r"intensity must be of shape"),
+           "lab": (dict(labels=np.ones((3, 2), np.int32)), r"labels must be of shape"),
+           "u64": (dict(labels=np.full(6, 2**64 - 1, np.uint64)), "labels must fit int64"),
+           "boollab": (dict(labels=np.ones(6, bool)), "labels must be integers or floats; got bool"),
+           "rgbstr": (dict(rgb=np.full((6, 3), "a")), "colour must be integers or floats")}
+    for name, (extra, match) in bad.items():
+        np.savez(tmp_path / f"{name}.npz", xyz=xyz, **extra)
+        with pytest.raises(ValueError, match=rf"{name}\.npz key .*{match}"):
+            read_numpy(tmp_path / f"{name}.npz")
+    for name, pos in {"cplx": xyz.astype(np.complex64), "date": xyz.astype("datetime64[s]"),
+                      "bool": xyz > 0}.items():
+        np.savez(tmp_path / f"{name}.npz", xyz=pos)
+        with pytest.raises(ValueError, match=rf"{name}\.npz key 'xyz': positions must be integers or floats"):
+            read_numpy(tmp_path / f"{name}.npz")
+        np.save(tmp_path / f"{name}.npy", pos)
+        with pytest.raises(ValueError, match=rf"{name}\.npy: .* must be integers or floats"):
+            read_numpy(tmp_path / f"{name}.npy")
+    np.save(tmp_path / "s_points.npy", xyz)
+    np.save(tmp_path / "s_labels.npy", np.ones((3, 2), np.int64))
+    with pytest.raises(ValueError, match=r"s_labels\.npy: labels of shape \(3, 2\) for 6 points"):
+        read_numpy(tmp_path / "s_points.npy")
+    np.savez(tmp_path / "ok.npz", xyz=xyz.astype(np.int16), labels=lab.astype(np.uint64)[:, None],
+             rgb=np.full((6, 3), 255, np.uint8), intensity=np.ones((6, 1), np.float32))
+    s = read_numpy(tmp_path / "ok.npz")
+    assert np.array_equal(s.labels, lab) and np.allclose(s.rgb, 1) and np.allclose(s.intensity, 1)
+
+
+def test_text_16_bit_colour_is_scaled_once(tmp_path):
+    np.savetxt(tmp_path / "c16.txt", np.array([[0, 0, 0, 65535, 32768, 0], [1, 1, 1, 0, 0, 0]]))
+    np.savetxt(tmp_path / "c8.txt", np.array([[0, 0, 0, 255, 51, 0], [1, 1, 1, 0, 0, 0]]))
+    assert np.allclose(read_text(tmp_path / "c16.txt", None).rgb[0], [1, 32768 / 65535, 0])
+    assert np.allclose(read_text(tmp_path / "c8.txt", None).rgb[0], [1, 0.2, 0])
+
+
 def test_float_labels_whole_or_a_value_error(tmp_path):
     xyz, lab = _cloud()
     np.savez(tmp_path / "whole.npz", xyz=xyz, labels=lab.astype(np.float32))
@@ -257,6 +337,54 @@ def test_las_reader(tmp_path):
     assert np.allclose(s.rgb, 1.0)
 
 
+def test_las_header_checked_against_the_file_before_laspy(tmp_path):
+    """laspy looped over a corrupt header's millions of VLRs (over a minute
+    for 404 bytes), allocated a header's 4e9 points and called an empty file
+    a LaspyException: each is a quick ValueError naming the file."""
+    import time
+
+    laspy = pytest.importorskip("laspy")
+    header = laspy.LasHeader(point_format=3, version="1.2")
+    las = laspy.LasData(header)
+    las.x = las.y = las.z = np.arange(5.0)
+    las.write(tmp_path / "good.las")
+    good = (tmp_path / "good.las").read_bytes()
+
+    def patched(offset, value, dtype):
+        data = bytearray(good)
+        data[offset:offset + np.dtype(dtype).itemsize] = np.array(value, dtype).tobytes()
+        return bytes(data)
+
+    cases = {"f.laz": (b"LASF" + b"\x01" * 400, "points at byte 16843009, past the file's 404 bytes"),
+             "empty.las": (b"", "the file is empty"),
+             "short.las": (b"LASF" + b"\0" * 100, "too short for a LAS header"),
+             "magic.las": (b"LASX" + good[4:], "does not start with 'LASF'"),
+             "count.las": (patched(107, 4_000_000_000, "<u4"), "says 4000000000 points .* holds 5"),
+             "vlrs.las": (patched(100, 10**9, "<u4"), "claims 1000000000 variable-length records"),
+             "version.las": (patched(24, 9, "u1"), "version 9.2"),
+             "format.las": (patched(104, 11, "u1"), "point format 11"),
+             "record.las": (patched(105, 10, "<u2"), "10-byte records"),
+             "hsize.las": (patched(94, 100, "<u2"), "header size 100"),
+             "cut.las": (good[:-30], "says 5 points .* holds 4")}
+    for name, (content, match) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        t0 = time.perf_counter()
+        with pytest.raises(ValueError, match=rf"{name}: .*{match}"):
+            read_cloud(tmp_path / name)
+        assert time.perf_counter() - t0 < 5
+    assert len(read_las(tmp_path / "good.las")) == 5
+    header = laspy.LasHeader(point_format=6, version="1.4")
+    las = laspy.LasData(header)
+    las.x = las.y = las.z = np.arange(7.0)
+    las.write(tmp_path / "v14.las")
+    assert len(read_las(tmp_path / "v14.las")) == 7
+    data = bytearray((tmp_path / "v14.las").read_bytes())
+    data[247:255] = np.array(10**12, "<u8").tobytes()
+    (tmp_path / "v14big.las").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="says 1000000000000 points"):
+        read_las(tmp_path / "v14big.las")
+
+
 def test_open3d_reader(tmp_path):
     try:
         import open3d as o3d
@@ -280,6 +408,57 @@ def test_open3d_reader(tmp_path):
         read_open3d(tmp_path / "f.ply")
 
 
+def test_open3d_reader_refuses_a_body_shorter_than_its_header(tmp_path):
+    """Open3D logs "Read PLY failed" on a short body but returns the header's
+    count of points, the missing ones uninitialised memory."""
+    try:
+        import open3d  # noqa: F401
+    except (ImportError, OSError) as exc:
+        pytest.skip(f"open3d not usable: {exc}")
+    ply = "ply\nformat {fmt} 1.0\nelement vertex {n}\nproperty float x\nproperty float y\nproperty float z\n{extra}" \
+          "end_header\n"
+    pcd = ("# .PCD v0.7\nVERSION 0.7\nFIELDS x y z{f}\nSIZE 4 4 4{s}\nTYPE F F F{t}\nCOUNT 1 1 1{c}\nWIDTH {n}\n"
+           "HEIGHT 1\nVIEWPOINT 0 0 0 1 0 0 0\nPOINTS {n}\nDATA {data}\n")
+    plain = dict(f="", s="", t="", c="")
+    label = dict(f=" label", s=" 1", t=" U", c=" 1")
+    xyz = np.arange(6, dtype=np.float32).reshape(2, 3)
+    cases = {
+        "a.ply": (ply.format(fmt="ascii", n=5, extra="") + "1 2 3\n", "header says 5 points but the file holds 1"),
+        "b.ply": (ply.format(fmt="binary_little_endian", n=100_000, extra="").encode() + xyz.tobytes(),
+                  "header says 100000 points .* holds 2"),
+        "c.ply": (ply.format(fmt="binary_little_endian", n=10**15, extra="").encode() + xyz.tobytes(),
+                  "header says 1000000000000000 points"),
+        "d.ply": (ply.format(fmt="ascii", n=2, extra="") + "1 2 3\n4 x 6\n", r"value 5 \(b'x'\) is not a number"),
+        "e.ply": (ply.format(fmt="ascii", n=2, extra="property uchar label\n") + "1 2 3 1\n4 5 6 300\n",
+                  "vertex 1 property 4 is 300.0, not a uint8"),
+        "f.ply": ("ply\nformat ascii 1.0\nelement vertex 2\n", "no 'end_header' line"),
+        "g.ply": ("plyx\nend_header\n", "does not start with 'ply'"),
+        "h.ply": (ply.format(fmt="ascii", n=1, extra="property quad w\n") + "1 2 3 4\n", "'property quad w'"),
+        "a.pcd": (pcd.format(n=5, data="ascii", **plain) + "1 2 3\n", "header says 5 points but the file holds 1"),
+        "b.pcd": (pcd.format(n=100_000, data="binary", **plain).encode() + xyz.tobytes(),
+                  "header says 100000 points .* holds 2"),
+        "c.pcd": (pcd.format(n=2, data="ascii", **label) + "1 2 3 1\n4 5 6 1.5\n", "point 1 value 4 is 1.5"),
+        "d.pcd": (pcd.format(n=2, data="ascii", **plain) + "1 2 3\n4 five 6\n", "not rows of 3 numbers"),
+        "e.pcd": (pcd.format(n=3, data="binary_compressed", **plain).encode() + b"\x10\0\0\0\x24\0\0\0" + b"\0" * 8,
+                  "compressed data says 36 bytes, packed in 16 of the 8"),
+        "f.pcd": (pcd.format(n=2, data="ascii", **plain).replace("SIZE 4 4 4", "SIZE 4 4"), "do not agree"),
+    }
+    for name, (content, match) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        with pytest.raises(ValueError, match=rf"{name}: .*{match}"):
+            read_cloud(path)
+    for name, content in {"ok.ply": ply.format(fmt="ascii", n=2, extra="") + "1 2 3 4 5\n6\n",
+                          "ok.pcd": pcd.format(n=2, data="ascii", **label) + "1 2 3 1\n\n4 5 6 2\n",
+                          "bin.ply": ply.format(fmt="binary_little_endian", n=2, extra="").encode() + xyz.tobytes()
+                          }.items():
+        path = tmp_path / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        s = read_cloud(path)
+        assert len(s) == 2 and s.xyz[1].tolist() == ([3, 4, 5] if name == "bin.ply" else
+                                                      [4, 5, 6] if name == "ok.pcd" else [4, 5, 6])
+
+
 def test_s3dis_text_reader(tmp_path):
     room = tmp_path / "Area_1" / "office_1"
     (room / "Annotations").mkdir(parents=True)
@@ -298,10 +477,54 @@ def test_s3dis_text_reader(tmp_path):
     (tmp_path / "bad.txt").write_text("1 2\n")
     with pytest.raises(ValueError, match="columns"):
         read_text(tmp_path / "bad.txt")
+    (tmp_path / "x.xyz").write_text("0 0 0\n")
     with pytest.raises(ValueError, match="unknown point cloud format"):
         read_cloud(tmp_path / "x.xyz")
     with pytest.raises(ValueError, match="no files match"):
         find_clouds(str(tmp_path / "*.nothing"))
+
+
+def test_missing_paths_and_wrong_types_are_named(tmp_path):
+    for name in ("gone.npy", "gone.ply", "gone.las", "gone.bin", "gone.txt", "gone"):
+        with pytest.raises(FileNotFoundError, match=f"{name}: no such file"):
+            read_cloud(tmp_path / name)
+    for reader in (read_numpy, read_las, read_open3d, read_text, read_semantickitti):
+        with pytest.raises(FileNotFoundError, match=r"gone\.x: no such file"):
+            reader(tmp_path / "gone.x")
+        with pytest.raises(TypeError, match="path must be a file path"):
+            reader(None)
+    with pytest.raises(TypeError, match="path must be a file path"):
+        read_cloud(5)
+    for specs in (None, 5, [None], [str(tmp_path), 3]):
+        with pytest.raises(TypeError, match="specs must be a path"):
+            find_clouds(specs)
+
+
+def test_upper_case_numpy_extensions(tmp_path):
+    xyz, lab = _cloud()
+    with open(tmp_path / "a.NPY", "wb") as f:
+        np.save(f, xyz)
+    with open(tmp_path / "b.NPZ", "wb") as f:
+        np.savez(f, xyz=xyz, labels=lab)
+    assert np.array_equal(read_cloud(tmp_path / "a.NPY").xyz, xyz)
+    s = read_cloud(tmp_path / "b.NPZ")
+    assert np.array_equal(s.xyz, xyz) and np.array_equal(s.labels, lab)
+    assert np.array_equal(read_numpy(tmp_path / "b.NPZ").labels, lab)
+
+
+def test_corrupt_npy_header_names_the_file(tmp_path):
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    np.save(buf, np.ones((10, 3), np.float32))
+    bad = buf.getvalue().replace(b"(10, 3)", b"(10, 3")
+    (tmp_path / "t.npy").write_bytes(bad)
+    with zipfile.ZipFile(tmp_path / "t.npz", "w") as z:
+        z.writestr("xyz.npy", bad)
+    for name in ("t.npy", "t.npz"):
+        with pytest.raises(ValueError, match=rf"t\.{name[-3:]}: cannot read this file"):
+            read_cloud(tmp_path / name)
 
 
 # --------------------------------------------------------------------- real data (skipped when absent)

@@ -57,9 +57,9 @@ class CloudFiles(Sequence[Sample]):
         if not self.paths:
             raise ValueError(f"no point clouds found in {specs!r}")
         self.label_map: LabelMap | None = load_label_map(label_map) if label_map is not None else None
-        if self.label_map is None and any(p.suffix == ".bin" for p in self.paths):
+        if self.label_map is None and any(p.suffix.lower() == ".bin" for p in self.paths):
             self.label_map = load_label_map("semantic-kitti")
-        if self.label_map is None and any(p.is_dir() or p.suffix == ".txt" for p in self.paths):
+        if self.label_map is None and any(p.is_dir() or p.suffix.lower() == ".txt" for p in self.paths):
             self.label_map = load_label_map("s3dis")
         self.ignore_index = ignore_index
         self.classes = list(self.label_map.classes) if self.label_map is not None else None

@@ -26,7 +26,13 @@ from __future__ import annotations
 
 import functools
 import glob
+import inspect
 import json
+import numbers
+import os
+import re
+import tokenize
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +42,7 @@ import numpy as np
 from .sample import Sample
 
 DEFAULT_IGNORE = 255
+_INT64_MIN, _INT64_MAX = -2**63, 2**63 - 1
 # An installed wheel carries the label maps in pointsparse/label_maps/; a
 # source checkout reads them from datasets/.
 _PACKAGED_LABEL_MAPS = Path(__file__).resolve().parents[1] / "label_maps"
@@ -59,10 +66,27 @@ class LabelMap:
     name: str = ""
 
     def __post_init__(self) -> None:
-        for raw, tid in self.mapping.items():
-            if not 0 <= tid < len(self.classes):
-                raise ValueError(f"label map {self.name!r}: raw id {raw} maps to {tid}, outside the "
-                                 f"{len(self.classes)} classes")
+        where = f"label map {self.name!r}"
+        if not isinstance(self.classes, (list, tuple)) or not all(isinstance(c, str) for c in self.classes):
+            raise TypeError(f"{where}: classes must be a list of class names (str)")
+        self.classes = list(self.classes)
+        whole = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)  # noqa: E731
+        for field_name, key_ok, key_kind in (("mapping", whole, "int raw ids"),
+                                             ("names", lambda k: isinstance(k, str), "str class names")):
+            table = getattr(self, field_name)
+            if not isinstance(table, dict):
+                raise TypeError(f"{where}: {field_name} must be a dict; got {type(table).__name__}")
+            for key, tid in table.items():
+                if not key_ok(key):
+                    raise TypeError(f"{where}: {field_name} keys must be {key_kind}; got {key!r}")
+                if not whole(tid):
+                    raise TypeError(f"{where}: {field_name}[{key!r}] must be an int training id; got {tid!r}")
+                if field_name == "mapping" and not _INT64_MIN <= key <= _INT64_MAX:
+                    raise ValueError(f"{where}: raw id {key} does not fit int64")
+                if not 0 <= tid < len(self.classes):
+                    raise ValueError(f"{where}: {'raw id' if field_name == 'mapping' else 'class name'} {key!r} "
+                                     f"maps to {tid}, outside the {len(self.classes)} classes")
+            setattr(self, field_name, {(int(k) if field_name == "mapping" else k): int(v) for k, v in table.items()})
 
     @property
     def num_classes(self) -> int:
@@ -73,6 +97,8 @@ class LabelMap:
         raw = np.asarray(raw)
         if not np.issubdtype(raw.dtype, np.integer):
             raise TypeError(f"raw labels must be integers; got {raw.dtype}")
+        if raw.dtype == np.uint64 and raw.size and int(raw.max()) > _INT64_MAX:
+            raise ValueError(f"raw labels must fit int64; got {int(raw.max())}")
         raw = raw.astype(np.int64).reshape(-1)
         if raw.size == 0:
             return raw
@@ -100,6 +126,9 @@ def load_label_map(name_or_path) -> LabelMap:
     train_id}, "names": {...}}``."""
     if isinstance(name_or_path, LabelMap):
         return name_or_path
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"label_map must be a LabelMap, a JSON file path or a map's name (str); got "
+                        f"{type(name_or_path).__name__}")
     path = Path(name_or_path)
     if not path.is_file():
         candidate = LABEL_MAP_DIR / f"{name_or_path}.json"
@@ -109,12 +138,46 @@ def load_label_map(name_or_path) -> LabelMap:
         path = candidate
     try:
         data = json.loads(path.read_text())
-        classes = [str(c) for c in data["classes"]]
-        mapping = {int(k): int(v) for k, v in data["map"].items()}
-        names = {str(k): int(v) for k, v in data.get("names", {}).items()}
-    except (KeyError, ValueError, TypeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not a label map (needs 'classes' and 'map'): {exc}") from None
-    return LabelMap(classes, mapping, names, data.get("name", path.stem))
+    except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a label map (not readable JSON: {exc})") from None
+    if not isinstance(data, dict) or "classes" not in data or "map" not in data:
+        raise ValueError(f"{path}: not a label map (needs 'classes' and 'map')")
+    classes = data["classes"]
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise ValueError(f"{path}: 'classes' must be a list of class names (strings); got {classes!r:.200}")
+    mapping = _id_table(data["map"], path, "map", raw_ids=True)
+    names = _id_table(data.get("names", {}), path, "names", raw_ids=False)
+    name = data.get("name", path.stem)
+    if not isinstance(name, str):
+        raise ValueError(f"{path}: 'name' must be a string; got {name!r:.200}")
+    try:
+        return LabelMap(classes, mapping, names, name)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+def _id_table(table, path: Path, field_name: str, raw_ids: bool) -> dict:
+    """A label map's ``map`` (raw id -> training id; the ids written as
+    decimal strings, JSON's only keys) or ``names`` (class name -> training
+    id): ValueError naming the file and the field for anything else (a list,
+    a float, bool or out-of-range id), never a silent ``int()``."""
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: {field_name!r} must be an object of {'raw id' if raw_ids else 'name'} -> "
+                         f"training id; got {type(table).__name__}")
+    out: dict = {}
+    for key, tid in table.items():
+        if raw_ids:
+            if not re.fullmatch(r"\s*-?[0-9]{1,40}\s*", key):
+                raise ValueError(f"{path}: {field_name!r} key {key!r:.100} is not a whole number (a raw class id)")
+            key = int(key)
+            if not _INT64_MIN <= key <= _INT64_MAX:
+                raise ValueError(f"{path}: {field_name!r} raw id {key} does not fit int64")
+        if key in out:
+            raise ValueError(f"{path}: {field_name!r} lists {key!r} twice")
+        if not isinstance(tid, int) or isinstance(tid, bool):
+            raise ValueError(f"{path}: {field_name!r}[{key!r}] must be an integer training id; got {tid!r:.100}")
+        out[key] = tid
+    return out
 
 
 def _scale_intensity(values) -> np.ndarray:
@@ -139,7 +202,9 @@ def _integral(raw, where: str) -> np.ndarray:
     """Floating labels as int64 when every value is a whole number (files
     often store class ids as floats); ValueError naming ``where`` (the file
     and key) otherwise, never a silent truncation."""
-    raw = np.asarray(raw).reshape(-1)
+    raw = _real(raw, where, "labels").reshape(-1)
+    if raw.dtype == np.uint64 and raw.size and int(raw.max()) > _INT64_MAX:
+        raise ValueError(f"{where}: labels must fit int64; got {int(raw.max())}")
     if not np.issubdtype(raw.dtype, np.floating):
         return raw
     whole = np.isfinite(raw) & (np.floor(raw) == raw) & (np.abs(raw) < 2.0 ** 63)
@@ -148,6 +213,20 @@ def _integral(raw, where: str) -> np.ndarray:
         raise ValueError(f"{where}: labels must be whole numbers; {bad.size} of {raw.size} are not "
                          f"(first {bad[0]!r})")
     return raw.astype(np.int64)
+
+
+def _real(values, where: str, what: str, shapes=None) -> np.ndarray:
+    """``values`` as an array of integers or floats (bool, complex, datetime,
+    strings and records refused, not cast) of one of ``shapes`` (None in a
+    shape: any size); ValueError naming ``where`` otherwise."""
+    values = np.asarray(values)
+    if values.dtype.kind not in "iuf":
+        raise ValueError(f"{where}: {what} must be integers or floats; got {values.dtype}")
+    if shapes is not None and not any(len(shape) == values.ndim and all(s is None or s == d for s, d in
+                                                                          zip(shape, values.shape))
+                                      for shape in shapes):
+        raise ValueError(f"{where}: {what} must be of shape {' or '.join(map(str, shapes))}; got {values.shape}")
+    return values
 
 
 def _labels(raw, label_map: LabelMap | None, ignore_index: int, where: str = "labels"):
@@ -162,11 +241,24 @@ def _labels(raw, label_map: LabelMap | None, ignore_index: int, where: str = "la
 def _names_the_file(reader):
     """Readers fail with a ValueError that names the file: whatever numpy,
     zipfile, laspy or Open3D raise on a corrupt, truncated or unreadable file
-    (an ImportError for a missing optional package passes unchanged)."""
+    (an ImportError for a missing optional package passes unchanged). A path
+    that is not there is a FileNotFoundError naming it; a path of another type
+    a TypeError. The ``label_map`` argument is loaded first, outside the
+    wrapping, so its errors name the label map's file, not the cloud's."""
+    signature = inspect.signature(reader)
+
     @functools.wraps(reader)
     def read(path, *args, **kwargs):
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a file path (str or Path); got {type(path).__name__}")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such file or folder")
+        bound = signature.bind(path, *args, **kwargs)
+        bound.apply_defaults()
+        if bound.arguments.get("label_map") is not None:
+            bound.arguments["label_map"] = load_label_map(bound.arguments["label_map"])
         try:
-            return reader(path, *args, **kwargs)
+            return reader(*bound.args, **bound.kwargs)
         except ImportError:
             raise
         except ValueError as exc:
@@ -174,7 +266,8 @@ def _names_the_file(reader):
                 raise
             raise ValueError(f"{path}: {exc}") from None
         except (OSError, EOFError, KeyError, IndexError, TypeError, RuntimeError, MemoryError, OverflowError,
-                zipfile.BadZipFile, UnicodeDecodeError) as exc:
+                zipfile.BadZipFile, UnicodeDecodeError, tokenize.TokenError) as exc:
+            # tokenize.TokenError: numpy parsing a corrupt .npy header
             raise ValueError(f"{path}: cannot read this file ({type(exc).__name__}: {str(exc)[:300]})") from None
     return read
 
@@ -248,7 +341,8 @@ def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_
     ``labels`` in place of ``points`` (Open3D-ML layout)."""
     path = Path(path)
     label_map = load_label_map(label_map) if label_map is not None else None
-    if path.suffix == ".npz":
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
         with np.load(path) as z:
             key = next((k for k in _NPZ_XYZ if k in z.files), None)
             if key is None:
@@ -256,25 +350,34 @@ def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_
             xyz = _npz_array(z, key, path)
             if xyz.ndim != 2 or xyz.shape[1] < 3:
                 raise ValueError(f"{path}: key {key!r} must be (N, 3) positions; got {xyz.shape}")
+            _real(xyz, f"{path} key {key!r}", "positions")
+            n = len(xyz)
             lab_key = next((k for k in _NPZ_LABELS if k in z.files), None)
-            raw = _npz_array(z, lab_key, path) if lab_key else None
-            intensity = _scale_intensity(_npz_array(z, "intensity", path)) if "intensity" in z.files else None
-            rgb = _scale_rgb(_npz_array(z, "rgb", path)) if "rgb" in z.files else None
+            raw = _real(_npz_array(z, lab_key, path), f"{path} key {lab_key!r}", "labels",
+                        [(n,), (n, 1)]) if lab_key else None
+            intensity = rgb = None
+            if "intensity" in z.files:
+                intensity = _scale_intensity(_real(_npz_array(z, "intensity", path), f"{path} key 'intensity'",
+                                                   "intensity", [(n,), (n, 1)]))
+            if "rgb" in z.files:
+                rgb = _scale_rgb(_real(_npz_array(z, "rgb", path), f"{path} key 'rgb'", "colour", [(n, 3)]))
         return Sample(xyz[:, :3], _labels(raw, label_map, ignore_index, f"{path} key {lab_key!r}"), intensity, rgb,
                       name=str(path))
-    if path.suffix != ".npy":
-        raise ValueError(f"{path}: read_numpy reads .npy or .npz files")
+    if suffix != ".npy":
+        raise ValueError(f"{path}: read_numpy reads .npy or .npz files (any case)")
     arr = _load_npy(path)
     if arr.ndim != 2 or arr.shape[1] not in (3, 4, 6, 7):
         raise ValueError(f"{path}: a .npy cloud must be (N, 3|4|6|7) [x y z (intensity) (r g b)]; got {arr.shape}")
+    _real(arr, str(path), "a .npy cloud's values")
     intensity = _scale_intensity(arr[:, 3]) if arr.shape[1] in (4, 7) else None
     rgb = _scale_rgb(arr[:, -3:]) if arr.shape[1] >= 6 else None
     if labels_path is None:
         sibling = _sibling_labels(path)
         labels_path = sibling if sibling is not None and sibling.is_file() else None
-    raw = _load_npy(labels_path).reshape(-1) if labels_path is not None else None
-    if raw is not None and raw.size != len(arr):
-        raise ValueError(f"{labels_path}: {raw.size} labels for {len(arr)} points in {path}")
+    raw = _load_npy(labels_path) if labels_path is not None else None
+    if raw is not None and raw.shape not in ((len(arr),), (len(arr), 1)):
+        raise ValueError(f"{labels_path}: labels of shape {raw.shape} for {len(arr)} points in {path} (needs "
+                         f"({len(arr)},) or ({len(arr)}, 1))")
     return Sample(arr[:, :3], _labels(raw, label_map, ignore_index, f"{labels_path}"), intensity, rgb,
                   name=str(path))
 
@@ -287,15 +390,75 @@ def _sibling_labels(path: Path) -> Path | None:
     return None
 
 
+# Shortest point record of each LAS point format (0..10), in bytes.
+_LAS_RECORD = (20, 28, 26, 34, 57, 63, 30, 36, 38, 59, 67)
+# LASzip stores the first point of each chunk (50 000 points by default)
+# raw, so a LAZ file holds at least ~20 bytes per 50 000 points.
+_LAZ_POINTS_PER_BYTE = 2500
+
+
+def _check_las_header(path: Path) -> None:
+    """The LAS 1.0-1.4 public header block read here and checked against the
+    file size before laspy sees the file: laspy loops over a corrupt header's
+    millions of VLRs (minutes) and allocates a header's point count."""
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"{path}: the file is empty (not a LAS/LAZ file)")
+    with open(path, "rb") as f:
+        head = f.read(375)
+    if head[:4] != b"LASF":
+        raise ValueError(f"{path}: not a LAS/LAZ file (it does not start with 'LASF')")
+    if len(head) < 227:
+        raise ValueError(f"{path}: {size} bytes is too short for a LAS header (227 bytes at least)")
+    major, minor = head[24], head[25]
+    header_size = int(np.frombuffer(head, "<u2", 1, 94)[0])
+    point_offset, vlrs = (int(v) for v in np.frombuffer(head, "<u4", 2, 96))
+    point_format, record = head[104], int(np.frombuffer(head, "<u2", 1, 105)[0])
+    count = int(np.frombuffer(head, "<u4", 1, 107)[0])
+    if (major, minor) not in ((1, 0), (1, 1), (1, 2), (1, 3), (1, 4)):
+        raise ValueError(f"{path}: LAS version {major}.{minor} is not 1.0 to 1.4")
+    least = 375 if minor >= 4 else 235 if minor == 3 else 227
+    if not least <= header_size <= min(point_offset, size):
+        raise ValueError(f"{path}: LAS header size {header_size} is not between {least} and the offset to the "
+                         f"points ({point_offset}) within the file's {size} bytes")
+    if point_offset > size:
+        raise ValueError(f"{path}: the LAS header puts the points at byte {point_offset}, past the file's {size} "
+                         "bytes (truncated or corrupt)")
+    if vlrs * 54 > point_offset - header_size:
+        raise ValueError(f"{path}: the LAS header claims {vlrs} variable-length records (54 bytes each at least) "
+                         f"in the {point_offset - header_size} bytes before the points")
+    compressed = bool(point_format & 0x80)
+    point_format &= 0x3F
+    if point_format >= len(_LAS_RECORD) or record < _LAS_RECORD[point_format]:
+        raise ValueError(f"{path}: LAS point format {point_format} with {record}-byte records is not one of the "
+                         f"formats 0-10 (records of {_LAS_RECORD} bytes at least)")
+    if minor >= 4:
+        extended = int(np.frombuffer(head, "<u8", 1, 247)[0])
+        count = extended or count
+        first_evlr, evlrs = int(np.frombuffer(head, "<u8", 1, 235)[0]), int(np.frombuffer(head, "<u4", 1, 243)[0])
+        if evlrs and (first_evlr < point_offset or first_evlr + evlrs * 60 > size):
+            raise ValueError(f"{path}: the LAS header claims {evlrs} extended records from byte {first_evlr}, "
+                             f"outside the file's {size} bytes")
+    data = size - point_offset
+    if not compressed and count * record > data:
+        raise ValueError(f"{path}: the LAS header says {count} points ({count * record} bytes) but the file holds "
+                         f"{data // record} ({data} bytes of point data; truncated)")
+    if compressed and count > _LAZ_POINTS_PER_BYTE * max(data, 1):
+        raise ValueError(f"{path}: the LAZ header says {count} points; {data} bytes of compressed points cannot "
+                         "hold that many (corrupt)")
+
+
 @_names_the_file
 def read_las(path, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> Sample:
     """A LAS/LAZ file through laspy (``pip install laspy``, plus ``lazrs`` for
     LAZ). Positions are taken relative to the header's minimum (real tiles
-    have large absolute coordinates); labels from ``classification``."""
+    have large absolute coordinates); labels from ``classification``. The
+    public header is checked against the file size first."""
     try:
         import laspy
     except ImportError:
         raise ImportError("reading LAS/LAZ needs the optional extra laspy: pip install laspy") from None
+    _check_las_header(Path(path))
     las = laspy.read(str(path))
     offset = np.asarray(las.header.mins, dtype=np.float64)
     xyz = (np.stack([np.asarray(las.x), np.asarray(las.y), np.asarray(las.z)], 1) - offset).astype(np.float32)
@@ -309,16 +472,196 @@ def read_las(path, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> Sample
                   intensity, rgb, name=str(path))
 
 
+_HEADER_LIMIT = 1 << 20  # bytes searched for the end of a PLY/PCD text header
+_PLY_TYPES = {"char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2", "int16": "i2",
+              "ushort": "u2", "uint16": "u2", "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4",
+              "float": "f4", "float32": "f4", "double": "f8", "float64": "f8"}
+_PCD_TYPES = {("I", 1): "i1", ("I", 2): "i2", ("I", 4): "i4", ("I", 8): "i8", ("U", 1): "u1", ("U", 2): "u2",
+              ("U", 4): "u4", ("U", 8): "u8", ("F", 4): "f4", ("F", 8): "f8"}
+
+
+def _text_header(path: Path, end: bytes, kind: str) -> tuple[list[str], bytes, int, int]:
+    """The header lines of a PLY/PCD file up to the line starting with
+    ``end`` (included), where its data starts, and the file's size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(_HEADER_LIMIT)
+    lines, pos = [], 0
+    while True:
+        nl = head.find(b"\n", pos)
+        if nl < 0:
+            raise ValueError(f"{path}: not a {kind} file (no '{end.decode()}' line in its first "
+                             f"{min(size, _HEADER_LIMIT)} bytes)")
+        line = head[pos:nl].decode("ascii", errors="replace").strip()
+        lines.append(line)
+        pos = nl + 1
+        if line.split(" ", 1)[0] == end.decode():
+            return lines, head, pos, size
+
+
+def _ascii_values(path: Path, start: int, count: int, what: str) -> np.ndarray:
+    """The first ``count`` whitespace-separated numbers after byte ``start``;
+    ValueError when fewer are there or one of them is not a number (Open3D
+    reads a short or garbled text body as uninitialised memory)."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read()
+    try:
+        values = np.fromstring(data, sep=" ") if data.strip() else np.zeros(0)  # whitespace alone reads as [-1]
+    except ValueError:
+        tokens = data.split(None, count)[:count]
+        for i, token in enumerate(tokens):
+            try:
+                float(token)
+            except ValueError:
+                raise ValueError(f"{path}: {what}: value {i + 1} ({token[:40]!r}) is not a number") from None
+        values = np.array(tokens, dtype=np.float64)
+    return values[:count]
+
+
+def _check_ply(path: Path) -> None:
+    """A PLY file's header against its body before Open3D reads it: the
+    vertex count against the bytes (binary) or numbers (ASCII) there, and
+    ASCII integer properties whole and in range. Open3D logs "Read PLY
+    failed" on a short body but returns the header's count of points, the
+    missing ones uninitialised memory."""
+    lines, _, start, size = _text_header(path, b"end_header", "PLY")
+    if lines[0] != "ply":
+        raise ValueError(f"{path}: not a PLY file (it does not start with 'ply')")
+    fmt, elements = None, []  # elements: [name, count, [(dtype or None for a list, list count/item types)]]
+    for line in lines[1:-1]:
+        word = line.split()
+        if not word or word[0] in ("comment", "obj_info"):
+            continue
+        if word[0] == "format" and len(word) == 3:
+            fmt = word[1]
+        elif word[0] == "element" and len(word) == 3 and word[2].isdigit():
+            elements.append([word[1], int(word[2]), []])
+        elif word[0] == "property" and elements and len(word) == 3 and word[1] in _PLY_TYPES:
+            elements[-1][2].append(np.dtype(_PLY_TYPES[word[1]]))
+        elif word[0] == "property" and elements and len(word) == 5 and word[1] == "list" and \
+                word[2] in _PLY_TYPES and word[3] in _PLY_TYPES:
+            elements[-1][2].append(None)
+        else:
+            raise ValueError(f"{path}: PLY header line {line[:80]!r} is not a format, element or property line "
+                             f"this reader knows")
+    if fmt not in ("ascii", "binary_little_endian", "binary_big_endian"):
+        raise ValueError(f"{path}: PLY format {fmt!r} is not ascii, binary_little_endian or binary_big_endian")
+    names = [e[0] for e in elements]
+    if "vertex" not in names:
+        raise ValueError(f"{path}: the PLY header has no vertex element")
+    upto = elements[:names.index("vertex") + 1]
+    n, props = upto[-1][1], upto[-1][2]
+    # Up to the vertex element, each row needs its fixed properties and each list's count.
+    if fmt == "ascii":
+        need = sum(count * len(p) for _, count, p in upto)
+        values = _ascii_values(path, start, need, "vertex data")
+        if values.size < need:
+            held = max(0, values.size - (need - n * len(props))) // max(len(props), 1)
+            raise ValueError(f"{path}: the header says {n} points but the file holds {held} "
+                             f"({values.size} of the {need} numbers needed; truncated)")
+        if all(None not in p for _, _, p in upto) and props:
+            rows = values[need - n * len(props):].reshape(n, len(props))
+            for j, dtype in enumerate(props):
+                if dtype.kind in "iu":
+                    col, info = rows[:, j], np.iinfo(dtype)
+                    bad = ~((np.floor(col) == col) & (col >= info.min) & (col <= info.max))
+                    if bad.any():
+                        i = int(np.argmax(bad))
+                        raise ValueError(f"{path}: vertex {i} property {j + 1} is {float(col[i])!r}, not a {dtype} "
+                                         "as the header says")
+        return
+    need = sum(count * sum(d.itemsize if d is not None else 1 for d in p) for _, count, p in upto)
+    held_bytes = size - start
+    if held_bytes < need:
+        row = sum(d.itemsize if d is not None else 1 for d in props)
+        held = max(0, held_bytes - (need - n * row)) // max(row, 1)
+        raise ValueError(f"{path}: the header says {n} points ({need} bytes) but the file holds {held} "
+                         f"({held_bytes} bytes of data; truncated)")
+
+
+def _check_pcd(path: Path) -> None:
+    """A PCD file's header against its body before Open3D reads it: POINTS
+    (or WIDTH x HEIGHT) against the bytes (binary, binary_compressed) or the
+    rows (ascii) there; Open3D returns uninitialised memory for missing
+    ascii rows and reads a text integer field through strtol (1.5 -> 1)."""
+    lines, head, start, size = _text_header(path, b"DATA", "PCD")
+    fields: dict[str, list[str]] = {}
+    for line in lines:
+        word = line.split()
+        if word and not word[0].startswith("#"):
+            fields[word[0].upper()] = word[1:]
+    try:
+        names, sizes, types = fields["FIELDS"], [int(v) for v in fields["SIZE"]], fields["TYPE"]
+        counts = [int(v) for v in fields.get("COUNT", ["1"] * len(names))]
+        width, height = int(fields["WIDTH"][0]), int(fields.get("HEIGHT", ["1"])[0])
+        n = int(fields["POINTS"][0]) if "POINTS" in fields else width * height
+        data = fields["DATA"][0].lower()
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(f"{path}: not a PCD header (FIELDS, SIZE, TYPE, WIDTH, POINTS, DATA; {exc!r})") from None
+    if not len(names) == len(sizes) == len(types) == len(counts) or min(counts, default=1) < 1 or n < 0:
+        raise ValueError(f"{path}: PCD FIELDS {names}, SIZE {sizes}, TYPE {types}, COUNT {counts} do not agree")
+    dtypes = []
+    for name, t, b, c in zip(names, types, sizes, counts):
+        if (t.upper(), b) not in _PCD_TYPES:
+            raise ValueError(f"{path}: PCD field {name!r} has TYPE {t} SIZE {b}; not a type this reader knows")
+        dtypes += [np.dtype(_PCD_TYPES[t.upper(), b])] * c
+    row = sum(d.itemsize for d in dtypes)
+    held_bytes = size - start
+    if data == "binary":
+        if held_bytes < n * row:
+            raise ValueError(f"{path}: the header says {n} points ({n * row} bytes) but the file holds "
+                             f"{held_bytes // max(row, 1)} ({held_bytes} bytes of data; truncated)")
+    elif data == "binary_compressed":
+        if held_bytes < 8:
+            raise ValueError(f"{path}: binary_compressed PCD data has no size words (truncated)")
+        with open(path, "rb") as f:
+            f.seek(start)
+            packed, unpacked = np.frombuffer(f.read(8), "<u4").tolist()
+        if unpacked != n * row or packed > held_bytes - 8:
+            raise ValueError(f"{path}: the header says {n} points ({n * row} bytes) but the compressed data "
+                             f"says {unpacked} bytes, packed in {packed} of the {held_bytes - 8} there")
+    elif data == "ascii":
+        try:
+            with warnings.catch_warnings():  # numpy's note that max_rows counts rows, not blank lines
+                warnings.simplefilter("ignore", UserWarning)
+                rows = np.loadtxt(path, dtype=np.float64, ndmin=2, comments=None, skiprows=len(lines), max_rows=n)
+        except ValueError as exc:
+            raise ValueError(f"{path}: PCD ascii data is not rows of {len(dtypes)} numbers: {exc}") from None
+        if len(rows) < n:
+            raise ValueError(f"{path}: the header says {n} points but the file holds {len(rows)} (truncated)")
+        if n and rows.shape[1] != len(dtypes):
+            raise ValueError(f"{path}: PCD ascii rows hold {rows.shape[1]} numbers; the header's fields "
+                             f"need {len(dtypes)}")
+        for j, dtype in enumerate(dtypes):
+            if dtype.kind in "iu" and n:
+                col, info = rows[:, j], np.iinfo(dtype)
+                bad = ~((np.floor(col) == col) & (col >= info.min) & (col <= info.max))
+                if bad.any():
+                    i = int(np.argmax(bad))
+                    raise ValueError(f"{path}: point {i} value {j + 1} is {float(col[i])!r}, not a {dtype} as the "
+                                     "header says")
+    else:
+        raise ValueError(f"{path}: PCD DATA {data!r} is not ascii, binary or binary_compressed")
+
+
 @_names_the_file
 def read_open3d(path, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> Sample:
     """A PLY or PCD file through open3d (optional extra ``open3d-cpu``; on
     Debian it needs the system library ``libusb-1.0-0``). Colour from
     ``colors``, intensity from ``intensity``, labels from a ``labels``,
-    ``label``, ``class`` or ``classification`` attribute."""
+    ``label``, ``class`` or ``classification`` attribute. The header's point
+    count is checked against the data there first (Open3D pads a short file
+    with uninitialised memory)."""
     try:
         import open3d as o3d
     except (ImportError, OSError) as exc:
         raise ImportError(f"reading PLY/PCD needs the optional extra open3d-cpu (and libusb-1.0-0): {exc}") from None
+    path = Path(path)
+    if path.suffix.lower() == ".ply":
+        _check_ply(path)
+    elif path.suffix.lower() == ".pcd":
+        _check_pcd(path)
     cloud = o3d.t.io.read_point_cloud(str(path))
     if "positions" not in cloud.point:
         raise ValueError(f"{path}: no points read")
@@ -370,14 +713,23 @@ def _load_rows(path) -> np.ndarray:
 
 
 def _rgb_rows(rows):
-    return _scale_rgb(rows[:, 3:6].astype(np.float32) / 255.0) if rows.shape[1] >= 6 else None
+    """Text colour in 0..255, or 16-bit (0..65535) where a value passes 255
+    (it was divided by 255 and then, past 1, by 65535 again)."""
+    if rows.shape[1] < 6:
+        return None
+    rgb = rows[:, 3:6].astype(np.float32)
+    return _scale_rgb(rgb / (255.0 if rgb.size == 0 or rgb.max() <= 255 else 65535.0))
 
 
 def read_cloud(path, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> Sample:
     """Any supported file, by extension (``.bin`` SemanticKITTI, ``.npy``/
     ``.npz``, ``.las``/``.laz``, ``.ply``/``.pcd``, ``.txt`` or an S3DIS room
     folder). ``label_map`` defaults to SemanticKITTI's for ``.bin``."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a file path (str or Path); got {type(path).__name__}")
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
     suffix = path.suffix.lower()
     if suffix == ".bin":
         return read_semantickitti(path, label_map=label_map or "semantic-kitti", ignore_index=ignore_index)
@@ -397,11 +749,17 @@ def find_clouds(specs) -> list[Path]:
     ``velodyne/*.bin`` (SemanticKITTI), ``points/*.npy`` (Open3D-ML), else
     every supported file in it (``*labels*`` arrays are label files, not
     clouds); an S3DIS room folder (with ``Annotations/``) is one cloud."""
-    if isinstance(specs, (str, Path)):
+    if isinstance(specs, (str, os.PathLike)):
         specs = [specs]
+    given = specs
+    iterable = hasattr(specs, "__iter__") and not isinstance(specs, (bytes, dict))
+    specs = list(specs) if iterable else []
+    if not iterable or not all(isinstance(s, (str, os.PathLike)) for s in specs):
+        got = [type(s).__name__ for s in specs] if iterable else type(given).__name__
+        raise TypeError(f"specs must be a path, glob or folder (str or Path), or a list of them; got {got}")
     out: list[Path] = []
     for spec in specs:
-        spec = str(spec)
+        spec = os.fspath(spec)
         matches = sorted(glob.glob(spec)) if any(ch in spec for ch in "*?[") else [spec]
         if not matches:
             raise ValueError(f"no files match {spec!r}")
