@@ -330,3 +330,25 @@ def test_load_balanced_num_pe_is_bounded_by_the_rows():
     for bad in (9, 10**9):
         with pytest.raises(ValueError, match="num_pe must be at most the 8 rows"):
             F.load_balanced_unstructured(torch.nn.Linear(8, 8), "weight", amount=0.5, num_pe=bad)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_from_dense_refuses_sparse_layouts_and_meta_tensors(fmt):
+    """A torch sparse-layout tensor or a meta tensor is a TypeError naming
+    the argument (torch's RuntimeError / NotImplementedError before)."""
+    cls, kwargs = FORMATS[fmt]
+    for bad, match in ((torch.eye(4).to_sparse(), "dense \\(strided\\)"),
+                       (torch.eye(4).to_sparse_csr(), "dense \\(strided\\)"),
+                       (torch.empty(4, 4, device="meta"), "meta tensor")):
+        with pytest.raises(TypeError, match="tensor .*" + match):
+            cls.from_dense(bad, **kwargs)
+
+
+def test_compress_and_from_module_refuse_a_meta_weight():
+    with torch.device("meta"):
+        lin = torch.nn.Linear(4, 4)
+    for call in (lambda: F.compress(lin, "csr"), lambda: F.CSR.from_module(lin),
+                 lambda: F.FKW.from_module(lin)):
+        with pytest.raises(TypeError, match="Linear.weight is a meta tensor"):
+            call()

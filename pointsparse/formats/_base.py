@@ -12,10 +12,22 @@ from ._storage import array_nbytes
 _KERNEL_DTYPES = _ext.FLOAT_DTYPES
 
 
-def check_matrix(tensor, name: str = "tensor") -> torch.Tensor:
-    """A 2-D floating tensor, detached, on the CPU, contiguous."""
+def check_data(tensor, name: str) -> None:
+    """A torch.Tensor with data the formats can read: strided (not a torch
+    sparse layout), on a real device (not meta); any device otherwise (its
+    data is copied to the CPU)."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(tensor).__name__}")
+    if tensor.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor; got layout {tensor.layout} "
+                        "(convert it with .to_dense())")
+    if tensor.device.type == "meta":
+        raise TypeError(f"{name} is a meta tensor (a shape without data); give a tensor with values")
+
+
+def check_matrix(tensor, name: str = "tensor") -> torch.Tensor:
+    """A 2-D floating tensor, detached, on the CPU, contiguous."""
+    check_data(tensor, name)
     if tensor.dim() != 2:
         raise ValueError(f"{name} must be 2-D (rows, cols); got shape {tuple(tensor.shape)}")
     if not tensor.is_floating_point():
@@ -31,10 +43,13 @@ def module_weight(module: torch.nn.Module, name: str = "weight") -> torch.Tensor
     orig = getattr(module, name + "_orig", None)
     mask = getattr(module, name + "_mask", None)
     if isinstance(orig, torch.Tensor) and isinstance(mask, torch.Tensor):
+        check_data(orig, f"{type(module).__name__}.{name}_orig")
+        check_data(mask, f"{type(module).__name__}.{name}_mask")
         return (orig * mask).detach()
     weight = getattr(module, name, None)
     if not isinstance(weight, torch.Tensor):
         raise ValueError(f"{type(module).__name__} has no tensor attribute {name!r}")
+    check_data(weight, f"{type(module).__name__}.{name}")
     return weight.detach()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ._base import SparseFormat, module_weight
+from ._base import SparseFormat, check_data, module_weight
 from ._storage import narrow, pack_bits, unpack_bits, widen
 from .csr import _csr_product
 
@@ -55,8 +55,7 @@ class FKW(SparseFormat):
 
     @classmethod
     def from_dense(cls, tensor) -> "FKW":
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"tensor must be a torch.Tensor; got {type(tensor).__name__}")
+        check_data(tensor, "tensor")
         if tensor.dim() < 2 or not tensor.is_floating_point():
             raise ValueError("tensor must be a floating weight of shape (C_out, C_in, *kernel); "
                              f"got {tuple(tensor.shape)} {tensor.dtype}")
