@@ -352,3 +352,10 @@ def test_compress_and_from_module_refuse_a_meta_weight():
                  lambda: F.FKW.from_module(lin)):
         with pytest.raises(TypeError, match="Linear.weight is a meta tensor"):
             call()
+
+
+@pytest.mark.parametrize("prune", ["no", 1, 0, None, torch.tensor(True)])
+def test_nm_prune_flag_must_be_a_bool(prune):
+    """prune='no' was taken as true (any truthy object)."""
+    with pytest.raises(TypeError, match="prune must be a bool"):
+        F.NM.from_dense(torch.ones(2, 4), prune=prune)

@@ -47,6 +47,8 @@ class NM(SparseFormat):
         """``prune=False``: the matrix must already be n:m sparse (ValueError
         otherwise). ``prune=True``: keep the n largest magnitudes per group."""
         n, m = _check_nm(n, m)
+        if not isinstance(prune, bool):
+            raise TypeError(f"prune must be a bool; got {prune!r}")
         dense = check_matrix(tensor)
         M, K = dense.shape
         groups = -(-K // m)
