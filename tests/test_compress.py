@@ -269,3 +269,73 @@ def test_a_shared_layer_stays_shared():
     out = F.compress(model, "csr")
     assert out.a is out.b and isinstance(out.a, F.SparseConv3d)
     torch.testing.assert_close(out(x).feats, model(x).feats, atol=1e-5, rtol=1e-5)
+
+
+def _linear_state(fmt, **kwargs):
+    torch.manual_seed(5)
+    lin = torch.nn.Linear(6, 4)
+    prune.l1_unstructured(lin, "weight", amount=0.5)
+    return F.compress(lin, fmt, **kwargs)
+
+
+def test_sparse_linear_checks_the_state_it_loads():
+    """SparseLinear.set_extra_state took any object: a format with a bad
+    reorder ran with uninitialised rows, one of another shape failed only at
+    forward with torch's RuntimeError, ``_extra_state=5`` raised "'int' object
+    is not subscriptable". Now each is refused and the layer is unchanged."""
+    sparse = _linear_state("csr")
+    x = torch.randn(3, 6)
+    ref = sparse(x)
+    bad_fkw = _linear_state("fkw").weight_format
+    bad_fkw.reorder = torch.tensor([0, 0, 1, 2], dtype=torch.uint8)  # as an unpickled format holds it
+    bad_csr = F.CSR.from_dense(torch.ones(4, 6))
+    bad_csr.col_idx = bad_csr.col_idx.to(torch.int64)  # the kernels take unsigned indices only
+    state = sparse.state_dict()
+    cases = [
+        (5, ValueError, "_extra_state must be the dict"),
+        ({"format": sparse.weight_format}, ValueError, "_extra_state must be the dict"),
+        ({"weight_format": "csr"}, TypeError, "weight_format must be a sparse format"),
+        ({"weight_format": bad_fkw}, ValueError, "weight_format is not a valid FKW: .*reorder must be a permutation"),
+        ({"weight_format": bad_csr}, TypeError, "CSR.col_idx must be stored as an unsigned integer tensor"),
+        ({"weight_format": F.CSR.from_dense(torch.ones(3, 8))}, ValueError,
+         r"shape \(3, 8\); this layer's weight is \(out_features, in_features\) = \(4, 6\)"),
+        ({"weight_format": F.CSR.from_dense(torch.ones(4, 6, dtype=torch.float64))}, TypeError,
+         "dtype torch.float64; this layer's is torch.float32"),
+    ]
+    for extra, error, match in cases:
+        with pytest.raises(error, match=match):
+            sparse.load_state_dict({**state, "_extra_state": extra})
+        assert torch.equal(sparse(x), ref)
+    other = _linear_state("bsr", blocksize=2)
+    sparse.load_state_dict(other.state_dict())  # a valid state of another format loads
+    assert torch.equal(sparse(x), other(x))
+    with pytest.raises(TypeError, match="SparseLinear: weight must be a sparse format"):
+        F.SparseLinear(torch.ones(4, 6))
+
+
+def test_sparse_conv3d_checks_execution_chosen_and_dtype_it_loads():
+    """SparseConv3d.set_extra_state accepted execution='bogus' and float64
+    offsets into a float32 conv (both failed only at forward)."""
+    sparse = F.compress(_pruned_conv(), "csr")
+    x = _sparse_input(channels=8)
+    ref = sparse(x).feats
+    extra = sparse.state_dict()["_extra_state"]
+    doubles = F.compress(_pruned_conv().double(), "csr").state_dict()["_extra_state"]["offsets"]
+    mixed = list(extra["offsets"])
+    mixed[3] = F.CSR.from_dense(torch.zeros(8, 8, dtype=torch.float64))
+    cases = [
+        ({**extra, "execution": "bogus"}, ValueError, "execution must be one of"),
+        ({**extra, "chosen": 5}, TypeError, "chosen must be a str"),
+        ({**extra, "offsets": doubles}, TypeError, "offsets have dtype torch.float64; this conv's are torch.float32"),
+        ({**extra, "offsets": mixed}, TypeError, "offset 3 has dtype torch.float64"),
+        ({**extra, "offsets": extra["offsets"][:26]}, ValueError, "list of K = 27 formats"),
+        ({**extra, "offsets": [None] * 27}, TypeError, "offset 0 must be a sparse format"),
+        ({**extra, "offsets": F.FKW.from_dense(torch.ones(8, 8, 8))}, ValueError,
+         r"FKW holds a weight of shape \(8, 8, 8\)"),
+    ]
+    for state, error, match in cases:
+        with pytest.raises(error, match=match):
+            sparse.load_state_dict({**sparse.state_dict(), "_extra_state": state})
+        assert sparse.execution == "engine" and torch.equal(sparse(x).feats, ref)
+    with pytest.raises(ValueError, match=r"offset 0 holds W\[o\].T of shape \(8, 8\)"):
+        F.SparseConv3d(extra["offsets"], (3, 3, 3), (1, 1, 1), (1, 1, 1), False, 4, 8)

@@ -330,3 +330,148 @@ def test_load_balanced_num_pe_is_bounded_by_the_rows():
     for bad in (9, 10**9):
         with pytest.raises(ValueError, match="num_pe must be at most the 8 rows"):
             F.load_balanced_unstructured(torch.nn.Linear(8, 8), "weight", amount=0.5, num_pe=bad)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_from_dense_refuses_sparse_layouts_and_meta_tensors(fmt):
+    """A torch sparse-layout tensor or a meta tensor is a TypeError naming
+    the argument (torch's RuntimeError / NotImplementedError before)."""
+    cls, kwargs = FORMATS[fmt]
+    for bad, match in ((torch.eye(4).to_sparse(), "dense \\(strided\\)"),
+                       (torch.eye(4).to_sparse_csr(), "dense \\(strided\\)"),
+                       (torch.empty(4, 4, device="meta"), "meta tensor")):
+        with pytest.raises(TypeError, match="tensor .*" + match):
+            cls.from_dense(bad, **kwargs)
+
+
+def test_compress_and_from_module_refuse_a_meta_weight():
+    with torch.device("meta"):
+        lin = torch.nn.Linear(4, 4)
+    for call in (lambda: F.compress(lin, "csr"), lambda: F.CSR.from_module(lin),
+                 lambda: F.FKW.from_module(lin)):
+        with pytest.raises(TypeError, match="Linear.weight is a meta tensor"):
+            call()
+
+
+@pytest.mark.parametrize("prune", ["no", 1, 0, None, torch.tensor(True)])
+def test_nm_prune_flag_must_be_a_bool(prune):
+    """prune='no' was taken as true (any truthy object)."""
+    with pytest.raises(TypeError, match="prune must be a bool"):
+        F.NM.from_dense(torch.ones(2, 4), prune=prune)
+
+
+PARTS_MATRIX = torch.tensor([[1.0, 0, 2, 0, 0, 3], [0, 0, 0, 0, 0, 0], [0, 4, 0, 5, 0, 0], [6, 0, 0, 0, 7, 0]])
+
+
+def _parts(fmt):
+    """The constructor arguments of ``fmt`` for PARTS_MATRIX (from_dense's arrays)."""
+    w = PARTS_MATRIX
+    if fmt == "csr":
+        s = F.CSR.from_dense(w)
+        return F.CSR, {"row_ptr": s.row_ptr, "col_idx": s.col_idx, "values": s.values, "shape": s.shape}
+    if fmt == "csc":
+        s = F.CSC.from_dense(w)
+        return F.CSC, {"col_ptr": s.col_ptr, "row_idx": s.row_idx, "values": s.values, "shape": s.shape}
+    if fmt == "coo":
+        s = F.COO.from_dense(w)
+        return F.COO, {"row_idx": s.row_idx, "col_idx": s.col_idx, "values": s.values, "shape": s.shape}
+    if fmt in ("bsr", "ell"):
+        s = F.BSR.from_dense(w, blocksize=2, layout="csr" if fmt == "bsr" else "ell")
+        return F.BSR, {"block_ptr": s.block_ptr, "block_col": s.block_col, "values": s.values,
+                       "shape": s.shape, "layout": s.layout}
+    if fmt == "nm":
+        s = F.NM.from_dense(w, n=2, m=4)
+        return F.NM, {"values": s.values, "positions": s.positions, "n": 2, "m": 4, "shape": s.shape}
+    if fmt == "eie":
+        s = F.EIE.from_dense(w, num_pe=2)
+        return F.EIE, {"values": s.values, "rel_idx": s.rel_idx, "col_ptr": s.col_ptr, "num_pe": 2,
+                       "shape": s.shape}
+    s = F.FKW.from_dense(w.reshape(4, 3, 2))
+    return F.FKW, {"weight": s.weight, "index": s.index, "offset": s.offset, "reorder": s.reorder,
+                   "stride": s.stride, "patterns": s.patterns, "weight_shape": s.weight_shape}
+
+
+T = torch.tensor
+BAD_PARTS = [
+    # (format, changed arguments, error, match)
+    ("csc", {"col_ptr": T([0, 1, 1, 1, 1, 1, 7]), "row_idx": T([9, 0, 0, 0, 0, 0, 0])}, ValueError,
+     r"row_idx must lie in \[0, 4\)"),  # the product had 10 rows
+    ("csc", {"col_ptr": T([0, 2, 3, 4, 5, 6, 7]), "row_idx": T([3, 0, 2, 0, 2, 3, 0])}, ValueError,
+     "row_idx must be strictly increasing within each column"),
+    ("csc", {"col_ptr": T([0, 2, 3, 4, 5, 6])}, ValueError, r"col_ptr must have K \+ 1 = 7 entries"),
+    ("csr", {"row_ptr": T([0, 3, 3, 5, 9])}, ValueError, r"row_ptr\[-1\] must equal nnz"),
+    ("csr", {"row_ptr": T([0, 3, 2, 5, 7])}, ValueError, "row_ptr must be non-decreasing"),  # torch's RuntimeError
+    ("csr", {"row_ptr": T([1, 3, 3, 5, 7])}, ValueError, r"row_ptr\[0\] must be 0"),
+    ("csr", {"row_ptr": T([[0, 3, 3, 5, 7]])}, ValueError, "row_ptr must be 1-D"),
+    ("csr", {"row_ptr": T([0.0, 3, 3, 5, 7])}, TypeError, "row_ptr must be an integer tensor"),
+    ("csr", {"row_ptr": T([0, 3, 3, 5, 7]).bool()}, TypeError, "row_ptr must be an integer tensor"),
+    ("csr", {"row_ptr": [0, 3, 3, 5, 7]}, TypeError, "row_ptr must be a torch.Tensor"),
+    ("csr", {"col_idx": T([0, 2, 6, 1, 3, 0, 4])}, ValueError, r"col_idx must lie in \[0, 6\)"),
+    ("csr", {"col_idx": T([0, 5, 2, 1, 3, 0, 4])}, ValueError, "col_idx must be strictly increasing within each row"),
+    ("csr", {"col_idx": T([0, 2, 2, 1, 3, 0, 4])}, ValueError, "col_idx must be strictly increasing within each row"),
+    ("csr", {"col_idx": T([0, 2, 5])}, ValueError, r"col_idx must have one entry per value \(7\)"),
+    ("csr", {"values": T([1, 2, 3, 4, 5, 6, 7])}, TypeError, "values must be a floating tensor"),
+    ("csr", {"values": torch.ones(7, 1)}, ValueError, "values must be 1-D"),
+    ("csr", {"shape": (4,)}, ValueError, "shape must be 2 sizes"),
+    ("csr", {"shape": None}, TypeError, "shape must be a tuple of ints"),
+    ("csr", {"shape": (4.0, 6)}, TypeError, "shape must be a tuple of ints"),
+    ("csr", {"shape": (4, -6)}, ValueError, "shape must be 2 sizes >= 0"),
+    ("coo", {"row_idx": T([0, 0, 0, 2, 2, 3, 3]), "col_idx": T([0, 2, 0, 1, 3, 0, 4])}, ValueError,
+     r"hold the entry \(0, 0\) more than once"),
+    ("coo", {"row_idx": T([0, 0, 0, 2, 2, 3, 3.0])}, TypeError, "row_idx must be an integer tensor"),
+    ("bsr", {"block_ptr": T([0, 3, 2])}, ValueError, "block_ptr must be non-decreasing"),
+    ("bsr", {"block_ptr": T([0, 2, 9])}, ValueError, r"block_ptr\[-1\] must equal the number of blocks"),
+    ("bsr", {"block_col": T([0, 3, 2, 0, 1, 2])}, ValueError, r"block_col must lie in \[0, 3\)"),
+    ("bsr", {"block_col": T([0, 1])}, ValueError, "block_col must have one entry per block"),
+    ("bsr", {"values": torch.ones(5, 4)}, ValueError, "values must be 3-D"),
+    ("ell", {"block_ptr": T([0, 2, 6])}, ValueError, "Block-ELL block_ptr must be i \\* E"),
+    ("nm", {"positions": T([0x68, 0x4E, 0x4D, 0x48])}, ValueError,
+     r"positions entry \(0, 2\) = 2 points outside its group"),  # column 6 of 6
+    ("nm", {"positions": T([0x4A, 0x4E, 0x4D, 0x48])}, ValueError, "positions must be strictly increasing"),
+    ("nm", {"positions": T([0x48, 0x4E, 0x4D])}, ValueError, "positions must hold the M \\* L = 16"),
+    ("nm", {"positions": T([0x48, 0x4E, 0x4D, 300])}, ValueError, r"positions must lie in \[0, 256\)"),
+    ("nm", {"positions": T([0x48, 0x4E, 0x4D, 0x48]).float()}, TypeError, "positions must be an integer"),
+    ("nm", {"values": torch.ones(4, 3)}, ValueError, r"values must be \(M, L\) = \(4, 4\)"),
+    ("eie", {"col_ptr": T([[0, 1, 2, 3, 4, 4, 5], [0, 1, 2, 1, 1, 2, 2]])}, ValueError,
+     r"col_ptr\[1\] must be non-decreasing"),
+    ("eie", {"col_ptr": T([[1, 1, 2, 3, 4, 4, 5], [0, 1, 1, 1, 1, 2, 2]])}, ValueError, r"col_ptr\[0, 0\] must be 0"),
+    ("eie", {"col_ptr": T([0, 1, 2, 3, 4, 4, 5])}, ValueError, "col_ptr must be 2-D"),
+    ("eie", {"num_pe": 3}, ValueError, r"col_ptr must be \(num_pe, K \+ 1\) = \(3, 7\)"),
+    ("eie", {"num_pe": 0}, ValueError, "num_pe must be a positive int"),
+    ("eie", {"rel_idx": T([0x1F, 0x10, 0x00, 0x11])}, ValueError, r"rel_idx reaches row 30 >= M = 4"),
+    ("eie", {"rel_idx": T([0x10, 0x10])}, ValueError, "rel_idx must hold the entries' 4-bit fields in 4 bytes"),
+    ("eie", {"values": T([1.0, 2.0])}, ValueError, "values must hold the 7 entries col_ptr counts"),
+    ("fkw", {"reorder": T([0, 0, 1, 2])}, ValueError, "reorder must be a permutation"),  # a row was never written
+    ("fkw", {"reorder": T([0, 1, 2, 4])}, ValueError, r"reorder must lie in \[0, 4\)"),
+    ("fkw", {"index": T([0, 0, 2, 0, 2, 0, 1])}, ValueError, "index holds input channel 0 twice in stored filter 0"),
+    ("fkw", {"index": T([0, 3, 2, 0, 2, 0, 1])}, ValueError, r"index must lie in \[0, 3\)"),
+    ("fkw", {"offset": T([0, 2, 4, 6, 5])}, ValueError, "offset must be non-decreasing"),
+    ("fkw", {"offset": T([0, 2, 4, 5])}, ValueError, r"offset must have C_out \+ 1 = 5 entries"),
+    ("fkw", {"stride": T([[0, 1], [0, 1], [0, 1], [0, 0]])}, ValueError, r"stride\[0, -1\] must equal the kernels"),
+    ("fkw", {"stride": T([0, 1, 2, 0])}, ValueError, "stride must be 2-D"),
+    ("fkw", {"patterns": T([9, 0])}, ValueError, "patterns must hold n_patterns x V"),
+    ("fkw", {"weight": T([1.0, 2.0])}, ValueError, "weight must hold one value per pattern offset"),
+    ("fkw", {"weight_shape": (4, 3)}, ValueError, r"offset must have C_out \+ 1|weight must hold"),
+    ("fkw", {"weight_shape": (4,)}, ValueError, "weight_shape must be at least 2 sizes"),
+]
+
+
+@pytest.mark.parametrize("fmt, changes, error, match", BAD_PARTS,
+                         ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD_PARTS)])
+def test_constructors_refuse_arrays_that_make_no_matrix(fmt, changes, error, match):
+    """Every format's constructor checks its pointer and index arrays (as the
+    C++ kernels do): they gave products of the wrong shape, uninitialised rows
+    (FKW reorder), a to_dense of garbage or torch's RuntimeError before."""
+    cls, parts = _parts(fmt)
+    assert torch.equal(cls(**parts).to_dense().reshape(4, 6), PARTS_MATRIX)  # the unchanged arrays are fine
+    with pytest.raises(error, match=match):
+        cls(**{**parts, **changes})
+
+
+@pytest.mark.parametrize("fmt", ["csr", "csc", "coo", "bsr", "ell", "nm", "eie", "fkw"])
+def test_constructors_take_any_integer_index_dtype(fmt):
+    cls, parts = _parts(fmt)
+    wide = {k: v.to(torch.int32) if isinstance(v, torch.Tensor) and not v.is_floating_point() else v
+            for k, v in parts.items()}
+    assert torch.equal(cls(**wide).to_dense(), cls(**parts).to_dense())

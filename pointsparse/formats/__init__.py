@@ -5,7 +5,11 @@ Each format (``COO, CSR, CSC, BSR, NM, EIE, FKW``) has ``from_dense(tensor,
 weight of a pruned module), ``to_dense()``, ``nbytes()`` (exact storage, each
 index array in its narrowest unsigned width, packed sub-byte fields rounded up
 per array) and ``matmul(dense)`` = ``self @ dense``: the C++/OpenMP kernels on
-CPU float32/float64, pure torch elsewhere.
+CPU float32/float64, pure torch elsewhere. The constructors take the stored
+arrays and check them (``validate()``: integer index arrays inside the shape,
+pointers from 0 that never decrease and end at the entry count, permutations,
+pattern and block sizes that agree), with a ValueError or TypeError naming the
+array.
 
 ``compress(module, format=...)`` turns a pruned ``torch.nn.Linear`` or
 ``pointsparse.nn.Conv3d`` (or every one inside a model) into an inference

@@ -4,23 +4,109 @@ result), construction from a pruned module, and storage accounting."""
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from .. import _ext
 from ._storage import array_nbytes
 
 _KERNEL_DTYPES = _ext.FLOAT_DTYPES
+_STORED_INDEX_DTYPES = (torch.uint8, torch.uint16, torch.uint32, torch.uint64)
+
+
+def check_data(tensor, name: str) -> None:
+    """A torch.Tensor with data the formats can read: strided (not a torch
+    sparse layout), on a real device (not meta); any device otherwise (its
+    data is copied to the CPU)."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(tensor).__name__}")
+    if tensor.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor; got layout {tensor.layout} "
+                        "(convert it with .to_dense())")
+    if tensor.device.type == "meta":
+        raise TypeError(f"{name} is a meta tensor (a shape without data); give a tensor with values")
 
 
 def check_matrix(tensor, name: str = "tensor") -> torch.Tensor:
     """A 2-D floating tensor, detached, on the CPU, contiguous."""
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor; got {type(tensor).__name__}")
+    check_data(tensor, name)
     if tensor.dim() != 2:
         raise ValueError(f"{name} must be 2-D (rows, cols); got shape {tuple(tensor.shape)}")
     if not tensor.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor; got {tensor.dtype}")
     return tensor.detach().to("cpu").contiguous()
+
+
+def check_shape(shape, name: str = "shape", dims: int | None = 2) -> tuple:
+    """``shape`` as a tuple of ints >= 0: ``dims`` of them (at least 2 when
+    ``dims`` is None)."""
+    try:
+        sizes = tuple(shape)
+        if any(isinstance(s, bool) for s in sizes):
+            raise TypeError
+        sizes = tuple(operator.index(s) for s in sizes)
+    except TypeError:
+        raise TypeError(f"{name} must be a tuple of ints; got {shape!r}") from None
+    if (len(sizes) != dims if dims is not None else len(sizes) < 2) or any(s < 0 for s in sizes):
+        what = f"{dims}" if dims is not None else "at least 2"
+        raise ValueError(f"{name} must be {what} sizes >= 0; got {shape!r}")
+    return sizes
+
+
+def index_array(tensor, name: str, dim: int = 1) -> torch.Tensor:
+    """An index argument: a ``dim``-D integer tensor of values >= 0, as int64
+    on the CPU (checked before it is narrowed: a float would be truncated)."""
+    check_data(tensor, name)
+    if tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.is_complex():
+        raise TypeError(f"{name} must be an integer tensor; got {tensor.dtype}")
+    if tensor.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D; got shape {tuple(tensor.shape)}")
+    index = tensor.detach().to("cpu", torch.int64)
+    if index.numel() and int(index.min()) < 0:  # a uint64 past 2**63 reads negative too
+        raise ValueError(f"{name} must be non-negative; got {int(index.min())}")
+    return index
+
+
+def value_array(tensor, name: str, dim: int) -> torch.Tensor:
+    """A ``dim``-D floating tensor, detached, on the CPU, contiguous."""
+    check_data(tensor, name)
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor; got {tensor.dtype}")
+    if tensor.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D; got shape {tuple(tensor.shape)}")
+    return tensor.detach().to("cpu").contiguous()
+
+
+def check_pointer(ptr: torch.Tensor, name: str, rows: int, rows_name: str, total: int, total_name: str) -> None:
+    """``ptr`` (int64, 1-D) has ``rows + 1`` entries, starts at 0, never
+    decreases and ends at ``total``, as the C++ kernels require."""
+    if ptr.numel() != rows + 1:
+        raise ValueError(f"{name} must have {rows_name} + 1 = {rows + 1} entries; got {ptr.numel()}")
+    if int(ptr[0]) != 0:
+        raise ValueError(f"{name}[0] must be 0; got {int(ptr[0])}")
+    down = (ptr.diff() < 0).nonzero()
+    if down.numel():
+        raise ValueError(f"{name} must be non-decreasing; decreases at {int(down[0]) + 1}")
+    if int(ptr[-1]) != total:
+        raise ValueError(f"{name}[-1] must equal {total_name} = {total}; got {int(ptr[-1])}")
+
+
+def check_below(index: torch.Tensor, name: str, bound: int, bound_name: str) -> None:
+    """Every entry of ``index`` (int64, >= 0) is below ``bound``."""
+    if index.numel() and int(index.max()) >= bound:
+        raise ValueError(f"{name} must lie in [0, {bound}) ({bound_name} = {bound}); got {int(index.max())}")
+
+
+def check_ascending(major: torch.Tensor, minor: torch.Tensor, name: str, what: str) -> None:
+    """``minor`` strictly increases within each run of equal ``major``: entries
+    sorted, none repeated (a repeat would be summed by the product but
+    overwritten by ``to_dense``)."""
+    bad = ((major[1:] == major[:-1]) & (minor[1:] <= minor[:-1])).nonzero()
+    if bad.numel():
+        i = int(bad[0]) + 1
+        raise ValueError(f"{name} must be strictly increasing within each {what} (sorted, no repeats); "
+                         f"entry {i} ({int(minor[i])}) follows {int(minor[i - 1])} in {what} {int(major[i])}")
 
 
 def module_weight(module: torch.nn.Module, name: str = "weight") -> torch.Tensor:
@@ -31,10 +117,13 @@ def module_weight(module: torch.nn.Module, name: str = "weight") -> torch.Tensor
     orig = getattr(module, name + "_orig", None)
     mask = getattr(module, name + "_mask", None)
     if isinstance(orig, torch.Tensor) and isinstance(mask, torch.Tensor):
+        check_data(orig, f"{type(module).__name__}.{name}_orig")
+        check_data(mask, f"{type(module).__name__}.{name}_mask")
         return (orig * mask).detach()
     weight = getattr(module, name, None)
     if not isinstance(weight, torch.Tensor):
         raise ValueError(f"{type(module).__name__} has no tensor attribute {name!r}")
+    check_data(weight, f"{type(module).__name__}.{name}")
     return weight.detach()
 
 
@@ -74,6 +163,51 @@ class SparseFormat:
 
     shape: tuple
     dtype: torch.dtype
+
+    # -- checks -----------------------------------------------------------
+    def validate(self) -> "SparseFormat":
+        """Checks that the stored arrays make a matrix of ``shape`` (index
+        arrays inside it, pointers that start at 0, never decrease and end at
+        the entry count, permutations that are permutations, ...) and
+        returns the format; a ValueError or TypeError naming the array
+        otherwise. The constructor runs it; a module loading a format runs
+        it too (unpickling does not run the constructor)."""
+        self._validate()
+        return self
+
+    def _validate(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _stored(self, name: str, kind: str, dim: int) -> torch.Tensor:
+        """The stored array ``name``, a CPU tensor of ``dim`` dimensions:
+        ``kind`` "index" unsigned (as the kernels take it; returned as
+        int64), "bytes" uint8 (packed fields), "values" floating."""
+        array = getattr(self, name, None)
+        what = f"{type(self).__name__}.{name}"
+        if not isinstance(array, torch.Tensor):
+            raise TypeError(f"{what} must be a torch.Tensor; got {type(array).__name__}")
+        if array.layout != torch.strided or array.device.type != "cpu":
+            raise TypeError(f"{what} must be a dense CPU tensor; got layout {array.layout} on {array.device}")
+        if kind == "index" and array.dtype not in _STORED_INDEX_DTYPES:
+            raise TypeError(f"{what} must be stored as an unsigned integer tensor (uint8/16/32/64); "
+                            f"got {array.dtype}")
+        if kind == "bytes" and array.dtype != torch.uint8:
+            raise TypeError(f"{what} must be a uint8 tensor of packed fields; got {array.dtype}")
+        if kind == "values" and not array.is_floating_point():
+            raise TypeError(f"{what} must be a floating tensor; got {array.dtype}")
+        if array.dim() != dim:
+            raise ValueError(f"{what} must be {dim}-D; got shape {tuple(array.shape)}")
+        if kind != "index":
+            return array
+        index = array.to(torch.int64)
+        if index.numel() and int(index.min()) < 0:  # a uint64 past 2**63
+            raise ValueError(f"{what} holds {int(index.min())} after widening; index values must fit int64")
+        return index
+
+    def _check_dtype(self, values: torch.Tensor) -> None:
+        if getattr(self, "dtype", None) != values.dtype:
+            raise ValueError(f"{type(self).__name__}.dtype must be its values' dtype {values.dtype}; "
+                             f"got {getattr(self, 'dtype', None)}")
 
     # -- construction ---------------------------------------------------
     @classmethod

@@ -7,7 +7,7 @@ import operator
 import torch
 
 from .. import _ext
-from ._base import SparseFormat, check_matrix
+from ._base import SparseFormat, check_below, check_matrix, check_pointer, check_shape, index_array, value_array
 from ._storage import narrow, widen
 
 _LAYOUTS = ("csr", "ell")
@@ -61,19 +61,39 @@ class BSR(SparseFormat):
     with zero blocks at block column 0; no ``block_ptr`` (it is i * E):
     ``nbytes = MB * E * br * bc * itemsize + MB * E * w(max block col)``."""
 
-    def __init__(self, block_ptr, block_col, values, shape, layout: str = "csr"):
+    def __init__(self, block_ptr, block_col, values, shape, layout: str = "csr", *, _trusted: bool = False):
         self.layout = _check_layout(layout)
-        self.shape = (int(shape[0]), int(shape[1]))
-        self.values = values.detach().to("cpu").contiguous()
-        if self.values.dim() != 3 or self.values.shape[1] < 1 or self.values.shape[2] < 1:
-            raise ValueError(f"values must be (num_blocks, br, bc); got {tuple(self.values.shape)}")
+        self.shape = check_shape(shape)
+        self.values = value_array(values, "values", 3)
         self.blocksize = (int(self.values.shape[1]), int(self.values.shape[2]))
-        self.block_ptr = narrow(block_ptr)
-        self.block_col = narrow(block_col)
+        self.block_ptr = narrow(index_array(block_ptr, "block_ptr"))
+        self.block_col = narrow(index_array(block_col, "block_col"))
         self.dtype = self.values.dtype
-        mb = -(-self.shape[0] // self.blocksize[0])
-        if self.block_ptr.numel() != mb + 1 or self.block_col.numel() != self.values.shape[0]:
-            raise ValueError("block_ptr must have ceil(M / br) + 1 entries and block_col one per block")
+        if not _trusted:  # from_dense builds valid arrays: its checks would only cost time
+            self.validate()
+
+    def _validate(self) -> None:
+        _check_layout(getattr(self, "layout", None))
+        M, K = check_shape(self.shape)
+        values = self._stored("values", "values", 3)
+        self._check_dtype(values)
+        nb, br, bc = values.shape
+        if br < 1 or bc < 1:
+            raise ValueError(f"values must be (num_blocks, br, bc) with blocks of at least 1 x 1; got "
+                             f"{tuple(values.shape)}")
+        if tuple(getattr(self, "blocksize", ())) != (br, bc):
+            raise ValueError(f"BSR.blocksize must be the values' block ({br}, {bc}); got "
+                             f"{getattr(self, 'blocksize', None)!r}")
+        block_ptr = self._stored("block_ptr", "index", 1)
+        block_col = self._stored("block_col", "index", 1)
+        mb, kb = -(-M // br), -(-K // bc)
+        if block_col.numel() != nb:
+            raise ValueError(f"block_col must have one entry per block ({nb}); got {block_col.numel()}")
+        check_pointer(block_ptr, "block_ptr", mb, "ceil(M / br)", nb, "the number of blocks")
+        check_below(block_col, "block_col", kb, "ceil(K / bc)")
+        if self.layout == "ell" and mb and bool((block_ptr != torch.arange(mb + 1) * (nb // mb)).any()):
+            raise ValueError(f"a Block-ELL block_ptr must be i * E (every block row holds E = {nb // mb} "
+                             f"blocks); got {block_ptr.tolist()[:8]}...")
 
     @classmethod
     def from_dense(cls, tensor, blocksize=(4, 4), layout: str = "csr") -> "BSR":
@@ -98,8 +118,8 @@ class BSR(SparseFormat):
             ell_values[brow, slot] = values
             ell_col[brow, slot] = bcol
             return cls(torch.arange(mb + 1) * width, ell_col.reshape(-1),
-                       ell_values.reshape(-1, br, bc), (M, K), layout="ell")
-        return cls(block_ptr, bcol, values, (M, K))
+                       ell_values.reshape(-1, br, bc), (M, K), layout="ell", _trusted=True)
+        return cls(block_ptr, bcol, values, (M, K), _trusted=True)
 
     def arrays(self) -> dict:
         if self.layout == "ell":  # block_ptr is implied by the fixed row width

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from ._base import SparseFormat, check_matrix
+from ._base import (SparseFormat, check_ascending, check_below, check_matrix, check_pointer, check_shape,
+                    index_array, value_array)
 from ._storage import narrow, widen
 
 
@@ -29,17 +30,26 @@ class CSR(SparseFormat):
     ``nbytes = nnz * itemsize + nnz * w(max col) + (M + 1) * w(nnz)``; e.g. the
     4 x 4 example with 6 float32 values: 24 + 6 + 5 = 35 bytes."""
 
-    def __init__(self, row_ptr, col_idx, values, shape):
-        self.shape = (int(shape[0]), int(shape[1]))
-        self.row_ptr = narrow(row_ptr)
-        self.col_idx = narrow(col_idx)
-        self.values = values.detach().to("cpu").contiguous()
+    def __init__(self, row_ptr, col_idx, values, shape, *, _trusted: bool = False):
+        self.shape = check_shape(shape)
+        self.values = value_array(values, "values", 1)
         self.dtype = self.values.dtype
-        M, K = self.shape
-        if self.row_ptr.numel() != M + 1:
-            raise ValueError(f"row_ptr must have M + 1 = {M + 1} entries; got {self.row_ptr.numel()}")
-        if self.col_idx.numel() != self.values.numel() or self.values.dim() != 1:
-            raise ValueError("col_idx and values must be 1-D of the same length")
+        self.row_ptr = narrow(index_array(row_ptr, "row_ptr"))
+        self.col_idx = narrow(index_array(col_idx, "col_idx"))
+        if not _trusted:  # from_dense builds valid arrays: its checks would only cost time
+            self.validate()
+
+    def _validate(self) -> None:
+        M, K = check_shape(self.shape)
+        values = self._stored("values", "values", 1)
+        self._check_dtype(values)
+        row_ptr = self._stored("row_ptr", "index", 1)
+        col_idx = self._stored("col_idx", "index", 1)
+        if col_idx.numel() != values.numel():
+            raise ValueError(f"col_idx must have one entry per value ({values.numel()}); got {col_idx.numel()}")
+        check_pointer(row_ptr, "row_ptr", M, "M", values.numel(), "nnz (the number of values)")
+        check_below(col_idx, "col_idx", K, "K")
+        check_ascending(torch.repeat_interleave(torch.arange(M), row_ptr.diff()), col_idx, "col_idx", "row")
 
     @classmethod
     def from_dense(cls, tensor) -> "CSR":
@@ -48,7 +58,7 @@ class CSR(SparseFormat):
         rows, cols = dense.nonzero(as_tuple=True)
         counts = torch.bincount(rows, minlength=M)
         row_ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        return cls(row_ptr, cols, dense[rows, cols], (M, K))
+        return cls(row_ptr, cols, dense[rows, cols], (M, K), _trusted=True)
 
     def arrays(self) -> dict:
         return {"values": self.values, "col_idx": self.col_idx, "row_ptr": self.row_ptr}
@@ -79,16 +89,26 @@ class CSC(SparseFormat):
     The product reorders the entries by row on each call and runs the CSR
     kernel (nothing extra is stored)."""
 
-    def __init__(self, col_ptr, row_idx, values, shape):
-        self.shape = (int(shape[0]), int(shape[1]))
-        self.col_ptr = narrow(col_ptr)
-        self.row_idx = narrow(row_idx)
-        self.values = values.detach().to("cpu").contiguous()
+    def __init__(self, col_ptr, row_idx, values, shape, *, _trusted: bool = False):
+        self.shape = check_shape(shape)
+        self.values = value_array(values, "values", 1)
         self.dtype = self.values.dtype
-        if self.col_ptr.numel() != self.shape[1] + 1:
-            raise ValueError(f"col_ptr must have K + 1 = {self.shape[1] + 1} entries")
-        if self.row_idx.numel() != self.values.numel() or self.values.dim() != 1:
-            raise ValueError("row_idx and values must be 1-D of the same length")
+        self.col_ptr = narrow(index_array(col_ptr, "col_ptr"))
+        self.row_idx = narrow(index_array(row_idx, "row_idx"))
+        if not _trusted:  # from_dense builds valid arrays: its checks would only cost time
+            self.validate()
+
+    def _validate(self) -> None:
+        M, K = check_shape(self.shape)
+        values = self._stored("values", "values", 1)
+        self._check_dtype(values)
+        col_ptr = self._stored("col_ptr", "index", 1)
+        row_idx = self._stored("row_idx", "index", 1)
+        if row_idx.numel() != values.numel():
+            raise ValueError(f"row_idx must have one entry per value ({values.numel()}); got {row_idx.numel()}")
+        check_pointer(col_ptr, "col_ptr", K, "K", values.numel(), "nnz (the number of values)")
+        check_below(row_idx, "row_idx", M, "M")
+        check_ascending(torch.repeat_interleave(torch.arange(K), col_ptr.diff()), row_idx, "row_idx", "column")
 
     @classmethod
     def from_dense(cls, tensor) -> "CSC":
@@ -97,7 +117,7 @@ class CSC(SparseFormat):
         cols, rows = dense.t().nonzero(as_tuple=True)
         counts = torch.bincount(cols, minlength=K)
         col_ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        return cls(col_ptr, rows, dense[rows, cols], (M, K))
+        return cls(col_ptr, rows, dense[rows, cols], (M, K), _trusted=True)
 
     def arrays(self) -> dict:
         return {"values": self.values, "row_idx": self.row_idx, "col_ptr": self.col_ptr}
@@ -130,29 +150,50 @@ class COO(SparseFormat):
     The product derives row pointers from the sorted rows per call and runs
     the CSR kernel."""
 
-    def __init__(self, row_idx, col_idx, values, shape):
-        self.shape = (int(shape[0]), int(shape[1]))
-        rows, cols = widen(narrow(row_idx)), widen(narrow(col_idx))
-        values = values.detach().to("cpu").contiguous()
-        if not (rows.numel() == cols.numel() == values.numel()) or values.dim() != 1:
-            raise ValueError("row_idx, col_idx and values must be 1-D of the same length")
-        if min(self.shape) < 0:
-            raise ValueError(f"shape must be two sizes >= 0; got {self.shape}")
-        for name, idx, size in (("row_idx", rows, self.shape[0]), ("col_idx", cols, self.shape[1])):
-            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
-                raise ValueError(f"{name} must lie in [0, {size}) for shape {self.shape}; got values in "
-                                 f"[{int(idx.min())}, {int(idx.max())}]")
-        order = torch.argsort(rows * max(1, self.shape[1]) + cols)
+    def __init__(self, row_idx, col_idx, values, shape, *, _trusted: bool = False):
+        self.shape = check_shape(shape)
+        rows, cols = index_array(row_idx, "row_idx"), index_array(col_idx, "col_idx")
+        values = value_array(values, "values", 1)
+        if not (rows.numel() == cols.numel() == values.numel()):
+            raise ValueError(f"row_idx, col_idx and values must have the same length; got {rows.numel()}, "
+                             f"{cols.numel()} and {values.numel()}")
+        check_below(rows, "row_idx", self.shape[0], "M")
+        check_below(cols, "col_idx", self.shape[1], "K")
+        key = rows * max(1, self.shape[1]) + cols
+        order = torch.argsort(key)
+        twice = (key[order].diff() == 0).nonzero()
+        if twice.numel():
+            at = order[int(twice[0])]
+            raise ValueError(f"row_idx, col_idx hold the entry ({int(rows[at])}, {int(cols[at])}) more than once "
+                             "(one value per entry)")
         self.row_idx = narrow(rows[order])
         self.col_idx = narrow(cols[order])
         self.values = values[order].contiguous()
         self.dtype = self.values.dtype
+        if not _trusted:  # from_dense builds valid arrays: its checks would only cost time
+            self.validate()
+
+    def _validate(self) -> None:
+        M, K = check_shape(self.shape)
+        values = self._stored("values", "values", 1)
+        self._check_dtype(values)
+        rows = self._stored("row_idx", "index", 1)
+        cols = self._stored("col_idx", "index", 1)
+        if not (rows.numel() == cols.numel() == values.numel()):
+            raise ValueError(f"row_idx, col_idx and values must have the same length; got {rows.numel()}, "
+                             f"{cols.numel()} and {values.numel()}")
+        check_below(rows, "row_idx", M, "M")
+        check_below(cols, "col_idx", K, "K")
+        down = (rows.diff() < 0).nonzero()
+        if down.numel():  # the product derives row pointers from the sorted rows
+            raise ValueError(f"row_idx must be sorted (non-decreasing); decreases at {int(down[0]) + 1}")
+        check_ascending(rows, cols, "col_idx", "row")
 
     @classmethod
     def from_dense(cls, tensor) -> "COO":
         dense = check_matrix(tensor)
         rows, cols = dense.nonzero(as_tuple=True)
-        return cls(rows, cols, dense[rows, cols], dense.shape)
+        return cls(rows, cols, dense[rows, cols], dense.shape, _trusted=True)
 
     def arrays(self) -> dict:
         return {"values": self.values, "row_idx": self.row_idx, "col_idx": self.col_idx}

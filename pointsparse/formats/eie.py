@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from ._base import SparseFormat, check_matrix
+from ._base import SparseFormat, check_below, check_matrix, check_shape, index_array, value_array
 from ._storage import narrow, pack_bits, unpack_bits, widen
 
 MAX_GAP = 15  # a 4-bit relative index
@@ -31,20 +31,45 @@ class EIE(SparseFormat):
     max_p E_p.
     ``nbytes = sum E_p * itemsize + sum ceil(E_p / 2) + P * (K + 1) * w(max E_p)``."""
 
-    def __init__(self, values, rel_idx, col_ptr, num_pe: int, shape):
-        self.shape = (int(shape[0]), int(shape[1]))
-        self.num_pe = int(num_pe)
-        self.values = values.detach().to("cpu").contiguous()
+    def __init__(self, values, rel_idx, col_ptr, num_pe: int, shape, *, _trusted: bool = False):
+        self.shape = check_shape(shape)
+        self.num_pe = _check_num_pe(num_pe)
+        self.values = value_array(values, "values", 1)
         self.dtype = self.values.dtype
-        self.rel_idx = rel_idx.detach().to("cpu", torch.uint8).contiguous()
-        self.col_ptr = narrow(col_ptr)
-        if tuple(self.col_ptr.shape) != (self.num_pe, self.shape[1] + 1):
-            raise ValueError(f"col_ptr must be (num_pe, K + 1) = ({self.num_pe}, "
-                             f"{self.shape[1] + 1}); got {tuple(self.col_ptr.shape)}")
-        counts = widen(self.col_ptr)[:, -1]
-        if int(counts.sum()) != self.values.numel() or \
-                int(((counts + 1) // 2).sum()) != self.rel_idx.numel():
-            raise ValueError("values and rel_idx must hold the entries col_ptr counts")
+        rel_idx = index_array(rel_idx, "rel_idx")
+        check_below(rel_idx, "rel_idx", 256, "bytes: 256")
+        self.rel_idx = rel_idx.to(torch.uint8).contiguous()
+        self.col_ptr = narrow(index_array(col_ptr, "col_ptr", dim=2))
+        if not _trusted:  # from_dense builds valid arrays: its checks would only cost time
+            self.validate()
+
+    def _validate(self) -> None:
+        M, K = check_shape(self.shape)
+        P = _check_num_pe(getattr(self, "num_pe", None))
+        values = self._stored("values", "values", 1)
+        self._check_dtype(values)
+        rel_idx = self._stored("rel_idx", "bytes", 1)
+        col_ptr = self._stored("col_ptr", "index", 2)
+        if tuple(col_ptr.shape) != (P, K + 1):
+            raise ValueError(f"col_ptr must be (num_pe, K + 1) = ({P}, {K + 1}); got {tuple(col_ptr.shape)}")
+        start = col_ptr[:, 0].nonzero()
+        if start.numel():
+            raise ValueError(f"col_ptr[{int(start[0])}, 0] must be 0; got {int(col_ptr[int(start[0]), 0])}")
+        down = (col_ptr.diff(dim=1) < 0).nonzero()
+        if down.numel():
+            raise ValueError(f"col_ptr[{int(down[0, 0])}] must be non-decreasing; decreases at {int(down[0, 1]) + 1}")
+        counts = col_ptr[:, -1]
+        if int(counts.sum()) != values.numel():
+            raise ValueError(f"values must hold the {int(counts.sum())} entries col_ptr counts; got {values.numel()}")
+        if int(((counts + 1) // 2).sum()) != rel_idx.numel():
+            raise ValueError(f"rel_idx must hold the entries' 4-bit fields in {int(((counts + 1) // 2).sum())} "
+                             f"bytes (each PE's rounded up); got {rel_idx.numel()}")
+        rows, _ = self._decode()
+        far = (rows >= M).nonzero()
+        if far.numel():
+            e = int(far[0])
+            raise ValueError(f"rel_idx reaches row {int(rows[e])} >= M = {M} (PE {int(rows[e]) % P}, "
+                             f"entry {e} of values)")
 
     @classmethod
     def from_dense(cls, tensor, num_pe: int = 4) -> "EIE":
@@ -64,7 +89,7 @@ class EIE(SparseFormat):
             values.append(v)
             gaps.append(pack_bits(z, 4))
             col_ptr.append(torch.cat([counts.new_zeros(1), counts.cumsum(0)]))
-        return cls(torch.cat(values), torch.cat(gaps), torch.stack(col_ptr), num_pe, (M, K))
+        return cls(torch.cat(values), torch.cat(gaps), torch.stack(col_ptr), num_pe, (M, K), _trusted=True)
 
     def arrays(self) -> dict:
         return {"values": self.values, "rel_idx": self.rel_idx, "col_ptr": self.col_ptr}
@@ -74,33 +99,34 @@ class EIE(SparseFormat):
         """E_p: entries (padding zeros included) each PE stores: its load."""
         return widen(self.col_ptr)[:, -1]
 
-    def _triplets(self):
+    def _decode(self):
+        """Row and column of every stored entry (padding zeros included), in
+        the order of ``values``."""
         P, K = self.num_pe, self.shape[1]
         col_ptr = widen(self.col_ptr)
-        rows, cols, vals = [], [], []
-        entry0, byte0 = 0, 0
-        for p in range(P):
-            e = int(col_ptr[p, -1])
-            z = unpack_bits(self.rel_idx[byte0: byte0 + (e + 1) // 2], 4, e)
-            col = torch.repeat_interleave(torch.arange(K), col_ptr[p].diff())
-            # local row = running sum of (z + 1) within each column, minus 1
-            step = z + 1
-            csum = step.cumsum(0)
-            start = torch.zeros_like(csum)
-            if e:
-                first = col_ptr[p, :-1][col_ptr[p].diff() > 0]
-                base = torch.zeros(e, dtype=torch.int64)
-                base[first] = torch.cat([csum.new_zeros(1), csum])[first]
-                start = torch.cummax(base, 0).values
-            local = csum - start - 1
-            rows.append(local * P + p)
-            cols.append(col)
-            vals.append(self.values[entry0: entry0 + e])
-            entry0 += e
-            byte0 += (e + 1) // 2
-        rows, cols, vals = torch.cat(rows), torch.cat(cols), torch.cat(vals)
-        keep = vals != 0
-        return rows[keep], cols[keep], vals[keep]
+        counts = col_ptr[:, -1]
+        e = int(counts.sum())
+        if e == 0:
+            return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+        per_column = col_ptr.diff(dim=1).reshape(-1)  # (P * K,): entries of PE p, column k
+        segment = torch.repeat_interleave(torch.arange(P * K), per_column)
+        pe = segment // max(1, K)
+        # each PE's 4-bit fields start on a whole byte: field f of PE p is nibble 2 * byte0[p] + f
+        byte0 = torch.cat([counts.new_zeros(1), ((counts + 1) // 2).cumsum(0)[:-1]])
+        entry0 = torch.cat([counts.new_zeros(1), counts.cumsum(0)[:-1]])
+        nibble = 2 * byte0[pe] + torch.arange(e) - entry0[pe]
+        z = (widen(self.rel_idx)[nibble // 2] >> (4 * (nibble % 2))) & 15
+        # local row = running sum of (z + 1) within each column, minus 1
+        csum = (z + 1).cumsum(0)
+        first = torch.cat([per_column.new_zeros(1), per_column.cumsum(0)[:-1]])
+        before = torch.cat([csum.new_zeros(1), csum])[first]
+        local = csum - before[segment] - 1
+        return local * P + pe, segment % max(1, K)
+
+    def _triplets(self):
+        rows, cols = self._decode()
+        keep = self.values != 0
+        return rows[keep], cols[keep], self.values[keep]
 
     def to_dense(self) -> torch.Tensor:
         rows, cols, vals = self._triplets()
@@ -118,6 +144,12 @@ class EIE(SparseFormat):
             self.shape[0],
             isa,
         )
+
+
+def _check_num_pe(num_pe) -> int:
+    if isinstance(num_pe, bool) or not isinstance(num_pe, int) or num_pe < 1:
+        raise ValueError(f"num_pe must be a positive int; got {num_pe!r}")
+    return num_pe
 
 
 def _encode_pe(rows, cols, vals, K: int, dtype):

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from ._base import SparseFormat, module_weight
+from ._base import (SparseFormat, check_below, check_data, check_pointer, check_shape, index_array,
+                    module_weight, value_array)
 from ._storage import narrow, pack_bits, unpack_bits, widen
 from .csr import _csr_product
 
@@ -35,28 +36,92 @@ class FKW(SparseFormat):
 
     ``matmul`` multiplies the (C_out, C_in * V) matrix view (column c * V + v)."""
 
-    def __init__(self, weight, index, offset, reorder, stride, patterns, weight_shape):
-        self.weight_shape = tuple(int(s) for s in weight_shape)
+    def __init__(self, weight, index, offset, reorder, stride, patterns, weight_shape, *,
+                 _trusted: bool = False):
+        self.weight_shape = check_shape(weight_shape, "weight_shape", dims=None)
         self.volume = 1
         for s in self.weight_shape[2:]:
             self.volume *= s
         self.shape = (self.weight_shape[0], self.weight_shape[1] * self.volume)
-        self.weight = weight.detach().to("cpu").contiguous()
+        self.weight = value_array(weight, "weight", 1)
         self.dtype = self.weight.dtype
-        self.index = narrow(index)
-        self.offset = narrow(offset)
-        self.reorder = narrow(reorder)
-        self.stride = narrow(stride)
-        self.patterns = patterns.detach().to("cpu", torch.uint8).contiguous()
-        self.num_patterns = self.stride.shape[1] - 1 if self.stride.dim() == 2 else 0
-        if self.offset.numel() != self.shape[0] + 1 or self.reorder.numel() != self.shape[0]:
-            raise ValueError("offset must have C_out + 1 entries and reorder C_out")
+        self.index = narrow(index_array(index, "index"))
+        self.offset = narrow(index_array(offset, "offset"))
+        self.reorder = narrow(index_array(reorder, "reorder"))
+        self.stride = narrow(index_array(stride, "stride", dim=2))
+        patterns = index_array(patterns, "patterns")
+        check_below(patterns, "patterns", 256, "bytes: 256")
+        self.patterns = patterns.to(torch.uint8).contiguous()
+        self.num_patterns = self.stride.shape[1] - 1
         self._csr_cache = None
+        if not _trusted:  # from_dense builds valid arrays: its checks would only cost time
+            self.validate()
+
+    def _validate(self) -> None:
+        self._csr_cache = None  # decoded again from the checked arrays
+        c_out, c_in, *kernel = check_shape(self.weight_shape, "weight_shape", dims=None)
+        volume = 1
+        for s in kernel:
+            volume *= s
+        if getattr(self, "volume", None) != volume or tuple(getattr(self, "shape", ())) != (c_out, c_in * volume):
+            raise ValueError(f"FKW.volume and FKW.shape must follow weight_shape {self.weight_shape}: {volume} and "
+                             f"{(c_out, c_in * volume)}; got {getattr(self, 'volume', None)!r} and "
+                             f"{getattr(self, 'shape', None)!r}")
+        weight = self._stored("weight", "values", 1)
+        self._check_dtype(weight)
+        index = self._stored("index", "index", 1)
+        offset = self._stored("offset", "index", 1)
+        reorder = self._stored("reorder", "index", 1)
+        stride = self._stored("stride", "index", 2)
+        patterns = self._stored("patterns", "bytes", 1)
+        n_k = index.numel()
+        check_below(index, "index", c_in, "C_in")
+        check_pointer(offset, "offset", c_out, "C_out", n_k, "the number of stored kernels (index entries)")
+        if reorder.numel() != c_out:
+            raise ValueError(f"reorder must have C_out = {c_out} entries; got {reorder.numel()}")
+        check_below(reorder, "reorder", c_out, "C_out")
+        if bool((torch.bincount(reorder, minlength=c_out) != 1).any()):
+            raise ValueError(f"reorder must be a permutation of 0..{c_out - 1} (each output channel once); "
+                             f"got {reorder.tolist()[:16]}")
+        n_p = stride.shape[1] - 1
+        if stride.shape[0] != c_out or n_p < 0:
+            raise ValueError(f"stride must be (C_out, n_patterns + 1) = ({c_out}, n_patterns + 1); got "
+                             f"{tuple(stride.shape)}")
+        if getattr(self, "num_patterns", None) != n_p:
+            raise ValueError(f"FKW.num_patterns must be stride's columns - 1 = {n_p}; got "
+                             f"{getattr(self, 'num_patterns', None)!r}")
+        if c_out:
+            start = stride[:, 0].nonzero()
+            if start.numel():
+                raise ValueError(f"stride[{int(start[0])}, 0] must be 0")
+            down = (stride.diff(dim=1) < 0).nonzero()
+            if down.numel():
+                raise ValueError(f"stride[{int(down[0, 0])}] must be non-decreasing")
+            wrong = (stride[:, -1] != offset.diff()).nonzero()
+            if wrong.numel():
+                f = int(wrong[0])
+                raise ValueError(f"stride[{f}, -1] must equal the kernels of stored filter {f} "
+                                 f"(offset[{f} + 1] - offset[{f}] = {int(offset.diff()[f])}); got {int(stride[f, -1])}")
+        if patterns.numel() != (n_p * volume + 7) // 8:
+            raise ValueError(f"patterns must hold n_patterns x V = {n_p} x {volume} bits in "
+                             f"{(n_p * volume + 7) // 8} bytes; got {patterns.numel()}")
+        kernel_filter = torch.repeat_interleave(torch.arange(c_out), offset.diff())
+        key = torch.sort(kernel_filter * max(1, c_in) + index).values
+        twice = (key.diff() == 0).nonzero()
+        if twice.numel():
+            k = int(key[int(twice[0])])
+            raise ValueError(f"index holds input channel {k % max(1, c_in)} twice in stored filter "
+                             f"{k // max(1, c_in)} (one kernel per channel)")
+        table = unpack_bits(patterns, 1, n_p * volume).reshape(n_p, volume).bool()
+        taps = int(table.sum(1)[torch.repeat_interleave(torch.arange(n_p).repeat(c_out),
+                                                         stride.diff(dim=1).reshape(-1))].sum()) if n_p else 0
+        if taps != weight.numel():
+            raise ValueError(f"weight must hold one value per pattern offset of every stored kernel ({taps}); "
+                             f"got {weight.numel()}")
 
     @classmethod
     def from_dense(cls, tensor) -> "FKW":
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"tensor must be a torch.Tensor; got {type(tensor).__name__}")
+        check_data(tensor, "tensor")
         if tensor.dim() < 2 or not tensor.is_floating_point():
             raise ValueError("tensor must be a floating weight of shape (C_out, C_in, *kernel); "
                              f"got {tuple(tensor.shape)} {tensor.dtype}")
@@ -92,7 +157,7 @@ class FKW(SparseFormat):
         offset = torch.cat([kernels.new_zeros(1), kernels[order].cumsum(0)])
         stride = torch.cat([hist.new_zeros(c_out, 1), hist[order].cumsum(1)], 1)
         bits = ((patterns[:, None] >> torch.arange(volume)) & 1).reshape(-1)
-        return cls(weight, c_sorted, offset, order, stride, pack_bits(bits, 1), dense.shape)
+        return cls(weight, c_sorted, offset, order, stride, pack_bits(bits, 1), dense.shape, _trusted=True)
 
     @classmethod
     def from_module(cls, module: torch.nn.Module, name: str = "weight", **kwargs) -> "FKW":

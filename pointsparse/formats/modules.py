@@ -35,7 +35,7 @@ class SparseLinear(nn.Module):
 
     def __init__(self, weight: SparseFormat, bias: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.weight_format = weight
+        self.weight_format = checked_format(weight, f"{type(self).__name__}: weight")
         self.out_features, self.in_features = weight.shape
         self.register_buffer("bias", _bias_copy(bias))
 
@@ -61,7 +61,21 @@ class SparseLinear(nn.Module):
         return {"weight_format": self.weight_format}
 
     def set_extra_state(self, state) -> None:
-        self.weight_format = state["weight_format"]
+        """Loads the format ``get_extra_state`` gave, checked first (its arrays,
+        its shape (out_features, in_features), its dtype): a bad state is a
+        ValueError or TypeError and leaves the module as it was."""
+        name = type(self).__name__
+        if not isinstance(state, dict) or "weight_format" not in state:
+            raise ValueError(f"{name}: _extra_state must be the dict get_extra_state gives (weight_format); got "
+                             f"{type(state).__name__}")
+        fmt = checked_format(state["weight_format"], f"{name}: _extra_state's weight_format")
+        if tuple(fmt.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"{name}: _extra_state's weight_format has shape {tuple(fmt.shape)}; this layer's "
+                             f"weight is (out_features, in_features) = ({self.out_features}, {self.in_features})")
+        if fmt.dtype != self.weight_format.dtype:
+            raise TypeError(f"{name}: _extra_state's weight_format has dtype {fmt.dtype}; this layer's is "
+                            f"{self.weight_format.dtype} (compress the module again in {fmt.dtype})")
+        self.weight_format = fmt
 
     def _apply(self, fn, *args, **kwargs):
         refuse_conversion(fn, self.weight_format.dtype, type(self).__name__)
@@ -69,6 +83,19 @@ class SparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, weight={self.weight_format!r}"
+
+
+def checked_format(fmt, what: str) -> SparseFormat:
+    """``fmt`` if it is a sparse format whose arrays pass its checks (a
+    loaded format was unpickled without its constructor's checks), else a
+    TypeError / ValueError starting with ``what``."""
+    if not isinstance(fmt, SparseFormat):
+        raise TypeError(f"{what} must be a sparse format (pointsparse.formats.CSR, BSR, ...); got "
+                        f"{type(fmt).__name__}")
+    try:
+        return fmt.validate()
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{what} is not a valid {type(fmt).__name__}: {error}") from error
 
 
 def refuse_conversion(fn, dtype: torch.dtype, what: str) -> None:
@@ -139,7 +166,6 @@ class SparseConv3d(nn.Module):
             raise ValueError(f"execution must be one of {EXECUTIONS}; got {execution!r}")
         self.execution = execution
         self.chosen = execution  # compress() records what it measured here
-        self.offsets = offsets  # list of SparseFormat (C_out, C_in) or one FKW
         self.kernel_size = tuple(kernel_size)
         self.stride = tuple(stride)
         self.dilation = tuple(dilation)
@@ -147,8 +173,10 @@ class SparseConv3d(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_volume = self.kernel_size[0] * self.kernel_size[1] * self.kernel_size[2]
+        # list of SparseFormat (C_out, C_in) or one FKW
+        self.offsets = self._checked_offsets(offsets, f"{type(self).__name__}: offsets:")
         self.register_buffer("bias", _bias_copy(bias))
-        self.register_buffer("engine_weight", dense_weight(offsets), persistent=False)
+        self.register_buffer("engine_weight", dense_weight(self.offsets), persistent=False)
 
     @property
     def format_name(self) -> str:
@@ -165,16 +193,46 @@ class SparseConv3d(nn.Module):
         if not isinstance(state, dict) or not {"offsets", "execution", "chosen"} <= state.keys():
             raise ValueError(f"{type(self).__name__}: _extra_state must be the dict get_extra_state gives "
                              "(offsets, execution, chosen)")
-        try:  # checked before anything is replaced: a bad state leaves the module as it was
-            weight = dense_weight(state["offsets"])
-        except (IndexError, RuntimeError, ValueError, TypeError, AttributeError) as error:
-            raise ValueError(f"{type(self).__name__}: _extra_state's offsets do not make a weight "
-                             f"({type(error).__name__}: {error})") from error
-        if weight.shape != self.engine_weight.shape:
-            raise ValueError(f"{type(self).__name__}: _extra_state's offsets make a weight of shape "
-                             f"{tuple(weight.shape)}; this conv's is {tuple(self.engine_weight.shape)}")
-        self.offsets, self.execution, self.chosen = state["offsets"], state["execution"], state["chosen"]
+        name = type(self).__name__
+        # checked before anything is replaced: a bad state leaves the module as it was
+        if state["execution"] not in EXECUTIONS:
+            raise ValueError(f"{name}: _extra_state's execution must be one of {EXECUTIONS}; got "
+                             f"{state['execution']!r}")
+        if not isinstance(state["chosen"], str):
+            raise TypeError(f"{name}: _extra_state's chosen must be a str; got {type(state['chosen']).__name__}")
+        offsets = self._checked_offsets(state["offsets"], f"{name}: _extra_state's offsets do not make a weight:")
+        dtype = offsets.dtype if isinstance(offsets, FKW) else offsets[0].dtype
+        if dtype != self.format_dtype:
+            raise TypeError(f"{name}: _extra_state's offsets have dtype {dtype}; this conv's are {self.format_dtype} "
+                            f"(compress the module again in {dtype})")
+        weight = dense_weight(offsets)
+        self.offsets, self.execution, self.chosen = offsets, state["execution"], state["chosen"]
         self.engine_weight = weight.to(self.engine_weight.device, self.engine_weight.dtype)
+
+    def _checked_offsets(self, offsets, what: str):
+        """``offsets`` if they hold this conv's weight: one FKW of weight
+        shape (C_out, C_in, K) or a list of K formats of shape (C_out, C_in),
+        all of one dtype, each passing its checks."""
+        c_out, c_in, volume = self.out_channels, self.in_channels, self.kernel_volume
+        if isinstance(offsets, FKW):
+            checked_format(offsets, f"{what} the FKW")
+            if tuple(offsets.weight_shape) != (c_out, c_in, volume):
+                raise ValueError(f"{what} the FKW holds a weight of shape {tuple(offsets.weight_shape)}; this "
+                                 f"conv's is (C_out, C_in, K) = {(c_out, c_in, volume)}")
+            return offsets
+        if not isinstance(offsets, (list, tuple)) or len(offsets) != volume:
+            got = f"{len(offsets)} formats" if isinstance(offsets, (list, tuple)) else type(offsets).__name__
+            raise ValueError(f"{what} they must be one FKW or a list of K = {volume} formats (one per kernel "
+                             f"offset); got {got}")
+        for o, fmt in enumerate(offsets):
+            checked_format(fmt, f"{what} offset {o}")
+            if tuple(fmt.shape) != (c_out, c_in):
+                raise ValueError(f"{what} offset {o} holds W[o].T of shape {tuple(fmt.shape)} (C_out, C_in): a "
+                                 f"weight of shape {(volume, fmt.shape[1], fmt.shape[0])}; this conv's is "
+                                 f"{(volume, c_in, c_out)}")
+            if fmt.dtype != offsets[0].dtype:
+                raise TypeError(f"{what} offset {o} has dtype {fmt.dtype}; offset 0 has {offsets[0].dtype}")
+        return list(offsets)
 
     def _apply(self, fn, *args, **kwargs):
         refuse_conversion(fn, self.format_dtype, type(self).__name__)

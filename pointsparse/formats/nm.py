@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from ._base import SparseFormat, check_matrix
+from ._base import SparseFormat, check_below, check_matrix, check_shape, index_array, value_array
 from ._storage import bits_for, pack_bits, unpack_bits
 
 
@@ -28,25 +28,55 @@ class NM(SparseFormat):
     2:4 in float32: 2 values + 2 x 2 bits = 8.5 bytes per group of 4 (dense:
     16)."""
 
-    def __init__(self, values, positions, n: int, m: int, shape):
-        self.shape = (int(shape[0]), int(shape[1]))
+    def __init__(self, values, positions, n: int, m: int, shape, *, _trusted: bool = False):
+        self.shape = check_shape(shape)
         self.n, self.m = _check_nm(n, m)
         self.bits = bits_for(self.m)
-        self.values = values.detach().to("cpu").contiguous()
+        self.values = value_array(values, "values", 2)
         self.dtype = self.values.dtype
-        self.positions = positions.detach().to("cpu", torch.uint8).contiguous()
-        L = kept_per_row(self.shape[1], self.n, self.m)
-        if tuple(self.values.shape) != (self.shape[0], L):
-            raise ValueError(f"values must be (M, L) = ({self.shape[0]}, {L}); got "
-                             f"{tuple(self.values.shape)}")
-        if self.positions.numel() != (self.values.numel() * self.bits + 7) // 8:
-            raise ValueError("positions must hold M * L packed fields")
+        positions = index_array(positions, "positions")
+        check_below(positions, "positions", 256, "bytes: 256")
+        self.positions = positions.to(torch.uint8).contiguous()
+        if not _trusted:  # from_dense builds valid arrays: its checks would only cost time
+            self.validate()
+
+    def _validate(self) -> None:
+        M, K = check_shape(self.shape)
+        n, m = _check_nm(getattr(self, "n", None), getattr(self, "m", None))
+        if getattr(self, "bits", None) != bits_for(m):
+            raise ValueError(f"NM.bits must be ceil(log2 m) = {bits_for(m)}; got {getattr(self, 'bits', None)!r}")
+        values = self._stored("values", "values", 2)
+        self._check_dtype(values)
+        positions = self._stored("positions", "bytes", 1)
+        L = kept_per_row(K, n, m)
+        if tuple(values.shape) != (M, L):
+            raise ValueError(f"values must be (M, L) = ({M}, {L}); got {tuple(values.shape)}")
+        if positions.numel() != (values.numel() * self.bits + 7) // 8:
+            raise ValueError(f"positions must hold the M * L = {values.numel()} packed {self.bits}-bit fields in "
+                             f"{(values.numel() * self.bits + 7) // 8} bytes; got {positions.numel()}")
+        if not values.numel():
+            return
+        pos = unpack_bits(positions, self.bits, M * L).reshape(M, L)
+        cols = (torch.arange(L) // n * m)[None, :] + pos
+        bad = ((pos >= m) | (cols >= K)).nonzero()
+        if bad.numel():
+            row, q = bad[0].tolist()
+            raise ValueError(f"positions entry ({row}, {q}) = {int(pos[row, q])} points outside its group "
+                             f"(m = {m}, K = {K})")
+        same = (torch.arange(1, L) // n) == (torch.arange(L - 1) // n)
+        down = ((pos.diff(dim=1) <= 0) & same).nonzero()
+        if down.numel():
+            row, q = down[0].tolist()
+            raise ValueError(f"positions must be strictly increasing inside each group (no repeats); row {row}, "
+                             f"entry {q + 1} ({int(pos[row, q + 1])}) follows {int(pos[row, q])}")
 
     @classmethod
     def from_dense(cls, tensor, n: int = 2, m: int = 4, prune: bool = False) -> "NM":
         """``prune=False``: the matrix must already be n:m sparse (ValueError
         otherwise). ``prune=True``: keep the n largest magnitudes per group."""
         n, m = _check_nm(n, m)
+        if not isinstance(prune, bool):
+            raise TypeError(f"prune must be a bool; got {prune!r}")
         dense = check_matrix(tensor)
         M, K = dense.shape
         groups = -(-K // m)
@@ -75,7 +105,7 @@ class NM(SparseFormat):
         L = kept_per_row(K, n, m)
         values = values.reshape(M, L)
         pos = pos.reshape(M, L)
-        return cls(values, pack_bits(pos, bits_for(m)), n, m, (M, K))
+        return cls(values, pack_bits(pos, bits_for(m)), n, m, (M, K), _trusted=True)
 
     def arrays(self) -> dict:
         return {"values": self.values, "positions": self.positions}
