@@ -111,13 +111,20 @@ def load_training(path) -> dict:
     return state
 
 
+def check_directory(path, what: str = "--out") -> Path:
+    """``ValueError`` naming ``what`` and ``path`` where ``path`` is a file
+    (nothing made: the early check of a command's output directory)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path} is a file; it must be a directory (or not exist yet)")
+    return path
+
+
 def make_directory(path, what: str = "--out") -> Path:
     """``path`` as a directory, made where it does not exist yet; a
     ``ValueError`` naming ``what`` and ``path`` where it is a file, lies
     under a file or cannot be made (permissions, a read-only file system)."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{what} {path} is a file; it must be a directory (or not exist yet)")
+    path = check_directory(path, what)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # FileExistsError / NotADirectoryError (a file on the way), PermissionError, ...

@@ -195,6 +195,24 @@ def test_flags_checked_before_any_work(tmp_path, capsys, argv, words):
     assert not any(tmp_path.iterdir())
 
 
+def test_label_map_checks_name_the_generated_scenes_exactly():
+    """--label-map is refused only where every cloud is generated: with
+    --val-data files it maps theirs (as --val-label-map's help says), and a
+    folder whose name starts with "generated" is files."""
+    import argparse
+
+    from pointsparse.app import train
+
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    ok = [["--data", "generated", "--val-data", "v.bin", "--label-map", "semantic-kitti"],
+          ["--data", "generated_scans/", "--label-map", "semantic-kitti"]]
+    for argv in ok:
+        train.check_args(parser.parse_args(["--out", "r", *argv]))
+    with pytest.raises(ValueError, match="--label-map maps the raw labels"):
+        train.check_args(parser.parse_args(["--out", "r", "--data", "generated-outdoor", "--label-map", "x"]))
+
+
 def test_prune_channels_multiple_is_checked_in_the_api():
     from pointsparse.models import MinkUNet
     from pointsparse.prune.workflow import prune_channels
@@ -214,18 +232,26 @@ def test_out_paths_that_cannot_be_written_are_named(tmp_path, capsys):
 
     from pointsparse import export
 
+    from pointsparse.models import MinkUNet
+
     a_file = tmp_path / "taken"
     a_file.write_text("x")
-    missing_ckpt = str(tmp_path / "missing.pt")
-    cases = [(["eval", "--checkpoint", missing_ckpt, "--out", str(a_file)], f"--out {a_file} is a file"),
-             (["eval", "--checkpoint", missing_ckpt, "--out", str(a_file / "sub")], "cannot make this directory"),
-             (["prune", "channels", "--checkpoint", missing_ckpt, "--out", str(a_file)], f"--out {a_file} is a file"),
-             (["export", "--checkpoint", missing_ckpt, "--out", str(tmp_path)], "is a folder; give the .pt2 file"),
-             (["export", "--checkpoint", missing_ckpt, "--out", str(a_file / "m.pt2")], "no folder")]
+    ckpt = tmp_path / "ckpt" / "checkpoint.pt"
+    ckpt.parent.mkdir()
+    config = {"in_channels": 7, "classes": ["a", "b", "c"], "cr": 0.125, "blocks": 1, "voxel_size": 0.4,
+              "ignore_index": 255, "model": "minkunet", "data": ["generated"]}
+    torch.save({"model": MinkUNet(7, 3, cr=0.125, blocks=1).state_dict(), "config": config,
+                "args": {"data": ["generated"], "beams": 8, "azimuth_steps": 64, "val_scenes": 1}}, ckpt)
+    cases = [(["eval", "--checkpoint", str(ckpt), "--out", str(a_file)], f"--out {a_file} is a file"),
+             (["eval", "--checkpoint", str(ckpt), "--out", str(a_file / "sub")], "cannot make this directory"),
+             (["prune", "channels", "--checkpoint", str(ckpt), "--out", str(a_file)], f"--out {a_file} is a file"),
+             (["export", "--checkpoint", str(ckpt), "--out", str(tmp_path)], "is a folder; give the .pt2 file"),
+             (["export", "--checkpoint", str(ckpt), "--out", str(a_file / "m.pt2")], "no folder")]
     for argv, words in cases:
         assert cli.main(argv) == 2, argv
         assert words in capsys.readouterr().err, argv
     program = torch.export.export(torch.nn.Linear(2, 2), (torch.randn(1, 2),))
     with pytest.raises(ValueError, match="is a folder"):
         export.save(program, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "taken"]
+    assert [p.name for p in ckpt.parent.iterdir()] == ["checkpoint.pt"]

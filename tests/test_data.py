@@ -450,13 +450,19 @@ def test_open3d_reader_refuses_a_body_shorter_than_its_header(tmp_path):
             read_cloud(path)
     for name, content in {"ok.ply": ply.format(fmt="ascii", n=2, extra="") + "1 2 3 4 5\n6\n",
                           "ok.pcd": pcd.format(n=2, data="ascii", **label) + "1 2 3 1\n\n4 5 6 2\n",
-                          "bin.ply": ply.format(fmt="binary_little_endian", n=2, extra="").encode() + xyz.tobytes()
+                          "bin.ply": ply.format(fmt="binary_little_endian", n=2, extra="").encode() + xyz.tobytes(),
+                          # POINTS alone (no WIDTH / HEIGHT), and WIDTH x HEIGHT alone (an organised cloud)
+                          "points.pcd": pcd.format(n=2, data="ascii", **label).replace("WIDTH 2\nHEIGHT 1\n", "")
+                          + "1 2 3 1\n4 5 6 2\n",
+                          "organised.pcd": pcd.format(n=1, data="ascii", **label).replace(
+                              "WIDTH 1\nHEIGHT 1\n", "WIDTH 1\nHEIGHT 2\n").replace("POINTS 1\n", "")
+                          + "1 2 3 1\n4 5 6 2\n",
                           }.items():
         path = tmp_path / name
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
         s = read_cloud(path)
         assert len(s) == 2 and s.xyz[1].tolist() == ([3, 4, 5] if name == "bin.ply" else
-                                                      [4, 5, 6] if name == "ok.pcd" else [4, 5, 6])
+                                                      [4, 5, 6])
 
 
 def test_s3dis_text_reader(tmp_path):

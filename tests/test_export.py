@@ -553,4 +553,4 @@ def test_load_refuses_a_damaged_program(tmp_path):
             continue
         assert torch.equal(out, reference) and meta == {"classes": ["a", "b", "c", "d"]}, offset
         loaded_same += 1
-    assert loaded_same < 40  # most of the file is data: most flips are refused
+    assert loaded_same <= 10, loaded_same  # most of the file is member data: most flips are refused

@@ -266,6 +266,8 @@ def _shared_models():
     ps.prune.vector_structured(conv, "weight", 0.5)
     yield "pruned, conv bn conv", torch.nn.Sequential(conv, spnn.BatchNorm(4), conv)
     shared = torch.nn.Sequential(other, spnn.BatchNorm(4), spnn.ReLU())
+    # a guard, not a case the untying mends: a shared Sequential is fused once
+    # and the same for both places (its conv must not be copied apart from it)
     yield "a shared Sequential", torch.nn.Sequential(shared, shared)
 
 

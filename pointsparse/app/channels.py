@@ -143,7 +143,8 @@ def finetune(path: Path, epochs: int) -> None:
 def _check_flags(args, procedure: str) -> None:
     """ValueError (exit status 2, as for the other bad flags) naming a missing
     --checkpoint, a negative --finetune-epochs, a --multiple under 1 or an
-    --out that cannot be a directory, before any work."""
+    --out that is a file, before any work (nothing is made here: the pruned
+    checkpoint's writer makes --out)."""
     if args.checkpoint is None:
         raise ValueError(f"prune {procedure} needs --checkpoint DIR/checkpoint.pt (a checkpoint written by "
                          "pointsparse train)")
@@ -152,7 +153,7 @@ def _check_flags(args, procedure: str) -> None:
     if getattr(args, "multiple", None) is not None and args.multiple < 1:
         raise ValueError(f"--multiple must be >= 1 (kept channel counts are rounded to it); got {args.multiple}")
     if args.out is not None:
-        checkpoint.make_directory(args.out)
+        checkpoint.check_directory(args.out)
 
 
 def vectors_main(args) -> int:

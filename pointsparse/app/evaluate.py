@@ -13,6 +13,7 @@ import torch
 
 from ..checkpoint import make_directory
 from ..data import DEFAULT_IGNORE, VALIDATION_SEED, VoxelDataset, open_source
+from ..data.datasets import is_generated
 from ..models import model_from_state
 from . import metrics
 from .distributed import pick_device
@@ -62,9 +63,9 @@ def main(args) -> int:
     """``pointsparse eval``: score a checkpoint on clouds (by default the data
     it was validated on)."""
     check_args(args)
-    if args.out:  # before the evaluation's work
-        make_directory(Path(args.out))
     state = load_checkpoint(args.checkpoint)
+    if args.out:  # before the evaluation's work, after the checks
+        make_directory(Path(args.out))
     config = state["config"]
     # An explicit --ignore-index always wins, 255 included.
     ignore_index = (args.ignore_index if args.ignore_index is not None
@@ -106,6 +107,6 @@ def eval_source(args, state: dict, ignore_index: int):
     else:
         spec = saved.get("data") or ["generated"]
         label_map = label_map or saved.get("label_map")
-    if len(spec) == 1 and spec[0].startswith("generated"):
+    if is_generated(spec):
         return spec, generated_source(spec, saved, saved.get("val_scenes", 4), VALIDATION_SEED)
     return spec, open_source(spec, label_map, ignore_index)

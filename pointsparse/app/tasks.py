@@ -199,10 +199,11 @@ def checkpoint_batches(state: dict, data=None, label_map=None, count: int = 1) -
     """The first ``count`` clouds of ``data`` (default: the run's) as
     batches of one, voxelised as the checkpoint's run did."""
     from ..data import Batch, VoxelDataset, open_source
+    from ..data.datasets import is_generated
     from .train import generated_source
     config, saved = state["config"], state.get("args", {})
     spec = data or saved.get("data") or ["generated"]
-    if len(spec) == 1 and spec[0].startswith("generated"):
+    if is_generated(spec):
         # The run's sensor (range, beams) and its training scenes (train.py: seeds from seed * 10_000).
         source = generated_source(spec, saved, count, int(saved.get("seed", 0)) * 10_000)
     else:

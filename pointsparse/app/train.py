@@ -28,6 +28,7 @@ import torch
 
 from .. import checkpoint
 from ..data import DEFAULT_IGNORE, NUM_FEATURES, VALIDATION_SEED, Batch, CloudFiles, VoxelDataset, open_source
+from ..data.datasets import is_generated
 from ..data.generated import MAX_AZIMUTH_STEPS, MAX_BEAMS, MAX_RANGE
 from ..models import SyncBatchNorm, build_model
 from ..models.loading import shape_like
@@ -149,9 +150,8 @@ def check_args(args) -> None:
     if value is not None and not -(1 << 31) <= value < (1 << 31):
         raise ValueError(f"--ignore-index must fit in int32 (a label value, 255 by default); got {value}")
     data = getattr(args, "data", None)
-    if data and len(data) == 1 and str(data[0]).startswith("generated"):
-        given = [flag for flag in ("label_map", "val_label_map")
-                 if getattr(args, flag, None) is not None and not (flag == "val_label_map" and args.val_data)]
+    if data and is_generated(data) and not getattr(args, "val_data", None):  # --val-data files take the maps
+        given = [flag for flag in ("label_map", "val_label_map") if getattr(args, flag, None) is not None]
         if given:
             raise ValueError(f"--{given[0].replace('_', '-')} maps the raw labels of point cloud files; the "
                              f"generated scenes ({data[0]}) are labelled with their own classes: drop it, or "
@@ -175,7 +175,7 @@ def _require_labels(source, flag: str, dist: Dist | None = None) -> None:
 def open_training_data(args, dist: Dist | None = None):
     """(train samples, validation samples, class names); a process of a
     distributed run (``dist``) reads only its shard of the validation clouds."""
-    generated = args.data[0].startswith("generated") and len(args.data) == 1
+    generated = is_generated(args.data)
     if generated:
         train = generated_source(args.data, vars(args), args.scenes, args.seed * 10_000)
         val = (generated_source(args.data, vars(args), args.val_scenes, VALIDATION_SEED)
@@ -437,7 +437,7 @@ class TrainingJob:
     def _announce(self) -> None:
         if not self.dist.main:
             return
-        self.out.mkdir(parents=True, exist_ok=True)
+        checkpoint.make_directory(self.out)
         n_params = sum(p.numel() for p in self.model.parameters())
         self.log(f"{type(self.model).__name__} cr={self.config['cr']} ({n_params / 1e6:.2f} M parameters), "
                  f"{len(self.classes)} classes, voxel {self.config['voxel_size']} m; {len(self.train_src)} "

@@ -98,6 +98,17 @@ class VoxelDataset(torch.utils.data.Dataset):
         return voxelize_sample(sample, self.voxel_size, self.ignore_index)
 
 
+GENERATED = ("generated", "generated-outdoor", "generated-indoor")
+
+
+def is_generated(spec) -> bool:
+    """Whether a data spec (a list of ``--data`` words) names the generated
+    scenes: one of :data:`GENERATED` alone (a folder named
+    ``generated_scans/`` is files)."""
+    spec = [spec] if isinstance(spec, (str, Path)) else list(spec or ())
+    return len(spec) == 1 and str(spec[0]) in GENERATED
+
+
 def open_source(spec, label_map=None, ignore_index: int = DEFAULT_IGNORE, count: int = 16, first_seed: int = 0,
                 **scene_kwargs) -> Sequence[Sample]:
     """``"generated"``/``"generated-outdoor"``/``"generated-indoor"`` (``count``
@@ -105,7 +116,7 @@ def open_source(spec, label_map=None, ignore_index: int = DEFAULT_IGNORE, count:
     if isinstance(spec, (str, Path)):
         spec = [str(spec)]
     spec = list(spec)
-    if len(spec) == 1 and spec[0] in ("generated", "generated-outdoor", "generated-indoor"):
+    if is_generated(spec):
         kind = "indoor" if spec[0] == "generated-indoor" else "outdoor"
         return GeneratedScenes(kind, count, first_seed, **scene_kwargs)
     return CloudFiles(spec, label_map, ignore_index)

@@ -506,17 +506,19 @@ def _ascii_values(path: Path, start: int, count: int, what: str) -> np.ndarray:
     with open(path, "rb") as f:
         f.seek(start)
         data = f.read()
+    # Split into tokens (at most count of them; the rest of the body stays one
+    # unread piece): np.fromstring's handling of a bad token differs between
+    # numpy versions, and its count= pads a short body with garbage.
+    tokens = data.split(None, count)[:count]
     try:
-        values = np.fromstring(data, sep=" ") if data.strip() else np.zeros(0)  # whitespace alone reads as [-1]
+        return np.array(tokens, dtype=np.float64)
     except ValueError:
-        tokens = data.split(None, count)[:count]
         for i, token in enumerate(tokens):
             try:
                 float(token)
             except ValueError:
                 raise ValueError(f"{path}: {what}: value {i + 1} ({token[:40]!r}) is not a number") from None
-        values = np.array(tokens, dtype=np.float64)
-    return values[:count]
+        raise
 
 
 def _check_ply(path: Path) -> None:
@@ -594,11 +596,13 @@ def _check_pcd(path: Path) -> None:
     try:
         names, sizes, types = fields["FIELDS"], [int(v) for v in fields["SIZE"]], fields["TYPE"]
         counts = [int(v) for v in fields.get("COUNT", ["1"] * len(names))]
-        width, height = int(fields["WIDTH"][0]), int(fields.get("HEIGHT", ["1"])[0])
-        n = int(fields["POINTS"][0]) if "POINTS" in fields else width * height
+        if "POINTS" in fields:
+            n = int(fields["POINTS"][0])
+        else:
+            n = int(fields["WIDTH"][0]) * int(fields.get("HEIGHT", ["1"])[0])
         data = fields["DATA"][0].lower()
     except (KeyError, IndexError, ValueError) as exc:
-        raise ValueError(f"{path}: not a PCD header (FIELDS, SIZE, TYPE, WIDTH, POINTS, DATA; {exc!r})") from None
+        raise ValueError(f"{path}: not a PCD header (FIELDS, SIZE, TYPE, POINTS or WIDTH, DATA; {exc!r})") from None
     if not len(names) == len(sizes) == len(types) == len(counts) or min(counts, default=1) < 1 or n < 0:
         raise ValueError(f"{path}: PCD FIELDS {names}, SIZE {sizes}, TYPE {types}, COUNT {counts} do not agree")
     dtypes = []
@@ -713,8 +717,8 @@ def _load_rows(path) -> np.ndarray:
 
 
 def _rgb_rows(rows):
-    """Text colour in 0..255, or 16-bit (0..65535) where a value passes 255
-    (it was divided by 255 and then, past 1, by 65535 again)."""
+    """Text colour in 0..255, or 16-bit (0..65535) where a value passes 255,
+    scaled to 0..1 once here."""
     if rows.shape[1] < 6:
         return None
     rgb = rows[:, 3:6].astype(np.float32)

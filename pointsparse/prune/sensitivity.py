@@ -130,8 +130,8 @@ def choose_ratios(result: SensitivityResult, threshold: float, relative: bool = 
     or that over the baseline when ``relative``) is <= ``threshold``, and at
     all smaller ratios too (a curve that recovers after a dip does not count).
 
-    ``threshold`` must be a finite number >= 0 and ``result.baseline``
-    finite (ValueError otherwise). A NaN or infinite metric at a ratio counts
+    ``threshold`` must be a number (TypeError otherwise), finite and >= 0,
+    and ``result.baseline`` finite (ValueError otherwise). A NaN or infinite metric at a ratio counts
     as an unacceptable drop: neither that ratio nor any larger one is chosen."""
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
         raise TypeError(f"threshold must be a number; got {type(threshold).__name__}")
