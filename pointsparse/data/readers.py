@@ -521,6 +521,17 @@ def _ascii_values(path: Path, start: int, count: int, what: str) -> np.ndarray:
         raise
 
 
+def _not_integral(col: np.ndarray, dtype: np.dtype) -> int | None:
+    """The first row of a text column read as float64 whose value an
+    integer ``dtype`` cannot hold (not whole, or out of its range), None
+    where all fit or ``dtype`` is not an integer type."""
+    if dtype.kind not in "iu":
+        return None
+    info = np.iinfo(dtype)
+    bad = ~((np.floor(col) == col) & (col >= info.min) & (col <= info.max))
+    return int(np.argmax(bad)) if bad.any() else None
+
+
 def _check_ply(path: Path) -> None:
     """A PLY file's header against its body before Open3D reads it: the
     vertex count against the bytes (binary) or numbers (ASCII) there, and
@@ -565,13 +576,10 @@ def _check_ply(path: Path) -> None:
         if all(None not in p for _, _, p in upto) and props:
             rows = values[need - n * len(props):].reshape(n, len(props))
             for j, dtype in enumerate(props):
-                if dtype.kind in "iu":
-                    col, info = rows[:, j], np.iinfo(dtype)
-                    bad = ~((np.floor(col) == col) & (col >= info.min) & (col <= info.max))
-                    if bad.any():
-                        i = int(np.argmax(bad))
-                        raise ValueError(f"{path}: vertex {i} property {j + 1} is {float(col[i])!r}, not a {dtype} "
-                                         "as the header says")
+                i = _not_integral(rows[:, j], dtype)
+                if i is not None:
+                    raise ValueError(f"{path}: vertex {i} property {j + 1} is {float(rows[i, j])!r}, not a {dtype} "
+                                     "as the header says")
         return
     need = sum(count * sum(d.itemsize if d is not None else 1 for d in p) for _, count, p in upto)
     held_bytes = size - start
@@ -638,13 +646,10 @@ def _check_pcd(path: Path) -> None:
             raise ValueError(f"{path}: PCD ascii rows hold {rows.shape[1]} numbers; the header's fields "
                              f"need {len(dtypes)}")
         for j, dtype in enumerate(dtypes):
-            if dtype.kind in "iu" and n:
-                col, info = rows[:, j], np.iinfo(dtype)
-                bad = ~((np.floor(col) == col) & (col >= info.min) & (col <= info.max))
-                if bad.any():
-                    i = int(np.argmax(bad))
-                    raise ValueError(f"{path}: point {i} value {j + 1} is {float(col[i])!r}, not a {dtype} as the "
-                                     "header says")
+            i = _not_integral(rows[:, j], dtype) if n else None
+            if i is not None:
+                raise ValueError(f"{path}: point {i} value {j + 1} is {float(rows[i, j])!r}, not a {dtype} as the "
+                                 "header says")
     else:
         raise ValueError(f"{path}: PCD DATA {data!r} is not ascii, binary or binary_compressed")
 
