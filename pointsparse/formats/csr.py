@@ -43,13 +43,8 @@ class CSR(SparseFormat):
         M, K = check_shape(self.shape)
         values = self._stored("values", "values", 1)
         self._check_dtype(values)
-        row_ptr = self._stored("row_ptr", "index", 1)
-        col_idx = self._stored("col_idx", "index", 1)
-        if col_idx.numel() != values.numel():
-            raise ValueError(f"col_idx must have one entry per value ({values.numel()}); got {col_idx.numel()}")
-        check_pointer(row_ptr, "row_ptr", M, "M", values.numel(), "nnz (the number of values)")
-        check_below(col_idx, "col_idx", K, "K")
-        check_ascending(torch.repeat_interleave(torch.arange(M), row_ptr.diff()), col_idx, "col_idx", "row")
+        _check_compressed(self._stored("row_ptr", "index", 1), "row_ptr", (M, "M", "row"),
+                          self._stored("col_idx", "index", 1), "col_idx", (K, "K"), values.numel())
 
     @classmethod
     def from_dense(cls, tensor) -> "CSR":
@@ -80,6 +75,19 @@ class CSR(SparseFormat):
                             isa)
 
 
+def _check_compressed(ptr, ptr_name: str, lines: tuple, idx, idx_name: str, within: tuple, nnz: int) -> None:
+    """The arrays of a compressed format (CSR's rows, CSC's columns): ``ptr``
+    over ``lines = (count, its name, a line's name)`` ends at ``nnz``, one
+    ``idx`` entry per value, below ``within = (bound, its name)`` and
+    strictly ascending in each line."""
+    count, count_name, line = lines
+    if idx.numel() != nnz:
+        raise ValueError(f"{idx_name} must have one entry per value ({nnz}); got {idx.numel()}")
+    check_pointer(ptr, ptr_name, count, count_name, nnz, "nnz (the number of values)")
+    check_below(idx, idx_name, *within)
+    check_ascending(torch.repeat_interleave(torch.arange(count), ptr.diff()), idx, idx_name, line)
+
+
 class CSC(SparseFormat):
     """Compressed sparse columns of an (M, K) matrix.
 
@@ -102,13 +110,8 @@ class CSC(SparseFormat):
         M, K = check_shape(self.shape)
         values = self._stored("values", "values", 1)
         self._check_dtype(values)
-        col_ptr = self._stored("col_ptr", "index", 1)
-        row_idx = self._stored("row_idx", "index", 1)
-        if row_idx.numel() != values.numel():
-            raise ValueError(f"row_idx must have one entry per value ({values.numel()}); got {row_idx.numel()}")
-        check_pointer(col_ptr, "col_ptr", K, "K", values.numel(), "nnz (the number of values)")
-        check_below(row_idx, "row_idx", M, "M")
-        check_ascending(torch.repeat_interleave(torch.arange(K), col_ptr.diff()), row_idx, "row_idx", "column")
+        _check_compressed(self._stored("col_ptr", "index", 1), "col_ptr", (K, "K", "column"),
+                          self._stored("row_idx", "index", 1), "row_idx", (M, "M"), values.numel())
 
     @classmethod
     def from_dense(cls, tensor) -> "CSC":
