@@ -37,7 +37,7 @@ class EIE(SparseFormat):
         self.values = value_array(values, "values", 1)
         self.dtype = self.values.dtype
         rel_idx = index_array(rel_idx, "rel_idx")
-        check_below(rel_idx, "rel_idx", 256, "bytes: 256")
+        check_below(rel_idx, "rel_idx", 256, "values a byte holds")
         self.rel_idx = rel_idx.to(torch.uint8).contiguous()
         self.col_ptr = narrow(index_array(col_ptr, "col_ptr", dim=2))
         if not _trusted:  # from_dense builds valid arrays: its checks would only cost time

@@ -50,7 +50,7 @@ class FKW(SparseFormat):
         self.reorder = narrow(index_array(reorder, "reorder"))
         self.stride = narrow(index_array(stride, "stride", dim=2))
         patterns = index_array(patterns, "patterns")
-        check_below(patterns, "patterns", 256, "bytes: 256")
+        check_below(patterns, "patterns", 256, "values a byte holds")
         self.patterns = patterns.to(torch.uint8).contiguous()
         self.num_patterns = self.stride.shape[1] - 1
         self._csr_cache = None

@@ -35,7 +35,7 @@ class NM(SparseFormat):
         self.values = value_array(values, "values", 2)
         self.dtype = self.values.dtype
         positions = index_array(positions, "positions")
-        check_below(positions, "positions", 256, "bytes: 256")
+        check_below(positions, "positions", 256, "values a byte holds")
         self.positions = positions.to(torch.uint8).contiguous()
         if not _trusted:  # from_dense builds valid arrays: its checks would only cost time
             self.validate()
