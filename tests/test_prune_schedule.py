@@ -103,3 +103,19 @@ def test_rounds_are_capped_before_the_list_is_built():
         schedule.iterative_prune(mlp(0), Trainer(), 0.5, rounds=schedule.MAX_ROUNDS + 1)
     with pytest.raises(ValueError, match="rounds must be a positive int; got True"):
         schedule.sparsity_schedule(0.5, True)
+
+
+@pytest.mark.parametrize("kwargs", [dict(steps_per_round=-1), dict(steps_per_round=2.5), dict(steps_per_round=True),
+                                    dict(finetune_lr_factor=float("nan")), dict(finetune_lr_factor=0)])
+def test_iterative_prune_checks_its_step_counts_before_pruning(kwargs):
+    """A negative, fractional or bool step count, a NaN or zero learning-rate
+    factor: a ValueError naming it, before the model is pruned (a negative
+    count was handed to train_fn; NaN passed the factor's check)."""
+    import torch
+
+    from pointsparse import prune
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        schedule.iterative_prune(model, lambda m, steps: None, 0.5, rounds=2, **kwargs)
+    assert not prune.is_pruned(model)

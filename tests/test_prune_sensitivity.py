@@ -60,6 +60,10 @@ def test_real_metric_apply_and_plot(tmp_path):
         assert float((dict(net.named_modules())[name].weight == 0).float().mean()) == pytest.approx(r, abs=0.01)
     path = sensitivity.plot_sensitivity(res, tmp_path / "s.png", 0.05)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for bad in (float("nan"), "0.05", True):
+        with pytest.raises(ValueError, match="threshold must be a finite number or None"):
+            sensitivity.plot_sensitivity(res, tmp_path / "bad.png", bad)
+    assert not (tmp_path / "bad.png").exists()
 
 
 def test_bad_inputs():

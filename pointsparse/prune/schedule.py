@@ -8,6 +8,7 @@ selectable) times the training learning rate ``lr``, passed to
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Callable
@@ -103,8 +104,13 @@ def iterative_prune(model: nn.Module, train_fn: Callable, final_sparsity: float,
     check_callable(train_fn, "train_fn")
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}; got {scope!r}")
-    if finetune_lr_factor <= 0:
-        raise ValueError(f"finetune_lr_factor must be > 0 (0.1 or 0.01 usually); got {finetune_lr_factor}")
+    if isinstance(finetune_lr_factor, bool) or not isinstance(finetune_lr_factor, numbers.Real) \
+            or not (finetune_lr_factor > 0 and math.isfinite(finetune_lr_factor)):
+        raise ValueError(f"finetune_lr_factor must be a finite number > 0 (0.1 or 0.01 usually); "
+                         f"got {finetune_lr_factor!r}")
+    if isinstance(steps_per_round, bool) or not isinstance(steps_per_round, numbers.Integral) or steps_per_round < 0:
+        raise ValueError(f"steps_per_round (finetune_steps) must be an int >= 0 (fine-tuning steps after each "
+                         f"round); got {steps_per_round!r}")
     targets = sparsity_schedule(final_sparsity, rounds, schedule, initial_sparsity)
     ft_lr = None if lr is None else lr * finetune_lr_factor
     result = ScheduleResult()

@@ -179,7 +179,11 @@ def apply_ratios(model: nn.Module, ratios: dict[str, float], granularity: str = 
 
 
 def plot_sensitivity(result: SensitivityResult, path, threshold: float | None = None) -> Path:
-    """Write the curves (metric against ratio, one line per layer) to a PNG."""
+    """Write the curves (metric against ratio, one line per layer) to a PNG
+    (``threshold``: a finite number, drawn as ``baseline - threshold``)."""
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real)
+                                  or not math.isfinite(threshold)):
+        raise ValueError(f"threshold must be a finite number or None; got {threshold!r}")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
