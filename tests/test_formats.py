@@ -475,3 +475,19 @@ def test_constructors_take_any_integer_index_dtype(fmt):
     wide = {k: v.to(torch.int32) if isinstance(v, torch.Tensor) and not v.is_floating_point() else v
             for k, v in parts.items()}
     assert torch.equal(cls(**wide).to_dense(), cls(**parts).to_dense())
+
+
+def test_to_dense_of_a_huge_declared_shape_is_refused_before_allocating():
+    """A valid format may declare a huge, empty matrix: its to_dense is a
+    ValueError naming the size and the limit (was an attempt to allocate
+    terabytes: torch's RuntimeError, or the kernel's OOM killer)."""
+    import pointsparse.formats as F
+
+    for fmt in (F.CSR(torch.zeros(3, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), torch.zeros(0),
+                      (2, 10**12)),
+                F.COO(torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), torch.zeros(0),
+                      (10**9, 10**9))):
+        with pytest.raises(ValueError, match=r"to_dense of a (CSR|COO) of shape \(\d+, \d+\) needs .*GiB limit"):
+            fmt.to_dense()
+    small = F.CSR.from_dense(torch.eye(3))
+    assert torch.equal(small.to_dense(), torch.eye(3))

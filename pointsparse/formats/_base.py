@@ -4,6 +4,7 @@ result), construction from a pruned module, and storage accounting."""
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -163,6 +164,20 @@ class SparseFormat:
 
     shape: tuple
     dtype: torch.dtype
+
+    def _zeros(self, *shape: int) -> torch.Tensor:
+        """The zeros ``to_dense`` fills (default: ``self.shape``), after
+        checking their size against :data:`pointsparse.tensor.MAX_DENSE_BYTES`
+        (a valid format may declare a huge, nearly empty matrix)."""
+        from ..tensor import MAX_DENSE_BYTES  # noqa: PLC0415 - the formats do not import the tensor layer at load
+
+        shape = shape or tuple(self.shape)
+        nbytes = math.prod(shape) * torch.empty((), dtype=self.dtype).element_size()
+        if nbytes > MAX_DENSE_BYTES:
+            raise ValueError(f"to_dense of a {type(self).__name__} of shape {tuple(self.shape)} needs {nbytes:,} bytes, "
+                             f"over the {MAX_DENSE_BYTES / 2**30:.0f} GiB limit (use its matmul, which never "
+                             "makes the dense matrix)")
+        return torch.zeros(shape, dtype=self.dtype)
 
     # -- checks -----------------------------------------------------------
     def validate(self) -> "SparseFormat":

@@ -130,7 +130,7 @@ class BSR(SparseFormat):
         M, K = self.shape
         br, bc = self.blocksize
         mb, kb = -(-M // br), -(-K // bc)
-        blocks = torch.zeros(mb, kb, br, bc, dtype=self.dtype)
+        blocks = self._zeros(mb, kb, br, bc)
         brow = torch.repeat_interleave(torch.arange(mb), widen(self.block_ptr).diff())
         # index_put with accumulate: Block-ELL padding blocks (zeros at block
         # column 0) must not overwrite a stored block there

@@ -66,7 +66,7 @@ class CSR(SparseFormat):
         return self._rows(), widen(self.col_idx), self.values
 
     def to_dense(self) -> torch.Tensor:
-        out = torch.zeros(self.shape, dtype=self.dtype)
+        out = self._zeros()
         out[self._rows(), widen(self.col_idx)] = self.values
         return out
 
@@ -131,7 +131,7 @@ class CSC(SparseFormat):
 
     def to_dense(self) -> torch.Tensor:
         rows, cols, values = self._triplets()
-        out = torch.zeros(self.shape, dtype=self.dtype)
+        out = self._zeros()
         out[rows, cols] = values
         return out
 
@@ -205,7 +205,7 @@ class COO(SparseFormat):
         return widen(self.row_idx), widen(self.col_idx), self.values
 
     def to_dense(self) -> torch.Tensor:
-        out = torch.zeros(self.shape, dtype=self.dtype)
+        out = self._zeros()
         out[widen(self.row_idx), widen(self.col_idx)] = self.values
         return out
 

@@ -130,7 +130,7 @@ class EIE(SparseFormat):
 
     def to_dense(self) -> torch.Tensor:
         rows, cols, vals = self._triplets()
-        out = torch.zeros(self.shape, dtype=self.dtype)
+        out = self._zeros()
         out[rows, cols] = vals
         return out
 

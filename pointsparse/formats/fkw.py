@@ -201,7 +201,7 @@ class FKW(SparseFormat):
 
     def to_dense(self) -> torch.Tensor:
         rows, cols, values = self._triplets()
-        out = torch.zeros(self.shape, dtype=self.dtype)
+        out = self._zeros()
         out[rows, cols] = values
         return out.reshape(self.weight_shape)
 

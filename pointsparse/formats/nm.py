@@ -122,7 +122,7 @@ class NM(SparseFormat):
         return rows, self._columns().reshape(-1), self.values.reshape(-1)
 
     def to_dense(self) -> torch.Tensor:
-        out = torch.zeros(self.shape, dtype=self.dtype)
+        out = self._zeros()
         if self.values.numel():
             out.scatter_(1, self._columns(), self.values)
         return out
