@@ -15,7 +15,9 @@ nodes come from ``torch.profiler`` (their CPU time), and the rest of the
 backward's wall time is the autograd engine's own work. Medians over rounds;
 one cloud per call, maps built anew every call. Writes
 bench/results/profile_minkunet.md (``--quick``: a 20k generated street, one
-round after the warm-up, the page in a temporary folder).
+round after the warm-up, the page in a temporary folder). ``--north-star``:
+a column more, the inference of bench/north_star.py's fastest model (keep
+0.25 + fuse + pair vectors 75% + bf16), page profile_minkunet_north_star.md.
 """
 
 from __future__ import annotations
@@ -155,13 +157,13 @@ def rest(timer: Timer, wall: float, label: str) -> None:
     timer.total[label] += wall - sum(timer.total.values())
 
 
-def inference(model, points: torch.Tensor, feats: torch.Tensor) -> Timer:
+def inference(model, points: torch.Tensor, feats: torch.Tensor, dtype: torch.dtype = torch.float32) -> Timer:
     timer = Timer()
     model.eval()
     t0 = time.perf_counter()
     with instrumented(model, timer, Timer()), torch.no_grad():
         x, _ = timer.wrap("voxelize", ps.voxelize)(points, feats, voxel_size=VOXEL)
-        model(x)
+        model(x if dtype == torch.float32 else x.with_feats(x.feats.to(dtype)))
     rest(timer, time.perf_counter() - t0, "rest (Python, glue)")
     return timer
 
@@ -219,12 +221,31 @@ def cloud(quick: bool = False) -> tuple[str, np.ndarray]:
     return f"generated street ({size // 1000}k voxels)", street_points(size)
 
 
+NORTH_STAR = "north star model, inference"
+
+
+def north_star_model(points: torch.Tensor, feats: torch.Tensor) -> torch.nn.Module:
+    """bench/north_star.py's ``keep 0.25 + fuse + pair vectors 75% + bf16``
+    row: MinkUNet(4, 19) with every coupled channel group cut to 0.25 (x8),
+    fused, 75% of the bf16 vectors (16 x 2 blocks) pruned and made permanent,
+    in bfloat16."""
+    from north_star import vector_sparse  # noqa: PLC0415 - bench modules, imported only for this column
+    from prune_speed import _variants  # noqa: PLC0415
+
+    x, _ = ps.voxelize(points, feats, voxel_size=VOXEL)
+    nets, _ = _variants(x, [(0.25, 8)])
+    return vector_sparse(spnn.fuse_for_inference(nets["keep 0.25 (x8)"]), 0.75, rows=2).to(torch.bfloat16)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cr", type=float, default=1.0)
     p.add_argument("--rounds", type=int, default=None, help="rounds after the warm-up (default 3, --quick 1)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="a smoke run: a 20k generated street, one round")
+    p.add_argument("--north-star", action="store_true",
+                   help=f"a column more: '{NORTH_STAR}' (bench/north_star.py's keep 0.25 + fuse + pair vectors "
+                        "75%% + bf16 model); the page is profile_minkunet_north_star.md")
     args = p.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 3)
     torch.set_num_threads(args.threads)
@@ -234,12 +255,15 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     model = MinkUNet(4, CLASSES, cr=args.cr)
     fused = spnn.fuse_for_inference(model)
+    star = north_star_model(points, feats) if args.north_star else None
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
     labels = torch.randint(0, CLASSES, (len(points),), generator=torch.Generator().manual_seed(1))
     columns = defaultdict(list)
     for r in range(rounds + 1):  # the first round warms up
         runs = {"inference eval()": inference(model, points, feats),
                 "inference fused": inference(fused, points, feats)}
+        if star is not None:
+            runs[NORTH_STAR] = inference(star, points, feats, torch.bfloat16)
         runs["training forward"], runs["training backward + step"] = training_step(model, optimizer, points, feats,
                                                                                    labels)
         if r:
@@ -250,7 +274,7 @@ def main(argv=None) -> int:
     print(text)
     title = f"MinkUNet cr={args.cr} per-op profile ({name} @ {VOXEL} m, {args.threads} threads)"
     command = "flock /work/cpu.lock .venv/bin/python bench/profile_minkunet.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    output = results_path("profile_minkunet.md", args.quick)
+    output = results_path("profile_minkunet_north_star.md" if args.north_star else "profile_minkunet.md", args.quick)
     write_markdown(output, title, command, environment() | {"isa": _ext.core.conv_isa()}, [text])
     print(f"written {output}")
     return 0
