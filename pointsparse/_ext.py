@@ -4,7 +4,9 @@ back as tensors sharing the core's buffers."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 import numpy as np
 import torch
@@ -46,15 +48,37 @@ def max_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+# Per Python thread: a thread count that num_threads() returns there (set by
+# ``threads_here``), so that tasks running side by side on Python threads
+# (nn.build_maps) each run their core calls on one OpenMP thread.
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def threads_here(n: int):
+    """Within the block, :func:`num_threads` returns ``n`` (clamped as
+    always) in the calling Python thread only; other threads are unchanged."""
+    before = getattr(_local, "threads", None)
+    _local.threads = n
+    try:
+        yield
+    finally:
+        _local.threads = before
+
+
 def num_threads() -> int:
     """Threads each core call uses: ``POINTSPARSE_NUM_THREADS`` if set (an
     empty value counts as unset), else ``torch.get_num_threads()``, so the
     core and torch never oversubscribe; never more than :func:`max_threads`
     (a larger request is clamped: more threads than processors only wait on
     each other); 1 in a process created by ``fork`` (where a second OpenMP
-    thread would hang), e.g. a DataLoader worker."""
+    thread would hang), e.g. a DataLoader worker. Inside :func:`threads_here`
+    its count, in that Python thread only (clamped the same way)."""
     if _forked:
         return 1
+    here = getattr(_local, "threads", None)
+    if here is not None:
+        return max(1, min(here, max_threads()))
     env = os.environ.get("POINTSPARSE_NUM_THREADS", "").strip()
     if env:
         try:

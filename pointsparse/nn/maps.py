@@ -1,0 +1,227 @@
+"""Kernel maps and plans built ahead, side by side.
+
+A network asks its input's :class:`~pointsparse.tensor.CoordinateCache` for
+each map (and the engine's plan of it) when a layer first needs it, so the
+maps of one input are built one after another, each on all threads. Most of
+that work is sorts and passes over 10^4-10^5 rows, which gain little from a
+second thread (the coordinate sorts stay on one thread below 2^18 keys: on a
+busy machine every barrier of a 2-thread sort can wait a time slice), while
+the maps of one network are largely independent of each other: the
+submanifold map at each stride needs only that stride's coords, and only
+the downsampling chain is sequential.
+
+:func:`map_schedule` records which maps and plans a network builds (they
+depend on its structure, not on the coordinates); :func:`build_maps` builds
+them into a new input's cache as tasks of one thread each, ``workers`` at a
+time, each as soon as the coords it reads are there; the network then finds
+every map in the cache. :class:`MapsAhead` does both around a model. The
+maps and plans are those the network would build itself (the same
+functions), so its outputs are unchanged bit for bit.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+import os
+
+import torch
+
+from .. import _ext
+from .. import kmap as _kmap
+from ..tensor import CoordinateCache, SparseTensor
+from . import _engine
+
+
+@dataclass(frozen=True)
+class MapSchedule:
+    """The maps a network builds for an input, in the order it asks for
+    them (``maps``: :class:`pointsparse.kmap.KernelMapKey`), and those of
+    them whose engine plan it builds too (``plans``)."""
+
+    maps: tuple
+    plans: frozenset
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.maps, tuple) or not all(isinstance(k, _kmap.KernelMapKey) for k in self.maps):
+            raise TypeError("MapSchedule.maps must be a tuple of pointsparse.kmap.KernelMapKey")
+        if not isinstance(self.plans, frozenset) or not self.plans <= set(self.maps):
+            raise TypeError("MapSchedule.plans must be a frozenset of keys in MapSchedule.maps")
+
+
+class _Recorder(CoordinateCache):
+    """A coordinate cache that notes every map and plan asked of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list = []
+        self.planned: set = set()
+
+    def get_kmap(self, key, build):
+        if key not in self.asked:
+            self.asked.append(key)
+        return super().get_kmap(key, build)
+
+    def get_plan(self, kmap, build):
+        self.planned.add(kmap.key)
+        return super().get_plan(kmap, build)
+
+
+def map_schedule(model: torch.nn.Module, example: SparseTensor, *args, **kwargs) -> MapSchedule:
+    """The maps and plans ``model`` builds for an input like ``example``:
+    runs ``model(example, *args, **kwargs)`` once, without gradients and in eval mode (each
+    module's training flag is restored after), on a fresh cache, noting what
+    it asks for. Only the example's own cache is followed: the maps a layer
+    builds on coords of its own (``VoxelPrune`` makes a cache for the voxels
+    it keeps) are left to the network."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if not isinstance(example, SparseTensor):
+        raise TypeError(f"example must be a SparseTensor; got {type(example).__name__}")
+    recorder = _Recorder()
+    x = SparseTensor(example.feats, example.coords, example.stride, cache=recorder, validate=False)
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x, *args, **kwargs)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    return MapSchedule(tuple(recorder.asked), frozenset(recorder.planned))
+
+
+def _coarse_stride(key) -> tuple:
+    return tuple(a * b for a, b in zip(key.tensor_stride, key.stride))
+
+
+def _down_key(key):
+    """The downsampling map a transposed map transposes."""
+    return _kmap.KernelMapKey(key.tensor_stride, key.kernel_size, key.stride, key.dilation, False)
+
+
+def _build_one(cache: CoordinateCache, key, plan: bool) -> None:
+    """Builds ``key``'s map (and its plan) into ``cache`` as the network
+    would: through ``kmap._get_kmap`` on a tensor of the coords it reads."""
+    stride = _coarse_stride(key) if key.transposed else key.tensor_stride
+    coords = cache.coords[stride]
+    tensor = SparseTensor(coords.new_empty((coords.shape[0], 0), dtype=torch.float32), coords, stride, cache=cache,
+                          validate=False)
+    kmap = _kmap._get_kmap(tensor, key.kernel_size, key.stride, key.dilation, key.transposed)
+    if plan:
+        _engine.get_plan(kmap, cache)
+
+
+def build_maps(tensor: SparseTensor, schedule: MapSchedule, workers: int | None = None) -> None:
+    """Builds every map (and plan) of ``schedule`` that ``tensor``'s cache
+    lacks into it, ``workers`` tasks at a time (default: the core's thread
+    count, :func:`pointsparse._ext.num_threads`), each task a map on one
+    thread, started as soon as the coords it reads are in the cache (a
+    strided map's output coords come from the map before it; a transposed
+    map follows its downsampling map). The maps are those the network would
+    build; the network then finds them all. With one worker, or off the
+    CPU, they are built in order in the calling thread, as the network
+    would. ValueError where a map's input coords never come (a schedule
+    recorded on another network or on an input of another stride)."""
+    if not isinstance(tensor, SparseTensor):
+        raise TypeError(f"tensor must be a SparseTensor; got {type(tensor).__name__}")
+    if not isinstance(schedule, MapSchedule):
+        raise TypeError(f"schedule must be a MapSchedule (nn.map_schedule); got {type(schedule).__name__}")
+    if workers is None:
+        workers = _ext.num_threads()
+    elif isinstance(workers, bool) or not isinstance(workers, int):
+        raise TypeError(f"workers must be an int >= 1 or None; got {workers!r}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1; got {workers}")
+    cache = tensor.cache
+    todo = [k for k in schedule.maps if k not in cache.kmaps or (k in schedule.plans and k not in cache.plans)]
+    pending = set(todo)  # not yet built: waiting or running
+    running: dict = {}
+
+    def ready(key) -> bool:
+        if key.transposed:  # after its downsampling map (and that map's plan, which it transposes)
+            return _down_key(key) not in pending and _coarse_stride(key) in cache.coords and \
+                key.tensor_stride in cache.coords
+        if key.tensor_stride not in cache.coords:
+            return False
+        # Two strided maps onto one stride: the later takes the earlier's
+        # output coords (as in the network's order), so never both at once.
+        return key.stride == (1, 1, 1) or all(k.stride == (1, 1, 1) or k.transposed or k.out_stride != key.out_stride
+                                              for k in running.values())
+
+    if workers == 1 or tensor.coords.device.type != "cpu":
+        for key in todo:
+            if not ready(key):
+                raise ValueError(_stuck([key]))
+            _build_one(cache, key, key in schedule.plans)
+            pending.discard(key)
+        return
+
+    def task(key) -> None:
+        with _ext.threads_here(1):
+            _build_one(cache, key, key in schedule.plans)
+
+    pool = _pool(workers)
+    try:
+        while todo or running:
+            # The downsampling chain first: every later map waits on its coords.
+            for key in sorted(todo, key=lambda k: k.stride == (1, 1, 1) or k.transposed):
+                if len(running) < workers and ready(key):
+                    todo.remove(key)
+                    running[pool.submit(task, key)] = key
+            if not running:
+                raise ValueError(_stuck(todo))
+            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for future in finished:
+                pending.discard(running.pop(future))
+                future.result()  # a task's error, raised here
+    finally:
+        wait(list(running))  # after an error: the tasks still running finish before it is raised
+
+
+# The worker threads, kept for the process (per worker count).
+_POOLS: dict = {}
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    pool = _POOLS.get(workers)
+    if pool is None:
+        pool = _POOLS[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pointsparse-maps")
+    return pool
+
+
+os.register_at_fork(after_in_child=_POOLS.clear)
+
+
+def _stuck(keys) -> str:
+    strides = sorted({_coarse_stride(k) if k.transposed else k.tensor_stride for k in keys})
+    return (f"build_maps: {len(keys)} map(s) of the schedule read coords at strides {strides} that this tensor's "
+            "cache never holds (a schedule recorded on another network, or on an input of another stride?)")
+
+
+class MapsAhead(torch.nn.Module):
+    """``model`` whose input's maps and plans are built ahead, side by side
+    (:func:`build_maps`), before it runs: the same outputs. The schedule is
+    recorded on the first call (:func:`map_schedule`: one extra run of the
+    model then) and kept (``schedule``). The first argument of a call must
+    be the network's SparseTensor; the rest go to ``model`` as they are.
+    Under ``torch.compile`` / ``torch.export`` the model runs as it is.
+    ``workers``: as :func:`build_maps`'s."""
+
+    def __init__(self, model: torch.nn.Module, workers: int | None = None) -> None:
+        super().__init__()
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        self.model = model
+        self.workers = workers
+        self.schedule: MapSchedule | None = None
+
+    def forward(self, x: SparseTensor, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return self.model(x, *args, **kwargs)
+        if not isinstance(x, SparseTensor):
+            raise TypeError(f"MapsAhead's first argument must be a SparseTensor; got {type(x).__name__}")
+        if self.schedule is None:
+            self.schedule = map_schedule(self.model, x, *args, **kwargs)
+        build_maps(x, self.schedule, self.workers)
+        return self.model(x, *args, **kwargs)
