@@ -14,8 +14,10 @@ the conv's store), bfloat16 features and weights (the AVX512-BF16 kernels),
 vector sparsity (``prune.panel_structured`` 75% on every conv with more than
 one offset, made permanent; 16 x 1 blocks, or 16 x 2 (``rows=2``: whole bf16
 vectors) for the "pair vectors" row, which the bf16 kernels skip; that
-model is also timed as a ``pointsparse.export`` program written to a file and
-loaded back, whose maps are built inside every call) and ``nn.VoxelPrune(0.5)`` before the three
+model is also timed with its maps built ahead, side by side (``nn.MapsAhead``:
+the schedule recorded in the warm-up call), and as a ``pointsparse.export``
+program written to a file and loaded back, whose maps are built inside every
+call) and ``nn.VoxelPrune(0.5)`` before the three
 coarse decoder stages (bench/voxel_prune.py); on a CPU with AMX-BF16 the two
 unpruned bf16 rows again with the AMX tiles off. Each is timed end to end from
 the points (voxelize, every kernel map and plan built, the network; no
@@ -94,6 +96,7 @@ def variants(x: ps.SparseTensor) -> dict:
         vector_sparse(ps.nn.fuse_for_inference(quarter), 0.5, rows=2).to(torch.bfloat16), torch.bfloat16)
     pairs = vector_sparse(ps.nn.fuse_for_inference(quarter), 0.75, rows=2).to(torch.bfloat16)
     out["keep 0.25 + fuse + pair vectors 75% + bf16"] = (pairs, torch.bfloat16)
+    out["the same + maps built ahead (nn.MapsAhead)"] = (ps.nn.MapsAhead(pairs), torch.bfloat16)
     out["the same, exported (.pt2 written and loaded back)"] = (
         Program(pairs, ps.SparseTensor(x.feats.bfloat16(), x.coords)), torch.bfloat16)
     return out

@@ -239,6 +239,22 @@ def test_build_maps_checks_its_arguments(monkeypatch):
         spnn.build_maps(ps.SparseTensor(x.feats, x.coords), schedule, workers=2)
 
 
+def test_build_maps_chooses_its_workers_by_the_input_size(monkeypatch):
+    """workers=None: in order in the calling thread below PARALLEL_MIN_ROWS
+    input rows, the core's thread count of workers from there on."""
+    from pointsparse.nn import maps
+
+    net = _net(11)
+    x = random_cloud(n=2000, extent=24, seed=11)
+    schedule = spnn.map_schedule(net, x)
+    for threshold, threaded in ((len(x) + 1, False), (len(x), _ext.num_threads() > 1)):
+        monkeypatch.setattr(maps, "PARALLEL_MIN_ROWS", threshold)
+        seen = _counting_builds(monkeypatch)
+        spnn.build_maps(ps.SparseTensor(x.feats, x.coords), schedule)
+        assert (threading.get_ident() not in {tid for *_, tid in seen}) == threaded
+        monkeypatch.undo()
+
+
 def test_threads_here_is_per_thread():
     outside = _ext.num_threads()
     seen = []

@@ -112,10 +112,22 @@ def _build_one(cache: CoordinateCache, key, plan: bool) -> None:
         _engine.get_plan(kmap, cache)
 
 
+#: The input rows from which :func:`build_maps` (``workers=None``) builds its
+#: maps side by side; below, in order in the calling thread. Measured
+#: (``python bench/maps_ahead.py``, the north star's bf16 model, end to end,
+#: 2 threads, Intel Xeon, bench/RESULTS.md stop 39): two workers 0.93-0.94x
+#: the time of the maps built as the network runs on the KITTI sweep (91k
+#: voxels), 0.95x on a generated street of 60k, but 1.16x on one of 20k
+#: (small maps are mostly Python, whose threads take turns at the
+#: interpreter); in order, 0.96-0.98x on all three.
+PARALLEL_MIN_ROWS = 50_000
+
+
 def build_maps(tensor: SparseTensor, schedule: MapSchedule, workers: int | None = None) -> None:
     """Builds every map (and plan) of ``schedule`` that ``tensor``'s cache
     lacks into it, ``workers`` tasks at a time (default: the core's thread
-    count, :func:`pointsparse._ext.num_threads`), each task a map on one
+    count, :func:`pointsparse._ext.num_threads`, from
+    :data:`PARALLEL_MIN_ROWS` input rows on, else 1), each task a map on one
     thread, started as soon as the coords it reads are in the cache (a
     strided map's output coords come from the map before it; a transposed
     map follows its downsampling map). The maps are those the network would
@@ -128,7 +140,7 @@ def build_maps(tensor: SparseTensor, schedule: MapSchedule, workers: int | None 
     if not isinstance(schedule, MapSchedule):
         raise TypeError(f"schedule must be a MapSchedule (nn.map_schedule); got {type(schedule).__name__}")
     if workers is None:
-        workers = _ext.num_threads()
+        workers = _ext.num_threads() if len(tensor) >= PARALLEL_MIN_ROWS else 1
     elif isinstance(workers, bool) or not isinstance(workers, int):
         raise TypeError(f"workers must be an int >= 1 or None; got {workers!r}")
     if workers < 1:
