@@ -198,6 +198,8 @@ def test_maps_ahead_module(monkeypatch):
         ahead(torch.zeros(3, 4))
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         spnn.MapsAhead("net")
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        spnn.MapsAhead(net, workers=0)
 
 
 def test_build_maps_checks_its_arguments(monkeypatch):

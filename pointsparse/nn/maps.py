@@ -13,8 +13,9 @@ the downsampling chain is sequential.
 :func:`map_schedule` records which maps and plans a network builds (they
 depend on its structure, not on the coordinates); :func:`build_maps` builds
 them into a new input's cache as tasks of one thread each, ``workers`` at a
-time, each as soon as the coords it reads are there; the network then finds
-every map in the cache. :class:`MapsAhead` does both around a model. The
+time (by default two from :data:`PARALLEL_MIN_ROWS` input rows on, else one
+after another), each as soon as the coords it reads are there; the network
+then finds every map in the cache. :class:`MapsAhead` does both around a model. The
 maps and plans are those the network would build itself (the same
 functions), so its outputs are unchanged bit for bit.
 """
@@ -112,6 +113,15 @@ def _build_one(cache: CoordinateCache, key, plan: bool) -> None:
         _engine.get_plan(kmap, cache)
 
 
+def _check_workers(workers) -> None:
+    if workers is None:
+        return
+    if isinstance(workers, bool) or not isinstance(workers, int):
+        raise TypeError(f"workers must be an int >= 1 or None; got {workers!r}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1; got {workers}")
+
+
 #: The input rows from which :func:`build_maps` (``workers=None``) builds its
 #: maps side by side; below, in order in the calling thread. Measured
 #: (``python bench/maps_ahead.py``, the north star's bf16 model, end to end,
@@ -139,12 +149,9 @@ def build_maps(tensor: SparseTensor, schedule: MapSchedule, workers: int | None 
         raise TypeError(f"tensor must be a SparseTensor; got {type(tensor).__name__}")
     if not isinstance(schedule, MapSchedule):
         raise TypeError(f"schedule must be a MapSchedule (nn.map_schedule); got {type(schedule).__name__}")
+    _check_workers(workers)
     if workers is None:
         workers = _ext.num_threads() if len(tensor) >= PARALLEL_MIN_ROWS else 1
-    elif isinstance(workers, bool) or not isinstance(workers, int):
-        raise TypeError(f"workers must be an int >= 1 or None; got {workers!r}")
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1; got {workers}")
     cache = tensor.cache
     todo = [k for k in schedule.maps if k not in cache.kmaps or (k in schedule.plans and k not in cache.plans)]
     pending = set(todo)  # not yet built: waiting or running
@@ -224,6 +231,7 @@ class MapsAhead(torch.nn.Module):
         super().__init__()
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        _check_workers(workers)
         self.model = model
         self.workers = workers
         self.schedule: MapSchedule | None = None
