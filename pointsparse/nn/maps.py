@@ -13,7 +13,7 @@ the downsampling chain is sequential.
 :func:`map_schedule` records which maps and plans a network builds (they
 depend on its structure, not on the coordinates); :func:`build_maps` builds
 them into a new input's cache as tasks of one thread each, ``workers`` at a
-time (by default two from :data:`PARALLEL_MIN_ROWS` input rows on, else one
+time (by default the core's thread count from :data:`PARALLEL_MIN_ROWS` input rows on, else one
 after another), each as soon as the coords it reads are there; the network
 then finds every map in the cache. :class:`MapsAhead` does both around a model. The
 maps and plans are those the network would build itself (the same
