@@ -51,3 +51,18 @@ def test_sparse_tensor_to_meta_refused(args, kwargs):
     assert x.to(torch.float64).dtype == torch.float64  # other moves still work
 
 
+# --- voxelize ---------------------------------------------------------------------------------------------
+
+def test_voxelize_refuses_meta_points_and_feats():
+    with pytest.raises(ValueError, match="points is a meta tensor"):
+        ps.voxelize(torch.zeros(10, 3, device="meta"), voxel_size=1.0)
+    with pytest.raises(ValueError, match="feats is a meta tensor"):
+        ps.voxelize(torch.zeros(10, 3), torch.zeros(10, 2, device="meta"), voxel_size=1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+def test_voxelize_refuses_complex_batch(dtype):
+    with pytest.raises(TypeError, match="batch must hold integer batch indices"):
+        ps.voxelize(torch.rand(10, 3), voxel_size=1.0, batch=torch.zeros(10, dtype=dtype))
+
+
