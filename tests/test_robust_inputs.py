@@ -66,3 +66,16 @@ def test_voxelize_refuses_complex_batch(dtype):
         ps.voxelize(torch.rand(10, 3), voxel_size=1.0, batch=torch.zeros(10, dtype=dtype))
 
 
+# --- KernelMap.pairs --------------------------------------------------------------------------------------
+
+def test_kernel_map_pairs_offset_type():
+    kmap = ps.kmap.build(random_coords(30), kernel_size=3)
+    want = kmap.pairs(4)
+    for ok in (np.int64(4), torch.tensor(4), torch.tensor(4, dtype=torch.int32)):
+        got = kmap.pairs(ok)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    for bad in (1.5, "1", True, torch.tensor(1.0), torch.tensor([1]), None):
+        with pytest.raises(TypeError, match="offset must be an int"):
+            kmap.pairs(bad)
+    with pytest.raises(IndexError, match="offset index"):
+        kmap.pairs(27)
