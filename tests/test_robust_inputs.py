@@ -21,6 +21,32 @@ def _cloud(n=40, c=4, seed=0):
     return ps.SparseTensor(torch.randn(len(coords), c, generator=torch.Generator().manual_seed(seed)), coords)
 
 
+# --- export.save's meta -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def program():
+    x = _cloud()
+    return pe.export_model(torch.nn.Sequential(ps.nn.Conv3d(4, 8)).eval(), x), x
+
+
+@pytest.mark.parametrize("meta", [[1, 2], "abc", ("a", 1), {1: 2}, {"a": 1, (1, 2): 3}, {"a": {1, 2}},
+                                  {"a": torch.ones(2)}])
+def test_save_refuses_meta_load_cannot_return(tmp_path, program, meta):
+    path = tmp_path / "m.pt2"
+    with pytest.raises(TypeError, match="meta"):
+        pe.save(program[0], path, meta)
+    assert not path.exists()
+
+
+def test_save_keeps_dict_meta(tmp_path, program):
+    path = tmp_path / "m.pt2"
+    meta = {"classes": ["a", "b"], "voxel_size": 0.2, "nested": {"k": None}}
+    pe.save(program[0], path, meta)
+    assert pe.load(path)[1] == meta
+    pe.save(program[0], path, None)
+    assert pe.load(path)[1] == {}
+
+
 # --- SparseTensor -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("stride", [2**40, 2**31, (1, 1, 2**31), np.int64(2**35), torch.tensor(2**33)])
