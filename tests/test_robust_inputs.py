@@ -21,6 +21,58 @@ def _cloud(n=40, c=4, seed=0):
     return ps.SparseTensor(torch.randn(len(coords), c, generator=torch.Generator().manual_seed(seed)), coords)
 
 
+# --- SPVCNN.forward ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def spvcnn_case():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    pts = torch.rand(300, 3, generator=g) * 8
+    batch = (torch.arange(300) >= 150).long()
+    v, inv = ps.voxelize(pts, torch.randn(300, 4, generator=g), voxel_size=1.0, batch=batch)
+    return pm.SPVCNN(4, 3, cr=0.1, blocks=1).eval(), v, inv, pts, batch
+
+
+def test_spvcnn_accepts_consistent_arguments(spvcnn_case):
+    m, v, inv, pts, batch = spvcnn_case
+    with torch.no_grad():
+        assert m(v, inv, pts, batch).shape == (300, 3)
+        assert m(v, inv.int(), pts, batch.int()).shape == (300, 3)
+
+
+@pytest.mark.parametrize("point_batch", ["all5", "swapped", "one_row"])
+def test_spvcnn_point_batch_must_match_the_voxels(spvcnn_case, point_batch):
+    m, v, inv, pts, batch = spvcnn_case
+    bad = {"all5": torch.full_like(batch, 5), "swapped": 1 - batch,
+           "one_row": batch.clone().index_fill_(0, torch.tensor([7]), 1)}[point_batch]
+    with torch.no_grad(), pytest.raises(ValueError, match="point_batch"):
+        m(v, inv, pts, bad)
+
+
+@pytest.mark.parametrize("inverse, error", [
+    (lambda inv: inv.float(), TypeError), (lambda inv: inv.bool(), TypeError), (lambda inv: inv.tolist(), TypeError),
+    (lambda inv: inv + 10_000, ValueError), (lambda inv: inv - inv.max() - 1, ValueError),
+])
+def test_spvcnn_inverse_must_be_an_integer_row_map(spvcnn_case, inverse, error):
+    m, v, inv, pts, batch = spvcnn_case
+    with torch.no_grad(), pytest.raises(error, match="inverse"):
+        m(v, inverse(inv), pts, batch)
+
+
+@pytest.mark.parametrize("points", [lambda p: p.tolist(), lambda p: p.long(), lambda p: p.numpy()])
+def test_spvcnn_points_must_be_a_float_tensor(spvcnn_case, points):
+    m, v, inv, pts, batch = spvcnn_case
+    with torch.no_grad(), pytest.raises(TypeError, match="points"):
+        m(v, inv, points(pts), batch)
+
+
+def test_spvcnn_point_batch_must_be_an_integer_tensor(spvcnn_case):
+    m, v, inv, pts, batch = spvcnn_case
+    for bad in (batch.float(), batch.tolist()):
+        with torch.no_grad(), pytest.raises(TypeError, match="point_batch"):
+            m(v, inv, pts, bad)
+
+
 # --- export.save's meta -----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
