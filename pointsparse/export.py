@@ -19,7 +19,8 @@ config (classes, voxel size, ...). A process loads it with
 operators and the SparseTensor pytree node).
 
 Bad coords (duplicates, out of range) raise the same ``ValueError`` as in
-eager mode when the program runs, from the kernel-map operator."""
+eager mode when the program runs, from the kernel-map operator; coords of
+another dtype than int32 the same ``TypeError``."""
 
 from __future__ import annotations
 

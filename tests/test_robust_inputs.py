@@ -157,3 +157,22 @@ def test_kernel_map_pairs_offset_type():
             kmap.pairs(bad)
     with pytest.raises(IndexError, match="offset index"):
         kmap.pairs(27)
+
+
+# --- exported programs' coords dtype ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("conv", [dict(kernel_size=3), dict(kernel_size=2, stride=2), dict(kernel_size=3, stride=2)],
+                         ids=["submanifold", "k2s2", "k3s2"])
+def test_exported_program_refuses_non_int32_coords(conv):
+    """The program's first coords operator (kmap_build, kmap_parents or
+    downsample) checks the input's dtype when it runs, as eager mode does
+    (float coords were truncated silently, int64 taken)."""
+    x = _cloud()
+    net = torch.nn.Sequential(ps.nn.Conv3d(4, 8, **conv)).eval()
+    run = pe.export_model(net, x).module()
+    with torch.no_grad():
+        want = net(x).feats
+        assert torch.allclose(run(x.feats, x.coords), want, atol=1e-5)
+        for coords in (x.coords.float() + 0.25, x.coords.long(), x.coords.double()):
+            with pytest.raises(TypeError, match=r"coords must be int32"):
+                run(x.feats, coords)
