@@ -19,7 +19,8 @@ config (classes, voxel size, ...). A process loads it with
 operators and the SparseTensor pytree node).
 
 Bad coords (duplicates, out of range) raise the same ``ValueError`` as in
-eager mode when the program runs, from the kernel-map operator."""
+eager mode when the program runs, from the kernel-map operator; coords of
+another dtype than int32 the same ``TypeError``."""
 
 from __future__ import annotations
 
@@ -87,10 +88,17 @@ def save(program: torch.export.ExportedProgram, path, meta: dict | None = None) 
     """``torch.export.save`` with ``meta`` as JSON in ``extra_files``;
     ``FileNotFoundError`` naming the folder where ``path``'s does not exist,
     a ``ValueError`` naming ``path`` where it is a folder or cannot be
-    written (:func:`check_out_path`)."""
+    written (:func:`check_out_path`); ``TypeError`` unless ``meta`` is None
+    or a dict with str keys and JSON values (what :func:`load` returns)."""
+    if meta is not None and (not isinstance(meta, dict) or not all(isinstance(k, str) for k in meta)):
+        raise TypeError(f"meta must be None or a dict with str keys; got {type(meta).__name__} {meta!r:.200}")
+    try:
+        text = json.dumps(meta or {})
+    except (TypeError, ValueError) as error:  # a value JSON cannot hold (a set, a tensor, a cycle, ...)
+        raise TypeError(f"meta must hold JSON values (str, numbers, bool, None, lists, dicts): {error}") from None
     check_out_path(path)
     try:
-        torch.export.save(program, str(path), extra_files={META_FILE: json.dumps(meta or {})})
+        torch.export.save(program, str(path), extra_files={META_FILE: text})
     except (RuntimeError, OSError) as error:  # torch's archive writer: "open file failed", a full disk, ...
         raise ValueError(f"cannot write the exported program to {path} "
                          f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from error

@@ -34,7 +34,7 @@ import torch
 
 from . import _ext
 from . import coords as _coords
-from .tensor import SparseTensor, Triple, as_triple
+from .tensor import SparseTensor, Triple, as_int, as_triple
 
 METHODS = ("mergesort", "hash", "torch")
 CPU_METHODS = ("mergesort", "hash")
@@ -107,6 +107,7 @@ class KernelMap:
 
     def pairs(self, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(in_idx, out_idx)`` of offset index ``offset``."""
+        offset = as_int(offset, "offset")
         if not 0 <= offset < self.kernel_volume:
             raise IndexError(f"offset index {offset} outside [0, {self.kernel_volume})")
         lo, hi = self.ptr[offset], self.ptr[offset + 1]

@@ -16,6 +16,8 @@ Triple = tuple[int, int, int]
 
 #: Largest grid :meth:`SparseTensor.dense` allocates (bytes); larger is a ValueError.
 MAX_DENSE_BYTES = 1 << 36
+#: Largest tensor stride per axis (coords are int32).
+STRIDE_MAX = 2**31 - 1
 
 
 def _index(v) -> int:
@@ -202,6 +204,10 @@ class SparseTensor:
                  validate: bool = True) -> None:
         stride = as_triple(stride, "stride")
         if validate:
+            if max(stride) > STRIDE_MAX:
+                raise ValueError(f"stride must be in [1, {STRIDE_MAX}] per axis; got {stride}")
+            if cache is not None and not isinstance(cache, CoordinateCache):
+                raise TypeError(f"cache must be a CoordinateCache or None; got {type(cache).__name__}")
             check_coords_type(coords)
             _check_feats(feats, coords.shape[0])
             if feats.device != coords.device:
@@ -281,6 +287,9 @@ class SparseTensor:
             raise ValueError(f"SparseTensor.to({target}) is not possible here: {exc}") from None
         if not feats.is_floating_point():
             raise TypeError(f"SparseTensor.to: feats must stay floating point; got {feats.dtype}")
+        if feats.device.type == "meta":
+            raise ValueError("SparseTensor.to: a SparseTensor needs real data, not the meta device (shape only); "
+                             "for shape-only tracing use torch.compile / torch.export")
         if feats.device == self._feats.device:
             return SparseTensor(feats, self._coords, self._stride, cache=self.cache, validate=False)
         cache = self.cache.to(feats.device)

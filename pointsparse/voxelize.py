@@ -10,7 +10,7 @@ import torch
 
 from . import _ext
 from . import coords as _coords
-from .tensor import SparseTensor, as_float
+from .tensor import SparseTensor, _check_real_device, as_float
 
 REDUCE_MODES = {"sum": 0, "mean": 1, "max": 2, "first": 3}
 #: The feature dtypes the core reduces (others take the torch path).
@@ -43,6 +43,7 @@ def _check_points(points, name="points", values: bool = True) -> None:
         raise TypeError(f"{name} must be a torch.Tensor; got {type(points).__name__}")
     if not points.is_floating_point():
         raise TypeError(f"{name} must be a float tensor (N, 3); got dtype {points.dtype}")
+    _check_real_device(points, name)
     if points.dim() != 2 or points.shape[1] != 3:
         raise ValueError(f"{name} must be (N, 3) [x, y, z]; got shape {tuple(points.shape)}")
     if values:
@@ -62,7 +63,7 @@ def _check_batch(batch, n: int, device) -> torch.Tensor | None:
         return None
     if not isinstance(batch, torch.Tensor):
         raise TypeError(f"batch must be a torch.Tensor of integer batch indices; got {type(batch).__name__}")
-    if batch.is_floating_point() or batch.dtype == torch.bool:
+    if batch.is_floating_point() or batch.is_complex() or batch.dtype == torch.bool:
         raise TypeError(f"batch must hold integer batch indices; got dtype {batch.dtype}")
     if batch.dim() != 1 or batch.shape[0] != n:
         raise ValueError(f"batch must be (N,) with N = {n} points; got shape {tuple(batch.shape)}")
@@ -249,6 +250,7 @@ def voxelize(points: torch.Tensor, feats: torch.Tensor | None = None, voxel_size
         raise TypeError(f"feats must be a torch.Tensor; got {type(feats).__name__}")
     if not feats.is_floating_point():
         raise TypeError(f"feats must be a float tensor (N, C); got dtype {feats.dtype}")
+    _check_real_device(feats, "feats")
     if feats.dim() != 2 or feats.shape[0] != points.shape[0]:
         raise ValueError(f"feats must be (N, C) with N = {points.shape[0]} points; got shape {tuple(feats.shape)}")
     if feats.device != points.device:

@@ -73,10 +73,26 @@ class SPVCNN(nn.Module):
             raise TypeError(f"SPVCNN takes a SparseTensor; got {type(voxels).__name__}")
         if voxels.num_channels != self.in_channels:
             raise ValueError(f"SPVCNN was built for {self.in_channels} input channels; got {voxels.num_channels}")
+        if not isinstance(points, torch.Tensor) or not points.is_floating_point():
+            got = f"dtype {points.dtype}" if isinstance(points, torch.Tensor) else type(points).__name__
+            raise TypeError(f"points must be a float tensor (N, 3); got {got}")
+        for name, t in (("inverse", inverse), ("point_batch", point_batch)):
+            if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+                got = f"dtype {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise TypeError(f"{name} must be an integer tensor (N,); got {got}")
         if points.dim() != 2 or points.shape[1] != 3 or inverse.shape != (points.shape[0],) \
                 or point_batch.shape != (points.shape[0],):
             raise ValueError(f"points must be (N, 3), inverse and point_batch (N,); got {tuple(points.shape)}, "
                              f"{tuple(inverse.shape)}, {tuple(point_batch.shape)}")
+        if len(inverse) and not torch.compiler.is_compiling():
+            if int(inverse.min()) < 0 or int(inverse.max()) >= len(voxels):
+                raise ValueError(f"inverse holds rows outside [0, {len(voxels)}) (the voxel row of each point)")
+            wrong = point_batch != voxels.coords[inverse, 0]
+            if bool(wrong.any()):
+                i = int(wrong.nonzero()[0, 0])
+                raise ValueError(f"point_batch[{i}] = {int(point_batch[i])} but point {i} lies in a voxel of batch "
+                                 f"{int(voxels.coords[inverse[i], 0])}: point_batch must be the voxels' batch "
+                                 "index of each point (voxels.coords[inverse, 0])")
         u = self.unet
         point_coords = voxels.coords[inverse]
 

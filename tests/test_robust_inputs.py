@@ -1,0 +1,178 @@
+"""Bad inputs found by a fuzzing pass give a clear TypeError/ValueError
+naming the argument (never a deep torch error or a silently wrong result):
+SPVCNN's point arguments, export.save's meta, SparseTensor's stride, cache
+and meta-device moves, voxelize's meta tensors and complex batch, and
+KernelMap.pairs' offset."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import pointsparse as ps
+import pointsparse.export as pe
+import pointsparse.models as pm
+from reference import random_coords
+
+
+def _cloud(n=40, c=4, seed=0):
+    coords = random_coords(n, seed=seed)
+    return ps.SparseTensor(torch.randn(len(coords), c, generator=torch.Generator().manual_seed(seed)), coords)
+
+
+# --- SPVCNN.forward ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def spvcnn_case():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    pts = torch.rand(300, 3, generator=g) * 8
+    batch = (torch.arange(300) >= 150).long()
+    v, inv = ps.voxelize(pts, torch.randn(300, 4, generator=g), voxel_size=1.0, batch=batch)
+    return pm.SPVCNN(4, 3, cr=0.1, blocks=1).eval(), v, inv, pts, batch
+
+
+def test_spvcnn_accepts_consistent_arguments(spvcnn_case):
+    m, v, inv, pts, batch = spvcnn_case
+    with torch.no_grad():
+        assert m(v, inv, pts, batch).shape == (300, 3)
+        assert m(v, inv.int(), pts, batch.int()).shape == (300, 3)
+
+
+@pytest.mark.parametrize("point_batch", ["all5", "swapped", "one_row"])
+def test_spvcnn_point_batch_must_match_the_voxels(spvcnn_case, point_batch):
+    m, v, inv, pts, batch = spvcnn_case
+    bad = {"all5": torch.full_like(batch, 5), "swapped": 1 - batch,
+           "one_row": batch.clone().index_fill_(0, torch.tensor([7]), 1)}[point_batch]
+    with torch.no_grad(), pytest.raises(ValueError, match="point_batch"):
+        m(v, inv, pts, bad)
+
+
+@pytest.mark.parametrize("inverse, error", [
+    (lambda inv: inv.float(), TypeError), (lambda inv: inv.bool(), TypeError), (lambda inv: inv.tolist(), TypeError),
+    (lambda inv: inv + 10_000, ValueError), (lambda inv: inv - inv.max() - 1, ValueError),
+])
+def test_spvcnn_inverse_must_be_an_integer_row_map(spvcnn_case, inverse, error):
+    m, v, inv, pts, batch = spvcnn_case
+    with torch.no_grad(), pytest.raises(error, match="inverse"):
+        m(v, inverse(inv), pts, batch)
+
+
+@pytest.mark.parametrize("points", [lambda p: p.tolist(), lambda p: p.long(), lambda p: p.numpy()])
+def test_spvcnn_points_must_be_a_float_tensor(spvcnn_case, points):
+    m, v, inv, pts, batch = spvcnn_case
+    with torch.no_grad(), pytest.raises(TypeError, match="points"):
+        m(v, inv, points(pts), batch)
+
+
+def test_spvcnn_point_batch_must_be_an_integer_tensor(spvcnn_case):
+    m, v, inv, pts, batch = spvcnn_case
+    for bad in (batch.float(), batch.tolist()):
+        with torch.no_grad(), pytest.raises(TypeError, match="point_batch"):
+            m(v, inv, pts, bad)
+
+
+# --- export.save's meta -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def program():
+    x = _cloud()
+    return pe.export_model(torch.nn.Sequential(ps.nn.Conv3d(4, 8)).eval(), x), x
+
+
+@pytest.mark.parametrize("meta", [[1, 2], "abc", ("a", 1), {1: 2}, {"a": 1, (1, 2): 3}, {"a": {1, 2}},
+                                  {"a": torch.ones(2)}])
+def test_save_refuses_meta_load_cannot_return(tmp_path, program, meta):
+    path = tmp_path / "m.pt2"
+    with pytest.raises(TypeError, match="meta"):
+        pe.save(program[0], path, meta)
+    assert not path.exists()
+
+
+def test_save_keeps_dict_meta(tmp_path, program):
+    path = tmp_path / "m.pt2"
+    meta = {"classes": ["a", "b"], "voxel_size": 0.2, "nested": {"k": None}}
+    pe.save(program[0], path, meta)
+    assert pe.load(path)[1] == meta
+    pe.save(program[0], path, None)
+    assert pe.load(path)[1] == {}
+
+
+# --- SparseTensor -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stride", [2**40, 2**31, (1, 1, 2**31), np.int64(2**35), torch.tensor(2**33)])
+def test_sparse_tensor_stride_range(stride):
+    x = _cloud()
+    with pytest.raises(ValueError, match=r"stride must be in \[1, 2147483647\] per axis"):
+        ps.SparseTensor(x.feats, x.coords, stride=stride)
+
+
+def test_sparse_tensor_largest_stride_accepted():
+    coords = torch.tensor([[0, 0, 0, 0]], dtype=torch.int32)
+    assert ps.SparseTensor(torch.ones(1, 2), coords, stride=2**31 - 1).stride == (2**31 - 1,) * 3
+
+
+@pytest.mark.parametrize("cache", ["x", {}, 1])
+def test_sparse_tensor_cache_type(cache):
+    x = _cloud()
+    with pytest.raises(TypeError, match="cache must be a CoordinateCache or None"):
+        ps.SparseTensor(x.feats, x.coords, cache=cache)
+
+
+@pytest.mark.parametrize("args, kwargs", [(("meta",), {}), ((torch.device("meta"),), {}),
+                                          ((), {"device": "meta"}), (("meta", torch.float64), {})])
+def test_sparse_tensor_to_meta_refused(args, kwargs):
+    x = _cloud()
+    with pytest.raises(ValueError, match="meta"):
+        x.to(*args, **kwargs)
+    assert x.to(torch.float64).dtype == torch.float64  # other moves still work
+
+
+# --- voxelize ---------------------------------------------------------------------------------------------
+
+def test_voxelize_refuses_meta_points_and_feats():
+    with pytest.raises(ValueError, match="points is a meta tensor"):
+        ps.voxelize(torch.zeros(10, 3, device="meta"), voxel_size=1.0)
+    with pytest.raises(ValueError, match="feats is a meta tensor"):
+        ps.voxelize(torch.zeros(10, 3), torch.zeros(10, 2, device="meta"), voxel_size=1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+def test_voxelize_refuses_complex_batch(dtype):
+    with pytest.raises(TypeError, match="batch must hold integer batch indices"):
+        ps.voxelize(torch.rand(10, 3), voxel_size=1.0, batch=torch.zeros(10, dtype=dtype))
+
+
+# --- KernelMap.pairs --------------------------------------------------------------------------------------
+
+def test_kernel_map_pairs_offset_type():
+    kmap = ps.kmap.build(random_coords(30), kernel_size=3)
+    want = kmap.pairs(4)
+    for ok in (np.int64(4), torch.tensor(4), torch.tensor(4, dtype=torch.int32)):
+        got = kmap.pairs(ok)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    for bad in (1.5, "1", True, torch.tensor(1.0), torch.tensor([1]), None):
+        with pytest.raises(TypeError, match="offset must be an int"):
+            kmap.pairs(bad)
+    with pytest.raises(IndexError, match="offset index"):
+        kmap.pairs(27)
+
+
+# --- exported programs' coords dtype ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("conv", [dict(kernel_size=3), dict(kernel_size=2, stride=2), dict(kernel_size=3, stride=2)],
+                         ids=["submanifold", "k2s2", "k3s2"])
+def test_exported_program_refuses_non_int32_coords(conv):
+    """The program's first coords operator (kmap_build, kmap_parents or
+    downsample) checks the input's dtype when it runs, as eager mode does
+    (float coords were truncated silently, int64 taken)."""
+    x = _cloud()
+    net = torch.nn.Sequential(ps.nn.Conv3d(4, 8, **conv)).eval()
+    run = pe.export_model(net, x).module()
+    with torch.no_grad():
+        want = net(x).feats
+        assert torch.allclose(run(x.feats, x.coords), want, atol=1e-5)
+        for coords in (x.coords.float() + 0.25, x.coords.long(), x.coords.double()):
+            with pytest.raises(TypeError, match=r"coords must be int32"):
+                run(x.feats, coords)
