@@ -228,7 +228,8 @@ def keep_per_batch(scores: torch.Tensor, batch: torch.Tensor, keep_ratio: float 
         raise ValueError(f"keep_ratio must be a number in (0, 1]; got {keep_ratio!r}")
     if scores.numel() == 0:
         return batch.new_zeros(0, dtype=torch.int64)
-    count = lambda k: math.ceil(round(keep_ratio * k, 9))  # noqa: E731  (0.3 * 10 is 3, not 4)
+    # (0.3 * 10 is 3, not 4); at least 1 of a non-empty item, however small the ratio
+    count = lambda k: max(1, math.ceil(round(keep_ratio * k, 9)))  # noqa: E731
     finite = bool(torch.isfinite(scores).all())
     first = batch[0]
     if finite and bool((batch == first).all()):  # one batch item: a selection, no sort

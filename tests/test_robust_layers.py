@@ -1,0 +1,28 @@
+"""Robustness of the nn layers against bad or extreme arguments: a clear
+ValueError / TypeError naming the argument (checked before allocating), never
+a crash, a torch error from deep inside, a huge allocation or a silently
+wrong result; and the edge cases kept right (tiny keep ratios, maps with no
+pairs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pointsparse as ps
+from pointsparse import nn as spnn
+from pointsparse.nn import functional as F
+
+
+def line(n=3, c=4, dtype=torch.float32):
+    coords = torch.tensor([[0, i, 0, 0] for i in range(n)], dtype=torch.int32)
+    return ps.SparseTensor(torch.randn(n, c, dtype=dtype), coords)
+
+
+def test_tiny_keep_ratio_keeps_one_voxel_per_item():
+    assert len(spnn.VoxelPrune(1e-12)(line())) == 1
+    coords = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0], [1, 0, 0, 0], [1, 1, 0, 0], [1, 2, 0, 0]], dtype=torch.int32)
+    x = ps.SparseTensor(torch.randn(5, 4), coords)
+    kept = spnn.VoxelPrune(1e-12)(x)
+    assert kept.coords[:, 0].tolist() == [0, 1]
+    assert F.keep_per_batch(torch.randn(0), torch.zeros(0, dtype=torch.int32), 1e-12).numel() == 0
