@@ -26,3 +26,26 @@ def test_tiny_keep_ratio_keeps_one_voxel_per_item():
     kept = spnn.VoxelPrune(1e-12)(x)
     assert kept.coords[:, 0].tolist() == [0, 1]
     assert F.keep_per_batch(torch.randn(0), torch.zeros(0, dtype=torch.int32), 1e-12).numel() == 0
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("empty", [False, True])
+def test_conv_with_no_pairs_stays_in_the_graph(backend, empty):
+    coords = torch.zeros(0, 4, dtype=torch.int32) if empty else torch.tensor([[0, 0, 2, 0]], dtype=torch.int32)
+    feats = torch.randn(len(coords), 4, requires_grad=True)
+    weight = torch.randn(4, 4, 2, requires_grad=True)
+    with ps.backend(backend):
+        y = F.conv3d(ps.SparseTensor(feats, coords), weight, (1, 2, 2), stride=3)
+    assert y.feats.requires_grad and not y.feats.detach().any()
+    y.feats.sum().backward()
+    assert torch.equal(feats.grad, torch.zeros_like(feats)) and torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_max_pool_with_no_pairs_stays_in_the_graph(backend):
+    feats = torch.randn(1, 4, requires_grad=True)
+    with ps.backend(backend):
+        y = spnn.MaxPool3d((1, 2, 2), stride=3)(ps.SparseTensor(feats, torch.tensor([[0, 0, 2, 0]], dtype=torch.int32)))
+    assert len(y) == 1 and y.feats.requires_grad and not y.feats.detach().any()
+    y.feats.sum().backward()
+    assert torch.equal(feats.grad, torch.zeros_like(feats))

@@ -180,6 +180,8 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
         if region is not None:
             weight = weight * region.to(weight.device, weight.dtype).view(-1, 1, 1)
         feats = conv_sum(input.feats, weight, kmap)
+        if not kmap.num_pairs:  # no product ran: linked to feats and weight by an empty one (zero gradients)
+            feats = feats + (input.feats[:0] @ weight[0]).sum(0)
         if bias is not None:
             feats = feats + bias
     if residual is not None and not fuse:
@@ -337,6 +339,8 @@ def max_pool3d(input: SparseTensor, kernel_size=2, stride=None, dilation=1) -> S
     if kmap.num_pairs:
         index = kmap.out_idx.to(feats.device).unsqueeze(1).expand(-1, feats.shape[1])
         out = out.scatter_reduce(0, index, feats[kmap.in_idx.to(feats.device)], "amax", include_self=False)
+    else:  # linked to feats all the same (a zero gradient), as the other ops' outputs are
+        out = out + feats[:0].sum(0)
     return SparseTensor(out, kmap.out_coords, out_stride, cache=input.cache, validate=False)
 
 
