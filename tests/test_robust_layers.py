@@ -49,3 +49,13 @@ def test_max_pool_with_no_pairs_stays_in_the_graph(backend):
     assert len(y) == 1 and y.feats.requires_grad and not y.feats.detach().any()
     y.feats.sum().backward()
     assert torch.equal(feats.grad, torch.zeros_like(feats))
+
+
+def test_conv3d_refuses_a_kernel_no_map_takes_before_allocating():
+    from pointsparse.kmap import MAX_KERNEL_VOLUME
+
+    with pytest.raises(ValueError, match="kernel_size"):
+        spnn.Conv3d(1, 1, (1, 1, MAX_KERNEL_VOLUME + 1))
+    with pytest.raises(ValueError, match=f"kernel_size .*at most {MAX_KERNEL_VOLUME:,}"):
+        spnn.Conv3d(1, 1, (1, 1, 2**30))  # a 4 GiB weight
+    assert spnn.Conv3d(1, 1, (1, 1, MAX_KERNEL_VOLUME)).weight.shape == (MAX_KERNEL_VOLUME, 1, 1)

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from ..kmap import MAX_KERNEL_VOLUME
 from ..tensor import SparseTensor, as_triple, positive_int
 from . import functional as F
 
@@ -65,6 +66,9 @@ class Conv3d(nn.Module):
         self.dilation = as_triple(dilation, "dilation")
         self.transposed = bool(transposed)
         self.kernel_volume = self.kernel_size[0] * self.kernel_size[1] * self.kernel_size[2]
+        if self.kernel_volume > MAX_KERNEL_VOLUME:  # no kernel map takes it: refused before its weight
+            raise ValueError(f"kernel_size {self.kernel_size} has {self.kernel_volume:,} offsets; a kernel may have "
+                             f"at most {MAX_KERNEL_VOLUME:,}")
         if self.kernel_volume * in_channels * out_channels > MAX_WEIGHT_ELEMENTS:
             raise ValueError(f"a Conv3d weight of kernel_size {self.kernel_size} x in_channels {in_channels} x "
                              f"out_channels {out_channels} = {self.kernel_volume * in_channels * out_channels:,} "
