@@ -59,3 +59,13 @@ def test_conv3d_refuses_a_kernel_no_map_takes_before_allocating():
     with pytest.raises(ValueError, match=f"kernel_size .*at most {MAX_KERNEL_VOLUME:,}"):
         spnn.Conv3d(1, 1, (1, 1, 2**30))  # a 4 GiB weight
     assert spnn.Conv3d(1, 1, (1, 1, MAX_KERNEL_VOLUME)).weight.shape == (MAX_KERNEL_VOLUME, 1, 1)
+
+
+@pytest.mark.parametrize("pool", [spnn.GlobalAvgPool, spnn.GlobalMaxPool])
+def test_global_pool_refuses_a_huge_output_before_allocating(pool):
+    far = ps.SparseTensor(torch.randn(2, 4), torch.tensor([[0, 0, 0, 0], [2**31 - 1, 0, 0, 0]], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"\(2147483648, 4\).*GiB limit"):
+        pool()(far)
+    near = ps.SparseTensor(torch.ones(2, 4), torch.tensor([[0, 0, 0, 0], [999, 0, 0, 0]], dtype=torch.int32))
+    out = pool()(near)
+    assert out.shape == (1000, 4) and out[[0, 999]].eq(1).all() and not out[1:999].any()

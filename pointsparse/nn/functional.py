@@ -356,10 +356,21 @@ def avg_pool3d(input: SparseTensor, kernel_size=2, stride=None, dilation=1) -> S
     return SparseTensor(total / count.unsqueeze(1), kmap.out_coords, out_stride, cache=input.cache, validate=False)
 
 
+#: Largest dense ``(B, C)`` output (with its per-item counts) the global
+#: poolings allocate (bytes), B the largest batch index + 1; larger is a ValueError.
+MAX_GLOBAL_POOL_BYTES = 1 << 32
+
+
 def _per_batch(input: SparseTensor, what: str):
     if not isinstance(input, SparseTensor):
         raise TypeError(f"{what}: input must be a SparseTensor; got {type(input).__name__}")
-    return input.coords[:, 0].long().to(input.device), input.batch_size
+    b = input.batch_size
+    nbytes = b * (input.num_channels * input.feats.element_size() + 8)
+    if nbytes > MAX_GLOBAL_POOL_BYTES:
+        raise ValueError(f"{what}: the output ({b}, {input.num_channels}) for batch indices up to {b - 1} needs "
+                         f"{nbytes / 2**30:.1f} GiB, over the {MAX_GLOBAL_POOL_BYTES / 2**30:.0f} GiB limit "
+                         "(number the batch items from 0)")
+    return input.coords[:, 0].long().to(input.device), b
 
 
 def global_avg_pool(input: SparseTensor) -> torch.Tensor:
