@@ -6,6 +6,7 @@ pairs)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -69,3 +70,22 @@ def test_global_pool_refuses_a_huge_output_before_allocating(pool):
     near = ps.SparseTensor(torch.ones(2, 4), torch.tensor([[0, 0, 0, 0], [999, 0, 0, 0]], dtype=torch.int32))
     out = pool()(near)
     assert out.shape == (1000, 4) and out[[0, 999]].eq(1).all() and not out[1:999].any()
+
+
+def test_linear_and_batchnorm_check_their_sizes_before_allocating():
+    for args, match in [((4, 2**40), "Linear weight .*over the limit"), ((2**20, 2**12), "over the limit"),
+                        ((0, -3), "in_features must be"), ((4, 0), "out_features must be"),
+                        ((4, True), "out_features"), ((4.0, 2), "in_features")]:
+        with pytest.raises(ValueError, match=match):
+            spnn.Linear(*args)
+    with pytest.raises(ValueError, match="num_classes|out_features"):
+        from pointsparse.models import MinkUNet
+
+        MinkUNet(4, 2**28, cr=0.1)
+    for n in (-1, 0, 2.0, None):
+        with pytest.raises(ValueError, match="num_features must be"):
+            spnn.BatchNorm(n)
+    linear = spnn.Linear(np.int64(4), torch.tensor(2), bias=False)
+    assert linear.fn.weight.shape == (2, 4) and linear.fn.bias is None and type(linear).__name__ == "Linear"
+    bn = spnn.BatchNorm(np.int64(4), eps=1e-3, momentum=None)
+    assert bn.num_features == 4 and bn.eps == 1e-3 and bn(line()).feats.shape == (3, 4)

@@ -288,6 +288,9 @@ class BatchNorm(nn.BatchNorm1d):
     is one sample). A ``torch.nn.BatchNorm1d`` itself, so ``weight`` (gamma),
     ``bias``, running statistics and pruning criteria on BatchNorm apply."""
 
+    def __init__(self, num_features: int, *args, **kwargs) -> None:
+        super().__init__(positive_int(num_features, "num_features"), *args, **kwargs)
+
     def forward(self, input: SparseTensor) -> SparseTensor:  # type: ignore[override]
         x = _check_input(input)
         stats = self.weight if self.weight is not None else self.running_mean
@@ -330,4 +333,18 @@ ELU = _pointwise(nn.ELU, "ELU on the feats.")
 Sigmoid = _pointwise(nn.Sigmoid, "Sigmoid on the feats.")
 Tanh = _pointwise(nn.Tanh, "Tanh on the feats.")
 Dropout = _pointwise(nn.Dropout, "Dropout on the feats.")
-Linear = _pointwise(nn.Linear, "A per-site linear layer on the feats (a 1x1x1 convolution).")
+
+
+class Linear(_Pointwise):
+    """A per-site linear layer on the feats (a 1x1x1 convolution)."""
+
+    module_class = nn.Linear
+
+    def __init__(self, in_features: int, out_features: int, *args, **kwargs) -> None:
+        in_features = positive_int(in_features, "in_features")
+        out_features = positive_int(out_features, "out_features")
+        if in_features * out_features > MAX_WEIGHT_ELEMENTS:
+            raise ValueError(f"a Linear weight of in_features {in_features} x out_features {out_features} = "
+                             f"{in_features * out_features:,} values is over the limit of "
+                             f"{MAX_WEIGHT_ELEMENTS:,} (2^31)")
+        super().__init__(in_features, out_features, *args, **kwargs)
