@@ -89,3 +89,26 @@ def test_linear_and_batchnorm_check_their_sizes_before_allocating():
     assert linear.fn.weight.shape == (2, 4) and linear.fn.bias is None and type(linear).__name__ == "Linear"
     bn = spnn.BatchNorm(np.int64(4), eps=1e-3, momentum=None)
     assert bn.num_features == 4 and bn.eps == 1e-3 and bn(line()).feats.shape == (3, 4)
+
+
+@pytest.mark.parametrize("feats, module", [
+    (torch.bfloat16, lambda: spnn.Linear(4, 2)),
+    (torch.float16, lambda: spnn.Linear(4, 2)),
+    (torch.float32, lambda: spnn.Linear(4, 2).double()),
+    (torch.bfloat16, lambda: spnn.VoxelPrune(0.5, score="learned", in_channels=4)),
+    (torch.float16, lambda: spnn.VoxelPrune(0.5, score="learned", in_channels=4)),
+    (torch.bfloat16, lambda: spnn.VoxelSkip(spnn.ReLU(), 0.5, score="learned", in_channels=4)),
+    (torch.bfloat16, lambda: spnn.BatchNorm(4).double()),
+    (torch.float32, lambda: spnn.BatchNorm(4).bfloat16()),
+    (torch.float64, lambda: spnn.BatchNorm(4)),
+])
+def test_a_dtype_mismatch_with_the_parameters_is_a_clear_type_error(feats, module):
+    with pytest.raises(TypeError, match=f"the input's feats are {feats} but its parameters"):
+        module()(line(dtype=feats))
+
+
+def test_the_dtype_mixes_torch_takes_still_run():
+    for dtype in (torch.bfloat16, torch.float16):  # low-precision feats on float32 statistics
+        assert spnn.BatchNorm(4)(line(dtype=dtype)).feats.dtype == dtype
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert spnn.Linear(4, 2)(line()).feats.dtype == torch.bfloat16

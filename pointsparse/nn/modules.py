@@ -27,9 +27,11 @@ def _check_feats_for(module: nn.Module, x: SparseTensor, channels: int, what: st
     got = x.feats.shape[1] if x.feats.dim() == 2 else None
     if got != channels:
         raise ValueError(f"{name}: the input's feats have {got} channels but {what} is {channels}")
-    full = (torch.float32, torch.float64)  # the pair torch refuses mixed; bf16 feats on float32 batch norm
-    if (param is not None and x.feats.dtype != param.dtype and x.feats.dtype in full and param.dtype in full
-            and not torch.is_autocast_enabled(x.feats.device.type)):  # statistics, or autocast, are torch's to mix
+    # The one mix torch takes: bf16 / fp16 feats on a batch norm's float32 parameters (statistics)
+    mixed = (isinstance(module, nn.BatchNorm1d) and param is not None and param.dtype == torch.float32
+             and x.feats.dtype in (torch.bfloat16, torch.float16))
+    if (param is not None and x.feats.dtype != param.dtype and not mixed
+            and not torch.is_autocast_enabled(x.feats.device.type)):  # autocast is torch's to mix
         raise TypeError(f"{name}: the input's feats are {x.feats.dtype} but its parameters {param.dtype} "
                         "(convert one of them: module.to(dtype) or the feats)")
 
