@@ -112,3 +112,38 @@ def test_the_dtype_mixes_torch_takes_still_run():
         assert spnn.BatchNorm(4)(line(dtype=dtype)).feats.dtype == dtype
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert spnn.Linear(4, 2)(line()).feats.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("make", [spnn.VoxelPrune, lambda *a, **k: spnn.VoxelSkip(spnn.ReLU(), *a, **k)])
+def test_voxel_prune_takes_numpy_and_tensor_scalars(make):
+    for ratio, want in [(np.float32(0.5), 0.5), (torch.tensor(0.5), 0.5), (np.int64(1), 1.0), (np.float64(0.25), 0.25)]:
+        prune = make(ratio)
+        prune = getattr(prune, "prune", prune)
+        assert type(prune.keep_ratio) is float and prune.keep_ratio == want
+    prune = make(threshold=np.float32(0.5))
+    prune = getattr(prune, "prune", prune)
+    assert type(prune.threshold) is float and prune.threshold == 0.5
+    prune = make(0.5, score="learned", in_channels=np.int64(4))
+    prune = getattr(prune, "prune", prune)
+    assert prune.scorer.in_features == 4
+    assert len(make(torch.tensor(0.5))(line(4))) in (2, 4)  # VoxelPrune keeps 2 rows, VoxelSkip all 4
+    for ratio in (True, np.bool_(True), np.float32(0), np.float64(1.5), torch.tensor([0.5]), "0.5",
+                  np.float32("nan")):
+        with pytest.raises(ValueError, match="keep_ratio must be a number in"):
+            make(ratio)
+    for threshold in (True, np.bool_(True), "1", torch.tensor([0.5])):
+        with pytest.raises(TypeError, match="threshold must be a number or None"):
+            make(threshold=threshold)
+    with pytest.raises(ValueError, match="threshold must be a finite number"):
+        make(threshold=np.float32("inf"))
+    for channels in (np.int64(0), np.float32(4), True, None):
+        with pytest.raises(ValueError, match="needs in_channels, a positive int"):
+            make(0.5, score="learned", in_channels=channels)
+
+
+def test_keep_per_batch_takes_numpy_and_tensor_ratios():
+    scores, batch = torch.tensor([3.0, 1.0, 2.0, 0.0]), torch.zeros(4, dtype=torch.int32)
+    for ratio in (np.float32(0.5), torch.tensor(0.5), 0.5):
+        assert F.keep_per_batch(scores, batch, ratio).tolist() == [0, 2]
+    with pytest.raises(ValueError, match="keep_ratio must be a number in"):
+        F.keep_per_batch(scores, batch, np.bool_(True))

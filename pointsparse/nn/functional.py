@@ -12,7 +12,7 @@ from .. import kmap as _kmap
 from .. import ops as _ops
 from . import _engine
 from .reference import conv_sum
-from ..tensor import SparseTensor, as_triple
+from ..tensor import SparseTensor, as_float, as_triple
 
 
 def _check_weight(input: SparseTensor, weight: torch.Tensor, k) -> int:
@@ -213,6 +213,18 @@ def _top_mask(scores: torch.Tensor, n: int) -> torch.Tensor:
     return above | (tied & (torch.cumsum(tied, 0) <= short))
 
 
+def keep_ratio_of(value) -> float:
+    """``keep_ratio`` as a Python float (ints, floats, numpy and 0-d tensor
+    numbers; not bool): a number in (0, 1], else ValueError."""
+    try:
+        ratio = None if isinstance(value, np.bool_) else as_float(value, "keep_ratio")
+    except TypeError:
+        ratio = None
+    if ratio is None or not 0 < ratio <= 1:
+        raise ValueError(f"keep_ratio must be a number in (0, 1]; got {value!r}")
+    return ratio
+
+
 def keep_per_batch(scores: torch.Tensor, batch: torch.Tensor, keep_ratio: float | None = None,
                    threshold: float | None = None) -> torch.Tensor:
     """Sorted int64 rows to keep: per batch item the ``ceil(keep_ratio * n)``
@@ -226,8 +238,7 @@ def keep_per_batch(scores: torch.Tensor, batch: torch.Tensor, keep_ratio: float 
         if not math.isfinite(threshold):
             raise ValueError(f"threshold must be a finite number; got {threshold!r}")
         return (scores >= threshold).nonzero().flatten()
-    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
-        raise ValueError(f"keep_ratio must be a number in (0, 1]; got {keep_ratio!r}")
+    keep_ratio = keep_ratio_of(keep_ratio)
     if scores.numel() == 0:
         return batch.new_zeros(0, dtype=torch.int64)
     # (0.3 * 10 is 3, not 4); at least 1 of a non-empty item, however small the ratio

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..kmap import MAX_KERNEL_VOLUME
-from ..tensor import SparseTensor, as_triple, positive_int
+from ..tensor import SparseTensor, as_float, as_triple, positive_int
 from . import functional as F
 
 
@@ -150,21 +151,27 @@ class VoxelPrune(nn.Module):
     def __init__(self, keep_ratio: float = 0.5, score: str = "magnitude", in_channels: int | None = None,
                  threshold: float | None = None) -> None:
         super().__init__()
-        if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
-            raise ValueError(f"keep_ratio must be a number in (0, 1]; got {keep_ratio!r}")
+        ratio = F.keep_ratio_of(keep_ratio)  # numpy and 0-d tensor numbers too, as Python numbers
         if score not in self.SCORES:
             raise ValueError(f"score must be one of {self.SCORES}; got {score!r}")
-        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
-            raise TypeError(f"threshold must be a number or None; got {threshold!r}")
-        if threshold is not None and not math.isfinite(threshold):
-            raise ValueError(f"threshold must be a finite number; got {threshold!r}")
-        self.keep_ratio = float(keep_ratio)
+        if threshold is not None:
+            try:
+                if isinstance(threshold, np.bool_):
+                    raise TypeError
+                threshold = as_float(threshold, "threshold")
+            except TypeError:
+                raise TypeError(f"threshold must be a number or None; got {threshold!r}") from None
+            if not math.isfinite(threshold):
+                raise ValueError(f"threshold must be a finite number; got {threshold!r}")
+        self.keep_ratio = ratio
         self.score = score
-        self.threshold = None if threshold is None else float(threshold)
+        self.threshold = threshold
         self.scorer = None
         if score == "learned":
-            if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
-                raise ValueError(f"score='learned' needs in_channels, a positive int; got {in_channels!r}")
+            try:
+                in_channels = positive_int(in_channels, "in_channels")
+            except ValueError:
+                raise ValueError(f"score='learned' needs in_channels, a positive int; got {in_channels!r}") from None
             self.scorer = nn.Linear(in_channels, 1)
 
     def scores(self, input: SparseTensor) -> torch.Tensor:
