@@ -147,3 +147,15 @@ def test_keep_per_batch_takes_numpy_and_tensor_ratios():
         assert F.keep_per_batch(scores, batch, ratio).tolist() == [0, 2]
     with pytest.raises(ValueError, match="keep_ratio must be a number in"):
         F.keep_per_batch(scores, batch, np.bool_(True))
+
+
+def test_fold_batchnorm_names_the_argument_of_the_wrong_type():
+    with pytest.raises(TypeError, match="conv must be a pointsparse.nn.Conv3d; got Linear"):
+        spnn.fold_batchnorm(torch.nn.Linear(4, 8), spnn.BatchNorm(8))
+    with pytest.raises(TypeError, match="conv must be a pointsparse.nn.Conv3d; got BatchNorm"):
+        spnn.fold_batchnorm(spnn.BatchNorm(8), spnn.Conv3d(4, 8))
+    with pytest.raises(TypeError, match="bn must be a pointsparse.nn.BatchNorm .*; got Conv3d"):
+        spnn.fold_batchnorm(spnn.Conv3d(4, 8), spnn.Conv3d(8, 8))
+    conv, bn = spnn.Conv3d(4, 8), torch.nn.BatchNorm1d(8)  # a torch BatchNorm1d folds as well
+    spnn.fold_batchnorm(conv, bn.eval())
+    assert conv.bias is not None and conv.bias.shape == (8,)
