@@ -12,7 +12,7 @@ from .. import kmap as _kmap
 from .. import ops as _ops
 from . import _engine
 from .reference import conv_sum
-from ..tensor import SparseTensor, as_triple
+from ..tensor import SparseTensor, as_float, as_triple
 
 
 def _check_weight(input: SparseTensor, weight: torch.Tensor, k) -> int:
@@ -180,6 +180,8 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
         if region is not None:
             weight = weight * region.to(weight.device, weight.dtype).view(-1, 1, 1)
         feats = conv_sum(input.feats, weight, kmap)
+        if not kmap.num_pairs:  # no product ran: linked to feats and weight by an empty one (zero gradients)
+            feats = feats + (input.feats[:0] @ weight[0]).sum(0)
         if bias is not None:
             feats = feats + bias
     if residual is not None and not fuse:
@@ -211,6 +213,18 @@ def _top_mask(scores: torch.Tensor, n: int) -> torch.Tensor:
     return above | (tied & (torch.cumsum(tied, 0) <= short))
 
 
+def keep_ratio_of(value) -> float:
+    """``keep_ratio`` as a Python float (ints, floats, numpy and 0-d tensor
+    numbers; not bool): a number in (0, 1], else ValueError."""
+    try:
+        ratio = None if isinstance(value, np.bool_) else as_float(value, "keep_ratio")
+    except TypeError:
+        ratio = None
+    if ratio is None or not 0 < ratio <= 1:
+        raise ValueError(f"keep_ratio must be a number in (0, 1]; got {value!r}")
+    return ratio
+
+
 def keep_per_batch(scores: torch.Tensor, batch: torch.Tensor, keep_ratio: float | None = None,
                    threshold: float | None = None) -> torch.Tensor:
     """Sorted int64 rows to keep: per batch item the ``ceil(keep_ratio * n)``
@@ -224,11 +238,11 @@ def keep_per_batch(scores: torch.Tensor, batch: torch.Tensor, keep_ratio: float 
         if not math.isfinite(threshold):
             raise ValueError(f"threshold must be a finite number; got {threshold!r}")
         return (scores >= threshold).nonzero().flatten()
-    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
-        raise ValueError(f"keep_ratio must be a number in (0, 1]; got {keep_ratio!r}")
+    keep_ratio = keep_ratio_of(keep_ratio)
     if scores.numel() == 0:
         return batch.new_zeros(0, dtype=torch.int64)
-    count = lambda k: math.ceil(round(keep_ratio * k, 9))  # noqa: E731  (0.3 * 10 is 3, not 4)
+    # (0.3 * 10 is 3, not 4); at least 1 of a non-empty item, however small the ratio
+    count = lambda k: max(1, math.ceil(round(keep_ratio * k, 9)))  # noqa: E731
     finite = bool(torch.isfinite(scores).all())
     first = batch[0]
     if finite and bool((batch == first).all()):  # one batch item: a selection, no sort
@@ -336,6 +350,8 @@ def max_pool3d(input: SparseTensor, kernel_size=2, stride=None, dilation=1) -> S
     if kmap.num_pairs:
         index = kmap.out_idx.to(feats.device).unsqueeze(1).expand(-1, feats.shape[1])
         out = out.scatter_reduce(0, index, feats[kmap.in_idx.to(feats.device)], "amax", include_self=False)
+    else:  # linked to feats all the same (a zero gradient), as the other ops' outputs are
+        out = out + feats[:0].sum(0)
     return SparseTensor(out, kmap.out_coords, out_stride, cache=input.cache, validate=False)
 
 
@@ -351,10 +367,21 @@ def avg_pool3d(input: SparseTensor, kernel_size=2, stride=None, dilation=1) -> S
     return SparseTensor(total / count.unsqueeze(1), kmap.out_coords, out_stride, cache=input.cache, validate=False)
 
 
+#: Largest dense ``(B, C)`` output (with its per-item counts) the global
+#: poolings allocate (bytes), B the largest batch index + 1; larger is a ValueError.
+MAX_GLOBAL_POOL_BYTES = 1 << 32
+
+
 def _per_batch(input: SparseTensor, what: str):
     if not isinstance(input, SparseTensor):
         raise TypeError(f"{what}: input must be a SparseTensor; got {type(input).__name__}")
-    return input.coords[:, 0].long().to(input.device), input.batch_size
+    b = input.batch_size
+    nbytes = b * (input.num_channels * input.feats.element_size() + 8)
+    if nbytes > MAX_GLOBAL_POOL_BYTES:
+        raise ValueError(f"{what}: the output ({b}, {input.num_channels}) for batch indices up to {b - 1} needs "
+                         f"{nbytes / 2**30:.1f} GiB, over the {MAX_GLOBAL_POOL_BYTES / 2**30:.0f} GiB limit "
+                         "(number the batch items from 0)")
+    return input.coords[:, 0].long().to(input.device), b
 
 
 def global_avg_pool(input: SparseTensor) -> torch.Tensor:

@@ -15,6 +15,11 @@ def fold_batchnorm(conv: Conv3d, bn: nn.BatchNorm1d) -> None:
     """In place: ``conv`` then ``bn`` (eval mode: running statistics) become
     one ``conv`` with ``weight[:, :, c] * s[c]`` and bias ``(bias - mean) * s +
     beta``, ``s = gamma / sqrt(var + eps)``."""
+    if not isinstance(conv, Conv3d):
+        raise TypeError(f"fold_batchnorm: conv must be a pointsparse.nn.Conv3d; got {type(conv).__name__}")
+    if not isinstance(bn, nn.BatchNorm1d):
+        raise TypeError(f"fold_batchnorm: bn must be a pointsparse.nn.BatchNorm (a torch.nn.BatchNorm1d); "
+                        f"got {type(bn).__name__}")
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError("fold_batchnorm needs a BatchNorm with running statistics (track_running_stats=True)")
     if bn.num_features != conv.out_channels:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
-from ..tensor import SparseTensor, as_triple, positive_int
+from ..kmap import MAX_KERNEL_VOLUME
+from ..tensor import SparseTensor, as_float, as_triple, positive_int
 from . import functional as F
 
 
@@ -26,9 +28,11 @@ def _check_feats_for(module: nn.Module, x: SparseTensor, channels: int, what: st
     got = x.feats.shape[1] if x.feats.dim() == 2 else None
     if got != channels:
         raise ValueError(f"{name}: the input's feats have {got} channels but {what} is {channels}")
-    full = (torch.float32, torch.float64)  # the pair torch refuses mixed; bf16 feats on float32 batch norm
-    if (param is not None and x.feats.dtype != param.dtype and x.feats.dtype in full and param.dtype in full
-            and not torch.is_autocast_enabled(x.feats.device.type)):  # statistics, or autocast, are torch's to mix
+    # The one mix torch takes: bf16 / fp16 feats on a batch norm's float32 parameters (statistics)
+    mixed = (isinstance(module, nn.BatchNorm1d) and param is not None and param.dtype == torch.float32
+             and x.feats.dtype in (torch.bfloat16, torch.float16))
+    if (param is not None and x.feats.dtype != param.dtype and not mixed
+            and not torch.is_autocast_enabled(x.feats.device.type)):  # autocast is torch's to mix
         raise TypeError(f"{name}: the input's feats are {x.feats.dtype} but its parameters {param.dtype} "
                         "(convert one of them: module.to(dtype) or the feats)")
 
@@ -65,6 +69,9 @@ class Conv3d(nn.Module):
         self.dilation = as_triple(dilation, "dilation")
         self.transposed = bool(transposed)
         self.kernel_volume = self.kernel_size[0] * self.kernel_size[1] * self.kernel_size[2]
+        if self.kernel_volume > MAX_KERNEL_VOLUME:  # no kernel map takes it: refused before its weight
+            raise ValueError(f"kernel_size {self.kernel_size} has {self.kernel_volume:,} offsets; a kernel may have "
+                             f"at most {MAX_KERNEL_VOLUME:,}")
         if self.kernel_volume * in_channels * out_channels > MAX_WEIGHT_ELEMENTS:
             raise ValueError(f"a Conv3d weight of kernel_size {self.kernel_size} x in_channels {in_channels} x "
                              f"out_channels {out_channels} = {self.kernel_volume * in_channels * out_channels:,} "
@@ -144,21 +151,27 @@ class VoxelPrune(nn.Module):
     def __init__(self, keep_ratio: float = 0.5, score: str = "magnitude", in_channels: int | None = None,
                  threshold: float | None = None) -> None:
         super().__init__()
-        if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
-            raise ValueError(f"keep_ratio must be a number in (0, 1]; got {keep_ratio!r}")
+        ratio = F.keep_ratio_of(keep_ratio)  # numpy and 0-d tensor numbers too, as Python numbers
         if score not in self.SCORES:
             raise ValueError(f"score must be one of {self.SCORES}; got {score!r}")
-        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
-            raise TypeError(f"threshold must be a number or None; got {threshold!r}")
-        if threshold is not None and not math.isfinite(threshold):
-            raise ValueError(f"threshold must be a finite number; got {threshold!r}")
-        self.keep_ratio = float(keep_ratio)
+        if threshold is not None:
+            try:
+                if isinstance(threshold, np.bool_):
+                    raise TypeError
+                threshold = as_float(threshold, "threshold")
+            except TypeError:
+                raise TypeError(f"threshold must be a number or None; got {threshold!r}") from None
+            if not math.isfinite(threshold):
+                raise ValueError(f"threshold must be a finite number; got {threshold!r}")
+        self.keep_ratio = ratio
         self.score = score
-        self.threshold = None if threshold is None else float(threshold)
+        self.threshold = threshold
         self.scorer = None
         if score == "learned":
-            if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
-                raise ValueError(f"score='learned' needs in_channels, a positive int; got {in_channels!r}")
+            try:
+                in_channels = positive_int(in_channels, "in_channels")
+            except ValueError:
+                raise ValueError(f"score='learned' needs in_channels, a positive int; got {in_channels!r}") from None
             self.scorer = nn.Linear(in_channels, 1)
 
     def scores(self, input: SparseTensor) -> torch.Tensor:
@@ -284,6 +297,9 @@ class BatchNorm(nn.BatchNorm1d):
     is one sample). A ``torch.nn.BatchNorm1d`` itself, so ``weight`` (gamma),
     ``bias``, running statistics and pruning criteria on BatchNorm apply."""
 
+    def __init__(self, num_features: int, *args, **kwargs) -> None:
+        super().__init__(positive_int(num_features, "num_features"), *args, **kwargs)
+
     def forward(self, input: SparseTensor) -> SparseTensor:  # type: ignore[override]
         x = _check_input(input)
         stats = self.weight if self.weight is not None else self.running_mean
@@ -326,4 +342,18 @@ ELU = _pointwise(nn.ELU, "ELU on the feats.")
 Sigmoid = _pointwise(nn.Sigmoid, "Sigmoid on the feats.")
 Tanh = _pointwise(nn.Tanh, "Tanh on the feats.")
 Dropout = _pointwise(nn.Dropout, "Dropout on the feats.")
-Linear = _pointwise(nn.Linear, "A per-site linear layer on the feats (a 1x1x1 convolution).")
+
+
+class Linear(_Pointwise):
+    """A per-site linear layer on the feats (a 1x1x1 convolution)."""
+
+    module_class = nn.Linear
+
+    def __init__(self, in_features: int, out_features: int, *args, **kwargs) -> None:
+        in_features = positive_int(in_features, "in_features")
+        out_features = positive_int(out_features, "out_features")
+        if in_features * out_features > MAX_WEIGHT_ELEMENTS:
+            raise ValueError(f"a Linear weight of in_features {in_features} x out_features {out_features} = "
+                             f"{in_features * out_features:,} values is over the limit of "
+                             f"{MAX_WEIGHT_ELEMENTS:,} (2^31)")
+        super().__init__(in_features, out_features, *args, **kwargs)
