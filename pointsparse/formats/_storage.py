@@ -42,6 +42,19 @@ def widen(index: torch.Tensor) -> torch.Tensor:
     return index.to(torch.int64)
 
 
+def pointer_of(counts: torch.Tensor) -> torch.Tensor:
+    """A compressed format's pointer from its per-line counts: ``(0,
+    counts[0], counts[0] + counts[1], ...)``, ``len(counts) + 1`` entries."""
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
+def lines_of(ptr: torch.Tensor) -> torch.Tensor:
+    """The line of each entry of a pointer (any integer width): ``i``
+    repeated ``ptr[i + 1] - ptr[i]`` times, int64."""
+    ptr = widen(ptr)
+    return torch.repeat_interleave(torch.arange(ptr.numel() - 1), ptr.diff())
+
+
 def packed_nbytes(count: int, bits: int) -> int:
     """Bytes of ``count`` packed ``bits``-bit fields (rounded up to a byte)."""
     return (count * bits + 7) // 8

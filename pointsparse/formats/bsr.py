@@ -8,7 +8,7 @@ import torch
 
 from .. import _ext
 from ._base import SparseFormat, check_below, check_matrix, check_pointer, check_shape, index_array, value_array
-from ._storage import narrow, widen
+from ._storage import lines_of, narrow, widen
 
 _LAYOUTS = ("csr", "ell")
 
@@ -131,7 +131,7 @@ class BSR(SparseFormat):
         br, bc = self.blocksize
         mb, kb = -(-M // br), -(-K // bc)
         blocks = self._zeros(mb, kb, br, bc)
-        brow = torch.repeat_interleave(torch.arange(mb), widen(self.block_ptr).diff())
+        brow = lines_of(self.block_ptr)
         # index_put with accumulate: Block-ELL padding blocks (zeros at block
         # column 0) must not overwrite a stored block there
         blocks.index_put_((brow, widen(self.block_col)), self.values, accumulate=True)
@@ -139,8 +139,7 @@ class BSR(SparseFormat):
 
     def _triplets(self):
         br, bc = self.blocksize
-        brow = torch.repeat_interleave(
-            torch.arange(-(-self.shape[0] // br)), widen(self.block_ptr).diff())
+        brow = lines_of(self.block_ptr)
         r = (brow[:, None, None] * br + torch.arange(br)[None, :, None]).expand_as(self.values)
         c = (widen(self.block_col)[:, None, None] * bc + torch.arange(bc)[None, None, :])
         c = c.expand_as(self.values)

@@ -7,7 +7,7 @@ import torch
 from .. import _ext
 from ._base import (SparseFormat, check_ascending, check_below, check_matrix, check_pointer, check_shape,
                     index_array, value_array)
-from ._storage import narrow, widen
+from ._storage import lines_of, narrow, pointer_of, widen
 
 
 def _csr_product(row_ptr, col_idx, values, dense_np, K: int, isa: str | None = None):
@@ -51,16 +51,13 @@ class CSR(SparseFormat):
         dense = check_matrix(tensor)
         M, K = dense.shape
         rows, cols = dense.nonzero(as_tuple=True)
-        counts = torch.bincount(rows, minlength=M)
-        row_ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        return cls(row_ptr, cols, dense[rows, cols], (M, K), _trusted=True)
+        return cls(pointer_of(torch.bincount(rows, minlength=M)), cols, dense[rows, cols], (M, K), _trusted=True)
 
     def arrays(self) -> dict:
         return {"values": self.values, "col_idx": self.col_idx, "row_ptr": self.row_ptr}
 
     def _rows(self) -> torch.Tensor:
-        counts = widen(self.row_ptr).diff()
-        return torch.repeat_interleave(torch.arange(self.shape[0]), counts)
+        return lines_of(self.row_ptr)
 
     def _triplets(self):
         return self._rows(), widen(self.col_idx), self.values
@@ -85,7 +82,7 @@ def _check_compressed(ptr, ptr_name: str, lines: tuple, idx, idx_name: str, with
         raise ValueError(f"{idx_name} must have one entry per value ({nnz}); got {idx.numel()}")
     check_pointer(ptr, ptr_name, count, count_name, nnz, "nnz (the number of values)")
     check_below(idx, idx_name, *within)
-    check_ascending(torch.repeat_interleave(torch.arange(count), ptr.diff()), idx, idx_name, line)
+    check_ascending(lines_of(ptr), idx, idx_name, line)
 
 
 class CSC(SparseFormat):
@@ -118,16 +115,13 @@ class CSC(SparseFormat):
         dense = check_matrix(tensor)
         M, K = dense.shape
         cols, rows = dense.t().nonzero(as_tuple=True)
-        counts = torch.bincount(cols, minlength=K)
-        col_ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        return cls(col_ptr, rows, dense[rows, cols], (M, K), _trusted=True)
+        return cls(pointer_of(torch.bincount(cols, minlength=K)), rows, dense[rows, cols], (M, K), _trusted=True)
 
     def arrays(self) -> dict:
         return {"values": self.values, "row_idx": self.row_idx, "col_ptr": self.col_ptr}
 
     def _triplets(self):
-        cols = torch.repeat_interleave(torch.arange(self.shape[1]), widen(self.col_ptr).diff())
-        return widen(self.row_idx), cols, self.values
+        return widen(self.row_idx), lines_of(self.col_ptr), self.values
 
     def to_dense(self) -> torch.Tensor:
         rows, cols, values = self._triplets()
@@ -138,8 +132,7 @@ class CSC(SparseFormat):
     def _kernel(self, dense_np, isa: str | None = None):
         rows, cols, values = self._triplets()
         order = torch.argsort(rows * max(1, self.shape[1]) + cols)
-        counts = torch.bincount(rows, minlength=self.shape[0])
-        row_ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        row_ptr = pointer_of(torch.bincount(rows, minlength=self.shape[0]))
         return _csr_product(row_ptr, narrow(cols[order]), values[order], dense_np, self.shape[1],
                             isa)
 
@@ -210,6 +203,5 @@ class COO(SparseFormat):
         return out
 
     def _kernel(self, dense_np, isa: str | None = None):
-        counts = torch.bincount(widen(self.row_idx), minlength=self.shape[0])
-        row_ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        row_ptr = pointer_of(torch.bincount(widen(self.row_idx), minlength=self.shape[0]))
         return _csr_product(row_ptr, self.col_idx, self.values, dense_np, self.shape[1], isa)

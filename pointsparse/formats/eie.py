@@ -8,7 +8,7 @@ import torch
 
 from .. import _ext
 from ._base import SparseFormat, check_below, check_matrix, check_shape, index_array, value_array
-from ._storage import narrow, pack_bits, unpack_bits, widen
+from ._storage import narrow, pack_bits, pointer_of, unpack_bits, widen
 
 MAX_GAP = 15  # a 4-bit relative index
 
@@ -88,7 +88,7 @@ class EIE(SparseFormat):
             v, z, counts = _encode_pe(rows, cols, local[rows, cols], K, dense.dtype)
             values.append(v)
             gaps.append(pack_bits(z, 4))
-            col_ptr.append(torch.cat([counts.new_zeros(1), counts.cumsum(0)]))
+            col_ptr.append(pointer_of(counts))
         return cls(torch.cat(values), torch.cat(gaps), torch.stack(col_ptr), num_pe, (M, K), _trusted=True)
 
     def arrays(self) -> dict:

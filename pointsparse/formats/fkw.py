@@ -7,7 +7,7 @@ import torch
 
 from ._base import (SparseFormat, check_below, check_data, check_pointer, check_shape, index_array,
                     module_weight, value_array)
-from ._storage import narrow, pack_bits, unpack_bits, widen
+from ._storage import lines_of, narrow, pack_bits, pointer_of, unpack_bits, widen
 from .csr import _csr_product
 
 MAX_KERNEL_VOLUME = 62  # a pattern is an int64 bit mask over the kernel offsets
@@ -187,11 +187,11 @@ class FKW(SparseFormat):
             table = unpack_bits(self.patterns, 1, n_p * volume).reshape(n_p, volume).bool()
             counts = widen(self.stride).diff(dim=1) if n_p else torch.zeros(c_out, 0, dtype=torch.int64)
             pid = torch.repeat_interleave(torch.arange(n_p).repeat(c_out), counts.reshape(-1))
-            kernel_filter = torch.repeat_interleave(torch.arange(c_out), widen(self.offset).diff())
+            kernel_filter = lines_of(self.offset)
             kernel_of, tap = table[pid].nonzero(as_tuple=True)
             cols = widen(self.index)[kernel_of] * volume + tap
             rows = kernel_filter[kernel_of]
-            row_ptr = torch.cat([rows.new_zeros(1), torch.bincount(rows, minlength=c_out).cumsum(0)])
+            row_ptr = pointer_of(torch.bincount(rows, minlength=c_out))
             self._csr_cache = (row_ptr, narrow(cols), rows)
         return self._csr_cache
 
