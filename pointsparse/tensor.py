@@ -7,6 +7,7 @@ import json
 import operator
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.utils._pytree
 
@@ -50,8 +51,8 @@ def positive_int(value, name: str) -> int:
 
 def as_float(value, name: str) -> float:
     """A Python float from an int, a float, a numpy number or a 0-d real
-    tensor (not bool, not a string); TypeError naming ``name``."""
-    if isinstance(value, bool) or isinstance(value, (str, bytes)) or (
+    tensor (not bool, numpy's bool included, not a string); TypeError naming ``name``."""
+    if isinstance(value, (bool, np.bool_, str, bytes)) or (
             isinstance(value, torch.Tensor) and (value.dim() != 0 or value.dtype == torch.bool or value.is_complex())):
         raise TypeError(f"{name} must be a real number; got {value!r}")
     try:

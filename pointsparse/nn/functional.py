@@ -217,7 +217,7 @@ def keep_ratio_of(value) -> float:
     """``keep_ratio`` as a Python float (ints, floats, numpy and 0-d tensor
     numbers; not bool): a number in (0, 1], else ValueError."""
     try:
-        ratio = None if isinstance(value, np.bool_) else as_float(value, "keep_ratio")
+        ratio = as_float(value, "keep_ratio")
     except TypeError:
         ratio = None
     if ratio is None or not 0 < ratio <= 1:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -156,8 +155,6 @@ class VoxelPrune(nn.Module):
             raise ValueError(f"score must be one of {self.SCORES}; got {score!r}")
         if threshold is not None:
             try:
-                if isinstance(threshold, np.bool_):
-                    raise TypeError
                 threshold = as_float(threshold, "threshold")
             except TypeError:
                 raise TypeError(f"threshold must be a number or None; got {threshold!r}") from None
