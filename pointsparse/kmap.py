@@ -319,7 +319,6 @@ def build(coords: torch.Tensor, kernel_size=3, stride=1, dilation=1, tensor_stri
     real sweeps and generated streets of 100k-1M voxels (2 threads,
     bench/results/kmap_zen3_stop29.md).
     """
-    _coords.check_coords(coords)
     return _build(coords, as_triple(kernel_size, "kernel_size"), as_triple(stride, "stride"),
                   as_triple(dilation, "dilation"), as_triple(tensor_stride, "tensor_stride"), method, out_coords)
 
@@ -341,6 +340,8 @@ def _build(coords: torch.Tensor, k: Triple, t: Triple, d: Triple, s: Triple, met
     so the check is skipped (some 0.25 ms per map on a 91k-voxel sweep) and
     the maps that need no search take their shortcuts (a 1x1x1 map; a kernel
     tiling its stride: ``_core.kmap_parents``)."""
+    if not trusted:
+        _coords.check_coords(coords)  # build()'s, and an exported program's operators' (their input coords)
     default = method is None
     method = _check_method(method, coords.device)
     offsets = _offsets(k, d, s)

@@ -123,8 +123,6 @@ def kmap_build(coords: Tensor, out_coords: Optional[Tensor], key: list[int],
     earlier in the same graph (see :class:`GraphCache`): the checks are
     skipped and the maps that need no search (1x1x1) take their shortcut,
     as an eager cache's maps do."""
-    if not trusted:
-        _coords.check_coords(coords)  # a program's input coords: torch.export checks no input dtype
     k = key_from_list(key)
     m = _kmap._build(coords, k.kernel_size, k.stride, k.dilation, k.tensor_stride, None, out_coords,
                      trusted=trusted)
@@ -145,8 +143,6 @@ def kmap_parents(coords: Tensor, key: list[int], trusted: bool = False) -> tuple
     from the downsampling's own sort, in one pass (the graph's
     :func:`downsample` then :func:`kmap_build` make two). ``trusted``: as
     :func:`kmap_build`'s."""
-    if not trusted:
-        _coords.check_coords(coords)  # a program's input coords: torch.export checks no input dtype
     k = key_from_list(key)
     m = _kmap._build(coords, k.kernel_size, k.stride, k.dilation, k.tensor_stride, None, None, trusted=trusted)
     return m.out_coords, m.in_idx, m.out_idx, m.sizes.to(coords.device)
