@@ -84,17 +84,18 @@ class SPVCNN(nn.Module):
                 or point_batch.shape != (points.shape[0],):
             raise ValueError(f"points must be (N, 3), inverse and point_batch (N,); got {tuple(points.shape)}, "
                              f"{tuple(inverse.shape)}, {tuple(point_batch.shape)}")
-        if len(inverse) and not torch.compiler.is_compiling():
-            if int(inverse.min()) < 0 or int(inverse.max()) >= len(voxels):
-                raise ValueError(f"inverse holds rows outside [0, {len(voxels)}) (the voxel row of each point)")
-            wrong = point_batch != voxels.coords[inverse, 0]
+        checks = len(inverse) and not torch.compiler.is_compiling()
+        if checks and (int(inverse.min()) < 0 or int(inverse.max()) >= len(voxels)):
+            raise ValueError(f"inverse holds rows outside [0, {len(voxels)}) (the voxel row of each point)")
+        point_coords = voxels.coords[inverse]
+        if checks:
+            wrong = point_batch != point_coords[:, 0]
             if bool(wrong.any()):
                 i = int(wrong.nonzero()[0, 0])
                 raise ValueError(f"point_batch[{i}] = {int(point_batch[i])} but point {i} lies in a voxel of batch "
-                                 f"{int(voxels.coords[inverse[i], 0])}: point_batch must be the voxels' batch "
-                                 "index of each point (voxels.coords[inverse, 0])")
+                                 f"{int(point_coords[i, 0])}: point_batch must be the voxels' batch index of each "
+                                 "point (voxels.coords[inverse, 0])")
         u = self.unet
-        point_coords = voxels.coords[inverse]
 
         def to_points(t: SparseTensor) -> torch.Tensor:
             return devoxelize(t, points=points, voxel_size=1.0, batch=point_batch, mode="trilinear")
