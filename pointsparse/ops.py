@@ -28,6 +28,9 @@ output shapes, with unbacked symbolic sizes where a count depends on the data):
     the 8 voxels around each point and their weights (trilinear devoxelize).
 ``voxel_rows(coords, stride, point_coords)``
     the voxel row holding each point (SPVCNN's point-to-voxel lookups).
+``keep_rows(scores, batch, keep_ratio?, threshold?)``
+    the rows a :class:`~pointsparse.nn.VoxelPrune` keeps (R unbacked; a
+    threshold that keeps none of a non-empty input raises ``ValueError``).
 
 ``key`` is a map's :class:`~pointsparse.kmap.KernelMapKey` as 13 ints
 (:func:`key_to_list`). The operators' real implementations call the same
@@ -40,7 +43,8 @@ While torch compiles or exports (``torch.compiler.is_compiling()``),
 ``ConvPlan`` objects: maps are :class:`GraphMap` values of tensors, kept in a
 :class:`GraphCache` that the graph's tensors share, so that every layer with
 one structural key shares one map (and the backward reuses it).
-``voxelize``, ``devoxelize`` and SPVCNN call their operators the same way."""
+``voxelize``, ``devoxelize``, SPVCNN and ``VoxelPrune`` / ``VoxelSkip``
+(:func:`select_voxels`) call their operators the same way."""
 
 from __future__ import annotations
 
@@ -441,6 +445,29 @@ def _(coords, stride, point_coords):
     return point_coords.new_empty((point_coords.shape[0],), dtype=torch.int64)
 
 
+@torch.library.custom_op(f"{_LIB}::keep_rows", mutates_args=())
+def keep_rows(scores: Tensor, batch: Tensor, keep_ratio: Optional[float], threshold: Optional[float]) -> Tensor:
+    """:func:`pointsparse.nn.functional.keep_per_batch`: the sorted int64
+    rows a :class:`~pointsparse.nn.VoxelPrune` keeps (per batch item the
+    ``ceil(keep_ratio * n)`` highest ``scores``, or every score ``>=
+    threshold`` where that is given)."""
+    from .nn.functional import keep_per_batch
+
+    rows = keep_per_batch(scores, batch, keep_ratio, threshold)
+    if threshold is not None and scores.numel() and not rows.numel():
+        # eager mode carries on with no voxel; a graph was traced for at least one (batch norm, the maps)
+        raise ValueError(f"VoxelPrune(threshold={threshold}) kept no voxel of the {scores.numel()} it scored: a "
+                         "compiled or exported graph needs at least one (lower the threshold, or use keep_ratio)")
+    return rows
+
+
+@keep_rows.register_fake
+def _(scores, batch, keep_ratio, threshold):
+    # a keep ratio keeps at least one voxel of every batch item, a threshold at least one in all (checked)
+    rows = torch.library.get_ctx().new_dynamic_size(min=_rows_at_least_one(scores))
+    return scores.new_empty((rows,), dtype=torch.int64)
+
+
 # --- maps inside a traced graph -------------------------------------------------------------------------
 
 @dataclass(frozen=True, eq=False)
@@ -539,6 +566,35 @@ def _down_map(cache, coords, tensor_stride, k, t, d, out_coords=None) -> GraphMa
     kmap = cache.get_kmap(_graph_key(key), make)
     cache.set_coords(out_stride, kmap.out_coords)
     return kmap
+
+
+def select_voxels(input: SparseTensor, rows: Tensor, feats: Tensor | None) -> SparseTensor:
+    """:func:`pointsparse.nn.functional.select_voxels` in a traced graph:
+    the kept sites with a :class:`GraphCache` of their own that holds the
+    kept coords at ``input``'s stride and, from ``input``'s graph cache, the
+    coords of every finer stride and the maps among finer strides only (so
+    later convs map the kept voxels and transposed convs come back to the
+    skip connections' coords). Kept coords are a subset of ``input``'s, so
+    they are trusted where those were."""
+    source = graph_cache(input)
+    here = input.stride
+
+    def finer(stride) -> bool:
+        return stride != here and all(a <= b for a, b in zip(stride, here))
+
+    cache = GraphCache()
+    for stride, coords in source.coords.items():
+        if finer(stride):
+            cache.set_coords(stride, coords)
+    for key, kmap in source.kmaps.items():
+        coarse = tuple(a * b for a, b in zip(kmap.key.tensor_stride, kmap.key.stride))
+        if finer(kmap.key.tensor_stride) and finer(coarse):
+            cache.get_kmap(key, lambda kmap=kmap: kmap)
+    cache.valid = {s for s in source.valid if finer(s) or s == here}
+    coords = input.coords.index_select(0, rows)
+    cache.set_coords(here, coords)
+    feats = input.feats.index_select(0, rows) if feats is None else feats
+    return SparseTensor(feats, coords, here, cache=cache, validate=False)
 
 
 def conv3d(input: SparseTensor, weight: Tensor, bias: Tensor | None, kernel_size: Triple, stride: Triple,

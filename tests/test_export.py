@@ -100,6 +100,12 @@ def test_conv_inference_operator():
     assert torch.equal(parents, coarse)
     for a, b in zip(got, ops.kmap_build(x.coords, coarse, down)):
         assert torch.equal(a, b)
+    scores, batch = x.feats.norm(dim=1), (torch.arange(len(x)) % 3).sort().values
+    for ratio, threshold in ((0.3, None), (None, float(scores.median()))):
+        torch.library.opcheck(torch.ops.pointsparse.keep_rows.default, (scores, batch, ratio, threshold),
+                              test_utils=("test_schema", "test_faketensor"))
+        assert torch.equal(ops.keep_rows(scores, batch, ratio, threshold),
+                           spnn.functional.keep_per_batch(scores, batch, ratio, threshold))
 
 
 @pytest.mark.parametrize("reduce", ["mean", "max", "first"])
@@ -227,6 +233,70 @@ def test_pooling_under_compile_fails_clearly():
     torch.compiler.reset()
     with pytest.raises(Exception, match="max_pool3d has no operator form"):
         torch.compile(net, fullgraph=True, backend="eager")(_cloud(100, 1))
+
+
+def _spatially_pruned(in_channels: int = 3, dtype=torch.float32) -> MinkUNet:
+    """MinkUNet with every kind of spatial pruning in its decoder: VoxelPrune
+    by magnitude before stage 0, by a learned score before stage 1, by a
+    threshold before stage 2 (hooks, as bench/voxel_prune.py adds them), and
+    VoxelSkip around the convs of stage 3's residual block."""
+    torch.manual_seed(3)
+    model = MinkUNet(in_channels, 5, cr=0.25, blocks=1).to(dtype)
+    width = lambda j: next(m for m in model.fuse[j].modules() if isinstance(m, spnn.Conv3d)).in_channels  # noqa: E731
+    pruners = [spnn.VoxelPrune(0.5), spnn.VoxelPrune(0.6, "learned", width(1)).to(dtype),
+               spnn.VoxelPrune(threshold=1e-4)]
+    for j, pruner in enumerate(pruners):
+        model.add_module(f"voxel_prune_{j}", pruner)
+        model.fuse[j].register_forward_pre_hook(lambda module, args, p=pruner: (p(args[0]),))
+    block = model.fuse[3][-1]
+    block.main = spnn.VoxelSkip(block.main, 0.5)
+    return model
+
+
+def _two_items(n: int, seed: int, dtype=torch.float32) -> ps.SparseTensor:
+    return ps.collate([_cloud(n, seed, dtype=dtype), _cloud(n // 2, seed + 100, dtype=dtype)])
+
+
+def test_spatial_pruning_compiles_and_trains_in_one_graph():
+    # VoxelPrune's selection is an operator with a data-dependent row count; the kept voxels get a graph cache of
+    # their own (the kept coords at their stride, the finer strides' coords and maps for the transposed convs)
+    eager = _spatially_pruned(dtype=torch.float64).train()
+    compiled_net = _spatially_pruned(dtype=torch.float64).train()  # (a deepcopy's hooks would call eager's pruners)
+    torch.compiler.reset()
+    compiled = torch.compile(compiled_net, fullgraph=True, dynamic=True, backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for n, seed in ((500, 1), (800, 2)):
+            x = _two_items(n, seed, torch.float64)
+            got, want = compiled(x), eager(x)
+            assert torch.equal(got.coords, want.coords)
+            assert torch.allclose(got.feats, want.feats, rtol=0, atol=1e-12)
+            got.feats.square().sum().backward()
+            want.feats.square().sum().backward()
+            for (name, p), q in zip(compiled_net.named_parameters(), eager.parameters()):
+                assert torch.allclose(p.grad, q.grad, rtol=0, atol=1e-10), name
+    assert eager.voxel_prune_1.scorer.weight.grad.abs().sum() > 0  # the learned score trains in the graph too
+
+
+def test_spatially_pruned_model_exports_bit_for_bit(tmp_path):
+    model = _spatially_pruned().eval()
+    program = export.export_model(model, _two_items(600, 3))
+    export.save(program, tmp_path / "m.pt2")
+    loaded, _ = export.load(tmp_path / "m.pt2")
+    seen = []
+    for n, seed in ((500, 4), (900, 5)):
+        x = _two_items(n, seed)
+        with torch.no_grad():
+            want = model(x).feats
+        assert torch.equal(loaded.module()(x.feats, x.coords), want)
+        seen.append(len(x))
+    assert seen[0] != seen[1]
+    # a threshold that keeps nothing: eager carries on with no voxel there, a graph (traced for at least one) says so
+    model.voxel_prune_2.threshold = 1e9
+    x = _two_items(500, 4)
+    with torch.no_grad():
+        assert model(x).feats.shape == (len(x), 5)
+    with pytest.raises(ValueError, match=r"VoxelPrune\(threshold=1000000000.0\) kept no voxel"):
+        export.export_model(model, x).module()(x.feats, x.coords)
 
 
 # --- torch.export ----------------------------------------------------------------------------------------

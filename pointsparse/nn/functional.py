@@ -234,6 +234,9 @@ def keep_per_batch(scores: torch.Tensor, batch: torch.Tensor, keep_ratio: float 
             batch.shape != scores.shape:
         raise ValueError("scores and batch must be 1-D tensors of the same length; got "
                          f"{getattr(scores, 'shape', scores)!r} and {getattr(batch, 'shape', batch)!r}")
+    if torch.compiler.is_compiling():  # a graph: the selection as one operator (its count depends on the
+        # data), which checks keep_ratio and threshold as below when the graph runs
+        return _ops.keep_rows(scores, batch, None if threshold is not None else keep_ratio, threshold)
     if threshold is not None:
         if not math.isfinite(threshold):
             raise ValueError(f"threshold must be a finite number; got {threshold!r}")
@@ -274,6 +277,11 @@ def select_voxels(input: SparseTensor, rows: torch.Tensor, feats: torch.Tensor |
     if not isinstance(rows, torch.Tensor) or rows.dim() != 1 or rows.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"rows must be a 1-D int64 (or int32) tensor of row indices; got "
                         f"{getattr(rows, 'dtype', type(rows).__name__)} {tuple(getattr(rows, 'shape', ()))}")
+    if torch.compiler.is_compiling():  # a graph: the graph's own cache, no host reads of the rows
+        if feats is not None and (not isinstance(feats, torch.Tensor) or feats.dim() != 2):
+            raise ValueError(f"feats must be (rows, C), a row for each kept site; got "
+                             f"{tuple(getattr(feats, 'shape', ()))}")
+        return _ops.select_voxels(input, rows, feats)
     if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= len(input) or bool((rows[1:] <= rows[:-1]).any())):
         raise ValueError(f"rows must be increasing row indices in [0, {len(input)}) (each site once)")
     if feats is not None and (not isinstance(feats, torch.Tensor) or feats.dim() != 2 or feats.shape[0] != len(rows)):

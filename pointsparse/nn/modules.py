@@ -222,7 +222,10 @@ class VoxelSkip(nn.Module):
         y = self.module(kept)
         if not isinstance(y, SparseTensor):
             raise TypeError(f"VoxelSkip: module must return a SparseTensor; got {type(y).__name__}")
-        if y.stride != kept.stride or len(y) != len(kept):
+        if torch.compiler.is_compiling() and y.stride == kept.stride:  # row counts are symbols there: no len()
+            torch._check(y.coords.shape[0] == kept.coords.shape[0],
+                         lambda: "VoxelSkip: module must return a SparseTensor on the kept sites")
+        elif y.stride != kept.stride or len(y) != len(kept):
             raise ValueError(f"VoxelSkip: module must return a SparseTensor on the {len(kept)} kept sites at "
                              f"stride {kept.stride}; got {len(y)} sites at stride {y.stride}")
         return rows.to(y.device), y
