@@ -135,10 +135,10 @@ class Program(torch.nn.Module):
         super().__init__()
         with tempfile.TemporaryDirectory() as tmp:
             export.save(export.export_model(model, example), Path(tmp) / "model.pt2")
-            self.run = export.load(Path(tmp) / "model.pt2")[0].module()
+            self.run = export.ProgramModel.load(Path(tmp) / "model.pt2")
 
     def forward(self, x: ps.SparseTensor) -> ps.SparseTensor:
-        return ps.SparseTensor(self.run(x.feats, x.coords), x.coords, validate=False)
+        return self.run(x)
 
 
 def end_to_end(model, dtype, xyz, feats, voxel_size):

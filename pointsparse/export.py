@@ -166,6 +166,71 @@ def _check_members(path: Path) -> None:
                          "(the file changed after it was written)")
 
 
+# --------------------------------------------------------------------- running a program
+
+class ProgramModel(nn.Module):
+    """An exported segmentation program called as the eager model:
+    ``forward(x: SparseTensor) -> SparseTensor`` of logits on ``x``'s coords
+    (what ``pointsparse eval --program`` scores). ``program`` is what
+    :func:`load` or :func:`export_model` gives, ``meta`` the dict :func:`load`
+    returns beside it (kept as ``.meta``). The input is checked against the
+    program's before it runs (``TypeError`` / ``ValueError`` naming feats or
+    coords and what the program takes, where the program itself would fail
+    a torch guard with an ``AssertionError``): a stride-1 SparseTensor on the
+    CPU, feats ``(N, in_channels)`` of the program's dtype, int32 coords. An
+    empty input gives empty logits. Inference only: ``train()`` raises
+    ``ValueError``; ``in_channels``, ``num_classes`` and ``dtype`` say what
+    the program takes and gives."""
+
+    def __init__(self, program: torch.export.ExportedProgram, meta: dict | None = None) -> None:
+        super().__init__()
+        if not isinstance(program, torch.export.ExportedProgram):
+            raise TypeError(f"program must be a torch.export.ExportedProgram (pointsparse.export.load's); got "
+                            f"{type(program).__name__}")
+        inputs = list(program.graph_signature.user_inputs)
+        vals = {n.name: n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"}
+        outputs = [a for n in program.graph.nodes if n.op == "output" for a in n.args[0]]
+        if len(inputs) != 2 or len(outputs) != 1 or any(vals.get(name) is None for name in inputs) or \
+                getattr(outputs[0], "meta", {}).get("val") is None:
+            raise ValueError(f"program must take (feats, coords) and give logits, as export_model writes; it "
+                             f"takes {inputs} and gives {len(outputs)} outputs")
+        feats, logits = vals[inputs[0]], outputs[0].meta["val"]
+        self.in_channels, self.num_classes, self.dtype = int(feats.shape[1]), int(logits.shape[1]), feats.dtype
+        self.meta = dict(meta or {})
+        self.run = program.module()
+        self.training = False
+
+    @classmethod
+    def load(cls, path) -> "ProgramModel":
+        """The program in ``path`` (a file :func:`save` wrote), its meta in ``.meta``."""
+        return cls(*load(path))
+
+    def train(self, mode: bool = True) -> "ProgramModel":
+        if mode:
+            raise ValueError("an exported program runs inference only (batch norm with its running statistics); "
+                             "train the checkpoint it was exported from")
+        return self  # (the program's module refuses eval() and train() alike: it is always in eval form)
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        if not isinstance(x, SparseTensor):
+            raise TypeError(f"x must be a SparseTensor; got {type(x).__name__}")
+        if x.stride != (1, 1, 1):
+            raise ValueError(f"x must be a stride-1 SparseTensor (voxels); got stride {x.stride}")
+        if x.device.type != "cpu":
+            raise ValueError(f"the program runs on the CPU; x is on {x.device} (x.cpu())")
+        feats = x.feats
+        if feats.dtype != self.dtype:
+            raise TypeError(f"feats must be {self.dtype} (the program's); got {feats.dtype}")
+        if feats.shape[1] != self.in_channels:
+            raise ValueError(f"feats must have the program's {self.in_channels} channels; got {feats.shape[1]}")
+        if not len(x):
+            return x.with_feats(feats.new_zeros((0, self.num_classes)))
+        return x.with_feats(self.run(feats, x.coords))
+
+    def __repr__(self) -> str:  # (the program's module prints as a tree of empty Modules)
+        return f"ProgramModel(in_channels={self.in_channels}, num_classes={self.num_classes}, dtype={self.dtype})"
+
+
 # --------------------------------------------------------------------- checkpoints
 
 def load_checkpoint(path) -> tuple[nn.Module, dict]:

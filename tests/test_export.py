@@ -624,3 +624,51 @@ def test_load_refuses_a_damaged_program(tmp_path):
         assert torch.equal(out, reference) and meta == {"classes": ["a", "b", "c", "d"]}, offset
         loaded_same += 1
     assert loaded_same <= 10, loaded_same  # most of the file is member data: most flips are refused
+
+
+def test_eval_scores_an_exported_program_as_its_checkpoint(tmp_path, capsys):
+    """``pointsparse eval --program FILE.pt2`` scores what ``pointsparse
+    export`` wrote, on the run's own data by default (the file's meta holds
+    it), with the confusion matrix of ``eval --checkpoint --inference`` in the
+    same form; export.ProgramModel checks what it is given."""
+    from pointsparse.app.cli import main
+    from test_prune_workflow import TINY
+
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(run)]) == 0
+    ckpt = str(run / "checkpoint.pt")
+    for inference in ("float32", "bf16"):
+        program = tmp_path / f"{inference}.pt2"
+        assert main(["export", "--checkpoint", ckpt, "--out", str(program), "--inference", inference]) == 0
+        assert main(["eval", "--checkpoint", ckpt, "--inference", inference, "--no-progress",
+                     "--out", str(tmp_path / f"{inference}-eager")]) == 0
+        assert main(["eval", "--program", str(program), "--no-progress",
+                     "--out", str(tmp_path / f"{inference}-program")]) == 0
+        eager, exported = (json.loads((tmp_path / f"{inference}-{kind}" / "eval-metrics.json").read_text())
+                           for kind in ("eager", "program"))
+        assert exported["confusion"] == eager["confusion"] and sum(map(sum, eager["confusion"])) > 1000
+        assert exported["data"] == eager["data"] and exported["inference"] == inference
+        assert exported["program"] == str(program) and "checkpoint" not in exported
+    capsys.readouterr()
+    for flags, message in ((["--inference", "bf16"], "a program keeps the form it was exported in"),
+                           (["--device", "cuda"], "an exported program runs on the CPU")):
+        assert main(["eval", "--program", str(program), "--no-progress", *flags]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["eval", "--program", str(tmp_path / "none.pt2"), "--no-progress"]) == 2
+    assert "no exported program at" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "--program", str(program), "--checkpoint", ckpt])
+    model, meta = export.ProgramModel.load(program), export.load(program)[1]
+    assert model.meta == meta and model.dtype == torch.bfloat16 and model.in_channels == meta["in_channels"]
+    x = export.example_input(model.in_channels, 0.5)
+    with pytest.raises(TypeError, match=r"feats must be torch.bfloat16 \(the program's\); got torch.float32"):
+        model(x)
+    xb = x.with_feats(x.feats.bfloat16())
+    with pytest.raises(ValueError, match=f"feats must have the program's {model.in_channels} channels; got 3"):
+        model(ps.SparseTensor(xb.feats[:, :3], xb.coords))
+    with pytest.raises(TypeError, match="x must be a SparseTensor"):
+        model(xb.feats)
+    with pytest.raises(ValueError, match="inference only"):
+        model.train()
+    assert model(xb).feats.shape == (len(xb), len(meta["classes"]))
+    assert model(ps.SparseTensor(xb.feats[:0], xb.coords[:0])).feats.shape == (0, len(meta["classes"]))

@@ -2,7 +2,9 @@
 
 ``pointsparse eval --checkpoint DIR/checkpoint.pt [--data SOURCE...] [--out DIR] [--inference bf16]``
 (the data defaults to what the run validated on; ``--inference``: the model
-fused for inference, or fused and in bfloat16)."""
+fused for inference, or fused and in bfloat16), or ``pointsparse eval
+--program model.pt2 [--data ...]``: a program ``pointsparse export`` wrote,
+scored as it runs (on the CPU; its data defaults to the run's too)."""
 
 from __future__ import annotations
 
@@ -48,7 +50,11 @@ def inference_model(model: torch.nn.Module, inference: str = "float32") -> torch
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by pointsparse train")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="a checkpoint written by pointsparse train")
+    which.add_argument("--program", metavar="FILE.pt2",
+                       help="instead of a checkpoint, a program written by pointsparse export (run on the CPU as it "
+                            "was exported: --inference does not apply)")
     add_data_arguments(parser, ignore_default=None)
     parser.set_defaults(data=None)
     parser.add_argument("--out", default=None, metavar="DIR", help="also write metrics.json and PNGs here")
@@ -63,7 +69,17 @@ def main(args) -> int:
     """``pointsparse eval``: score a checkpoint on clouds (by default the data
     it was validated on)."""
     check_args(args)
-    state = load_checkpoint(args.checkpoint)
+    program = getattr(args, "program", None)
+    if program is not None:
+        if args.inference != "float32":
+            raise ValueError(f"--inference {args.inference} shapes a checkpoint's model; a program keeps the form it "
+                             "was exported in (pointsparse export --inference)")
+        if args.device not in (None, "cpu"):
+            raise ValueError(f"--device {args.device}: an exported program runs on the CPU")
+        model, state = program_and_state(program)
+        args.device = "cpu"
+    else:
+        state = load_checkpoint(args.checkpoint)
     if args.out:  # before the evaluation's work, after the checks
         make_directory(Path(args.out))
     config = state["config"]
@@ -77,7 +93,8 @@ def main(args) -> int:
     classes = list(source.classes or config["classes"])
     if classes != config["classes"]:
         raise ValueError(f"the data's classes {classes} differ from the checkpoint's {config['classes']}")
-    model = inference_model(model_from_state(state).to(device), args.inference)
+    if program is None:
+        model = inference_model(model_from_state(state).to(device), args.inference)
     dataset = VoxelDataset(source, config["voxel_size"], ignore_index)
     t0 = time.perf_counter()
     cm, first = evaluate(model, dataset, len(classes), ignore_index, device, args.batch_size,
@@ -87,11 +104,33 @@ def main(args) -> int:
     print(f"{len(source)} clouds in {elapsed:.1f} s ({elapsed / max(len(source), 1):.2f} s per cloud)")
     if args.out:
         report = write_report(Path(args.out), cm, classes, first, None,
-                              {"checkpoint": str(args.checkpoint), "data": spec, "inference": args.inference,
+                              {**({"program": str(program)} if program is not None else
+                                  {"checkpoint": str(args.checkpoint)}),
+                               "data": spec, "inference": state.get("inference", args.inference),
                                "eval_time_s": elapsed,
                                "eval_time_per_cloud_s": elapsed / max(len(source), 1)}, ignore_index, "eval-")
         print(f"metrics: {Path(args.out) / 'eval-metrics.json'}; pictures: {', '.join(report['pictures'].values())}")
     return 0
+
+
+def program_and_state(path):
+    """``(export.ProgramModel, a checkpoint-like dict)`` of a ``.pt2`` file
+    ``pointsparse export`` wrote: ``config`` (classes, voxel size, ...),
+    ``args`` and ``val_paths`` (the run's data), ``inference`` from the
+    file's meta; ``ValueError`` naming the file where the meta lacks them."""
+    from ..export import ProgramModel
+
+    model = ProgramModel.load(path)
+    meta = model.meta
+    missing = [key for key in ("classes", "voxel_size", "in_channels") if key not in meta]
+    if missing:
+        raise ValueError(f"{path}: its meta lacks {', '.join(missing)} (not a program pointsparse export wrote)")
+    if len(meta["classes"]) != model.num_classes or meta["in_channels"] != model.in_channels:
+        raise ValueError(f"{path}: its meta says {meta['in_channels']} channels in and {len(meta['classes'])} "
+                         f"classes; the program takes {model.in_channels} and gives {model.num_classes}")
+    config = {key: value for key, value in meta.items() if key not in ("train_args", "val_paths", "inputs", "output")}
+    return model, {"config": config, "args": meta.get("train_args") or {}, "val_paths": meta.get("val_paths") or [],
+                   "inference": meta.get("inference", "float32")}
 
 
 def eval_source(args, state: dict, ignore_index: int):

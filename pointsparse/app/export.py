@@ -27,17 +27,22 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
+    from ..checkpoint import load_training
+    from ..models import model_from_state
     from .evaluate import inference_model
 
     export.check_out_path(args.out)  # before the export's work
-    model, config = export.load_checkpoint(args.checkpoint)
+    state = load_training(args.checkpoint)  # (export.load_checkpoint's model, and the run's data for the meta)
+    model, config = model_from_state(state).eval(), state["config"]
     model = inference_model(model, args.inference)
     dtype = next(model.parameters()).dtype
     example = export.example_input(config["in_channels"], config.get("voxel_size", 0.2))
     program = export.export_model(model, example.with_feats(example.feats.to(dtype)))
     kind = str(dtype).replace("torch.", "")
     meta = {"inputs": {"feats": f"{kind} (N, in_channels)", "coords": "int32 (N, 4) [batch, x, y, z]"},
-            "output": f"{kind} (N, num_classes) logits", "inference": args.inference, **config}
+            "output": f"{kind} (N, num_classes) logits", "inference": args.inference, **config,
+            # the data the run trained and validated on: pointsparse eval --program scores it by default
+            "val_paths": state.get("val_paths") or [], "train_args": state.get("args") or {}}
     export.save(program, args.out, meta)
     print(f"wrote {args.out}: {type(model).__name__} (feats (N, {config['in_channels']}), coords (N, 4)) -> "
           f"logits (N, {len(config['classes'])}); load with torch.export.load after `import pointsparse`")
