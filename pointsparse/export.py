@@ -9,7 +9,15 @@ The program's interface is plain tensors, so any runtime that can call the
              coords int32   (N, 4)  unique [batch, x, y, z] voxel coordinates
     output   logits float32 (N, K)  per-voxel class logits (K = number of classes)
 
-N is dynamic (any N >= 2; 0 and 1 are specialised away by torch.export).
+A point-level network (SPVCNN) takes its points too and gives their logits:
+
+    inputs   feats, coords          as above
+             inverse     int64   (P,)    the voxel row of each point
+             points      float32 (P, 3)  point positions in voxel units
+             point_batch int64   (P,)    the batch index of each point
+    output   logits      float32 (P, K)  per-point class logits
+
+N and P are dynamic (any N, P >= 2; 0 and 1 are specialised away by torch.export).
 The program is the model in eval mode (batch norm with its running
 statistics). Points map to voxels outside the program, as in eager mode
 (``pointsparse.voxelize`` or the training pipeline's ``voxelize_sample``);
@@ -51,6 +59,21 @@ class VoxelLogits(nn.Module):
         return self.model(SparseTensor(feats, coords, validate=False)).feats
 
 
+class PointLogits(nn.Module):
+    """:class:`VoxelLogits` for a point-level network (SPVCNN): ``forward(feats,
+    coords, inverse, points, point_batch) -> per-point logits`` (see the
+    module docstring)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, feats: torch.Tensor, coords: torch.Tensor, inverse: torch.Tensor, points: torch.Tensor,
+                point_batch: torch.Tensor) -> torch.Tensor:
+        torch._check(feats.shape[0] == coords.shape[0], lambda: "feats and coords must have the same rows")
+        return self.model(SparseTensor(feats, coords, validate=False), inverse, points, point_batch)
+
+
 def _check_exportable(model: nn.Module) -> None:
     from . import nn as spnn
     from .models import SPVCNN
@@ -60,28 +83,47 @@ def _check_exportable(model: nn.Module) -> None:
     if model.training:
         raise ValueError("export runs inference: call model.eval() first (batch norm then uses its running "
                          "statistics, as the exported program will)")
-    if isinstance(model, SPVCNN):
-        raise NotImplementedError("pointsparse export writes (feats, coords) -> logits programs of voxel "
-                                  "networks; SPVCNN also takes the points: export it with torch.export.export "
-                                  "(its graph is made of the same operators)")
     for name, module in model.named_modules():
         if isinstance(module, (spnn.MaxPool3d, spnn.AvgPool3d)):
             raise NotImplementedError(f"{name} ({type(module).__name__}) cannot be exported yet: sparse pooling "
                                       "has no operator form (use a strided Conv3d)")
 
 
-def export_model(model: nn.Module, example: SparseTensor) -> torch.export.ExportedProgram:
+def export_model(model: nn.Module, example) -> torch.export.ExportedProgram:
     """``torch.export`` of ``VoxelLogits(model)`` with a dynamic number of
-    voxels, traced on ``example`` (a stride-1 SparseTensor of at least 2 voxels)."""
+    voxels, traced on ``example`` (a stride-1 SparseTensor of at least 2
+    voxels); for a point-level network (SPVCNN) ``PointLogits(model)``, traced
+    on ``example`` = ``(voxels, inverse, points, point_batch)`` (its forward's
+    arguments, at least 2 points; :func:`example_input` ``(points=True)``),
+    the numbers of voxels and of points dynamic."""
+    from .models import SPVCNN
+
     _check_exportable(model)
-    if not isinstance(example, SparseTensor):
-        raise TypeError(f"example must be a SparseTensor; got {type(example).__name__}")
-    if example.stride != (1, 1, 1) or len(example) < MIN_POINTS:
-        raise ValueError(f"example must be a stride-1 SparseTensor of at least {MIN_POINTS} voxels; got {example}")
+    point_level = isinstance(model, SPVCNN)
+    if point_level:
+        if not (isinstance(example, tuple) and len(example) == 4 and isinstance(example[0], SparseTensor)
+                and all(isinstance(t, torch.Tensor) for t in example[1:])):
+            raise TypeError("example must be SPVCNN's arguments (voxels: SparseTensor, inverse, points, "
+                            f"point_batch); got {type(example).__name__}")
+        voxels, inverse, points, point_batch = example
+        if len(inverse) < MIN_POINTS:
+            raise ValueError(f"example must hold at least {MIN_POINTS} points; got {len(inverse)}")
+    else:
+        voxels = example
+        if not isinstance(voxels, SparseTensor):
+            raise TypeError(f"example must be a SparseTensor; got {type(voxels).__name__}")
+    if voxels.stride != (1, 1, 1) or len(voxels) < MIN_POINTS:
+        raise ValueError(f"example must be a stride-1 SparseTensor of at least {MIN_POINTS} voxels; got {voxels}")
     rows = torch.export.Dim("voxels", min=MIN_POINTS)
     with torch.no_grad():
-        return torch.export.export(VoxelLogits(model), (example.feats.detach(), example.coords),
-                                   dynamic_shapes=({0: rows}, {0: rows}))
+        if not point_level:
+            return torch.export.export(VoxelLogits(model), (voxels.feats.detach(), voxels.coords),
+                                       dynamic_shapes=({0: rows}, {0: rows}))
+        model(voxels, inverse, points, point_batch)  # its own checks first (torch.export's errors say less)
+        each = torch.export.Dim("points", min=MIN_POINTS)
+        return torch.export.export(PointLogits(model), (voxels.feats.detach(), voxels.coords, inverse, points,
+                                                        point_batch),
+                                   dynamic_shapes=({0: rows}, {0: rows}, {0: each}, {0: each}, {0: each}))
 
 
 def save(program: torch.export.ExportedProgram, path, meta: dict | None = None) -> None:
@@ -169,18 +211,21 @@ def _check_members(path: Path) -> None:
 # --------------------------------------------------------------------- running a program
 
 class ProgramModel(nn.Module):
-    """An exported segmentation program called as the eager model:
-    ``forward(x: SparseTensor) -> SparseTensor`` of logits on ``x``'s coords
+    """An exported segmentation program called as the eager model: a voxel
+    network's ``forward(x: SparseTensor) -> SparseTensor`` of logits on
+    ``x``'s coords, a point-level one's (SPVCNN, ``point_level`` True)
+    ``forward(voxels, inverse, points, point_batch) -> (P, K)`` point logits
     (what ``pointsparse eval --program`` scores). ``program`` is what
     :func:`load` or :func:`export_model` gives, ``meta`` the dict :func:`load`
     returns beside it (kept as ``.meta``). The input is checked against the
-    program's before it runs (``TypeError`` / ``ValueError`` naming feats or
-    coords and what the program takes, where the program itself would fail
+    program's before it runs (``TypeError`` / ``ValueError`` naming the
+    argument and what the program takes, where the program itself would fail
     a torch guard with an ``AssertionError``): a stride-1 SparseTensor on the
-    CPU, feats ``(N, in_channels)`` of the program's dtype, int32 coords. An
-    empty input gives empty logits. Inference only: ``train()`` raises
-    ``ValueError``; ``in_channels``, ``num_classes`` and ``dtype`` say what
-    the program takes and gives."""
+    CPU, feats ``(N, in_channels)`` of the program's dtype, int32 coords, and
+    SPVCNN's point arguments as SPVCNN checks them. An empty input gives empty
+    logits. Inference only: ``train()`` raises ``ValueError``;
+    ``in_channels``, ``num_classes`` and ``dtype`` say what the program takes
+    and gives."""
 
     def __init__(self, program: torch.export.ExportedProgram, meta: dict | None = None) -> None:
         super().__init__()
@@ -190,12 +235,15 @@ class ProgramModel(nn.Module):
         inputs = list(program.graph_signature.user_inputs)
         vals = {n.name: n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"}
         outputs = [a for n in program.graph.nodes if n.op == "output" for a in n.args[0]]
-        if len(inputs) != 2 or len(outputs) != 1 or any(vals.get(name) is None for name in inputs) or \
+        if len(inputs) not in (2, 5) or len(outputs) != 1 or any(vals.get(name) is None for name in inputs) or \
                 getattr(outputs[0], "meta", {}).get("val") is None:
-            raise ValueError(f"program must take (feats, coords) and give logits, as export_model writes; it "
-                             f"takes {inputs} and gives {len(outputs)} outputs")
+            raise ValueError(f"program must take (feats, coords) or (feats, coords, inverse, points, point_batch) "
+                             f"and give logits, as export_model writes; it takes {inputs} and gives "
+                             f"{len(outputs)} outputs")
         feats, logits = vals[inputs[0]], outputs[0].meta["val"]
         self.in_channels, self.num_classes, self.dtype = int(feats.shape[1]), int(logits.shape[1]), feats.dtype
+        self.point_level = len(inputs) == 5
+        self.points_dtype = vals[inputs[3]].dtype if self.point_level else None
         self.meta = dict(meta or {})
         self.run = program.module()
         self.training = False
@@ -211,7 +259,7 @@ class ProgramModel(nn.Module):
                              "train the checkpoint it was exported from")
         return self  # (the program's module refuses eval() and train() alike: it is always in eval form)
 
-    def forward(self, x: SparseTensor) -> SparseTensor:
+    def forward(self, x: SparseTensor, inverse=None, points=None, point_batch=None):
         if not isinstance(x, SparseTensor):
             raise TypeError(f"x must be a SparseTensor; got {type(x).__name__}")
         if x.stride != (1, 1, 1):
@@ -223,12 +271,27 @@ class ProgramModel(nn.Module):
             raise TypeError(f"feats must be {self.dtype} (the program's); got {feats.dtype}")
         if feats.shape[1] != self.in_channels:
             raise ValueError(f"feats must have the program's {self.in_channels} channels; got {feats.shape[1]}")
-        if not len(x):
-            return x.with_feats(feats.new_zeros((0, self.num_classes)))
-        return x.with_feats(self.run(feats, x.coords))
+        if not self.point_level:
+            if (inverse, points, point_batch) != (None, None, None):
+                raise TypeError("this program takes voxels only (feats, coords); inverse, points and point_batch "
+                                "are a point-level network's (SPVCNN)")
+            if not len(x):
+                return x.with_feats(feats.new_zeros((0, self.num_classes)))
+            return x.with_feats(self.run(feats, x.coords))
+        from .models.spvcnn import check_points
+
+        check_points(x, inverse, points, point_batch)
+        if points.dtype != self.points_dtype or inverse.dtype != torch.int64 or point_batch.dtype != torch.int64:
+            raise TypeError(f"points must be {self.points_dtype}, inverse and point_batch int64 (the program's); "
+                            f"got {points.dtype}, {inverse.dtype}, {point_batch.dtype}")
+        if not len(inverse):
+            return feats.new_zeros((0, self.num_classes))
+        return self.run(feats, x.coords, inverse, points, point_batch)
 
     def __repr__(self) -> str:  # (the program's module prints as a tree of empty Modules)
-        return f"ProgramModel(in_channels={self.in_channels}, num_classes={self.num_classes}, dtype={self.dtype})"
+        kind = ", point_level=True" if self.point_level else ""
+        return (f"ProgramModel(in_channels={self.in_channels}, num_classes={self.num_classes}, "
+                f"dtype={self.dtype}{kind})")
 
 
 # --------------------------------------------------------------------- checkpoints
@@ -244,13 +307,18 @@ def load_checkpoint(path) -> tuple[nn.Module, dict]:
     return model_from_state(state).eval(), state["config"]
 
 
-def example_input(in_channels: int, voxel_size: float = 0.2, seed: int = 0) -> SparseTensor:
+def example_input(in_channels: int, voxel_size: float = 0.2, seed: int = 0, points: bool = False):
     """A small generated street scene as the tracing example (its size is not
-    baked into the program)."""
+    baked into the program): a SparseTensor, or with ``points=True`` the
+    arguments of a point-level network (SPVCNN): ``(voxels, inverse, points,
+    point_batch)``."""
     from .data import generated
     from .data.transforms import voxelize_sample
 
     v = voxelize_sample(generated.outdoor_scene(seed=seed, beams=16, azimuth_steps=256), voxel_size, 255)
     feats = v.input.feats[:, :in_channels] if v.input.feats.shape[1] >= in_channels else torch.nn.functional.pad(
         v.input.feats, (0, in_channels - v.input.feats.shape[1]))
-    return SparseTensor(feats.contiguous(), v.input.coords)
+    voxels = SparseTensor(feats.contiguous(), v.input.coords)
+    if not points:
+        return voxels
+    return voxels, v.inverse, v.points, torch.zeros(len(v.inverse), dtype=torch.int64)

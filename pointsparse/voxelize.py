@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from . import _ext
 from . import coords as _coords
@@ -305,7 +306,7 @@ def devoxelize(tensor: SparseTensor, inverse: torch.Tensor | None = None, *, poi
     batch = _check_batch(batch, points.shape[0], points.device)
     if points.device != tensor.device:
         raise ValueError(f"points are on {points.device} but the tensor on {tensor.device}")
-    if len(tensor) == 0:
+    if guard_or_false(tensor.coords.shape[0] == 0):  # (in a graph the count is a symbol: known non-empty there)
         # nothing active anywhere: zeros, still attached to the graph
         return tensor.feats.new_zeros((points.shape[0], tensor.feats.shape[1])) + tensor.feats.sum(0)
     # weights in the wider precision of points and feats

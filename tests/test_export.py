@@ -412,7 +412,7 @@ def test_export_errors_are_clear(tmp_path):
     model = MinkUNet(7, 4, cr=0.25, blocks=1)
     with pytest.raises(ValueError, match="model.eval"):
         export.export_model(model, x)
-    with pytest.raises(NotImplementedError, match="SPVCNN also takes the points"):
+    with pytest.raises(TypeError, match=r"example must be SPVCNN's arguments \(voxels: SparseTensor, inverse"):
         export.export_model(SPVCNN(7, 4, cr=0.25, blocks=1).eval(), x)
     with pytest.raises(NotImplementedError, match="MaxPool3d"):
         export.export_model(torch.nn.Sequential(spnn.Conv3d(7, 4, 3), spnn.MaxPool3d(2)).eval(), x)
@@ -628,27 +628,31 @@ def test_load_refuses_a_damaged_program(tmp_path):
 
 def test_eval_scores_an_exported_program_as_its_checkpoint(tmp_path, capsys):
     """``pointsparse eval --program FILE.pt2`` scores what ``pointsparse
-    export`` wrote, on the run's own data by default (the file's meta holds
-    it), with the confusion matrix of ``eval --checkpoint --inference`` in the
-    same form; export.ProgramModel checks what it is given."""
+    export`` wrote (MinkUNet; SPVCNN, whose program takes the points too), on
+    the run's own data by default (the file's meta holds it), with the
+    confusion matrix of ``eval --checkpoint --inference`` in the same form;
+    export.ProgramModel checks what it is given."""
     from pointsparse.app.cli import main
     from test_prune_workflow import TINY
 
-    run = tmp_path / "run"
-    assert main(["train", *TINY, "--epochs", "1", "--out", str(run)]) == 0
-    ckpt = str(run / "checkpoint.pt")
-    for inference in ("float32", "bf16"):
-        program = tmp_path / f"{inference}.pt2"
-        assert main(["export", "--checkpoint", ckpt, "--out", str(program), "--inference", inference]) == 0
-        assert main(["eval", "--checkpoint", ckpt, "--inference", inference, "--no-progress",
-                     "--out", str(tmp_path / f"{inference}-eager")]) == 0
-        assert main(["eval", "--program", str(program), "--no-progress",
-                     "--out", str(tmp_path / f"{inference}-program")]) == 0
-        eager, exported = (json.loads((tmp_path / f"{inference}-{kind}" / "eval-metrics.json").read_text())
-                           for kind in ("eager", "program"))
-        assert exported["confusion"] == eager["confusion"] and sum(map(sum, eager["confusion"])) > 1000
-        assert exported["data"] == eager["data"] and exported["inference"] == inference
-        assert exported["program"] == str(program) and "checkpoint" not in exported
+    for model, forms in (("minkunet", ("float32", "bf16")), ("spvcnn", ("fused",))):
+        run = tmp_path / model
+        assert main(["train", *TINY, "--model", model, "--epochs", "1", "--out", str(run)]) == 0
+        ckpt = str(run / "checkpoint.pt")
+        for inference in forms:
+            program = tmp_path / f"{model}-{inference}.pt2"
+            assert main(["export", "--checkpoint", ckpt, "--out", str(program), "--inference", inference]) == 0
+            assert main(["eval", "--checkpoint", ckpt, "--inference", inference, "--no-progress",
+                         "--out", str(tmp_path / f"{model}-{inference}-eager")]) == 0
+            assert main(["eval", "--program", str(program), "--no-progress",
+                         "--out", str(tmp_path / f"{model}-{inference}-program")]) == 0
+            eager, exported = (json.loads((tmp_path / f"{model}-{inference}-{kind}" / "eval-metrics.json")
+                                          .read_text()) for kind in ("eager", "program"))
+            assert exported["confusion"] == eager["confusion"] and sum(map(sum, eager["confusion"])) > 1000
+            assert exported["data"] == eager["data"] and exported["inference"] == inference
+            assert exported["program"] == str(program) and "checkpoint" not in exported
+        assert export.ProgramModel.load(program).point_level == (model == "spvcnn")
+    program = tmp_path / "minkunet-bf16.pt2"
     capsys.readouterr()
     for flags, message in ((["--inference", "bf16"], "a program keeps the form it was exported in"),
                            (["--device", "cuda"], "an exported program runs on the CPU")):
@@ -672,3 +676,25 @@ def test_eval_scores_an_exported_program_as_its_checkpoint(tmp_path, capsys):
         model.train()
     assert model(xb).feats.shape == (len(xb), len(meta["classes"]))
     assert model(ps.SparseTensor(xb.feats[:0], xb.coords[:0])).feats.shape == (0, len(meta["classes"]))
+    with pytest.raises(TypeError, match="this program takes voxels only"):
+        model(xb, torch.zeros(3, dtype=torch.long))
+
+
+def test_spvcnn_program_checks_its_point_arguments():
+    torch.manual_seed(0)
+    net = _trained_like(SPVCNN(7, 3, cr=0.25, blocks=1))
+    model = export.ProgramModel(export.export_model(net, export.example_input(7, 0.4, points=True)))
+    for seed in (1, 2):  # other clouds, other numbers of voxels and points
+        args = export.example_input(7, 0.3, seed=seed, points=True)
+        with torch.no_grad():
+            assert torch.equal(model(*args), net(*args))
+    voxels, inverse, points, point_batch = args
+    with pytest.raises(TypeError, match="points must be torch.float32"):
+        model(voxels, inverse, points.double(), point_batch)
+    with pytest.raises(ValueError, match="inverse holds rows outside"):
+        model(voxels, inverse + len(voxels), points, point_batch)
+    with pytest.raises(ValueError, match="point_batch must be the voxels' batch index"):
+        model(voxels, inverse, points, point_batch + 1)
+    with pytest.raises(TypeError, match="points must be a float tensor"):
+        model(voxels)
+    assert model(voxels, inverse[:0], points[:0], point_batch[:0]).shape == (0, 3)

@@ -4,7 +4,8 @@
 [--inference fused|bf16]``: the checkpoint's model (dense, channel-pruned or
 vector-masked) in eval mode as a program of plain tensors, ``(feats (N,
 in_channels) float32, coords (N, 4) int32) -> logits (N, classes)`` (bfloat16
-feats and logits with ``--inference bf16``), with the checkpoint's config in the file
+feats and logits with ``--inference bf16``; an SPVCNN's program also takes its
+points and gives their logits), with the checkpoint's config in the file
 (:mod:`pointsparse.export` holds the library functions it calls)."""
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     from ..checkpoint import load_training
-    from ..models import model_from_state
+    from ..models import SPVCNN, model_from_state
     from .evaluate import inference_model
 
     export.check_out_path(args.out)  # before the export's work
@@ -36,14 +37,24 @@ def main(args) -> int:
     model, config = model_from_state(state).eval(), state["config"]
     model = inference_model(model, args.inference)
     dtype = next(model.parameters()).dtype
-    example = export.example_input(config["in_channels"], config.get("voxel_size", 0.2))
-    program = export.export_model(model, example.with_feats(example.feats.to(dtype)))
+    point_level = isinstance(model, SPVCNN)
+    example = export.example_input(config["in_channels"], config.get("voxel_size", 0.2), points=point_level)
+    if point_level:
+        program = export.export_model(model, example)  # (float32: inference_model refuses bf16 for SPVCNN)
+    else:
+        program = export.export_model(model, example.with_feats(example.feats.to(dtype)))
     kind = str(dtype).replace("torch.", "")
-    meta = {"inputs": {"feats": f"{kind} (N, in_channels)", "coords": "int32 (N, 4) [batch, x, y, z]"},
-            "output": f"{kind} (N, num_classes) logits", "inference": args.inference, **config,
+    inputs = {"feats": f"{kind} (N, in_channels)", "coords": "int32 (N, 4) [batch, x, y, z]"}
+    if point_level:
+        inputs.update(inverse="int64 (P,) voxel row of each point", points="float32 (P, 3) in voxel units",
+                      point_batch="int64 (P,) batch index of each point")
+    meta = {"inputs": inputs, "output": f"{kind} ({'P' if point_level else 'N'}, num_classes) logits",
+            "inference": args.inference, **config,
             # the data the run trained and validated on: pointsparse eval --program scores it by default
             "val_paths": state.get("val_paths") or [], "train_args": state.get("args") or {}}
     export.save(program, args.out, meta)
-    print(f"wrote {args.out}: {type(model).__name__} (feats (N, {config['in_channels']}), coords (N, 4)) -> "
-          f"logits (N, {len(config['classes'])}); load with torch.export.load after `import pointsparse`")
+    takes = ", inverse (P,), points (P, 3), point_batch (P,)" if point_level else ""
+    print(f"wrote {args.out}: {type(model).__name__} (feats (N, {config['in_channels']}), coords (N, 4){takes}) -> "
+          f"logits ({'P' if point_level else 'N'}, {len(config['classes'])}); load with "
+          "pointsparse.export.ProgramModel.load or torch.export.load after `import pointsparse`")
     return 0

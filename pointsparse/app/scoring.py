@@ -20,8 +20,10 @@ from .trainer import progress_bar
 
 
 def point_level(model) -> bool:
-    """Whether the model (maybe inside DistributedDataParallel) returns per-point logits."""
-    return isinstance(getattr(model, "module", model), SPVCNN)
+    """Whether the model (maybe inside DistributedDataParallel) returns per-point
+    logits: SPVCNN, or an exported program of one (``export.ProgramModel``)."""
+    inner = getattr(model, "module", model)
+    return isinstance(inner, SPVCNN) or getattr(inner, "point_level", False) is True
 
 
 def logits_of(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

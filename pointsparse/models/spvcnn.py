@@ -35,11 +35,43 @@ def point_rows(tensor: SparseTensor, point_coords: torch.Tensor) -> torch.Tensor
 def point_to_voxel(tensor: SparseTensor, point_feats: torch.Tensor, rows: torch.Tensor) -> SparseTensor:
     """``tensor`` with feats = mean of the point features of each voxel
     (voxels without a point keep zeros)."""
-    out = point_feats.new_zeros((len(tensor), point_feats.shape[1]))
+    voxels = tensor.coords.shape[0]  # (not len(tensor): in a traced graph the count is a symbol, len() needs an int)
+    out = point_feats.new_zeros((voxels, point_feats.shape[1]))
     out = out.index_add(0, rows, point_feats)
-    # points per voxel (index_add, not bincount: its length stays len(tensor) in a traced graph)
-    count = rows.new_zeros(len(tensor)).index_add_(0, rows, torch.ones_like(rows)).clamp_min(1).to(point_feats.dtype)
+    # points per voxel (index_add, not bincount: its length stays the voxels' in a traced graph)
+    count = rows.new_zeros(voxels).index_add_(0, rows, torch.ones_like(rows)).clamp_min(1).to(point_feats.dtype)
     return tensor.with_feats(out / count[:, None])
+
+
+def check_points(voxels: SparseTensor, inverse: torch.Tensor, points: torch.Tensor,
+                 point_batch: torch.Tensor) -> torch.Tensor:
+    """SPVCNN's point arguments checked against ``voxels`` (``TypeError`` /
+    ``ValueError`` naming them; outside a traced graph, ``inverse``'s rows
+    and ``point_batch`` against the voxels too); returns the points' voxel
+    coords ``voxels.coords[inverse]``."""
+    if not isinstance(points, torch.Tensor) or not points.is_floating_point():
+        got = f"dtype {points.dtype}" if isinstance(points, torch.Tensor) else type(points).__name__
+        raise TypeError(f"points must be a float tensor (N, 3); got {got}")
+    for name, t in (("inverse", inverse), ("point_batch", point_batch)):
+        if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            got = f"dtype {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"{name} must be an integer tensor (N,); got {got}")
+    if points.dim() != 2 or points.shape[1] != 3 or inverse.shape != (points.shape[0],) \
+            or point_batch.shape != (points.shape[0],):
+        raise ValueError(f"points must be (N, 3), inverse and point_batch (N,); got {tuple(points.shape)}, "
+                         f"{tuple(inverse.shape)}, {tuple(point_batch.shape)}")
+    checks = not torch.compiler.is_compiling() and len(inverse)  # (len() would fix a graph's point count)
+    if checks and (int(inverse.min()) < 0 or int(inverse.max()) >= len(voxels)):
+        raise ValueError(f"inverse holds rows outside [0, {len(voxels)}) (the voxel row of each point)")
+    point_coords = voxels.coords[inverse]
+    if checks:
+        wrong = point_batch != point_coords[:, 0]
+        if bool(wrong.any()):
+            i = int(wrong.nonzero()[0, 0])
+            raise ValueError(f"point_batch[{i}] = {int(point_batch[i])} but point {i} lies in a voxel of batch "
+                             f"{int(point_coords[i, 0])}: point_batch must be the voxels' batch index of each "
+                             "point (voxels.coords[inverse, 0])")
+    return point_coords
 
 
 def _point_mlp(cin: int, cout: int) -> nn.Sequential:
@@ -73,28 +105,7 @@ class SPVCNN(nn.Module):
             raise TypeError(f"SPVCNN takes a SparseTensor; got {type(voxels).__name__}")
         if voxels.num_channels != self.in_channels:
             raise ValueError(f"SPVCNN was built for {self.in_channels} input channels; got {voxels.num_channels}")
-        if not isinstance(points, torch.Tensor) or not points.is_floating_point():
-            got = f"dtype {points.dtype}" if isinstance(points, torch.Tensor) else type(points).__name__
-            raise TypeError(f"points must be a float tensor (N, 3); got {got}")
-        for name, t in (("inverse", inverse), ("point_batch", point_batch)):
-            if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-                got = f"dtype {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
-                raise TypeError(f"{name} must be an integer tensor (N,); got {got}")
-        if points.dim() != 2 or points.shape[1] != 3 or inverse.shape != (points.shape[0],) \
-                or point_batch.shape != (points.shape[0],):
-            raise ValueError(f"points must be (N, 3), inverse and point_batch (N,); got {tuple(points.shape)}, "
-                             f"{tuple(inverse.shape)}, {tuple(point_batch.shape)}")
-        checks = len(inverse) and not torch.compiler.is_compiling()
-        if checks and (int(inverse.min()) < 0 or int(inverse.max()) >= len(voxels)):
-            raise ValueError(f"inverse holds rows outside [0, {len(voxels)}) (the voxel row of each point)")
-        point_coords = voxels.coords[inverse]
-        if checks:
-            wrong = point_batch != point_coords[:, 0]
-            if bool(wrong.any()):
-                i = int(wrong.nonzero()[0, 0])
-                raise ValueError(f"point_batch[{i}] = {int(point_batch[i])} but point {i} lies in a voxel of batch "
-                                 f"{int(point_coords[i, 0])}: point_batch must be the voxels' batch index of each "
-                                 "point (voxels.coords[inverse, 0])")
+        point_coords = check_points(voxels, inverse, points, point_batch)
         u = self.unet
 
         def to_points(t: SparseTensor) -> torch.Tensor:
