@@ -75,18 +75,11 @@ class PointLogits(nn.Module):
 
 
 def _check_exportable(model: nn.Module) -> None:
-    from . import nn as spnn
-    from .models import SPVCNN
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     if model.training:
         raise ValueError("export runs inference: call model.eval() first (batch norm then uses its running "
                          "statistics, as the exported program will)")
-    for name, module in model.named_modules():
-        if isinstance(module, (spnn.MaxPool3d, spnn.AvgPool3d)):
-            raise NotImplementedError(f"{name} ({type(module).__name__}) cannot be exported yet: sparse pooling "
-                                      "has no operator form (use a strided Conv3d)")
 
 
 def export_model(model: nn.Module, example) -> torch.export.ExportedProgram:

@@ -228,11 +228,48 @@ def test_spvcnn_compiles_in_one_graph():
             assert torch.allclose(compiled(points, feats), run(points, feats), rtol=0, atol=1e-12)
 
 
-def test_pooling_under_compile_fails_clearly():
-    net = torch.nn.Sequential(spnn.Conv3d(3, 4, 3), spnn.MaxPool3d(2))
+class _Pools(torch.nn.Module):
+    """Max and average pooling (k2 s2, and k3 s2 whose windows overlap) between convs, back up by a
+    transposed conv onto the pooled coords' finer ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = spnn.Conv3d(3, 4, 3)
+        self.max, self.avg = spnn.MaxPool3d(2), spnn.AvgPool3d(3, 2)
+        self.mid = spnn.Conv3d(4, 4, 3)
+        self.up = spnn.Conv3d(4, 4, 2, stride=2, transposed=True)
+
+    def forward(self, x):
+        y = self.conv(x)
+        z = spnn.add(self.max(y), self.avg(y))
+        return spnn.cat([self.up(self.mid(z)), y])
+
+
+def test_pooling_compiles_trains_and_exports():
+    torch.manual_seed(0)
+    eager = _Pools().double()
+    compiled_net = copy.deepcopy(eager)
     torch.compiler.reset()
-    with pytest.raises(Exception, match="max_pool3d has no operator form"):
-        torch.compile(net, fullgraph=True, backend="eager")(_cloud(100, 1))
+    compiled = torch.compile(compiled_net, fullgraph=True, dynamic=True, backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for n, seed in ((400, 1), (700, 2)):
+            x = _cloud(n, seed, dtype=torch.float64)
+            got, want = compiled(x), eager(x)
+            assert torch.equal(got.coords, want.coords)
+            assert torch.allclose(got.feats, want.feats, rtol=0, atol=1e-12)
+            got.feats.square().sum().backward()
+            want.feats.square().sum().backward()
+            for p, q in zip(compiled_net.parameters(), eager.parameters()):
+                assert torch.allclose(p.grad, q.grad, rtol=0, atol=1e-10)
+    with pytest.raises(Exception, match="global_avg_pool sizes its dense output by the largest batch index"):
+        torch.compile(torch.nn.Sequential(spnn.Conv3d(3, 4, 3), spnn.GlobalAvgPool()), fullgraph=True,
+                      backend="eager")(_cloud(100, 1))
+    net = _Pools().eval()
+    program = export.export_model(net, _cloud(500, 3))
+    for n, seed in ((400, 4), (900, 5)):
+        x = _cloud(n, seed)
+        with torch.no_grad():
+            assert torch.equal(program.module()(x.feats, x.coords), net(x).feats)
 
 
 def _spatially_pruned(in_channels: int = 3, dtype=torch.float32) -> MinkUNet:
@@ -414,8 +451,6 @@ def test_export_errors_are_clear(tmp_path):
         export.export_model(model, x)
     with pytest.raises(TypeError, match=r"example must be SPVCNN's arguments \(voxels: SparseTensor, inverse"):
         export.export_model(SPVCNN(7, 4, cr=0.25, blocks=1).eval(), x)
-    with pytest.raises(NotImplementedError, match="MaxPool3d"):
-        export.export_model(torch.nn.Sequential(spnn.Conv3d(7, 4, 3), spnn.MaxPool3d(2)).eval(), x)
     with pytest.raises(TypeError, match="example"):
         export.export_model(model.eval(), x.feats)
     with pytest.raises(ValueError, match="does not exist"):

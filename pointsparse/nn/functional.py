@@ -337,9 +337,6 @@ def add(a: SparseTensor, b: SparseTensor) -> SparseTensor:
 def _pool_map(input: SparseTensor, kernel_size, stride, dilation, what: str):
     if not isinstance(input, SparseTensor):
         raise TypeError(f"{what}: input must be a SparseTensor; got {type(input).__name__}")
-    if torch.compiler.is_compiling():
-        raise NotImplementedError(f"{what} has no operator form yet: it cannot run inside torch.compile "
-                                  "(fullgraph) or torch.export graphs (use a strided Conv3d)")
     k = as_triple(kernel_size, "kernel_size")
     t = k if stride is None else as_triple(stride, "stride")
     d = as_triple(dilation, "dilation")
@@ -347,11 +344,36 @@ def _pool_map(input: SparseTensor, kernel_size, stride, dilation, what: str):
     return kmap, kmap.key.out_stride
 
 
+def _graph_pool(input: SparseTensor, kernel_size, stride, dilation, what: str, reduce: str) -> SparseTensor:
+    """:func:`max_pool3d` / :func:`avg_pool3d` in a traced graph: the map from
+    the graph's cache (the strided conv's), the same reductions as eager mode
+    (no host read of the pair count)."""
+    if not isinstance(input, SparseTensor):
+        raise TypeError(f"{what}: input must be a SparseTensor; got {type(input).__name__}")
+    k = as_triple(kernel_size, "kernel_size")
+    t = k if stride is None else as_triple(stride, "stride")
+    d = as_triple(dilation, "dilation")
+    cache = _ops.graph_cache(input)
+    kmap = _ops.get_kmap(input, k, t, d, cache=cache)
+    feats, rows = input.feats, kmap.out_coords.shape[0]
+    gathered = feats.index_select(0, kmap.in_idx)
+    if reduce == "amax":
+        index = kmap.out_idx.unsqueeze(1).expand(-1, feats.shape[1])
+        out = feats.new_zeros((rows, feats.shape[1])).scatter_reduce(0, index, gathered, "amax", include_self=False)
+    else:
+        total = feats.new_zeros((rows, feats.shape[1])).index_add(0, kmap.out_idx, gathered)
+        count = kmap.out_idx.new_zeros(rows).index_add_(0, kmap.out_idx, torch.ones_like(kmap.out_idx))
+        out = total / count.clamp_min(1).to(feats.dtype).unsqueeze(1)
+    return SparseTensor(out, kmap.out_coords, kmap.key.out_stride, cache=cache, validate=False)
+
+
 def max_pool3d(input: SparseTensor, kernel_size=2, stride=None, dilation=1) -> SparseTensor:
     """Sparse max pooling: ``out[q] = max over offsets o of in[q + o]`` over the
     active inputs of the window; output coords as the strided conv's (``stride``
     defaults to ``kernel_size``; stride 1 keeps the coords). A window with no
     active input (a kernel smaller than the stride) gives 0."""
+    if torch.compiler.is_compiling():
+        return _graph_pool(input, kernel_size, stride, dilation, "max_pool3d", "amax")
     kmap, out_stride = _pool_map(input, kernel_size, stride, dilation, "max_pool3d")
     feats = input.feats
     out = feats.new_zeros((kmap.num_out, feats.shape[1]))
@@ -367,6 +389,8 @@ def avg_pool3d(input: SparseTensor, kernel_size=2, stride=None, dilation=1) -> S
     """Sparse average pooling: the mean of the active inputs of each window
     (inactive sites are not counted; 0 for a window with none); output coords
     as the strided conv's."""
+    if torch.compiler.is_compiling():
+        return _graph_pool(input, kernel_size, stride, dilation, "avg_pool3d", "mean")
     kmap, out_stride = _pool_map(input, kernel_size, stride, dilation, "avg_pool3d")
     feats = input.feats
     out_idx = kmap.out_idx.to(feats.device)
@@ -383,6 +407,10 @@ MAX_GLOBAL_POOL_BYTES = 1 << 32
 def _per_batch(input: SparseTensor, what: str):
     if not isinstance(input, SparseTensor):
         raise TypeError(f"{what}: input must be a SparseTensor; got {type(input).__name__}")
+    if torch.compiler.is_compiling():
+        raise NotImplementedError(f"{what} sizes its dense output by the largest batch index, a value a "
+                                  "torch.compile (fullgraph) or torch.export graph cannot read; run it after the "
+                                  "graph, on the graph's output")
     b = input.batch_size
     nbytes = b * (input.num_channels * input.feats.element_size() + 8)
     if nbytes > MAX_GLOBAL_POOL_BYTES:
