@@ -155,25 +155,30 @@ class _UNet(torch.nn.Module):
         return self.head(spnn.cat([a, b]))
 
 
-def test_compile_fullgraph_two_sizes_no_recompile():
-    torch.manual_seed(0)
-    eager = _UNet().double()
-    compiled_net = copy.deepcopy(eager)
+def _training_step_matches_eager(eager: torch.nn.Module, twin: torch.nn.Module, clouds) -> None:
+    """``twin`` (eager's copy) under torch.compile (fullgraph, dynamic, aot_eager) on each of ``clouds``
+    (float64; other sizes, no recompilation): the output coords and stride equal, feats within 1e-12, every
+    parameter's gradient within 1e-10 of eager's."""
     torch.compiler.reset()
-    compiled = torch.compile(compiled_net, fullgraph=True, dynamic=True, backend="aot_eager")
+    compiled = torch.compile(twin, fullgraph=True, dynamic=True, backend="aot_eager")
     with torch._dynamo.config.patch(error_on_recompile=True):
-        for n, seed in ((400, 1), (700, 2)):
-            x = _cloud(n, seed, dtype=torch.float64)
-            kept = dict(x.cache.kmaps)
-            got = compiled(x)
-            want = eager(x)
+        for x in clouds:
+            got, want = compiled(x), eager(x)
             assert torch.equal(got.coords, want.coords) and got.stride == want.stride
             assert torch.allclose(got.feats, want.feats, rtol=0, atol=1e-12)
             got.feats.square().sum().backward()
             want.feats.square().sum().backward()
-            for p, q in zip(compiled_net.parameters(), eager.parameters()):
-                assert torch.allclose(p.grad, q.grad, rtol=0, atol=1e-10)
-            assert len(kept) == 0 and all(isinstance(k, kmap.KernelMapKey) for k in x.cache.kmaps)
+            for (name, p), q in zip(twin.named_parameters(), eager.parameters()):
+                assert torch.allclose(p.grad, q.grad, rtol=0, atol=1e-10), name
+
+
+def test_compile_fullgraph_two_sizes_no_recompile():
+    torch.manual_seed(0)
+    eager = _UNet().double()
+    clouds = [_cloud(n, seed, dtype=torch.float64) for n, seed in ((400, 1), (700, 2))]
+    _training_step_matches_eager(eager, copy.deepcopy(eager), clouds)
+    # the graph kept its maps in a cache of its own: the inputs' caches hold only eager's
+    assert all(x.cache.kmaps and all(isinstance(k, kmap.KernelMapKey) for k in x.cache.kmaps) for x in clouds)
 
 
 def test_minkunet_compiles_in_one_graph():
@@ -248,19 +253,8 @@ class _Pools(torch.nn.Module):
 def test_pooling_compiles_trains_and_exports():
     torch.manual_seed(0)
     eager = _Pools().double()
-    compiled_net = copy.deepcopy(eager)
-    torch.compiler.reset()
-    compiled = torch.compile(compiled_net, fullgraph=True, dynamic=True, backend="aot_eager")
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for n, seed in ((400, 1), (700, 2)):
-            x = _cloud(n, seed, dtype=torch.float64)
-            got, want = compiled(x), eager(x)
-            assert torch.equal(got.coords, want.coords)
-            assert torch.allclose(got.feats, want.feats, rtol=0, atol=1e-12)
-            got.feats.square().sum().backward()
-            want.feats.square().sum().backward()
-            for p, q in zip(compiled_net.parameters(), eager.parameters()):
-                assert torch.allclose(p.grad, q.grad, rtol=0, atol=1e-10)
+    _training_step_matches_eager(eager, copy.deepcopy(eager),
+                                 [_cloud(n, seed, dtype=torch.float64) for n, seed in ((400, 1), (700, 2))])
     with pytest.raises(Exception, match="global_avg_pool sizes its dense output by the largest batch index"):
         torch.compile(torch.nn.Sequential(spnn.Conv3d(3, 4, 3), spnn.GlobalAvgPool()), fullgraph=True,
                       backend="eager")(_cloud(100, 1))
@@ -298,19 +292,8 @@ def test_spatial_pruning_compiles_and_trains_in_one_graph():
     # VoxelPrune's selection is an operator with a data-dependent row count; the kept voxels get a graph cache of
     # their own (the kept coords at their stride, the finer strides' coords and maps for the transposed convs)
     eager = _spatially_pruned(dtype=torch.float64).train()
-    compiled_net = _spatially_pruned(dtype=torch.float64).train()  # (a deepcopy's hooks would call eager's pruners)
-    torch.compiler.reset()
-    compiled = torch.compile(compiled_net, fullgraph=True, dynamic=True, backend="aot_eager")
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for n, seed in ((500, 1), (800, 2)):
-            x = _two_items(n, seed, torch.float64)
-            got, want = compiled(x), eager(x)
-            assert torch.equal(got.coords, want.coords)
-            assert torch.allclose(got.feats, want.feats, rtol=0, atol=1e-12)
-            got.feats.square().sum().backward()
-            want.feats.square().sum().backward()
-            for (name, p), q in zip(compiled_net.named_parameters(), eager.parameters()):
-                assert torch.allclose(p.grad, q.grad, rtol=0, atol=1e-10), name
+    twin = _spatially_pruned(dtype=torch.float64).train()  # (a deepcopy's hooks would call eager's pruners)
+    _training_step_matches_eager(eager, twin, [_two_items(n, seed, torch.float64) for n, seed in ((500, 1), (800, 2))])
     assert eager.voxel_prune_1.scorer.weight.grad.abs().sum() > 0  # the learned score trains in the graph too
 
 
