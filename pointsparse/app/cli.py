@@ -18,6 +18,8 @@ COMMANDS = [
     ("train", "pointsparse.app.train", "train a sparse U-Net for semantic segmentation and report its mIoU"),
     ("eval", "pointsparse.app.evaluate", "score a segmentation checkpoint (per-class IoU, mIoU) on point clouds"),
     ("export", "pointsparse.app.export", "write a segmentation checkpoint as a torch.export program (.pt2)"),
+    ("predict", "pointsparse.app.predict",
+     "segment point cloud files with a checkpoint or an exported program; write each point's class"),
     ("bench", "pointsparse.app.benchmark", "run the benchmark suites in bench/ (kernel maps, convolution, SpMM)"),
     ("prune", "pointsparse.app.prune",
      "pruning: channels of a trained checkpoint, and the procedures sensitivity, schedule, lottery, init, rigl, "

@@ -1,0 +1,159 @@
+"""Segment point cloud files and write the class of every point.
+
+``pointsparse predict (--checkpoint DIR/checkpoint.pt [--inference fused|bf16]
+| --program model.pt2) --data FILE... --out DIR [--format npy|label]``: each
+cloud is voxelised at the model's voxel size, run, and its voxel predictions
+sent back to its points. For each input file ``DIR/<its path below the inputs'
+common folder, without its suffix>`` gets
+
+- ``.npy`` (default): int32 ``(N,)``, the class index of each point in the
+  file's point order (``DIR/classes.json`` names the classes), or
+- ``.label`` (``--format label``): SemanticKITTI's uint32 labels, each class
+  written as the smallest raw id the label map sends to it (the run's label map,
+  ``--label-map``, or SemanticKITTI's for ``.bin`` files), instance bits 0.
+
+The files' own labels, where they have any, are not read for this."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoint import atomic_write, make_directory
+
+__all__ = ["add_arguments", "main", "raw_ids"]
+
+FORMATS = ("npy", "label")
+
+
+def add_arguments(parser) -> None:
+    from .evaluate import INFERENCE
+
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="a checkpoint written by pointsparse train")
+    which.add_argument("--program", metavar="FILE.pt2", help="instead, a program written by pointsparse export")
+    parser.add_argument("--data", nargs="+", required=True, metavar="FILE",
+                        help="point cloud files, folders or globs (.bin .npy .npz .las .laz .ply .pcd .txt)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder to write the predictions in")
+    parser.add_argument("--format", choices=FORMATS, default="npy",
+                        help="npy: int32 class index per point (default); label: SemanticKITTI uint32 raw ids")
+    parser.add_argument("--label-map", default=None, metavar="NAME|JSON",
+                        help="the raw ids --format label writes (default: the run's label map, else "
+                             "SemanticKITTI's for .bin files)")
+    parser.add_argument("--inference", choices=INFERENCE, default="float32",
+                        help="with --checkpoint: run the model as trained (float32), fused, or fused in bf16")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def raw_ids(label_map, classes: list[str]) -> np.ndarray:
+    """uint32 ``(len(classes),)``: for each class, the smallest raw id that
+    ``label_map`` (a :class:`~pointsparse.data.readers.LabelMap`) sends to it;
+    ``ValueError`` where the map's classes are not ``classes`` or a class has
+    no raw id."""
+    if list(label_map.classes) != list(classes):
+        raise ValueError(f"label map {label_map.name!r} has the classes {label_map.classes}; the model predicts "
+                         f"{classes}")
+    best: dict[int, int] = {}
+    for raw, tid in label_map.mapping.items():
+        if raw >= 0 and (tid not in best or raw < best[tid]):
+            best[tid] = raw
+    missing = [classes[i] for i in range(len(classes)) if i not in best]
+    if missing:
+        raise ValueError(f"label map {label_map.name!r} gives no raw id for {', '.join(missing)}")
+    if max(best.values()) > 0xFFFF:
+        raise ValueError(f"label map {label_map.name!r}: raw ids above 65535 do not fit SemanticKITTI's 16 bits")
+    return np.array([best[i] for i in range(len(classes))], dtype=np.uint32)
+
+
+def _outputs(paths: list[Path], out: Path, suffix: str) -> list[Path]:
+    """Each input's output path: its path below the inputs' common folder, the suffix replaced."""
+    parents = [p.resolve().parent for p in paths]
+    root = Path(os.path.commonpath(parents)) if parents else Path(".")
+    targets = [out / p.resolve().relative_to(root).with_suffix(suffix) for p in paths]
+    seen: dict[Path, Path] = {}
+    for path, target in zip(paths, targets):
+        if target in seen:
+            raise ValueError(f"{seen[target]} and {path} would both be written to {target}")
+        seen[target] = path
+    return targets
+
+
+def main(args) -> int:
+    from ..data import DEFAULT_IGNORE, Batch
+    from ..data.readers import find_clouds, load_label_map, read_cloud
+    from ..data.transforms import voxelize_sample
+    from .evaluate import inference_model, program_and_state
+    from .scoring import predict
+    from .train import load_checkpoint
+    from .trainer import have_tqdm, progress_bar
+
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1; got {args.threads}")
+    if args.program is not None:
+        if args.inference != "float32":
+            raise ValueError(f"--inference {args.inference} shapes a checkpoint's model; a program keeps the form it "
+                             "was exported in (pointsparse export --inference)")
+        model, state = program_and_state(args.program)
+    else:
+        from ..models import model_from_state
+
+        state = load_checkpoint(args.checkpoint)
+        model = inference_model(model_from_state(state), args.inference).eval()
+    config = state["config"]
+    classes = list(config["classes"])
+    paths = find_clouds(args.data)
+    if not paths:
+        raise ValueError(f"--data: no point clouds found in {args.data!r}")
+    label_map = None
+    if args.format == "label":
+        name = args.label_map or (state.get("args") or {}).get("label_map")
+        if name is None and any(p.suffix.lower() == ".bin" for p in paths):
+            name = "semantic-kitti"
+        if name is None:
+            raise ValueError("--format label needs the label map whose raw ids to write: give --label-map")
+        label_map = load_label_map(name)
+        ids = raw_ids(label_map, classes)
+    targets = _outputs(paths, Path(args.out), ".label" if args.format == "label" else ".npy")
+    make_directory(Path(args.out))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ignore = config.get("ignore_index", DEFAULT_IGNORE)
+    points = voxels = 0
+    t0 = time.perf_counter()
+    for path, target in progress_bar(list(zip(paths, targets)), "predict", not args.no_progress and have_tqdm()):
+        # labels are not needed: read with the map only where the reader insists on one (.bin, .txt)
+        sample = read_cloud(path, label_map, ignore)
+        v = voxelize_sample(sample, config["voxel_size"], ignore)
+        if v.feats.shape[1] != config["in_channels"]:
+            raise ValueError(f"{path}: its points give {v.feats.shape[1]} features; the model takes "
+                             f"{config['in_channels']}")
+        _, pred = predict(model, Batch.of([v]))
+        pred = pred.cpu().numpy()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if args.format == "label":
+            data = ids[pred].astype("<u4").tobytes()
+        else:
+            data = _npy_bytes(pred.astype(np.int32))
+        atomic_write(target, lambda f, data=data: f.write(data))
+        points, voxels = points + len(pred), voxels + len(v.input)
+    elapsed = time.perf_counter() - t0
+    text = json.dumps({"classes": classes, "format": args.format, "files": len(paths),
+                       **({"label_map": label_map.name} if label_map is not None else {})}, indent=1) + "\n"
+    atomic_write(Path(args.out) / "classes.json", lambda f: f.write(text.encode()))
+    print(f"{len(paths)} clouds ({points} points, {voxels} voxels) in {elapsed:.1f} s "
+          f"({elapsed / len(paths):.2f} s per cloud): {args.out}")
+    return 0
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()

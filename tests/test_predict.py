@@ -1,0 +1,122 @@
+"""``pointsparse predict``: each file's per-point classes, written as .npy or
+SemanticKITTI .label, equal to the model's predictions on the same cloud,
+from a checkpoint and from its exported program alike."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pointsparse.app import cli
+from pointsparse.checkpoint import load_training
+from pointsparse.app.predict import raw_ids
+from pointsparse.data import Batch, generated
+from pointsparse.data.readers import LabelMap, read_cloud
+from pointsparse.data.transforms import voxelize_sample
+from pointsparse.app.scoring import predict
+from pointsparse.data import NUM_FEATURES
+from pointsparse.models import MinkUNet, load_model
+
+from conftest import find_datasets
+from test_prune_workflow import TINY
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _clouds(folder, count: int = 2) -> list:
+    """Generated street scenes as .npz files (xyz, intensity, labels), in two folders."""
+    paths = []
+    for i in range(count):
+        scene = generated.outdoor_scene(seed=20 + i, beams=16, azimuth_steps=256)
+        path = folder / ("a" if i % 2 else "b") / f"scan{i}.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, xyz=scene.xyz, labels=scene.labels, intensity=scene.intensity)
+        paths.append(path)
+    return paths
+
+
+def _expected(model, path, voxel_size: float) -> np.ndarray:
+    v = voxelize_sample(read_cloud(path), voxel_size, 255)
+    return predict(model, Batch.of([v]))[1].numpy()
+
+
+def _checkpoint(path):
+    """A MinkUNet checkpoint for the generated classes with random weights and batch-norm statistics (a model
+    trained for a test's budget predicts one class everywhere)."""
+    torch.manual_seed(0)
+    model = MinkUNet(NUM_FEATURES, len(generated.OUTDOOR_CLASSES), cr=0.25, blocks=1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+    config = {"in_channels": NUM_FEATURES, "classes": list(generated.OUTDOOR_CLASSES), "cr": 0.25, "blocks": 1,
+              "voxel_size": 0.5, "ignore_index": 255, "model": "minkunet"}
+    torch.save({"model": model.state_dict(), "config": config}, path)
+    return path
+
+
+def test_predict_writes_the_models_classes_per_point(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path / "checkpoint.pt")
+    program = tmp_path / "model.pt2"
+    assert cli.main(["export", "--checkpoint", str(ckpt), "--out", str(program)]) == 0
+    paths = _clouds(tmp_path / "in")
+    model = load_model(ckpt).eval()
+    voxel_size = load_training(ckpt)["config"]["voxel_size"]
+    for flag, source in (("--checkpoint", ckpt), ("--program", program)):
+        out = tmp_path / flag.strip("-")
+        assert cli.main(["predict", flag, str(source), "--data", str(tmp_path / "in" / "a"),
+                         str(tmp_path / "in" / "b"), "--out", str(out), "--no-progress"]) == 0
+        for path in paths:
+            got = np.load(out / path.parent.name / f"{path.stem}.npy")
+            want = _expected(model, path, voxel_size)
+            assert got.dtype == np.int32 and len(got) == len(np.load(path)["xyz"])
+            assert np.array_equal(got, want) and len(np.unique(got)) > 1
+        assert json.loads((out / "classes.json").read_text())["classes"] == list(generated.OUTDOOR_CLASSES)
+    # SemanticKITTI labels through a label map of the model's classes: each class's smallest raw id
+    classes = list(generated.OUTDOOR_CLASSES)
+    mapping = {100 + 2 * i: i for i in range(len(classes))} | {101 + 2 * i: i for i in range(len(classes))}
+    label_map = tmp_path / "map.json"
+    label_map.write_text(json.dumps({"classes": classes, "map": {str(k): v for k, v in mapping.items()}}))
+    out = tmp_path / "labels"
+    assert cli.main(["predict", "--program", str(program), "--data", *map(str, paths), "--out", str(out),
+                     "--format", "label", "--label-map", str(label_map), "--no-progress"]) == 0
+    for path in paths:
+        raw = np.fromfile(out / path.parent.name / f"{path.stem}.label", dtype="<u4")
+        assert np.array_equal(raw, 100 + 2 * _expected(model, path, voxel_size).astype(np.uint32))
+    capsys.readouterr()
+    for flags, message in (
+            (["--program", str(program), "--inference", "bf16"], "a program keeps the form it was exported in"),
+            (["--program", str(program), "--format", "label"], "give --label-map"),
+            (["--program", str(program), "--format", "label", "--label-map", "s3dis"], "has the classes"),
+            (["--checkpoint", str(ckpt), "--data", str(tmp_path / "none")], "no such file or folder")):
+        data = [] if "--data" in flags else ["--data", *map(str, paths)]
+        assert cli.main(["predict", *flags, *data, "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_predict_on_a_semantickitti_scan(tmp_path):
+    datasets = find_datasets()
+    scan = None if datasets is None else datasets / "semantickitti/full-scan/velodyne/000000.bin"
+    if scan is None or not scan.is_file():
+        pytest.skip("no SemanticKITTI scan in the shared datasets")
+    run = tmp_path / "run"
+    assert cli.main(["train", *TINY, "--epochs", "1", "--out", str(run)]) == 0
+    out = tmp_path / "pred"
+    assert cli.main(["predict", "--checkpoint", str(run / "checkpoint.pt"), "--data", str(scan), "--out", str(out),
+                     "--no-progress"]) == 0
+    got = np.load(out / "000000.npy")
+    assert len(got) == scan.stat().st_size // 16  # one class per point of the file, in its order
+    model = load_model(run / "checkpoint.pt").eval()
+    assert np.array_equal(got, _expected(model, scan, 0.5))
+
+
+def test_raw_ids_take_each_classes_smallest_raw_id():
+    m = LabelMap(["a", "b"], {7: 0, 3: 0, 9: 1, -1: 1})
+    assert raw_ids(m, ["a", "b"]).tolist() == [3, 9]
+    with pytest.raises(ValueError, match="gives no raw id for b"):
+        raw_ids(LabelMap(["a", "b"], {1: 0}), ["a", "b"])
+    with pytest.raises(ValueError, match="has the classes"):
+        raw_ids(m, ["b", "a"])
