@@ -12,7 +12,7 @@ import torch
 
 from pointsparse.app import cli
 from pointsparse.checkpoint import load_training
-from pointsparse.app.predict import raw_ids
+from pointsparse.app.predict import _outputs, raw_ids
 from pointsparse.data import Batch, generated
 from pointsparse.data.readers import LabelMap, read_cloud
 from pointsparse.data.transforms import voxelize_sample
@@ -120,3 +120,15 @@ def test_raw_ids_take_each_classes_smallest_raw_id():
         raw_ids(LabelMap(["a", "b"], {1: 0}), ["a", "b"])
     with pytest.raises(ValueError, match="has the classes"):
         raw_ids(m, ["b", "a"])
+
+
+def test_outputs_mirror_the_inputs_below_their_common_folder(tmp_path):
+    seq = tmp_path / "sequences"
+    scans = [seq / "00" / "velodyne" / "000000.bin", seq / "01" / "velodyne" / "000000.bin"]
+    out = tmp_path / "out"
+    assert _outputs(scans, out, ".npy") == [out / "00/velodyne/000000.npy", out / "01/velodyne/000000.npy"]
+    assert _outputs(scans, out, ".label") == [out / "00/predictions/000000.label", out / "01/predictions/000000.label"]
+    assert _outputs(scans[:1], out, ".label") == [out / "predictions/000000.label"]
+    assert _outputs([tmp_path / "a.npz"], out, ".npy") == [out / "a.npy"]
+    with pytest.raises(ValueError, match="would both be written to"):
+        _outputs([tmp_path / "a.npz", tmp_path / "a.ply"], out, ".npy")

@@ -10,9 +10,11 @@ common folder, without its suffix>`` gets
   file's point order (``DIR/classes.json`` names the classes), or
 - ``.label`` (``--format label``): SemanticKITTI's uint32 labels, each class
   written as the smallest raw id the label map sends to it (the run's label map,
-  ``--label-map``, or SemanticKITTI's for ``.bin`` files), instance bits 0.
+  ``--label-map``, or SemanticKITTI's for ``.bin`` files), instance bits 0; a
+  scan in a ``velodyne`` folder gets its file in a ``predictions`` folder beside
+  that one (``sequences/08/predictions/000000.label``, as the benchmark takes).
 
-The files' own labels, where they have any, are not read for this."""
+The files' own labels, where they have any, play no part."""
 
 from __future__ import annotations
 
@@ -72,10 +74,20 @@ def raw_ids(label_map, classes: list[str]) -> np.ndarray:
 
 
 def _outputs(paths: list[Path], out: Path, suffix: str) -> list[Path]:
-    """Each input's output path: its path below the inputs' common folder, the suffix replaced."""
-    parents = [p.resolve().parent for p in paths]
-    root = Path(os.path.commonpath(parents)) if parents else Path(".")
-    targets = [out / p.resolve().relative_to(root).with_suffix(suffix) for p in paths]
+    """Each input's output path: its path below the inputs' common folder, the
+    suffix replaced; a ``.label`` of a scan in a ``velodyne`` folder goes to a
+    ``predictions`` folder beside it (SemanticKITTI's layout)."""
+    named, bases = [], []
+    for p in paths:
+        p = p.resolve()
+        if suffix == ".label" and p.parent.name == "velodyne":
+            p = p.parent.parent / "predictions" / p.name
+            bases.append(p.parent.parent)  # (the predictions folder is written, not the common root)
+        else:
+            bases.append(p.parent)
+        named.append(p)
+    root = Path(os.path.commonpath(bases))
+    targets = [out / p.relative_to(root).with_suffix(suffix) for p in named]
     seen: dict[Path, Path] = {}
     for path, target in zip(paths, targets):
         if target in seen:
