@@ -18,7 +18,7 @@ from pointsparse.data.readers import LabelMap, read_cloud
 from pointsparse.data.transforms import voxelize_sample
 from pointsparse.app.scoring import predict
 from pointsparse.data import NUM_FEATURES
-from pointsparse.models import MinkUNet, load_model
+from pointsparse.models import SPVCNN, MinkUNet, load_model
 
 from conftest import find_datasets
 from test_prune_workflow import TINY
@@ -43,19 +43,32 @@ def _expected(model, path, voxel_size: float) -> np.ndarray:
     return predict(model, Batch.of([v]))[1].numpy()
 
 
-def _checkpoint(path):
-    """A MinkUNet checkpoint for the generated classes with random weights and batch-norm statistics (a model
-    trained for a test's budget predicts one class everywhere)."""
+def _checkpoint(path, name: str = "minkunet"):
+    """A MinkUNet (or SPVCNN) checkpoint for the generated classes with random weights and batch-norm statistics
+    (a model trained for a test's budget predicts one class everywhere)."""
     torch.manual_seed(0)
-    model = MinkUNet(NUM_FEATURES, len(generated.OUTDOOR_CLASSES), cr=0.25, blocks=1)
+    model = (SPVCNN if name == "spvcnn" else MinkUNet)(NUM_FEATURES, len(generated.OUTDOOR_CLASSES), cr=0.25,
+                                                       blocks=1)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm1d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 1.5)
+            m.running_var.fill_(0.01)  # (each layer's features widened: the argmax then varies from point to point)
     config = {"in_channels": NUM_FEATURES, "classes": list(generated.OUTDOOR_CLASSES), "cr": 0.25, "blocks": 1,
-              "voxel_size": 0.5, "ignore_index": 255, "model": "minkunet"}
+              "voxel_size": 0.5, "ignore_index": 255, "model": name}
     torch.save({"model": model.state_dict(), "config": config}, path)
     return path
+
+
+def test_predict_spvcnn_program(tmp_path):
+    ckpt = _checkpoint(tmp_path / "checkpoint.pt", "spvcnn")
+    program, out = tmp_path / "model.pt2", tmp_path / "pred"
+    assert cli.main(["export", "--checkpoint", str(ckpt), "--out", str(program)]) == 0
+    paths = _clouds(tmp_path / "in")
+    assert cli.main(["predict", "--program", str(program), "--data", *map(str, paths), "--out", str(out),
+                     "--no-progress"]) == 0
+    model = load_model(ckpt).eval()
+    for path in paths:
+        got = np.load(out / path.parent.name / f"{path.stem}.npy")
+        assert np.array_equal(got, _expected(model, path, 0.5)) and len(np.unique(got)) > 1
 
 
 def test_predict_writes_the_models_classes_per_point(tmp_path, capsys):
