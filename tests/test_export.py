@@ -664,9 +664,12 @@ def test_eval_scores_an_exported_program_as_its_checkpoint(tmp_path, capsys):
                          "--out", str(tmp_path / f"{model}-{inference}-eager")]) == 0
             assert main(["eval", "--program", str(program), "--no-progress",
                          "--out", str(tmp_path / f"{model}-{inference}-program")]) == 0
-            eager, exported = (json.loads((tmp_path / f"{model}-{inference}-{kind}" / "eval-metrics.json")
-                                          .read_text()) for kind in ("eager", "program"))
+            assert main(["eval", "--checkpoint", ckpt, "--inference", inference, "--no-progress", "--maps-ahead",
+                         "--out", str(tmp_path / f"{model}-{inference}-ahead")]) == 0
+            eager, exported, ahead = (json.loads((tmp_path / f"{model}-{inference}-{kind}" / "eval-metrics.json")
+                                                 .read_text()) for kind in ("eager", "program", "ahead"))
             assert exported["confusion"] == eager["confusion"] and sum(map(sum, eager["confusion"])) > 1000
+            assert ahead["confusion"] == eager["confusion"]
             assert exported["data"] == eager["data"] and exported["inference"] == inference
             assert exported["program"] == str(program) and "checkpoint" not in exported
         assert export.ProgramModel.load(program).point_level == (model == "spvcnn")

@@ -78,10 +78,11 @@ def test_predict_writes_the_models_classes_per_point(tmp_path, capsys):
     paths = _clouds(tmp_path / "in")
     model = load_model(ckpt).eval()
     voxel_size = load_training(ckpt)["config"]["voxel_size"]
-    for flag, source in (("--checkpoint", ckpt), ("--program", program)):
-        out = tmp_path / flag.strip("-")
+    for flag, source, more in (("--checkpoint", ckpt, []), ("--program", program, []),
+                               ("--checkpoint", ckpt, ["--maps-ahead"])):
+        out = tmp_path / f"{flag.strip('-')}{len(more)}"
         assert cli.main(["predict", flag, str(source), "--data", str(tmp_path / "in" / "a"),
-                         str(tmp_path / "in" / "b"), "--out", str(out), "--no-progress"]) == 0
+                         str(tmp_path / "in" / "b"), "--out", str(out), "--no-progress", *more]) == 0
         for path in paths:
             got = np.load(out / path.parent.name / f"{path.stem}.npy")
             want = _expected(model, path, voxel_size)
@@ -102,6 +103,7 @@ def test_predict_writes_the_models_classes_per_point(tmp_path, capsys):
     capsys.readouterr()
     for flags, message in (
             (["--program", str(program), "--inference", "bf16"], "a program keeps the form it was exported in"),
+            (["--program", str(program), "--maps-ahead"], "an exported program builds its maps inside"),
             (["--program", str(program), "--format", "label"], "give --label-map"),
             (["--program", str(program), "--format", "label", "--label-map", "s3dis"], "has the classes"),
             (["--checkpoint", str(ckpt), "--data", str(tmp_path / "none")], "no such file or folder")):

@@ -63,6 +63,26 @@ def add_arguments(parser) -> None:
                              "BatchNorm folded, ReLU in the conv's store: nn.fuse_for_inference), 'bf16' (fused, "
                              "then bfloat16 weights and features: the AVX512-BF16 kernels where the CPU has them, "
                              "MinkUNet-style voxel models only); default float32, the model as trained")
+    add_maps_ahead_argument(parser)
+
+
+def add_maps_ahead_argument(parser) -> None:
+    parser.add_argument("--maps-ahead", action="store_true",
+                        help="build each cloud's kernel maps and plans before the network runs, two at a time on "
+                             "worker threads from 50k voxels (nn.MapsAhead; the same predictions; a checkpoint's "
+                             "model only: a program builds its maps inside)")
+
+
+def with_maps_ahead(model, args):
+    """``nn.MapsAhead(model)`` where ``args.maps_ahead`` asks for it
+    (``ValueError`` with ``--program``), else ``model``."""
+    if not getattr(args, "maps_ahead", False):
+        return model
+    if getattr(args, "program", None) is not None:
+        raise ValueError("--maps-ahead runs a checkpoint's model; an exported program builds its maps inside")
+    from ..nn import MapsAhead
+
+    return MapsAhead(model)
 
 
 def main(args) -> int:
@@ -76,6 +96,7 @@ def main(args) -> int:
                              "was exported in (pointsparse export --inference)")
         if args.device not in (None, "cpu"):
             raise ValueError(f"--device {args.device}: an exported program runs on the CPU")
+        with_maps_ahead(None, args)  # (refuses --maps-ahead before the work)
         model, state = program_and_state(program)
         args.device = "cpu"
     else:
@@ -87,6 +108,8 @@ def main(args) -> int:
     ignore_index = (args.ignore_index if args.ignore_index is not None
                     else config.get("ignore_index", DEFAULT_IGNORE))
     device = pick_device(args.device, 0)
+    if getattr(args, "maps_ahead", False) and device.type != "cpu":
+        raise ValueError(f"--maps-ahead builds the maps on CPU worker threads; the model runs on {device}")
     if args.threads:
         torch.set_num_threads(args.threads)
     spec, source = eval_source(args, state, ignore_index)
@@ -94,7 +117,7 @@ def main(args) -> int:
     if classes != config["classes"]:
         raise ValueError(f"the data's classes {classes} differ from the checkpoint's {config['classes']}")
     if program is None:
-        model = inference_model(model_from_state(state).to(device), args.inference)
+        model = with_maps_ahead(inference_model(model_from_state(state).to(device), args.inference), args)
     dataset = VoxelDataset(source, config["voxel_size"], ignore_index)
     t0 = time.perf_counter()
     cm, first = evaluate(model, dataset, len(classes), ignore_index, device, args.batch_size,

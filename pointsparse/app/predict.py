@@ -34,7 +34,7 @@ FORMATS = ("npy", "label")
 
 
 def add_arguments(parser) -> None:
-    from .evaluate import INFERENCE
+    from .evaluate import INFERENCE, add_maps_ahead_argument
 
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--checkpoint", help="a checkpoint written by pointsparse train")
@@ -49,6 +49,7 @@ def add_arguments(parser) -> None:
                              "SemanticKITTI's for .bin files)")
     parser.add_argument("--inference", choices=INFERENCE, default="float32",
                         help="with --checkpoint: run the model as trained (float32), fused, or fused in bf16")
+    add_maps_ahead_argument(parser)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -100,7 +101,7 @@ def main(args) -> int:
     from ..data import DEFAULT_IGNORE, Batch
     from ..data.readers import find_clouds, load_label_map, read_cloud
     from ..data.transforms import voxelize_sample
-    from .evaluate import inference_model, program_and_state
+    from .evaluate import inference_model, program_and_state, with_maps_ahead
     from .scoring import predict
     from .train import load_checkpoint
     from .trainer import have_tqdm, progress_bar
@@ -111,12 +112,13 @@ def main(args) -> int:
         if args.inference != "float32":
             raise ValueError(f"--inference {args.inference} shapes a checkpoint's model; a program keeps the form it "
                              "was exported in (pointsparse export --inference)")
+        with_maps_ahead(None, args)  # (refuses --maps-ahead before the work)
         model, state = program_and_state(args.program)
     else:
         from ..models import model_from_state
 
         state = load_checkpoint(args.checkpoint)
-        model = inference_model(model_from_state(state), args.inference).eval()
+        model = with_maps_ahead(inference_model(model_from_state(state), args.inference).eval(), args)
     config = state["config"]
     classes = list(config["classes"])
     paths = find_clouds(args.data)

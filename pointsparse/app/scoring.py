@@ -22,7 +22,11 @@ from .trainer import progress_bar
 def point_level(model) -> bool:
     """Whether the model (maybe inside DistributedDataParallel) returns per-point
     logits: SPVCNN, or an exported program of one (``export.ProgramModel``)."""
+    from ..nn import MapsAhead
+
     inner = getattr(model, "module", model)
+    if isinstance(inner, MapsAhead):
+        inner = inner.model
     return isinstance(inner, SPVCNN) or getattr(inner, "point_level", False) is True
 
 
