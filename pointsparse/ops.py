@@ -578,19 +578,9 @@ def select_voxels(input: SparseTensor, rows: Tensor, feats: Tensor | None) -> Sp
     they are trusted where those were."""
     source = graph_cache(input)
     here = input.stride
-
-    def finer(stride) -> bool:
-        return stride != here and all(a <= b for a, b in zip(stride, here))
-
     cache = GraphCache()
-    for stride, coords in source.coords.items():
-        if finer(stride):
-            cache.set_coords(stride, coords)
-    for key, kmap in source.kmaps.items():
-        coarse = tuple(a * b for a, b in zip(kmap.key.tensor_stride, kmap.key.stride))
-        if finer(kmap.key.tensor_stride) and finer(coarse):
-            cache.get_kmap(key, lambda kmap=kmap: kmap)
-    cache.valid = {s for s in source.valid if finer(s) or s == here}
+    source.copy_finer(here, cache)
+    cache.valid = {s for s in source.valid if s in cache.coords or s == here}
     coords = input.coords.index_select(0, rows)
     cache.set_coords(here, coords)
     feats = input.feats.index_select(0, rows) if feats is None else feats

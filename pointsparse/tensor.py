@@ -124,6 +124,22 @@ class CoordinateCache:
             entry = self.plans[kmap.key] = (kmap, build())
         return entry[1]
 
+    def copy_finer(self, stride: Triple, into: "CoordinateCache") -> None:
+        """Into ``into``: the coords of every stride finer than ``stride``
+        (no coarser along any axis, and not ``stride`` itself) and the maps
+        whose both sides are such strides (a selection of sites at ``stride``
+        keeps what leads up to it; ``functional.select_voxels``)."""
+        def finer(s) -> bool:
+            return s != stride and all(a <= b for a, b in zip(s, stride))
+
+        for s, coords in self.coords.items():
+            if finer(s):
+                into.set_coords(s, coords)
+        for key, kmap in self.kmaps.items():
+            coarse = tuple(a * b for a, b in zip(kmap.key.tensor_stride, kmap.key.stride))
+            if finer(kmap.key.tensor_stride) and finer(coarse):
+                into.get_kmap(key, lambda kmap=kmap: kmap)
+
     def __getstate__(self) -> dict:
         """Pickled and deep-copied without the plans (C++ objects, rebuilt on use)."""
         state = self.__dict__.copy()

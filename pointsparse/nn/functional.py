@@ -261,10 +261,6 @@ def keep_per_batch(scores: torch.Tensor, batch: torch.Tensor, keep_ratio: float 
     return torch.sort(torch.cat(kept)).values
 
 
-def _finer(a, b) -> bool:
-    return a != b and all(x <= y for x, y in zip(a, b))
-
-
 def select_voxels(input: SparseTensor, rows: torch.Tensor, feats: torch.Tensor | None = None) -> SparseTensor:
     """The sites ``rows`` of ``input`` (sorted int64), as a SparseTensor at the
     same stride with a coordinate cache of its own: its coords at this
@@ -290,13 +286,7 @@ def select_voxels(input: SparseTensor, rows: torch.Tensor, feats: torch.Tensor |
     from ..tensor import CoordinateCache
 
     cache = CoordinateCache()
-    for stride, coords in input.cache.coords.items():
-        if _finer(stride, input.stride):
-            cache.set_coords(stride, coords)
-    for key, kmap in input.cache.kmaps.items():
-        coarse = tuple(a * b for a, b in zip(key.tensor_stride, key.stride))
-        if _finer(key.tensor_stride, input.stride) and _finer(coarse, input.stride):
-            cache.get_kmap(key, lambda kmap=kmap: kmap)
+    input.cache.copy_finer(input.stride, cache)
     coords = input.coords.index_select(0, rows.to(input.coords.device))
     cache.set_coords(input.stride, coords)
     feats = input.feats.index_select(0, rows.to(input.device)) if feats is None else feats

@@ -222,12 +222,13 @@ class VoxelSkip(nn.Module):
         y = self.module(kept)
         if not isinstance(y, SparseTensor):
             raise TypeError(f"VoxelSkip: module must return a SparseTensor; got {type(y).__name__}")
-        if torch.compiler.is_compiling() and y.stride == kept.stride:  # row counts are symbols there: no len()
-            torch._check(y.coords.shape[0] == kept.coords.shape[0],
-                         lambda: "VoxelSkip: module must return a SparseTensor on the kept sites")
-        elif y.stride != kept.stride or len(y) != len(kept):
-            raise ValueError(f"VoxelSkip: module must return a SparseTensor on the {len(kept)} kept sites at "
-                             f"stride {kept.stride}; got {len(y)} sites at stride {y.stride}")
+        compiling = torch.compiler.is_compiling()  # (row counts are symbols there: no len())
+        rows_y, rows_kept = y.coords.shape[0], kept.coords.shape[0]
+        if y.stride != kept.stride or (not compiling and rows_y != rows_kept):
+            raise ValueError(f"VoxelSkip: module must return a SparseTensor on the {rows_kept} kept sites at "
+                             f"stride {kept.stride}; got {rows_y} sites at stride {y.stride}")
+        if compiling:
+            torch._check(rows_y == rows_kept, lambda: "VoxelSkip: module must return a SparseTensor on the kept sites")
         return rows.to(y.device), y
 
     def forward(self, input: SparseTensor) -> SparseTensor:
