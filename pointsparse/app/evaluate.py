@@ -91,13 +91,7 @@ def main(args) -> int:
     check_args(args)
     program = getattr(args, "program", None)
     if program is not None:
-        if args.inference != "float32":
-            raise ValueError(f"--inference {args.inference} shapes a checkpoint's model; a program keeps the form it "
-                             "was exported in (pointsparse export --inference)")
-        if args.device not in (None, "cpu"):
-            raise ValueError(f"--device {args.device}: an exported program runs on the CPU")
-        with_maps_ahead(None, args)  # (refuses --maps-ahead before the work)
-        model, state = program_and_state(program)
+        model, state = program_and_state(program, args)
         args.device = "cpu"
     else:
         state = load_checkpoint(args.checkpoint)
@@ -136,13 +130,23 @@ def main(args) -> int:
     return 0
 
 
-def program_and_state(path):
+def program_and_state(path, args=None):
     """``(export.ProgramModel, a checkpoint-like dict)`` of a ``.pt2`` file
     ``pointsparse export`` wrote: ``config`` (classes, voxel size, ...),
     ``args`` and ``val_paths`` (the run's data), ``inference`` from the
-    file's meta; ``ValueError`` naming the file where the meta lacks them."""
+    file's meta; ``ValueError`` naming the file where the meta lacks them,
+    and first, naming the flag, where the command's ``args`` ask a program
+    for what only a checkpoint's model does (``--inference``,
+    ``--maps-ahead``, a ``--device`` other than the CPU)."""
     from ..export import ProgramModel
 
+    if args is not None:
+        if getattr(args, "inference", "float32") != "float32":
+            raise ValueError(f"--inference {args.inference} shapes a checkpoint's model; a program keeps the form it "
+                             "was exported in (pointsparse export --inference)")
+        if getattr(args, "device", None) not in (None, "cpu"):
+            raise ValueError(f"--device {args.device}: an exported program runs on the CPU")
+        with_maps_ahead(None, args)  # (refuses --maps-ahead)
     model = ProgramModel.load(path)
     meta = model.meta
     missing = [key for key in ("classes", "voxel_size", "in_channels") if key not in meta]

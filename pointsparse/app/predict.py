@@ -109,11 +109,7 @@ def main(args) -> int:
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1; got {args.threads}")
     if args.program is not None:
-        if args.inference != "float32":
-            raise ValueError(f"--inference {args.inference} shapes a checkpoint's model; a program keeps the form it "
-                             "was exported in (pointsparse export --inference)")
-        with_maps_ahead(None, args)  # (refuses --maps-ahead before the work)
-        model, state = program_and_state(args.program)
+        model, state = program_and_state(args.program, args)
     else:
         from ..models import model_from_state
 
