@@ -234,6 +234,9 @@ class ProgramModel(nn.Module):
                              f"and give logits, as export_model writes; it takes {inputs} and gives "
                              f"{len(outputs)} outputs")
         feats, logits = vals[inputs[0]], outputs[0].meta["val"]
+        if feats.dim() != 2 or logits.dim() != 2 or not all(isinstance(t.shape[1], int) for t in (feats, logits)):
+            raise ValueError(f"program must take feats (N, C) and give logits (N, K) with C and K fixed, as "
+                             f"export_model writes; it takes {tuple(feats.shape)} and gives {tuple(logits.shape)}")
         self.in_channels, self.num_classes, self.dtype = int(feats.shape[1]), int(logits.shape[1]), feats.dtype
         self.point_level = len(inputs) == 5
         self.points_dtype = vals[inputs[3]].dtype if self.point_level else None

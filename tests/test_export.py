@@ -438,6 +438,16 @@ def test_export_errors_are_clear(tmp_path):
         export.export_model(model.eval(), x.feats)
     with pytest.raises(ValueError, match="does not exist"):
         export.load_checkpoint(tmp_path / "missing.pt")
+    class Sum(torch.nn.Module):
+        def forward(self, a, b):
+            return a + b
+
+    other = torch.export.export(Sum(), (torch.ones(4, 3), torch.ones(4, 3)),
+                                dynamic_shapes=({1: torch.export.Dim("c")}, {1: torch.export.Dim("c")}))
+    with pytest.raises(ValueError, match=r"with C and K fixed, as export_model writes"):
+        export.ProgramModel(other)
+    with pytest.raises(TypeError, match="program must be a torch.export.ExportedProgram"):
+        export.ProgramModel(model)
     program = export.export_model(model.eval(), x)
     bad = x.coords.clone()
     bad[1] = bad[0]
