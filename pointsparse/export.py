@@ -127,6 +127,9 @@ def save(program: torch.export.ExportedProgram, path, meta: dict | None = None) 
     or a dict with str keys and JSON values (what :func:`load` returns)."""
     if meta is not None and (not isinstance(meta, dict) or not all(isinstance(k, str) for k in meta)):
         raise TypeError(f"meta must be None or a dict with str keys; got {type(meta).__name__} {meta!r:.200}")
+    where = _non_str_key(meta or {}, "meta")
+    if where is not None:  # JSON would write it as a string: load would give back another dict
+        raise TypeError(f"meta's dicts must have str keys (JSON's); {where}")
     try:
         text = json.dumps(meta or {})
     except (TypeError, ValueError) as error:  # a value JSON cannot hold (a set, a tensor, a cycle, ...)
@@ -137,6 +140,26 @@ def save(program: torch.export.ExportedProgram, path, meta: dict | None = None) 
     except (RuntimeError, OSError) as error:  # torch's archive writer: "open file failed", a full disk, ...
         raise ValueError(f"cannot write the exported program to {path} "
                          f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from error
+
+
+def _non_str_key(value, where: str, depth: int = 0) -> str | None:
+    """Where a dict inside ``value`` (dicts and lists, nested) has a key
+    that is not a str, or None."""
+    if depth > 100:
+        return None  # (json.dumps reports a cycle or a structure this deep itself)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"{where} has the key {key!r}"
+            found = _non_str_key(item, f"{where}[{key!r}]", depth + 1)
+            if found:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            found = _non_str_key(item, f"{where}[{i}]", depth + 1)
+            if found:
+                return found
+    return None
 
 
 def check_out_path(path) -> None:
