@@ -82,6 +82,21 @@ def _check_exportable(model: nn.Module) -> None:
                          "statistics, as the exported program will)")
 
 
+def _check_one_row_per_voxel(out, voxels: SparseTensor) -> None:
+    """``ValueError`` unless the model's eager output ``out`` on ``voxels`` is
+    a SparseTensor on exactly their coords (the program gives logits for the
+    input's rows and nothing else: a model that drops voxels, as VoxelPrune
+    at its input or output, or ends coarser, as a pooling, has no such form)."""
+    if not isinstance(out, SparseTensor):
+        raise TypeError(f"export writes (feats, coords) -> logits programs of models returning a SparseTensor; "
+                        f"this one returns {type(out).__name__}")
+    if out.stride != (1, 1, 1) or len(out) != len(voxels) or not torch.equal(out.coords, voxels.coords):
+        raise ValueError(f"export writes programs whose logits are one row per input voxel, on its coords; this "
+                         f"model's output on the example has {len(out)} rows at stride {out.stride} for "
+                         f"{len(voxels)} input voxels (a VoxelPrune at its input or output, or a pooling at its "
+                         "end, leaves other sites)")
+
+
 def export_model(model: nn.Module, example) -> torch.export.ExportedProgram:
     """``torch.export`` of ``VoxelLogits(model)`` with a dynamic number of
     voxels, traced on ``example`` (a stride-1 SparseTensor of at least 2
@@ -110,6 +125,7 @@ def export_model(model: nn.Module, example) -> torch.export.ExportedProgram:
     rows = torch.export.Dim("voxels", min=MIN_POINTS)
     with torch.no_grad():
         if not point_level:
+            _check_one_row_per_voxel(model(SparseTensor(voxels.feats.detach(), voxels.coords)), voxels)
             return torch.export.export(VoxelLogits(model), (voxels.feats.detach(), voxels.coords),
                                        dynamic_shapes=({0: rows}, {0: rows}))
         model(voxels, inverse, points, point_batch)  # its own checks first (torch.export's errors say less)
@@ -131,9 +147,10 @@ def save(program: torch.export.ExportedProgram, path, meta: dict | None = None) 
     if where is not None:  # JSON would write it as a string: load would give back another dict
         raise TypeError(f"meta's dicts must have str keys (JSON's); {where}")
     try:
-        text = json.dumps(meta or {})
+        text = json.dumps(meta or {}, allow_nan=False)  # (NaN and inf are no JSON: only Python would read them)
     except (TypeError, ValueError) as error:  # a value JSON cannot hold (a set, a tensor, a cycle, ...)
-        raise TypeError(f"meta must hold JSON values (str, numbers, bool, None, lists, dicts): {error}") from None
+        raise TypeError(f"meta must hold JSON values (str, finite numbers, bool, None, lists, dicts): {error}") \
+            from None
     check_out_path(path)
     try:
         torch.export.save(program, str(path), extra_files={META_FILE: text})
@@ -263,6 +280,8 @@ class ProgramModel(nn.Module):
         self.in_channels, self.num_classes, self.dtype = int(feats.shape[1]), int(logits.shape[1]), feats.dtype
         self.point_level = len(inputs) == 5
         self.points_dtype = vals[inputs[3]].dtype if self.point_level else None
+        if meta is not None and not isinstance(meta, dict):
+            raise TypeError(f"meta must be None or the dict load returns; got {type(meta).__name__}")
         self.meta = dict(meta or {})
         self.run = program.module()
         self.training = False
@@ -285,7 +304,10 @@ class ProgramModel(nn.Module):
             raise ValueError(f"x must be a stride-1 SparseTensor (voxels); got stride {x.stride}")
         if x.device.type != "cpu":
             raise ValueError(f"the program runs on the CPU; x is on {x.device} (x.cpu())")
-        feats = x.feats
+        feats, coords = x.feats, x.coords  # (a SparseTensor made with validate=False is checked here too)
+        if feats.dim() != 2 or coords.dim() != 2 or coords.shape[1] != 4 or feats.shape[0] != coords.shape[0]:
+            raise ValueError(f"x must have feats (N, C) and coords (N, 4); got {tuple(feats.shape)} and "
+                             f"{tuple(coords.shape)}")
         if feats.dtype != self.dtype:
             raise TypeError(f"feats must be {self.dtype} (the program's); got {feats.dtype}")
         if feats.shape[1] != self.in_channels:

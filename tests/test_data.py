@@ -222,8 +222,12 @@ def test_semantickitti_reader(tmp_path):
     with pytest.raises(ValueError, match="10 labels for 50 points"):
         read_semantickitti(tmp_path / "velodyne" / "000000.bin")
     np.zeros(7, np.float32).tofile(tmp_path / "bad.bin")
-    with pytest.raises(ValueError, match="multiple of 4"):
+    with pytest.raises(ValueError, match="28 bytes is not a whole number of points"):
         read_semantickitti(tmp_path / "bad.bin")
+    for size in (3, 17):  # a partial float at the end: np.fromfile alone drops it
+        (tmp_path / "bad.bin").write_bytes(bytes(size))
+        with pytest.raises(ValueError, match=f"{size} bytes is not a whole number of points"):
+            read_semantickitti(tmp_path / "bad.bin")
 
 
 def test_numpy_readers(tmp_path):

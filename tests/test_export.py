@@ -258,6 +258,10 @@ def test_pooling_compiles_trains_and_exports():
     with pytest.raises(Exception, match="global_avg_pool sizes its dense output by the largest batch index"):
         torch.compile(torch.nn.Sequential(spnn.Conv3d(3, 4, 3), spnn.GlobalAvgPool()), fullgraph=True,
                       backend="eager")(_cloud(100, 1))
+    for ends_elsewhere in (torch.nn.Sequential(spnn.Conv3d(3, 4, 3), spnn.MaxPool3d(2)),
+                           torch.nn.Sequential(spnn.VoxelPrune(0.5), spnn.Conv3d(3, 4, 3))):
+        with pytest.raises(ValueError, match="one row per input voxel, on its coords; this model's output"):
+            export.export_model(ends_elsewhere.eval(), _cloud(500, 3))
     net = _Pools().eval()
     program = export.export_model(net, _cloud(500, 3))
     for n, seed in ((400, 4), (900, 5)):
@@ -311,6 +315,10 @@ def test_spatially_pruned_model_exports_bit_for_bit(tmp_path):
         seen.append(len(x))
     assert seen[0] != seen[1]
     # a threshold that keeps nothing: eager carries on with no voxel there, a graph (traced for at least one) says so
+    skip = torch.nn.Sequential(spnn.Conv3d(3, 4, 3), spnn.VoxelSkip(spnn.Conv3d(4, 4, 3), 0.5)).eval()
+    x = _cloud(700, 6)  # VoxelSkip's own forward (MinkUNet's blocks take add_to), on another size than the example
+    with torch.no_grad():
+        assert torch.equal(export.export_model(skip, _cloud(500, 5)).module()(x.feats, x.coords), skip(x).feats)
     model.voxel_prune_2.threshold = 1e9
     x = _two_items(500, 4)
     with torch.no_grad():
@@ -709,6 +717,10 @@ def test_eval_scores_an_exported_program_as_its_checkpoint(tmp_path, capsys):
     assert model(ps.SparseTensor(xb.feats[:0], xb.coords[:0])).feats.shape == (0, len(meta["classes"]))
     with pytest.raises(TypeError, match="this program takes voxels only"):
         model(xb, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"x must have feats \(N, C\) and coords \(N, 4\)"):
+        model(ps.SparseTensor(xb.feats[:-1], xb.coords, validate=False))
+    with pytest.raises(TypeError, match="meta must be None or the dict load returns"):
+        export.ProgramModel(export.load(program)[0], [1, 2])
 
 
 def test_spvcnn_program_checks_its_point_arguments():

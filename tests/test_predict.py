@@ -104,12 +104,18 @@ def test_predict_writes_the_models_classes_per_point(tmp_path, capsys):
     for flags, message in (
             (["--program", str(program), "--inference", "bf16"], "a program keeps the form it was exported in"),
             (["--program", str(program), "--maps-ahead"], "an exported program builds its maps inside"),
+            (["--program", str(program), "--label-map", "s3dis"], "--format npy writes class indices"),
             (["--program", str(program), "--format", "label"], "give --label-map"),
             (["--program", str(program), "--format", "label", "--label-map", "s3dis"], "has the classes"),
             (["--checkpoint", str(ckpt), "--data", str(tmp_path / "none")], "no such file or folder")):
         data = [] if "--data" in flags else ["--data", *map(str, paths)]
         assert cli.main(["predict", *flags, *data, "--out", str(tmp_path / "x"), "--no-progress"]) == 2
         assert message in capsys.readouterr().err
+    far = tmp_path / "far.npy"
+    np.save(far, np.array([[0, 0, 0], [1e12, 0, 0]], np.float32))  # beyond what a voxel grid holds
+    assert cli.main(["predict", "--program", str(program), "--data", str(far), "--out", str(tmp_path / "x"),
+                     "--no-progress"]) == 2
+    assert f"{far}: " in capsys.readouterr().err  # the error names the file
 
 
 def test_predict_on_a_semantickitti_scan(tmp_path):

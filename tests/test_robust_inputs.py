@@ -82,7 +82,8 @@ def program():
 
 
 @pytest.mark.parametrize("meta", [[1, 2], "abc", ("a", 1), {1: 2}, {"a": 1, (1, 2): 3}, {"a": {1, 2}},
-                                  {"a": torch.ones(2)}, {"a": {1: 2}}, {"a": [{"b": {2.5: 1}}]}])
+                                  {"a": torch.ones(2)}, {"a": {1: 2}}, {"a": [{"b": {2.5: 1}}]},
+                                  {"a": float("nan")}, {"a": [float("inf")]}])
 def test_save_refuses_meta_load_cannot_return(tmp_path, program, meta):
     path = tmp_path / "m.pt2"
     with pytest.raises(TypeError, match="meta"):

@@ -121,6 +121,8 @@ def main(args) -> int:
     if not paths:
         raise ValueError(f"--data: no point clouds found in {args.data!r}")
     label_map = None
+    if args.label_map is not None and args.format != "label":
+        raise ValueError("--label-map names the raw ids --format label writes; --format npy writes class indices")
     if args.format == "label":
         name = args.label_map or (state.get("args") or {}).get("label_map")
         if name is None and any(p.suffix.lower() == ".bin" for p in paths):
@@ -139,7 +141,10 @@ def main(args) -> int:
     for path, target in progress_bar(list(zip(paths, targets)), "predict", not args.no_progress and have_tqdm()):
         # labels are not needed: read with the map only where the reader insists on one (.bin, .txt)
         sample = read_cloud(path, label_map, ignore)
-        v = voxelize_sample(sample, config["voxel_size"], ignore)
+        try:
+            v = voxelize_sample(sample, config["voxel_size"], ignore)
+        except ValueError as error:  # (coordinates the voxel grid cannot hold: say which file)
+            raise ValueError(f"{path}: {error}") from error
         if v.feats.shape[1] != config["in_channels"]:
             raise ValueError(f"{path}: its points give {v.feats.shape[1]} features; the model takes "
                              f"{config['in_channels']}")

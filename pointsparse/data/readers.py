@@ -309,9 +309,11 @@ def read_semantickitti(scan_path, label_path=None, label_map="semantic-kitti",
     upper 16 instance). ``label_path`` defaults to the sibling ``labels``
     folder; a missing label file gives an unlabelled sample."""
     scan_path = Path(scan_path)
+    size = scan_path.stat().st_size
+    if size % 16:  # (np.fromfile drops a partial float at the end: check the bytes themselves)
+        raise ValueError(f"{scan_path}: {size} bytes is not a whole number of points (16 bytes each: float32 x, y, "
+                         "z, intensity); the file is truncated or not a SemanticKITTI scan")
     data = np.fromfile(scan_path, dtype=np.float32)
-    if data.size % 4:
-        raise ValueError(f"{scan_path}: {data.size} floats is not a multiple of 4 (x, y, z, intensity)")
     data = data.reshape(-1, 4)
     if label_path is None:
         guess = scan_path.parent.parent / "labels" / (scan_path.stem + ".label")

@@ -233,7 +233,8 @@ class VoxelSkip(nn.Module):
 
     def forward(self, input: SparseTensor) -> SparseTensor:
         rows, y = self._branch(input)
-        feats = y.feats.new_zeros((len(input), y.num_channels)).index_copy(0, rows, y.feats)
+        # (the row count from the coords' shape: len() would fix a traced graph's count)
+        feats = y.feats.new_zeros((input.coords.shape[0], y.num_channels)).index_copy(0, rows, y.feats)
         return input.with_feats(feats)
 
     def add_to(self, input: SparseTensor, other: SparseTensor) -> SparseTensor:
