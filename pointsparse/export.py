@@ -286,10 +286,15 @@ class ProgramModel(nn.Module):
         self.run = program.module()
         self.training = False
 
+    #: Where the program came from (``load``'s path), named in the input errors.
+    source: str = "the program"
+
     @classmethod
     def load(cls, path) -> "ProgramModel":
         """The program in ``path`` (a file :func:`save` wrote), its meta in ``.meta``."""
-        return cls(*load(path))
+        model = cls(*load(path))
+        model.source = f"the program {path}"
+        return model
 
     def train(self, mode: bool = True) -> "ProgramModel":
         if mode:
@@ -309,9 +314,10 @@ class ProgramModel(nn.Module):
             raise ValueError(f"x must have feats (N, C) and coords (N, 4); got {tuple(feats.shape)} and "
                              f"{tuple(coords.shape)}")
         if feats.dtype != self.dtype:
-            raise TypeError(f"feats must be {self.dtype} (the program's); got {feats.dtype}")
+            raise TypeError(f"feats must be {self.dtype} ({self.source} takes it); got {feats.dtype}")
         if feats.shape[1] != self.in_channels:
-            raise ValueError(f"feats must have the program's {self.in_channels} channels; got {feats.shape[1]}")
+            raise ValueError(f"feats must have {self.in_channels} channels ({self.source} takes them); got "
+                             f"{feats.shape[1]}")
         if not self.point_level:
             if (inverse, points, point_batch) != (None, None, None):
                 raise TypeError("this program takes voxels only (feats, coords); inverse, points and point_batch "
