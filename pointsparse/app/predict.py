@@ -139,8 +139,7 @@ def main(args) -> int:
     points = voxels = 0
     t0 = time.perf_counter()
     for path, target in progress_bar(list(zip(paths, targets)), "predict", not args.no_progress and have_tqdm()):
-        # labels are not needed: read with the map only where the reader insists on one (.bin, .txt)
-        sample = read_cloud(path, label_map, ignore)
+        sample = read_cloud(path, label_map, ignore)  # (the file's own labels, where it has any, go unused)
         try:
             v = voxelize_sample(sample, config["voxel_size"], ignore)
         except ValueError as error:  # (coordinates the voxel grid cannot hold: say which file)
