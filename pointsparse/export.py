@@ -17,8 +17,10 @@ A point-level network (SPVCNN) takes its points too and gives their logits:
              point_batch int64   (P,)    the batch index of each point
     output   logits      float32 (P, K)  per-point class logits
 
-N and P are dynamic (any N, P >= 2; 0 and 1 are specialised away by torch.export).
-The program is the model in eval mode (batch norm with its running
+N and P are dynamic (traced for N, P >= 2; one row runs too, an empty input
+fails torch's runtime assertion: :class:`ProgramModel` gives empty logits).
+The model's output must be one row per input voxel, on its coords
+(:func:`export_model` checks it on the example). The program is the model in eval mode (batch norm with its running
 statistics). Points map to voxels outside the program, as in eager mode
 (``pointsparse.voxelize`` or the training pipeline's ``voxelize_sample``);
 ``extra_files["pointsparse.json"]`` of the file holds the checkpoint's
@@ -28,7 +30,9 @@ operators and the SparseTensor pytree node).
 
 Bad coords (duplicates, out of range) raise the same ``ValueError`` as in
 eager mode when the program runs, from the kernel-map operator; coords of
-another dtype than int32 the same ``TypeError``."""
+another dtype than int32 the same ``TypeError``. Wrong shapes fail torch's own
+guards (``AssertionError``) in the raw program: :class:`ProgramModel`
+(``ProgramModel.load(path)``) checks them first and says what it takes."""
 
 from __future__ import annotations
 
