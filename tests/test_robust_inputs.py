@@ -169,7 +169,10 @@ def test_exported_program_refuses_non_int32_coords(conv):
     downsample) checks the input's dtype when it runs, as eager mode does
     (float coords were truncated silently, int64 taken)."""
     x = _cloud()
-    net = torch.nn.Sequential(ps.nn.Conv3d(4, 8, **conv)).eval()
+    layers = [ps.nn.Conv3d(4, 8, **conv)]
+    if conv.get("stride", 1) > 1:  # back up to the input's coords (a program gives a row per input voxel)
+        layers.append(ps.nn.Conv3d(8, 8, **conv, transposed=True))
+    net = torch.nn.Sequential(*layers).eval()
     run = pe.export_model(net, x).module()
     with torch.no_grad():
         want = net(x).feats
