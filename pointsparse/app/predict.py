@@ -117,9 +117,7 @@ def main(args) -> int:
         model = with_maps_ahead(inference_model(model_from_state(state), args.inference).eval(), args)
     config = state["config"]
     classes = list(config["classes"])
-    paths = find_clouds(args.data)
-    if not paths:
-        raise ValueError(f"--data: no point clouds found in {args.data!r}")
+    paths = find_clouds(args.data)  # (ValueError naming a spec that holds no cloud)
     label_map = None
     if args.label_map is not None and args.format != "label":
         raise ValueError("--label-map names the raw ids --format label writes; --format npy writes class indices")

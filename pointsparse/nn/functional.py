@@ -324,13 +324,18 @@ def add(a: SparseTensor, b: SparseTensor) -> SparseTensor:
     return first.with_feats(a.feats + b.feats)
 
 
-def _pool_map(input: SparseTensor, kernel_size, stride, dilation, what: str):
+def _pool_args(input: SparseTensor, kernel_size, stride, dilation, what: str):
+    """A pooling's checked input and its kernel size, stride (the kernel
+    size by default) and dilation as 3-tuples."""
     if not isinstance(input, SparseTensor):
         raise TypeError(f"{what}: input must be a SparseTensor; got {type(input).__name__}")
     k = as_triple(kernel_size, "kernel_size")
     t = k if stride is None else as_triple(stride, "stride")
-    d = as_triple(dilation, "dilation")
-    kmap = _kmap._get_kmap(input, k, t, d, False)
+    return k, t, as_triple(dilation, "dilation")
+
+
+def _pool_map(input: SparseTensor, kernel_size, stride, dilation, what: str):
+    kmap = _kmap._get_kmap(input, *_pool_args(input, kernel_size, stride, dilation, what), False)
     return kmap, kmap.key.out_stride
 
 
@@ -338,11 +343,7 @@ def _graph_pool(input: SparseTensor, kernel_size, stride, dilation, what: str, r
     """:func:`max_pool3d` / :func:`avg_pool3d` in a traced graph: the map from
     the graph's cache (the strided conv's), the same reductions as eager mode
     (no host read of the pair count)."""
-    if not isinstance(input, SparseTensor):
-        raise TypeError(f"{what}: input must be a SparseTensor; got {type(input).__name__}")
-    k = as_triple(kernel_size, "kernel_size")
-    t = k if stride is None else as_triple(stride, "stride")
-    d = as_triple(dilation, "dilation")
+    k, t, d = _pool_args(input, kernel_size, stride, dilation, what)
     cache = _ops.graph_cache(input)
     kmap = _ops.get_kmap(input, k, t, d, cache=cache)
     feats, rows = input.feats, kmap.out_coords.shape[0]
