@@ -45,9 +45,17 @@ def test_cli_smoke_train_then_eval(tmp_path, capsys):
     again = json.loads((out / "eval-metrics.json").read_text())
     assert again["confusion"] == report["confusion"]
     assert (out / "eval-topdown.png").stat().st_size > 0
+    # --val-scenes N scores N held-out scenes from the same seed: the run's one, then two more.
+    more = tmp_path / "more"
+    assert cli.main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--out", str(more), "--no-progress",
+                     "--val-scenes", "3"]) == 0
+    wider = np.array(json.loads((more / "eval-metrics.json").read_text())["confusion"])
+    first = np.array(report["confusion"])
+    assert wider.sum() > 2 * first.sum() and (wider >= first).all()
+    assert cli.main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--no-progress", "--val-scenes", "0"]) == 2
 
 
-def test_train_on_files_with_label_map(tmp_path):
+def test_train_on_files_with_label_map(tmp_path, capsys):
     rng = np.random.default_rng(0)
     for i in range(3):
         xyz = rng.uniform(0, 8, (400, 3)).astype(np.float32)
@@ -63,6 +71,9 @@ def test_train_on_files_with_label_map(tmp_path):
     # eval defaults to the held-out file and the run's label map.
     assert cli.main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--out", str(out), "--no-progress"]) == 0
     assert json.loads((out / "eval-metrics.json").read_text())["confusion"] == report["confusion"]
+    capsys.readouterr()
+    assert cli.main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--no-progress", "--val-scenes", "2"]) == 2
+    assert "--val-scenes counts generated scenes" in capsys.readouterr().err
 
 
 def test_resume_continues_exactly(tmp_path):

@@ -58,6 +58,9 @@ def add_arguments(parser) -> None:
     add_data_arguments(parser, ignore_default=None)
     parser.set_defaults(data=None)
     parser.add_argument("--out", default=None, metavar="DIR", help="also write metrics.json and PNGs here")
+    parser.add_argument("--val-scenes", type=int, default=None, metavar="N",
+                        help="generated data: score N held-out scenes from the validation seed (default: the run's "
+                             "--val-scenes, the scenes it validated on, which are the first of them)")
     parser.add_argument("--inference", choices=INFERENCE, default="float32",
                         help="score the model as it is run for inference: 'fused' (pruning masks made permanent, "
                              "BatchNorm folded, ReLU in the conv's store: nn.fuse_for_inference), 'bf16' (fused, "
@@ -173,6 +176,10 @@ def eval_source(args, state: dict, ignore_index: int):
     else:
         spec = saved.get("data") or ["generated"]
         label_map = label_map or saved.get("label_map")
+    count = getattr(args, "val_scenes", None)
     if is_generated(spec):
-        return spec, generated_source(spec, saved, saved.get("val_scenes", 4), VALIDATION_SEED)
+        return spec, generated_source(spec, saved, count or saved.get("val_scenes", 4), VALIDATION_SEED)
+    if count is not None:
+        raise ValueError(f"--val-scenes counts generated scenes; the data scored here are files ({spec[0]}...): "
+                         "drop it, or score generated data")
     return spec, open_source(spec, label_map, ignore_index)
