@@ -17,7 +17,10 @@ vectors) for the "pair vectors" row, which the bf16 kernels skip; that
 model is also timed with its maps built ahead, side by side (``nn.MapsAhead``:
 the schedule recorded in the warm-up call), and as a ``pointsparse.export``
 program written to a file and loaded back, whose maps are built inside every
-call) and ``nn.VoxelPrune(0.5)`` before the three
+call), offsets 74% (``pointsparse prune offsets``: 7 of the 27 kernel offsets
+of every k3 conv kept, by norm; the AMX tiles run the kept ones; fast, but
+12.9 mIoU points under the unpruned model after fine-tuning,
+bench/results/prune_finetune_offsets_xeon.md) and ``nn.VoxelPrune(0.5)`` before the three
 coarse decoder stages (bench/voxel_prune.py); on a CPU with AMX-BF16 the two
 unpruned bf16 rows again with the AMX tiles off. Each is timed end to end from
 the points (voxelize, every kernel map and plan built, the network; no
@@ -66,6 +69,18 @@ def vector_sparse(model: torch.nn.Module, amount: float, rows: int | None = None
     return model
 
 
+def offset_sparse(model: torch.nn.Module, amount: float) -> torch.nn.Module:
+    """``amount`` of the kernel offsets of every conv whose windows overlap
+    pruned by norm and made permanent (what ``pointsparse prune offsets``
+    masks: the k3 convs, not the k2 s2 ones)."""
+    from pointsparse.app.channels import overlapping_convs
+
+    for module in overlapping_convs(model):
+        prune.kernel_structured(module, "weight", amount, scope="offset")
+        prune.remove(module, "weight")
+    return model
+
+
 def variants(x: ps.SparseTensor) -> dict:
     """name -> (model, dtype): the unpruned float32 model first; each later
     row adds one step to a row before it."""
@@ -99,6 +114,8 @@ def variants(x: ps.SparseTensor) -> dict:
     out["the same + maps built ahead (nn.MapsAhead)"] = (ps.nn.MapsAhead(pairs), torch.bfloat16)
     out["the same, exported (.pt2 written and loaded back)"] = (
         Program(pairs, ps.SparseTensor(x.feats.bfloat16(), x.coords)), torch.bfloat16)
+    offsets = offset_sparse(ps.nn.fuse_for_inference(quarter), 0.74).to(torch.bfloat16)
+    out["keep 0.25 + fuse + offsets 74% + bf16"] = (offsets, torch.bfloat16)
     return out
 
 

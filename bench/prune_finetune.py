@@ -21,10 +21,16 @@ north star's fastest float32 model), its masks kept through the fine-tuning
 checkpoint stores and the trainer resumes); with ``--square`` its blocks are
 16 x 16 (``panel_structured(square=True)``), with ``--pairs`` 16 x 2 (``rows=2``:
 whole bf16 vectors, channel pairs, which the bf16 kernels skip, bench/bf16_vectors.py), with
-``--panels 2`` 32 columns wide (twin vectors, the AVX-512 tile's width). FLOPs: the dense FLOPs of each
+``--panels 2`` 32 columns wide (twin vectors, the AVX-512 tile's width). With ``--offsets AMOUNT``
+(default 0: none) another model is the ``--ratio`` model with ``AMOUNT`` of the kernel offsets
+of every conv whose windows overlap pruned (``pointsparse prune offsets``:
+``prune.kernel_structured(scope="offset")``; 0.74 keeps 7 of 27), masks kept alike: the north
+star's model on AMX CPUs, whose bf16 tiles run the kept offsets. FLOPs: the dense FLOPs of each
 model's shapes and the FLOPs the engine executes for its weights
 (``sparsity_report``'s ``executed_flops``), on the cloud AMC searches on.
-``--quick``: one epoch each and a 3-episode AMC search, runs in
+With ``--eval-scenes N`` every fine-tuned model is also scored on N held-out generated scenes
+(``pointsparse eval --val-scenes N``, in ``--eval-inference``'s form): the run validates on 4,
+whose mIoU moves by several points from seed to seed. ``--quick``: one epoch each and a 3-episode AMC search, runs in
 ``--out``-quick, the page in a temporary folder.
 Without the checkpoint the script says so and measures nothing."""
 
@@ -42,7 +48,9 @@ from prune_speed import _flops, amc_cut
 
 from pointsparse.prune import sparsity_report
 from pointsparse.models import load_model
-from pointsparse.app.channels import finetune, load_state, prune_checkpoint, prune_vectors_checkpoint, save_pruned
+from pointsparse.app.channels import (finetune, load_state, prune_checkpoint, prune_offsets_checkpoint,
+                                      prune_vectors_checkpoint, save_pruned)
+from pointsparse.app import cli
 from pointsparse.app.tasks import checkpoint_batches, checkpoint_task
 
 
@@ -83,6 +91,8 @@ def _prepare(name: str, args, out: Path) -> tuple[Path, str]:
         shutil.copy(args.checkpoint, out / "checkpoint.pt")
         return out / "checkpoint.pt", ""
     cut = args.out / f"keep {args.ratio}".replace(" ", "-") / "pruned.pt"  # the keep model as cut
+    if "offsets" in name:
+        return prune_offsets_checkpoint(cut, out, args.offsets), ""
     if "vectors" in name:
         return prune_vectors_checkpoint(cut, out, args.vectors, square=args.square,
                                         rows=2 if args.pairs else None, panels=args.panels), ""
@@ -122,7 +132,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--panels", type=int, default=1,
                         help="the --vectors model's blocks span this many 16-column panels (2: twin vectors, the "
                              "AVX-512 tile's width)")
-    parser.add_argument("--models", nargs="+", choices=("unpruned", "keep", "vectors", "AMC"), default=None,
+    parser.add_argument("--offsets", type=float, default=0.0,
+                        help="another model: the --ratio model with this fraction of each overlapping conv's "
+                             "kernel offsets pruned (0: none)")
+    parser.add_argument("--eval-scenes", type=int, default=0,
+                        help="also score every fine-tuned model on this many held-out generated scenes "
+                             "(`pointsparse eval --val-scenes N`; the run validates on 4): a steadier mIoU")
+    parser.add_argument("--eval-inference", choices=("float32", "fused", "bf16"), default="float32",
+                        help="the form the held-out scenes are scored in (`pointsparse eval --inference`)")
+    parser.add_argument("--models", nargs="+", choices=("unpruned", "keep", "vectors", "offsets", "AMC"),
+                        default=None,
                         help="fine-tune only these now (a long run split into shorter ones: rows of earlier runs "
                              "with the same checkpoint and epochs, kept in OUT/rows.json, join the table)")
     return parser.parse_args()
@@ -144,14 +163,17 @@ def main() -> None:
     x = checkpoint_batches(state, count=4)[-1].input  # checkpoint_task's validation cloud: AMC's budget is on it
     names = (("unpruned", f"keep {args.ratio}") + (("AMC",) if args.amc_episodes > 0 else ())
              + ((f"keep {args.ratio} + {_shape(args)}vectors {args.vectors}",)
-                if args.vectors > 0 else ()))
+                if args.vectors > 0 else ())
+             + ((f"keep {args.ratio} + offsets {args.offsets}",) if args.offsets > 0 else ()))
     store = args.out / "rows.json"
     key = " ".join(map(str, (args.checkpoint.resolve(), args.epochs, args.ratio, args.criterion, args.amc_episodes,
-                             args.amc_warmup, args.vectors) + ((_shape(args).strip(),) if _shape(args) else ())))
+                             args.amc_warmup, args.vectors) + ((_shape(args).strip(),) if _shape(args) else ())
+                   + ((f"offsets {args.offsets}",) if args.offsets > 0 else ())))
     saved = json.loads(store.read_text()) if store.is_file() else {}
     saved = saved if saved.get("key") == key else {"key": key, "rows": {}}
     for name in names:
-        if args.models is not None and ("vectors" if "vectors" in name else name.split()[0]) not in args.models:
+        kind = "vectors" if "vectors" in name else "offsets" if "offsets" in name else name.split()[0]
+        if args.models is not None and kind not in args.models:
             continue
         out = args.out / name.replace(" ", "-")
         path, note = _prepare(name, args, out)
@@ -164,24 +186,58 @@ def main() -> None:
     if any(n not in saved["rows"] for n in names):
         print(f"not all of {names} fine-tuned yet with this checkpoint and budget ({store}); page not written")
         return
-    write_page(args, state, start, names, saved["rows"])
+    held = {}
+    if args.eval_scenes > 0:
+        held = saved.setdefault("held_out", {}).setdefault(f"{args.eval_scenes} {args.eval_inference}", {})
+        for name in names:
+            if name not in held:
+                held[name] = held_out_miou(args.out / name.replace(" ", "-") / "checkpoint.pt", args.eval_scenes,
+                                           args.eval_inference)
+                store.write_text(json.dumps(saved))
+                print(f"{name}: mIoU {100 * held[name]:.1f}% on {args.eval_scenes} held-out scenes "
+                      f"({args.eval_inference})", flush=True)
+    write_page(args, state, start, names, saved["rows"], held)
 
 
-def write_page(args, state: dict, start: float, names, saved_rows: dict) -> None:
-    """The table of the fine-tuned models (rows as kept in OUT/rows.json)."""
+def held_out_miou(path: Path, scenes: int, inference: str) -> float:
+    """mIoU of the checkpoint at ``path`` on ``scenes`` held-out generated
+    scenes (``pointsparse eval --val-scenes``, from the validation seed: the
+    run's own validation scenes are the first of them)."""
+    out = path.parent / f"eval-{scenes}-{inference}"
+    code = cli.main(["eval", "--checkpoint", str(path), "--val-scenes", str(scenes), "--inference", inference,
+                     "--no-progress", "--out", str(out)])
+    if code != 0:
+        raise SystemExit(f"pointsparse eval failed on {path} (exit {code})")
+    return float(json.loads((out / "eval-metrics.json").read_text())["miou"])
+
+
+def write_page(args, state: dict, start: float, names, saved_rows: dict, held: dict) -> None:
+    """The table of the fine-tuned models (rows as kept in OUT/rows.json;
+    ``held``: name -> mIoU on the held-out scenes, or empty)."""
     rows = [(n, *saved_rows[n][:5]) for n in names]
     notes = [saved_rows[n][5] for n in names if saved_rows[n][5]]
     base, dense = rows[0][4], rows[0][2]
+
+    def held_cells(n):
+        if not held:
+            return ""
+        return f" {100 * held[n]:.1f}% | {100 * (held[n] - held[names[0]]):+.1f} |"
+
     table = "\n".join(f"| {n} | {p / 1e6:.2f} M | {f / dense:.3f} | {e / dense:.3f} | {100 * m:.1f}% | "
-                      f"{100 * (m - base):+.1f} | {t:.0f} s |" for n, p, f, e, m, t in rows)
+                      f"{100 * (m - base):+.1f} |{held_cells(n)} {t:.0f} s |" for n, p, f, e, m, t in rows)
+    extra = (f" {args.eval_scenes} held-out scenes, {args.eval_inference} | vs unpruned (points) |" if held else "")
     header = ("| model | params (kept) | FLOPs (of unpruned) | executed FLOPs (of unpruned) | val mIoU | "
-              "vs unpruned (points) | fine-tuning time |\n|---|---|---|---|---|---|---|\n")
+              f"vs unpruned (points) |{extra} fine-tuning time |\n|---|---|---|---|---|---|"
+              + ("---|---|" if held else "") + "---|\n")
     summary = (f"Starting point: {args.checkpoint} (epoch {state['epoch']}, validation mIoU {100 * start:.1f}%); "
                f"every model trained {args.epochs} more epochs with the run's options. FLOPs on the cloud AMC "
                f"searched on.")
     command = (f"python bench/prune_finetune.py --checkpoint {args.checkpoint} --ratio {args.ratio} "
                f"--criterion {args.criterion} --epochs {args.epochs} --amc-episodes {args.amc_episodes} "
-               f"--amc-warmup {args.amc_warmup} --vectors {args.vectors}{' --square' if args.square else ''}{' --pairs' if args.pairs else ''}{f' --panels {args.panels}' if args.panels != 1 else ''} --out {args.out}"
+               f"--amc-warmup {args.amc_warmup} --vectors {args.vectors}{' --square' if args.square else ''}{' --pairs' if args.pairs else ''}{f' --panels {args.panels}' if args.panels != 1 else ''}"
+               f"{f' --offsets {args.offsets}' if args.offsets > 0 else ''}"
+               f"{f' --eval-scenes {args.eval_scenes} --eval-inference {args.eval_inference}' if held else ''}"
+               f" --out {args.out}"
                + (f" --page {args.page}" if args.page else "") + (" --quick" if args.quick else ""))
     output = args.page or results_path("prune_finetune.md", args.quick)
     write_markdown(output, "Pruned vs unpruned MinkUNet after the same fine-tuning budget",

@@ -258,3 +258,54 @@ def test_vector_block_flags_are_refused_by_other_procedures(tmp_path, capsys, pr
         err = capsys.readouterr().err
         assert all(f in err for f in flags if f.startswith("--")) and "prune vectors" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_prune_offsets_masks_whole_offsets_of_the_overlapping_convs(tmp_path, capsys):
+    """``prune offsets``: whole kernel offsets of every conv whose windows
+    overlap (the k3 convs: 7 of 27 kept at 0.74, by the offsets' weight
+    norm), none of the k2 s2 down- and upsampling convs (each input row meets
+    one output row there: a pruned offset would cut voxels off); the masks
+    hold through fine-tuning while the kept weights train; the engine
+    executes only the kept offsets' pairs (``sparsity_report``) and the
+    bf16 model scores as the float32 one."""
+    from pointsparse.app.channels import overlapping_convs, prune_offsets_checkpoint
+    from pointsparse.prune.report import sparsity_report
+    dense, sparse = tmp_path / "dense", tmp_path / "offsets"
+    assert cli.main(["train", *TINY, "--epochs", "1", "--out", str(dense)]) == 0
+    assert cli.main(["prune", "offsets", "--checkpoint", str(dense / "checkpoint.pt"), "--out", str(sparse)]) == 0
+    out = capsys.readouterr().out
+    assert "kernel offsets masked" in out and "(0.26)" in out, out
+    model = load_model(dense / "checkpoint.pt")
+    overlapping = {n for n, m in model.named_modules() if m in overlapping_convs(model)}
+    strided = {n for n, m in model.named_modules() if hasattr(m, "kernel_volume") and m.kernel_volume == 8}
+    assert overlapping and strided and not overlapping & strided
+    before = checkpoint.load(sparse / "checkpoint.pt")["model"]
+    masks = {k[:-len(".weight_mask")]: v for k, v in before.items() if k.endswith("weight_mask")}
+    assert set(masks) == overlapping
+    for name, mask in masks.items():
+        per_offset = mask.flatten(1)
+        assert torch.equal(per_offset.amax(1), per_offset.amin(1)), name  # whole offsets
+        assert int(per_offset[:, 0].sum()) == 7, name
+        orig = before[name + ".weight_orig"]
+        kept_norm = orig.flatten(1).norm(dim=1)[per_offset[:, 0].bool()].min()
+        assert kept_norm >= orig.flatten(1).norm(dim=1)[~per_offset[:, 0].bool()].max(), name
+    assert cli.main(["train", *TINY, "--epochs", "2", "--out", str(sparse), "--resume"]) == 0
+    after = checkpoint.load(sparse / "checkpoint.pt")["model"]
+    for name, mask in masks.items():
+        assert torch.equal(after[name + ".weight_mask"], mask), name
+        assert not (after[name + ".weight_orig"] * mask)[~mask.bool()].any(), name
+        assert not torch.equal(after[name + ".weight_orig"][mask.bool()], before[name + ".weight_orig"][mask.bool()])
+    loaded = load_model(sparse / "checkpoint.pt").eval()
+    from prune_procedures_support import sparse_input
+    report = sparsity_report(loaded, sparse_input(n=2000, channels=loaded.in_channels, extent=24))
+    for name in overlapping:
+        layer = report["layers"][name]
+        assert 0 < layer["executed_flops"] < 0.5 * layer["dense_flops"], (name, layer)
+    scores = {}
+    for inference in ("float32", "bf16"):
+        assert cli.main(["eval", "--checkpoint", str(sparse / "checkpoint.pt"), "--no-progress", "--inference",
+                         inference, "--out", str(tmp_path / inference)]) == 0
+        scores[inference] = json.loads((tmp_path / inference / "eval-metrics.json").read_text())["miou"]
+    assert abs(scores["bf16"] - scores["float32"]) < 0.03, scores
+    with pytest.raises(ValueError, match=r"--sparsity"):
+        prune_offsets_checkpoint(dense / "checkpoint.pt", tmp_path / "bad", 1.0)

@@ -5,7 +5,9 @@ widths (``pointsparse eval``, ``train --resume`` and
 resuming training for a few epochs. ``pointsparse prune vectors``: mask the
 engine's vectors of every sparse conv of a checkpoint's model (the
 granularity the fused kernels skip) and write a checkpoint that stores the
-masks, which fine-tuning keeps."""
+masks, which fine-tuning keeps. ``pointsparse prune offsets``: the same with
+whole kernel offsets of every conv whose windows overlap (the engine leaves
+a zero offset's pairs out; on AMX CPUs the bf16 tiles run the kept ones)."""
 
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--multiple", type=int, default=None,
                         help="channels: kept counts rounded to this multiple (default 8, measured fastest)")
     parser.add_argument("--finetune-epochs", type=int, default=0,
-                        help="channels, vectors: epochs of fine-tuning afterwards")
+                        help="channels, vectors, offsets: epochs of fine-tuning afterwards")
     parser.add_argument("--square", action="store_true",
                         help="vectors: width x width blocks, which the input gradient skips too")
     parser.add_argument("--pairs", action="store_true",
@@ -111,10 +113,7 @@ def _prune_vectors(path, out, amount: float, square: bool, rows: int | None = No
     from ..models import model_from_state
     from ..nn import Conv3d
     from ..prune import panel_structured
-    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not math.isfinite(amount) \
-            or not 0.0 <= amount < 1.0:
-        raise ValueError(f"amount (--sparsity) must be a number in [0, 1): the fraction of each conv's vectors "
-                         f"pruned; got {amount!r}")
+    _check_amount(amount, "vectors")
     if isinstance(panels, bool) or not isinstance(panels, int) or panels < 1:
         raise ValueError(f"panels (--panels) must be a positive int (adjacent panels per block); got {panels!r}")
     state = load_state(path)
@@ -126,6 +125,54 @@ def _prune_vectors(path, out, amount: float, square: bool, rows: int | None = No
         panel_structured(module, "weight", float(amount), square=square, rows=rows, panels=panels)
     kept = sum(int(m.weight_mask.count_nonzero()) for m in convs)
     return save_pruned(state, model, out), kept, sum(m.weight_mask.numel() for m in convs)
+
+
+def overlapping_convs(model) -> list:
+    """The sparse convs of ``model`` whose windows overlap (a kernel wider
+    than its stride on some axis: submanifold and strided k3 convs), the
+    ones ``prune offsets`` prunes: in a conv whose kernel equals its stride
+    (MinkUNet's k2 s2 down- and upsampling) every input row meets one output
+    row through one offset, so a pruned offset would cut those voxels off."""
+    from ..nn import Conv3d
+    return [m for m in model.modules() if isinstance(m, Conv3d) and m.kernel_volume > 1
+            and any(k > s for k, s in zip(m.kernel_size, m.stride))]
+
+
+def prune_offsets_checkpoint(path, out, amount: float) -> Path:
+    """Write ``out/checkpoint.pt``: the checkpoint's model (dense or
+    channel-pruned) with ``amount`` of the kernel offsets of every conv of
+    :func:`overlapping_convs` pruned by their weights' L2 norm
+    (:func:`pointsparse.prune.kernel_structured`, ``scope="offset"``; of 27
+    offsets, 0.74 prunes 20 and keeps 7), stored and kept through
+    fine-tuning as :func:`prune_vectors_checkpoint`'s masks. The engine runs
+    only the kept offsets' pairs, forward and backward, and its bf16 forward
+    runs them on the AMX tiles where the CPU has them (bench/RESULTS.md).
+    Returns its path."""
+    return _prune_offsets(path, out, amount)[0]
+
+
+def _check_amount(amount, what: str) -> None:
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not math.isfinite(amount) \
+            or not 0.0 <= amount < 1.0:
+        raise ValueError(f"amount (--sparsity) must be a number in [0, 1): the fraction of each conv's {what} "
+                         f"pruned; got {amount!r}")
+
+
+def _prune_offsets(path, out, amount: float) -> tuple[Path, int, int]:
+    """:func:`prune_offsets_checkpoint`, and the offsets its masks keep and cover."""
+    from ..models import model_from_state
+    from ..prune import kernel_structured
+    _check_amount(amount, "kernel offsets")
+    state = load_state(path)
+    model = model_from_state(state)
+    convs = overlapping_convs(model)
+    if not convs:
+        raise ValueError(f"{path}: the model has no sparse conv whose windows overlap (kernel wider than its "
+                         "stride) to prune by offsets")
+    for module in convs:
+        kernel_structured(module, "weight", float(amount), scope="offset")
+    kept = sum(int(m.weight_mask.flatten(1).any(1).sum()) for m in convs)
+    return save_pruned(state, model, out), kept, sum(m.kernel_volume for m in convs)
 
 
 def finetune(path: Path, epochs: int) -> None:
@@ -165,6 +212,17 @@ def vectors_main(args) -> int:
                                        args.panels)
     print(f"pruned checkpoint {path}: engine vectors masked, {kept} of the {total} weights of its convs with more "
           f"than one offset kept ({kept / total:.2f})")
+    if args.finetune_epochs > 0:
+        finetune(path, args.finetune_epochs)
+    return 0
+
+
+def offsets_main(args) -> int:
+    _check_flags(args, "offsets")
+    amount = 0.74 if args.sparsity is None else args.sparsity
+    path, kept, total = _prune_offsets(args.checkpoint, args.out, amount)
+    print(f"pruned checkpoint {path}: kernel offsets masked, {kept} of the {total} offsets of its convs whose "
+          f"windows overlap kept ({kept / total:.2f})")
     if args.finetune_epochs > 0:
         finetune(path, args.finetune_epochs)
     return 0

@@ -2,8 +2,9 @@
 
 Procedures: sensitivity, schedule, lottery, init, rigl, amc, netadapt (each
 through its driver in :mod:`pointsparse.app.procedures`), channels (a
-trained checkpoint's every coupled group) and vectors (a trained
-checkpoint's engine vectors, masked), both in :mod:`pointsparse.app.channels`.
+trained checkpoint's every coupled group), vectors (a trained checkpoint's
+engine vectors, masked) and offsets (its convs' kernel offsets, masked), all
+three in :mod:`pointsparse.app.channels`.
 Tasks: ``--task digits`` (scikit-learn's bundled digits; ``--model
 mlp|cnn|deep``), ``--task scene`` (generated street scenes, a sparse-conv
 chain) or ``--checkpoint`` (a trained MinkUNet and its clouds). Each run
@@ -24,7 +25,7 @@ from ..prune.sensitivity import DEFAULT_RATIOS
 from . import channels, procedures
 from .tasks import digits_task, scene_task
 
-PROCEDURES = ("sensitivity", "schedule", "lottery", "init", "rigl", "amc", "netadapt", "channels", "vectors")
+PROCEDURES = ("sensitivity", "schedule", "lottery", "init", "rigl", "amc", "netadapt", "channels", "vectors", "offsets")
 
 
 def add_arguments(parser) -> None:
@@ -35,7 +36,8 @@ def add_arguments(parser) -> None:
                              "sparse-conv chain, default) or minkunet (pointsparse.models.MinkUNet, cr 0.25)")
     parser.add_argument("--sparsity", type=float, default=None,
                         help="target sparsity (schedule, init, rigl: default 0.9; vectors: the fraction of each "
-                             "conv's engine vectors pruned, default 0.75)")
+                             "conv's engine vectors pruned, default 0.75; offsets: of its kernel offsets, default "
+                             "0.74)")
     parser.add_argument("--granularity", choices=("unstructured", "channel"), default="unstructured",
                         help="sensitivity granularity")
     parser.add_argument("--threshold", type=float, default=0.02, help="sensitivity: allowed metric drop")
@@ -117,6 +119,8 @@ def main(args) -> int:
     check_args(args)
     if args.procedure == "vectors":
         return channels.vectors_main(args)
+    if args.procedure == "offsets":
+        return channels.offsets_main(args)
     if args.sparsity is None:
         args.sparsity = 0.9
     torch.manual_seed(args.seed)
