@@ -143,7 +143,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", choices=("unpruned", "keep", "vectors", "offsets", "AMC"),
                         default=None,
                         help="fine-tune only these now (a long run split into shorter ones: rows of earlier runs "
-                             "with the same checkpoint and epochs, kept in OUT/rows.json, join the table)")
+                             "with the same checkpoint and epochs, kept in OUT/rows.json, join the table); "
+                             "without it, the models such a run has not fine-tuned yet")
     return parser.parse_args()
 
 
@@ -173,9 +174,10 @@ def main() -> None:
     saved = saved if saved.get("key") == key else {"key": key, "rows": {}}
     for name in names:
         kind = "vectors" if "vectors" in name else "offsets" if "offsets" in name else name.split()[0]
-        if args.models is not None and kind not in args.models:
-            continue
         out = args.out / name.replace(" ", "-")
+        done = name in saved["rows"] and (out / "checkpoint.pt").is_file()
+        if (kind not in args.models) if args.models is not None else done:
+            continue  # not asked for, or (no --models) fine-tuned by an earlier run with this key
         path, note = _prepare(name, args, out)
         t0 = time.perf_counter()
         finetune(path, args.epochs)
