@@ -282,6 +282,7 @@ class ProgramModel(nn.Module):
             raise ValueError(f"program must take feats (N, C) and give logits (N, K) with C and K fixed, as "
                              f"export_model writes; it takes {tuple(feats.shape)} and gives {tuple(logits.shape)}")
         self.in_channels, self.num_classes, self.dtype = int(feats.shape[1]), int(logits.shape[1]), feats.dtype
+        self.logits_dtype = logits.dtype  # (SPVCNN's: float32 from its point branch, bf16 voxels or not)
         self.point_level = len(inputs) == 5
         self.points_dtype = vals[inputs[3]].dtype if self.point_level else None
         if meta is not None and not isinstance(meta, dict):
@@ -327,7 +328,7 @@ class ProgramModel(nn.Module):
                 raise TypeError("this program takes voxels only (feats, coords); inverse, points and point_batch "
                                 "are a point-level network's (SPVCNN)")
             if not len(x):
-                return x.with_feats(feats.new_zeros((0, self.num_classes)))
+                return x.with_feats(feats.new_zeros((0, self.num_classes), dtype=self.logits_dtype))
             return x.with_feats(self.run(feats, x.coords))
         from .models.spvcnn import check_points
 
@@ -336,7 +337,7 @@ class ProgramModel(nn.Module):
             raise TypeError(f"points must be {self.points_dtype}, inverse and point_batch int64 (the program's); "
                             f"got {points.dtype}, {inverse.dtype}, {point_batch.dtype}")
         if not len(inverse):
-            return feats.new_zeros((0, self.num_classes))
+            return feats.new_zeros((0, self.num_classes), dtype=self.logits_dtype)
         return self.run(feats, x.coords, inverse, points, point_batch)
 
     def __repr__(self) -> str:  # (the program's module prints as a tree of empty Modules)

@@ -693,7 +693,7 @@ def test_eval_scores_an_exported_program_as_its_checkpoint(tmp_path, capsys):
     from pointsparse.app.cli import main
     from test_prune_workflow import TINY
 
-    for model, forms in (("minkunet", ("float32", "bf16")), ("spvcnn", ("fused",))):
+    for model, forms in (("minkunet", ("float32", "bf16")), ("spvcnn", ("fused", "bf16"))):
         run = tmp_path / model
         assert main(["train", *TINY, "--model", model, "--epochs", "1", "--out", str(run)]) == 0
         ckpt = str(run / "checkpoint.pt")

@@ -195,8 +195,12 @@ def test_inference_model_forms():
     assert hasattr(conv, "weight_orig")  # the model given is left as it was
     with pytest.raises(ValueError, match="inference must be one of"):
         inference_model(net, "int8")
-    with pytest.raises(ValueError, match="SPVCNN"):
-        inference_model(SPVCNN(4, 5, cr=0.25), "bf16")
+    # SPVCNN's bf16 form: the voxel branch in bfloat16, the point branch (MLPs, classifier) in float32
+    spv = SPVCNN(4, 5, cr=0.25).eval()
+    bf16 = inference_model(spv, "bf16")
+    assert {p.dtype for p in bf16.unet.parameters()} == {torch.bfloat16}
+    assert {p.dtype for n, p in bf16.named_parameters() if not n.startswith("unet.")} == {torch.float32}
+    assert {p.dtype for p in spv.parameters()} == {torch.float32}
 
 
 @pytest.mark.parametrize("amount", ["1.0", "-0.1", "nan"])

@@ -33,20 +33,19 @@ def inference_model(model: torch.nn.Module, inference: str = "float32") -> torch
     """``model`` as ``pointsparse eval --inference`` runs it: itself
     (``"float32"``); ``nn.fuse_for_inference``'s copy, pruning masks made
     permanent and BatchNorm folded (``"fused"``); that copy in bfloat16
-    (``"bf16"``, voxel-level models: the features are cast to the weights'
-    dtype by the scorer). ValueError for another name, or bf16 asked of a
-    point-level model (SPVCNN)."""
+    (``"bf16"``; the features are cast to the convs' dtype by the scorer;
+    SPVCNN's point branch stays float32: ``SPVCNN.to_bf16_inference``).
+    ValueError for another name."""
     from ..nn import fuse_for_inference
 
     if inference not in INFERENCE:
         raise ValueError(f"inference must be one of {', '.join(INFERENCE)}; got {inference!r}")
     if inference == "float32":
         return model
-    if inference == "bf16" and point_level(model):
-        raise ValueError("--inference bf16 takes voxel-level models (MinkUNet); SPVCNN's point branch runs in "
-                         "float32: use --inference fused")
     fused = fuse_for_inference(model)
-    return fused.to(torch.bfloat16) if inference == "bf16" else fused
+    if inference != "bf16":
+        return fused
+    return fused.to_bf16_inference() if point_level(fused) else fused.to(torch.bfloat16)
 
 
 def add_arguments(parser) -> None:
@@ -64,8 +63,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--inference", choices=INFERENCE, default="float32",
                         help="score the model as it is run for inference: 'fused' (pruning masks made permanent, "
                              "BatchNorm folded, ReLU in the conv's store: nn.fuse_for_inference), 'bf16' (fused, "
-                             "then bfloat16 weights and features: the AVX512-BF16 kernels where the CPU has them, "
-                             "MinkUNet-style voxel models only); default float32, the model as trained")
+                             "then bfloat16 weights and features: the AVX512-BF16 kernels where the CPU has them; "
+                             "SPVCNN's point branch stays float32); default float32, the model as trained")
     add_maps_ahead_argument(parser)
 
 

@@ -5,10 +5,12 @@
 vector-masked) in eval mode as a program of plain tensors, ``(feats (N,
 in_channels) float32, coords (N, 4) int32) -> logits (N, classes)`` (bfloat16
 feats and logits with ``--inference bf16``; an SPVCNN's program also takes its
-points and gives their logits), with the checkpoint's config in the file
+points and gives their logits, float32 from its point branch in every form), with the checkpoint's config in the file
 (:mod:`pointsparse.export` holds the library functions it calls)."""
 
 from __future__ import annotations
+
+import torch
 
 from .. import export
 
@@ -23,32 +25,35 @@ def add_arguments(parser) -> None:
     parser.add_argument("--inference", choices=INFERENCE, default="float32",
                         help="the program's model: float32 (the checkpoint's, default), fused (pruning masks made "
                              "permanent, BatchNorm folded) or bf16 (fused, then bfloat16: feats and logits "
-                             "bfloat16; the AVX512-BF16 kernels where the CPU has them); as pointsparse eval "
-                             "--inference scores it")
+                             "bfloat16, SPVCNN's point branch and logits float32; the AVX512-BF16 kernels where "
+                             "the CPU has them); as pointsparse eval --inference scores it")
 
 
 def main(args) -> int:
     from ..checkpoint import load_training
     from ..models import SPVCNN, model_from_state
     from .evaluate import inference_model
+    from .scoring import feats_dtype
 
     export.check_out_path(args.out)  # before the export's work
     state = load_training(args.checkpoint)  # (export.load_checkpoint's model, and the run's data for the meta)
     model, config = model_from_state(state).eval(), state["config"]
     model = inference_model(model, args.inference)
-    dtype = next(model.parameters()).dtype
+    dtype = feats_dtype(model, torch.float32)
     point_level = isinstance(model, SPVCNN)
     example = export.example_input(config["in_channels"], config.get("voxel_size", 0.2), points=point_level)
     if point_level:
-        program = export.export_model(model, example)  # (float32: inference_model refuses bf16 for SPVCNN)
+        voxels, *points = example
+        program = export.export_model(model, (voxels.with_feats(voxels.feats.to(dtype)), *points))
     else:
         program = export.export_model(model, example.with_feats(example.feats.to(dtype)))
     kind = str(dtype).replace("torch.", "")
     inputs = {"feats": f"{kind} (N, in_channels)", "coords": "int32 (N, 4) [batch, x, y, z]"}
-    if point_level:
+    if point_level:  # (its point branch, which gives the logits, runs in float32 in every form)
         inputs.update(inverse="int64 (P,) voxel row of each point", points="float32 (P, 3) in voxel units",
                       point_batch="int64 (P,) batch index of each point")
-    meta = {"inputs": inputs, "output": f"{kind} ({'P' if point_level else 'N'}, num_classes) logits",
+    logits = "float32" if point_level else kind
+    meta = {"inputs": inputs, "output": f"{logits} ({'P' if point_level else 'N'}, num_classes) logits",
             "inference": args.inference, **config,
             # the data the run trained and validated on: pointsparse eval --program scores it by default
             "val_paths": state.get("val_paths") or [], "train_args": state.get("args") or {}}

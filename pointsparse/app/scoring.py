@@ -19,26 +19,45 @@ from . import metrics
 from .trainer import progress_bar
 
 
-def point_level(model) -> bool:
-    """Whether the model (maybe inside DistributedDataParallel) returns per-point
-    logits: SPVCNN, or an exported program of one (``export.ProgramModel``)."""
+def _inner(model):
+    """The network inside DistributedDataParallel and ``nn.MapsAhead``."""
     from ..nn import MapsAhead
 
     inner = getattr(model, "module", model)
-    if isinstance(inner, MapsAhead):
-        inner = inner.model
+    return inner.model if isinstance(inner, MapsAhead) else inner
+
+
+def point_level(model) -> bool:
+    """Whether the model (maybe inside DistributedDataParallel) returns per-point
+    logits: SPVCNN, or an exported program of one (``export.ProgramModel``)."""
+    inner = _inner(model)
     return isinstance(inner, SPVCNN) or getattr(inner, "point_level", False) is True
+
+
+def feats_dtype(model, default: torch.dtype) -> torch.dtype:
+    """The dtype the model takes its voxels' feats in: an exported program's
+    (``ProgramModel.dtype``), SPVCNN's voxel branch's (bfloat16 in its bf16
+    inference form, whose point branch is float32), else the first floating
+    weight's; ``default`` for a model without one."""
+    inner = _inner(model)
+    if isinstance(inner, SPVCNN):
+        inner = inner.unet
+    dtype = getattr(inner, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return next((p.dtype for p in inner.parameters() if p.is_floating_point()), default)
 
 
 def logits_of(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, the labels they are scored against): per voxel for MinkUNet,
-    per point for SPVCNN."""
-    if point_level(model):
-        return model(batch.input, batch.inverse, batch.points, batch.point_batch), batch.point_labels
+    per point for SPVCNN; the voxels' feats cast to the model's dtype (a
+    model cast for inference, bf16)."""
     x = batch.input
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), x.feats.dtype)
-    if dtype != x.feats.dtype:  # a model cast for inference (bf16): its features alike
+    dtype = feats_dtype(model, x.feats.dtype)
+    if dtype != x.feats.dtype:
         x = x.with_feats(x.feats.to(dtype))
+    if point_level(model):
+        return model(x, batch.inverse, batch.points, batch.point_batch), batch.point_labels
     return model(x).feats, batch.labels
 
 

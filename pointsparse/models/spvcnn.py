@@ -85,7 +85,11 @@ class SPVCNN(nn.Module):
     stride-1 SparseTensor of the cloud(s), ``inverse`` ``(N,)`` the voxel row
     of each point, ``points`` ``(N, 3)`` point positions in voxel units (the
     coords of the voxels are ``floor(points)``), ``point_batch`` ``(N,)`` the
-    batch index of each point. Returns per-point logits ``(N, num_classes)``.
+    batch index of each point. Returns per-point logits ``(N, num_classes)``
+    in the point branch's dtype. The bf16 inference form
+    (``pointsparse eval --inference bf16``: :meth:`to_bf16_inference` after
+    ``nn.fuse_for_inference``) runs the voxel branch in bfloat16 (voxels'
+    feats bfloat16) and the point branch in float32.
     """
 
     def __init__(self, in_channels: int, num_classes: int, cr: float = 1.0, blocks: int = 2):
@@ -107,9 +111,20 @@ class SPVCNN(nn.Module):
             raise ValueError(f"SPVCNN was built for {self.in_channels} input channels; got {voxels.num_channels}")
         point_coords = check_points(voxels, inverse, points, point_batch)
         u = self.unet
+        # The point branch runs in its own weights' dtype, the voxel branch in
+        # the voxels' (one dtype for both but in the bf16 inference form, whose
+        # convs run bfloat16 and its point branch float32): the voxels' feats
+        # widen exactly into the interpolation, the points' means round once
+        # into the voxels.
+        point_dtype, voxel_dtype = self.classifier.weight.dtype, voxels.feats.dtype
 
         def to_points(t: SparseTensor) -> torch.Tensor:
-            return devoxelize(t, points=points, voxel_size=1.0, batch=point_batch, mode="trilinear")
+            return devoxelize(t.with_feats(t.feats.to(point_dtype)), points=points, voxel_size=1.0,
+                              batch=point_batch, mode="trilinear")
+
+        def to_voxels(t: SparseTensor, z: torch.Tensor) -> SparseTensor:
+            y = point_to_voxel(t, z, point_rows(t, point_coords))
+            return y.with_feats(self.dropout(y.feats).to(voxel_dtype))
 
         x0 = u.stem(voxels)
         z0 = to_points(x0)
@@ -118,16 +133,22 @@ class SPVCNN(nn.Module):
             skips.append(stage(skips[-1]))
         x4 = skips.pop()
         z1 = to_points(x4) + self.point_mlps[0](z0)
-        y = point_to_voxel(x4, z1, point_rows(x4, point_coords))
-        y = y.with_feats(self.dropout(y.feats))
+        y = to_voxels(x4, z1)
         for i, (up, fuse) in enumerate(zip(u.up, u.fuse)):
             y = fuse(_cat(up(y), skips.pop()))
             if i == 1:
                 z2 = to_points(y) + self.point_mlps[1](z1)
-                y = point_to_voxel(y, z2, point_rows(y, point_coords))
-                y = y.with_feats(self.dropout(y.feats))
+                y = to_voxels(y, z2)
         z3 = to_points(y) + self.point_mlps[2](z2)
         return self.classifier(z3)
+
+    def to_bf16_inference(self) -> "SPVCNN":
+        """The voxel branch (the U-Net's convs) cast to bfloat16 in place,
+        the point branch (MLPs, classifier) left in float32; returns self.
+        Call it on ``nn.fuse_for_inference``'s copy, for inference: the
+        voxels' feats are then given in bfloat16."""
+        self.unet.to(torch.bfloat16)
+        return self
 
 
 def _cat(a: SparseTensor, b: SparseTensor) -> SparseTensor:
