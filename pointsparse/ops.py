@@ -468,6 +468,27 @@ def _(scores, batch, keep_ratio, threshold):
     return scores.new_empty((rows,), dtype=torch.int64)
 
 
+@torch.library.custom_op(f"{_LIB}::batch_counts", mutates_args=())
+def batch_counts(coords: Tensor, channels: int, element_size: int) -> Tensor:
+    """int64 ``(B,)``: the sites of each batch item, ``B`` the largest batch
+    index of ``coords`` + 1 (0 without rows): the rows of a global pooling's
+    dense output, a size a graph reads only from this operator (checked
+    against :data:`pointsparse.nn.functional.MAX_GLOBAL_POOL_BYTES` for
+    ``channels`` values of ``element_size`` bytes a row, as eager mode)."""
+    from .nn.functional import check_global_pool_size
+
+    batch = coords[:, 0].long()
+    b = int(batch.max()) + 1 if batch.numel() else 0
+    check_global_pool_size(b, channels, element_size, "a global pooling")
+    return torch.bincount(batch, minlength=b)
+
+
+@batch_counts.register_fake
+def _(coords, channels, element_size):
+    items = torch.library.get_ctx().new_dynamic_size(min=_rows_at_least_one(coords))
+    return coords.new_empty((items,), dtype=torch.int64)
+
+
 # --- maps inside a traced graph -------------------------------------------------------------------------
 
 @dataclass(frozen=True, eq=False)

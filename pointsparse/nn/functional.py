@@ -395,38 +395,49 @@ def avg_pool3d(input: SparseTensor, kernel_size=2, stride=None, dilation=1) -> S
 MAX_GLOBAL_POOL_BYTES = 1 << 32
 
 
-def _per_batch(input: SparseTensor, what: str):
-    if not isinstance(input, SparseTensor):
-        raise TypeError(f"{what}: input must be a SparseTensor; got {type(input).__name__}")
-    if torch.compiler.is_compiling():
-        raise NotImplementedError(f"{what} sizes its dense output by the largest batch index, a value a "
-                                  "torch.compile (fullgraph) or torch.export graph cannot read; run it after the "
-                                  "graph, on the graph's output")
-    b = input.batch_size
-    nbytes = b * (input.num_channels * input.feats.element_size() + 8)
+def check_global_pool_size(b: int, channels: int, element_size: int, what: str) -> None:
+    """ValueError where a global pooling's ``(b, channels)`` output and its
+    per-item counts would pass :data:`MAX_GLOBAL_POOL_BYTES`."""
+    nbytes = b * (channels * element_size + 8)
     if nbytes > MAX_GLOBAL_POOL_BYTES:
-        raise ValueError(f"{what}: the output ({b}, {input.num_channels}) for batch indices up to {b - 1} needs "
+        raise ValueError(f"{what}: the output ({b}, {channels}) for batch indices up to {b - 1} needs "
                          f"{nbytes / 2**30:.1f} GiB, over the {MAX_GLOBAL_POOL_BYTES / 2**30:.0f} GiB limit "
                          "(number the batch items from 0)")
-    return input.coords[:, 0].long().to(input.device), b
+
+
+def _per_batch(input: SparseTensor, what: str):
+    """``(batch index of each row, sites of each batch item (B,))``: in a
+    graph the counts come from the ``batch_counts`` operator, whose length
+    is a size the graph reads from the data."""
+    if not isinstance(input, SparseTensor):
+        raise TypeError(f"{what}: input must be a SparseTensor; got {type(input).__name__}")
+    batch = input.coords[:, 0].long().to(input.device)
+    if torch.compiler.is_compiling():
+        from .. import ops
+
+        counts = ops.batch_counts(input.coords, input.feats.shape[1], input.feats.element_size())
+        return batch, counts.to(input.device)
+    b = input.batch_size
+    check_global_pool_size(b, input.num_channels, input.feats.element_size(), what)
+    return batch, torch.bincount(batch, minlength=b)
 
 
 def global_avg_pool(input: SparseTensor) -> torch.Tensor:
     """Dense ``(B, C)``: the mean feats of each batch item (0 for an item with
-    no sites)."""
-    batch, b = _per_batch(input, "global_avg_pool")
+    no sites). Runs in torch.compile / torch.export graphs too (``B`` read
+    from the data there: ``pointsparse::batch_counts``)."""
+    batch, counts = _per_batch(input, "global_avg_pool")
     feats = input.feats
-    total = feats.new_zeros((b, feats.shape[1])).index_add(0, batch, feats)
-    count = torch.bincount(batch, minlength=b).clamp_min(1).to(feats.dtype)
-    return total / count.unsqueeze(1)
+    total = feats.new_zeros((counts.shape[0], feats.shape[1])).index_add(0, batch, feats)
+    return total / counts.clamp_min(1).to(feats.dtype).unsqueeze(1)
 
 
 def global_max_pool(input: SparseTensor) -> torch.Tensor:
     """Dense ``(B, C)``: the channel-wise max of each batch item (0 for an item
-    with no sites)."""
-    batch, b = _per_batch(input, "global_max_pool")
+    with no sites). Runs in graphs as :func:`global_avg_pool`."""
+    batch, counts = _per_batch(input, "global_max_pool")
     feats = input.feats
-    out = feats.new_zeros((b, feats.shape[1]))
-    if len(input):
+    out = feats.new_zeros((counts.shape[0], feats.shape[1]))
+    if torch.compiler.is_compiling() or len(input):
         out = out.scatter_reduce(0, batch.unsqueeze(1).expand(-1, feats.shape[1]), feats, "amax", include_self=False)
     return out
