@@ -161,17 +161,21 @@ class _UNet(torch.nn.Module):
 
 def _training_step_matches_eager(eager: torch.nn.Module, twin: torch.nn.Module, clouds) -> None:
     """``twin`` (eager's copy) under torch.compile (fullgraph, dynamic, aot_eager) on each of ``clouds``
-    (float64; other sizes, no recompilation): the output coords and stride equal, feats within 1e-12, every
-    parameter's gradient within 1e-10 of eager's."""
+    (float64 SparseTensors, or tuples of forward arguments; other sizes, no recompilation): a SparseTensor
+    output's coords and stride equal, the output's values within 1e-12, every parameter's gradient within
+    1e-10 of eager's."""
     torch.compiler.reset()
     compiled = torch.compile(twin, fullgraph=True, dynamic=True, backend="aot_eager")
     with torch._dynamo.config.patch(error_on_recompile=True):
         for x in clouds:
-            got, want = compiled(x), eager(x)
-            assert torch.equal(got.coords, want.coords) and got.stride == want.stride
-            assert torch.allclose(got.feats, want.feats, rtol=0, atol=1e-12)
-            got.feats.square().sum().backward()
-            want.feats.square().sum().backward()
+            args = x if isinstance(x, tuple) else (x,)
+            got, want = compiled(*args), eager(*args)
+            if isinstance(want, ps.SparseTensor):
+                assert torch.equal(got.coords, want.coords) and got.stride == want.stride
+                got, want = got.feats, want.feats
+            assert got.shape == want.shape and torch.allclose(got, want, rtol=0, atol=1e-12)
+            got.square().sum().backward()
+            want.square().sum().backward()
             for (name, p), q in zip(twin.named_parameters(), eager.parameters()):
                 assert torch.allclose(p.grad, q.grad, rtol=0, atol=1e-10), name
 
@@ -283,19 +287,8 @@ def test_global_pooling_compiles_trains_and_exports(pool):
     items, gives eager's logits bit for bit on 5; the output-size limit holds in the graph too."""
     torch.manual_seed(0)
     eager = _Classifier(pool()).double()
-    twin = copy.deepcopy(eager)
-    torch.compiler.reset()
-    compiled = torch.compile(twin, fullgraph=True, dynamic=True, backend="aot_eager")
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for items, seed in ((3, 1), (5, 2)):
-            feats, coords = _batched_cloud(items, seed)
-            got, want = compiled(feats, coords), eager(feats, coords)
-            assert got.shape == want.shape == (items, 5)
-            assert torch.allclose(got, want, rtol=0, atol=1e-12)
-            got.square().sum().backward()
-            want.square().sum().backward()
-            for (name, p), q in zip(twin.named_parameters(), eager.parameters()):
-                assert torch.allclose(p.grad, q.grad, rtol=0, atol=1e-10), name
+    assert eager(*_batched_cloud(3, 1)).shape == (3, 5)
+    _training_step_matches_eager(eager, copy.deepcopy(eager), [_batched_cloud(3, 1), _batched_cloud(5, 2)])
     eager.eval()
     rows = torch.export.Dim("voxels", min=2)
     program = torch.export.export(eager, _batched_cloud(3, 1), dynamic_shapes=({0: rows}, {0: rows})).module()
