@@ -236,7 +236,8 @@ def write_page(args, state: dict, start: float, names, saved_rows: dict, held: d
                f"searched on.")
     command = (f"python bench/prune_finetune.py --checkpoint {args.checkpoint} --ratio {args.ratio} "
                f"--criterion {args.criterion} --epochs {args.epochs} --amc-episodes {args.amc_episodes} "
-               f"--amc-warmup {args.amc_warmup} --vectors {args.vectors}{' --square' if args.square else ''}{' --pairs' if args.pairs else ''}{f' --panels {args.panels}' if args.panels != 1 else ''}"
+               f"--amc-warmup {args.amc_warmup} --vectors {args.vectors}{' --square' if args.square else ''}"
+               f"{' --pairs' if args.pairs else ''}{f' --panels {args.panels}' if args.panels != 1 else ''}"
                f"{f' --offsets {args.offsets}' if args.offsets > 0 else ''}"
                f"{f' --eval-scenes {args.eval_scenes} --eval-inference {args.eval_inference}' if held else ''}"
                f" --out {args.out}"
