@@ -42,11 +42,9 @@ def main(args) -> int:
     dtype = feats_dtype(model, torch.float32)
     point_level = isinstance(model, SPVCNN)
     example = export.example_input(config["in_channels"], config.get("voxel_size", 0.2), points=point_level)
-    if point_level:
-        voxels, *points = example
-        program = export.export_model(model, (voxels.with_feats(voxels.feats.to(dtype)), *points))
-    else:
-        program = export.export_model(model, example.with_feats(example.feats.to(dtype)))
+    voxels = example[0] if point_level else example
+    voxels = voxels.with_feats(voxels.feats.to(dtype))
+    program = export.export_model(model, (voxels, *example[1:]) if point_level else voxels)
     kind = str(dtype).replace("torch.", "")
     inputs = {"feats": f"{kind} (N, in_channels)", "coords": "int32 (N, 4) [batch, x, y, z]"}
     if point_level:  # (its point branch, which gives the logits, runs in float32 in every form)
