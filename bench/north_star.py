@@ -30,7 +30,17 @@ on the same voxels: the largest logit difference over the largest logit, and
 the share of voxels whose argmax agrees. With untrained weights the pruned
 rows' differences say only that pruning changes the function; the accuracy
 after fine-tuning is measured in bench/prune_finetune.py (channels) and
-bench/voxel_prune.py (voxels)."""
+bench/voxel_prune.py (voxels).
+
+``--program NAME=FILE.pt2`` (repeatable) times trained models too: programs
+``pointsparse export`` wrote (say, the checkpoints bench/prune_finetune.py
+fine-tuned and scored on held-out scenes), run as ``pointsparse predict``
+runs them on the sweep: its points' features (``point_features``), voxelized
+at ``--voxel-size`` (whatever voxel the model was trained at: the time is
+that of this sweep's voxels), the program, every point's class; and the
+program alone on the cached voxels (it builds its maps inside every call).
+Interleaved with each other, medians of ``--rounds``; ``--no-variants``
+times only them."""
 
 from __future__ import annotations
 
@@ -195,6 +205,65 @@ def measure(points: np.ndarray, voxel_size: float, rounds: int) -> str:
     return "\n".join(lines)
 
 
+def program_specs(specs: list[str]) -> dict:
+    """``--program NAME=FILE.pt2`` arguments as {name: Path}; ValueError
+    naming the flag for a spec without both parts, a repeated name or a
+    missing file."""
+    out = {}
+    for spec in specs:
+        name, sep, file = spec.partition("=")
+        if not sep or not name or not file:
+            raise ValueError(f"--program takes NAME=FILE.pt2; got {spec!r}")
+        if name in out:
+            raise ValueError(f"--program {name}: the name is given twice")
+        if not Path(file).is_file():
+            raise ValueError(f"--program {name}: {file} does not exist")
+        out[name] = Path(file)
+    return out
+
+
+def program_rows(specs: dict, voxel_size: float, rounds: int) -> str:
+    """The table of ``--program NAME=FILE.pt2`` rows (see the module doc)."""
+    from _common import kitti_path
+
+    from pointsparse.app.evaluate import program_and_state
+    from pointsparse.app.scoring import feats_dtype, predict
+    from pointsparse.data import Batch
+    from pointsparse.data.readers import read_cloud
+    from pointsparse.data.transforms import voxelize_sample
+
+    programs = {name: (file, *program_and_state(file)) for name, file in specs.items()}
+    sample = read_cloud(kitti_path(), None, -1)
+    cached = {}
+    with torch.no_grad():
+        for name, (file, model, state) in programs.items():
+            v = voxelize_sample(sample, voxel_size, -1)
+            if v.feats.shape[1] != state["config"]["in_channels"]:
+                raise ValueError(f"--program {name}: the sweep's points give {v.feats.shape[1]} features; {file} "
+                                 f"takes {state['config']['in_channels']}")
+            cached[name] = ps.SparseTensor(v.input.feats.to(feats_dtype(model, torch.float32)), v.input.coords)
+            model(cached[name])  # warm-up
+        e2e, net = {n: [] for n in programs}, {n: [] for n in programs}
+        for _ in range(rounds):
+            for name, (file, model, state) in programs.items():
+                t0 = time.perf_counter()
+                _, pred = predict(model, Batch.of([voxelize_sample(sample, voxel_size, -1)]))
+                t1 = time.perf_counter()
+                model(cached[name])
+                e2e[name].append(t1 - t0)
+                net[name].append(time.perf_counter() - t1)
+    lines = [f"### Trained programs on KITTI raw 000049 at {voxel_size} m: {len(sample):,} points, "
+             f"{len(next(iter(cached.values()))):,} voxels, {torch.get_num_threads()} threads, medians of {rounds} "
+             "interleaved rounds", "",
+             "| program | file | MB | inference | trained at (m) | end to end ms (points to classes) | "
+             "program alone ms | x of 100 ms |", "|---|---|---|---|---|---|---|---|"]
+    for name, (file, model, state) in programs.items():
+        t, n = statistics.median(e2e[name]), statistics.median(net[name])
+        lines.append(f"| {name} | `{file}` | {file.stat().st_size / 1e6:.1f} | {state.get('inference', '?')} | "
+                     f"{state['config']['voxel_size']} | {1e3 * t:.0f} | {1e3 * n:.0f} | {1e3 * t / TARGET_MS:.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
@@ -202,23 +271,38 @@ def main() -> None:
     parser.add_argument("--voxel-size", type=float, default=0.05)
     parser.add_argument("--quick", action="store_true", help="one round")
     parser.add_argument("--out", default=None, help="the page (default bench/results/north_star.md)")
+    parser.add_argument("--program", action="append", default=[], metavar="NAME=FILE.pt2",
+                        help="also time this exported program as pointsparse predict runs it (repeatable)")
+    parser.add_argument("--no-variants", action="store_true",
+                        help="time only the --program rows, not the random-weight models")
     args = parser.parse_args()
     if args.quick:
         args.rounds = 1
+    if args.no_variants and not args.program:
+        parser.error("--no-variants leaves nothing to time without --program")
+    try:
+        programs = program_specs(args.program)
+    except ValueError as error:
+        parser.error(str(error))
     if "kitti-raw/000049" not in real_sweeps():
         print("north_star: ../shared/datasets/kitti-raw/000049.bin is absent; nothing measured")
         return
     torch.set_num_threads(args.threads)
-    points = kitti_points()
-    table = measure(points, args.voxel_size, args.rounds)
-    print(table)
+    tables = [] if args.no_variants else [measure(kitti_points(), args.voxel_size, args.rounds)]
+    if args.program:
+        tables.append(program_rows(programs, args.voxel_size, args.rounds))
+    print("\n\n".join(tables))
     out = Path(args.out) if args.out else results_path("north_star.md", args.quick)
     write_markdown(out, "North star: MinkUNet on a full KITTI sweep in <= 100 ms",
-                   "python bench/north_star.py " + " ".join(sys.argv[1:]), environment(), [table],
-                   "Seeded random weights (MinkUNet(4, 19, cr=1.0), BatchNorm at its initial statistics): the "
-                   "times are the network's, the differences only show how far each step moves the function."
+                   "python bench/north_star.py " + " ".join(sys.argv[1:]), environment(), tables,
+                   (("" if args.no_variants else
+                    "Seeded random weights (MinkUNet(4, 19, cr=1.0), BatchNorm at its initial statistics): the "
+                    "times are the network's, the differences only show how far each step moves the function. ")
+                   + ("The programs' rows: the files' own weights and form (`pointsparse export --inference`); "
+                      "their accuracy is measured where they were trained and scored, not on this unlabelled "
+                      "sweep. " if args.program else "")
                    + ("" if _core.conv_bf16() else " This CPU has no AVX512-BF16 kernels (`_core.conv_bf16()` "
-                      "is false): its bf16 rows run the float32 kernels on the widened inputs."))
+                      "is false): its bf16 rows run the float32 kernels on the widened inputs.")).strip())
 
 
 def kitti_points() -> np.ndarray:

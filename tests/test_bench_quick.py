@@ -160,3 +160,44 @@ def test_prune_exec_times_only_the_modes_asked(tmp_path):
         fwd_ms, fwd_x, bwd_ms, bwd_x, core_x = (c.strip() for c in cells[4:9])
         assert float(fwd_ms) > 0 and fwd_x.endswith("x") and core_x.endswith("x")
         assert bwd_ms == bwd_x == "-"
+
+
+def test_north_star_times_an_exported_program(tmp_path):
+    """``bench/north_star.py --program NAME=FILE.pt2 --no-variants``: a program
+    ``pointsparse export`` wrote, timed as ``pointsparse predict`` runs it on
+    the KITTI sweep (a row with its file, size, form and times); a spec
+    without ``=`` or naming no file is refused with the flag named."""
+    import pytest
+    import torch
+
+    from conftest import find_datasets
+    from pointsparse.app.cli import main as cli_main
+    from pointsparse.models import MinkUNet
+
+    datasets = find_datasets()
+    if datasets is None or not (datasets / "kitti-raw" / "000049.bin").is_file():
+        pytest.skip("needs ../shared/datasets/kitti-raw/000049.bin")
+    model = MinkUNet(7, 4, cr=0.25, blocks=1).eval()
+    ckpt = tmp_path / "checkpoint.pt"
+    torch.save({"model": model.state_dict(), "config": {
+        "in_channels": 7, "classes": ["a", "b", "c", "d"], "cr": 0.25, "blocks": 1, "voxel_size": 0.4,
+        "ignore_index": 255, "model": "minkunet"}}, ckpt)
+    program = tmp_path / "tiny.pt2"
+    assert cli_main(["export", "--checkpoint", str(ckpt), "--out", str(program), "--inference", "fused"]) == 0
+    script = str(benchmark.BENCH_DIR / "north_star.py")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), POINTSPARSE_DATASETS=str(datasets))
+    page = tmp_path / "ns.md"
+    proc = subprocess.run([sys.executable, script, "--quick", "--no-variants", "--voxel-size", "0.2", "--program",
+                           f"tiny={program}", "--out", str(page)], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = page.read_text()
+    assert "Trained programs on KITTI raw 000049 at 0.2 m" in text and "Seeded random weights" not in text
+    row = next(line for line in text.splitlines() if line.startswith("| tiny |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == f"`{program}`" and cells[3] == "fused" and cells[4] == "0.4"
+    assert float(cells[2]) > 0 and float(cells[5]) > 0 and float(cells[6]) > 0
+    for spec, said in ((str(program), "NAME=FILE.pt2"), (f"tiny={tmp_path / 'absent.pt2'}", "does not exist")):
+        proc = subprocess.run([sys.executable, script, "--quick", "--no-variants", "--program", spec, "--out",
+                               str(page)], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+        assert proc.returncode != 0 and said in proc.stderr and "--program" in proc.stderr
