@@ -609,6 +609,32 @@ def test_voxelize_sample_and_collate():
         Batch.of([])
 
 
+def test_voxelize_sample_matches_the_float64_numpy_reference():
+    """The shift to voxel 0 and the centred features, bit for bit the plain
+    numpy formulas (minimum over rows, float64 shift, float32 features):
+    negative and large coordinates, intensity, three voxel sizes."""
+    from pointsparse.data.transforms import NUM_FEATURES, point_features
+    from pointsparse.voxelize import voxelize
+
+    rng = np.random.default_rng(5)
+    s = Sample(rng.normal(size=(3000, 3)) * [40, 25, 3] + [-17.3, 1234.567, -2.2], None,
+               intensity=rng.random((3000, 1)).astype(np.float32))
+    xyz = s.xyz  # (float32, as Sample keeps every cloud)
+    ref = np.zeros((3000, NUM_FEATURES), np.float32)
+    ref[:, :3] = xyz
+    ref[:, :2] -= xyz[:, :2].mean(0)
+    ref[:, 3:4] = s.intensity
+    assert np.array_equal(point_features(s), ref)
+    for size in (0.05, 0.2, 0.37):
+        x64 = xyz.astype(np.float64)
+        points = torch.from_numpy((x64 - np.floor(x64.min(0) / size) * size).astype(np.float32))
+        tensor, inverse = voxelize(points, torch.from_numpy(ref), voxel_size=size, reduce="mean")
+        v = voxelize_sample(s, size, 255)
+        assert torch.equal(v.coords, tensor.coords) and torch.equal(v.feats, tensor.feats)
+        assert torch.equal(v.inverse, inverse.long()) and int(v.coords[:, 1:].min()) == 0
+        assert torch.equal(v.points, (points.double() / size).float())
+
+
 def test_voxel_dataset_augments_per_epoch_deterministically():
     scenes = GeneratedScenes("outdoor", 2, **SMALL)
     ds = VoxelDataset(scenes, 0.2, train=True, seed=3)
