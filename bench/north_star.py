@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+import shlex
 import statistics
 import sys
 import time
@@ -294,7 +295,7 @@ def main() -> None:
     print("\n\n".join(tables))
     out = Path(args.out) if args.out else results_path("north_star.md", args.quick)
     write_markdown(out, "North star: MinkUNet on a full KITTI sweep in <= 100 ms",
-                   "python bench/north_star.py " + " ".join(sys.argv[1:]), environment(), tables,
+                   "python bench/north_star.py " + shlex.join(sys.argv[1:]), environment(), tables,
                    (("" if args.no_variants else
                     "Seeded random weights (MinkUNet(4, 19, cr=1.0), BatchNorm at its initial statistics): the "
                     "times are the network's, the differences only show how far each step moves the function. ")
