@@ -30,7 +30,10 @@ model's shapes and the FLOPs the engine executes for its weights
 (``sparsity_report``'s ``executed_flops``), on the cloud AMC searches on.
 With ``--eval-scenes N`` every fine-tuned model is also scored on N held-out generated scenes
 (``pointsparse eval --val-scenes N``, in ``--eval-inference``'s form): the run validates on 4,
-whose mIoU moves by several points from seed to seed. ``--quick``: one epoch each and a 3-episode AMC search, runs in
+whose mIoU moves by several points from seed to seed. Each model fine-tuned is kept in
+``--out`` (OUT/rows.json holds its row, held-out scores and what it depended on: ``row_key``), so a
+second run into the same OUT with another ``--vectors`` or ``--offsets`` amount fine-tunes only
+the new model and tables it beside the unpruned and keep rows. ``--quick``: one epoch each and a 3-episode AMC search, runs in
 ``--out``-quick, the page in a temporary folder.
 Without the checkpoint the script says so and measures nothing."""
 
@@ -167,22 +170,23 @@ def main() -> None:
                 if args.vectors > 0 else ())
              + ((f"keep {args.ratio} + offsets {args.offsets}",) if args.offsets > 0 else ()))
     store = args.out / "rows.json"
-    key = " ".join(map(str, (args.checkpoint.resolve(), args.epochs, args.ratio, args.criterion, args.amc_episodes,
-                             args.amc_warmup, args.vectors) + ((_shape(args).strip(),) if _shape(args) else ())
-                   + ((f"offsets {args.offsets}",) if args.offsets > 0 else ())))
-    saved = json.loads(store.read_text()) if store.is_file() else {}
-    saved = saved if saved.get("key") == key else {"key": key, "rows": {}}
+    saved = load_rows(store, args)
     for name in names:
         kind = "vectors" if "vectors" in name else "offsets" if "offsets" in name else name.split()[0]
         out = args.out / name.replace(" ", "-")
+        if saved["keys"].get(name) != row_key(name, args):
+            saved["rows"].pop(name, None)  # fine-tuned from another checkpoint or budget: not this row
         done = name in saved["rows"] and (out / "checkpoint.pt").is_file()
         if (kind not in args.models) if args.models is not None else done:
             continue  # not asked for, or (no --models) fine-tuned by an earlier run with this key
+        for scored in saved["held_out"].values():
+            scored.pop(name, None)  # scores of the model this run replaces
         path, note = _prepare(name, args, out)
         t0 = time.perf_counter()
         finetune(path, args.epochs)
         report = json.loads((out / "metrics.json").read_text())
         saved["rows"][name] = [*_size(path, x), report["miou"], time.perf_counter() - t0, note]
+        saved["keys"][name] = row_key(name, args)
         store.write_text(json.dumps(saved))
         print(f"{name}: mIoU {100 * report['miou']:.1f}% after {args.epochs} more epochs", flush=True)
     if any(n not in saved["rows"] for n in names):
@@ -190,7 +194,7 @@ def main() -> None:
         return
     held = {}
     if args.eval_scenes > 0:
-        held = saved.setdefault("held_out", {}).setdefault(f"{args.eval_scenes} {args.eval_inference}", {})
+        held = saved["held_out"].setdefault(f"{args.eval_scenes} {args.eval_inference}", {})
         for name in names:
             if name not in held:
                 held[name] = held_out_miou(args.out / name.replace(" ", "-") / "checkpoint.pt", args.eval_scenes,
@@ -199,6 +203,37 @@ def main() -> None:
                 print(f"{name}: mIoU {100 * held[name]:.1f}% on {args.eval_scenes} held-out scenes "
                       f"({args.eval_inference})", flush=True)
     write_page(args, state, start, names, saved["rows"], held)
+
+
+def row_key(name: str, args) -> str:
+    """What model ``name``'s fine-tuning depends on: the checkpoint and the
+    epochs; the channel cut's ratio and criterion for every pruned model
+    (the vectors' and offsets' amounts and shape are in their names); AMC's
+    search. A row of OUT/rows.json is reused only under the same key, so
+    runs with other ``--vectors`` or ``--offsets`` into one OUT fine-tune
+    only their new models."""
+    parts = [args.checkpoint.resolve(), args.epochs]
+    if name != "unpruned":
+        parts += [args.ratio, args.criterion]
+    if name == "AMC":
+        parts += [args.amc_episodes, args.amc_warmup]
+    return " ".join(map(str, parts))
+
+
+def load_rows(store: Path, args) -> dict:
+    """OUT/rows.json: ``rows`` (name -> table row), ``keys`` (name ->
+    row_key) and ``held_out`` ("SCENES INFERENCE" -> name -> mIoU). A file
+    of the earlier form (one key for every row: checkpoint, epochs, ratio,
+    criterion, AMC's search, then the amounts its rows' names say) keeps
+    its rows where that key starts as this run's would."""
+    saved = json.loads(store.read_text()) if store.is_file() else {}
+    if "keys" not in saved:
+        legacy = " ".join(map(str, (args.checkpoint.resolve(), args.epochs, args.ratio, args.criterion,
+                                    args.amc_episodes, args.amc_warmup))) + " "
+        rows = saved.get("rows", {}) if str(saved.get("key", "")).startswith(legacy) else {}
+        saved = {"rows": rows, "keys": {n: row_key(n, args) for n in rows},
+                 "held_out": saved.get("held_out", {}) if rows else {}}
+    return saved
 
 
 def held_out_miou(path: Path, scenes: int, inference: str) -> float:

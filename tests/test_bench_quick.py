@@ -201,3 +201,42 @@ def test_north_star_times_an_exported_program(tmp_path):
         proc = subprocess.run([sys.executable, script, "--quick", "--no-variants", "--program", spec, "--out",
                                str(page)], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
         assert proc.returncode != 0 and said in proc.stderr and "--program" in proc.stderr
+
+
+def test_prune_finetune_keeps_each_models_rows_across_amounts(tmp_path):
+    """bench/prune_finetune.py's OUT/rows.json: a row is reused under its own
+    key (checkpoint and epochs; ratio and criterion for the pruned models;
+    AMC's search for AMC), so a run with another ``--vectors`` reuses the
+    unpruned and keep rows; a file of the earlier one-key form keeps its
+    rows (and held-out scores) where its key starts as this run's, and
+    loses them for another budget."""
+    import argparse
+    import importlib
+
+    sys.path.insert(0, str(benchmark.BENCH_DIR))
+    try:
+        pf = importlib.import_module("prune_finetune")
+    finally:
+        sys.path.remove(str(benchmark.BENCH_DIR))
+    ckpt = tmp_path / "checkpoint.pt"
+    args = argparse.Namespace(checkpoint=ckpt, epochs=60, ratio=0.5, criterion="l1", amc_episodes=0, amc_warmup=10,
+                              vectors=0.85, square=False, pairs=True, panels=1, offsets=0.0)
+    other = argparse.Namespace(**{**vars(args), "vectors": 0.5, "pairs": False, "offsets": 0.74})
+    for name in ("unpruned", "keep 0.5", "keep 0.5 + pair vectors 0.85", "AMC"):
+        assert pf.row_key(name, args) == pf.row_key(name, other)
+    assert pf.row_key("unpruned", argparse.Namespace(**{**vars(args), "ratio": 0.25})) == pf.row_key("unpruned", args)
+    for changed in ({"ratio": 0.25}, {"criterion": "l2"}, {"epochs": 20}):
+        assert pf.row_key("keep 0.5", argparse.Namespace(**{**vars(args), **changed})) != pf.row_key("keep 0.5", args)
+    assert pf.row_key("AMC", argparse.Namespace(**{**vars(args), "amc_episodes": 30})) != pf.row_key("AMC", args)
+    rows = {"unpruned": [1, 1, 1, 0.8, 10, ""], "keep 0.5 + pair vectors 0.75": [1, 1, 1, 0.7, 5, ""]}
+    held = {"48 bf16": {"unpruned": 0.87, "keep 0.5 + pair vectors 0.75": 0.88}}
+    store = tmp_path / "rows.json"
+    store.write_text(json.dumps({"key": f"{ckpt.resolve()} 60 0.5 l1 0 10 0.75 pair", "rows": rows, "held_out": held}))
+    saved = pf.load_rows(store, args)
+    assert saved["rows"] == rows and saved["held_out"] == held
+    assert saved["keys"] == {n: pf.row_key(n, args) for n in rows}
+    store.write_text(json.dumps({"key": f"{ckpt.resolve()} 20 0.5 l1 0 10 0.75 pair", "rows": rows, "held_out": held}))
+    assert pf.load_rows(store, args) == {"rows": {}, "keys": {}, "held_out": {}}
+    assert pf.load_rows(tmp_path / "absent.json", args) == {"rows": {}, "keys": {}, "held_out": {}}
+    store.write_text(json.dumps(saved))
+    assert pf.load_rows(store, args) == saved
