@@ -218,7 +218,8 @@ def measure(channels: int, coords: torch.Tensor, rounds: int, points: list | Non
               f"(fixed + f x dense) = {1e3 * core:.1f} / ({1e3 * med['floor']:.2f} + f x {1e3 * core:.1f}): "
               + ", ".join(f"{core / (med['floor'] + f * core):.1f}x of {1 / f:.1f}x for f = {f}"
                           for f in (0.5, 0.25, 0.12)) + "."]
-    lines += ["", ceiling_line(rows, runs, sizes, channels, med)]
+    if any(kind == "offset" for _, kind in rows):  # (the line is about offset-pruned convs alone)
+        lines += ["", ceiling_line(rows, runs, sizes, channels, med)]
     return "\n".join(lines)
 
 
