@@ -51,7 +51,7 @@ def point_features(sample: Sample) -> np.ndarray:
     if n:
         out[:, :3] = sample.xyz
         mean = sample.xyz[:, :2].mean(0)
-        # Column by column: numpy's broadcast over a 7-wide row is ~7x slower (KITTI, 120k points).
+        # Column by column: numpy broadcasts over the (N, 7) rows one short inner loop a row.
         out[:, 0] -= mean[0:1]  # (arrays, not scalars: the dtype promotion of the broadcast)
         out[:, 1] -= mean[1:2]
     if sample.intensity is not None:
@@ -105,8 +105,8 @@ class VoxelSample:
 def voxelize_sample(sample: Sample, voxel_size: float, ignore_index: int) -> VoxelSample:
     """Quantise a sample (shifted so that its minimum lands at voxel 0, which
     keeps real tiles inside the 17-bit coordinate range)."""
-    # The shift in float64, the minimum per column and the arithmetic in torch:
-    # the same values as numpy's (N, 3) reductions and casts, 5x sooner.
+    # The shift in float64: the minimum per column, the arithmetic in torch (the
+    # same values as numpy's reduction over the (N, 3) rows and its casts, sooner).
     xyz = torch.from_numpy(sample.xyz).double()  # (Sample keeps float32, C-contiguous)
     if len(xyz):
         low = np.array([sample.xyz[:, a].min() for a in range(3)], dtype=np.float64)
