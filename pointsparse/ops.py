@@ -188,10 +188,18 @@ _GRAPH_PLANS = WeakIdKeyDictionary()
 _GRAPH_TRANSPOSES = WeakIdKeyDictionary()
 
 
+def _version(t: Tensor) -> int:
+    """``t._version``, or -1 for an inference tensor (made under
+    ``torch.inference_mode``), which keeps no version counter: a program run
+    there makes its maps' pair tensors afresh in every run, so a plan is
+    only found again by the layers of the same run that share the map."""
+    return -1 if t.is_inference() else t._version
+
+
 def _plan(out_coords, in_idx, out_idx, sizes, key, num_in):
     from .nn import _engine
 
-    stamp = (out_idx, in_idx._version, out_idx._version, in_idx.data_ptr(), num_in, out_coords.shape[0], tuple(key))
+    stamp = (out_idx, _version(in_idx), _version(out_idx), in_idx.data_ptr(), num_in, out_coords.shape[0], tuple(key))
     hit = _GRAPH_PLANS.get(in_idx)
     if hit is not None and hit[0][0] is out_idx and hit[0][1:] == stamp[1:]:
         return hit[1]

@@ -397,6 +397,24 @@ def test_spatially_pruned_model_exports_bit_for_bit(tmp_path):
         export.export_model(model, x).module()(x.feats, x.coords)
 
 
+def test_exported_program_runs_under_inference_mode(tmp_path):
+    # torch.inference_mode makes the graph's pair tensors inference tensors, which keep no version counter:
+    # the plan cache must not read one (it raised "Inference tensors do not track version counter")
+    torch.manual_seed(0)
+    model = _trained_like(MinkUNet(3, 5, cr=0.25))
+    export.save(export.export_model(model, _cloud(600, 1)), tmp_path / "m.pt2")
+    program = export.ProgramModel.load(tmp_path / "m.pt2")
+    for n, seed in ((500, 2), (800, 3)):
+        x = _cloud(n, seed)
+        with torch.no_grad():
+            want = model(x).feats
+        with torch.inference_mode():
+            got = program(x).feats
+            again = program(x).feats  # the same maps' plans again, a run later
+        assert got.is_inference()
+        assert torch.equal(got, want) and torch.equal(again, want)
+
+
 # --- torch.export ----------------------------------------------------------------------------------------
 
 def _checkpoint(tmp_path, model: torch.nn.Module, config: dict):
