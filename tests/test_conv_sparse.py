@@ -876,6 +876,88 @@ def test_streamed_output_equals_the_output_summed_in_place(c_in, c_out, dtype, i
     torch.testing.assert_close(streamed[0], ref, **tol)
 
 
+@pytest.fixture
+def rows_ahead():
+    """The core, its rows-ahead setting put back after the test."""
+    core = ps._ext.core
+    before = core.conv_rows_ahead()
+    yield core
+    core.conv_rows_ahead(before)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("c", [16, 64, 72])
+def test_rows_ahead_change_no_output(c, dtype, isa, rows_ahead):
+    """Fetching the next block's rows ahead (conv_rows_ahead 'on') only
+    moves when lines arrive: the forward (bias, ReLU, a residual; dense,
+    offset-skipping with and without the identity, vector-sparse, summed in
+    place and streamed), the input gradient and the bf16 forward equal the
+    results with it off bit for bit, on 1 and 2 threads, several 512-row
+    blocks and a partial one, every row written (NaN first)."""
+    x = make(n=2500, c=c, extent=20, dtype=dtype, seed=7)
+    kmap = ps.kmap.get_kmap(x, 3)
+    plan = _engine.make_fused_plan(kmap)
+    assert plan.identity == 13 and kmap.num_out > 3 * 512
+    g = torch.Generator().manual_seed(8)
+    bias = torch.randn(c, generator=g, dtype=dtype)
+    add = torch.randn(kmap.num_out, c, generator=g, dtype=dtype)
+    grad = torch.randn(kmap.num_out, c, generator=g, dtype=dtype)
+    weights = {"dense": torch.randn(27, c, c, generator=g, dtype=dtype),
+               "offsets": sparse_weight(27, c, c, dtype, vector_keep=1.0, dead=(0, 4)),
+               "offsets, no identity": sparse_weight(27, c, c, dtype, vector_keep=1.0, dead=(0, 4, 13)),
+               "vectors": sparse_weight(27, c, c, dtype, vector_keep=0.25, dead=(2,))}
+    bf16 = dtype == torch.float32 and rows_ahead.conv_bf16()
+    bits = lambda t: t.bfloat16().view(torch.int16).numpy()  # noqa: E731
+
+    def run(weight, vector, nt, stream):
+        before = rows_ahead.conv_stream_bytes(0 if stream else 1 << 62)
+        try:
+            active = _engine.choose_execution(weight).active
+            out = torch.full((kmap.num_out, c), float("nan"), dtype=dtype)
+            plan.core.forward(x.feats.numpy(), weight.numpy(), bias.numpy(), out.numpy(), nt, isa, True,
+                              active=active, vector=vector, add=add.numpy())
+            gf = torch.full_like(x.feats, float("nan"))
+            plan.core.backward_input(grad.numpy(), weight.numpy(), gf.numpy(), nt, isa, active=active,
+                                     vector=vector)
+        finally:
+            rows_ahead.conv_stream_bytes(before)
+        got = [out, gf]
+        if bf16 and not stream:
+            sums = torch.full((kmap.num_out, c), float("nan"))
+            plan.core.forward_bf16(bits(x.feats), bits(weight), bias.numpy(), sums.numpy(), nt, False,
+                                   vector_density=1.0 if vector else -1.0)
+            got.append(sums)
+        return got
+
+    for name, weight in weights.items():
+        for vector in (False, True):
+            for nt in (1, 2):
+                for stream in (False, True):
+                    rows_ahead.conv_rows_ahead("off")
+                    off = run(weight, vector, nt, stream)
+                    rows_ahead.conv_rows_ahead("on")
+                    on = run(weight, vector, nt, stream)
+                    for a, b in zip(off, on):
+                        assert not b.isnan().any(), (name, vector, nt, stream)
+                        assert torch.equal(a, b), (name, vector, nt, stream)
+    ref = torch.relu(conv_sum(x.feats, weights["vectors"], kmap) + bias + add)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(on[0], ref, **tol)
+
+
+def test_rows_ahead_setting_is_checked_and_restored(rows_ahead):
+    before = rows_ahead.conv_rows_ahead()
+    assert before == "auto"  # the default
+    with pytest.raises(ValueError, match="mode must be 'auto', 'on' or 'off', got 'yes'"):
+        rows_ahead.conv_rows_ahead("yes")
+    with pytest.raises(TypeError):
+        rows_ahead.conv_rows_ahead(1)
+    assert rows_ahead.conv_rows_ahead("off") == "auto" and rows_ahead.conv_rows_ahead() == "off"
+    assert rows_ahead.conv_rows_ahead("on") == "off" and rows_ahead.conv_rows_ahead() == "on"
+    assert rows_ahead.conv_rows_ahead("auto") == "on" and rows_ahead.conv_rows_ahead() == "auto"
+
+
 def test_stream_threshold_is_checked_and_restored():
     core = ps._ext.core
     before = core.conv_stream_bytes()
