@@ -816,6 +816,25 @@ def test_no_active_offset_leaves_the_bias_and_a_zero_weight_gradient():
     assert not gw.any()
 
 
+def blocked_case(c_in, c_out, dtype, seed):
+    """A submanifold map of several 512-row blocks and a partial one, its
+    plan, a bias, a residual and an output gradient, and weights: dense,
+    offsets skipped with and without the identity, vector-sparse."""
+    x = make(n=2500, c=c_in, extent=20, dtype=dtype, seed=seed)
+    kmap = ps.kmap.get_kmap(x, 3)
+    plan = _engine.make_fused_plan(kmap)
+    assert plan.identity == 13 and kmap.num_out > 3 * 512
+    g = torch.Generator().manual_seed(seed + 1)
+    bias = torch.randn(c_out, generator=g, dtype=dtype)
+    add = torch.randn(kmap.num_out, c_out, generator=g, dtype=dtype)
+    grad = torch.randn(kmap.num_out, c_out, generator=g, dtype=dtype)
+    weights = {"dense": torch.randn(27, c_in, c_out, generator=g, dtype=dtype),
+               "offsets": sparse_weight(27, c_in, c_out, dtype, vector_keep=1.0, dead=(0, 4)),
+               "offsets, no identity": sparse_weight(27, c_in, c_out, dtype, vector_keep=1.0, dead=(0, 4, 13)),
+               "vectors": sparse_weight(27, c_in, c_out, dtype, vector_keep=0.25, dead=(2,))}
+    return x, kmap, plan, bias, add, grad, weights
+
+
 @pytest.fixture
 def stream_all():
     """Every output whose rows the streaming stores take is streamed
@@ -838,17 +857,7 @@ def test_streamed_output_equals_the_output_summed_in_place(c_in, c_out, dtype, i
     gradient too, on 1 and 2 threads; every row written (NaN first). 12
     columns are rows the streaming stores do not take (not whole vectors):
     summed in place, the same."""
-    x = make(n=2500, c=c_in, extent=20, dtype=dtype, seed=5)  # several 512-row blocks and a partial one
-    kmap = ps.kmap.get_kmap(x, 3)
-    plan = _engine.make_fused_plan(kmap)
-    assert plan.identity == 13 and kmap.num_out > 3 * 512
-    g = torch.Generator().manual_seed(6)
-    bias = torch.randn(c_out, generator=g, dtype=dtype)
-    add = torch.randn(kmap.num_out, c_out, generator=g, dtype=dtype)
-    grad = torch.randn(kmap.num_out, c_out, generator=g, dtype=dtype)
-    weights = {"dense": torch.randn(27, c_in, c_out, generator=g, dtype=dtype),
-               "offsets, no identity": sparse_weight(27, c_in, c_out, dtype, vector_keep=1.0, dead=(0, 4, 13)),
-               "vectors": sparse_weight(27, c_in, c_out, dtype, vector_keep=0.25, dead=(2,))}
+    x, kmap, plan, bias, add, grad, weights = blocked_case(c_in, c_out, dtype, 5)
 
     def run(weight, vector, nt, stream):
         stream_all.conv_stream_bytes(0 if stream else 1 << 62)
@@ -895,18 +904,7 @@ def test_rows_ahead_change_no_output(c, dtype, isa, rows_ahead):
     place and streamed), the input gradient and the bf16 forward equal the
     results with it off bit for bit, on 1 and 2 threads, several 512-row
     blocks and a partial one, every row written (NaN first)."""
-    x = make(n=2500, c=c, extent=20, dtype=dtype, seed=7)
-    kmap = ps.kmap.get_kmap(x, 3)
-    plan = _engine.make_fused_plan(kmap)
-    assert plan.identity == 13 and kmap.num_out > 3 * 512
-    g = torch.Generator().manual_seed(8)
-    bias = torch.randn(c, generator=g, dtype=dtype)
-    add = torch.randn(kmap.num_out, c, generator=g, dtype=dtype)
-    grad = torch.randn(kmap.num_out, c, generator=g, dtype=dtype)
-    weights = {"dense": torch.randn(27, c, c, generator=g, dtype=dtype),
-               "offsets": sparse_weight(27, c, c, dtype, vector_keep=1.0, dead=(0, 4)),
-               "offsets, no identity": sparse_weight(27, c, c, dtype, vector_keep=1.0, dead=(0, 4, 13)),
-               "vectors": sparse_weight(27, c, c, dtype, vector_keep=0.25, dead=(2,))}
+    x, kmap, plan, bias, add, grad, weights = blocked_case(c, c, dtype, 7)
     bf16 = dtype == torch.float32 and rows_ahead.conv_bf16()
     bits = lambda t: t.bfloat16().view(torch.int16).numpy()  # noqa: E731
 
