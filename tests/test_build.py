@@ -308,9 +308,9 @@ print(ok, off, on)
 def test_reuse_freed_memory_keeps_pages_mapped():
     """With glibc (this project's Linux machines) the setting takes effect:
     8 MB blocks freed and allocated again fault their pages in every time
-    at glibc's defaults (some 500 faults a block here, transparent huge
-    pages taking part of it), and almost never once freed memory stays in
-    the process. In a subprocess: the setting is process-wide."""
+    at glibc's defaults (some 500 faults a block here, or a handful where
+    transparent huge pages serve it), and far fewer once freed memory
+    stays in the process. In a subprocess: the setting is process-wide."""
     import platform
 
     proc = subprocess.run([sys.executable, "-c", REUSE_PROBE], capture_output=True, text=True, timeout=120,
@@ -320,7 +320,9 @@ def test_reuse_freed_memory_keeps_pages_mapped():
     if platform.libc_ver()[0] != "glibc":
         assert ok == "False"
         return
-    assert ok == "True" and int(off) > 8 * 100 and int(on) < 50, (off, on)
+    # at least 4 faults a fresh 8 MB block even where transparent huge pages serve all of it (4 x 2 MB; on
+    # this Xeon 5 a block then, against some 500 without), and far fewer once freed memory is kept
+    assert ok == "True" and int(off) >= 8 * 4 and int(on) * 4 < int(off), (off, on)
     with pytest.raises(TypeError, match="on must be a bool"):
         pointsparse.reuse_freed_memory(1)
     with pytest.raises(ValueError, match="max_bytes"):
