@@ -137,16 +137,6 @@ def conv_stream_auto_bytes(bytes: int | None = None) -> int:
     ValueError): sets it, process-wide, and returns the previous value; with
     None returns it. For tests and benchmarks."""
 
-def conv_rows_ahead(mode: str | None = None) -> str:
-    """Whether the fused kernels fetch the next block's rows into L2 while a
-    block runs (a submanifold map's forward and input gradient): ``'auto'``
-    (default: the avx512 build on a CPU whose 512-bit FMAs run at full
-    width, float32 / float64 products of 33-64 channels, as measured there),
-    ``'on'`` or ``'off'``. With ``mode`` sets it (process-wide) and returns
-    the previous one; ValueError for another string. The outputs are the
-    same either way. For tests and benchmarks."""
-
-
 def conv_streamed() -> bool:
     """Whether the last float forward or input gradient of ConvPlan this
     thread ran streamed its output. For tests and benchmarks."""

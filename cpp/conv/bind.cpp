@@ -396,23 +396,6 @@ void bind_conv(py::module_& m) {
       "Output bytes from which a forward that ConvPlan.streams_output marks streams its output (default 8 MiB "
       "where avx512_full_width(), as measured there, else 2**62: never); with `bytes` sets it (process-wide) and returns the previous value. For tests and "
       "benchmarks.");
-  m.def(
-      "conv_rows_ahead",
-      [](std::optional<std::string> mode) {
-        static const char* const names[] = {"auto", "off", "on"};  // modes -1, 0, 1
-        const auto name = [](int m) { return std::string(names[m + 1]); };
-        if (!mode) return name(conv::rows_ahead_mode());
-        for (int m = -1; m <= 1; ++m)
-          if (*mode == names[m + 1]) return name(conv::set_rows_ahead_mode(m));
-        throw py::value_error("conv_rows_ahead: mode must be 'auto', 'on' or 'off', got '" + *mode + "'");
-      },
-      py::arg("mode") = py::none(),
-      "Whether the fused kernels fetch the next block's rows into L2 while a block runs (a submanifold "
-      "map's forward and input gradient, float and bf16): 'auto' (default: the avx512 build on a CPU whose "
-      "512-bit FMAs run at full width, float32 or float64, 33-64 channels read or written, none above 64, as "
-      "measured there), 'on' "
-      "or 'off'. With `mode` sets it (process-wide) and returns the previous one. The outputs are the same "
-      "either way. For tests and benchmarks.");
   m.def("conv_streamed", [] { return conv::last_streamed(); },
         "Whether the last float forward or input gradient of ConvPlan this thread ran streamed its output "
         "(summed in scratch blocks, written with non-temporal stores). For tests and benchmarks.");

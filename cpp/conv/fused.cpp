@@ -19,7 +19,6 @@ void apply_with(ApplyArgs<T> a, Isa isa) {
   a.wpack = wpack.get();
   std::unique_ptr<T[]> blocks;
   attach_blocks(a, isa, blocks);
-  a.rows_ahead = rows_ahead_for(isa, a.kc, a.cols);
   switch (isa) {
     case Isa::avx512: avx512::apply(a); break;
     case Isa::avx2: avx2::apply(a); break;
@@ -77,18 +76,6 @@ int64_t stream_auto_bytes() {
 int64_t set_stream_auto_bytes(int64_t bytes) {
   const int64_t v = g_stream_auto_bytes.exchange(bytes);
   return v >= 0 ? v : default_stream_auto_bytes();
-}
-
-namespace {
-std::atomic<int> g_rows_ahead{-1};
-}  // namespace
-int rows_ahead_mode() { return g_rows_ahead.load(std::memory_order_relaxed); }
-int set_rows_ahead_mode(int mode) { return g_rows_ahead.exchange(mode); }
-bool rows_ahead_for(Isa isa, int64_t kc, int64_t cols, bool bf16) {
-  const int mode = rows_ahead_mode();
-  if (mode >= 0) return mode == 1;
-  return !bf16 && isa == Isa::avx512 && avx512_full_width() && kc <= kRowsAheadMaxChannels && cols <= kRowsAheadMaxChannels &&
-         (kc > kRowsAheadMinChannels || cols > kRowsAheadMinChannels);
 }
 
 void apply(ApplyArgs<float> a, Isa isa) { apply_with(a, isa); }

@@ -69,9 +69,6 @@ struct ApplyArgs {
   // from stream_auto_bytes() on, whatever stream_bytes() says, in the avx512
   // build's float32 kernels (attach_blocks).
   bool stream = false;
-  // Set by the dispatch (rows_ahead_for): the walk fetches the next block's
-  // rows into L2 while this block runs (apply_blocks in fused_kernels.h).
-  bool rows_ahead = false;
 };
 
 // grad_w[k] = x[col]^T @ g[row] summed over the pairs of offset k (every
@@ -139,42 +136,6 @@ int64_t set_stream_auto_bytes(int64_t bytes);
 // Whether the last apply (forward or input gradient) the calling thread ran
 // streamed its output (tests and benchmarks: _core.conv_streamed).
 bool last_streamed();
-
-// Rows ahead. On a submanifold map a thread's block of written rows starts
-// with the identity pass, which reads the block's own rows and writes every
-// one of them: the block's traffic with memory comes at its start, while
-// its other offsets run from cache. Where the products per row are few (a
-// vector-sparse kernel, or 64 channels or fewer) the kernels then wait on
-// memory and compute in turns. With rows_ahead, after each tile of a block
-// apply_blocks fetches into L2 (prefetcht1) its share of the lines the
-// thread's next block's identity pass reads (its rows of src) and, summed in
-// place, writes (its rows of dst), so that the fetches overlap the
-// products. The same sums: only when lines arrive changes. Measured on an
-// Intel Xeon [avx512 amx] (bench/rows_ahead.py, KITTI sweep, one thread, the
-// same build switched between calls; bench/RESULTS.md stop 43): see
-// rows_ahead_for.
-// The setting in force (process-wide, for tests and benchmarks:
-// _core.conv_rows_ahead): -1 auto (rows_ahead_for's rule), 0 never, 1
-// always; set_rows_ahead_mode returns the one it replaces.
-int rows_ahead_mode();
-int set_rows_ahead_mode(int mode);
-// Whether a product of `kc` read and `cols` written channels fetches rows
-// ahead in the build `isa` (`bf16`: the bf16 inference kernels): with the
-// mode auto, where the avx512 build runs with its FMAs at full width
-// (avx512_full_width(): Intel, where it was measured), float32 or float64,
-// kc and cols at most kRowsAheadMaxChannels and one of them above
-// kRowsAheadMinChannels. On that Xeon (KITTI sweep, one thread,
-// bench/rows_ahead.py, 15 rounds, the same process switching it, two runs;
-// bench/RESULTS.md stop 43): at C = 64 the float32 forward and input
-// gradient, dense and vector-sparse, 0.97-1.00x the time without (in
-// bench/ab_builds.py's separate processes, whose arrays come from memory
-// rather than L3: 0.93-0.98x); at C = 32 mostly 1.00-1.03x (twin 75% 0.94x);
-// at C = 128 1.04-1.08x; the bf16 kernels 1.00-1.03x at C = 32 and 64. The
-// full-width fused MinkUNet(4, 19) in float32 0.976x / 0.992x with
-// rows ahead up to 64 channels, 1.030x / 1.000x in every layer.
-constexpr int64_t kRowsAheadMinChannels = 32;
-constexpr int64_t kRowsAheadMaxChannels = 64;
-bool rows_ahead_for(Isa isa, int64_t kc, int64_t cols, bool bf16 = false);
 
 // The register tile of each build: `mr` pairs (rows) x two vectors of
 // `vec_bytes` (columns). generic and avx2: 6 x (2 x 32 bytes), 12
@@ -262,8 +223,6 @@ struct ApplyBf16Args {
   // would run, in a square conv's terms) at which the AMX form
   // (Bf16Execution::tiles) runs where amx_bf16_runs(); infinite: never.
   double tiles_width = __builtin_inf();
-  // As ApplyArgs::rows_ahead (set by apply_bf16_kernels).
-  bool rows_ahead = false;
 };
 // Whether this build and this CPU run apply_bf16 (AVX-512 F/VL/BW/DQ + BF16).
 bool bf16_runs();

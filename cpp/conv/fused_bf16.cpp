@@ -555,9 +555,6 @@ Bf16Execution apply_bf16_kernels(ApplyBf16Args a) {
   // lanes.
   const int64_t lanes = K * kp * np * bf16::kCols;
   std::unique_ptr<uint32_t[]> wpack(new uint32_t[size_t(lanes > 0 ? lanes : 1)]);
-  // Rows ahead where conv_rows_ahead("on") asks for them (rows_ahead_for:
-  // never in auto, as measured), in the AVX-512 forms, not the AMX one.
-  a.rows_ahead = rows_ahead_for(Isa::avx512, a.kc, a.cols, true);
   if (density <= a.vector_density) {
     bf16::pack_listed(a, wpack.get(), idx.get(), count.data(), start.data(), np16, kp);
     bf16::apply_sparse(a, wpack.get(), idx.get(), count.data(), start.data(), keep.data(), np16, kp);

@@ -701,40 +701,18 @@ void apply_blocks(const Args& a, Skip skip, Tile tile, Done done = Done(), Finis
     // came: a generic wrapper compiles the vector and bf16 kernels, which
     // take no tile height, to other code (their walk otherwise unchanged;
     // no timing on the noisy Zen 4 told the two apart).
-    // Rows ahead (ApplyArgs::rows_ahead, fused.h): the lines [ra, ra_end)
-    // of src and then [rc, rc_end) of dst that the thread's next block's
-    // identity pass reads and writes, rpace lines fetched into L2 a tile.
-    const char *ra = nullptr, *ra_end = nullptr, *rc = nullptr, *rc_end = nullptr;
-    int64_t rpace = 0;
-    const auto rows_ahead = [&ra, &ra_end, &rc, &rc_end, &rpace]() {
-      for (int64_t n = rpace; n > 0; --n) {
-        if (ra < ra_end) {
-          __builtin_prefetch(ra, 0, 2);
-          ra += 64;
-        } else if (rc < rc_end) {
-          __builtin_prefetch(rc, 0, 2);
-          rc += 64;
-        } else {
-          rpace = 0;
-          break;
-        }
-      }
-    };
-    const auto typed = [&tile, &pending, &a, &rows_ahead](int64_t k, decltype(a.src) const* arow, Out const* crow,
-                                                          int mr, bool first) {
+    const auto typed = [&tile, &pending, &a](int64_t k, decltype(a.src) const* arow, Out const* crow, int mr,
+                                             bool first) {
       if constexpr (!kTails) {  // else never called
         tile(k, arow, crow, mr, first);
         if (kDrain) pending.step(MR * a.cols);
-        rows_ahead();
       }
     };
-    const auto with_height = [&tile, &pending, &a, &fetch_ahead, &rows_ahead](
-                                 auto height, int64_t k, decltype(a.src) const* arow, Out const* crow, int mr,
-                                 bool first) {
+    const auto with_height = [&tile, &pending, &a, &fetch_ahead](auto height, int64_t k, decltype(a.src) const* arow,
+                                                                 Out const* crow, int mr, bool first) {
       tile(height, k, arow, crow, mr, first);
       if (kDrain) pending.step(MR * a.cols);
       if constexpr (kAhead) fetch_ahead();
-      rows_ahead();
     };
     auto& tl = either<kTails>(with_height, typed);
 #pragma omp for schedule(dynamic, 1) nowait
@@ -755,24 +733,6 @@ void apply_blocks(const Args& a, Skip skip, Tile tile, Done done = Done(), Finis
         }
       }
       const int64_t r0 = blk * kBlockRows, r1 = r0 + kBlockRows < a.num_rows ? r0 + kBlockRows : a.num_rows;
-      rpace = 0;
-      if (a.rows_ahead && ident >= 0 && blk + a.nt < blocks) {
-        // The thread's next block (guessed, as kAhead's: nt blocks on); its
-        // rows are src's too (the identity's pairs are (q, q)). Paced over
-        // this block's tiles: the identity's and each kept offset's.
-        const int64_t n0 = (blk + a.nt) * kBlockRows, n1 = n0 + kBlockRows < a.num_rows ? n0 + kBlockRows : a.num_rows;
-        ra = reinterpret_cast<const char*>(uintptr_t(a.src + n0 * a.kc) & ~uintptr_t(63));
-        ra_end = reinterpret_cast<const char*>(a.src + n1 * a.kc);
-        rc = rc_end = nullptr;
-        if (!kScratch) {  // (summed in scratch blocks, dst's lines are streamed, never read)
-          rc = reinterpret_cast<const char*>(uintptr_t(a.dst + n0 * a.cols) & ~uintptr_t(63));
-          rc_end = reinterpret_cast<const char*>(a.dst + n1 * a.cols);
-        }
-        int64_t tiles = (r1 - r0 + MR - 1) / MR;
-        for (int64_t k = 0; k < (a.kc == 0 ? 0 : K); ++k)
-          if (k != pl.identity && !skip(k)) tiles += (pl.cuts[(blk + 1) * K + k] - pl.cuts[blk * K + k] + MR - 1) / MR;
-        rpace = ((ra_end - ra) + (rc_end - rc) + 63) / 64 / tiles + 1;
-      }
       // Where the rows are summed: a scratch block, or in place.
       const Out out = kScratch ? mine + half * kBlockRows * a.cols : a.dst + r0 * a.cols;
       if (ident >= 0) {

@@ -132,7 +132,6 @@ void apply_sparse_with(SparseApplyArgs<T> s, Isa asked) {
   pack_sparse(s);
   std::unique_ptr<T[]> blocks;
   attach_blocks(a, isa, blocks);
-  a.rows_ahead = rows_ahead_for(isa, a.kc, a.cols);
   switch (isa) {
     case Isa::avx512: avx512::apply_sparse(s); break;
     case Isa::avx2: avx2::apply_sparse(s); break;
