@@ -413,6 +413,10 @@ def test_exported_program_runs_under_inference_mode(tmp_path):
             again = program(x).feats  # the same maps' plans again, a run later
         assert got.is_inference()
         assert torch.equal(got, want) and torch.equal(again, want)
+    torch.compiler.reset()  # a compiled model runs the same operators
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="eager")
+    with torch.inference_mode():
+        assert torch.allclose(compiled(x).feats, want, rtol=0, atol=1e-6)
 
 
 # --- torch.export ----------------------------------------------------------------------------------------
