@@ -5,7 +5,12 @@ registers the same types in one process), and the parent asks the children
 in turn for one call at a time, alternating their order every round, so that
 a slow phase of these virtual machines falls on every build alike. Every
 child is pinned to the same CPU (``--cpu``), so that no build runs on
-another core than the others.
+another core than the others. Processes still differ on their own: on an
+Intel Xeon two children of builds that ran alike (1.000 when timed A, B, A)
+gave the second 1.10-1.16x the first's time at C = 128 in three two-build
+runs (bench/RESULTS.md stop 43), so for a difference of a few percent pass
+the first build again last (``OLD.so NEW.so OLD.so``): the two copies'
+ratio is the spread between processes in that run.
 
     python bench/ab_builds.py OLD.so NEW.so [...] [--channels 64] [--kinds dense offset vector]
         [--passes forward input weight] [--rounds 15] [--cpu 1] [--threads 1] [--isa avx2] [--out PAGE.md]
