@@ -6,9 +6,10 @@ in turn for one call at a time, alternating their order every round, so that
 a slow phase of these virtual machines falls on every build alike. Every
 child is pinned to the same CPU (``--cpu``), so that no build runs on
 another core than the others. Processes still differ on their own: on an
-Intel Xeon two children of builds that ran alike (1.000 when timed A, B, A)
-gave the second 1.10-1.16x the first's time at C = 128 in three two-build
-runs (bench/RESULTS.md stop 43), so for a difference of a few percent pass
+Intel Xeon two builds that ran alike when timed A, B, A (1.000) gave the
+second 1.09-1.10x the first's time on the dense and offset kernels at C =
+128 when timed A, B (bench/RESULTS.md stop 43), so for a difference of a
+few percent pass
 the first build again last (``OLD.so NEW.so OLD.so``): the two copies'
 ratio is the spread between processes in that run.
 
