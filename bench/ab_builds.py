@@ -8,10 +8,9 @@ child is pinned to the same CPU (``--cpu``), so that no build runs on
 another core than the others. Processes still differ on their own: on an
 Intel Xeon two builds that ran alike when timed A, B, A (1.000) gave the
 second 1.09-1.10x the first's time on the dense and offset kernels at C =
-128 when timed A, B (bench/RESULTS.md stop 43), so for a difference of a
-few percent pass
-the first build again last (``OLD.so NEW.so OLD.so``): the two copies'
-ratio is the spread between processes in that run.
+128 when timed A, B (bench/RESULTS.md stop 43). For a difference of a few
+percent pass the first build again last (``OLD.so NEW.so OLD.so``): the
+two copies' ratio is the spread between processes in that run.
 
     python bench/ab_builds.py OLD.so NEW.so [...] [--channels 64] [--kinds dense offset vector]
         [--passes forward input weight] [--rounds 15] [--cpu 1] [--threads 1] [--isa avx2] [--out PAGE.md]
