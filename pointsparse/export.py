@@ -19,8 +19,16 @@ A point-level network (SPVCNN) takes its points too and gives their logits:
 
 N and P are dynamic (traced for N, P >= 2; one row runs too, an empty input
 fails torch's runtime assertion: :class:`ProgramModel` gives empty logits).
-The model's output must be one row per input voxel, on its coords
-(:func:`export_model` checks it on the example). The program is the model in eval mode (batch norm with its running
+A voxel network whose output is not one row per input voxel on its coords
+(:func:`export_model` tells on the example) has a program of its output
+instead, the number of its rows dynamic too:
+
+    a SparseTensor elsewhere (a backbone ending at stride 8, a VoxelPrune at the end, ...)
+    output   feats  (M, C), coords int32 (M, 4), stride int32 (3,) (the buffer ``output_stride``)
+    a tensor (a classifier's global pooling and Linear)
+    output   the tensor, e.g. float32 (B, K): one row per batch item
+
+The program is the model in eval mode (batch norm with its running
 statistics). Points map to voxels outside the program, as in eager mode
 (``pointsparse.voxelize`` or the training pipeline's ``voxelize_sample``);
 ``extra_files["pointsparse.json"]`` of the file holds the checkpoint's
@@ -78,6 +86,26 @@ class PointLogits(nn.Module):
         return self.model(SparseTensor(feats, coords, validate=False), inverse, points, point_batch)
 
 
+class VoxelOutputs(nn.Module):
+    """A voxel network whose output is not logits on its input's coords, as a
+    module of plain tensors: ``forward(feats, coords)`` gives the output
+    SparseTensor's ``(feats, coords, output_stride)`` (``stride``: the output's,
+    kept as the int32 buffer ``output_stride``), or, where ``stride`` is None,
+    the model's output tensor itself (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, stride=None) -> None:
+        super().__init__()
+        self.model = model
+        self.sparse = stride is not None
+        if self.sparse:
+            self.register_buffer("output_stride", torch.tensor(tuple(stride), dtype=torch.int32))
+
+    def forward(self, feats: torch.Tensor, coords: torch.Tensor):
+        torch._check(feats.shape[0] == coords.shape[0], lambda: "feats and coords must have the same rows")
+        out = self.model(SparseTensor(feats, coords, validate=False))
+        return (out.feats, out.coords, self.output_stride) if self.sparse else out
+
+
 def _check_exportable(model: nn.Module) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
@@ -86,25 +114,27 @@ def _check_exportable(model: nn.Module) -> None:
                          "statistics, as the exported program will)")
 
 
-def _check_one_row_per_voxel(out, voxels: SparseTensor) -> None:
-    """``ValueError`` unless the model's eager output ``out`` on ``voxels`` is
-    a SparseTensor on exactly their coords (the program gives logits for the
-    input's rows and nothing else: a model that drops voxels, as VoxelPrune
-    at its input or output, or ends coarser, as a pooling, has no such form)."""
-    if not isinstance(out, SparseTensor):
-        raise TypeError(f"export writes (feats, coords) -> logits programs of models returning a SparseTensor; "
-                        f"this one returns {type(out).__name__}")
-    if out.stride != (1, 1, 1) or len(out) != len(voxels) or not torch.equal(out.coords, voxels.coords):
-        raise ValueError(f"export writes programs whose logits are one row per input voxel, on its coords; this "
-                         f"model's output on the example has {len(out)} rows at stride {out.stride} for "
-                         f"{len(voxels)} input voxels (a VoxelPrune at its input or output, or a pooling at its "
-                         "end, leaves other sites)")
+def _on_input_rows(out, voxels: SparseTensor) -> bool:
+    """Whether the model's eager output ``out`` on ``voxels`` is a SparseTensor
+    on exactly their coords (a logits program); else ``TypeError`` unless it
+    is a SparseTensor elsewhere or a tensor of at least one dimension (a
+    program of the output, :class:`VoxelOutputs`)."""
+    if isinstance(out, SparseTensor):
+        return out.stride == (1, 1, 1) and len(out) == len(voxels) and torch.equal(out.coords, voxels.coords)
+    if isinstance(out, torch.Tensor) and out.dim() >= 1:
+        return False
+    what = f"a {out.dim()}-d tensor" if isinstance(out, torch.Tensor) else type(out).__name__
+    raise TypeError(f"export writes programs of models returning a SparseTensor or a tensor of at least one "
+                    f"dimension (one row per batch item, say); this one returns {what}")
 
 
 def export_model(model: nn.Module, example) -> torch.export.ExportedProgram:
     """``torch.export`` of ``VoxelLogits(model)`` with a dynamic number of
     voxels, traced on ``example`` (a stride-1 SparseTensor of at least 2
-    voxels); for a point-level network (SPVCNN) ``PointLogits(model)``, traced
+    voxels), where the model's output on it is one row per voxel on its
+    coords; else of ``VoxelOutputs(model)``: the output SparseTensor's
+    ``(feats, coords, stride)`` or the output tensor (the module docstring),
+    its rows dynamic too. For a point-level network (SPVCNN) ``PointLogits(model)``, traced
     on ``example`` = ``(voxels, inverse, points, point_batch)`` (its forward's
     arguments, at least 2 points; :func:`example_input` ``(points=True)``),
     the numbers of voxels and of points dynamic."""
@@ -129,8 +159,12 @@ def export_model(model: nn.Module, example) -> torch.export.ExportedProgram:
     rows = torch.export.Dim("voxels", min=MIN_POINTS)
     with torch.no_grad():
         if not point_level:
-            _check_one_row_per_voxel(model(SparseTensor(voxels.feats.detach(), voxels.coords)), voxels)
-            return torch.export.export(VoxelLogits(model), (voxels.feats.detach(), voxels.coords),
+            out = model(SparseTensor(voxels.feats.detach(), voxels.coords))
+            if _on_input_rows(out, voxels):
+                wrapped = VoxelLogits(model)
+            else:
+                wrapped = VoxelOutputs(model, out.stride if isinstance(out, SparseTensor) else None)
+            return torch.export.export(wrapped, (voxels.feats.detach(), voxels.coords),
                                        dynamic_shapes=({0: rows}, {0: rows}))
         model(voxels, inverse, points, point_batch)  # its own checks first (torch.export's errors say less)
         each = torch.export.Dim("points", min=MIN_POINTS)
@@ -248,21 +282,26 @@ def _check_members(path: Path) -> None:
 # --------------------------------------------------------------------- running a program
 
 class ProgramModel(nn.Module):
-    """An exported segmentation program called as the eager model: a voxel
-    network's ``forward(x: SparseTensor) -> SparseTensor`` of logits on
-    ``x``'s coords, a point-level one's (SPVCNN, ``point_level`` True)
-    ``forward(voxels, inverse, points, point_batch) -> (P, K)`` point logits
-    (what ``pointsparse eval --program`` scores). ``program`` is what
-    :func:`load` or :func:`export_model` gives, ``meta`` the dict :func:`load`
-    returns beside it (kept as ``.meta``). The input is checked against the
-    program's before it runs (``TypeError`` / ``ValueError`` naming the
-    argument and what the program takes, where the program itself would fail
-    a torch guard with an ``AssertionError``): a stride-1 SparseTensor on the
-    CPU, feats ``(N, in_channels)`` of the program's dtype, int32 coords, and
-    SPVCNN's point arguments as SPVCNN checks them. An empty input gives empty
-    logits. Inference only: ``train()`` raises ``ValueError``;
-    ``in_channels``, ``num_classes`` and ``dtype`` say what the program takes
-    and gives."""
+    """An exported program called as the eager model. A segmentation program
+    (``output`` ``"logits"``): a voxel network's ``forward(x: SparseTensor) ->
+    SparseTensor`` of logits on ``x``'s coords, a point-level one's (SPVCNN,
+    ``point_level`` True) ``forward(voxels, inverse, points, point_batch) ->
+    (P, K)`` point logits (what ``pointsparse eval --program`` scores). A
+    program of another output (:class:`VoxelOutputs`): ``forward(x)`` gives
+    the output SparseTensor at its stride (``output`` ``"sparse"``,
+    ``output_stride``) or the output tensor (``output`` ``"tensor"``, such as a
+    classifier's ``(B, K)``). ``program`` is what :func:`load` or
+    :func:`export_model` gives, ``meta`` the dict :func:`load` returns beside
+    it (kept as ``.meta``). The input is checked against the program's before
+    it runs (``TypeError`` / ``ValueError`` naming the argument and what the
+    program takes, where the program itself would fail a torch guard with an
+    ``AssertionError``): a stride-1 SparseTensor on the CPU, feats ``(N,
+    in_channels)`` of the program's dtype, int32 coords, and SPVCNN's point
+    arguments as SPVCNN checks them. An empty input gives an empty output
+    (no rows). Inference only: ``train()`` raises ``ValueError``;
+    ``in_channels``, ``dtype``, ``out_shape`` (the output's sizes after its
+    rows) and ``num_classes`` (a segmentation program's; None for others) say
+    what the program takes and gives."""
 
     def __init__(self, program: torch.export.ExportedProgram, meta: dict | None = None) -> None:
         super().__init__()
@@ -272,18 +311,37 @@ class ProgramModel(nn.Module):
         inputs = list(program.graph_signature.user_inputs)
         vals = {n.name: n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"}
         outputs = [a for n in program.graph.nodes if n.op == "output" for a in n.args[0]]
-        if len(inputs) not in (2, 5) or len(outputs) != 1 or any(vals.get(name) is None for name in inputs) or \
-                getattr(outputs[0], "meta", {}).get("val") is None:
+        if len(inputs) not in (2, 5) or len(outputs) not in (1, 3) or (len(inputs) == 5 and len(outputs) != 1) or \
+                any(vals.get(name) is None for name in inputs) or \
+                any(not isinstance(getattr(o, "meta", {}).get("val"), torch.Tensor) for o in outputs):
             raise ValueError(f"program must take (feats, coords) or (feats, coords, inverse, points, point_batch) "
-                             f"and give logits, as export_model writes; it takes {inputs} and gives "
-                             f"{len(outputs)} outputs")
-        feats, logits = vals[inputs[0]], outputs[0].meta["val"]
-        if feats.dim() != 2 or logits.dim() != 2 or not all(isinstance(t.shape[1], int) for t in (feats, logits)):
-            raise ValueError(f"program must take feats (N, C) and give logits (N, K) with C and K fixed, as "
-                             f"export_model writes; it takes {tuple(feats.shape)} and gives {tuple(logits.shape)}")
-        self.in_channels, self.num_classes, self.dtype = int(feats.shape[1]), int(logits.shape[1]), feats.dtype
-        self.logits_dtype = logits.dtype  # (SPVCNN's: float32 from its point branch, bf16 voxels or not)
+                             f"and give logits, a tensor or (feats, coords, stride), as export_model writes; it "
+                             f"takes {inputs} and gives {len(outputs)} outputs")
+        feats, first = vals[inputs[0]], outputs[0].meta["val"]
         self.point_level = len(inputs) == 5
+        self.output_stride = None
+        if len(outputs) == 3:
+            coords, stride = outputs[1].meta["val"], program.state_dict.get("output_stride")
+            if first.dim() != 2 or coords.dim() != 2 or tuple(coords.shape[1:]) != (4,) or \
+                    coords.dtype != torch.int32 or not isinstance(stride, torch.Tensor) or \
+                    tuple(stride.shape) != (3,) or stride.dtype != torch.int32:
+                raise ValueError(f"program must give (feats (M, C), coords int32 (M, 4), stride int32 (3,)) as "
+                                 f"export_model writes for a sparse output; it gives {tuple(first.shape)}, "
+                                 f"{tuple(coords.shape)} {coords.dtype}")
+            self.output, self.output_stride = "sparse", tuple(int(v) for v in stride)
+        elif self.point_level or (first.dim() == 2 and str(first.shape[0]) == str(feats.shape[0])):
+            self.output = "logits"  # (one row per input voxel: the rows' size is the input's)
+        else:
+            self.output = "tensor"
+        if feats.dim() != 2 or (self.output != "tensor" and first.dim() != 2) or \
+                not all(isinstance(d, int) for d in (feats.shape[1], *first.shape[1:])):
+            raise ValueError(f"program must take feats (N, C) and give logits (N, K) with C and K fixed, as "
+                             f"export_model writes (or an output whose sizes after its rows are fixed); it takes "
+                             f"{tuple(feats.shape)} and gives {tuple(first.shape)}")
+        self.in_channels, self.dtype = int(feats.shape[1]), feats.dtype
+        self.out_shape = tuple(int(d) for d in first.shape[1:])
+        self.num_classes = self.out_shape[0] if self.output == "logits" else None
+        self.logits_dtype = first.dtype  # (SPVCNN's: float32 from its point branch, bf16 voxels or not)
         self.points_dtype = vals[inputs[3]].dtype if self.point_level else None
         if meta is not None and not isinstance(meta, dict):
             raise TypeError(f"meta must be None or the dict load returns; got {type(meta).__name__}")
@@ -327,9 +385,16 @@ class ProgramModel(nn.Module):
             if (inverse, points, point_batch) != (None, None, None):
                 raise TypeError("this program takes voxels only (feats, coords); inverse, points and point_batch "
                                 "are a point-level network's (SPVCNN)")
-            if not len(x):
-                return x.with_feats(feats.new_zeros((0, self.num_classes), dtype=self.logits_dtype))
-            return x.with_feats(self.run(feats, x.coords))
+            empty = feats.new_zeros((0, *self.out_shape), dtype=self.logits_dtype) if not len(x) else None
+            if self.output == "logits":
+                return x.with_feats(empty if empty is not None else self.run(feats, x.coords))
+            if self.output == "tensor":
+                return empty if empty is not None else self.run(feats, x.coords)
+            if empty is not None:
+                out_feats, out_coords = empty, x.coords
+            else:
+                out_feats, out_coords, _ = self.run(feats, x.coords)
+            return SparseTensor(out_feats, out_coords, self.output_stride, validate=False)
         from .models.spvcnn import check_points
 
         check_points(x, inverse, points, point_batch)
@@ -342,8 +407,12 @@ class ProgramModel(nn.Module):
 
     def __repr__(self) -> str:  # (the program's module prints as a tree of empty Modules)
         kind = ", point_level=True" if self.point_level else ""
-        return (f"ProgramModel(in_channels={self.in_channels}, num_classes={self.num_classes}, "
-                f"dtype={self.dtype}{kind})")
+        if self.output == "logits":
+            return (f"ProgramModel(in_channels={self.in_channels}, num_classes={self.num_classes}, "
+                    f"dtype={self.dtype}{kind})")
+        stride = f", output_stride={self.output_stride}" if self.output == "sparse" else ""
+        return (f"ProgramModel(in_channels={self.in_channels}, output={self.output!r}, "
+                f"out_shape={self.out_shape}{stride}, dtype={self.dtype})")
 
 
 # --------------------------------------------------------------------- checkpoints

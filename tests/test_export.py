@@ -306,16 +306,95 @@ def test_pooling_compiles_trains_and_exports():
     eager = _Pools().double()
     _training_step_matches_eager(eager, copy.deepcopy(eager),
                                  [_cloud(n, seed, dtype=torch.float64) for n, seed in ((400, 1), (700, 2))])
-    for ends_elsewhere in (torch.nn.Sequential(spnn.Conv3d(3, 4, 3), spnn.MaxPool3d(2)),
-                           torch.nn.Sequential(spnn.VoxelPrune(0.5), spnn.Conv3d(3, 4, 3))):
-        with pytest.raises(ValueError, match="one row per input voxel, on its coords; this model's output"):
-            export.export_model(ends_elsewhere.eval(), _cloud(500, 3))
     net = _Pools().eval()
     program = export.export_model(net, _cloud(500, 3))
     for n, seed in ((400, 4), (900, 5)):
         x = _cloud(n, seed)
         with torch.no_grad():
             assert torch.equal(program.module()(x.feats, x.coords), net(x).feats)
+
+
+class _PooledClassifier(torch.nn.Module):
+    """_Classifier taking a SparseTensor, as a model export_model is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.down = spnn.Conv3d(3, 8, 3), spnn.Conv3d(8, 16, 2, stride=2)
+        self.pool, self.fc = spnn.GlobalMaxPool(), torch.nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.down(self.conv(x))))
+
+
+def _sparse_equal(a: ps.SparseTensor, b: ps.SparseTensor) -> bool:
+    return a.stride == b.stride and torch.equal(a.coords, b.coords) and torch.equal(a.feats, b.feats)
+
+
+@pytest.mark.parametrize("ends", ["stride 4", "max pool", "voxel prune"])
+def test_export_model_of_a_sparse_output_elsewhere(tmp_path, ends):
+    """A model ending off its input's coords (a backbone at stride 4, a pooling, a VoxelPrune at the end)
+    exports to a program of its output SparseTensor: (feats, coords, stride), the number of output rows
+    dynamic; saved, loaded and run through ProgramModel on clouds of other sizes and of two batch items it
+    gives eager's output bit for bit at its stride (an empty input: an empty output)."""
+    torch.manual_seed(0)
+    model = {"stride 4": torch.nn.Sequential(spnn.Conv3d(3, 8, 3), spnn.Conv3d(8, 8, 2, stride=2), spnn.ReLU(),
+                                             spnn.Conv3d(8, 16, 3, stride=2)),
+             "max pool": torch.nn.Sequential(spnn.Conv3d(3, 4, 3), spnn.MaxPool3d(2)),
+             "voxel prune": torch.nn.Sequential(spnn.Conv3d(3, 4, 3), spnn.VoxelPrune(0.5))}[ends].eval()
+    stride = {"stride 4": (4, 4, 4), "max pool": (2, 2, 2), "voxel prune": (1, 1, 1)}[ends]
+    program = export.export_model(model, _cloud(500, 3))
+    export.save(program, tmp_path / "m.pt2", {"what": ends})
+    loaded = export.ProgramModel.load(tmp_path / "m.pt2")
+    assert (loaded.output, loaded.output_stride, loaded.out_shape, loaded.num_classes) == \
+        ("sparse", stride, (model[-1].out_channels if ends == "stride 4" else 4,), None)
+    assert "output='sparse'" in repr(loaded) and loaded.meta == {"what": ends}
+    for x in (_cloud(400, 4), _cloud(900, 5), _two_items(600, 6)):
+        with torch.no_grad():
+            want = model(x)
+            got = loaded(x)
+            feats, coords, out_stride = program.module()(x.feats, x.coords)
+        assert want.stride == stride and len(want) < len(x)
+        assert _sparse_equal(got, want)
+        assert torch.equal(feats, want.feats) and torch.equal(coords, want.coords)
+        assert out_stride.tolist() == list(stride)
+    empty = loaded(ps.SparseTensor(torch.zeros(0, 3), torch.zeros(0, 4, dtype=torch.int32)))
+    assert empty.feats.shape == (0, loaded.out_shape[0]) and empty.stride == stride
+
+
+def test_export_model_of_a_classifier(tmp_path):
+    """A classifier (convs, a global pooling, a Linear) exports to a program of its (B, K) tensor, the
+    numbers of voxels and of batch items dynamic: saved and loaded, ProgramModel gives eager's logits bit
+    for bit on 1 and 3 batch items and (0, K) for an empty input; eval and predict refuse it by name, as
+    models returning what no program holds are refused by export_model."""
+    torch.manual_seed(0)
+    model = _PooledClassifier().eval()
+    export.save(export.export_model(model, _cloud(500, 3)), tmp_path / "c.pt2")
+    loaded = export.ProgramModel.load(tmp_path / "c.pt2")
+    assert (loaded.output, loaded.out_shape, loaded.output_stride) == ("tensor", (5,), None)
+    three = ps.collate([_cloud(300, 4), _cloud(500, 5), _cloud(200, 6)])
+    for x in (_cloud(700, 7), three):
+        with torch.no_grad():
+            want = model(x)
+            assert torch.equal(loaded(x), want)
+        assert want.shape == (int(x.coords[:, 0].max()) + 1, 5)
+    assert loaded(ps.SparseTensor(torch.zeros(0, 3), torch.zeros(0, 4, dtype=torch.int32))).shape == (0, 5)
+    from pointsparse.app.evaluate import program_and_state
+
+    with pytest.raises(ValueError, match=r"c\.pt2: the program gives tensor output, not logits"):
+        program_and_state(tmp_path / "c.pt2")
+
+    class Pair(torch.nn.Module):
+        def forward(self, x):
+            return x.feats, x.coords
+
+    class Total(torch.nn.Module):
+        def forward(self, x):
+            return x.feats.sum()
+
+    with pytest.raises(TypeError, match="returning a SparseTensor or a tensor of at least one dimension.*tuple"):
+        export.export_model(Pair().eval(), _cloud(100, 1))
+    with pytest.raises(TypeError, match="this one returns a 0-d tensor"):
+        export.export_model(Total().eval(), _cloud(100, 1))
 
 
 def _spatially_pruned(in_channels: int = 3, dtype=torch.float32) -> MinkUNet:

@@ -150,6 +150,9 @@ def program_and_state(path, args=None):
             raise ValueError(f"--device {args.device}: an exported program runs on the CPU")
         with_maps_ahead(None, args)  # (refuses --maps-ahead)
     model = ProgramModel.load(path)
+    if model.output != "logits":
+        raise ValueError(f"{path}: the program gives {model.output} output, not logits for every input voxel: "
+                         "eval and predict run segmentation programs (pointsparse export's)")
     meta = model.meta
     missing = [key for key in ("classes", "voxel_size", "in_channels") if key not in meta]
     if missing:
