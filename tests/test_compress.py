@@ -237,6 +237,18 @@ def test_compress_measures_and_records_its_choice():
     compressed = F.compress(model, "csr", example_input=x)
     assert all("ms" in m.chosen for m in compressed)
     torch.testing.assert_close(compressed(x).feats, model(x).feats.detach(), atol=1e-5, rtol=1e-5)
+    # Each conv is measured on the input it sees in the model (widths that change: the hook that records
+    # them once replaced every conv's output with its input, and the next conv refused its channels).
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(psnn.Conv3d(16, 8, 3), psnn.ReLU(), psnn.Conv3d(8, 12, 3, stride=2), psnn.ReLU(),
+                                psnn.Conv3d(12, 6, 3)).eval()
+    with torch.no_grad():
+        want = model(x).feats
+    compressed = F.compress(model, "csr", example_input=x)
+    assert [m.chosen.count("ms") for m in compressed if hasattr(m, "chosen")] == [2, 2, 2]
+    with torch.no_grad():
+        torch.testing.assert_close(compressed(x).feats, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(x).feats, want, atol=0, rtol=0)  # the model itself untouched
 
 
 def test_compress_zeroes_what_a_kernel_region_leaves_out():

@@ -321,6 +321,17 @@ def test_filter_skeleton_misuse_is_reported():
         module(torch.randn(1, 2, 4, 4))
     with pytest.raises(ValueError, match="threshold"):
         prune.prune_stripes(module, threshold=-1)
+    # NaN compares false with every scale: it would prune every stripe and report none.
+    fresh = nn.Conv2d(2, 2, 3)
+    prune.attach_filter_skeleton(fresh)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="threshold must be a finite number >= 0"):
+            prune.prune_stripes(fresh, threshold=bad)
+        with pytest.raises(ValueError, match="threshold must be a finite number >= 0"):
+            prune.StripeFromSkeleton(fresh.weight_skeleton, bad)
+    assert bool(fresh.weight_mask.all())
+    with pytest.raises(ValueError, match="init must be a finite number"):
+        prune.attach_filter_skeleton(nn.Conv2d(2, 2, 3), init=float("nan"))
 
 
 def test_methods_that_need_kernel_axes_say_so():

@@ -154,9 +154,13 @@ def _conv_inputs(model, example_input, conv_cls) -> dict:
     without gradients, in eval mode; the first call of a module shared by
     several places)."""
     seen, handles = {}, []
+
+    def record(module, args, out) -> None:  # (a forward hook that returns a value replaces the output)
+        seen.setdefault(module, args[0])
+
     for sub in model.modules():
         if isinstance(sub, conv_cls):
-            handles.append(sub.register_forward_hook(lambda m, args, out: seen.setdefault(m, args[0])))
+            handles.append(sub.register_forward_hook(record))
     was_training = model.training
     try:
         model.eval()

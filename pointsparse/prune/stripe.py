@@ -19,6 +19,7 @@ drop the scale, so the hook raises a ``RuntimeError`` if it sees one."""
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -80,6 +81,8 @@ def attach_filter_skeleton(module: nn.Module, name: str = "weight", init: float 
         raise ValueError(f"{type(module).__name__}.{name} already has a filter skeleton")
     if not isinstance(init, numbers.Real) or isinstance(init, bool):
         raise TypeError(f"init must be a number; got {init!r}")
+    if not math.isfinite(init):
+        raise ValueError(f"init must be a finite number (the skeleton's starting scale); got {init!r}")
     if name + "_orig" not in module._parameters:
         _torch_prune.identity(module, name)
     weight = module._parameters[name + "_orig"]
@@ -111,6 +114,14 @@ def detach_filter_skeleton(module: nn.Module, name: str = "weight", fold: bool =
     return skeleton
 
 
+def _check_threshold(threshold) -> None:
+    """``ValueError`` unless ``threshold`` is a finite number >= 0 (NaN would
+    compare false with every scale: every stripe pruned)."""
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold) or \
+            threshold < 0:
+        raise ValueError(f"threshold must be a finite number >= 0; got {threshold!r}")
+
+
 class StripeFromSkeleton(CopyableMethod):
     """Prunes the stripes whose skeleton scale has ``|scale| < threshold``
     (``skeleton`` broadcastable to the weight)."""
@@ -118,6 +129,7 @@ class StripeFromSkeleton(CopyableMethod):
     PRUNING_TYPE = "global"
 
     def __init__(self, skeleton: torch.Tensor, threshold: float) -> None:
+        _check_threshold(threshold)
         self.skeleton = skeleton
         self.threshold = float(threshold)
 
@@ -130,8 +142,7 @@ def prune_stripes(module: nn.Module, name: str = "weight", threshold: float = 0.
     """Fold the skeleton of ``module.name`` into the weight, remove it, and
     prune the stripes whose scale has ``|scale| < threshold``. Returns the
     number of stripes pruned (newly or before)."""
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or threshold < 0:
-        raise ValueError(f"threshold must be a number >= 0; got {threshold!r}")
+    _check_threshold(threshold)
     skeleton = detach_filter_skeleton(module, name, fold=True)
     StripeFromSkeleton.apply(module, name, skeleton=skeleton, threshold=threshold)
     return int((skeleton.abs() < threshold).sum())
