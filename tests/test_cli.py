@@ -182,6 +182,12 @@ def test_train_device_is_checked_before_training():
      "--finetune-epochs must be >= 0"),
     (["prune", "vectors", "--out", "{tmp}/p", "--checkpoint", "{tmp}/c.pt", "--finetune-epochs", "-1"],
      "--finetune-epochs must be >= 0"),
+    # A thread count in the tens of thousands crashed the OpenMP runtime (a segfault, no message).
+    (["train", "--out", "{tmp}/r", "--threads", "100000"], "--threads must be in [1, "),
+    (["eval", "--out", "{tmp}/r", "--checkpoint", "{tmp}/c.pt", "--threads", "100000"], "--threads must be in [1, "),
+    (["predict", "--out", "{tmp}/r", "--checkpoint", "{tmp}/c.pt", "--data", "{tmp}", "--threads", "100000"],
+     "--threads must be in [1, "),
+    (["train", "--out", "{tmp}/r", "--nproc", "100000"], "--nproc must be at most"),
 ])
 def test_flags_checked_before_any_work(tmp_path, capsys, argv, words):
     """Flags that were accepted and then ignored or misread (a label map on
@@ -246,10 +252,16 @@ def test_out_paths_that_cannot_be_written_are_named(tmp_path, capsys):
              (["eval", "--checkpoint", str(ckpt), "--out", str(a_file / "sub")], "cannot make this directory"),
              (["prune", "channels", "--checkpoint", str(ckpt), "--out", str(a_file)], f"--out {a_file} is a file"),
              (["export", "--checkpoint", str(ckpt), "--out", str(tmp_path)], "is a folder; give the .pt2 file"),
-             (["export", "--checkpoint", str(ckpt), "--out", str(a_file / "m.pt2")], "no folder")]
+             (["export", "--checkpoint", str(ckpt), "--out", str(a_file / "m.pt2")], "no folder"),
+             (["export", "--checkpoint", str(ckpt), "--out", str(ckpt)], "is the checkpoint it would export"),
+             (["prune", "channels", "--checkpoint", str(ckpt), "--out", str(ckpt.parent)], "would replace"),
+             (["prune", "vectors", "--checkpoint", str(ckpt), "--out", str(ckpt.parent)], "would replace"),
+             (["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "m.txt")], "a program file ends in .pt2")]
+    before = ckpt.read_bytes()
     for argv, words in cases:
         assert cli.main(argv) == 2, argv
         assert words in capsys.readouterr().err, argv
+    assert ckpt.read_bytes() == before and sorted(p.name for p in ckpt.parent.iterdir()) == ["checkpoint.pt"]
     program = torch.export.export(torch.nn.Linear(2, 2), (torch.randn(1, 2),))
     with pytest.raises(ValueError, match="is a folder"):
         export.save(program, tmp_path)

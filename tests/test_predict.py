@@ -153,3 +153,26 @@ def test_outputs_mirror_the_inputs_below_their_common_folder(tmp_path):
     assert _outputs([tmp_path / "a.npz"], out, ".npy") == [out / "a.npy"]
     with pytest.raises(ValueError, match="would both be written to"):
         _outputs([tmp_path / "a.npz", tmp_path / "a.ply"], out, ".npy")
+
+
+def test_predict_never_writes_over_what_it_reads(tmp_path, capsys):
+    """--out where a prediction would land on an input cloud (a .npy cloud predicted into its own folder) or
+    on the labels a cloud is read with (SemanticKITTI's labels/, a points/labels pair) is refused before
+    anything is written, the inputs unchanged."""
+    cloud = tmp_path / "in" / "c1.npy"
+    cloud.parent.mkdir()
+    np.save(cloud, (np.random.default_rng(0).random((2000, 4)) * 20).astype(np.float32))
+    before = cloud.read_bytes()
+    ckpt = _checkpoint(tmp_path / "m.pt")
+    code = cli.main(["predict", "--checkpoint", str(ckpt), "--data", str(cloud), "--out", str(cloud.parent),
+                     "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "would overwrite the input cloud" in err and "give another folder" in err
+    assert cloud.read_bytes() == before and sorted(p.name for p in cloud.parent.iterdir()) == ["c1.npy"]
+    room = tmp_path / "d" / "points" / "room.npy"  # (Open3D-ML's layout: its labels in d/labels/room.npy)
+    with pytest.raises(ValueError, match=r"would overwrite the labels of .*room\.npy"):
+        _outputs([room], tmp_path / "d" / "labels", ".npy")
+    with pytest.raises(ValueError, match=r"would overwrite the input cloud .*scan_points\.npy"):
+        _outputs([tmp_path / "e" / "scan_points.npy"], tmp_path / "e", ".npy")
+    assert _outputs([room], tmp_path / "d" / "pred", ".npy") == [tmp_path / "d" / "pred" / "room.npy"]

@@ -10,6 +10,8 @@ points and gives their logits, float32 from its point branch in every form), wit
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from .. import export
@@ -35,7 +37,13 @@ def main(args) -> int:
     from .evaluate import inference_model
     from .scoring import feats_dtype
 
+    out, checkpoint = Path(args.out), Path(args.checkpoint)
+    if out.exists() and checkpoint.exists() and out.resolve() == checkpoint.resolve():
+        raise ValueError(f"--out {out} is the checkpoint it would export (--checkpoint); give another file for "
+                         "the program (e.g. model.pt2)")
     export.check_out_path(args.out)  # before the export's work
+    if out.suffix.lower() != ".pt2":
+        raise ValueError(f"--out {out}: a program file ends in .pt2 (the archive torch.export.load reads)")
     state = load_training(args.checkpoint)  # (export.load_checkpoint's model, and the run's data for the meta)
     model, config = model_from_state(state).eval(), state["config"]
     model = inference_model(model, args.inference)

@@ -94,7 +94,28 @@ def _outputs(paths: list[Path], out: Path, suffix: str) -> list[Path]:
         if target in seen:
             raise ValueError(f"{seen[target]} and {path} would both be written to {target}")
         seen[target] = path
+    read = _files_read(paths)
+    for target in targets:
+        held = read.get(target.resolve())
+        if held is not None:
+            raise ValueError(f"--out {out}: the prediction {target} would overwrite {held}, which is read as "
+                             "input; give another folder")
     return targets
+
+
+def _files_read(paths: list[Path]) -> dict[Path, str]:
+    """Every file the readers take for ``paths`` (resolved): the clouds and
+    the labels files they read beside them, each with what it is."""
+    from ..data.readers import _sibling_labels
+
+    read = {}
+    for path in paths:
+        p = path.resolve()
+        read[p] = f"the input cloud {path}"
+        for labels in (_sibling_labels(p), p.parent.parent / "labels" / (p.stem + ".label")):
+            if labels is not None:
+                read.setdefault(labels.resolve(), f"the labels of {path}")
+    return read
 
 
 def main(args) -> int:
@@ -103,11 +124,10 @@ def main(args) -> int:
     from ..data.transforms import voxelize_sample
     from .evaluate import inference_model, program_and_state, with_maps_ahead
     from .scoring import predict
-    from .train import load_checkpoint
+    from .train import check_threads, load_checkpoint
     from .trainer import have_tqdm, progress_bar
 
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1; got {args.threads}")
+    check_threads(args.threads)
     if args.program is not None:
         model, state = program_and_state(args.program, args)
     else:

@@ -108,6 +108,13 @@ def check_args(args) -> None:
 
 
 def main(args) -> int:
+    if getattr(args, "checkpoint", None) is not None and getattr(args, "out", None) is not None:
+        from .train import CHECKPOINT
+
+        source, written = Path(args.checkpoint), Path(args.out) / CHECKPOINT
+        if source.exists() and written.exists() and source.resolve() == written.resolve():
+            raise ValueError(f"--out {args.out}: the pruned checkpoint would replace {args.checkpoint}, the one it "
+                             "prunes (--checkpoint); give another folder")
     if args.procedure != "vectors":
         given = [flag for flag, on in (("--square", args.square), ("--pairs", args.pairs),
                                        ("--panels", args.panels != 1)) if on]

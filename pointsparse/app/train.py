@@ -119,12 +119,30 @@ def add_arguments(parser) -> None:
                         help="training processes on this machine (DistributedDataParallel; default 1)")
 
 
+def max_threads() -> int:
+    """The most --threads a command takes: four per core this machine has
+    (at least 64); far more only starts threads that wait on each other,
+    and a count in the tens of thousands crashed the OpenMP runtime."""
+    return max(64, 4 * (os.cpu_count() or 1))
+
+
+def check_threads(value, flag: str = "--threads") -> None:
+    if value is not None and not 1 <= value <= max_threads():
+        raise ValueError(f"{flag} must be in [1, {max_threads()}] (four per core of this machine's "
+                         f"{os.cpu_count()}); got {value}")
+
+
 def check_args(args) -> None:
     for name in ("epochs", "batch_size", "nproc", "scenes", "val_scenes", "blocks", "eval_every", "beams",
                  "azimuth_steps", "threads"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {value}")
+    check_threads(getattr(args, "threads", None))
+    nproc = getattr(args, "nproc", None)
+    if nproc is not None and nproc > max(2, os.cpu_count() or 1):
+        raise ValueError(f"--nproc must be at most this machine's {os.cpu_count()} cores (one process each); got "
+                         f"{nproc}")
     for name in ("voxel_size", "lr", "cr", "max_range", "time_budget"):
         value = getattr(args, name, None)
         if value is not None and not (value > 0 and math.isfinite(value)):
