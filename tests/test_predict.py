@@ -176,3 +176,22 @@ def test_predict_never_writes_over_what_it_reads(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"would overwrite the input cloud .*scan_points\.npy"):
         _outputs([tmp_path / "e" / "scan_points.npy"], tmp_path / "e", ".npy")
     assert _outputs([room], tmp_path / "d" / "pred", ".npy") == [tmp_path / "d" / "pred" / "room.npy"]
+
+
+def test_scoring_commands_refuse_unlabelled_clouds(tmp_path, capsys):
+    """eval on clouds without labels printed an mIoU of NaN (and wrote NaN into its JSON); prune channels
+    --criterion taylor scored channels by a NaN loss (every score 0) and amc/netadapt ran on it: each now
+    names the cloud, exit status 2, no checkpoint written."""
+    cloud = tmp_path / "c1.npy"
+    np.save(cloud, (np.random.default_rng(0).random((2000, 4)) * 20).astype(np.float32))
+    ckpt = _checkpoint(tmp_path / "m.pt")
+    runs = [(["eval", "--checkpoint", str(ckpt), "--data", str(cloud), "--out", str(tmp_path / "ev"),
+              "--no-progress"], "has no labels"),
+            (["prune", "channels", "--checkpoint", str(ckpt), "--data", str(cloud), "--criterion", "taylor",
+              "--out", str(tmp_path / "pc")], "--criterion taylor (scores by the loss's gradient) needs labelled"),
+            (["prune", "netadapt", "--checkpoint", str(ckpt), "--data", str(cloud), "--quick",
+              "--out", str(tmp_path / "pn")], "needs labelled clouds; cloud 0 of --data")]
+    for argv, words in runs:
+        assert cli.main(argv) == 2, argv
+        assert words in capsys.readouterr().err, argv
+    assert not list(tmp_path.rglob("checkpoint.pt")) and not list(tmp_path.rglob("*.json"))

@@ -80,6 +80,10 @@ def prune_checkpoint(path, out, ratio: float = 0.5, data=None, label_map=None, c
     example = ((batch.input, batch.inverse, batch.points, batch.point_batch) if point_level(model)
                else batch.input)
     ignore_index = state["config"].get("ignore_index", 255)
+    if criterion == "taylor":
+        from .tasks import require_labelled
+
+        require_labelled([batch], ignore_index, "--criterion taylor (scores by the loss's gradient)", data)
 
     def loss_fn(m, b):
         logits, labels = logits_of(m, b)

@@ -212,6 +212,16 @@ def checkpoint_batches(state: dict, data=None, label_map=None, count: int = 1) -
     return [Batch.of([dataset[i % len(dataset)]]) for i in range(count)]
 
 
+def require_labelled(batches, ignore_index: int, what: str, data=None) -> None:
+    """``ValueError`` where a batch of ``batches`` (one cloud each) holds no
+    labelled voxel: ``what`` (a procedure scoring by the loss or the mIoU)
+    would run on a loss of NaN or an mIoU of nothing."""
+    for i, batch in enumerate(batches):
+        if batch.labels is None or not bool((batch.labels != ignore_index).any()):
+            where = f"cloud {i} of --data {' '.join(map(str, data))}" if data else f"cloud {i} of the run's data"
+            raise ValueError(f"{what} needs labelled clouds; {where} has no labelled voxel (give clouds with labels)")
+
+
 def checkpoint_task(path, data=None, label_map=None, clouds: int = 4) -> tuple[dict, Task]:
     """(the checkpoint's state, a :class:`Task` on its trained MinkUNet and
     the user's clouds: the first ``clouds - 1`` train, the last validates;
@@ -225,6 +235,7 @@ def checkpoint_task(path, data=None, label_map=None, clouds: int = 4) -> tuple[d
     batches = checkpoint_batches(state, data, label_map, clouds)
     train, val = batches[:-1] or batches, batches[-1]
     ignore = state["config"].get("ignore_index", 255)
+    require_labelled(batches, ignore, "a procedure on a checkpoint (its loss and mIoU)", data)
     classes = len(state["config"]["classes"])
     cursor = {"i": 0}
 
