@@ -247,12 +247,19 @@ def load(path) -> tuple[torch.export.ExportedProgram, dict]:
         raise FileNotFoundError(f"no exported program at {path}")
     _check_members(path)
     extra = {META_FILE: ""}
+    import logging
+
+    quiet = logging.getLogger("torch.export")  # (logs a traceback at WARNING for a file it cannot read)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         program = torch.export.load(str(path), extra_files=extra)
         meta = json.loads(extra[META_FILE] or "{}")
     except Exception as error:  # zipfile.BadZipFile, torch's RuntimeError, a damaged meta's decode errors, ...
         raise ValueError(f"{path} is not a program written by pointsparse.export.save, or it is damaged "
                          f"({type(error).__name__}: {str(error)[:200]})") from error
+    finally:
+        quiet.setLevel(level)
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: its {META_FILE} holds {type(meta).__name__}, not the meta dict save writes")
     return program, meta

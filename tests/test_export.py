@@ -748,12 +748,16 @@ def test_graph_plans_a_transposed_map_as_its_downsampling_maps_plan_transposed(m
         assert torch.equal(got, model(y).feats)
 
 
-def test_load_names_a_file_that_is_no_exported_program(tmp_path):
+def test_load_names_a_file_that_is_no_exported_program(tmp_path, caplog):
     """export.load on an empty file, text, random bytes, a torch.save file
     (a zip, but no program) or the first half of one: a ValueError naming the
-    file (was zipfile's BadZipFile or torch's RuntimeError); a missing path:
+    file (was zipfile's BadZipFile or torch's RuntimeError), and no traceback
+    logged by torch.export's reader before it; a missing path:
     FileNotFoundError naming it."""
+    import logging
     import os
+
+    caplog.set_level(logging.WARNING)
 
     files = {"empty.pt2": b"", "text.pt2": b"not a program\n", "garbage.pt2": os.urandom(4096)}
     for name, data in files.items():
@@ -764,6 +768,7 @@ def test_load_names_a_file_that_is_no_exported_program(tmp_path):
         with pytest.raises(ValueError, match="is not a program written by pointsparse.export.save") as info:
             export.load(tmp_path / name)
         assert str(tmp_path / name) in str(info.value)
+    assert "Traceback" not in caplog.text and "deserializing" not in caplog.text, caplog.text[:500]
     with pytest.raises(FileNotFoundError, match="missing.pt2"):
         export.load(tmp_path / "missing.pt2")
 
