@@ -90,6 +90,14 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.equal(a["model"][name], b["model"][name]), name
     assert a["history"]["step_loss"] == b["history"]["step_loss"]
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 2
+    # Resuming a run that has its epochs, or with a model flag of another value, did nothing or ignored the
+    # flag without a word; each is refused now, the checkpoint untouched.
+    before = (cut / "checkpoint.pt").read_bytes()
+    with pytest.raises(ValueError, match="already trained 2 epochs and --epochs 2 asks for no more"):
+        tr.main(_parse([*TINY, "--epochs", "2", "--resume", "--out", str(cut)]))
+    with pytest.raises(ValueError, match=r"--cr 1.0 \(the run's .*\) would be ignored"):
+        tr.main(_parse([*TINY, "--epochs", "3", "--cr", "1.0", "--resume", "--out", str(cut)]))
+    assert (cut / "checkpoint.pt").read_bytes() == before
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):

@@ -382,6 +382,9 @@ class TrainingJob:
         self.start_epoch, self.best, self.report, self._val_samples = 0, -1.0, None, None
         if resume_state is not None:
             self._restore(resume_state)
+            if self.start_epoch >= self.plan["epochs"]:
+                raise ValueError(f"--resume: the run already trained {self.start_epoch} epochs and --epochs "
+                                 f"{self.plan['epochs']} asks for no more; give --epochs above {self.start_epoch}")
         self.net = self.model
         if dist.active:
             self.net = torch.nn.parallel.DistributedDataParallel(
@@ -405,6 +408,14 @@ class TrainingJob:
                 raise ValueError(f"--resume {path}: a checkpoint of weights only (it lacks {', '.join(missing)}), "
                                  "not of a training run to resume")
             self.config = state["config"]
+            defaults = argparse.ArgumentParser()
+            add_arguments(defaults)
+            differ = [f"--{name.replace('_', '-')} {getattr(args, name)} (the run's {self.config.get(name)})"
+                      for name in ("model", "cr", "blocks", "voxel_size")
+                      if getattr(args, name, None) not in (None, defaults.get_default(name), self.config.get(name))]
+            if differ:
+                raise ValueError(f"--resume {path} continues its run's model; {', '.join(differ)} would be ignored: "
+                                 f"drop them, or start a new run (--init {path} starts from its weights)")
             self.log(f"resuming {path} after epoch {state['epoch']}")
         else:
             self.config = {"in_channels": NUM_FEATURES, "classes": self.classes, "cr": args.cr,
