@@ -108,7 +108,49 @@ def load_training(path) -> dict:
     state = load(path)
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ValueError(f"{path} is not a pointsparse training checkpoint")
+    check_config(state["config"], path)
     return state
+
+
+def check_config(config, where) -> None:
+    """``TypeError`` / ``ValueError`` naming ``where`` (the checkpoint or program file) unless
+    ``config`` is a dict whose run settings, where present, are of their kind:
+    ``classes`` a list of str, ``in_channels`` and ``blocks`` ints
+    >= 1, ``voxel_size`` and ``cr`` finite numbers > 0, ``ignore_index`` an
+    int, ``model`` a str (a damaged or hand-edited file otherwise failed deep
+    inside voxelisation or model building, not naming it)."""
+    import math
+    import numbers
+
+    if not isinstance(config, dict):
+        raise TypeError(f"{where}: its config must be a dict; got {type(config).__name__}")
+
+    def bad(key, expected, kind=ValueError):
+        raise kind(f"{where}: its config's {key} must be {expected}; got {config[key]!r:.100}")
+
+    def integral(v):
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    def real(v):
+        return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+    if "classes" in config and (not isinstance(config["classes"], list)
+                                or not all(isinstance(c, str) for c in config["classes"])):
+        bad("classes", "a list of class names", TypeError)
+    for key in ("in_channels", "blocks"):
+        if key in config and not integral(config[key]):
+            bad(key, "an int >= 1", TypeError)
+        if key in config and config[key] < 1:
+            bad(key, "an int >= 1")
+    for key in ("voxel_size", "cr"):
+        if key in config and not real(config[key]):
+            bad(key, "a finite number > 0", TypeError)
+        if key in config and not (math.isfinite(config[key]) and config[key] > 0):
+            bad(key, "a finite number > 0")
+    if "ignore_index" in config and not integral(config["ignore_index"]):
+        bad("ignore_index", "an int", TypeError)
+    if "model" in config and not isinstance(config["model"], str):
+        bad("model", "a model name", TypeError)
 
 
 def check_directory(path, what: str = "--out") -> Path:

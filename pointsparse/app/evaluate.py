@@ -158,6 +158,9 @@ def program_and_state(path, args=None):
     missing = [key for key in ("classes", "voxel_size", "in_channels") if key not in meta]
     if missing:
         raise ValueError(f"{path}: its meta lacks {', '.join(missing)} (not a program pointsparse export wrote)")
+    from ..checkpoint import check_config
+
+    check_config(meta, path)
     if len(meta["classes"]) != model.num_classes or meta["in_channels"] != model.in_channels:
         raise ValueError(f"{path}: its meta says {meta['in_channels']} channels in and {len(meta['classes'])} "
                          f"classes; the program takes {model.in_channels} and gives {model.num_classes}")
