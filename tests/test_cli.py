@@ -188,6 +188,10 @@ def test_train_device_is_checked_before_training():
     (["predict", "--out", "{tmp}/r", "--checkpoint", "{tmp}/c.pt", "--data", "{tmp}", "--threads", "100000"],
      "--threads must be in [1, "),
     (["train", "--out", "{tmp}/r", "--nproc", "100000"], "--nproc must be at most"),
+    (["train", "--out", "{tmp}/r", "--seed", "-1"], "--seed must be in [0, 2**32)"),
+    (["demo", "--out", "{tmp}/r", "--points", "100000000", "--steps", "1"], "--points must be at most"),
+    (["prune", "channels", "--out", "{tmp}/p", "--checkpoint", "{tmp}/c.pt", "--sparsity", "0.9"],
+     "prune channels keeps --ratio"),
 ])
 def test_flags_checked_before_any_work(tmp_path, capsys, argv, words):
     """Flags that were accepted and then ignored or misread (a label map on

@@ -49,6 +49,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+#: The generated scans' most azimuth steps (data.generated's limit), which --points is turned into.
+MAX_AZIMUTH_STEPS = 65536
+
+
 def training_arguments(args) -> argparse.Namespace:
     """The ``pointsparse train`` arguments the demo runs."""
     parser = argparse.ArgumentParser()
@@ -73,7 +77,11 @@ def training_arguments(args) -> argparse.Namespace:
         argv += ["--scenes", "24", "--val-scenes", "4", "--epochs", str(epochs or EPOCHS), "--eval-every", "2"]
     if getattr(args, "points", None):
         # About 90% of the rays of a 35 m street scan return.
-        argv += ["--azimuth-steps", str(max(16, round(args.points / 64 / 0.9)))]
+        steps = max(16, round(args.points / 64 / 0.9))
+        if steps > MAX_AZIMUTH_STEPS:
+            raise ValueError(f"--points must be at most {int(MAX_AZIMUTH_STEPS * 64 * 0.9):,} (a scan of 64 beams and "
+                             f"{MAX_AZIMUTH_STEPS} azimuth steps); got {args.points}")
+        argv += ["--azimuth-steps", str(steps)]
     if args.no_progress:
         argv.append("--no-progress")
     parsed = parser.parse_args(argv)

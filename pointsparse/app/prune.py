@@ -121,6 +121,9 @@ def main(args) -> int:
         if given:
             raise ValueError(f"{', '.join(given)}: the block shapes of `prune vectors`; `prune {args.procedure}` "
                              "takes none of them")
+    if args.procedure == "channels" and args.sparsity is not None:
+        raise ValueError("--sparsity: prune channels keeps --ratio of every coupled channel group; it takes no "
+                         "--sparsity (that is prune vectors', offsets' and the procedures')")
     if args.procedure == "channels":
         return channels.main(args)
     check_args(args)

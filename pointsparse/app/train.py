@@ -139,6 +139,9 @@ def check_args(args) -> None:
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {value}")
     check_threads(getattr(args, "threads", None))
+    seed = getattr(args, "seed", None)
+    if seed is not None and not 0 <= seed < 2**32:
+        raise ValueError(f"--seed must be in [0, 2**32); got {seed}")
     nproc = getattr(args, "nproc", None)
     if nproc is not None and nproc > max(2, os.cpu_count() or 1):
         raise ValueError(f"--nproc must be at most this machine's {os.cpu_count()} cores (one process each); got "
