@@ -55,6 +55,33 @@ def test_minkunet_single_point_and_bad_inputs():
             MinkUNet(**kwargs)
 
 
+@pytest.mark.parametrize("cr", [True, "1", None, float("nan"), -1.0, 1e307])
+def test_minkunet_cr_refused_naming_the_value_passed(cr):
+    from pointsparse.models import SPVCNN
+
+    for cls in (MinkUNet, SPVCNN):
+        with pytest.raises(ValueError, match=r"cr" if cr == 1e307 else rf"cr must be a positive number; got {cr!r}"):
+            cls(4, 5, cr=cr)
+
+
+def test_minkunet_and_spvcnn_refuse_too_many_parameters_before_building(monkeypatch):
+    from pointsparse.models import SPVCNN, minkunet
+
+    # The count is exact: a model just at the limit builds, one value more is refused.
+    small = {cls: sum(p.numel() for p in cls(3, 2, cr=0.125, blocks=1).parameters()) for cls in (MinkUNet, SPVCNN)}
+    for cls, total in small.items():
+        monkeypatch.setattr(minkunet, "MAX_PARAMETERS", total)
+        cls(3, 2, cr=0.125, blocks=1)
+        monkeypatch.setattr(minkunet, "MAX_PARAMETERS", total - 1)
+        built = []
+        monkeypatch.setattr(spnn.Conv3d, "reset_parameters", lambda self: built.append(self))
+        with pytest.raises(ValueError, match=rf"{cls.__name__}\(in_channels=3, num_classes=2, cr=0.125, blocks=1\) "
+                                             rf"would have {total:,} parameter values"):
+            cls(3, 2, cr=0.125, blocks=1)
+        assert not built  # refused before the first layer
+        monkeypatch.undo()
+
+
 def test_minkunet_translation_equivariant_by_total_stride():
     torch.manual_seed(1)
     net = MinkUNet(4, 3, cr=0.125).eval()

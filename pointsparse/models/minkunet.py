@@ -90,6 +90,62 @@ class ResidualBlock(nn.Module):
 #: checkpoint's config asking for millions would build for ever).
 MAX_BLOCKS = 64
 
+#: The most parameter values a MinkUNet / SPVCNN may hold in all (checked
+#: before any layer is built): 2^31, 8 GiB of float32.
+MAX_PARAMETERS = 2**31
+
+
+def check_config(in_channels, num_classes, cr, blocks) -> tuple[int, int, float, int, tuple[int, ...]]:
+    """MinkUNet's (and SPVCNN's) arguments checked: ``(in_channels,
+    num_classes, cr, blocks, widths)``, or a ValueError naming the argument."""
+    in_channels, num_classes, blocks = (positive_int(v, name) for name, v in (
+        ("in_channels", in_channels), ("num_classes", num_classes), ("blocks", blocks)))
+    if blocks > MAX_BLOCKS:
+        raise ValueError(f"blocks must be at most {MAX_BLOCKS} residual blocks a stage; got {blocks}")
+    try:
+        value = as_float(cr, "cr")
+    except TypeError:
+        value = None
+    if value is None or not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"cr must be a positive number; got {cr!r}")
+    widths = [c * value for c in BASE_WIDTHS]
+    if not all(math.isfinite(w) and w <= MAX_PARAMETERS for w in widths):  # (even one such width is far over)
+        raise ValueError(f"cr={value} is too large: stage widths of {max(widths):.3g} channels would put the model "
+                         f"far over {MAX_PARAMETERS:,} (2^31) parameter values")
+    return in_channels, num_classes, value, blocks, tuple(max(1, int(round(w))) for w in widths)
+
+
+def _conv_bn(cin: int, cout: int, volume: int) -> int:
+    return volume * cin * cout + 2 * cout  # a bias-free Conv3d + BatchNorm (weight, bias)
+
+
+def _residual(cin: int, cout: int) -> int:
+    n = _conv_bn(cin, cout, 27) + _conv_bn(cout, cout, 27)
+    return n + (_conv_bn(cin, cout, 1) if cin != cout else 0)
+
+
+def unet_parameters(in_channels: int, widths: tuple[int, ...], blocks: int) -> int:
+    """The parameter values of a MinkUNet of these widths without its
+    classifier, counted from the widths (as :class:`MinkUNet` builds it)."""
+    w = widths
+    n = _conv_bn(in_channels, w[0], 27) + _conv_bn(w[0], w[0], 27)
+    for i in range(1, 5):
+        n += _conv_bn(w[i - 1], w[i - 1], 8) + _residual(w[i - 1], w[i]) + (blocks - 1) * _residual(w[i], w[i])
+    prev = w[4]
+    for j, i in enumerate(range(5, 9)):
+        n += _conv_bn(prev, w[i], 8) + _residual(w[i] + w[3 - j], w[i]) + (blocks - 1) * _residual(w[i], w[i])
+        prev = w[i]
+    return n
+
+
+def check_parameters(model: str, total: int, in_channels: int, num_classes: int, cr: float, blocks: int) -> None:
+    """ValueError naming the arguments where ``total`` parameter values are
+    over :data:`MAX_PARAMETERS`."""
+    if total > MAX_PARAMETERS:
+        raise ValueError(f"{model}(in_channels={in_channels}, num_classes={num_classes}, cr={cr}, blocks={blocks}) "
+                         f"would have {total:,} parameter values; at most {MAX_PARAMETERS:,} (2^31) in all "
+                         "(use a smaller cr, blocks or channel count)")
+
 
 class MinkUNet(nn.Module):
     """Sparse residual U-Net for per-voxel classification.
@@ -100,7 +156,11 @@ class MinkUNet(nn.Module):
         cr: width multiplier applied to every stage width
             (32, 32-64-128-256 down, 256-128-96-96 up).
         blocks: residual blocks per stage (2 as in the usual MinkUNet18-style
-            layout).
+            layout; at most :data:`MAX_BLOCKS`).
+
+    A ValueError names the arguments where the model would hold more than
+    :data:`MAX_PARAMETERS` parameter values (checked before any layer is
+    built).
 
     ``forward(x)`` takes a stride-1 SparseTensor and returns a SparseTensor on
     the same coords with ``num_classes`` channels.
@@ -108,19 +168,11 @@ class MinkUNet(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, cr: float = 1.0, blocks: int = 2):
         super().__init__()
-        in_channels, num_classes, blocks = (positive_int(v, name) for name, v in (
-            ("in_channels", in_channels), ("num_classes", num_classes), ("blocks", blocks)))
-        if blocks > MAX_BLOCKS:
-            raise ValueError(f"blocks must be at most {MAX_BLOCKS} residual blocks a stage; got {blocks}")
-        try:
-            cr = as_float(cr, "cr")
-        except TypeError:
-            cr = None
-        if cr is None or not (cr > 0 and math.isfinite(cr)):
-            raise ValueError(f"cr must be a positive number; got {cr!r}")
-        self.in_channels, self.num_classes, self.cr = in_channels, num_classes, float(cr)
-        w = [max(1, int(round(c * cr))) for c in BASE_WIDTHS]
-        self.widths = tuple(w)
+        in_channels, num_classes, cr, blocks, w = check_config(in_channels, num_classes, cr, blocks)
+        check_parameters(type(self).__name__, unet_parameters(in_channels, w, blocks) + (w[8] + 1) * num_classes,
+                         in_channels, num_classes, cr, blocks)
+        self.in_channels, self.num_classes, self.cr = in_channels, num_classes, cr
+        self.widths = w
         self.stem = nn.Sequential(ConvBlock(in_channels, w[0]), ConvBlock(w[0], w[0]))
         self.down = nn.ModuleList()
         for i in range(1, 5):

@@ -13,7 +13,7 @@ from torch import nn
 from .. import coords as _coords
 from ..tensor import SparseTensor
 from ..voxelize import devoxelize
-from .minkunet import MinkUNet
+from .minkunet import MinkUNet, check_config, check_parameters, unet_parameters
 
 
 def point_rows(tensor: SparseTensor, point_coords: torch.Tensor) -> torch.Tensor:
@@ -79,7 +79,8 @@ def _point_mlp(cin: int, cout: int) -> nn.Sequential:
 
 
 class SPVCNN(nn.Module):
-    """Point-voxel U-Net (same widths and ``cr`` as :class:`MinkUNet`).
+    """Point-voxel U-Net (same widths and ``cr`` as :class:`MinkUNet`, and
+    the same limit on its parameter values in all, checked before building).
 
     ``forward(voxels, inverse, points, point_batch)``: ``voxels`` the
     stride-1 SparseTensor of the cloud(s), ``inverse`` ``(N,)`` the voxel row
@@ -94,7 +95,13 @@ class SPVCNN(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, cr: float = 1.0, blocks: int = 2):
         super().__init__()
-        self.unet = MinkUNet(in_channels, num_classes, cr, blocks)
+        args = check_config(in_channels, num_classes, cr, blocks)
+        w = args[4]
+        # each point MLP: Linear (weight, bias) + BatchNorm1d (weight, bias)
+        mlps = sum(cin * cout + 3 * cout for cin, cout in ((w[0], w[4]), (w[4], w[6]), (w[6], w[8])))
+        check_parameters(type(self).__name__, unet_parameters(args[0], w, args[3]) + mlps + (w[8] + 1) * args[1],
+                         *args[:4])
+        self.unet = MinkUNet(*args[:4])
         self.unet.classifier = nn.Identity()  # the classifier runs on points
         w = self.unet.widths
         self.in_channels, self.num_classes, self.cr = self.unet.in_channels, self.unet.num_classes, self.unet.cr
