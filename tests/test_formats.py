@@ -491,3 +491,25 @@ def test_to_dense_of_a_huge_declared_shape_is_refused_before_allocating():
             fmt.to_dense()
     small = F.CSR.from_dense(torch.eye(3))
     assert torch.equal(small.to_dense(), torch.eye(3))
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_matmul_of_a_huge_declared_shape_is_refused_before_allocating(backend):
+    """A valid format of a huge, nearly empty (M, K): its matmul's (M, N)
+    output and row pointers are checked against the dense limit first, a
+    ValueError naming the shapes (was torch's DefaultCPUAllocator error)."""
+    import re
+
+    import pointsparse as ps
+
+    one = (torch.tensor([0]), torch.ones(1))
+    eie = F.EIE.from_dense(torch.eye(3), num_pe=2)
+    for fmt in (F.COO(torch.tensor([0]), *one, (2**40, 3)), F.CSC(torch.tensor([0, 1, 1, 1]), *one, (2**40, 3)),
+                F.EIE(eie.values, eie.rel_idx, eie.col_ptr, 2, (2**40, 3))):
+        for dense in (torch.ones(3, 2), torch.ones(3), torch.ones(3, 0)):
+            match = re.escape(f"matmul of a {type(fmt).__name__} of shape (1099511627776, 3) with dense of shape "
+                              f"{tuple(dense.shape)}") + ".*GiB limit"
+            with ps.backend(backend), pytest.raises(ValueError, match=match):
+                fmt.matmul(dense)
+    with ps.backend(backend):
+        assert torch.equal(F.COO.from_dense(torch.eye(3)) @ torch.ones(3, 2), torch.ones(3, 2))

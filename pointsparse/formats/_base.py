@@ -255,7 +255,10 @@ class SparseFormat:
 
     # -- product ----------------------------------------------------------
     def matmul(self, dense: torch.Tensor) -> torch.Tensor:
-        """``self @ dense`` for dense of shape (K, N) or (K,)."""
+        """``self @ dense`` for dense of shape (K, N) or (K,). The (M, N)
+        output and the product's M + 1 row pointers are checked against
+        :data:`pointsparse.tensor.MAX_DENSE_BYTES` first (a ValueError naming
+        the shapes: a valid format may declare a huge, nearly empty matrix)."""
         if not isinstance(dense, torch.Tensor):
             raise TypeError(f"dense must be a torch.Tensor; got {type(dense).__name__}")
         M, K = self.shape
@@ -268,6 +271,7 @@ class SparseFormat:
         if dense.dtype != self.dtype:
             raise TypeError(f"dense must have dtype {self.dtype} like the weight; got {dense.dtype}")
         dense2 = dense[:, None] if vector else dense
+        self._check_product(dense2.shape[1], tuple(dense.shape))
         if _ext.serves(dense2, dtypes=_KERNEL_DTYPES):
             out = self._kernel(_ext.to_numpy(dense2.detach()))
             out = _ext.to_tensor(out)
@@ -277,6 +281,18 @@ class SparseFormat:
         return out[:, 0] if vector else out
 
     __matmul__ = matmul
+
+    def _check_product(self, N: int, dense_shape: tuple) -> None:
+        """The bytes ``matmul`` allocates (an (M, N) output of ``dtype`` and
+        M + 1 int64 row pointers) against the dense limit, before any."""
+        from ..tensor import MAX_DENSE_BYTES  # noqa: PLC0415 - the formats do not import the tensor layer at load
+
+        M = self.shape[0]
+        nbytes = M * N * torch.empty((), dtype=self.dtype).element_size() + 8 * (M + 1)
+        if nbytes > MAX_DENSE_BYTES:
+            raise ValueError(f"matmul of a {type(self).__name__} of shape {tuple(self.shape)} with dense of shape "
+                             f"{dense_shape} needs {nbytes:,} bytes for its ({M}, {N}) output and row pointers, "
+                             f"over the {MAX_DENSE_BYTES / 2**30:.0f} GiB limit")
 
     def _kernel(self, dense_np):  # pragma: no cover - abstract
         raise NotImplementedError
