@@ -34,7 +34,7 @@ import torch
 
 from . import _ext
 from . import coords as _coords
-from .tensor import SparseTensor, Triple, as_int, as_triple
+from .tensor import STRIDE_MAX, SparseTensor, Triple, as_int, as_triple
 
 METHODS = ("mergesort", "hash", "torch")
 CPU_METHODS = ("mergesort", "hash")
@@ -312,6 +312,8 @@ def build(coords: torch.Tensor, kernel_size=3, stride=1, dilation=1, tensor_stri
 
     Stride 1: outputs are the inputs (submanifold). Stride t > 1: outputs are
     the unique ``floor(c / (s * t)) * (s * t)``, sorted by (batch, x, y, z).
+    ValueError (on every backend) when the output stride ``tensor_stride *
+    stride`` passes ``2**31 - 1`` on an axis.
     With the default method, a map whose kernel tiles its stride (kernel ==
     stride, 1 or 2 per axis, dilation 1: a U-Net's k2 s2 downsampling) pairs
     each row with its parent from the downsampling's own sort, with no
@@ -339,7 +341,11 @@ def _build(coords: torch.Tensor, k: Triple, t: Triple, d: Triple, s: Triple, met
     by construction (validated when their tensor was made, or downsampled),
     so the check is skipped (some 0.25 ms per map on a 91k-voxel sweep) and
     the maps that need no search take their shortcuts (a 1x1x1 map; a kernel
-    tiling its stride: ``_core.kmap_parents``)."""
+    tiling its stride: ``_core.kmap_parents``). ValueError when ``s * t``,
+    the output stride, passes ``STRIDE_MAX`` on an axis (on every backend)."""
+    if any(a * b > STRIDE_MAX for a, b in zip(s, t)):
+        raise ValueError(f"tensor_stride {s} x stride {t} = output stride {tuple(a * b for a, b in zip(s, t))}; "
+                         f"strides must be in [1, {STRIDE_MAX}] per axis")
     if not trusted:
         _coords.check_coords(coords)  # build()'s, and an exported program's operators' (their input coords)
     default = method is None

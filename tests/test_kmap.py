@@ -628,3 +628,21 @@ def test_get_kmap_names_a_tensor_that_is_no_sparse_tensor():
     for bad in (torch.zeros(3, 4, dtype=torch.int32), [[0, 0, 0, 0]], None):
         with pytest.raises(TypeError, match="tensor must be a SparseTensor"):
             get_kmap(bad, 3)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_output_stride_beyond_int32_refused_on_every_backend(backend):
+    """tensor_stride x stride past 2**31 - 1 on an axis is a ValueError naming
+    both, from build, get_kmap and a strided conv alike (the torch backend
+    gave a map, and a conv a tensor of stride 2**31; the core refused)."""
+    coords = torch.tensor([[0, 0, 0, 0], [0, 2, 2, 2]], dtype=torch.int32)
+    x = ps.SparseTensor(torch.randn(2, 3), coords)
+    with ps.backend(backend):
+        for call in (lambda: km.build(coords, 3, stride=2**40), lambda: km.build(coords, 1, tensor_stride=2**40),
+                     lambda: km.build(coords, 2, stride=(2, 2**31, 2), method="torch"),
+                     lambda: km.get_kmap(x, 1, 2**31), lambda: ps.nn.Conv3d(3, 4, 1, stride=2**31)(x),
+                     lambda: ps.nn.Conv3d(3, 4, 2, stride=2**30)(ps.nn.Conv3d(3, 3, 2, stride=2)(x))):
+            with pytest.raises(ValueError, match=r"tensor_stride \(.*\) x stride \(.*\) = output stride .*"
+                                                 r"strides must be in \[1, 2147483647\] per axis"):
+                call()
+        assert km.build(coords, 1, stride=2**31 - 1).out_coords.tolist() == [[0, 0, 0, 0]]
