@@ -558,6 +558,35 @@ def test_kernel_region_gradcheck_and_errors():
         F.conv3d(x, w.detach(), 3, weight_mask=torch.ones(27, 2, 2, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_weight_mask_checked_and_taken_alike_on_every_path(backend):
+    """conv3d checks weight_mask (the weight's shape, dtype, device) before
+    choosing a path, and the torch path masks the weight gradient as the
+    engine does (it ignored the mask: any shape taken, gradients differed)."""
+    x = make(n=60, c=3, extent=5)
+    w = torch.randn(27, 3, 2, dtype=torch.float64)
+    with ps.backend(backend):
+        for bad, error, match in [(torch.ones(5), ValueError, r"weight_mask must have the weight's shape \(27, 3, 2\)"),
+                                  (torch.ones(27, 2, 3, dtype=torch.float64), ValueError, "weight_mask must have"),
+                                  (torch.ones(27, 3, 2), TypeError, r"weight_mask \(torch.float32, cpu\) must match"),
+                                  (torch.ones(27, 3, 2, dtype=torch.float64, device="meta"), TypeError,
+                                   "weight_mask .* must match the weight")]:
+            with pytest.raises(error, match=match):
+                F.conv3d(x, w, 3, weight_mask=bad)
+    grads = {}
+    masks = {"zero": torch.zeros_like(w), "half": (torch.rand(w.shape, generator=torch.Generator().manual_seed(0))
+                                                   < 0.5).double()}
+    for path in ("auto", "torch"):
+        for name, mask in masks.items():
+            weight = w.clone().requires_grad_()
+            with ps.backend(path):
+                F.conv3d(x, weight, 3, weight_mask=mask).feats.square().sum().backward()
+            grads[path, name] = weight.grad
+            assert torch.equal(weight.grad == 0, (weight.grad == 0) | (mask == 0))  # masked entries: no gradient
+    for name in ("zero", "half"):
+        torch.testing.assert_close(grads["auto", name], grads["torch", name], rtol=1e-10, atol=1e-10)
+
+
 def test_panel_structured_prunes_engine_vectors():
     conv = ps.nn.Conv3d(8, 40, 3)
     prune.panel_structured(conv, "weight", 0.5)

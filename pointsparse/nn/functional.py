@@ -111,8 +111,9 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
 
     ``kernel_region`` (see :func:`region_of`): only those offsets are
     summed (the others' weights are ignored and get a zero gradient).
-    ``weight_mask``: the pruning mask ``weight`` is the product with (the
-    entries it zeroes get a zero weight gradient, not computed). Offsets whose
+    ``weight_mask``: the pruning mask ``weight`` is the product with, of the
+    weight's shape, dtype and device (the entries it zeroes get a zero weight
+    gradient, on the engine not computed). Offsets whose
     weight is all zero are skipped, and sparse enough weights run the
     vector-sparse kernels (see ``nn._engine.choose_execution``).
 
@@ -135,8 +136,15 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
             raise ValueError(f"bias must be (C_out,) = ({weight.shape[2]},); got {tuple(bias.shape)}")
         if bias.dtype != weight.dtype or bias.device != weight.device:
             raise TypeError(f"bias ({bias.dtype}, {bias.device}) must match the weight ({weight.dtype}, {weight.device})")
-    if weight_mask is not None and not isinstance(weight_mask, torch.Tensor):
-        raise TypeError(f"weight_mask must be a torch.Tensor or None; got {type(weight_mask).__name__}")
+    if weight_mask is not None:  # checked here: every path takes it alike
+        if not isinstance(weight_mask, torch.Tensor):
+            raise TypeError(f"weight_mask must be a torch.Tensor or None; got {type(weight_mask).__name__}")
+        if weight_mask.shape != weight.shape:
+            raise ValueError(f"weight_mask must have the weight's shape {tuple(weight.shape)}; "
+                             f"got {tuple(weight_mask.shape)}")
+        if weight_mask.dtype != weight.dtype or weight_mask.device != weight.device:
+            raise TypeError(f"weight_mask ({weight_mask.dtype}, {weight_mask.device}) must match the weight "
+                            f"({weight.dtype}, {weight.device})")
     region = _region(k, kernel_region)
     if add is not None and not isinstance(add, SparseTensor):
         raise TypeError(f"add must be a SparseTensor or None; got {type(add).__name__}")
@@ -177,6 +185,11 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
         feats = _engine.conv(input.feats, weight, bias, kmap, cache=input.cache, relu=relu_inside, region=region,
                              mask=weight_mask, add=residual if fuse else None)
     else:  # other devices and dtypes: the same pairs in torch ops
+        if weight_mask is not None and weight.requires_grad and torch.is_grad_enabled():
+            # the engine's weight gradient: the dense one times the mask
+            mask = weight_mask.detach()
+            weight = weight.view_as(weight)
+            weight.register_hook(lambda grad: grad * mask)
         if region is not None:
             weight = weight * region.to(weight.device, weight.dtype).view(-1, 1, 1)
         feats = conv_sum(input.feats, weight, kmap)
