@@ -368,6 +368,26 @@ def test_global_structured_channels_across_layers():
         prune.global_structured([(first, "weight"), (second, "weight")], prune.ChannelStructured, amount=9)
 
 
+def test_global_structured_names_an_item_that_is_no_module_name_pair():
+    """Each item of parameters must be a (module, name) pair naming a tensor
+    of the module: a TypeError naming it, before anything is pruned (were an
+    AttributeError and "cannot unpack non-iterable Linear object")."""
+    first = linear(torch.tensor([[1.0, 1.0], [0.1, 0.1], [2.0, 2.0]]))
+    for parameters, match in [
+        ([(first, "weight"), (first, "nope")], r"parameters\[1\]: Linear has no tensor named 'nope'"),
+        ([first], r"parameters\[0\] must be a \(module, name\) pair .*got Linear"),
+        ([("weight", first)], r"parameters\[0\] must be a \(module, name\) pair .*got \(str, Linear\)"),
+        ([(first, "weight", 1)], r"parameters\[0\] must be a \(module, name\) pair"),
+        (first, r"parameters must be an iterable of \(module, name\) pairs; got Linear"),
+        (3, r"parameters must be an iterable of \(module, name\) pairs; got int"),
+    ]:
+        with pytest.raises(TypeError, match=match):
+            prune.global_structured(parameters, prune.ChannelStructured, amount=1)
+        assert not prune.is_pruned(first)
+    prune.global_structured(iter([(first, "weight")]), prune.ChannelStructured, amount=1, n=1, axis="out")
+    assert torch.equal(first.weight_mask[:, 0], torch.tensor([1.0, 0.0, 1.0]))
+
+
 @pytest.mark.parametrize("method", [
     lambda m, s: prune.vector_structured(m, "weight", 0.5, importance_scores=s),
     lambda m, s: prune.kernel_structured(m, "weight", 0.5, importance_scores=s),

@@ -28,7 +28,7 @@ import torch
 
 from ._copyable import CopyableMethod
 from .amount import count_to_prune, validate_amount, validate_norm
-from .adapters import WeightLayout, dense_layout, layout_of
+from .adapters import WeightLayout, dense_layout, layout_of, raw
 
 
 def _axis_grids(shape: torch.Size, device) -> list[torch.Tensor]:
@@ -355,8 +355,20 @@ def global_structured(parameters, pruning_method, amount, importance_scores=None
     comparable scale: pass normalised ``importance_scores`` (a dict keyed by
     ``(module, name)``, as ``global_unstructured`` takes) when raw norms are
     not. Each tensor is then pruned by ``pruning_method.apply`` with the count
-    that fell to it, so the result composes with earlier pruning as usual."""
+    that fell to it, so the result composes with earlier pruning as usual.
+    A TypeError names an item that is no ``(module, name)`` pair or a name
+    the module has no tensor for (before anything is pruned)."""
+    if isinstance(parameters, (torch.nn.Module, str, bytes)) or not hasattr(parameters, "__iter__"):
+        raise TypeError(f"parameters must be an iterable of (module, name) pairs; got {type(parameters).__name__}")
     parameters = list(parameters)
+    for i, item in enumerate(parameters):
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], torch.nn.Module)
+                and isinstance(item[1], str)):
+            got = type(item).__name__ if not isinstance(item, (tuple, list)) else \
+                f"({', '.join(type(v).__name__ for v in item)})"
+            raise TypeError(f"parameters[{i}] must be a (module, name) pair (a torch.nn.Module and a str); got {got}")
+        if raw(*item) is None:
+            raise TypeError(f"parameters[{i}]: {type(item[0]).__name__} has no tensor named {item[1]!r}")
     if not (isinstance(pruning_method, type) and issubclass(pruning_method, GroupStructured)):
         raise TypeError(f"pruning_method must be a GroupStructured subclass; got {pruning_method!r}")
     importance_scores = importance_scores if importance_scores is not None else {}
