@@ -247,6 +247,13 @@ def test_pattern_bad_arguments():
         prune.pattern_structured(module, "weight", patterns=torch.ones(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="pattern_size=5 exceeds"):
         prune.pattern_structured(module, "weight", pattern_size=5)
+    # an amount where the patterns go, a flat list, a string: TypeError naming patterns (was "'float' object is
+    # not iterable" from inside)
+    for patterns, match in [(0.5, r"patterns must be a bool tensor \(P, 4\) or a list of lists .*got 0.5 \(float\)"),
+                            ("ab", r"patterns must be .*got 'ab' \(str\)"),
+                            ([0, 3], r"patterns\[0\] must be a list of kept kernel-position indices; got 0 \(int\)")]:
+        with pytest.raises(TypeError, match=match):
+            prune.pattern_structured(module, "weight", patterns)
     assert not prune.is_pruned(module)
 
 

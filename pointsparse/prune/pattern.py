@@ -21,9 +21,21 @@ from ._copyable import CopyableMethod
 from .adapters import WeightLayout, dense_layout, layout_of
 
 
+def _is_sequence(value) -> bool:
+    """Iterable and not a string (a list, tuple, tensor, numpy array...)."""
+    if isinstance(value, (str, bytes)) or (isinstance(value, torch.Tensor) and value.dim() == 0):
+        return False
+    try:
+        iter(value)
+    except TypeError:
+        return False
+    return True
+
+
 def as_patterns(patterns, kernel_volume: int) -> torch.Tensor:
     """``patterns`` as a bool tensor ``(P, kernel_volume)``: a bool/0-1 tensor
-    of that shape, or a list of lists of kept kernel-position indices."""
+    of that shape, or a list of lists of kept kernel-position indices
+    (anything else: a TypeError naming ``patterns``)."""
     if isinstance(patterns, torch.Tensor):
         out = patterns
         if out.dim() != 2 or out.shape[1] != kernel_volume:
@@ -35,8 +47,15 @@ def as_patterns(patterns, kernel_volume: int) -> torch.Tensor:
                 raise ValueError("patterns as a numeric tensor must hold only 0 and 1")
             out = out != 0
     else:
+        if not _is_sequence(patterns):
+            raise TypeError(f"patterns must be a bool tensor (P, {kernel_volume}) or a list of lists of kept "
+                            "kernel-position indices (None: learned, see num_patterns and pattern_size); got "
+                            f"{patterns!r} ({type(patterns).__name__})")
         rows = []
-        for pattern in patterns:
+        for i, pattern in enumerate(patterns):
+            if not _is_sequence(pattern):
+                raise TypeError(f"patterns[{i}] must be a list of kept kernel-position indices; got {pattern!r} "
+                                f"({type(pattern).__name__})")
             row = torch.zeros(kernel_volume, dtype=torch.bool)
             for position in pattern:
                 if isinstance(position, bool) or not isinstance(position, numbers.Integral):
