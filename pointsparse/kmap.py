@@ -106,10 +106,12 @@ class KernelMap:
         return self.ptr[-1]
 
     def pairs(self, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(in_idx, out_idx)`` of offset index ``offset``."""
+        """``(in_idx, out_idx)`` of offset index ``offset``, an int in ``[0,
+        kernel_volume)`` (TypeError / ValueError naming ``offset`` otherwise)."""
         offset = as_int(offset, "offset")
         if not 0 <= offset < self.kernel_volume:
-            raise IndexError(f"offset index {offset} outside [0, {self.kernel_volume})")
+            raise ValueError(f"offset must be an offset index in [0, {self.kernel_volume}) (the map's "
+                             f"{self.kernel_volume} offsets); got {offset}")
         lo, hi = self.ptr[offset], self.ptr[offset + 1]
         return self.in_idx[lo:hi], self.out_idx[lo:hi]
 

@@ -242,8 +242,9 @@ def test_pairs_and_ptr():
     for o in range(27):
         i, j = kmap.pairs(o)
         assert torch.equal(coords[i, 1:] - coords[j, 1:], kmap.offsets[o].expand(i.numel(), 3))
-    with pytest.raises(IndexError):
-        kmap.pairs(27)
+    for bad in (27, -1, 2**70):  # a ValueError naming offset and the range (was an IndexError)
+        with pytest.raises(ValueError, match=rf"offset must be an offset index in \[0, 27\) .*; got {bad}"):
+            kmap.pairs(bad)
 
 
 def test_kernel_offsets_order():

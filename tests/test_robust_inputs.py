@@ -156,7 +156,7 @@ def test_kernel_map_pairs_offset_type():
     for bad in (1.5, "1", True, torch.tensor(1.0), torch.tensor([1]), None):
         with pytest.raises(TypeError, match="offset must be an int"):
             kmap.pairs(bad)
-    with pytest.raises(IndexError, match="offset index"):
+    with pytest.raises(ValueError, match=r"offset must be an offset index in \[0, 27\)"):
         kmap.pairs(27)
 
 
