@@ -230,6 +230,35 @@ def test_semantickitti_reader(tmp_path):
             read_semantickitti(tmp_path / "bad.bin")
 
 
+
+def test_readers_take_their_documented_keywords(tmp_path):
+    """read_semantickitti(scan_path=...) failed: the wrapper that names the
+    file in errors renamed the first parameter to ``path``."""
+    xyz, _ = _cloud(4)
+    np.hstack([xyz, np.zeros((4, 1), np.float32)]).tofile(tmp_path / "s.bin")
+    assert np.array_equal(read_semantickitti(scan_path=tmp_path / "s.bin").xyz, xyz)
+    with pytest.raises(FileNotFoundError, match=r"gone\.bin: no such file"):
+        read_semantickitti(scan_path=tmp_path / "gone.bin")
+    np.save(tmp_path / "p.npy", xyz)
+    assert np.array_equal(read_numpy(path=tmp_path / "p.npy").xyz, xyz)
+
+
+def test_ignore_index_is_checked_and_named(tmp_path):
+    """1.5, True and "7" were truncated or used as given; None and 2**70
+    gave an error that blamed the file."""
+    xyz, lab = _cloud(6)
+    np.savez(tmp_path / "t.npz", xyz=xyz, labels=lab)
+    np.hstack([xyz, np.zeros((6, 1), np.float32)]).tofile(tmp_path / "s.bin")
+    np.savetxt(tmp_path / "t.txt", np.hstack([xyz, lab[:, None]]))
+    for path in ("t.npz", "s.bin", "t.txt"):
+        for bad, error in ((1.5, TypeError), (True, TypeError), ("7", TypeError), (None, TypeError),
+                           (2**70, ValueError)):
+            with pytest.raises(error, match="ignore_index must"):
+                read_cloud(tmp_path / path, ignore_index=bad)
+    s = read_numpy(tmp_path / "t.npz", "semantic-kitti-learning", ignore_index=np.int32(-100))
+    assert s.labels[lab == 0].tolist() == [-100] * int((lab == 0).sum())
+
+
 def test_numpy_readers(tmp_path):
     xyz, lab = _cloud()
     np.savez(tmp_path / "tile.npz", xyz=xyz, origin=np.array([6e5, 6e6, 100.0]),

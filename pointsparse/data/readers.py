@@ -243,18 +243,25 @@ def _names_the_file(reader):
     zipfile, laspy or Open3D raise on a corrupt, truncated or unreadable file
     (an ImportError for a missing optional package passes unchanged). A path
     that is not there is a FileNotFoundError naming it; a path of another type
-    a TypeError. The ``label_map`` argument is loaded first, outside the
-    wrapping, so its errors name the label map's file, not the cloud's."""
+    a TypeError. The arguments pass through as given (the path is the reader's
+    first parameter, by position or by its name, e.g. ``scan_path=``).
+    ``ignore_index`` is checked here (TypeError/ValueError naming it), and the
+    ``label_map`` argument is loaded first, outside the wrapping, so its
+    errors name the label map's file, not the cloud's."""
     signature = inspect.signature(reader)
+    first = next(iter(signature.parameters))
 
     @functools.wraps(reader)
-    def read(path, *args, **kwargs):
+    def read(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        path = bound.arguments[first]
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a file path (str or Path); got {type(path).__name__}")
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such file or folder")
-        bound = signature.bind(path, *args, **kwargs)
-        bound.apply_defaults()
+        if "ignore_index" in bound.arguments:
+            bound.arguments["ignore_index"] = _ignore_index(bound.arguments["ignore_index"])
         if bound.arguments.get("label_map") is not None:
             bound.arguments["label_map"] = load_label_map(bound.arguments["label_map"])
         try:
@@ -270,6 +277,17 @@ def _names_the_file(reader):
             # tokenize.TokenError: numpy parsing a corrupt .npy header
             raise ValueError(f"{path}: cannot read this file ({type(exc).__name__}: {str(exc)[:300]})") from None
     return read
+
+
+def _ignore_index(value) -> int:
+    """``ignore_index`` as an int: an integer (not a bool) that fits int64;
+    TypeError/ValueError naming the argument otherwise (1.5 was truncated,
+    True and "7" used as given, None blamed on the file)."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"ignore_index must be an int; got {type(value).__name__} {value!r:.40}")
+    if not _INT64_MIN <= int(value) <= _INT64_MAX:
+        raise ValueError(f"ignore_index must fit int64; got {int(value)}")
+    return int(value)
 
 
 def _check_npy_size(shape, dtype, available: int, where: str) -> None:
