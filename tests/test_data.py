@@ -221,6 +221,9 @@ def test_semantickitti_reader(tmp_path):
     raw[:10].tofile(tmp_path / "labels" / "000000.label")
     with pytest.raises(ValueError, match="10 labels for 50 points"):
         read_semantickitti(tmp_path / "velodyne" / "000000.bin")
+    (tmp_path / "labels" / "000000.label").write_bytes(raw.tobytes() + b"\0\0")  # a partial record at the end
+    with pytest.raises(ValueError, match=r"000000\.label: 202 bytes is not a whole number of labels"):
+        read_semantickitti(tmp_path / "velodyne" / "000000.bin")
     np.zeros(7, np.float32).tofile(tmp_path / "bad.bin")
     with pytest.raises(ValueError, match="28 bytes is not a whole number of points"):
         read_semantickitti(tmp_path / "bad.bin")

@@ -338,6 +338,10 @@ def read_semantickitti(scan_path, label_path=None, label_map="semantic-kitti",
         label_path = guess if guess.is_file() else None
     labels = None
     if label_path is not None:
+        label_size = os.stat(label_path).st_size
+        if label_size % 4:  # np.fromfile would drop the partial record
+            raise ValueError(f"{label_path}: {label_size} bytes is not a whole number of labels (4 bytes each: "
+                             f"uint32) for {scan_path}; the label file is truncated or not a SemanticKITTI one")
         raw = np.fromfile(label_path, dtype=np.uint32)
         if raw.size != len(data):
             raise ValueError(f"{label_path}: {raw.size} labels for {len(data)} points in {scan_path}")
