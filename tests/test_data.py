@@ -501,6 +501,17 @@ def test_open3d_reader_refuses_a_body_shorter_than_its_header(tmp_path):
                                                       [4, 5, 6])
 
 
+
+def test_open3d_reader_takes_only_ply_and_pcd(tmp_path):
+    """A 20-byte .pts file claiming 100 000 000 points made Open3D allocate
+    4 GB and return garbage: read_open3d reads .ply and .pcd only."""
+    (tmp_path / "b.pts").write_text("100000000\n1 2 3\n")
+    (tmp_path / "c.xyz").write_text("1 2 3\n")
+    for name in ("b.pts", "c.xyz"):
+        with pytest.raises(ValueError, match=rf"{name[0]}\.{name[2:]}: read_open3d reads \.ply or \.pcd files"):
+            read_open3d(tmp_path / name)
+
+
 def test_s3dis_text_reader(tmp_path):
     room = tmp_path / "Area_1" / "office_1"
     (room / "Annotations").mkdir(parents=True)

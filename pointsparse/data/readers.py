@@ -685,15 +685,18 @@ def read_open3d(path, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> Sam
     ``colors``, intensity from ``intensity``, labels from a ``labels``,
     ``label``, ``class`` or ``classification`` attribute. The header's point
     count is checked against the data there first (Open3D pads a short file
-    with uninitialised memory)."""
+    with uninitialised memory); other suffixes are refused (Open3D reads
+    ``.pts``, ``.xyz``... unchecked: a 20-byte ``.pts`` asked for 4 GB)."""
+    path = Path(path)
+    if path.suffix.lower() not in (".ply", ".pcd"):
+        raise ValueError(f"{path}: read_open3d reads .ply or .pcd files (any case); got suffix {path.suffix!r}")
     try:
         import open3d as o3d
     except (ImportError, OSError) as exc:
         raise ImportError(f"reading PLY/PCD needs the optional extra open3d-cpu (and libusb-1.0-0): {exc}") from None
-    path = Path(path)
     if path.suffix.lower() == ".ply":
         _check_ply(path)
-    elif path.suffix.lower() == ".pcd":
+    else:
         _check_pcd(path)
     cloud = o3d.t.io.read_point_cloud(str(path))
     if "positions" not in cloud.point:
