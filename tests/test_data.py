@@ -466,7 +466,7 @@ def test_open3d_reader_refuses_a_body_shorter_than_its_header(tmp_path):
                   "header says 1000000000000000 points"),
         "d.ply": (ply.format(fmt="ascii", n=2, extra="") + "1 2 3\n4 x 6\n", r"value 5 \(b'x'\) is not a number"),
         "e.ply": (ply.format(fmt="ascii", n=2, extra="property uchar label\n") + "1 2 3 1\n4 5 6 300\n",
-                  "vertex 1 property 4 is 300.0, not a uint8"),
+                  "vertex 1 property 'label' is '300', not a uint8"),
         "f.ply": ("ply\nformat ascii 1.0\nelement vertex 2\n", "no 'end_header' line"),
         "g.ply": ("plyx\nend_header\n", "does not start with 'ply'"),
         "h.ply": (ply.format(fmt="ascii", n=1, extra="property quad w\n") + "1 2 3 4\n", "'property quad w'"),
@@ -500,6 +500,49 @@ def test_open3d_reader_refuses_a_body_shorter_than_its_header(tmp_path):
         assert len(s) == 2 and s.xyz[1].tolist() == ([3, 4, 5] if name == "bin.ply" else
                                                       [4, 5, 6])
 
+
+
+
+def test_open3d_reader_refuses_ply_tokens_its_parser_fails_on(tmp_path):
+    """Open3D's PLY reader (rply: strtol, strtod) fails on 2.0 or 1e1 in an
+    integer property, 5_0 anywhere (Python reads 50) and 1e39 or inf in a
+    float one, logs "Read PLY failed" and returns uninitialised memory from
+    that row on; a list property before the vertex element made the size
+    check a lower bound, so a truncated vertex block passed."""
+    try:
+        import open3d  # noqa: F401
+    except (ImportError, OSError) as exc:
+        pytest.skip(f"open3d not usable: {exc}")
+    head = ("ply\nformat {fmt} 1.0\n{before}element vertex {n}\nproperty float x\nproperty float y\n"
+            "property {z} z\nproperty uchar label\nend_header\n")
+    ascii3 = dict(fmt="ascii", before="", n=3, z="float")
+    cases = {
+        "int.ply": (ascii3, "1 2 3 1\n4 5 6 2.0\n7 8 9 3\n", "vertex 1 property 'label' is '2.0', not a plain"),
+        "exp.ply": (ascii3, "1 2 3 1\n4 5 6 1e1\n7 8 9 3\n", "vertex 1 property 'label' is '1e1', not a plain"),
+        "under.ply": (ascii3, "1 2 3 1\n4 5_0 6 2\n7 8 9 3\n", "vertex 1 property 'y' is '5_0', which holds a '_'"),
+        "big.ply": (ascii3, "1 2 3 1\n4 5 6 2\n7 8 1e39 3\n", "vertex 2 property 'z' is '1e39', past the range"),
+        "inf.ply": (dict(ascii3, z="double"), "1 2 inf 1\n4 5 6 2\n7 8 9 3\n", "vertex 0 property 'z' is 'inf'"),
+        "face.ply": (dict(ascii3, before="element face 1\nproperty uchar flag\n"), "2.5\n1 2 3 1\n4 5 6 2\n7 8 9 3\n",
+                     "face 0 property 'flag' is '2.5'"),
+        "list.ply": (dict(ascii3, before="element face 1\nproperty list uchar int vertex_indices\n"),
+                     "3 0 1 2\n1 2 3 1\n", "PLY element 'face' has the list property 'vertex_indices'"),
+        "blist.ply": (dict(fmt="binary_little_endian", n=100,
+                           before="element face 1\nproperty list uchar int vertex_indices\n"),
+                      b"\x03" + np.arange(3, dtype="<i4").tobytes() + bytes(13) * 2,
+                      "PLY element 'face' has the list property 'vertex_indices'"),
+    }
+    for name, (fmt, body, match) in cases.items():
+        header = head.format(**{"z": "float", **fmt}).encode()
+        (tmp_path / name).write_bytes(header + (body if isinstance(body, bytes) else body.encode()))
+        with pytest.raises(ValueError, match=rf"{name[:-4]}\.ply: {match}"):
+            read_cloud(tmp_path / name)
+    (tmp_path / "vlist.ply").write_text(head.format(**ascii3).replace("end_header", "property list uchar int near\n"
+                                                                       "end_header") + "1 2 3 1 0\n")
+    with pytest.raises(ValueError, match=r"vlist\.ply: PLY element 'vertex' has the list property 'near'"):
+        read_cloud(tmp_path / "vlist.ply")
+    (tmp_path / "ok.ply").write_bytes(head.format(**ascii3).encode() + b"1 2 3 +1\n4 5 6 02\n7 8 -9e2 3\n")
+    s = read_cloud(tmp_path / "ok.ply")
+    assert s.labels.tolist() == [1, 2, 3] and s.xyz[2].tolist() == [7, 8, -900]
 
 
 def test_open3d_reader_takes_only_ply_and_pcd(tmp_path):

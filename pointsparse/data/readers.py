@@ -523,10 +523,11 @@ def _text_header(path: Path, end: bytes, kind: str) -> tuple[list[str], bytes, i
             return lines, head, pos, size
 
 
-def _ascii_values(path: Path, start: int, count: int, what: str) -> np.ndarray:
-    """The first ``count`` whitespace-separated numbers after byte ``start``;
-    ValueError when fewer are there or one of them is not a number (Open3D
-    reads a short or garbled text body as uninitialised memory)."""
+def _ascii_values(path: Path, start: int, count: int, what: str) -> tuple[list[bytes], np.ndarray]:
+    """The first ``count`` whitespace-separated tokens after byte ``start``
+    and their values; ValueError when one of them is not a number (Open3D
+    reads a short or garbled text body as uninitialised memory). Fewer may
+    be there: the caller checks."""
     with open(path, "rb") as f:
         f.seek(start)
         data = f.read()
@@ -535,7 +536,7 @@ def _ascii_values(path: Path, start: int, count: int, what: str) -> np.ndarray:
     # numpy versions, and its count= pads a short body with garbage.
     tokens = data.split(None, count)[:count]
     try:
-        return np.array(tokens, dtype=np.float64)
+        return tokens, np.array(tokens, dtype=np.float64)
     except ValueError:
         for i, token in enumerate(tokens):
             try:
@@ -556,16 +557,54 @@ def _not_integral(col: np.ndarray, dtype: np.dtype) -> int | None:
     return int(np.argmax(bad)) if bad.any() else None
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)  # 3.4028234663852886e38
+
+
+def _first_bad_token(tokens, ok) -> int | None:
+    """The index of the first token ``ok`` refuses (each distinct token
+    tested once), None where all pass."""
+    bad = {t for t in set(tokens) if not ok(t)}
+    return next(i for i, t in enumerate(tokens) if t in bad) if bad else None
+
+
+def _text_column_problem(tokens, col: np.ndarray, dtype: np.dtype, plain_int) -> tuple[int, str] | None:
+    """The first row (and why) of a text column, its tokens and their float64
+    values, that a C reader of a ``dtype`` field would read otherwise than
+    Python: an integer not written as ``plain_int`` (a pattern; strtol stops
+    at a '.' or 'e', 2.0 and 1e1 read 2 and 1), out of the type's range or
+    not whole, a float32 past float32's range (1e39) or any value past
+    float64's (inf), None where all are read alike."""
+    if dtype.kind in "iu":
+        i = _first_bad_token(tokens, plain_int.fullmatch)
+        if i is not None:
+            return i, f"not a plain decimal integer as a {dtype} value must be (Open3D fails on it or reads another value)"
+        i = _not_integral(col, dtype)
+        return (i, f"not a {dtype} as the header says") if i is not None else None
+    top = _FLOAT32_MAX if dtype.itemsize == 4 else float(np.finfo(np.float64).max)
+    bad = np.abs(col) > top  # NaN passes, as it does in Open3D
+    if bad.any():
+        return int(np.argmax(bad)), f"past the range of a {dtype} value (Open3D fails on it or reads inf)"
+    return None
+
+
+_PLY_INT_TOKEN = re.compile(rb"[+-]?[0-9]+")  # rply reads integers with strtol(..., 10)
+
+
 def _check_ply(path: Path) -> None:
     """A PLY file's header against its body before Open3D reads it: the
     vertex count against the bytes (binary) or numbers (ASCII) there, and
-    ASCII integer properties whole and in range. Open3D logs "Read PLY
-    failed" on a short body but returns the header's count of points, the
-    missing ones uninitialised memory."""
+    ASCII tokens (of the vertex element and those before it) as Open3D's
+    rply reader (strtol, strtod) would read them: integers plain decimal
+    integers in range, no '_' anywhere (Python reads 5_0 as 50), float32
+    values within float32's range. Open3D logs "Read PLY failed" on a short
+    body or a token it cannot read but returns the header's count of points,
+    the missing ones uninitialised memory. List properties are refused in
+    the vertex element and those before it (a row's length is then in its
+    data, which this check does not walk; mesh PLYs put vertex first)."""
     lines, _, start, size = _text_header(path, b"end_header", "PLY")
     if lines[0] != "ply":
         raise ValueError(f"{path}: not a PLY file (it does not start with 'ply')")
-    fmt, elements = None, []  # elements: [name, count, [(dtype or None for a list, list count/item types)]]
+    fmt, elements = None, []  # elements: [name, count, [(property name, dtype or None for a list)]]
     for line in lines[1:-1]:
         word = line.split()
         if not word or word[0] in ("comment", "obj_info"):
@@ -575,10 +614,10 @@ def _check_ply(path: Path) -> None:
         elif word[0] == "element" and len(word) == 3 and word[2].isdigit():
             elements.append([word[1], int(word[2]), []])
         elif word[0] == "property" and elements and len(word) == 3 and word[1] in _PLY_TYPES:
-            elements[-1][2].append(np.dtype(_PLY_TYPES[word[1]]))
+            elements[-1][2].append((word[2], np.dtype(_PLY_TYPES[word[1]])))
         elif word[0] == "property" and elements and len(word) == 5 and word[1] == "list" and \
                 word[2] in _PLY_TYPES and word[3] in _PLY_TYPES:
-            elements[-1][2].append(None)
+            elements[-1][2].append((word[4], None))
         else:
             raise ValueError(f"{path}: PLY header line {line[:80]!r} is not a format, element or property line "
                              f"this reader knows")
@@ -588,27 +627,39 @@ def _check_ply(path: Path) -> None:
     if "vertex" not in names:
         raise ValueError(f"{path}: the PLY header has no vertex element")
     upto = elements[:names.index("vertex") + 1]
+    for name, _, props in upto:
+        lists = [prop for prop, dtype in props if dtype is None]
+        if lists:
+            raise ValueError(f"{path}: PLY element {name!r} has the list property {lists[0]!r}; this reader takes "
+                             "lists only in elements after 'vertex' (a mesh's faces), not in it or before it")
     n, props = upto[-1][1], upto[-1][2]
-    # Up to the vertex element, each row needs its fixed properties and each list's count.
+    # Up to the vertex element, each row needs its (fixed-size) properties.
     if fmt == "ascii":
         need = sum(count * len(p) for _, count, p in upto)
-        values = _ascii_values(path, start, need, "vertex data")
+        tokens, values = _ascii_values(path, start, need, "vertex data")
         if values.size < need:
             held = max(0, values.size - (need - n * len(props))) // max(len(props), 1)
             raise ValueError(f"{path}: the header says {n} points but the file holds {held} "
                              f"({values.size} of the {need} numbers needed; truncated)")
-        if all(None not in p for _, _, p in upto) and props:
-            rows = values[need - n * len(props):].reshape(n, len(props))
-            for j, dtype in enumerate(props):
-                i = _not_integral(rows[:, j], dtype)
-                if i is not None:
-                    raise ValueError(f"{path}: vertex {i} property {j + 1} is {float(rows[i, j])!r}, not a {dtype} "
-                                     "as the header says")
+        underscore = b"_" in b" ".join(tokens)
+        offset = 0
+        for name, count, p in upto:
+            for j, (prop, dtype) in enumerate(p):
+                column = slice(offset + j, offset + count * len(p), len(p))
+                col_tokens = tokens[column]
+                i = _first_bad_token(col_tokens, lambda t: b"_" not in t) if underscore else None
+                problem = (i, "which holds a '_' (Open3D cannot read it)") if i is not None else \
+                    _text_column_problem(col_tokens, values[column], dtype, _PLY_INT_TOKEN)
+                if problem is not None:
+                    i, why = problem
+                    raise ValueError(f"{path}: {name} {i} property {prop!r} is "
+                                     f"{col_tokens[i][:40].decode('ascii', 'replace')!r}, {why}")
+            offset += count * len(p)
         return
-    need = sum(count * sum(d.itemsize if d is not None else 1 for d in p) for _, count, p in upto)
+    need = sum(count * sum(d.itemsize for _, d in p) for _, count, p in upto)
     held_bytes = size - start
     if held_bytes < need:
-        row = sum(d.itemsize if d is not None else 1 for d in props)
+        row = sum(d.itemsize for _, d in props)
         held = max(0, held_bytes - (need - n * row)) // max(row, 1)
         raise ValueError(f"{path}: the header says {n} points ({need} bytes) but the file holds {held} "
                          f"({held_bytes} bytes of data; truncated)")
