@@ -473,7 +473,7 @@ def test_open3d_reader_refuses_a_body_shorter_than_its_header(tmp_path):
         "a.pcd": (pcd.format(n=5, data="ascii", **plain) + "1 2 3\n", "header says 5 points but the file holds 1"),
         "b.pcd": (pcd.format(n=100_000, data="binary", **plain).encode() + xyz.tobytes(),
                   "header says 100000 points .* holds 2"),
-        "c.pcd": (pcd.format(n=2, data="ascii", **label) + "1 2 3 1\n4 5 6 1.5\n", "point 1 value 4 is 1.5"),
+        "c.pcd": (pcd.format(n=2, data="ascii", **label) + "1 2 3 1\n4 5 6 1.5\n", r"point 1 value 4 \('label'\) is '1\.5', not a plain decimal integer"),
         "d.pcd": (pcd.format(n=2, data="ascii", **plain) + "1 2 3\n4 five 6\n", "not rows of 3 numbers"),
         "e.pcd": (pcd.format(n=3, data="binary_compressed", **plain).encode() + b"\x10\0\0\0\x24\0\0\0" + b"\0" * 8,
                   "compressed data says 36 bytes, packed in 16 of the 8"),
@@ -543,6 +543,42 @@ def test_open3d_reader_refuses_ply_tokens_its_parser_fails_on(tmp_path):
     (tmp_path / "ok.ply").write_bytes(head.format(**ascii3).encode() + b"1 2 3 +1\n4 5 6 02\n7 8 -9e2 3\n")
     s = read_cloud(tmp_path / "ok.ply")
     assert s.labels.tolist() == [1, 2, 3] and s.xyz[2].tolist() == [7, 8, -900]
+
+
+
+def test_open3d_reader_reads_pcd_headers_and_tokens_as_open3d_does(tmp_path):
+    """Open3D matches PCD header keys case-sensitively by prefix ('points 1'
+    was ignored, so WIDTH 3 gave 3 points from 1 row; 'DATAX' ended the
+    header), counts points as the last POINTS or WIDTH x HEIGHT at the HEIGHT
+    line, and reads integer fields with strtol(..., 0): 1e1 -> 1, 010 -> 8;
+    a float32 field's 1e39 became inf."""
+    try:
+        import open3d  # noqa: F401
+    except (ImportError, OSError) as exc:
+        pytest.skip(f"open3d not usable: {exc}")
+    pcd = ("# .PCD v0.7\nVERSION 0.7\nFIELDS x y z label\nSIZE 4 4 4 4\nTYPE F F F I\nCOUNT 1 1 1 1\n{size}"
+           "VIEWPOINT 0 0 0 1 0 0 0\n{points}DATA {data}\n")
+    two = dict(size="WIDTH 2\nHEIGHT 1\n", points="POINTS 2\n", data="ascii")
+    rows = "1 2 3 1\n4 5 6 2\n"
+    cases = {
+        "lower.pcd": (dict(two, size="WIDTH 3\nHEIGHT 1\n", points="points 1\n"), "1 2 3 1\n",
+                      "header line 'points 1' does not start with one of VERSION"),
+        "datax.pcd": (dict(two, points="POINTS 2\nDATAX ascii\n"), rows, "header line 'DATAX ascii' does not"),
+        "count.pcd": (dict(two, size="WIDTH 3\nHEIGHT 1\n"), rows, r"POINTS 2 is not WIDTH x HEIGHT \(3 x 1\)"),
+        "order.pcd": (dict(two, size="HEIGHT 1\nWIDTH 2\n", points=""), rows, "HEIGHT comes before WIDTH"),
+        "width.pcd": (dict(two, size="WIDTH 2\n", points=""), rows, "not a PCD header"),
+        "case.pcd": (dict(two, data="BINARY"), bytes(32), "PCD DATA 'BINARY' is not ascii"),
+        "exp.pcd": (two, "1 2 3 1\n4 5 6 1e1\n", r"point 1 value 4 \('label'\) is '1e1', not a plain decimal"),
+        "octal.pcd": (two, "1 2 3 1\n4 5 6 010\n", r"point 1 value 4 \('label'\) is '010', not a plain decimal"),
+        "big.pcd": (two, "1 2 3 1\n4 1e39 6 2\n", r"point 1 value 2 \('y'\) is 1e\+39, past the range of a float32"),
+    }
+    for name, (fmt, body, match) in cases.items():
+        (tmp_path / name).write_bytes(pcd.format(**fmt).encode() + (body if isinstance(body, bytes) else body.encode()))
+        with pytest.raises(ValueError, match=rf"{name[:-4]}\.pcd: .*{match}"):
+            read_cloud(tmp_path / name)
+    (tmp_path / "ok.pcd").write_text(pcd.format(**dict(two, data="\tascii")).replace("DATA ", "DATA")
+                                     + "1 2 3 +0\n4 5 6 -0\n")
+    assert read_cloud(tmp_path / "ok.pcd").labels.tolist() == [0, 0]
 
 
 def test_open3d_reader_takes_only_ply_and_pcd(tmp_path):

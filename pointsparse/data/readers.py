@@ -519,7 +519,7 @@ def _text_header(path: Path, end: bytes, kind: str) -> tuple[list[str], bytes, i
         line = head[pos:nl].decode("ascii", errors="replace").strip()
         lines.append(line)
         pos = nl + 1
-        if line.split(" ", 1)[0] == end.decode():
+        if line.split()[:1] == [end.decode()]:
             return lines, head, pos, size
 
 
@@ -665,34 +665,64 @@ def _check_ply(path: Path) -> None:
                          f"({held_bytes} bytes of data; truncated)")
 
 
+_PCD_KEYS = ("VERSION", "FIELDS", "SIZE", "TYPE", "COUNT", "WIDTH", "HEIGHT", "VIEWPOINT", "POINTS", "DATA")
+_PCD_INT_TOKEN = re.compile(r"[+-]?(0|[1-9][0-9]*)")  # Open3D: strtol(..., 0), so 010 is octal 8 and 0x10 is 16
+
+
 def _check_pcd(path: Path) -> None:
     """A PCD file's header against its body before Open3D reads it: POINTS
     (or WIDTH x HEIGHT) against the bytes (binary, binary_compressed) or the
     rows (ascii) there; Open3D returns uninitialised memory for missing
-    ascii rows and reads a text integer field through strtol (1.5 -> 1)."""
+    ascii rows and reads a text integer field through strtol (1.5 and 1e1
+    -> 1, 010 -> 8). Open3D matches header keys case-sensitively by prefix
+    ("DATAX" is DATA, "points" nothing), so each line must start with one of
+    the keys as a whole word, and the count is Open3D's: the last POINTS, or
+    WIDTH x HEIGHT at the HEIGHT line; POINTS must equal WIDTH x HEIGHT."""
     lines, head, start, size = _text_header(path, b"DATA", "PCD")
     fields: dict[str, list[str]] = {}
-    for line in lines:
-        word = line.split()
-        if word and not word[0].startswith("#"):
-            fields[word[0].upper()] = word[1:]
+    n = None
     try:
+        for line in lines:
+            word = line.split()
+            if not word or word[0].startswith("#"):
+                continue
+            if word[0] not in _PCD_KEYS:
+                raise ValueError(f"{path}: PCD header line {line[:80]!r} does not start with one of "
+                                 f"{', '.join(_PCD_KEYS)} (upper case, a whole word) or '#'")
+            fields[word[0]] = word[1:]
+            if word[0] == "POINTS":
+                n = int(word[1])
+            elif word[0] == "HEIGHT":
+                if "WIDTH" not in fields:
+                    raise ValueError(f"{path}: PCD HEIGHT comes before WIDTH (Open3D counts the points as "
+                                     "WIDTH x HEIGHT at the HEIGHT line)")
+                n = int(fields["WIDTH"][0]) * int(word[1])
+        if n is None:
+            raise KeyError("POINTS")
+        if "WIDTH" in fields and "POINTS" in fields:
+            width, height, points = (int(fields[k][0]) for k in ("WIDTH", "HEIGHT", "POINTS")) \
+                if "HEIGHT" in fields else (int(fields["WIDTH"][0]), 1, int(fields["POINTS"][0]))
+            if points != width * height:
+                raise ValueError(f"{path}: PCD POINTS {points} is not WIDTH x HEIGHT ({width} x {height})")
         names, sizes, types = fields["FIELDS"], [int(v) for v in fields["SIZE"]], fields["TYPE"]
         counts = [int(v) for v in fields.get("COUNT", ["1"] * len(names))]
-        if "POINTS" in fields:
-            n = int(fields["POINTS"][0])
-        else:
-            n = int(fields["WIDTH"][0]) * int(fields.get("HEIGHT", ["1"])[0])
-        data = fields["DATA"][0].lower()
-    except (KeyError, IndexError, ValueError) as exc:
-        raise ValueError(f"{path}: not a PCD header (FIELDS, SIZE, TYPE, POINTS or WIDTH, DATA; {exc!r})") from None
+        data = fields["DATA"][0]
+    except (KeyError, IndexError) as exc:
+        raise ValueError(f"{path}: not a PCD header (FIELDS, SIZE, TYPE, POINTS or WIDTH and HEIGHT, DATA; "
+                         f"{exc!r})") from None
+    except ValueError as exc:
+        if str(path) in str(exc):
+            raise
+        raise ValueError(f"{path}: not a PCD header (FIELDS, SIZE, TYPE, POINTS or WIDTH and HEIGHT, DATA; "
+                         f"{exc!r})") from None
     if not len(names) == len(sizes) == len(types) == len(counts) or min(counts, default=1) < 1 or n < 0:
         raise ValueError(f"{path}: PCD FIELDS {names}, SIZE {sizes}, TYPE {types}, COUNT {counts} do not agree")
-    dtypes = []
+    dtypes, columns = [], []
     for name, t, b, c in zip(names, types, sizes, counts):
         if (t.upper(), b) not in _PCD_TYPES:
             raise ValueError(f"{path}: PCD field {name!r} has TYPE {t} SIZE {b}; not a type this reader knows")
         dtypes += [np.dtype(_PCD_TYPES[t.upper(), b])] * c
+        columns += [name] * c
     row = sum(d.itemsize for d in dtypes)
     held_bytes = size - start
     if data == "binary":
@@ -720,11 +750,19 @@ def _check_pcd(path: Path) -> None:
         if n and rows.shape[1] != len(dtypes):
             raise ValueError(f"{path}: PCD ascii rows hold {rows.shape[1]} numbers; the header's fields "
                              f"need {len(dtypes)}")
+        int_cols = [j for j, dtype in enumerate(dtypes) if dtype.kind in "iu"]
+        if n and int_cols:  # the integer fields' tokens themselves (strtol reads 1e1 as 1, 010 as 8)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                tokens = np.loadtxt(path, dtype=str, ndmin=2, comments=None, skiprows=len(lines), max_rows=n,
+                                    usecols=int_cols)
         for j, dtype in enumerate(dtypes):
-            i = _not_integral(rows[:, j], dtype) if n else None
-            if i is not None:
-                raise ValueError(f"{path}: point {i} value {j + 1} is {float(rows[i, j])!r}, not a {dtype} as the "
-                                 "header says")
+            col_tokens = tokens[:, int_cols.index(j)].tolist() if j in int_cols else None
+            problem = _text_column_problem(col_tokens, rows[:, j], dtype, _PCD_INT_TOKEN) if n else None
+            if problem is not None:
+                i, why = problem
+                shown = col_tokens[i][:40] if col_tokens is not None else float(rows[i, j])
+                raise ValueError(f"{path}: point {i} value {j + 1} ({columns[j]!r}) is {shown!r}, {why}")
     else:
         raise ValueError(f"{path}: PCD DATA {data!r} is not ascii, binary or binary_compressed")
 
