@@ -421,6 +421,44 @@ def test_las_header_checked_against_the_file_before_laspy(tmp_path):
         read_las(tmp_path / "v14big.las")
 
 
+
+def test_las_scales_counts_and_laspy_errors_are_named(tmp_path):
+    """A zero, negative or NaN scale factor collapsed or corrupted the
+    coordinates; a 1.4 header's legacy count 5 with extended count 0 gave a
+    Sample of 0 points (laspy reads the extended one); a compressed point
+    format without a LAZ backend let laspy's LaspyException escape."""
+    laspy = pytest.importorskip("laspy")
+    las = laspy.LasData(laspy.LasHeader(point_format=3, version="1.2"))
+    las.x = las.y = las.z = np.arange(5.0)
+    las.write(tmp_path / "good.las")
+    las = laspy.LasData(laspy.LasHeader(point_format=6, version="1.4"))
+    las.x = las.y = las.z = np.arange(7.0)
+    las.write(tmp_path / "v14.las")
+
+    def patched(source, name, *edits):
+        data = bytearray((tmp_path / source).read_bytes())
+        for offset, value, dtype in edits:
+            data[offset:offset + np.dtype(dtype).itemsize] = np.array(value, dtype).tobytes()
+        (tmp_path / name).write_bytes(bytes(data))
+        return tmp_path / name
+
+    for name, offset, value in (("zero.las", 131, 0.0), ("neg.las", 139, -0.01), ("nan.las", 147, np.nan),
+                                ("inf.las", 131, np.inf)):
+        with pytest.raises(ValueError, match=rf"{name[:-4]}\.las: LAS scale factors .* must be finite and above 0"):
+            read_las(patched("good.las", name, (offset, value, "<f8")))
+    for name, legacy, extended in (("c50.las", 5, 0), ("c57.las", 5, 8)):
+        path = patched("v14.las", name, (107, legacy, "<u4"), (247, extended, "<u8"))
+        with pytest.raises(ValueError, match=rf"{name[:-4]}\.las: .*legacy point count {legacy} and extended "
+                                             rf"point count {extended} differ"):
+            read_las(path)
+    assert len(read_las(patched("v14.las", "c77.las", (107, 7, "<u4")))) == 7
+    assert len(read_las(patched("v14.las", "c07.las", (107, 0, "<u4")))) == 7
+    path = patched("good.las", "packed.las", (104, 3 | 0x80, "u1"))
+    match = "reading LAZ needs lazrs or laszip" if not laspy.LazBackend.detect_available() else "cannot read"
+    with pytest.raises(ValueError, match=rf"packed\.las: .*{match}"):
+        read_las(path)
+
+
 def test_open3d_reader(tmp_path):
     try:
         import open3d as o3d

@@ -421,10 +421,13 @@ _LAS_RECORD = (20, 28, 26, 34, 57, 63, 30, 36, 38, 59, 67)
 _LAZ_POINTS_PER_BYTE = 2500
 
 
-def _check_las_header(path: Path) -> None:
+def _check_las_header(path: Path) -> bool:
     """The LAS 1.0-1.4 public header block read here and checked against the
     file size before laspy sees the file: laspy loops over a corrupt header's
-    millions of VLRs (minutes) and allocates a header's point count."""
+    millions of VLRs (minutes) and allocates a header's point count. Scale
+    factors must be finite and positive; a 1.4 header's legacy point count,
+    where not 0, must equal the extended one (laspy reads the extended).
+    Returns whether the points are compressed (LAZ)."""
     size = path.stat().st_size
     if size == 0:
         raise ValueError(f"{path}: the file is empty (not a LAS/LAZ file)")
@@ -456,9 +459,16 @@ def _check_las_header(path: Path) -> None:
     if point_format >= len(_LAS_RECORD) or record < _LAS_RECORD[point_format]:
         raise ValueError(f"{path}: LAS point format {point_format} with {record}-byte records is not one of the "
                          f"formats 0-10 (records of {_LAS_RECORD} bytes at least)")
+    scales = np.frombuffer(head, "<f8", 3, 131)
+    if not (np.isfinite(scales) & (scales > 0)).all():
+        raise ValueError(f"{path}: LAS scale factors {scales.tolist()} must be finite and above 0 (a zero, negative "
+                         "or NaN scale collapses or corrupts the coordinates)")
     if minor >= 4:
         extended = int(np.frombuffer(head, "<u8", 1, 247)[0])
-        count = extended or count
+        if count and count != extended:  # laspy reads the extended count only
+            raise ValueError(f"{path}: the LAS 1.4 header's legacy point count {count} and extended point count "
+                             f"{extended} differ")
+        count = extended
         first_evlr, evlrs = int(np.frombuffer(head, "<u8", 1, 235)[0]), int(np.frombuffer(head, "<u4", 1, 243)[0])
         if evlrs and (first_evlr < point_offset or first_evlr + evlrs * 60 > size):
             raise ValueError(f"{path}: the LAS header claims {evlrs} extended records from byte {first_evlr}, "
@@ -470,6 +480,7 @@ def _check_las_header(path: Path) -> None:
     if compressed and count > _LAZ_POINTS_PER_BYTE * max(data, 1):
         raise ValueError(f"{path}: the LAZ header says {count} points; {data} bytes of compressed points cannot "
                          "hold that many (corrupt)")
+    return compressed
 
 
 @_names_the_file
@@ -482,8 +493,14 @@ def read_las(path, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> Sample
         import laspy
     except ImportError:
         raise ImportError("reading LAS/LAZ needs the optional extra laspy: pip install laspy") from None
-    _check_las_header(Path(path))
-    las = laspy.read(str(path))
+    compressed = _check_las_header(Path(path))
+    try:
+        las = laspy.read(str(path))
+    except laspy.errors.LaspyException as exc:
+        if compressed and not laspy.LazBackend.detect_available():
+            raise ValueError(f"{path}: cannot read this compressed (LAZ) point data: reading LAZ needs lazrs or "
+                             f"laszip (pip install lazrs) ({exc})") from None
+        raise ValueError(f"{path}: laspy cannot read this file ({type(exc).__name__}: {str(exc)[:300]})") from None
     offset = np.asarray(las.header.mins, dtype=np.float64)
     xyz = (np.stack([np.asarray(las.x), np.asarray(las.y), np.asarray(las.z)], 1) - offset).astype(np.float32)
     names = set(las.point_format.dimension_names)
