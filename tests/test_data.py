@@ -330,6 +330,35 @@ def test_text_16_bit_colour_is_scaled_once(tmp_path):
     assert np.allclose(read_text(tmp_path / "c8.txt", None).rgb[0], [1, 0.2, 0])
 
 
+
+def test_colour_out_of_range_and_negative_labels_are_refused(tmp_path):
+    """Text colour was scaled twice (70000 100 100 ended as 0.0042) and a
+    negative one passed (-100 20 30 gave -0.39); a negative raw label with
+    no label map (and not the ignore index) passed as a training id."""
+    for name, row in (("big.txt", [0, 0, 0, 70000, 100, 100]), ("neg.txt", [0, 0, 0, -100, 20, 30])):
+        np.savetxt(tmp_path / name, np.array([row, [1, 1, 1, 0, 0, 0]]))
+        with pytest.raises(ValueError, match=rf"{name[:-4]}\.txt: colour values must be in 0\.\.255"):
+            read_text(tmp_path / name, None)
+    room = tmp_path / "room"
+    (room / "Annotations").mkdir(parents=True)
+    np.savetxt(room / "Annotations" / "chair_1.txt", np.array([[0, 0, 0, 10, 20, 30]]))
+    np.savetxt(room / "Annotations" / "wall_1.txt", np.array([[0, 0, 0, 10, -1, 30]]))
+    with pytest.raises(ValueError, match=r"wall_1\.txt: colour values must be"):
+        read_text(room)
+    xyz, lab = _cloud(4)
+    np.savez(tmp_path / "c.npz", xyz=xyz, rgb=np.full((4, 3), -0.5, np.float32))
+    with pytest.raises(ValueError, match=r"c\.npz key 'rgb': colour values must be"):
+        read_numpy(tmp_path / "c.npz")
+    np.savetxt(tmp_path / "lab.txt", np.array([[0, 0, 0, 3], [1, 1, 1, -3]]))
+    with pytest.raises(ValueError, match=r"lab\.txt label column: label -3 is negative"):
+        read_text(tmp_path / "lab.txt", None)
+    assert read_text(tmp_path / "lab.txt", None, ignore_index=-3).labels.tolist() == [3, -3]
+    np.savez(tmp_path / "l.npz", xyz=xyz, labels=np.array([0, 1, -1, 2]))
+    with pytest.raises(ValueError, match=r"l\.npz key 'labels': label -1 is negative"):
+        read_numpy(tmp_path / "l.npz")
+    assert read_numpy(tmp_path / "l.npz", "semantic-kitti-learning").labels[2] == 255  # a map ignores it
+
+
 def test_float_labels_whole_or_a_value_error(tmp_path):
     xyz, lab = _cloud()
     np.savez(tmp_path / "whole.npz", xyz=xyz, labels=lab.astype(np.float32))
@@ -511,7 +540,8 @@ def test_open3d_reader_refuses_a_body_shorter_than_its_header(tmp_path):
         "a.pcd": (pcd.format(n=5, data="ascii", **plain) + "1 2 3\n", "header says 5 points but the file holds 1"),
         "b.pcd": (pcd.format(n=100_000, data="binary", **plain).encode() + xyz.tobytes(),
                   "header says 100000 points .* holds 2"),
-        "c.pcd": (pcd.format(n=2, data="ascii", **label) + "1 2 3 1\n4 5 6 1.5\n", r"point 1 value 4 \('label'\) is '1\.5', not a plain decimal integer"),
+        "c.pcd": (pcd.format(n=2, data="ascii", **label) + "1 2 3 1\n4 5 6 1.5\n",
+                  r"point 1 value 4 \('label'\) is '1\.5', not a plain decimal integer"),
         "d.pcd": (pcd.format(n=2, data="ascii", **plain) + "1 2 3\n4 five 6\n", "not rows of 3 numbers"),
         "e.pcd": (pcd.format(n=3, data="binary_compressed", **plain).encode() + b"\x10\0\0\0\x24\0\0\0" + b"\0" * 8,
                   "compressed data says 36 bytes, packed in 16 of the 8"),

@@ -190,12 +190,20 @@ def _scale_intensity(values) -> np.ndarray:
     return np.clip(v / scale, 0, 1.5).astype(np.float32)
 
 
-def _scale_rgb(values) -> np.ndarray | None:
+def _scale_rgb(values, where: str, top: float | None = None) -> np.ndarray | None:
+    """Colour scaled to 0..1, once: divided by ``top`` where given, else by
+    1 (floats already in 0..1), 255 (8-bit) or 65535 (16-bit) as the values
+    show. Negative values or values above 65535 are a ValueError naming
+    ``where``; all-zero colour is none (None)."""
     v = np.asarray(values)
+    if v.size and (v.min() < 0 or v.max() > 65535):
+        raise ValueError(f"{where}: colour values must be in 0..255 (8-bit), 0..65535 (16-bit) or 0..1; got "
+                         f"{v.min()!r} to {v.max()!r}")
     if v.size == 0 or not v.any():
         return None  # absent colour (some tiles carry all-zero rgb)
-    top = 1.0 if np.issubdtype(v.dtype, np.floating) and v.max() <= 1.0 else (255.0 if v.max() <= 255 else 65535.0)
-    return (v.astype(np.float32) / top).reshape(-1, 3)
+    if top is None:
+        top = 1.0 if np.issubdtype(v.dtype, np.floating) and v.max() <= 1.0 else (255.0 if v.max() <= 255 else 65535.0)
+    return (v.astype(np.float32) / np.float32(top)).reshape(-1, 3)
 
 
 def _integral(raw, where: str) -> np.ndarray:
@@ -230,11 +238,19 @@ def _real(values, where: str, what: str, shapes=None) -> np.ndarray:
 
 
 def _labels(raw, label_map: LabelMap | None, ignore_index: int, where: str = "labels"):
+    """Training ids of raw labels: through ``label_map``, or as they are
+    without one, where a negative label other than ``ignore_index`` is a
+    ValueError naming ``where``."""
     if raw is None:
         return None
     raw = _integral(raw, where)
     if label_map is None:
-        return raw.astype(np.int64)
+        raw = raw.astype(np.int64)
+        bad = (raw < 0) & (raw != ignore_index)
+        if bad.any():
+            raise ValueError(f"{where}: label {int(raw[np.argmax(bad)])} is negative (training ids are 0 and up, "
+                             f"or the ignore index {ignore_index}; pass a label map or ignore_index)")
+        return raw
     return label_map.apply(raw, ignore_index)
 
 
@@ -384,7 +400,8 @@ def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_
                 intensity = _scale_intensity(_real(_npz_array(z, "intensity", path), f"{path} key 'intensity'",
                                                    "intensity", [(n,), (n, 1)]))
             if "rgb" in z.files:
-                rgb = _scale_rgb(_real(_npz_array(z, "rgb", path), f"{path} key 'rgb'", "colour", [(n, 3)]))
+                rgb = _scale_rgb(_real(_npz_array(z, "rgb", path), f"{path} key 'rgb'", "colour", [(n, 3)]),
+                                 f"{path} key 'rgb'")
         return Sample(xyz[:, :3], _labels(raw, label_map, ignore_index, f"{path} key {lab_key!r}"), intensity, rgb,
                       name=str(path))
     if suffix != ".npy":
@@ -394,7 +411,7 @@ def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_
         raise ValueError(f"{path}: a .npy cloud must be (N, 3|4|6|7) [x y z (intensity) (r g b)]; got {arr.shape}")
     _real(arr, str(path), "a .npy cloud's values")
     intensity = _scale_intensity(arr[:, 3]) if arr.shape[1] in (4, 7) else None
-    rgb = _scale_rgb(arr[:, -3:]) if arr.shape[1] >= 6 else None
+    rgb = _scale_rgb(arr[:, -3:], str(path)) if arr.shape[1] >= 6 else None
     if labels_path is None:
         sibling = _sibling_labels(path)
         labels_path = sibling if sibling is not None and sibling.is_file() else None
@@ -507,7 +524,7 @@ def read_las(path, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> Sample
     intensity = _scale_intensity(np.asarray(las.intensity)) if "intensity" in names else None
     rgb = None
     if {"red", "green", "blue"} <= names:
-        rgb = _scale_rgb(np.stack([np.asarray(las.red), np.asarray(las.green), np.asarray(las.blue)], 1))
+        rgb = _scale_rgb(np.stack([np.asarray(las.red), np.asarray(las.green), np.asarray(las.blue)], 1), str(path))
     raw = np.asarray(las.classification) if "classification" in names else None
     return Sample(xyz, _labels(raw, load_label_map(label_map) if label_map else None, ignore_index),
                   intensity, rgb, name=str(path))
@@ -594,7 +611,8 @@ def _text_column_problem(tokens, col: np.ndarray, dtype: np.dtype, plain_int) ->
     if dtype.kind in "iu":
         i = _first_bad_token(tokens, plain_int.fullmatch)
         if i is not None:
-            return i, f"not a plain decimal integer as a {dtype} value must be (Open3D fails on it or reads another value)"
+            return i, (f"not a plain decimal integer as a {dtype} value must be (Open3D fails on it or reads "
+                       "another value)")
         i = _not_integral(col, dtype)
         return (i, f"not a {dtype} as the header says") if i is not None else None
     top = _FLOAT32_MAX if dtype.itemsize == 4 else float(np.finfo(np.float64).max)
@@ -812,7 +830,7 @@ def read_open3d(path, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> Sam
     labels_key = next((k for k in ("labels", "label", "class", "classification") if k in attrs), None)
     raw = _integral(attrs[labels_key], f"{path} attribute {labels_key!r}") if labels_key else None
     intensity = _scale_intensity(attrs["intensity"]) if "intensity" in attrs else None
-    rgb = _scale_rgb(attrs["colors"]) if "colors" in attrs else None
+    rgb = _scale_rgb(attrs["colors"], f"{path} attribute 'colors'") if "colors" in attrs else None
     return Sample(xyz.astype(np.float32), _labels(raw, load_label_map(label_map) if label_map else None,
                                                    ignore_index), intensity, rgb, name=str(path))
 
@@ -832,16 +850,18 @@ def read_text(path, label_map="s3dis", ignore_index: int = DEFAULT_IGNORE) -> Sa
         parts, labels = [], []
         for f in files:
             rows = _load_rows(f)
+            _rgb_rows(rows, f)  # each file's colour range checked, naming it
             cls = f.stem.rsplit("_", 1)[0]
             tid = label_map.names.get(cls, ignore_index) if label_map is not None else ignore_index
             parts.append(rows)
             labels.append(np.full(len(rows), tid, dtype=np.int64))
         rows = np.concatenate(parts)
-        return Sample(rows[:, :3], np.concatenate(labels), rgb=_rgb_rows(rows), name=str(path))
+        return Sample(rows[:, :3], np.concatenate(labels), rgb=_rgb_rows(rows, path), name=str(path))
     rows = _load_rows(path)
     raw = _integral(rows[:, -1], f"{path} label column") if rows.shape[1] in (4, 7) else None
-    rgb = _rgb_rows(rows)
-    return Sample(rows[:, :3], _labels(raw, label_map, ignore_index), rgb=rgb, name=str(path))
+    rgb = _rgb_rows(rows, path)
+    return Sample(rows[:, :3], _labels(raw, label_map, ignore_index, f"{path} label column"), rgb=rgb,
+                  name=str(path))
 
 
 def _load_rows(path) -> np.ndarray:
@@ -854,13 +874,14 @@ def _load_rows(path) -> np.ndarray:
     return rows
 
 
-def _rgb_rows(rows):
+def _rgb_rows(rows, where):
     """Text colour in 0..255, or 16-bit (0..65535) where a value passes 255,
-    scaled to 0..1 once here."""
+    scaled to 0..1 once (by :func:`_scale_rgb`); negative values or values
+    above 65535 a ValueError naming ``where``."""
     if rows.shape[1] < 6:
         return None
-    rgb = rows[:, 3:6].astype(np.float32)
-    return _scale_rgb(rgb / (255.0 if rgb.size == 0 or rgb.max() <= 255 else 65535.0))
+    rgb = rows[:, 3:6]
+    return _scale_rgb(rgb, str(where), 255.0 if rgb.size == 0 or rgb.max() <= 255 else 65535.0)
 
 
 def read_cloud(path, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> Sample:
