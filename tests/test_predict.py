@@ -195,3 +195,20 @@ def test_scoring_commands_refuse_unlabelled_clouds(tmp_path, capsys):
         assert cli.main(argv) == 2, argv
         assert words in capsys.readouterr().err, argv
     assert not list(tmp_path.rglob("checkpoint.pt")) and not list(tmp_path.rglob("*.json"))
+
+
+def test_a_failed_predict_leaves_no_classes_json(tmp_path, capsys):
+    """classes.json marks a finished run (written after every cloud): a run into an earlier run's folder that
+    fails on a later cloud removes the old one instead of leaving it beside a part of the new predictions."""
+    good, bad = tmp_path / "in" / "a.npy", tmp_path / "in" / "b.npy"
+    good.parent.mkdir()
+    np.save(good, (np.random.default_rng(0).random((2000, 4)) * 20).astype(np.float32))
+    np.save(bad, np.full((50, 4), np.nan, np.float32))
+    ckpt, out = _checkpoint(tmp_path / "m.pt"), tmp_path / "pred"
+    assert cli.main(["predict", "--checkpoint", str(ckpt), "--data", str(good), "--out", str(out),
+                     "--no-progress"]) == 0
+    assert (out / "classes.json").exists()
+    assert cli.main(["predict", "--checkpoint", str(ckpt), "--data", str(good.parent), "--out", str(out),
+                     "--no-progress"]) == 2
+    assert "b.npy" in capsys.readouterr().err
+    assert not (out / "classes.json").exists()

@@ -151,6 +151,9 @@ def main(args) -> int:
         ids = raw_ids(label_map, classes)
     targets = _outputs(paths, Path(args.out), ".label" if args.format == "label" else ".npy")
     make_directory(Path(args.out))
+    # classes.json is written last, once every cloud is: an earlier run's must not make a run that fails
+    # half-way look complete.
+    (Path(args.out) / "classes.json").unlink(missing_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     ignore = config.get("ignore_index", DEFAULT_IGNORE)
