@@ -190,6 +190,8 @@ def test_train_device_is_checked_before_training():
     (["train", "--out", "{tmp}/r", "--nproc", "100000"], "--nproc must be at most"),
     (["train", "--out", "{tmp}/r", "--seed", "-1"], "--seed must be in [0, 2**32)"),
     (["demo", "--out", "{tmp}/r", "--points", "100000000", "--steps", "1"], "--points must be at most"),
+    (["demo", "--out", "{tmp}/r", "--steps", "1", "--epochs", "5"], "--epochs: --steps runs a quick check"),
+    (["demo", "--out", "{tmp}/r", "--steps", "1", "--minutes", "1"], "--minutes: --steps runs a quick check"),
     (["prune", "channels", "--out", "{tmp}/p", "--checkpoint", "{tmp}/c.pt", "--sparsity", "0.9"],
      "prune channels keeps --ratio"),
 ])

@@ -68,6 +68,10 @@ def training_arguments(args) -> argparse.Namespace:
             "--batch-size", "2", "--lr", "4e-3", "--class-weights", "sqrt-inverse", "--seed", str(args.seed),
             "--out", str(args.out), "--threads", str(getattr(args, "threads", 1))]
     minutes, epochs = getattr(args, "minutes", None), getattr(args, "epochs", None)
+    if getattr(args, "steps", None) and (minutes is not None or epochs is not None):
+        given = " and ".join(f for f, v in (("--epochs", epochs), ("--minutes", minutes)) if v is not None)
+        raise ValueError(f"{given}: --steps runs a quick check of exactly {args.steps} steps on 2 scenes instead of "
+                         "the full plan they size; give one or the other")
     if getattr(args, "steps", None):
         argv += ["--scenes", "2", "--val-scenes", "1", "--epochs", str(args.steps), "--eval-every", str(args.steps)]
     elif minutes is not None:  # opt-in: as many epochs as fit, re-planned from the measured epoch time
