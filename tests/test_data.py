@@ -684,6 +684,20 @@ def test_s3dis_text_reader(tmp_path):
         find_clouds(str(tmp_path / "*.nothing"))
 
 
+def test_find_clouds_takes_named_files_and_skips_folders(tmp_path):
+    """A file whose name holds glob characters is taken as named (it was globbed: "[1]" matched "1" and the
+    file itself not at all), and a folder's search lists files only (a folder named "sub.npy" was a cloud)."""
+    cloud = np.zeros((5, 3), np.float32)
+    odd = tmp_path / "scan[1].npy"
+    np.save(odd, cloud)
+    assert find_clouds(str(odd)) == [odd]
+    (tmp_path / "sub.npy").mkdir()
+    np.save(tmp_path / "b.npy", cloud)
+    assert find_clouds(tmp_path) == [tmp_path / "b.npy", odd]
+    with pytest.raises(ValueError, match=r"sub\.npy: no point cloud files in this folder"):
+        find_clouds(str(tmp_path / "*.npy"))  # (a glob names what it matches: the folder is searched, by name)
+
+
 def test_missing_paths_and_wrong_types_are_named(tmp_path):
     for name in ("gone.npy", "gone.ply", "gone.las", "gone.bin", "gone.txt", "gone"):
         with pytest.raises(FileNotFoundError, match=f"{name}: no such file"):

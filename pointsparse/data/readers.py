@@ -923,7 +923,9 @@ def find_clouds(specs) -> list[Path]:
     out: list[Path] = []
     for spec in specs:
         spec = os.fspath(spec)
-        matches = sorted(glob.glob(spec)) if any(ch in spec for ch in "*?[") else [spec]
+        # A path that exists is taken as named, even where it holds glob characters ("scan[1].npy").
+        matches = sorted(glob.glob(spec)) if any(ch in spec for ch in "*?[") and not os.path.exists(spec) \
+            else [spec]
         if not matches:
             raise ValueError(f"no files match {spec!r}")
         for m in map(Path, matches):
@@ -940,7 +942,7 @@ def find_clouds(specs) -> list[Path]:
             else:
                 found = [p for p in sorted(m.iterdir()) if p.suffix.lower() in
                          (".bin", ".npy", ".npz", ".las", ".laz", ".ply", ".pcd", ".txt")
-                         and "labels" not in p.name]
+                         and "labels" not in p.name and p.is_file()]  # (not a folder named "x.npy")
                 if not found:
                     raise ValueError(f"{m}: no point cloud files in this folder")
                 out.extend(found)
