@@ -174,7 +174,9 @@ def test_label_map_json_wrong_types_name_the_file_and_field(tmp_path):
            ({"classes": "abc", "map": {}}, "'classes' must be a list"),
            ({"classes": ["a", 1], "map": {}}, "'classes' must be a list"),
            ({"classes": ["a"], "map": {}, "name": 3}, "'name' must be a string"),
-           ([1, 2], "not a label map"), ("[" * 100_000, "not a label map")]
+           ([1, 2], "not a label map"), ("[" * 100_000, "not a label map"),
+           ('{"classes": ["a"], "map": {"0": ' + "9" * 5000 + "}}", "not a label map")]  # (an int beyond Python's
+    # 4300-digit conversion limit: json raises a plain ValueError)
     for content, match in bad:
         path.write_text(content if isinstance(content, str) else json.dumps(content))
         with pytest.raises(ValueError, match=r"m\.json: .*" + match):

@@ -138,7 +138,8 @@ def load_label_map(name_or_path) -> LabelMap:
         path = candidate
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, RecursionError, ValueError) as exc:  # (JSONDecodeError, an int of
+        # more digits than Python converts, ...)
         raise ValueError(f"{path}: not a label map (not readable JSON: {exc})") from None
     if not isinstance(data, dict) or "classes" not in data or "map" not in data:
         raise ValueError(f"{path}: not a label map (needs 'classes' and 'map')")
