@@ -399,7 +399,14 @@ def test_las_reader(tmp_path):
     las.red = las.green = las.blue = np.full(50, 65535, np.uint16)
     las.write(tmp_path / "t.las")
     s = read_las(tmp_path / "t.las", "ign-lidarhd")
-    assert np.allclose(s.xyz, xyz - xyz.min(0), atol=2e-3)  # relative to the header minimum
+    assert np.allclose(s.xyz, xyz - xyz.min(0), atol=2e-3)  # relative to the points' minimum
+    # A header whose minimum was left at 0 (offsets 187, 203, 219): the positions stay relative to the points'
+    # minimum (relative to 0 they were 6.8e6 m in float32, a decimetre off).
+    data = bytearray((tmp_path / "t.las").read_bytes())
+    for at in (187, 203, 219):
+        data[at:at + 8] = np.float64(0.0).tobytes()
+    (tmp_path / "zero_mins.las").write_bytes(bytes(data))
+    assert np.array_equal(read_las(tmp_path / "zero_mins.las", "ign-lidarhd").xyz, s.xyz)
     assert np.array_equal(s.labels, load_label_map("ign-lidarhd").apply(lab + 2, 255))
     assert np.allclose(s.rgb, 1.0)
 

@@ -504,8 +504,9 @@ def _check_las_header(path: Path) -> bool:
 @_names_the_file
 def read_las(path, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> Sample:
     """A LAS/LAZ file through laspy (``pip install laspy``, plus ``lazrs`` for
-    LAZ). Positions are taken relative to the header's minimum (real tiles
-    have large absolute coordinates); labels from ``classification``. The
+    LAZ). Positions are taken relative to the points' minimum (real tiles
+    have large absolute coordinates, and the header's minimum is not always
+    filled in); labels from ``classification``. The
     public header is checked against the file size first."""
     try:
         import laspy
@@ -519,8 +520,12 @@ def read_las(path, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> Sample
             raise ValueError(f"{path}: cannot read this compressed (LAZ) point data: reading LAZ needs lazrs or "
                              f"laszip (pip install lazrs) ({exc})") from None
         raise ValueError(f"{path}: laspy cannot read this file ({type(exc).__name__}: {str(exc)[:300]})") from None
-    offset = np.asarray(las.header.mins, dtype=np.float64)
-    xyz = (np.stack([np.asarray(las.x), np.asarray(las.y), np.asarray(las.z)], 1) - offset).astype(np.float32)
+    xyz64 = np.stack([np.asarray(las.x, dtype=np.float64), np.asarray(las.y, dtype=np.float64),
+                      np.asarray(las.z, dtype=np.float64)], 1)
+    # The points' own minimum, not the header's (which a writer may leave at 0: positions of 6.8e6 m then
+    # lost a decimetre as float32).
+    offset = xyz64.min(0) if len(xyz64) else np.zeros(3)
+    xyz = (xyz64 - offset).astype(np.float32)
     names = set(las.point_format.dimension_names)
     intensity = _scale_intensity(np.asarray(las.intensity)) if "intensity" in names else None
     rgb = None
