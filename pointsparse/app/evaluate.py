@@ -20,7 +20,7 @@ from ..models import model_from_state
 from . import metrics
 from .distributed import pick_device
 from .scoring import evaluate, point_level, write_report
-from .train import _require_labels, add_data_arguments, check_args, generated_source, load_checkpoint
+from .train import add_data_arguments, check_args, generated_source, load_checkpoint, require_labels
 from .trainer import have_tqdm
 
 __all__ = ["INFERENCE", "add_arguments", "inference_model", "main"]
@@ -109,7 +109,7 @@ def main(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     spec, source = eval_source(args, state, ignore_index)
-    _require_labels(source, "--data" if args.data else "the run's data")  # (an mIoU of unlabelled clouds is NaN)
+    require_labels(source, "--data" if args.data else "the run's data")  # (an mIoU of unlabelled clouds is NaN)
     classes = list(source.classes or config["classes"])
     if classes != config["classes"]:
         raise ValueError(f"the data's classes {classes} differ from the checkpoint's {config['classes']}")

@@ -183,10 +183,11 @@ def check_args(args) -> None:
 
 # --------------------------------------------------------------------- data
 
-def _require_labels(source, flag: str, dist: Dist | None = None) -> None:
+def require_labels(source, flag: str, dist: Dist | None = None) -> None:
     """ValueError naming the first cloud of ``source`` (of the shard of
     process ``dist``) without labels (sources cache what they read, so this
-    costs no second read)."""
+    costs no second read); ``flag`` names where the clouds came from.
+    Training, validation and ``eval`` take labelled clouds only."""
     for i in (range(len(source)) if dist is None else shard(len(source), dist.rank, dist.world)):
         sample = source[i]
         if sample.labels is None:
@@ -203,7 +204,7 @@ def open_training_data(args, dist: Dist | None = None):
                if args.val_data is None
                else open_source(args.val_data, args.val_label_map or args.label_map, args.ignore_index))
         if args.val_data is not None:
-            _require_labels(val, "--val-data", dist)
+            require_labels(val, "--val-data", dist)
         return train, val, list(train.classes)
     train = open_source(args.data, args.label_map, args.ignore_index)
     if args.val_data is not None:
@@ -220,8 +221,8 @@ def open_training_data(args, dist: Dist | None = None):
             files = train.paths
             val = CloudFiles(files[-held:], train.label_map, args.ignore_index)
             train = CloudFiles(files[:-held], train.label_map, args.ignore_index)
-    _require_labels(train, "--data")
-    _require_labels(val, "--val-data", dist)
+    require_labels(train, "--data")
+    require_labels(val, "--val-data", dist)
     classes = train.classes
     if classes is None:
         top = max(int(np.max(s.labels[s.labels != args.ignore_index], initial=0)) for s in train)
