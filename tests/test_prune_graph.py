@@ -270,6 +270,71 @@ def test_bad_inputs():
         G.kept_count(8, 0.0)
 
 
+
+@pytest.mark.parametrize("ratio", [0.0, -0.5, float("nan"), 1.5, None, "0.5"])
+def test_plan_refuses_a_keep_ratio_outside_0_1(ratio):
+    # 0 and negative ratios kept one channel of every group without a word; NaN and > 1 with
+    # scope="global" failed with a bare ValueError / IndexError
+    graph = G.DependencyGraph(ResidualNet().eval(), sparse_input(n=80))
+    err = TypeError if ratio is None or isinstance(ratio, str) else ValueError
+    for scope in ("group", "global"):
+        with pytest.raises(err, match="keep_ratio"):
+            G.plan(graph, ratio, scope=scope)
+    with pytest.raises(err, match=r"keep_ratio\['stem.0'\]"):
+        G.plan(graph, {"stem.0": ratio})
+
+
+def test_keep_ratio_1_keeps_a_group_whole_whatever_the_multiple():
+    # rounding to the multiple cut a 20-channel group kept whole (ratio 1, or removing 0) to 16
+    assert G.kept_count(20, 1.0, 8) == 20 and G.kept_count(12, 1.0, 8) == 12 and G.kept_count(20, 0.5, 8) == 8
+    net = nn.Sequential(nn.Linear(4, 20), nn.ReLU(), nn.Linear(20, 2))
+    graph = G.DependencyGraph(net, torch.randn(5, 4))
+    assert [len(k) for k in G.plan(graph, 1.0, multiple=8).values()] == [20]
+    from pointsparse.prune import surgery
+    assert surgery.apply_channel_ratios(net, {"0": 0.0}, example_input=torch.randn(5, 4), multiple=8) == {"0": 20}
+    assert net[0].out_features == 20
+    with pytest.raises(ValueError, match="multiple"):
+        G.kept_count(20, 0.5, True)
+
+
+def test_plan_refuses_scores_not_shaped_like_their_tensors():
+    net = ResidualNet().eval()
+    graph = G.DependencyGraph(net, sparse_input(n=80))
+    with pytest.raises(TypeError, match="scores must be a dict"):
+        G.plan(graph, 0.5, scores=[1.0, 2.0])  # was an AttributeError
+    with pytest.raises(ValueError, match=r"scores for 'weight' of 'stem.0' must be a tensor of its shape"):
+        G.plan(graph, 0.5, scores={(net.stem[0], "weight"): torch.ones(3)})  # was an IndexError
+
+
+def test_cut_refuses_float_indices_and_a_group_named_twice():
+    net = ResidualNet().eval()
+    x = sparse_input(n=80)
+    graph = G.DependencyGraph(net, x)
+    with pytest.raises(TypeError, match="channel indices"):
+        graph.cut({"stem.0": [0.5, 1.7]})  # was truncated to channels 0 and 1
+    with pytest.raises(TypeError, match="channel indices"):
+        graph.cut({"stem.0": "ab"})
+    with pytest.raises(ValueError, match="names group 'stem.0' twice"):  # both removals applied: 0 channels left
+        graph.cut({0: [0, 1, 2, 3], "stem.0": [4, 5, 6, 7]})
+    with pytest.raises(ValueError, match="names group 'stem.0' twice"):
+        graph.mask({0: [0, 1, 2, 3], "stem.0": [4, 5, 6, 7]})
+    assert net.stem[0].out_channels == 8 and not ps.prune.is_pruned(net)
+    graph.cut({"stem.0": torch.tensor([1, 3])})
+    assert net.stem[0].out_channels == 2 and net(x).feats.shape == (len(x), 4)
+
+
+@pytest.mark.parametrize("recorded, err", [({"stem.0": {"out": 0}}, ValueError), ({"stem.0": {"out": -1}}, ValueError),
+                                           ({"stem.0": {"out": "4"}}, ValueError), ({"stem.0": 4}, TypeError),
+                                           ([("stem.0", 4)], TypeError)])
+def test_resize_refuses_widths_that_are_not_positive_ints(recorded, err):
+    # a width of 0 made a zero-channel layer silently; -1 and "4" crashed in torch.arange / a comparison
+    net = ResidualNet()
+    with pytest.raises(err, match="recorded width"):
+        G.resize(net, recorded)
+    assert net.stem[0].out_channels == 8
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        G.widths("net")
+
 # ------------------------------------------------------------- procedures
 def test_procedures_reach_every_group_of_minkunet():
     from pointsparse.prune import amc, surgery

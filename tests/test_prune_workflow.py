@@ -313,3 +313,14 @@ def test_prune_offsets_masks_whole_offsets_of_the_overlapping_convs(tmp_path, ca
     assert abs(scores["bf16"] - scores["float32"]) < 0.03, scores
     with pytest.raises(ValueError, match=r"--sparsity"):
         prune_offsets_checkpoint(dense / "checkpoint.pt", tmp_path / "bad", 1.0)
+
+
+@pytest.mark.parametrize("ratio, err", [(None, TypeError), (0.0, ValueError), (float("nan"), ValueError)])
+def test_prune_channels_names_a_bad_ratio(ratio, err):
+    # None skipped the check and failed in float() without naming the argument
+    from pointsparse.prune import workflow
+    from prune_procedures_support import ResidualNet, sparse_input
+    net = ResidualNet().eval()
+    with pytest.raises(err, match="ratio"):
+        workflow.prune_channels(net, sparse_input(n=80), ratio)
+    assert net.stem[0].out_channels == 8

@@ -26,6 +26,9 @@ of active neighbours, so its output is no constant and it is refused."""
 
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -204,9 +207,15 @@ class DependencyGraph:
 
     # ---------------------------------------------------------- the cuts
     def _drops(self, keep: dict) -> dict[tuple[str, str], torch.Tensor]:
+        if not isinstance(keep, Mapping):
+            raise TypeError(f"keep must be a dict {{group: channel indices to keep}}; got {type(keep).__name__}")
         drops: dict[tuple[str, str], list[torch.Tensor]] = {}
+        named: dict[int, object] = {}
         for key, kept in keep.items():
             g = self.group(key)
+            if id(g) in named:  # two keep lists for one group: their removals would add up to more than either
+                raise ValueError(f"keep names group {g.name!r} twice (as {named[id(g)]!r} and {key!r})")
+            named[id(g)] = key
             kept = _check_keep(kept, g.size, g.name)
             removed = torch.tensor(sorted(set(range(g.size)) - set(kept.tolist())), dtype=torch.long)
             for m in g.members:
@@ -333,7 +342,7 @@ class DependencyGraph:
 
 # ------------------------------------------------------------------ helpers
 def _check_keep(keep, n: int, what: str) -> torch.Tensor:
-    keep = torch.as_tensor(keep, dtype=torch.long).flatten()
+    keep = _as_indices(keep, f"keep for group {what!r}")
     if keep.numel() == 0:
         raise ValueError(f"keep must name at least one channel of group {what!r}")
     if int(keep.min()) < 0 or int(keep.max()) >= n:
@@ -341,6 +350,18 @@ def _check_keep(keep, n: int, what: str) -> torch.Tensor:
     if torch.unique(keep).numel() != keep.numel():
         raise ValueError(f"keep has repeated channels for group {what!r}")
     return torch.sort(keep).values
+
+
+def _as_indices(keep, what: str) -> torch.Tensor:
+    """``keep`` as a flat int64 tensor; TypeError for anything but integers
+    (a float index would be truncated to another channel, a bool one is a mask)."""
+    try:
+        t = torch.as_tensor(keep)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(f"{what} must be channel indices (ints); got {type(keep).__name__}") from error
+    if t.numel() and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
+        raise TypeError(f"{what} must be channel indices (ints); got a {t.dtype} sequence")
+    return t.to(torch.long).flatten()
 
 
 def _effective(module: nn.Module, name: str) -> torch.Tensor | None:
@@ -394,6 +415,8 @@ def group_scores(graph: DependencyGraph, group, scores: dict | None = None, redu
     (``"sum"``, ``"mean"`` or ``"max"``)."""
     if reduce not in ("sum", "mean", "max"):
         raise ValueError(f"reduce must be 'sum', 'mean' or 'max'; got {reduce!r}")
+    if scores is not None and not isinstance(scores, Mapping):
+        raise TypeError(f"scores must be a dict {{(module, tensor name): scores}}; got {type(scores).__name__}")
     g = graph.group(group)
     rows = []
     for m in g.members:
@@ -404,6 +427,11 @@ def group_scores(graph: DependencyGraph, group, scores: dict | None = None, redu
             s = scores.get((module, tensor)) if scores is not None else _effective(module, tensor)
             if s is None or (scores is None and tensor != "weight"):
                 continue
+            shape = tuple(adapters.raw(module, tensor).shape)
+            if not isinstance(s, torch.Tensor) or tuple(s.shape) != shape:
+                got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
+                raise ValueError(f"scores for {tensor!r} of {m.module!r} must be a tensor of its shape {shape}; "
+                                 f"got {got}")
             s = s.detach().abs().float().movedim(roles[m.role], 0)
             per = s.reshape(s.shape[0], -1).sum(1)[m.start:m.stop].reshape(-1, m.repeat).sum(1)
             row = torch.zeros(g.size)
@@ -425,14 +453,25 @@ DEFAULT_MULTIPLE = 8
 def kept_count(size: int, keep_ratio: float, multiple: int = 1) -> int:
     """``round(size * keep_ratio)`` rounded to the nearest multiple of
     ``multiple`` (at least one multiple, or 1; at most ``size``)."""
-    if not 0 < keep_ratio <= 1:
-        raise ValueError(f"keep ratio must be in (0, 1]; got {keep_ratio}")
-    if not isinstance(multiple, int) or multiple < 1:
+    keep_ratio = _check_ratio(keep_ratio, "keep ratio")
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
         raise ValueError(f"multiple must be a positive int; got {multiple!r}")
     n = max(1, int(round(size * keep_ratio)))
+    if n >= size:  # nothing to prune: rounding to the multiple must not cut a group kept whole
+        return size
     if multiple > 1 and size > multiple:
         n = max(multiple, int(round(n / multiple)) * multiple)
     return min(n, size)
+
+
+def _check_ratio(value, name: str) -> float:
+    """A keep ratio: a real number in (0, 1] (TypeError / ValueError naming it)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number in (0, 1]; got {type(value).__name__}")
+    v = float(value)
+    if not (math.isfinite(v) and 0 < v <= 1):
+        raise ValueError(f"{name} must be in (0, 1]; got {value}")
+    return v
 
 
 def plan(graph: DependencyGraph, keep_ratio, scores: dict | None = None, scope: str = "group",
@@ -445,10 +484,19 @@ def plan(graph: DependencyGraph, keep_ratio, scores: dict | None = None, scope: 
     ``multiple`` per group."""
     if scope not in ("group", "global"):
         raise ValueError(f"scope must be 'group' or 'global'; got {scope!r}")
-    ratios = keep_ratio if isinstance(keep_ratio, dict) else {g.name: keep_ratio for g in graph.groups}
+    if scores is not None and not isinstance(scores, Mapping):
+        raise TypeError(f"scores must be a dict {{(module, tensor name): scores}} as pointsparse.prune.criteria "
+                        f"returns; got {type(scores).__name__}")
+    if isinstance(keep_ratio, Mapping):
+        ratios = {name: _check_ratio(r, f"keep_ratio[{name!r}]") for name, r in keep_ratio.items()}
+    else:
+        keep_ratio = _check_ratio(keep_ratio, "keep_ratio")
+        ratios = {g.name: keep_ratio for g in graph.groups}
     all_scores = {name: group_scores(graph, name, scores, reduce) for name in ratios}
+    if not all_scores:
+        return {}
     if scope == "global":
-        if isinstance(keep_ratio, dict):
+        if isinstance(keep_ratio, Mapping):
             raise ValueError("scope='global' takes one keep_ratio")
         norm = torch.cat([s / s.mean().clamp_min(1e-12) for s in all_scores.values()])
         total = len(norm)
@@ -477,6 +525,8 @@ def prune_model(model: nn.Module, example_input, keep_ratio, scores: dict | None
 def widths(model: nn.Module) -> dict[str, dict[str, int]]:
     """``{module: {"in": c, "out": c}}`` of every registered layer and norm:
     what a checkpoint records to rebuild a pruned model."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     out = {}
     for name, m in model.named_modules():
         a = adapters.adapter_for(m)
@@ -490,10 +540,21 @@ def widths(model: nn.Module) -> dict[str, dict[str, int]]:
 def resize(model: nn.Module, recorded: dict[str, dict[str, int]]) -> None:
     """Give every layer the widths ``recorded`` by :func:`widths` (fresh
     tensors of the new shapes, to be filled by ``load_state_dict``)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if not isinstance(recorded, Mapping):
+        raise TypeError(f"recorded widths must be a dict {{module: {{'in': c, 'out': c}}}}; got "
+                        f"{type(recorded).__name__}")
     named = dict(model.named_modules())
     for name, roles in recorded.items():
         if name not in named:
             raise ValueError(f"recorded widths name {name!r}, which the model does not have")
+        if not isinstance(roles, Mapping):
+            raise TypeError(f"recorded widths of {name!r} must be a dict {{'in': c, 'out': c}}; got "
+                            f"{type(roles).__name__}")
+        for role, n in roles.items():
+            if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+                raise ValueError(f"recorded width of {name!r} ({role}) must be a positive int; got {n!r}")
         m = named[name]
         a = adapters.adapter_for(m)
         if a is None:

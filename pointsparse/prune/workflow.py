@@ -45,7 +45,7 @@ def prune_channels(model: nn.Module, example_input, ratio: float = 0.5, scores=N
     ``multiple`` (default :data:`~pointsparse.prune.graph.DEFAULT_MULTIPLE`),
     and cut the rest in place. Returns ``model``."""
     from .graph import DEFAULT_MULTIPLE, DependencyGraph, plan
-    check_options(ratio=ratio)
+    check_fraction(ratio, "ratio (the kept fraction)", low_open=True, high_open=False)  # None too
     if multiple is not None and (isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1):
         raise ValueError(f"multiple (--multiple) must be a positive int (kept channel counts are rounded to it); "
                          f"got {multiple!r}")
