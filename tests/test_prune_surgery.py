@@ -163,6 +163,24 @@ def test_bad_inputs():
         surgery.remove_output_channels(nn.ReLU(), [0])
 
 
+
+@pytest.mark.parametrize("call, err, match", [
+    (lambda net: surgery.apply_channel_ratios(net, {"0": "0.5"}), TypeError, "ratio for '0'"),  # was cut at 0.5
+    (lambda net: surgery.apply_channel_ratios(net, {"0": None}), TypeError, "ratio for '0'"),
+    (lambda net: surgery.apply_channel_ratios(net, {"0": float("nan")}), ValueError, "ratio for '0'"),
+    (lambda net: surgery.apply_channel_ratios(net, [0.5]), TypeError, "ratios must be a dict"),
+    (lambda net: surgery.apply_channel_ratios("net", {"0": 0.5}), TypeError, "torch.nn.Module"),
+    (lambda net: surgery.channel_groups("net"), TypeError, "torch.nn.Module"),
+    (lambda net: surgery.apply_channel_ratios(net, {"0": 0.5}, multiple=4), ValueError, "example_input"),  # ignored
+    (lambda net: surgery.prune_channels(net, "0", [0.5, 1.7]), TypeError, "channel indices"),  # was [0, 1]
+    (lambda net: surgery.remove_output_channels(net[0], [True, False]), TypeError, "channel indices"),
+])
+def test_bad_ratios_keeps_and_models_are_named(call, err, match):
+    net = mlp(0)
+    with pytest.raises(err, match=match):
+        call(net)
+    assert net[0].out_features == 16 and net[2].in_features == 16  # nothing cut
+
 def test_groups_inside_residual_blocks_only():
     from prune_procedures_support import ResidualNet
     net = ResidualNet().eval()

@@ -21,6 +21,9 @@ U-Net networks, not only the insides of their sequential chains."""
 
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -140,6 +143,8 @@ def channel_groups(model: nn.Module, example_input=None) -> list:
     plain chains give every layer but the last, and residual U-Nets such as
     MinkUNet give the channels inside their blocks. Raises ValueError when a
     consumer's input size does not fit its producer's channels."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     if example_input is not None:
         from .graph import DependencyGraph
         return DependencyGraph(model, example_input).groups
@@ -184,7 +189,8 @@ def _unprune(module: nn.Module) -> None:
 
 
 def _check_keep(keep, n: int, what: str) -> torch.Tensor:
-    keep = torch.as_tensor(keep, dtype=torch.long).flatten()
+    from .graph import _as_indices  # noqa: PLC0415 - graph builds on this module
+    keep = _as_indices(keep, f"keep for {what}")
     if keep.numel() == 0:
         raise ValueError(f"keep must name at least one channel of {what}")
     if int(keep.min()) < 0 or int(keep.max()) >= n:
@@ -356,14 +362,19 @@ def apply_channel_ratios(model: nn.Module, ratios: dict[str, float], reconstruct
     group is cut together, channels are ranked by the group's summed
     magnitude (or ``scores`` from :mod:`.criteria`) and kept counts are
     rounded to ``multiple``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if not isinstance(ratios, Mapping):
+        raise TypeError(f"ratios must be a dict {{producer or group: ratio}}; got {type(ratios).__name__}")
+    ratios = {name: _check_ratio(r, name) for name, r in ratios.items()}
     if example_input is not None:
         return _apply_coupled_ratios(model, ratios, reconstruct, example_input, multiple, scores)
+    if multiple != 1 or scores is not None:  # the chain groups rank by L1 and keep exact counts
+        raise ValueError("multiple and scores work on coupled groups only (give example_input)")
     groups = {g.producer: g for g in channel_groups(model)}
-    for name, r in ratios.items():
+    for name in ratios:
         if name not in groups:
             raise ValueError(f"{name!r} is not a prunable producer; producers: {list(groups)}")
-        if not 0.0 <= float(r) < 1.0:
-            raise ValueError(f"ratio for {name!r} must be in [0, 1); got {r}")
     if reconstruct and calibration_input is None:
         raise ValueError("reconstruct=True needs calibration_input")
     named = dict(model.named_modules())
@@ -389,16 +400,25 @@ def apply_channel_ratios(model: nn.Module, ratios: dict[str, float], reconstruct
     return kept
 
 
+def _check_ratio(r, name) -> float:
+    """A fraction of channels to remove, in [0, 1): a real number or a 0-d tensor."""
+    if isinstance(r, torch.Tensor) and r.dim() == 0 and not r.dtype.is_complex and r.dtype != torch.bool:
+        r = r.item()
+    if isinstance(r, bool) or not isinstance(r, numbers.Real):
+        raise TypeError(f"ratio for {name!r} must be a number in [0, 1); got {type(r).__name__}")
+    if not (math.isfinite(float(r)) and 0.0 <= float(r) < 1.0):
+        raise ValueError(f"ratio for {name!r} must be in [0, 1); got {r}")
+    return float(r)
+
+
 def _apply_coupled_ratios(model, ratios, reconstruct, example_input, multiple, scores) -> dict[str, int]:
     from .graph import DependencyGraph, plan
     if reconstruct:
         raise ValueError("reconstruct=True works on chain groups only (call without example_input)")
     graph = DependencyGraph(model, example_input)
-    for name, r in ratios.items():
+    for name in ratios:
         graph.group(name)
-        if not 0.0 <= float(r) < 1.0:
-            raise ValueError(f"ratio for {name!r} must be in [0, 1); got {r}")
-    keep = plan(graph, {n: 1.0 - float(r) for n, r in ratios.items()}, scores, multiple=multiple)
+    keep = plan(graph, {n: 1.0 - r for n, r in ratios.items()}, scores, multiple=multiple)
     graph.cut(keep, retrace=False)
     return {n: len(k) for n, k in keep.items()}
 
