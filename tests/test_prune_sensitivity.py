@@ -80,6 +80,23 @@ def test_bad_inputs():
         sensitivity.choose_ratios(sensitivity.SensitivityResult([0.0], {"a": [1.0]}, 1.0, "unstructured"), -1)
 
 
+
+@pytest.mark.parametrize("ratios", [None, 0.5, "0.5", [0.5, None]])
+def test_ratios_that_are_not_a_list_of_numbers_are_a_type_error(ratios):
+    # were a bare "not iterable" TypeError or "could not convert string to float" ValueError
+    with pytest.raises(TypeError, match="ratios must be a list of numbers"):
+        sensitivity.sensitivity_scan(mlp(0), _density(0), ratios=ratios)
+
+
+def test_group_scan_scans_only_the_groups_layers_names():
+    from prune_procedures_support import ResidualNet
+    net, x = ResidualNet().eval(), sparse_input(n=80)
+    res = sensitivity.sensitivity_scan(net, lambda m: 1.0, [0.0, 0.5], "group", layers=["stem.3", "block.main.0"],
+                                       example_input=x)
+    assert list(res.curves) == ["stem.3", "block.main.0"]  # layers was ignored: every group was scanned
+    with pytest.raises(ValueError, match="names no cuttable"):
+        sensitivity.sensitivity_scan(net, lambda m: 1.0, [0.5], "group", layers=["head.fn"], example_input=x)
+
 def test_nan_metric_is_never_an_acceptable_drop():
     net = mlp(0)
     pruned_nan = lambda m: 1.0 if float((m[0].weight == 0).float().mean()) == 0 else float("nan")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -68,7 +68,8 @@ def sensitivity_scan(model: nn.Module, eval_fn: Callable[[nn.Module], float], ra
     as it was. ``"group"`` scans every coupled channel group of the
     dependency graph traced on ``example_input`` instead (each cut on a copy
     of the model: the fraction of the group's channels of lowest summed
-    magnitude removed from every member).
+    magnitude removed from every member); ``layers`` then names the groups
+    to scan (a group's name or any layer producing its channels).
 
     The unpruned model's metric (the baseline) must be finite, else a
     ValueError naming ``eval_fn``; a pruned model's NaN or infinite metric is
@@ -76,11 +77,16 @@ def sensitivity_scan(model: nn.Module, eval_fn: Callable[[nn.Module], float], ra
     check_callable(eval_fn, "eval_fn")
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}; got {granularity!r}")
+    if isinstance(ratios, (str, bytes)) or not isinstance(ratios, Iterable):
+        raise TypeError(f"ratios must be a list of numbers in [0, 1); got {type(ratios).__name__}")
+    ratios = list(ratios)
+    if any(isinstance(r, bool) or not isinstance(r, numbers.Real) for r in ratios):
+        raise TypeError(f"ratios must be a list of numbers in [0, 1); got {ratios!r}")
     ratios = [float(r) for r in ratios]
     if not ratios or any(not 0.0 <= r < 1.0 for r in ratios):
         raise ValueError(f"ratios must be a non-empty list of values in [0, 1); got {ratios}")
     if granularity == "group":
-        return _group_scan(model, eval_fn, ratios, metric, example_input)
+        return _group_scan(model, eval_fn, ratios, metric, example_input, layers)
     chosen = prunable_layers(model, layers)
     for name, m in chosen:
         if _compat.is_pruned(m):
@@ -106,12 +112,18 @@ def sensitivity_scan(model: nn.Module, eval_fn: Callable[[nn.Module], float], ra
                              {n: m.weight.numel() for n, m in chosen})
 
 
-def _group_scan(model, eval_fn, ratios, metric, example_input) -> SensitivityResult:
+def _group_scan(model, eval_fn, ratios, metric, example_input, layers=None) -> SensitivityResult:
     from .graph import DependencyGraph
     from .surgery import apply_channel_ratios
     if example_input is None:
         raise ValueError("granularity='group' needs example_input (to trace the dependency graph)")
-    groups = DependencyGraph(model, example_input).groups
+    graph = DependencyGraph(model, example_input)
+    groups = graph.groups
+    if layers is not None:  # the groups the names pick (a group's name or any layer producing its channels)
+        if isinstance(layers, str) or not isinstance(layers, Iterable):
+            raise TypeError(f"layers must be a list of group or layer names; got {type(layers).__name__}")
+        picked = {id(g): g for g in (graph.group(name) for name in layers)}
+        groups = [g for g in groups if id(g) in picked]
     baseline = _baseline(model, eval_fn, metric)
     curves = {}
     for g in groups:
