@@ -822,6 +822,22 @@ def test_voxelize_sample_and_collate():
         Batch.of([])
 
 
+def test_batch_keeps_each_sample_at_its_place_after_an_empty_cloud():
+    """An empty cloud holds no batch index of its own: collate gave the
+    next sample its index 0, so that sample's points were scored against
+    the empty cloud's xyz and name."""
+    empty = voxelize_sample(Sample(np.zeros((0, 3), np.float32), np.zeros(0, np.int64), name="e"), 0.1, 255)
+    one = voxelize_sample(Sample(np.ones((2, 3), np.float32), np.array([4, 4]), name="one"), 0.1, 255)
+    b = Batch.of([empty, one, empty, one])
+    assert b.input.coords[:, 0].tolist() == [1, 3] and b.point_batch.tolist() == [1, 1, 3, 3]
+    assert b.inverse.tolist() == [0, 0, 1, 1] and b.labels.tolist() == [4, 4]
+    assert b.names[1] == "one" and b.size == 4
+    assert Batch.of([one, empty]).point_batch.tolist() == [0, 0]
+    assert len(Batch.of([empty, empty]).input) == 0
+    with pytest.raises(TypeError, match="item 1"):
+        Batch.of([one, one.input])
+
+
 def test_voxelize_sample_matches_the_float64_numpy_reference():
     """The shift to voxel 0 and the centred features, bit for bit the plain
     numpy formulas (minimum over rows, float64 shift, float32 features):

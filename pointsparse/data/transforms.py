@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..coords import KeyLayout
 from ..tensor import SparseTensor, collate
 from ..voxelize import voxelize
 from .sample import Sample
@@ -138,7 +139,21 @@ class Batch:
         """The samples in one batch: their tensors through
         :func:`pointsparse.collate` (each sample's batch indices after those
         of the samples before it), point maps and labels concatenated to match."""
+        samples = list(samples)
+        for i, s in enumerate(samples):
+            if not isinstance(s, VoxelSample):
+                raise TypeError(f"Batch.of takes VoxelSamples; item {i} is {type(s).__name__}")
         tensor = collate([s.input for s in samples])  # ValueError for no samples, range checked
+        if any(len(s.input) == 0 for s in samples):
+            # collate shifts each tensor past the batches of those before it,
+            # and an empty cloud holds none: the samples after it would take
+            # its index (and its xyz and name). Each sample keeps its place.
+            counts = torch.tensor([len(s.input) for s in samples], device=tensor.device)
+            empties_before = torch.cumsum((counts == 0).long(), 0)  # (an empty sample has no rows to shift)
+            coords = tensor.coords.clone()
+            coords[:, 0] += torch.repeat_interleave(empties_before, counts).to(coords.dtype)
+            KeyLayout.of(coords)  # the batch count still fits a key
+            tensor = SparseTensor(tensor.feats, coords, tensor.stride, validate=False)
         inverse, row = [], 0
         for s in samples:
             inverse.append(s.inverse + row)
