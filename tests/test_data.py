@@ -806,6 +806,31 @@ def test_majority_labels():
         majority_labels(inverse, labels - 10, 4, 255)
 
 
+def test_majority_labels_of_large_ids_and_bad_arguments():
+    """voxel * (largest id + 1) left int64 for large ids: keys wrapped round
+    and a voxel took another's class (or a negative one); a length mismatch
+    or a float array was an IndexError."""
+    big = 2**62
+    inverse = np.array([0, 0, 0, 1, 1, 1])
+    assert majority_labels(inverse, np.array([big, big, 7, 3, 7, 7]), 2, 255).tolist() == [big, 7]
+    inverse = np.array([0, 100_000, 100_000, 100_000])
+    out = majority_labels(inverse, np.array([9, 10**14, 10**14, 3]), 100_001, -1)
+    assert out[[0, 100_000]].tolist() == [9, 10**14] and (out[1:100_000] == -1).all()
+    assert majority_labels(np.array([0, 0], np.uint32), np.array([2, 1], np.uint8), 1, 255).tolist() == [1]
+    with pytest.raises(ValueError, match="one entry per point"):
+        majority_labels(np.array([0, 1]), np.array([1, 2, 3]), 2, 255)
+    with pytest.raises(ValueError, match="inverse holds"):
+        majority_labels(np.array([0, 5]), np.array([1, 1]), 2, 255)
+    with pytest.raises(ValueError, match="inverse holds"):
+        majority_labels(np.array([0, -1]), np.array([1, 1]), 2, 255)
+    with pytest.raises(TypeError, match="labels must hold integers"):
+        majority_labels(np.array([0, 0]), np.array([1.5, 2.5]), 1, 255)
+    with pytest.raises(ValueError, match="labels must fit int64"):
+        majority_labels(np.array([0]), np.array([2**64 - 1], np.uint64), 1, 255)
+    with pytest.raises(TypeError, match="ignore_index must"):
+        majority_labels(np.array([0]), np.array([1]), 1, 2.5)
+
+
 def test_voxelize_sample_and_collate():
     s = Sample(np.array([[0.01, 0.01, 0.01], [0.02, 0.03, 0.04], [1000.5, 0, 0]], np.float32),
                np.array([1, 1, 2]), intensity=np.array([0.2, 0.4, 1.0], np.float32))

@@ -18,6 +18,7 @@ import torch
 from ..coords import KeyLayout
 from ..tensor import SparseTensor, collate
 from ..voxelize import voxelize
+from .readers import _ignore_index
 from .sample import Sample
 
 # Input channels of every voxel: x, y, z (metres, centred in x and y),
@@ -62,22 +63,53 @@ def point_features(sample: Sample) -> np.ndarray:
     return out
 
 
+def _int_array(value, name: str) -> np.ndarray:
+    """A 1-d int64 array of integers (not bools); TypeError/ValueError naming ``name``."""
+    a = np.asarray(value)
+    if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"{name} must hold integers; got dtype {a.dtype}")
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be 1-d; got shape {a.shape}")
+    if a.dtype == np.uint64 and len(a) and int(a.max()) > np.iinfo(np.int64).max:
+        raise ValueError(f"{name} must fit int64; got {int(a.max())}")
+    return a.astype(np.int64, copy=False)
+
+
 def majority_labels(inverse: np.ndarray, labels: np.ndarray, num_voxels: int, ignore_index: int) -> np.ndarray:
-    """Per-voxel majority of point ``labels`` (ignored points do not vote)."""
-    out = np.full(num_voxels, ignore_index, dtype=np.int64)
+    """Per-voxel majority of point ``labels`` (ignored points do not vote;
+    ties: the smaller id): int64 ``(num_voxels,)``, ``ignore_index`` where
+    no point votes. ``inverse[i]`` in ``[0, num_voxels)`` is the voxel of
+    point ``i``; labels are ``>= 0`` or ``ignore_index``."""
+    inverse, labels = _int_array(inverse, "inverse"), _int_array(labels, "labels")
+    if len(inverse) != len(labels):
+        raise ValueError(f"inverse and labels must have one entry per point; got {len(inverse)} and {len(labels)}")
+    if isinstance(num_voxels, (bool, np.bool_)) or not isinstance(num_voxels, (int, np.integer)) or num_voxels < 0:
+        raise ValueError(f"num_voxels must be an int >= 0; got {num_voxels!r}")
+    ignore_index = _ignore_index(ignore_index)
+    if len(inverse) and (int(inverse.min()) < 0 or int(inverse.max()) >= num_voxels):
+        raise ValueError(f"inverse holds voxel rows outside [0, {num_voxels})")
+    out = np.full(int(num_voxels), ignore_index, dtype=np.int64)
     keep = labels != ignore_index
     if not keep.any():
         return out
-    inv, lab = inverse[keep].astype(np.int64), labels[keep]
+    inv, lab = inverse[keep], labels[keep]
     if lab.min() < 0:
         raise ValueError(f"labels must be >= 0 or ignore_index ({ignore_index}); got {int(lab.min())}")
-    pairs, counts = np.unique(inv * (int(lab.max()) + 1) + lab, return_counts=True)
-    vox, cls = np.divmod(pairs, int(lab.max()) + 1)
+    # One int64 key per (voxel, class): the class ids made dense first when
+    # voxel * (largest id + 1) would leave int64 (large raw ids wrapped round
+    # into other voxels' keys).
+    classes = None
+    width = int(lab.max()) + 1
+    if width * int(num_voxels) >= 2 ** 62:
+        classes, lab = np.unique(lab, return_inverse=True)
+        width = len(classes)
+    pairs, counts = np.unique(inv * width + lab, return_counts=True)
+    vox, cls = np.divmod(pairs, width)
     # Sort by (voxel, -count, class): the first row of each voxel wins.
     order = np.lexsort((cls, -counts, vox))
     vox, cls = vox[order], cls[order]
     first = np.r_[True, vox[1:] != vox[:-1]]
-    out[vox[first]] = cls[first]
+    out[vox[first]] = cls[first] if classes is None else classes[cls[first]]
     return out
 
 
