@@ -831,6 +831,26 @@ def test_majority_labels_of_large_ids_and_bad_arguments():
         majority_labels(np.array([0]), np.array([1]), 1, 2.5)
 
 
+def test_voxelize_sample_names_a_bad_voxel_size_or_ignore_index():
+    """A string, None or 3 numbers were numpy's or torch's TypeError, and
+    an ignore_index of 2.5 was truncated to 2, "x" a bare int() error."""
+    s = Sample(np.zeros((2, 3), np.float32), np.array([1, 2]))
+    for bad, error in (("a", TypeError), (None, TypeError), ((0.1, 0.1, 0.1), TypeError), (True, TypeError),
+                       (float("nan"), ValueError), (float("inf"), ValueError), (0, ValueError), (-1, ValueError)):
+        with pytest.raises(error, match="voxel_size"):
+            voxelize_sample(s, bad, 255)
+        with pytest.raises(error, match="voxel_size"):
+            VoxelDataset([s], bad)
+    for bad, error in ((2.5, TypeError), ("x", TypeError), (None, TypeError), (True, TypeError),
+                       (2**70, ValueError)):
+        with pytest.raises(error, match="ignore_index must"):
+            voxelize_sample(s, 0.1, bad)
+        with pytest.raises(error, match="ignore_index must"):
+            VoxelDataset([s], 0.1, bad)
+    assert voxelize_sample(s, np.float32(0.5), np.int16(-1)).labels.tolist() == [1]
+    assert VoxelDataset([s], np.float64(0.5), np.int64(7)).voxel_size == 0.5
+
+
 def test_voxelize_sample_and_collate():
     s = Sample(np.array([[0.01, 0.01, 0.01], [0.02, 0.03, 0.04], [1000.5, 0, 0]], np.float32),
                np.array([1, 1, 2]), intensity=np.array([0.2, 0.4, 1.0], np.float32))

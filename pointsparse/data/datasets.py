@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from . import generated
-from .readers import DEFAULT_IGNORE, LabelMap, find_clouds, load_label_map, read_cloud
+from .readers import DEFAULT_IGNORE, LabelMap, _ignore_index, find_clouds, load_label_map, read_cloud
 from .sample import Sample
-from .transforms import augment, voxelize_sample
+from .transforms import augment, check_voxel_size, voxelize_sample
 
 # Seeds of held-out generated scenes start here; training scenes use 0, 1, ...
 VALIDATION_SEED = 1_000_000
@@ -80,9 +80,8 @@ class VoxelDataset(torch.utils.data.Dataset):
 
     def __init__(self, source: Sequence[Sample], voxel_size: float, ignore_index: int = DEFAULT_IGNORE,
                  train: bool = False, seed: int = 0) -> None:
-        if not voxel_size > 0:
-            raise ValueError(f"voxel_size must be positive; got {voxel_size!r}")
-        self.source, self.voxel_size, self.ignore_index = source, float(voxel_size), ignore_index
+        voxel_size, ignore_index = check_voxel_size(voxel_size), _ignore_index(ignore_index)
+        self.source, self.voxel_size, self.ignore_index = source, voxel_size, ignore_index
         self.train, self.seed, self.epoch = train, seed, 0
 
     def set_epoch(self, epoch: int) -> None:

@@ -9,6 +9,7 @@ voxelize inverse (``devoxelize(..., mode="nearest")``) and are scored there.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from ..coords import KeyLayout
-from ..tensor import SparseTensor, collate
+from ..tensor import SparseTensor, as_float, collate
 from ..voxelize import voxelize
 from .readers import _ignore_index
 from .sample import Sample
@@ -135,9 +136,21 @@ class VoxelSample:
         return self.input.feats
 
 
+def check_voxel_size(value) -> float:
+    """``voxel_size`` as a positive, finite Python float (not a bool or a
+    string); TypeError/ValueError naming it."""
+    size = as_float(value, "voxel_size")
+    if not (size > 0 and math.isfinite(size)):
+        raise ValueError(f"voxel_size must be positive and finite; got {value!r}")
+    return size
+
+
 def voxelize_sample(sample: Sample, voxel_size: float, ignore_index: int) -> VoxelSample:
     """Quantise a sample (shifted so that its minimum lands at voxel 0, which
-    keeps real tiles inside the 17-bit coordinate range)."""
+    keeps real tiles inside the 17-bit coordinate range). ``voxel_size``: one
+    positive number (metres); ``ignore_index``: an int (TypeError/ValueError
+    naming either otherwise)."""
+    voxel_size, ignore_index = check_voxel_size(voxel_size), _ignore_index(ignore_index)
     # The shift in float64: the minimum per column, the arithmetic in torch (the
     # same values as numpy's reduction over the (N, 3) rows and its casts, sooner).
     xyz = torch.from_numpy(sample.xyz).double()  # (Sample keeps float32, C-contiguous)
