@@ -921,6 +921,26 @@ def test_voxel_dataset_augments_per_epoch_deterministically():
     assert np.array_equal(plain[0].xyz, scenes[0].xyz)
 
 
+def test_voxel_dataset_takes_negative_indices_and_checks_seeds():
+    """ds[-1] of a training set handed -1 to numpy's seeding (a bare
+    ValueError); a negative seed or epoch failed the same way on first use."""
+    scenes = GeneratedScenes("outdoor", 2, beams=4, azimuth_steps=64, max_range=20.0)
+    ds = VoxelDataset(scenes, 0.2, train=True, seed=1)
+    assert torch.equal(ds[-1].coords, ds[1].coords) and torch.equal(ds[np.int64(-2)].feats, ds[0].feats)
+    for bad in (2, -3):
+        with pytest.raises(IndexError):
+            ds[bad]
+    for bad in (1.0, "a", slice(0, 1), True):
+        with pytest.raises(TypeError, match="index must be an int"):
+            ds[bad]
+    for bad, error in ((-1, ValueError), (1.5, TypeError), (None, TypeError)):
+        with pytest.raises(error, match="seed must"):
+            VoxelDataset(scenes, 0.2, train=True, seed=bad)
+        with pytest.raises(error, match="epoch must"):
+            ds.set_epoch(bad)
+    assert ds.epoch == 0
+
+
 def test_label_map_with_huge_raw_ids_is_quick_and_ignores_them():
     import time
 

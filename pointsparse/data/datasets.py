@@ -7,6 +7,7 @@ whichever process of a distributed job handles the item."""
 
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
 from typing import Sequence
 
@@ -20,6 +21,26 @@ from .transforms import augment, check_voxel_size, voxelize_sample
 
 # Seeds of held-out generated scenes start here; training scenes use 0, 1, ...
 VALIDATION_SEED = 1_000_000
+
+
+def _seed(value, name: str) -> int:
+    """A seed part (seed, epoch) as an int >= 0; TypeError/ValueError naming it."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r:.40}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0; got {value}")
+    return int(value)
+
+
+def _item(index, count: int) -> int:
+    """``index`` of a sequence of ``count`` items as an int in [0, count)
+    (negative ones from the end); TypeError for a non-integer, IndexError
+    out of range."""
+    if isinstance(index, (bool, np.bool_)) or not isinstance(index, numbers.Integral):
+        raise TypeError(f"index must be an int; got {type(index).__name__} {index!r:.40}")
+    if not -count <= index < count:
+        raise IndexError(f"index {index} out of range for {count} samples")
+    return int(index) % count
 
 
 class GeneratedScenes(Sequence[Sample]):
@@ -82,15 +103,18 @@ class VoxelDataset(torch.utils.data.Dataset):
                  train: bool = False, seed: int = 0) -> None:
         voxel_size, ignore_index = check_voxel_size(voxel_size), _ignore_index(ignore_index)
         self.source, self.voxel_size, self.ignore_index = source, voxel_size, ignore_index
-        self.train, self.seed, self.epoch = train, seed, 0
+        self.train, self.seed, self.epoch = train, _seed(seed, "seed"), 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.epoch = _seed(epoch, "epoch")
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, index: int):
+        # A negative index as its item's own: the augmentation seed takes the
+        # index (numpy refused a negative one, and ds[-1] must be ds[n - 1]).
+        index = _item(index, len(self))
         sample = self.source[index]
         if self.train:
             sample = augment(sample, np.random.default_rng([self.seed, self.epoch, index]))
