@@ -95,6 +95,25 @@ def test_lidar_rays_fan():
     assert np.isclose(elev.max(), 2.0) and np.isclose(elev.min(), -24.8)
 
 
+def test_scene_seeds_and_ray_fans_are_checked_first():
+    """A negative or float seed was numpy's error (not naming the seed), None
+    a different scene each call; lidar_rays(10**6, 10**6) tried to allocate
+    terabytes and a NaN elevation gave NaN rays; bools passed as numbers."""
+    for make in (lambda seed: outdoor_scene(seed, **SMALL), lambda seed: indoor_scene(seed, density=10.0)):
+        for bad, error in ((-1, ValueError), (1.5, TypeError), (None, TypeError), ("3", TypeError), (True, TypeError)):
+            with pytest.raises(error, match="seed must"):
+                make(bad)
+        assert np.array_equal(make(np.int64(2)).xyz, make(2).xyz)
+    for kwargs in (dict(beams=10**6, azimuth_steps=10**6), dict(beams=0), dict(azimuth_steps=-1),
+                   dict(beams=2.0), dict(fov_up=float("nan")), dict(fov_down=-91.0)):
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            lidar_rays(**kwargs)
+    with pytest.raises(ValueError, match="max_range"):
+        outdoor_scene(0, beams=4, azimuth_steps=64, max_range=True)
+    with pytest.raises(ValueError, match="density"):
+        indoor_scene(0, density=True)
+
+
 def test_indoor_scene_classes_and_colour():
     s = indoor_scene(1)
     assert s.rgb.shape == (len(s), 3) and 0 <= s.rgb.min() and s.rgb.max() <= 1

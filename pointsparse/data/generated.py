@@ -27,7 +27,14 @@ _INTENSITY = {"road": 0.25, "sidewalk": 0.35, "terrain": 0.4, "building": 0.3, "
 
 
 def lidar_rays(beams: int = 64, azimuth_steps: int = 1024, fov_up: float = 2.0, fov_down: float = -24.8):
-    """Unit ray directions ``(beams * azimuth_steps, 3)`` of a spinning LiDAR."""
+    """Unit ray directions ``(beams * azimuth_steps, 3)`` of a spinning LiDAR.
+    Limits (checked before anything is allocated): ``beams`` 1..1024,
+    ``azimuth_steps`` 1..65536, ``fov_up``/``fov_down`` elevations in
+    [-90, 90] degrees."""
+    _check_scene_args(beams=beams, azimuth_steps=azimuth_steps)
+    for name, value in (("fov_up", fov_up), ("fov_down", fov_down)):
+        if not (_is_number(value) and -90 <= value <= 90):
+            raise ValueError(f"{name} must be an elevation in [-90, 90] degrees; got {value!r}")
     elev = np.deg2rad(np.linspace(fov_up, fov_down, beams))
     azim = np.linspace(0, 2 * np.pi, azimuth_steps, endpoint=False)
     e, a = np.meshgrid(elev, azim, indexing="ij")
@@ -126,6 +133,20 @@ MAX_BEAMS = 1024
 MAX_AZIMUTH_STEPS = 65536
 
 
+def _is_number(value) -> bool:
+    """A real number (numpy's too), not a bool."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_seed(seed) -> None:
+    """A scene's seed: an int >= 0 (None drew a different scene each call,
+    and numpy's own errors did not name the seed)."""
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int >= 0; got {type(seed).__name__} {seed!r:.40}")
+    if seed < 0:
+        raise ValueError(f"seed must be an int >= 0; got {seed}")
+
+
 def _check_scene_args(**values) -> None:
     limits = {"beams": (1, MAX_BEAMS), "azimuth_steps": (1, MAX_AZIMUTH_STEPS)}
     for name, value in values.items():
@@ -134,9 +155,9 @@ def _check_scene_args(**values) -> None:
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
                 raise ValueError(f"{name} must be an integer in [{lo}, {hi}]; got {value!r}")
         elif name == "max_range":
-            if not (isinstance(value, (int, float, np.number)) and 0 < value <= MAX_RANGE):
+            if not (_is_number(value) and 0 < value <= MAX_RANGE):
                 raise ValueError(f"max_range must be in (0, {MAX_RANGE:g}] metres; got {value!r}")
-        elif not (isinstance(value, (int, float, np.number)) and np.isfinite(value) and value >= 0):
+        elif not (_is_number(value) and np.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
 
 
@@ -272,8 +293,10 @@ def outdoor_scene(seed: int = 0, beams: int = 64, azimuth_steps: int = 1024, max
     terrain, building facades with gaps, vegetation crowns over trunks and
     bushes, poles, parked and driving cars, people. Features: intensity.
     Every point is labelled; ``labels`` index :data:`OUTDOOR_CLASSES`.
-    Limits (checked first): ``beams`` 1..1024, ``azimuth_steps`` 1..65536,
-    ``max_range`` in (0, MAX_RANGE] metres, ``range_noise`` finite >= 0."""
+    Limits (checked first): ``seed`` an int >= 0, ``beams`` 1..1024,
+    ``azimuth_steps`` 1..65536, ``max_range`` in (0, MAX_RANGE] metres,
+    ``range_noise`` finite >= 0 (numbers, not bools)."""
+    _check_seed(seed)
     _check_scene_args(beams=beams, azimuth_steps=azimuth_steps, max_range=max_range, range_noise=range_noise)
     rng = np.random.default_rng(seed)
     # The street is laid out in its own frame and turned by a multiple of 90
@@ -364,8 +387,10 @@ def indoor_scene(seed: int = 0, density: float = 400.0) -> Sample:
 
     Classes (:data:`INDOOR_CLASSES`): floor, wall, ceiling, table, chair,
     shelf. Features: RGB colour in 0..1 (one colour per object, noisy).
-    ``density`` (points per square metre) is in (0, 100000]."""
-    if not (isinstance(density, (int, float, np.number)) and 0 < density <= 100000):
+    ``density`` (points per square metre) is in (0, 100000]; ``seed`` an
+    int >= 0."""
+    _check_seed(seed)
+    if not (_is_number(density) and 0 < density <= 100000):
         raise ValueError(f"density must be in (0, 100000] points per square metre; got {density!r}")
     rng = np.random.default_rng(seed)
     w, d, h = rng.uniform(4, 9), rng.uniform(4, 8), rng.uniform(2.5, 3.2)
