@@ -132,6 +132,27 @@ def test_generated_scenes_sequence():
         GeneratedScenes("forest")
 
 
+def test_generated_scenes_check_their_arguments_up_front():
+    """beams=0 or an unknown keyword failed only at the first scene drawn, a
+    negative first_seed there as numpy's error; an index of 1.0 reached the
+    seeding, "a" or a slice a bare comparison TypeError."""
+    for kwargs, error, match in ((dict(beams=0), ValueError, "beams"), (dict(foo=1), TypeError, "foo"),
+                                 (dict(range_noise=-1.0), ValueError, "range_noise"),
+                                 (dict(first_seed=-5), ValueError, "first_seed"),
+                                 (dict(first_seed=1.5), TypeError, "first_seed"), (dict(count=True), ValueError, "count")):
+        with pytest.raises(error, match=match):
+            GeneratedScenes("outdoor", **{"count": 2, **kwargs})
+    with pytest.raises(ValueError, match="density"):
+        GeneratedScenes("indoor", 2, density=0)
+    with pytest.raises(TypeError, match="beams"):
+        GeneratedScenes("indoor", 2, beams=4)
+    scenes = GeneratedScenes("outdoor", np.int64(2), **SMALL)
+    assert len(scenes) == 2 and scenes[np.int64(-1)] is scenes[1]
+    for bad in (1.0, "a", slice(0, 1)):
+        with pytest.raises(TypeError, match="index must be an int"):
+            scenes[bad]
+
+
 # --------------------------------------------------------------------- sample and label maps
 
 def test_sample_validation():

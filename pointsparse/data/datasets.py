@@ -7,6 +7,7 @@ whichever process of a distributed job handles the item."""
 
 from __future__ import annotations
 
+import inspect
 import numbers
 from pathlib import Path
 from typing import Sequence
@@ -50,8 +51,20 @@ class GeneratedScenes(Sequence[Sample]):
     def __init__(self, kind: str = "outdoor", count: int = 16, first_seed: int = 0, **scene_kwargs) -> None:
         if kind not in ("outdoor", "indoor"):
             raise ValueError(f"kind must be 'outdoor' or 'indoor'; got {kind!r}")
-        if not isinstance(count, int) or count < 1:
+        if isinstance(count, (bool, np.bool_)) or not isinstance(count, numbers.Integral) or count < 1:
             raise ValueError(f"count must be a positive int; got {count!r}")
+        count, first_seed = int(count), _seed(first_seed, "first_seed")
+        # The scene arguments checked here, not at the first scene drawn
+        # (deep in a training loop or a loader's worker).
+        make = generated.outdoor_scene if kind == "outdoor" else generated.indoor_scene
+        try:
+            inspect.signature(make).bind(first_seed, **scene_kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{kind} scenes take {list(inspect.signature(make).parameters)[1:]}: {exc}") from None
+        if kind == "outdoor":
+            generated._check_scene_args(**scene_kwargs)
+        elif "density" in scene_kwargs:
+            generated._check_density(scene_kwargs["density"])
         self.kind, self.count, self.first_seed, self.scene_kwargs = kind, count, first_seed, scene_kwargs
         self.classes = list(generated.OUTDOOR_CLASSES if kind == "outdoor" else generated.INDOOR_CLASSES)
         self._cache: dict[int, Sample] = {}
@@ -60,9 +73,7 @@ class GeneratedScenes(Sequence[Sample]):
         return self.count
 
     def __getitem__(self, index: int) -> Sample:
-        if not -self.count <= index < self.count:
-            raise IndexError(index)
-        index %= self.count
+        index = _item(index, self.count)
         if index not in self._cache:
             make = generated.outdoor_scene if self.kind == "outdoor" else generated.indoor_scene
             self._cache[index] = make(self.first_seed + index, **self.scene_kwargs)

@@ -147,6 +147,11 @@ def _check_seed(seed) -> None:
         raise ValueError(f"seed must be an int >= 0; got {seed}")
 
 
+def _check_density(density) -> None:
+    if not (_is_number(density) and 0 < density <= 100000):
+        raise ValueError(f"density must be in (0, 100000] points per square metre; got {density!r}")
+
+
 def _check_scene_args(**values) -> None:
     limits = {"beams": (1, MAX_BEAMS), "azimuth_steps": (1, MAX_AZIMUTH_STEPS)}
     for name, value in values.items():
@@ -390,8 +395,7 @@ def indoor_scene(seed: int = 0, density: float = 400.0) -> Sample:
     ``density`` (points per square metre) is in (0, 100000]; ``seed`` an
     int >= 0."""
     _check_seed(seed)
-    if not (_is_number(density) and 0 < density <= 100000):
-        raise ValueError(f"density must be in (0, 100000] points per square metre; got {density!r}")
+    _check_density(density)
     rng = np.random.default_rng(seed)
     w, d, h = rng.uniform(4, 9), rng.uniform(4, 8), rng.uniform(2.5, 3.2)
     parts = []  # (points, label, colour)
