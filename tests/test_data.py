@@ -837,6 +837,28 @@ def test_augment_is_rigid_up_to_scale_and_seeded():
     assert np.array_equal(a.xyz, b.xyz) and np.array_equal(a.labels, s.labels)
 
 
+def test_augment_checks_its_arguments():
+    """A negative jitter was numpy's "scale < 0", a NaN one or a NaN scale NaN
+    points (blamed on xyz) or an OverflowError, a reversed scale numpy's
+    "high - low < 0", scale=1.0 a bare * error, an int rng an AttributeError."""
+    s = Sample(np.random.default_rng(0).random((20, 3)) * 10, np.arange(20), name="s")
+    rng = np.random.default_rng
+    for kwargs, error, match in ((dict(jitter=-1.0), ValueError, "jitter"), (dict(jitter=float("nan")), ValueError, "jitter"),
+                                 (dict(jitter=float("inf")), ValueError, "jitter"), (dict(jitter="a"), TypeError, "jitter"),
+                                 (dict(scale=(float("nan"), 1.0)), ValueError, "scale"),
+                                 (dict(scale=(2.0, 1.0)), ValueError, "scale"), (dict(scale=(0, 0)), ValueError, "scale"),
+                                 (dict(scale=(-1, -1)), ValueError, "scale"), (dict(scale=1.0), TypeError, "scale"),
+                                 (dict(scale="ab"), TypeError, "scale"), (dict(scale=(1e40, 1e40)), ValueError, "float32")):
+        with pytest.raises(error, match=match):
+            augment(s, rng(0), **kwargs)
+    for bad in (3, None, np.random.RandomState(0)):
+        with pytest.raises(TypeError, match="rng must"):
+            augment(s, bad)
+    a = augment(s, rng(4), scale=None, jitter=None)
+    assert np.allclose(np.linalg.norm(a.xyz, axis=1), np.linalg.norm(s.xyz, axis=1), atol=1e-4)
+    assert np.array_equal(augment(s, rng(4), jitter=False).xyz, augment(s, rng(4), jitter=0.0).xyz)
+
+
 def test_majority_labels():
     inverse = np.array([0, 0, 0, 1, 1, 2, 2, 3])
     labels = np.array([2, 5, 5, 7, 255, 3, 1, 255])

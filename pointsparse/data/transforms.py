@@ -30,7 +30,23 @@ NUM_FEATURES = 7
 def augment(sample: Sample, rng: np.random.Generator, rotate: bool = True, scale=(0.95, 1.05), flip: bool = True,
             jitter: float = 0.01) -> Sample:
     """A random rotation about z, uniform scaling in ``scale``, a random
-    mirror of x and/or y, and Gaussian jitter of ``jitter`` metres."""
+    mirror of x and/or y, and Gaussian jitter of ``jitter`` metres.
+    ``rng`` a numpy Generator; ``scale`` None or ``(low, high)`` with
+    ``0 < low <= high`` finite; ``jitter`` finite >= 0 (None or False: none).
+    TypeError/ValueError naming the argument otherwise, and ValueError where
+    they take the points beyond float32."""
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator; got {type(rng).__name__}")
+    if scale is not None:
+        try:
+            low, high = (as_float(v, "scale") for v in scale)
+        except (TypeError, ValueError):
+            raise TypeError(f"scale must be None or (low, high) numbers; got {scale!r:.60}") from None
+        if not (0 < low <= high and math.isfinite(high)):
+            raise ValueError(f"scale must be None or (low, high) with 0 < low <= high, finite; got {scale!r:.60}")
+    jitter = 0.0 if jitter is None or jitter is False else as_float(jitter, "jitter")
+    if not (jitter >= 0 and math.isfinite(jitter)):
+        raise ValueError(f"jitter must be a finite number >= 0 (metres); got {jitter!r}")
     xyz = sample.xyz.astype(np.float64)
     m = np.eye(3)
     if rotate:
@@ -44,7 +60,12 @@ def augment(sample: Sample, rng: np.random.Generator, rotate: bool = True, scale
     xyz = xyz @ m.T
     if jitter:
         xyz = xyz + rng.normal(0, jitter, xyz.shape)
-    return Sample(xyz.astype(np.float32), sample.labels, sample.intensity, sample.rgb, sample.name)
+    with np.errstate(over="ignore"):
+        xyz = xyz.astype(np.float32)
+    if len(xyz) and not np.isfinite(xyz).all():
+        raise ValueError(f"{sample.name or 'sample'}: scale {scale!r:.60} and jitter {jitter!r} take points beyond "
+                         "float32")
+    return Sample(xyz, sample.labels, sample.intensity, sample.rgb, sample.name)
 
 
 def point_features(sample: Sample) -> np.ndarray:
