@@ -168,6 +168,14 @@ def test_sample_validation():
         Sample(np.zeros((4, 3)), rgb=np.zeros((4, 2)))
     s = Sample(np.zeros((3, 3)), np.array([[1], [2], [3]]))
     assert s.labels.shape == (3,)
+    # uint64 ids past int64 wrapped round to negative ones; strings were numpy's bare ValueError
+    with pytest.raises(ValueError, match="labels must fit int64"):
+        Sample(np.zeros((1, 3)), np.array([2**63 + 5], np.uint64))
+    assert Sample(np.zeros((2, 3)), np.array([7, 2**40], np.uint64)).labels.tolist() == [7, 2**40]
+    with pytest.raises(TypeError, match="rgb must hold numbers"):
+        Sample(np.zeros((1, 3)), rgb=[["a", "b", "c"]])
+    with pytest.raises(TypeError, match="xyz must hold numbers"):
+        Sample([["a", "b", "c"]])
 
 
 def test_label_maps_shipped():

@@ -30,6 +30,11 @@ class Sample:
 
     def __post_init__(self) -> None:
         xyz = np.asarray(self.xyz)
+        if xyz.dtype.kind not in "biuf":
+            try:
+                xyz = xyz.astype(np.float64)
+            except (TypeError, ValueError) as exc:
+                raise TypeError(f"{self.name or 'sample'}: xyz must hold numbers ({exc})") from None
         if xyz.ndim != 2 or xyz.shape[1] != 3:
             raise ValueError(f"{self.name or 'sample'}: xyz must be (N, 3); got {xyz.shape}")
         self.xyz = np.ascontiguousarray(xyz, dtype=np.float32)
@@ -45,12 +50,18 @@ class Sample:
                 raise ValueError(f"{self.name or 'sample'}: labels must be ({n},); got {labels.shape}")
             if not np.issubdtype(labels.dtype, np.integer):
                 raise TypeError(f"{self.name or 'sample'}: labels must be integers; got {labels.dtype}")
+            if labels.dtype == np.uint64 and n and int(labels.max()) > np.iinfo(np.int64).max:
+                # (cast as they were, they wrapped round to negative ids)
+                raise ValueError(f"{self.name or 'sample'}: labels must fit int64; got {int(labels.max())}")
             self.labels = labels.astype(np.int64)
         for field, width in (("intensity", 1), ("rgb", 3)):
             value = getattr(self, field)
             if value is None:
                 continue
-            value = np.asarray(value, dtype=np.float32)
+            try:
+                value = np.asarray(value, dtype=np.float32)
+            except (TypeError, ValueError) as exc:
+                raise TypeError(f"{self.name or 'sample'}: {field} must hold numbers ({exc})") from None
             if value.ndim == 1:
                 value = value[:, None]
             if value.shape != (n, width):
