@@ -139,7 +139,8 @@ def test_generated_scenes_check_their_arguments_up_front():
     for kwargs, error, match in ((dict(beams=0), ValueError, "beams"), (dict(foo=1), TypeError, "foo"),
                                  (dict(range_noise=-1.0), ValueError, "range_noise"),
                                  (dict(first_seed=-5), ValueError, "first_seed"),
-                                 (dict(first_seed=1.5), TypeError, "first_seed"), (dict(count=True), ValueError, "count")):
+                                 (dict(first_seed=1.5), TypeError, "first_seed"),
+                                 (dict(count=True), ValueError, "count")):
         with pytest.raises(error, match=match):
             GeneratedScenes("outdoor", **{"count": 2, **kwargs})
     with pytest.raises(ValueError, match="density"):
@@ -851,12 +852,17 @@ def test_augment_checks_its_arguments():
     "high - low < 0", scale=1.0 a bare * error, an int rng an AttributeError."""
     s = Sample(np.random.default_rng(0).random((20, 3)) * 10, np.arange(20), name="s")
     rng = np.random.default_rng
-    for kwargs, error, match in ((dict(jitter=-1.0), ValueError, "jitter"), (dict(jitter=float("nan")), ValueError, "jitter"),
-                                 (dict(jitter=float("inf")), ValueError, "jitter"), (dict(jitter="a"), TypeError, "jitter"),
+    for kwargs, error, match in ((dict(jitter=-1.0), ValueError, "jitter"),
+                                 (dict(jitter=float("nan")), ValueError, "jitter"),
+                                 (dict(jitter=float("inf")), ValueError, "jitter"),
+                                 (dict(jitter="a"), TypeError, "jitter"),
                                  (dict(scale=(float("nan"), 1.0)), ValueError, "scale"),
-                                 (dict(scale=(2.0, 1.0)), ValueError, "scale"), (dict(scale=(0, 0)), ValueError, "scale"),
-                                 (dict(scale=(-1, -1)), ValueError, "scale"), (dict(scale=1.0), TypeError, "scale"),
-                                 (dict(scale="ab"), TypeError, "scale"), (dict(scale=(1e40, 1e40)), ValueError, "float32")):
+                                 (dict(scale=(2.0, 1.0)), ValueError, "scale"),
+                                 (dict(scale=(0, 0)), ValueError, "scale"),
+                                 (dict(scale=(-1, -1)), ValueError, "scale"),
+                                 (dict(scale=1.0), TypeError, "scale"),
+                                 (dict(scale="ab"), TypeError, "scale"),
+                                 (dict(scale=(1e40, 1e40)), ValueError, "float32")):
         with pytest.raises(error, match=match):
             augment(s, rng(0), **kwargs)
     for bad in (3, None, np.random.RandomState(0)):
