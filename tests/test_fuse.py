@@ -103,6 +103,31 @@ def test_fold_batchnorm_checks():
         spnn.fuse_for_inference("net")
 
 
+
+def test_fold_batchnorm_into_a_pruned_conv():
+    """fold_batchnorm on a conv pruned with torch's masks (weight_orig,
+    weight_mask, the hook): the fold goes into weight_orig, so the forward
+    (which recomputes weight = weight_orig * mask) gives conv then bn; it
+    once went into the weight the hook then overwrote. A pruned bias (no
+    product of a mask can hold the folded one) is refused by name."""
+    from pointsparse import prune
+
+    torch.manual_seed(0)
+    conv, bn = spnn.Conv3d(4, 8, 3, bias=True), spnn.BatchNorm(8)
+    _randomise_bn(torch.nn.Sequential(bn))
+    prune.l1_unstructured(conv, "weight", 0.5)
+    x = _cloud(500, 4)
+    with torch.no_grad():
+        ref = bn.eval()(conv(x)).feats
+        spnn.fold_batchnorm(conv, bn)
+        out = conv(ps.SparseTensor(x.feats, x.coords)).feats
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert bool((conv.weight[conv.weight_mask == 0] == 0).all())
+    pruned_bias = spnn.Conv3d(4, 8, 3, bias=True)
+    prune.l1_unstructured(pruned_bias, "bias", 0.5)
+    with pytest.raises(ValueError, match="bias is pruned"):
+        spnn.fold_batchnorm(pruned_bias, bn)
+
 @pytest.mark.parametrize("cr", [0.25, 0.5])
 def test_fused_minkunet_equals_eval(cr):
     """Every conv-BN(-ReLU) of MinkUNet folded: the same logits as

@@ -24,6 +24,13 @@ def fold_batchnorm(conv: Conv3d, bn: nn.BatchNorm1d) -> None:
         raise ValueError("fold_batchnorm needs a BatchNorm with running statistics (track_running_stats=True)")
     if bn.num_features != conv.out_channels:
         raise ValueError(f"bn has {bn.num_features} features but conv {conv.out_channels} output channels")
+    if hasattr(conv, "bias_orig"):  # the forward recomputes bias_orig * mask: a folded bias would be lost
+        raise ValueError("fold_batchnorm: conv's bias is pruned (bias_orig and a mask); make its pruning "
+                         "permanent first (prune.remove(conv, 'bias'))")
+    # A pruned weight (weight_orig * weight_mask, recomputed by the pruning hook before every forward):
+    # the fold goes into weight_orig (a per-output-channel scale keeps the mask's zeros), else the
+    # hook would overwrite it with the unfolded product at the next call.
+    mask = conv.pruning_mask()
     with torch.no_grad():
         scale = torch.rsqrt(bn.running_var.double() + bn.eps)
         shift = -bn.running_mean.double()
@@ -31,7 +38,12 @@ def fold_batchnorm(conv: Conv3d, bn: nn.BatchNorm1d) -> None:
             scale = scale * bn.weight.double()
         bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
         new_bias = (bias + shift) * scale + (bn.bias.double() if bn.affine else 0)
-        conv.weight.copy_((conv.weight.double() * scale).to(conv.weight.dtype))
+        if mask is None:
+            conv.weight.copy_((conv.weight.double() * scale).to(conv.weight.dtype))
+        else:
+            orig = conv.weight_orig
+            orig.copy_((orig.double() * scale).to(orig.dtype))
+            conv.weight = orig * mask.to(orig.dtype)  # what the pruning hook computes from them
         conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype))
 
 
