@@ -224,6 +224,10 @@ def test_keep_rules_out_of_range_are_refused():
             F.keep_per_batch(scores, batch, ratio)
     with pytest.raises(ValueError, match="threshold must be a finite"):
         F.keep_per_batch(scores, batch, threshold=float("nan"))
+    for bad in ("0.5", True, torch.ones(2)):  # (a str was Python's 'must be real number, not str'; True was 1)
+        with pytest.raises(TypeError, match="threshold must be a real number"):
+            F.keep_per_batch(scores, batch, threshold=bad)
+    assert F.keep_per_batch(scores, batch, threshold=torch.tensor(0.0)).tolist() == list(range(10))
     with pytest.raises(ValueError, match="same length"):
         F.keep_per_batch(scores, batch[:9], 0.5)
     for bad in (float("nan"), float("inf")):

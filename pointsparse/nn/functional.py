@@ -251,9 +251,10 @@ def keep_per_batch(scores: torch.Tensor, batch: torch.Tensor, keep_ratio: float 
         # data), which checks keep_ratio and threshold as below when the graph runs
         return _ops.keep_rows(scores, batch, None if threshold is not None else keep_ratio, threshold)
     if threshold is not None:
-        if not math.isfinite(threshold):
+        value = as_float(threshold, "threshold")  # a TypeError naming it for a str or a bool (True was 1)
+        if not math.isfinite(value):
             raise ValueError(f"threshold must be a finite number; got {threshold!r}")
-        return (scores >= threshold).nonzero().flatten()
+        return (scores >= value).nonzero().flatten()
     keep_ratio = keep_ratio_of(keep_ratio)
     if scores.numel() == 0:
         return batch.new_zeros(0, dtype=torch.int64)
