@@ -85,6 +85,33 @@ def test_bad_inputs():
         lottery.train_masked(net, adapters.masks(net), tr, tr.accuracy, 1)
 
 
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"train_steps": 2.5}, TypeError, "train_steps must be an int"),
+    ({"train_steps": "10"}, TypeError, "train_steps must be an int"),
+    ({"train_steps": 10, "rewind_step": 1.5}, TypeError, "rewind_step must be an int"),
+    ({"train_steps": 10, "rounds": True}, ValueError, "rounds"),
+    ({"train_steps": 10, "lr": float("nan")}, ValueError, "lr must be a finite number"),
+    ({"train_steps": 10, "lr": -0.1}, ValueError, "lr must be a finite number"),
+])
+def test_step_counts_and_lr_are_checked_by_name_before_training(kwargs, error, match):
+    tr = Trainer()
+    net = mlp(0)
+    before = lottery.snapshot(net)
+    with pytest.raises(error, match=match):
+        lottery.lottery_ticket(net, tr, tr.accuracy, **kwargs)
+    assert tr.calls == []
+    assert all(torch.equal(before[k], v) for k, v in lottery.snapshot(net).items())
+
+
+def test_controls_check_round_index_and_train_steps():
+    tr = Trainer()
+    result = lottery.lottery_ticket(mlp(0), tr, tr.accuracy, 2, rounds=1, rewind_step=1)
+    with pytest.raises(ValueError, match="round_index"):
+        lottery.controls(mlp, result, 5, tr, tr.accuracy, 2)
+    with pytest.raises(ValueError, match="train_steps must be > the result's rewind_step=1"):
+        lottery.controls(mlp, result, 1, tr, tr.accuracy, 1)
+
+
 def test_random_masks_like_takes_a_dict_of_tensors():
     with pytest.raises(TypeError, match=r"mask_dict\['a'\] must be a mask tensor; got str"):
         lottery.random_masks_like({"a": "x"})

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .adapters import apply_masks, get_mask, masks as _masks, prunable_layers, sparsity as _sparsity
-from .procedure import call_train, check_callable, check_fraction, global_magnitude_prune, layer_magnitude_prune
+from .procedure import call_train, check_callable, check_fraction, check_int, check_lr, global_magnitude_prune, layer_magnitude_prune
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -76,8 +76,11 @@ def lottery_ticket(model: nn.Module, train_fn: Callable, eval_fn: Callable, trai
     check_fraction(prune_fraction, "prune_fraction", low_open=True)
     if scope not in ("global", "layer"):
         raise ValueError(f"scope must be 'global' or 'layer'; got {scope!r}")
-    if not isinstance(rounds, int) or rounds < 0:
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
         raise ValueError(f"rounds must be an int >= 0; got {rounds!r}")
+    check_int(train_steps, "train_steps", 1)
+    check_int(rewind_step, "rewind_step", 0)
+    check_lr(lr)
     if not 0 <= rewind_step < train_steps:
         raise ValueError(f"rewind_step must be in [0, train_steps={train_steps}); got {rewind_step}")
     result = LotteryResult(rewind_step=rewind_step)
@@ -135,6 +138,16 @@ def controls(make_model: Callable[[int], nn.Module], result: LotteryResult, roun
     mask, fresh random weights from ``make_model(seed + 1)``, trained
     ``train_steps``) and ``random_mask`` (random mask of the same per-layer
     sparsity on the rewound weights, trained ``train_steps - rewind_step``)."""
+    check_callable(make_model, "make_model")
+    check_callable(train_fn, "train_fn")
+    check_callable(eval_fn, "eval_fn")
+    check_int(train_steps, "train_steps", 1)
+    if train_steps <= result.rewind_step:
+        raise ValueError(f"train_steps must be > the result's rewind_step={result.rewind_step}; got {train_steps}")
+    if isinstance(round_index, bool) or not isinstance(round_index, int) \
+            or not -len(result.masks) <= round_index < len(result.masks):
+        raise ValueError(f"round_index must be an int naming one of the {len(result.masks)} rounds; "
+                         f"got {round_index!r}")
     mask_dict = result.masks[round_index]
     reinit = train_masked(make_model(seed + 1), mask_dict, train_fn, eval_fn, train_steps, None, lr)
     base = make_model(seed)

@@ -6,6 +6,8 @@ callable, and checking their arguments."""
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 from typing import Callable
 
 import torch
@@ -62,6 +64,27 @@ def call_train(train_fn: Callable, model: nn.Module, steps: int, lr: float | Non
         train_fn(model, steps, lr=lr)
     else:
         train_fn(model, steps)
+
+
+def check_int(value, name: str, minimum: int = 0) -> int:
+    """``value`` as an int >= ``minimum``; a bool, float or str is a TypeError
+    and a smaller int a ValueError, each naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= {minimum}; got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}; got {value}")
+    return int(value)
+
+
+def check_lr(lr, name: str = "lr") -> float | None:
+    """``lr`` as a finite float > 0, or None (the train function's own)."""
+    if lr is None:
+        return None
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+        raise TypeError(f"{name} must be a number > 0 or None; got {lr!r}")
+    if not (math.isfinite(float(lr)) and lr > 0):
+        raise ValueError(f"{name} must be a finite number > 0 or None; got {lr!r}")
+    return float(lr)
 
 
 def check_callable(fn, name: str) -> None:
