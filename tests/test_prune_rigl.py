@@ -116,6 +116,15 @@ def test_bad_inputs():
         rigl.RigL(mlp(0), distribution="er")
     with pytest.raises(ValueError, match="update_interval"):
         rigl.RigL(mlp(0), update_interval=0)
+    with pytest.raises(ValueError, match="update_interval"):
+        rigl.RigL(mlp(0), update_interval=True)
+    with pytest.raises(ValueError, match="end_step"):
+        rigl.RigL(mlp(0), end_step=True)
+    for seed, error in (("a", TypeError), (1.5, TypeError), (-1, ValueError)):  # were torch's RuntimeError / accepted
+        with pytest.raises(error, match="seed must be an int >= 0"):
+            rigl.RigL(mlp(0), seed=seed)
+    with pytest.raises(TypeError, match="seed"):
+        rigl.static_sparse(mlp(0), 0.5, seed=None)
     r = rigl.RigL(mlp(0), density=0.5)
     with pytest.raises(RuntimeError, match="gradient"):
         r.update()
