@@ -73,6 +73,12 @@ def test_bad_inputs():
         schedule.iterative_prune(net, tr, 0.5, finetune_lr_factor=0)
     with pytest.raises(ValueError, match="scope"):
         schedule.iterative_prune(net, tr, 0.5, scope="net")
+    for lr, error in ((float("nan"), ValueError), (-0.1, ValueError), (0.0, ValueError), ("0.1", TypeError)):
+        with pytest.raises(error, match="lr must be"):  # NaN trained the pruned model to NaN
+            schedule.iterative_prune(net, tr, 0.5, lr=lr)
+    with pytest.raises(TypeError, match="eval_fn must be callable"):  # was found after pruning and training
+        schedule.one_shot_prune(net, tr, 0.5, eval_fn=3)
+    assert tr.calls == [] and adapters.sparsity(net) == 0.0
 
 
 @pytest.mark.parametrize("fn", [schedule.agp_sparsity, schedule.constant_sparsity])

@@ -16,7 +16,7 @@ from typing import Callable
 from torch import nn
 
 from .adapters import sparsity as _sparsity
-from .procedure import call_train, check_callable, check_fraction, global_magnitude_prune, layer_magnitude_prune
+from .procedure import call_train, check_callable, check_fraction, check_lr, global_magnitude_prune, layer_magnitude_prune
 
 SCHEDULES = ("agp", "constant")
 SCOPES = ("global", "layer")
@@ -102,6 +102,9 @@ def iterative_prune(model: nn.Module, train_fn: Callable, final_sparsity: float,
     The model stays pruned (masks through the core's ``custom_from_mask``
     mechanics)."""
     check_callable(train_fn, "train_fn")
+    if eval_fn is not None:
+        check_callable(eval_fn, "eval_fn")
+    check_lr(lr)
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}; got {scope!r}")
     if isinstance(finetune_lr_factor, bool) or not isinstance(finetune_lr_factor, numbers.Real) \
