@@ -106,3 +106,10 @@ def test_bad_inputs():
         init.prune_at_init(mlp(0), "synflow", 1.0, example_input=torch.zeros(1, 8))
     with pytest.raises(ValueError, match="at least one"):
         init.snip_scores(mlp(0), [], loss)
+    batch = _batches(1)
+    for temperature, error in ((0, ValueError), (float("nan"), ValueError), (-1.0, ValueError), ("1", TypeError)):
+        with pytest.raises(error, match="temperature must be a finite number > 0"):  # 0: ZeroDivisionError; NaN scores
+            init.grasp_scores(mlp(0), batch, loss, temperature=temperature)
+    for method in ("snip", "grasp"):
+        with pytest.raises(TypeError, match="loss_fn must be callable"):
+            init.prune_at_init(mlp(0), method, 0.5, batches=batch, loss_fn=3)

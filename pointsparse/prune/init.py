@@ -11,6 +11,8 @@ turns them into global masks through the core's ``global_unstructured``."""
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 from typing import Callable, Iterable
 
 import torch
@@ -18,7 +20,7 @@ from torch import nn
 
 from . import _compat
 from .adapters import apply_masks, get_mask, prunable_layers, raw
-from .procedure import check_fraction, global_magnitude_prune
+from .procedure import check_callable, check_fraction, global_magnitude_prune
 
 METHODS = ("snip", "grasp", "synflow")
 
@@ -45,6 +47,7 @@ def _batches(batches) -> list:
 def snip_scores(model: nn.Module, batches: Iterable, loss_fn: Callable, layers=None) -> dict[str, torch.Tensor]:
     """SNIP: ``|mean_b dL_b/dw * w|`` over ``batches`` (the core's
     :func:`pointsparse.prune.criteria.snip`), keyed by layer name."""
+    check_callable(loss_fn, "loss_fn")
     chosen = prunable_layers(model, layers)
     scores = _compat.snip_criterion(model, lambda net, batch: loss_fn(net(batch[0]), batch[1]), _batches(batches),
                                     [(m, "weight") for _, m in chosen])
@@ -56,6 +59,11 @@ def grasp_scores(model: nn.Module, batches: Iterable, loss_fn: Callable, layers=
     """GraSP: ``-w * (H g)`` with ``g`` the loss gradient over ``batches``
     (outputs divided by ``temperature``) and ``H`` the Hessian; the weights
     with the HIGHEST scores are the ones to remove."""
+    check_callable(loss_fn, "loss_fn")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a finite number > 0; got {temperature!r}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0; got {temperature!r}")
     chosen = prunable_layers(model, layers)
     params = [raw(m) for _, m in chosen]
     batches = _batches(batches)
