@@ -92,6 +92,19 @@ def test_bad_inputs():
         amc.amc_search(net, lambda m: 1.0, x, reward="error", target_flops=0.01)
     with pytest.raises(ValueError, match="max_ratio"):
         amc.amc_search(net, lambda m: 1.0, x, max_ratio=1.0)
+    bad = [({"reward": "error", "target_flops": float("nan")}, ValueError, "target_flops"),  # NaN: no budget met
+           ({"target_flops": -0.5}, ValueError, "target_flops"),
+           ({"target_flops": "0.5"}, TypeError, "target_flops"),
+           ({"max_ratio": float("nan")}, ValueError, "max_ratio"),
+           ({"noise": float("nan")}, ValueError, "noise must be"),
+           ({"noise": -1.0}, ValueError, "noise must be"),
+           ({"noise_decay": 0.0}, ValueError, "noise_decay"),
+           ({"noise_decay": float("inf")}, ValueError, "noise_decay"),
+           ({"seed": 1.5}, ValueError, "seed"),
+           ({"episodes": True}, ValueError, "episodes")]
+    for kwargs, error, match in bad:
+        with pytest.raises(error, match=match):
+            amc.amc_search(net, lambda m: 1.0, x, **kwargs)
 
 
 def test_residual_network_search_and_netadapt_layout():

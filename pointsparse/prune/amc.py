@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import numbers
 import random as _random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -276,8 +277,26 @@ class _Space:
         return hi
 
 
-def _check_search(eval_fn, episodes, warmup, reward, target_flops, max_ratio, reconstruct, coupled) -> None:
+def _check_number(value, name: str, ok, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {what}; got {value!r}")
+    if not (math.isfinite(value) and ok(value)):
+        raise ValueError(f"{name} must be {what}; got {value!r}")
+
+
+def _check_search(eval_fn, episodes, warmup, reward, target_flops, max_ratio, reconstruct, coupled,
+                  noise=0.5, noise_decay=0.95, seed=0) -> None:
     check_callable(eval_fn, "eval_fn")
+    if target_flops is not None:
+        _check_number(target_flops, "target_flops", lambda v: v > 0,
+                      "a finite number > 0 (absolute FLOPs, or a fraction of the dense FLOPs when <= 1)")
+    _check_number(max_ratio, "max_ratio", lambda v: 0 < v < 1, "a number in (0, 1)")
+    _check_number(noise, "noise", lambda v: v >= 0, "a finite number >= 0")
+    _check_number(noise_decay, "noise_decay", lambda v: 0 < v <= 1, "a number in (0, 1]")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0; got {seed!r}")
+    if isinstance(episodes, bool) or isinstance(warmup, bool):
+        raise ValueError(f"episodes must be >= 1 and warmup >= 0 (ints); got {episodes!r}, {warmup!r}")
     if reward not in REWARDS:
         raise ValueError(f"reward must be one of {REWARDS}; got {reward!r}")
     if reward == "error" and target_flops is None:
@@ -342,7 +361,8 @@ def amc_search(model: nn.Module, eval_fn: Callable[[nn.Module], float], example_
     acts on every coupled channel group of the dependency graph (residual and
     U-Net networks whole; the ratios are then keyed by group name and applied
     with ``apply_channel_ratios(..., example_input=...)``)."""
-    _check_search(eval_fn, episodes, warmup, reward, target_flops, max_ratio, reconstruct, coupled)
+    _check_search(eval_fn, episodes, warmup, reward, target_flops, max_ratio, reconstruct, coupled, noise,
+                  noise_decay, seed)
     space = _space(model, example_input, coupled, target_flops, max_ratio)
     scale, dense = space.scale, space.dense
     agent = DDPG(8, seed=seed, **(agent_kwargs or {}))
