@@ -150,6 +150,14 @@ def test_load_balanced_on_sparse_conv_uses_output_channels():
         F.LoadBalancedUnstructured(0.5, num_pe=0)
     with pytest.raises(ValueError):
         F.LoadBalancedUnstructured(1.5, num_pe=2)
+    with pytest.raises(TypeError, match="row_dim must be an int"):  # 1.5 pruned along dim 1 silently
+        F.LoadBalancedUnstructured(0.5, num_pe=2, row_dim=1.5)
+    with pytest.raises(TypeError, match="row_dim must be an int"):  # was int()'s 'invalid literal'
+        F.load_balanced_unstructured(torch.nn.Linear(8, 6), "weight", 0.5, 2, row_dim="a")
+    with pytest.raises(ValueError, match="name must name a tensor"):  # was torch's AttributeError
+        F.load_balanced_unstructured(torch.nn.Linear(8, 6), "wieght", 0.5, 2)
+    with pytest.raises(TypeError, match="module must be a torch.nn.Module"):
+        F.load_balanced_unstructured("lin", "weight", 0.5, 2)
 
 
 # ------------------------------------------------- execution and state

@@ -73,6 +73,8 @@ class LoadBalancedUnstructured(torch_prune.BasePruningMethod):
         validate_amount(amount)
         self.amount = amount
         self.num_pe = _check_pe(num_pe)
+        if isinstance(row_dim, bool) or not isinstance(row_dim, numbers.Integral):
+            raise TypeError(f"row_dim must be an int (the PE row dimension); got {row_dim!r}")
         self.row_dim = int(row_dim)
 
     def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
@@ -129,6 +131,10 @@ def load_balanced_unstructured(module: torch.nn.Module, name: str, amount, num_p
     :class:`LoadBalancedUnstructured`); returns the module."""
     if not isinstance(amount, numbers.Real) or isinstance(amount, bool):
         raise TypeError(f"amount must be a float fraction or an int count; got {amount!r}")
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module; got {type(module).__name__}")
+    if not isinstance(name, str) or not isinstance(getattr(module, name, None), torch.Tensor):
+        raise ValueError(f"name must name a tensor of the {type(module).__name__}; got {name!r}")
     if row_dim is None:
         row_dim = default_row_dim(module)
     LoadBalancedUnstructured.apply(module, name, amount, num_pe, row_dim,
