@@ -82,6 +82,28 @@ def test_bad_inputs():
         netadapt.netadapt(mlp(0, widths=(8, 20, 12, 3)), table, tr, tr.accuracy, x, 0.5)
     with pytest.raises(ValueError, match="initial_reduction"):
         netadapt.netadapt(net, table, tr, tr.accuracy, x, 0.5, initial_reduction=0)
+    bad = [({"budget": "0.5"}, TypeError, "budget"),
+           ({"budget_seconds": float("inf")}, ValueError, "budget_seconds"),  # was accepted: nothing pruned
+           ({"initial_reduction": "0.1"}, TypeError, "initial_reduction"),
+           ({"short_steps": -1}, ValueError, "short_steps"),  # was skipped fine-tuning silently
+           ({"long_steps": 1.5}, TypeError, "long_steps"),
+           ({"max_iterations": 0}, ValueError, "max_iterations"),
+           ({"lr": float("nan")}, ValueError, "lr must be"),
+           ({"finetune_lr_factor": float("nan")}, ValueError, "finetune_lr_factor"),
+           ({"finetune_lr_factor": 0}, ValueError, "finetune_lr_factor")]
+    for kwargs, error, match in bad:
+        args = {"budget": 0.5, **kwargs}
+        with pytest.raises(error, match=match):
+            netadapt.netadapt(net, table, tr, tr.accuracy, x, **args)
+    assert tr.calls == []
+    with pytest.raises(ValueError, match="num_candidates"):
+        netadapt.candidate_counts(16, 0)  # was a ZeroDivisionError
+    with pytest.raises(ValueError, match="channels"):
+        netadapt.candidate_counts(0)
+    with pytest.raises(ValueError, match="repeats"):
+        netadapt.build_latency_table(net, x, num_candidates=2, repeats=0)  # min() of no times
+    with pytest.raises(TypeError, match="num_candidates"):
+        netadapt.build_latency_table(net, x, num_candidates=2.0, repeats=1)
 
 
 def test_budget_is_a_fraction_or_explicit_seconds():

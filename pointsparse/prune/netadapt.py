@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import numbers
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -24,7 +26,7 @@ from torch import nn
 
 from . import adapters
 from .adapters import in_channels, out_channels
-from .procedure import call_train, check_callable
+from .procedure import call_train, check_callable, check_int, check_lr
 from .surgery import capture, chain_followers, channel_groups, keep_by_l1, prune_channels
 
 
@@ -146,6 +148,8 @@ def _channel_layout(model):
 def candidate_counts(channels: int, num_candidates: int = 8) -> list[int]:
     """Output-channel counts tried for a layer: ``channels`` down to about
     ``channels / num_candidates`` in equal steps (descending)."""
+    check_int(channels, "channels", 1)
+    check_int(num_candidates, "num_candidates", 1)
     step = max(1, channels // num_candidates)
     return list(range(channels, 0, -step))[:num_candidates]
 
@@ -156,6 +160,8 @@ def build_latency_table(model: nn.Module, example_input, num_candidates: int = 8
     activations and pooling that follow it, at every candidate (c_in, c_out)
     on its input from ``example_input``; what precedes the first layer is
     measured once as the full latency minus the blocks at full width."""
+    check_int(num_candidates, "num_candidates", 1)
+    check_int(repeats, "repeats", 1)
     layout, repeats_in = _channel_layout(model)
     if not layout:
         raise ValueError("model has no chain of prunable layers")
@@ -237,6 +243,13 @@ def netadapt(model: nn.Module, table: LatencyTable | None, train_fn: Callable, e
     the latency any further before the budget is met, the run stops with a
     ``RuntimeWarning`` that says so (also in ``NetAdaptResult.message``)."""
     _check_netadapt(train_fn, eval_fn, budget, budget_seconds, initial_reduction, decay)
+    check_int(short_steps, "short_steps", 0)
+    check_int(long_steps, "long_steps", 0)
+    check_int(max_iterations, "max_iterations", 1)
+    check_lr(lr)
+    _check_real(finetune_lr_factor, "finetune_lr_factor")
+    if not finetune_lr_factor > 0:
+        raise ValueError(f"finetune_lr_factor must be a finite number > 0; got {finetune_lr_factor!r}")
     ft_lr = None if lr is None else lr * finetune_lr_factor
     if table is None:
         return _netadapt_coupled(model, train_fn, eval_fn, example_input, budget, initial_reduction, decay,
@@ -266,9 +279,23 @@ def netadapt(model: nn.Module, table: LatencyTable | None, train_fn: Callable, e
                    ft_lr, example_input, table.repeats)
 
 
+def _check_real(value, name: str) -> None:
+    """A finite real number (not a bool), else a TypeError/ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a finite number; got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number; got {value!r}")
+
+
 def _check_netadapt(train_fn, eval_fn, budget, budget_seconds, initial_reduction, decay) -> None:
     check_callable(train_fn, "train_fn")
     check_callable(eval_fn, "eval_fn")
+    if budget_seconds is not None:
+        _check_real(budget_seconds, "budget_seconds")
+    else:
+        _check_real(budget, "budget")
+    _check_real(initial_reduction, "initial_reduction")
+    _check_real(decay, "decay")
     if budget_seconds is not None:
         if not budget_seconds > 0:
             raise ValueError(f"budget_seconds must be > 0; got {budget_seconds}")
