@@ -42,6 +42,12 @@ def test_magnitude_element_and_group_scores():
     assert torch.equal(scores[0], torch.full((2, 3), 15.0)) and torch.equal(scores[1], torch.full((2, 3), 51.0))
     with pytest.raises(ValueError, match="group must be one of"):
         criteria.magnitude(model, group="rows")
+    assert torch.equal(criteria.magnitude([key], p=float("inf"), group="out")[key],
+                       torch.tensor([[4.0, 4.0], [1.0, 1.0]]))
+    small = nn.Linear(2, 1, bias=False)
+    set_weight(small, torch.tensor([[0.5, -0.25]]))
+    with pytest.raises(ValueError, match="p=inf is a group norm"):  # scored every |w| < 1 as 0, a tie
+        criteria.magnitude(small, p=float("inf"))
 
 
 def test_magnitude_of_a_pruned_tensor_ignores_pruned_entries():

@@ -85,6 +85,9 @@ def magnitude(parameters, p: float = 1, group: str | None = None) -> Scores:
     unpruned entries) broadcast to each of its entries."""
     if isinstance(p, bool) or not isinstance(p, numbers.Real) or not p > 0:
         raise ValueError(f"p must be a positive number; got {p!r}")
+    if group is None and p == float("inf"):  # |w|^inf is 0 for every |w| < 1: the ranking is lost
+        raise ValueError("p=inf is a group norm (the largest |w| of a group): pass group=..., or a finite p for "
+                         "per-entry scores |w|^p")
     out = {}
     for module, name in _parameters(parameters):
         weight = current_weight(module, name).detach()
