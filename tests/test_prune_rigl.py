@@ -73,6 +73,8 @@ def test_update_drops_smallest_and_grows_largest_gradient():
     assert set(torch.arange(1.0, 17.0).view(4, 4)[dropped].tolist()) <= set(sorted(active_vals.tolist())[:4])
     assert bool(new[tuple(inactive[0])]) and bool(new[tuple(inactive[1])])
     assert float(lin.weight.detach()[tuple(inactive[0])]) == 0.0  # grown connections start at zero
+    assert bool((lin.weight.detach()[dropped] == 0).all())  # dropped weights were left live until apply_masks
+    assert bool((lin.weight.detach()[~new] == 0).all()) and int((lin.weight != 0).sum()) <= 8
 
 
 def test_training_with_hooks_keeps_density_and_changes_masks():

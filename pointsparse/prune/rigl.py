@@ -123,7 +123,9 @@ class RigL:
 
     def update(self) -> dict[str, int]:
         """One drop/grow step from the current weights and gradients; returns
-        the connections changed per layer (the layer density is unchanged)."""
+        the connections changed per layer (the layer density is unchanged).
+        Dropped and grown weights are zero afterwards, so the weights hold the
+        stated density at once (not only after the next :meth:`apply_masks`)."""
         fraction = self.drop_fraction_at(self.step_count)
         changed = {}
         for n, m in self.layers:
@@ -145,9 +147,8 @@ class RigL:
             grow_score = torch.where(new_mask, torch.full_like(grad, -1.0), grad)
             grow = torch.topk(grow_score, k).indices
             new_mask[grow] = True
-            with torch.no_grad():
-                grown_fresh = new_mask & ~mask
-                m.weight.view(-1)[grown_fresh] = 0.0
+            with torch.no_grad():  # grown connections start at zero, dropped ones are zero from now on
+                m.weight.view(-1)[new_mask != mask] = 0.0
             changed[n] = int((new_mask != mask).sum()) // 2
             self.masks[n] = new_mask.reshape(m.weight.shape)
         self.updates += 1
