@@ -111,6 +111,17 @@ def test_rounds_are_capped_before_the_list_is_built():
         schedule.sparsity_schedule(0.5, True)
 
 
+def test_a_falling_schedule_is_refused():
+    # was [0.39, 0.31, 0.3]: the masks stayed at 0.39, never the final 0.3 the call asked for
+    with pytest.raises(ValueError, match=r"initial \(0.6\) must be <= final \(0.3\)"):
+        schedule.sparsity_schedule(0.3, 3, initial=0.6)
+    net, tr = mlp(0), Trainer()
+    with pytest.raises(ValueError, match="initial"):
+        schedule.iterative_prune(net, tr, 0.3, rounds=3, initial_sparsity=0.6)
+    assert tr.calls == [] and adapters.sparsity(net) == 0.0
+    assert schedule.sparsity_schedule(0.3, 2, "constant", initial=0.3) == [0.3, 0.3]
+
+
 @pytest.mark.parametrize("kwargs", [dict(steps_per_round=-1), dict(steps_per_round=2.5), dict(steps_per_round=True),
                                     dict(finetune_lr_factor=float("nan")), dict(finetune_lr_factor=0)])
 def test_iterative_prune_checks_its_step_counts_before_pruning(kwargs):

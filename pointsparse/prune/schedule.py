@@ -61,9 +61,12 @@ def _constant(t: int, n: int, final: float, initial: float) -> float:
 
 def sparsity_schedule(final: float, rounds: int, kind: str = "agp", initial: float = 0.0) -> list[float]:
     """The target sparsity after each of ``rounds`` pruning rounds (the last
-    is ``final``); ``rounds`` is an int in ``[1, MAX_ROUNDS]``."""
+    is ``final``); ``rounds`` is an int in ``[1, MAX_ROUNDS]``, ``initial <= final``."""
     check_fraction(final, "final")
     check_fraction(initial, "initial")
+    if initial > final:
+        raise ValueError(f"initial ({initial}) must be <= final ({final}): masks never un-prune, so a falling "
+                         "schedule cannot be followed")
     if kind not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}; got {kind!r}")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
