@@ -112,6 +112,20 @@ def test_controls_check_round_index_and_train_steps():
         lottery.controls(mlp, result, 1, tr, tr.accuracy, 1)
 
 
+def test_magnitude_pruning_checks_target_and_scores_by_name():
+    for prune_fn in (procedure.global_magnitude_prune, procedure.layer_magnitude_prune):
+        with pytest.raises(TypeError, match="target sparsity must be a number"):  # was '<=' not supported
+            prune_fn(mlp(0), "0.5")
+        with pytest.raises(ValueError, match=r"target sparsity must be in \[0, 1\)"):
+            prune_fn(mlp(0), float("nan"))
+    net = mlp(0)
+    with pytest.raises(ValueError, match="scores has no entry for layer"):  # was a bare KeyError
+        procedure.global_magnitude_prune(net, 0.5, scores={"0": torch.ones(16, 8)})
+    with pytest.raises(TypeError, match="scores must be a dict"):
+        procedure.global_magnitude_prune(net, 0.5, scores=[torch.ones(16, 8)])
+    assert adapters.sparsity(net) == 0.0
+
+
 def test_random_masks_like_takes_a_dict_of_tensors():
     with pytest.raises(TypeError, match=r"mask_dict\['a'\] must be a mask tensor; got str"):
         lottery.random_masks_like({"a": "x"})

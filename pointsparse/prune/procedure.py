@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
@@ -21,8 +22,9 @@ def global_magnitude_prune(model: nn.Module, target: float, layers=None, scores:
     """Prune the smallest-magnitude (or lowest-``scores``) weights over all
     ``layers`` together until a fraction ``target`` of their weights is
     pruned; existing masks are kept (masks never un-prune)."""
-    if not 0.0 <= target < 1.0:
-        raise ValueError(f"target sparsity must be in [0, 1); got {target}")
+    check_fraction(target, "target sparsity")
+    if scores is not None and not isinstance(scores, Mapping):
+        raise TypeError(f"scores must be a dict {{layer name: score tensor}}; got {type(scores).__name__}")
     chosen = prunable_layers(model, layers)
     total = sum(m.weight.numel() for _, m in chosen)
     pruned = sum(int((~get_mask(m)).sum()) for _, m in chosen)
@@ -32,14 +34,16 @@ def global_magnitude_prune(model: nn.Module, target: float, layers=None, scores:
     params = [(m, "weight") for _, m in chosen]
     kwargs = {}
     if scores is not None:
+        missing = [n for n, _ in chosen if n not in scores]
+        if missing:
+            raise ValueError(f"scores has no entry for layer(s) {missing}")
         kwargs["importance_scores"] = {(m, "weight"): scores[n] for n, m in chosen}
     _compat.global_unstructured(params, pruning_method=torch.nn.utils.prune.L1Unstructured, amount=extra, **kwargs)
 
 
 def layer_magnitude_prune(model: nn.Module, target: float, layers=None) -> None:
     """Prune each layer to the same sparsity ``target`` by magnitude."""
-    if not 0.0 <= target < 1.0:
-        raise ValueError(f"target sparsity must be in [0, 1); got {target}")
+    check_fraction(target, "target sparsity")
     for _, m in prunable_layers(model, layers):
         n = m.weight.numel()
         extra = int(round(target * n)) - int((~get_mask(m)).sum())
