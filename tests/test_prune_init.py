@@ -110,6 +110,8 @@ def test_bad_inputs():
     for temperature, error in ((0, ValueError), (float("nan"), ValueError), (-1.0, ValueError), ("1", TypeError)):
         with pytest.raises(error, match="temperature must be a finite number > 0"):  # 0: ZeroDivisionError; NaN scores
             init.grasp_scores(mlp(0), batch, loss, temperature=temperature)
+    with pytest.raises(ValueError, match="iterations must be a positive int; got True"):  # was one iteration
+        init.prune_at_init(mlp(0), "synflow", 0.5, example_input=torch.zeros(1, 8), iterations=True)
     for method in ("snip", "grasp"):
         with pytest.raises(TypeError, match="loss_fn must be callable"):
             init.prune_at_init(mlp(0), method, 0.5, batches=batch, loss_fn=3)

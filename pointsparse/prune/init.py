@@ -102,7 +102,7 @@ def synflow_scores(model: nn.Module, example_input, sparsity: float = 0.0, itera
     outputs, and mask to density ``(1 - sparsity)^(k/iterations)``. Returns
     ``(scores, masks)``; with ``sparsity = 0`` a single scoring pass."""
     check_fraction(sparsity, "sparsity")
-    if not isinstance(iterations, int) or iterations < 1:
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations must be a positive int; got {iterations!r}")
     chosen_names = [n for n, _ in prunable_layers(model, layers)]
     net = copy.deepcopy(model).double().eval()
