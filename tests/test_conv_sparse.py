@@ -1043,3 +1043,14 @@ def test_outputs_sharing_memory_with_what_the_kernels_read_are_refused():
         with pytest.raises(ValueError, match="bias must not share memory with out"):
             o32 = np.zeros((kmap.num_out, 8), np.float32)
             core.forward_bf16(fb, wb, o32[3], o32, 1)
+
+
+def test_panel_width_and_tile_panels_take_a_torch_dtype():
+    """The public helpers name their argument: a string was torch's own "empty(): argument 'dtype' must be
+    torch.dtype" (panel_width) or silently 1 (tile_panels)."""
+    from pointsparse.nn import functional as F
+
+    assert F.panel_width(torch.float64) == 8 and F.tile_panels(torch.float32) in (1, 2)
+    for fn in (F.panel_width, F.tile_panels):
+        with pytest.raises(TypeError, match="dtype must be a torch.dtype"):
+            fn("float32")

@@ -89,7 +89,13 @@ def panel_width(dtype: torch.dtype) -> int:
     """Columns of one vector of the engine's vector-sparse kernels (16
     float32 and bfloat16 / 8 float64): the output-channel panel a weight
     vector spans."""
+    _check_dtype(dtype)
     return _engine.panel_width(dtype)
+
+
+def _check_dtype(dtype) -> None:
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype (torch.float32, ...); got {dtype!r:.100}")
 
 
 def tile_panels(dtype: torch.dtype) -> int:
@@ -97,6 +103,7 @@ def tile_panels(dtype: torch.dtype) -> int:
     spans on this CPU (2 for float32 / float64 with the AVX-512 kernels on a
     full-width CPU, else 1): the ``panels`` to give
     ``prune.panel_structured`` for the fastest vector-sparse forward here."""
+    _check_dtype(dtype)
     return _engine.tile_panels(dtype)
 
 
