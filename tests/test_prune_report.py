@@ -249,3 +249,11 @@ def test_engine_cost_checks_its_pair_counts():
             F.engine_cost(weight, bad)
     with pytest.raises(TypeError, match=r"weight must be a \(K, C_in, C_out\) tensor"):
         F.engine_cost(torch.randn(27, 16), torch.full((27,), 10))
+    # Fractional counts were truncated, negative ones gave negative FLOPs, and a kernel_size whose volume
+    # is not the weight's K reached the core ("region must be 1-D of length 27").
+    with pytest.raises(TypeError, match="pair_counts must hold integer counts"):
+        F.engine_cost(weight, torch.full((27,), 0.5))
+    with pytest.raises(ValueError, match="pair_counts must be >= 0"):
+        F.engine_cost(weight, -torch.ones(27, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"kernel_size 2 has 8 offsets but the weight's K is 27"):
+        F.engine_cost(weight, torch.full((27,), 10), kernel_size=2, kernel_region="cross")

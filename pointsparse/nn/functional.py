@@ -69,13 +69,20 @@ def engine_cost(weight: torch.Tensor, pair_counts: torch.Tensor, kernel_size=3, 
     A bfloat16 weight on a CPU with AVX512-BF16 is costed as the bf16
     kernels run it (:func:`pointsparse.nn._engine.bf16_cost`), elsewhere as
     the float32 kernels run its widened values."""
-    region = region_of(kernel_size, kernel_region)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 3:
         raise TypeError(f"weight must be a (K, C_in, C_out) tensor; got "
                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    region = region_of(kernel_size, kernel_region)
+    volume = math.prod(as_triple(kernel_size, "kernel_size"))
+    if volume != weight.shape[0]:
+        raise ValueError(f"kernel_size {kernel_size} has {volume} offsets but the weight's K is {weight.shape[0]}")
     if not isinstance(pair_counts, torch.Tensor) or pair_counts.shape != (weight.shape[0],):
         raise ValueError(f"pair_counts must hold one count per kernel offset ({weight.shape[0]}, the weight's K); "
                          f"got {tuple(pair_counts.shape) if isinstance(pair_counts, torch.Tensor) else pair_counts!r}")
+    if pair_counts.dtype.is_floating_point or pair_counts.dtype.is_complex or pair_counts.dtype == torch.bool:
+        raise TypeError(f"pair_counts must hold integer counts; got dtype {pair_counts.dtype}")
+    if len(pair_counts) and int(pair_counts.min()) < 0:
+        raise ValueError(f"pair_counts must be >= 0; got {int(pair_counts.min())}")
     weight = weight.detach().cpu()
     if weight.dtype == torch.bfloat16 and region is None and _engine.bf16_kernels():
         return _engine.bf16_cost(weight, pair_counts)  # the AVX512-BF16 kernels' own vectors
