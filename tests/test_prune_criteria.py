@@ -62,6 +62,8 @@ def test_random_scores_are_reproducible():
     a = criteria.random(model, generator=torch.Generator().manual_seed(1))[(model, "weight")]
     b = criteria.random(model, generator=torch.Generator().manual_seed(1))[(model, "weight")]
     assert a.shape == model.weight.shape and torch.equal(a, b) and 0 <= a.min() and a.max() < 1
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None; got int"):
+        criteria.random(model, generator=3)  # (was torch.rand's long signature list)
 
 
 def test_snip_matches_hand_gradients():

@@ -102,6 +102,8 @@ def magnitude(parameters, p: float = 1, group: str | None = None) -> Scores:
 
 def random(parameters, generator: torch.Generator | None = None) -> Scores:
     """Uniform [0, 1) scores (the random-pruning baseline)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
     return {
         (module, name): torch.rand(_leaf(module, name).shape, generator=generator).to(_leaf(module, name).device)
         for module, name in _parameters(parameters)
