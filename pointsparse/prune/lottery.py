@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from .adapters import apply_masks, get_mask, masks as _masks, prunable_layers, sparsity as _sparsity
-from .procedure import call_train, check_callable, check_fraction, check_int, check_lr, global_magnitude_prune, layer_magnitude_prune
+from .procedure import (call_train, check_callable, check_fraction, check_int, check_lr, global_magnitude_prune,
+                        layer_magnitude_prune)
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

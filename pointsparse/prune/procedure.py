@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import numbers
 from collections.abc import Mapping
 from typing import Callable
 
@@ -15,6 +14,7 @@ import torch
 from torch import nn
 
 from . import _compat
+from ..tensor import as_float, as_int
 from .adapters import get_mask, prunable_layers
 
 
@@ -71,24 +71,24 @@ def call_train(train_fn: Callable, model: nn.Module, steps: int, lr: float | Non
 
 
 def check_int(value, name: str, minimum: int = 0) -> int:
-    """``value`` as an int >= ``minimum``; a bool, float or str is a TypeError
+    """``value`` as an int >= ``minimum`` (:func:`pointsparse.tensor.as_int`:
+    numpy and 0-d tensor integers too); a bool, float or str is a TypeError
     and a smaller int a ValueError, each naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int >= {minimum}; got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}; got {value}")
-    return int(value)
+    try:
+        return as_int(value, name, minimum)
+    except TypeError:
+        raise TypeError(f"{name} must be an int >= {minimum}; got {value!r}") from None
 
 
 def check_lr(lr, name: str = "lr") -> float | None:
-    """``lr`` as a finite float > 0, or None (the train function's own)."""
+    """``lr`` as a finite float > 0 (:func:`pointsparse.tensor.as_float`), or
+    None (the train function's own)."""
     if lr is None:
         return None
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
-        raise TypeError(f"{name} must be a number > 0 or None; got {lr!r}")
-    if not (math.isfinite(float(lr)) and lr > 0):
+    value = as_float(lr, name)
+    if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0 or None; got {lr!r}")
-    return float(lr)
+    return value
 
 
 def check_callable(fn, name: str) -> None:

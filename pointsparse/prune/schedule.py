@@ -16,7 +16,8 @@ from typing import Callable
 from torch import nn
 
 from .adapters import sparsity as _sparsity
-from .procedure import call_train, check_callable, check_fraction, check_lr, global_magnitude_prune, layer_magnitude_prune
+from .procedure import (call_train, check_callable, check_fraction, check_lr, global_magnitude_prune,
+                        layer_magnitude_prune)
 
 SCHEDULES = ("agp", "constant")
 SCOPES = ("global", "layer")
