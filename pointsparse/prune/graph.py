@@ -26,7 +26,6 @@ of active neighbours, so its output is no constant and it is refused."""
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from torch.utils._pytree import tree_flatten
 from . import _compat, adapters
 from ._copyable import keep_copyable
 from ._trace import Segment, Spaces, Tag, Tracer, feats_of, feature_axis
+from .procedure import check_fraction
 
 
 @dataclass(frozen=True)
@@ -216,7 +216,7 @@ class DependencyGraph:
             if id(g) in named:  # two keep lists for one group: their removals would add up to more than either
                 raise ValueError(f"keep names group {g.name!r} twice (as {named[id(g)]!r} and {key!r})")
             named[id(g)] = key
-            kept = _check_keep(kept, g.size, g.name)
+            kept = _check_keep(kept, g.size, f"group {g.name!r}")
             removed = torch.tensor(sorted(set(range(g.size)) - set(kept.tolist())), dtype=torch.long)
             for m in g.members:
                 drops.setdefault((m.module, m.role), []).append(m.positions(removed))
@@ -342,13 +342,16 @@ class DependencyGraph:
 
 # ------------------------------------------------------------------ helpers
 def _check_keep(keep, n: int, what: str) -> torch.Tensor:
-    keep = _as_indices(keep, f"keep for group {what!r}")
+    """``keep`` as sorted int64 channel indices of ``n``; errors name
+    ``what`` (a group, a layer's outputs or inputs: surgery's cuts use it too)."""
+    keep = _as_indices(keep, f"keep for {what}")
     if keep.numel() == 0:
-        raise ValueError(f"keep must name at least one channel of group {what!r}")
+        raise ValueError(f"keep must name at least one channel of {what}")
     if int(keep.min()) < 0 or int(keep.max()) >= n:
-        raise ValueError(f"keep indices must be in [0, {n}) for group {what!r}")
+        raise ValueError(f"keep indices must be in [0, {n}) for {what}; got range [{int(keep.min())}, "
+                         f"{int(keep.max())}]")
     if torch.unique(keep).numel() != keep.numel():
-        raise ValueError(f"keep has repeated channels for group {what!r}")
+        raise ValueError(f"keep has repeated channels for {what}")
     return torch.sort(keep).values
 
 
@@ -453,7 +456,7 @@ DEFAULT_MULTIPLE = 8
 def kept_count(size: int, keep_ratio: float, multiple: int = 1) -> int:
     """``round(size * keep_ratio)`` rounded to the nearest multiple of
     ``multiple`` (at least one multiple, or 1; at most ``size``)."""
-    keep_ratio = _check_ratio(keep_ratio, "keep ratio")
+    keep_ratio = check_fraction(keep_ratio, "keep ratio", low_open=True, high_open=False)
     if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
         raise ValueError(f"multiple must be a positive int; got {multiple!r}")
     n = max(1, int(round(size * keep_ratio)))
@@ -462,16 +465,6 @@ def kept_count(size: int, keep_ratio: float, multiple: int = 1) -> int:
     if multiple > 1 and size > multiple:
         n = max(multiple, int(round(n / multiple)) * multiple)
     return min(n, size)
-
-
-def _check_ratio(value, name: str) -> float:
-    """A keep ratio: a real number in (0, 1] (TypeError / ValueError naming it)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number in (0, 1]; got {type(value).__name__}")
-    v = float(value)
-    if not (math.isfinite(v) and 0 < v <= 1):
-        raise ValueError(f"{name} must be in (0, 1]; got {value}")
-    return v
 
 
 def plan(graph: DependencyGraph, keep_ratio, scores: dict | None = None, scope: str = "group",
@@ -488,9 +481,9 @@ def plan(graph: DependencyGraph, keep_ratio, scores: dict | None = None, scope: 
         raise TypeError(f"scores must be a dict {{(module, tensor name): scores}} as pointsparse.prune.criteria "
                         f"returns; got {type(scores).__name__}")
     if isinstance(keep_ratio, Mapping):
-        ratios = {name: _check_ratio(r, f"keep_ratio[{name!r}]") for name, r in keep_ratio.items()}
+        ratios = {name: check_fraction(r, f"keep_ratio[{name!r}]", low_open=True, high_open=False) for name, r in keep_ratio.items()}
     else:
-        keep_ratio = _check_ratio(keep_ratio, "keep_ratio")
+        keep_ratio = check_fraction(keep_ratio, "keep_ratio", low_open=True, high_open=False)
         ratios = {g.name: keep_ratio for g in graph.groups}
     all_scores = {name: group_scores(graph, name, scores, reduce) for name in ratios}
     if not all_scores:

@@ -13,8 +13,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import _compat
 from ..tensor import as_float, as_int
+from . import _compat
 from .adapters import get_mask, prunable_layers
 
 

@@ -21,8 +21,6 @@ U-Net networks, not only the insides of their sequential chains."""
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -31,6 +29,8 @@ from torch import nn
 
 from . import _compat, adapters
 from .adapters import in_channel_dim, is_layer, out_channel_dim, out_channels
+from .graph import _check_keep
+from .procedure import check_fraction
 
 
 @dataclass
@@ -186,18 +186,6 @@ def _unprune(module: nn.Module) -> None:
     for pname in ("weight", "bias"):
         if hasattr(module, pname + "_orig"):
             _compat.remove(module, pname)
-
-
-def _check_keep(keep, n: int, what: str) -> torch.Tensor:
-    from .graph import _as_indices  # noqa: PLC0415 - graph builds on this module
-    keep = _as_indices(keep, f"keep for {what}")
-    if keep.numel() == 0:
-        raise ValueError(f"keep must name at least one channel of {what}")
-    if int(keep.min()) < 0 or int(keep.max()) >= n:
-        raise ValueError(f"keep indices must be in [0, {n}) for {what}; got range [{int(keep.min())}, {int(keep.max())}]")
-    if torch.unique(keep).numel() != keep.numel():
-        raise ValueError(f"keep has repeated channels for {what}")
-    return torch.sort(keep).values
 
 
 def remove_output_channels(module: nn.Module, keep) -> None:
@@ -404,11 +392,7 @@ def _check_ratio(r, name) -> float:
     """A fraction of channels to remove, in [0, 1): a real number or a 0-d tensor."""
     if isinstance(r, torch.Tensor) and r.dim() == 0 and not r.dtype.is_complex and r.dtype != torch.bool:
         r = r.item()
-    if isinstance(r, bool) or not isinstance(r, numbers.Real):
-        raise TypeError(f"ratio for {name!r} must be a number in [0, 1); got {type(r).__name__}")
-    if not (math.isfinite(float(r)) and 0.0 <= float(r) < 1.0):
-        raise ValueError(f"ratio for {name!r} must be in [0, 1); got {r}")
-    return float(r)
+    return check_fraction(r, f"ratio for {name!r}")
 
 
 def _apply_coupled_ratios(model, ratios, reconstruct, example_input, multiple, scores) -> dict[str, int]:
