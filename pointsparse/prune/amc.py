@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import numbers
 import random as _random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from torch import nn
 
 from . import _compat
 from .adapters import in_channels, kernel_volume, out_channels
-from .procedure import check_callable
+from .procedure import check_callable, check_real
 from .surgery import apply_channel_ratios, channel_groups, kept_count
 
 REWARDS = ("flops", "error")
@@ -277,22 +276,15 @@ class _Space:
         return hi
 
 
-def _check_number(value, name: str, ok, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be {what}; got {value!r}")
-    if not (math.isfinite(value) and ok(value)):
-        raise ValueError(f"{name} must be {what}; got {value!r}")
-
-
 def _check_search(eval_fn, episodes, warmup, reward, target_flops, max_ratio, reconstruct, coupled,
                   noise=0.5, noise_decay=0.95, seed=0) -> None:
     check_callable(eval_fn, "eval_fn")
     if target_flops is not None:
-        _check_number(target_flops, "target_flops", lambda v: v > 0,
-                      "a finite number > 0 (absolute FLOPs, or a fraction of the dense FLOPs when <= 1)")
-    _check_number(max_ratio, "max_ratio", lambda v: 0 < v < 1, "a number in (0, 1)")
-    _check_number(noise, "noise", lambda v: v >= 0, "a finite number >= 0")
-    _check_number(noise_decay, "noise_decay", lambda v: 0 < v <= 1, "a number in (0, 1]")
+        check_real(target_flops, "target_flops", ok=lambda v: v > 0,
+                   what="a finite number > 0 (absolute FLOPs, or a fraction of the dense FLOPs when <= 1)")
+    check_real(max_ratio, "max_ratio", ok=lambda v: 0 < v < 1, what="a number in (0, 1)")
+    check_real(noise, "noise", ok=lambda v: v >= 0, what="a finite number >= 0")
+    check_real(noise_decay, "noise_decay", ok=lambda v: 0 < v <= 1, what="a number in (0, 1]")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an int >= 0; got {seed!r}")
     if isinstance(episodes, bool) or isinstance(warmup, bool):

@@ -11,8 +11,6 @@ turns them into global masks through the core's ``global_unstructured``."""
 from __future__ import annotations
 
 import copy
-import math
-import numbers
 from typing import Callable, Iterable
 
 import torch
@@ -20,7 +18,7 @@ from torch import nn
 
 from . import _compat
 from .adapters import apply_masks, get_mask, prunable_layers, raw
-from .procedure import check_callable, check_fraction, global_magnitude_prune
+from .procedure import check_callable, check_fraction, check_real, global_magnitude_prune
 
 METHODS = ("snip", "grasp", "synflow")
 
@@ -60,10 +58,7 @@ def grasp_scores(model: nn.Module, batches: Iterable, loss_fn: Callable, layers=
     (outputs divided by ``temperature``) and ``H`` the Hessian; the weights
     with the HIGHEST scores are the ones to remove."""
     check_callable(loss_fn, "loss_fn")
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise TypeError(f"temperature must be a finite number > 0; got {temperature!r}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0; got {temperature!r}")
+    check_real(temperature, "temperature", "a finite number > 0", lambda v: v > 0)
     chosen = prunable_layers(model, layers)
     params = [raw(m) for _, m in chosen]
     batches = _batches(batches)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
-import numbers
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -26,7 +24,7 @@ from torch import nn
 
 from . import adapters
 from .adapters import in_channels, out_channels
-from .procedure import call_train, check_callable, check_int, check_lr
+from .procedure import call_train, check_callable, check_int, check_lr, check_real
 from .surgery import capture, chain_followers, channel_groups, keep_by_l1, prune_channels
 
 
@@ -247,9 +245,7 @@ def netadapt(model: nn.Module, table: LatencyTable | None, train_fn: Callable, e
     check_int(long_steps, "long_steps", 0)
     check_int(max_iterations, "max_iterations", 1)
     check_lr(lr)
-    _check_real(finetune_lr_factor, "finetune_lr_factor")
-    if not finetune_lr_factor > 0:
-        raise ValueError(f"finetune_lr_factor must be a finite number > 0; got {finetune_lr_factor!r}")
+    check_real(finetune_lr_factor, "finetune_lr_factor", "a finite number > 0", lambda v: v > 0)
     ft_lr = None if lr is None else lr * finetune_lr_factor
     if table is None:
         return _netadapt_coupled(model, train_fn, eval_fn, example_input, budget, initial_reduction, decay,
@@ -279,23 +275,15 @@ def netadapt(model: nn.Module, table: LatencyTable | None, train_fn: Callable, e
                    ft_lr, example_input, table.repeats)
 
 
-def _check_real(value, name: str) -> None:
-    """A finite real number (not a bool), else a TypeError/ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a finite number; got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number; got {value!r}")
-
-
 def _check_netadapt(train_fn, eval_fn, budget, budget_seconds, initial_reduction, decay) -> None:
     check_callable(train_fn, "train_fn")
     check_callable(eval_fn, "eval_fn")
     if budget_seconds is not None:
-        _check_real(budget_seconds, "budget_seconds")
+        check_real(budget_seconds, "budget_seconds")
     else:
-        _check_real(budget, "budget")
-    _check_real(initial_reduction, "initial_reduction")
-    _check_real(decay, "decay")
+        check_real(budget, "budget")
+    check_real(initial_reduction, "initial_reduction")
+    check_real(decay, "decay")
     if budget_seconds is not None:
         if not budget_seconds > 0:
             raise ValueError(f"budget_seconds must be > 0; got {budget_seconds}")

@@ -80,15 +80,25 @@ def check_int(value, name: str, minimum: int = 0) -> int:
         raise TypeError(f"{name} must be an int >= {minimum}; got {value!r}") from None
 
 
+def check_real(value, name: str, what: str = "a finite number", ok=None) -> float:
+    """``value`` as a finite float (:func:`pointsparse.tensor.as_float`) for
+    which ``ok(value)`` holds (when given); else a TypeError (not a number) or
+    ValueError saying ``name`` must be ``what``."""
+    try:
+        v = as_float(value, name)
+    except TypeError:
+        raise TypeError(f"{name} must be {what}; got {value!r}") from None
+    if not math.isfinite(v) or (ok is not None and not ok(v)):
+        raise ValueError(f"{name} must be {what}; got {value!r}")
+    return v
+
+
 def check_lr(lr, name: str = "lr") -> float | None:
     """``lr`` as a finite float > 0 (:func:`pointsparse.tensor.as_float`), or
     None (the train function's own)."""
     if lr is None:
         return None
-    value = as_float(lr, name)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0 or None; got {lr!r}")
-    return value
+    return check_real(lr, name, "a finite number > 0 or None", lambda v: v > 0)
 
 
 def check_callable(fn, name: str) -> None:

@@ -115,11 +115,11 @@ def detach_filter_skeleton(module: nn.Module, name: str = "weight", fold: bool =
 
 
 def _check_threshold(threshold) -> None:
-    """``ValueError`` unless ``threshold`` is a finite number >= 0 (NaN would
-    compare false with every scale: every stripe pruned)."""
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold) or \
-            threshold < 0:
-        raise ValueError(f"threshold must be a finite number >= 0; got {threshold!r}")
+    """A finite number >= 0 (NaN would compare false with every scale: every
+    stripe pruned)."""
+    from .procedure import check_real  # noqa: PLC0415 - procedure's imports load the package, which loads this
+
+    check_real(threshold, "threshold", "a finite number >= 0", lambda v: v >= 0)
 
 
 class StripeFromSkeleton(CopyableMethod):
