@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..tensor import as_int
 from . import generated
 from .readers import DEFAULT_IGNORE, LabelMap, _ignore_index, find_clouds, load_label_map, read_cloud
 from .sample import Sample
@@ -22,15 +23,6 @@ from .transforms import augment, check_voxel_size, voxelize_sample
 
 # Seeds of held-out generated scenes start here; training scenes use 0, 1, ...
 VALIDATION_SEED = 1_000_000
-
-
-def _seed(value, name: str) -> int:
-    """A seed part (seed, epoch) as an int >= 0; TypeError/ValueError naming it."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r:.40}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0; got {value}")
-    return int(value)
 
 
 def _item(index, count: int) -> int:
@@ -53,7 +45,7 @@ class GeneratedScenes(Sequence[Sample]):
             raise ValueError(f"kind must be 'outdoor' or 'indoor'; got {kind!r}")
         if isinstance(count, (bool, np.bool_)) or not isinstance(count, numbers.Integral) or count < 1:
             raise ValueError(f"count must be a positive int; got {count!r}")
-        count, first_seed = int(count), _seed(first_seed, "first_seed")
+        count, first_seed = int(count), as_int(first_seed, "first_seed", 0)
         # The scene arguments checked here, not at the first scene drawn
         # (deep in a training loop or a loader's worker).
         make = generated.outdoor_scene if kind == "outdoor" else generated.indoor_scene
@@ -114,10 +106,10 @@ class VoxelDataset(torch.utils.data.Dataset):
                  train: bool = False, seed: int = 0) -> None:
         voxel_size, ignore_index = check_voxel_size(voxel_size), _ignore_index(ignore_index)
         self.source, self.voxel_size, self.ignore_index = source, voxel_size, ignore_index
-        self.train, self.seed, self.epoch = train, _seed(seed, "seed"), 0
+        self.train, self.seed, self.epoch = train, as_int(seed, "seed", 0), 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = _seed(epoch, "epoch")
+        self.epoch = as_int(epoch, "epoch", 0)
 
     def __len__(self) -> int:
         return len(self.source)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..tensor import as_int
 from .sample import Sample
 
 OUTDOOR_CLASSES = ("road", "sidewalk", "terrain", "building", "vegetation", "trunk", "pole", "car", "person")
@@ -136,15 +137,6 @@ MAX_AZIMUTH_STEPS = 65536
 def _is_number(value) -> bool:
     """A real number (numpy's too), not a bool."""
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-
-
-def _check_seed(seed) -> None:
-    """A scene's seed: an int >= 0 (None drew a different scene each call,
-    and numpy's own errors did not name the seed)."""
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an int >= 0; got {type(seed).__name__} {seed!r:.40}")
-    if seed < 0:
-        raise ValueError(f"seed must be an int >= 0; got {seed}")
 
 
 def _check_density(density) -> None:
@@ -301,7 +293,7 @@ def outdoor_scene(seed: int = 0, beams: int = 64, azimuth_steps: int = 1024, max
     Limits (checked first): ``seed`` an int >= 0, ``beams`` 1..1024,
     ``azimuth_steps`` 1..65536, ``max_range`` in (0, MAX_RANGE] metres,
     ``range_noise`` finite >= 0 (numbers, not bools)."""
-    _check_seed(seed)
+    as_int(seed, "seed", 0)  # (None drew a different scene each call; numpy's errors did not name it)
     _check_scene_args(beams=beams, azimuth_steps=azimuth_steps, max_range=max_range, range_noise=range_noise)
     rng = np.random.default_rng(seed)
     # The street is laid out in its own frame and turned by a multiple of 90
@@ -394,7 +386,7 @@ def indoor_scene(seed: int = 0, density: float = 400.0) -> Sample:
     shelf. Features: RGB colour in 0..1 (one colour per object, noisy).
     ``density`` (points per square metre) is in (0, 100000]; ``seed`` an
     int >= 0."""
-    _check_seed(seed)
+    as_int(seed, "seed", 0)  # (None drew a different scene each call; numpy's errors did not name it)
     _check_density(density)
     rng = np.random.default_rng(seed)
     w, d, h = rng.uniform(4, 9), rng.uniform(4, 8), rng.uniform(2.5, 3.2)
