@@ -95,7 +95,7 @@ MAX_BLOCKS = 64
 MAX_PARAMETERS = 2**31
 
 
-def check_config(in_channels, num_classes, cr, blocks) -> tuple[int, int, float, int, tuple[int, ...]]:
+def check_arguments(in_channels, num_classes, cr, blocks) -> tuple[int, int, float, int, tuple[int, ...]]:
     """MinkUNet's (and SPVCNN's) arguments checked: ``(in_channels,
     num_classes, cr, blocks, widths)``, or a ValueError naming the argument."""
     in_channels, num_classes, blocks = (positive_int(v, name) for name, v in (
@@ -168,7 +168,7 @@ class MinkUNet(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, cr: float = 1.0, blocks: int = 2):
         super().__init__()
-        in_channels, num_classes, cr, blocks, w = check_config(in_channels, num_classes, cr, blocks)
+        in_channels, num_classes, cr, blocks, w = check_arguments(in_channels, num_classes, cr, blocks)
         check_parameters(type(self).__name__, unet_parameters(in_channels, w, blocks) + (w[8] + 1) * num_classes,
                          in_channels, num_classes, cr, blocks)
         self.in_channels, self.num_classes, self.cr = in_channels, num_classes, cr

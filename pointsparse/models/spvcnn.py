@@ -13,7 +13,7 @@ from torch import nn
 from .. import coords as _coords
 from ..tensor import SparseTensor
 from ..voxelize import devoxelize
-from .minkunet import MinkUNet, check_config, check_parameters, unet_parameters
+from .minkunet import MinkUNet, check_arguments, check_parameters, unet_parameters
 
 
 def point_rows(tensor: SparseTensor, point_coords: torch.Tensor) -> torch.Tensor:
@@ -95,7 +95,7 @@ class SPVCNN(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, cr: float = 1.0, blocks: int = 2):
         super().__init__()
-        args = check_config(in_channels, num_classes, cr, blocks)
+        args = check_arguments(in_channels, num_classes, cr, blocks)
         w = args[4]
         # each point MLP: Linear (weight, bias) + BatchNorm1d (weight, bias)
         mlps = sum(cin * cout + 3 * cout for cin, cout in ((w[0], w[4]), (w[4], w[6]), (w[6], w[8])))
