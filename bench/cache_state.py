@@ -22,7 +22,11 @@ place one. The ratios are the unpruned conv's median over each variant's in
 the same condition.
 
     flock /work/cpu.lock .venv/bin/python bench/cache_state.py [--channels 64] [--rounds 15] [--mb 64]
-        [--threads 1] [--out PAGE.md] [--quick]
+        [--threads 1] [--split] [--out PAGE.md] [--quick]
+
+``--split``: the unpruned and twin 75% weights also with only the identity
+offset kept and with it zeroed (the pass that writes every output row, and
+the gathered offsets without it), in the same rounds.
 
 ``--quick``: C = 16 on a generated street of 20k voxels, 2 MB passes, two
 rounds, the page in a temporary folder.
@@ -44,6 +48,7 @@ from prune_exec import variants
 
 import pointsparse as ps
 from pointsparse.nn import _engine
+from pointsparse.nn import functional as F
 
 CORE = ps._ext.core
 NEVER = 1 << 62
@@ -51,19 +56,29 @@ WANTED = ("unpruned", "twin 75%", "twin 50%", "vector 75%")
 CONDITIONS = ("warm", "cold", "cold, streamed")
 
 
-def cases(channels: int, coords: torch.Tensor, threads: int):
+def cases(channels: int, coords: torch.Tensor, threads: int, split: bool = False):
     """(name, engine path, forward(out) -> out) of each wanted variant on one
-    plan, each output checked against the module's."""
+    plan, each output checked against the module's; ``split``: the unpruned
+    and twin 75% weights also with only the identity offset kept and with it
+    zeroed (checked against ``nn.functional.conv3d`` on that weight)."""
     torch.manual_seed(0)
     x = ps.SparseTensor(torch.randn(len(coords), channels), coords)
     kmap = ps.kmap.get_kmap(x, 3)
     plan = _engine.get_plan(kmap)
     feats = x.feats.numpy()
     found = []
+    weights = []
     for name, _, _, conv in variants(channels, ["vector", "twin"]):
         if name not in WANTED:
             continue
-        weight = conv.weight.detach().contiguous()
+        weights.append((name, conv.weight.detach().contiguous()))
+        if split and name in ("unpruned", "twin 75%"):
+            alone = torch.zeros_like(weights[-1][1])
+            alone[plan.identity] = weights[-1][1][plan.identity]
+            without = weights[-1][1].clone()
+            without[plan.identity] = 0
+            weights += [(f"{name}, the identity alone", alone), (f"{name}, all but the identity", without)]
+    for name, weight in weights:
         run = _engine.choose_execution(weight)
 
         def forward(out, w=weight.numpy(), run=run):
@@ -71,7 +86,7 @@ def cases(channels: int, coords: torch.Tensor, threads: int):
             return out
 
         with torch.no_grad():
-            want = conv(x).feats.numpy()
+            want = F.conv3d(x, weight, 3).feats.numpy()
         got = forward(np.empty((kmap.num_out, channels), np.float32))
         if not np.array_equal(got, want):
             raise RuntimeError(f"C = {channels}, {name}: the kernels' output differs from the module's")
@@ -79,8 +94,9 @@ def cases(channels: int, coords: torch.Tensor, threads: int):
     return found, kmap.num_out
 
 
-def measure(channels: int, coords: torch.Tensor, rounds: int, mb: float, threads: int) -> list[str]:
-    found, rows = cases(channels, coords, threads)
+def measure(channels: int, coords: torch.Tensor, rounds: int, mb: float, threads: int,
+            split: bool = False) -> list[str]:
+    found, rows = cases(channels, coords, threads, split)
     out = torch.empty(rows, channels).numpy()  # 64-byte aligned, as torch allocates
     other = np.ones(max(1, int(mb * 2**20) // 8))
 
@@ -128,6 +144,9 @@ def main() -> int:
     parser.add_argument("--mb", type=float, default=64.0, help="MB of other memory passed over before a cold call")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--split", action="store_true",
+                        help="also the unpruned and twin 75%% weights with only the identity offset kept and with "
+                             "it zeroed: where the sparse conv's time goes")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -140,7 +159,7 @@ def main() -> int:
              "| C | pruning | engine path | warm ms (speed-up) | cold ms (speed-up) | cold, streamed ms (speed-up) |",
              "|---|---|---|---|---|---|"]
     for channels in args.channels:
-        table += measure(channels, coords, args.rounds, args.mb, args.threads)
+        table += measure(channels, coords, args.rounds, args.mb, args.threads, args.split)
     path = Path(args.out) if args.out else results_path("cache_state.md", args.quick)
     command = "python bench/cache_state.py " + " ".join(sys.argv[1:])
     write_markdown(path, "Vector-sparse speed-ups with the conv's rows in cache and in memory", command,
