@@ -179,18 +179,25 @@ class DirectoryLock:
     """An exclusive lock on an output directory for the life of a run
     (``fcntl.flock`` on ``DIR/.lock``: released by the OS when the process
     ends, however it ends). A second run on the same directory gets a
-    ``ValueError`` at once instead of overwriting the first one's files."""
+    ``ValueError`` at once instead of overwriting the first one's files.
+    A run that fails leaves no trace of the lock: where it made the
+    directory and wrote nothing else there, the directory goes again, and
+    a ``.lock`` it made goes."""
 
     def __init__(self, directory, what: str = "--out") -> None:
         self.directory = Path(directory)
         self.what = what
         self._file = None
+        self._made = ()  # (the directory made?, the .lock made?)
 
     def __enter__(self) -> "DirectoryLock":
         import fcntl
 
+        made_directory = not self.directory.exists()
         make_directory(self.directory, self.what)
-        f = open(self.directory / ".lock", "a+")
+        lock = self.directory / ".lock"
+        made_lock = not lock.exists()
+        f = open(lock, "a+")
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -206,9 +213,18 @@ class DirectoryLock:
         f.write(f"pid {os.getpid()}\n")
         f.flush()
         self._file = f
+        self._made = (made_directory, made_lock)
         return self
 
-    def __exit__(self, *exc) -> None:
-        if self._file is not None:
-            self._file.close()  # closing releases the flock
-            self._file = None
+    def __exit__(self, exc_type, *exc) -> None:
+        if self._file is None:
+            return
+        if exc_type is not None and self._made[1]:  # still held: no other run can be using it
+            try:
+                (self.directory / ".lock").unlink()
+                if self._made[0]:
+                    self.directory.rmdir()  # only where it is empty now
+            except OSError:
+                pass
+        self._file.close()  # closing releases the flock
+        self._file = None

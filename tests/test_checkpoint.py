@@ -146,6 +146,34 @@ def test_second_run_on_the_same_out_is_refused(tmp_path):
         pass
 
 
+def test_a_run_that_fails_leaves_no_lock_behind(tmp_path):
+    # --resume of a checkpoint that does not exist: refused before training, and the --out it made
+    # goes with its .lock (it used to stay behind, empty but for the lock).
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="does not exist"):
+        tr.train(_parse([*TINY, "--epochs", "1", "--out", str(out), "--resume", str(tmp_path / "none.pt")]))
+    assert not out.exists()
+    # An --out that existed stays, with what was there, and without a lock the run made.
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="does not exist"):
+        tr.train(_parse([*TINY, "--epochs", "1", "--out", str(out), "--init", str(tmp_path / "none.pt")]))
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    # A lock that was there before the run (an earlier run's) stays; so does one of a run that ended well.
+    with checkpoint.DirectoryLock(out):
+        pass
+    with pytest.raises(ValueError, match="does not exist"):
+        tr.train(_parse([*TINY, "--epochs", "1", "--out", str(out), "--init", str(tmp_path / "none.pt")]))
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "notes.txt"]
+    # A directory made by a run that failed after writing into it stays.
+    out2 = tmp_path / "run2"
+    with pytest.raises(RuntimeError, match="late"):
+        with checkpoint.DirectoryLock(out2):
+            (out2 / "part.txt").write_text("x")
+            raise RuntimeError("late")
+    assert sorted(p.name for p in out2.iterdir()) == ["part.txt"]
+
+
 def test_diverged_training_stops_with_an_error_and_keeps_only_finite_checkpoints(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(tr.TrainingDiverged, match="diverged"):
