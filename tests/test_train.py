@@ -25,6 +25,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
+def _without(argv, flag):
+    """``argv`` without ``flag`` and its value."""
+    i = argv.index(flag)
+    return argv[:i] + argv[i + 2:]
+
+
 def _parse(argv):
     parser = argparse.ArgumentParser()
     tr.add_arguments(parser)
@@ -172,6 +178,44 @@ def test_out_of_range_flags_fail_before_any_work(flag, value, message, tmp_path,
     assert not out.exists()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "a.npy", "--beams", "32"], r"--beams 32: the generated scenes' settings; --data a.npy"),
+    (["--data", "a.npy", "b.npy", "--scenes", "8", "--max-range", "30"], r"--scenes 8, --max-range 30.0: the gen"),
+    (["--data", "a.npy", "--val-data", "b.npy", "--val-scenes", "2"], "--val-scenes 2: the generated scenes'"),
+    (["--data", "generated-indoor", "--azimuth-steps", "256"], r"--azimuth-steps 256: the LiDAR .* indoor"),
+    (["--data", "generated", "--val-data", "b.npy", "--val-scenes", "2"], "--val-scenes 2: --val-data b.npy"),
+    (["--data", "generated", "--val-fraction", "0.5"], "--val-fraction 0.5 holds out a share of the --data files; "
+                                                       "the generated scenes validate on --val-scenes"),
+    (["--data", "a.npy", "--val-data", "b.npy", "--val-fraction", "0.5"], "--val-fraction 0.5 holds out .* "
+                                                                           "--val-data b.npy"),
+    (["--data", "a.npy", "--val-label-map", "s3dis"], "--val-label-map s3dis maps the raw labels of --val-data; "
+                                                      "without --val-data"),
+])
+def test_data_flags_the_data_would_not_read_are_refused(argv, message, tmp_path, monkeypatch):
+    """A generated-scene flag with --data files, a LiDAR flag with the indoor
+    scenes, --val-scenes or --val-fraction beside the data that validates,
+    --val-label-map without --val-data: each was accepted and never read."""
+    def no_work(*args, **kwargs):
+        raise AssertionError("training started before the arguments were checked")
+
+    monkeypatch.setattr(tr, "train", no_work)
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=message + ".* would be ignored"):
+        tr.main(_parse([*argv, "--out", str(out)]))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["--data", "a.npy", "--beams", "64", "--val-fraction", "0.3", "--label-map", "s3dis"],  # (the default beams)
+    ["--data", "a.npy", "--val-data", "b.npy", "--val-label-map", "s3dis"],
+    ["--data", "generated", "--val-data", "b.npy", "--beams", "32", "--scenes", "3"],
+    ["--data", "generated-indoor", "--scenes", "3", "--val-scenes", "2"],
+    ["--data", "generated-outdoor", "--beams", "32", "--max-range", "30", "--azimuth-steps", "256"],
+])
+def test_data_flags_the_data_reads_are_accepted(argv):
+    tr.check_data_flags(_parse([*argv, "--out", "r"]))
+
+
 class _Stop(Exception):
     pass
 
@@ -212,7 +256,8 @@ def test_unlabelled_clouds_are_a_value_error(tmp_path):
         tr.main(_parse(["--data", str(tmp_path / "a.npy"), "--val-data", str(tmp_path / "b.npy"),
                         "--no-progress", "--out", str(tmp_path / "run")]))
     with pytest.raises(ValueError, match="--val-data.*no labels"):
-        tr.main(_parse([*TINY, "--val-data", str(tmp_path / "b.npy"), "--out", str(tmp_path / "run2")]))
+        tr.main(_parse([*_without(TINY, "--val-scenes"), "--val-data", str(tmp_path / "b.npy"),
+                        "--out", str(tmp_path / "run2")]))
 
 
 def test_metrics_hand_computed():

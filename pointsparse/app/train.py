@@ -181,6 +181,58 @@ def check_args(args) -> None:
         raise ValueError(f"--batch-size ({args.batch_size}) must be a multiple of --nproc ({args.nproc})")
 
 
+#: The flags only generated scenes read (of every kind), and those of the outdoor scenes' LiDAR alone.
+SCENE_FLAGS = ("scenes", "val_scenes", "max_range", "beams", "azimuth_steps")
+SENSOR_FLAGS = ("max_range", "beams", "azimuth_steps")
+
+
+def _given(args, *names: str) -> list[str]:
+    """``--flag value`` of each of ``names`` that ``args`` sets to another
+    value than train's default (as ``--resume`` compares its model flags)."""
+    defaults = argparse.ArgumentParser()
+    add_arguments(defaults)
+    return [f"--{name.replace('_', '-')} {getattr(args, name)}" for name in names
+            if getattr(args, name, None) not in (None, defaults.get_default(name))]
+
+
+def check_data_flags(args) -> None:
+    """ValueError naming a data flag that the chosen data would leave unread:
+    the generated scenes' flags with --data files, the LiDAR's with the
+    indoor scenes, --val-scenes and --val-fraction where --val-data (or the
+    generated scenes) validate, --val-label-map without --val-data."""
+    data, val_data = args.data, args.val_data
+    if not is_generated(data):
+        flags = _given(args, *SCENE_FLAGS)
+        if flags:
+            raise ValueError(f"{', '.join(flags)}: the generated scenes' settings; --data {data[0]}... is point "
+                             "cloud files, so they would be ignored: drop them, or give --data generated")
+    elif data[0] == "generated-indoor":
+        flags = _given(args, *SENSOR_FLAGS)
+        if flags:
+            raise ValueError(f"{', '.join(flags)}: the LiDAR of the generated street scenes (--data generated); "
+                             "the indoor scenes (generated-indoor) are sampled without one, so they would be "
+                             "ignored: drop them")
+    if val_data is not None:
+        flags = _given(args, "val_scenes", "val_fraction")
+        if flags and is_generated(data):
+            raise ValueError(f"{', '.join(flags)}: --val-data {val_data[0]}... is the validation data, so "
+                             f"{'they' if len(flags) > 1 else 'it'} would be ignored: drop one or the other")
+        if flags:  # (files: --val-scenes was refused above)
+            raise ValueError(f"{flags[0]} holds out a share of the --data files; --val-data {val_data[0]}... is "
+                             "the validation data, so it would be ignored: drop one or the other")
+    elif is_generated(data):
+        flags = _given(args, "val_fraction")
+        if flags:
+            raise ValueError(f"{flags[0]} holds out a share of the --data files; the generated scenes validate on "
+                             "--val-scenes held-out scenes, so it would be ignored: drop it")
+    else:
+        flags = _given(args, "val_label_map")
+        if flags:
+            raise ValueError(f"{flags[0]} maps the raw labels of --val-data; without --val-data the validation "
+                             "clouds are held out of --data and read with its --label-map, so it would be "
+                             "ignored: drop it, or give --val-data")
+
+
 # --------------------------------------------------------------------- data
 
 def require_labels(source, flag: str, dist: Dist | None = None) -> None:
@@ -621,6 +673,7 @@ class TrainingJob:
 
 def main(args) -> int:
     check_args(args)
+    check_data_flags(args)
     if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         import torch.multiprocessing as mp
 
