@@ -61,6 +61,29 @@ def test_prune_channels_checkpoint_round_trip(tmp_path, capsys):
     assert state["epoch"] == 2 and G.widths(load_model(tuned / "checkpoint.pt")) == state["config"]["widths"]
 
 
+def test_finetune_resumes_a_run_that_started_from_init(tmp_path, monkeypatch):
+    """--finetune-epochs resumes the pruned checkpoint with its run's flags:
+    a run started with --init resumes without it (train refuses --init with
+    --resume, whose weights are the checkpoint's)."""
+    import argparse
+
+    from pointsparse.app import channels
+    from pointsparse.app import train as tr
+
+    parser = argparse.ArgumentParser()
+    tr.add_arguments(parser)
+    run = parser.parse_args([*TINY, "--init", str(tmp_path / "first.pt"), "--out", str(tmp_path / "run")])
+    config = {"in_channels": 4, "classes": ["a", "b"], "cr": 0.25, "blocks": 1, "voxel_size": 0.5,
+              "model": "minkunet"}
+    path = tmp_path / "pruned" / "checkpoint.pt"
+    path.parent.mkdir()
+    checkpoint.save(path, {"model": {}, "config": config, "epoch": 1, "args": vars(run)})
+    resumed = []
+    monkeypatch.setattr(tr, "train", lambda args: resumed.append(args))
+    channels.finetune(path, 2)
+    assert [(a.resume, a.init, a.epochs, a.out) for a in resumed] == [(str(path), None, 3, str(path.parent))]
+
+
 def test_masked_and_cut_state_dicts_round_trip(tmp_path):
     from pointsparse.models import MinkUNet
     from prune_procedures_support import sparse_input

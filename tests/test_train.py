@@ -190,11 +190,16 @@ def test_out_of_range_flags_fail_before_any_work(flag, value, message, tmp_path,
                                                                            "--val-data b.npy"),
     (["--data", "a.npy", "--val-label-map", "s3dis"], "--val-label-map s3dis maps the raw labels of --val-data; "
                                                       "without --val-data"),
+    (["--schedule", "step", "--warmup", "0.1"], "--warmup 0.1 is the warm-up of --schedule cosine; --schedule step "
+                                                "has none"),
+    (["--schedule", "onecycle", "--warmup", "0"], "--warmup 0.0 is the warm-up of --schedule cosine"),
+    (["--resume", "--init", "a.pt"], "--init a.pt: --resume continues its run's weights"),
 ])
-def test_data_flags_the_data_would_not_read_are_refused(argv, message, tmp_path, monkeypatch):
+def test_flags_the_run_would_not_read_are_refused(argv, message, tmp_path, monkeypatch):
     """A generated-scene flag with --data files, a LiDAR flag with the indoor
     scenes, --val-scenes or --val-fraction beside the data that validates,
-    --val-label-map without --val-data: each was accepted and never read."""
+    --val-label-map without --val-data, --warmup with a schedule that has
+    none, --init with --resume: each was accepted and never read."""
     def no_work(*args, **kwargs):
         raise AssertionError("training started before the arguments were checked")
 
@@ -211,9 +216,11 @@ def test_data_flags_the_data_would_not_read_are_refused(argv, message, tmp_path,
     ["--data", "generated", "--val-data", "b.npy", "--beams", "32", "--scenes", "3"],
     ["--data", "generated-indoor", "--scenes", "3", "--val-scenes", "2"],
     ["--data", "generated-outdoor", "--beams", "32", "--max-range", "30", "--azimuth-steps", "256"],
+    ["--schedule", "cosine", "--warmup", "0.2", "--init", "a.pt"],
+    ["--schedule", "step", "--resume"],
 ])
-def test_data_flags_the_data_reads_are_accepted(argv):
-    tr.check_data_flags(_parse([*argv, "--out", "r"]))
+def test_flags_the_run_reads_are_accepted(argv):
+    tr.check_unread_flags(_parse([*argv, "--out", "r"]))
 
 
 class _Stop(Exception):

@@ -186,6 +186,7 @@ def finetune(path: Path, epochs: int) -> None:
     state = load_state(path)
     args = argparse.Namespace(**state["args"])
     args.out, args.resume = str(path.parent), str(path)
+    args.init = None  # (the run's --init gave its first weights; the resumed ones are the checkpoint's)
     args.epochs = int(state["epoch"]) + epochs
     args.time_budget = args.time_limit = None
     main(args)

@@ -96,7 +96,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--schedule", choices=SCHEDULES, default="cosine",
                         help="learning-rate schedule over all steps: cosine (with --warmup), onecycle, step "
                              "(x0.1 at 60%% and 85%%), constant (default cosine)")
-    parser.add_argument("--warmup", type=float, default=0.05, help="warm-up share of the steps (default 0.05)")
+    parser.add_argument("--warmup", type=float, default=0.05, help="--schedule cosine: warm-up share of the steps (default 0.05)")
     parser.add_argument("--class-weights", choices=("none", "sqrt-inverse"), default="none",
                         help="loss weight per class: none, or 1/sqrt(share of the training points), mean 1 over "
                              "the classes present (default none)")
@@ -195,11 +195,20 @@ def _given(args, *names: str) -> list[str]:
             if getattr(args, name, None) not in (None, defaults.get_default(name))]
 
 
-def check_data_flags(args) -> None:
-    """ValueError naming a data flag that the chosen data would leave unread:
-    the generated scenes' flags with --data files, the LiDAR's with the
-    indoor scenes, --val-scenes and --val-fraction where --val-data (or the
-    generated scenes) validate, --val-label-map without --val-data."""
+def check_unread_flags(args) -> None:
+    """ValueError naming a flag that the run would leave unread: a data flag
+    the chosen data does not take (the generated scenes' flags with --data
+    files, the LiDAR's with the indoor scenes, --val-scenes and
+    --val-fraction where --val-data or the generated scenes validate,
+    --val-label-map without --val-data), --warmup with a schedule other than
+    cosine, --init with --resume."""
+    warmup = _given(args, "warmup")
+    if warmup and args.schedule != "cosine":
+        raise ValueError(f"{warmup[0]} is the warm-up of --schedule cosine; --schedule {args.schedule} has none "
+                         "(onecycle warms up over its first 30%), so it would be ignored: drop it")
+    if args.resume is not None and args.init is not None:
+        raise ValueError(f"--init {args.init}: --resume continues its run's weights, so it would be ignored: drop "
+                         "one or the other")
     data, val_data = args.data, args.val_data
     if not is_generated(data):
         flags = _given(args, *SCENE_FLAGS)
@@ -673,7 +682,7 @@ class TrainingJob:
 
 def main(args) -> int:
     check_args(args)
-    check_data_flags(args)
+    check_unread_flags(args)
     if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         import torch.multiprocessing as mp
 
