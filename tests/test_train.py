@@ -103,7 +103,29 @@ def test_resume_continues_exactly(tmp_path):
         tr.main(_parse([*TINY, "--epochs", "2", "--resume", "--out", str(cut)]))
     with pytest.raises(ValueError, match=r"--cr 1.0 \(the run's .*\) would be ignored"):
         tr.main(_parse([*TINY, "--epochs", "3", "--cr", "1.0", "--resume", "--out", str(cut)]))
+    # The restored optimizer and schedule keep the run's learning rate and weight decay: another value was
+    # ignored; another --optimizer was a KeyError from inside the first step.
+    with pytest.raises(ValueError, match=r"--lr 0.01 \(the run's 0.002\) would be ignored"):
+        tr.main(_parse([*TINY, "--epochs", "3", "--lr", "0.01", "--resume", "--out", str(cut)]))
+    with pytest.raises(ValueError, match=r"--optimizer sgd \(the run's adamw\), --weight-decay 0.0 \(the run's "
+                                         r"0.0001\) would be ignored"):
+        tr.main(_parse([*TINY, "--epochs", "3", "--optimizer", "sgd", "--weight-decay", "0", "--resume",
+                        "--out", str(cut)]))
     assert (cut / "checkpoint.pt").read_bytes() == before
+
+
+def test_resume_takes_the_runs_optimizer(tmp_path):
+    """A run trained with --optimizer sgd resumes with SGD when the flag is
+    not repeated (an AdamW built from the default took SGD's state and
+    failed with KeyError at its first step), and the checkpoint records it."""
+    out = tmp_path / "sgd"
+    flags = [*TINY, "--optimizer", "sgd", "--lr", "0.05", "--weight-decay", "0", "--out", str(out)]
+    tr.main(_parse([*flags, "--epochs", "1"]))
+    tr.main(_parse([*TINY, "--epochs", "2", "--resume", "--out", str(out)]))
+    state = tr.load_checkpoint(out / "checkpoint.pt")
+    assert state["epoch"] == 2
+    assert (state["args"]["optimizer"], state["args"]["lr"], state["args"]["weight_decay"]) == ("sgd", 0.05, 0.0)
+    assert tr.run_optimizer(state) == {"optimizer": "sgd", "lr": 0.05, "weight_decay": 0.0}
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):

@@ -327,6 +327,15 @@ def lr_factor(schedule: str, step: int, total: int, warmup: float) -> float:
     return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def run_optimizer(state: dict) -> dict:
+    """``optimizer``, ``lr`` (the schedule's peak) and ``weight_decay`` of
+    the run a training checkpoint continues, as its saved optimizer and
+    schedule hold them (what ``--resume`` restores, whatever the flags say)."""
+    group = state["optimizer"]["param_groups"][0]
+    return {"optimizer": "sgd" if "momentum" in group else "adamw",
+            "lr": state["scheduler"].get("base_lrs", [group["lr"]])[0], "weight_decay": group["weight_decay"]}
+
+
 def make_optimizer(args, model) -> torch.optim.Optimizer:
     if args.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
@@ -475,12 +484,18 @@ class TrainingJob:
             self.config = state["config"]
             defaults = argparse.ArgumentParser()
             add_arguments(defaults)
-            differ = [f"--{name.replace('_', '-')} {getattr(args, name)} (the run's {self.config.get(name)})"
-                      for name in ("model", "cr", "blocks", "voxel_size")
-                      if getattr(args, name, None) not in (None, defaults.get_default(name), self.config.get(name))]
+            run = {**{name: self.config.get(name) for name in ("model", "cr", "blocks", "voxel_size")},
+                   **run_optimizer(state)}
+            differ = [f"--{name.replace('_', '-')} {getattr(args, name)} (the run's {value})"
+                      for name, value in run.items()
+                      if getattr(args, name, None) not in (None, defaults.get_default(name), value)]
             if differ:
-                raise ValueError(f"--resume {path} continues its run's model; {', '.join(differ)} would be ignored: "
-                                 f"drop them, or start a new run (--init {path} starts from its weights)")
+                raise ValueError(f"--resume {path} continues its run's model and optimizer; {', '.join(differ)} "
+                                 f"would be ignored: drop them, or start a new run (--init {path} starts from its "
+                                 "weights)")
+            # The optimizer the run trained with (its state is restored into it, learning rate and weight decay
+            # included), also where the flags were left at their defaults: the checkpoint records what runs.
+            args.optimizer, args.lr, args.weight_decay = (run[name] for name in ("optimizer", "lr", "weight_decay"))
             self.log(f"resuming {path} after epoch {state['epoch']}")
         else:
             self.config = {"in_channels": NUM_FEATURES, "classes": self.classes, "cr": args.cr,
