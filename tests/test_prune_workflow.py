@@ -84,6 +84,33 @@ def test_finetune_resumes_a_run_that_started_from_init(tmp_path, monkeypatch):
     assert [(a.resume, a.init, a.epochs, a.out) for a in resumed] == [(str(path), None, 3, str(path.parent))]
 
 
+def test_label_map_for_generated_scenes_is_refused(tmp_path, capsys):
+    """prune channels and the procedures on a --checkpoint read its run's
+    data (or --data); where those are the generated scenes, --label-map
+    (which maps files' raw labels) was never read: refused, exit 2, nothing
+    written."""
+    from pointsparse.data import NUM_FEATURES, OUTDOOR_CLASSES
+    from pointsparse.models import MinkUNet
+
+    config = {"in_channels": NUM_FEATURES, "classes": list(OUTDOOR_CLASSES), "cr": 0.125, "blocks": 1,
+              "voxel_size": 0.5, "model": "minkunet"}
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    ckpt.parent.mkdir()
+    checkpoint.save(ckpt, {"model": MinkUNet(NUM_FEATURES, len(OUTDOOR_CLASSES), cr=0.125, blocks=1).state_dict(),
+                           "config": config, "args": {"data": ["generated"], "beams": 16, "azimuth_steps": 192,
+                                                      "max_range": 16.0, "optimizer": "adamw", "lr": 2e-3,
+                                                      "weight_decay": 1e-4}})
+    out = tmp_path / "out"
+    for argv, where in ((["channels"], "the run's data (generated)"),
+                        (["channels", "--data", "generated-outdoor"], "--data (generated-outdoor)"),
+                        (["amc", "--quick"], "the run's data (generated)")):
+        assert cli.main(["prune", *argv, "--checkpoint", str(ckpt), "--label-map", "semantic-kitti",
+                         "--out", str(out)]) == 2, argv
+        err = capsys.readouterr().err
+        assert f"--label-map maps the raw labels of point cloud files; {where} are the generated" in err, err
+    assert not out.exists()
+
+
 def test_masked_and_cut_state_dicts_round_trip(tmp_path):
     from pointsparse.models import MinkUNet
     from prune_procedures_support import sparse_input

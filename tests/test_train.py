@@ -277,6 +277,31 @@ def test_eval_ignore_index_default_and_explicit(flags, saved, expect, tmp_path, 
     assert used == [(expect, expect)]
 
 
+def _generated_checkpoint(path):
+    """A tiny untrained MinkUNet checkpoint of a run on generated scenes (its sensor kept small)."""
+    from pointsparse.data import NUM_FEATURES, OUTDOOR_CLASSES
+
+    config = {"in_channels": NUM_FEATURES, "classes": list(OUTDOOR_CLASSES), "cr": 0.125, "blocks": 1,
+              "voxel_size": 0.5, "model": "minkunet"}
+    state = {"model": tr.build_model(config).state_dict(), "config": config,
+             "args": {"data": ["generated"], "val_scenes": 1, "beams": 16, "azimuth_steps": 192, "max_range": 16.0}}
+    tr.save_checkpoint(path, state)
+    return path
+
+
+def test_eval_refuses_a_label_map_for_the_runs_generated_scenes(tmp_path, capsys):
+    """eval without --data scores the run's data; where those are the generated
+    scenes, --label-map (which maps files' raw labels) was never read: refused,
+    exit 2, before --out is made (with --data generated, check_args refused it)."""
+    ckpt = _generated_checkpoint(tmp_path / "c.pt")
+    out = tmp_path / "ev"
+    for flags in (["--checkpoint", str(ckpt)], ["--checkpoint", str(ckpt), "--data", "generated"]):
+        assert cli.main(["eval", *flags, "--label-map", "semantic-kitti", "--out", str(out), "--no-progress"]) == 2
+        assert "--label-map maps the raw labels of point cloud files" in capsys.readouterr().err
+    assert not out.exists()
+    assert cli.main(["eval", "--checkpoint", str(ckpt), "--out", str(out), "--no-progress"]) == 0
+
+
 def test_unlabelled_clouds_are_a_value_error(tmp_path):
     pts = np.random.default_rng(0).random((200, 3)).astype(np.float32) * 5
     np.save(tmp_path / "a.npy", pts)

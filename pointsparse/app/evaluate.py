@@ -97,8 +97,6 @@ def main(args) -> int:
         args.device = "cpu"
     else:
         state = load_checkpoint(args.checkpoint)
-    if args.out:  # before the evaluation's work, after the checks
-        make_directory(Path(args.out))
     config = state["config"]
     # An explicit --ignore-index always wins, 255 included.
     ignore_index = (args.ignore_index if args.ignore_index is not None
@@ -106,9 +104,11 @@ def main(args) -> int:
     device = pick_device(args.device, 0)
     if getattr(args, "maps_ahead", False) and device.type != "cpu":
         raise ValueError(f"--maps-ahead builds the maps on CPU worker threads; the model runs on {device}")
+    spec, source = eval_source(args, state, ignore_index)  # (its flags checked; the clouds are read on first use)
+    if args.out:  # before the evaluation's work, after the checks
+        make_directory(Path(args.out))
     if args.threads:
         torch.set_num_threads(args.threads)
-    spec, source = eval_source(args, state, ignore_index)
     require_labels(source, "--data" if args.data else "the run's data")  # (an mIoU of unlabelled clouds is NaN)
     classes = list(source.classes or config["classes"])
     if classes != config["classes"]:
@@ -184,6 +184,10 @@ def eval_source(args, state: dict, ignore_index: int):
         label_map = label_map or saved.get("label_map")
     count = getattr(args, "val_scenes", None)
     if is_generated(spec):
+        if args.label_map is not None:  # (with --data generated, train.check_args refused it)
+            raise ValueError(f"--label-map maps the raw labels of point cloud files; the run's data are the "
+                             f"generated scenes ({spec[0]}), labelled with their own classes, so it would be "
+                             "ignored: drop it, or give --data files")
         return spec, generated_source(spec, saved, count or saved.get("val_scenes", 4), VALIDATION_SEED)
     if count is not None:
         raise ValueError(f"--val-scenes counts generated scenes; the data scored here are files ({spec[0]}...): "

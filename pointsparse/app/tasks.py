@@ -204,6 +204,11 @@ def checkpoint_batches(state: dict, data=None, label_map=None, count: int = 1) -
     config, saved = state["config"], state.get("args", {})
     spec = data or saved.get("data") or ["generated"]
     if is_generated(spec):
+        if label_map is not None:
+            where = "--data" if data else "the run's data"
+            raise ValueError(f"--label-map maps the raw labels of point cloud files; {where} ({spec[0]}) are the "
+                             "generated scenes, labelled with their own classes, so it would be ignored: drop it, "
+                             "or give --data files")
         # The run's sensor (range, beams) and its training scenes (train.py: seeds from seed * 10_000).
         source = generated_source(spec, saved, count, int(saved.get("seed", 0)) * 10_000)
     else:
