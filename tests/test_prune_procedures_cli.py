@@ -42,3 +42,68 @@ def test_bad_flags_fail_before_any_work(flag, value, tmp_path, capsys, monkeypat
     with pytest.raises(ValueError, match=flag):
         cli.main(argv)
     assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("argv, words", [
+    # The task of --checkpoint is its own model and clouds: --task and --model were ignored.
+    (["amc", "--checkpoint", "{ckpt}", "--task", "scene"], "--task scene: --checkpoint runs `prune amc` on its"),
+    (["amc", "--checkpoint", "{ckpt}", "--task", "digits"], "--task digits: --checkpoint runs `prune amc` on its"),
+    (["netadapt", "--checkpoint", "{ckpt}", "--model", "cnn"], "--model cnn: --checkpoint runs `prune netadapt`"),
+    (["amc", "--checkpoint", "{ckpt}", "--reconstruct"], "--reconstruct: amc on a --checkpoint cuts every coupled"),
+    # ... and the clouds are a checkpoint's: without one the task's own data were used.
+    (["amc", "--data", "x.npy"], "--data x.npy: the clouds of a --checkpoint's model; `prune amc` on --task digits"),
+    (["sensitivity", "--task", "scene", "--label-map", "s3dis"], "--label-map s3dis: the clouds of a --checkpoint's "
+                                                                 "model; `prune sensitivity` on --task scene"),
+    # Another procedure's flags.
+    (["lottery", "--sparsity", "0.5"], "--sparsity 0.5 (prune schedule, init, rigl, vectors, offsets): `prune "
+                                       "lottery` takes no such flag, so it would be ignored"),
+    (["amc", "--latency", "0.3", "--rounds", "2"], "--rounds 2 (prune schedule, lottery), --latency 0.3 (prune "
+                                                   "netadapt): `prune amc` takes none of them"),
+    (["schedule", "--finetune-epochs", "2"], "--finetune-epochs 2 (prune channels, vectors, offsets)"),
+    (["vectors", "--checkpoint", "{ckpt}", "--data", "x.npy"], "--data x.npy (prune channels, sensitivity"),
+    (["offsets", "--checkpoint", "{ckpt}", "--ratio", "0.3"], "--ratio 0.3 (prune channels): `prune offsets`"),
+    (["channels", "--checkpoint", "{ckpt}", "--quick"], "--quick (prune sensitivity, schedule, lottery, init, rigl, "
+                                                        "amc, netadapt): `prune channels` takes no such flag"),
+    (["channels", "--checkpoint", "{ckpt}", "--seed", "1"], "--seed 1 (prune sensitivity"),
+    # Counts --quick replaces.
+    (["amc", "--quick", "--episodes", "50"], "--episodes 50: --quick runs 30 episodes, so it would be ignored"),
+    (["lottery", "--quick", "--rounds", "8"], "--rounds 8: --quick runs at most 3 rounds"),
+])
+def test_flags_the_procedure_would_not_read_are_refused(argv, words, tmp_path, capsys, monkeypatch):
+    """A flag `prune <procedure>` never reads (another procedure's, the task
+    with --checkpoint, clouds without one, a count --quick replaces) was
+    accepted and dropped: refused now, exit 2, before any work."""
+    from pointsparse.app import channels, prune
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the procedure started before its flags were checked")
+
+    for module, name in ((prune, "_task"), (channels, "main"), (channels, "vectors_main"),
+                         (channels, "offsets_main")):
+        monkeypatch.setattr(module, name, no_work)
+    monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
+    argv = [a.replace("{ckpt}", str(tmp_path / "missing.pt")) for a in argv]
+    assert cli.main(["prune", *argv, "--out", str(tmp_path / "never")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pointsparse prune: error: ") and words in err, err
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["amc", "--checkpoint", "c.pt", "--data", "x.npy", "--label-map", "s3dis", "--flops", "0.3", "--episodes", "2"],
+    ["amc", "--reconstruct", "--flops", "0.5", "--reward", "error", "--finetune-lr-factor", "0.01"],
+    ["netadapt", "--task", "scene", "--model", "minkunet", "--latency", "0.5", "--quick", "--seed", "2"],
+    ["sensitivity", "--granularity", "channel", "--model", "cnn", "--threshold", "0.05"],
+    ["schedule", "--schedule", "agp", "--sparsity", "0.98", "--rounds", "5"],
+    ["lottery", "--quick", "--rounds", "2", "--rewind", "20", "--prune-fraction", "0.3"],
+    ["init", "--method", "synflow", "--sparsity", "0.95"],
+    ["rigl", "--distribution", "uniform", "--sparsity", "0.8"],
+    ["channels", "--checkpoint", "c.pt", "--ratio", "0.3", "--criterion", "bn", "--scope", "global", "--multiple",
+     "4", "--finetune-epochs", "1", "--data", "x.npy"],
+    ["vectors", "--checkpoint", "c.pt", "--sparsity", "0.5", "--square", "--finetune-epochs", "1"],
+    ["offsets", "--checkpoint", "c.pt", "--sparsity", "0.5"],
+])
+def test_flags_the_procedure_reads_are_accepted(argv):
+    from pointsparse.app import prune
+
+    prune.check_read(cli.build_parser().parse_args(["prune", *argv]))

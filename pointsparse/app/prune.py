@@ -13,6 +13,7 @@ what it found; ``--quick`` shortens everything."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -30,7 +31,8 @@ PROCEDURES = ("sensitivity", "schedule", "lottery", "init", "rigl", "amc", "neta
 
 def add_arguments(parser) -> None:
     parser.add_argument("procedure", choices=PROCEDURES, help="which procedure to run")
-    parser.add_argument("--task", choices=("digits", "scene"), default="digits")
+    parser.add_argument("--task", choices=("digits", "scene"), default=None,
+                        help="the procedures' ready-made task without --checkpoint: digits (default) or scene")
     parser.add_argument("--model", choices=("mlp", "cnn", "deep", "sparse", "minkunet"), default=None,
                         help="digits: mlp (default), cnn (default for amc/netadapt), deep; scene: sparse (a "
                              "sparse-conv chain, default) or minkunet (pointsparse.models.MinkUNet, cr 0.25)")
@@ -64,7 +66,7 @@ def _task(args):
         from .tasks import checkpoint_task
         args.checkpoint_state, task = checkpoint_task(args.checkpoint, args.data, args.label_map)
         return task
-    if args.task == "scene":
+    if (args.task or "digits") == "scene":
         if args.model not in (None, "sparse", "minkunet"):
             raise SystemExit(f"--model {args.model} is a digits model; the scene task takes sparse or minkunet")
         make = None
@@ -107,6 +109,85 @@ def check_args(args) -> None:
         raise ValueError(f"--rewind must be >= 0; got {args.rewind}")
 
 
+#: The procedures run on a task (their drivers in :mod:`.procedures`), and those on a checkpoint alone.
+TASK_PROCEDURES = ("sensitivity", "schedule", "lottery", "init", "rigl", "amc", "netadapt")
+CHECKPOINT_PROCEDURES = ("channels", "vectors", "offsets")
+
+#: The procedures that read each flag (--out and --checkpoint: every one; --square, --pairs and --panels: vectors,
+#: refused by main's own check); each other procedure would ignore it.
+READ_BY = {
+    "task": TASK_PROCEDURES, "model": TASK_PROCEDURES, "seed": TASK_PROCEDURES, "quick": TASK_PROCEDURES,
+    "sparsity": ("schedule", "init", "rigl", "vectors", "offsets"), "granularity": ("sensitivity",),
+    "threshold": ("sensitivity",), "schedule": ("schedule",), "rounds": ("schedule", "lottery"),
+    "finetune_lr_factor": ("schedule", "amc"), "prune_fraction": ("lottery",), "rewind": ("lottery",),
+    "method": ("init",), "distribution": ("rigl",), "flops": ("amc",), "reward": ("amc",), "episodes": ("amc",),
+    "reconstruct": ("amc",), "latency": ("netadapt",), "data": ("channels", *TASK_PROCEDURES),
+    "label_map": ("channels", *TASK_PROCEDURES), "ratio": ("channels",), "criterion": ("channels",),
+    "scope": ("channels",), "multiple": ("channels",), "finetune_epochs": CHECKPOINT_PROCEDURES,
+}
+
+#: What ``--quick`` runs in place of a flag's value.
+QUICK_EPISODES, QUICK_ROUNDS = 30, 3
+
+
+def _given(args, *names: str) -> list[str]:
+    """``--flag [value]`` of each of ``names`` that ``args`` sets to another
+    value than the parser's default."""
+    defaults = argparse.ArgumentParser()
+    add_arguments(defaults)
+    flags = []
+    for name in names:
+        value = getattr(args, name, None)
+        if value is None or value is False or value == defaults.get_default(name):
+            continue
+        flag = f"--{name.replace('_', '-')}"
+        flags.append(flag if value is True else
+                     f"{flag} {' '.join(map(str, value)) if isinstance(value, list) else value}")
+    return flags
+
+
+def check_read(args) -> None:
+    """ValueError naming the flags ``prune <procedure>`` would not read: one
+    another procedure takes, --task and --model with --checkpoint (its model
+    and clouds are the task), --data and --label-map without it on a task,
+    --reconstruct with it (amc cuts every coupled group), a count --quick
+    replaces (amc's --episodes, lottery's --rounds above 3)."""
+    procedure = args.procedure
+    foreign = [(flag, READ_BY[name]) for name in READ_BY if procedure not in READ_BY[name]
+               for flag in _given(args, name)]
+    if foreign:
+        listed = ", ".join(f"{flag} (prune {', '.join(readers)})" for flag, readers in foreign)
+        one = len(foreign) == 1
+        raise ValueError(f"{listed}: `prune {procedure}` takes {'no such flag' if one else 'none of them'}, so "
+                         f"{'it' if one else 'they'} would be ignored: drop {'it' if one else 'them'}")
+    if procedure not in TASK_PROCEDURES:
+        return
+    checkpoint = getattr(args, "checkpoint", None)
+    if checkpoint is not None:
+        flags = _given(args, "task", "model")
+        if flags:
+            raise ValueError(f"{', '.join(flags)}: --checkpoint runs `prune {procedure}` on its trained MinkUNet "
+                             "and its run's clouds (or --data), so the task would be ignored: drop "
+                             f"{'it' if len(flags) == 1 else 'them'}, or drop --checkpoint")
+        if procedure == "amc" and args.reconstruct:
+            raise ValueError("--reconstruct: amc on a --checkpoint cuts every coupled channel group, without the "
+                             "least-squares reconstruction of single layers, so it would be ignored: drop it")
+    else:
+        flags = _given(args, "data", "label_map")
+        if flags:
+            raise ValueError(f"{', '.join(flags)}: the clouds of a --checkpoint's model; `prune {procedure}` on "
+                             f"--task {args.task or 'digits'} runs on the task's own data, so "
+                             f"{'it' if len(flags) == 1 else 'they'} would be ignored: give --checkpoint, or drop "
+                             f"{'it' if len(flags) == 1 else 'them'}")
+    if args.quick:
+        if procedure == "amc" and _given(args, "episodes"):
+            raise ValueError(f"--episodes {args.episodes}: --quick runs {QUICK_EPISODES} episodes, so it would be "
+                             "ignored: drop one or the other")
+        if procedure == "lottery" and _given(args, "rounds") and args.rounds > QUICK_ROUNDS:
+            raise ValueError(f"--rounds {args.rounds}: --quick runs at most {QUICK_ROUNDS} rounds, so it would be "
+                             "ignored: drop one or the other")
+
+
 def main(args) -> int:
     if getattr(args, "checkpoint", None) is not None and getattr(args, "out", None) is not None:
         from .train import CHECKPOINT
@@ -124,9 +205,10 @@ def main(args) -> int:
     if args.procedure == "channels" and args.sparsity is not None:
         raise ValueError("--sparsity: prune channels keeps --ratio of every coupled channel group; it takes no "
                          "--sparsity (that is prune vectors', offsets' and the procedures')")
+    check_args(args)
+    check_read(args)
     if args.procedure == "channels":
         return channels.main(args)
-    check_args(args)
     if args.procedure == "vectors":
         return channels.vectors_main(args)
     if args.procedure == "offsets":
@@ -166,7 +248,7 @@ def _schedule(args, task, model, steps) -> None:
 
 
 def _lottery(args, task, model, steps) -> None:
-    rounds = min(args.rounds, 3) if args.quick else args.rounds
+    rounds = min(args.rounds, QUICK_ROUNDS) if args.quick else args.rounds
     res, ctrl = procedures.lottery(task, model, steps, rounds, args.prune_fraction, args.rewind, (rounds,), args.seed)
     for row in res.rounds:
         print(f"  round {row['round']}: sparsity {row['sparsity']:.3f} {task.metric} {row['metric']:.4f}")
@@ -190,8 +272,8 @@ def _rigl(args, task, model, steps) -> None:
 def _amc(args, task, model, steps) -> None:
     coupled = args.checkpoint is not None  # a real network: every coupled group
     x = task.example_input
-    res = procedures.amc(task, model, args.flops, 30 if args.quick else args.episodes, 10 if args.quick else 30,
-                         args.reward, args.reconstruct and not coupled, x, args.seed, coupled)
+    res = procedures.amc(task, model, args.flops, QUICK_EPISODES if args.quick else args.episodes,
+                         10 if args.quick else 30, args.reward, args.reconstruct and not coupled, x, args.seed, coupled)
     print(f"best ratios {json.dumps({k: round(v, 3) for k, v in res.ratios.items()})}")
     print(f"  {task.metric} before fine-tuning {res.metric:.4f}, FLOPs {res.flops / res.dense_flops:.3f} of dense")
     print(f"ratios written to {res.export(args.out / 'amc_ratios.json')}")
