@@ -107,3 +107,17 @@ def test_flags_the_procedure_reads_are_accepted(argv):
     from pointsparse.app import prune
 
     prune.check_read(cli.build_parser().parse_args(["prune", *argv]))
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["schedule", "--task", "scene", "--model", "cnn"], "--model cnn is a digits model; the scene task takes sparse"),
+    (["schedule", "--model", "minkunet"], "--model minkunet needs --task scene"),
+])
+def test_a_model_of_the_other_task_is_a_flag_error(argv, words, tmp_path, capsys, monkeypatch):
+    """A model the task does not have: the message and exit status 2 of the
+    other bad flags (was SystemExit, exit status 1), nothing written."""
+    monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
+    assert cli.main(["prune", *argv, "--out", str(tmp_path / "never")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pointsparse prune: error: ") and words in err, err
+    assert not (tmp_path / "never").exists()

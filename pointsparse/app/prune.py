@@ -68,7 +68,7 @@ def _task(args):
         return task
     if (args.task or "digits") == "scene":
         if args.model not in (None, "sparse", "minkunet"):
-            raise SystemExit(f"--model {args.model} is a digits model; the scene task takes sparse or minkunet")
+            raise ValueError(f"--model {args.model} is a digits model; the scene task takes sparse or minkunet")
         make = None
         if args.model == "minkunet":
             from ..models import MinkUNet
@@ -78,7 +78,7 @@ def _task(args):
                 return MinkUNet(3, 4, cr=0.25, blocks=1)
         return scene_task(args.seed, points=3000 if args.quick else 6000, make_model=make)
     if args.model in ("sparse", "minkunet"):
-        raise SystemExit(f"--model {args.model} needs --task scene")
+        raise ValueError(f"--model {args.model} needs --task scene")
     model = args.model or ("cnn" if args.procedure in ("amc", "netadapt") else "mlp")
     return digits_task(model, args.seed)
 
