@@ -245,6 +245,24 @@ def test_flags_the_run_reads_are_accepted(argv):
     tr.check_unread_flags(_parse([*argv, "--out", "r"]))
 
 
+def test_torchrun_processes_are_the_ones_counted(tmp_path, monkeypatch):
+    """Under torchrun (WORLD_SIZE > 1) --nproc started nothing and was
+    dropped, and the batch was split by torchrun's process count unchecked
+    (--batch-size 3 over 2 processes trained 2 scans a step): both refused."""
+    def no_work(*args, **kwargs):
+        raise AssertionError("training started before the arguments were checked")
+
+    monkeypatch.setattr(tr, "train", no_work)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"--nproc 2: torchrun started this process as one of its 2 .* would be "
+                                         "ignored"):
+        tr.main(_parse([*TINY, "--nproc", "2", "--out", str(out)]))
+    with pytest.raises(ValueError, match=r"--batch-size \(3\) must be a multiple of the 2 processes torchrun"):
+        tr.main(_parse([*TINY, "--batch-size", "3", "--out", str(out)]))
+    assert not out.exists()
+
+
 class _Stop(Exception):
     pass
 

@@ -179,6 +179,15 @@ def check_args(args) -> None:
                              "give --data files")
     if getattr(args, "nproc", 1) > 1 and args.batch_size % args.nproc:
         raise ValueError(f"--batch-size ({args.batch_size}) must be a multiple of --nproc ({args.nproc})")
+    world = _torchrun_world()
+    if hasattr(args, "nproc") and world > 1 and args.batch_size % world:
+        raise ValueError(f"--batch-size ({args.batch_size}) must be a multiple of the {world} processes torchrun "
+                         "started")
+
+
+def _torchrun_world() -> int:
+    """The processes torchrun started this one among (``WORLD_SIZE``; 1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 #: The flags only generated scenes read (of every kind), and those of the outdoor scenes' LiDAR alone.
@@ -201,7 +210,10 @@ def check_unread_flags(args) -> None:
     files, the LiDAR's with the indoor scenes, --val-scenes and
     --val-fraction where --val-data or the generated scenes validate,
     --val-label-map without --val-data), --warmup with a schedule other than
-    cosine, --init with --resume."""
+    cosine, --init with --resume, --nproc under torchrun."""
+    if args.nproc > 1 and _torchrun_world() > 1:
+        raise ValueError(f"--nproc {args.nproc}: torchrun started this process as one of its {_torchrun_world()} "
+                         "(--nproc_per_node), so it would be ignored: drop it")
     warmup = _given(args, "warmup")
     if warmup and args.schedule != "cosine":
         raise ValueError(f"{warmup[0]} is the warm-up of --schedule cosine; --schedule {args.schedule} has none "
@@ -698,7 +710,7 @@ class TrainingJob:
 def main(args) -> int:
     check_args(args)
     check_unread_flags(args)
-    if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if args.nproc > 1 and _torchrun_world() == 1:
         import torch.multiprocessing as mp
 
         port = free_port()
