@@ -204,6 +204,14 @@ def _given(args, *names: str) -> list[str]:
             if getattr(args, name, None) not in (None, defaults.get_default(name))]
 
 
+def _they(flags: list) -> str:
+    return "it" if len(flags) == 1 else "they"
+
+
+def _them(flags: list) -> str:
+    return "it" if len(flags) == 1 else "them"
+
+
 def check_unread_flags(args) -> None:
     """ValueError naming a flag that the run would leave unread: a data flag
     the chosen data does not take (the generated scenes' flags with --data
@@ -226,18 +234,19 @@ def check_unread_flags(args) -> None:
         flags = _given(args, *SCENE_FLAGS)
         if flags:
             raise ValueError(f"{', '.join(flags)}: the generated scenes' settings; --data {data[0]}... is point "
-                             "cloud files, so they would be ignored: drop them, or give --data generated")
+                             f"cloud files, so {_they(flags)} would be ignored: drop {_them(flags)}, or give --data "
+                             "generated")
     elif data[0] == "generated-indoor":
         flags = _given(args, *SENSOR_FLAGS)
         if flags:
             raise ValueError(f"{', '.join(flags)}: the LiDAR of the generated street scenes (--data generated); "
-                             "the indoor scenes (generated-indoor) are sampled without one, so they would be "
-                             "ignored: drop them")
+                             f"the indoor scenes (generated-indoor) are sampled without one, so {_they(flags)} "
+                             f"would be ignored: drop {_them(flags)}")
     if val_data is not None:
         flags = _given(args, "val_scenes", "val_fraction")
         if flags and is_generated(data):
             raise ValueError(f"{', '.join(flags)}: --val-data {val_data[0]}... is the validation data, so "
-                             f"{'they' if len(flags) > 1 else 'it'} would be ignored: drop one or the other")
+                             f"{_they(flags)} would be ignored: drop one or the other")
         if flags:  # (files: --val-scenes was refused above)
             raise ValueError(f"{flags[0]} holds out a share of the --data files; --val-data {val_data[0]}... is "
                              "the validation data, so it would be ignored: drop one or the other")
