@@ -232,6 +232,24 @@ def test_flags_the_run_would_not_read_are_refused(argv, message, tmp_path, monke
     assert not out.exists()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "generated", "--val-data", "generated"], "--val-data generated: generated scenes are no "
+                                                         "validation files .* --val-scenes N held-out"),
+    (["--data", "a.npy", "--val-data", "generated-indoor"], "--val-data generated-indoor: .* give --val-data files"),
+])
+def test_generated_scenes_as_val_data_are_refused(argv, message, tmp_path, monkeypatch):
+    """They were read as 16 scenes from seed 0 on: the training scenes of
+    --seed 0 (validation on the training data), whatever --val-scenes said."""
+    def no_work(*args, **kwargs):
+        raise AssertionError("training started before the arguments were checked")
+
+    monkeypatch.setattr(tr, "train", no_work)
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=message):
+        tr.main(_parse([*argv, "--out", str(out)]))
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("argv", [
     ["--data", "a.npy", "--beams", "64", "--val-fraction", "0.3", "--label-map", "s3dis"],  # (the default beams)
     ["--data", "a.npy", "--val-data", "b.npy", "--val-label-map", "s3dis"],

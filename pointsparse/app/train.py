@@ -230,6 +230,11 @@ def check_unread_flags(args) -> None:
         raise ValueError(f"--init {args.init}: --resume continues its run's weights, so it would be ignored: drop "
                          "one or the other")
     data, val_data = args.data, args.val_data
+    if val_data is not None and is_generated(val_data):
+        held = ("--val-scenes N held-out scenes of its kind validate it when --val-data is not given"
+                if is_generated(data) else "give --val-data files labelled as --data is")
+        raise ValueError(f"--val-data {val_data[0]}: generated scenes are no validation files (they would be "
+                         f"scenes from seed 0 on, the training scenes' own); {held}")
     if not is_generated(data):
         flags = _given(args, *SCENE_FLAGS)
         if flags:
