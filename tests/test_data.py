@@ -546,6 +546,34 @@ def test_las_scales_counts_and_laspy_errors_are_named(tmp_path):
         read_las(path)
 
 
+def test_las_count_below_the_records_there_is_refused(tmp_path):
+    """A header count below the point records in the file (3 of 5) read the
+    first 3 silently (laspy reads the header's count); trailing extended
+    VLRs of a 1.4 file or a partial record are no extra points."""
+    laspy = pytest.importorskip("laspy")
+    from laspy.vlrs.vlrlist import VLRList
+
+    for version, point_format, name in (("1.2", 3, "v12"), ("1.4", 6, "v14")):
+        las = laspy.LasData(laspy.LasHeader(point_format=point_format, version=version))
+        las.x = las.y = las.z = np.arange(5.0)
+        las.write(tmp_path / f"{name}.las")
+        data = bytearray((tmp_path / f"{name}.las").read_bytes())
+        data[107:111] = np.array(3, "<u4").tobytes()
+        if version == "1.4":
+            data[247:255] = np.array(3, "<u8").tobytes()
+        (tmp_path / f"{name}_c3.las").write_bytes(bytes(data))
+        with pytest.raises(ValueError, match=rf"{name}_c3\.las: the LAS header says 3 points but the file holds 5 "
+                                             "point records"):
+            read_las(tmp_path / f"{name}_c3.las")
+        (tmp_path / f"{name}_tail.las").write_bytes((tmp_path / f"{name}.las").read_bytes() + b"\0" * 7)
+        assert len(read_las(tmp_path / f"{name}_tail.las")) == 5  # 7 bytes: no whole record
+    las = laspy.LasData(laspy.LasHeader(point_format=6, version="1.4"))
+    las.x = las.y = las.z = np.arange(7.0)
+    las.evlrs = VLRList([laspy.VLR("me", 1, "after the points", b"abc" * 40)])
+    las.write(tmp_path / "evlr.las")
+    assert len(read_las(tmp_path / "evlr.las")) == 7  # the 174 bytes of the extended VLR are no points
+
+
 def test_open3d_reader(tmp_path):
     try:
         import open3d as o3d

@@ -444,7 +444,9 @@ def _check_las_header(path: Path) -> bool:
     file size before laspy sees the file: laspy loops over a corrupt header's
     millions of VLRs (minutes) and allocates a header's point count. Scale
     factors must be finite and positive; a 1.4 header's legacy point count,
-    where not 0, must equal the extended one (laspy reads the extended).
+    where not 0, must equal the extended one (laspy reads the extended);
+    uncompressed, the count must equal the whole point records up to the
+    file's end (or the waveform packets or extended VLRs after them).
     Returns whether the points are compressed (LAZ)."""
     size = path.stat().st_size
     if size == 0:
@@ -495,6 +497,20 @@ def _check_las_header(path: Path) -> bool:
     if not compressed and count * record > data:
         raise ValueError(f"{path}: the LAS header says {count} points ({count * record} bytes) but the file holds "
                          f"{data // record} ({data} bytes of point data; truncated)")
+    if not compressed:
+        # Whole records past the header's count: laspy reads the count only and drops the rest silently. The
+        # point data ends at the file's end, or where what may follow the points starts (1.3+ waveform
+        # packets, 1.4 extended VLRs); an offset inside the points themselves is no such end.
+        ends = [size]
+        if minor >= 3:
+            ends.append(int(np.frombuffer(head, "<u8", 1, 227)[0]))
+        if minor >= 4 and evlrs:
+            ends.append(first_evlr)
+        held = (min(e for e in ends if e >= point_offset + count * record) - point_offset) // record
+        if held > count:
+            raise ValueError(f"{path}: the LAS header says {count} points but the file holds {held} point "
+                             f"records ({record} bytes each); the header's count is wrong (reading {count} would "
+                             f"drop {held - count} silently)")
     if compressed and count > _LAZ_POINTS_PER_BYTE * max(data, 1):
         raise ValueError(f"{path}: the LAZ header says {count} points; {data} bytes of compressed points cannot "
                          "hold that many (corrupt)")
@@ -507,7 +523,9 @@ def read_las(path, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> Sample
     LAZ). Positions are taken relative to the points' minimum (real tiles
     have large absolute coordinates, and the header's minimum is not always
     filled in); labels from ``classification``. The
-    public header is checked against the file size first."""
+    public header is checked against the file size first: in an
+    uncompressed file a point count above or below the whole records there
+    is a ValueError naming both."""
     try:
         import laspy
     except ImportError:
