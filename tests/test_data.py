@@ -249,6 +249,26 @@ def test_label_map_json_wrong_types_name_the_file_and_field(tmp_path):
         LabelMap(["a"], {0: 0}).apply(np.array([2**64 - 1], np.uint64))
 
 
+def test_label_map_json_with_a_key_twice_names_the_file_and_key(tmp_path):
+    """json keeps the last of two equal keys silently: a raw id mapped twice
+    or a second "map" object lost the first."""
+    xyz, lab = _cloud()
+    np.savez(tmp_path / "c.npz", xyz=xyz, labels=lab)
+    cases = {"id": ('{"classes": ["a", "b"], "map": {"7": 0, "7": 1}}', "'7'"),
+             "map": ('{"classes": ["a", "b"], "map": {"1": 0}, "map": {"1": 1}}', "'map'"),
+             "names": ('{"classes": ["a"], "map": {}, "names": {"x": 0, "x": 0}}', "'x'"),
+             "nested": ('{"classes": ["a"], "map": {}, "extra": [{"k": 1, "k": 2}]}', "'k'")}
+    for name, (content, key) in cases.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(content)
+        for load in (lambda: load_label_map(path), lambda: read_numpy(tmp_path / "c.npz", path)):
+            with pytest.raises(ValueError, match=rf"{name}\.json: the key {key} appears twice"):
+                load()
+    (tmp_path / "spelt.json").write_text('{"classes": ["a", "b"], "map": {"7": 0, "07": 0}, "x": {"7": 1}}')
+    with pytest.raises(ValueError, match="lists 7 twice"):  # (equal ids spelt apart: found as before)
+        load_label_map(tmp_path / "spelt.json")
+
+
 # --------------------------------------------------------------------- readers on files in the real formats
 
 def _cloud(n=50, seed=0):

@@ -123,7 +123,8 @@ def load_label_map(name_or_path) -> LabelMap:
     """A label map from a JSON file, or by name from the project's
     ``datasets/`` folder (``semantic-kitti``, ``semantic-kitti-learning``,
     ``ign-lidarhd``, ``s3dis``). JSON: ``{"classes": [...], "map": {"raw":
-    train_id}, "names": {...}}``."""
+    train_id}, "names": {...}}``; a key named twice in one object is a
+    ValueError naming the file and the key (json would keep the last)."""
     if isinstance(name_or_path, LabelMap):
         return name_or_path
     if not isinstance(name_or_path, (str, os.PathLike)):
@@ -137,7 +138,9 @@ def load_label_map(name_or_path) -> LabelMap:
             raise ValueError(f"label map {name_or_path!r} is neither a JSON file nor one of {known}")
         path = candidate
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(), object_pairs_hook=_unique_keys(path))
+    except _DuplicateKey:
+        raise
     except (OSError, UnicodeDecodeError, RecursionError, ValueError) as exc:  # (JSONDecodeError, an int of
         # more digits than Python converts, ...)
         raise ValueError(f"{path}: not a label map (not readable JSON: {exc})") from None
@@ -155,6 +158,26 @@ def load_label_map(name_or_path) -> LabelMap:
         return LabelMap(classes, mapping, names, name)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
+
+
+class _DuplicateKey(ValueError):
+    """A JSON object naming one key twice (raised from inside json.loads)."""
+
+
+def _unique_keys(path):
+    """A ``json.loads`` ``object_pairs_hook`` refusing a key that one object
+    names twice (json keeps the last silently: a label map's ``"map"`` given
+    twice, or one raw id listed twice, lost the first): ValueError naming
+    ``path`` and the key."""
+    def hook(pairs):
+        out = {}
+        for key, value in pairs:
+            if key in out:
+                raise _DuplicateKey(f"{path}: the key {key!r:.100} appears twice in one JSON object (a JSON reader "
+                                    "keeps only the last)")
+            out[key] = value
+        return out
+    return hook
 
 
 def _id_table(table, path: Path, field_name: str, raw_ids: bool) -> dict:
