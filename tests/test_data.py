@@ -362,6 +362,37 @@ def test_numpy_readers(tmp_path):
         read_numpy(tmp_path / "nopos.npz")
 
 
+def test_numpy_float64_utm_positions_keep_their_precision(tmp_path):
+    """float64 UTM positions (6.8e6 m) were cast to float32 whole: half a
+    metre apart, so a 5 cm grid saw a fraction of the voxels. Taken
+    relative to their minimum in float64 (as LAS is), they voxelise as the
+    same cloud near the origin does; float32 ones come as stored."""
+    rng = np.random.default_rng(3)
+    local = (rng.integers(0, 2_000, (5_000, 3)) + 0.5) / 1000  # 2 m cube in mm, half a mm off every 5 cm boundary
+    local[0] = 0.0  # (the minimum: the relative positions are local itself)
+    samples = {}
+    for name, shift in (("near", [1.0, 2.0, 0.5]), ("utm", [651_234.0, 6_812_345.0, 104.0])):
+        cloud = local + np.array(shift)
+        np.save(tmp_path / f"{name}.npy", cloud)
+        np.savez(tmp_path / f"{name}.npz", xyz=cloud)
+        for suffix in ("npy", "npz"):
+            samples[name, suffix] = read_numpy(tmp_path / f"{name}.{suffix}")
+    voxels = {key: voxelize_sample(s, 0.05, 255) for key, s in samples.items()}
+    assert {key: len(v.input) for key, v in voxels.items()} == {key: len(voxels["near", "npy"].input)
+                                                                 for key in voxels}
+    for key, v in voxels.items():
+        assert torch.equal(v.inverse, voxels["near", "npy"].inverse)
+        assert np.allclose(samples[key].xyz, local, atol=1e-6)
+    utm32 = (local + [651_234.0, 6_812_345.0, 104.0]).astype(np.float32)
+    np.save(tmp_path / "utm32.npy", utm32)
+    assert np.array_equal(read_numpy(tmp_path / "utm32.npy").xyz, utm32)  # nothing to recover: as stored
+    bad = local + [651_234.0, 6_812_345.0, 104.0]
+    bad[5, 1] = np.nan
+    np.save(tmp_path / "nan.npy", bad)
+    with pytest.raises(ValueError, match=r"nan\.npy: xyz holds NaN or inf at 1 of 5000 points"):
+        read_numpy(tmp_path / "nan.npy")
+
+
 def test_numpy_values_of_the_wrong_shape_or_type_are_refused(tmp_path):
     """A (9, 2) rgb for 6 points was reshaped to (6, 3), uint64 labels of
     2**64-1 became -1, complex/datetime/bool positions were cast to floats."""

@@ -402,7 +402,12 @@ def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_
     ``intensity``, ``rgb``, labels under ``labels``/``classification``.
     ``.npy``: ``(N, 3)`` positions, ``(N, 4)`` with intensity or ``(N, 6)``
     with colour; labels from ``labels_path`` or the sibling file named with
-    ``labels`` in place of ``points`` (Open3D-ML layout)."""
+    ``labels`` in place of ``points`` (Open3D-ML layout).
+
+    Positions stored wider than float32 holds (float64, 32- or 64-bit
+    integers) come relative to their minimum, subtracted in float64 (as
+    :func:`read_las` does: UTM coordinates keep their millimetres); float32
+    ones (or narrower) come as stored."""
     path = Path(path)
     label_map = load_label_map(label_map) if label_map is not None else None
     suffix = path.suffix.lower()
@@ -426,8 +431,8 @@ def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_
             if "rgb" in z.files:
                 rgb = _scale_rgb(_real(_npz_array(z, "rgb", path), f"{path} key 'rgb'", "colour", [(n, 3)]),
                                  f"{path} key 'rgb'")
-        return Sample(xyz[:, :3], _labels(raw, label_map, ignore_index, f"{path} key {lab_key!r}"), intensity, rgb,
-                      name=str(path))
+        return Sample(_positions(xyz), _labels(raw, label_map, ignore_index, f"{path} key {lab_key!r}"), intensity,
+                      rgb, name=str(path))
     if suffix != ".npy":
         raise ValueError(f"{path}: read_numpy reads .npy or .npz files (any case)")
     arr = _load_npy(path)
@@ -443,8 +448,27 @@ def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_
     if raw is not None and raw.shape not in ((len(arr),), (len(arr), 1)):
         raise ValueError(f"{labels_path}: labels of shape {raw.shape} for {len(arr)} points in {path} (needs "
                          f"({len(arr)},) or ({len(arr)}, 1))")
-    return Sample(arr[:, :3], _labels(raw, label_map, ignore_index, f"{labels_path}"), intensity, rgb,
+    return Sample(_positions(arr), _labels(raw, label_map, ignore_index, f"{labels_path}"), intensity, rgb,
                   name=str(path))
+
+
+def _positions(xyz: np.ndarray) -> np.ndarray:
+    """The first 3 columns of stored positions, for :class:`Sample`'s
+    float32: a dtype float32 holds exactly (float32, float16, 8- and 16-bit
+    integers) as stored; a wider one (float64, 32- and 64-bit integers)
+    relative to the points' minimum, taken in float64 before the float32
+    cast, as :func:`read_las` does (UTM positions of 6.8e6 m were cast
+    whole: half a metre apart in float32). Positions stored as float32
+    have lost what they lost already; nothing here recovers it. Rows with
+    NaN or inf are left for :class:`Sample` to count and refuse."""
+    xyz = xyz[:, :3]
+    if len(xyz) == 0 or np.can_cast(xyz.dtype, np.float32):
+        return xyz
+    x64 = xyz.astype(np.float64)
+    finite = np.isfinite(x64).all(1)
+    if not finite.any():
+        return x64
+    return x64 - x64[finite].min(0)
 
 
 def _sibling_labels(path: Path) -> Path | None:
