@@ -786,6 +786,24 @@ def test_open3d_reader_reads_pcd_headers_and_tokens_as_open3d_does(tmp_path):
     assert read_cloud(tmp_path / "ok.pcd").labels.tolist() == [0, 0]
 
 
+def test_ascii_pcd_values_come_from_open3d_not_the_pre_check(tmp_path):
+    """The ASCII pre-check parses the body as float64 (to check it); the
+    values come from Open3D's own parse: a U8 label past 2**53 is exact
+    there (strtoull) and a packed float ``rgb`` field is unpacked to
+    colour, neither of which the pre-check's float64 values hold."""
+    try:
+        import open3d  # noqa: F401
+    except (ImportError, OSError) as exc:
+        pytest.skip(f"open3d not usable: {exc}")
+    packed = float(np.array([0x00E08080], "<u4").view("<f4")[0])  # r 224, g 128, b 128
+    (tmp_path / "u8.pcd").write_text("VERSION 0.7\nFIELDS x y z rgb label\nSIZE 4 4 4 4 8\nTYPE F F F F U\n"
+                                     "COUNT 1 1 1 1 1\nWIDTH 2\nHEIGHT 1\nPOINTS 2\nDATA ascii\n"
+                                     f"1 2 3 {packed!r} 9007199254740993\n4 5 6 {packed!r} 2\n")
+    s = read_open3d(tmp_path / "u8.pcd")
+    assert s.labels.tolist() == [2**53 + 1, 2]
+    assert np.allclose(s.rgb, np.array([224, 128, 128]) / 255)
+
+
 def test_open3d_reader_takes_only_ply_and_pcd(tmp_path):
     """A 20-byte .pts file claiming 100 000 000 points made Open3D allocate
     4 GB and return garbage: read_open3d reads .ply and .pcd only."""

@@ -889,6 +889,9 @@ def read_open3d(path, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> Sam
         import open3d as o3d
     except (ImportError, OSError) as exc:
         raise ImportError(f"reading PLY/PCD needs the optional extra open3d-cpu (and libusb-1.0-0): {exc}") from None
+    # The checks parse an ASCII body as float64 to check it; the values still come from Open3D's own parse,
+    # the only one exact for 64-bit integer fields (a U8 label past 2**53) and that unpacks a PCD's packed
+    # float rgb, and the one that names the attributes as for a binary file.
     if path.suffix.lower() == ".ply":
         _check_ply(path)
     else:
