@@ -179,6 +179,27 @@ def test_sample_validation():
         Sample([["a", "b", "c"]])
 
 
+def test_sample_intensity_and_colour_outside_their_ranges_are_refused(tmp_path):
+    """Colour in 0..255 (not scaled) or a negative intensity passed into the
+    features as they were; the documented ranges are 0..1 (colour) and
+    0..1.5 (intensity, the readers' percentile scaling)."""
+    xyz = np.zeros((4, 3))
+    for field, value, match in (("rgb", np.full((4, 3), 255.0), r"rgb must lie in 0\.0\.\.1\.0 .*4 of 4 points"),
+                                ("rgb", [[0, 0, 0]] * 3 + [[0, -0.1, 0]], r"rgb must lie in 0\.0\.\.1\.0 .*1 of 4"),
+                                ("intensity", [0, 0.5, 1.6, 1], r"intensity must lie in 0\.0\.\.1\.5 .*1 of 4"),
+                                ("intensity", [0, -0.5, 0, 1], r"intensity must lie in 0\.0\.\.1\.5"),
+                                ("intensity", [0, np.inf, 0, 1], "intensity holds NaN or inf at 1 of 4"),
+                                ("rgb", np.full((4, 3), np.nan), "rgb holds NaN or inf at 4 of 4")):
+        with pytest.raises(ValueError, match=rf"^s: {match}"):
+            Sample(xyz, intensity=value if field == "intensity" else None, rgb=value if field == "rgb" else None,
+                   name="s")
+    s = Sample(xyz, intensity=[0, 0.5, 1.5, 1], rgb=np.ones((4, 3)))
+    assert s.intensity.max() == 1.5 and s.rgb.min() == 1
+    np.savez(tmp_path / "neg.npz", xyz=xyz, intensity=np.array([0, -0.25, 0.5, 1], np.float32))
+    with pytest.raises(ValueError, match=r"neg\.npz: intensity must lie in 0\.0\.\.1\.5"):  # (kept as stored: <= 1)
+        read_numpy(tmp_path / "neg.npz")
+
+
 def test_label_maps_shipped():
     kitti = load_label_map("semantic-kitti")
     assert kitti.num_classes == 19 and kitti.classes[0] == "car"

@@ -1,8 +1,9 @@
 """Readers from the usual on-disk formats into :class:`Sample`.
 
-Every reader returns float32 positions, optional intensity (0..1) and
-colour (0..1), and int64 training labels: raw class ids pass through a
-:class:`LabelMap`, and ids the map does not name become ``ignore_index``.
+Every reader returns float32 positions, optional intensity (0..1, the
+brightest returns up to 1.5) and colour (0..1), and int64 training labels:
+raw class ids pass through a :class:`LabelMap`, and ids the map does not
+name become ``ignore_index``.
 
 =================  ==========================================================
 format             reader

@@ -8,6 +8,11 @@ from dataclasses import dataclass
 import numpy as np
 
 
+# The documented range of each per-point feature (the readers' scaling lands in it).
+_RANGES = {"intensity": (0.0, 1.5), "rgb": (0.0, 1.0)}
+_SCALED = {"intensity": "scaled: 0..1, the brightest returns up to 1.5", "rgb": "scaled from 0..255 or 0..65535"}
+
+
 @dataclass
 class Sample:
     """A labelled point cloud.
@@ -17,9 +22,16 @@ class Sample:
             centres them).
         labels: int64 ``(N,)`` training ids (``ignore_index`` for points that
             count nowhere), or None for unlabelled clouds.
-        intensity: optional float32 ``(N, 1)`` return intensity scaled to 0..1.
+        intensity: optional float32 ``(N, 1)`` return intensity scaled to
+            0..1, at most 1.5 (the readers divide raw intensities by their
+            99th percentile, so the brightest returns pass 1; they clip at
+            1.5).
         rgb: optional float32 ``(N, 3)`` colour in 0..1.
         name: where the sample came from (file name or generator and seed).
+
+    Non-finite positions, intensities or colours, and intensities or
+    colours outside those ranges (colour in 0..255 not scaled, a negative
+    intensity), are a ValueError naming the field.
     """
 
     xyz: np.ndarray
@@ -69,6 +81,12 @@ class Sample:
             bad = int((~np.isfinite(value)).any(1).sum())
             if bad:
                 raise ValueError(f"{self.name or 'sample'}: {field} holds NaN or inf at {bad} of {n} points")
+            low, high = _RANGES[field]
+            outside = ((value < low) | (value > high)).any(1)
+            if outside.any():
+                raise ValueError(f"{self.name or 'sample'}: {field} must lie in {low}..{high} ({_SCALED[field]}); "
+                                 f"{int(outside.sum())} of {n} points do not (values {float(value.min())!r} to "
+                                 f"{float(value.max())!r})")
             setattr(self, field, value)
 
     def __len__(self) -> int:
