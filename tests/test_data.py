@@ -110,6 +110,17 @@ def test_scene_seeds_and_ray_fans_are_checked_first():
             lidar_rays(**kwargs)
     with pytest.raises(ValueError, match="max_range"):
         outdoor_scene(0, beams=4, azimuth_steps=64, max_range=True)
+    # A range noise past the scan's range gave a cloud of metres-to-megametres noise, and 1e39 inf points blamed
+    # on xyz; inf and negative ones were refused already.
+    for kwargs in (dict(range_noise=1e6), dict(range_noise=1e39), dict(range_noise=30.0, max_range=20.0),
+                   dict(range_noise=float("inf")), dict(range_noise=-0.1), dict(range_noise=True)):
+        with pytest.raises(ValueError, match=r"range_noise must be a finite number in \[0, max_range\]"):
+            outdoor_scene(0, beams=4, azimuth_steps=64, **kwargs)
+    with pytest.raises(ValueError, match="range_noise"):
+        GeneratedScenes("outdoor", 2, range_noise=60.0)
+    with pytest.raises(ValueError, match="max_range"):  # (checked before the range noise it bounds)
+        GeneratedScenes("outdoor", 2, range_noise=1.0, max_range="x")
+    assert len(outdoor_scene(0, beams=4, azimuth_steps=64, range_noise=50.0)) > 0
     with pytest.raises(ValueError, match="density"):
         indoor_scene(0, density=True)
 
@@ -980,7 +991,10 @@ def test_augment_checks_its_arguments():
                                  (dict(scale=(-1, -1)), ValueError, "scale"),
                                  (dict(scale=1.0), TypeError, "scale"),
                                  (dict(scale="ab"), TypeError, "scale"),
-                                 (dict(scale=(1e40, 1e40)), ValueError, "float32")):
+                                 (dict(scale=(1e40, 1e40)), ValueError, "float32"),
+                                 (dict(rotate="no"), TypeError, "rotate must be a bool"),
+                                 (dict(flip=0.5), TypeError, "flip must be a bool"),
+                                 (dict(rotate=None), TypeError, "rotate must be a bool")):
         with pytest.raises(error, match=match):
             augment(s, rng(0), **kwargs)
     for bad in (3, None, np.random.RandomState(0)):
@@ -1133,6 +1147,9 @@ def test_voxel_dataset_takes_negative_indices_and_checks_seeds():
         with pytest.raises(error, match="epoch must"):
             ds.set_epoch(bad)
     assert ds.epoch == 0
+    for bad in ("no", 1, None):  # ("no" augmented every item)
+        with pytest.raises(TypeError, match="train must be a bool"):
+            VoxelDataset(scenes, 0.2, train=bad)
 
 
 def test_label_map_with_huge_raw_ids_is_quick_and_ignores_them():

@@ -144,9 +144,16 @@ def _check_density(density) -> None:
         raise ValueError(f"density must be in (0, 100000] points per square metre; got {density!r}")
 
 
+#: ``outdoor_scene``'s default ``max_range`` (metres).
+DEFAULT_RANGE = 50.0
+
+
 def _check_scene_args(**values) -> None:
+    """The outdoor scene's (and ray fan's) arguments among ``values``;
+    ``range_noise`` against the ``max_range`` given (or the default)."""
     limits = {"beams": (1, MAX_BEAMS), "azimuth_steps": (1, MAX_AZIMUTH_STEPS)}
-    for name, value in values.items():
+    for name in sorted(values, key=lambda n: n != "max_range"):  # (max_range first: range_noise's bound)
+        value = values[name]
         if name in limits:
             lo, hi = limits[name]
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
@@ -154,6 +161,13 @@ def _check_scene_args(**values) -> None:
         elif name == "max_range":
             if not (_is_number(value) and 0 < value <= MAX_RANGE):
                 raise ValueError(f"max_range must be in (0, {MAX_RANGE:g}] metres; got {value!r}")
+        elif name == "range_noise":
+            # (A sigma past the scan's range put returns behind the sensor and 1e38 made the points inf, blamed
+            # on xyz.)
+            top = values.get("max_range", DEFAULT_RANGE)
+            if not (_is_number(value) and np.isfinite(value) and 0 <= value <= top):
+                raise ValueError(f"range_noise must be a finite number in [0, max_range] metres ([0, {top:g}] "
+                                 f"here); got {value!r}")
         elif not (_is_number(value) and np.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
 
@@ -282,7 +296,7 @@ def _returns(rng, caster: _Caster, range_noise: float, seed: int) -> Sample:
                   name=f"generated-outdoor-{seed}")
 
 
-def outdoor_scene(seed: int = 0, beams: int = 64, azimuth_steps: int = 1024, max_range: float = 50.0,
+def outdoor_scene(seed: int = 0, beams: int = 64, azimuth_steps: int = 1024, max_range: float = DEFAULT_RANGE,
                   range_noise: float = 0.02) -> Sample:
     """A street scanned by a 64-beam LiDAR 1.73 m above the road.
 
@@ -292,7 +306,8 @@ def outdoor_scene(seed: int = 0, beams: int = 64, azimuth_steps: int = 1024, max
     Every point is labelled; ``labels`` index :data:`OUTDOOR_CLASSES`.
     Limits (checked first): ``seed`` an int >= 0, ``beams`` 1..1024,
     ``azimuth_steps`` 1..65536, ``max_range`` in (0, MAX_RANGE] metres,
-    ``range_noise`` finite >= 0 (numbers, not bools)."""
+    ``range_noise`` (the sigma of the noise on each range, metres) finite
+    in [0, max_range] (numbers, not bools)."""
     as_int(seed, "seed", 0)  # (None drew a different scene each call; numpy's errors did not name it)
     _check_scene_args(beams=beams, azimuth_steps=azimuth_steps, max_range=max_range, range_noise=range_noise)
     rng = np.random.default_rng(seed)

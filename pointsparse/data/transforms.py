@@ -31,12 +31,15 @@ def augment(sample: Sample, rng: np.random.Generator, rotate: bool = True, scale
             jitter: float = 0.01) -> Sample:
     """A random rotation about z, uniform scaling in ``scale``, a random
     mirror of x and/or y, and Gaussian jitter of ``jitter`` metres.
-    ``rng`` a numpy Generator; ``scale`` None or ``(low, high)`` with
-    ``0 < low <= high`` finite; ``jitter`` finite >= 0 (None or False: none).
-    TypeError/ValueError naming the argument otherwise, and ValueError where
-    they take the points beyond float32."""
+    ``rng`` a numpy Generator; ``rotate`` and ``flip`` bools; ``scale`` None
+    or ``(low, high)`` with ``0 < low <= high`` finite; ``jitter`` finite >= 0
+    (None or False: none). TypeError/ValueError naming the argument
+    otherwise, and ValueError where they take the points beyond float32."""
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator; got {type(rng).__name__}")
+    for name, value in (("rotate", rotate), ("flip", flip)):
+        if not isinstance(value, (bool, np.bool_)):  # ("no" or 0.5 were true and turned the cloud)
+            raise TypeError(f"{name} must be a bool; got {type(value).__name__} {value!r:.40}")
     if scale is not None:
         try:
             low, high = (as_float(v, "scale") for v in scale)
