@@ -1059,6 +1059,38 @@ def test_voxelize_sample_names_a_bad_voxel_size_or_ignore_index():
     assert VoxelDataset([s], np.float64(0.5), np.int64(7)).voxel_size == 0.5
 
 
+def test_voxelize_sample_of_a_huge_or_tiny_voxel(monkeypatch):
+    """A voxel of 1e30 m shifted a cloud in [-50, 50] m by a whole voxel, so
+    its float32 positions all rounded into one voxel (the points below 0 and
+    above lie in two per axis), and 1e300 made them inf (blamed on the
+    points); a voxel of 1e-6 m or less quantised the cloud before failing on
+    its int32 or key range, naming the points."""
+    import re
+
+    from pointsparse.data import transforms
+
+    rng = np.random.default_rng(2)
+    xyz = rng.uniform(-50, 50, (500, 3)).astype(np.float32)
+    s = Sample(xyz, rng.integers(0, 3, 500))
+    cells = (xyz >= 0).astype(np.int64)  # floor(x / size) + 1 for these sizes: 0 below 0, 1 from 0
+    for size in (1e9, 1e30, 1e300):
+        v = voxelize_sample(s, size, 255)
+        assert len(v.input) == len(np.unique(cells, axis=0))
+        assert np.array_equal(v.coords[v.inverse, 1:].numpy(), cells)
+        assert torch.equal(v.points.floor().int(), v.coords[v.inverse, 1:])  # (inside their voxels)
+    assert len(voxelize_sample(Sample(xyz + 60), 1e30, 255).input) == 1  # all above 0: one voxel
+
+    def quantised(*args, **kwargs):
+        raise AssertionError("voxelize ran")
+
+    monkeypatch.setattr(transforms, "voxelize", quantised)
+    for size, cloud, why in ((1e-6, s, "coordinates span .* 81 bits in all"), (1e-30, s, "must fit int32"),
+                             (1e-300, s, "must fit int32"), (5e-324, s, "leaves float64"),
+                             (1e-300, Sample(np.full((3, 3), 3e38)), "leaves float64")):
+        with pytest.raises(ValueError, match=rf"^voxel_size {re.escape(repr(size))} .*{why}"):
+            voxelize_sample(cloud, size, 255)
+
+
 def test_voxelize_sample_and_collate():
     s = Sample(np.array([[0.01, 0.01, 0.01], [0.02, 0.03, 0.04], [1000.5, 0, 0]], np.float32),
                np.array([1, 1, 2]), intensity=np.array([0.2, 0.4, 1.0], np.float32))

@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .. import coords as _coords
 from ..coords import KeyLayout
 from ..tensor import SparseTensor, as_float, collate
 from ..voxelize import voxelize
@@ -169,25 +170,73 @@ def check_voxel_size(value) -> float:
     return size
 
 
+def _first_voxels(low: np.ndarray, high: np.ndarray, voxel_size: float) -> np.ndarray:
+    """``floor(low / voxel_size)`` per axis (float64), the voxel the shift
+    moves to 0, after checking that the cloud's voxels from there fit a
+    coordinate key: ValueError naming ``voxel_size`` (before anything is
+    quantised) where ``points / voxel_size`` leaves float64, a span passes
+    int32, or the x, y, z spans together pass the key's bits."""
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        first, last = np.floor(low / voxel_size), np.floor(high / voxel_size)
+    if not (np.isfinite(first).all() and np.isfinite(last).all()):
+        raise ValueError(f"voxel_size {voxel_size!r} is too small for the cloud's coordinates (from {low.tolist()} to "
+                         f"{high.tolist()} m): points / voxel_size leaves float64")
+    spans = last - first
+    if (spans > _coords.COORD_MAX).any():
+        raise ValueError(f"voxel_size {voxel_size!r} puts the cloud's extent of {(high - low).tolist()} m (x, y, z) "
+                         f"across {(spans + 1).tolist()} voxels; voxel coordinates must fit int32 (use a larger "
+                         "voxel_size)")
+    try:
+        KeyLayout.fit([0, 0, 0, 0], [0, *(int(v) for v in spans)])
+    except ValueError as exc:
+        raise ValueError(f"voxel_size {voxel_size!r} is too small for the cloud's extent of "
+                         f"{(high - low).tolist()} m (x, y, z): its {exc}; use a larger voxel_size") from None
+    return first
+
+
 def voxelize_sample(sample: Sample, voxel_size: float, ignore_index: int) -> VoxelSample:
-    """Quantise a sample (shifted so that its minimum lands at voxel 0, which
-    keeps real tiles inside the 17-bit coordinate range). ``voxel_size``: one
-    positive number (metres); ``ignore_index``: an int (TypeError/ValueError
-    naming either otherwise)."""
+    """Quantise a sample (shifted by whole voxels so that its minimum lands
+    at voxel 0: the coordinates of a real tile stay small). ``voxel_size``:
+    one positive number (metres); ``ignore_index``: an int (TypeError/
+    ValueError naming either otherwise). A ``voxel_size`` so small that the
+    cloud's voxels do not fit a coordinate key (int32 per axis, 63 bits for
+    the spans together) is a ValueError naming it, before anything is
+    quantised; one far larger than the cloud gives its voxels exactly (the
+    shift of a whole voxel would swamp the float32 positions)."""
     voxel_size, ignore_index = check_voxel_size(voxel_size), _ignore_index(ignore_index)
     # The shift in float64: the minimum per column, the arithmetic in torch (the
     # same values as numpy's reduction over the (N, 3) rows and its casts, sooner).
     xyz = torch.from_numpy(sample.xyz).double()  # (Sample keeps float32, C-contiguous)
+    exact = False
     if len(xyz):
         low = np.array([sample.xyz[:, a].min() for a in range(3)], dtype=np.float64)
-        xyz -= torch.from_numpy(np.floor(low / voxel_size) * voxel_size)
-    points = xyz.float()
+        high = np.array([sample.xyz[:, a].max() for a in range(3)], dtype=np.float64)
+        first = _first_voxels(low, high, voxel_size)
+        shift = first * voxel_size
+        # A voxel many times the cloud's largest coordinate, the minimum below 0: the shift of one voxel
+        # (1e30 m) left float32 positions that all rounded into one voxel (or, past float32, inf).
+        exact = bool((np.abs(shift) > 4 * np.maximum(np.abs(low), np.abs(high))).any())
+        if not exact:
+            xyz -= torch.from_numpy(shift)
     feats = torch.from_numpy(point_features(sample))
-    tensor, inverse = voxelize(points, feats, voxel_size=voxel_size, reduce="mean")
+    if exact:
+        # Each point's voxel from its own position (floor(x / voxel_size), exact in float64) less the first
+        # voxel: a few small whole numbers, voxelised as the voxels' centres at size 1; the positions in voxel
+        # units kept inside their voxels.
+        scaled = xyz / voxel_size
+        cells = torch.floor(scaled) - torch.from_numpy(first)
+        tensor, inverse = voxelize((cells + 0.5).float(), feats, voxel_size=1.0, reduce="mean")
+        below = cells.float()
+        top = torch.nextafter(below + 1, below)
+        voxel_points = torch.minimum(torch.maximum((scaled - torch.from_numpy(first)).float(), below), top)
+    else:
+        points = xyz.float()
+        tensor, inverse = voxelize(points, feats, voxel_size=voxel_size, reduce="mean")
+        voxel_points = (points.double() / voxel_size).float()
     labels = sample.labels if sample.labels is not None else np.full(len(sample), ignore_index, dtype=np.int64)
     vox_labels = majority_labels(inverse.numpy(), labels, len(tensor), ignore_index)
     return VoxelSample(tensor, torch.from_numpy(vox_labels), inverse.long(), torch.from_numpy(labels.astype(np.int64)),
-                       sample.xyz, sample.name, (points.double() / voxel_size).float())
+                       sample.xyz, sample.name, voxel_points)
 
 
 @dataclass
