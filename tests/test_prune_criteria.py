@@ -219,3 +219,75 @@ def test_normalize_takes_a_criterion_dict_of_tensors():
     layer = nn.Linear(4, 2)
     with pytest.raises(TypeError, match=r"scores\[.*'weight'\)\] must be a tensor; got list"):
         criteria.normalize({(layer, "weight"): [1.0, 2.0]})
+
+
+def _log_norms(rows: torch.Tensor, p: float) -> torch.Tensor:
+    """log ||row||_p of each row in float64, in the log domain (no power is formed)."""
+    return torch.logsumexp(p * rows.double().abs().log(), dim=1) / p
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e3])
+def test_magnitude_group_norm_of_a_large_p_ranks_as_the_exact_norm(scale):
+    """p=2000: |w|^p underflows to 0 (every group scored 0, a tie) or
+    overflows to inf for |w| ~ 1e-3 / 1e3; the group norm is scaled by the
+    group's largest |w| and equals the log-domain reference, the rows
+    sharing their largest entry ordered by the others."""
+    rows = torch.tensor([[0.5, 0.1, 0.1, 0.1],
+                         [0.7, 0.6, 0.5, 0.4],
+                         [1.0, 0.9999, 0.5, 0.2],  # rows 2-4 share their largest |w|: the rest decides
+                         [-1.0, 0.9998, 0.5, 0.2],
+                         [1.0, 0.3, -0.2, 0.1],
+                         [0.99, -0.99, 0.99, 0.99]]) * scale
+    layer = nn.Linear(4, 6, bias=False)
+    set_weight(layer, rows)
+    key = (layer, "weight")
+    got = criteria.magnitude([key], p=2000, group="out")[key]
+    want = _log_norms(rows, 2000).exp()
+    assert torch.all(got == got[:, :1])  # each row's norm on each of its entries
+    torch.testing.assert_close(got[:, 0].double(), want, rtol=1e-6, atol=0)
+    assert torch.equal(torch.argsort(got[:, 0]), torch.argsort(want))
+    assert got[2, 0] > got[3, 0] > got[4, 0] and torch.isfinite(got).all()
+    # the structured method ranks by the same norms: the two weakest rows (0 and 1) go (tied norms sent 3 and 5)
+    prune.channel_structured(layer, "weight", amount=2, n=2000)
+    assert torch.equal(layer.weight_mask.sum(1) == 0, torch.tensor([True, True, False, False, False, False]))
+
+
+def test_magnitude_per_entry_power_that_loses_the_order_is_an_error():
+    for values, p in ((torch.full((2, 3), 1e-3), 2000), (torch.full((2, 3), 1e3), 2000)):
+        layer = nn.Linear(3, 2, bias=False)
+        set_weight(layer, values * torch.arange(1.0, 7.0).reshape(2, 3))
+        with pytest.raises(ValueError, match=r"p=2000: \|w\|\^p of 6 weight\(s\) of Linear.weight .* use p=1"):
+            criteria.magnitude(layer, p=p)
+    half = nn.Linear(2, 1, bias=False).half()
+    set_weight(half, torch.tensor([[1e-4, 0.5]]))
+    with pytest.raises(ValueError, match=r"p=2: \|w\|\^p of 1 weight\(s\) .*float16"):  # 1e-8 is 0 in float16
+        criteria.magnitude(half, p=2)
+    assert torch.equal(criteria.magnitude(half, p=1)[(half, "weight")], half.weight.detach().abs())
+
+
+def test_normalize_l2_of_very_large_and_very_small_scores():
+    """vector_norm squares the scores as they are: 1e30 in float32 gave the
+    norm inf (every score normalised to 0), 1e-30 the norm 0 (the scores
+    left as they were)."""
+    a, b = nn.Linear(2, 1), nn.Linear(2, 1)
+    for scale in (1e30, 1e-30):
+        values = torch.tensor([[3.0, 4.0]]) * scale
+        out = criteria.normalize({(a, "weight"): values, (b, "weight"): torch.tensor([[1.0, 0.0]])})
+        torch.testing.assert_close(out[(a, "weight")], torch.tensor([[0.6, 0.8]]))
+        assert torch.equal(out[(b, "weight")], torch.tensor([[1.0, 0.0]]))
+
+
+def test_nan_scores_are_an_error_for_group_methods():
+    """topk ranks NaN above every number: a NaN-scored group was never pruned."""
+    layer = nn.Linear(3, 4, bias=False)
+    scores = torch.rand(4, 3)
+    scores[0, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"hold 1 NaN value\(s\) \(importance_scores"):
+        prune.channel_structured(layer, "weight", amount=1, importance_scores=scores)
+    assert not prune.is_pruned(layer)
+    with torch.no_grad():
+        layer.weight[2, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        criteria.magnitude(layer, p=2, group="out")
+    with pytest.raises(ValueError, match="NaN"):
+        prune.global_structured([(layer, "weight")], prune.ChannelStructured, amount=1)

@@ -82,7 +82,16 @@ def group_ids(module: nn.Module, name: str, group: str) -> tuple[torch.Tensor, i
 
 def magnitude(parameters, p: float = 1, group: str | None = None) -> Scores:
     """``|w|^p`` per entry; with ``group`` the group's Lp norm (of the
-    unpruned entries) broadcast to each of its entries."""
+    unpruned entries) broadcast to each of its entries, computed scaled by
+    the group's largest ``|w|`` so that any ``p`` ranks groups as the exact
+    norms do (see :func:`pointsparse.prune.structured.group_scores`).
+
+    Per entry ``|w|^p`` is the score itself, in the weight's dtype: where it
+    underflows to 0 for a nonzero ``|w|`` or overflows to inf (``p=2000`` on
+    weights ``~1e-3`` or ``~1e3``; ``p=2`` on float16 weights below ``~2e-4``)
+    the scores no longer order the weights, and that is a ValueError naming
+    ``p`` (``p=1`` orders the entries as any ``p`` does; a group norm is
+    computed stably)."""
     if isinstance(p, bool) or not isinstance(p, numbers.Real) or not p > 0:
         raise ValueError(f"p must be a positive number; got {p!r}")
     if group is None and p == float("inf"):  # |w|^inf is 0 for every |w| < 1: the ranking is lost
@@ -92,7 +101,16 @@ def magnitude(parameters, p: float = 1, group: str | None = None) -> Scores:
     for module, name in _parameters(parameters):
         weight = current_weight(module, name).detach()
         if group is None:
-            out[(module, name)] = weight.abs().pow(p)
+            size = weight.abs()
+            scores = size.pow(p)
+            lost = ((scores == 0) & (size != 0)) | (torch.isinf(scores) & torch.isfinite(size))
+            if bool(lost.any()):
+                raise ValueError(
+                    f"p={p!r}: |w|^p of {int(lost.sum())} weight(s) of {type(module).__name__}.{name} "
+                    f"({str(weight.dtype).replace('torch.', '')}, |w| in [{float(size[size > 0].min()):.3g}, "
+                    f"{float(size.max()):.3g}]) underflows to 0 or overflows to inf, so the scores no longer "
+                    "order the weights; use p=1 (the same order of entries) or a group norm (group=...)")
+            out[(module, name)] = scores
         else:
             ids, count = group_ids(module, name, group)
             norms, _ = group_scores(weight, torch.ones_like(weight), ids, count, p)
@@ -308,11 +326,22 @@ def _gamma(norm: nn.Module) -> torch.Tensor:
     return gamma
 
 
+def _l2(values: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of ``values`` (>= 0) scaled by their largest: torch's
+    ``vector_norm`` squares them as they are, so scores ``~1e30`` in float32
+    had the norm inf (every normalised score 0) and ``~1e-30`` the norm 0
+    (left unnormalised)."""
+    peak = values.amax() if values.numel() else values.new_zeros(())
+    if not (peak > 0 and torch.isfinite(peak)):
+        return peak
+    return peak * torch.linalg.vector_norm(values / peak)
+
+
 def normalize(scores: Scores, how: str = "l2") -> Scores:
     """Each tensor's scores divided by their L2 norm (``how="l2"``), their
     maximum (``"max"``) or their mean (``"mean"``), so that layers compare
     fairly in a global ranking."""
-    reducers = {"l2": torch.linalg.vector_norm, "max": torch.amax, "mean": torch.mean}
+    reducers = {"l2": _l2, "max": torch.amax, "mean": torch.mean}
     if how not in reducers:
         raise ValueError(f"how must be one of {sorted(reducers)}; got {how!r}")
     if not isinstance(scores, Mapping):
