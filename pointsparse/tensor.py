@@ -61,6 +61,15 @@ def as_float(value, name: str) -> float:
         raise TypeError(f"{name} must be a real number; got {value!r}") from None
 
 
+def as_bool(value, name: str) -> bool:
+    """A Python bool from a bool or a numpy bool; anything else (an int, the
+    string ``"no"``, None) is a TypeError naming ``name``: a flag checked
+    only for truthiness takes ``"no"`` or ``"False"`` for True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False (a bool); got {value!r}")
+    return bool(value)
+
+
 def as_triple(value, name: str, minimum: int = 1) -> Triple:
     """An int or 3-sequence of ints as a 3-tuple; ValueError/TypeError naming ``name``."""
     if type(value) is tuple and len(value) == 3 and type(value[0]) is int and type(value[1]) is int \

@@ -622,6 +622,10 @@ def test_pair_panels_prune_whole_bf16_vectors(c_in):
             prune.panel_structured(ps.nn.Conv3d(4, 4, 3), "weight", 0.5, rows=bad)
     with pytest.raises(ValueError, match="square"):
         prune.panel_structured(ps.nn.Conv3d(4, 4, 3), "weight", 0.5, square=True, rows=2)
+    unpruned = ps.nn.Conv3d(4, 4, 3)
+    with pytest.raises(TypeError, match="square must be True or False"):  # "no" pruned square blocks
+        prune.panel_structured(unpruned, "weight", 0.5, square="no")
+    assert not prune.is_pruned(unpruned)
 
 
 def test_panels_prune_vectors_of_adjacent_panels():

@@ -101,10 +101,19 @@ def test_bad_inputs():
            ({"noise_decay": 0.0}, ValueError, "noise_decay"),
            ({"noise_decay": float("inf")}, ValueError, "noise_decay"),
            ({"seed": 1.5}, ValueError, "seed"),
-           ({"episodes": True}, ValueError, "episodes")]
+           ({"episodes": True}, ValueError, "episodes"),
+           ({"coupled": "no", "episodes": 1, "warmup": 1}, TypeError, "coupled must be True or False"),
+           ({"reconstruct": "no", "episodes": 1, "warmup": 1}, TypeError, "reconstruct must be True or False"),
+           ({"log": "run.log", "episodes": 1, "warmup": 1}, TypeError, "log must be callable"),
+           ({"agent_kwargs": [("hidden", 8)], "episodes": 1, "warmup": 1}, TypeError, "agent_kwargs must be a dict")]
     for kwargs, error, match in bad:
         with pytest.raises(error, match=match):
             amc.amc_search(net, lambda m: 1.0, x, **kwargs)
+
+
+def test_layer_infos_coupled_must_be_a_bool():
+    with pytest.raises(TypeError, match="coupled must be True or False"):
+        amc.layer_infos(mlp(0), torch.randn(2, 8), coupled="no")
 
 
 def test_residual_network_search_and_netadapt_layout():

@@ -339,6 +339,9 @@ def test_filter_skeleton_misuse_is_reported():
     assert bool(fresh.weight_mask.all())
     with pytest.raises(ValueError, match="init must be a finite number"):
         prune.attach_filter_skeleton(nn.Conv2d(2, 2, 3), init=float("nan"))
+    with pytest.raises(TypeError, match="fold must be True or False"):  # "no" folded the skeleton in
+        prune.detach_filter_skeleton(fresh, fold="no")
+    assert fresh.weight_skeleton is not None
 
 
 def test_methods_that_need_kernel_axes_say_so():

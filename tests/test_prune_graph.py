@@ -318,6 +318,8 @@ def test_cut_refuses_float_indices_and_a_group_named_twice():
         graph.cut({0: [0, 1, 2, 3], "stem.0": [4, 5, 6, 7]})
     with pytest.raises(ValueError, match="names group 'stem.0' twice"):
         graph.mask({0: [0, 1, 2, 3], "stem.0": [4, 5, 6, 7]})
+    with pytest.raises(TypeError, match="retrace must be True or False"):  # "no" retraced
+        graph.cut({"stem.0": [0, 1]}, retrace="no")
     assert net.stem[0].out_channels == 8 and not ps.prune.is_pruned(net)
     graph.cut({"stem.0": torch.tensor([1, 3])})
     assert net.stem[0].out_channels == 2 and net(x).feats.shape == (len(x), 4)

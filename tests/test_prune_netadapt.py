@@ -90,7 +90,8 @@ def test_bad_inputs():
            ({"max_iterations": 0}, ValueError, "max_iterations"),
            ({"lr": float("nan")}, ValueError, "lr must be"),
            ({"finetune_lr_factor": float("nan")}, ValueError, "finetune_lr_factor"),
-           ({"finetune_lr_factor": 0}, ValueError, "finetune_lr_factor")]
+           ({"finetune_lr_factor": 0}, ValueError, "finetune_lr_factor"),
+           ({"log": "run.log"}, TypeError, "log must be callable")]  # was called after the first fine-tuning
     for kwargs, error, match in bad:
         args = {"budget": 0.5, **kwargs}
         with pytest.raises(error, match=match):

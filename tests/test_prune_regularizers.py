@@ -54,6 +54,16 @@ def test_group_lasso_channels_and_stripes():
     assert scaled.item() == pytest.approx(5.0 * 2**0.5)
 
 
+def test_group_lasso_scale_by_size_must_be_a_bool():
+    """Checked for truthiness, the string "no" scaled every group."""
+    conv = nn.Conv2d(1, 2, (1, 2), bias=False)
+    set_weight(conv, torch.tensor([[[[3.0, 4.0]]], [[[0.0, 0.0]]]]))
+    for bad in ("no", "False", 0, None):
+        with pytest.raises(TypeError, match=f"scale_by_size must be True or False \\(a bool\\); got {bad!r}"):
+            regularizers.group_lasso(conv, scale_by_size=bad)
+    assert regularizers.group_lasso(conv, scale_by_size=False).item() == pytest.approx(5.0)
+
+
 def test_group_lasso_offsets_of_a_sparse_conv():
     sparse = SparseConv(1, 2, kernel_size=(1, 1, 2))
     set_weight(sparse, torch.tensor([[[3.0, 4.0]], [[0.0, 1.0]]]))  # (K=2, C_in=1, C_out=2)

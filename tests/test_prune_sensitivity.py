@@ -46,6 +46,8 @@ def test_choose_ratios_threshold():
     assert sensitivity.choose_ratios(res, 0.025) == {"a": 0.2, "b": 0.0}  # b's dip at 0.1 stops it
     assert sensitivity.choose_ratios(res, 0.3) == {"a": 0.3, "b": 0.3}
     assert sensitivity.choose_ratios(res, 0.03, relative=True) == {"a": 0.2, "b": 0.0}
+    with pytest.raises(TypeError, match="relative must be True or False"):  # "no" was True
+        sensitivity.choose_ratios(res, 0.03, relative="no")
 
 
 def test_real_metric_apply_and_plot(tmp_path):

@@ -159,6 +159,8 @@ def test_bad_inputs():
         surgery.apply_channel_ratios(net, {"0": 1.0})
     with pytest.raises(ValueError, match="calibration_input"):
         surgery.apply_channel_ratios(net, {"0": 0.5}, reconstruct=True)
+    with pytest.raises(TypeError, match="reconstruct must be True or False"):  # "no" asked for a refit
+        surgery.apply_channel_ratios(net, {"0": 0.5}, reconstruct="no")
     with pytest.raises(TypeError):
         surgery.remove_output_channels(nn.ReLU(), [0])
 

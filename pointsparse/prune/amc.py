@@ -21,6 +21,7 @@ import copy
 import json
 import math
 import random as _random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -28,6 +29,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..tensor import as_bool
 from . import _compat
 from .adapters import in_channels, kernel_volume, out_channels
 from .procedure import check_callable, check_real
@@ -58,6 +60,7 @@ def layer_infos(model: nn.Module, example_input, coupled: bool = False) -> list[
     ``coupled=True`` the groups are the dependency graph's coupled groups
     (every layer of a residual or U-Net network; a group acts through its
     first producer)."""
+    coupled = as_bool(coupled, "coupled")
     report = _compat.sparsity_report(model, example_input)["layers"]
     if coupled:
         return _coupled_infos(model, example_input, report)
@@ -279,6 +282,8 @@ class _Space:
 def _check_search(eval_fn, episodes, warmup, reward, target_flops, max_ratio, reconstruct, coupled,
                   noise=0.5, noise_decay=0.95, seed=0) -> None:
     check_callable(eval_fn, "eval_fn")
+    as_bool(reconstruct, "reconstruct")
+    as_bool(coupled, "coupled")
     if target_flops is not None:
         check_real(target_flops, "target_flops", ok=lambda v: v > 0,
                    what="a finite number > 0 (absolute FLOPs, or a fraction of the dense FLOPs when <= 1)")
@@ -355,6 +360,10 @@ def amc_search(model: nn.Module, eval_fn: Callable[[nn.Module], float], example_
     with ``apply_channel_ratios(..., example_input=...)``)."""
     _check_search(eval_fn, episodes, warmup, reward, target_flops, max_ratio, reconstruct, coupled, noise,
                   noise_decay, seed)
+    if log is not None:  # (called after the first episode's work)
+        check_callable(log, "log")
+    if agent_kwargs is not None and not isinstance(agent_kwargs, Mapping):
+        raise TypeError(f"agent_kwargs must be a dict of DDPG arguments or None; got {type(agent_kwargs).__name__}")
     space = _space(model, example_input, coupled, target_flops, max_ratio)
     scale, dense = space.scale, space.dense
     agent = DDPG(8, seed=seed, **(agent_kwargs or {}))

@@ -37,6 +37,7 @@ from torch.utils._pytree import tree_flatten
 from . import _compat, adapters
 from ._copyable import keep_copyable
 from ._trace import Segment, Spaces, Tag, Tracer, feats_of, feature_axis
+from ..tensor import as_bool
 from .procedure import check_fraction
 
 
@@ -227,6 +228,7 @@ class DependencyGraph:
         is named by index, name or object) of each listed group: every
         member's parameters, buffers and masks are sliced at once. The graph
         is traced again afterwards (``retrace=False``: not, and it is stale)."""
+        retrace = as_bool(retrace, "retrace")
         for (name, role), dropped in self._drops(keep).items():
             module = self.module(name)
             adapter = adapters.adapter_for(module)

@@ -246,6 +246,8 @@ def netadapt(model: nn.Module, table: LatencyTable | None, train_fn: Callable, e
     check_int(max_iterations, "max_iterations", 1)
     check_lr(lr)
     check_real(finetune_lr_factor, "finetune_lr_factor", "a finite number > 0", lambda v: v > 0)
+    if log is not None:  # (called after the first iteration's fine-tuning)
+        check_callable(log, "log")
     ft_lr = None if lr is None else lr * finetune_lr_factor
     if table is None:
         return _netadapt_coupled(model, train_fn, eval_fn, example_input, budget, initial_reduction, decay,

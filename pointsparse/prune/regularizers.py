@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..tensor import as_bool
 from .adapters import current_weight
 from .criteria import _parameters, bn_pairs, find_batchnorm, group_ids
 from .stripe import filter_skeletons
@@ -40,7 +41,9 @@ def l2(parameters) -> torch.Tensor:
 def group_lasso(parameters, group: str = "out", scale_by_size: bool = False) -> torch.Tensor:
     """``sum_g ||w_g||_2`` with groups ``"out"``/``"in"`` (channels),
     ``"kernel"`` ((out, in) kernels), ``"offset"`` (kernel positions of the
-    whole layer) or ``"stripe"`` ((filter, position) stripes)."""
+    whole layer) or ``"stripe"`` ((filter, position) stripes). ``scale_by_size``
+    (a bool) weights each group's norm by ``sqrt(|g|)``."""
+    scale_by_size = as_bool(scale_by_size, "scale_by_size")
     terms = []
     for module, name in _parameters(parameters):
         weight = current_weight(module, name)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import _compat
+from ..tensor import as_bool
 from .adapters import prunable_layers
 from .procedure import check_callable, check_fraction
 
@@ -147,6 +148,7 @@ def choose_ratios(result: SensitivityResult, threshold: float, relative: bool = 
     as an unacceptable drop: neither that ratio nor any larger one is chosen."""
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
         raise TypeError(f"threshold must be a number; got {type(threshold).__name__}")
+    relative = as_bool(relative, "relative")
     if not math.isfinite(threshold) or threshold < 0:
         raise ValueError(f"threshold must be a finite number >= 0; got {threshold}")
     if not math.isfinite(result.baseline):

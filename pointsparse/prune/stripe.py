@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as _torch_prune
 
+from ..tensor import as_bool
 from ._copyable import CopyableMethod
 from .adapters import WeightLayout, layout_of
 
@@ -100,6 +101,7 @@ def detach_filter_skeleton(module: nn.Module, name: str = "weight", fold: bool =
     """Remove the skeleton of ``module.name``; with ``fold`` multiply it into
     ``name_orig`` first (so the layer computes the same). Returns the
     skeleton's last value (detached)."""
+    fold = as_bool(fold, "fold")
     found = _find(module, name)
     if found is None:
         raise ValueError(f"{type(module).__name__}.{name} has no filter skeleton")

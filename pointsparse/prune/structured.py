@@ -26,6 +26,7 @@ import numbers
 
 import torch
 
+from ..tensor import as_bool
 from ._copyable import CopyableMethod
 from .amount import count_to_prune, validate_amount, validate_norm
 from .adapters import WeightLayout, dense_layout, layout_of, raw
@@ -340,6 +341,7 @@ def panel_structured(module, name, amount, square=False, n=2, importance_scores=
     weight = getattr(module, name + "_orig", getattr(module, name, None))
     if not isinstance(weight, torch.Tensor):
         raise ValueError(f"{type(module).__name__} has no tensor attribute {name!r}")
+    square = as_bool(square, "square")
     if isinstance(panels, bool) or not isinstance(panels, int) or panels < 1:
         raise ValueError(f"panels must be a positive int (adjacent panels per block); got {panels!r}")
     width = panel_width(weight.dtype) * panels

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..tensor import as_bool
 from . import _compat, adapters
 from .adapters import in_channel_dim, is_layer, out_channel_dim, out_channels
 from .graph import _check_keep
@@ -355,6 +356,7 @@ def apply_channel_ratios(model: nn.Module, ratios: dict[str, float], reconstruct
     if not isinstance(ratios, Mapping):
         raise TypeError(f"ratios must be a dict {{producer or group: ratio}}; got {type(ratios).__name__}")
     ratios = {name: _check_ratio(r, name) for name, r in ratios.items()}
+    reconstruct = as_bool(reconstruct, "reconstruct")
     if example_input is not None:
         return _apply_coupled_ratios(model, ratios, reconstruct, example_input, multiple, scores)
     if multiple != 1 or scores is not None:  # the chain groups rank by L1 and keep exact counts
