@@ -156,6 +156,29 @@ def test_data_driven_criteria_bad_arguments():
         criteria.obd(model, loss_fn, data, samples=0)
     with pytest.raises(TypeError, match="scalar"):
         criteria.taylor(model, lambda m, b: m(b[0]), data)
+
+
+@pytest.mark.parametrize("criterion", [criteria.snip, criteria.taylor, criteria.obd,
+                                       lambda *a: criteria.obd(*a, estimator="fisher"), criteria.hessian_diagonal],
+                         ids=["snip", "taylor", "obd", "obd-fisher", "hessian_diagonal"])
+def test_gradient_criteria_name_a_bad_loss_fn(criterion):
+    """A loss_fn that is no callable, or gives a batch of losses, a float or
+    a loss without gradient failed inside the loop or torch.autograd.grad
+    ("'str' object is not callable", "grad can be implicitly created only for
+    scalar outputs", "element 0 of tensors does not require grad")."""
+    model, data, loss_fn = least_squares()
+    with pytest.raises(TypeError, match=r"loss_fn must be callable \(loss_fn\(model, batch\) -> scalar loss "
+                                        r"tensor\); got str"):
+        criterion(model, "mse", data)
+    with pytest.raises(TypeError, match=r"loss_fn\(model, batch\) must return a scalar loss tensor \(0-d: "
+                                        r"reduce it, e.g. .mean\(\)\); got a tensor of shape \(4, 2\)"):
+        criterion(model, lambda m, b: (m(b[0]) - b[1]).pow(2), data)
+    with pytest.raises(TypeError, match=r"loss_fn\(model, batch\) must return a scalar loss tensor; got float"):
+        criterion(model, lambda m, b: float(loss_fn(m, b)), data)
+    with pytest.raises(ValueError, match=r"loss_fn\(model, batch\) returned a loss without gradient"):
+        criterion(model, lambda m, b: loss_fn(m, b).detach(), data)
+    with pytest.raises(TypeError, match="batches must be an iterable of batches .*; got int"):
+        criterion(model, loss_fn, 3)
     with pytest.raises(TypeError, match=r"\(module, name\) pairs"):
         criteria.magnitude([model.weight])
 

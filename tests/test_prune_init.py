@@ -115,3 +115,25 @@ def test_bad_inputs():
     for method in ("snip", "grasp"):
         with pytest.raises(TypeError, match="loss_fn must be callable"):
             init.prune_at_init(mlp(0), method, 0.5, batches=batch, loss_fn=3)
+
+
+def test_a_loss_fn_that_gives_no_scalar_loss_is_named():
+    """A per-sample loss, a float and a detached loss failed inside
+    torch.autograd.grad ("grad can be implicitly created only for scalar
+    outputs", "element 0 of tensors does not require grad"), GraSP's always
+    and SNIP's under a message naming loss_fn(model, batch), which is not
+    how init calls it."""
+    batch = _batches(1)
+    per_sample = lambda out, y: nn.functional.cross_entropy(out, y, reduction="none")  # noqa: E731
+    cases = [(per_sample, TypeError, r"loss_fn\(model\(inputs\), targets\) must return a scalar loss tensor "
+                                     r"\(0-d: reduce it, e.g. .mean\(\)\); got a tensor of shape \(32,\)"),
+             (lambda out, y: float(loss(out, y)), TypeError,
+              r"loss_fn\(model\(inputs\), targets\) must return a scalar loss tensor; got float"),
+             (lambda out, y: loss(out, y).detach(), ValueError,
+              r"loss_fn\(model\(inputs\), targets\) returned a loss without gradient")]
+    for fn, error, message in cases:
+        for scores in (init.snip_scores, init.grasp_scores):
+            with pytest.raises(error, match=message):
+                scores(mlp(0), batch, fn)
+    with pytest.raises(TypeError, match="batches must be an iterable of \\(inputs, targets\\) pairs; got int"):
+        init.snip_scores(mlp(0), 3, loss)

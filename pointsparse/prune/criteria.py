@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Mapping
-from typing import Callable, Iterable
+from collections.abc import Iterable
+from typing import Callable
 
 import torch
 from torch import nn
@@ -128,14 +129,39 @@ def random(parameters, generator: torch.Generator | None = None) -> Scores:
     }
 
 
+def check_loss_fn(loss_fn, batches) -> None:
+    """``loss_fn`` callable and ``batches`` iterable (a TypeError naming
+    each), checked before any batch runs."""
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable (loss_fn(model, batch) -> scalar loss tensor); got "
+                        f"{type(loss_fn).__name__}")
+    if isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
+        raise TypeError(f"batches must be an iterable of batches (a list, a DataLoader); got {type(batches).__name__}")
+
+
+def check_loss(loss, what: str = "loss_fn(model, batch)") -> torch.Tensor:
+    """``loss`` if it is a scalar tensor that autograd can differentiate; else
+    a TypeError (not a 0-d tensor) or ValueError (no gradient) saying that
+    ``what`` (the call that gave it) must return one: a batch of losses, a
+    float or a detached value fail here, not inside ``torch.autograd.grad``."""
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"{what} must return a scalar loss tensor; got {type(loss).__name__}")
+    if loss.dim() != 0:  # (a TypeError, as it always was)
+        raise TypeError(f"{what} must return a scalar loss tensor (0-d: reduce it, e.g. .mean()); got a tensor "
+                         f"of shape {tuple(loss.shape)}")
+    if not loss.requires_grad:
+        raise ValueError(f"{what} returned a loss without gradient (no grad_fn): compute it from the model's "
+                         "output with gradients enabled (not under torch.no_grad(), not .detach() or .item())")
+    return loss
+
+
 def _gradients(model, loss_fn, batches, pairs, create_graph=False):
     """Yield, per batch, the list of ``dL/d leaf`` for ``pairs``."""
+    check_loss_fn(loss_fn, batches)
     leaves = [_leaf(module, name) for module, name in pairs]
     seen = 0
     for batch in batches:
-        loss = loss_fn(model, batch)
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            raise TypeError("loss_fn(model, batch) must return a scalar tensor")
+        loss = check_loss(loss_fn(model, batch))
         grads = torch.autograd.grad(loss, leaves, create_graph=create_graph, allow_unused=True)
         seen += 1
         yield [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)], leaves
@@ -244,6 +270,7 @@ def obd(
     :func:`hessian_diagonal` (``estimator`` ``"hutchinson"`` or
     ``"fisher"``). Hutchinson estimates can be slightly negative where the
     curvature is near zero; they are returned as estimated."""
+    check_loss_fn(loss_fn, batches)
     batches = list(batches)
     diagonal = hessian_diagonal(model, loss_fn, batches, parameters, estimator, samples, generator)
     return {pair: 0.5 * h * current_weight(*pair).detach().pow(2) for pair, h in diagonal.items()}

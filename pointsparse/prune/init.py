@@ -11,16 +11,19 @@ turns them into global masks through the core's ``global_unstructured``."""
 from __future__ import annotations
 
 import copy
-from typing import Callable, Iterable
+from collections.abc import Iterable
+from typing import Callable
 
 import torch
 from torch import nn
 
 from . import _compat
 from .adapters import apply_masks, get_mask, prunable_layers, raw
+from .criteria import check_loss
 from .procedure import check_callable, check_fraction, check_real, global_magnitude_prune
 
 METHODS = ("snip", "grasp", "synflow")
+_LOSS = "loss_fn(model(inputs), targets)"  # how the errors name the user's loss
 
 
 def _is_sparse(x) -> bool:
@@ -33,6 +36,8 @@ def _scale_output(out, factor: float):
 
 
 def _batches(batches) -> list:
+    if isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
+        raise TypeError(f"batches must be an iterable of (inputs, targets) pairs; got {type(batches).__name__}")
     batches = list(batches)
     if not batches:
         raise ValueError("batches must hold at least one (inputs, targets) pair")
@@ -47,8 +52,8 @@ def snip_scores(model: nn.Module, batches: Iterable, loss_fn: Callable, layers=N
     :func:`pointsparse.prune.criteria.snip`), keyed by layer name."""
     check_callable(loss_fn, "loss_fn")
     chosen = prunable_layers(model, layers)
-    scores = _compat.snip_criterion(model, lambda net, batch: loss_fn(net(batch[0]), batch[1]), _batches(batches),
-                                    [(m, "weight") for _, m in chosen])
+    scores = _compat.snip_criterion(model, lambda net, batch: check_loss(loss_fn(net(batch[0]), batch[1]), _LOSS),
+                                    _batches(batches), [(m, "weight") for _, m in chosen])
     return {n: scores[(m, "weight")] for n, m in chosen}
 
 
@@ -64,14 +69,15 @@ def grasp_scores(model: nn.Module, batches: Iterable, loss_fn: Callable, layers=
     batches = _batches(batches)
     g_total = [torch.zeros_like(p) for p in params]
     for x, y in batches:
-        g = torch.autograd.grad(loss_fn(_scale_output(model(x), 1.0 / temperature), y), params, allow_unused=True)
+        g = torch.autograd.grad(check_loss(loss_fn(_scale_output(model(x), 1.0 / temperature), y), _LOSS), params,
+                                allow_unused=True)
         for acc, gi in zip(g_total, g):
             if gi is not None:
                 acc += gi
     hg = [torch.zeros_like(p) for p in params]
     for x, y in batches:
-        g = torch.autograd.grad(loss_fn(_scale_output(model(x), 1.0 / temperature), y), params, create_graph=True,
-                                allow_unused=True)
+        g = torch.autograd.grad(check_loss(loss_fn(_scale_output(model(x), 1.0 / temperature), y), _LOSS), params,
+                                create_graph=True, allow_unused=True)
         z = sum((gi * gt).sum() for gi, gt in zip(g, g_total) if gi is not None)
         h = torch.autograd.grad(z, params, allow_unused=True)
         for acc, hi in zip(hg, h):
