@@ -179,6 +179,8 @@ def test_gradient_criteria_name_a_bad_loss_fn(criterion):
         criterion(model, lambda m, b: loss_fn(m, b).detach(), data)
     with pytest.raises(TypeError, match="batches must be an iterable of batches .*; got int"):
         criterion(model, loss_fn, 3)
+    with pytest.raises(ValueError, match=r"loss_fn\(model, batch\) returned the loss nan; scores need a finite"):
+        criterion(model, lambda m, b: loss_fn(m, b) * float("nan"), data)  # every score NaN
     with pytest.raises(TypeError, match=r"\(module, name\) pairs"):
         criteria.magnitude([model.weight])
 

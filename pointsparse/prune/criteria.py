@@ -141,7 +141,7 @@ def check_loss_fn(loss_fn, batches) -> None:
 
 def check_loss(loss, what: str = "loss_fn(model, batch)") -> torch.Tensor:
     """``loss`` if it is a scalar tensor that autograd can differentiate; else
-    a TypeError (not a 0-d tensor) or ValueError (no gradient) saying that
+    a TypeError (not a 0-d tensor) or ValueError (no gradient, NaN or inf) saying that
     ``what`` (the call that gave it) must return one: a batch of losses, a
     float or a detached value fail here, not inside ``torch.autograd.grad``."""
     if not isinstance(loss, torch.Tensor):
@@ -152,6 +152,9 @@ def check_loss(loss, what: str = "loss_fn(model, batch)") -> torch.Tensor:
     if not loss.requires_grad:
         raise ValueError(f"{what} returned a loss without gradient (no grad_fn): compute it from the model's "
                          "output with gradients enabled (not under torch.no_grad(), not .detach() or .item())")
+    if not bool(torch.isfinite(loss.detach())):  # its gradients, every score, would be NaN
+        raise ValueError(f"{what} returned the loss {float(loss.detach())}; scores need a finite loss (a batch "
+                         "without labels, a diverged model?)")
     return loss
 
 
