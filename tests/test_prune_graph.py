@@ -410,3 +410,98 @@ def test_masked_models_deep_copy_in_any_state(prune_fn):
     assert net.stem[0].weight_orig.grad is not None
     net.eval()
     assert torch.equal(twin.eval()(x).feats, net(x).feats)
+
+
+def _layer_groups(graph):
+    """Each cuttable group as its size and the layers producing and consuming it (names aside: a group is
+    named by its first producer, the order of calls decides)."""
+    return sorted((g.size, tuple(sorted(n for n in g.modules("out") if adapters.is_layer(graph.module(n)))),
+                   tuple(sorted(g.modules("in")))) for g in graph.groups)
+
+
+def test_residual_summed_in_a_conv_store_is_coupled():
+    """fuse_for_inference moves a residual block's sum into its last conv
+    (``conv(h, add=shortcut(x))``): the graph followed only a layer's first
+    argument, so each block's stream split in two groups (49 instead of 33)
+    that plans cut apart, and the cut model summed other channels than the
+    masked one, silently. The conv's ``add`` (an adapter's ``addends``) is
+    coupled with its output as a sum's operands are."""
+    torch.manual_seed(0)
+    net = _randomize_norms(MinkUNet(4, 5, cr=0.25, blocks=1))
+    x = sparse_input(n=400, channels=4, extent=16)
+    fused = ps.nn.fuse_for_inference(copy.deepcopy(net))
+    assert sum(1 for m in fused.modules() if getattr(m, "sum_in_conv", None) is not None) == 8
+    graph = G.DependencyGraph(fused, x)
+    assert _layer_groups(graph) == _layer_groups(G.DependencyGraph(net, x))
+    keep = G.plan(graph, 0.5)
+    graph.mask(keep)
+    with torch.no_grad():
+        masked = fused(x).feats
+        graph.cut(keep)
+        assert torch.allclose(fused(x).feats, masked, rtol=0, atol=1e-6)
+
+
+class _SumInConv(nn.Module):
+    """head(conv2(conv1(x), add=...)) with the addend given by keyword or by position."""
+
+    def __init__(self, addend: str, positional: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv0, self.conv1, self.conv2 = ps.nn.Conv3d(3, 6, 1), ps.nn.Conv3d(6, 4, 3), ps.nn.Conv3d(4, 6, 3)
+        self.head = ps.nn.Conv3d(6, 2, 1)
+        self.addend, self.positional = addend, positional
+
+    def forward(self, x):
+        x = self.conv0(x) if self.addend == "stream" else x.with_feats(x.feats.repeat(1, 2))
+        h = self.conv1(x)
+        return self.head(self.conv2(h, x) if self.positional else self.conv2(h, add=x))
+
+
+@pytest.mark.parametrize("positional", [False, True], ids=["keyword", "positional"])
+def test_conv_addend_couples_or_fixes_its_output(positional):
+    graph = G.DependencyGraph(_SumInConv("stream", positional).eval(), sparse_input(n=80))
+    stream = graph.group("conv0")
+    assert set(stream.modules("out")) == {"conv0", "conv2"} and set(stream.modules("in")) == {"conv1", "head"}
+    # the network's input (repeated) added to conv2's output: those channels no layer produces, never cut
+    graph = G.DependencyGraph(_SumInConv("input", positional).eval(), sparse_input(n=80))
+    assert [g.name for g in graph.groups] == ["conv1"]
+    assert any("'add' (added to its output) has channels no layer produces" in g.fixed
+               for g in graph.fixed_groups if "conv2" in g.modules("out"))
+
+
+class _Mix(nn.Linear):
+    """A Linear (its adapter) that also takes ``skip`` and sums it into its input: an argument the graph does
+    not know."""
+
+    def forward(self, x, skip):
+        return super().forward(x + skip)
+
+
+class _MixNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.pre, self.a, self.b = nn.Linear(3, 8), nn.Linear(8, 6), nn.Linear(8, 6)
+        self.mix, self.head = _Mix(6, 5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.pre(x))
+        return self.head(torch.relu(self.mix(self.a(h), skip=self.b(h))))
+
+
+def test_channels_passed_as_another_argument_are_fixed():
+    """Only a layer's first argument was followed: b's channels (summed with
+    a's inside mix) formed a group of their own, cut apart from a's (the
+    same count at one keep ratio: mix summed other channels, silently).
+    Every channel such a call touches is now fixed."""
+    net = _MixNet().eval()
+    graph = G.DependencyGraph(net, torch.randn(16, 3))
+    assert [g.name for g in graph.groups] == ["pre"]
+    reasons = {g.name: g.fixed for g in graph.fixed_groups}
+    assert "passed as its argument 'skip'" in reasons["a"] and "passed as its argument 'skip'" in reasons["b"]
+    assert "passed as its argument 'skip'" in reasons["mix"]
+    keep = G.plan(graph, 0.5, multiple=1)
+    graph.mask(keep)
+    masked = net(torch.ones(4, 3))
+    graph.cut(keep)
+    assert torch.allclose(net(torch.ones(4, 3)), masked, atol=1e-6)

@@ -135,7 +135,8 @@ def _register() -> None:
     register(Conv3d, LayerAdapter(
         axes=lambda m: {"weight": {"out": 2, "in": 1}, **_BIAS}, layout_fn=lambda m: SPARSE_CONV,
         per_site=lambda m: m.kernel_volume == 1 and not m.transposed, kernel_map=_sparse_kernel_map,
-        flops=_sparse_flops, like=_sparse_like, columns=_sparse_columns, set_from_2d=_sparse_set_from_2d))
+        flops=_sparse_flops, like=_sparse_like, columns=_sparse_columns, set_from_2d=_sparse_set_from_2d,
+        addends=("add",)))
 
 
 _register()

@@ -28,7 +28,12 @@ An adapter says
 * ``columns(module, x, y)`` and ``set_from_2d(module, w2d)``: the layer as a
   matrix product ``rows @ W2d = y`` (surgery's least-squares refit);
 * ``channels_last``: its inputs and outputs carry channels on their last
-  axis (Linear), not on axis 1 (``(N, C)`` feats, ``(B, C, ...)`` tensors).
+  axis (Linear), not on axis 1 (``(N, C)`` feats, ``(B, C, ...)`` tensors);
+* ``addends``: the names of forward arguments the layer adds element-wise to
+  its output (``pointsparse.nn.Conv3d``'s ``add``, a residual summed in the
+  conv's store): the dependency graph couples their channels with the
+  output's, as it couples the operands of a sum. Any other argument than the
+  first (the input) that carries channels fixes them (never cut).
 
 The raw weight (``name_orig`` of a masked tensor) and the mask are read with
 :func:`raw` and :func:`mask` for every type alike.
@@ -132,10 +137,13 @@ class LayerAdapter:
     columns: Callable | None = None
     set_from_2d: Callable[[nn.Module, torch.Tensor], None] | None = None
     channels_last: bool = False
+    addends: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in ("layer", "norm"):
             raise ValueError(f"kind must be 'layer' or 'norm'; got {self.kind!r}")
+        if not isinstance(self.addends, tuple) or not all(isinstance(a, str) for a in self.addends):
+            raise TypeError(f"addends must be a tuple of argument names (str); got {self.addends!r}")
 
     def layout(self, module: nn.Module) -> WeightLayout:
         if self.layout_fn is not None:

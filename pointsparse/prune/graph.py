@@ -26,6 +26,7 @@ of active neighbours, so its output is no constant and it is refused."""
 
 from __future__ import annotations
 
+import inspect
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -106,7 +107,9 @@ class DependencyGraph:
             if adapters.adapter_for(m) is not None or opaque:
                 handles.append(m.register_forward_pre_hook(lambda *_: setattr(tracer, "depth", tracer.depth + 1)))
                 handles.append(m.register_forward_hook(
-                    lambda mod, inputs, output, name=name: self._on_module(tracer, name, mod, inputs, output)))
+                    lambda mod, inputs, kwargs, output, name=name: self._on_module(tracer, name, mod, inputs, output,
+                                                                                   kwargs),
+                    with_kwargs=True))
         was = self.model.training
         self.model.eval()
         args = self.example_input if isinstance(self.example_input, tuple) else (self.example_input,)
@@ -120,15 +123,27 @@ class DependencyGraph:
                 h.remove()
             self.model.train(was)
 
-    def _on_module(self, tracer: Tracer, name: str, module, inputs, output) -> None:
+    def _on_module(self, tracer: Tracer, name: str, module, inputs, output, kwargs=None) -> None:
         tracer.depth -= 1
         if tracer.depth:
             return
+        extra = _other_arguments(module, inputs, kwargs or {})
         x = feats_of(inputs[0]) if inputs else None
         tag = tracer.tag_of(x)
         tag = None if tag is not None and not tag.segments else tag
         y = feats_of(output)
         adapter = adapters.adapter_for(module)
+        addends = {} if adapter is None else {k: extra.pop(k) for k in adapter.addends if k in extra}
+        unknown = None  # channels handed over some other way than the input: what the layer does with them and
+        for key, value in extra.items():  # its own channels is unknown, so all of them are fixed
+            for t in tree_flatten(value)[0]:
+                other = tracer.tag_of(feats_of(t))
+                if other is not None and other.segments:
+                    unknown = f"channels passed as its argument {key!r}, which the graph does not follow"
+                    tracer.fix(other, f"{name}: {unknown}")
+        if unknown is not None and adapter is not None and adapter.kind == "norm":
+            tracer.fix(tag, f"{name}: {unknown}")
+            tag = None
         if adapter is None or (tag is not None and tag.axis != feature_axis(module, x)):
             tracer.fix(tag, f"{name}: a {type(module).__name__} with parameters and no adapter" if adapter is None
                        else f"{name}: channels reach it on another axis than its features")
@@ -141,7 +156,7 @@ class DependencyGraph:
                     self._members.append((name, "out", s))
                 tracer.set_tag(y, Tag(feature_axis(module, y), tag.segments))
             return
-        reason = adapter.supported(module)
+        reason = adapter.supported(module) or unknown
         if tag is not None:
             if reason is not None or x.shape[tag.axis] != adapter.channels(module, "in"):
                 tracer.fix(tag, f"{name}: {reason or 'input channels do not match'}")
@@ -160,7 +175,21 @@ class DependencyGraph:
             if reason is not None:
                 self.spaces.fix(space, f"{name}: {reason}")
         space = self._layer_out[name]
-        tracer.set_tag(y, Tag(feature_axis(module, y), (Segment(0, self.spaces.size[space], space, 0),)))
+        out_tag = Tag(feature_axis(module, y), (Segment(0, self.spaces.size[space], space, 0),))
+        tracer.set_tag(y, out_tag)
+        for key, value in addends.items():  # summed into the output: the same channels, as a residual sum's
+            self._couple_addend(tracer, name, key, feats_of(value), out_tag)
+
+    def _couple_addend(self, tracer: Tracer, name: str, key: str, t, out_tag: Tag) -> None:
+        if t is None:
+            return
+        tag = tracer.tag_of(t)
+        what = f"{name}: its argument {key!r} (added to its output)"
+        if tag is None or not tag.segments:  # channels the model cannot change (the input), or a constant
+            if tag is None and t.dim() and t.shape[min(1, t.dim() - 1)] > 1:
+                self.spaces.fix(out_tag.segments[0].space, f"{what} has channels no layer produces")
+            return
+        tracer.unite(out_tag, tag, f"{what} has other channels")
 
     def _collect(self) -> list[CoupledGroup]:
         groups: dict[int, CoupledGroup] = {}
@@ -343,6 +372,20 @@ class DependencyGraph:
 
 
 # ------------------------------------------------------------------ helpers
+def _other_arguments(module: nn.Module, inputs: tuple, kwargs: dict) -> dict:
+    """The arguments of a call of ``module`` other than its first (the
+    input), by parameter name (by position where the forward's signature does
+    not bind them)."""
+    try:
+        bound = inspect.signature(module.forward).bind(*inputs, **kwargs)
+    except (TypeError, ValueError):
+        return {**{i: v for i, v in enumerate(inputs[1:], 1)}, **kwargs}
+    named = dict(bound.arguments)
+    if inputs:
+        named.pop(next(iter(named)), None)
+    return {k: v for k, v in named.items() if v is not None}
+
+
 def _check_keep(keep, n: int, what: str) -> torch.Tensor:
     """``keep`` as sorted int64 channel indices of ``n``; errors name
     ``what`` (a group, a layer's outputs or inputs: surgery's cuts use it too)."""
