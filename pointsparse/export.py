@@ -39,8 +39,11 @@ operators and the SparseTensor pytree node).
 Bad coords (duplicates, out of range) raise the same ``ValueError`` as in
 eager mode when the program runs, from the kernel-map operator; coords of
 another dtype than int32 the same ``TypeError``. Wrong shapes fail torch's own
-guards (``AssertionError``) in the raw program: :class:`ProgramModel`
-(``ProgramModel.load(path)``) checks them first and says what it takes."""
+guards (``AssertionError: Guard failed: feats.size()[1] == 4``) in the raw
+program's module (``program.module()``, torch's: its ``eval()`` and
+``train()`` raise ``NotImplementedError``), which pointsparse cannot change:
+:class:`ProgramModel` (``ProgramModel.load(path)``) checks them first and
+says what it takes."""
 
 from __future__ import annotations
 
@@ -371,6 +374,28 @@ class ProgramModel(nn.Module):
             raise ValueError("an exported program runs inference only (batch norm with its running statistics); "
                              "train the checkpoint it was exported from")
         return self  # (the program's module refuses eval() and train() alike: it is always in eval form)
+
+    def _apply(self, fn, recurse=True):
+        """``to()``, ``double()``, ``half()``, ``cuda()``... : a conversion
+        that leaves every tensor as it is (``float()`` of a float32 program,
+        ``cpu()``) does nothing; any other is a ValueError. torch's would
+        convert the program's weights in place, those of every module of the
+        same program with them, while the input check kept asking for the
+        exported dtype (the engine then refused the feats)."""
+        for t in [*self.run.parameters(), *self.run.buffers()]:
+            probe = torch.empty(0, dtype=t.dtype, device=t.device)
+            try:
+                out = fn(probe)
+                same = isinstance(out, torch.Tensor) and out.dtype == t.dtype and out.device == t.device
+            except Exception as error:  # e.g. cuda() on a build without CUDA (torch's AssertionError)
+                same, why = False, f" ({type(error).__name__}: {str(error)[:100]})"
+            else:
+                why = "" if not isinstance(out, torch.Tensor) else f" (to {out.dtype} on {out.device})"
+            if not same:
+                raise ValueError(f"an exported program keeps the dtype and device it was exported with ({t.dtype} "
+                                 f"on {t.device}){why}: export the checkpoint again in the form wanted "
+                                 "(pointsparse export --inference bf16, ...)")
+        return self
 
     def forward(self, x: SparseTensor, inverse=None, points=None, point_batch=None):
         if not isinstance(x, SparseTensor):

@@ -918,3 +918,39 @@ def test_spvcnn_program_checks_its_point_arguments():
     with pytest.raises(TypeError, match="points must be a float tensor"):
         model(voxels)
     assert model(voxels, inverse[:0], points[:0], point_batch[:0]).shape == (0, 3)
+
+
+def test_program_model_keeps_the_dtype_and_device_it_was_exported_with():
+    """ProgramModel is a torch Module: double() (half(), to(dtype), cuda())
+    converted the program's weights in place, those of every module of the
+    same program too, while its input check still asked for float32 feats:
+    the engine then refused them ("weight and feats must have the same
+    dtype"). Conversions that change nothing still return the model."""
+    torch.manual_seed(0)
+    net = _trained_like(MinkUNet(3, 4, cr=0.25, blocks=1))
+    x = _cloud(300, 1)
+    program = export.export_model(net, x)
+    model = export.ProgramModel(program)
+    with torch.no_grad():
+        want = net(x).feats
+    for convert in (lambda m: m.double(), lambda m: m.half(), lambda m: m.to(torch.bfloat16),
+                    lambda m: m.to("meta")):
+        with pytest.raises(ValueError, match=r"an exported program keeps the dtype and device it was exported "
+                                             r"with \(torch.float32 on cpu\) \(to "):
+            convert(model)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="keeps the dtype and device it was exported with"):
+            model.cuda()  # (torch's AssertionError "Torch not compiled with CUDA enabled" inside)
+    assert model.float() is model and model.cpu() is model and model.to("cpu", torch.float32) is model
+    with torch.no_grad():
+        assert torch.equal(model(x).feats, want)
+        assert torch.equal(program.module()(x.feats, x.coords), want)
+    # the raw module is torch's (README): its guards assert, ProgramModel names the argument first
+    raw = program.module()
+    with pytest.raises(AssertionError, match=r"Guard failed: feats.size\(\)\[1\] == 3"):
+        raw(x.feats[:, :2], x.coords)
+    with pytest.raises(NotImplementedError):
+        raw.eval()
+    with pytest.raises(ValueError, match=r"feats must have 3 channels \(the program takes them\); got 2"):
+        model(ps.SparseTensor(x.feats[:, :2], x.coords))
+    assert model.eval() is model
