@@ -505,3 +505,22 @@ def test_channels_passed_as_another_argument_are_fixed():
     masked = net(torch.ones(4, 3))
     graph.cut(keep)
     assert torch.allclose(net(torch.ones(4, 3)), masked, atol=1e-6)
+
+
+def test_global_plan_normalises_groups_of_small_scores():
+    """scope="global" divides each group's scores by their mean, which was
+    clamped to 1e-12: a group of scores ~1e-15 (a Taylor criterion near a
+    minimum) kept 1 of its 8 channels and the other group all 8 at keep 0.5;
+    the scale of a group's scores must not matter. NaN scores are named
+    (topk ranked them above every number: always kept)."""
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    graph = G.DependencyGraph(net, torch.randn(5, 4))
+    ramp = torch.arange(1.0, 9.0)
+    for tiny in (1e-15, 1e-6, 1.0):  # group '0' scored by net[0]'s rows, group '2' by net[4]'s columns
+        scores = {(net[0], "weight"): (tiny * ramp)[:, None].expand(8, 4).clone(),
+                  (net[4], "weight"): ramp[None, :].expand(2, 8).clone()}
+        keep = G.plan(graph, 0.5, scores=scores, scope="global", multiple=1)
+        assert {k: v.tolist() for k, v in keep.items()} == {"0": [4, 5, 6, 7], "2": [4, 5, 6, 7]}, tiny
+    scores[(net[0], "weight")][3, 1] = float("nan")
+    with pytest.raises(ValueError, match="scores for 'weight' of '0' hold NaN"):
+        G.plan(graph, 0.5, scores=scores)

@@ -480,6 +480,8 @@ def group_scores(graph: DependencyGraph, group, scores: dict | None = None, redu
                 got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
                 raise ValueError(f"scores for {tensor!r} of {m.module!r} must be a tensor of its shape {shape}; "
                                  f"got {got}")
+            if bool(torch.isnan(s.detach()).any()):  # (topk would rank a NaN channel above every other: kept)
+                raise ValueError(f"scores for {tensor!r} of {m.module!r} hold NaN; every channel needs a number")
             s = s.detach().abs().float().movedim(roles[m.role], 0)
             per = s.reshape(s.shape[0], -1).sum(1)[m.start:m.stop].reshape(-1, m.repeat).sum(1)
             row = torch.zeros(g.size)
@@ -512,6 +514,15 @@ def kept_count(size: int, keep_ratio: float, multiple: int = 1) -> int:
     return min(n, size)
 
 
+def _relative(scores: torch.Tensor) -> torch.Tensor:
+    """A group's channel scores over their mean (all zeros: left as they
+    are). The mean was clamped to 1e-12, so a group of small scores (a
+    Taylor or OBD criterion, ~1e-15) was not normalised at all and lost
+    nearly every channel to the others in a global plan."""
+    mean = scores.mean()
+    return scores / mean if mean > 0 else scores
+
+
 def plan(graph: DependencyGraph, keep_ratio, scores: dict | None = None, scope: str = "group",
          multiple: int = DEFAULT_MULTIPLE, reduce: str = "sum") -> dict[str, torch.Tensor]:
     """The channels to keep in each group, ranked by :func:`group_scores`.
@@ -536,11 +547,12 @@ def plan(graph: DependencyGraph, keep_ratio, scores: dict | None = None, scope: 
     if scope == "global":
         if isinstance(keep_ratio, Mapping):
             raise ValueError("scope='global' takes one keep_ratio")
-        norm = torch.cat([s / s.mean().clamp_min(1e-12) for s in all_scores.values()])
+        relative = {n: _relative(s) for n, s in all_scores.items()}
+        norm = torch.cat(list(relative.values()))
         total = len(norm)
         k = max(1, int(round(total * float(keep_ratio))))
         threshold = torch.sort(norm, descending=True).values[k - 1]
-        counts = {n: int((s / s.mean().clamp_min(1e-12) >= threshold).sum()) for n, s in all_scores.items()}
+        counts = {n: int((r >= threshold).sum()) for n, r in relative.items()}
     else:
         counts = {n: round(graph.group(n).size * float(ratios[n])) for n in ratios}
     out = {}
