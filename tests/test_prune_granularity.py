@@ -193,6 +193,28 @@ def test_n_m_bad_arguments(n, m, error, message):
         prune.nm_structured(linear(torch.ones(2, 4)), "weight", n, m)
 
 
+def test_n_m_and_pattern_refuse_nan_scores_and_a_layout_of_another_type():
+    """topk ranks NaN above every number (an N:M group kept its NaN entry);
+    a layout that is no WeightLayout failed later on an attribute of it."""
+    scores = torch.rand(2, 4)
+    scores[1, 2] = float("nan")
+    module = linear(torch.ones(2, 4))
+    with pytest.raises(ValueError, match=r"importance_scores for Linear.weight hold 1 NaN value\(s\)"):
+        prune.nm_structured(module, "weight", 2, 4, importance_scores=scores)
+    with pytest.raises(TypeError, match="layout must be a WeightLayout or None; got str"):
+        prune.NMStructured(2, 4, layout="dense")
+    conv = conv2d(torch.rand(2, 2, 2, 2))
+    with pytest.raises(ValueError, match=r"importance_scores for Conv2d.weight hold 1 NaN"):
+        prune.pattern_structured(conv, "weight", patterns=[[0, 3], [1, 2]],
+                                 importance_scores=torch.rand(2, 2, 2, 2).index_put_((torch.tensor([0]),) * 4,
+                                                                                   torch.tensor(float("nan"))))
+    with pytest.raises(TypeError, match="layout must be a WeightLayout or None; got str"):
+        prune.pattern_structured(conv, "weight", patterns=[[0, 3]], layout="dense")
+    with pytest.raises(TypeError, match="layout must be a WeightLayout or None; got str"):
+        prune.PatternStructured(torch.ones(1, 4, dtype=torch.bool), layout="dense")
+    assert not prune.is_pruned(module) and not prune.is_pruned(conv)
+
+
 def test_n_m_needs_whole_groups():
     with pytest.raises(ValueError, match="multiple of m=4; got 6"):
         prune.nm_structured(linear(torch.ones(2, 6)), "weight", 2, 4)

@@ -161,6 +161,8 @@ def test_bad_inputs():
         surgery.apply_channel_ratios(net, {"0": 0.5}, reconstruct=True)
     with pytest.raises(TypeError, match="reconstruct must be True or False"):  # "no" asked for a refit
         surgery.apply_channel_ratios(net, {"0": 0.5}, reconstruct="no")
+    with pytest.raises(TypeError, match=r"num_keep must be an int in \[1, 16\]; got 2.5"):  # torch's topk TypeError
+        surgery.keep_by_l1(net[0], 2.5)
     with pytest.raises(TypeError):
         surgery.remove_output_channels(nn.ReLU(), [0])
 

@@ -42,9 +42,9 @@ class CopyableMethod(_torch_prune.BasePruningMethod):
 
 
 def _check_scores(module: nn.Module, name: str, scores) -> None:
-    """``importance_scores`` must be a tensor of the pruned tensor's shape:
-    a ``TypeError`` / ``ValueError`` naming it (torch's own check is an
-    ``assert``, gone under ``python -O``)."""
+    """``importance_scores`` must be a tensor of the pruned tensor's shape,
+    of real numbers and no NaN: a ``TypeError`` / ``ValueError`` naming it
+    (torch's own check is an ``assert``, gone under ``python -O``)."""
     if not isinstance(scores, torch.Tensor):
         raise TypeError(f"importance_scores must be a tensor; got {type(scores).__name__}")
     target = getattr(module, name + "_orig", None)
@@ -55,3 +55,6 @@ def _check_scores(module: nn.Module, name: str, scores) -> None:
                          f"{tuple(target.shape)}; got {tuple(scores.shape)}")
     if scores.is_complex() or scores.dtype == torch.bool:
         raise TypeError(f"importance_scores must be real numbers; got {scores.dtype}")
+    if scores.is_floating_point() and bool(torch.isnan(scores.detach()).any()):  # topk ranks NaN above all
+        raise ValueError(f"importance_scores for {type(module).__name__}.{name} hold "
+                         f"{int(torch.isnan(scores.detach()).sum())} NaN value(s); every entry needs a number")

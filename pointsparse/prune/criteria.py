@@ -232,6 +232,8 @@ def hessian_diagonal(
         raise ValueError(f"estimator must be 'hutchinson' or 'fisher'; got {estimator!r}")
     if isinstance(samples, bool) or not isinstance(samples, numbers.Integral) or samples < 1:
         raise ValueError(f"samples must be an int >= 1; got {samples!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
     pairs = _parameters(parameters if parameters is not None else model)
     total = None
     count = 0

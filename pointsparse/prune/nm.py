@@ -37,6 +37,8 @@ class NMStructured(CopyableMethod):
 
     def __init__(self, n=2, m=4, layout: WeightLayout | None = None) -> None:
         validate_nm(n, m)
+        if layout is not None and not isinstance(layout, WeightLayout):
+            raise TypeError(f"layout must be a WeightLayout or None; got {type(layout).__name__}")
         self.n, self.m = int(n), int(m)
         self.layout = layout
 

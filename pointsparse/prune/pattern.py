@@ -17,7 +17,7 @@ import numbers
 
 import torch
 
-from ._copyable import CopyableMethod
+from ._copyable import CopyableMethod, _check_scores
 from .adapters import WeightLayout, dense_layout, layout_of
 
 
@@ -112,6 +112,8 @@ class PatternStructured(CopyableMethod):
     def __init__(self, patterns, layout: WeightLayout | None = None) -> None:
         if not isinstance(patterns, torch.Tensor) or patterns.dtype != torch.bool or patterns.dim() != 2:
             raise TypeError("patterns must be a bool tensor (P, K); build one with as_patterns()")
+        if layout is not None and not isinstance(layout, WeightLayout):
+            raise TypeError(f"layout must be a WeightLayout or None; got {type(layout).__name__}")
         self.patterns = patterns
         self.layout = layout
 
@@ -134,6 +136,10 @@ class PatternStructured(CopyableMethod):
     def apply(  # type: ignore[override]
         cls, module, name, patterns=None, num_patterns=8, pattern_size=4, layout=None, importance_scores=None
     ):
+        if importance_scores is not None:  # (before learn_patterns reads them)
+            _check_scores(module, name, importance_scores)
+        if layout is not None and not isinstance(layout, WeightLayout):
+            raise TypeError(f"layout must be a WeightLayout or None; got {type(layout).__name__}")
         layout = layout if layout is not None else layout_of(module, name)
         weight = module._parameters.get(name + "_orig")
         weight = weight if weight is not None else getattr(module, name)

@@ -277,6 +277,8 @@ def channel_l1(module: nn.Module) -> torch.Tensor:
 def keep_by_l1(module: nn.Module, num_keep: int) -> torch.Tensor:
     """Indices of the ``num_keep`` output channels of largest L1 norm, sorted."""
     n = out_channels(module)
+    if isinstance(num_keep, bool) or not isinstance(num_keep, int):
+        raise TypeError(f"num_keep must be an int in [1, {n}]; got {num_keep!r}")
     if not 1 <= num_keep <= n:
         raise ValueError(f"num_keep must be in [1, {n}]; got {num_keep}")
     return torch.sort(torch.topk(channel_l1(module), num_keep).indices).values
