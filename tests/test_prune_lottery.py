@@ -123,6 +123,14 @@ def test_magnitude_pruning_checks_target_and_scores_by_name():
         procedure.global_magnitude_prune(net, 0.5, scores={"0": torch.ones(16, 8)})
     with pytest.raises(TypeError, match="scores must be a dict"):
         procedure.global_magnitude_prune(net, 0.5, scores=[torch.ones(16, 8)])
+    good = {n: m.weight.detach().abs().clone() for n, m in adapters.prunable_layers(net)}
+    nan = {**good, "0": good["0"].clone().index_fill_(1, torch.tensor([0]), float("nan"))}
+    for bad, error, match in (({**good, "0": torch.ones(3)}, ValueError,  # an IndexError inside torch's
+                               r"scores\['0'\] must have the layer's weight shape \(16, 8\); got \(3,\)"),
+                              ({**good, "0": [1.0]}, TypeError, r"scores\['0'\] must be a tensor"),  # AttributeError
+                              (nan, ValueError, r"scores\['0'\] hold NaN")):  # the NaN weights were kept
+        with pytest.raises(error, match=match):
+            procedure.global_magnitude_prune(net, 0.5, scores=bad)
     assert adapters.sparsity(net) == 0.0
 
 
@@ -131,5 +139,9 @@ def test_random_masks_like_takes_a_dict_of_tensors():
         lottery.random_masks_like({"a": "x"})
     with pytest.raises(TypeError, match=r"mask_dict must be a dict \{layer name: mask tensor\}; got list"):
         lottery.random_masks_like([torch.ones(2, 2)])
+    with pytest.raises(TypeError, match="seed must be an int >= 0; got 'a'"):  # torch's RuntimeError
+        lottery.random_masks_like({"a": torch.ones(2, 2)}, seed="a")
+    with pytest.raises(TypeError, match=r"state must be a dict \{name: tensor\} .*; got list"):  # AttributeError
+        lottery.rewind(mlp(0), [1, 2])
     out = lottery.random_masks_like({"a": torch.tensor([[1, 0], [1, 1]], dtype=torch.bool)})
     assert out["a"].shape == (2, 2) and int(out["a"].sum()) == 3

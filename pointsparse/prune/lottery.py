@@ -36,6 +36,8 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 def rewind(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Reset every parameter and buffer to ``state`` (from :func:`snapshot`),
     keeping the masks: each pruned weight becomes exactly ``state * mask``."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state must be a dict {{name: tensor}} (what snapshot returns); got {type(state).__name__}")
     named = dict(model.named_modules())
     for key, value in state.items():
         module_name, _, attr = key.rpartition(".")
@@ -108,7 +110,7 @@ def random_masks_like(mask_dict: dict[str, torch.Tensor], seed: int = 0) -> dict
     for name, m in mask_dict.items():
         if not isinstance(m, torch.Tensor):
             raise TypeError(f"mask_dict[{name!r}] must be a mask tensor; got {type(m).__name__}")
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(check_int(seed, "seed", 0))
     out = {}
     for name, m in mask_dict.items():
         keep = int(m.sum())

@@ -26,6 +26,19 @@ def global_magnitude_prune(model: nn.Module, target: float, layers=None, scores:
     if scores is not None and not isinstance(scores, Mapping):
         raise TypeError(f"scores must be a dict {{layer name: score tensor}}; got {type(scores).__name__}")
     chosen = prunable_layers(model, layers)
+    if scores is not None:
+        missing = [n for n, _ in chosen if n not in scores]
+        if missing:
+            raise ValueError(f"scores has no entry for layer(s) {missing}")
+        for n, m in chosen:  # (torch's global_unstructured: an IndexError, an AttributeError; NaN never pruned)
+            s = scores[n]
+            if not isinstance(s, torch.Tensor):
+                raise TypeError(f"scores[{n!r}] must be a tensor of the layer's weight shape; got {type(s).__name__}")
+            if s.shape != m.weight.shape:
+                raise ValueError(f"scores[{n!r}] must have the layer's weight shape {tuple(m.weight.shape)}; got "
+                                 f"{tuple(s.shape)}")
+            if s.is_floating_point() and bool(torch.isnan(s.detach()).any()):
+                raise ValueError(f"scores[{n!r}] hold NaN; every weight needs a number")
     total = sum(m.weight.numel() for _, m in chosen)
     pruned = sum(int((~get_mask(m)).sum()) for _, m in chosen)
     extra = int(round(target * total)) - pruned
@@ -34,9 +47,6 @@ def global_magnitude_prune(model: nn.Module, target: float, layers=None, scores:
     params = [(m, "weight") for _, m in chosen]
     kwargs = {}
     if scores is not None:
-        missing = [n for n, _ in chosen if n not in scores]
-        if missing:
-            raise ValueError(f"scores has no entry for layer(s) {missing}")
         kwargs["importance_scores"] = {(m, "weight"): scores[n] for n, m in chosen}
     _compat.global_unstructured(params, pruning_method=torch.nn.utils.prune.L1Unstructured, amount=extra, **kwargs)
 
