@@ -87,10 +87,10 @@ def magnitude(parameters, p: float = 1, group: str | None = None) -> Scores:
     the group's largest ``|w|`` so that any ``p`` ranks groups as the exact
     norms do (see :func:`pointsparse.prune.structured.group_scores`).
 
-    Per entry ``|w|^p`` is the score itself, in the weight's dtype: where it
-    underflows to 0 for a nonzero ``|w|`` or overflows to inf (``p=2000`` on
-    weights ``~1e-3`` or ``~1e3``; ``p=2`` on float16 weights below ``~2e-4``)
-    the scores no longer order the weights, and that is a ValueError naming
+    Per entry ``|w|^p`` is the score itself, in the weight's dtype or float32
+    where that is narrower: where it underflows to 0 for a nonzero ``|w|`` or
+    overflows to inf (``p=2000`` on weights ``~1e-3`` or ``~1e3``) the scores
+    no longer order the weights, and that is a ValueError naming
     ``p`` (``p=1`` orders the entries as any ``p`` does; a group norm is
     computed stably)."""
     if isinstance(p, bool) or not isinstance(p, numbers.Real) or not p > 0:
@@ -102,7 +102,8 @@ def magnitude(parameters, p: float = 1, group: str | None = None) -> Scores:
     for module, name in _parameters(parameters):
         weight = current_weight(module, name).detach()
         if group is None:
-            size = weight.abs()
+            # In float32 at least: float16 / bfloat16 squares of weights below ~2e-4 / ~1e-19 vanish.
+            size = weight.abs().to(torch.promote_types(weight.dtype, torch.float32))
             scores = size.pow(p)
             lost = ((scores == 0) & (size != 0)) | (torch.isinf(scores) & torch.isfinite(size))
             if bool(lost.any()):
