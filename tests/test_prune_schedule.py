@@ -3,7 +3,9 @@ at each round, the fine-tuning learning rate, one-shot."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
 
 from pointsparse.prune import adapters, schedule
 from prune_procedures_support import Trainer, mlp
@@ -136,3 +138,18 @@ def test_iterative_prune_checks_its_step_counts_before_pruning(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         schedule.iterative_prune(model, lambda m, steps: None, 0.5, rounds=2, **kwargs)
     assert not prune.is_pruned(model)
+
+
+def test_fractions_as_numpy_numbers():
+    """np.float32 is no float subclass: check_fraction refused it (a TypeError
+    for a fraction read from a numpy array), np.float64 passed."""
+    sparsity_schedule = schedule.sparsity_schedule
+    want = sparsity_schedule(0.8, 4)
+    for kind in (np.float32, np.float64, np.float16):
+        got = sparsity_schedule(kind(0.75) + kind(0.05) if kind is np.float64 else kind(0.8), 4)
+        assert len(got) == len(want) and all(abs(a - b) < 1e-3 for a, b in zip(got, want))
+    for bad in (torch.tensor(0.5), "0.5", True, np.bool_(True), None):
+        with pytest.raises(TypeError, match="final must be a number"):
+            sparsity_schedule(bad, 4)
+    with pytest.raises(ValueError, match=r"final must be in \[0, 1\)"):
+        sparsity_schedule(np.float32(1.5), 4)

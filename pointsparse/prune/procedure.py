@@ -117,9 +117,12 @@ def check_callable(fn, name: str) -> None:
 
 
 def check_fraction(value, name: str, low_open=False, high_open=True) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, torch.Tensor):  # (as_float takes 0-d tensors; a fraction is a plain number)
         raise TypeError(f"{name} must be a number; got {type(value).__name__}")
-    v = float(value)
+    try:
+        v = as_float(value, name)  # numpy numbers too (np.float32 is no float subclass)
+    except TypeError:
+        raise TypeError(f"{name} must be a number; got {type(value).__name__}") from None
     ok_low = v > 0 if low_open else v >= 0
     ok_high = v < 1 if high_open else v <= 1
     if not (ok_low and ok_high):
