@@ -425,6 +425,61 @@ def test_numpy_float64_utm_positions_keep_their_precision(tmp_path):
         read_numpy(tmp_path / "nan.npy")
 
 
+def _utm_files(tmp_path, name, cloud):
+    """``cloud`` (float64, 4 decimals) written as text and as PLY and PCD
+    bodies that hold its float64 values: ASCII declared float32 and
+    float64, binary float64; their paths."""
+    rows = "".join(" ".join("%.4f" % v for v in row) + "\n" for row in cloud)
+    ply = "ply\nformat {fmt} 1.0\nelement vertex %d\nproperty {t} x\nproperty {t} y\nproperty {t} z\nend_header\n" \
+        % len(cloud)
+    pcd = ("VERSION 0.7\nFIELDS x y z\nSIZE {s} {s} {s}\nTYPE F F F\nCOUNT 1 1 1\nWIDTH %d\nHEIGHT 1\n"
+           "VIEWPOINT 0 0 0 1 0 0 0\nPOINTS %d\nDATA {fmt}\n") % (len(cloud), len(cloud))
+    room = tmp_path / name / "Annotations"
+    room.mkdir(parents=True)
+    files = {"txt": (tmp_path / f"{name}.txt", rows.encode()), "room": (room / "chair_1.txt", rows.encode())}
+    for t, size in (("float", 4), ("double", 8)):
+        files[f"ply-ascii-{t}"] = (tmp_path / f"{name}-a{size}.ply", ply.format(fmt="ascii", t=t).encode()
+                                   + rows.encode())
+        files[f"pcd-ascii-{t}"] = (tmp_path / f"{name}-a{size}.pcd", pcd.format(fmt="ascii", s=size).encode()
+                                   + rows.encode())
+    files["ply-binary-double"] = (tmp_path / f"{name}-b8.ply", ply.format(fmt="binary_little_endian",
+                                                                          t="double").encode() + cloud.tobytes())
+    files["pcd-binary-double"] = (tmp_path / f"{name}-b8.pcd", pcd.format(fmt="binary", s=8).encode()
+                                  + cloud.tobytes())
+    for path, data in files.values():
+        path.write_bytes(data)
+    return {kind: tmp_path / name if kind == "room" else path for kind, (path, _) in files.items()}
+
+
+def test_text_ply_and_pcd_utm_positions_keep_their_precision(tmp_path):
+    """Text, ASCII PLY/PCD and float64 binary PLY/PCD positions were cast
+    to float32 whole (Open3D parses an ASCII field declared float to
+    float32 itself): UTM positions of 6.8e6 m half a metre apart, so a 5 cm
+    grid saw a fraction of the voxels. Read in float64 and taken relative
+    to their minimum (as numpy and LAS are), they voxelise as the same
+    cloud near the origin does; binary float32 ones come as stored."""
+    o3d = pytest.importorskip("open3d")
+    rng = np.random.default_rng(4)
+    local = (rng.integers(0, 2_000, (3_000, 3)) + 0.5) / 1000  # 2 m cube in mm, half a mm off every 5 cm boundary
+    local[0] = 0.0  # (the minimum: the relative positions are local itself)
+    utm = [651_234.0, 6_812_345.0, 104.0]
+    samples = {}
+    for name, shift in (("near", [1.0, 2.0, 0.5]), ("utm", utm)):
+        for kind, path in _utm_files(tmp_path, name, local + np.array(shift)).items():
+            samples[name, kind] = read_cloud(path, label_map=None)
+    ref = voxelize_sample(samples["near", "txt"], 0.05, 255)
+    assert len(ref.input) > 2_000  # (a float32 cast of the UTM cloud merges most of them)
+    for key, s in samples.items():
+        v = voxelize_sample(s, 0.05, 255)
+        assert (key, len(v.input)) == (key, len(ref.input))
+        assert torch.equal(v.inverse, ref.inverse), key
+        assert np.allclose(s.xyz, local, atol=1e-6), key
+    pc = o3d.t.geometry.PointCloud()  # binary float32: what it holds, as stored
+    pc.point.positions = o3d.core.Tensor((local + utm).astype(np.float32))
+    assert o3d.t.io.write_point_cloud(str(tmp_path / "f32.ply"), pc, write_ascii=False)
+    assert np.array_equal(read_open3d(tmp_path / "f32.ply").xyz, (local + utm).astype(np.float32))
+
+
 def test_numpy_values_of_the_wrong_shape_or_type_are_refused(tmp_path):
     """A (9, 2) rgb for 6 points was reshaped to (6, 3), uint64 labels of
     2**64-1 became -1, complex/datetime/bool positions were cast to floats."""
@@ -734,8 +789,8 @@ def test_open3d_reader_refuses_a_body_shorter_than_its_header(tmp_path):
         path = tmp_path / name
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
         s = read_cloud(path)
-        assert len(s) == 2 and s.xyz[1].tolist() == ([3, 4, 5] if name == "bin.ply" else
-                                                      [4, 5, 6])
+        # (binary float32 as stored; an ASCII body's float64 text relative to its minimum, [1, 2, 3])
+        assert len(s) == 2 and s.xyz[1].tolist() == ([3, 4, 5] if name == "bin.ply" else [3, 3, 3])
 
 
 
@@ -779,7 +834,7 @@ def test_open3d_reader_refuses_ply_tokens_its_parser_fails_on(tmp_path):
         read_cloud(tmp_path / "vlist.ply")
     (tmp_path / "ok.ply").write_bytes(head.format(**ascii3).encode() + b"1 2 3 +1\n4 5 6 02\n7 8 -9e2 3\n")
     s = read_cloud(tmp_path / "ok.ply")
-    assert s.labels.tolist() == [1, 2, 3] and s.xyz[2].tolist() == [7, 8, -900]
+    assert s.labels.tolist() == [1, 2, 3] and s.xyz[2].tolist() == [7 - 1, 8 - 2, 0]  # (relative to the minimum)
 
 
 

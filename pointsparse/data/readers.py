@@ -3,7 +3,10 @@
 Every reader returns float32 positions, optional intensity (0..1, the
 brightest returns up to 1.5) and colour (0..1), and int64 training labels:
 raw class ids pass through a :class:`LabelMap`, and ids the map does not
-name become ``ignore_index``.
+name become ``ignore_index``. Positions stored wider than float32 holds
+(LAS, float64 or 32/64-bit integer arrays, text) come relative to their
+minimum, subtracted in float64 before the float32 cast (UTM coordinates
+keep their millimetres); float32 ones come as stored.
 
 =================  ==========================================================
 format             reader
@@ -697,7 +700,7 @@ def _text_column_problem(tokens, col: np.ndarray, dtype: np.dtype, plain_int) ->
 _PLY_INT_TOKEN = re.compile(rb"[+-]?[0-9]+")  # rply reads integers with strtol(..., 10)
 
 
-def _check_ply(path: Path) -> None:
+def _check_ply(path: Path) -> np.ndarray | None:
     """A PLY file's header against its body before Open3D reads it: the
     vertex count against the bytes (binary) or numbers (ASCII) there, and
     ASCII tokens (of the vertex element and those before it) as Open3D's
@@ -707,7 +710,9 @@ def _check_ply(path: Path) -> None:
     body or a token it cannot read but returns the header's count of points,
     the missing ones uninitialised memory. List properties are refused in
     the vertex element and those before it (a row's length is then in its
-    data, which this check does not walk; mesh PLYs put vertex first)."""
+    data, which this check does not walk; mesh PLYs put vertex first).
+    Returns the float64 ``(n, 3)`` x, y, z an ASCII body holds where they
+    are declared float32 (:func:`_text_positions`), else None."""
     lines, _, start, size = _text_header(path, b"end_header", "PLY")
     if lines[0] != "ply":
         raise ValueError(f"{path}: not a PLY file (it does not start with 'ply')")
@@ -762,7 +767,9 @@ def _check_ply(path: Path) -> None:
                     raise ValueError(f"{path}: {name} {i} property {prop!r} is "
                                      f"{col_tokens[i][:40].decode('ascii', 'replace')!r}, {why}")
             offset += count * len(p)
-        return
+        offset -= n * len(props)  # (the vertex element's first value)
+        return _text_positions([dtype for _, dtype in props], [prop for prop, _ in props],
+                               lambda j: values[offset + j:offset + n * len(props):len(props)])
     need = sum(count * sum(d.itemsize for _, d in p) for _, count, p in upto)
     held_bytes = size - start
     if held_bytes < need:
@@ -770,13 +777,29 @@ def _check_ply(path: Path) -> None:
         held = max(0, held_bytes - (need - n * row)) // max(row, 1)
         raise ValueError(f"{path}: the header says {n} points ({need} bytes) but the file holds {held} "
                          f"({held_bytes} bytes of data; truncated)")
+    return None
+
+
+def _text_positions(dtypes, names, column) -> np.ndarray | None:
+    """The float64 ``(n, 3)`` x, y, z of an ASCII PLY/PCD body (``column(j)``
+    the float64 values of field ``j``, ``names[j]`` its name, ``dtypes[j]``
+    its declared type) where the three are declared float32, else None.
+    Open3D parses a float32 field to float32, which drops what UTM
+    positions' text holds below half a metre; the text itself is exact in
+    float64 (as Open3D's legacy reader takes it), and the reader shifts it
+    like any position stored wider than float32. Integer and float64
+    fields come from Open3D as they are (exact there)."""
+    picks = [[j for j, name in enumerate(names) if name == axis] for axis in "xyz"]
+    if any(len(j) != 1 for j in picks) or any(dtypes[j[0]] != np.float32 for j in picks):
+        return None
+    return np.stack([column(j[0]) for j in picks], 1)
 
 
 _PCD_KEYS = ("VERSION", "FIELDS", "SIZE", "TYPE", "COUNT", "WIDTH", "HEIGHT", "VIEWPOINT", "POINTS", "DATA")
 _PCD_INT_TOKEN = re.compile(r"[+-]?(0|[1-9][0-9]*)")  # Open3D: strtol(..., 0), so 010 is octal 8 and 0x10 is 16
 
 
-def _check_pcd(path: Path) -> None:
+def _check_pcd(path: Path) -> np.ndarray | None:
     """A PCD file's header against its body before Open3D reads it: POINTS
     (or WIDTH x HEIGHT) against the bytes (binary, binary_compressed) or the
     rows (ascii) there; Open3D returns uninitialised memory for missing
@@ -784,7 +807,9 @@ def _check_pcd(path: Path) -> None:
     -> 1, 010 -> 8). Open3D matches header keys case-sensitively by prefix
     ("DATAX" is DATA, "points" nothing), so each line must start with one of
     the keys as a whole word, and the count is Open3D's: the last POINTS, or
-    WIDTH x HEIGHT at the HEIGHT line; POINTS must equal WIDTH x HEIGHT."""
+    WIDTH x HEIGHT at the HEIGHT line; POINTS must equal WIDTH x HEIGHT.
+    Returns the float64 ``(n, 3)`` x, y, z an ASCII body holds where they
+    are declared float32 (:func:`_text_positions`), else None."""
     lines, head, start, size = _text_header(path, b"DATA", "PCD")
     fields: dict[str, list[str]] = {}
     n = None
@@ -870,8 +895,10 @@ def _check_pcd(path: Path) -> None:
                 i, why = problem
                 shown = col_tokens[i][:40] if col_tokens is not None else float(rows[i, j])
                 raise ValueError(f"{path}: point {i} value {j + 1} ({columns[j]!r}) is {shown!r}, {why}")
+        return _text_positions(dtypes, columns, lambda j: rows[:n, j]) if n else None
     else:
         raise ValueError(f"{path}: PCD DATA {data!r} is not ascii, binary or binary_compressed")
+    return None
 
 
 @_names_the_file
@@ -882,7 +909,12 @@ def read_open3d(path, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> Sam
     ``label``, ``class`` or ``classification`` attribute. The header's point
     count is checked against the data there first (Open3D pads a short file
     with uninitialised memory); other suffixes are refused (Open3D reads
-    ``.pts``, ``.xyz``... unchecked: a 20-byte ``.pts`` asked for 4 GB)."""
+    ``.pts``, ``.xyz``... unchecked: a 20-byte ``.pts`` asked for 4 GB).
+
+    Positions stored wider than float32 holds (double, 32- or 64-bit
+    integers, and any ASCII body's text, read in float64) come relative to
+    their minimum, subtracted in float64, as :func:`read_numpy` and
+    :func:`read_las` take them; binary float32 ones come as stored."""
     path = Path(path)
     if path.suffix.lower() not in (".ply", ".pcd"):
         raise ValueError(f"{path}: read_open3d reads .ply or .pcd files (any case); got suffix {path.suffix!r}")
@@ -892,29 +924,34 @@ def read_open3d(path, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> Sam
         raise ImportError(f"reading PLY/PCD needs the optional extra open3d-cpu (and libusb-1.0-0): {exc}") from None
     # The checks parse an ASCII body as float64 to check it; the values still come from Open3D's own parse,
     # the only one exact for 64-bit integer fields (a U8 label past 2**53) and that unpacks a PCD's packed
-    # float rgb, and the one that names the attributes as for a binary file.
-    if path.suffix.lower() == ".ply":
-        _check_ply(path)
-    else:
-        _check_pcd(path)
+    # float rgb, and the one that names the attributes as for a binary file; but for x, y, z declared
+    # float32, which Open3D parses to float32 (UTM positions half a metre apart), the text's own float64.
+    text_xyz = _check_ply(path) if path.suffix.lower() == ".ply" else _check_pcd(path)
     cloud = o3d.t.io.read_point_cloud(str(path))
     if "positions" not in cloud.point:
         raise ValueError(f"{path}: no points read")
     attrs = {k: cloud.point[k].numpy() for k in cloud.point}
-    xyz = attrs["positions"].astype(np.float64)
+    xyz = attrs["positions"]
+    if text_xyz is not None:
+        if text_xyz.shape != xyz.shape:
+            raise ValueError(f"{path}: Open3D read {xyz.shape[0]} points, the header says {text_xyz.shape[0]}")
+        xyz = text_xyz
     labels_key = next((k for k in ("labels", "label", "class", "classification") if k in attrs), None)
     raw = _integral(attrs[labels_key], f"{path} attribute {labels_key!r}") if labels_key else None
     intensity = _scale_intensity(attrs["intensity"]) if "intensity" in attrs else None
     rgb = _scale_rgb(attrs["colors"], f"{path} attribute 'colors'") if "colors" in attrs else None
-    return Sample(xyz.astype(np.float32), _labels(raw, load_label_map(label_map) if label_map else None,
-                                                   ignore_index), intensity, rgb, name=str(path))
+    return Sample(_positions(xyz), _labels(raw, load_label_map(label_map) if label_map else None, ignore_index),
+                  intensity, rgb, name=str(path))
 
 
 @_names_the_file
 def read_text(path, label_map="s3dis", ignore_index: int = DEFAULT_IGNORE) -> Sample:
     """S3DIS-style text: a file of rows ``x y z [r g b] [label]`` (colour in
     0..255), or a room folder with ``Annotations/<class>_<n>.txt`` files whose
-    class comes from the file name through the map's ``names``."""
+    class comes from the file name through the map's ``names``. The text is
+    read in float64 and the positions come relative to their minimum (the
+    room's, for a folder), subtracted in float64, as :func:`read_numpy` and
+    :func:`read_las` take them (UTM coordinates keep their millimetres)."""
     path = Path(path)
     label_map = load_label_map(label_map) if label_map is not None else None
     if path.is_dir():
@@ -931,11 +968,11 @@ def read_text(path, label_map="s3dis", ignore_index: int = DEFAULT_IGNORE) -> Sa
             parts.append(rows)
             labels.append(np.full(len(rows), tid, dtype=np.int64))
         rows = np.concatenate(parts)
-        return Sample(rows[:, :3], np.concatenate(labels), rgb=_rgb_rows(rows, path), name=str(path))
+        return Sample(_positions(rows), np.concatenate(labels), rgb=_rgb_rows(rows, path), name=str(path))
     rows = _load_rows(path)
     raw = _integral(rows[:, -1], f"{path} label column") if rows.shape[1] in (4, 7) else None
     rgb = _rgb_rows(rows, path)
-    return Sample(rows[:, :3], _labels(raw, label_map, ignore_index, f"{path} label column"), rgb=rgb,
+    return Sample(_positions(rows), _labels(raw, label_map, ignore_index, f"{path} label column"), rgb=rgb,
                   name=str(path))
 
 
