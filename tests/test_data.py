@@ -805,7 +805,7 @@ def test_open3d_reader_refuses_ply_tokens_its_parser_fails_on(tmp_path):
         import open3d  # noqa: F401
     except (ImportError, OSError) as exc:
         pytest.skip(f"open3d not usable: {exc}")
-    head = ("ply\nformat {fmt} 1.0\n{before}element vertex {n}\nproperty float x\nproperty float y\n"
+    head = ("ply\nformat {fmt} 1.0\n{before}element vertex {n}\nproperty {z} x\nproperty {z} y\n"
             "property {z} z\nproperty uchar label\nend_header\n")
     ascii3 = dict(fmt="ascii", before="", n=3, z="float")
     cases = {
@@ -871,6 +871,54 @@ def test_open3d_reader_reads_pcd_headers_and_tokens_as_open3d_does(tmp_path):
     (tmp_path / "ok.pcd").write_text(pcd.format(**dict(two, data="\tascii")).replace("DATA ", "DATA")
                                      + "1 2 3 +0\n4 5 6 -0\n")
     assert read_cloud(tmp_path / "ok.pcd").labels.tolist() == [0, 0]
+
+
+def test_open3d_reader_refuses_ply_property_types_open3d_misreads(tmp_path):
+    """Open3D reads x y z (and nx ny nz, red green blue) as one array of
+    the first's type: a double y among float x and z came back as 3e-41, a
+    missing blue as uninitialised memory; and it drops a property of a type
+    it does not read (ushort, int16, uint32...): a ushort label gave an
+    unlabelled cloud, with no error."""
+    pytest.importorskip("open3d")
+
+    def ply(fmt, props, rows):
+        head = f"ply\nformat {fmt} 1.0\nelement vertex {len(rows)}\n" + \
+            "".join(f"property {t} {p}\n" for p, t in props) + "end_header\n"
+        if fmt == "ascii":
+            return (head + "".join(" ".join(map(str, r)) + "\n" for r in rows)).encode()
+        dtype = [(p, _PLY_DTYPES[t]) for p, t in props]
+        return head.encode() + np.array([tuple(r) for r in rows], dtype).tobytes()
+
+    xyz = [("x", "float"), ("y", "float"), ("z", "float")]
+    rows = [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]]
+    cases = {
+        "mixed": (("binary_little_endian", [("x", "float"), ("y", "double"), ("z", "float")], [r[:3] for r in rows]),
+                  "x y z must be all three or none, of one type .* got x float, y double, z float"),
+        "mixed_ascii": (("ascii", [("x", "int"), ("y", "float"), ("z", "int")], [r[:3] for r in rows]),
+                        "got x int, y float, z int"),
+        "no_blue": (("ascii", xyz + [("red", "uchar"), ("green", "uchar")], [r[:5] for r in rows]),
+                    "red green blue must be all three or none.* got red uchar, green uchar, no blue"),
+        "normals": (("ascii", xyz + [("nx", "float"), ("ny", "double"), ("nz", "float")], rows), "nx ny nz"),
+        "ushort_label": (("ascii", xyz + [("label", "ushort")], [r[:4] for r in rows]),
+                         "property 'label' is of type ushort, which Open3D does not read"),
+        "short_intensity": (("binary_little_endian", xyz + [("intensity", "short")], [r[:4] for r in rows]),
+                            "property 'intensity' is of type short"),
+        "uint_xyz": (("ascii", [("x", "uint"), ("y", "uint"), ("z", "uint")], [r[:3] for r in rows]),
+                     "property 'x' is of type uint"),
+    }
+    for name, ((fmt, props, body), match) in cases.items():
+        (tmp_path / f"{name}.ply").write_bytes(ply(fmt, props, body))
+        with pytest.raises(ValueError, match=rf"{name}\.ply: PLY vertex .*{match}"):
+            read_open3d(tmp_path / f"{name}.ply")
+    # a property of a type Open3D skips is no problem where nothing reads it; uint16 is read (ushort is not)
+    (tmp_path / "ok.ply").write_bytes(ply("binary_little_endian", xyz + [("label", "uint16"), ("time", "ushort")],
+                                          [r[:5] for r in rows]))
+    s = read_open3d(tmp_path / "ok.ply")
+    assert s.labels.tolist() == [4, 10] and s.xyz.tolist() == [[1, 2, 3], [7, 8, 9]]
+
+
+_PLY_DTYPES = {"char": "i1", "uchar": "u1", "short": "<i2", "ushort": "<u2", "uint16": "<u2", "int": "<i4",
+               "uint": "<u4", "float": "<f4", "double": "<f8"}
 
 
 def test_ascii_pcd_values_come_from_open3d_not_the_pre_check(tmp_path):

@@ -698,6 +698,33 @@ def _text_column_problem(tokens, col: np.ndarray, dtype: np.dtype, plain_int) ->
 
 
 _PLY_INT_TOKEN = re.compile(rb"[+-]?[0-9]+")  # rply reads integers with strtol(..., 10)
+# Open3D's PLY reader (0.20) reads properties of these type names only and skips the others (char, int8,
+# short, int16, ushort, uint, uint32); it reads each group of three into one array of its first member's type.
+_OPEN3D_PLY_TYPES = ("uchar", "uint8", "uint16", "int", "int32", "float", "float32", "double", "float64")
+_OPEN3D_PLY_GROUPS = (("x", "y", "z"), ("nx", "ny", "nz"), ("red", "green", "blue"))
+_OPEN3D_LABELS = ("labels", "label", "class", "classification")  # (read_open3d's labels, the first there)
+
+
+def _check_open3d_ply_types(path: Path, types: dict[str, str]) -> None:
+    """The vertex properties Open3D groups (x y z, nx ny nz, red green blue)
+    all three or none, of one type, and those :func:`read_open3d` reads of a
+    type Open3D reads: ValueError naming the file and the properties
+    otherwise. Open3D reads a group into one array of its first member's
+    type, the others' bytes reinterpreted (a double y among float x and z
+    gave y = 3e-41) and a missing or skipped member as uninitialised memory;
+    it skips a lone property of a type it does not read (a ushort label:
+    the cloud came back unlabelled)."""
+    for group in _OPEN3D_PLY_GROUPS:
+        held = [p for p in group if p in types]
+        if held and (len(held) < 3 or len({np.dtype(_PLY_TYPES[types[p]]) for p in group}) > 1):
+            declared = ", ".join(f"{p} {types[p]}" if p in types else f"no {p}" for p in group)
+            raise ValueError(f"{path}: PLY vertex properties {' '.join(group)} must be all three or none, of one "
+                             f"type (Open3D reads them as one array: a missing one as uninitialised memory, another "
+                             f"type's bytes reinterpreted); got {declared}")
+    for prop in ("x", "y", "z", "red", "green", "blue", "intensity", *_OPEN3D_LABELS):
+        if prop in types and types[prop] not in _OPEN3D_PLY_TYPES:
+            raise ValueError(f"{path}: PLY vertex property {prop!r} is of type {types[prop]}, which Open3D does not "
+                             f"read (it drops the property); declare it one of {', '.join(_OPEN3D_PLY_TYPES)}")
 
 
 def _check_ply(path: Path) -> np.ndarray | None:
@@ -717,6 +744,7 @@ def _check_ply(path: Path) -> np.ndarray | None:
     if lines[0] != "ply":
         raise ValueError(f"{path}: not a PLY file (it does not start with 'ply')")
     fmt, elements = None, []  # elements: [name, count, [(property name, dtype or None for a list)]]
+    vertex_types: dict[str, str] = {}  # the vertex element's property -> type as declared
     for line in lines[1:-1]:
         word = line.split()
         if not word or word[0] in ("comment", "obj_info"):
@@ -727,6 +755,8 @@ def _check_ply(path: Path) -> np.ndarray | None:
             elements.append([word[1], int(word[2]), []])
         elif word[0] == "property" and elements and len(word) == 3 and word[1] in _PLY_TYPES:
             elements[-1][2].append((word[2], np.dtype(_PLY_TYPES[word[1]])))
+            if elements[-1][0] == "vertex":
+                vertex_types[word[2]] = word[1]
         elif word[0] == "property" and elements and len(word) == 5 and word[1] == "list" and \
                 word[2] in _PLY_TYPES and word[3] in _PLY_TYPES:
             elements[-1][2].append((word[4], None))
@@ -744,6 +774,7 @@ def _check_ply(path: Path) -> np.ndarray | None:
         if lists:
             raise ValueError(f"{path}: PLY element {name!r} has the list property {lists[0]!r}; this reader takes "
                              "lists only in elements after 'vertex' (a mesh's faces), not in it or before it")
+    _check_open3d_ply_types(path, vertex_types)
     n, props = upto[-1][1], upto[-1][2]
     # Up to the vertex element, each row needs its (fixed-size) properties.
     if fmt == "ascii":
@@ -936,7 +967,7 @@ def read_open3d(path, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> Sam
         if text_xyz.shape != xyz.shape:
             raise ValueError(f"{path}: Open3D read {xyz.shape[0]} points, the header says {text_xyz.shape[0]}")
         xyz = text_xyz
-    labels_key = next((k for k in ("labels", "label", "class", "classification") if k in attrs), None)
+    labels_key = next((k for k in _OPEN3D_LABELS if k in attrs), None)
     raw = _integral(attrs[labels_key], f"{path} attribute {labels_key!r}") if labels_key else None
     intensity = _scale_intensity(attrs["intensity"]) if "intensity" in attrs else None
     rgb = _scale_rgb(attrs["colors"], f"{path} attribute 'colors'") if "colors" in attrs else None
