@@ -207,8 +207,46 @@ def test_sample_intensity_and_colour_outside_their_ranges_are_refused(tmp_path):
     s = Sample(xyz, intensity=[0, 0.5, 1.5, 1], rgb=np.ones((4, 3)))
     assert s.intensity.max() == 1.5 and s.rgb.min() == 1
     np.savez(tmp_path / "neg.npz", xyz=xyz, intensity=np.array([0, -0.25, 0.5, 1], np.float32))
-    with pytest.raises(ValueError, match=r"neg\.npz: intensity must lie in 0\.0\.\.1\.5"):  # (kept as stored: <= 1)
+    with pytest.raises(ValueError, match=r"neg\.npz key 'intensity': intensity must be 0 or more; 1 of 4"):
         read_numpy(tmp_path / "neg.npz")
+
+
+def test_negative_intensities_are_refused_naming_the_file_and_field(tmp_path):
+    """Integer intensities (and float ones above 1) were divided by their
+    99th percentile and clipped to 0..1.5: a negative one became 0 with no
+    word (float ones in 0..1 reached Sample's range check). Return strength
+    is 0 or more in every format read here; a field declared signed (PCD
+    I, PLY int, a numpy int16) holding negatives is refused, naming it."""
+    xyz = np.arange(12, dtype=np.float32).reshape(4, 3)
+    np.savez(tmp_path / "i16.npz", xyz=xyz, intensity=np.array([5, -3, 200, 7], np.int16))
+    np.save(tmp_path / "f64.npy", np.hstack([xyz, [[5], [-3], [200], [7]]]).astype(np.float64))
+    cases = [(read_numpy, "i16.npz", r"i16\.npz key 'intensity': intensity must be 0 or more; 1 of 4 values are "
+                                     r"negative \(from -3;"),
+             (read_numpy, "f64.npy", r"f64\.npy column 4 \(intensity\): intensity must be 0 or more; 1 of 4")]
+    try:
+        import open3d  # noqa: F401
+    except (ImportError, OSError):
+        open3d = None
+    if open3d is not None:
+        rows = "".join(f"{x:g} {y:g} {z:g} {i}\n" for (x, y, z), i in zip(xyz, (5, -3, 200, -7)))
+        (tmp_path / "i.pcd").write_text("VERSION 0.7\nFIELDS x y z intensity\nSIZE 4 4 4 2\nTYPE F F F I\n"
+                                        "COUNT 1 1 1 1\nWIDTH 4\nHEIGHT 1\nPOINTS 4\nDATA ascii\n" + rows)
+        (tmp_path / "i.ply").write_text("ply\nformat ascii 1.0\nelement vertex 4\nproperty float x\nproperty float y\n"
+                                        "property float z\nproperty int intensity\nend_header\n" + rows)
+        cases += [(read_open3d, name, rf"i\.{name[2:]} attribute 'intensity': intensity must be 0 or more; 2 of 4")
+                  for name in ("i.pcd", "i.ply")]
+    for reader, name, match in cases:
+        with pytest.raises(ValueError, match=match):
+            reader(tmp_path / name)
+        path = tmp_path / name
+        if name.endswith(".npz"):
+            np.savez(path, xyz=xyz, intensity=np.array([5, 0, 200, 7], np.int16))
+        elif name.endswith(".npy"):
+            np.save(path, np.hstack([xyz, [[5], [0], [200], [7]]]).astype(np.float64))
+        else:
+            path.write_text(path.read_text().replace(" -", " "))
+        s = reader(path)  # (the same, 0 and up: scaled as before)
+        assert s.intensity.min() >= 0 and s.intensity.max() <= 1.5 and float(s.intensity[0, 0]) > 0
 
 
 def test_label_maps_shipped():

@@ -208,11 +208,22 @@ def _id_table(table, path: Path, field_name: str, raw_ids: bool) -> dict:
     return out
 
 
-def _scale_intensity(values) -> np.ndarray:
+def _scale_intensity(values, where: str) -> np.ndarray:
     """Float intensities kept as they are when already in 0..1; integer (or
-    larger) ones divided by their 99th percentile and clipped to 0..1.5."""
-    v = np.asarray(values, dtype=np.float32).reshape(-1, 1)
-    if v.size == 0 or (np.issubdtype(np.asarray(values).dtype, np.floating) and float(v.max()) <= 1.0):
+    larger) ones divided by their 99th percentile and clipped to 0..1.5.
+    A negative value, of any type, is a ValueError naming ``where`` (the
+    file and field): return strength is 0 or more in every format read
+    here (LAS stores it unsigned; a PLY/PCD/numpy field may be declared
+    signed, but clipping its negative half to 0 lost it silently). Signed
+    reflectance (some scanners' -2048..2047) must be shifted to 0 and up
+    first."""
+    raw = np.asarray(values)
+    if raw.size and raw.min() < 0:  # (NaN passes here: Sample counts and refuses it)
+        neg = int((raw < 0).sum())
+        raise ValueError(f"{where}: intensity must be 0 or more; {neg} of {raw.size} values are negative (from "
+                         f"{raw.min().item()!r}; shift signed reflectance to 0 and up first)")
+    v = raw.astype(np.float32).reshape(-1, 1)
+    if v.size == 0 or (np.issubdtype(raw.dtype, np.floating) and float(v.max()) <= 1.0):
         return v
     scale = float(np.percentile(v, 99)) or float(v.max()) or 1.0
     return np.clip(v / scale, 0, 1.5).astype(np.float32)
@@ -431,7 +442,7 @@ def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_
             intensity = rgb = None
             if "intensity" in z.files:
                 intensity = _scale_intensity(_real(_npz_array(z, "intensity", path), f"{path} key 'intensity'",
-                                                   "intensity", [(n,), (n, 1)]))
+                                                   "intensity", [(n,), (n, 1)]), f"{path} key 'intensity'")
             if "rgb" in z.files:
                 rgb = _scale_rgb(_real(_npz_array(z, "rgb", path), f"{path} key 'rgb'", "colour", [(n, 3)]),
                                  f"{path} key 'rgb'")
@@ -443,7 +454,7 @@ def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_
     if arr.ndim != 2 or arr.shape[1] not in (3, 4, 6, 7):
         raise ValueError(f"{path}: a .npy cloud must be (N, 3|4|6|7) [x y z (intensity) (r g b)]; got {arr.shape}")
     _real(arr, str(path), "a .npy cloud's values")
-    intensity = _scale_intensity(arr[:, 3]) if arr.shape[1] in (4, 7) else None
+    intensity = _scale_intensity(arr[:, 3], f"{path} column 4 (intensity)") if arr.shape[1] in (4, 7) else None
     rgb = _scale_rgb(arr[:, -3:], str(path)) if arr.shape[1] >= 6 else None
     if labels_path is None:
         sibling = _sibling_labels(path)
@@ -596,7 +607,7 @@ def read_las(path, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> Sample
     offset = xyz64.min(0) if len(xyz64) else np.zeros(3)
     xyz = (xyz64 - offset).astype(np.float32)
     names = set(las.point_format.dimension_names)
-    intensity = _scale_intensity(np.asarray(las.intensity)) if "intensity" in names else None
+    intensity = _scale_intensity(np.asarray(las.intensity), f"{path} intensity") if "intensity" in names else None
     rgb = None
     if {"red", "green", "blue"} <= names:
         rgb = _scale_rgb(np.stack([np.asarray(las.red), np.asarray(las.green), np.asarray(las.blue)], 1), str(path))
@@ -969,7 +980,8 @@ def read_open3d(path, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> Sam
         xyz = text_xyz
     labels_key = next((k for k in _OPEN3D_LABELS if k in attrs), None)
     raw = _integral(attrs[labels_key], f"{path} attribute {labels_key!r}") if labels_key else None
-    intensity = _scale_intensity(attrs["intensity"]) if "intensity" in attrs else None
+    intensity = _scale_intensity(attrs["intensity"], f"{path} attribute 'intensity'") if "intensity" in attrs \
+        else None
     rgb = _scale_rgb(attrs["colors"], f"{path} attribute 'colors'") if "colors" in attrs else None
     return Sample(_positions(xyz), _labels(raw, load_label_map(label_map) if label_map else None, ignore_index),
                   intensity, rgb, name=str(path))
