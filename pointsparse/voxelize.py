@@ -59,6 +59,47 @@ def _check_finite(points, name="points") -> None:
         raise ValueError(f"{name} row {row} is not finite: {points[row].tolist()}")
 
 
+def _check_extent(points, vs, batch) -> None:
+    """Before anything is quantised (from the points' bounds alone): every
+    ``floor(points / voxel_size)`` within int32, and the voxels' x, y, z
+    spans with the batch count within a coordinate key; ValueError naming
+    ``voxel_size``, the points' extent and the voxels' span otherwise. A
+    non-finite row is refused here naming it. In a compiled graph the core
+    checks the same when it runs."""
+    if torch.compiler.is_compiling() or points.numel() == 0:
+        return
+    bounds = [torch.aminmax(points[:, a]) for a in range(3)]  # (column by column: twice as fast as dim=0)
+    low, high = [float(b[0]) for b in bounds], [float(b[1]) for b in bounds]
+    if not all(map(math.isfinite, low + high)):
+        _check_finite(points)
+    # float64 division and floor, as both quantising paths take them: the bounds' voxels are the voxels' bounds
+    first, last = [lo / v for lo, v in zip(low, vs)], [hi / v for hi, v in zip(high, vs)]
+    extent = f"the points' extent (x, y, z from {_listed(low)} to {_listed(high)})"
+    if not all(map(math.isfinite, first + last)):
+        raise ValueError(f"voxel_size {_shown(vs)} is too small for {extent}: points / voxel_size leaves float64")
+    first, last = [math.floor(q) for q in first], [math.floor(q) for q in last]
+    if min(first) < _coords.COORD_MIN or max(last) > _coords.COORD_MAX:
+        raise ValueError(f"voxel_size {_shown(vs)} puts {extent} in voxels {_listed(first)} to {_listed(last)}; "
+                         f"voxel coordinates (floor(points / voxel_size)) must lie in the int32 range "
+                         f"[{_coords.COORD_MIN}, {_coords.COORD_MAX}] (shift the cloud or use a larger voxel_size)")
+    top = 0 if batch is None else int(batch.max())
+    try:
+        _coords.KeyLayout.fit([0, *first], [top, *last])
+    except ValueError as exc:
+        raise ValueError(f"voxel_size {_shown(vs)} spreads {extent} over voxels {_listed(first)} to "
+                         f"{_listed(last)}: {exc} (or use a larger voxel_size)") from None
+
+
+def _listed(values) -> str:
+    """Numbers for a message: 10 significant digits each."""
+    return "[" + ", ".join(f"{float(v):.10g}" for v in values) + "]"
+
+
+def _shown(vs) -> str:
+    """A voxel size as given to the user: one number where all three agree."""
+    return repr(vs[0]) if vs[0] == vs[1] == vs[2] else repr(tuple(vs))
+
+
 def _check_batch(batch, n: int, device) -> torch.Tensor | None:
     if batch is None:
         return None
@@ -100,7 +141,9 @@ def group_points(points: torch.Tensor, voxel_size, batch=None):
     1]]``): one core call (``core.voxelize`` with no feature columns) where
     the core serves, else quantise, unique and unpack in torch ops."""
     _check_points(points)
-    return _group(points, _voxel_size(voxel_size), _check_batch(batch, points.shape[0], points.device))
+    vs, batch = _voxel_size(voxel_size), _check_batch(batch, points.shape[0], points.device)
+    _check_extent(points, vs, batch)
+    return _group(points, vs, batch)
 
 
 def _group(points, vs, batch):
@@ -123,6 +166,7 @@ def quantize_keys(points: torch.Tensor, voxel_size, batch=None):
     _check_points(points)
     vs = _voxel_size(voxel_size)
     batch = _check_batch(batch, points.shape[0], points.device)
+    _check_extent(points, vs, batch)
     if not _ext.serves(points):
         return _quantize_torch(points, vs, batch)
     b = None if batch is None else _ext.to_numpy(batch)
@@ -240,6 +284,12 @@ def voxelize(points: torch.Tensor, feats: torch.Tensor | None = None, voxel_size
         ``(SparseTensor, inverse)``: voxels sorted by (batch, x, y, z) with
         coords ``floor(points / voxel_size)``; ``inverse[i]`` is the row of the
         voxel holding point ``i``. Differentiable in ``feats``.
+
+    A ``voxel_size`` too small for the points (``points / voxel_size``
+    past float64 or int32, or the voxels' spans and the batch count past a
+    coordinate key's 63 bits) is a ValueError naming it, the points' extent
+    and the voxels' span, from the points' bounds before anything is
+    quantised.
     """
     _check_points(points, values=False)  # the core's pass rejects a non-finite row itself (naming it)
     vs = _voxel_size(voxel_size)
@@ -262,6 +312,7 @@ def voxelize(points: torch.Tensor, feats: torch.Tensor | None = None, voxel_size
         out_feats = torch.ops.pointsparse.segment_reduce(feats, inverse, perm, seg_ptr, REDUCE_MODES[reduce])[0]
         return SparseTensor(out_feats, coords, 1, validate=False), inverse
     batch = _check_batch(batch, points.shape[0], points.device)
+    _check_extent(points, vs, batch)  # (before the core or torch allocates the quantised coords)
     if _ext.serves(feats, dtypes=FLOAT_DTYPES) and _ext.serves(points):  # one trip into the core
         out_feats, coords, inverse = _VoxelizeCore.apply(feats, points, vs, batch, REDUCE_MODES[reduce])
         return SparseTensor(out_feats, coords, 1, validate=False), inverse

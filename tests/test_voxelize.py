@@ -512,6 +512,49 @@ def test_voxelize_span_over_63_bits_names_it():
                 ps.voxelize(points, voxel_size=1.0)
 
 
+def test_a_voxel_size_too_small_is_refused_before_anything_is_quantised(monkeypatch):
+    """A tiny voxel_size quantised every point (the core or torch allocating
+    the (N, 4) coords, keys, sort) before failing on the int32 or key range,
+    and the key-range message named the coordinates' span, not voxel_size.
+    The points' bounds alone decide it now, on every path and entry."""
+    import re
+
+    def quantised(*args, **kwargs):
+        raise AssertionError("quantised")
+
+    for name in ("voxelize", "quantize"):
+        monkeypatch.setattr(_ext.core, name, quantised)
+    monkeypatch.setattr(V, "_quantize_torch", quantised)
+    points = torch.tensor([[0.5, -3.0, 2.0], [100.25, 40.0, 7.5], [20.0, 0.0, 2.0]], dtype=torch.float64)
+    extent = re.escape("the points' extent (x, y, z from [0.5, -3, 2] to [100.25, 40, 7.5])")
+    # (powers of two: every voxel exact)
+    cases = [(2**-26, rf"voxel_size 1\.4901161193847656e-08 puts {extent} in voxels \[33554432, -201326592, "
+                      r"134217728\] to \[6727663616, 2684354560, 503316480\]; voxel coordinates "
+                      r"\(floor\(points / voxel_size\)\) must lie in the int32 range"),
+             ((2**-20, 2**-20, 2**-17), rf"voxel_size \(9\.5367431640625e-07, 9\.5367431640625e-07, "
+                                        rf"7\.62939453125e-06\) spreads {extent} over voxels \[524288, -3145728, "
+                                        r"262144\] to \[105119744, 41943040, 983040\]: coordinates span batch "
+                                        r"\[0, 0\] \(0 bits\), x \[524288, 105119744\] \(27 bits\).* 73 bits in all"),
+             (5e-324, rf"voxel_size 5e-324 is too small for {extent}: points / voxel_size leaves float64")]
+    for voxel_size, match in cases:
+        for dtype in (torch.float64, torch.float32):
+            for backend in ("auto", "torch"):
+                with ps.backend(backend):
+                    for call in (lambda: ps.voxelize(points.to(dtype), voxel_size=voxel_size),
+                                 lambda: V.group_points(points.to(dtype), voxel_size),
+                                 lambda: V.quantize_keys(points.to(dtype), voxel_size)):
+                        with pytest.raises(ValueError, match=f"^{match}"):
+                            call()
+    fits = (2**-20, 2**-20, 2**-7)  # 27 + 26 + 10 bits: 63, the most a key holds
+    with pytest.raises(ValueError, match=r"^voxel_size .* spreads .* batch \[0, 1\] \(1 bits\).* 64 bits in all"):
+        ps.voxelize(points, voxel_size=fits, batch=torch.tensor([0, 1, 1]))  # (the batch count is in the key too)
+    with pytest.raises(ValueError, match=r"points row 1 is not finite"):  # (non-finite rows: named, as before)
+        ps.voxelize(torch.tensor([[0.0, 0, 0], [float("nan"), 0, 0]]), voxel_size=1e-9)
+    monkeypatch.undo()
+    x, inverse = ps.voxelize(points, voxel_size=fits)
+    assert len(x) == 3 and x.coords[:, 1:].tolist()[0] == [524288, -3145728, 256]
+
+
 # --- the one-call core entry (core.voxelize) ------------------------------------
 
 @pytest.mark.parametrize("mode", [0, 1, 2, 3])
