@@ -150,7 +150,9 @@ class VoxelSample:
     point_labels: torch.Tensor  # int64 (N,)
     xyz: np.ndarray             # float32 (N, 3) positions (after augmentation)
     name: str
-    points: torch.Tensor | None = None  # float32 (N, 3) positions in voxel units (floor = voxel coords)
+    # float32 (N, 3) positions in voxel units, each inside its voxel: floor(points) == coords[inverse] (exact
+    # while the coords, which start at 0, stay below 2**24, as float32 holds them)
+    points: torch.Tensor | None = None
 
     @property
     def coords(self) -> torch.Tensor:
@@ -232,7 +234,11 @@ def voxelize_sample(sample: Sample, voxel_size: float, ignore_index: int) -> Vox
     else:
         points = xyz.float()
         tensor, inverse = voxelize(points, feats, voxel_size=voxel_size, reduce="mean")
-        voxel_points = (points.double() / voxel_size).float()
+        # points / voxel_size just below a whole number rounds up to it in float32 (a point of voxel 41 at
+        # 42.0): kept inside its voxel, [coord, the float32 below coord + 1].
+        below = tensor.coords[inverse, 1:].float()
+        top = torch.nextafter(below + 1, below)
+        voxel_points = torch.minimum(torch.maximum((points.double() / voxel_size).float(), below), top)
     labels = sample.labels if sample.labels is not None else np.full(len(sample), ignore_index, dtype=np.int64)
     vox_labels = majority_labels(inverse.numpy(), labels, len(tensor), ignore_index)
     return VoxelSample(tensor, torch.from_numpy(vox_labels), inverse.long(), torch.from_numpy(labels.astype(np.int64)),
