@@ -1132,7 +1132,12 @@ def test_augment_checks_its_arguments():
                                  (dict(scale=(-1, -1)), ValueError, "scale"),
                                  (dict(scale=1.0), TypeError, "scale"),
                                  (dict(scale="ab"), TypeError, "scale"),
-                                 (dict(scale=(1e40, 1e40)), ValueError, "float32"),
+                                 (dict(scale=(1e40, 1e40)), ValueError, r"scale must be None or \(low, high\) "
+                                                                        r"with 0\.1 <= low <= high <= 10\.0"),
+                                 (dict(scale=(0.5, 10.5)), ValueError, r"scale .*<= 10\.0 .*got \(0\.5, 10\.5\)"),
+                                 (dict(scale=(1e-30, 1.0)), ValueError, r"scale must .* 0\.1 <= low"),
+                                 (dict(jitter=1e10), ValueError, r"jitter must be a number in 0\.\.1\.0 \(metres"),
+                                 (dict(jitter=1.5), ValueError, r"jitter .* got 1\.5$"),
                                  (dict(rotate="no"), TypeError, "rotate must be a bool"),
                                  (dict(flip=0.5), TypeError, "flip must be a bool"),
                                  (dict(rotate=None), TypeError, "rotate must be a bool")):
@@ -1143,6 +1148,11 @@ def test_augment_checks_its_arguments():
             augment(s, bad)
     a = augment(s, rng(4), scale=None, jitter=None)
     assert np.allclose(np.linalg.norm(a.xyz, axis=1), np.linalg.norm(s.xyz, axis=1), atol=1e-4)
+    for scale, jitter in (((0.1, 10.0), 1.0), ((10.0, 10.0), 0.0), ((0.1, 0.1), 0.5)):  # (the bounds themselves)
+        assert len(augment(s, rng(1), scale=scale, jitter=jitter)) == 20
+    huge = Sample(np.full((2, 3), 1e38), name="huge")  # within the bounds, past float32 all the same
+    with pytest.raises(ValueError, match=r"huge: scale \(10, 10\) and jitter 0\.01 take points beyond float32"):
+        augment(huge, rng(0), scale=(10, 10))
     assert np.array_equal(augment(s, rng(4), jitter=False).xyz, augment(s, rng(4), jitter=0.0).xyz)
 
 

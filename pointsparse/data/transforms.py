@@ -26,6 +26,11 @@ from .sample import Sample
 # Input channels of every voxel: x, y, z (metres, centred in x and y),
 # intensity, r, g, b (0 where the source has none).
 NUM_FEATURES = 7
+#: augment's bounds: the scale factor within [1/10, 10] (an order of magnitude either way changes the
+#: scene's units, not its look), the jitter at most 1 m (a metre of noise on every coordinate blurs any
+#: scene past its geometry; the usual is 1 cm).
+SCALE_RANGE = (0.1, 10.0)
+MAX_JITTER = 1.0
 
 
 def augment(sample: Sample, rng: np.random.Generator, rotate: bool = True, scale=(0.95, 1.05), flip: bool = True,
@@ -33,9 +38,12 @@ def augment(sample: Sample, rng: np.random.Generator, rotate: bool = True, scale
     """A random rotation about z, uniform scaling in ``scale``, a random
     mirror of x and/or y, and Gaussian jitter of ``jitter`` metres.
     ``rng`` a numpy Generator; ``rotate`` and ``flip`` bools; ``scale`` None
-    or ``(low, high)`` with ``0 < low <= high`` finite; ``jitter`` finite >= 0
-    (None or False: none). TypeError/ValueError naming the argument
-    otherwise, and ValueError where they take the points beyond float32."""
+    or ``(low, high)`` with ``0.1 <= low <= high <= 10`` (:data:`SCALE_RANGE`);
+    ``jitter`` in ``0..1`` metres (:data:`MAX_JITTER`; None or False: none).
+    TypeError/ValueError naming the argument otherwise (a jitter of 1e10
+    passed and failed later blaming voxel_size, a scale of 1e-30 merged the
+    cloud into one voxel), and ValueError where they take the points beyond
+    float32."""
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator; got {type(rng).__name__}")
     for name, value in (("rotate", rotate), ("flip", flip)):
@@ -46,11 +54,13 @@ def augment(sample: Sample, rng: np.random.Generator, rotate: bool = True, scale
             low, high = (as_float(v, "scale") for v in scale)
         except (TypeError, ValueError):
             raise TypeError(f"scale must be None or (low, high) numbers; got {scale!r:.60}") from None
-        if not (0 < low <= high and math.isfinite(high)):
-            raise ValueError(f"scale must be None or (low, high) with 0 < low <= high, finite; got {scale!r:.60}")
+        if not (SCALE_RANGE[0] <= low <= high <= SCALE_RANGE[1]):
+            raise ValueError(f"scale must be None or (low, high) with {SCALE_RANGE[0]} <= low <= high <= "
+                             f"{SCALE_RANGE[1]} (a random factor of the scene's size); got {scale!r:.60}")
     jitter = 0.0 if jitter is None or jitter is False else as_float(jitter, "jitter")
-    if not (jitter >= 0 and math.isfinite(jitter)):
-        raise ValueError(f"jitter must be a finite number >= 0 (metres); got {jitter!r}")
+    if not 0 <= jitter <= MAX_JITTER:  # (NaN fails too)
+        raise ValueError(f"jitter must be a number in 0..{MAX_JITTER} (metres: the standard deviation of the noise "
+                         f"added to each coordinate); got {jitter!r}")
     xyz = sample.xyz.astype(np.float64)
     m = np.eye(3)
     if rotate:
