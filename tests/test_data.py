@@ -434,9 +434,10 @@ def test_numpy_readers(tmp_path):
 
 def test_numpy_float64_utm_positions_keep_their_precision(tmp_path):
     """float64 UTM positions (6.8e6 m) were cast to float32 whole: half a
-    metre apart, so a 5 cm grid saw a fraction of the voxels. Taken
-    relative to their minimum in float64 (as LAS is), they voxelise as the
-    same cloud near the origin does; float32 ones come as stored."""
+    metre apart, so a 5 cm grid saw a fraction of the voxels. With x and y
+    taken relative to their minimum in float64 (z as stored: a raw feature),
+    they voxelise as the same cloud near the origin does; float32 ones come
+    as stored."""
     rng = np.random.default_rng(3)
     local = (rng.integers(0, 2_000, (5_000, 3)) + 0.5) / 1000  # 2 m cube in mm, half a mm off every 5 cm boundary
     local[0] = 0.0  # (the minimum: the relative positions are local itself)
@@ -452,7 +453,8 @@ def test_numpy_float64_utm_positions_keep_their_precision(tmp_path):
                                                                  for key in voxels}
     for key, v in voxels.items():
         assert torch.equal(v.inverse, voxels["near", "npy"].inverse)
-        assert np.allclose(samples[key].xyz, local, atol=1e-6)
+        z = 0.5 if key[0] == "near" else 104.0
+        assert np.allclose(samples[key].xyz, local + [0, 0, z], atol=1e-5)
     utm32 = (local + [651_234.0, 6_812_345.0, 104.0]).astype(np.float32)
     np.save(tmp_path / "utm32.npy", utm32)
     assert np.array_equal(read_numpy(tmp_path / "utm32.npy").xyz, utm32)  # nothing to recover: as stored
@@ -511,7 +513,8 @@ def test_text_ply_and_pcd_utm_positions_keep_their_precision(tmp_path):
         v = voxelize_sample(s, 0.05, 255)
         assert (key, len(v.input)) == (key, len(ref.input))
         assert torch.equal(v.inverse, ref.inverse), key
-        assert np.allclose(s.xyz, local, atol=1e-6), key
+        z = 0.5 if key[0] == "near" else utm[2]
+        assert np.allclose(s.xyz, local + [0, 0, z], atol=1e-5), key
     pc = o3d.t.geometry.PointCloud()  # binary float32: what it holds, as stored
     pc.point.positions = o3d.core.Tensor((local + utm).astype(np.float32))
     assert o3d.t.io.write_point_cloud(str(tmp_path / "f32.ply"), pc, write_ascii=False)
@@ -827,8 +830,8 @@ def test_open3d_reader_refuses_a_body_shorter_than_its_header(tmp_path):
         path = tmp_path / name
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
         s = read_cloud(path)
-        # (binary float32 as stored; an ASCII body's float64 text relative to its minimum, [1, 2, 3])
-        assert len(s) == 2 and s.xyz[1].tolist() == ([3, 4, 5] if name == "bin.ply" else [3, 3, 3])
+        # (binary float32 as stored; an ASCII body's float64 text with x, y relative to their minimum, [1, 2])
+        assert len(s) == 2 and s.xyz[1].tolist() == ([3, 4, 5] if name == "bin.ply" else [3, 3, 6])
 
 
 
@@ -872,7 +875,7 @@ def test_open3d_reader_refuses_ply_tokens_its_parser_fails_on(tmp_path):
         read_cloud(tmp_path / "vlist.ply")
     (tmp_path / "ok.ply").write_bytes(head.format(**ascii3).encode() + b"1 2 3 +1\n4 5 6 02\n7 8 -9e2 3\n")
     s = read_cloud(tmp_path / "ok.ply")
-    assert s.labels.tolist() == [1, 2, 3] and s.xyz[2].tolist() == [7 - 1, 8 - 2, 0]  # (relative to the minimum)
+    assert s.labels.tolist() == [1, 2, 3] and s.xyz[2].tolist() == [7 - 1, 8 - 2, -900]  # (x, y relative to the minimum)
 
 
 

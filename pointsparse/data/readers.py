@@ -4,9 +4,11 @@ Every reader returns float32 positions, optional intensity (0..1, the
 brightest returns up to 1.5) and colour (0..1), and int64 training labels:
 raw class ids pass through a :class:`LabelMap`, and ids the map does not
 name become ``ignore_index``. Positions stored wider than float32 holds
-(LAS, float64 or 32/64-bit integer arrays, text) come relative to their
-minimum, subtracted in float64 before the float32 cast (UTM coordinates
-keep their millimetres); float32 ones come as stored.
+(float64 or 32/64-bit integer arrays, text, ASCII or double PLY/PCD) come
+with x and y relative to their minimum, subtracted in float64 before the
+float32 cast (UTM coordinates keep their millimetres), z as stored; LAS
+tiles relative to their minimum on every axis (z an elevation); float32
+ones come as stored.
 
 =================  ==========================================================
 format             reader
@@ -420,8 +422,8 @@ def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_
     ``labels`` in place of ``points`` (Open3D-ML layout).
 
     Positions stored wider than float32 holds (float64, 32- or 64-bit
-    integers) come relative to their minimum, subtracted in float64 (as
-    :func:`read_las` does: UTM coordinates keep their millimetres); float32
+    integers) come with x and y relative to their minimum, subtracted in
+    float64 (UTM coordinates keep their millimetres), z as stored; float32
     ones (or narrower) come as stored."""
     path = Path(path)
     label_map = load_label_map(label_map) if label_map is not None else None
@@ -471,11 +473,14 @@ def _positions(xyz: np.ndarray) -> np.ndarray:
     """The first 3 columns of stored positions, for :class:`Sample`'s
     float32: a dtype float32 holds exactly (float32, float16, 8- and 16-bit
     integers) as stored; a wider one (float64, 32- and 64-bit integers)
-    relative to the points' minimum, taken in float64 before the float32
-    cast, as :func:`read_las` does (UTM positions of 6.8e6 m were cast
-    whole: half a metre apart in float32). Positions stored as float32
-    have lost what they lost already; nothing here recovers it. Rows with
-    NaN or inf are left for :class:`Sample` to count and refuse."""
+    with x and y relative to the points' minimum, taken in float64 before
+    the float32 cast (UTM positions of 6.8e6 m were cast whole: half a
+    metre apart in float32), and z as stored: the features take z raw (a
+    LiDAR's ground near -1.7 m) and x, y centred, so the same scan stored
+    in float32 or float64 gives the same features; a z of up to 10 km
+    keeps its millimetres in float32. Positions stored as float32 have
+    lost what they lost already; nothing here recovers it. Rows with NaN
+    or inf are left for :class:`Sample` to count and refuse."""
     xyz = xyz[:, :3]
     if len(xyz) == 0 or np.can_cast(xyz.dtype, np.float32):
         return xyz
@@ -483,7 +488,9 @@ def _positions(xyz: np.ndarray) -> np.ndarray:
     finite = np.isfinite(x64).all(1)
     if not finite.any():
         return x64
-    return x64 - x64[finite].min(0)
+    shift = x64[finite].min(0)
+    shift[2:] = 0.0
+    return x64 - shift
 
 
 def _sibling_labels(path: Path) -> Path | None:
@@ -954,9 +961,9 @@ def read_open3d(path, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> Sam
     ``.pts``, ``.xyz``... unchecked: a 20-byte ``.pts`` asked for 4 GB).
 
     Positions stored wider than float32 holds (double, 32- or 64-bit
-    integers, and any ASCII body's text, read in float64) come relative to
-    their minimum, subtracted in float64, as :func:`read_numpy` and
-    :func:`read_las` take them; binary float32 ones come as stored."""
+    integers, and any ASCII body's text, read in float64) come with x and y
+    relative to their minimum, subtracted in float64, z as stored, as
+    :func:`read_numpy` takes them; binary float32 ones come as stored."""
     path = Path(path)
     if path.suffix.lower() not in (".ply", ".pcd"):
         raise ValueError(f"{path}: read_open3d reads .ply or .pcd files (any case); got suffix {path.suffix!r}")
@@ -992,9 +999,10 @@ def read_text(path, label_map="s3dis", ignore_index: int = DEFAULT_IGNORE) -> Sa
     """S3DIS-style text: a file of rows ``x y z [r g b] [label]`` (colour in
     0..255), or a room folder with ``Annotations/<class>_<n>.txt`` files whose
     class comes from the file name through the map's ``names``. The text is
-    read in float64 and the positions come relative to their minimum (the
-    room's, for a folder), subtracted in float64, as :func:`read_numpy` and
-    :func:`read_las` take them (UTM coordinates keep their millimetres)."""
+    read in float64 and the positions come with x and y relative to their
+    minimum (the room's, for a folder), subtracted in float64, z as stored,
+    as :func:`read_numpy` takes them (UTM coordinates keep their
+    millimetres)."""
     path = Path(path)
     label_map = load_label_map(label_map) if label_map is not None else None
     if path.is_dir():
