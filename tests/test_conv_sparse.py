@@ -1058,3 +1058,22 @@ def test_panel_width_and_tile_panels_take_a_torch_dtype():
     for fn in (F.panel_width, F.tile_panels):
         with pytest.raises(TypeError, match="dtype must be a torch.dtype"):
             fn("float32")
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_weight_mask_holds_in_a_gradient_penalty(backend):
+    """With create_graph=True (a gradient penalty) the engine's weight
+    gradient is the masked one too, as without it and as on the torch path
+    (it was the dense gradient: the masked entries got gradients)."""
+    x = make(n=60, c=3, extent=5)
+    g = torch.Generator().manual_seed(0)
+    mask = (torch.rand(27, 3, 2, generator=g) < 0.5).double()
+    w0 = torch.randn(27, 3, 2, generator=g, dtype=torch.float64) * mask
+    grads = {}
+    for create_graph in (False, True):
+        w = w0.clone().requires_grad_()
+        with ps.backend(backend):
+            y = F.conv3d(x, w, 3, weight_mask=mask)
+            (grads[create_graph],) = torch.autograd.grad(y.feats.square().sum(), w, create_graph=create_graph)
+        assert not grads[create_graph][mask == 0].any()
+    torch.testing.assert_close(grads[True].detach(), grads[False], rtol=1e-10, atol=1e-10)

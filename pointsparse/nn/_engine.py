@@ -406,6 +406,8 @@ class ConvFunction(torch.autograd.Function):
             grad_feats = _InputGrad.apply(grad, weight, ctx.plan, region) if need_feats else None
             grad_weight = (_WeightGrad.apply(feats, grad, ctx.plan, tuple(weight.shape), region) if need_weight
                            else None)
+            if grad_weight is not None and ctx.mask is not None:  # as the one-pass gradient: dense * mask
+                grad_weight = grad_weight * ctx.mask
             return grad_feats, grad_weight, grad_bias, None, None, None
         grad_feats, grad_weight = conv_backward(feats, weight, grad.contiguous(), ctx.plan, need_feats, need_weight,
                                                 ctx.region, ctx.mask)
