@@ -166,6 +166,41 @@ def test_two_strided_maps_onto_one_stride_share_its_coords():
         assert first.out_coords is ahead.cache.coords[(2, 2, 2)] and second.out_coords is first.out_coords
 
 
+class _UpOfItsOwn(torch.nn.Module):
+    """A k3 s2 downsampling and a k2 s2 transposed conv: the transposed conv
+    builds its own k2 s2 downsampling map (inside its map's build, so the
+    schedule records that map after it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = spnn.Conv3d(4, 8, 3, stride=2)
+        self.up = spnn.Conv3d(8, 4, 2, stride=2, transposed=True)
+
+    def forward(self, x):
+        return self.up(self.down(x))
+
+
+def test_a_transposed_map_recorded_before_its_downsampling_map():
+    """In order (one worker, or workers=None below PARALLEL_MIN_ROWS), a
+    transposed map waits for a downsampling map recorded after it (it was
+    a ValueError: 'coords that this tensor's cache never holds'); the same
+    outputs, bit for bit."""
+    torch.manual_seed(0)
+    net = _UpOfItsOwn().eval()
+    x = random_cloud(n=1500, extent=20, seed=12)
+    schedule = spnn.map_schedule(net, x)
+    up = next(i for i, k in enumerate(schedule.maps) if k.transposed)
+    assert _kmap.KernelMapKey((1, 1, 1), (2, 2, 2), (2, 2, 2), (1, 1, 1)) in schedule.maps[up + 1:]
+    with torch.no_grad():
+        want = net(ps.SparseTensor(x.feats, x.coords)).feats
+        for workers in (1, 2, None):
+            ahead = ps.SparseTensor(x.feats, x.coords)
+            spnn.build_maps(ahead, schedule, workers=workers)
+            assert set(ahead.cache.kmaps) == set(schedule.maps)
+            assert torch.equal(net(ahead).feats, want)
+        assert torch.equal(spnn.MapsAhead(net)(ps.SparseTensor(x.feats, x.coords)).feats, want)
+
+
 def test_map_schedule_keeps_training_mode_and_statistics():
     net = _net(5).train()
     before = {n: b.clone() for n, b in net.named_buffers()}

@@ -143,7 +143,8 @@ def build_maps(tensor: SparseTensor, schedule: MapSchedule, workers: int | None 
     map follows its downsampling map). The maps are those the network would
     build; the network then finds them all. With one worker, or off the
     CPU, they are built in order in the calling thread, as the network
-    would. ValueError where a map's input coords never come (a schedule
+    would (a map whose input coords or downsampling map are not built yet
+    after them). ValueError where a map's input coords never come (a schedule
     recorded on another network or on an input of another stride)."""
     if not isinstance(tensor, SparseTensor):
         raise TypeError(f"tensor must be a SparseTensor; got {type(tensor).__name__}")
@@ -169,9 +170,14 @@ def build_maps(tensor: SparseTensor, schedule: MapSchedule, workers: int | None 
                                               for k in running.values())
 
     if workers == 1 or tensor.coords.device.type != "cpu":
-        for key in todo:
-            if not ready(key):
-                raise ValueError(_stuck([key]))
+        while todo:
+            # In order, but a map whose coords or downsampling map are not
+            # there yet waits for them (a transposed conv whose downsampling
+            # map the network built inside its own: recorded before it).
+            key = next((k for k in todo if ready(k)), None)
+            if key is None:
+                raise ValueError(_stuck(todo))
+            todo.remove(key)
             _build_one(cache, key, key in schedule.plans)
             pending.discard(key)
         return
