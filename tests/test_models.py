@@ -158,6 +158,24 @@ def test_sync_batchnorm_without_a_process_group_is_batchnorm():
     assert torch.allclose(synced(x).feats, ref)
 
 
+def test_sync_batchnorm_convert_keeps_dtype_and_frozen_parameters():
+    """convert() gives each BatchNorm's replacement its dtype (and device)
+    and its parameters' requires_grad: a float64 network stayed float32
+    there (its next forward a TypeError), a frozen BatchNorm trained."""
+    torch.manual_seed(5)
+    net = torch.nn.Sequential(spnn.Conv3d(3, 4, 3), spnn.BatchNorm(4), spnn.ReLU(),
+                              torch.nn.Sequential(spnn.Linear(4, 4), spnn.BatchNorm(4))).double()
+    for p in net[3][1].parameters():
+        p.requires_grad_(False)
+    x = _cloud(100, 3).double()
+    ref = net(x).feats
+    synced = SyncBatchNorm.convert(net)
+    assert isinstance(synced[1], SyncBatchNorm) and isinstance(synced[3][1], SyncBatchNorm)
+    assert all(t.dtype == torch.float64 for t in (*synced.parameters(), synced[1].running_var))
+    assert not any(p.requires_grad for p in synced[3][1].parameters()) and synced[1].weight.requires_grad
+    assert torch.equal(synced(x).feats, ref)
+
+
 def test_spvcnn_per_point_logits_and_backward():
     from pointsparse.models import SPVCNN
 

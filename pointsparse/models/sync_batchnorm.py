@@ -54,7 +54,12 @@ class SyncBatchNorm(spnn.BatchNorm):
         SyncBatchNorm holding the same parameters and buffers."""
         if isinstance(module, nn.BatchNorm1d) and not isinstance(module, cls):
             new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+            like = next(module.parameters(), None) if module.affine else module.running_mean
+            if like is not None:  # the module's dtype and device (load_state_dict copies into the new ones')
+                new.to(like.device, like.dtype)
             new.load_state_dict(module.state_dict())
+            for name, p in module.named_parameters(recurse=False):
+                new.get_parameter(name).requires_grad_(p.requires_grad)
             new.train(module.training)
             return new
         for name, child in module.named_children():
