@@ -198,3 +198,25 @@ def test_spvcnn_per_point_logits_and_backward():
     assert inv[0] == inv[1] and not torch.allclose(y[0], y[1])
     with pytest.raises(ValueError, match="points must be"):
         net(v, inv, pts[:2], torch.zeros(3, dtype=torch.long))
+
+
+def test_model_from_state_of_a_channel_pruned_model_without_widths_fuses():
+    """A channel-pruned checkpoint whose config records no widths: the
+    loaded model's convs take the widths of their tensors (in_channels /
+    out_channels stayed the config's: fuse_for_inference refused the model,
+    'bn has 8 features but conv 16 output channels')."""
+    from pointsparse.models import model_from_state
+    from pointsparse.prune import graph
+
+    torch.manual_seed(8)
+    x = _cloud(400, 4, extent=24)
+    net = MinkUNet(4, 3, cr=0.5, blocks=1)
+    graph.prune_model(net, x, 0.5)
+    config = {"model": "minkunet", "in_channels": 4, "classes": ["a", "b", "c"], "cr": 0.5, "blocks": 1}
+    model = model_from_state({"config": config, "model": net.state_dict()}).eval()
+    convs = [m for m in model.modules() if isinstance(m, spnn.Conv3d)]
+    assert model.stem[0][0].weight.shape[2] < model.widths[0]  # narrower than the config builds
+    for conv in convs:
+        assert tuple(conv.weight.shape) == (conv.kernel_volume, conv.in_channels, conv.out_channels)
+    want = net.eval()(x).feats
+    torch.testing.assert_close(spnn.fuse_for_inference(model)(x).feats, want, rtol=1e-4, atol=1e-4)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..nn import Conv3d
 from .minkunet import MinkUNet
 from .spvcnn import SPVCNN
 
@@ -118,8 +119,10 @@ def _fit_shapes(model: nn.Module, state_dict: dict) -> None:
     """Resize the parameters and buffers of ``model`` to ``state_dict``'s
     shapes (a channel-pruned checkpoint whose config records no widths has
     narrower layers than its config builds); every layer reads its widths
-    from its tensors, so the model then runs. ValueError for a tensor that
-    is not a narrowing of the built one (wider, another rank or kernel)."""
+    from its tensors, so the model then runs, and its width attributes
+    (``in_channels``, ``num_features``, ...) are set to them. ValueError
+    for a tensor that is not a narrowing of the built one (wider, another
+    rank or kernel)."""
     own = dict(model.named_parameters())
     own.update(dict(model.named_buffers()))
     for name, value in state_dict.items():
@@ -145,3 +148,5 @@ def _fit_shapes(model: nn.Module, state_dict: dict) -> None:
             owner.num_features = value.shape[0]
         elif isinstance(owner, nn.Linear) and leaf == "weight":
             owner.out_features, owner.in_features = value.shape
+        elif isinstance(owner, Conv3d) and leaf in ("weight", "weight_orig"):  # (K, C_in, C_out)
+            owner.in_channels, owner.out_channels = value.shape[1], value.shape[2]
