@@ -99,6 +99,13 @@ def test_fold_batchnorm_checks():
         spnn.fold_batchnorm(conv, spnn.BatchNorm(4, track_running_stats=False))
     with pytest.raises(ValueError, match="features"):
         spnn.fold_batchnorm(conv, spnn.BatchNorm(5))
+    # a conv whose ReLU runs in its store (fuse_for_inference's): relu(conv) then bn, which no fold gives
+    # (it was folded as if the bn came before the ReLU)
+    conv.relu = True
+    weight = conv.weight.detach().clone()
+    with pytest.raises(ValueError, match="relu=True"):
+        spnn.fold_batchnorm(conv, spnn.BatchNorm(4))
+    assert torch.equal(conv.weight, weight) and conv.bias is None
     with pytest.raises(TypeError, match="model must be"):
         spnn.fuse_for_inference("net")
 

@@ -24,6 +24,9 @@ def fold_batchnorm(conv: Conv3d, bn: nn.BatchNorm1d) -> None:
         raise ValueError("fold_batchnorm needs a BatchNorm with running statistics (track_running_stats=True)")
     if bn.num_features != conv.out_channels:
         raise ValueError(f"bn has {bn.num_features} features but conv {conv.out_channels} output channels")
+    if conv.relu:  # relu(conv) then bn: no weight and bias give that
+        raise ValueError("fold_batchnorm: conv runs a ReLU on its output (relu=True); a BatchNorm after the "
+                         "ReLU cannot be folded into its weight and bias")
     if hasattr(conv, "bias_orig"):  # the forward recomputes bias_orig * mask: a folded bias would be lost
         raise ValueError("fold_batchnorm: conv's bias is pruned (bias_orig and a mask); make its pruning "
                          "permanent first (prune.remove(conv, 'bias'))")
