@@ -176,6 +176,28 @@ def test_sync_batchnorm_convert_keeps_dtype_and_frozen_parameters():
     assert torch.equal(synced(x).feats, ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sync_batchnorm_statistics_of_16_bit_feats_in_float32(monkeypatch, dtype):
+    """In a distributed job (simulated: two processes, an all-reduce that
+    finds one shard, the whole batch) 16-bit feats are normalised as
+    BatchNorm normalises them, statistics in float32 and output in their
+    dtype: a float16 shard's sum overflowed (NaN outputs, inf running
+    statistics), bfloat16 ones were off by 0.03 and came back float32."""
+    import torch.distributed.nn.functional as dist_functional
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *args: 2)
+    monkeypatch.setattr(dist_functional, "all_reduce", lambda tensor, *args, **kwargs: tensor)
+    x = _cloud(6000, 4, extent=30)
+    x = x.with_feats((x.feats * 3 + 40).to(dtype))
+    synced, plain = SyncBatchNorm(4).train(), spnn.BatchNorm(4).train()
+    out, ref = synced(x).feats, plain(x).feats
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(synced.running_mean, plain.running_mean, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(synced.running_var, plain.running_var, rtol=1e-4, atol=1e-4)
+
+
 def test_spvcnn_per_point_logits_and_backward():
     from pointsparse.models import SPVCNN
 

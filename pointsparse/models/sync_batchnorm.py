@@ -27,6 +27,11 @@ class SyncBatchNorm(spnn.BatchNorm):
 
         x = input.feats if isinstance(input, SparseTensor) else input
         c = x.shape[1]
+        # bfloat16 / float16 feats: the statistics and the normalisation in
+        # float32, as torch's batch norm keeps them (a float16 sum of a
+        # shard's rows overflows), the output in the feats' dtype.
+        dtype = x.dtype
+        x = x.to(torch.promote_types(dtype, torch.float32))
         # Two passes (mean, then squared deviations) keep the variance exact
         # in float32 where E[x^2] - mean^2 would cancel.
         total = all_reduce(torch.cat([x.sum(0), x.new_tensor([x.shape[0]])]))
@@ -36,7 +41,8 @@ class SyncBatchNorm(spnn.BatchNorm):
         var = all_reduce(centred.square().sum(0)) / count
         out = centred * torch.rsqrt(var + self.eps)
         if self.affine:
-            out = out * self.weight + self.bias
+            out = out * self.weight.to(out.dtype) + self.bias.to(out.dtype)
+        out = out.to(dtype)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
