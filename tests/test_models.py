@@ -198,6 +198,30 @@ def test_sync_batchnorm_statistics_of_16_bit_feats_in_float32(monkeypatch, dtype
     torch.testing.assert_close(synced.running_var, plain.running_var, rtol=1e-4, atol=1e-4)
 
 
+def test_sync_batchnorm_checks_its_input_in_a_distributed_job(monkeypatch):
+    """In a distributed job (simulated as above) the input's channels are
+    checked as BatchNorm checks them: one channel into SyncBatchNorm(4) was
+    broadcast to 4 output channels (and into the running statistics),
+    others were torch's broadcast error."""
+    import torch.distributed.nn.functional as dist_functional
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *args: 2)
+    monkeypatch.setattr(dist_functional, "all_reduce", lambda tensor, *args, **kwargs: tensor)
+    synced = SyncBatchNorm(4).train()
+    x = _cloud(200, 1)
+    with pytest.raises(ValueError, match="feats have 1 channels but num_features is 4"):
+        synced(x)
+    with pytest.raises(TypeError, match="feats are torch.float64"):
+        synced(_cloud(200, 4).double())
+    for bad in (x.feats, torch.zeros(20, 4, 3)):
+        with pytest.raises(ValueError, match=r"SparseTensor or an \(N, 4\) tensor"):
+            synced(bad)
+    assert synced.num_batches_tracked == 0 and not synced.running_mean.any()
+    feats = _cloud(200, 4).feats
+    assert synced(feats).shape == feats.shape
+
+
 def test_spvcnn_per_point_logits_and_backward():
     from pointsparse.models import SPVCNN
 

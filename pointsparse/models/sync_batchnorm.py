@@ -25,6 +25,15 @@ class SyncBatchNorm(spnn.BatchNorm):
             return super().forward(input) if isinstance(input, SparseTensor) else nn.BatchNorm1d.forward(self, input)
         from torch.distributed.nn.functional import all_reduce
 
+        # (checked here: one channel broadcast below silently to num_features, others failed in torch)
+        if isinstance(input, SparseTensor):
+            self._check_feats(input)
+        else:
+            stats = self._stats()
+            channels = self.num_features if stats is None else stats.shape[0]
+            if not isinstance(input, torch.Tensor) or input.dim() != 2 or input.shape[1] != channels:
+                got = tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
+                raise ValueError(f"SyncBatchNorm takes a SparseTensor or an (N, {channels}) tensor; got {got}")
         x = input.feats if isinstance(input, SparseTensor) else input
         c = x.shape[1]
         # bfloat16 / float16 feats: the statistics and the normalisation in

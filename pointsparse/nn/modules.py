@@ -302,11 +302,21 @@ class BatchNorm(nn.BatchNorm1d):
     def __init__(self, num_features: int, *args, **kwargs) -> None:
         super().__init__(positive_int(num_features, "num_features"), *args, **kwargs)
 
+    def _stats(self) -> torch.Tensor | None:
+        """A tensor of its channels (its length: a channel cut narrows them,
+        maybe not num_features), or None (no affine, no running statistics)."""
+        return self.weight if self.weight is not None else self.running_mean
+
+    def _check_feats(self, x: SparseTensor) -> None:
+        """The feats this batch norm takes (ValueError / TypeError naming
+        the channels or dtypes, instead of torch's error or broadcast)."""
+        stats = self._stats()
+        if stats is not None:
+            _check_feats_for(self, x, stats.shape[0], "num_features", stats)
+
     def forward(self, input: SparseTensor) -> SparseTensor:  # type: ignore[override]
         x = _check_input(input)
-        stats = self.weight if self.weight is not None else self.running_mean
-        if stats is not None:  # its tensors' length: a channel cut narrows them, maybe not num_features
-            _check_feats_for(self, x, stats.shape[0], "num_features", stats)
+        self._check_feats(x)
         if self.training and torch.compiler.is_compiling():
             # batch norm's own check, stated for a row count the graph only knows symbolically
             torch._check(x.feats.shape[0] != 1, lambda: "BatchNorm in training needs more than 1 site")
