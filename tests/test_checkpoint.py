@@ -250,6 +250,14 @@ def test_crafted_checkpoints_are_refused_naming_the_file(tmp_path):
         "weights_list": (config, [1, 2], ValueError, "'model' dict"),
         "extra_key": (config, {**weights, "bogus.weight": torch.zeros(3)}, ValueError, "do not fit"),
         "wrong_shape": (config, {**weights, first: torch.zeros(3, 3)}, ValueError, first.split(".")[0]),
+        # (a bias or mask key of a module the model lacks was an AttributeError; a bias of another
+        # shape on a conv built without one, or any on a ReLU, loaded)
+        "extra_bias": (config, {**weights, "bogus.bias": torch.zeros(3)}, ValueError, "do not fit"),
+        "other_model": (config, {f"unet.{k}": v for k, v in weights.items()}, ValueError, "do not fit"),
+        "extra_mask": (config, {**weights, "bogus.weight_orig": torch.zeros(3), "bogus.weight_mask": torch.ones(3)},
+                       ValueError, "do not fit"),
+        "bias_shape": (config, {**weights, "stem.0.0.bias": torch.zeros(3, 3)}, ValueError, "'stem.0.0.bias'"),
+        "relu_bias": (config, {**weights, "stem.0.2.bias": torch.zeros(2)}, ValueError, "do not fit"),
     }
     for name, (cfg, w, error, match) in crafted.items():
         path = tmp_path / f"{name}.pt"

@@ -92,15 +92,30 @@ def shape_like(model: nn.Module, state_dict: dict) -> None:
     _fit_shapes(model, state_dict)
 
 
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    """``model``'s submodule ``name``, or None where it has none (a key of
+    another architecture: ``load_state_dict`` then names it unexpected)."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 def _bias_like(model: nn.Module, state_dict: dict) -> None:
     """A bias on every layer that has one in ``state_dict`` but none by
-    construction (folded in by ``DependencyGraph.remove_masked``)."""
+    construction (folded in by ``DependencyGraph.remove_masked``), of the
+    layer's width (``_fit_shapes`` narrows it to the stored one, or
+    refuses a stored one of another shape)."""
     for key, value in state_dict.items():
         for suffix in (".bias", ".bias_orig"):
             if key.endswith(suffix):
-                module = model.get_submodule(key[:-len(suffix)])
-                if getattr(module, "bias", None) is None and "bias_orig" not in module._parameters:
-                    module.bias = nn.Parameter(torch.zeros_like(value))
+                module = _submodule(model, key[:-len(suffix)])
+                if module is None or not hasattr(module, "bias"):  # (a ReLU took any "bias")
+                    continue
+                if module.bias is None and "bias_orig" not in module._parameters:
+                    width = getattr(module, "out_channels", getattr(module, "out_features", None))
+                    shape = (width,) if isinstance(width, int) else value.shape
+                    module.bias = nn.Parameter(value.new_zeros(shape))
 
 
 def _mask_like(model: nn.Module, state_dict: dict) -> None:
@@ -110,7 +125,9 @@ def _mask_like(model: nn.Module, state_dict: dict) -> None:
     for key in state_dict:
         if key.endswith("_orig") and key[:-5] + "_mask" in state_dict:
             module_name, _, tensor = key[:-5].rpartition(".")
-            module = model.get_submodule(module_name)
+            module = _submodule(model, module_name)
+            if module is None or not isinstance(getattr(module, tensor, None), torch.Tensor):
+                continue
             if tensor + "_orig" not in module._parameters:
                 custom_from_mask(module, tensor, torch.ones_like(getattr(module, tensor), dtype=torch.bool))
 
