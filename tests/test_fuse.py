@@ -135,6 +135,48 @@ def test_fold_batchnorm_into_a_pruned_conv():
     with pytest.raises(ValueError, match="bias is pruned"):
         spnn.fold_batchnorm(pruned_bias, bn)
 
+class _TiedWeights(torch.nn.Module):
+    """Two conv - BatchNorm branches whose convs hold one weight Parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Sequential(spnn.Conv3d(4, 4, 3), spnn.BatchNorm(4), spnn.ReLU())
+        self.b = torch.nn.Sequential(spnn.Conv3d(4, 4, 3), spnn.BatchNorm(4))
+        self.b[0].weight = self.a[0].weight
+
+    def forward(self, x):
+        return spnn.cat([self.a(x), self.b(x)])
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_fused_model_with_tied_conv_weights_equals_eval(pruned):
+    """Convs that share one weight Parameter each get their own BatchNorm's
+    fold (it was written into the shared tensor in place: both convs took
+    both folds, outputs off by 0.1); fold_batchnorm on a pruned conv alike
+    (weight_orig tied)."""
+    from pointsparse import prune
+
+    torch.manual_seed(3)
+    net = _TiedWeights()
+    _randomise_bn(net)
+    x = _cloud(500, 4)
+    with torch.no_grad():
+        ref = net.eval()(x).feats
+        fused = spnn.fuse_for_inference(net)
+        torch.testing.assert_close(fused(x).feats, ref, rtol=1e-5, atol=1e-5)
+        assert net.a[0].weight is net.b[0].weight  # the model itself unchanged
+    if pruned:
+        prune.l1_unstructured(net.a[0], "weight", 0.5)
+        prune.custom_from_mask(net.b[0], "weight", net.a[0].weight_mask)
+        assert net.a[0].weight_orig is net.b[0].weight_orig
+    with torch.no_grad():
+        ref = net(x).feats
+        for seq in (net.a, net.b):
+            spnn.fold_batchnorm(seq[0], seq[1])
+            seq[1] = torch.nn.Identity()
+        torch.testing.assert_close(net(x).feats, ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("cr", [0.25, 0.5])
 def test_fused_minkunet_equals_eval(cr):
     """Every conv-BN(-ReLU) of MinkUNet folded: the same logits as

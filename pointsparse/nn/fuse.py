@@ -41,12 +41,15 @@ def fold_batchnorm(conv: Conv3d, bn: nn.BatchNorm1d) -> None:
             scale = scale * bn.weight.double()
         bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
         new_bias = (bias + shift) * scale + (bn.bias.double() if bn.affine else 0)
+        # New tensors, not written in place: a weight tied to another conv's
+        # (one Parameter held by both) would take this BatchNorm's fold too.
         if mask is None:
-            conv.weight.copy_((conv.weight.double() * scale).to(conv.weight.dtype))
+            w = conv.weight
+            conv.weight = nn.Parameter((w.double() * scale).to(w.dtype), w.requires_grad)
         else:
             orig = conv.weight_orig
-            orig.copy_((orig.double() * scale).to(orig.dtype))
-            conv.weight = orig * mask.to(orig.dtype)  # what the pruning hook computes from them
+            conv.weight_orig = nn.Parameter((orig.double() * scale).to(orig.dtype), orig.requires_grad)
+            conv.weight = conv.weight_orig * mask.to(orig.dtype)  # what the pruning hook computes from them
         conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype))
 
 
