@@ -266,3 +266,8 @@ def test_model_from_state_of_a_channel_pruned_model_without_widths_fuses():
         assert tuple(conv.weight.shape) == (conv.kernel_volume, conv.in_channels, conv.out_channels)
     want = net.eval()(x).feats
     torch.testing.assert_close(spnn.fuse_for_inference(model)(x).feats, want, rtol=1e-4, atol=1e-4)
+    # float64 weights load into the float32 model it builds, narrowed ones too (they stayed float64:
+    # its forward was a TypeError)
+    model = model_from_state({"config": config, "model": net.double().state_dict()}).eval()
+    assert {t.dtype for t in model.state_dict().values() if t.is_floating_point()} == {torch.float32}
+    torch.testing.assert_close(model(x).feats, want, rtol=1e-4, atol=1e-4)

@@ -157,10 +157,11 @@ def _fit_shapes(model: nn.Module, state_dict: dict) -> None:
                              f"{built}: only narrower channels (a channel-pruned model) are fitted; the config "
                              f"(model, cr, blocks, in_channels, classes, widths) does not describe these weights")
         owner = model.get_submodule(owner_name)
+        # the model's dtype and device (load_state_dict casts into them, as it does the other tensors)
         if isinstance(own[name], nn.Parameter):
-            setattr(owner, leaf, nn.Parameter(value.new_empty(value.shape), own[name].requires_grad))
+            setattr(owner, leaf, nn.Parameter(own[name].new_empty(value.shape), own[name].requires_grad))
         else:
-            owner.register_buffer(leaf, value.new_empty(value.shape))
+            owner.register_buffer(leaf, own[name].new_empty(value.shape))
         if isinstance(owner, nn.modules.batchnorm._BatchNorm):
             owner.num_features = value.shape[0]
         elif isinstance(owner, nn.Linear) and leaf == "weight":
