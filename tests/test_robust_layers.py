@@ -159,3 +159,21 @@ def test_fold_batchnorm_names_the_argument_of_the_wrong_type():
     conv, bn = spnn.Conv3d(4, 8), torch.nn.BatchNorm1d(8)  # a torch BatchNorm1d folds as well
     spnn.fold_batchnorm(conv, bn.eval())
     assert conv.bias is not None and conv.bias.shape == (8,)
+
+
+def test_conv_flags_must_be_bools():
+    """Conv3d's bias / transposed and conv3d's transposed / relu are flags:
+    a string or a number is a TypeError naming it (transposed="False" ran
+    the transposed conv: at stride 1 other values, silently; relu="no" ran
+    the ReLU); numpy bools are taken."""
+    x = line()
+    w = torch.randn(27, 4, 2)
+    for name, value in (("transposed", "False"), ("transposed", 0), ("bias", "no")):
+        with pytest.raises(TypeError, match=f"{name} must be True or False"):
+            spnn.Conv3d(4, 2, **{name: value})
+    for name, value in (("transposed", "False"), ("relu", "no"), ("relu", 1)):
+        with pytest.raises(TypeError, match=f"{name} must be True or False"):
+            F.conv3d(x, w, 3, **{name: value})
+    conv = spnn.Conv3d(4, 2, bias=np.True_, transposed=np.False_)
+    assert conv.bias is not None and conv.transposed is False
+    torch.testing.assert_close(F.conv3d(x, w, 3, transposed=np.False_, relu=np.False_).feats, F.conv3d(x, w, 3).feats)

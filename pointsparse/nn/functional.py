@@ -12,7 +12,7 @@ from .. import kmap as _kmap
 from .. import ops as _ops
 from . import _engine
 from .reference import conv_sum
-from ..tensor import SparseTensor, as_float, as_triple
+from ..tensor import SparseTensor, as_bool, as_float, as_triple
 
 
 def _check_weight(input: SparseTensor, weight: torch.Tensor, k) -> int:
@@ -142,6 +142,7 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
     k = as_triple(kernel_size, "kernel_size")
     t = as_triple(stride, "stride")
     d = as_triple(dilation, "dilation")
+    transposed, relu = as_bool(transposed, "transposed"), as_bool(relu, "relu")
     _check_weight(input, weight, k)
     if bias is not None:
         if not isinstance(bias, torch.Tensor):

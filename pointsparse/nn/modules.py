@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..kmap import MAX_KERNEL_VOLUME
-from ..tensor import SparseTensor, as_float, as_triple, positive_int
+from ..tensor import SparseTensor, as_bool, as_float, as_triple, positive_int
 from . import functional as F
 
 
@@ -66,7 +66,9 @@ class Conv3d(nn.Module):
         self.kernel_size = as_triple(kernel_size, "kernel_size")
         self.stride = as_triple(stride, "stride")
         self.dilation = as_triple(dilation, "dilation")
-        self.transposed = bool(transposed)
+        # (flags, not truthiness: transposed="False" ran the transposed conv)
+        self.transposed = as_bool(transposed, "transposed")
+        bias = as_bool(bias, "bias")
         self.kernel_volume = self.kernel_size[0] * self.kernel_size[1] * self.kernel_size[2]
         if self.kernel_volume > MAX_KERNEL_VOLUME:  # no kernel map takes it: refused before its weight
             raise ValueError(f"kernel_size {self.kernel_size} has {self.kernel_volume:,} offsets; a kernel may have "
