@@ -258,6 +258,10 @@ def test_crafted_checkpoints_are_refused_naming_the_file(tmp_path):
                        ValueError, "do not fit"),
         "bias_shape": (config, {**weights, "stem.0.0.bias": torch.zeros(3, 3)}, ValueError, "'stem.0.0.bias'"),
         "relu_bias": (config, {**weights, "stem.0.2.bias": torch.zeros(2)}, ValueError, "do not fit"),
+        # (a value that is no tensor, or a key that is no name, was an AttributeError)
+        "weight_list": (config, {**weights, first: [1, 2]}, ValueError, f"'{first}' holds list"),
+        "bias_none": (config, {**weights, "stem.0.0.bias": None}, ValueError, "'stem.0.0.bias' holds NoneType"),
+        "key_int": (config, {**weights, 5: torch.zeros(1)}, ValueError, "map names to tensors"),
     }
     for name, (cfg, w, error, match) in crafted.items():
         path = tmp_path / f"{name}.pt"

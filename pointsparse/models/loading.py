@@ -87,6 +87,10 @@ def shape_like(model: nn.Module, state_dict: dict) -> None:
     + ``name_mask``, as ``torch.nn.utils.prune`` stores them) and narrower
     tensors, so that ``model.load_state_dict(state_dict)`` then loads. The
     trainer calls it before it makes the optimizer of a resumed run."""
+    for key, value in state_dict.items():  # (else an AttributeError from the fitting below)
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise ValueError(f"the weights must map names to tensors (a state_dict); {key!r} holds "
+                             f"{type(value).__name__}")
     _bias_like(model, state_dict)
     _mask_like(model, state_dict)
     _fit_shapes(model, state_dict)
