@@ -176,6 +176,28 @@ def test_sync_batchnorm_convert_keeps_dtype_and_frozen_parameters():
     assert torch.equal(synced(x).feats, ref)
 
 
+def test_sync_batchnorm_convert_keeps_pruning_masks():
+    """A BatchNorm masked by pruning (DependencyGraph.mask: weight_orig,
+    weight_mask and the hook on the norms too) converts with its masks: its
+    state_dict did not load into a fresh SyncBatchNorm (RuntimeError, so
+    `train --nproc 2` of a channel-masked model failed)."""
+    from pointsparse import prune
+    from pointsparse.prune import graph
+
+    torch.manual_seed(9)
+    net = MinkUNet(4, 3, cr=0.25, blocks=1).eval()
+    x = _cloud(1500, 4, extent=20)
+    g = graph.DependencyGraph(net, x)
+    g.mask(graph.plan(g, 0.5))
+    keys, ref = list(net.state_dict()), net(x).feats
+    assert "stem.0.1.weight_mask" in keys
+    synced = SyncBatchNorm.convert(net)
+    assert isinstance(synced.stem[0][1], SyncBatchNorm) and list(synced.state_dict()) == keys
+    assert torch.equal(synced(x).feats, ref)
+    prune.remove(synced.stem[0][1], "weight")
+    assert "weight" in dict(synced.stem[0][1].named_parameters()) and torch.equal(synced(x).feats, ref)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_sync_batchnorm_statistics_of_16_bit_feats_in_float32(monkeypatch, dtype):
     """In a distributed job (simulated: two processes, an all-reduce that

@@ -4,6 +4,8 @@ runs on any backend, gloo on the CPU included)."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -66,16 +68,16 @@ class SyncBatchNorm(spnn.BatchNorm):
     def convert(cls, module: nn.Module) -> nn.Module:
         """``module`` with every :class:`pointsparse.nn.BatchNorm` (and
         ``torch.nn.BatchNorm1d``, as in point branches) replaced by a
-        SyncBatchNorm holding the same parameters and buffers."""
+        SyncBatchNorm holding the same parameters and buffers (the same
+        tensors, as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` shares
+        them: their dtype, device and ``requires_grad`` kept) and hooks (a
+        pruning reparametrisation, ``weight_orig`` + ``weight_mask``, with
+        its hook)."""
         if isinstance(module, nn.BatchNorm1d) and not isinstance(module, cls):
-            new = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
-            like = next(module.parameters(), None) if module.affine else module.running_mean
-            if like is not None:  # the module's dtype and device (load_state_dict copies into the new ones')
-                new.to(like.device, like.dtype)
-            new.load_state_dict(module.state_dict())
-            for name, p in module.named_parameters(recurse=False):
-                new.get_parameter(name).requires_grad_(p.requires_grad)
-            new.train(module.training)
+            # The module's state under the new class (SyncBatchNorm adds none
+            # of its own); each of its dicts copied, their tensors and hooks shared.
+            new = cls.__new__(cls)
+            new.__dict__.update({k: copy.copy(v) if isinstance(v, dict) else v for k, v in module.__dict__.items()})
             return new
         for name, child in module.named_children():
             setattr(module, name, cls.convert(child))
