@@ -177,3 +177,13 @@ def test_conv_flags_must_be_bools():
     conv = spnn.Conv3d(4, 2, bias=np.True_, transposed=np.False_)
     assert conv.bias is not None and conv.transposed is False
     torch.testing.assert_close(F.conv3d(x, w, 3, transposed=np.False_, relu=np.False_).feats, F.conv3d(x, w, 3).feats)
+
+
+def test_batchnorm_without_tensors_checks_its_channels():
+    """A BatchNorm with neither affine parameters nor running statistics
+    checks the feats' channels against num_features too (it normalised 3
+    channels as BatchNorm(4), silently)."""
+    x = line(5, 3)
+    with pytest.raises(ValueError, match="feats have 3 channels but num_features is 4"):
+        spnn.BatchNorm(4, affine=False, track_running_stats=False)(x)
+    assert spnn.BatchNorm(3, affine=False, track_running_stats=False)(x).feats.shape == (5, 3)

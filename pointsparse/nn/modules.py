@@ -312,9 +312,8 @@ class BatchNorm(nn.BatchNorm1d):
     def _check_feats(self, x: SparseTensor) -> None:
         """The feats this batch norm takes (ValueError / TypeError naming
         the channels or dtypes, instead of torch's error or broadcast)."""
-        stats = self._stats()
-        if stats is not None:
-            _check_feats_for(self, x, stats.shape[0], "num_features", stats)
+        stats = self._stats()  # none (no affine, no running statistics): num_features, as it was built
+        _check_feats_for(self, x, self.num_features if stats is None else stats.shape[0], "num_features", stats)
 
     def forward(self, input: SparseTensor) -> SparseTensor:  # type: ignore[override]
         x = _check_input(input)
