@@ -192,6 +192,14 @@ def test_voxel_skip_errors():
 
     with pytest.raises(TypeError, match="VoxelSkip: module must return a SparseTensor; got Tensor"):
         ps.nn.VoxelSkip(Feats(), 0.5)(x)
+
+    class Reversed(torch.nn.Module):  # the kept sites' count and stride, in another order
+        def forward(self, t):
+            return ps.SparseTensor(t.feats.flip(0), t.coords.flip(0), t.stride)
+
+    for call in (lambda skip: skip(x), lambda skip: skip.add_to(x, x)):  # (their rows went to the wrong sites)
+        with pytest.raises(ValueError, match="in their order; got other coords"):
+            call(ps.nn.VoxelSkip(Reversed(), 0.5))
     with pytest.raises(TypeError, match="SparseTensor"):
         ps.nn.VoxelSkip(torch.nn.Identity(), 0.5)(x.feats)
 

@@ -229,6 +229,10 @@ class VoxelSkip(nn.Module):
         if y.stride != kept.stride or (not compiling and rows_y != rows_kept):
             raise ValueError(f"VoxelSkip: module must return a SparseTensor on the {rows_kept} kept sites at "
                              f"stride {kept.stride}; got {rows_y} sites at stride {y.stride}")
+        if not compiling and y.coords is not kept.coords and not torch.equal(y.coords, kept.coords.to(y.device)):
+            # (its rows are scattered back by position: other coords, or another order, went to the wrong sites)
+            raise ValueError("VoxelSkip: module must return a SparseTensor on the kept sites, in their order; "
+                             "got other coords (or another row order)")
         if compiling:
             torch._check(rows_y == rows_kept, lambda: "VoxelSkip: module must return a SparseTensor on the kept sites")
         return rows.to(y.device), y
