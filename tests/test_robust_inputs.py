@@ -73,6 +73,22 @@ def test_spvcnn_point_batch_must_be_an_integer_tensor(spvcnn_case):
             m(v, inv, pts, bad)
 
 
+@pytest.mark.parametrize("units", ["metres", "one_row"])
+def test_spvcnn_points_must_lie_in_their_voxels(spvcnn_case, units):
+    """Points not in voxel units (metres of a 0.25 m grid), or a point far
+    from its voxel: a ValueError naming points (their features were read
+    from other voxels silently); a point a float32 rounding past its voxel's
+    edge is still taken."""
+    m, v, inv, pts, batch = spvcnn_case
+    bad = pts * 0.25 if units == "metres" else pts.clone().index_fill_(0, torch.tensor([7]), 50.0)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"points\[\d+\] = .* lies outside its voxel"):
+        m(v, inv, bad, batch)
+    edge = pts.clone()
+    edge[3] = torch.nextafter(v.coords[inv[3], 1:].float() + 1, torch.tensor(2.0**30))  # just past the far edge
+    with torch.no_grad():
+        assert m(v, inv, edge, batch).shape == (300, 3)
+
+
 # --- export.save's meta -----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

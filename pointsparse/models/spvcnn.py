@@ -46,9 +46,9 @@ def point_to_voxel(tensor: SparseTensor, point_feats: torch.Tensor, rows: torch.
 def check_points(voxels: SparseTensor, inverse: torch.Tensor, points: torch.Tensor,
                  point_batch: torch.Tensor) -> torch.Tensor:
     """SPVCNN's point arguments checked against ``voxels`` (``TypeError`` /
-    ``ValueError`` naming them; outside a traced graph, ``inverse``'s rows
-    and ``point_batch`` against the voxels too); returns the points' voxel
-    coords ``voxels.coords[inverse]``."""
+    ``ValueError`` naming them; outside a traced graph, ``inverse``'s rows,
+    ``point_batch`` and the points' positions against the voxels too);
+    returns the points' voxel coords ``voxels.coords[inverse]``."""
     if not isinstance(points, torch.Tensor) or not points.is_floating_point():
         got = f"dtype {points.dtype}" if isinstance(points, torch.Tensor) else type(points).__name__
         raise TypeError(f"points must be a float tensor (N, 3); got {got}")
@@ -65,6 +65,14 @@ def check_points(voxels: SparseTensor, inverse: torch.Tensor, points: torch.Tens
         raise ValueError(f"inverse holds rows outside [0, {len(voxels)}) (the voxel row of each point)")
     point_coords = voxels.coords[inverse]
     if checks:
+        # Points in voxel units lie in their voxel (floor(points) its coords; a float32 rounding may
+        # reach the next one): points in metres, or in other units, read other voxels silently.
+        away = (points.double() - point_coords[:, 1:].double()).abs().amax(1) > 2
+        if bool(away.any()):
+            i = int(away.nonzero()[0, 0])
+            raise ValueError(f"points[{i}] = {points[i].tolist()} lies outside its voxel "
+                             f"{point_coords[i, 1:].tolist()}: points must be positions in voxel units "
+                             "(points / voxel_size, whose floor is the voxel's coords)")
         wrong = point_batch != point_coords[:, 0]
         if bool(wrong.any()):
             i = int(wrong.nonzero()[0, 0])
