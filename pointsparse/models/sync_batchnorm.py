@@ -75,9 +75,10 @@ class SyncBatchNorm(spnn.BatchNorm):
         its hook)."""
         if isinstance(module, nn.BatchNorm1d) and not isinstance(module, cls):
             # The module's state under the new class (SyncBatchNorm adds none
-            # of its own); each of its dicts copied, their tensors and hooks shared.
+            # of its own); each of its dicts (and sets) copied, their tensors and hooks shared.
             new = cls.__new__(cls)
-            new.__dict__.update({k: copy.copy(v) if isinstance(v, dict) else v for k, v in module.__dict__.items()})
+            state = module.__dict__.items()
+            new.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, set)) else v for k, v in state})
             return new
         for name, child in module.named_children():
             setattr(module, name, cls.convert(child))
