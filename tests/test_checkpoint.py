@@ -262,6 +262,8 @@ def test_crafted_checkpoints_are_refused_naming_the_file(tmp_path):
         "weight_list": (config, {**weights, first: [1, 2]}, ValueError, f"'{first}' holds list"),
         "bias_none": (config, {**weights, "stem.0.0.bias": None}, ValueError, "'stem.0.0.bias' holds NoneType"),
         "key_int": (config, {**weights, 5: torch.zeros(1)}, ValueError, "map names to tensors"),
+        "mask_no_tensor": (config, {**weights, "stem.0.0.nope_orig": torch.zeros(3),
+                                    "stem.0.0.nope_mask": torch.ones(3)}, ValueError, "nope_orig"),
     }
     for name, (cfg, w, error, match) in crafted.items():
         path = tmp_path / f"{name}.pt"
