@@ -273,3 +273,44 @@ def test_out_paths_that_cannot_be_written_are_named(tmp_path, capsys):
         export.save(program, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "taken"]
     assert [p.name for p in ckpt.parent.iterdir()] == ["checkpoint.pt"]
+
+
+def test_a_checkpoint_or_program_of_the_wrong_contents_is_a_message(tmp_path, capsys):
+    """eval, predict and export on a checkpoint whose config holds a value of
+    the wrong kind (a str voxel size, classes that are no list, widths that
+    are no dict) or on a program whose meta does: a one-line error naming
+    the file, exit status 2 (were the TypeError's traceback, exit status 1);
+    nothing written."""
+    import numpy as np
+    import torch
+
+    from pointsparse import export
+    from pointsparse.models import MinkUNet
+
+    config = {"in_channels": 7, "classes": ["a", "b", "c"], "cr": 0.125, "blocks": 1, "voxel_size": 0.4,
+              "ignore_index": 255, "model": "minkunet"}
+    weights = MinkUNet(7, 3, cr=0.125, blocks=1).state_dict()
+    cloud = tmp_path / "c.npz"
+    rng = np.random.default_rng(0)
+    np.savez(cloud, xyz=(rng.random((500, 3)) * 10).astype(np.float32), labels=rng.integers(0, 3, 500))
+    out = tmp_path / "out"
+    bad = {"voxel": {"voxel_size": "0.4"}, "classes": {"classes": "abc"}, "widths": {"widths": [1, 2]}}
+    for name, change in bad.items():
+        ckpt = tmp_path / f"{name}.pt"
+        torch.save({"model": weights, "config": {**config, **change}}, ckpt)
+        for argv in (["eval", "--checkpoint", str(ckpt), "--data", str(cloud), "--no-progress"],
+                     ["predict", "--checkpoint", str(ckpt), "--data", str(cloud), "--out", str(out),
+                      "--no-progress"],
+                     ["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "m.pt2")]):
+            assert cli.main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert err.startswith(f"pointsparse {argv[0]}: error: ") and str(ckpt) in err, (argv, err)
+    model = MinkUNet(7, 3, cr=0.125, blocks=1).eval()
+    program = tmp_path / "bad.pt2"
+    export.save(export.export_model(model, export.example_input(7, 0.4)), program, {**config, "voxel_size": "0.4"})
+    for argv in (["eval", "--program", str(program), "--data", str(cloud), "--no-progress"],
+                 ["predict", "--program", str(program), "--data", str(cloud), "--out", str(out), "--no-progress"]):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"pointsparse {argv[0]}: error: ") and str(program) in err, (argv, err)
+    assert not out.exists() and not (tmp_path / "m.pt2").exists()

@@ -23,10 +23,31 @@ from .scoring import evaluate, point_level, write_report
 from .train import add_data_arguments, check_args, generated_source, load_checkpoint, require_labels
 from .trainer import have_tqdm
 
-__all__ = ["INFERENCE", "add_arguments", "inference_model", "main"]
+__all__ = ["INFERENCE", "add_arguments", "checkpoint_model", "checkpoint_state", "inference_model", "main"]
 
 #: The forms ``pointsparse eval --inference`` scores a model in.
 INFERENCE = ("float32", "fused", "bf16")
+
+
+def checkpoint_state(path) -> dict:
+    """The training checkpoint at ``path`` (``train.load_checkpoint``); a
+    config value of the wrong kind (``checkpoint.check_config``'s TypeError,
+    which names the file) a ValueError too: the command line reports a
+    damaged or hand-edited file in one line, not with a traceback."""
+    try:
+        return load_checkpoint(path)
+    except TypeError as error:
+        raise ValueError(str(error)) from error
+
+
+def checkpoint_model(state: dict, path) -> torch.nn.Module:
+    """``models.model_from_state(state)``; where the checkpoint ``path``'s
+    config or weights do not make the model (its ValueError or TypeError), a
+    ValueError naming the file."""
+    try:
+        return model_from_state(state)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"checkpoint {path}: {error}") from error
 
 
 def inference_model(model: torch.nn.Module, inference: str = "float32") -> torch.nn.Module:
@@ -96,7 +117,7 @@ def main(args) -> int:
         model, state = program_and_state(program, args)
         args.device = "cpu"
     else:
-        state = load_checkpoint(args.checkpoint)
+        state = checkpoint_state(args.checkpoint)
     config = state["config"]
     # An explicit --ignore-index always wins, 255 included.
     ignore_index = (args.ignore_index if args.ignore_index is not None
@@ -114,7 +135,8 @@ def main(args) -> int:
     if classes != config["classes"]:
         raise ValueError(f"the data's classes {classes} differ from the checkpoint's {config['classes']}")
     if program is None:
-        model = with_maps_ahead(inference_model(model_from_state(state).to(device), args.inference), args)
+        model = with_maps_ahead(inference_model(checkpoint_model(state, args.checkpoint).to(device), args.inference),
+                                args)
     dataset = VoxelDataset(source, config["voxel_size"], ignore_index)
     t0 = time.perf_counter()
     cm, first = evaluate(model, dataset, len(classes), ignore_index, device, args.batch_size,
@@ -160,7 +182,10 @@ def program_and_state(path, args=None):
         raise ValueError(f"{path}: its meta lacks {', '.join(missing)} (not a program pointsparse export wrote)")
     from ..checkpoint import check_config
 
-    check_config(meta, path)
+    try:
+        check_config(meta, path)
+    except TypeError as error:  # (a meta value of the wrong kind: bad input, named in one line)
+        raise ValueError(str(error)) from error
     if len(meta["classes"]) != model.num_classes or meta["in_channels"] != model.in_channels:
         raise ValueError(f"{path}: its meta says {meta['in_channels']} channels in and {len(meta['classes'])} "
                          f"classes; the program takes {model.in_channels} and gives {model.num_classes}")

@@ -32,9 +32,8 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from ..checkpoint import load_training
-    from ..models import SPVCNN, model_from_state
-    from .evaluate import inference_model
+    from ..models import SPVCNN
+    from .evaluate import checkpoint_model, checkpoint_state, inference_model
     from .scoring import feats_dtype
 
     out, checkpoint = Path(args.out), Path(args.checkpoint)
@@ -44,8 +43,8 @@ def main(args) -> int:
     export.check_out_path(args.out)  # before the export's work
     if out.suffix.lower() != ".pt2":
         raise ValueError(f"--out {out}: a program file ends in .pt2 (the archive torch.export.load reads)")
-    state = load_training(args.checkpoint)  # (export.load_checkpoint's model, and the run's data for the meta)
-    model, config = model_from_state(state).eval(), state["config"]
+    state = checkpoint_state(args.checkpoint)  # (export.load_checkpoint's model, and the run's data for the meta)
+    model, config = checkpoint_model(state, args.checkpoint).eval(), state["config"]
     model = inference_model(model, args.inference)
     dtype = feats_dtype(model, torch.float32)
     point_level = isinstance(model, SPVCNN)
