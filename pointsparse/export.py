@@ -177,7 +177,8 @@ def export_model(model: nn.Module, example) -> torch.export.ExportedProgram:
 
 
 def save(program: torch.export.ExportedProgram, path, meta: dict | None = None) -> None:
-    """``torch.export.save`` with ``meta`` as JSON in ``extra_files``;
+    """``torch.export.save`` with ``meta`` as JSON in ``extra_files``,
+    atomically (a failed write leaves what ``path`` held before);
     ``FileNotFoundError`` naming the folder where ``path``'s does not exist,
     a ``ValueError`` naming ``path`` where it is a folder or cannot be
     written (:func:`check_out_path`); ``TypeError`` unless ``meta`` is None
@@ -193,8 +194,10 @@ def save(program: torch.export.ExportedProgram, path, meta: dict | None = None) 
         raise TypeError(f"meta must hold JSON values (str, finite numbers, bool, None, lists, dicts): {error}") \
             from None
     check_out_path(path)
-    try:
-        torch.export.save(program, str(path), extra_files={META_FILE: text})
+    from .checkpoint import atomic_write
+
+    try:  # (into a file beside path, renamed over it when whole: a failed write leaves an earlier program whole)
+        atomic_write(path, lambda f: torch.export.save(program, f, extra_files={META_FILE: text}))
     except (RuntimeError, OSError) as error:  # torch's archive writer: "open file failed", a full disk, ...
         raise ValueError(f"cannot write the exported program to {path} "
                          f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from error

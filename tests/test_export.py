@@ -783,6 +783,37 @@ def test_save_names_a_missing_folder(tmp_path):
     assert export.load(tmp_path / "p.pt2")[1] == {"k": 1}
 
 
+def test_save_that_fails_part_way_leaves_the_file_it_replaces(tmp_path, monkeypatch):
+    """export.save (pointsparse export --out) over an earlier program whose
+    writing fails part-way (a full disk, an interrupt): the earlier program
+    is still there whole and nothing else is left beside it (torch's writer
+    wrote into the target itself: a truncated archive in its place)."""
+    import errno
+
+    program = torch.export.export(torch.nn.Linear(2, 2), (torch.randn(1, 2),))
+    path = tmp_path / "p.pt2"
+    export.save(program, path, {"k": 1})
+    before = path.read_bytes()
+
+    def failing(program, f, **kwargs):  # writes the archive's start, then the disk is full
+        if isinstance(f, (str, bytes)) or hasattr(f, "__fspath__"):
+            with open(f, "wb") as target:
+                target.write(before[:100])
+        else:
+            f.write(before[:100])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch.export, "save", failing)
+    with pytest.raises(ValueError, match="cannot write the exported program"):
+        export.save(program, path, {"k": 2})
+    monkeypatch.setattr(torch.export, "save", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        export.save(program, path, {"k": 3})
+    monkeypatch.undo()
+    assert path.read_bytes() == before and export.load(path)[1] == {"k": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["p.pt2"]
+
+
 def _flip(data: bytes, offset: int) -> bytes:
     damaged = bytearray(data)
     damaged[offset] ^= 0x24
