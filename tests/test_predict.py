@@ -212,3 +212,29 @@ def test_a_failed_predict_leaves_no_classes_json(tmp_path, capsys):
                      "--no-progress"]) == 2
     assert "b.npy" in capsys.readouterr().err
     assert not (out / "classes.json").exists()
+
+
+def test_eval_refuses_clouds_whose_every_label_is_ignored(tmp_path, capsys):
+    """eval on labelled clouds none of whose points is scored (every label the ignore index: unlisted by the
+    label map, or --ignore-index the only class they hold) printed an mIoU and accuracy of NaN, wrote NaN into
+    metrics.json and exited 0, as eval on unlabelled clouds once did: now exit status 2, the reason named, no
+    metrics written; one scored point is enough."""
+    rng = np.random.default_rng(0)
+    xyz = (rng.random((2000, 3)) * 20).astype(np.float32)
+    ignored, zeros = tmp_path / "ignored.npz", tmp_path / "zeros.npz"
+    np.savez(ignored, xyz=xyz, labels=np.full(2000, 255))
+    np.savez(zeros, xyz=xyz, labels=np.zeros(2000, np.int64))
+    ckpt = _checkpoint(tmp_path / "m.pt")
+    for data, more in (([ignored], []), ([ignored, ignored], ["--batch-size", "1"]), ([zeros], ["--ignore-index", "0"])):
+        argv = ["eval", "--checkpoint", str(ckpt), "--data", *map(str, data), "--out", str(tmp_path / "ev"),
+                "--no-progress", *more]
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "every point's label is the ignore index" in err and "nothing to score" in err, err
+    assert not list(tmp_path.rglob("*.json"))
+    one = tmp_path / "one.npz"
+    np.savez(one, xyz=xyz, labels=np.r_[np.full(1999, 255), [3]])
+    assert cli.main(["eval", "--checkpoint", str(ckpt), "--data", str(ignored), str(one), "--out",
+                     str(tmp_path / "ev"), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "ev" / "eval-metrics.json").read_text())
+    assert sum(map(sum, report["confusion"])) == 1 and report["miou"] in (0.0, 1.0)

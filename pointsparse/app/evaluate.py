@@ -131,6 +131,12 @@ def main(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     require_labels(source, "--data" if args.data else "the run's data")  # (an mIoU of unlabelled clouds is NaN)
+    # (and that of clouds none of whose points is scored)
+    if not any(bool((source[i].labels != ignore_index).any()) for i in range(len(source))):
+        where = "--data" if args.data else "the run's data"
+        raise ValueError(f"{where}: every point's label is the ignore index "
+                         f"{ignore_index} (--ignore-index; raw labels the label map does not list are ignored too): "
+                         "nothing to score")
     classes = list(source.classes or config["classes"])
     if classes != config["classes"]:
         raise ValueError(f"the data's classes {classes} differ from the checkpoint's {config['classes']}")
