@@ -613,6 +613,42 @@ def test_float_labels_whole_or_a_value_error(tmp_path):
         read_text(tmp_path / "rows.txt")
 
 
+def test_read_cloud_without_labels_reads_no_labels(tmp_path):
+    """read_cloud(labels=False) (pointsparse predict's reading): the points and features of every format as
+    with labels, the labels None and never read, so labels that would be refused (fractional, negative
+    without a label map, a labels file of another length) are no error."""
+    xyz, lab = _cloud()
+    frac = lab + 0.25
+    np.savez(tmp_path / "a.npz", xyz=xyz, labels=frac, intensity=np.linspace(0, 1, 50))
+    np.savetxt(tmp_path / "rows.txt", np.c_[xyz, np.full((50, 3), 9.0), frac])
+    np.save(tmp_path / "scan_points.npy", xyz)
+    np.save(tmp_path / "scan_labels.npy", -np.ones(7))
+    (tmp_path / "seq" / "velodyne").mkdir(parents=True)
+    (tmp_path / "seq" / "labels").mkdir()
+    np.c_[xyz, np.zeros(50)].astype(np.float32).tofile(tmp_path / "seq" / "velodyne" / "0.bin")
+    (tmp_path / "seq" / "labels" / "0.label").write_bytes(b"\0" * 6)
+    room = tmp_path / "room"
+    (room / "Annotations").mkdir(parents=True)
+    np.savetxt(room / "Annotations" / "chair_1.txt", np.c_[xyz, np.full((50, 3), 9.0)])
+    rel = (xyz.astype(np.float64) - np.r_[xyz[:, :2].min(0), 0]).astype(np.float32)  # (text: x, y from their min)
+    for name in ("a.npz", "rows.txt", "scan_points.npy", "seq/velodyne/0.bin"):
+        with pytest.raises(ValueError):
+            read_cloud(tmp_path / name)
+        s = read_cloud(tmp_path / name, labels=False)
+        assert s.labels is None and np.array_equal(s.xyz, rel if name == "rows.txt" else xyz), name
+    assert read_cloud(room).labels is not None  # (from its files' names)
+    assert read_cloud(room, labels=False).labels is None and np.array_equal(read_cloud(room, labels=False).xyz, rel)
+    assert np.allclose(read_cloud(tmp_path / "rows.txt", labels=False).rgb, 9 / 255)
+    assert read_cloud(tmp_path / "a.npz", labels=False).intensity is not None
+    laspy = pytest.importorskip("laspy")
+    las = laspy.LasData(laspy.LasHeader(point_format=3, version="1.2"))
+    las.x, las.y, las.z = xyz[:, 0].astype(np.float64), xyz[:, 1].astype(np.float64), xyz[:, 2].astype(np.float64)
+    las.classification = (lab + 2).astype(np.uint8)
+    las.write(tmp_path / "t.las")
+    assert read_cloud(tmp_path / "t.las").labels is not None and read_cloud(tmp_path / "t.las", labels=False).labels \
+        is None
+
+
 def test_las_reader(tmp_path):
     laspy = pytest.importorskip("laspy")
     xyz, lab = _cloud()

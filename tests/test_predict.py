@@ -238,3 +238,31 @@ def test_eval_refuses_clouds_whose_every_label_is_ignored(tmp_path, capsys):
                      str(tmp_path / "ev"), "--no-progress"]) == 0
     report = json.loads((tmp_path / "ev" / "eval-metrics.json").read_text())
     assert sum(map(sum, report["confusion"])) == 1 and report["miou"] in (0.0, 1.0)
+
+
+def test_predict_reads_no_labels(tmp_path, capsys):
+    """predict leaves the files' own labels unused, and no longer reads them: labels that would not do for
+    training (-1 for unlabelled points, which predict has no --ignore-index for; a labels file beside a scan
+    that is cut short or of another scan) stopped it with an error about them; the predictions are those of
+    the same cloud without labels."""
+    scene = generated.outdoor_scene(seed=21, beams=16, azimuth_steps=256)
+    n = len(scene.xyz)
+    labelled, clean = tmp_path / "labelled", tmp_path / "clean"
+    for folder in (labelled, clean):
+        (folder / "seq" / "velodyne").mkdir(parents=True)
+        np.c_[scene.xyz, scene.intensity].astype(np.float32).tofile(folder / "seq" / "velodyne" / "000000.bin")
+        np.save(folder / "scan_points.npy", np.c_[scene.xyz, scene.intensity].astype(np.float32))
+        np.savez(folder / "cloud.npz", xyz=scene.xyz, intensity=scene.intensity,
+                 **({"labels": np.r_[np.full(10, -1), scene.labels[10:]]} if folder == labelled else {}))
+    (labelled / "seq" / "labels").mkdir()
+    (labelled / "seq" / "labels" / "000000.label").write_bytes(b"\0" * 4 * (n // 2))  # cut short
+    np.save(labelled / "scan_labels.npy", np.zeros(n + 5, np.int64))  # another scan's
+    ckpt = _checkpoint(tmp_path / "m.pt")
+    names = ["seq/velodyne/000000.bin", "scan_points.npy", "cloud.npz"]
+    for folder in (labelled, clean):
+        assert cli.main(["predict", "--checkpoint", str(ckpt), "--data", *(str(folder / p) for p in names),
+                         "--out", str(tmp_path / f"out-{folder.name}"), "--no-progress"]) == 0, \
+            capsys.readouterr().err
+    for target in ("seq/velodyne/000000.npy", "scan_points.npy", "cloud.npy"):
+        got = np.load(tmp_path / "out-labelled" / target)
+        assert len(got) == n and np.array_equal(got, np.load(tmp_path / "out-clean" / target)), target

@@ -14,7 +14,7 @@ common folder, without its suffix>`` gets
   scan in a ``velodyne`` folder gets its file in a ``predictions`` folder beside
   that one (``sequences/08/predictions/000000.label``, as the benchmark takes).
 
-The files' own labels, where they have any, play no part."""
+The files' own labels, where they have any, play no part (they are not read)."""
 
 from __future__ import annotations
 
@@ -98,14 +98,14 @@ def _outputs(paths: list[Path], out: Path, suffix: str) -> list[Path]:
     for target in targets:
         held = read.get(target.resolve())
         if held is not None:
-            raise ValueError(f"--out {out}: the prediction {target} would overwrite {held}, which is read as "
-                             "input; give another folder")
+            raise ValueError(f"--out {out}: the prediction {target} would overwrite {held}; give another folder")
     return targets
 
 
 def _files_read(paths: list[Path]) -> dict[Path, str]:
     """Every file the readers take for ``paths`` (resolved): the clouds and
-    the labels files they read beside them, each with what it is."""
+    the labels files they read beside them (which predict leaves unread, and
+    never writes over), each with what it is."""
     from ..data.readers import _sibling_labels
 
     read = {}
@@ -159,7 +159,7 @@ def main(args) -> int:
     points = voxels = 0
     t0 = time.perf_counter()
     for path, target in progress_bar(list(zip(paths, targets)), "predict", not args.no_progress and have_tqdm()):
-        sample = read_cloud(path, label_map, ignore)  # (the file's own labels, where it has any, go unused)
+        sample = read_cloud(path, labels=False)  # (the file's own labels, where it has any, go unread)
         try:
             v = voxelize_sample(sample, config["voxel_size"], ignore)
         except ValueError as error:  # (coordinates the voxel grid cannot hold: say which file)

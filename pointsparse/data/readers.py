@@ -378,11 +378,12 @@ def _load_npy(path) -> np.ndarray:
 
 @_names_the_file
 def read_semantickitti(scan_path, label_path=None, label_map="semantic-kitti",
-                       ignore_index: int = DEFAULT_IGNORE) -> Sample:
+                       ignore_index: int = DEFAULT_IGNORE, *, labels: bool = True) -> Sample:
     """One SemanticKITTI scan: ``velodyne/NNNNNN.bin`` (float32 x, y, z,
     intensity) and ``labels/NNNNNN.label`` (uint32; lower 16 bits semantic id,
     upper 16 instance). ``label_path`` defaults to the sibling ``labels``
-    folder; a missing label file gives an unlabelled sample."""
+    folder; a missing label file gives an unlabelled sample, as does
+    ``labels=False`` (no label file read)."""
     scan_path = Path(scan_path)
     size = scan_path.stat().st_size
     if size % 16:  # (np.fromfile drops a partial float at the end: check the bytes themselves)
@@ -390,10 +391,12 @@ def read_semantickitti(scan_path, label_path=None, label_map="semantic-kitti",
                          "z, intensity); the file is truncated or not a SemanticKITTI scan")
     data = np.fromfile(scan_path, dtype=np.float32)
     data = data.reshape(-1, 4)
-    if label_path is None:
+    if not labels:
+        label_path = None
+    elif label_path is None:
         guess = scan_path.parent.parent / "labels" / (scan_path.stem + ".label")
         label_path = guess if guess.is_file() else None
-    labels = None
+    ids = None
     if label_path is not None:
         label_size = os.stat(label_path).st_size
         if label_size % 4:  # np.fromfile would drop the partial record
@@ -402,8 +405,8 @@ def read_semantickitti(scan_path, label_path=None, label_map="semantic-kitti",
         raw = np.fromfile(label_path, dtype=np.uint32)
         if raw.size != len(data):
             raise ValueError(f"{label_path}: {raw.size} labels for {len(data)} points in {scan_path}")
-        labels = _labels(raw & 0xFFFF, load_label_map(label_map) if label_map is not None else None, ignore_index)
-    return Sample(data[:, :3], labels, intensity=np.clip(data[:, 3:4], 0, 1), name=str(scan_path))
+        ids = _labels(raw & 0xFFFF, load_label_map(label_map) if label_map is not None else None, ignore_index)
+    return Sample(data[:, :3], ids, intensity=np.clip(data[:, 3:4], 0, 1), name=str(scan_path))
 
 
 _NPZ_XYZ = ("xyz", "points", "pos", "coords")
@@ -411,7 +414,8 @@ _NPZ_LABELS = ("labels", "label", "classification", "semantic", "class")
 
 
 @_names_the_file
-def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_path=None) -> Sample:
+def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_path=None, *,
+               labels: bool = True) -> Sample:
     """A ``.npz`` archive or a ``.npy`` array.
 
     ``.npz``: positions under ``xyz``/``points``, optional ``origin`` (not
@@ -419,7 +423,8 @@ def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_
     ``intensity``, ``rgb``, labels under ``labels``/``classification``.
     ``.npy``: ``(N, 3)`` positions, ``(N, 4)`` with intensity or ``(N, 6)``
     with colour; labels from ``labels_path`` or the sibling file named with
-    ``labels`` in place of ``points`` (Open3D-ML layout).
+    ``labels`` in place of ``points`` (Open3D-ML layout); none read with
+    ``labels=False``.
 
     Positions stored wider than float32 holds (float64, 32- or 64-bit
     integers) come with x and y relative to their minimum, subtracted in
@@ -438,7 +443,7 @@ def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_
                 raise ValueError(f"{path}: key {key!r} must be (N, 3) positions; got {xyz.shape}")
             _real(xyz, f"{path} key {key!r}", "positions")
             n = len(xyz)
-            lab_key = next((k for k in _NPZ_LABELS if k in z.files), None)
+            lab_key = next((k for k in _NPZ_LABELS if k in z.files), None) if labels else None
             raw = _real(_npz_array(z, lab_key, path), f"{path} key {lab_key!r}", "labels",
                         [(n,), (n, 1)]) if lab_key else None
             intensity = rgb = None
@@ -458,7 +463,9 @@ def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_
     _real(arr, str(path), "a .npy cloud's values")
     intensity = _scale_intensity(arr[:, 3], f"{path} column 4 (intensity)") if arr.shape[1] in (4, 7) else None
     rgb = _scale_rgb(arr[:, -3:], str(path)) if arr.shape[1] >= 6 else None
-    if labels_path is None:
+    if not labels:
+        labels_path = None
+    elif labels_path is None:
         sibling = _sibling_labels(path)
         labels_path = sibling if sibling is not None and sibling.is_file() else None
     raw = _load_npy(labels_path) if labels_path is not None else None
@@ -587,11 +594,11 @@ def _check_las_header(path: Path) -> bool:
 
 
 @_names_the_file
-def read_las(path, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> Sample:
+def read_las(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, *, labels: bool = True) -> Sample:
     """A LAS/LAZ file through laspy (``pip install laspy``, plus ``lazrs`` for
     LAZ). Positions are taken relative to the points' minimum (real tiles
     have large absolute coordinates, and the header's minimum is not always
-    filled in); labels from ``classification``. The
+    filled in); labels from ``classification`` (none with ``labels=False``). The
     public header is checked against the file size first: in an
     uncompressed file a point count above or below the whole records there
     is a ValueError naming both."""
@@ -618,7 +625,7 @@ def read_las(path, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> Sample
     rgb = None
     if {"red", "green", "blue"} <= names:
         rgb = _scale_rgb(np.stack([np.asarray(las.red), np.asarray(las.green), np.asarray(las.blue)], 1), str(path))
-    raw = np.asarray(las.classification) if "classification" in names else None
+    raw = np.asarray(las.classification) if labels and "classification" in names else None
     return Sample(xyz, _labels(raw, load_label_map(label_map) if label_map else None, ignore_index),
                   intensity, rgb, name=str(path))
 
@@ -951,11 +958,12 @@ def _check_pcd(path: Path) -> np.ndarray | None:
 
 
 @_names_the_file
-def read_open3d(path, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> Sample:
+def read_open3d(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, *, labels: bool = True) -> Sample:
     """A PLY or PCD file through open3d (optional extra ``open3d-cpu``; on
     Debian it needs the system library ``libusb-1.0-0``). Colour from
     ``colors``, intensity from ``intensity``, labels from a ``labels``,
-    ``label``, ``class`` or ``classification`` attribute. The header's point
+    ``label``, ``class`` or ``classification`` attribute (none with
+    ``labels=False``). The header's point
     count is checked against the data there first (Open3D pads a short file
     with uninitialised memory); other suffixes are refused (Open3D reads
     ``.pts``, ``.xyz``... unchecked: a 20-byte ``.pts`` asked for 4 GB).
@@ -985,7 +993,7 @@ def read_open3d(path, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> Sam
         if text_xyz.shape != xyz.shape:
             raise ValueError(f"{path}: Open3D read {xyz.shape[0]} points, the header says {text_xyz.shape[0]}")
         xyz = text_xyz
-    labels_key = next((k for k in _OPEN3D_LABELS if k in attrs), None)
+    labels_key = next((k for k in _OPEN3D_LABELS if k in attrs), None) if labels else None
     raw = _integral(attrs[labels_key], f"{path} attribute {labels_key!r}") if labels_key else None
     intensity = _scale_intensity(attrs["intensity"], f"{path} attribute 'intensity'") if "intensity" in attrs \
         else None
@@ -995,13 +1003,14 @@ def read_open3d(path, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> Sam
 
 
 @_names_the_file
-def read_text(path, label_map="s3dis", ignore_index: int = DEFAULT_IGNORE) -> Sample:
+def read_text(path, label_map="s3dis", ignore_index: int = DEFAULT_IGNORE, *, labels: bool = True) -> Sample:
     """S3DIS-style text: a file of rows ``x y z [r g b] [label]`` (colour in
     0..255), or a room folder with ``Annotations/<class>_<n>.txt`` files whose
-    class comes from the file name through the map's ``names``. The text is
-    read in float64 and the positions come with x and y relative to their
-    minimum (the room's, for a folder), subtracted in float64, z as stored,
-    as :func:`read_numpy` takes them (UTM coordinates keep their
+    class comes from the file name through the map's ``names``; with
+    ``labels=False`` an unlabelled sample (a label column skipped). The text
+    is read in float64 and the positions come with x and y relative to
+    their minimum (the room's, for a folder), subtracted in float64, z as
+    stored, as :func:`read_numpy` takes them (UTM coordinates keep their
     millimetres)."""
     path = Path(path)
     label_map = load_label_map(label_map) if label_map is not None else None
@@ -1010,18 +1019,19 @@ def read_text(path, label_map="s3dis", ignore_index: int = DEFAULT_IGNORE) -> Sa
         files = sorted(ann.glob("*.txt"))
         if not files:
             raise ValueError(f"{path}: no Annotations/*.txt files")
-        parts, labels = [], []
+        parts, ids = [], []
         for f in files:
             rows = _load_rows(f)
             _rgb_rows(rows, f)  # each file's colour range checked, naming it
             cls = f.stem.rsplit("_", 1)[0]
             tid = label_map.names.get(cls, ignore_index) if label_map is not None else ignore_index
             parts.append(rows)
-            labels.append(np.full(len(rows), tid, dtype=np.int64))
+            ids.append(np.full(len(rows), tid, dtype=np.int64))
         rows = np.concatenate(parts)
-        return Sample(_positions(rows), np.concatenate(labels), rgb=_rgb_rows(rows, path), name=str(path))
+        return Sample(_positions(rows), np.concatenate(ids) if labels else None, rgb=_rgb_rows(rows, path),
+                      name=str(path))
     rows = _load_rows(path)
-    raw = _integral(rows[:, -1], f"{path} label column") if rows.shape[1] in (4, 7) else None
+    raw = _integral(rows[:, -1], f"{path} label column") if labels and rows.shape[1] in (4, 7) else None
     rgb = _rgb_rows(rows, path)
     return Sample(_positions(rows), _labels(raw, label_map, ignore_index, f"{path} label column"), rgb=rgb,
                   name=str(path))
@@ -1047,10 +1057,12 @@ def _rgb_rows(rows, where):
     return _scale_rgb(rgb, str(where), 255.0 if rgb.size == 0 or rgb.max() <= 255 else 65535.0)
 
 
-def read_cloud(path, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> Sample:
+def read_cloud(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, *, labels: bool = True) -> Sample:
     """Any supported file, by extension (``.bin`` SemanticKITTI, ``.npy``/
     ``.npz``, ``.las``/``.laz``, ``.ply``/``.pcd``, ``.txt`` or an S3DIS room
-    folder). ``label_map`` defaults to SemanticKITTI's for ``.bin``."""
+    folder). ``label_map`` defaults to SemanticKITTI's for ``.bin``.
+    ``labels=False``: the points and their features only, the file's labels
+    (and a labels file beside it) not read, whatever they hold."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a file path (str or Path); got {type(path).__name__}")
     path = Path(path)
@@ -1058,15 +1070,16 @@ def read_cloud(path, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> Samp
         raise FileNotFoundError(f"{path}: no such file or folder")
     suffix = path.suffix.lower()
     if suffix == ".bin":
-        return read_semantickitti(path, label_map=label_map or "semantic-kitti", ignore_index=ignore_index)
+        return read_semantickitti(path, label_map=label_map or "semantic-kitti", ignore_index=ignore_index,
+                                  labels=labels)
     if suffix in (".npy", ".npz"):
-        return read_numpy(path, label_map, ignore_index)
+        return read_numpy(path, label_map, ignore_index, labels=labels)
     if suffix in (".las", ".laz"):
-        return read_las(path, label_map, ignore_index)
+        return read_las(path, label_map, ignore_index, labels=labels)
     if suffix in (".ply", ".pcd"):
-        return read_open3d(path, label_map, ignore_index)
+        return read_open3d(path, label_map, ignore_index, labels=labels)
     if suffix == ".txt" or path.is_dir():
-        return read_text(path, label_map or "s3dis", ignore_index)
+        return read_text(path, label_map or "s3dis", ignore_index, labels=labels)
     raise ValueError(f"{path}: unknown point cloud format {suffix!r} (.bin .npy .npz .las .laz .ply .pcd .txt)")
 
 
