@@ -266,3 +266,36 @@ def test_predict_reads_no_labels(tmp_path, capsys):
     for target in ("seq/velodyne/000000.npy", "scan_points.npy", "cloud.npy"):
         got = np.load(tmp_path / "out-labelled" / target)
         assert len(got) == n and np.array_equal(got, np.load(tmp_path / "out-clean" / target)), target
+
+
+def test_eval_data_takes_the_runs_label_map(tmp_path, capsys):
+    """eval --data on a run trained with --label-map (README's IGN run: ASPRS codes to 4 classes) read the
+    files' raw labels as class indices unless --label-map was given again (the run's map served only its own
+    validation files, and predict --format label's default): codes below the class count were scored silently
+    as other classes, the others an error. Now --data files take the run's label map, as train --val-data
+    does; the same scores as the run's validation files and an explicit --label-map."""
+    from pointsparse.data.readers import load_label_map
+    from pointsparse.models import MinkUNet
+
+    ign = load_label_map("ign-lidarhd")
+    torch.manual_seed(0)
+    model = MinkUNet(NUM_FEATURES, len(ign.classes), cr=0.25, blocks=1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.running_var.fill_(0.01)
+    rng = np.random.default_rng(0)
+    tile = tmp_path / "tile.npz"
+    np.savez(tile, xyz=(rng.random((3000, 3)) * [40, 40, 10]).astype(np.float32),
+             classification=rng.choice(np.array([1, 2, 3], np.uint8), 3000))  # (all below the 4 classes)
+    config = {"in_channels": NUM_FEATURES, "classes": list(ign.classes), "cr": 0.25, "blocks": 1,
+              "voxel_size": 0.5, "ignore_index": 255, "model": "minkunet"}
+    ckpt = tmp_path / "c.pt"
+    torch.save({"model": model.state_dict(), "config": config, "val_paths": [str(tile)],
+                "args": {"data": [str(tile)], "label_map": "ign-lidarhd"}}, ckpt)
+    cms = []
+    for i, flags in enumerate(([], ["--data", str(tile)], ["--data", str(tile), "--label-map", "ign-lidarhd"])):
+        out = tmp_path / f"ev{i}"
+        assert cli.main(["eval", "--checkpoint", str(ckpt), *flags, "--out", str(out), "--no-progress"]) == 0
+        cms.append(json.loads((out / "eval-metrics.json").read_text())["confusion"])
+    assert cms[0] == cms[1] == cms[2]
+    assert np.asarray(cms[0])[3].sum() == 0 and np.asarray(cms[0]).sum() < 3000  # (1 ignored, none building)

@@ -1,7 +1,8 @@
 """Score a segmentation checkpoint (per-class IoU, mIoU) on point clouds.
 
 ``pointsparse eval --checkpoint DIR/checkpoint.pt [--data SOURCE...] [--out DIR] [--inference bf16]``
-(the data defaults to what the run validated on; ``--inference``: the model
+(the data defaults to what the run validated on, files of ``--data`` read
+with the run's label map unless ``--label-map`` names another; ``--inference``: the model
 fused for inference, or fused and in bfloat16), or ``pointsparse eval
 --program model.pt2 [--data ...]``: a program ``pointsparse export`` wrote,
 scored as it runs (on the CPU; its data defaults to the run's too)."""
@@ -202,11 +203,14 @@ def program_and_state(path, args=None):
 
 def eval_source(args, state: dict, ignore_index: int):
     """(the data spec, its clouds) that ``pointsparse eval`` scores: ``--data``,
-    else the files the run validated on, else the run's data."""
+    else the files the run validated on, else the run's data. Files take
+    ``--label-map``, else the run's validation label map, else its label
+    map (as ``train --val-data`` takes them: the classes the model predicts)."""
     saved = state.get("args", {})
     label_map = args.label_map
     if args.data:
         spec = args.data
+        label_map = label_map or saved.get("val_label_map") or saved.get("label_map")
     elif state.get("val_paths"):  # the files the run validated on
         spec = state["val_paths"]
         label_map = label_map or saved.get("val_label_map") or saved.get("label_map")
