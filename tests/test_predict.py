@@ -299,3 +299,27 @@ def test_eval_data_takes_the_runs_label_map(tmp_path, capsys):
         cms.append(json.loads((out / "eval-metrics.json").read_text())["confusion"])
     assert cms[0] == cms[1] == cms[2]
     assert np.asarray(cms[0])[3].sum() == 0 and np.asarray(cms[0]).sum() < 3000  # (1 ignored, none building)
+
+
+def test_predict_out_where_a_prediction_cannot_go_is_refused_first(tmp_path, capsys):
+    """--out holding a file where a prediction's folder goes (out/a for the clouds of in/a) or a folder
+    where a prediction goes: a one-line error naming both, exit status 2, before any cloud is run (were
+    FileExistsError / IsADirectoryError tracebacks, exit status 1, once the clouds before it were written)."""
+    import shutil
+
+    paths = _clouds(tmp_path / "in", 3)  # in/b/scan0, in/a/scan1, in/b/scan2
+    ckpt = _checkpoint(tmp_path / "m.pt")
+    out = tmp_path / "out"
+    for clash, words in ((out / "a", "which is a file"), (out / "b" / "scan2.npy", "is a folder")):
+        out.mkdir()
+        if clash.name == "a":
+            clash.write_text("x")
+        else:
+            clash.mkdir(parents=True)
+        argv = ["predict", "--checkpoint", str(ckpt), "--data", *map(str, paths), "--out", str(out), "--no-progress"]
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("pointsparse predict: error: ") and words in err and str(clash) in err, err
+        assert sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file()) == \
+            ([clash.relative_to(out)] if clash.name == "a" else []), clash
+        shutil.rmtree(out)

@@ -99,6 +99,14 @@ def _outputs(paths: list[Path], out: Path, suffix: str) -> list[Path]:
         held = read.get(target.resolve())
         if held is not None:
             raise ValueError(f"--out {out}: the prediction {target} would overwrite {held}; give another folder")
+        if target.is_dir():
+            raise ValueError(f"--out {out}: the prediction {target} is a folder there; give another folder")
+        for folder in target.parents:
+            if folder == out:
+                break
+            if folder.exists() and not folder.is_dir():
+                raise ValueError(f"--out {out}: the prediction {target} goes into {folder}, which is a file; give "
+                                 "another folder")
     return targets
 
 
