@@ -323,3 +323,19 @@ def test_predict_out_where_a_prediction_cannot_go_is_refused_first(tmp_path, cap
         assert sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file()) == \
             ([clash.relative_to(out)] if clash.name == "a" else []), clash
         shutil.rmtree(out)
+
+
+def test_eval_names_a_cloud_whose_labels_are_no_class_first(tmp_path, capsys):
+    """eval on clouds one of which holds labels that are no class index of the checkpoint (raw labels, read
+    without their label map): an error naming that cloud and --label-map, before any cloud is scored (was the
+    confusion matrix's "target labels must lie in [0, 9)", naming no cloud, after the clouds before it)."""
+    paths = _clouds(tmp_path / "in", 2)
+    raw = tmp_path / "raw.npz"
+    with np.load(paths[0]) as z:
+        np.savez(raw, xyz=z["xyz"], labels=np.where(z["labels"] == 2, 40, z["labels"]))
+    ckpt = _checkpoint(tmp_path / "m.pt")
+    assert cli.main(["eval", "--checkpoint", str(ckpt), "--data", *map(str, paths), str(raw), "--batch-size", "1",
+                     "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{raw}: label 40 is neither a class index (0 to 8) nor the ignore index 255" in err and \
+        "--label-map" in err, err

@@ -132,15 +132,10 @@ def main(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     require_labels(source, "--data" if args.data else "the run's data")  # (an mIoU of unlabelled clouds is NaN)
-    # (and that of clouds none of whose points is scored)
-    if not any(bool((source[i].labels != ignore_index).any()) for i in range(len(source))):
-        where = "--data" if args.data else "the run's data"
-        raise ValueError(f"{where}: every point's label is the ignore index "
-                         f"{ignore_index} (--ignore-index; raw labels the label map does not list are ignored too): "
-                         "nothing to score")
     classes = list(source.classes or config["classes"])
     if classes != config["classes"]:
         raise ValueError(f"the data's classes {classes} differ from the checkpoint's {config['classes']}")
+    check_scored_labels(source, len(classes), ignore_index, "--data" if args.data else "the run's data")
     if program is None:
         model = with_maps_ahead(inference_model(checkpoint_model(state, args.checkpoint).to(device), args.inference),
                                 args)
@@ -160,6 +155,28 @@ def main(args) -> int:
                                "eval_time_per_cloud_s": elapsed / max(len(source), 1)}, ignore_index, "eval-")
         print(f"metrics: {Path(args.out) / 'eval-metrics.json'}; pictures: {', '.join(report['pictures'].values())}")
     return 0
+
+
+def check_scored_labels(source, num_classes: int, ignore_index: int, where: str) -> None:
+    """``ValueError`` before the model runs where a cloud of ``source`` has
+    a label that is neither a class index nor ``ignore_index`` (naming the
+    cloud: raw labels read without their label map; the confusion matrix
+    refused it, naming none, after the clouds before it were scored), or
+    where no point of any is scored (every label the ignore index: an mIoU
+    of NaN)."""
+    scored = False
+    for i in range(len(source)):
+        sample = source[i]
+        labels = sample.labels[sample.labels != ignore_index]
+        bad = (labels < 0) | (labels >= num_classes)
+        if bad.any():
+            raise ValueError(f"{sample.name}: label {int(labels[bad][0])} is neither a class index (0 to "
+                             f"{num_classes - 1}) nor the ignore index {ignore_index}: give the label map of its raw "
+                             "labels (--label-map)")
+        scored = scored or bool(labels.size)
+    if not scored:
+        raise ValueError(f"{where}: every point's label is the ignore index {ignore_index} (--ignore-index; raw "
+                         "labels the label map does not list are ignored too): nothing to score")
 
 
 def program_and_state(path, args=None):
