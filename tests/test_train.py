@@ -61,6 +61,31 @@ def test_cli_smoke_train_then_eval(tmp_path, capsys):
     assert cli.main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--no-progress", "--val-scenes", "0"]) == 2
 
 
+def test_a_run_on_relative_paths_is_evaluated_from_another_folder(tmp_path, monkeypatch, capsys):
+    """The run's held-out files and --data were saved as given: relative
+    paths, which eval (and prune) of the checkpoint read from the folder
+    they ran in ("no such file" anywhere else)."""
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        xyz = rng.uniform(0, 8, (400, 3)).astype(np.float32)
+        cls = np.where(xyz[:, 2] < 2, 2, 6).astype(np.uint8)
+        np.savez(data / f"tile{i}.npz", xyz=xyz, classification=cls)
+    monkeypatch.chdir(tmp_path)
+    report = tr.train(_parse(["--data", "data/tile*.npz", "--label-map", "ign-lidarhd", "--epochs", "1", "--cr",
+                              "0.125", "--blocks", "1", "--voxel-size", "0.5", "--no-progress", "--out", "run"]))
+    saved = tr.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert saved["val_paths"] == [str(data / "tile2.npz")] and saved["args"]["data"] == [str(data / "tile*.npz")]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--out", "ev",
+                     "--no-progress"]) == 0
+    assert json.loads((elsewhere / "ev" / "eval-metrics.json").read_text())["confusion"] == report["confusion"]
+    capsys.readouterr()
+
+
 def test_train_on_files_with_label_map(tmp_path, capsys):
     rng = np.random.default_rng(0)
     for i in range(3):

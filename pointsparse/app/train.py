@@ -129,7 +129,7 @@ def max_threads() -> int:
 def check_threads(value, flag: str = "--threads") -> None:
     if value is not None and not 1 <= value <= max_threads():
         raise ValueError(f"{flag} must be in [1, {max_threads()}] (four per core of this machine's "
-                         f"{os.cpu_count()}); got {value}")
+                         f"{os.cpu_count()}, at least 64); got {value}")
 
 
 def check_args(args) -> None:
@@ -446,6 +446,23 @@ def _out_lock(args):
     return checkpoint.DirectoryLock(args.out, "--out")
 
 
+def saved_args(args) -> dict:
+    """A run's arguments as its checkpoints keep them: the files of --data
+    and --val-data (and label maps, --init given as files) as absolute
+    paths, so that eval and prune of the checkpoint from another folder
+    read the same clouds (relative ones were read from wherever they ran)."""
+    saved = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    for key in ("data", "val_data"):
+        words = saved.get(key)
+        if words and not is_generated(words):
+            saved[key] = [os.path.abspath(w) for w in words]
+    for key in ("label_map", "val_label_map", "init"):
+        word = saved.get(key)
+        if isinstance(word, str) and Path(word).exists():
+            saved[key] = os.path.abspath(word)
+    return saved
+
+
 def _train(args):
     """(final metrics on rank 0, the trained model) of one process of the job."""
     job = TrainingJob(args, init_distributed(args))
@@ -699,8 +716,8 @@ class TrainingJob:
                  "config": self.config, "torch_rng": torch.get_rng_state(),
                  "best_miou": max(self.best, miou) if cm is not None else self.best,
                  "planned_epochs": self.plan["epochs"],
-                 "val_paths": [str(p) for p in getattr(self.val_src, "paths", [])],
-                 "args": {k: v for k, v in vars(self.args).items() if not k.startswith("_")}}
+                 "val_paths": [os.path.abspath(p) for p in getattr(self.val_src, "paths", [])],
+                 "args": saved_args(self.args)}
         save_checkpoint(self.out / CHECKPOINT, state)
         if cm is not None and miou > self.best:
             self.best = miou
