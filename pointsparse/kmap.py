@@ -112,6 +112,11 @@ class KernelMap:
         if not 0 <= offset < self.kernel_volume:
             raise ValueError(f"offset must be an offset index in [0, {self.kernel_volume}) (the map's "
                              f"{self.kernel_volume} offsets); got {offset}")
+        if self.in_idx.is_inference() and not torch.is_inference_mode_enabled():
+            # Built under torch.inference_mode (a cached map then serves training): autograd cannot save
+            # inference tensors (index_add_ and indexing save the indices), so ordinary copies from now on.
+            object.__setattr__(self, "in_idx", self.in_idx.clone())
+            object.__setattr__(self, "out_idx", self.out_idx.clone())
         lo, hi = self.ptr[offset], self.ptr[offset + 1]
         return self.in_idx[lo:hi], self.out_idx[lo:hi]
 

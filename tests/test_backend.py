@@ -162,3 +162,31 @@ def test_forced_core_refuses_what_the_core_cannot_take():
             ps.voxelize(points, feats.half(), 0.5)
     # the default policy takes the torch path for them
     assert F.conv3d(ps.SparseTensor(x.feats.half(), x.coords), w.half(), 3).feats.dtype == torch.float16
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_maps_built_under_inference_mode_then_trained_on(backend):
+    """A tensor first run under torch.inference_mode and then trained on:
+    its cached maps' pairs were inference tensors, which the torch path's
+    index_add_ and indexing save for backward ('Inference tensors cannot be
+    saved for backward'); the outputs and gradients are those of maps built
+    fresh."""
+    w = [_weight(27, 3, 4), _weight(8, 4, 5, seed=3), _weight(8, 5, 3, seed=4)]
+
+    def chain(x, ws):
+        b = F.conv3d(F.conv3d(x, ws[0], 3), ws[1], 2, 2)
+        return F.conv3d(b, ws[2], 2, 2, transposed=True)
+
+    results = []
+    with ps.backend(backend):
+        for first_in_inference in (False, True):
+            x = _tensor()
+            if first_in_inference:
+                with torch.inference_mode():
+                    chain(x, w)
+            ws = [t.clone().requires_grad_(True) for t in w]
+            out = chain(x, ws)
+            out.feats.square().sum().backward()
+            results.append([out.feats.detach(), *(t.grad for t in ws)])
+    for fresh, cached in zip(*results):
+        assert torch.equal(fresh, cached)
