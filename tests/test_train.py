@@ -86,6 +86,29 @@ def test_a_run_on_relative_paths_is_evaluated_from_another_folder(tmp_path, monk
     capsys.readouterr()
 
 
+def test_validation_labels_are_checked_before_training(tmp_path, monkeypatch):
+    """Validation clouds whose labels no class holds (a raw label past the
+    training clouds' classes) failed at the first validation, after an
+    epoch, naming no cloud; clouds whose every label is ignored gave a
+    validation mIoU of NaN. Both are refused before any training, naming
+    the cloud or the clouds."""
+    def no_work(*args, **kwargs):
+        raise AssertionError("training started before the validation labels were checked")
+
+    monkeypatch.setattr(tr.Trainer, "fit", no_work)
+    rng = np.random.default_rng(0)
+    xyz = rng.uniform(0, 8, (300, 3)).astype(np.float32)
+    np.savez(tmp_path / "train.npz", xyz=xyz, labels=rng.integers(0, 3, 300))
+    np.savez(tmp_path / "past.npz", xyz=xyz, labels=np.full(300, 7))
+    np.savez(tmp_path / "ignored.npz", xyz=xyz, labels=np.full(300, 255))
+    common = ["--data", str(tmp_path / "train.npz"), "--epochs", "1", "--cr", "0.125", "--blocks", "1",
+              "--voxel-size", "0.5", "--no-progress"]
+    with pytest.raises(ValueError, match=r"past\.npz: label 7 is neither a class index \(0 to 2\)"):
+        tr.train(_parse([*common, "--val-data", str(tmp_path / "past.npz"), "--out", str(tmp_path / "a")]))
+    with pytest.raises(ValueError, match="the validation clouds: every point's label is the ignore index 255"):
+        tr.train(_parse([*common, "--val-data", str(tmp_path / "ignored.npz"), "--out", str(tmp_path / "b")]))
+
+
 def test_train_on_files_with_label_map(tmp_path, capsys):
     rng = np.random.default_rng(0)
     for i in range(3):

@@ -292,6 +292,7 @@ def open_training_data(args, dist: Dist | None = None):
                else open_source(args.val_data, args.val_label_map or args.label_map, args.ignore_index))
         if args.val_data is not None:
             require_labels(val, "--val-data", dist)
+            _check_scored(val, len(train.classes), args.ignore_index, dist)
         return train, val, list(train.classes)
     train = open_source(args.data, args.label_map, args.ignore_index)
     if args.val_data is not None:
@@ -315,7 +316,21 @@ def open_training_data(args, dist: Dist | None = None):
         top = max(int(np.max(s.labels[s.labels != args.ignore_index], initial=0)) for s in train)
         classes = [f"class{i}" for i in range(top + 1)]
         print(f"note: no --label-map: using the raw labels as {len(classes)} classes", file=sys.stderr)
+    _check_scored(val, len(classes), args.ignore_index, dist)
     return train, val, list(classes)
+
+
+def _check_scored(val, num_classes: int, ignore_index: int, dist: Dist | None) -> None:
+    """The validation clouds' labels as eval checks them, before any
+    training (a label past the classes failed the first validation, naming
+    no cloud, after an epoch's work; clouds whose every label is ignored
+    gave a validation mIoU of NaN in metrics.json). A distributed run's
+    processes each hold a shard of them, so there no check of all."""
+    if dist is not None and dist.active:
+        return
+    from .evaluate import check_scored_labels
+
+    check_scored_labels(val, num_classes, ignore_index, "the validation clouds")
 
 
 def generated_source(spec, options: dict, count: int, first_seed: int):
