@@ -46,7 +46,8 @@ def one_trip(points, feats, voxel_size, reduce):
 def numpy_sample(sample, voxel_size: float, ignore_index: int = 255):
     """``voxelize_sample`` as it was written before (stop 41): numpy's
     reductions over the (N, 3) rows, the float64 shift and the features
-    centred in one broadcast. (coords, feats, inverse, points, labels)."""
+    centred in one broadcast; the points in voxel units kept inside their
+    voxels as stop 45's. (coords, feats, inverse, points, labels)."""
     from pointsparse.data.transforms import NUM_FEATURES, majority_labels
 
     xyz = sample.xyz.astype(np.float64)
@@ -61,7 +62,10 @@ def numpy_sample(sample, voxel_size: float, ignore_index: int = 255):
     tensor, inverse = ps.voxelize(points, torch.from_numpy(feats), voxel_size=voxel_size, reduce="mean")
     labels = np.full(len(sample), ignore_index, dtype=np.int64)
     vox_labels = majority_labels(inverse.numpy(), labels, len(tensor), ignore_index)
-    return tensor.coords, tensor.feats, inverse.long(), (points.double() / voxel_size).float(), vox_labels
+    below = tensor.coords[inverse, 1:].float()  # (each point kept inside its voxel, as voxelize_sample does since stop 45)
+    inside = torch.minimum(torch.maximum((points.double() / voxel_size).float(), below),
+                           torch.nextafter(below + 1, below))
+    return tensor.coords, tensor.feats, inverse.long(), inside, vox_labels
 
 
 def app_sample(sample, voxel_size: float, ignore_index: int = 255):
