@@ -314,3 +314,52 @@ def test_a_checkpoint_or_program_of_the_wrong_contents_is_a_message(tmp_path, ca
         err = capsys.readouterr().err
         assert err.startswith(f"pointsparse {argv[0]}: error: ") and str(program) in err, (argv, err)
     assert not out.exists() and not (tmp_path / "m.pt2").exists()
+
+
+def test_train_and_prune_on_a_checkpoint_of_the_wrong_contents_is_a_message(tmp_path, capsys):
+    """train --resume / --init and prune (channels, vectors, offsets, a
+    procedure on a --checkpoint) on a checkpoint whose config holds a value
+    of the wrong kind (a str voxel size, classes that are no list, widths
+    that are no dict): a one-line error naming the file, exit status 2, as
+    eval's (were the TypeError's traceback, exit status 1); nothing written."""
+    import numpy as np
+    import torch
+
+    from pointsparse import checkpoint
+    from pointsparse.app.train import NUM_FEATURES
+    from pointsparse.data.generated import OUTDOOR_CLASSES
+    from pointsparse.models import MinkUNet
+
+    tiny = ["--data", "generated", "--scenes", "2", "--val-scenes", "1", "--beams", "16", "--azimuth-steps", "192",
+            "--max-range", "16", "--cr", "0.125", "--blocks", "1", "--voxel-size", "0.5", "--batch-size", "2",
+            "--no-progress", "--seed", "3", "--epochs", "1"]
+    classes = list(OUTDOOR_CLASSES)
+    config = {"in_channels": NUM_FEATURES, "classes": classes, "cr": 0.125, "blocks": 1, "voxel_size": 0.5,
+              "ignore_index": 255, "model": "minkunet"}
+    model = MinkUNet(NUM_FEATURES, len(classes), cr=0.125, blocks=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    run = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": {"base_lrs": [0.05]},
+           "history": {}, "epoch": 0, "torch_rng": torch.get_rng_state()}  # what --resume reads besides the config
+    cloud = tmp_path / "c.npz"
+    rng = np.random.default_rng(0)
+    np.savez(cloud, xyz=(rng.random((500, 3)) * 10).astype(np.float32),
+             labels=rng.integers(0, len(classes), 500))
+    out, run_out = tmp_path / "out", tmp_path / "run"
+    bad = {"voxel": {"voxel_size": "0.4"}, "classes": {"classes": "abc"}, "widths": {"widths": [1, 2]}}
+    for name, change in bad.items():
+        ckpt = tmp_path / f"{name}.pt"
+        checkpoint.save(ckpt, {**run, "config": {**config, **change}})
+        cases = [["train", *tiny, "--resume", str(ckpt), "--out", str(run_out)],
+                 ["prune", "channels", "--checkpoint", str(ckpt), "--data", str(cloud), "--out", str(out)],
+                 ["prune", "vectors", "--checkpoint", str(ckpt), "--out", str(out)],
+                 ["prune", "offsets", "--checkpoint", str(ckpt), "--out", str(out)],
+                 ["prune", "netadapt", "--checkpoint", str(ckpt), "--data", str(cloud), str(cloud),
+                  "--out", str(out)]]
+        if name != "widths":  # --init copies the tensors that fit by name and shape: no model of its widths made
+            cases.append(["train", *tiny, "--init", str(ckpt), "--out", str(run_out)])
+        for argv in cases:
+            assert cli.main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert err.startswith(f"pointsparse {argv[0]}: error: ") and str(ckpt) in err, (argv, err)
+            assert "Traceback" not in err, (argv, err)
+    assert not out.exists() and not any(run_out.rglob("*.pt"))  # (train's --out holds only its lock's folder)

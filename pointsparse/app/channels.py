@@ -46,8 +46,11 @@ def add_arguments(parser) -> None:
 
 
 def load_state(path) -> dict:
-    """A training checkpoint as data (weights_only, digest checked)."""
-    return checkpoint.load_training(path)
+    """A training checkpoint as data (weights_only, digest checked);
+    ``evaluate.checkpoint_state``: a config value of the wrong kind a
+    ValueError naming the file."""
+    from .evaluate import checkpoint_state
+    return checkpoint_state(path)
 
 
 def save_pruned(state: dict, model, out) -> Path:
@@ -70,12 +73,12 @@ def prune_checkpoint(path, out, ratio: float = 0.5, data=None, label_map=None, c
     every coupled channel group kept (ranked by ``criterion``), the widths in
     ``config["widths"]``, a fresh optimizer state for the smaller model and
     the run's epoch, schedule and history. Returns its path."""
-    from ..models import model_from_state
+    from .evaluate import checkpoint_model
     from .tasks import checkpoint_batches
     from .scoring import logits_of, point_level
     check_options(criterion, ratio)
     state = load_state(path)
-    model = model_from_state(state).eval()  # scoring (Taylor's backward included) leaves the BatchNorm statistics alone
+    model = checkpoint_model(state, path).eval()  # scoring (Taylor's backward included) leaves the BatchNorm statistics alone
     batch = checkpoint_batches(state, data, label_map)[0]
     example = ((batch.input, batch.inverse, batch.points, batch.point_batch) if point_level(model)
                else batch.input)
@@ -114,14 +117,14 @@ def prune_vectors_checkpoint(path, out, amount: float, square: bool = False, row
 def _prune_vectors(path, out, amount: float, square: bool, rows: int | None = None,
                    panels: int = 1) -> tuple[Path, int, int]:
     """:func:`prune_vectors_checkpoint`, and the weights its masks keep and cover."""
-    from ..models import model_from_state
+    from .evaluate import checkpoint_model
     from ..nn import Conv3d
     from ..prune import panel_structured
     _check_amount(amount, "vectors")
     if isinstance(panels, bool) or not isinstance(panels, int) or panels < 1:
         raise ValueError(f"panels (--panels) must be a positive int (adjacent panels per block); got {panels!r}")
     state = load_state(path)
-    model = model_from_state(state)
+    model = checkpoint_model(state, path)
     convs = [m for m in model.modules() if isinstance(m, Conv3d) and m.weight.shape[0] > 1]
     if not convs:
         raise ValueError(f"{path}: the model has no sparse conv with more than one offset to prune by vectors")
@@ -164,11 +167,11 @@ def _check_amount(amount, what: str) -> None:
 
 def _prune_offsets(path, out, amount: float) -> tuple[Path, int, int]:
     """:func:`prune_offsets_checkpoint`, and the offsets its masks keep and cover."""
-    from ..models import model_from_state
+    from .evaluate import checkpoint_model
     from ..prune import kernel_structured
     _check_amount(amount, "kernel offsets")
     state = load_state(path)
-    model = model_from_state(state)
+    model = checkpoint_model(state, path)
     convs = overlapping_convs(model)
     if not convs:
         raise ValueError(f"{path}: the model has no sparse conv whose windows overlap (kernel wider than its "

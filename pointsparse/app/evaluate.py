@@ -31,14 +31,11 @@ INFERENCE = ("float32", "fused", "bf16")
 
 
 def checkpoint_state(path) -> dict:
-    """The training checkpoint at ``path`` (``train.load_checkpoint``); a
-    config value of the wrong kind (``checkpoint.check_config``'s TypeError,
-    which names the file) a ValueError too: the command line reports a
-    damaged or hand-edited file in one line, not with a traceback."""
-    try:
-        return load_checkpoint(path)
-    except TypeError as error:
-        raise ValueError(str(error)) from error
+    """The training checkpoint at ``path`` (``train.load_checkpoint``: a
+    config value of the wrong kind, ``checkpoint.check_config``'s TypeError
+    naming the file, a ValueError too, so that the command line reports a
+    damaged or hand-edited file in one line, not with a traceback)."""
+    return load_checkpoint(path)
 
 
 def checkpoint_model(state: dict, path) -> torch.nn.Module:

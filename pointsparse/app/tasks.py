@@ -232,11 +232,11 @@ def checkpoint_task(path, data=None, label_map=None, clouds: int = 4) -> tuple[d
     the user's clouds: the first ``clouds - 1`` train, the last validates;
     metric voxel mIoU), so that AMC, NetAdapt and the other procedures run on
     a real model and real data."""
-    from .. import checkpoint
-    from ..models import model_from_state
-    state = checkpoint.load_training(path)
+    from .evaluate import checkpoint_model, checkpoint_state
+    state = checkpoint_state(path)
     if str(state["config"].get("model", "minkunet")).lower() != "minkunet":
         raise ValueError("the procedures' --checkpoint takes a MinkUNet run (SPVCNN: use prune channels)")
+    checkpoint_model(state, path)  # a config or weights that make no model: refused now, before any data or --out
     batches = checkpoint_batches(state, data, label_map, clouds)
     train, val = batches[:-1] or batches, batches[-1]
     ignore = state["config"].get("ignore_index", 255)
@@ -245,7 +245,7 @@ def checkpoint_task(path, data=None, label_map=None, clouds: int = 4) -> tuple[d
     cursor = {"i": 0}
 
     def make_model(seed=0):
-        return model_from_state(state).eval()
+        return checkpoint_model(state, path).eval()
 
     def batch_fn():
         cursor["i"] = (cursor["i"] + 1) % len(train)

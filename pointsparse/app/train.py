@@ -437,8 +437,15 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 def load_checkpoint(path) -> dict:
     """A training checkpoint, read as data only (never code); ``ValueError``
-    naming the file when it is missing, damaged or not a checkpoint."""
-    return checkpoint.load_training(path)
+    naming the file when it is missing, damaged or not a checkpoint, and
+    where its config holds a value of the wrong kind
+    (``checkpoint.check_config``'s TypeError, which names the file): the
+    command line reports a damaged or hand-edited file in one line, not with
+    a traceback."""
+    try:
+        return checkpoint.load_training(path)
+    except TypeError as error:
+        raise ValueError(str(error)) from error
 
 
 # --------------------------------------------------------------------- training
@@ -533,7 +540,7 @@ class TrainingJob:
         """``self.config`` (the checkpoint's when resuming); returns the resumed state or None."""
         args, state = self.args, None
         if args.resume is not None:
-            path = self.out / CHECKPOINT if args.resume == "auto" else Path(args.resume)
+            path = self.resume_path = self.out / CHECKPOINT if args.resume == "auto" else Path(args.resume)
             state = load_checkpoint(path)
             missing = [k for k in ("optimizer", "scheduler", "history", "epoch", "torch_rng") if k not in state]
             if missing:
@@ -568,9 +575,14 @@ class TrainingJob:
         """Model (seeded), optimiser, data sets, sampler and schedule."""
         args, dist = self.args, self.dist
         torch.manual_seed(args.seed)
-        self.model = build_model(self.config)
-        if resume_state is not None:  # masks, folded biases, narrower layers: before the optimizer sees them
-            shape_like(self.model, resume_state["model"])
+        try:
+            self.model = build_model(self.config)
+            if resume_state is not None:  # masks, folded biases, narrower layers: before the optimizer sees them
+                shape_like(self.model, resume_state["model"])
+        except (ValueError, TypeError) as error:  # a resumed checkpoint's config or weights (widths no dict, ...)
+            if resume_state is None:
+                raise
+            raise ValueError(f"--resume {self.resume_path}: {error}") from error
         if args.init and resume_state is None:
             copied = init_from(self.model, load_checkpoint(args.init), self.classes)
             self.log(f"initialised {len(copied)} tensors from {args.init}")
