@@ -458,3 +458,43 @@ def test_eval_checks_its_flags_before_reading_anything(flag, tmp_path):
     args = parser.parse_args(["--checkpoint", str(tmp_path / "missing.pt"), flag, "0"])
     with pytest.raises(ValueError, match=f"{flag} must be >= 1; got 0"):
         evaluate.main(args)
+
+
+def test_pictures_are_written_atomically(tmp_path, monkeypatch):
+    """eval's PNGs (curves, confusion, top-down): a write that fails half-way
+    (here the figure's savefig writes half a picture, then raises) leaves the
+    earlier picture whole and no stray file (they were written in place: a
+    truncated PNG over a good one)."""
+    import matplotlib.figure
+
+    from pointsparse.app import plots
+
+    rng = np.random.default_rng(0)
+    xyz = rng.random((200, 3)).astype(np.float32)
+    labels, pred = rng.integers(0, 3, 200), rng.integers(0, 3, 200)
+    draw = {"curves": lambda p: plots.curves({"step_loss": [1.0, 0.5, 0.3], "epoch_loss": [0.6],
+                                              "val_miou": [0.4]}, p),
+            "confusion": lambda p: plots.confusion(np.eye(3) * 5, ["a", "b", "c"], p),
+            "topdown": lambda p: plots.topdown(xyz, labels, pred, ["a", "b", "c"], p)}
+    good = {name: draw[name](tmp_path / f"{name}.png").read_bytes() for name in draw}
+    real = matplotlib.figure.Figure.savefig
+
+    def half_then_fail(self, fname, **kwargs):
+        import io
+
+        buffer = io.BytesIO()
+        real(self, buffer, **{**kwargs, "format": "png"})
+        data = buffer.getvalue()[: len(buffer.getvalue()) // 2]
+        if hasattr(fname, "write"):
+            fname.write(data)
+        else:
+            with open(fname, "wb") as f:
+                f.write(data)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", half_then_fail)
+    for name in draw:
+        with pytest.raises(OSError, match="No space"):
+            draw[name](tmp_path / f"{name}.png")
+        assert (tmp_path / f"{name}.png").read_bytes() == good[name], name
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{name}.png" for name in draw)

@@ -36,6 +36,20 @@ def class_colours(num_classes: int) -> np.ndarray:
     return np.vstack([colours, [[0.6, 0.6, 0.6]]])
 
 
+def save(fig, path) -> Path:
+    """Write ``fig`` as a PNG to ``path`` atomically
+    (``checkpoint.atomic_write``: into a file beside it, renamed over it
+    when whole, so an interrupted or failed write leaves an earlier picture
+    whole, never a truncated one) and close it. Returns the path."""
+    from ..checkpoint import atomic_write
+
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    finally:
+        _plt().close(fig)
+    return Path(path)
+
+
 def curves(history: dict, path) -> Path:
     """Training loss per step (and per epoch) and validation mIoU per epoch."""
     plt = _plt()
@@ -61,9 +75,7 @@ def curves(history: dict, path) -> Path:
     ax2.set_title("validation mIoU")
     ax2.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save(fig, path)
 
 
 def confusion(cm: np.ndarray, classes, path) -> Path:
@@ -87,9 +99,7 @@ def confusion(cm: np.ndarray, classes, path) -> Path:
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set_title("confusion, % of each true class")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save(fig, path)
 
 
 def topdown(xyz: np.ndarray, labels: np.ndarray, pred: np.ndarray, classes, path, ignore_index: int = 255,
@@ -118,6 +128,4 @@ def topdown(xyz: np.ndarray, labels: np.ndarray, pred: np.ndarray, classes, path
     handles = [plt.Line2D([], [], marker="o", ls="", color=colours[i], label=c) for i, c in enumerate(classes)]
     fig.legend(handles=handles, loc="lower center", ncol=min(n, 10), fontsize=8, markerscale=1.5)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save(fig, path)
