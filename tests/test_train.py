@@ -498,3 +498,36 @@ def test_pictures_are_written_atomically(tmp_path, monkeypatch):
             draw[name](tmp_path / f"{name}.png")
         assert (tmp_path / f"{name}.png").read_bytes() == good[name], name
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{name}.png" for name in draw)
+
+
+def test_topdown_greys_the_points_whose_label_is_ignored(tmp_path, monkeypatch):
+    """The top-down picture greys the points whose LABEL is ignore_index, in
+    both panels; a prediction of the class numbered ignore_index (ignore
+    index 0 with a class 0) is painted in that class's colour (it was grey:
+    the predictions were compared with ignore_index themselves)."""
+    import matplotlib.axes
+
+    from pointsparse.app import plots
+
+    labels = np.array([0, 1, 2, 1, 0, 7])
+    pred = np.array([0, 0, 2, 1, 1, 2])
+    shown_labels, shown_pred = plots.colour_indices(labels, pred, 3, ignore_index=0)
+    grey = 3
+    assert shown_labels.tolist() == [grey, 1, 2, 1, grey, grey]  # ignored, and 7 past the classes
+    assert shown_pred.tolist() == [grey, 0, 2, 1, grey, 2]  # row 1: class 0 predicted where 1 is labelled
+    shown_labels, shown_pred = plots.colour_indices(labels, pred, 3)  # ignore_index 255: no class
+    assert shown_labels.tolist() == [0, 1, 2, 1, 0, grey] and shown_pred.tolist() == pred.tolist()
+
+    painted = []
+    real = matplotlib.axes.Axes.scatter
+
+    def record(self, x, y, c=None, **kwargs):
+        painted.append(np.asarray(c))
+        return real(self, x, y, c=c, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "scatter", record)
+    xyz = np.stack([np.arange(6.0), np.arange(6.0) % 2, np.arange(6.0)], 1)  # z increasing: drawn in this order
+    plots.topdown(xyz, labels, pred, ["a", "b", "c"], tmp_path / "t.png", ignore_index=0)
+    colours = plots.class_colours(3)
+    assert np.allclose(painted[0], colours[[grey, 1, 2, 1, grey, grey]])
+    assert np.allclose(painted[1], colours[[grey, 0, 2, 1, grey, 2]])

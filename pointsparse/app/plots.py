@@ -102,10 +102,30 @@ def confusion(cm: np.ndarray, classes, path) -> Path:
     return save(fig, path)
 
 
+def colour_indices(labels: np.ndarray, pred: np.ndarray, num_classes: int,
+                   ignore_index: int = 255) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of :func:`class_colours` that :func:`topdown` paints the
+    labels and the predictions of its points with: their class, or
+    ``num_classes`` (grey) for a point whose label is ``ignore_index`` (not
+    scored: grey in both panels) and for a value outside the classes. A
+    prediction is never greyed for its own value: ``ignore_index`` may also
+    be a class (0 of a run whose class 0 is unlabelled), and a point of
+    another label predicted as that class shows it."""
+    labels = np.asarray(labels).astype(np.int64)
+    pred = np.asarray(pred).astype(np.int64)
+    ignored = labels == ignore_index
+
+    def paint(v):
+        return np.where((v < 0) | (v >= num_classes) | ignored, num_classes, v)
+
+    return paint(labels), paint(pred)
+
+
 def topdown(xyz: np.ndarray, labels: np.ndarray, pred: np.ndarray, classes, path, ignore_index: int = 255,
             max_points: int = 80_000) -> Path:
     """Top-down scatter of one cloud: labels on the left, predictions on the
-    right, one colour per class (ignored points grey)."""
+    right, one colour per class (points whose label is ``ignore_index`` grey
+    in both: :func:`colour_indices`)."""
     plt = _plt()
     xyz = np.asarray(xyz)
     if len(xyz) > max_points:
@@ -117,9 +137,8 @@ def topdown(xyz: np.ndarray, labels: np.ndarray, pred: np.ndarray, classes, path
     span = np.ptp(xyz[:, :2], axis=0) if len(xyz) else np.ones(2)
     aspect = float(np.clip(span[1] / max(span[0], 1e-9), 0.3, 2.0))
     fig, axes = plt.subplots(1, 2, figsize=(12, 6 * aspect + 1.0), sharex=True, sharey=True)
-    for ax, values, title in ((axes[0], labels, "labels"), (axes[1], pred, "predictions")):
-        v = np.asarray(values).astype(np.int64)
-        v = np.where((v < 0) | (v >= n) | (v == ignore_index), n, v)
+    painted = colour_indices(labels, pred, n, ignore_index)
+    for ax, v, title in ((axes[0], painted[0], "labels"), (axes[1], painted[1], "predictions")):
         ax.scatter(xyz[order, 0], xyz[order, 1], c=colours[v[order]], s=0.6, linewidths=0)
         ax.set_aspect("equal")
         ax.set_title(title)
