@@ -339,3 +339,37 @@ def test_eval_names_a_cloud_whose_labels_are_no_class_first(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{raw}: label 40 is neither a class index (0 to 8) nor the ignore index 255" in err and \
         "--label-map" in err, err
+
+
+def test_predict_refuses_an_out_holding_the_other_formats_predictions(tmp_path, capsys):
+    """predict --format npy into a folder an earlier --format label run wrote (and the other way round):
+    exit status 2 naming the old predictions and asking for a new --out, before any cloud is run (the new
+    files were written beside the old ones, under a classes.json naming the new format only); the same
+    format again, and the other format into a new --out, run."""
+    paths = _clouds(tmp_path / "in", 2)
+    ckpt = _checkpoint(tmp_path / "m.pt")
+    classes = list(generated.OUTDOOR_CLASSES)
+    label_map = tmp_path / "map.json"
+    label_map.write_text(json.dumps({"classes": classes, "map": {str(10 + i): i for i in range(len(classes))}}))
+    formats = {"npy": [], "label": ["--format", "label", "--label-map", str(label_map)]}
+    for first, second in (("label", "npy"), ("npy", "label")):
+        out = tmp_path / f"out-{first}"
+        argv = ["predict", "--checkpoint", str(ckpt), "--data", *map(str, paths), "--no-progress"]
+        assert cli.main([*argv, "--out", str(out), *formats[first]]) == 0
+        assert cli.main([*argv, "--out", str(out), *formats[first]]) == 0  # the same format again
+        before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        capsys.readouterr()
+        assert cli.main([*argv, "--out", str(out), *formats[second]]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("pointsparse predict: error: ") and f"--format {first}" in err, err
+        assert "new --out" in err and str(out / "a" / f"scan1.{first}") in err, err
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing run, nothing removed
+        assert json.loads((out / "classes.json").read_text())["format"] == first
+        assert cli.main([*argv, "--out", str(tmp_path / f"new-{second}"), *formats[second]]) == 0
+    # the clouds predict reads are no predictions: .npy clouds in --out itself, predicted as .label there
+    clouds = tmp_path / "clouds"
+    clouds.mkdir()
+    np.save(clouds / "c.npy", (np.random.default_rng(0).random((2000, 4)) * 20).astype(np.float32))
+    assert cli.main(["predict", "--checkpoint", str(ckpt), "--data", str(clouds / "c.npy"), "--out", str(clouds),
+                     *formats["label"], "--no-progress"]) == 0
+    assert (clouds / "c.label").is_file()

@@ -14,6 +14,9 @@ common folder, without its suffix>`` gets
   scan in a ``velodyne`` folder gets its file in a ``predictions`` folder beside
   that one (``sequences/08/predictions/000000.label``, as the benchmark takes).
 
+One --out holds one format's predictions: an --out that holds the other
+format's is refused (give a new one) before any cloud is run.
+
 The files' own labels, where they have any, play no part (they are not read)."""
 
 from __future__ import annotations
@@ -110,6 +113,25 @@ def _outputs(paths: list[Path], out: Path, suffix: str) -> list[Path]:
     return targets
 
 
+def _other_format(paths: list[Path], out: Path, fmt: str) -> None:
+    """``ValueError`` where ``out`` already holds predictions of the other
+    format (``.label`` files when ``fmt`` is npy, ``.npy`` ones when it is
+    label; the clouds and labels files predict reads, and SemanticKITTI's
+    ``labels`` folders, are no predictions): the new files would lie beside
+    them under a ``classes.json`` that names one format only. Nothing read,
+    nothing run."""
+    other = "label" if fmt == "npy" else "npy"
+    if not out.is_dir():
+        return
+    read = _files_read(paths)
+    held = sorted(p for p in out.rglob("*") if p.suffix.lower() == f".{other}" and p.is_file()
+                  and p.resolve() not in read and not (other == "label" and p.parent.name == "labels"))
+    if held:
+        named = ", ".join(map(str, held[:3])) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+        raise ValueError(f"--out {out} holds predictions of --format {other} ({named}); --format {fmt} would "
+                         f"write beside them: give a new --out (or remove them)")
+
+
 def _files_read(paths: list[Path]) -> dict[Path, str]:
     """Every file the readers take for ``paths`` (resolved): the clouds and
     the labels files they read beside them (which predict leaves unread, and
@@ -157,6 +179,7 @@ def main(args) -> int:
         label_map = load_label_map(name)
         ids = raw_ids(label_map, classes)
     targets = _outputs(paths, Path(args.out), ".label" if args.format == "label" else ".npy")
+    _other_format(paths, Path(args.out), args.format)
     make_directory(Path(args.out))
     # classes.json is written last, once every cloud is: an earlier run's must not make a run that fails
     # half-way look complete.
