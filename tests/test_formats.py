@@ -241,6 +241,16 @@ def test_nm_partial_group_and_checks():
     assert pruned.to_dense().tolist() == [[0.0, -4, 3, 0]]
 
 
+def test_nm_no_rows_with_a_short_last_group():
+    """A 0-row matrix whose last group is shorter than n (K = 5, 2:4: a last
+    group of 1 column) is an empty NM like any other, not a reshape error."""
+    for n, m, K in ((2, 4, 5), (3, 8, 10)):
+        s = F.NM.from_dense(torch.zeros(0, K), n=n, m=m)
+        assert s.shape == (0, K) and s.values.shape == (0, F.nm.kept_per_row(K, n, m))
+        assert s.to_dense().shape == (0, K) and s.nbytes() == 0
+        assert s.matmul(torch.ones(K, 3)).shape == (0, 3)
+
+
 def test_bad_inputs():
     with pytest.raises(ValueError, match="2-D"):
         F.CSR.from_dense(torch.ones(3))

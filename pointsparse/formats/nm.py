@@ -100,8 +100,8 @@ class NM(SparseFormat):
         if K % m and K % m < n:  # last partial group keeps min(n, r) values
             r = K % m
             full = groups - 1
-            values = torch.cat([values[:, :full].reshape(M, -1), values[:, full, :r]], 1)
-            pos = torch.cat([pos[:, :full].reshape(M, -1), pos[:, full, :r]], 1)
+            values = torch.cat([values[:, :full].reshape(M, full * n), values[:, full, :r]], 1)
+            pos = torch.cat([pos[:, :full].reshape(M, full * n), pos[:, full, :r]], 1)
         L = kept_per_row(K, n, m)
         values = values.reshape(M, L)
         pos = pos.reshape(M, L)
