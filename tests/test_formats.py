@@ -86,6 +86,29 @@ def test_round_trip_and_matmul(fmt, matrix, dtype):
                                atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("fmt", sorted(f for f in FORMATS if not f.startswith("nm")))  # NM: packed bytes only
+def test_pickle_with_wide_index_arrays(fmt):
+    """A format whose index arrays need 2 bytes (a column past 255, over 255
+    entries) pickles and unpickles to the same arrays, dtypes included (plain
+    pickle of a uint16 tensor fails in torch), also after a product (FKW
+    caches its decoded columns), and so does a module holding it."""
+    import pickle
+
+    cls, kwargs = FORMATS[fmt]
+    w = _input(fmt, _random((40, 300), 0.3, 11)).float()
+    s = cls.from_dense(w, **kwargs)
+    x = _random((300, 5), 1.0, 12, torch.float32)
+    ref = s.matmul(x)
+    assert any(isinstance(a, torch.Tensor) and a.dtype == torch.uint16 for a in vars(s).values())
+    back = pickle.loads(pickle.dumps(s))
+    assert {k: a.dtype for k, a in back.arrays().items()} == {k: a.dtype for k, a in s.arrays().items()}
+    assert all(torch.equal(a, back.arrays()[k]) for k, a in s.arrays().items())
+    assert torch.equal(back.to_dense(), w) and back.nbytes() == s.nbytes()
+    assert torch.equal(back.matmul(x), ref)
+    module = pickle.loads(pickle.dumps(F.SparseLinear(s)))
+    assert torch.equal(module(x.t()), ref.t())
+
+
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 def test_one_and_two_threads_identical(fmt, monkeypatch):
     cls, kwargs = FORMATS[fmt]

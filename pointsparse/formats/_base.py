@@ -14,6 +14,7 @@ from ._storage import array_nbytes
 
 _KERNEL_DTYPES = _ext.FLOAT_DTYPES
 _STORED_INDEX_DTYPES = (torch.uint8, torch.uint16, torch.uint32, torch.uint64)
+_WIDE_UNSIGNED = _STORED_INDEX_DTYPES[1:]
 
 
 def check_data(tensor, name: str) -> None:
@@ -178,6 +179,28 @@ class SparseFormat:
                              f"over the {MAX_DENSE_BYTES / 2**30:.0f} GiB limit (use its matmul, which never "
                              "makes the dense matrix)")
         return torch.zeros(shape, dtype=self.dtype)
+
+    # -- pickling ---------------------------------------------------------
+    def __getstate__(self) -> dict:
+        """The attributes, with index arrays of 2, 4 or 8 bytes as int64 and
+        their dtype aside: plain ``pickle`` of a uint16/32/64 tensor fails in
+        torch ('UntypedStorage' has no attribute 'dtype'; ``torch.save`` and
+        ``deepcopy`` are fine), so a format with an index past 255 could not
+        be pickled (multiprocessing, a pickled module)."""
+        state = dict(self.__dict__)
+        wide = {}
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor) and value.dtype in _WIDE_UNSIGNED:
+                wide[name] = value.dtype
+                state[name] = value.to(torch.int64)
+        state["_pickled_unsigned"] = wide
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        for name, dtype in state.pop("_pickled_unsigned", {}).items():
+            state[name] = state[name].to(dtype)
+        self.__dict__.update(state)
 
     # -- checks -----------------------------------------------------------
     def validate(self) -> "SparseFormat":

@@ -178,6 +178,11 @@ class FKW(SparseFormat):
         return {"weight": self.weight, "index": self.index, "offset": self.offset,
                 "reorder": self.reorder, "stride": self.stride, "patterns": self.patterns}
 
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_csr_cache"] = None  # derived (and holding a narrowed index array): decoded again when needed
+        return state
+
     def _stored_csr(self):
         """(row_ptr, col, values) of the matrix view with rows in stored
         filter order: decoded once from the pattern table."""
