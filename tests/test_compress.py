@@ -75,6 +75,31 @@ def test_transposed_conv_and_model():
                                rtol=1e-5)
 
 
+@pytest.mark.parametrize("fmt,kwargs", [("csr", {}), ("bsr", {"blocksize": (2, 4)}), ("fkw", {})])
+def test_fused_relu_and_add_are_kept(fmt, kwargs):
+    """A conv whose ReLU nn.fuse_for_inference moved into it (``relu``) keeps
+    it when compressed, and takes ``add`` (a residual summed before the ReLU)
+    as Conv3d does, in both executions (the ReLU was dropped: negative
+    outputs, and ``add`` was a TypeError)."""
+    torch.manual_seed(6)
+    model = torch.nn.Sequential(psnn.Conv3d(8, 8, kernel_size=3, bias=True), psnn.ReLU())
+    prune.l1_unstructured(model[0], "weight", amount=0.6)
+    fused = psnn.fuse_for_inference(model)
+    assert fused[0].relu
+    x = _sparse_input(channels=8)
+    shortcut = x.with_feats(torch.randn(len(x), 8))
+    with torch.no_grad():
+        ref = model(x).feats
+        ref_add = fused[0](x, add=shortcut).feats
+    assert (ref_add != torch.relu(psnn.functional.add(model[0](x), shortcut).feats.detach())).sum() == 0
+    sparse = F.compress(fused, fmt, **kwargs)
+    for execution in ("engine", "format"):
+        sparse[0].execution = execution
+        with torch.no_grad():
+            torch.testing.assert_close(sparse(x).feats, ref, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(sparse[0](x, add=shortcut).feats, ref_add, atol=1e-5, rtol=1e-5)
+
+
 def test_compress_storage_counts():
     conv = psnn.Conv3d(4, 4, kernel_size=3)
     with torch.no_grad():

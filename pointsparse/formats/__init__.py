@@ -123,7 +123,8 @@ def _compress_conv(module, cls, example_input, kwargs) -> SparseConv3d:
     else:
         offsets = [cls.from_dense(weight[o].t(), **kwargs) for o in range(weight.shape[0])]
     sparse = SparseConv3d(offsets, module.kernel_size, module.stride, module.dilation, module.transposed,
-                          module.in_channels, module.out_channels, module.bias, execution="engine")
+                          module.in_channels, module.out_channels, module.bias, execution="engine",
+                          relu=getattr(module, "relu", False))  # (convs pickled before it existed have none)
     if example_input is None:
         sparse.chosen = "engine (not measured)"
         return sparse

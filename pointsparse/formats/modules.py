@@ -160,7 +160,7 @@ class SparseConv3d(nn.Module):
     and the choice are saved in ``state_dict`` (extra state)."""
 
     def __init__(self, offsets, kernel_size, stride, dilation, transposed, in_channels,
-                 out_channels, bias=None, execution: str = "format") -> None:
+                 out_channels, bias=None, execution: str = "format", relu: bool = False) -> None:
         super().__init__()
         if execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {EXECUTIONS}; got {execution!r}")
@@ -173,6 +173,9 @@ class SparseConv3d(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_volume = self.kernel_size[0] * self.kernel_size[1] * self.kernel_size[2]
+        #: ReLU on the output (on the sum with ``add``), as the compressed
+        #: Conv3d's ``relu`` (set by ``nn.fuse_for_inference``).
+        self.relu = bool(relu)
         # list of SparseFormat (C_out, C_in) or one FKW
         self.offsets = self._checked_offsets(offsets, f"{type(self).__name__}: offsets:")
         self.register_buffer("bias", _bias_copy(bias))
@@ -238,7 +241,9 @@ class SparseConv3d(nn.Module):
         refuse_conversion(fn, self.format_dtype, type(self).__name__)
         return super()._apply(fn, *args, **kwargs)
 
-    def forward(self, input: SparseTensor) -> SparseTensor:
+    def forward(self, input: SparseTensor, add: SparseTensor | None = None) -> SparseTensor:
+        """As ``pointsparse.nn.Conv3d``: ``relu(conv(input) + add)`` (``add``
+        and the ReLU where given / set)."""
         if not isinstance(input, SparseTensor):
             raise TypeError(f"expected a SparseTensor; got {type(input).__name__}")
         if input.num_channels != self.in_channels:
@@ -248,7 +253,7 @@ class SparseConv3d(nn.Module):
             from ..nn import functional as NF  # noqa: PLC0415 - nn and formats are siblings
 
             return NF.conv3d(input, self.engine_weight, self.kernel_size, self.stride, self.dilation,
-                             self.bias, self.transposed)
+                             self.bias, self.transposed, relu=self.relu, add=add)
         refuse_gradient(self, input.feats, f"format {self.format_name}")
         kmap = _kmap.get_kmap(input, self.kernel_size, self.stride, self.dilation, self.transposed)
         feats = input.feats.detach()
@@ -268,7 +273,14 @@ class SparseConv3d(nn.Module):
             out_stride = tuple(a // b for a, b in zip(input.stride, self.stride))
         else:
             out_stride = tuple(a * b for a, b in zip(input.stride, self.stride))
-        return SparseTensor(out, kmap.out_coords, out_stride, cache=input.cache, validate=False)
+        result = SparseTensor(out, kmap.out_coords, out_stride, cache=input.cache, validate=False)
+        if add is not None:
+            from ..nn import functional as NF  # noqa: PLC0415 - nn and formats are siblings
+
+            if not isinstance(add, SparseTensor):
+                raise TypeError(f"add must be a SparseTensor or None; got {type(add).__name__}")
+            result = NF.add(result, add)
+        return result.with_feats(torch.relu(result.feats)) if self.relu else result
 
     def _runs_fused_csr(self, feats: torch.Tensor) -> bool:
         """Whether every offset runs the fused C++ CSR product (CPU float32/64)."""
@@ -300,4 +312,4 @@ class SparseConv3d(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, format={self.format_name}, nbytes={self.nbytes()}, "
-                f"execution={self.execution!r}, chosen={self.chosen!r}")
+                f"execution={self.execution!r}, chosen={self.chosen!r}" + (", relu=True" if self.relu else ""))
