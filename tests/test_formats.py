@@ -110,6 +110,23 @@ def test_pickle_with_wide_index_arrays(fmt):
 
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_matmul_refuses_a_dense_that_needs_a_gradient(fmt):
+    """The product is not differentiable: a dense that requires a gradient is
+    a RuntimeError saying so (it returned a result cut off from autograd, so
+    a loss through it silently gave that input no gradient); under no_grad,
+    or detached, it runs."""
+    cls, kwargs = FORMATS[fmt]
+    w = _input(fmt, _random((6, 8), 0.5, 13))
+    s = cls.from_dense(w, **kwargs)
+    x = _random((8, 3), 1.0, 14).requires_grad_()
+    with pytest.raises(RuntimeError, match="no gradient for dense"):
+        s.matmul(x)
+    with torch.no_grad():
+        torch.testing.assert_close(s.matmul(x), w @ x.detach())
+    torch.testing.assert_close(s.matmul(x.detach()), w @ x.detach())
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
 def test_one_and_two_threads_identical(fmt, monkeypatch):
     cls, kwargs = FORMATS[fmt]
     w = _input(fmt, _random((150, 90), 0.2, 7)).float()

@@ -278,7 +278,9 @@ class SparseFormat:
 
     # -- product ----------------------------------------------------------
     def matmul(self, dense: torch.Tensor) -> torch.Tensor:
-        """``self @ dense`` for dense of shape (K, N) or (K,). The (M, N)
+        """``self @ dense`` for dense of shape (K, N) or (K,), without
+        gradients (a dense that requires one is a RuntimeError where autograd
+        is on). The (M, N)
         output and the product's M + 1 row pointers are checked against
         :data:`pointsparse.tensor.MAX_DENSE_BYTES` first (a ValueError naming
         the shapes: a valid format may declare a huge, nearly empty matrix)."""
@@ -293,6 +295,9 @@ class SparseFormat:
             )
         if dense.dtype != self.dtype:
             raise TypeError(f"dense must have dtype {self.dtype} like the weight; got {dense.dtype}")
+        if torch.is_grad_enabled() and dense.requires_grad:  # the product is not differentiable: say so
+            raise RuntimeError(f"{type(self).__name__}.matmul gives no gradient for dense, which requires one; "
+                               "run it under torch.no_grad() or pass dense.detach()")
         dense2 = dense[:, None] if vector else dense
         self._check_product(dense2.shape[1], tuple(dense.shape))
         if _ext.serves(dense2, dtypes=_KERNEL_DTYPES):
