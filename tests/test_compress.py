@@ -384,3 +384,25 @@ def test_sparse_conv3d_checks_execution_chosen_and_dtype_it_loads():
         assert sparse.execution == "engine" and torch.equal(sparse(x).feats, ref)
     with pytest.raises(ValueError, match=r"offset 0 holds W\[o\].T of shape \(8, 8\)"):
         F.SparseConv3d(extra["offsets"], (3, 3, 3), (1, 1, 1), (1, 1, 1), False, 4, 8)
+
+
+@pytest.mark.parametrize("fmt", ["csr", "fkw"])
+def test_compress_a_fused_minkunet(fmt):
+    """fuse_for_inference moves each residual block's sum and ReLU into its
+    last conv; the block refused to run once compress had replaced that conv
+    ('which main no longer holds'), so a fused model could not be
+    compressed. The compressed fused model gives the fused model's logits."""
+    from pointsparse.models import MinkUNet
+
+    torch.manual_seed(7)
+    model = MinkUNet(4, 5, cr=0.125, blocks=1).eval()
+    for m in model.modules():
+        if isinstance(m, psnn.Conv3d):
+            prune.l1_unstructured(m, "weight", amount=0.7)
+    fused = psnn.fuse_for_inference(model)
+    x = _sparse_input(channels=4)
+    sparse = F.compress(fused, fmt)
+    with torch.no_grad():
+        ref = fused(x).feats
+        got = sparse(x).feats
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)

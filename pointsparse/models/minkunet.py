@@ -72,8 +72,9 @@ class ResidualBlock(nn.Module):
     def forward(self, x: SparseTensor) -> SparseTensor:
         fused = getattr(self, "sum_in_conv", None)  # (blocks pickled before it existed have none)
         if fused is not None:
+            # (a Conv3d, or what formats.compress made of it: a conv with its ReLU in its store, taking add=)
             if not (isinstance(self.main, nn.Sequential) and fused < len(self.main)
-                    and isinstance(self.main[fused], spnn.Conv3d) and self.main[fused].relu):
+                    and getattr(self.main[fused], "relu", None) is True):
                 raise ValueError("ResidualBlock: fuse_for_inference moved this block's sum and ReLU into main's "
                                  f"conv {fused}, which main no longer holds; change main (e.g. wrap it in "
                                  "VoxelSkip) before fusing")
