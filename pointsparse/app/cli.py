@@ -2,12 +2,13 @@
 ``pointsparse`` console script): ``pointsparse <command> --help``.
 
 Each command lives in its own module of this package exposing
-``add_arguments(parser)`` and ``main(args) -> int``; this file only lists
-them."""
+``add_arguments(parser)`` and ``main(args) -> int``; this file lists
+them, and holds what their checks of the flags share (:func:`given_flags`)."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import os
 import sys
@@ -43,6 +44,30 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_arguments(p)
         p.set_defaults(_module=module)
     return parser
+
+
+@functools.lru_cache(maxsize=None)
+def defaults(add_arguments) -> argparse.ArgumentParser:
+    """A parser of a command's flags (``add_arguments``), for their defaults."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser
+
+
+def given_flags(args, add_arguments, *names: str) -> list[str]:
+    """``--flag [value]`` of each of ``names`` that ``args`` sets to another
+    value than the parser of ``add_arguments`` gives by default (None and
+    False: not given; True: the flag alone; a list: its words)."""
+    parser = defaults(add_arguments)
+    flags = []
+    for name in names:
+        value = getattr(args, name, None)
+        if value is None or value is False or value == parser.get_default(name):
+            continue
+        flag = f"--{name.replace('_', '-')}"
+        flags.append(flag if value is True else
+                     f"{flag} {' '.join(map(str, value)) if isinstance(value, list) else value}")
+    return flags
 
 
 #: Set to 1 for the traceback of a bad-input error instead of its message alone.

@@ -13,7 +13,6 @@ what it found; ``--quick`` shortens everything."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -24,6 +23,7 @@ from ..checkpoint import make_directory
 from ..prune import adapters
 from ..prune.sensitivity import DEFAULT_RATIOS
 from . import channels, procedures
+from .cli import given_flags
 from .tasks import digits_task, scene_task
 
 PROCEDURES = ("sensitivity", "schedule", "lottery", "init", "rigl", "amc", "netadapt", "channels", "vectors", "offsets")
@@ -132,18 +132,8 @@ QUICK_EPISODES, QUICK_ROUNDS = 30, 3
 
 def _given(args, *names: str) -> list[str]:
     """``--flag [value]`` of each of ``names`` that ``args`` sets to another
-    value than the parser's default."""
-    defaults = argparse.ArgumentParser()
-    add_arguments(defaults)
-    flags = []
-    for name in names:
-        value = getattr(args, name, None)
-        if value is None or value is False or value == defaults.get_default(name):
-            continue
-        flag = f"--{name.replace('_', '-')}"
-        flags.append(flag if value is True else
-                     f"{flag} {' '.join(map(str, value)) if isinstance(value, list) else value}")
-    return flags
+    value than the parser's default (:func:`.cli.given_flags`)."""
+    return given_flags(args, add_arguments, *names)
 
 
 def check_read(args) -> None:

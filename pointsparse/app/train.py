@@ -33,6 +33,7 @@ from ..data.generated import MAX_AZIMUTH_STEPS, MAX_BEAMS, MAX_RANGE
 from ..models import SyncBatchNorm, build_model
 from ..models.loading import shape_like
 from . import metrics
+from .cli import defaults, given_flags
 from .distributed import Dist, destroy, free_port, init_distributed, worker_environment
 from .scoring import evaluate, logits_of, shard, write_report
 from .trainer import TrainingDiverged, Trainer, check_finite_loss, check_finite_weights, have_tqdm, progress_bar
@@ -197,11 +198,8 @@ SENSOR_FLAGS = ("max_range", "beams", "azimuth_steps")
 
 def _given(args, *names: str) -> list[str]:
     """``--flag value`` of each of ``names`` that ``args`` sets to another
-    value than train's default (as ``--resume`` compares its model flags)."""
-    defaults = argparse.ArgumentParser()
-    add_arguments(defaults)
-    return [f"--{name.replace('_', '-')} {getattr(args, name)}" for name in names
-            if getattr(args, name, None) not in (None, defaults.get_default(name))]
+    value than train's default (:func:`.cli.given_flags`)."""
+    return given_flags(args, add_arguments, *names)
 
 
 def _they(flags: list) -> str:
@@ -547,13 +545,12 @@ class TrainingJob:
                 raise ValueError(f"--resume {path}: a checkpoint of weights only (it lacks {', '.join(missing)}), "
                                  "not of a training run to resume")
             self.config = state["config"]
-            defaults = argparse.ArgumentParser()
-            add_arguments(defaults)
+            default = defaults(add_arguments).get_default
             run = {**{name: self.config.get(name) for name in ("model", "cr", "blocks", "voxel_size")},
                    **run_optimizer(state)}
             differ = [f"--{name.replace('_', '-')} {getattr(args, name)} (the run's {value})"
                       for name, value in run.items()
-                      if getattr(args, name, None) not in (None, defaults.get_default(name), value)]
+                      if getattr(args, name, None) not in (None, default(name), value)]
             if differ:
                 raise ValueError(f"--resume {path} continues its run's model and optimizer; {', '.join(differ)} "
                                  f"would be ignored: drop them, or start a new run (--init {path} starts from its "
