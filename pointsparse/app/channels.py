@@ -47,10 +47,10 @@ def add_arguments(parser) -> None:
 
 def load_state(path) -> dict:
     """A training checkpoint as data (weights_only, digest checked);
-    ``evaluate.checkpoint_state``: a config value of the wrong kind a
+    ``train.load_checkpoint``: a config value of the wrong kind a
     ValueError naming the file."""
-    from .evaluate import checkpoint_state
-    return checkpoint_state(path)
+    from .train import load_checkpoint
+    return load_checkpoint(path)
 
 
 def save_pruned(state: dict, model, out) -> Path:

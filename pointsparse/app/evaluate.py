@@ -24,18 +24,10 @@ from .scoring import evaluate, point_level, write_report
 from .train import add_data_arguments, check_args, generated_source, load_checkpoint, require_labels
 from .trainer import have_tqdm
 
-__all__ = ["INFERENCE", "add_arguments", "checkpoint_model", "checkpoint_state", "inference_model", "main"]
+__all__ = ["INFERENCE", "add_arguments", "checkpoint_model", "inference_model", "main"]
 
 #: The forms ``pointsparse eval --inference`` scores a model in.
 INFERENCE = ("float32", "fused", "bf16")
-
-
-def checkpoint_state(path) -> dict:
-    """The training checkpoint at ``path`` (``train.load_checkpoint``: a
-    config value of the wrong kind, ``checkpoint.check_config``'s TypeError
-    naming the file, a ValueError too, so that the command line reports a
-    damaged or hand-edited file in one line, not with a traceback)."""
-    return load_checkpoint(path)
 
 
 def checkpoint_model(state: dict, path) -> torch.nn.Module:
@@ -115,7 +107,7 @@ def main(args) -> int:
         model, state = program_and_state(program, args)
         args.device = "cpu"
     else:
-        state = checkpoint_state(args.checkpoint)
+        state = load_checkpoint(args.checkpoint)
     config = state["config"]
     # An explicit --ignore-index always wins, 255 included.
     ignore_index = (args.ignore_index if args.ignore_index is not None

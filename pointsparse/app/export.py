@@ -33,8 +33,9 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     from ..models import SPVCNN
-    from .evaluate import checkpoint_model, checkpoint_state, inference_model
+    from .evaluate import checkpoint_model, inference_model
     from .scoring import feats_dtype
+    from .train import load_checkpoint
 
     out, checkpoint = Path(args.out), Path(args.checkpoint)
     if out.exists() and checkpoint.exists() and out.resolve() == checkpoint.resolve():
@@ -43,7 +44,7 @@ def main(args) -> int:
     export.check_out_path(args.out)  # before the export's work
     if out.suffix.lower() != ".pt2":
         raise ValueError(f"--out {out}: a program file ends in .pt2 (the archive torch.export.load reads)")
-    state = checkpoint_state(args.checkpoint)  # (export.load_checkpoint's model, and the run's data for the meta)
+    state = load_checkpoint(args.checkpoint)  # (export.load_checkpoint's model, and the run's data for the meta)
     model, config = checkpoint_model(state, args.checkpoint).eval(), state["config"]
     model = inference_model(model, args.inference)
     dtype = feats_dtype(model, torch.float32)

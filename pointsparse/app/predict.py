@@ -152,16 +152,16 @@ def main(args) -> int:
     from ..data import DEFAULT_IGNORE, Batch
     from ..data.readers import find_clouds, load_label_map, read_cloud
     from ..data.transforms import voxelize_sample
-    from .evaluate import checkpoint_model, checkpoint_state, inference_model, program_and_state, with_maps_ahead
+    from .evaluate import checkpoint_model, inference_model, program_and_state, with_maps_ahead
     from .scoring import predict
-    from .train import check_threads
+    from .train import check_threads, load_checkpoint
     from .trainer import have_tqdm, progress_bar
 
     check_threads(args.threads)
     if args.program is not None:
         model, state = program_and_state(args.program, args)
     else:
-        state = checkpoint_state(args.checkpoint)
+        state = load_checkpoint(args.checkpoint)
         model = with_maps_ahead(inference_model(checkpoint_model(state, args.checkpoint), args.inference).eval(),
                                 args)
     config = state["config"]

@@ -232,8 +232,9 @@ def checkpoint_task(path, data=None, label_map=None, clouds: int = 4) -> tuple[d
     the user's clouds: the first ``clouds - 1`` train, the last validates;
     metric voxel mIoU), so that AMC, NetAdapt and the other procedures run on
     a real model and real data."""
-    from .evaluate import checkpoint_model, checkpoint_state
-    state = checkpoint_state(path)
+    from .evaluate import checkpoint_model
+    from .train import load_checkpoint
+    state = load_checkpoint(path)
     if str(state["config"].get("model", "minkunet")).lower() != "minkunet":
         raise ValueError("the procedures' --checkpoint takes a MinkUNet run (SPVCNN: use prune channels)")
     checkpoint_model(state, path)  # a config or weights that make no model: refused now, before any data or --out
