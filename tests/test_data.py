@@ -1177,9 +1177,9 @@ def test_augment_checks_its_arguments():
                                  (dict(scale=(1e-30, 1.0)), ValueError, r"scale must .* 0\.1 <= low"),
                                  (dict(jitter=1e10), ValueError, r"jitter must be a number in 0\.\.1\.0 \(metres"),
                                  (dict(jitter=1.5), ValueError, r"jitter .* got 1\.5$"),
-                                 (dict(rotate="no"), TypeError, "rotate must be a bool"),
-                                 (dict(flip=0.5), TypeError, "flip must be a bool"),
-                                 (dict(rotate=None), TypeError, "rotate must be a bool")):
+                                 (dict(rotate="no"), TypeError, "rotate must be True or False"),
+                                 (dict(flip=0.5), TypeError, "flip must be True or False"),
+                                 (dict(rotate=None), TypeError, "rotate must be True or False")):
         with pytest.raises(error, match=match):
             augment(s, rng(0), **kwargs)
     for bad in (3, None, np.random.RandomState(0)):
@@ -1390,7 +1390,7 @@ def test_voxel_dataset_takes_negative_indices_and_checks_seeds():
             ds.set_epoch(bad)
     assert ds.epoch == 0
     for bad in ("no", 1, None):  # ("no" augmented every item)
-        with pytest.raises(TypeError, match="train must be a bool"):
+        with pytest.raises(TypeError, match="train must be True or False"):
             VoxelDataset(scenes, 0.2, train=bad)
 
 

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..tensor import as_int
+from ..tensor import as_bool, as_int
 from . import generated
 from .readers import DEFAULT_IGNORE, LabelMap, _ignore_index, find_clouds, load_label_map, read_cloud
 from .sample import Sample
@@ -105,9 +105,7 @@ class VoxelDataset(torch.utils.data.Dataset):
     def __init__(self, source: Sequence[Sample], voxel_size: float, ignore_index: int = DEFAULT_IGNORE,
                  train: bool = False, seed: int = 0) -> None:
         voxel_size, ignore_index = check_voxel_size(voxel_size), _ignore_index(ignore_index)
-        if not isinstance(train, (bool, np.bool_)):  # ("no" augmented every item)
-            raise TypeError(f"train must be a bool; got {type(train).__name__} {train!r:.40}")
-        train = bool(train)
+        train = as_bool(train, "train")  # ("no" augmented every item)
         self.source, self.voxel_size, self.ignore_index = source, voxel_size, ignore_index
         self.train, self.seed, self.epoch = train, as_int(seed, "seed", 0), 0
 

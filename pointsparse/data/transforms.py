@@ -18,7 +18,7 @@ import torch
 
 from .. import coords as _coords
 from ..coords import KeyLayout
-from ..tensor import SparseTensor, as_float, collate
+from ..tensor import SparseTensor, as_bool, as_float, collate
 from ..voxelize import voxelize
 from .readers import _ignore_index
 from .sample import Sample
@@ -46,9 +46,7 @@ def augment(sample: Sample, rng: np.random.Generator, rotate: bool = True, scale
     float32."""
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator; got {type(rng).__name__}")
-    for name, value in (("rotate", rotate), ("flip", flip)):
-        if not isinstance(value, (bool, np.bool_)):  # ("no" or 0.5 were true and turned the cloud)
-            raise TypeError(f"{name} must be a bool; got {type(value).__name__} {value!r:.40}")
+    rotate, flip = as_bool(rotate, "rotate"), as_bool(flip, "flip")  # ("no" or 0.5 were true and turned the cloud)
     if scale is not None:
         try:
             low, high = (as_float(v, "scale") for v in scale)
