@@ -95,6 +95,13 @@ class WeightLayout:
         return oik.reshape([shape[a] for a in perm]).permute(inverse).contiguous()
 
 
+def check_layout(layout) -> None:
+    """A method's ``layout`` argument: a :class:`WeightLayout` or None (a
+    TypeError naming it otherwise)."""
+    if layout is not None and not isinstance(layout, WeightLayout):
+        raise TypeError(f"layout must be a WeightLayout or None; got {type(layout).__name__}")
+
+
 def dense_layout(ndim: int) -> WeightLayout:
     """Layout of a torch Linear (``ndim == 2``) or ConvNd weight."""
     if ndim < 2:

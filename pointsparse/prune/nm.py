@@ -13,7 +13,7 @@ import numbers
 import torch
 
 from ._copyable import CopyableMethod
-from .adapters import WeightLayout, dense_layout, layout_of
+from .adapters import WeightLayout, check_layout, dense_layout, layout_of
 
 
 def validate_nm(n, m) -> None:
@@ -37,8 +37,7 @@ class NMStructured(CopyableMethod):
 
     def __init__(self, n=2, m=4, layout: WeightLayout | None = None) -> None:
         validate_nm(n, m)
-        if layout is not None and not isinstance(layout, WeightLayout):
-            raise TypeError(f"layout must be a WeightLayout or None; got {type(layout).__name__}")
+        check_layout(layout)
         self.n, self.m = int(n), int(m)
         self.layout = layout
 
@@ -79,8 +78,7 @@ def is_nm_sparse(t: torch.Tensor, n: int, m: int, layout: WeightLayout | None = 
     """True when every run of ``m`` input channels of ``t`` has <= ``n`` nonzeros."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"t must be a torch.Tensor (a weight); got {type(t).__name__}")
-    if layout is not None and not isinstance(layout, WeightLayout):
-        raise TypeError(f"layout must be a WeightLayout or None; got {type(layout).__name__}")
+    check_layout(layout)
     validate_nm(n, m)
     layout = layout if layout is not None else dense_layout(t.dim())
     layout.check(t, "t")

@@ -18,7 +18,7 @@ import numbers
 import torch
 
 from ._copyable import CopyableMethod, _check_scores
-from .adapters import WeightLayout, dense_layout, layout_of
+from .adapters import WeightLayout, check_layout, dense_layout, layout_of
 
 
 def _is_sequence(value) -> bool:
@@ -112,8 +112,7 @@ class PatternStructured(CopyableMethod):
     def __init__(self, patterns, layout: WeightLayout | None = None) -> None:
         if not isinstance(patterns, torch.Tensor) or patterns.dtype != torch.bool or patterns.dim() != 2:
             raise TypeError("patterns must be a bool tensor (P, K); build one with as_patterns()")
-        if layout is not None and not isinstance(layout, WeightLayout):
-            raise TypeError(f"layout must be a WeightLayout or None; got {type(layout).__name__}")
+        check_layout(layout)
         self.patterns = patterns
         self.layout = layout
 
@@ -138,8 +137,7 @@ class PatternStructured(CopyableMethod):
     ):
         if importance_scores is not None:  # (before learn_patterns reads them)
             _check_scores(module, name, importance_scores)
-        if layout is not None and not isinstance(layout, WeightLayout):
-            raise TypeError(f"layout must be a WeightLayout or None; got {type(layout).__name__}")
+        check_layout(layout)
         layout = layout if layout is not None else layout_of(module, name)
         weight = module._parameters.get(name + "_orig")
         weight = weight if weight is not None else getattr(module, name)

@@ -29,7 +29,7 @@ import torch
 from ..tensor import as_bool
 from ._copyable import CopyableMethod
 from .amount import count_to_prune, validate_amount, validate_norm
-from .adapters import WeightLayout, dense_layout, layout_of, raw
+from .adapters import WeightLayout, check_layout, dense_layout, layout_of, raw
 
 
 def _axis_grids(shape: torch.Size, device) -> list[torch.Tensor]:
@@ -94,8 +94,7 @@ class GroupStructured(CopyableMethod):
     def __init__(self, amount, n=2, layout: WeightLayout | None = None) -> None:
         validate_amount(amount)
         validate_norm(n)
-        if layout is not None and not isinstance(layout, WeightLayout):
-            raise TypeError(f"layout must be a WeightLayout or None; got {type(layout).__name__}")
+        check_layout(layout)
         self.amount = amount
         self.n = n
         self.layout = layout
