@@ -257,3 +257,20 @@ def test_engine_cost_checks_its_pair_counts():
         F.engine_cost(weight, -torch.ones(27, dtype=torch.long))
     with pytest.raises(ValueError, match=r"kernel_size 2 has 8 offsets but the weight's K is 27"):
         F.engine_cost(weight, torch.full((27,), 10), kernel_size=2, kernel_region="cross")
+
+
+def test_kernel_region_offsets_outside_count_in_no_flops():
+    """Offsets outside a conv's kernel_region are no weights of the layer:
+    values loaded there (initialisation zeroes them) count in neither flops
+    nor dense_flops, which then agree with what the conv executes."""
+    import pointsparse as ps
+
+    conv = ps.nn.Conv3d(2, 3, 3, kernel_region="cross")
+    set_weight(conv, torch.ones(27, 2, 3))  # nonzero at all 27 offsets, 7 of them in the cross
+    x = sparse_input(n=12, channels=2)
+    counts = naive_pair_counts(x.coords)
+    keep = ps.nn.functional.region_of(3, "cross")
+    row = prune.sparsity_report(conv, x)["layers"][""]
+    assert row["flops"] == row["dense_flops"] == 2 * int(counts[keep].sum()) * 6
+    assert row["executed_flops"] == row["dense_flops"] and row["execution"] == "offsets"
+    assert prune.sparsity_report(conv, pairs={"": counts})["layers"][""]["flops"] == row["flops"]

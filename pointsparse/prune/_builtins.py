@@ -85,13 +85,17 @@ def _sparse_kernel_map(m, x):
 
 def _sparse_flops(m, weight, inputs, output, pair_counts):
     """``2 * sum_o pairs(o) * nnz(W[o])``, the dense count, and what the fused
-    engine executes (:func:`pointsparse.nn.functional.engine_cost`)."""
-    from ..nn.functional import engine_cost  # noqa: PLC0415 - nn sits above this package
+    engine executes (:func:`pointsparse.nn.functional.engine_cost`). Offsets
+    outside a ``kernel_region`` are no weights of the layer (the conv never
+    runs them): they count in neither, whatever values they hold."""
+    from ..nn.functional import engine_cost, region_of  # noqa: PLC0415 - nn sits above this package
 
+    region = getattr(m, "kernel_region", None)
+    keep = region_of(m.kernel_size, region)
+    counts = pair_counts if keep is None else pair_counts * keep.to(pair_counts.dtype)
     per_offset = (weight.detach() != 0).reshape(weight.shape[0], -1).sum(dim=1).cpu()
-    executed, execution = engine_cost(weight, pair_counts, m.kernel_size, getattr(m, "kernel_region", None))
-    return (2 * int((pair_counts * per_offset).sum()), 2 * int(pair_counts.sum()) * weight[0].numel(),
-            executed, execution)
+    executed, execution = engine_cost(weight, pair_counts, m.kernel_size, region)
+    return (2 * int((counts * per_offset).sum()), 2 * int(counts.sum()) * weight[0].numel(), executed, execution)
 
 
 def _sparse_like(m, c_in, c_out) -> nn.Module:

@@ -11,7 +11,10 @@ FLOPs count multiply-adds as 2 operations and ignore the bias:
 * sparse conv: ``2 * sum_o pairs(o) * nnz(W[o])`` where ``pairs(o)`` is the
   number of (input, output) site pairs of kernel offset ``o`` in the kernel
   map of the example input, and ``nnz(W[o])`` counts the nonzeros of that
-  offset's ``(C_in, C_out)`` matrix (a pruned offset costs nothing).
+  offset's ``(C_in, C_out)`` matrix (a pruned offset costs nothing). With a
+  ``kernel_region`` only its offsets count: the offsets outside it are no
+  weights of the layer (the conv never runs them), whatever values are
+  loaded there.
 
 ``dense_flops`` is the same count with every weight entry nonzero.
 ``executed_flops`` is what the engine runs: for a sparse conv the fused
