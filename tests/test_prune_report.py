@@ -274,3 +274,97 @@ def test_kernel_region_offsets_outside_count_in_no_flops():
     assert row["flops"] == row["dense_flops"] == 2 * int(counts[keep].sum()) * 6
     assert row["executed_flops"] == row["dense_flops"] and row["execution"] == "offsets"
     assert prune.sparsity_report(conv, pairs={"": counts})["layers"][""]["flops"] == row["flops"]
+
+
+def test_compressed_linear_counts_its_format():
+    """A formats.SparseLinear is reported: dense-equivalent and nonzero FLOPs
+    as the masked Linear's, executed one multiply-add per stored value
+    (a 2x2 BSR block stores its zeros) per input row."""
+    from pointsparse import formats
+
+    fc = nn.Linear(4, 4)
+    with torch.no_grad():
+        fc.weight.zero_()
+        fc.weight[0, 0], fc.weight[3, 3] = 1.0, 2.0  # two nonzeros in two 2x2 blocks: 8 stored values
+    row = prune.sparsity_report(formats.compress(fc, "bsr", blocksize=(2, 2)), torch.randn(5, 4))["layers"][""]
+    assert row["type"] == "SparseLinear" and row["shape"] == (4, 4) and row["params"] == 16 + 4
+    assert row["weight_nonzeros"] == 2 and row["sparsity"] == pytest.approx(14 / 16)
+    assert row["flops"] == 2 * 5 * 2 and row["dense_flops"] == 2 * 5 * 16
+    assert row["executed_flops"] == 2 * 5 * 8 and row["execution"] == "format:BSR"
+    row = prune.sparsity_report(formats.compress(fc, "csr"), torch.randn(3, 2, 4))["layers"][""]
+    assert row["flops"] == row["executed_flops"] == 2 * 6 * 2  # CSR stores the nonzeros only
+
+
+def test_compressed_submanifold_conv_counts_brute_force_pairs():
+    """A formats.SparseConv3d over a few voxels: FLOPs from brute-force pair
+    counts; executed as the engine runs its weight, or per stored value per
+    pair (per-offset formats) / per output site (FKW's im2col panel)."""
+    import pointsparse as ps
+    from pointsparse import formats
+
+    torch.manual_seed(0)
+    conv = ps.nn.Conv3d(2, 3, 3)
+    weight = torch.randn(27, 2, 3)
+    weight[:10] = 0  # ten offsets pruned
+    weight[13] = 0
+    weight[13, 1, 2] = 1.0  # the centre keeps one weight
+    set_weight(conv, weight)
+    x = sparse_input(n=12, channels=2)
+    counts = naive_pair_counts(x.coords)
+    nnz = (weight != 0).sum((1, 2))
+    flops, dense = 2 * int((counts * nnz).sum()), 2 * int(counts.sum()) * 6
+    source = prune.sparsity_report(conv, x)["layers"][""]
+    # BSR 2x2 over W[o].T (3, 2): two blocks (8 values, padding row included) per kept offset, one (4) at the centre
+    blocks = torch.tensor([0] * 10 + [8] * 3 + [4] + [8] * 13)
+    for fmt, kwargs, stored in (("csr", {}, nnz), ("bsr", {"blocksize": (2, 2)}, blocks)):
+        compressed = formats.compress(conv, fmt, **kwargs)
+        for execution in ("engine", "format"):
+            compressed.execution = execution
+            row = prune.sparsity_report(compressed, x)["layers"][""]
+            assert row["type"] == "SparseConv3d" and row["shape"] == (27, 2, 3)
+            assert row["flops"] == flops and row["dense_flops"] == dense and row["weight_nonzeros"] == int(nnz.sum())
+            if execution == "engine":
+                assert (row["executed_flops"], row["execution"]) == (source["executed_flops"], source["execution"])
+            else:
+                assert row["executed_flops"] == 2 * int((counts * stored).sum())
+                assert row["execution"] == f"format:{fmt.upper()}"
+            assert prune.sparsity_report(compressed, pairs={"": counts})["layers"][""]["executed_flops"] == \
+                row["executed_flops"]
+    fkw = formats.compress(conv, "fkw")
+    fkw.execution = "format"
+    row = prune.sparsity_report(fkw, x)["layers"][""]
+    assert row["flops"] == flops and row["executed_flops"] == 2 * 12 * fkw.offsets.weight.numel()
+    assert fkw.offsets.weight.numel() >= int(nnz.sum())
+    bare = prune.sparsity_report(fkw, pairs={"": counts})  # the output sites are unknown
+    assert bare["layers"][""]["executed_flops"] is None and bare["total"]["executed_flops"] is None
+
+
+def test_compressed_model_totals_equal_the_masked_models():
+    """compress(model) reports every compressed layer: its totals of params,
+    nonzeros, FLOPs and dense FLOPs are the masked model's."""
+    from pointsparse import formats
+
+    torch.manual_seed(0)
+    body = nn.Sequential(SparseConv(4, 8, kernel_size=3), nn.Linear(8, 2))
+
+    class Head(nn.Module):
+        def __init__(self, body):
+            super().__init__()
+            self.body = body
+
+        def forward(self, t):
+            return self.body[1](self.body[0](t).feats)
+
+    net = Head(body)
+    prune.kernel_structured(body[0], "weight", amount=9, scope="offset")
+    prune.l1_unstructured(body[1], "weight", amount=0.5)
+    x = sparse_input(n=12, channels=4)
+    before = prune.sparsity_report(net, x)
+    for fmt in ("csr", "fkw"):
+        after = prune.sparsity_report(formats.compress(net, fmt), x)
+        assert list(after["layers"]) == ["body.0", "body.1"]
+        assert [r["type"] for r in after["layers"].values()] == ["SparseConv3d", "SparseLinear"]
+        for key in ("params", "nonzeros", "weight_nonzeros", "sparsity", "flops", "dense_flops"):
+            assert after["total"][key] == before["total"][key], (fmt, key)
+            for name in before["layers"]:
+                assert after["layers"][name][key] == before["layers"][name][key], (fmt, name, key)

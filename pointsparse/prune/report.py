@@ -27,7 +27,21 @@ when a bfloat16 conv runs dense on the AMX tiles; see
 example input FLOPs are ``None``. Per-offset pair counts come from the kernel
 map the forward used (``pointsparse.kmap.get_kmap`` on the layer's input,
 whose ``sizes`` are the counts); ``pairs={layer_name: counts}`` overrides them
-(and gives FLOPs without running the model)."""
+(and gives FLOPs without running the model).
+
+Compressed layers (``pointsparse.formats.SparseLinear`` and
+``SparseConv3d``, from ``formats.compress``) have rows too, counted on the
+dense weight their format holds (``shape``, ``params``, ``nonzeros``,
+``sparsity``, ``flops`` and ``dense_flops`` as the uncompressed masked layer's,
+so a compressed model's totals of these equal its source's) and executed
+as they run: ``SparseConv3d`` with ``execution="engine"`` as the engine runs
+its ``engine_weight`` (the engine's choice, as above); the format's own
+product (``execution`` ``"format:<name>"``, e.g. ``"format:CSR"``) does one
+multiply-add per stored value (padding zeros a format stores included: BSR
+blocks, N:M groups, EIE runs) per input row (``SparseLinear``), per pair of
+the offset (per-offset formats) or per output site (FKW, whose im2col panel
+holds every offset of each output site; ``None`` given ``pairs`` alone, which
+do not tell the output sites)."""
 
 from __future__ import annotations
 
@@ -43,26 +57,93 @@ from .adapters import current_weight, is_sparse_conv, prunable_modules
 
 def _layer_flops(module, weight, inputs, output, pair_counts):
     """``(flops, dense_flops, executed_flops, execution)`` of one call, from
-    the layer's adapter."""
+    the layer's adapter (a compressed layer's from :func:`_compressed_flops`)."""
+    if _is_compressed(module):
+        return _compressed_flops(module, weight, inputs, output, pair_counts)
     return adapters.adapter_for(module).flops(module, weight, inputs, output, pair_counts)
+
+
+def _compressed_types() -> tuple:
+    from ..formats import SparseConv3d, SparseLinear  # noqa: PLC0415 - formats sits above this package
+
+    return SparseLinear, SparseConv3d
+
+
+def _is_compressed(module) -> bool:
+    """A layer :func:`pointsparse.formats.compress` made (its weight in a format)."""
+    return isinstance(module, _compressed_types())
+
+
+def _is_kernel_mapped(module) -> bool:
+    """A sparse conv or a compressed one: its FLOPs come from pair counts."""
+    return isinstance(module, _compressed_types()[1]) or (not _is_compressed(module) and is_sparse_conv(module))
+
+
+def _weight(module) -> torch.Tensor:
+    """The weight the layer computes with: a compressed layer's is the dense
+    weight its format holds (``(out, in)``; ``(K, C_in, C_out)`` for a conv)."""
+    linear, conv = _compressed_types()
+    if isinstance(module, linear):
+        return module.weight_format.to_dense()
+    if isinstance(module, conv):
+        return module.engine_weight
+    return current_weight(module, "weight")
+
+
+def _stored_values(fmt) -> int:
+    """Values a format stores (padding zeros included): what its product multiplies."""
+    from ..formats import FKW  # noqa: PLC0415
+
+    return (fmt.weight if isinstance(fmt, FKW) else fmt.values).numel()
+
+
+def _compressed_flops(module, weight, inputs, output, pair_counts):
+    """A compressed layer's counts (see the module docstring)."""
+    from ..formats import FKW  # noqa: PLC0415
+    from ..nn.functional import engine_cost  # noqa: PLC0415 - nn sits above this package
+
+    linear, _ = _compressed_types()
+    weight = weight.detach()
+    if isinstance(module, linear):
+        rows = inputs[0].numel() // module.in_features
+        flops, dense, _, _ = adapters.positions_flops(rows, weight)
+        executed = 2 * rows * _stored_values(module.weight_format)
+        return flops, dense, executed, f"format:{type(module.weight_format).__name__}"
+    per_offset = (weight != 0).reshape(weight.shape[0], -1).sum(dim=1).cpu()
+    flops = 2 * int((pair_counts * per_offset).sum())
+    dense = 2 * int(pair_counts.sum()) * weight[0].numel()
+    if module.execution == "engine":
+        executed, execution = engine_cost(weight, pair_counts, module.kernel_size)
+        return flops, dense, executed, execution
+    if isinstance(module.offsets, FKW):
+        executed = None if output is None else 2 * int(output.feats.shape[0]) * _stored_values(module.offsets)
+    else:
+        stored = torch.tensor([_stored_values(f) for f in module.offsets], dtype=torch.int64)
+        executed = 2 * int((pair_counts * stored).sum())
+    return flops, dense, executed, f"format:{module.format_name}"
 
 
 def sparsity_report(model: nn.Module, example_input=None, pairs: dict | None = None) -> dict:
     """The report of ``model`` now: ``{"layers": {name: row}, "total": row}``
     with ``row`` holding ``type, shape, params, nonzeros, weight_nonzeros,
-    sparsity, flops, dense_flops, executed_flops, execution``. ``example_input`` (a tensor, a
+    sparsity, flops, dense_flops, executed_flops, execution``, one row per
+    prunable layer and per compressed layer (``formats.SparseLinear`` /
+    ``SparseConv3d``: counted on the dense weight its format holds, executed
+    as it runs, through the engine or the format's product; see the module
+    docstring). ``example_input`` (a tensor, a
     SparseTensor, or a tuple of forward arguments) is run once in eval mode
     and without gradients to count FLOPs; ``pairs`` maps a sparse conv's
+    (or a compressed ``SparseConv3d``'s)
     qualified name to its per-offset pair counts (shape ``(K,)``). The
     weights may be on any device that holds values (not ``meta``: a
     ValueError)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     layers = {}
-    modules = dict(prunable_modules(model))
+    modules = {name: m for name, m in model.named_modules() if _is_compressed(m) or adapters.is_layer(m)}
     pairs = _check_pairs(pairs, modules)
     for qualified, module in modules.items():
-        weight = current_weight(module, "weight").detach()
+        weight = _weight(module).detach()
         bias = getattr(module, "bias", None)
         bias = bias.detach() if isinstance(bias, torch.Tensor) else None
         _check_has_values(qualified, weight, bias)
@@ -84,7 +165,7 @@ def sparsity_report(model: nn.Module, example_input=None, pairs: dict | None = N
     else:
         for qualified, counts in pairs.items():
             module = modules[qualified]
-            flops = _layer_flops(module, current_weight(module, "weight"), None, None, counts)
+            flops = _layer_flops(module, _weight(module), None, None, counts)
             _set_flops(layers[qualified], flops)
     return {"layers": layers, "total": _total(layers)}
 
@@ -111,10 +192,10 @@ def _check_pairs(pairs, modules: dict) -> dict:
         raise TypeError(f"pairs must be a dict {{layer name: per-offset pair counts}}; got {type(pairs).__name__}")
     checked = {}
     for qualified, counts in pairs.items():
-        if qualified not in modules or not is_sparse_conv(modules[qualified]):
+        if qualified not in modules or not _is_kernel_mapped(modules[qualified]):
             raise ValueError(f"pairs names {qualified!r}, which is not a sparse conv of the model")
         counts = _as_counts(counts)
-        offsets = current_weight(modules[qualified], "weight").shape[0]
+        offsets = _weight(modules[qualified]).shape[0]
         if counts.shape != (offsets,):
             raise ValueError(
                 f"pairs for a sparse conv with {offsets} offsets must have shape ({offsets},); "
@@ -138,7 +219,13 @@ def _pair_counts(module, sparse_input) -> torch.Tensor:
     """Per-offset pair counts of the map the layer's forward just used (from
     the input's coordinate cache; for a transposed conv, the transpose of the
     strided map it mirrors, so the same counts)."""
-    return adapters.adapter_for(module).kernel_map(module, sparse_input).sizes.to(torch.int64).cpu()
+    if _is_compressed(module):
+        from ..kmap import get_kmap  # noqa: PLC0415 - the kmap layer sits above this package
+
+        kmap = get_kmap(sparse_input, module.kernel_size, module.stride, module.dilation, module.transposed)
+    else:
+        kmap = adapters.adapter_for(module).kernel_map(module, sparse_input)
+    return kmap.sizes.to(torch.int64).cpu()
 
 
 def _count_flops(model, modules, layers, example_input, pairs):
@@ -146,8 +233,8 @@ def _count_flops(model, modules, layers, example_input, pairs):
 
     def hook_for(qualified, module):
         def hook(mod, inputs, output):
-            weight = getattr(mod, "weight")
-            if is_sparse_conv(mod):
+            weight = _weight(mod) if _is_compressed(mod) else getattr(mod, "weight")
+            if _is_kernel_mapped(mod):
                 counts = pairs[qualified] if qualified in pairs else _pair_counts(mod, inputs[0])
             else:
                 counts = None
@@ -187,6 +274,7 @@ def _total(layers: dict) -> dict:
     dense = [r["dense_flops"] for r in layers.values()]
     executed = [r["executed_flops"] for r in layers.values()]
     known = bool(flops) and all(f is not None for f in flops)
+    executed_known = known and all(e is not None for e in executed)
     return {
         "type": "total",
         "shape": (),
@@ -196,7 +284,7 @@ def _total(layers: dict) -> dict:
         "sparsity": 1.0 - weight_nonzeros / weights if weights else 0.0,
         "flops": sum(flops) if known else None,
         "dense_flops": sum(dense) if known else None,
-        "executed_flops": sum(executed) if known else None,
+        "executed_flops": sum(executed) if executed_known else None,
         "execution": None,
     }
 
