@@ -164,3 +164,14 @@ def test_bench_amc_cut_meets_the_flops_of_keep_half_and_equals_the_masked_model(
     assert sum(p.numel() for p in net.parameters()) < sum(p.numel() for p in dense.parameters())
     assert net(x).feats.shape == (len(x), 19)
     assert bench.cut_error(dense, x, keep, net) < 1e-5
+
+
+def test_layer_infos_of_a_compressed_model_is_refused_by_name():
+    """sparsity_report now lists compressed layers, which have no weight
+    whose channels AMC could cut (their rows reached in_channels: a
+    TypeError 'no tensor named weight')."""
+    from pointsparse import formats
+
+    net = formats.compress(mlp(0), "csr")
+    with pytest.raises(ValueError, match=r"layer '0' is a compressed layer .* before compressing it"):
+        amc.layer_infos(net, torch.randn(2, 8))

@@ -61,6 +61,12 @@ def layer_infos(model: nn.Module, example_input, coupled: bool = False) -> list[
     (every layer of a residual or U-Net network; a group acts through its
     first producer)."""
     coupled = as_bool(coupled, "coupled")
+    from ..formats.modules import SparseConv3d, SparseLinear
+
+    packed = [name for name, m in model.named_modules() if isinstance(m, (SparseConv3d, SparseLinear))]
+    if packed:
+        raise ValueError(f"layer {packed[0]!r} is a compressed layer (formats.compress), whose channels AMC cannot "
+                         "cut: search the model before compressing it")
     report = _compat.sparsity_report(model, example_input)["layers"]
     if coupled:
         return _coupled_infos(model, example_input, report)
