@@ -432,11 +432,15 @@ def collate(tensors: Iterable[SparseTensor]) -> SparseTensor:
         if not isinstance(t, SparseTensor):
             raise TypeError(f"collate takes SparseTensors; item {i} is {type(t).__name__}")
     stride, channels, device = tensors[0].stride, tensors[0].num_channels, tensors[0].device
+    dtype = tensors[0].dtype
     for i, t in enumerate(tensors):
         if t.stride != stride:
             raise ValueError(f"item {i} has stride {t.stride}, item 0 {stride}: collate needs one stride")
         if t.num_channels != channels:
             raise ValueError(f"item {i} has {t.num_channels} channels, item 0 {channels}")
+        if t.dtype != dtype:  # torch.cat would promote them all silently
+            raise ValueError(f"item {i} has feats of dtype {t.dtype}, item 0 {dtype}: collate needs one dtype "
+                             "(cast them first, e.g. .to(torch.float32))")
         if t.device != device:
             raise ValueError(f"item {i} is on {t.device}, item 0 on {device}")
     sizes = [t.batch_size for t in tensors]

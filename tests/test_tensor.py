@@ -190,6 +190,9 @@ def test_collate_errors():
         ps.collate([a, make(n=5, stride=2, seed=11)])
     with pytest.raises(ValueError, match="channels"):
         ps.collate([a, make(n=5, c=4, seed=12)])
+    # mixed feats dtypes: no silent promotion by torch.cat
+    with pytest.raises(ValueError, match=r"item 1 has feats of dtype torch.float64, item 0 torch.float32"):
+        ps.collate([a, make(n=5, seed=13).to(torch.float64)])
     big = ps.SparseTensor(torch.zeros(1, 3), torch.tensor([[2**31 - 1, 0, 0, 0]], dtype=torch.int32))
     with pytest.raises(ValueError, match=r"2147483650 batches in all; batch indices must stay within \[0, 2147483647\]"):
         ps.collate([a, big])
