@@ -354,7 +354,7 @@ class SparseTensor:
             spatial = tuple(int(v) + 1 for v in idx.max(0).values) if n else (0, 0, 0)
         else:
             try:
-                shape = tuple(operator.index(s) for s in shape)
+                shape = tuple(_index(s) for s in shape)  # (not bools: True is no size)
             except TypeError:
                 raise TypeError(
                     f"shape must be a sequence of ints (X, Y, Z) or (B, C, X, Y, Z); got {shape!r}") from None

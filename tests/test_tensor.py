@@ -159,6 +159,13 @@ def test_empty_and_single():
     assert d.shape == (2, 2, 3, 1, 2) and d[1, :, 2, 0, 1].tolist() == [2.0, 3.0] and d.abs().sum() == 5
 
 
+def test_dense_shape_of_bools_is_a_type_error():
+    s = ps.SparseTensor(torch.tensor([[2.0]]), torch.tensor([[0, 0, 0, 0]], dtype=torch.int32))
+    with pytest.raises(TypeError, match="shape must be a sequence of ints"):
+        s.dense((True, True, True))
+    assert s.dense(torch.tensor([1, 2, 1])).shape == (1, 1, 1, 2, 1)  # 0-d integer tensors still count
+
+
 def test_collate():
     a, b = make(n=20, batches=2, seed=6), make(n=15, batches=1, seed=7)
     e = ps.SparseTensor(torch.zeros(0, 3), torch.zeros(0, 4, dtype=torch.int32))
