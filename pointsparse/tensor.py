@@ -425,6 +425,8 @@ torch.utils._pytree.register_pytree_node(
 def collate(tensors: Iterable[SparseTensor]) -> SparseTensor:
     """One batched SparseTensor: the batch indices of the i-th tensor are
     shifted past those of the tensors before it."""
+    if isinstance(tensors, SparseTensor):  # (list() of one says "'SparseTensor' object is not iterable")
+        raise TypeError("collate takes a list of SparseTensors; got one SparseTensor (give [tensor])")
     tensors = list(tensors)
     if not tensors:
         raise ValueError("collate needs at least one SparseTensor")

@@ -193,6 +193,11 @@ def test_collate_errors():
         ps.collate([])
     with pytest.raises(TypeError, match="item 1"):
         ps.collate([a, a.feats])
+    # one tensor, not a list of them: Python's "'SparseTensor' object is not iterable" before
+    with pytest.raises(TypeError, match=r"collate takes a list of SparseTensors; got one SparseTensor"):
+        ps.collate(a)
+    with pytest.raises(TypeError, match=r"cat takes a list of SparseTensors; got one SparseTensor"):
+        ps.nn.functional.cat(a)
     with pytest.raises(ValueError, match="stride"):
         ps.collate([a, make(n=5, stride=2, seed=11)])
     with pytest.raises(ValueError, match="channels"):

@@ -339,6 +339,8 @@ def _same_sites(tensors, what: str) -> SparseTensor:
 
 def cat(tensors) -> SparseTensor:
     """Concatenate the channels of tensors on the same coords (U-Net skips)."""
+    if isinstance(tensors, SparseTensor):
+        raise TypeError("cat takes a list of SparseTensors; got one SparseTensor (give [a, b, ...])")
     tensors = list(tensors)
     first = _same_sites(tensors, "cat")
     return first.with_feats(torch.cat([t.feats for t in tensors], 1))
