@@ -3,6 +3,7 @@ shared real data when present), augmentation, voxel labels, batching."""
 
 from __future__ import annotations
 
+import importlib
 import hashlib
 import json
 
@@ -1273,7 +1274,7 @@ def test_voxelize_sample_of_a_huge_or_tiny_voxel(monkeypatch):
     def quantised(*args, **kwargs):
         raise AssertionError("voxelize ran")
 
-    monkeypatch.setattr(transforms, "voxelize", quantised)
+    monkeypatch.setattr(transforms, "_voxelize", quantised)
     for size, cloud, why in ((1e-6, s, "coordinates span .* 81 bits in all"), (1e-30, s, "must fit int32"),
                              (1e-300, s, "must fit int32"), (5e-324, s, "leaves float64"),
                              (1e-300, Sample(np.full((3, 3), 3e38)), "leaves float64")):
@@ -1341,6 +1342,37 @@ def test_voxelize_sample_matches_the_float64_numpy_reference():
         ref_points = np.clip((points.double() / size).float().numpy(), cells, np.nextafter(cells + 1, cells))
         assert torch.equal(v.points, torch.from_numpy(ref_points))
         assert torch.equal(v.points.floor().int(), v.coords[v.inverse, 1:])
+
+
+def test_voxelize_sample_reads_the_points_bounds_once(monkeypatch):
+    """voxelize_sample read the cloud's bounds for its voxel-size check and
+    shift, then voxelize's extent check read the shifted cloud's bounds
+    again (a second pass over the points): that check now takes the
+    shifted bounds from the first pass, exactly those of the points it
+    quantises (the shift and the float32 cast keep the order of the rows),
+    on both the shifted and the exact (huge voxel) path."""
+    vox = importlib.import_module("pointsparse.voxelize")
+
+    real, seen = vox._check_extent, []
+
+    def check(points, vs, batch, bounds=None):
+        assert bounds is not None, "the extent check read the points again"
+        read = [torch.stack(torch.aminmax(points[:, a])).tolist() for a in range(3)]
+        assert [[float(v) for v in b] for b in bounds] == [[lo for lo, _ in read], [hi for _, hi in read]]
+        seen.append(vs)
+        return real(points, vs, batch, bounds)
+
+    monkeypatch.setattr(vox, "_check_extent", check)
+    rng = np.random.default_rng(11)
+    s = Sample(rng.normal(size=(2000, 3)) * [40, 25, 3] + [-17.3, 1234.567, -2.2], None)
+    for size in (0.05, 0.37, 1e-3, 1e9, 1e30):
+        reference = voxelize_sample(s, size, 255)
+        assert int(reference.coords[:, 1:].min()) == 0
+    assert len(seen) == 5
+    with monkeypatch.context() as m:  # the public voxelize still reads the bounds itself
+        m.setattr(vox, "_check_extent", lambda points, vs, batch, bounds=None: seen.append(bounds))
+        vox.voxelize(torch.zeros((2, 3)), voxel_size=0.1)
+    assert seen[-1] is None
 
 
 def test_voxel_sample_points_lie_in_their_voxels():

@@ -19,7 +19,7 @@ import torch
 from .. import coords as _coords
 from ..coords import KeyLayout
 from ..tensor import SparseTensor, as_bool, as_float, collate
-from ..voxelize import voxelize
+from ..voxelize import _voxelize
 from .readers import _ignore_index
 from .sample import Sample
 
@@ -235,13 +235,18 @@ def voxelize_sample(sample: Sample, voxel_size: float, ignore_index: int) -> Vox
         # units kept inside their voxels.
         scaled = xyz / voxel_size
         cells = torch.floor(scaled) - torch.from_numpy(first)
-        tensor, inverse = voxelize((cells + 0.5).float(), feats, voxel_size=1.0, reduce="mean")
+        # (the quantised points' bounds, exactly: floor, the shift, + 0.5 and the cast keep the order of the rows)
+        bounds = [(np.floor(b / voxel_size) - first + 0.5).astype(np.float32) for b in (low, high)]
+        tensor, inverse = _voxelize((cells + 0.5).float(), feats, (1.0,) * 3, None, "mean", bounds)
         below = cells.float()
         top = torch.nextafter(below + 1, below)
         voxel_points = torch.minimum(torch.maximum((scaled - torch.from_numpy(first)).float(), below), top)
     else:
         points = xyz.float()
-        tensor, inverse = voxelize(points, feats, voxel_size=voxel_size, reduce="mean")
+        # The extent check (voxelize's, on the shifted cloud) from the bounds already read: float32(x - shift)
+        # keeps the order of the rows, so the shifted cloud's bounds are exactly the shifted bounds.
+        bounds = None if not len(xyz) else [(b - shift).astype(np.float32) for b in (low, high)]
+        tensor, inverse = _voxelize(points, feats, (voxel_size,) * 3, None, "mean", bounds)
         # points / voxel_size just below a whole number rounds up to it in float32 (a point of voxel 41 at
         # 42.0): kept inside its voxel, [coord, the float32 below coord + 1].
         below = tensor.coords[inverse, 1:].float()
