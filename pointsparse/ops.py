@@ -617,14 +617,33 @@ def select_voxels(input: SparseTensor, rows: Tensor, feats: Tensor | None) -> Sp
 
 
 def conv3d(input: SparseTensor, weight: Tensor, bias: Tensor | None, kernel_size: Triple, stride: Triple,
-           dilation: Triple, transposed: bool, add: Tensor | None = None, relu: bool = False) -> SparseTensor:
+           dilation: Triple, transposed: bool, add: SparseTensor | None = None, relu: bool = False) -> SparseTensor:
     """:func:`pointsparse.nn.functional.conv3d` in a traced graph (arguments
     already checked): the map from the graph's cache, the :func:`conv`
-    operator, then the residual ``add`` (feats or None) and the ReLU; where
-    no gradient is needed, :func:`conv_inference` (both in the kernel's
-    store)."""
+    operator, then the residual ``add`` (a SparseTensor or None) and the
+    ReLU; where no gradient is needed, :func:`conv_inference` (both in the
+    kernel's store).
+
+    ``add`` must lie on the output's stride (static: a ValueError while
+    tracing, as eager's) and coords: the same coords tensor (the graph's
+    cache hands every map of one stride the same one, checked while
+    tracing, nothing in the graph), else a run-time assertion in the graph
+    that they are equal row for row (eager compares the values; here
+    without a data-dependent guard, so no graph break)."""
     cache = graph_cache(input)
     kmap = get_kmap(input, kernel_size, stride, dilation, transposed, cache)
+    if add is not None:
+        out_stride = kmap.key.out_stride
+        if add.stride != out_stride:
+            raise ValueError(f"add must be on the conv's output coords (stride {out_stride}, in their order); "
+                             f"got stride {add.stride}")
+        if add.coords is not kmap.out_coords:
+            # (equal counts first, as the row-wise compare needs; both known only when the graph runs)
+            torch._check(add.coords.shape[0] == kmap.out_coords.shape[0],
+                         lambda: "add must be on the conv's output coords: another count of sites")
+            same = (add.coords == kmap.out_coords.to(add.coords.dtype)).all()
+            torch._assert_async(same, "add must be on the conv's output coords (in their order); got other coords")
+        add = add.feats
     args = (input.feats, weight, bias, kmap.out_coords, kmap.in_idx, kmap.out_idx, kmap.sizes, key_to_list(kmap.key))
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input.feats, weight, bias, add))):
         feats = conv_inference(*args, add, relu)

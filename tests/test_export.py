@@ -985,3 +985,31 @@ def test_program_model_keeps_the_dtype_and_device_it_was_exported_with():
     with pytest.raises(ValueError, match=r"feats must have 3 channels \(the program takes them\); got 2"):
         model(ps.SparseTensor(x.feats[:, :2], x.coords))
     assert model.eval() is model
+
+
+def test_compiled_conv3d_add_checks_the_residuals_stride_and_coords():
+    """Under torch.compile conv3d(..., add=) checked only the residual's
+    row count: one of the same count at another stride or on other coords
+    (eager's ValueError) was summed into the wrong rows. The stride is
+    refused while tracing; the same coords tensor adds nothing to the graph,
+    other coords a run-time assertion (equal ones, as eager, still run)."""
+    x = _cloud(300, 3)
+    w = torch.randn(27, 3, 5)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))
+    residuals = {
+        "same": lambda x: x.with_feats(torch.ones(len(x), 5)),
+        "equal": lambda x: ps.SparseTensor(torch.ones(len(x), 5), x.coords.clone(), validate=False),
+        "permuted": lambda x: ps.SparseTensor(torch.ones(len(x), 5), x.coords[perm], validate=False),
+        "stride": lambda x: ps.SparseTensor(torch.ones(len(x), 5), x.coords, stride=2, validate=False),
+    }
+    want = spnn.functional.conv3d(x, w, 3).feats + 1
+    for name, residual in residuals.items():
+        def run(x, residual=residual):
+            return spnn.functional.conv3d(x, w, 3, add=residual(x)).feats
+        torch.compiler.reset()
+        compiled = torch.compile(run, fullgraph=True, dynamic=True, backend="eager")
+        if name in ("same", "equal"):
+            assert torch.allclose(compiled(x), want, rtol=0, atol=1e-5)
+        else:
+            with pytest.raises((ValueError, RuntimeError), match=r"add must be on the conv's output coords"):
+                compiled(x)

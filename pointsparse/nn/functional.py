@@ -166,7 +166,7 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
     if torch.compiler.is_compiling():  # a graph of torch.compile / torch.export: the core as operators
         if region is not None:
             weight = weight * region.to(weight.device, weight.dtype).view(-1, 1, 1)
-        return _ops.conv3d(input, weight, bias, k, t, d, transposed, None if add is None else add.feats, relu)
+        return _ops.conv3d(input, weight, bias, k, t, d, transposed, add, relu)
     kmap = _kmap._get_kmap(input, k, t, d, transposed)
     residual = None
     if add is not None:
