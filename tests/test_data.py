@@ -1436,3 +1436,25 @@ def test_label_map_with_huge_raw_ids_is_quick_and_ignores_them():
     out = lm.apply(raw, ignore_index=255)
     assert time.perf_counter() - t0 < 1.0
     assert out.tolist() == [0, 1, 255, 255, 255, 1, 255]
+
+
+def test_semantickitti_intensity_outside_0_1_is_refused_naming_the_file(tmp_path):
+    """SemanticKITTI's float32 remissions lie in 0..1; the reader clipped
+    the 4th float of each point to 0..1 silently, so a .bin of 0..255
+    intensities came back all 1 (inf 1, -inf and negatives 0). A value
+    outside 0..1 (or NaN) is a ValueError naming the file; 0..1 as stored."""
+    xyz, _ = _cloud(4)
+    path = tmp_path / "000000.bin"
+    for inten, match in (([0.0, -0.25, 0.5, 1.0], r"1 of 4 points do not \(values -0\.25 to 1\.0\)"),
+                         ([0.0, 12.0, 255.0, 3.0], r"3 of 4 points do not \(values 0\.0 to 255\.0\)"),
+                         ([0.0, np.inf, 0.5, 1.0], r"1 of 4 points do not \(values 0\.0 to 1\.0, 1 NaN or inf\)"),
+                         ([0.0, np.nan, 0.5, -np.inf], r"2 of 4 points do not .*2 NaN or inf\)")):
+        np.hstack([xyz, np.array(inten, np.float32)[:, None]]).astype(np.float32).tofile(path)
+        with pytest.raises(ValueError, match=rf"000000\.bin: intensity \(each point's 4th float32\) must lie in "
+                                             rf"0\.\.1.*{match}"):
+            read_semantickitti(path)
+        with pytest.raises(ValueError, match=r"000000\.bin: intensity"):
+            read_cloud(path, labels=False)
+    inten = np.array([0.0, 1e-7, 0.5, 1.0], np.float32)[:, None]
+    np.hstack([xyz, inten]).astype(np.float32).tofile(path)
+    assert np.array_equal(read_semantickitti(path).intensity, inten)

@@ -383,7 +383,9 @@ def read_semantickitti(scan_path, label_path=None, label_map="semantic-kitti",
     intensity) and ``labels/NNNNNN.label`` (uint32; lower 16 bits semantic id,
     upper 16 instance). ``label_path`` defaults to the sibling ``labels``
     folder; a missing label file gives an unlabelled sample, as does
-    ``labels=False`` (no label file read)."""
+    ``labels=False`` (no label file read). Intensities (remissions) come as
+    stored and must lie in 0..1; a value outside (negative, above 1, NaN) is
+    a ValueError naming the file, not clipped."""
     scan_path = Path(scan_path)
     size = scan_path.stat().st_size
     if size % 16:  # (np.fromfile drops a partial float at the end: check the bytes themselves)
@@ -406,7 +408,30 @@ def read_semantickitti(scan_path, label_path=None, label_map="semantic-kitti",
         if raw.size != len(data):
             raise ValueError(f"{label_path}: {raw.size} labels for {len(data)} points in {scan_path}")
         ids = _labels(raw & 0xFFFF, load_label_map(label_map) if label_map is not None else None, ignore_index)
-    return Sample(data[:, :3], ids, intensity=np.clip(data[:, 3:4], 0, 1), name=str(scan_path))
+    return Sample(data[:, :3], ids, intensity=_remissions(data[:, 3:4], scan_path), name=str(scan_path))
+
+
+def _remissions(values: np.ndarray, scan_path) -> np.ndarray:
+    """A SemanticKITTI scan's float32 remissions, which lie in 0..1, as they
+    are; ValueError naming the file where one does not (negative, above 1,
+    NaN or inf): the file is of another kind (a sensor's 0..255 intensity,
+    another record layout) or corrupt. They were clipped to 0..1 silently
+    (0..255 intensities all became 1, inf 1, -inf 0), where the other
+    readers refuse a negative intensity naming the file and scale a float
+    one above 1 by its 99th percentile, the range of those formats being
+    unfixed; SemanticKITTI's is fixed, so a value outside it is not read
+    as another scale here."""
+    bad = ~((values >= 0) & (values <= 1))
+    if bad.any():
+        finite = values[np.isfinite(values)]
+        seen = f"values {float(finite.min())!r} to {float(finite.max())!r}" if finite.size else "no finite values"
+        nonfinite = int((~np.isfinite(values)).sum())
+        raise ValueError(f"{scan_path}: intensity (each point's 4th float32) must lie in 0..1, as SemanticKITTI's "
+                         f"remissions do; {int(bad.sum())} of {values.size} points do not ({seen}"
+                         f"{f', {nonfinite} NaN or inf' if nonfinite else ''}): the file is corrupt or not a "
+                         "SemanticKITTI scan (intensities of another range: save the points as .npy, whose reader "
+                         "scales them)")
+    return values
 
 
 _NPZ_XYZ = ("xyz", "points", "pos", "coords")
