@@ -995,6 +995,55 @@ def test_open3d_reader_refuses_ply_property_types_open3d_misreads(tmp_path):
     assert s.labels.tolist() == [4, 10] and s.xyz.tolist() == [[1, 2, 3], [7, 8, 9]]
 
 
+def test_open3d_reader_refuses_pcd_fields_open3d_cannot_read(tmp_path):
+    """Open3D reads a PCD's x y z as one array: x y z of mixed types
+    (TYPE F F F, SIZE 4 8 4) or one missing fail its header parse, which
+    the reader reported only as "no points read"; normals it sizes by x's
+    type (normal_* of another type overran them: a corrupt heap, the
+    process aborted), a missing normal_z crashed it (SIGSEGV), and a field
+    named twice or named 'colors'/'positions' shares a buffer with another
+    (aborted). Each is a ValueError naming the file and the fields."""
+    pytest.importorskip("open3d")
+
+    def pcd(fields, data="ascii"):
+        names, sizes, types = zip(*(f.split(":") for f in fields.split()))
+        head = (f"VERSION 0.7\nFIELDS {' '.join(names)}\nSIZE {' '.join(sizes)}\nTYPE {' '.join(types)}\n"
+                f"COUNT {' '.join('1' for _ in names)}\nWIDTH 2\nHEIGHT 1\nPOINTS 2\nDATA {data}\n")
+        if data == "ascii":
+            return (head + "".join(" ".join(str(i + j + 1) for j in range(len(names))) + "\n"
+                                   for i in range(2))).encode()
+        dtype = [(f"f{j}", _PCD_DTYPES[t, int(b)]) for j, (t, b) in enumerate(zip(types, sizes))]
+        return head.encode() + np.array([tuple(range(i + 1, i + 1 + len(names))) for i in range(2)], dtype).tobytes()
+
+    xyz = "x:4:F y:4:F z:4:F"
+    cases = {
+        "mixed": (("x:4:F y:8:F z:4:F",), r"fields x y z must all be there, of one TYPE and SIZE .*got x TYPE F "
+                                          r"SIZE 4, y TYPE F SIZE 8, z TYPE F SIZE 4 \(FIELDS x y z\)"),
+        "mixed_bin": (("x:4:F y:4:I z:4:F", "binary"), "got x TYPE F SIZE 4, y TYPE I SIZE 4, z TYPE F SIZE 4"),
+        "no_z": (("x:4:F y:4:F intensity:4:F",), r"got x TYPE F SIZE 4, y TYPE F SIZE 4, no z \(FIELDS x y "
+                                                 r"intensity\)"),
+        "no_normal_z": ((xyz + " normal_x:4:F normal_y:4:F",), r"normal_x normal_y normal_z must be all three or "
+                        r"none, of the TYPE and SIZE of x y z \(F 4;.*got normal_x TYPE F SIZE 4, normal_y TYPE F "
+                        r"SIZE 4, no normal_z"),
+        "wide_normals": ((xyz + " normal_x:8:F normal_y:8:F normal_z:8:F", "binary"), "normal_x normal_y normal_z "
+                         "must be all three or none, of the TYPE and SIZE of x y z"),
+        "twice": ((xyz + " i:1:U i:8:F",), "FIELDS x y z i i names it twice: 'i'"),
+        "colors": ((xyz + " colors:4:F",), "FIELDS x y z colors names a field after one of Open3D's own arrays"),
+    }
+    for name, (args, match) in cases.items():
+        (tmp_path / f"{name}.pcd").write_bytes(pcd(*args))
+        with pytest.raises(ValueError, match=rf"{name}\.pcd: PCD .*{match}"):
+            read_open3d(tmp_path / f"{name}.pcd")
+    for fields in ("x:8:F y:8:F z:8:F normal_x:8:F normal_y:8:F normal_z:8:F", "x:2:I y:2:I z:2:I"):
+        (tmp_path / "ok.pcd").write_bytes(pcd(fields, "binary"))
+        s = read_open3d(tmp_path / "ok.pcd")
+        # (positions wider than float32 come with x and y relative to their minimum)
+        assert s.xyz.tolist() == ([[0, 0, 3], [1, 1, 4]] if fields.startswith("x:8") else [[1, 2, 3], [2, 3, 4]])
+
+
+_PCD_DTYPES = {("F", 4): "<f4", ("F", 8): "<f8", ("I", 4): "<i4", ("I", 2): "<i2", ("U", 1): "u1"}
+
+
 _PLY_DTYPES = {"char": "i1", "uchar": "u1", "short": "<i2", "ushort": "<u2", "uint16": "<u2", "int": "<i4",
                "uint": "<u4", "float": "<f4", "double": "<f8"}
 

@@ -880,6 +880,43 @@ _PCD_KEYS = ("VERSION", "FIELDS", "SIZE", "TYPE", "COUNT", "WIDTH", "HEIGHT", "V
 _PCD_INT_TOKEN = re.compile(r"[+-]?(0|[1-9][0-9]*)")  # Open3D: strtol(..., 0), so 010 is octal 8 and 0x10 is 16
 
 
+_OPEN3D_PCD_ARRAYS = ("positions", "normals", "colors")  # the names of Open3D's own arrays
+
+
+def _check_open3d_pcd_fields(path: Path, names, types, sizes) -> None:
+    """A PCD header's FIELDS as Open3D's reader takes them: each name once
+    (a name given twice, or one of Open3D's array names ``positions``,
+    ``normals``, ``colors``, shares one buffer between two fields: the
+    process aborted on a corrupt heap), x y z all three of one type (a mix
+    such as ``SIZE 4 8 4`` fails Open3D's header parse, which the reader
+    reported only as "no points read"), and normal_x normal_y normal_z all
+    three or none, of the type of x y z (Open3D sizes the normals by x's
+    type: another type overran them, a missing one crashed it); ValueError
+    naming the file and the fields otherwise."""
+    declared = {}
+    for name, t, b in zip(names, types, sizes):
+        if name in declared or name in _OPEN3D_PCD_ARRAYS:
+            why = "names it twice" if name in declared else "names a field after one of Open3D's own arrays " \
+                f"({', '.join(_OPEN3D_PCD_ARRAYS)})"
+            raise ValueError(f"{path}: PCD FIELDS {' '.join(names)} {why}: {name!r} (Open3D reads both into one "
+                             "buffer, corrupting memory); rename the field")
+        declared[name] = f"{t.upper()}{b}"
+
+    def listed(group):
+        return ", ".join(f"{p} TYPE {declared[p][0]} SIZE {declared[p][1:]}" if p in declared else f"no {p}"
+                         for p in group)
+    xyz = ("x", "y", "z")
+    if not all(p in declared for p in xyz) or len({declared[p] for p in xyz}) > 1:
+        raise ValueError(f"{path}: PCD fields x y z must all be there, of one TYPE and SIZE (Open3D reads them as one "
+                         f"array and fails on anything else); got {listed(xyz)} (FIELDS {' '.join(names)})")
+    normals = ("normal_x", "normal_y", "normal_z")
+    if any(p in declared for p in normals) and \
+            (not all(p in declared for p in normals) or {declared[p] for p in normals} != {declared["x"]}):
+        raise ValueError(f"{path}: PCD fields normal_x normal_y normal_z must be all three or none, of the TYPE and "
+                         f"SIZE of x y z ({declared['x'][0]} {declared['x'][1:]}; Open3D reads them as one array sized "
+                         f"by x's type, and crashed on a missing one or another type); got {listed(normals)}")
+
+
 def _check_pcd(path: Path) -> np.ndarray | None:
     """A PCD file's header against its body before Open3D reads it: POINTS
     (or WIDTH x HEIGHT) against the bytes (binary, binary_compressed) or the
@@ -889,6 +926,8 @@ def _check_pcd(path: Path) -> np.ndarray | None:
     ("DATAX" is DATA, "points" nothing), so each line must start with one of
     the keys as a whole word, and the count is Open3D's: the last POINTS, or
     WIDTH x HEIGHT at the HEIGHT line; POINTS must equal WIDTH x HEIGHT.
+    The FIELDS are checked as Open3D takes them (x y z of one type, normals
+    whole and of that type, no name twice: :func:`_check_open3d_pcd_fields`).
     Returns the float64 ``(n, 3)`` x, y, z an ASCII body holds where they
     are declared float32 (:func:`_text_positions`), else None."""
     lines, head, start, size = _text_header(path, b"DATA", "PCD")
@@ -936,6 +975,7 @@ def _check_pcd(path: Path) -> np.ndarray | None:
             raise ValueError(f"{path}: PCD field {name!r} has TYPE {t} SIZE {b}; not a type this reader knows")
         dtypes += [np.dtype(_PCD_TYPES[t.upper(), b])] * c
         columns += [name] * c
+    _check_open3d_pcd_fields(path, names, types, sizes)
     row = sum(d.itemsize for d in dtypes)
     held_bytes = size - start
     if data == "binary":
