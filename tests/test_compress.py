@@ -406,3 +406,81 @@ def test_compress_a_fused_minkunet(fmt):
         ref = fused(x).feats
         got = sparse(x).feats
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["csr", "bsr", "fkw"])
+def test_compressed_conv_keeps_the_kernel_region(fmt):
+    """compress zeroed the offsets outside a Conv3d's kernel_region but
+    dropped the region: outputs stayed right (zero weights), but
+    sparsity_report counted all 27 offsets for the compressed conv's dense
+    FLOPs (the source's 7), so a compressed model's totals were not its
+    source's. The compressed conv keeps the region (both executions run
+    only its offsets), reports the source's rows, and carries it through
+    state_dict into a compressed model built without one."""
+    import io
+
+    from pointsparse.prune import sparsity_report
+
+    kwargs = {"blocksize": (2, 4)} if fmt == "bsr" else {}
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(psnn.Conv3d(8, 8, 3, kernel_region="cross"), psnn.ReLU(),
+                                psnn.Conv3d(8, 8, 3, kernel_region=[0, 4, 13, 20, 26], bias=True)).eval()
+    pointsparse.prune.panel_structured(model[0], "weight", 0.5)
+    x = _sparse_input(channels=8)
+    compressed = F.compress(model, fmt, **kwargs)
+    assert compressed[0].kernel_region == model[0].kernel_region and len(model[0].kernel_region) == 7
+    assert compressed[2].kernel_region == (0, 4, 13, 20, 26)
+    with torch.no_grad():
+        want = model(x).feats
+        for execution in ("engine", "format"):
+            for m in (compressed[0], compressed[2]):
+                m.execution = execution
+            torch.testing.assert_close(compressed(x).feats, want, atol=1e-5, rtol=1e-5)
+    for m in (compressed[0], compressed[2]):
+        m.execution = "engine"
+    before, after = sparsity_report(model, x), sparsity_report(compressed, x)
+    for name in ("0", "2"):
+        for key in ("flops", "dense_flops", "executed_flops", "execution"):
+            assert after["layers"][name][key] == before["layers"][name][key], (name, key)
+    for key in ("flops", "dense_flops", "executed_flops"):
+        assert after["total"][key] == before["total"][key]
+    # the region's 7 offsets only: 2 * pairs in the region * C_in * C_out
+    counts = pointsparse.kmap.get_kmap(x, (3, 3, 3), (1, 1, 1), (1, 1, 1), False).sizes.to(torch.int64)
+    assert after["layers"]["0"]["dense_flops"] == 2 * int(counts[list(model[0].kernel_region)].sum()) * 64
+    assert "kernel_region=[4, 10, 12, 13, 14, 16, 22]" in repr(compressed[0])
+    # state_dict into a fresh compressed model whose convs have no region
+    torch.manual_seed(5)
+    fresh = F.compress(torch.nn.Sequential(psnn.Conv3d(8, 8, 3), psnn.ReLU(), psnn.Conv3d(8, 8, 3, bias=True)),
+                       fmt, **kwargs)
+    assert fresh[0].kernel_region is None
+    buffer = io.BytesIO()
+    torch.save(compressed.state_dict(), buffer)
+    buffer.seek(0)
+    fresh.load_state_dict(torch.load(buffer, weights_only=False))
+    assert fresh[0].kernel_region == model[0].kernel_region and fresh[2].kernel_region == (0, 4, 13, 20, 26)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x).feats, want, atol=1e-5, rtol=1e-5)
+    reloaded = sparsity_report(fresh, x)
+    assert {k: reloaded["total"][k] for k in ("flops", "dense_flops")} == \
+        {k: before["total"][k] for k in ("flops", "dense_flops")}
+
+
+def test_compressed_conv_checks_the_kernel_region_it_is_given():
+    """A region that is none for the kernel, or that leaves out an offset
+    holding nonzero weights (the conv would ignore them), is refused, in
+    the constructor and in a loaded state (which leaves the module as it
+    was); a state saved without a region loads as every offset."""
+    sparse = F.compress(psnn.Conv3d(4, 4, 3, kernel_region="cross"), "csr")
+    extra = sparse.state_dict()["_extra_state"]
+    args = ((3, 3, 3), (1, 1, 1), (1, 1, 1), False, 4, 4)
+    with pytest.raises(ValueError, match=r"SparseConv3d: kernel_region must list offset indices in \[0, 27\)"):
+        F.SparseConv3d(extra["offsets"], *args, kernel_region=[27])
+    with pytest.raises(ValueError, match=r"SparseConv3d: kernel_region \[4, 10\] leaves out offset 12, which holds "
+                                         "nonzero weights"):
+        F.SparseConv3d(extra["offsets"], *args, kernel_region=[4, 10])
+    with pytest.raises(ValueError, match=r"SparseConv3d: _extra_state's kernel_region \[13\] leaves out offset 4"):
+        sparse.load_state_dict({**sparse.state_dict(), "_extra_state": {**extra, "kernel_region": [13]}})
+    assert sparse.kernel_region == (4, 10, 12, 13, 14, 16, 22)
+    old = {k: v for k, v in extra.items() if k != "kernel_region"}
+    sparse.load_state_dict({**sparse.state_dict(), "_extra_state": old})
+    assert sparse.kernel_region is None

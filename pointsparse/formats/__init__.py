@@ -72,7 +72,9 @@ def compress(module: torch.nn.Module, format="csr", example_input=None, **kwargs
     ``kwargs`` go to the format's ``from_dense`` (``blocksize`` for BSR, ``n,
     m, prune`` for NM, ``num_pe`` for EIE). The effective weight of a pruned
     module (``weight_orig * weight_mask``, zero outside a ``kernel_region``)
-    is used; the module is not changed. Compressed modules save their
+    is used, and a conv's ``kernel_region`` kept (the compressed conv runs
+    and reports those offsets only, as the source does); the module is not
+    changed. Compressed modules save their
     formats in ``state_dict``, refuse ``.to(dtype)`` and inputs that need a
     gradient they cannot give, with a clear error."""
     from ..nn import Conv3d
@@ -124,7 +126,8 @@ def _compress_conv(module, cls, example_input, kwargs) -> SparseConv3d:
         offsets = [cls.from_dense(weight[o].t(), **kwargs) for o in range(weight.shape[0])]
     sparse = SparseConv3d(offsets, module.kernel_size, module.stride, module.dilation, module.transposed,
                           module.in_channels, module.out_channels, module.bias, execution="engine",
-                          relu=getattr(module, "relu", False))  # (convs pickled before it existed have none)
+                          relu=getattr(module, "relu", False),  # (convs pickled before these existed have none)
+                          kernel_region=getattr(module, "kernel_region", None))
     if example_input is None:
         sparse.chosen = "engine (not measured)"
         return sparse

@@ -156,11 +156,19 @@ class SparseConv3d(nn.Module):
     gradient is refused). ``execution="engine"``: the fused engine on the
     weight the format holds (``engine_weight``, derived, not saved).
     :func:`pointsparse.formats.compress` picks the faster; ``chosen`` says
-    what it measured. Outputs equal the masked dense module's. The formats
-    and the choice are saved in ``state_dict`` (extra state)."""
+    what it measured. Outputs equal the masked dense module's.
+
+    ``kernel_region``: the compressed ``Conv3d``'s (None, ``"cross"`` or
+    offset indices; kept as the sorted indices): the offsets outside it
+    must hold no nonzero value, are skipped by both executions, and are no
+    weights of the layer in ``prune.sparsity_report`` (its FLOPs and the
+    engine's cost count the region only, as the source conv's do). The
+    formats, the choice and the region are saved in ``state_dict`` (extra
+    state)."""
 
     def __init__(self, offsets, kernel_size, stride, dilation, transposed, in_channels,
-                 out_channels, bias=None, execution: str = "format", relu: bool = False) -> None:
+                 out_channels, bias=None, execution: str = "format", relu: bool = False,
+                 kernel_region=None) -> None:
         super().__init__()
         if execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {EXECUTIONS}; got {execution!r}")
@@ -178,8 +186,10 @@ class SparseConv3d(nn.Module):
         self.relu = bool(relu)
         # list of SparseFormat (C_out, C_in) or one FKW
         self.offsets = self._checked_offsets(offsets, f"{type(self).__name__}: offsets:")
+        weight = dense_weight(self.offsets)
+        self.kernel_region = self._checked_region(kernel_region, weight, f"{type(self).__name__}:")
         self.register_buffer("bias", _bias_copy(bias))
-        self.register_buffer("engine_weight", dense_weight(self.offsets), persistent=False)
+        self.register_buffer("engine_weight", weight, persistent=False)
 
     @property
     def format_name(self) -> str:
@@ -190,7 +200,36 @@ class SparseConv3d(nn.Module):
         return self.offsets.dtype if isinstance(self.offsets, FKW) else self.offsets[0].dtype
 
     def get_extra_state(self):
-        return {"offsets": self.offsets, "execution": self.execution, "chosen": self.chosen}
+        return {"offsets": self.offsets, "execution": self.execution, "chosen": self.chosen,
+                "kernel_region": self.kernel_region}
+
+    def _checked_region(self, region, weight: torch.Tensor, what: str):
+        """``region`` (None, ``"cross"`` or offset indices) as a sorted tuple
+        of offset indices, or None; a ValueError / TypeError starting with
+        ``what`` where it is none for this kernel size or ``weight`` holds a
+        nonzero value outside it (the conv would ignore it)."""
+        from ..nn.functional import region_of  # noqa: PLC0415 - nn and formats are siblings
+
+        try:
+            keep = region_of(self.kernel_size, region)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{what} {error}") from None
+        if keep is None:
+            return None
+        outside = (weight != 0).reshape(weight.shape[0], -1).any(1) & ~keep
+        if outside.any():
+            raise ValueError(f"{what} kernel_region {list(keep.nonzero().flatten().tolist())} leaves out offset "
+                             f"{int(outside.nonzero()[0])}, which holds nonzero weights (the conv would ignore them; "
+                             "zero them or widen the region)")
+        return tuple(int(i) for i in keep.nonzero().flatten())
+
+    def _region_mask(self) -> torch.Tensor | None:
+        """The bool ``(K,)`` of the offsets this conv runs (None: all)."""
+        if getattr(self, "kernel_region", None) is None:  # (modules pickled before it existed have none)
+            return None
+        keep = torch.zeros(self.kernel_volume, dtype=torch.bool)
+        keep[list(self.kernel_region)] = True
+        return keep
 
     def set_extra_state(self, state) -> None:
         if not isinstance(state, dict) or not {"offsets", "execution", "chosen"} <= state.keys():
@@ -209,7 +248,10 @@ class SparseConv3d(nn.Module):
             raise TypeError(f"{name}: _extra_state's offsets have dtype {dtype}; this conv's are {self.format_dtype} "
                             f"(compress the module again in {dtype})")
         weight = dense_weight(offsets)
+        # (a state saved before the region was kept has none: every offset runs, as it did then)
+        region = self._checked_region(state.get("kernel_region"), weight, f"{name}: _extra_state's")
         self.offsets, self.execution, self.chosen = offsets, state["execution"], state["chosen"]
+        self.kernel_region = region
         self.engine_weight = weight.to(self.engine_weight.device, self.engine_weight.dtype)
 
     def _checked_offsets(self, offsets, what: str):
@@ -253,19 +295,23 @@ class SparseConv3d(nn.Module):
             from ..nn import functional as NF  # noqa: PLC0415 - nn and formats are siblings
 
             return NF.conv3d(input, self.engine_weight, self.kernel_size, self.stride, self.dilation,
-                             self.bias, self.transposed, relu=self.relu, add=add)
+                             self.bias, self.transposed, relu=self.relu,
+                             kernel_region=getattr(self, "kernel_region", None), add=add)
         refuse_gradient(self, input.feats, f"format {self.format_name}")
         kmap = _kmap.get_kmap(input, self.kernel_size, self.stride, self.dilation, self.transposed)
         feats = input.feats.detach()
+        keep = self._region_mask()
+        runs = [f.values.numel() > 0 and (keep is None or bool(keep[o])) for o, f in enumerate(self.offsets)] \
+            if not isinstance(self.offsets, FKW) else None
         if isinstance(self.offsets, FKW):
             out = self._fkw_forward(feats, kmap)
         elif self._runs_fused_csr(feats):
             out = feats.new_zeros((kmap.num_out, self.out_channels))
             for o, in_idx, out_idx in offset_pairs(kmap):
-                if self.offsets[o].values.numel():
+                if runs[o]:
                     _csr_conv_accumulate(self.offsets[o], feats, in_idx, out_idx, out)
         else:
-            products = [_format_product(f) if f.values.numel() else None for f in self.offsets]
+            products = [_format_product(f) if run else None for f, run in zip(self.offsets, runs)]
             out = conv_sum(feats, products, kmap, self.out_channels)
         if self.bias is not None:
             out = out + self.bias.to(out.device, out.dtype)
@@ -312,4 +358,6 @@ class SparseConv3d(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, format={self.format_name}, nbytes={self.nbytes()}, "
-                f"execution={self.execution!r}, chosen={self.chosen!r}" + (", relu=True" if self.relu else ""))
+                f"execution={self.execution!r}, chosen={self.chosen!r}" + (", relu=True" if self.relu else "")
+                + (f", kernel_region={list(self.kernel_region)}" if getattr(self, "kernel_region", None) is not None
+                   else ""))

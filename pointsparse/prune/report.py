@@ -14,7 +14,7 @@ FLOPs count multiply-adds as 2 operations and ignore the bias:
   offset's ``(C_in, C_out)`` matrix (a pruned offset costs nothing). With a
   ``kernel_region`` only its offsets count: the offsets outside it are no
   weights of the layer (the conv never runs them), whatever values are
-  loaded there.
+  loaded there (a compressed conv keeps its source's region).
 
 ``dense_flops`` is the same count with every weight entry nonzero.
 ``executed_flops`` is what the engine runs: for a sparse conv the fused
@@ -109,17 +109,20 @@ def _compressed_flops(module, weight, inputs, output, pair_counts):
         flops, dense, _, _ = adapters.positions_flops(rows, weight)
         executed = 2 * rows * _stored_values(module.weight_format)
         return flops, dense, executed, f"format:{type(module.weight_format).__name__}"
+    region = getattr(module, "kernel_region", None)  # (modules pickled before it existed have none)
+    keep = module._region_mask()
+    counts = pair_counts if keep is None else pair_counts * keep.to(pair_counts.dtype)  # as the source conv's
     per_offset = (weight != 0).reshape(weight.shape[0], -1).sum(dim=1).cpu()
-    flops = 2 * int((pair_counts * per_offset).sum())
-    dense = 2 * int(pair_counts.sum()) * weight[0].numel()
+    flops = 2 * int((counts * per_offset).sum())
+    dense = 2 * int(counts.sum()) * weight[0].numel()
     if module.execution == "engine":
-        executed, execution = engine_cost(weight, pair_counts, module.kernel_size)
+        executed, execution = engine_cost(weight, pair_counts, module.kernel_size, region)
         return flops, dense, executed, execution
     if isinstance(module.offsets, FKW):
         executed = None if output is None else 2 * int(output.feats.shape[0]) * _stored_values(module.offsets)
     else:
         stored = torch.tensor([_stored_values(f) for f in module.offsets], dtype=torch.int64)
-        executed = 2 * int((pair_counts * stored).sum())
+        executed = 2 * int((counts * stored).sum())  # (offsets outside the region are not run)
     return flops, dense, executed, f"format:{module.format_name}"
 
 
