@@ -17,6 +17,18 @@ def two_sites() -> SparseTensor:
     return SparseTensor(torch.ones(2, 2), coords)
 
 
+
+
+class _Head(nn.Module):
+    """A sparse conv, then a per-site Linear on its feats (``body[0]``, ``body[1]``)."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, t):
+        return self.body[1](self.body[0](t).feats)
+
 def test_dense_layers_counts_and_flops():
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(3 * 25, 4))
     prune.custom_from_mask(model[0], "weight", (torch.arange(54).reshape(3, 2, 3, 3) % 3 != 0).float())
@@ -93,15 +105,7 @@ def test_before_and_after_table():
     x = sparse_input(n=12, channels=4)
     pairs = {"body.0": naive_pair_counts(x.coords)}
 
-    class Head(nn.Module):  # sparse conv -> per-site Linear
-        def __init__(self, body):
-            super().__init__()
-            self.body = body
-
-        def forward(self, t):
-            return self.body[1](self.body[0](t).feats)
-
-    net = Head(model)
+    net = _Head(model)
     before = prune.sparsity_report(net, x, pairs=pairs)
     prune.channel_structured(model[0], "weight", amount=0.5)
     prune.l1_unstructured(model[1], "weight", amount=0.5)
@@ -347,15 +351,7 @@ def test_compressed_model_totals_equal_the_masked_models():
     torch.manual_seed(0)
     body = nn.Sequential(SparseConv(4, 8, kernel_size=3), nn.Linear(8, 2))
 
-    class Head(nn.Module):
-        def __init__(self, body):
-            super().__init__()
-            self.body = body
-
-        def forward(self, t):
-            return self.body[1](self.body[0](t).feats)
-
-    net = Head(body)
+    net = _Head(body)
     prune.kernel_structured(body[0], "weight", amount=9, scope="offset")
     prune.l1_unstructured(body[1], "weight", amount=0.5)
     x = sparse_input(n=12, channels=4)
