@@ -17,8 +17,6 @@ def two_sites() -> SparseTensor:
     return SparseTensor(torch.ones(2, 2), coords)
 
 
-
-
 class _Head(nn.Module):
     """A sparse conv, then a per-site Linear on its feats (``body[0]``, ``body[1]``)."""
 
@@ -28,6 +26,7 @@ class _Head(nn.Module):
 
     def forward(self, t):
         return self.body[1](self.body[0](t).feats)
+
 
 def test_dense_layers_counts_and_flops():
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(3 * 25, 4))
