@@ -52,7 +52,8 @@ import torch
 from torch import nn
 
 from . import adapters
-from .adapters import current_weight, is_sparse_conv, prunable_modules
+from ._builtins import _sparse_flops
+from .adapters import current_weight, is_sparse_conv
 
 
 def _layer_flops(module, weight, inputs, output, pair_counts):
@@ -100,7 +101,6 @@ def _stored_values(fmt) -> int:
 def _compressed_flops(module, weight, inputs, output, pair_counts):
     """A compressed layer's counts (see the module docstring)."""
     from ..formats import FKW  # noqa: PLC0415
-    from ..nn.functional import engine_cost  # noqa: PLC0415 - nn sits above this package
 
     linear, _ = _compressed_types()
     weight = weight.detach()
@@ -109,15 +109,12 @@ def _compressed_flops(module, weight, inputs, output, pair_counts):
         flops, dense, _, _ = adapters.positions_flops(rows, weight)
         executed = 2 * rows * _stored_values(module.weight_format)
         return flops, dense, executed, f"format:{type(module.weight_format).__name__}"
-    region = getattr(module, "kernel_region", None)  # (modules pickled before it existed have none)
-    keep = module._region_mask()
-    counts = pair_counts if keep is None else pair_counts * keep.to(pair_counts.dtype)  # as the source conv's
-    per_offset = (weight != 0).reshape(weight.shape[0], -1).sum(dim=1).cpu()
-    flops = 2 * int((counts * per_offset).sum())
-    dense = 2 * int(counts.sum()) * weight[0].numel()
+    # The counts of the source conv (the region's offsets only), from the dense weight the format holds.
+    flops, dense, executed, execution = _sparse_flops(module, weight, inputs, output, pair_counts)
     if module.execution == "engine":
-        executed, execution = engine_cost(weight, pair_counts, module.kernel_size, region)
         return flops, dense, executed, execution
+    keep = module._region_mask()
+    counts = pair_counts if keep is None else pair_counts * keep.to(pair_counts.dtype)
     if isinstance(module.offsets, FKW):
         executed = None if output is None else 2 * int(output.feats.shape[0]) * _stored_values(module.offsets)
     else:
