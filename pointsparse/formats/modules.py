@@ -225,11 +225,10 @@ class SparseConv3d(nn.Module):
 
     def _region_mask(self) -> torch.Tensor | None:
         """The bool ``(K,)`` of the offsets this conv runs (None: all)."""
-        if getattr(self, "kernel_region", None) is None:  # (modules pickled before it existed have none)
-            return None
-        keep = torch.zeros(self.kernel_volume, dtype=torch.bool)
-        keep[list(self.kernel_region)] = True
-        return keep
+        from ..nn.functional import region_of  # noqa: PLC0415 - nn and formats are siblings
+
+        # (modules pickled before the region was kept have none)
+        return region_of(self.kernel_size, getattr(self, "kernel_region", None))
 
     def set_extra_state(self, state) -> None:
         if not isinstance(state, dict) or not {"offsets", "execution", "chosen"} <= state.keys():
