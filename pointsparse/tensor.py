@@ -424,7 +424,11 @@ torch.utils._pytree.register_pytree_node(
 
 def collate(tensors: Iterable[SparseTensor]) -> SparseTensor:
     """One batched SparseTensor: the batch indices of the i-th tensor are
-    shifted past those of the tensors before it."""
+    shifted past those of the tensors before it, an empty tensor counting
+    one batch (as MinkowskiEngine's and TorchSparse's sparse_collate, the
+    i-th of single-scan tensors has batch index i, whether or not one
+    before it is empty). Empty tensors at the end hold no row, so the
+    result's ``batch_size`` cannot count them."""
     if isinstance(tensors, SparseTensor):  # (list() of one says "'SparseTensor' object is not iterable")
         raise TypeError("collate takes a list of SparseTensors; got one SparseTensor (give [tensor])")
     tensors = list(tensors)
@@ -445,7 +449,7 @@ def collate(tensors: Iterable[SparseTensor]) -> SparseTensor:
                              "(cast them first, e.g. .to(torch.float32))")
         if t.device != device:
             raise ValueError(f"item {i} is on {t.device}, item 0 on {device}")
-    sizes = [t.batch_size for t in tensors]
+    sizes = [max(t.batch_size, 1) for t in tensors]
     if sum(sizes) - 1 > _coords.BATCH_MAX:
         raise ValueError(f"collate: the tensors hold {sum(sizes)} batches in all; batch indices must stay "
                          f"within [0, {_coords.BATCH_MAX}]")

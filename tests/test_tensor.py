@@ -174,9 +174,9 @@ def test_collate():
     assert torch.equal(out.feats, torch.cat([a.feats, b.feats]))
     assert torch.equal(out.coords[:20], a.coords)
     shifted = b.coords.clone()
-    shifted[:, 0] += a.batch_size
+    shifted[:, 0] += a.batch_size + 1  # past a's batches and the empty item's one
     assert torch.equal(out.coords[20:], shifted)
-    assert out.batch_size == a.batch_size + 1
+    assert out.batch_size == a.batch_size + 2  # (the trailing empty item holds no row to count)
     single = ps.collate([a])
     assert torch.equal(single.coords, a.coords) and torch.equal(single.feats, a.feats)
     only_empty = ps.collate([e])
@@ -185,6 +185,25 @@ def test_collate():
     assert s2.stride == (2, 2, 2) and len(s2) == 11
     # collated coords are valid: revalidate them from scratch
     ps.SparseTensor(out.feats, out.coords)
+
+
+def test_collate_gives_item_i_batch_index_i_after_empty_items():
+    """As MinkowskiEngine's and TorchSparse's sparse_collate: the i-th of
+    single-scan tensors has batch index i, an empty one before it or not
+    (collate gave an empty item no index, so the items after it moved down)."""
+    e = ps.SparseTensor(torch.zeros(0, 2), torch.zeros(0, 4, dtype=torch.int32))
+    one = ps.SparseTensor(torch.ones(2, 2), torch.tensor([[0, 1, 2, 3], [0, 4, 5, 6]], dtype=torch.int32))
+    assert ps.collate([e, one, e, one]).coords[:, 0].tolist() == [1, 1, 3, 3]
+    assert ps.collate([one, e, one]).coords[:, 0].tolist() == [0, 0, 2, 2]
+    assert ps.collate([e, e, one]).batch_size == 3
+    assert ps.collate([one, e]).coords[:, 0].tolist() == [0, 0]
+    assert len(ps.collate([e, e])) == 0
+    # the range check counts the empty item's batch too
+    last = ps.SparseTensor(torch.zeros(1, 2), torch.tensor([[2**31 - 1, 0, 0, 0]], dtype=torch.int32))
+    assert ps.collate([last]).coords[:, 0].tolist() == [2**31 - 1]
+    for items in ([e, last], [last, e]):
+        with pytest.raises(ValueError, match=r"2147483649 batches in all"):
+            ps.collate(items)
 
 
 def test_collate_errors():

@@ -280,17 +280,9 @@ class Batch:
         for i, s in enumerate(samples):
             if not isinstance(s, VoxelSample):
                 raise TypeError(f"Batch.of takes VoxelSamples; item {i} is {type(s).__name__}")
-        tensor = collate([s.input for s in samples])  # ValueError for no samples, range checked
-        if any(len(s.input) == 0 for s in samples):
-            # collate shifts each tensor past the batches of those before it,
-            # and an empty cloud holds none: the samples after it would take
-            # its index (and its xyz and name). Each sample keeps its place.
-            counts = torch.tensor([len(s.input) for s in samples], device=tensor.device)
-            empties_before = torch.cumsum((counts == 0).long(), 0)  # (an empty sample has no rows to shift)
-            coords = tensor.coords.clone()
-            coords[:, 0] += torch.repeat_interleave(empties_before, counts).to(coords.dtype)
-            KeyLayout.of(coords)  # the batch count still fits a key
-            tensor = SparseTensor(tensor.feats, coords, tensor.stride, validate=False)
+        # ValueError for no samples, range checked; sample i (empty or not)
+        # has batch index i, so its points meet its own xyz and name.
+        tensor = collate([s.input for s in samples])
         inverse, row = [], 0
         for s in samples:
             inverse.append(s.inverse + row)
