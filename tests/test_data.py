@@ -1041,6 +1041,53 @@ def test_open3d_reader_refuses_pcd_fields_open3d_cannot_read(tmp_path):
         assert s.xyz.tolist() == ([[0, 0, 3], [1, 1, 4]] if fields.startswith("x:8") else [[1, 2, 3], [2, 3, 4]])
 
 
+def test_open3d_reader_refuses_pcd_fields_it_would_read_in_part(tmp_path):
+    """Open3D reads only the first value of a field of COUNT > 1 (a label
+    COUNT 2 lost its second value, an x COUNT 2 its second) and returns
+    black for an rgb/rgba field that is not 4 packed bytes (rgb SIZE 1
+    COUNT 3 came back as no colour at all). A field the reader takes is
+    refused then, naming the file and the field; another field of COUNT >
+    1 (a descriptor nobody reads) does not shift the others."""
+    pytest.importorskip("open3d")
+
+    def pcd(fields, rows, data="binary"):
+        names, sizes, types, counts = zip(*(f.split(":") for f in fields.split()))
+        head = (f"VERSION 0.7\nFIELDS {' '.join(names)}\nSIZE {' '.join(sizes)}\nTYPE {' '.join(types)}\n"
+                f"COUNT {' '.join(counts)}\nWIDTH {len(rows)}\nHEIGHT 1\nPOINTS {len(rows)}\nDATA {data}\n")
+        if data == "ascii":
+            return (head + "".join(" ".join(str(v) for v in r) + "\n" for r in rows)).encode()
+        dtype = [(f"f{j}", f"<{t.lower()}{b}", (int(c),)) for j, (t, b, c) in enumerate(zip(types, sizes, counts))]
+        out = np.zeros(len(rows), dtype)
+        for i, r in enumerate(rows):
+            it = iter(r)
+            for j, c in enumerate(counts):
+                out[i][f"f{j}"] = [next(it) for _ in range(int(c))]
+        return head.encode() + out.tobytes()
+
+    xyz = "x:4:F:1 y:4:F:1 z:4:F:1"
+    packed = (10 << 16) | (20 << 8) | 30
+    cases = {
+        "label2": ((xyz + " label:4:I:2", [[1, 2, 3, 5, 6]], "ascii"), r"field 'label' has COUNT 2"),
+        "x2": (("x:4:F:2 y:4:F:1 z:4:F:1", [[1, 9, 2, 3]]), r"field 'x' has COUNT 2"),
+        "intensity2": ((xyz + " intensity:4:F:2", [[1, 2, 3, 0.5, 0.7]]), r"field 'intensity' has COUNT 2"),
+        "rgb3": ((xyz + " rgb:1:U:3", [[1, 2, 3, 10, 20, 30]]), r"field 'rgb' has SIZE 1 COUNT 3"),
+        "rgba8": ((xyz + " rgba:8:F:1", [[1, 2, 3, 0.5]]), r"field 'rgba' has SIZE 8 COUNT 1"),
+        "rgb2": ((xyz + " rgb:2:U:1", [[1, 2, 3, 7]], "ascii"), r"field 'rgb' has SIZE 2 COUNT 1"),
+    }
+    for name, (args, match) in cases.items():
+        (tmp_path / f"{name}.pcd").write_bytes(pcd(*args))
+        with pytest.raises(ValueError, match=rf"{name}\.pcd: PCD {match}"):
+            read_open3d(tmp_path / f"{name}.pcd")
+    for data in ("binary", "ascii"):
+        (tmp_path / "ok.pcd").write_bytes(pcd("fpfh:4:F:3 " + xyz + " rgb:4:U:1 label:4:I:1",
+                                              [[7, 8, 9, 1, 2, 3, packed, 5], [0, 0, 0, 4, 5, 6, packed, 6]], data))
+        s = read_open3d(tmp_path / "ok.pcd")
+        # (an ascii body's positions come with x and y relative to their minimum)
+        assert s.xyz.tolist() == ([[0, 0, 3], [3, 3, 6]] if data == "ascii" else [[1, 2, 3], [4, 5, 6]])
+        assert s.labels.tolist() == [5, 6]
+        assert np.allclose(s.rgb, np.array([[10, 20, 30]] * 2) / 255)
+
+
 _PCD_DTYPES = {("F", 4): "<f4", ("F", 8): "<f8", ("I", 4): "<i4", ("I", 2): "<i2", ("U", 1): "u1"}
 
 

@@ -881,9 +881,11 @@ _PCD_INT_TOKEN = re.compile(r"[+-]?(0|[1-9][0-9]*)")  # Open3D: strtol(..., 0), 
 
 
 _OPEN3D_PCD_ARRAYS = ("positions", "normals", "colors")  # the names of Open3D's own arrays
+_OPEN3D_PCD_COLOURS = ("rgb", "rgba")  # the fields Open3D unpacks into colors
+_OPEN3D_PCD_READ = ("x", "y", "z", "intensity", *_OPEN3D_LABELS)  # the other fields read_open3d takes
 
 
-def _check_open3d_pcd_fields(path: Path, names, types, sizes) -> None:
+def _check_open3d_pcd_fields(path: Path, names, types, sizes, counts) -> None:
     """A PCD header's FIELDS as Open3D's reader takes them: each name once
     (a name given twice, or one of Open3D's array names ``positions``,
     ``normals``, ``colors``, shares one buffer between two fields: the
@@ -891,15 +893,24 @@ def _check_open3d_pcd_fields(path: Path, names, types, sizes) -> None:
     such as ``SIZE 4 8 4`` fails Open3D's header parse, which the reader
     reported only as "no points read"), and normal_x normal_y normal_z all
     three or none, of the type of x y z (Open3D sizes the normals by x's
-    type: another type overran them, a missing one crashed it); ValueError
-    naming the file and the fields otherwise."""
+    type: another type overran them, a missing one crashed it); the fields
+    :func:`read_open3d` takes of COUNT 1 (Open3D keeps only a field's first
+    value) and rgb/rgba 4 packed bytes (Open3D returns black for any other
+    size); ValueError naming the file and the fields otherwise."""
     declared = {}
-    for name, t, b in zip(names, types, sizes):
+    for name, t, b, c in zip(names, types, sizes, counts):
         if name in declared or name in _OPEN3D_PCD_ARRAYS:
             why = "names it twice" if name in declared else "names a field after one of Open3D's own arrays " \
                 f"({', '.join(_OPEN3D_PCD_ARRAYS)})"
             raise ValueError(f"{path}: PCD FIELDS {' '.join(names)} {why}: {name!r} (Open3D reads both into one "
                              "buffer, corrupting memory); rename the field")
+        if name in _OPEN3D_PCD_COLOURS and (b != 4 or c != 1):
+            raise ValueError(f"{path}: PCD field {name!r} has SIZE {b} COUNT {c}; Open3D reads colour only from "
+                             f"one 4-byte packed {name} value (0x00RRGGBB, TYPE F, U or I SIZE 4 COUNT 1) and "
+                             "returns black for any other")
+        if name in _OPEN3D_PCD_READ and c != 1:
+            raise ValueError(f"{path}: PCD field {name!r} has COUNT {c}; Open3D reads only the first of a field's "
+                             f"values (the other {c - 1} would be dropped): declare it COUNT 1")
         declared[name] = f"{t.upper()}{b}"
 
     def listed(group):
@@ -975,7 +986,7 @@ def _check_pcd(path: Path) -> np.ndarray | None:
             raise ValueError(f"{path}: PCD field {name!r} has TYPE {t} SIZE {b}; not a type this reader knows")
         dtypes += [np.dtype(_PCD_TYPES[t.upper(), b])] * c
         columns += [name] * c
-    _check_open3d_pcd_fields(path, names, types, sizes)
+    _check_open3d_pcd_fields(path, names, types, sizes, counts)
     row = sum(d.itemsize for d in dtypes)
     held_bytes = size - start
     if data == "binary":
