@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -56,7 +57,7 @@ def test_map_schedule_records_the_maps_and_plans_a_network_builds():
             assert keys.index(down) < i
 
 
-@pytest.mark.parametrize("workers", [1, 2, 3])
+@pytest.mark.parametrize("workers", [1, 2, 3, np.int64(2)])  # (a numpy integer was refused)
 def test_build_maps_gives_the_network_every_map_and_the_same_outputs(monkeypatch, workers):
     net = _net(1)
     x = random_cloud(n=4000, extent=32, seed=2)
@@ -245,11 +246,12 @@ def test_build_maps_checks_its_arguments(monkeypatch):
         spnn.build_maps(x.coords, schedule)
     with pytest.raises(TypeError, match="schedule must be a MapSchedule"):
         spnn.build_maps(x, list(schedule.maps))
-    for bad in (True, 1.5, "2"):
+    for bad in (True, 1.5, "2", np.float64(2.0), np.True_):
         with pytest.raises(TypeError, match="workers must be an int"):
             spnn.build_maps(x, schedule, workers=bad)
-    with pytest.raises(ValueError, match="workers must be >= 1"):
-        spnn.build_maps(x, schedule, workers=0)
+    for bad in (0, np.int64(0)):
+        with pytest.raises(ValueError, match="workers must be >= 1"):
+            spnn.build_maps(x, schedule, workers=bad)
     with pytest.raises(TypeError, match="MapSchedule.maps"):
         spnn.MapSchedule(list(schedule.maps), schedule.plans)
     with pytest.raises(TypeError, match="MapSchedule.plans"):

@@ -30,7 +30,7 @@ import torch
 
 from .. import _ext
 from .. import kmap as _kmap
-from ..tensor import CoordinateCache, SparseTensor
+from ..tensor import CoordinateCache, SparseTensor, as_int
 from . import _engine
 
 
@@ -113,13 +113,18 @@ def _build_one(cache: CoordinateCache, key, plan: bool) -> None:
         _engine.get_plan(kmap, cache)
 
 
-def _check_workers(workers) -> None:
+def _check_workers(workers) -> int | None:
+    """``workers`` as a Python int (numpy integers too; not bools or
+    floats), or None."""
     if workers is None:
-        return
-    if isinstance(workers, bool) or not isinstance(workers, int):
-        raise TypeError(f"workers must be an int >= 1 or None; got {workers!r}")
+        return None
+    try:
+        workers = as_int(workers, "workers")
+    except TypeError:
+        raise TypeError(f"workers must be an int >= 1 or None; got {workers!r}") from None
     if workers < 1:
         raise ValueError(f"workers must be >= 1; got {workers}")
+    return workers
 
 
 #: The input rows from which :func:`build_maps` (``workers=None``) builds its
@@ -150,7 +155,7 @@ def build_maps(tensor: SparseTensor, schedule: MapSchedule, workers: int | None 
         raise TypeError(f"tensor must be a SparseTensor; got {type(tensor).__name__}")
     if not isinstance(schedule, MapSchedule):
         raise TypeError(f"schedule must be a MapSchedule (nn.map_schedule); got {type(schedule).__name__}")
-    _check_workers(workers)
+    workers = _check_workers(workers)
     if workers is None:
         workers = _ext.num_threads() if len(tensor) >= PARALLEL_MIN_ROWS else 1
     cache = tensor.cache
@@ -237,7 +242,7 @@ class MapsAhead(torch.nn.Module):
         super().__init__()
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-        _check_workers(workers)
+        workers = _check_workers(workers)
         self.model = model
         self.workers = workers
         self.schedule: MapSchedule | None = None
