@@ -363,3 +363,31 @@ def test_compressed_model_totals_equal_the_masked_models():
             assert after["total"][key] == before["total"][key], (fmt, key)
             for name in before["layers"]:
                 assert after["layers"][name][key] == before["layers"][name][key], (fmt, name, key)
+
+
+def test_kernel_region_offsets_outside_are_no_parameters():
+    """The offsets outside a conv's kernel_region are no weights of the
+    layer (its FLOPs already left them out): params, nonzeros,
+    weight_nonzeros and sparsity count only the region's values, whatever
+    is loaded outside it, in the layer's row and the total (they counted all
+    27 offsets), and a compressed copy's rows are its source's."""
+    import pointsparse as ps
+
+    conv = ps.nn.Conv3d(2, 3, 3, bias=True, kernel_region="cross")
+    weight = torch.ones(27, 2, 3)  # nonzero at all 27 offsets, 7 of them in the cross
+    weight[13, 0] = 0  # 3 zeros in the region
+    set_weight(conv, weight)
+    model = nn.Sequential(conv, nn.Linear(3, 4, bias=False))
+    report = prune.sparsity_report(model)
+    row = report["layers"]["0"]
+    assert row["shape"] == (27, 2, 3)  # the weight tensor's shape
+    assert row["params"] == 7 * 6 + 3 and row["weight_nonzeros"] == 7 * 6 - 3
+    assert row["nonzeros"] == 7 * 6 - 3 + int((conv.bias != 0).sum())
+    assert row["sparsity"] == pytest.approx(3 / 42)
+    total = report["total"]
+    assert total["params"] == 45 + 12 and total["weight_nonzeros"] == 39 + 12
+    assert total["sparsity"] == pytest.approx(3 / (42 + 12))
+    compressed = ps.formats.compress(model[0], "csr")
+    again = prune.sparsity_report(compressed)["layers"][""]
+    assert {k: again[k] for k in ("params", "nonzeros", "weight_nonzeros", "sparsity")} == \
+        {k: row[k] for k in ("params", "nonzeros", "weight_nonzeros", "sparsity")}

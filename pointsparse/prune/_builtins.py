@@ -98,6 +98,15 @@ def _sparse_flops(m, weight, inputs, output, pair_counts):
     return (2 * int((counts * per_offset).sum()), 2 * int(counts.sum()) * weight[0].numel(), executed, execution)
 
 
+def _sparse_used_weights(m, weight):
+    """The values of the offsets the conv runs: those of its
+    ``kernel_region`` (every offset without one), ``(K_region, C_in, C_out)``."""
+    from ..nn.functional import region_of  # noqa: PLC0415 - nn sits above this package
+
+    keep = region_of(m.kernel_size, getattr(m, "kernel_region", None))
+    return weight if keep is None else weight[keep.to(weight.device)]
+
+
 def _sparse_like(m, c_in, c_out) -> nn.Module:
     from ..nn import Conv3d  # noqa: PLC0415
 
@@ -139,8 +148,8 @@ def _register() -> None:
     register(Conv3d, LayerAdapter(
         axes=lambda m: {"weight": {"out": 2, "in": 1}, **_BIAS}, layout_fn=lambda m: SPARSE_CONV,
         per_site=lambda m: m.kernel_volume == 1 and not m.transposed, kernel_map=_sparse_kernel_map,
-        flops=_sparse_flops, like=_sparse_like, columns=_sparse_columns, set_from_2d=_sparse_set_from_2d,
-        addends=("add",)))
+        flops=_sparse_flops, used_weights=_sparse_used_weights, like=_sparse_like, columns=_sparse_columns,
+        set_from_2d=_sparse_set_from_2d, addends=("add",)))
 
 
 _register()

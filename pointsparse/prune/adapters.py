@@ -23,6 +23,10 @@ An adapter says
   dense_flops, executed_flops, execution)`` of one call (see
   :mod:`.report`); by default ``2 * positions * nnz(W)`` with ``positions``
   the output elements per output channel;
+* ``used_weights(module, weight)``: the entries of ``weight`` that are
+  weights of the layer (what the report counts as its parameters, nonzeros
+  and sparsity): by default all of them; a ``pointsparse.nn.Conv3d``'s
+  offsets inside its ``kernel_region`` (the conv never runs the others);
 * ``like(module, c_in, c_out)``: a fresh layer of the same type and geometry
   with other widths (NetAdapt's latency table);
 * ``columns(module, x, y)`` and ``set_from_2d(module, w2d)``: the layer as a
@@ -140,6 +144,7 @@ class LayerAdapter:
     supported: Callable[[nn.Module], str | None] = lambda m: None  # a reason it cannot be cut, else None
     kernel_map: Callable | None = None
     flops: Callable = _output_positions_flops
+    used_weights: Callable[[nn.Module, torch.Tensor], torch.Tensor] = lambda m, w: w
     like: Callable[[nn.Module, int, int], nn.Module] | None = None
     columns: Callable | None = None
     set_from_2d: Callable[[nn.Module, torch.Tensor], None] | None = None

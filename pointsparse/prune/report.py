@@ -16,6 +16,13 @@ FLOPs count multiply-adds as 2 operations and ignore the bias:
   weights of the layer (the conv never runs them), whatever values are
   loaded there (a compressed conv keeps its source's region).
 
+``params``, ``nonzeros``, ``weight_nonzeros`` and ``sparsity`` count the
+weight entries that are weights of the layer (``params`` and ``nonzeros``
+with the bias): all of them, except in a sparse conv with a
+``kernel_region``, where only the region's offsets count (the values loaded
+outside it are never run, as for its FLOPs); ``shape`` is the weight
+tensor's. The total's sparsity is over the weights every row counts.
+
 ``dense_flops`` is the same count with every weight entry nonzero.
 ``executed_flops`` is what the engine runs: for a sparse conv the fused
 engine's choice (``execution``: "dense", "offsets" when all-zero kernel
@@ -45,14 +52,13 @@ do not tell the output sites)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from . import adapters
-from ._builtins import _sparse_flops
+from ._builtins import _sparse_flops, _sparse_used_weights
 from .adapters import current_weight, is_sparse_conv
 
 
@@ -89,6 +95,17 @@ def _weight(module) -> torch.Tensor:
     if isinstance(module, conv):
         return module.engine_weight
     return current_weight(module, "weight")
+
+
+def _used_weights(module, weight: torch.Tensor) -> torch.Tensor:
+    """The entries of ``weight`` that are weights of the layer (its adapter's
+    ``used_weights``; a compressed conv's: its region's offsets, as its source's)."""
+    linear, conv = _compressed_types()
+    if isinstance(module, conv):
+        return _sparse_used_weights(module, weight)
+    if isinstance(module, linear):
+        return weight
+    return adapters.adapter_for(module).used_weights(module, weight)
 
 
 def _stored_values(fmt) -> int:
@@ -139,7 +156,7 @@ def sparsity_report(model: nn.Module, example_input=None, pairs: dict | None = N
     ValueError)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    layers = {}
+    layers, weights = {}, 0
     modules = {name: m for name, m in model.named_modules() if _is_compressed(m) or adapters.is_layer(m)}
     pairs = _check_pairs(pairs, modules)
     for qualified, module in modules.items():
@@ -147,14 +164,16 @@ def sparsity_report(model: nn.Module, example_input=None, pairs: dict | None = N
         bias = getattr(module, "bias", None)
         bias = bias.detach() if isinstance(bias, torch.Tensor) else None
         _check_has_values(qualified, weight, bias)
-        weight_nonzeros = int((weight != 0).sum())
+        used = _used_weights(module, weight)
+        weight_nonzeros = int((used != 0).sum())
+        weights += used.numel()
         layers[qualified] = {
             "type": type(module).__name__,
             "shape": tuple(weight.shape),
-            "params": weight.numel() + (bias.numel() if bias is not None else 0),
+            "params": used.numel() + (bias.numel() if bias is not None else 0),
             "nonzeros": weight_nonzeros + (int((bias != 0).sum()) if bias is not None else 0),
             "weight_nonzeros": weight_nonzeros,
-            "sparsity": 1.0 - weight_nonzeros / weight.numel() if weight.numel() else 0.0,
+            "sparsity": 1.0 - weight_nonzeros / used.numel() if used.numel() else 0.0,
             "flops": None,
             "dense_flops": None,
             "executed_flops": None,
@@ -167,7 +186,7 @@ def sparsity_report(model: nn.Module, example_input=None, pairs: dict | None = N
             module = modules[qualified]
             flops = _layer_flops(module, _weight(module), None, None, counts)
             _set_flops(layers[qualified], flops)
-    return {"layers": layers, "total": _total(layers)}
+    return {"layers": layers, "total": _total(layers, weights)}
 
 
 def _check_has_values(qualified: str, weight: torch.Tensor, bias) -> None:
@@ -266,9 +285,9 @@ def _set_flops(row: dict, counts: tuple, add: bool = False) -> None:
     row["execution"] = counts[3]
 
 
-def _total(layers: dict) -> dict:
+def _total(layers: dict, weights: int) -> dict:
+    """The sum of the rows; ``weights``: the weight entries they count."""
     params = sum(r["params"] for r in layers.values())
-    weights = sum(math.prod(r["shape"]) for r in layers.values())
     weight_nonzeros = sum(r["weight_nonzeros"] for r in layers.values())
     flops = [r["flops"] for r in layers.values()]
     dense = [r["dense_flops"] for r in layers.values()]
