@@ -71,3 +71,20 @@ def test_registered_layer_reaches_methods_criteria_report_and_formats(registered
     assert default_row_dim(layer) == 1
     dense = (layer.weight_orig * layer.weight_mask).detach()
     assert torch.equal(formats.FKW.from_module(layer).to_dense(), dense.t())
+
+
+def test_sparsity_counts_a_kernel_region_conv_inside_its_region():
+    """sparsity and layer_sparsity count the weights of the layer, as the
+    report does: a kernel_region conv's offsets inside the region (the 20
+    zeros outside a fresh "cross" conv's 7 offsets made it 74% sparse)."""
+    import pointsparse as ps
+
+    conv = ps.nn.Conv3d(2, 3, 3, kernel_region="cross")
+    model = nn.Sequential(conv, nn.Linear(3, 4))
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+        conv.weight[13, 0] = 0  # 3 zeros inside the region, 60 nonzeros outside it
+        model[1].weight.fill_(1.0)
+    assert adapters.layer_sparsity(model) == {"0": pytest.approx(3 / 42), "1": 0.0}
+    assert adapters.sparsity(model) == pytest.approx(3 / (42 + 12))
+    assert adapters.sparsity(model) == pytest.approx(prune.sparsity_report(model)["total"]["sparsity"])

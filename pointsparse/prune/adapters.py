@@ -348,18 +348,24 @@ def masks(model: nn.Module, layers=None) -> dict[str, torch.Tensor]:
     return {n: get_mask(m).clone() for n, m in prunable_layers(model, layers)}
 
 
+def _used(module: nn.Module) -> torch.Tensor:
+    """The layer's weight entries that are weights of it (its adapter's ``used_weights``)."""
+    return adapter_for(module).used_weights(module, module.weight.detach())
+
+
 def sparsity(model: nn.Module, layers=None) -> float:
-    """Fraction of zero weights over the prunable layers (pruned or exactly 0)."""
+    """Fraction of zero weights over the prunable layers (pruned or exactly 0;
+    a ``kernel_region`` conv's inside its region, as ``sparsity_report``)."""
     zeros = total = 0
     for _, m in prunable_layers(model, layers):
-        w = m.weight.detach()
+        w = _used(m)
         zeros += int((w == 0).sum())
         total += w.numel()
     return zeros / max(total, 1)
 
 
 def layer_sparsity(model: nn.Module, layers=None) -> dict[str, float]:
-    return {n: float((m.weight.detach() == 0).float().mean()) for n, m in prunable_layers(model, layers)}
+    return {n: float((_used(m) == 0).float().mean()) for n, m in prunable_layers(model, layers)}
 
 
 def apply_masks(model: nn.Module, mask_dict: dict[str, torch.Tensor]) -> None:
