@@ -124,3 +124,20 @@ def test_latency_of_a_width_the_table_lacks_is_a_value_error():
     table = netadapt.build_latency_table(net, torch.randn(32, 8), num_candidates=2, repeats=2)
     with pytest.raises(ValueError, match="no entry"):
         table.latency({"0": 5, "2": 16})
+
+
+def test_table_layer_keeps_a_sparse_conv_s_settings():
+    """The table times a fresh layer like the model's (its adapter's
+    ``like``): a sparse conv's kernel_region was dropped (a "cross" conv
+    timed as all its offsets), and its fused ReLU; every setting is kept."""
+    from pointsparse.nn import Conv3d
+
+    conv = Conv3d(4, 6, (3, 3, 1), stride=2, dilation=(1, 2, 1), bias=True, transposed=True, kernel_region="cross")
+    conv.relu = True
+    like = netadapt._layer_like(conv, 8, 5)
+    assert type(like) is Conv3d and (like.in_channels, like.out_channels) == (8, 5)
+    assert like.weight.shape == (9, 8, 5) and like.bias is not None and like.bias.shape == (5,)
+    for setting in ("kernel_size", "stride", "dilation", "transposed", "relu", "kernel_region"):
+        assert getattr(like, setting) == getattr(conv, setting), setting
+    assert like.kernel_region == (1, 3, 4, 5, 7)
+    assert "kernel_region=[1, 3, 4, 5, 7]" in repr(like)

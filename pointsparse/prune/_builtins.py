@@ -108,9 +108,14 @@ def _sparse_used_weights(m, weight):
 
 
 def _sparse_like(m, c_in, c_out) -> nn.Module:
+    """A fresh conv with every setting of ``m`` (its ``kernel_region`` and
+    fused ReLU too) but the widths."""
     from ..nn import Conv3d  # noqa: PLC0415
 
-    return Conv3d(c_in, c_out, m.kernel_size, m.stride, m.dilation, m.bias is not None, m.transposed)
+    like = Conv3d(c_in, c_out, m.kernel_size, m.stride, m.dilation, m.bias is not None, m.transposed,
+                  kernel_region=getattr(m, "kernel_region", None))
+    like.relu = bool(getattr(m, "relu", False))
+    return like
 
 
 def _sparse_columns(m, x, y):
