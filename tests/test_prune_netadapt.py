@@ -141,3 +141,21 @@ def test_table_layer_keeps_a_sparse_conv_s_settings():
         assert getattr(like, setting) == getattr(conv, setting), setting
     assert like.kernel_region == (1, 3, 4, 5, 7)
     assert "kernel_region=[1, 3, 4, 5, 7]" in repr(like)
+
+
+def test_table_times_layers_and_inputs_in_the_model_s_dtype():
+    """The table's fresh layers and random inputs were float32 whatever the
+    model's dtype (a float64 model timed in float32; on another device the
+    layers stayed on the CPU); they follow the layer and its input now."""
+    net = sparse_chain(width=4).double()
+    x = sparse_input(n=40)
+    x = x.with_feats(x.feats.double())
+    gen = torch.Generator().manual_seed(0)
+    assert netadapt._layer_like(net[3], 3, 5).weight.dtype == torch.float64
+    assert netadapt._follower_like(net[4], 5).running_var.dtype == torch.float64
+    assert netadapt._input_like(x, 3, 1, gen).feats.dtype == torch.float64
+    linear = mlp(0).double()
+    assert netadapt._layer_like(linear[0], 8, 4).weight.dtype == torch.float64
+    assert netadapt._input_like(torch.randn(5, 8, dtype=torch.float64), 8, 1, gen).dtype == torch.float64
+    table = netadapt.build_latency_table(net, x, num_candidates=2, repeats=1)
+    assert set(table.entries["3"]) == {(4, 8), (4, 4), (2, 8), (2, 4)}

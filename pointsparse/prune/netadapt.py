@@ -12,6 +12,7 @@ and the final network's latency is measured again."""
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import time
 import warnings
@@ -53,29 +54,38 @@ def measure_latency(model: nn.Module, example_input, repeats: int = 7) -> float:
         model.train(was)
 
 
+def _placed_like(fresh: nn.Module, module: nn.Module) -> nn.Module:
+    """``fresh`` on ``module``'s device and in its floating dtype (those of
+    its first floating parameter or buffer), as the table times it."""
+    ref = next((t for t in itertools.chain(module.parameters(), module.buffers()) if t.is_floating_point()), None)
+    return fresh if ref is None else fresh.to(ref.device, ref.dtype)
+
+
 def _layer_like(module: nn.Module, c_in: int, c_out: int) -> nn.Module:
     """A fresh layer of ``module``'s type and geometry with other channel
-    counts (its adapter's ``like``)."""
+    counts (its adapter's ``like``), on its device and in its dtype."""
     adapter = adapters.adapter_for(module)
     if adapter is None or adapter.kind != "layer" or adapter.like is None:
         raise TypeError(f"NetAdapt's table does not support {type(module).__name__}")
-    return adapter.like(module, c_in, c_out)
+    return _placed_like(adapter.like(module, c_in, c_out), module)
 
 
 def _follower_like(module: nn.Module, c_out: int) -> nn.Module:
-    """A fresh norm of ``c_out`` channels (its adapter's ``like``), else a copy."""
+    """A fresh norm of ``c_out`` channels (its adapter's ``like``, on its
+    device and in its dtype), else a copy."""
     adapter = adapters.adapter_for(module)
     if adapter is not None and adapter.kind == "norm" and adapter.like is not None:
-        return adapter.like(module, c_out, c_out)
+        return _placed_like(adapter.like(module, c_out, c_out), module)
     return copy.deepcopy(module)
 
 
 def _input_like(x, c_in: int, repeat: int, gen: torch.Generator):
+    """Random inputs of ``c_in * repeat`` channels like ``x`` (its dtype and device)."""
     if hasattr(x, "with_feats"):  # SparseTensor: same coords and coordinate cache (kernel maps already built)
-        return x.with_feats(torch.randn(len(x), c_in, generator=gen))
+        return x.with_feats(torch.randn(len(x), c_in, generator=gen).to(x.feats.device, x.feats.dtype))
     shape = list(x.shape)
     shape[1] = c_in * repeat
-    return torch.randn(shape, generator=gen)
+    return torch.randn(shape, generator=gen).to(x.device, x.dtype)
 
 
 def _structural_key(module, x) -> dict:
