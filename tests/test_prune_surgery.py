@@ -136,6 +136,29 @@ def test_reconstruction_exact_when_nothing_is_lost():
     assert torch.allclose(net(x), ref, atol=1e-4)
 
 
+def test_reconstruction_of_a_kernel_region_conv_fits_its_region():
+    """The refit of a consumer with a kernel_region solved for all 27
+    offsets (its im2col columns had them all) and wrote them all, though the
+    conv runs only the region's: with fewer sites than columns the fit
+    leaked into the offsets it ignores and missed. The fit is on the
+    region's offsets, which reproduce the outputs when nothing is lost; the
+    region and the values outside it stay."""
+    from pointsparse.nn import Conv3d, ReLU
+
+    torch.manual_seed(0)
+    net = nn.Sequential(Conv3d(3, 8, 3, kernel_region="cross"), ReLU(), Conv3d(8, 5, 3, kernel_region="cross")).eval()
+    x = sparse_input(n=40)  # 37 sites: fewer than 27 * 4 columns, more than 7 * 4
+    with torch.no_grad():  # channels 4..7 feed nothing: the refit must reproduce the outputs
+        net[2].weight[:, 4:] = 0
+        net[0].weight[:, :, 4:] *= 1e-3
+        net[2].weight[0] = 1.0  # outside the region: never run
+    ref = net(x).feats
+    surgery.apply_channel_ratios(net, {"0": 0.5}, reconstruct=True, calibration_input=x)
+    assert net[2].kernel_region == (4, 10, 12, 13, 14, 16, 22) and net[2].weight.shape == (27, 4, 5)
+    assert torch.allclose(net(x).feats, ref, atol=1e-4)
+    assert bool((net[2].weight[0] == 1.0).all())
+
+
 def test_reconstruction_leaves_batchnorm_statistics_alone():
     net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3)).train()
     before = {k: v.clone() for k, v in net.state_dict().items() if "running" in k or "num_batches" in k}

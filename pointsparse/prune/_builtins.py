@@ -98,12 +98,17 @@ def _sparse_flops(m, weight, inputs, output, pair_counts):
     return (2 * int((counts * per_offset).sum()), 2 * int(counts.sum()) * weight[0].numel(), executed, execution)
 
 
+def _sparse_region(m) -> torch.Tensor | None:
+    """The offsets the conv runs, a bool ``(K,)``: its ``kernel_region`` (None: all)."""
+    from ..nn.functional import region_of  # noqa: PLC0415 - nn sits above this package
+
+    return region_of(m.kernel_size, getattr(m, "kernel_region", None))
+
+
 def _sparse_used_weights(m, weight):
     """The values of the offsets the conv runs: those of its
     ``kernel_region`` (every offset without one), ``(K_region, C_in, C_out)``."""
-    from ..nn.functional import region_of  # noqa: PLC0415 - nn sits above this package
-
-    keep = region_of(m.kernel_size, getattr(m, "kernel_region", None))
+    keep = _sparse_region(m)
     return weight if keep is None else weight[keep.to(weight.device)]
 
 
@@ -119,16 +124,26 @@ def _sparse_like(m, c_in, c_out) -> nn.Module:
 
 
 def _sparse_columns(m, x, y):
-    """im2col rows ``(M, K * C_in)`` of the map the layer runs on ``x``."""
+    """im2col rows ``(M, K * C_in)`` of the map the layer runs on ``x``, of
+    the offsets it runs (``K`` those of its ``kernel_region``)."""
     from ..nn.reference import im2col  # noqa: PLC0415
 
     kmap = _sparse_kernel_map(m, x)
-    return im2col(x.feats, kmap).reshape(kmap.num_out, -1), y.feats
+    cols, keep = im2col(x.feats, kmap), _sparse_region(m)
+    if keep is not None:
+        cols = cols[:, keep.to(cols.device)]
+    return cols.reshape(kmap.num_out, -1), y.feats
 
 
 def _sparse_set_from_2d(m, w2d) -> None:
+    """The weight of the offsets the conv runs from ``(K * C_in, C_out)``
+    (:func:`_sparse_columns`' order); the others are left as they are."""
+    keep = _sparse_region(m)
     with torch.no_grad():
-        m.weight.copy_(w2d.reshape(m.weight.shape))
+        if keep is None:
+            m.weight.copy_(w2d.reshape(m.weight.shape))
+        else:
+            m.weight[keep.to(m.weight.device)] = w2d.reshape(-1, *m.weight.shape[1:]).to(m.weight.dtype)
 
 
 def _register() -> None:
