@@ -524,3 +524,25 @@ def test_global_plan_normalises_groups_of_small_scores():
     scores[(net[0], "weight")][3, 1] = float("nan")
     with pytest.raises(ValueError, match="scores for 'weight' of '0' hold NaN"):
         G.plan(graph, 0.5, scores=scores)
+
+
+def test_group_scores_of_a_kernel_region_conv_count_its_region():
+    """The default scores (absolute weights) and given ones summed a
+    kernel_region conv's values outside the region too (never run); only
+    the region's offsets count."""
+    from pointsparse.nn.functional import region_of
+
+    net = nn.Sequential(ps.nn.Conv3d(2, 4, 3, kernel_region="cross"), ps.nn.ReLU(),
+                        ps.nn.Conv3d(4, 3, 3, kernel_region="cross")).eval()
+    keep = region_of(3, "cross")
+    with torch.no_grad():
+        net[0].weight.zero_()
+        net[0].weight[keep] = torch.tensor([1.0, 2.0, 3.0, 4.0])
+        net[0].weight[0] = torch.tensor([100.0, 100.0, 0.0, 0.0])  # offset 0 is outside the cross
+        net[2].weight.zero_()
+        net[2].weight[26, :2] = 50.0  # outside too, on input channels 0 and 1
+    graph = G.DependencyGraph(net, sparse_input(channels=2))
+    assert G.group_scores(graph, "0").tolist() == [14.0, 28.0, 42.0, 56.0]
+    assert G.plan(graph, 0.5, multiple=1)["0"].tolist() == [2, 3]
+    ones = {(net[0], "weight"): torch.ones(27, 2, 4)}
+    assert G.group_scores(graph, "0", ones).tolist() == [14.0] * 4

@@ -230,3 +230,19 @@ def test_chain_kinds():
     assert [(n, k) for n, _, k in chain] == [("0", "layer"), ("1.0", "norm"), ("1.1", "pass"), ("2", "layer")]
     assert list(surgery.chain_followers(net)) == ["0", "2"]
     assert surgery.channel_groups(nn.Linear(3, 3)) == []
+
+
+def test_l1_ranking_of_a_kernel_region_conv_counts_its_region():
+    """A channel's L1 norm summed the values outside a conv's kernel_region
+    too (loaded there, never run): channels were kept for weights the conv
+    ignores. Only the region's offsets count."""
+    from pointsparse.nn import Conv3d
+    from pointsparse.nn.functional import region_of
+
+    conv = Conv3d(2, 4, 3, kernel_region="cross")
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[region_of(3, "cross")] = torch.tensor([1.0, 2.0, 3.0, 4.0])
+        conv.weight[0] = torch.tensor([100.0, 100.0, 0.0, 0.0])  # offset 0 is outside the cross
+    assert surgery.channel_l1(conv).tolist() == [14.0, 28.0, 42.0, 56.0]
+    assert surgery.keep_by_l1(conv, 2).tolist() == [2, 3]

@@ -23,10 +23,12 @@ An adapter says
   dense_flops, executed_flops, execution)`` of one call (see
   :mod:`.report`); by default ``2 * positions * nnz(W)`` with ``positions``
   the output elements per output channel;
-* ``used_weights(module, weight)``: the entries of ``weight`` that are
-  weights of the layer (what the report counts as its parameters, nonzeros
-  and sparsity): by default all of them; a ``pointsparse.nn.Conv3d``'s
-  offsets inside its ``kernel_region`` (the conv never runs the others);
+* ``used_weights(module, weight)``: the entries of ``weight`` (or of a
+  tensor of its shape: scores) that are weights of the layer, on the same
+  axes (what the report counts as its parameters, nonzeros and sparsity,
+  and what channel rankings sum): by default all of them; a
+  ``pointsparse.nn.Conv3d``'s offsets inside its ``kernel_region`` (the conv
+  never runs the others);
 * ``like(module, c_in, c_out)``: a fresh layer of the same type and geometry
   with other widths (NetAdapt's latency table);
 * ``columns(module, x, y)`` and ``set_from_2d(module, w2d)``: the layer as a

@@ -459,8 +459,9 @@ def group_scores(graph: DependencyGraph, group, scores: dict | None = None, redu
     """One score per channel of ``group``: ``scores`` (``{(module, tensor):
     per-element scores}`` as :mod:`.criteria` returns them; default: the
     absolute weights) summed over each member's slice of every scored tensor
-    (over repeats and every other axis), then reduced over the members
-    (``"sum"``, ``"mean"`` or ``"max"``)."""
+    (over repeats and every other axis; of a weight, over the entries its
+    adapter's ``used_weights`` keeps: a ``kernel_region`` conv's region),
+    then reduced over the members (``"sum"``, ``"mean"`` or ``"max"``)."""
     if reduce not in ("sum", "mean", "max"):
         raise ValueError(f"reduce must be 'sum', 'mean' or 'max'; got {reduce!r}")
     if scores is not None and not isinstance(scores, Mapping):
@@ -482,7 +483,10 @@ def group_scores(graph: DependencyGraph, group, scores: dict | None = None, redu
                                  f"got {got}")
             if bool(torch.isnan(s.detach()).any()):  # (topk would rank a NaN channel above every other: kept)
                 raise ValueError(f"scores for {tensor!r} of {m.module!r} hold NaN; every channel needs a number")
-            s = s.detach().abs().float().movedim(roles[m.role], 0)
+            s = s.detach()
+            if tensor == "weight":
+                s = adapters.adapter_for(module).used_weights(module, s)
+            s = s.abs().float().movedim(roles[m.role], 0)
             per = s.reshape(s.shape[0], -1).sum(1)[m.start:m.stop].reshape(-1, m.repeat).sum(1)
             row = torch.zeros(g.size)
             row[m.offset:m.offset + m.length] = per.cpu()
