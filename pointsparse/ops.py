@@ -616,6 +616,19 @@ def select_voxels(input: SparseTensor, rows: Tensor, feats: Tensor | None) -> Sp
     return SparseTensor(feats, coords, here, cache=cache, validate=False)
 
 
+def check_same_coords(coords: Tensor, like: Tensor, message: str) -> None:
+    """In a traced graph: ``coords`` are ``like`` row for row, else
+    ``message``. The same tensor (checked while tracing) adds nothing to the
+    graph; another one a check of its count and a run-time assertion that
+    the rows are equal (eager compares the values with ``torch.equal``, a
+    data-dependent graph break here)."""
+    if coords is like:
+        return
+    # (equal counts first, as the row-wise compare needs; both may be known only when the graph runs)
+    torch._check(coords.shape[0] == like.shape[0], lambda: message)
+    torch._assert_async((coords == like.to(coords.dtype)).all(), message)
+
+
 def conv3d(input: SparseTensor, weight: Tensor, bias: Tensor | None, kernel_size: Triple, stride: Triple,
            dilation: Triple, transposed: bool, add: SparseTensor | None = None, relu: bool = False) -> SparseTensor:
     """:func:`pointsparse.nn.functional.conv3d` in a traced graph (arguments
@@ -637,12 +650,8 @@ def conv3d(input: SparseTensor, weight: Tensor, bias: Tensor | None, kernel_size
         if add.stride != out_stride:
             raise ValueError(f"add must be on the conv's output coords (stride {out_stride}, in their order); "
                              f"got stride {add.stride}")
-        if add.coords is not kmap.out_coords:
-            # (equal counts first, as the row-wise compare needs; both known only when the graph runs)
-            torch._check(add.coords.shape[0] == kmap.out_coords.shape[0],
-                         lambda: "add must be on the conv's output coords: another count of sites")
-            same = (add.coords == kmap.out_coords.to(add.coords.dtype)).all()
-            torch._assert_async(same, "add must be on the conv's output coords (in their order); got other coords")
+        check_same_coords(add.coords, kmap.out_coords, "add must be on the conv's output coords (in their order); "
+                          "got other coords")
         add = add.feats
     args = (input.feats, weight, bias, kmap.out_coords, kmap.in_idx, kmap.out_idx, kmap.sizes, key_to_list(kmap.key))
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input.feats, weight, bias, add))):

@@ -1013,3 +1013,35 @@ def test_compiled_conv3d_add_checks_the_residuals_stride_and_coords():
         else:
             with pytest.raises((ValueError, RuntimeError), match=r"add must be on the conv's output coords"):
                 compiled(x)
+
+
+def test_compiled_add_and_cat_take_equal_coords_in_one_graph():
+    """functional.add / cat compared two coords tensors that were other
+    objects with torch.equal: under torch.compile(fullgraph=True) a
+    data-dependent graph break even where they were equal. Now equal coords
+    run in one graph, other ones fail there with a run-time assertion
+    naming the argument, and eager still refuses them with a ValueError."""
+    x = _cloud(200, 6)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(2))
+    others = {
+        "equal": lambda x: ps.SparseTensor(x.feats * 2, x.coords.clone(), validate=False),
+        "permuted": lambda x: ps.SparseTensor(x.feats * 2, x.coords[perm], validate=False),
+        "fewer": lambda x: ps.SparseTensor(x.feats[1:] * 2, x.coords[1:], validate=False),
+        "stride": lambda x: ps.SparseTensor(x.feats * 2, x.coords, stride=2, validate=False),
+    }
+    for name, other in others.items():
+        def run(x, other=other):
+            return spnn.functional.add(x, other(x)).feats, spnn.functional.cat([x, other(x)]).feats
+
+        torch.compiler.reset()
+        compiled = torch.compile(run, fullgraph=True, dynamic=True, backend="eager")
+        if name == "equal":
+            added, joined = compiled(x)
+            assert torch.equal(added, x.feats * 3) and torch.equal(joined, torch.cat([x.feats, x.feats * 2], 1))
+            continue
+        # (the stride refused while tracing: under fullgraph dynamo's error, which quotes the ValueError)
+        error = r"add: item 1 \(stride \(2, 2, 2\)" if name == "stride" else r"add: item 1 has other coords"
+        with pytest.raises((ValueError, RuntimeError), match=error):
+            compiled(x)
+        with pytest.raises(ValueError, match=r"add: item 1 (has other coords|\()"):
+            run(x)

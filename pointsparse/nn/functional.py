@@ -326,14 +326,18 @@ def _same_sites(tensors, what: str) -> SparseTensor:
     if not tensors:
         raise ValueError(f"{what} needs at least one SparseTensor")
     first = tensors[0]
+    compiling = torch.compiler.is_compiling()  # a graph: the counts and rows checked when it runs
     for i, t in enumerate(tensors):
         if not isinstance(t, SparseTensor):
             raise TypeError(f"{what} takes SparseTensors; item {i} is {type(t).__name__}")
-        if t.stride != first.stride or t.coords.shape[0] != first.coords.shape[0]:
-            raise ValueError(f"{what}: item {i} (stride {t.stride}, {len(t)} sites) is not on the coords of "
-                             f"item 0 (stride {first.stride}, {len(first)} sites)")
-        if t.coords is not first.coords and not torch.equal(t.coords, first.coords):
-            raise ValueError(f"{what}: item {i} has other coords (or another row order) than item 0")
+        if t.stride != first.stride or not compiling and t.coords.shape[0] != first.coords.shape[0]:
+            raise ValueError(f"{what}: item {i} (stride {t.stride}, {t.coords.shape[0]} sites) is not on the coords "
+                             f"of item 0 (stride {first.stride}, {first.coords.shape[0]} sites)")
+        other = f"{what}: item {i} has other coords (or another row order) than item 0"
+        if compiling:
+            _ops.check_same_coords(t.coords, first.coords, other)
+        elif t.coords is not first.coords and not torch.equal(t.coords, first.coords):
+            raise ValueError(other)
     return first
 
 
