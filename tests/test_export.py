@@ -1045,3 +1045,24 @@ def test_compiled_add_and_cat_take_equal_coords_in_one_graph():
             compiled(x)
         with pytest.raises(ValueError, match=r"add: item 1 (has other coords|\()"):
             run(x)
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+@pytest.mark.parametrize("grad", [False, True])
+def test_compiled_conv3d_add_checks_the_residuals_channels(channels, grad):
+    """Under torch.compile conv3d(..., add=) did not check the residual's
+    channels (eager's ValueError): without gradients the kernel refused it
+    with a message that named no argument, with them one channel was
+    broadcast over the output's five. Now refused while tracing, as eager."""
+    x = _cloud(150, 7)
+    w = torch.randn(27, 3, 5, requires_grad=grad)
+
+    def run(x):
+        return spnn.functional.conv3d(x, w, 3, add=x.with_feats(torch.ones(len(x), channels))).feats
+
+    error = rf"add must have the conv's 5 output channels; got {channels}"
+    with pytest.raises(ValueError, match=error):
+        run(x)
+    torch.compiler.reset()
+    with pytest.raises((ValueError, RuntimeError), match=error):
+        torch.compile(run, fullgraph=True, dynamic=True, backend="eager")(x)

@@ -161,8 +161,13 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
             raise TypeError(f"weight_mask ({weight_mask.dtype}, {weight_mask.device}) must match the weight "
                             f"({weight.dtype}, {weight.device})")
     region = _region(k, kernel_region)
-    if add is not None and not isinstance(add, SparseTensor):
-        raise TypeError(f"add must be a SparseTensor or None; got {type(add).__name__}")
+    if add is not None:  # (its coords: below, from the map)
+        if not isinstance(add, SparseTensor):
+            raise TypeError(f"add must be a SparseTensor or None; got {type(add).__name__}")
+        if add.device != input.device:
+            raise ValueError(f"add is on {add.device} but the input on {input.device}")
+        if add.num_channels != weight.shape[2]:
+            raise ValueError(f"add must have the conv's {weight.shape[2]} output channels; got {add.num_channels}")
     if torch.compiler.is_compiling():  # a graph of torch.compile / torch.export: the core as operators
         if region is not None:
             weight = weight * region.to(weight.device, weight.dtype).view(-1, 1, 1)
@@ -170,15 +175,11 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
     kmap = _kmap._get_kmap(input, k, t, d, transposed)
     residual = None
     if add is not None:
-        if add.device != input.device:
-            raise ValueError(f"add is on {add.device} but the input on {input.device}")
         out_stride = kmap.key.out_stride
         if add.stride != out_stride or len(add) != kmap.num_out or (
                 add.coords is not kmap.out_coords and not torch.equal(add.coords, kmap.out_coords)):
             raise ValueError(f"add must be on the conv's output coords ({kmap.num_out} sites at stride "
                              f"{out_stride}, in their order); got {len(add)} sites at stride {add.stride}")
-        if add.num_channels != weight.shape[2]:
-            raise ValueError(f"add must have the conv's {weight.shape[2]} output channels; got {add.num_channels}")
         residual = add.feats
     bf16 = _engine.bf16_inference(input.feats, weight, bias)  # (runs_bf16, asked once)
     if bf16:
