@@ -3,6 +3,7 @@ cache that every tensor derived from the same input shares."""
 
 from __future__ import annotations
 
+import copy
 import json
 import operator
 from typing import Callable, Iterable, Sequence
@@ -338,6 +339,20 @@ class SparseTensor:
 
     def detach(self) -> "SparseTensor":
         return self.with_feats(self._feats.detach())
+
+    def __deepcopy__(self, memo: dict) -> "SparseTensor":
+        """Copies of the feats, coords and coordinate cache (its plans
+        rebuilt on use). Feats that are no graph leaf are refused, as torch
+        refuses to deep-copy such a tensor: a copy of their values would
+        drop the graph they hang on."""
+        if not self._feats.is_leaf:
+            raise TypeError("copy.deepcopy(SparseTensor): its feats are not a graph leaf (autograd computed them), "
+                            "and torch deep-copies no such tensor; copy .detach() for the values without the graph")
+        out = type(self).__new__(type(self))
+        memo[id(self)] = out
+        for name in SparseTensor.__slots__:  # one memo: the copied cache holds the copied coords
+            setattr(out, name, copy.deepcopy(getattr(self, name), memo))
+        return out
 
     def dense(self, shape: Sequence[int] | None = None) -> torch.Tensor:
         """Dense ``(B, C, X, Y, Z)``: site ``coords // stride`` holds its feats,

@@ -4,6 +4,8 @@ collate, empty tensors, and every bad input in a child process."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -351,3 +353,21 @@ def test_far_coords_construct_collate_and_dense():
     dense = a.dense()  # x = 100000: a dense grid just large enough
     assert dense.shape == (2, 1, 100004, 3, 2)
     assert dense[0, 0, 100000, 0, 0] == 1 and dense[1, 0, 100003, 2, 1] == 1 and dense.sum() == 2
+
+
+def test_deepcopy_refuses_feats_inside_an_autograd_graph():
+    """copy.deepcopy of a SparseTensor whose feats a graph computed failed
+    with torch's message about graph leaves, which named neither the
+    SparseTensor nor a way out. As torch, such a copy is refused (copying
+    the values would drop the graph): a TypeError naming SparseTensor and
+    .detach(). Leaf feats copy as before, the copy's cache holding its coords."""
+    x = make()
+    weight = torch.randn(3, 3, requires_grad=True)
+    y = x.with_feats(x.feats @ weight)
+    with pytest.raises(TypeError, match=r"copy.deepcopy\(SparseTensor\): its feats are not a graph leaf.*\.detach\(\)"):
+        copy.deepcopy(y)
+    for z, source in ((copy.deepcopy(y.detach()), y), (copy.deepcopy([x, x])[1], x)):
+        assert torch.equal(z.feats, source.feats) and z.feats is not source.feats and z.coords is not source.coords
+        assert z.cache.get_coords(z.stride) is z.coords and z.stride == source.stride
+    leaf = copy.deepcopy(x.with_feats(x.feats.clone().requires_grad_()))
+    assert leaf.feats.requires_grad and leaf.feats.is_leaf
