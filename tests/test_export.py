@@ -1066,3 +1066,35 @@ def test_compiled_conv3d_add_checks_the_residuals_channels(channels, grad):
     torch.compiler.reset()
     with pytest.raises((ValueError, RuntimeError), match=error):
         torch.compile(run, fullgraph=True, dynamic=True, backend="eager")(x)
+
+
+def test_compiled_select_voxels_checks_its_rows_and_feats():
+    """Under torch.compile select_voxels took any rows and feats of any row
+    count (eager's ValueErrors): feats of another count gave a SparseTensor
+    with more feats than coords, repeated or unsorted rows repeated or
+    reordered sites. Now the graph checks them when it runs; valid ones
+    select as eager."""
+    x = _cloud(150, 8)
+    n = len(x)
+    cases = {
+        "valid": (torch.arange(0, n, 3), lambda rows: torch.ones(len(rows), 2)),
+        "feats": (torch.arange(0, n, 3), lambda rows: torch.ones(len(rows) + 3, 2)),
+        "repeated": (torch.tensor([0, 0, 5]), None),
+        "unsorted": (torch.tensor([5, 0]), None),
+        "outside": (torch.tensor([0, n + 5]), None),
+    }
+    for name, (rows, feats) in cases.items():
+        def run(x, rows=rows, feats=feats):
+            y = spnn.functional.select_voxels(x, rows, None if feats is None else feats(rows))
+            return y.feats, y.coords
+
+        torch.compiler.reset()
+        compiled = torch.compile(run, fullgraph=True, dynamic=True, backend="eager")
+        if name == "valid":
+            assert all(torch.equal(a, b) for a, b in zip(compiled(x), run(x)))
+            continue
+        error = r"feats must be \(rows, C\)" if name == "feats" else r"rows must be increasing row indices"
+        with pytest.raises(RuntimeError, match=error):
+            compiled(x)
+        with pytest.raises(ValueError, match=error.replace("rows, C", r"\d+, C")):
+            run(x)

@@ -303,10 +303,15 @@ def select_voxels(input: SparseTensor, rows: torch.Tensor, feats: torch.Tensor |
     if not isinstance(rows, torch.Tensor) or rows.dim() != 1 or rows.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"rows must be a 1-D int64 (or int32) tensor of row indices; got "
                         f"{getattr(rows, 'dtype', type(rows).__name__)} {tuple(getattr(rows, 'shape', ()))}")
-    if torch.compiler.is_compiling():  # a graph: the graph's own cache, no host reads of the rows
+    if torch.compiler.is_compiling():  # a graph: the graph's own cache, the rows checked when it runs (no host reads)
         if feats is not None and (not isinstance(feats, torch.Tensor) or feats.dim() != 2):
             raise ValueError(f"feats must be (rows, C), a row for each kept site; got "
                              f"{tuple(getattr(feats, 'shape', ()))}")
+        if feats is not None:
+            torch._check(feats.shape[0] == rows.shape[0],
+                         lambda: "feats must be (rows, C), a row for each kept site; got another row count")
+        valid = ((rows >= 0) & (rows < input.coords.shape[0])).all() & (rows[1:] > rows[:-1]).all()
+        torch._assert_async(valid, "rows must be increasing row indices in [0, len(input)) (each site once)")
         return _ops.select_voxels(input, rows, feats)
     if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= len(input) or bool((rows[1:] <= rows[:-1]).any())):
         raise ValueError(f"rows must be increasing row indices in [0, {len(input)}) (each site once)")
