@@ -299,7 +299,9 @@ def conv_inference(feats: Tensor, weight: Tensor, bias: Optional[Tensor], out_co
 
 @conv_inference.register_fake
 def _(feats, weight, bias, out_coords, in_idx, out_idx, sizes, key, add, relu):
-    return feats.new_empty((out_coords.shape[0], weight.shape[2]))
+    # (a residual of another dtype is added after the conv, promoted as torch promotes)
+    dtype = feats.dtype if add is None else torch.promote_types(feats.dtype, add.dtype)
+    return feats.new_empty((out_coords.shape[0], weight.shape[2]), dtype=dtype)
 
 
 @torch.library.custom_op(f"{_LIB}::conv_input_grad", mutates_args=())

@@ -1098,3 +1098,24 @@ def test_compiled_select_voxels_checks_its_rows_and_feats():
             compiled(x)
         with pytest.raises(ValueError, match=error.replace("rows, C", r"\d+, C")):
             run(x)
+
+
+def test_compiled_conv3d_add_of_another_dtype_keeps_eagers_promotion():
+    """conv3d(..., add=) without gradients with a residual of another dtype
+    (float64 on float32 feats): eager sums it after the conv, promoted as
+    torch promotes, and so did the graph's conv_inference, but its fake
+    implementation said the feats' dtype, so the graph typed the float64
+    output float32 (inductor read it as such: wrong values). Now the fake
+    promotes as the operator does."""
+    x = _cloud(120, 9)
+    key = ops.key_to_list(kmap.KernelMapKey((1, 1, 1), (3, 3, 3), (1, 1, 1), (1, 1, 1)))
+    weight, add = torch.randn(27, 3, 5), torch.randn(len(x), 5, dtype=torch.float64)
+    args = (x.feats, weight, None, x.coords, *ops.kmap_build(x.coords, None, key), key, add, True)
+    torch.library.opcheck(torch.ops.pointsparse.conv_inference.default, args, test_utils=("test_faketensor",))
+
+    def run(x):
+        return spnn.functional.conv3d(x, weight, 3, add=x.with_feats(add), relu=True).feats.dtype
+
+    torch.compiler.reset()
+    with torch.no_grad():
+        assert torch.compile(run, fullgraph=True, dynamic=True, backend="eager")(x) == run(x) == torch.float64
