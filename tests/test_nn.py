@@ -109,6 +109,19 @@ def test_cat_and_add():
         F.cat([])
 
 
+def test_cat_and_add_name_an_item_on_another_device():
+    """An item on another device than item 0 failed inside torch (the coords
+    compare, or the sum) with a message that named no item; now a ValueError
+    naming the item and both devices."""
+    x = make(c=2)
+    for coords in (x.coords.to("meta"), x.coords):  # (coords and feats there, or the feats only)
+        elsewhere = ps.SparseTensor(torch.zeros(len(x), 2, device="meta"), coords, validate=False)
+        for call, what in ((lambda: F.add(x, elsewhere), "add"), (lambda: F.cat([x, x, elsewhere]), "cat")):
+            item = 1 if what == "add" else 2
+            with pytest.raises(ValueError, match=rf"{what}: item {item} is on meta but item 0 on cpu"):
+                call()
+
+
 def test_sequential_unet_trains():
     torch.manual_seed(0)
     x = make(n=500, c=4, extent=10, dtype=torch.float32)

@@ -336,6 +336,8 @@ def _same_sites(tensors, what: str) -> SparseTensor:
     for i, t in enumerate(tensors):
         if not isinstance(t, SparseTensor):
             raise TypeError(f"{what} takes SparseTensors; item {i} is {type(t).__name__}")
+        if t.device != first.device:
+            raise ValueError(f"{what}: item {i} is on {t.device} but item 0 on {first.device}")
         if t.stride != first.stride or not compiling and t.coords.shape[0] != first.coords.shape[0]:
             raise ValueError(f"{what}: item {i} (stride {t.stride}, {t.coords.shape[0]} sites) is not on the coords "
                              f"of item 0 (stride {first.stride}, {first.coords.shape[0]} sites)")
