@@ -169,6 +169,9 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
         if add.num_channels != weight.shape[2]:
             raise ValueError(f"add must have the conv's {weight.shape[2]} output channels; got {add.num_channels}")
     if torch.compiler.is_compiling():  # a graph of torch.compile / torch.export: the core as operators
+        if weight_mask is not None and weight.requires_grad and torch.is_grad_enabled():
+            # the same values; the gradient reaches only the entries the mask keeps (eager's)
+            weight = torch.where(weight_mask.detach() != 0, weight, weight.detach())
         if region is not None:
             weight = weight * region.to(weight.device, weight.dtype).view(-1, 1, 1)
         return _ops.conv3d(input, weight, bias, k, t, d, transposed, add, relu)
