@@ -10,6 +10,7 @@ import torch
 
 from pointsparse import _ext
 from pointsparse.formats import BSR, CSR, EIE, NM
+from reference import CORE_ONLY, run_in_children
 
 core = _ext.core
 #: The kernel builds this CPU runs, widest first ("generic" always).
@@ -134,6 +135,26 @@ def test_bsr_nm_eie_kernels_bad_inputs():
         core.eie_spmm(cp, e.rel_idx.numpy()[:-1], e.values.numpy(), x, 8, False, 2)
     with pytest.raises(ValueError, match="col_ptr"):
         core.eie_spmm(cp[:, ::-1].copy(), e.rel_idx.numpy(), e.values.numpy(), x, 8, False, 2)
+
+
+# Sizes whose arithmetic overflowed int64 (the lengths checked against a
+# wrapped value, then arrays read far out of bounds): each call in a child
+# process, which a crash would kill; the words its message must hold.
+OVERFLOW = {
+    "bsr_rows": ("core.bsr_spmm(np.zeros(1, np.int64), np.zeros(0, np.uint32), np.zeros((0, 3, 2), np.float32), "
+                 "np.zeros((8, 1), np.float32), 2**63 - 1, 8, None, 2)", "block_ptr must be 1-D of length"),
+    "bsr_rows_one_row_blocks": ("core.bsr_spmm(np.zeros(1, np.int64), np.zeros(0, np.uint32), "
+                                "np.zeros((0, 1, 2), np.float32), np.zeros((8, 1), np.float32), 2**63 - 1, 8, None, 2)",
+                                "block_ptr must be 1-D of length 9223372036854775808"),
+}
+
+
+def test_sizes_that_overflow_are_refused():
+    results = run_in_children({k: v[0] for k, v in OVERFLOW.items()}, setup=CORE_ONLY + "import numpy as np\n")
+    for name, (_, word) in OVERFLOW.items():
+        r = results[name]
+        assert r["status"] == 0, f"{name} crashed the process (status {r['status']})"
+        assert r["exc"] == "ValueError" and word in r["msg"], (name, r)
 
 
 def test_empty_operands():

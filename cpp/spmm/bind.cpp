@@ -55,8 +55,12 @@ uint64_t max_index(const void* p, int width, int64_t n) {
 }
 
 // ptr must be 1-D of length rows + 1, start at 0, never decrease, end at total.
+// rows is any count >= 0 (an empty product's M may be near 2^63): the length
+// is compared without computing rows + 1.
 void check_ptr(const carray<int64_t>& ptr, int64_t rows, int64_t total, const char* name) {
-  check_1d(ptr, rows + 1, name);
+  if (ptr.ndim() != 1 || ptr.shape(0) - 1 != rows)
+    value_error(std::string(name) + " must be 1-D of length " + std::to_string(uint64_t(rows) + 1) +
+                "; got shape " + shape_str(ptr));
   const int64_t* p = ptr.data();
   if (p[0] != 0) value_error(std::string(name) + "[0] must be 0; got " + std::to_string(p[0]));
   for (int64_t i = 0; i < rows; ++i)
@@ -81,6 +85,9 @@ void run_kernel(Isa isa, const Args& a, void (*generic)(const Args&), void (*avx
   py::gil_scoped_release release;
   (isa == Isa::avx512 ? avx512 : isa == Isa::avx2 ? avx2 : generic)(a);
 }
+
+// ceil(n / d) for n >= 0, d >= 1, without the overflow of (n + d - 1) / d.
+int64_t ceil_div(int64_t n, int64_t d) { return n / d + (n % d != 0); }
 
 void check_nonneg(int64_t v, const char* name) {
   if (v < 0) value_error(std::string(name) + " must be >= 0; got " + std::to_string(v));
@@ -179,7 +186,7 @@ py::array bsr_spmm(carray<int64_t> block_ptr, py::array block_col, py::array val
     value_error("values must be (num_blocks, block_rows, block_cols) with blocks of at least "
                 "1 x 1; got shape " + shape_str(val));
   const int64_t nb = val.shape(0), br = val.shape(1), bc = val.shape(2);
-  const int64_t MB = (M + br - 1) / br, KB = (K + bc - 1) / bc;
+  const int64_t MB = ceil_div(M, br), KB = ceil_div(K, bc);
   check_1d(block_col, nb, "block_col");
   check_ptr(block_ptr, MB, nb, "block_ptr");
   check_x(X, K);
