@@ -146,6 +146,11 @@ OVERFLOW = {
     "bsr_rows_one_row_blocks": ("core.bsr_spmm(np.zeros(1, np.int64), np.zeros(0, np.uint32), "
                                 "np.zeros((0, 1, 2), np.float32), np.zeros((8, 1), np.float32), 2**63 - 1, 8, None, 2)",
                                 "block_ptr must be 1-D of length 9223372036854775808"),
+    "eie_entries": ("core.eie_spmm(np.array([[0, 2**63 - 1], [0, 1]]), np.zeros(1, np.uint8), np.zeros(1, np.float32), "
+                    "np.zeros((1, 1), np.float32), 4, None, 2)", "col_ptr[:, -1] must add up to len(values)"),
+    "eie_entries_wrap_to_zero": ("core.eie_spmm(np.array([[0, 2**62]] * 4), np.zeros(0, np.uint8), "
+                                 "np.zeros(0, np.float32), np.zeros((1, 1), np.float32), 4, None, 2)",
+                                 "col_ptr[:, -1] must add up to len(values)"),
 }
 
 

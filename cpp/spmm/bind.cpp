@@ -260,6 +260,10 @@ py::array eie_spmm(carray<int64_t> col_ptr, py::array_t<uint8_t, py::array::c_st
   val = contiguous(val);
   X = contiguous(X);
   const int64_t* cp = col_ptr.data();
+  check_1d(val, -1, "values");
+  // Each PE's entries are counted against len(values) as they are added, so
+  // that no sum of them overflows (nor a length compared with a wrapped one).
+  const int64_t num_values = val.shape(0);
   int64_t entries = 0, bytes = 0;
   for (int64_t p = 0; p < P; ++p) {
     const int64_t* c = cp + p * (K + 1);
@@ -267,6 +271,9 @@ py::array eie_spmm(carray<int64_t> col_ptr, py::array_t<uint8_t, py::array::c_st
     for (int64_t k = 0; k < K; ++k)
       if (c[k + 1] < c[k])
         value_error("col_ptr[" + std::to_string(p) + "] must be non-decreasing");
+    if (c[K] > num_values - entries)
+      value_error("col_ptr[:, -1] must add up to len(values) = " + std::to_string(num_values) + "; col_ptr[" +
+                  std::to_string(p) + ", -1] = " + std::to_string(c[K]) + " takes the sum past it");
     entries += c[K];
     bytes += (c[K] + 1) / 2;
   }
@@ -278,7 +285,7 @@ py::array eie_spmm(carray<int64_t> col_ptr, py::array_t<uint8_t, py::array::c_st
   int64_t byte0 = 0;
   for (int64_t p = 0; p < P; ++p) {
     const int64_t* c = cp + p * (K + 1);
-    const int64_t rows = p < M ? (M - p + P - 1) / P : 0;
+    const int64_t rows = p < M ? ceil_div(M - p, P) : 0;
     for (int64_t k = 0; k < K; ++k) {
       int64_t local = -1;
       for (int64_t e = c[k]; e < c[k + 1]; ++e) local += ((z[byte0 + (e >> 1)] >> ((e & 1) * 4)) & 15) + 1;
