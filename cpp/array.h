@@ -67,6 +67,16 @@ inline void check_same_dtype(const py::array& a, const py::array& b, const char*
                 dtype_str(b));
 }
 
+// ValueError naming both where a's and b's memory overlap (for C-contiguous
+// arrays: the bytes from data() on).
+inline void apart(const py::array& a, const char* a_name, const py::array& b, const char* b_name) {
+  if (a.nbytes() == 0 || b.nbytes() == 0) return;  // nothing shared (an empty array's pointer is arbitrary)
+  const auto* a0 = static_cast<const char*>(a.data());
+  const auto* b0 = static_cast<const char*>(b.data());
+  if (a0 < b0 + b.nbytes() && b0 < a0 + a.nbytes())
+    value_error(std::string(a_name) + " must not share memory with " + b_name);
+}
+
 // The one float dtype dispatch of the bindings: fn(float{}) for a float32
 // array, fn(double{}) for float64 (the kernels' element type is
 // decltype(zero)); ValueError naming `name` for any other dtype.

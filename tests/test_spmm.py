@@ -162,6 +162,27 @@ def test_sizes_that_overflow_are_refused():
         assert r["exc"] == "ValueError" and word in r["msg"], (name, r)
 
 
+def test_csr_conv_accumulate_refuses_an_out_sharing_memory():
+    """out is written by parallel blocks while feats and values are read:
+    an out overlapping either raced (results changed from run to run)."""
+    s = _sparse(4, 4, 0.6, 13)
+    row_ptr, col, val = _csr_arrays(s, np.uint8)
+    buf = np.random.default_rng(14).standard_normal((6, 4)).astype(np.float32)
+    idx = np.arange(3, dtype=np.int64)
+    with pytest.raises(ValueError, match="feats must not share memory with out"):
+        core.csr_conv_accumulate(row_ptr, col, val, buf, idx, idx + 3, buf, None, 2)
+    with pytest.raises(ValueError, match="feats must not share memory with out"):
+        core.csr_conv_accumulate(row_ptr, col, val, buf[:4], idx, idx, buf[2:], None, 2)
+    out = np.zeros((len(val), 4), np.float32)
+    with pytest.raises(ValueError, match="values must not share memory with out"):
+        core.csr_conv_accumulate(row_ptr, col, out.reshape(-1)[:len(val)], buf, idx, idx, out, None, 2)
+    # rows of one buffer that do not overlap: accepted, and the sum is right
+    want = buf.astype(np.float64)
+    want[3:] += buf[:3].astype(np.float64) @ s.T.astype(np.float64)
+    core.csr_conv_accumulate(row_ptr, col, val, buf[:3], idx, idx, buf[3:], None, 2)
+    np.testing.assert_allclose(buf, want, atol=1e-5, rtol=1e-5)
+
+
 def test_empty_operands():
     for M, K, N in ((0, 4, 3), (4, 0, 3), (4, 5, 0), (0, 0, 0)):
         w = torch.zeros(M, K)

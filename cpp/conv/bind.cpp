@@ -134,15 +134,6 @@ void check_bf16_bits(const py::array& a, const char* name) {
     value_error(std::string(name) + " must hold bf16 bits as int16 or uint16; got " + dtype_str(a));
 }
 
-// ValueError naming both where a's and b's memory overlap.
-void apart(const py::array& a, const char* a_name, const py::array& b, const char* b_name) {
-  if (a.nbytes() == 0 || b.nbytes() == 0) return;  // nothing shared (an empty array's pointer is arbitrary)
-  const auto* a0 = static_cast<const char*>(a.data());
-  const auto* b0 = static_cast<const char*>(b.data());
-  if (a0 < b0 + b.nbytes() && b0 < a0 + a.nbytes())
-    value_error(std::string(a_name) + " must not share memory with " + b_name);
-}
-
 // The arrays of one direction: src read (rows on the read side), dst
 // written (rows on the written side), weight (K, C_in, C_out); transpose:
 // the input-gradient direction (read side = outputs, written = inputs).

@@ -150,6 +150,10 @@ void csr_conv_accumulate(carray<int64_t> row_ptr, py::array col, py::array val, 
     value_error("out must be (N_out, " + std::to_string(C_out) + "); got shape " + shape_str(out));
   if (!(out.flags() & py::array::c_style) || !out.writeable())
     value_error("out must be a writable C-contiguous array");
+  // Blocks of out are written in parallel while feats and values are read
+  // (both C-contiguous here: copies where they were not).
+  apart(feats, "feats", out, "out");
+  apart(val, "values", out, "out");
   const int64_t N_out = out.shape(0);
   check_1d(in_idx, in_idx.ndim() == 1 ? in_idx.shape(0) : -1, "in_idx");
   const int64_t P = in_idx.shape(0);
