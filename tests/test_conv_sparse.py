@@ -798,6 +798,19 @@ def test_vector_counts_in_cpp_equal_torch(shape, dtype):
         ps._ext.core.conv_weight_vectors(np.ones((2, 2)), False)
 
 
+@pytest.mark.parametrize("shape", [(1, 2**31, 0), (1, 0, 2**31)])
+def test_weight_choice_refuses_dimensions_past_int32(shape):
+    """The vector counts are int32 counts of rows: a weight dimension of 2**31
+    or more is refused before any pass over the weight (an empty weight of
+    such a shape was walked row by row: seconds here, hours at 2**40)."""
+    w = np.ones(shape, np.float32)
+    for transpose in (False, True):
+        with pytest.raises(ValueError, match=r"weight must be .* every dimension below 2\^31; got shape"):
+            ps._ext.core.conv_weight_vectors(w, transpose)
+        with pytest.raises(ValueError, match=r"weight must be .* every dimension below 2\^31; got shape"):
+            ps._ext.core.conv_execution(w, transpose, None, 0.5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_vector_counts_and_packing_take_special_values_as_the_comparison_does(dtype):
     """The core tests a value's bits without its sign: -0.0 is zero; NaN,

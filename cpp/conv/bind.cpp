@@ -31,9 +31,19 @@ void check_rows(const py::array& a, const char* name, bool writeable) {
   if (writeable && !a.writeable()) value_error(std::string(name) + " must be writeable");
 }
 
+// The weight of the vector counts: a C-contiguous (K, C_in, C_out) array.
+// The counts are int32 counts of rows, and an empty weight is walked row by
+// row all the same: every dimension below 2^31.
+void check_counted_weight(const py::array& weight) {
+  constexpr py::ssize_t kMax = std::numeric_limits<int32_t>::max();
+  if (weight.ndim() != 3 || !is_c_contiguous(weight) || weight.shape(0) > kMax || weight.shape(1) > kMax ||
+      weight.shape(2) > kMax)
+    value_error("weight must be a C-contiguous (K, C_in, C_out) array with every dimension below 2^31; got shape " +
+                shape_str(weight));
+}
+
 py::array_t<int32_t> weight_vectors(py::array weight, bool transpose) {
-  if (weight.ndim() != 3 || !is_c_contiguous(weight))
-    value_error("weight must be a C-contiguous (K, C_in, C_out) array; got shape " + shape_str(weight));
+  check_counted_weight(weight);
   const int64_t K = weight.shape(0), c_in = weight.shape(1), c_out = weight.shape(2);
   py::array_t<int32_t> counts;
   dispatch_float(weight, "weight", [&](auto zero) {
@@ -48,8 +58,7 @@ py::array_t<int32_t> weight_vectors(py::array weight, bool transpose) {
 // every offset is kept, else uint8 (K,) flags.
 py::tuple weight_execution(py::array weight, bool transpose, py::object region, double threshold,
                            std::optional<double> twin_threshold) {
-  if (weight.ndim() != 3 || !is_c_contiguous(weight))
-    value_error("weight must be a C-contiguous (K, C_in, C_out) array; got shape " + shape_str(weight));
+  check_counted_weight(weight);
   const int64_t K = weight.shape(0), c_in = weight.shape(1), c_out = weight.shape(2);
   if (twin_threshold && !(std::isfinite(*twin_threshold) && *twin_threshold >= 0))
     value_error("twin_threshold must be a finite number >= 0 or None; got " + std::to_string(*twin_threshold));
