@@ -406,6 +406,8 @@ RAW = {
                               "[0, 0, 0, 20, 20, 20, 20], np.array([5]), np.array([0]), 1, 2)", "ValueError", "layout"),
     "trilinear_layout_len": ("core.trilinear_neighbors(np.zeros((1, 3)), None, [1.0] * 3, [1, 1, 1], "
                              "[0, 0, 0], np.array([5]), np.array([0]), 1, 2)", "ValueError", "layout"),
+    "trilinear_keys_unsorted": ("core.trilinear_neighbors(np.zeros((1, 3)), None, [1.0] * 3, [1, 1, 1], LAY, "
+                                "np.array([5, 0]), np.array([0, 1]), 2, 2)", "ValueError", "sorted_keys"),
     "trilinear_keys_2d": ("core.trilinear_neighbors(np.zeros((1, 3)), None, [1.0] * 3, [1, 1, 1], "
                           "LAY, np.zeros((1, 1), np.int64), np.array([0]), 1, 2)", "ValueError", "sorted_keys"),
 }

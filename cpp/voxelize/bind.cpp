@@ -172,6 +172,13 @@ py::tuple trilinear_neighbors(py::array points, py::object batch_obj,
   const int64_t* r = sorted_rows.data();
   for (int64_t j = 0; j < m; ++j)
     if (r[j] < 0 || r[j] >= num_voxels) value_error("sorted_rows holds a row outside the tensor");
+  // The kernel finds each corner's key by binary search: unsorted keys miss voxels silently.
+  const int64_t* keys = sorted_keys.data();
+  for (int64_t j = 1; j < m; ++j)
+    if (keys[j] < keys[j - 1])
+      value_error("sorted_keys must be ascending; sorted_keys[" + std::to_string(j) + "] = " +
+                  std::to_string(keys[j]) + " < sorted_keys[" + std::to_string(j - 1) + "] = " +
+                  std::to_string(keys[j - 1]));
   const auto batch = batch_arg(batch_obj, n);
   const int64_t* b = batch.data;
   for (int64_t i = 0; b && i < n; ++i)
@@ -186,7 +193,7 @@ py::tuple trilinear_neighbors(py::array points, py::object batch_obj,
     F* wp = w.mutable_data();
     {
       py::gil_scoped_release release;
-      voxelize::trilinear(p, b, n, vs.data(), stride.data(), layout, sorted_keys.data(), r, m, ip, wp, nt);
+      voxelize::trilinear(p, b, n, vs.data(), stride.data(), layout, keys, r, m, ip, wp, nt);
     }
     return py::make_tuple(idx, w);
   });
