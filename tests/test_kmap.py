@@ -330,6 +330,13 @@ def test_core_checks_shapes_itself():
         _ext.core.kmap_hash(np.zeros((2, 3), dtype=np.int32), None, offsets, 1)
     with pytest.raises(ValueError, match="out_coords"):
         _ext.core.kmap_hash(coords[:1], np.zeros((2, 2), dtype=np.int32), offsets, 1)
+    # what numpy cannot make an int32 array of: named as the argument, by every binding that takes out_coords
+    for bad in ("abc", object(), [[0, 1], [1]]):
+        for build in (_ext.core.kmap_hash, _ext.core.kmap_mergesort):
+            with pytest.raises(ValueError, match="out_coords cannot be converted to a int32 array"):
+                build(coords, bad, offsets, 1)
+        with pytest.raises(ValueError, match="out_coords cannot be converted to a int32 array"):
+            _ext.core.kmap_parents(coords, [2, 2, 2], [2, 2, 2], bad, 1)
 
 
 def test_core_bounds_kernel_volume():

@@ -75,7 +75,7 @@ py::tuple build_map(Finder finder, carray<int32_t> in_coords, py::object out_obj
   const int32_t* out_ptr = nullptr;
   int64_t m = in_coords.shape(0);
   if (!out_obj.is_none()) {
-    out_coords = out_obj.cast<carray<int32_t>>();
+    out_coords = as_carray<int32_t>(out_obj, "out_coords");
     bounds.merge(check_coords_array(out_coords, "out_coords", nt));
     out_ptr = out_coords.data();
     m = out_coords.shape(0);
@@ -192,7 +192,7 @@ py::object kmap_parents(carray<int32_t> coords, std::vector<int64_t> stride, std
                   " and stride " + std::to_string(stride[a]) + " on axis " + std::to_string(a));
   carray<int32_t> given;
   if (!out_obj.is_none()) {
-    given = out_obj.cast<carray<int32_t>>();
+    given = as_carray<int32_t>(out_obj, "out_coords");
     check_2d(given, 4, "out_coords");
   }
   const int64_t n = coords.shape(0);
