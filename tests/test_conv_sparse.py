@@ -391,6 +391,8 @@ def test_execution_choice_in_cpp_equals_the_numpy_choice(dtype):
         ps._ext.core.conv_execution(np.ones((2, 2)), False, None, 0.5)
     with pytest.raises(ValueError, match="region"):
         ps._ext.core.conv_execution(np.ones((3, 2, 2)), False, np.ones(2, np.uint8), 0.5)
+    with pytest.raises(ValueError, match="threshold must be a number"):  # (took the dense kernels)
+        ps._ext.core.conv_execution(np.ones((3, 2, 2)), False, None, float("nan"))
 
 
 def test_vector_density_follows_the_width_of_the_cpus_fmas():

@@ -60,6 +60,7 @@ py::tuple weight_execution(py::array weight, bool transpose, py::object region, 
                            std::optional<double> twin_threshold) {
   check_counted_weight(weight);
   const int64_t K = weight.shape(0), c_in = weight.shape(1), c_out = weight.shape(2);
+  if (std::isnan(threshold)) value_error("threshold must be a number; got nan");
   if (twin_threshold && !(std::isfinite(*twin_threshold) && *twin_threshold >= 0))
     value_error("twin_threshold must be a finite number >= 0 or None; got " + std::to_string(*twin_threshold));
   const uint8_t* flags = nullptr;
