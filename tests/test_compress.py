@@ -4,6 +4,7 @@ pruning (ESE) and the imbalance measure."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch.nn.utils import prune
@@ -183,6 +184,38 @@ def test_load_balanced_on_sparse_conv_uses_output_channels():
         F.load_balanced_unstructured(torch.nn.Linear(8, 6), "wieght", 0.5, 2)
     with pytest.raises(TypeError, match="module must be a torch.nn.Module"):
         F.load_balanced_unstructured("lin", "weight", 0.5, 2)
+
+
+@pytest.mark.parametrize("make", [np.int64, np.int32, np.uint8])
+def test_load_balanced_num_pe_takes_numpy_integers(make):
+    """A numpy integer (what numpy arithmetic gives) is the int it holds
+    (pe_nnz, imbalance and the pruning method refused it: isinstance int)."""
+    w = _random_weight()
+    assert torch.equal(F.pe_nnz(w, make(3)), F.pe_nnz(w, 3))
+    assert F.imbalance(w, make(3)) == F.imbalance(w, 3)
+    method = F.LoadBalancedUnstructured(0.5, num_pe=make(3))
+    assert method.num_pe == 3 and type(method.num_pe) is int
+    masks = []
+    for num_pe in (make(3), 3):
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(5, 6)
+        F.load_balanced_unstructured(lin, "weight", 0.5, num_pe)
+        masks.append(lin.weight_mask)
+    assert torch.equal(*masks)
+
+
+@pytest.mark.parametrize("bad", [True, np.bool_(True), 2.0, 1.5, np.float64(2.0), "2"])
+def test_load_balanced_num_pe_refuses_bools_and_floats(bad):
+    with pytest.raises(ValueError, match="num_pe must be a positive int"):
+        F.pe_nnz(_random_weight(), bad)
+    with pytest.raises(ValueError, match="num_pe must be a positive int"):
+        F.LoadBalancedUnstructured(0.5, num_pe=bad)
+
+
+def _random_weight():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(6, 5, generator=g)
+    return w * (torch.rand(6, 5, generator=g) < 0.5)
 
 
 # ------------------------------------------------- execution and state

@@ -3,6 +3,7 @@ products against dense matmul, thread-count independence."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -359,6 +360,37 @@ def test_eie_num_pe_is_bounded_by_the_rows():
     for bad in (10**9, 101, 0, 2.0, True):
         with pytest.raises(ValueError, match="num_pe"):
             EIE.from_dense(w, num_pe=bad)
+
+
+@pytest.mark.parametrize("make", [np.int64, np.int32, np.uint8])
+def test_eie_and_nm_take_numpy_integers(make):
+    """A numpy integer (what numpy arithmetic gives) is the int it holds
+    (num_pe, n and m were refused: isinstance int)."""
+    w = _random((9, 8), 0.5, 0)
+    eie, want = F.EIE.from_dense(w, num_pe=make(3)), F.EIE.from_dense(w, num_pe=3)
+    assert eie.num_pe == 3 and type(eie.num_pe) is int
+    assert torch.equal(eie.col_ptr, want.col_ptr) and torch.equal(eie.to_dense(), w)
+    again = F.EIE(eie.values, eie.rel_idx, eie.col_ptr, make(3), eie.shape)
+    assert type(again.num_pe) is int and torch.equal(again.to_dense(), w)
+    nm, want = F.NM.from_dense(w, n=make(2), m=make(4), prune=True), F.NM.from_dense(w, n=2, m=4, prune=True)
+    assert (nm.n, nm.m) == (2, 4) and type(nm.n) is type(nm.m) is int
+    assert torch.equal(nm.to_dense(), want.to_dense()) and nm.nbytes() == want.nbytes()
+    again = F.NM(nm.values, nm.positions, make(2), make(4), nm.shape)
+    assert torch.equal(again.to_dense(), want.to_dense())
+
+
+@pytest.mark.parametrize("bad", [True, np.bool_(True), 2.0, 1.5, np.float64(2.0), "2"])
+def test_eie_and_nm_refuse_bools_and_floats(bad):
+    w = _random((9, 8), 0.5, 0)
+    with pytest.raises(ValueError, match="num_pe must be an int in"):
+        F.EIE.from_dense(w, num_pe=bad)
+    s = F.EIE.from_dense(w, num_pe=2)
+    with pytest.raises(ValueError, match="num_pe must be a positive int"):
+        F.EIE(s.values, s.rel_idx, s.col_ptr, bad, s.shape)
+    with pytest.raises(TypeError, match="n and m must be ints"):
+        F.NM.from_dense(w, n=bad, m=4, prune=True)
+    with pytest.raises(TypeError, match="n and m must be ints"):
+        F.NM.from_dense(w, n=1, m=bad, prune=True)
 
 
 def test_coo_refuses_indices_outside_its_shape():

@@ -14,6 +14,7 @@ import torch
 from torch.nn.utils import prune as torch_prune
 
 from ..prune.amount import count_to_prune, validate_amount
+from ..tensor import as_int
 
 
 def _rows_view(t: torch.Tensor, row_dim: int) -> torch.Tensor:
@@ -26,9 +27,11 @@ def _rows_view(t: torch.Tensor, row_dim: int) -> torch.Tensor:
 
 
 def _check_pe(num_pe) -> int:
-    if isinstance(num_pe, bool) or not isinstance(num_pe, int) or num_pe < 1:
-        raise ValueError(f"num_pe must be a positive int; got {num_pe!r}")
-    return num_pe
+    """``num_pe`` as a positive int (numpy integers too; not bool or float)."""
+    try:
+        return as_int(num_pe, "num_pe", 1)
+    except (TypeError, ValueError):
+        raise ValueError(f"num_pe must be a positive int; got {num_pe!r}") from None
 
 
 def pe_nnz(mask_or_weight: torch.Tensor, num_pe: int, row_dim: int = 0) -> torch.Tensor:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
+from ..tensor import as_int
 from ._base import SparseFormat, check_below, check_matrix, check_shape, index_array, value_array
 from ._storage import narrow, pack_bits, pointer_of, unpack_bits, widen
 
@@ -78,9 +79,13 @@ class EIE(SparseFormat):
         # More PEs than rows only adds empty ones: bounded, so a huge count is
         # an error at once, not a runaway loop and a huge index array.
         limit = max(M, _MIN_PE_LIMIT)
-        if isinstance(num_pe, bool) or not isinstance(num_pe, int) or not 1 <= num_pe <= limit:
+        try:
+            num_pe = as_int(num_pe, "num_pe", 1)
+            if num_pe > limit:
+                raise ValueError
+        except (TypeError, ValueError):
             raise ValueError(f"num_pe must be an int in [1, {limit}] (at most max(rows, {_MIN_PE_LIMIT}) for a "
-                             f"{M}-row matrix); got {num_pe!r}")
+                             f"{M}-row matrix); got {num_pe!r}") from None
         values, gaps, col_ptr = [], [], []
         for p in range(num_pe):
             local = dense[p::num_pe]  # (rows_p, K)
@@ -147,9 +152,11 @@ class EIE(SparseFormat):
 
 
 def _check_num_pe(num_pe) -> int:
-    if isinstance(num_pe, bool) or not isinstance(num_pe, int) or num_pe < 1:
-        raise ValueError(f"num_pe must be a positive int; got {num_pe!r}")
-    return num_pe
+    """``num_pe`` as a positive int (numpy integers too; not bool or float)."""
+    try:
+        return as_int(num_pe, "num_pe", 1)
+    except (TypeError, ValueError):
+        raise ValueError(f"num_pe must be a positive int; got {num_pe!r}") from None
 
 
 def _encode_pe(rows, cols, vals, K: int, dtype):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
+from ..tensor import as_int
 from ._base import SparseFormat, check_below, check_matrix, check_shape, index_array, value_array
 from ._storage import bits_for, pack_bits, unpack_bits
 
@@ -142,8 +143,11 @@ class NM(SparseFormat):
 
 
 def _check_nm(n, m):
-    if isinstance(n, bool) or isinstance(m, bool) or not isinstance(n, int) or not isinstance(m, int):
-        raise TypeError(f"n and m must be ints; got {n!r}, {m!r}")
+    """``n, m`` as ints (numpy integers too; not bool or float) with 1 <= n <= m <= 16."""
+    try:
+        n, m = as_int(n, "n"), as_int(m, "m")
+    except TypeError:
+        raise TypeError(f"n and m must be ints; got {n!r}, {m!r}") from None
     if not 1 <= n <= m <= 16:
         raise ValueError(f"n:m must satisfy 1 <= n <= m <= 16; got {n}:{m}")
     return n, m
