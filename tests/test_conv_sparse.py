@@ -659,6 +659,26 @@ def test_panels_prune_vectors_of_adjacent_panels():
     assert F.tile_panels(torch.bfloat16) == 1
 
 
+@pytest.mark.parametrize("make", [np.int64, np.int32])
+def test_panel_structured_takes_numpy_integers(make):
+    """panels and rows may be numpy integers (they were refused: isinstance
+    int), with the masks the ints give."""
+    masks = []
+    for cast in (int, make):
+        torch.manual_seed(0)
+        conv = ps.nn.Conv3d(8, 40, 3)
+        prune.panel_structured(conv, "weight", 0.5, rows=cast(2), panels=cast(2))
+        masks.append(conv.weight_mask)
+    assert torch.equal(*masks)
+
+
+@pytest.mark.parametrize("bad", [np.bool_(True), 2.0, np.float64(2.0)])
+def test_panel_structured_refuses_bools_and_floats(bad):
+    for kwargs, match in (({"panels": bad}, "panels must be a positive int"), ({"rows": bad}, "rows must be a")):
+        with pytest.raises(ValueError, match=match):
+            prune.panel_structured(ps.nn.Conv3d(4, 4, 3), "weight", 0.5, **kwargs)
+
+
 def _twinned(weight, transpose=False):
     """The reference for the twin count: per offset, the listed vectors in
     twin panels (two adjacent whole panels listing the same rows, paired

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -175,3 +176,24 @@ def test_layer_infos_of_a_compressed_model_is_refused_by_name():
     net = formats.compress(mlp(0), "csr")
     with pytest.raises(ValueError, match=r"layer '0' is a compressed layer .* before compressing it"):
         amc.layer_infos(net, torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("make", [np.int64, np.int32])
+def test_search_counts_take_numpy_integers(make):
+    """episodes, warmup and seed may be numpy integers (they were refused:
+    isinstance int), with the search the ints give."""
+    tr = Trainer()
+    net = mlp(0, widths=(8, 16, 16, 3))
+    runs = [amc.amc_search(net, tr.accuracy, tr.x[:16], episodes=cast(3), warmup=cast(1), reward="flops",
+                           seed=cast(5)) for cast in (int, make)]
+    assert runs[1].ratios == runs[0].ratios and runs[1].history == runs[0].history
+
+
+@pytest.mark.parametrize("bad", [True, np.bool_(True), 2.0, 1.5])
+def test_search_counts_refuse_bools_and_floats(bad):
+    net, x = mlp(0), torch.randn(4, 8)
+    for kwargs, match in (({"episodes": bad}, "episodes must be >= 1 and warmup >= 0"),
+                          ({"warmup": bad}, "episodes must be >= 1 and warmup >= 0"),
+                          ({"seed": bad}, "seed must be an int >= 0")):
+        with pytest.raises(ValueError, match=match):
+            amc.amc_search(net, lambda m: 0.5, x, **kwargs)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -295,6 +296,31 @@ def test_keep_ratio_1_keeps_a_group_whole_whatever_the_multiple():
     assert net[0].out_features == 20
     with pytest.raises(ValueError, match="multiple"):
         G.kept_count(20, 0.5, True)
+
+
+@pytest.mark.parametrize("make", [np.int64, np.int32])
+def test_multiple_takes_numpy_integers(make):
+    """kept_count's and prune_channels' multiple may be a numpy integer (it
+    was refused: isinstance int), with the counts the int gives."""
+    from pointsparse.prune.workflow import prune_channels
+    assert G.kept_count(24, 0.5, make(16)) == G.kept_count(24, 0.5, 16) == 16
+    widths = []
+    for multiple in (4, make(4)):
+        torch.manual_seed(0)
+        net = prune_channels(nn.Sequential(nn.Linear(4, 20), nn.ReLU(), nn.Linear(20, 2)), torch.randn(5, 4), 0.5,
+                             multiple=multiple)
+        widths.append((net[0].out_features, net[0].weight.detach().clone()))
+    assert widths[0][0] == widths[1][0] == 8 and torch.equal(widths[0][1], widths[1][1])
+
+
+@pytest.mark.parametrize("bad", [True, np.bool_(True), 2.0, 1.5])
+def test_multiple_refuses_bools_and_floats(bad):
+    from pointsparse.prune.workflow import prune_channels
+    with pytest.raises(ValueError, match="multiple must be a positive int"):
+        G.kept_count(20, 0.5, bad)
+    with pytest.raises(ValueError, match=r"multiple \(--multiple\) must be a positive int"):
+        prune_channels(nn.Sequential(nn.Linear(4, 20), nn.ReLU(), nn.Linear(20, 2)), torch.randn(5, 4), 0.5,
+                       multiple=bad)
 
 
 def test_plan_refuses_scores_not_shaped_like_their_tensors():

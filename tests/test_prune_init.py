@@ -3,6 +3,7 @@ references, and masks of the promised sparsity on dense and sparse nets."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -137,3 +138,19 @@ def test_a_loss_fn_that_gives_no_scalar_loss_is_named():
                 scores(mlp(0), batch, fn)
     with pytest.raises(TypeError, match="batches must be an iterable of \\(inputs, targets\\) pairs; got int"):
         init.snip_scores(mlp(0), 3, loss)
+
+
+@pytest.mark.parametrize("make", [np.int64, np.int32])
+def test_synflow_iterations_take_numpy_integers(make):
+    """iterations may be a numpy integer (it was refused: isinstance int),
+    with the scores and masks the int gives."""
+    x = torch.ones(1, 8)
+    scores, masks = init.synflow_scores(mlp(0), x, 0.5, make(3))
+    want_scores, want_masks = init.synflow_scores(mlp(0), x, 0.5, 3)
+    assert all(torch.equal(scores[n], want_scores[n]) and torch.equal(masks[n], want_masks[n]) for n in want_masks)
+
+
+@pytest.mark.parametrize("bad", [True, np.bool_(True), 2.0, 1.5])
+def test_synflow_iterations_refuse_bools_and_floats(bad):
+    with pytest.raises(ValueError, match="iterations must be a positive int"):
+        init.synflow_scores(mlp(0), torch.ones(1, 8), 0.5, bad)

@@ -3,6 +3,7 @@ rewind point at iteration k, and the two controls."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -101,6 +102,39 @@ def test_step_counts_and_lr_are_checked_by_name_before_training(kwargs, error, m
         lottery.lottery_ticket(net, tr, tr.accuracy, **kwargs)
     assert tr.calls == []
     assert all(torch.equal(before[k], v) for k, v in lottery.snapshot(net).items())
+
+
+@pytest.mark.parametrize("make", [np.int64, np.int32])
+def test_counts_take_numpy_integers(make):
+    """rounds, train_steps, rewind_step, round_index and seed may be numpy
+    integers (rounds and round_index were refused: isinstance int); the run
+    is the one the ints give and the train function gets Python ints."""
+    runs = []
+    for cast in (int, make):
+        tr = Trainer()
+        res = lottery.lottery_ticket(mlp(0), tr, tr.accuracy, train_steps=cast(4), rounds=cast(1),
+                                     rewind_step=cast(1))
+        ctl = Trainer()
+        runs.append((tr.calls, res, lottery.controls(mlp, res, cast(-1), ctl, ctl.accuracy, cast(4), seed=cast(2)),
+                     ctl.calls))
+    (calls, res, controls, ctl_calls), (np_calls, np_res, np_controls, np_ctl_calls) = runs
+    assert np_calls == calls and np_ctl_calls == ctl_calls
+    assert all(type(steps) is int for steps, _ in np_calls + np_ctl_calls)
+    assert np_res.rounds == res.rounds and np_controls == controls
+    assert all(torch.equal(a[n], b[n]) for a, b in zip(np_res.masks, res.masks) for n in a)
+
+
+@pytest.mark.parametrize("bad", [True, np.bool_(True), 2.0, 1.5])
+def test_counts_refuse_bools_and_floats(bad):
+    tr = Trainer()
+    with pytest.raises(ValueError, match="rounds must be an int >= 0"):
+        lottery.lottery_ticket(mlp(0), tr, tr.accuracy, 4, rounds=bad)
+    result = lottery.LotteryResult(rewind_step=0, masks=[adapters.masks(mlp(0))] * 2, state=lottery.snapshot(mlp(0)))
+    with pytest.raises(ValueError, match="round_index must be an int naming one of the 2 rounds"):
+        lottery.controls(mlp, result, bad, tr, tr.accuracy, 4)
+    with pytest.raises(TypeError, match="seed must be an int >= 0"):  # was checked after training the reinit control
+        lottery.controls(mlp, result, 0, tr, tr.accuracy, 4, seed=bad)
+    assert tr.calls == []
 
 
 def test_controls_check_round_index_and_train_steps():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -130,3 +131,22 @@ def test_bad_inputs():
     r = rigl.RigL(mlp(0), density=0.5)
     with pytest.raises(RuntimeError, match="gradient"):
         r.update()
+
+
+@pytest.mark.parametrize("make", [np.int64, np.int32])
+def test_counts_take_numpy_integers(make):
+    """update_interval, end_step and seed may be numpy integers (the first
+    two were refused: isinstance int), kept as the ints they hold."""
+    r = rigl.RigL(mlp(0), update_interval=make(5), end_step=make(40), seed=make(3))
+    want = rigl.RigL(mlp(0), update_interval=5, end_step=40, seed=3)
+    assert (r.update_interval, r.end_step) == (5, 40) and type(r.update_interval) is type(r.end_step) is int
+    assert all(torch.equal(r.masks[n], want.masks[n]) for n in want.masks)
+    assert r.drop_fraction_at(20) == want.drop_fraction_at(20)
+
+
+@pytest.mark.parametrize("bad", [True, np.bool_(True), 2.0, 1.5])
+def test_counts_refuse_bools_and_floats(bad):
+    with pytest.raises(ValueError, match="update_interval must be a positive int"):
+        rigl.RigL(mlp(0), update_interval=bad)
+    with pytest.raises(ValueError, match="end_step must be a positive int"):
+        rigl.RigL(mlp(0), end_step=bad)

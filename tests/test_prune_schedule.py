@@ -153,3 +153,18 @@ def test_fractions_as_numpy_numbers():
             sparsity_schedule(bad, 4)
     with pytest.raises(ValueError, match=r"final must be in \[0, 1\)"):
         sparsity_schedule(np.float32(1.5), 4)
+
+
+@pytest.mark.parametrize("make", [np.int64, np.int32])
+def test_rounds_take_numpy_integers(make):
+    """rounds may be a numpy integer (it was refused: isinstance int)."""
+    assert schedule.sparsity_schedule(0.5, make(4)) == schedule.sparsity_schedule(0.5, 4)
+    tr = Trainer()
+    res = schedule.iterative_prune(mlp(0), tr, 0.5, rounds=make(2), steps_per_round=1)
+    assert [row["target"] for row in res.history] == schedule.sparsity_schedule(0.5, 2)
+
+
+@pytest.mark.parametrize("bad", [True, np.bool_(True), 2.0, 1.5])
+def test_rounds_refuse_bools_and_floats(bad):
+    with pytest.raises(ValueError, match="rounds must be a positive int"):
+        schedule.sparsity_schedule(0.5, bad)

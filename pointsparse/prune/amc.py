@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..tensor import as_bool
+from ..tensor import as_bool, as_int
 from . import _compat
 from .adapters import in_channels, kernel_volume, out_channels
 from .procedure import check_callable, check_real
@@ -286,7 +286,7 @@ class _Space:
 
 
 def _check_search(eval_fn, episodes, warmup, reward, target_flops, max_ratio, reconstruct, coupled,
-                  noise=0.5, noise_decay=0.95, seed=0) -> None:
+                  noise=0.5, noise_decay=0.95, seed=0) -> tuple[int, int, int]:
     check_callable(eval_fn, "eval_fn")
     as_bool(reconstruct, "reconstruct")
     as_bool(coupled, "coupled")
@@ -296,20 +296,23 @@ def _check_search(eval_fn, episodes, warmup, reward, target_flops, max_ratio, re
     check_real(max_ratio, "max_ratio", ok=lambda v: 0 < v < 1, what="a number in (0, 1)")
     check_real(noise, "noise", ok=lambda v: v >= 0, what="a finite number >= 0")
     check_real(noise_decay, "noise_decay", ok=lambda v: 0 < v <= 1, what="a number in (0, 1]")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0; got {seed!r}")
-    if isinstance(episodes, bool) or isinstance(warmup, bool):
-        raise ValueError(f"episodes must be >= 1 and warmup >= 0 (ints); got {episodes!r}, {warmup!r}")
+    try:
+        seed = as_int(seed, "seed", 0)
+    except (TypeError, ValueError):
+        raise ValueError(f"seed must be an int >= 0; got {seed!r}") from None
+    try:
+        episodes, warmup = as_int(episodes, "episodes", 1), as_int(warmup, "warmup", 0)
+    except (TypeError, ValueError):
+        raise ValueError(f"episodes must be >= 1 and warmup >= 0 (ints); got {episodes!r}, {warmup!r}") from None
     if reward not in REWARDS:
         raise ValueError(f"reward must be one of {REWARDS}; got {reward!r}")
     if reward == "error" and target_flops is None:
         raise ValueError("reward='error' needs target_flops (the resource-constrained search)")
     if not 0 < max_ratio < 1:
         raise ValueError(f"max_ratio must be in (0, 1); got {max_ratio}")
-    if not isinstance(episodes, int) or episodes < 1 or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"episodes must be >= 1 and warmup >= 0; got {episodes}, {warmup}")
     if coupled and reconstruct:
         raise ValueError("reconstruct=True works on chain groups only (coupled=False)")
+    return episodes, warmup, seed
 
 
 def _space(model, example_input, coupled: bool, target_flops, max_ratio: float) -> _Space:
@@ -364,8 +367,8 @@ def amc_search(model: nn.Module, eval_fn: Callable[[nn.Module], float], example_
     acts on every coupled channel group of the dependency graph (residual and
     U-Net networks whole; the ratios are then keyed by group name and applied
     with ``apply_channel_ratios(..., example_input=...)``)."""
-    _check_search(eval_fn, episodes, warmup, reward, target_flops, max_ratio, reconstruct, coupled, noise,
-                  noise_decay, seed)
+    episodes, warmup, seed = _check_search(eval_fn, episodes, warmup, reward, target_flops, max_ratio, reconstruct,
+                                           coupled, noise, noise_decay, seed)
     if log is not None:  # (called after the first episode's work)
         check_callable(log, "log")
     if agent_kwargs is not None and not isinstance(agent_kwargs, Mapping):

@@ -38,7 +38,7 @@ from torch.utils._pytree import tree_flatten
 from . import _compat, adapters
 from ._copyable import keep_copyable
 from ._trace import Segment, Spaces, Tag, Tracer, feats_of, feature_axis
-from ..tensor import as_bool
+from ..tensor import as_bool, as_int
 from .procedure import check_fraction
 
 
@@ -508,8 +508,10 @@ def kept_count(size: int, keep_ratio: float, multiple: int = 1) -> int:
     """``round(size * keep_ratio)`` rounded to the nearest multiple of
     ``multiple`` (at least one multiple, or 1; at most ``size``)."""
     keep_ratio = check_fraction(keep_ratio, "keep ratio", low_open=True, high_open=False)
-    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
-        raise ValueError(f"multiple must be a positive int; got {multiple!r}")
+    try:
+        multiple = as_int(multiple, "multiple", 1)
+    except (TypeError, ValueError):
+        raise ValueError(f"multiple must be a positive int; got {multiple!r}") from None
     n = max(1, int(round(size * keep_ratio)))
     if n >= size:  # nothing to prune: rounding to the multiple must not cut a group kept whole
         return size

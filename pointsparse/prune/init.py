@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..tensor import as_int
 from . import _compat
 from .adapters import apply_masks, get_mask, prunable_layers, raw
 from .criteria import check_loss
@@ -103,8 +104,10 @@ def synflow_scores(model: nn.Module, example_input, sparsity: float = 0.0, itera
     outputs, and mask to density ``(1 - sparsity)^(k/iterations)``. Returns
     ``(scores, masks)``; with ``sparsity = 0`` a single scoring pass."""
     check_fraction(sparsity, "sparsity")
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"iterations must be a positive int; got {iterations!r}")
+    try:
+        iterations = as_int(iterations, "iterations", 1)
+    except (TypeError, ValueError):
+        raise ValueError(f"iterations must be a positive int; got {iterations!r}") from None
     chosen_names = [n for n, _ in prunable_layers(model, layers)]
     net = copy.deepcopy(model).double().eval()
     with torch.no_grad():

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..tensor import as_int
 from .adapters import apply_masks, get_mask, masks as _masks, prunable_layers, sparsity as _sparsity
 from .procedure import (call_train, check_callable, check_fraction, check_int, check_lr, global_magnitude_prune,
                         layer_magnitude_prune)
@@ -79,10 +80,12 @@ def lottery_ticket(model: nn.Module, train_fn: Callable, eval_fn: Callable, trai
     check_fraction(prune_fraction, "prune_fraction", low_open=True)
     if scope not in ("global", "layer"):
         raise ValueError(f"scope must be 'global' or 'layer'; got {scope!r}")
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
-        raise ValueError(f"rounds must be an int >= 0; got {rounds!r}")
-    check_int(train_steps, "train_steps", 1)
-    check_int(rewind_step, "rewind_step", 0)
+    try:
+        rounds = as_int(rounds, "rounds", 0)
+    except (TypeError, ValueError):
+        raise ValueError(f"rounds must be an int >= 0; got {rounds!r}") from None
+    train_steps = check_int(train_steps, "train_steps", 1)
+    rewind_step = check_int(rewind_step, "rewind_step", 0)
     check_lr(lr)
     if not 0 <= rewind_step < train_steps:
         raise ValueError(f"rewind_step must be in [0, train_steps={train_steps}); got {rewind_step}")
@@ -144,13 +147,17 @@ def controls(make_model: Callable[[int], nn.Module], result: LotteryResult, roun
     check_callable(make_model, "make_model")
     check_callable(train_fn, "train_fn")
     check_callable(eval_fn, "eval_fn")
-    check_int(train_steps, "train_steps", 1)
+    train_steps = check_int(train_steps, "train_steps", 1)
+    seed = check_int(seed, "seed", 0)
     if train_steps <= result.rewind_step:
         raise ValueError(f"train_steps must be > the result's rewind_step={result.rewind_step}; got {train_steps}")
-    if isinstance(round_index, bool) or not isinstance(round_index, int) \
-            or not -len(result.masks) <= round_index < len(result.masks):
+    try:
+        round_index = as_int(round_index, "round_index")
+        if not -len(result.masks) <= round_index < len(result.masks):
+            raise ValueError
+    except (TypeError, ValueError):
         raise ValueError(f"round_index must be an int naming one of the {len(result.masks)} rounds; "
-                         f"got {round_index!r}")
+                         f"got {round_index!r}") from None
     mask_dict = result.masks[round_index]
     reinit = train_masked(make_model(seed + 1), mask_dict, train_fn, eval_fn, train_steps, None, lr)
     base = make_model(seed)

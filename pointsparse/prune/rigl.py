@@ -21,6 +21,7 @@ import math
 import torch
 from torch import nn
 
+from ..tensor import as_int
 from .adapters import layout_of, prunable_layers
 from .procedure import check_fraction, check_int
 
@@ -74,11 +75,15 @@ class RigL:
         check_fraction(drop_fraction, "drop_fraction", high_open=False)
         if distribution not in DISTRIBUTIONS:
             raise ValueError(f"distribution must be one of {DISTRIBUTIONS}; got {distribution!r}")
-        if isinstance(update_interval, bool) or not isinstance(update_interval, int) or update_interval < 1:
-            raise ValueError(f"update_interval must be a positive int; got {update_interval!r}")
-        if isinstance(end_step, bool) or not isinstance(end_step, int) or end_step < 1:
-            raise ValueError(f"end_step must be a positive int; got {end_step!r}")
-        check_int(seed, "seed", 0)
+        try:
+            update_interval = as_int(update_interval, "update_interval", 1)
+        except (TypeError, ValueError):
+            raise ValueError(f"update_interval must be a positive int; got {update_interval!r}") from None
+        try:
+            end_step = as_int(end_step, "end_step", 1)
+        except (TypeError, ValueError):
+            raise ValueError(f"end_step must be a positive int; got {end_step!r}") from None
+        seed = check_int(seed, "seed", 0)
         self.model = model
         self.layers = prunable_layers(model, layers)
         self.update_interval = update_interval

@@ -15,6 +15,7 @@ from typing import Callable
 
 from torch import nn
 
+from ..tensor import as_int
 from .adapters import sparsity as _sparsity
 from .procedure import (call_train, check_callable, check_fraction, check_lr, global_magnitude_prune,
                         layer_magnitude_prune)
@@ -70,8 +71,10 @@ def sparsity_schedule(final: float, rounds: int, kind: str = "agp", initial: flo
                          "schedule cannot be followed")
     if kind not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}; got {kind!r}")
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise ValueError(f"rounds must be a positive int; got {rounds!r}")
+    try:
+        rounds = as_int(rounds, "rounds", 1)
+    except (TypeError, ValueError):
+        raise ValueError(f"rounds must be a positive int; got {rounds!r}") from None
     if rounds > MAX_ROUNDS:
         raise ValueError(f"rounds must be <= MAX_ROUNDS={MAX_ROUNDS}; got {rounds}")
     fn = _agp if kind == "agp" else _constant  # arguments checked once above, not per round

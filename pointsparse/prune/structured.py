@@ -26,7 +26,7 @@ import numbers
 
 import torch
 
-from ..tensor import as_bool
+from ..tensor import as_bool, as_int
 from ._copyable import CopyableMethod
 from .amount import count_to_prune, validate_amount, validate_norm
 from .adapters import WeightLayout, check_layout, dense_layout, layout_of, raw
@@ -341,14 +341,19 @@ def panel_structured(module, name, amount, square=False, n=2, importance_scores=
     if not isinstance(weight, torch.Tensor):
         raise ValueError(f"{type(module).__name__} has no tensor attribute {name!r}")
     square = as_bool(square, "square")
-    if isinstance(panels, bool) or not isinstance(panels, int) or panels < 1:
-        raise ValueError(f"panels must be a positive int (adjacent panels per block); got {panels!r}")
+    try:
+        panels = as_int(panels, "panels", 1)
+    except (TypeError, ValueError):
+        raise ValueError(f"panels must be a positive int (adjacent panels per block); got {panels!r}") from None
     width = panel_width(weight.dtype) * panels
     if rows is None:
         rows = width if square else 1
-    elif isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
-        raise ValueError(f"rows must be a positive int (input channels per block); got {rows!r}")
-    elif square and rows != width:
+    else:
+        try:
+            rows = as_int(rows, "rows", 1)
+        except (TypeError, ValueError):
+            raise ValueError(f"rows must be a positive int (input channels per block); got {rows!r}") from None
+    if square and rows != width:
         raise ValueError(f"square=True means rows = width = {width}; got rows={rows}")
     return block_structured(module, name, amount, block_size=(width, rows), n=n,
                             importance_scores=importance_scores)
