@@ -36,6 +36,21 @@ def _wrap64(v: int) -> int:
     return (v + 2**63) % 2**64 - 2**63
 
 
+def _ints(values, name: str, count: int) -> list[int]:
+    """``values`` as ``count`` Python ints (numpy and 0-d tensor integers
+    too); a bool, float or str among them is a TypeError (``int()`` made 1.5
+    a 1), another count a ValueError, each naming ``name``."""
+    from .tensor import as_int  # noqa: PLC0415 - the tensor layer imports this module
+
+    try:
+        out = [as_int(v, name) for v in values]
+    except TypeError:
+        raise TypeError(f"KeyLayout.fit: {name} must hold ints; got {values!r}") from None
+    if len(out) != count:
+        raise ValueError(f"KeyLayout.fit: {name} must be {count} ints; got {values!r}")
+    return out
+
+
 @dataclass(frozen=True)
 class KeyLayout:
     """Where each field of a key sits: ``origin`` the (x, y, z) of field value
@@ -53,7 +68,7 @@ class KeyLayout:
         span when not even the rows fit."""
         if lo is None:
             return cls((0, 0, 0), (0, 0, 0, 0))
-        lo, hi, margin = [int(v) for v in lo], [int(v) for v in hi], [int(v) for v in margin]
+        lo, hi, margin = _ints(lo, "lo", 4), _ints(hi, "hi", 4), _ints(margin, "margin", 3)
         if lo[0] < 0:
             raise ValueError(f"batch indices must be >= 0; the smallest is {lo[0]}")
         if any(m < 0 or m > 2**32 for m in margin):

@@ -58,6 +58,36 @@ def test_layout_fit_python_equals_core(args, want):
     assert _ext.core.fit_layout(*args) == [*want[0], *want[1]]
 
 
+@pytest.mark.parametrize("make", [np.int64, np.int32, torch.tensor])
+def test_layout_fit_takes_numpy_and_tensor_integers(make):
+    args = FITS[2][0]
+    layout = C.KeyLayout.fit(*[[make(v) for v in a] for a in args])
+    assert (layout.origin, layout.bits) == FITS[2][1]
+    assert all(type(v) is int for v in layout.origin + layout.bits)
+
+
+@pytest.mark.parametrize("lo, hi, margin, name", [
+    ([0, 1.5, 0, 0], [0, 5, 0, 0], [0, 0, 0], "lo"),  # int() made it 1
+    ([0, 0, 0, 0], [0, 5.0, 0, 0], [0, 0, 0], "hi"),
+    ([0, 0, 0, 0], [0, 5, 0, 0], [0, 0.5, 0], "margin"),  # int() made it 0
+    ([0, 0, 0, 0], [True, 5, 0, 0], [0, 0, 0], "hi"),  # was batch index 1
+    (np.array([0, 0, 0, 0.5]), [0, 5, 0, 0], [0, 0, 0], "lo"),
+    ([0, 0, 0, 0], [0, 5, 0, 0], torch.tensor([1.0, 0, 0]), "margin"),
+    ([0, 0, 0, 0], [0, "5", 0, 0], [0, 0, 0], "hi"),
+])
+def test_layout_fit_refuses_non_integers(lo, hi, margin, name):
+    with pytest.raises(TypeError, match=rf"KeyLayout.fit: {name} must hold ints"):
+        C.KeyLayout.fit(lo, hi, margin)
+
+
+def test_layout_fit_refuses_a_wrong_count():
+    for args, match in ((([0, 0, 0], [0, 5, 0, 0], [0, 0, 0]), "lo must be 4 ints"),
+                        (([0, 0, 0, 0], [0, 5, 0, 0, 9], [0, 0, 0]), "hi must be 4 ints"),
+                        (([0, 0, 0, 0], [0, 5, 0, 0], [0, 0]), "margin must be 3 ints")):
+        with pytest.raises(ValueError, match=f"KeyLayout.fit: {match}"):  # was an IndexError, or ignored
+            C.KeyLayout.fit(*args)
+
+
 @pytest.mark.parametrize("lo, hi", [
     ([0, INT32_MIN, 0, 0], [INT32_MAX, INT32_MAX, 1, 0]),  # 31 + 32 + 1 = 64 bits
     ([0, INT32_MIN, INT32_MIN, 0], [0, INT32_MAX, INT32_MAX, 0]),  # 32 + 32
