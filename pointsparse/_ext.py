@@ -218,6 +218,12 @@ def reuse_freed_memory(on: bool = True, max_bytes: int = 1 << 30) -> bool:
     ``bench/ab_trees.py --setup 1 'ps.reuse_freed_memory(True)'`` (bench/RESULTS.md)."""
     if not isinstance(on, bool):
         raise TypeError(f"on must be a bool; got {on!r}")
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or not 0 <= max_bytes <= 1 << 30:
-        raise ValueError(f"max_bytes must be an int in [0, 2**30]; got {max_bytes!r}")
+    from .tensor import as_int  # noqa: PLC0415 - the tensor layer imports this module
+
+    try:
+        max_bytes = as_int(max_bytes, "max_bytes", 0)
+        if max_bytes > 1 << 30:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ValueError(f"max_bytes must be an int in [0, 2**30]; got {max_bytes!r}") from None
     return bool(core.reuse_freed_memory(on, max_bytes))

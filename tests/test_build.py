@@ -327,3 +327,24 @@ def test_reuse_freed_memory_keeps_pages_mapped():
         pointsparse.reuse_freed_memory(1)
     with pytest.raises(ValueError, match="max_bytes"):
         pointsparse.reuse_freed_memory(True, 1 << 31)
+
+
+@pytest.mark.parametrize("make", [np.int64, np.int32, np.uint32])
+def test_reuse_freed_memory_takes_numpy_integers(monkeypatch, make):
+    """max_bytes may be a numpy integer (it was refused: isinstance int); the
+    core gets the Python int. The core call is recorded, not made: the
+    setting is process-wide."""
+    calls = []
+    monkeypatch.setattr(_ext.core, "reuse_freed_memory", lambda on, max_bytes: calls.append((on, max_bytes)) or True)
+    assert pointsparse.reuse_freed_memory(True, make(1 << 20)) is True
+    assert pointsparse.reuse_freed_memory(True, 1 << 20) is True
+    assert calls[0] == calls[1] == (True, 1 << 20) and type(calls[0][1]) is int
+
+
+@pytest.mark.parametrize("bad", [True, np.bool_(True), 2.0, 1.5, np.float64(1 << 20), "1024"])
+def test_reuse_freed_memory_refuses_bools_and_floats(monkeypatch, bad):
+    calls = []
+    monkeypatch.setattr(_ext.core, "reuse_freed_memory", lambda on, max_bytes: calls.append((on, max_bytes)) or True)
+    with pytest.raises(ValueError, match=r"max_bytes must be an int in \[0, 2\*\*30\]"):
+        pointsparse.reuse_freed_memory(True, bad)
+    assert calls == []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -258,7 +259,7 @@ def test_prune_vectors_refuses_a_bad_sparsity(tmp_path, amount):
     from pointsparse.app.channels import prune_vectors_checkpoint
     with pytest.raises(ValueError, match=r"--sparsity"):
         prune_vectors_checkpoint(tmp_path / "none.pt", tmp_path / "out", float(amount))
-    for panels in (0, -1, 1.5, True):
+    for panels in (0, -1, 1.5, True, 2.0, np.bool_(True)):
         with pytest.raises(ValueError, match=r"--panels"):
             prune_vectors_checkpoint(tmp_path / "none.pt", tmp_path / "out", 0.5, panels=panels)
 
@@ -278,6 +279,11 @@ def test_prune_vectors_panels_masks_vectors_of_two_panels(tmp_path):
             block = mask[..., j:j + 32]
             assert torch.equal(block.amax(-1), block.amin(-1)), (key, j)
         assert 0.3 <= mask.float().mean().item() <= 0.7, key
+    # panels may be a numpy integer (it was refused: isinstance int), with the masks the int gives
+    from pointsparse.app.channels import prune_vectors_checkpoint
+    path = prune_vectors_checkpoint(dense / "checkpoint.pt", tmp_path / "np", 0.5, panels=np.int64(2))
+    again = checkpoint.load(path)["model"]
+    assert all(torch.equal(again[k], masks[k]) for k in masks)
 
 
 def test_prune_vectors_pairs_masks_whole_bf16_vectors(tmp_path, capsys):

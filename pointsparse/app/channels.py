@@ -19,6 +19,7 @@ import torch
 
 from .. import checkpoint
 from ..prune.workflow import CRITERIA, channel_scores, check_options, prune_channels
+from ..tensor import as_int
 
 
 def add_arguments(parser) -> None:
@@ -121,8 +122,11 @@ def _prune_vectors(path, out, amount: float, square: bool, rows: int | None = No
     from ..nn import Conv3d
     from ..prune import panel_structured
     _check_amount(amount, "vectors")
-    if isinstance(panels, bool) or not isinstance(panels, int) or panels < 1:
-        raise ValueError(f"panels (--panels) must be a positive int (adjacent panels per block); got {panels!r}")
+    try:
+        panels = as_int(panels, "panels", 1)
+    except (TypeError, ValueError):
+        raise ValueError(f"panels (--panels) must be a positive int (adjacent panels per block); "
+                         f"got {panels!r}") from None
     state = load_state(path)
     model = checkpoint_model(state, path)
     convs = [m for m in model.modules() if isinstance(m, Conv3d) and m.weight.shape[0] > 1]
