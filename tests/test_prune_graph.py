@@ -572,3 +572,14 @@ def test_group_scores_of_a_kernel_region_conv_count_its_region():
     assert G.plan(graph, 0.5, multiple=1)["0"].tolist() == [2, 3]
     ones = {(net[0], "weight"): torch.ones(27, 2, 4)}
     assert G.group_scores(graph, "0", ones).tolist() == [14.0] * 4
+
+
+def test_group_takes_a_numpy_integer_index():
+    """group(i) with a numpy integer is the group at that index (it was
+    looked up as a name: 'np.int64(0) names no cuttable channel group')."""
+    graph = G.DependencyGraph(nn.Sequential(nn.Linear(4, 20), nn.ReLU(), nn.Linear(20, 2)), torch.randn(5, 4))
+    assert graph.group(np.int64(0)) is graph.group(0) is graph.groups[0]
+    assert graph.group(np.int32(-1)) is graph.groups[-1]
+    for bad in (True, 0.0):
+        with pytest.raises(ValueError, match="names no cuttable channel group"):
+            graph.group(bad)

@@ -219,8 +219,12 @@ class DependencyGraph:
         """A cuttable group by index or by name (its first producer, or any of its layers)."""
         if isinstance(name_or_index, CoupledGroup):
             return name_or_index
-        if isinstance(name_or_index, int) and not isinstance(name_or_index, bool):
-            return self.groups[name_or_index]
+        try:  # numpy integers too (not bool)
+            index = None if isinstance(name_or_index, str) else as_int(name_or_index, "name_or_index")
+        except TypeError:
+            index = None
+        if index is not None:
+            return self.groups[index]
         for g in self.groups:
             if g.name == name_or_index:
                 return g
