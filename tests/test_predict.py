@@ -373,3 +373,31 @@ def test_predict_refuses_an_out_holding_the_other_formats_predictions(tmp_path, 
     assert cli.main(["predict", "--checkpoint", str(ckpt), "--data", str(clouds / "c.npy"), "--out", str(clouds),
                      *formats["label"], "--no-progress"]) == 0
     assert (clouds / "c.label").is_file()
+
+
+def test_eval_and_predict_refuse_an_out_another_run_holds(tmp_path, capsys):
+    """eval --out and predict --out take the lock train takes on its --out (checkpoint.DirectoryLock): while
+    another run holds the folder, exit status 2 with its error and nothing written there (they wrote into it
+    beside the other run's files); once it is free, both run. eval without --out takes no lock."""
+    from pointsparse.checkpoint import DirectoryLock
+
+    paths = _clouds(tmp_path / "in", 1)
+    ckpt, out = _checkpoint(tmp_path / "m.pt"), tmp_path / "out"
+    runs = {"eval": ["eval", "--checkpoint", str(ckpt), "--data", *map(str, paths), "--out", str(out),
+                     "--no-progress"],
+            "predict": ["predict", "--checkpoint", str(ckpt), "--data", *map(str, paths), "--out", str(out),
+                        "--no-progress"]}
+    with DirectoryLock(out):
+        capsys.readouterr()
+        for command, argv in runs.items():
+            assert cli.main(argv) == 2, command
+            err = capsys.readouterr().err
+            assert err.startswith(f"pointsparse {command}: error: --out {out} is in use by another run"), err
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    for command, argv in runs.items():
+        assert cli.main(argv) == 0, command
+    assert (out / "eval-metrics.json").is_file() and (out / "classes.json").is_file()
+    free = tmp_path / "free"
+    free.mkdir()
+    with DirectoryLock(free):  # (no --out: the folder the command runs from is not taken)
+        assert cli.main(runs["eval"][:-3] + ["--no-progress"]) == 0

@@ -9,12 +9,13 @@ scored as it runs (on the CPU; its data defaults to the run's too)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import make_directory
+from ..checkpoint import DirectoryLock
 from ..data import DEFAULT_IGNORE, VALIDATION_SEED, VoxelDataset, open_source
 from ..data.datasets import is_generated
 from ..models import model_from_state
@@ -107,7 +108,7 @@ def main(args) -> int:
         model, state = program_and_state(program, args)
         args.device = "cpu"
     else:
-        state = load_checkpoint(args.checkpoint)
+        model, state = None, load_checkpoint(args.checkpoint)  # (the model made once the data are checked)
     config = state["config"]
     # An explicit --ignore-index always wins, 255 included.
     ignore_index = (args.ignore_index if args.ignore_index is not None
@@ -116,8 +117,16 @@ def main(args) -> int:
     if getattr(args, "maps_ahead", False) and device.type != "cpu":
         raise ValueError(f"--maps-ahead builds the maps on CPU worker threads; the model runs on {device}")
     spec, source = eval_source(args, state, ignore_index)  # (its flags checked; the clouds are read on first use)
-    if args.out:  # before the evaluation's work, after the checks
-        make_directory(Path(args.out))
+    # --out taken, as train takes it, before the evaluation's work and after the checks: another run's
+    # folder is refused; one this run made goes again where it fails before writing there.
+    with DirectoryLock(args.out, "--out") if args.out else contextlib.nullcontext():
+        return _score(args, model, state, spec, source, ignore_index, device)
+
+
+def _score(args, model, state: dict, spec, source, ignore_index: int, device) -> int:
+    """``pointsparse eval``'s work once its flags are checked (``--out``, where given, held): ``model``
+    the program's, or None for the checkpoint's."""
+    config, program = state["config"], getattr(args, "program", None)
     if args.threads:
         torch.set_num_threads(args.threads)
     require_labels(source, "--data" if args.data else "the run's data")  # (an mIoU of unlabelled clouds is NaN)
@@ -125,7 +134,7 @@ def main(args) -> int:
     if classes != config["classes"]:
         raise ValueError(f"the data's classes {classes} differ from the checkpoint's {config['classes']}")
     check_scored_labels(source, len(classes), ignore_index, "--data" if args.data else "the run's data")
-    if program is None:
+    if model is None:
         model = with_maps_ahead(inference_model(checkpoint_model(state, args.checkpoint).to(device), args.inference),
                                 args)
     dataset = VoxelDataset(source, config["voxel_size"], ignore_index)

@@ -15,7 +15,8 @@ common folder, without its suffix>`` gets
   that one (``sequences/08/predictions/000000.label``, as the benchmark takes).
 
 One --out holds one format's predictions: an --out that holds the other
-format's is refused (give a new one) before any cloud is run.
+format's is refused (give a new one) before any cloud is run, and so is one
+that another run (train, eval, predict) holds.
 
 The files' own labels, where they have any, play no part (they are not read)."""
 
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_write, make_directory
+from ..checkpoint import DirectoryLock, atomic_write
 
 __all__ = ["add_arguments", "main", "raw_ids"]
 
@@ -149,13 +150,9 @@ def _files_read(paths: list[Path]) -> dict[Path, str]:
 
 
 def main(args) -> int:
-    from ..data import DEFAULT_IGNORE, Batch
-    from ..data.readers import find_clouds, load_label_map, read_cloud
-    from ..data.transforms import voxelize_sample
+    from ..data.readers import find_clouds, load_label_map
     from .evaluate import checkpoint_model, inference_model, program_and_state, with_maps_ahead
-    from .scoring import predict
     from .train import check_threads, load_checkpoint
-    from .trainer import have_tqdm, progress_bar
 
     check_threads(args.threads)
     if args.program is not None:
@@ -167,7 +164,7 @@ def main(args) -> int:
     config = state["config"]
     classes = list(config["classes"])
     paths = find_clouds(args.data)  # (ValueError naming a spec that holds no cloud)
-    label_map = None
+    label_map = ids = None
     if args.label_map is not None and args.format != "label":
         raise ValueError("--label-map names the raw ids --format label writes; --format npy writes class indices")
     if args.format == "label":
@@ -180,7 +177,21 @@ def main(args) -> int:
         ids = raw_ids(label_map, classes)
     targets = _outputs(paths, Path(args.out), ".label" if args.format == "label" else ".npy")
     _other_format(paths, Path(args.out), args.format)
-    make_directory(Path(args.out))
+    with DirectoryLock(args.out, "--out"):  # (as train holds its --out: another run's folder is refused)
+        return _predict_all(args, model, config, paths, targets, label_map, ids)
+
+
+def _predict_all(args, model, config: dict, paths: list[Path], targets: list[Path], label_map, ids) -> int:
+    """``pointsparse predict``'s work once its flags and outputs are checked (``--out`` held): each
+    cloud of ``paths`` predicted into its ``targets`` file (``ids``: the raw id of each class for
+    ``--format label``), then ``classes.json``."""
+    from ..data import DEFAULT_IGNORE, Batch
+    from ..data.readers import read_cloud
+    from ..data.transforms import voxelize_sample
+    from .scoring import predict
+    from .trainer import have_tqdm, progress_bar
+
+    classes = list(config["classes"])
     # classes.json is written last, once every cloud is: an earlier run's must not make a run that fails
     # half-way look complete.
     (Path(args.out) / "classes.json").unlink(missing_ok=True)
