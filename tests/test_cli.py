@@ -207,6 +207,45 @@ def test_flags_checked_before_any_work(tmp_path, capsys, argv, words):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("argv, words", [
+    (["train", "--data", "{tmp}/a.npy", "--beams", "64"], "--beams 64: the generated scenes' settings"),
+    (["train", "--data", "{tmp}/a.npy", "--beams=64"], "--beams 64: the generated scenes' settings"),
+    (["train", "--data", "{tmp}/a.npy", "--beam", "64"], "--beams 64: the generated scenes' settings"),
+    (["train", "--data", "{tmp}/a.npy", "--max-range=50", "--scenes", "16"], "--scenes 16, --max-range 50.0: the "),
+    (["train", "--data", "generated", "--schedule", "step", "--warmup=0.05"], "--warmup 0.05 is the warm-up of "),
+    (["prune", "channels", "--checkpoint", "{tmp}/c.pt", "--seed", "0"], "--seed 0 (prune sensitivity, "),
+    (["prune", "channels", "--checkpoint", "{tmp}/c.pt", "--rounds=5"], "--rounds 5 (prune schedule, lottery)"),
+    (["prune", "amc", "--quick", "--episodes", "120"], "--episodes 120: --quick runs 30 episodes"),
+])
+def test_flags_typed_at_their_default_value_are_refused_too(tmp_path, capsys, argv, words):
+    """A flag the run would not read is refused however it is typed (``--flag value``, ``--flag=value``, an
+    abbreviation argparse takes), its default value included: ``train --beams 64`` on files was accepted and
+    ignored, as the value equalled the default, where ``--beams 32`` was refused."""
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert cli.main([*argv, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "would be ignored" in err, err
+    assert not any(tmp_path.iterdir())
+
+
+def test_given_flags_are_those_typed():
+    """cli.given_flags names the flags typed on the command line, whatever their value, in the form
+    ``--flag value``; on a namespace no command line made (no record of what was typed) it names those that
+    differ from their defaults."""
+    import argparse
+
+    from pointsparse.app import train
+
+    args = cli.build_parser().parse_args(["train", "--out", "r", "--data", "a.npy", "--bea=64", "--scenes", "16",
+                                          "--no-augment"])
+    assert cli.given_flags(args, train.add_arguments, "beams", "scenes", "max_range", "no_augment", "val_scenes") == \
+        ["--beams 64", "--scenes 16", "--no-augment"]
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    plain = parser.parse_args(["--out", "r", "--data", "a.npy", "--beams", "64", "--scenes", "8"])
+    assert cli.given_flags(plain, train.add_arguments, "beams", "scenes") == ["--scenes 8"]
+
+
 def test_label_map_checks_name_the_generated_scenes_exactly():
     """--label-map is refused only where every cloud is generated: with
     --val-data files it maps theirs (as --val-label-map's help says), and a

@@ -4,7 +4,6 @@ numbers, learning-rate schedules."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
@@ -32,7 +31,7 @@ def _without(argv, flag):
 
 
 def _parse(argv):
-    parser = argparse.ArgumentParser()
+    parser = cli.CommandParser()  # (as the command line parses: the flags typed are recorded)
     tr.add_arguments(parser)
     return parser.parse_args(argv)
 
@@ -250,6 +249,7 @@ def test_out_of_range_flags_fail_before_any_work(flag, value, message, tmp_path,
 
 @pytest.mark.parametrize("argv, message", [
     (["--data", "a.npy", "--beams", "32"], r"--beams 32: the generated scenes' settings; --data a.npy"),
+    (["--data", "a.npy", "--beams", "64"], r"--beams 64: the generated scenes' settings"),  # (the default beams)
     (["--data", "a.npy", "b.npy", "--scenes", "8", "--max-range", "30"], r"--scenes 8, --max-range 30.0: the gen"),
     (["--data", "a.npy", "--val-data", "b.npy", "--val-scenes", "2"], "--val-scenes 2: the generated scenes'"),
     (["--data", "generated-indoor", "--azimuth-steps", "256"], r"--azimuth-steps 256: the LiDAR .* indoor"),
@@ -299,7 +299,7 @@ def test_generated_scenes_as_val_data_are_refused(argv, message, tmp_path, monke
 
 
 @pytest.mark.parametrize("argv", [
-    ["--data", "a.npy", "--beams", "64", "--val-fraction", "0.3", "--label-map", "s3dis"],  # (the default beams)
+    ["--data", "a.npy", "--val-fraction", "0.3", "--label-map", "s3dis"],
     ["--data", "a.npy", "--val-data", "b.npy", "--val-label-map", "s3dis"],
     ["--data", "generated", "--val-data", "b.npy", "--beams", "32", "--scenes", "3"],
     ["--data", "generated-indoor", "--scenes", "3", "--val-scenes", "2"],

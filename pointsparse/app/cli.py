@@ -28,6 +28,30 @@ COMMANDS = [
 ]
 
 
+class _Untyped:
+    """The value :class:`CommandParser` starts every option at to see which were typed."""
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A command's parser that records, as ``args._typed``, the options typed
+    on its command line (their dests), whatever their values: argparse itself
+    reads the words a second time into a namespace that holds a mark for
+    every option, so ``--flag=value`` and the abbreviations it accepts count
+    as typed, and an option it leaves at the mark was not (:func:`given_flags`
+    reads the record)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        parsed, extras = super().parse_known_args(args, namespace)
+        if namespace is None:  # (into a namespace of the caller's, what it held would read as typed)
+            untyped = _Untyped()
+            # (argparse sets no default on an attribute the namespace holds: only what is typed replaces the mark)
+            probe = argparse.Namespace(**dict.fromkeys(vars(parsed), untyped))
+            super().parse_known_args(args, probe)
+            parsed._typed = frozenset(name for name, value in vars(probe).items() if value is not untyped)
+        return parsed, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pointsparse",
@@ -37,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                "application is pointsparse.app; the library (pointsparse.tensor, voxelize, kmap, nn, models, data, "
                "prune, formats, ops, export, checkpoint) never imports it.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=CommandParser)
     for name, module_name, help_text in COMMANDS:
         module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip().splitlines()[0])
@@ -55,14 +79,19 @@ def defaults(add_arguments) -> argparse.ArgumentParser:
 
 
 def given_flags(args, add_arguments, *names: str) -> list[str]:
-    """``--flag [value]`` of each of ``names`` that ``args`` sets to another
-    value than the parser of ``add_arguments`` gives by default (None and
-    False: not given; True: the flag alone; a list: its words)."""
+    """``--flag [value]`` of each of ``names`` typed on the command line,
+    whatever its value (``args._typed``, which :class:`CommandParser`
+    records); of a namespace without that record (made by another parser,
+    or by hand), each that ``args`` sets to another value than the parser of
+    ``add_arguments`` gives by default (None and False: not given). True:
+    the flag alone; a list: its words."""
+    typed = getattr(args, "_typed", None)
     parser = defaults(add_arguments)
     flags = []
     for name in names:
         value = getattr(args, name, None)
-        if value is None or value is False or value == parser.get_default(name):
+        if (name not in typed if typed is not None else
+                value is None or value is False or value == parser.get_default(name)):
             continue
         flag = f"--{name.replace('_', '-')}"
         flags.append(flag if value is True else

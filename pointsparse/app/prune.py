@@ -131,8 +131,8 @@ QUICK_EPISODES, QUICK_ROUNDS = 30, 3
 
 
 def _given(args, *names: str) -> list[str]:
-    """``--flag [value]`` of each of ``names`` that ``args`` sets to another
-    value than the parser's default (:func:`.cli.given_flags`)."""
+    """``--flag [value]`` of each of ``names`` typed on the command line
+    (:func:`.cli.given_flags`)."""
     return given_flags(args, add_arguments, *names)
 
 

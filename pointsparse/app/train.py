@@ -33,7 +33,7 @@ from ..data.generated import MAX_AZIMUTH_STEPS, MAX_BEAMS, MAX_RANGE
 from ..models import SyncBatchNorm, build_model
 from ..models.loading import shape_like
 from . import metrics
-from .cli import defaults, given_flags
+from .cli import CommandParser, defaults, given_flags
 from .distributed import Dist, destroy, free_port, init_distributed, worker_environment
 from .scoring import evaluate, logits_of, shard, write_report
 from .trainer import TrainingDiverged, Trainer, check_finite_loss, check_finite_weights, have_tqdm, progress_bar
@@ -197,8 +197,8 @@ SENSOR_FLAGS = ("max_range", "beams", "azimuth_steps")
 
 
 def _given(args, *names: str) -> list[str]:
-    """``--flag value`` of each of ``names`` that ``args`` sets to another
-    value than train's default (:func:`.cli.given_flags`)."""
+    """``--flag value`` of each of ``names`` typed on the command line
+    (:func:`.cli.given_flags`)."""
     return given_flags(args, add_arguments, *names)
 
 
@@ -791,8 +791,7 @@ def main(args) -> int:
 
 
 def _cli(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pointsparse.app.train",
-                                     description=__doc__.strip().splitlines()[0])
+    parser = CommandParser(prog="python -m pointsparse.app.train", description=__doc__.strip().splitlines()[0])
     add_arguments(parser)
     return main(parser.parse_args(argv))
 
