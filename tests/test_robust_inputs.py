@@ -89,6 +89,59 @@ def test_spvcnn_points_must_lie_in_their_voxels(spvcnn_case, units):
         assert m(v, inv, edge, batch).shape == (300, 3)
 
 
+@pytest.mark.parametrize("dtype, far", [(dtype, far) for dtype in (torch.float32, torch.float64)
+                                        for far in (0, 2**24 - 2, 2**26, -(2**31) + 3, 2**31 - 128)]
+                         + [(torch.float16, 0), (torch.bfloat16, 0)])
+def test_spvcnn_points_lie_within_two_voxels_of_theirs_exactly(dtype, far):
+    """check_points takes a point within 2 voxel edges of its voxel's coords on every axis and refuses one
+    further, exactly, at every coordinate int32 voxels reach: past 2**24 float32 does not hold every voxel
+    coordinate (a check in float32 would read c + 3 as c)."""
+    from pointsparse.models.spvcnn import check_points
+
+    base = torch.tensor([float(far), 0.0, -3.0], dtype=torch.float64).to(dtype)  # a point `dtype` holds
+    exact = base.double().long()
+    for step, ok in ((0, True), (2, True), (-2, True), (3, False), (-3, False)):
+        coords = torch.cat([torch.zeros(1, 1, dtype=torch.long), (exact + step)[None]], 1).int()
+        if int(coords[0, 1]) != int(exact[0]) + step:
+            continue  # (past int32)
+        voxels = ps.SparseTensor(torch.zeros(1, 1), coords)
+        args = (voxels, torch.zeros(1, dtype=torch.long), base[None], torch.zeros(1, dtype=torch.long))
+        if ok:
+            assert torch.equal(check_points(*args), coords), (step, far)
+        else:
+            with pytest.raises(ValueError, match=r"points\[0\] = .* lies outside its voxel"):
+                check_points(*args)
+    # a point just past the far edge of a two-voxel margin is out
+    coords = torch.tensor([[0, 5, 5, 5]], dtype=torch.int32)
+    voxels, zero = ps.SparseTensor(torch.zeros(1, 1), coords), torch.zeros(1, dtype=torch.long)
+    past = torch.nextafter(torch.tensor([7.0, 5, 5], dtype=dtype), torch.tensor(8.0, dtype=dtype))
+    with pytest.raises(ValueError, match="lies outside its voxel"):
+        check_points(voxels, zero, past[None], zero)
+
+
+def test_spvcnn_point_check_makes_no_float64_copy_of_float32_points(spvcnn_case):
+    """The check that points lie in their voxels compares float32 points in float32 where the voxels'
+    coordinates fit it exactly (it made a float64 copy of every point and of its voxel's coords, each
+    forward)."""
+    from torch.overrides import TorchFunctionMode
+
+    from pointsparse.models.spvcnn import check_points
+
+    m, v, inv, pts, batch = spvcnn_case
+    made = []
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.dtype == torch.float64:
+                made.append((getattr(func, "__name__", func), tuple(out.shape)))
+            return out
+
+    with Record():
+        check_points(v, inv, pts, batch)
+    assert not made, made
+
+
 # --- export.save's meta -----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -43,6 +43,22 @@ def point_to_voxel(tensor: SparseTensor, point_feats: torch.Tensor, rows: torch.
     return tensor.with_feats(out / count[:, None])
 
 
+#: Integers up to this magnitude are all float32 values (its 24-bit significand).
+_FLOAT32_EXACT = 2**24
+
+
+def _away(points: torch.Tensor, point_coords: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """``(N, 3)``: whether each point lies more than 2 voxel edges from its
+    voxel's ``point_coords`` on each axis. Compared exactly, with no copy of
+    the points: against the bounds ``point_coords - 2`` and ``+ 2``, made in
+    float32 where it holds them (every voxel's coords, ``coords``, within
+    ``2**24 - 2``), else in float64, the points widened inside the comparison."""
+    low, high = torch.aminmax(coords)
+    wide = points.dtype == torch.float64 or max(-int(low), int(high)) > _FLOAT32_EXACT - 2
+    edges = point_coords.to(torch.float64 if wide else torch.float32)
+    return (points < edges - 2) | (points > edges + 2)
+
+
 def check_points(voxels: SparseTensor, inverse: torch.Tensor, points: torch.Tensor,
                  point_batch: torch.Tensor) -> torch.Tensor:
     """SPVCNN's point arguments checked against ``voxels`` (``TypeError`` /
@@ -67,9 +83,9 @@ def check_points(voxels: SparseTensor, inverse: torch.Tensor, points: torch.Tens
     if checks:
         # Points in voxel units lie in their voxel (floor(points) its coords; a float32 rounding may
         # reach the next one): points in metres, or in other units, read other voxels silently.
-        away = (points.double() - point_coords[:, 1:].double()).abs().amax(1) > 2
+        away = _away(points, point_coords[:, 1:], voxels.coords[:, 1:])
         if bool(away.any()):
-            i = int(away.nonzero()[0, 0])
+            i = int(away.any(1).nonzero()[0, 0])
             raise ValueError(f"points[{i}] = {points[i].tolist()} lies outside its voxel "
                              f"{point_coords[i, 1:].tolist()}: points must be positions in voxel units "
                              "(points / voxel_size, whose floor is the voxel's coords)")
