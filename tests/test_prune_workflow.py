@@ -310,8 +310,8 @@ def test_prune_vectors_pairs_masks_whole_bf16_vectors(tmp_path, capsys):
 def test_vector_block_flags_are_refused_by_other_procedures(tmp_path, capsys, procedure):
     """``--square``, ``--pairs`` and ``--panels`` shape ``prune vectors``'
     blocks; any other procedure refuses them (exit 2, the flags named)
-    before it reads a checkpoint or trains."""
-    for flags in (["--panels", "2"], ["--square"], ["--pairs", "--panels", "3"]):
+    before it reads a checkpoint or trains, --panels at its default 1 too."""
+    for flags in (["--panels", "2"], ["--square"], ["--pairs", "--panels", "3"], ["--panels", "1"]):
         capsys.readouterr()
         assert cli.main(["prune", procedure, "--checkpoint", str(tmp_path / "missing.pt"), *flags,
                          "--out", str(tmp_path / "out")]) == 2

@@ -187,8 +187,7 @@ def main(args) -> int:
             raise ValueError(f"--out {args.out}: the pruned checkpoint would replace {args.checkpoint}, the one it "
                              "prunes (--checkpoint); give another folder")
     if args.procedure != "vectors":
-        given = [flag for flag, on in (("--square", args.square), ("--pairs", args.pairs),
-                                       ("--panels", args.panels != 1)) if on]
+        given = _given(args, "square", "pairs", "panels")
         if given:
             raise ValueError(f"{', '.join(given)}: the block shapes of `prune vectors`; `prune {args.procedure}` "
                              "takes none of them")
