@@ -173,6 +173,13 @@ def test_resume_takes_the_runs_optimizer(tmp_path):
     assert state["epoch"] == 2
     assert (state["args"]["optimizer"], state["args"]["lr"], state["args"]["weight_decay"]) == ("sgd", 0.05, 0.0)
     assert tr.run_optimizer(state) == {"optimizer": "sgd", "lr": 0.05, "weight_decay": 0.0}
+    # A flag typed at its default value that is not the run's is refused like any other value (it was taken as
+    # not given, and the run's value replaced it without a word).
+    before = (out / "checkpoint.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"--optimizer adamw \(the run's sgd\), --lr 0.002 \(the run's 0.05\) "
+                                         "would be ignored"):
+        tr.main(_parse([*TINY, "--epochs", "3", "--optimizer", "adamw", "--lr=0.002", "--resume", "--out", str(out)]))
+    assert (out / "checkpoint.pt").read_bytes() == before
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):

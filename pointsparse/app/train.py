@@ -33,7 +33,7 @@ from ..data.generated import MAX_AZIMUTH_STEPS, MAX_BEAMS, MAX_RANGE
 from ..models import SyncBatchNorm, build_model
 from ..models.loading import shape_like
 from . import metrics
-from .cli import CommandParser, defaults, given_flags
+from .cli import CommandParser, given_flags
 from .distributed import Dist, destroy, free_port, init_distributed, worker_environment
 from .scoring import evaluate, logits_of, shard, write_report
 from .trainer import TrainingDiverged, Trainer, check_finite_loss, check_finite_weights, have_tqdm, progress_bar
@@ -545,12 +545,11 @@ class TrainingJob:
                 raise ValueError(f"--resume {path}: a checkpoint of weights only (it lacks {', '.join(missing)}), "
                                  "not of a training run to resume")
             self.config = state["config"]
-            default = defaults(add_arguments).get_default
             run = {**{name: self.config.get(name) for name in ("model", "cr", "blocks", "voxel_size")},
                    **run_optimizer(state)}
             differ = [f"--{name.replace('_', '-')} {getattr(args, name)} (the run's {value})"
                       for name, value in run.items()
-                      if getattr(args, name, None) not in (None, default(name), value)]
+                      if getattr(args, name, None) not in (None, value) and _given(args, name)]
             if differ:
                 raise ValueError(f"--resume {path} continues its run's model and optimizer; {', '.join(differ)} "
                                  f"would be ignored: drop them, or start a new run (--init {path} starts from its "
