@@ -182,6 +182,18 @@ def test_resume_takes_the_runs_optimizer(tmp_path):
     assert (out / "checkpoint.pt").read_bytes() == before
 
 
+def test_nproc_workers_know_the_flags_typed(tmp_path, monkeypatch):
+    """The --nproc workers (each of which checks the flags --resume would ignore) get the record of the flags
+    typed with the options (it was left behind with the CLI's module objects: they compared with the defaults)."""
+    import torch.multiprocessing
+
+    sent = []
+    monkeypatch.setattr(torch.multiprocessing, "spawn", lambda fn, args, **kw: sent.append(args[2]))
+    assert tr.main(_parse([*TINY, "--nproc", "2", "--lr", "0.002", "--out", str(tmp_path / "run")])) == 0
+    (plain,) = sent
+    assert tr._given(plain, "lr", "weight_decay") == ["--lr 0.002"] and not hasattr(plain, "_module")
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     tr.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "config": {}})

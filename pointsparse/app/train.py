@@ -768,8 +768,8 @@ def main(args) -> int:
         import torch.multiprocessing as mp
 
         port = free_port()
-        # Only the options travel to the workers (the CLI adds module objects).
-        plain = argparse.Namespace(**{k: v for k, v in vars(args).items() if not k.startswith("_")})
+        # Only the options, and the record of those typed, travel to the workers (the CLI adds module objects).
+        plain = argparse.Namespace(**{k: v for k, v in vars(args).items() if not k.startswith("_") or k == "_typed"})
         with _out_lock(args):
             os.environ[_LOCK_HELD] = str(args.out)
             try:
