@@ -246,6 +246,23 @@ def test_given_flags_are_those_typed():
     assert cli.given_flags(plain, train.add_arguments, "beams", "scenes") == ["--scenes 8"]
 
 
+def test_command_parsers_hold_only_actions_the_typed_record_reads():
+    """CommandParser finds the typed options by parsing again into a
+    namespace of marks: store, store_true/false and store_const replace a
+    mark, but append, extend and count would build on it (an error at the
+    second parse). Every command's options are of the first kinds."""
+    import argparse
+
+    readable = (argparse._StoreAction, argparse._StoreConstAction, argparse._HelpAction,
+                argparse._VersionAction)  # (store_true/false are store_const)
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == {name for name, _, _ in cli.COMMANDS}
+    for name, parser in sub.choices.items():
+        assert isinstance(parser, cli.CommandParser), name
+        for action in parser._actions:
+            assert isinstance(action, readable), (name, action.dest, type(action).__name__)
+
+
 def test_label_map_checks_name_the_generated_scenes_exactly():
     """--label-map is refused only where every cloud is generated: with
     --val-data files it maps theirs (as --val-label-map's help says), and a
