@@ -380,3 +380,22 @@ def test_prune_channels_names_a_bad_ratio(ratio, err):
     with pytest.raises(err, match="ratio"):
         workflow.prune_channels(net, sparse_input(n=80), ratio)
     assert net.stem[0].out_channels == 8
+
+
+def test_prune_holds_its_out_as_train_does(tmp_path, capsys):
+    """prune took no lock on its --out (train, eval and predict do): a second
+    run into the same folder mixed its files with the first's. Now refused
+    while another run holds it; --finetune-epochs trains in its own --out
+    under prune's lock (no second lock refused)."""
+    from pointsparse.checkpoint import DirectoryLock
+
+    dense, small = tmp_path / "dense", tmp_path / "small"
+    assert cli.main(["train", *TINY, "--epochs", "1", "--out", str(dense)]) == 0
+    argv = ["prune", "offsets", "--checkpoint", str(dense / "checkpoint.pt"), "--out", str(small)]
+    with DirectoryLock(small):
+        capsys.readouterr()
+        assert cli.main(argv) == 2
+        assert f"--out {small} is in use by another run" in capsys.readouterr().err
+        assert sorted(p.name for p in small.iterdir()) == [".lock"]
+    assert cli.main(argv + ["--finetune-epochs", "1"]) == 0
+    assert checkpoint.load(small / "checkpoint.pt")["epoch"] == 2

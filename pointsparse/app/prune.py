@@ -196,6 +196,12 @@ def main(args) -> int:
                          "--sparsity (that is prune vectors', offsets' and the procedures')")
     check_args(args)
     check_read(args)
+    from .train import holding_out
+    with holding_out(args.out):  # (as train holds its --out; --finetune-epochs trains in it under this lock)
+        return _run(args)
+
+
+def _run(args) -> int:
     if args.procedure == "channels":
         return channels.main(args)
     if args.procedure == "vectors":

@@ -460,10 +460,37 @@ _LOCK_HELD = "POINTSPARSE_OUT_LOCK_HELD"
 def _out_lock(args):
     """The lock on ``--out`` for the run: taken by the process that starts it
     (the single process, torchrun's rank 0, or the parent of ``--nproc``
-    workers, which then hold none)."""
-    if os.environ.get(_LOCK_HELD) == str(args.out) or int(os.environ.get("RANK", "0")) != 0:
+    workers, which then hold none), unless a command running this one in
+    its process holds it already (:func:`holding_out`)."""
+    held = os.environ.get(_LOCK_HELD)
+    if (held and held == str(Path(args.out).resolve())) or int(os.environ.get("RANK", "0")) != 0:
         return contextlib.nullcontext()
     return checkpoint.DirectoryLock(args.out, "--out")
+
+
+@contextlib.contextmanager
+def holding_out(out):
+    """Hold the lock on the folder ``out`` (``--out``), also for the runs
+    this process starts in it: `prune --finetune-epochs` trains in its own
+    --out, and :func:`_out_lock` then takes no second lock (the ``--nproc``
+    workers inherit the mark)."""
+    with checkpoint.DirectoryLock(out, "--out"), _marked_held(out):
+        yield
+
+
+@contextlib.contextmanager
+def _marked_held(out):
+    """The mark that ``out``'s lock is held (by this process, or by the
+    parent of the processes that read it) for the time of the block."""
+    before = os.environ.get(_LOCK_HELD)
+    os.environ[_LOCK_HELD] = str(Path(out).resolve())
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(_LOCK_HELD, None)
+        else:
+            os.environ[_LOCK_HELD] = before
 
 
 def saved_args(args) -> dict:
@@ -770,12 +797,8 @@ def main(args) -> int:
         port = free_port()
         # Only the options, and the record of those typed, travel to the workers (the CLI adds module objects).
         plain = argparse.Namespace(**{k: v for k, v in vars(args).items() if not k.startswith("_") or k == "_typed"})
-        with _out_lock(args):
-            os.environ[_LOCK_HELD] = str(args.out)
-            try:
-                mp.spawn(_spawn_worker, args=(args.nproc, port, plain), nprocs=args.nproc, join=True)
-            finally:
-                os.environ.pop(_LOCK_HELD, None)
+        with _out_lock(args), _marked_held(args.out):
+            mp.spawn(_spawn_worker, args=(args.nproc, port, plain), nprocs=args.nproc, join=True)
         metrics_path = Path(args.out) / "metrics.json"
         if metrics_path.is_file():
             print(f"metrics: {metrics_path}")
