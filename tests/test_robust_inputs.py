@@ -119,6 +119,19 @@ def test_spvcnn_points_lie_within_two_voxels_of_theirs_exactly(dtype, far):
         check_points(voxels, zero, past[None], zero)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_spvcnn_refuses_points_that_are_not_finite(bad):
+    """A NaN point passed the check (no comparison with its voxel holds) and
+    reached the point branch's interpolation; NaN and inf are refused,
+    naming the point."""
+    from pointsparse.models.spvcnn import check_points
+
+    voxels = ps.SparseTensor(torch.zeros(1, 1), torch.tensor([[0, 5, 5, 5]], dtype=torch.int32))
+    zero = torch.zeros(1, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"points\[0\] = .* is not finite"):
+        check_points(voxels, zero, torch.tensor([[5.5, bad, 5.5]]), zero)
+
+
 def test_spvcnn_point_check_makes_no_float64_copy_of_float32_points(spvcnn_case):
     """The check that points lie in their voxels compares float32 points in float32 where the voxels'
     coordinates fit it exactly (it made a float64 copy of every point and of its voxel's coords, each

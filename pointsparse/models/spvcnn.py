@@ -49,14 +49,14 @@ _FLOAT32_EXACT = 2**24
 
 def _away(points: torch.Tensor, point_coords: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     """``(N, 3)``: whether each point lies more than 2 voxel edges from its
-    voxel's ``point_coords`` on each axis. Compared exactly, with no copy of
+    voxel's ``point_coords`` on each axis (NaN: true). Compared exactly, with no copy of
     the points: against the bounds ``point_coords - 2`` and ``+ 2``, made in
     float32 where it holds them (every voxel's coords, ``coords``, within
     ``2**24 - 2``), else in float64, the points widened inside the comparison."""
     low, high = torch.aminmax(coords)
     wide = points.dtype == torch.float64 or max(-int(low), int(high)) > _FLOAT32_EXACT - 2
     edges = point_coords.to(torch.float64 if wide else torch.float32)
-    return (points < edges - 2) | (points > edges + 2)
+    return ~((points >= edges - 2) & (points <= edges + 2))  # (NaN: away)
 
 
 def check_points(voxels: SparseTensor, inverse: torch.Tensor, points: torch.Tensor,
@@ -86,6 +86,9 @@ def check_points(voxels: SparseTensor, inverse: torch.Tensor, points: torch.Tens
         away = _away(points, point_coords[:, 1:], voxels.coords[:, 1:])
         if bool(away.any()):
             i = int(away.any(1).nonzero()[0, 0])
+            if not bool(points[i].isfinite().all()):
+                raise ValueError(f"points[{i}] = {points[i].tolist()} is not finite: points must be positions in "
+                                 "voxel units (points / voxel_size)")
             raise ValueError(f"points[{i}] = {points[i].tolist()} lies outside its voxel "
                              f"{point_coords[i, 1:].tolist()}: points must be positions in voxel units "
                              "(points / voxel_size, whose floor is the voxel's coords)")
