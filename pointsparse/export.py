@@ -115,6 +115,14 @@ def _check_exportable(model: nn.Module) -> None:
     if model.training:
         raise ValueError("export runs inference: call model.eval() first (batch norm then uses its running "
                          "statistics, as the exported program will)")
+    # (modules whose forward depends on the mode: a batch norm set back to training would normalise each
+    # input by its own statistics, a dropout drop values; an Identity fuse_for_inference made runs alike)
+    moded = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
+    left = next(((name, module) for name, module in model.named_modules()
+                 if module.training and isinstance(module, moded)), None)
+    if left is not None:
+        raise ValueError(f"export runs inference: the model's submodule {left[0]} ({type(left[1]).__name__}) is in "
+                         "training mode; call model.eval() (it sets every submodule) after any .train()")
 
 
 def _on_input_rows(out, voxels: SparseTensor) -> bool:

@@ -1144,3 +1144,26 @@ def test_compiled_conv3d_masks_a_leaf_weights_gradient():
     assert torch.all(got[1][mask == 0] == 0)
     torch.testing.assert_close(got[0], eager[0])
     torch.testing.assert_close(got[1], eager[1])
+
+
+def test_export_refuses_a_submodule_left_in_training_mode():
+    """export_model checked only the top module's mode: a model put in eval
+    mode with one batch norm (or dropout) set back to training exported
+    silently, its program normalising with each input's own statistics
+    (not the running ones, as the program is documented to). A ValueError
+    names the submodule; the model in eval mode throughout exports, as does
+    one whose modules that run alike in both modes (an Identity
+    fuse_for_inference left, a ReLU) are in training mode."""
+    model = MinkUNet(4, 3, cr=0.125, blocks=1).eval()
+    model.stem[0][1].train()
+    x = export.example_input(4, 0.5)
+    with pytest.raises(ValueError, match=r"stem\.0\.1 \(BatchNorm\) is in training mode.*model\.eval\(\)"):
+        export.export_model(model, x)
+    dropout = torch.nn.Sequential(spnn.Conv3d(4, 4, 3), spnn.Dropout(0.5), spnn.Conv3d(4, 3, 1)).eval()
+    dropout[1].fn.train()
+    with pytest.raises(ValueError, match=r"1\.fn \(Dropout\) is in training mode"):
+        export.export_model(dropout, x)
+    model.eval().stem[0][2].train()
+    dropout.eval()[1].training = True  # (the wrapper only: its forward runs alike)
+    export.export_model(model, x)
+    export.export_model(dropout, x)
