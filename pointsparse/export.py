@@ -123,6 +123,17 @@ def _check_exportable(model: nn.Module) -> None:
     if left is not None:
         raise ValueError(f"export runs inference: the model's submodule {left[0]} ({type(left[1]).__name__}) is in "
                          "training mode; call model.eval() (it sets every submodule) after any .train()")
+    from .formats import SparseConv3d, SparseLinear
+
+    for name, module in model.named_modules():
+        # (their products call the C++ core on numpy views of the tensors, outside torch's operators)
+        if isinstance(module, SparseLinear) or (isinstance(module, SparseConv3d) and module.execution == "format"):
+            fmt = module.format_name if isinstance(module, SparseConv3d) else type(module.weight_format).__name__
+            engine = "set its execution to 'engine' (the fused engine on the weight it holds), or " \
+                if isinstance(module, SparseConv3d) else ""
+            what = f"the model's submodule {name}" if name else "the model"
+            raise ValueError(f"{what} ({type(module).__name__}, {fmt}) runs its format's product, which "
+                             f"torch.export cannot trace: {engine}export the model before formats.compress")
 
 
 def _on_input_rows(out, voxels: SparseTensor) -> bool:
@@ -148,7 +159,10 @@ def export_model(model: nn.Module, example) -> torch.export.ExportedProgram:
     its rows dynamic too. For a point-level network (SPVCNN) ``PointLogits(model)``, traced
     on ``example`` = ``(voxels, inverse, points, point_batch)`` (its forward's
     arguments, at least 2 points; :func:`example_input` ``(points=True)``),
-    the numbers of voxels and of points dynamic."""
+    the numbers of voxels and of points dynamic. ``ValueError`` naming the
+    submodule for a batch norm or dropout in training mode, or a compressed
+    layer that runs its format's product (a ``formats.SparseLinear``, a
+    ``formats.SparseConv3d`` with execution ``"format"``: no torch operator)."""
     from .models import SPVCNN
 
     _check_exportable(model)

@@ -1167,3 +1167,27 @@ def test_export_refuses_a_submodule_left_in_training_mode():
     dropout.eval()[1].training = True  # (the wrapper only: its forward runs alike)
     export.export_model(model, x)
     export.export_model(dropout, x)
+
+
+def test_export_refuses_compressed_layers_that_run_their_formats_product():
+    """A compressed model (formats.compress) whose layers run their format's
+    product (every SparseLinear; a SparseConv3d with execution "format")
+    failed deep inside torch.export (RuntimeError ".numpy() is not supported
+    for tensor subclasses", or a data-dependent guard with a graph dump): a
+    ValueError names the layer and what exports instead. A SparseConv3d run
+    by the engine exports, its program giving eager's output."""
+    from pointsparse import formats, prune
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(spnn.Conv3d(3, 8, 3), spnn.Linear(8, 5)).eval()
+    prune.l1_unstructured(model[0], "weight", 0.5)
+    x = _cloud(300, 1)
+    compressed = formats.compress(model[:1].eval(), "csr")
+    program = export.export_model(compressed, x)  # (execution "engine", compress's default)
+    with torch.no_grad():
+        assert torch.equal(export.ProgramModel(program)(x).feats, compressed(x).feats)
+    compressed[0].execution = "format"
+    with pytest.raises(ValueError, match=r"0 \(SparseConv3d, CSR\) runs its format's product.*execution"):
+        export.export_model(compressed, x)
+    with pytest.raises(ValueError, match=r"1\.fn \(SparseLinear, CSR\) runs its format's product"):
+        export.export_model(formats.compress(model, "csr"), x)
