@@ -94,7 +94,8 @@ class VoxelOutputs(nn.Module):
     module of plain tensors: ``forward(feats, coords)`` gives the output
     SparseTensor's ``(feats, coords, output_stride)`` (``stride``: the output's,
     kept as the int32 buffer ``output_stride``), or, where ``stride`` is None,
-    the model's output tensor itself (see the module docstring)."""
+    the model's output tensor itself (see the module docstring; an empty
+    buffer ``output_tensor`` marks such a program for :class:`ProgramModel`)."""
 
     def __init__(self, model: nn.Module, stride=None) -> None:
         super().__init__()
@@ -102,6 +103,8 @@ class VoxelOutputs(nn.Module):
         self.sparse = stride is not None
         if self.sparse:
             self.register_buffer("output_stride", torch.tensor(tuple(stride), dtype=torch.int32))
+        else:  # (marks the program's kind: a tensor of one row per voxel has the shape of logits)
+            self.register_buffer("output_tensor", torch.zeros(0, dtype=torch.int32))
 
     def forward(self, feats: torch.Tensor, coords: torch.Tensor):
         torch._check(feats.shape[0] == coords.shape[0], lambda: "feats and coords must have the same rows")
@@ -364,7 +367,8 @@ class ProgramModel(nn.Module):
                                  f"export_model writes for a sparse output; it gives {tuple(first.shape)}, "
                                  f"{tuple(coords.shape)} {coords.dtype}")
             self.output, self.output_stride = "sparse", tuple(int(v) for v in stride)
-        elif self.point_level or (first.dim() == 2 and str(first.shape[0]) == str(feats.shape[0])):
+        elif "output_tensor" not in program.state_dict and (
+                self.point_level or (first.dim() == 2 and str(first.shape[0]) == str(feats.shape[0]))):
             self.output = "logits"  # (one row per input voxel: the rows' size is the input's)
         else:
             self.output = "tensor"

@@ -1191,3 +1191,34 @@ def test_export_refuses_compressed_layers_that_run_their_formats_product():
         export.export_model(compressed, x)
     with pytest.raises(ValueError, match=r"1\.fn \(SparseLinear, CSR\) runs its format's product"):
         export.export_model(formats.compress(model, "csr"), x)
+
+
+class _RowTensor(torch.nn.Module):
+    """A model returning a plain tensor of one row per input voxel (``out.F``, as TorchSparse models often end)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = spnn.Conv3d(3, 5, 3)
+
+    def forward(self, x):
+        return self.conv(x).feats
+
+
+def test_program_of_a_tensor_of_one_row_per_voxel_gives_that_tensor(tmp_path):
+    """A model returning a tensor (not a SparseTensor) of one row per input
+    voxel exports to a program of that tensor, but ProgramModel told the
+    kinds apart by the output's rows alone and took it for logits: it gave
+    a SparseTensor where the eager model gives the tensor. Saved and loaded,
+    it now gives eager's tensor (output "tensor"), an empty one for an
+    empty input."""
+    torch.manual_seed(0)
+    model = _RowTensor().eval()
+    export.save(export.export_model(model, _cloud(300, 1)), tmp_path / "t.pt2")
+    loaded = export.ProgramModel.load(tmp_path / "t.pt2")
+    assert (loaded.output, loaded.out_shape, loaded.num_classes) == ("tensor", (5,), None)
+    x = _cloud(500, 2)
+    with torch.no_grad():
+        got, want = loaded(x), model(x)
+    assert type(got) is torch.Tensor and torch.equal(got, want)
+    empty = loaded(ps.SparseTensor(torch.zeros(0, 3), torch.zeros(0, 4, dtype=torch.int32)))
+    assert type(empty) is torch.Tensor and empty.shape == (0, 5)
