@@ -20,6 +20,7 @@ import hashlib
 import io
 import os
 import pickle
+import re
 import secrets
 import zipfile
 from pathlib import Path
@@ -55,8 +56,19 @@ def atomic_write(path, write) -> None:
 
 def save(path, state) -> None:
     """Write ``state`` (tensors, numbers, strings, containers) to ``path``
-    atomically, with a SHA-256 digest of its bytes."""
+    atomically, with a SHA-256 digest of its bytes. ``TypeError`` (nothing
+    written) where ``state`` holds an object :func:`load` would refuse (a
+    numpy number, a Path, an argparse.Namespace, ...): the payload is read
+    back as :func:`load` reads it before the file is written."""
     payload = _serialise(state)
+    try:  # (a file no run could load back: found at once, not when resuming)
+        torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        what = f"an object of {found.group(1)}" if found else "an object that is no data"
+        raise TypeError(f"state holds {what}, which checkpoint.load refuses (it reads data only: tensors, "
+                        "Python numbers, strings, bytes and containers of them); convert it before saving "
+                        "(float(x), x.tolist(), str(path), vars(namespace))") from None
     envelope = {"format": FORMAT, "sha256": hashlib.sha256(payload).hexdigest(), "payload": payload}
     atomic_write(path, lambda f: torch.save(envelope, f))
 

@@ -50,6 +50,25 @@ def test_round_trip_keeps_tensors_and_plain_data(tmp_path):
     assert torch.equal(back["rng"], state["rng"]) and back["none"] is None
 
 
+def test_save_refuses_what_load_would_refuse(tmp_path):
+    """save wrote any picklable state, load reads data only: a numpy number
+    (a metric from np.mean), a Path or an argparse.Namespace made a file that
+    no run could load back ("holds Python objects other than tensors"),
+    found only when resuming. save refuses it (TypeError naming the object's
+    type), writing nothing and leaving an earlier checkpoint whole."""
+    import numpy as np
+
+    path = tmp_path / "c.pt"
+    checkpoint.save(path, {"config": {"cr": 0.5}})
+    before = path.read_bytes()
+    for value, name in ((np.float64(0.5), "numpy"), (Path("data"), "pathlib"),
+                        (argparse.Namespace(lr=0.1), "argparse.Namespace")):
+        with pytest.raises(TypeError, match=f"state holds an object of {name}.*checkpoint.load refuses"):
+            checkpoint.save(path, {"config": {"cr": 0.5}, "history": {"best": [value]}})
+        assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
+    assert checkpoint.load(path) == {"config": {"cr": 0.5}}
+
+
 @pytest.mark.parametrize("wrapped", [False, True])
 def test_pickled_code_is_refused_and_never_runs(tmp_path, wrapped):
     marker = tmp_path / "ran"
