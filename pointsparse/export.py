@@ -486,7 +486,11 @@ def load_checkpoint(path) -> tuple[nn.Module, dict]:
     from .models import model_from_state
 
     state = load_training(path)  # data only (weights_only=True), digest checked
-    return model_from_state(state).eval(), state["config"]
+    try:
+        model = model_from_state(state)
+    except (ValueError, TypeError) as error:  # (load_model's wording: the error names the file)
+        raise (TypeError if isinstance(error, TypeError) else ValueError)(f"checkpoint {path}: {error}") from error
+    return model.eval(), state["config"]
 
 
 def example_input(in_channels: int, voxel_size: float = 0.2, seed: int = 0, points: bool = False):

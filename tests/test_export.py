@@ -1222,3 +1222,24 @@ def test_program_of_a_tensor_of_one_row_per_voxel_gives_that_tensor(tmp_path):
     assert type(got) is torch.Tensor and torch.equal(got, want)
     empty = loaded(ps.SparseTensor(torch.zeros(0, 3), torch.zeros(0, 4, dtype=torch.int32)))
     assert type(empty) is torch.Tensor and empty.shape == (0, 5)
+
+
+def test_load_checkpoint_names_the_file_whose_weights_do_not_fit(tmp_path):
+    """export.load_checkpoint on a checkpoint whose config or weights make no
+    model: the ValueError / TypeError names the file, as load_model's does
+    (it said "the weights do not fit the model its config builds" or
+    "config lacks 'cr'", naming no file)."""
+    from pointsparse import checkpoint
+
+    weights = MinkUNet(7, 4, cr=0.25, blocks=1).state_dict()
+    first = next(iter(weights))
+    cases = {"shape": (_config(), {**weights, first: torch.zeros(3, 3)}, ValueError, first.split(".")[0]),
+             "missing": (_config(), {}, ValueError, "do not fit"),
+             "no_cr": ({k: v for k, v in _config().items() if k != "cr"}, weights, ValueError, "lacks 'cr'"),
+             "widths": (_config(widths=[1]), weights, TypeError, "widths must be a dict")}
+    for name, (config, model, error, match) in cases.items():
+        path = tmp_path / f"{name}.pt"
+        checkpoint.save(path, {"config": config, "model": model})
+        with pytest.raises(error, match=match) as info:
+            export.load_checkpoint(path)
+        assert str(path) in str(info.value), name
