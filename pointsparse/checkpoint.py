@@ -83,10 +83,14 @@ def _load_bytes(source, path: Path, what: str):
     try:
         return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        # (an "Unsupported operand" is a byte that starts no pickle opcode: text, JSON, garbage)
+        if ("weights_only" in str(exc) or "Unsupported global" in str(exc)) and "Unsupported operand" not in str(exc):
             raise ValueError(f"{path}: {what} holds Python objects other than tensors and plain data; "
                              "pointsparse loads checkpoints as data only (weights_only=True) and refuses it") from None
-        raise ValueError(f"{path}: {what} is damaged or not a torch file ({exc})") from None
+        # (the line saying what, not torch's advice to retry with weights_only=False)
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        reason = next((line for line in lines if line.startswith("Unsupported")), lines[0] if lines else "")
+        raise ValueError(f"{path}: {what} is damaged or not a torch file ({reason[:200]})") from None
     except _READ_ERRORS as exc:
         raise ValueError(f"{path}: {what} is damaged, truncated or not a torch file "
                          f"({type(exc).__name__}: {str(exc)[:200]})") from None

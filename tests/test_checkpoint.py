@@ -111,6 +111,23 @@ def test_flipped_bytes_truncation_and_garbage_name_the_file(tmp_path):
             checkpoint.load(path)
 
 
+def test_a_file_that_is_no_pickle_is_not_said_to_hold_python_objects(tmp_path):
+    """A text, JSON or binary file given as a checkpoint was refused as one
+    that "holds Python objects other than tensors and plain data" (torch's
+    weights-only reader says "Unsupported operand" for a byte that starts no
+    pickle opcode): it is "damaged or not a torch file", naming it. Pickled
+    objects are still refused as such."""
+    path = tmp_path / "ck.pt"
+    for data in (b"import torch\nprint(1)\n", b'{"model": {}, "config": {}}', b"\x00\x01\x02garbage" * 8):
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=r"ck\.pt: the checkpoint is damaged or not a torch file") as info:
+            checkpoint.load(path)
+        assert "Python objects" not in str(info.value) and "weights_only` set to `False" not in str(info.value)
+    torch.save({"model": {}, "x": Path("data")}, path)
+    with pytest.raises(ValueError, match=r"ck\.pt: the checkpoint holds Python objects"):
+        checkpoint.load(path)
+
+
 def test_every_single_byte_flip_is_refused_or_harmless(tmp_path):
     """No flipped byte ever gives back different data silently."""
     path = tmp_path / "ck.pt"
