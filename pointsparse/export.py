@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .tensor import SparseTensor
+from .tensor import SparseTensor, as_int
 
 META_FILE = "pointsparse.json"
 MIN_POINTS = 2
@@ -497,10 +497,12 @@ def example_input(in_channels: int, voxel_size: float = 0.2, seed: int = 0, poin
     """A small generated street scene as the tracing example (its size is not
     baked into the program): a SparseTensor, or with ``points=True`` the
     arguments of a point-level network (SPVCNN): ``(voxels, inverse, points,
-    point_batch)``."""
+    point_batch)``. ``in_channels``: an int >= 1 (the generated feats cut or
+    zero-padded to it), else a ValueError / TypeError naming it."""
     from .data import generated
     from .data.transforms import voxelize_sample
 
+    in_channels = as_int(in_channels, "in_channels", 1)  # (-1 or 0 sliced the feats to a wrong width)
     v = voxelize_sample(generated.outdoor_scene(seed=seed, beams=16, azimuth_steps=256), voxel_size, 255)
     feats = v.input.feats[:, :in_channels] if v.input.feats.shape[1] >= in_channels else torch.nn.functional.pad(
         v.input.feats, (0, in_channels - v.input.feats.shape[1]))

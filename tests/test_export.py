@@ -1243,3 +1243,17 @@ def test_load_checkpoint_names_the_file_whose_weights_do_not_fit(tmp_path):
         with pytest.raises(error, match=match) as info:
             export.load_checkpoint(path)
         assert str(path) in str(info.value), name
+
+
+def test_example_input_checks_in_channels():
+    """example_input sliced the generated feats by in_channels: -1 gave all
+    but the last channel and 0 none (an example of the wrong width, no
+    error), True one channel, 2.0 Python's "slice indices must be integers".
+    A ValueError / TypeError names in_channels; ints (numpy's too) as before."""
+    import numpy as np
+
+    for bad, error in ((-1, ValueError), (0, ValueError), (True, TypeError), (2.0, TypeError)):
+        with pytest.raises(error, match="in_channels must be an int"):
+            export.example_input(bad, 0.5)
+    assert export.example_input(np.int64(2), 0.5).feats.shape[1] == 2
+    assert export.example_input(9, 0.5).feats.shape[1] == 9
