@@ -59,7 +59,14 @@ def save(path, state) -> None:
     atomically, with a SHA-256 digest of its bytes. ``TypeError`` (nothing
     written) where ``state`` holds an object :func:`load` would refuse (a
     numpy number, a Path, an argparse.Namespace, ...): the payload is read
-    back as :func:`load` reads it before the file is written."""
+    back as :func:`load` reads it before the file is written.
+    ``FileNotFoundError`` naming the folder where ``path``'s does not exist,
+    ``ValueError`` where ``path`` is a folder."""
+    path = Path(path)
+    if path.is_dir():  # (else an error naming the hidden temporary file, after the work of serialising)
+        raise ValueError(f"{path} is a folder; give the checkpoint file to write (e.g. {path / 'checkpoint.pt'})")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"no folder {path.parent} to write the checkpoint {path.name} in")
     payload = _serialise(state)
     try:  # (a file no run could load back: found at once, not when resuming)
         torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)

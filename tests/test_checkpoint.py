@@ -69,6 +69,19 @@ def test_save_refuses_what_load_would_refuse(tmp_path):
     assert checkpoint.load(path) == {"config": {"cr": 0.5}}
 
 
+def test_save_names_a_missing_folder_or_a_folder_given_as_the_file(tmp_path):
+    """save into a folder that does not exist, or to a path that is a
+    folder, failed renaming or opening its hidden temporary file
+    (FileNotFoundError / IsADirectoryError naming ".c.pt.tmp-PID-HEX"): the
+    error names the folder or the path, and nothing is left behind."""
+    with pytest.raises(FileNotFoundError, match=r"no folder .*missing to write the checkpoint c\.pt in"):
+        checkpoint.save(tmp_path / "missing" / "c.pt", {"a": 1})
+    (tmp_path / "run").mkdir()
+    with pytest.raises(ValueError, match=r"run is a folder; give the checkpoint file to write"):
+        checkpoint.save(tmp_path / "run", {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"] and not any((tmp_path / "run").iterdir())
+
+
 @pytest.mark.parametrize("wrapped", [False, True])
 def test_pickled_code_is_refused_and_never_runs(tmp_path, wrapped):
     marker = tmp_path / "ran"
