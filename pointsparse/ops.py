@@ -76,6 +76,9 @@ def key_from_list(values) -> _kmap.KernelMapKey:
     v = [int(x) for x in values]
     if len(v) != 13:
         raise ValueError(f"key must hold 13 ints (tensor_stride, kernel_size, stride, dilation, transposed); got {v}")
+    if min(v[:12]) < 1 or v[12] not in (0, 1):  # (an operator's key from a crafted program: dilation -1 built a map)
+        raise ValueError(f"key's tensor_stride, kernel_size, stride and dilation must be >= 1 and transposed 0 or 1; "
+                         f"got {v}")
     return _kmap.KernelMapKey(tuple(v[0:3]), tuple(v[3:6]), tuple(v[6:9]), tuple(v[9:12]), bool(v[12]))
 
 

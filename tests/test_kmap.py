@@ -654,3 +654,30 @@ def test_output_stride_beyond_int32_refused_on_every_backend(backend):
                                                  r"strides must be in \[1, 2147483647\] per axis"):
                 call()
         assert km.build(coords, 1, stride=2**31 - 1).out_coords.tolist() == [[0, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("method", ["hash", "mergesort", "torch"])
+def test_build_refuses_out_coords_given_twice(method):
+    """build(out_coords=...) with a row given twice made two output rows of
+    one site (each with the same pairs): refused as duplicate coords are."""
+    coords = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0], [0, 2, 0, 0], [0, 3, 0, 0]], dtype=torch.int32)
+    twice = torch.tensor([[0, 0, 0, 0], [0, 2, 0, 0], [0, 0, 0, 0]], dtype=torch.int32)
+    with pytest.raises(ValueError, match="out_coords hold duplicate rows"):
+        km.build(coords, 3, stride=2, method=method, out_coords=twice)
+    once = km.build(coords, 3, stride=2, method=method, out_coords=twice[:2])
+    assert once.num_out == 2
+
+
+def test_operator_keys_refuse_sizes_below_one():
+    """An operator's 13-int key (a program's argument) took a kernel size,
+    stride or dilation of 0 or -1 (dilation -1 built a map of mirrored
+    offsets) and any transposed value; a ValueError names them."""
+    from pointsparse.ops import key_from_list, key_to_list
+
+    good = [1, 1, 1, 3, 3, 3, 1, 1, 1, 1, 1, 1, 0]
+    assert key_to_list(key_from_list(good)) == good
+    for i, bad in ((9, -1), (3, 0), (6, 0), (0, 0), (12, 2)):
+        key = list(good)
+        key[i] = bad
+        with pytest.raises(ValueError, match="must be >= 1 and transposed 0 or 1"):
+            key_from_list(key)
