@@ -109,6 +109,8 @@ def load(path):
     missing, damaged (digest mismatch, truncated, not a torch file) or holds
     anything but data."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint {path} is a folder; give the checkpoint file in it (e.g. {path}/checkpoint.pt)")
     if not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist")
     outer = _load_bytes(path, path, "the checkpoint")

@@ -347,3 +347,12 @@ def test_resume_from_a_weights_only_checkpoint_is_refused(tmp_path, capsys):
     assert cli.main(["train", *TINY, "--epochs", "1", "--resume", str(path), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "--resume" in err and "lacks" in err and "epoch" in err, err
+
+
+def test_load_names_a_folder_given_as_the_checkpoint(tmp_path):
+    """checkpoint.load of a folder said it "does not exist"; it names the
+    folder as one and the file to give."""
+    with pytest.raises(ValueError, match=r"is a folder; give the checkpoint file in it"):
+        checkpoint.load(tmp_path)
+    with pytest.raises(ValueError, match="does not exist"):
+        checkpoint.load(tmp_path / "missing.pt")
