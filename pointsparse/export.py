@@ -208,6 +208,9 @@ def save(program: torch.export.ExportedProgram, path, meta: dict | None = None) 
     a ``ValueError`` naming ``path`` where it is a folder or cannot be
     written (:func:`check_out_path`); ``TypeError`` unless ``meta`` is None
     or a dict with str keys and JSON values (what :func:`load` returns)."""
+    if not isinstance(program, torch.export.ExportedProgram):
+        raise TypeError(f"program must be a torch.export.ExportedProgram (export.export_model's); got "
+                        f"{type(program).__name__}")
     if meta is not None and (not isinstance(meta, dict) or not all(isinstance(k, str) for k in meta)):
         raise TypeError(f"meta must be None or a dict with str keys; got {type(meta).__name__} {meta!r:.200}")
     where = _non_str_key(meta or {}, "meta")
@@ -493,6 +496,9 @@ def load_checkpoint(path) -> tuple[nn.Module, dict]:
     return model.eval(), state["config"]
 
 
+_EXAMPLE_VALUES_MAX = 2**31  #: the most feature values example_input makes (8 GiB of float32)
+
+
 def example_input(in_channels: int, voxel_size: float = 0.2, seed: int = 0, points: bool = False):
     """A small generated street scene as the tracing example (its size is not
     baked into the program): a SparseTensor, or with ``points=True`` the
@@ -504,6 +510,9 @@ def example_input(in_channels: int, voxel_size: float = 0.2, seed: int = 0, poin
 
     in_channels = as_int(in_channels, "in_channels", 1)  # (-1 or 0 sliced the feats to a wrong width)
     v = voxelize_sample(generated.outdoor_scene(seed=seed, beams=16, azimuth_steps=256), voxel_size, 255)
+    if len(v.input) * in_channels > _EXAMPLE_VALUES_MAX:  # (checked before the padding allocates them)
+        raise ValueError(f"in_channels {in_channels}: the example's {len(v.input)} voxels would hold "
+                         f"{len(v.input) * in_channels} feature values, past {_EXAMPLE_VALUES_MAX}")
     feats = v.input.feats[:, :in_channels] if v.input.feats.shape[1] >= in_channels else torch.nn.functional.pad(
         v.input.feats, (0, in_channels - v.input.feats.shape[1]))
     voxels = SparseTensor(feats.contiguous(), v.input.coords)

@@ -1257,3 +1257,13 @@ def test_example_input_checks_in_channels():
             export.example_input(bad, 0.5)
     assert export.example_input(np.int64(2), 0.5).feats.shape[1] == 2
     assert export.example_input(9, 0.5).feats.shape[1] == 9
+    with pytest.raises(ValueError, match=r"in_channels 1000000000: the example's \d+ voxels would hold"):
+        export.example_input(10**9, 0.5)  # (checked before the padding allocates them)
+
+
+def test_save_refuses_what_is_no_program(tmp_path):
+    """export.save of a model (not its program) failed inside torch with a
+    TypeError naming its parameter 'ep'; it names program and what it takes."""
+    with pytest.raises(TypeError, match="program must be a torch.export.ExportedProgram"):
+        export.save(MinkUNet(4, 3, cr=0.125, blocks=1), tmp_path / "m.pt2")
+    assert not (tmp_path / "m.pt2").exists()
