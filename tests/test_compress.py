@@ -481,6 +481,9 @@ def test_compressed_conv_keeps_the_kernel_region(fmt):
     counts = pointsparse.kmap.get_kmap(x, (3, 3, 3), (1, 1, 1), (1, 1, 1), False).sizes.to(torch.int64)
     assert after["layers"]["0"]["dense_flops"] == 2 * int(counts[list(model[0].kernel_region)].sum()) * 64
     assert "kernel_region=[4, 10, 12, 13, 14, 16, 22]" in repr(compressed[0])
+    wide = F.compress(torch.nn.Sequential(psnn.Conv3d(8, 8, 3, stride=2, dilation=2, transposed=True)), fmt,
+                      **kwargs)  # (its repr left dilation and transposed out)
+    assert "dilation=(2, 2, 2), transposed=True" in repr(wide[0])
     # state_dict into a fresh compressed model whose convs have no region
     torch.manual_seed(5)
     fresh = F.compress(torch.nn.Sequential(psnn.Conv3d(8, 8, 3), psnn.ReLU(), psnn.Conv3d(8, 8, 3, bias=True)),

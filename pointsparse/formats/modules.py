@@ -356,7 +356,9 @@ class SparseConv3d(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, format={self.format_name}, nbytes={self.nbytes()}, "
+                f"stride={self.stride}" + (f", dilation={self.dilation}" if self.dilation != (1, 1, 1) else "")
+                + (", transposed=True" if self.transposed else "")
+                + f", format={self.format_name}, nbytes={self.nbytes()}, "
                 f"execution={self.execution!r}, chosen={self.chosen!r}" + (", relu=True" if self.relu else "")
                 + (f", kernel_region={list(self.kernel_region)}" if getattr(self, "kernel_region", None) is not None
                    else ""))
