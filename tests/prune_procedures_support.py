@@ -82,6 +82,24 @@ def sparse_chain(seed: int = 0, c_in: int = 3, width: int = 6, classes: int = 4)
     return net.eval()
 
 
+def region_chain(seed: int = 0, outside: float = 0.0, c_in: int = 3, width: int = 6,
+                 classes: int = 4) -> nn.Sequential:
+    """A sparse chain whose first conv runs only its ``kernel_region="cross"``
+    (7 of 27 offsets): the 20 offsets outside hold ``outside`` times random
+    values (0: zeros, as a fresh region conv has), which the conv never
+    runs; ``outside=1e-3``: smaller than any weight, the first a magnitude
+    ranking over the whole tensor would prune."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(Conv3d(c_in, width, 3, kernel_region="cross"), ReLU(), Conv3d(width, classes, 3))
+    with torch.no_grad():
+        conv = net[0]
+        inside = conv.weight[list(conv.kernel_region)]
+        conv.weight[list(conv.kernel_region)] = inside.sign() * (inside.abs() + 0.01)  # none below outside's
+        rest = [k for k in range(27) if k not in conv.kernel_region]
+        conv.weight[rest] = outside * torch.rand(len(rest), c_in, width)
+    return net
+
+
 class _Residual(nn.Module):
     def __init__(self, channels: int, hidden: int):
         super().__init__()

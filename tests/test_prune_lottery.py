@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pointsparse.prune import adapters, lottery, procedure
-from prune_procedures_support import Trainer, mlp
+from prune_procedures_support import Trainer, mlp, region_chain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -179,3 +179,38 @@ def test_random_masks_like_takes_a_dict_of_tensors():
         lottery.rewind(mlp(0), [1, 2])
     out = lottery.random_masks_like({"a": torch.tensor([[1, 0], [1, 1]], dtype=torch.bool)})
     assert out["a"].shape == (2, 2) and int(out["a"].sum()) == 3
+
+
+def _region_sparsities(net) -> dict[str, float]:
+    from pointsparse.prune import sparsity_report
+    return {name: row["sparsity"] for name, row in sparsity_report(net)["layers"].items()}
+
+
+@pytest.mark.parametrize("outside", [0.0, 1e-3])
+@pytest.mark.parametrize("scores", [False, True])
+def test_global_magnitude_prune_counts_a_kernel_region_conv_inside_its_region(outside, scores):
+    """A kernel_region conv's weights are the region's: the 20 offsets
+    outside a 'cross' conv (zeros, or values smaller than every weight) were
+    counted as pruned or pruned first, so the network ended far from the
+    target. They are neither counted nor pruned: the sparsity over the
+    region's weights is the target and the values outside are untouched."""
+    net = region_chain(0, outside)
+    before = net[0].weight.detach().clone()
+    given = {n: m.weight.detach().abs().clone() for n, m in adapters.prunable_layers(net)} if scores else None
+    procedure.global_magnitude_prune(net, 0.5, scores=given)
+    region = net[0].weight.new_zeros(27, dtype=torch.bool)
+    region[list(net[0].kernel_region)] = True
+    assert adapters.sparsity(net) == pytest.approx(0.5, abs=1 / (7 * 18 + 27 * 24))
+    assert torch.equal(net[0].weight.detach()[~region], before[~region])
+    assert bool(net[0].weight_mask[~region].all())
+
+
+@pytest.mark.parametrize("outside", [0.0, 1e-3])
+def test_layer_magnitude_prune_counts_a_kernel_region_conv_inside_its_region(outside):
+    net = region_chain(0, outside)
+    before = net[0].weight.detach().clone()
+    procedure.layer_magnitude_prune(net, 0.5)
+    assert _region_sparsities(net) == {"0": pytest.approx(0.5, abs=1 / (7 * 18)), "2": pytest.approx(0.5, abs=1e-9)}
+    region = list(net[0].kernel_region)
+    rest = [k for k in range(27) if k not in region]
+    assert torch.equal(net[0].weight.detach()[rest], before[rest])

@@ -313,6 +313,18 @@ def kernel_volume(module: nn.Module) -> int:
     return w.numel() // (w.shape[layout.out_axis] * w.shape[layout.in_axis])
 
 
+def used_mask(module: nn.Module) -> torch.Tensor:
+    """A bool tensor of the weight's shape, True at the entries its adapter's
+    ``used_weights`` keeps (every entry by default; a ``kernel_region``
+    conv's inside its region): the weights a procedure's target sparsity
+    counts and prunes among."""
+    w = raw(module, "weight")
+    index = torch.arange(w.numel(), device=w.device).reshape(w.shape)
+    used = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
+    used[adapter_for(module).used_weights(module, index).flatten()] = True
+    return used.reshape(w.shape)
+
+
 # ------------------------------------------------------------------ a model's layers
 def prunable_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
     """``(qualified_name, module)`` for every prunable layer of ``model``."""

@@ -15,13 +15,15 @@ from torch import nn
 
 from ..tensor import as_float, as_int
 from . import _compat
-from .adapters import get_mask, prunable_layers
+from .adapters import get_mask, prunable_layers, used_mask
 
 
 def global_magnitude_prune(model: nn.Module, target: float, layers=None, scores: dict | None = None) -> None:
     """Prune the smallest-magnitude (or lowest-``scores``) weights over all
     ``layers`` together until a fraction ``target`` of their weights is
-    pruned; existing masks are kept (masks never un-prune)."""
+    pruned; existing masks are kept (masks never un-prune). A
+    ``kernel_region`` conv's weights are its region's: the values outside it
+    (never run) are neither counted nor pruned."""
     check_fraction(target, "target sparsity")
     if scores is not None and not isinstance(scores, Mapping):
         raise TypeError(f"scores must be a dict {{layer name: score tensor}}; got {type(scores).__name__}")
@@ -39,26 +41,43 @@ def global_magnitude_prune(model: nn.Module, target: float, layers=None, scores:
                                  f"{tuple(s.shape)}")
             if s.is_floating_point() and bool(torch.isnan(s.detach()).any()):
                 raise ValueError(f"scores[{n!r}] hold NaN; every weight needs a number")
-    total = sum(m.weight.numel() for _, m in chosen)
-    pruned = sum(int((~get_mask(m)).sum()) for _, m in chosen)
+    used = {n: used_mask(m) for n, m in chosen}
+    total = sum(int(used[n].sum()) for n, _ in chosen)
+    pruned = sum(int((~get_mask(m) & used[n]).sum()) for n, m in chosen)
     extra = int(round(target * total)) - pruned
     if extra <= 0:
         return
     params = [(m, "weight") for _, m in chosen]
     kwargs = {}
-    if scores is not None:
-        kwargs["importance_scores"] = {(m, "weight"): scores[n] for n, m in chosen}
+    if scores is not None or not all(bool(u.all()) for u in used.values()):
+        kwargs["importance_scores"] = {(m, "weight"): _only_used(scores[n] if scores is not None else m.weight,
+                                                                 used[n]) for n, m in chosen}
     _compat.global_unstructured(params, pruning_method=torch.nn.utils.prune.L1Unstructured, amount=extra, **kwargs)
 
 
+def _only_used(scores: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+    """``scores`` with the entries that are no weights of the layer (outside
+    a ``kernel_region``: :func:`.adapters.used_mask`) raised to inf, so that a
+    magnitude pruning never picks them while a weight is left to prune."""
+    return scores if bool(used.all()) else torch.where(used, scores.detach(), float("inf"))
+
+
 def layer_magnitude_prune(model: nn.Module, target: float, layers=None) -> None:
-    """Prune each layer to the same sparsity ``target`` by magnitude."""
+    """Prune each layer to the same sparsity ``target`` by magnitude (over
+    its weights: a ``kernel_region`` conv's region, as :func:`global_magnitude_prune`)."""
     check_fraction(target, "target sparsity")
     for _, m in prunable_layers(model, layers):
-        n = m.weight.numel()
-        extra = int(round(target * n)) - int((~get_mask(m)).sum())
-        if extra > 0:
-            _compat.l1_unstructured(m, "weight", amount=extra)
+        magnitude_prune_layer(m, target)
+
+
+def magnitude_prune_layer(module: nn.Module, target: float) -> None:
+    """Prune ``module``'s smallest-magnitude weights until a fraction
+    ``target`` of them is pruned; existing masks are kept."""
+    used = used_mask(module)
+    extra = int(round(target * int(used.sum()))) - int((~get_mask(module) & used).sum())
+    if extra > 0:
+        scores = None if bool(used.all()) else _only_used(module.weight, used)
+        _compat.l1_unstructured(module, "weight", amount=extra, importance_scores=scores)
 
 
 def accepts_lr(fn: Callable) -> bool:
