@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pointsparse.prune import adapters, rigl
-from prune_procedures_support import Trainer, mlp, sparse_chain  # noqa: F401
+from prune_procedures_support import Trainer, mlp, region_chain, sparse_chain, sparse_input  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -150,3 +150,32 @@ def test_counts_refuse_bools_and_floats(bad):
         rigl.RigL(mlp(0), update_interval=bad)
     with pytest.raises(ValueError, match="end_step must be a positive int"):
         rigl.RigL(mlp(0), end_step=bad)
+
+
+@pytest.mark.parametrize("outside", [0.0, 1e-3])
+@pytest.mark.parametrize("distribution", ["uniform", "erk"])
+def test_a_kernel_region_conv_is_sparse_inside_its_region(outside, distribution):
+    """A kernel_region conv's weights are its region's: the masks were drawn
+    over all 27 offsets (a 'cross' conv's density over its 7 was off the
+    target, its zeros outside counted as pruned) and drop/grow could pick
+    the offsets outside (small values dropped, zero-gradient ones grown). The
+    density counts and the masks choose only the region's weights; the
+    values outside stay as they are."""
+    net = region_chain(0, outside)
+    conv = net[0]
+    rest = [k for k in range(27) if k not in conv.kernel_region]
+    before = conv.weight.detach()[rest].clone()
+    r = rigl.RigL(net, density=0.5, distribution=distribution, update_interval=1, end_step=100, drop_fraction=0.5)
+    used = {n: adapters.used_mask(m) for n, m in adapters.prunable_layers(net)}
+    kept = {n: int((r.masks[n] & used[n]).sum()) for n in used}
+    assert r.density() == pytest.approx(sum(kept.values()) / sum(int(u.sum()) for u in used.values()))
+    assert adapters.sparsity(net) == pytest.approx(0.5, abs=2 / (7 * 18 + 27 * 24))
+    if distribution == "uniform":
+        assert kept == {"0": round(0.5 * 7 * 18), "2": round(0.5 * 27 * 24)}
+    x = sparse_input()
+    net(x).feats.square().sum().backward()
+    r.step_count = 0
+    r.update()
+    assert {n: int((r.masks[n] & used[n]).sum()) for n in used} == kept
+    assert bool(r.masks["0"][rest].all())
+    assert torch.equal(conv.weight.detach()[rest], before)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..tensor import as_int
-from .adapters import layout_of, prunable_layers
+from .adapters import layout_of, prunable_layers, used_mask
 from .procedure import check_fraction, check_int
 
 DISTRIBUTIONS = ("uniform", "erk")
@@ -42,10 +42,11 @@ def _kernel_dims(module: nn.Module) -> list[int]:
 def erk_densities(model: nn.Module, density: float, layers=None) -> dict[str, float]:
     """Erdos-Renyi-Kernel: layer density proportional to
     ``sum(dims) / prod(dims)`` (kernel dims and both channel counts), scaled so
-    the overall density is ``density``; layers that would exceed 1 are dense."""
+    the overall density is ``density``; layers that would exceed 1 are dense.
+    A layer's size is its weights' count (a ``kernel_region`` conv's region's)."""
     check_fraction(density, "density", low_open=True, high_open=False)
     chosen = prunable_layers(model, layers)
-    sizes = {n: m.weight.numel() for n, m in chosen}
+    sizes = {n: int(used_mask(m).sum()) for n, m in chosen}
     raw = {n: sum(_kernel_dims(m)) / math.prod(_kernel_dims(m)) for n, m in chosen}
     dense: set[str] = set()
     while True:
@@ -96,12 +97,16 @@ class RigL:
         else:
             self.densities = erk_densities(model, density, [n for n, _ in self.layers])
         g = torch.Generator().manual_seed(seed)
+        # the layers' weights (a kernel_region conv's region): the masks choose among them only; the values
+        # outside (never run) keep a True mask, are never dropped or grown and count in no density
+        self.used = {n: used_mask(m) for n, m in self.layers}
         self.masks: dict[str, torch.Tensor] = {}
         for n, m in self.layers:
-            numel = m.weight.numel()
+            used = self.used[n].flatten().cpu()
+            numel = int(used.sum())
             keep = max(1, int(round(self.densities[n] * numel)))
-            flat = torch.zeros(numel, dtype=torch.bool)
-            flat[torch.randperm(numel, generator=g)[:keep]] = True
+            flat = ~used
+            flat[used.nonzero().flatten()[torch.randperm(numel, generator=g)[:keep]]] = True
             self.masks[n] = flat.reshape(m.weight.shape).to(m.weight.device)
         self._handle = None
         self.apply_masks()
@@ -123,8 +128,9 @@ class RigL:
                             v.mul_(mask)
 
     def density(self) -> float:
-        kept = sum(int(mk.sum()) for mk in self.masks.values())
-        return kept / sum(mk.numel() for mk in self.masks.values())
+        """The kept fraction of the layers' weights (a ``kernel_region`` conv's region's)."""
+        kept = sum(int((mk & self.used[n]).sum()) for n, mk in self.masks.items())
+        return kept / sum(int(self.used[n].sum()) for n in self.masks)
 
     def update(self) -> dict[str, int]:
         """One drop/grow step from the current weights and gradients; returns
@@ -136,20 +142,20 @@ class RigL:
         for n, m in self.layers:
             if m.weight.grad is None:
                 raise RuntimeError(f"layer {n!r} has no gradient: call update after backward")
-            mask = self.masks[n].flatten()
-            active = int(mask.sum())
-            k = int(math.ceil(fraction * active)) if active < mask.numel() else 0
-            k = min(k, active - 1, mask.numel() - active)
+            mask, used = self.masks[n].flatten(), self.used[n].flatten()
+            active, numel = int((mask & used).sum()), int(used.sum())
+            k = int(math.ceil(fraction * active)) if active < numel else 0
+            k = min(k, active - 1, numel - active)
             if k <= 0:
                 changed[n] = 0
                 continue
             w = m.weight.detach().flatten().abs()
-            drop_score = torch.where(mask, w, torch.full_like(w, float("inf")))
+            drop_score = torch.where(mask & used, w, torch.full_like(w, float("inf")))
             drop = torch.topk(drop_score, k, largest=False).indices
             new_mask = mask.clone()
             new_mask[drop] = False
             grad = m.weight.grad.detach().flatten().abs()
-            grow_score = torch.where(new_mask, torch.full_like(grad, -1.0), grad)
+            grow_score = torch.where(new_mask | ~used, torch.full_like(grad, -1.0), grad)
             grow = torch.topk(grow_score, k).indices
             new_mask[grow] = True
             with torch.no_grad():  # grown connections start at zero, dropped ones are zero from now on
