@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pointsparse.prune import sensitivity
-from prune_procedures_support import Trainer, mlp, sparse_chain, sparse_input
+from prune_procedures_support import Trainer, mlp, region_chain, sparse_chain, sparse_input
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -146,3 +146,20 @@ def test_apply_ratios_checks_every_ratio_before_pruning():
     with pytest.raises(TypeError, match="ratios must be a dict"):
         sensitivity.apply_ratios(net, [0.5])
     assert not any(k.endswith("_mask") for k in net.state_dict())  # layer 0 was not pruned first
+
+
+@pytest.mark.parametrize("outside", [0.0, 1e-3])
+def test_unstructured_scan_prunes_a_kernel_region_conv_inside_its_region(outside):
+    """The ratio of a kernel_region conv is of its region's weights: torch's
+    l1_unstructured over the whole tensor pruned the zeros (or small values)
+    outside a 'cross' conv first, so its weights were never pruned at 0.5.
+    The values outside are left as they are; sizes count the region."""
+    from pointsparse.prune import adapters
+    net = region_chain(0, outside)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    res = sensitivity.sensitivity_scan(net, lambda m: adapters.layer_sparsity(m)["0"], ratios=[0.0, 0.5, 0.01, 0.003],
+                                       layers=["0"])
+    assert res.curves["0"] == pytest.approx([0.0, 0.5, 1 / 126, 0.0], abs=1e-9)
+    assert res.sizes == {"0": 7 * 3 * 6}
+    after = net.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)

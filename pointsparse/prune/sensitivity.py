@@ -18,8 +18,8 @@ from torch import nn
 
 from . import _compat
 from ..tensor import as_bool
-from .adapters import prunable_layers
-from .procedure import check_callable, check_fraction
+from .adapters import prunable_layers, used_mask
+from .procedure import check_callable, check_fraction, magnitude_prune_layer
 
 GRANULARITIES = ("unstructured", "channel", "group")
 DEFAULT_RATIOS = tuple(round(0.1 * i, 1) for i in range(10))
@@ -42,8 +42,8 @@ class SensitivityResult:
 
 
 def _prune_one(module: nn.Module, ratio: float, granularity: str) -> None:
-    if granularity == "unstructured":
-        _compat.l1_unstructured(module, "weight", amount=ratio)
+    if granularity == "unstructured":  # (of the layer's weights: a kernel_region conv's region's)
+        magnitude_prune_layer(module, ratio)
     else:
         _compat.channel_structured(module, "weight", amount=ratio, n=1, axis="out")
 
@@ -65,12 +65,15 @@ def sensitivity_scan(model: nn.Module, eval_fn: Callable[[nn.Module], float], ra
                      example_input=None) -> SensitivityResult:
     """For each prunable layer and each ratio, prune only that layer (by L1
     magnitude: single weights, or whole output channels for ``"channel"``),
-    call ``eval_fn(model)``, and restore the layer exactly. The model is left
-    as it was. ``"group"`` scans every coupled channel group of the
-    dependency graph traced on ``example_input`` instead (each cut on a copy
-    of the model: the fraction of the group's channels of lowest summed
-    magnitude removed from every member); ``layers`` then names the groups
-    to scan (a group's name or any layer producing its channels).
+    call ``eval_fn(model)``, and restore the layer exactly. A ratio of single
+    weights is of the layer's weights, which ``sizes`` counts (a
+    ``kernel_region`` conv's region's: the values outside it, never run, are
+    not pruned). The model is left as it was. ``"group"`` scans every
+    coupled channel group of the dependency graph traced on
+    ``example_input`` instead (each cut on a copy of the model: the fraction
+    of the group's channels of lowest summed magnitude removed from every
+    member); ``layers`` then names the groups to scan (a group's name or any
+    layer producing its channels).
 
     The unpruned model's metric (the baseline) must be finite, else a
     ValueError naming ``eval_fn``; a pruned model's NaN or infinite metric is
@@ -105,12 +108,13 @@ def sensitivity_scan(model: nn.Module, eval_fn: Callable[[nn.Module], float], ra
             try:
                 values.append(float(eval_fn(model)))
             finally:
-                _compat.remove(m, "weight")
+                if _compat.is_pruned(m):  # (a ratio that rounds to no weight prunes nothing)
+                    _compat.remove(m, "weight")
                 with torch.no_grad():
                     m.weight.copy_(saved)
         curves[name] = values
     return SensitivityResult(ratios, curves, baseline, granularity, metric,
-                             {n: m.weight.numel() for n, m in chosen})
+                             {n: int(used_mask(m).sum()) for n, m in chosen})
 
 
 def _group_scan(model, eval_fn, ratios, metric, example_input, layers=None) -> SensitivityResult:
