@@ -214,3 +214,35 @@ def test_layer_magnitude_prune_counts_a_kernel_region_conv_inside_its_region(out
     region = list(net[0].kernel_region)
     rest = [k for k in range(27) if k not in region]
     assert torch.equal(net[0].weight.detach()[rest], before[rest])
+
+
+@pytest.mark.parametrize("outside", [0.0, 1e-3])
+def test_random_mask_control_of_a_kernel_region_conv_is_as_sparse_inside_its_region(outside):
+    """The random-mask control keeps each layer's count of kept weights: for
+    a kernel_region conv those of its region (the ticket's mask is True
+    outside it, values never run), which random_masks_like spread over all
+    27 offsets, so the control's region was far denser than the ticket's.
+    Given the model it draws inside each layer's weights and keeps the mask
+    outside as it is."""
+    def no_training(model, steps):
+        pass
+
+    res = lottery.lottery_ticket(region_chain(0, outside), no_training, adapters.sparsity, train_steps=1, rounds=1,
+                                 scope="layer")
+    ticket = res.masks[1]
+    assert res.rounds[1]["metric"] == pytest.approx(0.2, abs=1 / 126)
+    net = region_chain(1, outside)
+    rnd = lottery.random_masks_like(ticket, seed=3, model=net)
+    used = {n: adapters.used_mask(m) for n, m in adapters.prunable_layers(net)}
+    for n, m in ticket.items():
+        assert int((rnd[n] & used[n]).sum()) == int((m & used[n]).sum())
+        assert torch.equal(rnd[n][~used[n]], m[~used[n]])
+    assert not torch.equal(rnd["0"], ticket["0"])
+    out = lottery.controls(lambda seed: region_chain(seed, outside), res, 1, no_training, adapters.sparsity,
+                           train_steps=1)
+    assert out == {"reinit": pytest.approx(res.rounds[1]["metric"]),
+                   "random_mask": pytest.approx(res.rounds[1]["metric"])}
+    with pytest.raises(ValueError, match=r"layer 'x' is not a submodule"):
+        lottery.random_masks_like({"x": torch.ones(2, 2, dtype=torch.bool)}, model=net)
+    with pytest.raises(ValueError, match=r"mask_dict\['0'\] must have the layer's weight shape"):
+        lottery.random_masks_like({"0": torch.ones(2, 2, dtype=torch.bool)}, model=net)

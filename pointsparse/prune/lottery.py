@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..tensor import as_int
-from .adapters import apply_masks, get_mask, masks as _masks, prunable_layers, sparsity as _sparsity
+from .adapters import apply_masks, get_mask, masks as _masks, prunable_layers, sparsity as _sparsity, used_mask
 from .procedure import (call_train, check_callable, check_fraction, check_int, check_lr, global_magnitude_prune,
                         layer_magnitude_prune)
 
@@ -106,19 +106,32 @@ def lottery_ticket(model: nn.Module, train_fn: Callable, eval_fn: Callable, trai
     return result
 
 
-def random_masks_like(mask_dict: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random masks with the same number of kept weights in each layer."""
+def random_masks_like(mask_dict: dict[str, torch.Tensor], seed: int = 0,
+                      model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Random masks with the same number of kept weights in each layer.
+    Given the ``model`` the masks are of, a layer's weights are those of
+    :func:`.adapters.used_mask` (a ``kernel_region`` conv's region): the
+    kept ones are drawn among them and the entries outside keep their mask."""
     if not isinstance(mask_dict, Mapping):
         raise TypeError(f"mask_dict must be a dict {{layer name: mask tensor}}; got {type(mask_dict).__name__}")
     for name, m in mask_dict.items():
         if not isinstance(m, torch.Tensor):
             raise TypeError(f"mask_dict[{name!r}] must be a mask tensor; got {type(m).__name__}")
+    used = {}
+    if model is not None:
+        for name, module in prunable_layers(model, list(mask_dict)):
+            used[name] = used_mask(module).cpu()
+            if mask_dict[name].shape != used[name].shape:
+                raise ValueError(f"mask_dict[{name!r}] must have the layer's weight shape "
+                                 f"{tuple(used[name].shape)}; got {tuple(mask_dict[name].shape)}")
     g = torch.Generator().manual_seed(check_int(seed, "seed", 0))
     out = {}
     for name, m in mask_dict.items():
-        keep = int(m.sum())
-        flat = torch.zeros(m.numel(), dtype=torch.bool)
-        flat[torch.randperm(m.numel(), generator=g)[:keep]] = True
+        inside = used.get(name, torch.ones(m.shape, dtype=torch.bool)).flatten()
+        flat = m.detach().flatten().cpu().bool() & ~inside
+        keep = int((m.detach().flatten().cpu().bool() & inside).sum())
+        candidates = inside.nonzero().flatten()
+        flat[candidates[torch.randperm(candidates.numel(), generator=g)[:keep]]] = True
         out[name] = flat.reshape(m.shape)
     return out
 
@@ -161,6 +174,6 @@ def controls(make_model: Callable[[int], nn.Module], result: LotteryResult, roun
     mask_dict = result.masks[round_index]
     reinit = train_masked(make_model(seed + 1), mask_dict, train_fn, eval_fn, train_steps, None, lr)
     base = make_model(seed)
-    random_mask = train_masked(base, random_masks_like(mask_dict, seed), train_fn, eval_fn,
+    random_mask = train_masked(base, random_masks_like(mask_dict, seed, base), train_fn, eval_fn,
                                train_steps - result.rewind_step, copy.deepcopy(result.state), lr)
     return {"reinit": reinit, "random_mask": random_mask}
