@@ -84,6 +84,51 @@ def test_kernel_level_on_a_sparse_conv():
     assert torch.equal(module.weight_mask, expected)
 
 
+@pytest.mark.parametrize("outside", [0.0, 1e-3, 10.0])
+def test_kernel_level_on_a_kernel_region_conv_counts_its_region(outside):
+    """A kernel_region conv's kernels and offsets are its region's: the
+    offsets outside a 'cross' conv (zeros, small values, or large ones it
+    never runs) were offset groups pruned first and counted in the amount,
+    and their values entered each pair's norm. Now they are neither scored,
+    counted nor pruned (their mask stays as it was)."""
+    conv = SparseConv(2, 2, kernel_size=3, kernel_region="cross")
+    region = list(conv.kernel_region)  # 4, 10, 12, 13, 14, 16, 22
+    rest = [k for k in range(27) if k not in region]
+    w = torch.zeros(27, 2, 2)
+    w[rest] = outside * (1 + torch.rand(len(rest), 2, 2))
+    w[region] = 1.0
+    w[region[:3]] = torch.tensor([0.5, 0.3, 0.4]).view(3, 1, 1)  # the weakest offsets of the region
+    w[region, 1, 0] = 0.05  # the weakest pair of the region (outside, its values are the largest when 10)
+    set_weight(conv, w)
+    offsets = prune.kernel_structured(conv, "weight", amount=3 / 7, scope="offset")
+    kept = offsets.weight_mask.flatten(1).all(1)
+    assert kept.nonzero().flatten().tolist() == sorted(rest + region[3:])
+    assert prune.sparsity_report(offsets)["layers"][""]["sparsity"] == pytest.approx(3 / 7)
+    conv = SparseConv(2, 2, kernel_size=3, kernel_region="cross")
+    set_weight(conv, w)
+    pairs = prune.kernel_structured(conv, "weight", amount=1, scope="pair")
+    expected = torch.ones(27, 2, 2)
+    expected[region, 1, 0] = 0
+    assert torch.equal(pairs.weight_mask, expected)
+
+
+def test_global_structured_offsets_count_a_kernel_region_conv_inside_its_region():
+    """Ranked across layers, the zero offsets outside a fresh 'cross' conv
+    were the weakest groups: the amount fell on them and no weight of either
+    layer was pruned. They are no groups: the weakest offsets of the
+    region go, the values outside keep their mask."""
+    cross = SparseConv(2, 2, kernel_size=3, kernel_region="cross")
+    region = list(cross.kernel_region)
+    w = torch.zeros(27, 2, 2)
+    w[region] = torch.linspace(0.1, 0.7, 7).view(7, 1, 1)
+    set_weight(cross, w)
+    full = sparse_conv(torch.ones(27, 2, 2), 3)
+    prune.global_structured([(cross, "weight"), (full, "weight")], prune.KernelStructured, amount=3 / 34,
+                            scope="offset")
+    assert (~cross.weight_mask.flatten(1).all(1)).nonzero().flatten().tolist() == region[:3]
+    assert bool(full.weight_mask.all())
+
+
 # ---------------------------------------------------------------- channel
 
 def test_output_and_input_channels_of_a_dense_conv():

@@ -14,7 +14,9 @@ bring a pruned entry back:
   (rounded), as an int the number of alive groups to prune;
 * a group's score is ``||importance_scores * (mask != 0)||_n`` over its entries
   (already pruned entries count as zero);
-* ties are broken by ``torch.topk``.
+* ties are broken by ``torch.topk``;
+* :class:`KernelStructured` counts a ``kernel_region`` conv's weights only:
+  the offsets outside its region are neither scored, counted nor pruned.
 
 Axis roles come from :mod:`pointsparse.prune.adapters`: the functional forms
 read them from the module (``Linear``, ``ConvNd``, ``pointsparse.nn.Conv3d``);
@@ -29,7 +31,7 @@ import torch
 from ..tensor import as_bool, as_int
 from ._copyable import CopyableMethod
 from .amount import count_to_prune, validate_amount, validate_norm
-from .adapters import WeightLayout, check_layout, dense_layout, layout_of, raw
+from .adapters import WeightLayout, check_layout, dense_layout, is_layer, layout_of, raw, used_mask
 
 
 def _axis_grids(shape: torch.Size, device) -> list[torch.Tensor]:
@@ -104,14 +106,21 @@ class GroupStructured(CopyableMethod):
         group in ``[0, groups)``."""
         raise NotImplementedError
 
+    def used_entries(self, shape: torch.Size, device) -> torch.Tensor | None:
+        """A bool tensor of ``shape``: the entries that are weights (None:
+        all). The others are neither scored nor pruned, and a group of none
+        of them is no group (see :class:`KernelStructured`'s ``region``)."""
+        return None
+
     def compute_mask(self, t, default_mask):
         ids, groups = self.group_ids(t.shape, t.device)
-        norms, alive = group_scores(t, default_mask, ids, groups, self.n)
+        used = self.used_entries(t.shape, t.device)
+        live = default_mask if used is None else default_mask * used.to(default_mask.dtype)
+        norms, alive = group_scores(t, live, ids, groups, self.n)
         k = count_to_prune(self.amount, int(alive.sum()), f"{type(self).__name__} groups")
         chosen = select_weakest(norms, alive, k)
-        return default_mask.clone(memory_format=torch.contiguous_format) * (~chosen)[ids].to(
-            default_mask.dtype
-        )
+        mask = default_mask.clone(memory_format=torch.contiguous_format) * (~chosen)[ids].to(default_mask.dtype)
+        return mask if used is None else torch.where(used, mask, default_mask)
 
     def _oik_ids(self, shape, device, fn) -> tuple[torch.Tensor, int]:
         """Group ids built in ``(out, in, kernel)`` space by ``fn(o, i, k, O,
@@ -173,13 +182,24 @@ class KernelStructured(GroupStructured):
       all (in, out) pairs: a sparse conv's whole offset ``W[k]`` (its gather
       and scatter disappear), a dense conv's ``W[:, :, ky, kx]``.
 
-    On a Linear (no kernel axes) a "pair" group is a single weight."""
+    On a Linear (no kernel axes) a "pair" group is a single weight.
 
-    def __init__(self, amount, n=2, scope="pair", layout=None) -> None:
+    ``region``: the kernel positions that are weights, a bool ``(K,)`` over
+    the layout's kernel positions (flattened), or None (all): a
+    ``kernel_region`` conv's offsets, which :meth:`apply` reads from the
+    module. The positions outside are neither scored nor pruned and are no
+    offset groups (the amount counts the region's offsets)."""
+
+    def __init__(self, amount, n=2, scope="pair", layout=None, region=None) -> None:
         super().__init__(amount, n, layout)
         if scope not in ("pair", "offset"):
             raise ValueError(f"scope must be 'pair' or 'offset'; got {scope!r}")
+        if region is not None and not (isinstance(region, torch.Tensor) and region.dtype == torch.bool
+                                       and region.dim() == 1):
+            raise TypeError(f"region must be a 1-D bool tensor (the kernel positions that are weights) or None; "
+                            f"got {region!r}")
         self.scope = scope
+        self.region = region
 
     def group_ids(self, shape, device):
         layout = self.layout if self.layout is not None else dense_layout(len(shape))
@@ -189,12 +209,35 @@ class KernelStructured(GroupStructured):
             return self._oik_ids(shape, device, lambda o, i, k, O, I, K: (o * I + i, O * I))
         return self._oik_ids(shape, device, lambda o, i, k, O, I, K: (k, K))
 
+    def used_entries(self, shape, device):
+        region = getattr(self, "region", None)  # (methods pickled before it existed have none)
+        if region is None:
+            return None
+
+        def inside(o, i, k, O, I, K):
+            if region.numel() != K:
+                raise ValueError(f"region has {region.numel()} kernel positions; the tensor of shape "
+                                 f"{tuple(shape)} has {K}")
+            return region.to(device)[k], 2
+
+        return self._oik_ids(shape, device, inside)[0]
+
     @classmethod
     def apply(cls, module, name, amount, n=2, scope="pair", layout=None, importance_scores=None):  # type: ignore[override]
         layout = layout if layout is not None else layout_of(module, name)
-        return super().apply(
-            module, name, amount=amount, n=n, scope=scope, layout=layout, importance_scores=importance_scores
-        )
+        region = _used_kernel_positions(module, name, layout)
+        return super().apply(module, name, amount=amount, n=n, scope=scope, layout=layout, region=region,
+                             importance_scores=importance_scores)
+
+
+def _used_kernel_positions(module, name: str, layout: WeightLayout) -> torch.Tensor | None:
+    """The kernel positions of ``module.name`` (in ``layout``) that hold
+    weights of the layer, a bool ``(K,)`` (:func:`.adapters.used_mask`: a
+    ``kernel_region`` conv's offsets), or None when all do."""
+    if name != "weight" or not is_layer(module) or not layout.kernel_axes:
+        return None
+    used = layout.to_oik(used_mask(module)).any(1).any(0)
+    return None if bool(used.all()) else used.cpu()
 
 
 class ChannelStructured(GroupStructured):
@@ -401,7 +444,10 @@ def global_structured(parameters, pruning_method, amount, importance_scores=None
     norms_list, alive_list = [], []
     for module, name in parameters:
         layout = kwargs.get("layout") or _layout_or_none(pruning_method, module, name)
-        method = pruning_method(0, **{**kwargs, **({"layout": layout} if layout else {})})
+        own = {"layout": layout} if layout else {}
+        if issubclass(pruning_method, KernelStructured) and layout:  # (as its apply reads it)
+            own["region"] = _used_kernel_positions(module, name, layout)
+        method = pruning_method(0, **{**kwargs, **own})
         weight = getattr(module, name + "_orig", None)
         weight = weight if weight is not None else getattr(module, name)
         scores = importance_scores.get((module, name), weight)
@@ -413,7 +459,9 @@ def global_structured(parameters, pruning_method, amount, importance_scores=None
             )
         mask = getattr(module, name + "_mask", torch.ones_like(weight))
         ids, groups = method.group_ids(weight.shape, weight.device)
-        norms, alive = group_scores(scores, mask, ids, groups, method.n)
+        used = method.used_entries(weight.shape, weight.device)
+        norms, alive = group_scores(scores, mask if used is None else mask * used.to(mask.dtype), ids, groups,
+                                    method.n)
         norms_list.append(norms)
         alive_list.append(alive)
     norms = torch.cat(norms_list)
