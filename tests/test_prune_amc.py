@@ -11,7 +11,7 @@ import torch
 
 from pointsparse.models import MinkUNet
 from pointsparse.prune import amc, surgery
-from prune_procedures_support import Trainer, mlp, sparse_chain, sparse_input  # noqa: F401
+from prune_procedures_support import Trainer, mlp, region_chain, sparse_chain, sparse_input  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -197,3 +197,12 @@ def test_search_counts_refuse_bools_and_floats(bad):
                           ({"seed": bad}, "seed must be an int >= 0")):
         with pytest.raises(ValueError, match=match):
             amc.amc_search(net, lambda m: 0.5, x, **kwargs)
+
+
+@pytest.mark.parametrize("coupled", [False, True])
+def test_layer_infos_kernel_volume_of_a_kernel_region_conv_is_its_region(coupled):
+    """The agent's state gives each layer its kernel volume: a 'cross'
+    conv runs 7 offsets, not the 27 its weight has."""
+    net = region_chain(0).eval()
+    infos = {i.name: i for i in amc.layer_infos(net, sparse_input(), coupled=coupled)}
+    assert (infos["0"].kernel_volume, infos["2"].kernel_volume) == (7, 27)

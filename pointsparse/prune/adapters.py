@@ -309,8 +309,11 @@ def in_channels(module: nn.Module) -> int:
 
 
 def kernel_volume(module: nn.Module) -> int:
+    """The kernel positions the layer's weights hold (1 for Linear): those of
+    its ``used_weights``, a ``kernel_region`` conv's region's offsets."""
     w, layout = raw(module), layout_of(module)
-    return w.numel() // (w.shape[layout.out_axis] * w.shape[layout.in_axis])
+    used = adapter_for(module).used_weights(module, w.detach())
+    return used.numel() // (w.shape[layout.out_axis] * w.shape[layout.in_axis])
 
 
 def used_mask(module: nn.Module) -> torch.Tensor:
