@@ -399,3 +399,26 @@ def test_prune_holds_its_out_as_train_does(tmp_path, capsys):
         assert sorted(p.name for p in small.iterdir()) == [".lock"]
     assert cli.main(argv + ["--finetune-epochs", "1"]) == 0
     assert checkpoint.load(small / "checkpoint.pt")["epoch"] == 2
+
+
+
+def test_prune_offsets_and_vectors_count_a_kernel_region_conv_inside_its_region(tmp_path, monkeypatch):
+    """The kept/total counts ``prune offsets`` and ``prune vectors`` print
+    are of the convs' weights: a kernel_region conv's region (the 20
+    offsets outside a 'cross' region, never run, were counted as kept
+    offsets of 27 and as weights). No model a checkpoint builds has such a
+    conv today, so the model is handed in here."""
+    from pointsparse.app import channels, evaluate
+    from prune_procedures_support import region_chain
+    monkeypatch.setattr(channels, "load_state", lambda path: {})
+    monkeypatch.setattr(channels, "save_pruned", lambda state, model, out: tmp_path / "checkpoint.pt")
+    for outside in (0.0, 1e-3):
+        built = []
+        monkeypatch.setattr(evaluate, "checkpoint_model",
+                            lambda state, path: built.append(region_chain(0, outside)) or built[-1])
+        _, kept, total = channels._prune_offsets(tmp_path / "in.pt", tmp_path / "out", 3 / 7)
+        assert (kept, total) == ((7 - 3) + (27 - 12), 7 + 27)  # round(3/7 * 7) and round(3/7 * 27) pruned
+        _, kept, total = channels._prune_vectors(tmp_path / "in.pt", tmp_path / "out", 0.5, False)
+        region = list(built[-1][0].kernel_region)
+        masks = [built[-1][0].weight_mask[region], built[-1][2].weight_mask]
+        assert (kept, total) == (sum(int(m.count_nonzero()) for m in masks), 7 * 3 * 6 + 27 * 6 * 4)

@@ -134,8 +134,16 @@ def _prune_vectors(path, out, amount: float, square: bool, rows: int | None = No
         raise ValueError(f"{path}: the model has no sparse conv with more than one offset to prune by vectors")
     for module in convs:
         panel_structured(module, "weight", float(amount), square=square, rows=rows, panels=panels)
-    kept = sum(int(m.weight_mask.count_nonzero()) for m in convs)
-    return save_pruned(state, model, out), kept, sum(m.weight_mask.numel() for m in convs)
+    masks = [_weights_of(m, m.weight_mask) for m in convs]
+    return save_pruned(state, model, out), sum(int(m.count_nonzero()) for m in masks), sum(m.numel() for m in masks)
+
+
+def _weights_of(module, mask):
+    """The entries of ``mask`` (of ``module``'s weight shape) at the conv's
+    weights: a ``kernel_region`` conv's region's offsets (the others, never
+    run, count as neither kept nor pruned)."""
+    from ..prune import adapters
+    return adapters.adapter_for(module).used_weights(module, mask)
 
 
 def overlapping_convs(model) -> list:
@@ -182,8 +190,8 @@ def _prune_offsets(path, out, amount: float) -> tuple[Path, int, int]:
                          "stride) to prune by offsets")
     for module in convs:
         kernel_structured(module, "weight", float(amount), scope="offset")
-    kept = sum(int(m.weight_mask.flatten(1).any(1).sum()) for m in convs)
-    return save_pruned(state, model, out), kept, sum(m.kernel_volume for m in convs)
+    kept = sum(int(_weights_of(m, m.weight_mask).flatten(1).any(1).sum()) for m in convs)
+    return save_pruned(state, model, out), kept, sum(_weights_of(m, m.weight_mask).shape[0] for m in convs)
 
 
 def finetune(path: Path, epochs: int) -> None:
