@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from pointsparse.prune import adapters, init
-from prune_procedures_support import mlp, sparse_chain, sparse_input, teacher_data  # noqa: F401
+from prune_procedures_support import mlp, region_chain, sparse_chain, sparse_input, teacher_data  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -154,3 +154,20 @@ def test_synflow_iterations_take_numpy_integers(make):
 def test_synflow_iterations_refuse_bools_and_floats(bad):
     with pytest.raises(ValueError, match="iterations must be a positive int"):
         init.synflow_scores(mlp(0), torch.ones(1, 8), 0.5, bad)
+
+
+@pytest.mark.parametrize("method", ["synflow", "snip", "grasp"])
+@pytest.mark.parametrize("outside", [0.0, 1e-3])
+def test_a_kernel_region_conv_is_pruned_inside_its_region(method, outside):
+    """Pruning at initialisation reaches the target over the layers'
+    weights, a kernel_region conv's region's: SynFlow counted and ranked
+    all 27 offsets of a 'cross' conv, whose 20 outside ones score 0 (never
+    run), so they were pruned first and the network ended 27% sparse for
+    0.5. The values outside keep their mask."""
+    net = region_chain(0, outside)
+    x = sparse_input()
+    init.prune_at_init(net, method, 0.5, batches=[(x, None)], loss_fn=lambda out, y: out.feats.square().mean(),
+                       example_input=x, iterations=5)
+    assert adapters.sparsity(net) == pytest.approx(0.5, abs=1 / (7 * 18 + 27 * 24))
+    rest = [k for k in range(27) if k not in net[0].kernel_region]
+    assert bool(net[0].weight_mask[rest].all())

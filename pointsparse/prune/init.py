@@ -19,7 +19,7 @@ from torch import nn
 
 from ..tensor import as_int
 from . import _compat
-from .adapters import apply_masks, get_mask, prunable_layers, raw
+from .adapters import apply_masks, get_mask, prunable_layers, raw, used_mask
 from .criteria import check_loss
 from .procedure import check_callable, check_fraction, check_real, global_magnitude_prune
 
@@ -101,8 +101,10 @@ def synflow_scores(model: nn.Module, example_input, sparsity: float = 0.0, itera
     """SynFlow without data. On a float64 copy with every parameter and buffer
     replaced by its absolute value (BatchNorm in eval mode), input all ones:
     for ``k = 1..iterations`` score ``|w * dR/dw|`` with ``R`` the sum of the
-    outputs, and mask to density ``(1 - sparsity)^(k/iterations)``. Returns
-    ``(scores, masks)``; with ``sparsity = 0`` a single scoring pass."""
+    outputs, and mask to density ``(1 - sparsity)^(k/iterations)`` of the
+    layers' weights (a ``kernel_region`` conv's region's: the values outside
+    it, never run, keep a True mask). Returns ``(scores, masks)``; with
+    ``sparsity = 0`` a single scoring pass."""
     check_fraction(sparsity, "sparsity")
     try:
         iterations = as_int(iterations, "iterations", 1)
@@ -119,8 +121,9 @@ def synflow_scores(model: nn.Module, example_input, sparsity: float = 0.0, itera
     params = [raw(m) for m in mods]
     base = [p.detach().clone() for p in params]
     mask = [torch.ones_like(p, dtype=torch.bool) for p in params]
+    used = [used_mask(m) for m in mods]  # (a kernel_region conv's region: the values outside are not ranked)
     x = _ones_like_input(example_input)
-    total = sum(p.numel() for p in params)
+    total = sum(int(u.sum()) for u in used)
     scores = None
     steps = iterations if sparsity > 0 else 1
     for k in range(1, steps + 1):
@@ -134,13 +137,13 @@ def synflow_scores(model: nn.Module, example_input, sparsity: float = 0.0, itera
         scores = [s.abs() for s in scores]
         if sparsity > 0:
             keep = int(round(total * (1.0 - sparsity) ** (k / steps)))
-            flat = torch.cat([s.flatten() for s in scores])
+            flat = torch.cat([s.masked_fill(~u, -1.0).flatten() for s, u in zip(scores, used)])
             threshold_idx = torch.topk(flat, keep).indices
-            keep_flat = torch.zeros(total, dtype=torch.bool)
+            keep_flat = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
             keep_flat[threshold_idx] = True
             pos = 0
             for i, p in enumerate(params):
-                mask[i] = keep_flat[pos:pos + p.numel()].reshape(p.shape)
+                mask[i] = keep_flat[pos:pos + p.numel()].reshape(p.shape) | ~used[i]
                 pos += p.numel()
     score_dict = {n: s.float() for n, s in zip(chosen_names, scores)}
     mask_dict = {n: mk.clone() for n, mk in zip(chosen_names, mask)}
