@@ -15,7 +15,7 @@ from torch import nn
 import pointsparse as ps
 from pointsparse.models import MinkUNet, SPVCNN
 from pointsparse.prune import adapters, criteria, graph as G
-from prune_procedures_support import ResidualNet, sparse_input
+from prune_procedures_support import ResidualNet, region_chain, sparse_input
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -583,3 +583,20 @@ def test_group_takes_a_numpy_integer_index():
     for bad in (True, 0.0):
         with pytest.raises(ValueError, match="names no cuttable channel group"):
             graph.group(bad)
+
+
+def test_masked_channels_of_a_kernel_region_conv_look_inside_its_region():
+    """A kernel_region conv's channel whose weights (its region's) are all
+    zero is dead, whatever the offsets outside the region hold (never run):
+    nonzero values there kept it 'alive', so remove_masked left it in. The
+    cut model computes what the masked one computes."""
+    net, x = region_chain(0, 1e-3).eval(), sparse_input()
+    region = list(net[0].kernel_region)
+    with torch.no_grad():
+        net[0].weight[region, :, 1] = 0  # channel 1 is dead; the values outside its region are not
+    ref = net(x).feats
+    graph = G.DependencyGraph(net, x)
+    assert {k: v.tolist() for k, v in graph.masked_channels().items()} == {"0": [1]}
+    assert graph.remove_masked() == {"0": 1}
+    assert net[0].out_channels == 5 and net[2].in_channels == 5
+    assert torch.allclose(net(x).feats, ref, atol=1e-5, rtol=1e-5)

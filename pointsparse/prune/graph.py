@@ -294,7 +294,9 @@ class DependencyGraph:
 
     def masked_channels(self) -> dict[str, torch.Tensor]:
         """For each group, the channels whose every producer has an all-zero
-        weight (and bias) slice: masked or pruned to 0."""
+        weight (and bias) slice: masked or pruned to 0 (a weight's entries
+        that are weights of the layer: a ``kernel_region`` conv's region's,
+        its adapter's ``used_weights``)."""
         out = {}
         for g in self.groups:
             alive = torch.zeros(g.size, dtype=torch.bool)
@@ -306,6 +308,8 @@ class DependencyGraph:
                     t = _effective(module, tensor)
                     if t is None or "out" not in roles:
                         continue
+                    if tensor == "weight":  # (the values outside a kernel_region are never run)
+                        t = adapters.adapter_for(module).used_weights(module, t)
                     rows = t.detach().movedim(roles["out"], 0).reshape(t.shape[roles["out"]], -1)
                     nz = (rows[m.start:m.stop] != 0).any(1).reshape(-1, m.repeat).any(1)
                     alive[m.offset:m.offset + m.length] |= nz.cpu()
