@@ -129,6 +129,28 @@ def test_global_structured_offsets_count_a_kernel_region_conv_inside_its_region(
     assert bool(full.weight_mask.all())
 
 
+@pytest.mark.parametrize("outside", [0.0, 1e-3])
+@pytest.mark.parametrize("method", [
+    lambda m: prune.block_structured(m, "weight", 0.5, block_size=4),
+    lambda m: prune.panel_structured(m, "weight", 0.5),
+    lambda m: prune.stripe_structured(m, "weight", 0.5),
+    lambda m: prune.channel_structured(m, "weight", 0.5),
+], ids=["block", "panel", "stripe", "channel"])
+def test_group_methods_prune_a_kernel_region_conv_inside_its_region(method, outside):
+    """Blocks, engine vectors (panels) and stripes at the offsets outside a
+    'cross' conv's region (zeros or small values, never run) were groups,
+    the weakest ones: 0.5 pruned them and none of the conv's weights. They
+    are no groups now, and a channel's norm and mask leave them out too."""
+    conv = SparseConv(4, 16, kernel_size=3, kernel_region="cross")
+    rest = [k for k in range(27) if k not in conv.kernel_region]
+    with torch.no_grad():
+        conv.weight[rest] = outside * torch.rand(len(rest), 4, 16)
+    before = conv.weight.detach().clone()
+    method(conv)
+    assert prune.sparsity_report(conv)["layers"][""]["sparsity"] == pytest.approx(0.5)
+    assert bool(conv.weight_mask[rest].all()) and torch.equal(conv.weight.detach()[rest], before[rest])
+
+
 # ---------------------------------------------------------------- channel
 
 def test_output_and_input_channels_of_a_dense_conv():

@@ -15,8 +15,9 @@ bring a pruned entry back:
 * a group's score is ``||importance_scores * (mask != 0)||_n`` over its entries
   (already pruned entries count as zero);
 * ties are broken by ``torch.topk``;
-* :class:`KernelStructured` counts a ``kernel_region`` conv's weights only:
-  the offsets outside its region are neither scored, counted nor pruned.
+* the methods with a layout (all but :class:`VectorStructured`) count a
+  ``kernel_region`` conv's weights only: the offsets outside its region
+  are neither scored, counted nor pruned.
 
 Axis roles come from :mod:`pointsparse.prune.adapters`: the functional forms
 read them from the module (``Linear``, ``ConvNd``, ``pointsparse.nn.Conv3d``);
@@ -89,17 +90,29 @@ def select_weakest(norms: torch.Tensor, alive: torch.Tensor, k: int) -> torch.Te
 class GroupStructured(CopyableMethod):
     """Base of the group methods: a subclass defines :meth:`group_ids` (and a
     classmethod ``apply`` with its arguments); scoring, the choice of the
-    weakest alive groups and the mask are shared."""
+    weakest alive groups and the mask are shared.
+
+    ``region``: the kernel positions that are weights, a bool ``(K,)`` over
+    the layout's kernel positions (flattened), or None (all): a
+    ``kernel_region`` conv's offsets, which the ``apply`` of the methods
+    with a layout reads from the module. The entries outside are neither
+    scored nor pruned (they keep the mask they had) and a group of none but
+    them is no group (the amount counts the others)."""
 
     PRUNING_TYPE = "global"
 
-    def __init__(self, amount, n=2, layout: WeightLayout | None = None) -> None:
+    def __init__(self, amount, n=2, layout: WeightLayout | None = None, region=None) -> None:
         validate_amount(amount)
         validate_norm(n)
         check_layout(layout)
+        if region is not None and not (isinstance(region, torch.Tensor) and region.dtype == torch.bool
+                                       and region.dim() == 1):
+            raise TypeError(f"region must be a 1-D bool tensor (the kernel positions that are weights) or None; "
+                            f"got {region!r}")
         self.amount = amount
         self.n = n
         self.layout = layout
+        self.region = region
 
     def group_ids(self, shape: torch.Size, device) -> tuple[torch.Tensor, int]:
         """``(ids, groups)``: an int64 tensor of ``shape`` giving each entry's
@@ -107,10 +120,19 @@ class GroupStructured(CopyableMethod):
         raise NotImplementedError
 
     def used_entries(self, shape: torch.Size, device) -> torch.Tensor | None:
-        """A bool tensor of ``shape``: the entries that are weights (None:
-        all). The others are neither scored nor pruned, and a group of none
-        of them is no group (see :class:`KernelStructured`'s ``region``)."""
-        return None
+        """A bool tensor of ``shape``: the entries that are weights, those at
+        the ``region``'s kernel positions (None: all)."""
+        region = getattr(self, "region", None)  # (methods pickled before it existed have none)
+        if region is None:
+            return None
+
+        def inside(o, i, k, O, I, K):
+            if region.numel() != K:
+                raise ValueError(f"region has {region.numel()} kernel positions; the tensor of shape "
+                                 f"{tuple(shape)} has {K}")
+            return region.to(device)[k], 2
+
+        return self._oik_ids(shape, device, inside)[0]
 
     def compute_mask(self, t, default_mask):
         ids, groups = self.group_ids(t.shape, t.device)
@@ -182,24 +204,15 @@ class KernelStructured(GroupStructured):
       all (in, out) pairs: a sparse conv's whole offset ``W[k]`` (its gather
       and scatter disappear), a dense conv's ``W[:, :, ky, kx]``.
 
-    On a Linear (no kernel axes) a "pair" group is a single weight.
-
-    ``region``: the kernel positions that are weights, a bool ``(K,)`` over
-    the layout's kernel positions (flattened), or None (all): a
-    ``kernel_region`` conv's offsets, which :meth:`apply` reads from the
-    module. The positions outside are neither scored nor pruned and are no
-    offset groups (the amount counts the region's offsets)."""
+    On a Linear (no kernel axes) a "pair" group is a single weight. The
+    offsets outside a ``kernel_region`` conv's region are no offset groups
+    (see :class:`GroupStructured`'s ``region``)."""
 
     def __init__(self, amount, n=2, scope="pair", layout=None, region=None) -> None:
-        super().__init__(amount, n, layout)
+        super().__init__(amount, n, layout, region)
         if scope not in ("pair", "offset"):
             raise ValueError(f"scope must be 'pair' or 'offset'; got {scope!r}")
-        if region is not None and not (isinstance(region, torch.Tensor) and region.dtype == torch.bool
-                                       and region.dim() == 1):
-            raise TypeError(f"region must be a 1-D bool tensor (the kernel positions that are weights) or None; "
-                            f"got {region!r}")
         self.scope = scope
-        self.region = region
 
     def group_ids(self, shape, device):
         layout = self.layout if self.layout is not None else dense_layout(len(shape))
@@ -208,19 +221,6 @@ class KernelStructured(GroupStructured):
         if self.scope == "pair":
             return self._oik_ids(shape, device, lambda o, i, k, O, I, K: (o * I + i, O * I))
         return self._oik_ids(shape, device, lambda o, i, k, O, I, K: (k, K))
-
-    def used_entries(self, shape, device):
-        region = getattr(self, "region", None)  # (methods pickled before it existed have none)
-        if region is None:
-            return None
-
-        def inside(o, i, k, O, I, K):
-            if region.numel() != K:
-                raise ValueError(f"region has {region.numel()} kernel positions; the tensor of shape "
-                                 f"{tuple(shape)} has {K}")
-            return region.to(device)[k], 2
-
-        return self._oik_ids(shape, device, inside)[0]
 
     @classmethod
     def apply(cls, module, name, amount, n=2, scope="pair", layout=None, importance_scores=None):  # type: ignore[override]
@@ -245,8 +245,8 @@ class ChannelStructured(GroupStructured):
     channels (``axis="in"``) wherever the layout puts them: axis 0/1 of a torch
     conv or Linear, axis 2/1 of a sparse conv ``(K, C_in, C_out)``."""
 
-    def __init__(self, amount, n=2, axis="out", layout=None) -> None:
-        super().__init__(amount, n, layout)
+    def __init__(self, amount, n=2, axis="out", layout=None, region=None) -> None:
+        super().__init__(amount, n, layout, region)
         if axis not in ("out", "in"):
             raise ValueError(f"axis must be 'out' or 'in'; got {axis!r}")
         self.axis = axis
@@ -259,9 +259,9 @@ class ChannelStructured(GroupStructured):
     @classmethod
     def apply(cls, module, name, amount, n=2, axis="out", layout=None, importance_scores=None):  # type: ignore[override]
         layout = layout if layout is not None else layout_of(module, name)
-        return super().apply(
-            module, name, amount=amount, n=n, axis=axis, layout=layout, importance_scores=importance_scores
-        )
+        region = _used_kernel_positions(module, name, layout)
+        return super().apply(module, name, amount=amount, n=n, axis=axis, layout=layout, region=region,
+                             importance_scores=importance_scores)
 
 
 def _block_size(block_size) -> tuple[int, int]:
@@ -286,8 +286,8 @@ class BlockStructured(GroupStructured):
     smaller) and whole blocks are pruned. On a sparse conv the blocks tile each
     offset's GEMM matrix ``W[k]``; on a Linear, the weight itself."""
 
-    def __init__(self, amount, block_size=4, n=2, layout=None) -> None:
-        super().__init__(amount, n, layout)
+    def __init__(self, amount, block_size=4, n=2, layout=None, region=None) -> None:
+        super().__init__(amount, n, layout, region)
         self.block_size = _block_size(block_size)
 
     def group_ids(self, shape, device):
@@ -302,10 +302,9 @@ class BlockStructured(GroupStructured):
     @classmethod
     def apply(cls, module, name, amount, block_size=4, n=2, layout=None, importance_scores=None):  # type: ignore[override]
         layout = layout if layout is not None else layout_of(module, name)
-        return super().apply(
-            module, name, amount=amount, block_size=block_size, n=n, layout=layout,
-            importance_scores=importance_scores,
-        )
+        region = _used_kernel_positions(module, name, layout)
+        return super().apply(module, name, amount=amount, block_size=block_size, n=n, layout=layout, region=region,
+                             importance_scores=importance_scores)
 
 
 class StripeStructured(GroupStructured):
@@ -323,7 +322,9 @@ class StripeStructured(GroupStructured):
     @classmethod
     def apply(cls, module, name, amount, n=2, layout=None, importance_scores=None):  # type: ignore[override]
         layout = layout if layout is not None else layout_of(module, name)
-        return super().apply(module, name, amount=amount, n=n, layout=layout, importance_scores=importance_scores)
+        region = _used_kernel_positions(module, name, layout)
+        return super().apply(module, name, amount=amount, n=n, layout=layout, region=region,
+                             importance_scores=importance_scores)
 
 
 def vector_structured(module, name, amount, axis=-1, n=2, importance_scores=None):
@@ -445,7 +446,8 @@ def global_structured(parameters, pruning_method, amount, importance_scores=None
     for module, name in parameters:
         layout = kwargs.get("layout") or _layout_or_none(pruning_method, module, name)
         own = {"layout": layout} if layout else {}
-        if issubclass(pruning_method, KernelStructured) and layout:  # (as its apply reads it)
+        if layout and issubclass(pruning_method, (KernelStructured, ChannelStructured, BlockStructured,
+                                                  StripeStructured)):  # (as their apply reads it)
             own["region"] = _used_kernel_positions(module, name, layout)
         method = pruning_method(0, **{**kwargs, **own})
         weight = getattr(module, name + "_orig", None)
