@@ -197,8 +197,9 @@ def segment_reduce_backward(grad, inverse, seg_ptr, arg, mode: int, num_rows: in
     if mode in (0, 1):
         g = grad[inverse]
         if mode == 1:
-            counts = (seg_ptr[1:] - seg_ptr[:-1]).to(grad.dtype)
-            g = g / counts[inverse][:, None]
+            # (the counts in float32 at least: float16 holds no count past 65504, bfloat16 rounds them past 256)
+            counts = (seg_ptr[1:] - seg_ptr[:-1]).to(torch.promote_types(grad.dtype, torch.float32))
+            g = (g / counts[inverse][:, None]).to(grad.dtype)
         return g
     g = grad.new_zeros((num_rows, grad.shape[1]))
     if mode == 3:
@@ -251,10 +252,12 @@ def _segment_reduce_torch(feats, inverse, perm, seg_ptr, mode):
     c = feats.shape[1]
     idx = inverse[:, None].expand(-1, c)
     if mode in (0, 1):
-        out = feats.new_zeros((m, c)).index_add_(0, inverse, feats)
+        # float16 and bfloat16 summed in float32 (float16 made 2000 points of 100 inf, and their mean too)
+        wide = torch.promote_types(feats.dtype, torch.float32)
+        out = feats.new_zeros((m, c), dtype=wide).index_add_(0, inverse, feats.to(wide))
         if mode == 1:
-            out = out / (seg_ptr[1:] - seg_ptr[:-1]).to(feats.dtype)[:, None]
-        return out, feats.new_zeros(0, dtype=torch.int64)
+            out = out / (seg_ptr[1:] - seg_ptr[:-1]).to(wide)[:, None]
+        return out.to(feats.dtype), feats.new_zeros(0, dtype=torch.int64)
     if mode == 3:
         first = perm[seg_ptr[:-1]]
         return feats[first], first

@@ -635,3 +635,26 @@ def test_non_finite_points_are_refused_naming_the_row_on_every_path(dtype, bad):
     for backend in ("auto", "torch"):
         with ps.backend(backend), pytest.raises(ValueError, match=r"points row 4"):
             ps.voxelize(points, voxel_size=0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_half_precision_feats_sum_and_mean_accumulate_in_float32(dtype, backend):
+    """float16 summed 2000 features of 100 into inf (its largest is 65504),
+    so their mean was inf too, and bfloat16 rounded every partial sum; the
+    gradient of a mean over more points than float16 counts was 0."""
+    n = 70_000
+    points = torch.zeros(n, 3)
+    feats = torch.full((n, 2), 100.0, dtype=dtype)
+    feats[:, 1] = torch.linspace(0, 1, n, dtype=torch.float64).to(dtype)
+    wide = feats.double()
+    with ps.backend(backend):
+        for reduce, want in (("mean", wide.mean(0, keepdim=True)), ("sum", wide.sum(0, keepdim=True))):
+            f = feats.clone().requires_grad_()
+            x, _ = ps.voxelize(points, f, voxel_size=1.0, reduce=reduce)
+            assert x.feats.dtype == dtype
+            # (within the rounding of the result to its dtype; float16's sum of the 100s is inf)
+            torch.testing.assert_close(x.feats, want.to(dtype), rtol=2 ** -7, atol=0, msg=reduce)
+            x.feats.sum().backward()
+            grad = torch.tensor(1.0 / n if reduce == "mean" else 1.0).to(dtype)
+            assert torch.equal(f.grad, torch.full_like(f, grad)), (reduce, f.grad[:2])
