@@ -1292,6 +1292,22 @@ def test_augment_checks_its_arguments():
     assert np.array_equal(augment(s, rng(4), jitter=False).xyz, augment(s, rng(4), jitter=0.0).xyz)
 
 
+def test_augment_scales_by_the_checked_bounds_of_any_iterable():
+    """A scale given as an iterator was read up by the check, and the draw
+    then took numpy's default [0, 1): a cloud shrunk by any factor below 1
+    (the bounds were checked, not used); a tensor needing grad was a
+    RuntimeError of numpy."""
+    s = Sample(np.random.default_rng(0).random((20, 3)) * 10, np.arange(20), name="s")
+    off = dict(rotate=False, flip=False, jitter=0.0)
+    for scale in (iter([2.0, 2.0]), (v for v in (2.0, 2.0)), torch.tensor([2.0, 2.0], requires_grad=True)):
+        a = augment(s, np.random.default_rng(0), scale=scale, **off)
+        assert np.array_equal(a.xyz, s.xyz * np.float32(2.0)), scale
+    # (the same draws as before for a tuple)
+    a = augment(s, np.random.default_rng(3), scale=(0.9, 1.1))
+    b = augment(s, np.random.default_rng(3), scale=iter((0.9, 1.1)))
+    assert np.array_equal(a.xyz, b.xyz)
+
+
 def test_majority_labels():
     inverse = np.array([0, 0, 0, 1, 1, 2, 2, 3])
     labels = np.array([2, 5, 5, 7, 255, 3, 1, 255])

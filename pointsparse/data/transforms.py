@@ -68,7 +68,7 @@ def augment(sample: Sample, rng: np.random.Generator, rotate: bool = True, scale
     if flip:
         m = np.diag([rng.choice([-1.0, 1.0]), rng.choice([-1.0, 1.0]), 1.0]) @ m
     if scale is not None:
-        m = m * rng.uniform(*scale)
+        m = m * rng.uniform(low, high)  # (the checked bounds: an iterator given was read up by the check)
     xyz = xyz @ m.T
     if jitter:
         xyz = xyz + rng.normal(0, jitter, xyz.shape)
