@@ -126,6 +126,18 @@ def test_scene_seeds_and_ray_fans_are_checked_first():
         indoor_scene(0, density=True)
 
 
+def test_scene_seeds_as_0d_tensors_are_their_ints():
+    """as_int took a 0-d integer tensor as the seed, but the scene seeded
+    numpy with the tensor itself: numpy's "SeedSequence expects int" error,
+    naming no seed (and the name would have read "tensor(2)")."""
+    for make, kind in ((lambda seed: outdoor_scene(seed, **SMALL), "outdoor"),
+                       (lambda seed: indoor_scene(seed, density=10.0), "indoor")):
+        a, b = make(torch.tensor(2)), make(2)
+        assert np.array_equal(a.xyz, b.xyz) and np.array_equal(a.labels, b.labels)
+        assert a.name == b.name == f"generated-{kind}-2"
+        assert make(np.int64(2)).name == f"generated-{kind}-2"
+
+
 def test_indoor_scene_classes_and_colour():
     s = indoor_scene(1)
     assert s.rgb.shape == (len(s), 3) and 0 <= s.rgb.min() and s.rgb.max() <= 1

@@ -308,7 +308,8 @@ def outdoor_scene(seed: int = 0, beams: int = 64, azimuth_steps: int = 1024, max
     ``azimuth_steps`` 1..65536, ``max_range`` in (0, MAX_RANGE] metres,
     ``range_noise`` (the sigma of the noise on each range, metres) finite
     in [0, max_range] (numbers, not bools)."""
-    as_int(seed, "seed", 0)  # (None drew a different scene each call; numpy's errors did not name it)
+    # (None drew a different scene each call; numpy's errors did not name it, nor took a 0-d tensor as_int takes)
+    seed = as_int(seed, "seed", 0)
     _check_scene_args(beams=beams, azimuth_steps=azimuth_steps, max_range=max_range, range_noise=range_noise)
     rng = np.random.default_rng(seed)
     # The street is laid out in its own frame and turned by a multiple of 90
@@ -401,7 +402,8 @@ def indoor_scene(seed: int = 0, density: float = 400.0) -> Sample:
     shelf. Features: RGB colour in 0..1 (one colour per object, noisy).
     ``density`` (points per square metre) is in (0, 100000]; ``seed`` an
     int >= 0."""
-    as_int(seed, "seed", 0)  # (None drew a different scene each call; numpy's errors did not name it)
+    # (None drew a different scene each call; numpy's errors did not name it, nor took a 0-d tensor as_int takes)
+    seed = as_int(seed, "seed", 0)
     _check_density(density)
     rng = np.random.default_rng(seed)
     w, d, h = rng.uniform(4, 9), rng.uniform(4, 8), rng.uniform(2.5, 3.2)
