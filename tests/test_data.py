@@ -416,6 +416,21 @@ def test_ignore_index_is_checked_and_named(tmp_path):
     assert s.labels[lab == 0].tolist() == [-100] * int((lab == 0).sum())
 
 
+def test_cloud_files_check_ignore_index_up_front(tmp_path):
+    """CloudFiles kept any ignore_index as given: "7" or 1.5 failed only at
+    the first cloud read (deep in a training loop or a loader's worker),
+    and a numpy integer stayed one."""
+    xyz, lab = _cloud(6)
+    np.savez(tmp_path / "t.npz", xyz=xyz, labels=lab)
+    for bad, error in ((1.5, TypeError), (True, TypeError), ("7", TypeError), (None, TypeError),
+                       (2**70, ValueError)):
+        with pytest.raises(error, match="ignore_index must"):
+            CloudFiles([str(tmp_path / "t.npz")], ignore_index=bad)
+    files = CloudFiles([str(tmp_path / "t.npz")], ignore_index=np.int32(-100))
+    assert type(files.ignore_index) is int and files.ignore_index == -100
+    assert np.array_equal(files[0].labels, lab)
+
+
 def test_numpy_readers(tmp_path):
     xyz, lab = _cloud()
     np.savez(tmp_path / "tile.npz", xyz=xyz, origin=np.array([6e5, 6e6, 100.0]),

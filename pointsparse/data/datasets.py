@@ -77,6 +77,7 @@ class CloudFiles(Sequence[Sample]):
     :func:`~pointsparse.data.readers.find_clouds`), read on first use and kept."""
 
     def __init__(self, specs, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> None:
+        ignore_index = _ignore_index(ignore_index)  # (here, not at the first cloud read in a loader's worker)
         self.paths = find_clouds(specs)
         if not self.paths:
             raise ValueError(f"no point clouds found in {specs!r}")
