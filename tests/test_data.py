@@ -431,6 +431,29 @@ def test_cloud_files_check_ignore_index_up_front(tmp_path):
     assert np.array_equal(files[0].labels, lab)
 
 
+def test_cloud_files_index_like_the_other_samples(tmp_path):
+    """CloudFiles indexed a range: True was item 1, a slice failed as "list
+    indices must be integers or slices, not range", 1.0 named no index; and
+    a 0-d integer tensor (an item of torch.randperm) indexed CloudFiles but
+    was refused by GeneratedScenes and VoxelDataset."""
+    xyz, lab = _cloud(6)
+    for i in range(2):
+        np.savez(tmp_path / f"t{i}.npz", xyz=xyz + i, labels=lab)
+    files = CloudFiles([str(tmp_path)])
+    for bad in (True, np.bool_(False), 1.0, "0", slice(0, 1), None, torch.tensor(1.0), torch.tensor([1])):
+        with pytest.raises(TypeError, match="index must be an int"):
+            files[bad]
+    for bad in (2, -3):
+        with pytest.raises(IndexError, match="out of range for 2 samples"):
+            files[bad]
+    assert files[np.int64(-1)] is files[1] and files[torch.tensor(1)] is files[1]
+    assert np.array_equal(files[1].xyz, xyz + 1)
+    scenes = GeneratedScenes("indoor", 2, density=10.0)
+    assert scenes[torch.tensor(-1)] is scenes[1]
+    ds = VoxelDataset(files, 0.5)
+    assert torch.equal(ds[torch.tensor(1, dtype=torch.int32)].coords, ds[1].coords)
+
+
 def test_numpy_readers(tmp_path):
     xyz, lab = _cloud()
     np.savez(tmp_path / "tile.npz", xyz=xyz, origin=np.array([6e5, 6e6, 100.0]),

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..tensor import as_bool, as_int
+from ..tensor import _index, as_bool, as_int
 from . import generated
 from .readers import DEFAULT_IGNORE, LabelMap, _ignore_index, find_clouds, load_label_map, read_cloud
 from .sample import Sample
@@ -26,14 +26,16 @@ VALIDATION_SEED = 1_000_000
 
 
 def _item(index, count: int) -> int:
-    """``index`` of a sequence of ``count`` items as an int in [0, count)
-    (negative ones from the end); TypeError for a non-integer, IndexError
-    out of range."""
-    if isinstance(index, (bool, np.bool_)) or not isinstance(index, numbers.Integral):
-        raise TypeError(f"index must be an int; got {type(index).__name__} {index!r:.40}")
+    """``index`` of a sequence of ``count`` items (an int, a numpy integer or
+    a 0-d integer tensor) as an int in [0, count) (negative ones from the
+    end); TypeError for a non-integer, IndexError out of range."""
+    try:
+        index = _index(index)  # (not bool; numpy's bool is no index either)
+    except TypeError:
+        raise TypeError(f"index must be an int; got {type(index).__name__} {index!r:.40}") from None
     if not -count <= index < count:
         raise IndexError(f"index {index} out of range for {count} samples")
-    return int(index) % count
+    return index % count
 
 
 class GeneratedScenes(Sequence[Sample]):
@@ -94,7 +96,7 @@ class CloudFiles(Sequence[Sample]):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Sample:
-        index = range(len(self.paths))[index]
+        index = _item(index, len(self.paths))  # (a range took True for 1 and failed on a slice)
         if index not in self._cache:
             self._cache[index] = read_cloud(self.paths[index], self.label_map, self.ignore_index)
         return self._cache[index]
