@@ -117,9 +117,10 @@ def _check_batch(batch, n: int, device) -> torch.Tensor | None:
         raise ValueError(f"batch must be (N,) with N = {n} points; got shape {tuple(batch.shape)}")
     if batch.device != device:
         raise ValueError(f"batch is on {batch.device} but points on {device}")
+    batch = batch.long()  # (torch has no min of uint16/32/64; a uint64 past int64 turns negative, refused)
     if n and not torch.compiler.is_compiling() and (int(batch.min()) < 0 or int(batch.max()) > _coords.BATCH_MAX):
         raise ValueError(f"batch indices must lie in [0, {_coords.BATCH_MAX}]")
-    return batch.long()
+    return batch
 
 
 def _quantize_torch(points, vs, batch):
@@ -358,6 +359,7 @@ def devoxelize(tensor: SparseTensor, inverse: torch.Tensor | None = None, *, poi
                    else type(inverse).__name__)
             raise TypeError("devoxelize(mode='nearest') needs inverse: the (N,) integer map returned by voxelize "
                             f"(a bool mask is no row map); got {got}")
+        inverse = inverse.long()  # (as batch in _check_batch: uint16/32/64 have no min)
         if inverse.numel() and not torch.compiler.is_compiling() and (
                 int(inverse.min()) < 0 or int(inverse.max()) >= len(tensor)):
             raise ValueError(f"inverse holds rows outside [0, {len(tensor)})")

@@ -658,3 +658,26 @@ def test_half_precision_feats_sum_and_mean_accumulate_in_float32(dtype, backend)
             x.feats.sum().backward()
             grad = torch.tensor(1.0 / n if reduce == "mean" else 1.0).to(dtype)
             assert torch.equal(f.grad, torch.full_like(f, grad)), (reduce, f.grad[:2])
+
+
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64])
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_unsigned_batch_and_inverse_are_integers_like_the_others(dtype, backend):
+    """uint16/32/64 batch indices or inverse maps (torch.from_numpy of numpy's
+    unsigned arrays) were NotImplementedError "min_all" from the range check;
+    a uint64 past int64 is out of range, named."""
+    points, feats, batch = cloud(300, seed=3, batches=3)
+    with ps.backend(backend):
+        x, inverse = ps.voxelize(points, feats, voxel_size=0.5, batch=batch)
+        y, u_inverse = ps.voxelize(points, feats, voxel_size=0.5, batch=batch.to(dtype))
+        assert torch.equal(x.coords, y.coords) and torch.equal(x.feats, y.feats) and torch.equal(inverse, u_inverse)
+        assert torch.equal(ps.devoxelize(x, inverse.to(dtype)), ps.devoxelize(x, inverse))
+        tri = ps.devoxelize(x, points=points, voxel_size=0.5, batch=batch, mode="trilinear")
+        assert torch.equal(ps.devoxelize(x, points=points, voxel_size=0.5, batch=batch.to(dtype), mode="trilinear"),
+                           tri)
+        if dtype == torch.uint64:
+            far = torch.full((300,), 2**63, dtype=dtype)
+            with pytest.raises(ValueError, match="batch indices must lie in"):
+                ps.voxelize(points, feats, voxel_size=0.5, batch=far)
+            with pytest.raises(ValueError, match="inverse holds rows outside"):
+                ps.devoxelize(x, far)
