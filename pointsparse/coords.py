@@ -71,6 +71,10 @@ class KeyLayout:
         lo, hi, margin = _ints(lo, "lo", 4), _ints(hi, "hi", 4), _ints(margin, "margin", 3)
         if lo[0] < 0:
             raise ValueError(f"batch indices must be >= 0; the smallest is {lo[0]}")
+        # (as the core's fit_layout: a reversed axis made a layout of the bits of a negative span)
+        if any(not COORD_MIN <= v <= COORD_MAX for v in lo + hi) or any(a > b for a, b in zip(lo, hi)):
+            raise ValueError(f"KeyLayout.fit: lo and hi must be int32 bounds with lo <= hi on every field "
+                             f"[batch, x, y, z]; got lo {lo}, hi {hi}")
         if any(m < 0 or m > 2**32 for m in margin):
             raise ValueError(f"key margin must lie in [0, 2^32]; got {margin}")
         layout = cls._widened(lo, hi, margin)

@@ -89,6 +89,23 @@ def test_layout_fit_refuses_a_wrong_count():
 
 
 @pytest.mark.parametrize("lo, hi", [
+    ([0, 5, 0, 0], [0, 0, 0, 0]),  # x from 5 to 0: a layout of x in [5, 12] (the bits of -5)
+    ([0, 0, 0, 9], [0, 0, 0, -9]),
+    ([2, 0, 0, 0], [1, 0, 0, 0]),  # batch from 2 to 1: the core's "no rows", a layout here
+    ([0, -2**40, 0, 0], [0, 0, 0, 0]),  # an origin no int32 coordinate has
+    ([0, 0, 0, 0], [0, 0, INT32_MAX + 1, 0]),
+    ([0, 0, 0, 0], [INT32_MAX + 1, 0, 0, 0]),
+])
+def test_layout_fit_refuses_reversed_or_non_int32_bounds(lo, hi):
+    """KeyLayout.fit made a layout of bounds the core's fit_layout refuses."""
+    with pytest.raises(ValueError, match=r"KeyLayout.fit: lo and hi must be int32 bounds with lo <= hi"):
+        C.KeyLayout.fit(lo, hi)
+    if lo[0] <= hi[0]:  # (the core takes a reversed batch for no rows)
+        with pytest.raises(ValueError, match="lo <= hi"):
+            _ext.core.fit_layout(lo, hi, [0, 0, 0])
+
+
+@pytest.mark.parametrize("lo, hi", [
     ([0, INT32_MIN, 0, 0], [INT32_MAX, INT32_MAX, 1, 0]),  # 31 + 32 + 1 = 64 bits
     ([0, INT32_MIN, INT32_MIN, 0], [0, INT32_MAX, INT32_MAX, 0]),  # 32 + 32
     ([0, 0, INT32_MIN, INT32_MIN], [1, 0, INT32_MAX, -1]),  # 1 + 32 + 31
