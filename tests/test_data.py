@@ -156,6 +156,28 @@ def test_generated_scenes_sequence():
         GeneratedScenes("forest")
 
 
+def test_generated_scenes_and_voxel_datasets_refuse_what_fails_later():
+    """A count past sys.maxsize made len() overflow; numpy numbers among the
+    scene arguments were kept as numpy's (json.dumps of them failed); a
+    VoxelDataset over an int failed at len() inside the DataLoader, over a
+    list holding something else than Samples with an AttributeError."""
+    import sys
+
+    with pytest.raises(ValueError, match="count must be a positive int"):
+        GeneratedScenes("outdoor", sys.maxsize + 1)
+    scenes = GeneratedScenes("outdoor", 2, beams=np.int64(16), azimuth_steps=np.int32(256), max_range=np.float64(25))
+    assert json.loads(json.dumps(scenes.scene_kwargs)) == SMALL
+    assert all(type(v) in (int, float) for v in scenes.scene_kwargs.values())
+    assert np.array_equal(scenes[0].xyz, outdoor_scene(0, **SMALL).xyz)
+    for bad in (5, "scenes"):
+        with pytest.raises(TypeError, match="source must be a sequence of Samples"):
+            VoxelDataset(bad, 0.1)
+    ds = VoxelDataset([scenes[0], "not a sample"], 0.5)
+    assert len(ds[0].input) > 0
+    with pytest.raises(TypeError, match=r"source\[1\] must be a Sample; got str"):
+        ds[1]
+
+
 def test_generated_scenes_check_their_arguments_up_front():
     """beams=0 or an unknown keyword failed only at the first scene drawn, a
     negative first_seed there as numpy's error; an index of 1.0 reached the

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import numbers
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -45,8 +46,9 @@ class GeneratedScenes(Sequence[Sample]):
     def __init__(self, kind: str = "outdoor", count: int = 16, first_seed: int = 0, **scene_kwargs) -> None:
         if kind not in ("outdoor", "indoor"):
             raise ValueError(f"kind must be 'outdoor' or 'indoor'; got {kind!r}")
-        if isinstance(count, (bool, np.bool_)) or not isinstance(count, numbers.Integral) or count < 1:
-            raise ValueError(f"count must be a positive int; got {count!r}")
+        if isinstance(count, (bool, np.bool_)) or not isinstance(count, numbers.Integral) or not \
+                1 <= count <= sys.maxsize:  # (past sys.maxsize len() overflows)
+            raise ValueError(f"count must be a positive int (at most {sys.maxsize}); got {count!r}")
         count, first_seed = int(count), as_int(first_seed, "first_seed", 0)
         # The scene arguments checked here, not at the first scene drawn
         # (deep in a training loop or a loader's worker).
@@ -55,6 +57,9 @@ class GeneratedScenes(Sequence[Sample]):
             inspect.signature(make).bind(first_seed, **scene_kwargs)
         except TypeError as exc:
             raise TypeError(f"{kind} scenes take {list(inspect.signature(make).parameters)[1:]}: {exc}") from None
+        # numpy numbers as Python's (kept in the run's arguments: JSON and
+        # every later check take Python numbers)
+        scene_kwargs = {k: v.item() if isinstance(v, np.generic) else v for k, v in scene_kwargs.items()}
         if kind == "outdoor":
             generated._check_scene_args(**scene_kwargs)
         elif "density" in scene_kwargs:
@@ -108,6 +113,10 @@ class VoxelDataset(torch.utils.data.Dataset):
     def __init__(self, source: Sequence[Sample], voxel_size: float, ignore_index: int = DEFAULT_IGNORE,
                  train: bool = False, seed: int = 0) -> None:
         voxel_size, ignore_index = check_voxel_size(voxel_size), _ignore_index(ignore_index)
+        if not (hasattr(type(source), "__len__") and hasattr(type(source), "__getitem__")) or \
+                isinstance(source, (str, bytes)):  # (an int failed at len(), in the DataLoader)
+            raise TypeError(f"source must be a sequence of Samples (GeneratedScenes, CloudFiles, a list); got "
+                            f"{type(source).__name__}")
         train = as_bool(train, "train")  # ("no" augmented every item)
         self.source, self.voxel_size, self.ignore_index = source, voxel_size, ignore_index
         self.train, self.seed, self.epoch = train, as_int(seed, "seed", 0), 0
@@ -123,6 +132,8 @@ class VoxelDataset(torch.utils.data.Dataset):
         # index (numpy refused a negative one, and ds[-1] must be ds[n - 1]).
         index = _item(index, len(self))
         sample = self.source[index]
+        if not isinstance(sample, Sample):  # (an AttributeError inside augment or voxelize_sample)
+            raise TypeError(f"source[{index}] must be a Sample; got {type(sample).__name__}")
         if self.train:
             sample = augment(sample, np.random.default_rng([self.seed, self.epoch, index]))
         return voxelize_sample(sample, self.voxel_size, self.ignore_index)
