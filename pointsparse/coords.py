@@ -227,13 +227,18 @@ def unpack(keys: torch.Tensor, layout: KeyLayout) -> torch.Tensor:
 
 
 def unpack_torch(keys: torch.Tensor, layout: KeyLayout) -> torch.Tensor:
-    """Same as :func:`unpack` from torch ops (any device)."""
+    """Same as :func:`unpack` from torch ops (any device); ValueError, as
+    the core's, for keys that are no keys of ``layout`` (negative, or past
+    its bits) or whose coordinates pass int32."""
     keys = keys.long()
     sb, sx, sy, _ = layout.shifts
     fields = [keys >> sb]
     for a, s in enumerate((sx, sy, 0)):
         fields.append(((keys >> s) & ((1 << layout.bits[a + 1]) - 1)) + layout.origin[a])
-    return torch.stack(fields, dim=1).to(torch.int32)
+    out = torch.stack(fields, dim=1)
+    if keys.numel() and bool(((keys >> sum(layout.bits)) != 0).any() | (out < -2**31).any() | (out >= 2**31).any()):
+        raise ValueError(f"keys must be keys of the layout ({layout}) of int32 coordinates")
+    return out.to(torch.int32)
 
 
 def unique(keys: torch.Tensor):

@@ -165,6 +165,20 @@ def test_unpack_roundtrip(regime):
     assert torch.equal(C.unpack_torch(keys, layout), coords)
 
 
+def test_unpack_torch_refuses_keys_outside_the_layout_as_the_core():
+    """unpack_torch gave rows of nonsense for a negative key or one past the
+    layout's bits, where the core's unpack refuses them; both refuse now."""
+    coords = torch.tensor([[0, 1, 2, 3], [1, -4, 5, 6]], dtype=torch.int32)
+    layout = C.KeyLayout.of(coords)
+    keys = C.pack(coords, layout)
+    assert torch.equal(C.unpack_torch(keys, layout), coords)
+    for bad in (torch.tensor([-1]), torch.tensor([1 << sum(layout.bits)]), keys.max()[None] * 2 + 2**40):
+        with pytest.raises(ValueError, match="keys must be keys of the layout"):
+            C.unpack_torch(bad, layout)
+        with pytest.raises(ValueError, match="keys must be keys of the layout"):
+            C.unpack(bad, layout)  # (the core's where it serves)
+
+
 def test_full_63_bit_layout_round_trips_and_sorts():
     coords = torch.tensor([[INT32_MAX, INT32_MAX, 5, 5], [0, INT32_MIN, 5, 5], [INT32_MAX, INT32_MIN, 5, 5],
                            [3, 0, 5, 5], [0, INT32_MAX, 5, 5]], dtype=torch.int32)
