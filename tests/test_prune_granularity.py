@@ -52,6 +52,28 @@ def test_vector_kernel_rows_of_a_conv():
     assert torch.equal(module.weight_mask, expected)
 
 
+@pytest.mark.parametrize("axis", [-1, 0, 1])
+def test_vector_structured_prunes_a_kernel_region_conv_inside_its_region(axis):
+    """The vectors at the offsets outside a 'cross' conv's region (zeros,
+    never run) were the weakest: axis=-1 at 0.5 pruned them and none of the
+    region (0% sparse); a vector along the offsets (axis=0) zeroed its
+    entries outside too. Those entries are neither scored nor pruned now."""
+    conv = SparseConv(4, 16, kernel_size=3, kernel_region="cross")
+    rest = [k for k in range(27) if k not in conv.kernel_region]
+    with torch.no_grad():
+        conv.weight[rest] = 0.0
+    prune.vector_structured(conv, "weight", 0.5, axis=axis)
+    assert prune.sparsity_report(conv)["layers"][""]["sparsity"] == pytest.approx(0.5)
+    assert bool(conv.weight_mask[rest].all())
+    other = SparseConv(4, 16, kernel_size=3, kernel_region="cross")
+    full = sparse_conv(torch.ones(27, 4, 16), 3)
+    with torch.no_grad():
+        other.weight[rest] = 0.0
+    prune.global_structured([(other, "weight"), (full, "weight")], prune.VectorStructured, amount=0.25, axis=axis)
+    assert bool(other.weight_mask[rest].all())
+    assert not bool(other.weight_mask.all())  # (the region's small random values go before the ones)
+
+
 # ---------------------------------------------------------------- kernel
 
 def test_kernel_level_on_a_dense_conv():

@@ -15,9 +15,8 @@ bring a pruned entry back:
 * a group's score is ``||importance_scores * (mask != 0)||_n`` over its entries
   (already pruned entries count as zero);
 * ties are broken by ``torch.topk``;
-* the methods with a layout (all but :class:`VectorStructured`) count a
-  ``kernel_region`` conv's weights only: the offsets outside its region
-  are neither scored, counted nor pruned.
+* every method counts a ``kernel_region`` conv's weights only: the
+  offsets outside its region are neither scored, counted nor pruned.
 
 Axis roles come from :mod:`pointsparse.prune.adapters`: the functional forms
 read them from the module (``Linear``, ``ConvNd``, ``pointsparse.nn.Conv3d``);
@@ -94,10 +93,10 @@ class GroupStructured(CopyableMethod):
 
     ``region``: the kernel positions that are weights, a bool ``(K,)`` over
     the layout's kernel positions (flattened), or None (all): a
-    ``kernel_region`` conv's offsets, which the ``apply`` of the methods
-    with a layout reads from the module. The entries outside are neither
-    scored nor pruned (they keep the mask they had) and a group of none but
-    them is no group (the amount counts the others)."""
+    ``kernel_region`` conv's offsets, which each method's ``apply`` reads
+    from the module. The entries outside are neither scored nor pruned
+    (they keep the mask they had) and a group of none but them is no group
+    (the amount counts the others)."""
 
     PRUNING_TYPE = "global"
 
@@ -168,10 +167,15 @@ class VectorStructured(GroupStructured):
     """Prunes 1-D vectors along tensor axis ``axis``: the entries that share
     every index except the one along ``axis`` form a group. ``axis=-1`` on a
     Conv2d weight prunes kernel rows (vector-level sparsity); on a Linear
-    weight ``axis=1`` prunes whole rows (neurons), ``axis=0`` whole columns."""
+    weight ``axis=1`` prunes whole rows (neurons), ``axis=0`` whole columns.
 
-    def __init__(self, amount, axis=-1, n=2) -> None:
-        super().__init__(amount, n)
+    The vectors run along tensor axes whatever the layout; ``layout`` only
+    places the ``region`` (see :class:`GroupStructured`), which :meth:`apply`
+    reads from a ``kernel_region`` conv: a vector's entries outside it are
+    neither scored nor pruned, a vector of none but them is no vector."""
+
+    def __init__(self, amount, axis=-1, n=2, layout=None, region=None) -> None:
+        super().__init__(amount, n, layout, region)
         if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
             raise TypeError(f"axis must be an int; got {axis!r}")
         self.axis = int(axis)
@@ -191,7 +195,10 @@ class VectorStructured(GroupStructured):
 
     @classmethod
     def apply(cls, module, name, amount, axis=-1, n=2, importance_scores=None):  # type: ignore[override]
-        return super().apply(module, name, amount=amount, axis=axis, n=n, importance_scores=importance_scores)
+        layout = layout_of(module, name) if name == "weight" and is_layer(module) else None
+        region = _used_kernel_positions(module, name, layout) if layout is not None else None
+        return super().apply(module, name, amount=amount, axis=axis, n=n, region=region,
+                             layout=layout if region is not None else None, importance_scores=importance_scores)
 
 
 class KernelStructured(GroupStructured):
@@ -444,10 +451,10 @@ def global_structured(parameters, pruning_method, amount, importance_scores=None
         raise ValueError("parameters must name at least one (module, name) pair")
     norms_list, alive_list = [], []
     for module, name in parameters:
-        layout = kwargs.get("layout") or _layout_or_none(pruning_method, module, name)
+        layout = kwargs.get("layout") or _layout_or_none(module, name)
         own = {"layout": layout} if layout else {}
-        if layout and issubclass(pruning_method, (KernelStructured, ChannelStructured, BlockStructured,
-                                                  StripeStructured)):  # (as their apply reads it)
+        if layout and issubclass(pruning_method, (VectorStructured, KernelStructured, ChannelStructured,
+                                                  BlockStructured, StripeStructured)):  # (as their apply reads it)
             own["region"] = _used_kernel_positions(module, name, layout)
         method = pruning_method(0, **{**kwargs, **own})
         weight = getattr(module, name + "_orig", None)
@@ -476,9 +483,7 @@ def global_structured(parameters, pruning_method, amount, importance_scores=None
         pruning_method.apply(module, name, count, importance_scores=importance_scores.get((module, name)), **kwargs)
 
 
-def _layout_or_none(method, module, name):
-    if method is VectorStructured:
-        return None
+def _layout_or_none(module, name):
     try:
         return layout_of(module, name)
     except TypeError:
