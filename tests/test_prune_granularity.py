@@ -350,6 +350,37 @@ def test_patterns_of_offsets_on_a_sparse_conv():
     assert torch.equal(module.weight_mask[:, 0, 1], torch.tensor([0.0, 1.0, 1.0]))
 
 
+@pytest.mark.parametrize("outside", [0.0, 5.0])
+def test_patterns_of_a_kernel_region_conv_keep_offsets_inside_its_region(outside):
+    """Patterns were learned and chosen over all 27 offsets: large values
+    outside a 'cross' conv's region (never run) made every pattern keep
+    offsets outside and prune the whole region (100% sparse). A pattern's
+    offsets are the region's now, and the values outside keep their mask."""
+    torch.manual_seed(0)
+    conv = SparseConv(4, 8, kernel_size=3, kernel_region="cross")
+    region = list(conv.kernel_region)
+    rest = [k for k in range(27) if k not in region]
+    with torch.no_grad():
+        conv.weight[rest] = outside
+    before = conv.weight.detach().clone()
+    layout = prune.adapters.layout_of(conv)
+    inside = torch.zeros(27, dtype=torch.bool)
+    inside[region] = True
+    learned = prune.learn_patterns(conv.weight, num_patterns=4, pattern_size=3, layout=layout, region=inside)
+    assert not bool(learned[:, rest].any())
+    prune.pattern_structured(conv, "weight", num_patterns=4, pattern_size=3)
+    assert torch.equal(conv.weight_mask[region].sum(0), torch.full((4, 8), 3.0))
+    assert bool(conv.weight_mask[rest].all()) and torch.equal(conv.weight.detach()[rest], before[rest])
+    assert prune.sparsity_report(conv)["layers"][""]["sparsity"] == pytest.approx(4 / 7)
+    given = SparseConv(4, 8, kernel_size=3, kernel_region="cross")
+    prune.pattern_structured(given, "weight", patterns=[region[:3], region[3:6]])
+    assert torch.equal(given.weight_mask[region].sum(0), torch.full((4, 8), 3.0))
+    with pytest.raises(ValueError, match=r"patterns\[1\] keeps kernel positions \[0\] outside"):
+        prune.pattern_structured(given, "weight", patterns=[region[:2], [0, region[0]]])
+    with pytest.raises(ValueError, match="pattern_size=8 exceeds the 7 kernel positions"):
+        prune.pattern_structured(given, "weight", pattern_size=8)
+
+
 def test_pattern_bad_arguments():
     module = conv2d(torch.ones(1, 1, 2, 2))
     with pytest.raises(ValueError, match="outside"):

@@ -9,7 +9,11 @@ largest-magnitude positions form its preferred pattern, and the
 then takes the pattern that keeps the largest sum of squared importance (over
 its still-unpruned entries). Removing whole kernels (PatDNN's connectivity
 pruning) is :func:`pointsparse.prune.kernel_structured` with
-``scope="pair"``."""
+``scope="pair"``.
+
+A ``kernel_region`` conv's kernel positions are its region's: patterns are
+learned and chosen among them, and the values outside (never run) are
+neither scored nor pruned (they keep their mask)."""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import torch
 
 from ._copyable import CopyableMethod, _check_scores
 from .adapters import WeightLayout, check_layout, dense_layout, layout_of
+from .structured import _used_kernel_positions, check_region
 
 
 def _is_sequence(value) -> bool:
@@ -72,11 +77,15 @@ def as_patterns(patterns, kernel_volume: int) -> torch.Tensor:
     return out.clone()
 
 
-def learn_patterns(t: torch.Tensor, num_patterns: int = 8, pattern_size: int = 4, layout=None, mask=None):
+def learn_patterns(t: torch.Tensor, num_patterns: int = 8, pattern_size: int = 4, layout=None, mask=None,
+                   region=None):
     """The ``num_patterns`` most frequent top-``pattern_size`` position sets
     over the kernels of ``t`` (ties: the lexicographically larger 0/1 row
     first), as a bool tensor ``(P, K)``, P <= ``num_patterns``. Kernels that
-    ``mask`` prunes entirely do not vote."""
+    ``mask`` prunes entirely do not vote. ``region``: a bool ``(K,)``, the
+    kernel positions that are weights (a ``kernel_region`` conv's offsets;
+    None: all); patterns keep positions inside it only, and a kernel votes
+    when an entry inside it is unpruned."""
     layout = layout if layout is not None else dense_layout(t.dim())
     for label, value in (("num_patterns", num_patterns), ("pattern_size", pattern_size)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
@@ -86,11 +95,19 @@ def learn_patterns(t: torch.Tensor, num_patterns: int = 8, pattern_size: int = 4
         scores = scores * (mask != 0)
     oik = layout.to_oik(scores)
     kernel = oik.shape[2]
-    if pattern_size > kernel:
-        raise ValueError(f"pattern_size={pattern_size} exceeds the {kernel} kernel positions")
+    check_region(region, kernel)
+    inside = kernel if region is None else int(region.sum())
+    if pattern_size > inside:
+        raise ValueError(f"pattern_size={pattern_size} exceeds the {inside} kernel positions"
+                         + ("" if region is None else " of the region"))
     kernels = oik.reshape(-1, kernel)
-    if mask is not None:
-        kernels = kernels[layout.to_oik(mask).reshape(-1, kernel).ne(0).any(dim=1)]
+    alive = None if mask is None else layout.to_oik(mask).reshape(-1, kernel).ne(0)
+    if region is not None:
+        region = region.to(kernels.device)
+        kernels = torch.where(region, kernels, torch.full_like(kernels, -1))  # (below every |score|: never kept)
+        alive = region.expand_as(kernels) if alive is None else alive & region
+    if alive is not None:
+        kernels = kernels[alive.any(dim=1)]
     if kernels.shape[0] == 0:
         raise ValueError("no unpruned kernel to learn patterns from")
     preferred = torch.zeros_like(kernels, dtype=torch.bool)
@@ -105,16 +122,21 @@ def learn_patterns(t: torch.Tensor, num_patterns: int = 8, pattern_size: int = 4
 class PatternStructured(CopyableMethod):
     """Each kernel keeps the one pattern of ``patterns`` (bool ``(P, K)``)
     that retains the most squared importance among its alive entries;
-    entries outside the chosen pattern are pruned."""
+    entries outside the chosen pattern are pruned. ``region``: a bool
+    ``(K,)``, the kernel positions that are weights (None: all), which
+    :meth:`apply` reads from a ``kernel_region`` conv: the entries outside
+    are neither scored nor pruned (they keep the mask they had)."""
 
     PRUNING_TYPE = "global"
 
-    def __init__(self, patterns, layout: WeightLayout | None = None) -> None:
+    def __init__(self, patterns, layout: WeightLayout | None = None, region=None) -> None:
         if not isinstance(patterns, torch.Tensor) or patterns.dtype != torch.bool or patterns.dim() != 2:
             raise TypeError("patterns must be a bool tensor (P, K); build one with as_patterns()")
         check_layout(layout)
+        check_region(region)
         self.patterns = patterns
         self.layout = layout
+        self.region = region
 
     def compute_mask(self, t, default_mask):
         layout = self.layout if self.layout is not None else dense_layout(t.dim())
@@ -126,8 +148,14 @@ class PatternStructured(CopyableMethod):
                 f"of shape {tuple(t.shape)} have {energy.shape[2]}"
             )
         patterns = self.patterns.to(device=t.device)
+        region = getattr(self, "region", None)  # (methods pickled before it existed have none)
+        check_region(region, energy.shape[2])
+        if region is not None:
+            energy = energy * region.to(t.device)
         kept = energy @ patterns.to(torch.float64).T  # (O, I, P)
         chosen = patterns[kept.argmax(dim=2)]  # (O, I, K)
+        if region is not None:
+            chosen = chosen | ~region.to(t.device)  # (the entries outside keep their mask)
         keep = layout.from_oik(chosen, t.shape)
         return default_mask.clone(memory_format=torch.contiguous_format) * keep.to(default_mask.dtype)
 
@@ -142,14 +170,30 @@ class PatternStructured(CopyableMethod):
         weight = module._parameters.get(name + "_orig")
         weight = weight if weight is not None else getattr(module, name)
         kernel_volume = layout.to_oik(weight.detach()).shape[2]
+        region = _used_kernel_positions(module, name, layout)
         if patterns is None:
             source = importance_scores if importance_scores is not None else weight
             patterns = learn_patterns(
-                source, num_patterns, pattern_size, layout, mask=getattr(module, name + "_mask", None)
+                source, num_patterns, pattern_size, layout, mask=getattr(module, name + "_mask", None), region=region
             )
         else:
             patterns = as_patterns(patterns, kernel_volume)
-        return super().apply(module, name, patterns=patterns, layout=layout, importance_scores=importance_scores)
+            _check_inside(patterns, region)
+        return super().apply(module, name, patterns=patterns, layout=layout, region=region,
+                             importance_scores=importance_scores)
+
+
+def _check_inside(patterns: torch.Tensor, region) -> None:
+    """A given pattern keeps kernel positions inside ``region`` only (the
+    others are no weights): a ValueError naming the first that does not."""
+    if region is None:
+        return
+    for p, row in enumerate(patterns):
+        outside = (row & ~region.to(row.device)).nonzero().flatten().tolist()
+        if outside:
+            raise ValueError(f"patterns[{p}] keeps kernel positions {outside} outside the conv's kernel_region "
+                             f"{region.nonzero().flatten().tolist()} (never run); a pattern keeps positions "
+                             "inside it")
 
 
 def pattern_structured(

@@ -86,6 +86,19 @@ def select_weakest(norms: torch.Tensor, alive: torch.Tensor, k: int) -> torch.Te
     return chosen
 
 
+def check_region(region, kernel_volume: int | None = None) -> None:
+    """A method's ``region`` argument: None or a 1-D bool tensor (the kernel
+    positions that are weights), of ``kernel_volume`` entries when that is
+    given; a TypeError / ValueError naming it."""
+    if region is None:
+        return
+    if not (isinstance(region, torch.Tensor) and region.dtype == torch.bool and region.dim() == 1):
+        raise TypeError(f"region must be a 1-D bool tensor (the kernel positions that are weights) or None; "
+                        f"got {region!r}")
+    if kernel_volume is not None and region.numel() != kernel_volume:
+        raise ValueError(f"region has {region.numel()} kernel positions; the kernels have {kernel_volume}")
+
+
 class GroupStructured(CopyableMethod):
     """Base of the group methods: a subclass defines :meth:`group_ids` (and a
     classmethod ``apply`` with its arguments); scoring, the choice of the
@@ -104,10 +117,7 @@ class GroupStructured(CopyableMethod):
         validate_amount(amount)
         validate_norm(n)
         check_layout(layout)
-        if region is not None and not (isinstance(region, torch.Tensor) and region.dtype == torch.bool
-                                       and region.dim() == 1):
-            raise TypeError(f"region must be a 1-D bool tensor (the kernel positions that are weights) or None; "
-                            f"got {region!r}")
+        check_region(region)
         self.amount = amount
         self.n = n
         self.layout = layout
