@@ -458,6 +458,35 @@ def test_filter_skeleton_trains_and_prunes_stripes(kind):
     assert module.weight is original and not module._forward_pre_hooks
 
 
+def test_filter_skeleton_prunes_a_kernel_region_conv_inside_its_region():
+    """The skeleton's scales at the offsets outside a 'cross' conv's region
+    get no gradient but the L1 penalty's, which drives them to 0:
+    prune_stripes pruned those stripes, counted them (62 pruned where 2 of
+    the conv's 21 stripes were) and folded their scale into the values
+    outside. Those stripes are neither pruned, counted nor folded now."""
+    conv = SparseConv(2, 3, kernel_size=3, kernel_region="cross")
+    region = list(conv.kernel_region)
+    rest = [k for k in range(27) if k not in region]
+    with torch.no_grad():
+        conv.weight[rest] = 0.5
+    before = conv.weight.detach().clone()
+    skeleton = prune.attach_filter_skeleton(conv)
+    with torch.no_grad():
+        skeleton[rest] = 0.0
+        skeleton[region[:2], :, 0] = 0.001  # two weak stripes of the region
+        skeleton[region[2:]] = 2.0
+    assert prune.prune_stripes(conv, threshold=0.05) == 2
+    assert bool(conv.weight_mask[rest].all()) and torch.equal(conv.weight_orig.detach()[rest], before[rest])
+    assert int((conv.weight_mask[region] == 0).sum()) == 2 * 2  # two stripes of 2 input channels
+    torch.testing.assert_close(conv.weight_orig.detach()[region[2:]], 2.0 * before[region[2:]])
+    other = SparseConv(2, 3, kernel_size=3, kernel_region="cross")
+    kept = other.weight.detach().clone()
+    with torch.no_grad():
+        prune.attach_filter_skeleton(other)[rest] = 0.0
+    prune.detach_filter_skeleton(other, fold=True)
+    assert torch.equal(other.weight_orig.detach(), kept)
+
+
 def test_filter_skeleton_misuse_is_reported():
     module = nn.Conv2d(2, 2, 3)
     with pytest.raises(ValueError, match="needs kernel axes"):

@@ -15,7 +15,11 @@ pruned yet (``name_orig`` + ``name_mask``), then registers a forward pre-hook
 that sets ``module.name = name_orig * name_mask * skeleton``. Apply other
 pruning to the tensor before attaching or after :func:`prune_stripes`: a
 pruning method applied while a skeleton is attached would run after it and
-drop the scale, so the hook raises a ``RuntimeError`` if it sees one."""
+drop the scale, so the hook raises a ``RuntimeError`` if it sees one.
+
+A ``kernel_region`` conv's stripes are its region's: the scales at the
+offsets outside (which only the L1 penalty moves, to 0) are neither folded,
+pruned nor counted, and the values there keep their mask."""
 
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from torch.nn.utils import prune as _torch_prune
 
 from ..tensor import as_bool
 from ._copyable import CopyableMethod
-from .adapters import WeightLayout, layout_of
+from .adapters import WeightLayout, is_layer, layout_of, used_mask
 
 
 class FilterSkeleton:
@@ -108,12 +112,24 @@ def detach_filter_skeleton(module: nn.Module, name: str = "weight", fold: bool =
     key, hook = found
     skeleton = module._parameters[name + "_skeleton"].detach().clone()
     if fold:
+        used = _used_stripes(module, name, hook.layout)
         with torch.no_grad():
-            module._parameters[name + "_orig"].mul_(skeleton)
+            module._parameters[name + "_orig"].mul_(skeleton if used is None else
+                                                    torch.where(used, skeleton, torch.ones_like(skeleton)))
     del module._forward_pre_hooks[key]
     del module._parameters[name + "_skeleton"]
     setattr(module, name, getattr(module, name + "_orig") * getattr(module, name + "_mask"))
     return skeleton
+
+
+def _used_stripes(module: nn.Module, name: str, layout: WeightLayout) -> torch.Tensor | None:
+    """The stripes of ``module.name`` that hold weights of the layer, a bool
+    of the skeleton's shape (:func:`.adapters.used_mask`: a ``kernel_region``
+    conv's offsets inside its region), or None when all do."""
+    if name != "weight" or not is_layer(module):
+        return None
+    used = used_mask(module)
+    return None if bool(used.all()) else used.any(dim=layout.in_axis, keepdim=True)
 
 
 def _check_threshold(threshold) -> None:
@@ -126,28 +142,40 @@ def _check_threshold(threshold) -> None:
 
 class StripeFromSkeleton(CopyableMethod):
     """Prunes the stripes whose skeleton scale has ``|scale| < threshold``
-    (``skeleton`` broadcastable to the weight)."""
+    (``skeleton`` broadcastable to the weight). ``used``: a bool tensor
+    broadcastable to the weight, the entries that are weights (None: all);
+    the others keep the mask they had."""
 
     PRUNING_TYPE = "global"
 
-    def __init__(self, skeleton: torch.Tensor, threshold: float) -> None:
+    def __init__(self, skeleton: torch.Tensor, threshold: float, used: torch.Tensor | None = None) -> None:
         _check_threshold(threshold)
+        if used is not None and not (isinstance(used, torch.Tensor) and used.dtype == torch.bool):
+            raise TypeError(f"used must be a bool tensor (the entries that are weights) or None; got {used!r}")
         self.skeleton = skeleton
         self.threshold = float(threshold)
+        self.used = used
 
     def compute_mask(self, t, default_mask):
         keep = (self.skeleton.abs() >= self.threshold).to(device=t.device)
+        used = getattr(self, "used", None)  # (methods pickled before it existed have none)
+        if used is not None:
+            keep = keep | ~used.to(t.device)
         return default_mask.clone(memory_format=torch.contiguous_format) * keep.expand_as(t).to(default_mask.dtype)
 
 
 def prune_stripes(module: nn.Module, name: str = "weight", threshold: float = 0.05) -> int:
     """Fold the skeleton of ``module.name`` into the weight, remove it, and
     prune the stripes whose scale has ``|scale| < threshold``. Returns the
-    number of stripes pruned (newly or before)."""
+    number of stripes pruned (newly or before); a ``kernel_region`` conv's
+    are its region's."""
     _check_threshold(threshold)
+    found = _find(module, name)
+    used = None if found is None else _used_stripes(module, name, found[1].layout)
     skeleton = detach_filter_skeleton(module, name, fold=True)
-    StripeFromSkeleton.apply(module, name, skeleton=skeleton, threshold=threshold)
-    return int((skeleton.abs() < threshold).sum())
+    StripeFromSkeleton.apply(module, name, skeleton=skeleton, threshold=threshold, used=used)
+    weak = skeleton.abs() < threshold
+    return int((weak if used is None else weak & used).sum())
 
 
 def filter_skeletons(model: nn.Module):
