@@ -164,6 +164,22 @@ def test_rounds_take_numpy_integers(make):
     assert [row["target"] for row in res.history] == schedule.sparsity_schedule(0.5, 2)
 
 
+@pytest.mark.parametrize("make", [np.int64, np.int32])
+def test_step_counts_take_numpy_integers_and_pass_on_python_ints(make):
+    """steps_per_round given as a numpy integer reached train_fn as one
+    (np.int64 in a user's logs and JSON); num_steps made the AGP and
+    constant targets np.float64. They are Python ints and floats now."""
+    seen = []
+    net = mlp(0)
+    res = schedule.iterative_prune(net, lambda m, steps: seen.append(steps), 0.5, rounds=2,
+                                   steps_per_round=make(3))
+    assert seen == [3, 3] and all(type(s) is int for s in seen)
+    assert [row["target"] for row in res.history] == schedule.sparsity_schedule(0.5, 2)
+    for fn in (schedule.agp_sparsity, schedule.constant_sparsity):
+        got = fn(make(1), make(4), 0.5)
+        assert type(got) is float and got == fn(1, 4, 0.5)
+
+
 @pytest.mark.parametrize("bad", [True, np.bool_(True), 2.0, 1.5])
 def test_rounds_refuse_bools_and_floats(bad):
     with pytest.raises(ValueError, match="rounds must be a positive int"):

@@ -26,17 +26,16 @@ SCOPES = ("global", "layer")
 MAX_ROUNDS = 1_000_000
 
 
-def _check_step_args(step, num_steps, final, initial) -> int:
-    """``step`` clamped to ``[0, num_steps]``, after checking that both are
-    ints (``num_steps >= 1``) and ``final``, ``initial`` sparsities in [0, 1]."""
-    for label, value in (("step", step), ("num_steps", num_steps)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"{label} must be an int; got {value!r}")
+def _check_step_args(step, num_steps, final, initial) -> tuple[int, int]:
+    """``(step, num_steps)`` as Python ints, ``step`` clamped to ``[0,
+    num_steps]``, after checking that both are ints (numpy integers too;
+    ``num_steps >= 1``) and ``final``, ``initial`` sparsities in [0, 1]."""
+    step, num_steps = as_int(step, "step"), as_int(num_steps, "num_steps")
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1; got {num_steps}")
     check_fraction(final, "final", high_open=False)
     check_fraction(initial, "initial", high_open=False)
-    return min(max(int(step), 0), int(num_steps))
+    return min(max(step, 0), num_steps), num_steps
 
 
 def agp_sparsity(step: int, num_steps: int, final: float, initial: float = 0.0) -> float:
@@ -44,13 +43,13 @@ def agp_sparsity(step: int, num_steps: int, final: float, initial: float = 0.0) 
     (fast early, slow near the end). ``step`` and ``num_steps >= 1`` are ints
     (``step`` clamped to ``[0, n]``), ``final`` and ``initial`` sparsities in
     [0, 1]."""
-    return _agp(_check_step_args(step, num_steps, final, initial), num_steps, final, initial)
+    return _agp(*_check_step_args(step, num_steps, final, initial), final, initial)
 
 
 def constant_sparsity(step: int, num_steps: int, final: float, initial: float = 0.0) -> float:
     """Equal increments: ``s_t = s_i + (s_f - s_i) * t/n`` (arguments as for
     :func:`agp_sparsity`)."""
-    return _constant(_check_step_args(step, num_steps, final, initial), num_steps, final, initial)
+    return _constant(*_check_step_args(step, num_steps, final, initial), final, initial)
 
 
 def _agp(t: int, n: int, final: float, initial: float) -> float:
@@ -118,9 +117,11 @@ def iterative_prune(model: nn.Module, train_fn: Callable, final_sparsity: float,
             or not (finetune_lr_factor > 0 and math.isfinite(finetune_lr_factor)):
         raise ValueError(f"finetune_lr_factor must be a finite number > 0 (0.1 or 0.01 usually); "
                          f"got {finetune_lr_factor!r}")
-    if isinstance(steps_per_round, bool) or not isinstance(steps_per_round, numbers.Integral) or steps_per_round < 0:
+    try:
+        steps_per_round = as_int(steps_per_round, "steps_per_round", 0)
+    except (TypeError, ValueError):
         raise ValueError(f"steps_per_round (finetune_steps) must be an int >= 0 (fine-tuning steps after each "
-                         f"round); got {steps_per_round!r}")
+                         f"round); got {steps_per_round!r}") from None
     targets = sparsity_schedule(final_sparsity, rounds, schedule, initial_sparsity)
     ft_lr = None if lr is None else lr * finetune_lr_factor
     result = ScheduleResult()
