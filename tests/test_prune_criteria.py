@@ -4,6 +4,7 @@ estimate against the exact Hessian diagonal."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -144,6 +145,20 @@ def test_pruned_entries_score_zero_in_data_driven_criteria():
     ):
         s = scores[(model, "weight")]
         assert s[0, 1] == 0 and s[1, 2] == 0 and torch.all(s[model.weight_mask == 1] != 0)
+
+
+@pytest.mark.parametrize("make", [np.int64, np.int32])
+def test_obd_samples_as_a_numpy_integer(make):
+    """samples passed the check as a numpy integer and was used as it came:
+    ``sample + 1 < samples`` handed torch.autograd.grad a numpy bool as
+    retain_graph (a TypeError from inside). It is a Python int now: the
+    same scores as an int gives."""
+    model, data, loss_fn = least_squares(seed=5)
+    want = criteria.obd(model, loss_fn, data, samples=3, generator=torch.Generator().manual_seed(0))
+    got = criteria.obd(model, loss_fn, data, samples=make(3), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(got[(model, "weight")], want[(model, "weight")])
+    with pytest.raises(TypeError, match="samples must be an int"):
+        criteria.obd(model, loss_fn, data, samples=2.0)
 
 
 def test_data_driven_criteria_bad_arguments():

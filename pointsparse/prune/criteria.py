@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..tensor import as_int
 from . import adapters
 from .adapters import current_weight, is_layer, layout_of, prunable_modules
 from .structured import ChannelStructured, KernelStructured, StripeStructured, group_scores
@@ -231,8 +232,7 @@ def hessian_diagonal(
       minimum, not in general)."""
     if estimator not in ("hutchinson", "fisher"):
         raise ValueError(f"estimator must be 'hutchinson' or 'fisher'; got {estimator!r}")
-    if isinstance(samples, bool) or not isinstance(samples, numbers.Integral) or samples < 1:
-        raise ValueError(f"samples must be an int >= 1; got {samples!r}")
+    samples = as_int(samples, "samples", 1)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
     pairs = _parameters(parameters if parameters is not None else model)
