@@ -363,6 +363,21 @@ def test_resize_refuses_widths_that_are_not_positive_ints(recorded, err):
     with pytest.raises(TypeError, match="torch.nn.Module"):
         G.widths("net")
 
+
+@pytest.mark.parametrize("make", [np.int64, np.int32])
+def test_resize_stores_numpy_widths_as_python_ints(make):
+    """A recorded width read back as a numpy integer (from an array, a
+    table) was stored as it came: the conv's out_channels became np.int64
+    (its repr, a config written from it). It is a Python int, the layer the
+    same as an int width gives."""
+    net, want = ResidualNet(), ResidualNet()
+    G.resize(net, {"stem.0": {"out": make(4)}})
+    G.resize(want, {"stem.0": {"out": 4}})
+    conv = net.stem[0]
+    assert type(conv.out_channels) is int and conv.out_channels == 4
+    assert repr(conv) == repr(want.stem[0]) and conv.weight.shape == want.stem[0].weight.shape
+    assert G.widths(net) == G.widths(want)
+
 # ------------------------------------------------------------- procedures
 def test_procedures_reach_every_group_of_minkunet():
     from pointsparse.prune import amc, surgery

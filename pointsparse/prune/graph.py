@@ -27,7 +27,6 @@ of active neighbours, so its output is no constant and it is refused."""
 from __future__ import annotations
 
 import inspect
-import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -38,7 +37,7 @@ from torch.utils._pytree import tree_flatten
 from . import _compat, adapters
 from ._copyable import keep_copyable
 from ._trace import Segment, Spaces, Tag, Tracer, feats_of, feature_axis
-from ..tensor import as_bool, as_int
+from ..tensor import as_bool, as_int, positive_int
 from .procedure import check_fraction
 
 
@@ -616,9 +615,7 @@ def resize(model: nn.Module, recorded: dict[str, dict[str, int]]) -> None:
         if not isinstance(roles, Mapping):
             raise TypeError(f"recorded widths of {name!r} must be a dict {{'in': c, 'out': c}}; got "
                             f"{type(roles).__name__}")
-        for role, n in roles.items():
-            if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-                raise ValueError(f"recorded width of {name!r} ({role}) must be a positive int; got {n!r}")
+        roles = {role: positive_int(n, f"recorded width of {name!r} ({role})") for role, n in roles.items()}
         m = named[name]
         a = adapters.adapter_for(m)
         if a is None:
