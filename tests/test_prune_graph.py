@@ -378,6 +378,20 @@ def test_resize_stores_numpy_widths_as_python_ints(make):
     assert repr(conv) == repr(want.stem[0]) and conv.weight.shape == want.stem[0].weight.shape
     assert G.widths(net) == G.widths(want)
 
+
+
+def test_resize_checks_every_entry_before_changing_a_layer():
+    """resize checked and applied each entry in turn: a bad entry after a
+    good one left the earlier layer resized (the model half of each width).
+    Now nothing changes unless every entry is good."""
+    net = ResidualNet()
+    before = G.widths(net)
+    with pytest.raises(ValueError, match="which the model does not have"):
+        G.resize(net, {"stem.0": {"out": 4}, "nowhere": {"out": 2}})
+    with pytest.raises(ValueError, match="exceeds the model's"):
+        G.resize(net, {"stem.0": {"out": 4}, "stem.1": {"in": 99}})
+    assert G.widths(net) == before and net.stem[0].weight.shape[2] == 8
+
 # ------------------------------------------------------------- procedures
 def test_procedures_reach_every_group_of_minkunet():
     from pointsparse.prune import amc, surgery

@@ -602,13 +602,16 @@ def widths(model: nn.Module) -> dict[str, dict[str, int]]:
 
 def resize(model: nn.Module, recorded: dict[str, dict[str, int]]) -> None:
     """Give every layer the widths ``recorded`` by :func:`widths` (fresh
-    tensors of the new shapes, to be filled by ``load_state_dict``)."""
+    tensors of the new shapes, to be filled by ``load_state_dict``). Every
+    entry is checked before any layer changes: a bad one leaves the model
+    as it was."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     if not isinstance(recorded, Mapping):
         raise TypeError(f"recorded widths must be a dict {{module: {{'in': c, 'out': c}}}}; got "
                         f"{type(recorded).__name__}")
     named = dict(model.named_modules())
+    changes = []
     for name, roles in recorded.items():
         if name not in named:
             raise ValueError(f"recorded widths name {name!r}, which the model does not have")
@@ -622,14 +625,16 @@ def resize(model: nn.Module, recorded: dict[str, dict[str, int]]) -> None:
             raise ValueError(f"{name!r} is a {type(m).__name__}, which has no pruning adapter")
         for role, n in roles.items():
             cur = a.channels(m, role)
+            if n > cur:
+                raise ValueError(f"recorded width {n} of {name!r} ({role}) exceeds the model's {cur}")
             if n != cur:
-                kept = torch.arange(min(n, cur))
-                if n > cur:
-                    raise ValueError(f"recorded width {n} of {name!r} ({role}) exceeds the model's {cur}")
-                for tensor, axes in a.axes(m).items():
-                    if role in axes:
-                        _slice(m, tensor, axes[role], kept)
-                a.set_channels(m, role, n)
+                changes.append((m, a, role, n))
+    for m, a, role, n in changes:
+        kept = torch.arange(n)
+        for tensor, axes in a.axes(m).items():
+            if role in axes:
+                _slice(m, tensor, axes[role], kept)
+        a.set_channels(m, role, n)
 
 
 __all__ = ["DEFAULT_MULTIPLE", "CoupledGroup", "DependencyGraph", "Member", "group_scores", "kept_count", "plan", "prune_model",
