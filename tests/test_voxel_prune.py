@@ -262,3 +262,25 @@ def test_select_voxels_checks_its_rows_and_feats():
     with pytest.raises(TypeError, match="kernel_region"):
         ps.nn.Conv3d(1, 1, 3, kernel_region=[13.9])
     assert ps.nn.Conv3d(1, 1, 3, kernel_region=[13, torch.tensor(4)]).kernel_region == (4, 13)
+
+
+@pytest.mark.parametrize("make_layer", [lambda: ps.nn.VoxelPrune(0.5, "learned", in_channels=4),
+                                        lambda: ps.nn.VoxelSkip(ps.nn.Conv3d(4, 4), 0.5, "learned", in_channels=4)])
+def test_a_learned_score_runs_after_compress(make_layer):
+    """formats.compress replaces the learned scorer (an nn.Linear) with a
+    formats.SparseLinear, which has no ``weight``: the layer read
+    ``scorer.weight`` for its checks and failed with an AttributeError, so
+    a compressed model holding a learned VoxelPrune / VoxelSkip could not
+    run. It keeps the same voxels and gives the same feats."""
+    from pointsparse import formats
+
+    torch.manual_seed(0)
+    layer = make_layer().eval()
+    x = make(c=4, dtype=torch.float32)
+    compressed = formats.compress(layer, "csr")
+    with torch.no_grad():
+        want, got = layer(x), compressed(x)
+    assert torch.equal(got.coords, want.coords)
+    torch.testing.assert_close(got.feats, want.feats, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="the input's feats have 3 channels but in_channels is 4"):
+        compressed(make(c=3, dtype=torch.float32))

@@ -183,7 +183,11 @@ class VoxelPrune(nn.Module):
         tensor of those voxels (what :meth:`forward` returns)."""
         x = _check_input(input)
         if self.scorer is not None:
-            _check_feats_for(self, x, self.scorer.weight.shape[1], "in_channels", self.scorer.weight)
+            # (a compressed scorer, formats.SparseLinear, holds no weight tensor: its in_features; it checks the dtype)
+            weight = getattr(self.scorer, "weight", None)
+            weight = weight if isinstance(weight, torch.Tensor) else None
+            channels = self.scorer.in_features if weight is None else weight.shape[1]
+            _check_feats_for(self, x, channels, "in_channels", weight)
         scores = self.scores(x)
         rows = F.keep_per_batch(scores.detach(), x.coords[:, 0].to(scores.device), self.keep_ratio, self.threshold)
         feats = x.feats.index_select(0, rows)
