@@ -560,6 +560,26 @@ def test_kernel_region_gradcheck_and_errors():
         F.conv3d(x, w.detach(), 3, weight_mask=torch.ones(27, 2, 2, dtype=torch.float64))
 
 
+def test_kernel_region_of_bools_is_refused():
+    """A bool mask of the offsets (a torch bool tensor: its items are 0-d
+    bool tensors, which operator.index reads as 0 and 1) was taken as the
+    offset indices 0 and 1: an all-True mask ran offset 1 alone, an
+    all-False one offset 0. Bools are refused, the mask's indices named as
+    what to give; so are bools in a generator (iterated once for the check)."""
+    every = torch.ones(27, dtype=torch.bool)
+    for region in (every, torch.zeros(27, dtype=torch.bool), torch.arange(27) % 2 == 0, np.ones(27, dtype=bool),
+                   (i for i in [True, False]), [torch.tensor(True)]):
+        with pytest.raises(TypeError, match=r"kernel_region must list offset indices, not bools .*nonzero"):
+            ps.nn.Conv3d(2, 2, 3, kernel_region=region)
+    with pytest.raises(TypeError, match="kernel_region must list offset indices, not bools"):
+        F.region_of(3, every)
+    x = make(n=40, c=2, extent=4)
+    with pytest.raises(TypeError, match="kernel_region must list offset indices, not bools"):
+        F.conv3d(x, torch.randn(27, 2, 2, dtype=torch.float64), 3, kernel_region=every)
+    assert ps.nn.Conv3d(2, 2, 3, kernel_region=every.nonzero().flatten()).kernel_region == tuple(range(27))
+    assert ps.nn.Conv3d(2, 2, 3, kernel_region=(i for i in [13, 4])).kernel_region == (4, 13)
+
+
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_weight_mask_checked_and_taken_alike_on_every_path(backend):
     """conv3d checks weight_mask (the weight's shape, dtype, device) before

@@ -49,10 +49,18 @@ def _region(k, region) -> torch.Tensor | None:
         grid = torch.stack(torch.meshgrid(*[torch.arange(n) - (n - 1) // 2 for n in k], indexing="ij"), -1)
         return (grid.reshape(-1, 3) != 0).sum(1) <= 1
     try:
-        indices = [operator.index(i) for i in region]  # ints (numpy, 0-d tensors too), never a truncated float
+        items = list(region)  # (read once: a generator too)
+    except TypeError:
+        raise TypeError(f"kernel_region must be None, 'cross' or a sequence of offset indices; got {region!r}") from None
+    # (a bool mask's items: a bool tensor's are 0-d bool tensors, which operator.index reads as 0 and 1)
+    if any(isinstance(i, (bool, np.bool_)) or isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items):
+        raise TypeError(f"kernel_region must list offset indices, not bools (for a mask of the offsets give "
+                        f"mask.nonzero().flatten()); got {region!r}")
+    try:
+        indices = [operator.index(i) for i in items]  # ints (numpy, 0-d tensors too), never a truncated float
     except (TypeError, ValueError):
         raise TypeError(f"kernel_region must be None, 'cross' or a sequence of offset indices; got {region!r}") from None
-    if any(isinstance(i, bool) for i in region) or any(not 0 <= i < volume for i in indices) or not indices:
+    if any(not 0 <= i < volume for i in indices) or not indices:
         raise ValueError(f"kernel_region must list offset indices in [0, {volume}) for kernel_size {k}; got {region!r}")
     keep = torch.zeros(volume, dtype=torch.bool)
     keep[indices] = True
