@@ -520,3 +520,38 @@ def test_compressed_conv_checks_the_kernel_region_it_is_given():
     old = {k: v for k, v in extra.items() if k != "kernel_region"}
     sparse.load_state_dict({**sparse.state_dict(), "_extra_state": old})
     assert sparse.kernel_region is None
+
+
+@pytest.mark.parametrize("fmt,kwargs", [("csr", {}), ("bsr", {"blocksize": (2, 4)}), ("fkw", {})])
+def test_format_product_under_torch_compile(fmt, kwargs):
+    """A layer that runs its format's product (the C++ core on numpy views,
+    no torch operator) runs between the graphs of plain torch.compile, as
+    eager gives, on inputs of other sizes without recompiling (dynamo traced
+    into it: a graph break at each core call, and the map's ``pairs`` and the
+    core's calls recompiled for every offset, past dynamo's limit); under fullgraph=True it
+    is refused naming the layer and what compiles (dynamo's message was
+    about ``get_num_threads`` or ``tensor.is_inference()``)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(psnn.Conv3d(6, 8, 3), psnn.Conv3d(8, 8, 2, 2), psnn.Conv3d(8, 8, 3),
+                                psnn.Conv3d(8, 6, 2, 2, transposed=True), psnn.Linear(6, 3))
+    for m in model.modules():
+        if isinstance(m, (psnn.Conv3d, torch.nn.Linear)):
+            prune.l1_unstructured(m, "weight", amount=0.6)
+    sparse = F.compress(model.eval(), fmt, **kwargs)
+    for i in (0, 2, 3):
+        sparse[i].execution = "format"
+    clouds = [_sparse_input(n, channels=6, seed=seed) for n, seed in ((120, 1), (200, 2), (160, 3))]
+    torch.compiler.reset()
+    compiled = torch.compile(sparse, dynamic=True, backend="eager")
+    with torch.no_grad():
+        for i, x in enumerate(clouds):
+            # (the first call compiles each layer's frames; other sizes then run them as they are)
+            with torch._dynamo.config.patch(error_on_recompile=i > 0):
+                got, want = compiled(x), sparse(x)
+            assert torch.equal(got.coords, want.coords) and torch.equal(got.feats, want.feats)
+    for layer, name in ((sparse[0], "SparseConv3d"), (sparse[4].fn, "SparseLinear")):
+        torch.compiler.reset()
+        x = clouds[0] if name == "SparseConv3d" else clouds[0].feats
+        with torch.no_grad(), pytest.raises(torch._dynamo.exc.Unsupported,
+                                            match=f"formats.{name} .*format's product.*fullgraph"):
+            torch.compile(layer, fullgraph=True, backend="eager")(x)

@@ -28,10 +28,21 @@ def refuse_gradient(module: nn.Module, input: torch.Tensor, what: str) -> None:
             "run it under torch.no_grad() (or detach the input), or train the uncompressed module")
 
 
+def outside_graphs(name: str) -> str:
+    """Why ``torch.compile`` runs a layer's format product outside its graphs
+    (``torch.compiler.disable``'s reason: dynamo's refusal under fullgraph=True)."""
+    engine = "set its execution to 'engine' (the fused engine on the weight it holds), or " \
+        if name == "SparseConv3d" else ""
+    return (f"formats.{name} runs its format's product on the C++ core, outside torch's operators: plain "
+            "torch.compile runs it between graphs, but torch.compile(fullgraph=True) and torch.export cannot "
+            f"take it into a graph; {engine}compile the model before formats.compress")
+
+
 class SparseLinear(nn.Module):
     """``y = x @ W.T + b`` with W (out, in) held in a sparse format.
     Computes ``(W @ x.T).T``: the activations become the dense operand (K, N)
-    with one column per sample. Inference only (no gradients)."""
+    with one column per sample. Inference only (no gradients); ``torch.compile``
+    runs the product between graphs (``fullgraph=True`` refuses it)."""
 
     def __init__(self, weight: SparseFormat, bias: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -44,6 +55,10 @@ class SparseLinear(nn.Module):
                 input.shape[-1] != self.in_features:
             shape = tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
             raise ValueError(f"input must be (..., {self.in_features}); got {shape}")
+        return self._product(input)
+
+    @torch.compiler.disable(reason=outside_graphs("SparseLinear"))
+    def _product(self, input: torch.Tensor) -> torch.Tensor:
         refuse_gradient(self, input, type(self.weight_format).__name__)
         lead = input.shape[:-1]
         x = input.detach().reshape(-1, self.in_features)
@@ -153,7 +168,8 @@ class SparseConv3d(nn.Module):
     for CSR on the CPU one fused C++ call per offset (gather, product and
     scatter). FKW multiplies the (C_out, C_in * K) matrix with gathered
     columns of output sites in chunks. Inference only (an input that needs a
-    gradient is refused). ``execution="engine"``: the fused engine on the
+    gradient is refused); ``torch.compile`` runs it between graphs
+    (``fullgraph=True`` refuses it: :func:`outside_graphs`). ``execution="engine"``: the fused engine on the
     weight the format holds (``engine_weight``, derived, not saved).
     :func:`pointsparse.formats.compress` picks the faster; ``chosen`` says
     what it measured. Outputs equal the masked dense module's.
@@ -296,6 +312,11 @@ class SparseConv3d(nn.Module):
             return NF.conv3d(input, self.engine_weight, self.kernel_size, self.stride, self.dilation,
                              self.bias, self.transposed, relu=self.relu,
                              kernel_region=getattr(self, "kernel_region", None), add=add)
+        return self._format_forward(input, add)
+
+    @torch.compiler.disable(reason=outside_graphs("SparseConv3d"))
+    def _format_forward(self, input: SparseTensor, add: SparseTensor | None) -> SparseTensor:
+        """:meth:`forward` through the format's product (``execution="format"``)."""
         refuse_gradient(self, input.feats, f"format {self.format_name}")
         kmap = _kmap.get_kmap(input, self.kernel_size, self.stride, self.dilation, self.transposed)
         feats = input.feats.detach()
