@@ -555,3 +555,25 @@ def test_format_product_under_torch_compile(fmt, kwargs):
         with torch.no_grad(), pytest.raises(torch._dynamo.exc.Unsupported,
                                             match=f"formats.{name} .*format's product.*fullgraph"):
             torch.compile(layer, fullgraph=True, backend="eager")(x)
+
+
+@pytest.mark.parametrize("execution", ["format", "engine"])
+def test_compressed_layers_name_an_input_of_another_dtype(execution):
+    """Feats of another dtype than the compressed weight are a TypeError
+    naming the layer, the input and the weight's format and dtype (the
+    format's product said 'dense must have dtype torch.float32 like the
+    weight', naming its own argument; the engine 'weight dtype ... differs')."""
+    sparse = F.compress(_pruned_conv(), "csr")
+    sparse.execution = execution
+    x = _sparse_input(channels=8)
+    for dtype in (torch.float64, torch.bfloat16):
+        with torch.no_grad(), pytest.raises(TypeError, match=rf"SparseConv3d: the input's feats are {dtype} but its "
+                                                             r"weight \(format CSR\) is torch.float32"):
+            sparse(pointsparse.SparseTensor(x.feats.to(dtype), x.coords))
+    lin = torch.nn.Linear(8, 3)
+    prune.l1_unstructured(lin, "weight", amount=0.5)
+    linear = F.compress(lin, "csr")
+    for dtype in (torch.float64, torch.int64):
+        with pytest.raises(TypeError, match=rf"SparseLinear: the input is {dtype} but its weight \(format CSR\) is "
+                                            "torch.float32"):
+            linear(torch.ones(2, 8, dtype=dtype))

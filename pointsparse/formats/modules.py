@@ -55,6 +55,8 @@ class SparseLinear(nn.Module):
                 input.shape[-1] != self.in_features:
             shape = tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
             raise ValueError(f"input must be (..., {self.in_features}); got {shape}")
+        check_dtype(self, f"the input is {input.dtype}", input.dtype, type(self.weight_format).__name__,
+                    self.weight_format.dtype)
         return self._product(input)
 
     @torch.compiler.disable(reason=outside_graphs("SparseLinear"))
@@ -111,6 +113,17 @@ def checked_format(fmt, what: str) -> SparseFormat:
         return fmt.validate()
     except (TypeError, ValueError) as error:
         raise type(error)(f"{what} is not a valid {type(fmt).__name__}: {error}") from error
+
+
+def check_dtype(module: nn.Module, got: str, dtype: torch.dtype, format_name: str, weight_dtype: torch.dtype) -> None:
+    """A TypeError naming ``module``, the input (``got``) and its weight's
+    format where the input's ``dtype`` is not the weight's (the format's
+    product named its own argument, the engine its own weight)."""
+    if dtype != weight_dtype:
+        again = f" (a compressed layer cannot follow .to(dtype): compress the module again in {dtype})" \
+            if dtype.is_floating_point else ""
+        raise TypeError(f"{type(module).__name__}: {got} but its weight (format {format_name}) is {weight_dtype}; "
+                        f"convert the input{again}")
 
 
 def refuse_conversion(fn, dtype: torch.dtype, what: str) -> None:
@@ -306,6 +319,7 @@ class SparseConv3d(nn.Module):
         if input.num_channels != self.in_channels:
             raise ValueError(f"input has {input.num_channels} channels; this conv takes "
                              f"{self.in_channels}")
+        check_dtype(self, f"the input's feats are {input.dtype}", input.dtype, self.format_name, self.format_dtype)
         if self.execution == "engine":
             from ..nn import functional as NF  # noqa: PLC0415 - nn and formats are siblings
 
