@@ -577,3 +577,37 @@ def test_compressed_layers_name_an_input_of_another_dtype(execution):
         with pytest.raises(TypeError, match=rf"SparseLinear: the input is {dtype} but its weight \(format CSR\) is "
                                             "torch.float32"):
             linear(torch.ones(2, 8, dtype=dtype))
+
+
+def test_compressed_constructors_check_their_arguments():
+    """SparseConv3d takes kernel_size, stride and dilation as Conv3d does (an
+    int was "'int' object is not iterable", a 2-tuple an IndexError, stride 0
+    was kept), its flags as bools (transposed="False" and relu="False" were
+    True) and channels as positive ints; SparseConv3d and SparseLinear take a
+    bias of their output's shape (a (1,) bias was broadcast over every channel
+    by the format's product, a list was "'list' object has no attribute
+    'detach'")."""
+    offsets = F.compress(_pruned_conv(), "csr").offsets
+    sparse = F.SparseConv3d(offsets, 3, 1, 1, False, 8, 8)
+    assert (sparse.kernel_size, sparse.stride, sparse.dilation) == ((3, 3, 3), (1, 1, 1), (1, 1, 1))
+    args = ((3, 3, 3), (1, 1, 1), (1, 1, 1), False, 8, 8)
+    cases = [({"kernel_size": (3, 3)}, TypeError, "kernel_size must be an int or a 3-tuple"),
+             ({"stride": 0}, ValueError, "stride must be >= 1"),
+             ({"dilation": 1.5}, TypeError, "dilation must be an int"),
+             ({"transposed": "False"}, TypeError, "transposed must be True or False"),
+             ({"relu": "False"}, TypeError, "relu must be True or False"),
+             ({"in_channels": 8.0}, ValueError, "in_channels must be"),
+             ({"out_channels": 0}, ValueError, "out_channels must be"),
+             ({"bias": torch.zeros(1)}, ValueError, r"bias must be \(out_channels,\) = \(8,\); got \(1,\)"),
+             ({"bias": [0.0] * 8}, TypeError, "bias must be a torch.Tensor or None; got list")]
+    names = ("kernel_size", "stride", "dilation", "transposed", "in_channels", "out_channels")
+    for change, error, match in cases:
+        kwargs = {**dict(zip(names, args)), **change}
+        with pytest.raises(error, match=match):
+            F.SparseConv3d(offsets, **kwargs)
+    weight = F.CSR.from_dense(torch.randn(3, 4))
+    assert F.SparseLinear(weight, torch.zeros(3)).bias.shape == (3,)
+    with pytest.raises(ValueError, match=r"bias must be \(out_features,\) = \(3,\); got \(1,\)"):
+        F.SparseLinear(weight, torch.zeros(1))
+    with pytest.raises(TypeError, match="bias must be a torch.Tensor or None; got list"):
+        F.SparseLinear(weight, [0.0] * 3)

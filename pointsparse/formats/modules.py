@@ -9,15 +9,23 @@ from torch import nn
 from .. import _ext
 from .. import kmap as _kmap
 from ..nn.reference import conv_sum, im2col, offset_pairs
-from ..tensor import SparseTensor
+from ..tensor import SparseTensor, as_bool, as_triple, positive_int
 from ._base import SparseFormat
 from ._storage import widen
 from .csr import CSR
 from .fkw import FKW
 
 
-def _bias_copy(bias):
-    return None if bias is None else bias.detach().clone()
+def _bias_copy(bias, channels: int, what: str):
+    """A copy of ``bias``, None or a ``(channels,)`` tensor (``what``: the
+    layer's name for them), else a TypeError / ValueError."""
+    if bias is None:
+        return None
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None; got {type(bias).__name__}")
+    if bias.shape != (channels,):  # (the format's product broadcast a (1,) bias over every channel)
+        raise ValueError(f"bias must be ({what},) = ({channels},); got {tuple(bias.shape)}")
+    return bias.detach().clone()
 
 
 def refuse_gradient(module: nn.Module, input: torch.Tensor, what: str) -> None:
@@ -48,7 +56,7 @@ class SparseLinear(nn.Module):
         super().__init__()
         self.weight_format = checked_format(weight, f"{type(self).__name__}: weight")
         self.out_features, self.in_features = weight.shape
-        self.register_buffer("bias", _bias_copy(bias))
+        self.register_buffer("bias", _bias_copy(bias, self.out_features, "out_features"))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not isinstance(input, torch.Tensor) or input.dim() < 1 or \
@@ -203,21 +211,22 @@ class SparseConv3d(nn.Module):
             raise ValueError(f"execution must be one of {EXECUTIONS}; got {execution!r}")
         self.execution = execution
         self.chosen = execution  # compress() records what it measured here
-        self.kernel_size = tuple(kernel_size)
-        self.stride = tuple(stride)
-        self.dilation = tuple(dilation)
-        self.transposed = bool(transposed)
-        self.in_channels = in_channels
-        self.out_channels = out_channels
+        # (as Conv3d takes them; flags not by truthiness: transposed="False" ran the transposed conv)
+        self.kernel_size = as_triple(kernel_size, "kernel_size")
+        self.stride = as_triple(stride, "stride")
+        self.dilation = as_triple(dilation, "dilation")
+        self.transposed = as_bool(transposed, "transposed")
+        self.in_channels = positive_int(in_channels, "in_channels")
+        self.out_channels = positive_int(out_channels, "out_channels")
         self.kernel_volume = self.kernel_size[0] * self.kernel_size[1] * self.kernel_size[2]
         #: ReLU on the output (on the sum with ``add``), as the compressed
         #: Conv3d's ``relu`` (set by ``nn.fuse_for_inference``).
-        self.relu = bool(relu)
+        self.relu = as_bool(relu, "relu")
         # list of SparseFormat (C_out, C_in) or one FKW
         self.offsets = self._checked_offsets(offsets, f"{type(self).__name__}: offsets:")
         weight = dense_weight(self.offsets)
         self.kernel_region = self._checked_region(kernel_region, weight, f"{type(self).__name__}:")
-        self.register_buffer("bias", _bias_copy(bias))
+        self.register_buffer("bias", _bias_copy(bias, self.out_channels, "out_channels"))
         self.register_buffer("engine_weight", weight, persistent=False)
 
     @property
