@@ -611,3 +611,24 @@ def test_compressed_constructors_check_their_arguments():
         F.SparseLinear(weight, torch.zeros(1))
     with pytest.raises(TypeError, match="bias must be a torch.Tensor or None; got list"):
         F.SparseLinear(weight, [0.0] * 3)
+
+
+def test_compressed_spvcnn_runs_as_the_model_it_replaces():
+    """SPVCNN read its classifier's weight dtype from ``classifier.weight``,
+    which a compressed classifier (formats.SparseLinear) does not have: a
+    compressed SPVCNN failed with an AttributeError. It runs now, giving the
+    pruned model's logits."""
+    from pointsparse import export
+    from pointsparse.models import SPVCNN
+
+    torch.manual_seed(0)
+    model = SPVCNN(4, 5, cr=0.25, blocks=1).eval()
+    for m in model.modules():
+        if isinstance(m, (psnn.Conv3d, torch.nn.Linear)):
+            prune.l1_unstructured(m, "weight", 0.6)
+            prune.remove(m, "weight")
+    args = export.example_input(4, 0.5, points=True)
+    with torch.no_grad():
+        want = model(*args)
+        got = F.compress(model, "csr")(*args)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

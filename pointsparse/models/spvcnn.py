@@ -101,6 +101,13 @@ def check_points(voxels: SparseTensor, inverse: torch.Tensor, points: torch.Tens
     return point_coords
 
 
+def _weight_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype of a linear layer's weight: its tensor's, or the sparse
+    format's of a compressed one (formats.SparseLinear holds no ``weight``)."""
+    weight = getattr(layer, "weight", None)
+    return weight.dtype if isinstance(weight, torch.Tensor) else layer.weight_format.dtype
+
+
 def _point_mlp(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(cin, cout), nn.BatchNorm1d(cout), nn.ReLU(inplace=True))
 
@@ -150,7 +157,7 @@ class SPVCNN(nn.Module):
         # convs run bfloat16 and its point branch float32): the voxels' feats
         # widen exactly into the interpolation, the points' means round once
         # into the voxels.
-        point_dtype, voxel_dtype = self.classifier.weight.dtype, voxels.feats.dtype
+        point_dtype, voxel_dtype = _weight_dtype(self.classifier), voxels.feats.dtype
 
         def to_points(t: SparseTensor) -> torch.Tensor:
             return devoxelize(t.with_feats(t.feats.to(point_dtype)), points=points, voxel_size=1.0,
