@@ -632,3 +632,18 @@ def test_compressed_spvcnn_runs_as_the_model_it_replaces():
         want = model(*args)
         got = F.compress(model, "csr")(*args)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_execution_set_on_a_layer_is_checked_when_it_runs():
+    """execution is checked by the constructor and load_state_dict; set on a
+    layer afterwards, a typo ("engnie") ran the format's product silently.
+    The forward refuses it, naming the choices."""
+    conv = _pruned_conv()
+    x = _sparse_input(channels=8)
+    sparse = F.compress(conv, "csr")
+    sparse.execution = "engnie"
+    with torch.no_grad(), pytest.raises(ValueError, match=r"execution must be one of .*got 'engnie'"):
+        sparse(x)
+    sparse.execution = "engine"
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x).feats, conv(x).feats, atol=1e-5, rtol=1e-5)

@@ -329,6 +329,8 @@ class SparseConv3d(nn.Module):
             raise ValueError(f"input has {input.num_channels} channels; this conv takes "
                              f"{self.in_channels}")
         check_dtype(self, f"the input's feats are {input.dtype}", input.dtype, self.format_name, self.format_dtype)
+        if self.execution not in EXECUTIONS:  # (set on the layer after it was made: a typo ran the format)
+            raise ValueError(f"execution must be one of {EXECUTIONS}; got {self.execution!r}")
         if self.execution == "engine":
             from ..nn import functional as NF  # noqa: PLC0415 - nn and formats are siblings
 
