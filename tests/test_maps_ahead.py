@@ -238,6 +238,26 @@ def test_maps_ahead_module(monkeypatch):
         spnn.MapsAhead(net, workers=0)
 
 
+def test_maps_ahead_takes_inputs_of_another_stride():
+    """MapsAhead kept the schedule of its first input: an input at another
+    tensor stride (which the network runs) was refused by build_maps (its
+    maps read coords the cache never holds). Each stride records its own
+    schedule; the first is used again for its stride."""
+    torch.manual_seed(6)
+    net = torch.nn.Sequential(spnn.Conv3d(4, 8, 3), spnn.Conv3d(8, 8, 2, stride=2), spnn.Conv3d(8, 8, 3),
+                              spnn.Conv3d(8, 4, 2, stride=2, transposed=True)).eval()
+    ahead = spnn.MapsAhead(net)
+    x = random_cloud(n=2000, extent=30, seed=3)
+    coarse = ps.SparseTensor(x.feats, x.coords * torch.tensor([1, 2, 2, 2], dtype=torch.int32), stride=2)
+    with torch.no_grad():
+        for t in (x, coarse, x):
+            y = ps.SparseTensor(t.feats, t.coords, t.stride)
+            want = net(ps.SparseTensor(t.feats, t.coords, t.stride)).feats
+            assert torch.equal(ahead(y).feats, want)
+            assert set(y.cache.kmaps) == set(ahead.schedule.maps)
+    assert len(ahead._schedules) == 2
+
+
 def test_build_maps_checks_its_arguments(monkeypatch):
     net = _net()
     x = random_cloud(n=1500, extent=20)

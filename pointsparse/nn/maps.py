@@ -233,7 +233,8 @@ class MapsAhead(torch.nn.Module):
     """``model`` whose input's maps and plans are built ahead, side by side
     (:func:`build_maps`), before it runs: the same outputs. The schedule is
     recorded on the first call (:func:`map_schedule`: one extra run of the
-    model then) and kept (``schedule``). The first argument of a call must
+    model then) and kept (``schedule``: the last one used), one per input
+    stride (an input of another stride records its own). The first argument of a call must
     be the network's SparseTensor; the rest go to ``model`` as they are.
     Under ``torch.compile`` / ``torch.export`` the model runs as it is.
     ``workers``: as :func:`build_maps`'s."""
@@ -246,13 +247,16 @@ class MapsAhead(torch.nn.Module):
         self.model = model
         self.workers = workers
         self.schedule: MapSchedule | None = None
+        self._schedules: dict[tuple, MapSchedule] = {}  # by input stride
 
     def forward(self, x: SparseTensor, *args, **kwargs):
         if torch.compiler.is_compiling():
             return self.model(x, *args, **kwargs)
         if not isinstance(x, SparseTensor):
             raise TypeError(f"MapsAhead's first argument must be a SparseTensor; got {type(x).__name__}")
-        if self.schedule is None:
-            self.schedule = map_schedule(self.model, x, *args, **kwargs)
+        schedules = self.__dict__.setdefault("_schedules", {})  # (a module pickled before it had them)
+        if x.stride not in schedules:
+            schedules[x.stride] = map_schedule(self.model, x, *args, **kwargs)
+        self.schedule = schedules[x.stride]
         build_maps(x, self.schedule, self.workers)
         return self.model(x, *args, **kwargs)
