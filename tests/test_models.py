@@ -293,3 +293,35 @@ def test_model_from_state_of_a_channel_pruned_model_without_widths_fuses():
     model = model_from_state({"config": config, "model": net.double().state_dict()}).eval()
     assert {t.dtype for t in model.state_dict().values() if t.is_floating_point()} == {torch.float32}
     torch.testing.assert_close(model(x).feats, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["minkunet", "spvcnn"])
+def test_checkpoint_of_other_classes_or_input_channels_is_refused(tmp_path, name):
+    """Channel pruning keeps a model's input channels and its classes: a
+    checkpoint whose weights (or recorded widths) give its classifier fewer
+    outputs than its config's classes, or its first conv fewer input
+    channels than its in_channels, holds another model. It loaded as a
+    "narrower" model: 2 logits a voxel for 3 classes, silently (scored as
+    3-class predictions), or a forward that failed inside on the
+    config's in_channels."""
+    from pointsparse import checkpoint
+    from pointsparse.models import SPVCNN, build_model, load_model, model_from_state
+
+    cls = SPVCNN if name == "spvcnn" else MinkUNet
+    prefix, classifier = ("unet.", "classifier") if cls is SPVCNN else ("", "classifier.fn")
+    config = {"model": name, "in_channels": 4, "classes": ["a", "b", "c"], "cr": 0.125, "blocks": 1}
+    assert isinstance(model_from_state({"config": config, "model": cls(4, 3, cr=0.125, blocks=1).state_dict()}), cls)
+    for weights, match in ((cls(4, 2, cr=0.125, blocks=1).state_dict(), rf"{classifier}.* 2 outputs.* 3 classes"),
+                           (cls(3, 3, cr=0.125, blocks=1).state_dict(),
+                            rf"{prefix}stem.0.0.* 3 input channels.* in_channels is 4")):
+        with pytest.raises(ValueError, match=match):
+            model_from_state({"config": config, "model": weights})
+        path = tmp_path / "other.pt"
+        checkpoint.save(path, {"config": config, "model": weights})
+        with pytest.raises(ValueError, match=match) as info:
+            load_model(path)
+        assert str(path) in str(info.value)
+    for widths, match in (({classifier: {"out": 2}}, rf"{classifier}.* 2 outputs.* 3 classes"),
+                          ({f"{prefix}stem.0.0": {"in": 2}}, rf"{prefix}stem.0.0.* 2 input channels")):
+        with pytest.raises(ValueError, match=match):
+            build_model({**config, "widths": widths})

@@ -34,6 +34,7 @@ def build_model(config: dict) -> nn.Module:
     if config.get("widths"):
         from ..prune.graph import resize
         resize(model, config["widths"])
+        _check_ends(model, "the config's widths give")
     return model
 
 
@@ -94,6 +95,30 @@ def shape_like(model: nn.Module, state_dict: dict) -> None:
     _bias_like(model, state_dict)
     _mask_like(model, state_dict)
     _fit_shapes(model, state_dict)
+    _check_ends(model, "the weights give")
+
+
+def _check_ends(model: nn.Module, where: str) -> None:
+    """ValueError unless a MinkUNet's / SPVCNN's first conv takes its
+    ``in_channels`` and its classifier gives its classes, as built:
+    channel pruning keeps both, so narrower ones (which ``where`` gives)
+    are another model's, not a pruned one."""
+    if not isinstance(model, (MinkUNet, SPVCNN)):
+        return
+    spv = isinstance(model, SPVCNN)
+    ends = (("unet.stem.0.0" if spv else "stem.0.0", ("weight",), 1, model.in_channels, "input channels",
+             f"the config's in_channels is {model.in_channels}"),
+            ("classifier" if spv else "classifier.fn", ("weight", "bias"), 0, model.num_classes, "outputs",
+             f"the config lists {model.num_classes} classes"))
+    for layer, names, axis, width, what, config in ends:
+        module = model.get_submodule(layer)
+        for name in names:
+            # (the stored tensor: name_orig where a pruning mask re-parametrises it)
+            tensor = module._parameters.get(name + "_orig", getattr(module, name, None))
+            if isinstance(tensor, torch.Tensor) and tensor.shape[axis] != width:
+                raise ValueError(f"{where} {layer}.{name} {tensor.shape[axis]} {what} where {config}: channel "
+                                 "pruning keeps a model's input channels and classes, so these are another "
+                                 "model's (config: model, in_channels, classes)")
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module | None:
