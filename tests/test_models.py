@@ -325,3 +325,22 @@ def test_checkpoint_of_other_classes_or_input_channels_is_refused(tmp_path, name
                           ({f"{prefix}stem.0.0": {"in": 2}}, rf"{prefix}stem.0.0.* 2 input channels")):
         with pytest.raises(ValueError, match=match):
             build_model({**config, "widths": widths})
+
+
+def test_spvcnn_refuses_voxels_of_another_stride_as_minkunet_does():
+    """SPVCNN takes stride-1 voxels, as MinkUNet (its voxel branch) does:
+    a stride-2 tensor with points in its voxels ran the whole network at
+    strides 2..32 and gave logits, silently (MinkUNet refuses it)."""
+    from pointsparse.models import SPVCNN
+
+    g = torch.Generator().manual_seed(0)
+    points = torch.rand(300, 3, generator=g) * 12
+    x, inverse = ps.voxelize(points, torch.randn(300, 4, generator=g), voxel_size=1.0)
+    coarse, inverse2 = torch.unique(torch.cat([x.coords[:, :1], x.coords[:, 1:] // 2 * 2], 1), dim=0,
+                                    return_inverse=True)
+    x2 = ps.SparseTensor(torch.randn(len(coarse), 4, generator=g), coarse.int(), stride=2)
+    net = SPVCNN(4, 3, cr=0.125, blocks=1).eval()
+    batch = torch.zeros(300, dtype=torch.long)
+    assert net(x, inverse, points, batch).shape == (300, 3)
+    with pytest.raises(ValueError, match=r"SPVCNN needs a stride-1 input tensor \(voxels\); got stride \(2, 2, 2\)"):
+        net(x2, inverse2[inverse], points, batch)

@@ -150,6 +150,8 @@ class SPVCNN(nn.Module):
             raise TypeError(f"SPVCNN takes a SparseTensor; got {type(voxels).__name__}")
         if voxels.num_channels != self.in_channels:
             raise ValueError(f"SPVCNN was built for {self.in_channels} input channels; got {voxels.num_channels}")
+        if voxels.stride != (1, 1, 1):  # (the U-Net's own forward, which checks it, is not run)
+            raise ValueError(f"SPVCNN needs a stride-1 input tensor (voxels); got stride {voxels.stride}")
         point_coords = check_points(voxels, inverse, points, point_batch)
         u = self.unet
         # The point branch runs in its own weights' dtype, the voxel branch in
