@@ -344,3 +344,23 @@ def test_spvcnn_refuses_voxels_of_another_stride_as_minkunet_does():
     assert net(x, inverse, points, batch).shape == (300, 3)
     with pytest.raises(ValueError, match=r"SPVCNN needs a stride-1 input tensor \(voxels\); got stride \(2, 2, 2\)"):
         net(x2, inverse2[inverse], points, batch)
+
+
+def test_model_from_state_gives_a_folded_bias_the_models_dtype():
+    """A bias stored where the model builds none (folded in by pruning's
+    remove_masked) is made in the model's dtype, as every other tensor
+    loads into it: from float64 weights it was made float64 beside the
+    float32 weight (the forward a TypeError, 'bias (torch.float64, cpu)
+    must match the weight')."""
+    from pointsparse.models import model_from_state
+
+    config = {"model": "minkunet", "in_channels": 4, "classes": ["a", "b", "c"], "cr": 0.125, "blocks": 1}
+    net = MinkUNet(4, 3, cr=0.125, blocks=1).eval()
+    weights = dict(net.state_dict())
+    weights["stem.0.0.bias"] = torch.randn(net.widths[0])
+    want = model_from_state({"config": config, "model": weights}).eval()
+    double = {k: v.double() if v.is_floating_point() else v for k, v in weights.items()}
+    model = model_from_state({"config": config, "model": double}).eval()
+    assert model.stem[0][0].bias.dtype == torch.float32
+    x = _cloud(300, 4, extent=20)
+    torch.testing.assert_close(model(x).feats, want(x).feats)

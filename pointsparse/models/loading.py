@@ -133,8 +133,8 @@ def _submodule(model: nn.Module, name: str) -> nn.Module | None:
 def _bias_like(model: nn.Module, state_dict: dict) -> None:
     """A bias on every layer that has one in ``state_dict`` but none by
     construction (folded in by ``DependencyGraph.remove_masked``), of the
-    layer's width (``_fit_shapes`` narrows it to the stored one, or
-    refuses a stored one of another shape)."""
+    layer's width, dtype and device (``_fit_shapes`` narrows it to the
+    stored one, or refuses a stored one of another shape)."""
     for key, value in state_dict.items():
         for suffix in (".bias", ".bias_orig"):
             if key.endswith(suffix):
@@ -144,7 +144,10 @@ def _bias_like(model: nn.Module, state_dict: dict) -> None:
                 if module.bias is None and "bias_orig" not in module._parameters:
                     width = getattr(module, "out_channels", getattr(module, "out_features", None))
                     shape = (width,) if isinstance(width, int) else value.shape
-                    module.bias = nn.Parameter(value.new_zeros(shape))
+                    # the layer's dtype and device, as load_state_dict casts every other tensor into the model's
+                    like = module._parameters.get("weight_orig", getattr(module, "weight", None))
+                    like = like if isinstance(like, torch.Tensor) else value
+                    module.bias = nn.Parameter(like.new_zeros(shape))
 
 
 def _mask_like(model: nn.Module, state_dict: dict) -> None:
