@@ -364,3 +364,27 @@ def test_model_from_state_gives_a_folded_bias_the_models_dtype():
     assert model.stem[0][0].bias.dtype == torch.float32
     x = _cloud(300, 4, extent=20)
     torch.testing.assert_close(model(x).feats, want(x).feats)
+
+
+def test_load_model_names_a_bad_path_or_map_location(tmp_path):
+    """load_model's map_location is a device (a torch.device, a string such
+    as "cpu", a device index) or None: torch.load's other forms (a dict, a
+    function) are a TypeError naming it and what it takes (they were
+    torch's 'to() received an invalid combination of arguments'), a string
+    that is no device a ValueError naming it (a RuntimeError, 'Invalid
+    device string'); a path that is no path a TypeError naming it."""
+    from pointsparse import checkpoint
+    from pointsparse.models import load_model
+
+    config = {"model": "minkunet", "in_channels": 4, "classes": ["a", "b", "c"], "cr": 0.125, "blocks": 1}
+    path = tmp_path / "checkpoint.pt"
+    checkpoint.save(path, {"config": config, "model": MinkUNet(4, 3, cr=0.125, blocks=1).state_dict()})
+    for device in ("cpu", torch.device("cpu"), None):
+        assert not load_model(str(path), map_location=device).training
+    for bad in ({"cuda:0": "cpu"}, lambda storage, location: storage, True, 1.5):
+        with pytest.raises(TypeError, match="map_location must be a device"):
+            load_model(path, map_location=bad)
+    with pytest.raises(ValueError, match="map_location 'gpu7' is no device"):
+        load_model(path, map_location="gpu7")
+    with pytest.raises(TypeError, match="path must be the checkpoint file's path"):
+        load_model(None)

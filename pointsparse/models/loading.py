@@ -5,6 +5,7 @@ config names the architecture (``model``, ``in_channels``, ``classes``,
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -41,9 +42,22 @@ def build_model(config: dict) -> nn.Module:
 def load_model(path, map_location="cpu") -> nn.Module:
     """The model of a checkpoint written by ``pointsparse train`` or
     ``pointsparse prune channels`` (loaded with ``weights_only=True``), with
-    its weights, in eval mode."""
+    its weights, in eval mode. ``map_location``: the device to put it on
+    (a ``torch.device``, a string such as ``"cuda:0"``, a device index),
+    or None for the CPU it is read onto."""
     from .. import checkpoint
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be the checkpoint file's path (a str or Path); got {type(path).__name__}")
+    # (torch.load's other forms, a dict or a function of storages, do not apply: the file is read onto the CPU)
+    if map_location is not None and not isinstance(map_location, torch.device):
+        if isinstance(map_location, bool) or not isinstance(map_location, (str, int)):
+            raise TypeError("map_location must be a device (a torch.device, a string such as 'cpu' or 'cuda:0', a "
+                            f"device index) or None; got {type(map_location).__name__}")
+        try:
+            map_location = torch.device(map_location)
+        except RuntimeError:
+            raise ValueError(f"map_location {map_location!r} is no device (e.g. 'cpu', 'cuda', 'cuda:0')") from None
     state = checkpoint.load_training(Path(path))  # data only (weights_only=True), digest checked
     try:
         return model_from_state(state).to(map_location).eval()
