@@ -388,3 +388,32 @@ def test_load_model_names_a_bad_path_or_map_location(tmp_path):
         load_model(path, map_location="gpu7")
     with pytest.raises(TypeError, match="path must be the checkpoint file's path"):
         load_model(None)
+
+
+def test_model_from_state_sets_the_widths_of_a_masked_narrowed_linear():
+    """A channel-pruned SPVCNN whose point branch is masked too (weight_orig
+    + weight_mask) loads with its Linear layers' in_features / out_features
+    read from their tensors, as its convs' in_channels / out_channels are:
+    they stayed the config's widths (Linear(in_features=8, out_features=64)
+    holding a (32, 4) weight)."""
+    from pointsparse import prune
+    from pointsparse.models import SPVCNN, model_from_state
+    from pointsparse.prune import graph
+
+    g = torch.Generator().manual_seed(0)
+    points = torch.rand(1500, 3, generator=g) * 30
+    x, inverse = ps.voxelize(points, torch.randn(1500, 4, generator=g), voxel_size=1.0)
+    batch = torch.zeros(1500, dtype=torch.long)
+    torch.manual_seed(10)
+    net = SPVCNN(4, 3, cr=0.25, blocks=1).eval()
+    graph.prune_model(net, (x, inverse, points, batch), 0.5)
+    for module in net.modules():
+        if isinstance(module, torch.nn.Linear):
+            prune.l1_unstructured(module, "weight", 0.3)
+    config = {"model": "spvcnn", "in_channels": 4, "classes": ["a", "b", "c"], "cr": 0.25, "blocks": 1}
+    model = model_from_state({"config": config, "model": net.state_dict()}).eval()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears[0].weight_orig.shape[1] < model.widths[0]  # narrower than the config builds
+    for linear in linears:
+        assert tuple(linear.weight_orig.shape) == (linear.out_features, linear.in_features)
+    torch.testing.assert_close(model(x, inverse, points, batch), net(x, inverse, points, batch))

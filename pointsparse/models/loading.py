@@ -210,7 +210,7 @@ def _fit_shapes(model: nn.Module, state_dict: dict) -> None:
             owner.register_buffer(leaf, own[name].new_empty(value.shape))
         if isinstance(owner, nn.modules.batchnorm._BatchNorm):
             owner.num_features = value.shape[0]
-        elif isinstance(owner, nn.Linear) and leaf == "weight":
+        elif isinstance(owner, nn.Linear) and leaf in ("weight", "weight_orig"):  # (out, in)
             owner.out_features, owner.in_features = value.shape
         elif isinstance(owner, Conv3d) and leaf in ("weight", "weight_orig"):  # (K, C_in, C_out)
             owner.in_channels, owner.out_channels = value.shape[1], value.shape[2]
