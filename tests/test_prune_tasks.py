@@ -46,3 +46,22 @@ def test_scene_tensor_labels_voxels_by_majority(monkeypatch):
         held = many_labels[(torch.floor(many / 0.5).long() == torch.tensor(c)).all(1)].tolist()
         counts = [held.count(k) for k in range(4)]
         assert v == counts.index(max(counts)), (c, held)
+
+
+def test_tasks_refuse_bad_arguments_before_any_work(monkeypatch):
+    """digits_task and scene_task check their model arguments at once, naming
+    them: an unknown digits model made a Task ('digits-bogus') whose
+    make_model failed later, inside a procedure; batch_size 0 trained on
+    empty batches (a NaN loss); scene_task(width=0) made a Task whose model
+    failed to build later. Nothing is loaded or generated first."""
+    import pytest
+
+    monkeypatch.setattr(tasks, "_load_digits", lambda: pytest.fail("data loaded before the arguments were checked"))
+    monkeypatch.setattr(tasks, "scene_tensor", lambda *a: pytest.fail("scenes made before the arguments were checked"))
+    with pytest.raises(ValueError, match="digits model must be 'mlp', 'cnn' or 'deep'; got 'bogus'"):
+        tasks.digits_task("bogus")
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match=f"batch_size must be (a positive int|an int >= 1); got {bad}"):
+            tasks.digits_task("mlp", batch_size=bad)
+    with pytest.raises(ValueError, match="width must be an int >= 1; got 0"):
+        tasks.scene_task(width=0)

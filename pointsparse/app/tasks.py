@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..tensor import positive_int
 from . import metrics
 from .trainer import fit_steps
 
@@ -66,6 +67,10 @@ def _load_digits():
     return x[perm], y[perm]
 
 
+#: The models of the digits task.
+DIGITS_MODELS = ("mlp", "cnn", "deep")
+
+
 def digits_model(kind: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     if kind == "mlp":
@@ -91,6 +96,9 @@ def digits_model(kind: str, seed: int = 0) -> nn.Module:
 
 def digits_task(model: str = "mlp", seed: int = 0, batch_size: int = 64) -> Task:
     """Digits: 1000 training, 300 validation, 497 test images."""
+    if model not in DIGITS_MODELS:  # (checked before the data: it failed later, in make_model)
+        raise ValueError(f"digits model must be 'mlp', 'cnn' or 'deep'; got {model!r}")
+    batch_size = positive_int(batch_size, "batch_size")
     x, y = _load_digits()
     xtr, ytr, xva, yva, xte, yte = x[:1000], y[:1000], x[1000:1300], y[1000:1300], x[1300:], y[1300:]
     gen = torch.Generator().manual_seed(seed)
@@ -167,6 +175,7 @@ def scene_task(seed: int = 0, points: int = 6000, voxel_size: float = 0.5, width
     """Generated scenes: 3 training scenes, one validation and one test scene;
     metric voxel mIoU over the 4 classes. ``make_model(seed)`` replaces the
     default sparse chain (for example with ``pointsparse.models.MinkUNet``)."""
+    width = positive_int(width, "width")  # (before the scenes: a bad one failed later, in make_model)
     train = [scene_tensor(seed * 10 + i, points, voxel_size) for i in range(3)]
     val = scene_tensor(seed * 10 + 7, points, voxel_size)
     test = scene_tensor(seed * 10 + 8, points, voxel_size)
