@@ -417,3 +417,31 @@ def test_model_from_state_sets_the_widths_of_a_masked_narrowed_linear():
     for linear in linears:
         assert tuple(linear.weight_orig.shape) == (linear.out_features, linear.in_features)
     torch.testing.assert_close(model(x, inverse, points, batch), net(x, inverse, points, batch))
+
+
+def test_point_to_voxel_names_bad_arguments():
+    """point_to_voxel (public, as TorchSparse's) checks its arguments: a
+    TypeError / ValueError naming them instead of torch's index_add errors
+    ('index 3 is out of bounds', a device-side assert on a GPU), an
+    IndexError ('tuple index out of range') for 1-D feats or an
+    AttributeError for a list."""
+    from pointsparse.models import point_to_voxel
+
+    voxels = ps.SparseTensor(torch.zeros(3, 2), torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0], [0, 2, 0, 0]],
+                                                             dtype=torch.int32))
+    feats = torch.arange(8.0).reshape(4, 2)
+    out = point_to_voxel(voxels, feats, torch.tensor([0, 0, 1, 2], dtype=torch.int32))
+    assert torch.equal(out.feats, torch.tensor([[1.0, 2.0], [4.0, 5.0], [6.0, 7.0]]))
+    for dtype in (torch.uint8, torch.int16, torch.uint16, torch.uint32):  # (index_add took int32 / int64 only)
+        assert torch.equal(point_to_voxel(voxels, feats, torch.tensor([0, 0, 1, 2], dtype=dtype)).feats, out.feats)
+    bad = [((voxels.feats, feats, torch.tensor([0, 0, 1, 2])), TypeError, "tensor must be a SparseTensor"),
+           ((voxels, feats.tolist(), torch.tensor([0, 0, 1, 2])), TypeError, r"point_feats must be a tensor \(N, C\)"),
+           ((voxels, feats[:, 0], torch.tensor([0, 0, 1, 2])), ValueError, r"point_feats must be \(N, C\); got \(4,\)"),
+           ((voxels, feats, torch.tensor([0.0, 0, 1, 2])), TypeError, r"rows must be an integer tensor"),
+           ((voxels, feats, [0, 0, 1, 2]), TypeError, r"rows must be an integer tensor"),
+           ((voxels, feats, torch.tensor([0, 1])), ValueError, r"rows must be \(4,\), a row a point; got \(2,\)"),
+           ((voxels, feats, torch.tensor([0, 1, 2, 3])), ValueError, r"rows must lie in \[0, 3\)"),
+           ((voxels, feats, torch.tensor([0, 1, 2, -1])), ValueError, r"rows must lie in \[0, 3\)")]
+    for args, error, match in bad:
+        with pytest.raises(error, match=match):
+            point_to_voxel(*args)

@@ -34,8 +34,26 @@ def point_rows(tensor: SparseTensor, point_coords: torch.Tensor) -> torch.Tensor
 
 def point_to_voxel(tensor: SparseTensor, point_feats: torch.Tensor, rows: torch.Tensor) -> SparseTensor:
     """``tensor`` with feats = mean of the point features of each voxel
-    (voxels without a point keep zeros)."""
+    (voxels without a point keep zeros). ``point_feats`` ``(N, C)``,
+    ``rows`` ``(N,)`` the row of ``tensor`` of each point."""
+    if not isinstance(tensor, SparseTensor):
+        raise TypeError(f"tensor must be a SparseTensor; got {type(tensor).__name__}")
+    if not isinstance(point_feats, torch.Tensor):
+        raise TypeError(f"point_feats must be a tensor (N, C); got {type(point_feats).__name__}")
+    if point_feats.dim() != 2:
+        raise ValueError(f"point_feats must be (N, C); got {tuple(point_feats.shape)}")
+    if not isinstance(rows, torch.Tensor) or rows.is_floating_point() or rows.is_complex() or rows.dtype == torch.bool:
+        got = f"dtype {rows.dtype}" if isinstance(rows, torch.Tensor) else type(rows).__name__
+        raise TypeError(f"rows must be an integer tensor (N,), the row of tensor of each point; got {got}")
+    if rows.dtype not in (torch.int32, torch.int64):  # (index_add's index dtypes; torch has no min of uint16/32/64)
+        rows = rows.long()
     voxels = tensor.coords.shape[0]  # (not len(tensor): in a traced graph the count is a symbol, len() needs an int)
+    if not torch.compiler.is_compiling():  # (sizes and values: symbols in a traced graph)
+        if rows.shape != point_feats.shape[:1]:
+            raise ValueError(f"rows must be ({point_feats.shape[0]},), a row a point; got {tuple(rows.shape)}")
+        if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= voxels):
+            raise ValueError(f"rows must lie in [0, {voxels}) (the rows of tensor); got rows from {int(rows.min())} "
+                             f"to {int(rows.max())}")
     out = point_feats.new_zeros((voxels, point_feats.shape[1]))
     out = out.index_add(0, rows, point_feats)
     # points per voxel (index_add, not bincount: its length stays the voxels' in a traced graph)
