@@ -255,8 +255,8 @@ def test_a_corrupt_extra_state_is_refused_and_leaves_the_module_as_it_was():
     sparse = F.compress(conv, "csr")
     ref = sparse(x).feats
     bad_index = sparse.state_dict()
-    bad_index["_extra_state"]["offsets"][13].col_idx = torch.full_like(
-        bad_index["_extra_state"]["offsets"][13].col_idx, 250)
+    held = bad_index["_extra_state"]["offsets"][13]["attributes"]  # (the format's data: a copy of its attributes)
+    held["col_idx"] = torch.full_like(held["col_idx"], 250)
     narrow = F.compress(_pruned_conv(seed=2, channels=4), "csr").state_dict()["_extra_state"]
     cases = [(bad_index, "do not make a weight"), ({**sparse.state_dict(), "_extra_state": [1]}, "_extra_state must"),
              ({**sparse.state_dict(), "_extra_state": narrow}, r"shape \(27, 4, 4\); this conv's is \(27, 8, 8\)")]
@@ -647,3 +647,29 @@ def test_execution_set_on_a_layer_is_checked_when_it_runs():
     sparse.execution = "engine"
     with torch.no_grad():
         torch.testing.assert_close(sparse(x).feats, conv(x).feats, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fmt,kwargs", [("csr", {}), ("bsr", {"blocksize": (2, 4)}), ("fkw", {}), ("eie", {})])
+def test_compressed_state_dict_loads_as_weights_only_data(tmp_path, fmt, kwargs):
+    """A compressed model's state_dict held format objects in _extra_state:
+    torch.load (weights_only=True, torch's default) refused the saved file,
+    and so did checkpoint.save. Its formats are plain data now: both read it
+    back, and a fresh compressed model loading it computes the same."""
+    from pointsparse import checkpoint
+
+    model = torch.nn.Sequential(_pruned_conv(), psnn.ReLU())
+    linear = torch.nn.Linear(8, 3)
+    prune.l1_unstructured(linear, "weight", 0.5)
+    prune.remove(linear, "weight")
+    compressed = F.compress(torch.nn.ModuleDict({"conv": model, "head": linear}), fmt, **kwargs)
+    x = _sparse_input(channels=8)
+    with torch.no_grad():
+        want = compressed["head"](compressed["conv"](x).feats)
+    torch.save(compressed.state_dict(), tmp_path / "m.pt")
+    checkpoint.save(tmp_path / "c.pt", {"model": compressed.state_dict()})
+    for state in (torch.load(tmp_path / "m.pt", weights_only=True), checkpoint.load(tmp_path / "c.pt")["model"]):
+        fresh = F.compress(torch.nn.ModuleDict({"conv": torch.nn.Sequential(_pruned_conv(seed=9), psnn.ReLU()),
+                                                "head": torch.nn.Linear(8, 3)}), fmt, **kwargs)
+        fresh.load_state_dict(state)
+        with torch.no_grad():
+            torch.testing.assert_close(fresh["head"](fresh["conv"](x).feats), want)

@@ -83,7 +83,7 @@ class SparseLinear(nn.Module):
         return self.weight_format.nbytes() + extra
 
     def get_extra_state(self):
-        return {"weight_format": self.weight_format}
+        return {"weight_format": format_data(self.weight_format)}
 
     def set_extra_state(self, state) -> None:
         """Loads the format ``get_extra_state`` gave, checked first (its arrays,
@@ -93,7 +93,8 @@ class SparseLinear(nn.Module):
         if not isinstance(state, dict) or "weight_format" not in state:
             raise ValueError(f"{name}: _extra_state must be the dict get_extra_state gives (weight_format); got "
                              f"{type(state).__name__}")
-        fmt = checked_format(state["weight_format"], f"{name}: _extra_state's weight_format")
+        fmt = checked_format(format_of_data(state["weight_format"], f"{name}: _extra_state's weight_format"),
+                             f"{name}: _extra_state's weight_format")
         if tuple(fmt.shape) != (self.out_features, self.in_features):
             raise ValueError(f"{name}: _extra_state's weight_format has shape {tuple(fmt.shape)}; this layer's "
                              f"weight is (out_features, in_features) = ({self.out_features}, {self.in_features})")
@@ -110,6 +111,35 @@ class SparseLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, weight={self.weight_format!r}"
 
 
+def format_data(fmt: SparseFormat) -> dict:
+    """``fmt`` as plain data (its class's name, and its attributes: tensors,
+    ints, tuples, dtypes), what a compressed layer's ``_extra_state`` holds:
+    ``torch.load(weights_only=True)`` (torch's default) and
+    :func:`pointsparse.checkpoint.load` read a state_dict of it back, where a
+    pickled format object is refused. :func:`format_of_data` rebuilds it."""
+    return {"format": type(fmt).__name__, "attributes": fmt.__getstate__()}
+
+
+def format_of_data(data, what: str):
+    """The format :func:`format_data` gave (a format object itself, from a
+    state saved before the data form, passes as it is; :func:`checked_format`
+    checks either), else a TypeError / ValueError starting with ``what``."""
+    if isinstance(data, SparseFormat):
+        return data
+    from . import FORMATS  # noqa: PLC0415 - (the package's table, complete once it is imported)
+
+    classes = {cls.__name__: cls for cls in FORMATS.values()}
+    if not (isinstance(data, dict) and set(data) == {"format", "attributes"} and isinstance(data["attributes"], dict)):
+        raise TypeError(f"{what} must be a sparse format (pointsparse.formats.CSR, BSR, ...) or the data of one "
+                        f"({{'format': name, 'attributes': dict}}); got {type(data).__name__}")
+    cls = classes.get(data["format"])
+    if cls is None:
+        raise ValueError(f"{what} names format {data['format']!r}; the formats are {sorted(classes)}")
+    fmt = cls.__new__(cls)
+    fmt.__setstate__(data["attributes"])
+    return fmt
+
+
 def checked_format(fmt, what: str) -> SparseFormat:
     """``fmt`` if it is a sparse format whose arrays pass its checks (a
     loaded format was unpickled without its constructor's checks), else a
@@ -119,6 +149,8 @@ def checked_format(fmt, what: str) -> SparseFormat:
                         f"{type(fmt).__name__}")
     try:
         return fmt.validate()
+    except AttributeError as error:  # (data whose attributes miss one the format holds)
+        raise ValueError(f"{what} is not a valid {type(fmt).__name__}: it lacks {error.name!r}") from error
     except (TypeError, ValueError) as error:
         raise type(error)(f"{what} is not a valid {type(fmt).__name__}: {error}") from error
 
@@ -238,7 +270,9 @@ class SparseConv3d(nn.Module):
         return self.offsets.dtype if isinstance(self.offsets, FKW) else self.offsets[0].dtype
 
     def get_extra_state(self):
-        return {"offsets": self.offsets, "execution": self.execution, "chosen": self.chosen,
+        offsets = format_data(self.offsets) if isinstance(self.offsets, FKW) else \
+            [format_data(f) for f in self.offsets]
+        return {"offsets": offsets, "execution": self.execution, "chosen": self.chosen,
                 "kernel_region": self.kernel_region}
 
     def _checked_region(self, region, weight: torch.Tensor, what: str):
@@ -294,8 +328,13 @@ class SparseConv3d(nn.Module):
     def _checked_offsets(self, offsets, what: str):
         """``offsets`` if they hold this conv's weight: one FKW of weight
         shape (C_out, C_in, K) or a list of K formats of shape (C_out, C_in),
-        all of one dtype, each passing its checks."""
+        all of one dtype, each passing its checks (as objects, or as the data
+        :func:`format_data` gives of them)."""
         c_out, c_in, volume = self.out_channels, self.in_channels, self.kernel_volume
+        if isinstance(offsets, dict):  # (one FKW's data)
+            offsets = format_of_data(offsets, f"{what} the FKW")
+        elif isinstance(offsets, (list, tuple)):
+            offsets = [format_of_data(f, f"{what} offset {o}") for o, f in enumerate(offsets)]
         if isinstance(offsets, FKW):
             checked_format(offsets, f"{what} the FKW")
             if tuple(offsets.weight_shape) != (c_out, c_in, volume):
