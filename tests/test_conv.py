@@ -139,6 +139,23 @@ def test_gradgradcheck(k, t, transposed):
     assert torch.autograd.gradgradcheck(fn, (feats, w))
 
 
+@pytest.mark.parametrize("k,t,transposed", [(3, 1, False), (2, 2, True)])
+def test_gradgradcheck_of_non_contiguous_inputs(k, t, transposed):
+    """Transposed views as feats and weight: the second-order gradients still
+    reach them (the engine runs on contiguous copies of them)."""
+    x = make(n=20, c=2, extent=3, seed=3)
+    src = x
+    if transposed:
+        src = F.conv3d(x, weight(k, 2, 2), k, t)
+        src = src.with_feats(src.feats.detach())
+    w = weight(k, 3, 2).requires_grad_()  # used as (K, 2, 3) through a transposed view
+    feats = src.feats.T.contiguous().requires_grad_()  # used as (N, 2) through a transposed view
+    fn = lambda f, w_: F.conv3d(src.with_feats(f.T), w_.transpose(1, 2), k, t,  # noqa: E731
+                                transposed=transposed).feats
+    assert not feats.T.is_contiguous() and not w.transpose(1, 2).is_contiguous()
+    assert torch.autograd.gradgradcheck(fn, (feats, w))
+
+
 def test_gradient_penalty_equals_the_torch_path():
     x = make(n=200, c=3, extent=6, seed=4)
     w0 = weight(3, 3, 4)

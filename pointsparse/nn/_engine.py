@@ -390,11 +390,12 @@ class ConvFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, feats, weight, bias, plan, region=None, mask=None):
-        feats_c, weight_c = feats.contiguous(), weight.contiguous()
         ctx.plan, ctx.region, ctx.mask = plan, region, mask
-        ctx.save_for_backward(feats_c, weight_c)
+        # the inputs themselves, not contiguous copies: a copy made here is
+        # no part of the graph, and the second-order gradients would miss it
+        ctx.save_for_backward(feats, weight)
         ctx.has_bias = bias is not None
-        return conv_forward(feats_c, weight_c, bias, plan, region=region)
+        return conv_forward(feats.contiguous(), weight.contiguous(), bias, plan, region=region)
 
     @staticmethod
     def backward(ctx, grad):
@@ -409,8 +410,8 @@ class ConvFunction(torch.autograd.Function):
             if grad_weight is not None and ctx.mask is not None:  # as the one-pass gradient: dense * mask
                 grad_weight = grad_weight * ctx.mask
             return grad_feats, grad_weight, grad_bias, None, None, None
-        grad_feats, grad_weight = conv_backward(feats, weight, grad.contiguous(), ctx.plan, need_feats, need_weight,
-                                                ctx.region, ctx.mask)
+        grad_feats, grad_weight = conv_backward(feats.contiguous(), weight.contiguous(), grad.contiguous(), ctx.plan,
+                                                need_feats, need_weight, ctx.region, ctx.mask)
         return grad_feats, grad_weight, grad_bias, None, None, None
 
 
@@ -420,9 +421,9 @@ class _InputGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, grad, weight, plan, region=None):
-        grad_c, weight_c = grad.contiguous(), weight.contiguous()
         ctx.plan, ctx.region = plan, region
-        ctx.save_for_backward(grad_c, weight_c)
+        ctx.save_for_backward(grad, weight)  # (the inputs, as ConvFunction's)
+        grad_c, weight_c = grad.contiguous(), weight.contiguous()
         shape_only = grad_c.new_empty((plan.num_in, weight_c.shape[1]))
         return conv_backward(shape_only, weight_c, grad_c, plan, True, False, region)[0]
 
@@ -441,9 +442,9 @@ class _WeightGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, feats, grad, plan, weight_shape, region=None):
-        feats_c, grad_c = feats.contiguous(), grad.contiguous()
         ctx.plan, ctx.region = plan, region
-        ctx.save_for_backward(feats_c, grad_c)
+        ctx.save_for_backward(feats, grad)  # (the inputs, as ConvFunction's)
+        feats_c, grad_c = feats.contiguous(), grad.contiguous()
         shape_only = feats_c.new_empty(weight_shape)
         return conv_backward(feats_c, shape_only, grad_c, plan, False, True, region)[1]
 
