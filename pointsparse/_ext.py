@@ -183,11 +183,40 @@ def torch_path() -> backend:
     return backend("torch")
 
 
+def values(tensor: torch.Tensor) -> torch.Tensor:
+    """The plain tensor holding ``tensor``'s values where a torch.func transform
+    wraps it: a ``grad`` / ``vjp`` / ``jacrev`` wrapper (live, or dead and kept
+    in a cache) is unwrapped, as ``detach`` would (the core reads values, it
+    never differentiates: the engine's autograd Functions do). A ``vmap``
+    batch has no values of one sample: a TypeError."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(tensor):
+        if functorch.is_batchedtensor(tensor):
+            raise TypeError("the C++ core cannot run under torch.func.vmap (a batched tensor reached it): "
+                            "loop over the samples instead")
+        tensor = functorch.get_unwrapped(tensor)
+    return tensor
+
+
+def in_transform() -> bool:
+    """Whether a torch.func transform (``grad``, ``vjp``, ``jacrev``, ``vmap``, ...) is running."""
+    return torch._C._functorch.maybe_current_level() is not None
+
+
 def to_numpy(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> np.ndarray:
     """A C-contiguous numpy view of a CPU tensor (a copy only when the dtype or
-    layout must change)."""
+    layout must change); inside a torch.func transform, of its :func:`values`."""
     if tensor.device.type != "cpu":
         raise ValueError(f"the C++ core takes CPU tensors; got one on {tensor.device}")
+    if in_transform():
+        # with the transforms' dispatch off: inside one even a plain tensor's
+        # detach() comes back wrapped, and .numpy() of a wrapper fails
+        with torch._C._DisableFuncTorch():
+            return _numpy(values(tensor), dtype)
+    return _numpy(tensor, dtype)
+
+
+def _numpy(tensor: torch.Tensor, dtype: torch.dtype | None) -> np.ndarray:
     if dtype is not None and tensor.dtype != dtype:
         tensor = tensor.to(dtype)
     return tensor.detach().contiguous().numpy()

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from torch.autograd import forward_ad
 
 from .. import _ext
 from .. import kmap as _kmap
@@ -173,6 +174,8 @@ def _fused_plan_in(cache: "CoordinateCache", kmap: _kmap.KernelMap) -> FusedPlan
 
 
 def _np(t: torch.Tensor):
+    if _ext.in_transform():  # (a torch.func transform's tensor: its values, see _ext.to_numpy)
+        return _ext.to_numpy(t)
     return t.detach().numpy()
 
 
@@ -276,7 +279,7 @@ def _flags(keep):
     None when every offset runs, else uint8 numpy."""
     import numpy as np
 
-    keep = keep.cpu().numpy() if isinstance(keep, torch.Tensor) else keep
+    keep = _ext.to_numpy(keep.cpu()) if isinstance(keep, torch.Tensor) else keep
     return None if bool(keep.all()) else np.ascontiguousarray(keep.astype(np.uint8))
 
 
@@ -313,9 +316,9 @@ def _decide(weight: torch.Tensor, transpose: bool, region: torch.Tensor | None, 
     tiles there). Every per-call choice (forward, input gradient, masked
     weight gradient) goes through here."""
     if not _ext.serves(weight, dtypes=ENGINE_DTYPES):
-        return _execution(vector_blocks(weight, transpose).sum(1).cpu().numpy(),
+        return _execution(_ext.to_numpy(vector_blocks(weight, transpose).sum(1).cpu()),
                           weight.shape[2] if transpose else weight.shape[1], region, threshold)
-    flags = None if region is None else region.cpu().numpy()
+    flags = None if region is None else _ext.to_numpy(region.cpu())
     active, vector, density = _ext.core.conv_execution(_np(weight.contiguous()), transpose, flags, threshold, twin)
     return Execution(active, vector, density)
 
@@ -327,7 +330,7 @@ def _execution(counts, rows: int, region, threshold: float) -> Execution:
     per_offset = counts.sum(1)
     keep = per_offset > 0
     if region is not None:
-        keep &= region.cpu().numpy()
+        keep &= _ext.to_numpy(region.cpu())
     capacity = int(keep.sum()) * rows * counts.shape[1]
     density = int(per_offset[keep].sum()) / capacity if capacity else 0.0
     return Execution(_flags(keep), density <= threshold, density)
@@ -355,7 +358,7 @@ def executed_flops(weight: torch.Tensor, pair_counts: torch.Tensor, region: torc
     if execution is None and _ext.serves(weight, dtypes=ENGINE_DTYPES):
         execution = choose_execution(weight, region)
     elif execution is None:
-        execution = _execution(counts.numpy(), weight.shape[1], region, vector_threshold(weight.shape[1]))
+        execution = _execution(_ext.to_numpy(counts), weight.shape[1], region, vector_threshold(weight.shape[1]))
     pairs = torch.as_tensor(pair_counts, dtype=torch.int64)
     keep = torch.ones(weight.shape[0], dtype=torch.bool) if execution.active is None else \
         torch.from_numpy(execution.active).bool()
@@ -386,16 +389,24 @@ class ConvFunction(torch.autograd.Function):
     whose gradients are the conv and each other, so a gradient penalty
     (``create_graph=True``) is exact. Without ``create_graph`` backward makes
     one combined pass (and computes only the weight-gradient vectors ``mask``
-    keeps)."""
+    keeps).
+
+    The forward takes no ``ctx`` (``setup_context`` fills it), so torch.func
+    transforms (``grad``, ``vjp``, ``jacrev``) run it on plain tensors, as
+    the core needs; these Functions have no vmap rule (vmap is torch's error)."""
 
     @staticmethod
-    def forward(ctx, feats, weight, bias, plan, region=None, mask=None):
+    def forward(feats, weight, bias, plan, region, mask):
+        return conv_forward(feats.contiguous(), weight.contiguous(), bias, plan, region=region)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        feats, weight, bias, plan, region, mask = inputs
         ctx.plan, ctx.region, ctx.mask = plan, region, mask
-        # the inputs themselves, not contiguous copies: a copy made here is
-        # no part of the graph, and the second-order gradients would miss it
+        # the inputs themselves, not contiguous copies: a copy made in the
+        # forward is no part of the graph, and second-order gradients would miss it
         ctx.save_for_backward(feats, weight)
         ctx.has_bias = bias is not None
-        return conv_forward(feats.contiguous(), weight.contiguous(), bias, plan, region=region)
 
     @staticmethod
     def backward(ctx, grad):
@@ -420,18 +431,22 @@ class _InputGrad(torch.autograd.Function):
     adjoint is the conv) and in ``weight`` (the weight gradient's form)."""
 
     @staticmethod
-    def forward(ctx, grad, weight, plan, region=None):
-        ctx.plan, ctx.region = plan, region
-        ctx.save_for_backward(grad, weight)  # (the inputs, as ConvFunction's)
+    def forward(grad, weight, plan, region):
         grad_c, weight_c = grad.contiguous(), weight.contiguous()
         shape_only = grad_c.new_empty((plan.num_in, weight_c.shape[1]))
         return conv_backward(shape_only, weight_c, grad_c, plan, True, False, region)[0]
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad, weight, plan, region = inputs
+        ctx.plan, ctx.region = plan, region
+        ctx.save_for_backward(grad, weight)  # (the inputs, as ConvFunction's)
+
+    @staticmethod
     def backward(ctx, h):
         grad, weight = ctx.saved_tensors
         need_grad, need_weight = ctx.needs_input_grad[:2]
-        d_grad = ConvFunction.apply(h, weight, None, ctx.plan, ctx.region) if need_grad else None
+        d_grad = ConvFunction.apply(h, weight, None, ctx.plan, ctx.region, None) if need_grad else None
         d_weight = _WeightGrad.apply(h, grad, ctx.plan, tuple(weight.shape), ctx.region) if need_weight else None
         return d_grad, d_weight, None, None
 
@@ -441,19 +456,23 @@ class _WeightGrad(torch.autograd.Function):
     adjoint is the input gradient) and in ``grad`` (its adjoint is the conv)."""
 
     @staticmethod
-    def forward(ctx, feats, grad, plan, weight_shape, region=None):
-        ctx.plan, ctx.region = plan, region
-        ctx.save_for_backward(feats, grad)  # (the inputs, as ConvFunction's)
+    def forward(feats, grad, plan, weight_shape, region):
         feats_c, grad_c = feats.contiguous(), grad.contiguous()
         shape_only = feats_c.new_empty(weight_shape)
         return conv_backward(feats_c, shape_only, grad_c, plan, False, True, region)[1]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        feats, grad, plan, _weight_shape, region = inputs
+        ctx.plan, ctx.region = plan, region
+        ctx.save_for_backward(feats, grad)  # (the inputs, as ConvFunction's)
 
     @staticmethod
     def backward(ctx, v):
         feats, grad = ctx.saved_tensors
         need_feats, need_grad = ctx.needs_input_grad[:2]
         d_feats = _InputGrad.apply(grad, v, ctx.plan, ctx.region) if need_feats else None
-        d_grad = ConvFunction.apply(feats, v, None, ctx.plan, ctx.region) if need_grad else None
+        d_grad = ConvFunction.apply(feats, v, None, ctx.plan, ctx.region, None) if need_grad else None
         return d_feats, d_grad, None, None, None
 
 
@@ -642,6 +661,18 @@ def check_arguments(feats, weight, bias, kmap: _kmap.KernelMap) -> None:
             raise ValueError(f"bias must be (C_out,) = ({weight.shape[2]},); got {tuple(bias.shape)}")
 
 
+def _differentiated(*tensors: torch.Tensor | None) -> bool:
+    """Whether a result of these tensors goes through :class:`ConvFunction`:
+    one of them needs a gradient or carries a forward-mode tangent
+    (``torch.func.jvp``, ``torch.autograd.forward_ad``; the Function has no
+    jvp rule and torch says so, where the inference path would drop the
+    tangent: a silent zero)."""
+    present = [t for t in tensors if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+        return True
+    return any(forward_ad.unpack_dual(t).tangent is not None for t in present)
+
+
 def conv(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kmap: _kmap.KernelMap,
          cache: "CoordinateCache | None" = None, relu: bool = False, region: torch.Tensor | None = None,
          mask: torch.Tensor | None = None, add: torch.Tensor | None = None) -> torch.Tensor:
@@ -664,8 +695,7 @@ def conv(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k
         raise ValueError(f"mask must match the weight {tuple(weight.shape)} {weight.dtype}; got "
                          f"{tuple(mask.shape)} {mask.dtype}")
     mask = None if mask is None else mask.detach().contiguous()
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (feats, weight, bias, add))
-    if not grad:
+    if not _differentiated(feats, weight, bias, add):
         if not torch.is_grad_enabled():  # (inference: no context to enter on every call)
             return conv_forward(feats.contiguous(), weight.contiguous(), bias, plan, relu, region, add)
         with torch.no_grad():

@@ -1,0 +1,181 @@
+"""torch.func transforms (grad, vjp, jacrev, grad of grad) through the
+engine's autograd Functions equal torch.autograd's gradients, bit for bit;
+vmap and forward mode (jvp), which they do not support, are clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.autograd import forward_ad
+from torch.func import functional_call
+
+import pointsparse as ps
+from pointsparse import prune
+from pointsparse.nn import functional as F
+from reference import random_coords
+
+
+def cloud(n=40, c=2, extent=4, seed=0):
+    coords = random_coords(n, extent, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    return ps.SparseTensor(torch.randn(len(coords), c, generator=g, dtype=torch.float64), coords)
+
+
+def layer(case):
+    """``(module, input)`` of a float64 Conv3d case on a small cloud."""
+    torch.manual_seed(0)
+    x = cloud()
+    if case == "submanifold":
+        return ps.nn.Conv3d(2, 3, 3, bias=True).double(), x
+    if case == "strided2":
+        return ps.nn.Conv3d(2, 3, 2, stride=2).double(), x
+    if case == "strided3":
+        return ps.nn.Conv3d(2, 3, 3, stride=2, bias=True).double(), x
+    if case == "transposed":
+        with torch.no_grad():
+            down = F.conv3d(x, torch.randn(8, 2, 2, dtype=torch.float64), 2, 2)
+        return ps.nn.Conv3d(2, 3, 2, stride=2, transposed=True).double(), down
+    if case == "region":
+        return ps.nn.Conv3d(2, 3, 3, kernel_region="cross").double(), x
+    if case == "mask":
+        m = ps.nn.Conv3d(2, 3, 3, bias=True).double()
+        prune.l1_unstructured(m, "weight", 0.6)
+        return m, x
+    if case == "unet":  # down and back up: the transposed conv finds its coords in the cache built in the transform
+        down = ps.nn.Conv3d(2, 3, 2, stride=2, kernel_region=[0, 3, 5, 6]).double()
+        prune.l1_unstructured(down, "weight", 0.3)
+        up = ps.nn.Conv3d(3, 2, 2, stride=2, transposed=True, bias=True).double()
+        return torch.nn.Sequential(ps.nn.Conv3d(2, 2, 3).double(), down, up), x
+    raise AssertionError(case)
+
+
+CASES = ["submanifold", "strided2", "strided3", "transposed", "region", "mask", "unet"]
+
+
+def params_of(m):
+    return {k: v.detach() for k, v in m.named_parameters()}
+
+
+def out_fn(m, x):
+    return lambda params, feats: functional_call(m, params, (x.with_feats(feats),)).feats
+
+
+def loss_fn(m, x):
+    out = out_fn(m, x)
+    return lambda params, feats: (out(params, feats).sin() * 0.5).sum()
+
+
+def autograd_grads(fn, params, feats, *args, **kwargs):
+    """``(grads of params, grad of feats)`` of ``fn(params, feats)`` by torch.autograd."""
+    params = {k: v.clone().requires_grad_() for k, v in params.items()}
+    feats = feats.clone().requires_grad_()
+    grads = torch.autograd.grad(fn(params, feats), (*params.values(), feats), *args, **kwargs)
+    return dict(zip(params, grads[:-1])), grads[-1]
+
+
+def assert_same(got, expect):
+    """Equal bit for bit: the transforms run the same kernels as autograd."""
+    got_params, got_feats = got
+    expect_params, expect_feats = expect
+    assert got_params.keys() == expect_params.keys()
+    for k in expect_params:
+        torch.testing.assert_close(got_params[k], expect_params[k], rtol=0, atol=0, msg=k)
+    torch.testing.assert_close(got_feats, expect_feats, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_func_grad_through_conv_equals_autograd(case):
+    m, x = layer(case)
+    loss = loss_fn(m, x)
+    params = params_of(m)
+    got = torch.func.grad(loss, argnums=(0, 1))(params, x.feats)
+    assert_same(got, autograd_grads(loss, params, x.feats))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_func_vjp_through_conv_equals_autograd(case):
+    m, x = layer(case)
+    fn = out_fn(m, x)
+    params = params_of(m)
+    out, vjp = torch.func.vjp(fn, params, x.feats)
+    assert torch.equal(out, fn(params, x.feats))  # the forward is the engine's, bit for bit
+    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=out.dtype)
+    assert_same(vjp(cotangent), autograd_grads(fn, params, x.feats, cotangent))
+
+
+@pytest.mark.parametrize("case", ["submanifold", "transposed", "mask", "unet"])
+def test_func_grad_of_grad_through_conv_equals_autograd(case):
+    """A gradient penalty by nested torch.func.grad (the input and weight
+    gradients differentiated again) equals create_graph autograd."""
+    m, x = layer(case)
+    loss = loss_fn(m, x)
+    penalty = lambda params, feats: (torch.func.grad(loss, argnums=1)(params, feats) ** 2).sum()  # noqa: E731
+    params = params_of(m)
+    got = torch.func.grad(penalty, argnums=(0, 1))(params, x.feats)
+
+    def autograd_penalty(p, f):
+        (g,) = torch.autograd.grad(loss(p, f), f, create_graph=True)
+        return (g ** 2).sum()
+
+    assert_same(got, autograd_grads(autograd_penalty, params, x.feats))
+
+
+def test_func_grad_past_a_frozen_conv_equals_autograd():
+    """A first conv (kernel region, pruning mask) with nothing to differentiate
+    runs the engine's inference inside the transform; the gradients of the
+    layers after it equal autograd's."""
+    torch.manual_seed(0)
+    x = cloud()
+    frozen = ps.nn.Conv3d(2, 3, 3, kernel_region="cross").double()
+    prune.l1_unstructured(frozen, "weight", 0.5)
+    frozen.requires_grad_(False)
+    net = torch.nn.Sequential(frozen, ps.nn.Conv3d(3, 2, 3, stride=2, bias=True).double())
+    loss = lambda params: (functional_call(net, params, (x,)).feats.sin() * 0.5).sum()  # noqa: E731
+    params = {k: v.detach() for k, v in net.named_parameters() if v.requires_grad}
+    got = torch.func.grad(loss)(params)
+    expect = autograd_grads(lambda p, _f: loss(p), params, x.feats, allow_unused=True)[0]
+    assert_same((got, x.feats), (expect, x.feats))
+
+
+def test_func_jacrev_through_conv_equals_autograd():
+    """jacrev one row at a time (chunk_size=1: no vmap) equals autograd's Jacobian."""
+    torch.manual_seed(0)
+    m, x = ps.nn.Conv3d(2, 2, 3, stride=2).double(), cloud(n=8, extent=2)
+    params = params_of(m)
+    fn = out_fn(m, x)
+    got = torch.func.jacrev(fn, argnums=1, chunk_size=1)(params, x.feats)
+    expect = torch.autograd.functional.jacobian(lambda f: fn(params, f), x.feats)
+    torch.testing.assert_close(got, expect, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("per_sample_grad", [False, True])
+def test_func_vmap_through_conv_is_a_clear_error(per_sample_grad):
+    """vmap of the conv (no gradient: the core's refusal) or of its gradient
+    (torch's: the Function has no vmap rule), never a crash in the core."""
+    m, x = layer("submanifold")
+    fn = loss_fn(m, x) if per_sample_grad else out_fn(m, x)
+    if per_sample_grad:
+        fn = torch.func.grad(fn, argnums=1)
+    params = params_of(m)
+    batched = torch.stack([x.feats, 2 * x.feats])
+    error, match = ((RuntimeError, "vmap over ConvFunction") if per_sample_grad
+                    else (TypeError, "cannot run under torch.func.vmap"))
+    with pytest.raises(error, match=match):
+        torch.func.vmap(fn, in_dims=(None, 0))(params, batched)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # (torch's own, setting up its jvp)
+@pytest.mark.parametrize("mode", ["func.jvp", "forward_ad"])
+def test_forward_mode_through_conv_is_a_clear_error(mode):
+    """The Functions have no jvp rule: a tangent is torch's error, never
+    dropped (the inference path returned no tangent, a silent zero)."""
+    m, x = layer("submanifold")
+    fn = out_fn(m, x)
+    params = params_of(m)
+    tangent = torch.ones_like(x.feats)
+    with pytest.raises(NotImplementedError, match="jvp"):
+        if mode == "func.jvp":
+            torch.func.jvp(lambda f: fn(params, f), (x.feats,), (tangent,))
+        else:
+            with forward_ad.dual_level():
+                fn(params, forward_ad.make_dual(x.feats, tangent))
