@@ -211,39 +211,53 @@ def segment_reduce_backward(grad, inverse, seg_ptr, arg, mode: int, num_rows: in
 
 
 class _SegmentReduce(torch.autograd.Function):
-    """:func:`segment_reduce` with autograd."""
+    """:func:`segment_reduce` with autograd: ``(out, arg)``, differentiable
+    in ``out`` (``arg``, which the backward needs, is an output: the forward
+    takes no ctx, so that torch.func transforms run it on plain tensors)."""
 
     @staticmethod
-    def forward(ctx, feats, inverse, perm, seg_ptr, mode: int):
-        out, arg = segment_reduce(feats, inverse, perm, seg_ptr, mode)
+    def forward(feats, inverse, perm, seg_ptr, mode: int):
+        return segment_reduce(feats, inverse, perm, seg_ptr, mode)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        feats, inverse, _perm, seg_ptr, mode = inputs
+        arg = output[1]
+        ctx.mark_non_differentiable(arg)
         ctx.mode = mode
         ctx.n = feats.shape[0]
         ctx.save_for_backward(inverse, seg_ptr, arg)
-        return out
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _grad_arg):
         inverse, seg_ptr, arg = ctx.saved_tensors
         return segment_reduce_backward(grad, inverse, seg_ptr, arg, ctx.mode, ctx.n), None, None, None, None
 
 
 class _VoxelizeCore(torch.autograd.Function):
-    """The whole voxelisation in one core call (quantise, group, reduce),
-    differentiable in ``feats`` as :class:`_SegmentReduce`."""
+    """The whole voxelisation in one core call (quantise, group, reduce):
+    ``(reduced, coords, inverse, seg_ptr, arg)``, differentiable in ``feats``
+    as :class:`_SegmentReduce` (``seg_ptr`` and ``arg``, which the backward
+    needs, are outputs, as :class:`_SegmentReduce`'s ``arg``)."""
 
     @staticmethod
-    def forward(ctx, feats, points, voxel_size, batch, mode: int):
+    def forward(feats, points, voxel_size, batch, mode: int):
         b = None if batch is None else _ext.to_numpy(batch)
         out = _ext.call(_ext.core.voxelize, _points_np(points), _ext.to_numpy(feats), list(voxel_size), b, mode)
         coords, inverse, _perm, seg_ptr, reduced, arg = (_ext.to_tensor(a) for a in out)
-        ctx.mark_non_differentiable(coords, inverse)
+        return reduced, coords, inverse, seg_ptr, arg
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        feats, _points, _voxel_size, _batch, mode = inputs
+        _reduced, coords, inverse, seg_ptr, arg = output
+        ctx.mark_non_differentiable(coords, inverse, seg_ptr, arg)
         ctx.mode = mode
         ctx.n = feats.shape[0]
         ctx.save_for_backward(inverse, seg_ptr, arg)
-        return reduced, coords, inverse
 
     @staticmethod
-    def backward(ctx, grad, _grad_coords, _grad_inverse):
+    def backward(ctx, grad, _grad_coords, _grad_inverse, _grad_seg_ptr, _grad_arg):
         inverse, seg_ptr, arg = ctx.saved_tensors
         return segment_reduce_backward(grad, inverse, seg_ptr, arg, ctx.mode, ctx.n), None, None, None, None
 
@@ -332,11 +346,11 @@ def _voxelize(points, feats, vs, batch, reduce: str, bounds=None):
     batch = _check_batch(batch, points.shape[0], points.device)
     _check_extent(points, vs, batch, bounds)  # (before the core or torch allocates the quantised coords)
     if _ext.serves(feats, dtypes=FLOAT_DTYPES) and _ext.serves(points):  # one trip into the core
-        out_feats, coords, inverse = _VoxelizeCore.apply(feats, points, vs, batch, REDUCE_MODES[reduce])
+        out_feats, coords, inverse = _VoxelizeCore.apply(feats, points, vs, batch, REDUCE_MODES[reduce])[:3]
         return SparseTensor(out_feats, coords, 1, validate=False), inverse
     _check_finite(points)
     coords, inverse, perm, seg_ptr = _group(points, vs, batch)
-    out_feats = _SegmentReduce.apply(feats, inverse, perm, seg_ptr, REDUCE_MODES[reduce])
+    out_feats = _SegmentReduce.apply(feats, inverse, perm, seg_ptr, REDUCE_MODES[reduce])[0]
     return SparseTensor(out_feats, coords, 1, validate=False), inverse
 
 

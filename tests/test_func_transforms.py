@@ -179,3 +179,59 @@ def test_forward_mode_through_conv_is_a_clear_error(mode):
         else:
             with forward_ad.dual_level():
                 fn(params, forward_ad.make_dual(x.feats, tangent))
+
+
+def points_cloud(n=60, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    points = (torch.rand(n, 3, generator=g, dtype=torch.float64) * 2 - 1) * 1.5
+    feats = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    return points, feats
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])  # the core's one call, the torch grouping
+@pytest.mark.parametrize("reduce", ["mean", "max", "sum", "first"])
+def test_func_grad_and_vjp_through_voxelize_equal_autograd(reduce, backend):
+    points, feats = points_cloud()
+    weights = torch.linspace(-1, 1, 4, dtype=torch.float64)
+
+    def voxel_feats(f):
+        return ps.voxelize(points, f, voxel_size=0.5, reduce=reduce)[0].feats
+
+    def loss(f):
+        return ((voxel_feats(f) * weights).sin() * 0.5).sum()
+
+    with ps.backend(backend):
+        got = torch.func.grad(loss)(feats)
+        out, vjp = torch.func.vjp(voxel_feats, feats)
+        assert torch.equal(out, voxel_feats(feats))
+        cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(4), dtype=out.dtype)
+        (got_vjp,) = vjp(cotangent)
+        f = feats.clone().requires_grad_()
+        (expect,) = torch.autograd.grad(loss(f), f)
+        (expect_vjp,) = torch.autograd.grad(voxel_feats(f), f, cotangent)
+    torch.testing.assert_close(got, expect, rtol=0, atol=0)
+    torch.testing.assert_close(got_vjp, expect_vjp, rtol=0, atol=0)
+
+
+def test_func_grad_through_voxelize_and_conv_equals_autograd():
+    """Points to voxels to a conv and back to the points, differentiated in
+    the point features and the weight."""
+    points, feats = points_cloud(n=80)
+    torch.manual_seed(0)
+    m = ps.nn.Conv3d(4, 2, 3, bias=True).double()
+
+    def loss(params, f):
+        x, inverse = ps.voxelize(points, f, voxel_size=0.4, reduce="max")
+        y = functional_call(m, params, (x,))
+        return (ps.devoxelize(y, inverse).sin() * 0.5).sum()
+
+    params = params_of(m)
+    got = torch.func.grad(loss, argnums=(0, 1))(params, feats)
+    assert_same(got, autograd_grads(loss, params, feats))
+
+
+@pytest.mark.parametrize("backend,function", [("auto", "_VoxelizeCore"), ("torch", "_SegmentReduce")])
+def test_func_vmap_through_voxelize_is_torchs_error(backend, function):
+    points, feats = points_cloud()
+    with ps.backend(backend), pytest.raises(RuntimeError, match=f"vmap over {function}"):
+        torch.func.vmap(lambda f: ps.voxelize(points, f, voxel_size=0.5)[0].feats)(torch.stack([feats, -feats]))
