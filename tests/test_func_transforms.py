@@ -235,3 +235,17 @@ def test_func_vmap_through_voxelize_is_torchs_error(backend, function):
     points, feats = points_cloud()
     with ps.backend(backend), pytest.raises(RuntimeError, match=f"vmap over {function}"):
         torch.func.vmap(lambda f: ps.voxelize(points, f, voxel_size=0.5)[0].feats)(torch.stack([feats, -feats]))
+
+
+@pytest.mark.parametrize("score", ["magnitude", "learned"])
+def test_func_grad_through_voxel_prune_equals_autograd(score):
+    """VoxelPrune chose its voxels with numpy's partition of the scores read
+    by .numpy(), which fails on a transform's wrapper: torch.func.grad
+    through a pruned network crashed. It reads them as the core does."""
+    torch.manual_seed(0)
+    x = cloud(n=60, c=2, extent=5)
+    net = torch.nn.Sequential(ps.nn.Conv3d(2, 3, 3, bias=True), ps.nn.VoxelPrune(0.5, score=score, in_channels=3),
+                              ps.nn.Conv3d(3, 2, 3)).double()
+    fn = loss_fn(net, x)
+    params = params_of(net)
+    assert_same(torch.func.grad(fn, argnums=(0, 1))(params, x.feats), autograd_grads(fn, params, x.feats))

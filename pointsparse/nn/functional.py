@@ -8,6 +8,7 @@ import operator
 import numpy as np
 import torch
 
+from .. import _ext
 from .. import kmap as _kmap
 from .. import ops as _ops
 from . import _engine
@@ -241,7 +242,7 @@ def _top_mask(scores: torch.Tensor, n: int) -> torch.Tensor:
     if n <= 0:
         return torch.zeros(m, dtype=torch.bool, device=scores.device)
     if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64):
-        v = float(np.partition(scores.detach().numpy(), m - n)[m - n])  # the n-th highest (numpy's introselect)
+        v = float(np.partition(_ext.to_numpy(scores), m - n)[m - n])  # the n-th highest (numpy's introselect)
     else:
         v = torch.kthvalue(scores, m - n + 1).values
     above = scores > v
