@@ -445,3 +445,35 @@ def test_point_to_voxel_names_bad_arguments():
     for args, error, match in bad:
         with pytest.raises(error, match=match):
             point_to_voxel(*args)
+
+
+def test_spvcnn_forward_reads_the_point_rows_range_only_in_check_points():
+    """SPVCNN's forward checks its inputs once (check_points: inverse's rows
+    read back to the host); the rows it derives for point_to_voxel
+    (point_rows: rows of the tensor by construction) were read back again,
+    min and max, at each of its two point-to-voxel steps, every forward."""
+    import os
+    import traceback
+
+    from torch.overrides import TorchFunctionMode
+
+    from pointsparse.models import SPVCNN
+
+    g = torch.Generator().manual_seed(0)
+    points = torch.rand(300, 3, generator=g) * 12
+    batch = torch.zeros(300, dtype=torch.long)
+    x, inverse = ps.voxelize(points, torch.randn(300, 4, generator=g), voxel_size=1.0)
+    net = SPVCNN(4, 3, cr=0.125, blocks=1).eval()
+    readers, package = [], os.path.dirname(ps.__file__) + os.sep
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (torch.Tensor.min, torch.Tensor.max) and len(args) == 1 and not kwargs:
+                caller = [f for f in traceback.extract_stack() if f.filename.startswith(package)][-1]
+                if caller.filename.endswith("spvcnn.py"):  # (voxelize's own reads are its own)
+                    readers.append(caller.name)
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Record():
+        net(x, inverse, points, batch)
+    assert sorted(readers) == ["check_points", "check_points"], readers

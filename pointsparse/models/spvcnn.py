@@ -47,13 +47,21 @@ def point_to_voxel(tensor: SparseTensor, point_feats: torch.Tensor, rows: torch.
         raise TypeError(f"rows must be an integer tensor (N,), the row of tensor of each point; got {got}")
     if rows.dtype not in (torch.int32, torch.int64):  # (index_add's index dtypes; torch has no min of uint16/32/64)
         rows = rows.long()
-    voxels = tensor.coords.shape[0]  # (not len(tensor): in a traced graph the count is a symbol, len() needs an int)
     if not torch.compiler.is_compiling():  # (sizes and values: symbols in a traced graph)
+        voxels = len(tensor)
         if rows.shape != point_feats.shape[:1]:
             raise ValueError(f"rows must be ({point_feats.shape[0]},), a row a point; got {tuple(rows.shape)}")
         if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= voxels):
             raise ValueError(f"rows must lie in [0, {voxels}) (the rows of tensor); got rows from {int(rows.min())} "
                              f"to {int(rows.max())}")
+    return _point_to_voxel(tensor, point_feats, rows)
+
+
+def _point_to_voxel(tensor: SparseTensor, point_feats: torch.Tensor, rows: torch.Tensor) -> SparseTensor:
+    """:func:`point_to_voxel` of checked arguments (SPVCNN's forward: rows
+    of :func:`point_rows`, rows of ``tensor`` by construction, not read back
+    to the host each forward)."""
+    voxels = tensor.coords.shape[0]  # (not len(tensor): in a traced graph the count is a symbol, len() needs an int)
     out = point_feats.new_zeros((voxels, point_feats.shape[1]))
     out = out.index_add(0, rows, point_feats)
     # points per voxel (index_add, not bincount: its length stays the voxels' in a traced graph)
@@ -184,7 +192,7 @@ class SPVCNN(nn.Module):
                               batch=point_batch, mode="trilinear")
 
         def to_voxels(t: SparseTensor, z: torch.Tensor) -> SparseTensor:
-            y = point_to_voxel(t, z, point_rows(t, point_coords))
+            y = _point_to_voxel(t, z, point_rows(t, point_coords))
             return y.with_feats(self.dropout(y.feats).to(voxel_dtype))
 
         x0 = u.stem(voxels)
