@@ -19,7 +19,7 @@ import torch
 
 from .. import checkpoint
 from ..prune.workflow import CRITERIA, channel_scores, check_options, prune_channels
-from ..tensor import as_int
+from ..tensor import positive_int
 
 
 def add_arguments(parser) -> None:
@@ -122,11 +122,7 @@ def _prune_vectors(path, out, amount: float, square: bool, rows: int | None = No
     from ..nn import Conv3d
     from ..prune import panel_structured
     _check_amount(amount, "vectors")
-    try:
-        panels = as_int(panels, "panels", 1)
-    except (TypeError, ValueError):
-        raise ValueError(f"panels (--panels) must be a positive int (adjacent panels per block); "
-                         f"got {panels!r}") from None
+    panels = positive_int(panels, "panels (--panels: adjacent panels per block)")
     state = load_state(path)
     model = checkpoint_model(state, path)
     convs = [m for m in model.modules() if isinstance(m, Conv3d) and m.weight.shape[0] > 1]
