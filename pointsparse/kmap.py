@@ -197,7 +197,7 @@ def downsample_coords(coords: torch.Tensor, out_stride: Triple) -> torch.Tensor:
                          f"falls below the int32 range of coordinates")
     q = torch.cat([coords[:, :1], q.int()], 1)
     layout = _coords.KeyLayout.of(q)
-    return _coords.unpack_torch(_coords.unique_torch(_coords.pack_torch(q, layout))[0], layout)
+    return _coords.unpack_torch(_coords.unique_torch(_coords.pack_torch(q, layout))[0], layout, trusted=True)
 
 
 def default_method(device) -> str:

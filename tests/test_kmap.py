@@ -263,6 +263,37 @@ def test_downsample_coords_matches_torch_floor():
         km.downsample_coords(torch.tensor([[0, INT32_MIN, 0, 0]], dtype=torch.int32), (3, 3, 3))
 
 
+
+def test_downsample_coords_in_torch_ops_does_not_recheck_its_own_keys():
+    """downsample_coords' torch path (a GPU's) unpacks keys it packed in the
+    layout it fitted: keys of the layout by construction. unpack_torch's
+    check of keys given to it (a pass over them and a host read) ran on
+    them too, at every downsampling of every forward; it is skipped there,
+    and still refuses a bad key given to unpack_torch."""
+    import traceback
+
+    from torch.overrides import TorchFunctionMode
+
+    from pointsparse import coords as C
+
+    coords = random_coords(2000, 3, 40, seed=9, shuffle=True)
+    package, readers = os.path.dirname(ps.__file__) + os.sep, []
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.Tensor.__bool__:
+                readers.append([f for f in traceback.extract_stack() if f.filename.startswith(package)][-1].name)
+            return func(*args, **(kwargs or {}))
+
+    with ps.backend("torch"):
+        expected = km.downsample_coords(coords, (2, 2, 2))
+        with Record():
+            assert torch.equal(km.downsample_coords(coords, (2, 2, 2)), expected)
+    assert readers and "unpack_torch" not in readers, readers
+    layout = C.KeyLayout.of(expected)
+    with pytest.raises(ValueError, match="keys must be keys of the layout"):
+        C.unpack_torch(torch.tensor([-1]), layout)
+
 def test_transpose_is_adjoint_map():
     coords = random_coords(400, 2, 6, seed=6, shuffle=True)
     for k in (2, 3):
