@@ -162,7 +162,7 @@ def _group(points, vs, batch):
         return tuple(_ext.to_tensor(a) for a in out[:4])
     keys, layout = _quantize_torch(points, vs, batch)
     uniq, inverse, perm, seg_ptr = _coords.unique_torch(keys)
-    return _coords.unpack_torch(uniq, layout), inverse, perm, seg_ptr
+    return _coords.unpack_torch(uniq, layout, trusted=True), inverse, perm, seg_ptr  # (keys packed here)
 
 
 def quantize_keys(points: torch.Tensor, voxel_size, batch=None):
