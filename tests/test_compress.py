@@ -673,3 +673,43 @@ def test_compressed_state_dict_loads_as_weights_only_data(tmp_path, fmt, kwargs)
         fresh.load_state_dict(state)
         with torch.no_grad():
             torch.testing.assert_close(fresh["head"](fresh["conv"](x).feats), want)
+
+
+@pytest.mark.parametrize("fmt,kwargs", [("csr", {}), ("fkw", {})])
+def test_malformed_format_data_in_a_state_is_named(fmt, kwargs):
+    """A state's format data (``{'format': name, 'attributes': dict}``,
+    plain data since checkpoints are read weights-only) whose name is no
+    string, or whose attributes' ``_pickled_unsigned`` (the widened index
+    arrays' dtypes) is malformed, was torch's or Python's own error from
+    inside (``unhashable type: 'list'``, ``'int' object has no attribute
+    'items'``, ``KeyError: 'nowhere'``). It is a ValueError / TypeError
+    naming the layer's _extra_state, and the layer is left as it was."""
+    import copy
+
+    linear = torch.nn.Linear(300, 4)
+    prune.l1_unstructured(linear, "weight", 0.9)
+    model = torch.nn.ModuleDict({"head": linear, "conv": _pruned_conv()})
+    compressed = F.compress(model, "csr" if fmt == "csr" else "fkw", **kwargs)
+    good = copy.deepcopy(compressed.state_dict())
+
+    def data_of(state, key):
+        extra = state[key]
+        return extra["weight_format"] if "weight_format" in extra else \
+            (extra["offsets"] if isinstance(extra["offsets"], dict) else extra["offsets"][0])
+
+    for key, layer in (("conv._extra_state", "SparseConv3d"), ("head._extra_state", "SparseLinear")):
+        if fmt == "fkw" and key == "head._extra_state":
+            continue
+        for mutate, error in ((lambda d: d.__setitem__("format", ["CSR"]), TypeError),
+                              (lambda d: d["attributes"].__setitem__("_pickled_unsigned", 5), ValueError),
+                              (lambda d: d["attributes"].__setitem__("_pickled_unsigned", {"nowhere": torch.int32}),
+                               ValueError),
+                              (lambda d: d["attributes"].__setitem__("_pickled_unsigned", {"shape": torch.int32}),
+                               ValueError)):
+            bad = copy.deepcopy(good)
+            mutate(data_of(bad, key))
+            with pytest.raises(error, match=f"{layer}: _extra_state's"):
+                compressed.load_state_dict(bad)
+            now = compressed.state_dict()
+            assert all(torch.equal(now[k], good[k]) for k in good if isinstance(good[k], torch.Tensor))
+    compressed.load_state_dict(good)

@@ -129,14 +129,19 @@ def format_of_data(data, what: str):
     from . import FORMATS  # noqa: PLC0415 - (the package's table, complete once it is imported)
 
     classes = {cls.__name__: cls for cls in FORMATS.values()}
-    if not (isinstance(data, dict) and set(data) == {"format", "attributes"} and isinstance(data["attributes"], dict)):
+    if not (isinstance(data, dict) and set(data) == {"format", "attributes"} and isinstance(data["format"], str)
+            and isinstance(data["attributes"], dict)):
         raise TypeError(f"{what} must be a sparse format (pointsparse.formats.CSR, BSR, ...) or the data of one "
                         f"({{'format': name, 'attributes': dict}}); got {type(data).__name__}")
     cls = classes.get(data["format"])
     if cls is None:
         raise ValueError(f"{what} names format {data['format']!r}; the formats are {sorted(classes)}")
     fmt = cls.__new__(cls)
-    fmt.__setstate__(data["attributes"])
+    try:  # (its _pickled_unsigned: the dtypes of widened index arrays, restored here)
+        fmt.__setstate__(data["attributes"])
+    except (AttributeError, KeyError, TypeError, RuntimeError) as error:
+        raise ValueError(f"{what} is not a valid {cls.__name__}: its attributes do not restore one "
+                         f"({type(error).__name__}: {error})") from error
     return fmt
 
 
