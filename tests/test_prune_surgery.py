@@ -246,3 +246,20 @@ def test_l1_ranking_of_a_kernel_region_conv_counts_its_region():
         conv.weight[0] = torch.tensor([100.0, 100.0, 0.0, 0.0])  # offset 0 is outside the cross
     assert surgery.channel_l1(conv).tolist() == [14.0, 28.0, 42.0, 56.0]
     assert surgery.keep_by_l1(conv, 2).tolist() == [2, 3]
+
+
+def test_channel_l1_of_a_module_without_an_adapter_names_its_layout():
+    """channel_l1 read the module's adapter's used_weights before its layout:
+    a module no adapter knows failed with "'NoneType' object has no attribute
+    'used_weights'" (before, the TypeError naming its channel layout), and
+    so did adapters.used_mask. Without an adapter every entry is a weight."""
+    from pointsparse.prune import adapters
+
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(3, 4))
+
+    with pytest.raises(TypeError, match="cannot tell the channel layout of Custom.weight"):
+        surgery.channel_l1(Custom())
+    assert torch.equal(adapters.used_mask(Custom()), torch.ones(3, 4, dtype=torch.bool))

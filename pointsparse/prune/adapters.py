@@ -312,19 +312,26 @@ def kernel_volume(module: nn.Module) -> int:
     """The kernel positions the layer's weights hold (1 for Linear): those of
     its ``used_weights``, a ``kernel_region`` conv's region's offsets."""
     w, layout = raw(module), layout_of(module)
-    used = adapter_for(module).used_weights(module, w.detach())
-    return used.numel() // (w.shape[layout.out_axis] * w.shape[layout.in_axis])
+    return used_weights(module, w.detach()).numel() // (w.shape[layout.out_axis] * w.shape[layout.in_axis])
+
+
+def used_weights(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """The entries of ``t`` (the weight, or a tensor of its shape) that are
+    weights of ``module``: its adapter's ``used_weights`` (a ``kernel_region``
+    conv's region's offsets); every entry for a module without an adapter."""
+    adapter = adapter_for(module)
+    return t if adapter is None else adapter.used_weights(module, t)
 
 
 def used_mask(module: nn.Module) -> torch.Tensor:
-    """A bool tensor of the weight's shape, True at the entries its adapter's
-    ``used_weights`` keeps (every entry by default; a ``kernel_region``
+    """A bool tensor of the weight's shape, True at the entries
+    :func:`used_weights` keeps (every entry by default; a ``kernel_region``
     conv's inside its region): the weights a procedure's target sparsity
     counts and prunes among."""
     w = raw(module, "weight")
     index = torch.arange(w.numel(), device=w.device).reshape(w.shape)
     used = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
-    used[adapter_for(module).used_weights(module, index).flatten()] = True
+    used[used_weights(module, index).flatten()] = True
     return used.reshape(w.shape)
 
 
@@ -365,24 +372,20 @@ def masks(model: nn.Module, layers=None) -> dict[str, torch.Tensor]:
     return {n: get_mask(m).clone() for n, m in prunable_layers(model, layers)}
 
 
-def _used(module: nn.Module) -> torch.Tensor:
-    """The layer's weight entries that are weights of it (its adapter's ``used_weights``)."""
-    return adapter_for(module).used_weights(module, module.weight.detach())
-
-
 def sparsity(model: nn.Module, layers=None) -> float:
     """Fraction of zero weights over the prunable layers (pruned or exactly 0;
     a ``kernel_region`` conv's inside its region, as ``sparsity_report``)."""
     zeros = total = 0
     for _, m in prunable_layers(model, layers):
-        w = _used(m)
+        w = used_weights(m, m.weight.detach())
         zeros += int((w == 0).sum())
         total += w.numel()
     return zeros / max(total, 1)
 
 
 def layer_sparsity(model: nn.Module, layers=None) -> dict[str, float]:
-    return {n: float((_used(m) == 0).float().mean()) for n, m in prunable_layers(model, layers)}
+    return {n: float((used_weights(m, m.weight.detach()) == 0).float().mean())
+            for n, m in prunable_layers(model, layers)}
 
 
 def apply_masks(model: nn.Module, mask_dict: dict[str, torch.Tensor]) -> None:

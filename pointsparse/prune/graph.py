@@ -308,7 +308,7 @@ class DependencyGraph:
                     if t is None or "out" not in roles:
                         continue
                     if tensor == "weight":  # (the values outside a kernel_region are never run)
-                        t = adapters.adapter_for(module).used_weights(module, t)
+                        t = adapters.used_weights(module, t)
                     rows = t.detach().movedim(roles["out"], 0).reshape(t.shape[roles["out"]], -1)
                     nz = (rows[m.start:m.stop] != 0).any(1).reshape(-1, m.repeat).any(1)
                     alive[m.offset:m.offset + m.length] |= nz.cpu()
@@ -492,7 +492,7 @@ def group_scores(graph: DependencyGraph, group, scores: dict | None = None, redu
                 raise ValueError(f"scores for {tensor!r} of {m.module!r} hold NaN; every channel needs a number")
             s = s.detach()
             if tensor == "weight":
-                s = adapters.adapter_for(module).used_weights(module, s)
+                s = adapters.used_weights(module, s)
             s = s.abs().float().movedim(roles[m.role], 0)
             per = s.reshape(s.shape[0], -1).sum(1)[m.start:m.stop].reshape(-1, m.repeat).sum(1)
             row = torch.zeros(g.size)

@@ -98,14 +98,12 @@ def _weight(module) -> torch.Tensor:
 
 
 def _used_weights(module, weight: torch.Tensor) -> torch.Tensor:
-    """The entries of ``weight`` that are weights of the layer (its adapter's
-    ``used_weights``; a compressed conv's: its region's offsets, as its source's)."""
-    linear, conv = _compressed_types()
-    if isinstance(module, conv):
+    """The entries of ``weight`` that are weights of the layer
+    (:func:`.adapters.used_weights`; a compressed conv's: its region's
+    offsets, as its source's)."""
+    if isinstance(module, _compressed_types()[1]):
         return _sparse_used_weights(module, weight)
-    if isinstance(module, linear):
-        return weight
-    return adapters.adapter_for(module).used_weights(module, weight)
+    return adapters.used_weights(module, weight)
 
 
 def _stored_values(fmt) -> int:

@@ -270,7 +270,7 @@ def prune_channels(model: nn.Module, group: ChannelGroup | str, keep) -> None:
 def channel_l1(module: nn.Module) -> torch.Tensor:
     """L1 norm of each output channel's weights (the ranking criterion; a
     ``kernel_region`` conv's inside its region: its adapter's ``used_weights``)."""
-    w = adapters.adapter_for(module).used_weights(module, module.weight.detach())
+    w = adapters.used_weights(module, module.weight.detach())
     dim = out_channel_dim(module)
     return w.abs().transpose(0, dim).reshape(w.shape[dim], -1).sum(1)
 
