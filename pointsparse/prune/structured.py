@@ -143,11 +143,17 @@ class GroupStructured(CopyableMethod):
 
         return self._oik_ids(shape, device, inside)[0]
 
+    def scored_groups(self, scores: torch.Tensor, mask: torch.Tensor):
+        """``(ids, used, norms, alive)`` for a tensor of ``scores``' shape:
+        :meth:`group_ids`, :meth:`used_entries` and :func:`group_scores` of
+        ``scores`` under ``mask``, over the entries that are weights."""
+        ids, groups = self.group_ids(scores.shape, scores.device)
+        used = self.used_entries(scores.shape, scores.device)
+        live = mask if used is None else mask * used.to(mask.dtype)
+        return (ids, used, *group_scores(scores, live, ids, groups, self.n))
+
     def compute_mask(self, t, default_mask):
-        ids, groups = self.group_ids(t.shape, t.device)
-        used = self.used_entries(t.shape, t.device)
-        live = default_mask if used is None else default_mask * used.to(default_mask.dtype)
-        norms, alive = group_scores(t, live, ids, groups, self.n)
+        ids, used, norms, alive = self.scored_groups(t, default_mask)
         k = count_to_prune(self.amount, int(alive.sum()), f"{type(self).__name__} groups")
         chosen = select_weakest(norms, alive, k)
         mask = default_mask.clone(memory_format=torch.contiguous_format) * (~chosen)[ids].to(default_mask.dtype)
@@ -477,10 +483,7 @@ def global_structured(parameters, pruning_method, amount, importance_scores=None
                 f"importance_scores for {name} must have shape {tuple(weight.shape)}; got {tuple(scores.shape)}"
             )
         mask = getattr(module, name + "_mask", torch.ones_like(weight))
-        ids, groups = method.group_ids(weight.shape, weight.device)
-        used = method.used_entries(weight.shape, weight.device)
-        norms, alive = group_scores(scores, mask if used is None else mask * used.to(mask.dtype), ids, groups,
-                                    method.n)
+        _, _, norms, alive = method.scored_groups(scores, mask)
         norms_list.append(norms)
         alive_list.append(alive)
     norms = torch.cat(norms_list)
