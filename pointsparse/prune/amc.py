@@ -308,8 +308,6 @@ def _check_search(eval_fn, episodes, warmup, reward, target_flops, max_ratio, re
         raise ValueError(f"reward must be one of {REWARDS}; got {reward!r}")
     if reward == "error" and target_flops is None:
         raise ValueError("reward='error' needs target_flops (the resource-constrained search)")
-    if not 0 < max_ratio < 1:
-        raise ValueError(f"max_ratio must be in (0, 1); got {max_ratio}")
     if coupled and reconstruct:
         raise ValueError("reconstruct=True works on chain groups only (coupled=False)")
     return episodes, warmup, seed
