@@ -334,3 +334,29 @@ def test_nan_scores_are_an_error_for_group_methods():
         criteria.magnitude(layer, p=2, group="out")
     with pytest.raises(ValueError, match="NaN"):
         prune.global_structured([(layer, "weight")], prune.ChannelStructured, amount=1)
+
+
+def test_group_magnitude_of_a_kernel_region_conv_counts_its_region():
+    """criteria.magnitude(group=...) and regularizers.group_lasso took the
+    values outside a kernel_region conv's region (never run) into each
+    group's norm: 100s at an offset outside a cross ranked the channels, and
+    the penalty pushed on them. Only the region counts now."""
+    import pointsparse as ps
+    from pointsparse.nn.functional import region_of
+    from pointsparse.prune import criteria, regularizers
+
+    conv = ps.nn.Conv3d(2, 4, 3, kernel_region="cross")
+    keep = region_of(3, "cross")
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[keep] = torch.tensor([1.0, 2.0, 3.0, 4.0])
+        conv.weight[0] = torch.tensor([100.0, 100.0, 0.0, 0.0])  # offset 0 is outside the cross
+    scores = criteria.magnitude([(conv, "weight")], p=1, group="out")[(conv, "weight")]
+    assert scores[13, 0].tolist() == [14.0, 28.0, 42.0, 56.0]  # 7 offsets x 2 inputs x the value
+    penalty = regularizers.group_lasso(conv, group="out")
+    want = sum(v * (14 ** 0.5) for v in (1.0, 2.0, 3.0, 4.0))
+    assert penalty.item() == pytest.approx(want)
+    penalty.backward()
+    assert bool((conv.weight.grad[~keep] == 0).all())
+    scaled = regularizers.group_lasso(conv, group="out", scale_by_size=True)
+    assert scaled.item() == pytest.approx(want * 14 ** 0.5)

@@ -323,6 +323,12 @@ def used_weights(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
     return t if adapter is None else adapter.used_weights(module, t)
 
 
+def used_entries(module: nn.Module, name: str) -> torch.Tensor:
+    """:func:`used_mask` of ``module``'s ``name`` (``"weight"``; every entry
+    of another tensor, such as a bias)."""
+    return used_mask(module) if name == "weight" else torch.ones_like(raw(module, name), dtype=torch.bool)
+
+
 def used_mask(module: nn.Module) -> torch.Tensor:
     """A bool tensor of the weight's shape, True at the entries
     :func:`used_weights` keeps (every entry by default; a ``kernel_region``

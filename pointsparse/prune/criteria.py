@@ -115,8 +115,8 @@ def magnitude(parameters, p: float = 1, group: str | None = None) -> Scores:
                     "order the weights; use p=1 (the same order of entries) or a group norm (group=...)")
             out[(module, name)] = scores
         else:
-            ids, count = group_ids(module, name, group)
-            norms, _ = group_scores(weight, torch.ones_like(weight), ids, count, p)
+            ids, count = group_ids(module, name, group)  # (a kernel_region conv's groups: of its region's entries)
+            norms, _ = group_scores(weight, adapters.used_entries(module, name), ids, count, p)
             out[(module, name)] = norms.to(weight.dtype)[ids]
     return out
 
