@@ -66,7 +66,7 @@ class Layer:
         elif isinstance(plan, grouped.Plan):
             out = grouped.GroupedConv.apply(feats, weight, plan)
         else:
-            out = _engine.ConvFunction.apply(feats, weight, None, plan)
+            out = _engine.ConvFunction.apply(feats, weight, None, plan, None, None)
         if backward:
             out.backward(torch.ones_like(out))
             feats.grad = weight.grad = None

@@ -51,7 +51,7 @@ def run(feats, weight, kmap, plan, backward: bool) -> tuple:
     if isinstance(plan, grouped.Plan):
         out = grouped.GroupedConv.apply(f, w, plan)
     else:
-        out = _engine.ConvFunction.apply(f, w, None, plan)
+        out = _engine.ConvFunction.apply(f, w, None, plan, None, None)
     if backward:
         out.backward(torch.ones_like(out))
     return out, f.grad, w.grad

@@ -33,7 +33,7 @@ def four_trips(points, feats, voxel_size, reduce):
     """The composition voxelize ran before (each step one core call)."""
     keys, layout = V.quantize_keys(points, voxel_size)
     uniq, inverse, perm, seg_ptr = C.unique(keys)
-    out = V._SegmentReduce.apply(feats, inverse, perm, seg_ptr, V.REDUCE_MODES[reduce])
+    out = V._SegmentReduce.apply(feats, inverse, perm, seg_ptr, V.REDUCE_MODES[reduce])[0]
     return C.unpack(uniq, layout), out, inverse
 
 
