@@ -26,7 +26,7 @@ def _rows_view(t: torch.Tensor, row_dim: int) -> torch.Tensor:
     return t.movedim(row_dim, 0).reshape(t.shape[row_dim], -1)
 
 
-def _check_pe(num_pe) -> int:
+def check_pe(num_pe) -> int:
     """``num_pe`` as a positive int (numpy integers too; not bool or float)."""
     try:
         return as_int(num_pe, "num_pe", 1)
@@ -38,7 +38,7 @@ def pe_nnz(mask_or_weight: torch.Tensor, num_pe: int, row_dim: int = 0) -> torch
     """Nonzeros held by each PE (int64 ``(num_pe,)``)."""
     if not isinstance(mask_or_weight, torch.Tensor):
         raise TypeError(f"mask_or_weight must be a torch.Tensor; got {type(mask_or_weight).__name__}")
-    num_pe = _check_pe(num_pe)
+    num_pe = check_pe(num_pe)
     rows = (_rows_view(mask_or_weight, row_dim) != 0).sum(1).to(torch.int64).cpu()
     pe = torch.arange(rows.numel()) % num_pe
     return torch.zeros(num_pe, dtype=torch.int64).index_add_(0, pe, rows)
@@ -75,7 +75,7 @@ class LoadBalancedUnstructured(torch_prune.BasePruningMethod):
     def __init__(self, amount, num_pe: int, row_dim: int = 0) -> None:
         validate_amount(amount)
         self.amount = amount
-        self.num_pe = _check_pe(num_pe)
+        self.num_pe = check_pe(num_pe)
         if isinstance(row_dim, bool) or not isinstance(row_dim, numbers.Integral):
             raise TypeError(f"row_dim must be an int (the PE row dimension); got {row_dim!r}")
         self.row_dim = int(row_dim)

@@ -8,8 +8,9 @@ import torch
 
 from .. import _ext
 from ..tensor import as_int
+from .balance import check_pe
 from ._base import SparseFormat, check_below, check_matrix, check_shape, index_array, value_array
-from ._storage import narrow, pack_bits, pointer_of, unpack_bits, widen
+from ._storage import narrow, pack_bits, pointer_of, widen
 
 MAX_GAP = 15  # a 4-bit relative index
 
@@ -34,7 +35,7 @@ class EIE(SparseFormat):
 
     def __init__(self, values, rel_idx, col_ptr, num_pe: int, shape, *, _trusted: bool = False):
         self.shape = check_shape(shape)
-        self.num_pe = _check_num_pe(num_pe)
+        self.num_pe = check_pe(num_pe)
         self.values = value_array(values, "values", 1)
         self.dtype = self.values.dtype
         rel_idx = index_array(rel_idx, "rel_idx")
@@ -46,7 +47,7 @@ class EIE(SparseFormat):
 
     def _validate(self) -> None:
         M, K = check_shape(self.shape)
-        P = _check_num_pe(getattr(self, "num_pe", None))
+        P = check_pe(getattr(self, "num_pe", None))
         values = self._stored("values", "values", 1)
         self._check_dtype(values)
         rel_idx = self._stored("rel_idx", "bytes", 1)
@@ -149,14 +150,6 @@ class EIE(SparseFormat):
             self.shape[0],
             isa,
         )
-
-
-def _check_num_pe(num_pe) -> int:
-    """``num_pe`` as a positive int (numpy integers too; not bool or float)."""
-    try:
-        return as_int(num_pe, "num_pe", 1)
-    except (TypeError, ValueError):
-        raise ValueError(f"num_pe must be a positive int; got {num_pe!r}") from None
 
 
 def _encode_pe(rows, cols, vals, K: int, dtype):
