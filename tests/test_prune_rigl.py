@@ -40,6 +40,24 @@ def test_erk_on_sparse_conv_uses_kernel_dims():
             assert d[a] / d[b] == pytest.approx(raw[a] / raw[b])
 
 
+def test_erk_on_region_conv_counts_the_region():
+    # the cross (7 of 27 offsets) spans 3 offsets on every axis; its weights are 7 * 3 * 6, not 27 * 3 * 6
+    net = region_chain()
+    d = rigl.erk_densities(net, 0.1)
+    raw = {"0": (3 + 3 + 3 + 3 + 6) / (7 * 3 * 6), "2": (3 + 3 + 3 + 6 + 4) / (27 * 6 * 4)}
+    assert all(0 < v < 1 for v in d.values())
+    assert d["0"] / d["2"] == pytest.approx(raw["0"] / raw["2"])
+    sizes = {"0": 7 * 3 * 6, "2": 27 * 6 * 4}
+    assert sum(d[n] * sizes[n] for n in sizes) / sum(sizes.values()) == pytest.approx(0.1)
+
+
+def test_erk_region_extent_per_axis():
+    # offsets 0 and 1 of a 3x3x3 kernel differ on z only: extents (1, 1, 2)
+    from pointsparse.nn import Conv3d
+    conv = Conv3d(2, 5, 3, kernel_region=[0, 1])
+    assert rigl._kernel_dims(conv) == [1, 1, 2, 2, 5]
+
+
 def test_masks_density_and_cosine_schedule():
     net = mlp(0, widths=(8, 32, 32, 3))
     r = rigl.RigL(net, density=0.25, distribution="uniform", update_interval=5, end_step=40, drop_fraction=0.3)

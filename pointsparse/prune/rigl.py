@@ -30,11 +30,17 @@ DISTRIBUTIONS = ("uniform", "erk")
 
 def _kernel_dims(module: nn.Module) -> list[int]:
     """The weight's dims, a sparse conv's flattened kernel volume spelled out
-    as its 3-D kernel (the layout says which axis is the kernel)."""
+    as its 3-D kernel (the layout says which axis is the kernel); a
+    ``kernel_region`` conv's kernel dims are its region's extent on each axis
+    (the cross's 3, 3, 3; offsets 0 and 1 of a 3x3x3 kernel 1, 1, 2)."""
     w = module.weight
     layout = layout_of(module)
     kernel = getattr(module, "kernel_size", None)
     if layout.kernel_axes == (0,) and isinstance(kernel, tuple):
+        region = getattr(module, "kernel_region", None)
+        if region is not None:  # (offset i in API.md order: z fastest)
+            at = torch.tensor(region).unsqueeze(1) // torch.tensor([kernel[1] * kernel[2], kernel[2], 1])
+            kernel = [len(set((at[:, a] % kernel[a]).tolist())) for a in range(3)]
         return [*kernel, w.shape[layout.in_axis], w.shape[layout.out_axis]]
     return list(w.shape)
 
@@ -43,11 +49,13 @@ def erk_densities(model: nn.Module, density: float, layers=None) -> dict[str, fl
     """Erdos-Renyi-Kernel: layer density proportional to
     ``sum(dims) / prod(dims)`` (kernel dims and both channel counts), scaled so
     the overall density is ``density``; layers that would exceed 1 are dense.
-    A layer's size is its weights' count (a ``kernel_region`` conv's region's)."""
+    A layer's size is its weights' count (a ``kernel_region`` conv's region's,
+    its kernel dims the region's extent on each axis)."""
     check_fraction(density, "density", low_open=True, high_open=False)
     chosen = prunable_layers(model, layers)
     sizes = {n: int(used_mask(m).sum()) for n, m in chosen}
-    raw = {n: sum(_kernel_dims(m)) / math.prod(_kernel_dims(m)) for n, m in chosen}
+    # (the product of the dims is the layer's size but for a region conv: its region's weights)
+    raw = {n: sum(_kernel_dims(m)) / sizes[n] for n, m in chosen}
     dense: set[str] = set()
     while True:
         divisor = rhs = 0.0
