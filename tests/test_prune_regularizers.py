@@ -113,3 +113,20 @@ def test_l1_training_drives_weights_toward_zero():
         optimizer.step()
     weights = module.weight.detach().abs().flatten()
     assert weights[:2].min() > 0.5 and weights[2:].max() < 0.05
+
+
+def test_skeleton_l1_counts_a_region_convs_region_only():
+    # a cross-region conv (7 of 27 offsets) has 7 * 5 stripes that hold weights; the other 20 * 5 scales
+    # multiply nothing the conv runs, and neither add to the penalty nor take its gradient
+    from pointsparse.nn import Conv3d
+
+    conv = Conv3d(3, 5, 3, kernel_region="cross")
+    skeleton = prune.attach_filter_skeleton(conv, init=2.0)
+    assert skeleton.shape == (27, 1, 5)
+    penalty = regularizers.skeleton_l1(conv)
+    assert penalty.item() == pytest.approx(7 * 5 * 2.0)
+    penalty.backward()
+    inside = torch.zeros(27, dtype=torch.bool)
+    inside[list(conv.kernel_region)] = True
+    assert torch.equal(skeleton.grad[inside], torch.ones(7, 1, 5))
+    assert torch.equal(skeleton.grad[~inside], torch.zeros(20, 1, 5))

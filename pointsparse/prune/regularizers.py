@@ -17,7 +17,7 @@ from torch import nn
 from ..tensor import as_bool
 from .adapters import current_weight, used_entries
 from .criteria import _parameters, bn_pairs, find_batchnorm, group_ids
-from .stripe import filter_skeletons
+from .stripe import used_skeletons
 
 
 def _sum(terms, what):
@@ -78,5 +78,8 @@ def slimming(model_or_norms) -> torch.Tensor:
 
 
 def skeleton_l1(model: nn.Module) -> torch.Tensor:
-    """``sum |s|`` over every Filter Skeleton attached in ``model``."""
-    return _sum((s.abs().sum() for s in filter_skeletons(model)), "filter skeletons")
+    """``sum |s|`` over every Filter Skeleton attached in ``model`` (a
+    ``kernel_region`` conv's: the stripes of its region, which hold its
+    weights; the scales outside multiply nothing the conv runs)."""
+    return _sum((s.abs().sum() if used is None else s.abs()[used].sum() for s, used in used_skeletons(model)),
+                "filter skeletons")

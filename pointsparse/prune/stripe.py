@@ -178,9 +178,11 @@ def prune_stripes(module: nn.Module, name: str = "weight", threshold: float = 0.
     return int((weak if used is None else weak & used).sum())
 
 
-def filter_skeletons(model: nn.Module):
-    """Every attached skeleton parameter in ``model``."""
+def used_skeletons(model: nn.Module):
+    """``(skeleton, used)`` for every attached skeleton in ``model``: the
+    parameter and a bool of its shape, True at the stripes that hold weights
+    of the layer (a ``kernel_region`` conv's region's), or None when all do."""
     for module in model.modules():
         for hook in module._forward_pre_hooks.values():
             if isinstance(hook, FilterSkeleton):
-                yield module._parameters[hook.name + "_skeleton"]
+                yield module._parameters[hook.name + "_skeleton"], _used_stripes(module, hook.name, hook.layout)
