@@ -143,6 +143,21 @@ def test_table_layer_keeps_a_sparse_conv_s_settings():
     assert "kernel_region=[1, 3, 4, 5, 7]" in repr(like)
 
 
+def test_table_key_describes_a_sparse_conv_s_settings():
+    """A table's key of a sparse conv names what its time depends on beyond
+    the map: its kernel region (a cross times 7 of 27 offsets), dilation,
+    transposition and fused ReLU."""
+    from pointsparse.nn import Conv3d
+
+    x = sparse_input(n=200, extent=8)
+    cross = Conv3d(x.feats.shape[1], 6, 3, kernel_region="cross")
+    full = Conv3d(x.feats.shape[1], 6, 3)
+    a, b = netadapt._structural_key(cross, x), netadapt._structural_key(full, x)
+    assert a != b
+    assert a["kernel_region"] == [4, 10, 12, 13, 14, 16, 22] and b["kernel_region"] is None
+    assert a["dilation"] == [1, 1, 1] and a["transposed"] is False and a["relu"] is False
+
+
 def test_table_times_layers_and_inputs_in_the_model_s_dtype():
     """The table's fresh layers and random inputs were float32 whatever the
     model's dtype (a float64 model timed in float32; on another device the

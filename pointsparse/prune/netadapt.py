@@ -93,7 +93,10 @@ def _structural_key(module, x) -> dict:
         kmap = adapters.adapter_for(module).kernel_map(module, x)
         return {"type": "pointsparse.nn.Conv3d", "kernel_size": list(module.kernel_size),
                 "stride": list(module.stride), "num_in": kmap.num_in, "num_out": kmap.num_out,
-                "kernel_map_sizes": [int(v) for v in kmap.sizes]}
+                "kernel_map_sizes": [int(v) for v in kmap.sizes], "dilation": list(module.dilation),
+                "transposed": bool(module.transposed), "relu": bool(getattr(module, "relu", False)),
+                "kernel_region": (None if getattr(module, "kernel_region", None) is None
+                                  else list(module.kernel_region))}
     return {"type": type(module).__name__, "input_shape": [int(v) for v in x.shape[2:]] if x.dim() > 2 else [],
             "batch": int(x.shape[0])}
 
