@@ -164,6 +164,16 @@ def test_residual_encoder_groups_and_head():
     assert set(stream.modules("in")) == {"block.main.0", "head.fn"}
 
 
+def test_group_by_index_range():
+    net = ResidualNet().eval()
+    graph = G.DependencyGraph(net, sparse_input(n=80))
+    assert graph.group(0).name == "stem.0" and graph.group(np.int64(2)).name == "block.main.0"
+    assert graph.group(-1).name == "block.main.0"  # (a list's negative index)
+    for bad in (3, -4, 99):
+        with pytest.raises(IndexError, match=rf"name_or_index {bad} is out of range: the graph has 3 cuttable groups"):
+            graph.group(bad)
+
+
 def test_channel_structured_mask_folds_batchnorm_shift_into_linear_consumers():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(6, 10), nn.BatchNorm1d(10), nn.ReLU(), nn.Linear(10, 3))

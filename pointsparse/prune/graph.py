@@ -223,6 +223,9 @@ class DependencyGraph:
         except TypeError:
             index = None
         if index is not None:
+            if not -len(self.groups) <= index < len(self.groups):
+                raise IndexError(f"name_or_index {index} is out of range: the graph has {len(self.groups)} cuttable "
+                                 f"groups (indices 0..{len(self.groups) - 1}, or negative from the end)")
             return self.groups[index]
         for g in self.groups:
             if g.name == name_or_index:
