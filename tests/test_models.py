@@ -3,6 +3,8 @@ residual block, translation equivariance, batch independence, SyncBatchNorm."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -293,6 +295,36 @@ def test_model_from_state_of_a_channel_pruned_model_without_widths_fuses():
     model = model_from_state({"config": config, "model": net.double().state_dict()}).eval()
     assert {t.dtype for t in model.state_dict().values() if t.is_floating_point()} == {torch.float32}
     torch.testing.assert_close(model(x).feats, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["minkunet", "spvcnn"])
+def test_narrowed_weights_that_do_not_chain_are_refused_at_load(tmp_path, name):
+    """A conv narrowed without its BatchNorm (weights no channel pruning
+    gives) loaded and then failed at the first forward, naming no file:
+    load_model names the file and the layer; a consistently pruned model of
+    either kind still loads (the check's forward passes)."""
+    from pointsparse import checkpoint
+    from pointsparse.models import SPVCNN, load_model
+    from pointsparse.prune import graph
+
+    torch.manual_seed(3)
+    net = (MinkUNet if name == "minkunet" else SPVCNN)(4, 3, cr=0.25, blocks=1)
+    config = {"model": name, "in_channels": 4, "classes": ["a", "b", "c"], "cr": 0.25, "blocks": 1}
+    g = torch.Generator().manual_seed(0)
+    points = torch.rand(800, 3, generator=g) * 20
+    x, inverse = ps.voxelize(points, torch.randn(800, 4, generator=g), voxel_size=1.0)
+    pruned = copy.deepcopy(net)
+    graph.prune_model(pruned, x if name == "minkunet" else (x, inverse, points, torch.zeros(800, dtype=torch.long)),
+                      0.5)
+    state = pruned.state_dict()
+    checkpoint.save(tmp_path / "ok.pt", {"config": config, "model": state})
+    load_model(tmp_path / "ok.pt")  # (consistent: loads)
+    prefix = "" if name == "minkunet" else "unet."
+    bad = dict(net.state_dict())
+    bad[prefix + "stem.1.0.weight"] = bad[prefix + "stem.1.0.weight"][:, :, :4].clone()
+    checkpoint.save(tmp_path / "bad.pt", {"config": config, "model": bad})
+    with pytest.raises(ValueError, match=rf"bad.pt: the weights' channel widths do not chain: layer {prefix}stem.1.1 "):
+        load_model(tmp_path / "bad.pt")
 
 
 @pytest.mark.parametrize("name", ["minkunet", "spvcnn"])

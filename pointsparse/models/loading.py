@@ -108,8 +108,46 @@ def shape_like(model: nn.Module, state_dict: dict) -> None:
                              f"{type(value).__name__}")
     _bias_like(model, state_dict)
     _mask_like(model, state_dict)
-    _fit_shapes(model, state_dict)
+    narrowed = _fit_shapes(model, state_dict)
     _check_ends(model, "the weights give")
+    if narrowed:
+        _check_chain(model)
+
+
+def _check_chain(model: nn.Module) -> None:
+    """ValueError naming the first layer of a MinkUNet / SPVCNN whose input
+    is not as wide as it was fitted to take (a conv narrowed but not its
+    BatchNorm or the next layer's input: weights no channel pruning gives,
+    which load and then fail at the first forward), found by one forward of
+    eight voxels (values unused: the fitted tensors need not be loaded yet);
+    the model's mode is restored."""
+    if not isinstance(model, (MinkUNet, SPVCNN)):
+        return
+    from ..tensor import SparseTensor
+
+    like = next(model.parameters())
+    cube = torch.tensor([[0, x, y, z] for x in (0, 1) for y in (0, 1) for z in (0, 1)], dtype=torch.int32,
+                        device=like.device)
+    voxels = SparseTensor(torch.zeros(len(cube), model.in_channels, dtype=like.dtype, device=like.device), cube)
+    inputs = (voxels,) if isinstance(model, MinkUNet) else (
+        voxels, torch.arange(len(cube), device=like.device), cube[:, 1:].to(like.dtype) + 0.5, cube[:, 0].long())
+    names = {module: name for name, module in model.named_modules()}
+    entered: list[str] = []
+    hooks = [m.register_forward_pre_hook(lambda module, args: entered.append(names[module]))
+             for m in model.modules() if not any(True for _ in m.children())]
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(*inputs)
+    except (ValueError, RuntimeError) as error:
+        where = f"layer {entered[-1]} does not take" if entered else "the layers do not take"
+        raise ValueError(f"the weights' channel widths do not chain: {where} the width the layer before it gives "
+                         f"({str(error).splitlines()[0]}); channel pruning narrows a layer, its BatchNorm and the "
+                         "layers it feeds together") from None
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(training)
 
 
 def _check_ends(model: nn.Module, where: str) -> None:
@@ -185,12 +223,14 @@ def _fit_shapes(model: nn.Module, state_dict: dict) -> None:
     from its tensors, so the model then runs, and its width attributes
     (``in_channels``, ``num_features``, ...) are set to them. ValueError
     for a tensor that is not a narrowing of the built one (wider, another
-    rank or kernel)."""
+    rank or kernel). Returns whether it resized anything."""
     own = dict(model.named_parameters())
     own.update(dict(model.named_buffers()))
+    narrowed = False
     for name, value in state_dict.items():
         if name not in own or own[name].shape == value.shape:
             continue
+        narrowed = True
         built = tuple(own[name].shape)
         owner_name, _, leaf = name.rpartition(".")
         # Channel pruning narrows a tensor's channel dims and nothing else: a
@@ -214,3 +254,4 @@ def _fit_shapes(model: nn.Module, state_dict: dict) -> None:
             owner.out_features, owner.in_features = value.shape
         elif isinstance(owner, Conv3d) and leaf in ("weight", "weight_orig"):  # (K, C_in, C_out)
             owner.in_channels, owner.out_channels = value.shape[1], value.shape[2]
+    return narrowed
