@@ -327,6 +327,34 @@ def test_narrowed_weights_that_do_not_chain_are_refused_at_load(tmp_path, name):
         load_model(tmp_path / "bad.pt")
 
 
+def test_a_fused_model_s_weights_and_misfits_are_named_briefly(tmp_path):
+    """A fused inference model's state_dict given to load_model got torch's
+    list of all 165 missing BatchNorm tensors; it is named as what it is.
+    Other misfits name the counts and the first five keys of each kind."""
+    from pointsparse import checkpoint
+    from pointsparse.models import load_model
+
+    net = MinkUNet(4, 3, cr=0.25, blocks=1).eval()
+    config = {"model": "minkunet", "in_channels": 4, "classes": ["a", "b", "c"], "cr": 0.25, "blocks": 1}
+    checkpoint.save(tmp_path / "fused.pt", {"config": config, "model": spnn.fuse_for_inference(net).state_dict()})
+    with pytest.raises(ValueError, match=r"fused.pt: .* a fused inference model's \(nn.fuse_for_inference .* 33 "
+                                         r"BatchNorms\)") as info:
+        load_model(tmp_path / "fused.pt")
+    assert len(str(info.value)) < 400
+    state = dict(net.state_dict())
+    del state["stem.0.0.weight"]
+    state["extra.weight"] = torch.zeros(2)
+    checkpoint.save(tmp_path / "other.pt", {"config": config, "model": state})
+    with pytest.raises(ValueError, match=r"tensors 1 missing \(stem.0.0.weight\); 1 unexpected \(extra.weight\)"):
+        load_model(tmp_path / "other.pt")
+    del state["extra.weight"]
+    for key in [k for k in state if k.startswith("down.")]:
+        del state[key]
+    checkpoint.save(tmp_path / "few.pt", {"config": config, "model": state})
+    with pytest.raises(ValueError, match=r"tensors \d+ missing \(stem.0.0.weight, down.0.0.0.weight, .* and \d+ more\)$"):
+        load_model(tmp_path / "few.pt")
+
+
 @pytest.mark.parametrize("name", ["minkunet", "spvcnn"])
 def test_checkpoint_of_other_classes_or_input_channels_is_refused(tmp_path, name):
     """Channel pruning keeps a model's input channels and its classes: a

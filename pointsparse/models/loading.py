@@ -79,9 +79,36 @@ def model_from_state(state: dict) -> nn.Module:
     try:
         model.load_state_dict(weights)
     except RuntimeError as error:  # missing, unexpected or misshapen tensors
-        raise ValueError(f"the weights do not fit the model its config builds: {error}") from error
+        raise ValueError(f"the weights do not fit the model its config builds: {_misfit(model, weights, error)}") \
+            from error
     _apply_masks(model)
     return model
+
+
+def _misfit(model: nn.Module, weights: dict, error: RuntimeError) -> str:
+    """Why ``weights`` do not load into ``model``: a fused inference model's
+    (no BatchNorm statistics where the model has BatchNorms, nothing else
+    missing) said so; else the keys missing and unexpected, the first few of
+    each (torch's message lists every one), or torch's message."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    norms = [k for k in own if k.endswith(".running_mean")]
+    bns = {k.rpartition(".")[0] for k in norms}
+    if norms and not any(k.endswith(".running_mean") for k in weights) and all(
+            k.rpartition(".")[0] in bns for k in missing):
+        return ("they are a fused inference model's (nn.fuse_for_inference folds each BatchNorm into its conv, "
+                f"and the model has {len(norms)} BatchNorms): save the trained model's state_dict, and fuse the "
+                "model load_model returns")
+    if not missing and not unexpected:
+        return str(error)
+
+    def few(keys):
+        return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+    parts = [f"{len(missing)} missing ({few(missing)})"] if missing else []
+    parts += [f"{len(unexpected)} unexpected ({few(unexpected)})"] if unexpected else []
+    return "tensors " + "; ".join(parts)
 
 
 def _apply_masks(model: nn.Module) -> None:
