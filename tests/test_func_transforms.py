@@ -249,3 +249,54 @@ def test_func_grad_through_voxel_prune_equals_autograd(score):
     fn = loss_fn(net, x)
     params = params_of(net)
     assert_same(torch.func.grad(fn, argnums=(0, 1))(params, x.feats), autograd_grads(fn, params, x.feats))
+
+
+def compressed(kind, fmt):
+    """A float64 compressed layer (running its format's product) and an input."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        module = torch.nn.Linear(8, 4).double()
+        x = torch.randn(5, 8, dtype=torch.float64)
+    else:
+        module, x = ps.nn.Conv3d(4, 4, 3, bias=True).double(), cloud(c=4)
+    if fmt == "nm":
+        prune.nm_structured(module, "weight", 2, 4)
+    else:
+        prune.l1_unstructured(module, "weight", amount=0.6)
+    prune.remove(module, "weight")
+    from pointsparse import formats
+
+    fast = formats.compress(module, fmt, **({"n": 2, "m": 4} if fmt == "nm" else {}))
+    if kind == "conv":
+        fast.execution = "format"
+    return fast, x
+
+
+@pytest.mark.parametrize("fmt", ["csr", "coo", "bsr", "nm", "eie", "fkw"])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_func_grad_past_a_compressed_layer_and_its_clear_errors(kind, fmt):
+    """A compressed layer (inference only) inside a torch.func transform: its
+    product on an input the transform does not differentiate runs (its
+    .numpy() failed on the transform's wrapped tensors: "Cannot access data
+    pointer"), and the gradient of what follows equals torch.autograd's; a
+    differentiated input is refused as autograd's is, a forward-mode tangent
+    too (it would be dropped)."""
+    if kind == "linear" and fmt == "fkw":
+        pytest.skip("FKW holds a conv's kernel")
+    fast, x = compressed(kind, fmt)
+    feats = (lambda y: y) if kind == "linear" else (lambda y: y.feats)
+    scale = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    (want,) = torch.autograd.grad((feats(fast(x)) * scale).square().sum(), scale)
+    got = torch.func.grad(lambda s: (feats(fast(x)) * s).square().sum())(scale.detach())
+    assert torch.equal(got, want)
+    with_feats = (lambda v: v) if kind == "linear" else x.with_feats
+    with pytest.raises(RuntimeError, match="inference-only and cannot give a gradient"):
+        torch.func.grad(lambda v: feats(fast(with_feats(v))).sum())(x if kind == "linear" else x.feats)
+    with pytest.raises(RuntimeError, match="inference-only and cannot carry a forward-mode tangent"):
+        v0 = x if kind == "linear" else x.feats
+        torch.func.jvp(lambda v: feats(fast(with_feats(v))).sum(), (v0,), (torch.ones_like(v0),))
+    with forward_ad.dual_level():
+        v0 = x if kind == "linear" else x.feats
+        dual = forward_ad.make_dual(v0, torch.ones_like(v0))
+        with pytest.raises(RuntimeError, match="cannot carry a forward-mode tangent"):
+            fast(with_feats(dual))

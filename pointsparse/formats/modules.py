@@ -3,8 +3,11 @@ the SpMM kernels; built by :func:`pointsparse.formats.compress`."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 
 from .. import _ext
 from .. import kmap as _kmap
@@ -29,11 +32,30 @@ def _bias_copy(bias, channels: int, what: str):
 
 
 def refuse_gradient(module: nn.Module, input: torch.Tensor, what: str) -> None:
-    """A clear error where autograd would need a gradient the module cannot give."""
+    """A clear error where autograd would need a gradient the module cannot
+    give, or the input carries a forward-mode tangent (``torch.func.jvp``,
+    ``torch.autograd.forward_ad``: the product would drop it, a silent zero)."""
     if torch.is_grad_enabled() and input.requires_grad:
         raise RuntimeError(
             f"{type(module).__name__} ({what}) is inference-only and cannot give a gradient for its input; "
             "run it under torch.no_grad() (or detach the input), or train the uncompressed module")
+    if forward_ad.unpack_dual(input).tangent is not None:
+        raise RuntimeError(
+            f"{type(module).__name__} ({what}) is inference-only and cannot carry a forward-mode tangent "
+            "(torch.func.jvp, torch.autograd.forward_ad) of its input; give it a plain input, or differentiate "
+            "the uncompressed module")
+
+
+def plain_values(input: torch.Tensor):
+    """``(values, context)``: ``input``'s values and the context to run the
+    C++ product in. Inside a torch.func transform (``grad`` or ``vjp`` of
+    something else: :func:`refuse_gradient` refused a differentiated input)
+    the plain tensor under the input's wrapper, and the transforms'
+    dispatch off (else every tensor the product makes is wrapped, and its
+    ``.numpy()`` fails); a ``vmap`` batch is a TypeError."""
+    if not _ext.in_transform():
+        return input, contextlib.nullcontext()
+    return _ext.values(input), torch._C._DisableFuncTorch()
 
 
 def outside_graphs(name: str) -> str:
@@ -70,12 +92,14 @@ class SparseLinear(nn.Module):
     @torch.compiler.disable(reason=outside_graphs("SparseLinear"))
     def _product(self, input: torch.Tensor) -> torch.Tensor:
         refuse_gradient(self, input, type(self.weight_format).__name__)
-        lead = input.shape[:-1]
-        x = input.detach().reshape(-1, self.in_features)
-        y = self.weight_format.matmul(x.t().contiguous()).t()
-        if self.bias is not None:
-            y = y + self.bias.to(y.device, y.dtype)
-        return y.reshape(*lead, self.out_features)
+        input, context = plain_values(input)
+        with context:
+            lead = input.shape[:-1]
+            x = input.detach().reshape(-1, self.in_features)
+            y = self.weight_format.matmul(x.t().contiguous()).t()
+            if self.bias is not None:
+                y = y + self.bias.to(y.device, y.dtype)
+            return y.reshape(*lead, self.out_features)
 
     def nbytes(self) -> int:
         """Weight format storage plus the bias."""
@@ -388,7 +412,24 @@ class SparseConv3d(nn.Module):
         """:meth:`forward` through the format's product (``execution="format"``)."""
         refuse_gradient(self, input.feats, f"format {self.format_name}")
         kmap = _kmap.get_kmap(input, self.kernel_size, self.stride, self.dilation, self.transposed)
-        feats = input.feats.detach()
+        feats, context = plain_values(input.feats)
+        with context:
+            out = self._format_product(feats.detach(), kmap)
+        if self.transposed:
+            out_stride = tuple(a // b for a, b in zip(input.stride, self.stride))
+        else:
+            out_stride = tuple(a * b for a, b in zip(input.stride, self.stride))
+        result = SparseTensor(out, kmap.out_coords, out_stride, cache=input.cache, validate=False)
+        if add is not None:
+            from ..nn import functional as NF  # noqa: PLC0415 - nn and formats are siblings
+
+            if not isinstance(add, SparseTensor):
+                raise TypeError(f"add must be a SparseTensor or None; got {type(add).__name__}")
+            result = NF.add(result, add)
+        return result.with_feats(torch.relu(result.feats)) if self.relu else result
+
+    def _format_product(self, feats: torch.Tensor, kmap) -> torch.Tensor:
+        """The format's conv of plain ``feats`` over ``kmap``, plus the bias."""
         keep = self._region_mask()
         runs = [f.values.numel() > 0 and (keep is None or bool(keep[o])) for o, f in enumerate(self.offsets)] \
             if not isinstance(self.offsets, FKW) else None
@@ -404,18 +445,7 @@ class SparseConv3d(nn.Module):
             out = conv_sum(feats, products, kmap, self.out_channels)
         if self.bias is not None:
             out = out + self.bias.to(out.device, out.dtype)
-        if self.transposed:
-            out_stride = tuple(a // b for a, b in zip(input.stride, self.stride))
-        else:
-            out_stride = tuple(a * b for a, b in zip(input.stride, self.stride))
-        result = SparseTensor(out, kmap.out_coords, out_stride, cache=input.cache, validate=False)
-        if add is not None:
-            from ..nn import functional as NF  # noqa: PLC0415 - nn and formats are siblings
-
-            if not isinstance(add, SparseTensor):
-                raise TypeError(f"add must be a SparseTensor or None; got {type(add).__name__}")
-            result = NF.add(result, add)
-        return result.with_feats(torch.relu(result.feats)) if self.relu else result
+        return out
 
     def _runs_fused_csr(self, feats: torch.Tensor) -> bool:
         """Whether every offset runs the fused C++ CSR product (CPU float32/64)."""
