@@ -81,6 +81,10 @@ py::tuple weight_execution(py::array weight, bool transpose, py::object region, 
   return py::make_tuple(e.all_kept ? py::object(py::none()) : py::object(keep), e.vector, e.density);
 }
 
+// The most block cuts a plan may hold (8 bytes each: 2 GiB), more than the
+// 27 offsets of a 3x3x3 map over 2^31 rows both ways need (2.3e8).
+constexpr int64_t kMaxCutEntries = int64_t(1) << 28;
+
 // ConvPlan: a conv::Plan (plan.h) built from a map's int64 pairs. Every
 // shape and range is checked here; the pairs are checked while the plan is
 // built (its status raised here).
@@ -101,6 +105,15 @@ std::unique_ptr<conv::Plan> make_plan(carray<int64_t> in_idx, carray<int64_t> ou
   if (identity < -1 || identity >= K)
     value_error("identity must be -1 or an offset index in [0, " + std::to_string(K) + "); got " +
                 std::to_string(identity));
+  // The plan's block cuts, both ways: K entries per block of kBlockRows rows,
+  // checked before they are allocated and zero-filled (~300 offsets over 2^31
+  // rows would be 20 GB). No overflow: K is compared first, blocks < 2^23.
+  const int64_t row_blocks = num_in / conv::kBlockRows + num_out / conv::kBlockRows + 4;
+  if (K > kMaxCutEntries || row_blocks * K > kMaxCutEntries)
+    value_error("a plan of " + std::to_string(K) + " offsets over num_in = " + std::to_string(num_in) +
+                " and num_out = " + std::to_string(num_out) + " rows would hold about " +
+                std::to_string(K > kMaxCutEntries ? K : row_blocks * K) + " block cuts, past " +
+                std::to_string(kMaxCutEntries) + " (2 GiB): fewer offsets or rows");
   const int nt = threads(num_threads, P);
   conv::PlanStatus st;
   std::unique_ptr<conv::Plan> plan;
