@@ -300,3 +300,27 @@ def test_func_grad_past_a_compressed_layer_and_its_clear_errors(kind, fmt):
         dual = forward_ad.make_dual(v0, torch.ones_like(v0))
         with pytest.raises(RuntimeError, match="cannot carry a forward-mode tangent"):
             fast(with_feats(dual))
+
+
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("mode", ["func.jvp", "forward_ad"])
+def test_forward_mode_through_bf16_inference_is_not_dropped(mode, grad):
+    """A bfloat16 conv whose weights need no gradient ran its inference
+    kernels on an input carrying a tangent and dropped it (no tangent; jvp
+    gave zeros); the tangent now goes through the differentiated path: the
+    conv of the tangent (the conv is linear in its input)."""
+    torch.manual_seed(0)
+    x = cloud(c=16)
+    x = x.with_feats(x.feats.bfloat16())
+    conv = ps.nn.Conv3d(16, 16, 3, bias=True).bfloat16().requires_grad_(False)
+    tangent = torch.randn(x.feats.shape).bfloat16()
+    with torch.no_grad():
+        want = F.conv3d(x.with_feats(tangent.float()), conv.weight.float(), 3).feats
+    with torch.enable_grad() if grad else torch.no_grad():
+        if mode == "func.jvp":
+            got = torch.func.jvp(lambda f: conv(x.with_feats(f)).feats, (x.feats,), (tangent,))[1]
+        else:
+            with forward_ad.dual_level():
+                got = forward_ad.unpack_dual(conv(x.with_feats(forward_ad.make_dual(x.feats, tangent))).feats).tangent
+    assert got is not None and got.abs().sum() > 0
+    torch.testing.assert_close(got.float(), want, rtol=0.02, atol=0.05)

@@ -478,10 +478,11 @@ class _WeightGrad(torch.autograd.Function):
 
 def bf16_inference(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether these tensors are bf16 inference the engine serves: CPU
-    bfloat16 feats and weight, no gradient needed."""
+    bfloat16 feats and weight, no gradient needed and no forward-mode
+    tangent carried (:func:`_differentiated`; the bf16 kernels dropped it)."""
     if feats.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
         return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (feats, weight, bias)):
+    if _differentiated(feats, weight, bias):
         return False
     return _ext.serves(feats, weight)
 
