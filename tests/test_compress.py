@@ -713,3 +713,21 @@ def test_malformed_format_data_in_a_state_is_named(fmt, kwargs):
             now = compressed.state_dict()
             assert all(torch.equal(now[k], good[k]) for k in good if isinstance(good[k], torch.Tensor))
     compressed.load_state_dict(good)
+
+
+def test_a_layer_its_format_refuses_is_named_in_a_model():
+    """compress of a model whose conv is not 2:4 sparse said 'tensor is not
+    2:4 sparse: row 3, columns 0..3' without the layer or the offset."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(psnn.Conv3d(4, 8, 3), psnn.ReLU(), torch.nn.Sequential(psnn.Conv3d(8, 8, 3)))
+    prune.l1_unstructured(model[0], "weight", 0.5)
+    prune.remove(model[0], "weight")
+    with pytest.raises(ValueError, match=r"^0: kernel offset \d+ \(its W\[\d+\]\.T, C_out x C_in\): tensor is not "
+                                         r"2:4 sparse: row \d+, columns"):
+        F.compress(model, "nm", n=2, m=4)
+    pointsparse.prune.nm_structured(model[0], "weight", 2, 4)  # (now it passes; the next conv is named by its path)
+    prune.remove(model[0], "weight")
+    with pytest.raises(ValueError, match=r"^2\.0: kernel offset 0 "):
+        F.compress(model, "nm", n=2, m=4)
+    with pytest.raises(ValueError, match=r"^kernel offset 0 "):
+        F.compress(model[2][0], "nm", n=2, m=4)

@@ -104,7 +104,10 @@ def compress(module: torch.nn.Module, format="csr", example_input=None, **kwargs
                 if id(child) not in done:
                     qualified = f"{name}.{child_name}" if name else child_name
                     example = inputs.get(originals[qualified]) if qualified in originals else None
-                    done[id(child)] = compress(child, cls, example, **kwargs)
+                    try:
+                        done[id(child)] = compress(child, cls, example, **kwargs)
+                    except (ValueError, TypeError) as error:  # (which of the model's layers)
+                        raise type(error)(f"{qualified}: {error}") from error
                 setattr(sub, child_name, done[id(child)])
     return result
 
@@ -123,7 +126,12 @@ def _compress_conv(module, cls, example_input, kwargs) -> SparseConv3d:
     if cls is FKW:
         offsets = FKW.from_dense(weight.permute(2, 1, 0), **kwargs)
     else:
-        offsets = [cls.from_dense(weight[o].t(), **kwargs) for o in range(weight.shape[0])]
+        offsets = []
+        for o in range(weight.shape[0]):
+            try:
+                offsets.append(cls.from_dense(weight[o].t(), **kwargs))
+            except ValueError as error:  # (rows: output channels, columns: input channels of that offset)
+                raise ValueError(f"kernel offset {o} (its W[{o}].T, C_out x C_in): {error}") from error
     sparse = SparseConv3d(offsets, module.kernel_size, module.stride, module.dilation, module.transposed,
                           module.in_channels, module.out_channels, module.bias, execution="engine",
                           relu=getattr(module, "relu", False),  # (convs pickled before these existed have none)
