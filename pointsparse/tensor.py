@@ -42,12 +42,15 @@ def as_int(value, name: str, minimum: int | None = None) -> int:
     return out
 
 
-def positive_int(value, name: str) -> int:
-    """A positive int (numpy and 0-d tensor integers accepted); ValueError naming ``name``."""
+def positive_int(value, name: str, what: str | None = None) -> int:
+    """A positive int (numpy and 0-d tensor integers accepted; not bool,
+    float or str); else a ValueError naming ``name`` and the value (``what``:
+    what the int counts, said in parentheses)."""
     try:
         return as_int(value, name, 1)
-    except TypeError:
-        raise ValueError(f"{name} must be a positive int; got {value!r}") from None
+    except (TypeError, ValueError):
+        counts = f" ({what})" if what else ""
+        raise ValueError(f"{name} must be a positive int{counts}; got {value!r}") from None
 
 
 def as_float(value, name: str) -> float:

@@ -63,5 +63,5 @@ def test_tasks_refuse_bad_arguments_before_any_work(monkeypatch):
     for bad in (0, -3, 2.5):
         with pytest.raises(ValueError, match=f"batch_size must be (a positive int|an int >= 1); got {bad}"):
             tasks.digits_task("mlp", batch_size=bad)
-    with pytest.raises(ValueError, match="width must be an int >= 1; got 0"):
+    with pytest.raises(ValueError, match="width must be a positive int; got 0"):
         tasks.scene_task(width=0)

@@ -14,7 +14,7 @@ import torch
 from torch.nn.utils import prune as torch_prune
 
 from ..prune.amount import count_to_prune, validate_amount
-from ..tensor import as_int
+from ..tensor import positive_int
 
 
 def _rows_view(t: torch.Tensor, row_dim: int) -> torch.Tensor:
@@ -28,10 +28,7 @@ def _rows_view(t: torch.Tensor, row_dim: int) -> torch.Tensor:
 
 def check_pe(num_pe) -> int:
     """``num_pe`` as a positive int (numpy integers too; not bool or float)."""
-    try:
-        return as_int(num_pe, "num_pe", 1)
-    except (TypeError, ValueError):
-        raise ValueError(f"num_pe must be a positive int; got {num_pe!r}") from None
+    return positive_int(num_pe, "num_pe")
 
 
 def pe_nnz(mask_or_weight: torch.Tensor, num_pe: int, row_dim: int = 0) -> torch.Tensor:

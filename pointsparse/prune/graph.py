@@ -518,10 +518,7 @@ def kept_count(size: int, keep_ratio: float, multiple: int = 1) -> int:
     """``round(size * keep_ratio)`` rounded to the nearest multiple of
     ``multiple`` (at least one multiple, or 1; at most ``size``)."""
     keep_ratio = check_fraction(keep_ratio, "keep ratio", low_open=True, high_open=False)
-    try:
-        multiple = as_int(multiple, "multiple", 1)
-    except (TypeError, ValueError):
-        raise ValueError(f"multiple must be a positive int; got {multiple!r}") from None
+    multiple = positive_int(multiple, "multiple")
     n = max(1, int(round(size * keep_ratio)))
     if n >= size:  # nothing to prune: rounding to the multiple must not cut a group kept whole
         return size

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..tensor import as_int
+from ..tensor import positive_int
 from . import _compat
 from .adapters import apply_masks, get_mask, prunable_layers, raw, used_mask
 from .criteria import check_loss
@@ -106,10 +106,7 @@ def synflow_scores(model: nn.Module, example_input, sparsity: float = 0.0, itera
     it, never run, keep a True mask). Returns ``(scores, masks)``; with
     ``sparsity = 0`` a single scoring pass."""
     check_fraction(sparsity, "sparsity")
-    try:
-        iterations = as_int(iterations, "iterations", 1)
-    except (TypeError, ValueError):
-        raise ValueError(f"iterations must be a positive int; got {iterations!r}") from None
+    iterations = positive_int(iterations, "iterations")
     chosen_names = [n for n, _ in prunable_layers(model, layers)]
     net = copy.deepcopy(model).double().eval()
     with torch.no_grad():

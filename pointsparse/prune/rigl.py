@@ -21,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from ..tensor import as_int
+from ..tensor import positive_int
 from .adapters import layout_of, prunable_layers, used_mask
 from .procedure import check_fraction, check_int
 
@@ -84,14 +84,8 @@ class RigL:
         check_fraction(drop_fraction, "drop_fraction", high_open=False)
         if distribution not in DISTRIBUTIONS:
             raise ValueError(f"distribution must be one of {DISTRIBUTIONS}; got {distribution!r}")
-        try:
-            update_interval = as_int(update_interval, "update_interval", 1)
-        except (TypeError, ValueError):
-            raise ValueError(f"update_interval must be a positive int; got {update_interval!r}") from None
-        try:
-            end_step = as_int(end_step, "end_step", 1)
-        except (TypeError, ValueError):
-            raise ValueError(f"end_step must be a positive int; got {end_step!r}") from None
+        update_interval = positive_int(update_interval, "update_interval")
+        end_step = positive_int(end_step, "end_step")
         seed = check_int(seed, "seed", 0)
         self.model = model
         self.layers = prunable_layers(model, layers)

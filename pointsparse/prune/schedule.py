@@ -15,7 +15,7 @@ from typing import Callable
 
 from torch import nn
 
-from ..tensor import as_int
+from ..tensor import as_int, positive_int
 from .adapters import sparsity as _sparsity
 from .procedure import (call_train, check_callable, check_fraction, check_lr, global_magnitude_prune,
                         layer_magnitude_prune)
@@ -70,10 +70,7 @@ def sparsity_schedule(final: float, rounds: int, kind: str = "agp", initial: flo
                          "schedule cannot be followed")
     if kind not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}; got {kind!r}")
-    try:
-        rounds = as_int(rounds, "rounds", 1)
-    except (TypeError, ValueError):
-        raise ValueError(f"rounds must be a positive int; got {rounds!r}") from None
+    rounds = positive_int(rounds, "rounds")
     if rounds > MAX_ROUNDS:
         raise ValueError(f"rounds must be <= MAX_ROUNDS={MAX_ROUNDS}; got {rounds}")
     fn = _agp if kind == "agp" else _constant  # arguments checked once above, not per round

@@ -28,7 +28,7 @@ import numbers
 
 import torch
 
-from ..tensor import as_bool, as_int
+from ..tensor import as_bool, positive_int
 from ._copyable import CopyableMethod
 from .amount import count_to_prune, validate_amount, validate_norm
 from .adapters import WeightLayout, check_layout, dense_layout, is_layer, layout_of, raw, used_mask
@@ -408,18 +408,12 @@ def panel_structured(module, name, amount, square=False, n=2, importance_scores=
     if not isinstance(weight, torch.Tensor):
         raise ValueError(f"{type(module).__name__} has no tensor attribute {name!r}")
     square = as_bool(square, "square")
-    try:
-        panels = as_int(panels, "panels", 1)
-    except (TypeError, ValueError):
-        raise ValueError(f"panels must be a positive int (adjacent panels per block); got {panels!r}") from None
+    panels = positive_int(panels, "panels", "adjacent panels per block")
     width = panel_width(weight.dtype) * panels
     if rows is None:
         rows = width if square else 1
     else:
-        try:
-            rows = as_int(rows, "rows", 1)
-        except (TypeError, ValueError):
-            raise ValueError(f"rows must be a positive int (input channels per block); got {rows!r}") from None
+        rows = positive_int(rows, "rows", "input channels per block")
     if square and rows != width:
         raise ValueError(f"square=True means rows = width = {width}; got rows={rows}")
     return block_structured(module, name, amount, block_size=(width, rows), n=n,

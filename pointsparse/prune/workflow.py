@@ -10,7 +10,7 @@ from typing import Callable, Iterable
 
 from torch import nn
 
-from ..tensor import as_int
+from ..tensor import positive_int
 from .procedure import check_fraction
 
 CRITERIA = ("l1", "l2", "bn", "taylor")
@@ -48,11 +48,7 @@ def prune_channels(model: nn.Module, example_input, ratio: float = 0.5, scores=N
     from .graph import DEFAULT_MULTIPLE, DependencyGraph, plan
     check_fraction(ratio, "ratio (the kept fraction)", low_open=True, high_open=False)  # None too
     if multiple is not None:
-        try:
-            multiple = as_int(multiple, "multiple", 1)
-        except (TypeError, ValueError):
-            raise ValueError(f"multiple (--multiple) must be a positive int (kept channel counts are rounded to "
-                             f"it); got {multiple!r}") from None
+        multiple = positive_int(multiple, "multiple (--multiple)", "kept channel counts are rounded to it")
     graph = DependencyGraph(model, example_input)
     graph.cut(plan(graph, ratio, scores, scope, DEFAULT_MULTIPLE if multiple is None else multiple), retrace=False)
     return model

@@ -1,0 +1,67 @@
+"""Every positive-int argument of the pruning toolkit and the formats takes
+and refuses the same values (tensor.positive_int): ints, numpy integers and
+0-d integer tensors >= 1 pass on as Python ints; 0, negatives, bools,
+floats and strings are a ValueError naming the argument and the value."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from pointsparse import formats
+from pointsparse import prune
+from pointsparse.nn import Conv3d
+from pointsparse.prune import graph as G, init, rigl, schedule, workflow
+from pointsparse.tensor import positive_int
+from prune_procedures_support import sparse_chain, sparse_input
+
+
+def _panel(**kw):
+    return prune.panel_structured(Conv3d(4, 32, 3), "weight", 0.5, **kw)
+
+
+def _graph_plan(multiple):
+    net = sparse_chain(width=8)
+    return G.plan(G.DependencyGraph(net, sparse_input(n=60)), 0.5, multiple=multiple)
+
+
+def _prune_channels(multiple):
+    return workflow.prune_channels(sparse_chain(width=8), sparse_input(n=60), 0.5, multiple=multiple)
+
+
+SITES = {
+    "iterations": (lambda v: init.synflow_scores(sparse_chain(width=4), sparse_input(n=30), 0.5, iterations=v),
+                   "iterations"),
+    "rounds": (lambda v: schedule.sparsity_schedule(0.5, v), "rounds"),
+    "multiple": (_graph_plan, "multiple"),
+    "multiple (--multiple)": (_prune_channels, r"multiple \(--multiple\)"),
+    "update_interval": (lambda v: rigl.RigL(sparse_chain(width=4), 0.5, update_interval=v), "update_interval"),
+    "end_step": (lambda v: rigl.RigL(sparse_chain(width=4), 0.5, end_step=v), "end_step"),
+    "panels": (lambda v: _panel(panels=v), "panels"),
+    "rows": (lambda v: _panel(rows=v), "rows"),
+    "num_pe": (lambda v: formats.pe_nnz(torch.ones(4, 4), v), "num_pe"),
+}
+
+
+@pytest.mark.parametrize("site", sorted(SITES))
+@pytest.mark.parametrize("bad", [0, -2, True, 2.0, "2", torch.tensor(0), np.int64(-1)])
+def test_bad_positive_ints_are_named_alike(site, bad):
+    call, name = SITES[site]
+    with pytest.raises(ValueError, match=rf"^{name} must be a positive int( \([^)]*\))?; got {re.escape(repr(bad))}$"):
+        call(bad)
+
+
+@pytest.mark.parametrize("site", sorted(SITES))
+def test_numpy_and_tensor_ints_are_accepted(site):
+    call, _ = SITES[site]
+    call(np.int64(2))
+    call(torch.tensor(2))
+
+
+def test_positive_int_says_what_it_counts():
+    assert positive_int(np.int32(3), "n") == 3 and type(positive_int(np.int32(3), "n")) is int
+    with pytest.raises(ValueError, match=r"^panels must be a positive int \(adjacent panels per block\); got 0$"):
+        positive_int(0, "panels", "adjacent panels per block")
