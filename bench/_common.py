@@ -32,6 +32,18 @@ def results_path(name: str, quick: bool = False) -> Path:
     return folder / name
 
 
+def page_path(out, default: str, quick: bool = False) -> Path:
+    """Where a script writes its page for ``--out OUT``: a path with a
+    folder (``bench/results/x.md``, ``/tmp/x.md``) as given; a bare file
+    name (``x.md``) as a page in :func:`results_path`'s folder, as no
+    ``--out`` writes ``default`` there (a bare name landed in the folder the
+    script was run from in some scripts, under bench/results/ in others)."""
+    if out is None or str(out) == "":
+        return results_path(default, quick)
+    path = Path(out)
+    return path if path.parent != Path(".") else results_path(path.name, quick)
+
+
 def datasets_dir() -> Path | None:
     for c in (os.environ.get("POINTSPARSE_DATASETS"), ROOT.parent / "shared" / "datasets", "/work/shared/datasets"):
         if c and Path(c).is_dir():

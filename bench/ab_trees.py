@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import environment, kitti_path, results_path, write_markdown
+from _common import environment, kitti_path, page_path, write_markdown
 
 BENCH = Path(__file__).resolve().parent
 
@@ -172,7 +172,7 @@ def main() -> None:
         same_text = "equal" if same[i] else f"max diff {diffs[i]:.2e}"
         lines.append(f"| {t} | {same_text} | {1e3 * med[(i, 'e2e')]:.1f} | {med[(0, 'e2e')] / med[(i, 'e2e')]:.2f}x | "
                      f"{1e3 * med[(i, 'net')]:.1f} | {med[(0, 'net')] / med[(i, 'net')]:.2f}x |")
-    path = results_path("ab_trees.md", args.quick) if args.out is None else Path(args.out)
+    path = page_path(args.out, "ab_trees.md", args.quick)
     write_markdown(path, "Checkouts in lockstep on the north star's inference",
                    "python bench/ab_trees.py " + " ".join(sys.argv[1:]), environment(), ["\n".join(lines)],
                    "Ratios: the first tree's median over each tree's (above 1: faster than the first).")

@@ -30,7 +30,7 @@ import time
 import numpy as np
 import torch
 
-from _common import environment, kitti_path, results_path, street_scene, write_markdown
+from _common import environment, kitti_path, page_path, street_scene, write_markdown
 from north_star import inputs, vector_sparse
 from prune_speed import _variants
 
@@ -120,7 +120,7 @@ def main() -> None:
         name = "KITTI raw 000049 at 0.05 m"
     base, _ = ps.voxelize(xyz, feats, voxel_size=0.05)
     rows = measure(ps.SparseTensor(base.feats, base.coords), args.amount, rounds)
-    out = results_path(args.out or "bf16_layers.md", args.quick)
+    out = page_path(args.out, "bf16_layers.md", args.quick)
     write_markdown(out, f"The north star's bf16 convs in the AMX form and the vdpbf16ps one, {name} "
                         f"({len(base):,} voxels), pair vectors {args.amount:.0%}, {args.threads} threads",
                    "python bench/bf16_layers.py " + " ".join(sys.argv[1:]), environment(), tables(rows))

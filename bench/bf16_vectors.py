@@ -31,7 +31,7 @@ import sys
 
 import torch
 
-from _common import environment, interleaved, kitti_or_street, results_path, write_markdown
+from _common import environment, interleaved, kitti_or_street, page_path, write_markdown
 
 import pointsparse as ps  # noqa: E402
 from pointsparse import _ext, prune  # noqa: E402
@@ -123,7 +123,7 @@ def main() -> None:
     amounts = [(0.0, None), (0.5, None), (0.75, None), (0.9, None), (0.5, 2), (0.75, 2), (0.5, "square"),
                (0.75, "square")]
     rows = table(coords, widths, amounts, rounds, args.threads)
-    out = results_path(args.out or "bf16_vectors.md", args.quick)
+    out = page_path(args.out, "bf16_vectors.md", args.quick)
     command = "python bench/bf16_vectors.py " + " ".join(sys.argv[1:])
     write_markdown(out, f"bf16 vector sparsity, {name} ({len(coords):,} voxels), {args.threads} thread(s)",
                    command, environment(), ["\n".join(rows)])

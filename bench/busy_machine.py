@@ -25,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from _common import environment, real_sweeps, results_path, street_points, write_markdown
+from _common import environment, real_sweeps, page_path, street_points, write_markdown
 
 import pointsparse as ps  # noqa: E402  (after _common puts the repo on the path)
 from pointsparse import _ext  # noqa: E402
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     p.add_argument("--output", default=None, help="default bench/results/busy_machine.md")
     args = p.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 21)
-    output = args.output or results_path("busy_machine.md", args.quick)
+    output = page_path(args.output, "busy_machine.md", args.quick)
     data = inputs(args.quick)
     fns = cases(data)
     for fn in fns.values():  # warm up, and check 1 and 2 threads agree

@@ -38,12 +38,11 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from _common import environment, kitti_or_street, results_path, write_markdown
+from _common import environment, kitti_or_street, page_path, write_markdown
 from prune_exec import variants
 
 import pointsparse as ps
@@ -160,7 +159,7 @@ def main() -> int:
              "|---|---|---|---|---|---|"]
     for channels in args.channels:
         table += measure(channels, coords, args.rounds, args.mb, args.threads, args.split)
-    path = Path(args.out) if args.out else results_path("cache_state.md", args.quick)
+    path = page_path(args.out, "cache_state.md", args.quick)
     command = "python bench/cache_state.py " + " ".join(sys.argv[1:])
     write_markdown(path, "Vector-sparse speed-ups with the conv's rows in cache and in memory", command,
                    environment(), ["\n".join(table)],

@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-from pathlib import Path
 import sys
 
 import numpy as np
 import torch
 
-from _common import environment, interleaved, kitti_path, results_path, street_scene, write_markdown
+from _common import environment, interleaved, kitti_path, page_path, street_scene, write_markdown
 
 import pointsparse as ps
 from pointsparse import prune
@@ -185,7 +184,7 @@ def main() -> None:
     tables = ([per_call(rounds, args.channels)] if "calls" in args.parts else []) + (
         [residual(rounds, args.quick)] if "residual" in args.parts else []) + (
         [cache_steps(rounds, args.quick)] if "cache" in args.parts else [])
-    path = results_path("call_overhead.md", args.quick) if args.out is None else Path(args.out)
+    path = page_path(args.out, "call_overhead.md", args.quick)
     command = "python bench/call_overhead.py " + " ".join(sys.argv[1:])
     write_markdown(path, "Per-call costs of an inference forward", command.strip(), environment(), tables)
     print(path.read_text())

@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch (and core) threads (default: torch's)")
     ap.add_argument("--out", default=None, help="default bench/results/compile.md (--quick: a temporary folder)")
     args = ap.parse_args()
-    args.out = args.out or str(c.results_path("compile.md", args.quick))
+    args.out = str(c.page_path(args.out, "compile.md", args.quick))
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = args.repeats or (2 if args.quick else 5)

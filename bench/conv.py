@@ -21,7 +21,7 @@ import sys
 import numpy as np
 import torch
 
-from _common import (environment, interleaved, real_scene, real_sweeps, results_path, street_scene, timeit,
+from _common import (environment, interleaved, real_scene, real_sweeps, page_path, street_scene, timeit,
                      write_markdown)
 
 import pointsparse as ps  # noqa: E402  (after _common puts the repo on the path)
@@ -283,7 +283,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--output", default=None, help="default bench/results/conv.md (--quick: a temporary folder)")
     args = parser.parse_args()
-    args.output = args.output or str(results_path("conv.md", args.quick))
+    args.output = str(page_path(args.output, "conv.md", args.quick))
     torch.set_num_threads(args.threads)
     repeats = args.repeats or 3
     env = environment()

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import LOAD_CORE, callgrind_instructions, environment, kitti_or_street, results_path, write_markdown
+from _common import LOAD_CORE, callgrind_instructions, environment, kitti_or_street, page_path, write_markdown
 from prune_exec import variants
 
 import pointsparse as ps
@@ -153,7 +153,7 @@ def main() -> None:
     torch.set_num_threads(1)
     table = measure(args.channels, list(args.kinds), args.calls, coords, where)
     command = "python bench/conv_instructions.py " + " ".join(sys.argv[1:])
-    out = Path(args.out) if args.out else results_path("conv_instructions.md", args.quick)
+    out = page_path(args.out, "conv_instructions.md", args.quick)
     write_markdown(out, "Instructions per call of the fused conv kernels (callgrind)", command.strip(),
                    environment(), [table])
     print(f"wrote {out}")

@@ -104,7 +104,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--out", default=None, help="default bench/results/kmap.md (--quick: a temporary folder)")
     args = ap.parse_args()
-    args.out = args.out or str(c.results_path("kmap.md", args.quick))
+    args.out = str(c.page_path(args.out, "kmap.md", args.quick))
     torch.manual_seed(0)
     maps = {k: v for k, v in MAPS.items() if not args.quick or k in ("subm k3", "k2 s2")}
     have_spconv = spconv_map(torch.zeros((1, 4), dtype=torch.int32), 3, 1) is not None

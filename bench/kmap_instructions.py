@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import LOAD_CORE, callgrind_instructions, environment, kitti_or_street, results_path, write_markdown
+from _common import LOAD_CORE, callgrind_instructions, environment, kitti_or_street, page_path, write_markdown
 
 import pointsparse as ps
 from pointsparse import kmap as K
@@ -213,7 +213,7 @@ def main() -> None:
         if args.time > 0:
             tables.append("\n".join(timed(modules, data, folder, want, 1 if args.quick else args.time, args.cpu)))
             print(tables[-1], flush=True)
-    path = results_path("kmap_instructions.md", args.quick) if args.out is None else Path(args.out)
+    path = page_path(args.out, "kmap_instructions.md", args.quick)
     write_markdown(path, "Instructions per kernel-map build (callgrind)",
                    "python bench/kmap_instructions.py " + " ".join(sys.argv[1:]), environment(), tables)
     print(path.read_text())

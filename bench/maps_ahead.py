@@ -25,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from _common import environment, real_sweeps, results_path, street_points, write_markdown
+from _common import environment, real_sweeps, page_path, street_points, write_markdown
 from north_star import inputs, kitti_points, vector_sparse
 from prune_speed import _variants
 
@@ -89,7 +89,7 @@ def main() -> None:
     table, voxels = measure(points, args.rounds)
     print(table)
     scene = "KITTI raw 000049 at 0.05 m" if kitti else "a generated street"
-    write_markdown(results_path(args.out or "maps_ahead.md", args.quick),
+    write_markdown(page_path(args.out, "maps_ahead.md", args.quick),
                    f"Kernel maps built ahead: {scene} ({voxels:,} voxels)",
                    "python bench/maps_ahead.py " + " ".join(sys.argv[1:]), environment(), [table])
 

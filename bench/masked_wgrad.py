@@ -18,12 +18,11 @@ temporary folder."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 import sys
 
 import torch
 
-from _common import environment, interleaved, kitti_or_street, results_path, write_markdown
+from _common import environment, interleaved, kitti_or_street, page_path, write_markdown
 
 import pointsparse as ps
 from pointsparse import prune
@@ -96,7 +95,7 @@ def main() -> None:
     tables = [f"{where} ({len(coords):,} voxels), one thread, medians of {args.rounds} interleaved rounds."]
     tables += [table(coords, c, args.amounts, args.rounds) for c in args.channels]
     command = "python bench/masked_wgrad.py " + " ".join(sys.argv[1:])
-    out = Path(args.out) if args.out else results_path("masked_wgrad.md", args.quick)
+    out = page_path(args.out, "masked_wgrad.md", args.quick)
     write_markdown(out, "Masked weight gradient against dense", command.strip(), environment(), tables)
     print(f"wrote {out}")
 

@@ -56,7 +56,7 @@ import time
 import numpy as np
 import torch
 
-from _common import environment, real_sweeps, results_path, write_markdown
+from _common import environment, real_sweeps, page_path, write_markdown
 from prune_speed import _variants
 from voxel_prune import add_voxel_prune
 
@@ -297,7 +297,7 @@ def main() -> None:
     if args.program:
         tables.append(program_rows(programs, args.voxel_size, args.rounds))
     print("\n\n".join(tables))
-    out = Path(args.out) if args.out else results_path("north_star.md", args.quick)
+    out = page_path(args.out, "north_star.md", args.quick)
     write_markdown(out, "North star: MinkUNet on a full KITTI sweep in <= 100 ms",
                    "python bench/north_star.py " + shlex.join(sys.argv[1:]), environment(), tables,
                    (("" if args.no_variants else

@@ -46,7 +46,7 @@ import time
 import numpy as np
 import torch
 
-from _common import environment, interleaved, real_scene, real_sweeps, results_path, street_scene, write_markdown
+from _common import environment, interleaved, real_scene, real_sweeps, page_path, street_scene, write_markdown
 
 import pointsparse as ps
 from pointsparse import prune
@@ -471,7 +471,7 @@ def main() -> None:
     for t in tables:
         print(t, "\n")
     command = "python bench/prune_exec.py " + " ".join(sys.argv[1:])
-    output = Path(args.out) if args.out else results_path("prune_exec.md", args.quick)
+    output = page_path(args.out, "prune_exec.md", args.quick)
     write_markdown(output, f"Executed weight sparsity ({scene})", command, environment(),
                    tables, "Speed-ups are medians of interleaved rounds against the unpruned conv of the same "
                    "rounds, on the machine named above.")

@@ -37,7 +37,7 @@ import sys
 import numpy as np
 import torch
 
-from _common import environment, interleaved, kitti_or_street, results_path, write_markdown
+from _common import environment, interleaved, kitti_or_street, page_path, write_markdown
 
 import pointsparse as ps  # noqa: E402
 from pointsparse import _ext  # noqa: E402
@@ -118,7 +118,7 @@ def main() -> None:
     coords, scene = kitti_or_street(args.quick)
     table = measure(coords, args.rounds)
     print(table)
-    write_markdown(results_path(args.out or "side_by_side.md", args.quick),
+    write_markdown(page_path(args.out, "side_by_side.md", args.quick),
                    f"Two jobs side by side against one after another: {scene} ({len(coords):,} voxels)",
                    "python bench/side_by_side.py " + " ".join(sys.argv[1:]), environment(),
                    [table], "Medians of interleaved rounds; a ratio below 1.00x: side by side is faster.")

@@ -27,7 +27,7 @@ import argparse
 
 import torch
 
-from _common import environment, interleaved, real_scene, real_sweeps, results_path, street_scene, write_markdown
+from _common import environment, interleaved, real_scene, real_sweeps, page_path, street_scene, write_markdown
 
 import pointsparse as ps  # noqa: E402
 from pointsparse import _ext, prune  # noqa: E402
@@ -140,7 +140,7 @@ def main() -> None:
     widths = tuple(args.channels) if args.channels else widths
     rows = table(coords, widths, amounts, rounds)
     lines = ["\n".join(listed_line(coords, c, rounds)) for c in widths]
-    out = results_path(args.out or "sparse_isa.md", args.quick)
+    out = page_path(args.out, "sparse_isa.md", args.quick)
     write_markdown(out, f"Vector-sparse kernels of each build, {name} ({len(coords):,} voxels), 1 thread",
                    f"python bench/sparse_isa.py --rounds {rounds}" + (" --quick" if args.quick else "") +
                    (f" --out {args.out}" if args.out else "") +

@@ -37,12 +37,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from _common import environment, interleaved, kitti_or_street, results_path, write_markdown
+from _common import environment, interleaved, kitti_or_street, page_path, write_markdown
 from prune_exec import variants
 
 import pointsparse as ps
@@ -240,7 +239,7 @@ def main() -> None:
     finally:
         CORE.conv_stream_bytes(default)
         CORE.conv_stream_auto_bytes(default_auto)
-    out = Path(args.out) if args.out else results_path("stream_output.md", args.quick)
+    out = page_path(args.out, "stream_output.md", args.quick)
     command = "python bench/stream_output.py " + " ".join(sys.argv[1:])
     write_markdown(out, "Streamed against in-place output rows", command, environment(), tables,
                    f"Threshold: outputs of {threshold:,} bytes and more streamed (ratio: in place / streamed).")

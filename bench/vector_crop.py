@@ -23,13 +23,12 @@ round, the page in a temporary folder."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 import sys
 
 import numpy as np
 import torch
 
-from _common import environment, interleaved, kitti_or_street, results_path, write_markdown
+from _common import environment, interleaved, kitti_or_street, page_path, write_markdown
 from conv_instructions import KINDS, variants
 
 import pointsparse as ps
@@ -109,7 +108,7 @@ def main() -> None:
               "interleaved rounds."]
     tables += [table(coords, c, args.fractions, args.kinds, args.rounds) for c in args.channels]
     command = "python bench/vector_crop.py " + " ".join(sys.argv[1:])
-    out = Path(args.out) if args.out else results_path("vector_crop.md", args.quick)
+    out = page_path(args.out, "vector_crop.md", args.quick)
     write_markdown(out, "Vector-sparse forward on crops of the sweep", command.strip(), environment(), tables)
     print(f"wrote {out}")
 

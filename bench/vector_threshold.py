@@ -27,12 +27,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from _common import environment, kitti_or_street, results_path, write_markdown
+from _common import environment, kitti_or_street, page_path, write_markdown
 
 import pointsparse as ps
 from pointsparse.nn import _engine
@@ -172,7 +171,7 @@ def main() -> None:
     if args.listed:
         tables += ["", by_listed(coords, max(args.channels), args.listed, args.rounds)]
     command = "python bench/vector_threshold.py " + " ".join(sys.argv[1:])
-    out = Path(args.out) if args.out else results_path("vector_threshold.md", args.quick)
+    out = page_path(args.out, "vector_threshold.md", args.quick)
     write_markdown(out, "Vector-sparse against dense forward", command.strip(), environment(), ["\n".join(tables)])
     print(f"wrote {out}")
 

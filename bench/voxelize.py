@@ -21,7 +21,7 @@ import torch
 
 import numpy as np
 
-from _common import environment, interleaved, real_sweeps, results_path, street_points, write_markdown
+from _common import environment, interleaved, real_sweeps, page_path, street_points, write_markdown
 
 import pointsparse as ps  # noqa: E402
 from pointsparse import coords as C  # noqa: E402
@@ -129,7 +129,7 @@ def main() -> None:
         app.append(f"| {name} @ 0.05 m{' (with intensity)' if sample.intensity is not None else ''} | {len(sample)} "
                    f"| {before * 1e3:.2f} | {after * 1e3:.2f} | {before / after:.2f}x |")
         print(app[-1], flush=True)
-    out = results_path(args.out, args.quick)
+    out = page_path(args.out, "voxelize.md", args.quick)
     write_markdown(out, "voxelize: one trip into the core against four",
                    f"bench/voxelize.py --repeats {repeats}" + (" --quick" if args.quick else "")
                    + (f" --out {args.out}" if args.out != "voxelize.md" else ""), environment(),

@@ -240,3 +240,27 @@ def test_prune_finetune_keeps_each_models_rows_across_amounts(tmp_path):
     assert pf.load_rows(tmp_path / "absent.json", args) == {"rows": {}, "keys": {}, "held_out": {}}
     store.write_text(json.dumps(saved))
     assert pf.load_rows(store, args) == saved
+
+
+def test_a_bare_out_name_is_a_page_in_the_results_folder(tmp_path):
+    """``--out NAME.md`` wrote NAME.md into the folder the script ran from in
+    some scripts (cache_state.py, north_star.py, ...) and under bench/results/
+    in others; every single-page script now writes a bare name as a page in
+    the results folder (the quick one with --quick) and a path with a folder
+    as given."""
+    sys.path.insert(0, str(benchmark.BENCH_DIR))
+    try:
+        import _common
+    finally:
+        sys.path.remove(str(benchmark.BENCH_DIR))
+    assert _common.page_path(None, "x.md") == _common.RESULTS_DIR / "x.md"
+    assert _common.page_path("y.md", "x.md") == _common.RESULTS_DIR / "y.md"
+    assert _common.page_path("y.md", "x.md", quick=True) == _common.results_path("y.md", quick=True)
+    assert _common.page_path(str(tmp_path / "z.md"), "x.md") == tmp_path / "z.md"
+    page = _common.results_path("bare_out_check.md", quick=True)
+    page.unlink(missing_ok=True)
+    proc = subprocess.run([sys.executable, str(benchmark.BENCH_DIR / "cache_state.py"), "--quick", "--out",
+                           "bare_out_check.md"], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert page.is_file() and not (tmp_path / "bare_out_check.md").exists()
