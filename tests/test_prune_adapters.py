@@ -88,3 +88,19 @@ def test_sparsity_counts_a_kernel_region_conv_inside_its_region():
     assert adapters.layer_sparsity(model) == {"0": pytest.approx(3 / 42), "1": 0.0}
     assert adapters.sparsity(model) == pytest.approx(3 / (42 + 12))
     assert adapters.sparsity(model) == pytest.approx(prune.sparsity_report(model)["total"]["sparsity"])
+
+
+def test_kernel_extents_are_the_box_a_kernel_region_spans():
+    """kernel_extents: the kernel's shape for a plain layer, the box its
+    region spans for a kernel_region conv; beside kernel_volume, the
+    region's offset count."""
+    import pointsparse as ps
+
+    assert adapters.kernel_extents(nn.Linear(2, 3)) == ()
+    assert adapters.kernel_extents(nn.Conv2d(2, 3, (3, 5))) == (3, 5)
+    assert adapters.kernel_extents(ps.nn.Conv3d(2, 3, (1, 3, 3))) == (1, 3, 3)
+    for region, extents, volume in (("cross", (3, 3, 3), 7), ([13], (1, 1, 1), 1), ([12, 13], (1, 1, 2), 2),
+                                    ([0, 26], (3, 3, 3), 2), (range(9, 18), (1, 3, 3), 9)):
+        conv = ps.nn.Conv3d(2, 3, 3, kernel_region=region)
+        assert adapters.kernel_extents(conv) == extents, region
+        assert adapters.kernel_volume(conv) == volume, region

@@ -320,6 +320,25 @@ def test_vector_block_flags_are_refused_by_other_procedures(tmp_path, capsys, pr
     assert not (tmp_path / "out").exists()
 
 
+def test_overlapping_convs_look_at_a_kernel_region_convs_region():
+    """A kernel_region conv's windows are its region's offsets: one of a
+    single offset (27 in its kernel_size) overlaps nothing, and 'prune
+    offsets' at 0.74 pruned that offset (round(0.74 * 1)), the conv's whole
+    output; a region spanning no more than the stride on every axis (a k3 s2
+    conv's offsets at i_z 0 and 1 about the centre) meets each input row
+    once. A region spanning more than the stride overlaps as a plain k3 conv."""
+    from torch import nn
+
+    from pointsparse.app.channels import overlapping_convs
+    from pointsparse.nn import Conv3d
+
+    single = Conv3d(3, 6, 3, kernel_region=[13])
+    pair = Conv3d(6, 6, 3, stride=2, kernel_region=[12, 13])
+    cross = Conv3d(6, 6, 3, stride=2, kernel_region="cross")
+    plain = Conv3d(6, 6, 3)
+    assert overlapping_convs(nn.Sequential(single, pair, cross, plain)) == [cross, plain]
+
+
 def test_prune_offsets_masks_whole_offsets_of_the_overlapping_convs(tmp_path, capsys):
     """``prune offsets``: whole kernel offsets of every conv whose windows
     overlap (the k3 convs: 7 of 27 kept at 0.74, by the offsets' weight

@@ -147,10 +147,13 @@ def overlapping_convs(model) -> list:
     than its stride on some axis: submanifold and strided k3 convs), the
     ones ``prune offsets`` prunes: in a conv whose kernel equals its stride
     (MinkUNet's k2 s2 down- and upsampling) every input row meets one output
-    row through one offset, so a pruned offset would cut those voxels off."""
+    row through one offset, so a pruned offset would cut those voxels off.
+    A ``kernel_region`` conv's windows are its region's offsets (the box they
+    span against the stride)."""
     from ..nn import Conv3d
-    return [m for m in model.modules() if isinstance(m, Conv3d) and m.kernel_volume > 1
-            and any(k > s for k, s in zip(m.kernel_size, m.stride))]
+    from ..prune import adapters
+    return [m for m in model.modules() if isinstance(m, Conv3d) and adapters.kernel_volume(m) > 1
+            and any(k > s for k, s in zip(adapters.kernel_extents(m), m.stride))]
 
 
 def prune_offsets_checkpoint(path, out, amount: float) -> Path:

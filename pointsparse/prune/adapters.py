@@ -315,6 +315,25 @@ def kernel_volume(module: nn.Module) -> int:
     return used_weights(module, w.detach()).numel() // (w.shape[layout.out_axis] * w.shape[layout.in_axis])
 
 
+def kernel_extents(module: nn.Module) -> tuple[int, ...]:
+    """How many kernel positions along each kernel axis the layer's weights
+    span (() for Linear): its kernel's shape (a sparse conv's 3-D
+    ``kernel_size``), a ``kernel_region`` conv's the box its region spans."""
+    layout = layout_of(module)
+    used = layout.to_oik(used_mask(module)).any(dim=0).any(dim=0)  # (positions,) flattened
+    kernel = getattr(module, "kernel_size", None)
+    if layout.kernel_axes == (0,) and isinstance(kernel, tuple):
+        shape = kernel
+    else:
+        shape = tuple(raw(module).shape[a] for a in layout.kernel_axes)
+    used = used.reshape(shape)
+    spans = []
+    for axis in range(used.dim()):
+        hit = used.movedim(axis, 0).reshape(used.shape[axis], -1).any(dim=1).nonzero().flatten()
+        spans.append(int(hit[-1] - hit[0]) + 1 if len(hit) else 0)
+    return tuple(spans)
+
+
 def used_weights(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
     """The entries of ``t`` (the weight, or a tensor of its shape) that are
     weights of ``module``: its adapter's ``used_weights`` (a ``kernel_region``

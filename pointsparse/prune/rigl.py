@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..tensor import positive_int
-from .adapters import layout_of, prunable_layers, used_mask
+from .adapters import kernel_extents, layout_of, prunable_layers, used_mask
 from .procedure import check_fraction, check_int
 
 DISTRIBUTIONS = ("uniform", "erk")
@@ -31,17 +31,14 @@ DISTRIBUTIONS = ("uniform", "erk")
 def _kernel_dims(module: nn.Module) -> list[int]:
     """The weight's dims, a sparse conv's flattened kernel volume spelled out
     as its 3-D kernel (the layout says which axis is the kernel); a
-    ``kernel_region`` conv's kernel dims are its region's extent on each axis
-    (the cross's 3, 3, 3; offsets 0 and 1 of a 3x3x3 kernel 1, 1, 2)."""
+    ``kernel_region`` conv's kernel dims are the box its region spans
+    (:func:`.adapters.kernel_extents`: the cross's 3, 3, 3; offsets 0 and 1
+    of a 3x3x3 kernel 1, 1, 2)."""
     w = module.weight
     layout = layout_of(module)
     kernel = getattr(module, "kernel_size", None)
     if layout.kernel_axes == (0,) and isinstance(kernel, tuple):
-        region = getattr(module, "kernel_region", None)
-        if region is not None:  # (offset i in API.md order: z fastest)
-            at = torch.tensor(region).unsqueeze(1) // torch.tensor([kernel[1] * kernel[2], kernel[2], 1])
-            kernel = [len(set((at[:, a] % kernel[a]).tolist())) for a in range(3)]
-        return [*kernel, w.shape[layout.in_axis], w.shape[layout.out_axis]]
+        return [*kernel_extents(module), w.shape[layout.in_axis], w.shape[layout.out_axis]]
     return list(w.shape)
 
 
