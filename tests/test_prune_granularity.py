@@ -265,6 +265,26 @@ def test_general_n_m_on_conv_and_sparse_conv():
     assert prune.is_nm_sparse(sparse.weight.detach(), 2, 4, prune.layout_of(sparse))
 
 
+def test_n_m_prunes_a_kernel_region_conv_inside_its_region():
+    """A kernel_region conv's weights are its region's, as for every other
+    method: N:M masked the offsets outside too (values the conv never runs);
+    they keep their mask now, and the region's offsets are N:M."""
+    torch.manual_seed(0)
+    conv = SparseConv(8, 2, kernel_size=3, kernel_region="cross")
+    region = list(conv.kernel_region)
+    rest = [k for k in range(27) if k not in region]
+    with torch.no_grad():
+        conv.weight.normal_()
+    prune.nm_structured(conv, "weight", 2, 4)
+    assert bool((conv.weight_mask[rest] == 1).all())
+    assert torch.all(conv.weight_mask[region].reshape(len(region), 2, 4, 2).sum(dim=2) == 2)
+    with pytest.raises(TypeError, match="region must be a 1-D bool tensor"):
+        prune.NMStructured(2, 4, region=[13])
+    method = prune.NMStructured(2, 4, prune.layout_of(conv), region=torch.ones(8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="region has 8 kernel positions"):
+        method.compute_mask(conv.weight_orig, torch.ones_like(conv.weight_orig))
+
+
 def test_n_m_after_earlier_pruning_keeps_only_survivors():
     module = linear([[5.0, 4.0, 3.0, 2.0]])
     prune.custom_from_mask(module, "weight", torch.tensor([[0.0, 0.0, 0.0, 1.0]]))

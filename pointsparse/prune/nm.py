@@ -14,6 +14,7 @@ import torch
 
 from ._copyable import CopyableMethod
 from .adapters import WeightLayout, check_layout, dense_layout, layout_of
+from .structured import _used_kernel_positions, check_region
 
 
 def validate_nm(n, m) -> None:
@@ -31,15 +32,20 @@ class NMStructured(CopyableMethod):
 
     Entries already pruned by an earlier mask count as the weakest (they are
     never revived), so a group that had fewer than ``n`` survivors keeps only
-    those. The input-channel count must be a multiple of ``m``."""
+    those. The input-channel count must be a multiple of ``m``. ``region``:
+    the kernel positions that are weights, a bool ``(K,)`` (None: all;
+    :meth:`apply` reads a ``kernel_region`` conv's): the entries at the
+    others keep the mask they had."""
 
     PRUNING_TYPE = "global"
 
-    def __init__(self, n=2, m=4, layout: WeightLayout | None = None) -> None:
+    def __init__(self, n=2, m=4, layout: WeightLayout | None = None, region=None) -> None:
         validate_nm(n, m)
         check_layout(layout)
+        check_region(region)
         self.n, self.m = int(n), int(m)
         self.layout = layout
+        self.region = region
 
     def compute_mask(self, t, default_mask):
         layout = self.layout if self.layout is not None else dense_layout(t.dim())
@@ -58,18 +64,26 @@ class NMStructured(CopyableMethod):
         grouped = oik.reshape(out, inp // self.m, self.m, kernel)
         keep = torch.zeros_like(grouped, dtype=torch.bool)
         keep.scatter_(2, torch.topk(grouped, self.n, dim=2).indices, True)
-        keep = layout.from_oik(keep.reshape(out, inp, kernel), t.shape)
+        keep = keep.reshape(out, inp, kernel)
+        region = getattr(self, "region", None)  # (methods pickled before it existed have none)
+        if region is not None:
+            check_region(region, kernel)
+            keep = keep | ~region.to(keep.device)
+        keep = layout.from_oik(keep, t.shape)
         return default_mask.clone(memory_format=torch.contiguous_format) * keep.to(default_mask.dtype)
 
     @classmethod
     def apply(cls, module, name, n=2, m=4, layout=None, importance_scores=None):  # type: ignore[override]
         layout = layout if layout is not None else layout_of(module, name)
-        return super().apply(module, name, n=n, m=m, layout=layout, importance_scores=importance_scores)
+        region = _used_kernel_positions(module, name, layout)
+        return super().apply(module, name, n=n, m=m, layout=layout, region=region,
+                             importance_scores=importance_scores)
 
 
 def nm_structured(module, name, n=2, m=4, layout=None, importance_scores=None):
     """Apply ``n:m`` sparsity along the input channels of ``module.name``
-    (see :class:`NMStructured`). Returns ``module``."""
+    (see :class:`NMStructured`; a ``kernel_region`` conv's inside its
+    region). Returns ``module``."""
     NMStructured.apply(module, name, n=n, m=m, layout=layout, importance_scores=importance_scores)
     return module
 
