@@ -100,6 +100,25 @@ def test_skeleton_l1_and_empty_inputs():
         regularizers.l1([])
 
 
+def test_l1_and_l2_of_a_kernel_region_conv_count_its_region():
+    """The values outside a kernel_region conv's region are no weights of
+    it (the conv never runs them): they entered l1 and l2 and got their
+    gradient, as group_lasso's groups did before they took the region."""
+    from pointsparse.nn import Conv3d
+
+    conv = Conv3d(2, 3, 3, kernel_region="cross")
+    inside = list(conv.kernel_region)
+    rest = [k for k in range(27) if k not in inside]
+    with torch.no_grad():
+        conv.weight.fill_(-2.0)
+        conv.weight[rest] = 5.0
+    assert regularizers.l1(conv).item() == pytest.approx(2.0 * 7 * 6)
+    penalty = regularizers.l2(conv)
+    assert penalty.item() == pytest.approx(4.0 * 7 * 6)
+    penalty.backward()
+    assert bool((conv.weight.grad[rest] == 0).all()) and bool((conv.weight.grad[inside] == -4.0).all())
+
+
 def test_l1_training_drives_weights_toward_zero():
     torch.manual_seed(0)
     module = nn.Linear(6, 1, bias=False)

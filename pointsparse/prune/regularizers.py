@@ -27,15 +27,24 @@ def _sum(terms, what):
     return torch.stack(terms).sum()
 
 
+def _used_weight(module, name) -> torch.Tensor:
+    """``module.name`` with its entries that are no weights of the layer
+    zeroed (a ``kernel_region`` conv's outside its region: never run); a
+    layer without a region as it is (no mask built on every step)."""
+    w = current_weight(module, name)
+    return w if getattr(module, "kernel_region", None) is None else w * used_entries(module, name)
+
+
 def l1(parameters) -> torch.Tensor:
     """``sum |w|`` over ``parameters`` (a model: its Linear/conv weights, or
-    ``(module, name)`` pairs)."""
-    return _sum((current_weight(m, n).abs().sum() for m, n in _parameters(parameters)), "weights")
+    ``(module, name)`` pairs; a ``kernel_region`` conv's inside its region)."""
+    return _sum((_used_weight(m, n).abs().sum() for m, n in _parameters(parameters)), "weights")
 
 
 def l2(parameters) -> torch.Tensor:
-    """``sum w^2`` over ``parameters`` (weight decay as a loss term)."""
-    return _sum((current_weight(m, n).pow(2).sum() for m, n in _parameters(parameters)), "weights")
+    """``sum w^2`` over ``parameters`` (weight decay as a loss term; a
+    ``kernel_region`` conv's inside its region)."""
+    return _sum((_used_weight(m, n).pow(2).sum() for m, n in _parameters(parameters)), "weights")
 
 
 def group_lasso(parameters, group: str = "out", scale_by_size: bool = False) -> torch.Tensor:
