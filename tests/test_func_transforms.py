@@ -323,3 +323,20 @@ def test_forward_mode_through_bf16_inference_is_not_dropped(mode, grad):
                 got = forward_ad.unpack_dual(conv(x.with_feats(forward_ad.make_dual(x.feats, tangent))).feats).tangent
     assert got is not None and got.abs().sum() > 0
     torch.testing.assert_close(got.float(), want, rtol=0.02, atol=0.05)
+
+
+def test_a_compressed_layer_refuses_an_input_an_outer_transform_tracks():
+    """jvp over x of grad over a later scale: inside the grad the compressed
+    layer's input carries the jvp's tangent, which no inner level can see;
+    running the product on its values would drop it silently. Refused, as
+    is an input made inside the transform."""
+    fast, x = compressed("conv", "csr")
+    scale = torch.tensor(1.5, dtype=torch.float64)
+
+    def inner(feats):
+        return torch.func.grad(lambda s: (fast(x.with_feats(feats)).feats * s).square().sum())(scale)
+
+    with pytest.raises(RuntimeError, match="cannot run on an input a torch.func transform tracks"):
+        torch.func.jvp(inner, (x.feats,), (torch.ones_like(x.feats),))
+    with pytest.raises(RuntimeError, match="cannot run on an input a torch.func transform tracks"):
+        torch.func.grad(lambda s: (fast(x.with_feats(x.feats * 2)).feats * s).sum())(scale)

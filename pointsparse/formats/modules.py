@@ -46,16 +46,22 @@ def refuse_gradient(module: nn.Module, input: torch.Tensor, what: str) -> None:
             "the uncompressed module")
 
 
-def plain_values(input: torch.Tensor):
-    """``(values, context)``: ``input``'s values and the context to run the
-    C++ product in. Inside a torch.func transform (``grad`` or ``vjp`` of
-    something else: :func:`refuse_gradient` refused a differentiated input)
-    the plain tensor under the input's wrapper, and the transforms'
-    dispatch off (else every tensor the product makes is wrapped, and its
-    ``.numpy()`` fails); a ``vmap`` batch is a TypeError."""
+def plain_values(module: nn.Module, input: torch.Tensor, what: str):
+    """``(input, context)``: the context to run the C++ product in. Inside a
+    torch.func transform (``grad`` or ``vjp`` of something else) on a plain
+    input, the transforms' dispatch off (else every tensor the product makes
+    is wrapped, and its ``.numpy()`` fails). An input the transforms wrap
+    (made inside one, or differentiated by an outer level, whose tangent an
+    inner level cannot see) is a RuntimeError: the product would drop what
+    the transforms track."""
     if not _ext.in_transform():
         return input, contextlib.nullcontext()
-    return _ext.values(input), torch._C._DisableFuncTorch()
+    if torch._C._functorch.is_functorch_wrapped_tensor(input):
+        raise RuntimeError(
+            f"{type(module).__name__} ({what}) is inference-only and cannot run on an input a torch.func transform "
+            "tracks (vmap, grad, jvp, or a tensor made inside one); give it a tensor made outside the transform, "
+            "or transform the uncompressed module")
+    return input, torch._C._DisableFuncTorch()
 
 
 def outside_graphs(name: str) -> str:
@@ -92,7 +98,7 @@ class SparseLinear(nn.Module):
     @torch.compiler.disable(reason=outside_graphs("SparseLinear"))
     def _product(self, input: torch.Tensor) -> torch.Tensor:
         refuse_gradient(self, input, type(self.weight_format).__name__)
-        input, context = plain_values(input)
+        input, context = plain_values(self, input, type(self.weight_format).__name__)
         with context:
             lead = input.shape[:-1]
             x = input.detach().reshape(-1, self.in_features)
@@ -412,7 +418,7 @@ class SparseConv3d(nn.Module):
         """:meth:`forward` through the format's product (``execution="format"``)."""
         refuse_gradient(self, input.feats, f"format {self.format_name}")
         kmap = _kmap.get_kmap(input, self.kernel_size, self.stride, self.dilation, self.transposed)
-        feats, context = plain_values(input.feats)
+        feats, context = plain_values(self, input.feats, f"format {self.format_name}")
         with context:
             out = self._format_product(feats.detach(), kmap)
         if self.transposed:
