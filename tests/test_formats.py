@@ -595,3 +595,27 @@ def test_matmul_of_a_huge_declared_shape_is_refused_before_allocating(backend):
                 fmt.matmul(dense)
     with ps.backend(backend):
         assert torch.equal(F.COO.from_dense(torch.eye(3)) @ torch.ones(3, 2), torch.ones(3, 2))
+
+
+def test_matmul_inside_torch_func_transforms_and_with_a_tangent():
+    """W @ X inside torch.func.grad of something else failed in .numpy()
+    ('Cannot access data pointer'); it runs on a tensor made outside the
+    transform. A tangent on X (jvp, forward_ad) was dropped silently (no
+    tangent) and a vmap batch named no product: both are refused by name."""
+    from torch.autograd import forward_ad
+
+    torch.manual_seed(0)
+    dense = torch.randn(4, 6) * (torch.rand(4, 6) > 0.5)
+    W = F.CSR.from_dense(dense)
+    X = torch.randn(6, 3)
+    s = torch.tensor(2.0)
+    got = torch.func.grad(lambda s: ((W @ X) * s).square().sum())(s)
+    assert torch.allclose(got, 2 * s * (dense @ X).square().sum())
+    with pytest.raises(RuntimeError, match=r"CSR.matmul gives no tangent for dense"):
+        torch.func.jvp(lambda x: (W @ x).sum(), (X,), (torch.ones_like(X),))
+    with forward_ad.dual_level():
+        with pytest.raises(RuntimeError, match=r"CSR.matmul gives no tangent for dense"):
+            W @ forward_ad.make_dual(X, torch.ones_like(X))
+    with pytest.raises(RuntimeError, match=r"CSR.matmul is inference-only and cannot run on an input a torch.func "
+                                           r"transform tracks"):
+        torch.func.vmap(lambda x: W @ x)(X.unsqueeze(0).expand(2, 6, 3))

@@ -4,10 +4,12 @@ result), construction from a pruned module, and storage accounting."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 
 import torch
+from torch.autograd import forward_ad
 
 from .. import _ext
 from ._storage import array_nbytes
@@ -140,6 +142,23 @@ def matrix_of_module(module: torch.nn.Module, name: str = "weight") -> torch.Ten
             "2-D weights (Linear: (out, in)); use pointsparse.formats.compress for convolutions"
         )
     return weight
+
+
+def outside_transforms(operand: torch.Tensor, what: str, instead: str):
+    """The context a format product runs its operand in: none outside the
+    torch.func transforms; inside one (``grad`` or ``vjp`` of something
+    else) on a plain operand, the transforms' dispatch off (else every tensor
+    the product makes is wrapped, and its ``.numpy()`` fails). An operand
+    the transforms wrap (``vmap``'s batch, a differentiated input, one made
+    inside the transform, or one carrying an outer level's tangent, which an
+    inner level cannot see) is a RuntimeError naming ``what``: the product
+    would drop what the transforms track."""
+    if not _ext.in_transform():
+        return contextlib.nullcontext()
+    if torch._C._functorch.is_functorch_wrapped_tensor(operand):
+        raise RuntimeError(f"{what} is inference-only and cannot run on an input a torch.func transform tracks "
+                           f"(vmap, grad, jvp, or a tensor made inside one); {instead}")
+    return torch._C._DisableFuncTorch()
 
 
 def torch_spmm(rows, cols, values, dense, M: int) -> torch.Tensor:
@@ -295,18 +314,23 @@ class SparseFormat:
             )
         if dense.dtype != self.dtype:
             raise TypeError(f"dense must have dtype {self.dtype} like the weight; got {dense.dtype}")
+        what = f"{type(self).__name__}.matmul"
         if torch.is_grad_enabled() and dense.requires_grad:  # the product is not differentiable: say so
-            raise RuntimeError(f"{type(self).__name__}.matmul gives no gradient for dense, which requires one; "
+            raise RuntimeError(f"{what} gives no gradient for dense, which requires one; "
                                "run it under torch.no_grad() or pass dense.detach()")
-        dense2 = dense[:, None] if vector else dense
-        self._check_product(dense2.shape[1], tuple(dense.shape))
-        if _ext.serves(dense2, dtypes=_KERNEL_DTYPES):
-            out = self._kernel(_ext.to_numpy(dense2.detach()))
-            out = _ext.to_tensor(out)
-        else:
-            rows, cols, values = self._triplets()
-            out = torch_spmm(rows, cols, values, dense2.detach(), M)
-        return out[:, 0] if vector else out
+        if forward_ad.unpack_dual(dense).tangent is not None:  # (else dropped: a silent zero)
+            raise RuntimeError(f"{what} gives no tangent for dense, which carries a forward-mode one "
+                               "(torch.func.jvp, torch.autograd.forward_ad); pass a plain tensor")
+        with outside_transforms(dense, what, "multiply a tensor made outside the transform, or to_dense() inside it"):
+            dense2 = dense[:, None] if vector else dense
+            self._check_product(dense2.shape[1], tuple(dense.shape))
+            if _ext.serves(dense2, dtypes=_KERNEL_DTYPES):
+                out = self._kernel(_ext.to_numpy(dense2.detach()))
+                out = _ext.to_tensor(out)
+            else:
+                rows, cols, values = self._triplets()
+                out = torch_spmm(rows, cols, values, dense2.detach(), M)
+            return out[:, 0] if vector else out
 
     __matmul__ = matmul
 

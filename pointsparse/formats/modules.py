@@ -3,8 +3,6 @@ the SpMM kernels; built by :func:`pointsparse.formats.compress`."""
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 from torch.autograd import forward_ad
@@ -13,7 +11,7 @@ from .. import _ext
 from .. import kmap as _kmap
 from ..nn.reference import conv_sum, im2col, offset_pairs
 from ..tensor import SparseTensor, as_bool, as_triple, positive_int
-from ._base import SparseFormat
+from ._base import SparseFormat, outside_transforms
 from ._storage import widen
 from .csr import CSR
 from .fkw import FKW
@@ -44,24 +42,6 @@ def refuse_gradient(module: nn.Module, input: torch.Tensor, what: str) -> None:
             f"{type(module).__name__} ({what}) is inference-only and cannot carry a forward-mode tangent "
             "(torch.func.jvp, torch.autograd.forward_ad) of its input; give it a plain input, or differentiate "
             "the uncompressed module")
-
-
-def plain_values(module: nn.Module, input: torch.Tensor, what: str):
-    """``(input, context)``: the context to run the C++ product in. Inside a
-    torch.func transform (``grad`` or ``vjp`` of something else) on a plain
-    input, the transforms' dispatch off (else every tensor the product makes
-    is wrapped, and its ``.numpy()`` fails). An input the transforms wrap
-    (made inside one, or differentiated by an outer level, whose tangent an
-    inner level cannot see) is a RuntimeError: the product would drop what
-    the transforms track."""
-    if not _ext.in_transform():
-        return input, contextlib.nullcontext()
-    if torch._C._functorch.is_functorch_wrapped_tensor(input):
-        raise RuntimeError(
-            f"{type(module).__name__} ({what}) is inference-only and cannot run on an input a torch.func transform "
-            "tracks (vmap, grad, jvp, or a tensor made inside one); give it a tensor made outside the transform, "
-            "or transform the uncompressed module")
-    return input, torch._C._DisableFuncTorch()
 
 
 def outside_graphs(name: str) -> str:
@@ -98,8 +78,8 @@ class SparseLinear(nn.Module):
     @torch.compiler.disable(reason=outside_graphs("SparseLinear"))
     def _product(self, input: torch.Tensor) -> torch.Tensor:
         refuse_gradient(self, input, type(self.weight_format).__name__)
-        input, context = plain_values(self, input, type(self.weight_format).__name__)
-        with context:
+        with outside_transforms(input, f"{type(self).__name__} ({type(self.weight_format).__name__})",
+                                "give it a tensor made outside the transform, or transform the uncompressed module"):
             lead = input.shape[:-1]
             x = input.detach().reshape(-1, self.in_features)
             y = self.weight_format.matmul(x.t().contiguous()).t()
@@ -418,9 +398,9 @@ class SparseConv3d(nn.Module):
         """:meth:`forward` through the format's product (``execution="format"``)."""
         refuse_gradient(self, input.feats, f"format {self.format_name}")
         kmap = _kmap.get_kmap(input, self.kernel_size, self.stride, self.dilation, self.transposed)
-        feats, context = plain_values(self, input.feats, f"format {self.format_name}")
-        with context:
-            out = self._format_product(feats.detach(), kmap)
+        with outside_transforms(input.feats, f"{type(self).__name__} (format {self.format_name})",
+                                "give it a tensor made outside the transform, or transform the uncompressed module"):
+            out = self._format_product(input.feats.detach(), kmap)
         if self.transposed:
             out_stride = tuple(a // b for a, b in zip(input.stride, self.stride))
         else:
