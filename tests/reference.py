@@ -189,6 +189,16 @@ def run_python(code: str, env_extra: dict | None = None, timeout: int = 120) -> 
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
 
 
+def run_core_capped(code: str, limit: int = 3 << 30, timeout: int = 60) -> subprocess.CompletedProcess:
+    """``code`` run after CORE_ONLY (``core``, ``np`` loaded) in a child whose
+    address space is capped at ``limit`` bytes (RLIMIT_AS): a call that
+    allocates what its arguments ask before refusing them fails there with
+    MemoryError instead of swapping the machine."""
+    return run_python(CORE_ONLY + "import resource\nimport numpy as np\n"
+                      f"resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))\n" + code,
+                      {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}, timeout=timeout)
+
+
 # --- convolution and pooling -------------------------------------------------
 
 
