@@ -100,7 +100,9 @@ def trilinear_neighbors(
 def conv_weight_vectors(weight: np.ndarray, transpose: bool = False) -> np.ndarray:
     """int32 (K, panels): per offset and panel of nr columns (16 float32, 8
     float64) the rows of weight[k] (weight[k].T when transpose) holding a
-    nonzero in the panel: the vectors the vector-sparse kernels visit."""
+    nonzero in the panel: the vectors the vector-sparse kernels visit.
+    ValueError for an empty weight whose tables (K x panels, rows x panels)
+    would pass 2^24 entries (conv_execution alike)."""
 
 def reuse_freed_memory(on: bool, bytes: int) -> bool:
     """glibc malloc: on, blocks up to `bytes` come from the heap and freed

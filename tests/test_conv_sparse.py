@@ -854,6 +854,35 @@ def test_weight_choice_refuses_dimensions_past_int32(shape):
             ps._ext.core.conv_execution(w, transpose, None, 0.5)
 
 
+def test_weight_choice_refuses_empty_weights_whose_tables_it_cannot_hold():
+    """An empty weight backs none of the tables its vector counts take (K x
+    panels counts, C_in x panels marks; C_out x panels of C_in when
+    transposed): past 2^24 entries they are refused with a ValueError naming
+    weight before any is allocated, here in a child capped at 3 GB of address
+    space (where 8 to 64 GB of tables allocated first fail with MemoryError)."""
+    from reference import run_core_capped
+
+    code = (
+        "cases = [((0, 2**17, 2**20), False), ((0, 2**20, 2**17), True), ((2**20, 0, 2**18), False),\n"
+        "         ((2**20, 2**18, 0), True)]\n"
+        "for shape, transpose in cases:\n"
+        "    w = np.empty(shape, np.float32)\n"
+        "    for call in (lambda: core.conv_weight_vectors(w, transpose),\n"
+        "                 lambda: core.conv_execution(w, transpose, None, 0.5)):\n"
+        "        try:\n"
+        "            call()\n"
+        "            print('ran', shape)\n"
+        "        except ValueError as exc:\n"
+        "            print('ValueError', exc)\n"
+    )
+    proc = run_core_capped(code)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 8 and all(line.startswith("ValueError weight of shape (") for line in lines), proc.stdout
+    # An empty weight with small tables is counted as before.
+    assert ps._ext.core.conv_weight_vectors(np.empty((27, 0, 2**16), np.float32), False).shape == (27, 2**12)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_vector_counts_and_packing_take_special_values_as_the_comparison_does(dtype):
     """The core tests a value's bits without its sign: -0.0 is zero; NaN,

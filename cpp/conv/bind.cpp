@@ -3,6 +3,7 @@
 // preallocates them (torch tensors viewed as numpy arrays), so every argument
 // is checked here for dtype, layout and shape before any kernel runs; the GIL
 // is released around the kernels.
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -42,8 +43,32 @@ void check_counted_weight(const py::array& weight) {
                 shape_str(weight));
 }
 
+// An empty weight (a dimension 0) backs none of the tables its vector counts
+// take (count_vectors, choose_execution): K x panels counts and twins, rows x
+// panels marks (C_in rows, C_out when transposed), K flags. There each is
+// held to kMaxEmptyWeightTable entries, checked before any is allocated; a
+// weight with entries has at least as many as each table.
+constexpr int64_t kMaxEmptyWeightTable = int64_t(1) << 24;
+
+void check_empty_weight_tables(const py::array& weight, bool transpose) {
+  if (weight.size() > 0) return;
+  const int64_t K = weight.shape(0), c_in = weight.shape(1), c_out = weight.shape(2);
+  const int64_t rows = transpose ? c_out : c_in;
+  const int64_t np = dispatch_float(weight, "weight", [&](auto zero) {
+    return conv::panels<decltype(zero)>(Isa::avx2, transpose ? c_in : c_out);
+  });
+  // Every dimension is below 2^31 and np below 2^28: no product overflows.
+  const int64_t largest = std::max({K, K * np, rows * np});
+  if (largest > kMaxEmptyWeightTable)
+    value_error("weight of shape " + shape_str(weight) + " holds no entries, but its vector counts would take a table of " +
+                std::to_string(largest) + " entries (kernel_volume x column panels, or rows x column panels; " +
+                (transpose ? "rows C_out, columns C_in" : "rows C_in, columns C_out") +
+                "); an empty weight takes at most 2^24 a table");
+}
+
 py::array_t<int32_t> weight_vectors(py::array weight, bool transpose) {
   check_counted_weight(weight);
+  check_empty_weight_tables(weight, transpose);
   const int64_t K = weight.shape(0), c_in = weight.shape(1), c_out = weight.shape(2);
   py::array_t<int32_t> counts;
   dispatch_float(weight, "weight", [&](auto zero) {
@@ -59,6 +84,7 @@ py::array_t<int32_t> weight_vectors(py::array weight, bool transpose) {
 py::tuple weight_execution(py::array weight, bool transpose, py::object region, double threshold,
                            std::optional<double> twin_threshold) {
   check_counted_weight(weight);
+  check_empty_weight_tables(weight, transpose);
   const int64_t K = weight.shape(0), c_in = weight.shape(1), c_out = weight.shape(2);
   if (std::isnan(threshold)) value_error("threshold must be a number; got nan");
   if (twin_threshold && !(std::isfinite(*twin_threshold) && *twin_threshold >= 0))
