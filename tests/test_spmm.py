@@ -151,6 +151,15 @@ OVERFLOW = {
     "eie_entries_wrap_to_zero": ("core.eie_spmm(np.array([[0, 2**62]] * 4), np.zeros(0, np.uint8), "
                                  "np.zeros(0, np.float32), np.zeros((1, 1), np.float32), 4, None, 2)",
                                  "col_ptr[:, -1] must add up to len(values)"),
+    # The output (M, N): M x N x 4 bytes past 2^63 (numpy refused it without naming M or N).
+    "csr_output": ("core.csr_spmm(np.zeros(5, np.int64), np.zeros(0, np.uint8), np.zeros(0, np.float32), "
+                   "np.empty((0, 2**60), np.float32), 0, None, 2)", "output (M, N) = (4, 1152921504606846976)"),
+    "bsr_output": ("core.bsr_spmm(np.zeros(2, np.int64), np.zeros(0, np.uint8), np.zeros((0, 2**60, 1), np.float32), "
+                   "np.empty((0, 4), np.float32), 2**60, 0, None, 2)", "output (M, N) = (1152921504606846976, 4)"),
+    "nm_output": ("core.nm_spmm(np.zeros(0, np.uint8), np.empty((2**60, 0), np.float32), 1, 1, 1, "
+                  "np.empty((0, 4), np.float32), 0, None, 2)", "output (M, N) = (1152921504606846976, 4)"),
+    "eie_output": ("core.eie_spmm(np.zeros((1, 1), np.int64), np.zeros(0, np.uint8), np.zeros(0, np.float32), "
+                   "np.empty((0, 4), np.float32), 2**60, None, 2)", "output (M, N) = (1152921504606846976, 4)"),
 }
 
 

@@ -89,6 +89,19 @@ void run_kernel(Isa isa, const Args& a, void (*generic)(const Args&), void (*avx
 // ceil(n / d) for n >= 0, d >= 1, without the overflow of (n + d - 1) / d.
 int64_t ceil_div(int64_t n, int64_t d) { return n / d + (n % d != 0); }
 
+// The (M, N) output of a product (the kernels write all of it), its size in
+// bytes checked first: ValueError naming M (m_from: where it comes from) and
+// N (dense's columns) where it passes what an array can hold, as numpy
+// would refuse it but without naming them.
+py::array output_of(int64_t M, int64_t N, bool f64, const char* m_from) {
+  int64_t bytes = 0;
+  if (__builtin_mul_overflow(M, N, &bytes) || __builtin_mul_overflow(bytes, int64_t(f64 ? 8 : 4), &bytes))
+    value_error("the output (M, N) = (" + std::to_string(M) + ", " + std::to_string(N) + ") of " +
+                (f64 ? "float64" : "float32") + " would take more than 2^63 bytes (M from " + m_from +
+                ", N from dense)");
+  return f64 ? py::array(py::array_t<double>({M, N})) : py::array(py::array_t<float>({M, N}));
+}
+
 void check_nonneg(int64_t v, const char* name) {
   if (v < 0) value_error(std::string(name) + " must be >= 0; got " + std::to_string(v));
 }
@@ -114,7 +127,7 @@ py::array csr_spmm(carray<int64_t> row_ptr, py::array col, py::array val, py::ar
   if (nnz > 0 && max_index(col.data(), width, nnz) >= uint64_t(K))
     value_error("col_idx must be < K = " + std::to_string(K));
   const int64_t N = X.shape(1);
-  py::array Y = f64 ? py::array(py::array_t<double>({M, N})) : py::array(py::array_t<float>({M, N}));
+  py::array Y = output_of(M, N, f64, "row_ptr");
   CsrArgs a{row_ptr.data(), col.data(), width, val.data(), f64, M, K, N, X.data(),
             Y.mutable_data(), threads(num_threads)};
   run_kernel(use, a, spmm::generic::csr, spmm::avx2::csr, spmm::avx512::csr);
@@ -197,7 +210,7 @@ py::array bsr_spmm(carray<int64_t> block_ptr, py::array block_col, py::array val
   if (nb > 0 && max_index(block_col.data(), width, nb) >= uint64_t(KB))
     value_error("block_col must be < ceil(K / block_cols) = " + std::to_string(KB));
   const int64_t N = X.shape(1);
-  py::array Y = f64 ? py::array(py::array_t<double>({M, N})) : py::array(py::array_t<float>({M, N}));
+  py::array Y = output_of(M, N, f64, "the argument M");
   BsrArgs a{block_ptr.data(), block_col.data(), width, val.data(), f64, M, K, N, br, bc, X.data(),
             Y.mutable_data(), threads(num_threads)};
   run_kernel(use, a, spmm::generic::bsr, spmm::avx2::bsr, spmm::avx512::bsr);
@@ -244,7 +257,7 @@ py::array nm_spmm(py::array_t<uint8_t, py::array::c_style> positions, py::array 
                   std::to_string(K) + ")");
   }
   const int64_t N = X.shape(1);
-  py::array Y = f64 ? py::array(py::array_t<double>({M, N})) : py::array(py::array_t<float>({M, N}));
+  py::array Y = output_of(M, N, f64, "values");
   NmArgs a{pos, val.data(), f64, M, K, N, L, n, m, bits, X.data(), Y.mutable_data(),
            threads(num_threads)};
   run_kernel(use, a, spmm::generic::nm, spmm::avx2::nm, spmm::avx512::nm);
@@ -300,7 +313,7 @@ py::array eie_spmm(carray<int64_t> col_ptr, py::array_t<uint8_t, py::array::c_st
     byte0 += (c[K] + 1) / 2;
   }
   const int64_t N = X.shape(1);
-  py::array Y = f64 ? py::array(py::array_t<double>({M, N})) : py::array(py::array_t<float>({M, N}));
+  py::array Y = output_of(M, N, f64, "the argument M");
   EieArgs a{cp, z, val.data(), f64, M, K, N, P, X.data(), Y.mutable_data(), threads(num_threads)};
   run_kernel(use, a, spmm::generic::eie, spmm::avx2::eie, spmm::avx512::eie);
   return Y;
