@@ -192,6 +192,33 @@ def test_csr_conv_accumulate_refuses_an_out_sharing_memory():
     np.testing.assert_allclose(buf, want, atol=1e-5, rtol=1e-5)
 
 
+def test_csr_conv_accumulate_sizes_no_table_by_an_empty_out():
+    """An out without columns (C_out = 0) backs none of its N_out rows: the
+    check of distinct out_idx took a table of N_out flags all the same (2^40
+    bytes here), allocated before any pair was read. In a child capped at
+    3 GB of address space: the call runs, and repeated rows are still refused."""
+    from reference import run_core_capped
+
+    code = (
+        "args = (np.zeros(1, np.int64), np.zeros(0, np.uint8), np.zeros(0, np.float32), np.ones((2, 3), np.float32))\n"
+        "out = np.empty((2**40, 0), np.float32)\n"
+        "core.csr_conv_accumulate(*args, np.array([0, 1]), np.array([5, 2**40 - 1]), out, None, 2)\n"
+        "print('ran')\n"
+        "for rows in ([7, 7], [2**40, 0]):\n"
+        "    try:\n"
+        "        core.csr_conv_accumulate(*args, np.array([0, 1]), np.array(rows), out, None, 2)\n"
+        "        print('ran', rows)\n"
+        "    except ValueError as exc:\n"
+        "        print('ValueError', exc)\n"
+    )
+    proc = run_core_capped(code)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "ran" and len(lines) == 3, proc.stdout
+    assert "out_idx must hold distinct rows" in lines[1], lines[1]
+    assert "out_idx[0] = 1099511627776 is outside" in lines[2], lines[2]
+
+
 def test_empty_operands():
     for M, K, N in ((0, 4, 3), (4, 0, 3), (4, 5, 0), (0, 0, 0)):
         w = torch.zeros(M, K)

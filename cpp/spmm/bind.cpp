@@ -173,7 +173,11 @@ void csr_conv_accumulate(carray<int64_t> row_ptr, py::array col, py::array val, 
   check_1d(out_idx, P, "out_idx");
   const int64_t* ii = in_idx.data();
   const int64_t* oi = out_idx.data();
-  std::vector<char> seen(size_t(N_out), 0);
+  // Distinct out_idx: a table of N_out flags, which out backs where it has
+  // columns (N_out x C_out entries). An out without columns backs none of its
+  // rows (any N_out is free): its pairs' rows are compared sorted instead.
+  const bool table = C_out > 0;
+  std::vector<char> seen(table ? size_t(N_out) : 0, 0);
   for (int64_t p = 0; p < P; ++p) {
     if (ii[p] < 0 || ii[p] >= N_in)
       value_error("in_idx[" + std::to_string(p) + "] = " + std::to_string(ii[p]) +
@@ -181,7 +185,13 @@ void csr_conv_accumulate(carray<int64_t> row_ptr, py::array col, py::array val, 
     if (oi[p] < 0 || oi[p] >= N_out)
       value_error("out_idx[" + std::to_string(p) + "] = " + std::to_string(oi[p]) +
                   " is outside [0, " + std::to_string(N_out) + ")");
-    if (seen[size_t(oi[p])]++) value_error("out_idx must hold distinct rows (one pair per output)");
+    if (table && seen[size_t(oi[p])]++) value_error("out_idx must hold distinct rows (one pair per output)");
+  }
+  if (!table) {
+    std::vector<int64_t> rows(oi, oi + P);
+    std::sort(rows.begin(), rows.end());
+    if (std::adjacent_find(rows.begin(), rows.end()) != rows.end())
+      value_error("out_idx must hold distinct rows (one pair per output)");
   }
   spmm::CsrConvArgs a{row_ptr.data(), col.data(), width, val.data(), f64, C_out, C_in, P,
                       feats.data(), ii, oi, out.mutable_data(), threads(num_threads)};
