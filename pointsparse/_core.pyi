@@ -168,8 +168,10 @@ class ConvPlan:
     """The pairs of a kernel map checked once (bounds, one pair per row and
     offset, the identity offset really the identity) and laid out for the
     fused convolution kernels: int32 pairs per offset sorted by output row and
-    by input row, and their cuts at every 256-row block. The calls below check
-    only the shapes, dtypes and layouts of the arrays they are given."""
+    by input row, and their cuts at every 512-row block (kBlockRows; a plan
+    whose cut tables would pass 2^28 entries, 2 GiB, is a ValueError before
+    they are allocated). The calls below check only the shapes, dtypes and
+    layouts of the arrays they are given."""
 
     num_in: int
     num_out: int
