@@ -53,6 +53,14 @@ def positive_int(value, name: str, what: str | None = None) -> int:
         raise ValueError(f"{name} must be a positive int{counts}; got {value!r}") from None
 
 
+def nonnegative_int(value, name: str) -> int:
+    """An int >= 0 (numpy and 0-d tensor integers accepted); ValueError naming ``name``."""
+    try:
+        return as_int(value, name, 0)
+    except TypeError:
+        raise ValueError(f"{name} must be a non-negative int; got {value!r}") from None
+
+
 def as_float(value, name: str) -> float:
     """A Python float from an int, a float, a numpy number or a 0-d real
     tensor (not bool, numpy's bool included, not a string); TypeError naming ``name``."""

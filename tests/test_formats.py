@@ -3,6 +3,8 @@ products against dense matmul, thread-count independence."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -387,9 +389,9 @@ def test_eie_and_nm_refuse_bools_and_floats(bad):
     s = F.EIE.from_dense(w, num_pe=2)
     with pytest.raises(ValueError, match="num_pe must be a positive int"):
         F.EIE(s.values, s.rel_idx, s.col_ptr, bad, s.shape)
-    with pytest.raises(TypeError, match="n and m must be ints"):
+    with pytest.raises(TypeError, match=f"^n must be an int; got {re.escape(repr(bad))}$"):  # was "n and m"
         F.NM.from_dense(w, n=bad, m=4, prune=True)
-    with pytest.raises(TypeError, match="n and m must be ints"):
+    with pytest.raises(TypeError, match=f"^m must be an int; got {re.escape(repr(bad))}$"):
         F.NM.from_dense(w, n=1, m=bad, prune=True)
 
 

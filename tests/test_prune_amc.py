@@ -192,8 +192,8 @@ def test_search_counts_take_numpy_integers(make):
 @pytest.mark.parametrize("bad", [True, np.bool_(True), 2.0, 1.5])
 def test_search_counts_refuse_bools_and_floats(bad):
     net, x = mlp(0), torch.randn(4, 8)
-    for kwargs, match in (({"episodes": bad}, "episodes must be >= 1 and warmup >= 0"),
-                          ({"warmup": bad}, "episodes must be >= 1 and warmup >= 0"),
+    for kwargs, match in (({"episodes": bad}, "^episodes must be a positive int; got"),  # each by its name
+                          ({"warmup": bad}, "^warmup must be a non-negative int; got"),
                           ({"seed": bad}, "seed must be an int >= 0")):
         with pytest.raises(ValueError, match=match):
             amc.amc_search(net, lambda m: 0.5, x, **kwargs)

@@ -294,7 +294,8 @@ def test_n_m_after_earlier_pruning_keeps_only_survivors():
 
 @pytest.mark.parametrize(
     "n, m, error, message",
-    [(3, 2, ValueError, "1 <= n <= m"), (0, 4, ValueError, "1 <= n <= m"), (1, 0, ValueError, "m must be >= 1"),
+    [(3, 2, ValueError, "1 <= n <= m"), (0, 4, ValueError, "n must be an int >= 1; got 0"),
+     (1, 0, ValueError, "m must be an int >= 1; got 0"),
      (2.0, 4, TypeError, "n must be an int")],
 )
 def test_n_m_bad_arguments(n, m, error, message):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import operator
 
 import torch
 from torch.autograd import forward_ad
@@ -45,11 +44,9 @@ def check_matrix(tensor, name: str = "tensor") -> torch.Tensor:
 def check_shape(shape, name: str = "shape", dims: int | None = 2) -> tuple:
     """``shape`` as a tuple of ints >= 0: ``dims`` of them (at least 2 when
     ``dims`` is None)."""
+    from ..tensor import as_int  # noqa: PLC0415 - the formats do not import the tensor layer at load
     try:
-        sizes = tuple(shape)
-        if any(isinstance(s, bool) for s in sizes):
-            raise TypeError
-        sizes = tuple(operator.index(s) for s in sizes)
+        sizes = tuple(as_int(s, name) for s in tuple(shape))
     except TypeError:
         raise TypeError(f"{name} must be a tuple of ints; got {shape!r}") from None
     if (len(sizes) != dims if dims is not None else len(sizes) < 2) or any(s < 0 for s in sizes):

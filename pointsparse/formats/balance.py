@@ -73,9 +73,7 @@ class LoadBalancedUnstructured(torch_prune.BasePruningMethod):
         validate_amount(amount)
         self.amount = amount
         self.num_pe = check_pe(num_pe)
-        if isinstance(row_dim, bool) or not isinstance(row_dim, numbers.Integral):
-            raise TypeError(f"row_dim must be an int (the PE row dimension); got {row_dim!r}")
-        self.row_dim = int(row_dim)
+        self.row_dim = as_int(row_dim, "row_dim")  # (the PE row dimension)
 
     def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
         to_prune = count_to_prune(self.amount, t.nelement(), "entries")

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import operator
-
 import torch
 
 from .. import _ext
+from ..tensor import as_int
 from ._base import SparseFormat, check_below, check_matrix, check_pointer, check_shape, index_array, value_array
 from ._storage import lines_of, narrow, widen
 
@@ -20,18 +19,14 @@ def _check_layout(layout) -> str:
 
 
 def _check_blocksize(blocksize) -> tuple:
-    """An int or a pair of ints (numpy integers too; not bool, not float) as
-    a pair of positive ints."""
-    def as_int(v):
-        if isinstance(v, bool):
-            raise TypeError
-        return operator.index(v)
-
+    """An int or a pair of ints (as :func:`pointsparse.tensor.as_int` takes
+    them: numpy and 0-d tensor integers too; not bool, not float) as a pair
+    of positive ints."""
     try:
-        pair = (as_int(blocksize),) * 2
+        pair = (as_int(blocksize, "blocksize"),) * 2
     except TypeError:
         try:
-            pair = tuple(as_int(b) for b in blocksize)
+            pair = tuple(as_int(b, "blocksize") for b in blocksize)
         except TypeError:
             raise TypeError(f"blocksize must be an int or a pair of ints; got {blocksize!r}") from None
     if len(pair) != 2 or any(b < 1 for b in pair):

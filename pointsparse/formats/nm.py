@@ -143,11 +143,9 @@ class NM(SparseFormat):
 
 
 def _check_nm(n, m):
-    """``n, m`` as ints (numpy integers too; not bool or float) with 1 <= n <= m <= 16."""
-    try:
-        n, m = as_int(n, "n"), as_int(m, "m")
-    except TypeError:
-        raise TypeError(f"n and m must be ints; got {n!r}, {m!r}") from None
-    if not 1 <= n <= m <= 16:
+    """``n, m`` as ints (:func:`pointsparse.tensor.as_int`: numpy and 0-d
+    tensor integers too; not bool or float) with 1 <= n <= m <= 16."""
+    n, m = as_int(n, "n", 1), as_int(m, "m", 1)
+    if not n <= m <= 16:
         raise ValueError(f"n:m must satisfy 1 <= n <= m <= 16; got {n}:{m}")
     return n, m

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..tensor import as_bool, as_int
+from ..tensor import as_bool, as_int, nonnegative_int, positive_int
 from . import _compat
 from .adapters import in_channels, kernel_volume, out_channels
 from .procedure import check_callable, check_real
@@ -300,10 +300,7 @@ def _check_search(eval_fn, episodes, warmup, reward, target_flops, max_ratio, re
         seed = as_int(seed, "seed", 0)
     except (TypeError, ValueError):
         raise ValueError(f"seed must be an int >= 0; got {seed!r}") from None
-    try:
-        episodes, warmup = as_int(episodes, "episodes", 1), as_int(warmup, "warmup", 0)
-    except (TypeError, ValueError):
-        raise ValueError(f"episodes must be >= 1 and warmup >= 0 (ints); got {episodes!r}, {warmup!r}") from None
+    episodes, warmup = positive_int(episodes, "episodes"), nonnegative_int(warmup, "warmup")
     if reward not in REWARDS:
         raise ValueError(f"reward must be one of {REWARDS}; got {reward!r}")
     if reward == "error" and target_flops is None:

@@ -159,8 +159,7 @@ def _channel_layout(model):
 def candidate_counts(channels: int, num_candidates: int = 8) -> list[int]:
     """Output-channel counts tried for a layer: ``channels`` down to about
     ``channels / num_candidates`` in equal steps (descending)."""
-    check_int(channels, "channels", 1)
-    check_int(num_candidates, "num_candidates", 1)
+    channels, num_candidates = check_int(channels, "channels", 1), check_int(num_candidates, "num_candidates", 1)
     step = max(1, channels // num_candidates)
     return list(range(channels, 0, -step))[:num_candidates]
 
@@ -171,8 +170,8 @@ def build_latency_table(model: nn.Module, example_input, num_candidates: int = 8
     activations and pooling that follow it, at every candidate (c_in, c_out)
     on its input from ``example_input``; what precedes the first layer is
     measured once as the full latency minus the blocks at full width."""
-    check_int(num_candidates, "num_candidates", 1)
-    check_int(repeats, "repeats", 1)
+    num_candidates, repeats = check_int(num_candidates, "num_candidates", 1), check_int(repeats, "repeats", 1)
+    seed = check_int(seed, "seed", 0)
     layout, repeats_in = _channel_layout(model)
     if not layout:
         raise ValueError("model has no chain of prunable layers")
@@ -254,9 +253,8 @@ def netadapt(model: nn.Module, table: LatencyTable | None, train_fn: Callable, e
     the latency any further before the budget is met, the run stops with a
     ``RuntimeWarning`` that says so (also in ``NetAdaptResult.message``)."""
     _check_netadapt(train_fn, eval_fn, budget, budget_seconds, initial_reduction, decay)
-    check_int(short_steps, "short_steps", 0)
-    check_int(long_steps, "long_steps", 0)
-    check_int(max_iterations, "max_iterations", 1)
+    short_steps, long_steps = check_int(short_steps, "short_steps", 0), check_int(long_steps, "long_steps", 0)
+    max_iterations = check_int(max_iterations, "max_iterations", 1)
     check_lr(lr)
     check_real(finetune_lr_factor, "finetune_lr_factor", "a finite number > 0", lambda v: v > 0)
     if log is not None:  # (called after the first iteration's fine-tuning)

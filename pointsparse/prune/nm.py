@@ -8,23 +8,21 @@ conv ``(K, C_in, C_out)``)."""
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
+from ..tensor import as_int
 from ._copyable import CopyableMethod
 from .adapters import WeightLayout, check_layout, dense_layout, layout_of
 from .structured import _used_kernel_positions, check_region
 
 
-def validate_nm(n, m) -> None:
-    for label, value in (("n", n), ("m", m)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"{label} must be an int; got {value!r}")
-    if m < 1:
-        raise ValueError(f"m must be >= 1; got m={m}")
-    if not 1 <= n <= m:
+def validate_nm(n, m) -> tuple[int, int]:
+    """``(n, m)`` as Python ints (:func:`pointsparse.tensor.as_int`: numpy and
+    0-d tensor integers too), ``1 <= n <= m``."""
+    n, m = as_int(n, "n", 1), as_int(m, "m", 1)
+    if not n <= m:
         raise ValueError(f"n:m sparsity needs 1 <= n <= m; got n={n}, m={m}")
+    return n, m
 
 
 class NMStructured(CopyableMethod):
@@ -40,10 +38,9 @@ class NMStructured(CopyableMethod):
     PRUNING_TYPE = "global"
 
     def __init__(self, n=2, m=4, layout: WeightLayout | None = None, region=None) -> None:
-        validate_nm(n, m)
+        self.n, self.m = validate_nm(n, m)
         check_layout(layout)
         check_region(region)
-        self.n, self.m = int(n), int(m)
         self.layout = layout
         self.region = region
 
@@ -93,7 +90,7 @@ def is_nm_sparse(t: torch.Tensor, n: int, m: int, layout: WeightLayout | None = 
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"t must be a torch.Tensor (a weight); got {type(t).__name__}")
     check_layout(layout)
-    validate_nm(n, m)
+    n, m = validate_nm(n, m)
     layout = layout if layout is not None else dense_layout(t.dim())
     layout.check(t, "t")
     oik = layout.to_oik(t)

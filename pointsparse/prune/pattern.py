@@ -17,10 +17,9 @@ neither scored nor pruned (they keep their mask)."""
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
+from ..tensor import as_int, positive_int
 from ._copyable import CopyableMethod, _check_scores
 from .adapters import WeightLayout, check_layout, dense_layout, layout_of
 from .structured import _used_kernel_positions, check_region
@@ -63,8 +62,7 @@ def as_patterns(patterns, kernel_volume: int) -> torch.Tensor:
                                 f"({type(pattern).__name__})")
             row = torch.zeros(kernel_volume, dtype=torch.bool)
             for position in pattern:
-                if isinstance(position, bool) or not isinstance(position, numbers.Integral):
-                    raise TypeError(f"pattern positions must be ints; got {position!r}")
+                position = as_int(position, "pattern positions")
                 if not 0 <= position < kernel_volume:
                     raise ValueError(f"pattern position {position} is outside [0, {kernel_volume})")
                 row[position] = True
@@ -87,9 +85,7 @@ def learn_patterns(t: torch.Tensor, num_patterns: int = 8, pattern_size: int = 4
     None: all); patterns keep positions inside it only, and a kernel votes
     when an entry inside it is unpruned."""
     layout = layout if layout is not None else dense_layout(t.dim())
-    for label, value in (("num_patterns", num_patterns), ("pattern_size", pattern_size)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"{label} must be an int >= 1; got {value!r}")
+    num_patterns, pattern_size = positive_int(num_patterns, "num_patterns"), positive_int(pattern_size, "pattern_size")
     scores = t.detach().abs()
     if mask is not None:
         scores = scores * (mask != 0)

@@ -24,8 +24,6 @@ the classes take a ``layout`` (default: a dense torch layout)."""
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from ..tensor import as_bool, positive_int
@@ -192,9 +190,7 @@ class VectorStructured(GroupStructured):
 
     def __init__(self, amount, axis=-1, n=2, layout=None, region=None) -> None:
         super().__init__(amount, n, layout, region)
-        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
-            raise TypeError(f"axis must be an int; got {axis!r}")
-        self.axis = int(axis)
+        self.axis = as_int(axis, "axis")
 
     def group_ids(self, shape, device):
         ndim = len(shape)
@@ -288,19 +284,18 @@ class ChannelStructured(GroupStructured):
 
 
 def _block_size(block_size) -> tuple[int, int]:
-    if isinstance(block_size, bool):
-        raise TypeError(f"block_size must be an int or (out, in) pair of ints; got {block_size!r}")
-    if isinstance(block_size, numbers.Integral):
-        block_size = (int(block_size), int(block_size))
+    """An int or an (out, in) pair of ints (:func:`pointsparse.tensor.as_int`:
+    numpy and 0-d tensor integers too) as a pair of Python ints >= 1."""
     try:
-        bo, bi = block_size
-    except (TypeError, ValueError):
-        raise TypeError(f"block_size must be an int or (out, in) pair of ints; got {block_size!r}") from None
-    if not all(isinstance(b, numbers.Integral) and not isinstance(b, bool) for b in (bo, bi)):
-        raise TypeError(f"block_size must be an int or (out, in) pair of ints; got {block_size!r}")
+        bo = bi = as_int(block_size, "block_size")
+    except TypeError:
+        try:
+            bo, bi = (as_int(b, "block_size") for b in block_size)
+        except (TypeError, ValueError):
+            raise TypeError(f"block_size must be an int or (out, in) pair of ints; got {block_size!r}") from None
     if bo < 1 or bi < 1:
         raise ValueError(f"block_size must be >= 1; got {block_size!r}")
-    return int(bo), int(bi)
+    return bo, bi
 
 
 class BlockStructured(GroupStructured):

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..tensor import as_bool
+from ..tensor import as_bool, as_int
 from . import _compat, adapters
 from .adapters import in_channel_dim, is_layer, out_channel_dim, out_channels
 from .graph import _check_keep
@@ -278,10 +278,12 @@ def channel_l1(module: nn.Module) -> torch.Tensor:
 def keep_by_l1(module: nn.Module, num_keep: int) -> torch.Tensor:
     """Indices of the ``num_keep`` output channels of largest L1 norm, sorted."""
     n = out_channels(module)
-    if isinstance(num_keep, bool) or not isinstance(num_keep, int):
-        raise TypeError(f"num_keep must be an int in [1, {n}]; got {num_keep!r}")
+    try:
+        num_keep = as_int(num_keep, "num_keep")
+    except TypeError:
+        raise TypeError(f"num_keep must be an int in [1, {n}]; got {num_keep!r}") from None
     if not 1 <= num_keep <= n:
-        raise ValueError(f"num_keep must be in [1, {n}]; got {num_keep}")
+        raise ValueError(f"num_keep must be an int in [1, {n}]; got {num_keep}")
     return torch.sort(torch.topk(channel_l1(module), num_keep).indices).values
 
 
