@@ -14,7 +14,7 @@ import torch
 from torch.nn.utils import prune as torch_prune
 
 from ..prune.amount import count_to_prune, validate_amount
-from ..tensor import positive_int
+from ..tensor import as_int, positive_int
 
 
 def _rows_view(t: torch.Tensor, row_dim: int) -> torch.Tensor:

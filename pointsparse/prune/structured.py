@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from ..tensor import as_bool, positive_int
+from ..tensor import as_bool, as_int, positive_int
 from ._copyable import CopyableMethod
 from .amount import count_to_prune, validate_amount, validate_norm
 from .adapters import WeightLayout, check_layout, dense_layout, is_layer, layout_of, raw, used_mask
