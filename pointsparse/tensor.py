@@ -54,11 +54,13 @@ def positive_int(value, name: str, what: str | None = None) -> int:
 
 
 def nonnegative_int(value, name: str) -> int:
-    """An int >= 0 (numpy and 0-d tensor integers accepted); ValueError naming ``name``."""
+    """An int >= 0 (numpy and 0-d tensor integers accepted; not bool, float
+    or str); else a ValueError naming ``name`` and the value, worded alike
+    for a negative and for another type."""
     try:
         return as_int(value, name, 0)
-    except TypeError:
-        raise ValueError(f"{name} must be a non-negative int; got {value!r}") from None
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an int >= 0; got {value!r}") from None
 
 
 def as_float(value, name: str) -> float:

@@ -65,3 +65,21 @@ def test_positive_int_says_what_it_counts():
     assert positive_int(np.int32(3), "n") == 3 and type(positive_int(np.int32(3), "n")) is int
     with pytest.raises(ValueError, match=r"^panels must be a positive int \(adjacent panels per block\); got 0$"):
         positive_int(0, "panels", "adjacent panels per block")
+
+
+@pytest.mark.parametrize("bad", [-1, np.int64(-3), torch.tensor(-1), True, 1.5, "2"])
+def test_non_negative_ints_word_every_bad_value_alike(bad):
+    """tensor.nonnegative_int (amc_search's warmup) said 'a non-negative int'
+    for a bool or a float and 'an int >= 0' for a negative, and amc_search's
+    seed beside it was checked by hand: every bad value of either is now a
+    ValueError worded as the seed's always was."""
+    from pointsparse.prune import amc
+    from pointsparse.tensor import nonnegative_int
+    from prune_procedures_support import mlp
+
+    assert nonnegative_int(np.int64(0), "warmup") == 0 and type(nonnegative_int(np.int64(0), "warmup")) is int
+    with pytest.raises(ValueError, match=rf"^count must be an int >= 0; got {re.escape(repr(bad))}$"):
+        nonnegative_int(bad, "count")
+    for name in ("warmup", "seed"):
+        with pytest.raises(ValueError, match=rf"^{name} must be an int >= 0; got {re.escape(repr(bad))}$"):
+            amc.amc_search(mlp(0), len, 0, reward="bad", **{name: bad})

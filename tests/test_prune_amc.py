@@ -193,7 +193,7 @@ def test_search_counts_take_numpy_integers(make):
 def test_search_counts_refuse_bools_and_floats(bad):
     net, x = mlp(0), torch.randn(4, 8)
     for kwargs, match in (({"episodes": bad}, "^episodes must be a positive int; got"),  # each by its name
-                          ({"warmup": bad}, "^warmup must be a non-negative int; got"),
+                          ({"warmup": bad}, "^warmup must be an int >= 0; got"),
                           ({"seed": bad}, "seed must be an int >= 0")):
         with pytest.raises(ValueError, match=match):
             amc.amc_search(net, lambda m: 0.5, x, **kwargs)

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..tensor import as_bool, as_int, nonnegative_int, positive_int
+from ..tensor import as_bool, nonnegative_int, positive_int
 from . import _compat
 from .adapters import in_channels, kernel_volume, out_channels
 from .procedure import check_callable, check_real
@@ -296,10 +296,7 @@ def _check_search(eval_fn, episodes, warmup, reward, target_flops, max_ratio, re
     check_real(max_ratio, "max_ratio", ok=lambda v: 0 < v < 1, what="a number in (0, 1)")
     check_real(noise, "noise", ok=lambda v: v >= 0, what="a finite number >= 0")
     check_real(noise_decay, "noise_decay", ok=lambda v: 0 < v <= 1, what="a number in (0, 1]")
-    try:
-        seed = as_int(seed, "seed", 0)
-    except (TypeError, ValueError):
-        raise ValueError(f"seed must be an int >= 0; got {seed!r}") from None
+    seed = nonnegative_int(seed, "seed")
     episodes, warmup = positive_int(episodes, "episodes"), nonnegative_int(warmup, "warmup")
     if reward not in REWARDS:
         raise ValueError(f"reward must be one of {REWARDS}; got {reward!r}")
