@@ -11,6 +11,7 @@ import torch
 from torch.autograd import forward_ad
 
 from .. import _ext
+from ..tensor import as_int
 from ._storage import array_nbytes
 
 _KERNEL_DTYPES = _ext.FLOAT_DTYPES
@@ -44,7 +45,6 @@ def check_matrix(tensor, name: str = "tensor") -> torch.Tensor:
 def check_shape(shape, name: str = "shape", dims: int | None = 2) -> tuple:
     """``shape`` as a tuple of ints >= 0: ``dims`` of them (at least 2 when
     ``dims`` is None)."""
-    from ..tensor import as_int  # noqa: PLC0415 - the formats do not import the tensor layer at load
     try:
         sizes = tuple(as_int(s, name) for s in tuple(shape))
     except TypeError:
