@@ -400,7 +400,7 @@ class SparseConv3d(nn.Module):
         kmap = _kmap.get_kmap(input, self.kernel_size, self.stride, self.dilation, self.transposed)
         with outside_transforms(input.feats, f"{type(self).__name__} (format {self.format_name})",
                                 "give it a tensor made outside the transform, or transform the uncompressed module"):
-            out = self._format_product(input.feats.detach(), kmap)
+            out = self._format_conv(input.feats.detach(), kmap)
         if self.transposed:
             out_stride = tuple(a // b for a, b in zip(input.stride, self.stride))
         else:
@@ -414,7 +414,7 @@ class SparseConv3d(nn.Module):
             result = NF.add(result, add)
         return result.with_feats(torch.relu(result.feats)) if self.relu else result
 
-    def _format_product(self, feats: torch.Tensor, kmap) -> torch.Tensor:
+    def _format_conv(self, feats: torch.Tensor, kmap) -> torch.Tensor:
         """The format's conv of plain ``feats`` over ``kmap``, plus the bias."""
         keep = self._region_mask()
         runs = [f.values.numel() > 0 and (keep is None or bool(keep[o])) for o, f in enumerate(self.offsets)] \
