@@ -189,13 +189,25 @@ def run_python(code: str, env_extra: dict | None = None, timeout: int = 120) -> 
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
 
 
+ATTEMPT = (
+    "def attempt(call, *label):\n"
+    "    try:\n"
+    "        call()\n"
+    "        print('ran', *label)\n"
+    "    except ValueError as exc:\n"
+    "        print('ValueError', exc)\n"
+)
+"""Python defining ``attempt(call, *label)``: runs ``call()`` and prints
+``ran *label``, or ``ValueError <message>`` where it is refused."""
+
+
 def run_core_capped(code: str, limit: int = 3 << 30, timeout: int = 60) -> subprocess.CompletedProcess:
-    """``code`` run after CORE_ONLY (``core``, ``np`` loaded) in a child whose
-    address space is capped at ``limit`` bytes (RLIMIT_AS): a call that
-    allocates what its arguments ask before refusing them fails there with
-    MemoryError instead of swapping the machine."""
-    return run_python(CORE_ONLY + "import resource\nimport numpy as np\n"
-                      f"resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))\n" + code,
+    """``code`` run after CORE_ONLY (``core``, ``np`` and :data:`ATTEMPT`'s
+    ``attempt`` loaded) in a child whose address space is capped at ``limit``
+    bytes (RLIMIT_AS): a call that allocates what its arguments ask before
+    refusing them fails there with MemoryError instead of swapping the machine."""
+    return run_python(CORE_ONLY + "import resource\nimport numpy as np\n" + ATTEMPT
+                      + f"resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))\n" + code,
                       {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}, timeout=timeout)
 
 

@@ -530,29 +530,20 @@ def test_conv_plan_checks_its_map_and_every_call():
 def test_conv_plan_refuses_block_tables_past_its_limit_before_allocating():
     """300 offsets over 2^31 - 1 rows both ways: the plan's block cuts would
     be 20 GB, zero-filled before the pairs were looked at; refused first, in
-    a child given 1 GiB of address space past what it has mapped (a
-    regression dies there, not the machine)."""
-    import subprocess
-    import sys
-    import textwrap
+    a child capped at 3 GB of address space (a regression dies there, not
+    the machine)."""
+    from reference import run_core_capped
 
-    code = textwrap.dedent("""
-        import resource, numpy as np
-        from pointsparse import _ext
-        vm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmSize:"))
-        resource.setrlimit(resource.RLIMIT_AS, ((vm << 10) + (1 << 30),) * 2)  # 1 GiB past what is mapped
-        ptr = np.zeros(301, np.int64)
-        empty = np.zeros(0, np.int64)
-        try:
-            _ext.core.ConvPlan(empty, empty, ptr, 2**31 - 1, 2**31 - 1, -1)
-        except ValueError as e:
-            print("refused:", e)
-        plan = _ext.core.ConvPlan(empty, empty, np.zeros(28, np.int64), 2**24, 2**24, -1)  # (14 MB of cuts)
-        print("27 offsets:", plan.kernel_volume)
-    """)
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    code = (
+        "ptr = np.zeros(301, np.int64)\n"
+        "empty = np.zeros(0, np.int64)\n"
+        "attempt(lambda: core.ConvPlan(empty, empty, ptr, 2**31 - 1, 2**31 - 1, -1), '300 offsets')\n"
+        "plan = core.ConvPlan(empty, empty, np.zeros(28, np.int64), 2**24, 2**24, -1)  # (14 MB of cuts)\n"
+        "print('27 offsets:', plan.kernel_volume)\n"
+    )
+    run = run_core_capped(code, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "refused: a plan of 300 offsets over num_in = 2147483647 and num_out = 2147483647 rows would hold " \
+    assert "ValueError a plan of 300 offsets over num_in = 2147483647 and num_out = 2147483647 rows would hold " \
         "about 2516583000 block cuts, past 268435456 (2 GiB)" in run.stdout
     assert "27 offsets: 27" in run.stdout
 
