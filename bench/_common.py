@@ -34,14 +34,14 @@ def results_path(name: str, quick: bool = False) -> Path:
 
 def page_path(out, default: str, quick: bool = False) -> Path:
     """Where a script writes its page for ``--out OUT``: a path with a
-    folder (``bench/results/x.md``, ``/tmp/x.md``) as given; a bare file
+    folder (``bench/results/x.md``, ``/tmp/x.md``, ``./x.md``) as given; a bare file
     name (``x.md``) as a page in :func:`results_path`'s folder, as no
     ``--out`` writes ``default`` there (a bare name landed in the folder the
     script was run from in some scripts, under bench/results/ in others)."""
     if out is None or str(out) == "":
         return results_path(default, quick)
-    path = Path(out)
-    return path if path.parent != Path(".") else results_path(path.name, quick)
+    # (the text, not the Path, which reads "./x.md" as the bare "x.md")
+    return Path(out) if os.path.dirname(str(out)) else results_path(str(out), quick)
 
 
 def datasets_dir() -> Path | None:

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from pointsparse.app import benchmark, cli
 from reference import ROOT
@@ -257,6 +258,7 @@ def test_a_bare_out_name_is_a_page_in_the_results_folder(tmp_path):
     assert _common.page_path("y.md", "x.md") == _common.RESULTS_DIR / "y.md"
     assert _common.page_path("y.md", "x.md", quick=True) == _common.results_path("y.md", quick=True)
     assert _common.page_path(str(tmp_path / "z.md"), "x.md") == tmp_path / "z.md"
+    assert _common.page_path("./z.md", "x.md") == Path("z.md")  # (the folder it runs from, asked for)
     page = _common.results_path("bare_out_check.md", quick=True)
     page.unlink(missing_ok=True)
     proc = subprocess.run([sys.executable, str(benchmark.BENCH_DIR / "cache_state.py"), "--quick", "--out",
