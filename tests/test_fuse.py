@@ -361,3 +361,31 @@ def test_fused_model_with_a_shared_conv_equals_eval(case):
         got = spnn.fuse_for_inference(model)(x).feats
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (name, float((got - want).abs().max()))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_fused_copy_folds_an_attached_filter_skeleton():
+    """A conv with a filter skeleton attached (prune.attach_filter_skeleton:
+    weight = weight_orig * mask * skeleton, by its own pre-hook): the fused
+    copy folds the skeleton into the weight before making the pruning
+    permanent. It once removed weight_orig under the skeleton's hook, and
+    the copy's first forward raised AttributeError; the model keeps its
+    skeleton."""
+    from pointsparse import prune
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(spnn.Conv3d(4, 8, bias=True), spnn.BatchNorm(8), spnn.ReLU(),
+                              spnn.Conv3d(8, 5, kernel_region="cross"), spnn.BatchNorm(5))
+    _randomise_bn(net)
+    net.eval()
+    for conv in (net[0], net[3]):
+        skeleton = prune.attach_filter_skeleton(conv)
+        with torch.no_grad():
+            skeleton.uniform_(0.2, 2.0)
+    x = _cloud(300, 4, extent=12)
+    fused = spnn.fuse_for_inference(net)
+    with torch.no_grad():
+        ref = net(x).feats
+        out = fused(ps.SparseTensor(x.feats, x.coords)).feats
+    assert not any(hasattr(m, "weight_skeleton") or hasattr(m, "weight_orig") for m in fused.modules())
+    assert hasattr(net[0], "weight_skeleton")
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))

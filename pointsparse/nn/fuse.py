@@ -58,7 +58,10 @@ def _unpruned_copy(model: nn.Module) -> nn.Module:
     permanent (``prune.remove``: ``weight = weight_orig * mask``, the hook
     gone). A pruned module's ``weight`` is not a leaf where it was computed
     with gradients, which deepcopy refuses: the copy starts from its
-    detached value, which ``remove`` then recomputes."""
+    detached value, which ``remove`` then recomputes. A filter skeleton
+    (``prune.attach_filter_skeleton``) is folded into ``weight_orig``
+    first: ``remove`` knows only the mask."""
+    from ..prune.stripe import FilterSkeleton, detach_filter_skeleton  # noqa: PLC0415
     from ..prune.surgery import _unprune  # noqa: PLC0415 - the pruning package sits below nn
 
     memo = {}
@@ -69,6 +72,8 @@ def _unpruned_copy(model: nn.Module) -> nn.Module:
                 memo[id(value)] = value.detach().clone()
     copied = copy.deepcopy(model, memo)
     for module in copied.modules():
+        for hook in [h for h in module._forward_pre_hooks.values() if isinstance(h, FilterSkeleton)]:
+            detach_filter_skeleton(module, hook.name, fold=True)
         _unprune(module)
     return copied
 
