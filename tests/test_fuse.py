@@ -389,3 +389,27 @@ def test_fused_copy_folds_an_attached_filter_skeleton():
     assert not any(hasattr(m, "weight_skeleton") or hasattr(m, "weight_orig") for m in fused.modules())
     assert hasattr(net[0], "weight_skeleton")
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_channel_cut_through_a_batchnorm_without_affine_or_statistics_fuses():
+    """prune_model of a model whose BatchNorm has neither affine weights nor
+    running statistics (nothing to slice: it normalises by each batch): the
+    cut narrows its num_features (it once raised "BatchNorm has no 'out'
+    channel axis"), and the fused copy of the cut model (that BatchNorm is
+    not folded) gives the cut model's output."""
+    from pointsparse.prune.graph import prune_model
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(spnn.Conv3d(4, 16), spnn.BatchNorm(16, affine=False, track_running_stats=False),
+                              spnn.ReLU(), spnn.Conv3d(16, 16, bias=True), spnn.BatchNorm(16), spnn.ReLU(),
+                              spnn.Conv3d(16, 5))
+    _randomise_bn(torch.nn.Sequential(net[4]))
+    net.eval()
+    x = _cloud(300, 4, extent=12)
+    prune_model(net, x, 0.5)
+    assert net[0].out_channels == net[1].num_features == net[3].in_channels < 16
+    fused = spnn.fuse_for_inference(net)
+    with torch.no_grad():
+        ref = net(x).feats
+        out = fused(ps.SparseTensor(x.feats, x.coords)).feats
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))

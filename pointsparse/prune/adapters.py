@@ -175,6 +175,8 @@ class LayerAdapter:
                 return int(t.shape[roles[role]])
         if self.kind == "norm" and role == "in":
             return self.channels(module, "out")
+        if self.kind == "norm" and isinstance(getattr(module, "num_features", None), int):
+            return module.num_features  # no affine weights, no running statistics: nothing sliced
         raise ValueError(f"{type(module).__name__} has no {role!r} channel axis")
 
 
