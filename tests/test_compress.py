@@ -731,3 +731,27 @@ def test_a_layer_its_format_refuses_is_named_in_a_model():
         F.compress(model, "nm", n=2, m=4)
     with pytest.raises(ValueError, match=r"^kernel offset 0 "):
         F.compress(model[2][0], "nm", n=2, m=4)
+
+
+@pytest.mark.parametrize("fmt", ["csr", "fkw"])
+def test_compress_keeps_an_attached_filter_skeleton(fmt):
+    """A conv with a filter skeleton (pointsparse.prune.attach_filter_skeleton:
+    the forward computes weight_orig * weight_mask * weight_skeleton): the
+    compressed conv holds that weight. The skeleton was once left out, and
+    the compressed model computed other values with no error."""
+    from pointsparse import prune as psprune
+
+    torch.manual_seed(0)
+    conv = psnn.Conv3d(4, 8, kernel_region="cross", bias=True)
+    psprune.panel_structured(conv, "weight", 0.5)
+    skeleton = psprune.attach_filter_skeleton(conv)
+    with torch.no_grad():
+        skeleton.uniform_(0.2, 2.0)
+    coords = torch.unique(torch.cat([torch.zeros(200, 1, dtype=torch.int64), torch.randint(0, 10, (200, 3))], 1),
+                          dim=0).int()
+    x = pointsparse.SparseTensor(torch.randn(len(coords), 4), coords)
+    sparse = F.compress(conv, fmt)
+    with torch.no_grad():
+        ref = conv(x).feats
+        out = sparse(x).feats
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -112,7 +112,9 @@ def check_ascending(major: torch.Tensor, minor: torch.Tensor, name: str, what: s
 
 def module_weight(module: torch.nn.Module, name: str = "weight") -> torch.Tensor:
     """The effective weight of a (possibly pruned) module: ``name_orig *
-    name_mask`` when torch-style pruning is attached, else ``name``."""
+    name_mask`` when torch-style pruning is attached (times ``name_skeleton``
+    where a filter skeleton is, ``prune.attach_filter_skeleton``), else
+    ``name``."""
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"module must be a torch.nn.Module; got {type(module).__name__}")
     orig = getattr(module, name + "_orig", None)
@@ -120,6 +122,10 @@ def module_weight(module: torch.nn.Module, name: str = "weight") -> torch.Tensor
     if isinstance(orig, torch.Tensor) and isinstance(mask, torch.Tensor):
         check_data(orig, f"{type(module).__name__}.{name}_orig")
         check_data(mask, f"{type(module).__name__}.{name}_mask")
+        skeleton = getattr(module, name + "_skeleton", None)
+        if isinstance(skeleton, torch.Tensor):  # (what the skeleton's pre-hook computes)
+            check_data(skeleton, f"{type(module).__name__}.{name}_skeleton")
+            return (orig * mask * skeleton).detach()
         return (orig * mask).detach()
     weight = getattr(module, name, None)
     if not isinstance(weight, torch.Tensor):
