@@ -639,3 +639,34 @@ def test_masked_channels_of_a_kernel_region_conv_look_inside_its_region():
     assert graph.remove_masked() == {"0": 1}
     assert net[0].out_channels == 5 and net[2].in_channels == 5
     assert torch.allclose(net(x).feats, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_cut_slices_an_attached_filter_skeleton():
+    """A channel cut of convs with filter skeletons attached
+    (prune.attach_filter_skeleton: weight = weight_orig * mask * skeleton,
+    the skeleton (K, 1, C_out)): the skeletons are cut on their output
+    channels along with the weights (the retrace once failed in torch's
+    broadcast of the old skeleton), and the cut model computes what a cut
+    of the same model with the skeletons folded in first does."""
+    from pointsparse import nn as spnn, prune
+
+    torch.manual_seed(0)
+    net = nn.Sequential(spnn.Conv3d(4, 16, bias=True), spnn.BatchNorm(16), spnn.ReLU(),
+                        spnn.Conv3d(16, 16), spnn.BatchNorm(16), spnn.ReLU(), spnn.Conv3d(16, 5))
+    _randomize_norms(net).eval()
+    for conv in (net[0], net[3], net[6]):
+        skeleton = prune.attach_filter_skeleton(conv)
+        with torch.no_grad():
+            skeleton.uniform_(0.2, 2.0)
+    x = sparse_input(n=300, channels=4)
+    with torch.no_grad():  # (the weights the hooks compute are then leaves, which deepcopy takes)
+        net(x)
+    folded = copy.deepcopy(net)
+    for conv in (folded[0], folded[3], folded[6]):
+        prune.detach_filter_skeleton(conv)
+    keep = G.plan(G.DependencyGraph(folded, x), 0.5)
+    G.DependencyGraph(folded, x).cut(keep)
+    G.DependencyGraph(net, x).cut(keep)
+    assert net[0].weight_skeleton.shape == (27, 1, net[0].out_channels) and net[0].out_channels < 16
+    with torch.no_grad():
+        torch.testing.assert_close(net(x).feats, folded(x).feats, rtol=1e-5, atol=1e-5)

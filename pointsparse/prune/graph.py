@@ -430,11 +430,13 @@ def _effective(module: nn.Module, name: str) -> torch.Tensor | None:
 
 def _slice(module: nn.Module, name: str, axis: int, kept: torch.Tensor) -> None:
     """Keep ``kept`` along ``axis`` of tensor ``name`` (its ``_orig`` and
-    ``_mask`` when masked; the masked value is recomputed, detached)."""
+    ``_mask`` when masked, and a filter skeleton's ``_skeleton`` on the
+    axes it has; the masked value is recomputed, detached)."""
     masked = name + "_orig" in module._parameters
-    for key in ((name + "_orig", name + "_mask") if masked else (name,)):
+    size = module._parameters[name + "_orig"].shape[axis] if masked else None
+    for key in ((name + "_orig", name + "_mask", name + "_skeleton") if masked else (name,)):
         t = getattr(module, key, None)
-        if t is None:
+        if t is None or (key == name + "_skeleton" and t.shape[axis] != size):  # (its input axis: one entry)
             continue
         new = t.detach().index_select(axis, kept.to(t.device)).clone()
         if isinstance(t, nn.Parameter):
@@ -444,7 +446,9 @@ def _slice(module: nn.Module, name: str, axis: int, kept: torch.Tensor) -> None:
         else:
             setattr(module, key, new)
     if masked:
-        setattr(module, name, (module._parameters[name + "_orig"] * getattr(module, name + "_mask")).detach())
+        value = module._parameters[name + "_orig"] * getattr(module, name + "_mask")
+        skeleton = getattr(module, name + "_skeleton", None)
+        setattr(module, name, (value if skeleton is None else value * skeleton).detach())
         keep_copyable(module)
 
 
