@@ -670,3 +670,31 @@ def test_cut_slices_an_attached_filter_skeleton():
     assert net[0].weight_skeleton.shape == (27, 1, net[0].out_channels) and net[0].out_channels < 16
     with torch.no_grad():
         torch.testing.assert_close(net(x).feats, folded(x).feats, rtol=1e-5, atol=1e-5)
+
+
+def test_remove_masked_folds_through_a_consumers_filter_skeleton():
+    """remove_masked folds the constant a masked channel carries after its
+    BatchNorm into the bias of a per-site consumer, through the weight the
+    consumer computes with: with a filter skeleton attached that is
+    weight_orig * mask * skeleton (the skeleton was once left out of the
+    fold, and the smaller model computed other values)."""
+    from pointsparse import nn as spnn, prune
+
+    torch.manual_seed(0)
+    net = nn.Sequential(spnn.Conv3d(4, 8), spnn.BatchNorm(8), spnn.ReLU(), spnn.Conv3d(8, 5, 1, bias=True))
+    _randomize_norms(net).eval()
+    with torch.no_grad():
+        net[1].bias.abs_().add_(0.5)  # every channel's shift survives the ReLU
+    skeleton = prune.attach_filter_skeleton(net[3])
+    with torch.no_grad():
+        skeleton.uniform_(0.2, 2.0)
+    mask = torch.ones_like(net[0].weight, dtype=torch.bool)
+    mask[:, :, [1, 5]] = False
+    prune.custom_from_mask(net[0], "weight", mask)
+    x = sparse_input(n=300, channels=4)
+    with torch.no_grad():
+        ref = net(x).feats
+    assert sum(G.DependencyGraph(net, x).remove_masked().values()) == 2
+    assert net[0].out_channels == 6
+    with torch.no_grad():
+        torch.testing.assert_close(net(x).feats, ref, rtol=1e-5, atol=1e-5)

@@ -423,9 +423,14 @@ def _as_indices(keep, what: str) -> torch.Tensor:
 
 
 def _effective(module: nn.Module, name: str) -> torch.Tensor | None:
+    """What the module computes with: ``name_orig * mask`` (times a filter
+    skeleton where one is attached) when masked, else ``name``."""
     t = adapters.raw(module, name)
     m = adapters.mask(module, name)
-    return t if t is None or m is None else t * m
+    if t is None or m is None:
+        return t
+    skeleton = getattr(module, name + "_skeleton", None)
+    return t * m if skeleton is None else t * m * skeleton
 
 
 def _slice(module: nn.Module, name: str, axis: int, kept: torch.Tensor) -> None:
