@@ -413,3 +413,28 @@ def test_channel_cut_through_a_batchnorm_without_affine_or_statistics_fuses():
         ref = net(x).feats
         out = fused(ps.SparseTensor(x.feats, x.coords)).feats
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_fused_copy_of_a_parametrized_conv_and_fold_batchnorm_refusing_one():
+    """A conv whose weight is a torch parametrization (weight_norm): the
+    fused copy makes it permanent first, as it does pruning, and gives
+    model.eval()'s output (the fold once failed in register_parameter with
+    KeyError "attribute 'weight' already exists"); fold_batchnorm itself
+    refuses such a conv with a ValueError naming the parametrization."""
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(spnn.Conv3d(4, 8, bias=True, kernel_region="cross"), spnn.BatchNorm(8), spnn.ReLU(),
+                              spnn.Conv3d(8, 5), spnn.BatchNorm(5))
+    _randomise_bn(net)
+    net.eval()
+    parametrizations.weight_norm(net[0], "weight", dim=2)
+    x = _cloud(300, 4, extent=12)
+    fused = spnn.fuse_for_inference(net)
+    with torch.no_grad():
+        ref = net(x).feats
+        out = fused(ps.SparseTensor(x.feats, x.coords)).feats
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+    assert hasattr(net[0], "parametrizations")  # the model is unchanged
+    with pytest.raises(ValueError, match="parametriz"):
+        spnn.fold_batchnorm(net[0], net[1])

@@ -7,6 +7,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .modules import BatchNorm, Conv3d, ReLU
 
@@ -27,6 +28,10 @@ def fold_batchnorm(conv: Conv3d, bn: nn.BatchNorm1d) -> None:
     if conv.relu:  # relu(conv) then bn: no weight and bias give that
         raise ValueError("fold_batchnorm: conv runs a ReLU on its output (relu=True); a BatchNorm after the "
                          "ReLU cannot be folded into its weight and bias")
+    if parametrize.is_parametrized(conv):  # its weight / bias are computed: a Parameter cannot replace them
+        raise ValueError(f"fold_batchnorm: conv has a torch parametrization on "
+                         f"{', '.join(conv.parametrizations)}; make it permanent first "
+                         "(torch.nn.utils.parametrize.remove_parametrizations)")
     if hasattr(conv, "bias_orig"):  # the forward recomputes bias_orig * mask: a folded bias would be lost
         raise ValueError("fold_batchnorm: conv's bias is pruned (bias_orig and a mask); make its pruning "
                          "permanent first (prune.remove(conv, 'bias'))")
@@ -60,7 +65,8 @@ def _unpruned_copy(model: nn.Module) -> nn.Module:
     with gradients, which deepcopy refuses: the copy starts from its
     detached value, which ``remove`` then recomputes. A filter skeleton
     (``prune.attach_filter_skeleton``) is folded into ``weight_orig``
-    first: ``remove`` knows only the mask."""
+    first: ``remove`` knows only the mask. Torch parametrizations
+    (``weight_norm``, ...) are made permanent too."""
     from ..prune.stripe import FilterSkeleton, detach_filter_skeleton  # noqa: PLC0415
     from ..prune.surgery import _unprune  # noqa: PLC0415 - the pruning package sits below nn
 
@@ -75,6 +81,14 @@ def _unpruned_copy(model: nn.Module) -> nn.Module:
         for hook in [h for h in module._forward_pre_hooks.values() if isinstance(h, FilterSkeleton)]:
             detach_filter_skeleton(module, hook.name, fold=True)
         _unprune(module)
+        if parametrize.is_parametrized(module):
+            # (by hand: torch's remove_parametrizations deletes the tensor's property from the
+            # Parametrized class, which the copy shares with the model: the model's would go too)
+            values = {name: getattr(module, name).detach().clone() for name in module.parametrizations}
+            module.__class__ = module.__class__.__bases__[0]
+            del module._modules["parametrizations"]
+            for name, value in values.items():
+                module.register_parameter(name, nn.Parameter(value))
     return copied
 
 
