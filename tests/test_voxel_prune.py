@@ -284,3 +284,25 @@ def test_a_learned_score_runs_after_compress(make_layer):
     torch.testing.assert_close(got.feats, want.feats, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="the input's feats have 3 channels but in_channels is 4"):
         compressed(make(c=3, dtype=torch.float32))
+
+
+def test_channel_surgery_does_not_take_a_learned_score_for_the_next_layer():
+    """prune.surgery's static chains took a learned VoxelPrune for a wrapper
+    of its scorer (as nn.Linear wraps a torch Linear): conv -> scorer ->
+    conv, so removing the first conv's output channels shrank the scorer
+    but not the conv after it (which then refused its input), and the
+    scorer (one output, a score) was offered as a producer. The prune layer
+    is a barrier: the convs around it keep their widths and the model runs."""
+    from pointsparse.prune import surgery
+
+    x = make(c=3, dtype=torch.float32)
+    for ratios in ({"0": 0.5}, {"1.scorer": 0.5}):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(ps.nn.Conv3d(3, 8, 3), ps.nn.VoxelPrune(0.5, "learned", in_channels=8),
+                                    ps.nn.Conv3d(8, 4, 3)).eval()
+        with torch.no_grad():
+            want = model(x).feats
+        with pytest.raises(ValueError, match="is not a prunable producer"):
+            surgery.apply_channel_ratios(model, ratios)
+        with torch.no_grad():
+            assert torch.equal(model(x).feats, want)

@@ -54,9 +54,13 @@ def _has_prunable(m: nn.Module) -> bool:
 
 
 def _is_wrapper(m: nn.Module) -> bool:
-    """A module that only wraps one prunable layer (``pointsparse.nn.Linear``)."""
+    """A module that only wraps one prunable layer (``pointsparse.nn.Linear``).
+    Not a learned ``VoxelPrune``: its one layer (the scorer) reads the feats
+    aside and the feats go on unchanged, so it is a barrier."""
+    from ..nn import VoxelPrune
+
     children = list(m.children())
-    return (not is_layer(m) and len(children) == 1 and is_layer(children[0])
+    return (not is_layer(m) and not isinstance(m, VoxelPrune) and len(children) == 1 and is_layer(children[0])
             and not any(True for _ in m.parameters(recurse=False)))
 
 
