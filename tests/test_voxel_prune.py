@@ -306,3 +306,20 @@ def test_channel_surgery_does_not_take_a_learned_score_for_the_next_layer():
             surgery.apply_channel_ratios(model, ratios)
         with torch.no_grad():
             assert torch.equal(model(x).feats, want)
+
+
+@pytest.mark.parametrize("dtype, small, large", [(torch.bfloat16, [256.0, 0.0], [254.0, 32.0]),
+                                                 (torch.float16, [2048.0, 0.0], [2040.0, 190.0])])
+def test_magnitude_ranks_low_precision_feats_by_their_true_norm(dtype, small, large):
+    """The magnitude score was the norm in the feats' own dtype: bf16 / fp16
+    rounded norms of 256 and 256.008 (2048 and 2048.83) to one value, and
+    the tie went to the earlier, smaller voxel. The norm is taken in float32
+    for them (the feats are exact there), so the larger one is kept, and a
+    threshold between the two norms tells them apart."""
+    coords = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0], [0, 2, 0, 0]], dtype=torch.int32)
+    x = ps.SparseTensor(torch.tensor([small, large, [1.0, 1.0]], dtype=dtype), coords)
+    assert torch.equal(ps.nn.VoxelPrune(0.3)(x).coords, coords[[1]])
+    middle = (torch.tensor(small).norm() + torch.tensor(large, dtype=torch.float64).norm()) / 2
+    assert torch.equal(ps.nn.VoxelPrune(threshold=float(middle))(x).coords, coords[[1]])
+    out = ps.nn.VoxelSkip(ps.nn.ReLU(), 0.3)(x)
+    assert out.feats.dtype == dtype and torch.equal(out.feats[1], x.feats[1]) and not out.feats[0].any()

@@ -175,7 +175,10 @@ class VoxelPrune(nn.Module):
 
     def scores(self, input: SparseTensor) -> torch.Tensor:
         if self.scorer is None:
-            return input.feats.detach().norm(dim=1)
+            feats = input.feats.detach()
+            # (in float32 for bf16 / fp16 feats: their own dtype rounds near norms to one, and ties keep the earlier)
+            wide = torch.float32 if feats.dtype in (torch.bfloat16, torch.float16) else None
+            return torch.linalg.vector_norm(feats, dim=1, dtype=wide)
         return self.scorer(input.feats).squeeze(1)
 
     def select(self, input: SparseTensor) -> tuple[torch.Tensor, SparseTensor]:
