@@ -323,3 +323,17 @@ def test_magnitude_ranks_low_precision_feats_by_their_true_norm(dtype, small, la
     assert torch.equal(ps.nn.VoxelPrune(threshold=float(middle))(x).coords, coords[[1]])
     out = ps.nn.VoxelSkip(ps.nn.ReLU(), 0.3)(x)
     assert out.feats.dtype == dtype and torch.equal(out.feats[1], x.feats[1]) and not out.feats[0].any()
+
+
+def test_scores_checks_its_input_as_select_does():
+    """VoxelPrune.scores (the importance select ranks by) read input.feats
+    unchecked: a Tensor was an AttributeError and feats of another width
+    than a learned score's in_channels torch's matmul RuntimeError. It
+    gives select's TypeError / ValueError, and select's scores."""
+    x = make(c=4)
+    for layer in (ps.nn.VoxelPrune(0.5), ps.nn.VoxelPrune(0.5, "learned", in_channels=4).double()):
+        with pytest.raises(TypeError, match="SparseTensor"):
+            layer.scores(x.feats)
+        assert torch.equal(layer.select(x)[0], F.keep_per_batch(layer.scores(x).detach(), x.coords[:, 0], 0.5))
+    with pytest.raises(ValueError, match="the input's feats have 3 channels but in_channels is 4"):
+        ps.nn.VoxelPrune(0.5, "learned", in_channels=4).double().scores(make(c=3))

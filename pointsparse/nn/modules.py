@@ -174,6 +174,14 @@ class VoxelPrune(nn.Module):
             self.scorer = nn.Linear(in_channels, 1)
 
     def scores(self, input: SparseTensor) -> torch.Tensor:
+        """The importance of each voxel of ``input`` (1-D, a row each)."""
+        input = _check_input(input)
+        if self.scorer is not None:
+            # (a compressed scorer, formats.SparseLinear, holds no weight tensor: its in_features; it checks the dtype)
+            weight = getattr(self.scorer, "weight", None)
+            weight = weight if isinstance(weight, torch.Tensor) else None
+            channels = self.scorer.in_features if weight is None else weight.shape[1]
+            _check_feats_for(self, input, channels, "in_channels", weight)
         if self.scorer is None:
             feats = input.feats.detach()
             # (in float32 for bf16 / fp16 feats: their own dtype rounds near norms to one, and ties keep the earlier)
@@ -185,13 +193,7 @@ class VoxelPrune(nn.Module):
         """``(rows, kept)``: the sorted int64 rows of ``input`` kept and the
         tensor of those voxels (what :meth:`forward` returns)."""
         x = _check_input(input)
-        if self.scorer is not None:
-            # (a compressed scorer, formats.SparseLinear, holds no weight tensor: its in_features; it checks the dtype)
-            weight = getattr(self.scorer, "weight", None)
-            weight = weight if isinstance(weight, torch.Tensor) else None
-            channels = self.scorer.in_features if weight is None else weight.shape[1]
-            _check_feats_for(self, x, channels, "in_channels", weight)
-        scores = self.scores(x)
+        scores = self.scores(x)  # (checks the feats against a learned score)
         rows = F.keep_per_batch(scores.detach(), x.coords[:, 0].to(scores.device), self.keep_ratio, self.threshold)
         feats = x.feats.index_select(0, rows)
         if self.scorer is not None:
