@@ -337,3 +337,13 @@ def test_scores_checks_its_input_as_select_does():
         assert torch.equal(layer.select(x)[0], F.keep_per_batch(layer.scores(x).detach(), x.coords[:, 0], 0.5))
     with pytest.raises(ValueError, match="the input's feats have 3 channels but in_channels is 4"):
         ps.nn.VoxelPrune(0.5, "learned", in_channels=4).double().scores(make(c=3))
+
+
+def test_an_in_channels_that_is_no_channel_count_is_refused_for_magnitude_too():
+    """score='magnitude' ignores in_channels, and took any value for it
+    (-2, 'x', 2.5, True) without a word; a count (or None) is still taken."""
+    for bad in (-2, 0, "x", 2.5, True):
+        for make_layer in (ps.nn.VoxelPrune, lambda *a: ps.nn.VoxelSkip(ps.nn.ReLU(), *a)):
+            with pytest.raises(ValueError, match="in_channels must be a positive int"):
+                make_layer(0.5, "magnitude", bad)
+    assert ps.nn.VoxelPrune(0.5, "magnitude", 3).scorer is None and ps.nn.VoxelPrune(0.5, "magnitude", None)

@@ -172,6 +172,8 @@ class VoxelPrune(nn.Module):
             except ValueError:
                 raise ValueError(f"score='learned' needs in_channels, a positive int; got {in_channels!r}") from None
             self.scorer = nn.Linear(in_channels, 1)
+        elif in_channels is not None:  # unused by a magnitude score, but a count all the same
+            positive_int(in_channels, "in_channels")
 
     def scores(self, input: SparseTensor) -> torch.Tensor:
         """The importance of each voxel of ``input`` (1-D, a row each)."""
