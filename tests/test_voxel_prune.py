@@ -347,3 +347,17 @@ def test_an_in_channels_that_is_no_channel_count_is_refused_for_magnitude_too():
             with pytest.raises(ValueError, match="in_channels must be a positive int"):
                 make_layer(0.5, "magnitude", bad)
     assert ps.nn.VoxelPrune(0.5, "magnitude", 3).scorer is None and ps.nn.VoxelPrune(0.5, "magnitude", None)
+
+
+def test_keep_per_batch_refuses_scores_and_batch_ids_of_the_wrong_dtype():
+    """bool or complex scores reached torch's kthvalue ('not implemented for
+    Bool'), and float batch ids were taken (0.5 made an item of its own):
+    both are TypeErrors naming the argument; int and float scores, int32 and
+    int64 batch ids are taken."""
+    batch = torch.zeros(4, dtype=torch.int64)
+    for scores in (torch.tensor([True, False, True, False]), torch.randn(4, dtype=torch.cfloat)):
+        with pytest.raises(TypeError, match="scores must be a real-valued"):
+            F.keep_per_batch(scores, batch, 0.5)
+    with pytest.raises(TypeError, match="batch must be an integer"):
+        F.keep_per_batch(torch.randn(4), torch.tensor([0.0, 0.5, 1.0, 1.0]), 0.5)
+    assert F.keep_per_batch(torch.tensor([3, 1, 2, 5]), batch.int(), 0.5).tolist() == [0, 3]

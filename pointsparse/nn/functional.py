@@ -275,6 +275,10 @@ def keep_per_batch(scores: torch.Tensor, batch: torch.Tensor, keep_ratio: float 
             batch.shape != scores.shape:
         raise ValueError("scores and batch must be 1-D tensors of the same length; got "
                          f"{getattr(scores, 'shape', scores)!r} and {getattr(batch, 'shape', batch)!r}")
+    if scores.dtype == torch.bool or scores.is_complex():  # (torch's kthvalue: 'not implemented for Bool')
+        raise TypeError(f"scores must be a real-valued (float or int) tensor; got {scores.dtype}")
+    if batch.dtype == torch.bool or batch.is_floating_point() or batch.is_complex():
+        raise TypeError(f"batch must be an integer tensor of batch ids; got {batch.dtype}")
     if torch.compiler.is_compiling():  # a graph: the selection as one operator (its count depends on the
         # data), which checks keep_ratio and threshold as below when the graph runs
         return _ops.keep_rows(scores, batch, None if threshold is not None else keep_ratio, threshold)
