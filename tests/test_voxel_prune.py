@@ -361,3 +361,18 @@ def test_keep_per_batch_refuses_scores_and_batch_ids_of_the_wrong_dtype():
     with pytest.raises(TypeError, match="batch must be an integer"):
         F.keep_per_batch(torch.randn(4), torch.tensor([0.0, 0.5, 1.0, 1.0]), 0.5)
     assert F.keep_per_batch(torch.tensor([3, 1, 2, 5]), batch.int(), 0.5).tolist() == [0, 3]
+
+
+def test_a_threshold_is_compared_with_the_scores_exactly():
+    """keep_per_batch compared the scores with the threshold rounded to
+    their dtype: a bf16 score of 0.2988 passed a threshold of 0.2995 (which
+    rounds to 0.2988 in bf16), a float32 1.0 a threshold of 1.00000001. The
+    comparison is in float64, so only scores >= the threshold are kept."""
+    batch = torch.zeros(2, dtype=torch.int64)
+    scores = torch.tensor([0.298828125, 0.30078125], dtype=torch.bfloat16)
+    assert F.keep_per_batch(scores, batch, threshold=0.2995).tolist() == [1]
+    assert F.keep_per_batch(scores, batch, threshold=0.298828125).tolist() == [0, 1]
+    assert F.keep_per_batch(torch.tensor([1.0, 2.0]), batch, threshold=1.00000001).tolist() == [1]
+    assert F.keep_per_batch(torch.tensor([3, 1]), batch, threshold=2.5).tolist() == [0]
+    x = ps.SparseTensor(scores.view(2, 1), torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0]], dtype=torch.int32))
+    assert ps.nn.VoxelPrune(threshold=0.2995)(x).coords[:, 1].tolist() == [1]

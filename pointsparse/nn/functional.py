@@ -286,7 +286,8 @@ def keep_per_batch(scores: torch.Tensor, batch: torch.Tensor, keep_ratio: float 
         value = as_float(threshold, "threshold")  # a TypeError naming it for a str or a bool (True was 1)
         if not math.isfinite(value):
             raise ValueError(f"threshold must be a finite number; got {threshold!r}")
-        return (scores >= value).nonzero().flatten()
+        # (in float64: compared in the scores' dtype the threshold was rounded to it, 0.2995 to bf16's 0.2988)
+        return (scores.to(torch.promote_types(scores.dtype, torch.float64)) >= value).nonzero().flatten()
     keep_ratio = keep_ratio_of(keep_ratio)
     if scores.numel() == 0:
         return batch.new_zeros(0, dtype=torch.int64)
