@@ -376,3 +376,25 @@ def test_a_threshold_is_compared_with_the_scores_exactly():
     assert F.keep_per_batch(torch.tensor([3, 1]), batch, threshold=2.5).tolist() == [0]
     x = ps.SparseTensor(scores.view(2, 1), torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0]], dtype=torch.int32))
     assert ps.nn.VoxelPrune(threshold=0.2995)(x).coords[:, 1].tolist() == [1]
+
+
+@pytest.mark.parametrize("make_layer", [lambda: ps.nn.VoxelPrune(0.5),
+                                        lambda: ps.nn.VoxelPrune(0.5, "learned", in_channels=3),
+                                        lambda: ps.nn.VoxelSkip(ps.nn.Conv3d(3, 4, 3), 0.5)])
+def test_a_compiled_layer_takes_an_empty_cloud(make_layer):
+    """torch.compile(dynamic=True) of VoxelPrune / VoxelSkip first called on
+    an empty cloud (0 rows: a size torch.compile specialises) failed in
+    inductor ('index is out of bounds for dimension with size 0', the kept
+    feats' index_select); eager mode gives an empty tensor, and so does the
+    compiled layer now, then runs other clouds."""
+    torch.manual_seed(0)
+    layer = make_layer().eval()
+    compiled = torch.compile(layer, dynamic=True, fullgraph=True)
+    empty = ps.SparseTensor(torch.zeros(0, 3), torch.zeros(0, 4, dtype=torch.int32))
+    with torch.no_grad():
+        want, got = layer(empty), compiled(empty)
+        assert got.feats.shape == want.feats.shape and len(got.coords) == 0
+        x = make(c=3, dtype=torch.float32)
+        got, want = compiled(x), layer(x)
+        assert torch.equal(got.coords, want.coords)
+        torch.testing.assert_close(got.feats, want.feats, rtol=1e-6, atol=1e-6)  # (inductor's own sums)

@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from ..kmap import MAX_KERNEL_VOLUME
 from ..tensor import SparseTensor, as_bool, as_float, as_triple, positive_int
@@ -196,6 +197,11 @@ class VoxelPrune(nn.Module):
         tensor of those voxels (what :meth:`forward` returns)."""
         x = _check_input(input)
         scores = self.scores(x)  # (checks the feats against a learned score)
+        if guard_or_false(x.coords.shape[0] == 0):
+            # nothing to choose (a graph traced for 0 rows cannot lower an index into them): the empty tensor
+            rows = x.coords.new_zeros(0, dtype=torch.int64)
+            feats = x.feats[:0] if self.scorer is None else x.feats[:0] * torch.sigmoid(scores[:0]).unsqueeze(1)
+            return rows, F.select_voxels(x, rows, feats)
         rows = F.keep_per_batch(scores.detach(), x.coords[:, 0].to(scores.device), self.keep_ratio, self.threshold)
         feats = x.feats.index_select(0, rows)
         if self.scorer is not None:
