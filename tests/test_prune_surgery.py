@@ -263,3 +263,37 @@ def test_channel_l1_of_a_module_without_an_adapter_names_its_layout():
     with pytest.raises(TypeError, match="cannot tell the channel layout of Custom.weight"):
         surgery.channel_l1(Custom())
     assert torch.equal(adapters.used_mask(Custom()), torch.ones(3, 4, dtype=torch.bool))
+
+
+def test_channel_removal_folds_an_attached_filter_skeleton():
+    """remove_output_channels / remove_input_channels make a conv's pruning
+    permanent; with a filter skeleton attached its hook was left without
+    weight_orig (AttributeError at the next forward). The skeleton is folded
+    into the weight first: the kept channels compute what they did."""
+    import pointsparse.prune as pprune
+    from pointsparse.nn import Conv3d
+
+    torch.manual_seed(0)
+    conv = Conv3d(4, 6, 3)
+    skeleton = pprune.attach_filter_skeleton(conv, init=0.5)
+    with torch.no_grad():
+        skeleton.uniform_(0.2, 1.5)
+    from reference import random_coords
+    import pointsparse as ps
+
+    coords = random_coords(60, 5, seed=2)
+    x = ps.SparseTensor(torch.randn(len(coords), 4), coords)
+    with torch.no_grad():
+        want = conv(x).feats
+    surgery.remove_output_channels(conv, [0, 2, 5])
+    with torch.no_grad():
+        got = conv(x).feats
+    torch.testing.assert_close(got, want[:, [0, 2, 5]])
+    conv2 = Conv3d(4, 6, 3)
+    pprune.attach_filter_skeleton(conv2, init=0.5)
+    with torch.no_grad():
+        want = conv2(x.with_feats(x.feats * torch.tensor([1.0, 0.0, 1.0, 1.0]))).feats
+    surgery.remove_input_channels(conv2, [0, 2, 3])
+    with torch.no_grad():
+        got = conv2(x.with_feats(x.feats[:, [0, 2, 3]].contiguous())).feats
+    torch.testing.assert_close(got, want)

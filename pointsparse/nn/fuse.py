@@ -67,7 +67,6 @@ def _unpruned_copy(model: nn.Module) -> nn.Module:
     (``prune.attach_filter_skeleton``) is folded into ``weight_orig``
     first: ``remove`` knows only the mask. Torch parametrizations
     (``weight_norm``, ...) are made permanent too."""
-    from ..prune.stripe import FilterSkeleton, detach_filter_skeleton  # noqa: PLC0415
     from ..prune.surgery import _unprune  # noqa: PLC0415 - the pruning package sits below nn
 
     memo = {}
@@ -78,9 +77,7 @@ def _unpruned_copy(model: nn.Module) -> nn.Module:
                 memo[id(value)] = value.detach().clone()
     copied = copy.deepcopy(model, memo)
     for module in copied.modules():
-        for hook in [h for h in module._forward_pre_hooks.values() if isinstance(h, FilterSkeleton)]:
-            detach_filter_skeleton(module, hook.name, fold=True)
-        _unprune(module)
+        _unprune(module)  # (a filter skeleton folded in first)
         if parametrize.is_parametrized(module):
             # (by hand: torch's remove_parametrizations deletes the tensor's property from the
             # Parametrized class, which the copy shares with the model: the model's would go too)

@@ -188,6 +188,13 @@ def _slice_param(module: nn.Module, name: str, dim: int, index: torch.Tensor) ->
 
 
 def _unprune(module: nn.Module) -> None:
+    """Make ``module``'s pruning permanent, an attached filter skeleton folded
+    into the weight first (its hook reads ``weight_orig``, which ``remove``
+    deletes: the next forward failed)."""
+    from .stripe import FilterSkeleton, detach_filter_skeleton  # noqa: PLC0415 - stripe imports the package
+
+    for hook in [h for h in module._forward_pre_hooks.values() if isinstance(h, FilterSkeleton)]:
+        detach_filter_skeleton(module, hook.name, fold=True)
     for pname in ("weight", "bias"):
         if hasattr(module, pname + "_orig"):
             _compat.remove(module, pname)
