@@ -286,8 +286,13 @@ def keep_per_batch(scores: torch.Tensor, batch: torch.Tensor, keep_ratio: float 
         value = as_float(threshold, "threshold")  # a TypeError naming it for a str or a bool (True was 1)
         if not math.isfinite(value):
             raise ValueError(f"threshold must be a finite number; got {threshold!r}")
-        # (in float64: compared in the scores' dtype the threshold was rounded to it, 0.2995 to bf16's 0.2988)
-        return (scores.to(torch.promote_types(scores.dtype, torch.float64)) >= value).nonzero().flatten()
+        # Compared exactly, without a float64 copy of the scores: the threshold rounded up to their dtype
+        # (rounded to nearest, 0.2995 became bf16's 0.2988 and kept a score below it).
+        bound = torch.tensor(value, dtype=torch.float64)
+        if scores.is_floating_point() and scores.dtype != torch.float64:
+            cast = bound.to(scores.dtype)
+            bound = torch.where(cast.double() < bound, torch.nextafter(cast, cast.new_tensor(math.inf)), cast)
+        return (scores >= bound.to(scores.device)).nonzero().flatten()
     keep_ratio = keep_ratio_of(keep_ratio)
     if scores.numel() == 0:
         return batch.new_zeros(0, dtype=torch.int64)
