@@ -55,14 +55,14 @@ def group_lasso(parameters, group: str = "out", scale_by_size: bool = False) -> 
     scale_by_size = as_bool(scale_by_size, "scale_by_size")
     terms = []
     for module, name in _parameters(parameters):
-        used = used_entries(module, name)  # (a kernel_region conv's region: the conv never runs the rest)
-        weight = current_weight(module, name) * used
+        weight = _used_weight(module, name)  # (a kernel_region conv's region: the conv never runs the rest)
         ids, count = group_ids(module, name, group)
         squares = torch.zeros(count, dtype=weight.dtype, device=weight.device)
         squares = squares.index_add(0, ids.flatten(), weight.pow(2).flatten())
         # sqrt has an infinite derivative at 0: zero groups get a zero gradient.
         norms = torch.where(squares > 0, squares.clamp_min(1e-30).sqrt(), torch.zeros_like(squares))
         if scale_by_size:
+            used = used_entries(module, name)
             sizes = torch.bincount(ids.flatten(), weights=used.flatten().to(torch.float64), minlength=count)
             sizes = sizes.to(weight.dtype)
             norms = norms * sizes.sqrt()
