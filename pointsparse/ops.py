@@ -540,6 +540,9 @@ def graph_cache(tensor: SparseTensor) -> GraphCache:
         return tensor.cache
     cache = GraphCache()
     cache.set_coords(tensor.stride, tensor.coords)
+    kept = tensor.cache.kept.get(tensor.stride)  # (a selection made before the graph: devoxelize needs it)
+    if kept is not None:
+        cache.kept[tensor.stride] = kept
     return cache
 
 
@@ -617,6 +620,7 @@ def select_voxels(input: SparseTensor, rows: Tensor, feats: Tensor | None) -> Sp
     cache.valid = {s for s in source.valid if s in cache.coords or s == here}
     coords = input.coords.index_select(0, rows)
     cache.set_coords(here, coords)
+    cache.note_kept(here, rows, input.coords.shape[0], source)
     feats = input.feats.index_select(0, rows) if feats is None else feats
     return SparseTensor(feats, coords, here, cache=cache, validate=False)
 

@@ -117,13 +117,20 @@ class CoordinateCache:
 
     It holds coords, never keys: every op packs the coords it compares with
     one key layout fitted to all of them (:mod:`pointsparse.coords`), so the
-    coords of every stride meet whatever their extents."""
+    coords of every stride meet whatever their extents.
+
+    ``kept``: where the coords of a stride are a selection of other voxels
+    (a :class:`~pointsparse.nn.VoxelPrune`'s, ``functional.select_voxels``),
+    ``stride -> (rows, n)``: they are the sorted rows ``rows`` of ``n``
+    source voxels (the voxels before the first selection at that stride), so
+    that ``devoxelize`` maps voxelize's inverse through them."""
 
     def __init__(self) -> None:
         self.coords: dict[Triple, torch.Tensor] = {}
         self.kmaps: dict[object, object] = {}
         # map key -> (map, plan): the engine's plan beside its map.
         self.plans: dict[object, tuple] = {}
+        self.kept: dict[Triple, tuple] = {}
 
     def get_coords(self, stride: Triple) -> torch.Tensor | None:
         return self.coords.get(stride)
@@ -147,6 +154,13 @@ class CoordinateCache:
             entry = self.plans[kmap.key] = (kmap, build())
         return entry[1]
 
+    def note_kept(self, stride: Triple, rows: torch.Tensor, n, source: "CoordinateCache") -> None:
+        """Records that this cache's coords at ``stride`` are the sorted
+        ``rows`` of the ``n`` coords ``source`` holds there: in ``kept``,
+        of ``source``'s source where those are a selection too."""
+        before = source.kept.get(stride)
+        self.kept[stride] = (rows, n) if before is None else (before[0].index_select(0, rows), before[1])
+
     def copy_finer(self, stride: Triple, into: "CoordinateCache") -> None:
         """Into ``into``: the coords of every stride finer than ``stride``
         (no coarser along any axis, and not ``stride`` itself) and the maps
@@ -158,6 +172,9 @@ class CoordinateCache:
         for s, coords in self.coords.items():
             if finer(s):
                 into.set_coords(s, coords)
+        for s, record in self.kept.items():
+            if finer(s):
+                into.kept.setdefault(s, record)
         for key, kmap in self.kmaps.items():
             coarse = tuple(a * b for a, b in zip(kmap.key.tensor_stride, kmap.key.stride))
             if finer(kmap.key.tensor_stride) and finer(coarse):
@@ -169,10 +186,15 @@ class CoordinateCache:
         state["plans"] = {}
         return state
 
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("kept", {})  # (caches pickled before it existed have none)
+
     def to(self, device) -> "CoordinateCache":
         out = CoordinateCache()
         out.coords = {s: c.to(device) for s, c in self.coords.items()}
         out.kmaps = {k: m.to(device) for k, m in self.kmaps.items()}
+        out.kept = {s: (rows.to(device), n) for s, (rows, n) in self.kept.items()}
         return out
 
     def __repr__(self) -> str:

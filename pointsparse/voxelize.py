@@ -363,6 +363,18 @@ def devoxelize(tensor: SparseTensor, inverse: torch.Tensor | None = None, *, poi
     each point (``points``, ``voxel_size`` of the stride-1 grid, optional
     ``batch``), with weights renormalised over the active voxels; a point with
     no active voxel around it gets zeros. Works for any tensor stride.
+
+    After a :class:`~pointsparse.nn.VoxelPrune` at the tensor's stride (its
+    rows are K of the N voxels ``inverse`` maps into) ``inverse`` goes
+    through the kept rows: a point whose voxel was kept gets that voxel's
+    row, a point whose voxel was dropped gets zeros (as trilinear mode gives
+    a point with no active voxel), and an ``inverse`` outside ``[0, N)`` is
+    a ValueError. Which voxels were kept is recorded in the coordinate cache
+    (``CoordinateCache.kept``), so it holds for every tensor on the kept
+    coords: after ``with_feats``, submanifold convs, batch norm, activations,
+    ``add`` / ``cat``, and a transposed conv back to that stride. A tensor
+    rebuilt from bare feats and coords (``SparseTensor(y.feats, y.coords)``)
+    has no record: its ``inverse`` indexes its own rows.
     """
     if not isinstance(tensor, SparseTensor):
         raise TypeError(f"tensor must be a SparseTensor; got {type(tensor).__name__}")
@@ -374,13 +386,22 @@ def devoxelize(tensor: SparseTensor, inverse: torch.Tensor | None = None, *, poi
             raise TypeError("devoxelize(mode='nearest') needs inverse: the (N,) integer map returned by voxelize "
                             f"(a bool mask is no row map); got {got}")
         inverse = inverse.long()  # (as batch in _check_batch: uint16/32/64 have no min)
-        if inverse.numel() and not torch.compiler.is_compiling() and (
-                int(inverse.min()) < 0 or int(inverse.max()) >= len(tensor)):
-            raise ValueError(f"inverse holds rows outside [0, {len(tensor)})")
+        # the tensor's rows may be a selection (VoxelPrune) of the voxels inverse maps into
+        kept = tensor.cache.kept.get(tensor.stride)
+        if inverse.numel() and not torch.compiler.is_compiling():
+            n = len(tensor) if kept is None else int(kept[1])
+            if int(inverse.min()) < 0 or int(inverse.max()) >= n:
+                selection = "" if kept is None else (
+                    f" (the tensor holds the {len(tensor)} voxels a VoxelPrune kept of {n}; inverse must map "
+                    f"the points into those {n}, as voxelize's inverse does)")
+                raise ValueError(f"inverse holds rows outside [0, {n}){selection}")
+        inverse = inverse.to(tensor.device)
+        if kept is not None:
+            return _nearest_kept(tensor.feats, kept[0], kept[1], inverse)
         # index_select, not feats[inverse]: its backward (index_add_) sums
         # each voxel's gradients in a fixed order on the CPU, where the
         # backward of advanced indexing uses float atomics (run-to-run noise)
-        return tensor.feats.index_select(0, inverse.to(tensor.device).long())
+        return tensor.feats.index_select(0, inverse)
     if mode != "trilinear":
         raise ValueError(f"mode must be 'nearest' or 'trilinear'; got {mode!r}")
     if points is None or voxel_size is None:
@@ -400,6 +421,19 @@ def devoxelize(tensor: SparseTensor, inverse: torch.Tensor | None = None, *, poi
     gathered = tensor.feats.index_select(0, idx.clamp_min(0).reshape(-1)).view(n, 8, c)  # deterministic backward
     gathered = gathered * weight.to(tensor.dtype)[..., None]
     return gathered.sum(1)
+
+
+def _nearest_kept(feats: torch.Tensor, rows: torch.Tensor, n, inverse: torch.Tensor) -> torch.Tensor:
+    """Nearest devoxelisation of ``feats``, the voxels ``rows`` (sorted) of
+    ``n``, by ``inverse`` into the ``n``: the kept row of each point's
+    voxel, zeros where it was dropped."""
+    rows = rows.to(feats.device)
+    if guard_or_false(rows.shape[0] == 0):  # nothing kept: zeros, still attached to the graph
+        return feats.new_zeros((inverse.shape[0], feats.shape[1])) + feats.sum(0)
+    at = torch.full((n,), -1, dtype=torch.int64, device=feats.device)
+    at = at.index_copy(0, rows, torch.arange(rows.shape[0], device=feats.device)).index_select(0, inverse)
+    out = feats.index_select(0, at.clamp_min(0))  # (deterministic backward, as above)
+    return torch.where((at >= 0).unsqueeze(1), out, out.new_zeros(()))
 
 
 def trilinear_weights(tensor: SparseTensor, points: torch.Tensor, voxel_size, batch=None):

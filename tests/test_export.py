@@ -223,6 +223,40 @@ def test_voxelize_devoxelize_compile_with_gradients():
             assert torch.allclose(g1, g2, rtol=0, atol=1e-10)
 
 
+def test_nearest_devoxelize_after_a_voxel_prune_compiles():
+    """Nearest devoxelize of a tensor pruned at stride 1 (VoxelPrune, then a
+    submanifold conv on the kept voxels) maps voxelize's inverse through the
+    kept rows (zeros for the points of dropped voxels) in a graph too: all in
+    one graph (with gradients), a compiled model's output devoxelized in
+    eager mode, and a compiled conv on voxels pruned in eager mode; in each
+    eager's values (the graph read feats[inverse] of the kept rows)."""
+    torch.manual_seed(0)
+    prune, conv = spnn.VoxelPrune(0.5), spnn.Conv3d(4, 3, 3).double()
+
+    def run(points, feats):
+        x, inverse = ps.voxelize(points, feats, voxel_size=0.5)
+        return ps.devoxelize(conv(prune(x)), inverse)
+
+    torch.compiler.reset()
+    compiled = torch.compile(run, fullgraph=True, dynamic=True, backend="aot_eager")
+    model = torch.compile(torch.nn.Sequential(prune, conv), fullgraph=True, dynamic=True, backend="eager")
+    later = torch.compile(conv, fullgraph=True, dynamic=True, backend="eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for n, seed in ((500, 1), (800, 2)):
+            points, feats = _points_and_voxels(n, seed)
+            got, want = compiled(points, feats), run(points, feats)
+            assert (want == 0).all(1).sum() > 10 and (want != 0).any(1).sum() > 10
+            assert torch.allclose(got, want, rtol=0, atol=1e-12)
+            g1, = torch.autograd.grad(got.square().sum(), feats)
+            g2, = torch.autograd.grad(want.square().sum(), feats)
+            assert torch.allclose(g1, g2, rtol=0, atol=1e-10)
+            x, inverse = ps.voxelize(points, feats.detach(), voxel_size=0.5)
+            with torch.no_grad():
+                want = run(points, feats.detach())
+                assert torch.allclose(ps.devoxelize(model(x), inverse), want, rtol=0, atol=1e-12)
+                assert torch.allclose(ps.devoxelize(later(prune(x)), inverse), want, rtol=0, atol=1e-12)
+
+
 def test_spvcnn_compiles_in_one_graph():
     """SPVCNN's point branch (trilinear devoxelize, point-to-voxel rows) and
     the voxelisation of its input, all inside one graph."""

@@ -398,3 +398,117 @@ def test_a_compiled_layer_takes_an_empty_cloud(make_layer):
         got, want = compiled(x), layer(x)
         assert torch.equal(got.coords, want.coords)
         torch.testing.assert_close(got.feats, want.feats, rtol=1e-6, atol=1e-6)  # (inductor's own sums)
+
+
+def _voxelized_two_items(n=300, c=4, seed=0):
+    """``(points, batch, x, inverse)``: ``n`` float64 points in two batch items, voxelised at 0.5."""
+    g = torch.Generator().manual_seed(seed)
+    points = torch.rand(n, 3, generator=g, dtype=torch.float64) * 5
+    batch = (torch.arange(n) >= n // 2).long()
+    feats = torch.randn(n, c, generator=g, dtype=torch.float64)
+    x, inverse = ps.voxelize(points, feats, voxel_size=0.5, batch=batch)
+    return points, batch, x, inverse
+
+
+def _through_kept_rows(y, rows, inverse):
+    """The reference of nearest devoxelize on ``y`` (the voxels ``rows`` of the tensor ``inverse`` maps
+    into): each point gets its voxel's kept row of ``y.feats``, zeros where its voxel was dropped."""
+    where = {int(r): i for i, r in enumerate(rows.tolist())}
+    want = torch.zeros(len(inverse), y.num_channels, dtype=y.dtype)
+    for p, v in enumerate(inverse.tolist()):
+        if v in where:
+            want[p] = y.feats[where[v]]
+    return want
+
+
+@pytest.mark.parametrize("between", ["nothing", "conv", "conv, batch norm, relu, add"])
+def test_nearest_devoxelize_after_a_stride_1_prune_reads_the_kept_voxels(between):
+    """devoxelize(y, inverse) with voxelize's inverse, y pruned at stride 1
+    (K of the N voxels kept, the same row order) and maybe convolved on the
+    kept coords: read y.feats[inverse] it gave the points other voxels'
+    feats, silently wherever inverse.max() < K. The inverse now goes through
+    the kept rows: a point of a kept voxel gets that voxel's row, a point of
+    a dropped voxel zeros (trilinear's value for a point with no active
+    voxel), whatever the inverse's range; differentiable in the feats."""
+    points, batch, x, inverse = _voxelized_two_items()
+    rows, kept = ps.nn.VoxelPrune(0.5).select(x)
+    torch.manual_seed(4)
+    conv, norm = ps.nn.Conv3d(4, 3, 3).double(), ps.nn.BatchNorm(3).double()
+    y = {"nothing": lambda: kept, "conv": lambda: conv(kept),
+         "conv, batch norm, relu, add": lambda: F.add(ps.nn.ReLU()(norm(conv(kept))), conv(kept))}[between]()
+    assert torch.equal(y.coords, x.coords[rows]) and 0 < len(y) < len(x)
+    assert set(x.coords[rows][:, 0].tolist()) == {0, 1}
+    want = _through_kept_rows(y, rows, inverse)
+    dropped = ~torch.isin(inverse, rows)
+    assert dropped.any() and want[dropped].abs().sum() == 0 and want[~dropped].abs().sum() > 0
+    low = inverse < len(y)  # an inverse whose every row is < K: no range check can tell
+    assert low.sum() > 10 and not torch.equal(y.feats[inverse[low]], want[low])
+    assert torch.equal(ps.devoxelize(y, inverse[low]), want[low])
+    assert torch.equal(ps.devoxelize(y, inverse), want)
+    assert torch.equal(ps.devoxelize(y, inverse.int()), want)
+    feats = y.feats.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda f: ps.devoxelize(y.with_feats(f), inverse[:40]), (feats,))
+    with pytest.raises(ValueError, match=rf"inverse holds rows outside \[0, {len(x)}\)"):
+        ps.devoxelize(y, torch.tensor([0, len(x)]))
+
+
+def test_nearest_devoxelize_through_two_prunes_and_a_coarser_one():
+    """Two stride-1 prunes compose (the second keeps rows of the first's
+    voxels); a stride-2 prune between a downsampling and the transposed conv
+    back keeps the stride-1 record: the upsampled tensor is on the first
+    prune's voxels and devoxelizes through them."""
+    points, batch, x, inverse = _voxelized_two_items(seed=1)
+    first, a = ps.nn.VoxelPrune(0.7).select(x)
+    second, b = ps.nn.VoxelPrune(0.5).select(a)
+    assert torch.equal(ps.devoxelize(b, inverse), _through_kept_rows(b, first[second], inverse))
+    torch.manual_seed(5)
+    down, up = ps.nn.Conv3d(4, 4, 2, 2).double(), ps.nn.Conv3d(4, 2, 2, 2, transposed=True).double()
+    z = up(ps.nn.VoxelPrune(0.5)(down(a)))
+    assert torch.equal(z.coords, a.coords)
+    assert torch.equal(ps.devoxelize(z, inverse), _through_kept_rows(z, first, inverse))
+    none = ps.nn.VoxelPrune(threshold=1e9)(x)  # nothing kept: every point gets zeros
+    assert len(none) == 0 and torch.equal(ps.devoxelize(none, inverse), torch.zeros(len(inverse), 4, dtype=x.dtype))
+
+
+def test_minkunet_with_a_prune_before_its_last_decoder_stage_devoxelizes_through_the_kept_voxels():
+    """A MinkUNet whose last (stride-1) decoder stage has a VoxelPrune in
+    front of it gives logits on the kept voxels (residual blocks, their
+    shortcut and sum, the classifier after); its points get those logits
+    and zeros, not other voxels' logits."""
+    from pointsparse.models import MinkUNet
+
+    points, batch, x, inverse = _voxelized_two_items(n=400, c=3, seed=3)
+    torch.manual_seed(7)
+    model = MinkUNet(3, 5, cr=0.25, blocks=1).double().eval()
+    prune, seen = ps.nn.VoxelPrune(0.5), []
+
+    def hook(module, args):
+        rows, kept = prune.select(args[0])
+        seen.append(rows)
+        return (kept,)
+
+    model.fuse[3].register_forward_pre_hook(hook)
+    with torch.no_grad():
+        out = model(x)
+    rows, = seen
+    assert len(out) == len(rows) < len(x) and torch.equal(out.coords, x.coords[rows])
+    with torch.no_grad():
+        assert torch.equal(ps.devoxelize(out, inverse), _through_kept_rows(out, rows, inverse))
+
+
+def test_devoxelize_after_a_coarse_prune_and_trilinear_after_any_are_as_before():
+    """A prune at stride 2 then the transposed conv back to stride 1: the
+    coords are the voxelised ones again and nearest reads feats[inverse]
+    as it always did; trilinear looks the voxels up by their coords, so a
+    pruned tensor interpolates as the same voxels without the record."""
+    points, batch, x, inverse = _voxelized_two_items(seed=2)
+    torch.manual_seed(6)
+    down, up = ps.nn.Conv3d(4, 4, 2, 2).double(), ps.nn.Conv3d(4, 3, 2, 2, transposed=True).double()
+    z = up(ps.nn.VoxelPrune(0.5)(down(x)))
+    assert torch.equal(z.coords, x.coords)
+    assert torch.equal(ps.devoxelize(z, inverse), z.feats[inverse])
+    y = ps.nn.VoxelPrune(0.5)(x)
+    for t in (y, z):
+        fresh = ps.SparseTensor(t.feats, t.coords)  # the same voxels, no history
+        assert torch.equal(ps.devoxelize(t, points=points, voxel_size=0.5, batch=batch, mode="trilinear"),
+                           ps.devoxelize(fresh, points=points, voxel_size=0.5, batch=batch, mode="trilinear"))

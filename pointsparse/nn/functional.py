@@ -319,7 +319,11 @@ def select_voxels(input: SparseTensor, rows: torch.Tensor, feats: torch.Tensor |
     stride are the kept ones (later convs build their maps on them, coarser
     strides come from them), while the coords of every finer stride (and the
     maps among finer strides only) are the input cache's, so transposed
-    convs upsample back to the coords the skip connections hold."""
+    convs upsample back to the coords the skip connections hold. The cache
+    records the selection (``CoordinateCache.kept``: these rows of the
+    input's voxels, or of the voxels the input itself was selected from),
+    so that ``devoxelize(mode="nearest")`` maps voxelize's inverse through
+    the kept rows."""
     if not isinstance(input, SparseTensor):
         raise TypeError(f"input must be a SparseTensor; got {type(input).__name__}")
     if not isinstance(rows, torch.Tensor) or rows.dim() != 1 or rows.dtype not in (torch.int32, torch.int64):
@@ -344,8 +348,10 @@ def select_voxels(input: SparseTensor, rows: torch.Tensor, feats: torch.Tensor |
 
     cache = CoordinateCache()
     input.cache.copy_finer(input.stride, cache)
-    coords = input.coords.index_select(0, rows.to(input.coords.device))
+    rows = rows.to(input.coords.device, torch.int64)
+    coords = input.coords.index_select(0, rows)
     cache.set_coords(input.stride, coords)
+    cache.note_kept(input.stride, rows, input.coords.shape[0], input.cache)
     feats = input.feats.index_select(0, rows.to(input.device)) if feats is None else feats
     return SparseTensor(feats, coords, input.stride, cache=cache, validate=False)
 

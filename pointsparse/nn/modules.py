@@ -146,7 +146,13 @@ class VoxelPrune(nn.Module):
     holds the kept coords at this stride and the input's coords at finer
     strides (see :func:`functional.select_voxels`), so the convs after it
     build their maps on the kept voxels and transposed convs come back to
-    the coords the skip connections expect."""
+    the coords the skip connections expect. The cache also records which
+    voxels were kept: at stride 1 the output (and every tensor on its
+    coords after it: submanifold convs, batch norm, activations, ``add``)
+    holds K of the N voxels :func:`pointsparse.voxelize` made, and
+    ``devoxelize(out, inverse)`` maps voxelize's inverse through the kept
+    rows, zeros for the points of dropped voxels (see
+    :func:`pointsparse.devoxelize`)."""
 
     SCORES = ("magnitude", "learned")
 
