@@ -512,3 +512,103 @@ def test_devoxelize_after_a_coarse_prune_and_trilinear_after_any_are_as_before()
         fresh = ps.SparseTensor(t.feats, t.coords)  # the same voxels, no history
         assert torch.equal(ps.devoxelize(t, points=points, voxel_size=0.5, batch=batch, mode="trilinear"),
                            ps.devoxelize(fresh, points=points, voxel_size=0.5, batch=batch, mode="trilinear"))
+
+
+def _trained_block(seed=6):
+    """A ResidualBlock(4, 6) as a trained model holds it: weights and batch
+    norm statistics that are not the initial ones (a few training steps)."""
+    from pointsparse.models.minkunet import ResidualBlock
+
+    torch.manual_seed(seed)
+    block = ResidualBlock(4, 6).double()
+    optimizer = torch.optim.SGD(block.parameters(), lr=0.1)
+    for step in range(3):
+        x = make(n=300, c=4, extent=9, seed=seed + step)
+        optimizer.zero_grad()
+        block(x).feats.square().mean().backward()
+        optimizer.step()
+    return block.eval()
+
+
+def test_voxel_skip_loads_the_state_dict_of_the_module_it_wraps():
+    """Wrapping a trained block's main in VoxelSkip renames its keys
+    (main.0.weight -> main.module.0.weight): load_state_dict of the trained
+    weights into the wrapped block was refused (missing / unexpected keys).
+    The unwrapped keys load strictly (magnitude score: nothing else to
+    load), whole models too (the blocks of a MinkUNet, as
+    bench/voxel_prune.py wraps them), and the outputs are the wrapped
+    trained block's; the wrapped keys load as before."""
+    from pointsparse.models import MinkUNet
+    from pointsparse.models.minkunet import ResidualBlock
+
+    trained = _trained_block()
+    state = trained.state_dict()
+    expect = ResidualBlock(4, 6).double().eval()
+    expect.load_state_dict(state)
+    expect.main = ps.nn.VoxelSkip(expect.main, 0.4)
+    block = ResidualBlock(4, 6).double().eval()
+    block.main = ps.nn.VoxelSkip(block.main, 0.4)
+    result = block.load_state_dict(state, strict=True)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    for key, value in expect.state_dict().items():
+        assert torch.equal(block.state_dict()[key], value), key
+    x = make(n=400, c=4, extent=9, seed=11)
+    with torch.no_grad():
+        assert torch.equal(block(x).feats, expect(x).feats)
+    assert set(state) == set(trained.state_dict())  # the caller's dict is left as it was
+    # its own (wrapped) keys, as before
+    again = ResidualBlock(4, 6).double().eval()
+    again.main = ps.nn.VoxelSkip(again.main, 0.4)
+    again.load_state_dict(block.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.equal(again(x).feats, expect(x).feats)
+    # a whole model's blocks
+    torch.manual_seed(0)
+    net = MinkUNet(4, 3, cr=0.25, blocks=1).eval()
+    wrapped = MinkUNet(4, 3, cr=0.25, blocks=1).eval()
+    for j in (0, 1, 2):
+        for block in wrapped.fuse[j]:
+            block.main = ps.nn.VoxelSkip(block.main, 0.5)
+    wrapped.load_state_dict(net.state_dict(), strict=True)
+    assert torch.equal(wrapped.fuse[0][0].main.module[0].weight, net.fuse[0][0].main[0].weight)
+
+
+def test_voxel_skip_loading_unwrapped_keys_still_reports_what_is_missing_or_unexpected():
+    """Strict loading of the unwrapped keys names the tensors truly missing
+    (under the wrapped name) and unexpected (as given); a learned score's
+    scorer, which the unwrapped block never had, is missing under strict
+    loading, and with strict=False listed missing and left as initialised;
+    a key given in both forms loads the wrapped one and names the other."""
+    from pointsparse.models.minkunet import ResidualBlock
+
+    state = _trained_block().state_dict()
+
+    def wrapped(score="magnitude"):
+        block = ResidualBlock(4, 6).double()
+        block.main = ps.nn.VoxelSkip(block.main, 0.5, score, 4 if score == "learned" else None)
+        return block.double()
+
+    partial = {k: v for k, v in state.items() if k != "main.0.weight"}
+    partial["main.7.weight"] = torch.zeros(2, dtype=torch.float64)
+    with pytest.raises(RuntimeError) as info:
+        wrapped().load_state_dict(partial)
+    message = str(info.value)
+    assert '"main.module.0.weight"' in message.split("Unexpected")[0] and '"main.7.weight"' in message
+    result = wrapped().load_state_dict(partial, strict=False)
+    assert result.missing_keys == ["main.module.0.weight"] and result.unexpected_keys == ["main.7.weight"]
+
+    learned = wrapped("learned")
+    scorer = learned.main.prune.scorer.weight.detach().clone()
+    with pytest.raises(RuntimeError, match='Missing key.*"main.prune.scorer.weight", "main.prune.scorer.bias"'):
+        learned.load_state_dict(state)
+    result = learned.load_state_dict(state, strict=False)
+    assert result.missing_keys == ["main.prune.scorer.weight", "main.prune.scorer.bias"]
+    assert result.unexpected_keys == []
+    assert torch.equal(learned.main.module[0].weight, state["main.0.weight"])
+    assert torch.equal(learned.main.prune.scorer.weight, scorer)
+
+    both = dict(wrapped().state_dict(), **{"main.0.weight": torch.zeros_like(state["main.0.weight"])})
+    block = wrapped()
+    result = block.load_state_dict(both, strict=False)
+    assert result.unexpected_keys == ["main.0.weight"] and result.missing_keys == []
+    assert block.main.module[0].weight.abs().sum() > 0

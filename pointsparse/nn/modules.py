@@ -231,7 +231,16 @@ class VoxelSkip(nn.Module):
     unimportant sites pass unconvolved: the convs cost what the kept voxels
     cost while no voxel leaves the network. ``keep_ratio``, ``score``,
     ``in_channels`` and ``threshold`` are :class:`VoxelPrune`'s (``prune``);
-    ``module`` must return a SparseTensor on the coords it was given."""
+    ``module`` must return a SparseTensor on the coords it was given.
+
+    Its state_dict holds ``module``'s tensors under ``module.`` (and a
+    learned score's under ``prune.``); ``load_state_dict`` also takes the
+    unwrapped module's keys (``main.0.weight`` for ``main.module.0.weight``:
+    the trained model's weights, loaded into the model with its blocks
+    wrapped). A key given in both forms loads the wrapped one and the other
+    is unexpected. A learned score's scorer, which the unwrapped module
+    never had, is missing as any absent tensor is: strict loading refuses
+    it, ``strict=False`` lists it and leaves it as initialised."""
 
     def __init__(self, module: nn.Module, keep_ratio: float = 0.5, score: str = "magnitude",
                  in_channels: int | None = None, threshold: float | None = None) -> None:
@@ -240,6 +249,19 @@ class VoxelSkip(nn.Module):
             raise TypeError(f"module must be a torch.nn.Module; got {type(module).__name__}")
         self.prune = VoxelPrune(keep_ratio, score, in_channels, threshold)
         self.module = module
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # The unwrapped module's keys (prefix + "0.weight") moved to their wrapped names (prefix +
+        # "module.0.weight") before torch sorts the keys: the children then load them, and what is left
+        # is missing or unexpected as usual. A key is the module's where its first name is one of the
+        # module's children or tensors (so "prune." and "module." keys stay this layer's own).
+        names = (set(self.module._modules) | set(self.module._parameters) | set(self.module._buffers)) - {
+            "prune", "module"}
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            wrapped = prefix + "module." + key[len(prefix):]
+            if key[len(prefix):].split(".", 1)[0] in names and wrapped not in state_dict:
+                state_dict[wrapped] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _branch(self, input: SparseTensor) -> tuple[torch.Tensor, SparseTensor]:
         """``(rows, y)``: the kept rows of ``input`` and ``module``'s output on them."""
