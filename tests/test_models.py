@@ -537,3 +537,95 @@ def test_spvcnn_forward_reads_the_point_rows_range_only_in_check_points():
     with torch.no_grad(), Record():
         net(x, inverse, points, batch)
     assert sorted(readers) == ["check_points", "check_points"], readers
+
+
+def _with_voxel_skips(net):
+    """``net`` (a MinkUNet) with VoxelSkip around the convs of its decoder
+    blocks, as bench/voxel_prune.py inserts them: a magnitude score, a
+    threshold and a learned score."""
+    for j, (score, threshold) in enumerate((("magnitude", None), ("magnitude", 0.5), ("learned", None))):
+        for block in net.fuse[j]:
+            channels = block.main[0].in_channels if score == "learned" else None
+            block.main = spnn.VoxelSkip(block.main, 0.4, score, channels, threshold)
+    return net
+
+
+def test_a_model_with_voxel_skips_round_trips_through_its_checkpoint(tmp_path):
+    """A model with VoxelSkip inserted, saved with checkpoint.save, was
+    refused by load_model (the config rebuilt the model without them: its
+    tensors missing, the wrapped ones unexpected). The config records them
+    (``voxel_skip``: models.voxel_skips(model)) and load_model wraps the
+    same modules again, with their settings and weights: the same outputs.
+    The unwrapped model's weights load into them too (a trained model's
+    checkpoint given voxel_skip by hand), where every score is a magnitude."""
+    from pointsparse import checkpoint
+    from pointsparse.models import load_model, voxel_skips
+
+    torch.manual_seed(4)
+    net = MinkUNet(4, 3, cr=0.25, blocks=1)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.running_var.uniform_(0.01, 0.1)
+    dense = copy.deepcopy(net).eval()
+    net = _with_voxel_skips(net).eval()
+    recorded = voxel_skips(net)
+    assert recorded == {"fuse.0.0.main": {"keep_ratio": 0.4, "score": "magnitude", "threshold": None,
+                                          "in_channels": None},
+                        "fuse.1.0.main": {"keep_ratio": 0.4, "score": "magnitude", "threshold": 0.5,
+                                          "in_channels": None},
+                        "fuse.2.0.main": {"keep_ratio": 0.4, "score": "learned", "threshold": None,
+                                          "in_channels": net.fuse[2][0].main.module[0].in_channels}}
+    config = {"model": "minkunet", "in_channels": 4, "classes": ["a", "b", "c"], "cr": 0.25, "blocks": 1,
+              "voxel_skip": recorded}
+    checkpoint.save(tmp_path / "skip.pt", {"config": config, "model": net.state_dict()})
+    model = load_model(tmp_path / "skip.pt")
+    assert voxel_skips(model) == recorded and not model.training
+    x = _cloud(600, 4, seed=2, extent=16)
+    with torch.no_grad():
+        want = net(x).feats
+        assert torch.equal(model(x).feats, want)
+        assert not torch.allclose(dense(x).feats, want)  # (the skips change the outputs)
+    # the dense model's weights under a config of magnitude skips
+    magnitude = {k: v for k, v in recorded.items() if v["score"] == "magnitude"}
+    checkpoint.save(tmp_path / "dense.pt", {"config": dict(config, voxel_skip=magnitude), "model": dense.state_dict()})
+    model = load_model(tmp_path / "dense.pt")
+    expect = copy.deepcopy(dense)
+    for path, settings in magnitude.items():
+        parent, _, name = path.rpartition(".")
+        setattr(expect.get_submodule(parent), name, spnn.VoxelSkip(expect.get_submodule(path), **settings))
+    with torch.no_grad():
+        assert torch.equal(model(x).feats, expect(x).feats)
+
+
+def test_inserted_voxel_layers_the_config_does_not_record_are_refused_naming_them(tmp_path):
+    """Weights of a model with VoxelSkip layers whose config does not record
+    them, or with a learned VoxelPrune registered on it (bench's
+    voxel_prune_<j>: where it runs, a forward hook, no config records),
+    are refused naming the file, the layers and what to do, not as a list
+    of missing and unexpected tensors; a bad voxel_skip record names the
+    entry."""
+    from pointsparse import checkpoint
+    from pointsparse.models import build_model, load_model
+
+    torch.manual_seed(5)
+    config = {"model": "minkunet", "in_channels": 4, "classes": ["a", "b", "c"], "cr": 0.25, "blocks": 1}
+    net = _with_voxel_skips(MinkUNet(4, 3, cr=0.25, blocks=1))
+    checkpoint.save(tmp_path / "skip.pt", {"config": config, "model": net.state_dict()})
+    with pytest.raises(ValueError, match=r"skip.pt: .*VoxelSkip layers the config does not record \(fuse.0.0.main, "
+                                         r"fuse.1.0.main, fuse.2.0.main\).*voxel_skips\(model\)"):
+        load_model(tmp_path / "skip.pt")
+    net = MinkUNet(4, 3, cr=0.25, blocks=1)
+    net.add_module("voxel_prune_0", spnn.VoxelPrune(0.5, "learned", 96))
+    checkpoint.save(tmp_path / "prune.pt", {"config": config, "model": net.state_dict()})
+    with pytest.raises(ValueError, match=r"prune.pt: .*a learned VoxelPrune's scorer \(voxel_prune_0\)"):
+        load_model(tmp_path / "prune.pt")
+    for skips, kind, match in (
+            (["fuse.0.0.main"], TypeError, r"config voxel_skip must be a dict \(module -> settings\); got list"),
+            ({"fuse.0.0.nothing": {}}, ValueError, r"config voxel_skip names 'fuse.0.0.nothing', which the model"),
+            ({"": {}}, ValueError, r"config voxel_skip names '', which the model"),
+            ({"fuse.0.0.main": 0.5}, TypeError, r"config voxel_skip\['fuse.0.0.main'\] must be a dict"),
+            ({"fuse.0.0.main": {"ratio": 0.5}}, ValueError, r"config voxel_skip\['fuse.0.0.main'\] has 'ratio'"),
+            ({"fuse.0.0.main": {"keep_ratio": 2.0}}, ValueError,
+             r"config voxel_skip\['fuse.0.0.main'\]: .*keep_ratio")):
+        with pytest.raises(kind, match=match):
+            build_model({**config, "voxel_skip": skips})

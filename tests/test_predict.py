@@ -401,3 +401,40 @@ def test_eval_and_predict_refuse_an_out_another_run_holds(tmp_path, capsys):
     free.mkdir()
     with DirectoryLock(free):  # (no --out: the folder the command runs from is not taken)
         assert cli.main(runs["eval"][:-3] + ["--no-progress"]) == 0
+
+
+def test_predict_and_eval_run_a_checkpoint_with_voxel_skips(tmp_path, capsys):
+    """A checkpoint of a model with VoxelSkip inserted into its decoder
+    blocks (config voxel_skip: models.voxel_skips) was refused by predict
+    and eval (the config rebuilt the model without them); both now run the
+    model with its skips, as load_model gives it, fused too."""
+    from pointsparse import checkpoint
+    from pointsparse.app.evaluate import inference_model
+    from pointsparse.models import voxel_skips
+    from pointsparse.nn import VoxelSkip
+
+    state = load_training(_checkpoint(tmp_path / "dense.pt"))
+    model = load_model(tmp_path / "dense.pt")
+    for stage in model.fuse:
+        for block in stage:
+            block.main = VoxelSkip(block.main, 0.3)
+    ckpt = tmp_path / "skip.pt"
+    checkpoint.save(ckpt, dict(state, model=model.state_dict(),
+                               config=dict(state["config"], voxel_skip=voxel_skips(model))))
+    paths = _clouds(tmp_path / "in", 1)
+    loaded = load_model(ckpt)
+    assert voxel_skips(loaded) == voxel_skips(model)
+    want = _expected(model.eval(), paths[0], 0.5)
+    assert not np.array_equal(want, _expected(load_model(tmp_path / "dense.pt"), paths[0], 0.5))
+    for inference in ("float32", "fused"):
+        out = tmp_path / f"pred-{inference}"
+        assert cli.main(["predict", "--checkpoint", str(ckpt), "--data", str(paths[0]), "--out", str(out),
+                         "--inference", inference, "--no-progress"]) == 0
+        got = np.load(out / f"{paths[0].stem}.npy")
+        fused = _expected(inference_model(loaded, inference).eval(), paths[0], 0.5)
+        assert np.array_equal(got, fused) and (inference == "fused" or np.array_equal(got, want))
+    assert cli.main(["eval", "--checkpoint", str(ckpt), "--data", str(paths[0]), "--out", str(tmp_path / "ev"),
+                     "--no-progress"]) == 0
+    report = json.loads((tmp_path / "ev" / "eval-metrics.json").read_text())
+    labels = np.load(paths[0])["labels"]
+    assert report["accuracy"] == pytest.approx(float(np.mean(want == labels)), abs=1e-6)

@@ -1,7 +1,15 @@
 """Models from a training checkpoint's config, dense or channel-pruned: the
 config names the architecture (``model``, ``in_channels``, ``classes``,
-``cr``, ``blocks``) and, for a pruned model, the width of every layer
-(``widths``, as :func:`pointsparse.prune.graph.widths` records them)."""
+``cr``, ``blocks``), for a pruned model the width of every layer
+(``widths``, as :func:`pointsparse.prune.graph.widths` records them) and,
+for a model with :class:`~pointsparse.nn.VoxelSkip` layers inserted, the
+modules they wrap and their settings (``voxel_skip``, as
+:func:`voxel_skips` records them).
+
+A :class:`~pointsparse.nn.VoxelPrune` inserted into a built model (a
+forward hook, or a forward of the caller's own, decides where it runs) is
+not recorded: weights holding a learned one's scorer are refused naming it,
+and a magnitude one holds no tensor, so nothing in the weights shows it."""
 
 from __future__ import annotations
 
@@ -11,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..nn import Conv3d
+from ..nn import Conv3d, VoxelSkip
 from .minkunet import MinkUNet
 from .spvcnn import SPVCNN
 
@@ -32,11 +40,59 @@ def build_model(config: dict) -> nn.Module:
         raise TypeError(f"config widths must be a dict (group -> width); got {type(config['widths']).__name__}")
     cls = SPVCNN if name == "spvcnn" else MinkUNet
     model = cls(config["in_channels"], len(config["classes"]), cr=config["cr"], blocks=config["blocks"])
+    if config.get("voxel_skip") is not None:  # (before the widths: they name the modules inside the skips)
+        _wrap_voxel_skips(model, config["voxel_skip"])
     if config.get("widths"):
         from ..prune.graph import resize
         resize(model, config["widths"])
         _check_ends(model, "the config's widths give")
     return model
+
+
+#: A VoxelSkip's settings as :func:`voxel_skips` records them (its arguments after ``module``).
+_SKIP_SETTINGS = ("keep_ratio", "score", "threshold", "in_channels")
+
+
+def voxel_skips(model: nn.Module) -> dict[str, dict]:
+    """``{module: {"keep_ratio", "score", "threshold", "in_channels"}}`` of
+    every :class:`~pointsparse.nn.VoxelSkip` in ``model``, under the name of
+    the module it wraps: what a checkpoint's config records
+    (``voxel_skip``) so that :func:`build_model` wraps the same modules
+    again, e.g. ``dict(config, voxel_skip=voxel_skips(model))``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, VoxelSkip):
+            scorer = m.prune.scorer
+            out[name] = {"keep_ratio": m.prune.keep_ratio, "score": m.prune.score, "threshold": m.prune.threshold,
+                         "in_channels": None if scorer is None else scorer.in_features}
+    return out
+
+
+def _wrap_voxel_skips(model: nn.Module, recorded) -> None:
+    """Wrap each module ``recorded`` (:func:`voxel_skips`) names in a
+    VoxelSkip of its settings, in order (a skip inside another's module is
+    named as it is once the outer one wraps it); TypeError / ValueError
+    naming the entry (the model, :func:`build_model`'s, is then dropped)."""
+    if not isinstance(recorded, dict):
+        raise TypeError(f"config voxel_skip must be a dict (module -> settings); got {type(recorded).__name__}")
+    for name, settings in recorded.items():
+        module = _submodule(model, name) if isinstance(name, str) and name else None
+        if module is None:
+            raise ValueError(f"config voxel_skip names {name!r}, which the model does not have")
+        where = f"config voxel_skip[{name!r}]"
+        if not isinstance(settings, dict):
+            raise TypeError(f"{where} must be a dict of VoxelSkip's settings; got {type(settings).__name__}")
+        other = [key for key in settings if key not in _SKIP_SETTINGS]
+        if other:
+            raise ValueError(f"{where} has {other[0]!r}; its settings are {', '.join(_SKIP_SETTINGS)}")
+        try:
+            skip = VoxelSkip(module, **settings)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{where}: {error}") from None
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, skip)
 
 
 def load_model(path, map_location="cpu") -> nn.Module:
@@ -69,7 +125,8 @@ def model_from_state(state: dict) -> nn.Module:
     """The model of a training checkpoint's contents (``state["config"]``
     builds it, ``state["model"]`` holds its weights), dense or channel-pruned
     (the widths in the config, or only in the weights' shapes), with the
-    biases and pruning masks the weights carry; in the mode it was built in."""
+    VoxelSkip layers its config records (``voxel_skip``) and the biases and
+    pruning masks the weights carry; in the mode it was built in."""
     if not isinstance(state, dict) or not isinstance(state.get("config"), dict) or not isinstance(
             state.get("model"), dict):
         raise ValueError("a training checkpoint holds a dict with a 'config' dict and a 'model' dict (a state_dict)")
@@ -102,6 +159,17 @@ def _misfit(model: nn.Module, weights: dict, error: RuntimeError) -> str:
                 "model load_model returns")
     if not missing and not unexpected:
         return str(error)
+    skips = _unrecorded_voxel_skips(model, unexpected, set(missing))
+    if skips:
+        return (f"they hold VoxelSkip layers the config does not record ({', '.join(skips)}): save a model with "
+                "VoxelSkip inserted with its config's voxel_skip (dict(config, voxel_skip="
+                "pointsparse.models.voxel_skips(model))), from which load_model wraps them again")
+    scorers = [k[:-len(".scorer.weight")] for k in unexpected
+               if k.endswith(".scorer.weight") and weights[k].dim() == 2 and weights[k].shape[0] == 1]
+    if scorers:
+        return (f"they hold a learned VoxelPrune's scorer ({', '.join(scorers)}): a VoxelPrune inserted into a "
+                "built model (where it runs is the inserting code's: a forward hook, a forward of its own) is no "
+                "part of a config; build the model, insert it the same way, then load_state_dict these weights")
 
     def few(keys):
         return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
@@ -109,6 +177,22 @@ def _misfit(model: nn.Module, weights: dict, error: RuntimeError) -> str:
     parts = [f"{len(missing)} missing ({few(missing)})"] if missing else []
     parts += [f"{len(unexpected)} unexpected ({few(unexpected)})"] if unexpected else []
     return "tensors " + "; ".join(parts)
+
+
+def _unrecorded_voxel_skips(model: nn.Module, unexpected: list[str], missing: set[str]) -> list[str]:
+    """The modules of ``model`` that the ``unexpected`` keys show wrapped in a
+    VoxelSkip: ``name.module.key`` for a ``name.key`` that is ``missing``,
+    or ``name.prune.scorer.*`` (a learned score) for a module ``name``."""
+    found = []
+    for key in unexpected:
+        for marker in (".module.", ".prune.scorer."):
+            name, _, rest = key.partition(marker)
+            if rest and (name + "." + rest in missing if marker == ".module." else
+                         _submodule(model, name) is not None):
+                if name not in found:
+                    found.append(name)
+                break
+    return found
 
 
 def _apply_masks(model: nn.Module) -> None:
