@@ -20,7 +20,6 @@ import hashlib
 import io
 import os
 import pickle
-import re
 import secrets
 import zipfile
 from pathlib import Path
@@ -54,28 +53,74 @@ def atomic_write(path, write) -> None:
         raise
 
 
+def _loads(payload: bytes) -> bool:
+    """Whether :func:`load` takes ``payload`` (the data-only unpickler
+    accepts it): read onto the meta device, the unpickler's work without a
+    copy of the tensors' bytes; where that device cannot rebuild a tensor
+    (a quantized one), read onto the CPU as :func:`load` does."""
+    try:
+        torch.load(io.BytesIO(payload), map_location="meta", weights_only=True)
+    except pickle.UnpicklingError:
+        return False
+    except Exception:  # (not the unpickler's refusal: the meta device's limits)
+        try:
+            torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            return False
+    return True
+
+
+_CONTAINERS = (dict, list, tuple, set, frozenset)
+
+
+def _refused(value, where: str = "state") -> str | None:
+    """``"an object of TYPE at PLACE"`` for the first object in ``value``
+    that :func:`load` refuses while all it holds is taken (each object put
+    to the unpickler alone: what it takes is the unpickler's to say, the
+    classes a caller allows too), or None."""
+    if type(value) in (torch.Tensor, torch.nn.Parameter, str, bytes, int, float, bool, type(None)):
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _refused(key, f"a key of {where}") or _refused(item, f"{where}[{key!r}]")
+            if found:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            found = _refused(item, f"{where}[{i}]")
+            if found:
+                return found
+    elif isinstance(value, (set, frozenset)):
+        for item in value:
+            found = _refused(item, f"an item of {where}")
+            if found:
+                return found
+    if type(value) in _CONTAINERS or _loads(_serialise(value)):
+        return None
+    kind = type(value)
+    return f"an object of {kind.__module__}.{kind.__qualname__} at {where}"
+
+
 def save(path, state) -> None:
     """Write ``state`` (tensors, numbers, strings, containers) to ``path``
     atomically, with a SHA-256 digest of its bytes. ``TypeError`` (nothing
-    written) where ``state`` holds an object :func:`load` would refuse (a
-    numpy number, a Path, an argparse.Namespace, ...): the payload is read
-    back as :func:`load` reads it before the file is written.
-    ``FileNotFoundError`` naming the folder where ``path``'s does not exist,
-    ``ValueError`` where ``path`` is a folder."""
+    written) naming the type and place of an object in ``state`` that
+    :func:`load` would refuse (a numpy number, a Path, an
+    argparse.Namespace, ...): the payload is put to :func:`load`'s
+    unpickler before the file is written. ``FileNotFoundError`` naming the
+    folder where ``path``'s does not exist, ``ValueError`` where ``path``
+    is a folder."""
     path = Path(path)
     if path.is_dir():  # (else an error naming the hidden temporary file, after the work of serialising)
         raise ValueError(f"{path} is a folder; give the checkpoint file to write (e.g. {path / 'checkpoint.pt'})")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"no folder {path.parent} to write the checkpoint {path.name} in")
     payload = _serialise(state)
-    try:  # (a file no run could load back: found at once, not when resuming)
-        torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"GLOBAL (\S+)", str(exc))
-        what = f"an object of {found.group(1)}" if found else "an object that is no data"
+    if not _loads(payload):  # (a file no run could load back: found at once, not when resuming)
+        what = _refused(state) or "an object that is no data"
         raise TypeError(f"state holds {what}, which checkpoint.load refuses (it reads data only: tensors, "
                         "Python numbers, strings, bytes and containers of them); convert it before saving "
-                        "(float(x), x.tolist(), str(path), vars(namespace))") from None
+                        "(float(x), x.tolist(), str(path), vars(namespace))")
     envelope = {"format": FORMAT, "sha256": hashlib.sha256(payload).hexdigest(), "payload": payload}
     atomic_write(path, lambda f: torch.save(envelope, f))
 
