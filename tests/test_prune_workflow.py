@@ -441,3 +441,27 @@ def test_prune_offsets_and_vectors_count_a_kernel_region_conv_inside_its_region(
         region = list(built[-1][0].kernel_region)
         masks = [built[-1][0].weight_mask[region], built[-1][2].weight_mask]
         assert (kept, total) == (sum(int(m.count_nonzero()) for m in masks), 7 * 3 * 6 + 27 * 6 * 4)
+
+
+def test_prune_vectors_leaves_a_single_offset_kernel_region_conv_alone(tmp_path, monkeypatch):
+    """``prune vectors`` prunes the convs with more than one offset; a
+    kernel_region conv that runs one offset (a 1x1x1 conv in effect, its
+    other 26 offsets never run) is one with a single offset and was pruned
+    by its 27-offset weight's shape. Its weight is left unmasked, as a k1
+    conv's; a model of no other conv is refused."""
+    from torch import nn
+
+    from pointsparse.app import channels, evaluate
+    from pointsparse.nn import Conv3d, ReLU
+    monkeypatch.setattr(channels, "load_state", lambda path: {})
+    monkeypatch.setattr(channels, "save_pruned", lambda state, model, out: tmp_path / "checkpoint.pt")
+    torch.manual_seed(0)
+    net = nn.Sequential(Conv3d(3, 16, 3), ReLU(), Conv3d(16, 16, 3, kernel_region=[13]), ReLU(), Conv3d(16, 4, 1))
+    monkeypatch.setattr(evaluate, "checkpoint_model", lambda state, path: net)
+    _, kept, total = channels._prune_vectors(tmp_path / "in.pt", tmp_path / "out", 0.5, False)
+    assert hasattr(net[0], "weight_mask") and not hasattr(net[2], "weight_mask") and not hasattr(net[4], "weight_mask")
+    assert total == 27 * 3 * 16 and kept == int(net[0].weight_mask.count_nonzero())
+    monkeypatch.setattr(evaluate, "checkpoint_model", lambda state, path: nn.Sequential(
+        Conv3d(3, 16, 3, kernel_region=[13]), ReLU(), Conv3d(16, 4, 1)))
+    with pytest.raises(ValueError, match="no sparse conv with more than one offset"):
+        channels._prune_vectors(tmp_path / "in.pt", tmp_path / "out", 0.5, False)

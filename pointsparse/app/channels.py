@@ -102,8 +102,8 @@ def prune_vectors_checkpoint(path, out, amount: float, square: bool = False, row
                              panels: int = 1) -> Path:
     """Write ``out/checkpoint.pt``: the checkpoint's model (dense or
     channel-pruned) with ``amount`` of the alive engine vectors of every
-    sparse conv with more than one offset pruned by magnitude
-    (:func:`pointsparse.prune.panel_structured`; ``square``: width x width
+    sparse conv with more than one offset (a ``kernel_region`` conv's: its
+    region's) pruned by magnitude (:func:`pointsparse.prune.panel_structured`; ``square``: width x width
     blocks; ``rows``: input channels per block, 2 for whole bf16 vectors;
     ``panels``: adjacent panels per block), the masks stored as ``torch.nn.utils.prune`` stores them
     (``weight_orig`` + ``weight_mask``): ``load_model``, ``pointsparse eval``
@@ -120,12 +120,13 @@ def _prune_vectors(path, out, amount: float, square: bool, rows: int | None = No
     """:func:`prune_vectors_checkpoint`, and the weights its masks keep and cover."""
     from .evaluate import checkpoint_model
     from ..nn import Conv3d
-    from ..prune import panel_structured
+    from ..prune import adapters, panel_structured
     _check_amount(amount, "vectors")
     panels = positive_int(panels, "panels (--panels: adjacent panels per block)")
     state = load_state(path)
     model = checkpoint_model(state, path)
-    convs = [m for m in model.modules() if isinstance(m, Conv3d) and m.weight.shape[0] > 1]
+    # (offsets the conv runs: a kernel_region conv of one offset is a 1x1x1 conv in effect)
+    convs = [m for m in model.modules() if isinstance(m, Conv3d) and adapters.kernel_volume(m) > 1]
     if not convs:
         raise ValueError(f"{path}: the model has no sparse conv with more than one offset to prune by vectors")
     for module in convs:
