@@ -698,3 +698,46 @@ def test_remove_masked_folds_through_a_consumers_filter_skeleton():
     assert net[0].out_channels == 6
     with torch.no_grad():
         torch.testing.assert_close(net(x).feats, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("consumer, per_site", [
+    (dict(kernel_size=3, kernel_region=[13]), True),  # the centre offset only: a 1x1x1 conv in effect
+    (dict(kernel_size=2, kernel_region=[0]), True),  # (a k2's zero offset is its first)
+    (dict(kernel_size=3, dilation=2, kernel_region=[13]), True),
+    (dict(kernel_size=1), True),
+    (dict(kernel_size=3, kernel_region=[0]), False),  # one offset, not the centre: some sites have no pair
+    (dict(kernel_size=3, stride=2, kernel_region=[13]), False),  # strided: an output need not sit on an input
+    (dict(kernel_size=1, stride=2), False),
+])
+def test_remove_masked_folds_into_a_conv_that_runs_one_offset_per_site(consumer, per_site):
+    """A sparse conv is linear per site (a masked channel's constant folds
+    into its bias) when it runs only the zero offset at stride 1: a
+    kernel_region conv of the centre offset was judged by its kernel (27
+    offsets: refused), a k1 stride-2 conv was folded although the outputs
+    that sit on no input get no pair (another result than the masked
+    model's). The fold counts the region's weights only (the values outside,
+    never run, are nonzero here)."""
+    from pointsparse import nn as spnn, prune
+
+    torch.manual_seed(0)
+    net = nn.Sequential(spnn.Conv3d(4, 8), spnn.BatchNorm(8), spnn.ReLU(), spnn.Conv3d(8, 5, bias=True, **consumer))
+    _randomize_norms(net).eval()
+    with torch.no_grad():
+        net[1].bias.abs_().add_(0.5)  # every channel's shift survives the ReLU
+        net[3].weight.add_(0.5)  # (outside a region too)
+    assert adapters.adapter_for(net[3]).per_site(net[3]) is per_site
+    mask = torch.ones_like(net[0].weight, dtype=torch.bool)
+    mask[:, :, [1, 5]] = False
+    prune.custom_from_mask(net[0], "weight", mask)
+    x = sparse_input(n=300, channels=4)
+    with torch.no_grad():
+        ref = net(x).feats
+    graph = G.DependencyGraph(net, x)
+    if not per_site:
+        with pytest.raises(ValueError, match="cannot be folded exactly"):
+            graph.remove_masked()
+        return
+    assert sum(graph.remove_masked().values()) == 2
+    assert net[0].out_channels == 6
+    with torch.no_grad():
+        torch.testing.assert_close(net(x).feats, ref, rtol=1e-5, atol=1e-5)

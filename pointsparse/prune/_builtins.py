@@ -105,6 +105,21 @@ def _sparse_region(m) -> torch.Tensor | None:
     return region_of(m.kernel_size, getattr(m, "kernel_region", None))
 
 
+def _sparse_per_site(m) -> bool:
+    """Linear per site: the conv runs one offset, the zero one, at stride 1
+    (not transposed), so every output sits on its own input and nothing
+    else (a k1 conv, a ``kernel_region`` of the centre offset). A strided k1
+    conv is not: its outputs that sit on no input get no pair."""
+    from ..kmap import kernel_offsets  # noqa: PLC0415 - the kmap layer sits above this package
+
+    if m.transposed or any(s != 1 for s in m.stride):
+        return False
+    keep = _sparse_region(m)
+    offsets = kernel_offsets(m.kernel_size)
+    run = offsets if keep is None else offsets[keep]
+    return run.shape[0] == 1 and not bool(run.any())
+
+
 def _sparse_used_weights(m, weight):
     """The values of the offsets the conv runs: those of its
     ``kernel_region`` (every offset without one), ``(K_region, C_in, C_out)``."""
@@ -167,7 +182,7 @@ def _register() -> None:
 
     register(Conv3d, LayerAdapter(
         axes=lambda m: {"weight": {"out": 2, "in": 1}, **_BIAS}, layout_fn=lambda m: SPARSE_CONV,
-        per_site=lambda m: m.kernel_volume == 1 and not m.transposed, kernel_map=_sparse_kernel_map,
+        per_site=_sparse_per_site, kernel_map=_sparse_kernel_map,
         flops=_sparse_flops, used_weights=_sparse_used_weights, like=_sparse_like, columns=_sparse_columns,
         set_from_2d=_sparse_set_from_2d, addends=("add",)))
 

@@ -14,8 +14,9 @@ An adapter says
   axes) for the structured pruning methods;
 * ``set_channels(module, role, n)``: updates the width attributes after a cut;
 * ``per_site``: True when the layer is linear at each site (a Linear, a 1x1
-  conv without padding): a constant input channel then adds a constant to
-  every output, which can be folded into the bias;
+  conv without padding, a sparse conv that runs only its zero offset at
+  stride 1): a constant input channel then adds a constant to every
+  output, which can be folded into the bias;
 * ``supported(module)``: a reason the layer cannot be cut, or None;
 * ``kernel_map(module, input)``: for sparse convolutions, the kernel map the
   layer runs on ``input`` (its per-offset pair counts give the FLOPs);

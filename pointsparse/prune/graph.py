@@ -459,10 +459,12 @@ def _slice(module: nn.Module, name: str, axis: int, kept: torch.Tensor) -> None:
 
 def _fold_into_bias(module: nn.Module, position: int, value: float) -> None:
     """``bias += value * (the weight's slice at input position)`` summed over
-    every axis but the output one (a per-site layer: kernel volume 1)."""
+    every axis but the output one (a per-site layer: kernel volume 1), of
+    the weights the layer runs (a ``kernel_region`` conv's region's: the
+    values outside are never run)."""
     adapter = adapters.adapter_for(module)
     axes = adapter.axes(module)["weight"]
-    w = _effective(module, "weight").detach()
+    w = adapters.used_weights(module, _effective(module, "weight").detach())
     contribution = value * w.select(axes["in"], position)
     out_axis = axes["out"] - (1 if axes["out"] > axes["in"] else 0)
     contribution = contribution.movedim(out_axis, 0).reshape(contribution.shape[out_axis], -1).sum(1)
