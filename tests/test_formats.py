@@ -621,3 +621,34 @@ def test_matmul_inside_torch_func_transforms_and_with_a_tangent():
     with pytest.raises(RuntimeError, match=r"CSR.matmul is inference-only and cannot run on an input a torch.func "
                                            r"transform tracks"):
         torch.func.vmap(lambda x: W @ x)(X.unsqueeze(0).expand(2, 6, 3))
+
+
+@pytest.mark.parametrize("kind", ["COO", "CSC"])
+def test_matmul_of_a_coo_or_csc_allocates_the_row_pointers_its_check_counts(kind):
+    """matmul's size check counts the (M, N) output and M + 1 int64 row
+    pointers; a COO's and a CSC's product built its pointers through three
+    M-long int64 arrays (bincount's counts, their cumsum and the pointer),
+    so a nearly empty matrix of a large declared M allocated three times
+    what the limit counted. Measured in a fresh process (peak RSS) on an
+    (M, 0) product, whose output holds nothing."""
+    import os
+    import subprocess
+    import sys
+
+    from reference import ROOT
+
+    M = 2**24
+    make = {"COO": f"F.COO(torch.tensor([0]), torch.tensor([0]), torch.ones(1), ({M}, 3))",
+            "CSC": f"F.CSC(torch.tensor([0, 1, 1, 1]), torch.tensor([0]), torch.ones(1), ({M}, 3))"}[kind]
+    script = ("import resource, torch\n"
+              "from pointsparse import formats as F\n"
+              f"fmt = {make}\n"
+              "F.COO.from_dense(torch.eye(3)) @ torch.ones(3, 2)\n"
+              "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+              f"assert fmt.matmul(torch.ones(3, 0)).shape == ({M}, 0)\n"
+              "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    counted = 8 * (M + 1)
+    assert int(proc.stdout) < 1.5 * counted, (int(proc.stdout), counted)

@@ -48,6 +48,16 @@ def pointer_of(counts: torch.Tensor) -> torch.Tensor:
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
 
+def pointer_of_lines(lines: torch.Tensor, count: int) -> torch.Tensor:
+    """:func:`pointer_of` the per-line counts of ``lines`` (int64, the line
+    of every entry, each in ``[0, count)``), built in one int64 array of
+    ``count + 1`` entries (bincount, cumsum and the pointer are three: a
+    product's size check counts one)."""
+    ptr = torch.zeros(count + 1, dtype=torch.int64)
+    ptr.index_add_(0, lines + 1, torch.ones_like(lines))
+    return ptr.cumsum_(0)
+
+
 def lines_of(ptr: torch.Tensor) -> torch.Tensor:
     """The line of each entry of a pointer (any integer width): ``i``
     repeated ``ptr[i + 1] - ptr[i]`` times, int64."""

@@ -7,7 +7,7 @@ import torch
 from .. import _ext
 from ._base import (SparseFormat, check_ascending, check_below, check_matrix, check_pointer, check_shape,
                     index_array, value_array)
-from ._storage import lines_of, narrow, pointer_of, widen
+from ._storage import lines_of, narrow, pointer_of, pointer_of_lines, widen
 
 
 def _csr_product(row_ptr, col_idx, values, dense_np, K: int, isa: str | None = None):
@@ -132,7 +132,7 @@ class CSC(SparseFormat):
     def _kernel(self, dense_np, isa: str | None = None):
         rows, cols, values = self._triplets()
         order = torch.argsort(rows * max(1, self.shape[1]) + cols)
-        row_ptr = pointer_of(torch.bincount(rows, minlength=self.shape[0]))
+        row_ptr = pointer_of_lines(rows, self.shape[0])  # (one M + 1 array: what matmul's check counts)
         return _csr_product(row_ptr, narrow(cols[order]), values[order], dense_np, self.shape[1],
                             isa)
 
@@ -203,5 +203,5 @@ class COO(SparseFormat):
         return out
 
     def _kernel(self, dense_np, isa: str | None = None):
-        row_ptr = pointer_of(torch.bincount(widen(self.row_idx), minlength=self.shape[0]))
+        row_ptr = pointer_of_lines(widen(self.row_idx), self.shape[0])  # (one M + 1 array: what matmul counts)
         return _csr_product(row_ptr, self.col_idx, self.values, dense_np, self.shape[1], isa)
