@@ -43,24 +43,25 @@ def as_int(value, name: str, minimum: int | None = None) -> int:
 
 
 def positive_int(value, name: str, what: str | None = None) -> int:
-    """A positive int (numpy and 0-d tensor integers accepted; not bool,
-    float or str); else a ValueError naming ``name`` and the value (``what``:
-    what the int counts, said in parentheses)."""
+    """A positive int (numpy and 0-d tensor integers accepted); else an
+    error naming ``name`` and the value (``what``: what the int counts, said
+    in parentheses), worded alike for both kinds: a TypeError for another
+    type (bool, float, str), a ValueError for an int below 1."""
     try:
         return as_int(value, name, 1)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError) as error:
         counts = f" ({what})" if what else ""
-        raise ValueError(f"{name} must be a positive int{counts}; got {value!r}") from None
+        raise type(error)(f"{name} must be a positive int{counts}; got {value!r}") from None
 
 
 def nonnegative_int(value, name: str) -> int:
-    """An int >= 0 (numpy and 0-d tensor integers accepted; not bool, float
-    or str); else a ValueError naming ``name`` and the value, worded alike
-    for a negative and for another type."""
+    """An int >= 0 (numpy and 0-d tensor integers accepted); else an error
+    naming ``name`` and the value, worded alike for both kinds: a TypeError
+    for another type (bool, float, str), a ValueError for a negative."""
     try:
         return as_int(value, name, 0)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be an int >= 0; got {value!r}") from None
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{name} must be an int >= 0; got {value!r}") from None
 
 
 def as_float(value, name: str) -> float:

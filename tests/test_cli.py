@@ -286,8 +286,8 @@ def test_prune_channels_multiple_is_checked_in_the_api():
     from pointsparse.prune.workflow import prune_channels
 
     model = MinkUNet(4, 3, cr=0.25, blocks=1).eval()
-    for bad in (0, -8, 2.5, True):
-        with pytest.raises(ValueError, match="multiple .* must be a positive int"):
+    for bad, error in ((0, ValueError), (-8, ValueError), (2.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="multiple .* must be a positive int"):
             prune_channels(model, None, 0.5, multiple=bad)
 
 

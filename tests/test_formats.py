@@ -387,7 +387,7 @@ def test_eie_and_nm_refuse_bools_and_floats(bad):
     with pytest.raises(ValueError, match="num_pe must be an int in"):
         F.EIE.from_dense(w, num_pe=bad)
     s = F.EIE.from_dense(w, num_pe=2)
-    with pytest.raises(ValueError, match="num_pe must be a positive int"):
+    with pytest.raises(TypeError, match="num_pe must be a positive int"):
         F.EIE(s.values, s.rel_idx, s.col_ptr, bad, s.shape)
     with pytest.raises(TypeError, match=f"^n must be an int; got {re.escape(repr(bad))}$"):  # was "n and m"
         F.NM.from_dense(w, n=bad, m=4, prune=True)

@@ -41,11 +41,12 @@ def _square_conv():
 
 
 # (site, argument name, minimum or None, what a wrong type raises, call(value) -> the int passed on or None).
-# Sites whose check is the shared ValueError helper (positive_int / nonnegative_int) raise ValueError for
-# a wrong type too; the others (as_int / procedure.check_int) a TypeError. ``call`` runs only up to the
-# check, or is cheap: procedures are called so that they stop right after it.
+# A wrong type is a TypeError (as_int, procedure.check_int, positive_int, nonnegative_int) but where a
+# site's own check words every bad value as one ValueError (lottery_ticket's rounds, iterative_prune's
+# steps_per_round, EIE.from_dense's num_pe). ``call`` runs only up to the check, or is cheap: procedures are called so that they
+# stop right after it.
 SITES = [
-    ("LoadBalancedUnstructured.num_pe", "num_pe", 1, ValueError,
+    ("LoadBalancedUnstructured.num_pe", "num_pe", 1, TypeError,
      lambda v: F.LoadBalancedUnstructured(0.5, num_pe=v).num_pe),
     ("LoadBalancedUnstructured.row_dim", "row_dim", None, TypeError,
      lambda v: F.LoadBalancedUnstructured(0.5, num_pe=1, row_dim=v).row_dim),
@@ -61,35 +62,35 @@ SITES = [
      lambda v: lottery.lottery_ticket(mlp(0), Trainer(), Trainer().accuracy, v, lr=-1)),
     ("lottery.controls.seed", "seed", 0, TypeError,
      lambda v: lottery.controls(mlp, _lottery_result(), 7, Trainer(), Trainer().accuracy, 1, seed=v)),
-    ("synflow_scores.iterations", "iterations", 1, ValueError,
+    ("synflow_scores.iterations", "iterations", 1, TypeError,
      lambda v: init.synflow_scores(mlp(0), torch.zeros(1, 8), iterations=v, layers=[])),
     ("hessian_diagonal.samples", "samples", 1, TypeError,
      lambda v: criteria.hessian_diagonal(nn.Linear(2, 2), _loss, [], samples=v, generator="bad")),
     ("agp_sparsity.num_steps", "num_steps", 1, TypeError, lambda v: _none(schedule.agp_sparsity(1, v, 0.5))),
-    ("sparsity_schedule.rounds", "rounds", 1, ValueError, lambda v: len(schedule.sparsity_schedule(0.5, v))),
+    ("sparsity_schedule.rounds", "rounds", 1, TypeError, lambda v: len(schedule.sparsity_schedule(0.5, v))),
     ("iterative_prune.steps_per_round", "steps_per_round", 0, ValueError,
      lambda v: schedule.iterative_prune(mlp(0), Trainer(), 1.5, steps_per_round=v)),
-    ("prune_channels.multiple", "multiple", 1, ValueError,
+    ("prune_channels.multiple", "multiple", 1, TypeError,
      lambda v: workflow.prune_channels(mlp(0), torch.zeros(1, 8), 0.5, scope="bad", multiple=v)),
-    ("amc_search.seed", "seed", 0, ValueError, lambda v: amc.amc_search(mlp(0), len, 0, seed=v, reward="bad")),
-    ("amc_search.episodes", "episodes", 1, ValueError,
+    ("amc_search.seed", "seed", 0, TypeError, lambda v: amc.amc_search(mlp(0), len, 0, seed=v, reward="bad")),
+    ("amc_search.episodes", "episodes", 1, TypeError,
      lambda v: amc.amc_search(mlp(0), len, 0, episodes=v, reward="bad")),
-    ("amc_search.warmup", "warmup", 0, ValueError, lambda v: amc.amc_search(mlp(0), len, 0, warmup=v, reward="bad")),
-    ("RigL.update_interval", "update_interval", 1, ValueError,
+    ("amc_search.warmup", "warmup", 0, TypeError, lambda v: amc.amc_search(mlp(0), len, 0, warmup=v, reward="bad")),
+    ("RigL.update_interval", "update_interval", 1, TypeError,
      lambda v: rigl.RigL(mlp(0), update_interval=v).update_interval),
-    ("RigL.end_step", "end_step", 1, ValueError, lambda v: rigl.RigL(mlp(0), end_step=v).end_step),
+    ("RigL.end_step", "end_step", 1, TypeError, lambda v: rigl.RigL(mlp(0), end_step=v).end_step),
     ("RigL.seed", "seed", 0, TypeError, lambda v: _none(rigl.RigL(mlp(0), seed=v))),
-    ("panel_structured.panels", "panels", 1, ValueError,
+    ("panel_structured.panels", "panels", 1, TypeError,
      lambda v: _none(structured.panel_structured(_square_conv(), "weight", 0.5, panels=v, rows=1))),
-    ("panel_structured.rows", "rows", 1, ValueError,
+    ("panel_structured.rows", "rows", 1, TypeError,
      lambda v: _none(structured.panel_structured(_square_conv(), "weight", 0.5, rows=v))),
     ("VectorStructured.axis", "axis", None, TypeError, lambda v: structured.VectorStructured(0.5, axis=v).axis),
     ("BlockStructured.block_size", "block_size", 1, TypeError,
      lambda v: structured.BlockStructured(0.5, block_size=v).block_size[0]),
-    ("kept_count.multiple", "multiple", 1, ValueError, lambda v: _none(G.kept_count(10, 0.5, v))),
-    ("learn_patterns.num_patterns", "num_patterns", 1, ValueError,
+    ("kept_count.multiple", "multiple", 1, TypeError, lambda v: _none(G.kept_count(10, 0.5, v))),
+    ("learn_patterns.num_patterns", "num_patterns", 1, TypeError,
      lambda v: _none(pattern.learn_patterns(torch.randn(2, 2, 27), num_patterns=v))),
-    ("learn_patterns.pattern_size", "pattern_size", 1, ValueError,
+    ("learn_patterns.pattern_size", "pattern_size", 1, TypeError,
      lambda v: _none(pattern.learn_patterns(torch.randn(2, 2, 27), pattern_size=v))),
     ("as_patterns position", "pattern positions", None, TypeError,
      lambda v: _none(pattern.as_patterns([[v]], 27))),

@@ -51,9 +51,11 @@ def test_minkunet_single_point_and_bad_inputs():
         net(torch.randn(3, 3))
     with pytest.raises(ValueError, match="stride-1"):
         net(ps.SparseTensor(torch.randn(1, 3), torch.zeros(1, 4, dtype=torch.int32), stride=2))
-    for kwargs in ({"in_channels": 0, "num_classes": 2}, {"in_channels": 3, "num_classes": 2, "cr": 0},
-                   {"in_channels": 3, "num_classes": 2.5}, {"in_channels": 3, "num_classes": 2, "blocks": 0}):
-        with pytest.raises(ValueError):
+    for kwargs, error in (({"in_channels": 0, "num_classes": 2}, ValueError),
+                          ({"in_channels": 3, "num_classes": 2, "cr": 0}, ValueError),
+                          ({"in_channels": 3, "num_classes": 2.5}, TypeError),
+                          ({"in_channels": 3, "num_classes": 2, "blocks": 0}, ValueError)):
+        with pytest.raises(error):
             MinkUNet(**kwargs)
 
 

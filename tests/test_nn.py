@@ -175,8 +175,9 @@ def test_channel_counts_accept_numpy_and_tensor_integers():
     net = MinkUNet(np.int64(4), np.int32(5), cr=np.float32(0.125))
     assert (net.in_channels, net.num_classes, net.cr) == (4, 5, 0.125)
     assert SPVCNN(np.int64(4), 5, cr=torch.tensor(0.125)).classifier.out_features == 5
-    for bad in (3.0, True, "3", 0, np.int64(-1), torch.tensor([3])):
-        with pytest.raises(ValueError, match="in_channels"):
+    for bad, error in ((3.0, TypeError), (True, TypeError), ("3", TypeError), (0, ValueError),
+                       (np.int64(-1), ValueError), (torch.tensor([3]), TypeError)):
+        with pytest.raises(error, match="in_channels"):
             spnn.Conv3d(bad, 4)
 
 

@@ -1,7 +1,8 @@
 """Every positive-int argument of the pruning toolkit and the formats takes
 and refuses the same values (tensor.positive_int): ints, numpy integers and
-0-d integer tensors >= 1 pass on as Python ints; 0, negatives, bools,
-floats and strings are a ValueError naming the argument and the value."""
+0-d integer tensors >= 1 pass on as Python ints; 0 and negatives are a
+ValueError, bools, floats and strings a TypeError (torch's convention: a
+wrong type), each worded alike, naming the argument and the value."""
 
 from __future__ import annotations
 
@@ -47,10 +48,12 @@ SITES = {
 
 
 @pytest.mark.parametrize("site", sorted(SITES))
-@pytest.mark.parametrize("bad", [0, -2, True, 2.0, "2", torch.tensor(0), np.int64(-1)])
-def test_bad_positive_ints_are_named_alike(site, bad):
+@pytest.mark.parametrize("bad, error", [(0, ValueError), (-2, ValueError), (torch.tensor(0), ValueError),
+                                        (np.int64(-1), ValueError), (True, TypeError), (np.bool_(True), TypeError),
+                                        (2.0, TypeError), ("2", TypeError), (torch.tensor(2.0), TypeError)])
+def test_bad_positive_ints_are_named_alike(site, bad, error):
     call, name = SITES[site]
-    with pytest.raises(ValueError, match=rf"^{name} must be a positive int( \([^)]*\))?; got {re.escape(repr(bad))}$"):
+    with pytest.raises(error, match=rf"^{name} must be a positive int( \([^)]*\))?; got {re.escape(repr(bad))}$"):
         call(bad)
 
 
@@ -67,19 +70,21 @@ def test_positive_int_says_what_it_counts():
         positive_int(0, "panels", "adjacent panels per block")
 
 
-@pytest.mark.parametrize("bad", [-1, np.int64(-3), torch.tensor(-1), True, 1.5, "2"])
-def test_non_negative_ints_word_every_bad_value_alike(bad):
+@pytest.mark.parametrize("bad, error", [(-1, ValueError), (np.int64(-3), ValueError), (torch.tensor(-1), ValueError),
+                                        (True, TypeError), (1.5, TypeError), ("2", TypeError)])
+def test_non_negative_ints_word_every_bad_value_alike(bad, error):
     """tensor.nonnegative_int (amc_search's warmup) said 'a non-negative int'
     for a bool or a float and 'an int >= 0' for a negative, and amc_search's
-    seed beside it was checked by hand: every bad value of either is now a
-    ValueError worded as the seed's always was."""
+    seed beside it was checked by hand: every bad value of either is now
+    worded as the seed's always was, a ValueError for a negative and a
+    TypeError for another type."""
     from pointsparse.prune import amc
     from pointsparse.tensor import nonnegative_int
     from prune_procedures_support import mlp
 
     assert nonnegative_int(np.int64(0), "warmup") == 0 and type(nonnegative_int(np.int64(0), "warmup")) is int
-    with pytest.raises(ValueError, match=rf"^count must be an int >= 0; got {re.escape(repr(bad))}$"):
+    with pytest.raises(error, match=rf"^count must be an int >= 0; got {re.escape(repr(bad))}$"):
         nonnegative_int(bad, "count")
     for name in ("warmup", "seed"):
-        with pytest.raises(ValueError, match=rf"^{name} must be an int >= 0; got {re.escape(repr(bad))}$"):
+        with pytest.raises(error, match=rf"^{name} must be an int >= 0; got {re.escape(repr(bad))}$"):
             amc.amc_search(mlp(0), len, 0, reward="bad", **{name: bad})

@@ -101,8 +101,8 @@ def test_bad_inputs():
            ({"noise": -1.0}, ValueError, "noise must be"),
            ({"noise_decay": 0.0}, ValueError, "noise_decay"),
            ({"noise_decay": float("inf")}, ValueError, "noise_decay"),
-           ({"seed": 1.5}, ValueError, "seed"),
-           ({"episodes": True}, ValueError, "episodes"),
+           ({"seed": 1.5}, TypeError, "seed"),
+           ({"episodes": True}, TypeError, "episodes"),
            ({"coupled": "no", "episodes": 1, "warmup": 1}, TypeError, "coupled must be True or False"),
            ({"reconstruct": "no", "episodes": 1, "warmup": 1}, TypeError, "reconstruct must be True or False"),
            ({"log": "run.log", "episodes": 1, "warmup": 1}, TypeError, "log must be callable"),
@@ -195,7 +195,7 @@ def test_search_counts_refuse_bools_and_floats(bad):
     for kwargs, match in (({"episodes": bad}, "^episodes must be a positive int; got"),  # each by its name
                           ({"warmup": bad}, "^warmup must be an int >= 0; got"),
                           ({"seed": bad}, "seed must be an int >= 0")):
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(TypeError, match=match):
             amc.amc_search(net, lambda m: 0.5, x, **kwargs)
 
 

@@ -111,7 +111,7 @@ def test_bad_inputs():
     for temperature, error in ((0, ValueError), (float("nan"), ValueError), (-1.0, ValueError), ("1", TypeError)):
         with pytest.raises(error, match="temperature must be a finite number > 0"):  # 0: ZeroDivisionError; NaN scores
             init.grasp_scores(mlp(0), batch, loss, temperature=temperature)
-    with pytest.raises(ValueError, match="iterations must be a positive int; got True"):  # was one iteration
+    with pytest.raises(TypeError, match="iterations must be a positive int; got True"):  # was one iteration
         init.prune_at_init(mlp(0), "synflow", 0.5, example_input=torch.zeros(1, 8), iterations=True)
     for method in ("snip", "grasp"):
         with pytest.raises(TypeError, match="loss_fn must be callable"):
@@ -152,7 +152,7 @@ def test_synflow_iterations_take_numpy_integers(make):
 
 @pytest.mark.parametrize("bad", [True, np.bool_(True), 2.0, 1.5])
 def test_synflow_iterations_refuse_bools_and_floats(bad):
-    with pytest.raises(ValueError, match="iterations must be a positive int"):
+    with pytest.raises(TypeError, match="iterations must be a positive int"):
         init.synflow_scores(mlp(0), torch.ones(1, 8), 0.5, bad)
 
 

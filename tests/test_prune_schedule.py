@@ -109,7 +109,7 @@ def test_rounds_are_capped_before_the_list_is_built():
         schedule.sparsity_schedule(0.5, 10**9)  # was a billion-entry list
     with pytest.raises(ValueError, match="rounds must be <= MAX_ROUNDS"):
         schedule.iterative_prune(mlp(0), Trainer(), 0.5, rounds=schedule.MAX_ROUNDS + 1)
-    with pytest.raises(ValueError, match="rounds must be a positive int; got True"):
+    with pytest.raises(TypeError, match="rounds must be a positive int; got True"):
         schedule.sparsity_schedule(0.5, True)
 
 
@@ -182,5 +182,5 @@ def test_step_counts_take_numpy_integers_and_pass_on_python_ints(make):
 
 @pytest.mark.parametrize("bad", [True, np.bool_(True), 2.0, 1.5])
 def test_rounds_refuse_bools_and_floats(bad):
-    with pytest.raises(ValueError, match="rounds must be a positive int"):
+    with pytest.raises(TypeError, match="rounds must be a positive int"):
         schedule.sparsity_schedule(0.5, bad)

@@ -60,8 +60,8 @@ def test_tasks_refuse_bad_arguments_before_any_work(monkeypatch):
     monkeypatch.setattr(tasks, "scene_tensor", lambda *a: pytest.fail("scenes made before the arguments were checked"))
     with pytest.raises(ValueError, match="digits model must be 'mlp', 'cnn' or 'deep'; got 'bogus'"):
         tasks.digits_task("bogus")
-    for bad in (0, -3, 2.5):
-        with pytest.raises(ValueError, match=f"batch_size must be (a positive int|an int >= 1); got {bad}"):
+    for bad, error in ((0, ValueError), (-3, ValueError), (2.5, TypeError)):
+        with pytest.raises(error, match=f"batch_size must be (a positive int|an int >= 1); got {bad}"):
             tasks.digits_task("mlp", batch_size=bad)
     with pytest.raises(ValueError, match="width must be a positive int; got 0"):
         tasks.scene_task(width=0)

@@ -259,8 +259,9 @@ def test_prune_vectors_refuses_a_bad_sparsity(tmp_path, amount):
     from pointsparse.app.channels import prune_vectors_checkpoint
     with pytest.raises(ValueError, match=r"--sparsity"):
         prune_vectors_checkpoint(tmp_path / "none.pt", tmp_path / "out", float(amount))
-    for panels in (0, -1, 1.5, True, 2.0, np.bool_(True)):
-        with pytest.raises(ValueError, match=r"--panels"):
+    for panels, error in ((0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError), (2.0, TypeError),
+                          (np.bool_(True), TypeError)):
+        with pytest.raises(error, match=r"--panels"):
             prune_vectors_checkpoint(tmp_path / "none.pt", tmp_path / "out", 0.5, panels=panels)
 
 

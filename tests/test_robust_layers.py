@@ -73,17 +73,18 @@ def test_global_pool_refuses_a_huge_output_before_allocating(pool):
 
 
 def test_linear_and_batchnorm_check_their_sizes_before_allocating():
-    for args, match in [((4, 2**40), "Linear weight .*over the limit"), ((2**20, 2**12), "over the limit"),
-                        ((0, -3), "in_features must be"), ((4, 0), "out_features must be"),
-                        ((4, True), "out_features"), ((4.0, 2), "in_features")]:
-        with pytest.raises(ValueError, match=match):
+    for args, error, match in [((4, 2**40), ValueError, "Linear weight .*over the limit"),
+                               ((2**20, 2**12), ValueError, "over the limit"),
+                               ((0, -3), ValueError, "in_features must be"), ((4, 0), ValueError, "out_features must be"),
+                               ((4, True), TypeError, "out_features"), ((4.0, 2), TypeError, "in_features")]:
+        with pytest.raises(error, match=match):
             spnn.Linear(*args)
     with pytest.raises(ValueError, match="num_classes|out_features"):
         from pointsparse.models import MinkUNet
 
         MinkUNet(4, 2**28, cr=0.1)
-    for n in (-1, 0, 2.0, None):
-        with pytest.raises(ValueError, match="num_features must be"):
+    for n, error in ((-1, ValueError), (0, ValueError), (2.0, TypeError), (None, TypeError)):
+        with pytest.raises(error, match="num_features must be"):
             spnn.BatchNorm(n)
     linear = spnn.Linear(np.int64(4), torch.tensor(2), bias=False)
     assert linear.fn.weight.shape == (2, 4) and linear.fn.bias is None and type(linear).__name__ == "Linear"
@@ -136,8 +137,9 @@ def test_voxel_prune_takes_numpy_and_tensor_scalars(make):
             make(threshold=threshold)
     with pytest.raises(ValueError, match="threshold must be a finite number"):
         make(threshold=np.float32("inf"))
-    for channels in (np.int64(0), np.float32(4), True, None):
-        with pytest.raises(ValueError, match="needs in_channels, a positive int"):
+    for channels, error in ((np.int64(0), ValueError), (np.float32(4), TypeError), (True, TypeError),
+                            (None, TypeError)):
+        with pytest.raises(error, match="needs in_channels, a positive int"):
             make(0.5, score="learned", in_channels=channels)
 
 

@@ -211,7 +211,7 @@ def test_errors():
         ps.nn.VoxelPrune(1.5)
     with pytest.raises(ValueError, match="score"):
         ps.nn.VoxelPrune(0.5, score="random")
-    with pytest.raises(ValueError, match="in_channels"):
+    with pytest.raises(TypeError, match="score='learned' needs in_channels"):  # (None: no count)
         ps.nn.VoxelPrune(0.5, score="learned")
     with pytest.raises(TypeError, match="threshold"):
         ps.nn.VoxelPrune(0.5, threshold="high")
@@ -342,9 +342,9 @@ def test_scores_checks_its_input_as_select_does():
 def test_an_in_channels_that_is_no_channel_count_is_refused_for_magnitude_too():
     """score='magnitude' ignores in_channels, and took any value for it
     (-2, 'x', 2.5, True) without a word; a count (or None) is still taken."""
-    for bad in (-2, 0, "x", 2.5, True):
+    for bad, error in ((-2, ValueError), (0, ValueError), ("x", TypeError), (2.5, TypeError), (True, TypeError)):
         for make_layer in (ps.nn.VoxelPrune, lambda *a: ps.nn.VoxelSkip(ps.nn.ReLU(), *a)):
-            with pytest.raises(ValueError, match="in_channels must be a positive int"):
+            with pytest.raises(error, match="in_channels must be a positive int"):
                 make_layer(0.5, "magnitude", bad)
     assert ps.nn.VoxelPrune(0.5, "magnitude", 3).scorer is None and ps.nn.VoxelPrune(0.5, "magnitude", None)
 

@@ -98,7 +98,8 @@ MAX_PARAMETERS = 2**31
 
 def check_arguments(in_channels, num_classes, cr, blocks) -> tuple[int, int, float, int, tuple[int, ...]]:
     """MinkUNet's (and SPVCNN's) arguments checked: ``(in_channels,
-    num_classes, cr, blocks, widths)``, or a ValueError naming the argument."""
+    num_classes, cr, blocks, widths)``, or a ValueError naming the argument
+    (a TypeError for a count that is no int: a float, a bool)."""
     in_channels, num_classes, blocks = (positive_int(v, name) for name, v in (
         ("in_channels", in_channels), ("num_classes", num_classes), ("blocks", blocks)))
     if blocks > MAX_BLOCKS:

@@ -176,8 +176,8 @@ class VoxelPrune(nn.Module):
         if score == "learned":
             try:
                 in_channels = positive_int(in_channels, "in_channels")
-            except ValueError:
-                raise ValueError(f"score='learned' needs in_channels, a positive int; got {in_channels!r}") from None
+            except (TypeError, ValueError) as error:  # (None or a float: TypeError; 0: ValueError)
+                raise type(error)(f"score='learned' needs in_channels, a positive int; got {in_channels!r}") from None
             self.scorer = nn.Linear(in_channels, 1)
         elif in_channels is not None:  # unused by a magnitude score, but a count all the same
             positive_int(in_channels, "in_channels")
