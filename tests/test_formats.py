@@ -359,9 +359,12 @@ def test_eie_num_pe_is_bounded_by_the_rows():
     w = torch.randn(100, 5)
     assert EIE.from_dense(w, num_pe=100).to_dense().equal(w)
     assert EIE.from_dense(w[:3], num_pe=64).to_dense().equal(w[:3])
-    for bad in (10**9, 101, 0, 2.0, True):
-        with pytest.raises(ValueError, match="num_pe"):
+    for bad, error in ((10**9, ValueError), (101, ValueError), (0, ValueError), (2.0, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="num_pe"):
             EIE.from_dense(w, num_pe=bad)
+    with pytest.raises(ValueError, match=r"^num_pe must be an int in \[1, 100\] \(at most max\(rows, 64\) for a "
+                                         r"100-row matrix\); got 101$"):
+        EIE.from_dense(w, num_pe=101)
 
 
 @pytest.mark.parametrize("make", [np.int64, np.int32, np.uint8])
@@ -384,8 +387,8 @@ def test_eie_and_nm_take_numpy_integers(make):
 @pytest.mark.parametrize("bad", [True, np.bool_(True), 2.0, 1.5, np.float64(2.0), "2"])
 def test_eie_and_nm_refuse_bools_and_floats(bad):
     w = _random((9, 8), 0.5, 0)
-    with pytest.raises(ValueError, match="num_pe must be an int in"):
-        F.EIE.from_dense(w, num_pe=bad)
+    with pytest.raises(TypeError, match=f"^num_pe must be a positive int; got {re.escape(repr(bad))}$"):
+        F.EIE.from_dense(w, num_pe=bad)  # (the type as EIE(...)'s num_pe and every count: was a ValueError)
     s = F.EIE.from_dense(w, num_pe=2)
     with pytest.raises(TypeError, match="num_pe must be a positive int"):
         F.EIE(s.values, s.rel_idx, s.col_ptr, bad, s.shape)

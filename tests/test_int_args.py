@@ -43,14 +43,14 @@ def _square_conv():
 # (site, argument name, minimum or None, what a wrong type raises, call(value) -> the int passed on or None).
 # A wrong type is a TypeError (as_int, procedure.check_int, positive_int, nonnegative_int) but where a
 # site's own check words every bad value as one ValueError (lottery_ticket's rounds, iterative_prune's
-# steps_per_round, EIE.from_dense's num_pe). ``call`` runs only up to the check, or is cheap: procedures are called so that they
+# steps_per_round). ``call`` runs only up to the check, or is cheap: procedures are called so that they
 # stop right after it.
 SITES = [
     ("LoadBalancedUnstructured.num_pe", "num_pe", 1, TypeError,
      lambda v: F.LoadBalancedUnstructured(0.5, num_pe=v).num_pe),
     ("LoadBalancedUnstructured.row_dim", "row_dim", None, TypeError,
      lambda v: F.LoadBalancedUnstructured(0.5, num_pe=1, row_dim=v).row_dim),
-    ("EIE.from_dense.num_pe", "num_pe", 1, ValueError, lambda v: F.EIE.from_dense(torch.ones(8, 8), num_pe=v).num_pe),
+    ("EIE.from_dense.num_pe", "num_pe", 1, TypeError, lambda v: F.EIE.from_dense(torch.ones(8, 8), num_pe=v).num_pe),
     ("NM.from_dense.n", "n", 1, TypeError, lambda v: F.NM.from_dense(torch.ones(2, 8), n=v, m=4, prune=True).n),
     ("NM.from_dense.m", "m", 1, TypeError, lambda v: F.NM.from_dense(torch.ones(2, 8), n=1, m=v, prune=True).m),
     ("BSR.from_dense.blocksize", "blocksize", 1, TypeError,

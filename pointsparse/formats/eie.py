@@ -7,7 +7,6 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from ..tensor import as_int
 from .balance import check_pe
 from ._base import SparseFormat, check_below, check_matrix, check_shape, index_array, value_array
 from ._storage import narrow, pack_bits, pointer_of, widen
@@ -80,13 +79,11 @@ class EIE(SparseFormat):
         # More PEs than rows only adds empty ones: bounded, so a huge count is
         # an error at once, not a runaway loop and a huge index array.
         limit = max(M, _MIN_PE_LIMIT)
-        try:
-            num_pe = as_int(num_pe, "num_pe", 1)
-            if num_pe > limit:
-                raise ValueError
-        except (TypeError, ValueError):
+        count = check_pe(num_pe)  # (another type: TypeError; below 1: ValueError)
+        if count > limit:
             raise ValueError(f"num_pe must be an int in [1, {limit}] (at most max(rows, {_MIN_PE_LIMIT}) for a "
-                             f"{M}-row matrix); got {num_pe!r}") from None
+                             f"{M}-row matrix); got {num_pe!r}")
+        num_pe = count
         values, gaps, col_ptr = [], [], []
         for p in range(num_pe):
             local = dense[p::num_pe]  # (rows_p, K)
