@@ -41,9 +41,8 @@ def _square_conv():
 
 
 # (site, argument name, minimum or None, what a wrong type raises, call(value) -> the int passed on or None).
-# A wrong type is a TypeError (as_int, procedure.check_int, positive_int, nonnegative_int) but where a
-# site's own check words every bad value as one ValueError (lottery_ticket's rounds, iterative_prune's
-# steps_per_round). ``call`` runs only up to the check, or is cheap: procedures are called so that they
+# A wrong type is a TypeError (as_int, procedure.check_int, positive_int, nonnegative_int) at every
+# site. ``call`` runs only up to the check, or is cheap: procedures are called so that they
 # stop right after it.
 SITES = [
     ("LoadBalancedUnstructured.num_pe", "num_pe", 1, TypeError,
@@ -56,7 +55,7 @@ SITES = [
     ("BSR.from_dense.blocksize", "blocksize", 1, TypeError,
      lambda v: F.BSR.from_dense(torch.ones(4, 4), blocksize=v).blocksize[0]),
     ("formats.check_shape", "shape", 0, TypeError, lambda v: check_shape((v, 4))[0]),
-    ("lottery_ticket.rounds", "rounds", 0, ValueError,
+    ("lottery_ticket.rounds", "rounds", 0, TypeError,
      lambda v: lottery.lottery_ticket(mlp(0), Trainer(), Trainer().accuracy, 1, rounds=v, lr=-1)),
     ("lottery_ticket.train_steps", "train_steps", 1, TypeError,
      lambda v: lottery.lottery_ticket(mlp(0), Trainer(), Trainer().accuracy, v, lr=-1)),
@@ -68,7 +67,7 @@ SITES = [
      lambda v: criteria.hessian_diagonal(nn.Linear(2, 2), _loss, [], samples=v, generator="bad")),
     ("agp_sparsity.num_steps", "num_steps", 1, TypeError, lambda v: _none(schedule.agp_sparsity(1, v, 0.5))),
     ("sparsity_schedule.rounds", "rounds", 1, TypeError, lambda v: len(schedule.sparsity_schedule(0.5, v))),
-    ("iterative_prune.steps_per_round", "steps_per_round", 0, ValueError,
+    ("iterative_prune.steps_per_round", "steps_per_round", 0, TypeError,
      lambda v: schedule.iterative_prune(mlp(0), Trainer(), 1.5, steps_per_round=v)),
     ("prune_channels.multiple", "multiple", 1, TypeError,
      lambda v: workflow.prune_channels(mlp(0), torch.zeros(1, 8), 0.5, scope="bad", multiple=v)),

@@ -124,18 +124,22 @@ def test_a_falling_schedule_is_refused():
     assert schedule.sparsity_schedule(0.3, 2, "constant", initial=0.3) == [0.3, 0.3]
 
 
-@pytest.mark.parametrize("kwargs", [dict(steps_per_round=-1), dict(steps_per_round=2.5), dict(steps_per_round=True),
-                                    dict(finetune_lr_factor=float("nan")), dict(finetune_lr_factor=0)])
-def test_iterative_prune_checks_its_step_counts_before_pruning(kwargs):
-    """A negative, fractional or bool step count, a NaN or zero learning-rate
-    factor: a ValueError naming it, before the model is pruned (a negative
-    count was handed to train_fn; NaN passed the factor's check)."""
+@pytest.mark.parametrize("kwargs, error", [(dict(steps_per_round=-1), ValueError),
+                                           (dict(steps_per_round=2.5), TypeError),
+                                           (dict(steps_per_round=True), TypeError),
+                                           (dict(finetune_lr_factor=float("nan")), ValueError),
+                                           (dict(finetune_lr_factor=0), ValueError)])
+def test_iterative_prune_checks_its_step_counts_before_pruning(kwargs, error):
+    """A negative step count, a NaN or zero learning-rate factor: a
+    ValueError naming it; a fractional or bool step count: a TypeError; each
+    before the model is pruned (a negative count was handed to train_fn;
+    NaN passed the factor's check)."""
     import torch
 
     from pointsparse import prune
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 8))
-    with pytest.raises(ValueError, match=next(iter(kwargs))):
+    with pytest.raises(error, match=next(iter(kwargs))):
         schedule.iterative_prune(model, lambda m, steps: None, 0.5, rounds=2, **kwargs)
     assert not prune.is_pruned(model)
 

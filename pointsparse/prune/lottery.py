@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..tensor import as_int
+from ..tensor import as_int, nonnegative_int
 from .adapters import apply_masks, get_mask, masks as _masks, prunable_layers, sparsity as _sparsity, used_mask
 from .procedure import (call_train, check_callable, check_fraction, check_int, check_lr, global_magnitude_prune,
                         layer_magnitude_prune)
@@ -80,10 +80,7 @@ def lottery_ticket(model: nn.Module, train_fn: Callable, eval_fn: Callable, trai
     check_fraction(prune_fraction, "prune_fraction", low_open=True)
     if scope not in ("global", "layer"):
         raise ValueError(f"scope must be 'global' or 'layer'; got {scope!r}")
-    try:
-        rounds = as_int(rounds, "rounds", 0)
-    except (TypeError, ValueError):
-        raise ValueError(f"rounds must be an int >= 0; got {rounds!r}") from None
+    rounds = nonnegative_int(rounds, "rounds")
     train_steps = check_int(train_steps, "train_steps", 1)
     rewind_step = check_int(rewind_step, "rewind_step", 0)
     check_lr(lr)

@@ -116,9 +116,9 @@ def iterative_prune(model: nn.Module, train_fn: Callable, final_sparsity: float,
                          f"got {finetune_lr_factor!r}")
     try:
         steps_per_round = as_int(steps_per_round, "steps_per_round", 0)
-    except (TypeError, ValueError):
-        raise ValueError(f"steps_per_round (finetune_steps) must be an int >= 0 (fine-tuning steps after each "
-                         f"round); got {steps_per_round!r}") from None
+    except (TypeError, ValueError) as error:  # (a wrong type a TypeError, a negative a ValueError)
+        raise type(error)(f"steps_per_round (finetune_steps) must be an int >= 0 (fine-tuning steps after each "
+                          f"round); got {steps_per_round!r}") from None
     targets = sparsity_schedule(final_sparsity, rounds, schedule, initial_sparsity)
     ft_lr = None if lr is None else lr * finetune_lr_factor
     result = ScheduleResult()
