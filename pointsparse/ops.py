@@ -639,7 +639,8 @@ def check_same_coords(coords: Tensor, like: Tensor, message: str) -> None:
 
 
 def conv3d(input: SparseTensor, weight: Tensor, bias: Tensor | None, kernel_size: Triple, stride: Triple,
-           dilation: Triple, transposed: bool, add: SparseTensor | None = None, relu: bool = False) -> SparseTensor:
+           dilation: Triple, transposed: bool, add: SparseTensor | None = None, relu: bool = False,
+           widen: bool = False) -> SparseTensor:
     """:func:`pointsparse.nn.functional.conv3d` in a traced graph (arguments
     already checked): the map from the graph's cache, the :func:`conv`
     operator, then the residual ``add`` (a SparseTensor or None) and the
@@ -651,7 +652,13 @@ def conv3d(input: SparseTensor, weight: Tensor, bias: Tensor | None, kernel_size
     cache hands every map of one stride the same one, checked while
     tracing, nothing in the graph), else a run-time assertion in the graph
     that they are equal row for row (eager compares the values; here
-    without a data-dependent guard, so no graph break)."""
+    without a data-dependent guard, so no graph break).
+
+    ``widen`` (bf16 inference of a conv with a kernel region, which eager
+    runs as "bf16 on float32"): :func:`conv_inference` on the feats, weight
+    and bias widened to float32, rounded once to the feats' dtype, the
+    residual and the ReLU after, as eager does (the bf16 kernels would sum
+    in another order: other bits)."""
     cache = graph_cache(input)
     kmap = get_kmap(input, kernel_size, stride, dilation, transposed, cache)
     if add is not None:
@@ -663,7 +670,13 @@ def conv3d(input: SparseTensor, weight: Tensor, bias: Tensor | None, kernel_size
                           "got other coords")
         add = add.feats
     args = (input.feats, weight, bias, kmap.out_coords, kmap.in_idx, kmap.out_idx, kmap.sizes, key_to_list(kmap.key))
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input.feats, weight, bias, add))):
+    if widen:
+        wide = (input.feats.float(), weight.float(), None if bias is None else bias.float())
+        feats = conv_inference(*wide, *args[3:], None, relu and add is None).to(input.feats.dtype)
+        if add is not None:
+            feats = feats + add
+            feats = torch.relu(feats) if relu else feats
+    elif not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input.feats, weight, bias, add))):
         feats = conv_inference(*args, add, relu)
     else:
         feats = conv(*args)
