@@ -206,8 +206,9 @@ def save(program: torch.export.ExportedProgram, path, meta: dict | None = None) 
     atomically (a failed write leaves what ``path`` held before);
     ``FileNotFoundError`` naming the folder where ``path``'s does not exist,
     a ``ValueError`` naming ``path`` where it is a folder or cannot be
-    written (:func:`check_out_path`); ``TypeError`` unless ``meta`` is None
-    or a dict with str keys and JSON values (what :func:`load` returns)."""
+    written (:func:`check_out_path`; a ``TypeError`` where it is no str or
+    ``os.PathLike``); ``TypeError`` unless ``meta`` is None or a dict with
+    str keys and JSON values (what :func:`load` returns)."""
     if not isinstance(program, torch.export.ExportedProgram):
         raise TypeError(f"program must be a torch.export.ExportedProgram (export.export_model's); got "
                         f"{type(program).__name__}")
@@ -251,14 +252,25 @@ def _non_str_key(value, where: str, depth: int = 0) -> str | None:
     return None
 
 
+def _as_path(path) -> Path:
+    """``path`` as a :class:`~pathlib.Path`: a ``TypeError`` naming it unless
+    it is a str or an ``os.PathLike`` (pathlib's own named no argument)."""
+    import os
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike naming the .pt2 file; got {type(path).__name__}")
+    return Path(path)
+
+
 def check_out_path(path) -> None:
     """Where :func:`save` can write ``path``: ``FileNotFoundError`` naming
     its folder where that does not exist, ``ValueError`` where ``path`` is a
-    folder or its folder cannot be written. Cheap: the export CLI calls it
-    before the export's work."""
+    folder or its folder cannot be written, ``TypeError`` where it is no str
+    or ``os.PathLike``. Cheap: the export CLI calls it before the export's
+    work."""
     import os
 
-    path = Path(path)
+    path = _as_path(path)
     if path.is_dir():
         raise ValueError(f"{path} is a folder; give the .pt2 file to write (e.g. {path / 'model.pt2'})")
     folder = path.parent
@@ -275,8 +287,9 @@ def load(path) -> tuple[torch.export.ExportedProgram, dict]:
     truncated or damaged so that it no longer reads). Every member of the
     archive is checked against the CRC-32 the writer stored for it before
     torch reads it (torch's reader does not check them, so a flipped byte in
-    a weight loaded silently); the error names the damaged member."""
-    path = Path(path)
+    a weight loaded silently); the error names the damaged member.
+    ``TypeError`` where ``path`` is no str or ``os.PathLike``."""
+    path = _as_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no exported program at {path}")
     _check_members(path)

@@ -1362,3 +1362,20 @@ def test_kernel_region_convs_export_and_compile_as_eager(tmp_path, dtype):
     model = _RegionNet().eval().to(dtype)
     clouds = [_cloud(n, seed, dtype=dtype) for n, seed in ((800, 1), (1200, 2), (300, 3))]
     _runs_as_eager(model, clouds[0], clouds[1:], tmp_path)
+
+
+def test_save_and_load_name_a_path_that_is_no_path(tmp_path):
+    """export.save, export.load, ProgramModel.load and check_out_path given a
+    path that is no str or os.PathLike (None, an int, the program itself)
+    raised pathlib's TypeError "expected str, bytes or os.PathLike object,
+    not int", naming no argument; the TypeError names path and what it
+    takes, and nothing is written."""
+    program = torch.export.export(torch.nn.Linear(2, 2), (torch.randn(1, 2),))
+    for bad in (None, 3, program, ["m.pt2"]):
+        for call in (lambda: export.save(program, bad), lambda: export.load(bad),
+                     lambda: export.ProgramModel.load(bad), lambda: export.check_out_path(bad)):
+            with pytest.raises(TypeError, match=r"path must be a str or os\.PathLike .*\.pt2.*; got "):
+                call()
+    assert not list(tmp_path.iterdir())
+    export.save(program, str(tmp_path / "p.pt2"))  # a str and a Path, as before
+    assert export.load(tmp_path / "p.pt2")[1] == {}
