@@ -153,6 +153,16 @@ def _on_input_rows(out, voxels: SparseTensor) -> bool:
                     f"dimension (one row per batch item, say); this one returns {what}")
 
 
+def _run_on_example(model: nn.Module, *example):
+    """``model(*example)`` (eager, before the trace); its ``TypeError`` /
+    ``ValueError`` (feats of another dtype or width, ...) of the same type,
+    naming ``example`` and keeping the model's words."""
+    try:
+        return model(*example)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"example does not fit the model: {type(error).__name__}: {error}") from error
+
+
 def export_model(model: nn.Module, example) -> torch.export.ExportedProgram:
     """``torch.export`` of ``VoxelLogits(model)`` with a dynamic number of
     voxels, traced on ``example`` (a stride-1 SparseTensor of at least 2
@@ -165,7 +175,10 @@ def export_model(model: nn.Module, example) -> torch.export.ExportedProgram:
     the numbers of voxels and of points dynamic. ``ValueError`` naming the
     submodule for a batch norm or dropout in training mode, or a compressed
     layer that runs its format's product (a ``formats.SparseLinear``, a
-    ``formats.SparseConv3d`` with execution ``"format"``: no torch operator)."""
+    ``formats.SparseConv3d`` with execution ``"format"``: no torch operator);
+    the model's own ``TypeError`` / ``ValueError`` on an example it cannot
+    run (feats of another dtype or width), of the same type, naming
+    ``example``."""
     from .models import SPVCNN
 
     _check_exportable(model)
@@ -187,14 +200,14 @@ def export_model(model: nn.Module, example) -> torch.export.ExportedProgram:
     rows = torch.export.Dim("voxels", min=MIN_POINTS)
     with torch.no_grad():
         if not point_level:
-            out = model(SparseTensor(voxels.feats.detach(), voxels.coords))
+            out = _run_on_example(model, SparseTensor(voxels.feats.detach(), voxels.coords))
             if _on_input_rows(out, voxels):
                 wrapped = VoxelLogits(model)
             else:
                 wrapped = VoxelOutputs(model, out.stride if isinstance(out, SparseTensor) else None)
             return torch.export.export(wrapped, (voxels.feats.detach(), voxels.coords),
                                        dynamic_shapes=({0: rows}, {0: rows}))
-        model(voxels, inverse, points, point_batch)  # its own checks first (torch.export's errors say less)
+        _run_on_example(model, voxels, inverse, points, point_batch)  # its own checks first (torch.export's say less)
         each = torch.export.Dim("points", min=MIN_POINTS)
         return torch.export.export(PointLogits(model), (voxels.feats.detach(), voxels.coords, inverse, points,
                                                         point_batch),

@@ -1379,3 +1379,25 @@ def test_save_and_load_name_a_path_that_is_no_path(tmp_path):
     assert not list(tmp_path.iterdir())
     export.save(program, str(tmp_path / "p.pt2"))  # a str and a Path, as before
     assert export.load(tmp_path / "p.pt2")[1] == {}
+
+
+def test_export_names_an_example_the_model_does_not_take():
+    """An example the model cannot run (feats of another dtype or width than
+    its first conv's, a classifier's input for a model of SparseTensors,
+    SPVCNN point arguments that do not fit its voxels) failed with the
+    model's own error ("weight dtype torch.float32 differs from the input
+    feats' torch.float64", torch's "linear(): argument 'input' ... must be
+    Tensor"), naming no argument of export_model: the same error type now
+    names example and keeps the model's words."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(spnn.Conv3d(3, 4, 3)).eval()
+    with pytest.raises(TypeError, match=r"example does not fit the model: .*float64"):
+        export.export_model(model, _cloud(100, 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"example does not fit the model: .*5 input channels"):
+        export.export_model(model, _cloud(100, 1, channels=5))
+    with pytest.raises(TypeError, match=r"example does not fit the model: .*linear"):
+        export.export_model(torch.nn.Linear(3, 4).eval(), _cloud(100, 1))
+    voxels, inverse, points, point_batch = export.example_input(4, 0.5, points=True)
+    spvcnn = SPVCNN(4, 3, cr=0.125, blocks=1).eval()
+    with pytest.raises(ValueError, match=r"example does not fit the model: .*inverse"):
+        export.export_model(spvcnn, (voxels, inverse[:-1], points, point_batch))
