@@ -1401,3 +1401,154 @@ def test_export_names_an_example_the_model_does_not_take():
     spvcnn = SPVCNN(4, 3, cr=0.125, blocks=1).eval()
     with pytest.raises(ValueError, match=r"example does not fit the model: .*inverse"):
         export.export_model(spvcnn, (voxels, inverse[:-1], points, point_batch))
+
+
+def _pruned_convs(dtype, removed: bool) -> torch.nn.Sequential:
+    """Convs pruned by the toolkit: whole kernel offsets (a mask zeroing every third offset, which the engine
+    skips), whole output channels (ln_structured), vector sparsity (panel_structured, whole bf16 vectors
+    too), unstructured; the masks attached, or made permanent (``prune.remove``)."""
+    from pointsparse import prune
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(spnn.Conv3d(3, 32, 3), spnn.ReLU(), spnn.Conv3d(32, 32, 3, bias=True), spnn.ReLU(),
+                                spnn.Conv3d(32, 32, 2, stride=2), spnn.Conv3d(32, 32, 2, stride=2, transposed=True),
+                                spnn.Conv3d(32, 5, 3))
+    offsets = torch.ones_like(model[0].weight)
+    offsets[::3] = 0
+    prune.custom_from_mask(model[0], "weight", offsets)
+    prune.ln_structured(model[2], "weight", 0.25, n=1, dim=2)
+    prune.panel_structured(model[2], "weight", 0.6, rows=2)
+    prune.panel_structured(model[4], "weight", 0.75)
+    prune.l1_unstructured(model[5], "weight", 0.5)
+    prune.custom_from_mask(model[6], "weight", offsets[:, :1, :1].expand_as(model[6].weight))
+    for i in (0, 2, 4, 5, 6):
+        if removed:
+            prune.remove(model[i], "weight")
+    assert (model[0].weight.flatten(1) == 0).all(1).sum() == 9 and (model[6].weight.flatten(1) == 0).all(1).sum() == 9
+    return model.eval().to(dtype)
+
+
+@pytest.mark.parametrize("removed", [False, True], ids=["masked", "removed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pruned_convs_export_and_compile_as_eager(tmp_path, dtype, removed):
+    """Convs with whole zero kernel offsets (skipped by the engine), pruned channels and vector sparsity, their
+    masks attached or made permanent, in float32 and bf16 inference: the program (saved and loaded) and the
+    compiled model give eager's output bit for bit on clouds of other sizes."""
+    model = _pruned_convs(dtype, removed)
+    clouds = [_cloud(n, seed, dtype=dtype) for n, seed in ((500, 1), (900, 2), (40, 3))]
+    _runs_as_eager(model, clouds[0], clouds[1:], tmp_path)
+
+
+def test_compressed_models_export_in_every_format(tmp_path):
+    """formats.compress of a pruned model in every format (its convs running the engine on the weight the
+    format holds: compress's default, or its choice where the engine was faster; a kernel region kept, a
+    strided and a transposed conv): the program (saved and loaded) gives the compressed model's output bit for
+    bit on clouds of other sizes, and the compiled model too; a conv set to run its format's product is
+    refused naming it (test_export_refuses_compressed_layers_that_run_their_formats_product)."""
+    from pointsparse import formats, prune
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(spnn.Conv3d(4, 16, 3, bias=True), spnn.ReLU(),
+                                spnn.Conv3d(16, 16, 3, kernel_region="cross"), spnn.Conv3d(16, 8, 2, stride=2),
+                                spnn.Conv3d(8, 8, 2, stride=2, transposed=True), spnn.Conv3d(8, 4, 1)).eval()
+    for i in (0, 2, 3, 4, 5):
+        prune.l1_unstructured(model[i], "weight", 0.5)
+    options = {"bsr": {"blocksize": (4, 4)}, "nm": {"n": 2, "m": 4, "prune": True}, "eie": {"num_pe": 4}}
+    clouds = [_cloud(n, seed, channels=4) for n, seed in ((300, 1), (600, 2))]
+    for name in formats.FORMATS:
+        compressed = formats.compress(model, name, **options.get(name, {}))
+        assert all(m.execution == "engine" for m in compressed.modules() if isinstance(m, formats.SparseConv3d))
+        program = _program_round_trip(compressed, clouds[0], tmp_path, f"{name}.pt2")
+        for x in clouds:
+            with torch.no_grad():
+                assert torch.equal(program(x).feats, compressed(x).feats), name
+    _runs_as_eager(compressed, clouds[0], clouds[1:], tmp_path)
+
+
+class _PrunedVoxels(torch.nn.Module):
+    """VoxelPrune before the coarse stride's convs (a batch norm among them) and VoxelSkip taking the fine
+    decoder's residual (``add_to``), both by magnitude or by a learned score."""
+
+    def __init__(self, score: str, keep_ratio: float) -> None:
+        super().__init__()
+        width = lambda c: c if score == "learned" else None  # noqa: E731
+        self.stem, self.down = spnn.Conv3d(3, 8, 3), spnn.Conv3d(8, 8, 2, stride=2)
+        self.prune = spnn.VoxelPrune(keep_ratio, score, width(8))
+        self.mid = torch.nn.Sequential(spnn.Conv3d(8, 8, 3), spnn.BatchNorm(8), spnn.ReLU())
+        self.up = spnn.Conv3d(8, 8, 2, stride=2, transposed=True)
+        self.skip = spnn.VoxelSkip(spnn.Conv3d(16, 16, 3), keep_ratio, score, width(16))
+        self.head = spnn.Conv3d(16, 5, 1)
+
+    def forward(self, x):
+        a = self.stem(x)
+        c = spnn.cat([a, self.up(self.mid(self.prune(self.down(a))))])
+        return self.head(self.skip.add_to(c, c))
+
+
+def _items(*parts) -> ps.SparseTensor:
+    """A batch of clouds ``(batch index, points, seed)``: missing indices are empty batch items."""
+    clouds = [_cloud(n, seed) for _, n, seed in parts]
+    coords = [torch.cat([torch.full((len(x), 1), b, dtype=torch.int32), x.coords[:, 1:]], 1)
+              for (b, _, _), x in zip(parts, clouds)]
+    return ps.SparseTensor(torch.cat([x.feats for x in clouds]), torch.cat(coords))
+
+
+@pytest.mark.parametrize("score", ["magnitude", "learned"])
+def test_voxel_prune_and_skip_export_with_empty_items_and_tiny_clouds(tmp_path, score):
+    """VoxelPrune and VoxelSkip (by magnitude, by a learned score; keep ratio 0.1) inside a model: the program
+    (saved and loaded) and the compiled model give eager's output bit for bit on batches with an empty batch
+    item, on clouds of fewer voxels than 1 / keep_ratio (one voxel kept of each item) and of one voxel,
+    and a program traced on such a tiny cloud runs large ones."""
+    torch.manual_seed(0)
+    model = _PrunedVoxels(score, 0.1).eval()
+    example = _items((0, 300, 1), (1, 150, 2))
+    gap, tiny = _items((0, 200, 3), (2, 100, 4)), _items((0, 4, 5), (3, 3, 6))
+    assert sorted(set(gap.coords[:, 0].tolist())) == [0, 2] and 2 < len(tiny) < 10
+    _runs_as_eager(model, example, [gap, tiny, _items((0, 1, 7))], tmp_path)
+    program = _program_round_trip(model, _items((0, 3, 5)), tmp_path, "tiny.pt2")
+    with torch.no_grad():
+        assert torch.equal(program(gap).feats, model(gap).feats)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_pruned_minkunet_exports_and_compiles_as_eager(tmp_path, dtype):
+    """fuse_for_inference of a MinkUNet pruned every way the toolkit prunes a trained network (whole kernel
+    offsets, vector sparsity, VoxelSkip by magnitude and by a learned score around residual blocks' convs),
+    in float32 and in bf16 inference: the program (saved and loaded) and the compiled model give eager
+    inference's logits bit for bit on clouds of other sizes."""
+    from pointsparse import prune
+
+    torch.manual_seed(0)
+    model = _trained_like(MinkUNet(3, 5, cr=0.25, blocks=1))
+    model.fuse[3][-1].main = spnn.VoxelSkip(model.fuse[3][-1].main, 0.5)
+    learned = model.fuse[1][-1]
+    learned.main = spnn.VoxelSkip(learned.main, 0.5, "learned", learned.main[0].in_channels)
+    for i, conv in enumerate(m for m in model.modules() if isinstance(m, spnn.Conv3d)):
+        if conv.kernel_volume == 27 and i % 2:
+            offsets = torch.ones_like(conv.weight)
+            offsets[::3] = 0
+            prune.custom_from_mask(conv, "weight", offsets)
+        elif conv.out_channels >= 16:
+            prune.panel_structured(conv, "weight", 0.6, rows=2)
+    fused = spnn.fuse_for_inference(model.eval()).to(dtype)
+    assert any(m.relu for m in fused.modules() if isinstance(m, spnn.Conv3d))  # (ReLUs and residuals in stores)
+    clouds = [_cloud(n, seed, dtype=dtype) for n, seed in ((800, 1), (1200, 2))]
+    _runs_as_eager(fused, clouds[0], clouds[1:], tmp_path)
+
+
+def test_channel_pruned_minkunet_exports_and_compiles_as_eager(tmp_path):
+    """A MinkUNet channel-pruned by the dependency graph (every coupled group halved: residual streams, skip
+    concatenations, strided and transposed convs), then fused, and that in bf16: each program (saved and
+    loaded) gives eager's logits bit for bit on clouds of other sizes, and the compiled pruned model too."""
+    torch.manual_seed(0)
+    model = _trained_like(MinkUNet(3, 5, cr=0.25, blocks=1))
+    example = _cloud(800, 1)
+    groups = surgery.channel_groups(model, example)
+    surgery.apply_channel_ratios(model, {g.name: 0.5 for g in groups}, example_input=example)
+    assert model.stem[0][0].out_channels == 4 and model.fuse[3][0].main[0].out_channels == 12
+    clouds = [_cloud(n, seed) for n, seed in ((800, 1), (1200, 2))]
+    _runs_as_eager(model.eval(), clouds[0], clouds[1:], tmp_path)
+    fused = spnn.fuse_for_inference(model)
+    _runs_as_eager(fused, clouds[0], clouds[1:], tmp_path, compiled=False)
+    half = [x.with_feats(x.feats.bfloat16()) for x in clouds]
+    _runs_as_eager(fused.to(torch.bfloat16), half[0], half[1:], tmp_path, compiled=False)
