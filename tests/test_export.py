@@ -1406,7 +1406,7 @@ def test_export_names_an_example_the_model_does_not_take():
 def _pruned_convs(dtype, removed: bool) -> torch.nn.Sequential:
     """Convs pruned by the toolkit: whole kernel offsets (a mask zeroing every third offset, which the engine
     skips), whole output channels (ln_structured), vector sparsity (panel_structured, whole bf16 vectors
-    too), unstructured; the masks attached, or made permanent (``prune.remove``)."""
+    too), 2:4, unstructured; the masks attached (a filter skeleton too), or made permanent (``prune.remove``)."""
     from pointsparse import prune
 
     torch.manual_seed(0)
@@ -1419,11 +1419,14 @@ def _pruned_convs(dtype, removed: bool) -> torch.nn.Sequential:
     prune.ln_structured(model[2], "weight", 0.25, n=1, dim=2)
     prune.panel_structured(model[2], "weight", 0.6, rows=2)
     prune.panel_structured(model[4], "weight", 0.75)
-    prune.l1_unstructured(model[5], "weight", 0.5)
+    prune.nm_structured(model[5], "weight", 2, 4)
+    prune.l1_unstructured(model[6], "weight", 0.3)
     prune.custom_from_mask(model[6], "weight", offsets[:, :1, :1].expand_as(model[6].weight))
     for i in (0, 2, 4, 5, 6):
         if removed:
             prune.remove(model[i], "weight")
+    if not removed:  # (prune.remove, torch's, knows no skeleton)
+        prune.attach_filter_skeleton(model[2], "weight", init=0.7)
     assert (model[0].weight.flatten(1) == 0).all(1).sum() == 9 and (model[6].weight.flatten(1) == 0).all(1).sum() == 9
     return model.eval().to(dtype)
 
