@@ -160,6 +160,13 @@ OVERFLOW = {
                   "np.empty((0, 4), np.float32), 0, None, 2)", "output (M, N) = (1152921504606846976, 4)"),
     "eie_output": ("core.eie_spmm(np.zeros((1, 1), np.int64), np.zeros(0, np.uint8), np.zeros(0, np.float32), "
                    "np.empty((0, 4), np.float32), 2**60, None, 2)", "output (M, N) = (1152921504606846976, 4)"),
+    # An output that fits int64 but passes the 2^36-byte limit on a dense result (the formats' own check,
+    # pointsparse.tensor.MAX_DENSE_BYTES): refused by the core too, before a 2^38-byte allocation.
+    "csr_output_past_limit": ("core.csr_spmm(np.zeros(5, np.int64), np.zeros(0, np.uint8), np.zeros(0, np.float32), "
+                              "np.empty((0, 2**34), np.float32), 0, None, 2)", "past the 2^36-byte (64 GiB) limit"),
+    "eie_output_past_limit": ("core.eie_spmm(np.zeros((1, 1), np.int64), np.zeros(0, np.uint8), "
+                              "np.zeros(0, np.float32), np.empty((0, 8), np.float32), 2**32, None, 2)",
+                              "output (M, N) = (4294967296, 8) of float32 would take 137438953472 bytes"),
 }
 
 

@@ -92,13 +92,20 @@ int64_t ceil_div(int64_t n, int64_t d) { return n / d + (n % d != 0); }
 // The (M, N) output of a product (the kernels write all of it), its size in
 // bytes checked first: ValueError naming M (m_from: where it comes from) and
 // N (dense's columns) where it passes what an array can hold, as numpy
-// would refuse it but without naming them.
+// would refuse it but without naming them, or the 2^36 bytes (64 GiB) the
+// package allows a dense result (pointsparse.tensor.MAX_DENSE_BYTES, which
+// the formats check before calling here).
+constexpr int64_t kMaxOutputBytes = int64_t(1) << 36;
+
 py::array output_of(int64_t M, int64_t N, bool f64, const char* m_from) {
   int64_t bytes = 0;
+  const std::string what = "the output (M, N) = (" + std::to_string(M) + ", " + std::to_string(N) + ") of " +
+                           (f64 ? "float64" : "float32");
   if (__builtin_mul_overflow(M, N, &bytes) || __builtin_mul_overflow(bytes, int64_t(f64 ? 8 : 4), &bytes))
-    value_error("the output (M, N) = (" + std::to_string(M) + ", " + std::to_string(N) + ") of " +
-                (f64 ? "float64" : "float32") + " would take more than 2^63 bytes (M from " + m_from +
-                ", N from dense)");
+    value_error(what + " would take more than 2^63 bytes (M from " + m_from + ", N from dense)");
+  if (bytes > kMaxOutputBytes)
+    value_error(what + " would take " + std::to_string(bytes) + " bytes, past the 2^36-byte (64 GiB) limit on a "
+                "dense result (M from " + m_from + ", N from dense)");
   return f64 ? py::array(py::array_t<double>({M, N})) : py::array(py::array_t<float>({M, N}));
 }
 
