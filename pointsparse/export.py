@@ -53,6 +53,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import coords as _coords
 from .tensor import SparseTensor, as_int
 
 META_FILE = "pointsparse.json"
@@ -357,9 +358,12 @@ class ProgramModel(nn.Module):
     program of another output (:class:`VoxelOutputs`): ``forward(x)`` gives
     the output SparseTensor at its stride (``output`` ``"sparse"``,
     ``output_stride``) or the output tensor (``output`` ``"tensor"``, such as a
-    classifier's ``(B, K)``). ``program`` is what :func:`load` or
-    :func:`export_model` gives, ``meta`` the dict :func:`load` returns beside
-    it (kept as ``.meta``). The input is checked against the program's before
+    classifier's ``(B, K)``); a sparse output on some of ``x``'s voxels (a
+    stride-1 VoxelPrune's selection) records which, as the eager output does,
+    so ``devoxelize(out, inverse)`` with voxelize's inverse reads the kept
+    voxels (zeros for the points of dropped ones). ``program`` is what
+    :func:`load` or :func:`export_model` gives, ``meta`` the dict :func:`load`
+    returns beside it (kept as ``.meta``). The input is checked against the program's before
     it runs (``TypeError`` / ``ValueError`` naming the argument and what the
     program takes, where the program itself would fail a torch guard with an
     ``AssertionError``): a stride-1 SparseTensor on the CPU, feats ``(N,
@@ -484,7 +488,9 @@ class ProgramModel(nn.Module):
                 out_feats, out_coords = empty, x.coords
             else:
                 out_feats, out_coords, _ = self.run(feats, x.coords)
-            return SparseTensor(out_feats, out_coords, self.output_stride, validate=False)
+            out = SparseTensor(out_feats, out_coords, self.output_stride, validate=False)
+            _note_selection(out, x)
+            return out
         from .models.spvcnn import check_points
 
         check_points(x, inverse, points, point_batch)
@@ -503,6 +509,33 @@ class ProgramModel(nn.Module):
         stride = f", output_stride={self.output_stride}" if self.output == "sparse" else ""
         return (f"ProgramModel(in_channels={self.in_channels}, output={self.output!r}, "
                 f"out_shape={self.out_shape}{stride}, dtype={self.dtype})")
+
+
+def _note_selection(out: SparseTensor, x: SparseTensor) -> None:
+    """Records in ``out``'s cache (a program's output, rebuilt with a fresh
+    one) which of ``x``'s voxels it holds where it holds some of them, as
+    the eager model's ``select_voxels`` (a stride-1 VoxelPrune) does, so that
+    ``devoxelize(out, inverse)`` maps voxelize's inverse through them: at
+    ``x``'s stride, where every row of ``out`` is a row of ``x`` and in
+    ``x``'s order (a selection keeps sorted rows), composed with ``x``'s own
+    record where ``x`` is a selection too. An output on all of ``x``'s
+    voxels keeps no record of its own (it devoxelizes as ``x``), one
+    elsewhere none at all."""
+    n = x.coords.shape[0]
+    if out.stride != x.stride or len(out) > n or (len(out) == n and x.stride not in x.cache.kept):
+        return
+    rows = out.coords.new_zeros(0, dtype=torch.int64)
+    if len(out):
+        layout = _coords.KeyLayout.of(x.coords)
+        if not bool(layout.contains(out.coords).all()):
+            return
+        table, order = torch.sort(_coords.pack_torch(x.coords, layout), stable=True)
+        keys = _coords.pack_torch(out.coords, layout)
+        pos = torch.searchsorted(table, keys).clamp_max(n - 1)
+        rows = order[pos]
+        if not bool((table[pos] == keys).all()) or not bool((rows[1:] > rows[:-1]).all()):
+            return
+    out.cache.note_kept(x.stride, rows, n, x.cache)
 
 
 # --------------------------------------------------------------------- checkpoints

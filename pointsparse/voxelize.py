@@ -372,7 +372,9 @@ def devoxelize(tensor: SparseTensor, inverse: torch.Tensor | None = None, *, poi
     a ValueError. Which voxels were kept is recorded in the coordinate cache
     (``CoordinateCache.kept``), so it holds for every tensor on the kept
     coords: after ``with_feats``, submanifold convs, batch norm, activations,
-    ``add`` / ``cat``, and a transposed conv back to that stride. A tensor
+    ``add`` / ``cat``, a transposed conv back to that stride, and the
+    output of a compiled model or of an exported program run by
+    :class:`~pointsparse.export.ProgramModel`. A tensor
     rebuilt from bare feats and coords (``SparseTensor(y.feats, y.coords)``)
     has no record: its ``inverse`` indexes its own rows.
     """

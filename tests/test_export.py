@@ -395,6 +395,49 @@ def test_export_model_of_a_sparse_output_elsewhere(tmp_path, ends):
     assert empty.feats.shape == (0, loaded.out_shape[0]) and empty.stride == stride
 
 
+def test_program_of_a_stride_1_voxel_prune_devoxelizes_as_eager(tmp_path):
+    """A model ending in a stride-1 VoxelPrune and a submanifold conv on the kept voxels: its program (saved
+    and loaded) and its compiled form give outputs that devoxelize with voxelize's inverse as eager's do (the
+    kept voxel's row, zeros for the points of dropped voxels) on a batch of two items, on an input that is
+    itself a selection (the selections compose) and on an empty selection; the program's output came back
+    with a fresh coordinate cache, so a point whose voxel row is below K read another voxel's feats (and the
+    whole inverse was refused). A model ending at stride 2 after the prune has no record there, as eager."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(spnn.VoxelPrune(0.5), spnn.Conv3d(3, 4, 3)).eval()
+    loaded = _program_round_trip(model, _cloud(500, 3), tmp_path)
+    torch.compiler.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="eager")
+    g = torch.Generator().manual_seed(1)
+    points = torch.rand(900, 3, generator=g) * 6
+    x, inverse = ps.voxelize(points, torch.randn(900, 3, generator=g), voxel_size=0.5,
+                             batch=(torch.arange(900) >= 500).long())
+    selection = spnn.VoxelPrune(0.7)(x)
+    nothing = spnn.VoxelPrune(threshold=1e9)(x)
+    assert x.batch_size == 2 and len(nothing) == 0
+    for inp in (x, selection, nothing):
+        with torch.no_grad():
+            eager = model(inp)
+            outs = (loaded(inp), compiled(inp)) if len(inp) else (loaded(inp),)
+        want = ps.devoxelize(eager, inverse)
+        for got in outs:
+            assert _sparse_equal(got, eager)
+            assert torch.equal(ps.devoxelize(got, inverse), want)
+        if not len(inp):
+            assert torch.equal(want, torch.zeros(len(inverse), 4))
+            continue
+        low = inverse < len(eager)  # every row below K: read straight, no range check tells
+        assert 0 < len(eager) < len(inp) and low.sum() > 10 and (want == 0).all(1).sum() > 10
+        assert not torch.equal(eager.feats[inverse[low]], want[low])
+        for got in outs:
+            assert torch.equal(ps.devoxelize(got, inverse[low]), want[low])
+    coarse = torch.nn.Sequential(spnn.VoxelPrune(0.5), spnn.Conv3d(3, 4, 2, stride=2)).eval()
+    program = _program_round_trip(coarse, _cloud(500, 3), tmp_path, "coarse.pt2")
+    with torch.no_grad():
+        eager, got = coarse(x), program(x)
+    rows = torch.arange(len(eager)).flip(0)
+    assert got.stride == (2, 2, 2) and torch.equal(ps.devoxelize(got, rows), ps.devoxelize(eager, rows))
+
+
 def test_export_model_of_a_classifier(tmp_path):
     """A classifier (convs, a global pooling, a Linear) exports to a program of its (B, K) tensor, the
     numbers of voxels and of batch items dynamic: saved and loaded, ProgramModel gives eager's logits bit
