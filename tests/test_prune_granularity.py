@@ -479,6 +479,84 @@ def test_filter_skeleton_trains_and_prunes_stripes(kind):
     assert module.weight is original and not module._forward_pre_hooks
 
 
+def _skeleton_layer(kind):
+    """A fresh layer with a bias, its input, and its forward's output tensor."""
+    torch.manual_seed(0)
+    if kind == "conv3d":
+        return lambda: nn.Conv3d(2, 3, 3), torch.randn(1, 2, 4, 4, 4), lambda m, x: m(x)
+    return lambda: SparseConv(2, 3, kernel_size=3, bias=True), sparse_input(n=10, channels=2), lambda m, x: m(x).feats
+
+
+@pytest.mark.parametrize("order", ["skeleton", "mask_then_skeleton", "skeleton_then_mask"])
+@pytest.mark.parametrize("kind", ["conv3d", "sparse"])
+def test_remove_folds_an_attached_filter_skeleton(kind, order):
+    """prune.remove (torch's own function, which knows only the mask) on a tensor with a filter skeleton
+    attached removed the mask's hook and weight_orig but left the skeleton's hook, which read weight_orig:
+    AttributeError at the next forward. The skeleton is folded into the now-plain weight (the same
+    Parameter) at the next forward: the layer computes weight_orig * mask * skeleton as before, with no hook
+    or skeleton left, trains, and its state_dict loads into a plain layer. Pruned while the skeleton is
+    attached (refused at the forward), remove folds the skeleton over the new mask."""
+    make, x, forward = _skeleton_layer(kind)
+    module = make()
+    original = module.weight
+    if order == "mask_then_skeleton":
+        prune.l1_unstructured(module, "weight", amount=0.4)
+    skeleton = prune.attach_filter_skeleton(module)
+    with torch.no_grad():
+        skeleton.uniform_(0.2, 1.5)
+    if order == "skeleton_then_mask":
+        prune.l1_unstructured(module, "weight", amount=0.4)
+        with pytest.raises(RuntimeError, match="prune_stripes"):
+            forward(module, x)
+    reference = make()  # a plain layer holding the weight the masked one computes with
+    with torch.no_grad():
+        reference.weight.copy_(module.weight_orig * module.weight_mask * skeleton)
+        reference.bias.copy_(module.bias)
+        want = forward(reference, x)
+    prune.remove(module, "weight")
+    assert not prune.is_pruned(module)
+    got = forward(module, x)
+    torch.testing.assert_close(got, want)
+    assert module.weight is original and type(module.weight) is nn.Parameter
+    assert "weight_skeleton" not in dict(module.named_parameters()) and not module._forward_pre_hooks
+    got.pow(2).sum().backward()  # a training step runs on the plain weight
+    assert original.grad is not None and original.grad.abs().sum() > 0
+    fresh = make()
+    fresh.load_state_dict(module.state_dict())  # strict: nothing but weight and bias
+    with torch.no_grad():
+        torch.testing.assert_close(forward(fresh, x), want)
+    with pytest.raises(ValueError, match="has to be pruned before pruning can be removed"):  # torch's answer
+        prune.remove(module, "weight")
+    with pytest.raises(ValueError, match="has no filter skeleton"):
+        prune.detach_filter_skeleton(module)
+
+
+def test_a_skeleton_left_by_remove_folds_when_detached_or_cut():
+    """After prune.remove and before any forward, detach_filter_skeleton (and channel surgery, which
+    folds skeletons through it) read weight_orig, gone: they fold the skeleton into the plain weight."""
+    make, x, forward = _skeleton_layer("sparse")
+    module = make()
+    skeleton = prune.attach_filter_skeleton(module)
+    with torch.no_grad():
+        skeleton.uniform_(0.2, 1.5)
+        want = forward(module, x)
+    prune.remove(module, "weight")
+    assert torch.equal(prune.detach_filter_skeleton(module), skeleton.detach())
+    with torch.no_grad():
+        torch.testing.assert_close(forward(module, x), want)
+    assert "weight_skeleton" not in dict(module.named_parameters()) and not module._forward_pre_hooks
+    from pointsparse.prune import surgery
+
+    cut = make()
+    with torch.no_grad():
+        prune.attach_filter_skeleton(cut).uniform_(0.2, 1.5)
+        want = forward(cut, x)
+    prune.remove(cut, "weight")
+    surgery.remove_output_channels(cut, [0, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(forward(cut, x), want[:, [0, 2]])
+
+
 def test_filter_skeleton_prunes_a_kernel_region_conv_inside_its_region():
     """The skeleton's scales at the offsets outside a 'cross' conv's region
     get no gradient but the L1 penalty's, which drives them to 0:

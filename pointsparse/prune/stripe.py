@@ -17,6 +17,14 @@ pruning to the tensor before attaching or after :func:`prune_stripes`: a
 pruning method applied while a skeleton is attached would run after it and
 drop the scale, so the hook raises a ``RuntimeError`` if it sees one.
 
+``prune.remove(module, name)`` (torch's own function, which knows only the
+mask) makes the skeleton permanent too: it leaves ``name`` the plain
+Parameter ``name_orig * name_mask`` (the same object as ``name_orig``), and
+at the module's next forward the skeleton is folded into it and removed, so
+the layer computes what it did. Until then ``name_skeleton`` and the hook
+stay (in ``state_dict`` too); :func:`detach_filter_skeleton` before or after
+``remove`` folds it at once.
+
 A ``kernel_region`` conv's stripes are its region's: the scales at the
 offsets outside (which only the L1 penalty moves, to 0) are neither folded,
 pruned nor counted, and the values there keep their mask."""
@@ -44,6 +52,9 @@ class FilterSkeleton:
         self.hook_id: int | None = None
 
     def __call__(self, module, inputs):
+        if self.name + "_orig" not in module._parameters:  # prune.remove made the mask permanent under it
+            detach_filter_skeleton(module, self.name, fold=True)
+            return
         hooks = list(module._forward_pre_hooks.items())
         position = next(i for i, (key, _) in enumerate(hooks) if key == self.hook_id)
         for _, hook in hooks[position + 1 :]:
@@ -103,7 +114,8 @@ def attach_filter_skeleton(module: nn.Module, name: str = "weight", init: float 
 
 def detach_filter_skeleton(module: nn.Module, name: str = "weight", fold: bool = True) -> torch.Tensor:
     """Remove the skeleton of ``module.name``; with ``fold`` multiply it into
-    ``name_orig`` first (so the layer computes the same). Returns the
+    ``name_orig`` first (so the layer computes the same), or into the plain
+    ``name`` where ``prune.remove`` made the mask permanent. Returns the
     skeleton's last value (detached)."""
     fold = as_bool(fold, "fold")
     found = _find(module, name)
@@ -111,14 +123,16 @@ def detach_filter_skeleton(module: nn.Module, name: str = "weight", fold: bool =
         raise ValueError(f"{type(module).__name__}.{name} has no filter skeleton")
     key, hook = found
     skeleton = module._parameters[name + "_skeleton"].detach().clone()
+    masked = name + "_orig" in module._parameters  # (else prune.remove left name a plain Parameter)
     if fold:
         used = _used_stripes(module, name, hook.layout)
         with torch.no_grad():
-            module._parameters[name + "_orig"].mul_(skeleton if used is None else
-                                                    torch.where(used, skeleton, torch.ones_like(skeleton)))
+            module._parameters[name + "_orig" if masked else name].mul_(
+                skeleton if used is None else torch.where(used, skeleton, torch.ones_like(skeleton)))
     del module._forward_pre_hooks[key]
     del module._parameters[name + "_skeleton"]
-    setattr(module, name, getattr(module, name + "_orig") * getattr(module, name + "_mask"))
+    if masked:
+        setattr(module, name, getattr(module, name + "_orig") * getattr(module, name + "_mask"))
     return skeleton
 
 
