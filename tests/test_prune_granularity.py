@@ -557,6 +557,30 @@ def test_a_skeleton_left_by_remove_folds_when_detached_or_cut():
         torch.testing.assert_close(forward(cut, x), want[:, [0, 2]])
 
 
+def test_a_skeleton_left_by_remove_is_in_the_weight_that_formats_and_the_graph_read():
+    """Between prune.remove and the next forward the skeleton waits to be
+    folded: formats.module_weight (compress's) and the dependency graph's
+    effective weight read the plain weight without it (compress then built
+    a layer of other outputs, silently); both multiply it in now."""
+    from pointsparse import formats
+    from pointsparse.prune import graph as G
+
+    make, x, forward = _skeleton_layer("sparse")
+    module = make()
+    skeleton = prune.attach_filter_skeleton(module)
+    with torch.no_grad():
+        skeleton.uniform_(0.2, 1.5)
+        want = forward(module, x)
+        folded = formats.module_weight(module).clone()
+    prune.remove(module, "weight")
+    assert hasattr(module, "weight_skeleton")  # (not folded yet: no forward since)
+    torch.testing.assert_close(formats.module_weight(module), folded)
+    torch.testing.assert_close(G._effective(module, "weight"), folded)
+    compressed = formats.compress(torch.nn.Sequential(module))
+    with torch.no_grad():
+        torch.testing.assert_close(compressed(x).feats, want)
+
+
 def test_filter_skeleton_prunes_a_kernel_region_conv_inside_its_region():
     """The skeleton's scales at the offsets outside a 'cross' conv's region
     get no gradient but the L1 penalty's, which drives them to 0:

@@ -112,9 +112,10 @@ def check_ascending(major: torch.Tensor, minor: torch.Tensor, name: str, what: s
 
 def module_weight(module: torch.nn.Module, name: str = "weight") -> torch.Tensor:
     """The effective weight of a (possibly pruned) module: ``name_orig *
-    name_mask`` when torch-style pruning is attached (times ``name_skeleton``
-    where a filter skeleton is, ``prune.attach_filter_skeleton``), else
-    ``name``."""
+    name_mask`` when torch-style pruning is attached, else ``name``; either
+    times ``name_skeleton`` where a filter skeleton is attached
+    (``prune.attach_filter_skeleton``; after ``prune.remove`` it stays until
+    the next forward folds it)."""
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"module must be a torch.nn.Module; got {type(module).__name__}")
     orig = getattr(module, name + "_orig", None)
@@ -131,6 +132,10 @@ def module_weight(module: torch.nn.Module, name: str = "weight") -> torch.Tensor
     if not isinstance(weight, torch.Tensor):
         raise ValueError(f"{type(module).__name__} has no tensor attribute {name!r}")
     check_data(weight, f"{type(module).__name__}.{name}")
+    skeleton = getattr(module, name + "_skeleton", None)
+    if isinstance(skeleton, torch.Tensor):  # (after prune.remove: folded at the next forward, see prune.stripe)
+        check_data(skeleton, f"{type(module).__name__}.{name}_skeleton")
+        return (weight * skeleton).detach()
     return weight.detach()
 
 

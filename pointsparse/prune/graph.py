@@ -423,14 +423,15 @@ def _as_indices(keep, what: str) -> torch.Tensor:
 
 
 def _effective(module: nn.Module, name: str) -> torch.Tensor | None:
-    """What the module computes with: ``name_orig * mask`` (times a filter
-    skeleton where one is attached) when masked, else ``name``."""
+    """What the module computes with: ``name_orig * mask`` when masked, else
+    ``name``; either times a filter skeleton where one is attached."""
     t = adapters.raw(module, name)
     m = adapters.mask(module, name)
-    if t is None or m is None:
-        return t
     skeleton = getattr(module, name + "_skeleton", None)
-    return t * m if skeleton is None else t * m * skeleton
+    if t is None:
+        return t
+    t = t if m is None else t * m
+    return t if skeleton is None else t * skeleton  # (left by prune.remove too, until the next forward folds it)
 
 
 def _slice(module: nn.Module, name: str, axis: int, kept: torch.Tensor) -> None:
