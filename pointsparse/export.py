@@ -20,8 +20,10 @@ A point-level network (SPVCNN) takes its points too and gives their logits:
 N and P are dynamic (traced for N, P >= 2; one row runs too, an empty input
 fails torch's runtime assertion: :class:`ProgramModel` gives empty logits).
 A voxel network whose output is not one row per input voxel on its coords
-(:func:`export_model` tells on the example) has a program of its output
-instead, the number of its rows dynamic too:
+(:func:`export_model` tells on the example, and by a ``VoxelPrune`` of
+its own that ran at stride 1, whose output rows are a selection however
+many the example kept) has a program of its output instead, the number of
+its rows dynamic too:
 
     a SparseTensor elsewhere (a backbone ending at stride 8, a VoxelPrune at the end, ...)
     output   feats  (M, C), coords int32 (M, 4), stride int32 (3,) (the buffer ``output_stride``)
@@ -47,6 +49,7 @@ says what it takes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -154,6 +157,35 @@ def _on_input_rows(out, voxels: SparseTensor) -> bool:
                     f"dimension (one row per batch item, say); this one returns {what}")
 
 
+@contextlib.contextmanager
+def _pruned_strides(model: nn.Module):
+    """The strides of the inputs of ``model``'s own
+    :class:`~pointsparse.nn.VoxelPrune` layers (not a
+    :class:`~pointsparse.nn.VoxelSkip`'s, which keeps every voxel) while the
+    block runs, a set. One at stride 1 makes the output's rows a selection
+    of the input's however many the example kept (a threshold all of its
+    voxels passed, a keep ratio rounding up to all): its program gives the
+    output's coords (:class:`VoxelOutputs`), not logits on the input's
+    rows. At a coarser stride the transposed convs come back to the input's
+    coords (the cache keeps them)."""
+    from .nn import VoxelPrune, VoxelSkip  # noqa: PLC0415 - (the layers import the engine; export loads lazily)
+
+    inside_skips = {id(m) for skip in model.modules() if isinstance(skip, VoxelSkip) for m in skip.prune.modules()}
+    strides: set = set()
+
+    def note(module, args):
+        if args and isinstance(args[0], SparseTensor):
+            strides.add(tuple(args[0].stride))
+
+    hooks = [m.register_forward_pre_hook(note) for m in model.modules()
+             if isinstance(m, VoxelPrune) and id(m) not in inside_skips]
+    try:
+        yield strides
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def _run_on_example(model: nn.Module, *example):
     """``model(*example)`` (eager, before the trace); its ``TypeError`` /
     ``ValueError`` (feats of another dtype or width, ...) of the same type,
@@ -201,8 +233,9 @@ def export_model(model: nn.Module, example) -> torch.export.ExportedProgram:
     rows = torch.export.Dim("voxels", min=MIN_POINTS)
     with torch.no_grad():
         if not point_level:
-            out = _run_on_example(model, SparseTensor(voxels.feats.detach(), voxels.coords))
-            if _on_input_rows(out, voxels):
+            with _pruned_strides(model) as strides:
+                out = _run_on_example(model, SparseTensor(voxels.feats.detach(), voxels.coords))
+            if _on_input_rows(out, voxels) and (1, 1, 1) not in strides:
                 wrapped = VoxelLogits(model)
             else:
                 wrapped = VoxelOutputs(model, out.stride if isinstance(out, SparseTensor) else None)

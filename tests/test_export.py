@@ -438,6 +438,35 @@ def test_program_of_a_stride_1_voxel_prune_devoxelizes_as_eager(tmp_path):
     assert got.stride == (2, 2, 2) and torch.equal(ps.devoxelize(got, rows), ps.devoxelize(eager, rows))
 
 
+def test_a_voxel_prune_that_keeps_every_voxel_of_the_example_exports_its_output_coords(tmp_path):
+    """A threshold every voxel of the example passes (or a keep ratio that rounds up to all) kept the
+    example's rows, so export wrote a logits program; on an input of weaker voxels it kept fewer and the
+    loaded program gave a bare tensor of those rows, without their coords. A model with a VoxelPrune of its
+    own at stride 1 exports its output's coords; a VoxelSkip's (every voxel kept) or a prune at a coarser
+    stride (the transposed convs come back to the input's coords) still give logits on the input's rows."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(spnn.VoxelPrune(threshold=0.5), spnn.Conv3d(3, 4, 3)).eval()
+    example = _cloud(500, 3)
+    example = example.with_feats(example.feats.abs() + 1.0)  # every norm >= sqrt(3): all kept
+    with torch.no_grad():
+        assert len(model(example)) == len(example)
+    loaded = _program_round_trip(model, example, tmp_path)
+    x = _cloud(700, 4)
+    with torch.no_grad():
+        eager, got = model(x), loaded(x)
+    assert 0 < len(eager) < len(x)
+    assert isinstance(got, ps.SparseTensor) and _sparse_equal(got, eager)
+    skip = torch.nn.Sequential(spnn.VoxelSkip(spnn.Conv3d(3, 3, 3), keep_ratio=0.5), spnn.Conv3d(3, 4, 3)).eval()
+    assert _program_round_trip(skip, example, tmp_path, "skip.pt2").output == "logits"
+    # a prune at stride 2 between a conv down and one back up: the output is on the input's coords, logits
+    coarse = torch.nn.Sequential(spnn.Conv3d(3, 3, 2, stride=2), spnn.VoxelPrune(0.5),
+                                 spnn.Conv3d(3, 4, 2, stride=2, transposed=True)).eval()
+    program = _program_round_trip(coarse, example, tmp_path, "coarse.pt2")
+    assert program.output == "logits"
+    with torch.no_grad():
+        assert _sparse_equal(program(x), coarse(x))
+
+
 def test_export_model_of_a_classifier(tmp_path):
     """A classifier (convs, a global pooling, a Linear) exports to a program of its (B, K) tensor, the
     numbers of voxels and of batch items dynamic: saved and loaded, ProgramModel gives eager's logits bit
