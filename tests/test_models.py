@@ -631,3 +631,224 @@ def test_inserted_voxel_layers_the_config_does_not_record_are_refused_naming_the
              r"config voxel_skip\['fuse.0.0.main'\]: .*keep_ratio")):
         with pytest.raises(kind, match=match):
             build_model({**config, "voxel_skip": skips})
+
+
+def _with_voxel_prunes(net):
+    """``net`` (a MinkUNet) with VoxelPrune on the input of its decoder
+    stages 0-2 (models.add_voxel_prune, as bench/voxel_prune.py adds them):
+    a magnitude score, a threshold and a learned score."""
+    from pointsparse.models import add_voxel_prune
+
+    add_voxel_prune(net, "fuse.0", 0.4)
+    add_voxel_prune(net, "fuse.1", threshold=1e-3)
+    add_voxel_prune(net, "fuse.2", 0.6, "learned", net.fuse[2][0].main[0].in_channels)
+    return net
+
+
+def test_add_voxel_prune_runs_a_registered_pruner_on_the_module_input():
+    """models.add_voxel_prune registers the VoxelPrune on the model
+    (voxel_prune.<module, dots as _>: a learned scorer is a parameter,
+    trains, is in the state_dict, moves with .to, is the copy's own in a
+    deepcopy) and runs it on the module's input as a hand-made forward
+    pre-hook does; the rest of the state_dict keeps its keys (a dense
+    checkpoint loads with strict=False, only the scorer missing);
+    voxel_prunes(model) gives back what was added."""
+    from pointsparse.models import voxel_prunes
+
+    torch.manual_seed(6)
+    dense = MinkUNet(4, 3, cr=0.25, blocks=1).eval()
+    net = _with_voxel_prunes(copy.deepcopy(dense))
+    learned = net.fuse[2][0].main[0].in_channels
+    assert voxel_prunes(net) == {"fuse.0": {"keep_ratio": 0.4, "score": "magnitude", "threshold": None,
+                                            "in_channels": None},
+                                 "fuse.1": {"keep_ratio": 0.5, "score": "magnitude", "threshold": 1e-3,
+                                            "in_channels": None},
+                                 "fuse.2": {"keep_ratio": 0.6, "score": "learned", "threshold": None,
+                                            "in_channels": learned}}
+    keys = set(net.state_dict())
+    assert keys - set(dense.state_dict()) == {"voxel_prune.fuse_2.scorer.weight", "voxel_prune.fuse_2.scorer.bias"}
+    assert set(dense.state_dict()) <= keys
+    assert any(p is net.voxel_prune.fuse_2.scorer.weight for p in net.parameters())
+    # the same outputs as hooks made by hand, on the same pruners
+    by_hand = copy.deepcopy(dense)
+    for j in range(3):
+        pruner = net.voxel_prune[f"fuse_{j}"]
+        by_hand.fuse[j].register_forward_pre_hook(lambda module, args, p=pruner: (p(args[0]),))
+    x = _cloud(600, 4, seed=3, extent=16)
+    with torch.no_grad():
+        want = net(x).feats
+        assert torch.equal(by_hand(x).feats, want)
+        assert not torch.allclose(dense(x).feats, want)
+    # the scorer trains (in eval mode: the coarse stages' few voxels give no batch statistics)
+    net(x).feats.square().mean().backward()
+    assert net.voxel_prune.fuse_2.scorer.weight.grad.abs().sum() > 0
+    # a deepcopy runs its own pruners; .to moves them
+    twin = copy.deepcopy(net)
+    with torch.no_grad():
+        twin.voxel_prune.fuse_2.scorer.weight.neg_()
+        assert not torch.equal(twin(x).feats, want) and torch.equal(net(x).feats, want)
+    double = copy.deepcopy(net).double()
+    assert double.voxel_prune.fuse_2.scorer.weight.dtype == torch.float64
+    with torch.no_grad():
+        assert torch.allclose(double(x.with_feats(x.feats.double())).feats.float(), want, atol=1e-4)
+    # the dense model's weights load into the pruned one, the scorer the only thing missing
+    loaded = _with_voxel_prunes(MinkUNet(4, 3, cr=0.25, blocks=1))
+    result = loaded.load_state_dict(dense.state_dict(), strict=False)
+    assert sorted(result.missing_keys) == ["voxel_prune.fuse_2.scorer.bias", "voxel_prune.fuse_2.scorer.weight"]
+    assert not result.unexpected_keys
+
+
+def test_add_voxel_prune_refuses_what_it_cannot_add_naming_it():
+    """A model that is no module, a module name that is no str, that the
+    model lacks or is the model itself, a module given a VoxelPrune already,
+    a VoxelSkip (ResidualBlock calls its add_to, which no hook sees), bad
+    VoxelPrune settings: TypeError / ValueError naming the argument,
+    the model unchanged. A module whose input is no SparseTensor is refused
+    at its call, naming it. voxel_prunes refuses a model that is no module
+    and a pruner it can no longer record (its module moved, or none runs
+    it)."""
+    from pointsparse.models import add_voxel_prune, voxel_prunes
+
+    net = MinkUNet(4, 3, cr=0.25, blocks=1)
+    add_voxel_prune(net, "fuse.0", 0.5)
+    before = list(net.state_dict())
+    for args, kind, match in (
+            ((object(), "fuse.0"), TypeError, r"model must be a torch.nn.Module; got object"),
+            ((net, 0), TypeError, r"module_name must be a str .*; got int"),
+            ((net, "fuse.9"), ValueError, r"module_name 'fuse.9' names no submodule of the model"),
+            ((net, ""), ValueError, r"module_name '' names no submodule of the model"),
+            ((net, "fuse.0"), ValueError, r"'fuse.0' has a VoxelPrune already \(add_voxel_prune\)"),
+            ((net, "fuse.1", 2.0), ValueError, r"keep_ratio"),
+            ((net, "fuse.1", 0.5, "learned"), TypeError, r"score='learned' needs in_channels")):
+        with pytest.raises(kind, match=match):
+            add_voxel_prune(*args)
+        assert list(net.state_dict()) == before and list(voxel_prunes(net)) == ["fuse.0"]
+    skip = MinkUNet(4, 3, cr=0.25, blocks=1)
+    skip.fuse[0][0].main = spnn.VoxelSkip(skip.fuse[0][0].main, 0.5)
+    with pytest.raises(ValueError, match=r"module_name 'fuse.0.0.main' is a VoxelSkip.*add_to.*past any forward hook"):
+        add_voxel_prune(skip, "fuse.0.0.main")  # (its ResidualBlock runs add_to: the hook would never run)
+    assert voxel_prunes(skip) == {} and not hasattr(skip, "voxel_prune")
+    head = torch.nn.Sequential(torch.nn.Linear(4, 2))
+    add_voxel_prune(head, "0")
+    with pytest.raises(TypeError, match=r"the VoxelPrune add_voxel_prune put on '0' takes a SparseTensor .*; "
+                                        r"got Tensor"):
+        head(torch.zeros(3, 4))
+    with pytest.raises(TypeError, match=r"model must be a torch.nn.Module; got dict"):
+        voxel_prunes({})
+    # the module moved after add_voxel_prune (wrapped in a VoxelSkip): the recorded name would load another key
+    net.fuse[0] = spnn.VoxelSkip(net.fuse[0], 0.5)
+    with pytest.raises(ValueError, match=r"voxel_prune.fuse_0 runs on 'fuse.0.module'.*VoxelSkip.*before"):
+        voxel_prunes(net)
+    net = MinkUNet(4, 3, cr=0.25, blocks=1)
+    add_voxel_prune(net, "fuse.1", 0.5)
+    net.fuse[1]._forward_pre_hooks.clear()
+    with pytest.raises(ValueError, match=r"voxel_prune.fuse_1 runs on no module of the model"):
+        voxel_prunes(net)
+
+
+def test_a_model_with_voxel_prunes_round_trips_through_its_checkpoint(tmp_path):
+    """A model given VoxelPrune by add_voxel_prune, saved with
+    checkpoint.save, loaded as the unpruned model where every score was a
+    magnitude (no tensor of it in the weights) and was refused for a learned
+    score. The config records them (``voxel_prune``: voxel_prunes(model)) and
+    load_model adds them again, with the VoxelSkip layers (``voxel_skip``)
+    and the widths (which name a learned scorer): the same outputs, the
+    scorer's weights restored.
+    An unpruned model's checkpoint given a magnitude voxel_prune by hand
+    loads too (the other keys are unchanged)."""
+    from pointsparse import checkpoint
+    from pointsparse.models import add_voxel_prune, load_model, voxel_prunes, voxel_skips
+
+    torch.manual_seed(7)
+    net = MinkUNet(4, 3, cr=0.25, blocks=1)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.running_var.uniform_(0.01, 0.1)
+    dense = copy.deepcopy(net).eval()
+    net.fuse[3][0].main = spnn.VoxelSkip(net.fuse[3][0].main, 0.5)
+    net = _with_voxel_prunes(net)
+    with torch.no_grad():
+        net.voxel_prune.fuse_2.scorer.weight.normal_()
+    net.eval()
+    recorded = voxel_prunes(net)
+    assert list(recorded) == ["fuse.0", "fuse.1", "fuse.2"]
+    config = {"model": "minkunet", "in_channels": 4, "classes": ["a", "b", "c"], "cr": 0.25, "blocks": 1,
+              "voxel_skip": voxel_skips(net), "voxel_prune": recorded}
+    checkpoint.save(tmp_path / "prune.pt", {"config": config, "model": net.state_dict()})
+    model = load_model(tmp_path / "prune.pt")
+    assert voxel_prunes(model) == recorded and voxel_skips(model) == voxel_skips(net) and not model.training
+    assert torch.equal(model.voxel_prune.fuse_2.scorer.weight, net.voxel_prune.fuse_2.scorer.weight)
+    x = _cloud(600, 4, seed=2, extent=16)
+    with torch.no_grad():
+        want = net(x).feats
+        assert torch.equal(model(x).feats, want)
+        assert not torch.allclose(dense(x).feats, want)
+    # channel-pruned too: the widths (which name the learned scorer) after the prunes
+    from pointsparse.prune.graph import widths
+    checkpoint.save(tmp_path / "wide.pt", {"config": dict(config, widths=widths(net)), "model": net.state_dict()})
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "wide.pt")(x).feats, want)
+    # the dense model's weights under a config of magnitude prunes
+    magnitude = {k: v for k, v in recorded.items() if v["score"] == "magnitude" and k.startswith("fuse.0")}
+    checkpoint.save(tmp_path / "dense.pt", {"config": dict(config, voxel_skip=None, voxel_prune=magnitude),
+                                            "model": dense.state_dict()})
+    model = load_model(tmp_path / "dense.pt")
+    expect = copy.deepcopy(dense)
+    add_voxel_prune(expect, "fuse.0", **magnitude["fuse.0"])
+    with torch.no_grad():
+        assert torch.equal(model(x).feats, expect(x).feats)
+        assert not torch.equal(model(x).feats, dense(x).feats)
+
+
+def test_voxel_prunes_the_config_does_not_record_or_records_badly_are_refused(tmp_path):
+    """Weights with a learned VoxelPrune added by add_voxel_prune, under a
+    config without voxel_prune, are refused naming the pruner and what to
+    record; a bad voxel_prune entry names the entry, before any weight is
+    read."""
+    from pointsparse import checkpoint
+    from pointsparse.models import add_voxel_prune, build_model, load_model
+
+    torch.manual_seed(8)
+    config = {"model": "minkunet", "in_channels": 4, "classes": ["a", "b", "c"], "cr": 0.25, "blocks": 1}
+    net = MinkUNet(4, 3, cr=0.25, blocks=1)
+    add_voxel_prune(net, "fuse.1", 0.5, "learned", net.fuse[1][0].main[0].in_channels)
+    checkpoint.save(tmp_path / "prune.pt", {"config": config, "model": net.state_dict()})
+    with pytest.raises(ValueError, match=r"prune.pt: .*a learned VoxelPrune's scorer \(voxel_prune.fuse_1\).*"
+                                         r"voxel_prune=pointsparse.models.voxel_prunes\(model\)"):
+        load_model(tmp_path / "prune.pt")
+    for prunes, kind, match in (
+            (["fuse.0"], TypeError, r"config voxel_prune must be a dict \(module -> settings\); got list"),
+            ({"fuse.9": {}}, ValueError, r"config voxel_prune names 'fuse.9', which the model does not have"),
+            ({"": {}}, ValueError, r"config voxel_prune names '', which the model"),
+            ({1: {}}, ValueError, r"config voxel_prune names 1, which the model"),
+            ({"fuse.0": 0.5}, TypeError, r"config voxel_prune\['fuse.0'\] must be a dict of VoxelPrune's settings"),
+            ({"fuse.0": {"ratio": 0.5}}, ValueError, r"config voxel_prune\['fuse.0'\] has 'ratio'; its settings"),
+            ({"fuse.0": {"keep_ratio": 2.0}}, ValueError, r"config voxel_prune\['fuse.0'\]: .*keep_ratio"),
+            ({"fuse.0": {"score": "learned"}}, TypeError,
+             r"config voxel_prune\['fuse.0'\]: score='learned' needs in_channels")):
+        with pytest.raises(kind, match=match):
+            build_model({**config, "voxel_prune": prunes})
+
+
+def test_a_loaded_model_with_voxel_prunes_exports_as_eager(tmp_path):
+    """The model load_model gives with its config's voxel_prune (magnitude
+    and learned) exports and compiles (fullgraph: the hooks traced): the
+    program and the compiled model give eager's logits bit for bit on a
+    cloud of another size."""
+    from pointsparse import checkpoint, export
+    from pointsparse.models import load_model, voxel_prunes
+
+    torch.manual_seed(9)
+    net = _with_voxel_prunes(MinkUNet(4, 3, cr=0.25, blocks=1)).eval()
+    config = {"model": "minkunet", "in_channels": 4, "classes": ["a", "b", "c"], "cr": 0.25, "blocks": 1,
+              "voxel_prune": voxel_prunes(net)}
+    checkpoint.save(tmp_path / "prune.pt", {"config": config, "model": net.state_dict()})
+    model = load_model(tmp_path / "prune.pt")
+    program = export.export_model(model, _cloud(500, 4, seed=4, extent=16))
+    x = _cloud(800, 4, seed=5, extent=16)
+    torch.compiler.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="eager")
+    with torch.no_grad():
+        want = net(x).feats
+        assert torch.equal(program.module()(x.feats, x.coords), want)
+        assert torch.equal(compiled(x).feats, want)

@@ -438,3 +438,40 @@ def test_predict_and_eval_run_a_checkpoint_with_voxel_skips(tmp_path, capsys):
     report = json.loads((tmp_path / "ev" / "eval-metrics.json").read_text())
     labels = np.load(paths[0])["labels"]
     assert report["accuracy"] == pytest.approx(float(np.mean(want == labels)), abs=1e-6)
+
+
+def test_predict_and_eval_run_a_checkpoint_with_voxel_prunes(tmp_path, capsys):
+    """A checkpoint of a model given VoxelPrune by models.add_voxel_prune
+    (config voxel_prune: models.voxel_prunes; a magnitude score and a
+    learned one) ran in predict and eval as the unpruned model (a magnitude
+    VoxelPrune holds no tensor) or was refused (a learned one); both now run
+    the model with its pruners, as load_model gives it, fused too (the
+    fused copy runs its own)."""
+    from pointsparse import checkpoint
+    from pointsparse.app.evaluate import inference_model
+    from pointsparse.models import add_voxel_prune, voxel_prunes
+
+    state = load_training(_checkpoint(tmp_path / "dense.pt"))
+    model = load_model(tmp_path / "dense.pt")
+    add_voxel_prune(model, "fuse.0", 0.3)
+    add_voxel_prune(model, "fuse.2", 0.5, "learned", model.fuse[2][0].main[0].in_channels)
+    ckpt = tmp_path / "prune.pt"
+    checkpoint.save(ckpt, dict(state, model=model.state_dict(),
+                               config=dict(state["config"], voxel_prune=voxel_prunes(model))))
+    paths = _clouds(tmp_path / "in", 1)
+    loaded = load_model(ckpt)
+    assert voxel_prunes(loaded) == voxel_prunes(model)
+    want = _expected(model.eval(), paths[0], 0.5)
+    assert not np.array_equal(want, _expected(load_model(tmp_path / "dense.pt"), paths[0], 0.5))
+    for inference in ("float32", "fused"):
+        out = tmp_path / f"pred-{inference}"
+        assert cli.main(["predict", "--checkpoint", str(ckpt), "--data", str(paths[0]), "--out", str(out),
+                         "--inference", inference, "--no-progress"]) == 0
+        got = np.load(out / f"{paths[0].stem}.npy")
+        fused = _expected(inference_model(loaded, inference).eval(), paths[0], 0.5)
+        assert np.array_equal(got, fused) and (inference == "fused" or np.array_equal(got, want))
+    assert cli.main(["eval", "--checkpoint", str(ckpt), "--data", str(paths[0]), "--out", str(tmp_path / "ev"),
+                     "--no-progress"]) == 0
+    report = json.loads((tmp_path / "ev" / "eval-metrics.json").read_text())
+    labels = np.load(paths[0])["labels"]
+    assert report["accuracy"] == pytest.approx(float(np.mean(want == labels)), abs=1e-6)

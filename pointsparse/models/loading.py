@@ -4,12 +4,15 @@ config names the architecture (``model``, ``in_channels``, ``classes``,
 (``widths``, as :func:`pointsparse.prune.graph.widths` records them) and,
 for a model with :class:`~pointsparse.nn.VoxelSkip` layers inserted, the
 modules they wrap and their settings (``voxel_skip``, as
-:func:`voxel_skips` records them).
+:func:`voxel_skips` records them) and, for one given
+:class:`~pointsparse.nn.VoxelPrune` layers by :func:`add_voxel_prune`, the
+modules whose input they prune and their settings (``voxel_prune``, as
+:func:`voxel_prunes` records them).
 
-A :class:`~pointsparse.nn.VoxelPrune` inserted into a built model (a
-forward hook, or a forward of the caller's own, decides where it runs) is
-not recorded: weights holding a learned one's scorer are refused naming it,
-and a magnitude one holds no tensor, so nothing in the weights shows it."""
+A VoxelPrune inserted into a built model any other way (a forward hook of
+the caller's own, a forward of its own) is not recorded: weights holding a
+learned one's scorer are refused naming it, and a magnitude one holds no
+tensor, so nothing in the weights shows it (the model loads unpruned)."""
 
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..nn import Conv3d, VoxelSkip
+from ..nn import Conv3d, VoxelPrune, VoxelSkip
+from ..tensor import SparseTensor
 from .minkunet import MinkUNet
 from .spvcnn import SPVCNN
 
@@ -42,6 +46,10 @@ def build_model(config: dict) -> nn.Module:
     model = cls(config["in_channels"], len(config["classes"]), cr=config["cr"], blocks=config["blocks"])
     if config.get("voxel_skip") is not None:  # (before the widths: they name the modules inside the skips)
         _wrap_voxel_skips(model, config["voxel_skip"])
+    # (after the skips: voxel_prunes names modules as the model with its skips has them; before the widths:
+    # they name a learned scorer)
+    if config.get("voxel_prune") is not None:
+        _add_voxel_prunes(model, config["voxel_prune"])
     if config.get("widths"):
         from ..prune.graph import resize
         resize(model, config["widths"])
@@ -49,7 +57,8 @@ def build_model(config: dict) -> nn.Module:
     return model
 
 
-#: A VoxelSkip's settings as :func:`voxel_skips` records them (its arguments after ``module``).
+#: A VoxelSkip's settings as :func:`voxel_skips` records them (its arguments after ``module``), and a
+#: VoxelPrune's as :func:`voxel_prunes` does.
 _SKIP_SETTINGS = ("keep_ratio", "score", "threshold", "in_channels")
 
 
@@ -95,6 +104,137 @@ def _wrap_voxel_skips(model: nn.Module, recorded) -> None:
         setattr(model.get_submodule(parent), leaf, skip)
 
 
+#: The child of a model that holds the VoxelPrune layers :func:`add_voxel_prune` adds.
+_PRUNES = "voxel_prune"
+
+
+class _PruneInput:
+    """The forward pre-hook :func:`add_voxel_prune` registers: ``prune`` on
+    the module's first argument (an object, not a closure, so that a deepcopy
+    of the model runs the copy's ``prune``, and the model pickles)."""
+
+    def __init__(self, prune: VoxelPrune, name: str) -> None:
+        self.prune, self.name = prune, name
+
+    def __call__(self, module: nn.Module, args: tuple):
+        if not args or not isinstance(args[0], SparseTensor):
+            got = type(args[0]).__name__ if args else "no positional argument"
+            raise TypeError(f"the VoxelPrune add_voxel_prune put on {self.name!r} takes a SparseTensor (the "
+                            f"module's first argument); got {got}")
+        return (self.prune(args[0]),) + tuple(args[1:])
+
+
+def _prune_key(name: str) -> str:
+    """The key in the model's ``voxel_prune`` of the VoxelPrune on module ``name``."""
+    return name.replace(".", "_")
+
+
+def add_voxel_prune(model: nn.Module, module_name: str, keep_ratio: float = 0.5, score: str = "magnitude",
+                    in_channels: int | None = None, threshold: float | None = None) -> VoxelPrune:
+    """A :class:`~pointsparse.nn.VoxelPrune` of these settings on the input
+    of ``model``'s submodule ``module_name`` (a forward pre-hook on it: its
+    first argument, a SparseTensor, pruned), registered on ``model`` as
+    ``voxel_prune.<module_name with dots as _>`` (a learned score's scorer
+    trains, is saved in the state_dict and moves with the model; the other
+    keys are unchanged, so the unpruned model's weights still load) and put
+    on the device and dtype of the module's parameters; returned.
+    :func:`voxel_prunes` records it for a checkpoint's config. It runs
+    where the module is called (``module(x)``), a TypeError there where the
+    first argument is no SparseTensor. A module given one already, a
+    VoxelSkip (a ResidualBlock runs its ``add_to``, which no hook sees) or
+    a name the model lacks is refused; wrap modules in VoxelSkip first (a
+    module moved after would be recorded under a name its key no longer
+    matches: :func:`voxel_prunes` refuses it)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if not isinstance(module_name, str):
+        raise TypeError(f"module_name must be a str (a submodule's name, e.g. 'fuse.0'); got "
+                        f"{type(module_name).__name__}")
+    module = _submodule(model, module_name) if module_name else None
+    if module is None:
+        raise ValueError(f"module_name {module_name!r} names no submodule of the model")
+    if isinstance(module, VoxelSkip):
+        raise ValueError(f"module_name {module_name!r} is a VoxelSkip, which its callers may run by add_to (a "
+                         "ResidualBlock does), past any forward hook: prune the input of the module holding it")
+    if any(isinstance(h, _PruneInput) for h in module._forward_pre_hooks.values()):
+        raise ValueError(f"{module_name!r} has a VoxelPrune already (add_voxel_prune)")
+    prunes = model._modules.get(_PRUNES)
+    if prunes is None and hasattr(model, _PRUNES):
+        raise ValueError(f"model has an attribute {_PRUNES!r} of its own; add_voxel_prune keeps its layers there")
+    key = _prune_key(module_name)
+    if prunes is not None and (not isinstance(prunes, nn.ModuleDict) or key in prunes):
+        raise ValueError(f"model's {_PRUNES} holds {key!r} already, which add_voxel_prune would give to "
+                         f"{module_name!r}")
+    prune = VoxelPrune(keep_ratio, score, in_channels, threshold)
+    like = next((p for p in module.parameters() if p.is_floating_point()), None)
+    if like is not None:
+        prune.to(like.device, like.dtype)
+    if prunes is None:
+        prunes = nn.ModuleDict()
+        model.add_module(_PRUNES, prunes)
+    prunes[key] = prune
+    module.register_forward_pre_hook(_PruneInput(prune, module_name))
+    return prune
+
+
+def voxel_prunes(model: nn.Module) -> dict[str, dict]:
+    """``{module: {"keep_ratio", "score", "threshold", "in_channels"}}`` of
+    every VoxelPrune :func:`add_voxel_prune` put on ``model``, under the name
+    of the module whose input it prunes: what a checkpoint's config records
+    (``voxel_prune``) so that :func:`build_model` adds them again, e.g.
+    ``dict(config, voxel_prune=voxel_prunes(model))``. ValueError for one it
+    cannot record: a pruner whose module was moved since (wrapped in a
+    VoxelSkip: its key would name another place), one no module runs, one
+    registered on another model."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    prunes = model._modules.get(_PRUNES)
+    held = {id(p): key for key, p in prunes.items()} if isinstance(prunes, nn.ModuleDict) else {}
+    out, found = {}, set()
+    for name, m in model.named_modules():
+        for hook in m._forward_pre_hooks.values():
+            if not isinstance(hook, _PruneInput):
+                continue
+            key = held.get(id(hook.prune))
+            if key is None:
+                raise ValueError(f"the VoxelPrune on {name!r} is registered on another model than the one given "
+                                 "(add_voxel_prune was given a module holding this one)")
+            if key != _prune_key(name):
+                raise ValueError(f"{_PRUNES}.{key} runs on {name!r}: the model changed around it after "
+                                 "add_voxel_prune, and a config recording it would add it as another key; wrap "
+                                 "modules in VoxelSkip before adding VoxelPrune")
+            found.add(key)
+            scorer = hook.prune.scorer
+            out[name] = {"keep_ratio": hook.prune.keep_ratio, "score": hook.prune.score,
+                         "threshold": hook.prune.threshold,
+                         "in_channels": None if scorer is None else scorer.in_features}
+    idle = [key for key in held.values() if key not in found]
+    if idle:
+        raise ValueError(f"{_PRUNES}.{idle[0]} runs on no module of the model (its hook was removed)")
+    return out
+
+
+def _add_voxel_prunes(model: nn.Module, recorded) -> None:
+    """:func:`add_voxel_prune` on each module ``recorded``
+    (:func:`voxel_prunes`) names, with its settings; TypeError / ValueError
+    naming the entry (the model, :func:`build_model`'s, is then dropped)."""
+    if not isinstance(recorded, dict):
+        raise TypeError(f"config voxel_prune must be a dict (module -> settings); got {type(recorded).__name__}")
+    for name, settings in recorded.items():
+        if not (isinstance(name, str) and name and _submodule(model, name) is not None):
+            raise ValueError(f"config voxel_prune names {name!r}, which the model does not have")
+        where = f"config voxel_prune[{name!r}]"
+        if not isinstance(settings, dict):
+            raise TypeError(f"{where} must be a dict of VoxelPrune's settings; got {type(settings).__name__}")
+        other = [key for key in settings if key not in _SKIP_SETTINGS]
+        if other:
+            raise ValueError(f"{where} has {other[0]!r}; its settings are {', '.join(_SKIP_SETTINGS)}")
+        try:
+            add_voxel_prune(model, name, **settings)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{where}: {error}") from None
+
+
 def load_model(path, map_location="cpu") -> nn.Module:
     """The model of a checkpoint written by ``pointsparse train`` or
     ``pointsparse prune channels`` (loaded with ``weights_only=True``), with
@@ -125,8 +265,9 @@ def model_from_state(state: dict) -> nn.Module:
     """The model of a training checkpoint's contents (``state["config"]``
     builds it, ``state["model"]`` holds its weights), dense or channel-pruned
     (the widths in the config, or only in the weights' shapes), with the
-    VoxelSkip layers its config records (``voxel_skip``) and the biases and
-    pruning masks the weights carry; in the mode it was built in."""
+    VoxelSkip and VoxelPrune layers its config records (``voxel_skip``,
+    ``voxel_prune``) and the biases and pruning masks the weights carry; in
+    the mode it was built in."""
     if not isinstance(state, dict) or not isinstance(state.get("config"), dict) or not isinstance(
             state.get("model"), dict):
         raise ValueError("a training checkpoint holds a dict with a 'config' dict and a 'model' dict (a state_dict)")
@@ -167,9 +308,11 @@ def _misfit(model: nn.Module, weights: dict, error: RuntimeError) -> str:
     scorers = [k[:-len(".scorer.weight")] for k in unexpected
                if k.endswith(".scorer.weight") and weights[k].dim() == 2 and weights[k].shape[0] == 1]
     if scorers:
-        return (f"they hold a learned VoxelPrune's scorer ({', '.join(scorers)}): a VoxelPrune inserted into a "
-                "built model (where it runs is the inserting code's: a forward hook, a forward of its own) is no "
-                "part of a config; build the model, insert it the same way, then load_state_dict these weights")
+        return (f"they hold a learned VoxelPrune's scorer ({', '.join(scorers)}): save a model given VoxelPrune by "
+                "pointsparse.models.add_voxel_prune with its config's voxel_prune (dict(config, voxel_prune="
+                "pointsparse.models.voxel_prunes(model))), from which load_model adds them again; one inserted "
+                "another way (a forward hook, a forward of its own) is no part of a config: build the model, "
+                "insert it the same way, then load_state_dict these weights")
 
     def few(keys):
         return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
