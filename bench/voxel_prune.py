@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -61,18 +62,23 @@ def _first_conv_channels(module: torch.nn.Module) -> int:
     return next(m for m in module.modules() if isinstance(m, ps.nn.Conv3d)).in_channels
 
 
-def add_voxel_prune(model: torch.nn.Module, keep: float, stages, score: str = "magnitude") -> list:
+def add_voxel_prune(model: torch.nn.Module, keep: float, stages, score: str = "magnitude") -> None:
     """VoxelPrune(keep) on the input of each decoder stage ``model.fuse[j]``
-    (forward pre-hooks: the model's own forward is unchanged). A learned
-    score's pruner is registered on the model (``voxel_prune_<j>``), so that
-    its scorer trains and is saved with the weights."""
-    hooks = []
+    (``models.add_voxel_prune``: a forward pre-hook, the model's own forward
+    unchanged; the pruner registered on the model as ``voxel_prune.fuse_<j>``,
+    so that a learned scorer trains and is saved with the weights, and
+    ``models.voxel_prunes`` records them for a checkpoint's config)."""
     for j in stages:
-        pruner = ps.nn.VoxelPrune(keep, score, _first_conv_channels(model.fuse[j]) if score == "learned" else None)
-        if score == "learned":
-            model.add_module(f"voxel_prune_{j}", pruner)
-        hooks.append(model.fuse[j].register_forward_pre_hook(lambda module, args, p=pruner: (p(args[0]),)))
-    return hooks
+        channels = _first_conv_channels(model.fuse[j]) if score == "learned" else None
+        ps.models.add_voxel_prune(model, f"fuse.{j}", keep, score, channels)
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """A variant's saved weights into ``model`` (as :func:`build` makes it);
+    a learned scorer saved before ``models.add_voxel_prune`` held it
+    (``voxel_prune_<j>.``) under its key now (``voxel_prune.fuse_<j>.``)."""
+    weights = torch.load(path, weights_only=True)
+    model.load_state_dict({re.sub(r"^voxel_prune_(\d+)\.", r"voxel_prune.fuse_\1.", k): v for k, v in weights.items()})
 
 
 def add_voxel_skip(model: torch.nn.Module, keep: float, stages, score: str = "magnitude") -> None:
@@ -201,8 +207,7 @@ def report(args, write: bool = True) -> None:
     models = {}
     for variant in ran:
         models[variant] = build(args, variant)
-        models[variant].load_state_dict(torch.load(args.out / variant_dir(args, variant) / "weights.pt",
-                                                   weights_only=True))
+        load_weights(models[variant], args.out / variant_dir(args, variant) / "weights.pt")
         models[variant].eval()
     if args.fused:
         models = {v: fuse_for_inference(m) for v, m in models.items()}

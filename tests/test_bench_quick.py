@@ -266,3 +266,49 @@ def test_a_bare_out_name_is_a_page_in_the_results_folder(tmp_path):
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert page.is_file() and not (tmp_path / "bare_out_check.md").exists()
+
+
+def test_voxel_prune_bench_adds_recorded_pruners(tmp_path):
+    """bench/voxel_prune.py's VoxelPrune variant goes through
+    models.add_voxel_prune: voxel_prunes records its pruners (a checkpoint of
+    it loads pruned), the pruned forward is the one its own hooks gave, and
+    the report loads the weights of a learned run saved before (the scorer
+    of stage j as voxel_prune_<j>)."""
+    import copy
+    import importlib
+
+    import torch
+
+    import pointsparse as ps
+    from pointsparse.models import MinkUNet, voxel_prunes
+
+    sys.path.insert(0, str(benchmark.BENCH_DIR))
+    try:
+        vp = importlib.import_module("voxel_prune")
+    finally:
+        sys.path.remove(str(benchmark.BENCH_DIR))
+    torch.manual_seed(0)
+    dense = MinkUNet(4, 3, cr=0.25, blocks=1).eval()
+    g = torch.Generator().manual_seed(1)
+    coords = torch.unique(torch.cat([torch.zeros(800, 1, dtype=torch.long), torch.randint(0, 16, (800, 3),
+                                                                                          generator=g)], 1), dim=0)
+    x = ps.SparseTensor(torch.randn(len(coords), 4, generator=g), coords.int())
+    for score in ("magnitude", "learned"):
+        model = copy.deepcopy(dense)
+        vp.add_voxel_prune(model, 0.5, (0, 2), score)
+        channels = {j: vp._first_conv_channels(model.fuse[j]) if score == "learned" else None for j in (0, 2)}
+        assert voxel_prunes(model) == {f"fuse.{j}": {"keep_ratio": 0.5, "score": score, "threshold": None,
+                                                     "in_channels": channels[j]} for j in (0, 2)}
+        by_hand = copy.deepcopy(dense)  # (the hooks the bench made before)
+        for j in (0, 2):
+            pruner = model.voxel_prune[f"fuse_{j}"]
+            by_hand.fuse[j].register_forward_pre_hook(lambda module, args, p=pruner: (p(args[0]),))
+        with torch.no_grad():
+            assert torch.equal(model(x).feats, by_hand(x).feats)
+    old = {k.replace("voxel_prune.fuse_", "voxel_prune_"): v.clone() for k, v in model.state_dict().items()}
+    assert "voxel_prune_2.scorer.weight" in old
+    torch.save(old, tmp_path / "weights.pt")
+    fresh = copy.deepcopy(dense)
+    vp.add_voxel_prune(fresh, 0.5, (0, 2), "learned")
+    vp.load_weights(fresh, tmp_path / "weights.pt")
+    assert torch.equal(fresh.voxel_prune.fuse_2.scorer.weight, old["voxel_prune_2.scorer.weight"])
