@@ -143,6 +143,29 @@ def test_folded_bias_round_trips(tmp_path):
     assert torch.equal(load_model(tmp_path / "c.pt")(x).feats, net(x).feats)
 
 
+def test_save_pruned_records_the_models_voxel_skips_and_prunes(tmp_path):
+    """The checkpoint ``save_pruned`` writes records the model's VoxelSkip
+    and VoxelPrune layers (config ``voxel_skip`` / ``voxel_prune``), so that
+    it loads with them; it kept the source's config, so a learned scorer's
+    weights were refused at load (and a magnitude one would load unpruned)."""
+    from pointsparse.app.channels import save_pruned
+    from pointsparse.models import MinkUNet, add_voxel_prune, voxel_prunes, voxel_skips
+    from pointsparse.nn import VoxelSkip
+    from prune_procedures_support import sparse_input
+    torch.manual_seed(0)
+    net, x = MinkUNet(3, 4, cr=0.25, blocks=1).eval(), sparse_input(n=600, extent=16)
+    config = {"model": "minkunet", "in_channels": 3, "classes": list("abcd"), "cr": 0.25, "blocks": 1}
+    state = {"model": net.state_dict(), "config": config}
+    block = net.fuse[2][0]
+    block.main = VoxelSkip(block.main, 0.5, "learned", block.main[0].in_channels)
+    add_voxel_prune(net, "fuse.1", 0.4)
+    path = save_pruned(state, net, tmp_path / "out")
+    recorded = checkpoint.load(path)["config"]
+    assert recorded["voxel_skip"] == voxel_skips(net) and recorded["voxel_prune"] == voxel_prunes(net)
+    assert "voxel_skip" not in config  # (the source's config is left alone)
+    assert torch.equal(load_model(path)(x).feats, net(x).feats)
+
+
 def test_weights_the_config_does_not_describe_are_refused(tmp_path):
     """A cut checkpoint without widths loads (its narrower tensors are
     fitted); weights of a wider model or another kernel are a ValueError

@@ -55,11 +55,22 @@ def load_state(path) -> dict:
 
 
 def save_pruned(state: dict, model, out) -> Path:
-    """``out/checkpoint.pt``: ``state`` with ``model``'s weights and widths
-    (``config["widths"]``) and a fresh optimizer state for its shapes."""
+    """``out/checkpoint.pt``: ``state`` with ``model``'s weights, widths
+    (``config["widths"]``), VoxelSkip and VoxelPrune layers (``voxel_skip``,
+    ``voxel_prune``: :func:`pointsparse.models.voxel_skips` /
+    :func:`~pointsparse.models.voxel_prunes`, left out where it has none)
+    and a fresh optimizer state for its shapes and parameters (a learned
+    scorer's among them)."""
+    from ..models import voxel_prunes, voxel_skips
     from ..prune.graph import widths
     from .train import CHECKPOINT, make_optimizer
-    new = dict(state, model=model.state_dict(), config=dict(state["config"], widths=widths(model)))
+    config = dict(state["config"], widths=widths(model))
+    for key, recorded in (("voxel_skip", voxel_skips(model)), ("voxel_prune", voxel_prunes(model))):
+        if recorded:
+            config[key] = recorded
+        else:
+            config.pop(key, None)
+    new = dict(state, model=model.state_dict(), config=config)
     if state.get("args"):
         new["optimizer"] = make_optimizer(argparse.Namespace(**state["args"]), model).state_dict()
     out = Path(out)
