@@ -59,9 +59,17 @@ def test_bad_flags_fail_before_any_work(flag, value, tmp_path, capsys, monkeypat
                                        "lottery` takes no such flag, so it would be ignored"),
     (["amc", "--latency", "0.3", "--rounds", "2"], "--rounds 2 (prune schedule, lottery), --latency 0.3 (prune "
                                                    "netadapt): `prune amc` takes none of them"),
-    (["schedule", "--finetune-epochs", "2"], "--finetune-epochs 2 (prune channels, vectors, offsets)"),
+    (["schedule", "--finetune-epochs", "2"], "--finetune-epochs 2 (prune channels, vectors, offsets, voxels)"),
+    (["voxels", "--checkpoint", "{ckpt}", "--criterion", "bn"], "--criterion bn (prune channels): `prune voxels`"),
+    (["voxels", "--checkpoint", "{ckpt}", "--data", "x.npy"], "--data x.npy (prune channels, sensitivity"),
+    (["voxels", "--checkpoint", "{ckpt}", "--sparsity", "0.5"], "--sparsity: prune voxels keeps --ratio of the "
+                                                                "voxels"),
+    (["offsets", "--checkpoint", "{ckpt}", "--placement", "prune"], "--placement prune (prune voxels): `prune "
+                                                                    "offsets` takes no such flag"),
+    (["channels", "--checkpoint", "{ckpt}", "--stages", "1", "2", "--score", "learned"],
+     "--stages 1 2 (prune voxels), --score learned (prune voxels): `prune channels` takes none of them"),
     (["vectors", "--checkpoint", "{ckpt}", "--data", "x.npy"], "--data x.npy (prune channels, sensitivity"),
-    (["offsets", "--checkpoint", "{ckpt}", "--ratio", "0.3"], "--ratio 0.3 (prune channels): `prune offsets`"),
+    (["offsets", "--checkpoint", "{ckpt}", "--ratio", "0.3"], "--ratio 0.3 (prune channels, voxels): `prune offsets`"),
     (["channels", "--checkpoint", "{ckpt}", "--quick"], "--quick (prune sensitivity, schedule, lottery, init, rigl, "
                                                         "amc, netadapt): `prune channels` takes no such flag"),
     (["channels", "--checkpoint", "{ckpt}", "--seed", "1"], "--seed 1 (prune sensitivity"),
@@ -79,7 +87,7 @@ def test_flags_the_procedure_would_not_read_are_refused(argv, words, tmp_path, c
         raise AssertionError("the procedure started before its flags were checked")
 
     for module, name in ((prune, "_task"), (channels, "main"), (channels, "vectors_main"),
-                         (channels, "offsets_main")):
+                         (channels, "offsets_main"), (channels, "voxels_main")):
         monkeypatch.setattr(module, name, no_work)
     monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
     argv = [a.replace("{ckpt}", str(tmp_path / "missing.pt")) for a in argv]
@@ -102,6 +110,8 @@ def test_flags_the_procedure_would_not_read_are_refused(argv, words, tmp_path, c
      "4", "--finetune-epochs", "1", "--data", "x.npy"],
     ["vectors", "--checkpoint", "c.pt", "--sparsity", "0.5", "--square", "--finetune-epochs", "1"],
     ["offsets", "--checkpoint", "c.pt", "--sparsity", "0.5"],
+    ["voxels", "--checkpoint", "c.pt", "--placement", "prune", "--stages", "0", "1", "--score", "learned", "--ratio",
+     "0.3", "--finetune-epochs", "1"],
 ])
 def test_flags_the_procedure_reads_are_accepted(argv):
     from pointsparse.app import prune

@@ -489,3 +489,150 @@ def test_prune_vectors_leaves_a_single_offset_kernel_region_conv_alone(tmp_path,
         Conv3d(3, 16, 3, kernel_region=[13]), ReLU(), Conv3d(16, 4, 1)))
     with pytest.raises(ValueError, match="no sparse conv with more than one offset"):
         channels._prune_vectors(tmp_path / "in.pt", tmp_path / "out", 0.5, False)
+
+
+@pytest.fixture(scope="module")
+def voxel_run(tmp_path_factory):
+    """A TINY run of one epoch (its checkpoint), which the ``prune voxels`` tests prune."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    dense = tmp_path_factory.mktemp("voxel-run") / "dense"
+    assert cli.main(["train", *TINY, "--epochs", "1", "--out", str(dense)]) == 0
+    torch.set_num_threads(before)
+    return dense / "checkpoint.pt"
+
+
+def _voxels_by_hand(path, placement: str, stages, keep: float, score: str = "magnitude"):
+    """The checkpoint's model with VoxelSkip around the convs of every
+    residual block of decoder stages ``stages`` (``placement="skip"``) or
+    VoxelPrune on their input (``"prune"``), added by hand."""
+    from pointsparse.models import add_voxel_prune
+    from pointsparse.nn import VoxelSkip
+    model = load_model(path)
+    for j in stages:
+        if placement == "prune":
+            add_voxel_prune(model, f"fuse.{j}", keep, score,
+                            model.fuse[j][0].main[0].in_channels if score == "learned" else None)
+            continue
+        for block in model.fuse[j]:
+            block.main = VoxelSkip(block.main, keep, score, block.main[0].in_channels if score == "learned" else None)
+    return model.eval()
+
+
+@pytest.mark.parametrize("argv, placement, stages, keep", [
+    ([], "skip", (0, 1, 2), 0.5),  # the defaults: bench/voxel_prune.py's
+    (["--stages", "3", "--ratio", "0.25"], "skip", (3,), 0.25),
+    (["--placement", "prune", "--stages", "2", "1", "--ratio", "0.3"], "prune", (1, 2), 0.3),
+    (["--placement", "prune"], "prune", (0, 1, 2), 0.5),
+])
+def test_prune_voxels_writes_the_model_with_them_added_by_hand(voxel_run, tmp_path, capsys, argv, placement, stages,
+                                                               keep):
+    """``prune voxels`` writes a checkpoint whose model is the source's with
+    VoxelSkip around the convs of each residual block of the decoder stages
+    (or VoxelPrune on their input) added: recorded in its config, loaded by
+    ``load_model`` with them, its outputs those of the model with the same
+    layers added by hand, bit for bit; one line says what was added where."""
+    out = tmp_path / "voxels"
+    assert cli.main(["prune", "voxels", "--checkpoint", str(voxel_run), *argv, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    kind = "VoxelSkip" if placement == "skip" else "VoxelPrune"
+    places = ([f"fuse.{j}.0.main" for j in stages] if placement == "skip" else [f"fuse.{j}" for j in sorted(stages)])
+    assert f"pruned checkpoint {out / 'checkpoint.pt'}: {kind}(keep_ratio={keep}, score='magnitude')" in printed
+    assert all(p in printed for p in places), printed
+    state, source = checkpoint.load(out / "checkpoint.pt"), checkpoint.load(voxel_run)
+    assert sorted(state["config"][f"voxel_{placement}"]) == sorted(places)
+    assert f"voxel_{'prune' if placement == 'skip' else 'skip'}" not in state["config"]
+    assert state["epoch"] == source["epoch"] and state["args"] == source["args"]
+    from prune_procedures_support import sparse_input
+    loaded, by_hand = load_model(out / "checkpoint.pt"), _voxels_by_hand(voxel_run, placement, stages, keep)
+    x = sparse_input(n=2000, channels=loaded.in_channels, extent=24)
+    with torch.no_grad():
+        y = loaded(x).feats
+        assert torch.equal(y, by_hand(x).feats)
+        assert not torch.equal(y, load_model(voxel_run)(x).feats)  # (the layers do prune)
+
+
+def test_prune_voxels_learned_score_fine_tunes_and_predicts(voxel_run, tmp_path, capsys):
+    """``--score learned``: each VoxelSkip gets a scorer (the same in every
+    run), saved with the weights and in the fresh optimizer state, so that
+    ``--finetune-epochs`` (``train --resume``, which builds the model with
+    them from the config) trains it; the result loads and predicts."""
+    import numpy as np
+
+    argv = ["prune", "voxels", "--checkpoint", str(voxel_run), "--score", "learned", "--stages", "1", "2"]
+    assert cli.main([*argv, "--out", str(tmp_path / "a")]) == 0
+    assert cli.main([*argv, "--out", str(tmp_path / "b")]) == 0
+    first, again = (checkpoint.load(tmp_path / d / "checkpoint.pt")["model"] for d in "ab")
+    scorers = [k for k in first if ".prune.scorer." in k]
+    assert sorted(scorers) == [f"fuse.{j}.0.main.prune.scorer.{t}" for j in (1, 2) for t in ("bias", "weight")]
+    assert all(torch.equal(first[k], again[k]) for k in scorers)
+    by_hand = _voxels_by_hand(voxel_run, "skip", (1, 2), 0.5, "learned")
+    by_hand.load_state_dict(first)
+    from prune_procedures_support import sparse_input
+    loaded = load_model(tmp_path / "a" / "checkpoint.pt")
+    x = sparse_input(n=2000, channels=loaded.in_channels, extent=24)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).feats, by_hand(x).feats)
+    tuned = tmp_path / "tuned"
+    assert cli.main([*argv, "--finetune-epochs", "1", "--out", str(tuned)]) == 0
+    state = checkpoint.load(tuned / "checkpoint.pt")
+    assert state["epoch"] == 2 and sorted(state["config"]["voxel_skip"]) == ["fuse.1.0.main", "fuse.2.0.main"]
+    assert all(not torch.equal(state["model"][k], first[k]) for k in scorers)  # the scorers trained
+    load_model(tuned / "checkpoint.pt")
+    cloud = tmp_path / "c.npz"
+    rng = np.random.default_rng(0)
+    np.savez(cloud, xyz=(rng.random((800, 3)) * 12).astype(np.float32))
+    assert cli.main(["predict", "--checkpoint", str(tuned / "checkpoint.pt"), "--data", str(cloud),
+                     "--out", str(tmp_path / "pred"), "--no-progress"]) == 0
+    assert any((tmp_path / "pred").iterdir())
+
+
+def test_prune_voxels_refusals_name_the_file_the_stages_and_the_flags(voxel_run, tmp_path, capsys, monkeypatch):
+    """``prune voxels`` refuses, exit 2 and nothing written: a model without
+    MinkUNet's decoder stages (``fuse``) naming the file, stages out of
+    range naming the range, layers of the same placement already at a stage
+    (a VoxelPrune on a skipped stage's input is another place: taken),
+    and a --ratio out of (0, 1]."""
+    from pointsparse.data import NUM_FEATURES, OUTDOOR_CLASSES
+    from pointsparse.models import SPVCNN
+
+    monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
+    spvcnn = tmp_path / "spvcnn.pt"
+    checkpoint.save(spvcnn, {"model": SPVCNN(NUM_FEATURES, len(OUTDOOR_CLASSES), cr=0.125, blocks=1).state_dict(),
+                             "config": {"in_channels": NUM_FEATURES, "classes": list(OUTDOOR_CLASSES), "cr": 0.125,
+                                        "blocks": 1, "voxel_size": 0.5, "model": "spvcnn"}})
+    skipped = tmp_path / "skipped"
+    assert cli.main(["prune", "voxels", "--checkpoint", str(voxel_run), "--stages", "1", "--out", str(skipped)]) == 0
+    pruned = tmp_path / "pruned"
+    assert cli.main(["prune", "voxels", "--checkpoint", str(skipped / "checkpoint.pt"), "--placement", "prune",
+                     "--stages", "1", "--out", str(pruned)]) == 0
+    config = checkpoint.load(pruned / "checkpoint.pt")["config"]
+    assert list(config["voxel_skip"]) == ["fuse.1.0.main"] and list(config["voxel_prune"]) == ["fuse.1"]
+    from pointsparse.app.channels import save_pruned
+    from pointsparse.models import add_voxel_prune
+    inner = load_model(voxel_run)
+    add_voxel_prune(inner, "fuse.1.0.main", 0.5)  # (a VoxelSkip around fuse.1.0.main would move it)
+    inner_path = save_pruned(checkpoint.load(voxel_run), inner, tmp_path / "inner")
+    capsys.readouterr()
+    never = tmp_path / "never"
+    for source, argv, words in [
+        (spvcnn, [], f"{spvcnn}: its model (SPVCNN) has no decoder stages fuse[j]"),
+        (voxel_run, ["--stages", "4"], "--stages 4: the model's decoder stages are 0..3"),
+        (voxel_run, ["--stages", "0", "-1"], "--stages -1: the model's decoder stages are 0..3"),
+        (voxel_run, ["--placement", "prune", "--stages", "3"], "--stages 3: --placement prune takes stages 0..2"),
+        (voxel_run, ["--stages", "1", "1"], "--stages 1 1: stage 1 is given twice"),
+        (skipped / "checkpoint.pt", ["--stages", "0", "1"],
+         f"{skipped / 'checkpoint.pt'}: decoder stage 1 has VoxelSkip already (fuse.1.0.main, in its config's "
+         "voxel_skip)"),
+        (pruned / "checkpoint.pt", ["--placement", "prune", "--stages", "1"],
+         f"{pruned / 'checkpoint.pt'}: decoder stage 1 has a VoxelPrune on its input already (fuse.1, in its "
+         "config's voxel_prune)"),
+        (inner_path, ["--stages", "1"], f"{inner_path}: fuse.1.0.main has a VoxelPrune on its input (config "
+                                        "voxel_prune), which a VoxelSkip around fuse.1.0.main would move"),
+        (voxel_run, ["--ratio", "0"], "(--ratio) must be a number in (0, 1]: the fraction of the voxels"),
+        (voxel_run, ["--ratio", "1.5"], "(--ratio) must be a number in (0, 1]"),
+    ]:
+        assert cli.main(["prune", "voxels", "--checkpoint", str(source), *argv, "--out", str(never)]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("pointsparse prune: error: ") and words in err, (argv, err)
+    assert not never.exists()

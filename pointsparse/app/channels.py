@@ -7,7 +7,10 @@ engine's vectors of every sparse conv of a checkpoint's model (the
 granularity the fused kernels skip) and write a checkpoint that stores the
 masks, which fine-tuning keeps. ``pointsparse prune offsets``: the same with
 whole kernel offsets of every conv whose windows overlap (the engine leaves
-a zero offset's pairs out; on AMX CPUs the bf16 tiles run the kept ones)."""
+a zero offset's pairs out; on AMX CPUs the bf16 tiles run the kept ones).
+``pointsparse prune voxels``: spatial pruning, VoxelSkip around the convs
+of every residual block of a MinkUNet's decoder stages (or VoxelPrune on
+their input), recorded in the checkpoint's config."""
 
 from __future__ import annotations
 
@@ -18,16 +21,23 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint
+from ..nn import VoxelPrune
 from ..prune.workflow import CRITERIA, channel_scores, check_options, prune_channels
 from ..tensor import positive_int
 
+#: ``prune voxels``' placements: VoxelSkip around each residual block's convs, or VoxelPrune on a stage's input.
+PLACEMENTS = ("skip", "prune")
+
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--checkpoint", type=Path, help="channels: a checkpoint written by pointsparse train")
+    parser.add_argument("--checkpoint", type=Path,
+                        help="channels, vectors, offsets, voxels: a checkpoint written by pointsparse train")
     parser.add_argument("--data", nargs="+", default=None, metavar="SOURCE",
                         help="channels: clouds for the example input and the criterion (default: the run's data)")
     parser.add_argument("--label-map", default=None, help="channels: label map of --data")
-    parser.add_argument("--ratio", type=float, default=0.5, help="channels: fraction of each group's channels kept")
+    parser.add_argument("--ratio", type=float, default=0.5,
+                        help="channels: fraction of each group's channels kept; voxels: fraction of the voxels each "
+                             "VoxelSkip / VoxelPrune keeps (its keep_ratio), default 0.5")
     parser.add_argument("--criterion", choices=CRITERIA, default="l1",
                         help="channels: importance (l1/l2 weight norms, bn: BatchNorm scale, taylor: first-order)")
     parser.add_argument("--scope", choices=("group", "global"), default="group",
@@ -35,7 +45,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--multiple", type=int, default=None,
                         help="channels: kept counts rounded to this multiple (default 8, measured fastest)")
     parser.add_argument("--finetune-epochs", type=int, default=0,
-                        help="channels, vectors, offsets: epochs of fine-tuning afterwards")
+                        help="channels, vectors, offsets, voxels: epochs of fine-tuning afterwards")
+    parser.add_argument("--placement", choices=PLACEMENTS, default="skip",
+                        help="voxels: skip (default, measured best: VoxelSkip around the convs of every residual "
+                             "block of the stages; the voxels it skips pass through the block's shortcut) or prune "
+                             "(VoxelPrune on the stages' input: the voxels it drops leave the stage)")
+    parser.add_argument("--stages", type=int, nargs="+", default=None, metavar="J",
+                        help="voxels: the decoder stages fuse[J] (0: stride 8 .. 3: stride 1) to prune; default "
+                             "0 1 2 (bench/voxel_prune.py's); prune takes 0 1 2 (stage 3 feeds the classifier)")
+    parser.add_argument("--score", choices=VoxelPrune.SCORES, default="magnitude",
+                        help="voxels: what ranks the voxels: magnitude (feature norm, default) or learned (a "
+                             "Linear(C, 1) score, untrained until --finetune-epochs trains it with the weights)")
     parser.add_argument("--square", action="store_true",
                         help="vectors: width x width blocks, which the input gradient skips too")
     parser.add_argument("--pairs", action="store_true",
@@ -205,6 +225,107 @@ def _prune_offsets(path, out, amount: float) -> tuple[Path, int, int]:
     return save_pruned(state, model, out), kept, sum(_weights_of(m, m.weight_mask).shape[0] for m in convs)
 
 
+def prune_voxels_checkpoint(path, out, keep_ratio: float = 0.5, placement: str = "skip", stages=None,
+                            score: str = "magnitude") -> Path:
+    """Write ``out/checkpoint.pt``: the checkpoint's MinkUNet (dense or
+    pruned) with, in each decoder stage ``model.fuse[j]`` of ``stages``
+    (default every stage but the last, stride 1), a
+    :class:`~pointsparse.nn.VoxelSkip` of ``keep_ratio`` and ``score``
+    around the convs (``main``) of every residual block (``placement=
+    "skip"``) or a :class:`~pointsparse.nn.VoxelPrune` on the stage's input
+    (``"prune"``, :func:`pointsparse.models.add_voxel_prune`; not the last
+    stage, whose dropped voxels would get no prediction), recorded in its
+    config (``voxel_skip`` / ``voxel_prune``), so that ``load_model``,
+    ``eval``, ``predict``, ``export`` and ``train --resume`` build the model
+    with them. A learned score's scorers are initialised from a fixed seed
+    (the same file every run) and are in the fresh optimizer state. The
+    run's epoch, schedule and history are kept. Returns its path."""
+    return _prune_voxels(path, out, keep_ratio, placement, stages, score)[0]
+
+
+def _voxel_stages(path, model, placement: str, stages) -> list[int]:
+    """``stages`` checked against ``model``'s decoder stages (default all
+    but the last): ValueError naming a model without them (with the file),
+    a stage out of range (with the range), a stage given twice."""
+    fuse = getattr(model, "fuse", None)
+    if not isinstance(fuse, torch.nn.ModuleList) or not fuse or not all(
+            isinstance(stage, torch.nn.Sequential) and all(hasattr(block, "main") for block in stage)
+            for stage in fuse):
+        raise ValueError(f"{path}: its model ({type(model).__name__}) has no decoder stages fuse[j] of residual "
+                         "blocks (MinkUNet's) to put VoxelSkip or VoxelPrune in")
+    last = len(fuse) - 1 if placement == "skip" else len(fuse) - 2
+    if stages is None:
+        return list(range(len(fuse) - 1))
+    if not isinstance(stages, (list, tuple)) or not stages or not all(
+            isinstance(j, int) and not isinstance(j, bool) for j in stages):
+        raise ValueError(f"stages (--stages) must be a non-empty list of decoder stage numbers; got {stages!r}")
+    for j in stages:
+        if not 0 <= j < len(fuse):
+            raise ValueError(f"--stages {j}: the model's decoder stages are 0..{len(fuse) - 1}")
+        if j > last:
+            raise ValueError(f"--stages {j}: --placement prune takes stages 0..{last} (stage {j} runs at stride 1 "
+                             "into the classifier: the voxels dropped there would get no prediction); "
+                             "--placement skip takes it")
+    twice = [j for i, j in enumerate(stages) if j in stages[:i]]
+    if twice:
+        raise ValueError(f"--stages {' '.join(map(str, stages))}: stage {twice[0]} is given twice")
+    return sorted(stages)
+
+
+def _prune_voxels(path, out, keep_ratio: float, placement: str, stages, score: str) -> tuple[Path, list[str]]:
+    """:func:`prune_voxels_checkpoint`, and the names of the modules wrapped
+    (skip) or whose input is pruned (prune)."""
+    from .evaluate import checkpoint_model
+    from ..models import add_voxel_prune, voxel_prunes
+    from ..nn import Conv3d, VoxelSkip
+    from ..nn.functional import keep_ratio_of
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement (--placement) must be one of {', '.join(PLACEMENTS)}; got {placement!r}")
+    if score not in VoxelPrune.SCORES:
+        raise ValueError(f"score (--score) must be one of {', '.join(VoxelPrune.SCORES)}; got {score!r}")
+    try:
+        keep_ratio = keep_ratio_of(keep_ratio)
+    except ValueError:
+        raise ValueError(f"keep_ratio (--ratio) must be a number in (0, 1]: the fraction of the voxels kept; got "
+                         f"{keep_ratio!r}") from None
+    state = load_state(path)
+    model = checkpoint_model(state, path)
+    stages = _voxel_stages(path, model, placement, stages)
+    prunes = voxel_prunes(model)
+
+    def channels(module) -> int | None:  # a learned scorer's: the input width of the module's first conv
+        return next(m for m in module.modules() if isinstance(m, Conv3d)).in_channels if score == "learned" else None
+
+    places = []
+    for j in stages:
+        if placement == "prune":
+            if f"fuse.{j}" in prunes:
+                raise ValueError(f"{path}: decoder stage {j} has a VoxelPrune on its input already (fuse.{j}, in its "
+                                 "config's voxel_prune)")
+            places.append(f"fuse.{j}")
+            continue
+        for i, block in enumerate(model.fuse[j]):
+            name = f"fuse.{j}.{i}.main"
+            if isinstance(block.main, VoxelSkip):
+                raise ValueError(f"{path}: decoder stage {j} has VoxelSkip already ({name}, in its config's "
+                                 "voxel_skip)")
+            inside = [p for p in prunes if p == name or p.startswith(name + ".")]
+            if inside:  # (add_voxel_prune's key would no longer name the module it runs on)
+                raise ValueError(f"{path}: {inside[0]} has a VoxelPrune on its input (config voxel_prune), which a "
+                                 f"VoxelSkip around {name} would move")
+            places.append(name)
+    with torch.random.fork_rng(devices=[]):  # (a learned scorer's initial weights: the same every run)
+        torch.manual_seed(0)
+        for name in places:
+            module = model.get_submodule(name)
+            if placement == "prune":
+                add_voxel_prune(model, name, keep_ratio, score, channels(module))
+            else:
+                parent, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(parent), leaf, VoxelSkip(module, keep_ratio, score, channels(module)))
+    return save_pruned(state, model, out), places
+
+
 def finetune(path: Path, epochs: int) -> None:
     """Resume training the checkpoint at ``path`` for ``epochs`` more epochs
     (same options as the run that wrote it; output beside it)."""
@@ -254,6 +375,22 @@ def offsets_main(args) -> int:
     path, kept, total = _prune_offsets(args.checkpoint, args.out, amount)
     print(f"pruned checkpoint {path}: kernel offsets masked, {kept} of the {total} offsets of its convs whose "
           f"windows overlap kept ({kept / total:.2f})")
+    if args.finetune_epochs > 0:
+        finetune(path, args.finetune_epochs)
+    return 0
+
+
+def voxels_main(args) -> int:
+    _check_flags(args, "voxels")
+    path, places = _prune_voxels(args.checkpoint, args.out, args.ratio, args.placement, args.stages, args.score)
+    stages = ", ".join(map(str, sorted({int(name.split(".")[1]) for name in places})))
+    added = (f"VoxelSkip(keep_ratio={args.ratio}, score={args.score!r}) around {', '.join(places)} (the convs of "
+             f"every residual block of decoder stages {stages})" if args.placement == "skip" else
+             f"VoxelPrune(keep_ratio={args.ratio}, score={args.score!r}) on the input of {', '.join(places)} "
+             f"(decoder stages {stages})")
+    untrained = "; its scorers are untrained: give --finetune-epochs" if args.score == "learned" and \
+        args.finetune_epochs == 0 else ""
+    print(f"pruned checkpoint {path}: {added}{untrained}")
     if args.finetune_epochs > 0:
         finetune(path, args.finetune_epochs)
     return 0

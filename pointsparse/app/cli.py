@@ -23,8 +23,8 @@ COMMANDS = [
      "segment point cloud files with a checkpoint or an exported program; write each point's class"),
     ("bench", "pointsparse.app.benchmark", "run the benchmark suites in bench/ (kernel maps, convolution, SpMM)"),
     ("prune", "pointsparse.app.prune",
-     "pruning: channels of a trained checkpoint, and the procedures sensitivity, schedule, lottery, init, rigl, "
-     "amc, netadapt"),
+     "pruning: channels, vectors, offsets or voxels of a trained checkpoint, and the procedures sensitivity, "
+     "schedule, lottery, init, rigl, amc, netadapt"),
 ]
 
 

@@ -3,8 +3,9 @@
 Procedures: sensitivity, schedule, lottery, init, rigl, amc, netadapt (each
 through its driver in :mod:`pointsparse.app.procedures`), channels (a
 trained checkpoint's every coupled group), vectors (a trained checkpoint's
-engine vectors, masked) and offsets (its convs' kernel offsets, masked), all
-three in :mod:`pointsparse.app.channels`.
+engine vectors, masked), offsets (its convs' kernel offsets, masked) and
+voxels (VoxelSkip or VoxelPrune in its MinkUNet's decoder stages), all four
+in :mod:`pointsparse.app.channels`.
 Tasks: ``--task digits`` (scikit-learn's bundled digits; ``--model
 mlp|cnn|deep``), ``--task scene`` (generated street scenes, a sparse-conv
 chain) or ``--checkpoint`` (a trained MinkUNet and its clouds). Each run
@@ -26,7 +27,8 @@ from . import channels, procedures
 from .cli import given_flags
 from .tasks import digits_task, scene_task
 
-PROCEDURES = ("sensitivity", "schedule", "lottery", "init", "rigl", "amc", "netadapt", "channels", "vectors", "offsets")
+PROCEDURES = ("sensitivity", "schedule", "lottery", "init", "rigl", "amc", "netadapt", "channels", "vectors", "offsets",
+              "voxels")
 
 
 def add_arguments(parser) -> None:
@@ -111,7 +113,7 @@ def check_args(args) -> None:
 
 #: The procedures run on a task (their drivers in :mod:`.procedures`), and those on a checkpoint alone.
 TASK_PROCEDURES = ("sensitivity", "schedule", "lottery", "init", "rigl", "amc", "netadapt")
-CHECKPOINT_PROCEDURES = ("channels", "vectors", "offsets")
+CHECKPOINT_PROCEDURES = ("channels", "vectors", "offsets", "voxels")
 
 #: The procedures that read each flag (--out and --checkpoint: every one; --square, --pairs and --panels: vectors,
 #: refused by main's own check); each other procedure would ignore it.
@@ -122,8 +124,9 @@ READ_BY = {
     "finetune_lr_factor": ("schedule", "amc"), "prune_fraction": ("lottery",), "rewind": ("lottery",),
     "method": ("init",), "distribution": ("rigl",), "flops": ("amc",), "reward": ("amc",), "episodes": ("amc",),
     "reconstruct": ("amc",), "latency": ("netadapt",), "data": ("channels", *TASK_PROCEDURES),
-    "label_map": ("channels", *TASK_PROCEDURES), "ratio": ("channels",), "criterion": ("channels",),
+    "label_map": ("channels", *TASK_PROCEDURES), "ratio": ("channels", "voxels"), "criterion": ("channels",),
     "scope": ("channels",), "multiple": ("channels",), "finetune_epochs": CHECKPOINT_PROCEDURES,
+    "placement": ("voxels",), "stages": ("voxels",), "score": ("voxels",),
 }
 
 #: What ``--quick`` runs in place of a flag's value.
@@ -194,6 +197,9 @@ def main(args) -> int:
     if args.procedure == "channels" and args.sparsity is not None:
         raise ValueError("--sparsity: prune channels keeps --ratio of every coupled channel group; it takes no "
                          "--sparsity (that is prune vectors', offsets' and the procedures')")
+    if args.procedure == "voxels" and args.sparsity is not None:
+        raise ValueError("--sparsity: prune voxels keeps --ratio of the voxels (VoxelSkip's and VoxelPrune's "
+                         "keep_ratio); it takes no --sparsity (that is prune vectors', offsets' and the procedures')")
     check_args(args)
     check_read(args)
     from .train import holding_out
@@ -208,6 +214,8 @@ def _run(args) -> int:
         return channels.vectors_main(args)
     if args.procedure == "offsets":
         return channels.offsets_main(args)
+    if args.procedure == "voxels":
+        return channels.voxels_main(args)
     if args.sparsity is None:
         args.sparsity = 0.9
     torch.manual_seed(args.seed)
