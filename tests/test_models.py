@@ -852,3 +852,32 @@ def test_a_loaded_model_with_voxel_prunes_exports_as_eager(tmp_path):
         want = net(x).feats
         assert torch.equal(program.module()(x.feats, x.coords), want)
         assert torch.equal(compiled(x).feats, want)
+
+
+@pytest.mark.parametrize("name", ["stem.0.1", "stem.0.2", "fuse.0.0.relu"])
+def test_fuse_for_inference_keeps_a_voxel_prune_on_a_batch_norm_or_relu(name):
+    """A VoxelPrune that add_voxel_prune put on the input of a BatchNorm or
+    a ReLU (a conv's, or a residual block's after its sum): fuse_for_inference
+    folded that module into the conv before it (nn.Identity in its place)
+    and the pruner with it, so the fused model (eval / predict --inference
+    fused) ran unpruned without a word. Such a module is kept: the fused
+    model prunes the same voxels."""
+    from pointsparse.models import add_voxel_prune
+    from pointsparse.nn import fuse_for_inference
+
+    torch.manual_seed(10)
+    net = MinkUNet(4, 3, cr=0.25, blocks=1)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    add_voxel_prune(net, name, 0.5)
+    fused = fuse_for_inference(net)
+    ran = []
+    fused.voxel_prune[name.replace(".", "_")].register_forward_hook(lambda module, args, out: ran.append(len(out)))
+    x = _cloud(600, 4, seed=3, extent=16)
+    with torch.no_grad():
+        want, got = net.eval()(x), fused(x)
+    assert len(ran) == 1 and ran[0] > 0
+    assert torch.equal(got.coords, want.coords)
+    assert torch.allclose(got.feats, want.feats, atol=1e-4)

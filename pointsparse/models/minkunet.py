@@ -56,9 +56,12 @@ class ResidualBlock(nn.Module):
         ReLU of their own over the output). True where it did: ``main`` a
         ``Sequential`` ending in a :class:`~pointsparse.nn.Conv3d` without a
         ReLU of its own (then only ``nn.Identity``) and the block's ReLU a
-        :class:`~pointsparse.nn.ReLU`."""
+        :class:`~pointsparse.nn.ReLU` without forward pre-hooks (a VoxelPrune
+        on the sum, ``models.add_voxel_prune``, runs before it)."""
+        from ..nn.fuse import has_pre_hooks  # noqa: PLC0415 - (fusion is the caller's; loaded with nn)
+
         if self.sum_in_conv is not None or not isinstance(self.main, nn.Sequential) \
-                or not isinstance(self.relu, spnn.ReLU):
+                or not isinstance(self.relu, spnn.ReLU) or has_pre_hooks(self.relu):
             return False
         layers = list(self.main)
         last = max((i for i, m in enumerate(layers) if not isinstance(m, nn.Identity)), default=None)

@@ -58,6 +58,13 @@ def fold_batchnorm(conv: Conv3d, bn: nn.BatchNorm1d) -> None:
         conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype))
 
 
+def has_pre_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` runs forward pre-hooks (say the VoxelPrune
+    ``models.add_voxel_prune`` put on its input): fusion keeps such a
+    module, which folded away would take its hooks with it."""
+    return bool(module._forward_pre_hooks)
+
+
 def _unpruned_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` whose pruning reparametrisations are made
     permanent (``prune.remove``: ``weight = weight_orig * mask``, the hook
@@ -113,6 +120,8 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     modules become ``nn.Identity``). Then every module with a
     ``fuse_residual()`` method (MinkUNet's and SPVCNN's ``ResidualBlock``) is
     asked to run its residual sum and ReLU in its last conv's store. A
+    BatchNorm or ReLU with forward pre-hooks (a VoxelPrune on its input,
+    ``models.add_voxel_prune``) is left in place, unfolded. A
     pruned module (``torch.nn.utils.prune`` / ``pointsparse.prune``:
     ``weight_orig`` and a mask) has its pruning made permanent in the copy
     first, so the fold lands in the weight the forward uses. A conv held
@@ -131,12 +140,14 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
             if not isinstance(conv, Conv3d) or conv.relu:
                 continue
             j = i + 1
+            # (a module with pre-hooks stays: e.g. a VoxelPrune on its input, which must run before it)
             if j < len(names) and isinstance(seq._modules[names[j]], BatchNorm) and \
-                    seq._modules[names[j]].running_mean is not None:
+                    seq._modules[names[j]].running_mean is not None and not has_pre_hooks(seq._modules[names[j]]):
                 fold_batchnorm(conv, seq._modules[names[j]])
                 seq._modules[names[j]] = nn.Identity()
                 j += 1
-            if j < len(names) and isinstance(seq._modules[names[j]], ReLU):
+            if j < len(names) and isinstance(seq._modules[names[j]], ReLU) and \
+                    not has_pre_hooks(seq._modules[names[j]]):
                 conv.relu = True
                 seq._modules[names[j]] = nn.Identity()
     for module in list(fused.modules()):
