@@ -130,8 +130,8 @@ def test_counts_refuse_bools_and_floats(bad):
     with pytest.raises(TypeError, match="rounds must be an int >= 0"):
         lottery.lottery_ticket(mlp(0), tr, tr.accuracy, 4, rounds=bad)
     result = lottery.LotteryResult(rewind_step=0, masks=[adapters.masks(mlp(0))] * 2, state=lottery.snapshot(mlp(0)))
-    with pytest.raises(ValueError, match="round_index must be an int naming one of the 2 rounds"):
-        lottery.controls(mlp, result, bad, tr, tr.accuracy, 4)
+    with pytest.raises(TypeError, match="round_index must be an int naming one of the 2 rounds"):
+        lottery.controls(mlp, result, bad, tr, tr.accuracy, 4)  # (a wrong type, as at every count: was ValueError)
     with pytest.raises(TypeError, match="seed must be an int >= 0"):  # was checked after training the reinit control
         lottery.controls(mlp, result, 0, tr, tr.accuracy, 4, seed=bad)
     assert tr.calls == []

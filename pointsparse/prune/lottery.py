@@ -165,9 +165,9 @@ def controls(make_model: Callable[[int], nn.Module], result: LotteryResult, roun
         round_index = as_int(round_index, "round_index")
         if not -len(result.masks) <= round_index < len(result.masks):
             raise ValueError
-    except (TypeError, ValueError):
-        raise ValueError(f"round_index must be an int naming one of the {len(result.masks)} rounds; "
-                         f"got {round_index!r}") from None
+    except (TypeError, ValueError) as error:  # (a wrong type a TypeError, one out of range a ValueError)
+        raise type(error)(f"round_index must be an int naming one of the {len(result.masks)} rounds; "
+                          f"got {round_index!r}") from None
     mask_dict = result.masks[round_index]
     reinit = train_masked(make_model(seed + 1), mask_dict, train_fn, eval_fn, train_steps, None, lr)
     base = make_model(seed)
