@@ -253,6 +253,6 @@ def reuse_freed_memory(on: bool = True, max_bytes: int = 1 << 30) -> bool:
         max_bytes = as_int(max_bytes, "max_bytes", 0)
         if max_bytes > 1 << 30:
             raise ValueError
-    except (TypeError, ValueError):
-        raise ValueError(f"max_bytes must be an int in [0, 2**30]; got {max_bytes!r}") from None
+    except (TypeError, ValueError) as error:  # (a wrong type a TypeError, one out of range a ValueError)
+        raise type(error)(f"max_bytes must be an int in [0, 2**30]; got {max_bytes!r}") from None
     return bool(core.reuse_freed_memory(on, max_bytes))

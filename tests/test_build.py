@@ -345,6 +345,8 @@ def test_reuse_freed_memory_takes_numpy_integers(monkeypatch, make):
 def test_reuse_freed_memory_refuses_bools_and_floats(monkeypatch, bad):
     calls = []
     monkeypatch.setattr(_ext.core, "reuse_freed_memory", lambda on, max_bytes: calls.append((on, max_bytes)) or True)
-    with pytest.raises(ValueError, match=r"max_bytes must be an int in \[0, 2\*\*30\]"):
+    with pytest.raises(TypeError, match=r"max_bytes must be an int in \[0, 2\*\*30\]"):  # (a type: was ValueError)
         pointsparse.reuse_freed_memory(True, bad)
+    with pytest.raises(ValueError, match=r"max_bytes must be an int in \[0, 2\*\*30\]; got -1"):
+        pointsparse.reuse_freed_memory(True, -1)
     assert calls == []
