@@ -1436,6 +1436,17 @@ def test_kernel_region_convs_export_and_compile_as_eager(tmp_path, dtype):
     _runs_as_eager(model, clouds[0], clouds[1:], tmp_path)
 
 
+def test_kernel_region_convs_in_bf16_on_the_torch_backend_export_and_compile_as_eager(tmp_path):
+    """Where the core serves no call (backend "torch"), eager bf16 inference of a conv with a kernel region
+    sums in torch's bf16 loop, as a graph's operator does on the bf16 values: the graph widened them to
+    float32 all the same (the core's "bf16 on float32"), so its program and compiled model gave other bits."""
+    torch.manual_seed(0)
+    model = _RegionNet().eval().to(torch.bfloat16)
+    clouds = [_cloud(n, seed, dtype=torch.bfloat16) for n, seed in ((400, 1), (600, 2))]
+    with ps._ext.torch_path():
+        _runs_as_eager(model, clouds[0], clouds[1:], tmp_path)
+
+
 def test_save_and_load_name_a_path_that_is_no_path(tmp_path):
     """export.save, export.load, ProgramModel.load and check_out_path given a
     path that is no str or os.PathLike (None, an int, the program itself)

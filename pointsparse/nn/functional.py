@@ -184,10 +184,9 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
         widen = False
         if region is not None:
             weight = weight * region.to(weight.device, weight.dtype).view(-1, 1, 1)
-            # eager bf16 inference runs a region in the float32 kernels ("bf16 on float32", below): so does the graph
-            widen = input.feats.dtype == weight.dtype == torch.bfloat16 and input.feats.is_cpu and weight.is_cpu \
-                and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                                         for t in (input.feats, weight, bias)))
+            # eager bf16 inference runs a region in the float32 kernels ("bf16 on float32", below): so does the
+            # graph, where eager does (its own test: not where the core serves no call, backend "torch")
+            widen = _engine.bf16_inference(input.feats, weight, bias)
         return _ops.conv3d(input, weight, bias, k, t, d, transposed, add, relu, widen=widen)
     kmap = _kmap._get_kmap(input, k, t, d, transposed)
     residual = None
