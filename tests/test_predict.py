@@ -475,3 +475,39 @@ def test_predict_and_eval_run_a_checkpoint_with_voxel_prunes(tmp_path, capsys):
     report = json.loads((tmp_path / "ev" / "eval-metrics.json").read_text())
     labels = np.load(paths[0])["labels"]
     assert report["accuracy"] == pytest.approx(float(np.mean(want == labels)), abs=1e-6)
+
+
+def test_predict_and_eval_run_a_checkpoint_with_a_stride_1_voxel_prune(tmp_path):
+    """A VoxelPrune that add_voxel_prune put at stride 1 (the last decoder
+    stage's input) gives logits on the kept voxels only: predict read them
+    as logits[inverse] and failed with a bare IndexError (or, where every
+    point's voxel row was below the kept count, gave points other voxels'
+    classes). Each point now reads its voxel's logits through devoxelize
+    (zeros, class 0, for the points of dropped voxels), in predict and eval."""
+    import pointsparse as ps
+    from pointsparse import checkpoint
+    from pointsparse.models import add_voxel_prune, voxel_prunes
+
+    state = load_training(_checkpoint(tmp_path / "dense.pt"))
+    model = load_model(tmp_path / "dense.pt")
+    add_voxel_prune(model, "fuse.3", 0.5)
+    ckpt = tmp_path / "prune.pt"
+    checkpoint.save(ckpt, dict(state, model=model.state_dict(),
+                               config=dict(state["config"], voxel_prune=voxel_prunes(model))))
+    paths = _clouds(tmp_path / "in", 1)
+    v = voxelize_sample(read_cloud(paths[0]), 0.5, 255)
+    batch = Batch.of([v])
+    with torch.no_grad():
+        out = model.eval()(batch.input)
+    assert 0 < len(out) < len(batch.input)
+    want = ps.devoxelize(out, batch.inverse).argmax(1).numpy()
+    assert np.array_equal(predict(model, batch)[1].numpy(), want)
+    out = tmp_path / "pred"
+    assert cli.main(["predict", "--checkpoint", str(ckpt), "--data", str(paths[0]), "--out", str(out),
+                     "--no-progress"]) == 0
+    assert np.array_equal(np.load(out / f"{paths[0].stem}.npy"), want)
+    assert cli.main(["eval", "--checkpoint", str(ckpt), "--data", str(paths[0]), "--out", str(tmp_path / "ev"),
+                     "--no-progress"]) == 0
+    report = json.loads((tmp_path / "ev" / "eval-metrics.json").read_text())
+    labels = np.load(paths[0])["labels"]
+    assert report["accuracy"] == pytest.approx(float(np.mean(want == labels)), abs=1e-6)

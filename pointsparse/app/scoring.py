@@ -15,6 +15,7 @@ import torch
 from .. import checkpoint
 from ..data import Batch, VoxelSample
 from ..models import SPVCNN
+from ..voxelize import devoxelize
 from . import metrics
 from .trainer import progress_bar
 
@@ -48,14 +49,19 @@ def feats_dtype(model, default: torch.dtype) -> torch.dtype:
     return next((p.dtype for p in inner.parameters() if p.is_floating_point()), default)
 
 
+def _input_of(model, batch: Batch):
+    """The batch's voxels, their feats cast to the model's dtype (a model
+    cast for inference, bf16)."""
+    x = batch.input
+    dtype = feats_dtype(model, x.feats.dtype)
+    return x if dtype == x.feats.dtype else x.with_feats(x.feats.to(dtype))
+
+
 def logits_of(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, the labels they are scored against): per voxel for MinkUNet,
     per point for SPVCNN; the voxels' feats cast to the model's dtype (a
     model cast for inference, bf16)."""
-    x = batch.input
-    dtype = feats_dtype(model, x.feats.dtype)
-    if dtype != x.feats.dtype:
-        x = x.with_feats(x.feats.to(dtype))
+    x = _input_of(model, batch)
     if point_level(model):
         return model(x, batch.inverse, batch.points, batch.point_batch), batch.point_labels
     return model(x).feats, batch.labels
@@ -63,11 +69,15 @@ def logits_of(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def predict(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(voxel logits, per-point predicted class) of a batch."""
-    logits, _ = logits_of(model, batch)
+    """(voxel logits, per-point predicted class) of a batch; a voxel
+    model's points read their voxel's logits through ``devoxelize`` (a
+    model that prunes voxels at stride 1 gives logits on the kept ones:
+    zeros, class 0, for the points of dropped voxels)."""
     if point_level(model):
+        logits, _ = logits_of(model, batch)
         return logits, logits.argmax(1)
-    return logits, logits.argmax(1)[batch.inverse]
+    out = model(_input_of(model, batch))
+    return out.feats, devoxelize(out, batch.inverse).argmax(1)
 
 
 def shard(count: int, rank: int, world: int) -> range:
