@@ -728,11 +728,11 @@ def test_add_voxel_prune_refuses_what_it_cannot_add_naming_it():
     with pytest.raises(ValueError, match=r"module_name 'fuse.0.0.main' is a VoxelSkip.*add_to.*past any forward hook"):
         add_voxel_prune(skip, "fuse.0.0.main")  # (its ResidualBlock runs add_to: the hook would never run)
     assert voxel_prunes(skip) == {} and not hasattr(skip, "voxel_prune")
-    head = torch.nn.Sequential(torch.nn.Linear(4, 2))
-    add_voxel_prune(head, "0")
-    with pytest.raises(TypeError, match=r"the VoxelPrune add_voxel_prune put on '0' takes a SparseTensor .*; "
+    head = spnn.Linear(4, 2)  # (its torch Linear, fn, gets the feats)
+    add_voxel_prune(head, "fn")
+    with pytest.raises(TypeError, match=r"the VoxelPrune add_voxel_prune put on 'fn' takes a SparseTensor .*; "
                                         r"got Tensor"):
-        head(torch.zeros(3, 4))
+        head(_cloud(20, 4))
     with pytest.raises(TypeError, match=r"model must be a torch.nn.Module; got dict"):
         voxel_prunes({})
     # the module moved after add_voxel_prune (wrapped in a VoxelSkip): the recorded name would load another key
@@ -881,3 +881,20 @@ def test_fuse_for_inference_keeps_a_voxel_prune_on_a_batch_norm_or_relu(name):
     assert len(ran) == 1 and ran[0] > 0
     assert torch.equal(got.coords, want.coords)
     assert torch.allclose(got.feats, want.feats, atol=1e-4)
+
+
+def test_add_voxel_prune_refuses_a_sequential_model():
+    """add_voxel_prune registers its pruners on the model (its child
+    voxel_prune); an nn.Sequential runs every child as a layer, so the model
+    it accepted then failed at each forward with torch's "Module [ModuleDict]
+    is missing the required forward function" (after its layers had run).
+    It is refused naming the model and what to do, the model unchanged; a
+    Sequential inside a model (MinkUNet's stages) takes one as before."""
+    from pointsparse.models import add_voxel_prune
+
+    net = torch.nn.Sequential(spnn.Conv3d(4, 8, 3), spnn.Conv3d(8, 3, 3))
+    with pytest.raises(ValueError, match=r"model is an nn.Sequential, .*voxel_prune.*as a layer"):
+        add_voxel_prune(net, "1")
+    assert len(net) == 2 and not hasattr(net, "voxel_prune") and not net[1]._forward_pre_hooks
+    with torch.no_grad():
+        assert len(net(_cloud(200, 4))) > 0

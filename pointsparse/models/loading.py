@@ -144,9 +144,14 @@ def add_voxel_prune(model: nn.Module, module_name: str, keep_ratio: float = 0.5,
     VoxelSkip (a ResidualBlock runs its ``add_to``, which no hook sees) or
     a name the model lacks is refused; wrap modules in VoxelSkip first (a
     module moved after would be recorded under a name its key no longer
-    matches: :func:`voxel_prunes` refuses it)."""
+    matches: :func:`voxel_prunes` refuses it). An ``nn.Sequential`` model is
+    refused (it would run the registered pruners as a layer)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if isinstance(model, nn.Sequential):  # (its forward calls every child: the pruners' ModuleDict too)
+        raise ValueError(f"model is an nn.Sequential, which would run the pruners add_voxel_prune registers on it "
+                         f"(its child {_PRUNES!r}) as a layer; wrap it in a module whose forward calls it, and give "
+                         "that one")
     if not isinstance(module_name, str):
         raise TypeError(f"module_name must be a str (a submodule's name, e.g. 'fuse.0'); got "
                         f"{type(module_name).__name__}")
