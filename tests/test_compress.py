@@ -755,3 +755,38 @@ def test_compress_keeps_an_attached_filter_skeleton(fmt):
         ref = conv(x).feats
         out = sparse(x).feats
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+class _ConvsAndHead(torch.nn.Module):
+    """Two sparse convs (the second pruned) and a per-site Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second, self.head = psnn.Conv3d(6, 8, 3), psnn.Conv3d(8, 8, 3, bias=True), psnn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.second(self.first(x)))
+
+
+@pytest.mark.parametrize("name", ["second", "first"])
+def test_compress_keeps_a_voxel_prune_on_a_layers_input(name):
+    """A VoxelPrune that models.add_voxel_prune put on the input of a conv (a
+    forward pre-hook on it): compress replaced the conv and dropped the hook,
+    so the compressed model ran unpruned without a word. The compressed conv
+    runs the conv's own forward pre-hooks; its pruning's (the mask), whose
+    weight it holds, stay behind."""
+    from pointsparse.models import add_voxel_prune
+
+    torch.manual_seed(0)
+    model = _ConvsAndHead().eval()
+    prune.l1_unstructured(model.second, "weight", amount=0.5)
+    add_voxel_prune(model, name, 0.5)
+    x = _sparse_input(n=80, channels=6)
+    for fmt, kwargs in FORMATS[:2]:
+        sparse = F.compress(model, fmt, **kwargs)
+        layer = getattr(sparse, name)
+        assert isinstance(layer, F.SparseConv3d) and len(layer._forward_pre_hooks) == 1
+        with torch.no_grad():
+            ref, out = model(x), sparse(x)
+        assert len(ref) < len(x) and torch.equal(out.coords, ref.coords)
+        torch.testing.assert_close(out.feats, ref.feats, rtol=1e-5, atol=1e-5)

@@ -74,7 +74,8 @@ def compress(module: torch.nn.Module, format="csr", example_input=None, **kwargs
     module (``weight_orig * weight_mask``, zero outside a ``kernel_region``)
     is used, and a conv's ``kernel_region`` kept (the compressed conv runs
     and reports those offsets only, as the source does); the module is not
-    changed. Compressed modules save their
+    changed; its other forward pre-hooks (a VoxelPrune on its input) run on
+    the compressed layer too. Compressed modules save their
     formats in ``state_dict``, refuse ``.to(dtype)`` and inputs that need a
     gradient they cannot give, with a clear error."""
     from ..nn import Conv3d
@@ -82,9 +83,9 @@ def compress(module: torch.nn.Module, format="csr", example_input=None, **kwargs
     cls = _format_class(format)
     if isinstance(module, torch.nn.Linear):
         weight = module_weight(module, "weight")
-        return SparseLinear(cls.from_dense(weight, **kwargs), module.bias)
+        return _with_pre_hooks(module, SparseLinear(cls.from_dense(weight, **kwargs), module.bias))
     if isinstance(module, Conv3d):
-        return _compress_conv(module, cls, example_input, kwargs)
+        return _with_pre_hooks(module, _compress_conv(module, cls, example_input, kwargs))
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"module must be a torch.nn.Module; got {type(module).__name__}")
     inputs = {} if example_input is None else _conv_inputs(module, example_input, Conv3d)
@@ -110,6 +111,21 @@ def compress(module: torch.nn.Module, format="csr", example_input=None, **kwargs
                         raise type(error)(f"{qualified}: {error}") from error
                 setattr(sub, child_name, done[id(child)])
     return result
+
+
+def _with_pre_hooks(module: torch.nn.Module, compressed: torch.nn.Module) -> torch.nn.Module:
+    """``compressed`` given ``module``'s forward pre-hooks (say a VoxelPrune
+    ``models.add_voxel_prune`` put on its input), in their order, but its
+    pruning's (a mask, a filter skeleton: the weight they compute is the
+    one the format holds); returned."""
+    from torch.nn.utils.prune import BasePruningMethod
+
+    from ..prune.stripe import FilterSkeleton  # noqa: PLC0415 - the formats do not load the pruning package
+
+    for key, hook in module._forward_pre_hooks.items():
+        if not isinstance(hook, (BasePruningMethod, FilterSkeleton)):
+            compressed.register_forward_pre_hook(hook, with_kwargs=key in module._forward_pre_hooks_with_kwargs)
+    return compressed
 
 
 def _effective_conv_weight(module) -> torch.Tensor:
