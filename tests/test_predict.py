@@ -470,6 +470,10 @@ def test_predict_and_eval_run_a_checkpoint_with_voxel_prunes(tmp_path, capsys):
         got = np.load(out / f"{paths[0].stem}.npy")
         fused = _expected(inference_model(loaded, inference).eval(), paths[0], 0.5)
         assert np.array_equal(got, fused) and (inference == "fused" or np.array_equal(got, want))
+        if inference == "fused":  # its pruners run: the eval model's classes (up to the fold's rounding), not
+            # the fused unpruned model's
+            unpruned = _expected(inference_model(load_model(tmp_path / "dense.pt"), "fused").eval(), paths[0], 0.5)
+            assert np.mean(got == want) > 0.99 and np.mean(got == unpruned) < np.mean(got == want)
     assert cli.main(["eval", "--checkpoint", str(ckpt), "--data", str(paths[0]), "--out", str(tmp_path / "ev"),
                      "--no-progress"]) == 0
     report = json.loads((tmp_path / "ev" / "eval-metrics.json").read_text())
@@ -511,3 +515,17 @@ def test_predict_and_eval_run_a_checkpoint_with_a_stride_1_voxel_prune(tmp_path)
     report = json.loads((tmp_path / "ev" / "eval-metrics.json").read_text())
     labels = np.load(paths[0])["labels"]
     assert report["accuracy"] == pytest.approx(float(np.mean(want == labels)), abs=1e-6)
+    # its program: the logits of the kept voxels with their coords (the meta says so), scored alike
+    program = tmp_path / "prune.pt2"
+    assert cli.main(["export", "--checkpoint", str(ckpt), "--out", str(program)]) == 0
+    from pointsparse import export
+
+    loaded = export.ProgramModel.load(program)
+    assert loaded.output == "sparse" and "kept" in loaded.meta["output"]
+    assert cli.main(["eval", "--program", str(program), "--data", str(paths[0]), "--out", str(tmp_path / "evp"),
+                     "--no-progress"]) == 0
+    report = json.loads((tmp_path / "evp" / "eval-metrics.json").read_text())
+    assert report["accuracy"] == pytest.approx(float(np.mean(want == labels)), abs=1e-6)
+    assert cli.main(["predict", "--program", str(program), "--data", str(paths[0]), "--out", str(tmp_path / "pp"),
+                     "--no-progress"]) == 0
+    assert np.array_equal(np.load(tmp_path / "pp" / f"{paths[0].stem}.npy"), want)

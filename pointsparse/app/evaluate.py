@@ -195,9 +195,12 @@ def program_and_state(path, args=None):
             raise ValueError(f"--device {args.device}: an exported program runs on the CPU")
         with_maps_ahead(None, args)  # (refuses --maps-ahead)
     model = ProgramModel.load(path)
-    if model.output != "logits":
-        raise ValueError(f"{path}: the program gives {model.output} output, not logits for every input voxel: "
+    # logits for every input voxel, or (a VoxelPrune at stride 1) for the voxels it kept, with their coords
+    kept_logits = model.output == "sparse" and model.output_stride == (1, 1, 1) and len(model.out_shape) == 1
+    if model.output != "logits" and not kept_logits:
+        raise ValueError(f"{path}: the program gives {model.output} output, not logits for the input voxels: "
                          "eval and predict run segmentation programs (pointsparse export's)")
+    classes = model.num_classes if model.output == "logits" else model.out_shape[0]
     meta = model.meta
     missing = [key for key in ("classes", "voxel_size", "in_channels") if key not in meta]
     if missing:
@@ -208,9 +211,9 @@ def program_and_state(path, args=None):
         check_config(meta, path)
     except TypeError as error:  # (a meta value of the wrong kind: bad input, named in one line)
         raise ValueError(str(error)) from error
-    if len(meta["classes"]) != model.num_classes or meta["in_channels"] != model.in_channels:
+    if len(meta["classes"]) != classes or meta["in_channels"] != model.in_channels:
         raise ValueError(f"{path}: its meta says {meta['in_channels']} channels in and {len(meta['classes'])} "
-                         f"classes; the program takes {model.in_channels} and gives {model.num_classes}")
+                         f"classes; the program takes {model.in_channels} and gives {classes}")
     config = {key: value for key, value in meta.items() if key not in ("train_args", "val_paths", "inputs", "output")}
     return model, {"config": config, "args": meta.get("train_args") or {}, "val_paths": meta.get("val_paths") or [],
                    "inference": meta.get("inference", "float32")}

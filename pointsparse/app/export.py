@@ -59,13 +59,19 @@ def main(args) -> int:
         inputs.update(inverse="int64 (P,) voxel row of each point", points="float32 (P, 3) in voxel units",
                       point_batch="int64 (P,) batch index of each point")
     logits = "float32" if point_level else kind
-    meta = {"inputs": inputs, "output": f"{logits} ({'P' if point_level else 'N'}, num_classes) logits",
+    rows = "P" if point_level else "N"
+    output = f"{logits} ({rows}, num_classes) logits"
+    if "output_stride" in program.state_dict:  # (a VoxelPrune at stride 1: logits of the voxels it keeps)
+        rows = "M"
+        output = (f"{logits} (M, num_classes) logits of the M voxels the model kept (a VoxelPrune at stride 1), "
+                  "their coords int32 (M, 4) and stride int32 (3,)")
+    meta = {"inputs": inputs, "output": output,
             "inference": args.inference, **config,
             # the data the run trained and validated on: pointsparse eval --program scores it by default
             "val_paths": state.get("val_paths") or [], "train_args": state.get("args") or {}}
     export.save(program, args.out, meta)
     takes = ", inverse (P,), points (P, 3), point_batch (P,)" if point_level else ""
     print(f"wrote {args.out}: {type(model).__name__} (feats (N, {config['in_channels']}), coords (N, 4){takes}) -> "
-          f"logits ({'P' if point_level else 'N'}, {len(config['classes'])}); load with "
+          f"logits ({rows}, {len(config['classes'])}{', on the kept voxels' if rows == 'M' else ''}); load with "
           "pointsparse.export.ProgramModel.load or torch.export.load after `import pointsparse`")
     return 0
