@@ -73,26 +73,32 @@ def _loads(payload: bytes) -> bool:
 _CONTAINERS = (dict, list, tuple, set, frozenset)
 
 
-def _refused(value, where: str = "state") -> str | None:
+def _refused(value, where: str = "state", seen: set | None = None) -> str | None:
     """``"an object of TYPE at PLACE"`` for the first object in ``value``
     that :func:`load` refuses while all it holds is taken (each object put
     to the unpickler alone: what it takes is the unpickler's to say, the
-    classes a caller allows too), or None."""
+    classes a caller allows too), or None. ``seen``: the containers on the
+    way here (a container holding itself is walked once)."""
     if type(value) in (torch.Tensor, torch.nn.Parameter, str, bytes, int, float, bool, type(None)):
         return None
+    if isinstance(value, (dict, list, tuple, set, frozenset)):
+        seen = set() if seen is None else seen
+        if id(value) in seen:
+            return None
+        seen = seen | {id(value)}
     if isinstance(value, dict):
         for key, item in value.items():
-            found = _refused(key, f"a key of {where}") or _refused(item, f"{where}[{key!r}]")
+            found = _refused(key, f"a key of {where}", seen) or _refused(item, f"{where}[{key!r}]", seen)
             if found:
                 return found
     elif isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
-            found = _refused(item, f"{where}[{i}]")
+            found = _refused(item, f"{where}[{i}]", seen)
             if found:
                 return found
     elif isinstance(value, (set, frozenset)):
         for item in value:
-            found = _refused(item, f"an item of {where}")
+            found = _refused(item, f"an item of {where}", seen)
             if found:
                 return found
     if type(value) in _CONTAINERS or _loads(_serialise(value)):

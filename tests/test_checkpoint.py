@@ -102,6 +102,12 @@ def test_save_names_where_the_state_holds_what_load_refuses(tmp_path):
         checkpoint.save(path, {"a": Allowed()})
         with pytest.raises(TypeError, match=r"numpy.float64 at state\['b'\]\[0\], which"):
             checkpoint.save(path, {"a": Allowed(), "b": [np.float64(1)]})
+    # a container holding itself (pickle takes it) is walked once: the refused object is named, no RecursionError
+    loop = [1.0]
+    loop.append(loop)
+    loop.append(np.float64(2))
+    with pytest.raises(TypeError, match=r"numpy.float64 at state\['history'\]\[2\], which"):
+        checkpoint.save(path, {"history": loop})
 
 
 def test_save_checks_its_payload_without_copying_the_tensors_back(tmp_path, monkeypatch):

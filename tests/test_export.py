@@ -1508,7 +1508,7 @@ def _pruned_convs(dtype, removed: bool) -> torch.nn.Sequential:
     for i in (0, 2, 4, 5, 6):
         if removed:
             prune.remove(model[i], "weight")
-    if not removed:  # (prune.remove, torch's, knows no skeleton)
+    if not removed:  # (a skeleton on the masked model; after remove one folds into the weight at the next forward)
         prune.attach_filter_skeleton(model[2], "weight", init=0.7)
     assert (model[0].weight.flatten(1) == 0).all(1).sum() == 9 and (model[6].weight.flatten(1) == 0).all(1).sum() == 9
     return model.eval().to(dtype)
