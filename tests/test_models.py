@@ -898,3 +898,20 @@ def test_add_voxel_prune_refuses_a_sequential_model():
     assert len(net) == 2 and not hasattr(net, "voxel_prune") and not net[1]._forward_pre_hooks
     with torch.no_grad():
         assert len(net(_cloud(200, 4))) > 0
+
+
+def test_add_voxel_prune_on_a_module_without_weights_takes_the_models_dtype():
+    """A learned VoxelPrune on the input of a module without parameters (a
+    ReLU) was left in float32 while the model was float64: its first
+    forward refused the feats. It takes the model's dtype then."""
+    from pointsparse.models import add_voxel_prune
+
+    torch.manual_seed(2)
+    net = MinkUNet(4, 3, cr=0.25, blocks=1).double().eval()
+    assert isinstance(net.stem[1][2], ps.nn.ReLU) and not list(net.stem[1][2].parameters())
+    pruner = add_voxel_prune(net, "stem.1.2", 0.5, "learned", net.stem[1][0].out_channels)
+    assert pruner.scorer.weight.dtype == torch.float64
+    x = _cloud(600, 4, seed=3, extent=16)
+    with torch.no_grad():
+        out = net(x.with_feats(x.feats.double()))
+    assert out.feats.dtype == torch.float64

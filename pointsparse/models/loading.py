@@ -171,7 +171,8 @@ def add_voxel_prune(model: nn.Module, module_name: str, keep_ratio: float = 0.5,
         raise ValueError(f"model's {_PRUNES} holds {key!r} already, which add_voxel_prune would give to "
                          f"{module_name!r}")
     prune = VoxelPrune(keep_ratio, score, in_channels, threshold)
-    like = next((p for p in module.parameters() if p.is_floating_point()), None)
+    # (the device and dtype of the module's weights, or the model's where the module has none: a ReLU)
+    like = next((p for m in (module, model) for p in m.parameters() if p.is_floating_point()), None)
     if like is not None:
         prune.to(like.device, like.dtype)
     if prunes is None:
