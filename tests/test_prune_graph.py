@@ -741,3 +741,45 @@ def test_remove_masked_folds_into_a_conv_that_runs_one_offset_per_site(consumer,
     assert net[0].out_channels == 6
     with torch.no_grad():
         torch.testing.assert_close(net(x).feats, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_magnitude_voxel_score_leaves_the_channels_it_reads_cuttable():
+    """A magnitude VoxelSkip or VoxelPrune ranks the voxels by their feats'
+    L2 norm, a reduction over channels that a zero (masked) channel adds
+    nothing to, so the cut of masked channels leaves it as it was: MinkUNet
+    with them has the groups of MinkUNet without them (the norm fixed every
+    group feeding a pruned stage, "mixed by linalg_vector_norm"). A mean
+    over channels, or a norm of negative order, which a zero channel
+    changes, still fixes the channels."""
+    from pointsparse.models import add_voxel_prune
+
+    net, x = MinkUNet(4, 5, cr=0.25, blocks=1), sparse_input(n=400, channels=4, extent=16)
+    plain = len(G.DependencyGraph(net, x).groups)
+    for j in (0, 1):
+        net.fuse[j][0].main = ps.nn.VoxelSkip(net.fuse[j][0].main, 0.5)
+    add_voxel_prune(net, "fuse.2", 0.5)
+    graph = G.DependencyGraph(net, x)
+    assert len(graph.groups) == plain and [g.fixed for g in graph.fixed_groups] == ["network output"]
+    assert G.Member("fuse.0.0.main.module.0", "in", 0, 64, 0) in graph.group("up.0.0").members
+    keep = G.plan(graph, 0.5)
+    graph.mask(keep)
+    with torch.no_grad():
+        masked = net.eval()(x).feats
+        graph.cut(keep)
+        assert float((net(x).feats - masked).norm() / masked.norm()) <= 1e-5  # the same voxels kept
+
+    class Scaled(nn.Module):
+        def __init__(self, reduce):
+            super().__init__()
+            self.a, self.b, self.reduce = nn.Linear(4, 6), nn.Linear(6, 2), reduce
+
+        def forward(self, t):
+            y = self.a(t)
+            return self.b(y * self.reduce(y))
+
+    for reduce, cuttable in ((lambda y: torch.linalg.vector_norm(y, dim=1, keepdim=True), True),
+                             (lambda y: y.norm(2, 1, True), True), (lambda y: y.norm(2, 0), True),
+                             (lambda y: y.mean(1, keepdim=True), False), (lambda y: y.norm(-2, 1, True), False),
+                             (lambda y: torch.linalg.vector_norm(y, -1, 1, True), False)):
+        graph = G.DependencyGraph(Scaled(reduce), torch.randn(5, 4))
+        assert [g.name for g in graph.groups] == (["a"] if cuttable else []), graph.fixed_groups

@@ -636,3 +636,45 @@ def test_prune_voxels_refusals_name_the_file_the_stages_and_the_flags(voxel_run,
         err = capsys.readouterr().err
         assert err.startswith("pointsparse prune: error: ") and words in err, (argv, err)
     assert not never.exists()
+
+
+@pytest.mark.parametrize("placement, score", [("skip", "magnitude"), ("skip", "learned"), ("prune", "magnitude"),
+                                              ("prune", "learned")])
+def test_prune_channels_of_a_voxel_pruned_checkpoint(voxel_run, tmp_path, placement, score):
+    """``prune channels`` on a ``prune voxels`` checkpoint: the graph traces
+    through VoxelPrune's row selection and VoxelSkip's scatter (``add_to``),
+    a learned scorer's ``Linear(C, 1)`` loses the channels it reads with the
+    layer it scores, every group is cut as in the model without them (a
+    magnitude score's norm fixed the channels feeding the pruned stages:
+    they were left whole), and the checkpoint records the widths with
+    voxel_skip / voxel_prune: it loads as the model pruned in memory."""
+    from pointsparse.app.evaluate import checkpoint_model
+    from pointsparse.app.tasks import checkpoint_batches
+    from pointsparse.models import voxel_prunes, voxel_skips
+    from pointsparse.prune.workflow import channel_scores, prune_channels
+    from prune_procedures_support import sparse_input
+    voxels, both, plain = tmp_path / "voxels", tmp_path / "both", tmp_path / "plain"
+    assert cli.main(["prune", "voxels", "--checkpoint", str(voxel_run), "--placement", placement, "--stages", "1",
+                     "2", "--score", score, "--out", str(voxels)]) == 0
+    for source, out in ((voxels / "checkpoint.pt", both), (voxel_run, plain)):
+        assert cli.main(["prune", "channels", "--checkpoint", str(source), "--ratio", "0.5", "--multiple", "4",
+                         "--out", str(out)]) == 0
+    source = checkpoint.load(voxels / "checkpoint.pt")
+    in_memory = checkpoint_model(source, voxels / "checkpoint.pt").eval()
+    prune_channels(in_memory, checkpoint_batches(source, None, None)[0].input, 0.5, channel_scores("l1", in_memory),
+                   multiple=4)
+    config = checkpoint.load(both / "checkpoint.pt")["config"]
+    assert config["widths"] == G.widths(in_memory)
+    assert config["voxel_skip" if placement == "skip" else "voxel_prune"] == (
+        voxel_skips(in_memory) if placement == "skip" else voxel_prunes(in_memory)) != {}
+    loaded = load_model(both / "checkpoint.pt")
+    x = sparse_input(n=2000, channels=loaded.in_channels, extent=24)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).feats, in_memory(x).feats)
+    cut = {name.replace(".main.module.", ".main."): w for name, w in config["widths"].items() if ".scorer" not in name}
+    assert cut == checkpoint.load(plain / "checkpoint.pt")["config"]["widths"]
+    if score == "learned":
+        for j in (1, 2):
+            prune = loaded.fuse[j][0].main.prune if placement == "skip" else loaded.voxel_prune[f"fuse_{j}"]
+            assert prune.scorer.in_features == cut[f"fuse.{j}.0.main.0"]["in"] < source["config"][
+                f"voxel_{placement}"][f"fuse.{j}.0.main" if placement == "skip" else f"fuse.{j}"]["in_channels"]

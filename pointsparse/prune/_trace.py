@@ -9,10 +9,13 @@ positions hold channels no layer of the model can change (the network input).
 Ops that keep channels apart (activations, dropout, row gathers, pooling,
 scatter over rows, devoxelisation) pass tags on; ``cat`` along channels
 concatenates them; ops that combine two tagged tensors element-wise (``+``,
-``nn.add``) couple their spaces channel by channel; ops that mix channels
-with weights the graph does not know (``matmul``, ``softmax`` over channels,
-an unregistered layer with parameters) and the network output *fix* the
-spaces they touch: those channels are never cut.
+``nn.add``) couple their spaces channel by channel; a norm over channels
+of order >= 0 (a zero channel adds nothing to it: a magnitude VoxelPrune's
+scores) gives a tensor of no channels and leaves them cuttable; ops that
+mix channels with weights the graph does not know (``matmul``, ``softmax``
+over channels, an unregistered layer with parameters), other reductions
+over channels and the network output *fix* the spaces they touch: those
+channels are never cut.
 
 Spaces that must lose the same channels are merged in a union-find whose
 links carry an offset (a space may be a stretch of a larger one, as the
@@ -136,6 +139,9 @@ _SHAPE = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "vi
           "expand_as", "broadcast_to"}
 _PERMUTE = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t", "mT", "T", "adjoint"}
 _CAT = {"cat", "concat", "concatenate"}
+# p-norms (p >= 0) over channels: a zero (masked) channel adds nothing to them, so the cut of masked channels
+# leaves the result as it was and the result holds no channels (a magnitude VoxelPrune's voxel scores)
+_NORMS = {"norm", "linalg_vector_norm"}
 
 
 def _dims(value, ndim: int):
@@ -156,6 +162,21 @@ def _dim_arg(args, kwargs):
     if len(args) > 1 and isinstance(args[1], (int, tuple, list)) and not isinstance(args[1], bool):
         return args[1]
     return None
+
+
+def _norm_args(x, args, kwargs):
+    """``(order, dims, keepdim)`` of ``norm(x, p, dim, keepdim)`` or
+    ``linalg.vector_norm(x, ord, dim, keepdim)`` (``dims``: every axis
+    where no dim is given; None where it cannot be read)."""
+    order = kwargs.get("p", kwargs.get("ord", args[1] if len(args) > 1 else 2))
+    dim = kwargs.get("dim", args[2] if len(args) > 2 else None)
+    keepdim = kwargs.get("keepdim", args[3] if len(args) > 3 else False)
+    return order, set(range(x.dim())) if dim is None else _dims(dim, x.dim()), bool(keepdim)
+
+
+def _zero_blind(order) -> bool:
+    """A norm of this order is one that a zero entry adds nothing to (order >= 0, or ``"fro"``)."""
+    return order == "fro" or (isinstance(order, (int, float)) and not isinstance(order, bool) and order >= 0)
 
 
 def shift_segments(segs, delta: int) -> tuple[Segment, ...]:
@@ -266,6 +287,13 @@ class Tracer(TorchFunctionMode):
             return [self._reshape(x, tag, outs[0])]
         if name in _PERMUTE and len(tagged) == 1 and x is args[0]:
             return [self._permute(func, x, tag, args, kwargs, outs[0])]
+        if name in _NORMS and len(tagged) == 1 and x is args[0]:
+            order, dims, keepdim = _norm_args(x, args, kwargs)  # (p comes before dim: not _dim_arg's)
+            if dims is not None and tag.axis not in dims:
+                return [self._reduce(x, tag, (x, tuple(dims), keepdim), {}, o) for o in outs]
+            if dims is not None and _zero_blind(order):
+                return none
+            return self._fix_all(tagged, "a reduction over channels", none)
         if name in _REDUCE and x is args[0] and not (len(args) > 1 and isinstance(args[1], torch.Tensor)):
             return [self._reduce(x, tag, args, kwargs, o) for o in outs]
         if name in _ALONG or name in _SHAPE or name in _PERMUTE:
