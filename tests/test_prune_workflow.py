@@ -678,3 +678,94 @@ def test_prune_channels_of_a_voxel_pruned_checkpoint(voxel_run, tmp_path, placem
             prune = loaded.fuse[j][0].main.prune if placement == "skip" else loaded.voxel_prune[f"fuse_{j}"]
             assert prune.scorer.in_features == cut[f"fuse.{j}.0.main.0"]["in"] < source["config"][
                 f"voxel_{placement}"][f"fuse.{j}.0.main" if placement == "skip" else f"fuse.{j}"]["in_channels"]
+
+
+@pytest.mark.parametrize("procedure", ["vectors", "offsets"])
+def test_prune_vectors_and_offsets_of_a_voxel_pruned_checkpoint(voxel_run, tmp_path, procedure):
+    """``prune vectors`` / ``prune offsets`` on a checkpoint with a learned
+    VoxelSkip around stage 1's block and a VoxelPrune on stage 2's input:
+    the convs inside the VoxelSkip are masked too, the config keeps
+    voxel_skip and voxel_prune, and it loads as the model masked in memory."""
+    from pointsparse.app.channels import overlapping_convs
+    from pointsparse.app.evaluate import checkpoint_model
+    from pointsparse.nn import Conv3d
+    from pointsparse.prune import kernel_structured, panel_structured
+    from prune_procedures_support import sparse_input
+    skipped, voxels, out = tmp_path / "skipped", tmp_path / "voxels", tmp_path / procedure
+    assert cli.main(["prune", "voxels", "--checkpoint", str(voxel_run), "--stages", "1", "--score", "learned",
+                     "--out", str(skipped)]) == 0
+    assert cli.main(["prune", "voxels", "--checkpoint", str(skipped / "checkpoint.pt"), "--placement", "prune",
+                     "--stages", "2", "--out", str(voxels)]) == 0
+    assert cli.main(["prune", procedure, "--checkpoint", str(voxels / "checkpoint.pt"), "--out", str(out)]) == 0
+    source = checkpoint.load(voxels / "checkpoint.pt")
+    in_memory = checkpoint_model(source, voxels / "checkpoint.pt").eval()
+    if procedure == "vectors":
+        for m in in_memory.modules():
+            if isinstance(m, Conv3d) and m.weight.shape[0] > 1:
+                panel_structured(m, "weight", 0.75)
+    else:
+        for m in overlapping_convs(in_memory):
+            kernel_structured(m, "weight", 0.74, scope="offset")
+    state = checkpoint.load(out / "checkpoint.pt")
+    assert all(state["config"][k] == source["config"][k] for k in ("voxel_skip", "voxel_prune"))
+    masks = {k for k in state["model"] if k.endswith(".weight_mask")}
+    assert masks == {k for k in in_memory.state_dict() if k.endswith(".weight_mask")}
+    assert {f"fuse.1.0.main.module.{i}.weight_mask" for i in (0, 3)} <= masks
+    loaded = load_model(out / "checkpoint.pt")
+    x = sparse_input(n=2000, channels=loaded.in_channels, extent=24)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).feats, in_memory(x).feats)
+
+
+@pytest.mark.parametrize("placement", ["skip", "prune"])
+def test_prune_voxels_learned_on_a_channel_pruned_checkpoint(voxel_run, tmp_path, placement):
+    """The other order: ``prune voxels --score learned`` on a ``prune
+    channels`` checkpoint gives each scorer the narrowed width of the
+    stage it scores; the config records it with the widths, and the
+    checkpoint loads as the channel-pruned model with the layers added by hand."""
+    from prune_procedures_support import sparse_input
+    small, voxels = tmp_path / "small", tmp_path / "voxels"
+    assert cli.main(["prune", "channels", "--checkpoint", str(voxel_run), "--ratio", "0.5", "--multiple", "4",
+                     "--out", str(small)]) == 0
+    assert cli.main(["prune", "voxels", "--checkpoint", str(small / "checkpoint.pt"), "--placement", placement,
+                     "--stages", "1", "2", "--score", "learned", "--out", str(voxels)]) == 0
+    widths, dense = checkpoint.load(small / "checkpoint.pt")["config"]["widths"], load_model(voxel_run)
+    config = checkpoint.load(voxels / "checkpoint.pt")["config"]
+    for j in (1, 2):
+        narrowed = widths[f"fuse.{j}.0.main.0"]["in"]
+        assert narrowed < dense.fuse[j][0].main[0].in_channels
+        assert config[f"voxel_{placement}"][f"fuse.{j}.0.main" if placement == "skip" else f"fuse.{j}"][
+            "in_channels"] == narrowed
+    by_hand = _voxels_by_hand(small / "checkpoint.pt", placement, (1, 2), 0.5, "learned")
+    by_hand.load_state_dict(checkpoint.load(voxels / "checkpoint.pt")["model"])
+    loaded = load_model(voxels / "checkpoint.pt")
+    assert config["widths"] == G.widths(loaded) == G.widths(by_hand)
+    x = sparse_input(n=2000, channels=loaded.in_channels, extent=24)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).feats, by_hand(x).feats)
+
+
+def test_export_and_fused_eval_of_a_voxel_and_channel_pruned_checkpoint(voxel_run, tmp_path):
+    """``prune voxels --score learned`` then ``prune channels``: ``export
+    --inference fused`` writes a program that gives the fused model's
+    logits, and ``eval --inference fused`` scores it as the float32 model."""
+    from pointsparse import export
+    from pointsparse.app.evaluate import inference_model
+    voxels, both, program = tmp_path / "voxels", tmp_path / "both", tmp_path / "m.pt2"
+    assert cli.main(["prune", "voxels", "--checkpoint", str(voxel_run), "--stages", "1", "2", "--score", "learned",
+                     "--out", str(voxels)]) == 0
+    assert cli.main(["prune", "channels", "--checkpoint", str(voxels / "checkpoint.pt"), "--ratio", "0.5",
+                     "--multiple", "4", "--out", str(both)]) == 0
+    path = both / "checkpoint.pt"
+    assert cli.main(["export", "--checkpoint", str(path), "--inference", "fused", "--out", str(program)]) == 0
+    fused = inference_model(load_model(path).eval(), "fused")
+    assert not any(hasattr(m, "running_var") for m in fused.modules())
+    x = export.example_input(fused.in_channels, 0.5)
+    with torch.no_grad():
+        assert torch.equal(export.ProgramModel.load(program)(x).feats, fused(x).feats)
+    scores = {}
+    for inference in ("float32", "fused"):
+        assert cli.main(["eval", "--checkpoint", str(path), "--no-progress", "--inference", inference,
+                         "--out", str(tmp_path / inference)]) == 0
+        scores[inference] = json.loads((tmp_path / inference / "eval-metrics.json").read_text())["miou"]
+    assert abs(scores["fused"] - scores["float32"]) < 0.01, scores
