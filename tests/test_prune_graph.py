@@ -783,3 +783,35 @@ def test_a_magnitude_voxel_score_leaves_the_channels_it_reads_cuttable():
                              (lambda y: torch.linalg.vector_norm(y, -1, 1, True), False)):
         graph = G.DependencyGraph(Scaled(reduce), torch.randn(5, 4))
         assert [g.name for g in graph.groups] == (["a"] if cuttable else []), graph.fixed_groups
+
+
+@pytest.mark.parametrize("along, cuttable", [
+    (lambda y: y * y.roll(2, 1), False),  # (roll's second argument is its shifts: it read axis 0)
+    (lambda y: y * y.roll(2, 0), True),
+    (lambda y: y * torch.roll(y, 1, dims=1), False),
+    (lambda y: y * y.renorm(2, 0, 1.0), False),  # each row renormed over its channels (p read as the dim)
+    (lambda y: y * torch.nn.functional.normalize(y, 2.0), False),  # (normalize's dim is 1 when none is given)
+    (lambda y: y * torch.nn.functional.normalize(y, 2.0, 0), True),
+    (lambda y: y.cumsum(0), True),
+    (lambda y: y * y.sort(1)[0], False),
+    (lambda y: torch.cat(y.split(3, 1)[::-1], 1), False),  # (split's second argument is its size)
+    (lambda y: torch.cat(y.split(2, 0), 0), True),
+    (lambda y: y * y.topk(6, 1)[0].flip(1), False),
+])
+def test_ops_along_a_dim_read_it_where_it_comes_after_another_argument(along, cuttable):
+    """split, topk, roll, renorm, normalize, diff... take their dim after
+    another argument (a size, a count, shifts, p); the graph read that
+    argument as the dim, so roll(y, 2, 1) (shifts 2: axis 0 of 2) or
+    renorm(y, 2, 0, max) (p 2) left channels they mix cuttable: masked
+    channels then moved into kept ones (other outputs after the cut)."""
+
+    class Along(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, t):
+            return self.b(along(self.a(t)))
+
+    graph = G.DependencyGraph(Along(), torch.randn(5, 4))
+    assert [g.name for g in graph.groups] == (["a"] if cuttable else []), graph.fixed_groups

@@ -154,14 +154,22 @@ def _dims(value, ndim: int):
         return None
 
 
-def _dim_arg(args, kwargs):
+# ops along a dim whose dim comes third, after one other argument (split(x, size, dim), topk(x, k, dim),
+# roll(x, shifts, dims), normalize(x, p, dim), ...), with the dim they take where none is given (None: the
+# flattened tensor, every axis); reading their second argument as the dim took topk(x, 2, 1) along axis 0
+_DIM_THIRD = {"split": 0, "chunk": 0, "tensor_split": 0, "topk": -1, "kthvalue": -1, "diff": -1, "normalize": 1,
+              "roll": None, "take_along_dim": None}
+
+
+def _dim_arg(args, kwargs, name: str | None = None):
     if "dim" in kwargs:
         return kwargs["dim"]
     if "dims" in kwargs:
         return kwargs["dims"]
-    if len(args) > 1 and isinstance(args[1], (int, tuple, list)) and not isinstance(args[1], bool):
-        return args[1]
-    return None
+    at = 2 if name in _DIM_THIRD else 1
+    if len(args) > at and isinstance(args[at], (int, tuple, list)) and not isinstance(args[at], bool):
+        return args[at]
+    return _DIM_THIRD.get(name)
 
 
 def _norm_args(x, args, kwargs):
@@ -296,8 +304,10 @@ class Tracer(TorchFunctionMode):
             return self._fix_all(tagged, "a reduction over channels", none)
         if name in _REDUCE and x is args[0] and not (len(args) > 1 and isinstance(args[1], torch.Tensor)):
             return [self._reduce(x, tag, args, kwargs, o) for o in outs]
+        if name == "renorm":  # (each slice at an index of its dim renormed: over the channels but where dim is theirs)
+            return self._fix_all(tagged, name, none)
         if name in _ALONG or name in _SHAPE or name in _PERMUTE:
-            dims = _dims(_dim_arg(args, kwargs), x.dim())
+            dims = _dims(_dim_arg(args, kwargs, name), x.dim())
             if dims is None or tag.axis in dims:
                 return self._fix_all(tagged, name, none)
         return [self._elementwise(name, tagged, args, kwargs, o) for o in outs]
