@@ -581,6 +581,31 @@ def test_a_skeleton_left_by_remove_is_in_the_weight_that_formats_and_the_graph_r
         torch.testing.assert_close(compressed(x).feats, want)
 
 
+def test_a_skeleton_left_by_remove_folds_under_torch_compile():
+    """The fold that a skeleton left by prune.remove makes at the next
+    forward writes the weight: torch.compile (no fullgraph) breaks its graph
+    there and runs it eagerly (the compiled conv equals the eager one after);
+    with fullgraph=True the error says what to call first (it was a
+    data-dependent guard in the fold's region check, naming nothing)."""
+    make, x, forward = _skeleton_layer("sparse")
+    for fullgraph in (False, True):
+        module = make()
+        with torch.no_grad():
+            prune.attach_filter_skeleton(module).uniform_(0.2, 1.5)
+            want = forward(module, x)
+        prune.remove(module, "weight")
+        torch.compiler.reset()
+        compiled = torch.compile(module, fullgraph=fullgraph, backend="eager")
+        if fullgraph:
+            with pytest.raises(Exception, match=r"call prune.detach_filter_skeleton\(module\), or run one forward"):
+                with torch.no_grad():
+                    forward(compiled, x)
+            prune.detach_filter_skeleton(module)
+        with torch.no_grad():
+            torch.testing.assert_close(forward(compiled, x), want)
+        assert not hasattr(module, "weight_skeleton")
+
+
 def test_filter_skeleton_prunes_a_kernel_region_conv_inside_its_region():
     """The skeleton's scales at the offsets outside a 'cross' conv's region
     get no gradient but the L1 penalty's, which drives them to 0:

@@ -43,6 +43,20 @@ from ._copyable import CopyableMethod
 from .adapters import WeightLayout, is_layer, layout_of, used_mask
 
 
+def _fold_skeleton_left_by_remove(module, name: str) -> None:
+    """Folds the skeleton ``prune.remove`` left on ``module.name`` into the
+    weight, eagerly (it writes the weight: a graph of torch.compile breaks
+    here; with ``fullgraph=True`` call ``prune.detach_filter_skeleton``
+    before compiling)."""
+    detach_filter_skeleton(module, name, fold=True)
+
+
+_fold_skeleton_left_by_remove = torch.compiler.disable(
+    _fold_skeleton_left_by_remove,
+    reason="a filter skeleton left by prune.remove folds into the weight (a write) at the next forward: call "
+           "prune.detach_filter_skeleton(module), or run one forward, before torch.compile(fullgraph=True)")
+
+
 class FilterSkeleton:
     """The forward pre-hook applying a skeleton to ``module.name``."""
 
@@ -53,7 +67,7 @@ class FilterSkeleton:
 
     def __call__(self, module, inputs):
         if self.name + "_orig" not in module._parameters:  # prune.remove made the mask permanent under it
-            detach_filter_skeleton(module, self.name, fold=True)
+            _fold_skeleton_left_by_remove(module, self.name)
             return
         hooks = list(module._forward_pre_hooks.items())
         position = next(i for i, (key, _) in enumerate(hooks) if key == self.hook_id)
