@@ -815,3 +815,77 @@ def test_ops_along_a_dim_read_it_where_it_comes_after_another_argument(along, cu
 
     graph = G.DependencyGraph(Along(), torch.randn(5, 4))
     assert [g.name for g in graph.groups] == (["a"] if cuttable else []), graph.fixed_groups
+
+
+def _zero_consumers(net, group, dropped):
+    """Zero the inputs of ``dropped`` channels of ``group`` on every layer
+    that reads them: with the producers masked, the model computes what the
+    cut one does wherever the graph is right, whatever an op between makes
+    of a zero (a softmax over rows, a sigmoid)."""
+    for m in group.members:
+        if m.role == "in":
+            module = net.get_submodule(m.module)
+            for tensor, roles in adapters.adapter_for(module).axes(module).items():
+                if "in" in roles:
+                    with torch.no_grad():
+                        adapters.raw(module, tensor).index_fill_(roles["in"], m.positions(dropped), 0.0)
+
+
+def _cut_mismatches(net, x, consumers=False) -> list[str]:
+    """For every cuttable group and two keeps (all but channel 1, all but 0
+    and size - 2): mask (``consumers``: and zero the layers reading the
+    dropped channels), record the output, cut, compare. What differs."""
+    out = []
+    for g in G.DependencyGraph(net, x).groups:
+        for drop in ([1], [0, g.size - 2])[:1 if g.size < 4 else 2]:
+            if g.size < 2:
+                continue
+            keep = [i for i in range(g.size) if i not in drop]
+            m = copy.deepcopy(net)
+            graph = G.DependencyGraph(m, x)
+            graph.mask({g.name: keep})
+            if consumers:
+                _zero_consumers(m, graph.group(g.name), torch.tensor(drop))
+            with torch.no_grad():
+                masked = m(x)
+                try:
+                    graph.cut({g.name: keep}, retrace=False)
+                    cut = m(x)
+                except RuntimeError as e:  # (shapes that no longer fit)
+                    out.append(f"group {g.name!r} without {drop}: the cut model fails: {e}")
+                    continue
+            if cut.shape != masked.shape or not torch.allclose(cut, masked, rtol=1e-5, atol=1e-5):
+                out.append(f"group {g.name!r} without {drop}: the cut model's output differs from the masked one's")
+    return out
+
+
+class _Between(nn.Module):
+    """``a = Linear(4, 6) -> op -> b = Linear(width op leaves, 2)``."""
+
+    def __init__(self, op):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.op = nn.Linear(4, 6), op
+        with torch.no_grad():
+            self.b = nn.Linear(op(self.a(torch.randn(5, 4))).shape[-1], 2)
+
+    def forward(self, t):
+        return self.b(self.op(self.a(t)))
+
+
+@pytest.mark.parametrize("move", [
+    lambda y: y.t().relu().t(),
+    lambda y: torch.transpose(y, 0, 1).relu().transpose(-1, -2),
+    lambda y: y.permute(1, 0).relu().permute(1, 0),
+    lambda y: y.movedim(1, 0).relu().movedim(0, -1),
+    lambda y: torch.swapaxes(y, 0, 1).relu().swapdims(1, 0),
+])
+def test_channels_moved_by_a_transpose_stay_cuttable(move):
+    """A transpose or permute moves the channels to another axis, where the
+    graph follows them (it probes the op with the call's own arguments);
+    the rule named an undefined ``func``, so each transpose fixed the
+    channels it moved ("name 'func' is not defined")."""
+    net, x = _Between(move), torch.randn(5, 4)
+    graph = G.DependencyGraph(net, x)
+    assert [g.name for g in graph.groups] == ["a"], graph.fixed_groups
+    assert _cut_mismatches(net, x) == []

@@ -278,11 +278,11 @@ class Tracer(TorchFunctionMode):
                 if all(o is not t for t in flat):
                     self.set_tag(o, None)
             return
-        rule = self._rule(name, args, kwargs, tagged, outs)
+        rule = self._rule(func, name, args, kwargs, tagged, outs)
         for o, tag in zip(outs, rule):
             self.set_tag(o, tag)
 
-    def _rule(self, name, args, kwargs, tagged, outs):
+    def _rule(self, func, name, args, kwargs, tagged, outs):
         x, tag = tagged[0]
         none = [None] * len(outs)
         if name in _MIX:
