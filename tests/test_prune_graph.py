@@ -889,3 +889,21 @@ def test_channels_moved_by_a_transpose_stay_cuttable(move):
     graph = G.DependencyGraph(net, x)
     assert [g.name for g in graph.groups] == ["a"], graph.fixed_groups
     assert _cut_mismatches(net, x) == []
+
+
+@pytest.mark.parametrize("stat", [
+    lambda y: y.std(0, True),  # (unbiased, then keepdim: the third argument is no keepdim)
+    lambda y: torch.var(y, 0, False),
+    lambda y: torch.var_mean(y, 0, True)[0],
+    lambda y: torch.std_mean(y, 0, True, True)[1],
+    lambda y: y.std(0, True, True),
+])
+def test_std_and_var_over_rows_keep_their_channels_whatever_unbiased_says(stat):
+    """``std(x, dim, unbiased, keepdim)``: the graph took ``unbiased`` for
+    keepdim, placed the channels on an axis the result does not have and
+    dropped them, so the Linear after it was left whole while the one
+    before was cut (the cut model failed: 1x5 and 6x2)."""
+    net, x = _Between(stat), torch.randn(5, 4)
+    graph = G.DependencyGraph(net, x)
+    assert [g.name for g in graph.groups] == ["a"] and graph.group("a").modules("in") == ["b"]
+    assert _cut_mismatches(net, x) == []

@@ -161,6 +161,11 @@ _DIM_THIRD = {"split": 0, "chunk": 0, "tensor_split": 0, "topk": -1, "kthvalue":
               "roll": None, "take_along_dim": None}
 
 
+# reductions whose keepdim comes fourth, after ``unbiased`` (std(x, dim, unbiased, keepdim)); reading their third
+# argument as keepdim took std(x, 0, True) for a result that keeps the reduced axis, and lost the channels
+_KEEPDIM_FOURTH = {"std", "var", "std_mean", "var_mean"}
+
+
 def _dim_arg(args, kwargs, name: str | None = None):
     if "dim" in kwargs:
         return kwargs["dim"]
@@ -303,7 +308,7 @@ class Tracer(TorchFunctionMode):
                 return none
             return self._fix_all(tagged, "a reduction over channels", none)
         if name in _REDUCE and x is args[0] and not (len(args) > 1 and isinstance(args[1], torch.Tensor)):
-            return [self._reduce(x, tag, args, kwargs, o) for o in outs]
+            return [self._reduce(x, tag, args, kwargs, o, name) for o in outs]
         if name == "renorm":  # (each slice at an index of its dim renormed: over the channels but where dim is theirs)
             return self._fix_all(tagged, name, none)
         if name in _ALONG or name in _SHAPE or name in _PERMUTE:
@@ -406,13 +411,16 @@ class Tracer(TorchFunctionMode):
         moved = func(probe, *args[1:], **kwargs)
         return Tag(list(moved.shape).index(tag.axis + 2), tag.segments)
 
-    def _reduce(self, x, tag, args, kwargs, o) -> Tag | None:
+    def _reduce(self, x, tag, args, kwargs, o, name=None) -> Tag | None:
         dims = _dims(_dim_arg(args, kwargs), x.dim())
-        keep = bool(kwargs.get("keepdim", args[2] if len(args) > 2 and isinstance(args[2], bool) else False))
+        at = 3 if name in _KEEPDIM_FOURTH else 2
+        keep = bool(kwargs.get("keepdim", args[at] if len(args) > at and isinstance(args[at], bool) else False))
         if dims is None or tag.axis in dims:
             return self._fix_all([(x, tag)], "a reduction over channels", None)
         axis = tag.axis if keep else tag.axis - sum(1 for d in dims if d < tag.axis)
-        return Tag(axis, tag.segments) if o.dim() > axis and o.shape[axis] == x.shape[tag.axis] else None
+        if o.dim() > axis and o.shape[axis] == x.shape[tag.axis]:
+            return Tag(axis, tag.segments)
+        return self._fix_all([(x, tag)], "a reduction read otherwise than it ran", None)  # (never dropped)
 
 
 def feats_of(value) -> torch.Tensor | None:
