@@ -907,3 +907,30 @@ def test_std_and_var_over_rows_keep_their_channels_whatever_unbiased_says(stat):
     graph = G.DependencyGraph(net, x)
     assert [g.name for g in graph.groups] == ["a"] and graph.group("a").modules("in") == ["b"]
     assert _cut_mismatches(net, x) == []
+
+
+@pytest.mark.parametrize("along, cuttable", [
+    (lambda y: torch.nn.functional.softmin(y, 1), False),
+    (lambda y: nn.Softmin(dim=-1)(y), False),
+    (lambda y: y * torch.nn.functional.softmin(y, 0), True),
+    (lambda y: torch.special.softmax(y, 1), False),
+    (lambda y: torch.special.log_softmax(y, -1), False),
+    (lambda y: torch.fft.fft(y, dim=1).real, False),
+    (lambda y: torch.fft.fft(y).real, False),  # (along the last axis where none is given)
+    (lambda y: torch.fft.fft(y, None, 0).real, True),
+    (lambda y: torch.fft.rfft(y, dim=0).real, True),
+    (lambda y: torch.fft.fft2(y).real, False),
+    (lambda y: torch.fft.fftn(y, dim=(0,)).imag, True),
+    (lambda y: torch.fft.fftshift(y, 1), False),
+    (lambda y: torch.fft.fftshift(y), False),
+    (lambda y: torch.fft.ifftshift(y, dim=0), True),
+])
+def test_softmin_special_softmax_and_ffts_read_their_dim(along, cuttable):
+    """softmin, torch.special's softmax and log_softmax and the torch.fft
+    ops mix the entries along their dim; the graph did not know their
+    names and passed the channels on as through an activation, so masked
+    channels moved into kept ones when they ran over channels."""
+    net, x = _Between(along), torch.randn(5, 4)
+    graph = G.DependencyGraph(net, x)
+    assert [g.name for g in graph.groups] == (["a"] if cuttable else []), graph.fixed_groups
+    assert _cut_mismatches(net, x) == []

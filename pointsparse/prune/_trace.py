@@ -134,7 +134,13 @@ _REDUCE = {"sum", "mean", "amax", "amin", "max", "min", "prod", "std", "var", "n
 _ALONG = {"softmax", "log_softmax", "cumsum", "cumprod", "cummax", "cummin", "logcumsumexp", "normalize", "sort",
           "argsort", "topk", "index_select", "index_add", "index_copy", "index_fill", "index_reduce", "scatter",
           "scatter_add", "scatter_reduce", "gather", "narrow", "roll", "flip", "split", "chunk", "unbind", "select",
-          "take_along_dim", "kthvalue", "mode", "renorm", "diff", "tensor_split"}
+          "take_along_dim", "kthvalue", "mode", "renorm", "diff", "tensor_split", "softmin", "special_softmax",
+          "special_log_softmax", "fft_fftshift", "fft_ifftshift"}
+# torch.fft's transforms, along a dim that comes third (fft(x, n, dim, norm), fft2(x, s, dim, norm), ...); unknown
+# by name, they passed the channels on as an activation does, and an fft over channels left them cuttable
+_FFT = {f"fft_{kind}{rank}": default for kind in ("fft", "ifft", "rfft", "irfft", "hfft", "ihfft")
+        for rank, default in (("", -1), ("2", (-2, -1)), ("n", None))}
+_ALONG |= set(_FFT)
 _SHAPE = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as", "expand",
           "expand_as", "broadcast_to"}
 _PERMUTE = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t", "mT", "T", "adjoint"}
@@ -158,7 +164,7 @@ def _dims(value, ndim: int):
 # roll(x, shifts, dims), normalize(x, p, dim), ...), with the dim they take where none is given (None: the
 # flattened tensor, every axis); reading their second argument as the dim took topk(x, 2, 1) along axis 0
 _DIM_THIRD = {"split": 0, "chunk": 0, "tensor_split": 0, "topk": -1, "kthvalue": -1, "diff": -1, "normalize": 1,
-              "roll": None, "take_along_dim": None}
+              "roll": None, "take_along_dim": None, **_FFT}
 
 
 # reductions whose keepdim comes fourth, after ``unbiased`` (std(x, dim, unbiased, keepdim)); reading their third
