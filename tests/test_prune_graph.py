@@ -934,3 +934,30 @@ def test_softmin_special_softmax_and_ffts_read_their_dim(along, cuttable):
     graph = G.DependencyGraph(net, x)
     assert [g.name for g in graph.groups] == (["a"] if cuttable else []), graph.fixed_groups
     assert _cut_mismatches(net, x) == []
+
+
+@pytest.mark.parametrize("op, cuttable", [
+    (lambda y: torch.fliplr(y), False),  # (axis 1: the channels of (N, C))
+    (lambda y: y.flipud(), True),
+    (lambda y: torch.msort(y), True),
+    (lambda y: torch.msort(y.t()).t(), False),
+    (lambda y: torch.rot90(y, 2), False),
+    (lambda y: torch.triu(y), False),  # (zeroes by column: a channel's position, which the cut changes)
+    (lambda y: y.tril(-1), False),
+    (lambda y: torch.triu(y[None])[0], False),
+    (lambda y: torch.triu(y.t()[..., None])[..., 0].t(), True),  # (over rows and a new axis: the channels first)
+    (lambda y: torch.nn.functional.avg_pool1d(y, 3, 1, 1), False),  # (a (C, L) input: pooled along the channels)
+    (lambda y: torch.nn.functional.max_pool1d(y, 3, 1, 1), False),
+    (lambda y: torch.nn.functional.avg_pool1d(y.t(), 3, 1, 1).t(), True),
+    (lambda y: torch.nn.functional.max_pool1d(y.t(), 3, 1, 1).t(), True),
+    (lambda y: torch.nn.functional.interpolate(y.t()[None], scale_factor=2)[0].t(), True),
+])
+def test_ops_on_axes_their_name_implies_hold_channels_there(op, cuttable):
+    """fliplr, flipud, msort, rot90, triu / tril and pooling act on axes
+    their name (or the input's rank) implies, not on a dim argument: the
+    graph took them for element-wise ops, so fliplr(y) or avg_pool1d on
+    ``(N, C)`` feats left the channels they mix cuttable."""
+    net, x = _Between(op), torch.randn(5, 4)
+    graph = G.DependencyGraph(net, x)
+    assert [g.name for g in graph.groups] == (["a"] if cuttable else []), graph.fixed_groups
+    assert _cut_mismatches(net, x) == []

@@ -164,12 +164,29 @@ def _dims(value, ndim: int):
 # roll(x, shifts, dims), normalize(x, p, dim), ...), with the dim they take where none is given (None: the
 # flattened tensor, every axis); reading their second argument as the dim took topk(x, 2, 1) along axis 0
 _DIM_THIRD = {"split": 0, "chunk": 0, "tensor_split": 0, "topk": -1, "kthvalue": -1, "diff": -1, "normalize": 1,
-              "roll": None, "take_along_dim": None, **_FFT}
+              "roll": None, "take_along_dim": None, "rot90": (0, 1), **_FFT}
+_ALONG.add("rot90")
+# ops on axes that their name implies, with no dim argument (triu's second argument is its diagonal); taken for
+# element-wise ops, fliplr(y) or triu(y) on (N, C) feats left the channels they move or zero by position cuttable
+_IMPLIED = {"fliplr": 1, "flipud": 0, "msort": 0, "triu": (-2, -1), "tril": (-2, -1)}
+# pooling and interpolation act on an input's trailing (spatial) axes: this many (None: all but the first two);
+# avg_pool1d on (N, C) feats pools along the channels
+_SPATIAL = {**{f"{pool}{k}d{tail}": k for k in (1, 2, 3) for tail in ("", "_with_indices")
+               for pool in ("avg_pool", "max_pool", "adaptive_avg_pool", "adaptive_max_pool", "lp_pool",
+                            "fractional_max_pool", "max_unpool")},
+            "interpolate": None, "upsample": None, "upsample_nearest": None, "upsample_bilinear": None}
 
 
 # reductions whose keepdim comes fourth, after ``unbiased`` (std(x, dim, unbiased, keepdim)); reading their third
 # argument as keepdim took std(x, 0, True) for a result that keeps the reduced axis, and lost the channels
 _KEEPDIM_FOURTH = {"std", "var", "std_mean", "var_mean"}
+
+
+def _along(name: str, args, kwargs, ndim: int):
+    """The axes an op of :data:`_ALONG`, :data:`_IMPLIED` or :data:`_SPATIAL` works along (None: unknown)."""
+    if name in _SPATIAL:
+        return set(range(2 if _SPATIAL[name] is None else max(ndim - _SPATIAL[name], 0), ndim))
+    return _dims(_IMPLIED[name] if name in _IMPLIED else _dim_arg(args, kwargs, name), ndim)
 
 
 def _dim_arg(args, kwargs, name: str | None = None):
@@ -317,8 +334,8 @@ class Tracer(TorchFunctionMode):
             return [self._reduce(x, tag, args, kwargs, o, name) for o in outs]
         if name == "renorm":  # (each slice at an index of its dim renormed: over the channels but where dim is theirs)
             return self._fix_all(tagged, name, none)
-        if name in _ALONG or name in _SHAPE or name in _PERMUTE:
-            dims = _dims(_dim_arg(args, kwargs, name), x.dim())
+        if name in _ALONG or name in _SHAPE or name in _PERMUTE or name in _IMPLIED or name in _SPATIAL:
+            dims = _along(name, args, kwargs, x.dim())
             if dims is None or tag.axis in dims:
                 return self._fix_all(tagged, name, none)
         return [self._elementwise(name, tagged, args, kwargs, o) for o in outs]
