@@ -961,3 +961,22 @@ def test_ops_on_axes_their_name_implies_hold_channels_there(op, cuttable):
     graph = G.DependencyGraph(net, x)
     assert [g.name for g in graph.groups] == (["a"] if cuttable else []), graph.fixed_groups
     assert _cut_mismatches(net, x) == []
+
+
+@pytest.mark.parametrize("mix", [
+    lambda y: torch.nn.functional.rms_norm(y, y.shape[-1:]),
+    lambda y: torch.nn.functional.local_response_norm(y[..., None], 3, alpha=1.0)[..., 0],
+    lambda y: torch.nn.functional.channel_shuffle(y[..., None], 2)[..., 0],
+    lambda y: nn.ChannelShuffle(3)(y[..., None])[..., 0],
+    lambda y: torch.cdist(y.t(), y.t()).t(),  # (rows: the channels, compared over the points)
+    lambda y: torch.take(y, torch.arange(6)),  # (flat positions: row 0's channels)
+    lambda y: torch.diag_embed(y)[:, 1],
+])
+def test_ops_that_mix_channels_by_name_fix_them(mix):
+    """rms_norm, local_response_norm (over neighbouring channels),
+    channel_shuffle, cdist, take (flat positions) and diag_embed mix or
+    place channels by position; unknown by name, they passed the channels
+    on as an activation does."""
+    net, x = _Between(mix), torch.randn(5, 4)
+    graph = G.DependencyGraph(net, x)
+    assert graph.groups == [] and "mixed by" in graph.fixed_groups[0].fixed, graph.groups

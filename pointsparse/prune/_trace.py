@@ -128,7 +128,10 @@ _FACTORIES = {"new_zeros", "new_ones", "new_empty", "new_full", "zeros_like", "o
               "full_like", "new_tensor"}
 _MIX = {"matmul", "mm", "bmm", "einsum", "linear", "bilinear", "conv1d", "conv2d", "conv3d", "conv_transpose1d",
         "conv_transpose2d", "conv_transpose3d", "tensordot", "addmm", "baddbmm", "addmv", "mv", "outer", "inner",
-        "dot", "kron", "layer_norm", "group_norm", "instance_norm", "batch_norm", "embedding", "cross"}
+        "dot", "kron", "layer_norm", "group_norm", "instance_norm", "batch_norm", "embedding", "cross",
+        # (normalised over, shuffled across, compared over or placed by their position)
+        "rms_norm", "local_response_norm", "channel_shuffle", "native_channel_shuffle", "pixel_shuffle",
+        "pixel_unshuffle", "cdist", "take", "put", "diag", "diag_embed", "diagflat", "diagonal", "trace"}
 _REDUCE = {"sum", "mean", "amax", "amin", "max", "min", "prod", "std", "var", "norm", "logsumexp", "nansum",
            "nanmean", "median", "all", "any", "argmax", "argmin", "count_nonzero", "std_mean", "var_mean"}
 _ALONG = {"softmax", "log_softmax", "cumsum", "cumprod", "cummax", "cummin", "logcumsumexp", "normalize", "sort",
