@@ -980,3 +980,29 @@ def test_ops_that_mix_channels_by_name_fix_them(mix):
     net, x = _Between(mix), torch.randn(5, 4)
     graph = G.DependencyGraph(net, x)
     assert graph.groups == [] and "mixed by" in graph.fixed_groups[0].fixed, graph.groups
+
+
+_EVERY_OTHER = torch.tensor([True, False, True, True, False, True])
+
+
+@pytest.mark.parametrize("op, cuttable", [
+    (lambda y: y.masked_fill(_EVERY_OTHER, 0.0), False),  # (a mask of 6 channels: 5 after the cut)
+    (lambda y: y.masked_fill(torch.arange(y.shape[1]) % 2 == 0, 0.0), False),  # (channel positions, which the cut moves)
+    (lambda y: torch.where(_EVERY_OTHER, y, 0.0), False),
+    (lambda y: y * torch.arange(y.shape[1]), False),
+    (lambda y: y.masked_fill(y < 0, 0.0), True),
+    (lambda y: y.masked_fill(torch.arange(y.shape[0])[:, None] == 0, 0.0), True),  # (rows)
+    (lambda y: torch.where(y > 0, y, 0.0), True),
+    (lambda y: torch.zeros_like(y).scatter_add(0, torch.zeros(5, 1, dtype=torch.long).expand(-1, y.shape[1]), y), True),
+])
+def test_masks_and_integers_along_the_channels_fix_them(op, cuttable):
+    """An operand with entries along the channels that no layer produces
+    fixes them: the graph looked only at float operands, so a bool mask of
+    channels (masked_fill, where) or an integer tensor left them cuttable:
+    the cut model masked other channels than the masked one (or failed: a
+    mask of 6 channels on 5). An index along the rows (scatter_add's) is no
+    such operand."""
+    net, x = _Between(op), torch.randn(5, 4)
+    graph = G.DependencyGraph(net, x)
+    assert [g.name for g in graph.groups] == (["a"] if cuttable else []), graph.fixed_groups
+    assert _cut_mismatches(net, x) == []

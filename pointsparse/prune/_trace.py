@@ -360,7 +360,10 @@ class Tracer(TorchFunctionMode):
         for u in tree_flatten((args, kwargs))[0]:
             if not ok:
                 break
-            if isinstance(u, torch.Tensor) and self.tag_of(u) is None and (u.is_floating_point() or u.is_complex()):
+            # (a mask or integers along the channels too: where(mask, y, 0), y * arange(c); but not the indices of
+            # an op along another dim, scatter_add(0, index expanded over the channels, y))
+            if isinstance(u, torch.Tensor) and self.tag_of(u) is None and (name not in _ALONG or u.is_floating_point()
+                                                                          or u.is_complex() or u.dtype == torch.bool):
                 ua = axis - (o.dim() - u.dim())
                 if 0 <= ua < u.dim() and u.shape[ua] == size and size > 1:
                     ok = False  # an operand with channels the graph does not know (a parameter, an input)
