@@ -1006,3 +1006,34 @@ def test_masks_and_integers_along_the_channels_fix_them(op, cuttable):
     graph = G.DependencyGraph(net, x)
     assert [g.name for g in graph.groups] == (["a"] if cuttable else []), graph.fixed_groups
     assert _cut_mismatches(net, x) == []
+
+
+def _written(y, index, value, into=None):
+    z = y.clone() if into is None else into(y)
+    z[index] = value
+    return z
+
+
+@pytest.mark.parametrize("op, cuttable", [
+    (lambda y: _written(y, (slice(None), 1), 0.0), False),  # (channel 1: another channel after the cut)
+    (lambda y: _written(y, (slice(None), slice(1, 3)), 0.0), False),
+    (lambda y: _written(y, (Ellipsis, _EVERY_OTHER), 0.0), False),
+    (lambda y: _written(y, (Ellipsis, -1), torch.ones(5)), False),
+    (lambda y: y.clone().index_put_((torch.tensor([0]), torch.tensor([1])), torch.tensor(0.0)), False),
+    (lambda y: _written(y, 0, 0.0), True),
+    (lambda y: _written(y, (slice(1, 3), slice(None)), y[:2] * 2), True),
+    (lambda y: _written(y, y < 0, 0.0), True),
+    (lambda y: y.clone().index_put_((torch.tensor([0, 2]),), torch.tensor(0.0)), True),
+    (lambda y: _written(y, slice(None), y, into=lambda y: torch.zeros(5, y.shape[1])), False),  # (a tensor not followed)
+])
+def test_writes_into_channel_positions_fix_them(op, cuttable):
+    """``z[:, 1] = 0`` writes into channel positions, which the cut moves;
+    the write returns nothing, so the graph never saw it and left the
+    channels cuttable (the cut model zeroed another channel than the masked
+    one). A write into rows, or by a mask of the channels' own values, is
+    channel-wise; channels written into a tensor the graph does not follow
+    are fixed (the layer after it was left whole)."""
+    net, x = _Between(op), torch.randn(5, 4)
+    graph = G.DependencyGraph(net, x)
+    assert [g.name for g in graph.groups] == (["a"] if cuttable else []), graph.fixed_groups
+    assert _cut_mismatches(net, x) == []

@@ -14,8 +14,8 @@ of order >= 0 (a zero channel adds nothing to it: a magnitude VoxelPrune's
 scores) gives a tensor of no channels and leaves them cuttable; ops that
 mix channels with weights the graph does not know (``matmul``, ``softmax``
 over channels, an unregistered layer with parameters), other reductions
-over channels and the network output *fix* the spaces they touch: those
-channels are never cut.
+over channels, writes into some channel positions (``z[:, 1] = 0``) and the
+network output *fix* the spaces they touch: those channels are never cut.
 
 Spaces that must lose the same channels are merged in a union-find whose
 links carry an offset (a space may be a stretch of a larger one, as the
@@ -295,6 +295,12 @@ class Tracer(TorchFunctionMode):
 
     def _propagate(self, func, args, kwargs, out) -> None:
         name = _name(func)
+        if name in ("setitem", "index_put") and len(args) > 1:  # (a write returns nothing: seen here or never)
+            value = args[2] if len(args) > 2 else kwargs.get("values")
+            tag = self._write(args[0], tuple(args[1]) if name == "index_put" else args[1], value)
+            if name == "index_put" and isinstance(out, torch.Tensor):
+                self.set_tag(out, tag)
+            return
         outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
         if not outs:
             return
@@ -421,6 +427,28 @@ class Tracer(TorchFunctionMode):
         if axis is None:
             axis = d_out + tag.axis - d_in
         return Tag(axis, segs) if 0 <= axis < o.dim() else self._fix_all([(x, tag)], "indexing", None)
+
+    def _write(self, target, index, value) -> Tag | None:
+        """``target[index] = value`` (``index_put``): a write into some channel
+        positions only (which the cut moves) fixes them; the value's channels
+        are coupled with those they land on, and fixed where the graph does
+        not follow the target's. Returns the target's tag after the write."""
+        tag, vtag = self.tag_of(target), self.tag_of(value)
+        vtag = None if vtag in (None, NEUTRAL) else vtag
+        if tag in (None, NEUTRAL):
+            self.fix(vtag, "written into a tensor whose channels the graph does not follow")
+            return tag
+        values = [(value, vtag)] if vtag is not None else []
+        if isinstance(index, torch.Tensor) and index.shape == target.shape:  # a mask of the target's own shape
+            itag = self.tag_of(index)
+            if itag in (None, NEUTRAL):
+                return self._elementwise("a write", [(target, tag)] + values, (index, value), {}, target)
+            return self._elementwise("a write", [(target, tag), (index, itag)] + values, (value,), {}, target)
+        view = target[index]
+        seen = self._getitem(target, tag, index, view)
+        if seen is None or seen.segments != tag.segments:
+            return self._fix_all([(target, tag)] + values, "a write into some channel positions", None)
+        return tag if self._elementwise("a write", [(view, seen)] + values, (value,), {}, view) else None
 
     def _reshape(self, x, tag, o) -> Tag | None:
         before, c = math.prod(x.shape[:tag.axis]), x.shape[tag.axis]
