@@ -1037,3 +1037,20 @@ def test_writes_into_channel_positions_fix_them(op, cuttable):
     graph = G.DependencyGraph(net, x)
     assert [g.name for g in graph.groups] == (["a"] if cuttable else []), graph.fixed_groups
     assert _cut_mismatches(net, x) == []
+
+
+@pytest.mark.parametrize("op", [
+    lambda y: torch.cat([y, torch.zeros_like(y)], 1),
+    lambda y: torch.cat([torch.empty_like(y).fill_(0.0), y], -1),
+    lambda y: _written(y[1:3], slice(None), y[1:3], into=torch.zeros_like)[1:3],
+    lambda y: torch.cat([y, y.new_zeros(5, 3)], 1),  # (a width of its own: 3 channels no layer changes)
+])
+def test_a_tensor_like_another_has_its_channels(op):
+    """``zeros_like(y)`` is as wide as ``y`` after the cut too; the graph
+    took it for a constant of any layout, so the half of ``cat([y,
+    zeros_like(y)], 1)`` that it fills was left whole in the next layer
+    (the cut model failed: 10 channels where the Linear took 11)."""
+    net, x = _Between(op), torch.randn(5, 4)
+    graph = G.DependencyGraph(net, x)
+    assert [g.name for g in graph.groups] == ["a"], graph.fixed_groups
+    assert _cut_mismatches(net, x) == []

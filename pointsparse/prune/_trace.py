@@ -124,8 +124,10 @@ def _name(func) -> str:
     return n[:-1] if n.endswith("_") and not n.endswith("__") else n
 
 
-_FACTORIES = {"new_zeros", "new_ones", "new_empty", "new_full", "zeros_like", "ones_like", "empty_like",
-              "full_like", "new_tensor"}
+_FACTORIES = {"new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"}
+# a fresh constant shaped like its input, as wide as it after the cut too: it has its channels (taken for a
+# constant of any layout, the half of cat([y, zeros_like(y)], 1) it fills was left whole in the next layer)
+_LIKE = {"zeros_like", "ones_like", "empty_like", "full_like"}
 _MIX = {"matmul", "mm", "bmm", "einsum", "linear", "bilinear", "conv1d", "conv2d", "conv3d", "conv_transpose1d",
         "conv_transpose2d", "conv_transpose3d", "tensordot", "addmm", "baddbmm", "addmv", "mv", "outer", "inner",
         "dot", "kron", "layer_norm", "group_norm", "instance_norm", "batch_norm", "embedding", "cross",
@@ -304,9 +306,10 @@ class Tracer(TorchFunctionMode):
         outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
         if not outs:
             return
-        if name in _FACTORIES:
+        if name in _FACTORIES or name in _LIKE:
+            like = self.tag_of(args[0]) if name in _LIKE and args else None
             for o in outs:
-                self.set_tag(o, NEUTRAL)
+                self.set_tag(o, like if like is not None and like.segments else NEUTRAL)
             return
         flat = tree_flatten((args, kwargs))[0]
         tagged = [(t, self.tag_of(t)) for t in flat if self.tag_of(t) not in (None, NEUTRAL)]
