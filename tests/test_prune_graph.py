@@ -1054,3 +1054,24 @@ def test_a_tensor_like_another_has_its_channels(op):
     graph = G.DependencyGraph(net, x)
     assert [g.name for g in graph.groups] == ["a"], graph.fixed_groups
     assert _cut_mismatches(net, x) == []
+
+
+@pytest.mark.parametrize("op, cuttable", [
+    (lambda y: y[:, 1:4], False),  # (channels 1..3; after the cut of channel 2: 1, 3, 4)
+    (lambda y: y[..., :3], False),
+    (lambda y: y[:, -2:], False),
+    (lambda y: torch.cat([y, y], 1)[:, 3:9], False),
+    (lambda y: y[:, :], True),
+    (lambda y: y[1:, :6], True),
+    (lambda y: torch.cat([y, y], 1)[:, y.shape[1]:], True),  # (the second stretch whole, at a bound that follows)
+])
+def test_a_slice_of_some_channels_of_a_layer_fixes_them(op, cuttable):
+    """A slice of some channels of one layer holds other channels once the
+    cut removes some before or inside it (its bounds stay); the graph
+    followed it as those channels, so the cut model failed or read other
+    channels. A slice of whole stretches (the parts of a concatenation)
+    is still followed."""
+    net, x = _Between(op), torch.randn(5, 4)
+    graph = G.DependencyGraph(net, x)
+    assert [g.name for g in graph.groups] == (["a"] if cuttable else []), graph.fixed_groups
+    assert _cut_mismatches(net, x) == []

@@ -424,6 +424,10 @@ class Tracer(TorchFunctionMode):
                 segs = slice_segments(segs, r.start, r.stop) if r.step == 1 and len(r) else None
                 if segs is None:
                     return self._fix_all([(x, tag)], "a strided channel slice", None)
+                # some channels of a layer: its bounds stay while the cut removes channels before or inside them
+                self.fix(Tag(tag.axis, tuple(s for s in tag.segments if s.pos < r.stop and s.end > r.start
+                                             and not r.start <= s.pos < s.end <= r.stop)),
+                         "a slice of some of its channels (the cut moves others into it)")
                 axis = d_out
             d_in += 1
             d_out += torch.as_tensor(i).dim() if isinstance(i, (torch.Tensor, list)) else (0 if isinstance(i, int) else 1)
