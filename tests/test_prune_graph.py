@@ -1075,3 +1075,22 @@ def test_a_slice_of_some_channels_of_a_layer_fixes_them(op, cuttable):
     graph = G.DependencyGraph(net, x)
     assert [g.name for g in graph.groups] == (["a"] if cuttable else []), graph.fixed_groups
     assert _cut_mismatches(net, x) == []
+
+
+_ROWS = torch.randn(2, 6)
+
+
+@pytest.mark.parametrize("op, cuttable", [
+    (lambda y: torch.cat([y, _ROWS], 0), False),  # (rows of 6 channels no layer produces: 6 after the cut too)
+    (lambda y: torch.cat((_ROWS, y), dim=-2), False),
+    (lambda y: torch.cat([y, y[:2].flip(0)], 0), True),
+    (lambda y: torch.cat([y, torch.ones(5, 1)], 1), True),  # (along the channels: a column of its own)
+])
+def test_rows_stacked_with_rows_of_unknown_channels_fix_them(op, cuttable):
+    """cat along the rows with a tensor whose channels no layer produces (a
+    buffer, the input): the graph left them cuttable, and the cut model
+    failed (5 channels against the buffer's 6)."""
+    net, x = _Between(op), torch.randn(5, 4)
+    graph = G.DependencyGraph(net, x)
+    assert [g.name for g in graph.groups] == (["a"] if cuttable else []), graph.fixed_groups
+    assert _cut_mismatches(net, x) == []

@@ -391,8 +391,8 @@ class Tracer(TorchFunctionMode):
         if len(axes) != 1:
             return self._fix_all(tagged, "cat", None)
         axis = axes.pop()
-        if dim % o.dim() != axis:  # rows stacked: channels must agree
-            return self._elementwise("cat", tagged, (), {}, o)
+        if dim % o.dim() != axis:  # rows stacked: channels must agree, and be known in every part
+            return self._elementwise("cat", tagged, tuple(tensors), {}, o)
         segs, pos = [], 0
         for t in tensors:
             tag = self.tag_of(t)
