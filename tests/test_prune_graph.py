@@ -862,12 +862,12 @@ def _cut_mismatches(net, x, consumers=False) -> list[str]:
 class _Between(nn.Module):
     """``a = Linear(4, 6) -> op -> b = Linear(width op leaves, 2)``."""
 
-    def __init__(self, op):
+    def __init__(self, op, rows=5):
         super().__init__()
         torch.manual_seed(0)
         self.a, self.op = nn.Linear(4, 6), op
         with torch.no_grad():
-            self.b = nn.Linear(op(self.a(torch.randn(5, 4))).shape[-1], 2)
+            self.b = nn.Linear(op(self.a(torch.randn(rows, 4))).shape[-1], 2)
 
     def forward(self, t):
         return self.b(self.op(self.a(t)))
@@ -1091,6 +1091,30 @@ def test_rows_stacked_with_rows_of_unknown_channels_fix_them(op, cuttable):
     buffer, the input): the graph left them cuttable, and the cut model
     failed (5 channels against the buffer's 6)."""
     net, x = _Between(op), torch.randn(5, 4)
+    graph = G.DependencyGraph(net, x)
+    assert [g.name for g in graph.groups] == (["a"] if cuttable else []), graph.fixed_groups
+    assert _cut_mismatches(net, x) == []
+
+
+@pytest.mark.parametrize("op, cuttable", [
+    (lambda y: torch.quantile(y, 0.5, dim=1), False),  # (over the channels: 6 rows left, where 6 channels were)
+    (lambda y: torch.nanmedian(y, 1)[0], False),
+    (lambda y: torch.nn.functional.cosine_similarity(y, y.flip(0), dim=1), False),
+    (lambda y: (y.unsqueeze(-1) * torch.ones(6)).select(2, 0).t().relu().t(), True),  # (a dim after the channels)
+    (lambda y: torch.nanmedian(y, 0)[0], True),
+    (lambda y: torch.linalg.norm(y, dim=0), True),
+    (lambda y: torch.linalg.norm(y, dim=1), True),  # (a norm over the channels: a zero channel adds nothing)
+    (lambda y: y * torch.linalg.norm(y, -1, 1, True), False),
+])
+def test_an_op_that_drops_an_axis_is_not_taken_for_an_element_wise_one(op, cuttable):
+    """Ops the graph does not know are taken for element-wise ones, whose
+    channels sit where broadcasting puts them; an op that drops an axis
+    (quantile, nanmedian or cosine_similarity over the channels of a
+    (6, 6) tensor) left its rows taken for the channels, and the layer
+    reading them was cut (the cut model failed). Such an op now fixes them;
+    select, unbind, kthvalue... along a dim after the channels leave them
+    where they are; nanmedian is a reduction, linalg.norm a norm."""
+    net, x = _Between(op, rows=6), torch.randn(6, 4)
     graph = G.DependencyGraph(net, x)
     assert [g.name for g in graph.groups] == (["a"] if cuttable else []), graph.fixed_groups
     assert _cut_mismatches(net, x) == []

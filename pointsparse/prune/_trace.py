@@ -135,7 +135,8 @@ _MIX = {"matmul", "mm", "bmm", "einsum", "linear", "bilinear", "conv1d", "conv2d
         "rms_norm", "local_response_norm", "channel_shuffle", "native_channel_shuffle", "pixel_shuffle",
         "pixel_unshuffle", "cdist", "take", "put", "diag", "diag_embed", "diagflat", "diagonal", "trace"}
 _REDUCE = {"sum", "mean", "amax", "amin", "max", "min", "prod", "std", "var", "norm", "logsumexp", "nansum",
-           "nanmean", "median", "all", "any", "argmax", "argmin", "count_nonzero", "std_mean", "var_mean"}
+           "nanmean", "median", "all", "any", "argmax", "argmin", "count_nonzero", "std_mean", "var_mean", "nanmedian",
+           "special_logsumexp"}
 _ALONG = {"softmax", "log_softmax", "cumsum", "cumprod", "cummax", "cummin", "logcumsumexp", "normalize", "sort",
           "argsort", "topk", "index_select", "index_add", "index_copy", "index_fill", "index_reduce", "scatter",
           "scatter_add", "scatter_reduce", "gather", "narrow", "roll", "flip", "split", "chunk", "unbind", "select",
@@ -152,7 +153,7 @@ _PERMUTE = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis
 _CAT = {"cat", "concat", "concatenate"}
 # p-norms (p >= 0) over channels: a zero (masked) channel adds nothing to them, so the cut of masked channels
 # leaves the result as it was and the result holds no channels (a magnitude VoxelPrune's voxel scores)
-_NORMS = {"norm", "linalg_vector_norm"}
+_NORMS = {"norm", "linalg_vector_norm", "linalg_norm"}  # (linalg.norm's matrix norms too: a zero column adds nothing)
 
 
 def _dims(value, ndim: int):
@@ -350,6 +351,11 @@ class Tracer(TorchFunctionMode):
             dims = _along(name, args, kwargs, x.dim())
             if dims is None or tag.axis in dims:
                 return self._fix_all(tagged, name, none)
+            # (select, unbind, kthvalue... drop the axes they work along: the channels move back by those before)
+            at = tag.axis - sum(1 for d in dims if d < tag.axis)
+            return [self._elementwise(name, tagged, args, kwargs, o,
+                                      at if len(tagged) == 1 and o.dim() == x.dim() - len(dims) else None)
+                    for o in outs]
         return [self._elementwise(name, tagged, args, kwargs, o) for o in outs]
 
     def _fix_all(self, tagged, name, result):
@@ -358,10 +364,14 @@ class Tracer(TorchFunctionMode):
         return result
 
     # -------------------------------------------------------------- rules
-    def _elementwise(self, name, tagged, args, kwargs, o) -> Tag | None:
-        axes = set()
-        for t, tag in tagged:
-            axes.add(tag.axis + o.dim() - t.dim())
+    def _elementwise(self, name, tagged, args, kwargs, o, at=None) -> Tag | None:
+        """Channels where broadcasting puts them (``at``: where an op along
+        other axes that drops some leaves them); an op of unknown name that
+        drops an axis is no element-wise one (quantile over the channels of
+        a square tensor left its rows for channels): fixed."""
+        if at is None and any(t.dim() > o.dim() for t, _ in tagged):
+            return self._fix_all(tagged, name, None)
+        axes = {at} if at is not None else {tag.axis + o.dim() - t.dim() for t, tag in tagged}
         axis = axes.pop() if len(axes) == 1 else None
         size = tagged[0][0].shape[tagged[0][1].axis]
         ok = axis is not None and 0 <= axis < o.dim() and o.shape[axis] == size
