@@ -1118,3 +1118,21 @@ def test_an_op_that_drops_an_axis_is_not_taken_for_an_element_wise_one(op, cutta
     graph = G.DependencyGraph(net, x)
     assert [g.name for g in graph.groups] == (["a"] if cuttable else []), graph.fixed_groups
     assert _cut_mismatches(net, x) == []
+
+
+@pytest.mark.parametrize("op, rows, cuttable", [
+    (lambda y: y.T, 6, False),  # (the channels on the rows' axis, which the Linear after does not read)
+    (lambda y: y.mT, 6, False),
+    (lambda y: y.H, 6, False),
+    (lambda y: y.T.relu().T, 5, True),
+    (lambda y: y.mT.relu().mH, 5, True),
+])
+def test_transposing_properties_move_the_channels(op, rows, cuttable):
+    """``y.T``, ``mT``, ``H``, ``mH`` are properties: the op seen is their
+    ``__get__``, which the graph took for an element-wise op named "get",
+    so on a square tensor the channels stayed on their axis while the rows
+    came there (the cut model failed), and ``y.T.relu().T`` fixed them."""
+    net, x = _Between(op, rows), torch.randn(rows, 4)
+    graph = G.DependencyGraph(net, x)
+    assert [g.name for g in graph.groups] == (["a"] if cuttable else []), graph.fixed_groups
+    assert _cut_mismatches(net, x) == []

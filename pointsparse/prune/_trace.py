@@ -116,6 +116,8 @@ class Spaces:
 
 def _name(func) -> str:
     n = getattr(func, "__name__", "") or ""
+    if n == "__get__":  # a property (y.T, y.mT): its getter, named by the property
+        n = getattr(getattr(func, "__self__", None), "__name__", n)
     if n.startswith("__") and n.endswith("__"):
         n = n[2:-2]
         if n.startswith(("r", "i")) and n[1:] in ("add", "sub", "mul", "truediv", "floordiv", "pow", "matmul",
@@ -149,7 +151,8 @@ _FFT = {f"fft_{kind}{rank}": default for kind in ("fft", "ifft", "rfft", "irfft"
 _ALONG |= set(_FFT)
 _SHAPE = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as", "expand",
           "expand_as", "broadcast_to"}
-_PERMUTE = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t", "mT", "T", "adjoint"}
+_PERMUTE = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t", "mT", "T", "adjoint", "H",
+            "mH"}
 _CAT = {"cat", "concat", "concatenate"}
 # p-norms (p >= 0) over channels: a zero (masked) channel adds nothing to them, so the cut of masked channels
 # leaves the result as it was and the result holds no channels (a magnitude VoxelPrune's voxel scores)
