@@ -987,7 +987,7 @@ _EVERY_OTHER = torch.tensor([True, False, True, True, False, True])
 
 @pytest.mark.parametrize("op, cuttable", [
     (lambda y: y.masked_fill(_EVERY_OTHER, 0.0), False),  # (a mask of 6 channels: 5 after the cut)
-    (lambda y: y.masked_fill(torch.arange(y.shape[1]) % 2 == 0, 0.0), False),  # (channel positions, which the cut moves)
+    (lambda y: y.masked_fill(torch.arange(y.shape[1]) % 2 == 0, 0.0), False),  # (by position)
     (lambda y: torch.where(_EVERY_OTHER, y, 0.0), False),
     (lambda y: y * torch.arange(y.shape[1]), False),
     (lambda y: y.masked_fill(y < 0, 0.0), True),
@@ -1024,7 +1024,7 @@ def _written(y, index, value, into=None):
     (lambda y: _written(y, (slice(1, 3), slice(None)), y[:2] * 2), True),
     (lambda y: _written(y, y < 0, 0.0), True),
     (lambda y: y.clone().index_put_((torch.tensor([0, 2]),), torch.tensor(0.0)), True),
-    (lambda y: _written(y, slice(None), y, into=lambda y: torch.zeros(5, y.shape[1])), False),  # (a tensor not followed)
+    (lambda y: _written(y, slice(None), y, into=lambda y: torch.zeros(5, y.shape[1])), False),  # (not followed)
 ])
 def test_writes_into_channel_positions_fix_them(op, cuttable):
     """``z[:, 1] = 0`` writes into channel positions, which the cut moves;
@@ -1133,6 +1133,23 @@ def test_transposing_properties_move_the_channels(op, rows, cuttable):
     so on a square tensor the channels stayed on their axis while the rows
     came there (the cut model failed), and ``y.T.relu().T`` fixed them."""
     net, x = _Between(op, rows), torch.randn(rows, 4)
+    graph = G.DependencyGraph(net, x)
+    assert [g.name for g in graph.groups] == (["a"] if cuttable else []), graph.fixed_groups
+    assert _cut_mismatches(net, x) == []
+
+
+@pytest.mark.parametrize("op, cuttable", [
+    (lambda y: torch.nn.functional.pad(y, (1, -1)), False),  # (every channel one position on: as wide as before)
+    (lambda y: torch.nn.functional.pad(y, pad=(-1, 1), mode="constant"), False),
+    (lambda y: torch.as_strided(y, y.shape, (1, 5)), False),
+    (lambda y: torch.nn.functional.pad(y, (0, 0, 1, -1)), True),  # (rows)
+    (lambda y: torch.nn.functional.pad(y.t(), (1, -1)).t(), True),
+])
+def test_pads_and_strided_views_that_shift_channels_fix_them(op, cuttable):
+    """A pad of -1 on one side and 1 on the other shifts the channels by a
+    position at the same width, and as_strided reads them by position: the
+    graph took both for element-wise ops and left the channels cuttable."""
+    net, x = _Between(op), torch.randn(5, 4)
     graph = G.DependencyGraph(net, x)
     assert [g.name for g in graph.groups] == (["a"] if cuttable else []), graph.fixed_groups
     assert _cut_mismatches(net, x) == []

@@ -135,7 +135,7 @@ _MIX = {"matmul", "mm", "bmm", "einsum", "linear", "bilinear", "conv1d", "conv2d
         "dot", "kron", "layer_norm", "group_norm", "instance_norm", "batch_norm", "embedding", "cross",
         # (normalised over, shuffled across, compared over or placed by their position)
         "rms_norm", "local_response_norm", "channel_shuffle", "native_channel_shuffle", "pixel_shuffle",
-        "pixel_unshuffle", "cdist", "take", "put", "diag", "diag_embed", "diagflat", "diagonal", "trace"}
+        "pixel_unshuffle", "cdist", "take", "put", "diag", "diag_embed", "diagflat", "diagonal", "trace", "as_strided"}
 _REDUCE = {"sum", "mean", "amax", "amin", "max", "min", "prod", "std", "var", "norm", "logsumexp", "nansum",
            "nanmean", "median", "all", "any", "argmax", "argmin", "count_nonzero", "std_mean", "var_mean", "nanmedian",
            "special_logsumexp"}
@@ -184,6 +184,9 @@ _SPATIAL = {**{f"{pool}{k}d{tail}": k for k in (1, 2, 3) for tail in ("", "_with
                for pool in ("avg_pool", "max_pool", "adaptive_avg_pool", "adaptive_max_pool", "lp_pool",
                             "fractional_max_pool", "max_unpool")},
             "interpolate": None, "upsample": None, "upsample_nearest": None, "upsample_bilinear": None}
+# pad(x, pad): (left, right) of the last axis, then of the one before...; a pad of (1, -1) on the channels shifts
+# them at the same width
+_PAD = {"pad", "constant_pad_nd"}
 
 
 # reductions whose keepdim comes fourth, after ``unbiased`` (std(x, dim, unbiased, keepdim)); reading their third
@@ -192,9 +195,13 @@ _KEEPDIM_FOURTH = {"std", "var", "std_mean", "var_mean"}
 
 
 def _along(name: str, args, kwargs, ndim: int):
-    """The axes an op of :data:`_ALONG`, :data:`_IMPLIED` or :data:`_SPATIAL` works along (None: unknown)."""
+    """The axes an op of :data:`_ALONG`, :data:`_IMPLIED`, :data:`_SPATIAL` or :data:`_PAD` works along (None:
+    unknown)."""
     if name in _SPATIAL:
         return set(range(2 if _SPATIAL[name] is None else max(ndim - _SPATIAL[name], 0), ndim))
+    if name in _PAD:
+        pad = list(kwargs.get("pad", args[1] if len(args) > 1 else ()))
+        return {ndim - 1 - i for i in range(len(pad) // 2) if pad[2 * i] or pad[2 * i + 1]}
     return _dims(_IMPLIED[name] if name in _IMPLIED else _dim_arg(args, kwargs, name), ndim)
 
 
@@ -350,7 +357,7 @@ class Tracer(TorchFunctionMode):
             return [self._reduce(x, tag, args, kwargs, o, name) for o in outs]
         if name == "renorm":  # (each slice at an index of its dim renormed: over the channels but where dim is theirs)
             return self._fix_all(tagged, name, none)
-        if name in _ALONG or name in _SHAPE or name in _PERMUTE or name in _IMPLIED or name in _SPATIAL:
+        if name in _ALONG or name in _SHAPE or name in _PERMUTE or name in _IMPLIED or name in _SPATIAL or name in _PAD:
             dims = _along(name, args, kwargs, x.dim())
             if dims is None or tag.axis in dims:
                 return self._fix_all(tagged, name, none)
