@@ -1153,3 +1153,18 @@ def test_pads_and_strided_views_that_shift_channels_fix_them(op, cuttable):
     graph = G.DependencyGraph(net, x)
     assert [g.name for g in graph.groups] == (["a"] if cuttable else []), graph.fixed_groups
     assert _cut_mismatches(net, x) == []
+
+
+@pytest.mark.parametrize("op, cuttable", [
+    (lambda y: y.masked_scatter(y > 0, -y), False),
+    (lambda y: torch.zeros_like(y).masked_scatter(y < 0, y.flip(0)), False),
+    (lambda y: y.masked_fill(y > 0, 0.0), True),
+])
+def test_masked_scatter_reads_its_source_in_flat_order(op, cuttable):
+    """masked_scatter fills the masked places with the source's entries in
+    flat order, so its k-th masked place takes entry k counting every
+    channel; the graph took it for an element-wise op."""
+    net, x = _Between(op), torch.randn(5, 4)
+    graph = G.DependencyGraph(net, x)
+    assert [g.name for g in graph.groups] == (["a"] if cuttable else []), graph.fixed_groups
+    assert _cut_mismatches(net, x) == []

@@ -135,7 +135,8 @@ _MIX = {"matmul", "mm", "bmm", "einsum", "linear", "bilinear", "conv1d", "conv2d
         "dot", "kron", "layer_norm", "group_norm", "instance_norm", "batch_norm", "embedding", "cross",
         # (normalised over, shuffled across, compared over or placed by their position)
         "rms_norm", "local_response_norm", "channel_shuffle", "native_channel_shuffle", "pixel_shuffle",
-        "pixel_unshuffle", "cdist", "take", "put", "diag", "diag_embed", "diagflat", "diagonal", "trace", "as_strided"}
+        "pixel_unshuffle", "cdist", "take", "put", "diag", "diag_embed", "diagflat", "diagonal", "trace", "as_strided",
+        "masked_scatter"}
 _REDUCE = {"sum", "mean", "amax", "amin", "max", "min", "prod", "std", "var", "norm", "logsumexp", "nansum",
            "nanmean", "median", "all", "any", "argmax", "argmin", "count_nonzero", "std_mean", "var_mean", "nanmedian",
            "special_logsumexp"}
