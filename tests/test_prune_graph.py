@@ -1418,6 +1418,10 @@ _CATALOGUE = [
     _case("scatter-channels", lambda y, c, z: y.scatter(c, y.argsort(c), y), "fix"),
     _case("gather-rows", lambda y, c, z: y.gather(0, y.argsort(0)), "cut"),
     _case("gather-channels", lambda y, c, z: torch.gather(y, c, y.argsort(c)), "fix"),
+    _case("gather-rows-index-by-channel", lambda y, c, z: y.gather(0, _vec(y, c, torch.arange(y.shape[c]) % 2).expand(
+        [1 if i == 0 else n for i, n in enumerate(y.shape)])), "fix"),
+    _case("gather-rows-index-expanded", lambda y, c, z: y.gather(0, torch.ones([1] * y.dim(), dtype=torch.long).expand(
+        [1 if i == 0 else n for i, n in enumerate(y.shape)])), "cut"),
     _case("take_along_dim-rows", lambda y, c, z: torch.take_along_dim(y, y.argsort(0), 0), "cut"),
     _case("take_along_dim-channels", lambda y, c, z: torch.take_along_dim(y, y.argsort(c), dim=c), "fix"),
     _case("narrow-rows", lambda y, c, z: y.narrow(0, 0, 1), "cut"),
@@ -1653,3 +1657,22 @@ def test_the_catalogue_runs_every_op_the_graph_has_a_rule_for():
     sets = ("_MIX", "_REDUCE", "_ALONG", "_SHAPE", "_PERMUTE", "_CAT", "_NORMS", "_DIM_THIRD", "_IMPLIED", "_PAD",
             "_LIKE", "_FACTORIES", "_KEEPDIM_FOURTH")
     assert sorted(set().union(*(getattr(_trace, n) for n in sets)) - seen) == []
+
+
+@pytest.mark.parametrize("op, cuttable", [
+    (lambda y: y.gather(0, (torch.arange(y.shape[1]) % 5)[None]), False),  # (row k % 5 for channel k)
+    (lambda y: torch.zeros_like(y).scatter_add(0, torch.tensor([[0, 1, 2, 3, 4, 0]]), y[:1]), False),
+    (lambda y: y.gather(0, torch.tensor([[3], [1]]).expand(-1, y.shape[1])), True),  # (the same rows for every channel)
+    (lambda y: torch.take_along_dim(y, torch.tensor([[4], [0]]), 0), True),
+])
+def test_an_index_that_differs_from_channel_to_channel_fixes_them(op, cuttable):
+    """The index of gather or scatter along the rows names a row for each
+    channel: where it differs from channel to channel it is data of each
+    channel, which the cut moves to other channels; the graph let every
+    integer index pass, so gather(y, 0, index by channel) left the channels
+    cuttable (another output). An index that is the same for every channel
+    (expanded over them) still does."""
+    net, x = _Between(op), torch.randn(5, 4)
+    graph = G.DependencyGraph(net, x)
+    assert [g.name for g in graph.groups] == (["a"] if cuttable else []), graph.fixed_groups
+    assert _cut_mismatches(net, x) == []

@@ -390,13 +390,15 @@ class Tracer(TorchFunctionMode):
         for u in tree_flatten((args, kwargs))[0]:
             if not ok:
                 break
-            # (a mask or integers along the channels too: where(mask, y, 0), y * arange(c); but not the indices of
-            # an op along another dim, scatter_add(0, index expanded over the channels, y))
-            if isinstance(u, torch.Tensor) and self.tag_of(u) is None and (name not in _ALONG or u.is_floating_point()
-                                                                          or u.is_complex() or u.dtype == torch.bool):
+            if isinstance(u, torch.Tensor) and self.tag_of(u) is None:
                 ua = axis - (o.dim() - u.dim())
                 if 0 <= ua < u.dim() and u.shape[ua] == size and size > 1:
-                    ok = False  # an operand with channels the graph does not know (a parameter, an input)
+                    # an operand with channels the graph does not know (a parameter, an input, a mask or integers:
+                    # where(mask, y, 0), y * arange(c)); but the index of an op along another dim is none where it
+                    # is one of its dim's (index_add's) or the same for every channel (scatter_add(0, index
+                    # expanded over the channels, y))
+                    index = name in _ALONG and not (u.is_floating_point() or u.is_complex() or u.dtype == torch.bool)
+                    ok = index and (u.dim() < o.dim() or not bool((u != u.narrow(ua, 0, 1)).any()))
         if not ok:
             return self._fix_all(tagged, name, None)
         first = tagged[0][1]
