@@ -79,23 +79,32 @@ def voxel_skips(model: nn.Module) -> dict[str, dict]:
     return out
 
 
+def _recorded_entries(model: nn.Module, recorded, key: str, layer: str):
+    """``(module name, settings, where)`` of each entry of the config's
+    ``key`` (``voxel_skip`` / ``voxel_prune``: module -> ``layer``'s
+    settings), checked as they come: TypeError / ValueError naming the
+    entry (``where``: ``config key['name']``)."""
+    if not isinstance(recorded, dict):
+        raise TypeError(f"config {key} must be a dict (module -> settings); got {type(recorded).__name__}")
+    for name, settings in recorded.items():
+        if not (isinstance(name, str) and name and _submodule(model, name) is not None):
+            raise ValueError(f"config {key} names {name!r}, which the model does not have")
+        where = f"config {key}[{name!r}]"
+        if not isinstance(settings, dict):
+            raise TypeError(f"{where} must be a dict of {layer}'s settings; got {type(settings).__name__}")
+        other = [k for k in settings if k not in _SKIP_SETTINGS]
+        if other:
+            raise ValueError(f"{where} has {other[0]!r}; its settings are {', '.join(_SKIP_SETTINGS)}")
+        yield name, settings, where
+
+
 def _wrap_voxel_skips(model: nn.Module, recorded) -> None:
     """Wrap each module ``recorded`` (:func:`voxel_skips`) names in a
     VoxelSkip of its settings, in order (a skip inside another's module is
     named as it is once the outer one wraps it); TypeError / ValueError
     naming the entry (the model, :func:`build_model`'s, is then dropped)."""
-    if not isinstance(recorded, dict):
-        raise TypeError(f"config voxel_skip must be a dict (module -> settings); got {type(recorded).__name__}")
-    for name, settings in recorded.items():
-        module = _submodule(model, name) if isinstance(name, str) and name else None
-        if module is None:
-            raise ValueError(f"config voxel_skip names {name!r}, which the model does not have")
-        where = f"config voxel_skip[{name!r}]"
-        if not isinstance(settings, dict):
-            raise TypeError(f"{where} must be a dict of VoxelSkip's settings; got {type(settings).__name__}")
-        other = [key for key in settings if key not in _SKIP_SETTINGS]
-        if other:
-            raise ValueError(f"{where} has {other[0]!r}; its settings are {', '.join(_SKIP_SETTINGS)}")
+    for name, settings, where in _recorded_entries(model, recorded, "voxel_skip", "VoxelSkip"):
+        module = _submodule(model, name)
         try:
             skip = VoxelSkip(module, **settings)
         except (TypeError, ValueError) as error:
@@ -224,17 +233,7 @@ def _add_voxel_prunes(model: nn.Module, recorded) -> None:
     """:func:`add_voxel_prune` on each module ``recorded``
     (:func:`voxel_prunes`) names, with its settings; TypeError / ValueError
     naming the entry (the model, :func:`build_model`'s, is then dropped)."""
-    if not isinstance(recorded, dict):
-        raise TypeError(f"config voxel_prune must be a dict (module -> settings); got {type(recorded).__name__}")
-    for name, settings in recorded.items():
-        if not (isinstance(name, str) and name and _submodule(model, name) is not None):
-            raise ValueError(f"config voxel_prune names {name!r}, which the model does not have")
-        where = f"config voxel_prune[{name!r}]"
-        if not isinstance(settings, dict):
-            raise TypeError(f"{where} must be a dict of VoxelPrune's settings; got {type(settings).__name__}")
-        other = [key for key in settings if key not in _SKIP_SETTINGS]
-        if other:
-            raise ValueError(f"{where} has {other[0]!r}; its settings are {', '.join(_SKIP_SETTINGS)}")
+    for name, settings, where in _recorded_entries(model, recorded, "voxel_prune", "VoxelPrune"):
         try:
             add_voxel_prune(model, name, **settings)
         except (TypeError, ValueError) as error:
