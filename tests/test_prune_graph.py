@@ -1044,6 +1044,7 @@ def test_writes_into_channel_positions_fix_them(op, cuttable):
     lambda y: torch.cat([torch.empty_like(y).fill_(0.0), y], -1),
     lambda y: _written(y[1:3], slice(None), y[1:3], into=torch.zeros_like)[1:3],
     lambda y: torch.cat([y, y.new_zeros(5, 3)], 1),  # (a width of its own: 3 channels no layer changes)
+    lambda y: torch.cat([y, torch.zeros_like(input=y)], 1),  # (its tensor by keyword)
 ])
 def test_a_tensor_like_another_has_its_channels(op):
     """``zeros_like(y)`` is as wide as ``y`` after the cut too; the graph

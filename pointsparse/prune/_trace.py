@@ -319,7 +319,8 @@ class Tracer(TorchFunctionMode):
         if not outs:
             return
         if name in _FACTORIES or name in _LIKE:
-            like = self.tag_of(args[0]) if name in _LIKE and args else None
+            source = (args[0] if args else kwargs.get("input")) if name in _LIKE else None  # (input= by keyword too)
+            like = self.tag_of(source) if isinstance(source, torch.Tensor) else None
             for o in outs:
                 self.set_tag(o, like if like is not None and like.segments else NEUTRAL)
             return
