@@ -56,7 +56,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import coords as _coords
 from .tensor import SparseTensor, as_int
 
 META_FILE = "pointsparse.json"
@@ -554,19 +553,18 @@ def _note_selection(out: SparseTensor, x: SparseTensor) -> None:
     record where ``x`` is a selection too. An output on all of ``x``'s
     voxels keeps no record of its own (it devoxelizes as ``x``), one
     elsewhere none at all."""
+    from .models.spvcnn import point_rows  # noqa: PLC0415 - (models import the export's layers lazily too)
+
     n = x.coords.shape[0]
     if out.stride != x.stride or len(out) > n or (len(out) == n and x.stride not in x.cache.kept):
         return
     rows = out.coords.new_zeros(0, dtype=torch.int64)
     if len(out):
-        layout = _coords.KeyLayout.of(x.coords)
-        if not bool(layout.contains(out.coords).all()):
+        try:  # (each output coord's row among x's: at x's own stride, the coords themselves looked up)
+            rows = point_rows(x, out.coords)
+        except ValueError:  # some output voxel is none of x's
             return
-        table, order = torch.sort(_coords.pack_torch(x.coords, layout), stable=True)
-        keys = _coords.pack_torch(out.coords, layout)
-        pos = torch.searchsorted(table, keys).clamp_max(n - 1)
-        rows = order[pos]
-        if not bool((table[pos] == keys).all()) or not bool((rows[1:] > rows[:-1]).all()):
+        if not bool((rows[1:] > rows[:-1]).all()):
             return
     out.cache.note_kept(x.stride, rows, n, x.cache)
 
