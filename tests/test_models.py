@@ -915,3 +915,28 @@ def test_add_voxel_prune_on_a_module_without_weights_takes_the_models_dtype():
     with torch.no_grad():
         out = net(x.with_feats(x.feats.double()))
     assert out.feats.dtype == torch.float64
+
+
+def test_add_voxel_skip_wraps_the_named_module_as_the_config_rebuilds_it():
+    """models.add_voxel_skip (what build_model and `prune voxels` call) puts
+    a VoxelSkip of the settings around the named module, returns it, and
+    voxel_skips records it; a name the model lacks or the model itself is
+    refused by name."""
+    from pointsparse.models import add_voxel_skip, build_model, voxel_skips
+
+    torch.manual_seed(3)
+    net = MinkUNet(4, 3, cr=0.25, blocks=1).eval()
+    inner = net.fuse[1][0].main
+    skip = add_voxel_skip(net, "fuse.1.0.main", 0.4, threshold=0.5)
+    assert net.fuse[1][0].main is skip and skip.module is inner
+    recorded = voxel_skips(net)
+    assert recorded == {"fuse.1.0.main": {"keep_ratio": 0.4, "score": "magnitude", "threshold": 0.5,
+                                          "in_channels": None}}
+    rebuilt = build_model({"model": "minkunet", "in_channels": 4, "classes": ["a", "b", "c"], "cr": 0.25,
+                           "blocks": 1, "voxel_skip": recorded})
+    assert voxel_skips(rebuilt) == recorded
+    for name in ("fuse.9", ""):
+        with pytest.raises(ValueError, match="names no submodule"):
+            add_voxel_skip(net, name)
+    with pytest.raises(TypeError, match="module_name must be a str"):
+        add_voxel_skip(net, 3)

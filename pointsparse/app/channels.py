@@ -276,7 +276,7 @@ def _prune_voxels(path, out, keep_ratio: float, placement: str, stages, score: s
     """:func:`prune_voxels_checkpoint`, and the names of the modules wrapped
     (skip) or whose input is pruned (prune)."""
     from .evaluate import checkpoint_model
-    from ..models import add_voxel_prune, voxel_prunes
+    from ..models import add_voxel_prune, add_voxel_skip, voxel_prunes
     from ..nn import Conv3d, VoxelSkip
     from ..nn.functional import keep_ratio_of
     if placement not in PLACEMENTS:
@@ -318,11 +318,8 @@ def _prune_voxels(path, out, keep_ratio: float, placement: str, stages, score: s
         torch.manual_seed(0)
         for name in places:
             module = model.get_submodule(name)
-            if placement == "prune":
-                add_voxel_prune(model, name, keep_ratio, score, channels(module))
-            else:
-                parent, _, leaf = name.rpartition(".")
-                setattr(model.get_submodule(parent), leaf, VoxelSkip(module, keep_ratio, score, channels(module)))
+            add = add_voxel_prune if placement == "prune" else add_voxel_skip
+            add(model, name, keep_ratio, score, channels(module))
     return save_pruned(state, model, out), places
 
 

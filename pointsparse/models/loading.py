@@ -59,7 +59,7 @@ def build_model(config: dict) -> nn.Module:
 
 #: A VoxelSkip's settings as :func:`voxel_skips` records them (its arguments after ``module``), and a
 #: VoxelPrune's as :func:`voxel_prunes` does.
-_SKIP_SETTINGS = ("keep_ratio", "score", "threshold", "in_channels")
+_SETTINGS = ("keep_ratio", "score", "threshold", "in_channels")
 
 
 def voxel_skips(model: nn.Module) -> dict[str, dict]:
@@ -70,13 +70,35 @@ def voxel_skips(model: nn.Module) -> dict[str, dict]:
     again, e.g. ``dict(config, voxel_skip=voxel_skips(model))``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    out = {}
-    for name, m in model.named_modules():
-        if isinstance(m, VoxelSkip):
-            scorer = m.prune.scorer
-            out[name] = {"keep_ratio": m.prune.keep_ratio, "score": m.prune.score, "threshold": m.prune.threshold,
-                         "in_channels": None if scorer is None else scorer.in_features}
-    return out
+    return {name: _settings(m.prune) for name, m in model.named_modules() if isinstance(m, VoxelSkip)}
+
+
+def _settings(prune: VoxelPrune) -> dict:
+    """A VoxelPrune's (or a VoxelSkip's ``prune``'s) settings as a config records them (:data:`_SETTINGS`)."""
+    return {"keep_ratio": prune.keep_ratio, "score": prune.score, "threshold": prune.threshold,
+            "in_channels": None if prune.scorer is None else prune.scorer.in_features}
+
+
+def add_voxel_skip(model: nn.Module, module_name: str, keep_ratio: float = 0.5, score: str = "magnitude",
+                   in_channels: int | None = None, threshold: float | None = None) -> VoxelSkip:
+    """Replaces ``model``'s submodule ``module_name`` by a
+    :class:`~pointsparse.nn.VoxelSkip` of these settings around it (its
+    keys move under ``module.``; ``load_state_dict`` still takes the
+    unwrapped ones) and returns it; :func:`voxel_skips` records it for a
+    checkpoint's config. A name the model lacks, or the model itself, is
+    refused."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if not isinstance(module_name, str):
+        raise TypeError(f"module_name must be a str (a submodule's name, e.g. 'fuse.0.0.main'); got "
+                        f"{type(module_name).__name__}")
+    module = _submodule(model, module_name) if module_name else None
+    if module is None:
+        raise ValueError(f"module_name {module_name!r} names no submodule of the model")
+    skip = VoxelSkip(module, keep_ratio, score, in_channels, threshold)
+    parent, _, leaf = module_name.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, skip)
+    return skip
 
 
 def _recorded_entries(model: nn.Module, recorded, key: str, layer: str):
@@ -92,9 +114,9 @@ def _recorded_entries(model: nn.Module, recorded, key: str, layer: str):
         where = f"config {key}[{name!r}]"
         if not isinstance(settings, dict):
             raise TypeError(f"{where} must be a dict of {layer}'s settings; got {type(settings).__name__}")
-        other = [k for k in settings if k not in _SKIP_SETTINGS]
+        other = [k for k in settings if k not in _SETTINGS]
         if other:
-            raise ValueError(f"{where} has {other[0]!r}; its settings are {', '.join(_SKIP_SETTINGS)}")
+            raise ValueError(f"{where} has {other[0]!r}; its settings are {', '.join(_SETTINGS)}")
         yield name, settings, where
 
 
@@ -104,13 +126,10 @@ def _wrap_voxel_skips(model: nn.Module, recorded) -> None:
     named as it is once the outer one wraps it); TypeError / ValueError
     naming the entry (the model, :func:`build_model`'s, is then dropped)."""
     for name, settings, where in _recorded_entries(model, recorded, "voxel_skip", "VoxelSkip"):
-        module = _submodule(model, name)
         try:
-            skip = VoxelSkip(module, **settings)
+            add_voxel_skip(model, name, **settings)
         except (TypeError, ValueError) as error:
             raise type(error)(f"{where}: {error}") from None
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, skip)
 
 
 #: The child of a model that holds the VoxelPrune layers :func:`add_voxel_prune` adds.
@@ -219,10 +238,7 @@ def voxel_prunes(model: nn.Module) -> dict[str, dict]:
                                  "add_voxel_prune, and a config recording it would add it as another key; wrap "
                                  "modules in VoxelSkip before adding VoxelPrune")
             found.add(key)
-            scorer = hook.prune.scorer
-            out[name] = {"keep_ratio": hook.prune.keep_ratio, "score": hook.prune.score,
-                         "threshold": hook.prune.threshold,
-                         "in_channels": None if scorer is None else scorer.in_features}
+            out[name] = _settings(hook.prune)
     idle = [key for key in held.values() if key not in found]
     if idle:
         raise ValueError(f"{_PRUNES}.{idle[0]} runs on no module of the model (its hook was removed)")
