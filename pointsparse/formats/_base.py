@@ -118,24 +118,22 @@ def module_weight(module: torch.nn.Module, name: str = "weight") -> torch.Tensor
     the next forward folds it)."""
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"module must be a torch.nn.Module; got {type(module).__name__}")
+    owner = type(module).__name__
     orig = getattr(module, name + "_orig", None)
     mask = getattr(module, name + "_mask", None)
     if isinstance(orig, torch.Tensor) and isinstance(mask, torch.Tensor):
-        check_data(orig, f"{type(module).__name__}.{name}_orig")
-        check_data(mask, f"{type(module).__name__}.{name}_mask")
-        skeleton = getattr(module, name + "_skeleton", None)
-        if isinstance(skeleton, torch.Tensor):  # (what the skeleton's pre-hook computes)
-            check_data(skeleton, f"{type(module).__name__}.{name}_skeleton")
-            return (orig * mask * skeleton).detach()
-        return (orig * mask).detach()
-    weight = getattr(module, name, None)
-    if not isinstance(weight, torch.Tensor):
-        raise ValueError(f"{type(module).__name__} has no tensor attribute {name!r}")
-    check_data(weight, f"{type(module).__name__}.{name}")
+        check_data(orig, f"{owner}.{name}_orig")
+        check_data(mask, f"{owner}.{name}_mask")
+        weight = orig * mask
+    else:
+        weight = getattr(module, name, None)
+        if not isinstance(weight, torch.Tensor):
+            raise ValueError(f"{owner} has no tensor attribute {name!r}")
+        check_data(weight, f"{owner}.{name}")
     skeleton = getattr(module, name + "_skeleton", None)
-    if isinstance(skeleton, torch.Tensor):  # (after prune.remove: folded at the next forward, see prune.stripe)
-        check_data(skeleton, f"{type(module).__name__}.{name}_skeleton")
-        return (weight * skeleton).detach()
+    if isinstance(skeleton, torch.Tensor):  # (what its pre-hook computes; after prune.remove, until it folds)
+        check_data(skeleton, f"{owner}.{name}_skeleton")
+        weight = weight * skeleton
     return weight.detach()
 
 

@@ -185,17 +185,16 @@ class VoxelPrune(nn.Module):
     def scores(self, input: SparseTensor) -> torch.Tensor:
         """The importance of each voxel of ``input`` (1-D, a row each)."""
         input = _check_input(input)
-        if self.scorer is not None:
-            # (a compressed scorer, formats.SparseLinear, holds no weight tensor: its in_features; it checks the dtype)
-            weight = getattr(self.scorer, "weight", None)
-            weight = weight if isinstance(weight, torch.Tensor) else None
-            channels = self.scorer.in_features if weight is None else weight.shape[1]
-            _check_feats_for(self, input, channels, "in_channels", weight)
         if self.scorer is None:
             feats = input.feats.detach()
             # (in float32 for bf16 / fp16 feats: their own dtype rounds near norms to one, and ties keep the earlier)
             wide = torch.float32 if feats.dtype in (torch.bfloat16, torch.float16) else None
             return torch.linalg.vector_norm(feats, dim=1, dtype=wide)
+        # (a compressed scorer, formats.SparseLinear, holds no weight tensor: its in_features; it checks the dtype)
+        weight = getattr(self.scorer, "weight", None)
+        weight = weight if isinstance(weight, torch.Tensor) else None
+        channels = self.scorer.in_features if weight is None else weight.shape[1]
+        _check_feats_for(self, input, channels, "in_channels", weight)
         return self.scorer(input.feats).squeeze(1)
 
     def select(self, input: SparseTensor) -> tuple[torch.Tensor, SparseTensor]:
