@@ -144,7 +144,7 @@ _ALONG = {"softmax", "log_softmax", "cumsum", "cumprod", "cummax", "cummin", "lo
           "argsort", "topk", "index_select", "index_add", "index_copy", "index_fill", "index_reduce", "scatter",
           "scatter_add", "scatter_reduce", "gather", "narrow", "roll", "flip", "split", "chunk", "unbind", "select",
           "take_along_dim", "kthvalue", "mode", "renorm", "diff", "tensor_split", "softmin", "special_softmax",
-          "special_log_softmax", "fft_fftshift", "fft_ifftshift"}
+          "special_log_softmax", "fft_fftshift", "fft_ifftshift", "rot90"}
 # torch.fft's transforms, along a dim that comes third (fft(x, n, dim, norm), fft2(x, s, dim, norm), ...); unknown
 # by name, they passed the channels on as an activation does, and an fft over channels left them cuttable
 _FFT = {f"fft_{kind}{rank}": default for kind in ("fft", "ifft", "rfft", "irfft", "hfft", "ihfft")
@@ -175,7 +175,6 @@ def _dims(value, ndim: int):
 # flattened tensor, every axis); reading their second argument as the dim took topk(x, 2, 1) along axis 0
 _DIM_THIRD = {"split": 0, "chunk": 0, "tensor_split": 0, "topk": -1, "kthvalue": -1, "diff": -1, "normalize": 1,
               "roll": None, "take_along_dim": None, "rot90": (0, 1), **_FFT}
-_ALONG.add("rot90")
 # ops on axes that their name implies, with no dim argument (triu's second argument is its diagonal); taken for
 # element-wise ops, fliplr(y) or triu(y) on (N, C) feats left the channels they move or zero by position cuttable
 _IMPLIED = {"fliplr": 1, "flipud": 0, "msort": 0, "triu": (-2, -1), "tril": (-2, -1)}
