@@ -79,6 +79,22 @@ def _settings(prune: VoxelPrune) -> dict:
             "in_channels": None if prune.scorer is None else prune.scorer.in_features}
 
 
+def _named_module(model: nn.Module, module_name, example: str) -> nn.Module:
+    """``model``'s submodule ``module_name`` (not the model itself):
+    TypeError naming ``model`` or ``module_name`` (``example``: a name to
+    show) where either is of the wrong kind, ValueError where the model has
+    no such submodule."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if not isinstance(module_name, str):
+        raise TypeError(f"module_name must be a str (a submodule's name, e.g. {example!r}); got "
+                        f"{type(module_name).__name__}")
+    module = _submodule(model, module_name) if module_name else None
+    if module is None:
+        raise ValueError(f"module_name {module_name!r} names no submodule of the model")
+    return module
+
+
 def add_voxel_skip(model: nn.Module, module_name: str, keep_ratio: float = 0.5, score: str = "magnitude",
                    in_channels: int | None = None, threshold: float | None = None) -> VoxelSkip:
     """Replaces ``model``'s submodule ``module_name`` by a
@@ -87,14 +103,7 @@ def add_voxel_skip(model: nn.Module, module_name: str, keep_ratio: float = 0.5, 
     unwrapped ones) and returns it; :func:`voxel_skips` records it for a
     checkpoint's config. A name the model lacks, or the model itself, is
     refused."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    if not isinstance(module_name, str):
-        raise TypeError(f"module_name must be a str (a submodule's name, e.g. 'fuse.0.0.main'); got "
-                        f"{type(module_name).__name__}")
-    module = _submodule(model, module_name) if module_name else None
-    if module is None:
-        raise ValueError(f"module_name {module_name!r} names no submodule of the model")
+    module = _named_module(model, module_name, "fuse.0.0.main")
     skip = VoxelSkip(module, keep_ratio, score, in_channels, threshold)
     parent, _, leaf = module_name.rpartition(".")
     setattr(model.get_submodule(parent), leaf, skip)
@@ -174,18 +183,11 @@ def add_voxel_prune(model: nn.Module, module_name: str, keep_ratio: float = 0.5,
     module moved after would be recorded under a name its key no longer
     matches: :func:`voxel_prunes` refuses it). An ``nn.Sequential`` model is
     refused (it would run the registered pruners as a layer)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     if isinstance(model, nn.Sequential):  # (its forward calls every child: the pruners' ModuleDict too)
         raise ValueError(f"model is an nn.Sequential, which would run the pruners add_voxel_prune registers on it "
                          f"(its child {_PRUNES!r}) as a layer; wrap it in a module whose forward calls it, and give "
                          "that one")
-    if not isinstance(module_name, str):
-        raise TypeError(f"module_name must be a str (a submodule's name, e.g. 'fuse.0'); got "
-                        f"{type(module_name).__name__}")
-    module = _submodule(model, module_name) if module_name else None
-    if module is None:
-        raise ValueError(f"module_name {module_name!r} names no submodule of the model")
+    module = _named_module(model, module_name, "fuse.0")
     if isinstance(module, VoxelSkip):
         raise ValueError(f"module_name {module_name!r} is a VoxelSkip, which its callers may run by add_to (a "
                          "ResidualBlock does), past any forward hook: prune the input of the module holding it")
