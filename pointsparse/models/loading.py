@@ -45,11 +45,11 @@ def build_model(config: dict) -> nn.Module:
     cls = SPVCNN if name == "spvcnn" else MinkUNet
     model = cls(config["in_channels"], len(config["classes"]), cr=config["cr"], blocks=config["blocks"])
     if config.get("voxel_skip") is not None:  # (before the widths: they name the modules inside the skips)
-        _wrap_voxel_skips(model, config["voxel_skip"])
+        _add_recorded(model, config["voxel_skip"], "voxel_skip")
     # (after the skips: voxel_prunes names modules as the model with its skips has them; before the widths:
     # they name a learned scorer)
     if config.get("voxel_prune") is not None:
-        _add_voxel_prunes(model, config["voxel_prune"])
+        _add_recorded(model, config["voxel_prune"], "voxel_prune")
     if config.get("widths"):
         from ..prune.graph import resize
         resize(model, config["widths"])
@@ -110,11 +110,14 @@ def add_voxel_skip(model: nn.Module, module_name: str, keep_ratio: float = 0.5, 
     return skip
 
 
-def _recorded_entries(model: nn.Module, recorded, key: str, layer: str):
-    """``(module name, settings, where)`` of each entry of the config's
-    ``key`` (``voxel_skip`` / ``voxel_prune``: module -> ``layer``'s
-    settings), checked as they come: TypeError / ValueError naming the
-    entry (``where``: ``config key['name']``)."""
+def _add_recorded(model: nn.Module, recorded, key: str) -> None:
+    """Adds to ``model`` the layers its config's ``key`` records (module ->
+    settings: ``voxel_skip`` by :func:`add_voxel_skip`, in order, a skip
+    inside another's module named as it is once the outer one wraps it;
+    ``voxel_prune`` by :func:`add_voxel_prune`); TypeError / ValueError
+    naming the entry (``config key['name']``; the model, :func:`build_model`'s,
+    is then dropped)."""
+    add, layer = (add_voxel_skip, "VoxelSkip") if key == "voxel_skip" else (add_voxel_prune, "VoxelPrune")
     if not isinstance(recorded, dict):
         raise TypeError(f"config {key} must be a dict (module -> settings); got {type(recorded).__name__}")
     for name, settings in recorded.items():
@@ -126,17 +129,8 @@ def _recorded_entries(model: nn.Module, recorded, key: str, layer: str):
         other = [k for k in settings if k not in _SETTINGS]
         if other:
             raise ValueError(f"{where} has {other[0]!r}; its settings are {', '.join(_SETTINGS)}")
-        yield name, settings, where
-
-
-def _wrap_voxel_skips(model: nn.Module, recorded) -> None:
-    """Wrap each module ``recorded`` (:func:`voxel_skips`) names in a
-    VoxelSkip of its settings, in order (a skip inside another's module is
-    named as it is once the outer one wraps it); TypeError / ValueError
-    naming the entry (the model, :func:`build_model`'s, is then dropped)."""
-    for name, settings, where in _recorded_entries(model, recorded, "voxel_skip", "VoxelSkip"):
         try:
-            add_voxel_skip(model, name, **settings)
+            add(model, name, **settings)
         except (TypeError, ValueError) as error:
             raise type(error)(f"{where}: {error}") from None
 
@@ -245,17 +239,6 @@ def voxel_prunes(model: nn.Module) -> dict[str, dict]:
     if idle:
         raise ValueError(f"{_PRUNES}.{idle[0]} runs on no module of the model (its hook was removed)")
     return out
-
-
-def _add_voxel_prunes(model: nn.Module, recorded) -> None:
-    """:func:`add_voxel_prune` on each module ``recorded``
-    (:func:`voxel_prunes`) names, with its settings; TypeError / ValueError
-    naming the entry (the model, :func:`build_model`'s, is then dropped)."""
-    for name, settings, where in _recorded_entries(model, recorded, "voxel_prune", "VoxelPrune"):
-        try:
-            add_voxel_prune(model, name, **settings)
-        except (TypeError, ValueError) as error:
-            raise type(error)(f"{where}: {error}") from None
 
 
 def load_model(path, map_location="cpu") -> nn.Module:
