@@ -59,37 +59,31 @@ inline Vec<float>::type vbroadcast(float x) { return Vec<float>::type{x, x, x, x
 inline Vec<double>::type vbroadcast(double x) { return Vec<double>::type{x, x, x, x}; }
 #endif
 
-#if PS_CONV_VEC_BYTES == 64 && defined(__AVX512F__)
-#define PS_CONV_MASKED 1
-inline Vec<float>::type vfma(Vec<float>::type a, Vec<float>::type b, Vec<float>::type c) {
-  return _mm512_fmadd_ps(a, b, c);
-}
-inline Vec<double>::type vfma(Vec<double>::type a, Vec<double>::type b, Vec<double>::type c) {
-  return _mm512_fmadd_pd(a, b, c);
-}
-// p[0:n] = s[0:n] + v[0:n] (n <= lanes; s may be p), the other lanes neither
-// read nor written.
-inline void vadd_masked(float* p, const float* s, Vec<float>::type v, int n) {
-  const __mmask16 m = __mmask16((1u << n) - 1u);
-  _mm512_mask_storeu_ps(p, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, s), v));
-}
-inline void vadd_masked(double* p, const double* s, Vec<double>::type v, int n) {
-  const __mmask8 m = __mmask8((1u << n) - 1u);
-  _mm512_mask_storeu_pd(p, m, _mm512_add_pd(_mm512_maskz_loadu_pd(m, s), v));
-}
-#elif defined(__FMA__) && defined(__AVX2__)
-inline Vec<float>::type vfma(Vec<float>::type a, Vec<float>::type b, Vec<float>::type c) {
-  return _mm256_fmadd_ps(a, b, c);
-}
-inline Vec<double>::type vfma(Vec<double>::type a, Vec<double>::type b, Vec<double>::type c) {
-  return _mm256_fmadd_pd(a, b, c);
-}
-#else
+// acc + a * b in one rounding (FMA) in the FMA builds, chosen by the build
+// (kIsa), not by __AVX512F__ / __FMA__ (GCC 12 does not define those under
+// `#pragma GCC target` in C++, later GCCs may) nor left to the compiler's
+// contraction of a * b + c (the core is built with -ffp-contract=off: GCC
+// 12 contracted it here and GCC 13 did not everywhere, and the FMA builds,
+// the vector-sparse kernels' intrinsics and the builds of two compilers
+// then differed in the last bit). The generic build: a * b + c, two roundings.
 template <typename V>
 inline V vfma(V a, V b, V c) {
+#if defined(__x86_64__) || defined(__i386__)
+  constexpr bool is_float = sizeof(a[0]) == 4;
+  if constexpr (kIsa == Isa::avx512 && is_float)
+    return _mm512_fmadd_ps(a, b, c);
+  else if constexpr (kIsa == Isa::avx512)
+    return _mm512_fmadd_pd(a, b, c);
+  else if constexpr (kIsa == Isa::avx2 && is_float)
+    return _mm256_fmadd_ps(a, b, c);
+  else if constexpr (kIsa == Isa::avx2)
+    return _mm256_fmadd_pd(a, b, c);
+  else
+    return a * b + c;
+#else
   return a * b + c;
-}
 #endif
+}
 
 // One step of a register tile: acc0[r] += x_r * b0 and (NV = 2) acc1[r] +=
 // x_r * b1, x_r = x[r][off], for r < R (a tile of R rows; kMR but in a tail
@@ -123,15 +117,6 @@ inline void tile_add(const typename Vec<T>::type* acc0, const typename Vec<T>::t
     }
     return;
   }
-#if defined(PS_CONV_MASKED)
-  const int n0 = int(ncols < L ? ncols : L), n1 = int(ncols - n0);
-#pragma GCC unroll 16
-  for (int r = 0; r < kMR; ++r) {
-    if (r < first || r >= last) continue;
-    vadd_masked(c[r], c[r], acc0[r], n0);
-    if (NV > 1 && n1 > 0) vadd_masked(c[r] + L, c[r] + L, acc1[r], n1);
-  }
-#else
   T tmp[kMR][NV * L];
 #pragma GCC unroll 16
   for (int r = 0; r < kMR; ++r) {
@@ -142,7 +127,6 @@ inline void tile_add(const typename Vec<T>::type* acc0, const typename Vec<T>::t
     T* cr = c[r];
     for (int64_t j = 0; j < ncols; ++j) cr[j] += tmp[r][j];
   }
-#endif
 }
 
 // The apply kernels' accumulators start from what they add to: (acc0[r],
