@@ -419,3 +419,27 @@ def test_train_and_prune_on_a_checkpoint_of_the_wrong_contents_is_a_message(tmp_
             assert err.startswith(f"pointsparse {argv[0]}: error: ") and str(ckpt) in err, (argv, err)
             assert "Traceback" not in err, (argv, err)
     assert not out.exists() and not any(run_out.rglob("*.pt"))  # (train's --out holds only its lock's folder)
+
+
+def test_processes_get_a_cuda_device_each_or_a_clear_error(monkeypatch):
+    """NCCL takes one process per CUDA device: ``--nproc 2`` on a machine
+    with one GPU, where --device defaults to cuda, failed inside
+    DistributedDataParallel ("Duplicate GPU detected"); now a ValueError
+    before training says to pass --device cpu or --nproc 1, as does
+    ``--device cuda:0`` for several processes."""
+    import torch
+
+    from pointsparse.app.distributed import pick_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert pick_device(None, 0) == torch.device("cuda:0")
+    assert pick_device("cuda", 0, 1) == torch.device("cuda:0")
+    assert pick_device("cpu", 1, 2) == torch.device("cpu")
+    for name in (None, "cuda"):
+        with pytest.raises(ValueError, match=r"2 processes on this machine need a CUDA device each .* has 1: pass "
+                                             r"--device cpu, or --nproc 1"):
+            pick_device(name, 1, 2)
+    with pytest.raises(ValueError, match="--device cuda:0 puts all 2 processes on one device"):
+        pick_device("cuda:0", 0, 2)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [pick_device(None, r, 2) for r in (0, 1)] == [torch.device("cuda:0"), torch.device("cuda:1")]

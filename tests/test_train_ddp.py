@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--data", "generated", "--scenes", "4", "--val-scenes", "1", "--beams", "16", "--azimuth-steps", "192",
         "--max-range", "16", "--cr", "0.125", "--blocks", "1", "--voxel-size", "0.5", "--batch-size", "2",
         "--epochs", "1", "--optimizer", "sgd", "--lr", "0.05", "--schedule", "constant", "--no-progress",
-        "--threads", "1", "--seed", "1"]
+        "--threads", "1", "--seed", "1", "--device", "cpu"]  # (gloo on the CPU; one process per GPU with CUDA)
 
 SCRIPT = textwrap.dedent("""
     import argparse, sys

@@ -32,24 +32,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def pick_device(name, rank: int) -> torch.device:
+def pick_device(name, rank: int, local_world: int = 1) -> torch.device:
+    """The device of the process of local rank ``rank`` among ``local_world``
+    processes on this machine: ``name`` (``--device``), by default CUDA where
+    torch has it, one device per process (NCCL takes no two processes on one
+    device: more processes than devices is a ValueError saying what to pass),
+    else the CPU."""
     if name is None:
-        return torch.device(f"cuda:{rank % torch.cuda.device_count()}") if torch.cuda.is_available() else \
-            torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"--device must be cpu, cuda or cuda:N; got {name!r}") from error
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        what = "--device (default: cuda, this machine has CUDA)"
+        device = torch.device("cuda")
+    else:
+        what = f"--device {name}"
+        try:
+            device = torch.device(name)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(f"--device must be cpu, cuda or cuda:N; got {name!r}") from error
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device must be cpu, cuda or cuda:N; got {name!r}")
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise ValueError(f"--device {name}: this machine has no CUDA device (torch {torch.__version__})")
+            raise ValueError(f"{what}: this machine has no CUDA device (torch {torch.__version__})")
         if device.index is None:
+            if local_world > count:
+                raise ValueError(f"{what}: {local_world} processes on this machine need a CUDA device each (NCCL "
+                                 f"takes one process per device) but it has {count}: pass --device cpu, or "
+                                 f"--nproc {count}")
             device = torch.device(f"cuda:{rank % count}")
         elif device.index >= count:
-            raise ValueError(f"--device {name}: this machine has {count} CUDA device(s)")
+            raise ValueError(f"{what}: this machine has {count} CUDA device(s)")
+        elif local_world > 1:
+            raise ValueError(f"{what} puts all {local_world} processes on one device (NCCL takes one process per "
+                             "device): pass --device cuda (one device each) or --device cpu")
     return device
 
 
@@ -60,7 +76,7 @@ def init_distributed(args) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    device = pick_device(args.device, local)
+    device = pick_device(args.device, local, int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
     if world > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
@@ -74,7 +90,7 @@ def init_distributed(args) -> Dist:
 def worker_environment(rank: int, world: int, port: int) -> None:
     """The environment a spawned worker of ``--nproc`` reads its rank from."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank))
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
 
 
 def destroy(barrier: bool = False) -> None:
