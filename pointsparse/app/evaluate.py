@@ -113,8 +113,10 @@ def main(args) -> int:
     # An explicit --ignore-index always wins, 255 included.
     ignore_index = (args.ignore_index if args.ignore_index is not None
                     else config.get("ignore_index", DEFAULT_IGNORE))
-    device = pick_device(args.device, 0)
-    if getattr(args, "maps_ahead", False) and device.type != "cpu":
+    maps_ahead = getattr(args, "maps_ahead", False)
+    # --maps-ahead runs the model on the CPU where --device is not given (cuda is the default elsewhere)
+    device = pick_device("cpu" if maps_ahead and args.device is None else args.device, 0)
+    if maps_ahead and device.type != "cpu":
         raise ValueError(f"--maps-ahead builds the maps on CPU worker threads; the model runs on {device}")
     spec, source = eval_source(args, state, ignore_index)  # (its flags checked; the clouds are read on first use)
     # --out taken, as train takes it, before the evaluation's work and after the checks: another run's
