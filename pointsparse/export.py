@@ -123,6 +123,11 @@ def _check_exportable(model: nn.Module) -> None:
                          "statistics, as the exported program will)")
     # (modules whose forward depends on the mode: a batch norm set back to training would normalise each
     # input by its own statistics, a dropout drop values; an Identity fuse_for_inference made runs alike)
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, tensor in named:
+            if tensor.device.type not in ("cpu", "meta"):  # (ProgramModel runs on the CPU)
+                raise ValueError(f"export writes CPU programs; the model's {kind} {name} is on {tensor.device}: "
+                                 "export model.cpu() with a CPU example")
     moded = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
     left = next(((name, module) for name, module in model.named_modules()
                  if module.training and isinstance(module, moded)), None)

@@ -81,6 +81,7 @@ def compress(module: torch.nn.Module, format="csr", example_input=None, **kwargs
     from ..nn import Conv3d
 
     cls = _format_class(format)
+    _check_on_cpu(module)
     if isinstance(module, torch.nn.Linear):
         weight = module_weight(module, "weight")
         return _with_pre_hooks(module, SparseLinear(cls.from_dense(weight, **kwargs), module.bias))
@@ -111,6 +112,20 @@ def compress(module: torch.nn.Module, format="csr", example_input=None, **kwargs
                         raise type(error)(f"{qualified}: {error}") from error
                 setattr(sub, child_name, done[id(child)])
     return result
+
+
+def _check_on_cpu(module) -> None:
+    """The formats hold CPU tensors (the C++ core's SpMM and engine run
+    them): a module with a parameter or buffer elsewhere is a ValueError
+    naming it (compress silently gave a CPU module that then refused the
+    device's inputs)."""
+    if not isinstance(module, torch.nn.Module):
+        return  # (compress's TypeError)
+    for kind, named in (("parameter", module.named_parameters()), ("buffer", module.named_buffers())):
+        for name, tensor in named:
+            if tensor.device.type not in ("cpu", "meta"):  # (a meta tensor: the TypeError of its own)
+                raise ValueError(f"compress runs on the CPU (the formats hold CPU tensors); {kind} {name} is on "
+                                 f"{tensor.device}: compress module.cpu()")
 
 
 def _with_pre_hooks(module: torch.nn.Module, compressed: torch.nn.Module) -> torch.nn.Module:
