@@ -152,6 +152,12 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
     t = as_triple(stride, "stride")
     d = as_triple(dilation, "dilation")
     transposed, relu = as_bool(transposed, "transposed"), as_bool(relu, "relu")
+    if (isinstance(weight, torch.Tensor) and input.feats.dtype != weight.dtype and input.feats.is_floating_point()
+            and weight.is_floating_point() and torch.is_autocast_enabled(input.feats.device.type)):
+        # Under torch.autocast a conv takes feats of another precision than its weight (a bf16
+        # layer's output), as torch's convs do: the feats in the weight's dtype (the engine's sums
+        # run in it; on the torch path autocast's matmuls take their own precision).
+        input = input.with_feats(input.feats.to(weight.dtype))
     _check_weight(input, weight, k)
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
@@ -226,9 +232,9 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
             weight = weight * region.to(weight.device, weight.dtype).view(-1, 1, 1)
         feats = conv_sum(input.feats, weight, kmap)
         if not kmap.num_pairs:  # no product ran: linked to feats and weight by an empty one (zero gradients)
-            feats = feats + (input.feats[:0] @ weight[0]).sum(0)
+            feats = feats + (input.feats[:0] @ weight[0]).sum(0).to(feats.dtype)
         if bias is not None:
-            feats = feats + bias
+            feats = feats + bias.to(feats.dtype)  # (under autocast feats are in its precision)
     if residual is not None and not fuse:
         feats = feats + residual
     if relu and not relu_inside:

@@ -43,14 +43,27 @@ def conv_sum(feats: torch.Tensor, weight: torch.Tensor | Sequence[OffsetProduct]
     if isinstance(weight, torch.Tensor):
         out = feats.new_zeros((kmap.num_out, weight.shape[2]))
         for o, in_idx, out_idx in offset_pairs(kmap):
-            out.index_add_(0, out_idx, feats[in_idx] @ weight[o])
-        return out
+            out.index_add_(0, out_idx, (feats[in_idx] @ weight[o]).to(out.dtype))
+        return _autocast_result(out)
     if out_channels is None:
         raise ValueError("out_channels is needed when weight is a sequence of per-offset products")
     out = feats.new_zeros((kmap.num_out, out_channels))
     for o, in_idx, out_idx in offset_pairs(kmap):
         if weight[o] is not None:
-            out.index_add_(0, out_idx, weight[o](feats[in_idx]))
+            out.index_add_(0, out_idx, weight[o](feats[in_idx]).to(out.dtype))
+    return _autocast_result(out)
+
+
+def _autocast_result(out: torch.Tensor) -> torch.Tensor:
+    """Under ``torch.autocast`` the products come in its low precision
+    (bf16 / fp16) while the sum is kept in the feats' dtype (a float32 sum
+    of bf16 products, as a matmul accumulates); the result is given in the
+    low precision, as autocast's matmul gives it."""
+    device = out.device.type
+    if out.is_floating_point() and torch.is_autocast_enabled(device):
+        low = torch.get_autocast_dtype(device)
+        if torch.finfo(low).bits < torch.finfo(out.dtype).bits:
+            return out.to(low)
     return out
 
 
