@@ -991,7 +991,8 @@ def test_eval_scores_an_exported_program_as_its_checkpoint(tmp_path, capsys):
         for inference in forms:
             program = tmp_path / f"{model}-{inference}.pt2"
             assert main(["export", "--checkpoint", ckpt, "--out", str(program), "--inference", inference]) == 0
-            assert main(["eval", "--checkpoint", ckpt, "--inference", inference, "--no-progress",
+            # (on the CPU, where the program runs: a CUDA machine's default device rounds otherwise)
+            assert main(["eval", "--checkpoint", ckpt, "--inference", inference, "--no-progress", "--device", "cpu",
                          "--out", str(tmp_path / f"{model}-{inference}-eager")]) == 0
             assert main(["eval", "--program", str(program), "--no-progress",
                          "--out", str(tmp_path / f"{model}-{inference}-program")]) == 0
