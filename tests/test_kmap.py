@@ -712,3 +712,30 @@ def test_operator_keys_refuse_sizes_below_one():
         key[i] = bad
         with pytest.raises(ValueError, match="must be >= 1 and transposed 0 or 1"):
             key_from_list(key)
+
+
+@pytest.mark.parametrize("chunk", [None, 1000, 1])
+def test_the_gpu_query_of_every_offset_at_once_equals_the_loop(monkeypatch, chunk):
+    """The torch method on a GPU searches every offset's keys at once
+    (``_query_all``: a few launches and syncs a map; the CPU loops over the
+    offsets): the same pairs in the same order, for submanifold maps (the
+    mirrored offsets swapped and re-sorted when the coords come unsorted),
+    strided and dilated maps, offsets reaching past the layout's margin
+    (coords at the edge of their fields), chunks of any size, and empty
+    inputs."""
+    if chunk is not None:
+        monkeypatch.setattr(km, "QUERY_CHUNK", chunk)
+    cases = [random_coords(1500, 2, 9, seed=4, shuffle=True), random_coords(800, 1, 6, seed=5),
+             torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1], [1, 5, 5, 5]], dtype=torch.int32),
+             torch.zeros(0, 4, dtype=torch.int32)] + [border_coords(name) for name in sorted(BORDERS)]
+    for coords in cases:
+        for k, t, d in ((3, 1, 1), (3, 1, 2), (2, 2, 1), (3, 2, 1), (5, 1, 1)):
+            if coords.numel() and int(coords[:, 1:].min()) < -(2**30) and t > 1:
+                continue  # (floor of INT32_MIN + 1: test_layout_borders_never_wrap's exception)
+            built = {False: km.build(coords, k, t, d, method="torch")}  # (the CPU's loop)
+            with monkeypatch.context() as patch:
+                patch.setattr(km, "_query_offsets", km._query_all)
+                built[True] = km.build(coords, k, t, d, method="torch")
+            a, b = built[False], built[True]
+            assert torch.equal(a.in_idx, b.in_idx) and torch.equal(a.out_idx, b.out_idx), (k, t, d)
+            assert torch.equal(a.sizes, b.sizes) and torch.equal(a.out_coords, b.out_coords)
