@@ -10,9 +10,13 @@ cpu`` (the torch path timed on this CPU). ``--quick``: 20k voxels, cr 0.25,
 2 rounds.
 
 Rows, each from the voxels' coords and feats (every kernel map built inside
-the call, no gradients unless named): the float32 forward, the forward under
+the call, no gradients unless named): the float32 forward, the same with the
+maps cached (the network alone), the forward under
 ``torch.autocast("cuda", torch.bfloat16)``, a float32 training step (forward,
-loss, backward), and one submanifold k3 kernel map alone. GPU times are wall
+loss, backward), and one submanifold k3 kernel map alone; "per-offset loop":
+the torch path's conv as ``nn.reference.conv_sum`` (a gather, product and
+scatter per offset) instead of one product of scattered columns
+(``conv_gemm``, what runs on a GPU where the columns fit). GPU times are wall
 times around ``torch.cuda.synchronize()``; medians of interleaved rounds.
 The CPU columns run at ``--threads`` threads. Seeded random weights; the
 difference column is the largest logit difference over the largest logit,
@@ -35,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pointsparse as ps  # noqa: E402
 from pointsparse import kmap as km  # noqa: E402
 from pointsparse.models import MinkUNet  # noqa: E402
+from pointsparse.nn import reference  # noqa: E402
 from _common import environment, street_scene, write_markdown  # noqa: E402
 
 
@@ -61,9 +66,25 @@ def _jobs(net, coords, feats, labels, policy="auto"):
     def tensor():
         return ps.SparseTensor(feats, coords)  # a fresh cache: every map built in the call
 
+    cached = tensor()
+
     def forward():
         with torch.no_grad():
             return net(tensor()).feats
+
+    def forward_cached():  # the network alone: every map in the tensor's cache since the warm-up
+        with torch.no_grad():
+            return net(cached).feats
+
+    def per_offset(fn):  # the torch path's per-offset loop instead of one product of columns
+        def run():
+            limit = reference.GEMM_COLUMN_BYTES
+            reference.GEMM_COLUMN_BYTES = -1
+            try:
+                return fn()
+            finally:
+                reference.GEMM_COLUMN_BYTES = limit
+        return run
 
     def autocast():
         with torch.no_grad(), torch.autocast(coords.device.type, torch.bfloat16):
@@ -83,8 +104,11 @@ def _jobs(net, coords, feats, labels, policy="auto"):
                 return fn()
         return run
 
-    return {name: under(fn) for name, fn in (("forward float32", forward), ("forward bf16 autocast", autocast),
-                                             ("train step float32", step), ("kernel map k3", kmap))}
+    return {name: under(fn) for name, fn in (
+        ("forward float32", forward), ("forward float32, maps cached", forward_cached),
+        ("forward float32, per-offset loop", per_offset(forward)), ("forward bf16 autocast", autocast),
+        ("train step float32", step), ("train step float32, per-offset loop", per_offset(step)),
+        ("kernel map k3", kmap))}
 
 
 def main(argv=None) -> int:
@@ -125,7 +149,8 @@ def main(argv=None) -> int:
         cpu_jobs = _jobs(net, coords, feats, labels)
         gpu_jobs = _jobs(net_gpu, coords.to(gpu), feats.to(gpu), labels.to(gpu), "torch")
         t_gpu = _timed(gpu_jobs, args.rounds, torch.cuda.synchronize if gpu.type == "cuda" else lambda: None)
-        t_cpu = _timed({k: cpu_jobs[k] for k in ("forward float32", "kernel map k3")}, args.cpu_rounds, lambda: None)
+        t_cpu = _timed({k: cpu_jobs[k] for k in ("forward float32", "forward float32, maps cached", "kernel map k3")},
+                       args.cpu_rounds, lambda: None)
         want = cpu_jobs["forward float32"]()
         got = gpu_jobs["forward float32"]().cpu()
         diff = float((got - want).abs().max() / want.abs().max())

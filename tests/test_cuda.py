@@ -365,3 +365,59 @@ def test_compress_and_export_of_a_model_on_the_device(device):
         close(ps.formats.compress(moved, "csr")(x).feats, want)
     program = export.export_model(moved.eval(), x)
     close(program.module()(x.feats, x.coords), want)
+
+
+@pytest.mark.parametrize("k,t,transposed", [(3, 1, False), (2, 2, False), (3, 2, False), (2, 2, True), (3, 2, True)])
+def test_the_gpu_conv_gemm_equals_the_per_offset_sum(k, t, transposed):
+    """The torch path on a GPU runs a conv as one product of scattered
+    columns (``reference.conv_gemm``, a few launches) where the columns fit,
+    else the per-offset loop: the same sums, forward and gradients, on the
+    CPU here (float64), an empty map, a map built under inference_mode then
+    used in training, and under autocast (the product's precision)."""
+    from pointsparse.nn import reference
+
+    x = make(c=5)
+    kmap = km.get_kmap(x, k, t) if not transposed else km.get_kmap(x, k, t).transpose(x.coords)
+    rows = kmap.num_in
+    g = torch.Generator().manual_seed(9)
+    feats = torch.randn(rows, 5, generator=g, dtype=torch.float64)
+    w = torch.randn(kmap.kernel_volume, 5, 3, generator=g, dtype=torch.float64)
+    f1, w1, f2, w2 = leaf(feats), leaf(w), leaf(feats), leaf(w)
+    a, b = reference.conv_gemm(f1, w1, kmap), reference.conv_sum(f2, w2, kmap)
+    close(a, b, 1e-12)
+    r = torch.randn(a.shape, generator=g, dtype=torch.float64)
+    (a * r).sum().backward()
+    (b * r).sum().backward()
+    close(f1.grad, f2.grad, 1e-12)
+    close(w1.grad, w2.grad, 1e-12)
+    assert reference.gemm_fits(feats, kmap)
+    empty = km.get_kmap(ps.SparseTensor(torch.zeros(0, 5, dtype=torch.float64), torch.zeros(0, 4, dtype=torch.int32)),
+                        3)
+    assert reference.conv_gemm(torch.zeros(0, 5, dtype=torch.float64), w[:27] if k == 3 else w.new_zeros(27, 5, 3),
+                               empty).shape == (0, 3)
+    with torch.inference_mode():
+        fresh = km.build(x.coords, 3)
+    f3 = leaf(x.feats)
+    reference.conv_gemm(f3, leaf(torch.randn(27, 5, 3, dtype=torch.float64)), fresh).sum().backward()
+    assert f3.grad is not None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = reference.conv_gemm(feats.float(), w.float(), kmap)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.double(), b.detach(), rtol=0.05, atol=0.1)
+
+
+def test_a_gpu_conv_too_large_for_columns_runs_per_offset(device, monkeypatch):
+    """Past GEMM_COLUMN_BYTES the columns are not made: the per-offset loop
+    runs, with the same result (on the CPU the torch path always loops)."""
+    from pointsparse.nn import reference
+
+    x = make(c=4)
+    kmap = km.get_kmap(x, 3)
+    assert reference.gemm_fits(x.feats, kmap)
+    monkeypatch.setattr(reference, "GEMM_COLUMN_BYTES", kmap.num_out * 27 * 4 * 8 - 1)
+    assert not reference.gemm_fits(x.feats, kmap)
+    made = []
+    monkeypatch.setattr(reference, "conv_gemm", lambda *a: made.append(1))  # (never called now)
+    w = torch.randn(27, 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    close(F.conv3d(x.to(device), w.to(device), 3).feats, core(lambda: F.conv3d(x, w, 3).feats))
+    assert not made

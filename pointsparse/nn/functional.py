@@ -12,6 +12,7 @@ from .. import _ext
 from .. import kmap as _kmap
 from .. import ops as _ops
 from . import _engine
+from . import reference as _reference
 from .reference import conv_sum
 from ..tensor import SparseTensor, as_bool, as_float, as_triple
 
@@ -230,7 +231,10 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
             weight.register_hook(lambda grad: grad * mask)
         if region is not None:
             weight = weight * region.to(weight.device, weight.dtype).view(-1, 1, 1)
-        feats = conv_sum(input.feats, weight, kmap)
+        if input.feats.device.type != "cpu" and _reference.gemm_fits(input.feats, kmap):
+            feats = _reference.conv_gemm(input.feats, weight, kmap)  # (a GPU: a few launches, not three per offset)
+        else:
+            feats = conv_sum(input.feats, weight, kmap)
         if not kmap.num_pairs:  # no product ran: linked to feats and weight by an empty one (zero gradients)
             feats = feats + (input.feats[:0] @ weight[0]).sum(0).to(feats.dtype)
         if bias is not None:

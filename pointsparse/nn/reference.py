@@ -67,6 +67,38 @@ def _autocast_result(out: torch.Tensor) -> torch.Tensor:
     return out
 
 
+#: The most bytes :func:`conv_gemm`'s columns may take; a larger conv runs
+#: :func:`conv_sum`'s per-offset loop instead (the same sums).
+GEMM_COLUMN_BYTES = 1 << 30
+
+
+def gemm_fits(feats: torch.Tensor, kmap: _kmap.KernelMap) -> bool:
+    """Whether :func:`conv_gemm`'s columns of ``feats`` on ``kmap`` take at
+    most :data:`GEMM_COLUMN_BYTES`."""
+    return kmap.num_out * kmap.kernel_volume * feats.shape[1] * feats.element_size() <= GEMM_COLUMN_BYTES
+
+
+def conv_gemm(feats: torch.Tensor, weight: torch.Tensor, kmap: _kmap.KernelMap) -> torch.Tensor:
+    """The conv sum as one matrix product: every pair of every offset
+    scattered into zero columns at once (``cols[q, o] = feats[p]``, one
+    gather and one index write), then ``cols.view(M, K * C_in) @
+    weight.view(K * C_in, C_out)``: a few kernel launches per conv where
+    :func:`conv_sum` takes three per offset (what bounds it on a GPU).
+    The same sums in another order (equal to :func:`conv_sum` up to
+    rounding); columns of ``M * K * C_in`` values (:func:`gemm_fits`),
+    kept for the weight gradient. Any device and dtype; under
+    ``torch.autocast`` the product in its precision."""
+    k, c_in, c_out = weight.shape
+    m = kmap.num_out
+    device = feats.device
+    offset_of_pair = torch.repeat_interleave(torch.arange(k, device=device), kmap.sizes.to(device),
+                                             output_size=kmap.num_pairs)
+    in_idx, out_idx = kmap.indices()
+    where = out_idx * k + offset_of_pair
+    cols = feats.new_zeros((m * k, c_in)).index_put((where,), feats[in_idx])
+    return cols.view(m, k * c_in) @ weight.reshape(k * c_in, c_out)
+
+
 def im2col(feats: torch.Tensor, kmap: _kmap.KernelMap, start: int = 0, stop: int | None = None,
            out: torch.Tensor | None = None) -> torch.Tensor:
     """The columns of output rows ``start:stop``: ``cols[q - start, o] =
