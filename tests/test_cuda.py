@@ -404,6 +404,9 @@ def test_the_gpu_conv_gemm_equals_the_per_offset_sum(k, t, transposed):
         low = reference.conv_gemm(feats.float(), w.float(), kmap)
     assert low.dtype == torch.bfloat16
     torch.testing.assert_close(low.double(), b.detach(), rtol=0.05, atol=0.1)
+    # the columns made in bf16 (half the bytes): the product autocast would take of the float32 columns
+    cols = reference.im2col(feats.float(), kmap).reshape(kmap.num_out, -1)
+    assert torch.equal(low, cols.bfloat16() @ w.float().reshape(-1, 3).bfloat16())
 
 
 def test_a_gpu_conv_too_large_for_columns_runs_per_offset(device, monkeypatch):

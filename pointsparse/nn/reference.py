@@ -54,17 +54,24 @@ def conv_sum(feats: torch.Tensor, weight: torch.Tensor | Sequence[OffsetProduct]
     return _autocast_result(out)
 
 
+def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """Under ``torch.autocast`` on ``t``'s device, its precision where that is
+    lower than ``t``'s floating dtype; else None."""
+    device = t.device.type
+    if t.is_floating_point() and torch.is_autocast_enabled(device):
+        low = torch.get_autocast_dtype(device)
+        if torch.finfo(low).bits < torch.finfo(t.dtype).bits:
+            return low
+    return None
+
+
 def _autocast_result(out: torch.Tensor) -> torch.Tensor:
     """Under ``torch.autocast`` the products come in its low precision
     (bf16 / fp16) while the sum is kept in the feats' dtype (a float32 sum
     of bf16 products, as a matmul accumulates); the result is given in the
     low precision, as autocast's matmul gives it."""
-    device = out.device.type
-    if out.is_floating_point() and torch.is_autocast_enabled(device):
-        low = torch.get_autocast_dtype(device)
-        if torch.finfo(low).bits < torch.finfo(out.dtype).bits:
-            return out.to(low)
-    return out
+    low = _autocast_dtype(out)
+    return out if low is None else out.to(low)
 
 
 #: The most bytes :func:`conv_gemm`'s columns may take; a larger conv runs
@@ -91,6 +98,9 @@ def conv_gemm(feats: torch.Tensor, weight: torch.Tensor, kmap: _kmap.KernelMap) 
     k, c_in, c_out = weight.shape
     m = kmap.num_out
     device = feats.device
+    low = _autocast_dtype(feats)
+    if low is not None:  # the columns made in autocast's precision (the product's inputs; half the bytes)
+        feats, weight = feats.to(low), weight.to(low)
     offset_of_pair = torch.repeat_interleave(torch.arange(k, device=device), kmap.sizes.to(device),
                                              output_size=kmap.num_pairs)
     in_idx, out_idx = kmap.indices()
