@@ -424,3 +424,25 @@ def test_a_gpu_conv_too_large_for_columns_runs_per_offset(device, monkeypatch):
     w = torch.randn(27, 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     close(F.conv3d(x.to(device), w.to(device), 3).feats, core(lambda: F.conv3d(x, w, 3).feats))
     assert not made
+
+
+@pytest.mark.parametrize("columns", [True, False])
+def test_a_float64_conv_under_autocast_stays_float64(device, columns, monkeypatch):
+    """torch.autocast casts float32 only: torch's matmuls and convs leave
+    float64 alone under it. The torch path's per-offset loop gave a
+    float64 conv's sum rounded to autocast's bf16 (the GPU's one product,
+    a float64 matmul, did not): every row of the path now float64, equal to
+    the C++ core's sum."""
+    from pointsparse.nn import reference
+
+    if not columns:  # (the per-offset loop on a GPU too)
+        monkeypatch.setattr(reference, "GEMM_COLUMN_BYTES", 0)
+    x = make(c=5)
+    torch.manual_seed(0)
+    conv = ps.nn.Conv3d(5, 6, 3, bias=True).double()
+    want = core(lambda: conv(x).feats)
+    moved = copy.deepcopy(conv).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        got = moved(x.to(device)).feats
+    assert got.dtype == torch.float64
+    close(got, want)

@@ -55,10 +55,11 @@ def conv_sum(feats: torch.Tensor, weight: torch.Tensor | Sequence[OffsetProduct]
 
 
 def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
-    """Under ``torch.autocast`` on ``t``'s device, its precision where that is
-    lower than ``t``'s floating dtype; else None."""
+    """Under ``torch.autocast`` on ``t``'s device, its precision for a
+    float32 ``t`` (autocast casts float32 only: float64 stays, as torch's
+    float64 matmuls show); else None."""
     device = t.device.type
-    if t.is_floating_point() and torch.is_autocast_enabled(device):
+    if t.dtype == torch.float32 and torch.is_autocast_enabled(device):
         low = torch.get_autocast_dtype(device)
         if torch.finfo(low).bits < torch.finfo(t.dtype).bits:
             return low
@@ -69,7 +70,8 @@ def _autocast_result(out: torch.Tensor) -> torch.Tensor:
     """Under ``torch.autocast`` the products come in its low precision
     (bf16 / fp16) while the sum is kept in the feats' dtype (a float32 sum
     of bf16 products, as a matmul accumulates); the result is given in the
-    low precision, as autocast's matmul gives it."""
+    low precision, as autocast's matmul gives it. Autocast casts float32
+    only: a float64 sum stays float64, as torch's float64 matmuls do."""
     low = _autocast_dtype(out)
     return out if low is None else out.to(low)
 
