@@ -443,3 +443,39 @@ def test_processes_get_a_cuda_device_each_or_a_clear_error(monkeypatch):
         pick_device("cuda:0", 0, 2)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert [pick_device(None, r, 2) for r in (0, 1)] == [torch.device("cuda:0"), torch.device("cuda:1")]
+
+
+def test_a_launch_without_local_world_size_is_not_refused_for_the_whole_world(monkeypatch):
+    """A launcher that sets WORLD_SIZE, RANK and LOCAL_RANK but not
+    LOCAL_WORLD_SIZE (mpirun, SLURM scripts; torchrun and --nproc set it):
+    the processes on this machine are not known, and the whole world was
+    taken for them: 2 nodes of 4 GPUs (WORLD_SIZE 8) were refused ("8
+    processes on this machine need a CUDA device each ... it has 4"), one
+    process per node on --device cuda:0 too. Now each gets its local rank's
+    device, as before the check; where LOCAL_WORLD_SIZE is set it holds."""
+    import argparse
+
+    import torch
+
+    from pointsparse.app import distributed
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    groups = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: groups.append((a, k)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    args = argparse.Namespace(device=None, threads=torch.get_num_threads())
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    dist = distributed.init_distributed(args)
+    assert (dist.rank, dist.world, dist.device) == (5, 8, torch.device("cuda:1")) and len(groups) == 1
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    args.device = "cuda:0"
+    assert distributed.init_distributed(args).device == torch.device("cuda:0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="--device cuda:0 puts all 2 processes on one device"):
+        distributed.init_distributed(args)

@@ -76,7 +76,9 @@ def init_distributed(args) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    device = pick_device(args.device, local, int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
+    # (the processes on this machine: torchrun's and --nproc's LOCAL_WORLD_SIZE; another launcher's, unknown,
+    # are not the whole world, which spans machines: no check then)
+    device = pick_device(args.device, local, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if world > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
