@@ -402,8 +402,10 @@ def test_the_gpu_conv_gemm_equals_the_per_offset_sum(k, t, transposed):
     assert f3.grad is not None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = reference.conv_gemm(feats.float(), w.float(), kmap)
+        wide = reference.conv_gemm(feats, w, kmap)  # (autocast casts float32 only)
     assert low.dtype == torch.bfloat16
     torch.testing.assert_close(low.double(), b.detach(), rtol=0.05, atol=0.1)
+    assert wide.dtype == torch.float64 and torch.equal(wide, a.detach())
     # the columns made in bf16 (half the bytes): the product autocast would take of the float32 columns
     cols = reference.im2col(feats.float(), kmap).reshape(kmap.num_out, -1)
     assert torch.equal(low, cols.bfloat16() @ w.float().reshape(-1, 3).bfloat16())
