@@ -437,7 +437,7 @@ def test_processes_get_a_cuda_device_each_or_a_clear_error(monkeypatch):
     assert pick_device("cpu", 1, 2) == torch.device("cpu")
     for name in (None, "cuda"):
         with pytest.raises(ValueError, match=r"2 processes on this machine need a CUDA device each .* has 1: pass "
-                                             r"--device cpu, or --nproc 1"):
+                                             r"--device cpu, or --nproc 1 \(torchrun: --nproc-per-node 1\)"):
             pick_device(name, 1, 2)
     with pytest.raises(ValueError, match="--device cuda:0 puts all 2 processes on one device"):
         pick_device("cuda:0", 0, 2)

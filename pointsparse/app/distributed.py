@@ -59,7 +59,7 @@ def pick_device(name, rank: int, local_world: int = 1) -> torch.device:
             if local_world > count:
                 raise ValueError(f"{what}: {local_world} processes on this machine need a CUDA device each (NCCL "
                                  f"takes one process per device) but it has {count}: pass --device cpu, or "
-                                 f"--nproc {count}")
+                                 f"--nproc {count} (torchrun: --nproc-per-node {count})")
             device = torch.device(f"cuda:{rank % count}")
         elif device.index >= count:
             raise ValueError(f"{what}: this machine has {count} CUDA device(s)")
