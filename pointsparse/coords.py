@@ -100,9 +100,13 @@ class KeyLayout:
     @classmethod
     def of(cls, *coords: torch.Tensor, margin=(0, 0, 0)) -> "KeyLayout":
         """The layout fitted to every row of the given (N, 4) int32 coords."""
+        return cls.of_bounds(*(bounds(c) for c in coords), margin=margin)
+
+    @classmethod
+    def of_bounds(cls, *boxes, margin=(0, 0, 0)) -> "KeyLayout":
+        """The layout fitted to coords of these :func:`bounds` (None: no rows)."""
         lo = hi = None
-        for c in coords:
-            b = bounds(c)
+        for b in boxes:
             if b is not None:
                 lo = b[0] if lo is None else [min(u, v) for u, v in zip(lo, b[0])]
                 hi = b[1] if hi is None else [max(u, v) for u, v in zip(hi, b[1])]
@@ -187,11 +191,11 @@ def _bounds_torch(coords: torch.Tensor, name: str = "coords"):
     """Same as :func:`bounds` from torch ops (any device)."""
     if coords.shape[0] == 0:
         return None
-    lo, hi = torch.aminmax(coords, dim=0)
-    if int(lo[0]) < 0:
+    lo, hi = torch.stack(torch.aminmax(coords, dim=0)).tolist()  # (one host read: a sync on a GPU)
+    if lo[0] < 0:
         row = int((coords[:, 0] < 0).nonzero()[0, 0])
         raise ValueError(f"{name} row {row} = {coords[row].tolist()} has a negative batch index")
-    return lo.tolist(), hi.tolist()
+    return lo, hi
 
 
 def pack(coords: torch.Tensor, layout: KeyLayout | None = None) -> torch.Tensor:
@@ -205,13 +209,16 @@ def pack(coords: torch.Tensor, layout: KeyLayout | None = None) -> torch.Tensor:
     return pack_torch(coords, layout)
 
 
-def pack_torch(coords: torch.Tensor, layout: KeyLayout | None = None) -> torch.Tensor:
-    """Same keys as :func:`pack` from torch ops (any device)."""
+def pack_torch(coords: torch.Tensor, layout: KeyLayout | None = None, trusted: bool = False) -> torch.Tensor:
+    """Same keys as :func:`pack` from torch ops (any device). ``trusted=True``:
+    ``layout`` was fitted to these coords (``KeyLayout.of`` of them, maybe
+    with others), so every row is inside: packed without that check (a pass
+    and a host read, a sync on a GPU)."""
     if layout is None:
-        layout = KeyLayout.of(coords)
+        layout, trusted = KeyLayout.of(coords), True
     c = coords.long()
-    bad = ~layout.contains(c)
-    if bool(bad.any()):
+    bad = None if trusted else ~layout.contains(c)
+    if bad is not None and bool(bad.any()):
         row = int(bad.nonzero()[0, 0])
         raise ValueError(f"coords row {row} = {c[row].tolist()} lies outside the key layout: {layout}")
     sb, sx, sy, _ = layout.shifts

@@ -202,7 +202,8 @@ def downsample_coords(coords: torch.Tensor, out_stride: Triple) -> torch.Tensor:
                          f"falls below the int32 range of coordinates")
     q = torch.cat([coords[:, :1], q.int()], 1)
     layout = _coords.KeyLayout.of(q)
-    return _coords.unpack_torch(_coords.unique_torch(_coords.pack_torch(q, layout))[0], layout, trusted=True)
+    return _coords.unpack_torch(_coords.unique_torch(_coords.pack_torch(q, layout, trusted=True))[0], layout,
+                                trusted=True)
 
 
 def default_method(device) -> str:
@@ -227,7 +228,7 @@ def _check_method(method: str | None, device) -> str:
 QUERY_CHUNK = 1 << 24
 
 
-def _query_all(in_keys_sorted, in_perm, out_coords, offsets, mirror, layout):
+def _query_all(in_keys_sorted, in_perm, out_coords, offsets, mirror, layout, box):
     """Pairs of every offset by sort + searchsorted (any device): the keys
     of every output row shifted by every queried offset searched at once (in
     chunks of at most :data:`QUERY_CHUNK` queries), the hits taken in
@@ -235,15 +236,15 @@ def _query_all(in_keys_sorted, in_perm, out_coords, offsets, mirror, layout):
     ``mirror[o] >= 0`` take the swapped pairs of offset ``mirror[o]``, all at
     once (one sort by output row where they are not in order already). A few
     kernel launches and host syncs per map (a loop over the offsets took
-    about 40 syncs: what bounded it on a GPU). Keys are in ``layout``; an
+    about 40 syncs: what bounded it on a GPU). Keys are in ``layout``, ``box``
+    the bounds of ``out_coords`` (:func:`coords.bounds`); an
     output row whose shifted coords leave it has no pair."""
     dev = out_coords.device
     m, n, k = out_coords.shape[0], in_keys_sorted.numel(), offsets.shape[0]
-    box = _coords.bounds(out_coords)
     if not (m and n) or box is None:
         empty = torch.zeros(0, dtype=torch.int64, device=dev)
         return empty, empty.clone(), torch.zeros(k, dtype=torch.int64)
-    out_keys = _coords.pack_torch(out_coords, layout)
+    out_keys = _coords.pack_torch(out_coords, layout, trusted=True)  # (the layout is fitted to them)
     offs = offsets.tolist()
     asked = [o for o in range(k) if mirror[o] < 0]
     deltas = torch.tensor([layout.delta(*offs[o]) for o in asked], dtype=torch.int64, device=dev)
@@ -294,7 +295,7 @@ def _query_all(in_keys_sorted, in_perm, out_coords, offsets, mirror, layout):
             torch.tensor([sizes[o] for o in range(k)], dtype=torch.int64))
 
 
-def _query_offsets(in_keys_sorted, in_perm, out_coords, offsets, mirror, layout):
+def _query_offsets(in_keys_sorted, in_perm, out_coords, offsets, mirror, layout, box):
     """Pairs of every offset by sort + searchsorted, offset by offset (on the
     CPU, where it is the faster: :func:`_query_torch`). Offsets with
     ``mirror[o] >= 0`` take the swapped pairs of offset ``mirror[o]``. Keys
@@ -302,7 +303,6 @@ def _query_offsets(in_keys_sorted, in_perm, out_coords, offsets, mirror, layout)
     dev = out_coords.device
     out_c = out_coords.long()
     out_keys = _coords.pack_torch(out_coords, layout) if out_coords.shape[0] else out_c[:, 0]
-    box = _coords.bounds(out_coords)
     rows = torch.arange(out_coords.shape[0], device=dev)
     n = in_keys_sorted.numel()
     found: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -336,14 +336,14 @@ def _query_offsets(in_keys_sorted, in_perm, out_coords, offsets, mirror, layout)
     return torch.cat(ins), torch.cat(outs), sizes
 
 
-def _query_torch(in_keys_sorted, in_perm, out_coords, offsets, mirror, layout, at_once=None):
+def _query_torch(in_keys_sorted, in_perm, out_coords, offsets, mirror, layout, box, at_once=None):
     """The torch method's pairs: :func:`_query_all` on a GPU (a few launches
     and syncs a map), :func:`_query_offsets` on the CPU (offset by offset:
     there 20-25% faster, a street of 85k voxels); ``at_once`` chooses."""
     if at_once is None:
         at_once = out_coords.device.type != "cpu"
     query = _query_all if at_once else _query_offsets
-    return query(in_keys_sorted, in_perm, out_coords, offsets, mirror, layout)
+    return query(in_keys_sorted, in_perm, out_coords, offsets, mirror, layout, box)
 
 
 def _box_shift_inside(layout, box, off) -> bool:
@@ -370,7 +370,7 @@ def _mirror_sources(offsets: torch.Tensor, submanifold: bool) -> list[int]:
 
 
 def _sorted_unique_keys(coords: torch.Tensor, layout):
-    keys = _coords.pack_torch(coords, layout)
+    keys = _coords.pack_torch(coords, layout, trusted=True)  # (the layout is fitted to them: _build_torch)
     sorted_keys, perm = _coords.sort_torch(keys)
     if sorted_keys.numel() > 1 and bool((sorted_keys[1:] == sorted_keys[:-1]).any()):
         raise ValueError("coords hold duplicate rows; each [batch, x, y, z] must appear once")
@@ -378,9 +378,13 @@ def _sorted_unique_keys(coords: torch.Tensor, layout):
 
 
 def _build_torch(coords, out_coords, offsets, submanifold):
-    layout = _coords.KeyLayout.of(coords, out_coords, margin=_reach(offsets))
+    # (each bounds once: a host read, a sync on a GPU)
+    box = _coords.bounds(coords)
+    out_box = box if out_coords is coords else _coords.bounds(out_coords)
+    layout = _coords.KeyLayout.of_bounds(box, out_box, margin=_reach(offsets))
     in_sorted, in_perm = _sorted_unique_keys(coords, layout)
-    return _query_torch(in_sorted, in_perm, out_coords, offsets, _mirror_sources(offsets, submanifold), layout)
+    return _query_torch(in_sorted, in_perm, out_coords, offsets, _mirror_sources(offsets, submanifold), layout,
+                        out_box)
 
 
 def _build_core(fn, coords, out_coords, offsets, submanifold):
