@@ -9,7 +9,8 @@ at hand. Reads of CPU tensors the path keeps on the CPU anyway (a map's
     python bench/host_reads.py [--voxels 20000] [--cr 0.5] [--quick]
 
 Prints the reads per call site, with the maps built in the call and with
-them cached (the network alone)."""
+them cached (the network alone). Explicit reads only: an op whose output
+size depends on the values (unique, bincount) waits on a GPU too, uncounted."""
 
 from __future__ import annotations
 

@@ -187,12 +187,9 @@ def _reach(offsets: torch.Tensor) -> list[int]:
     return offsets.abs().amax(0).tolist() if offsets.shape[0] else [0, 0, 0]
 
 
-def downsample_coords(coords: torch.Tensor, out_stride: Triple) -> torch.Tensor:
-    """Unique ``floor(c / out_stride) * out_stride`` per batch, sorted by key
-    (quantise, radix sort, unique: "ranking"). ValueError when a downsampled
-    coordinate falls below int32."""
-    if _ext.serves(coords):
-        return _ext.to_tensor(_ext.call(_ext.core.kmap_downsample, _ext.to_numpy(coords), list(out_stride)))
+def _downsampled(coords: torch.Tensor, out_stride: Triple) -> torch.Tensor:
+    """int32 ``[batch, floor(c / out_stride) * out_stride]`` of every row
+    (repeats kept); ValueError for a row that falls below int32."""
     st = torch.tensor(out_stride, dtype=torch.int64, device=coords.device)
     q = torch.div(coords[:, 1:].long(), st, rounding_mode="floor") * st
     low = (q < _coords.COORD_MIN).any(1)
@@ -200,7 +197,16 @@ def downsample_coords(coords: torch.Tensor, out_stride: Triple) -> torch.Tensor:
         row = int(low.nonzero()[0, 0])
         raise ValueError(f"coords row {row} = {coords[row].tolist()} downsampled to stride {tuple(out_stride)} "
                          f"falls below the int32 range of coordinates")
-    q = torch.cat([coords[:, :1], q.int()], 1)
+    return torch.cat([coords[:, :1], q.int()], 1)
+
+
+def downsample_coords(coords: torch.Tensor, out_stride: Triple) -> torch.Tensor:
+    """Unique ``floor(c / out_stride) * out_stride`` per batch, sorted by key
+    (quantise, radix sort, unique: "ranking"). ValueError when a downsampled
+    coordinate falls below int32."""
+    if _ext.serves(coords):
+        return _ext.to_tensor(_ext.call(_ext.core.kmap_downsample, _ext.to_numpy(coords), list(out_stride)))
+    q = _downsampled(coords, out_stride)
     layout = _coords.KeyLayout.of(q)
     return _coords.unpack_torch(_coords.unique_torch(_coords.pack_torch(q, layout, trusted=True))[0], layout,
                                 trusted=True)
@@ -369,20 +375,22 @@ def _mirror_sources(offsets: torch.Tensor, submanifold: bool) -> list[int]:
     return mirror
 
 
-def _sorted_unique_keys(coords: torch.Tensor, layout):
+def _sorted_unique_keys(coords: torch.Tensor, layout, check: bool = True):
+    """The coords' keys sorted, and their rows; ``check``: duplicate rows
+    are a ValueError (a cache's coords are unique by construction)."""
     keys = _coords.pack_torch(coords, layout, trusted=True)  # (the layout is fitted to them: _build_torch)
     sorted_keys, perm = _coords.sort_torch(keys)
-    if sorted_keys.numel() > 1 and bool((sorted_keys[1:] == sorted_keys[:-1]).any()):
+    if check and sorted_keys.numel() > 1 and bool((sorted_keys[1:] == sorted_keys[:-1]).any()):
         raise ValueError("coords hold duplicate rows; each [batch, x, y, z] must appear once")
     return sorted_keys, perm
 
 
-def _build_torch(coords, out_coords, offsets, submanifold):
+def _build_torch(coords, out_coords, offsets, submanifold, check: bool = True):
     # (each bounds once: a host read, a sync on a GPU)
     box = _coords.bounds(coords)
     out_box = box if out_coords is coords else _coords.bounds(out_coords)
     layout = _coords.KeyLayout.of_bounds(box, out_box, margin=_reach(offsets))
-    in_sorted, in_perm = _sorted_unique_keys(coords, layout)
+    in_sorted, in_perm = _sorted_unique_keys(coords, layout, check)
     return _query_torch(in_sorted, in_perm, out_coords, offsets, _mirror_sources(offsets, submanifold), layout,
                         out_box)
 
@@ -487,14 +495,50 @@ def _build(coords: torch.Tensor, k: Triple, t: Triple, d: Triple, s: Triple, met
             parents, in_idx, out_idx, sizes = (_ext.to_tensor(a) for a in got)
             out = parents if out_coords is None else out_coords
             return KernelMap(out, in_idx, out_idx, sizes, offsets, coords.shape[0], out.shape[0], key)
+    if (not submanifold and out_coords is None and (trusted or default) and method == "torch"
+            and _tiles_its_stride(k, t, d)):
+        # the same map in torch ops (a GPU's): each row's parent from the downsampling's own unique
+        return _parents_torch(coords, k, t, s, offsets, key, check=not trusted)
     if out_coords is None:
         out_coords = coords if submanifold else downsample_coords(coords, tuple(a * b for a, b in zip(s, t)))
     if method == "torch":
-        in_idx, out_idx, sizes = _build_torch(coords, out_coords, offsets, submanifold)
+        in_idx, out_idx, sizes = _build_torch(coords, out_coords, offsets, submanifold, check=not trusted)
     else:
         fn = _ext.core.kmap_mergesort if method == "mergesort" else _ext.core.kmap_hash
         in_idx, out_idx, sizes = _build_core(fn, coords, out_coords, offsets, submanifold)
     return KernelMap(out_coords, in_idx, out_idx, sizes, offsets, coords.shape[0], out_coords.shape[0], key)
+
+
+def _parents_torch(coords: torch.Tensor, k: Triple, t: Triple, s: Triple, offsets: torch.Tensor,
+                   key: KernelMapKey, check: bool) -> KernelMap:
+    """The map of a kernel that tiles its stride (``_tiles_its_stride``) in
+    torch ops, as ``_core.kmap_parents`` makes it: the downsampled coords'
+    unique gives every row its parent (the output row) and its place in the
+    parent (the offset), one sort by (offset, output row) orders the pairs.
+    No search: a few launches and host reads (the GPU's k2 s2 maps). ``check``:
+    duplicate coords (two rows with one parent and place) are the builders'
+    ValueError."""
+    n = coords.shape[0]
+    if n == 0:
+        empty = torch.zeros(0, dtype=torch.int64, device=coords.device)
+        return KernelMap(coords[:0], empty, empty.clone(), torch.zeros(offsets.shape[0], dtype=torch.int64),
+                         offsets, 0, 0, key)
+    out_stride = tuple(a * b for a, b in zip(s, t))
+    q4 = _downsampled(coords, out_stride)
+    layout = _coords.KeyLayout.of(q4)
+    uniq, inverse, _, _ = _coords.unique_torch(_coords.pack_torch(q4, layout, trusted=True))
+    out_coords = _coords.unpack_torch(uniq, layout, trusted=True)
+    place = (coords[:, 1:].long() - q4[:, 1:].long()) // torch.tensor(s, dtype=torch.int64, device=coords.device)
+    o = (place[:, 0] * k[1] + place[:, 1]) * k[2] + place[:, 2]
+    m = out_coords.shape[0]
+    in_idx = torch.argsort(o * m + inverse)  # (unique values: one row per parent and place)
+    out_idx = inverse[in_idx]
+    if check and n > 1:
+        pair = (o * m + inverse)[in_idx]
+        if bool((pair[1:] == pair[:-1]).any()):
+            raise ValueError("coords hold duplicate rows; each [batch, x, y, z] must appear once")
+    sizes = torch.bincount(o, minlength=offsets.shape[0]).cpu()
+    return KernelMap(out_coords, in_idx, out_idx, sizes, offsets, n, m, key)
 
 
 def get_kmap(tensor: SparseTensor, kernel_size, stride=1, dilation=1, transposed: bool = False,

@@ -739,3 +739,31 @@ def test_the_gpu_query_of_every_offset_at_once_equals_the_loop(monkeypatch, chun
             a, b = built[False], built[True]
             assert torch.equal(a.in_idx, b.in_idx) and torch.equal(a.out_idx, b.out_idx), (k, t, d)
             assert torch.equal(a.sizes, b.sizes) and torch.equal(a.out_coords, b.out_coords)
+
+
+@pytest.mark.parametrize("k", [2, (2, 2, 1), (1, 2, 2)])
+def test_the_torch_parents_map_equals_the_core(k):
+    """A kernel that tiles its stride (the U-Net's k2 s2) on the torch path
+    (a GPU's default method, or a cache's maps) pairs each row with its
+    parent from the downsampling's unique (``_parents_torch``, no search):
+    the core's pairs in the core's order, out_coords too, on shuffled,
+    strided and int32-border coords; duplicate rows the builders' ValueError."""
+    t = k
+    cases = [(random_coords(1500, 2, 9, seed=6, shuffle=True), 1), (random_coords(700, 2, 5, seed=7) * 2, 2),
+             (torch.zeros(0, 4, dtype=torch.int32), 1)] + [(border_coords(name), 1) for name in sorted(BORDERS)
+                                                          if not name.startswith("int32_min")]
+    for coords, s in cases:
+        if s == 2:
+            coords[:, 0] //= 2  # (batch indices stay small)
+        want = km.build(coords, k, t, tensor_stride=s, method="mergesort")
+        with _ext.torch_path():
+            got = km.build(coords, k, t, tensor_stride=s)  # (the default method there: torch, its shortcut)
+            tensor = ps.SparseTensor(torch.zeros(len(coords), 1), coords, s)
+            cached = km.get_kmap(tensor, k, t)
+        for kmap in (got, cached):
+            assert torch.equal(kmap.out_coords, want.out_coords)
+            assert torch.equal(kmap.in_idx, want.in_idx) and torch.equal(kmap.out_idx, want.out_idx)
+            assert torch.equal(kmap.sizes, want.sizes)
+    twice = torch.tensor([[0, 0, 0, 0], [0, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.int32)
+    with _ext.torch_path(), pytest.raises(ValueError, match="duplicate rows"):
+        km.build(twice, 2, 2)
