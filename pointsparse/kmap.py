@@ -521,8 +521,9 @@ def _parents_torch(coords: torch.Tensor, k: Triple, t: Triple, s: Triple, offset
     n = coords.shape[0]
     if n == 0:
         empty = torch.zeros(0, dtype=torch.int64, device=coords.device)
-        return KernelMap(coords[:0], empty, empty.clone(), torch.zeros(offsets.shape[0], dtype=torch.int64),
-                         offsets, 0, 0, key)
+        # (fresh coords, no view of the input: the kmap_parents operator's output may not alias it)
+        return KernelMap(coords.new_zeros((0, 4)), empty, empty.clone(),
+                         torch.zeros(offsets.shape[0], dtype=torch.int64), offsets, 0, 0, key)
     out_stride = tuple(a * b for a, b in zip(s, t))
     q4 = _downsampled(coords, out_stride)
     layout = _coords.KeyLayout.of(q4)

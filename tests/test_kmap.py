@@ -767,3 +767,20 @@ def test_the_torch_parents_map_equals_the_core(k):
     twice = torch.tensor([[0, 0, 0, 0], [0, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.int32)
     with _ext.torch_path(), pytest.raises(ValueError, match="duplicate rows"):
         km.build(twice, 2, 2)
+
+
+def test_the_torch_parents_map_of_no_rows_is_no_view_of_its_coords():
+    """``_parents_torch`` gave no rows' out_coords as ``coords[:0]``, a view
+    of its input: the ``kmap_parents`` operator (whose real implementation it
+    is on the torch backend) may not return one, a RuntimeError where the
+    core and the search before it made fresh coords."""
+    from pointsparse import ops  # noqa: PLC0415
+
+    empty = torch.zeros(0, 4, dtype=torch.int32)
+    key = ops.key_to_list(km.KernelMapKey((1, 1, 1), (2, 2, 2), (2, 2, 2), (1, 1, 1)))
+    with _ext.torch_path():
+        parents, in_idx, out_idx, sizes = ops.kmap_parents(empty, key, False)
+        kmap = km.build(empty, 2, 2)
+    assert parents.shape == (0, 4) and parents.dtype == torch.int32
+    assert in_idx.shape == out_idx.shape == (0,) and sizes.tolist() == [0] * 8
+    assert kmap.out_coords.shape == (0, 4) and kmap.out_coords._base is None
