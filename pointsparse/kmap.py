@@ -375,22 +375,23 @@ def _mirror_sources(offsets: torch.Tensor, submanifold: bool) -> list[int]:
     return mirror
 
 
-def _sorted_unique_keys(coords: torch.Tensor, layout, check: bool = True):
-    """The coords' keys sorted, and their rows; ``check``: duplicate rows
-    are a ValueError (a cache's coords are unique by construction)."""
+def _sorted_unique_keys(coords: torch.Tensor, layout):
+    """The coords' keys sorted, and their rows; duplicate rows are a
+    ValueError (a cache's coords too: a tensor made with ``validate=False``
+    reaches it unchecked, and the core's builders refuse them as well)."""
     keys = _coords.pack_torch(coords, layout, trusted=True)  # (the layout is fitted to them: _build_torch)
     sorted_keys, perm = _coords.sort_torch(keys)
-    if check and sorted_keys.numel() > 1 and bool((sorted_keys[1:] == sorted_keys[:-1]).any()):
+    if sorted_keys.numel() > 1 and bool((sorted_keys[1:] == sorted_keys[:-1]).any()):
         raise ValueError("coords hold duplicate rows; each [batch, x, y, z] must appear once")
     return sorted_keys, perm
 
 
-def _build_torch(coords, out_coords, offsets, submanifold, check: bool = True):
+def _build_torch(coords, out_coords, offsets, submanifold):
     # (each bounds once: a host read, a sync on a GPU)
     box = _coords.bounds(coords)
     out_box = box if out_coords is coords else _coords.bounds(out_coords)
     layout = _coords.KeyLayout.of_bounds(box, out_box, margin=_reach(offsets))
-    in_sorted, in_perm = _sorted_unique_keys(coords, layout, check)
+    in_sorted, in_perm = _sorted_unique_keys(coords, layout)
     return _query_torch(in_sorted, in_perm, out_coords, offsets, _mirror_sources(offsets, submanifold), layout,
                         out_box)
 
@@ -498,11 +499,11 @@ def _build(coords: torch.Tensor, k: Triple, t: Triple, d: Triple, s: Triple, met
     if (not submanifold and out_coords is None and (trusted or default) and method == "torch"
             and _tiles_its_stride(k, t, d)):
         # the same map in torch ops (a GPU's): each row's parent from the downsampling's own unique
-        return _parents_torch(coords, k, t, s, offsets, key, check=not trusted)
+        return _parents_torch(coords, k, t, s, offsets, key)
     if out_coords is None:
         out_coords = coords if submanifold else downsample_coords(coords, tuple(a * b for a, b in zip(s, t)))
     if method == "torch":
-        in_idx, out_idx, sizes = _build_torch(coords, out_coords, offsets, submanifold, check=not trusted)
+        in_idx, out_idx, sizes = _build_torch(coords, out_coords, offsets, submanifold)
     else:
         fn = _ext.core.kmap_mergesort if method == "mergesort" else _ext.core.kmap_hash
         in_idx, out_idx, sizes = _build_core(fn, coords, out_coords, offsets, submanifold)
@@ -510,14 +511,16 @@ def _build(coords: torch.Tensor, k: Triple, t: Triple, d: Triple, s: Triple, met
 
 
 def _parents_torch(coords: torch.Tensor, k: Triple, t: Triple, s: Triple, offsets: torch.Tensor,
-                   key: KernelMapKey, check: bool) -> KernelMap:
+                   key: KernelMapKey) -> KernelMap:
     """The map of a kernel that tiles its stride (``_tiles_its_stride``) in
     torch ops, as ``_core.kmap_parents`` makes it: the downsampled coords'
     unique gives every row its parent (the output row) and its place in the
     parent (the offset), one sort by (offset, output row) orders the pairs.
-    No search: a few launches and host reads (the GPU's k2 s2 maps). ``check``:
-    duplicate coords (two rows with one parent and place) are the builders'
-    ValueError."""
+    No search: a few launches and host reads (the GPU's k2 s2 maps).
+    Duplicate coords (two rows with one parent and place) are the builders'
+    ValueError and coords off their stride's multiples ``check_stride_multiple``'s,
+    for a cache's coords too, as the core's kmap_parents (a tensor made with
+    ``validate=False`` reaches it unchecked): one host read for both."""
     n = coords.shape[0]
     if n == 0:
         empty = torch.zeros(0, dtype=torch.int64, device=coords.device)
@@ -534,10 +537,11 @@ def _parents_torch(coords: torch.Tensor, k: Triple, t: Triple, s: Triple, offset
     m = out_coords.shape[0]
     in_idx = torch.argsort(o * m + inverse)  # (unique values: one row per parent and place)
     out_idx = inverse[in_idx]
-    if check and n > 1:
-        pair = (o * m + inverse)[in_idx]
-        if bool((pair[1:] == pair[:-1]).any()):
-            raise ValueError("coords hold duplicate rows; each [batch, x, y, z] must appear once")
+    pair = (o * m + inverse)[in_idx]
+    off_stride = (torch.remainder(coords[:, 1:], torch.tensor(s, dtype=coords.dtype, device=coords.device)) != 0)
+    if bool((pair[1:] == pair[:-1]).any() | off_stride.any()):
+        _coords.check_stride_multiple(coords, s)  # (names the row)
+        raise ValueError("coords hold duplicate rows; each [batch, x, y, z] must appear once")
     sizes = torch.bincount(o, minlength=offsets.shape[0]).cpu()
     return KernelMap(out_coords, in_idx, out_idx, sizes, offsets, n, m, key)
 

@@ -784,3 +784,19 @@ def test_the_torch_parents_map_of_no_rows_is_no_view_of_its_coords():
     assert parents.shape == (0, 4) and parents.dtype == torch.int32
     assert in_idx.shape == out_idx.shape == (0,) and sizes.tolist() == [0] * 8
     assert kmap.out_coords.shape == (0, 4) and kmap.out_coords._base is None
+
+
+@pytest.mark.parametrize("k,t", [(3, 1), (2, 2), (3, 2)])
+def test_a_cache_of_unchecked_coords_refuses_duplicates_on_the_torch_path_as_the_core(k, t):
+    """A tensor made with ``validate=False`` (the exported programs' inputs,
+    a user's) reaches its cache's maps unchecked: duplicate rows, and for a
+    k2 s2 map coords off their stride, are a ValueError on the torch path (a
+    GPU's) as on the core; the torch path gave wrong pairs silently."""
+    twice = torch.tensor([[0, 0, 0, 0], [0, 2, 2, 2], [0, 0, 0, 0]], dtype=torch.int32)
+    for backend in ("core", "torch"):
+        with ps.backend(backend), pytest.raises(ValueError, match="duplicate rows"):
+            km.get_kmap(ps.SparseTensor(torch.zeros(3, 1), twice, validate=False), k, t)
+    off = torch.tensor([[0, 0, 0, 0], [0, 2, 2, 3]], dtype=torch.int32)
+    for backend in ("core", "torch"):
+        with ps.backend(backend), pytest.raises(ValueError, match="multiple"):
+            km.get_kmap(ps.SparseTensor(torch.zeros(2, 1), off, 2, validate=False), 2, 2)
