@@ -190,3 +190,25 @@ def test_maps_built_under_inference_mode_then_trained_on(backend):
             results.append([out.feats.detach(), *(t.grad for t in ws)])
     for fresh, cached in zip(*results):
         assert torch.equal(fresh, cached)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("pool", [F.max_pool3d, F.avg_pool3d])
+def test_poolings_on_maps_built_under_inference_mode_then_trained_on(backend, pool):
+    """As the convs': a pooling whose map was cached under
+    torch.inference_mode and is then trained on took the map's inference
+    tensors into autograd ('Inference tensors cannot be saved for
+    backward'); the outputs and gradients are those of a map built fresh."""
+    results = []
+    with ps.backend(backend):
+        for first_in_inference in (False, True):
+            x = _tensor()
+            if first_in_inference:
+                with torch.inference_mode():
+                    pool(x, 3, 2)
+            feats = x.feats.clone().requires_grad_(True)
+            out = pool(x.with_feats(feats), 3, 2)
+            out.feats.square().sum().backward()
+            results.append([out.feats.detach(), feats.grad])
+    for fresh, cached in zip(*results):
+        assert torch.equal(fresh, cached)

@@ -452,10 +452,11 @@ def max_pool3d(input: SparseTensor, kernel_size=2, stride=None, dilation=1) -> S
         return _graph_pool(input, kernel_size, stride, dilation, "max_pool3d", "amax")
     kmap, out_stride = _pool_map(input, kernel_size, stride, dilation, "max_pool3d")
     feats = input.feats
+    in_idx, out_idx = kmap.indices()  # (a map cached under inference_mode: copies autograd can save)
     out = feats.new_zeros((kmap.num_out, feats.shape[1]))
     if kmap.num_pairs:
-        index = kmap.out_idx.to(feats.device).unsqueeze(1).expand(-1, feats.shape[1])
-        out = out.scatter_reduce(0, index, feats[kmap.in_idx.to(feats.device)], "amax", include_self=False)
+        index = out_idx.to(feats.device).unsqueeze(1).expand(-1, feats.shape[1])
+        out = out.scatter_reduce(0, index, feats[in_idx.to(feats.device)], "amax", include_self=False)
     else:  # linked to feats all the same (a zero gradient), as the other ops' outputs are
         out = out + feats[:0].sum(0)
     return SparseTensor(out, kmap.out_coords, out_stride, cache=input.cache, validate=False)
@@ -469,8 +470,9 @@ def avg_pool3d(input: SparseTensor, kernel_size=2, stride=None, dilation=1) -> S
         return _graph_pool(input, kernel_size, stride, dilation, "avg_pool3d", "mean")
     kmap, out_stride = _pool_map(input, kernel_size, stride, dilation, "avg_pool3d")
     feats = input.feats
-    out_idx = kmap.out_idx.to(feats.device)
-    total = feats.new_zeros((kmap.num_out, feats.shape[1])).index_add(0, out_idx, feats[kmap.in_idx.to(feats.device)])
+    in_idx, out_idx = kmap.indices()  # (a map cached under inference_mode: copies autograd can save)
+    out_idx = out_idx.to(feats.device)
+    total = feats.new_zeros((kmap.num_out, feats.shape[1])).index_add(0, out_idx, feats[in_idx.to(feats.device)])
     count = torch.bincount(out_idx, minlength=kmap.num_out).clamp_min(1).to(feats.dtype)
     return SparseTensor(total / count.unsqueeze(1), kmap.out_coords, out_stride, cache=input.cache, validate=False)
 
