@@ -264,10 +264,15 @@ def test_poolings(index):
     pool = layer(k, t, d)
     c = int(rng.integers(1, 5))
     feats = torch.randn(len(coords), c, generator=torch.Generator().manual_seed(index), dtype=torch.float64)
+    warm = rng.random() < 0.3  # the map cached under inference_mode first
 
     def run():
         f = feats.clone().requires_grad_()
-        y = pool(ps.SparseTensor(f, coords, s))
+        x = ps.SparseTensor(f, coords, s)
+        if warm:
+            with torch.inference_mode():
+                pool(x)
+        y = pool(x)
         r = torch.randn(y.feats.shape, generator=torch.Generator().manual_seed(3000 + index), dtype=torch.float64)
         (y.feats * r).sum().backward()
         return y, f.grad
@@ -288,7 +293,7 @@ def _network_case(index):
     """A small U-Net step: a strided conv (or a pooling after it), a
     submanifold conv with a residual ``add`` and ReLU, a transposed conv
     back up with the input as its ``add``; each random; run with or without
-    gradients."""
+    gradients, the maps cached under inference_mode first or not."""
     rng = np.random.default_rng([14, index])
     s = _pick(rng, TENSOR_STRIDES)
     coords = _coords(rng, s)
@@ -304,19 +309,26 @@ def _network_case(index):
           ps.nn.Conv3d(c1, c, _pick(rng, [2, 3, t]), t, transposed=True, bias=bool(rng.random() < 0.5)).double()]
     up[1].relu = bool(rng.random() < 0.5)
     feats = torch.randn(len(coords), c, generator=torch.Generator().manual_seed(index), dtype=torch.float64)
-    return coords, s, feats, down, pool, mid, up, bool(rng.random() < 0.3)
+    return coords, s, feats, down, pool, mid, up, bool(rng.random() < 0.3), bool(rng.random() < 0.3)
 
 
-def _run_network(coords, s, feats, down, pool, mid, up, no_grad, index):
+def _run_network(coords, s, feats, down, pool, mid, up, no_grad, warm, index):
     f = feats.clone().requires_grad_()
     x = ps.SparseTensor(f, coords, s)
-    with torch.no_grad() if no_grad else contextlib.nullcontext():
+
+    def net(x):
         y = down(x)
         if pool is not None:
             y = up[0](pool(y))
-        y = up[1](mid(y, add=y), add=x)
-        if no_grad:
-            return y, {}
+        return up[1](mid(y, add=y), add=x)
+
+    if warm:
+        with torch.inference_mode():
+            net(x)
+    if no_grad:
+        with torch.no_grad():
+            return net(x), {}
+    y = net(x)
     r = torch.randn(y.feats.shape, generator=torch.Generator().manual_seed(4000 + index), dtype=torch.float64)
     (y.feats * r).sum().backward()
     grads = {"feats": f.grad}
