@@ -193,7 +193,11 @@ def _downsampled(coords: torch.Tensor, out_stride: Triple) -> torch.Tensor:
     st = torch.tensor(out_stride, dtype=torch.int64, device=coords.device)
     q = torch.div(coords[:, 1:].long(), st, rounding_mode="floor") * st
     low = (q < _coords.COORD_MIN).any(1)
-    if bool(low.any()):
+    negative = coords[:, 0] < 0  # (named here, by the input's row, as the core names it; one read for both)
+    if bool((low | negative).any()):
+        if bool(negative.any()):
+            row = int(negative.nonzero()[0, 0])
+            raise ValueError(f"coords row {row} = {coords[row].tolist()} has a negative batch index")
         row = int(low.nonzero()[0, 0])
         raise ValueError(f"coords row {row} = {coords[row].tolist()} downsampled to stride {tuple(out_stride)} "
                          f"falls below the int32 range of coordinates")

@@ -800,3 +800,15 @@ def test_a_cache_of_unchecked_coords_refuses_duplicates_on_the_torch_path_as_the
     for backend in ("core", "torch"):
         with ps.backend(backend), pytest.raises(ValueError, match="multiple"):
             km.get_kmap(ps.SparseTensor(torch.zeros(2, 1), off, 2, validate=False), 2, 2)
+
+
+@pytest.mark.parametrize("k,t", [(3, 1), (2, 2), (3, 2)])
+def test_a_negative_batch_is_named_by_the_input_row_on_every_backend(k, t):
+    """The torch path named a downsampling's negative batch index by the
+    downsampled row ([-1, 0, 0, 0] for the input's [-1, 1, 1, 1]); now by the
+    input row, as the core does."""
+    coords = torch.tensor([[0, 0, 0, 0], [-1, 1, 1, 1]], dtype=torch.int32)
+    for backend in ("core", "torch"):
+        with ps.backend(backend), pytest.raises(ValueError, match=r"^coords row 1 = \[-1, 1, 1, 1\] has a negative "
+                                                                  r"batch index"):
+            km.build(coords, k, t)
