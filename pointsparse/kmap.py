@@ -266,27 +266,21 @@ def _query_all(in_keys_sorted, in_perm, out_coords, offsets, mirror, layout, box
         pos = torch.searchsorted(in_keys_sorted, q.reshape(-1)).clamp_max(n - 1).view(q.shape)
         hit = in_keys_sorted[pos] == q
         for j in range(lo, hi):
-            off = offs[asked[j]]
-            if not _box_shift_inside(layout, box, off):  # a margin too narrow: check the rows
-                shifted = out_coords.long()
-                shifted[:, 1:] += torch.tensor(off, device=dev)
-                hit[j - lo] &= layout.contains(shifted)
+            inside = _rows_inside(layout, box, offs[asked[j]], out_coords)
+            if inside is not None:
+                hit[j - lo] &= inside
         which, rows = hit.nonzero(as_tuple=True)  # row-major: by offset, then ascending output row
         ins.append(in_perm[pos[which, rows]])
         outs.append(rows)
         counts.append(hit.sum(1))
-    got_in, got_out = torch.cat(ins), torch.cat(outs)
-    sizes = dict(zip(asked, torch.cat(counts).tolist()))
-    start, at = {}, 0
-    for o in asked:
-        start[o], at = at, at + sizes[o]
-    pieces = {o: (got_in[start[o]:start[o] + sizes[o]], got_out[start[o]:start[o] + sizes[o]]) for o in asked}
+    counts = torch.cat(counts).tolist()
+    found = dict(zip(asked, zip(torch.cat(ins).split(counts), torch.cat(outs).split(counts))))
     mirrored = [o for o in range(k) if mirror[o] >= 0]
     if mirrored:
         # the swapped pairs of every mirrored offset, in offset order, re-sorted by output row where needed
-        new_out = torch.cat([pieces[mirror[o]][0] for o in mirrored])
-        new_in = torch.cat([pieces[mirror[o]][1] for o in mirrored])
-        lengths = [sizes[mirror[o]] for o in mirrored]
+        new_out = torch.cat([found[mirror[o]][0] for o in mirrored])
+        new_in = torch.cat([found[mirror[o]][1] for o in mirrored])
+        lengths = [found[mirror[o]][0].numel() for o in mirrored]
         if new_out.numel() > 1:
             up = new_out[1:] > new_out[:-1]
             ends = torch.tensor(list(itertools.accumulate(lengths))[:-1], dtype=torch.int64)
@@ -297,12 +291,9 @@ def _query_all(in_keys_sorted, in_perm, out_coords, offsets, mirror, layout, box
                                                 torch.tensor(lengths, device=dev), output_size=new_out.numel())
                 order = torch.argsort(group * m + new_out, stable=True)
                 new_in, new_out = new_in[order], new_out[order]
-        at = 0
-        for o, length in zip(mirrored, lengths):
-            pieces[o], sizes[o] = (new_in[at:at + length], new_out[at:at + length]), length
-            at += length
-    return (torch.cat([pieces[o][0] for o in range(k)]), torch.cat([pieces[o][1] for o in range(k)]),
-            torch.tensor([sizes[o] for o in range(k)], dtype=torch.int64))
+        found.update(zip(mirrored, zip(new_in.split(lengths), new_out.split(lengths))))
+    return (torch.cat([found[o][0] for o in range(k)]), torch.cat([found[o][1] for o in range(k)]),
+            torch.tensor([found[o][0].numel() for o in range(k)], dtype=torch.int64))
 
 
 def _query_offsets(in_keys_sorted, in_perm, out_coords, offsets, mirror, layout, box):
@@ -311,8 +302,7 @@ def _query_offsets(in_keys_sorted, in_perm, out_coords, offsets, mirror, layout,
     ``mirror[o] >= 0`` take the swapped pairs of offset ``mirror[o]``. Keys
     are in ``layout``; an output row whose shifted coords leave it has no pair."""
     dev = out_coords.device
-    out_c = out_coords.long()
-    out_keys = _coords.pack_torch(out_coords, layout) if out_coords.shape[0] else out_c[:, 0]
+    out_keys = _coords.pack_torch(out_coords, layout) if out_coords.shape[0] else out_coords[:, 0].long()
     rows = torch.arange(out_coords.shape[0], device=dev)
     n = in_keys_sorted.numel()
     found: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -323,10 +313,9 @@ def _query_offsets(in_keys_sorted, in_perm, out_coords, offsets, mirror, layout,
         if n and box is not None:
             pos = torch.searchsorted(in_keys_sorted, q).clamp_max(n - 1)
             hit = in_keys_sorted[pos] == q
-            if not _box_shift_inside(layout, box, off):  # a margin too narrow: check the rows
-                shifted = out_c.clone()
-                shifted[:, 1:] += torch.tensor(off, device=dev)
-                hit &= layout.contains(shifted)
+            inside = _rows_inside(layout, box, off, out_coords)
+            if inside is not None:
+                hit &= inside
             found[o] = (in_perm[pos[hit]], rows[hit])
         else:
             found[o] = (rows[:0], rows[:0])
@@ -346,21 +335,25 @@ def _query_offsets(in_keys_sorted, in_perm, out_coords, offsets, mirror, layout,
     return torch.cat(ins), torch.cat(outs), sizes
 
 
-def _query_torch(in_keys_sorted, in_perm, out_coords, offsets, mirror, layout, box, at_once=None):
+def _query_torch(in_keys_sorted, in_perm, out_coords, offsets, mirror, layout, box):
     """The torch method's pairs: :func:`_query_all` on a GPU (a few launches
     and syncs a map), :func:`_query_offsets` on the CPU (offset by offset:
-    there 20-25% faster, a street of 85k voxels); ``at_once`` chooses."""
-    if at_once is None:
-        at_once = out_coords.device.type != "cpu"
-    query = _query_all if at_once else _query_offsets
+    faster there, bench/torch_query.py)."""
+    query = _query_offsets if out_coords.device.type == "cpu" else _query_all
     return query(in_keys_sorted, in_perm, out_coords, offsets, mirror, layout, box)
 
 
-def _box_shift_inside(layout, box, off) -> bool:
-    """Whether every row of the bounding ``box`` shifted by ``off`` stays in the layout."""
+def _rows_inside(layout, box, off, out_coords: torch.Tensor) -> torch.Tensor | None:
+    """None where every row of the bounding ``box`` shifted by ``off`` stays
+    in the layout (its margin holds the shift); else which rows of
+    ``out_coords`` shifted by ``off`` it holds (the others have no pair)."""
     lo, hi = box
-    return all(layout.axis_range(a)[0] <= lo[a + 1] + off[a] and hi[a + 1] + off[a] <= layout.axis_range(a)[1]
-               for a in range(3))
+    if all(layout.axis_range(a)[0] <= lo[a + 1] + off[a] and hi[a + 1] + off[a] <= layout.axis_range(a)[1]
+           for a in range(3)):
+        return None
+    shifted = out_coords.to(torch.int64, copy=True)  # (a copy even of int64 coords: shifted in place)
+    shifted[:, 1:] += torch.tensor(off, device=out_coords.device)
+    return layout.contains(shifted)
 
 
 def _mirror_sources(offsets: torch.Tensor, submanifold: bool) -> list[int]:
@@ -539,9 +532,10 @@ def _parents_torch(coords: torch.Tensor, k: Triple, t: Triple, s: Triple, offset
     place = (coords[:, 1:].long() - q4[:, 1:].long()) // torch.tensor(s, dtype=torch.int64, device=coords.device)
     o = (place[:, 0] * k[1] + place[:, 1]) * k[2] + place[:, 2]
     m = out_coords.shape[0]
-    in_idx = torch.argsort(o * m + inverse)  # (unique values: one row per parent and place)
+    code = o * m + inverse  # (unique values: one row per parent and place)
+    in_idx = torch.argsort(code)
     out_idx = inverse[in_idx]
-    pair = (o * m + inverse)[in_idx]
+    pair = code[in_idx]
     off_stride = (torch.remainder(coords[:, 1:], torch.tensor(s, dtype=coords.dtype, device=coords.device)) != 0)
     if bool((pair[1:] == pair[:-1]).any() | off_stride.any()):
         _coords.check_stride_multiple(coords, s)  # (names the row)
