@@ -1,7 +1,7 @@
 """Host reads of tensor values (``item``, ``tolist``, ``bool``, ``int``,
 ``nonzero``: on a GPU each waits for every queued kernel) in one MinkUNet
 forward on the torch path as a GPU runs it (``nn.reference.conv_gemm`` for
-the convs, ``kmap._query_all`` for the maps), counted on this CPU by wrapping
+the convs; the maps' query is the CPU's too), counted on this CPU by wrapping
 those Tensor methods: a repeatable stand-in for a GPU timing where no GPU is
 at hand. Reads of CPU tensors the path keeps on the CPU anyway (a map's
 ``sizes``, the offsets) are counted too and listed apart.
@@ -24,7 +24,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pointsparse as ps  # noqa: E402
-from pointsparse import kmap as km  # noqa: E402
 from pointsparse.models import MinkUNet  # noqa: E402
 from pointsparse.nn import functional as F  # noqa: E402
 from pointsparse.nn import reference  # noqa: E402
@@ -71,8 +70,8 @@ def main(argv=None) -> int:
     feats = torch.randn(len(coords), 4, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
     net = MinkUNet(4, 19, cr=args.cr).eval()
-    conv_sum, query = F.conv_sum, km._query_offsets
-    F.conv_sum, km._query_offsets = reference.conv_gemm, km._query_all  # what runs on a GPU
+    conv_sum = F.conv_sum
+    F.conv_sum = reference.conv_gemm  # what runs on a GPU
     try:
         with ps.backend("torch"), torch.no_grad():
             cached = ps.SparseTensor(feats, coords)
@@ -87,7 +86,7 @@ def main(argv=None) -> int:
                 for (file, function, line, how, _), n in sorted(device.items(), key=lambda kv: -kv[1]):
                     print(f"  {n:4d}  {file}:{line} {function} ({how})")
     finally:
-        F.conv_sum, km._query_offsets = conv_sum, query
+        F.conv_sum = conv_sum
     return 0
 
 

@@ -233,13 +233,16 @@ def _check_method(method: str | None, device) -> str:
     return method
 
 
-#: The most (offset, output row) queries :func:`_query_all` makes at once
+#: The most (offset, output row) queries :func:`_query_torch` makes at once
 #: (int64 keys and positions of that many: 128 MiB each).
 QUERY_CHUNK = 1 << 24
 
 
-def _query_all(in_keys_sorted, in_perm, out_coords, offsets, mirror, layout, box):
-    """Pairs of every offset by sort + searchsorted (any device): the keys
+def _query_torch(in_keys_sorted, in_perm, out_coords, offsets, mirror, layout, box):
+    """The torch method's pairs of every offset by sort + searchsorted (any
+    device, the CPU too: a loop over the offsets was 12-22% faster there on
+    a k3 map of 87k voxels, equal on a k3 s2 map, bench/RESULTS.md stop 49,
+    and would be a second copy of the search): the keys
     of every output row shifted by every queried offset searched at once (in
     chunks of at most :data:`QUERY_CHUNK` queries), the hits taken in
     (offset, output row) order, as the map keeps them. Offsets with
@@ -294,53 +297,6 @@ def _query_all(in_keys_sorted, in_perm, out_coords, offsets, mirror, layout, box
         found.update(zip(mirrored, zip(new_in.split(lengths), new_out.split(lengths))))
     return (torch.cat([found[o][0] for o in range(k)]), torch.cat([found[o][1] for o in range(k)]),
             torch.tensor([found[o][0].numel() for o in range(k)], dtype=torch.int64))
-
-
-def _query_offsets(in_keys_sorted, in_perm, out_coords, offsets, mirror, layout, box):
-    """Pairs of every offset by sort + searchsorted, offset by offset (on the
-    CPU, where it is the faster: :func:`_query_torch`). Offsets with
-    ``mirror[o] >= 0`` take the swapped pairs of offset ``mirror[o]``. Keys
-    are in ``layout``; an output row whose shifted coords leave it has no pair."""
-    dev = out_coords.device
-    out_keys = _coords.pack_torch(out_coords, layout) if out_coords.shape[0] else out_coords[:, 0].long()
-    rows = torch.arange(out_coords.shape[0], device=dev)
-    n = in_keys_sorted.numel()
-    found: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    for o, off in enumerate(offsets.tolist()):
-        if mirror[o] >= 0:
-            continue
-        q = out_keys + layout.delta(*off)
-        if n and box is not None:
-            pos = torch.searchsorted(in_keys_sorted, q).clamp_max(n - 1)
-            hit = in_keys_sorted[pos] == q
-            inside = _rows_inside(layout, box, off, out_coords)
-            if inside is not None:
-                hit &= inside
-            found[o] = (in_perm[pos[hit]], rows[hit])
-        else:
-            found[o] = (rows[:0], rows[:0])
-    ins, outs = [], []
-    for o in range(offsets.shape[0]):
-        if mirror[o] < 0:
-            in_o, out_o = found[o]
-        else:
-            src_in, src_out = found[mirror[o]]
-            in_o, out_o = src_out, src_in
-            if in_o.numel() > 1 and not bool((out_o[1:] > out_o[:-1]).all()):
-                out_o, order = torch.sort(out_o)
-                in_o = in_o[order]
-        ins.append(in_o)
-        outs.append(out_o)
-    sizes = torch.tensor([t.numel() for t in ins], dtype=torch.int64)
-    return torch.cat(ins), torch.cat(outs), sizes
-
-
-def _query_torch(in_keys_sorted, in_perm, out_coords, offsets, mirror, layout, box):
-    """The torch method's pairs: :func:`_query_all` on a GPU (a few launches
-    and syncs a map), :func:`_query_offsets` on the CPU (offset by offset:
-    faster there, bench/torch_query.py)."""
-    query = _query_offsets if out_coords.device.type == "cpu" else _query_all
-    return query(in_keys_sorted, in_perm, out_coords, offsets, mirror, layout, box)
 
 
 def _rows_inside(layout, box, off, out_coords: torch.Tensor) -> torch.Tensor | None:

@@ -2,10 +2,10 @@
 
 On a GPU every op runs the torch path, and a few pieces of it only off the
 CPU: a conv as one product of scattered columns (``reference.conv_gemm``
-where the columns fit), the kernel map query of every offset at once
-(``kmap._query_all``), and for a kernel that tiles its stride the parents
-map (``kmap._parents_torch``, the torch path's default anyway). Here those
-are forced on the CPU (:func:`gpu_path`, as bench/host_reads.py does) and
+where the columns fit); the kernel map query of every offset at once
+(``kmap._query_torch``) and for a kernel that tiles its stride the parents
+map (``kmap._parents_torch``) are the torch path's on the CPU too. Here the
+conv is forced on the CPU (:func:`gpu_path`, as bench/host_reads.py does) and
 held in float64 to the C++ core (the default backend): random coords
 (batches, extents, tensor strides, shuffled rows, far origins, tiny and
 empty clouds), random convs (kernel sizes, strides, dilations, transposed
@@ -46,7 +46,6 @@ def gpu_path(chunk=None):
     :data:`kmap.QUERY_CHUNK`, small to cut the queries in pieces)."""
     with pytest.MonkeyPatch.context() as patch, ps.backend("torch"):
         patch.setattr(F, "conv_sum", _gemm_where_it_fits)
-        patch.setattr(km, "_query_offsets", km._query_all)
         if chunk is not None:
             patch.setattr(km, "QUERY_CHUNK", chunk)
         yield
