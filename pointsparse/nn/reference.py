@@ -60,9 +60,7 @@ def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
     float64 matmuls show); else None."""
     device = t.device.type
     if t.dtype == torch.float32 and torch.is_autocast_enabled(device):
-        low = torch.get_autocast_dtype(device)
-        if torch.finfo(low).bits < torch.finfo(t.dtype).bits:
-            return low
+        return torch.get_autocast_dtype(device)  # (bf16 or fp16: the dtypes autocast takes)
     return None
 
 
@@ -88,27 +86,20 @@ def gemm_fits(feats: torch.Tensor, kmap: _kmap.KernelMap) -> bool:
 
 
 def conv_gemm(feats: torch.Tensor, weight: torch.Tensor, kmap: _kmap.KernelMap) -> torch.Tensor:
-    """The conv sum as one matrix product: every pair of every offset
-    scattered into zero columns at once (``cols[q, o] = feats[p]``, one
-    gather and one index write), then ``cols.view(M, K * C_in) @
+    """The conv sum as one matrix product: the map's columns
+    (:func:`im2col` of every row: one gather and one index write), then
+    ``cols.view(M, K * C_in) @
     weight.view(K * C_in, C_out)``: a few kernel launches per conv where
     :func:`conv_sum` takes three per offset (what bounds it on a GPU).
     The same sums in another order (equal to :func:`conv_sum` up to
     rounding); columns of ``M * K * C_in`` values (:func:`gemm_fits`),
     kept for the weight gradient. Any device and dtype; under
     ``torch.autocast`` the product in its precision."""
-    k, c_in, c_out = weight.shape
-    m = kmap.num_out
-    device = feats.device
     low = _autocast_dtype(feats)
     if low is not None:  # the columns made in autocast's precision (the product's inputs; half the bytes)
         feats, weight = feats.to(low), weight.to(low)
-    offset_of_pair = torch.repeat_interleave(torch.arange(k, device=device), kmap.sizes.to(device),
-                                             output_size=kmap.num_pairs)
-    in_idx, out_idx = kmap.indices()
-    where = out_idx * k + offset_of_pair
-    cols = feats.new_zeros((m * k, c_in)).index_put((where,), feats[in_idx])
-    return cols.view(m, k * c_in) @ weight.reshape(k * c_in, c_out)
+    k, c_in, c_out = weight.shape
+    return im2col(feats, kmap).view(kmap.num_out, k * c_in) @ weight.reshape(k * c_in, c_out)
 
 
 def im2col(feats: torch.Tensor, kmap: _kmap.KernelMap, start: int = 0, stop: int | None = None,
@@ -116,16 +107,19 @@ def im2col(feats: torch.Tensor, kmap: _kmap.KernelMap, start: int = 0, stop: int
     """The columns of output rows ``start:stop``: ``cols[q - start, o] =
     feats[p]`` for each pair ``(p, q)`` of offset ``o``, zero where ``q`` has
     no neighbour at ``o``; ``(stop - start, K, C_in)``, written into ``out``
-    (a zero tensor or view of that shape) when given. Relies on the map's
-    pairs being sorted by output row within an offset."""
+    (a zero tensor or view of that shape) when given. Every row: all pairs
+    in one index write; a range of rows: offset by offset, relying on the
+    map's pairs being sorted by output row within an offset."""
     stop = kmap.num_out if stop is None else stop
     if out is None:
         out = feats.new_zeros((stop - start, kmap.kernel_volume, feats.shape[1]))
-    whole = start == 0 and stop == kmap.num_out
+    if start == 0 and stop == kmap.num_out:  # every pair of every offset in one index write
+        in_idx, out_idx = kmap.indices()
+        offset_of_pair = torch.repeat_interleave(torch.arange(kmap.kernel_volume, device=feats.device),
+                                                 kmap.sizes.to(feats.device), output_size=kmap.num_pairs)
+        out[out_idx, offset_of_pair] = feats[in_idx]
+        return out
     for o, in_idx, out_idx in offset_pairs(kmap):
-        if whole:
-            out[out_idx, o] = feats[in_idx]
-            continue
         lo, hi = int(torch.searchsorted(out_idx, start)), int(torch.searchsorted(out_idx, stop))
         if hi > lo:
             out[out_idx[lo:hi] - start, o] = feats[in_idx[lo:hi]]
