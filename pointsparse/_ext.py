@@ -178,6 +178,17 @@ def serves(*tensors, dtypes=None) -> bool:
     return False
 
 
+def off_cpu(module: torch.nn.Module):
+    """``(kind, name, device)`` of ``module``'s first parameter or buffer on
+    a device other than the CPU (a meta tensor aside), or None: what the
+    parts that hold CPU tensors (formats, exported programs) refuse."""
+    for kind, named in (("parameter", module.named_parameters()), ("buffer", module.named_buffers())):
+        for name, tensor in named:
+            if tensor.device.type not in ("cpu", "meta"):
+                return kind, name, tensor.device
+    return None
+
+
 def torch_path() -> backend:
     """``backend("torch")`` as a context manager (the tests' name for it)."""
     return backend("torch")

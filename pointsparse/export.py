@@ -56,6 +56,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import _ext
 from .tensor import SparseTensor, as_int
 
 META_FILE = "pointsparse.json"
@@ -123,11 +124,11 @@ def _check_exportable(model: nn.Module) -> None:
                          "statistics, as the exported program will)")
     # (modules whose forward depends on the mode: a batch norm set back to training would normalise each
     # input by its own statistics, a dropout drop values; an Identity fuse_for_inference made runs alike)
-    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
-        for name, tensor in named:
-            if tensor.device.type not in ("cpu", "meta"):  # (ProgramModel runs on the CPU)
-                raise ValueError(f"export writes CPU programs; the model's {kind} {name} is on {tensor.device}: "
-                                 "export model.cpu() with a CPU example")
+    off = _ext.off_cpu(model)  # (ProgramModel runs on the CPU)
+    if off is not None:
+        kind, name, device = off
+        raise ValueError(f"export writes CPU programs; the model's {kind} {name} is on {device}: export "
+                         "model.cpu() with a CPU example")
     moded = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
     left = next(((name, module) for name, module in model.named_modules()
                  if module.training and isinstance(module, moded)), None)

@@ -119,13 +119,11 @@ def _check_on_cpu(module) -> None:
     them): a module with a parameter or buffer elsewhere is a ValueError
     naming it (compress silently gave a CPU module that then refused the
     device's inputs)."""
-    if not isinstance(module, torch.nn.Module):
-        return  # (compress's TypeError)
-    for kind, named in (("parameter", module.named_parameters()), ("buffer", module.named_buffers())):
-        for name, tensor in named:
-            if tensor.device.type not in ("cpu", "meta"):  # (a meta tensor: the TypeError of its own)
-                raise ValueError(f"compress runs on the CPU (the formats hold CPU tensors); {kind} {name} is on "
-                                 f"{tensor.device}: compress module.cpu()")
+    off = _ext.off_cpu(module) if isinstance(module, torch.nn.Module) else None  # (else compress's TypeError)
+    if off is not None:
+        kind, name, device = off
+        raise ValueError(f"compress runs on the CPU (the formats hold CPU tensors); {kind} {name} is on {device}: "
+                         "compress module.cpu()")
 
 
 def _with_pre_hooks(module: torch.nn.Module, compressed: torch.nn.Module) -> torch.nn.Module:
