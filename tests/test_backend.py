@@ -164,6 +164,25 @@ def test_forced_core_refuses_what_the_core_cannot_take():
     assert F.conv3d(ps.SparseTensor(x.feats.half(), x.coords), w.half(), 3).feats.dtype == torch.float16
 
 
+def _fresh_and_cached_under_inference_mode(backend, run, leaves):
+    """``run(x, leaves)``'s output and the leaves' gradients of a square
+    loss on a fresh tensor, and on one whose maps ``run`` first cached under
+    torch.inference_mode: they must be equal."""
+    results = []
+    with ps.backend(backend):
+        for first_in_inference in (False, True):
+            x = _tensor()
+            if first_in_inference:
+                with torch.inference_mode():
+                    run(x, leaves)
+            grads = [t.detach().clone().requires_grad_(True) for t in leaves]
+            out = run(x, grads)
+            out.feats.square().sum().backward()
+            results.append([out.feats.detach(), *(t.grad for t in grads)])
+    for fresh, cached in zip(*results):
+        assert torch.equal(fresh, cached)
+
+
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 def test_maps_built_under_inference_mode_then_trained_on(backend):
     """A tensor first run under torch.inference_mode and then trained on:
@@ -177,19 +196,7 @@ def test_maps_built_under_inference_mode_then_trained_on(backend):
         b = F.conv3d(F.conv3d(x, ws[0], 3), ws[1], 2, 2)
         return F.conv3d(b, ws[2], 2, 2, transposed=True)
 
-    results = []
-    with ps.backend(backend):
-        for first_in_inference in (False, True):
-            x = _tensor()
-            if first_in_inference:
-                with torch.inference_mode():
-                    chain(x, w)
-            ws = [t.clone().requires_grad_(True) for t in w]
-            out = chain(x, ws)
-            out.feats.square().sum().backward()
-            results.append([out.feats.detach(), *(t.grad for t in ws)])
-    for fresh, cached in zip(*results):
-        assert torch.equal(fresh, cached)
+    _fresh_and_cached_under_inference_mode(backend, chain, w)
 
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])
@@ -199,16 +206,4 @@ def test_poolings_on_maps_built_under_inference_mode_then_trained_on(backend, po
     torch.inference_mode and is then trained on took the map's inference
     tensors into autograd ('Inference tensors cannot be saved for
     backward'); the outputs and gradients are those of a map built fresh."""
-    results = []
-    with ps.backend(backend):
-        for first_in_inference in (False, True):
-            x = _tensor()
-            if first_in_inference:
-                with torch.inference_mode():
-                    pool(x, 3, 2)
-            feats = x.feats.clone().requires_grad_(True)
-            out = pool(x.with_feats(feats), 3, 2)
-            out.feats.square().sum().backward()
-            results.append([out.feats.detach(), feats.grad])
-    for fresh, cached in zip(*results):
-        assert torch.equal(fresh, cached)
+    _fresh_and_cached_under_inference_mode(backend, lambda x, fs: pool(x.with_feats(fs[0]), 3, 2), [_tensor().feats])
