@@ -210,10 +210,17 @@ def downsample_coords(coords: torch.Tensor, out_stride: Triple) -> torch.Tensor:
     coordinate falls below int32."""
     if _ext.serves(coords):
         return _ext.to_tensor(_ext.call(_ext.core.kmap_downsample, _ext.to_numpy(coords), list(out_stride)))
+    return _unique_downsampled(coords, out_stride)[1]
+
+
+def _unique_downsampled(coords: torch.Tensor, out_stride: Triple):
+    """``(q, out_coords, inverse)`` in torch ops: every row downsampled
+    (:func:`_downsampled`), the unique ones sorted by key, and each row's
+    among them."""
     q = _downsampled(coords, out_stride)
     layout = _coords.KeyLayout.of(q)
-    return _coords.unpack_torch(_coords.unique_torch(_coords.pack_torch(q, layout, trusted=True))[0], layout,
-                                trusted=True)
+    uniq, inverse, _, _ = _coords.unique_torch(_coords.pack_torch(q, layout, trusted=True))
+    return q, _coords.unpack_torch(uniq, layout, trusted=True), inverse
 
 
 def default_method(device) -> str:
@@ -480,11 +487,7 @@ def _parents_torch(coords: torch.Tensor, k: Triple, t: Triple, s: Triple, offset
         # (fresh coords, no view of the input: the kmap_parents operator's output may not alias it)
         return KernelMap(coords.new_zeros((0, 4)), empty, empty.clone(),
                          torch.zeros(offsets.shape[0], dtype=torch.int64), offsets, 0, 0, key)
-    out_stride = tuple(a * b for a, b in zip(s, t))
-    q4 = _downsampled(coords, out_stride)
-    layout = _coords.KeyLayout.of(q4)
-    uniq, inverse, _, _ = _coords.unique_torch(_coords.pack_torch(q4, layout, trusted=True))
-    out_coords = _coords.unpack_torch(uniq, layout, trusted=True)
+    q4, out_coords, inverse = _unique_downsampled(coords, tuple(a * b for a, b in zip(s, t)))
     place = (coords[:, 1:].long() - q4[:, 1:].long()) // torch.tensor(s, dtype=torch.int64, device=coords.device)
     o = (place[:, 0] * k[1] + place[:, 1]) * k[2] + place[:, 2]
     m = out_coords.shape[0]
