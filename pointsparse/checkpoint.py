@@ -77,15 +77,16 @@ def _refused(value, where: str = "state", seen: set | None = None) -> str | None
     """``"an object of TYPE at PLACE"`` for the first object in ``value``
     that :func:`load` refuses while all it holds is taken (each object put
     to the unpickler alone: what it takes is the unpickler's to say, the
-    classes a caller allows too), or None. ``seen``: the containers on the
-    way here (a container holding itself is walked once)."""
+    classes a caller allows too), or None. ``seen``: the ids of the
+    containers walked so far (each is walked once: one holding itself, or
+    held in several places, whose first walk finds what a second would)."""
     if type(value) in (torch.Tensor, torch.nn.Parameter, str, bytes, int, float, bool, type(None)):
         return None
-    if isinstance(value, (dict, list, tuple, set, frozenset)):
+    if isinstance(value, _CONTAINERS):
         seen = set() if seen is None else seen
         if id(value) in seen:
             return None
-        seen = seen | {id(value)}
+        seen.add(id(value))
     if isinstance(value, dict):
         for key, item in value.items():
             found = _refused(key, f"a key of {where}", seen) or _refused(item, f"{where}[{key!r}]", seen)
