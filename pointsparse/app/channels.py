@@ -272,9 +272,11 @@ def _voxel_stages(path, model, placement: str, stages) -> list[int]:
     return sorted(stages)
 
 
-def _prune_voxels(path, out, keep_ratio: float, placement: str, stages, score: str) -> tuple[Path, list[str]]:
-    """:func:`prune_voxels_checkpoint`, and the names of the modules wrapped
-    (skip) or whose input is pruned (prune)."""
+def _prune_voxels(path, out, keep_ratio: float, placement: str, stages, score: str) \
+        -> tuple[Path, list[int], list[str]]:
+    """:func:`prune_voxels_checkpoint`, the decoder stages pruned (checked,
+    sorted) and the names of the modules wrapped (skip) or whose input is
+    pruned (prune)."""
     from .evaluate import checkpoint_model
     from ..models import add_voxel_prune, add_voxel_skip, voxel_prunes
     from ..nn import Conv3d, VoxelSkip
@@ -320,7 +322,7 @@ def _prune_voxels(path, out, keep_ratio: float, placement: str, stages, score: s
             module = model.get_submodule(name)
             add = add_voxel_prune if placement == "prune" else add_voxel_skip
             add(model, name, keep_ratio, score, channels(module))
-    return save_pruned(state, model, out), places
+    return save_pruned(state, model, out), stages, places
 
 
 def finetune(path: Path, epochs: int) -> None:
@@ -379,8 +381,9 @@ def offsets_main(args) -> int:
 
 def voxels_main(args) -> int:
     _check_flags(args, "voxels")
-    path, places = _prune_voxels(args.checkpoint, args.out, args.ratio, args.placement, args.stages, args.score)
-    stages = ", ".join(map(str, sorted({int(name.split(".")[1]) for name in places})))
+    path, stages, places = _prune_voxels(args.checkpoint, args.out, args.ratio, args.placement, args.stages,
+                                         args.score)
+    stages = ", ".join(map(str, stages))
     added = (f"VoxelSkip(keep_ratio={args.ratio}, score={args.score!r}) around {', '.join(places)} (the convs of "
              f"every residual block of decoder stages {stages})" if args.placement == "skip" else
              f"VoxelPrune(keep_ratio={args.ratio}, score={args.score!r}) on the input of {', '.join(places)} "
