@@ -316,12 +316,11 @@ def _prune_voxels(path, out, keep_ratio: float, placement: str, stages, score: s
                 raise ValueError(f"{path}: {inside[0]} has a VoxelPrune on its input (config voxel_prune), which a "
                                  f"VoxelSkip around {name} would move")
             places.append(name)
+    add = add_voxel_prune if placement == "prune" else add_voxel_skip
     with torch.random.fork_rng(devices=[]):  # (a learned scorer's initial weights: the same every run)
         torch.manual_seed(0)
         for name in places:
-            module = model.get_submodule(name)
-            add = add_voxel_prune if placement == "prune" else add_voxel_skip
-            add(model, name, keep_ratio, score, channels(module))
+            add(model, name, keep_ratio, score, channels(model.get_submodule(name)))
     return save_pruned(state, model, out), stages, places
 
 
