@@ -9,6 +9,7 @@ import math
 from torch import nn
 
 from .. import nn as spnn
+from ..nn.fuse import has_pre_hooks
 from ..tensor import SparseTensor, as_float, positive_int
 
 # Output widths of the stem, the four encoder and the four decoder stages.
@@ -58,8 +59,6 @@ class ResidualBlock(nn.Module):
         ReLU of its own (then only ``nn.Identity``) and the block's ReLU a
         :class:`~pointsparse.nn.ReLU` without forward pre-hooks (a VoxelPrune
         on the sum, ``models.add_voxel_prune``, runs before it)."""
-        from ..nn.fuse import has_pre_hooks  # noqa: PLC0415 - (fusion is the caller's; loaded with nn)
-
         if self.sum_in_conv is not None or not isinstance(self.main, nn.Sequential) \
                 or not isinstance(self.relu, spnn.ReLU) or has_pre_hooks(self.relu):
             return False
