@@ -77,7 +77,9 @@ def predict(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         logits, _ = logits_of(model, batch)
         return logits, logits.argmax(1)
     out = model(_input_of(model, batch))
-    return out.feats, devoxelize(out, batch.inverse).argmax(1)
+    # each voxel's class, taken to its points (a column of float64: exact class numbers; 0 for a dropped voxel's)
+    classes = out.with_feats(out.feats.argmax(1, keepdim=True).to(torch.float64))
+    return out.feats, devoxelize(classes, batch.inverse)[:, 0].long()
 
 
 def shard(count: int, rank: int, world: int) -> range:
