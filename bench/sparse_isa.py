@@ -16,8 +16,9 @@ dense kernel and fits a line: the per-row cost and the fixed cost (gathered
 input rows, output rows read and written per offset) that weight sparsity
 cannot remove. A column names the build asked for:
 below 128 output columns "avx512 vector" runs the AVX2 vector kernel (the
-threshold itself) but on Intel (``_core.avx512_full_width()``: from 16), so
-that at C = 64 the two vector columns time the same code on AMD.
+threshold itself) but at full width (``_core.avx512_full_width()``: Intel, AMD
+Zen 5; from 16; ``POINTSPARSE_AVX512_FULL_WIDTH=0`` to time the other rule), so
+that at C = 64 the two vector columns time the same code on a Zen 4.
 Writes bench/results/sparse_isa.md (``--out``: another page)
 (``--quick``: a 20k street, C = 64, 2 rounds, the page in a temporary folder)."""
 

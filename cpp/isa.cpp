@@ -4,6 +4,12 @@
 
 #include "common.h"
 
+#include <atomic>
+#include <utility>
+
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#include <cpuid.h>
+#endif
 #if defined(__linux__)
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -88,17 +94,61 @@ bool isa_runs(Isa isa) { return support().runs[int(isa)]; }
 
 bool avx512_bf16_runs() { return support().bf16; }
 
-bool avx512_full_width() {
+namespace {
+
+// AMD's family and model (CPUID leaf 1, extended fields added), or -1, -1.
+std::pair<int, int> amd_family_model() {
 #if defined(PS_ISA_X86)
-  static const bool wide = [] {
-    __builtin_cpu_init();
-    return isa_runs(Isa::avx512) && __builtin_cpu_is("intel");
-  }();
-  return wide;
+  if (!__builtin_cpu_is("amd")) return {-1, -1};
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return {-1, -1};
+  const int base = int((eax >> 8) & 0xf);
+  const int family = base == 0xf ? base + int((eax >> 20) & 0xff) : base;
+  const int model = int((eax >> 4) & 0xf) | (base == 0xf ? int((eax >> 16) & 0xf) << 4 : 0);
+  return {family, model};
+#else
+  return {-1, -1};
+#endif
+}
+
+// Whether this CPU's AVX-512 FMAs run at full width: Intel's; AMD's from
+// Zen 5 (family 0x1A) but its laptop parts (models 0x20-0x2F, 0x60-0x6F:
+// Strix and Krackan Point, whose cores split them in 256-bit halves, as
+// every Zen 4 does). Measured on an AMD EPYC family 26 model 2: its avx512
+// dense conv 1.7x the avx2 one (bench/RESULTS.md stop 50).
+bool cpu_full_width() {
+#if defined(PS_ISA_X86)
+  __builtin_cpu_init();
+  if (__builtin_cpu_is("intel")) return true;
+  const auto fm = amd_family_model();
+  if (fm.first < 0x1a) return false;
+  const int model = fm.second;
+  return fm.first > 0x1a || !((model >= 0x20 && model <= 0x2f) || (model >= 0x60 && model <= 0x6f));
 #else
   return false;
 #endif
 }
+
+// -1: the CPU's answer; 0 or 1: set_avx512_full_width's.
+std::atomic<int> g_full_width_set{-1};
+
+}  // namespace
+
+bool avx512_full_width() {
+  if (!isa_runs(Isa::avx512)) return false;
+  const int set = g_full_width_set.load(std::memory_order_relaxed);
+  if (set >= 0) return set == 1;
+  static const bool wide = cpu_full_width();
+  return wide;
+}
+
+bool avx512_full_width_detected() {
+  if (!isa_runs(Isa::avx512)) return false;
+  static const bool wide = cpu_full_width();
+  return wide;
+}
+
+void set_avx512_full_width(int value) { g_full_width_set.store(value < 0 ? -1 : value ? 1 : 0); }
 
 bool amx_bf16_runs() {
   static const bool amx = cpu_has_amx();

@@ -19,11 +19,18 @@ Isa best_isa();
 // Whether the CPU runs AVX512-BF16 on top of the avx512 build (asked once;
 // the bf16 conv kernels' build is the caller's to know).
 bool avx512_bf16_runs();
-// Whether the avx512 build runs here on an Intel CPU, whose AVX-512 cores
-// execute 512-bit FMAs at full width (AMD Zen 4 runs each as two 256-bit
-// halves): there the dense AVX-512 kernels gain most over the 32-byte builds
-// (asked once).
+// Whether the avx512 build runs here on a CPU whose AVX-512 cores execute
+// 512-bit FMAs at full width: Intel's, AMD's from Zen 5 (family 0x1A, not
+// its laptop parts); AMD Zen 4 runs each as two 256-bit halves. There the
+// dense AVX-512 kernels gain most over the 32-byte builds. The CPU is asked
+// once; set_avx512_full_width overrides the answer (process-wide).
 bool avx512_full_width();
+// What the CPU answers, whatever the override.
+bool avx512_full_width_detected();
+// 1 or 0: avx512_full_width() answers that (false where the avx512 build
+// does not run); -1: the CPU's answer again. For tests and benchmarks
+// (pointsparse reads POINTSPARSE_AVX512_FULL_WIDTH at import).
+void set_avx512_full_width(int value);
 // Whether the CPU runs AMX-TILE and AMX-BF16 on top of that, and the OS lets
 // this process use the tiles (asked once, on the first call).
 bool amx_bf16_runs();

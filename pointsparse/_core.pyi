@@ -151,9 +151,20 @@ def conv_bf16() -> bool:
     """Whether ConvPlan.forward_bf16 (AVX512-BF16 vdpbf16ps) runs on this CPU."""
 
 def avx512_full_width() -> bool:
-    """Whether the avx512 build runs on an Intel CPU, which executes 512-bit
-    FMAs at full width (AMD Zen 4: two 256-bit halves): where the dense
-    AVX-512 kernels gain most over the AVX2 vector-sparse kernels."""
+    """Whether the avx512 build runs on a CPU that executes 512-bit FMAs at
+    full width (Intel; AMD from Zen 5, family 0x1A, not its laptop parts;
+    AMD Zen 4: two 256-bit halves), or what ``set_avx512_full_width`` set:
+    where the dense AVX-512 kernels gain most over the AVX2 vector-sparse
+    kernels."""
+
+def avx512_full_width_detected() -> bool:
+    """What the CPU answers to ``avx512_full_width``, whatever was set."""
+
+def set_avx512_full_width(value: int) -> None:
+    """Overrides ``avx512_full_width`` (1 or 0; -1: the CPU's answer again),
+    process-wide; ValueError for another value, or 1 where the avx512 build
+    does not run. pointsparse calls it at import from
+    ``POINTSPARSE_AVX512_FULL_WIDTH``."""
 
 def conv_amx() -> bool:
     """Whether ConvPlan.forward_bf16's AMX form (tiles_width) runs here:

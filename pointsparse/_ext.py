@@ -21,6 +21,30 @@ except ImportError as exc:  # pragma: no cover - only without a build
 
 core = _core
 
+#: Overrides the core's answer to whether this CPU's AVX-512 FMAs run at full
+#: width (``_core.avx512_full_width``: "1" or "0"; empty or unset: the CPU's
+#: answer), which the engine's kernel choices and thresholds follow; read
+#: once, here, before nn._engine reads them. For benchmarks and tests that
+#: compare the two kinds of CPU on one.
+FULL_WIDTH_ENV = "POINTSPARSE_AVX512_FULL_WIDTH"
+
+
+def _full_width_from_env() -> None:
+    value = os.environ.get(FULL_WIDTH_ENV, "").strip()
+    if not value:
+        return
+    if value not in ("0", "1"):
+        raise ValueError(f"{FULL_WIDTH_ENV} must be '1', '0' or empty; got {value!r}")
+    if value == "1" and "avx512" not in _core.runnable_isas():
+        raise ValueError(
+            f"{FULL_WIDTH_ENV}=1 asks for the avx512 kernels, which this CPU (or build) does not run; "
+            f"it runs: {', '.join(_core.runnable_isas())}"
+        )
+    _core.set_avx512_full_width(int(value))
+
+
+_full_width_from_env()
+
 COORD_MIN: int = _core.COORD_MIN
 COORD_MAX: int = _core.COORD_MAX
 BATCH_MAX: int = _core.BATCH_MAX

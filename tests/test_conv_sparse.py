@@ -5,6 +5,8 @@ the same) and against torch references with the pruned entries zeroed."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,7 @@ import pointsparse as ps
 from pointsparse import prune
 from pointsparse.nn import _engine
 from pointsparse.nn import functional as F
-from reference import conv_sum, dense_conv, random_coords
+from reference import conv_sum, dense_conv, random_coords, run_python
 
 
 def make(n=400, c=8, extent=8, dtype=torch.float64, seed=0):
@@ -396,21 +398,81 @@ def test_execution_choice_in_cpp_equals_the_numpy_choice(dtype):
         ps._ext.core.conv_execution(np.ones((3, 2, 2)), False, None, float("nan"))
 
 
-def test_vector_density_follows_the_width_of_the_cpus_fmas():
-    """0.85 (measured on AMD Zen 3) unless the CPU runs the avx512 build on
-    Intel, whose full-width 512-bit FMAs make the dense kernels faster
-    against the vector ones: 0.6 there (measured on an Intel Xeon)."""
-    vendor_intel = False
+def _cpuinfo_full_width():
+    """Whether /proc/cpuinfo names a CPU whose AVX-512 FMAs run at full
+    width: Intel's, AMD's from family 26 (Zen 5) but models 0x20-0x2f and
+    0x60-0x6f (its laptop parts); None without /proc/cpuinfo."""
     try:
         with open("/proc/cpuinfo") as f:
             info = f.read()
-        vendor_intel = "GenuineIntel" in info
     except OSError:
+        return None
+    fields = {}
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    if fields.get("vendor_id") == "GenuineIntel":
+        return True
+    if fields.get("vendor_id") != "AuthenticAMD":
+        return False
+    family, model = int(fields["cpu family"]), int(fields["model"])
+    return family > 26 or (family == 26 and not (0x20 <= model <= 0x2F or 0x60 <= model <= 0x6F))
+
+
+def test_vector_density_follows_the_width_of_the_cpus_fmas():
+    """0.85 (measured on AMD Zen 3) unless the CPU runs the avx512 build at
+    full width (Intel; AMD Zen 5), whose 512-bit FMAs make the dense kernels
+    faster against the vector ones: 0.6 there (measured on an Intel Xeon and
+    an AMD EPYC Zen 5)."""
+    detected = _cpuinfo_full_width()
+    if detected is None:
         pytest.skip("no /proc/cpuinfo to tell the vendor")
-    wide = vendor_intel and "avx512" in ps._ext.core.runnable_isas()
-    assert ps._ext.core.avx512_full_width() == wide
+    core = ps._ext.core
+    wide = detected and "avx512" in core.runnable_isas()
+    assert core.avx512_full_width_detected() == wide
+    if not os.environ.get(ps._ext.FULL_WIDTH_ENV, "").strip():
+        assert core.avx512_full_width() == wide
+    wide = core.avx512_full_width()
     assert _engine.VECTOR_DENSITY == (_engine.VECTOR_DENSITY_WIDE if wide else _engine.VECTOR_DENSITY_SPLIT)
     assert (_engine.VECTOR_DENSITY_SPLIT, _engine.VECTOR_DENSITY_WIDE) == (0.85, 0.6)
+
+
+_WIDTH_PROBE = """
+import pointsparse as ps
+from pointsparse.nn import _engine, functional as F
+import torch
+core = ps._ext.core
+print(core.avx512_full_width(), _engine.VECTOR_DENSITY, _engine.VECTOR_DENSITY_TWIN,
+      F.tile_panels(torch.float32), core.conv_stream_auto_bytes())
+"""
+
+
+@pytest.mark.parametrize("value", ["0", "1"])
+def test_full_width_is_set_by_the_environment(value):
+    """POINTSPARSE_AVX512_FULL_WIDTH sets what the engine's choices follow
+    (the vector thresholds, twin tiles, streamed outputs), for comparing the
+    two kinds of CPU on one; "1" is refused where the avx512 build does not run."""
+    proc = run_python(_WIDTH_PROBE, {"POINTSPARSE_AVX512_FULL_WIDTH": value})
+    if value == "1" and "avx512" not in ps._ext.core.runnable_isas():
+        assert proc.returncode != 0 and "POINTSPARSE_AVX512_FULL_WIDTH=1" in proc.stderr, proc.stderr
+        return
+    assert proc.returncode == 0, proc.stderr
+    wide = value == "1"
+    expected = (f"{wide} {0.6 if wide else 0.85} {0.75 if wide else None} {2 if wide else 1} "
+                f"{(8 << 20) if wide else (1 << 62)}")
+    assert proc.stdout.strip() == expected
+
+
+def test_full_width_refuses_bad_values():
+    proc = run_python("import pointsparse", {"POINTSPARSE_AVX512_FULL_WIDTH": "yes"})
+    assert proc.returncode != 0
+    assert "POINTSPARSE_AVX512_FULL_WIDTH must be '1', '0' or empty; got 'yes'" in proc.stderr
+    core = ps._ext.core
+    with pytest.raises(ValueError, match="value must be 1, 0 or -1"):
+        core.set_avx512_full_width(2)
+    if "avx512" not in core.runnable_isas():
+        with pytest.raises(ValueError, match="does not run here"):
+            core.set_avx512_full_width(1)
 
 
 def test_vector_threshold_falls_with_the_rows_per_panel(monkeypatch):
@@ -655,7 +717,8 @@ def test_panels_prune_vectors_of_adjacent_panels():
     """panels=2: blocks of one input channel x 2 panels (32 float32
     columns; the last block of 40 columns holds 8), so both panels of a pair
     list the same channels; tile_panels says 2 where the AVX-512 vector
-    kernels run two vectors a row (Intel, float32 / float64), else 1."""
+    kernels run two vectors a row (full-width AVX-512: Intel, AMD Zen 5;
+    float32 / float64), else 1."""
     conv = ps.nn.Conv3d(8, 40, 3)
     prune.panel_structured(conv, "weight", 0.5, panels=2)
     mask = conv.weight_mask.view(27, 8, 40)
@@ -797,7 +860,7 @@ def test_twin_share_moves_the_vector_threshold_in_cpp_as_in_torch(transpose):
 
 
 def test_twin_pruned_weights_run_the_vector_kernels_to_a_higher_density():
-    """Where tile_panels is 2 (Intel AVX-512), a weight pruned in vectors of
+    """Where tile_panels is 2 (full-width AVX-512), a weight pruned in vectors of
     two panels at density 0.7 runs the vector kernels (twin threshold 0.75),
     the same density in vectors of one panel the dense ones (0.6); elsewhere
     both go by VECTOR_DENSITY alone. sparsity_report's executed FLOPs follow

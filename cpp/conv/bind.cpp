@@ -447,9 +447,28 @@ void bind_conv(py::module_& m) {
         "Whether the bf16 inference forward's AMX form (forward_bf16(tiles_width=...): AMX-TILE + AMX-BF16, with "
         "the OS's leave to use the tiles, asked on the first call) runs here.");
   m.def("avx512_full_width", [] { return avx512_full_width(); },
-        "Whether the avx512 build runs on an Intel CPU, which executes 512-bit FMAs at full width (AMD Zen 4: two "
-        "256-bit halves): where the dense AVX-512 kernels gain most over the AVX2 vector-sparse kernels, so that "
-        "the engine takes those at lower densities only (nn._engine.VECTOR_DENSITY).");
+        "Whether the avx512 build runs on a CPU that executes 512-bit FMAs at full width (Intel; AMD from Zen 5, "
+        "family 0x1A, not its laptop parts; AMD Zen 4: two 256-bit halves), or what set_avx512_full_width set: "
+        "where the dense AVX-512 kernels gain most over the AVX2 vector-sparse kernels, so that the engine takes "
+        "those at lower densities only (nn._engine.VECTOR_DENSITY), twin panels, and the AVX-512 vector kernels "
+        "from one panel.");
+  m.def("avx512_full_width_detected", [] { return avx512_full_width_detected(); },
+        "What the CPU answers to avx512_full_width, whatever set_avx512_full_width set.");
+  m.def(
+      "set_avx512_full_width",
+      [](int value) {
+        if (value < -1 || value > 1)
+          throw py::value_error("set_avx512_full_width: value must be 1, 0 or -1 (the CPU's answer), got " +
+                                std::to_string(value));
+        if (value == 1 && !isa_runs(Isa::avx512))
+          throw py::value_error("set_avx512_full_width: value 1 asks for the avx512 build, which does not run "
+                                "here (it runs: " + runnable_isas() + ")");
+        set_avx512_full_width(value);
+      },
+      py::arg("value"),
+      "Overrides avx512_full_width (1 or 0; -1: the CPU's answer again), process-wide. pointsparse calls it at "
+      "import from POINTSPARSE_AVX512_FULL_WIDTH; the engine's thresholds in nn._engine are read at import, so "
+      "set it through that variable (for benchmarks and tests comparing the two kinds of CPU on one).");
   m.def("runnable_isas", [] {
         std::vector<std::string> names;
         for (int i = kNumIsas - 1; i >= 0; --i)

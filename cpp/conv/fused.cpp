@@ -41,8 +41,8 @@ std::atomic<int64_t> g_stream_bytes{kStreamBytes};
 std::atomic<int64_t> g_stream_auto_bytes{-1};  // -1: not set, the CPU's default
 thread_local bool g_streamed = false;          // last_streamed()
 
-// kStreamAutoBytes where it was measured (an Intel CPU running the avx512
-// build: avx512_full_width()), else never.
+// kStreamAutoBytes where it was measured (the avx512 build at full width:
+// avx512_full_width(), an Intel Xeon and an AMD Zen 5), else never.
 int64_t default_stream_auto_bytes() { return avx512_full_width() ? kStreamAutoBytes : kStreamBytes; }
 
 template <typename T>

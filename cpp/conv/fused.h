@@ -122,7 +122,9 @@ constexpr int64_t kStreamBytes = int64_t(1) << 62;
 // 2 threads): the conv alone 1.15-1.26x, followed by a conv reading its
 // output 1.02-1.16x (one 0.97x) at C = 32 and 64; with the identity kept,
 // 0.95-1.04x (not streamed); an unpruned conv 0.94-0.98x. The default on
-// an Intel CPU with the avx512 build (avx512_full_width(), as measured);
+// a CPU running the avx512 build at full width (avx512_full_width(): as
+// measured on an Intel Xeon, and on an AMD EPYC Zen 5, bench/stream_output.py
+// --chain --mb 8, 2 threads: the conv alone 1.17-1.35x, chained 1.10-1.22x);
 // elsewhere never (kStreamBytes) until measured there.
 constexpr int64_t kStreamAutoBytes = int64_t(8) << 20;
 // The threshold in force (kStreamBytes unless set; process-wide, for tests

@@ -35,13 +35,13 @@ constexpr int64_t kSparse512MinColsWide = 16;
 
 // The 32-byte build that runs for `asked` (isa_arg lets through only builds
 // that run): avx2 wherever it runs unless generic is asked (the vector
-// forward below kSparse512MinCols off Intel, the masked weight gradient
-// off Intel: wgrad_masked_isa).
+// forward below kSparse512MinCols and the masked weight gradient where the
+// avx512 FMAs run in halves: wgrad_masked_isa).
 Isa narrow_isa(Isa asked) { return asked != Isa::generic && isa_runs(Isa::avx2) ? Isa::avx2 : Isa::generic; }
 
 // The build of apply_sparse that runs for `asked` and `cols`: avx512 where
 // it is asked and cols >= kSparse512MinCols (kSparse512MinColsWide on
-// Intel), else narrow_isa's.
+// Intel and AMD Zen 5: avx512_full_width()), else narrow_isa's.
 Isa sparse_isa(Isa asked, int64_t cols) {
   const int64_t from = avx512_full_width() ? kSparse512MinColsWide : kSparse512MinCols;
   return asked == Isa::avx512 && cols >= from ? Isa::avx512 : narrow_isa(asked);
@@ -124,8 +124,8 @@ void apply_sparse_with(SparseApplyArgs<T> s, Isa asked) {
   const Isa isa = sparse_isa(asked, a.cols);
   // The pairs of panels that list the same rows, for the avx512 build's
   // two-vector tiles (the 32-byte builds' tiles are one panel wide): on
-  // every CPU where that build runs, though measured on Intel only (bench/
-  // RESULTS.md stop 36); on Zen 4 it runs from 128 columns, where weights
+  // every CPU where that build runs, measured on an Intel Xeon (bench/
+  // RESULTS.md stop 36) and an AMD Zen 5 (stop 50); on Zen 4 it runs from 128 columns, where weights
   // pruned in twins (tile_panels is 1 there) were not timed.
   std::vector<uint8_t> twin(isa == Isa::avx512 ? size_t(a.pairs.kernel_volume * panels<T>(Isa::avx2, a.cols)) : 0);
   s.twin = twin.empty() ? nullptr : twin.data();
@@ -140,7 +140,7 @@ void apply_sparse_with(SparseApplyArgs<T> s, Isa asked) {
 }
 
 // The build of wgrad_masked that runs for `asked`: avx512 where it is asked
-// and its FMAs run at full width (avx512_full_width(): Intel), else
+// and its FMAs run at full width (avx512_full_width(): Intel, AMD Zen 5), else
 // narrow_isa's.
 Isa wgrad_masked_isa(Isa asked) {
   return asked == Isa::avx512 && avx512_full_width() ? Isa::avx512 : narrow_isa(asked);

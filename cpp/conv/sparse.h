@@ -90,7 +90,7 @@ Execution choose_execution(const T* w, int64_t K, int64_t c_in, int64_t c_out, b
 // panel, sparse_avx512.cpp; measured slower below, see sparse.cpp), else the AVX2
 // build wherever the CPU has it unless the generic one is asked for;
 // wgrad_masked the avx512 build where it is asked on a CPU whose 512-bit
-// FMAs run at full width (avx512_full_width(): Intel; its 8 x 32 tiles,
+// FMAs run at full width (avx512_full_width(): Intel, AMD Zen 5; its 8 x 32 tiles,
 // lists per 32 columns, masked halves zeroed after: sparse_wgrad.h), else the
 // AVX2 build wherever it runs unless generic is asked. On an Intel Xeon
 // (bench/masked_wgrad.py, KITTI sweep, one thread, C = 32 / 64 / 128) the

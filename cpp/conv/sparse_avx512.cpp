@@ -8,9 +8,9 @@
 // weights pruned in vectors of two panels): C = 64 75% / 50% 0.77x / 0.77x
 // the time of one panel at a time, C = 128 0.75x / 0.73x.
 // sparse.cpp calls it only where isa_runs(Isa::avx512): from one panel of
-// output columns where its FMAs run at full width (Intel), else from 128
+// output columns where its FMAs run at full width (Intel, AMD Zen 5), else from 128
 // (kSparse512MinColsWide, kSparse512MinCols). Below: the masked weight
-// gradient's build (sparse_wgrad.h), called on Intel only
+// gradient's build (sparse_wgrad.h), called at full width only
 // (wgrad_masked_isa).
 //
 // Bit-identical to the 32-byte builds' apply_sparse and to every FMA build's

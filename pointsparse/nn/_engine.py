@@ -52,12 +52,14 @@ ENGINE_DTYPES = _ext.FLOAT_DTYPES
 #: 0.88x at 0.9, 1.0x at 0.75): ``VECTOR_DENSITY_SPLIT``.
 VECTOR_DENSITY_SPLIT = 0.85
 #: The same on a CPU whose AVX-512 FMAs run at full width
-#: (``_core.avx512_full_width()``: Intel): its dense AVX-512 kernels ran
-#: 1.4-1.5x the AVX2 ones (about 1x on the Zen 4), and the vector forward
+#: (``_core.avx512_full_width()``: Intel, AMD Zen 5): its dense AVX-512
+#: kernels ran 1.4-1.5x the AVX2 ones on an Intel Xeon, 1.7x on an AMD EPYC
+#: Zen 5 (about 1x on the Zen 4), and the vector forward
 #: broke even with them near density 0.6 at C = 32 to 128, lost 0.70-0.94x
 #: at 0.7-0.9 (``python bench/vector_threshold.py --channels 16 24 32 48 64
 #: 128 --listed``, KITTI sweep, one thread, Intel Xeon, two runs;
-#: bench/RESULTS.md stop 34).
+#: bench/RESULTS.md stop 34; on the Zen 5 0.97-1.10x at 0.6, 0.88-0.99x at
+#: 0.7, stop 50).
 VECTOR_DENSITY_WIDE = 0.6
 VECTOR_DENSITY = VECTOR_DENSITY_WIDE if _ext.core.avx512_full_width() else VECTOR_DENSITY_SPLIT
 MASKED_WGRAD_DENSITY = 0.7
@@ -234,7 +236,7 @@ def tile_panels(dtype: torch.dtype) -> int:
     the vector-sparse forward's register tile spans on this CPU where they
     list the same input channels: 2 for float32 and float64 where the
     AVX-512 vector kernels run from one panel (``_core.avx512_full_width()``:
-    Intel; cpp/conv/sparse_avx512.cpp's two-vector tiles), else 1. A weight
+    Intel, AMD Zen 5; cpp/conv/sparse_avx512.cpp's two-vector tiles), else 1. A weight
     pruned in blocks of that many panels (``prune.panel_structured(...,
     panels=tile_panels(dtype))``) runs as the dense tiles do per FMA."""
     return 2 if _TWIN_TILES and dtype in (torch.float32, torch.float64) else 1
