@@ -2,7 +2,8 @@
 and vector-sparse forms against each other and against the float32 kernels,
 in one process (the evidence behind ``nn._engine.BF16_VECTOR_DENSITY``).
 
-    flock /work/cpu.lock .venv/bin/python bench/bf16_vectors.py [--rounds 9] [--threads 1] [--quick]
+    flock /work/cpu.lock .venv/bin/python bench/bf16_vectors.py [--rounds 9] [--threads 1] [--channels 16 32 64 128]
+        [--pair-amounts 0.25 0.3 0.35 0.4 0.45] [--out PAGE.md] [--quick]
 
 A submanifold k=3 conv on the KITTI sweep at 0.05 m (a generated 20k street
 when absent), weights pruned by ``prune.panel_structured`` (vectors of 16
@@ -113,6 +114,10 @@ def main() -> None:
     parser.add_argument("--channels", type=int, nargs="+", default=None, help="default 16 32 64 128")
     parser.add_argument("--quick", action="store_true", help="a smoke run: a 20k street, C = 32, one round")
     parser.add_argument("--out", default=None, help="the page's name in bench/results (default bf16_vectors.md)")
+    parser.add_argument("--pair-amounts", type=float, nargs="+", default=None,
+                        help="instead of the default amounts: the unpruned weight and whole bf16 vectors (16 x 2 "
+                             "blocks) pruned by each of these fractions, so that the listed density is 1 - amount "
+                             "(where the vector form crosses the dense one)")
     args = parser.parse_args()
     if not _ext.core.conv_bf16():
         sys.exit("this CPU has no AVX512-BF16: nothing to measure")
@@ -122,6 +127,10 @@ def main() -> None:
     widths = args.channels or ((32,) if args.quick else (16, 32, 64, 128))
     amounts = [(0.0, None), (0.5, None), (0.75, None), (0.9, None), (0.5, 2), (0.75, 2), (0.5, "square"),
                (0.75, "square")]
+    if args.pair_amounts:
+        if not all(0.0 < a < 1.0 for a in args.pair_amounts):
+            sys.exit(f"--pair-amounts must lie in (0, 1); got {args.pair_amounts}")
+        amounts = [(0.0, None)] + [(a, 2) for a in args.pair_amounts]
     rows = table(coords, widths, amounts, rounds, args.threads)
     out = page_path(args.out, "bf16_vectors.md", args.quick)
     command = "python bench/bf16_vectors.py " + " ".join(sys.argv[1:])

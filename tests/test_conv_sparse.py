@@ -443,14 +443,14 @@ from pointsparse.nn import _engine, functional as F
 import torch
 core = ps._ext.core
 print(core.avx512_full_width(), _engine.VECTOR_DENSITY, _engine.VECTOR_DENSITY_TWIN,
-      F.tile_panels(torch.float32), core.conv_stream_auto_bytes())
+      F.tile_panels(torch.float32), core.conv_stream_auto_bytes(), _engine.BF16_VECTOR_DENSITY)
 """
 
 
 @pytest.mark.parametrize("value", ["0", "1"])
 def test_full_width_is_set_by_the_environment(value):
     """POINTSPARSE_AVX512_FULL_WIDTH sets what the engine's choices follow
-    (the vector thresholds, twin tiles, streamed outputs), for comparing the
+    (the vector thresholds, float32 and bf16, twin tiles, streamed outputs), for comparing the
     two kinds of CPU on one; "1" is refused where the avx512 build does not run."""
     proc = run_python(_WIDTH_PROBE, {"POINTSPARSE_AVX512_FULL_WIDTH": value})
     if value == "1" and "avx512" not in ps._ext.core.runnable_isas():
@@ -459,7 +459,7 @@ def test_full_width_is_set_by_the_environment(value):
     assert proc.returncode == 0, proc.stderr
     wide = value == "1"
     expected = (f"{wide} {0.6 if wide else 0.85} {0.75 if wide else None} {2 if wide else 1} "
-                f"{(8 << 20) if wide else (1 << 62)}")
+                f"{(8 << 20) if wide else (1 << 62)} {0.6 if wide else 0.75}")
     assert proc.stdout.strip() == expected
 
 

@@ -520,8 +520,19 @@ def conv_bf16_on_float32(feats: torch.Tensor, weight: torch.Tensor, bias: torch.
 #: KITTI sweep, one thread, AMD EPYC Zen 4 [avx512 bf16], bench/RESULTS.md):
 #: against the dense form the vector form ran 0.83-0.96x at density 1.0 and
 #: 1.05-1.09x at 0.59-0.75 (C = 24 to 128: crossings near 0.73-0.83), 1.2-1.8x
-#: at 0.4-0.5; at C = 8 and 16 1.08x and 1.25x at density 1.0.
-BF16_VECTOR_DENSITY = 0.75
+#: at 0.4-0.5; at C = 8 and 16 1.08x and 1.25x at density 1.0:
+#: ``BF16_VECTOR_DENSITY_SPLIT``.
+BF16_VECTOR_DENSITY_SPLIT = 0.75
+#: The same where the AVX-512 FMAs run at full width
+#: (``_core.avx512_full_width()``), which speeds the dense form more than the
+#: vector one: measured (``python bench/bf16_vectors.py --rounds 9 --channels
+#: 24 32 64 128 --pair-amounts 0.2 0.25 0.3 0.35 0.4 0.45 0.5``, KITTI sweep,
+#: one thread, AMD EPYC Zen 5, bench/RESULTS.md stop 50) the vector form
+#: crossed the dense one near density 0.57 at C = 24 and 32, 0.66 at 64, 0.70
+#: at 128 (0.87-0.93x at 0.75, 0.94-1.16x at 0.6); at C = 8 and 16 it still
+#: won at density 0.9-1.0 (1.03-1.10x), at 48 from 0.8.
+BF16_VECTOR_DENSITY_WIDE = 0.6
+BF16_VECTOR_DENSITY = BF16_VECTOR_DENSITY_WIDE if _ext.core.avx512_full_width() else BF16_VECTOR_DENSITY_SPLIT
 
 
 def bf16_vector_threshold(cols: int) -> float:
