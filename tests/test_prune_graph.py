@@ -1291,6 +1291,9 @@ _CATALOGUE = [
     _case("index_put-channel", lambda y, c, z: _rows(y, c).clone().index_put_((torch.tensor([0]), torch.tensor([1])),
                                                                             torch.tensor(0.0)), "fix"),
     _case("fill_", lambda y, c, z: y.clone().fill_(0.0), "cut"),
+    # (an out= buffer shaped like the channels, filled with six columns of ones whatever the cut: not y's channels)
+    _case("ones-out", lambda y, c, z: torch.ones([6 if i == c else n for i, n in enumerate(y.shape)],
+                                                 out=torch.empty_like(y)), "fix"),
     # reductions
     *[_case(f"{r}-rows", (lambda r: lambda y, c, z: getattr(y, r)(_l(y, c)))(r), "cut", zero=r != "logsumexp")
       for r in _REDUCTIONS],
@@ -1359,6 +1362,14 @@ _CATALOGUE = [
     _case("linalg.norm-channels", lambda y, c, z: y * torch.linalg.norm(y, dim=c, keepdim=True), "cut"),
     _case("linalg.norm-negative-channels", lambda y, c, z: y * torch.linalg.norm(y, -1, dim=c, keepdim=True), "fix"),
     _case("linalg.norm-rows", lambda y, c, z: torch.linalg.norm(y, dim=_l(y, c)), "cut"),
+    # written into an out= buffer that carries y's channels (of no elements: resized without a warning)
+    _case("norm-channels-out", lambda y, c, z: y * torch.norm(y, dim=c, keepdim=True, out=torch.empty_like(y)[:0]),
+          "cut"),
+    _case("norm-rows-out", lambda y, c, z: torch.norm(y, dim=_l(y, c), out=torch.empty_like(y)[:0]), "cut"),
+    _case("vector_norm-channels-out",
+          lambda y, c, z: y * torch.linalg.vector_norm(y, 2, c, True, out=torch.empty_like(y)[:0]), "cut"),
+    _case("vector_norm-rows-out", lambda y, c, z: torch.linalg.vector_norm(y, 2, _l(y, c), out=torch.empty_like(y)[:0]),
+          "cut"),
     # along a dim
     _case("softmax-rows", lambda y, c, z: y.softmax(0), "cut", zero=False),
     _case("softmax-rows-kw", lambda y, c, z: _F.softmax(y, dim=-y.dim()), "cut", zero=False),

@@ -323,9 +323,16 @@ class Tracer(TorchFunctionMode):
             for o in outs:
                 self.set_tag(o, like if like is not None and like.segments else NEUTRAL)
             return
-        flat = tree_flatten((args, kwargs))[0]
+        # an out= buffer is written over, not read: no operand (norm(y, dim=c, out=buf) with buf of y's channels
+        # was a second tagged tensor, which no norm rule took: its channels fixed as a reduction's). Where it is
+        # the only tagged tensor (torch.ones(size, out=buf)), what is written there follows nothing the graph
+        # sees, so its channels are fixed: the result kept them, and their cut left the columns it has uncut
+        written = [t for t in tree_flatten(kwargs.get("out"))[0] if isinstance(t, torch.Tensor)]
+        flat = tree_flatten((args, {k: v for k, v in kwargs.items() if k != "out"}))[0]
         tagged = [(t, self.tag_of(t)) for t in flat if self.tag_of(t) not in (None, NEUTRAL)]
         if not tagged:
+            for t in written:
+                self.fix(self.tag_of(t), f"{name}: written over by its out=")
             for o in outs:
                 if all(o is not t for t in flat):
                     self.set_tag(o, None)
