@@ -10,7 +10,7 @@ blocks) the masked gradient of every build that runs, interleaved, medians.
 Each masked result is first checked against the dense gradient times the
 mask, bit for bit.
 
-    python bench/masked_wgrad.py [--channels 32 64 128] [--amounts 0.5 0.75] [--rounds 7] [--out PAGE.md] [--quick]
+    python bench/masked_wgrad.py [--channels 32 64 128] [--amounts 0.5 0.75] [--rounds 7] [--threads 1] [--out PAGE.md] [--quick]
 
 ``--quick``: C = 16 on a 20k generated street, one round, the page in a
 temporary folder."""
@@ -31,7 +31,7 @@ from pointsparse.nn import _engine
 KINDS = {"vector": dict(panels=1), "twin": dict(panels=2), "square2": dict(panels=2, square=True)}
 
 
-def table(coords: torch.Tensor, channels: int, amounts: list, rounds: int) -> str:
+def table(coords: torch.Tensor, channels: int, amounts: list, rounds: int, threads: int = 1) -> str:
     torch.manual_seed(0)
     x = ps.SparseTensor(torch.randn(len(coords), channels), coords)
     kmap = ps.kmap.get_kmap(x, 3)
@@ -41,8 +41,8 @@ def table(coords: torch.Tensor, channels: int, amounts: list, rounds: int) -> st
     isas = [isa for isa in ps._ext.core.runnable_isas() if isa != "generic"] or ["generic"]
     out = torch.empty(27, channels, channels)
     ref = torch.empty_like(out)
-    plan.backward_weight(feats, grad, ref.numpy(), 1)
-    calls = {("dense", isa): (lambda isa=isa: plan.backward_weight(feats, grad, out.numpy(), 1, isa=isa))
+    plan.backward_weight(feats, grad, ref.numpy(), threads)
+    calls = {("dense", isa): (lambda isa=isa: plan.backward_weight(feats, grad, out.numpy(), threads, isa=isa))
              for isa in isas}
     rows = []
     for kind, options in KINDS.items():
@@ -55,12 +55,12 @@ def table(coords: torch.Tensor, channels: int, amounts: list, rounds: int) -> st
             rows.append(name)
             for isa in isas:
                 got = torch.empty_like(out)
-                plan.backward_weight(feats, grad, got.numpy(), 1, isa=isa, active=active, mask=mask.numpy())
+                plan.backward_weight(feats, grad, got.numpy(), threads, isa=isa, active=active, mask=mask.numpy())
                 if not torch.equal(got, ref * (mask != 0)):
                     raise RuntimeError(f"C = {channels}, {name}, {isa}: the masked gradient differs from the dense "
                                        "one times the mask")
                 calls[name, isa] = (lambda isa=isa, active=active, m=mask.numpy():
-                                    plan.backward_weight(feats, grad, out.numpy(), 1, isa=isa, active=active, mask=m))
+                                    plan.backward_weight(feats, grad, out.numpy(), threads, isa=isa, active=active, mask=m))
     med = interleaved(calls, rounds)
     base = med["dense", isas[0]]
     lines = [f"C = {channels}: ms (speed-up over the dense {isas[0]} gradient)", "",
@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--amounts", type=float, nargs="+", default=[0.5, 0.75])
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="default bench/results/masked_wgrad.md")
     parser.add_argument("--quick", action="store_true", help="C = 16 on a 20k street, one round")
     args = parser.parse_args()
@@ -91,9 +92,11 @@ def main() -> None:
     if any(not 0 <= a < 1 for a in args.amounts):
         parser.error("--amounts must lie in [0, 1)")
     coords, where = kitti_or_street(args.quick)
-    torch.set_num_threads(1)
-    tables = [f"{where} ({len(coords):,} voxels), one thread, medians of {args.rounds} interleaved rounds."]
-    tables += [table(coords, c, args.amounts, args.rounds) for c in args.channels]
+    if args.threads < 1:
+        parser.error("--threads must be at least 1")
+    torch.set_num_threads(args.threads)
+    tables = [f"{where} ({len(coords):,} voxels), {args.threads} thread(s), medians of {args.rounds} interleaved rounds."]
+    tables += [table(coords, c, args.amounts, args.rounds, args.threads) for c in args.channels]
     command = "python bench/masked_wgrad.py " + " ".join(sys.argv[1:])
     out = page_path(args.out, "masked_wgrad.md", args.quick)
     write_markdown(out, "Masked weight gradient against dense", command.strip(), environment(), tables)
