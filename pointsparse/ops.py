@@ -234,6 +234,16 @@ def _bf16_runs(feats: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     return _bf16_served(feats, weight, bias) and _engine.bf16_kernels()
 
 
+def _as_given(t: Tensor):
+    """Autocast off on ``t``'s device for an operator's torch loop: an
+    operator computes in the dtypes it is given, as its fake implementation
+    says and the core does (autocast's casts are the caller's, in the graph;
+    aot graphs run their operators with autocast off, while a direct call,
+    an exported program's module or torch.compile's "eager" backend run
+    them under the caller's autocast, whose matmuls gave bf16 products)."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 def _forward(feats: Tensor, weight: Tensor, bias: Optional[Tensor], out_coords: Tensor, in_idx: Tensor,
              out_idx: Tensor, sizes: Tensor, key: list[int], add: Optional[Tensor] = None,
              relu: bool = False) -> Tensor:
@@ -269,7 +279,8 @@ def _forward(feats: Tensor, weight: Tensor, bias: Optional[Tensor], out_coords: 
     else:
         from .nn.reference import conv_sum  # pointsparse.nn loads lazily (import pointsparse does not load it)
 
-        out = conv_sum(feats, weight, _as_kmap(out_coords, in_idx, out_idx, sizes, key, feats.shape[0]))
+        with _as_given(feats):
+            out = conv_sum(feats, weight, _as_kmap(out_coords, in_idx, out_idx, sizes, key, feats.shape[0]))
         out = out if bias is None else out + bias
     if add is not None:
         out = out + add
@@ -319,8 +330,9 @@ def conv_input_grad(grad: Tensor, weight: Tensor, out_coords: Tensor, in_idx: Te
     from .nn.reference import offset_pairs
 
     out = grad.new_zeros((num_in, weight.shape[1]))
-    for o, i, j in offset_pairs(_as_kmap(out_coords, in_idx, out_idx, sizes, key, num_in)):
-        out.index_add_(0, i, grad[j] @ weight[o].t())
+    with _as_given(grad):
+        for o, i, j in offset_pairs(_as_kmap(out_coords, in_idx, out_idx, sizes, key, num_in)):
+            out.index_add_(0, i, grad[j] @ weight[o].t())
     return out
 
 
@@ -343,8 +355,9 @@ def conv_weight_grad(feats: Tensor, grad: Tensor, out_coords: Tensor, in_idx: Te
     from .nn.reference import offset_pairs
 
     out = feats.new_zeros(shape)
-    for o, i, j in offset_pairs(_as_kmap(out_coords, in_idx, out_idx, sizes, key, feats.shape[0])):
-        out[o] = feats[i].t() @ grad[j]
+    with _as_given(feats):
+        for o, i, j in offset_pairs(_as_kmap(out_coords, in_idx, out_idx, sizes, key, feats.shape[0])):
+            out[o] = feats[i].t() @ grad[j]
     return out
 
 
