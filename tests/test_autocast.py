@@ -67,3 +67,100 @@ def test_the_conv_operators_give_the_dtype_of_their_fake_under_autocast(backend)
             got = calls()
     for a, b in zip(got, want):
         assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+# --- eager convs -----------------------------------------------------------------------------------------
+
+def _weight(execution: str, c_in: int = 8, c_out: int = 32, seed: int = 0) -> torch.Tensor:
+    """A ``(27, c_in, c_out)`` weight the engine runs in ``execution``: every
+    offset (``"dense"``), every third offset zero (``"offsets"``: skipped),
+    one input channel of each offset (``"vector"``: the vector-sparse
+    kernels), in float32 and in the bf16 kernels alike."""
+    w = torch.randn(27, c_in, c_out, generator=torch.Generator().manual_seed(seed)) / 4
+    if execution == "offsets":
+        w[::3] = 0
+    elif execution == "vector":
+        keep = torch.zeros(27, c_in, 1)
+        keep[torch.arange(27), torch.arange(27) % c_in] = 1
+        w = w * keep
+    return w
+
+
+def _rounded_conv(conv, x: ps.SparseTensor, low: torch.dtype, grad: torch.Tensor):
+    """``[out, feats grad, weight grad, bias grad]`` of ``conv``'s float32 sum
+    on its input, weight and bias rounded to ``low`` (what a conv in
+    autocast's precision computes, up to the roundings of its sums), for the
+    output gradient ``grad`` rounded alike; and the same of their absolute
+    values: the bounds of those roundings."""
+
+    def run(feats, weight, bias, grad):
+        leaves = [t.detach().requires_grad_() for t in (feats, weight, bias)]
+        out = NF.conv3d(x.with_feats(leaves[0]), leaves[1], conv.kernel_size, conv.stride, bias=leaves[2],
+                        transposed=conv.transposed)
+        out.feats.backward(grad)
+        return [out.feats.detach()] + [t.grad for t in leaves]
+
+    rounded = [t.detach().to(low).float() for t in (x.feats, conv.weight, conv.bias, grad)]
+    return run(*rounded), run(*(t.abs() for t in rounded))
+
+
+def _within(got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor, low: torch.dtype, what: str) -> None:
+    """``got`` is ``want`` but for roundings to ``low`` of sums bounded by
+    ``bound`` (products rounded, the result rounded: two units of ``low``'s
+    last place of the bound, at most)."""
+    excess = (got.float() - want).abs() - 2 * torch.finfo(low).eps * bound
+    assert float(excess.max()) <= 1e-6, f"{what}: off by {float(excess.max())} beyond {low}'s roundings"
+
+
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("execution", ["dense", "offsets", "vector"])
+def test_a_conv_under_autocast_runs_in_autocasts_precision(low, backend, execution):
+    """A float32 Conv3d under torch.autocast gives its output in autocast's precision, as torch's Conv3d does,
+    in inference and in training, on the core (its bf16 kernels in bf16 inference, else the float32 kernels on
+    the exactly widened values, rounded once) and on the torch path (autocast's products summed in float32):
+    the core gave float32 (it ignored autocast) where the torch path gave bf16. Values and gradients within
+    autocast's roundings of the float32 conv of the rounded inputs, for a dense weight, whole offsets zero
+    and a vector-sparse one (the engine's three executions)."""
+    torch.manual_seed(0)
+    conv = spnn.Conv3d(8, 32, 3, bias=True)
+    with torch.no_grad():
+        conv.weight.copy_(_weight(execution))
+    x = _cloud(channels=8)
+    r = torch.randn(len(x), 32, generator=torch.Generator().manual_seed(5))
+    want, bound = _rounded_conv(conv, x, low, r)
+    for grad in (False, True):
+        conv.zero_grad()
+        feats = x.feats.clone().requires_grad_(grad)
+        with BACKENDS[backend](), torch.autocast("cpu", low), torch.set_grad_enabled(grad):
+            out = conv(x.with_feats(feats)).feats
+        assert out.dtype == low, f"grad {grad}: {out.dtype}"
+        _within(out, want[0], bound[0], low, f"grad {grad}: output")
+        if grad:
+            with BACKENDS[backend]():
+                out.backward(r.to(low))
+            for name, got, w, b in zip(("feats", "weight", "bias"), (feats.grad, conv.weight.grad, conv.bias.grad),
+                                       want[1:], bound[1:]):
+                assert got.dtype == torch.float32
+                _within(got, w, b, low, f"{name} gradient")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_residual_under_autocast_is_added_as_torch_adds(backend, grad):
+    """``relu(conv(x) + add)`` (a residual block's second conv, ``relu`` set) under autocast: the conv in
+    autocast's precision and the sum promoted as torch promotes, as torch's conv and add give it: a bf16
+    shortcut (an autocast layer's output) a bf16 result, a float32 one (the block's float32 input) float32."""
+    torch.manual_seed(1)
+    conv = spnn.Conv3d(8, 32, 3, bias=True)
+    conv.relu = True
+    x = _cloud(channels=8, seed=2)
+    y = torch.randn(len(x), 32, generator=torch.Generator().manual_seed(3))
+    want, bound = _rounded_conv(conv, x, torch.bfloat16, torch.zeros(len(x), 32))
+    for dtype in (torch.bfloat16, torch.float32):
+        shortcut = y.to(dtype)
+        with BACKENDS[backend](), torch.autocast("cpu", torch.bfloat16), torch.set_grad_enabled(grad):
+            out = conv(x, add=x.with_feats(shortcut)).feats
+        assert out.dtype == dtype and out.requires_grad == grad
+        _within(out, torch.relu(want[0] + shortcut.float()), bound[0] + shortcut.float().abs(), torch.bfloat16,
+                f"{dtype} shortcut")

@@ -503,13 +503,18 @@ def bf16_kernels() -> bool:
 
 def conv_bf16_on_float32(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          kmap: _kmap.KernelMap, cache: "CoordinateCache | None" = None, relu: bool = False,
-                         region: torch.Tensor | None = None) -> torch.Tensor:
+                         region: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """bf16 inference through the float32 kernels (a CPU without
     AVX512-BF16, or a kernel region): the bf16 inputs widen to float32
     exactly, so the products are exact and summed in float32 as
-    ``vdpbf16ps`` sums them; the result is rounded once to bfloat16."""
+    ``vdpbf16ps`` sums them; the result is rounded once to the feats' dtype.
+    So does a conv in autocast's precision (bf16 or fp16, whose products
+    float32 holds exactly too) with autograd: the gradients in float32,
+    rounded to the inputs' dtype by the widening's own backward
+    (``mask``: :func:`conv`'s, widened alike)."""
     wide_bias = None if bias is None else bias.float()
-    return conv(feats.float(), weight.float(), wide_bias, kmap, cache, relu, region).to(torch.bfloat16)
+    wide_mask = None if mask is None else mask.float()
+    return conv(feats.float(), weight.float(), wide_bias, kmap, cache, relu, region, wide_mask).to(feats.dtype)
 
 
 #: Largest density of listed bf16 vectors (offset, channel pair, 16 output

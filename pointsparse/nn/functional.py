@@ -184,6 +184,18 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
             raise ValueError(f"add is on {add.device} but the input on {input.device}")
         if add.num_channels != weight.shape[2]:
             raise ValueError(f"add must have the conv's {weight.shape[2]} output channels; got {add.num_channels}")
+    low = _reference._autocast_dtype(weight)
+    if low is not None and not torch.compiler.is_compiling() and _engine.supported(input.feats, weight):
+        # Under torch.autocast a float32 conv runs in autocast's precision and gives its output in it, as
+        # torch's convs do: the feats, weight, bias (and mask) rounded to it, then bf16 inference on the
+        # bf16 kernels, else the float32 kernels on the exactly widened values, rounded once ("bf16 on
+        # float32", with autograd; fp16 too). The core ignored autocast: float32 where the torch path,
+        # whose matmuls take autocast's precision themselves, gave bf16.
+        input = input.with_feats(input.feats.to(low))
+        weight, bias = weight.to(low), None if bias is None else bias.to(low)
+        weight_mask = None if weight_mask is None else weight_mask.to(low)
+    else:
+        low = None
     if torch.compiler.is_compiling():  # a graph of torch.compile / torch.export: the core as operators
         if weight_mask is not None and weight.requires_grad and torch.is_grad_enabled():
             # the same values; the gradient reaches only the entries the mask keeps (eager's)
@@ -207,6 +219,8 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
     bf16 = _engine.bf16_inference(input.feats, weight, bias)  # (runs_bf16, asked once)
     if bf16:
         path = "bf16" if region is None and _engine.bf16_kernels() else "bf16 on float32"
+    elif low is not None:  # autocast's precision in training, or fp16: the float32 kernels, with autograd
+        path = "bf16 on float32"
     else:
         path = "engine" if _engine.supported(input.feats, weight) else "torch"
     # The residual goes into the engine's store where it can (its dtype and
@@ -219,7 +233,7 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
                                   add=residual if fuse else None)
     elif path == "bf16 on float32":  # the same sums in the float32 kernels
         feats = _engine.conv_bf16_on_float32(input.feats, weight, bias, kmap, cache=input.cache, relu=relu_inside,
-                                             region=region)
+                                             region=region, mask=weight_mask)
     elif path == "engine":
         feats = _engine.conv(input.feats, weight, bias, kmap, cache=input.cache, relu=relu_inside, region=region,
                              mask=weight_mask, add=residual if fuse else None)
