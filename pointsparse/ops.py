@@ -667,11 +667,14 @@ def conv3d(input: SparseTensor, weight: Tensor, bias: Tensor | None, kernel_size
     that they are equal row for row (eager compares the values; here
     without a data-dependent guard, so no graph break).
 
-    ``widen`` (bf16 inference of a conv with a kernel region, which eager
-    runs as "bf16 on float32"): :func:`conv_inference` on the feats, weight
-    and bias widened to float32, rounded once to the feats' dtype, the
-    residual and the ReLU after, as eager does (the bf16 kernels would sum
-    in another order: other bits)."""
+    ``widen`` (bf16 inference of a conv with a kernel region, and a conv
+    in autocast's precision that is no bf16 inference without a region:
+    what eager runs as "bf16 on float32"): :func:`conv_inference` (or, where
+    a gradient is needed, :func:`conv`) on the feats, weight and bias
+    widened to float32, rounded once to the feats' dtype, the residual and
+    the ReLU after, as eager does (the bf16 kernels would sum in another
+    order: other bits; a bf16 operator's gradients would run the torch
+    loop in bf16)."""
     cache = graph_cache(input)
     kmap = get_kmap(input, kernel_size, stride, dilation, transposed, cache)
     if add is not None:
@@ -683,13 +686,20 @@ def conv3d(input: SparseTensor, weight: Tensor, bias: Tensor | None, kernel_size
                           "got other coords")
         add = add.feats
     args = (input.feats, weight, bias, kmap.out_coords, kmap.in_idx, kmap.out_idx, kmap.sizes, key_to_list(kmap.key))
+    differentiated = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                     for t in (input.feats, weight, bias, add))
     if widen:
         wide = (input.feats.float(), weight.float(), None if bias is None else bias.float())
-        feats = conv_inference(*wide, *args[3:], None, relu and add is None).to(input.feats.dtype)
+        if differentiated:  # (the ReLU before the rounding, as eager's; rounding keeps the sign)
+            feats = conv(*wide, *args[3:])
+            feats = torch.relu(feats) if relu and add is None else feats
+        else:
+            feats = conv_inference(*wide, *args[3:], None, relu and add is None)
+        feats = feats.to(input.feats.dtype)
         if add is not None:
             feats = feats + add
             feats = torch.relu(feats) if relu else feats
-    elif not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input.feats, weight, bias, add))):
+    elif not differentiated:
         feats = conv_inference(*args, add, relu)
     else:
         feats = conv(*args)

@@ -164,3 +164,125 @@ def test_a_residual_under_autocast_is_added_as_torch_adds(backend, grad):
         assert out.dtype == dtype and out.requires_grad == grad
         _within(out, torch.relu(want[0] + shortcut.float()), bound[0] + shortcut.float().abs(), torch.bfloat16,
                 f"{dtype} shortcut")
+
+
+# --- torch.compile ---------------------------------------------------------------------------------------
+
+class _Convs(torch.nn.Module):
+    """A submanifold conv with a bias and its ReLU, a strided conv, a
+    transposed one back and a residual on the first conv's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = spnn.Conv3d(4, 8, 3, bias=True)
+        self.stem.relu = True
+        self.down = spnn.Conv3d(8, 16, 2, stride=2)
+        self.up = spnn.Conv3d(16, 8, 2, stride=2, transposed=True)
+
+    def forward(self, x):
+        a = self.stem(x)
+        return self.up(self.down(a), add=a)
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "core without AVX512-BF16"])
+def test_a_compiled_conv_under_autocast_gives_eager_dtype_values_and_gradients(backend, monkeypatch):
+    """Under torch.autocast a compiled conv (fullgraph, dynamic, aot_eager) gave float32: its operator took
+    the float32 feats and weight, autocast having no rule for it. It now runs as eager does, in autocast's
+    precision: bf16 inference on the bf16 kernels (or, without them, the float32 kernels on the widened
+    values), training on the widened values, rounded once (bit for bit eager's on the core; on the torch
+    path eager's products are autocast's, rounded each: within bf16), the gradients within bf16 of eager's."""
+    if backend == "core without AVX512-BF16":
+        backend = "core"
+        monkeypatch.setattr(_engine, "bf16_kernels", lambda: False)
+        monkeypatch.setattr(_engine, "bf16_forward", None)  # (never called)
+    torch.manual_seed(2)
+    eager = _Convs()
+    twin = copy.deepcopy(eager)
+    torch.compiler.reset()
+    compiled = torch.compile(twin, fullgraph=True, dynamic=True, backend="aot_eager")
+    x = _cloud(300, seed=4)
+    for grad in (False, True):
+        with BACKENDS[backend](), torch.autocast("cpu", torch.bfloat16), torch.set_grad_enabled(grad):
+            got, want = compiled(x), eager(x)
+        assert got.feats.dtype == want.feats.dtype == torch.bfloat16, f"grad {grad}"
+        assert torch.equal(got.coords, want.coords) and got.stride == want.stride
+        if backend == "core":
+            assert torch.equal(got.feats, want.feats), f"grad {grad}"
+        else:
+            _close(got.feats, want.feats)
+    r = torch.randn(want.feats.shape, generator=torch.Generator().manual_seed(6)).bfloat16()
+    with BACKENDS[backend]():
+        got.feats.backward(r)
+        want.feats.backward(r)
+    for (name, p), q in zip(twin.named_parameters(), eager.parameters()):
+        assert p.grad.dtype == torch.float32
+        _close(p.grad, q.grad)
+
+
+def _conv_dtypes(model: torch.nn.Module, seen: list):
+    """Forward hooks noting each Conv3d's output dtype in ``seen``."""
+    return [m.register_forward_hook(lambda m, args, out: seen.append(out.feats.dtype))
+            for m in model.modules() if isinstance(m, spnn.Conv3d)]
+
+
+@pytest.mark.parametrize("name", ["minkunet", "spvcnn"])
+def test_models_under_autocast_run_their_convs_in_its_precision_eager_and_compiled(name):
+    """MinkUNet and SPVCNN under autocast, eager and compiled (fullgraph, dynamic): every conv's output in
+    bf16 (the core's gave float32 in both, the classifier's Linear hiding it in the logits) and the logits
+    of both within bf16 of each other."""
+    from pointsparse.models import SPVCNN, MinkUNet
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(7)
+    points = torch.rand(400, 3, generator=g) * 6
+    feats = torch.randn(400, 4, generator=g)
+    if name == "minkunet":
+        model = MinkUNet(4, 3, cr=0.25, blocks=1).eval()
+
+        def run(points, feats):
+            x, _ = ps.voxelize(points, feats, voxel_size=0.5)
+            return model(x).feats
+    else:
+        model = SPVCNN(4, 3, cr=0.125, blocks=1).eval()
+
+        def run(points, feats):
+            x, inverse = ps.voxelize(points, feats, voxel_size=0.5)
+            return model(x, inverse, points * 2, torch.zeros(len(points), dtype=torch.long))
+
+    torch.compiler.reset()
+    compiled = torch.compile(run, fullgraph=True, dynamic=True, backend="eager")
+    dtypes = {}
+    for how, fn in (("eager", run), ("compiled", compiled)):
+        seen = []
+        hooks = _conv_dtypes(model, seen)
+        try:
+            with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+                dtypes[how] = (seen, fn(points, feats))
+        finally:
+            for hook in hooks:
+                hook.remove()
+    for how, (seen, logits) in dtypes.items():
+        assert seen and set(seen) == {torch.bfloat16}, f"{how}: {seen}"
+        assert logits.dtype == torch.bfloat16
+    _close(dtypes["compiled"][1], dtypes["eager"][1])
+
+
+# --- torch.export ----------------------------------------------------------------------------------------
+
+def test_an_export_under_autocast_is_the_float32_program():
+    """torch.export takes no ambient autocast into a program (torch's own convs and Linears stay float32 in
+    it, autocast applying when the program runs): neither do the convs. Exported under autocast, a model's
+    program is the float32 one; rounding its convs to bf16 while tracing (as a compiled graph does) fed
+    bf16 feats to the program's float32 Linear, which refused them ("mat1 and mat2 must have the same
+    dtype")."""
+    from pointsparse import export
+
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(spnn.Conv3d(4, 8, 3, bias=True), spnn.BatchNorm(8), spnn.ReLU(),
+                                spnn.Linear(8, 3)).eval()
+    x = _cloud(300, seed=8)
+    want = export.export_model(model, x).module()(x.feats, x.coords)
+    with torch.autocast("cpu", torch.bfloat16):
+        program = export.export_model(model, x)
+    got = program.module()(x.feats, x.coords)
+    assert got.dtype == torch.float32 and torch.equal(got, want)

@@ -185,12 +185,17 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
         if add.num_channels != weight.shape[2]:
             raise ValueError(f"add must have the conv's {weight.shape[2]} output channels; got {add.num_channels}")
     low = _reference._autocast_dtype(weight)
-    if low is not None and not torch.compiler.is_compiling() and _engine.supported(input.feats, weight):
+    if low is not None and not torch.compiler.is_exporting() and (
+            torch.compiler.is_compiling() or _engine.supported(input.feats, weight)):
         # Under torch.autocast a float32 conv runs in autocast's precision and gives its output in it, as
         # torch's convs do: the feats, weight, bias (and mask) rounded to it, then bf16 inference on the
         # bf16 kernels, else the float32 kernels on the exactly widened values, rounded once ("bf16 on
         # float32", with autograd; fp16 too). The core ignored autocast: float32 where the torch path,
-        # whose matmuls take autocast's precision themselves, gave bf16.
+        # whose matmuls take autocast's precision themselves, gave bf16. A graph's operators have no
+        # autocast rule (they took float32 and gave it): they are given the rounded values too, on every
+        # backend (the torch path's operator widens them: its sums in float32, as eager's). torch.export
+        # takes no ambient autocast into a program (torch's convs and Linears stay float32 in it): neither
+        # do these convs (bf16 convs fed a program's float32 Linear, which refused them).
         input = input.with_feats(input.feats.to(low))
         weight, bias = weight.to(low), None if bias is None else bias.to(low)
         weight_mask = None if weight_mask is None else weight_mask.to(low)
@@ -200,12 +205,13 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
         if weight_mask is not None and weight.requires_grad and torch.is_grad_enabled():
             # the same values; the gradient reaches only the entries the mask keeps (eager's)
             weight = torch.where(weight_mask.detach() != 0, weight, weight.detach())
-        widen = False
         if region is not None:
             weight = weight * region.to(weight.device, weight.dtype).view(-1, 1, 1)
-            # eager bf16 inference runs a region in the float32 kernels ("bf16 on float32", below): so does the
-            # graph, where eager does (its own test: not where the core serves no call, backend "torch")
-            widen = _engine.bf16_inference(input.feats, weight, bias)
+        # eager bf16 inference runs a region in the float32 kernels ("bf16 on float32", below): so does the
+        # graph, where eager does (its own test: not where the core serves no call, backend "torch"); and a
+        # conv in autocast's precision but bf16 inference without a region (training, fp16, backend "torch")
+        bf16 = _engine.bf16_inference(input.feats, weight, bias)
+        widen = bf16 and region is not None or low is not None and not bf16
         return _ops.conv3d(input, weight, bias, k, t, d, transposed, add, relu, widen=widen)
     kmap = _kmap._get_kmap(input, k, t, d, transposed)
     residual = None
