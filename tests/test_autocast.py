@@ -286,3 +286,50 @@ def test_an_export_under_autocast_is_the_float32_program():
         program = export.export_model(model, x)
     got = program.module()(x.feats, x.coords)
     assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+# --- compressed layers -----------------------------------------------------------------------------------
+
+FORMATS = [("coo", {}), ("csr", {}), ("csc", {}), ("bsr", {"blocksize": (2, 4)}),
+           ("nm", {"n": 2, "m": 4, "prune": True}), ("eie", {"num_pe": 4}), ("fkw", {})]
+
+
+def _pruned_conv(seed: int = 4) -> spnn.Conv3d:
+    """A Conv3d(8, 12) with a bias, pruned 2:4 over the input channels of
+    every ``W[o].T`` (then every format holds it, NM too)."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(seed)
+    conv = spnn.Conv3d(8, 12, 3, bias=True)
+    w = conv.weight.detach()
+    mask = torch.stack([F.NM.from_dense(w[o].t(), prune=True).to_dense().t() != 0 for o in range(w.shape[0])])
+    prune.custom_from_mask(conv, "weight", mask)
+    return conv
+
+
+@pytest.mark.parametrize("fmt,kwargs", FORMATS)
+@pytest.mark.parametrize("execution", ["engine", "format"])
+def test_a_compressed_conv_under_autocast_gives_the_dense_modules_dtype(fmt, kwargs, execution):
+    """Under autocast a compressed conv gives what the pruned Conv3d gives (its output in bf16), whichever
+    format and execution runs it: the format's product gave float32 for CSR (its fused C++ product) and FKW
+    and bf16 for the others (their per-offset loop rounded the sum before the bias was added), and a bf16
+    input (an autocast layer's output, which the Conv3d takes) was a TypeError. The format's product runs in
+    float32 on the values it holds, the result rounded once; the engine execution as the Conv3d. Values
+    within bf16 of the float32 sum of the rounded inputs; a residual added as torch adds."""
+    conv = _pruned_conv()
+    sparse = F.compress(conv, fmt, **kwargs)
+    sparse.execution = execution
+    x = _cloud(channels=8, seed=9)
+    want, bound = _rounded_conv(conv, x, torch.bfloat16, torch.zeros(len(x), 12))
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        dense = conv(x)
+        for feats in (x.feats, x.feats.bfloat16()):
+            out = sparse(x.with_feats(feats))
+            assert out.feats.dtype == dense.feats.dtype == torch.bfloat16, f"{feats.dtype} input"
+            assert torch.equal(out.coords, dense.coords) and out.stride == dense.stride
+            _within(out.feats, want[0], bound[0], torch.bfloat16, f"{feats.dtype} input")
+        shortcut = torch.randn(dense.feats.shape, generator=torch.Generator().manual_seed(2))
+        for add in (shortcut.bfloat16(), shortcut):
+            got = sparse(x, add=dense.with_feats(add)).feats
+            assert got.dtype == conv(x, add=dense.with_feats(add)).feats.dtype == add.dtype
+            _within(got, want[0] + add.float(), bound[0] + add.float().abs(), torch.bfloat16, f"{add.dtype} add")

@@ -9,7 +9,7 @@ from torch.autograd import forward_ad
 
 from .. import _ext
 from .. import kmap as _kmap
-from ..nn.reference import conv_sum, im2col, offset_pairs
+from ..nn.reference import _autocast_dtype, conv_sum, im2col, offset_pairs
 from ..tensor import SparseTensor, as_bool, as_triple, positive_int
 from ._base import SparseFormat, outside_transforms
 from ._storage import widen
@@ -181,6 +181,17 @@ def check_dtype(module: nn.Module, got: str, dtype: torch.dtype, format_name: st
                         f"convert the input{again}")
 
 
+def autocast_input(input: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``input`` in the format's ``dtype`` where torch.autocast is on for its
+    device and it is another float dtype (an autocast layer's bf16 output),
+    as a conv or Linear under autocast takes it; else ``input`` (then
+    :func:`check_dtype` judges it)."""
+    if input.dtype != dtype and input.is_floating_point() and dtype.is_floating_point \
+            and torch.is_autocast_enabled(input.device.type):
+        return input.to(dtype)
+    return input
+
+
 def refuse_conversion(fn, dtype: torch.dtype, what: str) -> None:
     """``module.to(dtype)`` cannot convert a format's arrays: a clear error
     (a device move is fine: the formats compute on any device)."""
@@ -240,7 +251,10 @@ class SparseConv3d(nn.Module):
     (``fullgraph=True`` refuses it: :func:`outside_graphs`). ``execution="engine"``: the fused engine on the
     weight the format holds (``engine_weight``, derived, not saved).
     :func:`pointsparse.formats.compress` picks the faster; ``chosen`` says
-    what it measured. Outputs equal the masked dense module's.
+    what it measured. Outputs equal the masked dense module's; under
+    ``torch.autocast`` in its precision, as that module gives them (the
+    format's product in float32, rounded once; an input in another float
+    dtype, an autocast layer's output, taken as the Conv3d takes it).
 
     ``kernel_region``: the compressed ``Conv3d``'s (None, ``"cross"`` or
     offset indices; kept as the sorted indices): the offsets outside it
@@ -382,6 +396,8 @@ class SparseConv3d(nn.Module):
         if input.num_channels != self.in_channels:
             raise ValueError(f"input has {input.num_channels} channels; this conv takes "
                              f"{self.in_channels}")
+        feats = autocast_input(input.feats, self.format_dtype)
+        input = input if feats is input.feats else input.with_feats(feats)
         check_dtype(self, f"the input's feats are {input.dtype}", input.dtype, self.format_name, self.format_dtype)
         if self.execution not in EXECUTIONS:  # (set on the layer after it was made: a typo ran the format)
             raise ValueError(f"execution must be one of {EXECUTIONS}; got {self.execution!r}")
@@ -400,7 +416,13 @@ class SparseConv3d(nn.Module):
         kmap = _kmap.get_kmap(input, self.kernel_size, self.stride, self.dilation, self.transposed)
         with outside_transforms(input.feats, f"{type(self).__name__} (format {self.format_name})",
                                 "give it a tensor made outside the transform, or transform the uncompressed module"):
-            out = self._format_conv(input.feats.detach(), kmap)
+            # Under torch.autocast the output in its precision, as the Conv3d gives it: the product in
+            # the format's float32 (the values it holds), its sum and bias rounded once (autocast off
+            # inside: the per-offset loop rounded its sum before the bias, CSR and FKW not at all).
+            low = _autocast_dtype(input.feats)
+            with torch.autocast(input.feats.device.type, enabled=False):
+                out = self._format_conv(input.feats.detach(), kmap)
+            out = out if low is None else out.to(low)
         if self.transposed:
             out_stride = tuple(a // b for a, b in zip(input.stride, self.stride))
         else:
