@@ -333,3 +333,42 @@ def test_a_compressed_conv_under_autocast_gives_the_dense_modules_dtype(fmt, kwa
             got = sparse(x, add=dense.with_feats(add)).feats
             assert got.dtype == conv(x, add=dense.with_feats(add)).feats.dtype == add.dtype
             _within(got, want[0] + add.float(), bound[0] + add.float().abs(), torch.bfloat16, f"{add.dtype} add")
+
+
+@pytest.mark.parametrize("fmt,kwargs", FORMATS)
+def test_a_compressed_linear_under_autocast_gives_torchs_dtype(fmt, kwargs):
+    """Under autocast torch's Linear gives bf16 and takes a bf16 input on its float32 weight; the compressed
+    one gave float32 and refused a bf16 input (a TypeError), so a compressed model (a MinkUNet's classifier
+    after its bf16 convs) failed under autocast. It now gives the Linear's dtype, the product in the format's
+    float32, rounded once."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(5)
+    lin = torch.nn.Linear(24, 8)
+    prune.custom_from_mask(lin, "weight", F.NM.from_dense(lin.weight.detach(), prune=True).to_dense() != 0)
+    sparse = F.compress(lin, fmt, **kwargs)
+    x = torch.randn(3, 5, 24, generator=torch.Generator().manual_seed(1))
+    rounded = [t.detach().bfloat16().float() for t in (x, lin.weight, lin.bias)]
+    want = torch.nn.functional.linear(*rounded)
+    bound = torch.nn.functional.linear(*(t.abs() for t in rounded))
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        for inp in (x, x.bfloat16()):
+            got = sparse(inp)
+            assert got.dtype == lin(inp).dtype == torch.bfloat16, f"{inp.dtype} input"
+            _within(got, want, bound, torch.bfloat16, f"{inp.dtype} input")
+
+
+def test_a_compressed_model_runs_under_autocast():
+    """A compressed MinkUNet (CSR; its convs on the engine, its classifier the format's product) under
+    autocast gives the model's bf16 logits (within bf16: the classifier's product sums in float32); its
+    classifier refused the bf16 feats of the convs before it."""
+    from pointsparse.models import MinkUNet
+
+    torch.manual_seed(0)
+    model = MinkUNet(4, 3, cr=0.25, blocks=1).eval()
+    sparse = F.compress(model, "csr")
+    x = _cloud(400, seed=6)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        want, got = model(x).feats, sparse(x).feats
+    assert got.dtype == want.dtype == torch.bfloat16
+    _close(got, want)

@@ -58,7 +58,9 @@ class SparseLinear(nn.Module):
     """``y = x @ W.T + b`` with W (out, in) held in a sparse format.
     Computes ``(W @ x.T).T``: the activations become the dense operand (K, N)
     with one column per sample. Inference only (no gradients); ``torch.compile``
-    runs the product between graphs (``fullgraph=True`` refuses it)."""
+    runs the product between graphs (``fullgraph=True`` refuses it). Under
+    ``torch.autocast`` the output in its precision, as torch's Linear gives
+    it (the product in the format's float32, rounded once)."""
 
     def __init__(self, weight: SparseFormat, bias: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -71,6 +73,7 @@ class SparseLinear(nn.Module):
                 input.shape[-1] != self.in_features:
             shape = tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
             raise ValueError(f"input must be (..., {self.in_features}); got {shape}")
+        input = autocast_input(input, self.weight_format.dtype)
         check_dtype(self, f"the input is {input.dtype}", input.dtype, type(self.weight_format).__name__,
                     self.weight_format.dtype)
         return self._product(input)
@@ -82,9 +85,12 @@ class SparseLinear(nn.Module):
                                 "give it a tensor made outside the transform, or transform the uncompressed module"):
             lead = input.shape[:-1]
             x = input.detach().reshape(-1, self.in_features)
-            y = self.weight_format.matmul(x.t().contiguous()).t()
-            if self.bias is not None:
-                y = y + self.bias.to(y.device, y.dtype)
+            low = _autocast_dtype(x)  # (under torch.autocast the Linear's precision, rounded once)
+            with torch.autocast(x.device.type, enabled=False):
+                y = self.weight_format.matmul(x.t().contiguous()).t()
+                if self.bias is not None:
+                    y = y + self.bias.to(y.device, y.dtype)
+            y = y if low is None else y.to(low)
             return y.reshape(*lead, self.out_features)
 
     def nbytes(self) -> int:
