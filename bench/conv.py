@@ -229,11 +229,12 @@ def parts(repeats: int) -> list[str]:
 
 
 
-def isa_builds(repeats: int) -> list[str]:
+def isa_builds(repeats: int, widths=None) -> list[str]:
     """Each kernel build this CPU runs (``_core.runnable_isas()``), forced
     through the plan's ``isa`` argument: a k=1 conv (a plain GEMM through the
     fused kernel) against ``torch.mm`` on the same shapes, and submanifold
-    k=3 forward / input gradient / weight gradient on the KITTI sweep."""
+    k=3 forward / input gradient / weight gradient on the KITTI sweep
+    (``widths``: the k=3 widths instead of 64 and 128, the k=1 rows left out)."""
     sweeps = real_sweeps()
     if "kitti-raw/000049" not in sweeps:
         return ["(the KITTI sweep ../shared/datasets/kitti-raw/000049.bin is not here)"]
@@ -242,7 +243,8 @@ def isa_builds(repeats: int) -> list[str]:
     bf16 = bool(ps._ext.core.conv_bf16())
     rows = ["| layer | C | " + " | ".join(f"{i} ms" for i in isas) + " | torch.mm ms | best build / torch.mm |"
             + (" bf16 forward ms |" if bf16 else ""), "|---|---|" + "---|" * (len(isas) + 2 + bf16)]
-    for k, channels in ((1, 64), (1, 128), (1, 256), (3, 64), (3, 128)):
+    shapes = ((1, 64), (1, 128), (1, 256), (3, 64), (3, 128)) if not widths else tuple((3, c) for c in widths)
+    for k, channels in shapes:
         layer = Layer("kitti @0.05", coords, "submanifold k=3", channels)
         kmap = ps.kmap.get_kmap(layer.input, k)
         core = _engine.make_fused_plan(kmap).core
@@ -279,6 +281,8 @@ def main() -> None:
                         help="only the costs piece by piece (map, plans, kernels alone) at C=64")
     parser.add_argument("--isa", action="store_true",
                         help="only each kernel build (avx512 / avx2 / generic): k=1 GEMM vs torch.mm, k=3 on KITTI")
+    parser.add_argument("--widths", type=int, nargs="+", default=None,
+                        help="with --isa: these k=3 widths only (e.g. 8 16 24 32 40: the column tails)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--output", default=None, help="default bench/results/conv.md (--quick: a temporary folder)")
@@ -292,7 +296,7 @@ def main() -> None:
     env["spconv"] = "not installed (skipped)" if spconv is None else "installed"
     print(env, flush=True)
     if args.isa:
-        tables = ["## Kernel builds (KITTI sweep @0.05 m)\n\n" + "\n".join(isa_builds(repeats))]
+        tables = ["## Kernel builds (KITTI sweep @0.05 m)\n\n" + "\n".join(isa_builds(repeats, args.widths))]
     elif args.parts:
         tables = ["## Piece by piece (C=64)\n\n" + "\n".join(parts(repeats))]
     else:

@@ -11,8 +11,27 @@ namespace ps {
 namespace conv {
 namespace {
 
+// Whether the avx512 apply kernels would run every tile of a product of
+// `cols` columns through the partial-tile path (micro: the last panel holds
+// part of a vector, copied through a scratch tile) where the avx2 kernels'
+// tiles fill whole panels (cols % 16 == 8 floats, % 8 == 4 doubles), on a
+// product narrow enough that the partial tiles cost more than the wider
+// FMAs gain. Measured on an AMD EPYC Zen 5 (KITTI sweep, k = 3, one thread,
+// forward, avx512 / avx2 ms): C = 8 2.49 / 1.08, 24 5.49 / 3.47, 40 8.05 /
+// 8.30 (bench/RESULTS.md stop 50): the avx2 kernels from 8 up to 24 floats.
+// Both builds' sums are the same bits.
+template <typename T>
+bool narrow_tail(int64_t cols) {
+  constexpr int64_t kMaxBytes = 24 * 4;
+  const int64_t wide = nr<T>(Isa::avx512), narrow = nr<T>(Isa::avx2);
+  const bool wide_whole = cols % wide == 0 || cols % wide == wide / 2;
+  const bool narrow_whole = cols % narrow == 0 || cols % narrow == narrow / 2;
+  return !wide_whole && narrow_whole && cols * int64_t(sizeof(T)) <= kMaxBytes;
+}
+
 template <typename T>
 void apply_with(ApplyArgs<T> a, Isa isa) {
+  if (isa == Isa::avx512 && narrow_tail<T>(a.cols) && isa_runs(Isa::avx2)) isa = Isa::avx2;
   const int64_t K = a.pairs.kernel_volume;
   const int64_t size = wpack_size<T>(isa, K, a.kc, a.cols);
   std::unique_ptr<T[]> wpack(new T[size_t(size > 0 ? size : 1)]);  // pack_weights writes every element
