@@ -443,7 +443,8 @@ from pointsparse.nn import _engine, functional as F
 import torch
 core = ps._ext.core
 print(core.avx512_full_width(), _engine.VECTOR_DENSITY, _engine.VECTOR_DENSITY_TWIN,
-      F.tile_panels(torch.float32), core.conv_stream_auto_bytes(), _engine.BF16_VECTOR_DENSITY)
+      F.tile_panels(torch.float32), core.conv_stream_auto_bytes(), _engine.BF16_VECTOR_DENSITY,
+      _engine.VECTOR_FULL_ROWS)
 """
 
 
@@ -459,7 +460,7 @@ def test_full_width_is_set_by_the_environment(value):
     assert proc.returncode == 0, proc.stderr
     wide = value == "1"
     expected = (f"{wide} {0.6 if wide else 0.85} {0.75 if wide else None} {2 if wide else 1} "
-                f"{(8 << 20) if wide else (1 << 62)} {0.6 if wide else 0.75}")
+                f"{(8 << 20) if wide else (1 << 62)} {0.6 if wide else 0.75} {16 if wide else 32}")
     assert proc.stdout.strip() == expected
 
 
@@ -479,7 +480,13 @@ def test_vector_threshold_falls_with_the_rows_per_panel(monkeypatch):
     """Fewer rows per panel (C_in forward, C_out for the input gradient):
     the vector kernels need a sparser weight (on the Zen 3 they broke even
     with the dense ones near density 0.3 at C = 8 and above 0.9 at C = 64;
-    its density, whatever this CPU's)."""
+    its density and rows, whatever this CPU's; at full width the scaling
+    starts at 16 rows: 0.36 at 8)."""
+    monkeypatch.setattr(_engine, "VECTOR_FULL_ROWS", _engine.VECTOR_FULL_ROWS_WIDE)
+    monkeypatch.setattr(_engine, "VECTOR_DENSITY", _engine.VECTOR_DENSITY_WIDE)
+    assert _engine.vector_threshold(16) == _engine.vector_threshold(64) == _engine.VECTOR_DENSITY_WIDE
+    assert _engine.vector_threshold(8) == pytest.approx(0.36)
+    monkeypatch.setattr(_engine, "VECTOR_FULL_ROWS", _engine.VECTOR_FULL_ROWS_SPLIT)
     monkeypatch.setattr(_engine, "VECTOR_DENSITY", _engine.VECTOR_DENSITY_SPLIT)
     assert _engine.vector_threshold(64) == _engine.vector_threshold(256) == _engine.VECTOR_DENSITY
     assert _engine.vector_threshold(8) == pytest.approx(_engine.VECTOR_DENSITY / 3)

@@ -72,7 +72,16 @@ MASKED_WGRAD_DENSITY = 0.7
 #: Zen 3 [avx2], three runs; bench/RESULTS.md "Dense kernels a fifth
 #: faster"): the vector forward broke even with the dense one near density
 #: 0.3 at C = 8, 0.6-0.7 at 16 and 24, 0.8-0.9 at 32 and 48, above 0.9 at 64.
-VECTOR_FULL_ROWS = 32
+VECTOR_FULL_ROWS_SPLIT = 32
+#: The same where the AVX-512 FMAs run at full width (the AVX-512 vector
+#: kernels from one panel): measured (``python bench/vector_threshold.py
+#: --channels 8 12 16 24 32 48 --densities 0.2 0.3 0.4 0.5 0.6 0.7 0.8``, KITTI
+#: sweep, one thread, AMD EPYC Zen 5, bench/RESULTS.md stop 50) the vector
+#: forward broke even near density 0.4 at C = 8, 0.45 at 12, 0.6-0.7 at 16,
+#: 0.8 at 24, 0.53 at 32, 0.63 at 48 (the Xeon's stop-34 page: 0.7 at 16):
+#: 16 rows (thresholds 0.36 at 8 rows, 0.48 at 12, 0.6 from 16).
+VECTOR_FULL_ROWS_WIDE = 16
+VECTOR_FULL_ROWS = VECTOR_FULL_ROWS_WIDE if _ext.core.avx512_full_width() else VECTOR_FULL_ROWS_SPLIT
 
 
 #: The same for vectors in twin panels (two adjacent whole panels listing
