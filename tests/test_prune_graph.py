@@ -1024,7 +1024,8 @@ def _written(y, index, value, into=None):
     (lambda y: _written(y, (slice(1, 3), slice(None)), y[:2] * 2), True),
     (lambda y: _written(y, y < 0, 0.0), True),
     (lambda y: y.clone().index_put_((torch.tensor([0, 2]),), torch.tensor(0.0)), True),
-    (lambda y: _written(y, slice(None), y, into=lambda y: torch.zeros(5, y.shape[1])), False),  # (not followed)
+    (lambda y: _written(y, slice(None), y, into=lambda y: torch.zeros(5, 6)), False),  # (not followed)
+    (lambda y: _written(y, slice(None), y, into=lambda y: torch.zeros(5, y.shape[1])), True),  # (as wide as y)
 ])
 def test_writes_into_channel_positions_fix_them(op, cuttable):
     """``z[:, 1] = 0`` writes into channel positions, which the cut moves;
@@ -1285,8 +1286,10 @@ _CATALOGUE = [
     _case("write-channel", lambda y, c, z: _written(y, (slice(None),) * c + (1,), 0.0), "fix"),
     _case("write-channels", lambda y, c, z: _written(y, (slice(None),) * c + (slice(1, 3),), 0.0), "fix"),
     _case("write-into-zeros_like", lambda y, c, z: _written(y, slice(1, 2), y[1:2], into=torch.zeros_like), "cut"),
-    _case("write-into-unfollowed", lambda y, c, z: _written(y, slice(None), y, into=lambda y: torch.zeros(y.shape)),
-          "fix"),
+    _case("write-into-zeros-of-its-shape", lambda y, c, z: _written(y, slice(None), y,
+                                                                    into=lambda y: torch.zeros(y.shape)), "cut"),
+    _case("write-into-unfollowed", lambda y, c, z: _written(y, slice(None), y, into=lambda y: torch.zeros(
+        [6 if i == c else n for i, n in enumerate(y.shape)])), "fix"),
     _case("index_put-rows", lambda y, c, z: y.clone().index_put_((torch.tensor([0]),), torch.tensor(0.0)), "cut"),
     _case("index_put-channel", lambda y, c, z: _rows(y, c).clone().index_put_((torch.tensor([0]), torch.tensor([1])),
                                                                             torch.tensor(0.0)), "fix"),
@@ -1518,6 +1521,43 @@ _CATALOGUE = [
     _case("broadcast_tensors", lambda y, c, z: torch.broadcast_tensors(y, y[:1])[1]),
     _case("view_as", lambda y, c, z: y.view_as(y)),
     _case("reshape_as", lambda y, c, z: y.reshape_as(z), two=True),
+    # sizes read off the channels: a tensor made as wide as the channels (torch.ones(y.shape)) has them, and the cut
+    # follows them there; one whose width the graph cannot follow (twice the channels, int() of them) fixes them.
+    # The graph took both for tensors of a width no cut changes: the cut model failed ("mat1 and mat2 shapes cannot
+    # be multiplied"), or the channels were fixed where they met (y * torch.ones(y.shape))
+    _case("ones-of-its-shape", lambda y, c, z: torch.ones(y.shape), "cut", zero=False),
+    _case("mul-ones-of-its-shape", lambda y, c, z: y * torch.ones(y.shape), "cut"),
+    _case("cat-zeros-of-its-shape", lambda y, c, z: torch.cat([y, torch.zeros(y.shape)], c), "cut"),
+    _case("cat-zeros-of-its-shape-by-keyword", lambda y, c, z: torch.cat([y, torch.zeros(size=y.shape)], c), "cut"),
+    _case("cat-empty-rand-randn-of-its-shape", lambda y, c, z: torch.cat(
+        [y, torch.empty(y.shape).fill_(0.0), torch.rand(y.shape) * 0, torch.randn(y.shape) * 0], c), "cut"),
+    _case("cat-new_ones-of-its-shape", lambda y, c, z: torch.cat([y.new_ones(y.shape), y], c), "cut", zero=False),
+    _case("cat-new_zeros-new_empty-new_full-of-its-sizes", lambda y, c, z: torch.cat(
+        [y, y.new_zeros(*y.shape), y.new_empty(y.shape).fill_(0.0), y.new_full(y.size(), 0.0)], c), "cut"),
+    _case("full-of-its-size", lambda y, c, z: torch.full(y.size(), 2.0), "cut", zero=False),
+    _case("ones-of-its-dims", lambda y, c, z: torch.ones(*[y.shape[i] for i in range(y.dim())]), "cut", zero=False),
+    _case("cat-zeros-of-its-sizes", lambda y, c, z: torch.cat([y, torch.zeros(*[y.size(i) for i in range(y.dim())])],
+                                                              c), "cut"),
+    _case("cat-expand-to-its-shape", lambda y, c, z: torch.cat(
+        [y, torch.zeros([1 if i == c else n for i, n in enumerate(y.shape)]).expand(y.shape)], c), "cut"),
+    _case("cat-broadcast_to-its-shape", lambda y, c, z: torch.cat([torch.broadcast_to(torch.tensor(0.0), y.shape), y],
+                                                                  c), "cut"),
+    _case("cat-repeat-tile-to-its-shape", lambda y, c, z: torch.cat(
+        [y, torch.zeros([1] * y.dim()).repeat(*y.shape), torch.zeros(1).tile(y.shape)], c), "cut"),
+    _case("view-of-its-sizes", lambda y, c, z: y.view(*[y.size(i) for i in range(y.dim())]), "cut"),
+    _case("reshape-rows-of-its-shape", lambda y, c, z: y.reshape(y.shape[0], *y.shape[1:]) * y.shape[0], "cut"),
+    _case("reshape-to-the-others-shape", lambda y, c, z: torch.cat([y, z.reshape(y.shape)], c), "cut", two=True),
+    _case("cat-zeros-of-twice-its-width", lambda y, c, z: torch.cat(
+        [y, torch.zeros(*y.shape[:c], 2 * y.shape[c], *y.shape[c + 1:])], c), "fix"),
+    _case("ones-square-of-its-width", lambda y, c, z: torch.ones(y.shape[c], y.shape[c]), "fix"),
+    _case("zeros-of-its-numel-viewed", lambda y, c, z: torch.zeros(y.numel()).view(y.shape), "fix"),
+    _case("view-of-its-width", lambda y, c, z: torch.zeros(60).view(-1, y.shape[c]), "fix"),
+    _case("cat-zeros-of-its-shape-as-ints", lambda y, c, z: torch.cat([y, torch.zeros([int(n) for n in y.shape])], c),
+          "fix"),
+    _case("div-by-its-width", lambda y, c, z: y / y.shape[c], "fix"),
+    _case("mul-by-its-nelement", lambda y, c, z: y * y.nelement(), "fix"),
+    _case("cat-zeros-of-its-len", lambda y, c, z: torch.cat(  # (len() of a tensor with the channels first: a plain int)
+        [y, torch.zeros(len(y.movedim(c, 0)), *[n for i, n in enumerate(y.shape) if i != c]).movedim(0, c)], c), "fix"),
     # permutes
     _case("t", lambda y, c, z: y.t().relu().t(), "cut", on="nc"),
     _case("T", lambda y, c, z: y.T.relu().T, "cut", on="nc"),
@@ -1667,7 +1707,7 @@ def test_the_catalogue_runs_every_op_the_graph_has_a_rule_for():
         with Names(), torch.no_grad():
             net(torch.randn(_LAYOUTS[layouts[0]][0]))
     sets = ("_MIX", "_REDUCE", "_ALONG", "_SHAPE", "_PERMUTE", "_CAT", "_NORMS", "_DIM_THIRD", "_IMPLIED", "_PAD",
-            "_LIKE", "_FACTORIES", "_KEEPDIM_FOURTH")
+            "_LIKE", "_FACTORIES", "_KEEPDIM_FOURTH", "_SIZED", "_READS")
     assert sorted(set().union(*(getattr(_trace, n) for n in sets)) - seen) == []
 
 

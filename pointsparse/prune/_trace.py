@@ -17,6 +17,15 @@ over channels, an unregistered layer with parameters), other reductions
 over channels, writes into some channel positions (``z[:, 1] = 0``) and the
 network output *fix* the spaces they touch: those channels are never cut.
 
+A tensor's width can also come from a number: ``torch.ones(y.shape)``,
+``y.new_zeros(n, y.size(1))``. Reading the shape of a tagged tensor hands out
+its channel count as a :class:`Width` (an ``int`` that names its channels), in
+the ``torch.Size`` too; a factory, ``expand`` or ``repeat`` sized by one has
+those channels on that axis, a ``view`` or ``reshape`` couples them with the
+ones it keeps there, and any other use (a number computed from it, ``y /
+y.shape[1]``, ``torch.arange(c)``) fixes them. A width turned into a plain
+``int`` (``int(c)``) is followed by its value: a plain int equal to it fixes it.
+
 Spaces that must lose the same channels are merged in a union-find whose
 links carry an offset (a space may be a stretch of a larger one, as the
 halves of a concatenation that a residual add joins)."""
@@ -57,6 +66,63 @@ class Tag:
 
 
 NEUTRAL = Tag(-1, ())  # a fresh constant (zeros, ones): fits any channel layout
+
+
+class _Token:
+    """One trace: the widths it handed out carry it (a width kept from another
+    trace, in a module's attribute, is a plain number there), and it keeps
+    the widths turned into plain ints, by value."""
+
+    def __init__(self) -> None:
+        self.escaped: dict[int, tuple[Segment, ...]] = {}
+
+    def escape(self, value: int, segments: tuple[Segment, ...]) -> None:
+        """A width turned into a plain int: any int of its value may be it."""
+        self.escaped[value] = self.escaped.get(value, ()) + segments
+
+
+class Width(int):
+    """The size of a tagged tensor's channel axis, as ``y.shape[1]`` or
+    ``y.size(-1)`` hand it out while tracing: an ``int`` that knows its
+    channels (``segments``). ``exact``: the width itself; one computed from
+    it (``2 * c``, ``c // 2``, ``y.numel()``) follows no axis the graph can
+    name, only the channels it must fix."""
+
+    segments: tuple[Segment, ...]
+    exact: bool
+    token: _Token
+
+    def __new__(cls, value: int, segments: tuple[Segment, ...], exact: bool, token: _Token) -> Width:
+        w = super().__new__(cls, value)
+        w.segments, w.exact, w.token = segments, exact, token
+        return w
+
+    def __int__(self) -> int:  # (int(c): the value goes on where nothing names its channels)
+        value = int.__int__(self)
+        self.token.escape(value, self.segments)
+        return value
+
+    def __reduce__(self):  # (copied or pickled with a module that kept it: a plain int)
+        return int, (int.__int__(self),)
+
+
+def _derived(op: str):
+    def compute(self, *others):
+        value = getattr(int, op)(self, *others)
+        if isinstance(value, bool) or not isinstance(value, int):  # (a float, NotImplemented: not followed)
+            return value
+        segments = self.segments + tuple(s for o in others if isinstance(o, Width) and o.token is self.token
+                                         for s in o.segments)
+        return Width(value, segments, False, self.token)
+    compute.__name__ = op
+    return compute
+
+
+for _op in ("add", "sub", "mul", "floordiv", "mod", "pow", "lshift", "rshift", "and", "or", "xor"):
+    setattr(Width, f"__{_op}__", _derived(f"__{_op}__"))
+    setattr(Width, f"__r{_op}__", _derived(f"__r{_op}__"))
+for _op in ("neg", "pos", "abs", "invert", "round", "trunc", "floor", "ceil"):
+    setattr(Width, f"__{_op}__", _derived(f"__{_op}__"))
 
 
 class Spaces:
@@ -155,9 +221,36 @@ _SHAPE = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "vi
 _PERMUTE = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t", "mT", "T", "adjoint", "H",
             "mH"}
 _CAT = {"cat", "concat", "concatenate"}
+# ops whose sizes are a list of numbers, one for each axis of their result: a width there sizes that axis. Where
+# their result is fresh along it (a factory; expand, repeat or tile of an axis of 1) it has the width's channels;
+# otherwise (view, reshape, sum_to_size) the channels the op keeps on that axis must be cut with the width's
+_MADE = {"ones", "zeros", "empty", "full", "rand", "randn", "new_ones", "new_zeros", "new_empty", "new_full"}
+_SIZED = _MADE | {"expand", "broadcast_to", "repeat", "tile", "view", "reshape", "sum_to_size"}
+# reads of a shape: the channel axis's size comes out as a Width; numel (nelement runs it), as a number computed
+# from it; len(), as a plain int (Python makes one of what __len__ returns): followed by its value
+_READS = {"shape", "size", "len", "numel"}
 # p-norms (p >= 0) over channels: a zero (masked) channel adds nothing to them, so the cut of masked channels
 # leaves the result as it was and the result holds no channels (a magnitude VoxelPrune's voxel scores)
 _NORMS = {"norm", "linalg_vector_norm", "linalg_norm"}  # (linalg.norm's matrix norms too: a zero column adds nothing)
+
+
+def _size_arg(args, kwargs) -> list:
+    """The sizes an op of :data:`_SIZED` is given: a ``size`` (``shape``,
+    ``dims``) keyword, its first argument after the tensor it works on where
+    that is a list (``torch.full(size, value)``), else its numbers
+    (``torch.ones(2, c)``, ``y.expand(2, n, c)``)."""
+    for key in ("size", "shape", "sizes", "dims"):
+        if key in kwargs:
+            return list(kwargs[key]) if isinstance(kwargs[key], (tuple, list)) else [kwargs[key]]
+    rest = list(args[1:] if args and isinstance(args[0], torch.Tensor) else args)
+    if rest and isinstance(rest[0], (tuple, list)):
+        return list(rest[0])
+    numbers = []
+    for n in rest:
+        if not isinstance(n, int) or isinstance(n, bool):
+            break
+        numbers.append(n)
+    return numbers
 
 
 def _dims(value, ndim: int):
@@ -259,6 +352,7 @@ class Tracer(TorchFunctionMode):
         self.spaces = spaces
         self.tags: dict[int, tuple[torch.Tensor, Tag]] = {}
         self.depth = 0
+        self.token = _Token()
 
     # ---------------------------------------------------------------- tags
     def tag_of(self, t) -> Tag | None:
@@ -277,6 +371,15 @@ class Tracer(TorchFunctionMode):
         if tag is not None:
             for s in tag.segments:
                 self.spaces.fix(s.space, reason)
+
+    def widths(self, values) -> list[Width]:
+        """The widths of this trace among ``values`` (flattened: a
+        ``torch.Size``'s entries too)."""
+        return [w for w in tree_flatten(values)[0] if isinstance(w, Width) and w.token is self.token]
+
+    def fix_widths(self, widths, reason: str) -> None:
+        for w in widths:
+            self.fix(Tag(0, w.segments), reason)
 
     def unite(self, a: Tag, b: Tag, what: str) -> None:
         """Couple two tags position by position; a stretch tagged on one side
@@ -299,11 +402,15 @@ class Tracer(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if self.depth == 0:
+            name = _name(func)
             try:
                 self._propagate(func, args, kwargs, out)
+                self._sizes(name, args, kwargs, out)
+                out = self._read(name, args, kwargs, out)
             except Exception as e:  # a rule that does not fit: the channels it touched are fixed
                 for t in tree_flatten((args, kwargs))[0]:
-                    self.fix(self.tag_of(t), f"{_name(func)}: {e}")
+                    self.fix(self.tag_of(t), f"{name}: {e}")
+                self.fix_widths(self.widths((args, kwargs)), f"{name}: {e}")
         return out
 
     def _propagate(self, func, args, kwargs, out) -> None:
@@ -375,6 +482,72 @@ class Tracer(TorchFunctionMode):
                                       at if len(tagged) == 1 and o.dim() == x.dim() - len(dims) else None)
                     for o in outs]
         return [self._elementwise(name, tagged, args, kwargs, o) for o in outs]
+
+    def _read(self, name, args, kwargs, out):
+        """A shape read off a tagged tensor, with its channel axis's size a
+        :class:`Width` (``numel``: a number computed from it)."""
+        if name not in _READS:
+            return out
+        x = args[0] if args else None
+        tag = self.tag_of(x)
+        if tag is None or not tag.segments:
+            return out
+        if name == "numel":
+            return Width(out, tag.segments, False, self.token)
+        if name == "len":
+            if tag.axis == 0:  # (len() itself turns what it reads into a plain int)
+                self.token.escape(out, tag.segments)
+            return out
+        if isinstance(out, int):  # size(dim)
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+            return Width(out, tag.segments, True, self.token) if int(dim) % x.dim() == tag.axis else out
+        if isinstance(out, torch.Size) and 0 <= tag.axis < len(out):
+            return torch.Size([Width(n, tag.segments, True, self.token) if i == tag.axis else n
+                               for i, n in enumerate(out)])
+        return out
+
+    def _sizes(self, name, args, kwargs, out) -> None:
+        """Widths handed to an op: each one that sizes an axis of the result
+        of an op of :data:`_SIZED` gives it its channels there (or couples
+        them with those it has there); any other fixes its channels, as do
+        plain ints equal to a width turned into one (``int(c)``)."""
+        flat = tree_flatten((args, kwargs))[0]
+        for n in flat if self.token.escaped else ():
+            if type(n) is int and n in self.token.escaped:
+                self.fix(Tag(0, self.token.escaped[n]), f"{name}: takes an int that its channels may have given")
+        widths = self.widths(flat)
+        if not widths:
+            return
+        size = _size_arg(args, kwargs) if name in _SIZED and isinstance(out, torch.Tensor) else []
+        shift = out.dim() - len(size) if size else 0
+        if shift < 0 or (shift and name not in ("repeat", "tile")):  # (repeat, tile: numbers for the last axes)
+            size = []
+        for k, w in enumerate(size):
+            if not isinstance(w, Width) or w.token is not self.token or not w.exact:
+                continue
+            widths.remove(next(v for v in widths if v is w))  # (this use of it is taken: it is fixed no more)
+            if not self._sized(name, args, kwargs, out, k + shift, w):
+                self.fix_widths([w], f"{name}: sized by channels it cannot follow")
+        self.fix_widths(widths, f"{name}: takes a number its channels gave")
+
+    def _sized(self, name, args, kwargs, o, i, w) -> bool:
+        """Axis ``i`` of ``o`` is ``w`` long: where ``o`` holds channels on
+        it, they are cut with ``w``'s; where ``o`` is fresh along it (made
+        there, or an axis of 1 expanded), it holds ``w``'s. False where
+        neither (its length then could not follow a cut)."""
+        if o.shape[i] != w:
+            return False
+        tag = self.tag_of(o)
+        if tag is not None and tag.segments and tag.axis == i:
+            self.unite(tag, Tag(i, w.segments), f"{name}: sized by other channels than it has")
+            return True
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("input")
+        at = i - (o.dim() - x.dim()) if isinstance(x, torch.Tensor) else -1
+        fresh = name in _MADE or (name in ("expand", "broadcast_to", "repeat", "tile") and (at < 0 or x.shape[at] == 1))
+        if not fresh or (tag is not None and tag.segments):  # (channels on another axis: a tag holds one axis)
+            return False
+        self.set_tag(o, Tag(i, w.segments))
+        return True
 
     def _fix_all(self, tagged, name, result):
         for _, tag in tagged:
