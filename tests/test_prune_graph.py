@@ -572,6 +572,41 @@ def test_channels_passed_as_another_argument_are_fixed():
     assert torch.allclose(net(torch.ones(4, 3)), masked, atol=1e-6)
 
 
+class _Widened(nn.Module):
+    """A layer with parameters and no adapter given a number: what it makes of it happens where the graph does
+    not look."""
+
+    def __init__(self):
+        super().__init__()
+        self.s = nn.Parameter(torch.ones(1))
+
+    def forward(self, t, width):
+        return t.new_zeros(t.shape[0], width) * self.s
+
+
+class _WidthNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.widened, self.b = nn.Linear(4, 6), _Widened(), nn.Linear(12, 2)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.b(torch.cat([y, self.widened(x, width=y.shape[1])], 1))
+
+
+def test_a_width_passed_to_a_layer_fixes_its_channels():
+    """``widened(x, width=y.shape[1])`` makes a tensor as wide as y inside a
+    layer, where the graph does not look: a was cut, and that tensor with
+    it, while b was left as wide as before (the cut model failed: 5x10 and
+    12x2). The channels of a width passed to a layer are fixed."""
+    net, x = _WidthNet().eval(), torch.randn(5, 4)
+    graph = G.DependencyGraph(net, x)
+    assert [g.name for g in graph.groups] == []
+    assert "widened" in {g.name: g.fixed for g in graph.fixed_groups}["a"]
+    assert _cut_mismatches(net, x) == []
+
+
 def test_global_plan_normalises_groups_of_small_scores():
     """scope="global" divides each group's scores by their mean, which was
     clamped to 1e-12: a group of scores ~1e-15 (a Taylor criterion near a

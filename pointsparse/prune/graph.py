@@ -126,6 +126,9 @@ class DependencyGraph:
         tracer.depth -= 1
         if tracer.depth:
             return
+        # (a number a tagged tensor's channels gave, handed to a layer: what it makes of it, inside, the graph does
+        # not see; the channels are fixed, the number with them)
+        tracer.fix_widths(tracer.widths((inputs, kwargs)), f"{name}: takes a number its channels gave")
         extra = _other_arguments(module, inputs, kwargs or {})
         x = feats_of(inputs[0]) if inputs else None
         tag = tracer.tag_of(x)
