@@ -1630,6 +1630,33 @@ _CATALOGUE = [
     _case("vstack", lambda y, c, z: torch.vstack([y, z]), "cut", two=True),
     _case("cat-then-slice", lambda y, c, z: _ch(torch.cat([y, z], c), c, slice(y.shape[c], None)), "cut", two=True),
     _case("cat-then-split", lambda y, c, z: torch.cat([y, z], c).split([y.shape[c], z.shape[c]], c)[1], two=True),
+    # a literal bound (6, y's width) stays where it is while the cut moves the channels before it (or, counted from
+    # the end, after it); the graph took a bound at a boundary of the concatenation for one that follows the cut
+    # (the cut model failed, or gave another output). A width read off the channels follows them: one of other
+    # channels (z.shape[c] where y's boundary is) couples them with those before the bound
+    _case("cat-then-slice-literal", lambda y, c, z: _ch(torch.cat([y, z], c), c, slice(6, None)), "fix", two=True),
+    _case("cat-then-slice-literal-head", lambda y, c, z: _ch(torch.cat([y, z], c), c, slice(None, 6)), "fix",
+          two=True),
+    _case("cat-then-slice-literal-both", lambda y, c, z: _ch(torch.cat([y, z, y], c), c, slice(6, 12)), "fix",
+          two=True),
+    _case("cat-then-slice-from-the-end", lambda y, c, z: _ch(torch.cat([y, z], c), c, slice(-6, None)), "cut",
+          two=True),
+    _case("cat-then-slice-head-from-the-end", lambda y, c, z: _ch(torch.cat([y, z], c), c, slice(None, -6)), "cut",
+          two=True),
+    _case("cat-then-slice-by-the-others-width", lambda y, c, z: _ch(torch.cat([y, z], c), c, slice(z.shape[c], None)),
+          "cut", two=True),
+    _case("cat-then-slice-by-its-width-past-the-end", lambda y, c, z: _ch(
+        torch.cat([y, z], c), c, slice(y.shape[c], y.shape[c] + z.shape[c])), two=True),
+    _case("cat-then-narrow-literal", lambda y, c, z: torch.cat([y, z], c).narrow(c, 6, 6), "fix", two=True),
+    _case("cat-then-split-literal", lambda y, c, z: torch.cat([y, z], c).split([6, 6], c)[1], "fix", two=True),
+    _case("cat-then-chunk", lambda y, c, z: torch.cat([y, z], c).chunk(2, c)[1], "fix", two=True),
+    # a width as a slice bound elsewhere (on the rows, on a tensor of no channels) was seen by no rule: a slice is
+    # no pytree node, its bounds no arguments; the rows or the columns taken changed with the cut
+    _case("getitem-rows-by-its-width", lambda y, c, z: y[:y.shape[c] - 3], "fix"),
+    _case("cat-ones-sliced-by-its-width", lambda y, c, z: torch.cat([y, _ch(torch.ones(
+        [20 if i == c else n for i, n in enumerate(y.shape)]), c, slice(None, y.shape[c]))], c), "fix"),
+    _case("cat-then-index_select-literal", lambda y, c, z: torch.cat([y, z], c).index_select(
+        c, torch.arange(6, 12)), "fix", two=True),
     # indexing
     _case("getitem-rows", lambda y, c, z: y[1:3], "cut"),
     _case("getitem-row", lambda y, c, z: y[0], "cut", on="nc nlc"),

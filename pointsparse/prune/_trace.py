@@ -22,9 +22,13 @@ A tensor's width can also come from a number: ``torch.ones(y.shape)``,
 its channel count as a :class:`Width` (an ``int`` that names its channels), in
 the ``torch.Size`` too; a factory, ``expand`` or ``repeat`` sized by one has
 those channels on that axis, a ``view`` or ``reshape`` couples them with the
-ones it keeps there, and any other use (a number computed from it, ``y /
-y.shape[1]``, ``torch.arange(c)``) fixes them. A width turned into a plain
-``int`` (``int(c)``) is followed by its value: a plain int equal to it fixes it.
+ones it keeps there, a slice of channels bounded by one where it is
+(``cat([y, z], 1)[:, y.shape[1]:]``) couples them with those before the bound,
+and any other use (a number computed from it, ``y / y.shape[1]``,
+``torch.arange(c)``) fixes them. A width turned into a plain ``int``
+(``int(c)``) is followed by its value: a plain int equal to it fixes it. Any
+other slice bound (a literal ``6``) stays where it is while the cut moves the
+channels before it: they are fixed.
 
 Spaces that must lose the same channels are merged in a union-find whose
 links carry an offset (a space may be a stretch of a larger one, as the
@@ -33,6 +37,7 @@ halves of a concatenation that a residual add joins)."""
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, replace
 
 import torch
@@ -324,6 +329,12 @@ def _zero_blind(order) -> bool:
     return order == "fro" or (isinstance(order, (int, float)) and not isinstance(order, bool) and order >= 0)
 
 
+def _numbers(values) -> list:
+    """``values`` flattened, a slice's bounds and step among them (a pytree
+    leaf of its own: a width there was seen by no rule)."""
+    return [v for n in tree_flatten(values)[0] for v in ((n.start, n.stop, n.step) if isinstance(n, slice) else (n,))]
+
+
 def shift_segments(segs, delta: int) -> tuple[Segment, ...]:
     return tuple(replace(s, pos=s.pos + delta) for s in segs)
 
@@ -353,6 +364,7 @@ class Tracer(TorchFunctionMode):
         self.tags: dict[int, tuple[torch.Tensor, Tag]] = {}
         self.depth = 0
         self.token = _Token()
+        self.taken: list[Width] = []  # widths the rule of the op being traced has followed (no more to fix)
 
     # ---------------------------------------------------------------- tags
     def tag_of(self, t) -> Tag | None:
@@ -375,7 +387,7 @@ class Tracer(TorchFunctionMode):
     def widths(self, values) -> list[Width]:
         """The widths of this trace among ``values`` (flattened: a
         ``torch.Size``'s entries too)."""
-        return [w for w in tree_flatten(values)[0] if isinstance(w, Width) and w.token is self.token]
+        return [w for w in _numbers(values) if isinstance(w, Width) and w.token is self.token]
 
     def fix_widths(self, widths, reason: str) -> None:
         for w in widths:
@@ -403,6 +415,7 @@ class Tracer(TorchFunctionMode):
         out = func(*args, **kwargs)
         if self.depth == 0:
             name = _name(func)
+            self.taken = []
             try:
                 self._propagate(func, args, kwargs, out)
                 self._sizes(name, args, kwargs, out)
@@ -511,11 +524,11 @@ class Tracer(TorchFunctionMode):
         of an op of :data:`_SIZED` gives it its channels there (or couples
         them with those it has there); any other fixes its channels, as do
         plain ints equal to a width turned into one (``int(c)``)."""
-        flat = tree_flatten((args, kwargs))[0]
+        flat = _numbers((args, kwargs))
         for n in flat if self.token.escaped else ():
             if type(n) is int and n in self.token.escaped:
                 self.fix(Tag(0, self.token.escaped[n]), f"{name}: takes an int that its channels may have given")
-        widths = self.widths(flat)
+        widths = [w for w in self.widths(flat) if all(w is not t for t in self.taken)]
         if not widths:
             return
         size = _size_arg(args, kwargs) if name in _SIZED and isinstance(out, torch.Tensor) else []
@@ -631,12 +644,38 @@ class Tracer(TorchFunctionMode):
                 self.fix(Tag(tag.axis, tuple(s for s in tag.segments if s.pos < r.stop and s.end > r.start
                                              and not r.start <= s.pos < s.end <= r.stop)),
                          "a slice of some of its channels (the cut moves others into it)")
+                self._bounds(tag, x.shape[tag.axis], i, r)
                 axis = d_out
             d_in += 1
             d_out += torch.as_tensor(i).dim() if isinstance(i, (torch.Tensor, list)) else (0 if isinstance(i, int) else 1)
         if axis is None:
             axis = d_out + tag.axis - d_in
         return Tag(axis, segs) if 0 <= axis < o.dim() else self._fix_all([(x, tag)], "indexing", None)
+
+    def _bounds(self, tag, width, i, r) -> None:
+        """The bounds of a slice ``i`` (positions ``r``) of the channels,
+        which stay at their positions while the cut moves the channels
+        around them. A width read off channels, where it is (``y.shape[1]``
+        at y's end in ``cat([y, z])``), is coupled with the channels before
+        it, which it then follows; any other number (a literal ``6``, which a
+        boundary of the segments made look like one that follows them) fixes
+        the channels before it, or, counted from the end (``-6``), those
+        after it. A bound past the end stays past it: the cut only narrows."""
+        for bound, at in ((i.start, r.start), (i.stop, r.stop)):
+            if bound is None:
+                continue
+            if isinstance(bound, Width) and bound.token is self.token:
+                before = slice_segments(tag.segments, 0, at)
+                if bound.exact and int.__int__(bound) == at and before is not None:
+                    self.unite(Tag(0, bound.segments), Tag(0, before), "a slice bounded by other channels' width")
+                    self.taken.append(bound)
+                    continue
+            value = operator.index(bound)
+            if value >= width or -value >= width:  # (past the end; or before the start, which it stays before)
+                continue
+            moved = tuple(s for s in tag.segments if (s.pos < value if value >= 0 else s.end > width + value))
+            self.fix(Tag(0, moved), "a slice at a fixed position (the cut moves the channels " +
+                     ("before it)" if value >= 0 else "after it, from the end)"))
 
     def _write(self, target, index, value) -> Tag | None:
         """``target[index] = value`` (``index_put``): a write into some channel
