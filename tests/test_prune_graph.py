@@ -6,6 +6,7 @@ adapters, importance-driven plans."""
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -604,6 +605,43 @@ def test_a_width_passed_to_a_layer_fixes_its_channels():
     graph = G.DependencyGraph(net, x)
     assert [g.name for g in graph.groups] == []
     assert "widened" in {g.name: g.fixed for g in graph.fixed_groups}["a"]
+    assert _cut_mismatches(net, x) == []
+
+
+class _Scaled(nn.Module):
+    """A layer with parameters and no adapter given a scale: what it makes of it happens where the graph does not
+    look."""
+
+    def __init__(self):
+        super().__init__()
+        self.s = nn.Parameter(torch.ones(1))
+
+    def forward(self, t, scale):
+        return t * scale * self.s
+
+
+class _ScaleNet(nn.Module):
+    def __init__(self, scale):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.scaled, self.b, self.scale = nn.Linear(4, 6), _Scaled(), nn.Linear(10, 2), scale
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.b(torch.cat([y, self.scaled(x, self.scale(y.shape[1]))], 1))
+
+
+@pytest.mark.parametrize("scale", [lambda c: 1.0 / c, lambda c: int(c)], ids=["reciprocal", "int"])
+def test_a_number_of_a_width_passed_to_a_layer_as_a_plain_one_fixes_its_channels(scale):
+    """``scaled(x, 1.0 / y.shape[1])``: a float on the left divides in
+    float's own code, and int() makes a plain int, so the layer was given a
+    plain number, which the graph took for a constant: a was cut, and the
+    layer scaled by the cut width (another output). A number equal to the
+    reciprocal of a width read off channels, or to a width turned into an
+    int, passed to a layer fixes the channels, as it does passed to an op."""
+    net, x = _ScaleNet(scale).eval(), torch.randn(5, 4)
+    graph = G.DependencyGraph(net, x)
+    assert [g.name for g in graph.groups] == []
     assert _cut_mismatches(net, x) == []
 
 
@@ -1591,6 +1629,16 @@ _CATALOGUE = [
           "fix"),
     _case("div-by-its-width", lambda y, c, z: y / y.shape[c], "fix"),
     _case("mul-by-its-nelement", lambda y, c, z: y * y.nelement(), "fix"),
+    # a float computed from the width (a true division, float(), a power, math.sqrt through float()) was a plain
+    # float the graph did not see: the channels stayed cuttable, and the cut model scaled by the cut width (another
+    # output than the masked one's)
+    _case("mul-by-the-reciprocal-of-its-width", lambda y, c, z: y * (1.0 / y.shape[c]), "fix"),
+    _case("div-by-the-sqrt-of-its-width", lambda y, c, z: y / math.sqrt(y.shape[c]), "fix"),
+    _case("mul-by-half-its-width", lambda y, c, z: y * (y.shape[c] / 2), "fix"),
+    _case("mul-by-two-over-its-width", lambda y, c, z: y * (2 / y.size(c)), "fix"),
+    _case("mul-by-its-width-as-float", lambda y, c, z: y * float(y.shape[c]), "fix"),
+    _case("mul-by-its-width-to-a-float-power", lambda y, c, z: y * y.shape[c] ** -0.5 * y.shape[c] ** 0.5, "fix"),
+    _case("mul-by-its-width-times-a-float", lambda y, c, z: y * (y.shape[c] * 0.5 + 1.5), "fix"),
     _case("cat-zeros-of-its-len", lambda y, c, z: torch.cat(  # (len() of a tensor with the channels first: a plain int)
         [y, torch.zeros(len(y.movedim(c, 0)), *[n for i, n in enumerate(y.shape) if i != c]).movedim(0, c)], c), "fix"),
     # permutes

@@ -28,7 +28,11 @@ and any other use (a number computed from it, ``y / y.shape[1]``,
 ``torch.arange(c)``) fixes them. A width turned into a plain ``int``
 (``int(c)``) is followed by its value: a plain int equal to it fixes it. Any
 other slice bound (a literal ``6``) stays where it is while the cut moves the
-channels before it: they are fixed.
+channels before it: they are fixed. A float computed from a width (``c / 2``,
+``2 / c``, ``c ** -0.5``, ``c * 0.5``, ``float(c)``, ``math.sqrt(c)``) names
+no channels: they are fixed where it is made. ``1.0 / c`` (a float on the
+left) calls nothing of the width: a float equal to the reciprocal of a width
+handed out fixes its channels, as an int equal to ``int(c)`` does.
 
 Spaces that must lose the same channels are merged in a union-find whose
 links carry an offset (a space may be a stretch of a larger one, as the
@@ -76,14 +80,32 @@ NEUTRAL = Tag(-1, ())  # a fresh constant (zeros, ones): fits any channel layout
 class _Token:
     """One trace: the widths it handed out carry it (a width kept from another
     trace, in a module's attribute, is a plain number there), and it keeps
-    the widths turned into plain ints, by value."""
+    the widths turned into plain ints, and the reciprocals of those it
+    handed out, by value. ``spaces``: those of the trace, while it runs."""
 
-    def __init__(self) -> None:
+    def __init__(self, spaces: Spaces) -> None:
         self.escaped: dict[int, tuple[Segment, ...]] = {}
+        self.reciprocals: dict[float, tuple[Segment, ...]] = {}
+        self.spaces: Spaces | None = spaces
+
+    def fix(self, segments: tuple[Segment, ...], reason: str) -> None:
+        """Fix channels now (a width kept past its trace, in a module's
+        attribute, fixes nothing of the graph it built)."""
+        for s in segments if self.spaces is not None else ():
+            self.spaces.fix(s.space, reason)
 
     def escape(self, value: int, segments: tuple[Segment, ...]) -> None:
         """A width turned into a plain int: any int of its value may be it."""
         self.escaped[value] = self.escaped.get(value, ()) + segments
+
+    def handed_out(self, value: int, segments: tuple[Segment, ...]) -> None:
+        """A width read off channels: ``1.0 / c`` (a float on the left) is
+        divided in float's own code, which reads the int's digits and calls
+        nothing of the width; the reciprocal, the common form, is followed by
+        its value as ``int(c)`` is (1.0, of a width of 1, is every float's
+        factor of one: not followed; a channel is never cut alone)."""
+        if value > 1:
+            self.reciprocals[1.0 / value] = self.reciprocals.get(1.0 / value, ()) + segments
 
 
 class Width(int):
@@ -107,6 +129,10 @@ class Width(int):
         self.token.escape(value, self.segments)
         return value
 
+    def __float__(self) -> float:  # (float(c), math.sqrt(c), math.exp(c): a float, which names no channels)
+        self.token.fix(self.segments, "a float computed from its width")
+        return int.__float__(self)
+
     def __reduce__(self):  # (copied or pickled with a module that kept it: a plain int)
         return int, (int.__int__(self),)
 
@@ -114,16 +140,25 @@ class Width(int):
 def _derived(op: str):
     def compute(self, *others):
         value = getattr(int, op)(self, *others)
-        if isinstance(value, bool) or not isinstance(value, int):  # (a float, NotImplemented: not followed)
+        if isinstance(value, bool):
             return value
         segments = self.segments + tuple(s for o in others if isinstance(o, Width) and o.token is self.token
                                          for s in o.segments)
-        return Width(value, segments, False, self.token)
+        if isinstance(value, int):
+            return Width(value, segments, False, self.token)
+        if isinstance(value, tuple):  # (divmod)
+            return tuple(Width(v, segments, False, self.token) for v in value)
+        # a float (c / 2, 2 / c, c ** -0.5), or a number the other operand's own code computes (c * 0.5, c + 1.5):
+        # it names no channels, and the cut changes it (a tensor is no such operand: its op sees the width)
+        if value is not NotImplemented or not any(isinstance(o, torch.Tensor) for o in others):
+            self.token.fix(segments, "a float computed from its width")
+        return value
     compute.__name__ = op
     return compute
 
 
-for _op in ("add", "sub", "mul", "floordiv", "mod", "pow", "lshift", "rshift", "and", "or", "xor"):
+for _op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "divmod", "pow", "lshift", "rshift", "and", "or",
+            "xor"):
     setattr(Width, f"__{_op}__", _derived(f"__{_op}__"))
     setattr(Width, f"__r{_op}__", _derived(f"__r{_op}__"))
 for _op in ("neg", "pos", "abs", "invert", "round", "trunc", "floor", "ceil"):
@@ -363,8 +398,12 @@ class Tracer(TorchFunctionMode):
         self.spaces = spaces
         self.tags: dict[int, tuple[torch.Tensor, Tag]] = {}
         self.depth = 0
-        self.token = _Token()
+        self.token = _Token(spaces)
         self.taken: list[Width] = []  # widths the rule of the op being traced has followed (no more to fix)
+
+    def __exit__(self, *exc):
+        self.token.spaces = None
+        return super().__exit__(*exc)
 
     # ---------------------------------------------------------------- tags
     def tag_of(self, t) -> Tag | None:
@@ -388,6 +427,16 @@ class Tracer(TorchFunctionMode):
         """The widths of this trace among ``values`` (flattened: a
         ``torch.Size``'s entries too)."""
         return [w for w in _numbers(values) if isinstance(w, Width) and w.token is self.token]
+
+    def fix_escaped(self, values, name: str) -> None:
+        """Plain numbers among ``values`` (flattened) of the value of a width
+        turned into an int, or of the reciprocal of one handed out: they may
+        be it, and the cut changes it."""
+        for n in _numbers(values) if self.token.escaped or self.token.reciprocals else ():
+            if type(n) is int and n in self.token.escaped:
+                self.fix(Tag(0, self.token.escaped[n]), f"{name}: takes an int that its channels may have given")
+            elif type(n) is float and n in self.token.reciprocals:
+                self.fix(Tag(0, self.token.reciprocals[n]), f"{name}: takes a float that its channels may have given")
 
     def fix_widths(self, widths, reason: str) -> None:
         for w in widths:
@@ -506,6 +555,7 @@ class Tracer(TorchFunctionMode):
         if tag is None or not tag.segments:
             return out
         if name == "numel":
+            self.token.handed_out(out, tag.segments)
             return Width(out, tag.segments, False, self.token)
         if name == "len":
             if tag.axis == 0:  # (len() itself turns what it reads into a plain int)
@@ -513,8 +563,12 @@ class Tracer(TorchFunctionMode):
             return out
         if isinstance(out, int):  # size(dim)
             dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
-            return Width(out, tag.segments, True, self.token) if int(dim) % x.dim() == tag.axis else out
+            if int(dim) % x.dim() != tag.axis:
+                return out
+            self.token.handed_out(out, tag.segments)
+            return Width(out, tag.segments, True, self.token)
         if isinstance(out, torch.Size) and 0 <= tag.axis < len(out):
+            self.token.handed_out(out[tag.axis], tag.segments)
             return torch.Size([Width(n, tag.segments, True, self.token) if i == tag.axis else n
                                for i, n in enumerate(out)])
         return out
@@ -525,9 +579,7 @@ class Tracer(TorchFunctionMode):
         them with those it has there); any other fixes its channels, as do
         plain ints equal to a width turned into one (``int(c)``)."""
         flat = _numbers((args, kwargs))
-        for n in flat if self.token.escaped else ():
-            if type(n) is int and n in self.token.escaped:
-                self.fix(Tag(0, self.token.escaped[n]), f"{name}: takes an int that its channels may have given")
+        self.fix_escaped(flat, name)
         widths = [w for w in self.widths(flat) if all(w is not t for t in self.taken)]
         if not widths:
             return

@@ -129,6 +129,7 @@ class DependencyGraph:
         # (a number a tagged tensor's channels gave, handed to a layer: what it makes of it, inside, the graph does
         # not see; the channels are fixed, the number with them)
         tracer.fix_widths(tracer.widths((inputs, kwargs)), f"{name}: takes a number its channels gave")
+        tracer.fix_escaped((inputs, kwargs), name)
         extra = _other_arguments(module, inputs, kwargs or {})
         x = feats_of(inputs[0]) if inputs else None
         tag = tracer.tag_of(x)
