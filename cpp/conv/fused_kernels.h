@@ -59,6 +59,38 @@ inline Vec<float>::type vbroadcast(float x) { return Vec<float>::type{x, x, x, x
 inline Vec<double>::type vbroadcast(double x) { return Vec<double>::type{x, x, x, x}; }
 #endif
 
+// The lanes of `m` (bit i: lane i) of p[0:lanes] loaded, the others zero;
+// stored: only those lanes written (nothing past them read or written). The
+// AVX-512 build's masked loads and stores (tile_panels_full's last, partial
+// vector); elsewhere a plain loop (never called there: its apply kernels
+// take a partial panel through micro).
+template <typename T>
+inline typename Vec<T>::type vload_mask(const T* p, unsigned m) {
+#if PS_CONV_VEC_BYTES == 64 && (defined(__x86_64__) || defined(__i386__))
+  if constexpr (sizeof(T) == 4)
+    return _mm512_maskz_loadu_ps(__mmask16(m), p);
+  else
+    return _mm512_maskz_loadu_pd(__mmask8(m), p);
+#else
+  typename Vec<T>::type v{};
+  for (int i = 0; i < int(PS_CONV_VEC_BYTES / sizeof(T)); ++i)
+    if (m >> i & 1u) v[i] = p[i];
+  return v;
+#endif
+}
+template <typename T>
+inline void vstore_mask(T* p, typename Vec<T>::type v, unsigned m) {
+#if PS_CONV_VEC_BYTES == 64 && (defined(__x86_64__) || defined(__i386__))
+  if constexpr (sizeof(T) == 4)
+    _mm512_mask_storeu_ps(p, __mmask16(m), v);
+  else
+    _mm512_mask_storeu_pd(p, __mmask8(m), v);
+#else
+  for (int i = 0; i < int(PS_CONV_VEC_BYTES / sizeof(T)); ++i)
+    if (m >> i & 1u) p[i] = v[i];
+#endif
+}
+
 // acc + a * b in one rounding (FMA) in the FMA builds, chosen by the build
 // (kIsa), not by __AVX512F__ / __FMA__ (GCC 12 does not define those under
 // `#pragma GCC target` in C++, later GCCs may) nor left to the compiler's
@@ -275,10 +307,15 @@ constexpr bool tiles_whole_panels(int64_t cols) {
   return cols % nr<T>() == 0 || cols % nr<T>() == lanes<T>();
 }
 // kLastOne: the last panel is one vector (else every panel is two); R: the
-// tile's rows (kMR, or fewer in a tail tile: apply_pairs).
-template <typename T, bool kLastOne, int R = kMR, typename Steps, typename Cols, typename BPanel>
+// tile's rows (kMR, or fewer in a tail tile: apply_pairs). kPart (the
+// AVX-512 build, a last panel of part of a vector or of one vector and
+// part of another: tiles_part_panels): that panel's last vector is loaded
+// and stored in the lanes `tail` holds only (its bias too; the packed
+// weight is zero past the last column), 1: the panel is that one vector, 2:
+// a whole vector and that one; the same FMAs per column as every tile.
+template <typename T, bool kLastOne, int R = kMR, int kPart = 0, typename Steps, typename Cols, typename BPanel>
 inline void tile_panels_full(int64_t np, Steps steps, Cols cols, BPanel b, const T* const* arow, T* const* crow,
-                             const T* bias, bool first) {
+                             const T* bias, bool first, unsigned tail = 0) {
   typedef typename Vec<T>::type V;
   constexpr int L = lanes<T>();
   constexpr int64_t NR = nr<T>();
@@ -290,9 +327,27 @@ inline void tile_panels_full(int64_t np, Steps steps, Cols cols, BPanel b, const
     c[r] = crow[r];
   }
   // Panel j in NV vectors (NV = 1: nothing past the panel's first vector is
-  // read or written: not the bias, not the rows).
-  const auto panel = [&](auto vectors, int64_t j, int64_t n) {
+  // read or written: not the bias, not the rows); `masked`: its last vector
+  // in the lanes of `tail` only.
+  const auto panel = [&](auto vectors, int64_t j, int64_t n, auto masked) {
     constexpr int NV = decltype(vectors)::value;
+    constexpr bool M = decltype(masked)::value;
+    const auto ld0 = [&](const T* p) -> V {
+      if constexpr (M && NV == 1) return vload_mask<T>(p, tail);
+      else return vload(p);
+    };
+    const auto ld1 = [&](const T* p) -> V {
+      if constexpr (M && NV == 2) return vload_mask<T>(p, tail);
+      else return vload(p);
+    };
+    const auto st0 = [&](T* p, V v) {
+      if constexpr (M && NV == 1) vstore_mask<T>(p, v, tail);
+      else vstore(p, v);
+    };
+    const auto st1 = [&](T* p, V v) {
+      if constexpr (M && NV == 2) vstore_mask<T>(p, v, tail);
+      else vstore(p, v);
+    };
     // A panel of no step (a block's first offset) stores its init and no
     // more, on a path of its own: where it shared the loop's exit, GCC kept
     // the accumulators in the stack across it (12 stores and 12 loads of
@@ -302,18 +357,18 @@ inline void tile_panels_full(int64_t np, Steps steps, Cols cols, BPanel b, const
     // The bias is loaded in this path and in the `first` one apart: loaded
     // once above both, the vector kernel compiled to 96.76 M again.
     if (n == 0) {
-      const V i0 = bias ? vload(bias + j * NR) : V{}, i1 = NV > 1 && bias ? vload(bias + j * NR + L) : V{};
+      const V i0 = bias ? ld0(bias + j * NR) : V{}, i1 = NV > 1 && bias ? ld1(bias + j * NR + L) : V{};
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
-        vstore(c[r] + j * NR, i0);
-        if (NV > 1) vstore(c[r] + j * NR + L, i1);
+        st0(c[r] + j * NR, i0);
+        if (NV > 1) st1(c[r] + j * NR + L, i1);
       }
       return;
     }
     if (n < 1) __builtin_unreachable();
     V acc0[R], acc1[R];
     if (first) {
-      const V i0 = bias ? vload(bias + j * NR) : V{}, i1 = NV > 1 && bias ? vload(bias + j * NR + L) : V{};
+      const V i0 = bias ? ld0(bias + j * NR) : V{}, i1 = NV > 1 && bias ? ld1(bias + j * NR + L) : V{};
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
         acc0[r] = i0;
@@ -322,8 +377,8 @@ inline void tile_panels_full(int64_t np, Steps steps, Cols cols, BPanel b, const
     } else {
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
-        acc0[r] = vload(c[r] + j * NR);
-        acc1[r] = NV > 1 ? vload(c[r] + j * NR + L) : V{};
+        acc0[r] = ld0(c[r] + j * NR);
+        acc1[r] = NV > 1 ? ld1(c[r] + j * NR + L) : V{};
       }
     }
     const auto col = cols(j);
@@ -339,18 +394,23 @@ inline void tile_panels_full(int64_t np, Steps steps, Cols cols, BPanel b, const
     for (int64_t i = 0; i < n; ++i) step(i);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      vstore(c[r] + j * NR, acc0[r]);
-      if (NV > 1) vstore(c[r] + j * NR + L, acc1[r]);
+      st0(c[r] + j * NR, acc0[r]);
+      if (NV > 1) st1(c[r] + j * NR + L, acc1[r]);
     }
   };
-  const int64_t two = kLastOne ? np - 1 : np;  // panels of two vectors
+  static_assert(kPart == 0 || !kLastOne, "a partial last panel is not also a whole vector");
+  const int64_t two = kLastOne || kPart ? np - 1 : np;  // whole panels of two vectors
   for (int64_t j = 0; j < two; ++j) {
     const int64_t n = steps(j);
-    if (n != 0 || first) panel(Vectors<2>(), j, n);
+    if (n != 0 || first) panel(Vectors<2>(), j, n, Vectors<0>());
   }
   if (kLastOne) {
     const int64_t n = steps(two);
-    if (n != 0 || first) panel(Vectors<1>(), two, n);
+    if (n != 0 || first) panel(Vectors<1>(), two, n, Vectors<0>());
+  }
+  if (kPart) {
+    const int64_t n = steps(two);
+    if (n != 0 || first) panel(Vectors<kPart>(), two, n, Vectors<1>());
   }
 }
 
@@ -783,11 +843,33 @@ void apply_impl(const ApplyArgs<T>& a) {
     }
   };
   const auto none = [](int64_t) { return false; };
-  if (!tiles_whole_panels<T>(a.cols)) {  // a last panel of part of a vector: every tile through micro
+  const int64_t kc = a.kc;
+  if (!tiles_whole_panels<T>(a.cols)) {
+    // A last panel of part of a vector. The AVX-512 build: whole tiles, that
+    // vector in masked loads and stores (tile_panels_full's kPart): on an
+    // AMD Zen 5 (KITTI sweep, one thread, forward) C = 40 7.6 -> 5.5 ms, 56
+    // 11.9 -> 9.2 (bench/RESULTS.md stop 50). Elsewhere every tile through
+    // micro (a scratch tile copied in and out).
+    if constexpr (PS_CONV_VEC_BYTES == 64 && kIsa == Isa::avx512) {
+      const int64_t rem = a.cols % NR;
+      const unsigned tail = (1u << (rem % lanes<T>())) - 1u;
+      const auto part = [&a, np, kc, tail](auto vectors) {
+        return [&a, np, kc, tail](auto height, int64_t k, const T* const* arow, T* const* crow, int, bool first) {
+          const T* wk = a.wpack + k * np * kc * NR;
+          tile_panels_full<T, false, decltype(height)::value, decltype(vectors)::value>(
+              np, [kc](int64_t) { return kc; }, [](int64_t) { return [](int64_t i) { return i; }; },
+              [wk, kc](int64_t j) { return wk + j * kc * NR; }, arow, crow, a.bias, first, tail);
+        };
+      };
+      if (rem < lanes<T>())
+        apply_blocks<kMR, kScratch, true, kAhead>(a, none, part(Vectors<1>()));
+      else
+        apply_blocks<kMR, kScratch, true, kAhead>(a, none, part(Vectors<2>()));
+      return;
+    }
     apply_blocks<kMR, kScratch>(a, none, tile);
     return;
   }
-  const int64_t kc = a.kc;
   const auto full = [&a, np, kc](auto last_one) {
     return [&a, np, kc](auto height, int64_t k, const T* const* arow, T* const* crow, int, bool first) {
       const T* wk = a.wpack + k * np * kc * NR;
