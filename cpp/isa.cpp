@@ -134,18 +134,14 @@ std::atomic<int> g_full_width_set{-1};
 
 }  // namespace
 
-bool avx512_full_width() {
-  if (!isa_runs(Isa::avx512)) return false;
-  const int set = g_full_width_set.load(std::memory_order_relaxed);
-  if (set >= 0) return set == 1;
-  static const bool wide = cpu_full_width();
+bool avx512_full_width_detected() {
+  static const bool wide = isa_runs(Isa::avx512) && cpu_full_width();
   return wide;
 }
 
-bool avx512_full_width_detected() {
-  if (!isa_runs(Isa::avx512)) return false;
-  static const bool wide = cpu_full_width();
-  return wide;
+bool avx512_full_width() {
+  const int set = g_full_width_set.load(std::memory_order_relaxed);
+  return set >= 0 ? set == 1 && isa_runs(Isa::avx512) : avx512_full_width_detected();
 }
 
 void set_avx512_full_width(int value) { g_full_width_set.store(value < 0 ? -1 : value ? 1 : 0); }

@@ -11,21 +11,16 @@ namespace ps {
 namespace conv {
 namespace {
 
-// Whether the avx2 apply kernels serve a product of `cols` columns that the
-// avx512 ones would run with a masked last vector of at most 8 floats (4
-// doubles) and nothing else (tile_panels_full's kPart) where the avx2 tiles
-// fill whole panels (cols % 16 == 8 floats, % 8 == 4 doubles): there the
-// wider tile does the same FMAs on half-empty vectors. Measured on an AMD
-// EPYC Zen 5 (KITTI sweep, k = 3, one thread, forward, avx512 / avx2 ms): C = 8
-// 0.9 / 0.8, 24 2.6 / 3.2, 40 5.5 / 8.0 (bench/RESULTS.md stop 50): avx2 at
-// 8 columns only. Both builds' sums are the same bits.
+// Whether the avx2 apply kernels serve a product of `cols` columns asked of
+// the avx512 ones: a product one 32-byte vector wide (8 floats, 4 doubles),
+// which the avx512 tile would run as one half-empty masked vector with the
+// same FMAs (tile_panels_full's kPart). Measured on an AMD EPYC Zen 5 (KITTI
+// sweep, k = 3, one thread, forward, avx512 / avx2 ms): C = 8 0.9 / 0.8,
+// 24 2.6 / 3.2, 40 5.5 / 8.0 (bench/RESULTS.md stop 50). Both builds' sums
+// are the same bits.
 template <typename T>
 bool narrow_tail(int64_t cols) {
-  constexpr int64_t kMaxBytes = 8 * 4;
-  const int64_t wide = nr<T>(Isa::avx512), narrow = nr<T>(Isa::avx2);
-  const bool wide_whole = cols % wide == 0 || cols % wide == wide / 2;
-  const bool narrow_whole = cols % narrow == 0 || cols % narrow == narrow / 2;
-  return !wide_whole && narrow_whole && cols * int64_t(sizeof(T)) <= kMaxBytes;
+  return cols * int64_t(sizeof(T)) == 32;
 }
 
 template <typename T>

@@ -62,34 +62,28 @@ inline Vec<double>::type vbroadcast(double x) { return Vec<double>::type{x, x, x
 // The lanes of `m` (bit i: lane i) of p[0:lanes] loaded, the others zero;
 // stored: only those lanes written (nothing past them read or written). The
 // AVX-512 build's masked loads and stores (tile_panels_full's last, partial
-// vector); elsewhere a plain loop (never called there: its apply kernels
-// take a partial panel through micro).
+// vector); the other builds take a partial panel through micro, and only
+// declare them (tile_panels_full names them in branches never taken there).
+template <typename T>
+inline typename Vec<T>::type vload_mask(const T* p, unsigned m);
+template <typename T>
+inline void vstore_mask(T* p, typename Vec<T>::type v, unsigned m);
+#if PS_CONV_VEC_BYTES == 64 && (defined(__x86_64__) || defined(__i386__))
 template <typename T>
 inline typename Vec<T>::type vload_mask(const T* p, unsigned m) {
-#if PS_CONV_VEC_BYTES == 64 && (defined(__x86_64__) || defined(__i386__))
   if constexpr (sizeof(T) == 4)
     return _mm512_maskz_loadu_ps(__mmask16(m), p);
   else
     return _mm512_maskz_loadu_pd(__mmask8(m), p);
-#else
-  typename Vec<T>::type v{};
-  for (int i = 0; i < int(PS_CONV_VEC_BYTES / sizeof(T)); ++i)
-    if (m >> i & 1u) v[i] = p[i];
-  return v;
-#endif
 }
 template <typename T>
 inline void vstore_mask(T* p, typename Vec<T>::type v, unsigned m) {
-#if PS_CONV_VEC_BYTES == 64 && (defined(__x86_64__) || defined(__i386__))
   if constexpr (sizeof(T) == 4)
     _mm512_mask_storeu_ps(p, __mmask16(m), v);
   else
     _mm512_mask_storeu_pd(p, __mmask8(m), v);
-#else
-  for (int i = 0; i < int(PS_CONV_VEC_BYTES / sizeof(T)); ++i)
-    if (m >> i & 1u) p[i] = v[i];
-#endif
 }
+#endif
 
 // acc + a * b in one rounding (FMA) in the FMA builds, chosen by the build
 // (kIsa), not by __AVX512F__ / __FMA__ (GCC 12 does not define those under
@@ -309,7 +303,7 @@ constexpr bool tiles_whole_panels(int64_t cols) {
 // kLastOne: the last panel is one vector (else every panel is two); R: the
 // tile's rows (kMR, or fewer in a tail tile: apply_pairs). kPart (the
 // AVX-512 build, a last panel of part of a vector or of one vector and
-// part of another: tiles_part_panels): that panel's last vector is loaded
+// part of another: apply_impl): that panel's last vector is loaded
 // and stored in the lanes `tail` holds only (its bias too; the packed
 // weight is zero past the last column), 1: the panel is that one vector, 2:
 // a whole vector and that one; the same FMAs per column as every tile.
@@ -334,11 +328,11 @@ inline void tile_panels_full(int64_t np, Steps steps, Cols cols, BPanel b, const
     constexpr bool M = decltype(masked)::value;
     const auto ld0 = [&](const T* p) -> V {
       if constexpr (M && NV == 1) return vload_mask<T>(p, tail);
-      else return vload(p);
+      return vload(p);
     };
     const auto ld1 = [&](const T* p) -> V {
       if constexpr (M && NV == 2) return vload_mask<T>(p, tail);
-      else return vload(p);
+      return vload(p);
     };
     const auto st0 = [&](T* p, V v) {
       if constexpr (M && NV == 1) vstore_mask<T>(p, v, tail);
@@ -831,57 +825,47 @@ void apply_impl(const ApplyArgs<T>& a) {
   const int64_t c_in = a.transpose ? a.cols : a.kc, c_out = a.transpose ? a.kc : a.cols;
   pack_weights(a, c_in, c_out);
   const int64_t np = panels<T>(a.cols);
-  const T zero[NR] = {};
-  const auto tile = [&a, &zero, np](int64_t k, const T* const* arow, T* const* crow, int mr, bool first) {
-    const T* wk = a.wpack + k * np * a.kc * NR;
-    for (int64_t j = 0; j < np; ++j) {
-      T* c[kMR];
-      for (int r = 0; r < kMR; ++r) c[r] = crow[r] + j * NR;
-      const int64_t ncols = a.cols - j * NR < NR ? a.cols - j * NR : NR;
-      const T* init = first ? (a.bias ? a.bias + j * NR : zero) : nullptr;
-      micro<T, 1, true>(a.kc, arow, wk + j * a.kc * NR, c, mr, ncols, init);
-    }
-  };
   const auto none = [](int64_t) { return false; };
   const int64_t kc = a.kc;
-  if (!tiles_whole_panels<T>(a.cols)) {
-    // A last panel of part of a vector. The AVX-512 build: whole tiles, that
-    // vector in masked loads and stores (tile_panels_full's kPart): on an
-    // AMD Zen 5 (KITTI sweep, one thread, forward) C = 40 7.6 -> 5.5 ms, 56
-    // 11.9 -> 9.2 (bench/RESULTS.md stop 50). Elsewhere every tile through
-    // micro (a scratch tile copied in and out).
-    if constexpr (PS_CONV_VEC_BYTES == 64 && kIsa == Isa::avx512) {
-      const int64_t rem = a.cols % NR;
-      const unsigned tail = (1u << (rem % lanes<T>())) - 1u;
-      const auto part = [&a, np, kc, tail](auto vectors) {
-        return [&a, np, kc, tail](auto height, int64_t k, const T* const* arow, T* const* crow, int, bool first) {
-          const T* wk = a.wpack + k * np * kc * NR;
-          tile_panels_full<T, false, decltype(height)::value, decltype(vectors)::value>(
-              np, [kc](int64_t) { return kc; }, [](int64_t) { return [](int64_t i) { return i; }; },
-              [wk, kc](int64_t j) { return wk + j * kc * NR; }, arow, crow, a.bias, first, tail);
-        };
-      };
-      if (rem < lanes<T>())
-        apply_blocks<kMR, kScratch, true, kAhead>(a, none, part(Vectors<1>()));
-      else
-        apply_blocks<kMR, kScratch, true, kAhead>(a, none, part(Vectors<2>()));
-      return;
-    }
-    apply_blocks<kMR, kScratch>(a, none, tile);
-    return;
-  }
-  const auto full = [&a, np, kc](auto last_one) {
-    return [&a, np, kc](auto height, int64_t k, const T* const* arow, T* const* crow, int, bool first) {
+  // Tiles across every panel (tile_panels_full): whole panels, and a last
+  // one of a vector (kLastOne) or, in the AVX-512 build, of part of one
+  // (kPart, its lanes `tail`).
+  const auto full = [&a, np, kc](auto last_one, auto part, unsigned tail) {
+    return [&a, np, kc, tail](auto height, int64_t k, const T* const* arow, T* const* crow, int, bool first) {
       const T* wk = a.wpack + k * np * kc * NR;
-      tile_panels_full<T, decltype(last_one)::value, decltype(height)::value>(
+      tile_panels_full<T, decltype(last_one)::value, decltype(height)::value, decltype(part)::value>(
           np, [kc](int64_t) { return kc; }, [](int64_t) { return [](int64_t i) { return i; }; },
-          [wk, kc](int64_t j) { return wk + j * kc * NR; }, arow, crow, a.bias, first);
+          [wk, kc](int64_t j) { return wk + j * kc * NR; }, arow, crow, a.bias, first, tail);
     };
   };
-  if (a.cols % NR == 0)
-    apply_blocks<kMR, kScratch, true, kAhead>(a, none, full(Vectors<0>()));
-  else
-    apply_blocks<kMR, kScratch, true, kAhead>(a, none, full(Vectors<1>()));
+  if (a.cols % NR == 0) {
+    apply_blocks<kMR, kScratch, true, kAhead>(a, none, full(Vectors<0>(), Vectors<0>(), 0u));
+  } else if (tiles_whole_panels<T>(a.cols)) {
+    apply_blocks<kMR, kScratch, true, kAhead>(a, none, full(Vectors<1>(), Vectors<0>(), 0u));
+  } else if constexpr (PS_CONV_VEC_BYTES == 64 && kIsa == Isa::avx512) {
+    // A last panel of part of a vector, in masked loads and stores: on an
+    // AMD Zen 5 (KITTI sweep, one thread, forward) C = 40 7.6 -> 5.5 ms, 56
+    // 11.9 -> 9.1, 24 5.49 -> 2.6 (bench/RESULTS.md stop 50).
+    const int64_t rem = a.cols % NR;
+    const unsigned tail = (1u << (rem % lanes<T>())) - 1u;
+    if (rem < lanes<T>())
+      apply_blocks<kMR, kScratch, true, kAhead>(a, none, full(Vectors<0>(), Vectors<1>(), tail));
+    else
+      apply_blocks<kMR, kScratch, true, kAhead>(a, none, full(Vectors<0>(), Vectors<2>(), tail));
+  } else {  // elsewhere every tile through micro (a scratch tile copied in and out)
+    const T zero[NR] = {};
+    const auto tile = [&a, &zero, np](int64_t k, const T* const* arow, T* const* crow, int mr, bool first) {
+      const T* wk = a.wpack + k * np * a.kc * NR;
+      for (int64_t j = 0; j < np; ++j) {
+        T* c[kMR];
+        for (int r = 0; r < kMR; ++r) c[r] = crow[r] + j * NR;
+        const int64_t ncols = a.cols - j * NR < NR ? a.cols - j * NR : NR;
+        const T* init = first ? (a.bias ? a.bias + j * NR : zero) : nullptr;
+        micro<T, 1, true>(a.kc, arow, wk + j * a.kc * NR, c, mr, ncols, init);
+      }
+    };
+    apply_blocks<kMR, kScratch>(a, none, tile);
+  }
 }
 
 // The kernel, summing in place or (a.blocks set) in scratch blocks.
