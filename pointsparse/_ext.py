@@ -35,12 +35,10 @@ def _full_width_from_env() -> None:
         return
     if value not in ("0", "1"):
         raise ValueError(f"{FULL_WIDTH_ENV} must be '1', '0' or empty; got {value!r}")
-    if value == "1" and "avx512" not in _core.runnable_isas():
-        raise ValueError(
-            f"{FULL_WIDTH_ENV}=1 asks for the avx512 kernels, which this CPU (or build) does not run; "
-            f"it runs: {', '.join(_core.runnable_isas())}"
-        )
-    _core.set_avx512_full_width(int(value))
+    try:
+        _core.set_avx512_full_width(int(value))  # (refuses 1 where the avx512 build does not run)
+    except ValueError as error:
+        raise ValueError(f"{FULL_WIDTH_ENV}={value}: {error}") from None
 
 
 _full_width_from_env()
