@@ -120,6 +120,13 @@ def close(got, want, what, tol=1e-10):
     torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}")
 
 
+def same_sparse(got, want, what):
+    """Two SparseTensors: the same coords and stride, feats within ``close``."""
+    assert torch.equal(got.coords, want.coords), what
+    assert got.stride == want.stride, what
+    close(got.feats, want.feats, what)
+
+
 # ------------------------------------------------------------------ kernel maps
 
 def _kmap_case(index):
@@ -231,9 +238,7 @@ def test_convs(index):
     want, got = both
     what = f"case {index}: {first} then {conv} (mask {mask is not None}, add {add}) on {len(coords)} rows at {s}"
     (y_want, g_want), (y_got, g_got) = want, got
-    assert torch.equal(y_got.coords, y_want.coords), what
-    assert y_got.stride == y_want.stride, what
-    close(y_got.feats, y_want.feats, what)
+    same_sparse(y_got, y_want, what)
     assert g_got.keys() == g_want.keys(), what
     for key in g_want:
         assert (g_got[key] is None) == (g_want[key] is None), f"{what}: {key}"
@@ -281,8 +286,7 @@ def test_poolings(index):
         return
     (y_want, g_want), (y_got, g_got) = both
     what = f"case {index}: {pool} on {len(coords)} rows at {s}"
-    assert torch.equal(y_got.coords, y_want.coords) and y_got.stride == y_want.stride, what
-    close(y_got.feats, y_want.feats, what)
+    same_sparse(y_got, y_want, what)
     close(g_got, g_want, f"{what}: grad")
 
 
@@ -345,8 +349,7 @@ def test_networks(index):
         return
     (y_want, g_want), (y_got, g_got) = both
     what = f"case {index} on {len(coords)} rows at {s}"
-    assert torch.equal(y_got.coords, y_want.coords) and y_got.stride == y_want.stride, what
-    close(y_got.feats, y_want.feats, what)
+    same_sparse(y_got, y_want, what)
     assert g_got.keys() == g_want.keys(), what
     for key in g_want:
         close(g_got[key], g_want[key], f"{what}: grad of {key}")
