@@ -9,7 +9,7 @@ from torch.autograd import forward_ad
 
 from .. import _ext
 from .. import kmap as _kmap
-from ..nn.reference import _autocast_dtype, conv_sum, im2col, offset_pairs
+from ..nn.reference import _autocast_dtype, autocast_input, conv_sum, im2col, offset_pairs
 from ..tensor import SparseTensor, as_bool, as_triple, positive_int
 from ._base import SparseFormat, outside_transforms
 from ._storage import widen
@@ -185,17 +185,6 @@ def check_dtype(module: nn.Module, got: str, dtype: torch.dtype, format_name: st
             if dtype.is_floating_point else ""
         raise TypeError(f"{type(module).__name__}: {got} but its weight (format {format_name}) is {weight_dtype}; "
                         f"convert the input{again}")
-
-
-def autocast_input(input: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``input`` in the format's ``dtype`` where torch.autocast is on for its
-    device and it is another float dtype (an autocast layer's bf16 output),
-    as a conv or Linear under autocast takes it; else ``input`` (then
-    :func:`check_dtype` judges it)."""
-    if input.dtype != dtype and input.is_floating_point() and dtype.is_floating_point \
-            and torch.is_autocast_enabled(input.device.type):
-        return input.to(dtype)
-    return input
 
 
 def refuse_conversion(fn, dtype: torch.dtype, what: str) -> None:

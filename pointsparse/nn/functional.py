@@ -153,12 +153,14 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
     t = as_triple(stride, "stride")
     d = as_triple(dilation, "dilation")
     transposed, relu = as_bool(transposed, "transposed"), as_bool(relu, "relu")
-    if (isinstance(weight, torch.Tensor) and input.feats.dtype != weight.dtype and input.feats.is_floating_point()
-            and weight.is_floating_point() and torch.is_autocast_enabled(input.feats.device.type)):
+    given = input
+    if isinstance(weight, torch.Tensor):
         # Under torch.autocast a conv takes feats of another precision than its weight (a bf16
         # layer's output), as torch's convs do: the feats in the weight's dtype (the engine's sums
         # run in it; on the torch path autocast's matmuls take their own precision).
-        input = input.with_feats(input.feats.to(weight.dtype))
+        feats = _reference.autocast_input(input.feats, weight.dtype)
+        if feats is not input.feats:
+            input = input.with_feats(feats)
     _check_weight(input, weight, k)
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
@@ -196,7 +198,9 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
         # backend (the torch path's operator widens them: its sums in float32, as eager's). torch.export
         # takes no ambient autocast into a program (torch's convs and Linears stay float32 in it): neither
         # do these convs (bf16 convs fed a program's float32 Linear, which refused them).
-        input = input.with_feats(input.feats.to(low))
+        # (feats given in that precision, an autocast layer's output, are taken as given: not widened
+        # above and rounded back)
+        input = given if given.feats.dtype == low else input.with_feats(input.feats.to(low))
         weight, bias = weight.to(low), None if bias is None else bias.to(low)
         weight_mask = None if weight_mask is None else weight_mask.to(low)
     else:
@@ -211,7 +215,7 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
         # graph, where eager does (its own test: not where the core serves no call, backend "torch"); and a
         # conv in autocast's precision but bf16 inference without a region (training, fp16, backend "torch")
         bf16 = _engine.bf16_inference(input.feats, weight, bias)
-        widen = bf16 and region is not None or low is not None and not bf16
+        widen = (bf16 and region is not None) or (low is not None and not bf16)
         return _ops.conv3d(input, weight, bias, k, t, d, transposed, add, relu, widen=widen)
     kmap = _kmap._get_kmap(input, k, t, d, transposed)
     residual = None

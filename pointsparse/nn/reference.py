@@ -64,6 +64,17 @@ def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
     return None
 
 
+def autocast_input(input: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``input`` in ``dtype`` (a weight's or a format's) where torch.autocast
+    is on for its device and it is another float dtype (an autocast layer's
+    bf16 output), as torch's convs and Linears under autocast take it; else
+    ``input`` (the caller's dtype check then judges it)."""
+    if input.dtype != dtype and input.is_floating_point() and dtype.is_floating_point \
+            and torch.is_autocast_enabled(input.device.type):
+        return input.to(dtype)
+    return input
+
+
 def _autocast_result(out: torch.Tensor) -> torch.Tensor:
     """Under ``torch.autocast`` the products come in its low precision
     (bf16 / fp16) while the sum is kept in the feats' dtype (a float32 sum
