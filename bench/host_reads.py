@@ -25,7 +25,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pointsparse as ps  # noqa: E402
 from pointsparse.models import MinkUNet  # noqa: E402
-from pointsparse.nn import functional as F  # noqa: E402
 from pointsparse.nn import reference  # noqa: E402
 from _common import street_scene  # noqa: E402
 
@@ -70,8 +69,8 @@ def main(argv=None) -> int:
     feats = torch.randn(len(coords), 4, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
     net = MinkUNet(4, 19, cr=args.cr).eval()
-    conv_sum = F.conv_sum
-    F.conv_sum = reference.conv_gemm  # what runs on a GPU
+    conv_torch = reference.conv_torch
+    reference.conv_torch = reference.conv_gemm  # what runs on a GPU
     try:
         with ps.backend("torch"), torch.no_grad():
             cached = ps.SparseTensor(feats, coords)
@@ -86,7 +85,7 @@ def main(argv=None) -> int:
                 for (file, function, line, how, _), n in sorted(device.items(), key=lambda kv: -kv[1]):
                     print(f"  {n:4d}  {file}:{line} {function} ({how})")
     finally:
-        F.conv_sum = conv_sum
+        reference.conv_torch = conv_torch
     return 0
 
 

@@ -277,10 +277,10 @@ def _forward(feats: Tensor, weight: Tensor, bias: Optional[Tensor], out_coords: 
         if store:
             return out
     else:
-        from .nn.reference import conv_sum  # pointsparse.nn loads lazily (import pointsparse does not load it)
+        from .nn.reference import conv_torch  # pointsparse.nn loads lazily (import pointsparse does not load it)
 
         with _as_given(feats):
-            out = conv_sum(feats, weight, _as_kmap(out_coords, in_idx, out_idx, sizes, key, feats.shape[0]))
+            out = conv_torch(feats, weight, _as_kmap(out_coords, in_idx, out_idx, sizes, key, feats.shape[0]))
         out = out if bias is None else out + bias
     if add is not None:
         out = out + add

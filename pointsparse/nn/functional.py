@@ -13,7 +13,6 @@ from .. import kmap as _kmap
 from .. import ops as _ops
 from . import _engine
 from . import reference as _reference
-from .reference import conv_sum
 from ..tensor import SparseTensor, as_bool, as_float, as_triple
 
 
@@ -255,10 +254,7 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
             weight.register_hook(lambda grad: grad * mask)
         if region is not None:
             weight = weight * region.to(weight.device, weight.dtype).view(-1, 1, 1)
-        if input.feats.device.type != "cpu" and _reference.gemm_fits(input.feats, kmap):
-            feats = _reference.conv_gemm(input.feats, weight, kmap)  # (a GPU: a few launches, not three per offset)
-        else:
-            feats = conv_sum(input.feats, weight, kmap)
+        feats = _reference.conv_torch(input.feats, weight, kmap)
         if not kmap.num_pairs:  # no product ran: linked to feats and weight by an empty one (zero gradients)
             feats = feats + (input.feats[:0] @ weight[0]).sum(0).to(feats.dtype)
         if bias is not None:

@@ -96,6 +96,16 @@ def gemm_fits(feats: torch.Tensor, kmap: _kmap.KernelMap) -> bool:
     return kmap.num_out * kmap.kernel_volume * feats.shape[1] * feats.element_size() <= GEMM_COLUMN_BYTES
 
 
+def conv_torch(feats: torch.Tensor, weight: torch.Tensor, kmap: _kmap.KernelMap) -> torch.Tensor:
+    """The conv sum as the pure-torch path runs it, eager and in a graph's
+    operators alike: on a device other than the CPU one matrix product
+    (:func:`conv_gemm`: a few launches, not three per offset) where its
+    columns fit, else :func:`conv_sum`'s per-offset loop."""
+    if feats.device.type != "cpu" and gemm_fits(feats, kmap):
+        return conv_gemm(feats, weight, kmap)
+    return conv_sum(feats, weight, kmap)
+
+
 def conv_gemm(feats: torch.Tensor, weight: torch.Tensor, kmap: _kmap.KernelMap) -> torch.Tensor:
     """The conv sum as one matrix product: the map's columns
     (:func:`im2col` of every row: one gather and one index write), then
