@@ -51,6 +51,9 @@ ENGINE_DTYPES = _ext.FLOAT_DTYPES
 #: dense kernel at density 0.9, 1.2x at 0.75; the masked weight gradient
 #: 0.88x at 0.9, 1.0x at 0.75): ``VECTOR_DENSITY_SPLIT``.
 VECTOR_DENSITY_SPLIT = 0.85
+#: Whether this CPU's AVX-512 FMAs run at full width (asked once; the choices
+#: below that follow it; ``POINTSPARSE_AVX512_FULL_WIDTH`` sets it).
+_FULL_WIDTH = _ext.core.avx512_full_width()
 #: The same on a CPU whose AVX-512 FMAs run at full width
 #: (``_core.avx512_full_width()``: Intel, AMD Zen 5): its dense AVX-512
 #: kernels ran 1.4-1.5x the AVX2 ones on an Intel Xeon, 1.7x on an AMD EPYC
@@ -61,7 +64,7 @@ VECTOR_DENSITY_SPLIT = 0.85
 #: bench/RESULTS.md stop 34; on the Zen 5 0.97-1.10x at 0.6, 0.88-0.99x at
 #: 0.7, stop 50).
 VECTOR_DENSITY_WIDE = 0.6
-VECTOR_DENSITY = VECTOR_DENSITY_WIDE if _ext.core.avx512_full_width() else VECTOR_DENSITY_SPLIT
+VECTOR_DENSITY = VECTOR_DENSITY_WIDE if _FULL_WIDTH else VECTOR_DENSITY_SPLIT
 MASKED_WGRAD_DENSITY = 0.7
 #: Rows per panel (C_in of the forward, C_out of the input gradient) from
 #: which :data:`VECTOR_DENSITY` holds whole; below, the vector kernels need a
@@ -81,7 +84,7 @@ VECTOR_FULL_ROWS_SPLIT = 32
 #: 0.8 at 24, 0.53 at 32, 0.63 at 48 (the Xeon's stop-34 page: 0.7 at 16):
 #: 16 rows (thresholds 0.36 at 8 rows, 0.48 at 12, 0.6 from 16).
 VECTOR_FULL_ROWS_WIDE = 16
-VECTOR_FULL_ROWS = VECTOR_FULL_ROWS_WIDE if _ext.core.avx512_full_width() else VECTOR_FULL_ROWS_SPLIT
+VECTOR_FULL_ROWS = VECTOR_FULL_ROWS_WIDE if _FULL_WIDTH else VECTOR_FULL_ROWS_SPLIT
 
 
 #: The same for vectors in twin panels (two adjacent whole panels listing
@@ -98,7 +101,7 @@ VECTOR_FULL_ROWS = VECTOR_FULL_ROWS_WIDE if _ext.core.avx512_full_width() else V
 #: threshold moves from :data:`VECTOR_DENSITY` toward this one by the share
 #: of its listed vectors in twins (``_core.conv_execution``).
 VECTOR_DENSITY_TWIN_WIDE = 0.75
-VECTOR_DENSITY_TWIN = VECTOR_DENSITY_TWIN_WIDE if _ext.core.avx512_full_width() else None
+VECTOR_DENSITY_TWIN = VECTOR_DENSITY_TWIN_WIDE if _FULL_WIDTH else None
 
 
 def vector_threshold(rows: int) -> float:
@@ -253,7 +256,7 @@ def tile_panels(dtype: torch.dtype) -> int:
 
 #: Whether this CPU runs the AVX-512 vector kernels' twin tiles (asked once:
 #: :func:`tile_panels` runs on every conv call).
-_TWIN_TILES = "avx512" in _ext.core.runnable_isas() and _ext.core.avx512_full_width()
+_TWIN_TILES = _FULL_WIDTH  # (full width implies the avx512 build runs)
 
 
 def vector_blocks(weight: torch.Tensor, transpose: bool = False) -> torch.Tensor:
@@ -546,7 +549,7 @@ BF16_VECTOR_DENSITY_SPLIT = 0.75
 #: at 128 (0.87-0.93x at 0.75, 0.94-1.16x at 0.6); at C = 8 and 16 it still
 #: won at density 0.9-1.0 (1.03-1.10x), at 48 from 0.8.
 BF16_VECTOR_DENSITY_WIDE = 0.6
-BF16_VECTOR_DENSITY = BF16_VECTOR_DENSITY_WIDE if _ext.core.avx512_full_width() else BF16_VECTOR_DENSITY_SPLIT
+BF16_VECTOR_DENSITY = BF16_VECTOR_DENSITY_WIDE if _FULL_WIDTH else BF16_VECTOR_DENSITY_SPLIT
 
 
 def bf16_vector_threshold(cols: int) -> float:
