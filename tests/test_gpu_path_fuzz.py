@@ -25,7 +25,6 @@ import torch
 
 import pointsparse as ps
 from pointsparse import kmap as km
-from pointsparse.nn import functional as F
 from pointsparse.nn import reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -45,7 +44,7 @@ def gpu_path(chunk=None):
     """The torch path as a GPU runs it, on the CPU (``chunk``: the query's
     :data:`kmap.QUERY_CHUNK`, small to cut the queries in pieces)."""
     with pytest.MonkeyPatch.context() as patch, ps.backend("torch"):
-        patch.setattr(F, "conv_sum", _gemm_where_it_fits)
+        patch.setattr(reference, "conv_torch", _gemm_where_it_fits)
         if chunk is not None:
             patch.setattr(km, "QUERY_CHUNK", chunk)
         yield
