@@ -292,14 +292,12 @@ def _query_torch(in_keys_sorted, in_perm, out_coords, offsets, mirror, layout, b
         new_in = torch.cat([found[mirror[o]][1] for o in mirrored])
         lengths = [found[mirror[o]][0].numel() for o in mirrored]
         if new_out.numel() > 1:
-            up = new_out[1:] > new_out[:-1]
-            ends = torch.tensor(list(itertools.accumulate(lengths))[:-1], dtype=torch.int64)
-            ends = ends[(ends > 0) & (ends < new_out.numel())] - 1
-            up[ends.to(dev)] = True
-            if not bool(up.all()):
-                group = torch.repeat_interleave(torch.arange(len(mirrored), device=dev),
-                                                torch.tensor(lengths, device=dev), output_size=new_out.numel())
-                order = torch.argsort(group * m + new_out, stable=True)
+            # (offset, output row) as one key: in order unless some offset's swapped rows are not
+            group = torch.repeat_interleave(torch.arange(len(mirrored), device=dev),
+                                            torch.tensor(lengths, device=dev), output_size=new_out.numel())
+            key = group * max(m, n) + new_out
+            if not bool((key[1:] > key[:-1]).all()):
+                order = torch.argsort(key, stable=True)
                 new_in, new_out = new_in[order], new_out[order]
         found.update(zip(mirrored, zip(new_in.split(lengths), new_out.split(lengths))))
     return (torch.cat([found[o][0] for o in range(k)]), torch.cat([found[o][1] for o in range(k)]),
