@@ -26,7 +26,10 @@ ones it keeps there, a slice of channels bounded by one where it is
 (``cat([y, z], 1)[:, y.shape[1]:]``) couples them with those before the bound,
 and any other use (a number computed from it, ``y / y.shape[1]``,
 ``torch.arange(c)``) fixes them. A width turned into a plain ``int``
-(``int(c)``) is followed by its value: a plain int equal to it fixes it. Any
+(``int(c)``) is followed by its value: a plain int equal to it fixes it.
+``range(c)``, ``operator.index(c)``, ``[0] * c`` and numpy read an int
+subclass's value without calling it (CPython never calls ``__index__`` on
+one): those widths go untracked, a known gap. Any
 other slice bound (a literal ``6``) stays where it is while the cut moves the
 channels before it: they are fixed. A float computed from a width (``c / 2``,
 ``2 / c``, ``c ** -0.5``, ``c * 0.5``, ``float(c)``, ``math.sqrt(c)``) names
