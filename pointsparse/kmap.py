@@ -90,6 +90,7 @@ class KernelMap:
     num_out: int
     key: KernelMapKey
     ptr: list[int] = field(init=False, repr=False)
+    _offset_of_pairs: dict = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         ptr = [0]
@@ -125,6 +126,20 @@ class KernelMap:
             object.__setattr__(self, "out_idx", self.out_idx.clone())
         return self.in_idx, self.out_idx
 
+    def offset_of_pairs(self, device=None) -> torch.Tensor:
+        """int64 ``(P,)``: the offset index of every pair (``o`` repeated
+        ``sizes[o]`` times), on ``device`` (the pairs' by default); made once
+        per device and kept, as autograd can save it (one made under
+        torch.inference_mode is made again outside it, as :meth:`indices`
+        copies the pairs)."""
+        device = self.in_idx.device if device is None else torch.device(device)
+        got = self._offset_of_pairs.get(device)
+        if got is None or (got.is_inference() and not torch.is_inference_mode_enabled()):
+            got = torch.repeat_interleave(torch.arange(self.kernel_volume, device=device), self.sizes.to(device),
+                                          output_size=self.num_pairs)
+            self._offset_of_pairs[device] = got
+        return got
+
     def transpose(self, out_coords: torch.Tensor) -> "KernelMap":
         """The map of the adjoint operator: inputs and outputs swapped, pairs
         re-sorted by the new output row. ``out_coords`` are the coords of the
@@ -133,9 +148,7 @@ class KernelMap:
             raise ValueError(f"out_coords has {out_coords.shape[0]} rows; the map's inputs have {self.num_in}")
         in_idx, out_idx = self.out_idx, self.in_idx
         if not self._in_idx_ascending():
-            offset_of_pair = torch.repeat_interleave(
-                torch.arange(self.kernel_volume, device=self.in_idx.device), self.sizes.to(self.in_idx.device))
-            order = torch.argsort(offset_of_pair * max(self.num_in, 1) + self.in_idx, stable=True)
+            order = torch.argsort(self.offset_of_pairs() * max(self.num_in, 1) + self.in_idx, stable=True)
             in_idx, out_idx = in_idx[order], out_idx[order]
         key = KernelMapKey(self.key.tensor_stride, self.key.kernel_size, self.key.stride, self.key.dilation,
                            not self.key.transposed)

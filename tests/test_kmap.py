@@ -247,6 +247,30 @@ def test_pairs_and_ptr():
             kmap.pairs(bad)
 
 
+def test_offset_of_pairs_is_made_once_per_device():
+    """Every pair's offset index (what the columns of a GPU conv take on
+    every call) is the map's ``sizes`` repeated, made once per device; one
+    made under torch.inference_mode is made again outside it (autograd
+    cannot save an inference tensor), as indices() copies the pairs."""
+    kmap = km.build(random_coords(200, 1, 4, seed=4), 3, 2)
+    ref = torch.repeat_interleave(torch.arange(kmap.kernel_volume), kmap.sizes)
+    got = kmap.offset_of_pairs()
+    assert torch.equal(got, ref) and got.device == kmap.in_idx.device
+    assert kmap.offset_of_pairs() is got and kmap.offset_of_pairs("cpu") is got
+    meta = kmap.offset_of_pairs("meta")
+    assert meta.device.type == "meta" and meta.shape == ref.shape and kmap.offset_of_pairs("meta") is meta
+    assert kmap.offset_of_pairs() is got  # (the CPU's kept beside it)
+    fresh = km.build(random_coords(200, 1, 4, seed=4), 3, 2)
+    with torch.inference_mode():
+        inside = fresh.offset_of_pairs()
+        assert inside.is_inference() and fresh.offset_of_pairs() is inside
+    outside = fresh.offset_of_pairs()
+    assert not outside.is_inference() and torch.equal(outside, ref) and fresh.offset_of_pairs() is outside
+    coords = random_coords(200, 1, 4, seed=4, shuffle=True)  # (the transpose re-sorts its pairs by the index)
+    down = km.build(coords, 3, 2)
+    assert not down._in_idx_ascending() and torch.equal(down.transpose(coords).offset_of_pairs(), ref)
+
+
 def test_kernel_offsets_order():
     assert km.kernel_offsets(3).tolist()[:4] == [[-1, -1, -1], [-1, -1, 0], [-1, -1, 1], [-1, 0, -1]]
     assert km.kernel_offsets(2).tolist()[:2] == [[0, 0, 0], [0, 0, 1]]

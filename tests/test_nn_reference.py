@@ -47,6 +47,24 @@ def test_im2col_columns_times_weight_equal_the_sum_and_chunks_equal_the_whole():
     assert torch.equal(torch.cat(pieces), cols)
 
 
+def test_the_columns_of_a_map_first_used_under_inference_mode_then_trained_on():
+    """The offset of every pair the columns index with is kept on the map:
+    one made under torch.inference_mode is not taken into autograd after
+    ('Inference tensors cannot be saved for backward'); the columns and
+    gradients are those of a map used fresh."""
+    x = _input()
+    kmap = ps.kmap.get_kmap(x, 3)
+    with torch.inference_mode():
+        im2col(x.feats, kmap)
+    feats = x.feats.clone().requires_grad_()
+    cols = im2col(feats, kmap)
+    cols.square().sum().backward()
+    fresh = x.feats.clone().requires_grad_()
+    ref = im2col(fresh, ps.kmap.build(x.coords, 3))
+    ref.square().sum().backward()
+    assert torch.equal(cols, ref) and torch.equal(feats.grad, fresh.grad)
+
+
 def test_empty_map():
     x = ps.SparseTensor(torch.zeros(0, 3), torch.zeros(0, 4, dtype=torch.int32))
     kmap = ps.kmap.get_kmap(x, 3)

@@ -136,9 +136,7 @@ def im2col(feats: torch.Tensor, kmap: _kmap.KernelMap, start: int = 0, stop: int
         out = feats.new_zeros((stop - start, kmap.kernel_volume, feats.shape[1]))
     if start == 0 and stop == kmap.num_out:  # every pair of every offset in one index write
         in_idx, out_idx = kmap.indices()
-        offset_of_pair = torch.repeat_interleave(torch.arange(kmap.kernel_volume, device=feats.device),
-                                                 kmap.sizes.to(feats.device), output_size=kmap.num_pairs)
-        out[out_idx, offset_of_pair] = feats[in_idx]
+        out[out_idx, kmap.offset_of_pairs(feats.device)] = feats[in_idx]
         return out
     for o, in_idx, out_idx in offset_pairs(kmap):
         lo, hi = int(torch.searchsorted(out_idx, start)), int(torch.searchsorted(out_idx, stop))
