@@ -387,6 +387,40 @@ def _check_members(path: Path) -> None:
 
 # --------------------------------------------------------------------- running a program
 
+def _signature(program: torch.export.ExportedProgram):
+    """``(inputs, vals, outputs)`` of ``program``: its user inputs' names,
+    each placeholder's example value by name, its output nodes; ValueError
+    unless it takes and gives what :func:`export_model` writes."""
+    inputs = list(program.graph_signature.user_inputs)
+    vals = {n.name: n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"}
+    outputs = [a for n in program.graph.nodes if n.op == "output" for a in n.args[0]]
+    if len(inputs) not in (2, 5) or len(outputs) not in (1, 3) or (len(inputs) == 5 and len(outputs) != 1) or \
+            any(vals.get(name) is None for name in inputs) or \
+            any(not isinstance(getattr(o, "meta", {}).get("val"), torch.Tensor) for o in outputs):
+        raise ValueError(f"program must take (feats, coords) or (feats, coords, inverse, points, point_batch) "
+                         f"and give logits, a tensor or (feats, coords, stride), as export_model writes; it "
+                         f"takes {inputs} and gives {len(outputs)} outputs")
+    return inputs, vals, outputs
+
+
+def output_kind(program: torch.export.ExportedProgram) -> str:
+    """What ``program`` (:func:`export_model`'s) gives, read off its graph
+    without building a module (:attr:`ProgramModel.output`): ``"sparse"``
+    (an output SparseTensor's feats, coords and stride), ``"logits"`` (one
+    row per input voxel, or a point-level program's point logits) or
+    ``"tensor"``. ValueError, as :class:`ProgramModel`'s, for a program
+    that takes or gives another number of tensors (ProgramModel checks
+    their sizes further)."""
+    inputs, vals, outputs = _signature(program)
+    if len(outputs) == 3:
+        return "sparse"
+    feats, first = vals[inputs[0]], outputs[0].meta["val"]
+    if "output_tensor" not in program.state_dict and (
+            len(inputs) == 5 or (first.dim() == 2 and str(first.shape[0]) == str(feats.shape[0]))):
+        return "logits"  # (one row per input voxel: the rows' size is the input's)
+    return "tensor"
+
+
 class ProgramModel(nn.Module):
     """An exported program called as the eager model. A segmentation program
     (``output`` ``"logits"``): a voxel network's ``forward(x: SparseTensor) ->
@@ -417,19 +451,11 @@ class ProgramModel(nn.Module):
         if not isinstance(program, torch.export.ExportedProgram):
             raise TypeError(f"program must be a torch.export.ExportedProgram (pointsparse.export.load's); got "
                             f"{type(program).__name__}")
-        inputs = list(program.graph_signature.user_inputs)
-        vals = {n.name: n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"}
-        outputs = [a for n in program.graph.nodes if n.op == "output" for a in n.args[0]]
-        if len(inputs) not in (2, 5) or len(outputs) not in (1, 3) or (len(inputs) == 5 and len(outputs) != 1) or \
-                any(vals.get(name) is None for name in inputs) or \
-                any(not isinstance(getattr(o, "meta", {}).get("val"), torch.Tensor) for o in outputs):
-            raise ValueError(f"program must take (feats, coords) or (feats, coords, inverse, points, point_batch) "
-                             f"and give logits, a tensor or (feats, coords, stride), as export_model writes; it "
-                             f"takes {inputs} and gives {len(outputs)} outputs")
+        inputs, vals, outputs = _signature(program)
         feats, first = vals[inputs[0]], outputs[0].meta["val"]
         self.point_level = len(inputs) == 5
-        self.output_stride = None
-        if len(outputs) == 3:
+        self.output, self.output_stride = output_kind(program), None
+        if self.output == "sparse":
             coords, stride = outputs[1].meta["val"], program.state_dict.get("output_stride")
             if first.dim() != 2 or coords.dim() != 2 or tuple(coords.shape[1:]) != (4,) or \
                     coords.dtype != torch.int32 or not isinstance(stride, torch.Tensor) or \
@@ -437,12 +463,7 @@ class ProgramModel(nn.Module):
                 raise ValueError(f"program must give (feats (M, C), coords int32 (M, 4), stride int32 (3,)) as "
                                  f"export_model writes for a sparse output; it gives {tuple(first.shape)}, "
                                  f"{tuple(coords.shape)} {coords.dtype}")
-            self.output, self.output_stride = "sparse", tuple(int(v) for v in stride)
-        elif "output_tensor" not in program.state_dict and (
-                self.point_level or (first.dim() == 2 and str(first.shape[0]) == str(feats.shape[0]))):
-            self.output = "logits"  # (one row per input voxel: the rows' size is the input's)
-        else:
-            self.output = "tensor"
+            self.output_stride = tuple(int(v) for v in stride)
         if feats.dim() != 2 or (self.output != "tensor" and first.dim() != 2) or \
                 not all(isinstance(d, int) for d in (feats.shape[1], *first.shape[1:])):
             raise ValueError(f"program must take feats (N, C) and give logits (N, K) with C and K fixed, as "

@@ -379,6 +379,7 @@ def test_export_model_of_a_sparse_output_elsewhere(tmp_path, ends):
     program = export.export_model(model, _cloud(500, 3))
     export.save(program, tmp_path / "m.pt2", {"what": ends})
     loaded = export.ProgramModel.load(tmp_path / "m.pt2")
+    assert export.output_kind(program) == "sparse"
     assert (loaded.output, loaded.output_stride, loaded.out_shape, loaded.num_classes) == \
         ("sparse", stride, (model[-1].out_channels if ends == "stride 4" else 4,), None)
     assert "output='sparse'" in repr(loaded) and loaded.meta == {"what": ends}
@@ -474,9 +475,11 @@ def test_export_model_of_a_classifier(tmp_path):
     models returning what no program holds are refused by export_model."""
     torch.manual_seed(0)
     model = _PooledClassifier().eval()
-    export.save(export.export_model(model, _cloud(500, 3)), tmp_path / "c.pt2")
+    program = export.export_model(model, _cloud(500, 3))
+    export.save(program, tmp_path / "c.pt2")
     loaded = export.ProgramModel.load(tmp_path / "c.pt2")
     assert (loaded.output, loaded.out_shape, loaded.output_stride) == ("tensor", (5,), None)
+    assert export.output_kind(program) == "tensor"
     three = ps.collate([_cloud(300, 4), _cloud(500, 5), _cloud(200, 6)])
     for x in (_cloud(700, 7), three):
         with torch.no_grad():
@@ -731,6 +734,16 @@ def test_export_errors_are_clear(tmp_path):
                                 dynamic_shapes=({1: torch.export.Dim("c")}, {1: torch.export.Dim("c")}))
     with pytest.raises(ValueError, match=r"with C and K fixed, as export_model writes"):
         export.ProgramModel(other)
+
+    class Three(torch.nn.Module):
+        def forward(self, a, b, c):
+            return a + b + c
+
+    three = torch.export.export(Three(), (torch.ones(4, 3),) * 3)
+    for read in (export.ProgramModel, export.output_kind):  # (the kind is read off what export_model writes only)
+        with pytest.raises(ValueError, match=r"program must take \(feats, coords\) or .* it takes \['a', 'b', 'c'\] "
+                                             r"and gives 1 outputs"):
+            read(three)
     with pytest.raises(TypeError, match="program must be a torch.export.ExportedProgram"):
         export.ProgramModel(model)
     program = export.export_model(model.eval(), x)
@@ -1041,7 +1054,9 @@ def test_eval_scores_an_exported_program_as_its_checkpoint(tmp_path, capsys):
 def test_spvcnn_program_checks_its_point_arguments():
     torch.manual_seed(0)
     net = _trained_like(SPVCNN(7, 3, cr=0.25, blocks=1))
-    model = export.ProgramModel(export.export_model(net, export.example_input(7, 0.4, points=True)))
+    program = export.export_model(net, export.example_input(7, 0.4, points=True))
+    model = export.ProgramModel(program)
+    assert model.output == export.output_kind(program) == "logits" and model.point_level
     for seed in (1, 2):  # other clouds, other numbers of voxels and points
         args = export.example_input(7, 0.3, seed=seed, points=True)
         with torch.no_grad():
@@ -1069,6 +1084,7 @@ def test_program_model_keeps_the_dtype_and_device_it_was_exported_with():
     x = _cloud(300, 1)
     program = export.export_model(net, x)
     model = export.ProgramModel(program)
+    assert model.output == export.output_kind(program) == "logits"
     with torch.no_grad():
         want = net(x).feats
     for convert in (lambda m: m.double(), lambda m: m.half(), lambda m: m.to(torch.bfloat16),
@@ -1379,9 +1395,13 @@ def test_save_refuses_what_is_no_program(tmp_path):
 # --- the pruning toolkit's layers, exported and compiled -------------------------------------------------
 
 def _program_round_trip(model, example, tmp_path, name: str = "m.pt2"):
-    """``model`` exported on ``example``, saved to a file and loaded back, as a :class:`export.ProgramModel`."""
-    export.save(export.export_model(model, example), tmp_path / name)
-    return export.ProgramModel.load(tmp_path / name)
+    """``model`` exported on ``example``, saved to a file and loaded back, as a :class:`export.ProgramModel`
+    (whose output kind ``export.output_kind`` reads off the program alike)."""
+    program = export.export_model(model, example)
+    export.save(program, tmp_path / name)
+    loaded = export.ProgramModel.load(tmp_path / name)
+    assert export.output_kind(program) == loaded.output
+    return loaded
 
 
 def _feats(out):

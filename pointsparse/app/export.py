@@ -61,7 +61,7 @@ def main(args) -> int:
     logits = "float32" if point_level else kind
     rows = "P" if point_level else "N"
     output = f"{logits} ({rows}, num_classes) logits"
-    if export.ProgramModel(program).output == "sparse":  # (a VoxelPrune at stride 1: logits of the kept voxels)
+    if export.output_kind(program) == "sparse":  # (a VoxelPrune at stride 1: logits of the kept voxels)
         rows = "M"
         output = (f"{logits} (M, num_classes) logits of the M voxels the model kept (a VoxelPrune at stride 1), "
                   "their coords int32 (M, 4) and stride int32 (3,)")
