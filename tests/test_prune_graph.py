@@ -645,6 +645,32 @@ def test_a_number_of_a_width_passed_to_a_layer_as_a_plain_one_fixes_its_channels
     assert _cut_mismatches(net, x) == []
 
 
+class _KeepsWidth(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.kept = nn.Linear(4, 6), nn.Linear(6, 2), None
+
+    def forward(self, x):
+        y = self.a(x)
+        if self.kept is None:
+            self.kept = y.shape[1]  # (the width itself while tracing: it knows a's channels)
+        return self.b(y)
+
+
+def test_a_width_kept_past_its_trace_fixes_nothing_of_the_graph_it_built():
+    """A width a module keeps in an attribute fixes its channels where a
+    float is made of it while its trace runs; made after it (float(c), c *
+    0.5, 1.0 / c), it fixes nothing of the graph it built: a stays cuttable."""
+    net, x = _KeepsWidth().eval(), torch.randn(5, 4)
+    graph = G.DependencyGraph(net, x)
+    assert [g.name for g in graph.groups] == ["a"] and graph.spaces.fixed.count(None) > 0
+    fixed = list(graph.spaces.fixed)
+    assert type(net.kept) is not int and net.kept == 6
+    assert (float(net.kept), net.kept * 0.5, 2 / net.kept, math.sqrt(net.kept)) == (6.0, 3.0, 1 / 3, math.sqrt(6))
+    assert graph.spaces.fixed == fixed and [g.name for g in graph.groups] == ["a"]
+
+
 def test_global_plan_normalises_groups_of_small_scores():
     """scope="global" divides each group's scores by their mean, which was
     clamped to 1e-12: a group of scores ~1e-15 (a Taylor criterion near a

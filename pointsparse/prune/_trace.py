@@ -84,18 +84,18 @@ class _Token:
     """One trace: the widths it handed out carry it (a width kept from another
     trace, in a module's attribute, is a plain number there), and it keeps
     the widths turned into plain ints, and the reciprocals of those it
-    handed out, by value. ``spaces``: those of the trace, while it runs."""
+    handed out, by value. ``tracer``: the trace's, while it runs."""
 
-    def __init__(self, spaces: Spaces) -> None:
+    def __init__(self, tracer: Tracer) -> None:
         self.escaped: dict[int, tuple[Segment, ...]] = {}
         self.reciprocals: dict[float, tuple[Segment, ...]] = {}
-        self.spaces: Spaces | None = spaces
+        self.tracer: Tracer | None = tracer
 
     def fix(self, segments: tuple[Segment, ...], reason: str) -> None:
         """Fix channels now (a width kept past its trace, in a module's
         attribute, fixes nothing of the graph it built)."""
-        for s in segments if self.spaces is not None else ():
-            self.spaces.fix(s.space, reason)
+        if self.tracer is not None:
+            self.tracer.fix(Tag(0, segments), reason)
 
     def escape(self, value: int, segments: tuple[Segment, ...]) -> None:
         """A width turned into a plain int: any int of its value may be it."""
@@ -401,11 +401,11 @@ class Tracer(TorchFunctionMode):
         self.spaces = spaces
         self.tags: dict[int, tuple[torch.Tensor, Tag]] = {}
         self.depth = 0
-        self.token = _Token(spaces)
+        self.token = _Token(self)
         self.taken: list[Width] = []  # widths the rule of the op being traced has followed (no more to fix)
 
     def __exit__(self, *exc):
-        self.token.spaces = None
+        self.token.tracer = None
         return super().__exit__(*exc)
 
     # ---------------------------------------------------------------- tags
@@ -581,9 +581,8 @@ class Tracer(TorchFunctionMode):
         of an op of :data:`_SIZED` gives it its channels there (or couples
         them with those it has there); any other fixes its channels, as do
         plain ints equal to a width turned into one (``int(c)``)."""
-        flat = _numbers((args, kwargs))
-        self.fix_escaped(flat, name)
-        widths = [w for w in self.widths(flat) if all(w is not t for t in self.taken)]
+        self.fix_escaped((args, kwargs), name)
+        widths = [w for w in self.widths((args, kwargs)) if all(w is not t for t in self.taken)]
         if not widths:
             return
         size = _size_arg(args, kwargs) if name in _SIZED and isinstance(out, torch.Tensor) else []
