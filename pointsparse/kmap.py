@@ -452,8 +452,7 @@ def _build(coords: torch.Tensor, k: Triple, t: Triple, d: Triple, s: Triple, met
         n = coords.shape[0]
         rows = torch.arange(n, dtype=torch.int64, device=coords.device)
         return KernelMap(coords, rows, rows.clone(), torch.tensor([n], dtype=torch.int64), offsets, n, n, key)
-    if (not submanifold and (trusted or default) and method != "torch" and _ext.serves(coords)
-            and _tiles_its_stride(k, t, d)):
+    if not submanifold and (trusted or default) and _tiles_its_stride(k, t, d):
         # A map whose kernel tiles its stride (the U-Net's k2 s2
         # downsampling), a cache's or build()'s with the default method: each
         # row pairs with its parent, found by the downsampling's own sort
@@ -461,16 +460,16 @@ def _build(coords: torch.Tensor, k: Triple, t: Triple, d: Triple, s: Triple, met
         # builders do, with their message (untrusted coords were checked to
         # be multiples of their stride above). None: the out_coords given are
         # not the downsampled coords; a search below.
-        got = _ext.call(_ext.core.kmap_parents, _ext.to_numpy(coords), [a * b for a, b in zip(s, t)], list(k),
-                        None if out_coords is None else _ext.to_numpy(out_coords))
-        if got is not None:
-            parents, in_idx, out_idx, sizes = (_ext.to_tensor(a) for a in got)
-            out = parents if out_coords is None else out_coords
-            return KernelMap(out, in_idx, out_idx, sizes, offsets, coords.shape[0], out.shape[0], key)
-    if (not submanifold and out_coords is None and (trusted or default) and method == "torch"
-            and _tiles_its_stride(k, t, d)):
-        # the same map in torch ops (a GPU's): each row's parent from the downsampling's own unique
-        return _parents_torch(coords, k, t, s, offsets, key)
+        if method != "torch" and _ext.serves(coords):
+            got = _ext.call(_ext.core.kmap_parents, _ext.to_numpy(coords), [a * b for a, b in zip(s, t)], list(k),
+                            None if out_coords is None else _ext.to_numpy(out_coords))
+            if got is not None:
+                parents, in_idx, out_idx, sizes = (_ext.to_tensor(a) for a in got)
+                out = parents if out_coords is None else out_coords
+                return KernelMap(out, in_idx, out_idx, sizes, offsets, coords.shape[0], out.shape[0], key)
+        elif method == "torch" and out_coords is None:
+            # the same map in torch ops (a GPU's): each row's parent from the downsampling's own unique
+            return _parents_torch(coords, k, t, s, offsets, key)
     if out_coords is None:
         out_coords = coords if submanifold else downsample_coords(coords, tuple(a * b for a, b in zip(s, t)))
     if method == "torch":

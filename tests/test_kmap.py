@@ -789,6 +789,32 @@ def test_the_torch_parents_map_equals_the_core(k):
         km.build(twice, 2, 2)
 
 
+def test_which_builds_of_a_kernel_tiling_its_stride_take_the_torch_parents(monkeypatch):
+    """On the torch path the default method's and a cache's maps of a k2 s2
+    kernel take ``_parents_torch``, the core's ``kmap_parents`` never; a
+    method named by build() searches, as do out_coords given and a
+    submanifold or non-tiling kernel."""
+    calls = []
+    parents = km._parents_torch
+
+    def counted(*args):
+        calls.append(args[0].shape[0])
+        return parents(*args)
+
+    monkeypatch.setattr(km, "_parents_torch", counted)
+    coords = random_coords(500, 2, 7, seed=8, shuffle=True)
+    want = km.build(coords, 2, 2, method="mergesort")
+    with _ext.torch_path():
+        monkeypatch.setattr(_ext.core, "kmap_parents", None)  # (never called there)
+        taken = [km.build(coords, 2, 2), km.get_kmap(ps.SparseTensor(torch.zeros(len(coords), 1), coords), 2, 2)]
+        assert calls == [len(coords)] * 2
+        searched = [km.build(coords, 2, 2, method="torch"), km.build(coords, 2, 2, out_coords=want.out_coords),
+                    km.build(coords, 3, 2), km.build(coords, 2, 1)]
+        assert calls == [len(coords)] * 2
+    for kmap in taken + searched[:2]:
+        assert torch.equal(kmap.in_idx, want.in_idx) and torch.equal(kmap.out_idx, want.out_idx)
+
+
 def test_the_torch_parents_map_of_no_rows_is_no_view_of_its_coords():
     """``_parents_torch`` gave no rows' out_coords as ``coords[:0]``, a view
     of its input: the ``kmap_parents`` operator (whose real implementation it
