@@ -22,6 +22,9 @@ output shapes, with unbacked symbolic sizes where a count depends on the data):
 ``conv_inference(feats, weight, bias?, out_coords, in_idx, out_idx, sizes, key, add?, relu)``
     the same forward with a residual and the ReLU in the kernel's store, no
     autograd: a graph's conv where no gradient is needed.
+    Both have an autocast rule on the CPU and CUDA, as aten's convs do:
+    called under ``torch.autocast`` (an exported program run there) they
+    run as an eager conv does under it (:func:`_autocast_conv`).
 ``voxelize(points, voxel_size, batch?)`` and ``segment_reduce(feats, inverse, perm, seg_ptr, mode)``
     the two halves of :func:`pointsparse.voxelize` (M voxels unbacked).
 ``trilinear_weights(coords, stride, points, voxel_size, batch?)``
@@ -48,6 +51,7 @@ one structural key shares one map (and the backward reuses it).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -236,11 +240,11 @@ def _bf16_runs(feats: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
 
 def _as_given(t: Tensor):
     """Autocast off on ``t``'s device for an operator's torch loop: an
-    operator computes in the dtypes it is given, as its fake implementation
-    says and the core does (autocast's casts are the caller's, in the graph;
-    aot graphs run their operators with autocast off, while a direct call,
-    an exported program's module or torch.compile's "eager" backend run
-    them under the caller's autocast, whose matmuls gave bf16 products)."""
+    operator's implementation computes in the dtypes it is given, as its
+    fake implementation says and the core does (autocast's casts are the
+    caller's, or the conv operators' autocast rule's, which calls them with
+    autocast off on the CPU and CUDA; under autocast on another device the
+    loop's matmuls gave bf16 products)."""
     return torch.autocast(t.device.type, enabled=False)
 
 
@@ -387,6 +391,85 @@ def _conv_backward(ctx, grad):
 
 
 conv.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
+def _widened(feats: Tensor, weight: Tensor, bias: Optional[Tensor], graph_args: tuple, add: Optional[Tensor],
+             relu: bool, differentiated: bool, dtype: torch.dtype) -> Tensor:
+    """``relu(conv + add)`` on ``feats``, ``weight`` and ``bias`` widened to
+    float32, rounded once to ``dtype``, the residual and the ReLU after (the
+    ReLU before the rounding where there is no residual: rounding keeps the
+    sign): eager's "bf16 on float32". :func:`conv` where a gradient is
+    needed (the rounding's backward rounds the gradients to the inputs'
+    dtypes), else :func:`conv_inference`. ``graph_args``: the operators'
+    ``(out_coords, in_idx, out_idx, sizes, key)``."""
+    wide = (feats.float(), weight.float(), None if bias is None else bias.float())
+    if differentiated:
+        out = conv(*wide, *graph_args)
+        out = torch.relu(out) if relu and add is None else out
+    else:
+        out = conv_inference(*wide, *graph_args, None, relu and add is None)
+    out = out.to(dtype)
+    if add is not None:
+        out = out + add
+        out = torch.relu(out) if relu else out
+    return out
+
+
+def _autocast_conv(device: str, feats: Tensor, weight: Tensor, bias: Optional[Tensor], graph_args: tuple,
+                   add: Optional[Tensor], relu: bool, differentiable: bool) -> Tensor:
+    """:func:`conv` (``differentiable``) or :func:`conv_inference` called
+    under ``torch.autocast`` on ``device`` (an exported program's module run
+    there, torch.compile's "eager" backend, a direct call), as aten's convs
+    have an autocast rule: eager's (``nn.functional.conv3d``). Feats of
+    another float dtype than the weight's in its dtype; a float32 weight
+    (autocast casts float32 only: float64 stays) with the feats and bias
+    rounded to autocast's precision, then bf16 inference on the bf16 kernels
+    where they run, anything else (a gradient needed, fp16, no AVX512-BF16,
+    the torch path) widened, rounded once (:func:`_widened`); the residual
+    ``add`` as it comes (promoted as torch adds). The operator then runs
+    with autocast off on ``device``. (A graph's conv3d applies the rule
+    itself, calling the operators with autocast off; a kernel region, which
+    a program keeps only as zeros in the weight, takes the bf16 kernels
+    here where eager widens it: other roundings of the same sums.)"""
+    from .nn import _engine
+    from .nn.reference import _autocast_dtype, autocast_input
+
+    feats = autocast_input(feats, weight.dtype)
+    low = _autocast_dtype(weight)
+    with torch.autocast(device, enabled=False):
+        if low is not None:
+            feats, weight = feats.to(low), weight.to(low)
+            bias = None if bias is None else bias.to(low)
+            if not _engine.runs_bf16(feats, weight, bias):
+                differentiated = differentiable and torch.is_grad_enabled() and any(
+                    t is not None and t.requires_grad for t in (feats, weight, bias))
+                return _widened(feats, weight, bias, graph_args, add, relu, differentiated, low)
+        if differentiable:
+            return conv(feats, weight, bias, *graph_args)
+        return conv_inference(feats, weight, bias, *graph_args, add, relu)
+
+
+def _register_autocast(lib: torch.library.Library, device: str, dispatch_key: str) -> None:
+    """:func:`_autocast_conv` as the conv operators' kernels for
+    ``dispatch_key``, the autocast dispatch key of ``device``."""
+
+    def conv_kernel(feats, weight, bias, out_coords, in_idx, out_idx, sizes, key):
+        return _autocast_conv(device, feats, weight, bias, (out_coords, in_idx, out_idx, sizes, key), None, False,
+                              True)
+
+    def conv_inference_kernel(feats, weight, bias, out_coords, in_idx, out_idx, sizes, key, add, relu):
+        return _autocast_conv(device, feats, weight, bias, (out_coords, in_idx, out_idx, sizes, key), add, relu,
+                              False)
+
+    lib.impl("conv", conv_kernel, dispatch_key)
+    lib.impl("conv_inference", conv_inference_kernel, dispatch_key)
+
+
+# The conv operators' autocast rule, eager's (torch.library.register_autocast casts every float input to one
+# fixed dtype: fp16 autocast would run in it, the residual would be rounded, the bf16 kernels' choice lost).
+_AUTOCAST = torch.library.Library(_LIB, "IMPL")
+_register_autocast(_AUTOCAST, "cpu", "AutocastCPU")
+_register_autocast(_AUTOCAST, "cuda", "AutocastCUDA")
 
 
 # --- points and voxels ----------------------------------------------------------------------------------
@@ -688,23 +771,20 @@ def conv3d(input: SparseTensor, weight: Tensor, bias: Tensor | None, kernel_size
     args = (input.feats, weight, bias, kmap.out_coords, kmap.in_idx, kmap.out_idx, kmap.sizes, key_to_list(kmap.key))
     differentiated = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                      for t in (input.feats, weight, bias, add))
-    if widen:
-        wide = (input.feats.float(), weight.float(), None if bias is None else bias.float())
-        if differentiated:  # (the ReLU before the rounding, as eager's; rounding keeps the sign)
-            feats = conv(*wide, *args[3:])
-            feats = torch.relu(feats) if relu and add is None else feats
+    # conv3d applied autocast's rule to its arguments (eager's: a kernel region widened, which the operators
+    # cannot see): the operators' own rule must not apply it again (a torch.export program records no
+    # ambient autocast: its operators take the rule when it runs)
+    device = input.feats.device.type
+    as_given = torch.is_autocast_enabled(device) and not torch.compiler.is_exporting()
+    with torch.autocast(device, enabled=False) if as_given else contextlib.nullcontext():
+        if widen:
+            feats = _widened(*args[:3], args[3:], add, relu, differentiated, input.feats.dtype)
+        elif not differentiated:
+            feats = conv_inference(*args, add, relu)
         else:
-            feats = conv_inference(*wide, *args[3:], None, relu and add is None)
-        feats = feats.to(input.feats.dtype)
-        if add is not None:
-            feats = feats + add
-            feats = torch.relu(feats) if relu else feats
-    elif not differentiated:
-        feats = conv_inference(*args, add, relu)
-    else:
-        feats = conv(*args)
-        if add is not None:
-            feats = feats + add
-        if relu:
-            feats = torch.relu(feats)
+            feats = conv(*args)
+            if add is not None:
+                feats = feats + add
+            if relu:
+                feats = torch.relu(feats)
     return SparseTensor(feats, kmap.out_coords, kmap.key.out_stride, cache=cache, validate=False)

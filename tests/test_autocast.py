@@ -1,9 +1,10 @@
 """torch.autocast on the CPU (bf16, fp16): a sparse conv's output in
 autocast's precision however it runs (the C++ core, the torch path, a
-torch.compile graph, a compressed layer's format), as torch's own convs
-give it, with values within that precision of the float32 conv of the
-rounded inputs; the operators' real implementations keep the dtype of
-their fake ones."""
+torch.compile graph, a float32 torch.export program run under autocast, a
+compressed layer's format), as torch's own convs give it, with values within
+that precision of the float32 conv of the rounded inputs; the conv operators
+follow autocast as an eager conv does, their fake implementations giving the
+real dtypes."""
 
 from __future__ import annotations
 
@@ -39,15 +40,28 @@ def _close(got: torch.Tensor, want: torch.Tensor, low: torch.dtype = torch.bfloa
     torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=tol)
 
 
+def _same(got: torch.Tensor, want: torch.Tensor, backend: str) -> None:
+    """Eager's bits on the core; on the torch path (eager's products are autocast's, each rounded) within
+    bf16."""
+    if backend == "torch":
+        _close(got, want)
+    else:
+        assert torch.equal(got, want)
+
+
 # --- the operators ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_the_conv_operators_give_the_dtype_of_their_fake_under_autocast(backend):
-    """Where the core serves no call (backend "torch") the conv operators' real implementations ran
-    autocast's matmuls: under autocast, called outside an aot graph (an exported program's module,
-    torch.compile's "eager" backend, a direct call) they gave bf16 where their fake implementations say
-    float32 (aot graphs run them with autocast off, so a program's dtypes depended on how it ran). They now
-    compute in the dtypes they are given, as the core does: autocast's casts are the caller's."""
+def test_the_conv_operators_follow_autocast_as_an_eager_conv_does(backend):
+    """conv and conv_inference called under autocast (an exported program's module, torch.compile's "eager"
+    backend, a direct call) took their float32 inputs as given and gave float32, where aten's convs have an
+    autocast rule and an eager Conv3d runs in autocast's precision. They now take eager's rule: the feats,
+    weight and bias rounded to autocast's precision, bf16 inference on the bf16 kernels, anything else on the
+    float32 kernels (or the torch loop) on the rounded values widened, rounded once; the residual added as
+    torch adds. Their fake implementations give the real dtypes under autocast too; float64 stays float64
+    (autocast casts float32 only); the gradient operators compute in the dtypes they are given."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     x = _cloud()
     key = ops.key_to_list(kmap.KernelMapKey((1, 1, 1), (3, 3, 3), (1, 1, 1), (1, 1, 1)))
     pairs = ops.kmap_build(x.coords, None, key)
@@ -56,17 +70,44 @@ def test_the_conv_operators_give_the_dtype_of_their_fake_under_autocast(backend)
     grad = torch.randn(len(x), 5, generator=g)
     args = (x.feats, weight, bias, x.coords, *pairs, key)
 
-    def calls():
-        return [ops.conv(*args), ops.conv_inference(*args, grad, True),
-                ops.conv_input_grad(grad, weight, x.coords, *pairs, key, len(x)),
+    def grads():
+        return [ops.conv_input_grad(grad, weight, x.coords, *pairs, key, len(x)),
                 ops.conv_weight_grad(x.feats, grad, x.coords, *pairs, key)]
 
+    def eager(add=None, relu=False):
+        out = NF.conv3d(x, weight, 3, bias=bias, relu=relu, add=None if add is None else x.with_feats(add))
+        return out.feats
+
+    wide = [t.double() for t in args[:3]]
     with BACKENDS[backend]():
-        want = calls()
+        want_grads, want64 = grads(), ops.conv(*wide, *args[3:])
         with torch.autocast("cpu", torch.bfloat16):
-            got = calls()
-    for a, b in zip(got, want):
-        assert a.dtype == torch.float32 and torch.equal(a, b)
+            assert all(a.dtype == torch.float32 and torch.equal(a, b) for a, b in zip(grads(), want_grads))
+            for add in (None, grad.bfloat16(), grad):
+                got, want = ops.conv_inference(*args, add, True), eager(add, True)
+                assert got.dtype == want.dtype == (torch.bfloat16 if add is None else add.dtype)
+                _same(got, want, backend)
+            got, want = ops.conv(*args), eager()
+            assert got.dtype == want.dtype == torch.bfloat16
+            _same(got, want, backend)
+            got = ops.conv(*wide, *args[3:])
+            assert got.dtype == torch.float64 and torch.equal(got, want64)
+            with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                fake = [mode.from_tensor(t) for t in args[:3]]
+                assert ops.conv(*fake, *args[3:]).dtype == torch.bfloat16
+                assert ops.conv_inference(*fake, *args[3:], mode.from_tensor(grad), True).dtype == torch.float32
+            # with gradients: eager's widened float32 sums, the gradients reaching the float32 leaves
+            outs, leaves = [], []
+            for call in (lambda f, w, b: ops.conv(f, w, b, *args[3:]),
+                         lambda f, w, b: NF.conv3d(x.with_feats(f), w, 3, bias=b).feats):
+                leaves.append([t.detach().clone().requires_grad_() for t in args[:3]])
+                outs.append(call(*leaves[-1]))
+                outs[-1].backward(grad.bfloat16())
+    assert outs[0].dtype == outs[1].dtype == torch.bfloat16
+    _same(outs[0].detach(), outs[1].detach(), backend)
+    for a, b in zip(*leaves):
+        assert a.grad.dtype == torch.float32
+        _close(a.grad, b.grad)
 
 
 # --- eager convs -----------------------------------------------------------------------------------------
@@ -219,6 +260,25 @@ def test_a_compiled_conv_under_autocast_gives_eager_dtype_values_and_gradients(b
         _close(p.grad, q.grad)
 
 
+@pytest.mark.skipif(not ps._ext.core.conv_bf16(), reason="the CPU has no AVX512-BF16")
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_a_compiled_conv_with_a_kernel_region_under_autocast_is_eagers(backend):
+    """A compiled conv applies autocast's rule itself (eager's: bf16 inference of a conv with a kernel region
+    on the float32 kernels, on the widened values) and calls its operators with autocast off: the operators'
+    own rule, which sees the region only as zeros in the weight, would have rounded the widened values back
+    and run the bf16 kernels (other bits), at run time under torch.compile's "eager" backend and while
+    tracing under aot_eager."""
+    torch.manual_seed(4)
+    # (64 channels: with 8 both kernels gave the same bits here)
+    conv = spnn.Conv3d(64, 64, 3, bias=True, kernel_region="cross").eval()
+    torch.compiler.reset()
+    compiled = torch.compile(copy.deepcopy(conv), fullgraph=True, dynamic=True, backend=backend)
+    x = _cloud(3000, channels=64, seed=5)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        got, want = compiled(x).feats, conv(x).feats
+    assert got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
 def _conv_dtypes(model: torch.nn.Module, seen: list):
     """Forward hooks noting each Conv3d's output dtype in ``seen``."""
     return [m.register_forward_hook(lambda m, args, out: seen.append(out.feats.dtype))
@@ -286,6 +346,91 @@ def test_an_export_under_autocast_is_the_float32_program():
         program = export.export_model(model, x)
     got = program.module()(x.feats, x.coords)
     assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+@pytest.fixture(scope="module")
+def programs():
+    """``{(name, dtype): (model, x, program)}``: :class:`_Convs` (its output a conv's) and a MinkUNet (batch
+    norms, residual blocks, its classifier a Linear) in float32 and in float64, a cloud in that dtype and the
+    model exported (outside autocast) as a :class:`export.ProgramModel`."""
+    from pointsparse import export
+    from pointsparse.models import MinkUNet
+
+    out = {}
+    for dtype in (torch.float32, torch.float64):
+        for name in ("convs", "minkunet"):
+            torch.manual_seed(0)
+            model = (_Convs() if name == "convs" else MinkUNet(4, 3, cr=0.25, blocks=1)).eval().to(dtype)
+            x = _cloud(400, seed=6)
+            x = x.with_feats(x.feats.to(dtype))
+            with torch.no_grad():
+                out[name, dtype] = (model, x, export.ProgramModel(export.export_model(model, x)))
+    return out
+
+
+@pytest.mark.parametrize("name", ["convs", "minkunet"])
+@pytest.mark.parametrize("low,backend", [(torch.bfloat16, "core"), (torch.bfloat16, "core without AVX512-BF16"),
+                                         (torch.bfloat16, "torch"), (torch.float16, "core"),
+                                         (torch.float16, "torch")],
+                         ids=["bf16-core", "bf16-core without AVX512-BF16", "bf16-torch", "fp16-core", "fp16-torch"])
+def test_an_exported_program_under_autocast_runs_its_convs_as_the_eager_model(programs, name, low, backend,
+                                                                              monkeypatch):
+    """A float32 program run under autocast ran its convs in float32 (their operators had no autocast rule)
+    while torch's convs and Linears in a program follow autocast, and the eager model's convs run in
+    autocast's precision: a conv's output was float32 where eager's is bf16, a MinkUNet's logits (bf16 from
+    its Linear) other values. The operators now take eager's rule when the program runs: the output in
+    autocast's precision and eager's bits on the core (bf16 inference on the bf16 kernels or, without them,
+    the float32 kernels on the rounded values; fp16 on the float32 kernels), within autocast's precision on
+    the torch path (eager's products are autocast's, each rounded; the program's summed in float32 on the
+    rounded values, as a compiled graph's). Outside autocast the program is the float32 one, bit for bit."""
+    if backend == "core without AVX512-BF16":
+        backend = "core"
+        monkeypatch.setattr(_engine, "bf16_kernels", lambda: False)
+        monkeypatch.setattr(_engine, "bf16_forward", None)  # (never called)
+    model, x, program = programs[name, torch.float32]
+    with BACKENDS[backend](), torch.no_grad():
+        plain = model(x).feats
+        with torch.autocast("cpu", low):
+            want, got = model(x).feats, program(x).feats
+        again = program(x).feats
+    assert got.dtype == want.dtype == low
+    if backend == "core":
+        assert torch.equal(got, want)
+    else:
+        _close(got, want, low)
+    assert again.dtype == torch.float32 and torch.equal(again, plain)
+
+
+def test_a_programs_conv_with_a_kernel_region_under_autocast_is_within_bf16_of_eager():
+    """A program keeps a kernel region only as zeros in the weight: under autocast its conv runs bf16
+    inference on the bf16 kernels, where eager runs a region on the float32 kernels on the widened values
+    (the same sums, other roundings): eager's dtype, its values within bf16 (they were float32)."""
+    from pointsparse import export
+
+    torch.manual_seed(4)
+    conv = spnn.Conv3d(64, 64, 3, bias=True, kernel_region="cross").eval()
+    x = _cloud(3000, channels=64, seed=5)
+    with torch.no_grad():
+        program = export.ProgramModel(export.export_model(conv, x))
+        with torch.autocast("cpu", torch.bfloat16):
+            got, want = program(x).feats, conv(x).feats
+    assert got.dtype == want.dtype == torch.bfloat16
+    _close(got, want)
+
+
+def test_autocast_leaves_a_float64_programs_convs_in_float64(programs):
+    """autocast casts float32 only: in one autocast region a float32 program's convs run in bf16 (they ran
+    in float32) and the float64 program is the float64 one bit for bit, as the eager float64 model."""
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        outs = {dtype: (programs["convs", dtype][0](programs["convs", dtype][1]).feats,
+                        programs["convs", dtype][2](programs["convs", dtype][1]).feats)
+                for dtype in (torch.float32, torch.float64)}
+    assert outs[torch.float32][1].dtype == torch.bfloat16
+    want, got = outs[torch.float64]
+    model, x, program = programs["convs", torch.float64]
+    with torch.no_grad():
+        plain = program(x).feats
+    assert got.dtype == want.dtype == torch.float64 and torch.equal(got, want) and torch.equal(got, plain)
 
 
 # --- compressed layers -----------------------------------------------------------------------------------

@@ -192,11 +192,13 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
         # torch's convs do: the feats, weight, bias (and mask) rounded to it, then bf16 inference on the
         # bf16 kernels, else the float32 kernels on the exactly widened values, rounded once ("bf16 on
         # float32", with autograd; fp16 too). The core ignored autocast: float32 where the torch path,
-        # whose matmuls take autocast's precision themselves, gave bf16. A graph's operators have no
-        # autocast rule (they took float32 and gave it): they are given the rounded values too, on every
-        # backend (the torch path's operator widens them: its sums in float32, as eager's). torch.export
-        # takes no ambient autocast into a program (torch's convs and Linears stay float32 in it): neither
-        # do these convs (bf16 convs fed a program's float32 Linear, which refused them).
+        # whose matmuls take autocast's precision themselves, gave bf16. A compiled graph's conv is given
+        # the rounded values too, on every backend (the torch path's operator widens them: its sums in
+        # float32, as eager's), and calls its operators with autocast off (ops.conv3d: their own autocast
+        # rule, this one, cannot see a kernel region). torch.export takes no ambient autocast into a
+        # program (torch's convs and Linears stay float32 in it): neither do these convs (bf16 convs fed a
+        # program's float32 Linear, which refused them); run under autocast, the program's conv operators
+        # take this rule then, as torch's convs take theirs (ops._autocast_conv).
         # (feats given in that precision, an autocast layer's output, are taken as given: not widened
         # above and rounded back)
         input = given if given.feats.dtype == low else input.with_feats(input.feats.to(low))
