@@ -478,6 +478,7 @@ class ProgramModel(nn.Module):
             raise TypeError(f"meta must be None or the dict load returns; got {type(meta).__name__}")
         self.meta = dict(meta or {})
         self.run = program.module()
+        self._autocast_dtypes: dict = {}  # autocast dtype -> the output's (_empty_dtype)
         self.training = False
 
     #: Where the program came from (``load``'s path), named in the input errors.
@@ -518,6 +519,43 @@ class ProgramModel(nn.Module):
                                  "(pointsparse export --inference bf16, ...)")
         return self
 
+    def _call(self, *args):
+        """The program on ``args``. Under ``torch.autocast`` a program that
+        casts between dtypes inside (SPVCNN's point branch: torch.export keeps
+        each ``.to(float32)`` it traced as a check that the tensor is float32)
+        fails torch's check on the first conv output autocast gave in its
+        precision: a ValueError saying so instead of torch's bare "Tensor
+        dtype mismatch"."""
+        try:
+            return self.run(*args)
+        except RuntimeError as error:
+            if "dtype mismatch" not in str(error) or not torch.is_autocast_enabled("cpu"):
+                raise
+            raise ValueError(
+                f"{self.source} cannot run under torch.autocast: it casts between dtypes inside (torch.export "
+                f"kept each cast it traced in {self.dtype} as a check, which autocast's "
+                f"{torch.get_autocast_dtype('cpu')} outputs fail); run it outside autocast, or export the "
+                "model in the precision wanted (pointsparse export --inference bf16)") from error
+
+    def _empty_dtype(self) -> torch.dtype:
+        """The dtype of the output the program gives now: the traced one, or
+        under ``torch.autocast`` that of a one-row run (cached per autocast
+        dtype), so that an empty input's output (never run: the program is
+        traced for two rows and up) has the dtype a cloud's has."""
+        if not torch.is_autocast_enabled("cpu"):
+            return self.logits_dtype
+        low = torch.get_autocast_dtype("cpu")
+        if low not in self._autocast_dtypes:
+            feats = torch.zeros((1, self.in_channels), dtype=self.dtype)
+            coords = torch.zeros((1, 4), dtype=torch.int32)
+            if self.point_level:
+                one = torch.zeros(1, dtype=torch.int64)
+                out = self._call(feats, coords, one, torch.zeros((1, 3), dtype=self.points_dtype), one)
+            else:
+                out = self._call(feats, coords)
+            self._autocast_dtypes[low] = (out[0] if isinstance(out, (tuple, list)) else out).dtype
+        return self._autocast_dtypes[low]
+
     def forward(self, x: SparseTensor, inverse=None, points=None, point_batch=None):
         if not isinstance(x, SparseTensor):
             raise TypeError(f"x must be a SparseTensor; got {type(x).__name__}")
@@ -538,15 +576,15 @@ class ProgramModel(nn.Module):
             if (inverse, points, point_batch) != (None, None, None):
                 raise TypeError("this program takes voxels only (feats, coords); inverse, points and point_batch "
                                 "are a point-level network's (SPVCNN)")
-            empty = feats.new_zeros((0, *self.out_shape), dtype=self.logits_dtype) if not len(x) else None
+            empty = feats.new_zeros((0, *self.out_shape), dtype=self._empty_dtype()) if not len(x) else None
             if self.output == "logits":
-                return x.with_feats(empty if empty is not None else self.run(feats, x.coords))
+                return x.with_feats(empty if empty is not None else self._call(feats, x.coords))
             if self.output == "tensor":
-                return empty if empty is not None else self.run(feats, x.coords)
+                return empty if empty is not None else self._call(feats, x.coords)
             if empty is not None:
                 out_feats, out_coords = empty, x.coords
             else:
-                out_feats, out_coords, _ = self.run(feats, x.coords)
+                out_feats, out_coords, _ = self._call(feats, x.coords)
             out = SparseTensor(out_feats, out_coords, self.output_stride, validate=False)
             _note_selection(out, x)
             return out
@@ -557,8 +595,8 @@ class ProgramModel(nn.Module):
             raise TypeError(f"points must be {self.points_dtype}, inverse and point_batch int64 (the program's); "
                             f"got {points.dtype}, {inverse.dtype}, {point_batch.dtype}")
         if not len(inverse):
-            return feats.new_zeros((0, self.num_classes), dtype=self.logits_dtype)
-        return self.run(feats, x.coords, inverse, points, point_batch)
+            return feats.new_zeros((0, self.num_classes), dtype=self._empty_dtype())
+        return self._call(feats, x.coords, inverse, points, point_batch)
 
     def __repr__(self) -> str:  # (the program's module prints as a tree of empty Modules)
         kind = ", point_level=True" if self.point_level else ""

@@ -517,3 +517,50 @@ def test_a_compressed_model_runs_under_autocast():
         want, got = model(x).feats, sparse(x).feats
     assert got.dtype == want.dtype == torch.bfloat16
     _close(got, want)
+
+
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("model", ["convs", "minkunet"])
+def test_an_exported_programs_empty_output_under_autocast_has_the_dtype_of_its_other_outputs(model, low):
+    """An empty input gives an empty output without running the program (it is traced for two rows and
+    up); that output took the dtype of the program's float32 trace, so under autocast a cloud gave bf16
+    logits and an empty one float32. It now has the dtype the program gives under the autocast in force
+    (and float32 again outside it)."""
+    from pointsparse import export
+    from pointsparse.models import MinkUNet
+
+    torch.manual_seed(0)
+    net = (_Convs() if model == "convs" else MinkUNet(4, 3, cr=0.25, blocks=1)).eval()
+    x = _cloud(400, seed=6)
+    empty = ps.SparseTensor(x.feats[:0], x.coords[:0])
+    with torch.no_grad():
+        program = export.ProgramModel(export.export_model(net, x))
+        with torch.autocast("cpu", low):
+            full, none = program(x), program(empty)
+            assert none.feats.dtype == full.feats.dtype == net(x).feats.dtype == low
+            assert program(empty).feats.dtype == low  # (the one-row run's dtype, kept)
+        assert none.feats.shape == (0, full.feats.shape[1])
+        assert program(empty).feats.dtype == program(x).feats.dtype == torch.float32
+
+
+def test_an_spvcnn_program_under_autocast_says_it_cannot_run_there():
+    """SPVCNN's point branch casts its voxel features to the points' float32: torch.export keeps each
+    such cast it traced as a check that the tensor is float32, which a conv output autocast gave in bf16
+    fails (torch's bare "RuntimeError: Tensor dtype mismatch", also for an empty input's dtype probe).
+    The program now says it cannot run under autocast and what to do; outside autocast it runs."""
+    from pointsparse import export
+    from pointsparse.models import SPVCNN
+
+    torch.manual_seed(0)
+    net = SPVCNN(4, 3, cr=0.25, blocks=1).eval()
+    args = export.example_input(4, 0.4, points=True)
+    voxels, inverse, points, point_batch = args
+    empty = (ps.SparseTensor(voxels.feats[:0], voxels.coords[:0]), inverse[:0], points[:0], point_batch[:0])
+    with torch.no_grad():
+        program = export.ProgramModel(export.export_model(net, args))
+        for call in (args, empty):
+            with torch.autocast("cpu", torch.bfloat16), pytest.raises(
+                    ValueError, match=r"cannot run under torch.autocast: it casts between dtypes inside .*"
+                                      r"pointsparse export --inference bf16"):
+                program(*call)
+        assert torch.equal(program(*args), net(*args)) and program(*empty).shape == (0, 3)
