@@ -42,7 +42,12 @@ at ``--voxel-size`` (whatever voxel the model was trained at: the time is
 that of this sweep's voxels), the program, every point's class; and the
 program alone on the cached voxels (it builds its maps inside every call).
 Interleaved with each other, medians of ``--rounds``; ``--no-variants``
-times only them."""
+times only them.
+
+``--reuse-memory``: ``pointsparse.reuse_freed_memory(True)`` first, as a
+user serving many sweeps from one process may set it (process-wide, so
+compare whole runs with and without it, alternated: bench/RESULTS.md
+stop 51)."""
 
 from __future__ import annotations
 
@@ -280,6 +285,9 @@ def main() -> None:
                         help="also time this exported program as pointsparse predict runs it (repeatable)")
     parser.add_argument("--no-variants", action="store_true",
                         help="time only the --program rows, not the random-weight models")
+    parser.add_argument("--reuse-memory", action="store_true",
+                        help="pointsparse.reuse_freed_memory(True) first (process-wide: compare runs with and "
+                             "without it, alternated)")
     args = parser.parse_args()
     if args.quick:
         args.rounds = 1
@@ -293,6 +301,8 @@ def main() -> None:
         print("north_star: ../shared/datasets/kitti-raw/000049.bin is absent; nothing measured")
         return
     torch.set_num_threads(args.threads)
+    if args.reuse_memory and not ps.reuse_freed_memory(True):
+        print("north_star: --reuse-memory: the C library is not glibc; nothing changed")
     tables = [] if args.no_variants else [measure(kitti_points(), args.voxel_size, args.rounds)]
     if args.program:
         tables.append(program_rows(programs, args.voxel_size, args.rounds))
