@@ -532,3 +532,50 @@ def test_predict_and_eval_run_a_checkpoint_with_a_stride_1_voxel_prune(tmp_path)
     assert cli.main(["predict", "--program", str(program), "--data", str(paths[0]), "--out", str(tmp_path / "pp"),
                      "--no-progress"]) == 0
     assert np.array_equal(np.load(tmp_path / "pp" / f"{paths[0].stem}.npy"), want)
+
+
+@pytest.mark.parametrize("host_frozen", [False, True])
+def test_predict_and_eval_keep_what_they_loaded_out_of_the_collectors_passes(tmp_path, monkeypatch, host_frozen):
+    """While predict and eval run their model cloud after cloud, what was alive when they started (torch, the
+    model, a program's graph) is frozen out of the cyclic collector (whose full passes traversed every such
+    object: 150-190 ms inside one cloud's call on the north star's program, bench/RESULTS.md stop 51), and put
+    back when they end; where the process froze objects itself, they leave its policy alone."""
+    import gc
+
+    from pointsparse.app import evaluate as evaluate_cmd
+    from pointsparse.app import scoring
+
+    ckpt = _checkpoint(tmp_path / "checkpoint.pt")
+    paths = _clouds(tmp_path / "in")
+    seen = []
+    real_predict, real_evaluate = scoring.predict, evaluate_cmd.evaluate
+
+    def predict_spy(*args, **kwargs):
+        seen.append(("predict", gc.get_freeze_count()))
+        return real_predict(*args, **kwargs)
+
+    def evaluate_spy(*args, **kwargs):
+        seen.append(("eval", gc.get_freeze_count()))
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "predict", predict_spy)
+    monkeypatch.setattr(evaluate_cmd, "evaluate", evaluate_spy)
+    if host_frozen:
+        gc.freeze()
+    try:
+        before = gc.get_freeze_count()
+        assert cli.main(["predict", "--checkpoint", str(ckpt), "--data", *map(str, paths), "--out",
+                         str(tmp_path / "pred"), "--no-progress"]) == 0
+        after_predict = gc.get_freeze_count()
+        assert cli.main(["eval", "--checkpoint", str(ckpt), "--data", *map(str, paths), "--no-progress",
+                         "--out", str(tmp_path / "eval")]) == 0
+        after_eval = gc.get_freeze_count()
+    finally:
+        gc.unfreeze()
+    names = [name for name, _ in seen]
+    assert names[:len(paths)] == ["predict"] * len(paths) and names.count("eval") == 1
+    if host_frozen:  # (nothing frozen on top, nothing put back: the count only falls as frozen objects die)
+        assert before > 100_000 and all(count <= before for _, count in seen)
+        assert after_eval <= after_predict <= before and after_eval > before - 1000
+    else:
+        assert before == after_predict == after_eval == 0 and all(count > 100_000 for _, count in seen)

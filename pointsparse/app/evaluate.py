@@ -21,7 +21,7 @@ from ..data.datasets import is_generated
 from ..models import model_from_state
 from . import metrics
 from .distributed import pick_device
-from .scoring import evaluate, point_level, write_report
+from .scoring import evaluate, loaded_frozen, point_level, write_report
 from .train import add_data_arguments, check_args, generated_source, load_checkpoint, require_labels
 from .trainer import have_tqdm
 
@@ -141,8 +141,9 @@ def _score(args, model, state: dict, spec, source, ignore_index: int, device) ->
                                 args)
     dataset = VoxelDataset(source, config["voxel_size"], ignore_index)
     t0 = time.perf_counter()
-    cm, first = evaluate(model, dataset, len(classes), ignore_index, device, args.batch_size,
-                         progress=not args.no_progress and have_tqdm())
+    with loaded_frozen():
+        cm, first = evaluate(model, dataset, len(classes), ignore_index, device, args.batch_size,
+                             progress=not args.no_progress and have_tqdm())
     elapsed = time.perf_counter() - t0
     print(metrics.format_table(cm, classes))
     print(f"{len(source)} clouds in {elapsed:.1f} s ({elapsed / max(len(source), 1):.2f} s per cloud)")

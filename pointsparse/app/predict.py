@@ -188,7 +188,7 @@ def _predict_all(args, model, config: dict, paths: list[Path], targets: list[Pat
     from ..data import DEFAULT_IGNORE, Batch
     from ..data.readers import read_cloud
     from ..data.transforms import voxelize_sample
-    from .scoring import predict
+    from .scoring import loaded_frozen, predict
     from .trainer import have_tqdm, progress_bar
 
     classes = list(config["classes"])
@@ -200,24 +200,26 @@ def _predict_all(args, model, config: dict, paths: list[Path], targets: list[Pat
     ignore = config.get("ignore_index", DEFAULT_IGNORE)
     points = voxels = 0
     t0 = time.perf_counter()
-    for path, target in progress_bar(list(zip(paths, targets)), "predict", not args.no_progress and have_tqdm()):
-        sample = read_cloud(path, labels=False)  # (the file's own labels, where it has any, go unread)
-        try:
-            v = voxelize_sample(sample, config["voxel_size"], ignore)
-        except ValueError as error:  # (coordinates the voxel grid cannot hold: say which file)
-            raise ValueError(f"{path}: {error}") from error
-        if v.feats.shape[1] != config["in_channels"]:
-            raise ValueError(f"{path}: its points give {v.feats.shape[1]} features; the model takes "
-                             f"{config['in_channels']}")
-        _, pred = predict(model, Batch.of([v]))
-        pred = pred.cpu().numpy()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if args.format == "label":
-            data = ids[pred].astype("<u4").tobytes()
-        else:
-            data = _npy_bytes(pred.astype(np.int32))
-        atomic_write(target, lambda f, data=data: f.write(data))
-        points, voxels = points + len(pred), voxels + len(v.input)
+    with loaded_frozen():
+        for path, target in progress_bar(list(zip(paths, targets)), "predict",
+                                         not args.no_progress and have_tqdm()):
+            sample = read_cloud(path, labels=False)  # (the file's own labels, where it has any, go unread)
+            try:
+                v = voxelize_sample(sample, config["voxel_size"], ignore)
+            except ValueError as error:  # (coordinates the voxel grid cannot hold: say which file)
+                raise ValueError(f"{path}: {error}") from error
+            if v.feats.shape[1] != config["in_channels"]:
+                raise ValueError(f"{path}: its points give {v.feats.shape[1]} features; the model takes "
+                                 f"{config['in_channels']}")
+            _, pred = predict(model, Batch.of([v]))
+            pred = pred.cpu().numpy()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if args.format == "label":
+                data = ids[pred].astype("<u4").tobytes()
+            else:
+                data = _npy_bytes(pred.astype(np.int32))
+            atomic_write(target, lambda f, data=data: f.write(data))
+            points, voxels = points + len(pred), voxels + len(v.input)
     elapsed = time.perf_counter() - t0
     text = json.dumps({"classes": classes, "format": args.format, "files": len(paths),
                        **({"label_map": label_map.name} if label_map is not None else {})}, indent=1) + "\n"

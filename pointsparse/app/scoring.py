@@ -4,6 +4,8 @@ report (``metrics.json`` and the PNGs)."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import sys
 from pathlib import Path
@@ -80,6 +82,28 @@ def predict(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     # each voxel's class, taken to its points (a column of float64: exact class numbers; 0 for a dropped voxel's)
     classes = out.with_feats(out.feats.argmax(1, keepdim=True).to(torch.float64))
     return out.feats, devoxelize(classes, batch.inverse)[:, 0].long()
+
+
+@contextlib.contextmanager
+def loaded_frozen():
+    """While a command runs its model over many clouds: what is alive when it
+    starts (torch, the model, an exported program's graph: some 330k
+    objects) collected once and left out of the cyclic collector's passes
+    (``gc.freeze``), then put back (``gc.unfreeze``: nothing is kept from
+    the collector for good). torch's export wrapper leaves a few reference
+    cycles on every call, so full collections keep coming, and each
+    traversed every object: 150-190 ms inside one cloud's call, once in
+    40-150 calls (bench/RESULTS.md stop 51). Where the process has frozen
+    objects already (its own policy), nothing is changed."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def shard(count: int, rank: int, world: int) -> range:
