@@ -92,9 +92,9 @@ def loaded_frozen():
     (``gc.freeze``), then put back (``gc.unfreeze``: nothing is kept from
     the collector for good). torch's export wrapper leaves a few reference
     cycles on every call, so full collections keep coming, and each
-    traversed every object: 150-190 ms inside one cloud's call, once in
-    40-150 calls (bench/RESULTS.md stop 51). Where the process has frozen
-    objects already (its own policy), nothing is changed."""
+    traverses every object: 130-190 ms inside one cloud's call, once in
+    40-150 calls in some processes (bench/RESULTS.md stop 51). Where the
+    process has frozen objects already (its own policy), nothing is changed."""
     if gc.get_freeze_count():
         yield
         return
