@@ -154,6 +154,29 @@ class KernelMap:
                            not self.key.transposed)
         return KernelMap(out_coords, in_idx, out_idx, self.sizes, self.offsets, self.num_out, self.num_in, key)
 
+    def restricted(self, rows: torch.Tensor, out_coords: torch.Tensor) -> "KernelMap":
+        """The map onto the output rows ``rows`` only (sorted, distinct
+        int64; ``out_coords`` their coords), the same inputs. A map's pairs
+        of one output row depend only on that row's coords and the inputs',
+        so this is the map a search onto the kept coords makes, pair for pair
+        and in its order (the rows renumbered in order: still grouped by
+        offset and sorted by output row). A selection of voxels
+        (``functional.select_voxels``) takes its downsampling maps this way:
+        a few passes over the pairs against a search that kmap_parents
+        cannot serve (given out coords). (A submanifold map restricted on
+        both sides is the kept voxels' map too, but torch's passes over its
+        ~9 pairs a row cost more than the core's search: it is searched.)"""
+        device = self.out_idx.device
+        rows = rows.to(device, torch.int64)
+        renumber = torch.full((self.num_out,), -1, dtype=torch.int64, device=device)
+        renumber[rows] = torch.arange(rows.numel(), dtype=torch.int64, device=device)
+        out_idx = renumber[self.out_idx]
+        keep = out_idx >= 0
+        kept = torch.cat([keep.new_zeros(1, dtype=torch.int64), keep.cumsum(0)]).cpu()
+        ptr = torch.tensor(self.ptr, dtype=torch.int64)
+        return KernelMap(out_coords, self.in_idx[keep], out_idx[keep], kept[ptr[1:]] - kept[ptr[:-1]], self.offsets,
+                         self.num_in, rows.numel(), self.key)
+
     def _in_idx_ascending(self) -> bool:
         """Whether ``in_idx`` ascends within every offset (then the transpose
         needs no sort: true for maps between key-sorted coords)."""

@@ -132,6 +132,9 @@ class CoordinateCache:
         # map key -> (map, plan): the engine's plan beside its map.
         self.plans: dict[object, tuple] = {}
         self.kept: dict[Triple, tuple] = {}
+        # map key -> a callable making that map from another cache's without
+        # a search (a selection's: functional.select_voxels), used once.
+        self.derived: dict[object, Callable[[], object]] = {}
 
     def get_coords(self, stride: Triple) -> torch.Tensor | None:
         return self.coords.get(stride)
@@ -143,7 +146,7 @@ class CoordinateCache:
         """The cached map for ``key``, building it with ``build()`` once."""
         kmap = self.kmaps.get(key)
         if kmap is None:
-            kmap = build()
+            kmap = self.derived.pop(key, build)()
             self.kmaps[key] = kmap
         return kmap
 
@@ -185,11 +188,13 @@ class CoordinateCache:
         """Pickled and deep-copied without the plans (C++ objects, rebuilt on use)."""
         state = self.__dict__.copy()
         state["plans"] = {}
+        state["derived"] = {}  # (closures over the source's maps: a search builds them instead)
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault("kept", {})  # (caches pickled before it existed have none)
+        self.__dict__.setdefault("derived", {})
 
     def to(self, device) -> "CoordinateCache":
         out = CoordinateCache()
