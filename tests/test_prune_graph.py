@@ -1864,3 +1864,49 @@ def test_an_index_that_differs_from_channel_to_channel_fixes_them(op, cuttable):
     graph = G.DependencyGraph(net, x)
     assert [g.name for g in graph.groups] == (["a"] if cuttable else []), graph.fixed_groups
     assert _cut_mismatches(net, x) == []
+
+
+class _Elsewhere(nn.Module):
+    """``a = Conv3d(3, 6) -> BatchNorm -> op (channels to 6) -> o = Conv3d(6, 2, 1)``."""
+
+    def __init__(self, op):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.bn, self.o = ps.nn.Conv3d(3, 6, 3), ps.nn.BatchNorm(6), ps.nn.Conv3d(6, 2, 1)
+        self.b = op()
+
+    def forward(self, x):
+        h = self.bn(self.a(x))
+        if isinstance(self.b, ps.nn.Conv3d):  # (its weight used by the functional conv; the module never runs)
+            return self.o(ps.nn.functional.conv3d(h, self.b.weight, 3))
+        if isinstance(self.b, ps.formats.SparseLinear):
+            return self.o(h.with_feats(self.b(h.feats)))
+        return self.o(self.b(h))
+
+
+def _compressed_conv(execution):
+    layer = ps.formats.compress(ps.nn.Conv3d(6, 6, 3), "csr")
+    layer.execution = execution
+    return layer
+
+
+@pytest.mark.parametrize("op", [
+    lambda: ps.nn.Conv3d(6, 6, 3),
+    lambda: _compressed_conv("format"),
+    lambda: _compressed_conv("engine"),
+    lambda: ps.formats.compress(nn.Linear(6, 6), "csr"),
+], ids=["functional-conv", "compressed-format", "compressed-engine", "compressed-linear"])
+def test_channels_that_leave_torch_for_the_core_are_fixed(op):
+    """Channels handed to the C++ core as numpy arrays (the engine's conv of
+    a weight no registered layer runs, a compressed layer's format or
+    engine) are used there in ways the graph does not see: it left them
+    cuttable, and the cut model (the weight there uncut) raised 'input has 4
+    channels; this conv takes 6'. They are fixed, as a layer without an
+    adapter fixes its input's."""
+    net, x = _Elsewhere(op).eval(), sparse_input(n=120, channels=3)
+    graph = G.DependencyGraph(net, x)
+    assert graph.groups == [], [g.name for g in graph.groups]
+    assert "leave torch" in graph.fixed_groups[0].fixed and graph.fixed_groups[0].name == "a"
+    assert G.prune_model(net, x, 0.5, multiple=1) == {}
+    with torch.no_grad():
+        assert net(x).feats.shape == (len(x), 2)

@@ -14,7 +14,9 @@ of order >= 0 (a zero channel adds nothing to it: a magnitude VoxelPrune's
 scores) gives a tensor of no channels and leaves them cuttable; ops that
 mix channels with weights the graph does not know (``matmul``, ``softmax``
 over channels, an unregistered layer with parameters), other reductions
-over channels, writes into some channel positions (``z[:, 1] = 0``) and the
+over channels, writes into some channel positions (``z[:, 1] = 0``), values
+handed out of torch (``numpy()``: the C++ core's arrays, where a conv of a
+weight no registered layer runs or a compressed layer uses them) and the
 network output *fix* the spaces they touch: those channels are never cut.
 
 A tensor's width can also come from a number: ``torch.ones(y.shape)``,
@@ -275,6 +277,9 @@ _READS = {"shape", "size", "len", "numel"}
 # p-norms (p >= 0) over channels: a zero (masked) channel adds nothing to them, so the cut of masked channels
 # leaves the result as it was and the result holds no channels (a magnitude VoxelPrune's voxel scores)
 _NORMS = {"norm", "linalg_vector_norm", "linalg_norm"}  # (linalg.norm's matrix norms too: a zero column adds nothing)
+# a tensor's values handed out of torch (the C++ core takes numpy views: the engine's conv of a weight no registered
+# layer runs, a compressed layer's format): what is done with its channels there, the graph does not see
+_LEAVE = {"numpy", "array", "tolist"}
 
 
 def _size_arg(args, kwargs) -> list:
@@ -485,6 +490,11 @@ class Tracer(TorchFunctionMode):
             tag = self._write(args[0], tuple(args[1]) if name == "index_put" else args[1], value)
             if name == "index_put" and isinstance(out, torch.Tensor):
                 self.set_tag(out, tag)
+            return
+        if name in _LEAVE:
+            for t in tree_flatten((args, kwargs))[0]:
+                self.fix(self.tag_of(t), f"{name}: its values leave torch (the core's numpy arrays), where the graph "
+                                         "does not follow its channels")
             return
         outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
         if not outs:
