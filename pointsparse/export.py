@@ -528,7 +528,7 @@ class ProgramModel(nn.Module):
         dtype mismatch"."""
         try:
             return self.run(*args)
-        except RuntimeError as error:
+        except (RuntimeError, AssertionError) as error:  # (on fake tensors, _empty_dtype's, the check asserts)
             if "dtype mismatch" not in str(error) or not torch.is_autocast_enabled("cpu"):
                 raise
             raise ValueError(
@@ -539,20 +539,28 @@ class ProgramModel(nn.Module):
 
     def _empty_dtype(self) -> torch.dtype:
         """The dtype of the output the program gives now: the traced one, or
-        under ``torch.autocast`` that of a one-row run (cached per autocast
-        dtype), so that an empty input's output (never run: the program is
-        traced for two rows and up) has the dtype a cloud's has."""
+        under ``torch.autocast`` that of a run on fake tensors of
+        :data:`MIN_POINTS` rows (cached per autocast dtype), so that an
+        empty input's output (never run: the program is traced for two rows
+        and up) has the dtype a cloud's has. Fake tensors hold no data, so
+        no data check runs (a real row of zeros was refused by a VoxelPrune
+        threshold that kept none of it)."""
         if not torch.is_autocast_enabled("cpu"):
             return self.logits_dtype
         low = torch.get_autocast_dtype("cpu")
         if low not in self._autocast_dtypes:
-            feats = torch.zeros((1, self.in_channels), dtype=self.dtype)
-            coords = torch.zeros((1, 4), dtype=torch.int32)
-            if self.point_level:
-                one = torch.zeros(1, dtype=torch.int64)
-                out = self._call(feats, coords, one, torch.zeros((1, 3), dtype=self.points_dtype), one)
-            else:
-                out = self._call(feats, coords)
+            from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: PLC0415 - torch's, for this probe only
+            from torch.fx.experimental.symbolic_shapes import ShapeEnv  # noqa: PLC0415
+
+            n = MIN_POINTS
+            with FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv()):  # (the program's weights: real)
+                feats = torch.zeros((n, self.in_channels), dtype=self.dtype)
+                coords = torch.zeros((n, 4), dtype=torch.int32)
+                if self.point_level:
+                    rows = torch.zeros(n, dtype=torch.int64)
+                    out = self._call(feats, coords, rows, torch.zeros((n, 3), dtype=self.points_dtype), rows)
+                else:
+                    out = self._call(feats, coords)
             self._autocast_dtypes[low] = (out[0] if isinstance(out, (tuple, list)) else out).dtype
         return self._autocast_dtypes[low]
 
