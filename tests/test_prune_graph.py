@@ -1910,3 +1910,46 @@ def test_channels_that_leave_torch_for_the_core_are_fixed(op):
     assert G.prune_model(net, x, 0.5, multiple=1) == {}
     with torch.no_grad():
         assert net(x).feats.shape == (len(x), 2)
+
+
+class _RootParameters(nn.Module):
+    """A sparse chain whose own forward uses parameters of the root: a
+    learned output scale (a number) and, with ``gate``, a gate on the
+    channels of ``b``'s output."""
+
+    def __init__(self, gate: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.bn = ps.nn.Conv3d(3, 6, 3), ps.nn.BatchNorm(6)
+        self.b, self.o = ps.nn.Conv3d(6, 8, 3), ps.nn.Conv3d(8, 2, 1)
+        self.scale = nn.Parameter(torch.tensor(1.5))
+        self.gate = nn.Parameter(torch.rand(8)) if gate else None
+
+    def forward(self, x):
+        h = self.b(self.bn(self.a(x)))
+        if self.gate is not None:
+            h = h.with_feats(h.feats * self.gate)
+        y = self.o(h)
+        return y.with_feats(y.feats * self.scale)
+
+
+@pytest.mark.parametrize("gate", [False, True], ids=["scale", "gated-channels"])
+def test_a_root_with_parameters_of_its_own_is_traced(gate):
+    """The model itself was taken for a layer without an adapter where it
+    held a parameter of its own (a learned scale): the whole forward ran
+    inside that opaque layer and the graph found no group at all, not even
+    a fixed one. Its forward is traced as any root's: the layers' groups
+    are found, a parameter along some channels fixes those (the gate), and
+    the cut computes what the masked model computes."""
+    net, x = _RootParameters(gate).eval(), sparse_input(n=120, channels=3)
+    _randomize_norms(net)
+    graph = G.DependencyGraph(net, x)
+    assert [g.name for g in graph.groups] == (["a"] if gate else ["a", "b"])
+    assert [g.name for g in graph.fixed_groups] == (["b", "o"] if gate else ["o"])
+    keep = G.plan(graph, 0.5, multiple=1)
+    masked = copy.deepcopy(net)
+    G.DependencyGraph(masked, x).mask(keep)
+    graph.cut(keep)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x).feats, masked(x).feats, rtol=1e-5, atol=1e-6)
+    assert net.a.weight.shape == (27, 3, 3) and net.b.weight.shape[1] == 3

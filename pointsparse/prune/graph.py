@@ -102,7 +102,9 @@ class DependencyGraph:
         tracer = Tracer(self.spaces)
         handles = []
         for name, m in self.model.named_modules():
-            opaque = adapters.adapter_for(m) is None and any(True for _ in m.parameters(recurse=False))
+            # (the model itself is no layer: its forward is what is traced, its own parameters operands there as
+            # any tensor the trace does not know; taken for an opaque layer, it hid every layer and group)
+            opaque = name != "" and adapters.adapter_for(m) is None and any(True for _ in m.parameters(recurse=False))
             if adapters.adapter_for(m) is not None or opaque:
                 handles.append(m.register_forward_pre_hook(lambda *_: setattr(tracer, "depth", tracer.depth + 1)))
                 handles.append(m.register_forward_hook(
