@@ -132,7 +132,7 @@ class KernelMap:
         per device and kept, as autograd can save it (one made under
         torch.inference_mode is made again outside it, as :meth:`indices`
         copies the pairs)."""
-        device = self.in_idx.device if device is None else torch.device(device)
+        device = self.in_idx.device if device is None else _device(device)
         got = self._offset_of_pairs.get(device)
         if got is None or (got.is_inference() and not torch.is_inference_mode_enabled()):
             got = torch.repeat_interleave(torch.arange(self.kernel_volume, device=device), self.sizes.to(device),
@@ -143,7 +143,8 @@ class KernelMap:
     def transpose(self, out_coords: torch.Tensor) -> "KernelMap":
         """The map of the adjoint operator: inputs and outputs swapped, pairs
         re-sorted by the new output row. ``out_coords`` are the coords of the
-        new outputs (the old inputs)."""
+        new outputs (the old inputs): int32 ``(num_in, 4)``."""
+        _coords.check_coords(out_coords, "out_coords")
         if out_coords.shape[0] != self.num_in:
             raise ValueError(f"out_coords has {out_coords.shape[0]} rows; the map's inputs have {self.num_in}")
         in_idx, out_idx = self.out_idx, self.in_idx
@@ -195,6 +196,23 @@ class KernelMap:
     def __repr__(self) -> str:
         return (f"KernelMap(key={self.key}, num_in={self.num_in}, num_out={self.num_out}, "
                 f"pairs={self.num_pairs}, offsets={self.kernel_volume})")
+
+
+def _device(device) -> torch.device:
+    """``device`` (a ``torch.device``, a name such as ``"cuda:0"`` or an
+    index) as a ``torch.device``; TypeError / ValueError naming it."""
+    if isinstance(device, torch.device):
+        return device
+    what = f"device must be a torch.device or a device name ('cpu', 'cuda:0', ...); got {device!r:.100}"
+    if not isinstance(device, str):
+        try:  # an accelerator's index (numpy integers too; not bool)
+            device = as_int(device, "device")
+        except (TypeError, ValueError):
+            raise TypeError(what) from None
+    try:
+        return torch.device(device)
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f"{what} ({error})") from None
 
 
 def kernel_offsets(kernel_size, dilation=1, tensor_stride=1) -> torch.Tensor:

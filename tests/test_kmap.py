@@ -271,6 +271,27 @@ def test_offset_of_pairs_is_made_once_per_device():
     assert not down._in_idx_ascending() and torch.equal(down.transpose(coords).offset_of_pairs(), ref)
 
 
+def test_kernel_map_methods_name_their_bad_arguments():
+    """offset_of_pairs(device) and transpose(out_coords) took their argument
+    unchecked: a device string torch does not know was its bare
+    RuntimeError, a float its bare TypeError, a list of
+    coords an AttributeError ('list' object has no attribute 'shape'), and
+    int64 or (N, 3) coords made a map with such out_coords. Each is now a
+    TypeError / ValueError naming the argument and what it takes."""
+    coords = random_coords(200, 1, 4, seed=4)
+    kmap = km.build(coords, 2, 2)
+    for bad, err in (("nope", ValueError), (1.5, TypeError), (object(), TypeError)):
+        with pytest.raises(err, match=r"device must be a torch.device or a device name \('cpu', 'cuda:0', ...\); "):
+            kmap.offset_of_pairs(bad)
+    assert kmap._offset_of_pairs == {}
+    for bad, err, what in ((coords.tolist(), TypeError, "must be a torch.Tensor"),
+                           (coords.long(), TypeError, "must be int32"),
+                           (coords[:, :3], ValueError, r"must be \(N, 4\)")):
+        with pytest.raises(err, match=f"out_coords {what}"):
+            kmap.transpose(bad)
+    assert torch.equal(kmap.transpose(coords).out_coords, coords)
+
+
 def test_kernel_offsets_order():
     assert km.kernel_offsets(3).tolist()[:4] == [[-1, -1, -1], [-1, -1, 0], [-1, -1, 1], [-1, 0, -1]]
     assert km.kernel_offsets(2).tolist()[:2] == [[0, 0, 0], [0, 0, 1]]
