@@ -15,7 +15,9 @@ MinkUNet (``--model pairs-bf16``: "keep 0.25 + fuse + pair vectors 75% + bf16") 
 KITTI raw 000049 at 0.05 m: end to end from the points (voxelize, every map
 and plan, the network) and the network alone (maps cached). Every tree's
 logits must equal the first tree's bit for bit before any timing (the page
-says so, or gives the largest difference). A tree of an earlier commit:
+says so, or gives the largest difference). ``--setup I 'SPATIAL = True'``
+adds VoxelPrune(0.5) before that child's three coarse decoder stages (as
+north_star.py's VoxelPrune rows). A tree of an earlier commit:
 ``git worktree add /tmp/old <commit>`` and its module built there (see
 bench/ab_builds.py). ``--quick``: this tree against itself on a generated
 street of 20k voxels, one round, the page in a temporary folder.
@@ -71,6 +73,9 @@ if which == "pairs-bf16":
 else:
     dtype = torch.float32
     model = vector_sparse(ps.nn.fuse_for_inference(nets["keep 0.25 (x8)"]), 0.75)
+if globals().get("SPATIAL"):  # --setup I 'SPATIAL = True': VoxelPrune(0.5) before the 3 coarse decoder stages
+    from voxel_prune import add_voxel_prune
+    add_voxel_prune(model, 0.5, (0, 1, 2))
 x = ps.SparseTensor(base.feats.to(dtype), base.coords)
 if globals().get("EXPORT"):  # --setup I 'EXPORT = True': the model as an exported program (north_star.Program)
     from north_star import Program
