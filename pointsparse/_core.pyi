@@ -323,6 +323,20 @@ def kmap_downsample(coords: npt.NDArray[np.int32], stride: Sequence[int], num_th
     """(M, 4) unique floor(c / stride) * stride rows per batch, sorted by
     (batch, x, y, z); ValueError when a row's output falls below int32."""
 
+def kmap_restrict(
+    in_idx: npt.NDArray[np.int64],
+    out_idx: npt.NDArray[np.int64],
+    sizes: npt.NDArray[np.int64],
+    out_new: npt.NDArray[np.int64],
+    num_threads: int,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """(in_idx, out_idx, sizes) of a map's pairs (grouped by offset, sizes
+    per offset) whose output row out_new keeps (out_new[q] >= 0: its new
+    number, -1: dropped), out rows renumbered, in their order: the map onto
+    the kept output rows (KernelMap.restricted). ValueError naming the array
+    for an out_idx outside out_new, sizes that do not sum to the pairs or a
+    negative size."""
+
 def kmap_parents(
     coords: npt.NDArray[np.int32],
     stride: Sequence[int],

@@ -163,14 +163,20 @@ class KernelMap:
         and in its order (the rows renumbered in order: still grouped by
         offset and sorted by output row). A selection of voxels
         (``functional.select_voxels``) takes its downsampling maps this way:
-        a few passes over the pairs against a search that kmap_parents
-        cannot serve (given out coords). (A submanifold map restricted on
-        both sides is the kept voxels' map too, but torch's passes over its
-        ~9 pairs a row cost more than the core's search: it is searched.)"""
+        one pass over the pairs in the core (``_core.kmap_restrict``; torch
+        ops on other devices) against a search that kmap_parents cannot
+        serve (given out coords). (A submanifold map restricted on both sides
+        is the kept voxels' map too, but the core's search of it is as fast:
+        it is searched.)"""
         device = self.out_idx.device
         rows = rows.to(device, torch.int64)
         renumber = torch.full((self.num_out,), -1, dtype=torch.int64, device=device)
         renumber[rows] = torch.arange(rows.numel(), dtype=torch.int64, device=device)
+        if _ext.serves(self.out_idx):
+            got = _ext.call(_ext.core.kmap_restrict, _ext.to_numpy(self.in_idx), _ext.to_numpy(self.out_idx),
+                            _ext.to_numpy(self.sizes), _ext.to_numpy(renumber))
+            in_idx, out_idx, sizes = (_ext.to_tensor(a) for a in got)
+            return KernelMap(out_coords, in_idx, out_idx, sizes, self.offsets, self.num_in, rows.numel(), self.key)
         out_idx = renumber[self.out_idx]
         keep = out_idx >= 0
         kept = torch.cat([keep.new_zeros(1, dtype=torch.int64), keep.cumsum(0)]).cpu()

@@ -4,14 +4,18 @@ transposed conv back meets the coords of the skip connection."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
+import numpy as np
 import pytest
 import torch
 
 import pointsparse as ps
 from pointsparse.nn import functional as F
 from reference import dense_conv, dense_conv_transpose, random_coords
+
+BACKEND = {"core": contextlib.nullcontext, "torch": ps._ext.torch_path}
 
 
 def make(n=300, c=4, extent=8, dtype=torch.float64, seed=0):
@@ -614,9 +618,10 @@ def test_voxel_skip_loading_unwrapped_keys_still_reports_what_is_missing_or_unex
     assert block.main.module[0].weight.abs().sum() > 0
 
 
+@pytest.mark.parametrize("path", ["core", "torch"])
 @pytest.mark.parametrize("kind", ["k2 s2 into it", "k3 s2 into it"])
 @pytest.mark.parametrize("share", [0.5, 0.1, 1.0, 0.0])
-def test_a_selections_maps_are_the_maps_a_search_over_its_voxels_makes(kind, share):
+def test_a_selections_maps_are_the_maps_a_search_over_its_voxels_makes(kind, share, path):
     """A selection's convs took their maps by a fresh search over the kept coords (a downsampling into the
     selected stride with its out coords given: kmap_parents refused them, then a merge search; on the
     north star's model with VoxelPrune(0.5) 4.8 ms of its 53 a call). The maps the input's cache holds onto
@@ -633,7 +638,8 @@ def test_a_selections_maps_are_the_maps_a_search_over_its_voxels_makes(kind, sha
     real = ps.kmap._build
     try:
         ps.kmap._build = lambda *a, **kw: calls.append(a) or real(*a, **kw)
-        got = kept.cache.get_kmap(full.key, lambda: pytest.fail("searched"))
+        with BACKEND[path]():
+            got = kept.cache.get_kmap(full.key, lambda: pytest.fail("searched"))
     finally:
         ps.kmap._build = real
     assert not calls
@@ -680,3 +686,19 @@ def test_a_unet_with_voxel_prune_gives_the_same_bits_with_its_maps_restricted_an
     assert torch.equal(restricted.feats, searched.feats) and torch.equal(restricted.coords, searched.coords)
     assert sum(built_searched) == 3 and sum(built_restricted) == 0
     assert len(built_restricted) == len(built_searched) - 3
+
+
+def test_the_cores_restriction_checks_its_arguments():
+    """_core.kmap_restrict reads out_new at every out_idx: each is checked against its length, and the sizes
+    against the pairs, before any work (a ValueError naming the array)."""
+    core = ps._ext.core
+    i64 = lambda *v: np.array(v, dtype=np.int64)  # noqa: E731
+    assert [a.tolist() for a in core.kmap_restrict(i64(0, 1, 2), i64(0, 1, 1), i64(1, 2), i64(-1, 0), 1)] == \
+        [[1, 2], [0, 0], [0, 2]]
+    for args, message in [((i64(0, 1), i64(0, 2), i64(2), i64(0, 1)), r"out_idx\[1\] = 2 is not a row of out_new's 2"),
+                          ((i64(0, 1), i64(-1, 0), i64(2), i64(0, 1)), r"out_idx\[0\] = -1 is not a row"),
+                          ((i64(0, 1), i64(0, 1), i64(1), i64(0, 1)), "sizes must sum to the pairs' 2; they sum to 1"),
+                          ((i64(0, 1), i64(0, 1), i64(3, -1), i64(0, 1)), "sizes must be >= 0"),
+                          ((i64(0, 1), i64(0), i64(2), i64(0, 1)), "out_idx must be 1-D of length 2")]:
+        with pytest.raises(ValueError, match=message):
+            core.kmap_restrict(*args, 1)

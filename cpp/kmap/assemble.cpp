@@ -57,6 +57,32 @@ std::vector<int64_t> mirror_sources(const int32_t* offsets, int64_t k, bool subm
   return mirror;
 }
 
+void count_kept(const int64_t* out_idx, const int64_t* ptr, int64_t k, const int64_t* out_new, int64_t* kept,
+                int nt) {
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+  for (int64_t o = 0; o < k; ++o) {
+    int64_t n = 0;
+    for (int64_t p = ptr[o]; p < ptr[o + 1]; ++p) n += out_new[out_idx[p]] >= 0;
+    kept[o] = n;
+  }
+}
+
+void write_kept(const int64_t* in_idx, const int64_t* out_idx, const int64_t* ptr, int64_t k,
+                const int64_t* out_new, const int64_t* at, int64_t* in_kept, int64_t* out_kept, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+  for (int64_t o = 0; o < k; ++o) {
+    int64_t w = at[o];
+    for (int64_t p = ptr[o]; p < ptr[o + 1]; ++p) {
+      const int64_t q = out_new[out_idx[p]];
+      if (q >= 0) {
+        in_kept[w] = in_idx[p];
+        out_kept[w] = q;
+        ++w;
+      }
+    }
+  }
+}
+
 void coords_bbox(const int32_t* c, int64_t n, int64_t* lo, int64_t* hi, int nt) {
   int64_t lx = std::numeric_limits<int64_t>::max(), ly = lx, lz = lx;
   int64_t hx = std::numeric_limits<int64_t>::min(), hy = hx, hz = hx;

@@ -221,6 +221,56 @@ py::object kmap_parents(carray<int32_t> coords, std::vector<int64_t> stride, std
   return py::make_tuple(out, in_idx, out_idx, sizes);
 }
 
+// The pairs of a map restricted to kept output rows (kmap::count_kept /
+// write_kept): (in_idx, out_idx, sizes) of the pairs whose output row
+// out_new keeps, out rows renumbered, in their order. Every out_idx is
+// checked against out_new's length and the sizes against the pairs before
+// the work.
+py::tuple kmap_restrict(carray<int64_t> in_idx, carray<int64_t> out_idx, carray<int64_t> sizes,
+                        carray<int64_t> out_new, int num_threads) {
+  const int nt = threads(num_threads);
+  check_1d(in_idx, -1, "in_idx");
+  const int64_t n = in_idx.shape(0);
+  check_1d(out_idx, n, "out_idx");
+  check_1d(sizes, -1, "sizes");
+  check_1d(out_new, -1, "out_new");
+  const int64_t k = sizes.shape(0);
+  std::vector<int64_t> ptr(size_t(k + 1), 0);
+  for (int64_t o = 0; o < k; ++o) {
+    if (sizes.data()[o] < 0) value_error("sizes must be >= 0; got " + std::to_string(sizes.data()[o]));
+    ptr[o + 1] = ptr[o] + sizes.data()[o];
+  }
+  if (ptr[k] != n)
+    value_error("sizes must sum to the pairs' " + std::to_string(n) + "; they sum to " + std::to_string(ptr[k]));
+  const int64_t m = out_new.shape(0);
+  const int64_t* oi = out_idx.data();
+  int64_t first = n;
+  {
+    py::gil_scoped_release release;
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(min : first)
+    for (int64_t p = 0; p < n; ++p)
+      if (oi[p] < 0 || oi[p] >= m) first = std::min(first, p);
+  }
+  if (first < n)
+    value_error("out_idx[" + std::to_string(first) + "] = " + std::to_string(oi[first]) + " is not a row of out_new's " +
+                std::to_string(m));
+  auto kept = empty_array<int64_t>({k});
+  {
+    py::gil_scoped_release release;
+    kmap::count_kept(oi, ptr.data(), k, out_new.data(), kept.mutable_data(), nt);
+  }
+  std::vector<int64_t> at(size_t(k + 1), 0);
+  for (int64_t o = 0; o < k; ++o) at[o + 1] = at[o] + kept.data()[o];
+  auto in_kept = output_array<int64_t>(at[k]);
+  auto out_kept = output_array<int64_t>(at[k]);
+  {
+    py::gil_scoped_release release;
+    kmap::write_kept(in_idx.data(), oi, ptr.data(), k, out_new.data(), at.data(), in_kept.mutable_data(),
+                     out_kept.mutable_data(), nt);
+  }
+  return py::make_tuple(in_kept, out_kept, kept);
+}
+
 }  // namespace
 
 void bind_kmap(py::module_& m) {
@@ -234,6 +284,10 @@ void bind_kmap(py::module_& m) {
         "Kernel map by merging sorted keys: same result as kmap_hash.");
   m.def("kmap_downsample", &kmap_downsample, py::arg("coords"), py::arg("stride"), py::arg("num_threads"),
         "Unique floor(c / stride) * stride rows per batch, sorted by (batch, x, y, z).");
+  m.def("kmap_restrict", &kmap_restrict, py::arg("in_idx"), py::arg("out_idx"), py::arg("sizes"),
+        py::arg("out_new"), py::arg("num_threads"),
+        "(in_idx, out_idx, sizes) of a map's pairs whose output row out_new keeps (out_new[q] >= 0: its new "
+        "number, -1: dropped), out rows renumbered, in their order.");
   m.def("kmap_parents", &kmap_parents, py::arg("coords"), py::arg("stride"), py::arg("kernel"),
         py::arg("out_coords"), py::arg("num_threads"),
         "Map of a conv whose kernel (1 or 2 per axis, dilation 1) tiles its stride: (out_coords, in_idx, "

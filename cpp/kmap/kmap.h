@@ -85,6 +85,17 @@ struct ParentPairs {
 ParentPairs parent_pairs(const int32_t* coords, int64_t n, const int64_t* stride, const int64_t* kernel,
                          const KeyLayout& layout, int64_t* in_idx, int64_t* out_idx, int nt);
 
+// A map's pairs restricted to the output rows that out_new keeps
+// (out_new[q] >= 0: row q's new number, -1: dropped), in their order:
+// count_kept gives kept[o], the pairs of offset o (pairs ptr[o]..ptr[o+1])
+// left; write_kept writes them, out rows renumbered, from at[o] on (the
+// prefix sums of kept). The caller has checked every out_idx against
+// out_new's length.
+void count_kept(const int64_t* out_idx, const int64_t* ptr, int64_t k, const int64_t* out_new, int64_t* kept,
+                int nt);
+void write_kept(const int64_t* in_idx, const int64_t* out_idx, const int64_t* ptr, int64_t k,
+                const int64_t* out_new, const int64_t* at, int64_t* in_kept, int64_t* out_kept, int nt);
+
 // Bounding box of coords' x, y, z: lo[3], hi[3] (n > 0).
 void coords_bbox(const int32_t* coords, int64_t n, int64_t* lo, int64_t* hi, int nt);
 
