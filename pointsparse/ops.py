@@ -15,6 +15,9 @@ output shapes, with unbacked symbolic sizes where a count depends on the data):
     stride (k2 s2), its output coords made by the same pass.
 ``kmap_transpose(coarse_coords, fine_coords, in_idx, out_idx, sizes, key)``
     the pairs of the adjoint map, re-sorted by the new output row.
+``kmap_restrict(in_coords, out_coords, in_idx, out_idx, sizes, key, rows, kept_coords)``
+    ``(in_idx, out_idx, sizes)`` of a map restricted to the output rows
+    ``rows`` (a selection's downsampling map, no search).
 ``conv(feats, weight, bias?, out_coords, in_idx, out_idx, sizes, key)``
     the fused gather-GEMM-scatter forward (bfloat16: the AVX512-BF16 kernels
     where they run), with a registered autograd formula that calls
@@ -52,6 +55,7 @@ one structural key shares one map (and the backward reuses it).
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -164,6 +168,23 @@ def _(coords, key, trusted=False):
     rows = torch.library.get_ctx().new_dynamic_size(min=_rows_at_least_one(coords))
     in_idx, out_idx = _new_pairs(coords)
     return coords.new_empty((rows, 4)), in_idx, out_idx, coords.new_empty((_kernel_volume(key),), dtype=torch.int64)
+
+
+@torch.library.custom_op(f"{_LIB}::kmap_restrict", mutates_args=())
+def kmap_restrict(in_coords: Tensor, out_coords: Tensor, in_idx: Tensor, out_idx: Tensor, sizes: Tensor,
+                  key: list[int], rows: Tensor, kept_coords: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(in_idx, out_idx, sizes)`` of the map ``in_coords -> out_coords``
+    restricted to the output rows ``rows`` (sorted, distinct; their coords
+    ``kept_coords``): ``KernelMap.restricted``, a selection's downsampling
+    map without a search (:func:`select_voxels`)."""
+    m = _as_kmap(out_coords, in_idx, out_idx, sizes, key, in_coords.shape[0]).restricted(rows, kept_coords)
+    return m.in_idx, m.out_idx, m.sizes.to(out_coords.device)
+
+
+@kmap_restrict.register_fake
+def _(in_coords, out_coords, in_idx, out_idx, sizes, key, rows, kept_coords):
+    in_new, out_new = _new_pairs(in_coords)
+    return in_new, out_new, sizes.new_empty(sizes.shape)
 
 
 @torch.library.custom_op(f"{_LIB}::kmap_transpose", mutates_args=())
@@ -717,8 +738,21 @@ def select_voxels(input: SparseTensor, rows: Tensor, feats: Tensor | None) -> Sp
     coords = input.coords.index_select(0, rows)
     cache.set_coords(here, coords)
     cache.note_kept(here, rows, input.coords.shape[0], source)
+    # The graph's downsampling maps onto these sites restricted to the kept ones when a transposed conv asks
+    # for them (eager's select_voxels: the same maps, no search)
+    for graph_key, m in source.kmaps.items():
+        fine = source.get_coords(m.key.tensor_stride)
+        if not m.key.transposed and m.key.stride != (1, 1, 1) and m.key.out_stride == here and \
+                m.out_coords is input.coords and fine is not None:
+            cache.derived[graph_key] = functools.partial(_restricted, m, fine, rows, coords)
     feats = input.feats.index_select(0, rows) if feats is None else feats
     return SparseTensor(feats, coords, here, cache=cache, validate=False)
+
+
+def _restricted(m: GraphMap, fine: Tensor, rows: Tensor, coords: Tensor) -> GraphMap:
+    in_idx, out_idx, sizes = kmap_restrict(fine, m.out_coords, m.in_idx, m.out_idx, m.sizes, key_to_list(m.key), rows,
+                                           coords)
+    return GraphMap(coords, in_idx, out_idx, sizes, m.key)
 
 
 def check_same_coords(coords: Tensor, like: Tensor, message: str) -> None:

@@ -852,6 +852,12 @@ def test_a_loaded_model_with_voxel_prunes_exports_as_eager(tmp_path):
         want = net(x).feats
         assert torch.equal(program.module()(x.feats, x.coords), want)
         assert torch.equal(compiled(x).feats, want)
+    # Each selection's transposed conv back up takes the graph's downsampling map restricted to the kept
+    # voxels (kmap_restrict), as eager does, not a search onto the kept coords (a kmap_build given them).
+    calls = [n for n in program.graph.nodes if n.op == "call_function"]
+    restricted = [n for n in calls if n.target is torch.ops.pointsparse.kmap_restrict.default]
+    searched_onto = [n for n in calls if n.target is torch.ops.pointsparse.kmap_build.default and n.args[1] is not None]
+    assert len(restricted) == 3 and not searched_onto
 
 
 @pytest.mark.parametrize("name", ["stem.0.1", "stem.0.2", "fuse.0.0.relu"])
