@@ -520,47 +520,32 @@ def test_a_compressed_model_runs_under_autocast():
 
 
 @pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("model", ["convs", "minkunet"])
+@pytest.mark.parametrize("model", ["convs", "minkunet", "threshold"])
 def test_an_exported_programs_empty_output_under_autocast_has_the_dtype_of_its_other_outputs(model, low):
     """An empty input gives an empty output without running the program (it is traced for two rows and
     up); that output took the dtype of the program's float32 trace, so under autocast a cloud gave bf16
     logits and an empty one float32. It now has the dtype the program gives under the autocast in force
-    (and float32 again outside it)."""
+    (and float32 again outside it), read off a run on fake tensors: a run on one row of zeros, as first
+    written, let the program's data checks refuse it (a VoxelPrune threshold that keeps no voxel of that row
+    raised 'kept no voxel of the 1 it scored' for an input with no voxels, where eager gives an empty
+    output: the "threshold" model)."""
     from pointsparse import export
     from pointsparse.models import MinkUNet
 
     torch.manual_seed(0)
-    net = (_Convs() if model == "convs" else MinkUNet(4, 3, cr=0.25, blocks=1)).eval()
+    net = {"convs": _Convs, "minkunet": lambda: MinkUNet(4, 3, cr=0.25, blocks=1),
+           "threshold": lambda: torch.nn.Sequential(spnn.Conv3d(4, 8, 3), spnn.VoxelPrune(threshold=0.5),
+                                                    spnn.Conv3d(8, 3, 3))}[model]().eval()
     x = _cloud(400, seed=6)
     empty = ps.SparseTensor(x.feats[:0], x.coords[:0])
     with torch.no_grad():
         program = export.ProgramModel(export.export_model(net, x))
         with torch.autocast("cpu", low):
             full, none = program(x), program(empty)
-            assert none.feats.dtype == full.feats.dtype == net(x).feats.dtype == low
+            assert none.feats.dtype == full.feats.dtype == net(x).feats.dtype == net(empty).feats.dtype == low
             assert program(empty).feats.dtype == low  # (the fake run's dtype, kept)
-        assert none.feats.shape == (0, full.feats.shape[1])
+        assert none.feats.shape == (0, full.feats.shape[1]) and torch.equal(full.coords, net(x).coords)
         assert program(empty).feats.dtype == program(x).feats.dtype == torch.float32
-
-
-@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
-def test_an_empty_input_under_autocast_runs_no_rows_of_a_program(low):
-    """The dtype of an empty input's output under autocast was read off a run of the program on one row of
-    zeros, which its data checks could refuse: a VoxelPrune threshold that keeps no voxel of that row raised
-    'kept no voxel of the 1 it scored' for an input with no voxels (eager mode gives an empty output). The
-    dtype now comes from a run on fake tensors, which runs no data check."""
-    from pointsparse import export
-
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(spnn.Conv3d(4, 8, 3), spnn.VoxelPrune(threshold=0.5), spnn.Conv3d(8, 3, 3)).eval()
-    x = _cloud(400, seed=6)
-    empty = ps.SparseTensor(x.feats[:0], x.coords[:0])
-    with torch.no_grad():
-        program = export.ProgramModel(export.export_model(net, x))
-        with torch.autocast("cpu", low):
-            none, full = program(empty), program(x)
-            assert none.feats.dtype == full.feats.dtype == net(empty).feats.dtype == low
-        assert none.feats.shape == (0, 3) and torch.equal(full.coords, net(x).coords)
 
 
 def test_an_spvcnn_program_under_autocast_says_it_cannot_run_there():
