@@ -50,6 +50,24 @@ def test_batchnorm_over_feats():
         x.feats, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps))
 
 
+def test_batchnorm_in_training_on_one_site_says_so():
+    """A batch norm that normalises with the batch's statistics (training
+    mode, or no running statistics) given one site: a ValueError naming the
+    layer, the site count and its stride (a small cloud at a large voxel size
+    thins out to one voxel at a U-Net's coarsest stride), not torch's
+    'Expected more than 1 value per channel when training'. Eval mode, and
+    two sites or none in training, run as before."""
+    one = ps.SparseTensor(torch.randn(1, 4), torch.tensor([[0, 0, 0, 0]], dtype=torch.int32), 16)
+    for bn in (spnn.BatchNorm(4).train(), spnn.BatchNorm(4, track_running_stats=False).eval()):
+        with pytest.raises(spnn.BatchStatisticsError, match=r"BatchNorm\(4\).* 1 site at stride \(16, 16, 16\)"):
+            bn(one)
+        assert issubclass(spnn.BatchStatisticsError, ValueError)
+    assert spnn.BatchNorm(4).eval()(one).feats.shape == (1, 4)
+    assert spnn.BatchNorm(4).train()(make(n=2, c=4, dtype=torch.float32)).feats.shape == (2, 4)
+    empty = ps.SparseTensor(torch.zeros(0, 4), torch.zeros(0, 4, dtype=torch.int32))
+    assert spnn.BatchNorm(4).train()(empty).feats.shape == (0, 4)
+
+
 @pytest.mark.parametrize("k,t,s", [(2, 2, 1), (3, 2, 1), (2, 2, 2), (3, 1, 1), (3, 3, 1)])
 @pytest.mark.parametrize("reduce", ["max", "avg"])
 def test_pooling_equals_brute_force(k, t, s, reduce):

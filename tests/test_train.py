@@ -405,6 +405,21 @@ def test_eval_refuses_a_label_map_for_the_runs_generated_scenes(tmp_path, capsys
     assert cli.main(["eval", "--checkpoint", str(ckpt), "--out", str(out), "--no-progress"]) == 0
 
 
+def test_a_batch_that_thins_out_to_one_voxel_names_the_flags(tmp_path, capsys):
+    """A voxel size large for the clouds (or a small batch) leaves one voxel
+    at the U-Net's coarsest stride, where batch norm has no statistics in
+    training: the error names --voxel-size and --batch-size and the clouds,
+    where torch's 'Expected more than 1 value per channel when training'
+    came out."""
+    argv = [*_without(_without(TINY, "--voxel-size"), "--batch-size"), "--voxel-size", "8", "--batch-size", "1",
+            "--epochs", "1", "--out", str(tmp_path / "run")]
+    assert cli.main(["train", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "pointsparse train: error: " in err and "Expected more than 1 value" not in err
+    assert "1 site at stride" in err and "--voxel-size 8" in err and "--batch-size 1" in err, err
+    assert "generated" in err  # (the batch's clouds)
+
+
 def test_unlabelled_clouds_are_a_value_error(tmp_path):
     pts = np.random.default_rng(0).random((200, 3)).astype(np.float32) * 5
     np.save(tmp_path / "a.npy", pts)

@@ -32,6 +32,7 @@ from ..data.datasets import is_generated
 from ..data.generated import MAX_AZIMUTH_STEPS, MAX_BEAMS, MAX_RANGE
 from ..models import SyncBatchNorm, build_model
 from ..models.loading import shape_like
+from ..nn import BatchStatisticsError
 from . import metrics
 from .cli import CommandParser, given_flags
 from .distributed import Dist, destroy, free_port, init_distributed, worker_environment
@@ -689,7 +690,14 @@ class TrainingJob:
         (weighted) count: the same loss (and, with DDP's averaging, gradient)
         as one process on the whole batch. Also its value, for the log."""
         ignore = self.args.ignore_index
-        logits, target = logits_of(net, batch)
+        try:
+            logits, target = logits_of(net, batch)
+        except BatchStatisticsError as error:  # (the layer knows the stride; the run, what made the batch)
+            shown = ", ".join(batch.names[:3]) + (f" and {len(batch.names) - 3} more" if len(batch.names) > 3 else "")
+            raise BatchStatisticsError(
+                f"{error}. Here: the training batch of {shown} at --voxel-size {self.config['voxel_size']:g} "
+                f"(--batch-size {self.args.batch_size}): give a smaller --voxel-size or a larger --batch-size, or "
+                "larger clouds") from error
         ce = torch.nn.functional.cross_entropy(logits, target, weight=self.weight, ignore_index=ignore,
                                                reduction="sum")
         valid = target != ignore

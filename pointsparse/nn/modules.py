@@ -344,10 +344,22 @@ class GlobalMaxPool(nn.Module):
         return F.global_max_pool(_check_input(input))
 
 
+class BatchStatisticsError(ValueError):
+    """A :class:`BatchNorm` that normalises with the batch's statistics
+    (training mode, or no running statistics) was given a single site: one
+    value per channel has no variance. A ValueError; its own class so that
+    a caller that knows how the batch was made (``pointsparse train``: the
+    voxel size, the batch size) can say so."""
+
+
 class BatchNorm(nn.BatchNorm1d):
     """Batch normalisation over the feats of a SparseTensor (every active site
     is one sample). A ``torch.nn.BatchNorm1d`` itself, so ``weight`` (gamma),
-    ``bias``, running statistics and pruning criteria on BatchNorm apply."""
+    ``bias``, running statistics and pruning criteria on BatchNorm apply.
+    Normalising with the batch's statistics (training mode, or no running
+    statistics) a tensor of one site is a :class:`BatchStatisticsError`
+    naming its stride (torch refuses it, saying only that it expected more
+    than 1 value per channel)."""
 
     def __init__(self, num_features: int, *args, **kwargs) -> None:
         super().__init__(positive_int(num_features, "num_features"), *args, **kwargs)
@@ -369,6 +381,14 @@ class BatchNorm(nn.BatchNorm1d):
         if self.training and torch.compiler.is_compiling():
             # batch norm's own check, stated for a row count the graph only knows symbolically
             torch._check(x.feats.shape[0] != 1, lambda: "BatchNorm in training needs more than 1 site")
+        elif ((self.training or (self.running_mean is None and self.running_var is None))
+              and not torch.compiler.is_compiling() and x.feats.shape[0] == 1):
+            channels = self.num_features if self._stats() is None else self._stats().shape[0]
+            raise BatchStatisticsError(
+                f"BatchNorm({channels}) normalises with the batch's statistics (training mode) but got 1 site at "
+                f"stride {x.stride}: one value per channel has no variance. The batch's voxels merge into one at "
+                "this stride when its clouds are few or small for the voxel size: batch more clouds or use a "
+                "smaller voxel size (or run the model in eval mode)")
         return x.with_feats(super().forward(x.feats))
 
 
