@@ -420,6 +420,24 @@ def test_a_batch_that_thins_out_to_one_voxel_names_the_flags(tmp_path, capsys):
     assert "generated" in err  # (the batch's clouds)
 
 
+@pytest.mark.parametrize("label", [2**40, 5000])
+def test_raw_labels_past_any_class_count_need_a_label_map(label, tmp_path):
+    """Without --label-map the raw labels are the classes (0 to the largest):
+    a stray label of 2**40 built a list of 2**40 class names (a MemoryError
+    or a machine out of memory), 5000 a 5001-class model; a ValueError
+    names the file, the label and --label-map before any model is built."""
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        labels = rng.integers(0, 3, 300)
+        labels[7] = label if i == 1 else labels[7]
+        np.savez(tmp_path / f"c{i}.npz", points=rng.uniform(0, 6, (300, 3)).astype(np.float32), labels=labels)
+    args = _parse(["--data", str(tmp_path / "c*.npz"), "--epochs", "1", "--cr", "0.125", "--blocks", "1",
+                   "--voxel-size", "0.5", "--no-progress", "--out", str(tmp_path / "run")])
+    with pytest.raises(ValueError, match=rf"c1\.npz: raw label {label}.*--label-map"):
+        tr.train(args)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
 def test_unlabelled_clouds_are_a_value_error(tmp_path):
     pts = np.random.default_rng(0).random((200, 3)).astype(np.float32) * 5
     np.save(tmp_path / "a.npy", pts)

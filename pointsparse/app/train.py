@@ -46,6 +46,9 @@ SCHEDULES = ("cosine", "onecycle", "step", "constant")
 OPTIMIZERS = ("adamw", "sgd")
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
+#: The most classes the raw labels make without --label-map (labels 0 .. 1023): more than any label set
+#: (SemanticKITTI's raw ids end at 259, LAS codes at 255); a stray larger label asked for a class per id below it.
+MAX_RAW_CLASSES = 1024
 
 # --------------------------------------------------------------------- arguments
 
@@ -312,7 +315,12 @@ def open_training_data(args, dist: Dist | None = None):
     require_labels(val, "--val-data", dist)
     classes = train.classes
     if classes is None:
-        top = max(int(np.max(s.labels[s.labels != args.ignore_index], initial=0)) for s in train)
+        top, where = max((int(np.max(s.labels[s.labels != args.ignore_index], initial=0)), s.name) for s in train)
+        if top >= MAX_RAW_CLASSES:
+            raise ValueError(f"--data: {where}: raw label {top}; without --label-map the raw labels are the "
+                             f"classes (0 to the largest: {top + 1} here, at most {MAX_RAW_CLASSES}): give a "
+                             "--label-map from the raw ids to training ids, or --ignore-index for the label that "
+                             "counts nowhere")
         classes = [f"class{i}" for i in range(top + 1)]
         print(f"note: no --label-map: using the raw labels as {len(classes)} classes", file=sys.stderr)
     _check_scored(val, len(classes), args.ignore_index, dist)
