@@ -362,7 +362,9 @@ def devoxelize(tensor: SparseTensor, inverse: torch.Tensor | None = None, *, poi
     :func:`voxelize`. ``mode="trilinear"``: interpolate over the 8 voxels around
     each point (``points``, ``voxel_size`` of the stride-1 grid, optional
     ``batch``), with weights renormalised over the active voxels; a point with
-    no active voxel around it gets zeros. Works for any tensor stride.
+    no active voxel around it gets zeros. Works for any tensor stride. An
+    argument the mode does not read (``points``, ``voxel_size`` or ``batch``
+    in nearest mode, ``inverse`` in trilinear) is a ValueError naming it.
 
     After a :class:`~pointsparse.nn.VoxelPrune` at the tensor's stride (its
     rows are K of the N voxels ``inverse`` maps into) ``inverse`` goes
@@ -381,6 +383,12 @@ def devoxelize(tensor: SparseTensor, inverse: torch.Tensor | None = None, *, poi
     if not isinstance(tensor, SparseTensor):
         raise TypeError(f"tensor must be a SparseTensor; got {type(tensor).__name__}")
     if mode == "nearest":
+        unread = [name for name, value in (("points", points), ("voxel_size", voxel_size), ("batch", batch))
+                  if value is not None]
+        if unread:  # (mode left at its default with trilinear's arguments gave the nearest voxel's features)
+            raise ValueError(f"devoxelize(mode='nearest') reads inverse alone; {', '.join(unread)} would be "
+                             "ignored: pass mode='trilinear' to interpolate at the points, or drop "
+                             f"{'it' if len(unread) == 1 else 'them'}")
         if (not isinstance(inverse, torch.Tensor) or inverse.is_floating_point() or inverse.is_complex()
                 or inverse.dtype == torch.bool or inverse.dim() != 1):
             got = (f"{inverse.dtype} of shape {tuple(inverse.shape)}" if isinstance(inverse, torch.Tensor)
@@ -406,6 +414,9 @@ def devoxelize(tensor: SparseTensor, inverse: torch.Tensor | None = None, *, poi
         return tensor.feats.index_select(0, inverse)
     if mode != "trilinear":
         raise ValueError(f"mode must be 'nearest' or 'trilinear'; got {mode!r}")
+    if inverse is not None:
+        raise ValueError("devoxelize(mode='trilinear') reads points, voxel_size and batch; inverse would be "
+                         "ignored: drop it, or pass mode='nearest'")
     if points is None or voxel_size is None:
         raise ValueError("devoxelize(mode='trilinear') needs points and voxel_size")
     _check_points(points)

@@ -218,6 +218,24 @@ def test_devoxelize_trilinear_exact_at_voxel_centres():
     assert out[:, 0].tolist() == [1.0, 3.0, 7.0, 2.0]
 
 
+def test_devoxelize_refuses_what_its_mode_would_ignore():
+    """Nearest mode reads ``inverse`` alone, trilinear mode ``points``,
+    ``voxel_size`` and ``batch``: the others given are a ValueError naming
+    them and the mode, where ``devoxelize(x, inverse, points=p,
+    voxel_size=0.4)`` (mode left at its default) silently gave the nearest
+    voxel's features instead of the interpolation the arguments asked for."""
+    points, feats, batch = cloud(300, seed=9, batches=2)
+    x, inverse = ps.voxelize(points, feats, voxel_size=0.4, batch=batch)
+    with pytest.raises(ValueError, match=r"mode='nearest'.* points, voxel_size .*mode='trilinear'"):
+        ps.devoxelize(x, inverse, points=points, voxel_size=0.4)
+    with pytest.raises(ValueError, match=r"mode='nearest'.* batch "):
+        ps.devoxelize(x, inverse, batch=batch)
+    with pytest.raises(ValueError, match=r"mode='trilinear'.* inverse "):
+        ps.devoxelize(x, inverse, points=points, voxel_size=0.4, batch=batch, mode="trilinear")
+    assert torch.equal(ps.devoxelize(x, inverse), x.feats[inverse])
+    assert ps.devoxelize(x, points=points, voxel_size=0.4, batch=batch, mode="trilinear").shape == feats.shape
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 def test_devoxelize_trilinear_gradcheck(stride):
     points, feats, batch = cloud(16, seed=10, dtype=torch.float64, batches=2, scale=1.0)
