@@ -1277,6 +1277,33 @@ def test_corrupt_npy_header_names_the_file(tmp_path):
             read_cloud(tmp_path / name)
 
 
+def test_a_npy_file_that_holds_no_point_array_says_what_it_holds(tmp_path):
+    """A .npy that is no numpy file (text, an empty file), one cut short, or
+    an array of Python objects: a ValueError naming the file and what is
+    wrong, where numpy's own words came out: for text 'This file contains
+    pickled (object) data. If you trust the file you can load it unsafely'
+    (advice to unpickle a file that is not even a pickle), for a truncated
+    one 'mmap length is greater than file size', for objects 'Array can't
+    be memory-mapped'."""
+    import io
+
+    (tmp_path / "text.npy").write_bytes(b"1.0 2.0 3.0\n4.0 5.0 6.0\n")
+    (tmp_path / "empty.npy").write_bytes(b"")
+    buf = io.BytesIO()
+    np.save(buf, np.ones((500, 4), np.float32))
+    (tmp_path / "cut.npy").write_bytes(buf.getvalue()[:1000])
+    np.save(tmp_path / "objects.npy", np.array([{"x": 1}, None], dtype=object), allow_pickle=True)
+    cases = {"text.npy": r"text\.npy: not a \.npy file \(it does not start with numpy's magic string",
+             "empty.npy": r"empty\.npy: not a \.npy file \(it is empty\)",
+             "cut.npy": r"cut\.npy: the header claims \(500, 4\) float32 \(8000 bytes\) but only \d+ bytes "
+                        "are there",
+             "objects.npy": r"objects\.npy: object arrays are not point data"}
+    for name, match in cases.items():
+        with pytest.raises(ValueError, match=match) as error:
+            read_cloud(tmp_path / name)
+        assert "unsafely" not in str(error.value) and "mmap" not in str(error.value)
+
+
 # --------------------------------------------------------------------- real data (skipped when absent)
 
 def test_real_semantickitti_scan(datasets_dir):

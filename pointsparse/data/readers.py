@@ -356,22 +356,48 @@ def _check_npy_size(shape, dtype, available: int, where: str) -> None:
                          f"{available} bytes are there (truncated or corrupt)")
 
 
+def _npy_header(f) -> tuple:
+    """``(shape, fortran_order, dtype)`` of the ``.npy`` array ``f`` (a
+    file object at its start) holds, ``f`` left at its data."""
+    version = np.lib.format.read_magic(f)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read_header(f)
+
+
 def _npz_array(z, key: str, path) -> np.ndarray:
     """``z[key]`` after checking its header against the member's size."""
     info = z.zip.getinfo(key + ".npy")
     with z.zip.open(info) as f:
-        version = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read_header(f)
+        shape, _, dtype = _npy_header(f)
     _check_npy_size(shape, dtype, info.file_size, f"{path} key {key!r}")
     if dtype.hasobject:
         raise ValueError(f"{path} key {key!r}: object arrays are not point data")
     return z[key]
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+
+
 def _load_npy(path) -> np.ndarray:
     """A ``.npy`` array, its header checked against the file size first
-    (memory-mapped, then copied); never unpickles."""
+    (memory-mapped, then copied); never unpickles. A ValueError naming the
+    file where it is no ``.npy`` file (numpy took one without its magic
+    string for a pickle, and advised loading it unsafely), its header claims
+    more bytes than it holds (numpy: 'mmap length is greater than file
+    size'), or it holds Python objects."""
+    with open(path, "rb") as f:
+        start = f.read(len(_NPY_MAGIC))
+        if not start:
+            raise ValueError(f"{path}: not a .npy file (it is empty)")
+        if start != _NPY_MAGIC:
+            raise ValueError(f"{path}: not a .npy file (it does not start with numpy's magic string {_NPY_MAGIC!r}; "
+                             f"it starts {start!r})")
+        f.seek(0)
+        shape, _, dtype = _npy_header(f)
+        data = os.fstat(f.fileno()).st_size - f.tell()
+    if dtype.hasobject:
+        raise ValueError(f"{path}: object arrays are not point data")
+    _check_npy_size(shape, dtype, data, str(path))
     arr = np.load(path, mmap_mode="r", allow_pickle=False)
     return np.array(arr)
 
