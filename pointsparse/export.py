@@ -216,10 +216,18 @@ def export_model(model: nn.Module, example) -> torch.export.ExportedProgram:
     ``formats.SparseConv3d`` with execution ``"format"``: no torch operator);
     the model's own ``TypeError`` / ``ValueError`` on an example it cannot
     run (feats of another dtype or width), of the same type, naming
-    ``example``."""
+    ``example``. Pruning masks (``prune``'s, torch's) are exported made
+    permanent (the model itself is left as it is)."""
     from .models import SPVCNN
+    from .nn.fuse import _unpruned_copy
 
     _check_exportable(model)
+    if any(hasattr(m, "weight_orig") or hasattr(m, "bias_orig") or torch.nn.utils.parametrize.is_parametrized(m)
+           for m in model.modules()):
+        # Pruning masks (and parametrizations) made permanent in a copy: the program holds each weight once, as
+        # the hook computed it (orig x mask: the same values, the same zeros the engine skips), not orig, mask
+        # and their product every call (torch warned of every such weight assigned during the export).
+        model = _unpruned_copy(model)
     point_level = isinstance(model, SPVCNN)
     if point_level:
         if not (isinstance(example, tuple) and len(example) == 4 and isinstance(example[0], SparseTensor)

@@ -1659,3 +1659,31 @@ def test_channel_pruned_minkunet_exports_and_compiles_as_eager(tmp_path):
     _runs_as_eager(fused, clouds[0], clouds[1:], tmp_path, compiled=False)
     half = [x.with_feats(x.feats.bfloat16()) for x in clouds]
     _runs_as_eager(fused.to(torch.bfloat16), half[0], half[1:], tmp_path, compiled=False)
+
+
+def test_a_masked_model_exports_with_its_masks_made_permanent():
+    """A model pruned with masks (prune.panel_structured, torch's l1_unstructured) was exported with its
+    hooks: the program held weight_orig and weight_mask and multiplied them every call, and torch warned of
+    every such weight "assigned during export". It now exports a copy with the masks made permanent: no
+    warning, each weight once (the masked values: the same zeros the engine skips), the model's bits, and
+    the model itself still masked."""
+    import warnings
+
+    from pointsparse import prune
+
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(spnn.Conv3d(3, 16, 3), spnn.ReLU(), spnn.Conv3d(16, 16, 3), spnn.Conv3d(16, 4, 1)).eval()
+    prune.panel_structured(model[0], "weight", 0.5)
+    prune.kernel_structured(model[2], "weight", 0.5, scope="offset")
+    torch.nn.utils.prune.l1_unstructured(model[3], "weight", 0.5)
+    x = _cloud(300, seed=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        program = export.export_model(model, x)
+    assert not [w for w in caught if "assigned" in str(w.message)], [str(w.message)[:200] for w in caught]
+    names = list(program.state_dict) + [s.target for s in program.graph_signature.input_specs if s.target]
+    assert not [n for n in names if n.endswith(("_orig", "_mask"))], names
+    assert all(hasattr(model[i], "weight_orig") for i in (0, 2, 3))
+    y = _cloud(500, seed=4)
+    with torch.no_grad():
+        assert torch.equal(program.module()(y.feats, y.coords), model(y).feats)
