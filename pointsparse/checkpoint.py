@@ -192,7 +192,7 @@ def load_training(path) -> dict:
 def check_config(config, where) -> None:
     """``TypeError`` / ``ValueError`` naming ``where`` (the checkpoint or program file) unless
     ``config`` is a dict whose run settings, where present, are of their kind:
-    ``classes`` a list of str, ``in_channels`` and ``blocks`` ints
+    ``classes`` a non-empty list of str, ``in_channels`` and ``blocks`` ints
     >= 1, ``voxel_size`` and ``cr`` finite numbers > 0, ``ignore_index`` an
     int, ``model`` a str (a damaged or hand-edited file otherwise failed deep
     inside voxelisation or model building, not naming it)."""
@@ -214,6 +214,8 @@ def check_config(config, where) -> None:
     if "classes" in config and (not isinstance(config["classes"], list)
                                 or not all(isinstance(c, str) for c in config["classes"])):
         bad("classes", "a list of class names", TypeError)
+    if "classes" in config and not config["classes"]:  # (eval and export each failed on it their own way)
+        bad("classes", "a non-empty list of class names")
     for key in ("in_channels", "blocks"):
         if key in config and not integral(config[key]):
             bad(key, "an int >= 1", TypeError)

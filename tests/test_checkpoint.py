@@ -224,7 +224,7 @@ def test_every_single_byte_flip_is_refused_or_harmless(tmp_path):
 
 
 def test_legacy_plain_checkpoint_still_loads(tmp_path):
-    torch.save({"model": {"w": torch.ones(2)}, "config": {"classes": []}}, tmp_path / "old.pt")
+    torch.save({"model": {"w": torch.ones(2)}, "config": {"classes": ["a"]}}, tmp_path / "old.pt")
     assert torch.equal(tr.load_checkpoint(tmp_path / "old.pt")["model"]["w"], torch.ones(2))
 
 
@@ -355,6 +355,8 @@ def test_crafted_checkpoints_are_refused_naming_the_file(tmp_path):
         "blocks_huge": ({**config, "blocks": 10**6}, weights, ValueError, "blocks must be at most 64"),
         "no_classes": ({k: v for k, v in config.items() if k != "classes"}, weights, ValueError, "lacks 'classes'"),
         "classes_int": ({**config, "classes": 5}, weights, TypeError, "classes must be a list"),
+        # (eval said the data's classes differ from the checkpoint's [], export that num_classes must be positive)
+        "classes_empty": ({**config, "classes": []}, weights, ValueError, "classes must be a non-empty list"),
         "widths_list": ({**config, "widths": [1, 2]}, weights, TypeError, "widths must be a dict"),
         "voxel_str": ({**config, "voxel_size": "abc"}, weights, TypeError, "voxel_size must be a finite number"),
         "cr_negative": ({**config, "cr": -1.0}, weights, ValueError, "cr must be a finite number > 0"),
