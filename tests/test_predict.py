@@ -579,3 +579,25 @@ def test_predict_and_eval_keep_what_they_loaded_out_of_the_collectors_passes(tmp
         assert after_eval <= after_predict <= before and after_eval > before - 1000
     else:
         assert before == after_predict == after_eval == 0 and all(count > 100_000 for _, count in seen)
+
+
+def test_commands_refuse_a_checkpoint_whose_weights_hold_nan(tmp_path, capsys):
+    """A checkpoint whose weights hold NaN (a diverged run's, a damaged file's) ran silently: eval scored it,
+    export wrote it, predict gave every point class 0 (training refuses to write such weights; reading them
+    was not checked). Each command now refuses it naming the file and the tensor."""
+    ckpt = _checkpoint(tmp_path / "checkpoint.pt")
+    state = torch.load(ckpt, weights_only=True)
+    name = next(k for k, v in state["model"].items() if v.is_floating_point() and k.endswith("weight"))
+    state["model"][name] = state["model"][name] * float("nan")
+    torch.save(state, ckpt)
+    paths = _clouds(tmp_path / "in")
+    for argv in (["predict", "--checkpoint", str(ckpt), "--data", *map(str, paths), "--out", str(tmp_path / "p"),
+                  "--no-progress"],
+                 ["eval", "--checkpoint", str(ckpt), "--data", *map(str, paths), "--no-progress", "--out",
+                  str(tmp_path / "e")],
+                 ["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "m.pt2")]):
+        capsys.readouterr()
+        assert cli.main(argv) == 2, argv[0]
+        err = capsys.readouterr().err
+        assert f"checkpoint {ckpt}: {name} holds NaN or inf" in err, (argv[0], err)
+    assert not (tmp_path / "m.pt2").exists() and not (tmp_path / "p").exists()

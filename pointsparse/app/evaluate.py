@@ -34,11 +34,19 @@ INFERENCE = ("float32", "fused", "bf16")
 def checkpoint_model(state: dict, path) -> torch.nn.Module:
     """``models.model_from_state(state)``; where the checkpoint ``path``'s
     config or weights do not make the model (its ValueError or TypeError), a
-    ValueError naming the file."""
+    ValueError naming the file; also where a weight holds NaN or inf (a
+    diverged run's, or a damaged file's: such a model scores, exports and
+    predicts without a word, every point class 0; training refuses to write
+    them, the commands that read a checkpoint refuse to run them)."""
     try:
-        return model_from_state(state)
+        model = model_from_state(state)
     except (ValueError, TypeError) as error:
         raise ValueError(f"checkpoint {path}: {error}") from error
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"checkpoint {path}: {name} holds NaN or inf: the weights of a diverged run or a "
+                             "damaged file; retrain (or resume from an earlier checkpoint)")
+    return model
 
 
 def inference_model(model: torch.nn.Module, inference: str = "float32") -> torch.nn.Module:
