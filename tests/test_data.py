@@ -1220,6 +1220,21 @@ def test_s3dis_text_reader(tmp_path):
         find_clouds(str(tmp_path / "*.nothing"))
 
 
+@pytest.mark.parametrize("text", ["", "# x y z\n", "\n\n"])
+def test_an_empty_text_cloud_says_it_holds_no_points(tmp_path, text):
+    """An empty text file (or one of comments or blank lines only) said "rows must hold x y z ...; got 1
+    columns" (numpy reads it as 0 rows of 1 column) after numpy's own "input contained no data" warning; it
+    now says it holds no points, naming the file, with no warning."""
+    import warnings
+
+    path = tmp_path / "empty.txt"
+    path.write_text(text)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=r"empty.txt: holds no points"):
+            read_cloud(path)
+
+
 def test_find_clouds_takes_named_files_and_skips_folders(tmp_path):
     """A file whose name holds glob characters is taken as named (it was globbed: "[1]" matched "1" and the
     file itself not at all), and a folder's search lists files only (a folder named "sub.npy" was a cloud)."""

@@ -1140,10 +1140,17 @@ def read_text(path, label_map="s3dis", ignore_index: int = DEFAULT_IGNORE, *, la
 
 
 def _load_rows(path) -> np.ndarray:
+    import warnings
+
     try:
-        rows = np.loadtxt(path, dtype=np.float64, ndmin=2)
+        with warnings.catch_warnings():  # (numpy warns "input contained no data" on an empty file: said below)
+            warnings.simplefilter("ignore", UserWarning)
+            rows = np.loadtxt(path, dtype=np.float64, ndmin=2)
     except ValueError as exc:
         raise ValueError(f"{path}: not rows of numbers: {exc}") from None
+    if rows.size == 0:  # (numpy gives an empty file, or one of comments only, as 0 rows of 1 column)
+        raise ValueError(f"{path}: holds no points (an empty file, or comments only); rows must hold x y z "
+                         "[r g b] [label]")
     if rows.shape[1] not in (3, 4, 6, 7):
         raise ValueError(f"{path}: rows must hold x y z [r g b] [label]; got {rows.shape[1]} columns")
     return rows
