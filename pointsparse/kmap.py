@@ -156,10 +156,11 @@ class KernelMap:
         return KernelMap(out_coords, in_idx, out_idx, self.sizes, self.offsets, self.num_out, self.num_in, key)
 
     def restricted(self, rows: torch.Tensor, out_coords: torch.Tensor) -> "KernelMap":
-        """The map onto the output rows ``rows`` only (sorted, distinct
-        int64; ``out_coords`` their coords), the same inputs. A map's pairs
-        of one output row depend only on that row's coords and the inputs',
-        so this is the map a search onto the kept coords makes, pair for pair
+        """The map onto the output rows ``rows`` only (a 1-D int64 or int32
+        tensor of increasing rows in ``[0, num_out)``; ``out_coords``, int32
+        ``(len(rows), 4)``, their coords), the same inputs. A map's pairs of
+        one output row depend only on that row's coords and the inputs', so
+        this is the map a search onto the kept coords makes, pair for pair
         and in its order (the rows renumbered in order: still grouped by
         offset and sorted by output row). A selection of voxels
         (``functional.select_voxels``) takes its downsampling maps this way:
@@ -167,9 +168,20 @@ class KernelMap:
         ops on other devices) against a search that kmap_parents cannot
         serve (given out coords). (A submanifold map restricted on both sides
         is the kept voxels' map too, but the core's search of it is as fast:
-        it is searched.)"""
+        it is searched.) TypeError / ValueError naming the argument for rows
+        or out_coords of another kind."""
         device = self.out_idx.device
+        if not isinstance(rows, torch.Tensor) or rows.dim() != 1 or rows.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"rows must be a 1-D int64 (or int32) tensor of output rows; got "
+                            f"{getattr(rows, 'dtype', type(rows).__name__)} {tuple(getattr(rows, 'shape', ()))}")
+        _coords.check_coords(out_coords, "out_coords")
+        if out_coords.shape[0] != rows.numel() or out_coords.device != device:
+            raise ValueError(f"out_coords must be the {rows.numel()} kept rows' coords on {device}; got "
+                             f"{out_coords.shape[0]} rows on {out_coords.device}")
         rows = rows.to(device, torch.int64)
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.num_out
+                             or bool((rows[1:] <= rows[:-1]).any())):
+            raise ValueError(f"rows must be increasing output rows in [0, {self.num_out}) (each once)")
         renumber = torch.full((self.num_out,), -1, dtype=torch.int64, device=device)
         renumber[rows] = torch.arange(rows.numel(), dtype=torch.int64, device=device)
         if _ext.serves(self.out_idx):
@@ -179,9 +191,10 @@ class KernelMap:
             return KernelMap(out_coords, in_idx, out_idx, sizes, self.offsets, self.num_in, rows.numel(), self.key)
         out_idx = renumber[self.out_idx]
         keep = out_idx >= 0
-        kept = torch.cat([keep.new_zeros(1, dtype=torch.int64), keep.cumsum(0)]).cpu()
-        ptr = torch.tensor(self.ptr, dtype=torch.int64)
-        return KernelMap(out_coords, self.in_idx[keep], out_idx[keep], kept[ptr[1:]] - kept[ptr[:-1]], self.offsets,
+        # (the kept pairs counted up to each offset's end on the device; only those K + 1 counts to the host)
+        ends = torch.tensor(self.ptr, dtype=torch.int64, device=device)
+        kept = torch.cat([keep.new_zeros(1, dtype=torch.int64), keep.cumsum(0)])[ends].cpu()
+        return KernelMap(out_coords, self.in_idx[keep], out_idx[keep], kept[1:] - kept[:-1], self.offsets,
                          self.num_in, rows.numel(), self.key)
 
     def _in_idx_ascending(self) -> bool:

@@ -702,3 +702,28 @@ def test_the_cores_restriction_checks_its_arguments():
                           ((i64(0, 1), i64(0), i64(2), i64(0, 1)), "out_idx must be 1-D of length 2")]:
         with pytest.raises(ValueError, match=message):
             core.kmap_restrict(*args, 1)
+
+
+def test_restricted_checks_its_rows_and_coords():
+    """KernelMap.restricted read rows as given: unsorted rows made a map whose pairs were not sorted by output
+    row (another map than a search's), a repeated row an output row with no pairs, a row past the outputs
+    torch's bare IndexError (a device assert on a GPU), floats were truncated; out_coords were not looked at.
+    Each is now a TypeError / ValueError naming the argument."""
+    x = make(n=400, c=3, extent=10, dtype=torch.float32, seed=5)
+    m = ps.kmap.get_kmap(x, 2, 2)
+    coarse = m.out_coords
+    rows = torch.tensor([0, 2, 3])
+    assert m.restricted(rows, coarse[rows]).num_out == 3
+    assert m.restricted(rows.int(), coarse[rows]).num_out == 3
+    for bad, error, match in [(torch.tensor([3, 1]), ValueError, "increasing output rows"),
+                              (torch.tensor([1, 1]), ValueError, "increasing output rows"),
+                              (torch.tensor([m.num_out]), ValueError, rf"in \[0, {m.num_out}\)"),
+                              (torch.tensor([-1]), ValueError, "increasing output rows"),
+                              (torch.tensor([0.0, 1.0]), TypeError, "rows must be a 1-D int64"),
+                              ([0, 1], TypeError, "rows must be a 1-D int64")]:
+        with pytest.raises(error, match=match):
+            m.restricted(bad, coarse[:len(bad)])
+    with pytest.raises(ValueError, match="out_coords must be the 3 kept rows' coords"):
+        m.restricted(rows, coarse[:2])
+    with pytest.raises(TypeError, match="out_coords must be int32"):
+        m.restricted(rows, coarse[rows].long())
