@@ -1220,6 +1220,16 @@ def test_s3dis_text_reader(tmp_path):
         find_clouds(str(tmp_path / "*.nothing"))
 
 
+@pytest.mark.parametrize("tail", [b"", b"\x01\x00\x10", b"\x09\x00\x00\x00"], ids=["truncated", "short header", "version 9"])
+def test_a_damaged_npy_header_is_named(tmp_path, tail):
+    """A .npy file with numpy's magic string and a damaged header (truncated, an unknown version) gave numpy's
+    own ValueError or EOFError, not naming the file; now a ValueError naming it."""
+    path = tmp_path / "broken.npy"
+    path.write_bytes(b"\x93NUMPY" + tail)
+    with pytest.raises(ValueError, match=r"broken.npy: a damaged .npy header"):
+        read_cloud(path)
+
+
 @pytest.mark.parametrize("text", ["", "# x y z\n", "\n\n"])
 def test_an_empty_text_cloud_says_it_holds_no_points(tmp_path, text):
     """An empty text file (or one of comments or blank lines only) said "rows must hold x y z ...; got 1

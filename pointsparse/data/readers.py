@@ -356,19 +356,25 @@ def _check_npy_size(shape, dtype, available: int, where: str) -> None:
                          f"{available} bytes are there (truncated or corrupt)")
 
 
-def _npy_header(f) -> tuple:
+def _npy_header(f, where) -> tuple:
     """``(shape, fortran_order, dtype)`` of the ``.npy`` array ``f`` (a
-    file object at its start) holds, ``f`` left at its data."""
-    version = np.lib.format.read_magic(f)
-    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    return read_header(f)
+    file object at its start) holds, ``f`` left at its data; a ValueError
+    naming ``where`` for a damaged header (truncated, an unknown version,
+    one numpy refuses: its own message did not name the file)."""
+    try:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        return read_header(f)
+    except (ValueError, EOFError) as error:
+        raise ValueError(f"{where}: a damaged .npy header: {error}") from None
 
 
 def _npz_array(z, key: str, path) -> np.ndarray:
     """``z[key]`` after checking its header against the member's size."""
     info = z.zip.getinfo(key + ".npy")
     with z.zip.open(info) as f:
-        shape, _, dtype = _npy_header(f)
+        shape, _, dtype = _npy_header(f, f"{path} key {key!r}")
     _check_npy_size(shape, dtype, info.file_size, f"{path} key {key!r}")
     if dtype.hasobject:
         raise ValueError(f"{path} key {key!r}: object arrays are not point data")
@@ -393,7 +399,7 @@ def _load_npy(path) -> np.ndarray:
             raise ValueError(f"{path}: not a .npy file (it does not start with numpy's magic string {_NPY_MAGIC!r}; "
                              f"it starts {start!r})")
         f.seek(0)
-        shape, _, dtype = _npy_header(f)
+        shape, _, dtype = _npy_header(f, path)
         data = os.fstat(f.fileno()).st_size - f.tell()
     if dtype.hasobject:
         raise ValueError(f"{path}: object arrays are not point data")
