@@ -728,7 +728,9 @@ def select_voxels(input: SparseTensor, rows: Tensor, feats: Tensor | None) -> Sp
     kept coords at ``input``'s stride and, from ``input``'s graph cache, the
     coords of every finer stride and the maps among finer strides only (so
     later convs map the kept voxels and transposed convs come back to the
-    skip connections' coords). Kept coords are a subset of ``input``'s, so
+    skip connections' coords), and its downsampling maps onto these sites
+    restricted to the kept ones when a conv asks for them
+    (:func:`kmap_restrict`). Kept coords are a subset of ``input``'s, so
     they are trusted where those were."""
     source = graph_cache(input)
     here = input.stride

@@ -143,7 +143,9 @@ class CoordinateCache:
         self.coords.setdefault(stride, coords)
 
     def get_kmap(self, key, build: Callable[[], object]):
-        """The cached map for ``key``, building it with ``build()`` once."""
+        """The cached map for ``key``, made once: by the callable ``derived``
+        holds for it (a selection's map restricted from its source's), else
+        by ``build()``."""
         kmap = self.kmaps.get(key)
         if kmap is None:
             kmap = self.derived.pop(key, build)()

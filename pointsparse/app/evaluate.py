@@ -23,7 +23,7 @@ from . import metrics
 from .distributed import pick_device
 from .scoring import evaluate, loaded_frozen, point_level, write_report
 from .train import add_data_arguments, check_args, generated_source, load_checkpoint, require_labels
-from .trainer import have_tqdm
+from .trainer import have_tqdm, non_finite_weight
 
 __all__ = ["INFERENCE", "add_arguments", "checkpoint_model", "inference_model", "main"]
 
@@ -42,10 +42,10 @@ def checkpoint_model(state: dict, path) -> torch.nn.Module:
         model = model_from_state(state)
     except (ValueError, TypeError) as error:
         raise ValueError(f"checkpoint {path}: {error}") from error
-    for name, t in model.state_dict().items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"checkpoint {path}: {name} holds NaN or inf: the weights of a diverged run or a "
-                             "damaged file; retrain (or resume from an earlier checkpoint)")
+    name = non_finite_weight(model)
+    if name is not None:
+        raise ValueError(f"checkpoint {path}: {name} holds NaN or inf: the weights of a diverged run or a "
+                         "damaged file; retrain (or resume from an earlier checkpoint)")
     return model
 
 

@@ -24,11 +24,20 @@ def check_finite_loss(loss: float, step: int) -> None:
                                "check the data for NaN/inf features); no checkpoint was written for this epoch")
 
 
-def check_finite_weights(model: torch.nn.Module, epoch: int) -> None:
+def non_finite_weight(model: torch.nn.Module) -> str | None:
+    """The name of the first float tensor of ``model``'s state that holds
+    NaN or inf, or None."""
     for name, p in model.state_dict().items():
         if p.is_floating_point() and not bool(torch.isfinite(p).all()):
-            raise TrainingDiverged(f"{name} holds NaN/inf after epoch {epoch}: training diverged (lower --lr); "
-                                   "no checkpoint was written for this epoch")
+            return name
+    return None
+
+
+def check_finite_weights(model: torch.nn.Module, epoch: int) -> None:
+    name = non_finite_weight(model)
+    if name is not None:
+        raise TrainingDiverged(f"{name} holds NaN/inf after epoch {epoch}: training diverged (lower --lr); "
+                               "no checkpoint was written for this epoch")
 
 
 def have_tqdm() -> bool:

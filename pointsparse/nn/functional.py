@@ -357,7 +357,9 @@ def select_voxels(input: SparseTensor, rows: torch.Tensor, feats: torch.Tensor |
     stride are the kept ones (later convs build their maps on them, coarser
     strides come from them), while the coords of every finer stride (and the
     maps among finer strides only) are the input cache's, so transposed
-    convs upsample back to the coords the skip connections hold. The cache
+    convs upsample back to the coords the skip connections hold; the input
+    cache's downsampling maps onto these sites are restricted to the kept
+    ones when a conv asks for them (``KernelMap.restricted``). The cache
     records the selection (``CoordinateCache.kept``: these rows of the
     input's voxels, or of the voxels the input itself was selected from),
     so that ``devoxelize(mode="nearest")`` maps voxelize's inverse through
