@@ -1687,3 +1687,24 @@ def test_a_masked_model_exports_with_its_masks_made_permanent():
     y = _cloud(500, seed=4)
     with torch.no_grad():
         assert torch.equal(program.module()(y.feats, y.coords), model(y).feats)
+
+
+def test_a_weight_tied_to_a_masked_one_keeps_its_values_in_the_program_and_fused():
+    """b.weight = a.weight, then a pruned with a mask: the copy that export and fuse_for_inference make
+    permanent wrote a's masked values into the tied tensor in place (torch's prune.remove), so b ran a's mask
+    too: the program and the fused model gave other outputs than the model. The tied tensor is now copied
+    first."""
+    import torch.nn.utils.prune as torch_prune
+
+    torch.manual_seed(0)
+    a, b = spnn.Conv3d(3, 3, 3), spnn.Conv3d(3, 3, 3)
+    b.weight = a.weight
+    torch_prune.l1_unstructured(a, "weight", 0.5)
+    model = torch.nn.Sequential(a, spnn.ReLU(), b).eval()
+    x = _cloud(300, seed=1)
+    with torch.no_grad():
+        want = model(x).feats
+        program = export.export_model(model, x)
+        assert torch.equal(program.module()(x.feats, x.coords), want)
+        torch.testing.assert_close(spnn.fuse_for_inference(model)(x).feats, want, rtol=1e-6, atol=1e-6)
+    assert b.weight is a.weight_orig and int((b.weight == 0).sum()) == 0  # the model itself untouched

@@ -72,8 +72,10 @@ def _unpruned_copy(model: nn.Module) -> nn.Module:
     with gradients, which deepcopy refuses: the copy starts from its
     detached value, which ``remove`` then recomputes. A filter skeleton
     (``prune.attach_filter_skeleton``) is folded into ``weight_orig``
-    first: ``remove`` knows only the mask. Torch parametrizations
-    (``weight_norm``, ...) are made permanent too."""
+    first: ``remove`` knows only the mask. A ``weight_orig`` tied to
+    another module's parameter is copied first (``remove`` writes the
+    masked values into it in place). Torch parametrizations (``weight_norm``,
+    ...) are made permanent too."""
     from ..prune.surgery import _unprune  # noqa: PLC0415 - the pruning package sits below nn
 
     memo = {}
@@ -83,6 +85,16 @@ def _unpruned_copy(model: nn.Module) -> nn.Module:
             if isinstance(value, torch.Tensor) and not value.is_leaf:
                 memo[id(value)] = value.detach().clone()
     copied = copy.deepcopy(model, memo)
+    # torch's remove writes orig * mask into weight_orig in place: a weight_orig tied to another module's
+    # parameter (b.weight = a.weight, then a pruned) would carry the mask into it; such a one is copied first.
+    uses: dict[int, int] = {}
+    for _, p in copied.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    for module in copied.modules():
+        for name in ("weight", "bias"):
+            orig = module._parameters.get(name + "_orig")
+            if orig is not None and uses.get(id(orig), 0) > 1:
+                module._parameters[name + "_orig"] = nn.Parameter(orig.detach().clone(), orig.requires_grad)
     for module in copied.modules():
         _unprune(module)  # (a filter skeleton folded in first)
         if parametrize.is_parametrized(module):
