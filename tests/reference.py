@@ -338,3 +338,18 @@ def kmap_reference(coords: torch.Tensor, kernel_size, stride=1, dilation=1, tens
     out_coords = torch.tensor(out_rows, dtype=torch.int32).reshape(-1, 4)
     return (out_coords, torch.tensor(in_idx, dtype=torch.int64), torch.tensor(out_idx, dtype=torch.int64),
             torch.tensor(sizes, dtype=torch.int64))
+
+
+def conv_operator_args(x, c_out: int, seed: int):
+    """``(args, generator)``: the ``pointsparse::conv`` operator's arguments
+    ``(feats, weight, bias, coords, in_idx, out_idx, sizes, key)`` for a
+    submanifold k3 conv of ``x`` to ``c_out`` channels (its map from
+    ``ops.kmap_build``, a random weight and bias), and the generator that
+    drew them, for the test's further tensors."""
+    from pointsparse import kmap, ops
+
+    key = ops.key_to_list(kmap.KernelMapKey((1, 1, 1), (3, 3, 3), (1, 1, 1), (1, 1, 1)))
+    pairs = ops.kmap_build(x.coords, None, key)
+    g = torch.Generator().manual_seed(seed)
+    weight, bias = torch.randn(27, x.feats.shape[1], c_out, generator=g), torch.randn(c_out, generator=g)
+    return (x.feats, weight, bias, x.coords, *pairs, key), g

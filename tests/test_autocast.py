@@ -20,6 +20,7 @@ from pointsparse import formats as F
 from pointsparse import nn as spnn
 from pointsparse.nn import _engine
 from pointsparse.nn import functional as NF
+from reference import conv_operator_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -63,12 +64,10 @@ def test_the_conv_operators_follow_autocast_as_an_eager_conv_does(backend):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     x = _cloud()
-    key = ops.key_to_list(kmap.KernelMapKey((1, 1, 1), (3, 3, 3), (1, 1, 1), (1, 1, 1)))
-    pairs = ops.kmap_build(x.coords, None, key)
-    g = torch.Generator().manual_seed(1)
-    weight, bias = torch.randn(27, 4, 5, generator=g), torch.randn(5, generator=g)
+    args, g = conv_operator_args(x, 5, seed=1)
+    _, weight, bias, _, *pairs, key = args
+    pairs = tuple(pairs)
     grad = torch.randn(len(x), 5, generator=g)
-    args = (x.feats, weight, bias, x.coords, *pairs, key)
 
     def grads():
         return [ops.conv_input_grad(grad, weight, x.coords, *pairs, key, len(x)),

@@ -15,7 +15,7 @@ from pointsparse import export, kmap, ops
 from pointsparse import nn as spnn
 from pointsparse.models import SPVCNN, MinkUNet
 from pointsparse.prune import surgery
-from reference import dense_conv, kmap_reference, random_coords, run_python
+from reference import conv_operator_args, dense_conv, kmap_reference, random_coords, run_python
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -81,12 +81,8 @@ def test_conv_inference_operator():
     kmap_parents' schema and fake implementation, and its map equal to
     downsample + kmap_build's."""
     x = _cloud(300, 3, channels=4)
-    key = ops.key_to_list(kmap.KernelMapKey((1, 1, 1), (3, 3, 3), (1, 1, 1), (1, 1, 1)))
-    pairs = ops.kmap_build(x.coords, None, key)
-    g = torch.Generator().manual_seed(3)
-    weight, bias = torch.randn(27, 4, 6, generator=g), torch.randn(6, generator=g)
+    args, g = conv_operator_args(x, 6, seed=3)
     add = torch.randn(len(x), 6, generator=g)
-    args = (x.feats, weight, bias, x.coords, *pairs, key)
     torch.library.opcheck(torch.ops.pointsparse.conv_inference.default, (*args, add, True),
                           test_utils=("test_schema", "test_faketensor"))
     plain = ops.conv(*args)
