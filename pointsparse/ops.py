@@ -742,10 +742,9 @@ def select_voxels(input: SparseTensor, rows: Tensor, feats: Tensor | None) -> Sp
     cache.note_kept(here, rows, input.coords.shape[0], source)
     # The graph's downsampling maps onto these sites restricted to the kept ones when a transposed conv asks
     # for them (eager's select_voxels: the same maps, no search)
-    for graph_key, m in source.kmaps.items():
+    for graph_key, m in source.maps_onto(here, input.coords):
         fine = source.get_coords(m.key.tensor_stride)
-        if not m.key.transposed and m.key.stride != (1, 1, 1) and m.key.out_stride == here and \
-                m.out_coords is input.coords and fine is not None:
+        if fine is not None:
             cache.derived[graph_key] = functools.partial(_restricted, m, fine, rows, coords)
     feats = input.feats.index_select(0, rows) if feats is None else feats
     return SparseTensor(feats, coords, here, cache=cache, validate=False)

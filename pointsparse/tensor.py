@@ -152,6 +152,16 @@ class CoordinateCache:
             self.kmaps[key] = kmap
         return kmap
 
+    def maps_onto(self, stride: Triple, coords: torch.Tensor):
+        """``(key, map)`` of each downsampling map this cache holds whose
+        outputs are ``coords`` at ``stride`` (not transposed, a stride other
+        than 1: a selection of those sites restricts them,
+        ``functional.select_voxels``)."""
+        for key, kmap in self.kmaps.items():
+            k = kmap.key
+            if not k.transposed and k.stride != (1, 1, 1) and k.out_stride == stride and kmap.out_coords is coords:
+                yield key, kmap
+
     def get_plan(self, kmap, build: Callable[[], object]):
         """The engine plan for the cached map ``kmap``, building it with
         ``build()`` once (kept while this cache holds the map)."""

@@ -395,10 +395,8 @@ def select_voxels(input: SparseTensor, rows: torch.Tensor, feats: torch.Tensor |
     # The input cache's downsampling maps onto these sites restricted to the kept ones when a conv asks for
     # them (the transposed conv back up): the maps a search onto the kept coords makes, without the search
     # (bench/RESULTS.md stop 51).
-    for key, kmap in input.cache.kmaps.items():
-        if not key.transposed and key.stride != (1, 1, 1) and key.out_stride == input.stride and \
-                kmap.out_coords is input.coords:
-            cache.derived[key] = functools.partial(kmap.restricted, rows, coords)
+    for key, kmap in input.cache.maps_onto(input.stride, input.coords):
+        cache.derived[key] = functools.partial(kmap.restricted, rows, coords)
     feats = input.feats.index_select(0, rows.to(input.device)) if feats is None else feats
     return SparseTensor(feats, coords, input.stride, cache=cache, validate=False)
 
