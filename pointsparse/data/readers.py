@@ -1146,8 +1146,6 @@ def read_text(path, label_map="s3dis", ignore_index: int = DEFAULT_IGNORE, *, la
 
 
 def _load_rows(path) -> np.ndarray:
-    import warnings
-
     try:
         with warnings.catch_warnings():  # (numpy warns "input contained no data" on an empty file: said below)
             warnings.simplefilter("ignore", UserWarning)
