@@ -370,3 +370,39 @@ def test_wrong_dim_is_reported_and_rolled_back(kind):
     with pytest.raises(ValueError, match="axis=7 is out of range"):
         prune.vector_structured(module, "weight", amount=1, axis=7)
     assert module.weight is original and not prune.is_pruned(module)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("earlier", [1, 2])  # one method before (its hook), two (a PruningContainer)
+def test_a_refused_method_leaves_a_pruned_module_as_it_was(kind, earlier):
+    """A toolkit method refused on an already pruned tensor (torch's apply
+    took the old hook off the module, or added the method to its container,
+    before the mask failed) leaves the hook, the container, the mask and the
+    output as they were: the mask keeps applying (it silently stopped, and
+    the weight then held a tensor of the last forward's graph)."""
+    module, x = make(kind)
+    prune.l1_unstructured(module, "weight", amount=0.3)
+    if earlier == 2:
+        prune.random_unstructured(module, "weight", amount=0.2)
+    module.register_forward_pre_hook(lambda *_: None)  # a hook of the user's after the pruning's
+    hooks = list(module._forward_pre_hooks.items())
+    methods = [getattr(h, "_pruning_methods", None) for _, h in hooks]
+    mask = module.weight_mask.clone()
+    before = output(module, x).detach()
+    for refused, error in ((lambda: prune.nm_structured(module, "weight", 1, 3), "multiple of m=3"),
+                           (lambda: prune.channel_structured(module, "weight", amount=10**6), "more than the"),
+                           (lambda: prune.kernel_structured(module, "weight", 0.5, scope="bogus"), "scope")):
+        with pytest.raises(ValueError, match=error):
+            refused()
+        assert list(module._forward_pre_hooks.items()) == hooks  # in their order
+        assert [getattr(h, "_pruning_methods", None) for _, h in hooks] == methods
+        assert torch.equal(module.weight_mask, mask)
+    with torch.no_grad():
+        module.weight_orig.add_(1.0)  # the hook recomputes the weight from weight_orig and the mask
+    after = output(module, x)
+    assert not torch.equal(after.detach(), before)
+    torch.testing.assert_close(after, reference(kind, module, module.weight_orig * mask, x))
+    after.sum().backward()  # a fresh graph: the weight is not last forward's
+    assert torch.equal(module.weight_orig.grad == 0, (mask == 0) | (module.weight_orig.grad == 0))
+    prune.channel_structured(module, "weight", amount=1)  # and the module still takes more pruning
+    assert int((module.weight_mask == 0).sum()) > int((mask == 0).sum())

@@ -36,7 +36,20 @@ class CopyableMethod(_torch_prune.BasePruningMethod):
     def apply(cls, module, name, *args, importance_scores=None, **kwargs):
         if importance_scores is not None:
             _check_scores(module, name, importance_scores)
-        method = super().apply(module, name, *args, importance_scores=importance_scores, **kwargs)
+        # torch's apply takes the tensor's earlier hook off the module (or adds
+        # the new method to its container) before the new mask is computed,
+        # and puts neither back when that fails: a refused method left the
+        # mask no longer applied, silently. (It undoes the rest itself.)
+        hooks = dict(module._forward_pre_hooks)
+        methods = {k: h._pruning_methods for k, h in hooks.items() if isinstance(h, _torch_prune.PruningContainer)}
+        try:
+            method = super().apply(module, name, *args, importance_scores=importance_scores, **kwargs)
+        except BaseException:
+            module._forward_pre_hooks.clear()  # (in their order: the hooks run in it)
+            module._forward_pre_hooks.update(hooks)
+            for k, m in methods.items():
+                hooks[k]._pruning_methods = m
+            raise
         keep_copyable(module)
         return method
 
