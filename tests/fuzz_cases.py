@@ -314,8 +314,204 @@ def case_cli(rng):
     assert args.beams <= 1024 and args.azimuth_steps <= 65536, "an unbounded scene size was accepted"
 
 
+# ------------------------------------------------------------------ pruned convs: the engine's kernels
+
+def _channels(rng) -> int:
+    """Channel counts around the kernels' panels and tiles (8, 16, 32 columns)."""
+    return max(1, int(_pick(rng, [1, 3, 8, 15, 16, 17, 24, 31, 32, 33, 47, 48, 64, 65])) + int(rng.integers(-1, 2)))
+
+
+def _pruned_weight(rng, k: int, c_in: int, c_out: int, dtype) -> torch.Tensor:
+    """A random weight with a random kind of the zeros the engine skips:
+    whole offsets, vectors of panels (one or two panels wide, input channels
+    in twins), both, unstructured, all zero, one nonzero, or none."""
+    from pointsparse.nn import _engine
+
+    w = torch.from_numpy(rng.standard_normal((k, c_in, c_out))).to(dtype)
+    kind = _pick(rng, ["none", "offsets", "vectors", "twins", "vectors+offsets", "unstructured", "zero", "one"])
+    width = _engine.panel_width(dtype) * int(_pick(rng, [1, 1, 2]))
+    if kind in ("vectors", "twins", "vectors+offsets"):
+        rows = -(-c_in // 2) if kind == "twins" else c_in
+        keep = torch.from_numpy(rng.random((k, rows, -(-c_out // width))) < rng.uniform(0.02, 0.9))
+        if kind == "twins":
+            keep = keep.repeat_interleave(2, 1)[:, :c_in]
+        w *= keep.repeat_interleave(width, 2)[:, :, :c_out].to(dtype)
+    if kind in ("offsets", "vectors+offsets"):
+        w[torch.from_numpy(rng.random(k) < rng.uniform(0.1, 0.95))] = 0
+    if kind == "unstructured":
+        w *= torch.from_numpy(rng.random(w.shape) < 0.25).to(dtype)
+    if kind in ("zero", "one"):
+        keep = w.flatten()[int(rng.integers(w.numel()))].item()
+        w.zero_()
+        if kind == "one":
+            w.view(-1)[int(rng.integers(w.numel()))] = keep
+    return w
+
+
+def case_pruned_conv(rng):
+    """The fused core on a pruned weight: every build this CPU runs, 1-3
+    threads, the dense / offset-skipping / vector-sparse kernels, with bias,
+    ReLU and a residual: forward and input gradient bit for bit the dense
+    kernels' of the build (the FMA builds each other's too), the masked weight
+    gradient the dense one times the mask, all against torch's float64 sum.
+    One case in eight hands the core a bad argument, which it must name."""
+    from pointsparse.nn import _engine
+    from reference import conv_sum, random_coords
+
+    dtype = _pick(rng, [torch.float32, torch.float32, torch.float64])
+    coords = random_coords(int(_pick(rng, [1, 5, 60, 400, 1500])), int(rng.integers(2, 25)),
+                           seed=int(rng.integers(1 << 30)))
+    c_in, c_out = _channels(rng), _channels(rng)
+    k, t, transposed = _pick(rng, [(3, 1, False), (2, 2, False), (2, 2, True), (3, 2, False), ((3, 1, 3), 1, False),
+                                   (1, 1, False), (5, 1, False)])
+    d = 2 if t == 1 and rng.random() < 0.2 else 1
+    x = ps.SparseTensor(torch.from_numpy(rng.standard_normal((len(coords), c_in))).to(dtype), coords)
+    if transposed:
+        down = kmap.get_kmap(x, k, t)
+        x = ps.SparseTensor(torch.from_numpy(rng.standard_normal((down.num_out, c_in))).to(dtype), down.out_coords,
+                            t, cache=x.cache, validate=False)
+    m = kmap.get_kmap(x, k, t, d, transposed)
+    plan = _engine.make_fused_plan(m).core
+    w = _pruned_weight(rng, m.kernel_volume, c_in, c_out, dtype)
+    bias = torch.from_numpy(rng.standard_normal(c_out)).to(dtype) if rng.random() < 0.5 else None
+    add = torch.from_numpy(rng.standard_normal((m.num_out, c_out))).to(dtype) if rng.random() < 0.2 else None
+    relu = bool(rng.random() < 0.3)
+    g = torch.from_numpy(rng.standard_normal((m.num_out, c_out))).to(dtype)
+    mask = (w != 0).to(dtype)
+    active = _engine.choose_execution(w).active
+    wactive = _engine.weight_execution(mask, None)[0]
+    feats, npb = x.feats.numpy(), None if bias is None else bias.numpy()
+    if rng.random() < 0.125:
+        bad = _pick(rng, ["active", "add", "weight", "out"])
+        out = np.empty((plan.num_out + (bad == "out"), c_out), dtype=feats.dtype)
+        plan.forward(feats, w[:, :, :1].numpy() if bad == "weight" and c_out > 1 else w.numpy(), npb, out, 2,
+                     active=np.ones(m.kernel_volume + 1, np.uint8) if bad == "active" else active,
+                     add=np.zeros((plan.num_out + 1, c_out), feats.dtype) if bad == "add" else None)
+        assert bad == "weight" and c_out == 1, f"a bad {bad} was accepted"
+        raise Expected("the one-column weight was good")
+    got = {}
+    for isa in _ext.core.runnable_isas():
+        for nt in (1, 2, 3):
+            for vector in (False, True):
+                out = torch.full((m.num_out, c_out), float("nan"), dtype=dtype)
+                plan.forward(feats, w.numpy(), npb, out.numpy(), nt, isa, relu, active=active, vector=vector,
+                             add=None if add is None else add.numpy())
+                gf = torch.full_like(x.feats, float("nan"))
+                plan.backward_input(g.numpy(), w.numpy(), gf.numpy(), nt, isa, active=active, vector=vector)
+                gw = torch.full_like(w, float("nan"))
+                plan.backward_weight(feats, g.numpy(), gw.numpy(), nt, isa, active=wactive if vector else None,
+                                     mask=mask.numpy() if vector else None)
+                got[isa, nt, vector] = (out, gf, gw * mask)  # (the vector kernels compute whole vectors)
+    f, wd = x.feats.double().requires_grad_(), w.double().requires_grad_()
+    ref = conv_sum(f, wd, m)
+    refs = [ref.detach(), *torch.autograd.grad(ref, (f, wd), g.double())]
+    refs[0] = refs[0] + (0 if bias is None else bias.double()) + (0 if add is None else add.double())
+    refs[0] = refs[0].clamp_min(0) if relu else refs[0]
+    refs[2] = refs[2] * mask.double()
+    fma = [isa for isa in _ext.core.runnable_isas() if isa != "generic"]
+    for (isa, nt, vector), results in got.items():
+        same = got[fma[0] if isa in fma else isa, 1, False]
+        for name, a, b, r in zip(("forward", "input gradient", "weight gradient"), results, same, refs):
+            where = f"{name} of {isa}, {nt} thread(s), {'vector' if vector else 'dense'} kernels"
+            assert not torch.isnan(a).any(), f"{where}: rows left unwritten"
+            assert torch.equal(a, b), f"{where}: not the dense kernels' bits"
+            err = float((a.double() - r).abs().max()) if a.numel() else 0.0
+            tol = (1e-4 if dtype == torch.float32 else 1e-10) * (float(r.abs().max()) + 1 if r.numel() else 1)
+            assert err <= tol * max(c_in, c_out, 8), f"{where}: {err:.3g} from torch's sum"
+
+
+# ------------------------------------------------------------------ pruned modules
+
+_PRUNINGS = {
+    "l1": lambda p, m, a: p.l1_unstructured(m, "weight", a),
+    "random": lambda p, m, a: p.random_unstructured(m, "weight", a),
+    "ln_out": lambda p, m, a: p.ln_structured(m, "weight", a, 2, dim=2),
+    "panel": lambda p, m, a: p.panel_structured(m, "weight", a),
+    "panel_square": lambda p, m, a: p.panel_structured(m, "weight", a, square=True),
+    "kernel": lambda p, m, a: p.kernel_structured(m, "weight", a),
+    "offset": lambda p, m, a: p.kernel_structured(m, "weight", a, scope="offset"),
+    "channel_out": lambda p, m, a: p.channel_structured(m, "weight", a),
+    "channel_in": lambda p, m, a: p.channel_structured(m, "weight", a, axis="in"),
+    "block": lambda p, m, a: p.block_structured(m, "weight", a),
+    "nm": lambda p, m, a: p.nm_structured(m, "weight"),
+    "vector": lambda p, m, a: p.vector_structured(m, "weight", a),
+    "stripe": lambda p, m, a: p.stripe_structured(m, "weight", a),
+    "bad_amount": lambda p, m, a: p.vector_structured(m, "weight", 1.5 + a),
+}
+
+
+def case_pruned_module(rng):
+    """A conv, BatchNorm, ReLU, conv (and a transposed conv back up) whose
+    convs take one or two random prunings of the toolkit (some of them
+    refused: a refused one must leave the module as it was) and sometimes
+    ``prune.remove``: forward and every gradient in training, eval, and
+    ``fuse_for_inference`` equal torch's path in float64; float32 agrees."""
+    import copy
+
+    from pointsparse import nn as pnn
+    from pointsparse import prune
+    from reference import random_coords
+
+    coords = random_coords(int(_pick(rng, [3, 40, 300, 1200])), int(rng.integers(3, 16)), seed=int(rng.integers(1 << 30)))
+    c_in, c1, c2 = int(_pick(rng, [1, 4, 16, 19])), _channels(rng), _channels(rng)
+    k, t = _pick(rng, [(3, 1), (2, 2), (3, 2), (1, 1), ((3, 1, 3), 1), (5, 1)])
+    torch.manual_seed(int(rng.integers(1 << 30)))
+    layers = torch.nn.ModuleDict({"a": pnn.Conv3d(c_in, c1, k, t, bias=bool(rng.random() < 0.5)), "bn": pnn.BatchNorm(c1),
+                                  "b": pnn.Conv3d(c1, c2, 3, dilation=int(_pick(rng, [1, 1, 2])))})
+    if (k, t) == (2, 2):
+        layers["up"] = pnn.Conv3d(c2, c_in, 2, 2, transposed=True, bias=True)
+    layers = layers.double()
+
+    def forward(net, x):
+        y = net["a"](x)
+        y = net["b"](y.with_feats(torch.relu(net["bn"](y).feats)))
+        return net["up"](y) if "up" in net else y
+
+    refused = []
+    for name in [n for n in layers if n != "bn"]:
+        conv = layers[name]
+        for kind in rng.choice(sorted(_PRUNINGS), size=int(_pick(rng, [1, 1, 2])), replace=False):
+            hooks = list(conv._forward_pre_hooks.items())
+            try:
+                _PRUNINGS[str(kind)](prune, conv, float(rng.uniform(0.1, 0.95)))
+            except NAMED as exc:
+                refused.append(f"{kind}: {exc}")
+                assert list(conv._forward_pre_hooks.items()) == hooks, f"refused {kind} changed the module's hooks"
+        if prune.is_pruned(conv) and rng.random() < 0.3:
+            prune.remove(conv, "weight")
+    x = ps.SparseTensor(torch.from_numpy(rng.standard_normal((len(coords), c_in))), coords)
+    probe = {}
+
+    def run(net, train):
+        net.train(train)
+        f = x.feats.clone().requires_grad_(train)
+        y = forward(net, x.with_feats(f)).feats
+        if not train:
+            return [y.detach()]
+        weights = [f] + [p for p in net.parameters() if p.requires_grad]
+        probe.setdefault("g", torch.from_numpy(rng.standard_normal(tuple(y.shape))))
+        return [y.detach(), *torch.autograd.grad((y * probe["g"]).sum(), weights)]
+
+    for train in (True, False):
+        ours = run(layers, train)
+        with _ext.torch_path():
+            theirs = run(layers, train)
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            assert torch.allclose(a, b, rtol=1e-9, atol=1e-9), f"{'train' if train else 'eval'} result {i} differs"
+    with torch.no_grad():
+        want = run(layers, False)[0]
+        fused = run(pnn.fuse_for_inference(copy.deepcopy(layers)), False)[0]
+        assert torch.allclose(fused, want, rtol=1e-8, atol=1e-8), "fuse_for_inference changed the output"
+        single = forward(copy.deepcopy(layers).float(), x.with_feats(x.feats.float())).feats
+        scale = float(want.abs().max()) + 1 if want.numel() else 1
+        assert torch.allclose(single.double(), want, rtol=0, atol=1e-4 * scale), "float32 differs from float64"
+    if refused:
+        raise Expected("refused: " + "; ".join(refused)[:150])
+
+
 FAMILIES = {"sparse_tensor": case_sparse_tensor, "voxelize": case_voxelize, "kmap": case_kmap, "conv": case_conv,
-            "readers": case_readers, "formats": case_formats, "cli": case_cli}
+            "readers": case_readers, "formats": case_formats, "cli": case_cli,
+            "pruned_conv": case_pruned_conv, "pruned_module": case_pruned_module}
 
 
 def run_case(family: str, seed: int, index: int) -> dict:
