@@ -790,3 +790,42 @@ def test_compress_keeps_a_voxel_prune_on_a_layers_input(name):
             ref, out = model(x), sparse(x)
         assert len(ref) < len(x) and torch.equal(out.coords, ref.coords)
         torch.testing.assert_close(out.feats, ref.feats, rtol=1e-5, atol=1e-5)
+
+
+def _conv_and_linear(pruned: bool) -> torch.nn.Sequential:
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(psnn.Conv3d(8, 8, kernel_size=3, bias=True), psnn.ReLU(), psnn.Linear(8, 3))
+    if pruned:
+        prune.l1_unstructured(model[0], "weight", amount=0.5)
+        prune.l1_unstructured(model[2].fn, "weight", amount=0.5)
+    return model
+
+
+@pytest.mark.parametrize("fmt,kwargs", [("csr", {}), ("fkw", {})])
+@pytest.mark.parametrize("pruned_target", [False, True])
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_compressed_state_dict_is_named_where_an_uncompressed_model_loads_it(fmt, kwargs, pruned_target, strict):
+    """A compressed model's state_dict (its layers' formats in _extra_state,
+    no weight) loaded into the uncompressed model gave torch's bare
+    "Missing key(s) ... Unexpected key(s)" (or, with strict=False, nothing:
+    the weights stayed as initialised). The first layer that cannot read its
+    entry names itself, says the entry is a compressed layer's, and what to
+    do; the other way round too. Nothing of the layer is loaded."""
+    state = F.compress(_conv_and_linear(pruned=True), fmt, **kwargs).state_dict()
+    target = _conv_and_linear(pruned=pruned_target)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"Conv3d '0': the state_dict holds a compressed layer \(formats.SparseConv3d, "
+                                         rf"format {fmt.upper()}\).*formats.compress"):
+        target.load_state_dict(state, strict=strict)
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+    del state["0._extra_state"], state["0.bias"]  # the Linear inside psnn.Linear names itself too
+    with pytest.raises(ValueError, match=r"Linear '2': the state_dict holds a compressed layer \(formats.SparseLinear, "
+                                         rf"format {'CSR' if fmt == 'csr' else 'FKW'}\)"):
+        target.load_state_dict(state, strict=False)
+    compressed = F.compress(_conv_and_linear(pruned=True), fmt, **kwargs)
+    with pytest.raises(ValueError, match=r"SparseConv3d '0': the state_dict holds an uncompressed layer"):
+        compressed.load_state_dict(target.state_dict(), strict=strict)
+    mixed = {k: v for k, v in compressed.state_dict().items() if k.startswith("0.")}
+    mixed.update((k, v) for k, v in target.state_dict().items() if k.startswith("2."))
+    with pytest.raises(ValueError, match=r"SparseLinear '2.fn': the state_dict holds an uncompressed layer"):
+        compressed.load_state_dict(mixed, strict=strict)

@@ -76,7 +76,9 @@ def compress(module: torch.nn.Module, format="csr", example_input=None, **kwargs
     and reports those offsets only, as the source does); the module is not
     changed; its other forward pre-hooks (a VoxelPrune on its input) run on
     the compressed layer too. Compressed modules save their
-    formats in ``state_dict``, refuse ``.to(dtype)`` and inputs that need a
+    formats in ``state_dict`` (a pointsparse layer of the uncompressed model
+    refuses that state, and a compressed one an uncompressed state, with a
+    ValueError naming the layer), refuse ``.to(dtype)`` and inputs that need a
     gradient they cannot give, with a clear error."""
     from ..nn import Conv3d
 

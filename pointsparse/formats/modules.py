@@ -29,6 +29,23 @@ def _bias_copy(bias, channels: int, what: str):
     return bias.detach().clone()
 
 
+def refuse_uncompressed_state(module: nn.Module, state_dict, prefix: str) -> None:
+    """A ValueError naming ``module`` (at ``prefix``) where ``state_dict``
+    holds an uncompressed layer's weight (``weight``, or a pruned one's
+    ``weight_orig``) and no ``_extra_state`` for this compressed layer's
+    format (torch's bare "Missing key(s) ... Unexpected key(s)" said nothing
+    of why; ``strict=False`` kept the format it had without a word)."""
+    if prefix + "_extra_state" in state_dict:
+        return
+    key = next((prefix + k for k in ("weight", "weight_orig") if prefix + k in state_dict), None)
+    if key is not None:
+        where = f" '{prefix[:-1]}'" if prefix else ""
+        raise ValueError(f"{type(module).__name__}{where}: the state_dict holds an uncompressed layer ('{key}'), "
+                         f"where this compressed layer takes its format ('{prefix}_extra_state'); load it into the "
+                         "uncompressed model and compress that (pointsparse.formats.compress), or load the "
+                         "state_dict of a model compressed the same way")
+
+
 def refuse_gradient(module: nn.Module, input: torch.Tensor, what: str) -> None:
     """A clear error where autograd would need a gradient the module cannot
     give, or the input carries a forward-mode tangent (``torch.func.jvp``,
@@ -100,6 +117,10 @@ class SparseLinear(nn.Module):
 
     def get_extra_state(self):
         return {"weight_format": format_data(self.weight_format)}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        refuse_uncompressed_state(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_extra_state(self, state) -> None:
         """Loads the format ``get_extra_state`` gave, checked first (its arrays,
@@ -298,6 +319,10 @@ class SparseConv3d(nn.Module):
             [format_data(f) for f in self.offsets]
         return {"offsets": offsets, "execution": self.execution, "chosen": self.chosen,
                 "kernel_region": self.kernel_region}
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        refuse_uncompressed_state(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _checked_region(self, region, weight: torch.Tensor, what: str):
         """``region`` (None, ``"cross"`` or offset indices) as a sorted tuple

@@ -37,6 +37,29 @@ def _check_feats_for(module: nn.Module, x: SparseTensor, channels: int, what: st
                         "(convert one of them: module.to(dtype) or the feats)")
 
 
+def _refuse_compressed_state(module: nn.Module, state_dict, prefix: str, key: str, marker: str,
+                             compressed: str) -> None:
+    """A ValueError naming ``module`` (at ``prefix``) where ``state_dict``
+    holds, at ``prefix + key``, the extra state of a compressed layer (the
+    dict ``formats.compress``'s ``compressed`` module saves, with its format
+    under ``marker``) in place of the weight this layer takes: torch's bare
+    "Missing key(s) ... Unexpected key(s)" said nothing of why, and
+    ``strict=False`` left the weight as initialised without a word."""
+    state = state_dict.get(prefix + key)
+    if not isinstance(state, dict) or marker not in state:
+        return
+    held = state[marker]
+    held = held[0] if isinstance(held, (list, tuple)) and held else held  # (a conv's formats: one per offset)
+    # (the format's data, {'format': name, ...}, or a format object, as states saved before the data form hold)
+    name = held.get("format") if isinstance(held, dict) else type(held).__name__
+    where = f" '{prefix[:-1]}'" if prefix else ""
+    raise ValueError(f"{type(module).__name__}{where}: the state_dict holds a compressed layer (formats.{compressed}, "
+                     f"format {name}) in '{prefix}{key}', where this uncompressed layer takes its weight; compress "
+                     f"the model the same way before it loads this state_dict (pointsparse.formats.compress(model, "
+                     f"format={str(name).lower()!r}, ...)), or load the state_dict the model had before it was "
+                     "compressed")
+
+
 #: The most values a conv weight may hold (checked before it is allocated):
 #: 2^31, 8 GiB of float32, far beyond any point-cloud network.
 MAX_WEIGHT_ELEMENTS = 2**31
@@ -87,6 +110,10 @@ class Conv3d(nn.Module):
         #: :func:`pointsparse.nn.fuse_for_inference`).
         self.relu = False
         self.reset_parameters()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        _refuse_compressed_state(self, state_dict, prefix, "_extra_state", "offsets", "SparseConv3d")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def reset_parameters(self) -> None:
         volume = self.kernel_volume if self.kernel_region is None else len(self.kernel_region)
@@ -400,6 +427,12 @@ class _Pointwise(nn.Module):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__()
         self.fn = self.module_class(*args, **kwargs)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # (torch's Linear inside cannot say it: its compressed SparseLinear's state is refused here, before it loads)
+        if isinstance(self.fn, nn.Linear):
+            _refuse_compressed_state(self, state_dict, prefix, "fn._extra_state", "weight_format", "SparseLinear")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, input: SparseTensor) -> SparseTensor:
         x = _check_input(input)
