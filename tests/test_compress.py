@@ -266,13 +266,74 @@ def test_a_corrupt_extra_state_is_refused_and_leaves_the_module_as_it_was():
         assert torch.equal(sparse(x).feats, ref)
 
 
-def test_compressed_modules_refuse_dtype_changes_and_gradients_they_cannot_give():
+def _pruned_model(fmt: str) -> torch.nn.Sequential:
+    """BatchNorm, a pruned conv and a pruned per-site Linear (2:4 over their
+    input channels for NM, whose from_dense would prune further)."""
+    torch.manual_seed(6)
+    model = torch.nn.Sequential(psnn.BatchNorm(8), psnn.Conv3d(8, 8, kernel_size=3, bias=True), psnn.Linear(8, 4))
+    conv, linear = model[1], model[2].fn
+    prune.l1_unstructured(conv, "weight", amount=0.6)
+    prune.l1_unstructured(linear, "weight", amount=0.5)
+    if fmt == "nm":
+        w = conv.weight.detach()
+        prune.custom_from_mask(conv, "weight", torch.stack([F.NM.from_dense(w[o].t(), prune=True).to_dense().t() != 0
+                                                            for o in range(w.shape[0])]))
+        prune.custom_from_mask(linear, "weight", F.NM.from_dense(linear.weight, prune=True).to_dense() != 0)
+    with torch.no_grad():
+        model[0].running_mean.uniform_(-0.5, 0.5)
+        model[0].running_var.uniform_(0.5, 2)
+    return model.eval()
+
+
+_CONVERSIONS = [(torch.float64, lambda m: m.double()), (torch.float64, lambda m: m.to(torch.float64)),
+                (torch.float16, lambda m: m.half()), (torch.bfloat16, lambda m: m.to(dtype=torch.bfloat16)),
+                (torch.float32, lambda m: m.double().float())]
+
+
+@pytest.mark.parametrize("fmt,kwargs", FORMATS)
+@pytest.mark.parametrize("dtype,convert", _CONVERSIONS)
+def test_compressed_modules_follow_dtype_conversions(fmt, kwargs, dtype, convert):
+    """formats.compress(Sequential(BatchNorm, pruned conv)).double() raised
+    in the compressed conv after torch's _apply had converted the BatchNorm:
+    a half-converted model. The compressed layers follow .to(dtype),
+    .double(), .float(), .half(), .bfloat16() as the dense layers do: each
+    format's values (the index arrays kept), the bias and the engine's weight
+    converted, so the converted compressed model computes what the model
+    converted the same way and then compressed computes, in either execution."""
+    model = _pruned_model(fmt)
+    compressed = F.compress(model, fmt, **kwargs)
+    assert convert(compressed) is compressed
+    want = F.compress(convert(model), fmt, **kwargs)
+    conv, linear = compressed[1], compressed[2].fn
+    assert conv.format_dtype == linear.weight_format.dtype == dtype
+    assert all(t.dtype == dtype for t in compressed.state_dict().values()
+               if isinstance(t, torch.Tensor) and t.is_floating_point())
+    assert conv.engine_weight.dtype == dtype
+    formats = [conv.offsets] if isinstance(conv.offsets, F.FKW) else conv.offsets
+    assert all(f.dtype == dtype and f.validate() is f for f in [*formats, linear.weight_format])
+    x = _sparse_input(channels=8, dtype=dtype)
+    for execution in ("engine", "format"):
+        conv.execution = want[1].execution = execution
+        with torch.no_grad():
+            out, ref = compressed(x).feats, want(x).feats
+        assert out.dtype == dtype
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_compressed_modules_refuse_a_conversion_to_no_floating_dtype():
+    """A format holds floating values: a conversion to another kind (complex,
+    or an integer through .type) is a TypeError naming the layer."""
+    sparse = F.compress(_pruned_conv(), "csr")
+    with pytest.raises(TypeError, match=r"SparseConv3d holds its weight in a sparse format of floating values "
+                                        r"\(torch.float32\) and cannot follow a conversion to torch.complex64"):
+        sparse.to(torch.complex64)
+    with pytest.raises(TypeError, match="SparseLinear .* cannot follow a conversion to torch.int32"):
+        F.compress(torch.nn.Linear(4, 2), "csr").type(torch.int32)
+
+
+def test_compressed_modules_refuse_gradients_they_cannot_give():
     conv = _pruned_conv()
     sparse = F.compress(conv, "csr")
-    with pytest.raises(TypeError, match=r"cannot follow \.to\(torch.float64\)"):
-        sparse.to(torch.float64)
-    with pytest.raises(TypeError, match="compress the module again"):
-        F.compress(torch.nn.Linear(4, 2), "csr").double()
     assert sparse.to("cpu") is sparse
     x = _sparse_input(channels=8)
     feats = x.feats.clone().requires_grad_()

@@ -78,8 +78,10 @@ def compress(module: torch.nn.Module, format="csr", example_input=None, **kwargs
     the compressed layer too. Compressed modules save their
     formats in ``state_dict`` (a pointsparse layer of the uncompressed model
     refuses that state, and a compressed one an uncompressed state, with a
-    ValueError naming the layer), refuse ``.to(dtype)`` and inputs that need a
-    gradient they cannot give, with a clear error."""
+    ValueError naming the layer), follow ``.to(dtype)``, ``.double()``,
+    ``.half()``, ... as a dense layer does (each format's values converted,
+    its index arrays kept) and refuse inputs that need a gradient they cannot
+    give, with a clear error."""
     from ..nn import Conv3d
 
     cls = _format_class(format)

@@ -190,6 +190,21 @@ class SparseFormat:
 
     shape: tuple
     dtype: torch.dtype
+    #: The attribute holding the stored values (the one floating array).
+    _values_name = "values"
+
+    def _with_dtype(self, dtype: torch.dtype) -> "SparseFormat":
+        """The format with its values in ``dtype`` (each rounded as the
+        dense weight's ``.to(dtype)`` rounds it; the index arrays shared,
+        they do not depend on it): what a compressed module's ``.to(dtype)``
+        holds. Itself where ``dtype`` is its own."""
+        if dtype == self.dtype:
+            return self
+        converted = type(self).__new__(type(self))
+        converted.__dict__.update(self.__dict__)
+        setattr(converted, self._values_name, getattr(self, self._values_name).to(dtype))
+        converted.dtype = dtype
+        return converted
 
     def _zeros(self, *shape: int) -> torch.Tensor:
         """The zeros ``to_dense`` fills (default: ``self.shape``), after

@@ -36,6 +36,8 @@ class FKW(SparseFormat):
 
     ``matmul`` multiplies the (C_out, C_in * V) matrix view (column c * V + v)."""
 
+    _values_name = "weight"
+
     def __init__(self, weight, index, offset, reorder, stride, patterns, weight_shape, *,
                  _trusted: bool = False):
         self.weight_shape = check_shape(weight_shape, "weight_shape", dims=None)

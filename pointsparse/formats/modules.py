@@ -137,12 +137,14 @@ class SparseLinear(nn.Module):
                              f"weight is (out_features, in_features) = ({self.out_features}, {self.in_features})")
         if fmt.dtype != self.weight_format.dtype:
             raise TypeError(f"{name}: _extra_state's weight_format has dtype {fmt.dtype}; this layer's is "
-                            f"{self.weight_format.dtype} (compress the module again in {fmt.dtype})")
+                            f"{self.weight_format.dtype} (convert the layer first: .to({fmt.dtype}))")
         self.weight_format = fmt
 
     def _apply(self, fn, *args, **kwargs):
-        refuse_conversion(fn, self.weight_format.dtype, type(self).__name__)
-        return super()._apply(fn, *args, **kwargs)
+        dtype = converted_dtype(fn, self.weight_format.dtype, type(self).__name__)
+        result = super()._apply(fn, *args, **kwargs)
+        self.weight_format = self.weight_format._with_dtype(dtype)
+        return result
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, weight={self.weight_format!r}"
@@ -202,19 +204,27 @@ def check_dtype(module: nn.Module, got: str, dtype: torch.dtype, format_name: st
     format where the input's ``dtype`` is not the weight's (the format's
     product named its own argument, the engine its own weight)."""
     if dtype != weight_dtype:
-        again = f" (a compressed layer cannot follow .to(dtype): compress the module again in {dtype})" \
-            if dtype.is_floating_point else ""
+        layer = f" or the layer (.to({dtype}))" if dtype.is_floating_point else ""
         raise TypeError(f"{type(module).__name__}: {got} but its weight (format {format_name}) is {weight_dtype}; "
-                        f"convert the input{again}")
+                        f"convert the input{layer}")
 
 
-def refuse_conversion(fn, dtype: torch.dtype, what: str) -> None:
-    """``module.to(dtype)`` cannot convert a format's arrays: a clear error
-    (a device move is fine: the formats compute on any device)."""
+def converted_dtype(fn, dtype: torch.dtype, what: str) -> torch.dtype:
+    """The dtype ``module._apply(fn)`` gives a floating tensor of ``dtype``
+    (``.to(dtype)``, ``.double()``, ``.half()``, ...), which a compressed
+    layer's formats follow as its bias does (they refused it once, after
+    torch's ``_apply`` had converted the layers before: a half-converted
+    model). A dtype that is not floating (complex, an integer through
+    ``.type``) is a TypeError naming ``what``: a format holds floating
+    values. (The layers before it are converted by then: torch's ``_apply``
+    converts the children in order, and no layer sees the conversion
+    first.) A device move keeps the formats on the CPU: they compute on any
+    device."""
     probe = fn(torch.zeros((), dtype=dtype))
-    if probe.dtype != dtype:
-        raise TypeError(f"{what} holds its weight in a sparse format of dtype {dtype} and cannot follow "
-                        f".to({probe.dtype}); compress the module again in {probe.dtype}")
+    if not probe.dtype.is_floating_point:
+        raise TypeError(f"{what} holds its weight in a sparse format of floating values ({dtype}) and cannot "
+                        f"follow a conversion to {probe.dtype}")
+    return probe.dtype
 
 
 def _format_product(fmt: SparseFormat):
@@ -278,7 +288,7 @@ class SparseConv3d(nn.Module):
     weights of the layer in ``prune.sparsity_report`` (its FLOPs and the
     engine's cost count the region only, as the source conv's do). The
     formats, the choice and the region are saved in ``state_dict`` (extra
-    state)."""
+    state); ``.to(dtype)`` converts the formats' values as it does the bias."""
 
     def __init__(self, offsets, kernel_size, stride, dilation, transposed, in_channels,
                  out_channels, bias=None, execution: str = "format", relu: bool = False,
@@ -366,7 +376,7 @@ class SparseConv3d(nn.Module):
         dtype = offsets.dtype if isinstance(offsets, FKW) else offsets[0].dtype
         if dtype != self.format_dtype:
             raise TypeError(f"{name}: _extra_state's offsets have dtype {dtype}; this conv's are {self.format_dtype} "
-                            f"(compress the module again in {dtype})")
+                            f"(convert the layer first: .to({dtype}))")
         weight = dense_weight(offsets)
         # (a state saved before the region was kept has none: every offset runs, as it did then)
         region = self._checked_region(state.get("kernel_region"), weight, f"{name}: _extra_state's")
@@ -405,8 +415,11 @@ class SparseConv3d(nn.Module):
         return list(offsets)
 
     def _apply(self, fn, *args, **kwargs):
-        refuse_conversion(fn, self.format_dtype, type(self).__name__)
-        return super()._apply(fn, *args, **kwargs)
+        dtype = converted_dtype(fn, self.format_dtype, type(self).__name__)
+        result = super()._apply(fn, *args, **kwargs)  # (the bias and engine_weight, as the formats below)
+        self.offsets = self.offsets._with_dtype(dtype) if isinstance(self.offsets, FKW) else \
+            [f._with_dtype(dtype) for f in self.offsets]
+        return result
 
     def forward(self, input: SparseTensor, add: SparseTensor | None = None) -> SparseTensor:
         """As ``pointsparse.nn.Conv3d``: ``relu(conv(input) + add)`` (``add``
