@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from . import _ext
-from .tensor import SparseTensor, as_int
+from .tensor import SparseTensor, as_bool, as_int
 
 META_FILE = "pointsparse.json"
 MIN_POINTS = 2
@@ -652,16 +652,18 @@ def _note_selection(out: SparseTensor, x: SparseTensor) -> None:
 
 # --------------------------------------------------------------------- checkpoints
 
-def load_checkpoint(path) -> tuple[nn.Module, dict]:
+def load_checkpoint(path, *, allow_non_finite: bool = False) -> tuple[nn.Module, dict]:
     """``(model in eval mode, config)`` of a ``pointsparse train`` checkpoint
     (channel-pruned ones included), read with ``weights_only=True``: the
-    model :func:`pointsparse.models.load_model` gives, and the config."""
+    model :func:`pointsparse.models.load_model` gives (weights that hold NaN
+    or inf refused unless ``allow_non_finite``, as there), and the config."""
     from .checkpoint import load_training
     from .models import model_from_state
 
+    allow_non_finite = as_bool(allow_non_finite, "allow_non_finite")
     state = load_training(path)  # data only (weights_only=True), digest checked
     try:
-        model = model_from_state(state)
+        model = model_from_state(state, allow_non_finite=allow_non_finite)
     except (ValueError, TypeError) as error:  # (load_model's wording: the error names the file)
         raise (TypeError if isinstance(error, TypeError) else ValueError)(f"checkpoint {path}: {error}") from error
     return model.eval(), state["config"]

@@ -388,6 +388,35 @@ def test_crafted_checkpoints_are_refused_naming_the_file(tmp_path):
         assert str(path) in str(info.value), name
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_library_loaders_refuse_weights_that_hold_nan_or_inf(tmp_path, bad):
+    """A checkpoint whose weights (or BatchNorm statistics) hold NaN or inf
+    (a diverged run's, a damaged file's) loaded silently through
+    models.load_model and export.load_checkpoint, a model whose every output
+    is NaN, where the commands refuse to run it. Both refuse it now, naming
+    the file and the tensor as the commands do; allow_non_finite=True loads
+    it as it is (to inspect it)."""
+    from pointsparse import export
+    from pointsparse.models import MinkUNet, load_model
+
+    config = {"model": "minkunet", "in_channels": 4, "classes": ["a", "b", "c"], "cr": 0.125, "blocks": 1}
+    for name in ("stem.0.0.weight", "stem.0.1.running_var"):
+        weights = MinkUNet(4, 3, cr=0.125, blocks=1).state_dict()
+        weights[name].view(-1)[1] = bad
+        path = tmp_path / f"{name}.pt"
+        checkpoint.save(path, {"config": config, "model": weights})
+        for load in (load_model, export.load_checkpoint):
+            with pytest.raises(ValueError, match=rf"checkpoint .*{name}.pt: {name} holds NaN or inf: the weights of a "
+                                                 r"diverged run or a damaged file; .*allow_non_finite=True"):
+                load(path)
+        loaded = load_model(path, allow_non_finite=True)
+        torch.testing.assert_close(loaded.state_dict()[name], weights[name], rtol=0, atol=0, equal_nan=True)
+        assert not loaded.training and export.load_checkpoint(path, allow_non_finite=True)[1] == config
+    for load in (load_model, export.load_checkpoint):
+        with pytest.raises(TypeError, match="allow_non_finite must be True or False"):
+            load(path, allow_non_finite="yes")
+
+
 def test_an_out_that_is_a_file_is_refused(tmp_path):
     """--out naming a file: a ValueError naming it (was FileExistsError from mkdir)."""
     path = tmp_path / "file.pt"

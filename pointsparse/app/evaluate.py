@@ -23,7 +23,7 @@ from . import metrics
 from .distributed import pick_device
 from .scoring import evaluate, loaded_frozen, point_level, write_report
 from .train import add_data_arguments, check_args, generated_source, load_checkpoint, require_labels
-from .trainer import have_tqdm, non_finite_weight
+from .trainer import have_tqdm
 
 __all__ = ["INFERENCE", "add_arguments", "checkpoint_model", "inference_model", "main"]
 
@@ -34,19 +34,15 @@ INFERENCE = ("float32", "fused", "bf16")
 def checkpoint_model(state: dict, path) -> torch.nn.Module:
     """``models.model_from_state(state)``; where the checkpoint ``path``'s
     config or weights do not make the model (its ValueError or TypeError), a
-    ValueError naming the file; also where a weight holds NaN or inf (a
-    diverged run's, or a damaged file's: such a model scores, exports and
-    predicts without a word, every point class 0; training refuses to write
-    them, the commands that read a checkpoint refuse to run them)."""
+    ValueError naming the file; also where a weight holds NaN or inf (its
+    check: such a model scores, exports and predicts without a word, every
+    point class 0; training refuses to write them, the commands that read a
+    checkpoint refuse to run them, as models.load_model refuses to load
+    them)."""
     try:
-        model = model_from_state(state)
+        return model_from_state(state)
     except (ValueError, TypeError) as error:
         raise ValueError(f"checkpoint {path}: {error}") from error
-    name = non_finite_weight(model)
-    if name is not None:
-        raise ValueError(f"checkpoint {path}: {name} holds NaN or inf: the weights of a diverged run or a "
-                         "damaged file; retrain (or resume from an earlier checkpoint)")
-    return model
 
 
 def inference_model(model: torch.nn.Module, inference: str = "float32") -> torch.nn.Module:

@@ -13,6 +13,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from ..models.loading import non_finite_weight  # (the library's check of a loaded model; training's too)
+
 
 class TrainingDiverged(RuntimeError):
     """The loss or the weights stopped being finite."""
@@ -22,15 +24,6 @@ def check_finite_loss(loss: float, step: int) -> None:
     if not math.isfinite(loss):
         raise TrainingDiverged(f"the training loss is {loss} at step {step}: training diverged (lower --lr, "
                                "check the data for NaN/inf features); no checkpoint was written for this epoch")
-
-
-def non_finite_weight(model: torch.nn.Module) -> str | None:
-    """The name of the first float tensor of ``model``'s state that holds
-    NaN or inf, or None."""
-    for name, p in model.state_dict().items():
-        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
-            return name
-    return None
 
 
 def check_finite_weights(model: torch.nn.Module, epoch: int) -> None:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..nn import Conv3d, VoxelPrune, VoxelSkip
-from ..tensor import SparseTensor
+from ..tensor import SparseTensor, as_bool
 from .minkunet import MinkUNet
 from .spvcnn import SPVCNN
 
@@ -241,14 +241,18 @@ def voxel_prunes(model: nn.Module) -> dict[str, dict]:
     return out
 
 
-def load_model(path, map_location="cpu") -> nn.Module:
+def load_model(path, map_location="cpu", *, allow_non_finite: bool = False) -> nn.Module:
     """The model of a checkpoint written by ``pointsparse train`` or
     ``pointsparse prune channels`` (loaded with ``weights_only=True``), with
     its weights, in eval mode. ``map_location``: the device to put it on
     (a ``torch.device``, a string such as ``"cuda:0"``, a device index),
-    or None for the CPU it is read onto."""
+    or None for the CPU it is read onto. Weights that hold NaN or inf are a
+    ValueError naming the file and the tensor, as the commands refuse them
+    (:func:`model_from_state`); ``allow_non_finite=True`` loads them as they
+    are (to inspect them)."""
     from .. import checkpoint
 
+    allow_non_finite = as_bool(allow_non_finite, "allow_non_finite")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be the checkpoint file's path (a str or Path); got {type(path).__name__}")
     # (torch.load's other forms, a dict or a function of storages, do not apply: the file is read onto the CPU)
@@ -262,18 +266,22 @@ def load_model(path, map_location="cpu") -> nn.Module:
             raise ValueError(f"map_location {map_location!r} is no device (e.g. 'cpu', 'cuda', 'cuda:0')") from None
     state = checkpoint.load_training(Path(path))  # data only (weights_only=True), digest checked
     try:
-        return model_from_state(state).to(map_location).eval()
+        return model_from_state(state, allow_non_finite=allow_non_finite).to(map_location).eval()
     except (ValueError, TypeError) as error:
         raise (TypeError if isinstance(error, TypeError) else ValueError)(f"checkpoint {path}: {error}") from error
 
 
-def model_from_state(state: dict) -> nn.Module:
+def model_from_state(state: dict, *, allow_non_finite: bool = False) -> nn.Module:
     """The model of a training checkpoint's contents (``state["config"]``
     builds it, ``state["model"]`` holds its weights), dense or channel-pruned
     (the widths in the config, or only in the weights' shapes), with the
     VoxelSkip and VoxelPrune layers its config records (``voxel_skip``,
     ``voxel_prune``) and the biases and pruning masks the weights carry; in
-    the mode it was built in."""
+    the mode it was built in. A weight or statistic that holds NaN or inf (a
+    diverged run's, a damaged file's: the model would run, every output NaN;
+    training refuses to write them) is a ValueError naming it, unless
+    ``allow_non_finite``."""
+    allow_non_finite = as_bool(allow_non_finite, "allow_non_finite")
     if not isinstance(state, dict) or not isinstance(state.get("config"), dict) or not isinstance(
             state.get("model"), dict):
         raise ValueError("a training checkpoint holds a dict with a 'config' dict and a 'model' dict (a state_dict)")
@@ -286,7 +294,21 @@ def model_from_state(state: dict) -> nn.Module:
         raise ValueError(f"the weights do not fit the model its config builds: {_misfit(model, weights, error)}") \
             from error
     _apply_masks(model)
+    name = None if allow_non_finite else non_finite_weight(model)
+    if name is not None:
+        raise ValueError(f"{name} holds NaN or inf: the weights of a diverged run or a damaged file; retrain (or "
+                         "resume from an earlier checkpoint), or load it with pointsparse.models.load_model(path, "
+                         "allow_non_finite=True) to inspect it")
     return model
+
+
+def non_finite_weight(model: nn.Module) -> str | None:
+    """The name of the first float tensor of ``model``'s state that holds
+    NaN or inf, or None."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
 
 
 def _misfit(model: nn.Module, weights: dict, error: RuntimeError) -> str:
