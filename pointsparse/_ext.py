@@ -24,7 +24,8 @@ core = _core
 #: Overrides the core's answer to whether this CPU's AVX-512 FMAs run at full
 #: width (``_core.avx512_full_width``: "1" or "0"; empty or unset: the CPU's
 #: answer), which the engine's kernel choices and thresholds follow; read
-#: once, here, before nn._engine reads them. For benchmarks and tests that
+#: once, here (``_core.set_avx512_full_width`` sets it later: nn._engine
+#: follows the core's answer on each call). For benchmarks and tests that
 #: compare the two kinds of CPU on one.
 FULL_WIDTH_ENV = "POINTSPARSE_AVX512_FULL_WIDTH"
 

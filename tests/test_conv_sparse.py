@@ -464,6 +464,34 @@ def test_full_width_is_set_by_the_environment(value):
     assert proc.stdout.strip() == expected
 
 
+def test_engine_choices_follow_the_width_set_after_import():
+    """_core.set_avx512_full_width after import changed the core's answer
+    (and the core's own choices: streamed outputs) but not the thresholds
+    nn._engine had read once at import, so the engine chose by the old
+    width. They follow the core's answer now, both ways, and come back with it."""
+    core = ps._ext.core
+    before = core.avx512_full_width()
+    widths = [0, 1] if "avx512" in core.runnable_isas() else [0]
+    w = torch.randn(27, 64, 64)
+    w[:, 51:] = 0  # 51 of 64 rows listed in every panel: density 0.797, over full width's thresholds (twins
+    #                 included), under the split one's
+    try:
+        for value in widths:
+            core.set_avx512_full_width(value)
+            wide = bool(value)
+            assert (_engine.vector_threshold(64), _engine.VECTOR_FULL_ROWS) == \
+                ((0.6, 16) if wide else (0.85, 32))
+            assert F.tile_panels(torch.float32) == (2 if wide else 1)
+            assert _engine.twin_threshold(64) == (0.75 if wide else None)
+            assert _engine.bf16_vector_threshold(64) == (0.6 if wide else 0.75)
+            execution = _engine.choose_execution(w)
+            assert execution.density == pytest.approx(51 / 64)
+            assert execution.name == ("dense" if wide else "vector"), value
+    finally:
+        core.set_avx512_full_width(int(before))
+    assert _engine.vector_threshold(64) == (0.6 if before else 0.85)
+
+
 def test_full_width_refuses_bad_values():
     proc = run_python("import pointsparse", {"POINTSPARSE_AVX512_FULL_WIDTH": "yes"})
     assert proc.returncode != 0

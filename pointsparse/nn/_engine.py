@@ -51,9 +51,11 @@ ENGINE_DTYPES = _ext.FLOAT_DTYPES
 #: dense kernel at density 0.9, 1.2x at 0.75; the masked weight gradient
 #: 0.88x at 0.9, 1.0x at 0.75): ``VECTOR_DENSITY_SPLIT``.
 VECTOR_DENSITY_SPLIT = 0.85
-#: Whether this CPU's AVX-512 FMAs run at full width (asked once; the choices
-#: below that follow it; ``POINTSPARSE_AVX512_FULL_WIDTH`` sets it).
-_FULL_WIDTH = _ext.core.avx512_full_width()
+#: Whether this CPU's AVX-512 FMAs run at full width, as the core answers
+#: (``POINTSPARSE_AVX512_FULL_WIDTH`` or ``_core.set_avx512_full_width``
+#: set its answer): the choices below that follow it are set from it by
+#: :func:`_follow_width`, at import and again whenever that answer changes.
+_FULL_WIDTH: bool | None = None
 #: The same on a CPU whose AVX-512 FMAs run at full width
 #: (``_core.avx512_full_width()``: Intel, AMD Zen 5): its dense AVX-512
 #: kernels ran 1.4-1.5x the AVX2 ones on an Intel Xeon, 1.7x on an AMD EPYC
@@ -64,7 +66,7 @@ _FULL_WIDTH = _ext.core.avx512_full_width()
 #: bench/RESULTS.md stop 34; on the Zen 5 0.97-1.10x at 0.6, 0.88-0.99x at
 #: 0.7, stop 50).
 VECTOR_DENSITY_WIDE = 0.6
-VECTOR_DENSITY = VECTOR_DENSITY_WIDE if _FULL_WIDTH else VECTOR_DENSITY_SPLIT
+VECTOR_DENSITY: float  # (the one of the two this CPU's width takes: _follow_width)
 MASKED_WGRAD_DENSITY = 0.7
 #: Rows per panel (C_in of the forward, C_out of the input gradient) from
 #: which :data:`VECTOR_DENSITY` holds whole; below, the vector kernels need a
@@ -84,7 +86,7 @@ VECTOR_FULL_ROWS_SPLIT = 32
 #: 0.8 at 24, 0.53 at 32, 0.63 at 48 (the Xeon's stop-34 page: 0.7 at 16):
 #: 16 rows (thresholds 0.36 at 8 rows, 0.48 at 12, 0.6 from 16).
 VECTOR_FULL_ROWS_WIDE = 16
-VECTOR_FULL_ROWS = VECTOR_FULL_ROWS_WIDE if _FULL_WIDTH else VECTOR_FULL_ROWS_SPLIT
+VECTOR_FULL_ROWS: int  # (the one of the two this CPU's width takes: _follow_width)
 
 
 #: The same for vectors in twin panels (two adjacent whole panels listing
@@ -101,12 +103,13 @@ VECTOR_FULL_ROWS = VECTOR_FULL_ROWS_WIDE if _FULL_WIDTH else VECTOR_FULL_ROWS_SP
 #: threshold moves from :data:`VECTOR_DENSITY` toward this one by the share
 #: of its listed vectors in twins (``_core.conv_execution``).
 VECTOR_DENSITY_TWIN_WIDE = 0.75
-VECTOR_DENSITY_TWIN = VECTOR_DENSITY_TWIN_WIDE if _FULL_WIDTH else None
+VECTOR_DENSITY_TWIN: float | None  # (VECTOR_DENSITY_TWIN_WIDE at full width, else None: _follow_width)
 
 
 def vector_threshold(rows: int) -> float:
     """The largest density of listed vectors at which a product with
     ``rows`` rows per panel runs the vector-sparse kernels."""
+    _follow_width()
     return VECTOR_DENSITY * min(1.0, (rows + 4) / (VECTOR_FULL_ROWS + 4))
 
 
@@ -114,6 +117,7 @@ def twin_threshold(rows: int, dtype: torch.dtype = torch.float32) -> float | Non
     """:func:`vector_threshold` for a weight whose listed vectors all sit in
     twin panels (``VECTOR_DENSITY_TWIN`` scaled alike), or None where this
     CPU runs no twin tiles for ``dtype`` (:func:`tile_panels` 1)."""
+    _follow_width()
     if VECTOR_DENSITY_TWIN is None or tile_panels(dtype) < 2:
         return None
     return VECTOR_DENSITY_TWIN * min(1.0, (rows + 4) / (VECTOR_FULL_ROWS + 4))
@@ -251,12 +255,13 @@ def tile_panels(dtype: torch.dtype) -> int:
     Intel, AMD Zen 5; cpp/conv/sparse_avx512.cpp's two-vector tiles), else 1. A weight
     pruned in blocks of that many panels (``prune.panel_structured(...,
     panels=tile_panels(dtype))``) runs as the dense tiles do per FMA."""
+    _follow_width()
     return 2 if _TWIN_TILES and dtype in (torch.float32, torch.float64) else 1
 
 
-#: Whether this CPU runs the AVX-512 vector kernels' twin tiles (asked once:
-#: :func:`tile_panels` runs on every conv call).
-_TWIN_TILES = _FULL_WIDTH  # (full width implies the avx512 build runs)
+#: Whether this CPU runs the AVX-512 vector kernels' twin tiles: at full
+#: width, which implies the avx512 build runs (:func:`_follow_width`).
+_TWIN_TILES: bool
 
 
 def vector_blocks(weight: torch.Tensor, transpose: bool = False) -> torch.Tensor:
@@ -549,7 +554,31 @@ BF16_VECTOR_DENSITY_SPLIT = 0.75
 #: at 128 (0.87-0.93x at 0.75, 0.94-1.16x at 0.6); at C = 8 and 16 it still
 #: won at density 0.9-1.0 (1.03-1.10x), at 48 from 0.8.
 BF16_VECTOR_DENSITY_WIDE = 0.6
-BF16_VECTOR_DENSITY = BF16_VECTOR_DENSITY_WIDE if _FULL_WIDTH else BF16_VECTOR_DENSITY_SPLIT
+BF16_VECTOR_DENSITY: float  # (the one of the two this CPU's width takes: _follow_width)
+
+
+def _follow_width() -> None:
+    """Sets the choices that follow the width of the CPU's AVX-512 FMAs
+    (``VECTOR_DENSITY``, ``VECTOR_FULL_ROWS``, ``VECTOR_DENSITY_TWIN``,
+    ``BF16_VECTOR_DENSITY``, ``_TWIN_TILES``) from the core's answer where it
+    changed since they were set: read once at import, they stayed the old
+    width's after ``_core.set_avx512_full_width`` while the core's own
+    choices (streamed outputs) followed the new one. Each function that
+    reads them calls this first (the core's answer: about 20 ns); a value a
+    test or benchmark set on the module stands until the width changes."""
+    global _FULL_WIDTH, VECTOR_DENSITY, VECTOR_FULL_ROWS, VECTOR_DENSITY_TWIN, BF16_VECTOR_DENSITY, _TWIN_TILES
+    wide = _ext.core.avx512_full_width()
+    if wide == _FULL_WIDTH:
+        return
+    _FULL_WIDTH = wide
+    VECTOR_DENSITY = VECTOR_DENSITY_WIDE if wide else VECTOR_DENSITY_SPLIT
+    VECTOR_FULL_ROWS = VECTOR_FULL_ROWS_WIDE if wide else VECTOR_FULL_ROWS_SPLIT
+    VECTOR_DENSITY_TWIN = VECTOR_DENSITY_TWIN_WIDE if wide else None
+    BF16_VECTOR_DENSITY = BF16_VECTOR_DENSITY_WIDE if wide else BF16_VECTOR_DENSITY_SPLIT
+    _TWIN_TILES = wide
+
+
+_follow_width()
 
 
 def bf16_vector_threshold(cols: int) -> float:
@@ -557,6 +586,7 @@ def bf16_vector_threshold(cols: int) -> float:
     (always the vector form) where the last 32-column tile of the dense form
     would hold 16 columns or fewer (C_out = 8, 16, 48, ...), else
     :data:`BF16_VECTOR_DENSITY`."""
+    _follow_width()
     return 1.0 if 0 < cols % 32 <= 16 else BF16_VECTOR_DENSITY
 
 
