@@ -518,6 +518,54 @@ def test_a_compressed_model_runs_under_autocast():
     _close(got, want)
 
 
+_FLOATS = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+def test_cat_under_autocast_promotes_to_the_widest_dtype(low):
+    """torch's cat under autocast casts to the widest of its inputs' dtypes, but refuses a 16-bit dtype that is
+    not autocast's ("Unexpected floating ScalarType in at::autocast::prioritize"): a bf16 MinkUNet under fp16
+    autocast failed at its first skip concatenation. spnn.cat gives the widest dtype (torch's type promotion)
+    for every pair: torch's result where its cat takes them, bf16 + fp16 in float32 as torch promotes them
+    outside autocast; gradients reach each input in its dtype."""
+    x = _cloud(60, channels=3)
+    for a in _FLOATS:
+        for b in _FLOATS:
+            fa = x.feats.to(a, copy=True).requires_grad_()
+            fb = torch.randn(len(x), 2).to(b).requires_grad_()
+            with torch.autocast("cpu", low):
+                try:
+                    want = torch.cat([fa, fb], 1)
+                except RuntimeError as error:
+                    assert "prioritize" in str(error) and {a, b} & ({torch.bfloat16, torch.float16} - {low})
+                    want = None
+                got = spnn.cat([x.with_feats(fa), x.with_feats(fb)]).feats
+            if want is None:  # (torch's promotion outside autocast)
+                want = torch.cat([fa, fb], 1)
+            assert got.dtype == want.dtype == torch.promote_types(a, b), (a, b)
+            assert torch.equal(got, want)
+            got.sum().backward()
+            assert fa.grad.dtype == a and fb.grad.dtype == b and bool((fa.grad == 1).all() and (fb.grad == 1).all())
+
+
+def test_a_bf16_minkunet_runs_under_fp16_autocast():
+    """A bf16 MinkUNet under fp16 autocast stopped in torch's cat at its first skip. It runs: its convs keep
+    the model's bf16 (autocast casts float32 feats only), its skips concatenated in bf16, its classifier, a
+    torch Linear, under autocast's rule (fp16 logits), within fp16 of the same model run without autocast."""
+    from pointsparse.models import MinkUNet
+
+    torch.manual_seed(0)
+    model = MinkUNet(4, 3, cr=0.25, blocks=1).eval().to(torch.bfloat16)
+    x = _cloud(400, seed=6)
+    x = x.with_feats(x.feats.bfloat16())
+    with torch.no_grad():
+        want = model(x).feats
+        with torch.autocast("cpu", torch.float16):
+            got = model(x).feats
+    assert want.dtype == torch.bfloat16 and got.dtype == torch.float16
+    _close(got, want, torch.bfloat16)
+
+
 @pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("model", ["convs", "minkunet", "threshold"])
 def test_an_exported_programs_empty_output_under_autocast_has_the_dtype_of_its_other_outputs(model, low):

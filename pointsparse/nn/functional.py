@@ -423,12 +423,23 @@ def _same_sites(tensors, what: str) -> SparseTensor:
 
 
 def cat(tensors) -> SparseTensor:
-    """Concatenate the channels of tensors on the same coords (U-Net skips)."""
+    """Concatenate the channels of tensors on the same coords (U-Net skips),
+    in the widest of their feats' dtypes (torch's type promotion). Under
+    ``torch.autocast`` too, as torch's cat promotes there, where it refuses a
+    16-bit dtype that is not autocast's ("Unexpected floating ScalarType in
+    at::autocast::prioritize": a bf16 model's skips under fp16 autocast):
+    autocast is off for the cat itself, the feats converted first."""
     if isinstance(tensors, SparseTensor):
         raise TypeError("cat takes a list of SparseTensors; got one SparseTensor (give [a, b, ...])")
     tensors = list(tensors)
     first = _same_sites(tensors, "cat")
-    return first.with_feats(torch.cat([t.feats for t in tensors], 1))
+    feats = [t.feats for t in tensors]
+    device = first.feats.device.type
+    if not torch.is_autocast_enabled(device):
+        return first.with_feats(torch.cat(feats, 1))
+    dtype = functools.reduce(torch.promote_types, (f.dtype for f in feats))
+    with torch.autocast(device, enabled=False):
+        return first.with_feats(torch.cat([f.to(dtype) for f in feats], 1))
 
 
 def add(a: SparseTensor, b: SparseTensor) -> SparseTensor:
