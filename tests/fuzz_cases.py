@@ -509,9 +509,73 @@ def case_pruned_module(rng):
         raise Expected("refused: " + "; ".join(refused)[:150])
 
 
+# ------------------------------------------------------------------ compressed convs
+
+def case_compressed(rng):
+    """``formats.compress`` of a randomly pruned conv (a kernel region
+    sometimes, a transposed one) in a random format: both executions give
+    the module's output; ``.to`` the other float dtype computes what
+    compressing the converted conv computes; its ``state_dict`` loads into a
+    fresh compressed conv and gives the same bits. Formats that refuse the
+    weight (block sizes, N:M shapes) must name it."""
+    import copy
+    import io
+
+    from pointsparse import formats, prune
+    from pointsparse import nn as pnn
+    from reference import random_coords
+
+    dtype = _pick(rng, [torch.float32, torch.float64])
+    other = torch.float64 if dtype == torch.float32 else torch.float32
+    coords = random_coords(int(_pick(rng, [3, 60, 400])), int(rng.integers(3, 14)), seed=int(rng.integers(1 << 30)))
+    c_in, c_out = _channels(rng), _channels(rng)
+    k, t, transposed = _pick(rng, [(3, 1, False), (2, 2, False), (3, 2, False), (1, 1, False), ((3, 1, 3), 1, False),
+                                   (2, 2, True)])
+    region = "cross" if k == 3 and t == 1 and rng.random() < 0.3 else None
+    x = ps.SparseTensor(torch.from_numpy(rng.standard_normal((len(coords), c_in))).to(dtype), coords)
+    if transposed:
+        down = F.conv3d(x, torch.zeros(8, c_in, c_in, dtype=dtype), 2, 2)
+        x = down.with_feats(torch.from_numpy(rng.standard_normal(tuple(down.feats.shape))).to(dtype))
+    torch.manual_seed(int(rng.integers(1 << 30)))
+    make = lambda: pnn.Conv3d(c_in, c_out, k, t, bias=True, transposed=transposed, kernel_region=region).to(dtype)  # noqa: E731
+    conv = make()
+    for kind in rng.choice(sorted(_PRUNINGS), size=int(rng.integers(0, 3)), replace=False):
+        try:
+            _PRUNINGS[str(kind)](prune, conv, float(rng.uniform(0.1, 0.97)))
+        except NAMED:
+            pass
+    fmt = _pick(rng, ["coo", "csr", "csc", "bsr", "eie", "fkw"])
+    kwargs = {"blocksize": int(_pick(rng, [1, 2, 4, 3]))} if fmt == "bsr" else {}
+    if rng.random() < 0.1:  # bad arguments: a format that is none, a block of no size, an unknown keyword
+        bad = _pick(rng, [("dense", {}), ("bsr", {"blocksize": 0}), ("csr", {"blocks": 2})])
+        formats.compress(conv, bad[0], **bad[1])
+        raise AssertionError(f"compress accepted {bad}")
+    with torch.no_grad():
+        want = conv.eval()(x).feats
+    compressed = formats.compress(conv, fmt, **kwargs)
+    fresh = formats.compress(make(), fmt, **kwargs)
+    buffer = io.BytesIO()
+    torch.save(compressed.state_dict(), buffer)
+    buffer.seek(0)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    converted, of_converted = copy.deepcopy(compressed).to(other), formats.compress(copy.deepcopy(conv).to(other), fmt,
+                                                                                     **kwargs)
+    tol = (1e-4 if dtype == torch.float32 else 1e-10) * (float(want.abs().max()) + 1 if want.numel() else 1)
+    with torch.no_grad():
+        for execution in ("engine", "format"):
+            for layer in (compressed, fresh, converted, of_converted):
+                layer.execution = execution
+            got = compressed(x).feats
+            assert torch.allclose(got, want, rtol=0, atol=tol * max(c_in, 8)), f"{fmt} {execution}: not the module's"
+            assert torch.equal(fresh(x).feats, got), f"{fmt} {execution}: state_dict round trip changed the output"
+            a, b = converted(x.with_feats(x.feats.to(other))).feats, of_converted(x.with_feats(x.feats.to(other))).feats
+            assert a.dtype == other and torch.equal(a, b), f"{fmt} {execution}: .to({other}) is not the converted conv"
+
+
 FAMILIES = {"sparse_tensor": case_sparse_tensor, "voxelize": case_voxelize, "kmap": case_kmap, "conv": case_conv,
             "readers": case_readers, "formats": case_formats, "cli": case_cli,
-            "pruned_conv": case_pruned_conv, "pruned_module": case_pruned_module}
+            "pruned_conv": case_pruned_conv, "pruned_module": case_pruned_module,
+            "compressed": case_compressed}
 
 
 def run_case(family: str, seed: int, index: int) -> dict:

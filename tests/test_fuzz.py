@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SEED = int(os.environ.get("FUZZ_SEED", "20261130"))
 COUNTS = {"sparse_tensor": 600, "voxelize": 500, "kmap": 400, "conv": 300, "readers": 600, "formats": 600, "cli": 600,
-          "pruned_conv": 150, "pruned_module": 300}
+          "pruned_conv": 150, "pruned_module": 300, "compressed": 200}
 CASE_SECONDS = 20.0
 FAMILY_SECONDS = 240
 
