@@ -70,7 +70,7 @@ from .voxelize import group_points as _group_points
 from .voxelize import segment_reduce as _segment_reduce
 from .voxelize import segment_reduce_backward as _segment_reduce_backward
 from .voxelize import trilinear_weights as _trilinear_weights
-from .tensor import CoordinateCache, SparseTensor, Triple
+from .tensor import CoordinateCache, Restriction, SparseTensor, Triple
 
 _LIB = "pointsparse"
 
@@ -741,16 +741,17 @@ def select_voxels(input: SparseTensor, rows: Tensor, feats: Tensor | None) -> Sp
     cache.set_coords(here, coords)
     cache.note_kept(here, rows, input.coords.shape[0], source)
     # The graph's downsampling maps onto these sites restricted to the kept ones when a transposed conv asks
-    # for them (eager's select_voxels: the same maps, no search)
-    for graph_key, m in source.maps_onto(here, input.coords):
+    # for them (eager's select_voxels: the same maps, no search; of a selection, through both selections' rows)
+    for graph_key, m, before in source.maps_onto(here, input.coords):
         fine = source.get_coords(m.key.tensor_stride)
         if fine is not None:
-            cache.derived[graph_key] = functools.partial(_restricted, m, fine, rows, coords)
+            kept = rows if before is None else before.index_select(0, rows)
+            cache.derived[graph_key] = Restriction(m, kept, coords, functools.partial(_restricted, fine=fine))
     feats = input.feats.index_select(0, rows) if feats is None else feats
     return SparseTensor(feats, coords, here, cache=cache, validate=False)
 
 
-def _restricted(m: GraphMap, fine: Tensor, rows: Tensor, coords: Tensor) -> GraphMap:
+def _restricted(m: GraphMap, rows: Tensor, coords: Tensor, fine: Tensor) -> GraphMap:
     in_idx, out_idx, sizes = kmap_restrict(fine, m.out_coords, m.in_idx, m.out_idx, m.sizes, key_to_list(m.key), rows,
                                            coords)
     return GraphMap(coords, in_idx, out_idx, sizes, m.key)

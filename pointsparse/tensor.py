@@ -105,6 +105,24 @@ def as_triple(value, name: str, minimum: int = 1) -> Triple:
     return out  # type: ignore[return-value]
 
 
+class Restriction:
+    """A map a selection's cache makes when a conv first asks for it (an
+    entry of ``CoordinateCache.derived``): ``restrict(source, rows, coords)``,
+    the downsampling map ``source`` of another cache restricted to its
+    output rows ``rows``, whose coords are ``coords``. Kept as its parts, not
+    as a closure, so that a selection of these sites restricts ``source``
+    through both selections' rows (:meth:`CoordinateCache.maps_onto`)
+    instead of searching the map again."""
+
+    __slots__ = ("source", "rows", "coords", "restrict")
+
+    def __init__(self, source, rows: torch.Tensor, coords: torch.Tensor, restrict: Callable) -> None:
+        self.source, self.rows, self.coords, self.restrict = source, rows, coords, restrict
+
+    def __call__(self):
+        return self.restrict(self.source, self.rows, self.coords)
+
+
 class CoordinateCache:
     """What a network learns about one input's coordinates, shared by every
     SparseTensor derived from it: the coords at each tensor stride, every
@@ -153,14 +171,22 @@ class CoordinateCache:
         return kmap
 
     def maps_onto(self, stride: Triple, coords: torch.Tensor):
-        """``(key, map)`` of each downsampling map this cache holds whose
-        outputs are ``coords`` at ``stride`` (not transposed, a stride other
-        than 1: a selection of those sites restricts them,
-        ``functional.select_voxels``)."""
+        """``(key, map, rows)`` of each downsampling map whose outputs are
+        ``coords`` at ``stride`` (not transposed, a stride other than 1: a
+        selection of those sites restricts them, ``functional.select_voxels``):
+        the maps this cache holds (``rows`` None), and those it has still to
+        restrict from another cache's (a :class:`Restriction` in ``derived``,
+        these coords a selection themselves): that cache's map and the rows
+        of its outputs these coords are. (Only held maps were given: a
+        selection of a selection searched every map its source had not yet
+        been asked for.)"""
         for key, kmap in self.kmaps.items():
             k = kmap.key
             if not k.transposed and k.stride != (1, 1, 1) and k.out_stride == stride and kmap.out_coords is coords:
-                yield key, kmap
+                yield key, kmap, None
+        for key, pending in self.derived.items():
+            if isinstance(pending, Restriction) and pending.coords is coords and key not in self.kmaps:
+                yield key, pending.source, pending.rows
 
     def get_plan(self, kmap, build: Callable[[], object]):
         """The engine plan for the cached map ``kmap``, building it with

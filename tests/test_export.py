@@ -581,6 +581,24 @@ def test_spatially_pruned_model_exports_bit_for_bit(tmp_path):
         export.export_model(model, x).module()(x.feats, x.coords)
 
 
+def test_a_selection_of_a_selection_in_a_graph_restricts_its_maps_without_a_search():
+    """_SpatialUNet selects three times in a row at its coarse stride (by magnitude, by a learned score, by a
+    threshold after two convs): the second selection's graph cache restricted only the maps the first held, not
+    those the first had still to restrict, so the transposed conv back up searched the downsampling map onto the
+    kept coords (a kmap_build with out coords given). Now every selection restricts the source map through the
+    rows of the selections before it: no such search in the program, and eager's values bit for bit."""
+    torch.manual_seed(0)
+    model = _SpatialUNet().eval()
+    program = export.export_model(model, _two_items(600, 3))
+    calls = [n for n in program.graph.nodes if n.op == "call_function"]
+    builds = [n for n in calls if n.target == torch.ops.pointsparse.kmap_build.default]
+    assert builds and all(n.args[1] is None for n in builds)  # (no map onto given out coords: none searched)
+    assert sum(n.target == torch.ops.pointsparse.kmap_restrict.default for n in calls) == 1
+    x = _two_items(900, 5)
+    with torch.no_grad():
+        assert torch.equal(program.module()(x.feats, x.coords), model(x).feats)
+
+
 def test_exported_program_runs_under_inference_mode(tmp_path):
     # torch.inference_mode makes the graph's pair tensors inference tensors, which keep no version counter:
     # the plan cache must not read one (it raised "Inference tensors do not track version counter")

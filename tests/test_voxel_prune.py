@@ -727,3 +727,49 @@ def test_restricted_checks_its_rows_and_coords():
         m.restricted(rows, coarse[:2])
     with pytest.raises(TypeError, match="out_coords must be int32"):
         m.restricted(rows, coarse[rows].long())
+
+
+@pytest.mark.parametrize("path", ["core", "torch"])
+@pytest.mark.parametrize("used", ["unused by the first selection", "used by the first selection"])
+def test_a_selection_of_a_selection_restricts_the_maps_of_the_first(used, path):
+    """Two selections in a row at one stride (two VoxelPrunes, a prune of a pruned tensor): the second restricted
+    only the maps the first cache held, not those the first selection had still to restrict (made when a conv
+    first asks), so a transposed conv back up from the second searched them again. The second selection now
+    restricts the source maps through both selections' rows: the maps a search over its voxels makes, no search,
+    and a U-Net step through it gives the searched run's values."""
+    x = make(n=900, c=3, extent=12, dtype=torch.float64, seed=4)
+    torch.manual_seed(2)
+    down3 = ps.nn.Conv3d(3, 4, 3, 2).double()
+    coarse = down3(x)
+    ps.kmap.get_kmap(x, 2, 2)  # a second map onto the stride-2 sites (a k2 s2), held by x's cache too
+    g = torch.Generator().manual_seed(5)
+    first = F.select_voxels(coarse, torch.sort(torch.randperm(len(coarse), generator=g)[:len(coarse) * 2 // 3]).values)
+    if used == "used by the first selection":
+        for k in (2, 3):
+            first.cache.get_kmap(ps.kmap.get_kmap(x, k, 2).key, lambda: pytest.fail("searched"))
+    second = F.select_voxels(first, torch.sort(torch.randperm(len(first), generator=g)[:len(first) // 2]).values)
+    third = F.select_voxels(second, torch.arange(0, len(second), 3))
+    calls = []
+    real = ps.kmap._build
+    try:
+        ps.kmap._build = lambda *a, **kw: calls.append(a) or real(*a, **kw)
+        with BACKEND[path]():
+            got = {(k, s): s.cache.get_kmap(ps.kmap.get_kmap(x, k, 2).key, lambda: pytest.fail("searched"))
+                   for k in (2, 3) for s in (second, third)}
+            up = ps.nn.Conv3d(4, 3, 3, 2, transposed=True).double()
+            y = up(third)  # (on the k3 s2 map just restricted, now held by third's cache)
+    finally:
+        ps.kmap._build = real
+    assert not calls
+    for (k, s), m in got.items():
+        want = ps.kmap.build(x.coords, k, 2, out_coords=s.coords)
+        assert m.out_coords is s.coords and (m.num_in, m.num_out) == (want.num_in, want.num_out)
+        assert torch.equal(m.sizes, want.sizes) and torch.equal(m.in_idx, want.in_idx)
+        assert torch.equal(m.out_idx, want.out_idx)
+    assert torch.equal(y.coords, x.coords)
+    fresh = ps.SparseTensor(third.feats, third.coords, 2)
+    fresh.cache.set_coords((1, 1, 1), x.coords)  # the fine coords only: its map searched
+    with BACKEND[path]():
+        assert torch.equal(y.feats, up(fresh).feats)
+    torch.testing.assert_close(y.feats, dense_conv_transpose(third, up.weight.detach(), x.coords, 3), rtol=1e-10,
+                               atol=1e-10)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import math
 import operator
 
@@ -384,7 +382,7 @@ def select_voxels(input: SparseTensor, rows: torch.Tensor, feats: torch.Tensor |
     if feats is not None and (not isinstance(feats, torch.Tensor) or feats.dim() != 2 or feats.shape[0] != len(rows)):
         raise ValueError(f"feats must be ({len(rows)}, C), a row for each kept site; got "
                          f"{tuple(getattr(feats, 'shape', ()))}")
-    from ..tensor import CoordinateCache
+    from ..tensor import CoordinateCache, Restriction
 
     cache = CoordinateCache()
     input.cache.copy_finer(input.stride, cache)
@@ -394,9 +392,11 @@ def select_voxels(input: SparseTensor, rows: torch.Tensor, feats: torch.Tensor |
     cache.note_kept(input.stride, rows, input.coords.shape[0], input.cache)
     # The input cache's downsampling maps onto these sites restricted to the kept ones when a conv asks for
     # them (the transposed conv back up): the maps a search onto the kept coords makes, without the search
-    # (bench/RESULTS.md stop 51).
-    for key, kmap in input.cache.maps_onto(input.stride, input.coords):
-        cache.derived[key] = functools.partial(kmap.restricted, rows, coords)
+    # (bench/RESULTS.md stop 51). Where the input is a selection too, the maps its cache has still to restrict
+    # are restricted from their source through both selections' rows (a restriction of a restriction).
+    for key, kmap, before in input.cache.maps_onto(input.stride, input.coords):
+        kept = rows if before is None else before.index_select(0, rows.to(before.device))
+        cache.derived[key] = Restriction(kmap, kept, coords, _kmap.KernelMap.restricted)
     feats = input.feats.index_select(0, rows.to(input.device)) if feats is None else feats
     return SparseTensor(feats, coords, input.stride, cache=cache, validate=False)
 
