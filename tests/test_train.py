@@ -182,6 +182,31 @@ def test_resume_takes_the_runs_optimizer(tmp_path):
     assert (out / "checkpoint.pt").read_bytes() == before
 
 
+def test_resume_takes_the_runs_ignore_index(tmp_path):
+    """A run trained with --ignore-index 7 (a class of the generated scenes: 'car', counted nowhere) resumed
+    without the flag trained its later epochs with the default 255, 'car' in the loss and the scores, while the
+    checkpoint's config still said 7 (eval of it then scored another way than the run's metrics.json). It now
+    resumes with the run's ignore index, the same bits as the run left alone; another value typed is refused
+    like the run's other settings."""
+    straight = tmp_path / "straight"
+    flags = [*TINY, "--ignore-index", "7", "--epochs", "2"]
+    tr.main(_parse([*flags, "--out", str(straight)]))
+    cut = tmp_path / "cut"
+    tr.main(_parse([*flags, "--time-limit", "0", "--out", str(cut)]))  # stops after epoch 1
+    tr.main(_parse([*TINY, "--epochs", "2", "--resume", "--out", str(cut)]))
+    a, b = tr.load_checkpoint(straight / "checkpoint.pt"), tr.load_checkpoint(cut / "checkpoint.pt")
+    assert b["epoch"] == 2 and b["args"]["ignore_index"] == b["config"]["ignore_index"] == 7
+    assert a["history"]["step_loss"] == b["history"]["step_loss"]
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    before = (cut / "checkpoint.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"--ignore-index 255 \(the run's 7\) would be ignored"):
+        tr.main(_parse([*TINY, "--epochs", "3", "--ignore-index", "255", "--resume", "--out", str(cut)]))
+    assert (cut / "checkpoint.pt").read_bytes() == before
+    tr.main(_parse([*TINY, "--epochs", "3", "--ignore-index", "7", "--resume", "--out", str(cut)]))  # its own: taken
+    assert tr.load_checkpoint(cut / "checkpoint.pt")["epoch"] == 3
+
+
 def test_nproc_workers_know_the_flags_typed(tmp_path, monkeypatch):
     """The --nproc workers (each of which checks the flags --resume would ignore) get the record of the flags
     typed with the options (it was left behind with the CLI's module objects: they compared with the defaults)."""

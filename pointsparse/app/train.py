@@ -548,8 +548,7 @@ class TrainingJob:
     def __init__(self, args, dist: Dist) -> None:
         self.args, self.dist, self.out = args, dist, Path(args.out)
         self.progress = dist.main and not args.no_progress and have_tqdm()
-        self.train_src, self.val_src, self.classes = open_training_data(args, dist)
-        resume_state = self._config()
+        resume_state = self._config()  # (first: a resumed run reads its data with the run's ignore index)
         self._build(resume_state)
         self.history = {"step_loss": [], "epoch_loss": [], "val_miou": [], "step_time": [], "lr": []}
         self.start_epoch, self.best, self.report, self._val_samples = 0, -1.0, None, None
@@ -571,7 +570,8 @@ class TrainingJob:
             print(*parts, flush=True)
 
     def _config(self) -> dict | None:
-        """``self.config`` (the checkpoint's when resuming); returns the resumed state or None."""
+        """``self.config`` (the checkpoint's when resuming) and the data
+        (``train_src``, ``val_src``, ``classes``); returns the resumed state or None."""
         args, state = self.args, None
         if args.resume is not None:
             path = self.resume_path = self.out / CHECKPOINT if args.resume == "auto" else Path(args.resume)
@@ -581,20 +581,24 @@ class TrainingJob:
                 raise ValueError(f"--resume {path}: a checkpoint of weights only (it lacks {', '.join(missing)}), "
                                  "not of a training run to resume")
             self.config = state["config"]
+            # (the ignore index too: the default 255 took the place of a run's own, which its config still
+            # recorded, and the resumed epochs trained and scored the class it numbers)
             run = {**{name: self.config.get(name) for name in ("model", "cr", "blocks", "voxel_size")},
-                   **run_optimizer(state)}
+                   "ignore_index": self.config.get("ignore_index", DEFAULT_IGNORE), **run_optimizer(state)}
             differ = [f"--{name.replace('_', '-')} {getattr(args, name)} (the run's {value})"
                       for name, value in run.items()
                       if getattr(args, name, None) not in (None, value) and _given(args, name)]
             if differ:
-                raise ValueError(f"--resume {path} continues its run's model and optimizer; {', '.join(differ)} "
-                                 f"would be ignored: drop them, or start a new run (--init {path} starts from its "
-                                 "weights)")
+                raise ValueError(f"--resume {path} continues its run's model, optimizer and ignore index; "
+                                 f"{', '.join(differ)} would be ignored: drop them, or start a new run (--init {path} "
+                                 "starts from its weights)")
             # The optimizer the run trained with (its state is restored into it, learning rate and weight decay
             # included), also where the flags were left at their defaults: the checkpoint records what runs.
-            args.optimizer, args.lr, args.weight_decay = (run[name] for name in ("optimizer", "lr", "weight_decay"))
+            args.optimizer, args.lr, args.weight_decay, args.ignore_index = (
+                run[name] for name in ("optimizer", "lr", "weight_decay", "ignore_index"))
             self.log(f"resuming {path} after epoch {state['epoch']}")
-        else:
+        self.train_src, self.val_src, self.classes = open_training_data(args, self.dist)
+        if state is None:
             self.config = {"in_channels": NUM_FEATURES, "classes": self.classes, "cr": args.cr,
                            "blocks": args.blocks, "voxel_size": args.voxel_size, "ignore_index": args.ignore_index,
                            "model": args.model}
