@@ -207,6 +207,66 @@ def test_resume_takes_the_runs_ignore_index(tmp_path):
     assert tr.load_checkpoint(cut / "checkpoint.pt")["epoch"] == 3
 
 
+def test_resume_takes_the_runs_training_settings(tmp_path):
+    """The schedule, its warm-up, the batch size, the class weights, augmentation and the seed shape a run's
+    trajectory as its optimizer does, but the checkpoint recorded none of them: a run resumed without repeating
+    them trained its later epochs with the defaults (another schedule, batch, loss, ...) without a word. The
+    config records them now; a resume takes the run's, the same bits as the run left alone, and another value
+    typed is refused like the run's other settings."""
+    straight = tmp_path / "straight"
+    own = ["--schedule", "constant", "--batch-size", "1", "--class-weights", "sqrt-inverse", "--no-augment",
+           "--seed", "4"]
+    flags = [*_without(_without(TINY, "--batch-size"), "--seed"), *own, "--epochs", "2"]
+    tr.main(_parse([*flags, "--out", str(straight)]))
+    cut = tmp_path / "cut"
+    tr.main(_parse([*flags, "--time-limit", "0", "--out", str(cut)]))  # stops after epoch 1
+    assert tr.load_checkpoint(cut / "checkpoint.pt")["config"]["training"] == {
+        "schedule": "constant", "warmup": 0.05, "batch_size": 1, "class_weights": "sqrt-inverse",
+        "no_augment": True, "seed": 4}
+    bare = _without(_without(TINY, "--batch-size"), "--seed")
+    tr.main(_parse([*bare, "--epochs", "2", "--resume", "--out", str(cut)]))
+    a, b = tr.load_checkpoint(straight / "checkpoint.pt"), tr.load_checkpoint(cut / "checkpoint.pt")
+    assert b["epoch"] == 2 and len(b["history"]["step_loss"]) == 4  # two scans an epoch, one a step
+    assert a["history"]["step_loss"] == b["history"]["step_loss"] and a["history"]["lr"] == b["history"]["lr"]
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    before = (cut / "checkpoint.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"--schedule cosine \(the run's constant\), --batch-size 2 \(the run's 1\), "
+                                         r"--class-weights none \(the run's sqrt-inverse\), --seed 3 \(the run's 4\) "
+                                         "would be ignored"):
+        tr.main(_parse([*bare, "--epochs", "3", "--schedule", "cosine", "--batch-size", "2", "--class-weights",
+                        "none", "--seed", "3", "--resume", "--out", str(cut)]))
+    # (the run's own warm-up typed is no other value, but the run's schedule has none: unread, so refused)
+    with pytest.raises(ValueError, match=r"--warmup 0.05 is the warm-up of --schedule cosine; --schedule constant"):
+        tr.main(_parse([*bare, "--epochs", "3", "--warmup", "0.05", "--resume", "--out", str(cut)]))
+    assert (cut / "checkpoint.pt").read_bytes() == before
+    # A run that augmented, resumed with --no-augment, is refused too (the flag alone: it takes no value).
+    plain = tmp_path / "plain"
+    tr.main(_parse([*TINY, "--epochs", "1", "--out", str(plain)]))
+    with pytest.raises(ValueError, match=r"--no-augment \(the run augments\) would be ignored"):
+        tr.main(_parse([*TINY, "--epochs", "2", "--no-augment", "--resume", "--out", str(plain)]))
+
+
+def test_resume_of_a_checkpoint_without_the_training_record(tmp_path):
+    """A checkpoint written before the config recorded the training settings resumes as it did: with the
+    values typed, or the defaults; the checkpoint it writes records them from then on."""
+    out = tmp_path / "old"
+    tr.main(_parse([*TINY, "--epochs", "1", "--out", str(out)]))
+    state = tr.load_checkpoint(out / "checkpoint.pt")
+    del state["config"]["training"]
+    tr.save_checkpoint(out / "checkpoint.pt", state)
+    tr.main(_parse([*TINY, "--epochs", "2", "--batch-size", "1", "--schedule", "step", "--resume", "--out", str(out)]))
+    state = tr.load_checkpoint(out / "checkpoint.pt")
+    assert state["epoch"] == 2 and len(state["history"]["step_loss"]) == 1 + 2  # one step of 2, then two of 1
+    assert state["config"]["training"]["batch_size"] == 1 and state["config"]["training"]["schedule"] == "step"
+    # A record of the wrong kind (a hand-edited file) is refused naming the file and the setting.
+    state["config"]["training"]["batch_size"] = "1"
+    tr.save_checkpoint(out / "checkpoint.pt", state)
+    with pytest.raises(ValueError, match=r"checkpoint.pt: its config's training batch_size is no --batch-size value; "
+                                         "got '1'"):
+        tr.main(_parse([*TINY, "--epochs", "3", "--resume", "--out", str(out)]))
+
+
 def test_nproc_workers_know_the_flags_typed(tmp_path, monkeypatch):
     """The --nproc workers (each of which checks the flags --resume would ignore) get the record of the flags
     typed with the options (it was left behind with the CLI's module objects: they compared with the defaults)."""

@@ -46,6 +46,12 @@ SCHEDULES = ("cosine", "onecycle", "step", "constant")
 OPTIMIZERS = ("adamw", "sgd")
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
+#: The settings besides the model and the optimizer that shape a run's trajectory: its config records them
+#: (``training``) and ``--resume`` takes them, as it takes the optimizer's, so that the resumed epochs are the
+#: run's own. What may change on resume: how long it runs (--epochs, --time-limit, --time-budget), how often it
+#: validates (--eval-every), where and how fast it runs (--device, --threads, --nproc, --no-progress), and
+#: the data it is pointed at (--data, --val-data and their flags: files move; the classes must be the run's).
+RUN_SETTINGS = ("schedule", "warmup", "batch_size", "class_weights", "no_augment", "seed")
 #: The most classes the raw labels make without --label-map (labels 0 .. 1023): more than any label set
 #: (SemanticKITTI's raw ids end at 259, LAS codes at 255); a stray larger label asked for a class per id below it.
 MAX_RAW_CLASSES = 1024
@@ -108,7 +114,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, shuffling and augmentation")
     parser.add_argument("--no-augment", action="store_true", help="no rotation/scaling/flip/jitter")
     parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                        help="continue a run (default: DIR/checkpoint.pt)")
+                        help="continue a run (default: DIR/checkpoint.pt) with its model, optimizer, ignore index, "
+                             "schedule, batch size, class weights, augmentation and seed (another value typed is "
+                             "refused); --epochs, --time-limit, --time-budget, --eval-every, the device and "
+                             "process flags and the data (same classes) may change")
     parser.add_argument("--init", default=None, metavar="CHECKPOINT",
                         help="start from a checkpoint's weights (fine-tuning); classifier rows are matched by "
                              "class name, other layers by name and shape")
@@ -182,10 +191,12 @@ def check_args(args) -> None:
             raise ValueError(f"--{given[0].replace('_', '-')} maps the raw labels of point cloud files; the "
                              f"generated scenes ({data[0]}) are labelled with their own classes: drop it, or "
                              "give --data files")
-    if getattr(args, "nproc", 1) > 1 and args.batch_size % args.nproc:
+    # (a resumed run takes its own batch size where none is typed: the job checks that one)
+    resumed = getattr(args, "resume", None) is not None and hasattr(args, "nproc") and not _given(args, "batch_size")
+    if getattr(args, "nproc", 1) > 1 and args.batch_size % args.nproc and not resumed:
         raise ValueError(f"--batch-size ({args.batch_size}) must be a multiple of --nproc ({args.nproc})")
     world = _torchrun_world()
-    if hasattr(args, "nproc") and world > 1 and args.batch_size % world:
+    if hasattr(args, "nproc") and world > 1 and args.batch_size % world and not resumed:
         raise ValueError(f"--batch-size ({args.batch_size}) must be a multiple of the {world} processes torchrun "
                          "started")
 
@@ -382,6 +393,37 @@ def run_optimizer(state: dict) -> dict:
     group = state["optimizer"]["param_groups"][0]
     return {"optimizer": "sgd" if "momentum" in group else "adamw",
             "lr": state["scheduler"].get("base_lrs", [group["lr"]])[0], "weight_decay": group["weight_decay"]}
+
+
+def recorded_training(config: dict, path) -> dict:
+    """The training settings (:data:`RUN_SETTINGS`) that the config of the
+    checkpoint at ``path`` records, each checked to be of its flag's kind
+    (a ValueError naming the file otherwise: a hand-edited value failed deep
+    inside training); {} for a checkpoint written before they were recorded."""
+    record = config.get("training")
+    if record is None:
+        return {}
+    if not isinstance(record, dict):
+        raise ValueError(f"--resume {path}: its config's training must be a dict of the run's settings; got "
+                         f"{record!r:.100}")
+    kinds = {"schedule": lambda v: v in SCHEDULES, "class_weights": lambda v: v in ("none", "sqrt-inverse"),
+             "no_augment": lambda v: isinstance(v, bool),
+             "warmup": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1,
+             "batch_size": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+             "seed": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32}
+    for name, ok in kinds.items():
+        if name in record and not ok(record[name]):
+            raise ValueError(f"--resume {path}: its config's training {name} is no --{name.replace('_', '-')} "
+                             f"value; got {record[name]!r:.100}")
+    return {name: record[name] for name in RUN_SETTINGS if name in record}
+
+
+def _differs(name: str, typed, run) -> str:
+    """``--flag value (the run's value)``; --no-augment, a switch, alone (typed, it differs from a run that
+    augments)."""
+    if name == "no_augment":
+        return "--no-augment (the run augments)"
+    return f"--{name.replace('_', '-')} {typed} (the run's {run})"
 
 
 def make_optimizer(args, model) -> torch.optim.Optimizer:
@@ -582,26 +624,34 @@ class TrainingJob:
                                  "not of a training run to resume")
             self.config = state["config"]
             # (the ignore index too: the default 255 took the place of a run's own, which its config still
-            # recorded, and the resumed epochs trained and scored the class it numbers)
+            # recorded, and the resumed epochs trained and scored the class it numbers; and the training
+            # settings: the defaults took the place of the run's schedule, batch size, ... without a word)
+            recorded = recorded_training(self.config, path)
             run = {**{name: self.config.get(name) for name in ("model", "cr", "blocks", "voxel_size")},
-                   "ignore_index": self.config.get("ignore_index", DEFAULT_IGNORE), **run_optimizer(state)}
-            differ = [f"--{name.replace('_', '-')} {getattr(args, name)} (the run's {value})"
-                      for name, value in run.items()
+                   "ignore_index": self.config.get("ignore_index", DEFAULT_IGNORE), **run_optimizer(state),
+                   **recorded}
+            differ = [_differs(name, getattr(args, name), value) for name, value in run.items()
                       if getattr(args, name, None) not in (None, value) and _given(args, name)]
             if differ:
-                raise ValueError(f"--resume {path} continues its run's model, optimizer and ignore index; "
-                                 f"{', '.join(differ)} would be ignored: drop them, or start a new run (--init {path} "
-                                 "starts from its weights)")
+                raise ValueError(f"--resume {path} continues its run's model, optimizer, ignore index and training "
+                                 f"settings; {', '.join(differ)} would be ignored: drop them, or start a new run "
+                                 f"(--init {path} starts from its weights)")
             # The optimizer the run trained with (its state is restored into it, learning rate and weight decay
             # included), also where the flags were left at their defaults: the checkpoint records what runs.
-            args.optimizer, args.lr, args.weight_decay, args.ignore_index = (
-                run[name] for name in ("optimizer", "lr", "weight_decay", "ignore_index"))
+            # A checkpoint written before the config recorded the training settings keeps the values given.
+            for name in ("optimizer", "lr", "weight_decay", "ignore_index", *recorded):
+                setattr(args, name, run[name])
+            check_unread_flags(args)  # (--warmup beside the run's schedule, which was not known before)
+            if args.batch_size % self.dist.world:
+                raise ValueError(f"--resume {path}: the run's --batch-size {args.batch_size} must be a multiple of "
+                                 f"the {self.dist.world} processes")
+            self.config = {**self.config, "training": {name: getattr(args, name) for name in RUN_SETTINGS}}
             self.log(f"resuming {path} after epoch {state['epoch']}")
         self.train_src, self.val_src, self.classes = open_training_data(args, self.dist)
         if state is None:
             self.config = {"in_channels": NUM_FEATURES, "classes": self.classes, "cr": args.cr,
                            "blocks": args.blocks, "voxel_size": args.voxel_size, "ignore_index": args.ignore_index,
-                           "model": args.model}
+                           "model": args.model, "training": {name: getattr(args, name) for name in RUN_SETTINGS}}
         if self.config["classes"] != self.classes:
             raise ValueError(f"the checkpoint's classes {self.config['classes']} differ from the data's "
                              f"{self.classes}")
