@@ -740,6 +740,7 @@ def select_voxels(input: SparseTensor, rows: Tensor, feats: Tensor | None) -> Sp
     coords = input.coords.index_select(0, rows)
     cache.set_coords(here, coords)
     cache.note_kept(here, rows, input.coords.shape[0], source)
+    cache.origin = source.input_coords()  # (eager's select_voxels: the batch items, should the kept rows drop one)
     # The graph's downsampling maps onto these sites restricted to the kept ones when a transposed conv asks
     # for them (eager's select_voxels: the same maps, no search; of a selection, through both selections' rows)
     for graph_key, m, before in source.maps_onto(here, input.coords):

@@ -142,10 +142,16 @@ class CoordinateCache:
     (a :class:`~pointsparse.nn.VoxelPrune`'s, ``functional.select_voxels``),
     ``stride -> (rows, n)``: they are the sorted rows ``rows`` of ``n``
     source voxels (the voxels before the first selection at that stride), so
-    that ``devoxelize`` maps voxelize's inverse through them."""
+    that ``devoxelize`` maps voxelize's inverse through them.
+
+    ``origin``: in a selection's cache, the coords the first selection was
+    made from (the input's side before any selection); their batch column
+    numbers the batch items, which a selection that drops every voxel of
+    one no longer does (:meth:`input_coords`: the global poolings' rows)."""
 
     def __init__(self) -> None:
         self.coords: dict[Triple, torch.Tensor] = {}
+        self.origin: torch.Tensor | None = None
         self.kmaps: dict[object, object] = {}
         # map key -> (map, plan): the engine's plan beside its map.
         self.plans: dict[object, tuple] = {}
@@ -159,6 +165,19 @@ class CoordinateCache:
 
     def set_coords(self, stride: Triple, coords: torch.Tensor) -> None:
         self.coords.setdefault(stride, coords)
+
+    def input_coords(self) -> torch.Tensor | None:
+        """Coords whose batch indices are the batch items of the input this
+        cache comes from: ``origin`` in a selection's cache, else the coords
+        of the finest stride held (every stride of one cache holds the same
+        items: downsampling keeps each voxel's item). None for an empty cache."""
+        if self.origin is not None:
+            return self.origin
+        finest = None
+        for s, coords in self.coords.items():  # (a loop, not min(key=...): graphs trace it)
+            if finest is None or s[0] * s[1] * s[2] < finest[0]:
+                finest = (s[0] * s[1] * s[2], coords)
+        return None if finest is None else finest[1]
 
     def get_kmap(self, key, build: Callable[[], object]):
         """The cached map for ``key``, made once: by the callable ``derived``
@@ -233,12 +252,14 @@ class CoordinateCache:
         self.__dict__.update(state)
         self.__dict__.setdefault("kept", {})  # (caches pickled before it existed have none)
         self.__dict__.setdefault("derived", {})
+        self.__dict__.setdefault("origin", None)
 
     def to(self, device) -> "CoordinateCache":
         out = CoordinateCache()
         out.coords = {s: c.to(device) for s, c in self.coords.items()}
         out.kmaps = {k: m.to(device) for k, m in self.kmaps.items()}
         out.kept = {s: (rows.to(device), n) for s, (rows, n) in self.kept.items()}
+        out.origin = None if self.origin is None else self.origin.to(device)
         return out
 
     def __repr__(self) -> str:

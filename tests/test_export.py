@@ -331,6 +331,47 @@ def test_global_pooling_compiles_trains_and_exports(pool):
             program(feats, far)
 
 
+class _PrunedClassifier(torch.nn.Module):
+    """A conv, a VoxelPrune by threshold (which may drop a batch item's every voxel), a global pooling and a
+    Linear, from plain tensors."""
+
+    def __init__(self, pool: torch.nn.Module) -> None:
+        super().__init__()
+        self.conv, self.prune = spnn.Conv3d(3, 8, 3), spnn.VoxelPrune(threshold=1.0)
+        self.pool, self.fc = pool, torch.nn.Linear(8, 5)
+
+    def forward(self, feats, coords):
+        x = ps.SparseTensor(feats, coords, validate=False)
+        return self.fc(self.pool(self.conv(self.prune(x))))
+
+
+def _cloud_losing(items: int, emptied: int, seed: int):
+    """_batched_cloud whose item ``emptied`` scores under _PrunedClassifier's threshold on every voxel."""
+    feats, coords = _batched_cloud(items, seed)
+    feats = feats.abs() + 1.0
+    feats[coords[:, 0] == emptied] = 0.01
+    return feats, coords
+
+
+@pytest.mark.parametrize("pool", [spnn.GlobalAvgPool, spnn.GlobalMaxPool])
+def test_global_pooling_of_a_pruned_item_compiles_and_exports(pool):
+    """In a graph too the pooled rows are one per batch item of the graph's input, where a VoxelPrune dropped
+    every voxel of the last one (it gave B - 1 rows, the count read from the kept voxels): the compiled
+    training step equals eager, and the exported program (traced on 3 items, none emptied) gives eager's
+    logits bit for bit on 4 items with the last, or a middle one, emptied."""
+    torch.manual_seed(0)
+    eager = _PrunedClassifier(pool()).double()
+    assert eager(*_cloud_losing(3, 2, 1)).shape == (3, 5)
+    _training_step_matches_eager(eager, copy.deepcopy(eager), [_cloud_losing(3, 2, 1), _cloud_losing(4, 1, 2)])
+    eager.eval()
+    rows = torch.export.Dim("voxels", min=2)
+    program = torch.export.export(eager, _cloud_losing(3, 5, 3), dynamic_shapes=({0: rows}, {0: rows})).module()
+    with torch.no_grad():
+        for emptied in (3, 1):
+            got, want = program(*_cloud_losing(4, emptied, 4)), eager(*_cloud_losing(4, emptied, 4))
+            assert got.shape == (4, 5) and torch.equal(got, want)
+
+
 def test_pooling_compiles_trains_and_exports():
     torch.manual_seed(0)
     eager = _Pools().double()

@@ -113,6 +113,33 @@ def test_global_pooling_empty_batch_item_is_zero():
     assert F.global_max_pool(x).tolist() == [[1.0], [0.0], [-3.0]]
 
 
+@pytest.mark.parametrize("emptied", [2, 1])
+def test_global_pooling_keeps_the_row_of_an_item_a_selection_emptied(emptied):
+    """A VoxelPrune (or select_voxels) that drops every voxel of one batch item: the pooled rows are still one
+    per item of the network's input, the emptied item's row 0 as for an item with no sites. An emptied last
+    item gave (B - 1, C) rows: a classifier's logits stopped lining up with its labels (a middle one gave its
+    zero row: no shift). Also at stride 2, after a selection of a selection, and for the pooling of a tensor
+    on the kept coords (a conv after the VoxelPrune)."""
+    coords = torch.tensor([[b, x, y, 0] for b in range(3) for x in range(3) for y in range(2)], dtype=torch.int32)
+    item = coords[:, 0].long()
+    feats = torch.where(item == emptied, 0.01, 1.0 + item.double()).unsqueeze(1) * torch.tensor([1.0, -2.0],
+                                                                                               dtype=torch.float64)
+    x = ps.SparseTensor(feats, coords)
+    kept = spnn.VoxelPrune(threshold=0.5)(x)
+    down = spnn.Conv3d(2, 2, 2, stride=2).double()(x)
+    first = F.select_voxels(x, torch.arange(len(x) - 1))  # (all but the last voxel)
+    twice = F.select_voxels(first, (first.coords[:, 0] != emptied).nonzero()[:, 0])
+    for pruned in (kept, F.select_voxels(down, (down.coords[:, 0] != emptied).nonzero()[:, 0]), twice,
+                   spnn.Conv3d(2, 3, 3).double()(kept)):
+        assert emptied not in pruned.coords[:, 0].tolist()
+        for reduce, pool in (("mean", spnn.GlobalAvgPool()), ("max", spnn.GlobalMaxPool())):
+            out = pool(pruned)
+            assert out.shape == (3, pruned.num_channels)
+            assert torch.equal(out[emptied], torch.zeros(pruned.num_channels, dtype=out.dtype))
+            rest = [b for b in range(3) if b != emptied]
+            torch.testing.assert_close(out[rest], brute_global(pruned, reduce)[rest])
+
+
 def test_cat_and_add():
     x = make(c=2)
     y = x.with_feats(torch.randn(len(x), 3, dtype=torch.float64))

@@ -391,6 +391,7 @@ def select_voxels(input: SparseTensor, rows: torch.Tensor, feats: torch.Tensor |
     coords = input.coords.index_select(0, rows)
     cache.set_coords(input.stride, coords)
     cache.note_kept(input.stride, rows, input.coords.shape[0], input.cache)
+    cache.origin = _input_coords(input.cache, input.coords)  # (the batch items, should the kept rows drop one)
     # The input cache's downsampling maps onto these sites restricted to the kept ones when a conv asks for
     # them (the transposed conv back up): the maps a search onto the kept coords makes, without the search
     # (bench/RESULTS.md stop 51). Where the input is a selection too, the maps its cache has still to restrict
@@ -521,7 +522,7 @@ def avg_pool3d(input: SparseTensor, kernel_size=2, stride=None, dilation=1) -> S
 
 
 #: Largest dense ``(B, C)`` output (with its per-item counts) the global
-#: poolings allocate (bytes), B the largest batch index + 1; larger is a ValueError.
+#: poolings allocate (bytes), B the largest batch index of the network's input + 1; larger is a ValueError.
 MAX_GLOBAL_POOL_BYTES = 1 << 32
 
 
@@ -535,27 +536,61 @@ def check_global_pool_size(b: int, channels: int, element_size: int, what: str) 
                          "(number the batch items from 0)")
 
 
+def _input_coords(cache, coords: torch.Tensor) -> torch.Tensor:
+    """The coords whose batch indices number the batch items of the input
+    ``cache`` comes from (:meth:`CoordinateCache.input_coords`), else ``coords``."""
+    origin = cache.input_coords() if cache is not None else None
+    return coords if origin is None else origin
+
+
+def _items_of(cache, coords: torch.Tensor) -> torch.Tensor:
+    """``coords``, or where ``cache`` is a selection's the coords it was made
+    from: a cache without a selection holds the same items at every stride,
+    so ``coords`` count them (no second reduction over the finest coords)."""
+    origin = getattr(cache, "origin", None)
+    return coords if origin is None else origin
+
+
 def _per_batch(input: SparseTensor, what: str):
-    """``(batch index of each row, sites of each batch item (B,))``: in a
-    graph the counts come from the ``batch_counts`` operator, whose length
-    is a size the graph reads from the data."""
+    """``(batch index of each row, sites of each batch item (B,))``, B the
+    batch items of the network's input (a selection's cache: the coords it
+    was made from, ``CoordinateCache.origin``), not of this tensor alone
+    (where a selection had dropped every voxel of the last item, its row
+    went too and the rows stopped lining up with the input's items; an item
+    with no sites now counts 0). In a graph B comes from the
+    ``batch_counts`` operator, whose length is a size the graph reads from
+    the data; a graph reads only caches it made itself (an input's eager
+    cache would be a constant of the graph): its input's coords number the
+    items."""
     if not isinstance(input, SparseTensor):
         raise TypeError(f"{what}: input must be a SparseTensor; got {type(input).__name__}")
     batch = input.coords[:, 0].long().to(input.device)
     if torch.compiler.is_compiling():
         from .. import ops
 
-        counts = ops.batch_counts(input.coords, input.feats.shape[1], input.feats.element_size())
-        return batch, counts.to(input.device)
+        items = _items_of(input.cache if isinstance(input.cache, ops.GraphCache) else None, input.coords)
+        counts = ops.batch_counts(items, input.feats.shape[1], input.feats.element_size()).to(input.device)
+        if items is not input.coords:  # (the items' count; the sites are this tensor's)
+            counts = torch.zeros_like(counts).index_add(0, batch, torch.ones_like(batch))
+        return batch, counts
     b = input.batch_size
+    items = _items_of(input.cache, input.coords)
+    if items is not input.coords and len(items):
+        b = max(b, int(items[:, 0].max()) + 1)
     check_global_pool_size(b, input.num_channels, input.feats.element_size(), what)
     return batch, torch.bincount(batch, minlength=b)
 
 
 def global_avg_pool(input: SparseTensor) -> torch.Tensor:
     """Dense ``(B, C)``: the mean feats of each batch item (0 for an item with
-    no sites). Runs in torch.compile / torch.export graphs too (``B`` read
-    from the data there: ``pointsparse::batch_counts``)."""
+    no sites, where ``torch.mean`` of nothing is NaN). ``B``: the batch items
+    of the network's input, the largest batch index of the coords its
+    coordinate cache began from + 1, so that a ``VoxelPrune`` (or
+    ``select_voxels``) that drops every voxel of an item, the last one too,
+    leaves that item its row (of 0) and the rows line up with the input's
+    items. Runs in torch.compile / torch.export graphs too (``B`` read from
+    the data there: ``pointsparse::batch_counts``; the items of the graph's
+    input)."""
     batch, counts = _per_batch(input, "global_avg_pool")
     feats = input.feats
     total = feats.new_zeros((counts.shape[0], feats.shape[1])).index_add(0, batch, feats)
@@ -564,7 +599,9 @@ def global_avg_pool(input: SparseTensor) -> torch.Tensor:
 
 def global_max_pool(input: SparseTensor) -> torch.Tensor:
     """Dense ``(B, C)``: the channel-wise max of each batch item (0 for an item
-    with no sites). Runs in graphs as :func:`global_avg_pool`."""
+    with no sites, where ``torch.amax`` of nothing is an error), ``B`` the
+    batch items of the network's input as :func:`global_avg_pool`'s. Runs in
+    graphs as :func:`global_avg_pool`."""
     batch, counts = _per_batch(input, "global_max_pool")
     feats = input.feats
     out = feats.new_zeros((counts.shape[0], feats.shape[1]))

@@ -358,14 +358,16 @@ class AvgPool3d(_Pool3d):
 
 
 class GlobalAvgPool(nn.Module):
-    """Mean feats per batch item: a dense ``(B, C)`` tensor."""
+    """Mean feats per batch item: a dense ``(B, C)`` tensor, a row for each batch
+    item of the network's input (0 for one a ``VoxelPrune`` emptied)."""
 
     def forward(self, input: SparseTensor) -> torch.Tensor:
         return F.global_avg_pool(_check_input(input))
 
 
 class GlobalMaxPool(nn.Module):
-    """Channel-wise max per batch item: a dense ``(B, C)`` tensor."""
+    """Channel-wise max per batch item: a dense ``(B, C)`` tensor, a row for each batch
+    item of the network's input (0 for one a ``VoxelPrune`` emptied)."""
 
     def forward(self, input: SparseTensor) -> torch.Tensor:
         return F.global_max_pool(_check_input(input))
