@@ -248,12 +248,13 @@ def test_resume_takes_the_runs_training_settings(tmp_path):
 
 
 def test_resume_of_a_checkpoint_without_the_training_record(tmp_path):
-    """A checkpoint written before the config recorded the training settings resumes as it did: with the
-    values typed, or the defaults; the checkpoint it writes records them from then on."""
+    """A checkpoint written before the config recorded the training settings (and without the run's flags,
+    ``args``) resumes as it did: with the values typed, or the defaults; the checkpoint it writes records
+    them from then on."""
     out = tmp_path / "old"
     tr.main(_parse([*TINY, "--epochs", "1", "--out", str(out)]))
     state = tr.load_checkpoint(out / "checkpoint.pt")
-    del state["config"]["training"]
+    del state["config"]["training"], state["args"]
     tr.save_checkpoint(out / "checkpoint.pt", state)
     tr.main(_parse([*TINY, "--epochs", "2", "--batch-size", "1", "--schedule", "step", "--resume", "--out", str(out)]))
     state = tr.load_checkpoint(out / "checkpoint.pt")
@@ -265,6 +266,28 @@ def test_resume_of_a_checkpoint_without_the_training_record(tmp_path):
     with pytest.raises(ValueError, match=r"checkpoint.pt: its config's training batch_size is no --batch-size value; "
                                          "got '1'"):
         tr.main(_parse([*TINY, "--epochs", "3", "--resume", "--out", str(out)]))
+
+
+def test_resume_of_a_checkpoint_without_the_record_takes_the_flags_it_kept(tmp_path):
+    """A checkpoint written before the config recorded the training settings still holds the flags its run
+    was given (``args``): a resume takes the run's schedule, batch size, ... from them (the defaults took
+    their place: another schedule and batch without a word), the bits of the run left alone, and refuses
+    another value typed, as for a checkpoint that records them."""
+    own = ["--schedule", "constant", "--batch-size", "1", "--seed", "4"]
+    flags = [*_without(_without(TINY, "--batch-size"), "--seed"), *own, "--epochs", "2"]
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    tr.main(_parse([*flags, "--out", str(straight)]))
+    tr.main(_parse([*flags, "--time-limit", "0", "--out", str(cut)]))  # stops after epoch 1
+    state = tr.load_checkpoint(cut / "checkpoint.pt")
+    del state["config"]["training"]  # (as a checkpoint of an earlier version)
+    tr.save_checkpoint(cut / "checkpoint.pt", state)
+    bare = _without(_without(TINY, "--batch-size"), "--seed")
+    with pytest.raises(ValueError, match=r"--batch-size 2 \(the run's 1\) would be ignored"):
+        tr.main(_parse([*bare, "--epochs", "2", "--batch-size", "2", "--resume", "--out", str(cut)]))
+    tr.main(_parse([*bare, "--epochs", "2", "--resume", "--out", str(cut)]))
+    a, b = tr.load_checkpoint(straight / "checkpoint.pt"), tr.load_checkpoint(cut / "checkpoint.pt")
+    assert a["history"]["step_loss"] == b["history"]["step_loss"] and a["history"]["lr"] == b["history"]["lr"]
+    assert b["config"]["training"] == a["config"]["training"]
 
 
 def test_nproc_workers_know_the_flags_typed(tmp_path, monkeypatch):

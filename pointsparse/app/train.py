@@ -395,14 +395,18 @@ def run_optimizer(state: dict) -> dict:
             "lr": state["scheduler"].get("base_lrs", [group["lr"]])[0], "weight_decay": group["weight_decay"]}
 
 
-def recorded_training(config: dict, path) -> dict:
+def recorded_training(config: dict, path, saved: dict | None = None) -> dict:
     """The training settings (:data:`RUN_SETTINGS`) that the config of the
     checkpoint at ``path`` records, each checked to be of its flag's kind
     (a ValueError naming the file otherwise: a hand-edited value failed deep
-    inside training); {} for a checkpoint written before they were recorded."""
+    inside training). A checkpoint written before they were recorded still
+    holds the flags its run was given (``saved``: its ``args``): those; {}
+    for one without them either."""
     record = config.get("training")
     if record is None:
-        return {}
+        if not isinstance(saved, dict):
+            return {}
+        record = {name: saved[name] for name in RUN_SETTINGS if name in saved}
     if not isinstance(record, dict):
         raise ValueError(f"--resume {path}: its config's training must be a dict of the run's settings; got "
                          f"{record!r:.100}")
@@ -626,7 +630,7 @@ class TrainingJob:
             # (the ignore index too: the default 255 took the place of a run's own, which its config still
             # recorded, and the resumed epochs trained and scored the class it numbers; and the training
             # settings: the defaults took the place of the run's schedule, batch size, ... without a word)
-            recorded = recorded_training(self.config, path)
+            recorded = recorded_training(self.config, path, state.get("args"))
             run = {**{name: self.config.get(name) for name in ("model", "cr", "blocks", "voxel_size")},
                    "ignore_index": self.config.get("ignore_index", DEFAULT_IGNORE), **run_optimizer(state),
                    **recorded}
@@ -638,7 +642,8 @@ class TrainingJob:
                                  f"(--init {path} starts from its weights)")
             # The optimizer the run trained with (its state is restored into it, learning rate and weight decay
             # included), also where the flags were left at their defaults: the checkpoint records what runs.
-            # A checkpoint written before the config recorded the training settings keeps the values given.
+            # A checkpoint written before the config recorded the training settings takes them from the flags its
+            # run was given (its args), and one without those either keeps the values given.
             for name in ("optimizer", "lr", "weight_decay", "ignore_index", *recorded):
                 setattr(args, name, run[name])
             check_unread_flags(args)  # (--warmup beside the run's schedule, which was not known before)
