@@ -290,6 +290,36 @@ def test_resume_of_a_checkpoint_without_the_record_takes_the_flags_it_kept(tmp_p
     assert b["config"]["training"] == a["config"]["training"]
 
 
+def test_resume_reads_the_runs_data(tmp_path):
+    """A run of files resumed without repeating its --data and --label-map trained its later epochs on the
+    default data (24 generated scenes) and validated there, writing that into the run's checkpoint: the data
+    flags left out are the run's now (its checkpoint keeps them, absolute). Typed, they are taken as given
+    (files move), the classes still checked against the run's."""
+    rng = np.random.default_rng(0)
+    data = tmp_path / "tiles"
+    data.mkdir()
+    for i in range(3):
+        xyz = rng.uniform(0, 8, (400, 3)).astype(np.float32)
+        cls = np.where(xyz[:, 2] < 2, 2, 6).astype(np.uint8)
+        np.savez(data / f"tile{i}.npz", xyz=xyz, classification=cls, intensity=rng.integers(0, 900, 400))
+    flags = ["--label-map", "ign-lidarhd", "--cr", "0.125", "--blocks", "1", "--voxel-size", "0.5", "--no-progress",
+             "--batch-size", "1", "--seed", "3"]
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    tr.main(_parse(["--data", str(data / "tile*.npz"), *flags, "--epochs", "2", "--out", str(straight)]))
+    tr.main(_parse(["--data", str(data / "tile*.npz"), *flags, "--epochs", "2", "--time-limit", "0", "--out",
+                    str(cut)]))
+    tr.main(_parse(["--epochs", "2", "--resume", "--no-progress", "--out", str(cut)]))
+    a, b = tr.load_checkpoint(straight / "checkpoint.pt"), tr.load_checkpoint(cut / "checkpoint.pt")
+    assert b["epoch"] == 2 and a["history"]["step_loss"] == b["history"]["step_loss"]
+    assert b["config"]["classes"] == a["config"]["classes"] and b["args"]["data"] == a["args"]["data"]
+    # The files moved: typed, the new place is read.
+    moved = tmp_path / "moved"
+    data.rename(moved)
+    tr.main(_parse(["--data", str(moved / "tile*.npz"), "--epochs", "3", "--resume", "--no-progress", "--out",
+                    str(cut)]))
+    assert tr.load_checkpoint(cut / "checkpoint.pt")["epoch"] == 3
+
+
 def test_nproc_workers_know_the_flags_typed(tmp_path, monkeypatch):
     """The --nproc workers (each of which checks the flags --resume would ignore) get the record of the flags
     typed with the options (it was left behind with the CLI's module objects: they compared with the defaults)."""

@@ -225,6 +225,30 @@ def _them(flags: list) -> str:
     return "it" if len(flags) == 1 else "them"
 
 
+#: The flags that say what a run reads: ``--resume`` takes the run's for those left out (:func:`take_run_data`).
+RUN_DATA_FLAGS = ("data", "label_map", "val_data", "val_label_map", "val_fraction", *SCENE_FLAGS)
+
+
+def take_run_data(args) -> None:
+    """With ``--resume``: each of :data:`RUN_DATA_FLAGS` not typed set to the
+    run's (the flags its checkpoint keeps, files as absolute paths), before
+    anything is checked or read: the defaults took their place, and a run of
+    files resumed without its ``--data`` trained its later epochs on the
+    generated scenes and validated there. Typed, they are taken as given
+    (files move; the classes are checked against the run's)."""
+    if args.resume is None or args.init is not None:  # (--init beside --resume: check_unread_flags refuses it)
+        return
+    path = Path(args.out) / CHECKPOINT if args.resume == "auto" else Path(args.resume)
+    if not path.is_file():  # (the job says so, naming it)
+        return
+    saved = load_checkpoint(path).get("args")
+    if not isinstance(saved, dict):  # (a checkpoint written before it kept them: the values given, as before)
+        return
+    for name in RUN_DATA_FLAGS:
+        if name in saved and not _given(args, name):
+            setattr(args, name, saved[name])
+
+
 def check_unread_flags(args) -> None:
     """ValueError naming a flag that the run would leave unread: a data flag
     the chosen data does not take (the generated scenes' flags with --data
@@ -864,6 +888,7 @@ class TrainingJob:
 
 
 def main(args) -> int:
+    take_run_data(args)  # (first: what the run reads, as if typed)
     check_args(args)
     check_unread_flags(args)
     if args.nproc > 1 and _torchrun_world() == 1:
