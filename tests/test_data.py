@@ -246,6 +246,27 @@ def test_sample_intensity_and_colour_outside_their_ranges_are_refused(tmp_path):
         read_numpy(tmp_path / "neg.npz")
 
 
+def test_a_non_finite_intensity_in_a_file_is_counted_as_it_is(tmp_path):
+    """One NaN among a file's intensities read as every point's: the
+    readers' percentile scaling spread it (a NaN maximum is no proof of
+    0..1, and the NaN 99th percentile divided every value), so the refusal
+    named N of N points; the points that hold one are counted now, float
+    intensities of 0..1 and of a sensor's 0..255 alike, .npz keys and .npy
+    columns alike."""
+    xyz = np.zeros((4, 3), np.float32)
+    for top in (1.0, 255.0):
+        for bad in (np.nan, np.inf):
+            intensity = np.array([0, bad, 0.5 * top, top], np.float32)
+            np.savez(tmp_path / "bad.npz", xyz=xyz, intensity=intensity)
+            np.save(tmp_path / "bad.npy", np.concatenate([xyz, intensity[:, None]], 1))
+            for name in ("bad.npz", "bad.npy"):
+                with pytest.raises(ValueError, match=r"intensity holds NaN or inf at 1 of 4 points"):
+                    read_cloud(tmp_path / name)
+    np.save(tmp_path / "good.npy", np.concatenate([xyz, np.array([[0], [50], [100], [255]], np.float32)], 1))
+    assert np.allclose(read_cloud(tmp_path / "good.npy").intensity[:, 0], np.array([0, 50, 100, 255]) /
+                       np.percentile([0, 50, 100, 255], 99))
+
+
 def test_negative_intensities_are_refused_naming_the_file_and_field(tmp_path):
     """Integer intensities (and float ones above 1) were divided by their
     99th percentile and clipped to 0..1.5: a negative one became 0 with no

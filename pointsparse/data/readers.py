@@ -225,7 +225,9 @@ def _scale_intensity(values, where: str) -> np.ndarray:
         raise ValueError(f"{where}: intensity must be 0 or more; {neg} of {raw.size} values are negative (from "
                          f"{raw.min().item()!r}; shift signed reflectance to 0 and up first)")
     v = raw.astype(np.float32).reshape(-1, 1)
-    if v.size == 0 or (np.issubdtype(raw.dtype, np.floating) and float(v.max()) <= 1.0):
+    # NaN or inf returned as read, for Sample to count and refuse: scaled, a NaN maximum or percentile made
+    # every value NaN (the refusal named every point)
+    if v.size == 0 or not np.isfinite(v).all() or (np.issubdtype(raw.dtype, np.floating) and float(v.max()) <= 1.0):
         return v
     scale = float(np.percentile(v, 99)) or float(v.max()) or 1.0
     return np.clip(v / scale, 0, 1.5).astype(np.float32)
