@@ -946,3 +946,52 @@ def test_add_voxel_skip_wraps_the_named_module_as_the_config_rebuilds_it():
             add_voxel_skip(net, name)
     with pytest.raises(TypeError, match="module_name must be a str"):
         add_voxel_skip(net, 3)
+
+
+@pytest.mark.parametrize("variant", ["masked", "fused", "bf16"])
+def test_threads_sharing_one_model_get_its_bits(variant):
+    """A service may call one loaded model from several Python threads (the
+    engine releases the GIL in its kernels): four threads, each on its own
+    clouds or all on one shared input (one coordinate cache, its maps built
+    by whichever thread asks first), get the outputs of one thread alone, bit
+    for bit (a model-wide cache written by two calls at once would show
+    here). Masked (the pruning hook rewrites the weight every call), fused,
+    and bf16 on the bf16 kernels where the CPU has them."""
+    import threading
+
+    from pointsparse import prune
+
+    torch.manual_seed(0)
+    net = MinkUNet(4, 5, cr=0.25).eval()
+    for m in net.modules():
+        if isinstance(m, spnn.Conv3d) and m.kernel_volume > 1:
+            prune.panel_structured(m, "weight", 0.75)
+    if variant != "masked":
+        net = spnn.fuse_for_inference(net)
+    dtype = torch.bfloat16 if variant == "bf16" else torch.float32
+    net = net.to(dtype)
+    clouds = [_cloud(900 + 150 * i, 4, seed=i, extent=24) for i in range(6)]
+    clouds = [ps.SparseTensor(c.feats.to(dtype), c.coords) for c in clouds]
+    with torch.no_grad():
+        want = [net(ps.SparseTensor(c.feats, c.coords)).feats for c in clouds]
+    shared = ps.SparseTensor(clouds[0].feats, clouds[0].coords)
+    wrong = []
+
+    def work(t):
+        try:
+            with torch.no_grad():
+                for r in range(3):
+                    for i in range(t % 2, len(clouds), 2):
+                        if not torch.equal(net(ps.SparseTensor(clouds[i].feats, clouds[i].coords)).feats, want[i]):
+                            wrong.append((t, r, i))
+                    if not torch.equal(net(shared).feats, want[0]):
+                        wrong.append((t, r, "shared"))
+        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+            wrong.append((t, repr(error)))
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong, wrong[:5]
