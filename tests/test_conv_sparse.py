@@ -492,6 +492,60 @@ def test_engine_choices_follow_the_width_set_after_import():
     assert _engine.vector_threshold(64) == (0.6 if before else 0.85)
 
 
+def test_a_width_change_is_seen_whole_by_another_thread():
+    """_follow_width recorded the new width before setting the choices that
+    follow it: a conv on another thread that came in between found the width
+    already followed and chose by the old width's thresholds. Held there (a
+    trace on the first thread, paused before its first choice is set), the
+    other thread's threshold is the new width's."""
+    import inspect
+    import sys
+    import threading
+
+    core = ps._ext.core
+    if "avx512" not in core.runnable_isas():
+        pytest.skip("the full width needs the avx512 build")
+    before = core.avx512_full_width()
+    lines, start = inspect.getsourcelines(_engine._follow_width)
+    hold = start + next(i for i, line in enumerate(lines) if line.strip().startswith("VECTOR_DENSITY ="))
+    paused, go, seen = threading.Event(), threading.Event(), []
+
+    def tracer(frame, event, arg):
+        if frame.f_code is not _engine._follow_width.__code__:
+            return None
+
+        def line(frame, event, arg):
+            if event == "line" and frame.f_lineno == hold and not paused.is_set():
+                paused.set()
+                go.wait(30)
+            return line
+        return line
+
+    def first():
+        sys.settrace(tracer)
+        try:
+            seen.append(_engine.vector_threshold(64))
+        finally:
+            sys.settrace(None)
+
+    try:
+        _engine.vector_threshold(64)  # (followed: the old width's)
+        core.set_avx512_full_width(0 if before else 1)
+        want = 0.85 if before else 0.6
+        thread = threading.Thread(target=first)
+        thread.start()
+        try:
+            assert paused.wait(30), "the first thread never reached the width's choices"
+            assert _engine.vector_threshold(64) == want
+        finally:
+            go.set()
+            thread.join(30)
+        assert seen == [want]
+    finally:
+        core.set_avx512_full_width(int(before))
+    assert _engine.vector_threshold(64) == (0.6 if before else 0.85)
+
+
 def test_full_width_refuses_bad_values():
     proc = run_python("import pointsparse", {"POINTSPARSE_AVX512_FULL_WIDTH": "yes"})
     assert proc.returncode != 0

@@ -570,12 +570,14 @@ def _follow_width() -> None:
     wide = _ext.core.avx512_full_width()
     if wide == _FULL_WIDTH:
         return
-    _FULL_WIDTH = wide
     VECTOR_DENSITY = VECTOR_DENSITY_WIDE if wide else VECTOR_DENSITY_SPLIT
     VECTOR_FULL_ROWS = VECTOR_FULL_ROWS_WIDE if wide else VECTOR_FULL_ROWS_SPLIT
     VECTOR_DENSITY_TWIN = VECTOR_DENSITY_TWIN_WIDE if wide else None
     BF16_VECTOR_DENSITY = BF16_VECTOR_DENSITY_WIDE if wide else BF16_VECTOR_DENSITY_SPLIT
     _TWIN_TILES = wide
+    # Last: a thread that finds the new width here finds its choices set (one that came between the core's
+    # answer and these read the old width's, with this one's check passed: a conv chose by the old width).
+    _FULL_WIDTH = wide
 
 
 _follow_width()
