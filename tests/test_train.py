@@ -332,6 +332,33 @@ def test_nproc_workers_know_the_flags_typed(tmp_path, monkeypatch):
     assert tr._given(plain, "lr", "weight_decay") == ["--lr 0.002"] and not hasattr(plain, "_module")
 
 
+def test_nproc_resume_checks_the_runs_settings_before_the_workers_start(tmp_path, monkeypatch):
+    """--resume --nproc 2 of a run with --batch-size 3 (not repeated): the batch size's check against --nproc
+    was left to each worker, which refused it inside torch's spawn (its ProcessRaisedException, a traceback,
+    not the command's error); so was --warmup typed beside the run's constant schedule. The run's settings
+    are taken before the checks, which refuse both before any worker starts."""
+    import torch.multiprocessing
+
+    sent = []
+    monkeypatch.setattr(torch.multiprocessing, "spawn", lambda fn, args, **kw: sent.append(args[2]))
+    out = tmp_path / "run"
+    out.mkdir()
+    for batch in (3, 4):
+        training = {"schedule": "constant", "warmup": 0.05, "batch_size": batch, "class_weights": "none",
+                    "no_augment": False, "seed": 3}
+        tr.save_checkpoint(out / "checkpoint.pt", {"model": {}, "args": {"data": ["generated"]},
+                                                   "config": {"classes": ["a", "b"], "training": training}})
+        if batch == 3:
+            with pytest.raises(ValueError, match=r"--batch-size \(3\) must be a multiple of --nproc \(2\)"):
+                tr.main(_parse(["--resume", "--nproc", "2", "--no-progress", "--out", str(out)]))
+    with pytest.raises(ValueError, match="--warmup 0.1 is the warm-up of --schedule cosine; --schedule constant"):
+        tr.main(_parse(["--resume", "--nproc", "2", "--warmup", "0.1", "--no-progress", "--out", str(out)]))
+    assert not sent
+    assert tr.main(_parse(["--resume", "--nproc", "2", "--no-progress", "--out", str(out)])) == 0
+    (plain,) = sent
+    assert (plain.batch_size, plain.schedule, plain.seed) == (4, "constant", 3) and not tr._given(plain, "batch_size")
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     tr.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "config": {}})

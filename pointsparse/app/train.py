@@ -191,12 +191,11 @@ def check_args(args) -> None:
             raise ValueError(f"--{given[0].replace('_', '-')} maps the raw labels of point cloud files; the "
                              f"generated scenes ({data[0]}) are labelled with their own classes: drop it, or "
                              "give --data files")
-    # (a resumed run takes its own batch size where none is typed: the job checks that one)
-    resumed = getattr(args, "resume", None) is not None and hasattr(args, "nproc") and not _given(args, "batch_size")
-    if getattr(args, "nproc", 1) > 1 and args.batch_size % args.nproc and not resumed:
+    # (a resumed run's batch size is its own where none is typed: take_run_flags set it before this check)
+    if getattr(args, "nproc", 1) > 1 and args.batch_size % args.nproc:
         raise ValueError(f"--batch-size ({args.batch_size}) must be a multiple of --nproc ({args.nproc})")
     world = _torchrun_world()
-    if hasattr(args, "nproc") and world > 1 and args.batch_size % world and not resumed:
+    if hasattr(args, "nproc") and world > 1 and args.batch_size % world:
         raise ValueError(f"--batch-size ({args.batch_size}) must be a multiple of the {world} processes torchrun "
                          "started")
 
@@ -225,28 +224,37 @@ def _them(flags: list) -> str:
     return "it" if len(flags) == 1 else "them"
 
 
-#: The flags that say what a run reads: ``--resume`` takes the run's for those left out (:func:`take_run_data`).
+#: The flags that say what a run reads: ``--resume`` takes the run's for those left out (:func:`take_run_flags`).
 RUN_DATA_FLAGS = ("data", "label_map", "val_data", "val_label_map", "val_fraction", *SCENE_FLAGS)
 
 
-def take_run_data(args) -> None:
+def take_run_flags(args) -> None:
     """With ``--resume``: each of :data:`RUN_DATA_FLAGS` not typed set to the
-    run's (the flags its checkpoint keeps, files as absolute paths), before
-    anything is checked or read: the defaults took their place, and a run of
-    files resumed without its ``--data`` trained its later epochs on the
-    generated scenes and validated there. Typed, they are taken as given
-    (files move; the classes are checked against the run's)."""
+    run's (the flags its checkpoint keeps, files as absolute paths), and each
+    of :data:`RUN_SETTINGS` not typed to the run's training settings
+    (:func:`recorded_training`), before anything is checked or read. For the
+    data, the defaults took their place: a run of files resumed without its
+    ``--data`` trained its later epochs on the generated scenes and
+    validated there; typed, they are taken as given (files move; the classes
+    are checked against the run's). The settings are the job's to take (it
+    refuses another value typed); taken here too, the command's checks read
+    them (the run's batch size against --nproc, --warmup against the run's
+    schedule) before any --nproc worker starts, where each worker refused
+    them inside torch's spawn."""
     if args.resume is None or args.init is not None:  # (--init beside --resume: check_unread_flags refuses it)
         return
     path = Path(args.out) / CHECKPOINT if args.resume == "auto" else Path(args.resume)
     if not path.is_file():  # (the job says so, naming it)
         return
-    saved = load_checkpoint(path).get("args")
-    if not isinstance(saved, dict):  # (a checkpoint written before it kept them: the values given, as before)
-        return
-    for name in RUN_DATA_FLAGS:
-        if name in saved and not _given(args, name):
-            setattr(args, name, saved[name])
+    state = load_checkpoint(path)
+    saved = state.get("args")
+    if isinstance(saved, dict):  # (a checkpoint written before it kept them: the values given, as before)
+        for name in RUN_DATA_FLAGS:
+            if name in saved and not _given(args, name):
+                setattr(args, name, saved[name])
+    for name, value in recorded_training(state["config"], path, saved).items():
+        if not _given(args, name):
+            setattr(args, name, value)
 
 
 def check_unread_flags(args) -> None:
@@ -888,7 +896,7 @@ class TrainingJob:
 
 
 def main(args) -> int:
-    take_run_data(args)  # (first: what the run reads, as if typed)
+    take_run_flags(args)  # (first: what the run reads and its settings, as if typed)
     check_args(args)
     check_unread_flags(args)
     if args.nproc > 1 and _torchrun_world() == 1:
