@@ -11,6 +11,7 @@ Rerun one case by hand: ``python tests/fuzz_cases.py FAMILY SEED INDEX``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -35,6 +36,18 @@ NAMED = (ValueError, TypeError)
 
 class Expected(Exception):
     """A case that was meant to be refused and was (not a failure)."""
+
+
+@contextlib.contextmanager
+def _accepted(what: str):
+    """The part of a case past the point where it may be refused: a named
+    error there (a ValueError / TypeError) is a wrong result, not a refusal
+    (run_case counts those as the case's refusal: a layer that refused to
+    load, convert or run its own valid input passed as refused)."""
+    try:
+        yield
+    except NAMED as exc:
+        raise AssertionError(f"{what} refused valid input: {type(exc).__name__}: {exc}") from exc
 
 
 def _pick(rng, options):
@@ -390,18 +403,19 @@ def case_pruned_conv(rng):
         assert bad == "weight" and c_out == 1, f"a bad {bad} was accepted"
         raise Expected("the one-column weight was good")
     got = {}
-    for isa in _ext.core.runnable_isas():
-        for nt in (1, 2, 3):
-            for vector in (False, True):
-                out = torch.full((m.num_out, c_out), float("nan"), dtype=dtype)
-                plan.forward(feats, w.numpy(), npb, out.numpy(), nt, isa, relu, active=active, vector=vector,
-                             add=None if add is None else add.numpy())
-                gf = torch.full_like(x.feats, float("nan"))
-                plan.backward_input(g.numpy(), w.numpy(), gf.numpy(), nt, isa, active=active, vector=vector)
-                gw = torch.full_like(w, float("nan"))
-                plan.backward_weight(feats, g.numpy(), gw.numpy(), nt, isa, active=wactive if vector else None,
-                                     mask=mask.numpy() if vector else None)
-                got[isa, nt, vector] = (out, gf, gw * mask)  # (the vector kernels compute whole vectors)
+    with _accepted("the fused core"):
+        for isa in _ext.core.runnable_isas():
+            for nt in (1, 2, 3):
+                for vector in (False, True):
+                    out = torch.full((m.num_out, c_out), float("nan"), dtype=dtype)
+                    plan.forward(feats, w.numpy(), npb, out.numpy(), nt, isa, relu, active=active, vector=vector,
+                                 add=None if add is None else add.numpy())
+                    gf = torch.full_like(x.feats, float("nan"))
+                    plan.backward_input(g.numpy(), w.numpy(), gf.numpy(), nt, isa, active=active, vector=vector)
+                    gw = torch.full_like(w, float("nan"))
+                    plan.backward_weight(feats, g.numpy(), gw.numpy(), nt, isa, active=wactive if vector else None,
+                                         mask=mask.numpy() if vector else None)
+                    got[isa, nt, vector] = (out, gf, gw * mask)  # (the vector kernels compute whole vectors)
     f, wd = x.feats.double().requires_grad_(), w.double().requires_grad_()
     ref = conv_sum(f, wd, m)
     refs = [ref.detach(), *torch.autograd.grad(ref, (f, wd), g.double())]
@@ -492,19 +506,22 @@ def case_pruned_module(rng):
         probe.setdefault("g", torch.from_numpy(rng.standard_normal(tuple(y.shape))))
         return [y.detach(), *torch.autograd.grad((y * probe["g"]).sum(), weights)]
 
-    for train in (True, False):
-        ours = run(layers, train)
-        with _ext.torch_path():
-            theirs = run(layers, train)
-        for i, (a, b) in enumerate(zip(ours, theirs)):
-            assert torch.allclose(a, b, rtol=1e-9, atol=1e-9), f"{'train' if train else 'eval'} result {i} differs"
-    with torch.no_grad():
-        want = run(layers, False)[0]
-        fused = run(pnn.fuse_for_inference(copy.deepcopy(layers)), False)[0]
-        assert torch.allclose(fused, want, rtol=1e-8, atol=1e-8), "fuse_for_inference changed the output"
-        single = forward(copy.deepcopy(layers).float(), x.with_feats(x.feats.float())).feats
-        scale = float(want.abs().max()) + 1 if want.numel() else 1
-        assert torch.allclose(single.double(), want, rtol=0, atol=1e-4 * scale), "float32 differs from float64"
+    with _accepted("the pruned layers"):
+        for train in (True, False):
+            ours = run(layers, train)
+            with _ext.torch_path():
+                theirs = run(layers, train)
+            for i, (a, b) in enumerate(zip(ours, theirs)):
+                mode = "train" if train else "eval"
+                assert torch.allclose(a, b, rtol=1e-9, atol=1e-9), f"{mode} result {i} differs"
+        with torch.no_grad():
+            want = run(layers, False)[0]
+            fused = run(pnn.fuse_for_inference(copy.deepcopy(layers)), False)[0]
+            assert torch.allclose(fused, want, rtol=1e-8, atol=1e-8), "fuse_for_inference changed the output"
+            single = forward(copy.deepcopy(layers).float(), x.with_feats(x.feats.float())).feats
+            scale = float(want.abs().max()) + 1 if want.numel() else 1
+            close = torch.allclose(single.double(), want, rtol=0, atol=1e-4 * scale)
+            assert close, "float32 differs from float64"
     if refused:
         raise Expected("refused: " + "; ".join(refused)[:150])
 
@@ -553,23 +570,26 @@ def case_compressed(rng):
     with torch.no_grad():
         want = conv.eval()(x).feats
     compressed = formats.compress(conv, fmt, **kwargs)
-    fresh = formats.compress(make(), fmt, **kwargs)
-    buffer = io.BytesIO()
-    torch.save(compressed.state_dict(), buffer)
-    buffer.seek(0)
-    fresh.load_state_dict(torch.load(buffer, weights_only=True))
-    converted, of_converted = copy.deepcopy(compressed).to(other), formats.compress(copy.deepcopy(conv).to(other), fmt,
-                                                                                     **kwargs)
-    tol = (1e-4 if dtype == torch.float32 else 1e-10) * (float(want.abs().max()) + 1 if want.numel() else 1)
-    with torch.no_grad():
-        for execution in ("engine", "format"):
-            for layer in (compressed, fresh, converted, of_converted):
-                layer.execution = execution
-            got = compressed(x).feats
-            assert torch.allclose(got, want, rtol=0, atol=tol * max(c_in, 8)), f"{fmt} {execution}: not the module's"
-            assert torch.equal(fresh(x).feats, got), f"{fmt} {execution}: state_dict round trip changed the output"
-            a, b = converted(x.with_feats(x.feats.to(other))).feats, of_converted(x.with_feats(x.feats.to(other))).feats
-            assert a.dtype == other and torch.equal(a, b), f"{fmt} {execution}: .to({other}) is not the converted conv"
+    with _accepted("the compressed conv"):
+        fresh = formats.compress(make(), fmt, **kwargs)
+        buffer = io.BytesIO()
+        torch.save(compressed.state_dict(), buffer)
+        buffer.seek(0)
+        fresh.load_state_dict(torch.load(buffer, weights_only=True))
+        converted = copy.deepcopy(compressed).to(other)
+        of_converted = formats.compress(copy.deepcopy(conv).to(other), fmt, **kwargs)
+        tol = (1e-4 if dtype == torch.float32 else 1e-10) * (float(want.abs().max()) + 1 if want.numel() else 1)
+        with torch.no_grad():
+            for execution in ("engine", "format"):
+                for layer in (compressed, fresh, converted, of_converted):
+                    layer.execution = execution
+                got = compressed(x).feats
+                where = f"{fmt} {execution}"
+                assert torch.allclose(got, want, rtol=0, atol=tol * max(c_in, 8)), f"{where}: not the module's"
+                assert torch.equal(fresh(x).feats, got), f"{where}: state_dict round trip changed the output"
+                xo = x.with_feats(x.feats.to(other))
+                a, b = converted(xo).feats, of_converted(xo).feats
+                assert a.dtype == other and torch.equal(a, b), f"{where}: .to({other}) is not the converted conv"
 
 
 FAMILIES = {"sparse_tensor": case_sparse_tensor, "voxelize": case_voxelize, "kmap": case_kmap, "conv": case_conv,
