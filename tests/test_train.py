@@ -60,17 +60,24 @@ def test_cli_smoke_train_then_eval(tmp_path, capsys):
     assert cli.main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--no-progress", "--val-scenes", "0"]) == 2
 
 
+def _tiles(folder, intensity: bool = True):
+    """``folder``/tile0-2.npz: three 400-point LAS-coded tiles (class 2 below z = 2, 6 above; with random
+    intensities), drawn from seed 0 (the same files for every test that writes them)."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(exist_ok=True)
+    for i in range(3):
+        xyz = rng.uniform(0, 8, (400, 3)).astype(np.float32)
+        cls = np.where(xyz[:, 2] < 2, 2, 6).astype(np.uint8)
+        extra = {"intensity": rng.integers(0, 900, 400)} if intensity else {}
+        np.savez(folder / f"tile{i}.npz", xyz=xyz, classification=cls, **extra)
+    return folder
+
+
 def test_a_run_on_relative_paths_is_evaluated_from_another_folder(tmp_path, monkeypatch, capsys):
     """The run's held-out files and --data were saved as given: relative
     paths, which eval (and prune) of the checkpoint read from the folder
     they ran in ("no such file" anywhere else)."""
-    rng = np.random.default_rng(0)
-    data = tmp_path / "data"
-    data.mkdir()
-    for i in range(3):
-        xyz = rng.uniform(0, 8, (400, 3)).astype(np.float32)
-        cls = np.where(xyz[:, 2] < 2, 2, 6).astype(np.uint8)
-        np.savez(data / f"tile{i}.npz", xyz=xyz, classification=cls)
+    data = _tiles(tmp_path / "data", intensity=False)
     monkeypatch.chdir(tmp_path)
     report = tr.train(_parse(["--data", "data/tile*.npz", "--label-map", "ign-lidarhd", "--epochs", "1", "--cr",
                               "0.125", "--blocks", "1", "--voxel-size", "0.5", "--no-progress", "--out", "run"]))
@@ -109,11 +116,7 @@ def test_validation_labels_are_checked_before_training(tmp_path, monkeypatch):
 
 
 def test_train_on_files_with_label_map(tmp_path, capsys):
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        xyz = rng.uniform(0, 8, (400, 3)).astype(np.float32)
-        cls = np.where(xyz[:, 2] < 2, 2, 6).astype(np.uint8)
-        np.savez(tmp_path / f"tile{i}.npz", xyz=xyz, classification=cls, intensity=rng.integers(0, 900, 400))
+    _tiles(tmp_path)
     out = tmp_path / "run"
     args = _parse(["--data", str(tmp_path / "tile*.npz"), "--label-map", "ign-lidarhd", "--epochs", "1", "--cr",
                    "0.125", "--blocks", "1", "--voxel-size", "0.5", "--no-progress", "--out", str(out)])
@@ -295,13 +298,7 @@ def test_resume_reads_the_runs_data(tmp_path):
     default data (24 generated scenes) and validated there, writing that into the run's checkpoint: the data
     flags left out are the run's now (its checkpoint keeps them, absolute). Typed, they are taken as given
     (files move), the classes still checked against the run's."""
-    rng = np.random.default_rng(0)
-    data = tmp_path / "tiles"
-    data.mkdir()
-    for i in range(3):
-        xyz = rng.uniform(0, 8, (400, 3)).astype(np.float32)
-        cls = np.where(xyz[:, 2] < 2, 2, 6).astype(np.uint8)
-        np.savez(data / f"tile{i}.npz", xyz=xyz, classification=cls, intensity=rng.integers(0, 900, 400))
+    data = _tiles(tmp_path / "tiles")
     flags = ["--label-map", "ign-lidarhd", "--cr", "0.125", "--blocks", "1", "--voxel-size", "0.5", "--no-progress",
              "--batch-size", "1", "--seed", "3"]
     straight, cut = tmp_path / "straight", tmp_path / "cut"
