@@ -451,3 +451,22 @@ def test_load_names_a_folder_given_as_the_checkpoint(tmp_path):
         checkpoint.load(tmp_path)
     with pytest.raises(ValueError, match="does not exist"):
         checkpoint.load(tmp_path / "missing.pt")
+
+
+def test_non_finite_weight_reads_compressed_layers():
+    """``non_finite_weight`` (the check training, the loaders and the commands
+    share) raised AttributeError on a model holding compressed layers, whose
+    state holds their formats as dicts (``_extra_state``): it now looks into
+    them, naming the layer's state where a format's values hold NaN or inf,
+    and None for a clean one."""
+    from pointsparse import formats
+    from pointsparse import nn as spnn
+    from pointsparse.models.loading import non_finite_weight
+
+    torch.manual_seed(0)
+    for fmt in ("csr", "fkw", "bsr"):
+        model = torch.nn.Sequential(spnn.Conv3d(4, 8, 3), spnn.BatchNorm(8), spnn.Conv3d(8, 3, 1))
+        assert non_finite_weight(formats.compress(model, fmt)) is None
+        with torch.no_grad():
+            model[2].weight[0, 1, 2] = float("nan")
+        assert non_finite_weight(formats.compress(model, fmt)) == "2._extra_state", fmt

@@ -303,12 +303,26 @@ def model_from_state(state: dict, *, allow_non_finite: bool = False) -> nn.Modul
 
 
 def non_finite_weight(model: nn.Module) -> str | None:
-    """The name of the first float tensor of ``model``'s state that holds
-    NaN or inf, or None."""
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    """The name of the first entry of ``model``'s state whose float values
+    hold NaN or inf, or None: tensors, and the tensors inside an entry that
+    is data (a compressed layer's ``_extra_state``, its formats as dicts and
+    lists: it raised AttributeError on those)."""
+    for name, value in model.state_dict().items():
+        if not _finite(value):
             return name
     return None
+
+
+def _finite(value) -> bool:
+    """Whether every float tensor in ``value`` (a tensor, or dicts, lists and
+    tuples of them and of plain values) is finite."""
+    if isinstance(value, torch.Tensor):
+        return not value.is_floating_point() or bool(torch.isfinite(value).all())
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(_finite(v) for v in value)
+    return True
 
 
 def _misfit(model: nn.Module, weights: dict, error: RuntimeError) -> str:
