@@ -317,6 +317,19 @@ def test_resume_reads_the_runs_data(tmp_path):
     assert tr.load_checkpoint(cut / "checkpoint.pt")["epoch"] == 3
 
 
+def test_resume_reads_the_checkpoint_once(tmp_path, monkeypatch):
+    """The run's flags and settings are taken from the checkpoint before the command's checks, and the job
+    restores the same checkpoint: one read of the file (a full-width run's checkpoint, optimizer state
+    included, is hundreds of MB), not one for each."""
+    out = tmp_path / "run"
+    tr.main(_parse([*TINY, "--epochs", "1", "--out", str(out)]))
+    reads = []
+    load = tr.load_checkpoint
+    monkeypatch.setattr(tr, "load_checkpoint", lambda path: reads.append(path) or load(path))
+    tr.main(_parse([*TINY, "--epochs", "2", "--resume", "--out", str(out)]))
+    assert reads == [out / "checkpoint.pt"] and load(out / "checkpoint.pt")["epoch"] == 2
+
+
 def test_nproc_workers_know_the_flags_typed(tmp_path, monkeypatch):
     """The --nproc workers (each of which checks the flags --resume would ignore) get the record of the flags
     typed with the options (it was left behind with the CLI's module objects: they compared with the defaults)."""

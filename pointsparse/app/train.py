@@ -247,6 +247,7 @@ def take_run_flags(args) -> None:
     if not path.is_file():  # (the job says so, naming it)
         return
     state = load_checkpoint(path)
+    args._resumed = (path, state)  # (the job restores this one: read once; --nproc workers, given no _ names, read it)
     saved = state.get("args")
     if isinstance(saved, dict):  # (a checkpoint written before it kept them: the values given, as before)
         for name in RUN_DATA_FLAGS:
@@ -653,7 +654,9 @@ class TrainingJob:
         args, state = self.args, None
         if args.resume is not None:
             path = self.resume_path = self.out / CHECKPOINT if args.resume == "auto" else Path(args.resume)
-            state = load_checkpoint(path)
+            read = getattr(args, "_resumed", None)  # (take_run_flags's read of it, where main ran it)
+            state = read[1] if read is not None and read[0] == path else load_checkpoint(path)
+            args._resumed = None
             missing = [k for k in ("optimizer", "scheduler", "history", "epoch", "torch_rng") if k not in state]
             if missing:
                 raise ValueError(f"--resume {path}: a checkpoint of weights only (it lacks {', '.join(missing)}), "
