@@ -242,10 +242,11 @@ class CoordinateCache:
                 into.get_kmap(key, lambda kmap=kmap: kmap)
 
     def __getstate__(self) -> dict:
-        """Pickled and deep-copied without the plans (C++ objects, rebuilt on use)."""
+        """Pickled and deep-copied without the plans (C++ objects, rebuilt on use)
+        and the pending restrictions."""
         state = self.__dict__.copy()
         state["plans"] = {}
-        state["derived"] = {}  # (closures over the source's maps: a search builds them instead)
+        state["derived"] = {}  # (restrictions of another cache's maps, not carried: a search builds them)
         return state
 
     def __setstate__(self, state: dict) -> None:

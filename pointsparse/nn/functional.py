@@ -391,7 +391,7 @@ def select_voxels(input: SparseTensor, rows: torch.Tensor, feats: torch.Tensor |
     coords = input.coords.index_select(0, rows)
     cache.set_coords(input.stride, coords)
     cache.note_kept(input.stride, rows, input.coords.shape[0], input.cache)
-    cache.origin = _input_coords(input.cache, input.coords)  # (the batch items, should the kept rows drop one)
+    cache.origin = input.cache.input_coords()  # (the batch items, should the kept rows drop one)
     # The input cache's downsampling maps onto these sites restricted to the kept ones when a conv asks for
     # them (the transposed conv back up): the maps a search onto the kept coords makes, without the search
     # (bench/RESULTS.md stop 51). Where the input is a selection too, the maps its cache has still to restrict
@@ -534,13 +534,6 @@ def check_global_pool_size(b: int, channels: int, element_size: int, what: str) 
         raise ValueError(f"{what}: the output ({b}, {channels}) for batch indices up to {b - 1} needs "
                          f"{nbytes / 2**30:.1f} GiB, over the {MAX_GLOBAL_POOL_BYTES / 2**30:.0f} GiB limit "
                          "(number the batch items from 0)")
-
-
-def _input_coords(cache, coords: torch.Tensor) -> torch.Tensor:
-    """The coords whose batch indices number the batch items of the input
-    ``cache`` comes from (:meth:`CoordinateCache.input_coords`), else ``coords``."""
-    origin = cache.input_coords() if cache is not None else None
-    return coords if origin is None else origin
 
 
 def _items_of(cache, coords: torch.Tensor) -> torch.Tensor:
