@@ -413,11 +413,13 @@ class BatchNorm(nn.BatchNorm1d):
         elif ((self.training or (self.running_mean is None and self.running_var is None))
               and not torch.compiler.is_compiling() and x.feats.shape[0] == 1):
             channels = self.num_features if self._stats() is None else self._stats().shape[0]
+            why, eval_hint = ("training mode", " (or run the model in eval mode)") if self.training else \
+                ("it keeps no running statistics", "")
             raise BatchStatisticsError(
-                f"BatchNorm({channels}) normalises with the batch's statistics (training mode) but got 1 site at "
+                f"BatchNorm({channels}) normalises with the batch's statistics ({why}) but got 1 site at "
                 f"stride {x.stride}: one value per channel has no variance. The batch's voxels merge into one at "
                 "this stride when its clouds are few or small for the voxel size: batch more clouds or use a "
-                "smaller voxel size (or run the model in eval mode)")
+                f"smaller voxel size{eval_hint}")
         return x.with_feats(super().forward(x.feats))
 
 
