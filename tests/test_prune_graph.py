@@ -141,6 +141,54 @@ def test_masked_channel_is_exactly_zero_after_its_norm_in_train_mode():
     assert torch.all(seen["y"][:, 1::2] == 0) and torch.any(seen["y"][:, ::2] != 0)
 
 
+class _Op(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return x.with_feats(self.fn(x.feats)) if isinstance(x, ps.SparseTensor) else self.fn(x)
+
+
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse-conv", "linear"])
+@pytest.mark.parametrize("mid", ["sigmoid", "exp", "plus-one", "batchnorm-no-affine", "batchnorm-sigmoid"])
+def test_mask_then_cut_is_exact_through_an_op_that_maps_zero_to_nonzero(mid, sparse):
+    """mask zeroed the producers and their norms only, so an op between the
+    mask and the consumer that makes something else than 0 of a zero
+    (sigmoid, exp, ``x + 1``, a BatchNorm without affine parameters: its
+    running-mean shift) sent a nonzero value of each masked channel into the
+    consumer, and the cut model, which has no such channel, computed another
+    output, silently. mask now masks the consumers' inputs of the dropped
+    channels too: the masked model is the cut one (eval mode, float64)."""
+    torch.manual_seed(0)
+    bn = ps.nn.BatchNorm if sparse else nn.BatchNorm1d
+    mids = {"sigmoid": [_Op(torch.sigmoid)], "exp": [_Op(torch.exp)], "plus-one": [_Op(lambda t: t + 1)],
+            "batchnorm-no-affine": [bn(8, affine=False)], "batchnorm-sigmoid": [bn(8), _Op(torch.sigmoid)]}[mid]
+    layer = (lambda i, o: ps.nn.Conv3d(i, o, 3)) if sparse else nn.Linear
+    net = nn.Sequential(layer(3, 8), *mids, layer(8, 4)).double()
+    for m in net.modules():
+        if isinstance(m, (ps.nn.BatchNorm, nn.BatchNorm1d)):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    net.eval()
+    x = sparse_input(n=200, extent=8)
+    x = x.double() if sparse else x.feats.double()
+    graph = G.DependencyGraph(net, x)
+    assert [g.name for g in graph.groups] == ["0"]
+    keep = {"0": [0, 1, 2, 4, 5, 6]}
+    graph.mask(keep)
+    with torch.no_grad():
+        masked = _feats(net(x))
+        graph.cut(keep)
+        cut = _feats(net(x))
+    assert cut.shape == masked.shape
+    torch.testing.assert_close(cut, masked, rtol=1e-12, atol=1e-12)
+
+
+def _feats(y):
+    return y.feats if isinstance(y, ps.SparseTensor) else y
+
+
 def test_cut_one_group_keeps_train_and_eval_running():
     for make, data, out in _cases().values():
         net, x = make(), data()

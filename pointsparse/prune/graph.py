@@ -14,9 +14,11 @@ MinkUNet, SPVCNN, residual encoders and torch CNNs go through the same code.
 
 Cutting (:meth:`DependencyGraph.cut`) slices every member's parameters,
 buffers and masks at once; masking (:meth:`DependencyGraph.mask`) zeroes the
-same channels with ``custom_from_mask`` on the producers *and* their norms'
-affine parameters, so a masked channel is exactly 0 after its BatchNorm in
-train and eval mode alike and the cut of masked channels is exact.
+same channels with ``custom_from_mask`` on the producers, their norms'
+affine parameters *and* the consumers' weights at those inputs, so a masked
+channel is exactly 0 after its BatchNorm in train and eval mode alike, reaches
+no layer whatever an op between makes of a zero (a sigmoid, ``x + 1``), and
+the cut of masked channels is exact.
 :meth:`DependencyGraph.remove_masked` turns a model masked otherwise (e.g. by
 ``ChannelStructured`` on the convolutions only) into a smaller one: the
 constant that a BatchNorm shift sends through a masked channel is folded into
@@ -284,19 +286,21 @@ class DependencyGraph:
 
     def mask(self, keep: dict) -> None:
         """Zero every channel not in ``keep[group]`` without changing shapes:
-        masks on the producers' weights and biases and on the norms' weight
-        and bias (``custom_from_mask``, composing with masks they have), so a
-        masked channel is exactly 0 after its norm and :meth:`cut` of it does
-        not change the output."""
+        masks on the producers' weights and biases, on the norms' weight and
+        bias, and on the consumers' weights at those input channels
+        (``custom_from_mask``, composing with masks they have), so a masked
+        channel is exactly 0 after its norm and reaches no layer, and
+        :meth:`cut` of it does not change the output even where an op
+        between makes something else than 0 of a zero (a sigmoid, ``exp``,
+        ``x + 1``, a BatchNorm without affine parameters, whose running-mean
+        shift a masked channel carries in eval mode)."""
         for (name, role), dropped in self._drops(keep).items():
-            if role != "out":
-                continue
             module = self.module(name)
             for tensor, roles in adapters.adapter_for(module).axes(module).items():
                 t = adapters.raw(module, tensor)
-                if "out" in roles and isinstance(t, nn.Parameter):  # raw: name_orig when already masked
+                if role in roles and isinstance(t, nn.Parameter):  # raw: name_orig when already masked
                     m = torch.ones_like(t, dtype=torch.bool)
-                    m.index_fill_(roles["out"], dropped.to(t.device), False)
+                    m.index_fill_(roles[role], dropped.to(t.device), False)
                     _compat.custom_from_mask(module, tensor, m)
             keep_copyable(module)
 
