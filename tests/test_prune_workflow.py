@@ -131,6 +131,30 @@ def test_masked_and_cut_state_dicts_round_trip(tmp_path):
         assert any(k.endswith("weight_mask") for k in loaded.state_dict())
 
 
+def test_a_masked_layer_narrowed_in_a_checkpoint_without_widths_loads(tmp_path):
+    """A checkpoint of a cut model whose classifier is masked (unstructured
+    pruning before the cut), saved without widths: loading fitted the
+    classifier's weight_orig and weight_mask to the narrower stored ones but
+    left its weight, which the mask's hook computes at the layer's call, as
+    wide as built; the Linear's check of its input read that stale weight
+    and the load failed ("the weights' channel widths do not chain", at the
+    layer before). The masked weights are recomputed after the fit."""
+    from pointsparse import prune
+    from pointsparse.models import MinkUNet
+    from prune_procedures_support import sparse_input
+    torch.manual_seed(0)
+    net, x = MinkUNet(3, 4, cr=0.25).eval(), sparse_input(n=600, extent=16)
+    prune.l1_unstructured(net.classifier.fn, "weight", amount=0.5)
+    graph = G.DependencyGraph(net, x)
+    graph.cut(G.plan(graph, 0.5))
+    assert net.classifier.fn.in_features < 32
+    config = {"model": "minkunet", "in_channels": 3, "classes": list("abcd"), "cr": 0.25, "blocks": 2}
+    torch.save({"model": net.state_dict(), "config": config}, tmp_path / "cut.pt")
+    loaded = load_model(tmp_path / "cut.pt")
+    assert loaded.classifier.fn.weight.shape == net.classifier.fn.weight.shape
+    assert torch.equal(loaded(x).feats, net(x).feats)
+
+
 def test_folded_bias_round_trips(tmp_path):
     from pointsparse.models import MinkUNet
     from prune_procedures_support import sparse_input

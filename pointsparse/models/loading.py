@@ -407,6 +407,7 @@ def shape_like(model: nn.Module, state_dict: dict) -> None:
     narrowed = _fit_shapes(model, state_dict)
     _check_ends(model, "the weights give")
     if narrowed:
+        _apply_masks(model)  # (a masked weight narrowed: the one its hook computed is as wide as built)
         _check_chain(model)
 
 
