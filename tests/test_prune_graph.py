@@ -2001,3 +2001,45 @@ def test_a_root_with_parameters_of_its_own_is_traced(gate):
     with torch.no_grad():
         torch.testing.assert_close(net(x).feats, masked(x).feats, rtol=1e-5, atol=1e-6)
     assert net.a.weight.shape == (27, 3, 3) and net.b.weight.shape[1] == 3
+
+
+class _Tied(nn.Module):
+    """a -> b -> c -> d -> h with c's weight b's Parameter (tied layers), or
+    with ``root``, a weight the model's forward also reads itself."""
+
+    def __init__(self, root=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c, self.d, self.h = (nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 6),
+                                                  nn.Linear(6, 2))
+        self.root = root
+        if not root:
+            self.c.weight = self.b.weight
+
+    def forward(self, t):
+        y = torch.relu(self.b(torch.relu(self.a(t))))
+        y = torch.relu(self.c(y)) if not self.root else torch.relu(y @ self.b.weight.t())
+        return self.h(torch.relu(self.d(y)))
+
+
+@pytest.mark.parametrize("root", [False, True], ids=["two-layers", "read-by-the-forward"])
+def test_a_weight_shared_between_layers_fixes_their_channels(root):
+    """Two layers holding one Parameter (tied weights) were cut apart: each
+    got its own sliced copy, so the tie was silently gone (the cut model
+    trained two weights) and a plan cut the layers' channels as though they
+    were free. A layer whose weight another module or the forward reads
+    has its channels fixed, with the reason; the other groups are cut
+    (read by the forward, ``y @ b.weight.t()``: the cut model failed)."""
+    net, x = _Tied(root).double().eval(), torch.randn(10, 4, dtype=torch.float64)
+    graph = G.DependencyGraph(net, x)
+    assert [g.name for g in graph.groups] == ["d"]
+    reasons = {g.name: g.fixed for g in graph.fixed_groups}
+    assert {"a", "b"} <= set(reasons)
+    assert ("b: its 'weight' is read outside it, by t" if root else "'weight' is shared with c.weight") in reasons["a"]
+    keep = G.plan(graph, 0.5, multiple=1)
+    graph.mask(keep)
+    with torch.no_grad():
+        masked = net(x)
+        graph.cut(keep)
+        torch.testing.assert_close(net(x), masked, rtol=1e-12, atol=1e-12)
+    assert net.d.out_features == 3 and (root or net.c.weight is net.b.weight)

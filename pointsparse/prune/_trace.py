@@ -408,6 +408,10 @@ class Tracer(TorchFunctionMode):
         self.depth = 0
         self.token = _Token(self)
         self.taken: list[Width] = []  # widths the rule of the op being traced has followed (no more to fix)
+        # a layer's tensors (id -> (tensor, layer, name)), and the layers whose tensors an op outside any layer
+        # computed a tensor from (a reading of their shape or dtype is none): {layer: why}
+        self.watched: dict[int, tuple[torch.Tensor, str, str]] = {}
+        self.read_outside: dict[str, str] = {}
 
     def __exit__(self, *exc):
         self.token.tracer = None
@@ -473,6 +477,11 @@ class Tracer(TorchFunctionMode):
         if self.depth == 0:
             name = _name(func)
             self.taken = []
+            if self.watched and any(isinstance(o, torch.Tensor) for o in tree_flatten(out)[0]):
+                for t in tree_flatten((args, kwargs))[0]:
+                    hit = self.watched.get(id(t)) if isinstance(t, torch.Tensor) else None
+                    if hit is not None and hit[0] is t:
+                        self.read_outside.setdefault(hit[1], f"{hit[1]}: its {hit[2]!r} is read outside it, by {name}")
             try:
                 self._propagate(func, args, kwargs, out)
                 self._sizes(name, args, kwargs, out)

@@ -9,7 +9,10 @@ pooling, row gathers, devoxelisation), concatenations (each input's slice)
 and element-wise sums (residual additions couple their operands). The result
 is a list of :class:`CoupledGroup`: each is a set of channels that every
 member (a ``(module, role, slice)``: the output or input channels of a layer,
-the entries of a norm) must lose together. No rule is written for any model:
+the entries of a norm) must lose together. A layer whose weight another
+module holds too (tied layers) or that code outside the layer computes with
+(``y @ layer.weight.t()``) has its channels fixed: its cut would slice its
+own copy alone. No rule is written for any model:
 MinkUNet, SPVCNN, residual encoders and torch CNNs go through the same code.
 
 Cutting (:meth:`DependencyGraph.cut`) slices every member's parameters,
@@ -102,13 +105,18 @@ class DependencyGraph:
     # ------------------------------------------------------------ tracing
     def _trace(self) -> None:
         tracer = Tracer(self.spaces)
+        shared = self._shared_tensors()
         handles = []
         for name, m in self.model.named_modules():
             # (the model itself is no layer: its forward is what is traced, its own parameters operands there as
             # any tensor the trace does not know; taken for an opaque layer, it hid every layer and group)
             opaque = name != "" and adapters.adapter_for(m) is None and any(True for _ in m.parameters(recurse=False))
+            if adapters.adapter_for(m) is not None:
+                _watch(tracer, name, m)
             if adapters.adapter_for(m) is not None or opaque:
-                handles.append(m.register_forward_pre_hook(lambda *_: setattr(tracer, "depth", tracer.depth + 1)))
+                # (first of its pre-hooks: a pruning mask's, a skeleton's, which compute its weight, run inside it)
+                handles.append(m.register_forward_pre_hook(lambda *_: setattr(tracer, "depth", tracer.depth + 1),
+                                                           prepend=True))
                 handles.append(m.register_forward_hook(
                     lambda mod, inputs, kwargs, output, name=name: self._on_module(tracer, name, mod, inputs, output,
                                                                                    kwargs),
@@ -125,8 +133,35 @@ class DependencyGraph:
             for h in handles:
                 h.remove()
             self.model.train(was)
+        # a layer's weight that another module holds too (tied layers) or that code outside the layer computes
+        # with: a cut would slice the layer's copy alone (the tie silently gone; the other reader of another width)
+        for name, reason in {**tracer.read_outside, **shared}.items():
+            for member, _, s in self._members:
+                if member == name:
+                    self.spaces.fix(s.space, reason)
+
+    def _shared_tensors(self) -> dict[str, str]:
+        """``{layer: why}`` for the registered layers one of whose tensors
+        (its parameters and buffers with channel axes) another module holds too."""
+        owners: dict[int, list[str]] = {}
+        for qualified, t in [*self.model.named_parameters(remove_duplicate=False),
+                             *self.model.named_buffers(remove_duplicate=False)]:
+            owners.setdefault(id(t), []).append(qualified)
+        out = {}
+        for name, m in self.model.named_modules():
+            adapter = adapters.adapter_for(m)
+            if adapter is None:
+                continue
+            for tensor in adapter.axes(m):
+                t = adapters.raw(m, tensor)
+                own = [f"{name}.{key}" if name else key for key in (tensor, tensor + "_orig")]
+                others = [q for q in owners.get(id(t), ()) if q not in own] if t is not None else []
+                if others:
+                    out.setdefault(name, f"{name}: its {tensor!r} is shared with {', '.join(others)}")
+        return out
 
     def _on_module(self, tracer: Tracer, name: str, module, inputs, output, kwargs=None) -> None:
+        _watch(tracer, name, module)  # (a masked weight: the tensor its pre-hook made for this call)
         tracer.depth -= 1
         if tracer.depth:
             return
@@ -392,6 +427,16 @@ class DependencyGraph:
 
 
 # ------------------------------------------------------------------ helpers
+def _watch(tracer: Tracer, name: str, module: nn.Module) -> None:
+    """Have ``tracer`` note any use outside ``module`` of its tensors with
+    channel axes (raw, and as its forward reads them: a masked weight)."""
+    adapter = adapters.adapter_for(module)
+    for tensor in adapter.axes(module) if adapter is not None else ():  # (an opaque layer: its channels are fixed)
+        for t in (adapters.raw(module, tensor), getattr(module, tensor, None)):
+            if isinstance(t, torch.Tensor):
+                tracer.watched[id(t)] = (t, name, tensor)
+
+
 def _other_arguments(module: nn.Module, inputs: tuple, kwargs: dict) -> dict:
     """The arguments of a call of ``module`` other than its first (the
     input), by parameter name (by position where the forward's signature does
