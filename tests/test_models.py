@@ -327,6 +327,14 @@ def test_narrowed_weights_that_do_not_chain_are_refused_at_load(tmp_path, name):
     checkpoint.save(tmp_path / "bad.pt", {"config": config, "model": bad})
     with pytest.raises(ValueError, match=rf"bad.pt: the weights' channel widths do not chain: layer {prefix}stem.1.1 "):
         load_model(tmp_path / "bad.pt")
+    # a layer that checks its input before the torch layer inside it runs (a pointsparse Linear): named, not the
+    # last torch layer entered before it (the decoder's last ReLU's)
+    bad = dict(net.state_dict())
+    head = "classifier.fn.weight" if name == "minkunet" else "classifier.weight"
+    bad[head] = bad[head][:, :8].clone()
+    checkpoint.save(tmp_path / "bad_head.pt", {"config": config, "model": bad})
+    with pytest.raises(ValueError, match=rf"bad_head.pt: the weights' channel widths do not chain: layer classifier "):
+        load_model(tmp_path / "bad_head.pt")
 
 
 def test_a_fused_model_s_weights_and_misfits_are_named_briefly(tmp_path):

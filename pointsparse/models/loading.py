@@ -430,8 +430,10 @@ def _check_chain(model: nn.Module) -> None:
         voxels, torch.arange(len(cube), device=like.device), cube[:, 1:].to(like.dtype) + 0.5, cube[:, 0].long())
     names = {module: name for name, module in model.named_modules()}
     entered: list[str] = []
+    # every module but the model: the innermost entered is the one that failed (a pointsparse Linear checks its
+    # input before the torch Linear inside it runs; with the leaves only, the last ReLU before it was named)
     hooks = [m.register_forward_pre_hook(lambda module, args: entered.append(names[module]))
-             for m in model.modules() if not any(True for _ in m.children())]
+             for m in model.modules() if m is not model]
     training = model.training
     try:
         with torch.no_grad():
