@@ -249,6 +249,29 @@ def test_sparse_consumer_of_a_shifted_masked_channel_is_refused():
         graph.remove_masked()
 
 
+def test_a_sigmoid_after_a_channel_mask_is_named_in_remove_masked_s_refusal():
+    """A channel masked on its conv alone, then a sigmoid (0.5 where the
+    channel is 0), then a sparse conv of kernel 3: remove_masked refuses, as
+    it must, but blamed "a BatchNorm shift after the mask" in a model with
+    no BatchNorm and told to zero BatchNorm entries. It names both causes
+    and DependencyGraph.mask, after which the cut is exact."""
+    torch.manual_seed(0)
+    net = nn.Sequential(ps.nn.Conv3d(3, 8, 3, bias=False), _Op(torch.sigmoid), ps.nn.Conv3d(8, 2, 3)).eval()
+    x = sparse_input(n=200, extent=8)
+    ps.prune.channel_structured(net[0], "weight", amount=3, n=1)
+    graph = G.DependencyGraph(net, x)
+    with pytest.raises(ValueError, match=r"is the constant 0\.5 \(a BatchNorm's shift or an op that makes something "
+                                         r"else than 0 of a zero \(a sigmoid, exp, x \+ 1\) after the mask\).*"
+                                         r"mask with DependencyGraph\.mask, which masks the norms and the consumers"):
+        graph.remove_masked()
+    keep = {"0": [c for c in range(8) if c not in graph.masked_channels()["0"].tolist()]}
+    graph.mask(keep)
+    with torch.no_grad():
+        masked = net(x).feats
+        assert graph.remove_masked() == {"0": 3}
+        torch.testing.assert_close(net(x).feats, masked, rtol=1e-5, atol=1e-6)
+
+
 def test_channel_structured_mask_with_zeroed_norm_is_cut_exactly():
     net, x = _minkunet(), sparse_input(n=1500, extent=20)
     conv, bn = net.down[0][1].main[0], net.down[0][1].main[1]

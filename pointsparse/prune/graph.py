@@ -370,8 +370,10 @@ class DependencyGraph:
         smaller model computes what the masked one computes in eval mode. The
         constant a masked channel carries after its norm (the BatchNorm
         shift) is measured on the example input and folded into the bias of
-        each consumer that is linear per site; a ValueError names the
-        channel and the consumer where it cannot be folded exactly. Returns
+        each consumer that is linear per site (one whose weights there are
+        0, as :meth:`mask` leaves them, reads nothing of it); a ValueError
+        names the channel and the consumer where it cannot be folded
+        exactly. Returns
         the channels removed per group."""
         dead = self.masked_channels()
         if not dead:
@@ -406,8 +408,11 @@ class DependencyGraph:
             x = seen[name]
             axis = feature_axis(self.module(name), x)
             cols = x.detach().movedim(axis, -1).reshape(-1, x.shape[axis])
+            read = _inputs_read(self.module(name))
             for gname, positions in items:
                 for p in positions.tolist():
+                    if not read[p]:  # (its weights there are 0, masked as DependencyGraph.mask masks consumers)
+                        continue
                     col = cols[:, p]
                     lo, hi = (float(col.min()), float(col.max())) if col.numel() else (0.0, 0.0)
                     if lo == hi == 0.0:
@@ -418,10 +423,11 @@ class DependencyGraph:
                         kind = "varies across sites" if hi - lo > 1e-6 * scale else f"is the constant {lo:.4g}"
                         raise ValueError(
                             f"masked channel of group {gname!r} reaches input {p} of {name!r} where it {kind} "
-                            f"(a BatchNorm shift after the mask); {type(self.module(name)).__name__} "
+                            "(a BatchNorm's shift or an op that makes something else than 0 of a zero (a sigmoid, "
+                            f"exp, x + 1) after the mask); {type(self.module(name)).__name__} "
                             "is not linear per site (a sparse conv sums a constant over a varying number of "
                             "active neighbours), so it cannot be folded exactly: mask with DependencyGraph.mask, "
-                            "which zeroes the norms too, or zero those BatchNorm entries first")
+                            "which masks the norms and the consumers too, or zero those BatchNorm entries first")
                     folds[(name, p)] = (lo + hi) / 2
         return folds
 
@@ -511,6 +517,14 @@ def _slice(module: nn.Module, name: str, axis: int, kept: torch.Tensor) -> None:
         skeleton = getattr(module, name + "_skeleton", None)
         setattr(module, name, (value if skeleton is None else value * skeleton).detach())
         keep_copyable(module)
+
+
+def _inputs_read(module: nn.Module) -> torch.Tensor:
+    """For each input channel of a layer, whether any weight it runs (its
+    adapter's ``used_weights`` of the masked weight) reads it."""
+    axes = adapters.adapter_for(module).axes(module)["weight"]
+    w = adapters.used_weights(module, _effective(module, "weight").detach())
+    return (w.movedim(axes["in"], 0).reshape(w.shape[axes["in"]], -1) != 0).any(1).cpu()
 
 
 def _fold_into_bias(module: nn.Module, position: int, value: float) -> None:
