@@ -206,3 +206,22 @@ def test_layer_infos_kernel_volume_of_a_kernel_region_conv_is_its_region(coupled
     net = region_chain(0).eval()
     infos = {i.name: i for i in amc.layer_infos(net, sparse_input(), coupled=coupled)}
     assert (infos["0"].kernel_volume, infos["2"].kernel_volume) == (7, 27)
+
+
+def test_search_under_a_float64_default_dtype():
+    """With ``torch.set_default_dtype(torch.float64)`` (a float64 model) the
+    agent's networks were built float64 while its states are float32: the
+    first episode after the warmup failed with torch's "mat1 and mat2 must
+    have the same dtype". The agent computes in float32 whatever the
+    default, and the search runs past its warmup and its updates."""
+    was = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        tr = Trainer()
+        net = mlp(0, widths=(8, 16, 12, 3)).eval()
+        tr.x = tr.x.double()
+        res = amc.amc_search(net, tr.accuracy, tr.x[:16], episodes=6, warmup=2, reward="error", target_flops=0.6,
+                             agent_kwargs={"batch_size": 2, "hidden": 16})
+    finally:
+        torch.set_default_dtype(was)
+    assert len(res.history) == 6 and res.flops <= 0.6 * res.dense_flops + 1e-6

@@ -167,7 +167,8 @@ class DDPG:
                  tau: float = 0.01, discount: float = 1.0, buffer_size: int = 2000, batch_size: int = 64,
                  seed: int = 0) -> None:
         torch.manual_seed(seed)
-        self.actor, self.critic = _Actor(state_dim, hidden), _Critic(state_dim, hidden)
+        # (float32, as the states are, whatever torch's default dtype: a float64 default built float64 networks)
+        self.actor, self.critic = _Actor(state_dim, hidden).float(), _Critic(state_dim, hidden).float()
         self.actor_t, self.critic_t = copy.deepcopy(self.actor), copy.deepcopy(self.critic)
         self.opt_a = torch.optim.Adam(self.actor.parameters(), lr=actor_lr)
         self.opt_c = torch.optim.Adam(self.critic.parameters(), lr=critic_lr)
@@ -197,10 +198,10 @@ class DDPG:
             return
         batch = self.rng.sample(self.buffer, self.batch_size)
         s = torch.stack([b[0] for b in batch])
-        a = torch.tensor([[b[1]] for b in batch])
-        r = torch.tensor([[b[2]] for b in batch])
+        a = torch.tensor([[b[1]] for b in batch], dtype=torch.float32)
+        r = torch.tensor([[b[2]] for b in batch], dtype=torch.float32)
         s2 = torch.stack([b[3] for b in batch])
-        done = torch.tensor([[float(b[4])] for b in batch])
+        done = torch.tensor([[float(b[4])] for b in batch], dtype=torch.float32)
         with torch.no_grad():
             target = r + self.discount * (1 - done) * self.critic_t(s2, self.actor_t(s2))
         loss_c = nn.functional.mse_loss(self.critic(s, a), target)
