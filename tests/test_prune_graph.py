@@ -474,6 +474,19 @@ def test_resize_checks_every_entry_before_changing_a_layer():
         G.resize(net, {"stem.0": {"out": 4}, "stem.1": {"in": 99}})
     assert G.widths(net) == before and net.stem[0].weight.shape[2] == 8
 
+def test_resize_refuses_an_input_width_of_a_norm():
+    """A norm has no input channels of its own (its width is its 'out', as
+    widths() records it): resize(net, {bn: {"in": 3}}) set its num_features
+    to 3 and left its 8 entries, silently (a BatchNorm(3) of weight (8,)).
+    A ValueError names the entry; nothing changes."""
+    net = ResidualNet()
+    before = G.widths(net)
+    with pytest.raises(ValueError, match=r"recorded width 3 of 'stem.1' \(in\): a BatchNorm has no 'in' channels of "
+                                         r"its own \(its width is its 'out'\)"):
+        G.resize(net, {"stem.0": {"out": 4}, "stem.1": {"in": 3}})
+    assert G.widths(net) == before and net.stem[1].num_features == 8
+
+
 # ------------------------------------------------------------- procedures
 def test_procedures_reach_every_group_of_minkunet():
     from pointsparse.prune import amc, surgery

@@ -708,6 +708,9 @@ def resize(model: nn.Module, recorded: dict[str, dict[str, int]]) -> None:
             cur = a.channels(m, role)
             if n > cur:
                 raise ValueError(f"recorded width {n} of {name!r} ({role}) exceeds the model's {cur}")
+            if n != cur and not any(role in axes for axes in a.axes(m).values()):  # (a norm's 'in': its 'out')
+                raise ValueError(f"recorded width {n} of {name!r} ({role}): a {type(m).__name__} has no {role!r} "
+                                 "channels of its own (its width is its 'out')")
             if n != cur:
                 changes.append((m, a, role, n))
     for m, a, role, n in changes:
