@@ -185,6 +185,46 @@ def test_mask_then_cut_is_exact_through_an_op_that_maps_zero_to_nonzero(mid, spa
     torch.testing.assert_close(cut, masked, rtol=1e-12, atol=1e-12)
 
 
+class _NormOfChannels(nn.Module):
+    """a -> op -> y / (|y| over the channels + 1) -> b: the norm is no layer
+    and a zero channel adds nothing to it, so the graph leaves a cuttable."""
+
+    def __init__(self, op):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.op = ps.nn.Conv3d(3, 8, 3), ps.nn.Conv3d(8, 4, 3), op
+
+    def forward(self, x):
+        y = self.op(self.a(x).feats)
+        return self.b(x.with_feats(y / (y.norm(dim=1, keepdim=True) + 1)))
+
+
+@pytest.mark.parametrize("op", [torch.sigmoid, torch.relu], ids=["sigmoid", "relu"])
+def test_mask_refuses_a_norm_over_channels_that_a_masked_channel_reaches_nonzero(op):
+    """A norm over the channels outside any layer (a magnitude voxel score)
+    is left cuttable because a masked channel, 0, adds nothing to it; with a
+    sigmoid before it the masked channel is 0.5 there, and mask then cut gave
+    another output than the masked model, silently (masking the consumers
+    does not reach a norm). mask now refuses, with nothing masked, naming
+    the group and the op; with a ReLU the cut is exact."""
+    net = _NormOfChannels(op).double().eval()
+    x = sparse_input(n=200, extent=8).double()
+    graph = G.DependencyGraph(net, x)
+    assert [g.name for g in graph.groups] == ["a"]
+    keep = {"a": [0, 1, 2, 4, 5, 6]}
+    if op is torch.sigmoid:
+        with pytest.raises(ValueError, match=r"masked channels of group 'a' reach norm over the channels .* as "
+                                             r"nonzero values.*nothing was masked"):
+            graph.mask(keep)
+        assert not ps.prune.is_pruned(net)
+        return
+    graph.mask(keep)
+    with torch.no_grad():
+        masked = net(x).feats
+        graph.cut(keep)
+        torch.testing.assert_close(net(x).feats, masked, rtol=1e-12, atol=1e-12)
+
+
 def _feats(y):
     return y.feats if isinstance(y, ps.SparseTensor) else y
 

@@ -412,6 +412,8 @@ class Tracer(TorchFunctionMode):
         # computed a tensor from (a reading of their shape or dtype is none): {layer: why}
         self.watched: dict[int, tuple[torch.Tensor, str, str]] = {}
         self.read_outside: dict[str, str] = {}
+        # norms over cuttable channels, which a zero (masked) channel adds nothing to: (op, its input, its tag)
+        self.zero_reads: list[tuple[str, torch.Tensor, Tag]] = []
 
     def __exit__(self, *exc):
         self.token.tracer = None
@@ -550,6 +552,7 @@ class Tracer(TorchFunctionMode):
             if dims is not None and tag.axis not in dims:
                 return [self._reduce(x, tag, (x, tuple(dims), keepdim), {}, o) for o in outs]
             if dims is not None and _zero_blind(order):
+                self.zero_reads.append((name, x, tag))
                 return none
             return self._fix_all(tagged, "a reduction over channels", none)
         if name in _REDUCE and x is args[0] and not (len(args) > 1 and isinstance(args[1], torch.Tensor)):

@@ -31,6 +31,7 @@ of active neighbours, so its output is no constant and it is refused."""
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -97,6 +98,8 @@ class DependencyGraph:
         self._members: list[tuple[str, str, Segment]] = []
         self._layer_in: dict[str, Tag] = {}
         self._layer_out: dict[str, int] = {}
+        self._roots: dict[int, CoupledGroup] = {}
+        self._zero_reads: list[tuple[str, torch.Tensor, Tag]] = []
         self._trace()
         self.all_groups = self._collect()
         self.groups = [g for g in self.all_groups if g.fixed is None]
@@ -133,6 +136,8 @@ class DependencyGraph:
             for h in handles:
                 h.remove()
             self.model.train(was)
+        self._zero_reads = [(name, None, tag) for name, _, tag in tracer.zero_reads]  # (the values: not kept)
+        self._zero_values = tracer.zero_reads if getattr(self, "_keep_values", False) else []
         # a layer's weight that another module holds too (tied layers) or that code outside the layer computes
         # with: a cut would slice the layer's copy alone (the tie silently gone; the other reader of another width)
         for name, reason in {**tracer.read_outside, **shared}.items():
@@ -244,14 +249,62 @@ class DependencyGraph:
             if member not in g.members:
                 g.members.append(member)
         out = []
-        for g in groups.values():
+        for root, g in groups.items():
             producers = g.modules("out")
             layers = [n for n in producers if adapters.is_layer(self.module(n))]
             if not layers:
                 continue
             g.name = layers[0]
             out.append(g)
+            self._roots[root] = g
         return out
+
+    def _dropped_at(self, tag: Tag, dropped: dict) -> list[tuple[str, torch.Tensor]]:
+        """``(group name, positions on tag's axis)`` of the ``dropped``
+        channels (``{group name: channel indices}``) that ``tag`` holds."""
+        out = []
+        for s in tag.segments:
+            root, shift = self.spaces.find(s.space)
+            g = self._roots.get(root)
+            if g is None or g.name not in dropped:
+                continue
+            local = dropped[g.name] - (s.offset + shift)
+            local = local[(local >= 0) & (local < s.length)]
+            if len(local):
+                pos = (s.pos + local * s.repeat)[:, None] + torch.arange(s.repeat)[None, :]
+                out.append((g.name, pos.flatten()))
+        return out
+
+    def _check_zero_reads(self, keep: dict) -> None:
+        """ValueError where a norm over channels (a magnitude voxel score)
+        would read a channel ``keep`` drops as nonzero once masked (an op
+        between makes something else than 0 of a zero): the cut model,
+        without the channel, would compute another norm. Checked on a masked
+        copy, only where such a norm reads a group being masked."""
+        dropped = {}
+        for key, kept in keep.items():
+            g = self.group(key)
+            kept = _check_keep(kept, g.size, f"group {g.name!r}")
+            dropped[g.name] = torch.tensor(sorted(set(range(g.size)) - set(kept.tolist())), dtype=torch.long)
+        if not any(self._dropped_at(tag, dropped) for _, _, tag in self._zero_reads):
+            return
+        from ._copyable import _detach_masked  # noqa: PLC0415 - (masked values of a forward with gradients)
+        for m in self.model.modules():
+            _detach_masked(m)
+        twin = copy.deepcopy(self.model)
+        DependencyGraph(twin, self.example_input)._mask({name: keep[key] for key, name in zip(
+            keep, (self.group(k).name for k in keep))})
+        check = DependencyGraph.__new__(DependencyGraph)
+        check._keep_values = True
+        check.__init__(twin, self.example_input)
+        for name, x, tag in check._zero_values:
+            for gname, pos in check._dropped_at(tag, dropped):
+                if bool((x.detach().index_select(tag.axis, pos.to(x.device)) != 0).any()):
+                    raise ValueError(
+                        f"masked channels of group {gname!r} reach {name} over the channels (outside any layer) "
+                        "as nonzero values: an op between makes something else than 0 of a zero (a sigmoid, exp, "
+                        "x + 1, a BatchNorm without affine parameters), so the cut model, without them, would "
+                        f"compute another {name}; mask refuses (nothing was masked): keep those channels")
 
     # --------------------------------------------------------------- views
     def module(self, name: str) -> nn.Module:
@@ -328,8 +381,16 @@ class DependencyGraph:
         :meth:`cut` of it does not change the output even where an op
         between makes something else than 0 of a zero (a sigmoid, ``exp``,
         ``x + 1``, a BatchNorm without affine parameters, whose running-mean
-        shift a masked channel carries in eval mode)."""
-        for (name, role), dropped in self._drops(keep).items():
+        shift a masked channel carries in eval mode). Where such a channel
+        would reach a norm over the channels outside any layer (a magnitude
+        voxel score) as nonzero, no mask makes the cut exact: a ValueError,
+        with nothing masked."""
+        drops = self._drops(keep)
+        self._check_zero_reads(keep)
+        self._mask(keep, drops)
+
+    def _mask(self, keep: dict, drops: dict | None = None) -> None:
+        for (name, role), dropped in (self._drops(keep) if drops is None else drops).items():
             module = self.module(name)
             for tensor, roles in adapters.adapter_for(module).axes(module).items():
                 t = adapters.raw(module, tensor)
