@@ -1552,7 +1552,7 @@ def test_export_names_an_example_the_model_does_not_take():
     model = torch.nn.Sequential(spnn.Conv3d(3, 4, 3)).eval()
     with pytest.raises(TypeError, match=r"example does not fit the model: .*float64"):
         export.export_model(model, _cloud(100, 1, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"example does not fit the model: .*5 input channels"):
+    with pytest.raises(ValueError, match=r"example does not fit the model: .*5 channels but in_channels is 3"):
         export.export_model(model, _cloud(100, 1, channels=5))
     with pytest.raises(TypeError, match=r"example does not fit the model: .*linear"):
         export.export_model(torch.nn.Linear(3, 4).eval(), _cloud(100, 1))

@@ -227,12 +227,19 @@ def test_channel_counts_accept_numpy_and_tensor_integers():
 
 
 def test_feats_that_do_not_fit_a_module_are_named():
-    """BatchNorm, Linear, a learned VoxelPrune and add refuse feats of the
-    wrong channel count (ValueError) or dtype (TypeError), naming the module
-    and what it expected, instead of torch's error from inside the op."""
+    """BatchNorm, Linear, Conv3d, a learned VoxelPrune and add refuse feats of
+    the wrong channel count (ValueError) or dtype (TypeError), naming the
+    module and what it expected, instead of torch's error from inside the op
+    (a Conv3d said its weight "must be (27, 3, C_out) ... got (27, 4, 2)", as
+    if the module's own weight were wrong)."""
     x3 = make(c=3)
     x3d = x3.with_feats(x3.feats.double())
-    cases = [(lambda: spnn.BatchNorm(4)(x3), ValueError, "BatchNorm: .* 3 channels but num_features is 4"),
+    x3f = x3.with_feats(x3.feats.float())
+    cases = [(lambda: spnn.Conv3d(4, 2)(x3f), ValueError, "Conv3d: .* 3 channels but in_channels is 4"),
+             (lambda: spnn.Conv3d(4, 2, 2, stride=2, transposed=True)(F.conv3d(x3f, torch.randn(8, 3, 3), 2, 2)),
+              ValueError, "Conv3d: .* 3 channels but in_channels is 4"),
+             (lambda: spnn.Conv3d(3, 2)(x3d), TypeError, "Conv3d: .*float64 but its parameters torch.float32"),
+             (lambda: spnn.BatchNorm(4)(x3), ValueError, "BatchNorm: .* 3 channels but num_features is 4"),
              (lambda: spnn.BatchNorm(3)(x3d), TypeError, "BatchNorm: .*float64 but its parameters torch.float32"),
              (lambda: spnn.Linear(4, 2)(x3), ValueError, "Linear: .* 3 channels but in_features is 4"),
              (lambda: spnn.Linear(3, 2)(x3d), TypeError, "Linear: .*float64"),
@@ -246,6 +253,7 @@ def test_feats_that_do_not_fit_a_module_are_named():
     # what fits still runs: float64 modules on float64 feats
     assert spnn.BatchNorm(3).double().eval()(x3d).feats.dtype == torch.float64
     assert spnn.Linear(3, 2).double()(x3d).feats.shape == (len(x3), 2)
+    assert spnn.Conv3d(3, 2).double()(x3d).feats.shape == (len(x3), 2)
 
 
 def test_non_tensor_arguments_are_type_errors_naming_them():
