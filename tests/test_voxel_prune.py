@@ -263,6 +263,12 @@ def test_select_voxels_checks_its_rows_and_feats():
             F.select_voxels(x, torch.tensor(rows))
     with pytest.raises(ValueError, match="feats must be"):
         F.select_voxels(x, torch.tensor([0, 2]), torch.randn(3, 2))
+    # feats a SparseTensor cannot hold (it was made of them, unchecked: int64 or bool feats, meta data)
+    for feats, error in ((torch.ones(2, 2, dtype=torch.int64), TypeError), (torch.ones(2, 2, dtype=torch.bool), TypeError),
+                         (torch.ones(2, 2, device="meta"), ValueError)):
+        with pytest.raises(error, match="feats"):
+            F.select_voxels(x, torch.tensor([0, 2]), feats)
+    assert F.select_voxels(x, torch.tensor([0, 2]), torch.ones(2, 5, dtype=torch.float64)).feats.shape == (2, 5)
     with pytest.raises(TypeError, match="kernel_region"):
         ps.nn.Conv3d(1, 1, 3, kernel_region=[13.9])
     assert ps.nn.Conv3d(1, 1, 3, kernel_region=[13, torch.tensor(4)]).kernel_region == (4, 13)

@@ -383,7 +383,12 @@ def select_voxels(input: SparseTensor, rows: torch.Tensor, feats: torch.Tensor |
     if feats is not None and (not isinstance(feats, torch.Tensor) or feats.dim() != 2 or feats.shape[0] != len(rows)):
         raise ValueError(f"feats must be ({len(rows)}, C), a row for each kept site; got "
                          f"{tuple(getattr(feats, 'shape', ()))}")
-    from ..tensor import CoordinateCache, Restriction
+    from ..tensor import CoordinateCache, Restriction, _check_feats
+
+    if feats is not None:  # (the tensor below is made unchecked: feats it cannot hold, int or meta, went in)
+        _check_feats(feats)
+        if feats.device != input.device:
+            raise ValueError(f"feats are on {feats.device} but the input on {input.device}")
 
     cache = CoordinateCache()
     input.cache.copy_finer(input.stride, cache)
