@@ -438,6 +438,12 @@ class SparseTensor:
     def float(self) -> "SparseTensor":
         return self.to(torch.float32)
 
+    def half(self) -> "SparseTensor":
+        return self.to(torch.float16)
+
+    def bfloat16(self) -> "SparseTensor":
+        return self.to(torch.bfloat16)
+
     def detach(self) -> "SparseTensor":
         return self.with_feats(self._feats.detach())
 

@@ -48,6 +48,18 @@ def test_to_and_cpu():
     assert z.device.type == "cpu" and z.cache is x.cache and torch.equal(z.feats, x.feats)
 
 
+def test_dtype_casts_as_torch_names_them():
+    """.double(), .float(), .half() and .bfloat16() cast the feats, as on a
+    torch tensor and a module (net.half() then x.half(), as TorchSparse's
+    tensor takes it): the 16-bit two were an AttributeError."""
+    x = make()
+    for cast, dtype in (("double", torch.float64), ("float", torch.float32), ("half", torch.float16),
+                        ("bfloat16", torch.bfloat16)):
+        y = getattr(x, cast)()
+        assert y.dtype == dtype and y.coords is x.coords and y.cache is x.cache
+        assert torch.equal(y.feats, x.feats.to(dtype))
+
+
 # .to("meta") is refused (tests/test_robust_inputs.py): a device change needs a second real device
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="a device change needs CUDA")
 
