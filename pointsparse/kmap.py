@@ -498,7 +498,8 @@ def _build(coords: torch.Tensor, k: Triple, t: Triple, d: Triple, s: Triple, met
             raise ValueError(f"out_coords are on {out_coords.device} but coords on {coords.device}")
         if not trusted:
             _coords.check_stride_multiple(out_coords, tuple(a * b for a, b in zip(s, t)), "out_coords")
-            keys = _coords.pack(out_coords)  # (a row given twice was two output rows of one site)
+            # (a row given twice was two output rows of one site; the bounds named: a negative batch was "coords")
+            keys = _coords.pack(out_coords, _coords.KeyLayout.of_bounds(_coords.bounds(out_coords, "out_coords")))
             if keys.numel() > 1 and not bool((keys[1:] > keys[:-1]).all()) and \
                     _coords.unique(keys)[0].numel() != keys.numel():
                 raise ValueError("out_coords hold duplicate rows; each [batch, x, y, z] must appear once")

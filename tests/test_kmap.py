@@ -744,6 +744,18 @@ def test_build_refuses_out_coords_given_twice(method):
     assert once.num_out == 2
 
 
+@pytest.mark.parametrize("method", ["hash", "mergesort", "torch"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_build_names_out_coords_with_a_negative_batch(method, stride):
+    """out_coords with a negative batch index were refused as 'coords row 0
+    = [-1, 0, 0, 0] has a negative batch index', naming the input coords
+    (which were fine): the error names out_coords."""
+    coords = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0]], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"^out_coords row 1 = \[-1, 0, 0, 0\] has a negative batch index"):
+        km.build(coords, 3, stride=stride, method=method,
+                 out_coords=torch.tensor([[0, 0, 0, 0], [-1, 0, 0, 0]], dtype=torch.int32))
+
+
 def test_operator_keys_refuse_sizes_below_one():
     """An operator's 13-int key (a program's argument) took a kernel size,
     stride or dilation of 0 or -1 (dilation -1 built a map of mirrored
