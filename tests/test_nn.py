@@ -93,6 +93,37 @@ def test_pool_stride_defaults_to_kernel_and_grad_flows():
 
 
 @pytest.mark.parametrize("reduce", ["max", "avg"])
+def test_pooling_gradient_is_the_same_in_every_run(reduce):
+    """A pooling whose windows overlap (k3 s1: each input in up to 27
+    windows) summed each input's gradients through the backward of
+    feats[in_idx] (float atomics on the CPU's threads): two runs of one
+    backward differed in the last bits (up to 1e-6 on 40k voxels, 32
+    channels), so training was not reproducible. They are summed in a fixed
+    order now, as the convs' and devoxelize's are."""
+    coords = random_coords(40000, 40, batch=3, seed=3)
+    g = torch.Generator().manual_seed(4)
+    feats = torch.randn(len(coords), 32, generator=g)
+    x = ps.SparseTensor(feats, coords)
+    pool = F.max_pool3d if reduce == "max" else F.avg_pool3d
+    grad_out = None
+    grads = []
+    with torch.autograd.set_grad_enabled(True):
+        old = torch.get_num_threads()
+        torch.set_num_threads(max(old, 2))  # (the atomics race on two threads or more)
+        try:
+            for _ in range(6):
+                f = feats.clone().requires_grad_()
+                y = pool(x.with_feats(f), 3, 1)
+                if grad_out is None:
+                    grad_out = torch.randn(y.feats.shape, generator=g)
+                (y.feats * grad_out).sum().backward()
+                grads.append(f.grad)
+        finally:
+            torch.set_num_threads(old)
+    assert all(torch.equal(grads[0], other) for other in grads[1:])
+
+
+@pytest.mark.parametrize("reduce", ["max", "avg"])
 def test_global_pooling(reduce):
     x = make(n=300, c=3)
     # drop batch item 0 entirely? keep ragged batches: item 1 only a few sites

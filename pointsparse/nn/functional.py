@@ -505,7 +505,10 @@ def max_pool3d(input: SparseTensor, kernel_size=2, stride=None, dilation=1) -> S
     out = feats.new_zeros((kmap.num_out, feats.shape[1]))
     if kmap.num_pairs:
         index = out_idx.to(feats.device).unsqueeze(1).expand(-1, feats.shape[1])
-        out = out.scatter_reduce(0, index, feats[in_idx.to(feats.device)], "amax", include_self=False)
+        # index_select, not feats[in_idx]: its backward sums an input's gradients (it is in several
+        # windows where they overlap) in a fixed order on the CPU; advanced indexing's used float atomics
+        gathered = feats.index_select(0, in_idx.to(feats.device))
+        out = out.scatter_reduce(0, index, gathered, "amax", include_self=False)
     else:  # linked to feats all the same (a zero gradient), as the other ops' outputs are
         out = out + feats[:0].sum(0)
     return SparseTensor(out, kmap.out_coords, out_stride, cache=input.cache, validate=False)
@@ -521,7 +524,8 @@ def avg_pool3d(input: SparseTensor, kernel_size=2, stride=None, dilation=1) -> S
     feats = input.feats
     in_idx, out_idx = kmap.indices()  # (a map cached under inference_mode: copies autograd can save)
     out_idx = out_idx.to(feats.device)
-    total = feats.new_zeros((kmap.num_out, feats.shape[1])).index_add(0, out_idx, feats[in_idx.to(feats.device)])
+    gathered = feats.index_select(0, in_idx.to(feats.device))  # (a fixed-order backward: max_pool3d's comment)
+    total = feats.new_zeros((kmap.num_out, feats.shape[1])).index_add(0, out_idx, gathered)
     count = torch.bincount(out_idx, minlength=kmap.num_out).clamp_min(1).to(feats.dtype)
     return SparseTensor(total / count.unsqueeze(1), kmap.out_coords, out_stride, cache=input.cache, validate=False)
 
