@@ -594,6 +594,7 @@ def _get_kmap(tensor: SparseTensor, k: Triple, t: Triple, d: Triple, transposed:
               method: str | None = None) -> KernelMap:
     """:func:`get_kmap` of normalised 3-tuples."""
     cache = tensor.cache
+    cache.check_unchanged(tensor.stride)
     if not transposed:
         key = KernelMapKey(tensor.stride, k, t, d, False)
         out_stride = key.out_stride
@@ -609,6 +610,8 @@ def _get_kmap(tensor: SparseTensor, k: Triple, t: Triple, d: Triple, transposed:
         raise ValueError(f"a transposed conv with stride {t} needs a tensor stride divisible by it; got {tensor.stride}")
     fine_stride = tuple(a // b for a, b in zip(tensor.stride, t))
     fine = cache.get_coords(fine_stride)
+    if fine is not None:
+        cache.check_unchanged(fine_stride)
     if fine is None:
         raise ValueError(
             f"transposed conv: no coords at stride {fine_stride} in this tensor's coordinate cache; a transposed "

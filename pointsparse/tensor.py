@@ -123,6 +123,15 @@ class Restriction:
         return self.restrict(self.source, self.rows, self.coords)
 
 
+def _version_of(t: torch.Tensor) -> int | None:
+    """``t``'s in-place version counter, or None where it keeps none to read
+    (an inference tensor, a tensor subclass, a graph's tensor while torch
+    compiles or exports)."""
+    if torch.compiler.is_compiling() or type(t) is not torch.Tensor or t.is_inference():
+        return None
+    return t._version
+
+
 class CoordinateCache:
     """What a network learns about one input's coordinates, shared by every
     SparseTensor derived from it: the coords at each tensor stride, every
@@ -159,12 +168,32 @@ class CoordinateCache:
         # map key -> a callable making that map from another cache's without
         # a search (a selection's: functional.select_voxels), used once.
         self.derived: dict[object, Callable[[], object]] = {}
+        # stride -> the version counter of the coords held there when they
+        # were taken (see check_unchanged); strides without one are not checked.
+        self.versions: dict[Triple, int] = {}
 
     def get_coords(self, stride: Triple) -> torch.Tensor | None:
         return self.coords.get(stride)
 
     def set_coords(self, stride: Triple, coords: torch.Tensor) -> None:
-        self.coords.setdefault(stride, coords)
+        if stride in self.coords:
+            return
+        self.coords[stride] = coords
+        version = _version_of(coords)
+        if version is not None:
+            self.versions[stride] = version
+
+    def check_unchanged(self, stride: Triple) -> None:
+        """ValueError where the coords held at ``stride`` were changed in
+        place since this cache took them (their maps, built on the old values,
+        would be reused silently). Coords without a version counter
+        (inference tensors, a graph's tensors while torch compiles) are not
+        checked."""
+        version = self.versions.get(stride)
+        if version is not None and _version_of(self.coords[stride]) not in (version, None):
+            raise ValueError(f"the coords at stride {stride} were changed in place after a SparseTensor took them: "
+                             "its coordinate cache holds kernel maps built on the old values; make a new "
+                             "SparseTensor from the changed coords (or change a clone, coords.clone())")
 
     def input_coords(self) -> torch.Tensor | None:
         """Coords whose batch indices are the batch items of the input this
@@ -247,6 +276,7 @@ class CoordinateCache:
         state = self.__dict__.copy()
         state["plans"] = {}
         state["derived"] = {}  # (restrictions of another cache's maps, not carried: a search builds them)
+        state["versions"] = {}  # (the copies' counters start afresh: set in __setstate__)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -254,6 +284,11 @@ class CoordinateCache:
         self.__dict__.setdefault("kept", {})  # (caches pickled before it existed have none)
         self.__dict__.setdefault("derived", {})
         self.__dict__.setdefault("origin", None)
+        self.versions = {}
+        for stride, coords in self.coords.items():
+            version = _version_of(coords)
+            if version is not None:
+                self.versions[stride] = version
 
     def to(self, device) -> "CoordinateCache":
         out = CoordinateCache()
@@ -261,6 +296,10 @@ class CoordinateCache:
         out.kmaps = {k: m.to(device) for k, m in self.kmaps.items()}
         out.kept = {s: (rows.to(device), n) for s, (rows, n) in self.kept.items()}
         out.origin = None if self.origin is None else self.origin.to(device)
+        for s, c in out.coords.items():
+            version = _version_of(c)
+            if version is not None:
+                out.versions[s] = version
         return out
 
     def __repr__(self) -> str:

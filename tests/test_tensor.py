@@ -383,3 +383,54 @@ def test_deepcopy_refuses_feats_inside_an_autograd_graph():
         assert z.cache.get_coords(z.stride) is z.coords and z.stride == source.stride
     leaf = copy.deepcopy(x.with_feats(x.feats.clone().requires_grad_()))
     assert leaf.feats.requires_grad and leaf.feats.is_leaf
+
+
+def _stepped_coords(n=40):
+    g = torch.Generator().manual_seed(3)
+    xyz = torch.unique(torch.randint(0, 6, (n, 3), generator=g), dim=0)
+    return torch.cat([torch.zeros(len(xyz), 1, dtype=torch.long), xyz], 1).int()
+
+
+@pytest.mark.parametrize("layer", ["conv", "strided", "pool", "transposed"])
+def test_coords_changed_in_place_after_the_cache_took_them_are_refused(layer):
+    """A tensor's cache keeps the maps built on its coords: coords changed in
+    place afterwards (an augmentation on x.coords) met those stale maps and
+    gave the old result silently; now a ValueError says to make a new tensor."""
+    coords = _stepped_coords()
+    x = ps.SparseTensor(torch.randn(len(coords), 2), coords)
+    conv = ps.nn.Conv3d(2, 3, 3)
+    down = ps.nn.Conv3d(2, 2, 2, stride=2)
+    up = ps.nn.Conv3d(2, 2, 2, stride=2, transposed=True)
+
+    def run(t):
+        if layer == "conv":
+            return conv(t)
+        if layer == "strided":
+            return down(t)
+        if layer == "pool":
+            return ps.nn.functional.max_pool3d(t, 3, 1)
+        return up(down(t))
+
+    with torch.no_grad():
+        run(x)
+        coords[::2, 1] += 7  # in place: the cache's coords are this tensor
+        with pytest.raises(ValueError, match="changed in place"):
+            run(x)
+        fresh = ps.SparseTensor(x.feats, coords.clone())  # a new tensor on the changed coords runs
+        run(fresh)
+
+
+def test_coords_in_place_check_leaves_inference_tensors_and_clones_alone():
+    coords = _stepped_coords()
+    with torch.inference_mode():
+        x = ps.SparseTensor(torch.randn(len(coords), 2), coords.clone())
+        conv = ps.nn.Conv3d(2, 3, 3)
+        a = conv(x)
+        b = conv(x)  # inference tensors keep no version: nothing to compare, the maps reused
+    torch.testing.assert_close(a.feats, b.feats)
+    y = ps.SparseTensor(torch.randn(len(coords), 2), coords)
+    c = coords.clone()
+    c[:, 1] += 1  # a clone changed: y's coords are not
+    with torch.no_grad():
+        conv(y)
+        conv(y)
