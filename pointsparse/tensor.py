@@ -306,11 +306,17 @@ class CoordinateCache:
         return f"CoordinateCache(strides={sorted(self.coords)}, kmaps={len(self.kmaps)})"
 
 
+#: The feats dtypes a SparseTensor holds: those its layers run (float8 types
+#: would pass a floating-point check and fail inside the first layer).
+FEATS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _check_feats(feats, n: int | None = None) -> None:
     if not isinstance(feats, torch.Tensor):
         raise TypeError(f"feats must be a torch.Tensor; got {type(feats).__name__}")
-    if not feats.is_floating_point():
-        raise TypeError(f"feats must be a floating-point tensor (N, C); got dtype {feats.dtype}")
+    if feats.dtype not in FEATS_DTYPES:
+        raise TypeError(f"feats must be a floating-point tensor (N, C) of float16, bfloat16, float32 or float64; got "
+                        f"dtype {feats.dtype}" + (" (the layers run no float8 type)" if feats.is_floating_point() else ""))
     _check_real_device(feats, "feats")
     if feats.dim() != 2:
         raise ValueError(f"feats must be (N, C); got shape {tuple(feats.shape)}")
@@ -452,8 +458,9 @@ class SparseTensor:
         except (AssertionError, RuntimeError, TypeError) as exc:  # e.g. "Torch not compiled with CUDA enabled"
             target = ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())])
             raise ValueError(f"SparseTensor.to({target}) is not possible here: {exc}") from None
-        if not feats.is_floating_point():
-            raise TypeError(f"SparseTensor.to: feats must stay floating point; got {feats.dtype}")
+        if feats.dtype not in FEATS_DTYPES:
+            raise TypeError(f"SparseTensor.to: feats must stay floating point (float16, bfloat16, float32 or "
+                            f"float64); got {feats.dtype}")
         if feats.device.type == "meta":
             raise ValueError("SparseTensor.to: a SparseTensor needs real data, not the meta device (shape only); "
                              "for shape-only tracing use torch.compile / torch.export")

@@ -434,3 +434,18 @@ def test_coords_in_place_check_leaves_inference_tensors_and_clones_alone():
     with torch.no_grad():
         conv(y)
         conv(y)
+
+
+@pytest.mark.parametrize("dtype", [d for d in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None))
+                                   if d is not None])
+def test_float8_feats_are_refused_where_the_tensor_is_made(dtype):
+    """float8 feats passed the floating-point check and failed later inside a
+    conv, a pooling or a global pooling with torch's NotImplementedError."""
+    coords = _stepped_coords()
+    with pytest.raises(TypeError, match="feats must be a floating-point tensor .*float16.*float8"):
+        ps.SparseTensor(torch.randn(len(coords), 3).to(dtype), coords)
+    x = ps.SparseTensor(torch.randn(len(coords), 3), coords)
+    with pytest.raises(TypeError, match="feats must be a floating-point tensor .*float16.*float8"):
+        x.with_feats(torch.randn(len(coords), 3).to(dtype))
+    with pytest.raises(TypeError, match="feats must stay floating point .float16"):
+        x.to(dtype)
