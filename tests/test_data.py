@@ -1715,3 +1715,34 @@ def test_semantickitti_intensity_outside_0_1_is_refused_naming_the_file(tmp_path
     inten = np.array([0.0, 1e-7, 0.5, 1.0], np.float32)[:, None]
     np.hstack([xyz, inten]).astype(np.float32).tofile(path)
     assert np.array_equal(read_semantickitti(path).intensity, inten)
+
+
+def test_a_folders_hidden_files_are_no_clouds(tmp_path):
+    """A folder copied from macOS holds AppleDouble files (``._000000.bin``, 4 KB of metadata) beside the scans,
+    and editors leave ``.name.swp``-like files: the folder's search took them for clouds (``--data seq/08`` failed
+    on ``._000000.bin`` "is not a whole number of points") where the shell's glob and glob.glob, which
+    ``--data 'velodyne/*.bin'`` goes through, skip names starting with '.'. Now a folder's search skips them
+    too, in ``velodyne/``, ``points/``, any folder and an S3DIS room's ``Annotations/``."""
+    xyz, lab = _cloud()
+    scans = tmp_path / "seq"
+    (scans / "velodyne").mkdir(parents=True)
+    xyz_i = np.c_[xyz, np.full(len(xyz), 0.5, np.float32)].astype(np.float32)
+    xyz_i.tofile(scans / "velodyne" / "000000.bin")
+    (scans / "velodyne" / "._000000.bin").write_bytes(b"\x00\x05\x16\x07")
+    assert find_clouds(scans) == [scans / "velodyne" / "000000.bin"]
+    o3d = tmp_path / "o3d"
+    (o3d / "points").mkdir(parents=True)
+    np.save(o3d / "points" / "000001.npy", xyz)
+    (o3d / "points" / "._000001.npy").write_bytes(b"\x00\x05\x16\x07")
+    assert find_clouds(o3d) == [o3d / "points" / "000001.npy"]
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    np.save(plain / "a.npy", xyz)
+    (plain / "._a.npy").write_bytes(b"\x00\x05\x16\x07")
+    (plain / ".notes.txt").write_text("not a cloud\n")
+    assert find_clouds(plain) == [plain / "a.npy"]
+    room = tmp_path / "office_1"
+    (room / "Annotations").mkdir(parents=True)
+    np.savetxt(room / "Annotations" / "chair_1.txt", np.c_[xyz[:4], np.full((4, 3), 9)], fmt="%.3f")
+    (room / "Annotations" / "._chair_1.txt").write_bytes(b"\x00\x05\x16\x07")
+    assert len(read_cloud(room)) == 4

@@ -1126,7 +1126,7 @@ def read_text(path, label_map="s3dis", ignore_index: int = DEFAULT_IGNORE, *, la
     label_map = load_label_map(label_map) if label_map is not None else None
     if path.is_dir():
         ann = path / "Annotations" if (path / "Annotations").is_dir() else path
-        files = sorted(ann.glob("*.txt"))
+        files = _visible(ann.glob("*.txt"))
         if not files:
             raise ValueError(f"{path}: no Annotations/*.txt files")
         parts, ids = [], []
@@ -1198,11 +1198,20 @@ def read_cloud(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, *, labe
     raise ValueError(f"{path}: unknown point cloud format {suffix!r} (.bin .npy .npz .las .laz .ply .pcd .txt)")
 
 
+def _visible(paths) -> list[Path]:
+    """``paths`` sorted, less the hidden ones (names starting with '.'): a
+    folder's search skips them as the shell's glob and ``glob.glob`` do
+    (macOS leaves ``._scan.bin`` AppleDouble files beside each scan it
+    copies; ``pathlib``'s glob matched them)."""
+    return sorted(p for p in paths if not p.name.startswith("."))
+
+
 def find_clouds(specs) -> list[Path]:
     """Cloud files named by paths, globs or folders. A folder is searched for
     ``velodyne/*.bin`` (SemanticKITTI), ``points/*.npy`` (Open3D-ML), else
     every supported file in it (``*labels*`` arrays are label files, not
-    clouds); an S3DIS room folder (with ``Annotations/``) is one cloud."""
+    clouds; hidden files, named ``.*``, are skipped as a glob skips them);
+    an S3DIS room folder (with ``Annotations/``) is one cloud."""
     if isinstance(specs, (str, os.PathLike)):
         specs = [specs]
     given = specs
@@ -1227,11 +1236,11 @@ def find_clouds(specs) -> list[Path]:
             elif (m / "Annotations").is_dir():
                 out.append(m)
             elif (m / "velodyne").is_dir():
-                out.extend(sorted((m / "velodyne").glob("*.bin")))
+                out.extend(_visible((m / "velodyne").glob("*.bin")))
             elif (m / "points").is_dir():
-                out.extend(sorted((m / "points").glob("*.npy")))
+                out.extend(_visible((m / "points").glob("*.npy")))
             else:
-                found = [p for p in sorted(m.iterdir()) if p.suffix.lower() in
+                found = [p for p in _visible(m.iterdir()) if p.suffix.lower() in
                          (".bin", ".npy", ".npz", ".las", ".laz", ".ply", ".pcd", ".txt")
                          and "labels" not in p.name and p.is_file()]  # (not a folder named "x.npy")
                 if not found:
