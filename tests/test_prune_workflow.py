@@ -112,6 +112,47 @@ def test_label_map_for_generated_scenes_is_refused(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_data_whose_labels_are_not_the_models_classes_is_refused(tmp_path, capsys):
+    """prune channels and the procedures on a --checkpoint read --data with --label-map (or the run's map) and
+    never checked the map's classes against the model's, as eval does: a map of 8 classes for a 4-class model
+    failed in torch's cross_entropy ("IndexError: Target 7 is out of bounds", a traceback), and one of 4 other
+    classes ran on them silently. Now the classes are compared first, and a label past the model's classes
+    (raw labels without a map) is named with its cloud, before any work: exit 2, nothing written."""
+    from pointsparse.data import NUM_FEATURES
+    from pointsparse.models import MinkUNet
+
+    classes = ["ground", "low-vegetation", "high-vegetation", "building"]
+    config = {"in_channels": NUM_FEATURES, "classes": classes, "cr": 0.125, "blocks": 1, "voxel_size": 0.5,
+              "model": "minkunet"}
+    ckpt, ckpt_raw = tmp_path / "run" / "checkpoint.pt", tmp_path / "raw" / "checkpoint.pt"  # (raw: no label map)
+    for path, more in ((ckpt, {"label_map": "ign-lidarhd"}), (ckpt_raw, {})):
+        path.parent.mkdir()
+        checkpoint.save(path, {"model": MinkUNet(NUM_FEATURES, len(classes), cr=0.125, blocks=1).state_dict(),
+                               "config": config, "args": {"data": [str(tmp_path / "cloud.npz")], "optimizer": "adamw",
+                                                          "lr": 2e-3, "weight_decay": 1e-4, **more}})
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "cloud.npz", xyz=(rng.random((3000, 3)) * 20).astype(np.float32),
+             classification=rng.choice([1, 2, 6], 3000).astype(np.uint8))
+    eight = tmp_path / "eight.json"
+    eight.write_text(json.dumps({"classes": list("abcdefgh"), "map": {"1": 0, "2": 1, "6": 7}}))
+    four = tmp_path / "four.json"
+    four.write_text(json.dumps({"classes": list("abcd"), "map": {"1": 0, "2": 1, "6": 3}}))
+    raw = tmp_path / "raw.npz"
+    np.savez(raw, xyz=(rng.random((3000, 3)) * 20).astype(np.float32), labels=rng.choice([0, 2, 6], 3000))
+    out = tmp_path / "out"
+    data = ["--data", str(tmp_path / "cloud.npz")]
+    for procedure in (["channels", "--criterion", "taylor"], ["sensitivity", "--quick"]):
+        for run, more, words in ((ckpt, [*data, "--label-map", str(eight)], "differ from the checkpoint's"),
+                                 (ckpt, [*data, "--label-map", str(four)], "differ from the checkpoint's"),
+                                 (ckpt_raw, ["--data", str(raw)], "label 6 is neither a class index (0 to 3)")):
+            argv = ["prune", *procedure, "--checkpoint", str(run), *more, "--out", str(out)]
+            assert cli.main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert words in err and "Traceback" not in err, (argv, err)
+    assert not out.exists()
+    assert cli.main(["prune", "channels", "--checkpoint", str(ckpt), "--criterion", "taylor", "--out", str(out)]) == 0
+
+
 def test_masked_and_cut_state_dicts_round_trip(tmp_path):
     from pointsparse.models import MinkUNet
     from prune_procedures_support import sparse_input

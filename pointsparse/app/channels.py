@@ -118,7 +118,8 @@ def prune_checkpoint(path, out, ratio: float = 0.5, data=None, label_map=None, c
     if criterion == "taylor":
         from .tasks import require_labelled
 
-        require_labelled([batch], ignore_index, "--criterion taylor (scores by the loss's gradient)", data)
+        require_labelled([batch], ignore_index, "--criterion taylor (scores by the loss's gradient)", data,
+                         len(state["config"]["classes"]))
 
     def loss_fn(m, b):
         logits, labels = logits_of(m, b)

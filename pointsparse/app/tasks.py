@@ -222,18 +222,34 @@ def checkpoint_batches(state: dict, data=None, label_map=None, count: int = 1) -
         source = generated_source(spec, saved, count, int(saved.get("seed", 0)) * 10_000)
     else:
         source = open_source(spec, label_map or saved.get("label_map"), config.get("ignore_index", 255))
+        if source.classes is not None and list(source.classes) != list(config["classes"]):
+            # (as eval refuses them: the labels would be another map's training ids)
+            where = "--data" if data else "the run's data"
+            raise ValueError(f"{where}: the label map's classes {source.classes} differ from the checkpoint's "
+                             f"{config['classes']} (give --label-map of the raw labels to the checkpoint's classes)")
     dataset = VoxelDataset(source, config["voxel_size"], config.get("ignore_index", 255))
     return [Batch.of([dataset[i % len(dataset)]]) for i in range(count)]
 
 
-def require_labelled(batches, ignore_index: int, what: str, data=None) -> None:
+def require_labelled(batches, ignore_index: int, what: str, data=None, num_classes: int | None = None) -> None:
     """``ValueError`` where a batch of ``batches`` (one cloud each) holds no
     labelled voxel: ``what`` (a procedure scoring by the loss or the mIoU)
-    would run on a loss of NaN or an mIoU of nothing."""
+    would run on a loss of NaN or an mIoU of nothing; or, given
+    ``num_classes``, a label that is neither a class index nor
+    ``ignore_index`` (raw labels read without their label map: the loss
+    failed in torch, "Target 7 is out of bounds"), naming its cloud."""
     for i, batch in enumerate(batches):
+        where = f"cloud {i} of --data {' '.join(map(str, data))}" if data else f"cloud {i} of the run's data"
         if batch.labels is None or not bool((batch.labels != ignore_index).any()):
-            where = f"cloud {i} of --data {' '.join(map(str, data))}" if data else f"cloud {i} of the run's data"
             raise ValueError(f"{what} needs labelled clouds; {where} has no labelled voxel (give clouds with labels)")
+        if num_classes is None:
+            continue
+        labels = batch.labels[batch.labels != ignore_index]
+        bad = (labels < 0) | (labels >= num_classes)
+        if bool(bad.any()):
+            raise ValueError(f"{batch.names[0] or where}: label {int(labels[bad][0])} is neither a class index (0 to "
+                             f"{num_classes - 1}) nor the ignore index {ignore_index}: give the label map of its raw "
+                             "labels (--label-map)")
 
 
 def checkpoint_task(path, data=None, label_map=None, clouds: int = 4) -> tuple[dict, Task]:
@@ -250,8 +266,8 @@ def checkpoint_task(path, data=None, label_map=None, clouds: int = 4) -> tuple[d
     batches = checkpoint_batches(state, data, label_map, clouds)
     train, val = batches[:-1] or batches, batches[-1]
     ignore = state["config"].get("ignore_index", 255)
-    require_labelled(batches, ignore, "a procedure on a checkpoint (its loss and mIoU)", data)
     classes = len(state["config"]["classes"])
+    require_labelled(batches, ignore, "a procedure on a checkpoint (its loss and mIoU)", data, classes)
     cursor = {"i": 0}
 
     def make_model(seed=0):
