@@ -56,6 +56,19 @@ def test_command_help(runs, command):
     assert out.startswith(f"usage: pointsparse {command}")
 
 
+def test_each_commands_description_is_a_whole_sentence():
+    """A command's ``--help`` shows its module's first docstring paragraph: it took the first line only, so
+    ``pointsparse demo --help`` said "Train a small MinkUNet on generated LiDAR street scenes for a few
+    minutes," and stopped there."""
+    import argparse
+
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in sub.choices.items():
+        assert command.description.rstrip().endswith("."), (name, command.description)
+    assert "score it on held-out scenes" in sub.choices["demo"].description
+
+
 def test_demo_runs_and_prints_a_loss(runs):
     rc, out, err = runs["demo"]
     assert rc == 0, err[-3000:]

@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=CommandParser)
     for name, module_name, help_text in COMMANDS:
         module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip().splitlines()[0])
+        # (the docstring's first paragraph, whole: its first line alone cut demo's sentence at a comma)
+        first = (module.__doc__ or help_text).strip().split("\n\n")[0]
+        p = sub.add_parser(name, help=help_text, description=" ".join(first.split()))
         module.add_arguments(p)
         p.set_defaults(_module=module)
     return parser
