@@ -1746,3 +1746,28 @@ def test_a_folders_hidden_files_are_no_clouds(tmp_path):
     np.savetxt(room / "Annotations" / "chair_1.txt", np.c_[xyz[:4], np.full((4, 3), 9)], fmt="%.3f")
     (room / "Annotations" / "._chair_1.txt").write_bytes(b"\x00\x05\x16\x07")
     assert len(read_cloud(room)) == 4
+
+
+def test_a_folder_of_cloud_folders_names_them(tmp_path):
+    """``--data Area_5`` (S3DIS's area of room folders) or ``--data dataset/sequences`` (SemanticKITTI's folder of
+    sequences) said only "no point cloud files in this folder"; the folder is not searched deeper, so the
+    message now names the subfolders that hold clouds and the glob that takes them all ('DIR/*'), which works."""
+    area = tmp_path / "Area_5"
+    for room in ("office_1", "office_2"):
+        (area / room / "Annotations").mkdir(parents=True)
+        np.savetxt(area / room / "Annotations" / "chair_1.txt", np.array([[0, 0, 0, 1, 2, 3]]), fmt="%.3f")
+    with pytest.raises(ValueError, match=r"Area_5: no point cloud files in this folder; its subfolders office_1, "
+                                         r"office_2 hold clouds .*Area_5/\*' for all"):
+        find_clouds(area)
+    assert find_clouds(str(area / "*")) == [area / "office_1", area / "office_2"]
+    (area / "notes").mkdir()  # (then the glob, which would match it too, is not offered)
+    with pytest.raises(ValueError, match=r"office_2 hold clouds \(a folder is not searched deeper: give them\)$"):
+        find_clouds(area)
+    sequences = tmp_path / "sequences"
+    (sequences / "08" / "velodyne").mkdir(parents=True)
+    np.zeros((2, 4), np.float32).tofile(sequences / "08" / "velodyne" / "000000.bin")
+    with pytest.raises(ValueError, match=r"subfolders 08 hold clouds"):
+        find_clouds(sequences)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"empty: no point cloud files in this folder$"):
+        find_clouds(tmp_path / "empty")

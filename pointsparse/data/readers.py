@@ -1233,17 +1233,37 @@ def find_clouds(specs) -> list[Path]:
                 raise ValueError(f"{m}: no such file or folder")
             if m.is_file():
                 out.append(m)
-            elif (m / "Annotations").is_dir():
-                out.append(m)
-            elif (m / "velodyne").is_dir():
-                out.extend(_visible((m / "velodyne").glob("*.bin")))
-            elif (m / "points").is_dir():
-                out.extend(_visible((m / "points").glob("*.npy")))
-            else:
-                found = [p for p in _visible(m.iterdir()) if p.suffix.lower() in
-                         (".bin", ".npy", ".npz", ".las", ".laz", ".ply", ".pcd", ".txt")
-                         and "labels" not in p.name and p.is_file()]  # (not a folder named "x.npy")
-                if not found:
-                    raise ValueError(f"{m}: no point cloud files in this folder")
-                out.extend(found)
+                continue
+            found = _folder_clouds(m)
+            if not found and not ((m / "velodyne").is_dir() or (m / "points").is_dir()):
+                raise ValueError(_no_clouds(m))
+            out.extend(found)
     return out
+
+
+def _folder_clouds(folder: Path) -> list[Path]:
+    """The clouds :func:`find_clouds` finds in one folder (not searched deeper)."""
+    if (folder / "Annotations").is_dir():
+        return [folder]
+    if (folder / "velodyne").is_dir():
+        return _visible((folder / "velodyne").glob("*.bin"))
+    if (folder / "points").is_dir():
+        return _visible((folder / "points").glob("*.npy"))
+    return [p for p in _visible(folder.iterdir()) if p.suffix.lower() in
+            (".bin", ".npy", ".npz", ".las", ".laz", ".ply", ".pcd", ".txt")
+            and "labels" not in p.name and p.is_file()]  # (not a folder named "x.npy")
+
+
+def _no_clouds(folder: Path) -> str:
+    """Why ``folder`` gives no clouds; where its subfolders hold some (S3DIS's
+    ``Area_5`` of rooms, SemanticKITTI's ``sequences``), naming them and the
+    glob that takes them all."""
+    message = f"{folder}: no point cloud files in this folder"
+    entries = _visible(folder.iterdir())
+    holders = [sub.name for sub in entries if sub.is_dir() and _folder_clouds(sub)]
+    if holders:
+        shown = ", ".join(holders[:5]) + (f" and {len(holders) - 5} more" if len(holders) > 5 else "")
+        # (the glob only where it matches nothing else: a match that holds no cloud is refused)
+        every = f", or '{folder / '*'}' for all" if len(holders) == len(entries) else ""
+        message += f"; its subfolders {shown} hold clouds (a folder is not searched deeper: give them{every})"
+    return message
