@@ -155,6 +155,28 @@ def test_outputs_mirror_the_inputs_below_their_common_folder(tmp_path):
         _outputs([tmp_path / "a.npz", tmp_path / "a.ply"], out, ".npy")
 
 
+def test_outputs_are_named_after_the_paths_given_not_their_link_targets(tmp_path):
+    """A cloud named through a symbolic link (scans/drive1.bin -> ../store/x/000000.bin, a data set arranged
+    with links) had its prediction named after the link's target: out/store/x/000000.npy beside
+    out/scans/local.npy, the name the user gave lost, and a SemanticKITTI velodyne/ scan linked from elsewhere
+    got no predictions/ folder. The outputs now mirror the paths as given (made absolute, links kept)."""
+    store, scans = tmp_path / "store", tmp_path / "scans"
+    for sub in ("x", "y"):
+        (store / sub).mkdir(parents=True)
+        (store / sub / "000000.bin").write_bytes(b"")
+    scans.mkdir()
+    (scans / "drive1.bin").symlink_to(store / "x" / "000000.bin")
+    (scans / "drive2.bin").symlink_to(store / "y" / "000000.bin")
+    (scans / "local.bin").write_bytes(b"")
+    out = tmp_path / "out"
+    paths = [scans / "drive1.bin", scans / "drive2.bin", scans / "local.bin"]
+    assert _outputs(paths, out, ".npy") == [out / "drive1.npy", out / "drive2.npy", out / "local.npy"]
+    velodyne = tmp_path / "sequences" / "08" / "velodyne"
+    velodyne.mkdir(parents=True)
+    (velodyne / "000000.bin").symlink_to(store / "x" / "000000.bin")
+    assert _outputs([velodyne / "000000.bin"], out, ".label") == [out / "predictions" / "000000.label"]
+
+
 def test_predict_never_writes_over_what_it_reads(tmp_path, capsys):
     """--out where a prediction would land on an input cloud (a .npy cloud predicted into its own folder) or
     on the labels a cloud is read with (SemanticKITTI's labels/, a points/labels pair) is refused before

@@ -81,10 +81,12 @@ def raw_ids(label_map, classes: list[str]) -> np.ndarray:
 def _outputs(paths: list[Path], out: Path, suffix: str) -> list[Path]:
     """Each input's output path: its path below the inputs' common folder, the
     suffix replaced; a ``.label`` of a scan in a ``velodyne`` folder goes to a
-    ``predictions`` folder beside it (SemanticKITTI's layout)."""
+    ``predictions`` folder beside it (SemanticKITTI's layout). The paths as
+    given (made absolute), not their links' targets: a scan named through a
+    symbolic link keeps the name given."""
     named, bases = [], []
     for p in paths:
-        p = p.resolve()
+        p = Path(os.path.abspath(p))
         if suffix == ".label" and p.parent.name == "velodyne":
             p = p.parent.parent / "predictions" / p.name
             bases.append(p.parent.parent)  # (the predictions folder is written, not the common root)
