@@ -115,6 +115,26 @@ def test_validation_labels_are_checked_before_training(tmp_path, monkeypatch):
         tr.train(_parse([*common, "--val-data", str(tmp_path / "ignored.npz"), "--out", str(tmp_path / "b")]))
 
 
+def test_val_data_that_is_also_trained_on_is_noted(tmp_path, capsys):
+    """``--data tiles/ --val-data tiles/c.npz`` trained on the validation cloud too and reported its mIoU as a
+    held-out score without a word (a folder and a file in it, or one file named twice by two paths); the run now
+    notes which validation clouds it also trains on, as it notes validating on the one training cloud. Separate
+    clouds: no note."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "tiles").mkdir()
+    for name in "abc":
+        np.savez(tmp_path / "tiles" / f"{name}.npz", xyz=rng.uniform(0, 8, (300, 3)).astype(np.float32),
+                 labels=rng.integers(0, 3, 300))
+    (tmp_path / "link.npz").symlink_to(tmp_path / "tiles" / "c.npz")
+    for val in ([str(tmp_path / "tiles" / "c.npz")], [str(tmp_path / "link.npz")]):
+        tr.open_training_data(_parse(["--data", str(tmp_path / "tiles"), "--val-data", *val, "--out", "x"]))
+        err = capsys.readouterr().err
+        assert "note: 1 of the 1 --val-data clouds are training clouds too" in err and val[0] in err, err
+    tr.open_training_data(_parse(["--data", str(tmp_path / "tiles" / "a.npz"), "--val-data",
+                                  str(tmp_path / "tiles" / "c.npz"), "--out", "x"]))
+    assert "training clouds too" not in capsys.readouterr().err
+
+
 def test_train_on_files_with_label_map(tmp_path, capsys):
     _tiles(tmp_path)
     out = tmp_path / "run"

@@ -346,6 +346,8 @@ def open_training_data(args, dist: Dist | None = None):
                           args.ignore_index)
         if val.classes is not None and train.classes is not None and val.classes != train.classes:
             raise ValueError(f"validation classes {val.classes} differ from the training classes {train.classes}")
+        if dist is None or dist.main:  # (once, not from every process)
+            _note_shared_clouds(train.paths, val.paths)
     else:
         held = int(round(len(train) * args.val_fraction))
         if len(train) < 2 or held < 1:
@@ -369,6 +371,19 @@ def open_training_data(args, dist: Dist | None = None):
         print(f"note: no --label-map: using the raw labels as {len(classes)} classes", file=sys.stderr)
     _check_scored(val, len(classes), args.ignore_index, dist)
     return train, val, list(classes)
+
+
+def _note_shared_clouds(train_paths, val_paths) -> None:
+    """A note on stderr naming the ``--val-data`` clouds that are training
+    clouds too (the same file, however named): their validation mIoU is no
+    held-out score (a folder given as --data and a file in it as --val-data
+    trained on it without a word)."""
+    trained = {Path(p).resolve() for p in train_paths}
+    shared = [str(p) for p in val_paths if Path(p).resolve() in trained]
+    if shared:
+        shown = ", ".join(shared[:3]) + (f" and {len(shared) - 3} more" if len(shared) > 3 else "")
+        print(f"note: {len(shared)} of the {len(val_paths)} --val-data clouds are training clouds too ({shown}): "
+              "the validation mIoU is not held out", file=sys.stderr)
 
 
 def _check_scored(val, num_classes: int, ignore_index: int, dist: Dist | None) -> None:
