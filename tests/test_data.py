@@ -1771,3 +1771,19 @@ def test_a_folder_of_cloud_folders_names_them(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"empty: no point cloud files in this folder$"):
         find_clouds(tmp_path / "empty")
+
+
+def test_a_cloud_named_twice_is_read_once(tmp_path):
+    """``--data scans scans/a.npy`` (a folder and a file in it, or two globs that overlap) listed a.npy twice:
+    eval scored it twice (its points counted double in the mIoU) and predict refused with "a.npy and a.npy
+    would both be written to out/a.npy". The clouds found are now the union of the specs, each path once, in
+    the order first named; two different names of one file (links) stay two clouds."""
+    xyz, _ = _cloud()
+    for name in ("a", "b"):
+        np.save(tmp_path / f"{name}.npy", xyz)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.npy").symlink_to(tmp_path / "a.npy")
+    a, b = tmp_path / "a.npy", tmp_path / "b.npy"
+    assert find_clouds([tmp_path, a]) == [a, b]
+    assert find_clouds([str(b), str(tmp_path / "*.npy"), str(tmp_path / "sub" / ".." / "b.npy")]) == [b, a]
+    assert find_clouds([a, tmp_path / "sub" / "c.npy"]) == [a, tmp_path / "sub" / "c.npy"]

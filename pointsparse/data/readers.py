@@ -1211,7 +1211,8 @@ def find_clouds(specs) -> list[Path]:
     ``velodyne/*.bin`` (SemanticKITTI), ``points/*.npy`` (Open3D-ML), else
     every supported file in it (``*labels*`` arrays are label files, not
     clouds; hidden files, named ``.*``, are skipped as a glob skips them);
-    an S3DIS room folder (with ``Annotations/``) is one cloud."""
+    an S3DIS room folder (with ``Annotations/``) is one cloud. A path found
+    by two specs comes once, where first found."""
     if isinstance(specs, (str, os.PathLike)):
         specs = [specs]
     given = specs
@@ -1238,7 +1239,13 @@ def find_clouds(specs) -> list[Path]:
             if not found and not ((m / "velodyne").is_dir() or (m / "points").is_dir()):
                 raise ValueError(_no_clouds(m))
             out.extend(found)
-    return out
+    # Each path once (a folder and a file in it, overlapping globs): eval scored a cloud named twice twice.
+    # By the path as named, made absolute: two links to one file stay two clouds (predict names an output
+    # after each).
+    unique: dict[str, Path] = {}
+    for p in out:
+        unique.setdefault(os.path.abspath(p), p)
+    return list(unique.values())
 
 
 def _folder_clouds(folder: Path) -> list[Path]:
