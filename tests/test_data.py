@@ -1787,3 +1787,25 @@ def test_a_cloud_named_twice_is_read_once(tmp_path):
     assert find_clouds([tmp_path, a]) == [a, b]
     assert find_clouds([str(b), str(tmp_path / "*.npy"), str(tmp_path / "sub" / ".." / "b.npy")]) == [b, a]
     assert find_clouds([a, tmp_path / "sub" / "c.npy"]) == [a, tmp_path / "sub" / "c.npy"]
+
+
+def test_npz_positions_with_more_columns_read_as_a_npy_clouds(tmp_path):
+    """An .npz whose positions hold more than x, y, z (``points`` (N, 4) of a KITTI scan with its intensity)
+    had the extra columns dropped without a word (the model then saw intensity 0); they are now read as a .npy
+    cloud's are, ``[x y z (intensity) (r g b)]``, and a layout that is none of 3, 4, 6 or 7 columns, or a column
+    that a key of its own also gives, is a ValueError naming the file and the key."""
+    xyz, lab = _cloud()
+    intensity = np.linspace(0, 1, len(xyz), dtype=np.float32)
+    rgb = np.tile(np.array([[10, 20, 30]], np.uint8), (len(xyz), 1))
+    np.savez(tmp_path / "i.npz", points=np.c_[xyz, intensity], labels=lab)
+    s = read_cloud(tmp_path / "i.npz")
+    assert np.array_equal(s.xyz, xyz) and np.allclose(s.intensity[:, 0], intensity) and s.rgb is None
+    np.savez(tmp_path / "c.npz", xyz=np.c_[xyz, intensity, rgb].astype(np.float32), labels=lab)
+    s = read_cloud(tmp_path / "c.npz")
+    assert np.allclose(s.intensity[:, 0], intensity) and np.allclose(s.rgb * 255, rgb)
+    np.savez(tmp_path / "five.npz", xyz=np.c_[xyz, intensity, intensity], labels=lab)
+    with pytest.raises(ValueError, match=r"five\.npz: key 'xyz' must be \(N, 3\|4\|6\|7\)"):
+        read_cloud(tmp_path / "five.npz")
+    np.savez(tmp_path / "both.npz", xyz=np.c_[xyz, intensity], intensity=intensity, labels=lab)
+    with pytest.raises(ValueError, match=r"both\.npz: key 'xyz' holds an intensity column and the key 'intensity'"):
+        read_cloud(tmp_path / "both.npz")

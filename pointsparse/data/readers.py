@@ -479,7 +479,9 @@ def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_
 
     ``.npz``: positions under ``xyz``/``points``, optional ``origin`` (not
     added: positions stay relative to it, which keeps coordinates small),
-    ``intensity``, ``rgb``, labels under ``labels``/``classification``.
+    ``intensity``, ``rgb``, labels under ``labels``/``classification``;
+    positions of 4, 6 or 7 columns hold intensity and/or colour as a
+    ``.npy`` cloud's do (then no ``intensity``/``rgb`` key for them).
     ``.npy``: ``(N, 3)`` positions, ``(N, 4)`` with intensity or ``(N, 6)``
     with colour; labels from ``labels_path`` or the sibling file named with
     ``labels`` in place of ``points`` (Open3D-ML layout); none read with
@@ -498,10 +500,16 @@ def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_
             if key is None:
                 raise ValueError(f"{path}: no positions (looked for {_NPZ_XYZ}; has {z.files})")
             xyz = _npz_array(z, key, path)
-            if xyz.ndim != 2 or xyz.shape[1] < 3:
-                raise ValueError(f"{path}: key {key!r} must be (N, 3) positions; got {xyz.shape}")
+            if xyz.ndim != 2 or xyz.shape[1] not in (3, 4, 6, 7):
+                raise ValueError(f"{path}: key {key!r} must be (N, 3|4|6|7) [x y z (intensity) (r g b)] (as a .npy "
+                                 f"cloud; or (N, 3) positions with 'intensity' and 'rgb' keys); got {xyz.shape}")
             _real(xyz, f"{path} key {key!r}", "positions")
             n = len(xyz)
+            for column, name, held in (("an intensity", "intensity", xyz.shape[1] in (4, 7)),
+                                       ("colour", "rgb", xyz.shape[1] >= 6)):
+                if held and name in z.files:
+                    raise ValueError(f"{path}: key {key!r} holds {column} column and the key {name!r} another: "
+                                     "keep one")
             lab_key = next((k for k in _NPZ_LABELS if k in z.files), None) if labels else None
             raw = _real(_npz_array(z, lab_key, path), f"{path} key {lab_key!r}", "labels",
                         [(n,), (n, 1)]) if lab_key else None
@@ -512,6 +520,10 @@ def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_
             if "rgb" in z.files:
                 rgb = _scale_rgb(_real(_npz_array(z, "rgb", path), f"{path} key 'rgb'", "colour", [(n, 3)]),
                                  f"{path} key 'rgb'")
+            if xyz.shape[1] in (4, 7):  # (the columns a .npy cloud holds: dropped without a word, they were)
+                intensity = _scale_intensity(xyz[:, 3], f"{path} key {key!r} column 4 (intensity)")
+            if xyz.shape[1] >= 6:
+                rgb = _scale_rgb(xyz[:, -3:], f"{path} key {key!r} columns {xyz.shape[1] - 2}-{xyz.shape[1]} (rgb)")
         return Sample(_positions(xyz), _labels(raw, label_map, ignore_index, f"{path} key {lab_key!r}"), intensity,
                       rgb, name=str(path))
     if suffix != ".npy":
