@@ -135,6 +135,20 @@ def test_val_data_that_is_also_trained_on_is_noted(tmp_path, capsys):
     assert "training clouds too" not in capsys.readouterr().err
 
 
+def test_a_label_map_name_is_saved_as_a_name_beside_a_folder_so_named(tmp_path, monkeypatch):
+    """``train --label-map ign-lidarhd`` run from a folder holding the data in a folder named ``ign-lidarhd``
+    (as ../shared/datasets does) saved the map as the path of that folder, since it exists: eval of the
+    checkpoint then failed with "label map '/.../ign-lidarhd' is neither a JSON file nor one of [...]". A label
+    map is saved as a path only where it names a file, as load_label_map reads it."""
+    (tmp_path / "ign-lidarhd").mkdir()
+    (tmp_path / "mine.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    saved = tr.saved_args(_parse(["--data", "ign-lidarhd/a.npz", "--label-map", "ign-lidarhd", "--val-label-map",
+                                  "mine.json", "--out", "x"]))
+    assert saved["label_map"] == "ign-lidarhd" and saved["val_label_map"] == str(tmp_path / "mine.json")
+    assert saved["data"] == [str(tmp_path / "ign-lidarhd" / "a.npz")]
+
+
 def test_train_on_files_with_label_map(tmp_path, capsys):
     _tiles(tmp_path)
     out = tmp_path / "run"

@@ -608,7 +608,9 @@ def saved_args(args) -> dict:
             saved[key] = [os.path.abspath(w) for w in words]
     for key in ("label_map", "val_label_map", "init"):
         word = saved.get(key)
-        if isinstance(word, str) and Path(word).exists():
+        # (a file only, as load_label_map takes a path: a map's name beside a folder of that name, such as
+        # ../shared/datasets/ign-lidarhd, was saved as the folder's path, which eval then refused)
+        if isinstance(word, str) and Path(word).is_file():
             saved[key] = os.path.abspath(word)
     return saved
 
