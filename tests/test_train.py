@@ -149,6 +149,25 @@ def test_a_label_map_name_is_saved_as_a_name_beside_a_folder_so_named(tmp_path, 
     assert saved["data"] == [str(tmp_path / "ign-lidarhd" / "a.npz")]
 
 
+def test_an_ignore_index_that_is_a_class_is_noted(tmp_path, capsys):
+    """``--ignore-index 0`` with a label map (read as "0 is unlabeled", as the raw learning ids have it) made
+    the map's class 0 (semantic-kitti-learning's car) count nowhere, without a word; the run now notes which
+    class the ignore index drops, for a label map's classes and the generated scenes'. Raw labels without a map
+    (where the ignore index is one of the raw labels by design) and the default 255: no note."""
+    rng = np.random.default_rng(0)
+    xyz = rng.uniform(0, 8, (300, 3)).astype(np.float32)
+    np.savez(tmp_path / "a.npz", xyz=xyz, labels=rng.integers(0, 20, 300))
+    np.savez(tmp_path / "b.npz", xyz=xyz, labels=rng.integers(0, 20, 300))
+    files = ["--data", str(tmp_path / "a.npz"), "--val-data", str(tmp_path / "b.npz"), "--out", "x"]
+    tr.open_training_data(_parse([*files, "--label-map", "semantic-kitti-learning", "--ignore-index", "0"]))
+    assert "note: --ignore-index 0 is the class 'car' of the label map" in capsys.readouterr().err
+    tr.open_training_data(_parse([*TINY, "--ignore-index", "3", "--out", "x"]))
+    assert "note: --ignore-index 3 is the class 'building' of the generated scenes" in capsys.readouterr().err
+    for argv in ([*files, "--ignore-index", "0"], [*files, "--label-map", "semantic-kitti-learning"]):
+        tr.open_training_data(_parse(argv))
+        assert "--ignore-index" not in capsys.readouterr().err
+
+
 def test_train_on_files_with_label_map(tmp_path, capsys):
     _tiles(tmp_path)
     out = tmp_path / "run"

@@ -339,6 +339,7 @@ def open_training_data(args, dist: Dist | None = None):
         if args.val_data is not None:
             require_labels(val, "--val-data", dist)
             _check_scored(val, len(train.classes), args.ignore_index, dist)
+        _note_ignored_class(train.classes, args.ignore_index, f"the generated scenes ({args.data[0]})", dist)
         return train, val, list(train.classes)
     train = open_source(args.data, args.label_map, args.ignore_index)
     if args.val_data is not None:
@@ -360,6 +361,8 @@ def open_training_data(args, dist: Dist | None = None):
     require_labels(train, "--data")
     require_labels(val, "--val-data", dist)
     classes = train.classes
+    if classes is not None:
+        _note_ignored_class(classes, args.ignore_index, f"the label map {train.label_map.name!r}", dist)
     if classes is None:
         top, where = max((int(np.max(s.labels[s.labels != args.ignore_index], initial=0)), s.name) for s in train)
         if top >= MAX_RAW_CLASSES:
@@ -371,6 +374,18 @@ def open_training_data(args, dist: Dist | None = None):
         print(f"note: no --label-map: using the raw labels as {len(classes)} classes", file=sys.stderr)
     _check_scored(val, len(classes), args.ignore_index, dist)
     return train, val, list(classes)
+
+
+def _note_ignored_class(classes, ignore_index: int, source: str, dist: Dist | None) -> None:
+    """A note on stderr where ``ignore_index`` is the training id of one of
+    ``classes`` (a label map's or the generated scenes'): that class's points
+    count nowhere, in the loss or the metrics (``--ignore-index 0`` with
+    semantic-kitti-learning, read as "0 is unlabeled", dropped car without a
+    word: the map already ignores the raw ids it does not list)."""
+    if (dist is None or dist.main) and 0 <= ignore_index < len(classes):
+        print(f"note: --ignore-index {ignore_index} is the class {classes[ignore_index]!r} of {source}: its points "
+              "count nowhere, in the loss or the metrics (raw ids the label map does not list are ignored "
+              "already)", file=sys.stderr)
 
 
 def _note_shared_clouds(train_paths, val_paths) -> None:
