@@ -1809,3 +1809,16 @@ def test_npz_positions_with_more_columns_read_as_a_npy_clouds(tmp_path):
     np.savez(tmp_path / "both.npz", xyz=np.c_[xyz, intensity], intensity=intensity, labels=lab)
     with pytest.raises(ValueError, match=r"both\.npz: key 'xyz' holds an intensity column and the key 'intensity'"):
         read_cloud(tmp_path / "both.npz")
+
+
+@pytest.mark.parametrize("layout, suffix", [("velodyne", ".bin"), ("points", ".npy")])
+def test_an_empty_velodyne_or_points_folder_is_named(tmp_path, layout, suffix):
+    """A sequence folder whose velodyne/ (or an Open3D-ML folder whose points/) holds no scan gave no clouds
+    without a word: predict then failed with Python's "commonpath() arg is an empty sequence" (test_predict),
+    train with "no point clouds found in [...]". Now the folder is named, as one of any other layout with no
+    cloud is."""
+    (tmp_path / "seq" / layout).mkdir(parents=True)
+    (tmp_path / "seq" / layout / f"._000000{suffix}").write_bytes(b"\x00")
+    with pytest.raises(ValueError, match=rf"seq: no point cloud files in this folder \(its {layout}/ holds no "
+                                         rf"\*\{suffix} files\)"):
+        find_clouds(tmp_path / "seq")

@@ -177,6 +177,18 @@ def test_outputs_are_named_after_the_paths_given_not_their_link_targets(tmp_path
     assert _outputs([velodyne / "000000.bin"], out, ".label") == [out / "predictions" / "000000.label"]
 
 
+def test_predict_names_a_sequence_whose_velodyne_folder_is_empty(tmp_path, capsys):
+    """predict on a sequence folder with an empty velodyne/ failed with Python's "commonpath() arg is an empty
+    sequence"; now the folder is named (find_clouds), exit 2, nothing written."""
+    ckpt = _checkpoint(tmp_path / "m.pt")
+    (tmp_path / "seq" / "velodyne").mkdir(parents=True)
+    assert cli.main(["predict", "--checkpoint", str(ckpt), "--data", str(tmp_path / "seq"), "--out",
+                     str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "seq: no point cloud files in this folder (its velodyne/ holds no *.bin files)" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_predict_never_writes_over_what_it_reads(tmp_path, capsys):
     """--out where a prediction would land on an input cloud (a .npy cloud predicted into its own folder) or
     on the labels a cloud is read with (SemanticKITTI's labels/, a points/labels pair) is refused before

@@ -1248,7 +1248,7 @@ def find_clouds(specs) -> list[Path]:
                 out.append(m)
                 continue
             found = _folder_clouds(m)
-            if not found and not ((m / "velodyne").is_dir() or (m / "points").is_dir()):
+            if not found:
                 raise ValueError(_no_clouds(m))
             out.extend(found)
     # Each path once (a folder and a file in it, overlapping globs): eval scored a cloud named twice twice.
@@ -1278,6 +1278,9 @@ def _no_clouds(folder: Path) -> str:
     ``Area_5`` of rooms, SemanticKITTI's ``sequences``), naming them and the
     glob that takes them all."""
     message = f"{folder}: no point cloud files in this folder"
+    for layout, pattern in (("velodyne", "*.bin"), ("points", "*.npy")):  # (the layouts _folder_clouds reads)
+        if (folder / layout).is_dir():
+            return f"{message} (its {layout}/ holds no {pattern} files)"
     entries = _visible(folder.iterdir())
     holders = [sub.name for sub in entries if sub.is_dir() and _folder_clouds(sub)]
     if holders:
