@@ -441,7 +441,9 @@ class ProgramModel(nn.Module):
     classifier's ``(B, K)``); a sparse output on some of ``x``'s voxels (a
     stride-1 VoxelPrune's selection) records which, as the eager output does,
     so ``devoxelize(out, inverse)`` with voxelize's inverse reads the kept
-    voxels (zeros for the points of dropped ones). ``program`` is what
+    voxels (zeros for the points of dropped ones); a sparse output knows
+    ``x``'s batch items (a global pooling of it gives a row for each, where
+    a selection emptied one). ``program`` is what
     :func:`load` or :func:`export_model` gives, ``meta`` the dict :func:`load`
     returns beside it (kept as ``.meta``). The input is checked against the program's before
     it runs (``TypeError`` / ``ValueError`` naming the argument and what the
@@ -602,6 +604,9 @@ class ProgramModel(nn.Module):
             else:
                 out_feats, out_coords, _ = self._call(feats, x.coords)
             out = SparseTensor(out_feats, out_coords, self.output_stride, validate=False)
+            # (the batch items of x, as an eager output's cache knows them: x's own, or a selection's origin; a
+            # selection that dropped every voxel of the last item pooled to B - 1 rows from the output's coords)
+            out.cache.origin = x.cache.input_coords()
             _note_selection(out, x)
             return out
         from .models.spvcnn import check_points

@@ -476,6 +476,28 @@ def test_program_of_a_stride_1_voxel_prune_devoxelizes_as_eager(tmp_path):
     assert got.stride == (2, 2, 2) and torch.equal(ps.devoxelize(got, rows), ps.devoxelize(eager, rows))
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_program_output_of_a_selection_keeps_the_batch_items(tmp_path, stride):
+    """A model ending in a VoxelPrune by threshold (at stride 1, or after a conv down to stride 2) that drops
+    every voxel of the last batch item: the program's output, as eager's, pools to one row per batch item of
+    the input (the emptied item's row 0). The program's output came back with a fresh coordinate cache, so a
+    global pooling of it counted the items left in its own coords and gave B - 1 rows, no longer lining up
+    with the labels."""
+    torch.manual_seed(0)
+    head = [spnn.Conv3d(3, 4, 3)] if stride == 1 else [spnn.Conv3d(3, 4, 2, stride=2)]
+    model = torch.nn.Sequential(*head, spnn.VoxelPrune(threshold=0.5)).eval()
+    loaded = _program_round_trip(model, _cloud(500, 1), tmp_path)
+    assert loaded.output_stride == (stride,) * 3
+    last = _cloud(300, 4)
+    x = ps.collate([_cloud(300, 3), last.with_feats(last.feats * 0)])  # every score of the last item is 0
+    with torch.no_grad():
+        eager, got = model(x), loaded(x)
+    assert _sparse_equal(got, eager) and bool((eager.coords[:, 0] == 0).all())
+    for pool in (spnn.functional.global_avg_pool, spnn.functional.global_max_pool):
+        want = pool(eager)
+        assert want.shape == (2, 4) and torch.equal(pool(got), want)
+
+
 def test_a_voxel_prune_that_keeps_every_voxel_of_the_example_exports_its_output_coords(tmp_path):
     """A threshold every voxel of the example passes (or a keep ratio that rounds up to all) kept the
     example's rows, so export wrote a logits program; on an input of weaker voxels it kept fewer and the
