@@ -27,6 +27,9 @@ its rows dynamic too:
 
     a SparseTensor elsewhere (a backbone ending at stride 8, a VoxelPrune at the end, ...)
     output   feats  (M, C), coords int32 (M, 4), stride int32 (3,) (the buffer ``output_stride``)
+             and where the output is a selection (a VoxelPrune at its stride, at the end or
+             followed by layers on the kept voxels) its record: rows int64 (M,), the sorted rows
+             kept of the n voxels the selection scored, and n (an int)
     a tensor (a classifier's global pooling and Linear)
     output   the tensor, e.g. float32 (B, K): one row per batch item
 
@@ -99,12 +102,18 @@ class VoxelOutputs(nn.Module):
     SparseTensor's ``(feats, coords, output_stride)`` (``stride``: the output's,
     kept as the int32 buffer ``output_stride``), or, where ``stride`` is None,
     the model's output tensor itself (see the module docstring; an empty
-    buffer ``output_tensor`` marks such a program for :class:`ProgramModel`)."""
+    buffer ``output_tensor`` marks such a program for :class:`ProgramModel`).
+    ``kept``: the output is a selection (a ``VoxelPrune`` of the model's at
+    the output's stride, at the end or followed by layers on its coords):
+    its record follows, ``(rows, n)`` of ``CoordinateCache.kept`` (the sorted
+    int64 rows kept of the ``n`` voxels the first selection at that stride
+    scored), for :class:`ProgramModel` to record as eager's output does."""
 
-    def __init__(self, model: nn.Module, stride=None) -> None:
+    def __init__(self, model: nn.Module, stride=None, kept: bool = False) -> None:
         super().__init__()
         self.model = model
         self.sparse = stride is not None
+        self.kept = kept
         if self.sparse:
             self.register_buffer("output_stride", torch.tensor(tuple(stride), dtype=torch.int32))
         else:  # (marks the program's kind: a tensor of one row per voxel has the shape of logits)
@@ -113,7 +122,12 @@ class VoxelOutputs(nn.Module):
     def forward(self, feats: torch.Tensor, coords: torch.Tensor):
         torch._check(feats.shape[0] == coords.shape[0], lambda: "feats and coords must have the same rows")
         out = self.model(SparseTensor(feats, coords, validate=False))
-        return (out.feats, out.coords, self.output_stride) if self.sparse else out
+        if not self.sparse:
+            return out
+        if self.kept:
+            rows, n = out.cache.kept[out.stride]
+            return out.feats, out.coords, self.output_stride, rows, n
+        return out.feats, out.coords, self.output_stride
 
 
 def _check_exportable(model: nn.Module) -> None:
@@ -251,7 +265,8 @@ def export_model(model: nn.Module, example) -> torch.export.ExportedProgram:
             if _on_input_rows(out, voxels) and (1, 1, 1) not in strides:
                 wrapped = VoxelLogits(model)
             else:
-                wrapped = VoxelOutputs(model, out.stride if isinstance(out, SparseTensor) else None)
+                sparse = isinstance(out, SparseTensor)  # (its record: the example, a fresh tensor, had none)
+                wrapped = VoxelOutputs(model, out.stride if sparse else None, sparse and out.stride in out.cache.kept)
             return torch.export.export(wrapped, (voxels.feats.detach(), voxels.coords),
                                        dynamic_shapes=({0: rows}, {0: rows}))
         _run_on_example(model, voxels, inverse, points, point_batch)  # its own checks first (torch.export's say less)
@@ -402,12 +417,13 @@ def _signature(program: torch.export.ExportedProgram):
     inputs = list(program.graph_signature.user_inputs)
     vals = {n.name: n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"}
     outputs = [a for n in program.graph.nodes if n.op == "output" for a in n.args[0]]
-    if len(inputs) not in (2, 5) or len(outputs) not in (1, 3) or (len(inputs) == 5 and len(outputs) != 1) or \
-            any(vals.get(name) is None for name in inputs) or \
-            any(not isinstance(getattr(o, "meta", {}).get("val"), torch.Tensor) for o in outputs):
+    count = getattr(outputs[4], "meta", {}).get("val") if len(outputs) == 5 else 0  # a selection's n
+    if len(inputs) not in (2, 5) or len(outputs) not in (1, 3, 5) or (len(inputs) == 5 and len(outputs) != 1) or \
+            any(vals.get(name) is None for name in inputs) or not isinstance(count, (int, torch.SymInt)) or \
+            any(not isinstance(getattr(o, "meta", {}).get("val"), torch.Tensor) for o in outputs[:4]):
         raise ValueError(f"program must take (feats, coords) or (feats, coords, inverse, points, point_batch) "
-                         f"and give logits, a tensor or (feats, coords, stride), as export_model writes; it "
-                         f"takes {inputs} and gives {len(outputs)} outputs")
+                         f"and give logits, a tensor or (feats, coords, stride[, kept rows, of n]), as "
+                         f"export_model writes; it takes {inputs} and gives {len(outputs)} outputs")
     return inputs, vals, outputs
 
 
@@ -420,7 +436,7 @@ def output_kind(program: torch.export.ExportedProgram) -> str:
     that takes or gives another number of tensors (ProgramModel checks
     their sizes further)."""
     inputs, vals, outputs = _signature(program)
-    if len(outputs) == 3:
+    if len(outputs) in (3, 5):
         return "sparse"
     feats, first = vals[inputs[0]], outputs[0].meta["val"]
     if "output_tensor" not in program.state_dict and (
@@ -438,9 +454,10 @@ class ProgramModel(nn.Module):
     program of another output (:class:`VoxelOutputs`): ``forward(x)`` gives
     the output SparseTensor at its stride (``output`` ``"sparse"``,
     ``output_stride``) or the output tensor (``output`` ``"tensor"``, such as a
-    classifier's ``(B, K)``); a sparse output on some of ``x``'s voxels (a
-    stride-1 VoxelPrune's selection) records which, as the eager output does,
-    so ``devoxelize(out, inverse)`` with voxelize's inverse reads the kept
+    classifier's ``(B, K)``); a sparse output that is a selection (a
+    VoxelPrune's, at stride 1 or coarser) records which voxels it kept, as the
+    eager output does, so ``devoxelize(out, inverse)`` with an inverse into
+    the voxels the selection scored (voxelize's, at stride 1) reads the kept
     voxels (zeros for the points of dropped ones); a sparse output knows
     ``x``'s batch items (a global pooling of it gives a row for each, where
     a selection emptied one). ``program`` is what
@@ -474,6 +491,12 @@ class ProgramModel(nn.Module):
                                  f"export_model writes for a sparse output; it gives {tuple(first.shape)}, "
                                  f"{tuple(coords.shape)} {coords.dtype}")
             self.output_stride = tuple(int(v) for v in stride)
+            rows = outputs[3].meta["val"] if len(outputs) == 5 else None
+            if rows is not None and (rows.dim() != 1 or rows.dtype != torch.int64):
+                raise ValueError(f"program must give the kept rows of its selection as int64 (M,), as export_model "
+                                 f"writes; it gives {tuple(rows.shape)} {rows.dtype}")
+        #: whether a sparse program gives the record of its selection (export_model's since it did)
+        self.records_kept = len(outputs) == 5
         if feats.dim() != 2 or (self.output != "tensor" and first.dim() != 2) or \
                 not all(isinstance(d, int) for d in (feats.shape[1], *first.shape[1:])):
             raise ValueError(f"program must take feats (N, C) and give logits (N, K) with C and K fixed, as "
@@ -599,15 +622,18 @@ class ProgramModel(nn.Module):
                 return x.with_feats(empty if empty is not None else self._call(feats, x.coords))
             if self.output == "tensor":
                 return empty if empty is not None else self._call(feats, x.coords)
-            if empty is not None:
-                out_feats, out_coords = empty, x.coords
+            if empty is not None:  # (a selection of no voxel: of the none there were)
+                out_feats, out_coords, kept = empty, x.coords, (x.coords.new_zeros(0, dtype=torch.int64), 0)
             else:
-                out_feats, out_coords, _ = self._call(feats, x.coords)
+                out_feats, out_coords, _, *kept = self._call(feats, x.coords)
             out = SparseTensor(out_feats, out_coords, self.output_stride, validate=False)
             # (the batch items of x, as an eager output's cache knows them: x's own, or a selection's origin; a
             # selection that dropped every voxel of the last item pooled to B - 1 rows from the output's coords)
             out.cache.origin = x.cache.input_coords()
-            _note_selection(out, x)
+            if self.records_kept:  # (composed with x's record at that stride, as eager's selection with its input's)
+                out.cache.note_kept(self.output_stride, kept[0], int(kept[1]), x.cache)
+            else:  # a program written without the record
+                _note_selection(out, x)
             return out
         from .models.spvcnn import check_points
 
@@ -630,8 +656,10 @@ class ProgramModel(nn.Module):
 
 
 def _note_selection(out: SparseTensor, x: SparseTensor) -> None:
-    """Records in ``out``'s cache (a program's output, rebuilt with a fresh
-    one) which of ``x``'s voxels it holds where it holds some of them, as
+    """For a program written without its selection's record (before
+    :class:`VoxelOutputs` gave it): records in ``out``'s cache (a program's
+    output, rebuilt with a fresh one) which of ``x``'s voxels it holds where
+    it holds some of them, as
     the eager model's ``select_voxels`` (a stride-1 VoxelPrune) does, so that
     ``devoxelize(out, inverse)`` maps voxelize's inverse through them: at
     ``x``'s stride, where every row of ``out`` is a row of ``x`` and in

@@ -424,7 +424,10 @@ def test_export_model_of_a_sparse_output_elsewhere(tmp_path, ends):
         with torch.no_grad():
             want = model(x)
             got = loaded(x)
-            feats, coords, out_stride = program.module()(x.feats, x.coords)
+            feats, coords, out_stride, *kept = program.module()(x.feats, x.coords)
+        assert len(kept) == (2 if ends == "voxel prune" else 0)  # a selection's record: its rows, of n
+        if kept:
+            assert torch.equal(kept[0], want.cache.kept[stride][0]) and kept[1] == len(x)
         assert want.stride == stride and len(want) < len(x)
         assert _sparse_equal(got, want)
         assert torch.equal(feats, want.feats) and torch.equal(coords, want.coords)
@@ -496,6 +499,54 @@ def test_program_output_of_a_selection_keeps_the_batch_items(tmp_path, stride):
     for pool in (spnn.functional.global_avg_pool, spnn.functional.global_max_pool):
         want = pool(eager)
         assert want.shape == (2, 4) and torch.equal(pool(got), want)
+
+
+def test_program_of_a_coarse_voxel_prune_at_the_end_records_the_kept_voxels(tmp_path):
+    """A VoxelPrune at stride 2 at a model's end (after a conv down, or followed by a submanifold conv on the
+    kept voxels, two selections in a row): its program's output records which of the stride-2 voxels were
+    kept, as eager's does, so devoxelize with an inverse into those voxels gives eager's values (the kept
+    voxel's row, zeros for the points of dropped ones) and pools one row per batch item. The program gave a
+    bare output at stride 2: an inverse row past the K kept was refused, one below K read another voxel's
+    feats without a word. Composed with the record of an input that is itself a selection, as eager's."""
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(spnn.Conv3d(3, 4, 2, stride=2), spnn.VoxelPrune(0.5)),
+              torch.nn.Sequential(spnn.Conv3d(3, 4, 3, stride=2), spnn.VoxelPrune(0.7), spnn.Conv3d(4, 4, 3),
+                                  spnn.VoxelPrune(threshold=1e-3, score="learned", in_channels=4))]
+    x = _two_items(900, 5)
+    for i, model in enumerate(models):
+        model.eval()
+        loaded = _program_round_trip(model, _cloud(500, 1), tmp_path, f"coarse{i}.pt2")
+        for inp in (x, spnn.VoxelPrune(0.6)(x)):
+            with torch.no_grad():
+                eager, got = model(inp), loaded(inp)
+            assert got.stride == (2, 2, 2) and _sparse_equal(got, eager)
+            rows, n = eager.cache.kept[(2, 2, 2)]
+            assert 0 < len(eager) < n and torch.equal(got.cache.kept[(2, 2, 2)][0], rows)
+            assert got.cache.kept[(2, 2, 2)][1] == n
+            inverse = torch.arange(n).flip(0)  # an inverse into the n voxels the prune scored
+            want = ps.devoxelize(eager, inverse)
+            assert (want == 0).all(1).any() and torch.equal(ps.devoxelize(got, inverse), want)
+            low = inverse[inverse < len(eager)]  # rows below K: read straight without the record
+            assert torch.equal(ps.devoxelize(got, low), ps.devoxelize(eager, low))
+
+
+def test_a_program_written_without_the_selection_record_still_loads_and_devoxelizes(tmp_path):
+    """A sparse program of a stride-1 VoxelPrune written before programs gave their selection's record
+    (feats, coords and stride only) loads and runs: ProgramModel finds the kept rows among the input's."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(spnn.VoxelPrune(0.5), spnn.Conv3d(3, 4, 3)).eval()
+    example, rows = _cloud(500, 1), torch.export.Dim("voxels", min=2)
+    with torch.no_grad():
+        program = torch.export.export(export.VoxelOutputs(model, (1, 1, 1)), (example.feats, example.coords),
+                                      dynamic_shapes=({0: rows}, {0: rows}))
+    export.save(program, tmp_path / "old.pt2")
+    loaded = export.ProgramModel.load(tmp_path / "old.pt2")
+    assert loaded.output == "sparse" and not loaded.records_kept
+    x = _two_items(900, 5)
+    inverse = torch.arange(len(x)).flip(0)
+    with torch.no_grad():
+        eager, got = model(x), loaded(x)
+    assert _sparse_equal(got, eager) and torch.equal(ps.devoxelize(got, inverse), ps.devoxelize(eager, inverse))
 
 
 def test_a_voxel_prune_that_keeps_every_voxel_of_the_example_exports_its_output_coords(tmp_path):
