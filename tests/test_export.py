@@ -669,6 +669,30 @@ def test_spatial_pruning_compiles_and_trains_in_one_graph():
     assert eager.learned.scorer.weight.grad.abs().sum() > 0  # the learned score trains in the graph too
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_learned_voxel_prune_compiles_without_fullgraph(training):
+    """torch.compile's default (no fullgraph): the graph breaks at each operator of data-dependent size
+    (kmap_build, keep_rows), so the learned score reaches the next graph as an output of the one before.
+    _SpatialUNet (every kind of VoxelPrune) compiled so, train and eval, equals eager: outputs and gradients.
+    The score was a squeeze(1) view of the scorer's Linear output, returned with its detach: torch's
+    AOTAutograd replayed that view on the wrong base and raised a bare IndexError ("Dimension out of
+    range") from deep inside torch on the first call."""
+    torch.manual_seed(0)
+    eager = _SpatialUNet().double().train(training)
+    twin = copy.deepcopy(eager)
+    torch.compiler.reset()
+    compiled = torch.compile(twin, dynamic=True, backend="aot_eager")
+    for n, seed in ((500, 1), (800, 2)):
+        x = _two_items(n, seed, torch.float64)
+        got, want = compiled(x), eager(x)
+        assert torch.equal(got.coords, want.coords) and torch.allclose(got.feats, want.feats, rtol=0, atol=1e-12)
+        got.feats.square().sum().backward()
+        want.feats.square().sum().backward()
+        for (name, p), q in zip(twin.named_parameters(), eager.parameters()):
+            assert torch.allclose(p.grad, q.grad, rtol=0, atol=1e-10), name
+    assert eager.learned.scorer.weight.grad.abs().sum() > 0
+
+
 def test_spatially_pruned_model_exports_bit_for_bit(tmp_path):
     model = _spatially_pruned().eval()
     program = export.export_model(model, _two_items(600, 3))

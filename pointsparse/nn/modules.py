@@ -225,7 +225,9 @@ class VoxelPrune(nn.Module):
         weight = weight if isinstance(weight, torch.Tensor) else None
         channels = self.scorer.in_features if weight is None else weight.shape[1]
         _check_feats_for(self, input, channels, "in_channels", weight)
-        return self.scorer(input.feats).squeeze(1)
+        # (reshape, not squeeze(1): torch.compile without fullgraph breaks the graph at keep_rows, and AOTAutograd
+        # replayed a squeeze view returned with its detach on the wrong base, a bare IndexError on the first call)
+        return self.scorer(input.feats).reshape(-1)
 
     def select(self, input: SparseTensor) -> tuple[torch.Tensor, SparseTensor]:
         """``(rows, kept)``: the sorted int64 rows of ``input`` kept and the
