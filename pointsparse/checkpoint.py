@@ -155,6 +155,24 @@ def _load_bytes(source, path: Path, what: str):
                          f"({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
+def archive_kind(path) -> str | None:
+    """What the zip archive at ``path`` holds, read off its member names:
+    ``"program"`` (a ``torch.export.save`` file, :mod:`pointsparse.export`'s
+    ``.pt2``), ``"torch.save"`` (a checkpoint, or any ``torch.save`` file),
+    else None (no zip, one that does not read, another archive). For the
+    errors of a file given where the other kind is read."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, UnicodeDecodeError):
+        return None
+    if any(name.endswith(("/archive_format", "/models/model.json")) for name in names):
+        return "program"
+    if any(name.endswith("/data.pkl") and name.count("/") == 1 for name in names):
+        return "torch.save"
+    return None
+
+
 def load(path):
     """The state saved by :func:`save` (or a plain ``torch.save`` of data)
     at ``path``, read as data only. ``ValueError`` naming the file when it is
@@ -165,7 +183,14 @@ def load(path):
         raise ValueError(f"checkpoint {path} is a folder; give the checkpoint file in it (e.g. {path}/checkpoint.pt)")
     if not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist")
-    outer = _load_bytes(path, path, "the checkpoint")
+    try:
+        outer = _load_bytes(path, path, "the checkpoint")
+    except ValueError:
+        if archive_kind(path) == "program":  # (torch's reader said it found no data.pkl: "damaged")
+            raise ValueError(f"{path} is an exported program (pointsparse export's .pt2), not a checkpoint: run "
+                             "it with pointsparse.export.ProgramModel.load, or give it to --program "
+                             "(pointsparse eval, predict)") from None
+        raise
     if not (isinstance(outer, dict) and _ENVELOPE_KEYS & set(outer)):
         return outer  # a file written before the envelope: data only, no digest to check
     payload, digest = outer.get("payload"), outer.get("sha256")

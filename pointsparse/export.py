@@ -378,6 +378,12 @@ def load(path) -> tuple[torch.export.ExportedProgram, dict]:
         program = torch.export.load(str(path), extra_files=extra)
         meta = json.loads(extra[META_FILE] or "{}")
     except Exception as error:  # zipfile.BadZipFile, torch's RuntimeError, a damaged meta's decode errors, ...
+        from .checkpoint import archive_kind
+
+        if archive_kind(path) == "torch.save":  # (torch's "error when deserializing the saved file")
+            raise ValueError(f"{path} is a torch.save file (a checkpoint?), not an exported program: pointsparse "
+                             f"export --checkpoint {path} --out model.pt2 writes a training checkpoint's program "
+                             "(pointsparse.export.export_model and save a model's)") from None
         raise ValueError(f"{path} is not a program written by pointsparse.export.save, or it is damaged "
                          f"({type(error).__name__}: {str(error)[:200]})") from error
     finally:

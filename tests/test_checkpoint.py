@@ -453,6 +453,23 @@ def test_load_names_a_folder_given_as_the_checkpoint(tmp_path):
         checkpoint.load(tmp_path / "missing.pt")
 
 
+def test_an_exported_program_given_as_the_checkpoint_is_named_as_one(tmp_path):
+    """A .pt2 program (pointsparse export's) where a checkpoint is read (eval --checkpoint for --program, say)
+    was said to be "damaged, truncated or not a torch file", with torch's miniz error about data.pkl; it is
+    named as a program, and where to give it."""
+    from pointsparse import SparseTensor, export
+    from pointsparse import nn as spnn
+
+    model = spnn.Conv3d(2, 3, 3).eval()
+    x = SparseTensor(torch.randn(5, 2), torch.tensor([[0, i, 0, 0] for i in range(5)], dtype=torch.int32))
+    export.save(export.export_model(model, x), tmp_path / "m.pt2")
+    with pytest.raises(ValueError, match=r"m\.pt2 is an exported program \(pointsparse export's \.pt2\), not a "
+                                         r"checkpoint.*--program"):
+        checkpoint.load(tmp_path / "m.pt2")
+    with pytest.raises(ValueError, match=r"m\.pt2 is an exported program"):
+        export.load_checkpoint(tmp_path / "m.pt2")
+
+
 def test_non_finite_weight_reads_compressed_layers():
     """``non_finite_weight`` (the check training, the loaders and the commands
     share) raised AttributeError on a model holding compressed layers, whose

@@ -530,6 +530,20 @@ def test_program_of_a_coarse_voxel_prune_at_the_end_records_the_kept_voxels(tmp_
             assert torch.equal(ps.devoxelize(got, low), ps.devoxelize(eager, low))
 
 
+def test_a_checkpoint_given_as_the_program_is_named_as_one(tmp_path):
+    """A checkpoint (checkpoint.save's, or a plain torch.save) where a program is read (ProgramModel.load,
+    eval --program for --checkpoint) was "not a program ..., or it is damaged" with torch's "We ran into an
+    error when deserializing the saved file"; it is named as a torch.save file, and how to export it."""
+    from pointsparse import checkpoint
+
+    checkpoint.save(tmp_path / "run.pt", {"model": {"w": torch.ones(2)}, "config": {}})
+    torch.save({"w": torch.ones(2)}, tmp_path / "plain.pt2")
+    for name in ("run.pt", "plain.pt2"):
+        with pytest.raises(ValueError, match=rf"{name.replace('.', '[.]')} is a torch\.save file \(a checkpoint\?\), "
+                                             r"not an exported program.*pointsparse export --checkpoint"):
+            export.ProgramModel.load(tmp_path / name)
+
+
 def test_a_program_written_without_the_selection_record_still_loads_and_devoxelizes(tmp_path):
     """A sparse program of a stride-1 VoxelPrune written before programs gave their selection's record
     (feats, coords and stride only) loads and runs: ProgramModel finds the kept rows among the input's."""
@@ -1036,7 +1050,8 @@ def test_load_names_a_file_that_is_no_exported_program(tmp_path, caplog):
     torch.save({"w": torch.arange(1000.0)}, tmp_path / "saved.pt2")
     (tmp_path / "half.pt2").write_bytes((tmp_path / "saved.pt2").read_bytes()[:3000])
     for name in [*files, "saved.pt2", "half.pt2"]:
-        with pytest.raises(ValueError, match="is not a program written by pointsparse.export.save") as info:
+        what = "is a torch.save file" if name == "saved.pt2" else "is not a program written by pointsparse.export.save"
+        with pytest.raises(ValueError, match=what) as info:
             export.load(tmp_path / name)
         assert str(tmp_path / name) in str(info.value)
     assert "Traceback" not in caplog.text and "deserializing" not in caplog.text, caplog.text[:500]
