@@ -358,13 +358,15 @@ def check_out_path(path) -> None:
 def load(path) -> tuple[torch.export.ExportedProgram, dict]:
     """``(program, meta)`` of a file written by :func:`save`;
     ``FileNotFoundError`` where there is no such file, a ``ValueError``
-    naming it where it is not such a program (another kind of file, or one
+    naming it where it is a folder or not such a program (another kind of file, or one
     truncated or damaged so that it no longer reads). Every member of the
     archive is checked against the CRC-32 the writer stored for it before
     torch reads it (torch's reader does not check them, so a flipped byte in
     a weight loaded silently); the error names the damaged member.
     ``TypeError`` where ``path`` is no str or ``os.PathLike``."""
     path = _as_path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give the .pt2 file in it (e.g. {path / 'model.pt2'})")
     if not path.is_file():
         raise FileNotFoundError(f"no exported program at {path}")
     _check_members(path)

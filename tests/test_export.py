@@ -1059,6 +1059,15 @@ def test_load_names_a_file_that_is_no_exported_program(tmp_path, caplog):
         export.load(tmp_path / "missing.pt2")
 
 
+def test_load_names_a_folder_given_as_the_program(tmp_path):
+    """export.load / ProgramModel.load of a folder (a run's folder for the .pt2 in it) said "no exported
+    program at" it, a FileNotFoundError for a path that exists; a ValueError names it as a folder, as
+    checkpoint.load and export.save do."""
+    for load in (export.load, export.ProgramModel.load):
+        with pytest.raises(ValueError, match=r"is a folder; give the \.pt2 file in it"):
+            load(tmp_path)
+
+
 def test_save_names_a_missing_folder(tmp_path):
     """export.save into a folder that does not exist: FileNotFoundError
     naming it (was torch's RuntimeError from its archive writer)."""
