@@ -362,7 +362,9 @@ def load(path) -> tuple[torch.export.ExportedProgram, dict]:
     truncated or damaged so that it no longer reads). Every member of the
     archive is checked against the CRC-32 the writer stored for it before
     torch reads it (torch's reader does not check them, so a flipped byte in
-    a weight loaded silently); the error names the damaged member.
+    a weight loaded silently); the error names the damaged member. A file
+    holding pickled Python objects, which torch's reader would unpickle as
+    code (:func:`_check_data_only`), is a ValueError naming the member.
     ``TypeError`` where ``path`` is no str or ``os.PathLike``."""
     path = _as_path(path)
     if path.is_dir():
@@ -370,6 +372,7 @@ def load(path) -> tuple[torch.export.ExportedProgram, dict]:
     if not path.is_file():
         raise FileNotFoundError(f"no exported program at {path}")
     _check_members(path)
+    _check_data_only(path)
     extra = {META_FILE: ""}
     import logging
 
@@ -414,6 +417,43 @@ def _check_members(path: Path) -> None:
     if bad is not None:
         raise ValueError(f"{path} is damaged: its member {bad} does not match the CRC-32 stored for it "
                          "(the file changed after it was written)")
+
+
+def _check_data_only(path: Path) -> None:
+    """``ValueError`` naming ``path`` and the member where the archive holds
+    something ``torch.export.load`` would unpickle as code: a ``.pt`` member
+    (the sample inputs, a legacy weights or constants file) that does not
+    read as data only (torch falls back to ``weights_only=False`` there), or
+    a weight or constant its config marks ``use_pickle`` or stores as a
+    pickled object (read with ``weights_only=False`` / ``pickle.loads``).
+    A file that is no zip is left to the reader's own error."""
+    import io
+    import zipfile
+
+    def refused(name: str, why: str) -> ValueError:
+        return ValueError(f"{path}: its member {name} {why}, which torch.export.load would unpickle as code; "
+                          "pointsparse loads programs of tensors and plain data only (export_model's) and refuses it")
+
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        return
+    with archive:
+        for name in archive.namelist():
+            if name.endswith(".pt"):
+                try:
+                    torch.load(io.BytesIO(archive.read(name)), map_location="cpu", weights_only=True)
+                except Exception:  # (weights_only's UnpicklingError, or a damaged pickle torch would retry too)
+                    raise refused(name, "holds pickled Python objects other than tensors and plain data") from None
+            elif name.endswith(("_weights_config.json", "_constants_config.json")):
+                try:
+                    entries = json.loads(archive.read(name)).get("config", {}).values()
+                    pickled = [e for e in entries if e.get("use_pickle") or
+                               ("constants" in name and not str(e.get("path_name", "")).startswith("tensor_"))]
+                except (ValueError, AttributeError, TypeError) as error:
+                    raise ValueError(f"{path} is damaged: its member {name} does not read ({error})") from None
+                if pickled:
+                    raise refused(name, f"marks {pickled[0].get('path_name')!r} as pickled Python objects")
 
 
 # --------------------------------------------------------------------- running a program

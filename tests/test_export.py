@@ -1059,6 +1059,53 @@ def test_load_names_a_file_that_is_no_exported_program(tmp_path, caplog):
         export.load(tmp_path / "missing.pt2")
 
 
+class _Payload:
+    """Unpickling this runs code (it touches a file)."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return (Path.touch, (Path(self.target),))
+
+
+@pytest.mark.parametrize("member", ["sample inputs", "pickled weight"])
+def test_a_program_holding_pickled_code_is_refused_and_the_code_never_runs(tmp_path, member):
+    """torch.export.load unpickles a program's sample inputs with weights_only=False where the data-only
+    read fails, and any weight or constant its config marks use_pickle with weights_only=False: a .pt2 with
+    such a member (here one whose unpickling touches a file) ran its code in export.load, ProgramModel.load
+    and so eval / predict --program. The file is refused naming it and the member, before torch reads it;
+    export_model's programs (tensors only) still load."""
+    import io
+    import zipfile
+
+    marker = tmp_path / "ran"
+    export.save(export.export_model(spnn.Conv3d(2, 3, 3).eval(), _cloud(50, 1, 2)), tmp_path / "good.pt2")
+    assert export.load(tmp_path / "good.pt2")[1] == {}
+    payload = io.BytesIO()
+    torch.save((_Payload(str(marker)),), payload)
+    with zipfile.ZipFile(tmp_path / "good.pt2") as good, zipfile.ZipFile(tmp_path / "evil.pt2", "w") as evil:
+        for name in good.namelist():
+            data = good.read(name)
+            if member == "sample inputs" and name.endswith("data/sample_inputs/model.pt"):
+                data = payload.getvalue()
+            elif member == "pickled weight" and name.endswith("data/weights/weight_0"):
+                data = payload.getvalue()
+            elif member == "pickled weight" and name.endswith("model_weights_config.json"):
+                config = json.loads(data)
+                first = next(iter(config["config"].values()))
+                assert first["path_name"] == "weight_0"
+                first["use_pickle"] = True
+                data = json.dumps(config).encode()
+            evil.writestr(name, data)
+    for load in (export.load, export.ProgramModel.load):
+        with pytest.raises(ValueError, match=r"evil\.pt2: its member .* pickled Python objects"):
+            load(tmp_path / "evil.pt2")
+    assert not marker.exists()
+
+
 def test_load_names_a_folder_given_as_the_program(tmp_path):
     """export.load / ProgramModel.load of a folder (a run's folder for the .pt2 in it) said "no exported
     program at" it, a FileNotFoundError for a path that exists; a ValueError names it as a folder, as
