@@ -559,6 +559,8 @@ def test_predict_and_eval_run_a_checkpoint_with_a_stride_1_voxel_prune(tmp_path)
 
     loaded = export.ProgramModel.load(program)
     assert loaded.output == "sparse" and "kept" in loaded.meta["output"]
+    # (the meta names every output of the raw program, the selection's record after feats, coords and stride)
+    assert loaded.records_kept and "rows int64 (M,)" in loaded.meta["output"]
     assert cli.main(["eval", "--program", str(program), "--data", str(paths[0]), "--out", str(tmp_path / "evp"),
                      "--no-progress"]) == 0
     report = json.loads((tmp_path / "evp" / "eval-metrics.json").read_text())

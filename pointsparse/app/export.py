@@ -65,6 +65,8 @@ def main(args) -> int:
         rows = "M"
         output = (f"{logits} (M, num_classes) logits of the M voxels the model kept (a VoxelPrune at stride 1), "
                   "their coords int32 (M, 4) and stride int32 (3,)")
+        if export.ProgramModel(program).records_kept:
+            output += ", then the selection's record: their rows int64 (M,) among the N input voxels, and N (int)"
     meta = {"inputs": inputs, "output": output,
             "inference": args.inference, **config,
             # the data the run trained and validated on: pointsparse eval --program scores it by default
