@@ -21,6 +21,13 @@ except ImportError as exc:  # pragma: no cover - only without a build
 
 core = _core
 
+
+class MissingExtra(ImportError):
+    """An optional package a feature needs is not installed (laspy for LAS,
+    open3d for PLY/PCD, scikit-learn for the digits task); the message names
+    the package and how to install it. The command line prints it as a
+    one-line error (an ImportError, so ``except ImportError`` still takes it)."""
+
 #: Overrides the core's answer to whether this CPU's AVX-512 FMAs run at full
 #: width (``_core.avx512_full_width``: "1" or "0"; empty or unset: the CPU's
 #: answer), which the engine's kernel choices and thresholds follow; read

@@ -492,3 +492,15 @@ def test_a_launch_without_local_world_size_is_not_refused_for_the_whole_world(mo
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="--device cuda:0 puts all 2 processes on one device"):
         distributed.init_distributed(args)
+
+
+def test_a_missing_optional_extra_is_one_line_with_its_install_hint(tmp_path, monkeypatch, capsys):
+    """Reading a LAS tile without laspy ended the command with a traceback
+    (the install hint on its last line); now the usual one-line error, exit 2."""
+    monkeypatch.setitem(sys.modules, "laspy", None)  # import laspy raises ImportError
+    (tmp_path / "tile.las").write_bytes(b"LASF" + bytes(400))
+    code = cli.main(["train", "--data", str(tmp_path / "tile.las"), "--out", str(tmp_path / "run"), "--epochs", "1",
+                     "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "pointsparse train: error:" in err and "pip install laspy" in err and "Traceback" not in err

@@ -13,6 +13,8 @@ import importlib
 import os
 import sys
 
+from .._ext import MissingExtra
+
 # (command, module, one-line help)
 COMMANDS = [
     ("demo", "pointsparse.app.demo", "run the main job on data pointsparse generates itself"),
@@ -107,7 +109,8 @@ TRACEBACK_ENV = "POINTSPARSE_TRACEBACK"
 
 def main(argv: list[str] | None = None) -> int:
     """Runs a command; 0 on success. Bad input (a ValueError, which names the
-    flag or the file, or a file that is not there) prints ``pointsparse
+    flag or the file, a file that is not there, or an optional package the
+    input needs that is not installed: ``_ext.MissingExtra``) prints ``pointsparse
     <command>: error: <message>`` on stderr and returns 2, as argparse does
     for a bad flag, unless ``POINTSPARSE_TRACEBACK=1`` asks for the traceback."""
     parser = build_parser()
@@ -117,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args._module.main(args) or 0)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, MissingExtra) as error:
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             raise
         print(f"pointsparse {args.command}: error: {error}\n(set {TRACEBACK_ENV}=1 for the traceback)",

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .._ext import MissingExtra
 from ..tensor import positive_int
 from . import metrics
 from .trainer import fit_steps
@@ -59,7 +60,7 @@ def _load_digits():
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:  # optional dependency
-        raise ImportError("the digits task needs the optional scikit-learn (pip install scikit-learn)") from e
+        raise MissingExtra("the digits task needs the optional scikit-learn (pip install scikit-learn)") from e
     d = load_digits()
     x = torch.tensor(d.data, dtype=torch.float32) / 16.0
     y = torch.tensor(d.target, dtype=torch.long)

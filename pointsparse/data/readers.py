@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._ext import MissingExtra
 from .sample import Sample
 
 DEFAULT_IGNORE = 255
@@ -676,7 +677,7 @@ def read_las(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, *, labels
     try:
         import laspy
     except ImportError:
-        raise ImportError("reading LAS/LAZ needs the optional extra laspy: pip install laspy") from None
+        raise MissingExtra("reading LAS/LAZ needs the optional extra laspy: pip install laspy") from None
     compressed = _check_las_header(Path(path))
     try:
         las = laspy.read(str(path))
@@ -1100,7 +1101,7 @@ def read_open3d(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, *, lab
     try:
         import open3d as o3d
     except (ImportError, OSError) as exc:
-        raise ImportError(f"reading PLY/PCD needs the optional extra open3d-cpu (and libusb-1.0-0): {exc}") from None
+        raise MissingExtra(f"reading PLY/PCD needs the optional extra open3d-cpu (pip install open3d-cpu; and the system's libusb-1.0-0): {exc}") from None
     # The checks parse an ASCII body as float64 to check it; the values still come from Open3D's own parse,
     # the only one exact for 64-bit integer fields (a U8 label past 2**53) and that unpacks a PCD's packed
     # float rgb, and the one that names the attributes as for a binary file; but for x, y, z declared
