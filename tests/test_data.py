@@ -1822,3 +1822,20 @@ def test_an_empty_velodyne_or_points_folder_is_named(tmp_path, layout, suffix):
     with pytest.raises(ValueError, match=rf"seq: no point cloud files in this folder \(its {layout}/ holds no "
                                          rf"\*\{suffix} files\)"):
         find_clouds(tmp_path / "seq")
+
+
+@pytest.mark.parametrize("name", ["scalar_Classification", "scalar_classification", "scalar_Label", "scalar_label"])
+def test_open3d_reader_takes_cloudcompare_scalar_fields_as_labels(tmp_path, name):
+    """CloudCompare writes a cloud's classes as a float scalar field named
+    scalar_<field>: such a PLY came back unlabelled, and train said it had no
+    labels."""
+    try:
+        import open3d  # noqa: F401
+    except (ImportError, OSError) as exc:
+        pytest.skip(f"open3d not usable: {exc}")
+    xyz, lab = _cloud()
+    path = tmp_path / "cc.ply"
+    header = (f"ply\nformat binary_little_endian 1.0\nelement vertex {len(xyz)}\nproperty float x\nproperty float y\n"
+              f"property float z\nproperty float {name}\nend_header\n")
+    path.write_bytes(header.encode() + np.concatenate([xyz, lab[:, None]], 1).astype("<f4").tobytes())
+    assert np.array_equal(read_open3d(path).labels, lab)
