@@ -14,7 +14,7 @@ from pointsparse.app import cli
 from pointsparse.checkpoint import load_training
 from pointsparse.app.predict import _outputs, raw_ids
 from pointsparse.data import Batch, generated
-from pointsparse.data.readers import LabelMap, read_cloud
+from pointsparse.data.readers import LabelMap, load_label_map, read_cloud
 from pointsparse.data.transforms import voxelize_sample
 from pointsparse.app.scoring import predict
 from pointsparse.data import NUM_FEATURES
@@ -141,6 +141,25 @@ def test_raw_ids_take_each_classes_smallest_raw_id():
         raw_ids(LabelMap(["a", "b"], {1: 0}), ["a", "b"])
     with pytest.raises(ValueError, match="has the classes"):
         raw_ids(m, ["b", "a"])
+
+
+def test_raw_ids_follow_a_label_maps_inverse_where_it_lists_one(tmp_path):
+    """SemanticKITTI's map sends bus (13), other-vehicle (20) and four more raw
+    ids to other-vehicle; --format label wrote 13 (bus) for it, where the
+    benchmark's learning_map_inv writes 20: the map's "inverse" says which."""
+    kitti = load_label_map("semantic-kitti")
+    ids = dict(zip(kitti.classes, raw_ids(kitti, kitti.classes).tolist()))
+    assert ids["other-vehicle"] == 20 and ids["car"] == 10 and ids["person"] == 30 and ids["traffic-sign"] == 81
+    m = LabelMap(["a", "b"], {7: 0, 3: 0, 9: 1}, inverse={0: 7})
+    assert raw_ids(m, ["a", "b"]).tolist() == [7, 9]  # b: its smallest raw id
+    with pytest.raises(ValueError, match=r"inverse writes raw id 9 for class 'a', which the map sends to 'b'"):
+        LabelMap(["a", "b"], {7: 0, 9: 1}, inverse={0: 9})
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({"classes": ["a", "b"], "map": {"7": 0, "3": 0, "9": 1}, "inverse": {"a": 7}}))
+    assert load_label_map(path).inverse == {0: 7}
+    path.write_text(json.dumps({"classes": ["a", "b"], "map": {"7": 0, "9": 1}, "inverse": {"c": 7}}))
+    with pytest.raises(ValueError, match=r"m\.json: 'inverse' names 'c', which is not one of the classes"):
+        load_label_map(path)
 
 
 def test_outputs_mirror_the_inputs_below_their_common_folder(tmp_path):

@@ -9,8 +9,10 @@ common folder, without its suffix>`` gets
 - ``.npy`` (default): int32 ``(N,)``, the class index of each point in the
   file's point order (``DIR/classes.json`` names the classes), or
 - ``.label`` (``--format label``): SemanticKITTI's uint32 labels, each class
-  written as the smallest raw id the label map sends to it (the run's label map,
-  ``--label-map``, or SemanticKITTI's for ``.bin`` files), instance bits 0; a
+  written as the raw id the label map's ``inverse`` gives it (SemanticKITTI's:
+  the benchmark's ``learning_map_inv``), else the smallest raw id the map sends
+  to it (the run's label map, ``--label-map``, or SemanticKITTI's for ``.bin``
+  files), instance bits 0; a
   scan in a ``velodyne`` folder gets its file in a ``predictions`` folder beside
   that one (``sequences/08/predictions/000000.label``, as the benchmark takes).
 
@@ -59,8 +61,9 @@ def add_arguments(parser) -> None:
 
 
 def raw_ids(label_map, classes: list[str]) -> np.ndarray:
-    """uint32 ``(len(classes),)``: for each class, the smallest raw id that
-    ``label_map`` (a :class:`~pointsparse.data.readers.LabelMap`) sends to it;
+    """uint32 ``(len(classes),)``: for each class, the raw id the map's
+    ``inverse`` lists for it, else the smallest raw id that ``label_map`` (a
+    :class:`~pointsparse.data.readers.LabelMap`) sends to it;
     ``ValueError`` where the map's classes are not ``classes`` or a class has
     no raw id."""
     if list(label_map.classes) != list(classes):
@@ -70,6 +73,7 @@ def raw_ids(label_map, classes: list[str]) -> np.ndarray:
     for raw, tid in label_map.mapping.items():
         if raw >= 0 and (tid not in best or raw < best[tid]):
             best[tid] = raw
+    best.update(label_map.inverse)
     missing = [classes[i] for i in range(len(classes)) if i not in best]
     if missing:
         raise ValueError(f"label map {label_map.name!r} gives no raw id for {', '.join(missing)}")

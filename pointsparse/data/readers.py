@@ -66,12 +66,17 @@ class LabelMap:
         mapping: raw id -> training id; unlisted raw ids are ignored.
         names: optional class name -> training id (S3DIS annotation files).
         name: a human-readable name.
+        inverse: optional training id -> the raw id written for it (``predict
+            --format label``; SemanticKITTI's ``learning_map_inv``), each one
+            a raw id ``mapping`` sends to that class; a class not listed is
+            written as the smallest raw id sent to it.
     """
 
     classes: list[str]
     mapping: dict[int, int]
     names: dict[str, int] = field(default_factory=dict)
     name: str = ""
+    inverse: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         where = f"label map {self.name!r}"
@@ -95,6 +100,19 @@ class LabelMap:
                     raise ValueError(f"{where}: {'raw id' if field_name == 'mapping' else 'class name'} {key!r} "
                                      f"maps to {tid}, outside the {len(self.classes)} classes")
             setattr(self, field_name, {(int(k) if field_name == "mapping" else k): int(v) for k, v in table.items()})
+        if not isinstance(self.inverse, dict):
+            raise TypeError(f"{where}: inverse must be a dict; got {type(self.inverse).__name__}")
+        for tid, raw in self.inverse.items():
+            if not whole(tid) or not whole(raw):
+                raise TypeError(f"{where}: inverse must map int training ids to int raw ids; got {tid!r}: {raw!r}")
+            if not 0 <= tid < len(self.classes):
+                raise ValueError(f"{where}: inverse lists training id {tid}, outside the {len(self.classes)} classes")
+            if self.mapping.get(int(raw)) != tid:
+                sent = self.mapping.get(int(raw))
+                to = "no class" if sent is None else repr(self.classes[sent])
+                raise ValueError(f"{where}: inverse writes raw id {raw} for class {self.classes[tid]!r}, which the map "
+                                 f"sends to {to}")
+        self.inverse = {int(k): int(v) for k, v in self.inverse.items()}
 
     @property
     def num_classes(self) -> int:
@@ -131,8 +149,10 @@ def load_label_map(name_or_path) -> LabelMap:
     """A label map from a JSON file, or by name from the project's
     ``datasets/`` folder (``semantic-kitti``, ``semantic-kitti-learning``,
     ``ign-lidarhd``, ``s3dis``). JSON: ``{"classes": [...], "map": {"raw":
-    train_id}, "names": {...}}``; a key named twice in one object is a
-    ValueError naming the file and the key (json would keep the last)."""
+    train_id}, "names": {...}, "inverse": {"class name": raw}}`` (``names``
+    and ``inverse`` optional: :class:`LabelMap`); a key named twice in one
+    object is a ValueError naming the file and the key (json would keep the
+    last)."""
     if isinstance(name_or_path, LabelMap):
         return name_or_path
     if not isinstance(name_or_path, (str, os.PathLike)):
@@ -162,8 +182,13 @@ def load_label_map(name_or_path) -> LabelMap:
     name = data.get("name", path.stem)
     if not isinstance(name, str):
         raise ValueError(f"{path}: 'name' must be a string; got {name!r:.200}")
+    inverse = {}
+    for cls, raw in _id_table(data.get("inverse", {}), path, "inverse", raw_ids=False, values="raw id").items():
+        if cls not in classes:
+            raise ValueError(f"{path}: 'inverse' names {cls!r}, which is not one of the classes")
+        inverse[classes.index(cls)] = raw
     try:
-        return LabelMap(classes, mapping, names, name)
+        return LabelMap(classes, mapping, names, name, inverse)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
 
@@ -188,14 +213,14 @@ def _unique_keys(path):
     return hook
 
 
-def _id_table(table, path: Path, field_name: str, raw_ids: bool) -> dict:
+def _id_table(table, path: Path, field_name: str, raw_ids: bool, values: str = "training id") -> dict:
     """A label map's ``map`` (raw id -> training id; the ids written as
     decimal strings, JSON's only keys) or ``names`` (class name -> training
     id): ValueError naming the file and the field for anything else (a list,
     a float, bool or out-of-range id), never a silent ``int()``."""
     if not isinstance(table, dict):
         raise ValueError(f"{path}: {field_name!r} must be an object of {'raw id' if raw_ids else 'name'} -> "
-                         f"training id; got {type(table).__name__}")
+                         f"{values}; got {type(table).__name__}")
     out: dict = {}
     for key, tid in table.items():
         if raw_ids:
@@ -207,7 +232,7 @@ def _id_table(table, path: Path, field_name: str, raw_ids: bool) -> dict:
         if key in out:
             raise ValueError(f"{path}: {field_name!r} lists {key!r} twice")
         if not isinstance(tid, int) or isinstance(tid, bool):
-            raise ValueError(f"{path}: {field_name!r}[{key!r}] must be an integer training id; got {tid!r:.100}")
+            raise ValueError(f"{path}: {field_name!r}[{key!r}] must be an integer {values}; got {tid!r:.100}")
         out[key] = tid
     return out
 
