@@ -656,3 +656,46 @@ def test_commands_refuse_a_checkpoint_whose_weights_hold_nan(tmp_path, capsys):
         err = capsys.readouterr().err
         assert f"checkpoint {ckpt}: {name} holds NaN or inf" in err, (argv[0], err)
     assert not (tmp_path / "m.pt2").exists() and not (tmp_path / "p").exists()
+
+
+def test_predict_skip_nonfinite_writes_a_row_for_every_point_of_the_file(tmp_path, capsys):
+    """Organised clouds (ROS PCDs, range images) mark points without a return
+    as NaN: predict refused the whole file, and filtering it first left
+    predictions that no longer lined up with it. --skip-nonfinite predicts
+    the finite points and writes -1 (.npy) or raw id 0, unlabeled (.label),
+    for the others, in the file's order."""
+    ckpt = _checkpoint(tmp_path / "m.pt")
+    model = load_model(ckpt).eval()
+    scene = generated.outdoor_scene(seed=5, beams=16, azimuth_steps=256)
+    xyz = scene.xyz.astype(np.float32).copy()
+    bad = np.zeros(len(xyz), bool)
+    bad[::7] = True
+    xyz[bad] = np.nan
+    xyz[3, 1] = np.inf
+    bad[3] = True
+    cloud = tmp_path / "organised.npz"
+    np.savez(cloud, xyz=xyz, intensity=scene.intensity)
+    out = tmp_path / "pred"
+    assert cli.main(["predict", "--checkpoint", str(ckpt), "--data", str(cloud), "--out", str(out),
+                     "--no-progress"]) == 2
+    assert "--skip-nonfinite" in capsys.readouterr().err  # the refusal says what to do
+    assert cli.main(["predict", "--checkpoint", str(ckpt), "--data", str(cloud), "--out", str(out),
+                     "--no-progress", "--skip-nonfinite"]) == 0
+    got = np.load(out / "organised.npy")
+    assert got.shape == (len(xyz),) and (got[bad] == -1).all()
+    finite = tmp_path / "finite.npz"
+    np.savez(finite, xyz=xyz[~bad], intensity=scene.intensity[~bad])
+    assert np.array_equal(got[~bad], _expected(model, finite, 0.5))  # as the finite points alone
+    label = tmp_path / "label"
+    assert cli.main(["predict", "--checkpoint", str(ckpt), "--data", str(cloud), "--out", str(label),
+                     "--format", "label", "--label-map", str(_generated_map(tmp_path)), "--no-progress",
+                     "--skip-nonfinite"]) == 0
+    raw = np.fromfile(label / "organised.label", dtype="<u4")
+    assert raw.shape == (len(xyz),) and (raw[bad] == 0).all() and (raw[~bad] > 0).all()
+
+
+def _generated_map(tmp_path):
+    path = tmp_path / "gen.json"
+    classes = list(generated.OUTDOOR_CLASSES)
+    path.write_text(json.dumps({"classes": classes, "map": {str(100 + i): i for i in range(len(classes))}}))
+    return path

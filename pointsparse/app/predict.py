@@ -20,10 +20,16 @@ One --out holds one format's predictions: an --out that holds the other
 format's is refused (give a new one) before any cloud is run, and so is one
 that another run (train, eval, predict) holds.
 
+A cloud whose positions hold NaN or inf (an organised cloud's points without a
+return) is refused, unless ``--skip-nonfinite``: its finite points are run and
+the others written as -1 (``.npy``) or raw id 0, unlabeled (``.label``), so
+the output keeps one row per point of the file, in its order.
+
 The files' own labels, where they have any, play no part (they are not read)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -56,6 +62,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--inference", choices=INFERENCE, default="float32",
                         help="with --checkpoint: run the model as trained (float32), fused, or fused in bf16")
     add_maps_ahead_argument(parser)
+    parser.add_argument("--skip-nonfinite", action="store_true",
+                        help="predict the points whose position is finite and write -1 (.npy) or raw id 0 "
+                             "(.label, unlabeled) for those holding NaN or inf (organised clouds mark points "
+                             "without a return so); default: such a cloud is refused")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -193,6 +203,7 @@ def _predict_all(args, model, config: dict, paths: list[Path], targets: list[Pat
     ``--format label``), then ``classes.json``."""
     from ..data import DEFAULT_IGNORE, Batch
     from ..data.readers import read_cloud
+    from ..data.sample import NonFinitePositions, nonfinite_rows_dropped
     from ..data.transforms import voxelize_sample
     from .scoring import loaded_frozen, predict
     from .trainer import have_tqdm, progress_bar
@@ -209,7 +220,12 @@ def _predict_all(args, model, config: dict, paths: list[Path], targets: list[Pat
     with loaded_frozen():
         for path, target in progress_bar(list(zip(paths, targets)), "predict",
                                          not args.no_progress and have_tqdm()):
-            sample = read_cloud(path, labels=False)  # (the file's own labels, where it has any, go unread)
+            try:
+                with nonfinite_rows_dropped() if args.skip_nonfinite else contextlib.nullcontext():
+                    sample = read_cloud(path, labels=False)  # (the file's own labels, where it has any, go unread)
+            except NonFinitePositions as error:
+                raise ValueError(f"{error}; give --skip-nonfinite to predict the other points and write -1 (.npy) "
+                                 "or raw id 0 (.label) for these") from error
             try:
                 v = voxelize_sample(sample, config["voxel_size"], ignore)
             except ValueError as error:  # (coordinates the voxel grid cannot hold: say which file)
@@ -221,9 +237,15 @@ def _predict_all(args, model, config: dict, paths: list[Path], targets: list[Pat
             pred = pred.cpu().numpy()
             target.parent.mkdir(parents=True, exist_ok=True)
             if args.format == "label":
-                data = ids[pred].astype("<u4").tobytes()
+                written = ids[pred].astype("<u4")
             else:
-                data = _npy_bytes(pred.astype(np.int32))
+                written = pred.astype(np.int32)
+            if sample.kept is not None:  # (--skip-nonfinite: a row for every point of the file, in its order)
+                full = np.zeros(len(sample.kept), written.dtype) if args.format == "label" else \
+                    np.full(len(sample.kept), -1, written.dtype)
+                full[sample.kept] = written
+                written = full
+            data = written.tobytes() if args.format == "label" else _npy_bytes(written)
             atomic_write(target, lambda f, data=data: f.write(data))
             points, voxels = points + len(pred), voxels + len(v.input)
     elapsed = time.perf_counter() - t0

@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from .._ext import MissingExtra
-from .sample import Sample
+from .sample import NonFinitePositions, Sample
 
 DEFAULT_IGNORE = 255
 _INT64_MIN, _INT64_MAX = -2**63, 2**63 - 1
@@ -357,7 +357,8 @@ def _names_the_file(reader):
         except ValueError as exc:
             if str(path) in str(exc):
                 raise
-            raise ValueError(f"{path}: {exc}") from None
+            # (NonFinitePositions keeps its type: predict says what to do about it)
+            raise (NonFinitePositions if isinstance(exc, NonFinitePositions) else ValueError)(f"{path}: {exc}") from None
         except (OSError, EOFError, KeyError, IndexError, TypeError, RuntimeError, MemoryError, OverflowError,
                 zipfile.BadZipFile, UnicodeDecodeError, tokenize.TokenError) as exc:
             # tokenize.TokenError: numpy parsing a corrupt .npy header

@@ -3,7 +3,10 @@ per-point labels."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
+from dataclasses import field as _field
 
 import numpy as np
 
@@ -11,6 +14,30 @@ import numpy as np
 # The documented range of each per-point feature (the readers' scaling lands in it).
 _RANGES = {"intensity": (0.0, 1.5), "rgb": (0.0, 1.0)}
 _SCALED = {"intensity": "scaled: 0..1, the brightest returns up to 1.5", "rgb": "scaled from 0..255 or 0..65535"}
+
+
+class NonFinitePositions(ValueError):
+    """A cloud's positions hold NaN or inf (the readers name the file);
+    :func:`nonfinite_rows_dropped` makes a Sample drop those rows instead."""
+
+
+# Set by nonfinite_rows_dropped(): Samples made inside drop the rows whose
+# position is not finite instead of refusing them.
+_DROP_NONFINITE = contextvars.ContextVar("pointsparse_drop_nonfinite", default=False)
+
+
+@contextlib.contextmanager
+def nonfinite_rows_dropped():
+    """Inside, a :class:`Sample` drops the points whose position holds NaN or
+    inf (their labels, intensity and colour with them) and records which
+    rows it kept in ``Sample.kept``, where it refuses them otherwise (the
+    readers make their Samples inside: ``predict --skip-nonfinite`` reads
+    organised clouds, whose points without a return are NaN, so)."""
+    token = _DROP_NONFINITE.set(True)
+    try:
+        yield
+    finally:
+        _DROP_NONFINITE.reset(token)
 
 
 @dataclass
@@ -28,8 +55,11 @@ class Sample:
             1.5).
         rgb: optional float32 ``(N, 3)`` colour in 0..1.
         name: where the sample came from (file name or generator and seed).
+        kept: bool ``(N_read,)``: the rows read that the sample holds, where
+            it was made inside :func:`nonfinite_rows_dropped` and dropped
+            some; else None (every row).
 
-    Non-finite positions, intensities or colours, and intensities or
+    Non-finite positions (outside :func:`nonfinite_rows_dropped`), intensities or colours, and intensities or
     colours outside those ranges (colour in 0..255 not scaled, a negative
     intensity), are a ValueError naming the field.
     """
@@ -39,6 +69,7 @@ class Sample:
     intensity: np.ndarray | None = None
     rgb: np.ndarray | None = None
     name: str = ""
+    kept: np.ndarray | None = _field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         xyz = np.asarray(self.xyz)
@@ -51,9 +82,13 @@ class Sample:
             raise ValueError(f"{self.name or 'sample'}: xyz must be (N, 3); got {xyz.shape}")
         self.xyz = np.ascontiguousarray(xyz, dtype=np.float32)
         n = len(self.xyz)
-        bad = int((~np.isfinite(self.xyz)).any(1).sum())
-        if bad:
-            raise ValueError(f"{self.name or 'sample'}: xyz holds NaN or inf at {bad} of {n} points")
+        finite = np.isfinite(self.xyz).all(1)
+        bad = n - int(finite.sum())
+        if bad and _DROP_NONFINITE.get():
+            self._drop_rows(finite)
+            n = len(self.xyz)
+        elif bad:
+            raise NonFinitePositions(f"{self.name or 'sample'}: xyz holds NaN or inf at {bad} of {n} points")
         if self.labels is not None:
             labels = np.asarray(self.labels)
             if labels.ndim == 2 and labels.shape[1] == 1:
@@ -88,6 +123,18 @@ class Sample:
                                  f"{int(outside.sum())} of {n} points do not (values {float(value.min())!r} to "
                                  f"{float(value.max())!r})")
             setattr(self, field, value)
+
+    def _drop_rows(self, keep: np.ndarray) -> None:
+        """Keeps the rows ``keep`` (bool, one per row read) of the positions
+        and of each per-point field of as many rows (one of another length is
+        left for the shape checks to name), and records them in ``kept``."""
+        n = len(keep)
+        self.xyz = np.ascontiguousarray(self.xyz[keep])
+        for name in ("labels", "intensity", "rgb"):
+            value = getattr(self, name)
+            if value is not None and np.ndim(value) >= 1 and len(value) == n:
+                setattr(self, name, np.asarray(value)[keep])
+        self.kept = keep
 
     def __len__(self) -> int:
         return len(self.xyz)
