@@ -1839,3 +1839,20 @@ def test_open3d_reader_takes_cloudcompare_scalar_fields_as_labels(tmp_path, name
               f"property float z\nproperty float {name}\nend_header\n")
     path.write_bytes(header.encode() + np.concatenate([xyz, lab[:, None]], 1).astype("<f4").tobytes())
     assert np.array_equal(read_open3d(path).labels, lab)
+
+
+def test_a_folders_readme_and_licence_texts_are_no_clouds(tmp_path):
+    """A dataset folder as downloaded holds README.txt or LICENSE.txt beside its
+    clouds: the folder's search read them as S3DIS text clouds and failed on
+    'not rows of numbers'; they are skipped (a cloud named so is still read
+    when named as a file)."""
+    xyz, _ = _cloud()
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    np.save(folder / "a.npy", xyz)
+    np.savetxt(folder / "room.txt", np.c_[xyz, np.zeros((len(xyz), 3))])
+    for name in ("README.txt", "readme_first.txt", "LICENSE.txt", "Licence.txt", "NOTICE.txt", "COPYING.txt",
+                 "CHANGELOG.txt", "CITATION.txt"):
+        (folder / name).write_text("Scans of a street, CC BY 4.0.\n")
+    assert find_clouds(folder) == [folder / "a.npy", folder / "room.txt"]
+    assert find_clouds(folder / "README.txt") == [folder / "README.txt"]

@@ -1253,7 +1253,9 @@ def find_clouds(specs) -> list[Path]:
     """Cloud files named by paths, globs or folders. A folder is searched for
     ``velodyne/*.bin`` (SemanticKITTI), ``points/*.npy`` (Open3D-ML), else
     every supported file in it (``*labels*`` arrays are label files, not
-    clouds; hidden files, named ``.*``, are skipped as a glob skips them);
+    clouds; hidden files, named ``.*``, are skipped as a glob skips them, and
+    so are text files named README*, LICENSE*, LICENCE*, NOTICE*, COPYING*,
+    CHANGELOG* or CITATION*, any case);
     an S3DIS room folder (with ``Annotations/``) is one cloud. A path found
     by two specs comes once, where first found."""
     if isinstance(specs, (str, os.PathLike)):
@@ -1291,6 +1293,11 @@ def find_clouds(specs) -> list[Path]:
     return list(unique.values())
 
 
+# Text files a dataset folder holds beside its clouds (a folder's search skips
+# them; matched on the name's start, any case).
+_DOCUMENT_NAMES = ("README", "LICENSE", "LICENCE", "NOTICE", "COPYING", "CHANGELOG", "CITATION")
+
+
 def _folder_clouds(folder: Path) -> list[Path]:
     """The clouds :func:`find_clouds` finds in one folder (not searched deeper)."""
     if (folder / "Annotations").is_dir():
@@ -1301,7 +1308,8 @@ def _folder_clouds(folder: Path) -> list[Path]:
         return _visible((folder / "points").glob("*.npy"))
     return [p for p in _visible(folder.iterdir()) if p.suffix.lower() in
             (".bin", ".npy", ".npz", ".las", ".laz", ".ply", ".pcd", ".txt")
-            and "labels" not in p.name and p.is_file()]  # (not a folder named "x.npy")
+            and "labels" not in p.name and p.is_file()  # (not a folder named "x.npy")
+            and not (p.suffix.lower() == ".txt" and p.name.upper().startswith(_DOCUMENT_NAMES))]
 
 
 def _no_clouds(folder: Path) -> str:
