@@ -441,6 +441,15 @@ class SparseTensor:
     def batch_size(self) -> int:
         return int(self._coords[:, 0].max()) + 1 if len(self) else 0
 
+    def __add__(self, other):
+        """``x + y`` of two tensors on the same sites: :func:`pointsparse.nn.add`
+        (as TorchSparse's and MinkowskiEngine's residual blocks write it)."""
+        if not isinstance(other, SparseTensor):
+            return NotImplemented
+        from .nn.functional import add  # noqa: PLC0415 - the layers import this module
+
+        return add(self, other)
+
     def with_feats(self, feats: torch.Tensor) -> "SparseTensor":
         """A tensor on the same coords and stride with new feats, sharing this
         one's coordinate cache."""

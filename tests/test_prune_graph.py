@@ -2119,3 +2119,27 @@ def test_a_weight_shared_between_layers_fixes_their_channels(root):
         graph.cut(keep)
         torch.testing.assert_close(net(x), masked, rtol=1e-12, atol=1e-12)
     assert net.d.out_features == 3 and (root or net.c.weight is net.b.weight)
+
+
+def test_a_residual_written_with_plus_couples_its_operands():
+    """x + y of two SparseTensors (nn.add) couples the two operands' channels,
+    as a residual block needs: cutting one without the other would not add."""
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = ps.nn.Conv3d(3, 8, 3)
+            self.b = ps.nn.Conv3d(8, 8, 3)
+            self.skip = ps.nn.Conv3d(3, 8, 1)
+            self.head = ps.nn.Conv3d(8, 2, 1)
+
+        def forward(self, x):
+            return self.head(self.b(self.a(x)) + self.skip(x))
+
+    g = torch.Generator().manual_seed(0)
+    xyz = torch.unique(torch.randint(0, 6, (60, 3), generator=g), dim=0)
+    coords = torch.cat([torch.zeros(len(xyz), 1, dtype=torch.long), xyz], 1).int()
+    x = ps.SparseTensor(torch.randn(len(coords), 3, generator=g), coords)
+    model = Block().eval()
+    graph = G.DependencyGraph(model, x)
+    coupled = [g for g in graph.groups if {("b", "out"), ("skip", "out")} <= {(m.module, m.role) for m in g.members}]
+    assert len(coupled) == 1

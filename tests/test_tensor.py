@@ -449,3 +449,21 @@ def test_float8_feats_are_refused_where_the_tensor_is_made(dtype):
         x.with_feats(torch.randn(len(coords), 3).to(dtype))
     with pytest.raises(TypeError, match="feats must stay floating point .float16"):
         x.to(dtype)
+
+
+def test_plus_of_two_sparse_tensors_is_nn_add():
+    """TorchSparse's and MinkowskiEngine's residual blocks write x + y of two
+    tensors on the same coords: here that was a TypeError, unsupported operand."""
+    coords = _stepped_coords()
+    x = ps.SparseTensor(torch.randn(len(coords), 3, dtype=torch.float64, requires_grad=True), coords)
+    y = x.with_feats(torch.randn(len(coords), 3, dtype=torch.float64))
+    z = x + y
+    assert z.cache is x.cache and torch.equal(z.coords, x.coords)
+    assert torch.equal(z.feats, ps.nn.functional.add(x, y).feats)
+    z.feats.sum().backward()
+    assert torch.equal(x.feats.grad, torch.ones_like(x.feats))
+    other = ps.SparseTensor(torch.randn(len(coords) - 1, 3, dtype=torch.float64), coords[:-1])
+    with pytest.raises(ValueError, match="add"):
+        x + other
+    with pytest.raises(TypeError):
+        x + 1.0
