@@ -2143,3 +2143,36 @@ def test_a_residual_written_with_plus_couples_its_operands():
     graph = G.DependencyGraph(model, x)
     coupled = [g for g in graph.groups if {("b", "out"), ("skip", "out")} <= {(m.module, m.role) for m in g.members}]
     assert len(coupled) == 1
+
+
+class _Aliased(nn.Module):
+    """a -> b -> h where ``b`` is registered a second time as ``last``
+    (one module under two names, as ``self.head = self.layers[-1]``)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU())
+        self.h = nn.Linear(6, 2)
+        self.last = self.layers[2]
+
+    def forward(self, t):
+        return self.h(self.layers(t))
+
+
+def test_a_module_registered_under_two_names_is_no_tied_layer():
+    """The check for tied weights took a module registered twice (an alias:
+    one module, one weight, two names) for two modules sharing a weight and
+    fixed its channels ("its 'weight' is shared with last.weight"), where
+    the cut, slicing that one module, is exact as before. Its groups are
+    cut; a weight held by another module stays fixed (the test above)."""
+    net, x = _Aliased().double().eval(), torch.randn(10, 4, dtype=torch.float64)
+    graph = G.DependencyGraph(net, x)
+    assert [g.name for g in graph.groups] == ["layers.0", "layers.2"]
+    keep = G.plan(graph, 0.5, multiple=1)
+    with torch.no_grad():
+        masked = copy.deepcopy(net)
+        G.DependencyGraph(masked, x).mask(keep)
+        graph.cut(keep)
+        torch.testing.assert_close(net(x), masked(x), rtol=1e-12, atol=1e-12)
+    assert net.last is net.layers[2] and net.last.out_features == 3

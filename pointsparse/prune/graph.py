@@ -148,10 +148,12 @@ class DependencyGraph:
     def _shared_tensors(self) -> dict[str, str]:
         """``{layer: why}`` for the registered layers one of whose tensors
         (its parameters and buffers with channel axes) another module holds too."""
-        owners: dict[int, list[str]] = {}
-        for qualified, t in [*self.model.named_parameters(remove_duplicate=False),
-                             *self.model.named_buffers(remove_duplicate=False)]:
-            owners.setdefault(id(t), []).append(qualified)
+        # id(tensor) -> [(the module holding it, qualified name)]; a module registered under two names (an
+        # alias, self.head = self.layers[-1]) is one module: its cut slices it once, no tie to keep
+        owners: dict[int, list[tuple[nn.Module, str]]] = {}
+        for prefix, holder in self.model.named_modules(remove_duplicate=False):
+            for key, t in [*holder.named_parameters(recurse=False), *holder.named_buffers(recurse=False)]:
+                owners.setdefault(id(t), []).append((holder, f"{prefix}.{key}" if prefix else key))
         out = {}
         for name, m in self.model.named_modules():
             adapter = adapters.adapter_for(m)
@@ -159,8 +161,7 @@ class DependencyGraph:
                 continue
             for tensor in adapter.axes(m):
                 t = adapters.raw(m, tensor)
-                own = [f"{name}.{key}" if name else key for key in (tensor, tensor + "_orig")]
-                others = [q for q in owners.get(id(t), ()) if q not in own] if t is not None else []
+                others = [q for holder, q in owners.get(id(t), ()) if holder is not m] if t is not None else []
                 if others:
                     out.setdefault(name, f"{name}: its {tensor!r} is shared with {', '.join(others)}")
         return out
