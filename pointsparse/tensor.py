@@ -195,6 +195,21 @@ class CoordinateCache:
                              "its coordinate cache holds kernel maps built on the old values; make a new "
                              "SparseTensor from the changed coords (or change a clone, coords.clone())")
 
+    def _changed(self) -> set:
+        """The strides whose coords were changed in place since taken."""
+        return {s for s, v in self.versions.items() if _version_of(self.coords[s]) not in (v, None)}
+
+    def _take_versions(self, changed: set) -> None:
+        """Record the version counter of each stride's coords (a copy's), as
+        changed (a version no counter has, -1) where ``changed`` holds it:
+        the copy carries the maps built on the old values, so it refuses
+        them as the original does."""
+        self.versions = {}
+        for s, coords in self.coords.items():
+            version = _version_of(coords)
+            if version is not None:
+                self.versions[s] = -1 if s in changed else version
+
     def input_coords(self) -> torch.Tensor | None:
         """Coords whose batch indices are the batch items of the input this
         cache comes from: ``origin`` in a selection's cache, else the coords
@@ -260,8 +275,10 @@ class CoordinateCache:
             return s != stride and all(a <= b for a, b in zip(s, stride))
 
         for s, coords in self.coords.items():
-            if finer(s):
-                into.set_coords(s, coords)
+            if finer(s) and s not in into.coords:
+                into.coords[s] = coords  # (the same tensor: the version its maps were built at is carried)
+                if s in self.versions:
+                    into.versions[s] = self.versions[s]
         for s, record in self.kept.items():
             if finer(s):
                 into.kept.setdefault(s, record)
@@ -276,7 +293,7 @@ class CoordinateCache:
         state = self.__dict__.copy()
         state["plans"] = {}
         state["derived"] = {}  # (restrictions of another cache's maps, not carried: a search builds them)
-        state["versions"] = {}  # (the copies' counters start afresh: set in __setstate__)
+        state["versions"] = self._changed()  # (the copies' counters start afresh, these marked changed)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -284,11 +301,8 @@ class CoordinateCache:
         self.__dict__.setdefault("kept", {})  # (caches pickled before it existed have none)
         self.__dict__.setdefault("derived", {})
         self.__dict__.setdefault("origin", None)
-        self.versions = {}
-        for stride, coords in self.coords.items():
-            version = _version_of(coords)
-            if version is not None:
-                self.versions[stride] = version
+        changed = state.get("versions")  # (a cache pickled before it had none)
+        self._take_versions(changed if isinstance(changed, set) else set())
 
     def to(self, device) -> "CoordinateCache":
         out = CoordinateCache()
@@ -296,10 +310,7 @@ class CoordinateCache:
         out.kmaps = {k: m.to(device) for k, m in self.kmaps.items()}
         out.kept = {s: (rows.to(device), n) for s, (rows, n) in self.kept.items()}
         out.origin = None if self.origin is None else self.origin.to(device)
-        for s, c in out.coords.items():
-            version = _version_of(c)
-            if version is not None:
-                out.versions[s] = version
+        out._take_versions(self._changed())
         return out
 
     def __repr__(self) -> str:

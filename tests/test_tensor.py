@@ -467,3 +467,40 @@ def test_plus_of_two_sparse_tensors_is_nn_add():
         x + other
     with pytest.raises(TypeError):
         x + 1.0
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "cache.to", "selection"])
+def test_coords_changed_in_place_stay_refused_in_a_copy_of_the_cache(how):
+    """A copy of a cache whose coords were changed in place (a deep copy, a
+    pickle, a device move, a selection's cache of the finer strides) took
+    the changed coords' version afresh while it carried the maps built on
+    the old values, so the copy reused them silently where the original
+    refused them. The copy refuses them too."""
+    import pickle
+
+    coords = _stepped_coords()
+    x = ps.SparseTensor(torch.randn(len(coords), 2), coords)
+    conv = ps.nn.Conv3d(2, 3, 3)
+    down = ps.nn.Conv3d(2, 2, 2, stride=2)
+    up = ps.nn.Conv3d(2, 2, 2, stride=2, transposed=True)
+    with torch.no_grad():
+        conv(x)
+        coarse = down(x)
+        up(coarse)
+        coords[::2, 1] += 7
+        if how == "selection":  # (the selection keeps the stride-1 coords and maps, for the way back up)
+            kept = ps.nn.functional.select_voxels(coarse, torch.arange(len(coarse.coords)))
+            with pytest.raises(ValueError, match="changed in place"):
+                up(kept)
+            return
+        if how == "deepcopy":
+            y = copy.deepcopy(x)
+        elif how == "pickle":
+            y = pickle.loads(pickle.dumps(x))
+        else:
+            cache = x.cache.to("cpu")
+            y = ps.SparseTensor(x.feats, cache.get_coords(x.stride), x.stride, cache=cache, validate=False)
+        with pytest.raises(ValueError, match="changed in place"):
+            conv(y)
+    fresh = ps.SparseTensor(x.feats, coords.clone())
+    conv(fresh)
