@@ -171,6 +171,9 @@ class CoordinateCache:
         # stride -> the version counter of the coords held there when they
         # were taken (see check_unchanged); strides without one are not checked.
         self.versions: dict[Triple, int] = {}
+        # stride -> a copy of coords taken as a view (data[:, :4]): their
+        # counter is their base's, which a change elsewhere in it bumps too.
+        self.views: dict[Triple, torch.Tensor] = {}
 
     def get_coords(self, stride: Triple) -> torch.Tensor | None:
         return self.coords.get(stride)
@@ -179,9 +182,32 @@ class CoordinateCache:
         if stride in self.coords:
             return
         self.coords[stride] = coords
+        self._take(stride, coords)
+
+    def _take(self, stride: Triple, coords: torch.Tensor, changed: bool = False) -> None:
+        """Record the version counter of ``coords`` held at ``stride`` (as
+        changed, -1, which no counter has, where ``changed``) and, for a
+        view, their values to compare where the counter moves."""
         version = _version_of(coords)
-        if version is not None:
-            self.versions[stride] = version
+        if version is None:
+            return
+        self.versions[stride] = -1 if changed else version
+        if coords._base is not None and not changed:
+            self.views[stride] = coords.clone()
+
+    def _is_changed(self, stride: Triple) -> bool:
+        version = self.versions.get(stride)
+        if version is None:
+            return False
+        coords = self.coords[stride]
+        now = _version_of(coords)
+        if now in (version, None):
+            return False
+        held = self.views.get(stride)
+        if held is not None and version != -1 and torch.equal(held, coords):
+            self.versions[stride] = now  # (another part of their base changed: the coords are as taken)
+            return False
+        return True
 
     def check_unchanged(self, stride: Triple) -> None:
         """ValueError where the coords held at ``stride`` were changed in
@@ -189,26 +215,23 @@ class CoordinateCache:
         would be reused silently). Coords without a version counter
         (inference tensors, a graph's tensors while torch compiles) are not
         checked."""
-        version = self.versions.get(stride)
-        if version is not None and _version_of(self.coords[stride]) not in (version, None):
+        if self._is_changed(stride):
             raise ValueError(f"the coords at stride {stride} were changed in place after a SparseTensor took them: "
                              "its coordinate cache holds kernel maps built on the old values; make a new "
                              "SparseTensor from the changed coords (or change a clone, coords.clone())")
 
     def _changed(self) -> set:
         """The strides whose coords were changed in place since taken."""
-        return {s for s, v in self.versions.items() if _version_of(self.coords[s]) not in (v, None)}
+        return {s for s in list(self.versions) if self._is_changed(s)}
 
     def _take_versions(self, changed: set) -> None:
         """Record the version counter of each stride's coords (a copy's), as
         changed (a version no counter has, -1) where ``changed`` holds it:
         the copy carries the maps built on the old values, so it refuses
         them as the original does."""
-        self.versions = {}
+        self.versions, self.views = {}, {}
         for s, coords in self.coords.items():
-            version = _version_of(coords)
-            if version is not None:
-                self.versions[s] = -1 if s in changed else version
+            self._take(s, coords, s in changed)
 
     def input_coords(self) -> torch.Tensor | None:
         """Coords whose batch indices are the batch items of the input this
@@ -279,6 +302,8 @@ class CoordinateCache:
                 into.coords[s] = coords  # (the same tensor: the version its maps were built at is carried)
                 if s in self.versions:
                     into.versions[s] = self.versions[s]
+                if s in self.views:
+                    into.views[s] = self.views[s]
         for s, record in self.kept.items():
             if finer(s):
                 into.kept.setdefault(s, record)
@@ -294,6 +319,7 @@ class CoordinateCache:
         state["plans"] = {}
         state["derived"] = {}  # (restrictions of another cache's maps, not carried: a search builds them)
         state["versions"] = self._changed()  # (the copies' counters start afresh, these marked changed)
+        state["views"] = {}
         return state
 
     def __setstate__(self, state: dict) -> None:

@@ -504,3 +504,25 @@ def test_coords_changed_in_place_stay_refused_in_a_copy_of_the_cache(how):
             conv(y)
     fresh = ps.SparseTensor(x.feats, coords.clone())
     conv(fresh)
+
+
+def test_coords_that_are_columns_of_a_larger_tensor_are_not_refused_for_its_other_columns():
+    """Coords taken as a view of a larger tensor (``data[:, :4]`` of
+    [batch, x, y, z, label] rows) share its version counter: a change of
+    the label column in place was refused as 'coords changed in place'
+    though the coords were not; their own change still is, and so in a
+    copy of the cache."""
+    coords = _stepped_coords()
+    data = torch.cat([coords, torch.zeros(len(coords), 1, dtype=torch.int32)], 1)
+    x = ps.SparseTensor(torch.randn(len(coords), 2), data[:, :4])
+    conv = ps.nn.Conv3d(2, 3, 3)
+    with torch.no_grad():
+        before = conv(x).feats
+        data[:, 4] = 7  # the labels, not the coords
+        torch.testing.assert_close(conv(x).feats, before)
+        torch.testing.assert_close(conv(copy.deepcopy(x)).feats, before)
+        data[::2, 1] += 7  # the coords
+        with pytest.raises(ValueError, match="changed in place"):
+            conv(x)
+        with pytest.raises(ValueError, match="changed in place"):
+            conv(copy.deepcopy(x))
