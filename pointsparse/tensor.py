@@ -156,7 +156,12 @@ class CoordinateCache:
     ``origin``: in a selection's cache, the coords the first selection was
     made from (the input's side before any selection); their batch column
     numbers the batch items, which a selection that drops every voxel of
-    one no longer does (:meth:`input_coords`: the global poolings' rows)."""
+    one no longer does (:meth:`input_coords`: the global poolings' rows).
+
+    ``versions`` (and ``views``, a copy of coords taken as a view of a larger
+    tensor): each stride's coords as taken, so that a map lookup refuses
+    coords changed in place since (:meth:`check_unchanged`); copies of the
+    cache keep the refusal."""
 
     def __init__(self) -> None:
         self.coords: dict[Triple, torch.Tensor] = {}
