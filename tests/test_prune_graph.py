@@ -2176,3 +2176,18 @@ def test_a_module_registered_under_two_names_is_no_tied_layer():
         graph.cut(keep)
         torch.testing.assert_close(net(x), masked(x), rtol=1e-12, atol=1e-12)
     assert net.last is net.layers[2] and net.last.out_features == 3
+
+
+@pytest.mark.parametrize("keep", [[[0, 1], [2, 3]], torch.tensor([[0, 1]])])
+def test_keep_of_more_than_one_dimension_is_refused(keep):
+    """keep given as a 2-D list was flattened silently: a list of lists meant
+    for several groups cut one group to their union."""
+    model = MinkUNet(4, 3, cr=0.125, blocks=1).eval()
+    g = torch.Generator().manual_seed(0)
+    xyz = torch.unique(torch.randint(0, 8, (80, 3), generator=g), dim=0)
+    coords = torch.cat([torch.zeros(len(xyz), 1, dtype=torch.long), xyz], 1).int()
+    graph = G.DependencyGraph(model, ps.SparseTensor(torch.randn(len(coords), 4, generator=g), coords))
+    with pytest.raises(ValueError, match="keep for group .* must be a flat sequence of channel indices"):
+        graph.mask({0: keep})
+    with pytest.raises(ValueError, match="keep for group .* must be a flat sequence of channel indices"):
+        graph.cut({0: keep})

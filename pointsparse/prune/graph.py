@@ -542,6 +542,8 @@ def _as_indices(keep, what: str) -> torch.Tensor:
         raise TypeError(f"{what} must be channel indices (ints); got {type(keep).__name__}") from error
     if t.numel() and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
         raise TypeError(f"{what} must be channel indices (ints); got a {t.dtype} sequence")
+    if t.dim() > 1:  # (flattened, a list of lists meant for several groups cut one to their union)
+        raise ValueError(f"{what} must be a flat sequence of channel indices; got shape {tuple(t.shape)}")
     return t.to(torch.long).flatten()
 
 
