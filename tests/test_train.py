@@ -712,6 +712,31 @@ def test_lr_schedules(schedule):
         assert f[0] < f[9] and all(a >= b for a, b in zip(f[10:], f[11:]))
 
 
+def test_history_lr_is_the_rate_each_step_ran_at(tmp_path):
+    """history["lr"][i] (metrics.json, checkpoints) is the learning rate step i
+    ran at; it was read after the scheduler's step, so the list was one step
+    ahead: the first step's rate missing, the last a rate no step used."""
+    used = []
+    orig = tr.TrainingJob.loss
+
+    def loss(job, net, batch):
+        used.append(job.optimizer.param_groups[0]["lr"])
+        return orig(job, net, batch)
+
+    argv = [*_without(TINY, "--batch-size"), "--batch-size", "1", "--epochs", "2", "--schedule", "cosine",
+            "--warmup", "0.5", "--out", str(tmp_path / "run")]
+    try:
+        tr.TrainingJob.loss = loss
+        report = tr.train(_parse(argv))
+    finally:
+        tr.TrainingJob.loss = orig
+    steps = len(report["history"]["step_loss"])
+    assert steps == 4 and len(used) == steps
+    expect = [2e-3 * tr.lr_factor("cosine", s, steps, 0.5) for s in range(steps)]
+    assert np.allclose(used, expect, rtol=1e-12)
+    assert report["history"]["lr"] == used
+
+
 def test_class_weights_hand_computed():
     from pointsparse.data import Sample
 

@@ -824,6 +824,8 @@ class TrainingJob:
         (weighted) count: the same loss (and, with DDP's averaging, gradient)
         as one process on the whole batch. Also its value, for the log."""
         ignore = self.args.ignore_index
+        # (the rate this step runs at, for the log: log_step comes after the scheduler's step)
+        self.step_lr = self.optimizer.param_groups[0]["lr"]
         try:
             logits, target = logits_of(net, batch)
         except BatchStatisticsError as error:  # (the layer knows the stride; the run, what made the batch)
@@ -847,7 +849,7 @@ class TrainingJob:
         self.epoch_losses.append(step_loss)
         self.history["step_loss"].append(step_loss)
         self.history["step_time"].append(seconds)
-        self.history["lr"].append(self.optimizer.param_groups[0]["lr"])
+        self.history["lr"].append(self.step_lr)
         if self.progress:
             self.bar.set_postfix(loss=f"{step_loss:.3f}", s_per_step=f"{seconds:.2f}")
 
