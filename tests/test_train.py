@@ -217,6 +217,23 @@ def test_resume_continues_exactly(tmp_path):
     assert (cut / "checkpoint.pt").read_bytes() == before
 
 
+def test_resume_with_a_larger_time_budget_trains_on(tmp_path):
+    """--time-budget may change on resume (README): a run its budget ended
+    resumed with more budget and --epochs trains the epochs that now fit.
+    The plan saved in the checkpoint was kept instead, so it was refused with
+    '--epochs 1 asks for no more' beside the --epochs 3 typed."""
+    out = tmp_path / "budget"
+    tr.main(_parse([*TINY, "--epochs", "3", "--time-budget", "1e-7", "--out", str(out)]))
+    state = tr.load_checkpoint(out / "checkpoint.pt")
+    assert (state["epoch"], state["planned_epochs"]) == (1, 1)
+    # The same budget fits no more epochs: said so, naming the budget rather than --epochs.
+    with pytest.raises(ValueError, match=r"--time-budget 1e-07 min .*fits no more"):
+        tr.main(_parse([*TINY, "--epochs", "3", "--time-budget", "1e-7", "--resume", "--out", str(out)]))
+    tr.main(_parse([*TINY, "--epochs", "3", "--time-budget", "100", "--resume", "--out", str(out)]))
+    state = tr.load_checkpoint(out / "checkpoint.pt")
+    assert (state["epoch"], state["planned_epochs"]) == (3, 3)
+
+
 def test_resume_takes_the_runs_optimizer(tmp_path):
     """A run trained with --optimizer sgd resumes with SGD when the flag is
     not repeated (an AdamW built from the default took SGD's state and

@@ -665,6 +665,10 @@ class TrainingJob:
         self.start_epoch, self.best, self.report, self._val_samples = 0, -1.0, None, None
         if resume_state is not None:
             self._restore(resume_state)
+            if self.start_epoch >= self.plan["epochs"] and self.plan["epochs"] < args.epochs:
+                raise ValueError(f"--resume: the run already trained {self.start_epoch} epochs of about "
+                                 f"{self._fit_budget(self.start_epoch)[1]:.0f} s and --time-budget "
+                                 f"{args.time_budget:g} min fits no more; give a larger --time-budget")
             if self.start_epoch >= self.plan["epochs"]:
                 raise ValueError(f"--resume: the run already trained {self.start_epoch} epochs and --epochs "
                                  f"{self.plan['epochs']} asks for no more; give --epochs above {self.start_epoch}")
@@ -766,8 +770,8 @@ class TrainingJob:
         self.scheduler.load_state_dict(state["scheduler"])
         self.history = state["history"]
         self.start_epoch = state["epoch"]
-        if self.args.time_budget is not None:  # keep the plan made on the first epoch
-            self.plan["epochs"] = state.get("planned_epochs", self.args.epochs)
+        if self.args.time_budget is not None:  # the plan after the epochs done (the same budget: the run's own)
+            self.plan["epochs"] = min(self.args.epochs, self._fit_budget(self.start_epoch)[0])
         self.best = state.get("best_miou", -1.0)
         torch.set_rng_state(state["torch_rng"])
 
@@ -882,8 +886,7 @@ class TrainingJob:
         args = self.args
         if args.time_budget is None:
             return
-        per_epoch = max(sum(self.history["step_time"]) / (epoch + 1), 1e-9)
-        fit = max(epoch + 1, int(args.time_budget * 60 / per_epoch))
+        fit, per_epoch = self._fit_budget(epoch + 1)
         if self.dist.active:
             fit_t = torch.tensor([fit], dtype=torch.int64)
             torch.distributed.broadcast(fit_t, 0)
@@ -891,6 +894,12 @@ class TrainingJob:
         if min(args.epochs, fit) != self.plan["epochs"]:
             self.plan["epochs"] = min(args.epochs, fit)
             self.log(f"time budget {args.time_budget} min: {self.plan['epochs']} epochs of about {per_epoch:.0f} s")
+
+    def _fit_budget(self, done: int) -> tuple[int, float]:
+        """(the epochs that fit ``--time-budget``, at least the ``done`` ones;
+        the mean seconds of the epochs done so far)."""
+        per_epoch = max(sum(self.history["step_time"]) / done, 1e-9)
+        return max(done, int(self.args.time_budget * 60 / per_epoch)), per_epoch
 
     def _checkpoint(self, epoch: int, losses: list, cm) -> None:
         """Log the epoch, write ``checkpoint.pt`` (and ``best.pt`` on a better mIoU)."""
