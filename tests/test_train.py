@@ -234,6 +234,39 @@ def test_resume_with_a_larger_time_budget_trains_on(tmp_path):
     assert (state["epoch"], state["planned_epochs"]) == (3, 3)
 
 
+def test_resume_without_epochs_finishes_the_runs_epochs(tmp_path):
+    """A run of --epochs 2 killed after epoch 1 and resumed with --resume alone
+    (README: "--resume after a kill continues exactly") trained on to the
+    default --epochs 10, its schedule stretched over ten epochs, without a word.
+    Left out, --epochs is the run's: the resumed run is the straight one; typed,
+    it extends the run."""
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    tr.main(_parse([*TINY, "--epochs", "2", "--out", str(straight)]))
+    tr.main(_parse([*TINY, "--epochs", "2", "--time-limit", "0", "--out", str(cut)]))
+    tr.main(_parse(["--resume", "--no-progress", "--out", str(cut)]))
+    a, b = tr.load_checkpoint(straight / "checkpoint.pt"), tr.load_checkpoint(cut / "checkpoint.pt")
+    assert b["epoch"] == 2 and a["history"]["step_loss"] == b["history"]["step_loss"]
+    assert a["history"]["lr"] == b["history"]["lr"]
+    with pytest.raises(ValueError, match="already trained 2 epochs and --epochs 2 asks for no more"):
+        tr.main(_parse(["--resume", "--no-progress", "--out", str(cut)]))
+    tr.main(_parse(["--resume", "--epochs", "3", "--no-progress", "--out", str(cut)]))
+    assert tr.load_checkpoint(cut / "checkpoint.pt")["epoch"] == 3
+
+
+def test_resume_from_a_namespace_made_by_hand_takes_its_epochs(tmp_path):
+    """A namespace not from the command line (prune --finetune-epochs makes
+    one from the run's flags, epochs = the run's + N) records no flags typed:
+    its --epochs is taken as it is, also where it equals the default 10."""
+    import argparse
+
+    out = tmp_path / "run"
+    tr.main(_parse([*TINY, "--epochs", "1", "--out", str(out)]))
+    parser = argparse.ArgumentParser()
+    tr.add_arguments(parser)
+    tr.main(parser.parse_args([*TINY, "--epochs", "10", "--eval-every", "10", "--resume", "--out", str(out)]))
+    assert tr.load_checkpoint(out / "checkpoint.pt")["epoch"] == 10
+
+
 def test_resume_takes_the_runs_optimizer(tmp_path):
     """A run trained with --optimizer sgd resumes with SGD when the flag is
     not repeated (an AdamW built from the default took SGD's state and

@@ -116,8 +116,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                         help="continue a run (default: DIR/checkpoint.pt) with its model, optimizer, ignore index, "
                              "schedule, batch size, class weights, augmentation and seed (another value typed is "
-                             "refused); --epochs, --time-limit, --time-budget, --eval-every, the device and "
-                             "process flags and the data (same classes) may change")
+                             "refused) and, left out, its --epochs and data; --epochs, --time-limit, "
+                             "--time-budget, --eval-every, the device and process flags and the data (same "
+                             "classes) may change")
     parser.add_argument("--init", default=None, metavar="CHECKPOINT",
                         help="start from a checkpoint's weights (fine-tuning); classifier rows are matched by "
                              "class name, other layers by name and shape")
@@ -256,6 +257,16 @@ def take_run_flags(args) -> None:
     for name, value in recorded_training(state["config"], path, saved).items():
         if not _given(args, name):
             setattr(args, name, value)
+    # (the run's length too: the default 10 took the place of a run's --epochs, and a run resumed after a kill
+    # trained on past its end with its schedule stretched; typed, --epochs extends it. Only where the command
+    # line records what was typed: a namespace made by hand, as prune --finetune-epochs makes, sets its epochs)
+    epochs = saved.get("epochs") if isinstance(saved, dict) else None
+    typed = getattr(args, "_typed", None)
+    if epochs is not None and typed is not None and "epochs" not in typed:
+        if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+            raise ValueError(f"--resume {path}: the run's --epochs is no epoch count; got {epochs!r:.100}: give "
+                             "--epochs")
+        args.epochs = epochs
 
 
 def check_unread_flags(args) -> None:
