@@ -114,3 +114,53 @@ def test_each_rank_scores_its_validation_shard_and_the_sum_is_one_process_score(
     assert cm.sum() > 0
     assert np.array_equal(ranks[0]["cm"], cm) and np.array_equal(ranks[1]["cm"], cm)
     assert ranks[0]["first"] == first[3]
+
+
+SKEW_SCRIPT = textwrap.dedent("""
+    import sys
+    from pointsparse.app import cli
+    from pointsparse.app import train as tr
+
+    REAL = tr._spawn_worker
+
+    def worker(rank, world, port, args):
+        if rank == 0:  # rank 0's clock: each step 1000 s longer than rank 1's
+            log = tr.TrainingJob.log_step
+            tr.TrainingJob.log_step = lambda job, epoch, loss, seconds: log(job, epoch, loss, seconds + 1000)
+        REAL(rank, world, port, args)
+
+    if __name__ == "__main__":
+        parser = cli.CommandParser()
+        tr.add_arguments(parser)
+        args = parser.parse_args(sys.argv[1:])
+        tr._spawn_worker = worker
+        sys.exit(tr.main(args))
+""")
+
+
+def test_the_time_limit_stops_every_process_together(tmp_path):
+    """Each process times its own steps, so near --time-limit one process
+    could stop while the other went on into the next epoch: the job hung in
+    mismatched collectives. Every process now follows rank 0's decision (as
+    for --time-budget's plan): here rank 0's clock has passed the limit
+    after epoch 1 and rank 1's has not, and both stop."""
+    import json
+    import signal
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    script = tmp_path / "skew.py"
+    script.write_text(SKEW_SCRIPT)
+    argv = [*ARGS[:ARGS.index("--epochs")], "--epochs", "3", *ARGS[ARGS.index("--epochs") + 2:]]
+    proc = subprocess.Popen([sys.executable, str(script), *argv, "--time-limit", "1", "--nproc", "2", "--out",
+                             str(tmp_path / "run")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError("the processes did not stop together: the job hung after epoch 1") from None
+    assert proc.returncode == 0, err[-3000:]
+    report = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert report["epochs"] == 1 and report["stopped_by_time_limit"] is True
+    assert checkpoint.load(tmp_path / "run" / "checkpoint.pt")["epoch"] == 1

@@ -875,6 +875,12 @@ class TrainingJob:
         self.history["epoch_loss"].append(float(np.mean(losses)) if losses else math.nan)
         self._replan(epoch)
         stop = self.args.time_limit is not None and self.train_time >= self.args.time_limit * 60
+        if self.dist.active and self.args.time_limit is not None:
+            # (each process times its own steps: one stopped while another went on into mismatched collectives,
+            # and the job hung; every process follows rank 0, as for the --time-budget plan)
+            stop_t = torch.tensor([int(stop)], dtype=torch.int64, device=self.dist.device)
+            torch.distributed.broadcast(stop_t, 0)
+            stop = bool(stop_t)
         last = epoch + 1 == self.plan["epochs"] or stop
         validate = last or (epoch + 1) % self.args.eval_every == 0
         check_finite_weights(self.model, epoch + 1)
