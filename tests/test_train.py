@@ -750,6 +750,24 @@ def test_metrics_hand_computed():
         metrics.confusion_matrix(torch.tensor([0, 1]), torch.tensor([0]), 3)
 
 
+def test_metrics_refuse_a_matrix_and_names_that_do_not_match():
+    """summary and format_table zipped the classes with the matrix's rows: a
+    class list one short dropped a class from per_class and the table while
+    the mIoU counted it; a matrix not square failed with numpy's broadcast
+    error, and a class count not a positive int with torch's."""
+    cm = metrics.confusion_matrix(torch.tensor([0, 1, 2]), torch.tensor([0, 1, 1]), 3)
+    for fn in (metrics.summary, metrics.format_table):
+        with pytest.raises(ValueError, match=r"classes: 2 names for the 3 classes of the \(3, 3\) confusion matrix"):
+            fn(cm, ["a", "b"])
+    for fn in (metrics.iou_per_class, metrics.mean_iou, metrics.accuracy):
+        with pytest.raises(ValueError, match=r"confusion matrix must be square \(C, C\); got shape \(2, 3\)"):
+            fn(np.ones((2, 3)))
+    for bad in (0, -1, 3.0, True):
+        with pytest.raises(ValueError, match=f"num_classes must be an int >= 1; got {bad!r}"):
+            metrics.confusion_matrix(torch.tensor([0]), torch.tensor([0]), bad)
+    assert metrics.confusion_matrix(torch.tensor([0]), torch.tensor([0]), np.int64(2)).shape == (2, 2)
+
+
 @pytest.mark.parametrize("schedule", tr.SCHEDULES)
 def test_lr_schedules(schedule):
     f = [tr.lr_factor(schedule, s, 100, 0.1) for s in range(100)]

@@ -13,6 +13,9 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None = 
     """int64 ``(C, C)``: row = true class, column = predicted class. Targets
     equal to ``ignore_index`` are skipped; other targets must lie in
     ``[0, num_classes)``."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        raise ValueError(f"num_classes must be an int >= 1; got {num_classes!r}")
+    num_classes = int(num_classes)
     pred = torch.as_tensor(pred).reshape(-1).long().cpu()
     target = torch.as_tensor(target).reshape(-1).long().cpu()
     if pred.shape != target.shape:
@@ -28,10 +31,28 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None = 
     return cm.reshape(num_classes, num_classes).numpy().astype(np.int64)
 
 
+def _square(cm) -> np.ndarray:
+    """``cm`` as an array; ValueError unless it is a ``(C, C)`` matrix."""
+    cm = np.asarray(cm)
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+        raise ValueError(f"the confusion matrix must be square (C, C); got shape {cm.shape}")
+    return cm
+
+
+def _named(cm, classes) -> np.ndarray:
+    """``cm`` (square), with ValueError unless ``classes`` names each of its classes."""
+    cm = _square(cm)
+    classes = list(classes)
+    if len(classes) != cm.shape[0]:
+        raise ValueError(f"classes: {len(classes)} names for the {cm.shape[0]} classes of the {cm.shape} "
+                         "confusion matrix")
+    return cm
+
+
 def iou_per_class(cm: np.ndarray) -> np.ndarray:
     """IoU = TP / (TP + FP + FN) per class; NaN where the class appears neither
     in the targets nor in the predictions."""
-    cm = np.asarray(cm, dtype=np.float64)
+    cm = _square(cm).astype(np.float64)
     tp = np.diag(cm)
     union = cm.sum(0) + cm.sum(1) - tp
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -41,7 +62,7 @@ def iou_per_class(cm: np.ndarray) -> np.ndarray:
 def mean_iou(cm: np.ndarray) -> float:
     """Mean IoU over the classes that occur in the targets (a class only
     predicted, never true, is left out); NaN when nothing was scored."""
-    cm = np.asarray(cm)
+    cm = _square(cm)
     iou = iou_per_class(cm)
     present = cm.sum(1) > 0
     vals = iou[present]
@@ -49,7 +70,7 @@ def mean_iou(cm: np.ndarray) -> float:
 
 
 def accuracy(cm: np.ndarray) -> float:
-    cm = np.asarray(cm)
+    cm = _square(cm)
     total = cm.sum()
     return float(np.trace(cm) / total) if total else math.nan
 
@@ -57,6 +78,7 @@ def accuracy(cm: np.ndarray) -> float:
 def summary(cm: np.ndarray, classes) -> dict:
     """``{"miou", "accuracy", "per_class": {name: iou or None}, "points":
     {name: count}}`` (None for classes absent from targets and predictions)."""
+    cm = _named(cm, classes)
     iou = iou_per_class(cm)
     return {
         "miou": mean_iou(cm),
@@ -68,6 +90,7 @@ def summary(cm: np.ndarray, classes) -> dict:
 
 def format_table(cm: np.ndarray, classes) -> str:
     """The per-class IoU table and mIoU as text."""
+    cm = _named(cm, classes)
     iou = iou_per_class(cm)
     counts = np.asarray(cm).sum(1)
     width = max([len(str(c)) for c in classes] + [5])
