@@ -905,7 +905,7 @@ class TrainingJob:
             return
         fit, per_epoch = self._fit_budget(epoch + 1)
         if self.dist.active:
-            fit_t = torch.tensor([fit], dtype=torch.int64)
+            fit_t = torch.tensor([fit], dtype=torch.int64, device=self.dist.device)  # (NCCL takes CUDA tensors only)
             torch.distributed.broadcast(fit_t, 0)
             fit = int(fit_t)
         if min(args.epochs, fit) != self.plan["epochs"]:
