@@ -432,6 +432,23 @@ def test_from_dense_refuses_sparse_layouts_and_meta_tensors(fmt):
             cls.from_dense(bad, **kwargs)
 
 
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_matmul_refuses_sparse_layouts_and_meta_tensors(fmt):
+    """matmul's dense operand as from_dense's tensor: a torch sparse-layout
+    tensor was torch's bare RuntimeError ('unsupported memory format option
+    Contiguous', 'Sparse CSR tensors do not have is_contiguous') and a meta
+    tensor ran; now a TypeError naming dense."""
+    cls, kwargs = FORMATS[fmt]
+    fmt_ = cls.from_dense(_input(fmt, MATRICES["random"]().float()), **kwargs)
+    K = fmt_.shape[1]
+    for bad, match in ((torch.ones(K, 2).to_sparse(), "dense \\(strided\\)"),
+                       (torch.ones(K, 2).to_sparse_csr(), "dense \\(strided\\)"),
+                       (torch.empty(K, 2, device="meta"), "meta tensor")):
+        with pytest.raises(TypeError, match="dense .*" + match):
+            fmt_.matmul(bad)
+
+
 def test_compress_and_from_module_refuse_a_meta_weight():
     with torch.device("meta"):
         lin = torch.nn.Linear(4, 4)

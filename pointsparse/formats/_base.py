@@ -318,14 +318,14 @@ class SparseFormat:
 
     # -- product ----------------------------------------------------------
     def matmul(self, dense: torch.Tensor) -> torch.Tensor:
-        """``self @ dense`` for dense of shape (K, N) or (K,), without
+        """``self @ dense`` for dense (strided, with values: not a torch
+        sparse layout or meta) of shape (K, N) or (K,), without
         gradients (a dense that requires one is a RuntimeError where autograd
         is on). The (M, N)
         output and the product's M + 1 row pointers are checked against
         :data:`pointsparse.tensor.MAX_DENSE_BYTES` first (a ValueError naming
         the shapes: a valid format may declare a huge, nearly empty matrix)."""
-        if not isinstance(dense, torch.Tensor):
-            raise TypeError(f"dense must be a torch.Tensor; got {type(dense).__name__}")
+        check_data(dense, "dense")  # (a sparse layout was torch's bare error; a meta tensor ran)
         M, K = self.shape
         vector = dense.dim() == 1
         if dense.dim() not in (1, 2) or dense.shape[0] != K:
