@@ -11,7 +11,7 @@ from .. import _ext
 from .. import kmap as _kmap
 from ..nn.reference import _autocast_dtype, autocast_input, conv_sum, im2col, offset_pairs
 from ..tensor import SparseTensor, as_bool, as_triple, positive_int
-from ._base import SparseFormat, outside_transforms
+from ._base import SparseFormat, check_data, outside_transforms
 from ._storage import widen
 from .csr import CSR
 from .fkw import FKW
@@ -90,6 +90,7 @@ class SparseLinear(nn.Module):
                 input.shape[-1] != self.in_features:
             shape = tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
             raise ValueError(f"input must be (..., {self.in_features}); got {shape}")
+        check_data(input, f"{type(self).__name__}: input")  # (torch's bare errors deep inside before)
         input = autocast_input(input, self.weight_format.dtype)
         check_dtype(self, f"the input is {input.dtype}", input.dtype, type(self.weight_format).__name__,
                     self.weight_format.dtype)
