@@ -132,6 +132,20 @@ def test_imbalance_hand_counts():
     assert F.imbalance(mask, 1) == 1.0
 
 
+@pytest.mark.parametrize("bad", [1.0, True, "1", None])
+def test_pe_nnz_and_imbalance_name_a_row_dim_that_is_no_int(bad):
+    """row_dim is an int as LoadBalancedUnstructured takes it (numpy and 0-d
+    tensor integers too): a float, bool, str or None was torch's bare
+    'movedim() received an invalid combination of arguments'."""
+    mask = torch.ones(4, 3)
+    for measure in (F.pe_nnz, F.imbalance):
+        with pytest.raises(TypeError, match="row_dim must be an int"):
+            measure(mask, 2, row_dim=bad)
+    # columns 0, 2 on PE 0 (8 entries), column 1 on PE 1 (4); rows 0, 2 and 1, 3 (6 each)
+    assert F.pe_nnz(mask, 2, row_dim=np.int64(1)).tolist() == F.pe_nnz(mask, 2, row_dim=1).tolist() == [8, 4]
+    assert F.pe_nnz(mask, 2, row_dim=torch.tensor(-2)).tolist() == [6, 6]
+
+
 def test_load_balanced_pruning_equalises_pes():
     torch.manual_seed(4)
     lin = torch.nn.Linear(64, 32)

@@ -21,6 +21,7 @@ def _rows_view(t: torch.Tensor, row_dim: int) -> torch.Tensor:
     """``t`` as a (rows, cols) matrix whose rows run along ``row_dim``."""
     if t.dim() == 0:
         raise ValueError("load-balanced pruning needs a tensor with at least one dimension")
+    row_dim = as_int(row_dim, "row_dim")  # (a float or a bool was torch's bare movedim error)
     if not -t.dim() <= row_dim < t.dim():
         raise ValueError(f"row_dim {row_dim} is out of range for a {t.dim()}-D tensor")
     return t.movedim(row_dim, 0).reshape(t.shape[row_dim], -1)
