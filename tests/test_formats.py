@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pointsparse import formats as F
+from pointsparse import nn as psnn
 from pointsparse.formats._base import torch_spmm
 from pointsparse.formats._storage import index_width, pack_bits, unpack_bits
 
@@ -350,8 +351,15 @@ def test_from_module_uses_the_masked_weight():
             continue
         s = cls.from_module(lin, **kwargs)
         assert torch.equal(s.to_dense().reshape(4, 6), lin.weight.detach())
-    with pytest.raises(ValueError, match="compress"):
-        F.CSR.from_module(torch.nn.Conv2d(2, 2, 3))
+    # A conv weight is named with what takes it: compress turns a pointsparse
+    # Conv3d only (a torch conv it leaves as it is), FKW.from_module any conv
+    # (the message sent a torch Conv2d to compress, which gave it back dense).
+    conv2d = torch.nn.Conv2d(2, 3, 3)
+    for conv in (conv2d, psnn.Conv3d(2, 3, 3)):
+        with pytest.raises(ValueError, match=r"FKW\.from_module .*\(C_out, C_in, \*kernel\).*compress .*"
+                                             r"pointsparse\.nn\.Conv3d"):
+            F.CSR.from_module(conv)
+    assert torch.equal(F.FKW.from_module(conv2d).to_dense(), conv2d.weight.detach())
 
 
 def test_eie_num_pe_is_bounded_by_the_rows():

@@ -140,12 +140,14 @@ def module_weight(module: torch.nn.Module, name: str = "weight") -> torch.Tensor
 def matrix_of_module(module: torch.nn.Module, name: str = "weight") -> torch.Tensor:
     """The (M, K) matrix a module multiplies with: a Linear's weight (out, in);
     other 2-D weights as they are. Sparse Conv3d weights (K_offsets, C_in,
-    C_out) have one matrix per offset: use ``compress`` for those."""
+    C_out) have one matrix per offset: use ``compress`` for those; any conv
+    weight goes whole into ``FKW.from_module``."""
     weight = module_weight(module, name)
     if weight.dim() != 2:
         raise ValueError(
             f"{type(module).__name__}.{name} has shape {tuple(weight.shape)}; from_module takes "
-            "2-D weights (Linear: (out, in)); use pointsparse.formats.compress for convolutions"
+            "2-D weights (Linear: (out, in)), and FKW.from_module a conv's weight (C_out, C_in, *kernel); "
+            "compress turns a pointsparse.nn.Conv3d into a SparseConv3d (one format per kernel offset)"
         )
     return weight
 
