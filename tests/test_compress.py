@@ -671,6 +671,22 @@ def test_sparse_linear_refuses_sparse_layout_and_meta_inputs(fmt, kwargs):
             linear(bad)
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+@pytest.mark.parametrize("fmt,kwargs", FORMATS)
+def test_sparse_linear_without_input_features_gives_the_bias(fmt, kwargs):
+    """A Linear(0, out) (every input channel cut) gives its bias for each
+    row, as torch's does; compressed it failed with torch's bare 'cannot
+    reshape tensor of 0 elements into shape [-1, 0]'."""
+    lin = torch.nn.Linear(0, 3)
+    with torch.no_grad():
+        lin.bias.copy_(torch.tensor([1.0, -2.0, 3.0]))
+    linear = F.compress(lin, fmt, **kwargs)
+    x = torch.ones(2, 5, 0)
+    with torch.no_grad():
+        torch.testing.assert_close(linear(x), lin(x))
+    assert linear(x).shape == (2, 5, 3)
+
+
 def test_compressed_constructors_check_their_arguments():
     """SparseConv3d takes kernel_size, stride and dilation as Conv3d does (an
     int was "'int' object is not iterable", a 2-tuple an IndexError, stride 0

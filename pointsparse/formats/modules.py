@@ -102,7 +102,7 @@ class SparseLinear(nn.Module):
         with outside_transforms(input, f"{type(self).__name__} ({type(self.weight_format).__name__})",
                                 "give it a tensor made outside the transform, or transform the uncompressed module"):
             lead = input.shape[:-1]
-            x = input.detach().reshape(-1, self.in_features)
+            x = input.detach().reshape(lead.numel(), self.in_features)  # (-1 is ambiguous for in_features 0)
             low = _autocast_dtype(x)  # (under torch.autocast the Linear's precision, rounded once)
             with torch.autocast(x.device.type, enabled=False):
                 y = self.weight_format.matmul(x.t().contiguous()).t()
