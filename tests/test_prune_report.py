@@ -43,6 +43,21 @@ def test_dense_layers_counts_and_flops():
     assert total["sparsity"] == pytest.approx(18 / (54 + 300))
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+def test_a_linear_without_input_features_costs_nothing():
+    """A Linear(0, out) (every input channel cut) runs as torch's (its bias
+    for each row); its report row was a ZeroDivisionError (rows counted as
+    input numel // in_features), compressed too."""
+    from pointsparse import formats
+
+    lin = nn.Linear(0, 3)
+    x = torch.ones(2, 5, 0)
+    for model in (nn.Sequential(lin), formats.compress(nn.Sequential(lin), "csr")):
+        row = prune.sparsity_report(model, x)["layers"]["0"]
+        assert (row["flops"], row["dense_flops"], row["executed_flops"]) == (0, 0, 0)
+        assert row["params"] == 3 and row["sparsity"] == 0.0
+
+
 def test_transposed_conv_counts_input_positions():
     model = nn.ConvTranspose2d(2, 3, 2, stride=2)
     report = prune.sparsity_report(model, torch.randn(1, 2, 4, 4))

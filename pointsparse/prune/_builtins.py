@@ -21,7 +21,8 @@ def _linear_set(m, role, n) -> None:
 
 
 def _linear_flops(m, weight, inputs, output, pair_counts):
-    return positions_flops(inputs[0].numel() // weight.shape[1], weight)
+    # rows: the input's leading dims ((..., in_features); numel // in_features divided by 0 for a Linear(0, out))
+    return positions_flops(math.prod(inputs[0].shape[:-1]), weight)
 
 
 def _linear_like(m, c_in, c_out) -> nn.Module:

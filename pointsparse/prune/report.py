@@ -52,6 +52,7 @@ do not tell the output sites)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -120,7 +121,7 @@ def _compressed_flops(module, weight, inputs, output, pair_counts):
     linear, _ = _compressed_types()
     weight = weight.detach()
     if isinstance(module, linear):
-        rows = inputs[0].numel() // module.in_features
+        rows = math.prod(inputs[0].shape[:-1])  # (..., in_features) (numel // in_features: a Linear(0, out))
         flops, dense, _, _ = adapters.positions_flops(rows, weight)
         executed = 2 * rows * _stored_values(module.weight_format)
         return flops, dense, executed, f"format:{type(module.weight_format).__name__}"
