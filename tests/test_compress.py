@@ -719,6 +719,14 @@ def test_compressed_constructors_check_their_arguments():
         F.SparseLinear(weight, torch.zeros(1))
     with pytest.raises(TypeError, match="bias must be a torch.Tensor or None; got list"):
         F.SparseLinear(weight, [0.0] * 3)
+    # A bias of another dtype than the format's values: the engine refused it at the first
+    # forward ('bias (torch.float64, cpu) must match the weight'), the format's product cast it
+    # without a word (an int64 bias too); now both constructors name it.
+    for bad in (torch.float64, torch.int64):
+        with pytest.raises(TypeError, match=rf"bias must have the format's dtype torch.float32; got {bad}"):
+            F.SparseLinear(weight, torch.zeros(3, dtype=bad))
+        with pytest.raises(TypeError, match=rf"bias must have the format's dtype torch.float32; got {bad}"):
+            F.SparseConv3d(offsets, *args, bias=torch.zeros(8, dtype=bad))
 
 
 def test_compressed_spvcnn_runs_as_the_model_it_replaces():

@@ -17,15 +17,19 @@ from .csr import CSR
 from .fkw import FKW
 
 
-def _bias_copy(bias, channels: int, what: str):
+def _bias_copy(bias, channels: int, what: str, dtype: torch.dtype):
     """A copy of ``bias``, None or a ``(channels,)`` tensor (``what``: the
-    layer's name for them), else a TypeError / ValueError."""
+    layer's name for them) of the format's ``dtype``, else a TypeError /
+    ValueError."""
     if bias is None:
         return None
     if not isinstance(bias, torch.Tensor):
         raise TypeError(f"bias must be a torch.Tensor or None; got {type(bias).__name__}")
     if bias.shape != (channels,):  # (the format's product broadcast a (1,) bias over every channel)
         raise ValueError(f"bias must be ({what},) = ({channels},); got {tuple(bias.shape)}")
+    if bias.dtype != dtype:  # (the engine refused it at the first forward, the format's product cast it)
+        raise TypeError(f"bias must have the format's dtype {dtype}; got {bias.dtype} (convert it: "
+                        f"bias.to({dtype}))")
     return bias.detach().clone()
 
 
@@ -83,7 +87,7 @@ class SparseLinear(nn.Module):
         super().__init__()
         self.weight_format = checked_format(weight, f"{type(self).__name__}: weight")
         self.out_features, self.in_features = weight.shape
-        self.register_buffer("bias", _bias_copy(bias, self.out_features, "out_features"))
+        self.register_buffer("bias", _bias_copy(bias, self.out_features, "out_features", self.weight_format.dtype))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not isinstance(input, torch.Tensor) or input.dim() < 1 or \
@@ -314,7 +318,7 @@ class SparseConv3d(nn.Module):
         self.offsets = self._checked_offsets(offsets, f"{type(self).__name__}: offsets:")
         weight = dense_weight(self.offsets)
         self.kernel_region = self._checked_region(kernel_region, weight, f"{type(self).__name__}:")
-        self.register_buffer("bias", _bias_copy(bias, self.out_channels, "out_channels"))
+        self.register_buffer("bias", _bias_copy(bias, self.out_channels, "out_channels", self.format_dtype))
         self.register_buffer("engine_weight", weight, persistent=False)
 
     @property
