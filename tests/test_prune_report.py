@@ -406,3 +406,32 @@ def test_kernel_region_offsets_outside_are_no_parameters():
     again = prune.sparsity_report(compressed)["layers"][""]
     assert {k: again[k] for k in ("params", "nonzeros", "weight_nonzeros", "sparsity")} == \
         {k: row[k] for k in ("params", "nonzeros", "weight_nonzeros", "sparsity")}
+
+
+def test_an_attached_filter_skeleton_counts_in_the_weight():
+    """A conv with a Filter Skeleton computes with orig * mask * skeleton: its
+    row counted the nonzeros of orig * mask (0% sparsity with half its
+    stripes scaled to 0) while its FLOPs, taken from the forward, skipped
+    them, and compress (which holds the skeleton's weight) reported other
+    totals than its source. Now the row counts the weight the conv runs."""
+    from pointsparse import formats
+    from pointsparse import nn as psnn
+
+    torch.manual_seed(0)
+    conv = psnn.Conv3d(4, 5, 3)
+    skeleton = prune.attach_filter_skeleton(conv)
+    with torch.no_grad():
+        skeleton[:13] = 0  # every stripe of offsets 0..12
+    model = nn.Sequential(conv)
+    x = sparse_input(n=12, channels=4)
+    effective = conv.weight_orig * conv.weight_mask * skeleton
+    for example in (None, x):
+        row = prune.sparsity_report(model, example)["layers"]["0"]
+        assert row["weight_nonzeros"] == int((effective != 0).sum()) == 14 * 4 * 5
+        assert row["sparsity"] == pytest.approx(13 / 27)
+    counts = naive_pair_counts(x.coords)
+    per_offset = (effective != 0).reshape(27, -1).sum(1)
+    assert row["flops"] == 2 * int((counts * per_offset).sum())
+    compressed = prune.sparsity_report(formats.compress(model, "csr"), x)
+    assert {k: compressed["total"][k] for k in ("params", "nonzeros", "flops", "dense_flops")} == \
+        {k: prune.sparsity_report(model, x)["total"][k] for k in ("params", "nonzeros", "flops", "dense_flops")}

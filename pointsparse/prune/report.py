@@ -88,14 +88,19 @@ def _is_kernel_mapped(module) -> bool:
 
 
 def _weight(module) -> torch.Tensor:
-    """The weight the layer computes with: a compressed layer's is the dense
-    weight its format holds (``(out, in)``; ``(K, C_in, C_out)`` for a conv)."""
+    """The weight the layer computes with (with an attached Filter
+    Skeleton's scale): a compressed layer's is the dense weight its format
+    holds (``(out, in)``; ``(K, C_in, C_out)`` for a conv)."""
     linear, conv = _compressed_types()
     if isinstance(module, linear):
         return module.weight_format.to_dense()
     if isinstance(module, conv):
         return module.engine_weight
-    return current_weight(module, "weight")
+    weight = current_weight(module, "weight")
+    # An attached Filter Skeleton scales the weight in the forward (prune.stripe): the weight it runs
+    # (its FLOPs count it; compress holds it).
+    skeleton = getattr(module, "weight_skeleton", None)
+    return weight * skeleton if isinstance(skeleton, torch.Tensor) else weight
 
 
 def _used_weights(module, weight: torch.Tensor) -> torch.Tensor:
