@@ -460,6 +460,26 @@ def test_load_model_names_a_bad_path_or_map_location(tmp_path):
         load_model(None)
 
 
+def test_load_model_names_a_map_location_this_torch_cannot_reach(tmp_path):
+    """A map_location naming a device this machine or torch build lacks
+    (CUDA without CUDA, a CUDA index past the device count) is a ValueError
+    naming map_location, as SparseTensor.to names its target: it was
+    torch's bare AssertionError ('Torch not compiled with CUDA enabled') or
+    RuntimeError from inside the model's move."""
+    from pointsparse import checkpoint
+    from pointsparse.models import load_model
+
+    config = {"model": "minkunet", "in_channels": 4, "classes": ["a", "b", "c"], "cr": 0.125, "blocks": 1}
+    path = tmp_path / "checkpoint.pt"
+    checkpoint.save(path, {"config": config, "model": MinkUNet(4, 3, cr=0.125, blocks=1).state_dict()})
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for far in [f"cuda:{count}", torch.device("cuda", count)] + (["cuda"] if count == 0 else []):
+        with pytest.raises(ValueError, match="map_location 'cuda.*' is not possible here"):
+            load_model(path, map_location=far)
+    with pytest.raises(ValueError, match="map_location"):  # (a device index: torch may refuse it as a device)
+        load_model(path, map_location=count)
+
+
 def test_model_from_state_sets_the_widths_of_a_masked_narrowed_linear():
     """A channel-pruned SPVCNN whose point branch is masked too (weight_orig
     + weight_mask) loads with its Linear layers' in_features / out_features

@@ -266,9 +266,14 @@ def load_model(path, map_location="cpu", *, allow_non_finite: bool = False) -> n
             raise ValueError(f"map_location {map_location!r} is no device (e.g. 'cpu', 'cuda', 'cuda:0')") from None
     state = checkpoint.load_training(Path(path))  # data only (weights_only=True), digest checked
     try:
-        return model_from_state(state, allow_non_finite=allow_non_finite).to(map_location).eval()
+        model = model_from_state(state, allow_non_finite=allow_non_finite)
     except (ValueError, TypeError) as error:
         raise (TypeError if isinstance(error, TypeError) else ValueError)(f"checkpoint {path}: {error}") from error
+    try:
+        model = model.to(map_location)
+    except (AssertionError, RuntimeError) as error:  # e.g. "Torch not compiled with CUDA enabled"
+        raise ValueError(f"map_location {str(map_location)!r} is not possible here: {error}") from None
+    return model.eval()
 
 
 def model_from_state(state: dict, *, allow_non_finite: bool = False) -> nn.Module:
