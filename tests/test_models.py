@@ -272,6 +272,28 @@ def test_spvcnn_per_point_logits_and_backward():
         net(v, inv, pts[:2], torch.zeros(3, dtype=torch.long))
 
 
+@pytest.mark.parametrize("where", ["unet.stem", "unet.fuse.1"])
+def test_spvcnn_names_a_voxel_prune_that_dropped_the_voxels_of_its_points(where):
+    """SPVCNN averages every point into the voxels after its bottleneck and
+    its second decoder stage: a VoxelPrune before those that drops every
+    voxel around a point (here isolated points, one voxel each at every
+    stride) leaves the point no voxel. The ValueError says so and where to
+    prune instead; it said 'points and voxels from different inputs?',
+    which they are not. After the last of those steps the model runs."""
+    from pointsparse.models import SPVCNN, add_voxel_prune
+
+    points = torch.tensor([[40.0 * i + 0.5, 0.5, 0.5] for i in range(8)])
+    x, inverse = ps.voxelize(points, torch.randn(8, 4), voxel_size=1.0)
+    batch = torch.zeros(8, dtype=torch.long)
+    net = SPVCNN(4, 3, cr=0.125, blocks=1).eval()
+    add_voxel_prune(net, where, 0.5)
+    with pytest.raises(ValueError, match=r"VoxelPrune.* dropped .*unet\.fuse\.2"):
+        net(x, inverse, points, batch)
+    net = SPVCNN(4, 3, cr=0.125, blocks=1).eval()
+    add_voxel_prune(net, "unet.fuse.2", 0.5)
+    assert net(x, inverse, points, batch).shape == (8, 3)
+
+
 def test_model_from_state_of_a_channel_pruned_model_without_widths_fuses():
     """A channel-pruned checkpoint whose config records no widths: the
     loaded model's convs take the widths of their tensors (in_channels /

@@ -28,6 +28,13 @@ def point_rows(tensor: SparseTensor, point_coords: torch.Tensor) -> torch.Tensor
     table, rows = torch.sort(_coords.pack_torch(tensor.coords, layout))
     pos = torch.searchsorted(table, keys).clamp_max(max(len(table) - 1, 0))
     if len(keys) and not bool((table[pos] == keys).all()):
+        if getattr(tensor.cache, "kept", None):  # (the voxels are a VoxelPrune's selection, or come from one)
+            raise ValueError(
+                f"some points fall in no voxel of the tensor at stride {tensor.stride}: a VoxelPrune before it "
+                "dropped every voxel around them. SPVCNN averages every point into the voxels after its bottleneck "
+                "and after its second decoder stage, so voxels may be pruned only after those (on the input of "
+                "unet.up.2, unet.fuse.2, unet.up.3 or unet.fuse.3); elsewhere keep every voxel with a VoxelSkip "
+                "(models.add_voxel_skip)")
         raise ValueError("some points fall in no voxel of the tensor (points and voxels from different inputs?)")
     return rows[pos]
 
