@@ -294,6 +294,26 @@ def test_spvcnn_names_a_voxel_prune_that_dropped_the_voxels_of_its_points(where)
     assert net(x, inverse, points, batch).shape == (8, 3)
 
 
+@pytest.mark.parametrize("where", ["down.0", "down.2.0", "fuse.0.0.main.3"])
+def test_minkunet_names_a_voxel_prune_whose_voxels_meet_unpruned_ones(where):
+    """A VoxelPrune on a strided conv's input (its skip connection taken
+    before it: the decoder comes back to the kept voxels) or inside a
+    residual branch (the shortcut keeps every voxel) joins pruned and
+    unpruned voxels in a cat or add: the ValueError names the VoxelPrune
+    selection as the cause (it named two site counts only). Pruning after
+    the skip is taken (down.0.1) runs."""
+    from pointsparse.models import add_voxel_prune
+
+    x = _cloud(600, 4, extent=24)
+    net = MinkUNet(4, 3, cr=0.125, blocks=1).eval()
+    add_voxel_prune(net, where, 0.5)
+    with pytest.raises(ValueError, match=r"(cat|add): item 1 .*VoxelPrune"):
+        net(x)
+    net = MinkUNet(4, 3, cr=0.125, blocks=1).eval()
+    add_voxel_prune(net, "down.0.1", 0.5)
+    assert net(x).feats.shape == (len(x), 3)
+
+
 def test_model_from_state_of_a_channel_pruned_model_without_widths_fuses():
     """A channel-pruned checkpoint whose config records no widths: the
     loaded model's convs take the widths of their tensors (in_channels /

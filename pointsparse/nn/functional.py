@@ -420,13 +420,29 @@ def _same_sites(tensors, what: str) -> SparseTensor:
             raise ValueError(f"{what}: item {i} is on {t.device} but item 0 on {first.device}")
         if t.stride != first.stride or not compiling and t.coords.shape[0] != first.coords.shape[0]:
             raise ValueError(f"{what}: item {i} (stride {t.stride}, {t.coords.shape[0]} sites) is not on the coords "
-                             f"of item 0 (stride {first.stride}, {first.coords.shape[0]} sites)")
+                             f"of item 0 (stride {first.stride}, {first.coords.shape[0]} sites)"
+                             + _selection_hint(t, first, i))
         other = f"{what}: item {i} has other coords (or another row order) than item 0"
         if compiling:
             _ops.check_same_coords(t.coords, first.coords, other)
         elif t.coords is not first.coords and not torch.equal(t.coords, first.coords):
-            raise ValueError(other)
+            raise ValueError(other + _selection_hint(t, first, i))
     return first
+
+
+def _selection_hint(t: SparseTensor, first: SparseTensor, i: int) -> str:
+    """Why item ``i`` and item 0 may lie on other sites: where one of them
+    holds the voxels a VoxelPrune kept (its cache records a selection) and
+    the other does not (another cache), that; else nothing."""
+    if t.cache is first.cache:
+        return ""
+    pruned = [j for j, x in ((i, t), (0, first)) if getattr(x.cache, "kept", None)]
+    if len(pruned) != 1:
+        return ""
+    return (f": item {pruned[0]}'s sites are a VoxelPrune's selection (or come from one) and the other item's are "
+            "not, so they are not the same sites; join tensors that both come after the VoxelPrune (in a U-Net, "
+            "prune after a stage's skip connection is taken, not on a strided conv's input; in a residual block, "
+            "prune the block's input, not inside its branch, or use VoxelSkip)")
 
 
 def cat(tensors) -> SparseTensor:
