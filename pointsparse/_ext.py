@@ -286,8 +286,9 @@ def reuse_freed_memory(on: bool = True, max_bytes: int = 1 << 30) -> bool:
     Process-wide (every library's allocations); returns False where the C
     library is not glibc (nothing changed). Measured with
     ``bench/ab_trees.py --setup 1 'ps.reuse_freed_memory(True)'`` (bench/RESULTS.md)."""
-    if not isinstance(on, bool):
-        raise TypeError(f"on must be a bool; got {on!r}")
+    if not isinstance(on, (bool, np.bool_)):  # (a numpy bool too, as every flag of the package: tensor.as_bool)
+        raise TypeError(f"on must be a bool (True or False); got {on!r}")
+    on = bool(on)
     from .tensor import as_int  # noqa: PLC0415 - the tensor layer imports this module
 
     try:

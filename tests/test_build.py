@@ -341,6 +341,19 @@ def test_reuse_freed_memory_takes_numpy_integers(monkeypatch, make):
     assert calls[0] == calls[1] == (True, 1 << 20) and type(calls[0][1]) is int
 
 
+def test_reuse_freed_memory_takes_a_numpy_bool(monkeypatch):
+    """``on`` may be a numpy bool, as every flag of the package takes
+    (``as_bool``): it was a TypeError 'on must be a bool; got True'. The
+    core gets a Python bool; an int is still refused."""
+    calls = []
+    monkeypatch.setattr(_ext.core, "reuse_freed_memory", lambda on, max_bytes: calls.append((on, max_bytes)) or True)
+    assert pointsparse.reuse_freed_memory(np.bool_(True)) is True
+    assert pointsparse.reuse_freed_memory(np.bool_(False), 1 << 20) is True
+    assert calls == [(True, 1 << 30), (False, 1 << 20)] and all(type(on) is bool for on, _ in calls)
+    with pytest.raises(TypeError, match="on must be a bool"):
+        pointsparse.reuse_freed_memory(1)
+
+
 @pytest.mark.parametrize("bad", [True, np.bool_(True), 2.0, 1.5, np.float64(1 << 20), "1024"])
 def test_reuse_freed_memory_refuses_bools_and_floats(monkeypatch, bad):
     calls = []
