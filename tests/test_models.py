@@ -314,6 +314,25 @@ def test_minkunet_names_a_voxel_prune_whose_voxels_meet_unpruned_ones(where):
     assert net(x).feats.shape == (len(x), 3)
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.uint16, torch.uint32, torch.int32])
+def test_spvcnn_takes_inverse_and_point_batch_of_any_integer_dtype(dtype):
+    """inverse and point_batch pass SPVCNN's check as integer tensors of any
+    dtype, and then give the int64 ones' logits: a uint8 inverse was read as
+    a boolean mask (IndexError 'The shape of the mask'), int8 / int16 ones
+    refused as indices, uint16 / 32 ones failed in torch's min or promotion."""
+    from pointsparse.models import SPVCNN
+
+    g = torch.Generator().manual_seed(3)
+    points = torch.rand(200, 3, generator=g) * 5
+    x, inverse = ps.voxelize(points, torch.randn(200, 4, generator=g), voxel_size=1.0)
+    batch = x.coords[inverse, 0].long()
+    net = SPVCNN(4, 3, cr=0.125, blocks=1).eval()
+    want = net(x, inverse, points, batch)
+    assert len(x) < 128  # (every row fits each dtype)
+    assert torch.equal(net(x, inverse.to(dtype), points, batch), want)
+    assert torch.equal(net(x, inverse, points, batch.to(dtype)), want)
+
+
 def test_model_from_state_of_a_channel_pruned_model_without_widths_fuses():
     """A channel-pruned checkpoint whose config records no widths: the
     loaded model's convs take the widths of their tensors (in_channels /

@@ -92,6 +92,16 @@ def _away(points: torch.Tensor, point_coords: torch.Tensor, coords: torch.Tensor
     return ~((points >= edges - 2) & (points <= edges + 2))  # (NaN: away)
 
 
+def _as_index(t):
+    """An integer tensor of another dtype than int32 / int64 as int64 (torch
+    reads a uint8 index as a mask, refuses int8 / int16 ones and has no min
+    or comparison of uint16 / 32 / 64); anything else as it is."""
+    if isinstance(t, torch.Tensor) and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool) \
+            and t.dtype not in (torch.int32, torch.int64):
+        return t.long()
+    return t
+
+
 def check_points(voxels: SparseTensor, inverse: torch.Tensor, points: torch.Tensor,
                  point_batch: torch.Tensor) -> torch.Tensor:
     """SPVCNN's point arguments checked against ``voxels`` (``TypeError`` /
@@ -105,6 +115,7 @@ def check_points(voxels: SparseTensor, inverse: torch.Tensor, points: torch.Tens
         if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             got = f"dtype {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
             raise TypeError(f"{name} must be an integer tensor (N,); got {got}")
+    inverse, point_batch = _as_index(inverse), _as_index(point_batch)
     if points.dim() != 2 or points.shape[1] != 3 or inverse.shape != (points.shape[0],) \
             or point_batch.shape != (points.shape[0],):
         raise ValueError(f"points must be (N, 3), inverse and point_batch (N,); got {tuple(points.shape)}, "
@@ -185,6 +196,7 @@ class SPVCNN(nn.Module):
             raise ValueError(f"SPVCNN was built for {self.in_channels} input channels; got {voxels.num_channels}")
         if voxels.stride != (1, 1, 1):  # (the U-Net's own forward, which checks it, is not run)
             raise ValueError(f"SPVCNN needs a stride-1 input tensor (voxels); got stride {voxels.stride}")
+        inverse, point_batch = _as_index(inverse), _as_index(point_batch)  # (any integer dtype, as rows are taken)
         point_coords = check_points(voxels, inverse, points, point_batch)
         u = self.unet
         # The point branch runs in its own weights' dtype, the voxel branch in
