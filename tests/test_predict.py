@@ -699,3 +699,27 @@ def _generated_map(tmp_path):
     classes = list(generated.OUTDOOR_CLASSES)
     path.write_text(json.dumps({"classes": classes, "map": {str(100 + i): i for i in range(len(classes))}}))
     return path
+
+
+def test_inference_model_of_a_model_inside_maps_ahead():
+    """inference_model takes a model already wrapped in nn.MapsAhead: an
+    SPVCNN's bf16 form (voxel branch bfloat16, point branch float32) was an
+    AttributeError ('MapsAhead' object has no attribute 'to_bf16_inference');
+    the wrapped copy now gives the bare model's bf16 logits, bit for bit."""
+    import pointsparse as ps
+    from pointsparse import nn as spnn
+    from pointsparse.app.evaluate import inference_model
+
+    torch.manual_seed(0)
+    net = SPVCNN(4, 3, cr=0.125, blocks=1).eval()
+    g = torch.Generator().manual_seed(1)
+    points = torch.rand(300, 3, generator=g) * 8
+    x, inverse = ps.voxelize(points, torch.randn(300, 4, generator=g), voxel_size=1.0)
+    batch = torch.zeros(300, dtype=torch.long)
+    wrapped = inference_model(spnn.MapsAhead(net), "bf16")
+    bare = inference_model(net, "bf16")
+    assert isinstance(wrapped, spnn.MapsAhead) and wrapped.model.classifier.weight.dtype == torch.float32
+    assert next(wrapped.model.unet.parameters()).dtype == torch.bfloat16
+    with torch.no_grad():
+        voxels = x.with_feats(x.feats.bfloat16())
+        assert torch.equal(wrapped(voxels, inverse, points, batch), bare(voxels, inverse, points, batch))

@@ -21,7 +21,7 @@ from ..data.datasets import is_generated
 from ..models import model_from_state
 from . import metrics
 from .distributed import pick_device
-from .scoring import evaluate, loaded_frozen, point_level, write_report
+from .scoring import _inner, evaluate, loaded_frozen, point_level, write_report
 from .train import add_data_arguments, check_args, generated_source, load_checkpoint, require_labels
 from .trainer import have_tqdm
 
@@ -61,7 +61,10 @@ def inference_model(model: torch.nn.Module, inference: str = "float32") -> torch
     fused = fuse_for_inference(model)
     if inference != "bf16":
         return fused
-    return fused.to_bf16_inference() if point_level(fused) else fused.to(torch.bfloat16)
+    if point_level(fused):  # (SPVCNN's own cast, on the network inside an nn.MapsAhead too: in place)
+        _inner(fused).to_bf16_inference()
+        return fused
+    return fused.to(torch.bfloat16)
 
 
 def add_arguments(parser) -> None:
