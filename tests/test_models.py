@@ -333,6 +333,30 @@ def test_spvcnn_takes_inverse_and_point_batch_of_any_integer_dtype(dtype):
     assert torch.equal(net(x, inverse, points, batch.to(dtype)), want)
 
 
+def test_spvcnn_bf16_inference_form_casts_a_learned_voxel_prune_of_its_voxel_branch():
+    """SPVCNN.to_bf16_inference casts the voxel branch: the learned
+    VoxelPrune add_voxel_prune registers on the model (voxel_prune.*, on a
+    module of the U-Net) too. Its scorer stayed float32 on the branch's
+    bfloat16 feats: the bf16 form (eval / predict --inference bf16) of such
+    a checkpoint was a TypeError at its first call. The point branch stays
+    float32."""
+    from pointsparse.models import SPVCNN, add_voxel_prune
+
+    g = torch.Generator().manual_seed(1)
+    points = torch.rand(300, 3, generator=g) * 8
+    x, inverse = ps.voxelize(points, torch.randn(300, 4, generator=g), voxel_size=1.0)
+    batch = torch.zeros(300, dtype=torch.long)
+    net = SPVCNN(4, 3, cr=0.125, blocks=1).eval()
+    pruner = add_voxel_prune(net, "unet.fuse.3", 0.5, "learned", net.unet.fuse[3][0].main[0].in_channels)
+    with torch.no_grad():
+        want = net(x, inverse, points, batch)
+        bf16 = spnn.fuse_for_inference(net).to_bf16_inference()
+        got = bf16(x.with_feats(x.feats.bfloat16()), inverse, points, batch)
+    assert bf16.voxel_prune.unet_fuse_3.scorer.weight.dtype == torch.bfloat16
+    assert bf16.classifier.weight.dtype == torch.float32 and pruner.scorer.weight.dtype == torch.float32
+    assert got.dtype == torch.float32 and got.shape == want.shape and bool(got.isfinite().all())
+
+
 def test_model_from_state_of_a_channel_pruned_model_without_widths_fuses():
     """A channel-pruned checkpoint whose config records no widths: the
     loaded model's convs take the widths of their tensors (in_channels /

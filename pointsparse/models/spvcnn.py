@@ -234,8 +234,14 @@ class SPVCNN(nn.Module):
         """The voxel branch (the U-Net's convs) cast to bfloat16 in place,
         the point branch (MLPs, classifier) left in float32; returns self.
         Call it on ``nn.fuse_for_inference``'s copy, for inference: the
-        voxels' feats are then given in bfloat16."""
+        voxels' feats are then given in bfloat16. The VoxelPrune layers
+        ``models.add_voxel_prune`` registered on this model (``voxel_prune``:
+        they run on the U-Net's modules, the only ones taking a
+        SparseTensor) are cast with it."""
         self.unet.to(torch.bfloat16)
+        prunes = self._modules.get("voxel_prune")  # (loading._PRUNES; a learned score's scorer reads bf16 feats)
+        if prunes is not None:
+            prunes.to(torch.bfloat16)
         return self
 
 
