@@ -419,9 +419,10 @@ def _same_sites(tensors, what: str) -> SparseTensor:
         if t.device != first.device:
             raise ValueError(f"{what}: item {i} is on {t.device} but item 0 on {first.device}")
         if t.stride != first.stride or not compiling and t.coords.shape[0] != first.coords.shape[0]:
-            raise ValueError(f"{what}: item {i} (stride {t.stride}, {t.coords.shape[0]} sites) is not on the coords "
-                             f"of item 0 (stride {first.stride}, {first.coords.shape[0]} sites)"
-                             + _selection_hint(t, first, i))
+            message = (f"{what}: item {i} (stride {t.stride}, {t.coords.shape[0]} sites) is not on the coords "
+                       f"of item 0 (stride {first.stride}, {first.coords.shape[0]} sites)")
+            # (the hint joined outside a graph only: dynamo cannot join a formatted string to another)
+            raise ValueError(message if compiling else message + _selection_hint(t, first, i))
         other = f"{what}: item {i} has other coords (or another row order) than item 0"
         if compiling:
             _ops.check_same_coords(t.coords, first.coords, other)
