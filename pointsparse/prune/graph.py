@@ -470,14 +470,15 @@ class DependencyGraph:
             x = seen[name]
             axis = feature_axis(self.module(name), x)
             cols = x.detach().movedim(axis, -1).reshape(-1, x.shape[axis])
-            read = _inputs_read(self.module(name))
+            read = None  # (worked out for a consumer only where a masked channel reaches it nonzero)
             for gname, positions in items:
                 for p in positions.tolist():
-                    if not read[p]:  # (its weights there are 0, masked as DependencyGraph.mask masks consumers)
-                        continue
                     col = cols[:, p]
                     lo, hi = (float(col.min()), float(col.max())) if col.numel() else (0.0, 0.0)
                     if lo == hi == 0.0:
+                        continue
+                    read = _inputs_read(self.module(name)) if read is None else read
+                    if not read[p]:  # (its weights there are 0, masked as DependencyGraph.mask masks consumers)
                         continue
                     adapter = adapters.adapter_for(self.module(name))
                     scale = max(abs(lo), abs(hi))
@@ -584,11 +585,19 @@ def _slice(module: nn.Module, name: str, axis: int, kept: torch.Tensor) -> None:
 
 
 def _inputs_read(module: nn.Module) -> torch.Tensor:
-    """For each input channel of a layer, whether any weight it runs (its
-    adapter's ``used_weights`` of the masked weight) reads it."""
-    axes = adapters.adapter_for(module).axes(module)["weight"]
-    w = adapters.used_weights(module, _effective(module, "weight").detach())
-    return (w.movedim(axes["in"], 0).reshape(w.shape[axes["in"]], -1) != 0).any(1).cpu()
+    """For each input channel of a layer, whether any tensor with an input
+    axis that it computes with (masked; of the weight, the entries its
+    adapter's ``used_weights`` keeps) reads it: :meth:`DependencyGraph.mask`
+    masks each of them at a dropped input."""
+    adapter = adapters.adapter_for(module)
+    read = torch.zeros(adapter.channels(module, "in"), dtype=torch.bool)
+    for tensor, roles in adapter.axes(module).items():
+        t = _effective(module, tensor) if "in" in roles else None
+        if t is None:
+            continue
+        t = adapters.used_weights(module, t.detach()) if tensor == "weight" else t.detach()
+        read |= (t.movedim(roles["in"], 0).reshape(t.shape[roles["in"]], -1) != 0).any(1).cpu()
+    return read
 
 
 def _fold_into_bias(module: nn.Module, position: int, value: float) -> None:
