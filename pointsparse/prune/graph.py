@@ -89,6 +89,9 @@ class DependencyGraph:
     network order; ``fixed_groups``: the others (input channels, the
     network's outputs, channels mixed by ops the graph does not know)."""
 
+    #: Whether ``_zero_reads`` keeps the values the norms read (a masked copy's graph: :class:`_ValuesGraph`).
+    _keep_values = False
+
     def __init__(self, model: nn.Module, example_input) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
@@ -99,7 +102,7 @@ class DependencyGraph:
         self._layer_in: dict[str, Tag] = {}
         self._layer_out: dict[str, int] = {}
         self._roots: dict[int, CoupledGroup] = {}
-        self._zero_reads: list[tuple[str, torch.Tensor, Tag]] = []
+        self._zero_reads: list[tuple[str, torch.Tensor | None, Tag]] = []
         self._trace()
         self.all_groups = self._collect()
         self.groups = [g for g in self.all_groups if g.fixed is None]
@@ -136,8 +139,8 @@ class DependencyGraph:
             for h in handles:
                 h.remove()
             self.model.train(was)
-        self._zero_reads = [(name, None, tag) for name, _, tag in tracer.zero_reads]  # (the values: not kept)
-        self._zero_values = tracer.zero_reads if getattr(self, "_keep_values", False) else []
+        # (the values kept only by the graph of _check_zero_reads' masked copy)
+        self._zero_reads = [(name, x if self._keep_values else None, tag) for name, x, tag in tracer.zero_reads]
         # a layer's weight that another module holds too (tied layers) or that code outside the layer computes
         # with: a cut would slice the layer's copy alone (the tie silently gone; the other reader of another width)
         for name, reason in {**tracer.read_outside, **shared}.items():
@@ -293,12 +296,9 @@ class DependencyGraph:
         for m in self.model.modules():
             _detach_masked(m)
         twin = copy.deepcopy(self.model)
-        DependencyGraph(twin, self.example_input)._mask({name: keep[key] for key, name in zip(
-            keep, (self.group(k).name for k in keep))})
-        check = DependencyGraph.__new__(DependencyGraph)
-        check._keep_values = True
-        check.__init__(twin, self.example_input)
-        for name, x, tag in check._zero_values:
+        DependencyGraph(twin, self.example_input)._mask({self.group(k).name: v for k, v in keep.items()})
+        check = _ValuesGraph(twin, self.example_input)
+        for name, x, tag in check._zero_reads:
             for gname, pos in check._dropped_at(tag, dropped):
                 if bool((x.detach().index_select(tag.axis, pos.to(x.device)) != 0).any()):
                     raise ValueError(
@@ -493,6 +493,13 @@ class DependencyGraph:
                             "which masks the norms and the consumers too, or zero those BatchNorm entries first")
                     folds[(name, p)] = (lo + hi) / 2
         return folds
+
+
+class _ValuesGraph(DependencyGraph):
+    """The graph :meth:`DependencyGraph._check_zero_reads` traces a masked
+    copy with: it keeps the values its norms over channels read."""
+
+    _keep_values = True
 
 
 # ------------------------------------------------------------------ helpers
