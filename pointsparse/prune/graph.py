@@ -279,24 +279,20 @@ class DependencyGraph:
                 out.append((g.name, pos.flatten()))
         return out
 
-    def _check_zero_reads(self, keep: dict) -> None:
+    def _check_zero_reads(self, dropped: dict) -> None:
         """ValueError where a norm over channels (a magnitude voxel score)
-        would read a channel ``keep`` drops as nonzero once masked (an op
-        between makes something else than 0 of a zero): the cut model,
-        without the channel, would compute another norm. Checked on a masked
-        copy, only where such a norm reads a group being masked."""
-        dropped = {}
-        for key, kept in keep.items():
-            g = self.group(key)
-            kept = _check_keep(kept, g.size, f"group {g.name!r}")
-            dropped[g.name] = torch.tensor(sorted(set(range(g.size)) - set(kept.tolist())), dtype=torch.long)
+        would read a channel ``dropped`` (:meth:`_removed`'s) holds as nonzero
+        once masked (an op between makes something else than 0 of a zero):
+        the cut model, without the channel, would compute another norm.
+        Checked on a masked copy, only where such a norm reads a group being
+        masked."""
         if not any(self._dropped_at(tag, dropped) for _, _, tag in self._zero_reads):
             return
         from ._copyable import _detach_masked  # noqa: PLC0415 - (masked values of a forward with gradients)
         for m in self.model.modules():
             _detach_masked(m)
         twin = copy.deepcopy(self.model)
-        DependencyGraph(twin, self.example_input)._mask({self.group(k).name: v for k, v in keep.items()})
+        DependencyGraph(twin, self.example_input)._mask(dropped)  # (the copy's groups: the same names)
         check = _ValuesGraph(twin, self.example_input)
         for name, x, tag in check._zero_reads:
             for gname, pos in check._dropped_at(tag, dropped):
@@ -339,10 +335,11 @@ class DependencyGraph:
         return list(dict.fromkeys(list(self._layer_in) + list(self._layer_out)))
 
     # ---------------------------------------------------------- the cuts
-    def _drops(self, keep: dict) -> dict[tuple[str, str], torch.Tensor]:
+    def _removed(self, keep: dict) -> dict[str, torch.Tensor]:
+        """``{group name: the channel indices it loses}`` of a checked ``keep``."""
         if not isinstance(keep, Mapping):
             raise TypeError(f"keep must be a dict {{group: channel indices to keep}}; got {type(keep).__name__}")
-        drops: dict[tuple[str, str], list[torch.Tensor]] = {}
+        removed: dict[str, torch.Tensor] = {}
         named: dict[int, object] = {}
         for key, kept in keep.items():
             g = self.group(key)
@@ -350,9 +347,15 @@ class DependencyGraph:
                 raise ValueError(f"keep names group {g.name!r} twice (as {named[id(g)]!r} and {key!r})")
             named[id(g)] = key
             kept = _check_keep(kept, g.size, f"group {g.name!r}")
-            removed = torch.tensor(sorted(set(range(g.size)) - set(kept.tolist())), dtype=torch.long)
-            for m in g.members:
-                drops.setdefault((m.module, m.role), []).append(m.positions(removed))
+            removed[g.name] = torch.tensor(sorted(set(range(g.size)) - set(kept.tolist())), dtype=torch.long)
+        return removed
+
+    def _drops(self, removed: dict) -> dict[tuple[str, str], torch.Tensor]:
+        """``{(member module, role): its positions}`` of :meth:`_removed`'s channels."""
+        drops: dict[tuple[str, str], list[torch.Tensor]] = {}
+        for gname, channels in removed.items():
+            for m in self.group(gname).members:
+                drops.setdefault((m.module, m.role), []).append(m.positions(channels))
         return {k: torch.cat(v) for k, v in drops.items()}
 
     def cut(self, keep: dict, retrace: bool = True) -> None:
@@ -361,7 +364,7 @@ class DependencyGraph:
         member's parameters, buffers and masks are sliced at once. The graph
         is traced again afterwards (``retrace=False``: not, and it is stale)."""
         retrace = as_bool(retrace, "retrace")
-        for (name, role), dropped in self._drops(keep).items():
+        for (name, role), dropped in self._drops(self._removed(keep)).items():
             module = self.module(name)
             adapter = adapters.adapter_for(module)
             n = adapter.channels(module, role)
@@ -386,12 +389,13 @@ class DependencyGraph:
         would reach a norm over the channels outside any layer (a magnitude
         voxel score) as nonzero, no mask makes the cut exact: a ValueError,
         with nothing masked."""
-        drops = self._drops(keep)
-        self._check_zero_reads(keep)
-        self._mask(keep, drops)
+        removed = self._removed(keep)
+        self._check_zero_reads(removed)
+        self._mask(removed)
 
-    def _mask(self, keep: dict, drops: dict | None = None) -> None:
-        for (name, role), dropped in (self._drops(keep) if drops is None else drops).items():
+    def _mask(self, removed: dict) -> None:
+        """:meth:`mask`'s masks of :meth:`_removed`'s channels, unchecked."""
+        for (name, role), dropped in self._drops(removed).items():
             module = self.module(name)
             for tensor, roles in adapters.adapter_for(module).axes(module).items():
                 t = adapters.raw(module, tensor)
