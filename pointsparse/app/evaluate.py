@@ -165,6 +165,18 @@ def _score(args, model, state: dict, spec, source, ignore_index: int, device) ->
     return 0
 
 
+def scored_labels(labels, num_classes: int, ignore_index: int, name: str):
+    """One cloud's ``labels`` (numpy or torch) less ``ignore_index``;
+    ``ValueError`` naming ``name`` where one is neither a class index nor
+    ``ignore_index`` (raw labels read without their label map)."""
+    labels = labels[labels != ignore_index]
+    bad = (labels < 0) | (labels >= num_classes)
+    if bool(bad.any()):
+        raise ValueError(f"{name}: label {int(labels[bad][0])} is neither a class index (0 to {num_classes - 1}) "
+                         f"nor the ignore index {ignore_index}: give the label map of its raw labels (--label-map)")
+    return labels
+
+
 def check_scored_labels(source, num_classes: int, ignore_index: int, where: str) -> None:
     """``ValueError`` before the model runs where a cloud of ``source`` has
     a label that is neither a class index nor ``ignore_index`` (naming the
@@ -175,13 +187,7 @@ def check_scored_labels(source, num_classes: int, ignore_index: int, where: str)
     scored = False
     for i in range(len(source)):
         sample = source[i]
-        labels = sample.labels[sample.labels != ignore_index]
-        bad = (labels < 0) | (labels >= num_classes)
-        if bad.any():
-            raise ValueError(f"{sample.name}: label {int(labels[bad][0])} is neither a class index (0 to "
-                             f"{num_classes - 1}) nor the ignore index {ignore_index}: give the label map of its raw "
-                             "labels (--label-map)")
-        scored = scored or bool(labels.size)
+        scored = len(scored_labels(sample.labels, num_classes, ignore_index, sample.name)) > 0 or scored
     if not scored:
         raise ValueError(f"{where}: every point's label is the ignore index {ignore_index} (--ignore-index; raw "
                          "labels the label map does not list are ignored too): nothing to score")

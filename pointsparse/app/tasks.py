@@ -243,14 +243,10 @@ def require_labelled(batches, ignore_index: int, what: str, data=None, num_class
         where = f"cloud {i} of --data {' '.join(map(str, data))}" if data else f"cloud {i} of the run's data"
         if batch.labels is None or not bool((batch.labels != ignore_index).any()):
             raise ValueError(f"{what} needs labelled clouds; {where} has no labelled voxel (give clouds with labels)")
-        if num_classes is None:
-            continue
-        labels = batch.labels[batch.labels != ignore_index]
-        bad = (labels < 0) | (labels >= num_classes)
-        if bool(bad.any()):
-            raise ValueError(f"{batch.names[0] or where}: label {int(labels[bad][0])} is neither a class index (0 to "
-                             f"{num_classes - 1}) nor the ignore index {ignore_index}: give the label map of its raw "
-                             "labels (--label-map)")
+        if num_classes is not None:
+            from .evaluate import scored_labels
+
+            scored_labels(batch.labels, num_classes, ignore_index, batch.names[0] or where)
 
 
 def checkpoint_task(path, data=None, label_map=None, clouds: int = 4) -> tuple[dict, Task]:
