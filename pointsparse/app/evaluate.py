@@ -140,8 +140,7 @@ def _score(args, model, state: dict, spec, source, ignore_index: int, device) ->
         torch.set_num_threads(args.threads)
     require_labels(source, "--data" if args.data else "the run's data")  # (an mIoU of unlabelled clouds is NaN)
     classes = list(source.classes or config["classes"])
-    if classes != config["classes"]:
-        raise ValueError(f"the data's classes {classes} differ from the checkpoint's {config['classes']}")
+    check_data_classes(classes, config["classes"], "--data" if args.data else "the run's data", not is_generated(spec))
     check_scored_labels(source, len(classes), ignore_index, "--data" if args.data else "the run's data")
     if model is None:
         model = with_maps_ahead(inference_model(checkpoint_model(state, args.checkpoint).to(device), args.inference),
@@ -163,6 +162,16 @@ def _score(args, model, state: dict, spec, source, ignore_index: int, device) ->
                                "eval_time_per_cloud_s": elapsed / max(len(source), 1)}, ignore_index, "eval-")
         print(f"metrics: {Path(args.out) / 'eval-metrics.json'}; pictures: {', '.join(report['pictures'].values())}")
     return 0
+
+
+def check_data_classes(classes, checkpoint_classes, where: str, files: bool = True) -> None:
+    """``ValueError`` naming ``where`` (the data) where its ``classes`` are
+    not the checkpoint's (``files``: clouds read through a label map, which
+    the message says to give)."""
+    if list(classes) != list(checkpoint_classes):
+        hint = " (give --label-map of the raw labels to the checkpoint's classes)" if files else ""
+        raise ValueError(f"{where}: the data's classes {list(classes)} differ from the checkpoint's "
+                         f"{list(checkpoint_classes)}{hint}")
 
 
 def scored_labels(labels, num_classes: int, ignore_index: int, name: str):

@@ -223,11 +223,10 @@ def checkpoint_batches(state: dict, data=None, label_map=None, count: int = 1) -
         source = generated_source(spec, saved, count, int(saved.get("seed", 0)) * 10_000)
     else:
         source = open_source(spec, label_map or saved.get("label_map"), config.get("ignore_index", 255))
-        if source.classes is not None and list(source.classes) != list(config["classes"]):
-            # (as eval refuses them: the labels would be another map's training ids)
-            where = "--data" if data else "the run's data"
-            raise ValueError(f"{where}: the label map's classes {source.classes} differ from the checkpoint's "
-                             f"{config['classes']} (give --label-map of the raw labels to the checkpoint's classes)")
+        if source.classes is not None:  # (as eval refuses them: the labels would be another map's training ids)
+            from .evaluate import check_data_classes
+
+            check_data_classes(source.classes, config["classes"], "--data" if data else "the run's data")
     dataset = VoxelDataset(source, config["voxel_size"], config.get("ignore_index", 255))
     return [Batch.of([dataset[i % len(dataset)]]) for i in range(count)]
 

@@ -739,9 +739,11 @@ class TrainingJob:
             self.config = {"in_channels": NUM_FEATURES, "classes": self.classes, "cr": args.cr,
                            "blocks": args.blocks, "voxel_size": args.voxel_size, "ignore_index": args.ignore_index,
                            "model": args.model, "training": {name: getattr(args, name) for name in RUN_SETTINGS}}
-        if self.config["classes"] != self.classes:
-            raise ValueError(f"the checkpoint's classes {self.config['classes']} differ from the data's "
-                             f"{self.classes}")
+        if state is not None:
+            from .evaluate import check_data_classes
+
+            check_data_classes(self.classes, self.config["classes"], f"--resume {self.resume_path}: --data",
+                               not is_generated(args.data))
         return state
 
     def _build(self, resume_state) -> None:
