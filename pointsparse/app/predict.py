@@ -241,8 +241,7 @@ def _predict_all(args, model, config: dict, paths: list[Path], targets: list[Pat
             else:
                 written = pred.astype(np.int32)
             if sample.kept is not None:  # (--skip-nonfinite: a row for every point of the file, in its order)
-                full = np.zeros(len(sample.kept), written.dtype) if args.format == "label" else \
-                    np.full(len(sample.kept), -1, written.dtype)
+                full = np.full(len(sample.kept), 0 if args.format == "label" else -1, written.dtype)
                 full[sample.kept] = written
                 written = full
             data = written.tobytes() if args.format == "label" else _npy_bytes(written)
