@@ -374,7 +374,7 @@ def open_training_data(args, dist: Dist | None = None):
     classes = train.classes
     if classes is not None:
         _note_ignored_class(classes, args.ignore_index, f"the label map {train.label_map.name!r}", dist)
-    if classes is None:
+    else:
         top, where = max((int(np.max(s.labels[s.labels != args.ignore_index], initial=0)), s.name) for s in train)
         if top >= MAX_RAW_CLASSES:
             raise ValueError(f"--data: {where}: raw label {top}; without --label-map the raw labels are the "
