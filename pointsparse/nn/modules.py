@@ -24,6 +24,9 @@ def _check_feats_for(module: nn.Module, x: SparseTensor, channels: int, what: st
     """The feats a module with ``channels`` input channels (its ``what``)
     and parameters like ``param`` takes: a ValueError / TypeError naming
     both, instead of torch's shape or dtype error from inside the op."""
+    feats = x.feats
+    if feats.dim() == 2 and feats.shape[1] == channels and (param is None or feats.dtype == param.dtype):
+        return  # (the common case, first: this runs on every layer call)
     name = type(module).__name__
     got = x.feats.shape[1] if x.feats.dim() == 2 else None
     if got != channels:
