@@ -610,12 +610,11 @@ def _get_kmap(tensor: SparseTensor, k: Triple, t: Triple, d: Triple, transposed:
         raise ValueError(f"a transposed conv with stride {t} needs a tensor stride divisible by it; got {tensor.stride}")
     fine_stride = tuple(a // b for a, b in zip(tensor.stride, t))
     fine = cache.get_coords(fine_stride)
-    if fine is not None:
-        cache.check_unchanged(fine_stride)
     if fine is None:
         raise ValueError(
             f"transposed conv: no coords at stride {fine_stride} in this tensor's coordinate cache; a transposed "
             f"conv upsamples back to coords that a strided conv came down from (keep the cache with with_feats())")
+    cache.check_unchanged(fine_stride)
     down_key = KernelMapKey(fine_stride, k, t, d, False)
     up_key = KernelMapKey(fine_stride, k, t, d, True)
 
