@@ -147,9 +147,9 @@ class Conv3d(nn.Module):
         if isinstance(weight, torch.Tensor) and weight.dim() == 3:  # (else the functional names the weight)
             _check_feats_for(self, input, weight.shape[1], "in_channels", weight)
         mask = self.pruning_mask()
-        if mask is not None and (mask.dtype != self.weight.dtype or mask.device != self.weight.device):
-            mask = mask.to(self.weight.device, self.weight.dtype)
-        return F.conv3d(input, self.weight, self.kernel_size, self.stride, self.dilation,
+        if mask is not None and (mask.dtype != weight.dtype or mask.device != weight.device):
+            mask = mask.to(weight.device, weight.dtype)
+        return F.conv3d(input, weight, self.kernel_size, self.stride, self.dilation,
                         self.bias, self.transposed, self.relu, getattr(self, "kernel_region", None), mask, add=add)
 
     def extra_repr(self) -> str:
