@@ -738,3 +738,69 @@ def test_importance_scores_of_another_shape_are_a_value_error(method):
     assert not prune.is_pruned(conv)
     method(conv, torch.rand(27, 4, 4))
     assert prune.is_pruned(conv) and bool((conv.weight == 0).any())
+
+
+def test_a_masked_layer_keeps_its_product_while_nothing_changes():
+    """Where the product needs no gradient (no_grad, inference_mode, a frozen
+    weight) the toolkit's methods give the previous forward's
+    ``weight_orig * weight_mask`` again (it was recomputed every forward:
+    three weight-sized reads a call); any change to either factor, or to
+    the product itself, in place or by replacement, makes a new one, and
+    grad mode with a trainable weight always makes a new one (autograd
+    records it). Copies and pickles leave the kept product out."""
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    conv = SparseConv(4, 4, kernel_size=3)
+    prune.panel_structured(conv, "weight", 0.5)
+    method = next(h for h in conv._forward_pre_hooks.values() if isinstance(h, prune.BasePruningMethod))
+
+    def product(mode=torch.no_grad):
+        with mode():
+            method(conv, None)
+        return conv.weight
+
+    def expected():
+        return conv.weight_orig.detach() * conv.weight_mask
+
+    first = product()
+    assert product() is first and torch.equal(first, expected())
+    assert product(torch.inference_mode) is first  # (computed outside inference mode: it keeps a version counter)
+    with torch.no_grad():
+        conv.weight_orig.add_(1.0)  # a factor changed in place
+    second = product()
+    assert second is not first and torch.equal(second, expected())
+    with torch.no_grad():
+        conv.weight_mask[0, 0, 0] = 1 - conv.weight_mask[0, 0, 0]
+    third = product(torch.inference_mode)
+    assert third is not second and torch.equal(third, expected())
+    with torch.no_grad():
+        third.mul_(2.0)  # the product changed in place: made again from the factors
+    fourth = product()
+    assert fourth is not third and torch.equal(fourth, expected())
+    conv.weight_orig = torch.nn.Parameter(conv.weight_orig.detach() * 3)  # a factor replaced
+    fifth = product()
+    assert fifth is not fourth and torch.equal(fifth, expected())
+    trained = product(torch.enable_grad)  # autograd records it: a new product each call, a gradient to the weight
+    assert trained.requires_grad and trained is not fifth and product(torch.enable_grad) is not trained
+    conv.weight_orig.requires_grad_(False)  # frozen: kept in grad mode too
+    frozen = product(torch.enable_grad)
+    assert product(torch.enable_grad) is frozen and not frozen.requires_grad
+    x = sparse_input(n=12, channels=4)
+    for copied in (copy.deepcopy(conv), torch.load(io.BytesIO(_saved(conv)), weights_only=False)):
+        hook = next(h for h in copied._forward_pre_hooks.values() if isinstance(h, prune.BasePruningMethod))
+        assert "_product" not in hook.__dict__
+        with torch.no_grad():
+            assert torch.equal(copied(x).feats, conv(x).feats)
+    kept = expected()
+    prune.remove(conv, "weight")  # permanent: the product's values
+    assert torch.equal(conv.weight.detach(), kept) and not hasattr(conv, "weight_orig")
+
+
+def _saved(module) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    return buffer.getvalue()
