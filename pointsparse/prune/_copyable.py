@@ -8,10 +8,7 @@ and after each forward; the forward pre-hook recomputes it from
 
 from __future__ import annotations
 
-import weakref
-
 import torch
-from torch.autograd import forward_ad
 from torch import nn
 from torch.nn.utils import prune as _torch_prune
 
@@ -55,57 +52,6 @@ class CopyableMethod(_torch_prune.BasePruningMethod):
             raise
         keep_copyable(module)
         return method
-
-    def apply_mask(self, module):
-        """``weight_orig * weight_mask``, torch's product; where it needs no
-        gradient (inference, or a frozen weight) the product of the previous
-        call is given again while neither factor nor the product itself has
-        changed (the same tensors, their in-place version counters as they
-        were): a masked layer's forward then reads its weight once instead of
-        three times (the factors and a new product each call)."""
-        name = self._tensor_name
-        orig = getattr(module, f"{name}_orig", None) if name is not None else None
-        mask = getattr(module, f"{name}_mask", None) if name is not None else None
-        stamp = _product_stamp(orig, mask)
-        if stamp is None:
-            self.__dict__.pop("_product", None)
-            return super().apply_mask(module)
-        kept = self.__dict__.get("_product")
-        if kept is not None:
-            refs, was, product, version = kept
-            if refs[0]() is orig and refs[1]() is mask and was == stamp and product._version == version:
-                return product
-        # (outside inference mode: an inference tensor keeps no version counter to check it by)
-        with torch.inference_mode(False):
-            product = super().apply_mask(module)
-        self._product = ((weakref.ref(orig), weakref.ref(mask)), stamp, product, product._version)
-        return product
-
-    def __getstate__(self):  # (copies and pickles leave the product out: the next forward makes it)
-        state = self.__dict__.copy()
-        state.pop("_product", None)
-        return state
-
-
-def _product_stamp(orig, mask) -> tuple | None:
-    """What the product of ``orig`` and ``mask`` depends on, or None where it
-    may not be kept: a factor that is no plain tensor (a subclass, a fake or
-    graph tensor while torch compiles), an inference tensor (no version
-    counter), a product that autograd must record (a factor needing a
-    gradient with grad mode on, a forward-mode tangent), inside a torch.func
-    transform."""
-    if not (type(orig) in (torch.Tensor, nn.Parameter) and type(mask) in (torch.Tensor, nn.Parameter)):
-        return None
-    if torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None:
-        return None
-    if orig.is_inference() or mask.is_inference():
-        return None
-    if torch.is_grad_enabled() and (orig.requires_grad or mask.requires_grad):
-        return None
-    if forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in (orig, mask)):
-        return None
-    return (orig.data_ptr(), orig._version, orig.dtype, orig.device, orig.shape,
-            mask.data_ptr(), mask._version, mask.dtype, mask.device, mask.shape)
 
 
 def _check_scores(module: nn.Module, name: str, scores) -> None:
