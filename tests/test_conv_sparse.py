@@ -1309,3 +1309,22 @@ def test_weight_mask_holds_in_a_gradient_penalty(backend):
             (grads[create_graph],) = torch.autograd.grad(y.feats.square().sum(), w, create_graph=create_graph)
         assert not grads[create_graph][mask == 0].any()
     torch.testing.assert_close(grads[True].detach(), grads[False], rtol=1e-10, atol=1e-10)
+
+
+def test_the_engine_sees_a_skipped_offset_filled_through_data():
+    """The offsets and kernels a conv runs are chosen from its weight on
+    every call: a weight changed in place through ``.data`` keeps its
+    version counter, so a choice kept while the counter held (tried in stop
+    54) skipped an offset that now weighs, silently (gradcheck's
+    perturbations failed on it)."""
+    torch.manual_seed(0)
+    conv = ps.nn.Conv3d(8, 8, 3)
+    prune.kernel_structured(conv, "weight", 0.5, scope="offset")
+    prune.remove(conv, "weight")
+    zeroed = int((conv.weight.detach().abs().sum((1, 2)) == 0).nonzero()[0])
+    x = make(c=8, dtype=torch.float32)
+    with torch.no_grad():
+        conv(x)
+        conv.weight.data[zeroed] = 0.5
+        out = conv(x).feats
+    torch.testing.assert_close(out, dense_conv(x, conv.weight.detach(), x.coords), rtol=1e-5, atol=1e-5)

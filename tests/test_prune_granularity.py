@@ -738,3 +738,26 @@ def test_importance_scores_of_another_shape_are_a_value_error(method):
     assert not prune.is_pruned(conv)
     method(conv, torch.rand(27, 4, 4))
     assert prune.is_pruned(conv) and bool((conv.weight == 0).any())
+
+
+def test_a_masked_layer_sees_its_factors_changed_through_data():
+    """``weight_orig`` or ``weight_mask`` changed in place through ``.data``
+    (a lottery ticket's rewind, an EMA update, gradcheck's perturbation)
+    keeps its version counter: the product must be made again on every
+    forward, as torch's hook makes it, or the layer runs the old weight
+    silently (a product kept while the version counters held, tried in
+    stop 54, did)."""
+    torch.manual_seed(0)
+    conv = SparseConv(4, 4, kernel_size=3)
+    prune.panel_structured(conv, "weight", 0.5)
+    x = sparse_input(n=12, channels=4)
+
+    def expected():
+        return naive_sparse_conv(x, conv.weight_orig.detach() * conv.weight_mask)
+
+    for change in (lambda: conv.weight_orig.data.mul_(2.0), lambda: conv.weight_orig.data.copy_(torch.randn(27, 4, 4)),
+                   lambda: conv.weight_mask.data.fill_(1.0)):
+        with torch.no_grad():
+            conv(x)
+            change()
+            torch.testing.assert_close(conv(x).feats, expected(), rtol=1e-5, atol=1e-5)
