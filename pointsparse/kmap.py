@@ -36,6 +36,9 @@ from . import _ext
 from . import coords as _coords
 from .tensor import STRIDE_MAX, SparseTensor, Triple, as_int, as_triple
 
+__all__ = ["KernelMap", "KernelMapKey", "build", "get_kmap", "kernel_offsets", "downsample_coords", "default_method",
+           "METHODS", "CPU_METHODS", "MAX_KERNEL_VOLUME", "MAX_OFFSET"]
+
 METHODS = ("mergesort", "hash", "torch")
 CPU_METHODS = ("mergesort", "hash")
 # Most offsets one kernel may have (32**3): a bound on the per-offset work

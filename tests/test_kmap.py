@@ -891,3 +891,16 @@ def test_a_negative_batch_is_named_by_the_input_row_on_every_backend(k, t):
         with ps.backend(backend), pytest.raises(ValueError, match=r"^coords row 1 = \[-1, 1, 1, 1\] has a negative "
                                                                   r"batch index"):
             km.build(coords, k, t)
+
+
+def test_star_import_gives_the_public_names_not_the_module_imports():
+    """API.md's ``pointsparse.kmap.build`` and ``KernelMap``: the module had
+    no ``__all__``, so ``from pointsparse.kmap import *`` also brought in
+    ``torch``, ``itertools``, ``dataclass``, ``field``, ``SparseTensor``,
+    ``as_int``... over the user's names."""
+    names: dict = {}
+    exec("from pointsparse.kmap import *", names)
+    assert {"build", "KernelMap", "KernelMapKey", "get_kmap", "kernel_offsets"} <= set(names)
+    assert not {"torch", "itertools", "dataclass", "field", "annotations", "SparseTensor", "as_int",
+                "as_triple", "Triple"} & set(names)
+    assert all(hasattr(km, name) for name in km.__all__)

@@ -300,3 +300,17 @@ def test_non_tensor_arguments_are_type_errors_naming_them():
     m = spnn.Conv3d(4, 4, 3)
     with pytest.raises(TypeError, match="importance_scores for weight must be a torch.Tensor"):
         prune.global_structured([(m, "weight")], prune.ChannelStructured, 0.5, importance_scores={(m, "weight"): [1]})
+
+
+def test_functional_star_import_gives_the_ops_not_the_module_imports():
+    """API.md's ``pointsparse.nn.functional.conv3d``: the module had no
+    ``__all__``, so ``from pointsparse.nn.functional import *`` also brought
+    in ``torch``, ``np``, ``math``, ``functools``, ``operator``,
+    ``SparseTensor``, ``as_bool``... over the user's names."""
+    names: dict = {}
+    exec("from pointsparse.nn.functional import *", names)
+    assert {"conv3d", "add", "cat", "max_pool3d", "avg_pool3d", "global_avg_pool", "global_max_pool",
+            "select_voxels"} <= set(names)
+    assert not {"torch", "np", "math", "functools", "operator", "annotations", "SparseTensor", "as_bool",
+                "as_float", "as_triple"} & set(names)
+    assert all(hasattr(F, name) for name in F.__all__)

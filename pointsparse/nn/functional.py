@@ -16,6 +16,9 @@ from . import _engine
 from . import reference as _reference
 from ..tensor import SparseTensor, as_bool, as_float, as_triple
 
+__all__ = ["conv3d", "add", "cat", "max_pool3d", "avg_pool3d", "global_avg_pool", "global_max_pool", "select_voxels",
+           "keep_per_batch", "region_of", "engine_cost"]
+
 
 def _check_weight(input: SparseTensor, weight: torch.Tensor, k) -> int:
     volume = k[0] * k[1] * k[2]
