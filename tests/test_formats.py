@@ -680,3 +680,31 @@ def test_matmul_of_a_coo_or_csc_allocates_the_row_pointers_its_check_counts(kind
     assert proc.returncode == 0, proc.stderr[-2000:]
     counted = 8 * (M + 1)
     assert int(proc.stdout) < 1.5 * counted, (int(proc.stdout), counted)
+
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_from_dense_refuses_dtypes_without_kernels(fmt):
+    """A float8 matrix passed the floating-point check and failed inside torch
+    ('"nonzero_count_cpu" not implemented for Float8_e4m3fn', from every
+    format), and FKW gave a ValueError for an integer, complex or bool one
+    where the others give a TypeError: now a TypeError naming the argument
+    and the dtypes taken, from every format."""
+    cls, kwargs = FORMATS[fmt]
+    w = _input(fmt, MATRICES["random"]()).to(torch.float32)
+    if cls is F.FKW:
+        w = w[:, :10].reshape(13, 2, 5)
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2, torch.complex64, torch.int32, torch.bool):
+        with pytest.raises(TypeError, match=r"tensor must be a floating .*float16, bfloat16, float32 or float64"):
+            cls.from_dense(w.to(dtype), **kwargs)
+
+
+@pytest.mark.parametrize("fmt", ["csr", "csc", "coo", "bsr", "ell", "nm", "eie", "fkw"])
+def test_constructors_refuse_float8_values(fmt):
+    """float8 stored values passed the constructors' floating-point check and
+    failed later inside torch (to_dense, matmul)."""
+    cls, parts = _parts(fmt)
+    name = "weight" if cls is F.FKW else "values"
+    parts[name] = parts[name].to(torch.float8_e4m3fn)
+    with pytest.raises(TypeError, match=rf"{name} must be a floating .*float16, bfloat16, float32 or float64"):
+        cls(**parts)

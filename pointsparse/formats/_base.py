@@ -17,6 +17,16 @@ from ._storage import array_nbytes
 _KERNEL_DTYPES = _ext.FLOAT_DTYPES
 _STORED_INDEX_DTYPES = (torch.uint8, torch.uint16, torch.uint32, torch.uint64)
 _WIDE_UNSIGNED = _STORED_INDEX_DTYPES[1:]
+#: The dtypes a format stores its values in (and multiplies): float8 types pass
+#: ``is_floating_point`` and fail inside torch's ops.
+VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_value_dtype(tensor: torch.Tensor, name: str) -> None:
+    """TypeError naming ``name`` unless ``tensor`` holds one of :data:`VALUE_DTYPES`."""
+    if tensor.dtype not in VALUE_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor of float16, bfloat16, float32 or float64; "
+                        f"got {tensor.dtype}")
 
 
 def check_data(tensor, name: str) -> None:
@@ -37,8 +47,7 @@ def check_matrix(tensor, name: str = "tensor") -> torch.Tensor:
     check_data(tensor, name)
     if tensor.dim() != 2:
         raise ValueError(f"{name} must be 2-D (rows, cols); got shape {tuple(tensor.shape)}")
-    if not tensor.is_floating_point():
-        raise TypeError(f"{name} must be a floating tensor; got {tensor.dtype}")
+    check_value_dtype(tensor, name)
     return tensor.detach().to("cpu").contiguous()
 
 
@@ -72,8 +81,7 @@ def index_array(tensor, name: str, dim: int = 1) -> torch.Tensor:
 def value_array(tensor, name: str, dim: int) -> torch.Tensor:
     """A ``dim``-D floating tensor, detached, on the CPU, contiguous."""
     check_data(tensor, name)
-    if not tensor.is_floating_point():
-        raise TypeError(f"{name} must be a floating tensor; got {tensor.dtype}")
+    check_value_dtype(tensor, name)
     if tensor.dim() != dim:
         raise ValueError(f"{name} must be {dim}-D; got shape {tuple(tensor.shape)}")
     return tensor.detach().to("cpu").contiguous()
@@ -273,8 +281,8 @@ class SparseFormat:
                             f"got {array.dtype}")
         if kind == "bytes" and array.dtype != torch.uint8:
             raise TypeError(f"{what} must be a uint8 tensor of packed fields; got {array.dtype}")
-        if kind == "values" and not array.is_floating_point():
-            raise TypeError(f"{what} must be a floating tensor; got {array.dtype}")
+        if kind == "values":
+            check_value_dtype(array, what)
         if array.dim() != dim:
             raise ValueError(f"{what} must be {dim}-D; got shape {tuple(array.shape)}")
         if kind != "index":

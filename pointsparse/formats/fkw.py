@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ._base import (SparseFormat, check_below, check_data, check_pointer, check_shape, index_array,
+from ._base import (SparseFormat, check_below, check_data, check_pointer, check_shape, check_value_dtype, index_array,
                     module_weight, value_array)
 from ._storage import lines_of, narrow, pack_bits, pointer_of, unpack_bits, widen
 from .csr import _csr_product
@@ -124,7 +124,8 @@ class FKW(SparseFormat):
     @classmethod
     def from_dense(cls, tensor) -> "FKW":
         check_data(tensor, "tensor")
-        if tensor.dim() < 2 or not tensor.is_floating_point():
+        check_value_dtype(tensor, "tensor")
+        if tensor.dim() < 2:
             raise ValueError("tensor must be a floating weight of shape (C_out, C_in, *kernel); "
                              f"got {tuple(tensor.shape)} {tensor.dtype}")
         dense = tensor.detach().to("cpu").contiguous()
