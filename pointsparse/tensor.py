@@ -359,23 +359,35 @@ def _check_feats(feats, n: int | None = None) -> None:
     if feats.dtype not in FEATS_DTYPES:
         raise TypeError(f"feats must be a floating-point tensor (N, C) of float16, bfloat16, float32 or float64; got "
                         f"dtype {feats.dtype}" + (" (the layers run no float8 type)" if feats.is_floating_point() else ""))
-    _check_real_device(feats, "feats")
+    _check_data(feats, "feats")
     if feats.dim() != 2:
         raise ValueError(f"feats must be (N, C); got shape {tuple(feats.shape)}")
     if n is not None and feats.shape[0] != n:
         raise ValueError(f"feats has {feats.shape[0]} rows but coords has {n}; they must match")
 
 
-def _check_real_device(tensor: torch.Tensor, name: str) -> None:
+def check_strided(tensor: torch.Tensor, name: str) -> None:
+    """TypeError naming ``name`` for a torch sparse-layout tensor (COO, CSR,
+    ...): every op reads its argument as a dense array, where torch's own
+    error came from deep inside."""
+    if tensor.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor; got layout {tensor.layout} "
+                        "(convert it with .to_dense())")
+
+
+def _check_data(tensor: torch.Tensor, name: str) -> None:
+    """A tensor with data to read: strided (:func:`check_strided`) and on a
+    real device, not meta (ValueError)."""
+    check_strided(tensor, name)
     if tensor.device.type == "meta":
-        raise ValueError(f"{name} is a meta tensor (shape only, no data); a SparseTensor needs real data "
+        raise ValueError(f"{name} is a meta tensor (shape only, no data); pointsparse needs real data "
                          "(for shape-only tracing use torch.compile / torch.export)")
 
 
 def check_coords_type(coords) -> None:
-    """Type, dtype (NaN/inf named for float coords), device and (N, 4) shape."""
+    """Type, layout, dtype (NaN/inf named for float coords), device and (N, 4) shape."""
     if isinstance(coords, torch.Tensor):
-        _check_real_device(coords, "coords")
+        _check_data(coords, "coords")
     if isinstance(coords, torch.Tensor) and coords.is_floating_point():
         if not bool(torch.isfinite(coords).all()):
             raise ValueError("coords contain NaN or inf; they must be finite int32 [batch, x, y, z]")

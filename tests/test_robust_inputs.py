@@ -227,6 +227,55 @@ def test_voxelize_refuses_complex_batch(dtype):
         ps.voxelize(torch.rand(10, 3), voxel_size=1.0, batch=torch.zeros(10, dtype=dtype))
 
 
+# --- torch sparse layouts and meta coords at every entry of API.md ----------------------------------------
+
+SPARSE_LAYOUTS = [lambda t: t.to_sparse(), lambda t: t.to_sparse_csr()]
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("layout", SPARSE_LAYOUTS, ids=["coo", "csr"])
+def test_sparse_layouts_are_refused_naming_the_argument(layout):
+    """A torch sparse-layout tensor was taken as dense: coords gave torch's
+    NotImplementedError ('aten::lt.Scalar' ... 'SparseCPU' backend), feats
+    made a SparseTensor whose first conv failed, voxelize and conv3d gave
+    torch's RuntimeError ('unsupported memory format option Contiguous')."""
+    x = _cloud()
+    strided = "must be a dense .strided. tensor; got layout torch.sparse"
+    with pytest.raises(TypeError, match="coords " + strided):
+        ps.SparseTensor(x.feats, layout(x.coords))
+    with pytest.raises(TypeError, match="feats " + strided):
+        ps.SparseTensor(layout(x.feats), x.coords)
+    with pytest.raises(TypeError, match="feats " + strided):
+        x.with_feats(layout(x.feats))
+    with pytest.raises(TypeError, match="coords " + strided):
+        ps.kmap.build(layout(x.coords))
+    points = torch.rand(10, 3)
+    with pytest.raises(TypeError, match="points " + strided):
+        ps.voxelize(layout(points), voxel_size=1.0)
+    with pytest.raises(TypeError, match="feats " + strided):
+        ps.voxelize(points, layout(torch.rand(10, 2)), voxel_size=1.0)
+    with pytest.raises(TypeError, match="batch " + strided):
+        ps.voxelize(points, voxel_size=1.0, batch=torch.zeros(10, dtype=torch.int64).to_sparse())  # (1-D: COO)
+    weight = torch.randn(27, x.num_channels, 2)
+    with pytest.raises(TypeError, match="weight " + strided):
+        ps.nn.functional.conv3d(x, weight.to_sparse(), 3)
+    with pytest.raises(TypeError, match="bias " + strided):
+        ps.nn.functional.conv3d(x, weight, 3, bias=torch.zeros(2).to_sparse())
+
+
+@pytest.mark.parametrize("method", [None, "torch", "hash", "mergesort"])
+def test_kmap_build_refuses_meta_coords(method):
+    """kmap.build of meta coords gave torch's NotImplementedError ('Cannot
+    copy out of meta tensor') or RuntimeError ('Tensor.item() cannot be
+    called on meta tensors'), as a SparseTensor of them refuses them."""
+    coords = torch.zeros(5, 4, dtype=torch.int32, device="meta")
+    for kernel_size, stride in ((3, 1), (2, 2), (3, 2)):
+        with pytest.raises(ValueError, match="coords is a meta tensor|method .* runs on CPU tensors"):
+            ps.kmap.build(coords, kernel_size, stride, method=method)
+    with pytest.raises(ValueError, match="out_coords is a meta tensor"):
+        ps.kmap.build(random_coords(30), 3, 2, out_coords=coords)
+
+
 # --- KernelMap.pairs --------------------------------------------------------------------------------------
 
 def test_kernel_map_pairs_offset_type():

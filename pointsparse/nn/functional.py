@@ -14,7 +14,7 @@ from .. import kmap as _kmap
 from .. import ops as _ops
 from . import _engine
 from . import reference as _reference
-from ..tensor import SparseTensor, as_bool, as_float, as_triple
+from ..tensor import SparseTensor, as_bool, as_float, as_triple, check_strided
 
 __all__ = ["conv3d", "add", "cat", "max_pool3d", "avg_pool3d", "global_avg_pool", "global_max_pool", "select_voxels",
            "keep_per_batch", "region_of", "engine_cost"]
@@ -24,6 +24,7 @@ def _check_weight(input: SparseTensor, weight: torch.Tensor, k) -> int:
     volume = k[0] * k[1] * k[2]
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor; got {type(weight).__name__}")
+    check_strided(weight, "weight")
     if weight.dim() != 3 or weight.shape[0] != volume or weight.shape[1] != input.num_channels:
         raise ValueError(
             f"weight must be (K, C_in, C_out) = ({volume}, {input.num_channels}, C_out) for kernel_size {k} and "
@@ -168,6 +169,7 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
             raise TypeError(f"bias must be a torch.Tensor or None; got {type(bias).__name__}")
+        check_strided(bias, "bias")
         if bias.dim() != 1 or bias.shape[0] != weight.shape[2]:
             raise ValueError(f"bias must be (C_out,) = ({weight.shape[2]},); got {tuple(bias.shape)}")
         if bias.dtype != weight.dtype or bias.device != weight.device:
@@ -175,6 +177,7 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
     if weight_mask is not None:  # checked here: every path takes it alike
         if not isinstance(weight_mask, torch.Tensor):
             raise TypeError(f"weight_mask must be a torch.Tensor or None; got {type(weight_mask).__name__}")
+        check_strided(weight_mask, "weight_mask")
         if weight_mask.shape != weight.shape:
             raise ValueError(f"weight_mask must have the weight's shape {tuple(weight.shape)}; "
                              f"got {tuple(weight_mask.shape)}")
