@@ -207,3 +207,24 @@ def test_poolings_on_maps_built_under_inference_mode_then_trained_on(backend, po
     tensors into autograd ('Inference tensors cannot be saved for
     backward'); the outputs and gradients are those of a map built fresh."""
     _fresh_and_cached_under_inference_mode(backend, lambda x, fs: pool(x.with_feats(fs[0]), 3, 2), [_tensor().feats])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_torch_path_sums_low_precision_products_in_float32(dtype):
+    """bf16 / fp16 on the torch path (the CPU fallback, and where no core
+    serves): each offset's product rounded once (its matmul's), summed in
+    float32 and the sum rounded once, as the core's bf16 kernels and one
+    matmul sum; a sum kept in the low precision rounded at every offset
+    (on a k3 conv about twice the error against float64)."""
+    coords = random_coords(300, 6, seed=3)
+    g = torch.Generator().manual_seed(0)
+    x = ps.SparseTensor(torch.randn(len(coords), 16, generator=g).to(dtype), coords)
+    w = (torch.randn(27, 16, 16, generator=g) / 8).to(dtype)
+    with ps.backend("torch"):
+        out = F.conv3d(x, w, 3).feats
+    kmap = km.get_kmap(x, 3)
+    want = torch.zeros(kmap.num_out, 16)
+    for o in range(27):
+        in_idx, out_idx = kmap.pairs(o)
+        want.index_add_(0, out_idx, (x.feats[in_idx] @ w[o]).float())
+    assert out.dtype == dtype and torch.equal(out, want.to(dtype))

@@ -39,19 +39,21 @@ def conv_sum(feats: torch.Tensor, weight: torch.Tensor | Sequence[OffsetProduct]
     into a zero ``(kmap.num_out, C_out)`` tensor (any device and dtype;
     autograd through torch). ``weight``: a ``(K, C_in, C_out)`` tensor, or
     one product per offset (see :data:`OffsetProduct`; then ``out_channels``
-    gives ``C_out``)."""
-    if isinstance(weight, torch.Tensor):
-        out = feats.new_zeros((kmap.num_out, weight.shape[2]))
-        for o, in_idx, out_idx in offset_pairs(kmap):
-            out.index_add_(0, out_idx, (feats[in_idx] @ weight[o]).to(out.dtype))
-        return _autocast_result(out)
-    if out_channels is None:
+    gives ``C_out``). bf16 / fp16 feats: the products (each a matmul's,
+    rounded once) are summed in float32 and the sum rounded once, as the
+    core's bf16 kernels and a single matmul sum (a sum kept in bf16, rounded
+    at every offset, had twice the error on a k3 conv)."""
+    if not isinstance(weight, torch.Tensor) and out_channels is None:
         raise ValueError("out_channels is needed when weight is a sequence of per-offset products")
-    out = feats.new_zeros((kmap.num_out, out_channels))
+    low = feats.dtype in (torch.bfloat16, torch.float16)
+    out = feats.new_zeros((kmap.num_out, weight.shape[2] if isinstance(weight, torch.Tensor) else out_channels),
+                          dtype=torch.float32 if low else feats.dtype)
     for o, in_idx, out_idx in offset_pairs(kmap):
-        if weight[o] is not None:
+        if isinstance(weight, torch.Tensor):
+            out.index_add_(0, out_idx, (feats[in_idx] @ weight[o]).to(out.dtype))
+        elif weight[o] is not None:
             out.index_add_(0, out_idx, weight[o](feats[in_idx]).to(out.dtype))
-    return _autocast_result(out)
+    return out.to(feats.dtype) if low else _autocast_result(out)
 
 
 def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
