@@ -706,3 +706,26 @@ def test_unsigned_batch_and_inverse_are_integers_like_the_others(dtype, backend)
                 ps.voxelize(points, feats, voxel_size=0.5, batch=far)
             with pytest.raises(ValueError, match="inverse holds rows outside"):
                 ps.devoxelize(x, far)
+
+
+@pytest.mark.parametrize("dtype", [d for d in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None))
+                                   if d is not None])
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_float8_points_and_feats_are_refused_naming_them(dtype, backend):
+    """float8 passed the floating-point checks: float8 feats were torch's
+    "Promotion for Float8 Types is not supported" (mean, sum) or
+    NotImplementedError (max), and reduce="first" returned a SparseTensor of
+    float8 feats, which SparseTensor refuses; float8 points were
+    NotImplementedError "aminmax_cpu" from the extent check."""
+    points, feats, _ = cloud(40, seed=5)
+    with ps.backend(backend):
+        for reduce in REDUCES:
+            with pytest.raises(TypeError, match="feats must be a float tensor .*float16.*float8"):
+                ps.voxelize(points, feats.to(dtype), voxel_size=0.5, reduce=reduce)
+        with pytest.raises(TypeError, match="points must be a float tensor .*float16.*float8"):
+            ps.voxelize(points.to(dtype), feats, voxel_size=0.5)
+        with pytest.raises(TypeError, match="points must be a float tensor .*float16.*float8"):
+            ps.voxelize(points.to(dtype), voxel_size=0.5)
+        x, _ = ps.voxelize(points, feats, voxel_size=0.5)
+        with pytest.raises(TypeError, match="points must be a float tensor .*float16.*float8"):
+            ps.devoxelize(x, points=points.to(dtype), voxel_size=0.5, mode="trilinear")
