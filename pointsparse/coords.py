@@ -226,8 +226,22 @@ def pack_torch(coords: torch.Tensor, layout: KeyLayout | None = None, trusted: b
     return (c[:, 0] << sb) | ((c[:, 1] - o[0]) << sx) | ((c[:, 2] - o[1]) << sy) | (c[:, 3] - o[2])
 
 
+def check_keys(keys) -> None:
+    """TypeError / ValueError naming ``keys`` unless they are a 1-D integer
+    tensor (a float or bool tensor was cast to int64 silently: 2.5 and 2.7
+    one key)."""
+    if not isinstance(keys, torch.Tensor) or keys.is_floating_point() or keys.is_complex() \
+            or keys.dtype == torch.bool:
+        got = f"dtype {keys.dtype}" if isinstance(keys, torch.Tensor) else type(keys).__name__
+        raise TypeError(f"keys must be a 1-D integer tensor (int64 keys, as pack makes them); got {got}")
+    if keys.dim() != 1:
+        raise ValueError(f"keys must be a 1-D integer tensor (int64 keys, as pack makes them); got shape "
+                         f"{tuple(keys.shape)}")
+
+
 def unpack(keys: torch.Tensor, layout: KeyLayout) -> torch.Tensor:
     """(N, 4) int32 coords of int64 keys of ``layout``."""
+    check_keys(keys)
     if _ext.serves(keys):
         return _ext.to_tensor(_ext.call(_ext.core.unpack_keys, _ext.to_numpy(keys, torch.int64), layout.core()))
     return unpack_torch(keys, layout)
@@ -255,6 +269,7 @@ def unpack_torch(keys: torch.Tensor, layout: KeyLayout, trusted: bool = False) -
 def unique(keys: torch.Tensor):
     """(unique_keys ascending, inverse, perm, seg_ptr) of int64 keys: rows
     ``perm[seg_ptr[j]:seg_ptr[j+1]]`` hold key ``j`` in their original order."""
+    check_keys(keys)
     if _ext.serves(keys):
         out = _ext.call(_ext.core.unique_keys, _ext.to_numpy(keys, torch.int64))
         return tuple(_ext.to_tensor(a) for a in out)
@@ -276,6 +291,7 @@ def unique_torch(keys: torch.Tensor):
 
 def sort(keys: torch.Tensor):
     """(sorted_keys, perm), stable."""
+    check_keys(keys)
     if _ext.serves(keys):
         s, p = _ext.call(_ext.core.sort_keys, _ext.to_numpy(keys, torch.int64))
         return _ext.to_tensor(s), _ext.to_tensor(p)

@@ -284,6 +284,28 @@ def test_pack_rejects_bad_coords(bad, exc, match):
         C.pack(bad)
 
 
+@pytest.mark.parametrize("bad, exc, match", [
+    (torch.tensor([2.5, 2.7]), TypeError, "keys must be a 1-D integer tensor"),
+    (torch.tensor([True, False]), TypeError, "keys must be a 1-D integer tensor"),
+    (torch.zeros(1, 3, dtype=torch.int64), ValueError, r"keys must be a 1-D integer tensor .*\(1, 3\)"),
+    ([1, 2], TypeError, "keys must be a 1-D integer tensor .*list"),
+])
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_key_functions_refuse_what_is_no_keys_alike_on_both_paths(bad, exc, match, backend):
+    """sort, unique and unpack cast float keys to int64 silently (unique of
+    2.5 and 2.7 gave one key), and on the torch path a 2-D tensor gave a
+    (1, 4, 3) "unpack" or an IndexError from unique, a list an
+    AttributeError (the core's path: a 1-D ValueError, a bare device()
+    TypeError)."""
+    import pointsparse as ps
+
+    layout = C.KeyLayout.of(torch.tensor([[0, 1, 2, 3]], dtype=torch.int32))
+    with ps.backend(backend):
+        for call in (C.sort, C.unique, lambda k: C.unpack(k, layout)):
+            with pytest.raises(exc, match=match):
+                call(bad)
+
+
 def test_non_contiguous_coords():
     base = regime_coords(100, "int32_max", seed=8)
     wide = torch.zeros(len(base), 8, dtype=torch.int32)
