@@ -148,10 +148,24 @@ class KeyLayout:
         return f"batch in [0, {(1 << self.bits[0]) - 1}], {axes}"
 
 
+def check_has_data(tensor: torch.Tensor, name: str) -> None:
+    """A dense tensor with data: a torch sparse (COO, CSR, ...) tensor is a
+    TypeError, a meta tensor a ValueError, each naming ``name`` (torch's
+    own errors for them come from deep inside: "unsupported memory format
+    option Contiguous", "Cannot copy out of meta tensor")."""
+    if tensor.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor; got layout {tensor.layout} "
+                        "(convert it with .to_dense())")
+    if tensor.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor (shape only, no data); pointsparse needs real data "
+                         "(for shape-only tracing use torch.compile / torch.export)")
+
+
 def check_coords(coords: torch.Tensor, name: str = "coords") -> None:
     """Shape and dtype checks with messages that name the argument."""
     if not isinstance(coords, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(coords).__name__}")
+    check_has_data(coords, name)
     if coords.dtype != torch.int32:
         raise TypeError(f"{name} must be int32 [batch, x, y, z]; got dtype {coords.dtype}")
     if coords.dim() != 2 or coords.shape[1] != 4:

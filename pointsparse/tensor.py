@@ -375,13 +375,8 @@ def check_strided(tensor: torch.Tensor, name: str) -> None:
                         "(convert it with .to_dense())")
 
 
-def _check_data(tensor: torch.Tensor, name: str) -> None:
-    """A tensor with data to read: strided (:func:`check_strided`) and on a
-    real device, not meta (ValueError)."""
-    check_strided(tensor, name)
-    if tensor.device.type == "meta":
-        raise ValueError(f"{name} is a meta tensor (shape only, no data); pointsparse needs real data "
-                         "(for shape-only tracing use torch.compile / torch.export)")
+#: A tensor with data to read: strided and on a real device (not meta).
+_check_data = _coords.check_has_data
 
 
 def check_coords_type(coords) -> None:

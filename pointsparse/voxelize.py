@@ -398,6 +398,7 @@ def devoxelize(tensor: SparseTensor, inverse: torch.Tensor | None = None, *, poi
                    else type(inverse).__name__)
             raise TypeError("devoxelize(mode='nearest') needs inverse: the (N,) integer map returned by voxelize "
                             f"(a bool mask is no row map); got {got}")
+        _check_data(inverse, "inverse")
         inverse = inverse.long()  # (as batch in _check_batch: uint16/32/64 have no min)
         # the tensor's rows may be a selection (VoxelPrune) of the voxels inverse maps into
         kept = tensor.cache.kept.get(tensor.stride)

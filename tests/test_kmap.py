@@ -904,3 +904,22 @@ def test_star_import_gives_the_public_names_not_the_module_imports():
     assert not {"torch", "itertools", "dataclass", "field", "annotations", "SparseTensor", "as_int",
                 "as_triple", "Triple"} & set(names)
     assert all(hasattr(km, name) for name in km.__all__)
+
+
+def test_kernel_maps_refuse_sparse_layout_and_meta_coords_naming_them():
+    """kmap.build (and the coords it packs) took a torch sparse tensor or a
+    meta tensor as coords: torch's "unsupported memory format option
+    Contiguous", "Cannot copy out of meta tensor; no data!" or
+    "Tensor.item() cannot be called on meta tensors"."""
+    from pointsparse import coords as C
+
+    coords = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0], [1, 2, 2, 2]], dtype=torch.int32)
+    for stride in (1, 2):
+        with pytest.raises(TypeError, match=r"coords must be a dense \(strided\) tensor; got .*sparse"):
+            km.build(coords.to_sparse(), 3, stride)
+        with pytest.raises(ValueError, match="coords is a meta tensor"):
+            km.build(coords.to("meta"), 3, stride)
+    with pytest.raises(ValueError, match="coords is a meta tensor"):
+        C.pack(coords.to("meta"))
+    with pytest.raises(ValueError, match="out_coords is a meta tensor"):
+        km.build(coords, 2, 2, out_coords=coords.to("meta"))

@@ -526,3 +526,20 @@ def test_coords_that_are_columns_of_a_larger_tensor_are_not_refused_for_its_othe
             conv(x)
         with pytest.raises(ValueError, match="changed in place"):
             conv(copy.deepcopy(x))
+
+
+def test_sparse_layout_feats_and_coords_are_refused_naming_them():
+    """A torch sparse (COO / CSR) tensor passed the type checks: sparse coords
+    were NotImplementedError "aten::lt.Scalar ... SparseCPU", and sparse feats
+    made a SparseTensor whose first conv, pooling, batch norm or dense() was
+    a bare torch error ("unsupported memory format option Contiguous")."""
+    coords = _stepped_coords()
+    feats = torch.randn(len(coords), 3)
+    for sparse in (lambda t: t.to_sparse(), lambda t: t.to_sparse_csr()):
+        with pytest.raises(TypeError, match=r"coords must be a dense \(strided\) tensor; got .*sparse"):
+            ps.SparseTensor(feats, sparse(coords))
+        with pytest.raises(TypeError, match=r"feats must be a dense \(strided\) tensor; got .*sparse"):
+            ps.SparseTensor(sparse(feats), coords)
+        x = ps.SparseTensor(feats, coords)
+        with pytest.raises(TypeError, match=r"feats must be a dense \(strided\) tensor; got .*sparse"):
+            x.with_feats(sparse(feats))

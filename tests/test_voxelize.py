@@ -729,3 +729,25 @@ def test_float8_points_and_feats_are_refused_naming_them(dtype, backend):
         x, _ = ps.voxelize(points, feats, voxel_size=0.5)
         with pytest.raises(TypeError, match="points must be a float tensor .*float16.*float8"):
             ps.devoxelize(x, points=points.to(dtype), voxel_size=0.5, mode="trilinear")
+
+
+def test_sparse_layout_arguments_are_refused_naming_them():
+    """torch sparse points, feats, batch or inverse were bare torch errors
+    ("Could not run 'aten::aminmax' ... SparseCPU", "unsupported memory
+    format option Contiguous", "Could not run 'aten::min' ...")."""
+    points, feats, batch = cloud(40, seed=6, batches=2)
+    for backend in ("auto", "torch"):
+        with ps.backend(backend):
+            with pytest.raises(TypeError, match=r"points must be a dense \(strided\) tensor"):
+                ps.voxelize(points.to_sparse(), feats, voxel_size=0.5)
+            with pytest.raises(TypeError, match=r"feats must be a dense \(strided\) tensor"):
+                ps.voxelize(points, feats.to_sparse(), voxel_size=0.5)
+            with pytest.raises(TypeError, match=r"batch must be a dense \(strided\) tensor"):
+                ps.voxelize(points, feats, voxel_size=0.5, batch=batch.to_sparse())
+            x, inverse = ps.voxelize(points, feats, voxel_size=0.5, batch=batch)
+            with pytest.raises(TypeError, match=r"inverse must be a dense \(strided\) tensor"):
+                ps.devoxelize(x, inverse.to_sparse())
+            with pytest.raises(TypeError, match=r"points must be a dense \(strided\) tensor"):
+                ps.devoxelize(x, points=points.to_sparse(), voxel_size=0.5, batch=batch, mode="trilinear")
+            with pytest.raises(TypeError, match=r"batch must be a dense \(strided\) tensor"):
+                ps.devoxelize(x, points=points, voxel_size=0.5, batch=batch.to_sparse(), mode="trilinear")
