@@ -280,10 +280,16 @@ def _downsampled(coords: torch.Tensor, out_stride: Triple) -> torch.Tensor:
     return torch.cat([coords[:, :1], q.int()], 1)
 
 
-def downsample_coords(coords: torch.Tensor, out_stride: Triple) -> torch.Tensor:
+def downsample_coords(coords: torch.Tensor, out_stride) -> torch.Tensor:
     """Unique ``floor(c / out_stride) * out_stride`` per batch, sorted by key
-    (quantise, radix sort, unique: "ranking"). ValueError when a downsampled
-    coordinate falls below int32."""
+    (quantise, radix sort, unique: "ranking"); ``out_stride`` an int or a
+    3-tuple in ``[1, 2**31 - 1]``. ValueError when a downsampled coordinate
+    falls below int32; TypeError / ValueError naming the argument for
+    coords or out_stride of another kind."""
+    _coords.check_coords(coords)
+    out_stride = as_triple(out_stride, "out_stride")
+    if max(out_stride) > STRIDE_MAX:
+        raise ValueError(f"out_stride must be in [1, {STRIDE_MAX}] per axis; got {out_stride}")
     if _ext.serves(coords):
         return _ext.to_tensor(_ext.call(_ext.core.kmap_downsample, _ext.to_numpy(coords), list(out_stride)))
     return _unique_downsampled(coords, out_stride)[1]

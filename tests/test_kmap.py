@@ -923,3 +923,31 @@ def test_kernel_maps_refuse_sparse_layout_and_meta_coords_naming_them():
         C.pack(coords.to("meta"))
     with pytest.raises(ValueError, match="out_coords is a meta tensor"):
         km.build(coords, 2, 2, out_coords=coords.to("meta"))
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_downsample_coords_checks_its_arguments_alike_on_both_paths(backend):
+    """kmap.downsample_coords checked nothing itself: an int stride was
+    "'int' object is not iterable" on the core's path (and worked on the
+    torch path), stride 0 a bare ZeroDivisionError on the torch path,
+    int64 coords were taken by the core and refused by torch, 3 columns a
+    bare size mismatch, meta coords "Tensor.item() cannot be called on meta
+    tensors"."""
+    coords = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0], [1, 2, 2, 2], [1, -3, 5, 2]], dtype=torch.int32)
+    want = km.build(coords, 2, 2).out_coords
+    with ps.backend(backend):
+        assert torch.equal(km.downsample_coords(coords, 2), want)
+        assert torch.equal(km.downsample_coords(coords, (2, 2, 2)), want)
+        assert torch.equal(km.downsample_coords(coords, np.array([2, 2, 2])), want)
+        with pytest.raises(ValueError, match="out_stride must be >= 1 on every axis"):
+            km.downsample_coords(coords, (0, 2, 2))
+        with pytest.raises(ValueError, match=r"out_stride must be in \[1, 2147483647\]"):
+            km.downsample_coords(coords, (2**31, 1, 1))
+        with pytest.raises(TypeError, match="out_stride must be an int or a 3-tuple"):
+            km.downsample_coords(coords, 2.0)
+        with pytest.raises(TypeError, match="coords must be int32"):
+            km.downsample_coords(coords.long(), 2)
+        with pytest.raises(ValueError, match=r"coords must be \(N, 4\)"):
+            km.downsample_coords(coords[:, :3], 2)
+        with pytest.raises(ValueError, match="coords is a meta tensor"):
+            km.downsample_coords(coords.to("meta"), 2)
