@@ -308,8 +308,10 @@ def _unique_downsampled(coords: torch.Tensor, out_stride: Triple):
 def default_method(device) -> str:
     """The measured fastest method for tensors on ``device``: ``"mergesort"``
     where the core serves them (the CPU, under the backend policy:
-    bench/results/kmap.md), ``"torch"`` elsewhere."""
-    return "mergesort" if _ext.serves(device) else "torch"
+    bench/results/kmap.md), ``"torch"`` elsewhere. ``device``: a
+    ``torch.device``, a name or an index (TypeError / ValueError naming it
+    otherwise)."""
+    return "mergesort" if _ext.serves(_device(device)) else "torch"
 
 
 def _check_method(method: str | None, device) -> str:

@@ -440,6 +440,16 @@ def test_large_kernels_are_quick():
 def test_default_method():
     assert km.default_method("cpu") in km.CPU_METHODS
     assert km.default_method(torch.device("cuda")) == "torch"
+    assert km.default_method(torch.device("cpu")) == km.default_method("cpu")
+    # a name that is no device, or an accelerator's index where none is: an error naming device, on every
+    # backend (torch's bare "Expected one of cpu, cuda, ..." RuntimeError where the core serves, and the
+    # torch backend answered "torch" for anything)
+    for backend in ("auto", "torch"):
+        with ps.backend(backend):
+            with pytest.raises(ValueError, match="device must be a torch.device or a device name"):
+                km.default_method("xyz")
+            with pytest.raises(TypeError, match="device must be a torch.device or a device name"):
+                km.default_method(1.5)
     coords = random_coords(100, 1, 3)
     assert torch.equal(km.build(coords).in_idx, km.build(coords, method="torch").in_idx)
 
