@@ -433,7 +433,7 @@ def devoxelize(tensor: SparseTensor, inverse: torch.Tensor | None = None, *, poi
         return tensor.feats.new_zeros((points.shape[0], tensor.feats.shape[1])) + tensor.feats.sum(0)
     # weights in the wider precision of points and feats
     wide = torch.promote_types(points.dtype, tensor.dtype)
-    idx, weight = trilinear_weights(tensor, points.to(wide), vs, batch)
+    idx, weight = _trilinear(tensor, points.to(wide), vs, batch)
     n, c = idx.shape[0], tensor.feats.shape[1]
     gathered = tensor.feats.index_select(0, idx.clamp_min(0).reshape(-1)).view(n, 8, c)  # deterministic backward
     gathered = gathered * weight.to(tensor.dtype)[..., None]
@@ -454,8 +454,23 @@ def _nearest_kept(feats: torch.Tensor, rows: torch.Tensor, n, inverse: torch.Ten
 
 
 def trilinear_weights(tensor: SparseTensor, points: torch.Tensor, voxel_size, batch=None):
-    """(idx (N, 8), weights (N, 8)) of the voxels of ``tensor`` around each point."""
+    """(idx (N, 8), weights (N, 8)) of the voxels of ``tensor`` around each
+    point (``idx`` -1 and weight 0 at an inactive corner), as
+    ``devoxelize(mode="trilinear")`` takes them; its arguments checked as
+    devoxelize checks them (every point finite: in a compiled graph, when
+    the ``trilinear_weights`` operator runs)."""
+    if not isinstance(tensor, SparseTensor):
+        raise TypeError(f"tensor must be a SparseTensor; got {type(tensor).__name__}")
     vs = _voxel_size(voxel_size)
+    _check_points(points)
+    batch = _check_batch(batch, points.shape[0], points.device)
+    if points.device != tensor.device:
+        raise ValueError(f"points are on {points.device} but the tensor on {tensor.device}")
+    return _trilinear(tensor, points, vs, batch)
+
+
+def _trilinear(tensor: SparseTensor, points: torch.Tensor, vs, batch):
+    """:func:`trilinear_weights` of checked arguments (``vs``: 3 floats)."""
     if torch.compiler.is_compiling():
         return torch.ops.pointsparse.trilinear_weights(tensor.coords, list(tensor.stride), points, list(vs), batch)
     if not _ext.serves(tensor.coords, points):

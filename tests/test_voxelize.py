@@ -751,3 +751,39 @@ def test_sparse_layout_arguments_are_refused_naming_them():
                 ps.devoxelize(x, points=points.to_sparse(), voxel_size=0.5, batch=batch, mode="trilinear")
             with pytest.raises(TypeError, match=r"batch must be a dense \(strided\) tensor"):
                 ps.devoxelize(x, points=points, voxel_size=0.5, batch=batch.to_sparse(), mode="trilinear")
+
+
+def test_trilinear_weights_checks_its_arguments_and_compiled_devoxelize_refuses_non_finite_points():
+    """trilinear_weights (the helper devoxelize and the trilinear_weights
+    operator call) checked nothing itself: NaN points gave zero weights
+    silently, so a compiled devoxelize(mode="trilinear") (whose points are
+    checked only by the operator when the graph runs) returned zeros for a
+    NaN point where eager refuses it; a batch of another length was a bare
+    size mismatch on the torch path, plain coords an AttributeError."""
+    points, feats, batch = cloud(60, seed=7, batches=2)
+    x, _ = ps.voxelize(points, feats, voxel_size=0.5, batch=batch)
+    bad = points.clone()
+    bad[3, 1] = float("nan")
+    for backend in ("auto", "torch"):
+        with ps.backend(backend):
+            idx, w = V.trilinear_weights(x, points, 0.5, batch)
+            assert idx.shape == w.shape == (60, 8)
+            with pytest.raises(ValueError, match="points row 3 is not finite"):
+                V.trilinear_weights(x, bad, 0.5, batch)
+            with pytest.raises(ValueError, match=r"batch must be \(N,\) with N = 60"):
+                V.trilinear_weights(x, points, 0.5, batch[:-1])
+            with pytest.raises(ValueError, match=r"batch indices must lie in"):
+                V.trilinear_weights(x, points, 0.5, batch - 1)
+            with pytest.raises(TypeError, match="tensor must be a SparseTensor"):
+                V.trilinear_weights(x.coords, points, 0.5, batch)
+
+    def run(x, points):
+        return ps.devoxelize(x, points=points, voxel_size=0.5, batch=batch, mode="trilinear")
+
+    torch.compiler.reset()
+    compiled = torch.compile(run, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x, points), run(x, points))
+    with pytest.raises(ValueError, match="points row 3 is not finite"):
+        run(x, bad)
+    with pytest.raises(ValueError, match="points row 3 is not finite"):
+        compiled(x, bad)
