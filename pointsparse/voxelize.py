@@ -410,6 +410,12 @@ def devoxelize(tensor: SparseTensor, inverse: torch.Tensor | None = None, *, poi
                     f"the points into those {n}, as voxelize's inverse does)")
                 raise ValueError(f"inverse holds rows outside [0, {n}){selection}")
         inverse = inverse.to(tensor.device)
+        if torch.compiler.is_compiling():  # a graph: the rows checked when it runs (no host read)
+            n = tensor.coords.shape[0] if kept is None else kept[1]
+            torch._assert_async(((inverse >= 0) & (inverse < n)).all(),
+                                "inverse holds rows outside [0, N) of the tensor's N voxels (or of the N voxels "
+                                "a VoxelPrune kept its rows of): it must map the points into them, as voxelize's "
+                                "inverse does")
         if kept is not None:
             return _nearest_kept(tensor.feats, kept[0], kept[1], inverse)
         # index_select, not feats[inverse]: its backward (index_add_) sums

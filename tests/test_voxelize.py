@@ -787,3 +787,25 @@ def test_trilinear_weights_checks_its_arguments_and_compiled_devoxelize_refuses_
         run(x, bad)
     with pytest.raises(ValueError, match="points row 3 is not finite"):
         compiled(x, bad)
+
+
+def test_compiled_nearest_devoxelize_names_an_inverse_outside_the_voxels():
+    """In a graph devoxelize(mode="nearest") skipped its range check (a host
+    read): an inverse past the voxels or negative was torch's bare
+    "IndexError: index out of range in self" from index_select. Now the
+    graph checks the rows when it runs, with eager's words (a RuntimeError
+    there, as select_voxels' check in a graph); valid ones as eager."""
+    points, feats, _ = cloud(80, seed=8)
+    x, inverse = ps.voxelize(points, feats, voxel_size=0.5)
+
+    def run(x, inverse):
+        return ps.devoxelize(x, inverse)
+
+    torch.compiler.reset()
+    compiled = torch.compile(run, fullgraph=True, dynamic=True, backend="eager")
+    assert torch.equal(compiled(x, inverse), run(x, inverse))
+    for bad in (inverse + len(x), inverse - len(x)):
+        with pytest.raises(ValueError, match=r"inverse holds rows outside \[0, "):
+            run(x, bad)
+        with pytest.raises(RuntimeError, match=r"inverse holds rows outside \[0, "):
+            compiled(x, bad)
