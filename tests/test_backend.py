@@ -228,3 +228,28 @@ def test_the_torch_path_sums_low_precision_products_in_float32(dtype):
         in_idx, out_idx = kmap.pairs(o)
         want.index_add_(0, out_idx, (x.feats[in_idx] @ w[o]).float())
     assert out.dtype == dtype and torch.equal(out, want.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_torch_path_sums_low_precision_input_gradients_in_float32(dtype):
+    """Training in bf16 / fp16 on the torch path (the CPU runs no bf16
+    gradient in the core): the input gradient's per-offset products
+    (``grad[out_idx] @ W[o].T``, each rounded once by its matmul) are summed
+    in float32 and the sum rounded once, as the forward sums; autograd
+    summed the offsets' gradients in the low precision, rounding at every
+    offset (on a k3 conv about four times the forward's error against
+    float64)."""
+    coords = random_coords(300, 6, seed=3)
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(len(coords), 16, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(27, 16, 16, generator=g) / 8).to(dtype)
+    x = ps.SparseTensor(feats, coords)
+    grad = torch.randn(len(coords), 16, generator=g).to(dtype)
+    with ps.backend("torch"):
+        F.conv3d(x, w, 3).feats.backward(grad)
+    kmap = km.get_kmap(x, 3)
+    want = torch.zeros(len(coords), 16)
+    for o in range(27):
+        in_idx, out_idx = kmap.pairs(o)
+        want.index_add_(0, in_idx, (grad[out_idx] @ w[o].t()).float())
+    assert feats.grad.dtype == dtype and torch.equal(feats.grad, want.to(dtype))

@@ -42,17 +42,25 @@ def conv_sum(feats: torch.Tensor, weight: torch.Tensor | Sequence[OffsetProduct]
     gives ``C_out``). bf16 / fp16 feats: the products (each a matmul's,
     rounded once) are summed in float32 and the sum rounded once, as the
     core's bf16 kernels and a single matmul sum (a sum kept in bf16, rounded
-    at every offset, had twice the error on a k3 conv)."""
+    at every offset, had twice the error on a k3 conv). Their input gradient
+    alike: the offsets' rows are gathered from the feats widened (exactly)
+    to float32, so that autograd sums the offsets' gradients
+    (``grad[out_idx] @ W[o].T``, each rounded once by its matmul) in float32
+    and rounds the sum once, where it summed them in bf16, rounding at every
+    offset (four times the forward's error on a k3 conv)."""
     if not isinstance(weight, torch.Tensor) and out_channels is None:
         raise ValueError("out_channels is needed when weight is a sequence of per-offset products")
     low = feats.dtype in (torch.bfloat16, torch.float16)
     out = feats.new_zeros((kmap.num_out, weight.shape[2] if isinstance(weight, torch.Tensor) else out_channels),
                           dtype=torch.float32 if low else feats.dtype)
+    # (only where a gradient flows to the feats: the same rows, one float32 copy of the feats more)
+    wide = feats.float() if low and feats.requires_grad and torch.is_grad_enabled() else None
     for o, in_idx, out_idx in offset_pairs(kmap):
+        rows = feats[in_idx] if wide is None else wide[in_idx].to(feats.dtype)
         if isinstance(weight, torch.Tensor):
-            out.index_add_(0, out_idx, (feats[in_idx] @ weight[o]).to(out.dtype))
+            out.index_add_(0, out_idx, (rows @ weight[o]).to(out.dtype))
         elif weight[o] is not None:
-            out.index_add_(0, out_idx, weight[o](feats[in_idx]).to(out.dtype))
+            out.index_add_(0, out_idx, weight[o](rows).to(out.dtype))
     return out.to(feats.dtype) if low else _autocast_result(out)
 
 
