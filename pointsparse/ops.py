@@ -346,7 +346,10 @@ def _(feats, weight, bias, out_coords, in_idx, out_idx, sizes, key, add, relu):
 @torch.library.custom_op(f"{_LIB}::conv_input_grad", mutates_args=())
 def conv_input_grad(grad: Tensor, weight: Tensor, out_coords: Tensor, in_idx: Tensor, out_idx: Tensor,
                     sizes: Tensor, key: list[int], num_in: int) -> Tensor:
-    """``sum_o grad[out_idx] @ weight[o].T`` added at ``in_idx``: ``(num_in, C_in)``."""
+    """``sum_o grad[out_idx] @ weight[o].T`` added at ``in_idx``: ``(num_in, C_in)``
+    (bf16 / fp16: each offset's product rounded once by its matmul, summed
+    in float32 and the sum rounded once, as eager's torch path sums them;
+    a sum kept in the low precision rounded at every offset)."""
     if _engine_runs(grad, weight):
         from .nn import _engine
 
@@ -354,11 +357,12 @@ def conv_input_grad(grad: Tensor, weight: Tensor, out_coords: Tensor, in_idx: Te
         return _engine.conv_backward(None, weight.contiguous(), grad.contiguous(), plan, True, False)[0]
     from .nn.reference import offset_pairs
 
-    out = grad.new_zeros((num_in, weight.shape[1]))
+    low = grad.dtype in (torch.bfloat16, torch.float16)
+    out = grad.new_zeros((num_in, weight.shape[1]), dtype=torch.float32 if low else grad.dtype)
     with _as_given(grad):
         for o, i, j in offset_pairs(_as_kmap(out_coords, in_idx, out_idx, sizes, key, num_in)):
-            out.index_add_(0, i, grad[j] @ weight[o].t())
-    return out
+            out.index_add_(0, i, (grad[j] @ weight[o].t()).to(out.dtype))
+    return out.to(grad.dtype)
 
 
 @conv_input_grad.register_fake

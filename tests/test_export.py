@@ -74,6 +74,25 @@ def test_opcheck_conv():
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_input_gradient_operator_sums_low_precision_products_in_float32(dtype):
+    """conv_input_grad on bf16 / fp16 (a compiled bf16 model's backward: the
+    core runs no low-precision gradient): the per-offset products
+    (``grad[out_idx] @ W[o].T``, each rounded once by its matmul) summed in
+    float32 and the sum rounded once, as eager's torch path sums them; the
+    loop added them into a bf16 / fp16 tensor, rounding at every offset."""
+    x = _cloud(600, 5, channels=16)
+    args, g = conv_operator_args(x, 16, seed=2)
+    _, weight, _, coords, *pairs, key = args
+    weight, grad = (weight / 8).to(dtype), torch.randn(len(x), 16, generator=g).to(dtype)
+    got = ops.conv_input_grad(grad, weight, coords, *pairs, key, len(x))
+    want = torch.zeros(len(x), 16)
+    in_idx, out_idx, sizes = pairs
+    for o, (i, j) in enumerate(zip(in_idx.split(sizes.tolist()), out_idx.split(sizes.tolist()))):
+        want.index_add_(0, i, (grad[j] @ weight[o].t()).float())
+    assert got.dtype == dtype and torch.equal(got, want.to(dtype))
+
+
 def test_conv_inference_operator():
     """conv_inference (a graph's conv without gradients): schema and fake
     implementation; equal to the conv operator plus the residual and the
