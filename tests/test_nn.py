@@ -137,6 +137,25 @@ def test_global_pooling(reduce):
     torch.testing.assert_close(fn(x), out)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_average_poolings_round_once(dtype):
+    """fp16 / bf16 average poolings: the sum and the count in float32, the
+    mean rounded once to the feats' dtype, as torch.mean gives it. The count
+    was taken in the feats' dtype: past 65504 sites (a LiDAR scan's voxels)
+    fp16 made it inf and global_avg_pool gave 0 for a mean of 0.55; bf16
+    rounded it (70000 -> 70144) and the sum, about a whole bf16 ulp off."""
+    n = 70000
+    grid = torch.stack(torch.meshgrid(torch.arange(50), torch.arange(50), torch.arange(28), indexing="ij"), -1)
+    coords = torch.cat([torch.zeros(n, 1, dtype=torch.int32), grid.reshape(-1, 3)[:n].int()], 1)
+    feats = (torch.rand(n, 3, generator=torch.Generator().manual_seed(0)) * 0.1 + 0.5).to(dtype)
+    x = ps.SparseTensor(feats, coords)
+    out = F.global_avg_pool(x)
+    assert out.dtype == dtype and torch.equal(out, feats.double().mean(0, keepdim=True).to(dtype))
+    pooled = F.avg_pool3d(x, 2)
+    want = F.avg_pool3d(x.with_feats(feats.double()), 2).feats.to(dtype)
+    assert pooled.feats.dtype == dtype and torch.equal(pooled.feats, want)
+
+
 def test_global_pooling_empty_batch_item_is_zero():
     coords = torch.tensor([[0, 0, 0, 0], [2, 1, 1, 1]], dtype=torch.int32)
     x = ps.SparseTensor(torch.tensor([[1.0], [-3.0]]), coords)

@@ -509,10 +509,21 @@ def _graph_pool(input: SparseTensor, kernel_size, stride, dilation, what: str, r
         index = kmap.out_idx.unsqueeze(1).expand(-1, feats.shape[1])
         out = feats.new_zeros((rows, feats.shape[1])).scatter_reduce(0, index, gathered, "amax", include_self=False)
     else:
-        total = feats.new_zeros((rows, feats.shape[1])).index_add(0, kmap.out_idx, gathered)
         count = kmap.out_idx.new_zeros(rows).index_add_(0, kmap.out_idx, torch.ones_like(kmap.out_idx))
-        out = total / count.clamp_min(1).to(feats.dtype).unsqueeze(1)
+        out = _mean_of_rows(gathered, kmap.out_idx, count)
     return SparseTensor(out, kmap.out_coords, kmap.key.out_stride, cache=cache, validate=False)
+
+
+def _mean_of_rows(rows: torch.Tensor, index: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``(len(counts), C)``: the sum of ``rows`` by ``index`` over ``counts``
+    (0 where a count is 0). fp16 / bf16 rows are summed and divided in
+    float32 and the mean rounded once, as ``torch.mean`` gives it: a count
+    in fp16 is inf past 65504 (the mean was 0), in bf16 rounded past 256."""
+    low = rows.dtype in (torch.float16, torch.bfloat16)
+    wide = rows.float() if low else rows
+    total = wide.new_zeros((counts.shape[0], rows.shape[1])).index_add(0, index, wide)
+    mean = total / counts.clamp_min(1).to(wide.dtype).unsqueeze(1)
+    return mean.to(rows.dtype) if low else mean
 
 
 def max_pool3d(input: SparseTensor, kernel_size=2, stride=None, dilation=1) -> SparseTensor:
@@ -548,9 +559,8 @@ def avg_pool3d(input: SparseTensor, kernel_size=2, stride=None, dilation=1) -> S
     in_idx, out_idx = kmap.indices()  # (a map cached under inference_mode: copies autograd can save)
     out_idx = out_idx.to(feats.device)
     gathered = feats.index_select(0, in_idx.to(feats.device))  # (a fixed-order backward: max_pool3d's comment)
-    total = feats.new_zeros((kmap.num_out, feats.shape[1])).index_add(0, out_idx, gathered)
-    count = torch.bincount(out_idx, minlength=kmap.num_out).clamp_min(1).to(feats.dtype)
-    return SparseTensor(total / count.unsqueeze(1), kmap.out_coords, out_stride, cache=input.cache, validate=False)
+    out = _mean_of_rows(gathered, out_idx, torch.bincount(out_idx, minlength=kmap.num_out))
+    return SparseTensor(out, kmap.out_coords, out_stride, cache=input.cache, validate=False)
 
 
 #: Largest dense ``(B, C)`` output (with its per-item counts) the global
@@ -617,9 +627,7 @@ def global_avg_pool(input: SparseTensor) -> torch.Tensor:
     the data there: ``pointsparse::batch_counts``; the items of the graph's
     input)."""
     batch, counts = _per_batch(input, "global_avg_pool")
-    feats = input.feats
-    total = feats.new_zeros((counts.shape[0], feats.shape[1])).index_add(0, batch, feats)
-    return total / counts.clamp_min(1).to(feats.dtype).unsqueeze(1)
+    return _mean_of_rows(input.feats, batch, counts)
 
 
 def global_max_pool(input: SparseTensor) -> torch.Tensor:
