@@ -1950,3 +1950,30 @@ def test_a_weight_tied_to_a_masked_one_keeps_its_values_in_the_program_and_fused
         assert torch.equal(program.module()(x.feats, x.coords), want)
         torch.testing.assert_close(spnn.fuse_for_inference(model)(x).feats, want, rtol=1e-6, atol=1e-6)
     assert b.weight is a.weight_orig and int((b.weight == 0).sum()) == 0  # the model itself untouched
+
+
+def test_a_layer_pruned_by_the_toolkit_compiles_fullgraph_with_gradients():
+    """A conv pruned with the toolkit's methods (``panel_structured``, ...)
+    under ``torch.compile(fullgraph=True)`` in grad mode: its forward hook
+    that keeps pruned modules deep-copyable read the product's ``grad_fn``,
+    which dynamo does not trace ("Unsupported: Tensor with grad_fn()"); now
+    it compiles, gives eager's output and ``weight_orig`` gradient, and the
+    module deep-copies after the compiled forward."""
+    from pointsparse import prune
+
+    coords = random_coords(300, 8, seed=0)
+    x = ps.SparseTensor(torch.randn(len(coords), 8), coords)
+    torch.manual_seed(0)
+    conv = spnn.Conv3d(8, 16, 3)
+    prune.panel_structured(conv, "weight", amount=0.5)
+    eager = copy.deepcopy(conv)
+    want = eager(x).feats
+    want.sum().backward()
+    torch._dynamo.reset()
+    got = torch.compile(conv, fullgraph=True, backend="eager")(x).feats
+    got.sum().backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(conv.weight_orig.grad, eager.weight_orig.grad)
+    copied = copy.deepcopy(conv)
+    with torch.no_grad():
+        torch.testing.assert_close(copied(x).feats, want.detach())

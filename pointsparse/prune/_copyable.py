@@ -17,8 +17,10 @@ def _detach_masked(module: nn.Module, inputs=None, output=None) -> None:
     for key in list(module._parameters):
         if key.endswith("_orig"):
             value = module.__dict__.get(key[:-5])
-            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
-                module.__dict__[key[:-5]] = value.detach()
+            # (requires_grad, not grad_fn: torch.compile traces no grad_fn, and a fullgraph compile of a
+            # pruned layer in grad mode failed on it; the product is no leaf, the hook makes it each forward)
+            if isinstance(value, torch.Tensor) and value.requires_grad:
+                setattr(module, key[:-5], value.detach())
 
 
 def keep_copyable(module: nn.Module) -> None:
