@@ -241,6 +241,46 @@ def test_bit_identical_for_1_and_2_threads(k, t, transposed):
         assert torch.equal(a, b)
 
 
+def test_plan_built_at_one_thread_count_runs_bit_identically_at_the_other(monkeypatch):
+    """A map's plan is built once at the thread count of that moment and kept
+    in the cache (nn.build_maps builds them on one thread each); a conv run
+    later at another count (forward, input and weight gradients, strided and
+    transposed, dense and vector-pruned weights) gives the bits of a fresh
+    run at that count."""
+    x = make(n=6000, c=16, extent=26, dtype=torch.float32, seed=11)
+    dense = [weight(k, 16, 16, torch.float32, seed=s) for k, s in ((3, 3), (2, 4), (2, 5))]
+    pruned = [w.clone() for w in dense]
+    for w in pruned:  # 70% of the (offset, input channel) vectors of 16 output columns zeroed: vector kernels
+        w[torch.rand(w.shape[:2], generator=torch.Generator().manual_seed(6)) < 0.7] = 0
+    assert all(_engine.choose_execution(w).vector for w in pruned)
+
+    def run(tensor, weights):
+        feats = tensor.feats.clone().requires_grad_()
+        ws = [w.clone().requires_grad_() for w in weights]
+        y = F.conv3d(tensor.with_feats(feats), ws[0], 3)
+        z = F.conv3d(F.conv3d(y, ws[1], 2, 2), ws[2], 2, 2, transposed=True)
+        grads = torch.autograd.grad((z.feats * torch.linspace(-1, 1, z.feats.numel()).view(z.feats.shape)).sum(),
+                                    [feats] + ws)
+        return [z.feats.detach(), *grads]
+
+    before = torch.get_num_threads()
+    try:
+        for weights in (dense, pruned):
+            for plan_threads, run_threads in ((1, 2), (2, 1)):
+                monkeypatch.setenv("POINTSPARSE_NUM_THREADS", str(plan_threads))
+                torch.set_num_threads(plan_threads)
+                cached = ps.SparseTensor(x.feats.clone(), x.coords.clone())
+                run(cached, weights)  # maps and plans built at plan_threads
+                monkeypatch.setenv("POINTSPARSE_NUM_THREADS", str(run_threads))
+                torch.set_num_threads(run_threads)
+                later = run(cached, weights)
+                fresh = run(ps.SparseTensor(x.feats.clone(), x.coords.clone()), weights)
+                for a, b in zip(later, fresh):
+                    assert torch.equal(a, b)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_float32_matches_float64():
     x = make(n=500, c=8, extent=9)
     w = weight(3, 8, 8)

@@ -1108,3 +1108,24 @@ def test_threads_sharing_one_model_get_its_bits(variant):
     for t in threads:
         t.join()
     assert not wrong, wrong[:5]
+
+
+def test_training_step_is_bit_identical_for_any_core_thread_count(monkeypatch):
+    """The engine's promise (any thread count, the same bits) carried through
+    a whole MinkUNet training step: logits, loss and the gradient of every
+    parameter equal for 1 and 2 core threads (torch's own ops, batch norm's
+    reductions among them, stay on the one torch thread of this module)."""
+    x = _cloud(9000, 4, seed=3, extent=30, batch=2)
+    labels = (x.coords[:, 1] % 3).long()
+    torch.manual_seed(0)
+    net = MinkUNet(4, 3, cr=0.25, blocks=1)
+    results = []
+    for threads in (1, 2, 1):
+        monkeypatch.setenv("POINTSPARSE_NUM_THREADS", str(threads))
+        out = net(ps.SparseTensor(x.feats.clone(), x.coords.clone()))
+        loss = F.cross_entropy(out.feats, labels)
+        results.append([out.feats.detach(), loss.detach(), *torch.autograd.grad(loss, list(net.parameters()))])
+    assert ps.num_threads() == 1 and len(x) > 4 * 512  # (several blocks of output rows at the finest stride)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
