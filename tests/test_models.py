@@ -1129,3 +1129,21 @@ def test_training_step_is_bit_identical_for_any_core_thread_count(monkeypatch):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_point_to_voxel_averages_low_precision_points_in_float32(dtype):
+    """SPVCNN's point-to-voxel mean of fp16 / bf16 point features: the sum
+    and the count were taken in the feats' dtype (an fp16 count is inf past
+    65504 points: the mean of 70,000 points of 0.5 was 0; bf16 rounds the
+    sum of many points); now summed and divided in float32 and rounded
+    once, as torch.mean gives it."""
+    from pointsparse.models import point_to_voxel
+
+    coords = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0]], dtype=torch.int32)
+    x = ps.SparseTensor(torch.zeros(2, 1, dtype=dtype), coords)
+    rows = torch.cat([torch.zeros(70_000, dtype=torch.int64), torch.ones(3, dtype=torch.int64)])
+    values = torch.cat([torch.full((70_000, 1), 0.5), torch.tensor([[1.0], [2.0], [4.0]])]).to(dtype)
+    got = point_to_voxel(x, values, rows).feats
+    want = torch.stack([values[:70_000].float().mean(0), values[70_000:].float().mean(0)]).to(dtype)
+    assert got.dtype == dtype and torch.equal(got, want)

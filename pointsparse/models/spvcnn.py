@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .. import coords as _coords
+from ..nn import functional as _F
 from ..tensor import SparseTensor
 from ..voxelize import devoxelize
 from .minkunet import MinkUNet, check_arguments, check_parameters, unet_parameters
@@ -69,11 +70,10 @@ def _point_to_voxel(tensor: SparseTensor, point_feats: torch.Tensor, rows: torch
     of :func:`point_rows`, rows of ``tensor`` by construction, not read back
     to the host each forward)."""
     voxels = tensor.coords.shape[0]  # (not len(tensor): in a traced graph the count is a symbol, len() needs an int)
-    out = point_feats.new_zeros((voxels, point_feats.shape[1]))
-    out = out.index_add(0, rows, point_feats)
-    # points per voxel (index_add, not bincount: its length stays the voxels' in a traced graph)
-    count = rows.new_zeros(voxels).index_add_(0, rows, torch.ones_like(rows)).clamp_min(1).to(point_feats.dtype)
-    return tensor.with_feats(out / count[:, None])
+    # points per voxel (index_add, not bincount: its length stays the voxels' in a traced graph); fp16 / bf16
+    # feats summed and divided in float32, the mean rounded once (an fp16 count was inf past 65504 points)
+    count = rows.new_zeros(voxels).index_add_(0, rows, torch.ones_like(rows))
+    return tensor.with_feats(_F._mean_of_rows(point_feats, rows, count))
 
 
 #: Integers up to this magnitude are all float32 values (its 24-bit significand).
