@@ -197,3 +197,18 @@ def test_a_kernel_region_conv_is_sparse_inside_its_region(outside, distribution)
     assert {n: int((r.masks[n] & used[n]).sum()) for n in used} == kept
     assert bool(r.masks["0"][rest].all())
     assert torch.equal(conv.weight.detach()[rest], before)
+
+
+@pytest.mark.parametrize("make", [rigl.RigL, rigl.static_sparse])
+def test_a_layer_pruned_by_torch_is_refused(make):
+    """A layer already pruned with torch.nn.utils.prune (weight_orig +
+    weight_mask) has a computed ``weight``: the masks were written into that
+    copy (recomputed at the next forward, so never in effect) and the first
+    update said 'call update after backward' after a backward. Now a
+    ValueError naming the layer, before anything is changed."""
+    net = mlp(0)
+    torch.nn.utils.prune.l1_unstructured(net[2], "weight", 0.5)
+    before = net[0].weight.detach().clone()
+    with pytest.raises(ValueError, match="layer '2' is already pruned"):
+        make(net, 0.3)
+    assert torch.equal(net[0].weight, before)

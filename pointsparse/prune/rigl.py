@@ -86,6 +86,11 @@ class RigL:
         seed = check_int(seed, "seed", 0)
         self.model = model
         self.layers = prunable_layers(model, layers)
+        for n, m in self.layers:  # (its weight is computed from weight_orig at each forward: masks written
+            if "weight_orig" in m._parameters:  # into it would never be in effect, and it gets no gradient)
+                raise ValueError(f"layer {n!r} is already pruned (weight_orig, weight_mask); RigL owns the masks "
+                                 "of its layers: pass an unpruned model (prune.remove first) or leave the layer "
+                                 "out of layers")
         self.update_interval = update_interval
         self.end_step = end_step
         self.alpha = drop_fraction
