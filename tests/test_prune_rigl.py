@@ -212,3 +212,27 @@ def test_a_layer_pruned_by_torch_is_refused(make):
     with pytest.raises(ValueError, match="layer '2' is already pruned"):
         make(net, 0.3)
     assert torch.equal(net[0].weight, before)
+
+
+def test_update_on_channels_last_and_transposed_weights():
+    """A weight that is no contiguous block (a channels_last Conv2d, a
+    transposed Parameter) made update fail with torch's 'view size is not
+    compatible with input tensor's size and stride'; the drop / grow now runs
+    and the weights hold the masks."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(16, 6), nn.Linear(6, 2))
+    net = net.to(memory_format=torch.channels_last)
+    net[3].weight = nn.Parameter(torch.randn(2, 6).t().contiguous().t())
+    assert not net[0].weight.is_contiguous() and not net[3].weight.is_contiguous()
+    r = rigl.RigL(net, 0.5, "uniform", update_interval=1, end_step=10)
+    kept = {n: int(m.sum()) for n, m in r.masks.items()}
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    x = torch.randn(4, 3, 4, 4).to(memory_format=torch.channels_last)
+    with r:
+        for _ in range(3):
+            opt.zero_grad()
+            net(x).pow(2).mean().backward()
+            opt.step()
+    assert r.updates == 3 and {n: int(m.sum()) for n, m in r.masks.items()} == kept
+    for n, m in r.layers:
+        assert not bool(m.weight[~r.masks[n]].any())

@@ -163,7 +163,7 @@ class RigL:
             grow = torch.topk(grow_score, k).indices
             new_mask[grow] = True
             with torch.no_grad():  # grown connections start at zero, dropped ones are zero from now on
-                m.weight.view(-1)[new_mask != mask] = 0.0
+                m.weight.masked_fill_((new_mask != mask).reshape(m.weight.shape), 0.0)  # (any strides)
             changed[n] = int((new_mask != mask).sum()) // 2
             self.masks[n] = new_mask.reshape(m.weight.shape)
         self.updates += 1
