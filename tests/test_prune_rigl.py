@@ -236,3 +236,15 @@ def test_update_on_channels_last_and_transposed_weights():
     assert r.updates == 3 and {n: int(m.sum()) for n, m in r.masks.items()} == kept
     for n, m in r.layers:
         assert not bool(m.weight[~r.masks[n]].any())
+
+
+def test_tied_weights_are_refused():
+    """Two layers sharing one weight Parameter got two independent masks,
+    both multiplied into the one tensor: RigL reported density 0.5 while a
+    quarter of the weights was left. Now a ValueError naming both layers."""
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    net[2].weight = net[0].weight
+    with pytest.raises(ValueError, match=r"layers '0' and '2' share one weight"):
+        rigl.RigL(net, 0.5, "uniform")
+    r = rigl.RigL(net, 0.5, "uniform", layers=["0"])  # one of them: its mask is the shared weight's
+    assert r.density() == 0.5 and float((net[2].weight != 0).float().mean()) == 0.5

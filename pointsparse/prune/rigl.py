@@ -91,6 +91,12 @@ class RigL:
                 raise ValueError(f"layer {n!r} is already pruned (weight_orig, weight_mask); RigL owns the masks "
                                  "of its layers: pass an unpruned model (prune.remove first) or leave the layer "
                                  "out of layers")
+        owner: dict[int, str] = {}
+        for n, m in self.layers:  # (two masks multiplied into one tensor: neither layer at its density)
+            first = owner.setdefault(id(m.weight), n)
+            if first != n:
+                raise ValueError(f"layers {first!r} and {n!r} share one weight; RigL keeps one mask per weight: "
+                                 "pass one of them in layers")
         self.update_interval = update_interval
         self.end_step = end_step
         self.alpha = drop_fraction
