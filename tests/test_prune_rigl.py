@@ -248,3 +248,15 @@ def test_tied_weights_are_refused():
         rigl.RigL(net, 0.5, "uniform")
     r = rigl.RigL(net, 0.5, "uniform", layers=["0"])  # one of them: its mask is the shared weight's
     assert r.density() == 0.5 and float((net[2].weight != 0).float().mean()) == 0.5
+
+
+def test_a_frozen_layer_is_named_as_frozen():
+    """A layer with requires_grad=False never gets a gradient: the update said
+    'call update after backward' to a user who had; it now says the layer is
+    frozen."""
+    net = mlp(0)
+    net[0].weight.requires_grad_(False)
+    r = rigl.RigL(net, 0.5, update_interval=1, end_step=10)
+    net(torch.randn(4, 8)).sum().backward()
+    with pytest.raises(ValueError, match=r"layer '0' is frozen \(requires_grad=False\)"):
+        r.update()

@@ -150,6 +150,9 @@ class RigL:
         fraction = self.drop_fraction_at(self.step_count)
         changed = {}
         for n, m in self.layers:
+            if not m.weight.requires_grad:
+                raise ValueError(f"layer {n!r} is frozen (requires_grad=False): RigL grows connections by their "
+                                 "gradient; leave the layer out of layers")
             if m.weight.grad is None:
                 raise RuntimeError(f"layer {n!r} has no gradient: call update after backward")
             mask, used = self.masks[n].flatten(), self.used[n].flatten()
