@@ -360,3 +360,27 @@ def test_group_magnitude_of_a_kernel_region_conv_counts_its_region():
     assert bool((conv.weight.grad[~keep] == 0).all())
     scaled = regularizers.group_lasso(conv, group="out", scale_by_size=True)
     assert scaled.item() == pytest.approx(want * 14 ** 0.5)
+
+
+@pytest.mark.parametrize("criterion", [criteria.snip, criteria.taylor, criteria.obd,
+                                       lambda *a: criteria.obd(*a, estimator="fisher")],
+                         ids=["snip", "taylor", "obd", "obd-fisher"])
+def test_gradient_criteria_name_a_frozen_layer(criterion):
+    """A frozen weight (requires_grad=False) among the scored ones gave
+    torch's RuntimeError 'One of the differentiated Tensors does not require
+    grad' from inside autograd.grad; now a ValueError naming the layer, checked
+    before any batch runs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    model[2].weight.requires_grad_(False)
+    data = [(torch.randn(4, 3), torch.randn(4, 2))]
+    calls = []
+
+    def loss_fn(m, batch):
+        calls.append(1)
+        return (m(batch[0]) - batch[1]).pow(2).mean()
+    with pytest.raises(ValueError, match=r"layer '2' \(Linear\.weight\) is frozen \(requires_grad=False\)"):
+        criterion(model, loss_fn, data)
+    assert not calls
+    scores = criterion(model, loss_fn, data, [(model[0], "weight")])  # the trainable layers only: as before
+    assert list(scores) == [(model[0], "weight")]

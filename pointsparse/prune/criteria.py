@@ -164,6 +164,12 @@ def _gradients(model, loss_fn, batches, pairs, create_graph=False):
     """Yield, per batch, the list of ``dL/d leaf`` for ``pairs``."""
     check_loss_fn(loss_fn, batches)
     leaves = [_leaf(module, name) for module, name in pairs]
+    for (module, name), leaf in zip(pairs, leaves):  # (autograd.grad's RuntimeError from inside, else)
+        if not leaf.requires_grad:
+            where = next((f"layer {n!r} ({type(module).__name__}.{name})" for n, m in model.named_modules()
+                          if m is module), f"{type(module).__name__}.{name}")
+            raise ValueError(f"{where} is frozen (requires_grad=False): a data-driven criterion needs its "
+                             "gradient; unfreeze it or pass parameters without it")
     seen = 0
     for batch in batches:
         loss = check_loss(loss_fn(model, batch))
