@@ -384,3 +384,32 @@ def test_gradient_criteria_name_a_frozen_layer(criterion):
     assert not calls
     scores = criterion(model, loss_fn, data, [(model[0], "weight")])  # the trainable layers only: as before
     assert list(scores) == [(model[0], "weight")]
+
+
+@pytest.mark.parametrize("name", ["snip", "taylor", "taylor-out", "obd-fisher", "fisher"])
+def test_gradient_criteria_of_a_float16_model_are_taken_in_float32(name):
+    """A float16 model's data-driven scores were computed and summed in
+    float16: ``(g * w)^2`` ~1e-8 (g ~1e-3, w ~1e-1) underflowed to 0, so a
+    quarter of the Taylor / OBD scores of a small MLP tied at 0 where float32
+    has none. They are taken in float32 now (as ``magnitude``'s), from the
+    float16 gradients."""
+    model, data, loss_fn = least_squares(seed=6)
+    model.half()
+    set_weight(model, torch.tensor([[0.1, -0.02, 0.3], [0.004, 0.2, -0.1]]))
+    data = [(x.half(), y.half() * 1e-3 + x.half() @ model.weight.detach().T) for x, y in data]  # small residuals
+    w = model.weight.detach().float()
+    grads = [torch.autograd.grad(loss_fn(model, b), model.weight)[0].float() for b in data]
+    want = {"snip": (sum(grads) / len(grads) * w).abs(),
+            "taylor": sum((g * w).pow(2) for g in grads) / len(grads),
+            "taylor-out": sum((g * w).sum(1, keepdim=True).pow(2).expand(2, 3) for g in grads) / len(grads),
+            "obd-fisher": 0.5 * (sum(g.pow(2) for g in grads) / len(grads)) * w.pow(2),
+            "fisher": sum(g.pow(2) for g in grads) / len(grads)}[name]
+    run = {"snip": lambda: criteria.snip(model, loss_fn, data),
+           "taylor": lambda: criteria.taylor(model, loss_fn, data),
+           "taylor-out": lambda: criteria.taylor(model, loss_fn, data, group="out"),
+           "obd-fisher": lambda: criteria.obd(model, loss_fn, data, estimator="fisher"),
+           "fisher": lambda: criteria.hessian_diagonal(model, loss_fn, data, estimator="fisher")}[name]
+    got = run()[(model, "weight")]
+    assert bool((want > 0).all())
+    assert bool((got > 0).all()) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)

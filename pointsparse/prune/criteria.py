@@ -6,7 +6,9 @@ method's ``importance_scores`` (per layer: ``scores[(m, "weight")]``) or for
 Data-driven criteria take ``loss_fn(model, batch) -> scalar loss`` and an
 iterable of ``batches`` (anything ``loss_fn`` understands). On a pruned
 tensor they differentiate through ``name_orig * name_mask``, so pruned
-entries score 0.
+entries score 0. Their scores are computed from the model's gradients in
+float32 at least (float32 for a float16 / bfloat16 model: a float16
+``(g * w)^2`` below ~6e-8 is 0), as ``magnitude``'s.
 
 ================  ==========================================================
 criterion         score of weight ``w`` (B batches, ``g_b = dL_b/dw``)
@@ -160,6 +162,11 @@ def check_loss(loss, what: str = "loss_fn(model, batch)") -> torch.Tensor:
     return loss
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 at least (scores of float16 / bfloat16 weights)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _gradients(model, loss_fn, batches, pairs, create_graph=False):
     """Yield, per batch, the list of ``dL/d leaf`` for ``pairs``."""
     check_loss_fn(loss_fn, batches)
@@ -186,10 +193,11 @@ def snip(model: nn.Module, loss_fn: Callable, batches: Iterable, parameters=None
     total = None
     count = 0
     for grads, _ in _gradients(model, loss_fn, batches, pairs):
+        grads = [_wide(g) for g in grads]
         total = grads if total is None else [t + g for t, g in zip(total, grads)]
         count += 1
     return {
-        pair: (g / count * current_weight(*pair).detach()).abs() for pair, g in zip(pairs, total)
+        pair: (g / count * _wide(current_weight(*pair).detach())).abs() for pair, g in zip(pairs, total)
     }
 
 
@@ -200,13 +208,13 @@ def taylor(model: nn.Module, loss_fn: Callable, batches: Iterable, parameters=No
     the group's ``mean_b (sum_{s in g} dL_b/dw_s * w_s)^2`` (removing the
     whole group, Molchanov et al. 2019), broadcast to each of its entries."""
     pairs = _parameters(parameters if parameters is not None else model)
-    weights = [current_weight(*pair).detach() for pair in pairs]
+    weights = [_wide(current_weight(*pair).detach()) for pair in pairs]
     groups = [group_ids(*pair, group) if group is not None else None for pair in pairs]
     total = [torch.zeros_like(w) for w in weights]
     count = 0
     for grads, _ in _gradients(model, loss_fn, batches, pairs):
         for index, (g, w, spec) in enumerate(zip(grads, weights, groups)):
-            contribution = g.detach() * w
+            contribution = _wide(g.detach()) * w
             if spec is not None:
                 ids, size = spec
                 sums = torch.zeros(size, dtype=w.dtype, device=w.device).index_add_(
@@ -246,10 +254,10 @@ def hessian_diagonal(
     count = 0
     for grads, leaves in _gradients(model, loss_fn, batches, pairs, create_graph=estimator == "hutchinson"):
         if estimator == "fisher":
-            estimate = [g.detach().pow(2) for g in grads]
+            estimate = [_wide(g.detach()).pow(2) for g in grads]
             count += 1
         else:
-            estimate = [torch.zeros_like(leaf) for leaf in leaves]
+            estimate = [_wide(torch.zeros_like(leaf)) for leaf in leaves]
             usable = [g.requires_grad for g in grads]
             for sample in range(samples):
                 probes = [
@@ -261,7 +269,7 @@ def hessian_diagonal(
                 else:
                     hv = [None] * len(leaves)
                 estimate = [
-                    e + (v * h.detach() if h is not None else 0) for e, v, h in zip(estimate, probes, hv)
+                    e + (_wide(v * h.detach()) if h is not None else 0) for e, v, h in zip(estimate, probes, hv)
                 ]
             estimate = [e / samples for e in estimate]
             count += 1
@@ -285,7 +293,7 @@ def obd(
     check_loss_fn(loss_fn, batches)
     batches = list(batches)
     diagonal = hessian_diagonal(model, loss_fn, batches, parameters, estimator, samples, generator)
-    return {pair: 0.5 * h * current_weight(*pair).detach().pow(2) for pair, h in diagonal.items()}
+    return {pair: 0.5 * h * _wide(current_weight(*pair).detach()).pow(2) for pair, h in diagonal.items()}
 
 
 def find_batchnorm(module: nn.Module) -> nn.Module | None:
