@@ -297,3 +297,28 @@ def test_channel_removal_folds_an_attached_filter_skeleton():
     with torch.no_grad():
         got = conv2(x.with_feats(x.feats[:, [0, 2, 3]].contiguous())).feats
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_channel_removal_after_pruning_the_batchnorm_scales(sparse):
+    """Network slimming prunes the BatchNorm scales with torch's methods
+    (weight_orig + weight_mask on the norm), then removes those channels:
+    the norm's weight was sliced but weight_orig and weight_mask kept every
+    channel, so the next forward failed in torch ('weight should contain 5
+    elements not 8'). The norm's pruning is now made permanent first, and the
+    kept outputs are unchanged."""
+    net = (sparse_chain(0) if sparse else mlp(0, bn=True)).eval()
+    bn = net[1]
+    x = sparse_input(40) if sparse else torch.randn(20, 8)
+    torch.nn.utils.prune.l1_unstructured(bn, "weight", amount=3)
+    keep = torch.nonzero(bn.weight_mask).flatten()
+    removed = [c for c in range(len(bn.weight_mask)) if c not in keep.tolist()]
+    group = surgery.channel_groups(net)[0]
+    with torch.no_grad():
+        bn.bias[removed] = 0.0  # (a zero scale and shift: the removed channels feed nothing on)
+    ref = net(x)
+    surgery.prune_channels(net, group, keep)
+    out = net(x)
+    out, ref = (out.feats, ref.feats) if sparse else (out, ref)
+    assert not hasattr(bn, "weight_orig") and bn.weight.shape == (len(keep),)
+    torch.testing.assert_close(out, ref)

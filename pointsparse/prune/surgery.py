@@ -246,6 +246,7 @@ def remove_norm_channels(norm: nn.Module, keep) -> None:
     if adapter is None or adapter.kind != "norm":
         raise TypeError(f"expected a BatchNorm; got {type(norm).__name__}")
     keep = _check_keep(keep, adapter.channels(norm, "out"), type(norm).__name__)
+    _unprune(norm)  # (scales pruned by torch's methods: weight_orig / weight_mask would keep every channel)
     for name, axes in adapter.axes(norm).items():
         if getattr(norm, name, None) is not None:
             _slice_param(norm, name, axes["out"], keep)
