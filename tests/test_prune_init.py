@@ -171,3 +171,18 @@ def test_a_kernel_region_conv_is_pruned_inside_its_region(method, outside):
     assert adapters.sparsity(net) == pytest.approx(0.5, abs=1 / (7 * 18 + 27 * 24))
     rest = [k for k in range(27) if k not in net[0].kernel_region]
     assert bool(net[0].weight_mask[rest].all())
+
+
+def test_synflow_on_a_model_pruned_with_torch():
+    """A layer pruned with torch.nn.utils.prune holds a computed weight
+    (weight_orig * weight_mask, no graph leaf), which copy.deepcopy refuses:
+    synflow's copy of the model failed with torch's RuntimeError 'Only
+    Tensors created explicitly by the user (graph leaves) support the
+    deepcopy protocol'. The copy now takes that value detached; the layer's
+    own mask is kept (never un-pruned) and the sparsity reached."""
+    net = mlp(0)
+    torch.nn.utils.prune.l1_unstructured(net[0], "weight", 0.3)
+    before = net[0].weight_mask.clone()
+    masks = init.prune_at_init(net, "synflow", 0.5, example_input=torch.randn(4, 8), iterations=3)
+    assert not bool((masks["0"].bool() & ~before.bool()).any())
+    assert adapters.sparsity(net) == pytest.approx(0.5, abs=0.01)

@@ -174,3 +174,20 @@ def test_table_times_layers_and_inputs_in_the_model_s_dtype():
     assert netadapt._input_like(torch.randn(5, 8, dtype=torch.float64), 8, 1, gen).dtype == torch.float64
     table = netadapt.build_latency_table(net, x, num_candidates=2, repeats=1)
     assert set(table.entries["3"]) == {(4, 8), (4, 4), (2, 8), (2, 4)}
+
+
+@pytest.mark.parametrize("with_table", [True, False])
+def test_a_model_pruned_with_torch_is_copied(with_table):
+    """NetAdapt shrinks a copy of the model; a layer pruned with
+    torch.nn.utils.prune holds a computed weight that copy.deepcopy refuses
+    (torch's RuntimeError 'Only Tensors created explicitly by the user (graph
+    leaves) support the deepcopy protocol'). The copy is taken now, and the
+    model is left as it was."""
+    net = mlp(0, widths=(8, 16, 16, 3))
+    x = torch.randn(64, 8)
+    table = netadapt.build_latency_table(net, x, num_candidates=4, repeats=1) if with_table else None
+    torch.nn.utils.prune.l1_unstructured(net[0], "weight", 0.3)
+    res = netadapt.netadapt(net, table, lambda m, s: None, lambda m: 1.0, x, budget=0.9, short_steps=0,
+                            long_steps=0, max_iterations=1)
+    assert res.model is not net and res.model(x).shape == (64, 3)
+    assert net[0].weight.shape == (16, 8) and hasattr(net[0], "weight_mask")

@@ -8,6 +8,8 @@ and after each forward; the forward pre-hook recomputes it from
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from torch.nn.utils import prune as _torch_prune
@@ -21,6 +23,18 @@ def _detach_masked(module: nn.Module, inputs=None, output=None) -> None:
             # pruned layer in grad mode failed on it; the product is no leaf, the hook makes it each forward)
             if isinstance(value, torch.Tensor) and value.requires_grad:
                 setattr(module, key[:-5], value.detach())
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)`` that also copies modules pruned by torch's own
+    methods: a computed (non-leaf) tensor, as a masked ``weight``, is copied
+    detached (the copy's forward pre-hook recomputes it from ``weight_orig``)."""
+    memo = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
 
 
 def keep_copyable(module: nn.Module) -> None:

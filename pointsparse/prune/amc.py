@@ -31,6 +31,7 @@ from torch import nn
 
 from ..tensor import as_bool, nonnegative_int, positive_int
 from . import _compat
+from ._copyable import copy_model
 from .adapters import in_channels, kernel_volume, out_channels
 from .procedure import check_callable, check_real
 from .surgery import apply_channel_ratios, channel_groups, kept_count
@@ -376,7 +377,7 @@ def amc_search(model: nn.Module, eval_fn: Callable[[nn.Module], float], example_
     sigma = noise
     for ep in range(episodes):
         ratios, states, actions = _episode(space, scale, lambda s: rng.random() if ep < warmup else agent.act(s, sigma))
-        pruned = copy.deepcopy(model)
+        pruned = copy_model(model)
         apply_channel_ratios(pruned, ratios, reconstruct, calibration_input,
                              example_input=example_input if coupled else None)
         metric = float(eval_fn(pruned))

@@ -10,7 +10,6 @@ turns them into global masks through the core's ``global_unstructured``."""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 from typing import Callable
 
@@ -19,6 +18,7 @@ from torch import nn
 
 from ..tensor import positive_int
 from . import _compat
+from ._copyable import copy_model
 from .adapters import apply_masks, get_mask, prunable_layers, raw, used_mask
 from .criteria import check_loss
 from .procedure import check_callable, check_fraction, check_real, global_magnitude_prune
@@ -108,7 +108,7 @@ def synflow_scores(model: nn.Module, example_input, sparsity: float = 0.0, itera
     check_fraction(sparsity, "sparsity")
     iterations = positive_int(iterations, "iterations")
     chosen_names = [n for n, _ in prunable_layers(model, layers)]
-    net = copy.deepcopy(model).double().eval()
+    net = copy_model(model).double().eval()
     with torch.no_grad():
         for t in list(net.parameters()) + list(net.buffers()):
             if t.is_floating_point():

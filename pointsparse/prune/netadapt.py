@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from . import adapters
+from ._copyable import copy_model
 from .adapters import in_channels, out_channels
 from .procedure import call_train, check_callable, check_int, check_lr, check_real
 from .surgery import capture, chain_followers, channel_groups, keep_by_l1, prune_channels
@@ -263,7 +264,7 @@ def netadapt(model: nn.Module, table: LatencyTable | None, train_fn: Callable, e
     if table is None:
         return _netadapt_coupled(model, train_fn, eval_fn, example_input, budget, initial_reduction, decay,
                                  short_steps, long_steps, ft_lr, max_iterations, log, budget_seconds)
-    net = copy.deepcopy(model)
+    net = copy_model(model)
     layout, _ = _channel_layout(net)
     named = dict(net.named_modules())
     channels = {n: out_channels(named[n]) for n, _, p in layout if p}
@@ -328,7 +329,7 @@ def _table_proposals(net, table: LatencyTable, layout, channels: dict, want: flo
         choice = next((c for c in below if estimate[c] <= want), min(below, key=estimate.get))
         if estimate[choice] >= current:
             continue
-        cand = copy.deepcopy(net)
+        cand = copy_model(net)
         prune_channels(cand, name, keep_by_l1(dict(cand.named_modules())[name], choice))
         proposals.append((tune(cand), name, choice, cand))
     return proposals
@@ -349,7 +350,7 @@ def _unmet(current: float, target: float, iterations: int, max_iterations: int) 
 def _shrunk(net: nn.Module, example_input, group: str, count: int) -> nn.Module:
     """A copy of ``net`` with group ``group`` cut to ``count`` channels (lowest magnitude removed)."""
     from .graph import DependencyGraph, plan
-    cand = copy.deepcopy(net)
+    cand = copy_model(net)
     graph = DependencyGraph(cand, example_input)
     graph.cut(plan(graph, {group: count / graph.group(group).size}, multiple=1), retrace=False)
     return cand
@@ -358,7 +359,7 @@ def _shrunk(net: nn.Module, example_input, group: str, count: int) -> nn.Module:
 def _netadapt_coupled(model, train_fn, eval_fn, example_input, budget, initial_reduction, decay, short_steps,
                       long_steps, ft_lr, max_iterations, log, budget_seconds, repeats: int = 5) -> NetAdaptResult:
     from .graph import DependencyGraph
-    net = copy.deepcopy(model)
+    net = copy_model(model)
     channels = {g.name: g.size for g in DependencyGraph(net, example_input).groups}
     if not channels:
         raise ValueError("model has no coupled channel group that can be cut")

@@ -5,7 +5,6 @@ largest ratio whose drop stays under a threshold."""
 
 from __future__ import annotations
 
-import copy
 import math
 import numbers
 from collections.abc import Iterable, Mapping
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from . import _compat
+from ._copyable import copy_model
 from ..tensor import as_bool
 from .adapters import prunable_layers, used_mask
 from .procedure import check_callable, check_fraction, magnitude_prune_layer
@@ -134,7 +134,7 @@ def _group_scan(model, eval_fn, ratios, metric, example_input, layers=None) -> S
     for g in groups:
         values = []
         for r in ratios:
-            cut = copy.deepcopy(model)
+            cut = copy_model(model)
             if r > 0:
                 apply_channel_ratios(cut, {g.name: r}, example_input=example_input)
             values.append(baseline if r == 0 else float(eval_fn(cut)))
