@@ -186,3 +186,21 @@ def test_synflow_on_a_model_pruned_with_torch():
     masks = init.prune_at_init(net, "synflow", 0.5, example_input=torch.randn(4, 8), iterations=3)
     assert not bool((masks["0"].bool() & ~before.bool()).any())
     assert adapters.sparsity(net) == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("method", ["snip", "grasp"])
+def test_a_frozen_layer_is_named(method):
+    """A frozen layer (requires_grad=False) has no gradient to score: GraSP
+    failed with torch's RuntimeError 'One of the differentiated Tensors does
+    not require grad' (SNIP's message spoke of a ``parameters`` argument
+    prune_at_init has not). Now a ValueError naming the layer and ``layers``,
+    before anything is pruned; leaving it out works."""
+    net = mlp(0)
+    net[2].weight.requires_grad_(False)
+    x, y = teacher_data(32)
+    batches = [(x, y)]
+    with pytest.raises(ValueError, match=r"layer '2' is frozen \(requires_grad=False\).*out of layers"):
+        init.prune_at_init(net, method, 0.5, batches, nn.functional.cross_entropy)
+    assert not any(hasattr(m, "weight_mask") for m in net)
+    masks = init.prune_at_init(net, method, 0.5, batches, nn.functional.cross_entropy, layers=["0", "4"])
+    assert sorted(masks) == ["0", "4"]

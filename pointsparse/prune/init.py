@@ -48,11 +48,21 @@ def _batches(batches) -> list:
     return batches
 
 
+def _trainable(chosen, method: str) -> None:
+    """A ValueError naming the first frozen layer of ``chosen`` (SNIP and
+    GraSP score by the loss gradient, which a frozen weight has not)."""
+    for name, m in chosen:
+        if not raw(m).requires_grad:
+            raise ValueError(f"layer {name!r} is frozen (requires_grad=False): {method} scores weights by their "
+                             "gradient; unfreeze it or leave it out of layers")
+
+
 def snip_scores(model: nn.Module, batches: Iterable, loss_fn: Callable, layers=None) -> dict[str, torch.Tensor]:
     """SNIP: ``|mean_b dL_b/dw * w|`` over ``batches`` (the core's
     :func:`pointsparse.prune.criteria.snip`), keyed by layer name."""
     check_callable(loss_fn, "loss_fn")
     chosen = prunable_layers(model, layers)
+    _trainable(chosen, "SNIP")
     scores = _compat.snip_criterion(model, lambda net, batch: check_loss(loss_fn(net(batch[0]), batch[1]), _LOSS),
                                     _batches(batches), [(m, "weight") for _, m in chosen])
     return {n: scores[(m, "weight")] for n, m in chosen}
@@ -66,6 +76,7 @@ def grasp_scores(model: nn.Module, batches: Iterable, loss_fn: Callable, layers=
     check_callable(loss_fn, "loss_fn")
     check_real(temperature, "temperature", "a finite number > 0", lambda v: v > 0)
     chosen = prunable_layers(model, layers)
+    _trainable(chosen, "GraSP")
     params = [raw(m) for _, m in chosen]
     batches = _batches(batches)
     g_total = [torch.zeros_like(p) for p in params]
