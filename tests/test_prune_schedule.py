@@ -188,3 +188,18 @@ def test_step_counts_take_numpy_integers_and_pass_on_python_ints(make):
 def test_rounds_refuse_bools_and_floats(bad):
     with pytest.raises(TypeError, match="rounds must be a positive int"):
         schedule.sparsity_schedule(0.5, bad)
+
+
+@pytest.mark.parametrize("layers, error", [("10", TypeError), (5, TypeError), (["4", 2], TypeError)])
+def test_layers_must_be_a_list_of_names(layers, error):
+    """``layers="10"`` (one name, not in a list) was read character by
+    character: layers '1' and '0' were pruned in its place, silently; an int
+    gave Python's "'int' object is not iterable". Now a TypeError naming
+    ``layers``, before anything is pruned."""
+    import torch.nn as nn
+    net = nn.Sequential(*[nn.Linear(4, 4) for _ in range(12)])
+    with pytest.raises(error, match="layers must be a list of layer names"):
+        schedule.iterative_prune(net, lambda m, s: None, 0.5, rounds=1, steps_per_round=0, layers=layers)
+    assert adapters.sparsity(net) == 0.0
+    schedule.iterative_prune(net, lambda m, s: None, 0.5, rounds=1, steps_per_round=0, layers=["10"])
+    assert adapters.layer_sparsity(net)["10"] == 0.5 and adapters.sparsity(net, ["0", "1"]) == 0.0

@@ -54,7 +54,7 @@ Register an adapter for a layer type of your own with :func:`register`::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -383,6 +383,13 @@ def prunable_layers(model: nn.Module, layers: Iterable[str] | None = None) -> li
         if not out:
             raise ValueError("model has no prunable layer (Linear, Conv1d/2d/3d, pointsparse.nn.Conv3d)")
         return out
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):  # (a str: one name per character)
+        raise TypeError(f"layers must be a list of layer names (['0', 'fc']); got {type(layers).__name__} "
+                        f"{layers!r}")
+    layers = list(layers)
+    wrong = [n for n in layers if not isinstance(n, str)]
+    if wrong:
+        raise TypeError(f"layers must be a list of layer names (str); got {wrong[0]!r} in it")
     out = []
     for n in layers:
         if n not in named:
