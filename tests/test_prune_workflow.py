@@ -834,3 +834,17 @@ def test_export_and_fused_eval_of_a_voxel_and_channel_pruned_checkpoint(voxel_ru
                          "--out", str(tmp_path / inference)]) == 0
         scores[inference] = json.loads((tmp_path / inference / "eval-metrics.json").read_text())["miou"]
     assert abs(scores["fused"] - scores["float32"]) < 0.01, scores
+
+
+def test_channel_scores_taylor_names_batches_that_are_no_iterable():
+    """``channel_scores("taylor", model, loss_fn, None)`` gave Python's
+    "'NoneType' object is not iterable" from its own list(batches); the
+    criterion's TypeError naming batches now."""
+    from torch import nn
+    from pointsparse.prune import workflow
+    net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
+    loss_fn = lambda m, b: m(b).pow(2).mean()  # noqa: E731
+    with pytest.raises(TypeError, match="batches must be an iterable of batches"):
+        workflow.channel_scores("taylor", net, loss_fn, None)
+    scores = workflow.channel_scores("taylor", net, loss_fn, (torch.randn(8, 4) for _ in range(2)))  # a generator
+    assert sorted(tuple(w.shape) for w in scores.values()) == [(2, 6), (6, 4)]

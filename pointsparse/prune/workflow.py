@@ -36,7 +36,7 @@ def channel_scores(criterion: str, model: nn.Module, loss_fn: Callable | None = 
         return criteria.bn_scaling(model)
     if loss_fn is None:
         raise ValueError("criterion 'taylor' needs loss_fn and batches")
-    return criteria.taylor(model, loss_fn, list(batches))
+    return criteria.taylor(model, loss_fn, batches)  # (its TypeError for batches that are no iterable)
 
 
 def prune_channels(model: nn.Module, example_input, ratio: float = 0.5, scores=None, scope: str = "group",
