@@ -260,3 +260,19 @@ def test_a_frozen_layer_is_named_as_frozen():
     net(torch.randn(4, 8)).sum().backward()
     with pytest.raises(ValueError, match=r"layer '0' is frozen \(requires_grad=False\)"):
         r.update()
+
+
+def test_erk_with_a_layer_of_no_weights():
+    """A layer without weights (Linear(8, 0) and the Linear(0, 4) after it)
+    made erk_densities divide by its size: Python's ZeroDivisionError from
+    RigL(model) (uniform worked). Such a layer is dense (nothing to prune)
+    and the others meet the budget."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(8, 0), nn.Linear(0, 4))
+    d = rigl.erk_densities(net, 0.3)
+    assert d["2"] == d["3"] == 1.0
+    assert (d["0"] * 128 + d["1"] * 128) / 256 == pytest.approx(0.3)
+    r = rigl.RigL(net, 0.3, update_interval=1, end_step=10)
+    assert r.density() == pytest.approx(0.3, abs=0.01)
+    net(torch.randn(2, 8)).sum().backward()
+    assert r.update()["2"] == 0

@@ -45,15 +45,16 @@ def _kernel_dims(module: nn.Module) -> list[int]:
 def erk_densities(model: nn.Module, density: float, layers=None) -> dict[str, float]:
     """Erdos-Renyi-Kernel: layer density proportional to
     ``sum(dims) / prod(dims)`` (kernel dims and both channel counts), scaled so
-    the overall density is ``density``; layers that would exceed 1 are dense.
+    the overall density is ``density``; layers that would exceed 1 are dense
+    (and a layer without weights, ``Linear(8, 0)``).
     A layer's size is its weights' count (a ``kernel_region`` conv's region's,
     its kernel dims the region's extent on each axis)."""
     check_fraction(density, "density", low_open=True, high_open=False)
     chosen = prunable_layers(model, layers)
     sizes = {n: int(used_mask(m).sum()) for n, m in chosen}
     # (the product of the dims is the layer's size but for a region conv: its region's weights)
-    raw = {n: sum(_kernel_dims(m)) / sizes[n] for n, m in chosen}
-    dense: set[str] = set()
+    raw = {n: sum(_kernel_dims(m)) / sizes[n] if sizes[n] else 0.0 for n, m in chosen}
+    dense: set[str] = {n for n in sizes if not sizes[n]}  # a layer without weights: nothing to prune
     while True:
         divisor = rhs = 0.0
         for n in sizes:
