@@ -203,3 +203,22 @@ def test_layers_must_be_a_list_of_names(layers, error):
     assert adapters.sparsity(net) == 0.0
     schedule.iterative_prune(net, lambda m, s: None, 0.5, rounds=1, steps_per_round=0, layers=["10"])
     assert adapters.layer_sparsity(net)["10"] == 0.5 and adapters.sparsity(net, ["0", "1"]) == 0.0
+
+
+def test_errors_name_the_callers_sparsity_arguments():
+    """iterative_prune's and one_shot_prune's sparsities were checked as
+    sparsity_schedule's: 'final must be in [0, 1)' for one_shot_prune(...,
+    sparsity=1.5), 'initial' for initial_sparsity. Each error names the
+    argument the user gave now."""
+    net, tr = mlp(0), Trainer()
+    with pytest.raises(ValueError, match=r"^final_sparsity must be in \[0, 1\); got 1.0"):
+        schedule.iterative_prune(net, tr, 1.0)
+    with pytest.raises(TypeError, match=r"^final_sparsity must be a number"):
+        schedule.iterative_prune(net, tr, "0.5")
+    with pytest.raises(ValueError, match=r"^initial_sparsity must be in \[0, 1\); got -0.5"):
+        schedule.iterative_prune(net, tr, 0.5, initial_sparsity=-0.5)
+    with pytest.raises(ValueError, match=r"^initial_sparsity \(0.6\) must be <= final_sparsity \(0.5\)"):
+        schedule.iterative_prune(net, tr, 0.5, initial_sparsity=0.6)
+    with pytest.raises(ValueError, match=r"^sparsity must be in \[0, 1\); got 1.5"):
+        schedule.one_shot_prune(net, tr, 1.5)
+    assert tr.calls == [] and adapters.sparsity(net) == 0.0

@@ -60,14 +60,20 @@ def _constant(t: int, n: int, final: float, initial: float) -> float:
     return initial + (final - initial) * t / n
 
 
+def _check_targets(final, initial, final_name: str = "final", initial_name: str = "initial") -> None:
+    """``final`` and ``initial`` sparsities in [0, 1), ``initial <= final``
+    (errors naming them as the caller's arguments)."""
+    check_fraction(final, final_name)
+    check_fraction(initial, initial_name)
+    if initial > final:
+        raise ValueError(f"{initial_name} ({initial}) must be <= {final_name} ({final}): masks never un-prune, so "
+                         "a falling schedule cannot be followed")
+
+
 def sparsity_schedule(final: float, rounds: int, kind: str = "agp", initial: float = 0.0) -> list[float]:
     """The target sparsity after each of ``rounds`` pruning rounds (the last
     is ``final``); ``rounds`` is an int in ``[1, MAX_ROUNDS]``, ``initial <= final``."""
-    check_fraction(final, "final")
-    check_fraction(initial, "initial")
-    if initial > final:
-        raise ValueError(f"initial ({initial}) must be <= final ({final}): masks never un-prune, so a falling "
-                         "schedule cannot be followed")
+    _check_targets(final, initial)
     if kind not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}; got {kind!r}")
     rounds = positive_int(rounds, "rounds")
@@ -107,6 +113,7 @@ def iterative_prune(model: nn.Module, train_fn: Callable, final_sparsity: float,
     check_callable(train_fn, "train_fn")
     if eval_fn is not None:
         check_callable(eval_fn, "eval_fn")
+    _check_targets(final_sparsity, initial_sparsity, "final_sparsity", "initial_sparsity")
     check_lr(lr)
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}; got {scope!r}")
@@ -136,5 +143,6 @@ def one_shot_prune(model: nn.Module, train_fn: Callable, sparsity: float, finetu
                    eval_fn: Callable | None = None, layers=None) -> ScheduleResult:
     """Prune once to ``sparsity`` and fine-tune ``finetune_steps`` (the
     baseline iterative pruning is compared with at an equal step budget)."""
+    check_fraction(sparsity, "sparsity")
     return iterative_prune(model, train_fn, sparsity, 1, finetune_steps, "constant", scope, lr, finetune_lr_factor,
                            eval_fn, layers)
