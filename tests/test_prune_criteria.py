@@ -413,3 +413,18 @@ def test_gradient_criteria_of_a_float16_model_are_taken_in_float32(name):
     assert bool((want > 0).all())
     assert bool((got > 0).all()) and got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("how", ["l2", "max", "mean"])
+def test_normalize_a_layer_without_weights(how):
+    """The scores of a layer without weights (Linear(8, 0)) are an empty
+    tensor: normalize(..., "max") failed in torch ('amax(): Expected
+    reduction dim to be specified for input.numel() == 0'). An empty tensor
+    comes back as it is, the others normalised."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 0))
+    out = criteria.normalize(criteria.magnitude(model), how)
+    assert out[(model[1], "weight")].shape == (0, 4)
+    s = out[(model[0], "weight")]
+    want = {"l2": torch.linalg.vector_norm(s), "max": s.amax(), "mean": s.mean()}[how]
+    assert float(want) == pytest.approx(1.0)

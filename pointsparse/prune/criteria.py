@@ -398,6 +398,9 @@ def normalize(scores: Scores, how: str = "l2") -> Scores:
     for key, value in scores.items():
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"scores[{key!r}] must be a tensor; got {type(value).__name__}")
+        if value.numel() == 0:  # (a layer without weights: nothing to scale; torch's amax refuses it)
+            out[key] = value.clone()
+            continue
         scale = reducers[how](value.abs())
         out[key] = value / scale if scale > 0 else value.clone()
     return out
