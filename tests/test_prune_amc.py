@@ -225,3 +225,25 @@ def test_search_under_a_float64_default_dtype():
     finally:
         torch.set_default_dtype(was)
     assert len(res.history) == 6 and res.flops <= 0.6 * res.dense_flops + 1e-6
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (float("nan"), ValueError, r"eval_fn returned nan for episode 2's pruned copy; AMC needs a metric in \[0, 1\]"),
+    (87.5, ValueError, r"eval_fn returned 87.5 for episode 2's pruned copy; AMC needs a metric in \[0, 1\]"),
+    ("0.9", TypeError, r"eval_fn must return a number \(the metric in \[0, 1\]\); got str"),
+])
+def test_a_metric_outside_0_1_is_named(bad, error, match):
+    """The error of a pruned copy is 1 - metric: a NaN metric made that
+    episode's reward and the running baseline NaN, so every later advantage
+    was NaN (and the agent's networks NaN once it learned), silently; a
+    percentage (87.5) gave a negative error, a reward that grows with the
+    FLOPs kept; a str gave Python's 'could not convert string to float'.
+    Each is named now, with the episode."""
+    net, x = mlp(0), torch.randn(4, 8)
+    calls = []
+
+    def eval_fn(m):
+        calls.append(1)
+        return bad if len(calls) == 3 else 0.5
+    with pytest.raises(error, match=match):
+        amc.amc_search(net, eval_fn, x, episodes=5, warmup=2)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import numbers
 import random as _random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -348,6 +349,20 @@ def _learn(agent: DDPG, states: list, actions: list, advantage: float, train: bo
             agent.update()
 
 
+def _metric(value, episode: int) -> float:
+    """``eval_fn``'s metric of an episode's pruned copy as a float in [0, 1]
+    (its error ``1 - metric`` makes the reward: a NaN would poison the
+    baseline and the agent, a percentage reward keeping FLOPs)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"eval_fn must return a number (the metric in [0, 1]); got {type(value).__name__}")
+    if not 0.0 <= float(value) <= 1.0:  # (NaN too)
+        raise ValueError(f"eval_fn returned {value} for episode {episode}'s pruned copy; AMC needs a metric in "
+                         "[0, 1] (accuracy, mIoU as a fraction): its error 1 - metric makes the reward")
+    return float(value)
+
+
 def amc_search(model: nn.Module, eval_fn: Callable[[nn.Module], float], example_input, episodes: int = 100,
                warmup: int = 20, reward: str = "flops", target_flops: float | None = None, max_ratio: float = 0.8,
                reconstruct: bool = False, calibration_input=None, noise: float = 0.5, noise_decay: float = 0.95,
@@ -380,7 +395,7 @@ def amc_search(model: nn.Module, eval_fn: Callable[[nn.Module], float], example_
         pruned = copy_model(model)
         apply_channel_ratios(pruned, ratios, reconstruct, calibration_input,
                              example_input=example_input if coupled else None)
-        metric = float(eval_fn(pruned))
+        metric = _metric(eval_fn(pruned), ep)
         flops = flops_for(space.infos, ratios)
         r = -(1.0 - metric) * math.log(flops) if reward == "flops" else -(1.0 - metric)
         history.append({"episode": ep, "reward": r, "metric": metric, "flops": flops, "ratios": dict(ratios)})
