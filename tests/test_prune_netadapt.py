@@ -191,3 +191,17 @@ def test_a_model_pruned_with_torch_is_copied(with_table):
                             long_steps=0, max_iterations=1)
     assert res.model is not net and res.model(x).shape == (64, 3)
     assert net[0].weight.shape == (16, 8) and hasattr(net[0], "weight_mask")
+
+
+def test_a_nan_metric_is_never_the_best_proposal():
+    """Each iteration keeps the proposal of the best metric by max(): a NaN
+    metric (a diverged short fine-tune) first in the list compared false
+    with every number and was kept, silently, over a proposal scoring 0.5.
+    A NaN ranks below every number now."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+    x = torch.randn(256, 8)
+    table = netadapt.build_latency_table(net, x, num_candidates=4, repeats=1)
+    res = netadapt.netadapt(net, table, lambda m, s: None, lambda m: float("nan") if m[0].out_features < 32 else 0.5,
+                            x, budget=0.9, short_steps=0, long_steps=0, max_iterations=1)
+    assert res.history[0]["layer"] == "2" and res.history[0]["metric"] == 0.5

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -280,13 +281,20 @@ def netadapt(model: nn.Module, table: LatencyTable | None, train_fn: Callable, e
                                      lambda cand: _short_tune(cand, train_fn, eval_fn, short_steps, ft_lr))
         if not proposals:
             break
-        metric, name, choice, net = max(proposals, key=lambda p: p[0])
+        metric, name, choice, net = max(proposals, key=_by_metric)
         channels[name] = choice
         current = table.latency(channels, layout)
         _record(history, log, it, name, choice, metric, current, len(proposals), "estimate")
         it += 1
     return _finish(net, channels, target, l0, current, history, it, max_iterations, train_fn, eval_fn, long_steps,
                    ft_lr, example_input, table.repeats)
+
+
+def _by_metric(proposal: tuple) -> tuple[bool, float]:
+    """The rank of a proposal ``(metric, ...)``: by its metric, a NaN (a
+    diverged short fine-tune) below every number (max() would keep a NaN
+    that comes first: it compares false with everything)."""
+    return not math.isnan(proposal[0]), proposal[0]
 
 
 def _check_netadapt(train_fn, eval_fn, budget, budget_seconds, initial_reduction, decay) -> None:
@@ -383,7 +391,7 @@ def _netadapt_coupled(model, train_fn, eval_fn, example_input, budget, initial_r
             proposals.append((float(eval_fn(cand)), name, count, latency, cand))
         if not proposals:
             break
-        metric, name, count, current, net = max(proposals, key=lambda p: p[0])
+        metric, name, count, current, net = max(proposals, key=_by_metric)
         channels[name] = count
         _record(history, log, it, name, count, metric, current, len(proposals), "measured")
         it += 1
