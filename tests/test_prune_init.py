@@ -204,3 +204,26 @@ def test_a_frozen_layer_is_named(method):
     assert not any(hasattr(m, "weight_mask") for m in net)
     masks = init.prune_at_init(net, method, 0.5, batches, nn.functional.cross_entropy, layers=["0", "4"])
     assert sorted(masks) == ["0", "4"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_grasp_of_a_half_precision_model_is_taken_in_float32(dtype):
+    """GraSP's ``H g`` of outputs divided by the temperature (200) is ~1e-8:
+    in float16 it underflowed, 125 of a small MLP's first 128 scores were
+    0 and its ranking was lost, silently. A float16 / bfloat16 model is
+    scored on a float32 copy now (its inputs cast too): the scores of the
+    float32 model holding the same weights, and the model is left as it was."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).to(dtype)
+    wide = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    wide.load_state_dict({k: v.float() for k, v in net.state_dict().items()})
+    x, y = torch.randn(64, 8).to(dtype), torch.randint(0, 3, (64,))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    got = init.grasp_scores(net, [(x, y)], lambda out, t: loss(out.float(), t))
+    want = init.grasp_scores(wide, [(x.float(), y)], loss)
+    for name in ("0", "2"):
+        assert got[name].dtype == torch.float32 and bool((got[name] != 0).all())
+        torch.testing.assert_close(got[name], want[name])
+    assert all(torch.equal(v, net.state_dict()[k]) and v.dtype == dtype for k, v in before.items())
+    masks = init.prune_at_init(net, "grasp", 0.5, [(x, y)], lambda out, t: loss(out.float(), t))
+    assert adapters.sparsity(net) == pytest.approx(0.5, abs=0.01) and masks["0"].shape == (16, 8)

@@ -72,13 +72,20 @@ def grasp_scores(model: nn.Module, batches: Iterable, loss_fn: Callable, layers=
                  temperature: float = 200.0) -> dict[str, torch.Tensor]:
     """GraSP: ``-w * (H g)`` with ``g`` the loss gradient over ``batches``
     (outputs divided by ``temperature``) and ``H`` the Hessian; the weights
-    with the HIGHEST scores are the ones to remove."""
+    with the HIGHEST scores are the ones to remove. A float16 / bfloat16
+    model is scored on a float32 copy (its floating inputs cast too): ``H g``
+    is ~1e-8, which float16 rounds to 0."""
     check_callable(loss_fn, "loss_fn")
     check_real(temperature, "temperature", "a finite number > 0", lambda v: v > 0)
     chosen = prunable_layers(model, layers)
     _trainable(chosen, "GraSP")
-    params = [raw(m) for _, m in chosen]
     batches = _batches(batches)
+    if any(raw(m).dtype in (torch.float16, torch.bfloat16) for _, m in chosen):
+        model = copy_model(model).float()
+        named = dict(model.named_modules())
+        chosen = [(n, named[n]) for n, _ in chosen]
+        batches = [(_float32(x), y) for x, y in batches]
+    params = [raw(m) for _, m in chosen]
     g_total = [torch.zeros_like(p) for p in params]
     for x, y in batches:
         g = torch.autograd.grad(check_loss(loss_fn(_scale_output(model(x), 1.0 / temperature), y), _LOSS), params,
@@ -96,6 +103,13 @@ def grasp_scores(model: nn.Module, batches: Iterable, loss_fn: Callable, layers=
             if hi is not None:
                 acc += hi
     return {n: -(m.weight.detach() * h) for (n, m), h in zip(chosen, hg)}
+
+
+def _float32(x):
+    """A floating tensor or SparseTensor ``x`` in float32; anything else as it is."""
+    if _is_sparse(x) or (isinstance(x, torch.Tensor) and x.is_floating_point()):
+        return x.float()
+    return x
 
 
 def _ones_like_input(example_input):
