@@ -246,3 +246,17 @@ def test_random_mask_control_of_a_kernel_region_conv_is_as_sparse_inside_its_reg
         lottery.random_masks_like({"x": torch.ones(2, 2, dtype=torch.bool)}, model=net)
     with pytest.raises(ValueError, match=r"mask_dict\['0'\] must have the layer's weight shape"):
         lottery.random_masks_like({"0": torch.ones(2, 2, dtype=torch.bool)}, model=net)
+
+
+@pytest.mark.parametrize("layers", [None, ["x"]])
+def test_layers_are_checked_before_any_training(layers):
+    """A model without prunable layers, or a ``layers`` naming none of its
+    layers, was found only after training to the rewind step and through the
+    whole first round (the masks of round 0 are read then): a full training
+    run before the ValueError. It comes before any training now."""
+    calls = []
+    net = torch.nn.Sequential(torch.nn.ReLU()) if layers is None else torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="no prunable layer" if layers is None else "'x' is not a submodule"):
+        lottery.lottery_ticket(net, lambda m, steps: calls.append(steps), lambda m: 0.5, 5, rounds=2,
+                               rewind_step=2, layers=layers)
+    assert calls == []

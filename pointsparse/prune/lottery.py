@@ -86,6 +86,7 @@ def lottery_ticket(model: nn.Module, train_fn: Callable, eval_fn: Callable, trai
     check_lr(lr)
     if not 0 <= rewind_step < train_steps:
         raise ValueError(f"rewind_step must be in [0, train_steps={train_steps}); got {rewind_step}")
+    layers = [n for n, _ in prunable_layers(model, layers)]  # (checked before any training)
     result = LotteryResult(rewind_step=rewind_step)
     call_train(train_fn, model, rewind_step, lr)
     result.state = snapshot(model)
