@@ -163,3 +163,21 @@ def test_unstructured_scan_prunes_a_kernel_region_conv_inside_its_region(outside
     assert res.sizes == {"0": 7 * 3 * 6}
     after = net.state_dict()
     assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_a_group_scan_of_a_model_without_groups_is_refused():
+    """A model whose channels cannot be cut (one Linear: its outputs are the
+    model's) scanned by group gave an empty result, which choose_ratios
+    turned into no ratios, silently, where the unstructured scan of a model
+    without prunable layers is a ValueError. Now a ValueError too, before
+    eval_fn runs."""
+    calls = []
+    with pytest.raises(ValueError, match="model has no coupled channel group that can be cut"):
+        sensitivity.sensitivity_scan(torch.nn.Sequential(torch.nn.Linear(8, 3)), lambda m: calls.append(1) or 1.0,
+                                     [0.0, 0.5], "group", example_input=torch.randn(4, 8))
+    assert calls == []
+    net = mlp(0)
+    with pytest.raises(ValueError, match="layers is empty"):  # (no group picked: the same empty result)
+        sensitivity.sensitivity_scan(net, lambda m: calls.append(1) or 1.0, [0.0, 0.5], "group",
+                                     example_input=torch.randn(4, 8), layers=[])
+    assert calls == []

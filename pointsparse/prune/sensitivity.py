@@ -124,10 +124,15 @@ def _group_scan(model, eval_fn, ratios, metric, example_input, layers=None) -> S
         raise ValueError("granularity='group' needs example_input (to trace the dependency graph)")
     graph = DependencyGraph(model, example_input)
     groups = graph.groups
+    if not groups:  # (the unstructured scan of a model without prunable layers: a ValueError too)
+        raise ValueError("model has no coupled channel group that can be cut (scan it with granularity "
+                         "'unstructured' or 'channel')")
     if layers is not None:  # the groups the names pick (a group's name or any layer producing its channels)
         if isinstance(layers, str) or not isinstance(layers, Iterable):
             raise TypeError(f"layers must be a list of group or layer names; got {type(layers).__name__}")
         picked = {id(g): g for g in (graph.group(name) for name in layers)}
+        if not picked:
+            raise ValueError("layers is empty")
         groups = [g for g in groups if id(g) in picked]
     baseline = _baseline(model, eval_fn, metric)
     curves = {}
