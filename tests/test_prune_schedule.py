@@ -222,3 +222,27 @@ def test_errors_name_the_callers_sparsity_arguments():
     with pytest.raises(ValueError, match=r"^sparsity must be in \[0, 1\); got 1.5"):
         schedule.one_shot_prune(net, tr, 1.5)
     assert tr.calls == [] and adapters.sparsity(net) == 0.0
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_a_model_pruned_by_the_procedures_deep_copies_after_a_forward(scope):
+    """iterative_prune / one_shot_prune (and lottery_ticket, ERK masks:
+    adapters.apply_masks) prune through torch's l1_unstructured /
+    global_unstructured / custom_from_mask, whose hook leaves the weight a
+    product autograd made: ``copy.deepcopy`` of the model after a forward
+    raised torch's "Only Tensors created explicitly by the user ... support
+    the deepcopy protocol". Their layers now stay deep-copyable, as the
+    toolkit's own methods leave them, with the copy's outputs equal."""
+    import copy
+
+    model = mlp()
+    schedule.iterative_prune(model, lambda m, s: None, 0.5, rounds=1, steps_per_round=0, scope=scope)
+    x = torch.randn(5, model[0].in_features)
+    want = model(x)
+    copied = copy.deepcopy(model)
+    torch.testing.assert_close(copied(x), want)
+    masks = {n: torch.ones_like(m.weight_mask) for n, m in model.named_modules() if hasattr(m, "weight_mask")}
+    other = mlp()
+    adapters.apply_masks(other, masks)
+    other(x)
+    copy.deepcopy(other)

@@ -61,6 +61,8 @@ from torch import nn
 
 from torch.nn.utils.prune import custom_from_mask
 
+from ._copyable import keep_copyable
+
 Axes = dict[str, dict[str, int]]
 
 
@@ -434,6 +436,7 @@ def apply_masks(model: nn.Module, mask_dict: dict[str, torch.Tensor]) -> None:
         if tuple(m.shape) != tuple(w.shape):
             raise ValueError(f"mask for {n!r} must have the weight's shape {tuple(w.shape)}; got {tuple(m.shape)}")
         custom_from_mask(named[n], "weight", m.to(w.device))
+        keep_copyable(named[n])  # (deep-copyable after a forward, as the toolkit's own methods leave layers)
 
 
 from . import _builtins  # noqa: E402,F401  (registers the built-in adapters)

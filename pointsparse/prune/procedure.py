@@ -15,6 +15,7 @@ from torch import nn
 
 from ..tensor import as_float, as_int
 from . import _compat
+from ._copyable import keep_copyable
 from .adapters import get_mask, prunable_layers, used_mask
 
 
@@ -53,6 +54,8 @@ def global_magnitude_prune(model: nn.Module, target: float, layers=None, scores:
         kwargs["importance_scores"] = {(m, "weight"): _only_used(scores[n] if scores is not None else m.weight,
                                                                  used[n]) for n, m in chosen}
     _compat.global_unstructured(params, pruning_method=torch.nn.utils.prune.L1Unstructured, amount=extra, **kwargs)
+    for _, m in chosen:  # (torch's methods leave a product autograd made, which copy.deepcopy refuses)
+        keep_copyable(m)
 
 
 def _only_used(scores: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
@@ -78,6 +81,7 @@ def magnitude_prune_layer(module: nn.Module, target: float) -> None:
     if extra > 0:
         scores = None if bool(used.all()) else _only_used(module.weight, used)
         _compat.l1_unstructured(module, "weight", amount=extra, importance_scores=scores)
+        keep_copyable(module)
 
 
 def accepts_lr(fn: Callable) -> bool:
