@@ -103,7 +103,7 @@ SITES = [
 IDS = [s[0] for s in SITES]
 
 # Procedures that are called so that they stop at a later check (the value was taken): the errors they stop on.
-LATER = r"^(lr|scope|reward|generator|final|round_index) must be|^layers is empty"
+LATER = r"^(lr|scope|reward|generator|final|final_sparsity|round_index) must be|^layers is empty"
 
 
 def _name_pattern(name: str) -> str:

@@ -113,7 +113,6 @@ def iterative_prune(model: nn.Module, train_fn: Callable, final_sparsity: float,
     check_callable(train_fn, "train_fn")
     if eval_fn is not None:
         check_callable(eval_fn, "eval_fn")
-    _check_targets(final_sparsity, initial_sparsity, "final_sparsity", "initial_sparsity")
     check_lr(lr)
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}; got {scope!r}")
@@ -126,6 +125,7 @@ def iterative_prune(model: nn.Module, train_fn: Callable, final_sparsity: float,
     except (TypeError, ValueError) as error:  # (a wrong type a TypeError, a negative a ValueError)
         raise type(error)(f"steps_per_round (finetune_steps) must be an int >= 0 (fine-tuning steps after each "
                           f"round); got {steps_per_round!r}") from None
+    _check_targets(final_sparsity, initial_sparsity, "final_sparsity", "initial_sparsity")
     targets = sparsity_schedule(final_sparsity, rounds, schedule, initial_sparsity)
     ft_lr = None if lr is None else lr * finetune_lr_factor
     result = ScheduleResult()
