@@ -34,7 +34,7 @@ import torch
 
 from . import _ext
 from . import coords as _coords
-from .tensor import STRIDE_MAX, SparseTensor, Triple, _check_data, as_int, as_triple
+from .tensor import STRIDE_MAX, SparseTensor, Triple, as_int, as_triple
 
 __all__ = ["KernelMap", "KernelMapKey", "build", "get_kmap", "kernel_offsets", "downsample_coords", "default_method",
            "METHODS", "CPU_METHODS", "MAX_KERNEL_VOLUME", "MAX_OFFSET"]
@@ -471,9 +471,6 @@ def build(coords: torch.Tensor, kernel_size=3, stride=1, dilation=1, tensor_stri
     real sweeps and generated streets of 100k-1M voxels (2 threads,
     bench/results/kmap_zen3_stop29.md).
     """
-    for name, given in (("coords", coords), ("out_coords", out_coords)):
-        if isinstance(given, torch.Tensor):  # (a sparse layout or meta tensor failed inside torch)
-            _check_data(given, name)
     return _build(coords, as_triple(kernel_size, "kernel_size"), as_triple(stride, "stride"),
                   as_triple(dilation, "dilation"), as_triple(tensor_stride, "tensor_stride"), method, out_coords)
 
