@@ -148,14 +148,22 @@ class KeyLayout:
         return f"batch in [0, {(1 << self.bits[0]) - 1}], {axes}"
 
 
-def check_has_data(tensor: torch.Tensor, name: str) -> None:
-    """A dense tensor with data: a torch sparse (COO, CSR, ...) tensor is a
-    TypeError, a meta tensor a ValueError, each naming ``name`` (torch's
-    own errors for them come from deep inside: "unsupported memory format
-    option Contiguous", "Cannot copy out of meta tensor")."""
+def check_strided(tensor: torch.Tensor, name: str) -> None:
+    """TypeError naming ``name`` for a torch sparse-layout tensor (COO, CSR,
+    ...): every op reads its argument as a dense array, where torch's own
+    error came from deep inside ("unsupported memory format option
+    Contiguous")."""
     if tensor.layout != torch.strided:
         raise TypeError(f"{name} must be a dense (strided) tensor; got layout {tensor.layout} "
                         "(convert it with .to_dense())")
+
+
+def check_has_data(tensor: torch.Tensor, name: str) -> None:
+    """A dense tensor with data: a torch sparse (COO, CSR, ...) tensor is a
+    TypeError (:func:`check_strided`), a meta tensor a ValueError, each
+    naming ``name`` (torch's own error for meta: "Cannot copy out of meta
+    tensor")."""
+    check_strided(tensor, name)
     if tensor.device.type == "meta":
         raise ValueError(f"{name} is a meta tensor (shape only, no data); pointsparse needs real data "
                          "(for shape-only tracing use torch.compile / torch.export)")

@@ -359,30 +359,17 @@ def _check_feats(feats, n: int | None = None) -> None:
     if feats.dtype not in FEATS_DTYPES:
         raise TypeError(f"feats must be a floating-point tensor (N, C) of float16, bfloat16, float32 or float64; got "
                         f"dtype {feats.dtype}" + (" (the layers run no float8 type)" if feats.is_floating_point() else ""))
-    _check_data(feats, "feats")
+    _coords.check_has_data(feats, "feats")
     if feats.dim() != 2:
         raise ValueError(f"feats must be (N, C); got shape {tuple(feats.shape)}")
     if n is not None and feats.shape[0] != n:
         raise ValueError(f"feats has {feats.shape[0]} rows but coords has {n}; they must match")
 
 
-def check_strided(tensor: torch.Tensor, name: str) -> None:
-    """TypeError naming ``name`` for a torch sparse-layout tensor (COO, CSR,
-    ...): every op reads its argument as a dense array, where torch's own
-    error came from deep inside."""
-    if tensor.layout != torch.strided:
-        raise TypeError(f"{name} must be a dense (strided) tensor; got layout {tensor.layout} "
-                        "(convert it with .to_dense())")
-
-
-#: A tensor with data to read: strided and on a real device (not meta).
-_check_data = _coords.check_has_data
-
-
 def check_coords_type(coords) -> None:
     """Type, layout, dtype (NaN/inf named for float coords), device and (N, 4) shape."""
     if isinstance(coords, torch.Tensor):
-        _check_data(coords, "coords")
+        _coords.check_has_data(coords, "coords")
     if isinstance(coords, torch.Tensor) and coords.is_floating_point():
         if not bool(torch.isfinite(coords).all()):
             raise ValueError("coords contain NaN or inf; they must be finite int32 [batch, x, y, z]")

@@ -11,7 +11,7 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from . import _ext
 from . import coords as _coords
-from .tensor import FEATS_DTYPES, SparseTensor, _check_data, as_float
+from .tensor import FEATS_DTYPES, SparseTensor, as_float
 
 REDUCE_MODES = {"sum": 0, "mean": 1, "max": 2, "first": 3}
 #: The feature dtypes the core reduces (others take the torch path).
@@ -45,7 +45,7 @@ def _check_points(points, name="points", values: bool = True) -> None:
     if points.dtype not in FEATS_DTYPES:  # (float8 passed is_floating_point and failed inside torch)
         raise TypeError(f"{name} must be a float tensor (N, 3) of float16, bfloat16, float32 or float64; "
                         f"got dtype {points.dtype}")
-    _check_data(points, name)
+    _coords.check_has_data(points, name)
     if points.dim() != 2 or points.shape[1] != 3:
         raise ValueError(f"{name} must be (N, 3) [x, y, z]; got shape {tuple(points.shape)}")
     if values:
@@ -112,7 +112,7 @@ def _check_batch(batch, n: int, device) -> torch.Tensor | None:
         return None
     if not isinstance(batch, torch.Tensor):
         raise TypeError(f"batch must be a torch.Tensor of integer batch indices; got {type(batch).__name__}")
-    _check_data(batch, "batch")
+    _coords.check_has_data(batch, "batch")
     if batch.is_floating_point() or batch.is_complex() or batch.dtype == torch.bool:
         raise TypeError(f"batch must hold integer batch indices; got dtype {batch.dtype}")
     if batch.dim() != 1 or batch.shape[0] != n:
@@ -328,7 +328,7 @@ def voxelize(points: torch.Tensor, feats: torch.Tensor | None = None, voxel_size
     if feats.dtype not in FEATS_DTYPES:  # (the SparseTensor's feats: float8 failed inside torch)
         raise TypeError(f"feats must be a float tensor (N, C) of float16, bfloat16, float32 or float64; "
                         f"got dtype {feats.dtype}")
-    _check_data(feats, "feats")
+    _coords.check_has_data(feats, "feats")
     if feats.dim() != 2 or feats.shape[0] != points.shape[0]:
         raise ValueError(f"feats must be (N, C) with N = {points.shape[0]} points; got shape {tuple(feats.shape)}")
     if feats.device != points.device:
@@ -398,7 +398,7 @@ def devoxelize(tensor: SparseTensor, inverse: torch.Tensor | None = None, *, poi
                    else type(inverse).__name__)
             raise TypeError("devoxelize(mode='nearest') needs inverse: the (N,) integer map returned by voxelize "
                             f"(a bool mask is no row map); got {got}")
-        _check_data(inverse, "inverse")
+        _coords.check_has_data(inverse, "inverse")
         inverse = inverse.long()  # (as batch in _check_batch: uint16/32/64 have no min)
         # the tensor's rows may be a selection (VoxelPrune) of the voxels inverse maps into
         kept = tensor.cache.kept.get(tensor.stride)

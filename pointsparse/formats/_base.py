@@ -11,6 +11,7 @@ import torch
 from torch.autograd import forward_ad
 
 from .. import _ext
+from ..coords import check_strided
 from ..tensor import as_int
 from ._storage import array_nbytes
 
@@ -35,9 +36,7 @@ def check_data(tensor, name: str) -> None:
     data is copied to the CPU)."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(tensor).__name__}")
-    if tensor.layout != torch.strided:
-        raise TypeError(f"{name} must be a dense (strided) tensor; got layout {tensor.layout} "
-                        "(convert it with .to_dense())")
+    check_strided(tensor, name)
     if tensor.device.type == "meta":
         raise TypeError(f"{name} is a meta tensor (a shape without data); give a tensor with values")
 

@@ -14,7 +14,8 @@ from .. import kmap as _kmap
 from .. import ops as _ops
 from . import _engine
 from . import reference as _reference
-from ..tensor import SparseTensor, as_bool, as_float, as_triple, check_strided
+from ..coords import check_strided
+from ..tensor import SparseTensor, as_bool, as_float, as_triple
 
 __all__ = ["conv3d", "add", "cat", "max_pool3d", "avg_pool3d", "global_avg_pool", "global_max_pool", "select_voxels",
            "keep_per_batch", "region_of", "engine_cost"]
