@@ -12,15 +12,15 @@ from torch.autograd import forward_ad
 
 from .. import _ext
 from ..coords import check_strided
-from ..tensor import as_int
+from ..tensor import FEATS_DTYPES, as_int
 from ._storage import array_nbytes
 
 _KERNEL_DTYPES = _ext.FLOAT_DTYPES
 _STORED_INDEX_DTYPES = (torch.uint8, torch.uint16, torch.uint32, torch.uint64)
 _WIDE_UNSIGNED = _STORED_INDEX_DTYPES[1:]
-#: The dtypes a format stores its values in (and multiplies): float8 types pass
-#: ``is_floating_point`` and fail inside torch's ops.
-VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: The dtypes a format stores its values in (and multiplies), a SparseTensor's
+#: feats': float8 types pass ``is_floating_point`` and fail inside torch's ops.
+VALUE_DTYPES = FEATS_DTYPES
 
 
 def check_value_dtype(tensor: torch.Tensor, name: str) -> None:
