@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -278,7 +279,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.out:
-        command = "python bench/ab_builds.py " + " ".join(sys.argv[1:])
+        command = "python bench/ab_builds.py " + shlex.join(sys.argv[1:])
         write_markdown(Path(args.out), "Builds in lockstep", command, environment(), [table])
         print(f"wrote {args.out}")
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -179,7 +180,7 @@ def main() -> None:
                      f"{1e3 * med[(i, 'net')]:.1f} | {med[(0, 'net')] / med[(i, 'net')]:.2f}x |")
     path = page_path(args.out, "ab_trees.md", args.quick)
     write_markdown(path, "Checkouts in lockstep on the north star's inference",
-                   "python bench/ab_trees.py " + " ".join(sys.argv[1:]), environment(), ["\n".join(lines)],
+                   "python bench/ab_trees.py " + shlex.join(sys.argv[1:]), environment(), ["\n".join(lines)],
                    "Ratios: the first tree's median over each tree's (above 1: faster than the first).")
     print(path.read_text())
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 import statistics
 import sys
 import time
@@ -123,7 +124,7 @@ def main() -> None:
     out = page_path(args.out, "bf16_layers.md", args.quick)
     write_markdown(out, f"The north star's bf16 convs in the AMX form and the vdpbf16ps one, {name} "
                         f"({len(base):,} voxels), pair vectors {args.amount:.0%}, {args.threads} threads",
-                   "python bench/bf16_layers.py " + " ".join(sys.argv[1:]), environment(), tables(rows))
+                   "python bench/bf16_layers.py " + shlex.join(sys.argv[1:]), environment(), tables(rows))
     print(out.read_text())
 
 

@@ -28,6 +28,7 @@ same products summed in another order: within 1e-5 of the largest output).
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 import torch
@@ -133,7 +134,7 @@ def main() -> None:
         amounts = [(0.0, None)] + [(a, 2) for a in args.pair_amounts]
     rows = table(coords, widths, amounts, rounds, args.threads)
     out = page_path(args.out, "bf16_vectors.md", args.quick)
-    command = "python bench/bf16_vectors.py " + " ".join(sys.argv[1:])
+    command = "python bench/bf16_vectors.py " + shlex.join(sys.argv[1:])
     write_markdown(out, f"bf16 vector sparsity, {name} ({len(coords):,} voxels), {args.threads} thread(s)",
                    command, environment(), ["\n".join(rows)])
     print(f"written {out}")

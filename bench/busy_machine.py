@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shlex
 import statistics
 import subprocess
 import sys
@@ -113,8 +114,8 @@ def main(argv=None) -> int:
         q1, q2, b1, b2 = res[False][(c, 1)], res[False][(c, 2)], res[True][(c, 1)], res[True][(c, 2)]
         rows.append(f"| {c} | {q1 * 1e3:.2f} | {q2 * 1e3:.2f} | {b1 * 1e3:.2f} | {b2 * 1e3:.2f} | {b2 / q1:.1f}x |")
         print(rows[-1], flush=True)
-    cmd = "flock /work/cpu.lock .venv/bin/python bench/busy_machine.py " + " ".join(sys.argv[1:] if argv is None
-                                                                                   else argv)
+    cmd = "flock /work/cpu.lock .venv/bin/python bench/busy_machine.py " + shlex.join(sys.argv[1:] if argv is None
+                                                                                      else argv)
     write_markdown(__import__("pathlib").Path(output), f"Coordinate core on a busy machine ({data['name']})",
                    cmd, environment() | {"isa": _ext.core.conv_isa()}, ["\n".join(rows)])
     print(f"written {output}")

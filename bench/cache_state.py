@@ -35,6 +35,7 @@ rounds, the page in a temporary folder.
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import sys
 import time
@@ -160,7 +161,7 @@ def main() -> int:
     for channels in args.channels:
         table += measure(channels, coords, args.rounds, args.mb, args.threads, args.split)
     path = page_path(args.out, "cache_state.md", args.quick)
-    command = "python bench/cache_state.py " + " ".join(sys.argv[1:])
+    command = "python bench/cache_state.py " + shlex.join(sys.argv[1:])
     write_markdown(path, "Vector-sparse speed-ups with the conv's rows in cache and in memory", command,
                    environment(), ["\n".join(table)],
                    "Speed-ups: the unpruned conv's median over the variant's in the same condition, the same "

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import shlex
 import sys
 
 import numpy as np
@@ -185,7 +186,7 @@ def main() -> None:
         [residual(rounds, args.quick)] if "residual" in args.parts else []) + (
         [cache_steps(rounds, args.quick)] if "cache" in args.parts else [])
     path = page_path(args.out, "call_overhead.md", args.quick)
-    command = "python bench/call_overhead.py " + " ".join(sys.argv[1:])
+    command = "python bench/call_overhead.py " + shlex.join(sys.argv[1:])
     write_markdown(path, "Per-call costs of an inference forward", command.strip(), environment(), tables)
     print(path.read_text())
 

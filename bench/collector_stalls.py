@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -143,7 +144,7 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|", *rows]
     page = page_path(args.out, "collector_stalls.md", args.quick)
     write_markdown(page, "Full collections inside a model's calls",
-                   "python bench/collector_stalls.py " + " ".join(sys.argv[1:]), environment(), ["\n".join(table)])
+                   "python bench/collector_stalls.py " + shlex.join(sys.argv[1:]), environment(), ["\n".join(table)])
     print(page)
 
 

@@ -16,6 +16,7 @@ Results: bench/results/conv.md.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 import numpy as np
@@ -319,7 +320,7 @@ def main() -> None:
         notes = ("kmap build: `pointsparse.kmap.build` with the default method; plans: the fused kernels' "
                  "`ConvPlan` and bench/_grouped.py's steps, both built once per map; kernels: the fused C++ "
                  "calls alone on preallocated outputs (no autograd, no allocation), medians over the repeats.")
-    cmd = "flock /tmp/ps-heavy.lock .venv/bin/python bench/conv.py " + " ".join(sys.argv[1:])
+    cmd = "flock /tmp/ps-heavy.lock .venv/bin/python bench/conv.py " + shlex.join(sys.argv[1:])
     write_markdown(__import__("pathlib").Path(args.output), "Sparse convolution (bench/conv.py)", cmd.strip(), env,
                    tables, notes)
 

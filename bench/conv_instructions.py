@@ -26,6 +26,7 @@ on the generated street, one call, the page in a temporary folder."""
 from __future__ import annotations
 
 import argparse
+import shlex
 import shutil
 import sys
 import tempfile
@@ -152,7 +153,7 @@ def main() -> None:
     where = f"{where} ({len(coords):,} voxels)"
     torch.set_num_threads(1)
     table = measure(args.channels, list(args.kinds), args.calls, coords, where)
-    command = "python bench/conv_instructions.py " + " ".join(sys.argv[1:])
+    command = "python bench/conv_instructions.py " + shlex.join(sys.argv[1:])
     out = page_path(args.out, "conv_instructions.md", args.quick)
     write_markdown(out, "Instructions per call of the fused conv kernels (callgrind)", command.strip(),
                    environment(), [table])

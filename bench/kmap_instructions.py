@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -215,7 +216,7 @@ def main() -> None:
             print(tables[-1], flush=True)
     path = page_path(args.out, "kmap_instructions.md", args.quick)
     write_markdown(path, "Instructions per kernel-map build (callgrind)",
-                   "python bench/kmap_instructions.py " + " ".join(sys.argv[1:]), environment(), tables)
+                   "python bench/kmap_instructions.py " + shlex.join(sys.argv[1:]), environment(), tables)
     print(path.read_text())
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -78,7 +79,7 @@ def main() -> None:
              f"medians (one a run)", "",
              "| memory | threads | ms a map | minor faults a map |", "|---|---|---|---|", *rows]
     page = page_path(args.out, "map_loop.md", args.quick)
-    write_markdown(page, "Kernel maps built back to back", "python bench/map_loop.py " + " ".join(sys.argv[1:]),
+    write_markdown(page, "Kernel maps built back to back", "python bench/map_loop.py " + shlex.join(sys.argv[1:]),
                    environment(), ["\n".join(table)])
     print(page)
 

@@ -18,6 +18,7 @@ first. Writes bench/results/maps_ahead.md.
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import sys
 import time
@@ -91,7 +92,7 @@ def main() -> None:
     scene = "KITTI raw 000049 at 0.05 m" if kitti else "a generated street"
     write_markdown(page_path(args.out, "maps_ahead.md", args.quick),
                    f"Kernel maps built ahead: {scene} ({voxels:,} voxels)",
-                   "python bench/maps_ahead.py " + " ".join(sys.argv[1:]), environment(), [table])
+                   "python bench/maps_ahead.py " + shlex.join(sys.argv[1:]), environment(), [table])
 
 
 def _street_with_intensity() -> np.ndarray:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import shlex
 import sys
 
 import torch
@@ -112,7 +113,7 @@ def main() -> None:
         print(t, "\n")
     output = page_path(args.out, "masked_product.md", args.quick)
     write_markdown(output, f"A masked conv's product per forward ({scene})",
-                   "python bench/masked_product.py " + " ".join(sys.argv[1:]), environment(), tables,
+                   "python bench/masked_product.py " + shlex.join(sys.argv[1:]), environment(), tables,
                    "Medians of interleaved rounds on the machine named above.")
     print(f"written {output}")
 

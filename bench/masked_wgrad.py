@@ -18,6 +18,7 @@ temporary folder."""
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 import torch
@@ -97,7 +98,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tables = [f"{where} ({len(coords):,} voxels), {args.threads} thread(s), medians of {args.rounds} interleaved rounds."]
     tables += [table(coords, c, args.amounts, args.rounds, args.threads) for c in args.channels]
-    command = "python bench/masked_wgrad.py " + " ".join(sys.argv[1:])
+    command = "python bench/masked_wgrad.py " + shlex.join(sys.argv[1:])
     out = page_path(args.out, "masked_wgrad.md", args.quick)
     write_markdown(out, "Masked weight gradient against dense", command.strip(), environment(), tables)
     print(f"wrote {out}")

@@ -17,6 +17,7 @@ temporary folder).
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 import torch
@@ -91,8 +92,8 @@ def main(argv=None) -> int:
     scene = f"{name} @ 0.05 m" if name in sweeps else f"generated street {size // 1000}k"
     tables = ["\n".join(plan_rows(coords, repeats)),
               "\n".join(method_rows(coords, repeats, (64,) if args.quick else (64, 128)))]
-    cmd = "flock /work/cpu.lock .venv/bin/python bench/plan_grouped.py " + " ".join(sys.argv[1:] if argv is None
-                                                                                  else argv)
+    cmd = "flock /work/cpu.lock .venv/bin/python bench/plan_grouped.py " + shlex.join(sys.argv[1:] if argv is None
+                                                                                      else argv)
     output = results_path("plan_grouped.md", args.quick)
     write_markdown(output, f"Plan cost and the grouped method ({scene}, {len(coords)} voxels)",
                    cmd, environment() | {"isa": _ext.core.conv_isa()}, tables)

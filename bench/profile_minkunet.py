@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shlex
 import statistics
 import sys
 import time
@@ -273,7 +274,8 @@ def main(argv=None) -> int:
     text = table(columns)
     print(text)
     title = f"MinkUNet cr={args.cr} per-op profile ({name} @ {VOXEL} m, {args.threads} threads)"
-    command = "flock /work/cpu.lock .venv/bin/python bench/profile_minkunet.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    args_given = sys.argv[1:] if argv is None else argv
+    command = "flock /work/cpu.lock .venv/bin/python bench/profile_minkunet.py " + shlex.join(args_given)
     output = results_path("profile_minkunet_north_star.md" if args.north_star else "profile_minkunet.md", args.quick)
     write_markdown(output, title, command, environment() | {"isa": _ext.core.conv_isa()}, [text])
     print(f"written {output}")

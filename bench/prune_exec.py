@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
+import shlex
 import sys
 import time
 
@@ -470,7 +471,7 @@ def main() -> None:
     tables = [parts[part](c, coords, args.rounds) for part in args.parts for c in args.channels]
     for t in tables:
         print(t, "\n")
-    command = "python bench/prune_exec.py " + " ".join(sys.argv[1:])
+    command = "python bench/prune_exec.py " + shlex.join(sys.argv[1:])
     output = page_path(args.out, "prune_exec.md", args.quick)
     write_markdown(output, f"Executed weight sparsity ({scene})", command, environment(),
                    tables, "Speed-ups are medians of interleaved rounds against the unpruned conv of the same "

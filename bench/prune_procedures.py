@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shlex
 import sys
 import time
 
@@ -461,7 +462,7 @@ def main(argv=None) -> int:
         print(json.dumps(data[name], default=str)[:1500])
         data["_env"] = environment()
         store.write_text(json.dumps(data, indent=1, default=str))
-    command = "python bench/prune_procedures.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python bench/prune_procedures.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     (folder / "prune_procedures.md").write_text(render(data, command.strip()) + "\n")
     print(f"written {folder / 'prune_procedures.md'}")
     return 0

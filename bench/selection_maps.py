@@ -19,6 +19,7 @@ rounds.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 import torch
@@ -67,7 +68,7 @@ def main() -> None:
              "restricted, core ms | search / core |", "|---|---|---|---|---|---|---|", *rows_out]
     page = page_path(args.out, "selection_maps.md", args.quick)
     write_markdown(page, "A selection's downsampling maps: restricted against searched",
-                   "python bench/selection_maps.py " + " ".join(sys.argv[1:]), environment(), ["\n".join(table)])
+                   "python bench/selection_maps.py " + shlex.join(sys.argv[1:]), environment(), ["\n".join(table)])
     print(page)
 
 

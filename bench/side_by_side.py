@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 from concurrent.futures import ThreadPoolExecutor
+import shlex
 import sys
 
 import numpy as np
@@ -120,7 +121,7 @@ def main() -> None:
     print(table)
     write_markdown(page_path(args.out, "side_by_side.md", args.quick),
                    f"Two jobs side by side against one after another: {scene} ({len(coords):,} voxels)",
-                   "python bench/side_by_side.py " + " ".join(sys.argv[1:]), environment(),
+                   "python bench/side_by_side.py " + shlex.join(sys.argv[1:]), environment(),
                    [table], "Medians of interleaved rounds; a ratio below 1.00x: side by side is faster.")
 
 

@@ -36,6 +36,7 @@ round, the page in a temporary folder.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 import numpy as np
@@ -240,7 +241,7 @@ def main() -> None:
         CORE.conv_stream_bytes(default)
         CORE.conv_stream_auto_bytes(default_auto)
     out = page_path(args.out, "stream_output.md", args.quick)
-    command = "python bench/stream_output.py " + " ".join(sys.argv[1:])
+    command = "python bench/stream_output.py " + shlex.join(sys.argv[1:])
     write_markdown(out, "Streamed against in-place output rows", command, environment(), tables,
                    f"Threshold: outputs of {threshold:,} bytes and more streamed (ratio: in place / streamed).")
     print(f"wrote {out}")

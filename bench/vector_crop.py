@@ -23,6 +23,7 @@ round, the page in a temporary folder."""
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 import numpy as np
@@ -107,7 +108,7 @@ def main() -> None:
     tables = [f"{where} ({len(coords):,} voxels), crops of the smallest x, one thread, medians of {args.rounds} "
               "interleaved rounds."]
     tables += [table(coords, c, args.fractions, args.kinds, args.rounds) for c in args.channels]
-    command = "python bench/vector_crop.py " + " ".join(sys.argv[1:])
+    command = "python bench/vector_crop.py " + shlex.join(sys.argv[1:])
     out = page_path(args.out, "vector_crop.md", args.quick)
     write_markdown(out, "Vector-sparse forward on crops of the sweep", command.strip(), environment(), tables)
     print(f"wrote {out}")

@@ -25,6 +25,7 @@ page in a temporary folder."""
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 
@@ -170,7 +171,7 @@ def main() -> None:
               break_even(coords, args.channels, args.densities, args.rounds, args.panels)]
     if args.listed:
         tables += ["", by_listed(coords, max(args.channels), args.listed, args.rounds)]
-    command = "python bench/vector_threshold.py " + " ".join(sys.argv[1:])
+    command = "python bench/vector_threshold.py " + shlex.join(sys.argv[1:])
     out = page_path(args.out, "vector_threshold.md", args.quick)
     write_markdown(out, "Vector-sparse against dense forward", command.strip(), environment(), ["\n".join(tables)])
     print(f"wrote {out}")

@@ -317,3 +317,19 @@ def test_voxel_prune_bench_adds_recorded_pruners(tmp_path):
     vp.add_voxel_prune(fresh, 0.5, (0, 2), "learned")
     vp.load_weights(fresh, tmp_path / "weights.pt")
     assert torch.equal(fresh.voxel_prune.fuse_2.scorer.weight, old["voxel_prune_2.scorer.weight"])
+
+
+def test_a_page_records_a_command_a_shell_gives_back(tmp_path):
+    """A page's ``Command:`` line quotes its arguments as a shell needs them:
+    ab_trees.py's ``--setup 0 'SPATIAL = True; EXPORT = True'`` was recorded
+    unquoted (stops 50-53's pages), which a shell cuts at the ``;`` and
+    argparse then refused (``unrecognized arguments: = True``)."""
+    import shlex
+
+    page = tmp_path / "a page.md"
+    argv = ["--quick", "--setup", "1", "SPATIAL = False; EXPORT = False", "--out", str(page)]
+    proc = subprocess.run([sys.executable, str(benchmark.BENCH_DIR / "ab_trees.py"), *argv], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = next(line for line in page.read_text().splitlines() if line.startswith("Command: `"))
+    assert shlex.split(line[len("Command: `"):-1]) == ["python", "bench/ab_trees.py", *argv]
