@@ -130,7 +130,14 @@ def main() -> None:
     quick = args.quick or kitti_path() is None
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), POINTSPARSE_NUM_THREADS=str(args.threads))
     env.pop("PYTHONPATH", None)
-    setups = {int(i): code for i, code in args.setup}
+    setups = {}
+    for index, code in args.setup:
+        if not index.isdigit():
+            parser.error(f"--setup {index!r}: INDEX is a tree's index (0 for the first tree), not {index!r}")
+        if int(index) >= len(trees):
+            parser.error(f"--setup {index}: there is no tree {index}; the run has trees 0 to {len(trees) - 1}"
+                         + (" (--quick runs this tree against itself)" if args.quick else ""))
+        setups[int(index)] = code
     kids = [subprocess.Popen([sys.executable, "-c", CHILD, t, str(BENCH), str(args.threads), "1" if quick else "0",
                               setups.get(i, ""), args.model], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
                              cwd=t)

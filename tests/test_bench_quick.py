@@ -333,3 +333,16 @@ def test_a_page_records_a_command_a_shell_gives_back(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     line = next(line for line in page.read_text().splitlines() if line.startswith("Command: `"))
     assert shlex.split(line[len("Command: `"):-1]) == ["python", "bench/ab_trees.py", *argv]
+
+
+def test_ab_trees_refuses_a_setup_for_no_tree(tmp_path):
+    """``ab_trees.py --setup INDEX CODE``: an INDEX past the trees given was
+    dropped silently (the run timed every tree without the setup asked for,
+    its page then naming none), and one that is not a number ended in a bare
+    ``int()`` traceback; both are now a usage error naming --setup."""
+    for index, said in (("2", "trees 0 to 1"), ("one", "a tree's index")):
+        proc = subprocess.run([sys.executable, str(benchmark.BENCH_DIR / "ab_trees.py"), "--quick", "--setup", index,
+                               "SPATIAL = True", "--out", str(tmp_path / "page.md")], capture_output=True, text=True,
+                              timeout=120, cwd=tmp_path)
+        assert proc.returncode == 2 and "--setup" in proc.stderr and said in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr and not (tmp_path / "page.md").exists()
