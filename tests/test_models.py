@@ -333,6 +333,33 @@ def test_spvcnn_takes_inverse_and_point_batch_of_any_integer_dtype(dtype):
     assert torch.equal(net(x, inverse, points, batch.to(dtype)), want)
 
 
+def test_spvcnn_with_a_pruned_classifier_follows_double_after_a_forward():
+    """A classifier pruned by torch's l1_unstructured holds ``weight`` as the
+    hook's product of the last forward, which ``.double()`` does not convert:
+    SPVCNN read its point branch's dtype from it, ran the float64 MLPs on
+    float32 point feats ('mat1 and mat2 must have the same dtype'); the
+    point branch follows ``weight_orig``, the parameter, and gives the
+    float64 logits of the unpruned weights times the mask."""
+    from pointsparse import prune
+    from pointsparse.models import SPVCNN
+
+    g = torch.Generator().manual_seed(4)
+    points = torch.rand(200, 3, generator=g) * 5
+    x, inverse = ps.voxelize(points, torch.randn(200, 4, generator=g), voxel_size=1.0)
+    batch = x.coords[inverse, 0].long()
+    net = SPVCNN(4, 3, cr=0.125, blocks=1).eval()
+    prune.l1_unstructured(net.classifier, "weight", 0.3)
+    with torch.no_grad():
+        net(x, inverse, points, batch)  # (the hook's weight, float32, left on the layer)
+        want = copy.deepcopy(net).double()
+        prune.remove(want.classifier, "weight")
+        net.double()
+        x64 = ps.SparseTensor(x.feats.double(), x.coords)
+        out = net(x64, inverse, points, batch)
+        assert out.dtype == torch.float64
+        assert torch.equal(out, want(ps.SparseTensor(x.feats.double(), x.coords), inverse, points, batch))
+
+
 def test_spvcnn_bf16_inference_form_casts_a_learned_voxel_prune_of_its_voxel_branch():
     """SPVCNN.to_bf16_inference casts the voxel branch: the learned
     VoxelPrune add_voxel_prune registers on the model (voxel_prune.*, on a

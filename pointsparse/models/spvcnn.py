@@ -146,9 +146,12 @@ def check_points(voxels: SparseTensor, inverse: torch.Tensor, points: torch.Tens
 
 
 def _weight_dtype(layer: nn.Module) -> torch.dtype:
-    """The dtype of a linear layer's weight: its tensor's, or the sparse
-    format's of a compressed one (formats.SparseLinear holds no ``weight``)."""
-    weight = getattr(layer, "weight", None)
+    """The dtype of a linear layer's weight: its tensor's, ``weight_orig``'s
+    where a pruning mask re-parametrises it (``weight`` is then the hook's
+    product of the last forward, which ``.to(dtype)`` does not convert), or
+    the sparse format's of a compressed one (formats.SparseLinear holds no
+    ``weight``)."""
+    weight = layer._parameters.get("weight_orig", getattr(layer, "weight", None))
     return weight.dtype if isinstance(weight, torch.Tensor) else layer.weight_format.dtype
 
 
