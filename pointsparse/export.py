@@ -223,7 +223,8 @@ def export_model(model: nn.Module, example) -> torch.export.ExportedProgram:
     ``(feats, coords, stride)`` or the output tensor (the module docstring),
     its rows dynamic too. For a point-level network (SPVCNN) ``PointLogits(model)``, traced
     on ``example`` = ``(voxels, inverse, points, point_batch)`` (its forward's
-    arguments, at least 2 points; :func:`example_input` ``(points=True)``),
+    arguments, at least 2 points; :func:`example_input` ``(points=True)``; an
+    SPVCNN inside an ``nn.MapsAhead`` alike),
     the numbers of voxels and of points dynamic. ``ValueError`` naming the
     submodule for a batch norm or dropout in training mode, or a compressed
     layer that runs its format's product (a ``formats.SparseLinear``, a
@@ -233,6 +234,7 @@ def export_model(model: nn.Module, example) -> torch.export.ExportedProgram:
     ``example``. Pruning masks (``prune``'s, torch's) are exported made
     permanent (the model itself is left as it is)."""
     from .models import SPVCNN
+    from .nn import MapsAhead
     from .nn.fuse import _unpruned_copy
 
     _check_exportable(model)
@@ -242,7 +244,8 @@ def export_model(model: nn.Module, example) -> torch.export.ExportedProgram:
         # the hook computed it (orig x mask: the same values, the same zeros the engine skips), not orig, mask
         # and their product every call (torch warned of every such weight assigned during the export).
         model = _unpruned_copy(model)
-    point_level = isinstance(model, SPVCNN)
+    # (an SPVCNN inside an nn.MapsAhead takes SPVCNN's arguments too: the wrapper passes them on)
+    point_level = isinstance(model.model if isinstance(model, MapsAhead) else model, SPVCNN)
     if point_level:
         if not (isinstance(example, tuple) and len(example) == 4 and isinstance(example[0], SparseTensor)
                 and all(isinstance(t, torch.Tensor) for t in example[1:])):

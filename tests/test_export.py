@@ -1315,6 +1315,22 @@ def test_spvcnn_program_checks_its_point_arguments():
     assert model(voxels, inverse[:0], points[:0], point_batch[:0]).shape == (0, 3)
 
 
+def test_spvcnn_inside_maps_ahead_exports_as_a_point_level_program(tmp_path):
+    """An SPVCNN (fused for inference) inside an ``nn.MapsAhead``, given its
+    forward's arguments as the example (as a MinkUNet inside one exports on
+    its SparseTensor): export took the wrapper for a voxel network and
+    refused the example ('example must be a SparseTensor; got tuple'); it
+    writes the point-level program, whose logits are the model's."""
+    torch.manual_seed(0)
+    net = spnn.MapsAhead(spnn.fuse_for_inference(_trained_like(SPVCNN(4, 3, cr=0.25, blocks=1)))).eval()
+    example = export.example_input(4, 0.4, points=True)
+    model = _program_round_trip(net, example, tmp_path)
+    assert model.point_level
+    args = export.example_input(4, 0.3, seed=1, points=True)
+    with torch.no_grad():
+        assert torch.equal(model(*args), net(*args))
+
+
 def test_program_model_keeps_the_dtype_and_device_it_was_exported_with():
     """ProgramModel is a torch Module: double() (half(), to(dtype), cuda())
     converted the program's weights in place, those of every module of the
