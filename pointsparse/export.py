@@ -53,6 +53,7 @@ says what it takes."""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -519,7 +520,8 @@ class ProgramModel(nn.Module):
     ``AssertionError``): a stride-1 SparseTensor on the CPU, feats ``(N,
     in_channels)`` of the program's dtype, int32 coords, and SPVCNN's point
     arguments as SPVCNN checks them. An empty input gives an empty output
-    (no rows). Inference only: ``train()`` raises ``ValueError``;
+    (no rows). Inference only: ``train()`` raises ``ValueError``. It pickles
+    (``pickle``, ``torch.save``) as its program, ``meta`` and ``source``;
     ``in_channels``, ``dtype``, ``out_shape`` (the output's sizes after its
     rows) and ``num_classes`` (a segmentation program's; None for others) say
     what the program takes and gives."""
@@ -561,6 +563,7 @@ class ProgramModel(nn.Module):
         if meta is not None and not isinstance(meta, dict):
             raise TypeError(f"meta must be None or the dict load returns; got {type(meta).__name__}")
         self.meta = dict(meta or {})
+        self._program = program  # (its weights are run's: pickling writes them as they are now)
         self.run = program.module()
         self._autocast_dtypes: dict = {}  # autocast dtype -> the output's (_empty_dtype)
         self.training = False
@@ -574,6 +577,15 @@ class ProgramModel(nn.Module):
         model = cls(*load(path))
         model.source = f"the program {path}"
         return model
+
+    def __reduce__(self):
+        """Pickling (``pickle``, ``torch.save``, ``copy.deepcopy``): the
+        program as ``torch.export.save`` writes it, with ``meta`` and
+        ``source`` (torch's module of the program holds local functions,
+        which pickle refuses)."""
+        buffer = io.BytesIO()
+        torch.export.save(self._program, buffer)
+        return _program_model_from_bytes, (buffer.getvalue(), self.meta, self.source)
 
     def train(self, mode: bool = True) -> "ProgramModel":
         if mode:
@@ -704,6 +716,13 @@ class ProgramModel(nn.Module):
         stride = f", output_stride={self.output_stride}" if self.output == "sparse" else ""
         return (f"ProgramModel(in_channels={self.in_channels}, output={self.output!r}, "
                 f"out_shape={self.out_shape}{stride}, dtype={self.dtype})")
+
+
+def _program_model_from_bytes(data: bytes, meta: dict, source: str) -> ProgramModel:
+    """:meth:`ProgramModel.__reduce__`'s inverse."""
+    model = ProgramModel(torch.export.load(io.BytesIO(data)), meta)
+    model.source = source
+    return model
 
 
 def _note_selection(out: SparseTensor, x: SparseTensor) -> None:

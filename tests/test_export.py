@@ -1331,6 +1331,33 @@ def test_spvcnn_inside_maps_ahead_exports_as_a_point_level_program(tmp_path):
         assert torch.equal(model(*args), net(*args))
 
 
+def test_program_model_pickles_and_saves_with_torch(tmp_path):
+    """``pickle`` / ``torch.save`` of a ProgramModel (of a fused model) failed
+    in torch ("Can't pickle local object '_create_stateful_graph_module.<locals>
+    .<lambda>'"); it pickles as its program, meta and source, and the copy
+    gives the same logits, with weights loaded after it was made too."""
+    import io
+    import pickle
+
+    torch.manual_seed(0)
+    net = spnn.fuse_for_inference(_trained_like(MinkUNet(3, 4, cr=0.25, blocks=1)))
+    x = _cloud(300, 1)
+    model = _program_round_trip(net, x, tmp_path)
+    other = _trained_like(MinkUNet(3, 4, cr=0.25, blocks=1))
+    model.load_state_dict(export.ProgramModel(export.export_model(spnn.fuse_for_inference(other), x)).state_dict())
+    with torch.no_grad():
+        want = model(x).feats
+        assert not torch.equal(want, net(x).feats)  # (the loaded weights are the other model's)
+        copy_ = pickle.loads(pickle.dumps(model))
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        for loaded in (copy_, torch.load(buffer, weights_only=False), copy.deepcopy(model)):
+            assert isinstance(loaded, export.ProgramModel)
+            assert loaded.meta == model.meta and loaded.source == model.source
+            assert torch.equal(loaded(x).feats, want)
+
+
 def test_program_model_keeps_the_dtype_and_device_it_was_exported_with():
     """ProgramModel is a torch Module: double() (half(), to(dtype), cuda())
     converted the program's weights in place, those of every module of the
