@@ -326,3 +326,26 @@ def test_threads_here_is_per_thread():
             assert _ext.num_threads() == _ext.max_threads()  # clamped as always
         assert _ext.num_threads() == 1
     assert seen == [outside] and _ext.num_threads() == outside
+
+
+def test_maps_ahead_starts_in_its_models_mode():
+    """MapsAhead took nn.Module's default, training mode, whatever its
+    model's: export of a MapsAhead of an eval model said "call model.eval()
+    first" though the model was in eval. It now takes its model's mode
+    (the flag only: the model's own modules keep theirs), and eval() /
+    train() on it reach the model as before."""
+    from pointsparse import export
+
+    net = _net(3)  # eval
+    ahead = spnn.MapsAhead(net)
+    assert not ahead.training and not net.training
+    x = random_cloud(n=400, extent=12, seed=1)
+    program = export.export_model(ahead, ps.SparseTensor(x.feats, x.coords))
+    with torch.no_grad():
+        want = net(ps.SparseTensor(x.feats, x.coords)).feats
+        assert torch.equal(program.module()(x.feats, x.coords), want)
+    training = MinkUNet(4, 5, cr=0.25)
+    training.stem[1].eval()  # a mixed model: its own modules keep their modes
+    assert spnn.MapsAhead(training).training and not training.stem[1].training
+    ahead.train()
+    assert ahead.training and net.training

@@ -237,7 +237,8 @@ class MapsAhead(torch.nn.Module):
     stride (an input of another stride records its own). The first argument of a call must
     be the network's SparseTensor; the rest go to ``model`` as they are.
     Under ``torch.compile`` / ``torch.export`` the model runs as it is.
-    ``workers``: as :func:`build_maps`'s."""
+    ``workers``: as :func:`build_maps`'s. It starts in its model's mode
+    (``training``), as the wrapped module is."""
 
     def __init__(self, model: torch.nn.Module, workers: int | None = None) -> None:
         super().__init__()
@@ -245,6 +246,9 @@ class MapsAhead(torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         workers = _check_workers(workers)
         self.model = model
+        # its model's mode (a module starts in training mode: a wrapped eval model was refused by export's
+        # "call model.eval() first"); only the flag: the model's own modules keep theirs
+        self.training = model.training
         self.workers = workers
         self.schedule: MapSchedule | None = None
         self._schedules: dict[tuple, MapSchedule] = {}  # by input stride
