@@ -29,6 +29,7 @@ import sys
 import torch
 
 from _common import environment, interleaved, page_path, real_scene, real_sweeps, street_scene, write_markdown
+from prune_exec import core_forward
 
 import pointsparse as ps
 from pointsparse import prune
@@ -53,12 +54,7 @@ def table(channels: int, amount: float, coords: torch.Tensor, rounds: int) -> st
         if not torch.equal(convs["masked"](x).feats, want):
             sys.exit("masked_product: the masked module differs from the removed one")
     kmap = ps.kmap.get_kmap(x, 3)
-    plan = _engine.get_plan(kmap, x.cache)
-    weight = convs["removed"].weight.detach().contiguous()
-    run = _engine.choose_execution(weight)
-    out = x.feats.new_empty((kmap.num_out, channels))
-    args = (x.feats.numpy(), weight.numpy(), None, out.numpy(),
-            torch.get_num_threads())
+    run = _engine.choose_execution(convs["removed"].weight.detach())
 
     def forward(conv):
         def call():
@@ -67,15 +63,10 @@ def table(channels: int, amount: float, coords: torch.Tensor, rounds: int) -> st
         return call
 
     fns = {name: forward(conv) for name, conv in convs.items()}
-    fns["kernels"] = lambda: plan.core.forward(*args, active=run.active, vector=run.vector)
+    fns["kernels"] = core_forward(convs["removed"], x, kmap, _engine.VECTOR_DENSITY)
     med = interleaved(fns, rounds)
-    kernels_dense = _engine.choose_execution(convs["dense"].weight.detach())
-    dense_w = convs["dense"].weight.detach().contiguous()
-    dense_args = (x.feats.numpy(), dense_w.numpy(), None, out.numpy(),
-                  torch.get_num_threads())
     med.update({f"{k} (2)": v for k, v in interleaved({
-        "kernels dense": lambda: plan.core.forward(*dense_args, active=kernels_dense.active,
-                                                   vector=kernels_dense.vector),
+        "kernels dense": core_forward(convs["dense"], x, kmap, _engine.VECTOR_DENSITY),
         "kernels": fns["kernels"]}, rounds).items()})
     lines = [f"### C = {channels}, twin vectors {amount:.0%} ({run.name} kernels; {len(coords):,} voxels, "
              f"{kmap.num_pairs:,} pairs, {torch.get_num_threads()} threads)", "",
