@@ -31,7 +31,6 @@ of active neighbours, so its output is no constant and it is refused."""
 
 from __future__ import annotations
 
-import copy
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from . import _compat, adapters
-from ._copyable import keep_copyable
+from ._copyable import copy_model, keep_copyable
 from ._trace import Segment, Spaces, Tag, Tracer, feats_of, feature_axis
 from ..tensor import as_bool, as_int, positive_int
 from .procedure import check_fraction
@@ -288,10 +287,7 @@ class DependencyGraph:
         masked."""
         if not any(self._dropped_at(tag, dropped) for _, _, tag in self._zero_reads):
             return
-        from ._copyable import _detach_masked  # noqa: PLC0415 - (masked values of a forward with gradients)
-        for m in self.model.modules():
-            _detach_masked(m)
-        twin = copy.deepcopy(self.model)
+        twin = copy_model(self.model)  # (masked values of a forward with gradients: copied detached)
         DependencyGraph(twin, self.example_input)._mask(dropped)  # (the copy's groups: the same names)
         check = _ValuesGraph(twin, self.example_input)
         for name, x, tag in check._zero_reads:
