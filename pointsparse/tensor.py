@@ -202,11 +202,13 @@ class CoordinateCache:
 
     def _is_changed(self, stride: Triple) -> bool:
         version = self.versions.get(stride)
-        if version is None:
+        # (a version is held only for a plain tensor outside inference mode, which it stays: only compiling is
+        # asked again; this runs on every map lookup)
+        if version is None or torch.compiler.is_compiling():
             return False
         coords = self.coords[stride]
-        now = _version_of(coords)
-        if now in (version, None):
+        now = coords._version
+        if now == version:
             return False
         held = self.views.get(stride)
         if held is not None and version != -1 and torch.equal(held, coords):
