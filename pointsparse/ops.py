@@ -64,7 +64,6 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _ext
-from . import coords as _coords
 from . import kmap as _kmap
 from .voxelize import group_points as _group_points
 from .voxelize import segment_reduce as _segment_reduce
@@ -119,7 +118,7 @@ def _new_pairs(coords: Tensor) -> tuple[Tensor, Tensor]:
 @torch.library.custom_op(f"{_LIB}::downsample", mutates_args=())
 def downsample(coords: Tensor, out_stride: list[int]) -> Tensor:
     """Unique ``floor(c / out_stride) * out_stride`` rows, sorted by key."""
-    _coords.check_coords(coords)  # a program's input coords: torch.export checks no input dtype
+    # (downsample_coords checks the coords: a program's input coords, whose dtype torch.export does not check)
     return _kmap.downsample_coords(coords, tuple(out_stride))
 
 
