@@ -659,15 +659,15 @@ def test_compressed_layers_name_an_input_of_another_dtype(execution):
 def test_sparse_linear_refuses_sparse_layout_and_meta_inputs(fmt, kwargs):
     """A torch sparse-layout input was torch's bare RuntimeError ('reshape is
     not implemented for sparse tensors') and a meta input autocast's
-    ('unknown device type for autocast'); now a TypeError naming the layer
-    and its input."""
+    ('unknown device type for autocast'); now a TypeError (sparse layout)
+    or ValueError (meta) naming the layer and its input."""
     lin = torch.nn.Linear(8, 3)
     prune.l1_unstructured(lin, "weight", amount=0.5)
     linear = F.compress(lin, fmt, **kwargs)
-    for bad, match in ((torch.ones(2, 8).to_sparse(), r"dense \(strided\)"),
-                       (torch.ones(2, 8).to_sparse_csr(), r"dense \(strided\)"),
-                       (torch.empty(2, 8, device="meta"), "meta tensor")):
-        with torch.no_grad(), pytest.raises(TypeError, match="SparseLinear: input .*" + match):
+    for bad, error, match in ((torch.ones(2, 8).to_sparse(), TypeError, r"dense \(strided\)"),
+                              (torch.ones(2, 8).to_sparse_csr(), TypeError, r"dense \(strided\)"),
+                              (torch.empty(2, 8, device="meta"), ValueError, "meta tensor")):
+        with torch.no_grad(), pytest.raises(error, match="SparseLinear: input .*" + match):
             linear(bad)
 
 

@@ -430,13 +430,15 @@ def test_load_balanced_num_pe_is_bounded_by_the_rows():
 @pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 def test_from_dense_refuses_sparse_layouts_and_meta_tensors(fmt):
-    """A torch sparse-layout tensor or a meta tensor is a TypeError naming
-    the argument (torch's RuntimeError / NotImplementedError before)."""
+    """A torch sparse-layout tensor is a TypeError, a meta tensor a
+    ValueError (as a SparseTensor, kmap.build and sparsity_report refuse
+    one; the formats alone said TypeError), each naming the argument
+    (torch's RuntimeError / NotImplementedError before)."""
     cls, kwargs = FORMATS[fmt]
-    for bad, match in ((torch.eye(4).to_sparse(), "dense \\(strided\\)"),
-                       (torch.eye(4).to_sparse_csr(), "dense \\(strided\\)"),
-                       (torch.empty(4, 4, device="meta"), "meta tensor")):
-        with pytest.raises(TypeError, match="tensor .*" + match):
+    for bad, error, match in ((torch.eye(4).to_sparse(), TypeError, "dense \\(strided\\)"),
+                              (torch.eye(4).to_sparse_csr(), TypeError, "dense \\(strided\\)"),
+                              (torch.empty(4, 4, device="meta"), ValueError, "meta tensor")):
+        with pytest.raises(error, match="tensor .*" + match):
             cls.from_dense(bad, **kwargs)
 
 
@@ -446,14 +448,15 @@ def test_matmul_refuses_sparse_layouts_and_meta_tensors(fmt):
     """matmul's dense operand as from_dense's tensor: a torch sparse-layout
     tensor was torch's bare RuntimeError ('unsupported memory format option
     Contiguous', 'Sparse CSR tensors do not have is_contiguous') and a meta
-    tensor ran; now a TypeError naming dense."""
+    tensor ran; now a TypeError (sparse layout) or ValueError (meta) naming
+    dense."""
     cls, kwargs = FORMATS[fmt]
     fmt_ = cls.from_dense(_input(fmt, MATRICES["random"]().float()), **kwargs)
     K = fmt_.shape[1]
-    for bad, match in ((torch.ones(K, 2).to_sparse(), "dense \\(strided\\)"),
-                       (torch.ones(K, 2).to_sparse_csr(), "dense \\(strided\\)"),
-                       (torch.empty(K, 2, device="meta"), "meta tensor")):
-        with pytest.raises(TypeError, match="dense .*" + match):
+    for bad, error, match in ((torch.ones(K, 2).to_sparse(), TypeError, "dense \\(strided\\)"),
+                              (torch.ones(K, 2).to_sparse_csr(), TypeError, "dense \\(strided\\)"),
+                              (torch.empty(K, 2, device="meta"), ValueError, "meta tensor")):
+        with pytest.raises(error, match="dense .*" + match):
             fmt_.matmul(bad)
 
 
@@ -462,7 +465,12 @@ def test_compress_and_from_module_refuse_a_meta_weight():
         lin = torch.nn.Linear(4, 4)
     for call in (lambda: F.compress(lin, "csr"), lambda: F.CSR.from_module(lin),
                  lambda: F.FKW.from_module(lin)):
-        with pytest.raises(TypeError, match="Linear.weight is a meta tensor"):
+        with pytest.raises(ValueError, match="Linear.weight is a meta tensor"):
+            call()
+    for call in (lambda: F.CSR(torch.zeros(5, dtype=torch.int64, device="meta"), torch.zeros(0, dtype=torch.int64),
+                               torch.zeros(0), (4, 4)),
+                 lambda: F.CSR.from_dense(torch.eye(4)).matmul(torch.ones(4, device="meta"))):
+        with pytest.raises(ValueError, match="meta tensor"):  # (a constructor's arrays, a vector operand)
             call()
 
 

@@ -11,7 +11,7 @@ import torch
 from torch.autograd import forward_ad
 
 from .. import _ext
-from ..coords import check_strided
+from ..coords import check_has_data
 from ..tensor import FEATS_DTYPES, as_int
 from ._storage import array_nbytes
 
@@ -32,13 +32,12 @@ def check_value_dtype(tensor: torch.Tensor, name: str) -> None:
 
 def check_data(tensor, name: str) -> None:
     """A torch.Tensor with data the formats can read: strided (not a torch
-    sparse layout), on a real device (not meta); any device otherwise (its
-    data is copied to the CPU)."""
+    sparse layout: a TypeError), on a real device (a meta tensor is a
+    ValueError, as everywhere else in pointsparse: :func:`check_has_data`);
+    any device otherwise (its data is copied to the CPU)."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(tensor).__name__}")
-    check_strided(tensor, name)
-    if tensor.device.type == "meta":
-        raise TypeError(f"{name} is a meta tensor (a shape without data); give a tensor with values")
+    check_has_data(tensor, name)
 
 
 def check_matrix(tensor, name: str = "tensor") -> torch.Tensor:
