@@ -945,3 +945,33 @@ def test_a_compressed_state_dict_is_named_where_an_uncompressed_model_loads_it(f
     mixed.update((k, v) for k, v in target.state_dict().items() if k.startswith("2."))
     with pytest.raises(ValueError, match=r"SparseLinear '2.fn': the state_dict holds an uncompressed layer"):
         compressed.load_state_dict(mixed, strict=strict)
+
+
+@pytest.mark.parametrize("fmt,kwargs", [(f, k) for f, k in FORMATS if f != "nm"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_a_non_finite_weight_propagates_as_in_the_uncompressed_conv(fmt, kwargs, bad, transposed):
+    """A NaN / inf weight reaches the output sites that have a pair at its
+    offset, as in the conv it replaces: FKW's im2col product multiplied it
+    by the zeros standing for absent neighbours, a NaN at every output site
+    (60 where the conv had 11), in both float32 and float64."""
+    for dtype in (torch.float32, torch.float64):
+        x = _sparse_input(channels=4, dtype=dtype)
+        if transposed:
+            with torch.no_grad():
+                x = psnn.Conv3d(4, 4, kernel_size=2, stride=2).to(dtype)(x)
+        conv = psnn.Conv3d(4, 6, kernel_size=2 if transposed else 3, stride=2 if transposed else 1,
+                           transposed=transposed).to(dtype)
+        with torch.no_grad():
+            conv.weight.mul_(torch.rand(conv.weight.shape, generator=torch.Generator().manual_seed(0)) < 0.3)
+            conv.weight[0, 1, 2] = bad
+            conv.weight[-1, 0, 0] = -bad
+            ref = conv(x).feats
+        assert (~ref.isfinite()).any() and ref.isfinite().any()
+        sparse = F.compress(conv, fmt, **kwargs)
+        for execution in ("engine", "format"):
+            sparse.execution = execution
+            with torch.no_grad():
+                got = sparse(x).feats
+            assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got.isinf(), ref.isinf()), (execution, dtype)
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5, equal_nan=True)

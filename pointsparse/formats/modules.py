@@ -501,16 +501,27 @@ class SparseConv3d(nn.Module):
     def _fkw_forward(self, feats: torch.Tensor, kmap) -> torch.Tensor:
         """im2col over chunks of output sites: column q of the (C_in * K, n)
         panel holds, at row c * K + o, the input feature c of q's neighbour
-        at offset o (0 where there is none)."""
+        at offset o (0 where there is none). A NaN / inf weight is left out
+        of that product (times an absent neighbour's 0 it made a NaN at
+        every output site) and added over its offset's pairs alone, as the
+        conv does."""
         K, c_in = self.kernel_volume, self.in_channels
         num_out = kmap.num_out
         out = feats.new_zeros((num_out, self.out_channels))
+        fkw, bad = self.offsets, ~torch.isfinite(self.offsets.weight)
+        if bad.any():  # (their product with an absent neighbour's 0 was a NaN at every output site)
+            fkw = type(fkw).__new__(type(fkw))
+            fkw.__dict__.update(self.offsets.__dict__)
+            fkw.weight = self.offsets.weight.masked_fill(bad, 0)
         chunk = max(1, (1 << 22) // max(1, c_in * K))
         for start in range(0, num_out, chunk):
             stop = min(num_out, start + chunk)
             panel = feats.new_zeros((c_in, K, stop - start))
             im2col(feats, kmap, start, stop, out=panel.permute(2, 1, 0))
-            out[start:stop] = self.offsets.matmul(panel.reshape(c_in * K, -1)).t()
+            out[start:stop] = fkw.matmul(panel.reshape(c_in * K, -1)).t()
+        if bad.any():  # a NaN / inf weight reaches the outputs with a pair at its offset, as in the conv
+            weight = self.engine_weight
+            out += conv_sum(feats, weight.masked_fill(weight.isfinite(), 0).to(feats.dtype), kmap)
         return out
 
     def nbytes(self) -> int:
