@@ -338,11 +338,30 @@ def test_compressed_modules_refuse_a_conversion_to_no_floating_dtype():
     """A format holds floating values: a conversion to another kind (complex,
     or an integer through .type) is a TypeError naming the layer."""
     sparse = F.compress(_pruned_conv(), "csr")
-    with pytest.raises(TypeError, match=r"SparseConv3d holds its weight in a sparse format of floating values "
-                                        r"\(torch.float32\) and cannot follow a conversion to torch.complex64"):
+    with pytest.raises(TypeError, match=r"SparseConv3d holds its weight in a sparse format of float16, bfloat16, "
+                                        r"float32 or float64 values \(torch.float32\) and cannot follow a conversion "
+                                        r"to torch.complex64"):
         sparse.to(torch.complex64)
     with pytest.raises(TypeError, match="SparseLinear .* cannot follow a conversion to torch.int32"):
         F.compress(torch.nn.Linear(4, 2), "csr").type(torch.int32)
+
+
+@pytest.mark.parametrize("fmt,kwargs", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_compressed_modules_refuse_a_conversion_to_float8(fmt, kwargs, dtype):
+    """.to(float8) passed (float8 is floating) and left formats their own
+    checks refuse: the layer's state_dict did not load into the layer
+    converted alike, and SparseLinear's product on a float8 input was
+    torch's bare NotImplementedError ('scatter_gather_tensor_cpu'). Now a
+    TypeError naming the layer and the dtypes a format holds."""
+    model = _pruned_model(fmt)
+    compressed = F.compress(model, fmt, **kwargs)
+    for layer in (compressed[1], compressed[2].fn):
+        with pytest.raises(TypeError, match=f"{type(layer).__name__} holds its weight in a sparse format of float16, "
+                                            f"bfloat16, float32 or float64 values .* conversion to {dtype}"):
+            layer.to(dtype)
+        formats = layer.offsets if isinstance(layer, F.SparseConv3d) else layer.weight_format
+        assert all(f.dtype == torch.float32 for f in ([formats] if isinstance(formats, F.SparseFormat) else formats))
 
 
 def test_compressed_modules_refuse_gradients_they_cannot_give():

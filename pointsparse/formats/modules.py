@@ -11,7 +11,7 @@ from .. import _ext
 from .. import kmap as _kmap
 from ..nn.reference import _autocast_dtype, autocast_input, conv_sum, im2col, offset_pairs
 from ..tensor import SparseTensor, as_bool, as_triple, positive_int
-from ._base import SparseFormat, check_data, outside_transforms
+from ._base import VALUE_DTYPES, SparseFormat, check_data, outside_transforms
 from ._storage import widen
 from .csr import CSR
 from .fkw import FKW
@@ -219,16 +219,16 @@ def converted_dtype(fn, dtype: torch.dtype, what: str) -> torch.dtype:
     (``.to(dtype)``, ``.double()``, ``.half()``, ...), which a compressed
     layer's formats follow as its bias does (they refused it once, after
     torch's ``_apply`` had converted the layers before: a half-converted
-    model). A dtype that is not floating (complex, an integer through
-    ``.type``) is a TypeError naming ``what``: a format holds floating
-    values. (The layers before it are converted by then: torch's ``_apply``
-    converts the children in order, and no layer sees the conversion
-    first.) A device move keeps the formats on the CPU: they compute on any
+    model). A dtype a format cannot hold (complex, an integer through
+    ``.type``, a float8 type: not one of :data:`VALUE_DTYPES`, which its
+    checks and products take) is a TypeError naming ``what``. (The layers
+    before it are converted by then: torch's ``_apply`` converts the
+    children in order, and no layer sees the conversion first.) A device move keeps the formats on the CPU: they compute on any
     device."""
     probe = fn(torch.zeros((), dtype=dtype))
-    if not probe.dtype.is_floating_point:
-        raise TypeError(f"{what} holds its weight in a sparse format of floating values ({dtype}) and cannot "
-                        f"follow a conversion to {probe.dtype}")
+    if probe.dtype not in VALUE_DTYPES:  # (float8 is floating: formats of it failed their own checks)
+        raise TypeError(f"{what} holds its weight in a sparse format of float16, bfloat16, float32 or float64 values "
+                        f"({dtype}) and cannot follow a conversion to {probe.dtype}")
     return probe.dtype
 
 
