@@ -146,6 +146,30 @@ def test_pe_nnz_and_imbalance_name_a_row_dim_that_is_no_int(bad):
     assert F.pe_nnz(mask, 2, row_dim=torch.tensor(-2)).tolist() == [6, 6]
 
 
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+def test_pe_nnz_imbalance_and_load_balancing_check_the_tensor():
+    """A meta tensor was torch's bare NotImplementedError ('Cannot copy out
+    of meta tensor', 'register_meta function for torch.nonzero()'), a torch
+    sparse layout its RuntimeError ('reshape is not implemented for sparse
+    tensors') and a tensor without rows (0, 4) a reshape error; now a
+    ValueError / TypeError naming the tensor, and no rows hold no nonzeros."""
+    for measure in (F.pe_nnz, F.imbalance):
+        with pytest.raises(ValueError, match="mask_or_weight is a meta tensor"):
+            measure(torch.ones(4, 4, device="meta"), 2)
+        for sparse in (torch.eye(4).to_sparse(), torch.eye(4).to_sparse_csr()):
+            with pytest.raises(TypeError, match=r"mask_or_weight must be a dense \(strided\) tensor"):
+                measure(sparse, 2)
+    assert F.pe_nnz(torch.empty(0, 4), 2).tolist() == [0, 0]
+    assert F.pe_nnz(torch.ones(4, 0, 3), 2, row_dim=2).tolist() == [0, 0]
+    assert F.imbalance(torch.empty(0, 4), 2) == 1.0
+    with torch.device("meta"):
+        lin = torch.nn.Linear(8, 8)
+    with pytest.raises(ValueError, match="Linear.weight is a meta tensor"):
+        F.load_balanced_unstructured(lin, "weight", 0.5, 2)
+    with pytest.raises(ValueError, match="meta tensor"):
+        F.LoadBalancedUnstructured.apply(lin, "weight", 0.5, 2)
+
+
 def test_load_balanced_pruning_equalises_pes():
     torch.manual_seed(4)
     lin = torch.nn.Linear(64, 32)

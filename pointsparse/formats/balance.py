@@ -8,6 +8,7 @@ prunes by magnitude *within each PE* so that every PE keeps the same count.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -15,16 +16,20 @@ from torch.nn.utils import prune as torch_prune
 
 from ..prune.amount import count_to_prune, validate_amount
 from ..tensor import as_int, positive_int
+from ._base import check_data
 
 
-def _rows_view(t: torch.Tensor, row_dim: int) -> torch.Tensor:
-    """``t`` as a (rows, cols) matrix whose rows run along ``row_dim``."""
+def _rows_view(t: torch.Tensor, row_dim: int, name: str) -> torch.Tensor:
+    """``t`` (named ``name``: a strided tensor with values) as a (rows, cols)
+    matrix whose rows run along ``row_dim``."""
+    check_data(t, name)  # (a meta or sparse-layout tensor was torch's bare error deep inside)
     if t.dim() == 0:
         raise ValueError("load-balanced pruning needs a tensor with at least one dimension")
     row_dim = as_int(row_dim, "row_dim")  # (a float or a bool was torch's bare movedim error)
     if not -t.dim() <= row_dim < t.dim():
         raise ValueError(f"row_dim {row_dim} is out of range for a {t.dim()}-D tensor")
-    return t.movedim(row_dim, 0).reshape(t.shape[row_dim], -1)
+    rows = t.movedim(row_dim, 0)
+    return rows.reshape(rows.shape[0], math.prod(rows.shape[1:]))  # (-1 is ambiguous without rows)
 
 
 def check_pe(num_pe) -> int:
@@ -34,10 +39,8 @@ def check_pe(num_pe) -> int:
 
 def pe_nnz(mask_or_weight: torch.Tensor, num_pe: int, row_dim: int = 0) -> torch.Tensor:
     """Nonzeros held by each PE (int64 ``(num_pe,)``)."""
-    if not isinstance(mask_or_weight, torch.Tensor):
-        raise TypeError(f"mask_or_weight must be a torch.Tensor; got {type(mask_or_weight).__name__}")
     num_pe = check_pe(num_pe)
-    rows = (_rows_view(mask_or_weight, row_dim) != 0).sum(1).to(torch.int64).cpu()
+    rows = (_rows_view(mask_or_weight, row_dim, "mask_or_weight") != 0).sum(1).to(torch.int64).cpu()
     pe = torch.arange(rows.numel()) % num_pe
     return torch.zeros(num_pe, dtype=torch.int64).index_add_(0, pe, rows)
 
@@ -79,8 +82,8 @@ class LoadBalancedUnstructured(torch_prune.BasePruningMethod):
     def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
         to_prune = count_to_prune(self.amount, t.nelement(), "entries")
         keep_total = t.nelement() - to_prune
-        rows_t = _rows_view(t, self.row_dim)
-        rows_m = _rows_view(default_mask, self.row_dim)
+        rows_t = _rows_view(t, self.row_dim, "the tensor to prune")
+        rows_m = _rows_view(default_mask, self.row_dim, "the tensor's mask")
         if self.num_pe > max(1, rows_t.shape[0]):
             raise ValueError(f"num_pe must be at most the {rows_t.shape[0]} rows along row_dim {self.row_dim} "
                              f"(a PE holds whole rows); got {self.num_pe}")
@@ -134,6 +137,7 @@ def load_balanced_unstructured(module: torch.nn.Module, name: str, amount, num_p
         raise TypeError(f"module must be a torch.nn.Module; got {type(module).__name__}")
     if not isinstance(name, str) or not isinstance(getattr(module, name, None), torch.Tensor):
         raise ValueError(f"name must name a tensor of the {type(module).__name__}; got {name!r}")
+    check_data(getattr(module, name), f"{type(module).__name__}.{name}")
     if row_dim is None:
         row_dim = default_row_dim(module)
     LoadBalancedUnstructured.apply(module, name, amount, num_pe, row_dim,
