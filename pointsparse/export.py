@@ -154,10 +154,11 @@ def _check_exportable(model: nn.Module) -> None:
 
     for name, module in model.named_modules():
         # (their products call the C++ core on numpy views of the tensors, outside torch's operators)
-        if isinstance(module, SparseLinear) or (isinstance(module, SparseConv3d) and module.execution == "format"):
+        if isinstance(module, (SparseLinear, SparseConv3d)) and module.execution == "format":
             fmt = module.format_name if isinstance(module, SparseConv3d) else type(module.weight_format).__name__
             engine = "set its execution to 'engine' (the fused engine on the weight it holds), or " \
-                if isinstance(module, SparseConv3d) else ""
+                if isinstance(module, SparseConv3d) else \
+                "set its execution to 'dense' (torch's linear on the weight it holds), or "
             what = f"the model's submodule {name}" if name else "the model"
             raise ValueError(f"{what} ({type(module).__name__}, {fmt}) runs its format's product, which "
                              f"torch.export cannot trace: {engine}export the model before formats.compress")
@@ -228,7 +229,7 @@ def export_model(model: nn.Module, example) -> torch.export.ExportedProgram:
     SPVCNN inside an ``nn.MapsAhead`` alike),
     the numbers of voxels and of points dynamic. ``ValueError`` naming the
     submodule for a batch norm or dropout in training mode, or a compressed
-    layer that runs its format's product (a ``formats.SparseLinear``, a
+    layer that runs its format's product (a ``formats.SparseLinear`` or
     ``formats.SparseConv3d`` with execution ``"format"``: no torch operator);
     the model's own ``TypeError`` / ``ValueError`` on an example it cannot
     run (feats of another dtype or width), of the same type, naming

@@ -4,6 +4,8 @@ pruning (ESE) and the imbalance measure."""
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -397,8 +399,14 @@ def test_compressed_modules_refuse_gradients_they_cannot_give():
     sparse.execution = "format"
     with pytest.raises(RuntimeError, match="inference-only"):
         sparse(x.with_feats(feats))
+    linear = F.compress(torch.nn.Linear(4, 2), "csr")
+    linear.execution = "format"
     with pytest.raises(RuntimeError, match="inference-only"):
-        F.compress(torch.nn.Linear(4, 2), "csr")(torch.ones(3, 4, requires_grad=True))
+        linear(torch.ones(3, 4, requires_grad=True))
+    linear.execution = "dense"  # torch's linear gives the input gradient, as the Linear does
+    ones = torch.ones(3, 4, requires_grad=True)
+    linear(ones).sum().backward()
+    torch.testing.assert_close(ones.grad, linear.dense_weight.sum(0).expand(3, 4))
     with torch.no_grad():
         sparse(x.with_feats(feats))
     sparse.execution = "engine"  # the engine gives the input gradient, as the module does
@@ -658,6 +666,7 @@ def test_format_product_under_torch_compile(fmt, kwargs):
     sparse = F.compress(model.eval(), fmt, **kwargs)
     for i in (0, 2, 3):
         sparse[i].execution = "format"
+    sparse[4].fn.execution = "format"
     clouds = [_sparse_input(n, channels=6, seed=seed) for n, seed in ((120, 1), (200, 2), (160, 3))]
     torch.compiler.reset()
     compiled = torch.compile(sparse, dynamic=True, backend="eager")
@@ -1018,3 +1027,66 @@ def test_a_non_finite_weight_propagates_as_in_the_uncompressed_conv(fmt, kwargs,
                 got = sparse(x).feats
             assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got.isinf(), ref.isinf()), (execution, dtype)
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
+def test_compressed_linear_is_never_the_slower_choice_unmeasured():
+    """compress(Linear) ran every format's product (4-6x torch's Linear on
+    this CPU, even unpruned: a compressed MinkUNet's classifier the slowest
+    layer); it now runs torch's linear on the weight its format holds unless
+    an example input measured the format faster: same values as the
+    masked Linear, the format in state_dict with the execution and choice,
+    the execution restored on load (a state without one runs the format),
+    and the dense execution following .double()."""
+    torch.manual_seed(0)
+    fc = torch.nn.Linear(16, 8)
+    prune.l1_unstructured(fc, "weight", amount=0.5)
+    x = torch.randn(40, 16)
+    with torch.no_grad():
+        want = fc(x)
+    for fmt in ("csr", "bsr", "coo", "csc", "eie", "fkw"):
+        sparse = F.compress(fc, fmt)
+        assert sparse.execution == "dense" and sparse.chosen == "dense (not measured)"
+        with torch.no_grad():
+            torch.testing.assert_close(sparse(x), want, atol=1e-6, rtol=1e-6)
+            sparse.execution = "format"
+            torch.testing.assert_close(sparse(x), want, atol=1e-5, rtol=1e-5)
+    timed = F.compress(fc, "csr", example_input=x)
+    assert timed.execution in ("dense", "format") and timed.chosen.startswith(timed.execution + " (dense ")
+    state = timed.state_dict()
+    assert "dense_weight" not in state and state["_extra_state"]["execution"] == timed.execution
+    other = F.compress(fc, "csr")
+    other.execution = "format" if timed.execution == "dense" else "dense"
+    other.load_state_dict(state)
+    assert (other.execution, other.chosen) == (timed.execution, timed.chosen)
+    old = dict(state, _extra_state={"weight_format": state["_extra_state"]["weight_format"]})
+    other.load_state_dict(old)
+    assert other.execution == "format"
+    with pytest.raises(ValueError, match="SparseLinear: _extra_state's execution must be one of"):
+        other.load_state_dict(dict(state, _extra_state=dict(state["_extra_state"], execution="engine")))
+    assert other.execution == "format"
+    double = F.compress(fc, "csr").double()
+    assert double.dense_weight.dtype == torch.float64
+    with torch.no_grad():
+        torch.testing.assert_close(double(x.double()), want.double(), atol=1e-6, rtol=1e-6)
+    clone = pickle.loads(pickle.dumps(F.compress(fc, "csr")))
+    with torch.no_grad():
+        torch.testing.assert_close(clone(x), want, atol=1e-6, rtol=1e-6)
+
+
+def test_a_compressed_model_times_its_linear_layers_on_the_example():
+    """compress(model, example_input=x) times each Linear on the input it sees
+    in the model (as each Conv3d), and the compressed model gives the
+    model's output; a dense SparseLinear compiles with fullgraph=True."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(psnn.Conv3d(6, 8, 3), psnn.Linear(8, 3)).eval()
+    prune.l1_unstructured(model[0], "weight", amount=0.6)
+    x = _sparse_input(150, channels=6, seed=1)
+    sparse = F.compress(model, "csr", example_input=x)
+    assert "ms" in sparse[1].fn.chosen and "ms" in sparse[0].chosen
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x).feats, model(x).feats, atol=1e-5, rtol=1e-5)
+    layer = F.compress(torch.nn.Linear(8, 3), "csr")
+    torch.compiler.reset()
+    rows = torch.randn(20, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(layer, fullgraph=True, backend="eager")(rows), layer(rows))

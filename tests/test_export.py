@@ -1579,7 +1579,7 @@ def test_export_refuses_a_submodule_left_in_training_mode():
 
 def test_export_refuses_compressed_layers_that_run_their_formats_product():
     """A compressed model (formats.compress) whose layers run their format's
-    product (every SparseLinear; a SparseConv3d with execution "format")
+    product (a SparseLinear or SparseConv3d with execution "format")
     failed deep inside torch.export (RuntimeError ".numpy() is not supported
     for tensor subclasses", or a data-dependent guard with a graph dump): a
     ValueError names the layer and what exports instead. A SparseConv3d run
@@ -1597,8 +1597,13 @@ def test_export_refuses_compressed_layers_that_run_their_formats_product():
     compressed[0].execution = "format"
     with pytest.raises(ValueError, match=r"0 \(SparseConv3d, CSR\) runs its format's product.*execution"):
         export.export_model(compressed, x)
-    with pytest.raises(ValueError, match=r"1\.fn \(SparseLinear, CSR\) runs its format's product"):
-        export.export_model(formats.compress(model, "csr"), x)
+    whole = formats.compress(model, "csr")  # (its SparseLinear runs torch's linear: compress's default)
+    program = export.export_model(whole, x)
+    with torch.no_grad():
+        assert torch.equal(export.ProgramModel(program)(x).feats, whole(x).feats)
+    whole[1].fn.execution = "format"
+    with pytest.raises(ValueError, match=r"1\.fn \(SparseLinear, CSR\) runs its format's product.*'dense'"):
+        export.export_model(whole, x)
 
 
 class _RowTensor(torch.nn.Module):

@@ -2008,6 +2008,12 @@ class _Elsewhere(nn.Module):
         return self.o(self.b(h))
 
 
+def _compressed_linear(execution):
+    layer = ps.formats.compress(nn.Linear(6, 6), "csr")
+    layer.execution = execution
+    return layer
+
+
 def _compressed_conv(execution):
     layer = ps.formats.compress(ps.nn.Conv3d(6, 6, 3), "csr")
     layer.execution = execution
@@ -2018,7 +2024,7 @@ def _compressed_conv(execution):
     lambda: ps.nn.Conv3d(6, 6, 3),
     lambda: _compressed_conv("format"),
     lambda: _compressed_conv("engine"),
-    lambda: ps.formats.compress(nn.Linear(6, 6), "csr"),
+    lambda: _compressed_linear("format"),
 ], ids=["functional-conv", "compressed-format", "compressed-engine", "compressed-linear"])
 def test_channels_that_leave_torch_for_the_core_are_fixed(op):
     """Channels handed to the C++ core as numpy arrays (the engine's conv of
@@ -2031,6 +2037,18 @@ def test_channels_that_leave_torch_for_the_core_are_fixed(op):
     graph = G.DependencyGraph(net, x)
     assert graph.groups == [], [g.name for g in graph.groups]
     assert "leave torch" in graph.fixed_groups[0].fixed and graph.fixed_groups[0].name == "a"
+    assert G.prune_model(net, x, 0.5, multiple=1) == {}
+    with torch.no_grad():
+        assert net(x).feats.shape == (len(x), 2)
+
+
+def test_a_compressed_linear_run_dense_keeps_its_channels():
+    """A compressed Linear run as torch's linear on the weight its format
+    holds (formats.compress's default) is a linear on a buffer, no
+    adapter's layer: its input's channels are fixed, the model left whole."""
+    net, x = _Elsewhere(lambda: _compressed_linear("dense")).eval(), sparse_input(n=120, channels=3)
+    graph = G.DependencyGraph(net, x)
+    assert graph.groups == [] and graph.fixed_groups[0].name == "a"
     assert G.prune_model(net, x, 0.5, multiple=1) == {}
     with torch.no_grad():
         assert net(x).feats.shape == (len(x), 2)

@@ -304,12 +304,19 @@ def test_compressed_linear_counts_its_format():
     with torch.no_grad():
         fc.weight.zero_()
         fc.weight[0, 0], fc.weight[3, 3] = 1.0, 2.0  # two nonzeros in two 2x2 blocks: 8 stored values
-    row = prune.sparsity_report(formats.compress(fc, "bsr", blocksize=(2, 2)), torch.randn(5, 4))["layers"][""]
+    bsr = formats.compress(fc, "bsr", blocksize=(2, 2))
+    row = prune.sparsity_report(bsr, torch.randn(5, 4))["layers"][""]  # (compress's default: dense)
     assert row["type"] == "SparseLinear" and row["shape"] == (4, 4) and row["params"] == 16 + 4
     assert row["weight_nonzeros"] == 2 and row["sparsity"] == pytest.approx(14 / 16)
     assert row["flops"] == 2 * 5 * 2 and row["dense_flops"] == 2 * 5 * 16
+    assert row["executed_flops"] == 2 * 5 * 16 and row["execution"] == "dense"
+    bsr.execution = "format"
+    row = prune.sparsity_report(bsr, torch.randn(5, 4))["layers"][""]
+    assert row["flops"] == 2 * 5 * 2 and row["dense_flops"] == 2 * 5 * 16
     assert row["executed_flops"] == 2 * 5 * 8 and row["execution"] == "format:BSR"
-    row = prune.sparsity_report(formats.compress(fc, "csr"), torch.randn(3, 2, 4))["layers"][""]
+    csr = formats.compress(fc, "csr")
+    csr.execution = "format"
+    row = prune.sparsity_report(csr, torch.randn(3, 2, 4))["layers"][""]
     assert row["flops"] == row["executed_flops"] == 2 * 6 * 2  # CSR stores the nonzeros only
 
 

@@ -55,14 +55,19 @@ def _format_class(format):
 def compress(module: torch.nn.Module, format="csr", example_input=None, **kwargs) -> torch.nn.Module:
     """An inference copy of ``module`` whose weights live in ``format``.
 
-    * ``torch.nn.Linear`` -> :class:`SparseLinear` (weight (out, in)).
+    * ``torch.nn.Linear`` -> :class:`SparseLinear` (weight (out, in)). It
+      runs either torch's dense linear on the weight the format holds (the
+      Linear's own computation) or the format's product; with
+      ``example_input`` both are timed and the faster kept, else the dense
+      one (every format's product measured slower than torch's Linear on
+      this kind of CPU, even at 50% sparsity: bench/RESULTS.md).
     * ``pointsparse.nn.Conv3d`` -> :class:`SparseConv3d`: per kernel offset
       ``W[o].T`` (C_out, C_in) in the format; FKW holds the whole
       (C_out, C_in, K) weight. It runs either through the format's product
       or through the fused engine on the weight the format holds (which
       skips all-zero offsets and runs the vector-sparse kernels when the
       weight allows: never slower than the dense module); with
-      ``example_input`` (the conv's input, or for a model the model's
+      ``example_input`` (the layer's input, or for a model the model's
       input) both are timed on it and the faster kept, else the engine (every
       format measured slower than the engine on this kind of CPU:
       bench/RESULTS.md). ``chosen`` on the result records the choice and
@@ -88,12 +93,13 @@ def compress(module: torch.nn.Module, format="csr", example_input=None, **kwargs
     _check_on_cpu(module)
     if isinstance(module, torch.nn.Linear):
         weight = module_weight(module, "weight")
-        return _with_pre_hooks(module, SparseLinear(cls.from_dense(weight, **kwargs), module.bias))
+        sparse = SparseLinear(cls.from_dense(weight, **kwargs), module.bias, execution="dense")
+        return _with_pre_hooks(module, _choose(sparse, example_input, ("dense", "format")))
     if isinstance(module, Conv3d):
         return _with_pre_hooks(module, _compress_conv(module, cls, example_input, kwargs))
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"module must be a torch.nn.Module; got {type(module).__name__}")
-    inputs = {} if example_input is None else _conv_inputs(module, example_input, Conv3d)
+    inputs = {} if example_input is None else _layer_inputs(module, example_input, (Conv3d, torch.nn.Linear))
     # Pruned weights are computed (non-leaf) tensors that deepcopy refuses:
     # copy them as detached tensors; the forward pre-hooks recompute them.
     memo = {}
@@ -169,11 +175,19 @@ def _compress_conv(module, cls, example_input, kwargs) -> SparseConv3d:
                           module.in_channels, module.out_channels, module.bias, execution="engine",
                           relu=getattr(module, "relu", False),  # (convs pickled before these existed have none)
                           kernel_region=getattr(module, "kernel_region", None))
+    return _choose(sparse, example_input, ("engine", "format"))
+
+
+def _choose(sparse, example_input, executions):
+    """``sparse`` (a SparseConv3d / SparseLinear) set to the faster of its
+    ``executions`` on ``example_input`` (``chosen`` records the times), or
+    to the first, the dense module's own computation, without one."""
     if example_input is None:
-        sparse.chosen = "engine (not measured)"
+        sparse.execution = executions[0]
+        sparse.chosen = f"{executions[0]} (not measured)"
         return sparse
     times = {}
-    for execution in ("engine", "format"):
+    for execution in executions:
         sparse.execution = execution
         times[execution] = _median_time(sparse, example_input)
     sparse.execution = min(times, key=times.get)
@@ -194,17 +208,17 @@ def _median_time(module, example_input, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def _conv_inputs(model, example_input, conv_cls) -> dict:
-    """The input each Conv3d of ``model`` sees on ``example_input`` (one run
-    without gradients, in eval mode; the first call of a module shared by
-    several places)."""
+def _layer_inputs(model, example_input, layer_types) -> dict:
+    """The input each layer of ``layer_types`` in ``model`` sees on
+    ``example_input`` (one run without gradients, in eval mode; the first
+    call of a module shared by several places)."""
     seen, handles = {}, []
 
     def record(module, args, out) -> None:  # (a forward hook that returns a value replaces the output)
         seen.setdefault(module, args[0])
 
     for sub in model.modules():
-        if isinstance(sub, conv_cls):
+        if isinstance(sub, layer_types):
             handles.append(sub.register_forward_hook(record))
     was_training = model.training
     try:

@@ -75,19 +75,42 @@ def outside_graphs(name: str) -> str:
             f"take it into a graph; {engine}compile the model before formats.compress")
 
 
+#: How a SparseLinear runs: torch's dense linear on the weight its format
+#: holds (``dense_weight``, derived, not saved: what the Linear it replaces
+#: runs, input gradients available), or the format's own product (inference
+#: only).
+LINEAR_EXECUTIONS = ("dense", "format")
+
+
 class SparseLinear(nn.Module):
     """``y = x @ W.T + b`` with W (out, in) held in a sparse format.
-    Computes ``(W @ x.T).T``: the activations become the dense operand (K, N)
-    with one column per sample. Inference only (no gradients); ``torch.compile``
-    runs the product between graphs (``fullgraph=True`` refuses it). Under
-    ``torch.autocast`` the output in its precision, as torch's Linear gives
-    it (the product in the format's float32, rounded once)."""
 
-    def __init__(self, weight: SparseFormat, bias: torch.Tensor | None = None) -> None:
+    ``execution="format"``: computes ``(W @ x.T).T`` with the format's
+    product (the activations become the dense operand (K, N) with one column
+    per sample). Inference only (no gradients); ``torch.compile`` runs the
+    product between graphs (``fullgraph=True`` and ``torch.export`` refuse
+    it). Under ``torch.autocast`` the output in its precision, as torch's
+    Linear gives it (the product in the format's float32, rounded once).
+    ``execution="dense"``: torch's ``linear`` on the dense weight the format
+    holds (``dense_weight``, derived, not saved), as the Linear it replaces
+    runs (compiles, exports, gives input gradients, autocasts as it does).
+    :func:`pointsparse.formats.compress` picks the faster (the dense one
+    without an example input: every format's product measured slower than
+    torch's Linear on this kind of CPU); ``chosen`` says what it measured.
+    The format, the execution and the choice are saved in ``state_dict``
+    (extra state; a state saved before the execution was kept runs the
+    format, as it did then)."""
+
+    def __init__(self, weight: SparseFormat, bias: torch.Tensor | None = None, execution: str = "format") -> None:
         super().__init__()
+        if execution not in LINEAR_EXECUTIONS:
+            raise ValueError(f"execution must be one of {LINEAR_EXECUTIONS}; got {execution!r}")
         self.weight_format = checked_format(weight, f"{type(self).__name__}: weight")
         self.out_features, self.in_features = weight.shape
+        self.execution = execution
+        self.chosen = execution  # compress() records what it measured here
         self.register_buffer("bias", _bias_copy(bias, self.out_features, "out_features", self.weight_format.dtype))
+        self.register_buffer("dense_weight", self.weight_format.to_dense(), persistent=False)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not isinstance(input, torch.Tensor) or input.dim() < 1 or \
@@ -98,6 +121,10 @@ class SparseLinear(nn.Module):
         input = autocast_input(input, self.weight_format.dtype)
         check_dtype(self, f"the input is {input.dtype}", input.dtype, type(self.weight_format).__name__,
                     self.weight_format.dtype)
+        if self.execution not in LINEAR_EXECUTIONS:  # (set on the layer after it was made)
+            raise ValueError(f"execution must be one of {LINEAR_EXECUTIONS}; got {self.execution!r}")
+        if self.execution == "dense":
+            return nn.functional.linear(input, self.dense_weight, self.bias)
         return self._product(input)
 
     @torch.compiler.disable(reason=outside_graphs("SparseLinear"))
@@ -121,7 +148,8 @@ class SparseLinear(nn.Module):
         return self.weight_format.nbytes() + extra
 
     def get_extra_state(self):
-        return {"weight_format": format_data(self.weight_format)}
+        return {"weight_format": format_data(self.weight_format), "execution": self.execution,
+                "chosen": self.chosen}
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         refuse_uncompressed_state(self, state_dict, prefix)
@@ -143,7 +171,21 @@ class SparseLinear(nn.Module):
         if fmt.dtype != self.weight_format.dtype:
             raise TypeError(f"{name}: _extra_state's weight_format has dtype {fmt.dtype}; this layer's is "
                             f"{self.weight_format.dtype} (convert the layer first: .to({fmt.dtype}))")
-        self.weight_format = fmt
+        # (a state saved before the execution was kept ran the format)
+        execution, chosen = state.get("execution", "format"), state.get("chosen", "format")
+        if execution not in LINEAR_EXECUTIONS:
+            raise ValueError(f"{name}: _extra_state's execution must be one of {LINEAR_EXECUTIONS}; got "
+                             f"{execution!r}")
+        if not isinstance(chosen, str):
+            raise TypeError(f"{name}: _extra_state's chosen must be a str; got {type(chosen).__name__}")
+        self.weight_format, self.execution, self.chosen = fmt, execution, chosen
+        self.dense_weight = fmt.to_dense().to(self.dense_weight.device, self.dense_weight.dtype)
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        if "execution" not in self.__dict__:  # (pickled before the execution was kept: it ran the format)
+            self.execution = self.chosen = "format"
+            self.register_buffer("dense_weight", self.weight_format.to_dense(), persistent=False)
 
     def _apply(self, fn, *args, **kwargs):
         dtype = converted_dtype(fn, self.weight_format.dtype, type(self).__name__)
@@ -152,7 +194,8 @@ class SparseLinear(nn.Module):
         return result
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, weight={self.weight_format!r}"
+        return (f"{self.in_features}, {self.out_features}, weight={self.weight_format!r}, "
+                f"execution={self.execution!r}, chosen={self.chosen!r}")
 
 
 def format_data(fmt: SparseFormat) -> dict:

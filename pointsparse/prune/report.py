@@ -42,7 +42,8 @@ dense weight their format holds (``shape``, ``params``, ``nonzeros``,
 ``sparsity``, ``flops`` and ``dense_flops`` as the uncompressed masked layer's,
 so a compressed model's totals of these equal its source's) and executed
 as they run: ``SparseConv3d`` with ``execution="engine"`` as the engine runs
-its ``engine_weight`` (the engine's choice, as above); the format's own
+its ``engine_weight`` (the engine's choice, as above), ``SparseLinear`` with
+``execution="dense"`` dense (torch's linear); the format's own
 product (``execution`` ``"format:<name>"``, e.g. ``"format:CSR"``) does one
 multiply-add per stored value (padding zeros a format stores included: BSR
 blocks, N:M groups, EIE runs) per input row (``SparseLinear``), per pair of
@@ -128,6 +129,8 @@ def _compressed_flops(module, weight, inputs, output, pair_counts):
     if isinstance(module, linear):
         rows = math.prod(inputs[0].shape[:-1])  # (..., in_features) (numel // in_features: a Linear(0, out))
         flops, dense, _, _ = adapters.positions_flops(rows, weight)
+        if module.execution == "dense":  # (torch's linear on the weight the format holds)
+            return flops, dense, dense, "dense"
         executed = 2 * rows * _stored_values(module.weight_format)
         return flops, dense, executed, f"format:{type(module.weight_format).__name__}"
     # The counts of the source conv (the region's offsets only), from the dense weight the format holds.
