@@ -260,3 +260,29 @@ def test_layers_are_checked_before_any_training(layers):
         lottery.lottery_ticket(net, lambda m, steps: calls.append(steps), lambda m: 0.5, 5, rounds=2,
                                rewind_step=2, layers=layers)
     assert calls == []
+
+
+def test_snapshot_keeps_a_users_own_buffer_named_like_a_mask():
+    class Gated(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+            self.register_buffer("attn_mask", torch.ones(4))
+
+        def forward(self, x):
+            return self.fc(x) * self.attn_mask
+
+    net = Gated()
+    torch.nn.utils.prune.l1_unstructured(net.fc, "weight", amount=0.5)
+    state = lottery.snapshot(net)
+    assert sorted(state) == ["attn_mask", "fc.bias", "fc.weight"]  # not fc.weight_mask: the pruning's own
+    assert torch.equal(state["fc.weight"], net.fc.weight_orig)
+
+    def train(model, steps):  # changes the buffer as training would
+        with torch.no_grad():
+            model.attn_mask.mul_(2)
+
+    net = Gated()
+    res = lottery.lottery_ticket(net, train, lambda m: 0.5, train_steps=2, rounds=1)
+    assert torch.equal(res.state["attn_mask"], torch.ones(4))  # rewound each round, trained once after it
+    assert torch.equal(net.attn_mask, torch.full((4,), 2.0))

@@ -23,13 +23,17 @@ from .procedure import (call_train, check_callable, check_fraction, check_int, c
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer of ``model`` under its logical name (a
-    pruned ``weight`` is stored from ``weight_orig``; masks are not stored)."""
+    pruned ``weight`` is stored from ``weight_orig``; the pruning's masks,
+    ``weight_mask`` beside a ``weight_orig``, are not stored: a buffer of the
+    model's own, as an ``attn_mask``, is)."""
+    state = model.state_dict()
+    pruned = {key[:-5] for key in state if key.endswith("_orig") and key[:-5] + "_mask" in state}
     out = {}
-    for key, value in model.state_dict().items():
-        if key.endswith("_mask"):
+    for key, value in state.items():
+        if key.endswith("_mask") and key[:-5] in pruned:
             continue
-        if key.endswith("_orig"):
-            key = key[: -len("_orig")]
+        if key.endswith("_orig") and key[:-5] in pruned:
+            key = key[:-5]
         out[key] = value.detach().clone()
     return out
 
