@@ -286,3 +286,12 @@ def test_snapshot_keeps_a_users_own_buffer_named_like_a_mask():
     res = lottery.lottery_ticket(net, train, lambda m: 0.5, train_steps=2, rounds=1)
     assert torch.equal(res.state["attn_mask"], torch.ones(4))  # rewound each round, trained once after it
     assert torch.equal(net.attn_mask, torch.full((4,), 2.0))
+
+
+@pytest.mark.parametrize("bad", [None, "0.5", torch.ones(3), True])
+def test_an_eval_fn_returning_no_number_is_a_type_error_naming_it(bad):
+    with pytest.raises(TypeError, match="eval_fn must return a number"):
+        lottery.lottery_ticket(mlp(0), lambda m, s: None, lambda m: bad, train_steps=1, rounds=0)
+    res = lottery.lottery_ticket(mlp(0), lambda m, s: None, lambda m: torch.tensor([0.5]), train_steps=1, rounds=1)
+    with pytest.raises(TypeError, match="eval_fn must return a number"):
+        lottery.controls(mlp, res, 1, lambda m, s: None, lambda m: bad, train_steps=1)

@@ -205,3 +205,14 @@ def test_a_nan_metric_is_never_the_best_proposal():
     res = netadapt.netadapt(net, table, lambda m, s: None, lambda m: float("nan") if m[0].out_features < 32 else 0.5,
                             x, budget=0.9, short_steps=0, long_steps=0, max_iterations=1)
     assert res.history[0]["layer"] == "2" and res.history[0]["metric"] == 0.5
+
+
+@pytest.mark.parametrize("bad", [None, "0.5", torch.ones(3), True])
+@pytest.mark.parametrize("with_table", [True, False])
+def test_an_eval_fn_returning_no_number_is_a_type_error_naming_it(bad, with_table):
+    net = mlp(0, widths=(8, 16, 16, 3))
+    x = torch.randn(64, 8)
+    table = netadapt.build_latency_table(net, x, num_candidates=4, repeats=1) if with_table else None
+    with pytest.raises(TypeError, match="eval_fn must return a number"):
+        netadapt.netadapt(net, table, lambda m, s: None, lambda m: bad, x, budget=0.9, short_steps=0,
+                          long_steps=0, max_iterations=1)

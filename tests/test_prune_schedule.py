@@ -246,3 +246,18 @@ def test_a_model_pruned_by_the_procedures_deep_copies_after_a_forward(scope):
     adapters.apply_masks(other, masks)
     other(x)
     copy.deepcopy(other)
+
+
+@pytest.mark.parametrize("bad", [None, "0.5", torch.ones(3), True])
+def test_an_eval_fn_returning_no_number_is_a_type_error_naming_it(bad):
+    """float() of what eval_fn returned: Python's own 'could not convert
+    string', 'NoneType', 'only one element tensors' (a str '0.5' and a bool
+    even taken as metrics)."""
+    with pytest.raises(TypeError, match="eval_fn must return a number"):
+        schedule.iterative_prune(mlp(0), lambda m, s: None, 0.5, rounds=1, steps_per_round=0, eval_fn=lambda m: bad)
+
+
+@pytest.mark.parametrize("good", [np.float32(0.25), torch.tensor(0.25), torch.tensor([0.25]), 1])
+def test_an_eval_fn_may_return_any_real_number(good):
+    res = schedule.one_shot_prune(mlp(0), lambda m, s: None, 0.5, finetune_steps=0, eval_fn=lambda m: good)
+    assert res.history[0]["metric"] == float(good) and type(res.history[0]["metric"]) is float

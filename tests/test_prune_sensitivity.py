@@ -181,3 +181,21 @@ def test_a_group_scan_of_a_model_without_groups_is_refused():
         sensitivity.sensitivity_scan(net, lambda m: calls.append(1) or 1.0, [0.0, 0.5], "group",
                                      example_input=torch.randn(4, 8), layers=[])
     assert calls == []
+
+
+@pytest.mark.parametrize("bad", [None, "0.5", torch.ones(3), True])
+@pytest.mark.parametrize("first", [True, False])
+def test_an_eval_fn_returning_no_number_is_a_type_error_naming_it(bad, first):
+    """On the unpruned model (the baseline) or a pruned one; the model is left as it was."""
+    net = mlp(0)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    calls = []
+
+    def eval_fn(model):
+        calls.append(1)
+        return bad if first or len(calls) > 1 else 0.5
+
+    with pytest.raises(TypeError, match="eval_fn must return a number"):
+        sensitivity.sensitivity_scan(net, eval_fn, ratios=[0.0, 0.5])
+    assert net.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())

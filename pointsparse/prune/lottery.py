@@ -18,7 +18,7 @@ from torch import nn
 from ..tensor import as_int, nonnegative_int
 from .adapters import apply_masks, get_mask, masks as _masks, prunable_layers, sparsity as _sparsity, used_mask
 from .procedure import (call_train, check_callable, check_fraction, check_int, check_lr, global_magnitude_prune,
-                        layer_magnitude_prune)
+                        layer_magnitude_prune, metric_value)
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -104,7 +104,7 @@ def lottery_ticket(model: nn.Module, train_fn: Callable, eval_fn: Callable, trai
             rewind(model, result.state)
         call_train(train_fn, model, train_steps - rewind_step, lr)
         result.masks.append(_masks(model, layers))
-        result.rounds.append({"round": r, "sparsity": _sparsity(model, layers), "metric": float(eval_fn(model))})
+        result.rounds.append({"round": r, "sparsity": _sparsity(model, layers), "metric": metric_value(eval_fn(model))})
     return result
 
 
@@ -150,7 +150,7 @@ def train_masked(model: nn.Module, mask_dict: dict[str, torch.Tensor], train_fn:
             raise ValueError(f"layer {name!r} is already pruned; pass an unpruned model")
     apply_masks(model, mask_dict)
     call_train(train_fn, model, steps, lr)
-    return float(eval_fn(model))
+    return metric_value(eval_fn(model))
 
 
 def controls(make_model: Callable[[int], nn.Module], result: LotteryResult, round_index: int, train_fn: Callable,

@@ -27,7 +27,7 @@ from torch import nn
 from . import adapters
 from ._copyable import copy_model
 from .adapters import in_channels, out_channels
-from .procedure import call_train, check_callable, check_int, check_lr, check_real
+from .procedure import call_train, check_callable, check_int, check_lr, check_real, metric_value
 from .surgery import capture, chain_followers, channel_groups, keep_by_l1, prune_channels
 
 
@@ -235,7 +235,7 @@ def _finish(net, channels, target, l0, current, history, it, max_iterations, tra
     message = _unmet(current, target, it, max_iterations)
     call_train(train_fn, net, long_steps, ft_lr)
     measured = measure_latency(net, example_input, repeats)
-    return NetAdaptResult(net, channels, target, l0, current, measured, history, float(eval_fn(net)), message)
+    return NetAdaptResult(net, channels, target, l0, current, measured, history, metric_value(eval_fn(net)), message)
 
 
 def netadapt(model: nn.Module, table: LatencyTable | None, train_fn: Callable, eval_fn: Callable, example_input,
@@ -319,7 +319,7 @@ def _check_netadapt(train_fn, eval_fn, budget, budget_seconds, initial_reduction
 def _short_tune(cand: nn.Module, train_fn, eval_fn, short_steps: int, ft_lr) -> float:
     """A proposal's short fine-tuning and its metric."""
     call_train(train_fn, cand, short_steps, ft_lr)
-    return float(eval_fn(cand))
+    return metric_value(eval_fn(cand))
 
 
 def _table_proposals(net, table: LatencyTable, layout, channels: dict, want: float, current: float,
@@ -388,7 +388,7 @@ def _netadapt_coupled(model, train_fn, eval_fn, example_input, budget, initial_r
                 if not any(c < channels[name] for c in candidates[name]) or latency >= current:
                     continue
             call_train(train_fn, cand, short_steps, ft_lr)
-            proposals.append((float(eval_fn(cand)), name, count, latency, cand))
+            proposals.append((metric_value(eval_fn(cand)), name, count, latency, cand))
         if not proposals:
             break
         metric, name, count, current, net = max(proposals, key=_by_metric)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Callable
 
@@ -101,6 +102,22 @@ def call_train(train_fn: Callable, model: nn.Module, steps: int, lr: float | Non
         train_fn(model, steps, lr=lr)
     else:
         train_fn(model, steps)
+
+
+def metric_value(value, name: str = "eval_fn") -> float:
+    """What the callable ``name`` returned, as a float: a real number
+    (numpy's too) or a one-element tensor. ``None``, a str, a bool or a tensor
+    of several values is a TypeError naming ``name`` (``float()`` took a str
+    ``'0.5'`` and a bool, and said of the rest only what it could not
+    convert). A NaN is returned as it is: each procedure says what it does
+    with one."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        what = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)[:60]
+        raise TypeError(f"{name} must return a number (the model's metric: a float or a one-element tensor); "
+                        f"got {what}")
+    return float(value)
 
 
 def check_int(value, name: str, minimum: int = 0) -> int:

@@ -18,7 +18,7 @@ from torch import nn
 from ..tensor import as_int, positive_int
 from .adapters import sparsity as _sparsity
 from .procedure import (call_train, check_callable, check_fraction, check_lr, global_magnitude_prune,
-                        layer_magnitude_prune)
+                        layer_magnitude_prune, metric_value)
 
 SCHEDULES = ("agp", "constant")
 SCOPES = ("global", "layer")
@@ -133,7 +133,7 @@ def iterative_prune(model: nn.Module, train_fn: Callable, final_sparsity: float,
         _prune_to(model, target, scope, layers)
         reached = _sparsity(model, layers)
         call_train(train_fn, model, steps_per_round, ft_lr)
-        metric = float(eval_fn(model)) if eval_fn is not None else None
+        metric = metric_value(eval_fn(model)) if eval_fn is not None else None
         result.history.append({"round": i, "target": target, "sparsity": reached, "metric": metric})
     return result
 

@@ -19,7 +19,7 @@ from . import _compat
 from ._copyable import copy_model
 from ..tensor import as_bool
 from .adapters import prunable_layers, used_mask
-from .procedure import check_callable, check_fraction, magnitude_prune_layer
+from .procedure import check_callable, check_fraction, magnitude_prune_layer, metric_value
 
 GRANULARITIES = ("unstructured", "channel", "group")
 DEFAULT_RATIOS = tuple(round(0.1 * i, 1) for i in range(10))
@@ -51,7 +51,7 @@ def _prune_one(module: nn.Module, ratio: float, granularity: str) -> None:
 def _baseline(model: nn.Module, eval_fn, metric: str) -> float:
     """``eval_fn(model)`` on the unpruned model, which every drop is measured
     from: a NaN or infinite baseline makes every drop meaningless."""
-    baseline = float(eval_fn(model))
+    baseline = metric_value(eval_fn(model))
     if not math.isfinite(baseline):
         raise ValueError(
             f"eval_fn ({getattr(eval_fn, '__name__', type(eval_fn).__name__)}, metric {metric!r}) returned "
@@ -106,7 +106,7 @@ def sensitivity_scan(model: nn.Module, eval_fn: Callable[[nn.Module], float], ra
                 continue
             _prune_one(m, r, granularity)
             try:
-                values.append(float(eval_fn(model)))
+                values.append(metric_value(eval_fn(model)))
             finally:
                 if _compat.is_pruned(m):  # (a ratio that rounds to no weight prunes nothing)
                     _compat.remove(m, "weight")
@@ -142,7 +142,7 @@ def _group_scan(model, eval_fn, ratios, metric, example_input, layers=None) -> S
             cut = copy_model(model)
             if r > 0:
                 apply_channel_ratios(cut, {g.name: r}, example_input=example_input)
-            values.append(baseline if r == 0 else float(eval_fn(cut)))
+            values.append(baseline if r == 0 else metric_value(eval_fn(cut)))
         curves[g.name] = values
     return SensitivityResult(ratios, curves, baseline, "group", metric, {g.name: g.size for g in groups})
 
