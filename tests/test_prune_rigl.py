@@ -276,3 +276,48 @@ def test_erk_with_a_layer_of_no_weights():
     assert r.density() == pytest.approx(0.3, abs=0.01)
     net(torch.randn(2, 8)).sum().backward()
     assert r.update()["2"] == 0
+
+
+@pytest.mark.parametrize("how", ["context", "attach"])
+def test_a_step_of_two_optimizers_counts_once(how):
+    """Two optimizers, each stepping its layers, both hooked: each training
+    step was counted twice (the drop/grow updates came at half the interval
+    and the cosine schedule ran twice as fast). Each optimizer still masks
+    its layers after its own step."""
+    net = mlp(0, widths=(8, 32, 32, 3))
+    r = rigl.RigL(net, density=0.3, distribution="uniform", update_interval=2, end_step=100)
+    first = torch.optim.SGD(net[0].parameters(), lr=0.1, momentum=0.9)
+    rest = torch.optim.SGD([p for m in (net[2], net[4]) for p in m.parameters()], lr=0.1, momentum=0.9)
+    x = torch.randn(16, 8)
+
+    def train(steps):
+        for _ in range(steps):
+            first.zero_grad()
+            rest.zero_grad()
+            net(x).square().mean().backward()
+            first.step()
+            rest.step()
+
+    if how == "context":
+        with r:
+            train(6)
+    else:
+        handles = [r.attach(first), r.attach(rest)]
+        train(6)
+        for h in handles:
+            h.remove()
+    assert r.step_count == 6 and r.updates == 3
+    for n, m in adapters.prunable_layers(net):
+        assert not bool((m.weight[~r.masks[n]] != 0).any())
+
+
+def test_a_new_optimizer_each_call_counts_every_step():
+    """A train function that makes its optimizer at each call (the steps of
+    one optimizer, then of the next): every step counts."""
+    tr = Trainer()
+    net = mlp(0, widths=(8, 32, 32, 3))
+    r = rigl.RigL(net, density=0.3, update_interval=2, end_step=100)
+    with r:
+        for _ in range(3):
+            tr(net, 1)
+    assert r.step_count == 3 and r.updates == 1

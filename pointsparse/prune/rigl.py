@@ -1,5 +1,5 @@
 """RigL sparse training (Evci et al. 2020): the network is sparse from the
-start; every ``update_interval`` optimizer steps each layer drops the
+start; every ``update_interval`` training steps each layer drops the
 ``f(t)`` fraction of its active weights with the smallest magnitude and
 regrows as many inactive connections with the largest gradient magnitude
 (new weights start at zero), ``f(t) = alpha/2 (1 + cos(pi t / end_step))``.
@@ -12,7 +12,11 @@ dense gradient, which the grow step needs). Use it around any training loop::
     with rigl:                       # hooks every torch optimizer stepping these weights
         train_fn(model, 1000)
 
-or ``rigl.attach(optimizer)`` for an optimizer you hold."""
+or ``rigl.attach(optimizer)`` for an optimizer you hold. A training step
+taken by several optimizers, each stepping its own layers, counts once: a
+step counts when its optimizer steps weights already stepped since the last
+counted step (or no weights were), so a new optimizer for the same weights
+counts from its first step."""
 
 from __future__ import annotations
 
@@ -103,6 +107,7 @@ class RigL:
         self.alpha = drop_fraction
         self.step_count = 0
         self.updates = 0
+        self._stepped: set[int] = set()  # the layers' weights (ids) stepped since the last counted step
         if distribution == "uniform":
             self.densities = {n: density for n, _ in self.layers}
         else:
@@ -180,12 +185,20 @@ class RigL:
         return changed
 
     def step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Call after every ``optimizer.step()``: count the step, run a drop /
-        grow update every ``update_interval`` steps before ``end_step``, and
-        re-apply the masks."""
-        self.step_count += 1
-        if self.step_count % self.update_interval == 0 and self.step_count < self.end_step:
-            self.update()
+        """Call after every ``optimizer.step()``: count the training step, run
+        a drop / grow update every ``update_interval`` steps before
+        ``end_step``, and re-apply the masks. A second optimizer stepping
+        other layers of the same training step is not counted again (see the
+        module's docstring); ``optimizer=None`` always counts."""
+        ids = {id(m.weight) for _, m in self.layers}
+        owned = set() if optimizer is None else {id(p) for g in optimizer.param_groups for p in g["params"]} & ids
+        if optimizer is None or not self._stepped or owned & self._stepped:
+            self._stepped = owned
+            self.step_count += 1
+            if self.step_count % self.update_interval == 0 and self.step_count < self.end_step:
+                self.update()
+        else:  # another optimizer's share of the step just counted
+            self._stepped |= owned
         self.apply_masks(optimizer)
 
     # ------------------------------------------------------------------ hooks
