@@ -131,3 +131,21 @@ def test_a_model_of_the_other_task_is_a_flag_error(argv, words, tmp_path, capsys
     err = capsys.readouterr().err
     assert err.startswith("pointsparse prune: error: ") and words in err, err
     assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_cut_channels_copies_a_model_pruned_by_torch(graph):
+    """A layer pruned with torch.nn.utils.prune holds a computed weight that
+    copy.deepcopy refuses: cut_channels (what ``prune amc`` cuts with)
+    failed with torch's 'Only Tensors created explicitly by the user'."""
+    import torch
+
+    from pointsparse.app import procedures
+    from prune_procedures_support import sparse_chain, sparse_input
+
+    net, x = sparse_chain(0), sparse_input()
+    torch.nn.utils.prune.l1_unstructured(net[0], "weight", 0.5)
+    net(x)
+    cut = procedures.cut_channels(net, {"0": 0.5}, example_input=x if graph else None)
+    assert cut[0].out_channels == 3 and cut(x).feats.shape == net(x).feats.shape
+    assert net[0].out_channels == 6 and hasattr(net[0], "weight_mask")  # the model left as it was

@@ -7,7 +7,6 @@ task into one."""
 
 from __future__ import annotations
 
-import copy
 import time
 from typing import Callable
 
@@ -21,6 +20,7 @@ from ..prune import rigl as _rigl
 from ..prune import schedule as _schedule
 from ..prune import sensitivity as _sensitivity
 from ..prune import surgery
+from ..prune._copyable import copy_model
 from .tasks import Task
 
 
@@ -94,7 +94,7 @@ def cut_channels(model: nn.Module, ratios: dict, reconstruct: bool = False, cali
                  example_input=None) -> nn.Module:
     """A copy of ``model`` with ``ratios`` of the channels removed (through
     every coupled group when ``example_input`` is given)."""
-    pruned = copy.deepcopy(model)
+    pruned = copy_model(model)  # (copy.deepcopy refuses a weight torch's pruning computed)
     surgery.apply_channel_ratios(pruned, ratios, reconstruct, calibration, example_input=example_input)
     return pruned
 
