@@ -438,3 +438,34 @@ def test_fused_copy_of_a_parametrized_conv_and_fold_batchnorm_refusing_one():
     assert hasattr(net[0], "parametrizations")  # the model is unchanged
     with pytest.raises(ValueError, match="parametriz"):
         spnn.fold_batchnorm(net[0], net[1])
+
+
+def test_fused_copy_of_a_model_with_a_pruned_tensor_not_named_weight():
+    """A layer of the user's own with a parameter of another name pruned by
+    torch (``prune.l1_unstructured(layer, "gain", ...)``) holds the computed
+    ``gain``, which copy.deepcopy refuses: the fused copy failed with torch's
+    'Only Tensors created explicitly by the user'. The copy keeps that
+    pruning (fusion makes only weights and biases permanent) and computes
+    model.eval()'s logits."""
+    from torch.nn.utils import prune
+
+    class Gain(torch.nn.Module):
+        def __init__(self, channels):
+            super().__init__()
+            self.gain = torch.nn.Parameter(torch.linspace(-1.0, 1.0, channels))
+
+        def forward(self, x):
+            return x.with_feats(x.feats * self.gain)
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(spnn.Conv3d(4, 8, 3), spnn.BatchNorm(8), Gain(8))
+    _randomise_bn(net)
+    net.eval()
+    prune.l1_unstructured(net[2], "gain", 0.5)
+    x = _cloud(400)
+    fused = spnn.fuse_for_inference(net)
+    with torch.no_grad():
+        ref = net(x).feats
+        out = fused(ps.SparseTensor(x.feats, x.coords)).feats
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert hasattr(net[2], "gain_orig")

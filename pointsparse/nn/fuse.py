@@ -68,23 +68,19 @@ def has_pre_hooks(module: nn.Module) -> bool:
 def _unpruned_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` whose pruning reparametrisations are made
     permanent (``prune.remove``: ``weight = weight_orig * mask``, the hook
-    gone). A pruned module's ``weight`` is not a leaf where it was computed
-    with gradients, which deepcopy refuses: the copy starts from its
-    detached value, which ``remove`` then recomputes. A filter skeleton
+    gone). A pruned tensor (``weight``, or a user's layer's ``gain``) is
+    not a leaf where it was computed with gradients, which deepcopy refuses:
+    the copy starts from its detached value, which ``remove`` then
+    recomputes (a tensor not named weight or bias stays pruned). A filter skeleton
     (``prune.attach_filter_skeleton``) is folded into ``weight_orig``
     first: ``remove`` knows only the mask. A ``weight_orig`` tied to
     another module's parameter is copied first (``remove`` writes the
     masked values into it in place). Torch parametrizations (``weight_norm``,
     ...) are made permanent too."""
-    from ..prune.surgery import _unprune  # noqa: PLC0415 - the pruning package sits below nn
+    from ..prune._copyable import copy_model  # noqa: PLC0415 - the pruning package sits below nn
+    from ..prune.surgery import _unprune  # noqa: PLC0415
 
-    memo = {}
-    for module in model.modules():
-        for name in ("weight", "bias"):
-            value = getattr(module, name, None) if hasattr(module, name + "_orig") else None
-            if isinstance(value, torch.Tensor) and not value.is_leaf:
-                memo[id(value)] = value.detach().clone()
-    copied = copy.deepcopy(model, memo)
+    copied = copy_model(model)  # (any pruned tensor's computed value: a user's layer's own names too)
     # torch's remove writes orig * mask into weight_orig in place: a weight_orig tied to another module's
     # parameter (b.weight = a.weight, then a pruned) would carry the mask into it; such a one is copied first.
     uses: dict[int, int] = {}
