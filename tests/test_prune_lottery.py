@@ -295,3 +295,21 @@ def test_an_eval_fn_returning_no_number_is_a_type_error_naming_it(bad):
     res = lottery.lottery_ticket(mlp(0), lambda m, s: None, lambda m: torch.tensor([0.5]), train_steps=1, rounds=1)
     with pytest.raises(TypeError, match="eval_fn must return a number"):
         lottery.controls(mlp, res, 1, lambda m, s: None, lambda m: bad, train_steps=1)
+
+
+def test_a_rewound_ticket_deep_copies():
+    """rewind recomputed each pruned weight (weight_orig * weight_mask) with
+    autograd on: a computed tensor that copy.deepcopy refuses, so copying the
+    rewound ticket (to train it under several seeds) failed with torch's
+    'Only Tensors created explicitly by the user'."""
+    import copy
+
+    tr = Trainer()
+    net = mlp(0)
+    res = lottery.lottery_ticket(net, tr, tr.accuracy, train_steps=3, rounds=1)
+    lottery.rewind(net, res.state)
+    twin = copy.deepcopy(net)
+    x = torch.randn(4, 8)
+    assert torch.equal(twin(x), net(x))
+    tr(twin, 2)  # the copy trains, its masks hold
+    assert all(bool((twin[i].weight[net[i].weight_mask == 0] == 0).all()) for i in (0, 2, 4))

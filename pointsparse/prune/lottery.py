@@ -54,10 +54,10 @@ def rewind(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
             target = getattr(module, attr, None)
         if not isinstance(target, torch.Tensor) or target.shape != value.shape:
             raise ValueError(f"state entry {key!r} does not fit the model")
-        with torch.no_grad():
-            target.copy_(value)
-        if hasattr(module, attr + "_orig") and hasattr(module, attr + "_mask"):  # refresh the masked view now
-            setattr(module, attr, getattr(module, attr + "_orig") * getattr(module, attr + "_mask"))
+        with torch.no_grad():  # (the masked view refreshed now, as no computed tensor: deepcopy refuses those;
+            target.copy_(value)  # the forward pre-hook recomputes it with gradients)
+            if hasattr(module, attr + "_orig") and hasattr(module, attr + "_mask"):
+                setattr(module, attr, getattr(module, attr + "_orig") * getattr(module, attr + "_mask"))
 
 
 @dataclass
