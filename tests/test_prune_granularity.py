@@ -761,3 +761,28 @@ def test_a_masked_layer_sees_its_factors_changed_through_data():
             conv(x)
             change()
             torch.testing.assert_close(conv(x).feats, expected(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pruned_first", [False, True])
+def test_a_layer_with_a_filter_skeleton_deep_copies(pruned_first):
+    """attach_filter_skeleton and each forward leave ``weight`` the product
+    orig * mask * skeleton that autograd made, and detach_filter_skeleton
+    orig * mask: copy.deepcopy refused the layer (torch's 'Only Tensors
+    created explicitly by the user') right after attaching, after a forward
+    with gradients and right after detaching. The copy computes what the
+    layer does, and the skeleton still learns."""
+    import copy
+
+    torch.manual_seed(0)
+    module, x = SparseConv(2, 3, kernel_size=3), sparse_input(n=10, channels=2)
+    if pruned_first:
+        prune.channel_structured(module, "weight", 1)
+    skeleton = prune.attach_filter_skeleton(module, "weight", init=0.5)
+    copy.deepcopy(module)
+    module(x).feats.square().sum().backward()
+    assert skeleton.grad is not None and skeleton.grad.abs().sum() > 0
+    twin = copy.deepcopy(module)
+    torch.testing.assert_close(twin(x).feats, module(x).feats)
+    prune.detach_filter_skeleton(module)
+    twin = copy.deepcopy(module)
+    torch.testing.assert_close(twin(x).feats, module(x).feats)

@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn.utils import prune as _torch_prune
 
 from ..tensor import as_bool
-from ._copyable import CopyableMethod
+from ._copyable import CopyableMethod, keep_copyable
 from .adapters import WeightLayout, is_layer, layout_of, used_mask
 
 
@@ -123,6 +123,7 @@ def attach_filter_skeleton(module: nn.Module, name: str = "weight", init: float 
     hook = FilterSkeleton(name, layout)
     hook.hook_id = module.register_forward_pre_hook(hook).id
     setattr(module, name, hook.effective_weight(module))
+    keep_copyable(module)  # (the product autograd made, now and after each forward: deepcopy refuses it)
     return skeleton
 
 
@@ -145,8 +146,9 @@ def detach_filter_skeleton(module: nn.Module, name: str = "weight", fold: bool =
                 skeleton if used is None else torch.where(used, skeleton, torch.ones_like(skeleton)))
     del module._forward_pre_hooks[key]
     del module._parameters[name + "_skeleton"]
-    if masked:
-        setattr(module, name, getattr(module, name + "_orig") * getattr(module, name + "_mask"))
+    if masked:  # (no computed tensor: deepcopy refuses those; the pruning's pre-hook recomputes it)
+        with torch.no_grad():
+            setattr(module, name, getattr(module, name + "_orig") * getattr(module, name + "_mask"))
     return skeleton
 
 
