@@ -11,6 +11,7 @@ import numbers
 from collections.abc import Mapping
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -106,12 +107,14 @@ def call_train(train_fn: Callable, model: nn.Module, steps: int, lr: float | Non
 
 def metric_value(value, name: str = "eval_fn") -> float:
     """What the callable ``name`` returned, as a float: a real number
-    (numpy's too) or a one-element tensor. ``None``, a str, a bool or a tensor
-    of several values is a TypeError naming ``name`` (``float()`` took a str
-    ``'0.5'`` and a bool, and said of the rest only what it could not
-    convert). A NaN is returned as it is: each procedure says what it does
-    with one."""
+    (numpy's too) or a one-element tensor or numpy array. ``None``, a str, a
+    bool or a tensor of several values is a TypeError naming ``name``
+    (``float()`` took a str ``'0.5'`` and a bool, and said of the rest only
+    what it could not convert). A NaN is returned as it is: each procedure
+    says what it does with one."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()
+    elif isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "iuf":
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         what = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)[:60]
