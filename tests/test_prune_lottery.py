@@ -313,3 +313,19 @@ def test_a_rewound_ticket_deep_copies():
     assert torch.equal(twin(x), net(x))
     tr(twin, 2)  # the copy trains, its masks hold
     assert all(bool((twin[i].weight[net[i].weight_mask == 0] == 0).all()) for i in (0, 2, 4))
+
+
+def test_a_model_with_a_shared_layer_is_rewound():
+    """A layer used twice (registered under two names) is in state_dict under
+    both, but named_modules() lists it once: rewind raised 'state entry
+    '2.weight' names no submodule of the model', so lottery_ticket failed
+    after its first round of pruning."""
+    torch.manual_seed(0)
+    shared = torch.nn.Linear(8, 8)
+    net = torch.nn.Sequential(shared, torch.nn.ReLU(), shared, torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    init = shared.weight.detach().clone()
+    tr = Trainer()
+    res = lottery.lottery_ticket(net, tr, tr.accuracy, train_steps=4, rounds=1)
+    assert [row["round"] for row in res.rounds] == [0, 1]
+    lottery.rewind(net, res.state)
+    assert torch.equal(shared.weight, init * shared.weight_mask)

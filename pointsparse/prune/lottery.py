@@ -43,7 +43,7 @@ def rewind(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     keeping the masks: each pruned weight becomes exactly ``state * mask``."""
     if not isinstance(state, Mapping):
         raise TypeError(f"state must be a dict {{name: tensor}} (what snapshot returns); got {type(state).__name__}")
-    named = dict(model.named_modules())
+    named = dict(model.named_modules(remove_duplicate=False))  # (a layer used twice: state_dict names it twice)
     for key, value in state.items():
         module_name, _, attr = key.rpartition(".")
         module = named.get(module_name)
