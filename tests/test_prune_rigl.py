@@ -286,23 +286,24 @@ def test_a_step_of_two_optimizers_counts_once(how):
     its layers after its own step."""
     net = mlp(0, widths=(8, 32, 32, 3))
     r = rigl.RigL(net, density=0.3, distribution="uniform", update_interval=2, end_step=100)
-    first = torch.optim.SGD(net[0].parameters(), lr=0.1, momentum=0.9)
-    rest = torch.optim.SGD([p for m in (net[2], net[4]) for p in m.parameters()], lr=0.1, momentum=0.9)
+    biases = torch.optim.SGD([m.bias for m in (net[0], net[2], net[4])], lr=0.1)  # steps none of the weights
+    first = torch.optim.SGD([net[0].weight], lr=0.1, momentum=0.9)
+    rest = torch.optim.SGD([net[2].weight, net[4].weight], lr=0.1, momentum=0.9)
     x = torch.randn(16, 8)
 
     def train(steps):
         for _ in range(steps):
-            first.zero_grad()
-            rest.zero_grad()
+            for opt in (biases, first, rest):
+                opt.zero_grad()
             net(x).square().mean().backward()
-            first.step()
-            rest.step()
+            for opt in (biases, first, rest):
+                opt.step()
 
     if how == "context":
         with r:
             train(6)
     else:
-        handles = [r.attach(first), r.attach(rest)]
+        handles = [r.attach(biases), r.attach(first), r.attach(rest)]
         train(6)
         for h in handles:
             h.remove()

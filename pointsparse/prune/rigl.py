@@ -16,7 +16,8 @@ or ``rigl.attach(optimizer)`` for an optimizer you hold. A training step
 taken by several optimizers, each stepping its own layers, counts once: a
 step counts when its optimizer steps weights already stepped since the last
 counted step (or no weights were), so a new optimizer for the same weights
-counts from its first step."""
+counts from its first step; one stepping none of the layers' weights never
+counts."""
 
 from __future__ import annotations
 
@@ -189,15 +190,16 @@ class RigL:
         a drop / grow update every ``update_interval`` steps before
         ``end_step``, and re-apply the masks. A second optimizer stepping
         other layers of the same training step is not counted again (see the
-        module's docstring); ``optimizer=None`` always counts."""
+        module's docstring), nor one stepping none of the layers' weights;
+        ``optimizer=None`` always counts."""
         ids = {id(m.weight) for _, m in self.layers}
         owned = set() if optimizer is None else {id(p) for g in optimizer.param_groups for p in g["params"]} & ids
-        if optimizer is None or not self._stepped or owned & self._stepped:
+        if optimizer is None or (owned and (not self._stepped or owned & self._stepped)):
             self._stepped = owned
             self.step_count += 1
             if self.step_count % self.update_interval == 0 and self.step_count < self.end_step:
                 self.update()
-        else:  # another optimizer's share of the step just counted
+        else:  # another optimizer's share of the step just counted (or none of the layers' weights)
             self._stepped |= owned
         self.apply_masks(optimizer)
 
