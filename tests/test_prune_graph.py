@@ -2209,3 +2209,17 @@ def test_keep_of_more_than_one_dimension_is_refused(keep):
         graph.mask({0: keep})
     with pytest.raises(ValueError, match="keep for group .* must be a flat sequence of channel indices"):
         graph.cut({0: keep})
+
+
+def test_tracing_leaves_each_module_in_its_own_mode():
+    """The trace runs the model in eval mode, then restored it with
+    model.train(was), which puts every module in the model's mode: a
+    BatchNorm frozen in eval mode while the rest trains (fine-tuning with
+    frozen statistics) was left training, its statistics updated again."""
+    net = _minkunet().train()
+    frozen = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)][:3]
+    for m in frozen:
+        m.eval()
+    modes = {id(m): m.training for m in net.modules()}
+    G.DependencyGraph(net, sparse_input(n=600, extent=12))
+    assert {id(m): m.training for m in net.modules()} == modes

@@ -216,3 +216,13 @@ def test_an_eval_fn_returning_no_number_is_a_type_error_naming_it(bad, with_tabl
     with pytest.raises(TypeError, match="eval_fn must return a number"):
         netadapt.netadapt(net, table, lambda m, s: None, lambda m: bad, x, budget=0.9, short_steps=0,
                           long_steps=0, max_iterations=1)
+
+
+def test_measuring_leaves_each_module_in_its_own_mode():
+    """measure_latency runs the model in eval mode; model.train(was) after
+    it put every module in the model's mode (a BatchNorm frozen in eval
+    mode while the rest trains was left training)."""
+    net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 3)).train()
+    net[1].eval()
+    netadapt.measure_latency(net, torch.randn(4, 8), 1)
+    assert [m.training for m in net] == [True, False, True] and net.training

@@ -442,3 +442,13 @@ def test_an_attached_filter_skeleton_counts_in_the_weight():
     compressed = prune.sparsity_report(formats.compress(model, "csr"), x)
     assert {k: compressed["total"][k] for k in ("params", "nonzeros", "flops", "dense_flops")} == \
         {k: prune.sparsity_report(model, x)["total"][k] for k in ("params", "nonzeros", "flops", "dense_flops")}
+
+
+def test_a_report_with_an_input_leaves_each_module_in_its_own_mode():
+    """The FLOPs count runs the model in eval mode; model.train(was) after it
+    put every module in the model's mode (a BatchNorm frozen in eval mode
+    while the rest trains was left training)."""
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)).train()
+    net[1].eval()
+    prune.sparsity_report(net, torch.randn(5, 4))
+    assert [m.training for m in net] == [True, False, True] and net.training

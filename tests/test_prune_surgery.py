@@ -322,3 +322,14 @@ def test_channel_removal_after_pruning_the_batchnorm_scales(sparse):
     out, ref = (out.feats, ref.feats) if sparse else (out, ref)
     assert not hasattr(bn, "weight_orig") and bn.weight.shape == (len(keep),)
     torch.testing.assert_close(out, ref)
+
+
+def test_reconstruction_leaves_each_module_in_its_own_mode():
+    """capture (the reconstruction's forward) runs the model in eval mode;
+    model.train(was) after it put every module in the model's mode (a
+    BatchNorm frozen in eval mode while the rest trains was left training)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).train()
+    net[1].eval()
+    surgery.apply_channel_ratios(net, {"0": 0.5}, reconstruct=True, calibration_input=torch.randn(32, 6))
+    assert [m.training for m in net] == [True, False, True, True] and net.training

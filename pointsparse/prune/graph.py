@@ -41,6 +41,7 @@ from torch.utils._pytree import tree_flatten
 
 from . import _compat, adapters
 from ._copyable import copy_model, keep_copyable
+from ._modes import evaluating
 from ._trace import Segment, Spaces, Tag, Tracer, feats_of, feature_axis
 from ..tensor import as_bool, as_int, positive_int
 from .procedure import check_fraction
@@ -126,18 +127,15 @@ class DependencyGraph:
                     lambda mod, inputs, kwargs, output, name=name: self._on_module(tracer, name, mod, inputs, output,
                                                                                    kwargs),
                     with_kwargs=True))
-        was = self.model.training
-        self.model.eval()
         args = self.example_input if isinstance(self.example_input, tuple) else (self.example_input,)
         try:
-            with torch.no_grad(), tracer:
+            with evaluating(self.model), torch.no_grad(), tracer:
                 output = self.model(*args)
             for t in tree_flatten(output)[0] + [feats_of(v) for v in tree_flatten(output)[0]]:
                 tracer.fix(tracer.tag_of(t), "network output")
         finally:
             for h in handles:
                 h.remove()
-            self.model.train(was)
         # (the values kept only by the graph of _check_zero_reads' masked copy)
         self._zero_reads = [(name, x if self._keep_values else None, tag) for name, x, tag in tracer.zero_reads]
         # a layer's weight that another module holds too (tied layers) or that code outside the layer computes

@@ -26,6 +26,7 @@ from torch import nn
 
 from . import adapters
 from ._copyable import copy_model
+from ._modes import evaluating
 from .adapters import in_channels, out_channels
 from .procedure import call_train, check_callable, check_int, check_lr, check_real, metric_value
 from .surgery import capture, chain_followers, channel_groups, keep_by_l1, prune_channels
@@ -47,13 +48,8 @@ def _best_time(fn: Callable, repeats: int, warmup: int = 1) -> float:
 def measure_latency(model: nn.Module, example_input, repeats: int = 7) -> float:
     """Seconds of ``model(example_input)`` in eval mode without gradients
     (the fastest of ``repeats``, as the table's entries)."""
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return _best_time(lambda: model(example_input), repeats)
-    finally:
-        model.train(was)
+    with evaluating(model), torch.no_grad():
+        return _best_time(lambda: model(example_input), repeats)
 
 
 def _placed_like(fresh: nn.Module, module: nn.Module) -> nn.Module:

@@ -61,6 +61,7 @@ from torch import nn
 
 from . import adapters
 from ._builtins import _sparse_flops, _sparse_used_weights
+from ._modes import evaluating
 from .adapters import current_weight, is_sparse_conv
 
 
@@ -270,14 +271,11 @@ def _count_flops(model, modules, layers, example_input, pairs):
 
     for qualified, module in modules.items():
         handles.append(module.register_forward_hook(hook_for(qualified, module)))
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             args = example_input if isinstance(example_input, tuple) else (example_input,)
             model(*args)
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     for qualified, row in layers.items():

@@ -29,6 +29,7 @@ from torch import nn
 
 from ..tensor import as_bool, as_int
 from . import _compat, adapters
+from ._modes import evaluating
 from .adapters import in_channel_dim, is_layer, out_channel_dim, out_channels
 from .graph import _check_keep
 from .procedure import check_fraction
@@ -327,15 +328,12 @@ def capture(model: nn.Module, modules: list[nn.Module], example) -> list[tuple]:
         return hook
 
     handles = [m.register_forward_hook(hook_for(i)) for i, m in enumerate(modules)]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             model(*(example if isinstance(example, tuple) else (example,)))
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     missing = [type(modules[i]).__name__ for i in range(len(modules)) if i not in store]
     if missing:
         raise ValueError(f"the forward pass on the example input did not call {missing}")
