@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .. import checkpoint
+from .._modes import evaluating
 from ..data import Batch, VoxelSample
 from ..models import SPVCNN
 from ..voxelize import devoxelize
@@ -117,19 +118,18 @@ def evaluate(model, samples: Sequence[VoxelSample], num_classes: int, ignore_ind
     """Point-level confusion matrix over ``samples`` (summed over every
     process with ``all_reduce``: each scores its own shard) and, for the
     first sample, (xyz, labels, predictions, name) for the render."""
-    was_training = model.training
-    model.eval()
     cm = np.zeros((num_classes, num_classes), dtype=np.int64)
     first = None
     chunks = [range(i, min(i + batch_size, len(samples))) for i in range(0, len(samples), batch_size)]
-    for chunk in progress_bar(chunks, "eval", progress):
-        batch = Batch.of([samples[i] for i in chunk]).to(device)
-        _, pred = predict(model, batch)
-        cm += metrics.confusion_matrix(pred, batch.point_labels, num_classes, ignore_index)
-        if keep_first and first is None:
-            sel = (batch.point_batch == 0).cpu()
-            first = (batch.xyz[0], batch.point_labels.cpu()[sel].numpy(), pred.cpu()[sel].numpy(), batch.names[0])
-    model.train(was_training)
+    with evaluating(model):  # (each module given back its own mode, after an error too)
+        for chunk in progress_bar(chunks, "eval", progress):
+            batch = Batch.of([samples[i] for i in chunk]).to(device)
+            _, pred = predict(model, batch)
+            cm += metrics.confusion_matrix(pred, batch.point_labels, num_classes, ignore_index)
+            if keep_first and first is None:
+                sel = (batch.point_batch == 0).cpu()
+                first = (batch.xyz[0], batch.point_labels.cpu()[sel].numpy(), pred.cpu()[sel].numpy(),
+                         batch.names[0])
     if all_reduce:
         total = torch.from_numpy(cm).to(device)
         torch.distributed.all_reduce(total)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .._ext import MissingExtra
+from .._modes import evaluating
 from ..tensor import positive_int
 from . import metrics
 from .trainer import fit_steps
@@ -114,12 +115,8 @@ def digits_task(model: str = "mlp", seed: int = 0, batch_size: int = 64) -> Task
     train_fn = _train_fn(batch_fn, loss_fn, lr)
 
     def accuracy(m, xs, ys):
-        was = m.training
-        m.eval()
-        with torch.no_grad():
-            acc = float((m(xs).argmax(1) == ys).float().mean())
-        m.train(was)
-        return acc
+        with evaluating(m), torch.no_grad():
+            return float((m(xs).argmax(1) == ys).float().mean())
 
     return Task(f"digits-{model}", lambda s=seed: digits_model(model, s), train_fn,
                 lambda m: accuracy(m, xva, yva), lambda m: accuracy(m, xte, yte), batch_fn, loss_fn, xva[:64], lr,
@@ -192,11 +189,8 @@ def scene_task(seed: int = 0, points: int = 6000, voxel_size: float = 0.5, width
     train_fn = _train_fn(batch_fn, loss_fn, 0.05)
 
     def evaluate(m, data):
-        was = m.training
-        m.eval()
-        with torch.no_grad():
+        with evaluating(m), torch.no_grad():
             pred = m(data[0]).feats.argmax(1)
-        m.train(was)
         return metrics.mean_iou(metrics.confusion_matrix(pred, data[1], 4))
 
     factory = make_model or (lambda s=seed: sparse_model(s, width))
@@ -277,11 +271,8 @@ def checkpoint_task(path, data=None, label_map=None, clouds: int = 4) -> tuple[d
         return nn.functional.cross_entropy(out.feats, labels, ignore_index=ignore)
 
     def evaluate(model):
-        was = model.training
-        model.eval()
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             pred = model(val.input).feats.argmax(1)
-        model.train(was)
         return metrics.mean_iou(metrics.confusion_matrix(pred, val.labels, classes, ignore))
 
     lr = float(state.get("args", {}).get("lr", 0.05)) * 0.1

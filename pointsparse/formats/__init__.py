@@ -26,6 +26,7 @@ import time
 import torch
 
 from .. import _ext
+from .._modes import evaluating
 from ._base import SparseFormat, module_weight
 from .balance import LoadBalancedUnstructured, imbalance, load_balanced_unstructured, pe_nnz
 from .bsr import BSR
@@ -220,13 +221,10 @@ def _layer_inputs(model, example_input, layer_types) -> dict:
     for sub in model.modules():
         if isinstance(sub, layer_types):
             handles.append(sub.register_forward_hook(record))
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():  # (each module given back its own mode)
             model(*(example_input if isinstance(example_input, tuple) else (example_input,)))
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     return seen

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._modes import evaluating
 from ..nn import Conv3d, VoxelPrune, VoxelSkip
 from ..tensor import SparseTensor, as_bool
 from .minkunet import MinkUNet
@@ -439,10 +440,9 @@ def _check_chain(model: nn.Module) -> None:
     # input before the torch Linear inside it runs; with the leaves only, the last ReLU before it was named)
     hooks = [m.register_forward_pre_hook(lambda module, args: entered.append(names[module]))
              for m in model.modules() if m is not model]
-    training = model.training
     try:
-        with torch.no_grad():
-            model.eval()(*inputs)
+        with evaluating(model), torch.no_grad():  # (each module given back its own mode)
+            model(*inputs)
     except (ValueError, RuntimeError) as error:
         where = f"layer {entered[-1]} does not take" if entered else "the layers do not take"
         raise ValueError(f"the weights' channel widths do not chain: {where} the width the layer before it gives "
@@ -451,7 +451,6 @@ def _check_chain(model: nn.Module) -> None:
     finally:
         for hook in hooks:
             hook.remove()
-        model.train(training)
 
 
 def _check_ends(model: nn.Module, where: str) -> None:

@@ -61,7 +61,7 @@ from torch import nn
 
 from . import adapters
 from ._builtins import _sparse_flops, _sparse_used_weights
-from ._modes import evaluating
+from .._modes import evaluating
 from .adapters import current_weight, is_sparse_conv
 
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..tensor import as_bool, as_int
 from . import _compat, adapters
-from ._modes import evaluating
+from .._modes import evaluating
 from .adapters import in_channel_dim, is_layer, out_channel_dim, out_channels
 from .graph import _check_keep
 from .procedure import check_fraction
