@@ -1076,6 +1076,11 @@ def test_open3d_reader_refuses_ply_property_types_open3d_misreads(tmp_path):
                             "property 'intensity' is of type short"),
         "uint_xyz": (("ascii", [("x", "uint"), ("y", "uint"), ("z", "uint")], [r[:3] for r in rows]),
                      "property 'x' is of type uint"),
+        # no positions at all: Open3D's own error ("TensorMap does not contain primary key", in terminal colours)
+        "no_xyz": (("binary_little_endian", [("label", "int")], [r[:1] for r in rows]),
+                   r"has no x, y, z properties \(positions\); it has label"),
+        "upper_xyz": (("ascii", [("X", "float"), ("Y", "float"), ("Z", "float")], [r[:3] for r in rows]),
+                      r"has no x, y, z properties \(positions\); it has X, Y, Z"),
     }
     for name, ((fmt, props, body), match) in cases.items():
         (tmp_path / f"{name}.ply").write_bytes(ply(fmt, props, body))

@@ -839,7 +839,13 @@ def _check_open3d_ply_types(path: Path, types: dict[str, str]) -> None:
     type, the others' bytes reinterpreted (a double y among float x and z
     gave y = 3e-41) and a missing or skipped member as uninitialised memory;
     it skips a lone property of a type it does not read (a ushort label:
-    the cloud came back unlabelled)."""
+    the cloud came back unlabelled). A vertex without x, y, z (none of
+    them; Open3D's names are lower case) is refused too: Open3D failed
+    on it with its own "TensorMap does not contain primary key" error."""
+    if not any(p in types for p in ("x", "y", "z")):
+        raise ValueError(f"{path}: PLY vertex element has no x, y, z properties (positions); it has "
+                         f"{', '.join(types) or 'none'} (Open3D reads positions from properties named x, y, z, "
+                         "lower case)")
     for group in _OPEN3D_PLY_GROUPS:
         held = [p for p in group if p in types]
         if held and (len(held) < 3 or len({np.dtype(_PLY_TYPES[types[p]]) for p in group}) > 1):
