@@ -1285,6 +1285,19 @@ def test_find_clouds_takes_named_files_and_skips_folders(tmp_path):
         find_clouds(str(tmp_path / "*.npy"))  # (a glob names what it matches: the folder is searched, by name)
 
 
+def test_find_clouds_double_star_globs_search_every_level(tmp_path):
+    """'**' in a glob matches any depth of folders (as pathlib, zsh and bash's globstar take it): it matched one
+    level only, so '--data "tiles/**/*.npz"' over tiles/a.npz, tiles/2021/b.npz, tiles/2021/x/c.npz read b.npz
+    alone, without a word about the other two. Hidden folders stay unsearched."""
+    cloud = np.zeros((5, 3), np.float32)
+    for rel in ("a.npy", "2021/b.npy", "2021/x/c.npy", ".cache/d.npy"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        np.save(tmp_path / rel, cloud)
+    assert find_clouds(str(tmp_path / "**" / "*.npy")) == [tmp_path / "2021/b.npy", tmp_path / "2021/x/c.npy",
+                                                           tmp_path / "a.npy"]
+    assert find_clouds(str(tmp_path / "*" / "*.npy")) == [tmp_path / "2021/b.npy"]  # (one '*': one level)
+
+
 def test_missing_paths_and_wrong_types_are_named(tmp_path):
     for name in ("gone.npy", "gone.ply", "gone.las", "gone.bin", "gone.txt", "gone"):
         with pytest.raises(FileNotFoundError, match=f"{name}: no such file"):

@@ -1256,7 +1256,8 @@ def _visible(paths) -> list[Path]:
 
 
 def find_clouds(specs) -> list[Path]:
-    """Cloud files named by paths, globs or folders. A folder is searched for
+    """Cloud files named by paths, globs (``**`` matching any depth of
+    folders) or folders. A folder is searched for
     ``velodyne/*.bin`` (SemanticKITTI), ``points/*.npy`` (Open3D-ML), else
     every supported file in it (``*labels*`` arrays are label files, not
     clouds; hidden files, named ``.*``, are skipped as a glob skips them, and
@@ -1276,8 +1277,10 @@ def find_clouds(specs) -> list[Path]:
     for spec in specs:
         spec = os.fspath(spec)
         # A path that exists is taken as named, even where it holds glob characters ("scan[1].npy").
-        matches = sorted(glob.glob(spec)) if any(ch in spec for ch in "*?[") and not os.path.exists(spec) \
-            else [spec]
+        # ('**' any depth of folders, as pathlib and zsh take it: it matched one level, so "tiles/**/*.npz"
+        # read the clouds one folder down and skipped the rest without a word)
+        matches = sorted(glob.glob(spec, recursive=True)) if any(ch in spec for ch in "*?[") and \
+            not os.path.exists(spec) else [spec]
         if not matches:
             raise ValueError(f"no files match {spec!r}")
         for m in map(Path, matches):
