@@ -1735,6 +1735,37 @@ def test_semantickitti_intensity_outside_0_1_is_refused_naming_the_file(tmp_path
     assert np.array_equal(read_semantickitti(path).intensity, inten)
 
 
+def test_semantickitti_point_without_a_return_is_a_nonfinite_position(tmp_path):
+    """A .bin converted from an organised cloud marks a point without a
+    return NaN in all four floats: its NaN remission was refused as an
+    intensity outside 0..1 (the file called corrupt or no SemanticKITTI
+    scan), before the positions were looked at, so ``predict
+    --skip-nonfinite`` refused the file that the same points as ``.npy``
+    passed. The remissions of points whose position is not finite are not
+    checked: such a point is a NonFinitePositions (dropped, with its
+    remission, inside nonfinite_rows_dropped)."""
+    from pointsparse.data.sample import NonFinitePositions, nonfinite_rows_dropped
+
+    xyz, _ = _cloud(5)
+    rows = np.hstack([xyz, np.full((5, 1), 0.25, np.float32)]).astype(np.float32)
+    rows[1] = np.nan
+    rows[3, :3] = np.inf
+    rows[3, 3] = 7.0  # (not checked: the point is no point)
+    path = tmp_path / "000000.bin"
+    rows.tofile(path)
+    with pytest.raises(NonFinitePositions, match=r"000000\.bin: xyz holds NaN or inf at 2 of 5 points"):
+        read_semantickitti(path)
+    with nonfinite_rows_dropped():
+        s = read_cloud(path, labels=False)
+    assert s.kept.tolist() == [True, False, True, False, True]
+    assert np.array_equal(s.xyz, xyz[[0, 2, 4]]) and np.array_equal(s.intensity, rows[[0, 2, 4], 3:])
+    rows[2, 3] = np.nan  # a finite point's remission is still checked
+    rows.tofile(path)
+    with nonfinite_rows_dropped(), pytest.raises(ValueError, match=r"000000\.bin: intensity .* 1 of 3 points do "
+                                                                   r"not \(values 0\.25 to 0\.25, 1 NaN or inf\)"):
+        read_cloud(path, labels=False)
+
+
 def test_a_folders_hidden_files_are_no_clouds(tmp_path):
     """A folder copied from macOS holds AppleDouble files (``._000000.bin``, 4 KB of metadata) beside the scans,
     and editors leave ``.name.swp``-like files: the folder's search took them for clouds (``--data seq/08`` failed

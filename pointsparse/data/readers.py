@@ -470,7 +470,11 @@ def read_semantickitti(scan_path, label_path=None, label_map="semantic-kitti",
         if raw.size != len(data):
             raise ValueError(f"{label_path}: {raw.size} labels for {len(data)} points in {scan_path}")
         ids = _labels(raw & 0xFFFF, load_label_map(label_map) if label_map is not None else None, ignore_index)
-    return Sample(data[:, :3], ids, intensity=_remissions(data[:, 3:4], scan_path), name=str(scan_path))
+    # (a point whose position is not finite, a point without a return, is left for Sample to refuse or drop,
+    # NaN remission and all: refused here as an intensity, it hid the NonFinitePositions --skip-nonfinite takes)
+    placed = np.isfinite(data[:, :3]).all(1)
+    _remissions(data[placed, 3:4], scan_path)
+    return Sample(data[:, :3], ids, intensity=data[:, 3:4], name=str(scan_path))
 
 
 def _remissions(values: np.ndarray, scan_path) -> np.ndarray:
@@ -482,7 +486,8 @@ def _remissions(values: np.ndarray, scan_path) -> np.ndarray:
     readers refuse a negative intensity naming the file and scale a float
     one above 1 by its 99th percentile, the range of those formats being
     unfixed; SemanticKITTI's is fixed, so a value outside it is not read
-    as another scale here."""
+    as another scale here. The caller passes the remissions of the points
+    whose position is finite (the others are no points)."""
     bad = ~((values >= 0) & (values <= 1))
     if bad.any():
         finite = values[np.isfinite(values)]
