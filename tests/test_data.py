@@ -1766,6 +1766,51 @@ def test_semantickitti_point_without_a_return_is_a_nonfinite_position(tmp_path):
         read_cloud(path, labels=False)
 
 
+def test_nan_features_of_points_without_a_return_do_not_set_the_scaling(tmp_path):
+    """An organised cloud marks a point without a return NaN in every field,
+    colour and intensity too. Inside nonfinite_rows_dropped (predict
+    --skip-nonfinite) the colour's scale was chosen from a NaN maximum: float
+    colour in 0..1 was divided by 65535 (every kept point black, no error);
+    and float intensities were left unscaled (a 0..200 intensity refused as
+    outside 0..1.5). The scaling now reads the finite values: the kept points
+    get the features of the same cloud without those rows. A non-finite
+    feature of a finite point is still refused (inf was not clipped to 1.5)."""
+    from pointsparse.data.sample import nonfinite_rows_dropped
+
+    rng = np.random.default_rng(0)
+    n = 40
+    xyz = (rng.random((n, 3)) * 10).astype(np.float32)
+    rgb = rng.random((n, 3)).astype(np.float32)
+    inten = (rng.random(n) * 200).astype(np.float32)
+    gone = np.zeros(n, bool)
+    gone[::7] = True
+    holes = [a.copy() for a in (xyz, rgb, inten)]
+    for a in holes:
+        a[gone] = np.nan
+    clouds = {"rgb.npz": (dict(xyz=holes[0], rgb=holes[1]), dict(xyz=xyz[~gone], rgb=rgb[~gone])),
+              "inten.npz": (dict(xyz=holes[0], intensity=holes[2]), dict(xyz=xyz[~gone], intensity=inten[~gone]))}
+    for name, (with_holes, without) in clouds.items():
+        np.savez(tmp_path / name, **with_holes)
+        np.savez(tmp_path / ("ref_" + name), **without)
+    np.save(tmp_path / "c7.npy", np.c_[holes[0], holes[2], holes[1] * 255])
+    np.save(tmp_path / "ref_c7.npy", np.c_[xyz, inten, rgb * 255][~gone])
+    np.savetxt(tmp_path / "rows.txt", np.c_[holes[0], np.rint(holes[1] * 255)])
+    np.savetxt(tmp_path / "ref_rows.txt", np.c_[xyz, np.rint(rgb * 255)][~gone])
+    for name in ("rgb.npz", "inten.npz", "c7.npy", "rows.txt"):
+        with nonfinite_rows_dropped():
+            got = read_cloud(tmp_path / name, labels=False)
+        want = read_cloud(tmp_path / ("ref_" + name), labels=False)
+        assert np.array_equal(got.kept, ~gone), name
+        for field in ("rgb", "intensity"):
+            a, b = getattr(got, field), getattr(want, field)
+            assert (a is None) == (b is None) and (a is None or np.allclose(a, b)), (name, field)
+    bad = inten.copy()
+    bad[2] = np.inf  # (a finite point's)
+    np.savez(tmp_path / "inf.npz", xyz=xyz, intensity=bad)
+    with nonfinite_rows_dropped(), pytest.raises(ValueError, match=r"inf\.npz: intensity holds NaN or inf at 1 of"):
+        read_cloud(tmp_path / "inf.npz")
+
+
 def test_a_folders_hidden_files_are_no_clouds(tmp_path):
     """A folder copied from macOS holds AppleDouble files (``._000000.bin``, 4 KB of metadata) beside the scans,
     and editors leave ``.name.swp``-like files: the folder's search took them for clouds (``--data seq/08`` failed

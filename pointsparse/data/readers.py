@@ -237,6 +237,11 @@ def _id_table(table, path: Path, field_name: str, raw_ids: bool, values: str = "
     return out
 
 
+def _finite(values: np.ndarray) -> np.ndarray:
+    """The finite entries of ``values`` (all of an integer array), flat."""
+    return values[np.isfinite(values)] if values.dtype.kind == "f" else values.reshape(-1)
+
+
 def _scale_intensity(values, where: str) -> np.ndarray:
     """Float intensities kept as they are when already in 0..1; integer (or
     larger) ones divided by their 99th percentile and clipped to 0..1.5.
@@ -245,34 +250,45 @@ def _scale_intensity(values, where: str) -> np.ndarray:
     here (LAS stores it unsigned; a PLY/PCD/numpy field may be declared
     signed, but clipping its negative half to 0 lost it silently). Signed
     reflectance (some scanners' -2048..2047) must be shifted to 0 and up
-    first."""
+    first. The range and the scale are the finite values'; NaN and inf are
+    returned as read, for Sample to count and refuse, or to drop with
+    their point where its position is not finite (an organised cloud's
+    point without a return, NaN in every field)."""
     raw = np.asarray(values)
-    if raw.size and raw.min() < 0:  # (NaN passes here: Sample counts and refuses it)
-        neg = int((raw < 0).sum())
+    finite = _finite(raw)
+    if finite.size and finite.min() < 0:
+        neg = int((finite < 0).sum())
         raise ValueError(f"{where}: intensity must be 0 or more; {neg} of {raw.size} values are negative (from "
-                         f"{raw.min().item()!r}; shift signed reflectance to 0 and up first)")
+                         f"{finite.min().item()!r}; shift signed reflectance to 0 and up first)")
     v = raw.astype(np.float32).reshape(-1, 1)
-    # NaN or inf returned as read, for Sample to count and refuse: scaled, a NaN maximum or percentile made
-    # every value NaN (the refusal named every point)
-    if v.size == 0 or not np.isfinite(v).all() or (np.issubdtype(raw.dtype, np.floating) and float(v.max()) <= 1.0):
+    # (scaled by a NaN maximum or percentile, every value was NaN; left unscaled, a 0..255 float intensity
+    # with NaN at its points without a return was refused as outside 0..1.5)
+    top = _finite(v)
+    if top.size == 0 or (np.issubdtype(raw.dtype, np.floating) and float(top.max()) <= 1.0):
         return v
-    scale = float(np.percentile(v, 99)) or float(v.max()) or 1.0
-    return np.clip(v / scale, 0, 1.5).astype(np.float32)
+    scale = float(np.percentile(top, 99)) or float(top.max()) or 1.0
+    ok = np.isfinite(v)
+    return np.where(ok, np.clip(np.where(ok, v, 0) / scale, 0, 1.5), v).astype(np.float32)
 
 
 def _scale_rgb(values, where: str, top: float | None = None) -> np.ndarray | None:
     """Colour scaled to 0..1, once: divided by ``top`` where given, else by
-    1 (floats already in 0..1), 255 (8-bit) or 65535 (16-bit) as the values
-    show. Negative values or values above 65535 are a ValueError naming
+    1 (floats already in 0..1), 255 (8-bit) or 65535 (16-bit) as the finite
+    values show (NaN and inf divided as they are, for Sample to refuse or to
+    drop with their point: an organised cloud's point without a return,
+    NaN in every field, chose 65535 for a 0..1 colour, every point black).
+    Negative values or values above 65535 are a ValueError naming
     ``where``; all-zero colour is none (None)."""
     v = np.asarray(values)
-    if v.size and (v.min() < 0 or v.max() > 65535):
+    finite = _finite(v)
+    if finite.size and (finite.min() < 0 or finite.max() > 65535):
         raise ValueError(f"{where}: colour values must be in 0..255 (8-bit), 0..65535 (16-bit) or 0..1; got "
-                         f"{v.min()!r} to {v.max()!r}")
+                         f"{finite.min()!r} to {finite.max()!r}")
     if v.size == 0 or not v.any():
         return None  # absent colour (some tiles carry all-zero rgb)
     if top is None:
-        top = 1.0 if np.issubdtype(v.dtype, np.floating) and v.max() <= 1.0 else (255.0 if v.max() <= 255 else 65535.0)
+        high = finite.max() if finite.size else 0
+        top = 1.0 if np.issubdtype(v.dtype, np.floating) and high <= 1.0 else (255.0 if high <= 255 else 65535.0)
     return (v.astype(np.float32) / np.float32(top)).reshape(-1, 3)
 
 
@@ -1223,7 +1239,8 @@ def _rgb_rows(rows, where):
     if rows.shape[1] < 6:
         return None
     rgb = rows[:, 3:6]
-    return _scale_rgb(rgb, str(where), 255.0 if rgb.size == 0 or rgb.max() <= 255 else 65535.0)
+    finite = _finite(rgb)  # (a NaN row's colour: no 16-bit colour)
+    return _scale_rgb(rgb, str(where), 255.0 if finite.size == 0 or finite.max() <= 255 else 65535.0)
 
 
 def read_cloud(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, *, labels: bool = True) -> Sample:
