@@ -1368,6 +1368,30 @@ def test_a_npy_file_that_holds_no_point_array_says_what_it_holds(tmp_path):
         assert "unsafely" not in str(error.value) and "mmap" not in str(error.value)
 
 
+def test_an_npz_that_is_no_zip_archive_is_named_so(tmp_path):
+    """numpy loads a file that starts neither with a zip signature nor with
+    its .npy magic as a pickle: a .npz that is no archive (an HTML error page
+    saved under the name, a file cut at its start) was refused with numpy's
+    advice to load it unsafely with allow_pickle, and a .npy array named .npz
+    with a TypeError about the context manager protocol. Each now says what
+    the file is not, or is."""
+    (tmp_path / "page.npz").write_bytes(b"<html>404 Not Found</html>")
+    (tmp_path / "empty.npz").write_bytes(b"")
+    np.save(tmp_path / "array.npy", np.ones((5, 3), np.float32))
+    (tmp_path / "array.npz").write_bytes((tmp_path / "array.npy").read_bytes())
+    cases = {"page.npz": r"page\.npz: not a \.npz archive \(it does not start with a zip signature; it starts "
+                         r"b'<html>404",
+             "empty.npz": r"empty\.npz: not a \.npz archive \(it is empty\)",
+             "array.npz": r"array\.npz: not a \.npz archive: it holds one \.npy array \(name it \.npy\)"}
+    for name, match in cases.items():
+        with pytest.raises(ValueError, match=match) as error:
+            read_cloud(tmp_path / name)
+        assert "unsafely" not in str(error.value) and "context manager" not in str(error.value)
+    np.savez(tmp_path / "none.npz")  # (an archive of no arrays: a zip all the same)
+    with pytest.raises(ValueError, match=r"none\.npz: no positions"):
+        read_cloud(tmp_path / "none.npz")
+
+
 # --------------------------------------------------------------------- real data (skipped when absent)
 
 def test_real_semantickitti_scan(datasets_dir):

@@ -454,6 +454,24 @@ def _load_npy(path) -> np.ndarray:
     return np.array(arr)
 
 
+_ZIP_STARTS = (b"PK\x03\x04", b"PK\x05\x06")  # a zip's first entry, or the end record of one holding none
+
+
+def _check_npz_start(path) -> None:
+    """ValueError naming the file where a ``.npz`` does not start as a zip
+    archive does: numpy loads such a file as a pickle (its refusal advised
+    loading an HTML page saved as ``.npz`` unsafely) or, where it starts with
+    the ``.npy`` magic, as one array (no archive: a TypeError followed)."""
+    with open(path, "rb") as f:
+        start = f.read(16)
+    if not start:
+        raise ValueError(f"{path}: not a .npz archive (it is empty)")
+    if start.startswith(_NPY_MAGIC):
+        raise ValueError(f"{path}: not a .npz archive: it holds one .npy array (name it .npy)")
+    if not start.startswith(_ZIP_STARTS):
+        raise ValueError(f"{path}: not a .npz archive (it does not start with a zip signature; it starts {start!r})")
+
+
 @_names_the_file
 def read_semantickitti(scan_path, label_path=None, label_map="semantic-kitti",
                        ignore_index: int = DEFAULT_IGNORE, *, labels: bool = True) -> Sample:
@@ -544,6 +562,7 @@ def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_
     label_map = load_label_map(label_map) if label_map is not None else None
     suffix = path.suffix.lower()
     if suffix == ".npz":
+        _check_npz_start(path)
         with np.load(path) as z:
             key = next((k for k in _NPZ_XYZ if k in z.files), None)
             if key is None:
