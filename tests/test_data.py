@@ -1974,3 +1974,21 @@ def test_a_folders_readme_and_licence_texts_are_no_clouds(tmp_path):
         (folder / name).write_text("Scans of a street, CC BY 4.0.\n")
     assert find_clouds(folder) == [folder / "a.npy", folder / "room.txt"]
     assert find_clouds(folder / "README.txt") == [folder / "README.txt"]
+
+
+def test_open3d_reader_takes_a_semantic_property_as_labels(tmp_path):
+    """KITTI-360's PLY clouds hold their classes in an int32 property named
+    semantic (beside instance): such a file came back unlabelled without a
+    word, where a .npz's 'semantic' array is read as the labels."""
+    try:
+        import open3d  # noqa: F401
+    except (ImportError, OSError) as exc:
+        pytest.skip(f"open3d not usable: {exc}")
+    xyz, lab = _cloud()
+    path = tmp_path / "k360.ply"
+    header = (f"ply\nformat binary_little_endian 1.0\nelement vertex {len(xyz)}\nproperty float x\nproperty float y\n"
+              f"property float z\nproperty int semantic\nend_header\n")
+    rows = np.zeros(len(xyz), dtype=[("xyz", "<f4", 3), ("semantic", "<i4")])
+    rows["xyz"], rows["semantic"] = xyz, lab
+    path.write_bytes(header.encode() + rows.tobytes())
+    assert np.array_equal(read_open3d(path).labels, lab)

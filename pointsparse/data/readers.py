@@ -23,7 +23,8 @@ numpy              :func:`read_numpy` (``.npz`` with ``xyz``/``points``,
 LAS/LAZ            :func:`read_las` (laspy, optional extra)
 PLY/PCD            :func:`read_open3d` (open3d, optional extra; labels from
                    a ``labels``/``label``/``class``/``classification``
-                   attribute or CloudCompare's ``scalar_Classification``)
+                   attribute, CloudCompare's ``scalar_Classification`` or
+                   KITTI-360's ``semantic``)
 S3DIS text         :func:`read_text` (rows ``x y z [r g b] [label]``, or a
                    room's ``Annotations/<class>_<n>.txt`` files)
 =================  ==========================================================
@@ -868,7 +869,7 @@ _OPEN3D_PLY_TYPES = ("uchar", "uint8", "uint16", "int", "int32", "float", "float
 _OPEN3D_PLY_GROUPS = (("x", "y", "z"), ("nx", "ny", "nz"), ("red", "green", "blue"))
 # (read_open3d's labels, the first there; scalar_*: CloudCompare's names for a scalar field it writes)
 _OPEN3D_LABELS = ("labels", "label", "class", "classification", "scalar_Classification", "scalar_classification",
-                  "scalar_Label", "scalar_label")
+                  "scalar_Label", "scalar_label", "semantic")  # (semantic: KITTI-360's PLY)
 
 
 def _check_open3d_ply_types(path: Path, types: dict[str, str]) -> None:
@@ -1161,8 +1162,8 @@ def read_open3d(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, *, lab
     Debian it needs the system library ``libusb-1.0-0``). Colour from
     ``colors``, intensity from ``intensity``, labels from a ``labels``,
     ``label``, ``class`` or ``classification`` attribute, or CloudCompare's
-    ``scalar_Classification`` / ``scalar_Label`` fields (whole-number floats;
-    none with ``labels=False``). The header's point
+    ``scalar_Classification`` / ``scalar_Label`` fields (whole-number floats),
+    or KITTI-360's ``semantic`` property (none with ``labels=False``). The header's point
     count is checked against the data there first (Open3D pads a short file
     with uninitialised memory); other suffixes are refused (Open3D reads
     ``.pts``, ``.xyz``... unchecked: a 20-byte ``.pts`` asked for 4 GB).
