@@ -605,14 +605,14 @@ def _get_kmap(tensor: SparseTensor, k: Triple, t: Triple, d: Triple, transposed:
               method: str | None = None) -> KernelMap:
     """:func:`get_kmap` of normalised 3-tuples."""
     cache = tensor.cache
-    cache.check_unchanged(tensor.stride)
+    coords = cache.coords_for(tensor.stride, tensor.coords)
     if not transposed:
         key = KernelMapKey(tensor.stride, k, t, d, False)
         out_stride = key.out_stride
 
         def make():
             known = None if t == (1, 1, 1) else cache.get_coords(out_stride)
-            return _build(tensor.coords, k, t, d, tensor.stride, method, out_coords=known, trusted=True)
+            return _build(coords, k, t, d, tensor.stride, method, out_coords=known, trusted=True)
 
         kmap = cache.get_kmap(key, make)
         cache.set_coords(out_stride, kmap.out_coords)
@@ -630,7 +630,7 @@ def _get_kmap(tensor: SparseTensor, k: Triple, t: Triple, d: Triple, transposed:
     up_key = KernelMapKey(fine_stride, k, t, d, True)
 
     def make_down():
-        return _build(fine, k, t, d, fine_stride, method, out_coords=None if t == (1, 1, 1) else tensor.coords,
+        return _build(fine, k, t, d, fine_stride, method, out_coords=None if t == (1, 1, 1) else coords,
                       trusted=True)
 
     def make_up():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import operator
+import weakref
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -179,6 +180,10 @@ class CoordinateCache:
         # stride -> a copy of coords taken as a view (data[:, :4]): their
         # counter is their base's, which a change elsewhere in it bumps too.
         self.views: dict[Triple, torch.Tensor] = {}
+        # stride -> {id: (weak reference, version, values of a view or None)}: other coords tensors, equal to
+        # those held at stride, that a SparseTensor was made on with this cache (cache=): changed in place
+        # since, a map lookup on them is refused (coords_for).
+        self.aliases: dict[Triple, dict[int, tuple]] = {}
 
     def get_coords(self, stride: Triple) -> torch.Tensor | None:
         return self.coords.get(stride)
@@ -216,16 +221,51 @@ class CoordinateCache:
             return False
         return True
 
-    def check_unchanged(self, stride: Triple) -> None:
+    def check_unchanged(self, stride: Triple, changed: bool = False) -> None:
         """ValueError where the coords held at ``stride`` were changed in
         place since this cache took them (their maps, built on the old values,
         would be reused silently). Coords without a version counter
         (inference tensors, a graph's tensors while torch compiles) are not
         checked."""
-        if self._is_changed(stride):
+        if changed or self._is_changed(stride):
             raise ValueError(f"the coords at stride {stride} were changed in place after a SparseTensor took them: "
                              "its coordinate cache holds kernel maps built on the old values; make a new "
                              "SparseTensor from the changed coords (or change a clone, coords.clone())")
+
+    def note_alias(self, stride: Triple, coords: torch.Tensor) -> None:
+        """Record ``coords``, other tensor than the coords held at ``stride``
+        but equal to them (a SparseTensor made on them with this cache), at
+        their version now (:meth:`coords_for` refuses them once changed)."""
+        version = _version_of(coords)
+        if version is None:
+            return
+        at = self.aliases.setdefault(stride, {})
+        key = id(coords)
+        values = coords.clone() if coords._base is not None else None  # (a view: its base's counter)
+        at[key] = (weakref.ref(coords, lambda _, at=at, key=key: at.pop(key, None)), version, values)
+
+    def coords_for(self, stride: Triple, coords: torch.Tensor) -> torch.Tensor:
+        """The coords to build a map of a tensor on ``coords`` at ``stride``
+        on, checked unchanged in place (ValueError, :meth:`check_unchanged`):
+        the coords this cache holds there where ``coords`` are them or an
+        alias of them (:meth:`note_alias`: equal when the tensor was made, so
+        the maps never hold the alias), else ``coords`` (a tensor made
+        unchecked, ``validate=False``)."""
+        self.check_unchanged(stride)
+        held = self.coords.get(stride)
+        if coords is held or not self.aliases:
+            return coords
+        entry = self.aliases.get(stride, {}).get(id(coords))
+        if entry is None or entry[0]() is not coords:
+            return coords
+        ref, version, values = entry
+        now = _version_of(coords)
+        if now is not None and now != version:
+            if version == -1 or values is None or not torch.equal(values, coords):
+                self.aliases[stride][id(coords)] = (ref, -1, values)  # (refused from now on)
+                self.check_unchanged(stride, changed=True)
+            self.aliases[stride][id(coords)] = (ref, now, values)  # (another part of their base changed)
+        return held
 
     def _changed(self) -> set:
         """The strides whose coords were changed in place since taken."""
@@ -327,6 +367,7 @@ class CoordinateCache:
         state["derived"] = {}  # (restrictions of another cache's maps, not carried: a search builds them)
         state["versions"] = self._changed()  # (the copies' counters start afresh, these marked changed)
         state["views"] = {}
+        state["aliases"] = {}  # (weak references: a copy's tensors hold the copied coords)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -334,6 +375,7 @@ class CoordinateCache:
         self.__dict__.setdefault("kept", {})  # (caches pickled before it existed have none)
         self.__dict__.setdefault("derived", {})
         self.__dict__.setdefault("origin", None)
+        self.__dict__["aliases"] = {}
         changed = state.get("versions")  # (a cache pickled before it had none)
         self._take_versions(changed if isinstance(changed, set) else set())
 
@@ -434,6 +476,8 @@ class SparseTensor:
                 raise ValueError(f"cache holds other coords at stride {stride} than the coords given: a coordinate "
                                  "cache belongs to one set of coordinates (derive tensors on the same coords with "
                                  "SparseTensor.with_feats, or leave cache unset)")
+            if held is not None and held is not coords:
+                cache.note_alias(stride, coords)  # (equal now: refused by a map lookup once changed in place)
         self._feats = feats
         self._coords = coords
         self._stride = stride

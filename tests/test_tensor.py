@@ -420,6 +420,33 @@ def test_coords_changed_in_place_after_the_cache_took_them_are_refused(layer):
         run(fresh)
 
 
+@pytest.mark.parametrize("first", ["x", "y"])
+def test_equal_coords_given_with_a_cache_and_changed_in_place_are_refused(first):
+    """``SparseTensor(feats, c, cache=x.cache)`` on ``c = x.coords.clone()``
+    is taken (equal coords); ``c`` changed in place afterwards met the maps
+    built on the old values: the conv ran silently on the old sites (its
+    output on x's coords, or, where y built the map, x's output on ``c``'s
+    new values). Now y's conv refuses, and x's runs on x's coords."""
+    from reference import dense_conv
+
+    coords = _stepped_coords()
+    x = ps.SparseTensor(torch.randn(len(coords), 2), coords)
+    conv = ps.nn.Conv3d(2, 3, 3)
+    c = coords.clone()
+    y = ps.SparseTensor(torch.randn(len(coords), 2), c, cache=x.cache)
+    with torch.no_grad():
+        for t in ((x, y) if first == "x" else (y, x)):
+            out = conv(t)
+            assert torch.equal(out.coords, coords)
+            torch.testing.assert_close(out.feats, dense_conv(t, conv.weight, coords))
+        c[:, 1] = 5 - c[:, 1]  # in place: still unique, other sites
+        with pytest.raises(ValueError, match="changed in place"):
+            conv(y)
+        out = conv(x)
+        assert torch.equal(out.coords, coords)
+        torch.testing.assert_close(out.feats, dense_conv(x, conv.weight, coords))
+
+
 def test_coords_in_place_check_leaves_inference_tensors_and_clones_alone():
     coords = _stepped_coords()
     with torch.inference_mode():
