@@ -543,11 +543,18 @@ class SparseTensor:
     def to(self, *args, **kwargs) -> "SparseTensor":
         """Move to a device and/or cast feats (``.to("cuda")``, ``.to(torch.float64)``);
         ValueError naming the target where torch cannot go there (a device
-        this torch build lacks, a non-floating dtype)."""
+        this torch build lacks, a non-floating dtype); TypeError for an
+        argument torch's ``Tensor.to`` takes no such type of."""
+        if any(isinstance(a, SparseTensor) for a in (*args, *kwargs.values())):
+            raise TypeError("SparseTensor.to takes a device, a dtype or a torch.Tensor (as torch.Tensor.to); got a "
+                            "SparseTensor (for its device and dtype: .to(other.feats))")
         try:
             feats = self._feats.to(*args, **kwargs)
         except (AssertionError, RuntimeError, TypeError) as exc:  # e.g. "Torch not compiled with CUDA enabled"
             target = ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())])
+            if isinstance(exc, TypeError):  # (torch: no such combination of argument types)
+                raise TypeError(f"SparseTensor.to takes a device, a dtype or a torch.Tensor (as torch.Tensor.to); "
+                                f"got ({target}): {exc}") from None
             raise ValueError(f"SparseTensor.to({target}) is not possible here: {exc}") from None
         if feats.dtype not in FEATS_DTYPES:
             raise TypeError(f"SparseTensor.to: feats must stay floating point (float16, bfloat16, float32 or "

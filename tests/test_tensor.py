@@ -332,6 +332,21 @@ def test_unreachable_devices_and_meta_tensors_are_clear_errors():
     with pytest.raises(ValueError, match="meta"):
         ps.SparseTensor(torch.ones(2, 3), x.coords.to("meta"))
 
+def test_to_of_an_argument_of_the_wrong_type_is_a_type_error():
+    """``.to(other_sparse_tensor)``, ``.to(object())``, ``.to(dtype="float")``
+    were ValueErrors ("not possible here") where torch's own ``Tensor.to``
+    raises TypeError: the argument's type is wrong, not the target
+    unreachable. A SparseTensor argument is named, with the way to take its
+    device and dtype. A plain tensor gives its dtype and device, as torch."""
+    x = ps.SparseTensor(torch.ones(2, 3), torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0]], dtype=torch.int32))
+    with pytest.raises(TypeError, match=r"SparseTensor.to.*got a SparseTensor.*\.to\(other\.feats\)"):
+        x.to(x.double())
+    for args, kwargs in (((object(),), {}), ((), {"dtype": "float"}), ((), {"bogus": 1})):
+        with pytest.raises(TypeError, match="SparseTensor.to takes a device, a dtype"):
+            x.to(*args, **kwargs)
+    assert x.to(torch.zeros(1, dtype=torch.float64)).dtype == torch.float64
+
+
 def test_duplicates_found_in_key_order_and_out_of_it():
     """Coords in key order take the one-pass check, others the sort: a
     duplicate is reported either way, wherever it sits."""
