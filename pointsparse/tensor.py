@@ -489,9 +489,19 @@ class SparseTensor:
     def feats(self) -> torch.Tensor:
         return self._feats
 
+    @feats.setter
+    def feats(self, value) -> None:
+        raise AttributeError("SparseTensor.feats (.F) is read-only: x.with_feats(feats) makes a tensor with new "
+                             "feats on the same coords and coordinate cache")
+
     @property
     def coords(self) -> torch.Tensor:
         return self._coords
+
+    @coords.setter
+    def coords(self, value) -> None:
+        raise AttributeError("SparseTensor.coords (.C) is read-only: its coordinate cache holds maps built on "
+                             "them; make a new SparseTensor(feats, coords, stride) for other coords")
 
     F = feats
     C = coords
@@ -499,6 +509,11 @@ class SparseTensor:
     @property
     def stride(self) -> Triple:
         return self._stride
+
+    @stride.setter
+    def stride(self, value) -> None:
+        raise AttributeError("SparseTensor.stride is read-only: make a new SparseTensor(feats, coords, stride) "
+                             "for another stride")
 
     @property
     def device(self) -> torch.device:

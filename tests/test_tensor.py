@@ -39,6 +39,23 @@ def test_properties_and_aliases():
     assert ps.SparseTensor(torch.zeros(1, 2), torch.zeros(1, 4, dtype=torch.int32), [1, 2, 3]).stride == (1, 2, 3)
 
 
+def test_setting_feats_coords_or_stride_says_how_to_make_a_new_tensor():
+    """``x.F = relu(x.F)`` (TorchSparse's SparseTensor has that setter) was
+    an AttributeError "property 'F' of 'SparseTensor' object has no setter",
+    and ``x.feats = ...`` named 'F' too: the error names what was set and
+    the way: with_feats for new feats, a new SparseTensor for new coords or
+    stride."""
+    x = make()
+    for name in ("feats", "F"):
+        with pytest.raises(AttributeError, match=r"SparseTensor\.feats \(\.F\) is read-only.*with_feats"):
+            setattr(x, name, torch.zeros_like(x.feats))
+    for name in ("coords", "C", "stride"):
+        with pytest.raises(AttributeError, match=r"SparseTensor\.(coords \(\.C\)|stride) is read-only.*new "
+                                                 r"SparseTensor"):
+            setattr(x, name, x.coords if name != "stride" else 2)
+    assert x.F is x.feats and x.stride == (1, 1, 1)
+
+
 def test_to_and_cpu():
     x = make()
     y = x.to(torch.float64)
