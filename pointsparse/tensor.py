@@ -443,6 +443,33 @@ def validate_coords(coords, stride: Triple) -> torch.Tensor:
     return keys
 
 
+def _same_sites(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the unique coords ``a`` and ``b`` hold the same rows, in any order."""
+    if a.shape[0] != b.shape[0]:
+        return False
+    layout = _coords.KeyLayout.of(a, b)
+    return torch.equal(torch.sort(_coords.pack_torch(a, layout, trusted=True)).values,
+                       torch.sort(_coords.pack_torch(b, layout, trusted=True)).values)
+
+
+def _check_downsampled_from(cache: CoordinateCache, stride: Triple, coords: torch.Tensor) -> None:
+    """ValueError where ``cache``'s coords at a finer stride (one that
+    divides ``stride`` on every axis) downsample to other sites than
+    ``coords``, given at ``stride``, which the cache lacks: the first
+    coords of a stride in a cache are the output coords of every strided
+    conv onto it (API.md: the unique ``floor(c / stride) * stride``)."""
+    from .kmap import _unique_downsampled  # noqa: PLC0415 - kmap imports this module
+
+    for fine_stride, fine in list(cache.coords.items()):
+        if any(b % a for a, b in zip(fine_stride, stride)):
+            continue
+        if not _same_sites(_unique_downsampled(fine.to(coords.device), stride)[1], coords):
+            raise ValueError(f"coords are not the sites the cache's coords at stride {fine_stride} downsample to at "
+                             f"stride {stride} (the unique floor(c / stride) * stride): the cache's strided convs "
+                             "would put their output on these coords; make coarser tensors with a strided conv "
+                             "(or leave cache unset)")
+
+
 class SparseTensor:
     """Features ``(N, C)`` on int32 coordinates ``(N, 4)`` = ``[batch, x, y, z]``.
 
@@ -478,6 +505,8 @@ class SparseTensor:
                                  "SparseTensor.with_feats, or leave cache unset)")
             if held is not None and held is not coords:
                 cache.note_alias(stride, coords)  # (equal now: refused by a map lookup once changed in place)
+            if held is None:
+                _check_downsampled_from(cache, stride, coords)
         self._feats = feats
         self._coords = coords
         self._stride = stride

@@ -110,6 +110,32 @@ def test_a_cache_refuses_other_coords():
         torch.testing.assert_close(conv(y).feats, conv(x.with_feats(y.feats)).feats)
 
 
+def test_a_cache_refuses_coarse_coords_other_than_its_coords_downsample_to():
+    """``SparseTensor(feats, c2, 2, cache=x.cache)`` made before x's first
+    strided conv, on coords other than those x's downsample to, became the
+    cache's stride-2 coords: the strided conv then put its output on them
+    (API.md: unique floor(c / 2) * 2), dropping the sums of every other
+    site silently. Now refused; the sites x's coords downsample to (in any
+    row order) are taken, and the conv on them matches the dense one."""
+    from reference import dense_conv
+
+    x = make(seed=3, n=60)
+    down = ps.nn.Conv3d(3, 2, 2, stride=2)
+    expected = down(ps.SparseTensor(x.feats, x.coords.clone())).coords  # a fresh cache: API.md's coords
+    others = [torch.tensor([[0, 0, 0, 0], [0, 100, 100, 100]], dtype=torch.int32), expected[1:],
+              torch.cat([expected, torch.tensor([[0, 20, 20, 20]], dtype=torch.int32)])]
+    for coarse in others:
+        with pytest.raises(ValueError, match=r"not the sites .* stride \(1, 1, 1\) downsample to at stride "
+                                             r"\(2, 2, 2\)"):
+            ps.SparseTensor(torch.zeros(len(coarse), 2), coarse, 2, cache=x.cache)
+    shuffled = expected.flip(0)
+    ps.SparseTensor(torch.zeros(len(shuffled), 2), shuffled, 2, cache=x.cache)
+    with torch.no_grad():
+        out = down(x)
+        assert out.coords is x.cache.get_coords((2, 2, 2)) and torch.equal(out.coords, shuffled)
+        torch.testing.assert_close(out.feats, dense_conv(x, down.weight, out.coords, 2, 2))
+
+
 @needs_cuda
 def test_to_keeps_own_coords_when_the_cache_holds_others():
     x = make(seed=1)
