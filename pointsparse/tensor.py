@@ -647,7 +647,25 @@ class SparseTensor:
         memo[id(self)] = out
         for name in SparseTensor.__slots__:  # one memo: the copied cache holds the copied coords
             setattr(out, name, copy.deepcopy(getattr(self, name), memo))
+        out._note_equal_coords()
         return out
+
+    def __setstate__(self, state) -> None:
+        """Unpickled: the slots (``(None, slots)``, as ``object`` pickles
+        them), then :meth:`_note_equal_coords`."""
+        for name, value in (state[1] if isinstance(state, tuple) else state).items():
+            object.__setattr__(self, name, value)
+        self._note_equal_coords()
+
+    def _note_equal_coords(self) -> None:
+        """In a copy: coords other than the copied cache's own at this stride
+        but equal to them (the copy of a tensor made on a copy of them with
+        ``cache=``) noted as their alias, refused once changed in place
+        (:meth:`CoordinateCache.coords_for`), as the original's were."""
+        held = self.cache.coords.get(self._stride)
+        if held is not None and held is not self._coords and held.shape == self._coords.shape \
+                and held.device == self._coords.device and torch.equal(held, self._coords):
+            self.cache.note_alias(self._stride, self._coords)
 
     def dense(self, shape: Sequence[int] | None = None) -> torch.Tensor:
         """Dense ``(B, C, X, Y, Z)``: site ``coords // stride`` holds its feats,

@@ -505,6 +505,31 @@ def test_equal_coords_given_with_a_cache_and_changed_in_place_are_refused(first)
         torch.testing.assert_close(out.feats, dense_conv(x, conv.weight, coords))
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_of_a_tensor_made_on_equal_coords_refuses_them_changed_in_place(how):
+    """A deep copy or a pickle of ``SparseTensor(feats, c, cache=x.cache)``
+    (``c`` equal to x's coords, another tensor) holds a copy of ``c`` beside
+    the copied cache's own coords: the copy's coords changed in place met
+    the copied maps and the conv ran on the old sites silently. The copy
+    refuses them, as the original does."""
+    import pickle
+
+    coords = _stepped_coords()
+    x = ps.SparseTensor(torch.randn(len(coords), 2), coords)
+    y = ps.SparseTensor(torch.randn(len(coords), 2), coords.clone(), cache=x.cache)
+    conv = ps.nn.Conv3d(2, 3, 3)
+    with torch.no_grad():
+        before = conv(y).feats
+        z = copy.deepcopy(y) if how == "deepcopy" else pickle.loads(pickle.dumps(y))
+        torch.testing.assert_close(conv(z).feats, before)
+        z.coords[:, 1] = 5 - z.coords[:, 1]
+        with pytest.raises(ValueError, match="changed in place"):
+            conv(z)
+        w = copy.deepcopy(x) if how == "deepcopy" else pickle.loads(pickle.dumps(x))  # its own coords: as before
+        assert w.coords is w.cache.get_coords(w.stride) and not w.cache.aliases
+        torch.testing.assert_close(conv(w).feats, conv(x).feats)
+
+
 def test_coords_in_place_check_leaves_inference_tensors_and_clones_alone():
     coords = _stepped_coords()
     with torch.inference_mode():
