@@ -779,3 +779,29 @@ def test_a_selection_of_a_selection_restricts_the_maps_of_the_first(used, path):
         assert torch.equal(y.feats, up(fresh).feats)
     torch.testing.assert_close(y.feats, dense_conv_transpose(third, up.weight.detach(), x.coords, 3), rtol=1e-10,
                                atol=1e-10)
+
+
+@pytest.mark.parametrize("alias", [False, True])
+def test_a_selection_of_coords_changed_in_place_is_refused(alias):
+    """select_voxels (a VoxelPrune) on a tensor whose coords were changed in
+    place after its cache built the downsampling map onto them restricted
+    that stale map for the transposed conv back up: the conv ran on the old
+    sites silently, where the conv on the tensor itself refused. Now the
+    selection refuses them too; on coords given with ``cache=`` equal to the
+    cache's own (another tensor), the selection restricts the cache's maps
+    as on its own coords, and matches the dense transposed conv."""
+    coords = random_coords(200, extent=10, batch=1)
+    x = ps.SparseTensor(torch.randn(len(coords), 2, dtype=torch.float64), coords)
+    down = ps.nn.Conv3d(2, 2, 2, stride=2).double()
+    up = ps.nn.Conv3d(2, 3, 2, stride=2, transposed=True).double()
+    with torch.no_grad():
+        y = down(x)
+        if alias:
+            y = ps.SparseTensor(y.feats, y.coords.clone(), 2, cache=y.cache)
+        rows = torch.arange(0, len(y), 2)
+        kept = F.select_voxels(y, rows)
+        assert len(kept.cache.derived) == 1  # the downsampling map, to restrict
+        torch.testing.assert_close(up(kept).feats, dense_conv_transpose(kept, up.weight, coords))
+        y.coords[:, 1] = 18 - y.coords[:, 1]  # in place: still multiples of 2, unique
+        with pytest.raises(ValueError, match="changed in place"):
+            F.select_voxels(y, rows)

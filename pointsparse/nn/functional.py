@@ -397,10 +397,13 @@ def select_voxels(input: SparseTensor, rows: torch.Tensor, feats: torch.Tensor |
         if feats.device != input.device:
             raise ValueError(f"feats are on {feats.device} but the input on {input.device}")
 
+    # the input's coords checked unchanged in place since its cache took them (its maps are restricted below),
+    # the cache's own where they are an equal copy given with cache=
+    source = input.cache.coords_for(input.stride, input.coords)
     cache = CoordinateCache()
     input.cache.copy_finer(input.stride, cache)
     rows = rows.to(input.coords.device, torch.int64)
-    coords = input.coords.index_select(0, rows)
+    coords = source.index_select(0, rows)
     cache.set_coords(input.stride, coords)
     cache.note_kept(input.stride, rows, input.coords.shape[0], input.cache)
     cache.origin = input.cache.input_coords()  # (the batch items, should the kept rows drop one)
@@ -408,7 +411,7 @@ def select_voxels(input: SparseTensor, rows: torch.Tensor, feats: torch.Tensor |
     # them (the transposed conv back up): the maps a search onto the kept coords makes, without the search
     # (bench/RESULTS.md stop 51). Where the input is a selection too, the maps its cache has still to restrict
     # are restricted from their source through both selections' rows (a restriction of a restriction).
-    for key, kmap, before in input.cache.maps_onto(input.stride, input.coords):
+    for key, kmap, before in input.cache.maps_onto(input.stride, source):
         kept = rows if before is None else before.index_select(0, rows.to(before.device))
         cache.derived[key] = Restriction(kmap, kept, coords, _kmap.KernelMap.restricted)
     feats = input.feats.index_select(0, rows.to(input.device)) if feats is None else feats
