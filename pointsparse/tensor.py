@@ -443,7 +443,7 @@ def validate_coords(coords, stride: Triple) -> torch.Tensor:
     return keys
 
 
-def _same_sites(a: torch.Tensor, b: torch.Tensor) -> bool:
+def _same_row_set(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether the unique coords ``a`` and ``b`` hold the same rows, in any order."""
     if a.shape[0] != b.shape[0]:
         return False
@@ -463,7 +463,7 @@ def _check_downsampled_from(cache: CoordinateCache, stride: Triple, coords: torc
     for fine_stride, fine in list(cache.coords.items()):
         if any(b % a for a, b in zip(fine_stride, stride)):
             continue
-        if not _same_sites(_unique_downsampled(fine.to(coords.device), stride)[1], coords):
+        if not _same_row_set(_unique_downsampled(fine.to(coords.device), stride)[1], coords):
             raise ValueError(f"coords are not the sites the cache's coords at stride {fine_stride} downsample to at "
                              f"stride {stride} (the unique floor(c / stride) * stride): the cache's strided convs "
                              "would put their output on these coords; make coarser tensors with a strided conv "
