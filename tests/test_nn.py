@@ -217,6 +217,16 @@ def test_cat_and_add_name_an_item_on_another_device():
                 call()
 
 
+def test_cat_of_tensors_given_one_by_one_says_to_give_a_list():
+    """``cat(a, b)`` (MinkowskiEngine's ME.cat takes its tensors one by
+    one) was Python's "cat() takes 1 positional argument but 2 were
+    given"; now a TypeError saying cat takes one list, as torch.cat."""
+    x = make(c=2)
+    with pytest.raises(TypeError, match=r"cat takes one list of SparseTensors .*got 3 arguments.*cat\(\[a, b, \.\.\.\]\)"):
+        F.cat(x, x, x)
+    assert F.cat([x, x]).num_channels == 4
+
+
 def test_sequential_unet_trains():
     torch.manual_seed(0)
     x = make(n=500, c=4, extent=10, dtype=torch.float32)

@@ -456,13 +456,16 @@ def _selection_hint(t: SparseTensor, first: SparseTensor, i: int) -> str:
             "prune the block's input, not inside its branch, or use VoxelSkip)")
 
 
-def cat(tensors) -> SparseTensor:
+def cat(tensors, *more) -> SparseTensor:
     """Concatenate the channels of tensors on the same coords (U-Net skips),
     in the widest of their feats' dtypes (torch's type promotion). Under
     ``torch.autocast`` too, as torch's cat promotes there, where it refuses a
     16-bit dtype that is not autocast's ("Unexpected floating ScalarType in
     at::autocast::prioritize": a bf16 model's skips under fp16 autocast):
     autocast is off for the cat itself, the feats converted first."""
+    if more:  # (MinkowskiEngine's ME.cat(a, b) form)
+        raise TypeError(f"cat takes one list of SparseTensors (as torch.cat); got {1 + len(more)} arguments "
+                        "(give cat([a, b, ...]))")
     if isinstance(tensors, SparseTensor):
         raise TypeError("cat takes a list of SparseTensors; got one SparseTensor (give [a, b, ...])")
     tensors = list(tensors)
