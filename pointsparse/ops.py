@@ -108,8 +108,27 @@ def _rows_at_least_one(tensor: Tensor) -> int:
     return 1 if torch.fx.experimental.symbolic_shapes.statically_known_true(tensor.shape[0] >= 1) else 0
 
 
+def _dynamic_size(min: int = 0) -> torch.SymInt:
+    """A fake implementation's data-dependent count: an unbacked symbolic
+    size, ``>= min``. Also under ``torch.compile`` without ``fullgraph``,
+    where torch's ``new_dynamic_size`` refuses one (unless
+    ``capture_dynamic_output_shape_ops``) and dynamo broke the graph at
+    every map: each layer's forward then became a frame of its own, compiled
+    again for each layer's widths and strides past dynamo's recompile limit
+    (a MinkUNet ran its layers eagerly). The counts are traced as under
+    ``fullgraph=True`` instead, the network one graph either way. Without
+    a shape environment (a plain ``FakeTensorMode``) torch's refusal stands."""
+    ctx = torch.library.get_ctx()
+    shape_env = getattr(ctx, "_shape_env", None)
+    if shape_env is not None and not shape_env.allow_dynamic_output_shape_ops:
+        from torch._library.fake_impl import allocate_size  # noqa: PLC0415 - (new_dynamic_size's own, past its check)
+
+        return allocate_size(shape_env, min)
+    return ctx.new_dynamic_size(min=min)
+
+
 def _new_pairs(coords: Tensor) -> tuple[Tensor, Tensor]:
-    pairs = torch.library.get_ctx().new_dynamic_size()
+    pairs = _dynamic_size()
     return coords.new_empty((pairs,), dtype=torch.int64), coords.new_empty((pairs,), dtype=torch.int64)
 
 
@@ -124,7 +143,7 @@ def downsample(coords: Tensor, out_stride: list[int]) -> Tensor:
 
 @downsample.register_fake
 def _(coords, out_stride):
-    rows = torch.library.get_ctx().new_dynamic_size(min=_rows_at_least_one(coords))
+    rows = _dynamic_size(min=_rows_at_least_one(coords))
     return coords.new_empty((rows, 4))
 
 
@@ -164,7 +183,7 @@ def kmap_parents(coords: Tensor, key: list[int], trusted: bool = False) -> tuple
 
 @kmap_parents.register_fake
 def _(coords, key, trusted=False):
-    rows = torch.library.get_ctx().new_dynamic_size(min=_rows_at_least_one(coords))
+    rows = _dynamic_size(min=_rows_at_least_one(coords))
     in_idx, out_idx = _new_pairs(coords)
     return coords.new_empty((rows, 4)), in_idx, out_idx, coords.new_empty((_kernel_volume(key),), dtype=torch.int64)
 
@@ -509,7 +528,7 @@ def voxelize(points: Tensor, voxel_size: list[float], batch: Optional[Tensor]) -
 
 @voxelize.register_fake
 def _(points, voxel_size, batch):
-    voxels = torch.library.get_ctx().new_dynamic_size(min=_rows_at_least_one(points))
+    voxels = _dynamic_size(min=_rows_at_least_one(points))
     n = points.shape[0]
     long = dict(dtype=torch.int64)
     return (points.new_empty((voxels, 4), dtype=torch.int32), points.new_empty((n,), **long),
@@ -597,7 +616,7 @@ def keep_rows(scores: Tensor, batch: Tensor, keep_ratio: Optional[float], thresh
 @keep_rows.register_fake
 def _(scores, batch, keep_ratio, threshold):
     # a keep ratio keeps at least one voxel of every batch item, a threshold at least one in all (checked)
-    rows = torch.library.get_ctx().new_dynamic_size(min=_rows_at_least_one(scores))
+    rows = _dynamic_size(min=_rows_at_least_one(scores))
     return scores.new_empty((rows,), dtype=torch.int64)
 
 
@@ -618,7 +637,7 @@ def batch_counts(coords: Tensor, channels: int, element_size: int) -> Tensor:
 
 @batch_counts.register_fake
 def _(coords, channels, element_size):
-    items = torch.library.get_ctx().new_dynamic_size(min=_rows_at_least_one(coords))
+    items = _dynamic_size(min=_rows_at_least_one(coords))
     return coords.new_empty((items,), dtype=torch.int64)
 
 

@@ -214,6 +214,27 @@ def test_minkunet_compiles_in_one_graph():
             assert torch.allclose(compiled(x).feats, model(x).feats, rtol=0, atol=1e-6)
 
 
+def test_minkunet_compiles_without_fullgraph_in_one_graph():
+    """torch.compile's default (no fullgraph, no dynamic): the graph broke at every map operator (torch breaks
+    at an operator of data-dependent output size unless fullgraph=True), 26 breaks in this MinkUNet, so each
+    layer's forward became a frame of its own, compiled again for every layer's widths, strides and
+    activation past dynamo's recompile limit (8) in Conv3d.forward, BatchNorm and the activations, which then
+    ran eagerly. Now the operators' unbacked counts are traced here as under fullgraph: one graph (and one
+    recompile, when the second cloud makes the sizes dynamic), eager's output."""
+    from torch._dynamo.utils import counters
+
+    model = MinkUNet(3, 5, cr=0.25, blocks=1).eval()
+    torch.compiler.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad(), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for n, seed in ((300, 1), (400, 2), (350, 3)):
+            x = _cloud(n, seed)
+            assert torch.allclose(compiled(x).feats, model(x).feats, rtol=0, atol=1e-6)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] <= 2
+
+
 def _points_and_voxels(n: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     points = torch.rand(n, 3, generator=g, dtype=torch.float64) * 8
@@ -703,13 +724,23 @@ def test_spatial_pruning_compiles_and_trains_in_one_graph():
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_learned_voxel_prune_compiles_without_fullgraph(training):
-    """torch.compile's default (no fullgraph): the graph breaks at each operator of data-dependent size
-    (kmap_build, keep_rows), so the learned score reaches the next graph as an output of the one before.
+@pytest.mark.parametrize("breaks", [False, True])
+def test_learned_voxel_prune_compiles_without_fullgraph(training, breaks, monkeypatch):
+    """torch.compile's default (no fullgraph): one graph (the operators' data-dependent counts traced as
+    under fullgraph), or (``breaks``) a graph break at keep_rows, as torch made at each such operator
+    before, so the learned score reaches the next graph as an output of the one before.
     _SpatialUNet (every kind of VoxelPrune) compiled so, train and eval, equals eager: outputs and gradients.
     The score was a squeeze(1) view of the scorer's Linear output, returned with its detach: torch's
     AOTAutograd replayed that view on the wrong base and raised a bare IndexError ("Dimension out of
     range") from deep inside torch on the first call."""
+    if breaks:
+        keep_rows = ops.keep_rows
+
+        def broken(*args):
+            torch._dynamo.graph_break()
+            return keep_rows(*args)
+
+        monkeypatch.setattr(ops, "keep_rows", broken)
     torch.manual_seed(0)
     eager = _SpatialUNet().double().train(training)
     twin = copy.deepcopy(eager)

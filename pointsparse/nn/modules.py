@@ -228,7 +228,7 @@ class VoxelPrune(nn.Module):
         weight = weight if isinstance(weight, torch.Tensor) else None
         channels = self.scorer.in_features if weight is None else weight.shape[1]
         _check_feats_for(self, input, channels, "in_channels", weight)
-        # (reshape, not squeeze(1): torch.compile without fullgraph breaks the graph at keep_rows, and AOTAutograd
+        # (reshape, not squeeze(1): where a torch.compile graph breaks at keep_rows (without fullgraph), AOTAutograd
         # replayed a squeeze view returned with its detach on the wrong base, a bare IndexError on the first call)
         return self.scorer(input.feats).reshape(-1)
 
