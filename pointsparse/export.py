@@ -521,7 +521,10 @@ class ProgramModel(nn.Module):
     ``AssertionError``): a stride-1 SparseTensor on the CPU, feats ``(N,
     in_channels)`` of the program's dtype, int32 coords, and SPVCNN's point
     arguments as SPVCNN checks them. An empty input gives an empty output
-    (no rows). Inference only: ``train()`` raises ``ValueError``. It pickles
+    (no rows). Inference only: ``train()`` raises ``ValueError``, and the
+    program runs without an autograd graph: a gradient of its output (under
+    grad mode, through its weights or feats that require grad) raises a
+    ``RuntimeError`` naming ProgramModel when asked for. It pickles
     (``pickle``, ``torch.save``) as its program, ``meta`` and ``source``;
     ``in_channels``, ``dtype``, ``out_shape`` (the output's sizes after its
     rows) and ``num_classes`` (a segmentation program's; None for others) say
@@ -623,8 +626,13 @@ class ProgramModel(nn.Module):
         fails torch's check on the first conv output autocast gave in its
         precision: a ValueError saying so instead of torch's bare "Tensor
         dtype mismatch"."""
+        # (its convs are inference operators, with no backward: without an autograd graph, the output refuses
+        # a gradient by name where one is asked for, not torch's "no autograd formula" from deep inside)
+        wanted = [t for t in (*args, *self.parameters()) if isinstance(t, torch.Tensor) and t.requires_grad] \
+            if torch.is_grad_enabled() else []
         try:
-            return self.run(*args)
+            with torch.no_grad():
+                out = self.run(*args)
         except (RuntimeError, AssertionError) as error:  # (on fake tensors, _empty_dtype's, the check asserts)
             if "dtype mismatch" not in str(error) or not torch.is_autocast_enabled("cpu"):
                 raise
@@ -633,6 +641,11 @@ class ProgramModel(nn.Module):
                 f"kept each cast it traced in {self.dtype} as a check, which autocast's "
                 f"{torch.get_autocast_dtype('cpu')} outputs fail); run it outside autocast, or export the "
                 "model in the precision wanted (pointsparse export --inference bf16)") from error
+        if not wanted:
+            return out
+        refuse = lambda t: _NoGradient.apply(self.source, t, *wanted) if t.is_floating_point() else t  # noqa: E731
+        return tuple(refuse(t) if isinstance(t, torch.Tensor) else t for t in out) \
+            if isinstance(out, (tuple, list)) else refuse(out)
 
     def _empty_dtype(self) -> torch.dtype:
         """The dtype of the output the program gives now: the traced one, or
@@ -717,6 +730,26 @@ class ProgramModel(nn.Module):
         stride = f", output_stride={self.output_stride}" if self.output == "sparse" else ""
         return (f"ProgramModel(in_channels={self.in_channels}, output={self.output!r}, "
                 f"out_shape={self.out_shape}{stride}, dtype={self.dtype})")
+
+
+class _NoGradient(torch.autograd.Function):
+    """A program's output as it is, part of the autograd graph of the
+    tensors that asked for gradients (the program's weights, feats that
+    require grad), whose backward refuses the gradient, naming
+    :class:`ProgramModel`: an exported program runs inference operators
+    (``conv_inference``), which have no backward."""
+
+    @staticmethod
+    def forward(ctx, source: str, out: torch.Tensor, *wanted: torch.Tensor) -> torch.Tensor:
+        ctx.source = source
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(f"ProgramModel ({ctx.source}) runs inference only: its output has no gradient (an "
+                           "exported program's convs have no backward); compute gradients with the eager model "
+                           "(pointsparse.export.load_checkpoint, models.load_model), or run the program under "
+                           "torch.no_grad() / torch.inference_mode()")
 
 
 def _program_model_from_bytes(data: bytes, meta: dict, source: str) -> ProgramModel:

@@ -1426,6 +1426,34 @@ def test_program_model_keeps_the_dtype_and_device_it_was_exported_with():
     assert model.eval() is model
 
 
+def test_program_model_refuses_a_gradient_naming_itself():
+    """A ProgramModel's output under grad mode held the program's weights' autograd graph up to its
+    inference convs, and backward raised torch's bare "Trying to backward through
+    pointsparse.conv_inference.default but no autograd formula was registered". Now the program runs
+    without an autograd graph (the same values) and asking for a gradient of its output (backward,
+    torch.autograd.grad; through its weights or through feats that require grad) is a RuntimeError naming
+    ProgramModel and what gives gradients."""
+    torch.manual_seed(0)
+    net = _trained_like(MinkUNet(3, 4, cr=0.25, blocks=1))
+    x = _cloud(300, 1)
+    model = export.ProgramModel(export.export_model(net, x))
+    with torch.no_grad():
+        want = net(x).feats
+    feats = x.feats.clone().requires_grad_()
+    message = r"ProgramModel .*inference only.* no gradient.*eager model"
+    for given in (x, ps.SparseTensor(feats, x.coords)):
+        out = model(given).feats
+        assert torch.equal(out.detach(), want) and out.requires_grad
+        with pytest.raises(RuntimeError, match=message):
+            out.square().sum().backward()
+    with pytest.raises(RuntimeError, match=message):
+        torch.autograd.grad(model(ps.SparseTensor(feats, x.coords)).feats.sum(), feats)
+    with torch.no_grad():
+        assert not model(ps.SparseTensor(feats, x.coords)).feats.requires_grad
+    with torch.inference_mode():
+        assert torch.equal(model(x).feats, want)
+
+
 def test_compiled_conv3d_add_checks_the_residuals_stride_and_coords():
     """Under torch.compile conv3d(..., add=) checked only the residual's
     row count: one of the same count at another stride or on other coords
