@@ -205,6 +205,30 @@ def test_fused_minkunet_equals_eval(cr):
     torch.testing.assert_close(out64, ref64, rtol=1e-10, atol=1e-10)
 
 
+def test_a_fused_minkunet_in_training_mode_is_its_eval_function():
+    """What fuse_for_inference's docstring says of train(): no BatchNorm is left to take batch statistics,
+    so the fused copy in training mode computes what it computes in eval mode (the original's eval
+    function, not its training-mode forward), and its gradients are that function's (the input's equal the
+    original's in eval mode; the folded convs' weights train as a network without BatchNorm)."""
+    torch.manual_seed(0)
+    net = MinkUNet(3, 4, cr=0.25, blocks=1).double()
+    _randomise_bn(net)
+    net.eval()
+    x = _cloud(300, 3)
+    x = x.with_feats(x.feats.double())
+    fused = spnn.fuse_for_inference(net).train()
+    grads = []
+    for model in (fused, net):
+        feats = x.feats.clone().requires_grad_()
+        out = model(ps.SparseTensor(feats, x.coords)).feats
+        out.square().sum().backward()
+        grads.append((out.detach(), feats.grad))
+    assert fused.training and torch.equal(grads[0][0], fused.eval()(x).feats.detach())
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-10, atol=1e-10)
+    assert all(p.grad is not None for p in fused.parameters())
+
+
 @pytest.mark.parametrize("isa", _ext.core.runnable_isas())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_residual_in_the_kernel_store_equals_the_sum_after(isa, dtype):

@@ -136,7 +136,14 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     in more than one place is copied for each place in the copy, so that
     each is fused with what follows it there. The output
     equals ``model.eval()``'s up to float rounding; the copy is for
-    inference only (``model`` is unchanged, masks included)."""
+    inference (``model`` is unchanged, masks included). Set to ``train()``
+    it still computes ``model.eval()``'s function, not ``model``'s
+    training-mode forward: the folded BatchNorms are gone, so none
+    normalises by its batch's statistics or updates running ones, and
+    gradients are those of that function (a network without the folded
+    BatchNorms; train ``model`` and fuse it again to fine-tune with them).
+    Modules left unfolded (a BatchNorm after no conv, or one with forward
+    pre-hooks; a dropout) take their own training behaviour."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     fused = _unpruned_copy(model).eval()
