@@ -1090,3 +1090,25 @@ def test_a_compressed_model_times_its_linear_layers_on_the_example():
     rows = torch.randn(20, 8)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(layer, fullgraph=True, backend="eager")(rows), layer(rows))
+
+
+def test_a_compressed_model_called_with_gradients_on_says_why_its_input_needs_one():
+    """A compressed MinkUNet called as a model is (grad mode on, an input without a gradient) reached its
+    compressed classifier with feats that require grad (the BatchNorms' parameters before it do) and said
+    to "detach the input", an input the user never gave it. The error now says where the gradient comes
+    from and to run the model under torch.no_grad() / torch.inference_mode(), which runs it."""
+    from pointsparse.models import MinkUNet
+
+    torch.manual_seed(0)
+    model = MinkUNet(3, 5, cr=0.25, blocks=1).eval()
+    prune.l1_unstructured(model.classifier.fn, "weight", amount=0.7)
+    compressed = F.compress(model, "csr")
+    x = _sparse_input(n=200, channels=3)
+    compressed(x)  # (compress's default: the classifier runs torch's linear, which takes the gradient)
+    compressed.classifier.fn.execution = "format"
+    with pytest.raises(RuntimeError, match=r"SparseLinear \(CSR\) is inference-only .* its input requires grad "
+                                           r"\(the model's input does, or parameters of layers before it.*\); "
+                                           r"run it under torch.no_grad\(\) or torch.inference_mode\(\)"):
+        compressed(x)
+    with torch.inference_mode():
+        assert torch.allclose(compressed(x).feats, model(x).feats, rtol=1e-5, atol=1e-6)

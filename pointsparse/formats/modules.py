@@ -56,8 +56,10 @@ def refuse_gradient(module: nn.Module, input: torch.Tensor, what: str) -> None:
     ``torch.autograd.forward_ad``: the product would drop it, a silent zero)."""
     if torch.is_grad_enabled() and input.requires_grad:
         raise RuntimeError(
-            f"{type(module).__name__} ({what}) is inference-only and cannot give a gradient for its input; "
-            "run it under torch.no_grad() (or detach the input), or train the uncompressed module")
+            f"{type(module).__name__} ({what}) is inference-only and cannot give a gradient for its input, and "
+            "its input requires grad (the model's input does, or parameters of layers before it, such as a "
+            "BatchNorm's); run it under torch.no_grad() or torch.inference_mode() (or detach the input), or "
+            "train the uncompressed module")
     if forward_ad.unpack_dual(input).tangent is not None:
         raise RuntimeError(
             f"{type(module).__name__} ({what}) is inference-only and cannot carry a forward-mode tangent "
