@@ -115,6 +115,31 @@ def test_the_dtype_mixes_torch_takes_still_run():
         assert spnn.Linear(4, 2)(line()).feats.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_pruned_linear_or_learned_score_converted_takes_feats_of_its_new_dtype(dtype):
+    """A pointsparse Linear (or a learned VoxelPrune score) whose torch Linear is pruned
+    (``torch.nn.utils.prune``: weight_orig and a mask), then converted (``.double()``, ``.to(bf16)``),
+    refused feats of the new dtype ("the input's feats are torch.float64 but its parameters
+    torch.float32"): the check read the weight the pruning hook last computed, which the hook recomputes
+    from weight_orig only when the inner Linear runs, after the check. It reads weight_orig's dtype now."""
+    import torch.nn.utils.prune as torch_prune
+
+    torch.manual_seed(0)
+    linear, score = spnn.Linear(4, 2), spnn.VoxelPrune(0.5, score="learned", in_channels=4)
+    for module in (linear.fn, score.scorer):
+        torch_prune.l1_unstructured(module, "weight", amount=0.5)
+    x = line(n=6)
+    assert linear(x).feats.dtype == torch.float32 and len(score(x)) == 3  # (the hooks computed float32 weights)
+    for module in (linear, score):
+        module.to(dtype)
+    got = linear(x.with_feats(x.feats.to(dtype))).feats
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, torch.nn.functional.linear(x.feats.to(dtype), linear.fn.weight, linear.fn.bias))
+    assert len(score(x.with_feats(x.feats.to(dtype)))) == 3
+    with pytest.raises(TypeError, match=f"the input's feats are torch.float32 but its parameters {dtype}"):
+        linear(x)
+
+
 @pytest.mark.parametrize("make", [spnn.VoxelPrune, lambda *a, **k: spnn.VoxelSkip(spnn.ReLU(), *a, **k)])
 def test_voxel_prune_takes_numpy_and_tensor_scalars(make):
     for ratio, want in [(np.float32(0.5), 0.5), (torch.tensor(0.5), 0.5), (np.int64(1), 1.0), (np.float64(0.25), 0.25)]:

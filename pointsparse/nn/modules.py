@@ -40,6 +40,16 @@ def _check_feats_for(module: nn.Module, x: SparseTensor, channels: int, what: st
                         "(convert one of them: module.to(dtype) or the feats)")
 
 
+def _live_weight(module: nn.Module) -> torch.Tensor | None:
+    """``module.weight`` as far as its shape and dtype go (None where it has
+    no tensor weight): a pruned module's ``weight_orig`` (torch's pruning,
+    whose hook recomputes ``weight`` only when ``module`` runs: after
+    ``.to(dtype)`` the weight it last computed kept the old dtype)."""
+    orig = module._parameters.get("weight_orig")
+    weight = orig if orig is not None else getattr(module, "weight", None)
+    return weight if isinstance(weight, torch.Tensor) else None
+
+
 def _refuse_compressed_state(module: nn.Module, state_dict, prefix: str, key: str, marker: str,
                              compressed: str) -> None:
     """A ValueError naming ``module`` (at ``prefix``) where ``state_dict``
@@ -224,8 +234,7 @@ class VoxelPrune(nn.Module):
             wide = torch.float32 if feats.dtype in (torch.bfloat16, torch.float16) else None
             return torch.linalg.vector_norm(feats, dim=1, dtype=wide)
         # (a compressed scorer, formats.SparseLinear, holds no weight tensor: its in_features; it checks the dtype)
-        weight = getattr(self.scorer, "weight", None)
-        weight = weight if isinstance(weight, torch.Tensor) else None
+        weight = _live_weight(self.scorer)
         channels = self.scorer.in_features if weight is None else weight.shape[1]
         _check_feats_for(self, input, channels, "in_channels", weight)
         # (reshape, not squeeze(1): where a torch.compile graph breaks at keep_rows (without fullgraph), AOTAutograd
@@ -448,8 +457,9 @@ class _Pointwise(nn.Module):
 
     def forward(self, input: SparseTensor) -> SparseTensor:
         x = _check_input(input)
-        if isinstance(self.fn, nn.Linear):
-            _check_feats_for(self, x, self.fn.weight.shape[1], "in_features", self.fn.weight)
+        if isinstance(self.fn, nn.Linear):  # (a pruned one's weight_orig: its own hook runs after this check)
+            weight = _live_weight(self.fn)
+            _check_feats_for(self, x, weight.shape[1], "in_features", weight)
         return x.with_feats(self.fn(x.feats))
 
     def extra_repr(self) -> str:
