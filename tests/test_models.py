@@ -248,6 +248,32 @@ def test_sync_batchnorm_checks_its_input_in_a_distributed_job(monkeypatch):
     assert synced(feats).shape == feats.shape
 
 
+def test_sync_batchnorm_refuses_one_site_over_all_processes(monkeypatch):
+    """In a distributed job (simulated as above) a batch whose processes hold
+    one site between them is the BatchStatisticsError that BatchNorm gives one
+    process (which `pointsparse train` turns into advice on --voxel-size and
+    --batch-size): SyncBatchNorm normalised it to zeros without a word and
+    took 0 into its running variance."""
+    import torch.distributed.nn.functional as dist_functional
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *args: 2)
+    monkeypatch.setattr(dist_functional, "all_reduce", lambda tensor, *args, **kwargs: tensor)
+    one = _cloud(1, 4)
+    assert one.feats.shape[0] == 1
+    with pytest.raises(spnn.BatchStatisticsError) as plain:
+        spnn.BatchNorm(4).train()(one)
+    synced = SyncBatchNorm(4).train()
+    with pytest.raises(spnn.BatchStatisticsError) as error:
+        synced(one)
+    assert str(error.value) == str(plain.value).replace("(1, 1, 1)", "(1, 1, 1) over all processes")
+    with pytest.raises(spnn.BatchStatisticsError, match=r"BatchNorm\(4\) .* got 1 row over all processes"):
+        synced(one.feats)
+    assert synced.num_batches_tracked == 0 and torch.equal(synced.running_var, torch.ones(4))
+    two = _cloud(2, 4)
+    assert two.feats.shape[0] == 2 and synced(two).feats.abs().sum() > 0  # two sites: normalised
+
+
 def test_spvcnn_per_point_logits_and_backward():
     from pointsparse.models import SPVCNN
 

@@ -17,8 +17,9 @@ class SyncBatchNorm(spnn.BatchNorm):
     """:class:`pointsparse.nn.BatchNorm` with global statistics: in training,
     the per-channel sum, sum of squares and row count are all-reduced (with
     gradients, through ``torch.distributed.nn``), so N processes on N shards
-    compute what one process computes on the whole batch. Outside a
-    distributed job, or in eval mode, it is a plain BatchNorm."""
+    compute what one process computes on the whole batch (one site over all
+    of them is BatchNorm's :class:`~pointsparse.nn.BatchStatisticsError`).
+    Outside a distributed job, or in eval mode, it is a plain BatchNorm."""
 
     def forward(self, input):  # type: ignore[override]
         """A SparseTensor (normalises its feats) or a plain ``(N, C)`` tensor."""
@@ -47,6 +48,9 @@ class SyncBatchNorm(spnn.BatchNorm):
         # in float32 where E[x^2] - mean^2 would cancel.
         total = all_reduce(torch.cat([x.sum(0), x.new_tensor([x.shape[0]])]))
         count = total[c]
+        if int(count) == 1:  # (the same count on every process: each raises, none waits in the next all-reduce)
+            raise self._one_site_error(f"1 site at stride {input.stride} over all processes"
+                                       if isinstance(input, SparseTensor) else "1 row over all processes")
         mean = total[:c] / count
         centred = x - mean
         var = all_reduce(centred.square().sum(0)) / count

@@ -429,15 +429,21 @@ class BatchNorm(nn.BatchNorm1d):
             torch._check(x.feats.shape[0] != 1, lambda: "BatchNorm in training needs more than 1 site")
         elif ((self.training or (self.running_mean is None and self.running_var is None))
               and not torch.compiler.is_compiling() and x.feats.shape[0] == 1):
-            channels = self.num_features if self._stats() is None else self._stats().shape[0]
-            why, eval_hint = ("training mode", " (or run the model in eval mode)") if self.training else \
-                ("it keeps no running statistics", "")
-            raise BatchStatisticsError(
-                f"BatchNorm({channels}) normalises with the batch's statistics ({why}) but got 1 site at "
-                f"stride {x.stride}: one value per channel has no variance. The batch's voxels merge into one at "
-                "this stride when its clouds are few or small for the voxel size: batch more clouds or use a "
-                f"smaller voxel size{eval_hint}")
+            raise self._one_site_error(f"1 site at stride {x.stride}")
         return x.with_feats(super().forward(x.feats))
+
+    def _one_site_error(self, got: str) -> BatchStatisticsError:
+        """The error of normalising a batch of one site (``got`` says what
+        came: the site's stride, or a row of a plain tensor) with its own
+        statistics (also :class:`pointsparse.models.SyncBatchNorm`'s, on one
+        site over all processes)."""
+        channels = self.num_features if self._stats() is None else self._stats().shape[0]
+        why, eval_hint = ("training mode", " (or run the model in eval mode)") if self.training else \
+            ("it keeps no running statistics", "")
+        return BatchStatisticsError(
+            f"BatchNorm({channels}) normalises with the batch's statistics ({why}) but got {got}: one value per "
+            "channel has no variance. The batch's voxels merge into one at this stride when its clouds are few or "
+            f"small for the voxel size: batch more clouds or use a smaller voxel size{eval_hint}")
 
 
 class _Pointwise(nn.Module):
