@@ -217,6 +217,41 @@ def test_resume_continues_exactly(tmp_path):
     assert (cut / "checkpoint.pt").read_bytes() == before
 
 
+def test_resume_refuses_weights_and_optimizer_state_that_do_not_fit_naming_the_file(tmp_path):
+    """A checkpoint whose weights are not its config's model (another
+    width, a tensor missing), whose weights hold NaN, or whose optimizer
+    state is another model's: eval and load_model refused them naming the
+    file; --resume raised torch's RuntimeError (a traceback listing every
+    key), trained on NaN weights until 'training diverged' at its first
+    step, and failed inside AdamW's first step. Each is a ValueError naming
+    the file before any training, the checkpoint untouched."""
+    from pointsparse import checkpoint
+
+    run, wide = tmp_path / "run", tmp_path / "wide"
+    tr.main(_parse([*TINY, "--epochs", "1", "--out", str(run)]))
+    tr.main(_parse([*TINY, "--epochs", "1", "--cr", "0.25", "--out", str(wide)]))
+    state, other = tr.load_checkpoint(run / "checkpoint.pt"), tr.load_checkpoint(wide / "checkpoint.pt")
+    nan = dict(state["model"], **{"stem.0.0.weight": state["model"]["stem.0.0.weight"].clone()})
+    nan["stem.0.0.weight"][0, 0, 0] = math.nan
+    cases = {
+        "width": (dict(state, model=other["model"]), r"'stem.0.0.weight' has shape \(27, 7, 8\)"),
+        "missing": (dict(state, model={k: v for k, v in state["model"].items() if not k.startswith("classifier")}),
+                    r"do not fit the model its config builds: tensors 2 missing \(classifier"),
+        "nan": (dict(state, model=nan), "stem.0.0.weight holds NaN or inf"),
+        "optimizer": (dict(state, optimizer=other["optimizer"]),
+                      r"optimizer state does not fit its model: exp_avg of stem.0.0.weight is \(27, 7, 8\), the "
+                      r"parameter \(27, 7, 4\)"),
+    }
+    for name, (bad, message) in cases.items():
+        out = tmp_path / name
+        out.mkdir()
+        checkpoint.save(out / "checkpoint.pt", bad)
+        before = (out / "checkpoint.pt").read_bytes()
+        with pytest.raises(ValueError, match=rf"--resume {out / 'checkpoint.pt'}: .*{message}"):
+            tr.main(_parse(["--resume", "--epochs", "2", "--no-progress", "--out", str(out)]))
+        assert (out / "checkpoint.pt").read_bytes() == before, name
+
+
 def test_resume_with_a_larger_time_budget_trains_on(tmp_path):
     """--time-budget may change on resume (README): a run its budget ended
     resumed with more budget and --epochs trains the epochs that now fit.

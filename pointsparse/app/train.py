@@ -30,8 +30,7 @@ from .. import checkpoint
 from ..data import DEFAULT_IGNORE, NUM_FEATURES, VALIDATION_SEED, Batch, CloudFiles, VoxelDataset, open_source
 from ..data.datasets import is_generated
 from ..data.generated import MAX_AZIMUTH_STEPS, MAX_BEAMS, MAX_RANGE
-from ..models import SyncBatchNorm, build_model
-from ..models.loading import shape_like
+from ..models import SyncBatchNorm, build_model, model_from_state
 from ..nn import BatchStatisticsError
 from . import metrics
 from .cli import CommandParser, given_flags
@@ -511,6 +510,29 @@ def make_optimizer(args, model) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 
 
+def check_optimizer_state(state: dict, model: torch.nn.Module, path) -> None:
+    """ValueError naming the checkpoint ``path`` where its optimizer
+    ``state`` (a ``state_dict`` of :func:`make_optimizer`'s optimizer) does
+    not fit ``model``: another count of parameter groups or parameters, or a
+    per-parameter tensor (AdamW's moments, SGD's momentum) of another shape
+    than its parameter (another model's state failed inside the first step)."""
+    params = list(model.named_parameters())
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                               for g in groups):
+        raise ValueError(f"--resume {path}: its optimizer state is no optimizer state_dict (param_groups of params)")
+    indices = [i for g in groups for i in g["params"]]
+    if len(groups) != 1 or len(indices) != len(params):
+        raise ValueError(f"--resume {path}: its optimizer state does not fit its model: {len(groups)} parameter "
+                         f"group(s) of {len(indices)} parameters, where the model's optimizer has 1 of {len(params)}")
+    per_param = state.get("state") or {}
+    for index, (name, param) in zip(indices, params):
+        for key, value in (per_param.get(index) or {}).items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                raise ValueError(f"--resume {path}: its optimizer state does not fit its model: {key} of {name} is "
+                                 f"{tuple(value.shape)}, the parameter {tuple(param.shape)}")
+
+
 def init_from(model: torch.nn.Module, checkpoint: dict, classes: list[str]) -> list[str]:
     """Copy a checkpoint's weights into ``model``: every tensor with the same
     name and shape, and the classifier rows of classes with the same name.
@@ -751,9 +773,9 @@ class TrainingJob:
         args, dist = self.args, self.dist
         torch.manual_seed(args.seed)
         try:
-            self.model = build_model(self.config)
-            if resume_state is not None:  # masks, folded biases, narrower layers: before the optimizer sees them
-                shape_like(self.model, resume_state["model"])
+            # resumed: the run's model with its weights (masks, folded biases, narrower layers: before the
+            # optimizer sees them), refused as eval refuses it where they do not fit its config or hold NaN/inf
+            self.model = build_model(self.config) if resume_state is None else model_from_state(resume_state)
         except (ValueError, TypeError) as error:  # a resumed checkpoint's config or weights (widths no dict, ...)
             if resume_state is None:
                 raise
@@ -778,7 +800,9 @@ class TrainingJob:
             args.schedule, s, self.steps_per_epoch * self.plan["epochs"], args.warmup))
 
     def _restore(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        """The run's optimizer, schedule, history and random state (its
+        weights are the model's already: :meth:`_build`)."""
+        check_optimizer_state(state["optimizer"], self.model, self.resume_path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.history = state["history"]
