@@ -543,6 +543,27 @@ def test_init_from_matches_classifier_rows_by_name():
     assert any("car, road" in c for c in copied)
 
 
+def test_init_refuses_a_checkpoint_whose_weights_hold_nan(tmp_path):
+    """--init of a checkpoint whose weights hold NaN (a damaged or diverged
+    run's, which eval, --resume and load_model refuse naming the file and
+    the tensor) copied them and trained until 'the training loss is nan at
+    step 1: training diverged (lower --lr ...)', a traceback pointing at the
+    learning rate. Refused before any training, naming both."""
+    from pointsparse import checkpoint
+
+    run = tmp_path / "run"
+    tr.main(_parse([*TINY, "--epochs", "1", "--out", str(run)]))
+    state = tr.load_checkpoint(run / "checkpoint.pt")
+    weight = state["model"]["stem.0.0.weight"].clone()
+    weight[0, 0, 0] = math.inf
+    bad = tmp_path / "bad.pt"
+    checkpoint.save(bad, dict(state, model=dict(state["model"], **{"stem.0.0.weight": weight})))
+    out = tmp_path / "tuned"
+    with pytest.raises(ValueError, match=rf"--init {bad}: stem.0.0.weight holds NaN or inf"):
+        tr.main(_parse([*TINY, "--epochs", "1", "--init", str(bad), "--out", str(out)]))
+    assert not (out / "checkpoint.pt").exists()
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="multiple of --nproc"):
         tr.main(_parse([*TINY, "--nproc", "2", "--batch-size", "3", "--out", "x"]))

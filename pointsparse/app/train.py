@@ -781,7 +781,14 @@ class TrainingJob:
                 raise
             raise ValueError(f"--resume {self.resume_path}: {error}") from error
         if args.init and resume_state is None:
-            copied = init_from(self.model, load_checkpoint(args.init), self.classes)
+            source = load_checkpoint(args.init)
+            name = next((k for k, v in source["model"].items()
+                         if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(v.isfinite().all())),
+                        None)
+            if name is not None:  # (refused as eval, --resume and load_model refuse it: not trained from)
+                raise ValueError(f"--init {args.init}: {name} holds NaN or inf: the weights of a diverged run or a "
+                                 "damaged file; start from an earlier checkpoint")
+            copied = init_from(self.model, source, self.classes)
             self.log(f"initialised {len(copied)} tensors from {args.init}")
         if dist.active:
             self.model = SyncBatchNorm.convert(self.model)
