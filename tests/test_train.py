@@ -115,6 +115,41 @@ def test_validation_labels_are_checked_before_training(tmp_path, monkeypatch):
         tr.train(_parse([*common, "--val-data", str(tmp_path / "ignored.npz"), "--out", str(tmp_path / "b")]))
 
 
+def test_validation_labels_are_checked_in_a_distributed_run(tmp_path, monkeypatch):
+    """Under --nproc 2 (or torchrun) the checks above were skipped: a label
+    past the classes failed the first validation after an epoch of training
+    (torch's spawn traceback, 'target labels must lie in [0, 3)', naming no
+    cloud), and clouds whose every label is ignored wrote a validation mIoU
+    of NaN. Each process checks the labels of its shard, naming the cloud,
+    and the processes together whether any point is scored (simulated here:
+    rank 0 of 2, a gather that finds its own outcome in both places)."""
+    from pointsparse.app.distributed import Dist
+    from pointsparse.data import open_source
+
+    reduced = []
+    def gather(out, obj, *args, **kwargs):
+        out[:] = [obj, obj]
+        reduced.append(obj)
+
+    monkeypatch.setattr(torch.distributed, "all_gather_object", gather)
+    rng = np.random.default_rng(0)
+    xyz = rng.uniform(0, 8, (300, 3)).astype(np.float32)
+    np.savez(tmp_path / "good.npz", xyz=xyz, labels=rng.integers(0, 3, 300))
+    np.savez(tmp_path / "past.npz", xyz=xyz, labels=np.full(300, 7))
+    np.savez(tmp_path / "ignored.npz", xyz=xyz, labels=np.full(300, 255))
+    rank0 = Dist(0, 2)
+
+    def check(*names):
+        tr._check_scored(open_source([str(tmp_path / n) for n in names], None, 255), 3, 255, rank0)
+
+    with pytest.raises(ValueError, match=r"past\.npz: label 7 is neither a class index \(0 to 2\)"):
+        check("past.npz", "good.npz")
+    check("good.npz", "past.npz")  # (cloud 1 is rank 1's: it refuses it)
+    assert reduced[-1] == (None, True)
+    with pytest.raises(ValueError, match="the validation clouds: every point's label is the ignore index 255"):
+        check("ignored.npz", "ignored.npz")
+
+
 def test_val_data_that_is_also_trained_on_is_noted(tmp_path, capsys):
     """``--data tiles/ --val-data tiles/c.npz`` trained on the validation cloud too and reported its mIoU as a
     held-out score without a word (a folder and a file in it, or one file named twice by two paths); the run now

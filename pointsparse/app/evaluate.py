@@ -186,17 +186,37 @@ def scored_labels(labels, num_classes: int, ignore_index: int, name: str):
     return labels
 
 
-def check_scored_labels(source, num_classes: int, ignore_index: int, where: str) -> None:
+def check_scored_labels(source, num_classes: int, ignore_index: int, where: str, dist=None) -> None:
     """``ValueError`` before the model runs where a cloud of ``source`` has
     a label that is neither a class index nor ``ignore_index`` (naming the
     cloud: raw labels read without their label map; the confusion matrix
     refused it, naming none, after the clouds before it were scored), or
     where no point of any is scored (every label the ignore index: an mIoU
-    of NaN)."""
-    scored = False
-    for i in range(len(source)):
-        sample = source[i]
-        scored = len(scored_labels(sample.labels, num_classes, ignore_index, sample.name)) > 0 or scored
+    of NaN). A process of a distributed run (``dist``, a ``Dist`` whose world
+    is larger than one) checks the clouds of its shard and gathers the
+    others' outcomes: each refuses what any refused, and where no point of
+    any shard is scored."""
+    from .scoring import shard
+
+    distributed = dist is not None and dist.active
+    scored, error = False, None
+    try:
+        for i in (shard(len(source), dist.rank, dist.world) if distributed else range(len(source))):
+            sample = source[i]
+            scored = len(scored_labels(sample.labels, num_classes, ignore_index, sample.name)) > 0 or scored
+    except ValueError as refused:
+        if not distributed:
+            raise
+        error = str(refused)
+    if distributed:
+        # every process learns every shard's outcome, so all refuse together with the same message (one that
+        # refused alone left the others in their next collective, whose 'connection reset' spawn reported)
+        outcomes = [None] * dist.world
+        torch.distributed.all_gather_object(outcomes, (error, scored))
+        errors = [message for message, _ in outcomes if message]
+        if errors:
+            raise ValueError(errors[0])
+        scored = any(flag for _, flag in outcomes)
     if not scored:
         raise ValueError(f"{where}: every point's label is the ignore index {ignore_index} (--ignore-index; raw "
                          "labels the label map does not list are ignored too): nothing to score")

@@ -416,12 +416,11 @@ def _check_scored(val, num_classes: int, ignore_index: int, dist: Dist | None) -
     training (a label past the classes failed the first validation, naming
     no cloud, after an epoch's work; clouds whose every label is ignored
     gave a validation mIoU of NaN in metrics.json). A distributed run's
-    processes each hold a shard of them, so there no check of all."""
-    if dist is not None and dist.active:
-        return
+    processes each check their shard, and together whether any point is
+    scored (they skipped the check, and failed or scored NaN as above)."""
     from .evaluate import check_scored_labels
 
-    check_scored_labels(val, num_classes, ignore_index, "the validation clouds")
+    check_scored_labels(val, num_classes, ignore_index, "the validation clouds", dist)
 
 
 def generated_source(spec, options: dict, count: int, first_seed: int):
