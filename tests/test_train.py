@@ -515,6 +515,53 @@ def test_nproc_workers_know_the_flags_typed(tmp_path, monkeypatch):
     assert tr._given(plain, "lr", "weight_decay") == ["--lr 0.002"] and not hasattr(plain, "_module")
 
 
+def test_a_workers_value_error_is_the_commands(tmp_path, monkeypatch):
+    """A ValueError raised in a --nproc worker (a cloud its shard reads, a
+    layer's BatchStatisticsError) came out as torch's ProcessRaisedException,
+    a traceback around the message, where one process gives the CLI's one
+    line and exit status 2: it is that ValueError now; other errors keep
+    their traceback."""
+    import torch.multiprocessing as mp
+
+    text = ("\n\n-- Process 1 terminated with the following error:\nTraceback (most recent call last):\n"
+            "  File \"x.py\", line 1, in f\n    raise ValueError(...)\n")
+    raised = {"value": text + "ValueError: b.npz: label 7 is neither a class index\n",
+              "batch": text + "pointsparse.nn.modules.BatchStatisticsError: BatchNorm(8) got 1 site\n",
+              "other": text + "RuntimeError: gloo: connection reset\n"}
+    for kind, message in raised.items():
+        def spawn(*args, message=message, **kwargs):
+            raise mp.ProcessRaisedException(message, 1, 123)
+
+        monkeypatch.setattr(mp, "spawn", spawn)
+        argv = [*TINY, "--nproc", "2", "--out", str(tmp_path / kind)]
+        if kind == "other":
+            with pytest.raises(mp.ProcessRaisedException, match="connection reset"):
+                tr.main(_parse(argv))
+            continue
+        with pytest.raises(ValueError) as error:
+            tr.main(_parse(argv))
+        assert str(error.value) == message.rstrip().splitlines()[-1].partition(": ")[2]
+    def value_spawn(*args, **kwargs):
+        raise mp.ProcessRaisedException(raised["value"], 1, 123)
+
+    monkeypatch.setattr(mp, "spawn", value_spawn)
+    assert cli.main(["train", *TINY, "--nproc", "2", "--out", str(tmp_path / "cli")]) == 2
+    # A cloud without labels in rank 1's shard: rank 0 (simulated; its shard is labelled) refuses it too, with
+    # rank 1's message, rather than wait in its next collective for a peer that is gone.
+    from pointsparse.app.distributed import Dist
+    from pointsparse.data import open_source
+
+    xyz = np.random.default_rng(0).uniform(0, 8, (300, 3)).astype(np.float32)
+    np.savez(tmp_path / "a.npz", xyz=xyz, labels=np.zeros(300, dtype=np.int64))
+    np.savez(tmp_path / "b.npz", xyz=xyz)
+    peer = "--val-data: b.npz has no labels; training and validation need labelled clouds"
+    monkeypatch.setattr(torch.distributed, "all_gather_object",
+                        lambda out, obj, *args, **kwargs: out.__setitem__(slice(None), [obj, peer]))
+    with pytest.raises(ValueError, match=peer):
+        tr.require_labels(open_source([str(tmp_path / "a.npz"), str(tmp_path / "b.npz")], None, 255), "--val-data",
+                          Dist(0, 2))
+
+
 def test_nproc_resume_checks_the_runs_settings_before_the_workers_start(tmp_path, monkeypatch):
     """--resume --nproc 2 of a run with --batch-size 3 (not repeated): the batch size's check against --nproc
     was left to each worker, which refused it inside torch's spawn (its ProcessRaisedException, a traceback,

@@ -331,10 +331,21 @@ def require_labels(source, flag: str, dist: Dist | None = None) -> None:
     process ``dist``) without labels (sources cache what they read, so this
     costs no second read); ``flag`` names where the clouds came from.
     Training, validation and ``eval`` take labelled clouds only."""
+    distributed = dist is not None and dist.active
+    error = None
     for i in (range(len(source)) if dist is None else shard(len(source), dist.rank, dist.world)):
         sample = source[i]
         if sample.labels is None:
-            raise ValueError(f"{flag}: {sample.name} has no labels; training and validation need labelled clouds")
+            error = f"{flag}: {sample.name} has no labels; training and validation need labelled clouds"
+            if not distributed:
+                raise ValueError(error)
+            break
+    if distributed:  # (every process refuses what one found, with its message: one alone left the others in
+        outcomes = [None] * dist.world  # their next collective, whose 'connection closed' spawn reported instead)
+        torch.distributed.all_gather_object(outcomes, error)
+        errors = [message for message in outcomes if message]
+        if errors:
+            raise ValueError(errors[0])
 
 
 def open_training_data(args, dist: Dist | None = None):
@@ -1001,7 +1012,10 @@ def main(args) -> int:
         # Only the options, and the record of those typed, travel to the workers (the CLI adds module objects).
         plain = argparse.Namespace(**{k: v for k, v in vars(args).items() if not k.startswith("_") or k == "_typed"})
         with _out_lock(args), _marked_held(args.out):
-            mp.spawn(_spawn_worker, args=(args.nproc, port, plain), nprocs=args.nproc, join=True)
+            try:
+                mp.spawn(_spawn_worker, args=(args.nproc, port, plain), nprocs=args.nproc, join=True)
+            except mp.ProcessRaisedException as error:
+                raise _worker_value_error(error) or error
         metrics_path = Path(args.out) / "metrics.json"
         if metrics_path.is_file():
             print(f"metrics: {metrics_path}")
@@ -1013,6 +1027,21 @@ def main(args) -> int:
         for name, path in report["pictures"].items():
             print(f"  {name}: {path}")
     return 0
+
+
+def _worker_value_error(error) -> ValueError | None:
+    """The ValueError (bad input: a flag, a file, a cloud) that a ``--nproc``
+    worker raised, from the traceback text torch's spawn hands back
+    (``ProcessRaisedException``), so that the command reports it in one line
+    as one process does; None for any other error (its traceback stays)."""
+    lines = str(error).rstrip().splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("  ") or not lines[i]:
+            break
+        kind, colon, message = lines[i].partition(": ")
+        if colon and kind.rpartition(".")[2] in ("ValueError", "BatchStatisticsError"):
+            return ValueError("\n".join([message, *lines[i + 1:]]))
+    return None
 
 
 def _cli(argv=None) -> int:
