@@ -1042,3 +1042,22 @@ def test_topdown_greys_the_points_whose_label_is_ignored(tmp_path, monkeypatch):
     colours = plots.class_colours(3)
     assert np.allclose(painted[0], colours[[grey, 1, 2, 1, grey, grey]])
     assert np.allclose(painted[1], colours[[grey, 0, 2, 1, grey, 2]])
+
+
+def test_resume_takes_the_runs_threads(tmp_path):
+    """A run of --threads 1 resumed without --threads trained on torch's
+    default threads: its BatchNorm and loss reductions summed in another
+    order, other bits than the run left alone. A resume takes the run's
+    --threads where neither --threads nor --nproc is typed; typed, they win."""
+    cut = tmp_path / "cut"
+    tr.main(_parse([*TINY, "--epochs", "2", "--threads", "1", "--time-limit", "0", "--out", str(cut)]))
+    args = _parse([*TINY, "--epochs", "2", "--resume", "--out", str(cut)])
+    assert args.threads is None
+    tr.take_run_flags(args)
+    assert args.threads == 1
+    args = _parse([*TINY, "--epochs", "2", "--threads", "2", "--resume", "--out", str(cut)])
+    tr.take_run_flags(args)
+    assert args.threads == 2
+    args = _parse([*TINY, "--epochs", "2", "--nproc", "1", "--resume", "--out", str(cut)])
+    tr.take_run_flags(args)
+    assert args.threads is None

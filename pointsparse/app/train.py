@@ -232,7 +232,9 @@ def take_run_flags(args) -> None:
     """With ``--resume``: each of :data:`RUN_DATA_FLAGS` not typed set to the
     run's (the flags its checkpoint keeps, files as absolute paths), and each
     of :data:`RUN_SETTINGS` not typed to the run's training settings
-    (:func:`recorded_training`), before anything is checked or read. For the
+    (:func:`recorded_training`), before anything is checked or read; the
+    run's ``--threads`` where neither it nor ``--nproc`` is typed and the
+    run had as many processes. For the
     data, the defaults took their place: a run of files resumed without its
     ``--data`` trained its later epochs on the generated scenes and
     validated there; typed, they are taken as given (files move; the classes
@@ -259,6 +261,13 @@ def take_run_flags(args) -> None:
     # (the run's length too: the default 10 took the place of a run's --epochs, and a run resumed after a kill
     # trained on past its end with its schedule stretched; typed, --epochs extends it. Only where the command
     # line records what was typed: a namespace made by hand, as prune --finetune-epochs makes, sets its epochs)
+    # (its threads too, where it ran as many processes and this machine takes them: torch's own CPU ops sum in
+    # an order that follows the thread count, so a run of --threads 1 resumed on the default threads went on
+    # other bits than the run left alone; typed, --threads is taken as given)
+    threads = saved.get("threads") if isinstance(saved, dict) else None
+    if (isinstance(threads, int) and not isinstance(threads, bool) and 1 <= threads <= max_threads()
+            and not _given(args, "threads", "nproc") and saved.get("nproc", 1) == args.nproc):
+        args.threads = threads
     epochs = saved.get("epochs") if isinstance(saved, dict) else None
     typed = getattr(args, "_typed", None)
     if epochs is not None and typed is not None and "epochs" not in typed:
