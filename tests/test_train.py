@@ -1061,3 +1061,15 @@ def test_resume_takes_the_runs_threads(tmp_path):
     args = _parse([*TINY, "--epochs", "2", "--nproc", "1", "--resume", "--out", str(cut)])
     tr.take_run_flags(args)
     assert args.threads is None
+
+
+def test_the_table_marks_classes_left_out_of_the_miou():
+    """A class only predicted (no ground-truth point) shows IoU 0.0 in the
+    table while mean_iou leaves it out: the rows' mean (17.7) and the mIoU
+    line (26.5) disagreed without a word. Such rows are marked, with a note."""
+    cm = np.array([[8, 2, 0], [1, 5, 3], [0, 0, 0]])
+    text = metrics.format_table(cm, ["a", "b", "c"])
+    rows = text.splitlines()
+    assert rows[3].startswith("c") and rows[3].endswith("0 *") and "0.0" in rows[3]
+    assert rows[-1].startswith("* predicted but not in the ground truth: left out of the mIoU")
+    assert "*" not in metrics.format_table(cm[:2, :2], ["a", "b"])

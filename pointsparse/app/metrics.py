@@ -95,8 +95,14 @@ def format_table(cm: np.ndarray, classes) -> str:
     counts = np.asarray(cm).sum(1)
     width = max([len(str(c)) for c in classes] + [5])
     lines = [f"{'class':<{width}}  {'IoU':>6}  {'points':>9}"]
+    predicted_only = False
     for c, v, n in zip(classes, iou, counts):
         shown = "   -  " if math.isnan(v) else f"{100 * v:6.1f}"
-        lines.append(f"{c:<{width}}  {shown}  {int(n):>9d}")
+        # (a class predicted but never true: its IoU 0 is shown, and mean_iou leaves it out: marked)
+        mark = " *" if n == 0 and not math.isnan(v) else ""
+        predicted_only = predicted_only or bool(mark)
+        lines.append(f"{c:<{width}}  {shown}  {int(n):>9d}{mark}")
     lines.append(f"{'mIoU':<{width}}  {100 * mean_iou(cm):6.1f}  (accuracy {100 * accuracy(cm):.1f}%)")
+    if predicted_only:
+        lines.append("* predicted but not in the ground truth: left out of the mIoU (over the classes that occur)")
     return "\n".join(lines)
