@@ -31,6 +31,7 @@ from ..data import DEFAULT_IGNORE, NUM_FEATURES, VALIDATION_SEED, Batch, CloudFi
 from ..data.datasets import is_generated
 from ..data.generated import MAX_AZIMUTH_STEPS, MAX_BEAMS, MAX_RANGE
 from ..models import SyncBatchNorm, build_model, model_from_state
+from ..models.loading import non_finite_entry
 from ..nn import BatchStatisticsError
 from . import metrics
 from .cli import CommandParser, given_flags
@@ -801,9 +802,7 @@ class TrainingJob:
             raise ValueError(f"--resume {self.resume_path}: {error}") from error
         if args.init and resume_state is None:
             source = load_checkpoint(args.init)
-            name = next((k for k, v in source["model"].items()
-                         if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(v.isfinite().all())),
-                        None)
+            name = non_finite_entry(source["model"])
             if name is not None:  # (refused as eval, --resume and load_model refuse it: not trained from)
                 raise ValueError(f"--init {args.init}: {name} holds NaN or inf: the weights of a diverged run or a "
                                  "damaged file; start from an earlier checkpoint")

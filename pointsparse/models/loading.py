@@ -310,10 +310,16 @@ def model_from_state(state: dict, *, allow_non_finite: bool = False) -> nn.Modul
 
 def non_finite_weight(model: nn.Module) -> str | None:
     """The name of the first entry of ``model``'s state whose float values
-    hold NaN or inf, or None: tensors, and the tensors inside an entry that
-    is data (a compressed layer's ``_extra_state``, its formats as dicts and
-    lists: it raised AttributeError on those)."""
-    for name, value in model.state_dict().items():
+    hold NaN or inf, or None (:func:`non_finite_entry`)."""
+    return non_finite_entry(model.state_dict())
+
+
+def non_finite_entry(state: dict) -> str | None:
+    """The name of the first entry of the ``state_dict`` ``state`` whose
+    float values hold NaN or inf, or None: tensors, and the tensors inside
+    an entry that is data (a compressed layer's ``_extra_state``, its
+    formats as dicts and lists: it raised AttributeError on those)."""
+    for name, value in state.items():
         if not _finite(value):
             return name
     return None
