@@ -554,7 +554,8 @@ class SparseConv3d(nn.Module):
         num_out = kmap.num_out
         out = feats.new_zeros((num_out, self.out_channels))
         fkw, bad = self.offsets, ~torch.isfinite(self.offsets.weight)
-        if bad.any():  # (their product with an absent neighbour's 0 was a NaN at every output site)
+        nonfinite = bool(bad.any())
+        if nonfinite:  # (their product with an absent neighbour's 0 was a NaN at every output site)
             fkw = type(fkw).__new__(type(fkw))
             fkw.__dict__.update(self.offsets.__dict__)
             fkw.weight = self.offsets.weight.masked_fill(bad, 0)
@@ -564,7 +565,7 @@ class SparseConv3d(nn.Module):
             panel = feats.new_zeros((c_in, K, stop - start))
             im2col(feats, kmap, start, stop, out=panel.permute(2, 1, 0))
             out[start:stop] = fkw.matmul(panel.reshape(c_in * K, -1)).t()
-        if bad.any():  # a NaN / inf weight reaches the outputs with a pair at its offset, as in the conv
+        if nonfinite:  # a NaN / inf weight reaches the outputs with a pair at its offset, as in the conv
             weight = self.engine_weight
             out += conv_sum(feats, weight.masked_fill(weight.isfinite(), 0).to(feats.dtype), kmap)
         return out
