@@ -108,6 +108,12 @@ def _rows_at_least_one(tensor: Tensor) -> int:
     return 1 if torch.fx.experimental.symbolic_shapes.statically_known_true(tensor.shape[0] >= 1) else 0
 
 
+try:  # (new_dynamic_size's own, past its check: private, so a torch without it falls back to new_dynamic_size)
+    from torch._library.fake_impl import allocate_size as _allocate_size
+except ImportError:
+    _allocate_size = None
+
+
 def _dynamic_size(min: int = 0) -> torch.SymInt:
     """A fake implementation's data-dependent count: an unbacked symbolic
     size, ``>= min``. Also under ``torch.compile`` without ``fullgraph``,
@@ -120,10 +126,8 @@ def _dynamic_size(min: int = 0) -> torch.SymInt:
     a shape environment (a plain ``FakeTensorMode``) torch's refusal stands."""
     ctx = torch.library.get_ctx()
     shape_env = getattr(ctx, "_shape_env", None)
-    if shape_env is not None and not shape_env.allow_dynamic_output_shape_ops:
-        from torch._library.fake_impl import allocate_size  # noqa: PLC0415 - (new_dynamic_size's own, past its check)
-
-        return allocate_size(shape_env, min)
+    if _allocate_size is not None and shape_env is not None and not shape_env.allow_dynamic_output_shape_ops:
+        return _allocate_size(shape_env, min)
     return ctx.new_dynamic_size(min=min)
 
 
