@@ -556,7 +556,7 @@ def test_a_workers_value_error_is_the_commands(tmp_path, monkeypatch):
     np.savez(tmp_path / "b.npz", xyz=xyz)
     peer = "--val-data: b.npz has no labels; training and validation need labelled clouds"
     monkeypatch.setattr(torch.distributed, "all_gather_object",
-                        lambda out, obj, *args, **kwargs: out.__setitem__(slice(None), [obj, peer]))
+                        lambda out, obj, *args, **kwargs: out.__setitem__(slice(None), [obj, (peer, None)]))
     with pytest.raises(ValueError, match=peer):
         tr.require_labels(open_source([str(tmp_path / "a.npz"), str(tmp_path / "b.npz")], None, 255), "--val-data",
                           Dist(0, 2))

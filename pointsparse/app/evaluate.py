@@ -196,7 +196,7 @@ def check_scored_labels(source, num_classes: int, ignore_index: int, where: str,
     is larger than one) checks the clouds of its shard and gathers the
     others' outcomes: each refuses what any refused, and where no point of
     any shard is scored."""
-    from .scoring import shard
+    from .scoring import refuse_together, shard
 
     distributed = dist is not None and dist.active
     scored, error = False, None
@@ -208,15 +208,8 @@ def check_scored_labels(source, num_classes: int, ignore_index: int, where: str,
         if not distributed:
             raise
         error = str(refused)
-    if distributed:
-        # every process learns every shard's outcome, so all refuse together with the same message (one that
-        # refused alone left the others in their next collective, whose 'connection reset' spawn reported)
-        outcomes = [None] * dist.world
-        torch.distributed.all_gather_object(outcomes, (error, scored))
-        errors = [message for message, _ in outcomes if message]
-        if errors:
-            raise ValueError(errors[0])
-        scored = any(flag for _, flag in outcomes)
+    if distributed:  # (every process learns every shard's outcome: all refuse together, with the same message)
+        scored = any(refuse_together(dist, error, scored))
     if not scored:
         raise ValueError(f"{where}: every point's label is the ignore index {ignore_index} (--ignore-index; raw "
                          "labels the label map does not list are ignored too): nothing to score")

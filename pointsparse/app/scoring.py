@@ -112,6 +112,21 @@ def shard(count: int, rank: int, world: int) -> range:
     return range(rank, count, world)
 
 
+def refuse_together(dist, error: str | None, value=None) -> list:
+    """Every process's ``(error, value)`` of a distributed run (``dist``):
+    a ValueError of the first ``error`` any process met (each checked its
+    shard), so that all refuse with the same message (one that refused
+    alone left the others in their next collective, whose 'connection
+    closed' / 'connection reset' spawn could report instead); else every
+    process's ``value``, in rank order."""
+    outcomes = [None] * dist.world
+    torch.distributed.all_gather_object(outcomes, (error, value))
+    errors = [message for message, _ in outcomes if message]
+    if errors:
+        raise ValueError(errors[0])
+    return [flag for _, flag in outcomes]
+
+
 @torch.no_grad()
 def evaluate(model, samples: Sequence[VoxelSample], num_classes: int, ignore_index: int, device,
              batch_size: int = 1, progress: bool = False, keep_first: bool = True, all_reduce: bool = False):

@@ -36,7 +36,7 @@ from ..nn import BatchStatisticsError
 from . import metrics
 from .cli import CommandParser, given_flags
 from .distributed import Dist, destroy, free_port, init_distributed, worker_environment
-from .scoring import evaluate, logits_of, shard, write_report
+from .scoring import evaluate, logits_of, refuse_together, shard, write_report
 from .trainer import TrainingDiverged, Trainer, check_finite_loss, check_finite_weights, have_tqdm, progress_bar
 
 __all__ = ["TrainingDiverged", "add_arguments", "add_data_arguments", "check_args", "main", "train"]
@@ -350,12 +350,8 @@ def require_labels(source, flag: str, dist: Dist | None = None) -> None:
             if not distributed:
                 raise ValueError(error)
             break
-    if distributed:  # (every process refuses what one found, with its message: one alone left the others in
-        outcomes = [None] * dist.world  # their next collective, whose 'connection closed' spawn reported instead)
-        torch.distributed.all_gather_object(outcomes, error)
-        errors = [message for message in outcomes if message]
-        if errors:
-            raise ValueError(errors[0])
+    if distributed:  # (every process refuses what one found, with its message)
+        refuse_together(dist, error)
 
 
 def open_training_data(args, dist: Dist | None = None):
