@@ -48,7 +48,8 @@ class SyncBatchNorm(spnn.BatchNorm):
         # in float32 where E[x^2] - mean^2 would cancel.
         total = all_reduce(torch.cat([x.sum(0), x.new_tensor([x.shape[0]])]))
         count = total[c]
-        if int(count) == 1:  # (the same count on every process: each raises, none waits in the next all-reduce)
+        n = float(count)  # (read once: the one-site check here, the running variance's correction below)
+        if n == 1:  # (the same count on every process: each raises, none waits in the next all-reduce)
             raise self._one_site_error(f"1 site at stride {input.stride} over all processes"
                                        if isinstance(input, SparseTensor) else "1 row over all processes")
         mean = total[:c] / count
@@ -62,7 +63,6 @@ class SyncBatchNorm(spnn.BatchNorm):
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                n = float(count)
                 unbiased = var.detach() * (n / max(n - 1.0, 1.0))
                 self.running_mean.mul_(1 - m).add_(m * mean.detach())
                 self.running_var.mul_(1 - m).add_(m * unbiased)
