@@ -612,7 +612,9 @@ class SparseTensor:
         coords = cache.coords.get(self._stride)
         if coords is None or self.cache.coords.get(self._stride) is not self._coords:
             coords = self._coords.to(feats.device)  # never swap in other coords of the same stride
-        return SparseTensor(feats, coords, self._stride, cache=cache, validate=False)
+        out = SparseTensor(feats, coords, self._stride, cache=cache, validate=False)
+        out._note_equal_coords()  # (a copy, as deepcopy's: the moved copy of an alias stays refused once changed)
+        return out
 
     def cpu(self) -> "SparseTensor":
         return self.to("cpu")
@@ -658,9 +660,10 @@ class SparseTensor:
         self._note_equal_coords()
 
     def _note_equal_coords(self) -> None:
-        """In a copy: coords other than the copied cache's own at this stride
-        but equal to them (the copy of a tensor made on a copy of them with
-        ``cache=``) noted as their alias, refused once changed in place
+        """In a copy (deepcopy, unpickling, a move to another device):
+        coords other than the copied cache's own at this stride but equal to
+        them (the copy of a tensor made on a copy of them with ``cache=``)
+        noted as their alias, refused once changed in place
         (:meth:`CoordinateCache.coords_for`), as the original's were."""
         held = self.cache.coords.get(self._stride)
         if held is not None and held is not self._coords and held.shape == self._coords.shape \

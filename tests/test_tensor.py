@@ -530,6 +530,24 @@ def test_a_copy_of_a_tensor_made_on_equal_coords_refuses_them_changed_in_place(h
         torch.testing.assert_close(conv(w).feats, conv(x).feats)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a move to another device needs CUDA")
+def test_a_moved_tensor_made_on_equal_coords_refuses_them_changed_in_place():
+    """``.to(device)`` copies a tensor as deepcopy does: the moved copy of
+    ``SparseTensor(feats, c, cache=x.cache)`` (``c`` equal to x's coords)
+    refuses its coords changed in place, as the original does."""
+    coords = _stepped_coords()
+    x = ps.SparseTensor(torch.randn(len(coords), 2), coords)
+    y = ps.SparseTensor(torch.randn(len(coords), 2), coords.clone(), cache=x.cache)
+    conv = ps.nn.Conv3d(2, 3, 3).cuda()
+    with torch.no_grad():
+        z = y.to("cuda")
+        torch.testing.assert_close(conv(z).feats.cpu(), conv.cpu()(y).feats)
+        conv.cuda()
+        z.coords[:, 1] = 5 - z.coords[:, 1]
+        with pytest.raises(ValueError, match="changed in place"):
+            conv(z)
+
+
 def test_coords_in_place_check_leaves_inference_tensors_and_clones_alone():
     coords = _stepped_coords()
     with torch.inference_mode():
