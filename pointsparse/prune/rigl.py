@@ -192,8 +192,7 @@ class RigL:
         other layers of the same training step is not counted again (see the
         module's docstring), nor one stepping none of the layers' weights;
         ``optimizer=None`` always counts."""
-        ids = {id(m.weight) for _, m in self.layers}
-        owned = set() if optimizer is None else {id(p) for g in optimizer.param_groups for p in g["params"]} & ids
+        owned = set() if optimizer is None else self._owned(optimizer)
         if optimizer is None or (owned and (not self._stepped or owned & self._stepped)):
             self._stepped = owned
             self.step_count += 1
@@ -204,9 +203,10 @@ class RigL:
         self.apply_masks(optimizer)
 
     # ------------------------------------------------------------------ hooks
-    def _owns(self, optimizer) -> bool:
+    def _owned(self, optimizer) -> set[int]:
+        """The ids of the layers' weights that ``optimizer`` steps."""
         ids = {id(m.weight) for _, m in self.layers}
-        return any(id(p) in ids for group in optimizer.param_groups for p in group["params"])
+        return {id(p) for group in optimizer.param_groups for p in group["params"]} & ids
 
     def attach(self, optimizer: torch.optim.Optimizer):
         """Run :meth:`step` after every step of ``optimizer``; returns the hook handle."""
@@ -216,7 +216,7 @@ class RigL:
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
         def hook(opt, args, kwargs):
-            if self._owns(opt):
+            if self._owned(opt):
                 self.step(opt)
         self._handle = register_optimizer_step_post_hook(hook)
         return self
