@@ -1009,6 +1009,55 @@ def test_open3d_reader_refuses_ply_tokens_its_parser_fails_on(tmp_path):
 
 
 
+def test_ascii_ply_body_is_checked_in_pieces_as_it_was_whole(tmp_path, monkeypatch):
+    """The ASCII PLY check splits and converts its body a piece at a time
+    (a 1M-point body's token list took 900 MB): lowered to a few bytes a
+    piece, it gives the same float64 positions and the same errors, naming
+    the value, row and property in the whole body, as one piece does:
+    a bad token in a later piece, a lower-ranked problem in an earlier piece
+    of the column, a truncated body, a token longer than a piece."""
+    from pointsparse.data import readers
+    head = ("ply\nformat ascii 1.0\nelement face 2\nproperty uchar flag\nelement vertex 50\nproperty float x\n"
+            "property float y\nproperty float z\nproperty uchar label\nend_header\n")
+    rows = [[f"{512000 + i}.{i:03d}", f"{5400000 + 2 * i}.5", f"{i / 7:.6f}", str(i % 13)] for i in range(50)]
+
+    def body(edit=None, cut=None):
+        table = [row[:] for row in rows]
+        for (i, j), token in (edit or {}).items():
+            table[i][j] = token
+        values = (["1", "0"] + [v for row in table for v in row])[:cut]
+        return head + "\n".join(" ".join(values[k:k + 4]) for k in range(0, len(values), 4)) + "\n"
+
+    cases = {
+        "late_nan.ply": (body({(3, 2): "1e39", (45, 1): "x"}), r"vertex data: value 184 \(b'x'\) is not a number"),
+        "rank.ply": (body({(5, 3): "300", (40, 3): "2.0"}), "vertex 40 property 'label' is '2.0', not a plain"),
+        "order.ply": (body({(3, 2): "1e39", (44, 1): "5_0"}), "vertex 44 property 'y' is '5_0', which holds a '_'"),
+        "late_int.ply": (body({(47, 3): "256"}), "vertex 47 property 'label' is '256', not a uint8"),
+        "short.ply": (body(cut=2 + 4 * 47 + 1), r"the header says 50 points but the file holds 47 \(191 of the 202 "
+                                                r"numbers needed; truncated\)"),
+        "long.ply": (body({(30, 0): rows[30][0] + "0" * 60}), None),  # (the same value)
+        "ok.ply": (body(), None),
+    }
+    for name, (text, match) in cases.items():
+        path = tmp_path / name
+        path.write_text(text)
+        outcomes = []
+        for chunk in (readers._ASCII_CHUNK, 7, 16, 100):
+            monkeypatch.setattr(readers, "_ASCII_CHUNK", chunk)
+            if match is None:
+                outcomes.append(readers._check_ply(path))
+            else:
+                with pytest.raises(ValueError, match=rf"{name[:-4]}\.ply: {match}") as err:
+                    readers._check_ply(path)
+                outcomes.append(str(err.value))
+        if match is None:
+            expect = np.array([[float(v) for v in row[:3]] for row in rows])
+            assert all(xyz.dtype == np.float64 and np.array_equal(xyz, expect) for xyz in outcomes), name
+        else:
+            assert len(set(outcomes)) == 1, outcomes
+
+
+
 def test_open3d_reader_reads_pcd_headers_and_tokens_as_open3d_does(tmp_path):
     """Open3D matches PCD header keys case-sensitively by prefix ('points 1'
     was ignored, so WIDTH 3 gave 3 points from 1 row; 'DATAX' ended the

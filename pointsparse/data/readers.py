@@ -797,26 +797,51 @@ def _text_header(path: Path, end: bytes, kind: str) -> tuple[list[str], bytes, i
             return lines, head, pos, size
 
 
-def _ascii_values(path: Path, start: int, count: int, what: str) -> tuple[list[bytes], np.ndarray]:
+_ASCII_CHUNK = 1 << 20  # bytes of an ASCII body split and converted at a time (the tests lower it)
+_ASCII_SPACE = (b" ", b"\t", b"\n", b"\r", b"\x0b", b"\x0c")  # what bytes.split() splits at
+
+
+def _ascii_pieces(path: Path, start: int, count: int):
     """The first ``count`` whitespace-separated tokens after byte ``start``
-    and their values; ValueError when one of them is not a number (Open3D
-    reads a short or garbled text body as uninitialised memory). Fewer may
-    be there: the caller checks."""
+    in pieces, each ``(index of its first token, its tokens)``; fewer may
+    be there (the caller checks). A piece is about ``_ASCII_CHUNK`` bytes of
+    the body cut at whitespace, so neither the body nor a list of all its
+    tokens is held at once (a 1M-point PLY's tokens took 900 MB)."""
+    done, carry, size = 0, b"", _ASCII_CHUNK
     with open(path, "rb") as f:
         f.seek(start)
-        data = f.read()
-    # Split into tokens (at most count of them; the rest of the body stays one
-    # unread piece): np.fromstring's handling of a bad token differs between
-    # numpy versions, and its count= pads a short body with garbage.
-    tokens = data.split(None, count)[:count]
+        while done < count:
+            block = f.read(size)
+            data = carry + block
+            if block:
+                cut = max(data.rfind(c) for c in _ASCII_SPACE)
+                if cut < 0:  # (one token so far, longer than a chunk: read on)
+                    carry, size = data, size * 2
+                    continue
+                data, carry, size = data[:cut], data[cut:], _ASCII_CHUNK
+            # (at most count tokens; the rest of the body stays one unread piece)
+            tokens = data.split(None, count - done)[:count - done]
+            if tokens:
+                yield done, tokens
+            done += len(tokens)
+            if not block:
+                return
+
+
+def _ascii_numbers(path: Path, tokens: list[bytes], first: int, what: str) -> np.ndarray:
+    """The float64 values of ``tokens``, the body's values ``first + 1`` on;
+    ValueError naming the value when one is not a number (Open3D
+    reads a garbled text body as uninitialised memory). np.fromstring's
+    handling of a bad token differs between numpy versions, and its count=
+    pads a short body with garbage."""
     try:
-        return tokens, np.array(tokens, dtype=np.float64)
+        return np.array(tokens, dtype=np.float64)
     except ValueError:
         for i, token in enumerate(tokens):
             try:
                 float(token)
             except ValueError:
-                raise ValueError(f"{path}: {what}: value {i + 1} ({token[:40]!r}) is not a number") from None
+                raise ValueError(f"{path}: {what}: value {first + i + 1} ({token[:40]!r}) is not a number") from None
         raise
 
 
@@ -841,6 +866,34 @@ def _first_bad_token(tokens, ok) -> int | None:
     return next(i for i, t in enumerate(tokens) if t in bad) if bad else None
 
 
+def _ranked_column_problem(tokens, col: np.ndarray, dtype: np.dtype, plain_int, underscore: bool = False,
+                           below: int = 3) -> tuple[int, int, str] | None:
+    """The first problem of a text column (its tokens and their float64
+    values) of the most telling kind below rank ``below``, as ``(rank, row,
+    why)``: rank 0 a token holding '_' (looked for where ``underscore``:
+    Python reads 5_0 as 50, rply cannot), 1 an integer not written as
+    ``plain_int``, 2 a value the type cannot hold; None where none. A
+    column read in pieces keeps each piece's problem of a lower rank than
+    it holds: the whole column's is then the one of the lowest rank, at its
+    first row."""
+    if underscore and below > 0:
+        i = _first_bad_token(tokens, lambda t: b"_" not in t)
+        if i is not None:
+            return 0, i, "which holds a '_' (Open3D cannot read it)"
+    if dtype.kind in "iu":
+        i = _first_bad_token(tokens, plain_int.fullmatch) if below > 1 else None
+        if i is not None:
+            return 1, i, (f"not a plain decimal integer as a {dtype} value must be (Open3D fails on it or reads "
+                          "another value)")
+        i = _not_integral(col, dtype) if below > 2 else None
+        return (2, i, f"not a {dtype} as the header says") if i is not None else None
+    top = _FLOAT32_MAX if dtype.itemsize == 4 else float(np.finfo(np.float64).max)
+    bad = np.abs(col) > top if below > 2 else None  # NaN passes, as it does in Open3D
+    if bad is not None and bad.any():
+        return 2, int(np.argmax(bad)), f"past the range of a {dtype} value (Open3D fails on it or reads inf)"
+    return None
+
+
 def _text_column_problem(tokens, col: np.ndarray, dtype: np.dtype, plain_int) -> tuple[int, str] | None:
     """The first row (and why) of a text column, its tokens and their float64
     values, that a C reader of a ``dtype`` field would read otherwise than
@@ -848,18 +901,8 @@ def _text_column_problem(tokens, col: np.ndarray, dtype: np.dtype, plain_int) ->
     at a '.' or 'e', 2.0 and 1e1 read 2 and 1), out of the type's range or
     not whole, a float32 past float32's range (1e39) or any value past
     float64's (inf), None where all are read alike."""
-    if dtype.kind in "iu":
-        i = _first_bad_token(tokens, plain_int.fullmatch)
-        if i is not None:
-            return i, (f"not a plain decimal integer as a {dtype} value must be (Open3D fails on it or reads "
-                       "another value)")
-        i = _not_integral(col, dtype)
-        return (i, f"not a {dtype} as the header says") if i is not None else None
-    top = _FLOAT32_MAX if dtype.itemsize == 4 else float(np.finfo(np.float64).max)
-    bad = np.abs(col) > top  # NaN passes, as it does in Open3D
-    if bad.any():
-        return int(np.argmax(bad)), f"past the range of a {dtype} value (Open3D fails on it or reads inf)"
-    return None
+    problem = _ranked_column_problem(tokens, col, dtype, plain_int)
+    return problem[1:] if problem is not None else None
 
 
 _PLY_INT_TOKEN = re.compile(rb"[+-]?[0-9]+")  # rply reads integers with strtol(..., 10)
@@ -951,29 +994,7 @@ def _check_ply(path: Path) -> np.ndarray | None:
     n, props = upto[-1][1], upto[-1][2]
     # Up to the vertex element, each row needs its (fixed-size) properties.
     if fmt == "ascii":
-        need = sum(count * len(p) for _, count, p in upto)
-        tokens, values = _ascii_values(path, start, need, "vertex data")
-        if values.size < need:
-            held = max(0, values.size - (need - n * len(props))) // max(len(props), 1)
-            raise ValueError(f"{path}: the header says {n} points but the file holds {held} "
-                             f"({values.size} of the {need} numbers needed; truncated)")
-        underscore = b"_" in b" ".join(tokens)
-        offset = 0
-        for name, count, p in upto:
-            for j, (prop, dtype) in enumerate(p):
-                column = slice(offset + j, offset + count * len(p), len(p))
-                col_tokens = tokens[column]
-                i = _first_bad_token(col_tokens, lambda t: b"_" not in t) if underscore else None
-                problem = (i, "which holds a '_' (Open3D cannot read it)") if i is not None else \
-                    _text_column_problem(col_tokens, values[column], dtype, _PLY_INT_TOKEN)
-                if problem is not None:
-                    i, why = problem
-                    raise ValueError(f"{path}: {name} {i} property {prop!r} is "
-                                     f"{col_tokens[i][:40].decode('ascii', 'replace')!r}, {why}")
-            offset += count * len(p)
-        offset -= n * len(props)  # (the vertex element's first value)
-        return _text_positions([dtype for _, dtype in props], [prop for prop, _ in props],
-                               lambda j: values[offset + j:offset + n * len(props):len(props)])
+        return _check_ascii_ply(path, start, upto)
     need = sum(count * sum(d.itemsize for _, d in p) for _, count, p in upto)
     held_bytes = size - start
     if held_bytes < need:
@@ -984,19 +1005,77 @@ def _check_ply(path: Path) -> np.ndarray | None:
     return None
 
 
-def _text_positions(dtypes, names, column) -> np.ndarray | None:
-    """The float64 ``(n, 3)`` x, y, z of an ASCII PLY/PCD body (``column(j)``
-    the float64 values of field ``j``, ``names[j]`` its name, ``dtypes[j]``
-    its declared type) where the three are declared float32, else None.
-    Open3D parses a float32 field to float32, which drops what UTM
-    positions' text holds below half a metre; the text itself is exact in
-    float64 (as Open3D's legacy reader takes it), and the reader shifts it
-    like any position stored wider than float32. Integer and float64
-    fields come from Open3D as they are (exact there)."""
+def _xyz_picks(dtypes, names) -> list[int] | None:
+    """The fields x, y, z of an ASCII PLY/PCD body (``names[j]`` field
+    ``j``'s name, ``dtypes[j]`` its declared type) where the three are
+    there once each and declared float32, else None. Open3D parses a
+    float32 field to float32, which drops what UTM positions' text holds
+    below half a metre; the text itself is exact in float64 (as Open3D's
+    legacy reader takes it), and the reader shifts it like any position
+    stored wider than float32. Integer and float64 fields come from Open3D
+    as they are (exact there)."""
     picks = [[j for j, name in enumerate(names) if name == axis] for axis in "xyz"]
     if any(len(j) != 1 for j in picks) or any(dtypes[j[0]] != np.float32 for j in picks):
         return None
-    return np.stack([column(j[0]) for j in picks], 1)
+    return [j[0] for j in picks]
+
+
+def _text_positions(dtypes, names, column) -> np.ndarray | None:
+    """The float64 ``(n, 3)`` x, y, z of an ASCII PLY/PCD body (``column(j)``
+    the float64 values of field ``j``) where :func:`_xyz_picks` takes them,
+    else None."""
+    picks = _xyz_picks(dtypes, names)
+    return np.stack([column(j) for j in picks], 1) if picks is not None else None
+
+
+def _check_ascii_ply(path: Path, start: int, upto) -> np.ndarray | None:
+    """:func:`_check_ply` of an ASCII body (``upto``: the elements up to the
+    vertex element, ``[name, count, [(property, dtype)]]``), read in pieces
+    of :func:`_ascii_pieces`: its tokens numbers (the first that is not,
+    named), as many as the header needs, then each property's column as
+    :func:`_ranked_column_problem` takes it, the first property with a
+    problem named at its first row. Returns the float64 ``(n, 3)`` x, y, z
+    where they are declared float32 (:func:`_xyz_picks`), else None."""
+    _, n, props = upto[-1]
+    columns, offset = [], 0  # (element, its first value's index, its rows, row length, column, property, dtype)
+    for name, count, p in upto:
+        columns += [(name, offset, count, len(p), j, prop, dtype) for j, (prop, dtype) in enumerate(p)]
+        offset += count * len(p)
+    need, vertex = offset, len(columns) - len(props)  # (the vertex element's first column)
+    picks = _xyz_picks([dtype for _, dtype in props], [prop for prop, _ in props])
+    xyz = np.empty((n, 3)) if picks is not None else None
+    found: list[tuple | None] = [None] * len(columns)  # each column's problem so far: (rank, row, why, token)
+    held = 0
+    for first, tokens in _ascii_pieces(path, start, need):
+        values = _ascii_numbers(path, tokens, first, "vertex data")
+        held = first + len(tokens)
+        underscore = b"_" in b" ".join(tokens)
+        for c, (name, off, count, width, j, prop, dtype) in enumerate(columns):
+            lo, hi = max(first, off), min(held, off + count * width)
+            g = lo + (off + j - lo) % width  # the column's first value in this piece
+            if g >= hi:
+                continue
+            row, cut = (g - off) // width, slice(g - first, hi - first, width)
+            col_tokens, col = tokens[cut], values[cut]
+            if xyz is not None and c >= vertex and j in picks:
+                xyz[row:row + len(col), picks.index(j)] = col
+            if found[c] is None or found[c][0] > 0:
+                problem = _ranked_column_problem(col_tokens, col, dtype, _PLY_INT_TOKEN, underscore,
+                                                 found[c][0] if found[c] is not None else 3)
+                if problem is not None:
+                    rank, i, why = problem
+                    found[c] = (rank, row + i, why, col_tokens[i])
+    if held < need:
+        width = len(props)
+        points = max(0, held - (need - n * width)) // max(width, 1)
+        raise ValueError(f"{path}: the header says {n} points but the file holds {points} "
+                         f"({held} of the {need} numbers needed; truncated)")
+    for (name, _, _, _, _, prop, _), problem in zip(columns, found):
+        if problem is not None:
+            _, i, why, token = problem
+            raise ValueError(f"{path}: {name} {i} property {prop!r} is {token[:40].decode('ascii', 'replace')!r}, "
+                             f"{why}")
+    return xyz
 
 
 _PCD_KEYS = ("VERSION", "FIELDS", "SIZE", "TYPE", "COUNT", "WIDTH", "HEIGHT", "VIEWPOINT", "POINTS", "DATA")
