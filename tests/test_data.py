@@ -1083,6 +1083,8 @@ def test_open3d_reader_reads_pcd_headers_and_tokens_as_open3d_does(tmp_path):
         "exp.pcd": (two, "1 2 3 1\n4 5 6 1e1\n", r"point 1 value 4 \('label'\) is '1e1', not a plain decimal"),
         "octal.pcd": (two, "1 2 3 1\n4 5 6 010\n", r"point 1 value 4 \('label'\) is '010', not a plain decimal"),
         "big.pcd": (two, "1 2 3 1\n4 1e39 6 2\n", r"point 1 value 2 \('y'\) is 1e\+39, past the range of a float32"),
+        # (an empty ascii cloud with an integer field: the token check raised UnboundLocalError)
+        "empty.pcd": (dict(two, size="WIDTH 0\nHEIGHT 1\n", points="POINTS 0\n"), "", "no points read"),
     }
     for name, (fmt, body, match) in cases.items():
         (tmp_path / name).write_bytes(pcd.format(**fmt).encode() + (body if isinstance(body, bytes) else body.encode()))

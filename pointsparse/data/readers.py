@@ -1223,7 +1223,7 @@ def _check_pcd(path: Path) -> np.ndarray | None:
                 tokens = np.loadtxt(path, dtype=str, ndmin=2, comments=None, skiprows=len(lines), max_rows=n,
                                     usecols=int_cols)
         for j, dtype in enumerate(dtypes):
-            col_tokens = tokens[:, int_cols.index(j)].tolist() if j in int_cols else None
+            col_tokens = tokens[:, int_cols.index(j)].tolist() if n and j in int_cols else None
             problem = _text_column_problem(col_tokens, rows[:, j], dtype, _PCD_INT_TOKEN) if n else None
             if problem is not None:
                 i, why = problem
