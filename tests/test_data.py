@@ -1095,6 +1095,53 @@ def test_open3d_reader_reads_pcd_headers_and_tokens_as_open3d_does(tmp_path):
     assert read_cloud(tmp_path / "ok.pcd").labels.tolist() == [0, 0]
 
 
+def test_ascii_pcd_integer_tokens_are_checked_in_pieces_as_they_were_whole(tmp_path, monkeypatch):
+    """The ASCII PCD check reads its integer fields' tokens a few lines at a
+    time (one fixed-width array of them all took 4 bytes a character of the
+    longest token: one 200-digit label in 1M points, 1.1 GB): lowered to a
+    line or a few, it gives the same positions and the same errors, naming
+    the point, field and token in the whole body, as one piece does: a bad
+    token in a later piece, a lower-ranked problem in an earlier piece of
+    the field, blank lines between pieces, a long token."""
+    from pointsparse.data import readers
+    head = ("VERSION 0.7\nFIELDS x y z label rgb\nSIZE 4 4 4 1 4\nTYPE F F F U U\nCOUNT 1 1 1 1 1\nWIDTH 20\n"
+            "HEIGHT 1\nVIEWPOINT 0 0 0 1 0 0 0\nPOINTS 20\nDATA ascii\n")
+    rows = [[f"{512000 + i}.{i:03d}", f"{5400000 + 2 * i}.5", f"{i / 7:.6f}", str(i % 13), str(i * 65793)]
+            for i in range(20)]
+
+    def body(edit=None):
+        table = [row[:] for row in rows]
+        for (i, j), token in (edit or {}).items():
+            table[i][j] = token
+        return head + "".join(" ".join(row) + ("\n\n" if i % 3 == 0 else "\n") for i, row in enumerate(table))
+
+    cases = {
+        "rank.pcd": (body({(2, 3): "300", (15, 3): "1e1"}), r"point 15 value 4 \('label'\) is '1e1', not a plain"),
+        "order.pcd": (body({(1, 4): "-1", (17, 3): "256"}), r"point 17 value 4 \('label'\) is '256', not a uint8"),
+        "late.pcd": (body({(18, 4): "010"}), r"point 18 value 5 \('rgb'\) is '010', not a plain decimal"),
+        "long.pcd": (body({(12, 3): "1" + "0" * 200}), r"point 12 value 4 \('label'\) is '1" + "0" * 39 + "'"),
+        "ok.pcd": (body(), None),
+    }
+    for name, (text, match) in cases.items():
+        path = tmp_path / name
+        path.write_text(text)
+        outcomes = []
+        for lines in (readers._ASCII_ROWS, 1, 2, 5):
+            monkeypatch.setattr(readers, "_ASCII_ROWS", lines)
+            if match is None:
+                outcomes.append(readers._check_pcd(path))
+            else:
+                with pytest.raises(ValueError, match=rf"{name[:-4]}\.pcd: {match}") as err:
+                    readers._check_pcd(path)
+                outcomes.append(str(err.value))
+        if match is None:
+            expect = np.array([[float(v) for v in row[:3]] for row in rows])
+            assert all(np.array_equal(xyz, expect) for xyz in outcomes), name
+        else:
+            assert len(set(outcomes)) == 1, outcomes
+
+
+
 def test_open3d_reader_refuses_ply_property_types_open3d_misreads(tmp_path):
     """Open3D reads x y z (and nx ny nz, red green blue) as one array of
     the first's type: a double y among float x and z came back as 3e-41, a
