@@ -932,6 +932,8 @@ def test_open3d_reader_refuses_a_body_shorter_than_its_header(tmp_path):
         "f.ply": ("ply\nformat ascii 1.0\nelement vertex 2\n", "no 'end_header' line"),
         "g.ply": ("plyx\nend_header\n", "does not start with 'ply'"),
         "h.ply": (ply.format(fmt="ascii", n=1, extra="property quad w\n") + "1 2 3 4\n", "'property quad w'"),
+        "i.ply": (ply.format(fmt="ascii", n=10**15, extra="") + "1 2 3\n", "header says 1000000000000000 points .* "
+                                                                            "holds 1"),
         "a.pcd": (pcd.format(n=5, data="ascii", **plain) + "1 2 3\n", "header says 5 points but the file holds 1"),
         "b.pcd": (pcd.format(n=100_000, data="binary", **plain).encode() + xyz.tobytes(),
                   "header says 100000 points .* holds 2"),

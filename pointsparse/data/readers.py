@@ -995,7 +995,7 @@ def _check_ply(path: Path) -> np.ndarray | None:
     n, props = upto[-1][1], upto[-1][2]
     # Up to the vertex element, each row needs its (fixed-size) properties.
     if fmt == "ascii":
-        return _check_ascii_ply(path, start, upto)
+        return _check_ascii_ply(path, start, size, upto)
     need = sum(count * sum(d.itemsize for _, d in p) for _, count, p in upto)
     held_bytes = size - start
     if held_bytes < need:
@@ -1029,14 +1029,17 @@ def _text_positions(dtypes, names, column) -> np.ndarray | None:
     return np.stack([column(j) for j in picks], 1) if picks is not None else None
 
 
-def _check_ascii_ply(path: Path, start: int, upto) -> np.ndarray | None:
+def _check_ascii_ply(path: Path, start: int, size: int, upto) -> np.ndarray | None:
     """:func:`_check_ply` of an ASCII body (``upto``: the elements up to the
     vertex element, ``[name, count, [(property, dtype)]]``), read in pieces
     of :func:`_ascii_pieces`: its tokens numbers (the first that is not,
     named), as many as the header needs, then each property's column as
     :func:`_ranked_column_problem` takes it, the first property with a
     problem named at its first row. Returns the float64 ``(n, 3)`` x, y, z
-    where they are declared float32 (:func:`_xyz_picks`), else None."""
+    where they are declared float32 (:func:`_xyz_picks`), else None; they
+    are filled in as read, sized only where the body after byte ``start``
+    of the ``size`` can hold the header's values (a digit and a space each:
+    a header's 10**15 points asked for 21 PiB)."""
     _, n, props = upto[-1]
     columns, offset = [], 0  # (element, its first value's index, its rows, row length, column, property, dtype)
     for name, count, p in upto:
@@ -1044,7 +1047,7 @@ def _check_ascii_ply(path: Path, start: int, upto) -> np.ndarray | None:
         offset += count * len(p)
     need, vertex = offset, len(columns) - len(props)  # (the vertex element's first column)
     picks = _xyz_picks([dtype for _, dtype in props], [prop for prop, _ in props])
-    xyz = np.empty((n, 3)) if picks is not None else None
+    xyz = np.empty((n, 3)) if picks is not None and need <= (size - start + 1) // 2 else None
     found: list[tuple | None] = [None] * len(columns)  # each column's problem so far: (rank, row, why, token)
     held = 0
     for first, tokens in _ascii_pieces(path, start, need):
