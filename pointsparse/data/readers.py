@@ -244,6 +244,18 @@ def _finite(values: np.ndarray) -> np.ndarray:
     return values[np.isfinite(values)] if values.dtype.kind == "f" else values.reshape(-1)
 
 
+def _finite_range(values: np.ndarray):
+    """The least and the greatest finite entry of ``values`` (numpy
+    scalars of its dtype), None where it has none; :func:`_finite`'s
+    ``min()`` and ``max()`` without its copy of the values."""
+    if values.dtype.kind != "f":
+        return (values.min(), values.max()) if values.size else None
+    ok = np.isfinite(values)
+    if not ok.any():
+        return None
+    return np.min(values, where=ok, initial=np.inf), np.max(values, where=ok, initial=-np.inf)
+
+
 def _scale_intensity(values, where: str) -> np.ndarray:
     """Float intensities kept as they are when already in 0..1; integer (or
     larger) ones divided by their 99th percentile and clipped to 0..1.5.
@@ -282,16 +294,18 @@ def _scale_rgb(values, where: str, top: float | None = None) -> np.ndarray | Non
     Negative values or values above 65535 are a ValueError naming
     ``where``; all-zero colour is none (None)."""
     v = np.asarray(values)
-    finite = _finite(v)
-    if finite.size and (finite.min() < 0 or finite.max() > 65535):
+    span = _finite_range(v)
+    if span is not None and (span[0] < 0 or span[1] > 65535):
         raise ValueError(f"{where}: colour values must be in 0..255 (8-bit), 0..65535 (16-bit) or 0..1; got "
-                         f"{finite.min()!r} to {finite.max()!r}")
+                         f"{span[0]!r} to {span[1]!r}")
     if v.size == 0 or not v.any():
         return None  # absent colour (some tiles carry all-zero rgb)
     if top is None:
-        high = finite.max() if finite.size else 0
+        high = span[1] if span is not None else 0
         top = 1.0 if np.issubdtype(v.dtype, np.floating) and high <= 1.0 else (255.0 if high <= 255 else 65535.0)
-    return (v.astype(np.float32) / np.float32(top)).reshape(-1, 3)
+    out = v.astype(np.float32)
+    out /= np.float32(top)
+    return out.reshape(-1, 3)
 
 
 def _integral(raw, where: str) -> np.ndarray:
@@ -632,11 +646,11 @@ def _positions(xyz: np.ndarray) -> np.ndarray:
     xyz = xyz[:, :3]
     if len(xyz) == 0 or np.can_cast(xyz.dtype, np.float32):
         return xyz
-    x64 = xyz.astype(np.float64)
+    x64 = xyz.astype(np.float64, copy=False)  # (float64 text rows: no copy; the shift below makes one)
     finite = np.isfinite(x64).all(1)
     if not finite.any():
-        return x64
-    shift = x64[finite].min(0)
+        return x64.copy()
+    shift = (x64 if finite.all() else x64[finite]).min(0)
     shift[2:] = 0.0
     return x64 - shift
 
@@ -1341,13 +1355,15 @@ def read_text(path, label_map="s3dis", ignore_index: int = DEFAULT_IGNORE, *, la
             parts.append(rows)
             ids.append(np.full(len(rows), tid, dtype=np.int64))
         rows = np.concatenate(parts)
-        return Sample(_positions(rows), np.concatenate(ids) if labels else None, rgb=_rgb_rows(rows, path),
-                      name=str(path))
+        parts.clear()  # (the files' rows: not held beside the room's)
+        rgb, xyz = _rgb_rows(rows, path), _positions(rows)
+        del rows  # (nor the room's while the sample casts and checks its arrays)
+        return Sample(xyz, np.concatenate(ids) if labels else None, rgb=rgb, name=str(path))
     rows = _load_rows(path)
     raw = _integral(rows[:, -1], f"{path} label column") if labels and rows.shape[1] in (4, 7) else None
-    rgb = _rgb_rows(rows, path)
-    return Sample(_positions(rows), _labels(raw, label_map, ignore_index, f"{path} label column"), rgb=rgb,
-                  name=str(path))
+    rgb, xyz = _rgb_rows(rows, path), _positions(rows)
+    del rows  # (the float64 rows: not held while the sample casts and checks its arrays)
+    return Sample(xyz, _labels(raw, label_map, ignore_index, f"{path} label column"), rgb=rgb, name=str(path))
 
 
 def _load_rows(path) -> np.ndarray:
@@ -1372,8 +1388,8 @@ def _rgb_rows(rows, where):
     if rows.shape[1] < 6:
         return None
     rgb = rows[:, 3:6]
-    finite = _finite(rgb)  # (a NaN row's colour: no 16-bit colour)
-    return _scale_rgb(rgb, str(where), 255.0 if finite.size == 0 or finite.max() <= 255 else 65535.0)
+    span = _finite_range(rgb)  # (a NaN row's colour: no 16-bit colour)
+    return _scale_rgb(rgb, str(where), 255.0 if span is None or span[1] <= 255 else 65535.0)
 
 
 def read_cloud(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, *, labels: bool = True) -> Sample:
