@@ -532,8 +532,8 @@ def test_remove_folds_an_attached_filter_skeleton(kind, order):
 
 
 def test_a_skeleton_left_by_remove_folds_when_detached_or_cut():
-    """After prune.remove and before any forward, detach_filter_skeleton (and channel surgery, which
-    folds skeletons through it) read weight_orig, gone: they fold the skeleton into the plain weight."""
+    """After prune.remove and before any forward, detach_filter_skeleton read weight_orig, gone: it folds
+    the skeleton into the plain weight; channel surgery narrows the skeleton waiting with the weight."""
     make, x, forward = _skeleton_layer("sparse")
     module = make()
     skeleton = prune.attach_filter_skeleton(module)

@@ -266,10 +266,11 @@ def test_channel_l1_of_a_module_without_an_adapter_names_its_layout():
 
 
 def test_channel_removal_folds_an_attached_filter_skeleton():
-    """remove_output_channels / remove_input_channels make a conv's pruning
+    """remove_output_channels / remove_input_channels made a conv's pruning
     permanent; with a filter skeleton attached its hook was left without
-    weight_orig (AttributeError at the next forward). The skeleton is folded
-    into the weight first: the kept channels compute what they did."""
+    weight_orig (AttributeError at the next forward). The skeleton is
+    narrowed with the weight and its mask: the kept channels compute what
+    they did."""
     import pointsparse.prune as pprune
     from pointsparse.nn import Conv3d
 
@@ -305,8 +306,8 @@ def test_channel_removal_after_pruning_the_batchnorm_scales(sparse):
     (weight_orig + weight_mask on the norm), then removes those channels:
     the norm's weight was sliced but weight_orig and weight_mask kept every
     channel, so the next forward failed in torch ('weight should contain 5
-    elements not 8'). The norm's pruning is now made permanent first, and the
-    kept outputs are unchanged."""
+    elements not 8'). The norm's mask is narrowed with it (kept, as the
+    layers' are), and the kept outputs are unchanged."""
     net = (sparse_chain(0) if sparse else mlp(0, bn=True)).eval()
     bn = net[1]
     x = sparse_input(40) if sparse else torch.randn(20, 8)
@@ -320,7 +321,7 @@ def test_channel_removal_after_pruning_the_batchnorm_scales(sparse):
     surgery.prune_channels(net, group, keep)
     out = net(x)
     out, ref = (out.feats, ref.feats) if sparse else (out, ref)
-    assert not hasattr(bn, "weight_orig") and bn.weight.shape == (len(keep),)
+    assert bn.weight.shape == bn.weight_orig.shape == (len(keep),) and bool(bn.weight_mask.all())
     torch.testing.assert_close(out, ref)
 
 
@@ -333,3 +334,64 @@ def test_reconstruction_leaves_each_module_in_its_own_mode():
     net[1].eval()
     surgery.apply_channel_ratios(net, {"0": 0.5}, reconstruct=True, calibration_input=torch.randn(32, 6))
     assert [m.training for m in net] == [True, False, True, True] and net.training
+
+
+def _masked_mlp():
+    """mlp(0, bn=True) with torch's masks on both Linears and on the first norm's scales."""
+    net = mlp(0, bn=True).eval()
+    torch.nn.utils.prune.l1_unstructured(net[0], "weight", amount=0.3)
+    torch.nn.utils.prune.l1_unstructured(net[3], "weight", amount=0.5)
+    torch.nn.utils.prune.l1_unstructured(net[1], "weight", amount=2)
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-1, 1)
+        net[1].running_var.uniform_(0.5, 2)
+    return net
+
+
+def test_channel_cut_keeps_the_layers_masks():
+    """The chain path (no example_input) made every cut layer's pruning
+    permanent (weight_orig / weight_mask gone): the zeros stayed, but the
+    next fine-tuning step regrew them, where DependencyGraph.cut slices the
+    masks. The masks stay now, narrowed along the cut axis, and the kept
+    outputs are the masked model's."""
+    net, x = _masked_mlp(), torch.randn(30, 8)
+    keep = torch.tensor([0, 2, 5, 9, 11, 15])
+    removed = [c for c in range(16) if c not in keep.tolist()]
+    with torch.no_grad():  # the removed channels feed nothing: the cut is exact
+        net[3].weight_orig[:, removed] = 0
+    masks = {i: getattr(net[i], "weight_mask").clone() for i in (0, 1, 3)}
+    ref = net(x)
+    surgery.prune_channels(net, surgery.channel_groups(net)[0], keep)
+    for i, want in ((0, masks[0][keep]), (1, masks[1][keep]), (3, masks[3][:, keep])):
+        assert torch.nn.utils.prune.is_pruned(net[i]) and torch.equal(net[i].weight_mask, want), i
+    torch.testing.assert_close(net(x), ref)
+    with torch.no_grad():  # a training step on weight_orig: the masked entries stay 0
+        net[3].weight_orig.add_(1.0)
+    net(x)
+    assert torch.equal(net[3].weight == 0, masks[3][:, keep] == 0)
+
+
+def test_reconstruction_keeps_the_consumers_mask():
+    """reconstruct=True refitted the consumer as a dense matrix: its 50%
+    unstructured sparsity was gone (sparsity 0.0, no weight_mask). The refit
+    is now the least squares over the unmasked weights only (each output's
+    own support); the mask stays."""
+    torch.manual_seed(1)
+    net, x = mlp(0).eval(), torch.randn(200, 8)
+    torch.nn.utils.prune.l1_unstructured(net[2], "weight", amount=0.5)
+    ref = net(x).detach()
+    target = net[2](net[1](net[0](x))).detach()
+    surgery.apply_channel_ratios(net, {"0": 0.5}, reconstruct=True, calibration_input=x)
+    mask = net[2].weight_mask
+    assert mask.shape == (12, 8) and torch.nn.utils.prune.is_pruned(net[2])
+    assert bool((net[2].weight[mask == 0] == 0).all())
+    assert float((mask == 0).float().mean()) > 0.3
+    h = net[1](net[0](x)).detach().double()
+    for o in range(12):  # each output row: the least squares over its unmasked inputs
+        s = mask[o].bool()
+        want = torch.linalg.lstsq(h[:, s], (target[:, o] - net[2].bias[o]).double().unsqueeze(1)).solution
+        torch.testing.assert_close(net[2].weight_orig[o, s].double(), want[:, 0], atol=1e-4, rtol=1e-4)
+    unfit = mlp(0).eval()  # the refit beats the masked cut without it
+    torch.nn.utils.prune.l1_unstructured(unfit[2], "weight", amount=0.5)
+    surgery.apply_channel_ratios(unfit, {"0": 0.5})
+    assert (net(x) - ref).pow(2).mean() < (unfit(x) - ref).pow(2).mean()

@@ -568,10 +568,12 @@ def _effective(module: nn.Module, name: str) -> torch.Tensor | None:
 def _slice(module: nn.Module, name: str, axis: int, kept: torch.Tensor) -> None:
     """Keep ``kept`` along ``axis`` of tensor ``name`` (its ``_orig`` and
     ``_mask`` when masked, and a filter skeleton's ``_skeleton`` on the
-    axes it has; the masked value is recomputed, detached)."""
+    axes it has, one left by ``prune.remove`` too; the masked value is
+    recomputed, detached)."""
     masked = name + "_orig" in module._parameters
-    size = module._parameters[name + "_orig"].shape[axis] if masked else None
-    for key in ((name + "_orig", name + "_mask", name + "_skeleton") if masked else (name,)):
+    base = module._parameters[name + "_orig"] if masked else getattr(module, name, None)
+    size = base.shape[axis] if isinstance(base, torch.Tensor) else None
+    for key in ((name + "_orig", name + "_mask", name + "_skeleton") if masked else (name, name + "_skeleton")):
         t = getattr(module, key, None)
         if t is None or (key == name + "_skeleton" and t.shape[axis] != size):  # (its input axis: one entry)
             continue

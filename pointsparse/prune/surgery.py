@@ -14,6 +14,14 @@ their weights, optionally refitting each consumer by least squares so that it
 reproduces the unpruned network's outputs on calibration data (AMC, He et al.
 2018, after He et al. 2017).
 
+Pruning already on the layers stays: a mask (``weight_orig`` +
+``weight_mask``, of ``torch.nn.utils.prune`` or of this package's methods)
+and a filter skeleton are narrowed along the cut axis, as
+:meth:`~pointsparse.prune.graph.DependencyGraph.cut` narrows them, and a
+refitted consumer keeps its mask: its least squares are solved over its
+unmasked weights only (a filter skeleton on it is folded into its weight
+first: the refit sets the weights the scales multiplied).
+
 Given an ``example_input``, :func:`channel_groups` and
 :func:`apply_channel_ratios` work on the coupled groups of the dependency
 graph (:mod:`pointsparse.prune.graph`) instead: every layer of residual and
@@ -31,7 +39,8 @@ from ..tensor import as_bool, as_int
 from . import _compat, adapters
 from .._modes import evaluating
 from .adapters import in_channel_dim, is_layer, out_channel_dim, out_channels
-from .graph import _check_keep
+from ._copyable import keep_copyable
+from .graph import _check_keep, _slice
 from .procedure import check_fraction
 
 
@@ -177,17 +186,6 @@ def channel_groups(model: nn.Module, example_input=None) -> list:
     return groups
 
 
-def _slice_param(module: nn.Module, name: str, dim: int, index: torch.Tensor) -> None:
-    p = getattr(module, name)
-    if p is None:
-        return
-    new = p.detach().index_select(dim, index.to(p.device)).clone()
-    if isinstance(p, nn.Parameter):
-        setattr(module, name, nn.Parameter(new, requires_grad=p.requires_grad))
-    else:
-        setattr(module, name, new)
-
-
 def _unprune(module: nn.Module) -> None:
     """Make ``module``'s pruning permanent, an attached filter skeleton folded
     into the weight first (its hook reads ``weight_orig``, which ``remove``
@@ -203,16 +201,15 @@ def _unprune(module: nn.Module) -> None:
 
 def remove_output_channels(module: nn.Module, keep) -> None:
     """Keep only output channels ``keep`` of a Linear / torch conv /
-    ``pointsparse.nn.Conv3d`` (weight and bias)."""
+    ``pointsparse.nn.Conv3d`` (weight and bias, their masks and filter
+    skeleton too)."""
     if not is_layer(module):
         raise TypeError(f"expected a Linear, torch conv or pointsparse.nn.Conv3d; got {type(module).__name__}")
     if getattr(module, "groups", 1) != 1:
         raise ValueError("grouped convolutions are not supported")
-    _unprune(module)
     keep = _check_keep(keep, out_channels(module), type(module).__name__)
-    _slice_param(module, "weight", out_channel_dim(module), keep)
-    if getattr(module, "bias", None) is not None:
-        _slice_param(module, "bias", 0, keep)
+    _slice(module, "weight", out_channel_dim(module), keep)
+    _slice(module, "bias", 0, keep)
     _set_channels(module, out=len(keep))
 
 
@@ -221,10 +218,10 @@ def remove_input_channels(module: nn.Module, keep, offset: int = 0, repeat: int 
     """Keep only the inputs of ``module`` fed by producer channels ``keep``:
     producer channel ``c`` feeds inputs ``offset + c*repeat`` to
     ``offset + (c+1)*repeat - 1``; the producer has ``channels`` channels
-    (default: all inputs from ``offset`` on); inputs outside its span stay."""
+    (default: all inputs from ``offset`` on); inputs outside its span stay.
+    The weight's mask and filter skeleton are narrowed with it."""
     if not is_layer(module):
         raise TypeError(f"expected a Linear, torch conv or pointsparse.nn.Conv3d; got {type(module).__name__}")
-    _unprune(module)
     dim = in_channel_dim(module)
     n_in = module.weight.shape[dim]
     if channels is None:
@@ -236,21 +233,21 @@ def remove_input_channels(module: nn.Module, keep, offset: int = 0, repeat: int 
     keep = _check_keep(keep, channels, f"the inputs of {type(module).__name__}")
     rows = (keep[:, None] * repeat + torch.arange(repeat)[None, :]).flatten() + offset
     index = torch.cat([torch.arange(0, offset), rows, torch.arange(end, n_in)]).long()
-    _slice_param(module, "weight", dim, index)
+    _slice(module, "weight", dim, index)
     _set_channels(module, inp=len(index))
 
 
 def remove_norm_channels(norm: nn.Module, keep) -> None:
     """Keep entries ``keep`` of a BatchNorm (affine parameters and running
-    statistics; any norm with a registered adapter)."""
+    statistics, and the masks of pruned scales or shifts; any norm with a
+    registered adapter)."""
     adapter = adapters.adapter_for(norm)
     if adapter is None or adapter.kind != "norm":
         raise TypeError(f"expected a BatchNorm; got {type(norm).__name__}")
     keep = _check_keep(keep, adapter.channels(norm, "out"), type(norm).__name__)
-    _unprune(norm)  # (scales pruned by torch's methods: weight_orig / weight_mask would keep every channel)
     for name, axes in adapter.axes(norm).items():
         if getattr(norm, name, None) is not None:
-            _slice_param(norm, name, axes["out"], keep)
+            _slice(norm, name, axes["out"], keep)
     adapter.set_channels(norm, "out", len(keep))
 
 
@@ -341,15 +338,67 @@ def capture(model: nn.Module, modules: list[nn.Module], example) -> list[tuple]:
 
 
 def _fit_consumer(module, x, target, ridge: float = 1e-6) -> None:
+    """Refit ``module``'s weight by (ridge) least squares so that it maps
+    ``x`` to ``target``; a masked weight over its unmasked entries only (each
+    output its own support; the mask stays, ``weight_orig`` takes the fit)."""
+    from .stripe import _find as _skeleton_of, detach_filter_skeleton  # noqa: PLC0415 - stripe imports the package
+
     rows, y = _columns(module, x, target)
     bias = getattr(module, "bias", None)
     if bias is not None:
         y = y - bias.detach()
-    rows = rows.double()
-    gram = rows.t() @ rows
-    gram += ridge * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(gram.shape[0], dtype=gram.dtype)
-    sol = torch.linalg.solve(gram, rows.t() @ y.double())
-    adapters.adapter_for(module).set_from_2d(module, sol.to(module.weight.dtype))
+    rows, y = rows.double(), y.double()
+    gram, rhs = rows.t() @ rows, rows.t() @ y
+    if _skeleton_of(module, "weight") is not None:  # (the refit sets the weights its scales multiplied)
+        detach_filter_skeleton(module, "weight", fold=True)
+    mask = adapters.mask(module, "weight")
+    if mask is None:
+        adapters.adapter_for(module).set_from_2d(module, _ridge_solve(gram, rhs, ridge).to(module.weight.dtype))
+        return
+    support = _mask_2d(module, mask, *rhs.shape)
+    sol = torch.zeros_like(rhs)
+    patterns, which = torch.unique(support.t(), dim=0, return_inverse=True)
+    for p, pattern in enumerate(patterns):  # (outputs with one support solve together: structured masks)
+        inputs, outputs = pattern.nonzero().flatten(), (which == p).nonzero().flatten()
+        if len(inputs):
+            sol[inputs[:, None], outputs] = _ridge_solve(gram[inputs][:, inputs], rhs[inputs][:, outputs], ridge)
+    _set_masked_from_2d(module, sol)
+
+
+def _ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
+    gram = gram + ridge * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(gram.shape[0], dtype=gram.dtype)
+    return torch.linalg.solve(gram, rhs)
+
+
+def _mask_2d(module: nn.Module, mask: torch.Tensor, fan_in: int, c_out: int) -> torch.Tensor:
+    """``mask`` (of the weight) as a bool ``(fan_in, C_out)`` matrix in the
+    order of the adapter's ``columns``: its ``set_from_2d`` places the
+    numbers 1.. on a zero weight, and each entry reads the mask where its
+    number lands (an entry placed nowhere stays False)."""
+    saved = module.weight
+    try:
+        module.weight = torch.zeros(mask.shape, dtype=torch.float64, device=mask.device)
+        numbers = torch.arange(1, fan_in * c_out + 1, dtype=torch.float64, device=mask.device)
+        adapters.adapter_for(module).set_from_2d(module, numbers.reshape(fan_in, c_out))
+        placed = module.weight.detach()
+    finally:
+        module.weight = saved
+    out = torch.zeros(fan_in * c_out, dtype=torch.bool, device=mask.device)
+    hit = placed > 0
+    out[placed[hit].long() - 1] = mask[hit].bool()
+    return out.reshape(fan_in, c_out).cpu()
+
+
+def _set_masked_from_2d(module: nn.Module, w2d: torch.Tensor) -> None:
+    """The adapter's ``set_from_2d`` on a masked weight: written into
+    ``weight_orig`` (entries it does not set keep their value), the mask kept."""
+    orig = module._parameters["weight_orig"]
+    module.weight = orig.detach().clone()
+    adapters.adapter_for(module).set_from_2d(module, w2d.to(orig.dtype))
+    with torch.no_grad():
+        orig.copy_(module.weight)
+    module.weight = (orig * module.weight_mask).detach()  # (as the pruning's pre-hook computes it, detached)
+    keep_copyable(module)
 
 
 def apply_channel_ratios(model: nn.Module, ratios: dict[str, float], reconstruct: bool = False,
