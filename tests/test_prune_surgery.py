@@ -395,3 +395,46 @@ def test_reconstruction_keeps_the_consumers_mask():
     torch.nn.utils.prune.l1_unstructured(unfit[2], "weight", amount=0.5)
     surgery.apply_channel_ratios(unfit, {"0": 0.5})
     assert (net(x) - ref).pow(2).mean() < (unfit(x) - ref).pow(2).mean()
+
+
+def test_a_layer_called_twice_in_a_chain_is_not_cut():
+    """One Linear listed twice in a Sequential (run twice, its output fed back
+    into itself): the chain saw it once (named_children skips repeats), so
+    cutting '0' or '2' shrank an input that the second call still fed at full
+    width: the next forward failed in torch (mat1 and mat2 shapes cannot be
+    multiplied). Such groups are fixed, as the dependency graph fixes what it
+    cannot cut alone: channel_groups leaves them out and a cut names why."""
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 16)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), lin, nn.ReLU(), lin, nn.ReLU(), nn.Linear(16, 3))
+    x = torch.randn(5, 8)
+    ref = net(x)
+    assert surgery.channel_groups(net) == []
+    for name in ("0", "2"):
+        with pytest.raises(ValueError, match=r"'2' and '4' are one module, called twice"):
+            surgery.apply_channel_ratios(net, {name: 0.5})
+    with pytest.raises(ValueError, match=r"called twice"):
+        surgery.prune_channels(net, "0", [0, 1])
+    torch.testing.assert_close(net(x), ref)
+
+
+def test_a_layer_whose_weight_another_module_holds_is_not_cut():
+    """A weight tied to another module's: the cut gave the layer a new,
+    smaller Parameter and left the other module the old one, the tie gone
+    silently. Refused now, as the dependency graph refuses it."""
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = mlp(0)
+            self.other = nn.Linear(8, 16)
+            self.other.weight = self.net[0].weight
+
+        def forward(self, x):
+            return self.net(x), self.other(x)
+
+    m = Tied()
+    assert [g.producer for g in surgery.channel_groups(m)] == ["net.2"]
+    with pytest.raises(ValueError, match=r"'net.0'.*'weight' is shared with other.weight"):
+        surgery.apply_channel_ratios(m, {"net.0": 0.5})
+    assert m.other.weight is m.net[0].weight and m.net[0].weight.shape == (16, 8)

@@ -111,7 +111,7 @@ class DependencyGraph:
     # ------------------------------------------------------------ tracing
     def _trace(self) -> None:
         tracer = Tracer(self.spaces)
-        shared = self._shared_tensors()
+        shared = shared_tensors(self.model)
         handles = []
         for name, m in self.model.named_modules():
             # (the model itself is no layer: its forward is what is traced, its own parameters operands there as
@@ -144,27 +144,6 @@ class DependencyGraph:
             for member, _, s in self._members:
                 if member == name:
                     self.spaces.fix(s.space, reason)
-
-    def _shared_tensors(self) -> dict[str, str]:
-        """``{layer: why}`` for the registered layers one of whose tensors
-        (its parameters and buffers with channel axes) another module holds too."""
-        # id(tensor) -> [(the module holding it, qualified name)]; a module registered under two names (an
-        # alias, self.head = self.layers[-1]) is one module: its cut slices it once, no tie to keep
-        owners: dict[int, list[tuple[nn.Module, str]]] = {}
-        for prefix, holder in self.model.named_modules(remove_duplicate=False):
-            for key, t in [*holder.named_parameters(recurse=False), *holder.named_buffers(recurse=False)]:
-                owners.setdefault(id(t), []).append((holder, f"{prefix}.{key}" if prefix else key))
-        out = {}
-        for name, m in self.model.named_modules():
-            adapter = adapters.adapter_for(m)
-            if adapter is None:
-                continue
-            for tensor in adapter.axes(m):
-                t = adapters.raw(m, tensor)
-                others = [q for holder, q in owners.get(id(t), ()) if holder is not m] if t is not None else []
-                if others:
-                    out.setdefault(name, f"{name}: its {tensor!r} is shared with {', '.join(others)}")
-        return out
 
     def _on_module(self, tracer: Tracer, name: str, module, inputs, output, kwargs=None) -> None:
         _watch(tracer, name, module)  # (a masked weight: the tensor its pre-hook made for this call)
@@ -501,6 +480,28 @@ class _ValuesGraph(DependencyGraph):
 
 
 # ------------------------------------------------------------------ helpers
+def shared_tensors(model: nn.Module) -> dict[str, str]:
+    """``{layer: why}`` for the registered layers one of whose tensors
+    (its parameters and buffers with channel axes) another module holds too."""
+    # id(tensor) -> [(the module holding it, qualified name)]; a module registered under two names (an
+    # alias, self.head = self.layers[-1]) is one module: its cut slices it once, no tie to keep
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for prefix, holder in model.named_modules(remove_duplicate=False):
+        for key, t in [*holder.named_parameters(recurse=False), *holder.named_buffers(recurse=False)]:
+            owners.setdefault(id(t), []).append((holder, f"{prefix}.{key}" if prefix else key))
+    out = {}
+    for name, m in model.named_modules():
+        adapter = adapters.adapter_for(m)
+        if adapter is None:
+            continue
+        for tensor in adapter.axes(m):
+            t = adapters.raw(m, tensor)
+            others = [q for holder, q in owners.get(id(t), ()) if holder is not m] if t is not None else []
+            if others:
+                out.setdefault(name, f"{name}: its {tensor!r} is shared with {', '.join(others)}")
+    return out
+
+
 def _watch(tracer: Tracer, name: str, module: nn.Module) -> None:
     """Have ``tracer`` note any use outside ``module`` of its tensors with
     channel axes (raw, and as its forward reads them: a masked weight)."""

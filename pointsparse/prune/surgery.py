@@ -84,8 +84,10 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _flatten_sequential(seq: nn.Sequential, prefix: str, chain: list, chains: list) -> None:
-    for name, child in seq.named_children():
+def _flatten_sequential(seq: nn.Sequential, prefix: str, chain: list, chains: list, seen: set) -> None:
+    for name, child in seq._modules.items():  # (a module listed twice runs twice: named_children skips repeats)
+        if child is None:
+            continue
         full = _join(prefix, name)
         if is_layer(child):
             chain.append((full, child, "layer"))
@@ -95,24 +97,27 @@ def _flatten_sequential(seq: nn.Sequential, prefix: str, chain: list, chains: li
         elif adapters.is_norm(child):
             chain.append((full, child, "norm"))
         elif isinstance(child, nn.Sequential):
-            _flatten_sequential(child, full, chain, chains)
+            _flatten_sequential(child, full, chain, chains, seen)
         elif _passes_through(child):
             chain.append((full, child, "pass"))
         else:  # a block with its own wiring (residual add, concatenation) or other parameters
             chain.append((full, child, "barrier"))
-            _analyse(child, full, chains)
+            _analyse(child, full, chains, seen)
 
 
-def _analyse(module: nn.Module, prefix: str, chains: list) -> None:
+def _analyse(module: nn.Module, prefix: str, chains: list, seen: set) -> None:
+    if id(module) in seen:  # (a block used twice: its insides are one set of layers, its chains listed once)
+        return
+    seen.add(id(module))
     if isinstance(module, nn.Sequential):
         chain: list = []
-        _flatten_sequential(module, prefix, chain, chains)
+        _flatten_sequential(module, prefix, chain, chains, seen)
         chains.append(chain)
         return
     for name, child in module.named_children():
         if is_layer(child) or _is_wrapper(child) or not _has_prunable(child):
             continue  # a lone layer outside any Sequential: its consumers are unknown
-        _analyse(child, _join(prefix, name), chains)
+        _analyse(child, _join(prefix, name), chains, seen)
 
 
 def chains(model: nn.Module) -> list[list[tuple[str, nn.Module, str]]]:
@@ -123,7 +128,7 @@ def chains(model: nn.Module) -> list[list[tuple[str, nn.Module, str]]]:
     its own). Only inside a chain is it known who consumes a layer's output:
     a Sequential's intermediate outputs reach only its next element."""
     out: list = []
-    _analyse(model, "", out)
+    _analyse(model, "", out, set())
     return out
 
 
@@ -156,15 +161,41 @@ def channel_groups(model: nn.Module, example_input=None) -> list:
     may feed a residual add, a concatenation or the network's output) forms no
     group, nor does a layer followed by a block with its own wiring. So
     plain chains give every layer but the last, and residual U-Nets such as
-    MinkUNet give the channels inside their blocks. Raises ValueError when a
-    consumer's input size does not fit its producer's channels."""
+    MinkUNet give the channels inside their blocks. Nor does a group with a
+    layer or norm that the chains list twice (one module run at two places:
+    its input is its own output) or whose weight another module holds too
+    (tied layers): their channels are fixed, as the dependency graph fixes
+    them. Raises ValueError when a consumer's input size does not fit its
+    producer's channels."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     if example_input is not None:
         from .graph import DependencyGraph
         return DependencyGraph(model, example_input).groups
-    groups: list[ChannelGroup] = []
-    for chain in chains(model):
+    return [g for g, why in _chain_groups(model) if why is None]
+
+
+def _chain_groups(model: nn.Module) -> list[tuple[ChannelGroup, str | None]]:
+    """Every chain group of ``model`` with the reason its channels are fixed
+    (None: it can be cut)."""
+    from .graph import shared_tensors
+
+    found = chains(model)
+    places: dict[int, list[str]] = {}
+    for chain in found:
+        for name, m, kind in chain:
+            if kind in ("layer", "norm"):
+                places.setdefault(id(m), []).append(name)
+    fixed = {}
+    for names in places.values():
+        if len(names) > 1:
+            listed = ", ".join(map(repr, names[:-1])) + f" and {names[-1]!r}"
+            fixed[names[0]] = fixed[names[-1]] = (
+                f"{listed} are one module, called {'twice' if len(names) == 2 else f'{len(names)} times'}: "
+                "a cut would shrink an input that another of its calls feeds at full width")
+    by_id = {id(model.get_submodule(n)): why for n, why in shared_tensors(model).items()}
+    groups: list[tuple[ChannelGroup, str | None]] = []
+    for chain in found:
         current: ChannelGroup | None = None
         current_module = None
         for name, m, kind in chain:
@@ -177,13 +208,24 @@ def channel_groups(model: nn.Module, example_input=None) -> list:
                                          f"{current.producer!r}: not a chain this function can cut")
                     current.consumer = name
                     current.repeat = c_in // c_out
-                    groups.append(current)
+                    members = [current.producer, *current.norms, current.consumer]
+                    reasons = [fixed.get(n) or by_id.get(id(model.get_submodule(n))) for n in members]
+                    groups.append((current, next((r for r in reasons if r is not None), None)))
                 current, current_module = ChannelGroup(producer=name), m
             elif kind == "norm" and current is not None:
                 current.norms.append(name)
             elif kind == "barrier":
                 current = current_module = None
     return groups
+
+
+def _check_not_fixed(model: nn.Module, names) -> None:
+    """ValueError naming the first of the producers ``names`` whose chain
+    group is fixed, and why."""
+    fixed = {g.producer: why for g, why in _chain_groups(model) if why is not None}
+    for name in names:
+        if name in fixed:
+            raise ValueError(f"{name!r} cannot be cut (its channels are fixed): {fixed[name]}")
 
 
 def _unprune(module: nn.Module) -> None:
@@ -261,12 +303,13 @@ def _set_channels(module: nn.Module, out: int | None = None, inp: int | None = N
 def prune_channels(model: nn.Module, group: ChannelGroup | str, keep) -> None:
     """Remove every output channel of the group's producer not in ``keep``,
     with its BatchNorm entries and the consumer's matching inputs."""
-    named = dict(model.named_modules())
+    _check_not_fixed(model, [group if isinstance(group, str) else group.producer])
     if isinstance(group, str):
         found = [g for g in channel_groups(model) if g.producer == group]
         if not found:
             raise ValueError(f"{group!r} is not a producer layer with a consumer in this chain")
         group = found[0]
+    named = {n: model.get_submodule(n) for n in [group.producer, *group.norms, group.consumer] if n is not None}
     producer = named[group.producer]
     channels = out_channels(producer)
     keep = _check_keep(keep, channels, group.producer)
@@ -425,6 +468,7 @@ def apply_channel_ratios(model: nn.Module, ratios: dict[str, float], reconstruct
         return _apply_coupled_ratios(model, ratios, reconstruct, example_input, multiple, scores)
     if multiple != 1 or scores is not None:  # the chain groups rank by L1 and keep exact counts
         raise ValueError("multiple and scores work on coupled groups only (give example_input)")
+    _check_not_fixed(model, ratios)
     groups = {g.producer: g for g in channel_groups(model)}
     for name in ratios:
         if name not in groups:
