@@ -438,3 +438,23 @@ def test_a_layer_whose_weight_another_module_holds_is_not_cut():
     with pytest.raises(ValueError, match=r"'net.0'.*'weight' is shared with other.weight"):
         surgery.apply_channel_ratios(m, {"net.0": 0.5})
     assert m.other.weight is m.net[0].weight and m.net[0].weight.shape == (16, 8)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("kind", ["linear", "sparse"])
+def test_reconstruction_refuses_non_finite_calibration(bad, kind):
+    """A NaN or inf in calibration_input went into the least squares: the
+    consumer's weights came back all NaN, silently. A ValueError now, before
+    anything is cut."""
+    if kind == "linear":
+        net, x = mlp(0).eval(), torch.randn(64, 8)
+        x[3, 2] = bad
+    else:
+        net, x = sparse_chain(width=8), sparse_input(n=150)
+        x.feats[3, 1] = bad
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    consumer = "2" if kind == "linear" else "3"
+    with pytest.raises(ValueError, match=rf"calibration_input gives non-finite values .* of '{consumer}'"):
+        surgery.apply_channel_ratios(net, {"0": 0.5}, reconstruct=True, calibration_input=x)
+    after = net.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())

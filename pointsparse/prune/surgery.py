@@ -40,6 +40,7 @@ from . import _compat, adapters
 from .._modes import evaluating
 from .adapters import in_channel_dim, is_layer, out_channel_dim, out_channels
 from ._copyable import keep_copyable
+from ._trace import feats_of
 from .graph import _check_keep, _slice
 from .procedure import check_fraction
 
@@ -480,6 +481,10 @@ def apply_channel_ratios(model: nn.Module, ratios: dict[str, float], reconstruct
     if reconstruct:
         names = list(ratios)
         captured = capture(model, [named[groups[n].consumer] for n in names], calibration_input)
+        for n, pair in zip(names, captured):  # (the least squares would fill the consumer with NaN)
+            if not all(bool(torch.isfinite(feats_of(t)).all()) for t in pair):
+                raise ValueError(f"calibration_input gives non-finite values (NaN or inf) at the input or output of "
+                                 f"{groups[n].consumer!r}, the layer refitted for {n!r}: give finite calibration data")
         targets = {n: y for n, (_, y) in zip(names, captured)}
     kept = {}
     for name, g in groups.items():  # in network order
