@@ -275,6 +275,33 @@ def test_channel_graph_cut(device):
     assert all(p.device.type == device.type for p in moved.parameters())
 
 
+def test_channel_surgery_reconstruction(device):
+    """apply_channel_ratios(reconstruct=True) on the device: the least
+    squares' ridge term was made on the CPU (torch.eye without a device),
+    which a GPU's Gram matrix cannot take. The refit (masks kept) gives what
+    the C++ core gives on the CPU."""
+    from pointsparse.models import MinkUNet
+    from pointsparse.prune import adapters, surgery
+
+    x = _scan()[0]
+
+    def masked_net():
+        torch.manual_seed(0)
+        net = MinkUNet(4, 5, cr=0.25, blocks=1).double().eval()
+        for m in net.modules():
+            if adapters.is_layer(m):
+                ps.prune.l1_unstructured(m, "weight", amount=0.5)
+        return net
+
+    net, moved = masked_net(), masked_net().to(device)
+    ratios = {g.producer: 0.5 for g in surgery.channel_groups(net)[:4]}
+    surgery.apply_channel_ratios(moved, ratios, reconstruct=True, calibration_input=x.to(device))
+    core(surgery.apply_channel_ratios, net, ratios, reconstruct=True, calibration_input=x)
+    for (name, got), want in zip(moved.state_dict().items(), net.state_dict().values()):
+        close(got, want, 1e-7) if got.is_floating_point() else torch.testing.assert_close(got.cpu(), want)
+    assert all(p.device.type == device.type for p in moved.parameters())
+
+
 @pytest.mark.parametrize("score", ["magnitude", "learned"])
 def test_voxel_prune(device, score):
     x = make(c=4)

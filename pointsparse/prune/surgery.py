@@ -410,7 +410,8 @@ def _fit_consumer(module, x, target, ridge: float = 1e-6) -> None:
 
 
 def _ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
-    gram = gram + ridge * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(gram.shape[0], dtype=gram.dtype)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    gram = gram + ridge * gram.diagonal().mean().clamp_min(1e-12) * eye
     return torch.linalg.solve(gram, rhs)
 
 
