@@ -458,3 +458,25 @@ def test_reconstruction_refuses_non_finite_calibration(bad, kind):
         surgery.apply_channel_ratios(net, {"0": 0.5}, reconstruct=True, calibration_input=x)
     after = net.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("mixer", ["softmax", "log_softmax", "channel_shuffle", "group_norm", "layer_norm",
+                                   "local_response_norm"])
+def test_a_chain_does_not_pass_through_a_module_that_mixes_channels(mixer):
+    """A parameter-free module that mixes the channels (a softmax over them,
+    a channel shuffle, a norm without affine parameters across them) was
+    taken for a channel-wise one: the cut of channels that fed nothing
+    changed the kept outputs silently (or the next forward failed in torch,
+    the LayerNorm's shape gone). It is a barrier now, as the dependency graph
+    fixes those channels: no group crosses it."""
+    make = {"softmax": lambda: nn.Softmax(dim=1), "log_softmax": lambda: nn.LogSoftmax(dim=1),
+            "channel_shuffle": lambda: nn.ChannelShuffle(2),
+            "group_norm": lambda: nn.GroupNorm(2, 16, affine=False),
+            "layer_norm": lambda: nn.LayerNorm(16, elementwise_affine=False),
+            "local_response_norm": lambda: nn.LocalResponseNorm(3)}[mixer]
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), make(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3)).eval()
+    assert [g.producer for g in surgery.channel_groups(net)] == ["2"]
+    with pytest.raises(ValueError, match="'0' is not a prunable producer"):
+        surgery.apply_channel_ratios(net, {"0": 0.5})
+    assert net[0].weight.shape == (16, 8)

@@ -75,10 +75,20 @@ def _is_wrapper(m: nn.Module) -> bool:
             and not any(True for _ in m.parameters(recurse=False)))
 
 
+#: Parameter-free torch modules that mix the channels (a softmax over them, a shuffle, a norm across them
+#: without affine parameters): the cut of a channel changes the others, so a chain stops there (a barrier).
+_MIXES_CHANNELS = tuple(getattr(nn, n) for n in (
+    "Softmax", "Softmin", "LogSoftmax", "Softmax2d", "ChannelShuffle", "GroupNorm", "LayerNorm", "RMSNorm",
+    "LocalResponseNorm", "CrossMapLRN2d") if hasattr(nn, n))
+
+
 def _passes_through(m: nn.Module) -> bool:
     """Parameter-free and without prunable layers: activations, pooling,
-    dropout, reshapes act on each channel alone (or keep channel blocks)."""
-    return not any(True for _ in m.parameters()) and not _has_prunable(m)
+    dropout, reshapes act on each channel alone (or keep channel blocks).
+    Not the torch modules that mix channels (softmax, channel shuffle, a
+    group / layer / local response norm without affine parameters)."""
+    return (not any(True for _ in m.parameters()) and not _has_prunable(m)
+            and not any(isinstance(d, _MIXES_CHANNELS) for d in m.modules()))
 
 
 def _join(prefix: str, name: str) -> str:
