@@ -480,3 +480,41 @@ def test_a_chain_does_not_pass_through_a_module_that_mixes_channels(mixer):
     with pytest.raises(ValueError, match="'0' is not a prunable producer"):
         surgery.apply_channel_ratios(net, {"0": 0.5})
     assert net[0].weight.shape == (16, 8)
+
+
+def test_cut_functions_check_their_arguments():
+    """remove_input_channels took a float offset / repeat / channels (2.5
+    channels kept every input silently: a float arange turned into indices),
+    a zero repeat (ZeroDivisionError) and a grouped conv (its inputs cut per
+    group, in_channels set to the per-group count: a broken layer), which
+    remove_output_channels refuses; prune_channels, channel_l1 and
+    keep_by_l1 failed on an attribute for a model, group or module of
+    another type. Each is a TypeError / ValueError naming the argument."""
+    lin = nn.Linear(16, 4)
+    for kwargs, error, match in (({"offset": 1.5}, TypeError, "offset must be an int"),
+                                 ({"offset": True}, TypeError, "offset must be an int"),
+                                 ({"offset": "a"}, TypeError, "offset must be an int"),
+                                 ({"repeat": 1.5}, TypeError, "repeat must be an int"),
+                                 ({"repeat": 0}, ValueError, "repeat=0"),
+                                 ({"channels": 2.5}, TypeError, "channels must be an int")):
+        with pytest.raises(error, match=match):
+            surgery.remove_input_channels(lin, [0, 1], **kwargs)
+    assert lin.weight.shape == (4, 16)
+    surgery.remove_input_channels(lin, [0, 1], offset=torch.tensor(2), channels=np_int(4))
+    assert lin.weight.shape == (4, 14) and lin.in_features == 14
+    with pytest.raises(ValueError, match="grouped convolutions are not supported"):
+        surgery.remove_input_channels(nn.Conv2d(4, 4, 1, groups=2), [0])
+    net = mlp(0)
+    with pytest.raises(TypeError, match="group must be a ChannelGroup or a producer's name; got int"):
+        surgery.prune_channels(net, 0, [0])
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module; got str"):
+        surgery.prune_channels("net", "0", [0])
+    for fn in (surgery.channel_l1, lambda m: surgery.keep_by_l1(m, 1)):
+        with pytest.raises(TypeError, match="ReLU has no tensor named 'weight'"):
+            fn(nn.ReLU())
+
+
+def np_int(v):
+    import numpy as np
+
+    return np.int64(v)

@@ -306,7 +306,8 @@ def in_channel_dim(module: nn.Module) -> int:
 
 
 def out_channels(module: nn.Module) -> int:
-    return raw(module).shape[out_channel_dim(module)]
+    dim = out_channel_dim(module)  # (first: a TypeError naming a module without a weight)
+    return raw(module).shape[dim]
 
 
 def in_channels(module: nn.Module) -> int:

@@ -275,10 +275,14 @@ def remove_input_channels(module: nn.Module, keep, offset: int = 0, repeat: int 
     The weight's mask and filter skeleton are narrowed with it."""
     if not is_layer(module):
         raise TypeError(f"expected a Linear, torch conv or pointsparse.nn.Conv3d; got {type(module).__name__}")
+    if getattr(module, "groups", 1) != 1:
+        raise ValueError("grouped convolutions are not supported")
+    offset, repeat = as_int(offset, "offset"), as_int(repeat, "repeat")
     dim = in_channel_dim(module)
     n_in = module.weight.shape[dim]
     if channels is None:
-        channels = (n_in - offset) // repeat
+        channels = (n_in - offset) // repeat if repeat >= 1 else 0
+    channels = as_int(channels, "channels")
     end = offset + channels * repeat
     if offset < 0 or repeat < 1 or channels < 1 or end > n_in:
         raise ValueError(f"producer span offset={offset}, repeat={repeat}, channels={channels} does not fit the "
@@ -314,6 +318,10 @@ def _set_channels(module: nn.Module, out: int | None = None, inp: int | None = N
 def prune_channels(model: nn.Module, group: ChannelGroup | str, keep) -> None:
     """Remove every output channel of the group's producer not in ``keep``,
     with its BatchNorm entries and the consumer's matching inputs."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if not isinstance(group, (ChannelGroup, str)):
+        raise TypeError(f"group must be a ChannelGroup or a producer's name; got {type(group).__name__}")
     _check_not_fixed(model, [group if isinstance(group, str) else group.producer])
     if isinstance(group, str):
         found = [g for g in channel_groups(model) if g.producer == group]
@@ -334,8 +342,8 @@ def prune_channels(model: nn.Module, group: ChannelGroup | str, keep) -> None:
 def channel_l1(module: nn.Module) -> torch.Tensor:
     """L1 norm of each output channel's weights (the ranking criterion; a
     ``kernel_region`` conv's inside its region: its adapter's ``used_weights``)."""
+    dim = out_channel_dim(module)  # (first: a TypeError naming a module without a weight)
     w = adapters.used_weights(module, module.weight.detach())
-    dim = out_channel_dim(module)
     return w.abs().transpose(0, dim).reshape(w.shape[dim], -1).sum(1)
 
 
