@@ -518,3 +518,20 @@ def np_int(v):
     import numpy as np
 
     return np.int64(v)
+
+
+def test_a_grouped_conv_in_a_chain_fixes_its_groups_only():
+    """A grouped conv in a chain (its weight holds C_in / groups inputs) made
+    channel_groups raise for the whole model ('takes 4 inputs, not a multiple
+    of the 8 channels'), so no other layer could be cut either. Its groups
+    are fixed now, with the adapter's reason, as the dependency graph fixes
+    them; the others are cut."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2, padding=1), nn.ReLU(),
+                        nn.Conv2d(8, 6, 1), nn.ReLU(), nn.Conv2d(6, 3, 1)).eval()
+    assert [g.producer for g in surgery.channel_groups(net)] == ["4"]
+    for name in ("0", "2"):
+        with pytest.raises(ValueError, match=rf"'{name}' cannot be cut .*grouped convolution \(groups=2\)"):
+            surgery.apply_channel_ratios(net, {name: 0.5})
+    assert surgery.apply_channel_ratios(net, {"4": 0.5}) == {"4": 3}
+    assert net(torch.randn(2, 3, 5, 5)).shape == (2, 3, 5, 5)

@@ -174,9 +174,9 @@ def channel_groups(model: nn.Module, example_input=None) -> list:
     plain chains give every layer but the last, and residual U-Nets such as
     MinkUNet give the channels inside their blocks. Nor does a group with a
     layer or norm that the chains list twice (one module run at two places:
-    its input is its own output) or whose weight another module holds too
-    (tied layers): their channels are fixed, as the dependency graph fixes
-    them. Raises ValueError when a consumer's input size does not fit its
+    its input is its own output), whose weight another module holds too
+    (tied layers) or that its adapter cannot cut (a grouped conv): their
+    channels are fixed, as the dependency graph fixes them. Raises ValueError when a consumer's input size does not fit its
     producer's channels."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
@@ -211,14 +211,17 @@ def _chain_groups(model: nn.Module) -> list[tuple[ChannelGroup, str | None]]:
         current_module = None
         for name, m, kind in chain:
             if kind == "layer":
+                unsupported = adapters.adapter_for(m).supported(m)  # (a grouped conv: its weight holds C_in / groups)
+                if unsupported is not None:
+                    fixed.setdefault(name, f"{name}: {unsupported}")
                 if current is not None:
                     c_out = out_channels(current_module)
                     c_in = m.weight.shape[in_channel_dim(m)]
-                    if c_in % c_out:
+                    if c_in % c_out and unsupported is None:
                         raise ValueError(f"{name!r} takes {c_in} inputs, not a multiple of the {c_out} channels of "
                                          f"{current.producer!r}: not a chain this function can cut")
                     current.consumer = name
-                    current.repeat = c_in // c_out
+                    current.repeat = max(1, c_in // c_out)
                     members = [current.producer, *current.norms, current.consumer]
                     reasons = [fixed.get(n) or by_id.get(id(model.get_submodule(n))) for n in members]
                     groups.append((current, next((r for r in reasons if r is not None), None)))
