@@ -108,6 +108,26 @@ def test_a_dtype_mismatch_with_the_parameters_is_a_clear_type_error(feats, modul
         module()(line(dtype=feats))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_a_masked_linear_moved_to_another_dtype_runs(dtype):
+    """spnn.Linear checked the feats against its inner layer's weight before
+    that layer's forward: pruned with torch's methods, the weight there is
+    the product its pre-hook computed at the last forward, still float32
+    after .half(): the first forward refused the half feats ('feats are
+    torch.float16 but its parameters torch.float32'). It checks the stored
+    weight (weight_orig) now, and the layer runs in the new dtype."""
+    layer = spnn.Linear(4, 2)
+    ps.prune.l1_unstructured(layer.fn, "weight", amount=0.5)
+    x = line()
+    want = layer(x).feats
+    moved = layer.to(dtype)
+    got = moved(x.with_feats(x.feats.to(dtype))).feats
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.05)
+    with pytest.raises(TypeError, match=f"the input's feats are torch.float32 but its parameters {dtype}"):
+        moved(x)
+
+
 def test_the_dtype_mixes_torch_takes_still_run():
     for dtype in (torch.bfloat16, torch.float16):  # low-precision feats on float32 statistics
         assert spnn.BatchNorm(4)(line(dtype=dtype)).feats.dtype == dtype
