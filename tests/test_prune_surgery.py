@@ -535,3 +535,22 @@ def test_a_grouped_conv_in_a_chain_fixes_its_groups_only():
             surgery.apply_channel_ratios(net, {name: 0.5})
     assert surgery.apply_channel_ratios(net, {"4": 0.5}) == {"4": 3}
     assert net(torch.randn(2, 3, 5, 5)).shape == (2, 3, 5, 5)
+
+
+def test_channel_ranking_reads_the_weight_a_masked_layer_computes_with_now():
+    """channel_l1 (so keep_by_l1 and apply_channel_ratios without
+    example_input) ranked a masked layer by module.weight, the product its
+    pre-hook made at the last forward: after an optimizer step on
+    weight_orig and before any forward it ranked the old values and kept
+    the channels the step had shrunk. It reads weight_orig * mask (times a
+    filter skeleton), as the dependency graph's ranking does."""
+    net = mlp(0).eval()
+    torch.nn.utils.prune.l1_unstructured(net[0], "weight", amount=0.2)
+    net(torch.randn(2, 8))
+    with torch.no_grad():  # a training step after the last forward: channels 0..7 shrink
+        net[0].weight_orig[:8] *= 0.01
+    assert surgery.keep_by_l1(net[0], 8).tolist() == list(range(8, 16))
+    mask = net[0].weight_mask
+    torch.testing.assert_close(surgery.channel_l1(net[0]), (net[0].weight_orig * mask).abs().sum(1).detach())
+    surgery.apply_channel_ratios(net, {"0": 0.5})
+    torch.testing.assert_close(net[0].weight_mask, mask[8:])

@@ -41,7 +41,7 @@ from .._modes import evaluating
 from .adapters import in_channel_dim, is_layer, out_channel_dim, out_channels
 from ._copyable import keep_copyable
 from ._trace import feats_of
-from .graph import _check_keep, _slice
+from .graph import _check_keep, _effective, _slice
 from .procedure import check_fraction
 
 
@@ -344,9 +344,11 @@ def prune_channels(model: nn.Module, group: ChannelGroup | str, keep) -> None:
 
 def channel_l1(module: nn.Module) -> torch.Tensor:
     """L1 norm of each output channel's weights (the ranking criterion; a
-    ``kernel_region`` conv's inside its region: its adapter's ``used_weights``)."""
+    ``kernel_region`` conv's inside its region: its adapter's ``used_weights``;
+    a masked weight's ``weight_orig * weight_mask``, times a filter skeleton)."""
     dim = out_channel_dim(module)  # (first: a TypeError naming a module without a weight)
-    w = adapters.used_weights(module, module.weight.detach())
+    # (masked: weight_orig * mask now, never the product cached by the last forward)
+    w = adapters.used_weights(module, _effective(module, "weight").detach())
     return w.abs().transpose(0, dim).reshape(w.shape[dim], -1).sum(1)
 
 
