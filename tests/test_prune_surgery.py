@@ -416,6 +416,10 @@ def test_a_layer_called_twice_in_a_chain_is_not_cut():
     with pytest.raises(ValueError, match=r"called twice"):
         surgery.prune_channels(net, "0", [0, 1])
     torch.testing.assert_close(net(x), ref)
+    thrice = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), lin, lin, lin, nn.Linear(16, 3), nn.ReLU(), nn.Linear(3, 2))
+    assert [g.producer for g in surgery.channel_groups(thrice)] == ["5"]
+    with pytest.raises(ValueError, match=r"'3' cannot be cut .*'2', '3' and '4' are one module, called 3 times"):
+        surgery.apply_channel_ratios(thrice, {"3": 0.5})
 
 
 def test_a_layer_whose_weight_another_module_holds_is_not_cut():

@@ -176,8 +176,9 @@ def channel_groups(model: nn.Module, example_input=None) -> list:
     layer or norm that the chains list twice (one module run at two places:
     its input is its own output), whose weight another module holds too
     (tied layers) or that its adapter cannot cut (a grouped conv): their
-    channels are fixed, as the dependency graph fixes them. Raises ValueError when a consumer's input size does not fit its
-    producer's channels."""
+    channels are fixed, as the dependency graph fixes them. Raises
+    ValueError when a consumer's input size does not fit its producer's
+    channels."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     if example_input is not None:
@@ -201,9 +202,9 @@ def _chain_groups(model: nn.Module) -> list[tuple[ChannelGroup, str | None]]:
     for names in places.values():
         if len(names) > 1:
             listed = ", ".join(map(repr, names[:-1])) + f" and {names[-1]!r}"
-            fixed[names[0]] = fixed[names[-1]] = (
-                f"{listed} are one module, called {'twice' if len(names) == 2 else f'{len(names)} times'}: "
-                "a cut would shrink an input that another of its calls feeds at full width")
+            why = (f"{listed} are one module, called {'twice' if len(names) == 2 else f'{len(names)} times'}: "
+                   "a cut would shrink an input that another of its calls feeds at full width")
+            fixed.update(dict.fromkeys(names, why))
     by_id = {id(model.get_submodule(n)): why for n, why in shared_tensors(model).items()}
     groups: list[tuple[ChannelGroup, str | None]] = []
     for chain in found:
