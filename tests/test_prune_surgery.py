@@ -558,3 +558,17 @@ def test_channel_ranking_reads_the_weight_a_masked_layer_computes_with_now():
     torch.testing.assert_close(surgery.channel_l1(net[0]), (net[0].weight_orig * mask).abs().sum(1).detach())
     surgery.apply_channel_ratios(net, {"0": 0.5})
     torch.testing.assert_close(net[0].weight_mask, mask[8:])
+
+
+def test_reconstruction_of_an_unsupported_consumer_is_refused_before_any_cut():
+    """reconstruct=True with a consumer that has no least-squares columns
+    (a ConvTranspose2d, a torch Conv3d) cut the producer and its consumer
+    first and then raised the TypeError: the model was left cut and not
+    refitted, though the call had failed. The check comes before any cut."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(), nn.ConvTranspose2d(8, 3, 3)).eval()
+    x = torch.randn(2, 3, 5, 5)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(TypeError, match="least-squares reconstruction does not support ConvTranspose2d"):
+        surgery.apply_channel_ratios(net, {"0": 0.5, "2": 0.5}, reconstruct=True, calibration_input=x)
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in before.items())

@@ -371,13 +371,19 @@ def kept_count(channels: int, ratio: float) -> int:
 
 
 # ----------------------------------------------------------------- least squares
-def _columns(module: nn.Module, x, y):
-    """(inputs as im2col rows, targets) so that ``rows @ W2d = y`` for the
-    consumer's weight flattened to (fan_in, C_out), from its adapter."""
+def _refittable(module: nn.Module):
+    """``module``'s adapter, with the least squares' ``columns`` and
+    ``set_from_2d``; a TypeError naming its type when it has none."""
     adapter = adapters.adapter_for(module)
     if adapter is None or adapter.columns is None or adapter.set_from_2d is None:
         raise TypeError(f"least-squares reconstruction does not support {type(module).__name__}")
-    return adapter.columns(module, x, y)
+    return adapter
+
+
+def _columns(module: nn.Module, x, y):
+    """(inputs as im2col rows, targets) so that ``rows @ W2d = y`` for the
+    consumer's weight flattened to (fan_in, C_out), from its adapter."""
+    return _refittable(module).columns(module, x, y)
 
 
 def capture(model: nn.Module, modules: list[nn.Module], example) -> list[tuple]:
@@ -502,6 +508,9 @@ def apply_channel_ratios(model: nn.Module, ratios: dict[str, float], reconstruct
     if reconstruct and calibration_input is None:
         raise ValueError("reconstruct=True needs calibration_input")
     named = dict(model.named_modules())
+    if reconstruct:  # (before any cut: refused halfway, the model was left cut and not refitted)
+        for name in ratios:
+            _refittable(named[groups[name].consumer])
     targets = {}
     if reconstruct:
         names = list(ratios)
