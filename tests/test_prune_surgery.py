@@ -572,3 +572,23 @@ def test_reconstruction_of_an_unsupported_consumer_is_refused_before_any_cut():
     with pytest.raises(TypeError, match="least-squares reconstruction does not support ConvTranspose2d"):
         surgery.apply_channel_ratios(net, {"0": 0.5, "2": 0.5}, reconstruct=True, calibration_input=x)
     assert all(torch.equal(net.state_dict()[k], v) for k, v in before.items())
+
+
+def test_a_chain_does_not_pass_through_a_module_with_buffers():
+    """A parameter-free module whose tensors are buffers (a compressed
+    formats.SparseLinear: weight and bias held as buffers) was taken for an
+    activation: the chain grouped the Linear before it with the Linear after
+    it, and the cut left a model whose next forward was refused ('input must
+    be (..., 16); got (5, 8)'). A module with buffers is a barrier now, as
+    the dependency graph does not cut across it."""
+    from pointsparse import formats
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), formats.compress(nn.Linear(16, 16), "csr"), nn.ReLU(),
+                        nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3)).eval()
+    x = torch.randn(5, 8)
+    ref = net(x)
+    assert [(g.producer, g.consumer) for g in surgery.channel_groups(net)] == [("4", "6")]
+    with pytest.raises(ValueError, match="'0' is not a prunable producer"):
+        surgery.apply_channel_ratios(net, {"0": 0.5})
+    torch.testing.assert_close(net(x), ref)

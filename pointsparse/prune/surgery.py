@@ -85,9 +85,11 @@ _MIXES_CHANNELS = tuple(getattr(nn, n) for n in (
 def _passes_through(m: nn.Module) -> bool:
     """Parameter-free and without prunable layers: activations, pooling,
     dropout, reshapes act on each channel alone (or keep channel blocks).
-    Not the torch modules that mix channels (softmax, channel shuffle, a
-    group / layer / local response norm without affine parameters)."""
-    return (not any(True for _ in m.parameters()) and not _has_prunable(m)
+    Not a module with buffers (a compressed layer's weights, fixed per-channel
+    statistics: tensors of the channels a cut would leave whole), nor the
+    torch modules that mix channels (softmax, channel shuffle, a group /
+    layer / local response norm without affine parameters)."""
+    return (not any(True for _ in m.parameters()) and not any(True for _ in m.buffers()) and not _has_prunable(m)
             and not any(isinstance(d, _MIXES_CHANNELS) for d in m.modules()))
 
 
