@@ -592,3 +592,18 @@ def test_a_chain_does_not_pass_through_a_module_with_buffers():
     with pytest.raises(ValueError, match="'0' is not a prunable producer"):
         surgery.apply_channel_ratios(net, {"0": 0.5})
     torch.testing.assert_close(net(x), ref)
+
+
+def test_a_chain_does_not_pass_through_an_unflatten():
+    """nn.Unflatten holds the sizes it splits into (the channel count among
+    them): the chain passed through it, and after the cut of '2' the next
+    forward failed in torch ('unflatten: Provided sizes [8, 1, 1] don't
+    multiply up to the size of dim 1 (4)'). It is a barrier now."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8), nn.Unflatten(1, (8, 1, 1)),
+                        nn.Conv2d(8, 3, 1)).eval()
+    assert [(g.producer, g.consumer) for g in surgery.channel_groups(net)] == [("0", "2")]
+    with pytest.raises(ValueError, match="'2' is not a prunable producer"):
+        surgery.apply_channel_ratios(net, {"2": 0.5})
+    surgery.apply_channel_ratios(net, {"0": 0.5})
+    assert net(torch.randn(5, 8)).shape == (5, 3, 1, 1)

@@ -76,10 +76,11 @@ def _is_wrapper(m: nn.Module) -> bool:
 
 
 #: Parameter-free torch modules that mix the channels (a softmax over them, a shuffle, a norm across them
-#: without affine parameters): the cut of a channel changes the others, so a chain stops there (a barrier).
+#: without affine parameters: the cut of a channel changes the others) or hold their count (an Unflatten's
+#: sizes): a chain stops there (a barrier).
 _MIXES_CHANNELS = tuple(getattr(nn, n) for n in (
     "Softmax", "Softmin", "LogSoftmax", "Softmax2d", "ChannelShuffle", "GroupNorm", "LayerNorm", "RMSNorm",
-    "LocalResponseNorm", "CrossMapLRN2d") if hasattr(nn, n))
+    "LocalResponseNorm", "CrossMapLRN2d", "Unflatten") if hasattr(nn, n))
 
 
 def _passes_through(m: nn.Module) -> bool:
@@ -88,7 +89,8 @@ def _passes_through(m: nn.Module) -> bool:
     Not a module with buffers (a compressed layer's weights, fixed per-channel
     statistics: tensors of the channels a cut would leave whole), nor the
     torch modules that mix channels (softmax, channel shuffle, a group /
-    layer / local response norm without affine parameters)."""
+    layer / local response norm without affine parameters) or hold their
+    count (Unflatten)."""
     return (not any(True for _ in m.parameters()) and not any(True for _ in m.buffers()) and not _has_prunable(m)
             and not any(isinstance(d, _MIXES_CHANNELS) for d in m.modules()))
 
