@@ -531,7 +531,7 @@ def test_remove_folds_an_attached_filter_skeleton(kind, order):
         prune.detach_filter_skeleton(module)
 
 
-def test_a_skeleton_left_by_remove_folds_when_detached_or_cut():
+def test_a_skeleton_left_by_remove_folds_when_detached_and_is_cut_with_the_weight():
     """After prune.remove and before any forward, detach_filter_skeleton read weight_orig, gone: it folds
     the skeleton into the plain weight; channel surgery narrows the skeleton waiting with the weight."""
     make, x, forward = _skeleton_layer("sparse")

@@ -265,7 +265,7 @@ def test_channel_l1_of_a_module_without_an_adapter_names_its_layout():
     assert torch.equal(adapters.used_mask(Custom()), torch.ones(3, 4, dtype=torch.bool))
 
 
-def test_channel_removal_folds_an_attached_filter_skeleton():
+def test_channel_removal_narrows_an_attached_filter_skeleton():
     """remove_output_channels / remove_input_channels made a conv's pruning
     permanent; with a filter skeleton attached its hook was left without
     weight_orig (AttributeError at the next forward). The skeleton is
