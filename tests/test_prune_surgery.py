@@ -566,7 +566,8 @@ def test_reconstruction_of_an_unsupported_consumer_is_refused_before_any_cut():
     first and then raised the TypeError: the model was left cut and not
     refitted, though the call had failed. The check comes before any cut."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(), nn.ConvTranspose2d(8, 3, 3)).eval()
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(),
+                        nn.ConvTranspose2d(8, 3, 3)).eval()
     x = torch.randn(2, 3, 5, 5)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     with pytest.raises(TypeError, match="least-squares reconstruction does not support ConvTranspose2d"):
