@@ -344,6 +344,35 @@ def test_out_paths_that_cannot_be_written_are_named(tmp_path, capsys):
     assert [p.name for p in ckpt.parent.iterdir()] == ["checkpoint.pt"]
 
 
+def test_prune_out_in_the_run_folder_of_its_checkpoint_replaces_none_of_the_runs_files(tmp_path, capsys):
+    """``prune ... --checkpoint RUN/best.pt --out RUN`` wrote the pruned
+    checkpoint over RUN/checkpoint.pt, the run's last checkpoint beside the
+    one given, silently (only RUN/checkpoint.pt as --checkpoint was refused);
+    with --finetune-epochs the resumed training writes RUN/best.pt, the file
+    given. Both now refused before any work, naming the file; nothing
+    written."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"last epoch")
+    (run / "best.pt").write_bytes(b"best epoch")
+    alone = tmp_path / "alone"  # a run folder that kept only its best.pt
+    alone.mkdir()
+    (alone / "best.pt").write_bytes(b"best epoch")
+    cases = [(["prune", "vectors", "--checkpoint", str(run / "best.pt"), "--out", str(run)], run / "checkpoint.pt"),
+             (["prune", "voxels", "--checkpoint", str(run / "best.pt"), "--out", str(run) + "/"],
+              run / "checkpoint.pt"),
+             (["prune", "amc", "--checkpoint", str(run / "best.pt"), "--out", str(run)], run / "checkpoint.pt"),
+             (["prune", "offsets", "--checkpoint", str(alone / "best.pt"), "--out", str(alone),
+               "--finetune-epochs", "1"], alone / "best.pt")]
+    for argv, named in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "would replace" in err and str(named) in err and "Traceback" not in err, (argv, err)
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "checkpoint.pt"]
+    assert (run / "checkpoint.pt").read_bytes() == b"last epoch" and (run / "best.pt").read_bytes() == b"best epoch"
+    assert [p.name for p in alone.iterdir()] == ["best.pt"]
+
+
 def test_a_checkpoint_or_program_of_the_wrong_contents_is_a_message(tmp_path, capsys):
     """eval, predict and export on a checkpoint whose config holds a value of
     the wrong kind (a str voxel size, classes that are no list, widths that

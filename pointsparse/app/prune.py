@@ -181,14 +181,33 @@ def check_read(args) -> None:
                              "ignored: drop one or the other")
 
 
+def _check_out_beside(args) -> None:
+    """ValueError where the files written in --out would replace the
+    --checkpoint given or, in its own folder (its run's), the checkpoint.pt
+    beside it (the pruned checkpoint) or, with --finetune-epochs, the best.pt
+    given (the resumed training writes its best epoch there)."""
+    from .train import BEST, CHECKPOINT
+
+    source, out = Path(args.checkpoint), Path(args.out)
+    written = out / CHECKPOINT
+    if not source.exists():
+        return  # (the loader names a missing checkpoint)
+    if written.exists() and source.resolve() == written.resolve():
+        raise ValueError(f"--out {args.out}: the pruned checkpoint would replace {args.checkpoint}, the one it "
+                         "prunes (--checkpoint); give another folder")
+    if not out.is_dir() or source.resolve().parent != out.resolve():
+        return
+    if written.exists():
+        raise ValueError(f"--out {args.out}: the pruned checkpoint would replace {written}, the checkpoint of the run "
+                         f"that {args.checkpoint} (--checkpoint) comes from; give another folder")
+    if getattr(args, "finetune_epochs", 0) > 0 and source.name == BEST:
+        raise ValueError(f"--out {args.out}: --finetune-epochs would replace {args.checkpoint} (--checkpoint) with "
+                         f"its best epoch ({BEST}); give another folder")
+
+
 def main(args) -> int:
     if getattr(args, "checkpoint", None) is not None and getattr(args, "out", None) is not None:
-        from .train import CHECKPOINT
-
-        source, written = Path(args.checkpoint), Path(args.out) / CHECKPOINT
-        if source.exists() and written.exists() and source.resolve() == written.resolve():
-            raise ValueError(f"--out {args.out}: the pruned checkpoint would replace {args.checkpoint}, the one it "
-                             "prunes (--checkpoint); give another folder")
+        _check_out_beside(args)
     if args.procedure != "vectors":
         given = _given(args, "square", "pairs", "panels")
         if given:
