@@ -149,3 +149,26 @@ def test_cut_channels_copies_a_model_pruned_by_torch(graph):
     cut = procedures.cut_channels(net, {"0": 0.5}, example_input=x if graph else None)
     assert cut[0].out_channels == 3 and cut(x).feats.shape == net(x).feats.shape
     assert net[0].out_channels == 6 and hasattr(net[0], "weight_mask")  # the model left as it was
+
+
+def test_help_of_the_shared_flags_names_every_procedure_that_reads_them():
+    """``pointsparse prune --help`` said --data and --label-map were
+    channels' alone and --checkpoint the four checkpoint procedures', yet
+    every procedure runs on a --checkpoint's model and clouds (amc and
+    netadapt write a pruned checkpoint in --out, which the help called a
+    folder for plots, ratios, tables); --finetune-lr-factor named none of
+    its procedures. Each such flag's help now names every procedure that
+    reads it (prune.READ_BY)."""
+    import re
+
+    from pointsparse.app import prune
+
+    parser = cli.build_parser()
+    actions = {a.dest: a for a in parser._subparsers._group_actions[0].choices["prune"]._actions}
+    for name in ("data", "label_map", "finetune_lr_factor"):
+        named = set(re.findall(r"\w+", actions[name].help)) & set(prune.PROCEDURES)
+        assert named == set(prune.READ_BY[name]), (name, actions[name].help)
+    checkpoint_help = set(re.findall(r"\w+", actions["checkpoint"].help))
+    assert set(prune.PROCEDURES) <= checkpoint_help | {"procedures"} and "amc" in checkpoint_help, \
+        actions["checkpoint"].help
+    assert "pruned checkpoint" in actions["out"].help, actions["out"].help

@@ -31,10 +31,16 @@ PLACEMENTS = ("skip", "prune")
 
 def add_arguments(parser) -> None:
     parser.add_argument("--checkpoint", type=Path,
-                        help="channels, vectors, offsets, voxels: a checkpoint written by pointsparse train")
+                        help="a checkpoint written by pointsparse train: channels, vectors, offsets, voxels prune it; "
+                             "sensitivity, schedule, lottery, init, rigl, amc, netadapt run on its MinkUNet and its "
+                             "run's clouds (amc, netadapt write the pruned checkpoint in --out)")
     parser.add_argument("--data", nargs="+", default=None, metavar="SOURCE",
-                        help="channels: clouds for the example input and the criterion (default: the run's data)")
-    parser.add_argument("--label-map", default=None, help="channels: label map of --data")
+                        help="with --checkpoint, clouds (default: the run's data) for channels' example input and "
+                             "criterion, and for the task of sensitivity, schedule, lottery, init, rigl, amc, "
+                             "netadapt")
+    parser.add_argument("--label-map", default=None,
+                        help="the label map of --data (channels, sensitivity, schedule, lottery, init, rigl, amc, "
+                             "netadapt)")
     parser.add_argument("--ratio", type=float, default=0.5,
                         help="channels: fraction of each group's channels kept; voxels: fraction of the voxels each "
                              "VoxelSkip / VoxelPrune keeps (its keep_ratio), default 0.5")

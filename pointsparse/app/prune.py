@@ -47,7 +47,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threshold", type=float, default=0.02, help="sensitivity: allowed metric drop")
     parser.add_argument("--schedule", choices=("agp", "constant", "oneshot"), default="agp")
     parser.add_argument("--rounds", type=int, default=5, help="pruning rounds (schedule, lottery)")
-    parser.add_argument("--finetune-lr-factor", type=float, default=0.1, help="fine-tuning lr / training lr (0.1 or 0.01)")
+    parser.add_argument("--finetune-lr-factor", type=float, default=0.1,
+                        help="schedule, amc: fine-tuning lr / training lr (0.1 or 0.01)")
     parser.add_argument("--prune-fraction", type=float, default=0.2, help="lottery: fraction pruned per round")
     parser.add_argument("--rewind", type=int, default=0, help="lottery: rewind iteration k (0 = original LTH)")
     parser.add_argument("--method", choices=("snip", "grasp", "synflow"), default="snip", help="init method")
@@ -57,7 +58,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--episodes", type=int, default=120, help="amc episodes")
     parser.add_argument("--reconstruct", action="store_true", help="amc: least-squares reconstruction")
     parser.add_argument("--latency", type=float, default=0.6, help="netadapt: latency budget, fraction of the initial")
-    parser.add_argument("--out", type=Path, default=Path("prune-out"), help="folder for plots, ratios, tables")
+    parser.add_argument("--out", type=Path, default=Path("prune-out"),
+                        help="folder for plots, ratios, tables, and the pruned checkpoint (channels, vectors, offsets, "
+                             "voxels; amc, netadapt on a --checkpoint)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="short runs (seconds)")
     channels.add_arguments(parser)
