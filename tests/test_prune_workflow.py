@@ -848,3 +848,21 @@ def test_channel_scores_taylor_names_batches_that_are_no_iterable():
         workflow.channel_scores("taylor", net, loss_fn, None)
     scores = workflow.channel_scores("taylor", net, loss_fn, (torch.randn(8, 4) for _ in range(2)))  # a generator
     assert sorted(tuple(w.shape) for w in scores.values()) == [(2, 6), (6, 4)]
+
+
+def test_a_pruned_checkpoint_starts_its_own_best(tmp_path, capsys):
+    """The pruned checkpoint kept the dense run's best_miou: fine-tuning it
+    (--finetune-epochs, or train --resume) wrote best.pt only on an epoch
+    that beat the dense model, so a pruned folder could have no best.pt at
+    all, and its metrics.json gave as best_miou a score no model there
+    reached. The pruned model is another model: its best starts empty, the
+    fine-tuning's best epoch is its best.pt."""
+    dense, tuned = tmp_path / "dense", tmp_path / "tuned"
+    assert cli.main(["train", *TINY, "--epochs", "1", "--out", str(dense)]) == 0
+    state = checkpoint.load(dense / "checkpoint.pt")
+    checkpoint.save(dense / "checkpoint.pt", {**state, "best_miou": 0.99})  # a dense model no pruned one beats
+    assert cli.main(["prune", "vectors", "--checkpoint", str(dense / "checkpoint.pt"), "--finetune-epochs", "1",
+                     "--out", str(tuned)]) == 0
+    report = json.loads((tuned / "metrics.json").read_text())
+    best = checkpoint.load(tuned / "best.pt")
+    assert report["best_miou"] == best["best_miou"] == max(best["history"]["val_miou"][1:]) < 0.99

@@ -86,7 +86,9 @@ def save_pruned(state: dict, model, out) -> Path:
     ``voxel_prune``: :func:`pointsparse.models.voxel_skips` /
     :func:`~pointsparse.models.voxel_prunes`, left out where it has none)
     and a fresh optimizer state for its shapes and parameters (a learned
-    scorer's among them)."""
+    scorer's among them). The dense run's best mIoU is left out: the pruned
+    model's own best epoch (``--finetune-epochs``, ``train --resume``) is
+    its ``best.pt``."""
     from ..models import voxel_prunes, voxel_skips
     from ..prune.graph import widths
     from .train import CHECKPOINT, make_optimizer
@@ -97,6 +99,7 @@ def save_pruned(state: dict, model, out) -> Path:
         else:
             config.pop(key, None)
     new = dict(state, model=model.state_dict(), config=config)
+    new.pop("best_miou", None)  # (the dense model's: the pruned one's best is its fine-tuning's, best.pt there)
     if state.get("args"):
         new["optimizer"] = make_optimizer(argparse.Namespace(**state["args"]), model).state_dict()
     out = Path(out)
