@@ -5,6 +5,7 @@ smaller model, and the checkpoint loads with ``weights_only=True``."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -866,3 +867,19 @@ def test_a_pruned_checkpoint_starts_its_own_best(tmp_path, capsys):
     report = json.loads((tuned / "metrics.json").read_text())
     best = checkpoint.load(tuned / "best.pt")
     assert report["best_miou"] == best["best_miou"] == max(best["history"]["val_miou"][1:]) < 0.99
+
+
+def test_a_procedure_on_an_spvcnn_checkpoint_names_the_file(tmp_path):
+    """amc / netadapt / the task procedures take a MinkUNet run: an SPVCNN
+    checkpoint was refused without naming the file given."""
+    from pointsparse.app.tasks import checkpoint_task
+    from pointsparse.data import NUM_FEATURES, OUTDOOR_CLASSES
+    from pointsparse.models import SPVCNN
+
+    path = tmp_path / "spvcnn.pt"
+    checkpoint.save(path, {"model": SPVCNN(NUM_FEATURES, len(OUTDOOR_CLASSES), cr=0.125, blocks=1).state_dict(),
+                           "config": {"in_channels": NUM_FEATURES, "classes": list(OUTDOOR_CLASSES), "cr": 0.125,
+                                      "blocks": 1, "voxel_size": 0.5, "model": "spvcnn"}})
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: the procedures' --checkpoint takes a MinkUNet "
+                                         r"run; this is a spvcnn run \(SPVCNN: use prune channels\)"):
+        checkpoint_task(path)

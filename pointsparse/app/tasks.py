@@ -250,8 +250,10 @@ def checkpoint_task(path, data=None, label_map=None, clouds: int = 4) -> tuple[d
     from .evaluate import checkpoint_model
     from .train import load_checkpoint
     state = load_checkpoint(path)
-    if str(state["config"].get("model", "minkunet")).lower() != "minkunet":
-        raise ValueError("the procedures' --checkpoint takes a MinkUNet run (SPVCNN: use prune channels)")
+    model = str(state["config"].get("model", "minkunet"))
+    if model.lower() != "minkunet":
+        raise ValueError(f"{path}: the procedures' --checkpoint takes a MinkUNet run; this is a {model} run "
+                         "(SPVCNN: use prune channels)")
     checkpoint_model(state, path)  # a config or weights that make no model: refused now, before any data or --out
     batches = checkpoint_batches(state, data, label_map, clouds)
     train, val = batches[:-1] or batches, batches[-1]
