@@ -319,6 +319,16 @@ def test_label_maps_shipped():
         load_label_map("no-such-map")
 
 
+def test_semantic3d_label_map_shipped():
+    """Semantic3D's labels: 0 unlabelled (ignored), 1..8 the eight classes in
+    the benchmark's order, named as the other maps name the shared classes
+    (building, car, high-/low-vegetation: --init copies their rows)."""
+    m = load_label_map("semantic3d")
+    assert m.classes == ["man-made-terrain", "natural-terrain", "high-vegetation", "low-vegetation", "building",
+                         "hard-scape", "scanning-artefact", "car"]
+    assert m.apply(np.arange(10), 255).tolist() == [255, 0, 1, 2, 3, 4, 5, 6, 7, 255]
+
+
 def test_label_map_json(tmp_path):
     path = tmp_path / "m.json"
     path.write_text(json.dumps({"classes": ["a", "b"], "map": {"7": 1, "3": 0}}))
