@@ -14,7 +14,7 @@ import torch
 from pointsparse.data import (INDOOR_CLASSES, OUTDOOR_CLASSES, Batch, CloudFiles, GeneratedScenes, LabelMap,
                               Sample, VoxelDataset, augment, find_clouds, indoor_scene, load_label_map,
                               majority_labels, outdoor_scene, read_cloud, read_las, read_numpy, read_open3d,
-                              read_semantickitti, read_text, voxelize_sample)
+                              read_semantic3d, read_semantickitti, read_text, voxelize_sample)
 from pointsparse.data.generated import lidar_rays
 
 SMALL = dict(beams=16, azimuth_steps=256, max_range=25.0)
@@ -1365,6 +1365,90 @@ def test_a_damaged_npy_header_is_named(tmp_path, tail):
     with pytest.raises(ValueError, match=r"broken.npy: a damaged .npy header"):
         read_cloud(path)
 
+def _semantic3d_scan(folder, name="bildstein_station1", n=50, seed=0, labels=True):
+    """A small generated Semantic3D scan: ``<name>.txt`` rows x y z intensity
+    r g b (UTM-like x, y) and, with ``labels``, ``<name>.labels``; returns the
+    path and the rows and labels written."""
+    rng = np.random.default_rng(seed)
+    xyz = rng.uniform(-20, 20, (n, 3)) + [512000.0, 5400000.0, 0.0]
+    intensity = rng.integers(-2048, 2048, n)
+    intensity[:2] = [-2048, 2047]
+    rgb = rng.integers(0, 256, (n, 3))
+    lab = rng.integers(0, 9, n)
+    path = folder / f"{name}.txt"
+    with open(path, "w") as f:
+        for p, i, c in zip(xyz, intensity, rgb):
+            f.write(f"{p[0]:.3f} {p[1]:.3f} {p[2]:.3f} {i} {c[0]} {c[1]} {c[2]}\n")
+    if labels:
+        (folder / f"{name}.labels").write_text("".join(f"{v}\n" for v in lab))
+    return path, np.round(xyz, 3), intensity, rgb, lab
+
+
+def test_semantic3d_reader_matches_a_numpy_reference(tmp_path):
+    """Semantic3D's rows x y z intensity r g b with the labels in the sibling
+    .labels: intensity -2048..2047 onto 0..1, colour / 255, 0 unlabelled to
+    the ignore index, 1..8 to training ids 0..7, x and y relative to their
+    minimum (float64 text) as read_text takes them."""
+    path, xyz, intensity, rgb, lab = _semantic3d_scan(tmp_path)
+    s = read_semantic3d(path)
+    ref = xyz - [xyz[:, 0].min(), xyz[:, 1].min(), 0]
+    assert np.allclose(s.xyz, ref, atol=1e-3)
+    assert np.allclose(s.intensity[:, 0], (intensity + 2048) / 4095, atol=1e-6)
+    assert s.intensity[:2, 0].tolist() == [0.0, 1.0]
+    assert np.allclose(s.rgb, rgb / 255.0, atol=1e-6)
+    assert s.labels.tolist() == np.where(lab == 0, 255, lab - 1).tolist()
+    assert read_semantic3d(path, ignore_index=-1).labels.tolist() == np.where(lab == 0, -1, lab - 1).tolist()
+    assert read_semantic3d(path, None).labels.tolist() == lab.tolist()  # (no map: the raw ids)
+    assert read_semantic3d(path, labels=False).labels is None
+
+
+def test_semantic3d_labels_of_another_count_or_not_integers_name_both_files(tmp_path):
+    path, *_ = _semantic3d_scan(tmp_path, n=20)
+    lab = tmp_path / "bildstein_station1.labels"
+    lab.write_text("1\n" * 19)
+    with pytest.raises(ValueError, match=r"bildstein_station1\.labels: 19 labels for the 20 points of .*"
+                                         r"bildstein_station1\.txt"):
+        read_semantic3d(path)
+    lab.write_text("1\n" * 19 + "2.5\n")
+    with pytest.raises(ValueError, match=r"\.labels \(labels of .*\.txt\): labels must be whole numbers"):
+        read_semantic3d(path)
+    lab.write_text("1\n" * 19 + "car\n")
+    with pytest.raises(ValueError, match=r"\.labels: not one integer label a line \(labels of .*\.txt\)"):
+        read_semantic3d(path)
+    lab.write_text("1 2\n" * 20)
+    with pytest.raises(ValueError, match=r"\.labels: must hold one integer label a line .* 2 columns"):
+        read_semantic3d(path)
+    lab.write_text("")
+    with pytest.raises(ValueError, match="0 labels for the 20 points"):
+        read_semantic3d(path)
+    assert read_semantic3d(path, labels=False).labels is None  # (not read at all)
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        read_semantic3d(path, ignore_index=1.5)
+
+
+def test_semantic3d_test_scan_without_labels_is_unlabelled(tmp_path):
+    """The benchmark's test scans come without a .labels: an unlabelled
+    sample, as the other readers give where the labels are missing."""
+    path, xyz, intensity, rgb, _ = _semantic3d_scan(tmp_path, labels=False)
+    s = read_semantic3d(path)
+    assert s.labels is None and len(s.xyz) == len(xyz)
+    assert np.allclose(s.intensity[:, 0], (intensity + 2048) / 4095, atol=1e-6)
+
+
+def test_semantic3d_rows_out_of_range_name_the_file(tmp_path):
+    for text, match in (("1 2 3 2048 1 2 3\n", r"intensity \(column 4\) must be a whole number in -2048\.\.2047"),
+                        ("1 2 3 -2049 1 2 3\n", "intensity"), ("1 2 3 10.5 1 2 3\n", "first 10.5"),
+                        ("1 2 3 10 1 2 256\n", r"colour \(columns 5-7\) must lie in 0\.\.255"),
+                        ("1 2 3 10 -1 2 3\n", "colour"),
+                        ("1 2 3 4 5 6\n", r"rows must hold x y z intensity r g b \(Semantic3D\); got 6 columns"),
+                        ("", "holds no points")):
+        path = tmp_path / "scan.txt"
+        path.write_text(text)
+        with pytest.raises(ValueError, match=match) as info:
+            read_semantic3d(path)
+        assert str(path) in str(info.value)
+
+
 def test_text_reader_holds_its_rows_once(tmp_path):
     """read_text holds the float64 rows it parsed and the sample's arrays,
     not further copies of them: the rows beside a float64 copy of the
@@ -1438,7 +1522,7 @@ def test_missing_paths_and_wrong_types_are_named(tmp_path):
     for name in ("gone.npy", "gone.ply", "gone.las", "gone.bin", "gone.txt", "gone"):
         with pytest.raises(FileNotFoundError, match=f"{name}: no such file"):
             read_cloud(tmp_path / name)
-    for reader in (read_numpy, read_las, read_open3d, read_text, read_semantickitti):
+    for reader in (read_numpy, read_las, read_open3d, read_text, read_semantickitti, read_semantic3d):
         with pytest.raises(FileNotFoundError, match=r"gone\.x: no such file"):
             reader(tmp_path / "gone.x")
         with pytest.raises(TypeError, match="path must be a file path"):

@@ -27,6 +27,8 @@ PLY/PCD            :func:`read_open3d` (open3d, optional extra; labels from
                    KITTI-360's ``semantic``)
 S3DIS text         :func:`read_text` (rows ``x y z [r g b] [label]``, or a
                    room's ``Annotations/<class>_<n>.txt`` files)
+Semantic3D         :func:`read_semantic3d` (``<name>.txt`` rows ``x y z
+                   intensity r g b``, labels in ``<name>.labels``)
 =================  ==========================================================
 """
 
@@ -1366,7 +1368,66 @@ def read_text(path, label_map="s3dis", ignore_index: int = DEFAULT_IGNORE, *, la
     return Sample(xyz, _labels(raw, label_map, ignore_index, f"{path} label column"), rgb=rgb, name=str(path))
 
 
-def _load_rows(path) -> np.ndarray:
+# Semantic3D's intensity: a signed 12-bit integer per point
+_SEMANTIC3D_INTENSITY = (-2048, 2047)
+
+
+@_names_the_file
+def read_semantic3d(path, label_map="semantic3d", ignore_index: int = DEFAULT_IGNORE, *,
+                    labels: bool = True) -> Sample:
+    """A Semantic3D scan: ``<name>.txt`` rows ``x y z intensity r g b``
+    (intensity an integer in -2048..2047, colour in 0..255) and the labels
+    in ``<name>.labels`` beside it, one integer a line, a line per point (0
+    unlabelled, 1..8 the classes; the ``semantic3d`` map, the default, sends
+    0 to ``ignore_index``). The benchmark's test scans have no ``.labels``:
+    without one (or with ``labels=False``) the sample is unlabelled. A
+    ``.labels`` of another count of lines than the scan's rows is a
+    ValueError naming both files, as is a label that is not a whole number.
+    Intensity comes as ``(i + 2048) / 4095``: -2048..2047 onto 0..1, the
+    range the other readers give (fixed, as SemanticKITTI's remissions, so
+    not scaled by a percentile); an intensity outside -2048..2047 or not a
+    whole number, or a colour outside 0..255, is a ValueError naming the
+    file. Positions as :func:`read_text` takes them (float64 text: x and y
+    relative to their minimum, z as stored)."""
+    path = Path(path)
+    label_map = load_label_map(label_map) if label_map is not None else None
+    rows = _load_rows(path, (7,), "x y z intensity r g b (Semantic3D)")
+    placed = np.isfinite(rows[:, :3]).all(1)  # (a point without a position: left for Sample to refuse or drop)
+    lo, hi = _SEMANTIC3D_INTENSITY
+    raw_i = rows[placed, 3]
+    bad = ~((raw_i >= lo) & (raw_i <= hi) & (np.floor(raw_i) == raw_i))
+    if bad.any():
+        raise ValueError(f"{path}: intensity (column 4) must be a whole number in {lo}..{hi}, as Semantic3D's is; "
+                         f"{int(bad.sum())} of {raw_i.size} points' intensities are not (first {float(raw_i[np.argmax(bad)])!r})")
+    rgb = rows[placed, 4:7]
+    bad = ~((rgb >= 0) & (rgb <= 255)).all(1)
+    if bad.any():
+        raise ValueError(f"{path}: colour (columns 5-7) must lie in 0..255, as Semantic3D's does; {int(bad.sum())} "
+                         f"of {len(rgb)} points' colours do not (first {rgb[np.argmax(bad)].tolist()})")
+    intensity = ((rows[:, 3:4] - lo) / (hi - lo)).astype(np.float32)
+    rgb = _scale_rgb(rows[:, 4:7], str(path), 255.0)
+    raw = None
+    label_path = path.with_suffix(".labels")
+    if labels and label_path.is_file():
+        try:
+            with warnings.catch_warnings():  # (numpy warns "input contained no data" on an empty file)
+                warnings.simplefilter("ignore", UserWarning)
+                raw = np.loadtxt(label_path, dtype=np.float64, ndmin=2)
+        except ValueError as exc:
+            raise ValueError(f"{label_path}: not one integer label a line (labels of {path}): {exc}") from None
+        if raw.shape[1] != 1 and raw.size:
+            raise ValueError(f"{label_path}: must hold one integer label a line (labels of {path}); got "
+                             f"{raw.shape[1]} columns")
+        raw = _integral(raw.reshape(-1), f"{label_path} (labels of {path})")
+        if raw.size != len(rows):
+            raise ValueError(f"{label_path}: {raw.size} labels for the {len(rows)} points of {path} (one label a "
+                             "line, a line per point)")
+    xyz = _positions(rows)
+    del rows
+    return Sample(xyz, _labels(raw, label_map, ignore_index, f"{label_path}"), intensity, rgb, name=str(path))
+
+
+def _load_rows(path, columns=(3, 4, 6, 7), layout: str = "x y z [r g b] [label]") -> np.ndarray:
     try:
         with warnings.catch_warnings():  # (numpy warns "input contained no data" on an empty file: said below)
             warnings.simplefilter("ignore", UserWarning)
@@ -1374,10 +1435,9 @@ def _load_rows(path) -> np.ndarray:
     except ValueError as exc:
         raise ValueError(f"{path}: not rows of numbers: {exc}") from None
     if rows.size == 0:  # (numpy gives an empty file, or one of comments only, as 0 rows of 1 column)
-        raise ValueError(f"{path}: holds no points (an empty file, or comments only); rows must hold x y z "
-                         "[r g b] [label]")
-    if rows.shape[1] not in (3, 4, 6, 7):
-        raise ValueError(f"{path}: rows must hold x y z [r g b] [label]; got {rows.shape[1]} columns")
+        raise ValueError(f"{path}: holds no points (an empty file, or comments only); rows must hold {layout}")
+    if rows.shape[1] not in columns:
+        raise ValueError(f"{path}: rows must hold {layout}; got {rows.shape[1]} columns")
     return rows
 
 
