@@ -1449,6 +1449,43 @@ def test_semantic3d_rows_out_of_range_name_the_file(tmp_path):
         assert str(path) in str(info.value)
 
 
+def test_read_cloud_reads_a_txt_with_a_labels_beside_it_as_semantic3d(tmp_path):
+    """A Semantic3D scan was read as S3DIS rows: colour from intensity, r, g
+    and the labels from blue, its .labels ignored (silently where the
+    intensities are 0 and up). A .txt with <stem>.labels beside it, or read
+    with the semantic3d map (the test scans have no .labels), is Semantic3D;
+    other text is S3DIS as before."""
+    (tmp_path / "s.txt").write_text("1 2 3 1500 120 130 140\n2 3 4 1600 10 20 5\n")
+    (tmp_path / "s.labels").write_text("5\n0\n")
+    s = read_cloud(tmp_path / "s.txt")
+    assert s.labels.tolist() == [4, 255] and np.allclose(s.rgb * 255, [[120, 130, 140], [10, 20, 5]], atol=1e-3)
+    assert np.allclose(s.intensity[:, 0], [(1500 + 2048) / 4095, (1600 + 2048) / 4095])
+    assert read_cloud(tmp_path / "s.txt", labels=False).intensity is not None  # (the layout, labels unread)
+    (tmp_path / "test.txt").write_text("1 2 3 -1500 120 130 140\n")  # a test scan: no .labels
+    t = read_cloud(tmp_path / "test.txt", "semantic3d")
+    assert t.labels is None and np.allclose(t.intensity, 548 / 4095)
+    assert read_cloud(tmp_path / "test.txt", load_label_map("semantic3d")).labels is None
+    with pytest.raises(ValueError, match=r"test\.txt: 7 columns whose 4th holds negative values: .*Semantic3D"):
+        read_cloud(tmp_path / "test.txt")  # (was "colour values must be in 0..255")
+    # S3DIS rows as before: 7 columns, no .labels beside them
+    np.savetxt(tmp_path / "room.txt", np.array([[0, 0, 0, 10, 20, 30, 8], [1, 1, 1, 0, 0, 0, 2]]))
+    r = read_cloud(tmp_path / "room.txt")
+    assert r.labels.tolist() == [8, 2] and r.intensity is None
+    assert np.allclose(r.rgb[0] * 255, [10, 20, 30], atol=1e-3)
+    files = CloudFiles([tmp_path / "s.txt"])
+    assert files.classes == load_label_map("semantic3d").classes and files[0].labels.tolist() == [4, 255]
+    assert CloudFiles([tmp_path / "room.txt"]).classes == load_label_map("s3dis").classes
+
+
+def test_find_clouds_skips_semantic3d_labels_files(tmp_path):
+    path, *_ = _semantic3d_scan(tmp_path, "a", n=5)
+    _semantic3d_scan(tmp_path, "b", n=5)
+    assert find_clouds(tmp_path) == [tmp_path / "a.txt", tmp_path / "b.txt"]
+    assert find_clouds(str(tmp_path / "*")) == [tmp_path / "a.txt", tmp_path / "b.txt"]
+    with pytest.raises(ValueError, match=r"matches only \.labels files"):
+        find_clouds(str(tmp_path / "*.labels"))
+
+
 def test_text_reader_holds_its_rows_once(tmp_path):
     """read_text holds the float64 rows it parsed and the sample's arrays,
     not further copies of them: the rows beside a float64 copy of the

@@ -18,7 +18,7 @@ import torch
 
 from ..tensor import _index, as_bool, as_int
 from . import generated
-from .readers import DEFAULT_IGNORE, LabelMap, _ignore_index, find_clouds, load_label_map, read_cloud
+from .readers import DEFAULT_IGNORE, LabelMap, _ignore_index, _is_semantic3d, find_clouds, load_label_map, read_cloud
 from .sample import Sample
 from .transforms import augment, check_voxel_size, voxelize_sample
 
@@ -91,7 +91,10 @@ class CloudFiles(Sequence[Sample]):
         self.label_map: LabelMap | None = load_label_map(label_map) if label_map is not None else None
         if self.label_map is None and any(p.suffix.lower() == ".bin" for p in self.paths):
             self.label_map = load_label_map("semantic-kitti")
-        if self.label_map is None and any(p.is_dir() or p.suffix.lower() == ".txt" for p in self.paths):
+        text = [p for p in self.paths if p.is_dir() or p.suffix.lower() == ".txt"]
+        if self.label_map is None and text and all(p.is_file() and _is_semantic3d(p) for p in text):
+            self.label_map = load_label_map("semantic3d")  # (every text cloud a Semantic3D scan)
+        if self.label_map is None and text:
             self.label_map = load_label_map("s3dis")
         self.ignore_index = ignore_index
         self.classes = list(self.label_map.classes) if self.label_map is not None else None

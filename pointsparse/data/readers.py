@@ -1362,6 +1362,11 @@ def read_text(path, label_map="s3dis", ignore_index: int = DEFAULT_IGNORE, *, la
         del rows  # (nor the room's while the sample casts and checks its arrays)
         return Sample(xyz, np.concatenate(ids) if labels else None, rgb=rgb, name=str(path))
     rows = _load_rows(path)
+    if rows.shape[1] == 7 and (_finite(rows[:, 3]) < 0).any():  # (no S3DIS colour: Semantic3D's intensity)
+        raise ValueError(f"{path}: 7 columns whose 4th holds negative values: not S3DIS rows x y z r g b label "
+                         "(colour is 0 or more) but, it seems, a Semantic3D scan x y z intensity r g b; read it "
+                         "with read_semantic3d, or put its <name>.labels beside it, or give the label map "
+                         "'semantic3d' (--label-map semantic3d) for read_cloud to read it so")
     raw = _integral(rows[:, -1], f"{path} label column") if labels and rows.shape[1] in (4, 7) else None
     rgb, xyz = _rgb_rows(rows, path), _positions(rows)
     del rows  # (the float64 rows: not held while the sample casts and checks its arrays)
@@ -1455,7 +1460,12 @@ def _rgb_rows(rows, where):
 def read_cloud(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, *, labels: bool = True) -> Sample:
     """Any supported file, by extension (``.bin`` SemanticKITTI, ``.npy``/
     ``.npz``, ``.las``/``.laz``, ``.ply``/``.pcd``, ``.txt`` or an S3DIS room
-    folder). ``label_map`` defaults to SemanticKITTI's for ``.bin``.
+    folder). A ``.txt`` is a Semantic3D scan (:func:`read_semantic3d`) where
+    a ``<stem>.labels`` lies beside it or ``label_map`` is Semantic3D's
+    (``"semantic3d"``: the benchmark's test scans, which have no
+    ``.labels``), else S3DIS rows (:func:`read_text`). ``label_map``
+    defaults to SemanticKITTI's for ``.bin``, Semantic3D's for a Semantic3D
+    scan, S3DIS's for other text.
     ``labels=False``: the points and their features only, the file's labels
     (and a labels file beside it) not read, whatever they hold."""
     if not isinstance(path, (str, os.PathLike)):
@@ -1473,9 +1483,24 @@ def read_cloud(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, *, labe
         return read_las(path, label_map, ignore_index, labels=labels)
     if suffix in (".ply", ".pcd"):
         return read_open3d(path, label_map, ignore_index, labels=labels)
+    if suffix == ".txt" and _is_semantic3d(path, label_map):
+        return read_semantic3d(path, label_map or "semantic3d", ignore_index, labels=labels)
     if suffix == ".txt" or path.is_dir():
         return read_text(path, label_map or "s3dis", ignore_index, labels=labels)
     raise ValueError(f"{path}: unknown point cloud format {suffix!r} (.bin .npy .npz .las .laz .ply .pcd .txt)")
+
+
+def _is_semantic3d(path: Path, label_map=None) -> bool:
+    """Whether :func:`read_cloud` reads the ``.txt`` at ``path`` as a
+    Semantic3D scan: a ``<stem>.labels`` lies beside it, or ``label_map`` is
+    Semantic3D's (its name, or the map loaded from it)."""
+    if path.with_suffix(".labels").is_file():
+        return True
+    if isinstance(label_map, (str, os.PathLike)):
+        return os.fspath(label_map) == "semantic3d" or Path(label_map).resolve() == LABEL_MAP_DIR.resolve() / \
+            "semantic3d.json"
+    return isinstance(label_map, LabelMap) and (LABEL_MAP_DIR / "semantic3d.json").is_file() and \
+        label_map == load_label_map("semantic3d")
 
 
 def _visible(paths) -> list[Path]:
@@ -1491,8 +1516,9 @@ def find_clouds(specs) -> list[Path]:
     folders) or folders. A folder is searched for
     ``velodyne/*.bin`` (SemanticKITTI), ``points/*.npy`` (Open3D-ML), else
     every supported file in it (``*labels*`` arrays are label files, not
-    clouds; hidden files, named ``.*``, are skipped as a glob skips them, and
-    so are text files named README*, LICENSE*, LICENCE*, NOTICE*, COPYING*,
+    clouds, nor are Semantic3D's ``.labels``, in a folder or a glob;
+    hidden files, named ``.*``, are skipped as a glob skips them, and so
+    are text files named README*, LICENSE*, LICENCE*, NOTICE*, COPYING*,
     CHANGELOG* or CITATION*, any case);
     an S3DIS room folder (with ``Annotations/``) is one cloud. A path found
     by two specs comes once, where first found."""
@@ -1512,6 +1538,11 @@ def find_clouds(specs) -> list[Path]:
         # read the clouds one folder down and skipped the rest without a word)
         matches = sorted(glob.glob(spec, recursive=True)) if any(ch in spec for ch in "*?[") and \
             not os.path.exists(spec) else [spec]
+        if matches != [spec]:  # (a glob's Semantic3D .labels files are its scans' labels, not clouds)
+            clouds = [m for m in matches if not m.lower().endswith(".labels")]
+            if matches and not clouds:
+                raise ValueError(f"{spec!r} matches only .labels files (Semantic3D labels; give the .txt scans)")
+            matches = clouds
         if not matches:
             raise ValueError(f"no files match {spec!r}")
         for m in map(Path, matches):
