@@ -14,7 +14,7 @@ from pointsparse.app import cli
 from pointsparse.checkpoint import load_training
 from pointsparse.app.predict import _outputs, raw_ids
 from pointsparse.data import Batch, generated
-from pointsparse.data.readers import LabelMap, load_label_map, read_cloud
+from pointsparse.data.readers import LabelMap, load_label_map, read_cloud, read_semantic3d
 from pointsparse.data.transforms import voxelize_sample
 from pointsparse.app.scoring import predict
 from pointsparse.data import NUM_FEATURES
@@ -56,6 +56,35 @@ def _checkpoint(path, name: str = "minkunet"):
               "voxel_size": 0.5, "ignore_index": 255, "model": name}
     torch.save({"model": model.state_dict(), "config": config}, path)
     return path
+
+
+def test_predict_reads_semantic3d_test_scans_without_labels_as_semantic3d(tmp_path):
+    """Semantic3D's test scans have no .labels beside them: predict read them
+    as S3DIS rows (colour from intensity, r, g; no intensity), silently where
+    the intensities are 0 and up. A model of Semantic3D's classes reads a
+    .txt as a Semantic3D scan."""
+    ckpt = _checkpoint(tmp_path / "generated.pt")
+    state = torch.load(ckpt, weights_only=False)
+    classes = load_label_map("semantic3d").classes
+    torch.manual_seed(1)
+    model = MinkUNet(NUM_FEATURES, len(classes), cr=0.25, blocks=1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.running_var.fill_(0.01)
+    state["model"], state["config"]["classes"] = model.state_dict(), list(classes)
+    torch.save(state, tmp_path / "s3d.pt")
+    rng = np.random.default_rng(0)
+    scan = tmp_path / "in" / "sg27_station10.txt"
+    scan.parent.mkdir()
+    with open(scan, "w") as f:
+        for p, i, c in zip(rng.uniform(0, 8, (300, 3)), rng.integers(0, 2048, 300), rng.integers(0, 256, (300, 3))):
+            f.write(f"{p[0]:.3f} {p[1]:.3f} {p[2]:.3f} {i} {c[0]} {c[1]} {c[2]}\n")
+    out = tmp_path / "pred"
+    assert cli.main(["predict", "--checkpoint", str(tmp_path / "s3d.pt"), "--data", str(scan), "--out", str(out),
+                     "--no-progress"]) == 0
+    model = load_model(tmp_path / "s3d.pt").eval()
+    expected = predict(model, Batch.of([voxelize_sample(read_semantic3d(scan), 0.5, 255)]))[1].numpy()
+    assert np.array_equal(np.load(out / "sg27_station10.npy"), expected)
 
 
 def test_predict_spvcnn_program(tmp_path):

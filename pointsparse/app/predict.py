@@ -191,16 +191,22 @@ def main(args) -> int:
             raise ValueError("--format label needs the label map whose raw ids to write: give --label-map")
         label_map = load_label_map(name)
         ids = raw_ids(label_map, classes)
+    # A model of Semantic3D's classes (or --label-map semantic3d) reads .txt clouds as Semantic3D scans: the
+    # benchmark's test scans have no .labels beside them, and were read as S3DIS rows.
+    semantic3d = load_label_map("semantic3d")
+    text_map = "semantic3d" if classes == semantic3d.classes or label_map == semantic3d else None
     targets = _outputs(paths, Path(args.out), ".label" if args.format == "label" else ".npy")
     _other_format(paths, Path(args.out), args.format)
     with DirectoryLock(args.out, "--out"):  # (as train holds its --out: another run's folder is refused)
-        return _predict_all(args, model, config, paths, targets, label_map, ids)
+        return _predict_all(args, model, config, paths, targets, label_map, ids, text_map)
 
 
-def _predict_all(args, model, config: dict, paths: list[Path], targets: list[Path], label_map, ids) -> int:
+def _predict_all(args, model, config: dict, paths: list[Path], targets: list[Path], label_map, ids,
+                 text_map=None) -> int:
     """``pointsparse predict``'s work once its flags and outputs are checked (``--out`` held): each
     cloud of ``paths`` predicted into its ``targets`` file (``ids``: the raw id of each class for
-    ``--format label``), then ``classes.json``."""
+    ``--format label``), then ``classes.json``. ``text_map``: the label map ``.txt`` clouds are read
+    with, for their layout only (``"semantic3d"``: Semantic3D scans)."""
     from ..data import DEFAULT_IGNORE, Batch
     from ..data.readers import read_cloud
     from ..data.sample import NonFinitePositions, nonfinite_rows_dropped
@@ -222,7 +228,8 @@ def _predict_all(args, model, config: dict, paths: list[Path], targets: list[Pat
                                          not args.no_progress and have_tqdm()):
             try:
                 with nonfinite_rows_dropped() if args.skip_nonfinite else contextlib.nullcontext():
-                    sample = read_cloud(path, labels=False)  # (the file's own labels, where it has any, go unread)
+                    sample = read_cloud(path, text_map if path.suffix.lower() == ".txt" else None,
+                                        labels=False)  # (the file's own labels, where it has any, go unread)
             except NonFinitePositions as error:
                 raise ValueError(f"{error}; give --skip-nonfinite to predict the other points and write -1 (.npy) "
                                  "or raw id 0 (.label) for these") from error
