@@ -1402,8 +1402,9 @@ def read_semantic3d(path, label_map="semantic3d", ignore_index: int = DEFAULT_IG
     raw_i = rows[placed, 3]
     bad = ~((raw_i >= lo) & (raw_i <= hi) & (np.floor(raw_i) == raw_i))
     if bad.any():
+        first = float(raw_i[np.argmax(bad)])
         raise ValueError(f"{path}: intensity (column 4) must be a whole number in {lo}..{hi}, as Semantic3D's is; "
-                         f"{int(bad.sum())} of {raw_i.size} points' intensities are not (first {float(raw_i[np.argmax(bad)])!r})")
+                         f"{int(bad.sum())} of {raw_i.size} points' intensities are not (first {first!r})")
     rgb = rows[placed, 4:7]
     bad = ~((rgb >= 0) & (rgb <= 255)).all(1)
     if bad.any():
