@@ -135,6 +135,29 @@ def test_the_dtype_mixes_torch_takes_still_run():
         assert spnn.Linear(4, 2)(line()).feats.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+def test_under_autocast_the_dtype_mixes_torch_refuses_are_a_type_error(low):
+    """Under torch.autocast the layers skipped their feats / parameters dtype check ("autocast is torch's
+    to mix"), but autocast casts no float64 tensor and leaves batch norm to its own dtype rule: float64
+    feats into a float32 Linear (or learned VoxelPrune score), float32 feats into a float64 one, or float32
+    feats into a bf16 / float64 BatchNorm, failed inside torch ("mat1 and mat2 must have the same dtype",
+    "mixed dtype (CPU): all inputs must share same datatype"). They are the TypeError naming both dtypes
+    now; the mixes autocast (or batch norm) does take still run."""
+    x = line(n=6)
+    refused = [(spnn.Linear(4, 2), torch.float64), (spnn.Linear(4, 2).double(), torch.float32),
+               (spnn.VoxelPrune(0.5, score="learned", in_channels=4), torch.float64),
+               (spnn.BatchNorm(4), torch.float64), (spnn.BatchNorm(4).to(torch.bfloat16), torch.float32),
+               (spnn.BatchNorm(4).double(), low)]
+    with torch.autocast("cpu", dtype=low):
+        for module, dtype in refused:
+            with pytest.raises(TypeError, match=f"the input's feats are {dtype} but its parameters"):
+                module(x.with_feats(x.feats.to(dtype)))
+        for module, dtype in [(spnn.Linear(4, 2), torch.float32), (spnn.Linear(4, 2).to(torch.float16), torch.bfloat16),
+                              (spnn.Linear(4, 2).double(), torch.float64), (spnn.BatchNorm(4), low),
+                              (spnn.BatchNorm(4).to(low), low), (spnn.Conv3d(4, 2, 3), torch.float64)]:
+            module(x.with_feats(x.feats.to(dtype)))
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_a_pruned_linear_or_learned_score_converted_takes_feats_of_its_new_dtype(dtype):
     """A pointsparse Linear (or a learned VoxelPrune score) whose torch Linear is pruned

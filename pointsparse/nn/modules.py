@@ -34,10 +34,21 @@ def _check_feats_for(module: nn.Module, x: SparseTensor, channels: int, what: st
     # The one mix torch takes: bf16 / fp16 feats on a batch norm's float32 parameters (statistics)
     mixed = (isinstance(module, nn.BatchNorm1d) and param is not None and param.dtype == torch.float32
              and x.feats.dtype in (torch.bfloat16, torch.float16))
-    if (param is not None and x.feats.dtype != param.dtype and not mixed
-            and not torch.is_autocast_enabled(x.feats.device.type)):  # autocast is torch's to mix
+    if param is not None and x.feats.dtype != param.dtype and not mixed \
+            and not _autocast_mixes(module, x.feats.dtype, param.dtype, x.feats.device.type):
         raise TypeError(f"{name}: the input's feats are {x.feats.dtype} but its parameters {param.dtype} "
                         "(convert one of them: module.to(dtype) or the feats)")
+
+
+def _autocast_mixes(module: nn.Module, feats: torch.dtype, param: torch.dtype, device: str) -> bool:
+    """Whether torch.autocast (enabled on ``device``) reconciles feats and
+    parameters of these other dtypes in ``module``: a conv casts its feats
+    itself (``functional.conv3d``); a batch norm autocast leaves to its own
+    dtype rule (the mix above); a Linear autocast casts, but never a float64
+    tensor (float64 feats on float32 weights failed inside torch's matmul)."""
+    if not torch.is_autocast_enabled(device) or isinstance(module, nn.BatchNorm1d):
+        return False
+    return isinstance(module, Conv3d) or torch.float64 not in (feats, param)
 
 
 def _live_weight(module: nn.Module) -> torch.Tensor | None:
