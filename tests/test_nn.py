@@ -343,3 +343,17 @@ def test_functional_star_import_gives_the_ops_not_the_module_imports():
     assert not {"torch", "np", "math", "functools", "operator", "annotations", "SparseTensor", "as_bool",
                 "as_float", "as_triple"} & set(names)
     assert all(hasattr(F, name) for name in F.__all__)
+
+
+def test_pooling_windows_are_the_strided_convs_offsets_not_the_cell():
+    """As documented: kernel 2 stride 2 covers each output cell exactly; an odd
+    kernel's window is centred (kernel 3 stride 3 takes q - 1 .. q + 1), so an
+    input at q + 2 reaches no window and its output holds 0, as in
+    MinkowskiEngine's pooling (torch's dense MaxPool3d(3) would give 5)."""
+    from pointsparse import nn as pnn
+
+    x = ps.SparseTensor(torch.tensor([[5.0], [7.0]]), torch.tensor([[0, 2, 0, 0], [0, 1, 1, 1]], dtype=torch.int32))
+    two = pnn.MaxPool3d(2)(x)
+    assert sorted(two.feats.flatten().tolist()) == [5.0, 7.0]
+    three = pnn.MaxPool3d(3)(x)
+    assert three.coords.tolist() == [[0, 0, 0, 0]] and three.feats.flatten().tolist() == [7.0]

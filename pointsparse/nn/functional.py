@@ -536,8 +536,13 @@ def _mean_of_rows(rows: torch.Tensor, index: torch.Tensor, counts: torch.Tensor)
 def max_pool3d(input: SparseTensor, kernel_size=2, stride=None, dilation=1) -> SparseTensor:
     """Sparse max pooling: ``out[q] = max over offsets o of in[q + o]`` over the
     active inputs of the window; output coords as the strided conv's (``stride``
-    defaults to ``kernel_size``; stride 1 keeps the coords). A window with no
-    active input (a kernel smaller than the stride) gives 0."""
+    defaults to ``kernel_size``; stride 1 keeps the coords). The window is the
+    strided conv's kernel offsets, centred for an odd kernel, not the output's
+    cell: an even ``kernel_size`` equal to the stride (2) covers each cell
+    exactly, but ``kernel_size=3, stride=3`` takes q - 1 .. q + 1 for the cell
+    q .. q + 2, so an input at q + 2 falls outside every window (as in
+    MinkowskiEngine's and TorchSparse's pooling; torch's dense pooling takes
+    the cell). A window with no active input gives 0."""
     if torch.compiler.is_compiling():
         return _graph_pool(input, kernel_size, stride, dilation, "max_pool3d", "amax")
     kmap, out_stride = _pool_map(input, kernel_size, stride, dilation, "max_pool3d")
@@ -558,7 +563,8 @@ def max_pool3d(input: SparseTensor, kernel_size=2, stride=None, dilation=1) -> S
 def avg_pool3d(input: SparseTensor, kernel_size=2, stride=None, dilation=1) -> SparseTensor:
     """Sparse average pooling: the mean of the active inputs of each window
     (inactive sites are not counted; 0 for a window with none); output coords
-    as the strided conv's."""
+    and windows as :func:`max_pool3d`'s (an odd kernel's window is centred, not
+    the output's cell)."""
     if torch.compiler.is_compiling():
         return _graph_pool(input, kernel_size, stride, dilation, "avg_pool3d", "mean")
     kmap, out_stride = _pool_map(input, kernel_size, stride, dilation, "avg_pool3d")
