@@ -357,3 +357,54 @@ def test_pooling_windows_are_the_strided_convs_offsets_not_the_cell():
     assert sorted(two.feats.flatten().tolist()) == [5.0, 7.0]
     three = pnn.MaxPool3d(3)(x)
     assert three.coords.tolist() == [[0, 0, 0, 0]] and three.feats.flatten().tolist() == [7.0]
+
+
+def _items_cloud(dtype=torch.float64, seed=0):
+    """Three batch items of 7, 1 and 12 sites, 4 channels."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for b, n in ((0, 7), (1, 1), (2, 12)):
+        xyz = torch.randperm(64, generator=g)[:n]
+        rows.append(torch.stack([torch.full((n,), b), xyz // 16, (xyz // 4) % 4, xyz % 4], 1))
+    coords = torch.cat(rows).int()
+    return ps.SparseTensor(torch.randn(len(coords), 4, generator=g, dtype=dtype), coords)
+
+
+def test_instance_norm_normalises_each_item_as_torchs_instance_norm():
+    """Each batch item's sites normalised by their own statistics, as
+    torch.nn.functional.instance_norm of the item's (1, C, n) feats (an item
+    of one site gives the bias: torch refuses one position); the module's
+    affine parameters; gradcheck in float64; bf16 feats in float32, rounded
+    once; bad eps / weight named."""
+    from pointsparse import nn as pnn
+
+    x = _items_cloud()
+    weight, bias = torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    got = ps.nn.functional.instance_norm(x, weight, bias, eps=1e-5).feats
+    for b in range(3):
+        rows = x.coords[:, 0] == b
+        item = x.feats[rows]
+        if len(item) == 1:
+            torch.testing.assert_close(got[rows], bias.unsqueeze(0))
+            continue
+        want = torch.nn.functional.instance_norm(item.t().unsqueeze(0), weight=weight, bias=bias, eps=1e-5)
+        torch.testing.assert_close(got[rows], want[0].t())
+    layer = pnn.InstanceNorm(4).double()
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer.bias.copy_(bias)
+    torch.testing.assert_close(layer(x).feats, got)
+    assert torch.equal(layer.eval()(x).feats, layer.train()(x).feats)  # (no running statistics)
+    f = x.feats.clone().requires_grad_()
+    w, c = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda f, w, c: ps.nn.functional.instance_norm(x.with_feats(f), w, c).feats,
+                                    (f, w, c))
+    low = x.with_feats(x.feats.bfloat16())
+    wide = ps.nn.functional.instance_norm(x.with_feats(low.feats.float())).feats
+    assert torch.equal(ps.nn.functional.instance_norm(low).feats, wide.bfloat16())
+    with pytest.raises(ValueError, match="eps must be a positive finite number"):
+        pnn.InstanceNorm(4, eps=0)
+    with pytest.raises(ValueError, match=r"instance_norm: weight must be None or a \(4,\) tensor"):
+        ps.nn.functional.instance_norm(x, torch.ones(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="InstanceNorm: the input's feats have 4 channels but num_features is 5"):
+        pnn.InstanceNorm(5)(x.with_feats(x.feats.float()))

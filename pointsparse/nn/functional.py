@@ -17,8 +17,8 @@ from . import reference as _reference
 from ..coords import check_strided
 from ..tensor import SparseTensor, as_bool, as_float, as_triple
 
-__all__ = ["conv3d", "add", "cat", "max_pool3d", "avg_pool3d", "global_avg_pool", "global_max_pool", "select_voxels",
-           "keep_per_batch", "region_of", "engine_cost"]
+__all__ = ["conv3d", "add", "cat", "max_pool3d", "avg_pool3d", "global_avg_pool", "global_max_pool", "instance_norm",
+           "select_voxels", "keep_per_batch", "region_of", "engine_cost"]
 
 
 def _check_weight(input: SparseTensor, weight: torch.Tensor, k) -> int:
@@ -641,6 +641,39 @@ def global_avg_pool(input: SparseTensor) -> torch.Tensor:
     input)."""
     batch, counts = _per_batch(input, "global_avg_pool")
     return _mean_of_rows(input.feats, batch, counts)
+
+
+def instance_norm(input: SparseTensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                  eps: float = 1e-5) -> SparseTensor:
+    """Each batch item's feats normalised by that item's own mean and biased
+    variance per channel (``torch.nn.functional.instance_norm`` of the item's
+    sites taken as its spatial positions; MinkowskiEngine's
+    ``MinkowskiInstanceNorm``), then ``* weight + bias`` where given
+    (``(C,)``). An item of one site normalises to 0 (its variance 0, where
+    torch's instance norm refuses one position). fp16 / bf16 feats are
+    normalised in float32 and rounded once. Differentiable (torch's
+    operators)."""
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"eps must be a positive finite number; got {eps!r}")
+    batch, counts = _per_batch(input, "instance_norm")
+    feats = input.feats
+    channels = feats.shape[1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and (not isinstance(t, torch.Tensor) or t.shape != (channels,)):
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"instance_norm: {name} must be None or a ({channels},) tensor (the feats' channels); "
+                             f"got {got}")
+    low = feats.dtype in (torch.float16, torch.bfloat16)
+    x = feats.float() if low else feats
+    mean = _mean_of_rows(x, batch, counts)
+    centred = x - mean.index_select(0, batch)
+    var = _mean_of_rows(centred * centred, batch, counts)
+    out = centred * torch.rsqrt(var + eps).index_select(0, batch)
+    if weight is not None:
+        out = out * weight.to(out.dtype)
+    if bias is not None:
+        out = out + bias.to(out.dtype)
+    return input.with_feats(out.to(feats.dtype) if low else out)
 
 
 def global_max_pool(input: SparseTensor) -> torch.Tensor:

@@ -372,6 +372,38 @@ class _Pool3d(nn.Module):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, dilation={self.dilation}"
 
 
+class InstanceNorm(nn.Module):
+    """Instance normalisation over the feats of a SparseTensor: each batch
+    item's sites normalised by the item's own mean and biased variance per
+    channel (:func:`functional.instance_norm`; MinkowskiEngine's
+    ``MinkowskiInstanceNorm``), then an affine ``weight`` (1) and ``bias`` (0)
+    per channel (``affine=False``: none). No running statistics: training
+    and eval compute the same. An item of one site gives ``bias``."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        self.num_features = positive_int(num_features, "num_features")
+        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps <= 0:
+            raise ValueError(f"eps must be a positive finite number; got {eps!r}")
+        self.eps = float(eps)
+        self.affine = as_bool(affine, "affine")
+        if self.affine:
+            self.weight = nn.Parameter(torch.ones(self.num_features, device=device, dtype=dtype))
+            self.bias = nn.Parameter(torch.zeros(self.num_features, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def forward(self, input: SparseTensor) -> SparseTensor:
+        x = _check_input(input)
+        _check_feats_for(self, x, self.num_features if self.weight is None else self.weight.shape[0],
+                         "num_features", self.weight)
+        return F.instance_norm(x, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, affine={self.affine}"
+
+
 class MaxPool3d(_Pool3d):
     """Sparse max pooling over the active sites of each window; output coords
     as a strided conv's (``stride`` defaults to ``kernel_size``)."""
