@@ -503,6 +503,28 @@ def test_a_fused_model_s_weights_and_misfits_are_named_briefly(tmp_path):
         load_model(tmp_path / "few.pt")
 
 
+def test_a_fused_spvcnn_s_weights_are_named_as_a_fused_model_s(tmp_path):
+    """fuse_for_inference folds the BatchNorms of SPVCNN's voxel branch
+    and keeps its point MLPs' BatchNorm1d: its state_dict given to
+    load_model was reported as 165 missing tensors (the first five listed),
+    not as a fused inference model's weights, as a fused MinkUNet's are."""
+    from pointsparse import checkpoint
+    from pointsparse.models import SPVCNN, load_model
+
+    net = SPVCNN(4, 3, cr=0.25, blocks=1).eval()
+    config = {"model": "spvcnn", "in_channels": 4, "classes": ["a", "b", "c"], "cr": 0.25, "blocks": 1}
+    checkpoint.save(tmp_path / "fused.pt", {"config": config, "model": spnn.fuse_for_inference(net).state_dict()})
+    with pytest.raises(ValueError, match=r"fused.pt: .* a fused inference model's \(nn.fuse_for_inference .* 33 "
+                                         r"BatchNorms\)"):
+        load_model(tmp_path / "fused.pt")
+    # one BatchNorm's statistics lost is no fused model: the tensors are named
+    state = dict(net.state_dict())
+    del state["unet.stem.0.1.running_mean"]
+    checkpoint.save(tmp_path / "few.pt", {"config": config, "model": state})
+    with pytest.raises(ValueError, match=r"tensors 1 missing \(unet.stem.0.1.running_mean\)$"):
+        load_model(tmp_path / "few.pt")
+
+
 @pytest.mark.parametrize("name", ["minkunet", "spvcnn"])
 def test_checkpoint_of_other_classes_or_input_channels_is_refused(tmp_path, name):
     """Channel pruning keeps a model's input channels and its classes: a

@@ -339,18 +339,20 @@ def _finite(value) -> bool:
 
 def _misfit(model: nn.Module, weights: dict, error: RuntimeError) -> str:
     """Why ``weights`` do not load into ``model``: a fused inference model's
-    (no BatchNorm statistics where the model has BatchNorms, nothing else
-    missing) said so; else the keys missing and unexpected, the first few of
-    each (torch's message lists every one), or torch's message."""
+    (whole BatchNorms missing, every tensor of each, and nothing else: an
+    SPVCNN's fused weights keep its point MLPs' BatchNorm1d, which
+    fuse_for_inference does not fold) said so; else the keys missing and
+    unexpected, the first few of each (torch's message lists every one), or
+    torch's message."""
     own = model.state_dict()
     missing = [k for k in own if k not in weights]
     unexpected = [k for k in weights if k not in own]
-    norms = [k for k in own if k.endswith(".running_mean")]
-    bns = {k.rpartition(".")[0] for k in norms}
-    if norms and not any(k.endswith(".running_mean") for k in weights) and all(
-            k.rpartition(".")[0] in bns for k in missing):
+    bns = {k.rpartition(".")[0] for k in own if k.endswith(".running_mean")}
+    kept = {k.rpartition(".")[0] for k in weights}
+    folded = {k.rpartition(".")[0] for k in missing} & bns
+    if missing and not folded & kept and all(k.rpartition(".")[0] in folded for k in missing):
         return ("they are a fused inference model's (nn.fuse_for_inference folds each BatchNorm into its conv, "
-                f"and the model has {len(norms)} BatchNorms): save the trained model's state_dict, and fuse the "
+                f"and the model has {len(folded)} BatchNorms): save the trained model's state_dict, and fuse the "
                 "model load_model returns")
     if not missing and not unexpected:
         return str(error)
