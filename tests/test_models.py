@@ -1222,3 +1222,18 @@ def test_point_to_voxel_averages_low_precision_points_in_float32(dtype):
     got = point_to_voxel(x, values, rows).feats
     want = torch.stack([values[:70_000].float().mean(0), values[70_000:].float().mean(0)]).to(dtype)
     assert got.dtype == dtype and torch.equal(got, want)
+
+
+def test_shape_like_names_a_model_or_state_dict_of_the_wrong_kind():
+    """shape_like (the trainer's, before a resumed run's optimizer) given a
+    list, a model or None where it takes a state_dict, or no model, raised
+    AttributeError ('list' object has no attribute 'items')."""
+    from pointsparse.models.loading import shape_like
+
+    net = MinkUNet(4, 3, cr=0.125, blocks=1)
+    for state in ([1, 2], MinkUNet(4, 3, cr=0.125, blocks=1), None):
+        with pytest.raises(TypeError, match=rf"state_dict must be a dict .*; got {type(state).__name__}"):
+            shape_like(net, state)
+    with pytest.raises(TypeError, match=r"model must be a torch.nn.Module; got NoneType"):
+        shape_like(None, net.state_dict())
+    shape_like(net, net.state_dict())  # (its own weights: nothing to change)

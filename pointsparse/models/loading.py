@@ -17,6 +17,7 @@ tensor, so nothing in the weights shows it (the model loads unpruned)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -412,6 +413,11 @@ def shape_like(model: nn.Module, state_dict: dict) -> None:
     + ``name_mask``, as ``torch.nn.utils.prune`` stores them) and narrower
     tensors, so that ``model.load_state_dict(state_dict)`` then loads. The
     trainer calls it before it makes the optimizer of a resumed run."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a dict of names to tensors (a model's state_dict()); got "
+                        f"{type(state_dict).__name__}")
     for key, value in state_dict.items():  # (else an AttributeError from the fitting below)
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise ValueError(f"the weights must map names to tensors (a state_dict); {key!r} holds "
