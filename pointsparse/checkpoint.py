@@ -209,7 +209,15 @@ def load_training(path) -> dict:
     is not a dict with ``model`` and ``config``."""
     state = load(path)
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise ValueError(f"{path} is not a pointsparse training checkpoint")
+        what = f"{path} is not a pointsparse training checkpoint (a dict with 'config' and 'model')"
+        if not isinstance(state, dict):
+            raise ValueError(f"{what}; it holds a {type(state).__name__}")
+        if state and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+            raise ValueError(f"{what}: it holds a bare state_dict ({len(state)} tensors, no config); build the model "
+                             "it belongs to and load_state_dict it, or give pointsparse.models.model_from_state "
+                             "{'config': {...}, 'model': state_dict}")
+        keys = ", ".join(repr(k) for k in list(state)[:5]) + (", ..." if len(state) > 5 else "")
+        raise ValueError(f"{what}; its keys are {keys or 'none'}")
     check_config(state["config"], path)
     return state
 

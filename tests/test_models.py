@@ -1237,3 +1237,22 @@ def test_shape_like_names_a_model_or_state_dict_of_the_wrong_kind():
     with pytest.raises(TypeError, match=r"model must be a torch.nn.Module; got NoneType"):
         shape_like(None, net.state_dict())
     shape_like(net, net.state_dict())  # (its own weights: nothing to change)
+
+
+def test_load_model_of_a_bare_state_dict_says_what_a_checkpoint_holds(tmp_path):
+    """torch.save(model.state_dict()) given to load_model (as a TorchSparse
+    or MinkowskiEngine user saves weights) was refused as 'not a pointsparse
+    training checkpoint', saying neither what one holds nor how to load the
+    weights; it now says both."""
+    from pointsparse.models import load_model
+
+    net = MinkUNet(4, 3, cr=0.125, blocks=1)
+    torch.save(net.state_dict(), tmp_path / "weights.pt")
+    with pytest.raises(ValueError, match=r"weights.pt is not a pointsparse training checkpoint \(a dict with 'config' "
+                                         r"and 'model'\): it holds a bare state_dict .*load_state_dict") as info:
+        load_model(tmp_path / "weights.pt")
+    assert "model_from_state" in str(info.value)
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match=r"list.pt is not a pointsparse training checkpoint \(a dict with 'config' "
+                                         r"and 'model'\); it holds a list$"):
+        load_model(tmp_path / "list.pt")
