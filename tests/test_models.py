@@ -1256,3 +1256,30 @@ def test_load_model_of_a_bare_state_dict_says_what_a_checkpoint_holds(tmp_path):
     with pytest.raises(ValueError, match=r"list.pt is not a pointsparse training checkpoint \(a dict with 'config' "
                                          r"and 'model'\); it holds a list$"):
         load_model(tmp_path / "list.pt")
+
+
+@pytest.mark.parametrize("name", ["minkunet", "spvcnn"])
+def test_recorded_widths_that_do_not_chain_are_refused_at_load(tmp_path, name):
+    """A config whose recorded widths narrow a conv and not its BatchNorm
+    (a hand-edited or damaged config; channel pruning records none such),
+    with weights of those shapes, loaded, and the first forward failed in
+    the BatchNorm naming no file or layer: build_model now refuses it naming
+    the layer, load_model the file as well, as for narrowed weights."""
+    from pointsparse import checkpoint
+    from pointsparse.models import SPVCNN, build_model, load_model
+
+    prefix = "" if name == "minkunet" else "unet."
+    config = {"model": name, "in_channels": 4, "classes": ["a", "b", "c"], "cr": 0.25, "blocks": 1}
+    bad = {**config, "widths": {prefix + "stem.0.0": {"out": 4}}}
+    with pytest.raises(ValueError, match=rf"the config's widths do not chain: layer {prefix}stem.0.1 "):
+        build_model(bad)
+    model = (MinkUNet if name == "minkunet" else SPVCNN)(4, 3, cr=0.25, blocks=1)
+    state = dict(model.state_dict())
+    state[prefix + "stem.0.0.weight"] = state[prefix + "stem.0.0.weight"][:, :, :4].clone()
+    checkpoint.save(tmp_path / "bad.pt", {"config": bad, "model": state})
+    with pytest.raises(ValueError, match=rf"bad.pt: the config's widths do not chain: layer {prefix}stem.0.1 "):
+        load_model(tmp_path / "bad.pt")
+    # widths that chain (the conv, its BatchNorm and the next conv's input) still build and run
+    good = {**config, "widths": {prefix + "stem.0.0": {"out": 4}, prefix + "stem.0.1": {"out": 4},
+                                 prefix + "stem.1.0": {"in": 4}}}
+    assert build_model(good).get_submodule(prefix + "stem.1.0").in_channels == 4

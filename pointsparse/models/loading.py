@@ -56,6 +56,7 @@ def build_model(config: dict) -> nn.Module:
         from ..prune.graph import resize
         resize(model, config["widths"])
         _check_ends(model, "the config's widths give")
+        _check_chain(model, "the config's widths")  # (a conv narrowed, its BatchNorm not: failed at a forward)
     return model
 
 
@@ -431,13 +432,14 @@ def shape_like(model: nn.Module, state_dict: dict) -> None:
         _check_chain(model)
 
 
-def _check_chain(model: nn.Module) -> None:
+def _check_chain(model: nn.Module, what: str = "the weights' channel widths") -> None:
     """ValueError naming the first layer of a MinkUNet / SPVCNN whose input
     is not as wide as it was fitted to take (a conv narrowed but not its
     BatchNorm or the next layer's input: weights no channel pruning gives,
     which load and then fail at the first forward), found by one forward of
     eight voxels (values unused: the fitted tensors need not be loaded yet);
-    the model's mode is restored."""
+    the model's mode is restored. ``what``: whose widths the error names
+    (the weights', or the config's)."""
     if not isinstance(model, (MinkUNet, SPVCNN)):
         return
     from ..tensor import SparseTensor
@@ -459,7 +461,7 @@ def _check_chain(model: nn.Module) -> None:
             model(*inputs)
     except (ValueError, RuntimeError) as error:
         where = f"layer {entered[-1]} does not take" if entered else "the layers do not take"
-        raise ValueError(f"the weights' channel widths do not chain: {where} the width the layer before it gives "
+        raise ValueError(f"{what} do not chain: {where} the width the layer before it gives "
                          f"({str(error).splitlines()[0]}); channel pruning narrows a layer, its BatchNorm and the "
                          "layers it feeds together") from None
     finally:
