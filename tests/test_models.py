@@ -1283,3 +1283,19 @@ def test_recorded_widths_that_do_not_chain_are_refused_at_load(tmp_path, name):
     good = {**config, "widths": {prefix + "stem.0.0": {"out": 4}, prefix + "stem.0.1": {"out": 4},
                                  prefix + "stem.1.0": {"in": 4}}}
     assert build_model(good).get_submodule(prefix + "stem.1.0").in_channels == 4
+
+
+def test_add_voxel_prune_refuses_a_module_the_model_never_calls():
+    """A VoxelPrune on a container the model indexes or iterates but never
+    calls (MinkUNet's down / up / fuse lists, SPVCNN's unet, whose stages
+    SPVCNN runs one by one) was added and recorded, and pruned nothing: the
+    model ran on every voxel, silently. It is refused naming the module."""
+    from pointsparse.models import SPVCNN, add_voxel_prune
+
+    for model, name in ((MinkUNet(4, 3, cr=0.125, blocks=1), "down"), (MinkUNet(4, 3, cr=0.125, blocks=1), "fuse"),
+                        (SPVCNN(4, 3, cr=0.125, blocks=1), "unet.up"), (SPVCNN(4, 3, cr=0.125, blocks=1), "unet")):
+        before = list(model.state_dict())
+        with pytest.raises(ValueError, match=rf"module_name {name!r} is .* never calls"):
+            add_voxel_prune(model, name, 0.5)
+        assert list(model.state_dict()) == before and not hasattr(model, "voxel_prune")
+    add_voxel_prune(SPVCNN(4, 3, cr=0.125, blocks=1), "unet.fuse.3", 0.5)  # (a stage it calls)

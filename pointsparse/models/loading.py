@@ -98,6 +98,18 @@ def _named_module(model: nn.Module, module_name, example: str) -> nn.Module:
     return module
 
 
+def _never_called(model: nn.Module, module: nn.Module) -> str | None:
+    """Why ``model`` never calls its submodule ``module`` (a container it
+    indexes or iterates: an ``nn.ModuleList`` / ``nn.ModuleDict``, whose
+    call is no forward; SPVCNN's ``unet``, whose stages SPVCNN runs one by
+    one), or None."""
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+        return f"an nn.{type(module).__name__}, a container the model indexes or iterates and never calls"
+    if isinstance(model, SPVCNN) and module is model.unet:
+        return "SPVCNN's voxel branch, whose stages SPVCNN runs one by one: it never calls unet itself"
+    return None
+
+
 def add_voxel_skip(model: nn.Module, module_name: str, keep_ratio: float = 0.5, score: str = "magnitude",
                    in_channels: int | None = None, threshold: float | None = None) -> VoxelSkip:
     """Replaces ``model``'s submodule ``module_name`` by a
@@ -179,12 +191,18 @@ def add_voxel_prune(model: nn.Module, module_name: str, keep_ratio: float = 0.5,
     a name the model lacks is refused; wrap modules in VoxelSkip first (a
     module moved after would be recorded under a name its key no longer
     matches: :func:`voxel_prunes` refuses it). An ``nn.Sequential`` model is
-    refused (it would run the registered pruners as a layer)."""
+    refused (it would run the registered pruners as a layer), and so is a
+    module the model never calls (an ``nn.ModuleList`` / ``nn.ModuleDict``,
+    SPVCNN's ``unet``), on which the pruner would never run."""
     if isinstance(model, nn.Sequential):  # (its forward calls every child: the pruners' ModuleDict too)
         raise ValueError(f"model is an nn.Sequential, which would run the pruners add_voxel_prune registers on it "
                          f"(its child {_PRUNES!r}) as a layer; wrap it in a module whose forward calls it, and give "
                          "that one")
     module = _named_module(model, module_name, "fuse.0")
+    uncalled = _never_called(model, module)
+    if uncalled:
+        raise ValueError(f"module_name {module_name!r} is {uncalled}: a VoxelPrune on its input would never run; "
+                         "name a module the model calls (e.g. 'fuse.0', 'unet.fuse.3')")
     if isinstance(module, VoxelSkip):
         raise ValueError(f"module_name {module_name!r} is a VoxelSkip, which its callers may run by add_to (a "
                          "ResidualBlock does), past any forward hook: prune the input of the module holding it")
