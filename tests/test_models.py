@@ -1299,3 +1299,26 @@ def test_add_voxel_prune_refuses_a_module_the_model_never_calls():
             add_voxel_prune(model, name, 0.5)
         assert list(model.state_dict()) == before and not hasattr(model, "voxel_prune")
     add_voxel_prune(SPVCNN(4, 3, cr=0.125, blocks=1), "unet.fuse.3", 0.5)  # (a stage it calls)
+
+
+def test_add_voxel_skip_refuses_what_the_model_cannot_run_wrapped():
+    """A VoxelSkip around a container the model indexes or iterates
+    (MinkUNet's down list: "'VoxelSkip' object is not iterable"), around
+    SPVCNN's unet ("'VoxelSkip' object has no attribute 'stem'") or a
+    module of SPVCNN's point branch, which takes (N, C) tensors (its
+    classifier: "'VoxelSkip' object has no attribute 'weight_format'") was
+    added, and the forward failed deep inside. It is refused naming the
+    module, the model unchanged."""
+    from pointsparse.models import SPVCNN, add_voxel_skip
+
+    for model, name, match in ((MinkUNet(4, 3, cr=0.125, blocks=1), "down", "never calls"),
+                               (SPVCNN(4, 3, cr=0.125, blocks=1), "unet", "never calls"),
+                               (SPVCNN(4, 3, cr=0.125, blocks=1), "unet.fuse", "never calls"),
+                               (SPVCNN(4, 3, cr=0.125, blocks=1), "classifier", "point branch"),
+                               (SPVCNN(4, 3, cr=0.125, blocks=1), "point_mlps.0", "point branch"),
+                               (SPVCNN(4, 3, cr=0.125, blocks=1), "point_mlps.1.0", "point branch")):
+        before = list(model.state_dict())
+        with pytest.raises(ValueError, match=rf"module_name {name!r} is .*{match}"):
+            add_voxel_skip(model, name, 0.5)
+        assert list(model.state_dict()) == before
+    add_voxel_skip(SPVCNN(4, 3, cr=0.125, blocks=1), "unet.fuse.3.0.main", 0.5)  # (a module of its voxel branch)

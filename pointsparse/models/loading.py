@@ -116,9 +116,19 @@ def add_voxel_skip(model: nn.Module, module_name: str, keep_ratio: float = 0.5, 
     :class:`~pointsparse.nn.VoxelSkip` of these settings around it (its
     keys move under ``module.``; ``load_state_dict`` still takes the
     unwrapped ones) and returns it; :func:`voxel_skips` records it for a
-    checkpoint's config. A name the model lacks, or the model itself, is
+    checkpoint's config. A name the model lacks, the model itself, a module
+    it never calls (an ``nn.ModuleList`` / ``nn.ModuleDict``, SPVCNN's
+    ``unet``) or one of SPVCNN's point branch (no SparseTensor there) is
     refused."""
     module = _named_module(model, module_name, "fuse.0.0.main")
+    uncalled = _never_called(model, module)
+    if uncalled:
+        raise ValueError(f"module_name {module_name!r} is {uncalled}: the model cannot run it wrapped in a "
+                         "VoxelSkip; wrap a module it calls (e.g. 'fuse.0.0.main', 'unet.fuse.3.0.main')")
+    if isinstance(model, SPVCNN) and not module_name.startswith("unet."):
+        raise ValueError(f"module_name {module_name!r} is in SPVCNN's point branch, which runs on (N, C) point "
+                         "features, not on a SparseTensor: a VoxelSkip wraps a module of its voxel branch "
+                         "(unet.*, e.g. 'unet.fuse.3.0.main')")
     skip = VoxelSkip(module, keep_ratio, score, in_channels, threshold)
     parent, _, leaf = module_name.rpartition(".")
     setattr(model.get_submodule(parent), leaf, skip)
