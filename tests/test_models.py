@@ -1322,3 +1322,23 @@ def test_add_voxel_skip_refuses_what_the_model_cannot_run_wrapped():
             add_voxel_skip(model, name, 0.5)
         assert list(model.state_dict()) == before
     add_voxel_skip(SPVCNN(4, 3, cr=0.125, blocks=1), "unet.fuse.3.0.main", 0.5)  # (a module of its voxel branch)
+
+
+def test_spvcnn_training_on_one_point_names_the_points():
+    """SPVCNN in training mode given one point (voxels of several sites)
+    failed in its point MLPs' BatchNorm1d with torch's 'Expected more than
+    1 value per channel when training'; it is a BatchStatisticsError naming
+    the points, as MinkUNet's batch norms name a single site. In eval mode
+    one point runs."""
+    from pointsparse.models import SPVCNN
+    from pointsparse.nn.modules import BatchStatisticsError
+
+    g = torch.Generator().manual_seed(1)
+    points = torch.rand(80, 3, generator=g) * 6
+    x, inverse = ps.voxelize(points, torch.randn(80, 2, generator=g), voxel_size=1.0)
+    net = SPVCNN(2, 3, cr=0.125, blocks=1).train()
+    one = (x, inverse[:1], points[:1], torch.zeros(1, dtype=torch.long))
+    with pytest.raises(BatchStatisticsError, match=r"SPVCNN in training mode got 1 point: its point MLPs' "
+                                                   r"BatchNorm1d"):
+        net(*one)
+    assert net.eval()(*one).shape == (1, 3)

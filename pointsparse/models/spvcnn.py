@@ -201,6 +201,13 @@ class SPVCNN(nn.Module):
             raise ValueError(f"SPVCNN needs a stride-1 input tensor (voxels); got stride {voxels.stride}")
         inverse, point_batch = _as_index(inverse), _as_index(point_batch)  # (any integer dtype, as rows are taken)
         point_coords = check_points(voxels, inverse, points, point_batch)
+        if not torch.compiler.is_compiling() and points.shape[0] == 1 and any(
+                isinstance(m, nn.BatchNorm1d) and (m.training or not m.track_running_stats)
+                for m in self.point_mlps.modules()):  # (torch's error named no argument)
+            from ..nn.modules import BatchStatisticsError
+            raise BatchStatisticsError("SPVCNN in training mode got 1 point: its point MLPs' BatchNorm1d normalise "
+                                       "with the batch's statistics, and one value per channel has no variance; "
+                                       "give at least 2 points (points, inverse, point_batch), or call eval()")
         u = self.unet
         # The point branch runs in its own weights' dtype, the voxel branch in
         # the voxels' (one dtype for both but in the bf16 inference form, whose
