@@ -247,3 +247,12 @@ def test_a_metric_outside_0_1_is_named(bad, error, match):
         return bad if len(calls) == 3 else 0.5
     with pytest.raises(error, match=match):
         amc.amc_search(net, eval_fn, x, episodes=5, warmup=2)
+
+
+def test_a_one_element_numpy_metric_is_taken_as_the_other_procedures_take_it():
+    """eval_fn returning np.array(0.5) (a metric computed in numpy) ran the
+    other procedures (procedure.metric_value) but AMC refused it as no
+    number ('got ndarray'); it is read as its value."""
+    net, x = mlp(0), torch.randn(4, 8)
+    res = amc.amc_search(net, lambda m: np.array([0.5]), x, episodes=3, warmup=2)
+    assert len(res.history) == 3 and all(h["metric"] == 0.5 for h in res.history)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -354,6 +355,8 @@ def _metric(value, episode: int) -> float:
     (its error ``1 - metric`` makes the reward: a NaN would poison the
     baseline and the agent, a percentage reward keeping FLOPs)."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    elif isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "iuf":  # (as the procedures')
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"eval_fn must return a number (the metric in [0, 1]); got {type(value).__name__}")
