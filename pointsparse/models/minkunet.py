@@ -168,6 +168,10 @@ class MinkUNet(nn.Module):
 
     ``forward(x)`` takes a stride-1 SparseTensor and returns a SparseTensor on
     the same coords with ``num_classes`` channels.
+
+    ``widths``: the nine stage widths the model was built with (stem, four
+    down, four up stages). A channel cut narrows layers, not this record;
+    ``prune.graph.widths(model)`` gives each layer's widths as they are.
     """
 
     def __init__(self, in_channels: int, num_classes: int, cr: float = 1.0, blocks: int = 2):

@@ -171,7 +171,9 @@ class SPVCNN(nn.Module):
     in the point branch's dtype. The bf16 inference form
     (``pointsparse eval --inference bf16``: :meth:`to_bf16_inference` after
     ``nn.fuse_for_inference``) runs the voxel branch in bfloat16 (voxels'
-    feats bfloat16) and the point branch in float32.
+    feats bfloat16) and the point branch in float32. ``widths``: the stage
+    widths it was built with, as :class:`MinkUNet`'s (a channel cut narrows
+    layers, not this record).
     """
 
     def __init__(self, in_channels: int, num_classes: int, cr: float = 1.0, blocks: int = 2):
