@@ -752,3 +752,38 @@ def test_inference_model_of_a_model_inside_maps_ahead():
     with torch.no_grad():
         voxels = x.with_feats(x.feats.bfloat16())
         assert torch.equal(wrapped(voxels, inverse, points, batch), bare(voxels, inverse, points, batch))
+
+
+def test_predict_writes_semantic3d_labels_files(tmp_path):
+    """Semantic3D's benchmark takes one text label a line (<name>.labels);
+    predict wrote SemanticKITTI's binary .label only. --format labels writes
+    the raw ids (Semantic3D's map for a model of its classes), never over the
+    scan's own .labels beside it, and refuses an --out holding another
+    format's predictions."""
+    ckpt = _checkpoint(tmp_path / "generated.pt")
+    state = torch.load(ckpt, weights_only=False)
+    classes = load_label_map("semantic3d").classes
+    torch.manual_seed(1)
+    model = MinkUNet(NUM_FEATURES, len(classes), cr=0.25, blocks=1)
+    state["model"], state["config"]["classes"] = model.state_dict(), list(classes)
+    torch.save(state, tmp_path / "s3d.pt")
+    rng = np.random.default_rng(0)
+    scan = tmp_path / "in" / "sg27_station10.txt"
+    scan.parent.mkdir()
+    with open(scan, "w") as f:
+        for p, i, c in zip(rng.uniform(0, 8, (300, 3)), rng.integers(-2048, 2048, 300), rng.integers(0, 256, (300, 3))):
+            f.write(f"{p[0]:.3f} {p[1]:.3f} {p[2]:.3f} {i} {c[0]} {c[1]} {c[2]}\n")
+    truth = scan.with_suffix(".labels")
+    truth.write_text("\n".join(str(v) for v in rng.integers(0, 9, 300)) + "\n")
+    before = truth.read_bytes()
+    base = ["predict", "--checkpoint", str(tmp_path / "s3d.pt"), "--data", str(scan), "--no-progress"]
+    out = tmp_path / "pred"
+    assert cli.main([*base, "--out", str(out), "--format", "labels"]) == 0
+    written = np.array([int(v) for v in (out / "sg27_station10.labels").read_text().split()])
+    model = load_model(tmp_path / "s3d.pt").eval()
+    expected = predict(model, Batch.of([voxelize_sample(read_semantic3d(scan), 0.5, 255)]))[1].numpy()
+    assert np.array_equal(written, expected + 1)  # (Semantic3D's raw ids: class i is id i + 1)
+    assert json.loads((out / "classes.json").read_text())["format"] == "labels"
+    assert cli.main([*base, "--out", str(scan.parent), "--format", "labels"]) == 2  # (its own .labels there)
+    assert truth.read_bytes() == before
+    assert cli.main([*base, "--out", str(out)]) == 2  # (an --out of .labels predictions: npy refused)

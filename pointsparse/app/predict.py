@@ -1,7 +1,7 @@
 """Segment point cloud files and write the class of every point.
 
 ``pointsparse predict (--checkpoint DIR/checkpoint.pt [--inference fused|bf16]
-| --program model.pt2) --data FILE... --out DIR [--format npy|label]``: each
+| --program model.pt2) --data FILE... --out DIR [--format npy|label|labels]``: each
 cloud is voxelised at the model's voxel size, run, and its voxel predictions
 sent back to its points. For each input file ``DIR/<its path below the inputs'
 common folder, without its suffix>`` gets
@@ -14,7 +14,10 @@ common folder, without its suffix>`` gets
   to it (the run's label map, ``--label-map``, or SemanticKITTI's for ``.bin``
   files), instance bits 0; a
   scan in a ``velodyne`` folder gets its file in a ``predictions`` folder beside
-  that one (``sequences/08/predictions/000000.label``, as the benchmark takes).
+  that one (``sequences/08/predictions/000000.label``, as the benchmark takes), or
+- ``.labels`` (``--format labels``): Semantic3D's text, one raw id a line (the
+  label map's as for ``.label``: the run's, ``--label-map``, or Semantic3D's for
+  a model of its classes), 0 for a point not predicted.
 
 One --out holds one format's predictions: an --out that holds the other
 format's is refused (give a new one) before any cloud is run, and so is one
@@ -22,7 +25,7 @@ that another run (train, eval, predict) holds.
 
 A cloud whose positions hold NaN or inf (an organised cloud's points without a
 return) is refused, unless ``--skip-nonfinite``: its finite points are run and
-the others written as -1 (``.npy``) or raw id 0, unlabeled (``.label``), so
+the others written as -1 (``.npy``) or raw id 0, unlabeled (``.label``, ``.labels``), so
 the output keeps one row per point of the file, in its order.
 
 The files' own labels, where they have any, play no part (they are not read)."""
@@ -42,7 +45,9 @@ from ..checkpoint import DirectoryLock, atomic_write
 
 __all__ = ["add_arguments", "main", "raw_ids"]
 
-FORMATS = ("npy", "label")
+FORMATS = ("npy", "label", "labels")
+#: Each format's file suffix.
+SUFFIXES = {"npy": ".npy", "label": ".label", "labels": ".labels"}
 
 
 def add_arguments(parser) -> None:
@@ -55,16 +60,17 @@ def add_arguments(parser) -> None:
                         help="point cloud files, folders or globs (.bin .npy .npz .las .laz .ply .pcd .txt)")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder to write the predictions in")
     parser.add_argument("--format", choices=FORMATS, default="npy",
-                        help="npy: int32 class index per point (default); label: SemanticKITTI uint32 raw ids")
+                        help="npy: int32 class index per point (default); label: SemanticKITTI uint32 raw ids; "
+                             "labels: Semantic3D text, one raw id a line")
     parser.add_argument("--label-map", default=None, metavar="NAME|JSON",
-                        help="the raw ids --format label writes (default: the run's label map, else "
-                             "SemanticKITTI's for .bin files)")
+                        help="the raw ids --format label / labels writes (default: the run's label map, else "
+                             "SemanticKITTI's for .bin files, Semantic3D's for a model of its classes)")
     parser.add_argument("--inference", choices=INFERENCE, default="float32",
                         help="with --checkpoint: run the model as trained (float32), fused, or fused in bf16")
     add_maps_ahead_argument(parser)
     parser.add_argument("--skip-nonfinite", action="store_true",
                         help="predict the points whose position is finite and write -1 (.npy) or raw id 0 "
-                             "(.label, unlabeled) for those holding NaN or inf (organised clouds mark points "
+                             "(.label / .labels, unlabeled) for those holding NaN or inf (organised clouds mark points "
                              "without a return so); default: such a cloud is refused")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -131,19 +137,20 @@ def _outputs(paths: list[Path], out: Path, suffix: str) -> list[Path]:
 
 
 def _other_format(paths: list[Path], out: Path, fmt: str) -> None:
-    """``ValueError`` where ``out`` already holds predictions of the other
-    format (``.label`` files when ``fmt`` is npy, ``.npy`` ones when it is
-    label; the clouds and labels files predict reads, and SemanticKITTI's
+    """``ValueError`` where ``out`` already holds predictions of another
+    format (``.npy``, ``.label`` or ``.labels`` files of a format other than
+    ``fmt``; the clouds and labels files predict reads, and SemanticKITTI's
     ``labels`` folders, are no predictions): the new files would lie beside
     them under a ``classes.json`` that names one format only. Nothing read,
     nothing run."""
-    other = "label" if fmt == "npy" else "npy"
+    others = {SUFFIXES[f]: f for f in FORMATS if f != fmt}
     if not out.is_dir():
         return
     read = _files_read(paths)
-    held = sorted(p for p in out.rglob("*") if p.suffix.lower() == f".{other}" and p.is_file()
-                  and p.resolve() not in read and not (other == "label" and p.parent.name == "labels"))
+    held = sorted(p for p in out.rglob("*") if p.suffix.lower() in others and p.is_file()
+                  and p.resolve() not in read and not (p.suffix.lower() == ".label" and p.parent.name == "labels"))
     if held:
+        other = others[held[0].suffix.lower()]
         named = ", ".join(map(str, held[:3])) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
         raise ValueError(f"--out {out} holds predictions of --format {other} ({named}); --format {fmt} would "
                          f"write beside them: give a new --out (or remove them)")
@@ -159,7 +166,8 @@ def _files_read(paths: list[Path]) -> dict[Path, str]:
     for path in paths:
         p = path.resolve()
         read[p] = f"the input cloud {path}"
-        for labels in (_sibling_labels(p), p.parent.parent / "labels" / (p.stem + ".label")):
+        for labels in (_sibling_labels(p), p.parent.parent / "labels" / (p.stem + ".label"),
+                       p.with_suffix(".labels")):  # (Semantic3D's, beside its .txt)
             if labels is not None:
                 read.setdefault(labels.resolve(), f"the labels of {path}")
     return read
@@ -181,21 +189,24 @@ def main(args) -> int:
     classes = list(config["classes"])
     paths = find_clouds(args.data)  # (ValueError naming a spec that holds no cloud)
     label_map = ids = None
-    if args.label_map is not None and args.format != "label":
-        raise ValueError("--label-map names the raw ids --format label writes; --format npy writes class indices")
-    if args.format == "label":
+    if args.label_map is not None and args.format == "npy":
+        raise ValueError("--label-map names the raw ids --format label / labels writes; --format npy writes class "
+                         "indices")
+    semantic3d = load_label_map("semantic3d")
+    if args.format != "npy":
         name = args.label_map or (state.get("args") or {}).get("label_map")
-        if name is None and any(p.suffix.lower() == ".bin" for p in paths):
+        if name is None and args.format == "label" and any(p.suffix.lower() == ".bin" for p in paths):
             name = "semantic-kitti"
+        if name is None and classes == semantic3d.classes:
+            name = "semantic3d"
         if name is None:
-            raise ValueError("--format label needs the label map whose raw ids to write: give --label-map")
+            raise ValueError(f"--format {args.format} needs the label map whose raw ids to write: give --label-map")
         label_map = load_label_map(name)
         ids = raw_ids(label_map, classes)
     # A model of Semantic3D's classes (or --label-map semantic3d) reads .txt clouds as Semantic3D scans: the
     # benchmark's test scans have no .labels beside them, and were read as S3DIS rows.
-    semantic3d = load_label_map("semantic3d")
     text_map = "semantic3d" if classes == semantic3d.classes or label_map == semantic3d else None
-    targets = _outputs(paths, Path(args.out), ".label" if args.format == "label" else ".npy")
+    targets = _outputs(paths, Path(args.out), SUFFIXES[args.format])
     _other_format(paths, Path(args.out), args.format)
     with DirectoryLock(args.out, "--out"):  # (as train holds its --out: another run's folder is refused)
         return _predict_all(args, model, config, paths, targets, label_map, ids, text_map)
@@ -205,7 +216,7 @@ def _predict_all(args, model, config: dict, paths: list[Path], targets: list[Pat
                  text_map=None) -> int:
     """``pointsparse predict``'s work once its flags and outputs are checked (``--out`` held): each
     cloud of ``paths`` predicted into its ``targets`` file (``ids``: the raw id of each class for
-    ``--format label``), then ``classes.json``. ``text_map``: the label map ``.txt`` clouds are read
+    ``--format label`` / ``labels``), then ``classes.json``. ``text_map``: the label map ``.txt`` clouds are read
     with, for their layout only (``"semantic3d"``: Semantic3D scans)."""
     from ..data import DEFAULT_IGNORE, Batch
     from ..data.readers import read_cloud
@@ -243,15 +254,16 @@ def _predict_all(args, model, config: dict, paths: list[Path], targets: list[Pat
             _, pred = predict(model, Batch.of([v]))
             pred = pred.cpu().numpy()
             target.parent.mkdir(parents=True, exist_ok=True)
-            if args.format == "label":
-                written = ids[pred].astype("<u4")
-            else:
+            if args.format == "npy":
                 written = pred.astype(np.int32)
+            else:
+                written = ids[pred].astype("<u4")
             if sample.kept is not None:  # (--skip-nonfinite: a row for every point of the file, in its order)
-                full = np.full(len(sample.kept), 0 if args.format == "label" else -1, written.dtype)
+                full = np.full(len(sample.kept), -1 if args.format == "npy" else 0, written.dtype)
                 full[sample.kept] = written
                 written = full
-            data = written.tobytes() if args.format == "label" else _npy_bytes(written)
+            data = _npy_bytes(written) if args.format == "npy" else written.tobytes() if args.format == "label" \
+                else _text_lines(written)
             atomic_write(target, lambda f, data=data: f.write(data))
             points, voxels = points + len(pred), voxels + len(v.input)
     elapsed = time.perf_counter() - t0
@@ -261,6 +273,11 @@ def _predict_all(args, model, config: dict, paths: list[Path], targets: list[Pat
     print(f"{len(paths)} clouds ({points} points, {voxels} voxels) in {elapsed:.1f} s "
           f"({elapsed / len(paths):.2f} s per cloud): {args.out}")
     return 0
+
+
+def _text_lines(ids: np.ndarray) -> bytes:
+    """One integer a line (Semantic3D's ``.labels``)."""
+    return ("\n".join(ids.astype(str).tolist()) + "\n").encode() if len(ids) else b""
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
