@@ -58,27 +58,38 @@ def _checkpoint(path, name: str = "minkunet"):
     return path
 
 
-def test_predict_reads_semantic3d_test_scans_without_labels_as_semantic3d(tmp_path):
-    """Semantic3D's test scans have no .labels beside them: predict read them
-    as S3DIS rows (colour from intensity, r, g; no intensity), silently where
-    the intensities are 0 and up. A model of Semantic3D's classes reads a
-    .txt as a Semantic3D scan."""
-    ckpt = _checkpoint(tmp_path / "generated.pt")
-    state = torch.load(ckpt, weights_only=False)
+def _semantic3d_model_and_scan(tmp_path, low_intensity, sharp_batch_norm=False):
+    """A checkpoint of a MinkUNet of Semantic3D's classes at tmp_path/s3d.pt
+    and a 300-point Semantic3D scan tmp_path/in/sg27_station10.txt
+    (intensities low_intensity..2047); returns the scan and the generator
+    that wrote it, to draw on from. sharp_batch_norm: running variances of
+    0.01, for predictions that vary with the input."""
+    state = torch.load(_checkpoint(tmp_path / "generated.pt"), weights_only=False)
     classes = load_label_map("semantic3d").classes
     torch.manual_seed(1)
     model = MinkUNet(NUM_FEATURES, len(classes), cr=0.25, blocks=1)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm1d):
-            m.running_var.fill_(0.01)
+    if sharp_batch_norm:
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm1d):
+                m.running_var.fill_(0.01)
     state["model"], state["config"]["classes"] = model.state_dict(), list(classes)
     torch.save(state, tmp_path / "s3d.pt")
     rng = np.random.default_rng(0)
     scan = tmp_path / "in" / "sg27_station10.txt"
     scan.parent.mkdir()
     with open(scan, "w") as f:
-        for p, i, c in zip(rng.uniform(0, 8, (300, 3)), rng.integers(0, 2048, 300), rng.integers(0, 256, (300, 3))):
+        for p, i, c in zip(rng.uniform(0, 8, (300, 3)), rng.integers(low_intensity, 2048, 300),
+                           rng.integers(0, 256, (300, 3))):
             f.write(f"{p[0]:.3f} {p[1]:.3f} {p[2]:.3f} {i} {c[0]} {c[1]} {c[2]}\n")
+    return scan, rng
+
+
+def test_predict_reads_semantic3d_test_scans_without_labels_as_semantic3d(tmp_path):
+    """Semantic3D's test scans have no .labels beside them: predict read them
+    as S3DIS rows (colour from intensity, r, g; no intensity), silently where
+    the intensities are 0 and up. A model of Semantic3D's classes reads a
+    .txt as a Semantic3D scan."""
+    scan, _ = _semantic3d_model_and_scan(tmp_path, low_intensity=0, sharp_batch_norm=True)
     out = tmp_path / "pred"
     assert cli.main(["predict", "--checkpoint", str(tmp_path / "s3d.pt"), "--data", str(scan), "--out", str(out),
                      "--no-progress"]) == 0
@@ -760,19 +771,7 @@ def test_predict_writes_semantic3d_labels_files(tmp_path):
     the raw ids (Semantic3D's map for a model of its classes), never over the
     scan's own .labels beside it, and refuses an --out holding another
     format's predictions."""
-    ckpt = _checkpoint(tmp_path / "generated.pt")
-    state = torch.load(ckpt, weights_only=False)
-    classes = load_label_map("semantic3d").classes
-    torch.manual_seed(1)
-    model = MinkUNet(NUM_FEATURES, len(classes), cr=0.25, blocks=1)
-    state["model"], state["config"]["classes"] = model.state_dict(), list(classes)
-    torch.save(state, tmp_path / "s3d.pt")
-    rng = np.random.default_rng(0)
-    scan = tmp_path / "in" / "sg27_station10.txt"
-    scan.parent.mkdir()
-    with open(scan, "w") as f:
-        for p, i, c in zip(rng.uniform(0, 8, (300, 3)), rng.integers(-2048, 2048, 300), rng.integers(0, 256, (300, 3))):
-            f.write(f"{p[0]:.3f} {p[1]:.3f} {p[2]:.3f} {i} {c[0]} {c[1]} {c[2]}\n")
+    scan, rng = _semantic3d_model_and_scan(tmp_path, low_intensity=-2048)
     truth = scan.with_suffix(".labels")
     truth.write_text("\n".join(str(v) for v in rng.integers(0, 9, 300)) + "\n")
     before = truth.read_bytes()
