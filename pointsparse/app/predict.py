@@ -243,7 +243,7 @@ def _predict_all(args, model, config: dict, paths: list[Path], targets: list[Pat
                                         labels=False)  # (the file's own labels, where it has any, go unread)
             except NonFinitePositions as error:
                 raise ValueError(f"{error}; give --skip-nonfinite to predict the other points and write -1 (.npy) "
-                                 "or raw id 0 (.label) for these") from error
+                                 "or raw id 0 (.label, .labels) for these") from error
             try:
                 v = voxelize_sample(sample, config["voxel_size"], ignore)
             except ValueError as error:  # (coordinates the voxel grid cannot hold: say which file)
