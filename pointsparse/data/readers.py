@@ -911,6 +911,19 @@ def _ranked_column_problem(tokens, col: np.ndarray, dtype: np.dtype, plain_int, 
     return None
 
 
+def _kept_problem(kept, tokens, col: np.ndarray, row: int, dtype: np.dtype, plain_int, underscore: bool = False):
+    """A text column's problem once its piece ``tokens`` (values ``col``,
+    the first at row ``row``) is read: ``kept``, the problem of its pieces
+    before, ``(rank, row, why, token)`` or None, unless this piece holds one
+    of a lower rank (:func:`_ranked_column_problem`), then that one."""
+    below = kept[0] if kept is not None else 3
+    problem = _ranked_column_problem(tokens, col, dtype, plain_int, underscore, below) if below else None
+    if problem is None:
+        return kept
+    rank, i, why = problem
+    return rank, row + i, why, tokens[i]
+
+
 def _text_column_problem(tokens, col: np.ndarray, dtype: np.dtype, plain_int) -> tuple[int, str] | None:
     """The first row (and why) of a text column, its tokens and their float64
     values, that a C reader of a ``dtype`` field would read otherwise than
@@ -1079,12 +1092,7 @@ def _check_ascii_ply(path: Path, start: int, size: int, upto) -> np.ndarray | No
             col_tokens, col = tokens[cut], values[cut]
             if xyz is not None and c >= vertex and j in picks:
                 xyz[row:row + len(col), picks.index(j)] = col
-            if found[c] is None or found[c][0] > 0:
-                problem = _ranked_column_problem(col_tokens, col, dtype, _PLY_INT_TOKEN, underscore,
-                                                 found[c][0] if found[c] is not None else 3)
-                if problem is not None:
-                    rank, i, why = problem
-                    found[c] = (rank, row + i, why, col_tokens[i])
+            found[c] = _kept_problem(found[c], col_tokens, col, row, dtype, _PLY_INT_TOKEN, underscore)
     if held < need:
         width = len(props)
         points = max(0, held - (need - n * width)) // max(width, 1)
@@ -1274,15 +1282,10 @@ def _pcd_int_problems(path: Path, skip: int, n: int, int_cols: list[int], dtypes
                 break
             tokens = np.loadtxt(lines, dtype=object, ndmin=2, comments=None, max_rows=n - done, usecols=int_cols)
             for c, j in enumerate(int_cols):
-                rank = found[j][-1] if j in found else 3
-                col_tokens = tokens[:, c].tolist()
-                problem = _ranked_column_problem(col_tokens, rows[done:done + len(tokens), j], dtypes[j],
-                                                 _PCD_INT_TOKEN, below=rank) if rank else None
-                if problem is not None:
-                    rank, i, why = problem
-                    found[j] = (col_tokens[i], done + i, why, rank)
+                found[j] = _kept_problem(found.get(j), tokens[:, c].tolist(), rows[done:done + len(tokens), j],
+                                         done, dtypes[j], _PCD_INT_TOKEN)
             done += len(tokens)
-    return {j: problem[:3] for j, problem in found.items()}
+    return {j: (problem[3], problem[1], problem[2]) for j, problem in found.items() if problem is not None}
 
 
 @_names_the_file
