@@ -20,14 +20,12 @@ from __future__ import annotations
 import copy
 import json
 import math
-import numbers
 import random as _random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -35,7 +33,7 @@ from ..tensor import as_bool, nonnegative_int, positive_int
 from . import _compat
 from ._copyable import copy_model
 from .adapters import in_channels, kernel_volume, out_channels
-from .procedure import check_callable, check_real
+from .procedure import check_callable, check_real, metric_value
 from .surgery import apply_channel_ratios, channel_groups, kept_count
 
 REWARDS = ("flops", "error")
@@ -354,16 +352,14 @@ def _metric(value, episode: int) -> float:
     """``eval_fn``'s metric of an episode's pruned copy as a float in [0, 1]
     (its error ``1 - metric`` makes the reward: a NaN would poison the
     baseline and the agent, a percentage reward keeping FLOPs)."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    elif isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "iuf":  # (as the procedures')
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"eval_fn must return a number (the metric in [0, 1]); got {type(value).__name__}")
-    if not 0.0 <= float(value) <= 1.0:  # (NaN too)
-        raise ValueError(f"eval_fn returned {value} for episode {episode}'s pruned copy; AMC needs a metric in "
+    try:
+        metric = metric_value(value)  # (the procedures' reading: a number, a one-element tensor or array)
+    except TypeError:
+        raise TypeError(f"eval_fn must return a number (the metric in [0, 1]); got {type(value).__name__}") from None
+    if not 0.0 <= metric <= 1.0:  # (NaN too)
+        raise ValueError(f"eval_fn returned {metric} for episode {episode}'s pruned copy; AMC needs a metric in "
                          "[0, 1] (accuracy, mIoU as a fraction): its error 1 - metric makes the reward")
-    return float(value)
+    return metric
 
 
 def amc_search(model: nn.Module, eval_fn: Callable[[nn.Module], float], example_input, episodes: int = 100,
