@@ -192,7 +192,10 @@ class RigL:
         other layers of the same training step is not counted again (see the
         module's docstring), nor one stepping none of the layers' weights;
         ``optimizer=None`` always counts."""
-        owned = set() if optimizer is None else self._owned(optimizer)
+        self._step(optimizer, set() if optimizer is None else self._owned(optimizer))
+
+    def _step(self, optimizer, owned: set[int]) -> None:
+        """:meth:`step` with ``optimizer``'s :meth:`_owned` weights known."""
         if optimizer is None or (owned and (not self._stepped or owned & self._stepped)):
             self._stepped = owned
             self.step_count += 1
@@ -216,8 +219,9 @@ class RigL:
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
         def hook(opt, args, kwargs):
-            if self._owned(opt):
-                self.step(opt)
+            owned = self._owned(opt)
+            if owned:  # (computed once per optimizer step, not again in step)
+                self._step(opt, owned)
         self._handle = register_optimizer_step_post_hook(hook)
         return self
 
