@@ -41,7 +41,7 @@ from .._modes import evaluating
 from .adapters import in_channel_dim, is_layer, out_channel_dim, out_channels
 from ._copyable import keep_copyable
 from ._trace import feats_of
-from .graph import _check_keep, _effective, _slice
+from .graph import _check_keep, _effective, _slice, shared_tensors
 from .procedure import check_fraction
 
 
@@ -194,8 +194,6 @@ def channel_groups(model: nn.Module, example_input=None) -> list:
 def _chain_groups(model: nn.Module) -> list[tuple[ChannelGroup, str | None]]:
     """Every chain group of ``model`` with the reason its channels are fixed
     (None: it can be cut)."""
-    from .graph import shared_tensors
-
     found = chains(model)
     places: dict[int, list[str]] = {}
     for chain in found:
