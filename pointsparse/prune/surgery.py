@@ -236,10 +236,10 @@ def _chain_groups(model: nn.Module) -> list[tuple[ChannelGroup, str | None]]:
     return groups
 
 
-def _check_not_fixed(model: nn.Module, names) -> None:
+def _check_not_fixed(found: list[tuple[ChannelGroup, str | None]], names) -> None:
     """ValueError naming the first of the producers ``names`` whose chain
-    group is fixed, and why."""
-    fixed = {g.producer: why for g, why in _chain_groups(model) if why is not None}
+    group (in ``found``, :func:`_chain_groups`' answer) is fixed, and why."""
+    fixed = {g.producer: why for g, why in found if why is not None}
     for name in names:
         if name in fixed:
             raise ValueError(f"{name!r} cannot be cut (its channels are fixed): {fixed[name]}")
@@ -328,12 +328,18 @@ def prune_channels(model: nn.Module, group: ChannelGroup | str, keep) -> None:
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     if not isinstance(group, (ChannelGroup, str)):
         raise TypeError(f"group must be a ChannelGroup or a producer's name; got {type(group).__name__}")
-    _check_not_fixed(model, [group if isinstance(group, str) else group.producer])
+    found = _chain_groups(model)
+    _check_not_fixed(found, [group if isinstance(group, str) else group.producer])
     if isinstance(group, str):
-        found = [g for g in channel_groups(model) if g.producer == group]
-        if not found:
+        match = [g for g, why in found if why is None and g.producer == group]
+        if not match:
             raise ValueError(f"{group!r} is not a producer layer with a consumer in this chain")
-        group = found[0]
+        group = match[0]
+    _cut(model, group, keep)
+
+
+def _cut(model: nn.Module, group: ChannelGroup, keep) -> None:
+    """:func:`prune_channels` of a group already checked not to be fixed."""
     named = {n: model.get_submodule(n) for n in [group.producer, *group.norms, group.consumer] if n is not None}
     producer = named[group.producer]
     channels = out_channels(producer)
@@ -502,8 +508,9 @@ def apply_channel_ratios(model: nn.Module, ratios: dict[str, float], reconstruct
         return _apply_coupled_ratios(model, ratios, reconstruct, example_input, multiple, scores)
     if multiple != 1 or scores is not None:  # the chain groups rank by L1 and keep exact counts
         raise ValueError("multiple and scores work on coupled groups only (give example_input)")
-    _check_not_fixed(model, ratios)
-    groups = {g.producer: g for g in channel_groups(model)}
+    found = _chain_groups(model)  # (once: each cut below keeps every group's fixed reason as it is)
+    _check_not_fixed(found, ratios)
+    groups = {g.producer: g for g, why in found if why is None}
     for name in ratios:
         if name not in groups:
             raise ValueError(f"{name!r} is not a prunable producer; producers: {list(groups)}")
@@ -531,7 +538,7 @@ def apply_channel_ratios(model: nn.Module, ratios: dict[str, float], reconstruct
         kept[name] = n_keep
         if n_keep == out_channels(producer):
             continue
-        prune_channels(model, g, keep_by_l1(producer, n_keep))
+        _cut(model, g, keep_by_l1(producer, n_keep))
         if reconstruct:
             consumer = named[g.consumer]
             (x, _), = capture(model, [consumer], calibration_input)
