@@ -383,8 +383,7 @@ def _netadapt_coupled(model, train_fn, eval_fn, example_input, budget, initial_r
             else:
                 if not any(c < channels[name] for c in candidates[name]) or latency >= current:
                     continue
-            call_train(train_fn, cand, short_steps, ft_lr)
-            proposals.append((metric_value(eval_fn(cand)), name, count, latency, cand))
+            proposals.append((_short_tune(cand, train_fn, eval_fn, short_steps, ft_lr), name, count, latency, cand))
         if not proposals:
             break
         metric, name, count, current, net = max(proposals, key=_by_metric)
