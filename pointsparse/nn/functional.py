@@ -643,6 +643,16 @@ def global_avg_pool(input: SparseTensor) -> torch.Tensor:
     return _mean_of_rows(input.feats, batch, counts)
 
 
+def _check_eps(eps) -> float:
+    """``eps`` as a float (:func:`as_float`: a TypeError for a str or a bool),
+    a ValueError unless it is positive and finite (instance_norm's and
+    InstanceNorm's)."""
+    value = as_float(eps, "eps")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"eps must be a positive finite number; got {eps!r}")
+    return value
+
+
 def instance_norm(input: SparseTensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                   eps: float = 1e-5) -> SparseTensor:
     """Each batch item's feats normalised by that item's own mean and biased
@@ -653,8 +663,7 @@ def instance_norm(input: SparseTensor, weight: torch.Tensor | None = None, bias:
     torch's instance norm refuses one position). fp16 / bf16 feats are
     normalised in float32 and rounded once. Differentiable (torch's
     operators)."""
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"eps must be a positive finite number; got {eps!r}")
+    eps = _check_eps(eps)
     batch, counts = _per_batch(input, "instance_norm")
     feats = input.feats
     channels = feats.shape[1]

@@ -383,9 +383,7 @@ class InstanceNorm(nn.Module):
     def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True, device=None, dtype=None) -> None:
         super().__init__()
         self.num_features = positive_int(num_features, "num_features")
-        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps <= 0:
-            raise ValueError(f"eps must be a positive finite number; got {eps!r}")
-        self.eps = float(eps)
+        self.eps = F._check_eps(eps)
         self.affine = as_bool(affine, "affine")
         if self.affine:
             self.weight = nn.Parameter(torch.ones(self.num_features, device=device, dtype=dtype))
