@@ -268,8 +268,8 @@ def converted_dtype(fn, dtype: torch.dtype, what: str) -> torch.dtype:
     ``.type``, a float8 type: not one of :data:`VALUE_DTYPES`, which its
     checks and products take) is a TypeError naming ``what``. (The layers
     before it are converted by then: torch's ``_apply`` converts the
-    children in order, and no layer sees the conversion first.) A device move keeps the formats on the CPU: they compute on any
-    device."""
+    children in order, and no layer sees the conversion first.) A device
+    move keeps the formats on the CPU: they compute on any device."""
     probe = fn(torch.zeros((), dtype=dtype))
     if probe.dtype not in VALUE_DTYPES:  # (float8 is floating: formats of it failed their own checks)
         raise TypeError(f"{what} holds its weight in a sparse format of float16, bfloat16, float32 or float64 values "
