@@ -19,7 +19,6 @@ element (ESE); ``imbalance`` measures the spread."""
 
 from __future__ import annotations
 
-import copy
 import statistics
 import time
 
@@ -101,15 +100,11 @@ def compress(module: torch.nn.Module, format="csr", example_input=None, **kwargs
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"module must be a torch.nn.Module; got {type(module).__name__}")
     inputs = {} if example_input is None else _layer_inputs(module, example_input, (Conv3d, torch.nn.Linear))
-    # Pruned weights are computed (non-leaf) tensors that deepcopy refuses:
-    # copy them as detached tensors; the forward pre-hooks recompute them.
-    memo = {}
-    for sub in module.modules():
-        for value in vars(sub).values():
-            if isinstance(value, torch.Tensor) and not value.is_leaf:
-                memo[id(value)] = value.detach().clone()
+    from ..prune._copyable import copy_model  # noqa: PLC0415 - the formats do not load the pruning package
+
     originals = dict(module.named_modules())
-    result = copy.deepcopy(module, memo)
+    # (pruned weights are computed, non-leaf tensors that deepcopy refuses: copied detached, the hooks recompute them)
+    result = copy_model(module)
     done = {}  # id(layer) -> its compressed module: a layer shared by two parents stays shared
     for name, sub in list(result.named_modules()):
         for child_name, child in list(sub._modules.items()):  # every name: named_children skips repeats
