@@ -201,7 +201,12 @@ class _Boxes:
         self.labels.append(label)
 
 
-def _buildings_and_parked_cars(rng, st: _Street, boxes: _Boxes, side: int) -> None:
+# The scanning car's footprint about its sensor, street frame (metres: half
+# its length and half its width, each with a gap): no parked car stands there.
+EGO_HALF_LENGTH, EGO_HALF_WIDTH = 3.0, 1.4
+
+
+def _buildings_and_parked_cars(rng, st: _Street, boxes: _Boxes, side: int, sensor_y: float) -> None:
     front = st.road_half + st.walk + rng.uniform(0.0, 4.0)
     x = -st.max_range
     while x < st.max_range:
@@ -211,25 +216,38 @@ def _buildings_and_parked_cars(rng, st: _Street, boxes: _Boxes, side: int) -> No
             y0 = front + rng.uniform(0, 1.5)
             boxes.add(x, x + length, *(sorted((side * y0, side * (y0 + depth)))), 0.0, height, _O["building"])
         x += length + rng.uniform(0, 6)
-    # Parked cars along the curb.
+    # Parked cars along the curb, none where the scanning car drives (the same
+    # draws either way, so that the rest of the street stays as it was: a car
+    # over the sensor made half a scan "car" from the inside).
     x = -st.max_range + rng.uniform(0, 8)
     while x < st.max_range:
         if rng.random() < 0.4:
             cl, cw, ch = rng.uniform(3.8, 4.8), rng.uniform(1.7, 1.95), rng.uniform(1.4, 1.7)
             y0 = st.road_half - cw - rng.uniform(0.1, 0.4)
-            boxes.add(x, x + cl, *(sorted((side * y0, side * (y0 + cw)))), 0.15, ch, _O["car"])
-            boxes.add(x + 0.25 * cl, x + 0.75 * cl, *(sorted((side * (y0 + 0.1), side * (y0 + cw - 0.1)))),
-                      ch, ch + 0.45, _O["car"])
+            ylo, yhi = sorted((side * y0, side * (y0 + cw)))
+            if _clear_of_ego(x, x + cl, ylo, yhi, sensor_y):
+                boxes.add(x, x + cl, ylo, yhi, 0.15, ch, _O["car"])
+                boxes.add(x + 0.25 * cl, x + 0.75 * cl, *(sorted((side * (y0 + 0.1), side * (y0 + cw - 0.1)))),
+                          ch, ch + 0.45, _O["car"])
         x += rng.uniform(5.5, 12)
 
 
-def _traffic_and_people(rng, st: _Street, boxes: _Boxes) -> None:
-    """Driving cars in the lanes, people on the sidewalks."""
+def _clear_of_ego(x0, x1, y0, y1, sensor_y) -> bool:
+    """Whether a street-frame footprint keeps off the scanning car's."""
+    return (x0 >= EGO_HALF_LENGTH or x1 <= -EGO_HALF_LENGTH or y0 >= sensor_y + EGO_HALF_WIDTH
+            or y1 <= sensor_y - EGO_HALF_WIDTH)
+
+
+def _traffic_and_people(rng, st: _Street, boxes: _Boxes, sensor_y: float) -> None:
+    """Driving cars in the lanes (none over the scanning car: the same draws
+    either way), people on the sidewalks."""
     for _ in range(rng.integers(0, 4)):
         x = rng.uniform(-st.max_range, st.max_range)
         if abs(x) < 6:
             continue
         lane = rng.uniform(-st.road_half + 2.5, st.road_half - 2.5)
+        if not _clear_of_ego(x, x + 4.5, lane - 0.9, lane + 0.9, sensor_y):
+            continue
         boxes.add(x, x + 4.5, lane - 0.9, lane + 0.9, 0.15, 1.5, _O["car"])
         boxes.add(x + 1.2, x + 3.4, lane - 0.8, lane + 0.8, 1.5, 1.95, _O["car"])
     for _ in range(rng.integers(2, 9)):
@@ -316,13 +334,14 @@ def outdoor_scene(seed: int = 0, beams: int = 64, azimuth_steps: int = 1024, max
     # degrees; training turns the whole cloud by any angle anyway.
     heading = rng.integers(4) * np.pi / 2
     st = _Street(heading, rng.uniform(3.0, 6.5), rng.uniform(1.5, 3.5), rng.uniform(0.1, 0.2), max_range)
-    sensor = st.turn(np.array([[0.0, rng.uniform(-0.5, 0.5) * st.road_half, 1.73]]))[0]
+    sensor_y = rng.uniform(-0.5, 0.5) * st.road_half
+    sensor = st.turn(np.array([[0.0, sensor_y, 1.73]]))[0]
     caster = _Caster(sensor, lidar_rays(beams, azimuth_steps), max_range)
     caster.ground(st.road_half, st.walk, st.curb, heading)
     boxes = _Boxes(st)
     for side in (-1, 1):
-        _buildings_and_parked_cars(rng, st, boxes, side)
-    _traffic_and_people(rng, st, boxes)
+        _buildings_and_parked_cars(rng, st, boxes, side, sensor_y)
+    _traffic_and_people(rng, st, boxes, sensor_y)
     caster.boxes(np.array(boxes.lo), np.array(boxes.hi), np.array(boxes.labels))
     _cast_roadside(rng, st, caster)
     return _returns(rng, caster, range_noise, seed)
