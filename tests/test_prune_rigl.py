@@ -322,3 +322,66 @@ def test_a_new_optimizer_each_call_counts_every_step():
         for _ in range(3):
             tr(net, 1)
     assert r.step_count == 3 and r.updates == 1
+
+
+def _rigl_training(net, r, steps, seed):
+    """``steps`` SGD steps on fixed data under ``r`` (hooked by attach)."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    handle = r.attach(opt)
+    for _ in range(steps):
+        x = torch.randn(16, 8, generator=g)
+        opt.zero_grad()
+        net(x).square().mean().backward()
+        opt.step()
+    handle.remove()
+
+
+def test_state_dict_resumes_a_run_where_it_stopped():
+    """RigL's masks and step count were in no state_dict: a run stopped
+    after 7 steps and restarted from a checkpoint of its model drew fresh
+    random masks at step 0 (its updates and drop schedule from the start
+    again). RigL.state_dict() / load_state_dict() now carry them, as an
+    optimizer's do: 7 + 7 steps resumed = 14 steps in one go."""
+    whole = mlp(0, widths=(8, 32, 32, 3))
+    part = mlp(0, widths=(8, 32, 32, 3))
+    part.load_state_dict(whole.state_dict())
+    a = rigl.RigL(whole, density=0.3, update_interval=3, end_step=12, seed=1)
+    _rigl_training(whole, a, 7, seed=0)
+    b = rigl.RigL(part, density=0.3, update_interval=3, end_step=12, seed=1)
+    _rigl_training(part, b, 7, seed=0)
+    saved = {"model": part.state_dict(), "rigl": b.state_dict()}
+    resumed = mlp(1, widths=(8, 32, 32, 3))  # another start: everything must come from the checkpoint
+    c = rigl.RigL(resumed, density=0.3, update_interval=3, end_step=12, seed=2)
+    resumed.load_state_dict(saved["model"])
+    c.load_state_dict(saved["rigl"])
+    assert c.step_count == 7 and c.updates == 2
+    _rigl_training(whole, a, 7, seed=5)
+    _rigl_training(resumed, c, 7, seed=5)
+    assert c.step_count == a.step_count == 14 and c.updates == a.updates == 3
+    for n in a.masks:
+        assert torch.equal(a.masks[n], c.masks[n])
+    for p, q in zip(whole.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+    # the state is plain tensors and numbers: it goes through torch.save's safe load
+    import io
+    buf = io.BytesIO()
+    torch.save(b.state_dict(), buf)
+    buf.seek(0)
+    assert torch.load(buf, weights_only=True)["step_count"] == 7
+
+
+def test_load_state_dict_refuses_another_models_state():
+    r = rigl.RigL(mlp(0, widths=(8, 32, 32, 3)), density=0.3)
+    other = rigl.RigL(mlp(0, widths=(8, 16, 32, 3)), density=0.3)
+    with pytest.raises(ValueError, match=r"state_dict.*'0'.*shape"):
+        r.load_state_dict(other.state_dict())
+    fewer = rigl.RigL(mlp(0, widths=(8, 32, 32, 3)), density=0.3, layers=["0"])
+    with pytest.raises(ValueError, match=r"state_dict.*layers"):
+        r.load_state_dict(fewer.state_dict())
+    with pytest.raises(TypeError, match="state_dict"):
+        r.load_state_dict([1, 2])
+    state = r.state_dict()
+    state["step_count"] = -1
+    with pytest.raises(ValueError, match="step_count"):
+        r.load_state_dict(state)

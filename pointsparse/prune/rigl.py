@@ -17,7 +17,8 @@ taken by several optimizers, each stepping its own layers, counts once: a
 step counts when its optimizer steps weights already stepped since the last
 counted step (or no weights were), so a new optimizer for the same weights
 counts from its first step; one stepping none of the layers' weights never
-counts."""
+counts. ``rigl.state_dict()`` / ``load_state_dict()`` carry the masks and the
+step count into a checkpoint, so that a run resumes where it stopped."""
 
 from __future__ import annotations
 
@@ -204,6 +205,56 @@ class RigL:
         else:  # another optimizer's share of the step just counted (or none of the layers' weights)
             self._stepped |= owned
         self.apply_masks(optimizer)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """What a resumed run needs, as an optimizer's ``state_dict``: the
+        masks (per layer name, on the CPU), the step and update counts, the
+        densities and the schedule (``update_interval``, ``end_step``,
+        ``drop_fraction``). Plain tensors and numbers (``torch.load`` with
+        ``weights_only=True`` reads it)."""
+        return {"masks": {n: mk.detach().cpu().clone() for n, mk in self.masks.items()},
+                "step_count": self.step_count, "updates": self.updates, "densities": dict(self.densities),
+                "update_interval": self.update_interval, "end_step": self.end_step, "drop_fraction": self.alpha}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take a :meth:`state_dict` of a RigL over the same layers (names and
+        weight shapes) and apply its masks to the weights; the next step
+        counts as the saved run's next (load the model's and the optimizer's
+        state as well). Refused whole, before anything changes, where the
+        layers, shapes or counts do not fit."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state_dict must be a dict from RigL.state_dict(); got {type(state).__name__}")
+        keys = ("masks", "step_count", "updates", "densities", "update_interval", "end_step", "drop_fraction")
+        missing = [k for k in keys if k not in state]
+        if missing or not isinstance(state["masks"], dict) or not isinstance(state["densities"], dict):
+            raise ValueError(f"state_dict is not a RigL state: missing {missing or ['masks and densities as dicts']}")
+        names = [n for n, _ in self.layers]
+        if sorted(state["masks"]) != sorted(names):
+            raise ValueError(f"state_dict holds masks of layers {sorted(state['masks'])}; this RigL's layers are "
+                             f"{sorted(names)}")
+        masks = {}
+        for n, m in self.layers:
+            mask = state["masks"][n]
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != m.weight.shape:
+                got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+                raise ValueError(f"state_dict's mask of layer {n!r}: expected a bool tensor of shape "
+                                 f"{tuple(m.weight.shape)} (the weight's); got {got}")
+            mask = mask.to(m.weight.device)
+            if bool((~mask & ~self.used[n]).any()):
+                raise ValueError(f"state_dict's mask of layer {n!r} drops weights outside the layer's kernel region")
+            masks[n] = mask.clone()
+        step_count = check_int(state["step_count"], "state_dict's step_count", 0)
+        updates = check_int(state["updates"], "state_dict's updates", 0)
+        update_interval = positive_int(state["update_interval"], "state_dict's update_interval")
+        end_step = positive_int(state["end_step"], "state_dict's end_step")
+        check_fraction(state["drop_fraction"], "state_dict's drop_fraction", high_open=False)
+        self.masks = masks
+        self.step_count, self.updates = step_count, updates
+        self.update_interval, self.end_step, self.alpha = update_interval, end_step, float(state["drop_fraction"])
+        self.densities = {n: float(state["densities"].get(n, self.densities[n])) for n in names}
+        self._stepped = set()
+        self.apply_masks()
 
     # ------------------------------------------------------------------ hooks
     def _owned(self, optimizer) -> set[int]:
