@@ -2223,3 +2223,43 @@ def test_tracing_leaves_each_module_in_its_own_mode():
     modes = {id(m): m.training for m in net.modules()}
     G.DependencyGraph(net, sparse_input(n=600, extent=12))
     assert {id(m): m.training for m in net.modules()} == modes
+
+
+class _InstanceNet2d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.norm = nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8, affine=True)
+        self.conv2 = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.norm(self.conv1(x))))
+
+
+@pytest.mark.parametrize("which", ["sparse", "torch"])
+def test_instance_norms_channels_are_cut_with_their_producer(which):
+    """An InstanceNorm (pointsparse.nn's, torch's InstanceNorm2d) had no
+    adapter: the dependency graph fixed its channels, so the conv before it
+    could not be cut at all. It is a channel-wise norm now, as BatchNorm
+    is: cut with the conv that feeds it, exact against the masked model."""
+    if which == "sparse":
+        torch.manual_seed(0)
+        net = nn.Sequential(ps.nn.Conv3d(3, 8, 3), ps.nn.InstanceNorm(8), ps.nn.ReLU(), ps.nn.Conv3d(8, 4, 3))
+        x, out, norm = sparse_input(n=300, extent=8), (lambda y: y.feats), "1"
+    else:
+        net, x, out, norm = _InstanceNet2d(), torch.randn(2, 3, 10, 10), (lambda y: y), "norm"
+    with torch.no_grad():
+        getattr(net, norm).weight.uniform_(0.5, 1.5)
+        getattr(net, norm).bias.uniform_(-0.3, 0.3)
+    graph = G.DependencyGraph(net, x)
+    assert not graph.fixed_groups or all(norm not in g.modules("out") for g in graph.fixed_groups)
+    keep = G.plan(graph, 0.5)
+    assert sum(len(v) for v in keep.values()) < 8
+    graph.mask(keep)
+    with torch.no_grad():
+        masked = out(net(x))
+    graph.cut(keep)
+    with torch.no_grad():
+        cut = out(net(x))
+    assert getattr(net, norm).weight.shape == (4,) and getattr(net, norm).num_features == 4
+    torch.testing.assert_close(cut, masked, rtol=1e-5, atol=1e-6)

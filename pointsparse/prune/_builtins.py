@@ -1,5 +1,6 @@
 """The built-in adapters (see :mod:`.adapters`): torch Linear, ConvNd,
-ConvTransposeNd and BatchNorm, and ``pointsparse.nn.Conv3d``."""
+ConvTransposeNd, BatchNorm and InstanceNorm, and ``pointsparse.nn.Conv3d``
+and ``InstanceNorm``."""
 
 from __future__ import annotations
 
@@ -75,6 +76,15 @@ def _norm_set(m, role, n) -> None:
 
 def _norm_like(m, c_in, c_out) -> nn.Module:
     return type(m)(c_out, eps=m.eps, momentum=m.momentum, affine=m.affine)
+
+
+def _instance_norm_like(m, c_in, c_out) -> nn.Module:
+    return type(m)(c_out, eps=m.eps, momentum=m.momentum, affine=m.affine,
+                   track_running_stats=m.track_running_stats)
+
+
+def _sparse_instance_norm_like(m, c_in, c_out) -> nn.Module:
+    return type(m)(c_out, eps=m.eps, affine=m.affine)
 
 
 # ------------------------------------------------------------------ sparse conv
@@ -179,7 +189,13 @@ def _register() -> None:
                                      columns=_linear_columns, set_from_2d=_torch_set_from_2d, channels_last=True))
     register(nn.modules.batchnorm._BatchNorm, LayerAdapter(axes=lambda m: dict(_NORM_AXES), kind="norm",
                                                            set_channels=_norm_set, like=_norm_like))
-    from ..nn import Conv3d  # noqa: PLC0415
+    # (channel-wise too: a zero channel normalises to its bias, a constant, as a BatchNorm's shift)
+    register(nn.modules.instancenorm._InstanceNorm, LayerAdapter(axes=lambda m: dict(_NORM_AXES), kind="norm",
+                                                                 set_channels=_norm_set, like=_instance_norm_like))
+    from ..nn import Conv3d, InstanceNorm  # noqa: PLC0415
+
+    register(InstanceNorm, LayerAdapter(axes=lambda m: {"weight": {"out": 0}, "bias": {"out": 0}}, kind="norm",
+                                        set_channels=_norm_set, like=_sparse_instance_norm_like))
 
     register(Conv3d, LayerAdapter(
         axes=lambda m: {"weight": {"out": 2, "in": 1}, **_BIAS}, layout_fn=lambda m: SPARSE_CONV,
