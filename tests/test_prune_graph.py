@@ -2263,3 +2263,61 @@ def test_instance_norms_channels_are_cut_with_their_producer(which):
         cut = out(net(x))
     assert getattr(net, norm).weight.shape == (4,) and getattr(net, norm).num_features == 4
     torch.testing.assert_close(cut, masked, rtol=1e-5, atol=1e-6)
+
+
+class _SqueezeExcite2d(nn.Module):
+    """conv -> squeeze-excitation (pool, Linear, ReLU, Linear, sigmoid, back
+    to (b, c, 1, 1) by ``back``) -> x * s -> conv."""
+
+    def __init__(self, back: str, c: int = 8):
+        super().__init__()
+        torch.manual_seed(0)
+        self.back, self.c = back, c
+        self.conv1, self.conv2 = nn.Conv2d(3, c, 3, padding=1), nn.Conv2d(c, 4, 3, padding=1)
+        self.fc1, self.fc2 = nn.Linear(c, 4), nn.Linear(4, c)
+        self.unflatten = nn.Unflatten(1, (c, 1, 1))
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        s = torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3))))))
+        if self.back == "nn.Unflatten":
+            s = self.unflatten(s)
+        elif self.back == "view-literal":
+            s = s.view(len(s), self.c, 1, 1)
+        elif self.back == "reshape-literal":
+            s = s.reshape(-1, self.c, 1, 1)
+        elif self.back == "expand-literal":
+            s = s[:, :, None, None].expand(-1, self.c, *x.shape[2:])
+        elif self.back == "view-of-its-shape":
+            s = s.view(*s.shape, 1, 1)
+        else:  # "view-inferred"
+            s = s.view(len(s), -1, 1, 1)
+        return self.conv2(x * s)
+
+
+@pytest.mark.parametrize("back,cuttable", [("nn.Unflatten", False), ("view-literal", False),
+                                           ("reshape-literal", False), ("expand-literal", False),
+                                           ("view-of-its-shape", True), ("view-inferred", True)])
+def test_a_size_written_as_a_number_fixes_the_channels_it_sizes(back, cuttable):
+    """A squeeze-excitation gate brought back to (b, c, 1, 1) by sizes held
+    as plain numbers (nn.Unflatten(1, (c, 1, 1)), view(b, self.c, 1, 1)):
+    the graph coupled conv1's channels through it and cut them, and the cut
+    model failed in torch ("unflatten: Provided sizes [8, 1, 1] don't
+    multiply up to the size of dim 1 (4)"). A number no cut changes fixes
+    the channels it sizes; sizes read off the tensor or inferred (-1) follow
+    the cut, exact against the masked model."""
+    net, x = _SqueezeExcite2d(back), torch.randn(2, 3, 6, 6)
+    graph = G.DependencyGraph(net, x)
+    conv1 = [g for g in graph.groups if "conv1" in g.modules("out")]
+    assert bool(conv1) == cuttable
+    if not cuttable:
+        assert any("conv1" in g.modules("out") for g in graph.fixed_groups)
+        return
+    keep = G.plan(graph, 0.5)
+    graph.mask(keep)
+    with torch.no_grad():
+        masked = net(x)
+    graph.cut(keep)
+    assert net.conv1.out_channels == 4
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), masked, rtol=1e-5, atol=1e-6)

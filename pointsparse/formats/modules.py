@@ -135,7 +135,9 @@ class SparseLinear(nn.Module):
         with outside_transforms(input, f"{type(self).__name__} ({type(self.weight_format).__name__})",
                                 "give it a tensor made outside the transform, or transform the uncompressed module"):
             lead = input.shape[:-1]
-            x = input.detach().reshape(lead.numel(), self.in_features)  # (-1 is ambiguous for in_features 0)
+            # (-1 is ambiguous for in_features 0; the input's own width, not the number in_features, so that
+            # a dependency graph tracing through here sees the channels reach the format, not a plain size)
+            x = input.detach().reshape(lead.numel(), input.shape[-1])
             low = _autocast_dtype(x)  # (under torch.autocast the Linear's precision, rounded once)
             with torch.autocast(x.device.type, enabled=False):
                 y = self.weight_format.matmul(x.t().contiguous()).t()

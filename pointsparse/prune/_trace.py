@@ -49,6 +49,7 @@ import math
 import operator
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
@@ -280,6 +281,31 @@ _NORMS = {"norm", "linalg_vector_norm", "linalg_norm"}  # (linalg.norm's matrix 
 # a tensor's values handed out of torch (the C++ core takes numpy views: the engine's conv of a weight no registered
 # layer runs, a compressed layer's format): what is done with its channels there, the graph does not see
 _LEAVE = {"numpy", "array", "tolist"}
+
+
+def _numbered_axis(name, args, kwargs, out, axis: int) -> bool:
+    """Whether a ``view`` / ``reshape`` / ``expand`` / ``broadcast_to`` /
+    ``unflatten`` gives axis ``axis`` of its result ``out`` a size written as a
+    plain number (``nn.Unflatten(1, (c, 1, 1))``, ``view(b, self.c, 1, 1)``),
+    not read off a tensor (a :class:`Width`) nor inferred (-1): it stays that
+    number after a cut, and the op then fails."""
+    if name == "unflatten":
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+        sizes = kwargs.get("sizes", args[2] if len(args) > 2 else None)
+        if not isinstance(dim, int) or not isinstance(sizes, (tuple, list)):
+            return False
+        dim = dim % (out.dim() - len(sizes) + 1)
+        if not dim <= axis < dim + len(sizes):
+            return False
+        size = sizes[axis - dim]
+    elif name in ("view", "reshape", "expand", "broadcast_to"):
+        sizes = _size_arg(args, kwargs)
+        if len(sizes) != out.dim():
+            return False
+        size = sizes[axis]
+    else:
+        return False
+    return isinstance(size, (int, np.integer)) and not isinstance(size, (bool, Width)) and int(size) != -1
 
 
 def _size_arg(args, kwargs) -> list:
@@ -544,7 +570,10 @@ class Tracer(TorchFunctionMode):
         if name == "getitem":
             return [self._getitem(x, tag, args[1], outs[0])] if len(tagged) == 1 else self._fix_all(tagged, name, none)
         if name in _SHAPE and len(tagged) == 1 and x is args[0]:
-            return [self._reshape(x, tag, outs[0])]
+            out = self._reshape(x, tag, outs[0])
+            if out is not None and _numbered_axis(name, args, kwargs, outs[0], out.axis):
+                self.fix(out, f"{name}: sizes its channels' axis by a number no cut changes")
+            return [out]
         if name in _PERMUTE and len(tagged) == 1 and x is args[0]:
             return [self._permute(func, x, tag, args, kwargs, outs[0])]
         if name in _NORMS and len(tagged) == 1 and x is args[0]:
