@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -1073,3 +1074,28 @@ def test_the_table_marks_classes_left_out_of_the_miou():
     assert rows[3].startswith("c") and rows[3].endswith("0 *") and "0.0" in rows[3]
     assert rows[-1].startswith("* predicted but not in the ground truth: left out of the mIoU")
     assert "*" not in metrics.format_table(cm[:2, :2], ["a", "b"])
+
+
+def test_figures_axes_read_as_their_titles_say(monkeypatch):
+    """The curves put ticks at fractional epochs (1.25, 1.5) and wrote the
+    loss axis as 2 x 10^0, 6 x 10^-1; the confusion matrix's title said "%"
+    over a colour bar from 0 to 1. Epochs are whole ticks, losses plain
+    numbers, the colour bar runs 0..100 (%)."""
+    pytest.importorskip("matplotlib")
+    from pointsparse.app import plots
+
+    figs = []
+    monkeypatch.setattr(plots, "save", lambda fig, path: figs.append(fig))
+    history = {"step_loss": list(np.geomspace(2.5, 0.2, 30)), "epoch_loss": list(np.geomspace(2.0, 0.25, 3)),
+               "val_miou": [0.2, 0.35, 0.6], "val_epoch": [1, 2, 3]}
+    plots.curves(history, "unused.png")
+    plots.confusion(np.array([[8, 2], [1, 9]]), ["a", "b"], "unused.png")
+    loss_ax, miou_ax = figs[0].axes
+    figs[0].canvas.draw()
+    epochs = [t for t in miou_ax.get_xticks() if miou_ax.get_xlim()[0] <= t <= miou_ax.get_xlim()[1]]
+    assert epochs and all(float(t).is_integer() for t in epochs)
+    shown = [t.get_text() for t in loss_ax.get_yticklabels() + loss_ax.get_yticklabels(minor=True) if t.get_text()]
+    assert shown and all(re.fullmatch(r"[0-9]+(\.[0-9]+)?", s) for s in shown), shown
+    image = figs[1].axes[0].images[0]
+    assert image.get_clim() == (0, 100)
+    assert image.get_array().max() == pytest.approx(90.0)

@@ -51,8 +51,16 @@ def save(fig, path) -> Path:
 
 
 def curves(history: dict, path) -> Path:
-    """Training loss per step (and per epoch) and validation mIoU per epoch."""
+    """Training loss per step (and per epoch) and validation mIoU per epoch:
+    the loss on a log axis written as plain numbers (0.3, not 3 x 10^-1),
+    epochs at whole ticks."""
     plt = _plt()
+    from matplotlib.ticker import FuncFormatter, LogFormatter, MaxNLocator
+
+    class PlainLog(LogFormatter):  # (matplotlib's choice of which minor ticks to label, in plain numbers)
+        def _num_to_string(self, x, vmin, vmax):
+            return f"{x:g}"
+
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     steps = history.get("step_loss", [])
     if steps:
@@ -64,6 +72,9 @@ def curves(history: dict, path) -> Path:
     ax1.set_xlabel("step")
     ax1.set_ylabel("cross-entropy")
     ax1.set_yscale("log")
+    ax1.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    # (minor ticks labelled where the axis spans few decades, as matplotlib's own log labels are, in plain numbers)
+    ax1.yaxis.set_minor_formatter(PlainLog(labelOnlyBase=False, minor_thresholds=(2, 0.4)))
     ax1.set_title("training loss")
     ax1.legend()
     miou = history.get("val_miou", [])
@@ -71,6 +82,7 @@ def curves(history: dict, path) -> Path:
         epochs_at = history.get("val_epoch") or list(range(1, len(miou) + 1))
         ax2.plot(epochs_at, 100 * np.asarray(miou, dtype=float), "o-")
     ax2.set_xlabel("epoch")
+    ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax2.set_ylabel("mIoU (%)")
     ax2.set_title("validation mIoU")
     ax2.grid(alpha=0.3)
@@ -85,7 +97,7 @@ def confusion(cm: np.ndarray, classes, path) -> Path:
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     n = len(classes)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.6 + 0.45 * n), max(4.5, 1.4 + 0.45 * n)))
-    im = ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
+    im = ax.imshow(100 * norm, vmin=0, vmax=100, cmap="Blues")
     ax.set_xticks(range(n), classes, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(n), classes, fontsize=8)
     ax.set_xlabel("predicted")
@@ -96,7 +108,7 @@ def confusion(cm: np.ndarray, classes, path) -> Path:
                 if norm[i, j] >= 0.01:
                     ax.text(j, i, f"{100 * norm[i, j]:.0f}", ha="center", va="center", fontsize=6,
                             color="white" if norm[i, j] > 0.5 else "black")
-    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="%")
     ax.set_title("confusion, % of each true class")
     fig.tight_layout()
     return save(fig, path)
