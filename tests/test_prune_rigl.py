@@ -385,3 +385,34 @@ def test_load_state_dict_refuses_another_models_state():
     state["step_count"] = -1
     with pytest.raises(ValueError, match="step_count"):
         r.load_state_dict(state)
+
+
+@pytest.mark.parametrize("twice", ["context-and-attach", "attach-twice"])
+def test_one_optimizer_step_hooked_twice_counts_once(twice):
+    """RigL used as a context and also attached to the optimizer (or
+    attached twice) ran step twice per optimizer step: step_count doubled,
+    updates came at half update_interval and the drop schedule ran twice as
+    fast. An optimizer step is counted once however many of RigL's hooks
+    see it."""
+    net = mlp(0, widths=(8, 32, 32, 3))
+    r = rigl.RigL(net, density=0.3, distribution="uniform", update_interval=2, end_step=100)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    x = torch.randn(16, 8)
+    handles = [r.attach(opt)]
+    if twice == "attach-twice":
+        handles.append(r.attach(opt))
+        context = __import__("contextlib").nullcontext()
+    else:
+        context = r
+    with context:
+        for _ in range(6):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    for h in handles:
+        h.remove()
+    assert r.step_count == 6 and r.updates == 3
+    opt.zero_grad()
+    net(x).square().mean().backward()
+    opt.step()  # every hook removed: not counted
+    assert r.step_count == 6

@@ -17,7 +17,8 @@ taken by several optimizers, each stepping its own layers, counts once: a
 step counts when its optimizer steps weights already stepped since the last
 counted step (or no weights were), so a new optimizer for the same weights
 counts from its first step; one stepping none of the layers' weights never
-counts. ``rigl.state_dict()`` / ``load_state_dict()`` carry the masks and the
+counts; one optimizer step seen by several of RigL's hooks (the context and
+``attach`` both) counts once. ``rigl.state_dict()`` / ``load_state_dict()`` carry the masks and the
 step count into a checkpoint, so that a run resumes where it stopped."""
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ class RigL:
         self.step_count = 0
         self.updates = 0
         self._stepped: set[int] = set()  # the layers' weights (ids) stepped since the last counted step
+        self._pending: set[int] = set()  # optimizers (ids) in a step that no post-step hook has taken yet
         if distribution == "uniform":
             self.densities = {n: density for n, _ in self.layers}
         else:
@@ -262,18 +264,35 @@ class RigL:
         ids = {id(m.weight) for _, m in self.layers}
         return {id(p) for group in optimizer.param_groups for p in group["params"]} & ids
 
-    def attach(self, optimizer: torch.optim.Optimizer):
-        """Run :meth:`step` after every step of ``optimizer``; returns the hook handle."""
-        return optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step(opt))
+    def _hooks(self, every: bool):
+        """A pre- and a post-step hook: the pre hook marks the optimizer's
+        step, the post hook takes it once (RigL used as a context and also
+        attached, or attached twice: each optimizer step counts once).
+        ``every``: also for an optimizer stepping none of the layers'
+        weights (it then only re-applies the masks)."""
+        def pre(opt, args, kwargs):
+            self._pending.add(id(opt))
+
+        def post(opt, args, kwargs):
+            if id(opt) not in self._pending:  # (another of RigL's hooks took this step)
+                return
+            self._pending.discard(id(opt))
+            owned = self._owned(opt)
+            if owned or every:
+                self._step(opt, owned)
+        return pre, post
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> "_Handles":
+        """Run :meth:`step` after every step of ``optimizer``; returns a handle
+        whose ``remove()`` takes the hooks off."""
+        pre, post = self._hooks(every=True)
+        return _Handles([optimizer.register_step_pre_hook(pre), optimizer.register_step_post_hook(post)])
 
     def __enter__(self) -> "RigL":
-        from torch.optim.optimizer import register_optimizer_step_post_hook
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-        def hook(opt, args, kwargs):
-            owned = self._owned(opt)
-            if owned:  # (computed once per optimizer step, not again in step)
-                self._step(opt, owned)
-        self._handle = register_optimizer_step_post_hook(hook)
+        pre, post = self._hooks(every=False)
+        self._handle = _Handles([register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)])
         return self
 
     def __exit__(self, *exc) -> None:
@@ -281,6 +300,23 @@ class RigL:
             self._handle.remove()
             self._handle = None
         self.apply_masks()
+
+
+class _Handles:
+    """The hooks :meth:`RigL.attach` registered: ``remove()`` takes them off."""
+
+    def __init__(self, handles) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def __enter__(self) -> "_Handles":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
 
 
 def static_sparse(model: nn.Module, density: float, distribution: str = "erk", layers=None, seed: int = 0) -> RigL:
