@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import hashlib
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -1973,6 +1974,29 @@ def test_voxel_dataset_augments_per_epoch_deterministically():
     assert torch.equal(ds[0].coords, a.coords) and not torch.equal(b.coords, a.coords)
     plain = VoxelDataset(scenes, 0.2)
     assert np.array_equal(plain[0].xyz, scenes[0].xyz)
+
+
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_voxel_dataset_epoch_reaches_persistent_loader_workers(start):
+    """A DataLoader with persistent workers keeps the workers' copies of the
+    dataset between epochs: set_epoch in the main process did not reach
+    them, so every epoch drew epoch 0's augmentation (silently)."""
+    scenes = [outdoor_scene(i, beams=4, azimuth_steps=64, max_range=20.0) for i in range(2)]
+    ds = VoxelDataset(scenes, 0.2, train=True, seed=5)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, persistent_workers=True,
+                                         collate_fn=Batch.of, multiprocessing_context=start)
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        assert ds.epoch == epoch
+        got = [batch.input.coords for batch in loader]
+        want = Batch.of([ds[0], ds[1]]).input.coords
+        assert len(got) == 1 and torch.equal(got[0], want), epoch
+    copy = pickle.loads(pickle.dumps(ds))  # (a copy of its own: its epoch is not the original's)
+    copy.set_epoch(7)
+    assert (copy.epoch, ds.epoch) == (7, 2)
+    with pytest.raises(ValueError, match="epoch must be an int in 0"):
+        ds.set_epoch(2 ** 63)
+    assert ds.epoch == 2
 
 
 def test_voxel_dataset_takes_negative_indices_and_checks_seeds():

@@ -122,10 +122,29 @@ class VoxelDataset(torch.utils.data.Dataset):
                             f"{type(source).__name__}")
         train = as_bool(train, "train")  # ("no" augmented every item)
         self.source, self.voxel_size, self.ignore_index = source, voxel_size, ignore_index
-        self.train, self.seed, self.epoch = train, as_int(seed, "seed", 0), 0
+        self.train, self.seed = train, as_int(seed, "seed", 0)
+        # The epoch in shared memory: a DataLoader's workers (forked, or spawned: torch's pickler shares
+        # the storage) read the epoch the main process set last, persistent ones too (each kept epoch 0's
+        # copy of the dataset and drew its augmentation every epoch). A plain pickle or deepcopy copies it
+        # (copy.copy shares it, as it shares the source).
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        """The epoch augmentation draws for (:meth:`set_epoch`)."""
+        return int(self._epoch[0])
+
+    @epoch.setter
+    def epoch(self, epoch: int) -> None:
+        self.set_epoch(epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = as_int(epoch, "epoch", 0)
+        """The epoch to augment for, here and in every DataLoader worker
+        holding this dataset (persistent ones too): an int >= 0."""
+        epoch = as_int(epoch, "epoch", 0)
+        if epoch > np.iinfo(np.int64).max:  # (held as int64)
+            raise ValueError(f"epoch must be an int in 0..{np.iinfo(np.int64).max}; got {epoch}")
+        self._epoch[0] = epoch
 
     def __len__(self) -> int:
         return len(self.source)
@@ -138,7 +157,7 @@ class VoxelDataset(torch.utils.data.Dataset):
         if not isinstance(sample, Sample):  # (an AttributeError inside augment or voxelize_sample)
             raise TypeError(f"source[{index}] must be a Sample; got {type(sample).__name__}")
         if self.train:
-            sample = augment(sample, np.random.default_rng([self.seed, self.epoch, index]))
+            sample = augment(sample, np.random.default_rng([self.seed, int(self._epoch[0]), index]))
         return voxelize_sample(sample, self.voxel_size, self.ignore_index)
 
 
