@@ -219,6 +219,23 @@ def test_generated_scenes_check_their_arguments_up_front():
 
 # --------------------------------------------------------------------- sample and label maps
 
+def test_samples_compare_by_their_points_labels_and_name():
+    """Sample's dataclass == compared its numpy fields as a tuple: a bare
+    "truth value ... is ambiguous" (or a broadcast error for clouds of
+    other sizes) from s1 == s2 and from scenes.index(sample)."""
+    xyz = np.arange(12, dtype=np.float32).reshape(4, 3)
+    a = Sample(xyz, np.array([0, 1, 1, 2]), np.full(4, 0.5), name="a")
+    assert a == Sample(xyz.astype(np.float64), [0, 1, 1, 2], np.full((4, 1), 0.5), name="a")
+    assert a != Sample(xyz, np.array([0, 1, 1, 3]), np.full(4, 0.5), name="a")
+    assert a != Sample(xyz, None, np.full(4, 0.5), name="a")
+    assert a != Sample(xyz, np.array([0, 1, 1, 2]), None, name="a")
+    assert a != Sample(xyz, np.array([0, 1, 1, 2]), np.full(4, 0.5), name="b")
+    assert a != a.subset([0, 1]) and a != Sample(xyz + 1, a.labels, a.intensity, name="a")
+    assert (a == "a") is False and a != None  # noqa: E711
+    scenes = GeneratedScenes("outdoor", 2, beams=4, azimuth_steps=64, max_range=20.0)
+    assert scenes.index(scenes[1]) == 1 and scenes[1] == outdoor_scene(1, beams=4, azimuth_steps=64, max_range=20.0)
+
+
 def test_sample_validation():
     with pytest.raises(ValueError, match="xyz"):
         Sample(np.zeros((4, 2)))

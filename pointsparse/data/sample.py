@@ -136,6 +136,16 @@ class Sample:
                 setattr(self, name, np.asarray(value)[keep])
         self.kept = keep
 
+    def __eq__(self, other) -> bool:
+        """The same name, positions, labels, intensity and colour (``kept``
+        aside); the dataclass's own == compared the arrays as a tuple, a
+        ValueError ("truth value ... ambiguous") for any two clouds."""
+        if not isinstance(other, Sample):
+            return NotImplemented
+        same = lambda a, b: (a is None) == (b is None) and (a is None or np.array_equal(a, b))  # noqa: E731
+        return self.name == other.name and all(same(getattr(self, f), getattr(other, f))
+                                               for f in ("xyz", "labels", "intensity", "rgb"))
+
     def __len__(self) -> int:
         return len(self.xyz)
 
