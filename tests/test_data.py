@@ -14,8 +14,8 @@ import torch
 
 from pointsparse.data import (INDOOR_CLASSES, OUTDOOR_CLASSES, Batch, CloudFiles, GeneratedScenes, LabelMap,
                               Sample, VoxelDataset, augment, find_clouds, indoor_scene, load_label_map,
-                              majority_labels, outdoor_scene, read_cloud, read_las, read_numpy, read_open3d,
-                              read_semantic3d, read_semantickitti, read_text, voxelize_sample)
+                              majority_labels, outdoor_scene, point_features, read_cloud, read_las, read_numpy,
+                              read_open3d, read_semantic3d, read_semantickitti, read_text, voxelize_sample)
 from pointsparse.data.generated import lidar_rays
 
 SMALL = dict(beams=16, azimuth_steps=256, max_range=25.0)
@@ -1728,6 +1728,20 @@ def test_augment_is_rigid_up_to_scale_and_seeded():
     assert not np.allclose(a.xyz, s.xyz)
     b = augment(s, np.random.default_rng(1), jitter=0.0, scale=(1.0, 1.0))
     assert np.array_equal(a.xyz, b.xyz) and np.array_equal(a.labels, s.labels)
+
+
+def test_augment_features_and_voxelize_take_only_a_sample():
+    """An (N, 3) array (or a VoxelSample) handed to augment, point_features or
+    voxelize_sample was an AttributeError ("no attribute 'xyz'") from inside."""
+    xyz = np.random.default_rng(0).random((20, 3))
+    voxels = voxelize_sample(Sample(xyz), 0.1, 255)
+    for bad in (xyz, torch.from_numpy(xyz), voxels, None):
+        with pytest.raises(TypeError, match=r"augment's sample must be a Sample .*; got "):
+            augment(bad, np.random.default_rng(0))
+        with pytest.raises(TypeError, match=r"point_features's sample must be a Sample .*; got "):
+            point_features(bad)
+        with pytest.raises(TypeError, match=r"voxelize_sample's sample must be a Sample .*; got "):
+            voxelize_sample(bad, 0.1, 255)
 
 
 def test_augment_checks_its_arguments():

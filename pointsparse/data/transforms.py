@@ -33,6 +33,14 @@ SCALE_RANGE = (0.1, 10.0)
 MAX_JITTER = 1.0
 
 
+def _check_sample(sample, where: str) -> None:
+    """TypeError naming ``where`` unless ``sample`` is a :class:`Sample` (an
+    array or a VoxelSample was an AttributeError from inside)."""
+    if not isinstance(sample, Sample):
+        raise TypeError(f"{where}'s sample must be a Sample (pointsparse.data.Sample(xyz, labels, ...)); got "
+                        f"{type(sample).__name__}")
+
+
 def augment(sample: Sample, rng: np.random.Generator, rotate: bool = True, scale=(0.95, 1.05), flip: bool = True,
             jitter: float = 0.01) -> Sample:
     """A random rotation about z, uniform scaling in ``scale``, a random
@@ -44,6 +52,7 @@ def augment(sample: Sample, rng: np.random.Generator, rotate: bool = True, scale
     passed and failed later blaming voxel_size, a scale of 1e-30 merged the
     cloud into one voxel), and ValueError where they take the points beyond
     float32."""
+    _check_sample(sample, "augment")
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator; got {type(rng).__name__}")
     rotate, flip = as_bool(rotate, "rotate"), as_bool(flip, "flip")  # ("no" or 0.5 were true and turned the cloud)
@@ -82,6 +91,7 @@ def augment(sample: Sample, rng: np.random.Generator, rotate: bool = True, scale
 
 def point_features(sample: Sample) -> np.ndarray:
     """float32 ``(N, NUM_FEATURES)``: centred x, y, raw z, intensity, rgb."""
+    _check_sample(sample, "point_features")
     n = len(sample)
     out = np.zeros((n, NUM_FEATURES), dtype=np.float32)
     if n:
@@ -213,6 +223,7 @@ def voxelize_sample(sample: Sample, voxel_size: float, ignore_index: int) -> Vox
     the spans together) is a ValueError naming it, before anything is
     quantised; one far larger than the cloud gives its voxels exactly (the
     shift of a whole voxel would swamp the float32 positions)."""
+    _check_sample(sample, "voxelize_sample")
     voxel_size, ignore_index = check_voxel_size(voxel_size), _ignore_index(ignore_index)
     # The shift in float64: the minimum per column, the arithmetic in torch (the
     # same values as numpy's reduction over the (N, 3) rows and its casts, sooner).
