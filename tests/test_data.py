@@ -236,6 +236,27 @@ def test_samples_compare_by_their_points_labels_and_name():
     assert scenes.index(scenes[1]) == 1 and scenes[1] == outdoor_scene(1, beams=4, azimuth_steps=64, max_range=20.0)
 
 
+def test_sample_subset_takes_a_mask_or_indices_and_names_others():
+    """subset(3) was "xyz must be (N, 3); got (3,)", a mask of another length
+    or float indices numpy's bare IndexError; labels, intensity and colour
+    follow the points picked."""
+    s = Sample(np.arange(15, dtype=np.float32).reshape(5, 3), np.arange(5), np.linspace(0, 1, 5), name="s")
+    picked = s.subset(np.array([True, False, True, False, False]))
+    assert picked.labels.tolist() == [0, 2] and picked.xyz[1, 0] == 6 and picked.name == "s"
+    assert s.subset([4, -5]).labels.tolist() == [4, 0] and s.subset(torch.tensor([1])).intensity[0, 0] == 0.25
+    assert len(s.subset(np.zeros(0, dtype=np.int64))) == 0 and len(s.subset([])) == 0
+    assert s.subset(torch.tensor([False, True, False, False, True])).labels.tolist() == [1, 4]
+    for bad, error, match in ((3, ValueError, r"mask must be a boolean mask of 5 \(one per point\) or a 1-d"),
+                              (np.ones(4, bool), ValueError, "boolean mask of 5"),
+                              (np.ones((5, 1), bool), ValueError, "boolean mask of 5"),
+                              (np.array([0.5]), TypeError, "mask must hold bools or integers; got float64"),
+                              (["a"], TypeError, "mask must hold bools or integers"),
+                              (np.array([5]), IndexError, r"mask holds point indices outside \[-5, 5\): 5"),
+                              ([0, -6], IndexError, "outside")):
+        with pytest.raises(error, match=match):
+            s.subset(bad)
+
+
 def test_sample_validation():
     with pytest.raises(ValueError, match="xyz"):
         Sample(np.zeros((4, 2)))

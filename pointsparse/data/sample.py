@@ -150,6 +150,29 @@ class Sample:
         return len(self.xyz)
 
     def subset(self, mask) -> "Sample":
-        """The points selected by a boolean mask or index array."""
+        """The points selected by a boolean mask (one entry per point) or a
+        1-d array of point indices (negative ones from the end; a slice
+        too), their labels, intensity and colour with them; TypeError/
+        ValueError/IndexError naming ``mask`` otherwise (an int was "xyz must
+        be (N, 3)", a mask of another length numpy's bare IndexError)."""
+        if not isinstance(mask, slice):
+            mask = _point_mask(mask, len(self))
         pick = lambda a: None if a is None else a[mask]  # noqa: E731
         return Sample(self.xyz[mask], pick(self.labels), pick(self.intensity), pick(self.rgb), self.name)
+
+
+def _point_mask(mask, n: int) -> np.ndarray:
+    """``mask`` (a bool mask of ``n`` or 1-d integer indices in [-n, n)) as
+    a numpy array; the errors :meth:`Sample.subset` names."""
+    a = np.asarray(mask.cpu() if hasattr(mask, "cpu") else mask)
+    if a.size == 0 and a.ndim == 1:
+        return a.astype(np.int64)  # ([] is float64)
+    if a.dtype != np.bool_ and not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"mask must hold bools or integers; got {a.dtype}")
+    if a.ndim != 1 or (a.dtype == np.bool_ and len(a) != n):
+        raise ValueError(f"mask must be a boolean mask of {n} (one per point) or a 1-d array of point indices; "
+                         f"got {a.dtype} of shape {a.shape}")
+    if a.dtype != np.bool_ and len(a) and (int(a.min()) < -n or int(a.max()) >= n):
+        bad = int(a.min()) if int(a.min()) < -n else int(a.max())
+        raise IndexError(f"mask holds point indices outside [-{n}, {n}): {bad}")
+    return a
