@@ -278,6 +278,12 @@ def test_sample_validation():
         Sample(np.zeros((1, 3)), rgb=[["a", "b", "c"]])
     with pytest.raises(TypeError, match="xyz must hold numbers"):
         Sample([["a", "b", "c"]])
+    # complex values lost their imaginary part (numpy's ComplexWarning, the real part kept)
+    for field in ("xyz", "intensity", "rgb"):
+        values = dict(xyz=np.zeros((2, 3)), intensity=np.zeros(2), rgb=np.zeros((2, 3)))
+        values[field] = values[field] + 0.5j
+        with pytest.raises(TypeError, match=rf"s: {field} must hold real numbers; got complex128"):
+            Sample(values["xyz"], None, values["intensity"], values["rgb"], name="s")
 
 
 def test_sample_intensity_and_colour_outside_their_ranges_are_refused(tmp_path):

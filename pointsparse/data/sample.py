@@ -73,6 +73,8 @@ class Sample:
 
     def __post_init__(self) -> None:
         xyz = np.asarray(self.xyz)
+        if xyz.dtype.kind == "c":
+            raise TypeError(f"{self.name or 'sample'}: xyz must hold real numbers; got {xyz.dtype}")
         if xyz.dtype.kind not in "biuf":
             try:
                 xyz = xyz.astype(np.float64)
@@ -105,6 +107,9 @@ class Sample:
             value = getattr(self, field)
             if value is None:
                 continue
+            if np.asarray(value).dtype.kind == "c":  # (cast, the imaginary part was dropped)
+                raise TypeError(f"{self.name or 'sample'}: {field} must hold real numbers; got "
+                                f"{np.asarray(value).dtype}")
             try:
                 value = np.asarray(value, dtype=np.float32)
             except (TypeError, ValueError) as exc:
