@@ -545,6 +545,22 @@ def test_cloud_files_check_ignore_index_up_front(tmp_path):
     assert np.array_equal(files[0].labels, lab)
 
 
+def test_voxel_dataset_refuses_files_read_with_another_ignore_index(tmp_path):
+    """Files read with ignore_index 255 (the default) under a VoxelDataset of
+    ignore_index -100 let the points the label map dropped vote as class 255
+    (voxel labels past the classes, silently; the loss failed much later);
+    the other way round the first item failed, naming neither argument."""
+    np.savez(tmp_path / "t.npz", xyz=np.random.default_rng(0).random((12, 3)), labels=np.arange(12) % 4)
+    label_map = LabelMap(["a", "b"], {1: 0, 2: 1})
+    for read, voxel in ((255, -100), (-1, 255)):
+        files = CloudFiles([str(tmp_path / "t.npz")], label_map, ignore_index=read)
+        with pytest.raises(ValueError, match=rf"ignore_index {voxel} differs from its source's \({read}\)"):
+            VoxelDataset(files, 0.5, ignore_index=voxel)
+        labels = VoxelDataset(files, 0.5, ignore_index=read)[0].labels
+        assert set(labels.tolist()) <= {0, 1, read}
+    assert len(VoxelDataset(GeneratedScenes("indoor", 1, density=20.0), 0.5, ignore_index=-100)) == 1
+
+
 def test_cloud_files_index_like_the_other_samples(tmp_path):
     """CloudFiles indexed a range: True was item 1, a slice failed as "list
     indices must be integers or slices, not range", 1.0 named no index; and

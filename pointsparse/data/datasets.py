@@ -120,6 +120,11 @@ class VoxelDataset(torch.utils.data.Dataset):
                 isinstance(source, (str, bytes)):  # (an int failed at len(), in the DataLoader)
             raise TypeError(f"source must be a sequence of Samples (GeneratedScenes, CloudFiles, a list); got "
                             f"{type(source).__name__}")
+        read = getattr(source, "ignore_index", None)  # (CloudFiles': the id its reader gave dropped points)
+        if isinstance(read, numbers.Integral) and int(read) != ignore_index:
+            # (the dropped points voted as a class of that id, or failed the first item naming neither)
+            raise ValueError(f"ignore_index {ignore_index} differs from its source's ({int(read)}), the id the "
+                             "source's points outside the label map carry; pass the same ignore_index to both")
         train = as_bool(train, "train")  # ("no" augmented every item)
         self.source, self.voxel_size, self.ignore_index = source, voxel_size, ignore_index
         self.train, self.seed = train, as_int(seed, "seed", 0)
