@@ -1961,6 +1961,29 @@ def test_batch_keeps_each_sample_at_its_place_after_an_empty_cloud():
         Batch.of([one, one.input])
 
 
+def test_batch_of_refuses_voxel_samples_whose_parts_disagree():
+    """A VoxelSample made by hand with labels of another length, point labels
+    short of its points or float labels batched silently (labels no longer
+    matching the voxel rows); an inverse past its voxels was torch's bare
+    IndexError."""
+    import dataclasses
+    v = voxelize_sample(Sample(np.random.default_rng(0).random((50, 3)), np.arange(50) % 3), 0.2, 255)
+    n, m = len(v.inverse), len(v.input)
+    for change, error, match in (
+            (dict(labels=v.labels[:-1]), ValueError, rf"item 1: labels must be an integer tensor of \({m},\)"),
+            (dict(labels=v.labels.float()), TypeError, "item 1: labels must be an integer tensor"),
+            (dict(labels=v.labels.numpy()), TypeError, "item 1: labels must be an integer tensor"),
+            (dict(point_labels=v.point_labels[:3]), ValueError, rf"item 1: point_labels must be .* \({n},\)"),
+            (dict(inverse=v.inverse.float()), TypeError, "item 1: inverse must be an integer tensor"),
+            (dict(inverse=v.inverse + m), ValueError, rf"item 1: inverse must hold voxel rows in \[0, {m}\)"),
+            (dict(inverse=v.inverse - 1), ValueError, rf"item 1: inverse must hold voxel rows in \[0, {m}\)"),
+            (dict(points=v.points[1:]), ValueError, rf"item 1: points must be None or a float tensor of \({n}, 3\)")):
+        with pytest.raises(error, match=match):
+            Batch.of([v, dataclasses.replace(v, **change)])
+    b = Batch.of([v, dataclasses.replace(v, inverse=v.inverse.int())])
+    assert b.inverse.dtype == torch.int64 and b.inverse[n:].tolist() == (v.inverse + m).tolist()
+
+
 def test_voxelize_sample_matches_the_float64_numpy_reference():
     """The shift to voxel 0 and the centred features, bit for bit the plain
     numpy formulas (minimum over rows, float64 shift, float32 features):

@@ -269,6 +269,30 @@ def voxelize_sample(sample: Sample, voxel_size: float, ignore_index: int) -> Vox
                        sample.xyz, sample.name, voxel_points)
 
 
+def _check_parts(i: int, s: VoxelSample) -> None:
+    """TypeError/ValueError naming item ``i`` where the parts of a VoxelSample
+    (made by hand) disagree: labels one per voxel, inverse and point labels
+    one per point, inverse rows among its voxels (they were batched as they
+    were, labels no longer meeting their voxels)."""
+    m, n = len(s.input), len(s.inverse) if isinstance(s.inverse, torch.Tensor) else None
+    for name, rows in (("labels", m), ("inverse", n), ("point_labels", n)):
+        value = getattr(s, name)
+        if not isinstance(value, torch.Tensor) or value.dtype.is_floating_point or value.dtype.is_complex or \
+                value.dtype == torch.bool:
+            raise TypeError(f"Batch.of item {i}: {name} must be an integer tensor of ({rows},); got "
+                            f"{type(value).__name__} {getattr(value, 'dtype', '')}".rstrip())
+        if tuple(value.shape) != (rows,):
+            raise ValueError(f"Batch.of item {i}: {name} must be an integer tensor of ({rows},) (one per "
+                             f"{'voxel' if name == 'labels' else 'point'}); got shape {tuple(value.shape)}")
+    if n and (int(s.inverse.min()) < 0 or int(s.inverse.max()) >= m):
+        raise ValueError(f"Batch.of item {i}: inverse must hold voxel rows in [0, {m}); got "
+                         f"{int(s.inverse.min())}..{int(s.inverse.max())}")
+    if s.points is not None and (not isinstance(s.points, torch.Tensor) or not s.points.dtype.is_floating_point
+                                 or tuple(s.points.shape) != (n, 3)):
+        raise ValueError(f"Batch.of item {i}: points must be None or a float tensor of ({n}, 3); got "
+                         f"{type(s.points).__name__} of shape {tuple(getattr(s.points, 'shape', ()))}")
+
+
 @dataclass
 class Batch:
     """Voxel samples batched by :func:`pointsparse.collate`, labels beside."""
@@ -291,6 +315,8 @@ class Batch:
         for i, s in enumerate(samples):
             if not isinstance(s, VoxelSample):
                 raise TypeError(f"Batch.of takes VoxelSamples; item {i} is {type(s).__name__}")
+        for i, s in enumerate(samples):
+            _check_parts(i, s)
         # ValueError for no samples, range checked; sample i (empty or not)
         # has batch index i, so its points meet its own xyz and name.
         tensor = collate([s.input for s in samples])
@@ -298,7 +324,7 @@ class Batch:
         for s in samples:
             inverse.append(s.inverse + row)
             row += len(s.input)
-        inverse = torch.cat(inverse)
+        inverse = torch.cat(inverse).long()
         points = None if any(s.points is None for s in samples) else torch.cat([s.points for s in samples])
         return cls(tensor, torch.cat([s.labels for s in samples]), inverse,
                    torch.cat([s.point_labels for s in samples]), tensor.coords[inverse, 0].long(),
