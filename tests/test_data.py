@@ -1787,6 +1787,20 @@ def test_augment_features_and_voxelize_take_only_a_sample():
             voxelize_sample(bad, 0.1, 255)
 
 
+def test_augment_keeps_the_rows_read_of_a_sample_that_dropped_some():
+    """augment's Sample lost ``kept`` (the rows read that a Sample made inside
+    nonfinite_rows_dropped holds): an augmented cloud's predictions could
+    no longer go back to the file's rows (None reads "every row")."""
+    from pointsparse.data.sample import nonfinite_rows_dropped
+    xyz = np.random.default_rng(0).random((6, 3))
+    xyz[[1, 4], 2] = np.nan
+    with nonfinite_rows_dropped():
+        s = Sample(xyz, np.arange(6), name="s")
+    out = augment(s, np.random.default_rng(0))
+    assert out.kept.tolist() == [True, False, True, True, False, True] and out.labels.tolist() == [0, 2, 3, 5]
+    assert augment(Sample(xyz[:1]), np.random.default_rng(0)).kept is None
+
+
 def test_augment_checks_its_arguments():
     """A negative jitter was numpy's "scale < 0", a NaN one or a NaN scale NaN
     points (blamed on xyz) or an OverflowError, a reversed scale numpy's

@@ -86,7 +86,9 @@ def augment(sample: Sample, rng: np.random.Generator, rotate: bool = True, scale
     if len(xyz) and not np.isfinite(xyz).all():
         raise ValueError(f"{sample.name or 'sample'}: scale {scale!r:.60} and jitter {jitter!r} take points beyond "
                          "float32")
-    return Sample(xyz, sample.labels, sample.intensity, sample.rgb, sample.name)
+    out = Sample(xyz, sample.labels, sample.intensity, sample.rgb, sample.name)
+    out.kept = sample.kept  # (the same rows: predictions on them still go back to the file's rows)
+    return out
 
 
 def point_features(sample: Sample) -> np.ndarray:
