@@ -65,6 +65,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _ext
 from . import kmap as _kmap
+from .voxelize import check_segments as _check_segments
 from .voxelize import group_points as _group_points
 from .voxelize import segment_reduce as _segment_reduce
 from .voxelize import segment_reduce_backward as _segment_reduce_backward
@@ -542,7 +543,11 @@ def _(points, voxel_size, batch):
 @torch.library.custom_op(f"{_LIB}::segment_reduce", mutates_args=())
 def segment_reduce(feats: Tensor, inverse: Tensor, perm: Tensor, seg_ptr: Tensor, mode: int) -> tuple[Tensor, Tensor]:
     """``(out (M, C), arg)`` of :func:`pointsparse.voxelize.segment_reduce`
-    (``mode``: ``voxelize.REDUCE_MODES``), differentiable in ``feats``."""
+    (``mode``: ``voxelize.REDUCE_MODES``), differentiable in ``feats``.
+    Where the core does not reduce the feats (float16, bfloat16, another
+    device) the arguments are checked as the core checks them."""
+    if not _ext.serves(feats, dtypes=_ext.FLOAT_DTYPES):
+        _check_segments(feats, inverse, perm, seg_ptr, mode)
     out, arg = _segment_reduce(feats, inverse, perm, seg_ptr, mode)
     return out, (arg.clone() if arg is inverse or arg is perm else arg)
 

@@ -194,6 +194,36 @@ def segment_reduce(feats, inverse, perm, seg_ptr, mode: int):
     return _segment_reduce_torch(feats, inverse, perm, seg_ptr, mode)
 
 
+def check_segments(feats, inverse, perm, seg_ptr, mode: int) -> None:
+    """What the core's ``segment_reduce`` checks (``mode``; ``perm`` 1-D,
+    one row of ``feats`` each; ``seg_ptr`` tiling them, strictly
+    increasing), and the ``inverse`` the torch path reduces by (1-D, one
+    voxel in ``[0, M)`` each): a ValueError naming the argument, as the
+    core's, where the torch path runs (the core checks its own). One host
+    read for the values."""
+    if not isinstance(mode, int) or not 0 <= mode <= 3:
+        raise ValueError("mode must be 0 (sum), 1 (mean), 2 (max) or 3 (first)")
+    for name, t in (("inverse", inverse), ("perm", perm), ("seg_ptr", seg_ptr)):
+        if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor; got {getattr(t, 'dtype', type(t).__name__)}")
+    n = feats.shape[0]
+    for name, t in (("perm", perm), ("inverse", inverse)):
+        if t.dim() != 1 or t.shape[0] != n:
+            raise ValueError(f"{name} must be 1-D of length {n}; got shape {tuple(t.shape)}")
+    if seg_ptr.dim() != 1 or seg_ptr.shape[0] < 1:
+        raise ValueError("seg_ptr must be 1-D, non-empty")
+    m = seg_ptr.shape[0] - 1
+    ends = (seg_ptr[0] != 0) | (seg_ptr[-1] != n)
+    flags = torch.stack([ends, (seg_ptr[1:] <= seg_ptr[:-1]).any(), ((perm < 0) | (perm >= n)).any(),
+                         ((inverse < 0) | (inverse >= m)).any()]).tolist()
+    messages = ("seg_ptr must start at 0 and end at len(perm)", "seg_ptr must be strictly increasing",
+                "perm holds a row outside [0, len(feats))",
+                f"inverse holds a voxel outside [0, {m}) (the seg_ptr's {m} voxels)")
+    for bad, message in zip(flags, messages):
+        if bad:
+            raise ValueError(message)
+
+
 def segment_reduce_backward(grad, inverse, seg_ptr, arg, mode: int, num_rows: int):
     """The gradient of :func:`segment_reduce` for its ``num_rows`` feats:
     each voxel's gradient routed to the points it came from."""

@@ -809,3 +809,47 @@ def test_compiled_nearest_devoxelize_names_an_inverse_outside_the_voxels():
             run(x, bad)
         with pytest.raises(RuntimeError, match=r"inverse holds rows outside \[0, "):
             compiled(x, bad)
+
+
+# (perm, seg_ptr, mode, the word the error names): each refused by the core (float32 feats) and, alike, by
+# the operator's torch path (float16 feats, which the core does not reduce)
+BAD_SEGMENTS = {
+    "mode": ([0, 1, 2], [0, 2, 3], 7, "mode"),
+    "negative_mode": ([0, 1, 2], [0, 2, 3], -1, "mode"),
+    "perm_range": ([0, 7, 1], [0, 2, 3], 3, "perm"),
+    "perm_negative": ([0, -1, 1], [0, 2, 3], 0, "perm"),
+    "perm_length": ([0, 1], [0, 1, 2], 0, "perm"),
+    "seg_end": ([0, 1, 2], [0, 2, 9], 1, "seg_ptr"),
+    "seg_start": ([0, 1, 2], [1, 2, 3], 1, "seg_ptr"),
+    "seg_not_increasing": ([0, 1, 2], [0, 2, 2, 3], 1, "seg_ptr"),
+    "seg_empty": ([0, 1, 2], [], 0, "seg_ptr"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("name", sorted(BAD_SEGMENTS))
+def test_the_segment_reduce_operator_refuses_bad_segments_alike_on_both_paths(name, dtype):
+    """``torch.ops.pointsparse.segment_reduce`` (a program's operator) on
+    float16 feats runs the torch path, which took any mode past 1 as max
+    (mode 7 reduced silently), summed past a seg_ptr that does not tile the
+    rows, and gave a bare IndexError for a perm row outside the feats: a
+    ValueError naming the argument, as the core's for float32 feats."""
+    perm, seg_ptr, mode, word = BAD_SEGMENTS[name]
+    feats = torch.arange(6, dtype=dtype).reshape(3, 2)
+    inverse = torch.tensor([0, 0, 1])
+    with pytest.raises(ValueError, match=word):
+        torch.ops.pointsparse.segment_reduce(feats, inverse, torch.tensor(perm),
+                                             torch.tensor(seg_ptr, dtype=torch.int64), mode)
+
+
+def test_the_segment_reduce_operator_names_an_inverse_that_is_no_voxel_map():
+    """The torch path reduces by ``inverse`` (the core by perm and
+    seg_ptr): one of another length or outside the voxels was a bare torch
+    error from index_add_ / scatter; a ValueError naming it."""
+    feats = torch.arange(6, dtype=torch.float16).reshape(3, 2)
+    perm, seg_ptr = torch.arange(3), torch.tensor([0, 2, 3])
+    for inverse in (torch.tensor([0, 0]), torch.tensor([0, 0, 5]), torch.tensor([0, -1, 1])):
+        with pytest.raises(ValueError, match="inverse"):
+            torch.ops.pointsparse.segment_reduce(feats, inverse, perm, seg_ptr, 0)
+    out, _ = torch.ops.pointsparse.segment_reduce(feats, torch.tensor([0, 0, 1]), perm, seg_ptr, 1)
+    assert out.tolist() == [[1.0, 2.0], [4.0, 5.0]]
