@@ -210,10 +210,40 @@ def _(in_coords, out_coords, in_idx, out_idx, sizes, key, rows, kept_coords):
     return in_new, out_new, sizes.new_empty(sizes.shape)
 
 
+def _check_pairs(in_idx: Tensor, out_idx: Tensor, sizes: Tensor, key: list[int], num_in: int, num_out: int) -> None:
+    """A map's tensors as an operator is given them (a program's arguments):
+    ``in_idx`` and ``out_idx`` 1-D integer tensors of one length, ``sizes``
+    one count per offset of ``key`` summing to it, and every pair's rows in
+    ``[0, num_in)`` and ``[0, num_out)``; a ValueError (TypeError for a
+    dtype) naming the argument. One host read for the values."""
+    for name, t in (("in_idx", in_idx), ("out_idx", out_idx), ("sizes", sizes)):
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor; got {t.dtype}")
+        if t.dim() != 1:
+            raise ValueError(f"{name} must be 1-D; got shape {tuple(t.shape)}")
+    pairs, volume = in_idx.shape[0], _kernel_volume(key)
+    if out_idx.shape[0] != pairs:
+        raise ValueError(f"out_idx holds {out_idx.shape[0]} rows but in_idx {pairs}: one of each per pair")
+    if sizes.shape[0] != volume:
+        raise ValueError(f"sizes must hold one count per offset of the key's kernel ({volume}); got {sizes.shape[0]}")
+    flags = [(sizes < 0).any(), sizes.sum() != pairs]
+    if pairs:
+        flags += [(in_idx.min() < 0) | (in_idx.max() >= num_in), (out_idx.min() < 0) | (out_idx.max() >= num_out)]
+    flags = torch.stack(flags).tolist()
+    if flags[0] or flags[1]:
+        raise ValueError(f"sizes must be counts >= 0 summing to the {pairs} pairs; got {sizes.tolist()}")
+    if pairs and flags[2]:
+        raise ValueError(f"in_idx holds rows outside [0, {num_in}) (the map's {num_in} input rows)")
+    if pairs and flags[3]:
+        raise ValueError(f"out_idx holds rows outside [0, {num_out}) (the map's {num_out} output rows)")
+
+
 @torch.library.custom_op(f"{_LIB}::kmap_transpose", mutates_args=())
 def kmap_transpose(coarse_coords: Tensor, fine_coords: Tensor, in_idx: Tensor, out_idx: Tensor, sizes: Tensor,
                    key: list[int]) -> tuple[Tensor, Tensor]:
-    """Pairs of the adjoint of the map ``fine -> coarse`` (``KernelMap.transpose``)."""
+    """Pairs of the adjoint of the map ``fine -> coarse`` (``KernelMap.transpose``);
+    the map checked against both coords first (:func:`_check_pairs`)."""
+    _check_pairs(in_idx, out_idx, sizes, key, fine_coords.shape[0], coarse_coords.shape[0])
     up = _as_kmap(coarse_coords, in_idx, out_idx, sizes, key, fine_coords.shape[0]).transpose(fine_coords)
     # outputs may not alias inputs: copy when the transpose needed no sort
     up_in, up_out = (t.clone() if t is in_idx or t is out_idx else t for t in (up.in_idx, up.out_idx))

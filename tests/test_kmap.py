@@ -961,3 +961,38 @@ def test_downsample_coords_checks_its_arguments_alike_on_both_paths(backend):
             km.downsample_coords(coords[:, :3], 2)
         with pytest.raises(ValueError, match="coords is a meta tensor"):
             km.downsample_coords(coords.to("meta"), 2)
+
+
+def _k2s2_operator_map():
+    from pointsparse import ops
+
+    key = ops.key_to_list(km.KernelMapKey((1, 1, 1), (2, 2, 2), (2, 2, 2), (1, 1, 1)))
+    fine = random_coords(200, 2, 6, seed=11, shuffle=True)
+    return fine, key, ops.kmap_parents(fine, key)
+
+
+def test_the_kmap_transpose_operator_checks_the_map_it_is_given():
+    """``torch.ops.pointsparse.kmap_transpose`` (a program's operator) took
+    any pairs: fine coords of another count and pair rows outside either
+    side were transposed silently, sizes of another count or sum were a bare
+    RuntimeError / IndexError from inside torch; a ValueError naming the
+    argument."""
+    from pointsparse import ops
+
+    fine, key, (coarse, in_idx, out_idx, sizes) = _k2s2_operator_map()
+    up_in, up_out = ops.kmap_transpose(coarse, fine, in_idx, out_idx, sizes, key)
+    assert torch.equal(up_in, km.build(fine, 2, 2).transpose(fine).in_idx)
+    bad_sizes = sizes.clone()
+    bad_sizes[0] += 1
+    cases = [((coarse, fine[:-3], in_idx, out_idx, sizes), "in_idx"),
+             ((coarse, fine, in_idx + len(fine), out_idx, sizes), "in_idx"),
+             ((coarse, fine, in_idx - 1000, out_idx, sizes), "in_idx"),
+             ((coarse[:-2], fine, in_idx, out_idx, sizes), "out_idx"),
+             ((coarse, fine, in_idx, out_idx, sizes[:-1]), "sizes"),
+             ((coarse, fine, in_idx, out_idx, bad_sizes), "sizes"),
+             ((coarse, fine, in_idx, out_idx[:-1], sizes), "out_idx"),
+             ((coarse, fine, in_idx.float(), out_idx, sizes), "in_idx")]
+    for args, word in cases:
+        with pytest.raises((ValueError, TypeError), match=word):
+            ops.kmap_transpose(*args, key)
+
