@@ -182,6 +182,9 @@ def kmap_parents(coords: Tensor, key: list[int], trusted: bool = False) -> tuple
     :func:`downsample` then :func:`kmap_build` make two). ``trusted``: as
     :func:`kmap_build`'s."""
     k = key_from_list(key)
+    if k.stride == (1, 1, 1):  # (its outputs were its input coords: torch refused the alias from inside)
+        raise ValueError(f"kmap_parents needs a key with a stride > 1 (a stride-1 map's outputs are its inputs, "
+                         f"no parents: use kmap_build); got key {list(key)}")
     m = _kmap._build(coords, k.kernel_size, k.stride, k.dilation, k.tensor_stride, None, None, trusted=trusted)
     return m.out_coords, m.in_idx, m.out_idx, m.sizes.to(coords.device)
 

@@ -996,3 +996,16 @@ def test_the_kmap_transpose_operator_checks_the_map_it_is_given():
         with pytest.raises((ValueError, TypeError), match=word):
             ops.kmap_transpose(*args, key)
 
+
+def test_the_kmap_parents_operator_names_a_key_without_a_stride():
+    """``kmap_parents`` of a stride-1 key (no parents: a submanifold map's
+    outputs are its inputs) returned the input coords as its output, which
+    torch refused from inside its custom-operator machinery ("must not also
+    be an input"); a ValueError naming the key."""
+    from pointsparse import ops
+
+    fine, _, _ = _k2s2_operator_map()
+    for k in (1, 3):
+        key = ops.key_to_list(km.KernelMapKey((1, 1, 1), (k, k, k), (1, 1, 1), (1, 1, 1)))
+        with pytest.raises(ValueError, match="key"):
+            ops.kmap_parents(fine, key)
