@@ -90,6 +90,17 @@ def key_from_list(values) -> _kmap.KernelMapKey:
     return _kmap.KernelMapKey(tuple(v[0:3]), tuple(v[3:6]), tuple(v[6:9]), tuple(v[9:12]), bool(v[12]))
 
 
+def _down_key(key: list[int], op: str) -> _kmap.KernelMapKey:
+    """The key of a map an operator builds down from its coords: a key
+    marked transposed (that down map's adjoint, :func:`kmap_transpose`'s)
+    is a ValueError naming it."""
+    k = key_from_list(key)
+    if k.transposed:
+        raise ValueError(f"{op} builds the map down from its coords; got a key marked transposed ({list(key)}): "
+                         "its 13th int must be 0 (kmap_transpose makes the adjoint's pairs)")
+    return k
+
+
 def _kernel_volume(key: list[int]) -> int:
     return key[3] * key[4] * key[5]
 
@@ -161,7 +172,7 @@ def kmap_build(coords: Tensor, out_coords: Optional[Tensor], key: list[int],
     earlier in the same graph (see :class:`GraphCache`): the checks are
     skipped and the maps that need no search (1x1x1) take their shortcut,
     as an eager cache's maps do."""
-    k = key_from_list(key)
+    k = _down_key(key, "kmap_build")
     m = _kmap._build(coords, k.kernel_size, k.stride, k.dilation, k.tensor_stride, None, out_coords,
                      trusted=trusted)
     return m.in_idx, m.out_idx, m.sizes.to(coords.device)
@@ -181,7 +192,7 @@ def kmap_parents(coords: Tensor, key: list[int], trusted: bool = False) -> tuple
     from the downsampling's own sort, in one pass (the graph's
     :func:`downsample` then :func:`kmap_build` make two). ``trusted``: as
     :func:`kmap_build`'s."""
-    k = key_from_list(key)
+    k = _down_key(key, "kmap_parents")
     if k.stride == (1, 1, 1):  # (its outputs were its input coords: torch refused the alias from inside)
         raise ValueError(f"kmap_parents needs a key with a stride > 1 (a stride-1 map's outputs are its inputs, "
                          f"no parents: use kmap_build); got key {list(key)}")

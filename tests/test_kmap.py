@@ -1009,3 +1009,20 @@ def test_the_kmap_parents_operator_names_a_key_without_a_stride():
         key = ops.key_to_list(km.KernelMapKey((1, 1, 1), (k, k, k), (1, 1, 1), (1, 1, 1)))
         with pytest.raises(ValueError, match="key"):
             ops.kmap_parents(fine, key)
+
+
+def test_the_map_building_operators_refuse_a_transposed_key():
+    """``kmap_build`` / ``kmap_parents`` build the map down from ``coords``;
+    a key marked transposed (its 13th int 1) built that same down map
+    silently, though the key named the adjoint; a ValueError naming the key
+    (``kmap_transpose`` makes the transposed pairs)."""
+    from pointsparse import ops
+
+    fine, _, _ = _k2s2_operator_map()
+    for k, t in ((3, 1), (2, 2)):
+        key = ops.key_to_list(km.KernelMapKey((1, 1, 1), (k, k, k), (t, t, t), (1, 1, 1), True))
+        with pytest.raises(ValueError, match="transposed"):
+            ops.kmap_build(fine, None, key)
+        if t > 1:
+            with pytest.raises(ValueError, match="transposed"):
+                ops.kmap_parents(fine, key)
