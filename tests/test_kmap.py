@@ -1026,3 +1026,19 @@ def test_the_map_building_operators_refuse_a_transposed_key():
         if t > 1:
             with pytest.raises(ValueError, match="transposed"):
                 ops.kmap_parents(fine, key)
+
+
+def test_the_voxel_rows_operator_names_point_coords():
+    """``torch.ops.pointsparse.voxel_rows`` (a program's operator) given
+    point coords of 3 columns was a bare RuntimeError (a size mismatch from
+    inside torch.cat) and float point coords a TypeError naming "coords";
+    both now name point_coords."""
+    from pointsparse import ops
+
+    coords = torch.tensor([[0, 0, 0, 0], [0, 2, 2, 2]], dtype=torch.int32)
+    points = torch.tensor([[0, 1, 1, 1], [0, 3, 2, 2]], dtype=torch.int32)
+    assert ops.voxel_rows(coords, [2, 2, 2], points).tolist() == [0, 1]
+    with pytest.raises(ValueError, match=r"point_coords must be \(N, 4\).*\(2, 3\)"):
+        ops.voxel_rows(coords, [2, 2, 2], points[:, 1:])
+    with pytest.raises(TypeError, match="point_coords must be int32"):
+        ops.voxel_rows(coords, [2, 2, 2], points.float())
