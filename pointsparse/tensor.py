@@ -762,7 +762,11 @@ def collate(tensors: Iterable[SparseTensor]) -> SparseTensor:
     result's ``batch_size`` cannot count them."""
     if isinstance(tensors, SparseTensor):  # (list() of one says "'SparseTensor' object is not iterable")
         raise TypeError("collate takes a list of SparseTensors; got one SparseTensor (give [tensor])")
-    tensors = list(tensors)
+    try:
+        items = iter(tensors)
+    except TypeError:  # (Python's own: "'int' object is not iterable")
+        raise TypeError(f"collate takes a list of SparseTensors; got {type(tensors).__name__}") from None
+    tensors = list(items)  # (a TypeError raised while iterating is the iterable's own)
     if not tensors:
         raise ValueError("collate needs at least one SparseTensor")
     for i, t in enumerate(tensors):

@@ -227,6 +227,15 @@ def test_cat_of_tensors_given_one_by_one_says_to_give_a_list():
     assert F.cat([x, x]).num_channels == 4
 
 
+@pytest.mark.parametrize("given", [5, None, 2.0])
+def test_cat_of_no_list_names_what_it_takes(given):
+    """``cat(5)`` or ``cat(None)`` was Python's bare "'int' object is not
+    iterable"; now a TypeError saying cat takes a list of SparseTensors and
+    what it got."""
+    with pytest.raises(TypeError, match=rf"cat takes a list of SparseTensors; got {type(given).__name__}"):
+        F.cat(given)
+
+
 def test_sequential_unet_trains():
     torch.manual_seed(0)
     x = make(n=500, c=4, extent=10, dtype=torch.float32)

@@ -244,6 +244,15 @@ def test_collate():
     ps.SparseTensor(out.feats, out.coords)
 
 
+@pytest.mark.parametrize("given", [5, None, 2.0])
+def test_collate_of_no_list_names_what_it_takes(given):
+    """``collate(5)`` or ``collate(None)`` was Python's bare "'int' object is
+    not iterable"; now a TypeError saying collate takes a list of
+    SparseTensors and what it got."""
+    with pytest.raises(TypeError, match=rf"collate takes a list of SparseTensors; got {type(given).__name__}"):
+        ps.collate(given)
+
+
 def test_collate_gives_item_i_batch_index_i_after_empty_items():
     """As MinkowskiEngine's and TorchSparse's sparse_collate: the i-th of
     single-scan tensors has batch index i, an empty one before it or not

@@ -468,7 +468,11 @@ def cat(tensors, *more) -> SparseTensor:
                         "(give cat([a, b, ...]))")
     if isinstance(tensors, SparseTensor):
         raise TypeError("cat takes a list of SparseTensors; got one SparseTensor (give [a, b, ...])")
-    tensors = list(tensors)
+    try:
+        items = iter(tensors)
+    except TypeError:  # (Python's own: "'int' object is not iterable")
+        raise TypeError(f"cat takes a list of SparseTensors; got {type(tensors).__name__}") from None
+    tensors = list(items)  # (a TypeError raised while iterating is the iterable's own)
     first = _same_sites(tensors, "cat")
     feats = [t.feats for t in tensors]
     device = first.feats.device.type
