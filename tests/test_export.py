@@ -425,6 +425,30 @@ def test_pooling_compiles_trains_and_exports():
             assert torch.equal(program.module()(x.feats, x.coords), net(x).feats)
 
 
+class _InPlaceAfterMaxPools(torch.nn.Module):
+    """In-place ReLUs on a max pooling's and a global max pooling's outputs."""
+
+    def forward(self, x):
+        y = spnn.MaxPool3d(2)(x)
+        return spnn.GlobalMaxPool()(y.with_feats(y.feats.relu_())).relu_()
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_in_place_op_after_max_pooling_compiles_with_gradients(backend):
+    """In a graph run by ``backend="eager"`` the max poolings' backward read
+    the outputs they returned, which an in-place ReLU had changed: autograd's
+    "modified by an inplace operation" (as in eager mode); now eager's
+    gradients."""
+    x = _cloud(400, 1, dtype=torch.float64)
+    grads = []
+    for run in (_InPlaceAfterMaxPools(), torch.compile(_InPlaceAfterMaxPools(), fullgraph=True, backend=backend)):
+        feats = x.feats.clone().requires_grad_()
+        out = run(x.with_feats(feats * 1.0))
+        (out * torch.arange(out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        grads.append(feats.grad)
+    assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0
+
+
 class _PooledClassifier(torch.nn.Module):
     """_Classifier taking a SparseTensor, as a model export_model is given."""
 

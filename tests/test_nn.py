@@ -123,6 +123,27 @@ def test_pooling_gradient_is_the_same_in_every_run(reduce):
     assert all(torch.equal(grads[0], other) for other in grads[1:])
 
 
+@pytest.mark.parametrize("pool", [lambda x: spnn.MaxPool3d(2)(x).feats, lambda x: spnn.MaxPool3d(3, 1)(x).feats,
+                                  lambda x: spnn.GlobalMaxPool()(x)], ids=["k2s2", "k3s1", "global"])
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_in_place_op_after_max_pooling_keeps_the_gradient(pool, backend):
+    """``MaxPool3d -> ReLU(inplace=True)`` (or ``y.feats += b``, an in-place
+    Dropout) failed in backward with autograd's "one of the variables needed
+    for gradient computation has been modified by an inplace operation": the
+    max's backward read the output it returned. torch's max_pool3d takes
+    the same; now the gradients are those of the out-of-place ReLU."""
+    x = make(n=300, c=3)
+    grads = []
+    with ps.backend(backend):
+        for inplace in (False, True):
+            feats = x.feats.clone().requires_grad_()
+            y = pool(x.with_feats(feats * 1.0))
+            y = y.relu_() if inplace else y.relu()
+            (y * torch.arange(y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+            grads.append(feats.grad)
+    assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0
+
+
 @pytest.mark.parametrize("reduce", ["max", "avg"])
 def test_global_pooling(reduce):
     x = make(n=300, c=3)

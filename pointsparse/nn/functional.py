@@ -518,7 +518,8 @@ def _graph_pool(input: SparseTensor, kernel_size, stride, dilation, what: str, r
     gathered = feats.index_select(0, kmap.in_idx)
     if reduce == "amax":
         index = kmap.out_idx.unsqueeze(1).expand(-1, feats.shape[1])
-        out = feats.new_zeros((rows, feats.shape[1])).scatter_reduce(0, index, gathered, "amax", include_self=False)
+        out = _copy_where_grad(
+            feats.new_zeros((rows, feats.shape[1])).scatter_reduce(0, index, gathered, "amax", include_self=False))
     else:
         count = kmap.out_idx.new_zeros(rows).index_add_(0, kmap.out_idx, torch.ones_like(kmap.out_idx))
         out = _mean_of_rows(gathered, kmap.out_idx, count)
@@ -558,10 +559,18 @@ def max_pool3d(input: SparseTensor, kernel_size=2, stride=None, dilation=1) -> S
         # index_select, not feats[in_idx]: its backward sums an input's gradients (it is in several
         # windows where they overlap) in a fixed order on the CPU; advanced indexing's used float atomics
         gathered = feats.index_select(0, in_idx.to(feats.device))
-        out = out.scatter_reduce(0, index, gathered, "amax", include_self=False)
+        out = _copy_where_grad(out.scatter_reduce(0, index, gathered, "amax", include_self=False))
     else:  # linked to feats all the same (a zero gradient), as the other ops' outputs are
         out = out + feats[:0].sum(0)
     return SparseTensor(out, kmap.out_coords, out_stride, cache=input.cache, validate=False)
+
+
+def _copy_where_grad(out: torch.Tensor) -> torch.Tensor:
+    """A max's output (``scatter_reduce`` "amax", whose backward reads the
+    result it returned) as a copy where a gradient will flow: an in-place op
+    on it (``ReLU(inplace=True)``, ``y.feats += b``) failed in backward with
+    "modified by an inplace operation", where torch's max_pool3d takes it."""
+    return out.clone() if out.requires_grad else out
 
 
 def avg_pool3d(input: SparseTensor, kernel_size=2, stride=None, dilation=1) -> SparseTensor:
@@ -699,4 +708,4 @@ def global_max_pool(input: SparseTensor) -> torch.Tensor:
     out = feats.new_zeros((counts.shape[0], feats.shape[1]))
     if torch.compiler.is_compiling() or len(input):
         out = out.scatter_reduce(0, batch.unsqueeze(1).expand(-1, feats.shape[1]), feats, "amax", include_self=False)
-    return out
+    return _copy_where_grad(out)
