@@ -184,6 +184,20 @@ def test_global_pooling_empty_batch_item_is_zero():
     assert F.global_max_pool(x).tolist() == [[1.0], [0.0], [-3.0]]
 
 
+@pytest.mark.parametrize("pool", [spnn.GlobalMaxPool(), spnn.GlobalAvgPool(), spnn.MaxPool3d(2), spnn.AvgPool3d(2)])
+def test_pooling_of_no_sites_is_linked_to_the_feats(pool):
+    """An input with no sites: the output is linked to feats that need a
+    gradient (a zero one), as every other op's is. GlobalMaxPool's was a
+    fresh tensor, and backward of a loss on it alone raised "element 0 of
+    tensors does not require grad and does not have a grad_fn"."""
+    feats = torch.zeros(0, 3, requires_grad=True)
+    out = pool(ps.SparseTensor(feats, torch.zeros(0, 4, dtype=torch.int32)))
+    out = out if isinstance(out, torch.Tensor) else out.feats
+    assert out.requires_grad
+    out.sum().backward()
+    assert feats.grad is not None and feats.grad.shape == (0, 3)
+
+
 @pytest.mark.parametrize("emptied", [2, 1])
 def test_global_pooling_keeps_the_row_of_an_item_a_selection_emptied(emptied):
     """A VoxelPrune (or select_voxels) that drops every voxel of one batch item: the pooled rows are still one

@@ -708,4 +708,6 @@ def global_max_pool(input: SparseTensor) -> torch.Tensor:
     out = feats.new_zeros((counts.shape[0], feats.shape[1]))
     if torch.compiler.is_compiling() or len(input):
         out = out.scatter_reduce(0, batch.unsqueeze(1).expand(-1, feats.shape[1]), feats, "amax", include_self=False)
+    else:  # linked to feats all the same (a zero gradient), as the other ops' outputs are
+        out = out + feats[:0].sum(0)
     return _copy_where_grad(out)
