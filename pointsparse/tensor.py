@@ -705,6 +705,8 @@ class SparseTensor:
         out = self._dense_buffer(b, spatial, c)
         if n:
             out[self._coords[:, 0].long(), idx[:, 0], idx[:, 1], idx[:, 2]] = self._feats
+        else:  # linked to the feats all the same (a zero gradient), as the layers' outputs are
+            out = out + self._feats[:0].sum(0)
         return out.permute(0, 4, 1, 2, 3).contiguous()
 
     def _dense_buffer(self, b: int, spatial, c: int) -> torch.Tensor:

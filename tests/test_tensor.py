@@ -185,6 +185,19 @@ def test_dense_is_differentiable():
     assert torch.autograd.gradcheck(lambda t: x.with_feats(t).dense((8, 8, 8)), (f,))
 
 
+@pytest.mark.parametrize("shape", [None, (3, 3, 3), (2, 4, 3, 3, 3)])
+def test_dense_of_no_sites_is_linked_to_the_feats(shape):
+    """dense() of a tensor with no sites whose feats need a gradient was a
+    fresh zero grid: backward of a loss on it raised "element 0 of tensors
+    does not require grad"; now it is linked to the feats (a zero gradient),
+    as the grid of a tensor with sites is."""
+    feats = torch.zeros(0, 4, requires_grad=True)
+    out = ps.SparseTensor(feats, torch.zeros(0, 4, dtype=torch.int32)).dense(shape)
+    assert out.requires_grad and not out.any()
+    out.sum().backward()
+    assert feats.grad is not None and feats.grad.shape == (0, 4)
+
+
 def test_dense_errors():
     x = make(n=10, seed=5)
     with pytest.raises(ValueError, match="shape"):
