@@ -1,6 +1,7 @@
 """Sparse layers over :class:`pointsparse.SparseTensor`."""
 
 from . import functional
+from .convert import weight_from
 from .functional import add, cat
 from .fuse import fold_batchnorm, fuse_for_inference
 from .maps import MapSchedule, MapsAhead, build_maps, map_schedule
@@ -12,4 +13,4 @@ __all__ = ["add", "cat", "AvgPool3d", "BatchNorm", "BatchStatisticsError", "Conv
            "GlobalAvgPool", "GlobalMaxPool", "InstanceNorm", "LeakyReLU", "Linear", "MaxPool3d", "ReLU", "Sigmoid",
            "SiLU", "Tanh", "VoxelPrune", "VoxelSkip",
            "fold_batchnorm", "fuse_for_inference", "functional",
-           "MapSchedule", "MapsAhead", "build_maps", "map_schedule"]
+           "MapSchedule", "MapsAhead", "build_maps", "map_schedule", "weight_from"]

@@ -1,0 +1,69 @@
+"""Conv weights trained with MinkowskiEngine or TorchSparse, in pointsparse's
+offset order.
+
+All three store a sparse conv's weight as ``(K, C_in, C_out)``, one matrix
+per kernel offset, but number the offsets differently. pointsparse (see
+``Conv3d``) takes the offsets ``(i - (k - 1) // 2) * d`` along each axis and
+numbers them ``(i_x * k_y + i_y) * k_z + i_z`` (z fastest).
+
+* MinkowskiEngine (0.5) walks its kernel region with x fastest:
+  ``(i_z * k_y + i_y) * k_x + i_x``. Along an axis of odd size its offsets
+  are centred, as ours; along an axis of even size they run ``0 .. k - 1``,
+  which are ours for ``k = 2`` only (``k = 4``: ``0..3`` against our
+  ``-1..2``): such a kernel is refused.
+* TorchSparse (2.0, 2.1) takes the same offsets as ours along every axis,
+  numbered with x fastest where the kernel's volume is odd and z fastest
+  (ours) where it is even; a kernel of volume 1 is stored ``(C_in, C_out)``.
+
+A weight converted here gives the conv the other library computed on the
+same coordinates (the batch index first, then x, y, z); checked for convs
+(stride 1 and 2), not for transposed ones."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..tensor import as_triple
+
+SOURCES = ("minkowski", "torchsparse")
+
+
+def weight_from(weight: torch.Tensor, kernel_size=3, source: str = "minkowski") -> torch.Tensor:
+    """``weight`` of a MinkowskiEngine (``source="minkowski"``) or TorchSparse
+    (``"torchsparse"``) conv of kernel ``kernel_size`` (int or 3-tuple, x, y,
+    z), its offsets put in pointsparse's order: a ``(K, C_in, C_out)``
+    tensor for :class:`Conv3d`'s ``weight`` (a new tensor; ``weight``'s
+    dtype, device and autograd history). See the module docstring for each
+    library's numbering. A tensor that is no such weight, a kernel that
+    does not match its ``K``, or one whose offsets the other library places
+    elsewhere (MinkowskiEngine's even sizes above 2) is a ValueError /
+    TypeError naming the argument."""
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}; got {source!r}")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor (K, C_in, C_out); got {type(weight).__name__}")
+    k = as_triple(kernel_size, "kernel_size")
+    volume = math.prod(k)
+    if weight.dim() == 2 and source == "torchsparse" and volume == 1:
+        weight = weight.unsqueeze(0)  # (TorchSparse keeps a 1x1x1 kernel as (C_in, C_out))
+    if weight.dim() != 3:
+        raise ValueError(f"weight must be (K, C_in, C_out); got shape {tuple(weight.shape)}")
+    if weight.shape[0] != volume:
+        raise ValueError(f"weight holds {weight.shape[0]} offsets but kernel_size {k} has {volume}")
+    if source == "minkowski":
+        wrong = [n for n in k if n % 2 == 0 and n != 2]
+        if wrong:
+            raise ValueError(f"kernel_size {k}: MinkowskiEngine places the offsets of an even size above 2 at "
+                             f"0..k-1, pointsparse at -(k-2)/2..k/2 (size {wrong[0]}); no reordering maps one "
+                             "onto the other")
+        x_fastest = True
+    else:
+        x_fastest = volume % 2 == 1
+    if not x_fastest:
+        return weight.clone()
+    # index (i_z, i_y, i_x) in the source -> (i_x, i_y, i_z) here
+    kx, ky, kz = k
+    grid = weight.reshape(kz, ky, kx, *weight.shape[1:])
+    return grid.permute(2, 1, 0, 3, 4).clone(memory_format=torch.contiguous_format).reshape(volume, *weight.shape[1:])

@@ -1,0 +1,113 @@
+"""nn.weight_from: MinkowskiEngine's and TorchSparse's conv weights put in
+pointsparse's offset order, checked against a brute-force conv that walks
+each library's offsets in that library's order (written from their kernel
+region code: MinkowskiEngine's region iterator steps x first; TorchSparse's
+get_kernel_offsets lists x fastest for an odd kernel volume)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import pointsparse as ps
+from pointsparse.nn import weight_from
+
+
+def _offsets(k: int, source: str) -> list[int]:
+    """One axis's offsets, in units of the input stride times dilation."""
+    if source == "minkowski" and k % 2 == 0:
+        return list(range(k))
+    return list(range(-((k - 1) // 2), k // 2 + 1)) if k % 2 else list(range(-k // 2 + 1, k // 2 + 1))
+
+
+def _order(k, source: str) -> list[tuple[int, int, int]]:
+    """Each library's offsets (x, y, z) in its weight's order."""
+    ox, oy, oz = (_offsets(n, source) for n in k)
+    x_fastest = source == "minkowski" or (k[0] * k[1] * k[2]) % 2 == 1
+    if x_fastest:
+        return [(x, y, z) for z in oz for y in oy for x in ox]
+    return [(x, y, z) for x in ox for y in oy for z in oz]
+
+
+def _brute(coords, feats, weight, k, source, out_coords):
+    """Output at out_coords: sum over the source's offsets (in its order) of
+    the input at out + offset (inputs at tensor stride 1, dilation 1; a
+    strided conv's outputs at the input coords floored to its stride)."""
+    at = {tuple(c): i for i, c in enumerate(coords.tolist())}
+    out = torch.zeros(len(out_coords), weight.shape[2], dtype=weight.dtype)
+    for r, (b, x, y, z) in enumerate(out_coords.tolist()):
+        for j, (dx, dy, dz) in enumerate(_order(k, source)):
+            i = at.get((b, x + dx, y + dy, z + dz))
+            if i is not None:
+                out[r] += feats[i] @ weight[j]
+    return out
+
+
+def _cloud(seed=0, n=150, extent=7):
+    g = torch.Generator().manual_seed(seed)
+    c = torch.unique(torch.randint(0, extent, (n, 3), generator=g), dim=0)
+    coords = torch.cat([torch.randint(0, 2, (len(c), 1), generator=g), c], 1).int()
+    coords = torch.unique(coords, dim=0)
+    return coords, torch.randn(len(coords), 3, generator=g, dtype=torch.float64)
+
+
+_KERNELS = [(3, 3, 3), (1, 1, 1), (3, 1, 5), (2, 2, 2), (2, 3, 1)]
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("source,k", [("minkowski", k) for k in _KERNELS]
+                         + [("torchsparse", k) for k in _KERNELS + [(4, 4, 4), (4, 3, 2)]])
+def test_a_converted_weight_gives_the_other_librarys_conv(source, k, stride):
+    coords, feats = _cloud()
+    volume = k[0] * k[1] * k[2]
+    theirs = torch.randn(volume, 3, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x = ps.SparseTensor(feats, coords)
+    conv = ps.nn.Conv3d(3, 5, k, stride, bias=False).double()
+    with torch.no_grad():
+        conv.weight.copy_(weight_from(theirs, k, source))
+    y = conv(x)
+    assert stride == 1 or len(y.coords) < len(coords)
+    want = _brute(coords, feats, theirs, k, source, y.coords)
+    torch.testing.assert_close(y.feats, want, rtol=1e-12, atol=1e-12)
+    if _order(k, source) != _order_ours(k):
+        # the reorder matters here: the source's weight taken as ours is another conv
+        with torch.no_grad():
+            conv.weight.copy_(theirs)
+        assert not torch.allclose(conv(x).feats, want)
+
+
+def _order_ours(k):
+    """API.md's numbering: offsets (i - (k - 1) // 2) along each axis, z fastest."""
+    return [(x, y, z) for x, y, z in itertools.product(*[range(-((n - 1) // 2), n // 2 + 1) for n in k])]
+
+
+def test_torchsparse_even_volumes_are_already_in_our_order():
+    w = torch.randn(8, 2, 3)
+    assert torch.equal(weight_from(w, 2, "torchsparse"), w)
+    assert weight_from(w, 2, "torchsparse") is not w
+    assert torch.equal(weight_from(w, 2, "minkowski"), w.reshape(2, 2, 2, 2, 3).permute(2, 1, 0, 3, 4).reshape(8, 2, 3))
+
+
+def test_torchsparse_kernel_of_one_stored_two_dimensional():
+    w = torch.randn(4, 6)
+    assert torch.equal(weight_from(w, 1, "torchsparse"), w[None])
+
+
+def test_minkowski_even_sizes_above_2_are_refused():
+    with pytest.raises(ValueError, match=r"MinkowskiEngine places the offsets of an even size above 2 at 0\.\.k-1"):
+        weight_from(torch.zeros(64, 2, 2), 4, "minkowski")
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="source must be one of"):
+        weight_from(torch.zeros(27, 2, 2), 3, "spconv")
+    with pytest.raises(TypeError, match="weight must be a torch.Tensor"):
+        weight_from([[0.0]], 1)
+    with pytest.raises(ValueError, match=r"weight holds 8 offsets but kernel_size \(3, 3, 3\) has 27"):
+        weight_from(torch.zeros(8, 2, 2), 3)
+    with pytest.raises(ValueError, match=r"weight must be \(K, C_in, C_out\)"):
+        weight_from(torch.zeros(27, 2), 3)
+    with pytest.raises(ValueError, match="kernel_size"):
+        weight_from(torch.zeros(27, 2, 2), 0)
