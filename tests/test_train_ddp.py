@@ -76,6 +76,7 @@ SHARD_SCRIPT = textwrap.dedent("""
             distributed.destroy(barrier=True)
         finally:
             distributed.destroy()
+        distributed.finish_process()  # (as the app's workers end: see its docstring)
 
     if __name__ == "__main__":
         out, argv = sys.argv[1], sys.argv[2:]

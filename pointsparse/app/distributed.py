@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -104,3 +105,19 @@ def destroy(barrier: bool = False) -> None:
         if barrier:
             torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def finish_process() -> None:
+    """End a process of a multi-process run that has left its group (after
+    :func:`destroy`): flush and exit with status 0, without Python's
+    finalization. torch's DistributedDataParallel keeps the gloo group alive
+    past ``destroy_process_group`` (torch 2.13: its worker threads go on),
+    and a worker thread that drops a finished collective's tensor once the
+    interpreter has begun to finalize aborts the whole process ("terminate
+    called without an active exception", SIGABRT: 5 of about 40 two-process
+    runs on a loaded 2-core machine, after every rank had finished). Only
+    for a process that runs nothing after its training: what it wrote is
+    closed, its output flushed here."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

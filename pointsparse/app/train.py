@@ -35,7 +35,7 @@ from ..models.loading import non_finite_entry
 from ..nn import BatchStatisticsError
 from . import metrics
 from .cli import CommandParser, given_flags
-from .distributed import Dist, destroy, free_port, init_distributed, worker_environment
+from .distributed import Dist, destroy, finish_process, free_port, init_distributed, worker_environment
 from .scoring import evaluate, logits_of, refuse_together, shard, write_report
 from .trainer import TrainingDiverged, Trainer, check_finite_loss, check_finite_weights, have_tqdm, progress_bar
 
@@ -698,6 +698,7 @@ def _spawn_worker(rank: int, world: int, port: int, args) -> None:
         destroy(barrier=True)
     finally:
         destroy()
+    finish_process()  # (a spawned worker: nothing runs after it; see finish_process)
 
 
 class TrainingJob:
@@ -1030,6 +1031,8 @@ def main(args) -> int:
         print(f"mIoU {100 * report['miou']:.1f}%  ->  {Path(args.out) / 'metrics.json'}")
         for name, path in report["pictures"].items():
             print(f"  {name}: {path}")
+    if _torchrun_world() > 1:  # (a torchrun process: its group's threads outlive it; see finish_process)
+        finish_process()
     return 0
 
 
