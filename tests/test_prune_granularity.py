@@ -717,6 +717,22 @@ def test_global_structured_names_an_item_that_is_no_module_name_pair():
     assert torch.equal(first.weight_mask[:, 0], torch.tensor([1.0, 0.0, 1.0]))
 
 
+def test_global_structured_refuses_a_pair_listed_twice():
+    """A (module, name) listed twice had its groups counted twice and was
+    then pruned twice, each time by the count that fell to one copy: 0.5 of
+    a layer's 6 channels pruned all 6 (torch's global_unstructured, given the
+    same list, prunes the half asked). Now a ValueError naming both items,
+    before anything is pruned."""
+    conv = SparseConv(4, 6, kernel_size=3)
+    other = linear(torch.ones(3, 2))
+    with pytest.raises(ValueError, match=r"parameters\[2\] .*Conv3d.*'weight'.* as parameters\[0\]"):
+        prune.global_structured([(conv, "weight"), (other, "weight"), [conv, "weight"]],
+                                prune.ChannelStructured, amount=0.5)
+    assert not prune.is_pruned(conv) and not prune.is_pruned(other)
+    prune.global_structured([(conv, "weight"), (other, "weight")], prune.ChannelStructured, amount=0.5)
+    assert int((conv.weight_mask.sum((0, 1)) == 0).sum()) + int((other.weight_mask.sum(1) == 0).sum()) == 4
+
+
 @pytest.mark.parametrize("method", [
     lambda m, s: prune.vector_structured(m, "weight", 0.5, importance_scores=s),
     lambda m, s: prune.kernel_structured(m, "weight", 0.5, importance_scores=s),

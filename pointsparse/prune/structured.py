@@ -434,7 +434,8 @@ def global_structured(parameters, pruning_method, amount, importance_scores=None
     not. Each tensor is then pruned by ``pruning_method.apply`` with the count
     that fell to it, so the result composes with earlier pruning as usual.
     A TypeError names an item that is no ``(module, name)`` pair or a name
-    the module has no tensor for (before anything is pruned)."""
+    the module has no tensor for, a ValueError one listed twice (before
+    anything is pruned)."""
     if isinstance(parameters, (torch.nn.Module, str, bytes)) or not hasattr(parameters, "__iter__"):
         raise TypeError(f"parameters must be an iterable of (module, name) pairs; got {type(parameters).__name__}")
     parameters = list(parameters)
@@ -446,6 +447,10 @@ def global_structured(parameters, pruning_method, amount, importance_scores=None
             raise TypeError(f"parameters[{i}] must be a (module, name) pair (a torch.nn.Module and a str); got {got}")
         if raw(*item) is None:
             raise TypeError(f"parameters[{i}]: {type(item[0]).__name__} has no tensor named {item[1]!r}")
+        first = next(j for j, seen in enumerate(parameters) if seen[0] is item[0] and seen[1] == item[1])
+        if first < i:  # (its groups would count twice and it would be pruned twice)
+            raise ValueError(f"parameters[{i}] names the same tensor ({type(item[0]).__name__}, {item[1]!r}) as "
+                             f"parameters[{first}]; list each (module, name) once")
     if not (isinstance(pruning_method, type) and issubclass(pruning_method, GroupStructured)):
         raise TypeError(f"pruning_method must be a GroupStructured subclass; got {pruning_method!r}")
     importance_scores = importance_scores if importance_scores is not None else {}
