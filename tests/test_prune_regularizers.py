@@ -149,3 +149,18 @@ def test_skeleton_l1_counts_a_region_convs_region_only():
     inside[list(conv.kernel_region)] = True
     assert torch.equal(skeleton.grad[inside], torch.ones(7, 1, 5))
     assert torch.equal(skeleton.grad[~inside], torch.zeros(20, 1, 5))
+
+
+def test_parameters_that_are_no_model_nor_iterable_of_pairs_name_the_argument():
+    """``regularizers.l1(3)`` was Python's bare "'int' object is not
+    iterable" and ``l1("weight")`` complained about the pair ``'w'``; both
+    now say what ``parameters`` must be (the criteria read it the same way)."""
+    from pointsparse.prune import criteria
+
+    for bad, got in [(3, "int"), ("weight", "str"), (None, "NoneType")]:
+        for fn in (regularizers.l1, regularizers.l2, regularizers.group_lasso, criteria.magnitude):
+            with pytest.raises(TypeError, match=r"parameters must be a model or an iterable of \(module, name\) "
+                                                rf"pairs; got {got}"):
+                fn(bad)
+    module = linear([[3.0, -4.0]])
+    assert regularizers.l1(iter([(module, "weight")])).item() == pytest.approx(7.0)

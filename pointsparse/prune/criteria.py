@@ -46,6 +46,9 @@ Scores = dict  # {(module, name): tensor}
 def _parameters(model_or_pairs) -> list[tuple[nn.Module, str]]:
     if isinstance(model_or_pairs, nn.Module):
         pairs = [(module, "weight") for _, module in prunable_modules(model_or_pairs)]
+    elif isinstance(model_or_pairs, (str, bytes)) or not isinstance(model_or_pairs, Iterable):
+        raise TypeError(f"parameters must be a model or an iterable of (module, name) pairs; got "
+                        f"{type(model_or_pairs).__name__}")
     else:
         pairs = list(model_or_pairs)
     if not pairs:
