@@ -262,3 +262,22 @@ def test_an_eval_fn_returning_no_number_is_a_type_error_naming_it(bad):
 def test_an_eval_fn_may_return_any_real_number(good):
     res = schedule.one_shot_prune(mlp(0), lambda m, s: None, 0.5, finetune_steps=0, eval_fn=lambda m: good)
     assert res.history[0]["metric"] == 0.25 and type(res.history[0]["metric"]) is float
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_rounds_rank_the_weights_as_fine_tuning_left_them(scope):
+    """A round ranked the weights cached by the last forward (torch's
+    ``module.weight``), not those the fine-tuning's last optimizer step left
+    in ``weight_orig``: here the step turns 4.0 into 0.5 after the forward,
+    and round 2 pruned 2.0 (its old rank) and kept 0.5."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 1, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 2.0, 3.0, 4.0]]))
+
+    def train_fn(net, steps):  # a forward, then the optimizer's step: the cached weight is now stale
+        net(torch.ones(1, 4))
+        with torch.no_grad():
+            net[0].weight_orig.copy_(torch.tensor([[1.0, 4.0, 3.0, 0.5]]))
+
+    schedule.iterative_prune(model, train_fn, 0.5, rounds=2, steps_per_round=1, schedule="constant", scope=scope)
+    assert model[0].weight_mask.tolist() == [[0.0, 1.0, 1.0, 0.0]]

@@ -18,7 +18,7 @@ from torch import nn
 from ..tensor import as_float, as_int
 from . import _compat
 from ._copyable import keep_copyable
-from .adapters import get_mask, prunable_layers, used_mask
+from .adapters import current_weight, get_mask, prunable_layers, used_mask
 
 
 def global_magnitude_prune(model: nn.Module, target: float, layers=None, scores: dict | None = None) -> None:
@@ -51,11 +51,12 @@ def global_magnitude_prune(model: nn.Module, target: float, layers=None, scores:
     if extra <= 0:
         return
     params = [(m, "weight") for _, m in chosen]
-    kwargs = {}
-    if scores is not None or not all(bool(u.all()) for u in used.values()):
-        kwargs["importance_scores"] = {(m, "weight"): _only_used(scores[n] if scores is not None else m.weight,
-                                                                 used[n]) for n, m in chosen}
-    _compat.global_unstructured(params, pruning_method=torch.nn.utils.prune.L1Unstructured, amount=extra, **kwargs)
+    # (the weights as they are now, not torch's default: module.weight, cached by the last forward, from before
+    # the optimizer's last step)
+    importance = {(m, "weight"): _only_used(scores[n] if scores is not None else current_weight(m).detach(), used[n])
+                  for n, m in chosen}
+    _compat.global_unstructured(params, pruning_method=torch.nn.utils.prune.L1Unstructured, amount=extra,
+                                importance_scores=importance)
     for _, m in chosen:  # (torch's methods leave a product autograd made, which copy.deepcopy refuses)
         keep_copyable(m)
 
@@ -80,8 +81,8 @@ def magnitude_prune_layer(module: nn.Module, target: float) -> None:
     ``target`` of them is pruned; existing masks are kept."""
     used = used_mask(module)
     extra = int(round(target * int(used.sum()))) - int((~get_mask(module) & used).sum())
-    if extra > 0:
-        scores = None if bool(used.all()) else _only_used(module.weight, used)
+    if extra > 0:  # (by the weights now, not module.weight: cached by the last forward, before the last step)
+        scores = _only_used(current_weight(module).detach(), used)
         _compat.l1_unstructured(module, "weight", amount=extra, importance_scores=scores)
         keep_copyable(module)
 
