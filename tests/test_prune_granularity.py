@@ -802,3 +802,22 @@ def test_a_layer_with_a_filter_skeleton_deep_copies(pruned_first):
     prune.detach_filter_skeleton(module)
     twin = copy.deepcopy(module)
     torch.testing.assert_close(twin(x).feats, module(x).feats)
+
+
+@pytest.mark.parametrize("method, expected", [
+    (lambda m: prune.channel_structured(m, "weight", 1, axis="in"), [[1.0, 1.0, 1.0, 0.0]]),
+    (lambda m: prune.vector_structured(m, "weight", 1, axis=0), [[1.0, 1.0, 1.0, 0.0]]),
+    (lambda m: prune.block_structured(m, "weight", 1, block_size=1), [[1.0, 1.0, 1.0, 0.0]]),
+    (lambda m: prune.nm_structured(m, "weight", 2, 4), [[1.0, 1.0, 0.0, 0.0]]),
+])
+def test_a_pruned_tensor_is_ranked_by_its_weights_now_not_the_last_forwards(method, expected):
+    """Pruning a tensor again ranked ``module.weight``, the product torch
+    cached at the last forward (or pruning), not ``weight_orig * mask`` as an
+    optimizer step since has left it: a weight the step shrank to 0.5 was
+    kept, one it grew to 4 pruned."""
+    module = linear([[1.0, 2.0, 3.0, 4.0]])
+    prune.identity(module, "weight")
+    with torch.no_grad():  # an optimizer step after the forward
+        module.weight_orig.copy_(torch.tensor([[4.0, 3.0, 2.0, 0.5]]))
+    method(module)
+    assert module.weight_mask.tolist() == expected

@@ -46,12 +46,19 @@ def keep_copyable(module: nn.Module) -> None:
 
 
 class CopyableMethod(_torch_prune.BasePruningMethod):
-    """A pruning method whose pruned modules stay deep-copyable."""
+    """A pruning method whose pruned modules stay deep-copyable. Without
+    ``importance_scores`` a tensor pruned before is ranked by its weights
+    now, ``name_orig * name_mask`` (torch's methods rank ``module.name``, the
+    product cached at the last forward)."""
 
     @classmethod
     def apply(cls, module, name, *args, importance_scores=None, **kwargs):
         if importance_scores is not None:
             _check_scores(module, name, importance_scores)
+        elif isinstance(module._parameters.get(name + "_orig"), torch.Tensor):
+            # torch's default is module.name, the product cached at the last forward (or pruning): an
+            # optimizer step since has changed name_orig, so rank the weights as they are now.
+            importance_scores = _weight_now(module, name)
         # torch's apply takes the tensor's earlier hook off the module (or adds
         # the new method to its container) before the new mask is computed,
         # and puts neither back when that fails: a refused method left the
@@ -68,6 +75,14 @@ class CopyableMethod(_torch_prune.BasePruningMethod):
             raise
         keep_copyable(module)
         return method
+
+
+def _weight_now(module: nn.Module, name: str) -> torch.Tensor:
+    """``name_orig * name_mask`` of a pruned tensor, times an attached
+    Filter Skeleton's ``name_skeleton`` (the weight its forward computes)."""
+    weight = module._parameters[name + "_orig"].detach() * getattr(module, name + "_mask")
+    skeleton = module._parameters.get(name + "_skeleton")
+    return weight if skeleton is None else weight * skeleton.detach()
 
 
 def _check_scores(module: nn.Module, name: str, scores) -> None:
