@@ -104,3 +104,27 @@ def test_kernel_extents_are_the_box_a_kernel_region_spans():
         conv = ps.nn.Conv3d(2, 3, 3, kernel_region=region)
         assert adapters.kernel_extents(conv) == extents, region
         assert adapters.kernel_volume(conv) == volume, region
+
+
+def test_apply_masks_checks_each_mask_before_pruning_any():
+    """apply_masks (lottery's train_masked, prune_at_init) gave an
+    AttributeError for a list mask, a mask dict that is a list, or a layer
+    without weight ("'ReLU' object has no attribute 'weight'"), and a mask of
+    0.5s silently halved the weights. Now a TypeError / ValueError naming the
+    layer, before any layer is pruned."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    good = torch.ones(4, 3, dtype=torch.bool)
+    for masks, error, match in [
+        ([good], TypeError, r"mask_dict must be a dict \{layer name: mask\}; got list"),
+        ({"0": good, "2": [[1, 0]] * 2}, TypeError, r"mask for '2' must be a tensor .*; got list"),
+        ({"0": good, "2": torch.full((2, 4), 0.5)}, ValueError, r"mask for '2' must hold only 0 and 1"),
+        ({"0": good, "1": torch.ones(4)}, ValueError, r"layer '1' is a ReLU, not a prunable layer"),
+        ({"0": good, "5": torch.ones(2, 4)}, ValueError, r"layer '5' is not a submodule"),
+        ({"0": good, "2": torch.ones(4, 2)}, ValueError, r"mask for '2' must have the weight's shape \(2, 4\)"),
+    ]:
+        with pytest.raises(error, match=match):
+            adapters.apply_masks(model, masks)
+        assert not prune.is_pruned(model)
+    adapters.apply_masks(model, {})
+    adapters.apply_masks(model, {"0": good, "2": torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0]])})
+    assert int((model[2].weight == 0).sum()) == 2 and not bool((model[0].weight == 0).any())

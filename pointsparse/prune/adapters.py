@@ -54,7 +54,7 @@ Register an adapter for a layer type of your own with :func:`register`::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -428,15 +428,25 @@ def layer_sparsity(model: nn.Module, layers=None) -> dict[str, float]:
 
 def apply_masks(model: nn.Module, mask_dict: dict[str, torch.Tensor]) -> None:
     """Prune each named layer's weight with the given mask through
-    ``custom_from_mask`` (composes with a mask it already has)."""
-    named = dict(model.named_modules())
+    ``custom_from_mask`` (composes with a mask it already has). Each mask is
+    a tensor of the weight's shape holding only 0 and 1 (bool or numbers);
+    every name and mask is checked before any layer is pruned."""
+    if not isinstance(mask_dict, Mapping):
+        raise TypeError(f"mask_dict must be a dict {{layer name: mask}}; got {type(mask_dict).__name__}")
+    if not mask_dict:
+        return
+    named = dict(prunable_layers(model, list(mask_dict)))  # (a ValueError naming an unknown or unprunable layer)
     for n, m in mask_dict.items():
-        if n not in named:
-            raise ValueError(f"mask for unknown layer {n!r}")
-        w = named[n].weight
+        if not isinstance(m, torch.Tensor):
+            raise TypeError(f"mask for {n!r} must be a tensor of the weight's shape (True / 1 = kept); got "
+                            f"{type(m).__name__}")
+        w = raw(named[n])
         if tuple(m.shape) != tuple(w.shape):
             raise ValueError(f"mask for {n!r} must have the weight's shape {tuple(w.shape)}; got {tuple(m.shape)}")
-        custom_from_mask(named[n], "weight", m.to(w.device))
+        if m.dtype != torch.bool and not bool(((m == 0) | (m == 1)).all()):  # (else it scales the weights)
+            raise ValueError(f"mask for {n!r} must hold only 0 and 1 (or be a bool tensor)")
+    for n, m in mask_dict.items():
+        custom_from_mask(named[n], "weight", m.to(raw(named[n]).device))
         keep_copyable(named[n])  # (deep-copyable after a forward, as the toolkit's own methods leave layers)
 
 
