@@ -281,3 +281,17 @@ def test_rounds_rank_the_weights_as_fine_tuning_left_them(scope):
 
     schedule.iterative_prune(model, train_fn, 0.5, rounds=2, steps_per_round=1, schedule="constant", scope=scope)
     assert model[0].weight_mask.tolist() == [[0.0, 1.0, 1.0, 0.0]]
+
+
+def test_numpy_fractions_give_python_floats():
+    """A np.float32 final / initial (read from a numpy array) came back as
+    np.float32 targets, which json.dumps refuses (a history written to a log
+    file); every schedule value is a Python float, as annotated."""
+    import json
+
+    values = [schedule.agp_sparsity(1, 4, np.float32(0.5), np.float32(0.25)),
+              schedule.constant_sparsity(1, 4, np.float32(0.5), np.float16(0.25)),
+              *schedule.sparsity_schedule(np.float32(0.5), 3, initial=np.float32(0.25)),
+              *schedule.sparsity_schedule(np.float32(0.5), 2, "constant")]
+    assert all(type(v) is float for v in values)
+    json.dumps(values)

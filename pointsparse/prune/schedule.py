@@ -26,16 +26,17 @@ SCOPES = ("global", "layer")
 MAX_ROUNDS = 1_000_000
 
 
-def _check_step_args(step, num_steps, final, initial) -> tuple[int, int]:
-    """``(step, num_steps)`` as Python ints, ``step`` clamped to ``[0,
-    num_steps]``, after checking that both are ints (numpy integers too;
-    ``num_steps >= 1``) and ``final``, ``initial`` sparsities in [0, 1]."""
+def _check_step_args(step, num_steps, final, initial) -> tuple[int, int, float, float]:
+    """``(step, num_steps, final, initial)``: the steps as Python ints,
+    ``step`` clamped to ``[0, num_steps]``, after checking that both are ints
+    (numpy integers too; ``num_steps >= 1``), and ``final``, ``initial``
+    sparsities in [0, 1] as Python floats (numpy numbers too)."""
     step, num_steps = as_int(step, "step"), as_int(num_steps, "num_steps")
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1; got {num_steps}")
-    check_fraction(final, "final", high_open=False)
-    check_fraction(initial, "initial", high_open=False)
-    return min(max(step, 0), num_steps), num_steps
+    final = check_fraction(final, "final", high_open=False)
+    initial = check_fraction(initial, "initial", high_open=False)
+    return min(max(step, 0), num_steps), num_steps, final, initial
 
 
 def agp_sparsity(step: int, num_steps: int, final: float, initial: float = 0.0) -> float:
@@ -43,13 +44,13 @@ def agp_sparsity(step: int, num_steps: int, final: float, initial: float = 0.0) 
     (fast early, slow near the end). ``step`` and ``num_steps >= 1`` are ints
     (``step`` clamped to ``[0, n]``), ``final`` and ``initial`` sparsities in
     [0, 1]."""
-    return _agp(*_check_step_args(step, num_steps, final, initial), final, initial)
+    return _agp(*_check_step_args(step, num_steps, final, initial))
 
 
 def constant_sparsity(step: int, num_steps: int, final: float, initial: float = 0.0) -> float:
     """Equal increments: ``s_t = s_i + (s_f - s_i) * t/n`` (arguments as for
     :func:`agp_sparsity`)."""
-    return _constant(*_check_step_args(step, num_steps, final, initial), final, initial)
+    return _constant(*_check_step_args(step, num_steps, final, initial))
 
 
 def _agp(t: int, n: int, final: float, initial: float) -> float:
@@ -60,20 +61,21 @@ def _constant(t: int, n: int, final: float, initial: float) -> float:
     return initial + (final - initial) * t / n
 
 
-def _check_targets(final, initial, final_name: str = "final", initial_name: str = "initial") -> None:
-    """``final`` and ``initial`` sparsities in [0, 1), ``initial <= final``
-    (errors naming them as the caller's arguments)."""
-    check_fraction(final, final_name)
-    check_fraction(initial, initial_name)
+def _check_targets(final, initial, final_name: str = "final", initial_name: str = "initial") -> tuple[float, float]:
+    """``(final, initial)`` as Python floats: sparsities in [0, 1),
+    ``initial <= final`` (errors naming them as the caller's arguments)."""
+    final = check_fraction(final, final_name)
+    initial = check_fraction(initial, initial_name)
     if initial > final:
         raise ValueError(f"{initial_name} ({initial}) must be <= {final_name} ({final}): masks never un-prune, so "
                          "a falling schedule cannot be followed")
+    return final, initial
 
 
 def sparsity_schedule(final: float, rounds: int, kind: str = "agp", initial: float = 0.0) -> list[float]:
     """The target sparsity after each of ``rounds`` pruning rounds (the last
     is ``final``); ``rounds`` is an int in ``[1, MAX_ROUNDS]``, ``initial <= final``."""
-    _check_targets(final, initial)
+    final, initial = _check_targets(final, initial)
     if kind not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}; got {kind!r}")
     rounds = positive_int(rounds, "rounds")
