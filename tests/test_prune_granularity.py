@@ -821,3 +821,21 @@ def test_a_pruned_tensor_is_ranked_by_its_weights_now_not_the_last_forwards(meth
         module.weight_orig.copy_(torch.tensor([[4.0, 3.0, 2.0, 0.5]]))
     method(module)
     assert module.weight_mask.tolist() == expected
+
+
+def test_groups_scored_inf_are_pruned_before_any_dead_group_is_counted():
+    """Dead groups were ranked as inf, so an alive group whose importance is
+    inf tied with them and topk could pick a dead one: global_structured
+    asked to prune all 4 alive channels pruned 3."""
+    first, second = linear(torch.ones(3, 2)), linear(torch.ones(2, 2))
+    prune.channel_structured(first, "weight", 1)
+    scores = {(first, "weight"): torch.full((3, 2), float("inf")), (second, "weight"): torch.ones(2, 2)}
+    prune.global_structured([(first, "weight"), (second, "weight")], prune.ChannelStructured, 4,
+                            importance_scores=scores)
+    assert not bool(first.weight_mask.any()) and not bool(second.weight_mask.any())
+    for k in (1, 2):  # one layer, the dead channel listed first and last
+        for dead in (0, 2):
+            module = linear(torch.ones(3, 2))
+            prune.custom_from_mask(module, "weight", (torch.arange(3) != dead).float().view(3, 1).expand(3, 2))
+            chosen = prune.structured.select_weakest(torch.full((3,), float("inf")), module.weight_mask[:, 0] != 0, k)
+            assert int(chosen.sum()) == k and not bool(chosen[dead])

@@ -76,11 +76,13 @@ def group_scores(scores: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor, gr
 
 
 def select_weakest(norms: torch.Tensor, alive: torch.Tensor, k: int) -> torch.Tensor:
-    """A bool mask over groups: the ``k`` alive groups of smallest norm."""
+    """A bool mask over groups: the ``k`` alive groups of smallest norm
+    (ranked among the alive ones only: a dead group ranked as inf tied with
+    an alive group of norm inf, and could be picked in its place)."""
     chosen = torch.zeros_like(alive)
     if k > 0:
-        ranked = torch.where(alive, norms, torch.full_like(norms, float("inf")))
-        chosen[torch.topk(ranked, k, largest=False).indices] = True
+        candidates = alive.nonzero().flatten()
+        chosen[candidates[torch.topk(norms[candidates], k, largest=False).indices]] = True
     return chosen
 
 
