@@ -164,3 +164,24 @@ def test_parameters_that_are_no_model_nor_iterable_of_pairs_name_the_argument():
                 fn(bad)
     module = linear([[3.0, -4.0]])
     assert regularizers.l1(iter([(module, "weight")])).item() == pytest.approx(7.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_group_lasso_of_a_half_precision_layer_has_finite_gradients(dtype):
+    """In float16 the 1e-30 floor under a group's squared norm is 0, so a
+    zero (or pruned) group's sqrt backward was inf * 0: NaN gradients on the
+    whole group (one optimizer step: NaN weights); and squares of weights
+    ~1e-4 underflowed, the penalty 0. Now summed in float32, returned in the
+    layer's dtype."""
+    module = linear([[0.0, 0.0, 0.0], [3.0, 4.0, 0.0]]).to(dtype)
+    penalty = regularizers.group_lasso([(module, "weight")])
+    assert penalty.dtype == dtype and penalty.item() == pytest.approx(5.0)
+    grad = torch.autograd.grad(penalty, module.weight)[0]
+    assert torch.equal(grad[0], torch.zeros(3, dtype=dtype))
+    assert torch.allclose(grad[1].float(), torch.tensor([0.6, 0.8, 0.0]), atol=1e-2)
+    pruned = linear([[1.0, 2.0, 2.0], [3.0, 4.0, 0.0]]).to(dtype)
+    prune.channel_structured(pruned, "weight", 1)
+    grad = torch.autograd.grad(regularizers.group_lasso([(pruned, "weight")]), pruned.weight_orig)[0]
+    assert bool(torch.isfinite(grad).all()) and torch.equal(grad[0], torch.zeros(3, dtype=dtype))
+    tiny = linear([[1e-4, 1e-4, 1e-4, 1e-4]]).to(dtype)
+    assert regularizers.group_lasso([(tiny, "weight")]).item() == pytest.approx(2e-4, rel=1e-2)

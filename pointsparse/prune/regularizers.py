@@ -57,16 +57,19 @@ def group_lasso(parameters, group: str = "out", scale_by_size: bool = False) -> 
     for module, name in _parameters(parameters):
         weight = _used_weight(module, name)  # (a kernel_region conv's region: the conv never runs the rest)
         ids, count = group_ids(module, name, group)
-        squares = torch.zeros(count, dtype=weight.dtype, device=weight.device)
-        squares = squares.index_add(0, ids.flatten(), weight.pow(2).flatten())
+        # In float32 at least: a float16 square of |w| < ~2e-4 is 0, and so is the 1e-30 floor below (a zero
+        # group's sqrt backward then inf * 0: NaN). The term is returned in the weight's dtype.
+        wide = weight.to(torch.promote_types(weight.dtype, torch.float32))
+        squares = torch.zeros(count, dtype=wide.dtype, device=weight.device)
+        squares = squares.index_add(0, ids.flatten(), wide.pow(2).flatten())
         # sqrt has an infinite derivative at 0: zero groups get a zero gradient.
         norms = torch.where(squares > 0, squares.clamp_min(1e-30).sqrt(), torch.zeros_like(squares))
         if scale_by_size:
             used = used_entries(module, name)
             sizes = torch.bincount(ids.flatten(), weights=used.flatten().to(torch.float64), minlength=count)
-            sizes = sizes.to(weight.dtype)
+            sizes = sizes.to(wide.dtype)
             norms = norms * sizes.sqrt()
-        terms.append(norms.sum())
+        terms.append(norms.sum().to(weight.dtype))
     return _sum(terms, "weights")
 
 
