@@ -361,6 +361,22 @@ def test_learned_patterns_take_the_most_frequent():
     assert torch.equal(two, torch.tensor([[True, True, False, False], [False, False, True, True]]))
 
 
+def test_learn_patterns_names_a_bad_argument():
+    """learn_patterns (public) gave AttributeErrors for a weight, mask or
+    layout of the wrong type ("'str' object has no attribute 'dim'") and,
+    for a mask of another shape, a ValueError about "tensor"."""
+    w = torch.randn(2, 2, 3, 3)
+    for kwargs, error, match in [
+        ({"t": "w"}, TypeError, r"t must be a torch.Tensor \(the weight or its importance scores\); got str"),
+        ({"t": w, "layout": "oik"}, TypeError, r"layout must be a WeightLayout or None; got str"),
+        ({"t": w, "mask": [1]}, TypeError, r"mask must be a tensor of t's shape \(2, 2, 3, 3\) or None; got list"),
+        ({"t": w, "mask": torch.ones(3)}, ValueError, r"mask must have t's shape \(2, 2, 3, 3\); got \(3,\)"),
+    ]:
+        with pytest.raises(error, match=match):
+            prune.learn_patterns(num_patterns=1, pattern_size=2, **kwargs)
+    assert prune.learn_patterns(w, 1, 2, mask=torch.ones(2, 2, 3, 3)).shape == (1, 9)
+
+
 def test_patterns_of_offsets_on_a_sparse_conv():
     # kernel 1x1x3: K=3; a pattern is a subset of offsets of each (in, out) kernel W[:, i, o]
     w = torch.zeros(3, 1, 2)

@@ -84,6 +84,13 @@ def learn_patterns(t: torch.Tensor, num_patterns: int = 8, pattern_size: int = 4
     kernel positions that are weights (a ``kernel_region`` conv's offsets;
     None: all); patterns keep positions inside it only, and a kernel votes
     when an entry inside it is unpruned."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"t must be a torch.Tensor (the weight or its importance scores); got {type(t).__name__}")
+    check_layout(layout)
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a tensor of t's shape {tuple(t.shape)} or None; got {type(mask).__name__}")
+    if mask is not None and mask.shape != t.shape:
+        raise ValueError(f"mask must have t's shape {tuple(t.shape)}; got {tuple(mask.shape)}")
     layout = layout if layout is not None else dense_layout(t.dim())
     num_patterns, pattern_size = positive_int(num_patterns, "num_patterns"), positive_int(pattern_size, "pattern_size")
     scores = t.detach().abs()
