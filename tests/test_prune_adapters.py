@@ -128,3 +128,27 @@ def test_apply_masks_checks_each_mask_before_pruning_any():
     adapters.apply_masks(model, {})
     adapters.apply_masks(model, {"0": good, "2": torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0]])})
     assert int((model[2].weight == 0).sum()) == 2 and not bool((model[0].weight == 0).any())
+
+
+def test_a_weight_layout_names_each_axis_once():
+    """WeightLayout took any values: (0, 0) failed later inside torch's
+    permute ("repeated dim"), ("a", 1) on the first use. Now a TypeError /
+    ValueError at construction; numpy integers and a list of kernel axes are
+    taken as Python ints and a tuple (a frozen, hashable value)."""
+    import numpy as np
+
+    for args, error, match in [
+        ((0, 0), ValueError, r"each axis of a 2-dim weight once .*got out_axis=0, in_axis=0, kernel_axes=\(\)"),
+        ((0, 1, (3,)), ValueError, r"each axis of a 3-dim weight once"),
+        ((-1, 0, (1,)), ValueError, r"out_axis must be an int >= 0"),
+        (("a", 1), TypeError, r"out_axis must be an int"),
+        ((0, True), TypeError, r"in_axis must be an int"),
+        ((0, 1, 2), TypeError, r"kernel_axes must be a tuple of ints"),
+        ((0, 1, (2.0,)), TypeError, r"kernel_axes must be an int"),
+    ]:
+        with pytest.raises(error, match=match):
+            prune.WeightLayout(*args)
+    layout = prune.WeightLayout(np.int64(2), np.int32(1), [0])
+    assert layout == prune.WeightLayout(2, 1, (0,)) and type(layout.out_axis) is int and hash(layout)
+    with pytest.raises(ValueError, match="each axis"):
+        prune.channel_structured(nn.Linear(2, 3), "weight", 1, layout=prune.WeightLayout(0, 0))

@@ -61,6 +61,7 @@ from torch import nn
 
 from torch.nn.utils.prune import custom_from_mask
 
+from ..tensor import as_int
 from ._copyable import keep_copyable
 
 Axes = dict[str, dict[str, int]]
@@ -79,6 +80,27 @@ class WeightLayout:
     out_axis: int
     in_axis: int
     kernel_axes: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        """Python ints, each axis of a ``2 + len(kernel_axes)``-dim weight
+        named once (a TypeError / ValueError here, not inside a permute)."""
+        def axis(value, name):
+            if isinstance(value, bool):
+                raise TypeError(f"{name} must be an int; got {value!r}")
+            return as_int(value, name, 0)
+
+        out_axis, in_axis = axis(self.out_axis, "out_axis"), axis(self.in_axis, "in_axis")
+        if isinstance(self.kernel_axes, (str, bytes, torch.Tensor)) or not isinstance(self.kernel_axes, Iterable):
+            raise TypeError(f"kernel_axes must be a tuple of ints; got {self.kernel_axes!r}")
+        kernel_axes = tuple(axis(a, "kernel_axes") for a in self.kernel_axes)
+        axes = (out_axis, in_axis, *kernel_axes)
+        if sorted(axes) != list(range(len(axes))):
+            raise ValueError(f"out_axis, in_axis and kernel_axes must name each axis of a {len(axes)}-dim weight once "
+                             f"(0 to {len(axes) - 1}); got out_axis={self.out_axis!r}, in_axis={self.in_axis!r}, "
+                             f"kernel_axes={kernel_axes!r}")
+        object.__setattr__(self, "out_axis", out_axis)  # (frozen)
+        object.__setattr__(self, "in_axis", in_axis)
+        object.__setattr__(self, "kernel_axes", kernel_axes)
 
     @property
     def ndim(self) -> int:
