@@ -152,3 +152,17 @@ def test_a_weight_layout_names_each_axis_once():
     assert layout == prune.WeightLayout(2, 1, (0,)) and type(layout.out_axis) is int and hash(layout)
     with pytest.raises(ValueError, match="each axis"):
         prune.channel_structured(nn.Linear(2, 3), "weight", 1, layout=prune.WeightLayout(0, 0))
+
+
+def test_sparsity_counts_the_mask_a_loaded_state_dict_brought():
+    """sparsity / layer_sparsity (iterative_prune's and lottery's reached
+    sparsity, the prune app's summary) read module.weight, the product torch
+    cached at the last forward: a pruned checkpoint loaded into an
+    identity-pruned model read 0.0 (sparsity_report: 0.5) until a forward."""
+    source = nn.Sequential(nn.Linear(4, 4))
+    prune.l1_unstructured(source[0], "weight", 8)
+    model = nn.Sequential(nn.Linear(4, 4))
+    prune.identity(model[0], "weight")
+    model.load_state_dict(source.state_dict())
+    assert adapters.sparsity(model) == 0.5 and adapters.layer_sparsity(model) == {"0": 0.5}
+    assert prune.sparsity_report(model)["total"]["sparsity"] == 0.5

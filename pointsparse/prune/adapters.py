@@ -436,15 +436,15 @@ def sparsity(model: nn.Module, layers=None) -> float:
     """Fraction of zero weights over the prunable layers (pruned or exactly 0;
     a ``kernel_region`` conv's inside its region, as ``sparsity_report``)."""
     zeros = total = 0
-    for _, m in prunable_layers(model, layers):
-        w = used_weights(m, m.weight.detach())
+    for _, m in prunable_layers(model, layers):  # (current_weight: not module.weight, cached at the last forward)
+        w = used_weights(m, current_weight(m).detach())
         zeros += int((w == 0).sum())
         total += w.numel()
     return zeros / max(total, 1)
 
 
 def layer_sparsity(model: nn.Module, layers=None) -> dict[str, float]:
-    return {n: float((used_weights(m, m.weight.detach()) == 0).float().mean())
+    return {n: float((used_weights(m, current_weight(m).detach()) == 0).float().mean())
             for n, m in prunable_layers(model, layers)}
 
 
