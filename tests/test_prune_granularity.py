@@ -694,6 +694,19 @@ def test_methods_that_need_kernel_axes_say_so():
         prune.channel_structured(nn.BatchNorm1d(3), "weight", 1)
 
 
+def test_a_structured_method_on_a_bias_says_to_prune_it_unstructured():
+    """channel_structured(linear, "bias") advised passing a WeightLayout,
+    which no 1-D tensor can have (the next error: "must have 2 dims")."""
+    module = nn.Linear(2, 3)
+    for method in (lambda: prune.channel_structured(module, "bias", 1), lambda: prune.nm_structured(module, "bias"),
+                   lambda: prune.pattern_structured(module, "bias"), lambda: prune.block_structured(module, "bias", 1)):
+        with pytest.raises(TypeError, match=r"cannot tell the channel layout of Linear.bias \(shape \(3,\)\): a "
+                                            r"structured method needs >= 2 dims .*l1_unstructured"):
+            method()
+    assert not prune.is_pruned(module)
+    prune.l1_unstructured(module, "bias", 1)
+
+
 # ---------------------------------------------------------------- global structured
 
 def test_global_structured_channels_across_layers():

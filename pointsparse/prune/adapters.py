@@ -310,6 +310,10 @@ def layout_of(module: nn.Module, name: str = "weight") -> WeightLayout:
         raise TypeError(f"{type(module).__name__} has no tensor named {name!r}")
     if name == "weight" and is_layer(module):
         return adapter_for(module).layout(module)
+    if weight.dim() < 2:  # (no layout fits: the advice below would lead to "must have 2 dims")
+        raise TypeError(f"cannot tell the channel layout of {type(module).__name__}.{name} (shape "
+                        f"{tuple(weight.shape)}): a structured method needs >= 2 dims (out, in, kernel...); prune a "
+                        "1-D tensor (a bias, a norm's scale) with l1_unstructured or random_unstructured")
     raise TypeError(
         f"cannot tell the channel layout of {type(module).__name__}.{name} (shape "
         f"{tuple(weight.shape)}); pass layout=WeightLayout(out_axis, in_axis, kernel_axes)"
