@@ -171,11 +171,11 @@ def test_group_lasso_of_a_half_precision_layer_has_finite_gradients(dtype):
     """In float16 the 1e-30 floor under a group's squared norm is 0, so a
     zero (or pruned) group's sqrt backward was inf * 0: NaN gradients on the
     whole group (one optimizer step: NaN weights); and squares of weights
-    ~1e-4 underflowed, the penalty 0. Now summed in float32, returned in the
-    layer's dtype."""
+    ~1e-4 underflowed, the penalty 0. Now summed in float32 (and returned in
+    float32: see the next test)."""
     module = linear([[0.0, 0.0, 0.0], [3.0, 4.0, 0.0]]).to(dtype)
     penalty = regularizers.group_lasso([(module, "weight")])
-    assert penalty.dtype == dtype and penalty.item() == pytest.approx(5.0)
+    assert penalty.item() == pytest.approx(5.0)
     grad = torch.autograd.grad(penalty, module.weight)[0]
     assert torch.equal(grad[0], torch.zeros(3, dtype=dtype))
     assert torch.allclose(grad[1].float(), torch.tensor([0.6, 0.8, 0.0]), atol=1e-2)
@@ -185,3 +185,17 @@ def test_group_lasso_of_a_half_precision_layer_has_finite_gradients(dtype):
     assert bool(torch.isfinite(grad).all()) and torch.equal(grad[0], torch.zeros(3, dtype=dtype))
     tiny = linear([[1e-4, 1e-4, 1e-4, 1e-4]]).to(dtype)
     assert regularizers.group_lasso([(tiny, "weight")]).item() == pytest.approx(2e-4, rel=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_penalties_of_a_half_precision_model_are_summed_in_float32(dtype):
+    """sum |w| of a float16 MinkUNet (165k) is past float16's largest value
+    (65504): l1 returned inf. The penalties are summed and returned in
+    float32 for a float16 / bfloat16 model (gradients still reach the layer
+    in its dtype)."""
+    module = linear(torch.ones(100, 4000)).to(dtype)
+    for penalty, want in [(regularizers.l1(module), 400_000.0), (regularizers.l2(module), 400_000.0),
+                          (regularizers.group_lasso(module, scale_by_size=True), 400_000.0)]:
+        assert penalty.dtype == torch.float32 and penalty.item() == pytest.approx(want, rel=1e-3)
+    grad = torch.autograd.grad(regularizers.l1(module), module.weight)[0]
+    assert grad.dtype == dtype and bool((grad == 1).all())

@@ -7,7 +7,11 @@ tensor to add (times a coefficient) to the loss; each differentiates through
   stripes (whole groups go to zero; ``scale_by_size`` weights each group by
   ``sqrt(|g|)`` as in Yuan & Lin);
 * :func:`slimming` ``sum |gamma|`` over BatchNorm scales (network slimming);
-* :func:`skeleton_l1` ``sum |s|`` over Filter Skeletons (SWP)."""
+* :func:`skeleton_l1` ``sum |s|`` over Filter Skeletons (SWP).
+
+A float16 / bfloat16 model's penalty is computed and returned in float32
+(``sum |w|`` of a float16 MinkUNet, ~165k, is past float16's largest value,
+65504); gradients reach the parameters in their own dtype."""
 
 from __future__ import annotations
 
@@ -18,6 +22,12 @@ from ..tensor import as_bool
 from .adapters import current_weight, used_entries
 from .criteria import _parameters, bn_pairs, find_batchnorm, group_ids
 from .stripe import used_skeletons
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 at least (differentiable: the gradient comes back in
+    ``t``'s dtype)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _sum(terms, what):
@@ -38,13 +48,13 @@ def _used_weight(module, name) -> torch.Tensor:
 def l1(parameters) -> torch.Tensor:
     """``sum |w|`` over ``parameters`` (a model: its Linear/conv weights, or
     ``(module, name)`` pairs; a ``kernel_region`` conv's inside its region)."""
-    return _sum((_used_weight(m, n).abs().sum() for m, n in _parameters(parameters)), "weights")
+    return _sum((_wide(_used_weight(m, n)).abs().sum() for m, n in _parameters(parameters)), "weights")
 
 
 def l2(parameters) -> torch.Tensor:
     """``sum w^2`` over ``parameters`` (weight decay as a loss term; a
     ``kernel_region`` conv's inside its region)."""
-    return _sum((_used_weight(m, n).pow(2).sum() for m, n in _parameters(parameters)), "weights")
+    return _sum((_wide(_used_weight(m, n)).pow(2).sum() for m, n in _parameters(parameters)), "weights")
 
 
 def group_lasso(parameters, group: str = "out", scale_by_size: bool = False) -> torch.Tensor:
@@ -58,8 +68,8 @@ def group_lasso(parameters, group: str = "out", scale_by_size: bool = False) -> 
         weight = _used_weight(module, name)  # (a kernel_region conv's region: the conv never runs the rest)
         ids, count = group_ids(module, name, group)
         # In float32 at least: a float16 square of |w| < ~2e-4 is 0, and so is the 1e-30 floor below (a zero
-        # group's sqrt backward then inf * 0: NaN). The term is returned in the weight's dtype.
-        wide = weight.to(torch.promote_types(weight.dtype, torch.float32))
+        # group's sqrt backward then inf * 0: NaN).
+        wide = _wide(weight)
         squares = torch.zeros(count, dtype=wide.dtype, device=weight.device)
         squares = squares.index_add(0, ids.flatten(), wide.pow(2).flatten())
         # sqrt has an infinite derivative at 0: zero groups get a zero gradient.
@@ -69,7 +79,7 @@ def group_lasso(parameters, group: str = "out", scale_by_size: bool = False) -> 
             sizes = torch.bincount(ids.flatten(), weights=used.flatten().to(torch.float64), minlength=count)
             sizes = sizes.to(wide.dtype)
             norms = norms * sizes.sqrt()
-        terms.append(norms.sum().to(weight.dtype))
+        terms.append(norms.sum())
     return _sum(terms, "weights")
 
 
@@ -86,12 +96,13 @@ def slimming(model_or_norms) -> torch.Tensor:
             if bn is None:
                 raise TypeError(f"{type(module).__name__} is not and does not wrap a BatchNorm")
             norms.append(bn)
-    return _sum((current_weight(bn, "weight").abs().sum() for bn in norms), "BatchNorm scales")
+    return _sum((_wide(current_weight(bn, "weight")).abs().sum() for bn in norms), "BatchNorm scales")
 
 
 def skeleton_l1(model: nn.Module) -> torch.Tensor:
     """``sum |s|`` over every Filter Skeleton attached in ``model`` (a
     ``kernel_region`` conv's: the stripes of its region, which hold its
     weights; the scales outside multiply nothing the conv runs)."""
-    return _sum((s.abs().sum() if used is None else s.abs()[used].sum() for s, used in used_skeletons(model)),
+    return _sum((_wide(s).abs().sum() if used is None else _wide(s).abs()[used].sum()
+                 for s, used in used_skeletons(model)),
                 "filter skeletons")
