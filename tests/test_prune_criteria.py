@@ -428,3 +428,21 @@ def test_normalize_a_layer_without_weights(how):
     s = out[(model[0], "weight")]
     want = {"l2": torch.linalg.vector_norm(s), "max": s.amax(), "mean": s.mean()}[how]
     assert float(want) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_group_magnitude_of_a_float16_layer_ranks_as_the_exact_norms(order):
+    """Group norms were cast back to float16: norms 100.0156 and 100.0 both
+    became 100.0, a tie, and channel pruning by those scores could remove
+    the larger channel. They are float32 now (at least), as per-entry
+    scores are."""
+    rows = [[50.0, 50.0, 50.0, 50.03125], [50.0, 50.0, 50.0, 50.0]]  # (exact in float16)
+    rows = rows[::-1] if order else rows
+    layer = nn.Linear(4, 2, bias=False).half()
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor(rows))
+    scores = criteria.magnitude([(layer, "weight")], p=2, group="out")[(layer, "weight")]
+    assert scores.dtype == torch.float32
+    assert scores[order, 0] > scores[1 - order, 0]
+    prune.channel_structured(layer, "weight", 1, importance_scores=scores)
+    assert (layer.weight_mask.sum(1) == 0).nonzero().flatten().tolist() == [1 - order]

@@ -93,12 +93,12 @@ def magnitude(parameters, p: float = 1, group: str | None = None) -> Scores:
     the group's largest ``|w|`` so that any ``p`` ranks groups as the exact
     norms do (see :func:`pointsparse.prune.structured.group_scores`).
 
-    Per entry ``|w|^p`` is the score itself, in the weight's dtype or float32
-    where that is narrower: where it underflows to 0 for a nonzero ``|w|`` or
-    overflows to inf (``p=2000`` on weights ``~1e-3`` or ``~1e3``) the scores
-    no longer order the weights, and that is a ValueError naming
-    ``p`` (``p=1`` orders the entries as any ``p`` does; a group norm is
-    computed stably)."""
+    Scores are in the weight's dtype or float32 where that is narrower. Per
+    entry ``|w|^p`` is the score itself: where it underflows to 0 for a
+    nonzero ``|w|`` or overflows to inf (``p=2000`` on weights ``~1e-3`` or
+    ``~1e3``) the scores no longer order the weights, and that is a
+    ValueError naming ``p`` (``p=1`` orders the entries as any ``p`` does; a
+    group norm is computed stably)."""
     if isinstance(p, bool) or not isinstance(p, numbers.Real) or not p > 0:
         raise ValueError(f"p must be a positive number; got {p!r}")
     if group is None and p == float("inf"):  # |w|^inf is 0 for every |w| < 1: the ranking is lost
@@ -122,7 +122,8 @@ def magnitude(parameters, p: float = 1, group: str | None = None) -> Scores:
         else:
             ids, count = group_ids(module, name, group)  # (a kernel_region conv's groups: of its region's entries)
             norms, _ = group_scores(weight, adapters.used_entries(module, name), ids, count, p)
-            out[(module, name)] = norms.to(weight.dtype)[ids]
+            # (float32 at least, as per entry: float16 norms 100.0156 and 100.0 were both 100.0, a tie)
+            out[(module, name)] = norms.to(torch.promote_types(weight.dtype, torch.float32))[ids]
     return out
 
 
