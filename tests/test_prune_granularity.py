@@ -868,3 +868,18 @@ def test_groups_scored_inf_are_pruned_before_any_dead_group_is_counted():
             prune.custom_from_mask(module, "weight", (torch.arange(3) != dead).float().view(3, 1).expand(3, 2))
             chosen = prune.structured.select_weakest(torch.full((3,), float("inf")), module.weight_mask[:, 0] != 0, k)
             assert int(chosen.sum()) == k and not bool(chosen[dead])
+
+
+def test_global_structured_vectors_take_the_layout_it_hands_on():
+    """global_structured hands its kwargs (a layout among them) to the
+    method's apply; VectorStructured.apply took no layout, so the call
+    failed with "unexpected keyword argument 'layout'" after scoring,
+    nothing pruned. The layout given is used, as the other methods do."""
+    a, b = nn.Linear(4, 3, bias=False), nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        a.weight.copy_(torch.arange(1.0, 13.0).view(3, 4))
+        b.weight.copy_(torch.arange(13.0, 21.0).view(2, 4))
+    layout = prune.WeightLayout(0, 1, ())
+    prune.global_structured([(a, "weight"), (b, "weight")], prune.VectorStructured, amount=2, axis=1, layout=layout)
+    # vectors along axis 1 are rows: norms a 10, 26, 42; b 58, 74 -> a's first two rows go
+    assert a.weight_mask.sum(1).tolist() == [0.0, 0.0, 4.0] and bool(b.weight_mask.all())

@@ -208,8 +208,10 @@ class VectorStructured(GroupStructured):
         return ids.expand(shape), groups
 
     @classmethod
-    def apply(cls, module, name, amount, axis=-1, n=2, importance_scores=None):  # type: ignore[override]
-        layout = layout_of(module, name) if name == "weight" and is_layer(module) else None
+    def apply(cls, module, name, amount, axis=-1, n=2, importance_scores=None, layout=None):  # type: ignore[override]
+        # (layout: the one given, as global_structured hands its kwargs on; else the layer's)
+        if layout is None:
+            layout = layout_of(module, name) if name == "weight" and is_layer(module) else None
         region = _used_kernel_positions(module, name, layout) if layout is not None else None
         return super().apply(module, name, amount=amount, axis=axis, n=n, region=region,
                              layout=layout if region is not None else None, importance_scores=importance_scores)
