@@ -141,6 +141,24 @@ def test_bench_unknown_suite_is_an_error(capsys):
     assert cli.main(["bench", "no-such-suite"]) == 2
     err = capsys.readouterr().err
     assert "no-such-suite" in err or "no benchmark suites" in err
+    # the command's own error line, as every other command's (was a bare message)
+    assert err.startswith("pointsparse bench: error: ")
+
+
+def test_bench_hands_args_to_each_suite(monkeypatch, capsys):
+    """A suite's own options had no way through: `pointsparse bench conv
+    --channels 64` was argparse's "unrecognized arguments". --args hands
+    them on, split as a shell would; a quote left open is the command's
+    error line."""
+    from pointsparse.app import benchmark
+
+    calls = []
+    monkeypatch.setattr(benchmark, "suites", lambda: ["conv", "kmap"])
+    monkeypatch.setattr(benchmark.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    assert cli.main(["bench", "conv", "--quick", "--args", "--channels 64 --out 'a b.md'"]) == 0
+    assert calls[0][-5:] == ["--quick", "--channels", "64", "--out", "a b.md"] and len(calls) == 1
+    assert cli.main(["bench", "kmap", "--args", "--out 'open"]) == 2
+    assert "pointsparse bench: error: --args" in capsys.readouterr().err and len(calls) == 1
 
 
 def test_bad_input_is_a_message_not_a_traceback(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -16,21 +17,30 @@ def suites() -> list[str]:
 def add_arguments(parser) -> None:
     parser.add_argument("suite", nargs="*", help=f"suites to run (default: all); found: {', '.join(suites()) or 'none'}")
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats, to check that they run")
+    parser.add_argument("--args", default="", metavar="'OPTIONS'",
+                        help="options handed to each suite, quoted as one argument (pointsparse bench conv --args "
+                             "'--channels 64 --rounds 5'); each suite's --help lists its own")
 
 
 def main(args) -> int:
+    """Runs the suites in turn (each its own process); the exit status is
+    nonzero where one failed. No suites found, an unknown suite or
+    ``--args`` that do not split as a shell would are a ValueError (the
+    command's ``pointsparse bench: error:`` line, status 2)."""
     found = suites()
     if not found:
-        print(f"no benchmark suites found in {BENCH_DIR} (benchmarks run from a source checkout)", file=sys.stderr)
-        return 2
+        raise ValueError(f"no benchmark suites found in {BENCH_DIR} (benchmarks run from a source checkout)")
     wanted = args.suite or found
     unknown = [s for s in wanted if s not in found]
     if unknown:
-        print(f"unknown suite(s) {unknown}; available: {found}", file=sys.stderr)
-        return 2
+        raise ValueError(f"unknown suite(s) {unknown}; available: {', '.join(found)}")
+    try:
+        extra = shlex.split(args.args)
+    except ValueError as error:  # (an unclosed quote)
+        raise ValueError(f"--args {args.args!r} does not split into options: {error}") from None
     status = 0
     for name in wanted:
-        cmd = [sys.executable, str(BENCH_DIR / f"{name}.py")] + (["--quick"] if args.quick else [])
+        cmd = [sys.executable, str(BENCH_DIR / f"{name}.py")] + (["--quick"] if args.quick else []) + extra
         print(f"$ {' '.join(cmd)}", flush=True)
         status |= subprocess.call(cmd)
     return status
