@@ -40,6 +40,8 @@ Without the checkpoint the script says so and measures nothing."""
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import json
 import shutil
 import time
@@ -205,14 +207,35 @@ def main() -> None:
     write_page(args, state, start, names, saved["rows"], held)
 
 
+def _digest(path: Path) -> str:
+    """sha256 of a file's bytes (first 16 hex digits; "absent" for no file),
+    kept per path, size and modification time."""
+    path = Path(path)
+    if not path.is_file():
+        return "absent"
+    st = path.stat()
+    return _digest_of(path.resolve(), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)
+def _digest_of(path: Path, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
 def row_key(name: str, args) -> str:
-    """What model ``name``'s fine-tuning depends on: the checkpoint and the
+    """What model ``name``'s fine-tuning depends on: the checkpoint (its path
+    and its bytes' digest: a checkpoint trained again at the same path, as
+    ``make demo`` writes it, made the rows of the old one come back) and the
     epochs; the channel cut's ratio and criterion for every pruned model
     (the vectors' and offsets' amounts and shape are in their names); AMC's
     search. A row of OUT/rows.json is reused only under the same key, so
     runs with other ``--vectors`` or ``--offsets`` into one OUT fine-tune
     only their new models."""
-    parts = [args.checkpoint.resolve(), args.epochs]
+    parts = [args.checkpoint.resolve(), _digest(args.checkpoint), args.epochs]
     if name != "unpruned":
         parts += [args.ratio, args.criterion]
     if name == "AMC":

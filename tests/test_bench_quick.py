@@ -246,6 +246,13 @@ def test_prune_finetune_keeps_each_models_rows_across_amounts(tmp_path):
     assert pf.load_rows(tmp_path / "absent.json", args) == {"rows": {}, "keys": {}, "held_out": {}}
     store.write_text(json.dumps(saved))
     assert pf.load_rows(store, args) == saved
+    # The key held the checkpoint's path, not what it holds: a checkpoint trained again at the same path (make
+    # demo writes runs/demo/checkpoint.pt) had the old one's rows come back as this one's. Its bytes count now.
+    ckpt.write_bytes(b"one")
+    first = pf.row_key("unpruned", args)
+    ckpt.write_bytes(b"two")
+    os.utime(ckpt, ns=(1, 1))
+    assert pf.row_key("unpruned", args) != first
 
 
 def test_a_bare_out_name_is_a_page_in_the_results_folder(tmp_path):
