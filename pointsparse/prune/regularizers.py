@@ -20,14 +20,8 @@ from torch import nn
 
 from ..tensor import as_bool
 from .adapters import current_weight, used_entries
-from .criteria import _parameters, bn_pairs, find_batchnorm, group_ids
+from .criteria import _parameters, _wide, bn_pairs, find_batchnorm, group_ids
 from .stripe import used_skeletons
-
-
-def _wide(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in float32 at least (differentiable: the gradient comes back in
-    ``t``'s dtype)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _sum(terms, what):
