@@ -28,7 +28,7 @@ output shapes, with unbacked symbolic sizes where a count depends on the data):
     Both have an autocast rule on the CPU and CUDA, as aten's convs do:
     called under ``torch.autocast`` (an exported program run there) they
     run as an eager conv does under it (:func:`_autocast_conv`).
-``voxelize(points, voxel_size, batch?)`` and ``segment_reduce(feats, inverse, perm, seg_ptr, mode)``
+``voxelize(points, voxel_size, batch?)`` and ``segment_reduce(feats, inverse, perm, seg_ptr, mode, trusted=False)``
     the two halves of :func:`pointsparse.voxelize` (M voxels unbacked).
 ``trilinear_weights(coords, stride, points, voxel_size, batch?)``
     the 8 voxels around each point and their weights (trilinear devoxelize).
@@ -588,33 +588,36 @@ def _(points, voxel_size, batch):
 
 
 @torch.library.custom_op(f"{_LIB}::segment_reduce", mutates_args=())
-def segment_reduce(feats: Tensor, inverse: Tensor, perm: Tensor, seg_ptr: Tensor, mode: int) -> tuple[Tensor, Tensor]:
+def segment_reduce(feats: Tensor, inverse: Tensor, perm: Tensor, seg_ptr: Tensor, mode: int,
+                   trusted: bool = False) -> tuple[Tensor, Tensor]:
     """``(out (M, C), arg)`` of :func:`pointsparse.voxelize.segment_reduce`
     (``mode``: ``voxelize.REDUCE_MODES``), differentiable in ``feats``.
     Where the core does not reduce the feats (float16, bfloat16, another
-    device) the arguments are checked as the core checks them."""
-    if not _ext.serves(feats, dtypes=_ext.FLOAT_DTYPES):
+    device) the arguments are checked as the core checks them, unless
+    ``trusted`` (segments the graph's own :func:`voxelize` made: a host read
+    on a GPU, each call of a program)."""
+    if not trusted and not _ext.serves(feats, dtypes=_ext.FLOAT_DTYPES):
         _check_segments(feats, inverse, perm, seg_ptr, mode)
     out, arg = _segment_reduce(feats, inverse, perm, seg_ptr, mode)
     return out, (arg.clone() if arg is inverse or arg is perm else arg)
 
 
 @segment_reduce.register_fake
-def _(feats, inverse, perm, seg_ptr, mode):
+def _(feats, inverse, perm, seg_ptr, mode, trusted=False):
     voxels, c = seg_ptr.shape[0] - 1, feats.shape[1]
     arg_shape = {2: (voxels, c), 3: (voxels,)}.get(mode, (0,))
     return feats.new_empty((voxels, c)), feats.new_empty(arg_shape, dtype=torch.int64)
 
 
 def _segment_setup(ctx, inputs, output):
-    feats, inverse, perm, seg_ptr, mode = inputs
+    feats, inverse, perm, seg_ptr, mode, _trusted = inputs
     ctx.save_for_backward(inverse, seg_ptr, output[1])
     ctx.mode, ctx.num_rows = mode, feats.shape[0]
 
 
 def _segment_backward(ctx, grad, grad_arg):
     inverse, seg_ptr, arg = ctx.saved_tensors
-    return _segment_reduce_backward(grad, inverse, seg_ptr, arg, ctx.mode, ctx.num_rows), None, None, None, None
+    return _segment_reduce_backward(grad, inverse, seg_ptr, arg, ctx.mode, ctx.num_rows), None, None, None, None, None
 
 
 segment_reduce.register_autograd(_segment_backward, setup_context=_segment_setup)

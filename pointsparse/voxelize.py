@@ -374,7 +374,8 @@ def _voxelize(points, feats, vs, batch, reduce: str, bounds=None):
     if torch.compiler.is_compiling():  # a graph of torch.compile / torch.export: the core as operators
         coords, inverse, perm, seg_ptr = torch.ops.pointsparse.voxelize(points, list(vs), _check_batch(
             batch, points.shape[0], points.device))
-        out_feats = torch.ops.pointsparse.segment_reduce(feats, inverse, perm, seg_ptr, REDUCE_MODES[reduce])[0]
+        out_feats = torch.ops.pointsparse.segment_reduce(feats, inverse, perm, seg_ptr, REDUCE_MODES[reduce],
+                                                         True)[0]  # (the voxelize operator's segments: trusted)
         return SparseTensor(out_feats, coords, 1, validate=False), inverse
     batch = _check_batch(batch, points.shape[0], points.device)
     _check_extent(points, vs, batch, bounds)  # (before the core or torch allocates the quantised coords)
