@@ -84,15 +84,11 @@ class WeightLayout:
     def __post_init__(self) -> None:
         """Python ints, each axis of a ``2 + len(kernel_axes)``-dim weight
         named once (a TypeError / ValueError here, not inside a permute)."""
-        def axis(value, name):
-            if isinstance(value, bool):
-                raise TypeError(f"{name} must be an int; got {value!r}")
-            return as_int(value, name, 0)
-
-        out_axis, in_axis = axis(self.out_axis, "out_axis"), axis(self.in_axis, "in_axis")
+        # (as_int: a bool, float or str is a TypeError, a negative int a ValueError, each naming the field)
+        out_axis, in_axis = as_int(self.out_axis, "out_axis", 0), as_int(self.in_axis, "in_axis", 0)
         if isinstance(self.kernel_axes, (str, bytes, torch.Tensor)) or not isinstance(self.kernel_axes, Iterable):
             raise TypeError(f"kernel_axes must be a tuple of ints; got {self.kernel_axes!r}")
-        kernel_axes = tuple(axis(a, "kernel_axes") for a in self.kernel_axes)
+        kernel_axes = tuple(as_int(a, "kernel_axes", 0) for a in self.kernel_axes)
         axes = (out_axis, in_axis, *kernel_axes)
         if sorted(axes) != list(range(len(axes))):
             raise ValueError(f"out_axis, in_axis and kernel_axes must name each axis of a {len(axes)}-dim weight once "
