@@ -385,6 +385,11 @@ def test_load_state_dict_refuses_another_models_state():
     state["step_count"] = -1
     with pytest.raises(ValueError, match="step_count"):
         r.load_state_dict(state)
+    state = r.state_dict()  # (a density is checked before anything changes: refused whole)
+    state["step_count"], state["densities"] = 5, {"0": "dense"}
+    with pytest.raises(TypeError, match=r"densities\['0'\]"):
+        r.load_state_dict(state)
+    assert r.step_count == 0
 
 
 @pytest.mark.parametrize("twice", ["context-and-attach", "attach-twice"])

@@ -250,11 +250,13 @@ class RigL:
         updates = check_int(state["updates"], "state_dict's updates", 0)
         update_interval = positive_int(state["update_interval"], "state_dict's update_interval")
         end_step = positive_int(state["end_step"], "state_dict's end_step")
-        check_fraction(state["drop_fraction"], "state_dict's drop_fraction", high_open=False)
+        drop_fraction = check_fraction(state["drop_fraction"], "state_dict's drop_fraction", high_open=False)
+        densities = {n: check_fraction(state["densities"].get(n, self.densities[n]), f"state_dict's densities[{n!r}]",
+                                       high_open=False) for n in names}  # (checked before anything changes)
         self.masks = masks
         self.step_count, self.updates = step_count, updates
-        self.update_interval, self.end_step, self.alpha = update_interval, end_step, float(state["drop_fraction"])
-        self.densities = {n: float(state["densities"].get(n, self.densities[n])) for n in names}
+        self.update_interval, self.end_step, self.alpha = update_interval, end_step, drop_fraction
+        self.densities = densities
         self._stepped = set()
         self.apply_masks()
 
