@@ -493,3 +493,34 @@ def test_fused_copy_of_a_model_with_a_pruned_tensor_not_named_weight():
         out = fused(ps.SparseTensor(x.feats, x.coords)).feats
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     assert hasattr(net[2], "gain_orig")
+
+
+@pytest.mark.parametrize("where", ["conv", "bn", "relu", "block_relu", "block_conv"])
+def test_fused_copy_keeps_what_a_forward_hook_sees_and_returns(where):
+    """A forward (post) hook that changes an output (a VoxelPrune run on a
+    module's output, a clamp): a hooked BatchNorm or ReLU was folded away
+    and its hook dropped, and a hooked conv's hook saw (and changed) the
+    folded conv + BatchNorm + ReLU output instead of the conv's, so the
+    fused model computed another function than model.eval() without a word
+    (other rows, or logits off by 0.2-0.5). Such modules stay unfolded now;
+    pruning's own bookkeeping hook (keep_copyable) still fuses."""
+    from pointsparse import prune
+
+    torch.manual_seed(0)
+    net = MinkUNet(4, 5, cr=0.25, blocks=1)
+    _randomise_bn(net)
+    net.eval()
+    module = {"conv": net.stem[0][0], "bn": net.stem[0][1], "relu": net.stem[0][2],
+              "block_relu": net.fuse[3][0].relu, "block_conv": net.fuse[3][0].main[3]}[where]
+    pruner = spnn.VoxelPrune(0.5)
+    module.register_forward_hook(lambda m, args, out: pruner(out) if where in ("bn", "relu") else
+                                 out.with_feats(out.feats.clamp(-0.1, 0.1)))
+    prune.l1_unstructured(net.stem[1][0], "weight", 0.3)  # (its keep_copyable forward hook)
+    x = _cloud(1500, 4, extent=20)
+    fused = spnn.fuse_for_inference(net)
+    with torch.no_grad():
+        ref = net(x)
+        out = fused(ps.SparseTensor(x.feats, x.coords))
+    assert torch.equal(out.coords, ref.coords)
+    torch.testing.assert_close(out.feats, ref.feats, rtol=1e-4, atol=1e-5 * float(ref.feats.abs().max()))
+    assert isinstance(fused.stem[1][1], torch.nn.Identity) and fused.stem[1][0].relu  # the pruned conv still fused

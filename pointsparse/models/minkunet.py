@@ -9,7 +9,7 @@ import math
 from torch import nn
 
 from .. import nn as spnn
-from ..nn.fuse import has_pre_hooks
+from ..nn.fuse import has_hooks, has_output_hooks
 from ..tensor import SparseTensor, as_float, positive_int
 
 # Output widths of the stem, the four encoder and the four decoder stages.
@@ -57,14 +57,17 @@ class ResidualBlock(nn.Module):
         ReLU of their own over the output). True where it did: ``main`` a
         ``Sequential`` ending in a :class:`~pointsparse.nn.Conv3d` without a
         ReLU of its own (then only ``nn.Identity``) and the block's ReLU a
-        :class:`~pointsparse.nn.ReLU` without forward pre-hooks (a VoxelPrune
-        on the sum, ``models.add_voxel_prune``, runs before it)."""
+        :class:`~pointsparse.nn.ReLU` without forward hooks (a VoxelPrune
+        on the sum, ``models.add_voxel_prune``, runs before it; a caller's
+        hook on its output), and that conv without forward hooks on its
+        output (they would see the sum's ReLU, not the conv's output)."""
         if self.sum_in_conv is not None or not isinstance(self.main, nn.Sequential) \
-                or not isinstance(self.relu, spnn.ReLU) or has_pre_hooks(self.relu):
+                or not isinstance(self.relu, spnn.ReLU) or has_hooks(self.relu):
             return False
         layers = list(self.main)
         last = max((i for i, m in enumerate(layers) if not isinstance(m, nn.Identity)), default=None)
-        if last is None or type(layers[last]) is not spnn.Conv3d or layers[last].relu:
+        if last is None or type(layers[last]) is not spnn.Conv3d or layers[last].relu or \
+                has_output_hooks(layers[last]):
             return False
         layers[last].relu = True
         self.relu = nn.Identity()

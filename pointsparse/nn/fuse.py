@@ -65,6 +65,25 @@ def has_pre_hooks(module: nn.Module) -> bool:
     return bool(module._forward_pre_hooks)
 
 
+def has_output_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` runs forward hooks on its output (a caller's
+    own, which may read or replace it: say a VoxelPrune run on it),
+    other than the pruning package's bookkeeping (``keep_copyable``'s,
+    which only detaches a masked weight). Fusion folds nothing into such a
+    module's output (its hooks would see and change the folded output)
+    and keeps such a BatchNorm or ReLU (folded away, its hooks would go)."""
+    from ..prune._copyable import _detach_masked  # noqa: PLC0415 - the pruning package sits below nn
+
+    return any(hook is not _detach_masked for hook in module._forward_hooks.values())
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` runs forward pre-hooks or output hooks
+    (:func:`has_pre_hooks`, :func:`has_output_hooks`): a module fusion
+    must keep, as it is, to run them."""
+    return has_pre_hooks(module) or has_output_hooks(module)
+
+
 def _unpruned_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` whose pruning reparametrisations are made
     permanent (``prune.remove``: ``weight = weight_orig * mask``, the hook
@@ -129,7 +148,9 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     ``fuse_residual()`` method (MinkUNet's and SPVCNN's ``ResidualBlock``) is
     asked to run its residual sum and ReLU in its last conv's store. A
     BatchNorm or ReLU with forward pre-hooks (a VoxelPrune on its input,
-    ``models.add_voxel_prune``) is left in place, unfolded. A
+    ``models.add_voxel_prune``) or forward hooks on its output is left in
+    place, unfolded, and nothing is folded into the output of a conv with
+    forward hooks on it (they see and may change the conv's own output). A
     pruned module (``torch.nn.utils.prune`` / ``pointsparse.prune``:
     ``weight_orig`` and a mask) has its pruning made permanent in the copy
     first, so the fold lands in the weight the forward uses. A conv held
@@ -152,17 +173,19 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
         names = list(seq._modules)
         for i, name in enumerate(names):
             conv = seq._modules[name]
-            if not isinstance(conv, Conv3d) or conv.relu:
+            # (a conv whose output hooks read or change its output: nothing folded into that output)
+            if not isinstance(conv, Conv3d) or conv.relu or has_output_hooks(conv):
                 continue
             j = i + 1
-            # (a module with pre-hooks stays: e.g. a VoxelPrune on its input, which must run before it)
+            # (a module with hooks stays: e.g. a VoxelPrune on its input, which must run before it, or a
+            # forward hook of the caller's own on its output)
             if j < len(names) and isinstance(seq._modules[names[j]], BatchNorm) and \
-                    seq._modules[names[j]].running_mean is not None and not has_pre_hooks(seq._modules[names[j]]):
+                    seq._modules[names[j]].running_mean is not None and not has_hooks(seq._modules[names[j]]):
                 fold_batchnorm(conv, seq._modules[names[j]])
                 seq._modules[names[j]] = nn.Identity()
                 j += 1
             if j < len(names) and isinstance(seq._modules[names[j]], ReLU) and \
-                    not has_pre_hooks(seq._modules[names[j]]):
+                    not has_hooks(seq._modules[names[j]]):
                 conv.relu = True
                 seq._modules[names[j]] = nn.Identity()
     for module in list(fused.modules()):
