@@ -524,3 +524,39 @@ def test_fused_copy_keeps_what_a_forward_hook_sees_and_returns(where):
     assert torch.equal(out.coords, ref.coords)
     torch.testing.assert_close(out.feats, ref.feats, rtol=1e-4, atol=1e-5 * float(ref.feats.abs().max()))
     assert isinstance(fused.stem[1][1], torch.nn.Identity) and fused.stem[1][0].relu  # the pruned conv still fused
+
+
+@pytest.mark.parametrize("library", ["torch", "pointsparse"])
+def test_fold_batchnorm_reads_a_pruned_batchnorm_as_it_computes_now(library):
+    """A BatchNorm whose gamma and beta are pruned (weight_orig * weight_mask):
+    its ``weight`` / ``bias`` are the products the pruning hook cached at
+    the last forward. After a checkpoint is loaded into it (new weight_orig
+    and bias_orig, no forward since) fold_batchnorm folded those stale
+    values: the folded conv's outputs were off by up to 2. It folds
+    orig * mask, what the BatchNorm computes with now."""
+    from torch.nn.utils import prune as torch_prune
+
+    from pointsparse import prune as ps_prune
+
+    prune = torch_prune if library == "torch" else ps_prune
+    torch.manual_seed(0)
+    conv, bn = spnn.Conv3d(4, 8, bias=True), spnn.BatchNorm(8)
+    net = torch.nn.Sequential(conv, bn).eval()
+    _randomise_bn(net)
+    prune.l1_unstructured(bn, "weight", 0.5)
+    prune.l1_unstructured(bn, "bias", 0.25)
+    state = net.state_dict()
+    state["1.weight_orig"] = state["1.weight_orig"] * 2 + 0.1
+    state["1.bias_orig"] = state["1.bias_orig"] - 0.3
+    net.load_state_dict(state)  # no forward since: bn.weight and bn.bias are the products of the old values
+    x = _cloud(400)
+    with torch.no_grad():
+        gamma, beta = bn.weight_orig * bn.weight_mask, bn.bias_orig * bn.bias_mask
+        assert not torch.equal(gamma, bn.weight)
+        h = conv(x)
+        ref = torch.nn.functional.batch_norm(h.feats, bn.running_mean, bn.running_var, gamma, beta, False, 0.0,
+                                             bn.eps)
+        spnn.fold_batchnorm(conv, bn)
+        out = conv(ps.SparseTensor(x.feats, x.coords)).feats
+        torch.testing.assert_close(bn(h).feats, ref)  # what the BatchNorm computes (its hook: orig * mask)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)

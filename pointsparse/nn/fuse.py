@@ -15,7 +15,9 @@ from .modules import BatchNorm, Conv3d, ReLU
 def fold_batchnorm(conv: Conv3d, bn: nn.BatchNorm1d) -> None:
     """In place: ``conv`` then ``bn`` (eval mode: running statistics) become
     one ``conv`` with ``weight[:, :, c] * s[c]`` and bias ``(bias - mean) * s +
-    beta``, ``s = gamma / sqrt(var + eps)``."""
+    beta``, ``s = gamma / sqrt(var + eps)``. A pruned gamma or beta
+    (``weight_orig`` and a mask) is read as ``orig * mask``, what ``bn``
+    computes with now."""
     if not isinstance(conv, Conv3d):
         raise TypeError(f"fold_batchnorm: conv must be a pointsparse.nn.Conv3d; got {type(conv).__name__}")
     if not isinstance(bn, nn.BatchNorm1d):
@@ -43,9 +45,9 @@ def fold_batchnorm(conv: Conv3d, bn: nn.BatchNorm1d) -> None:
         scale = torch.rsqrt(bn.running_var.double() + bn.eps)
         shift = -bn.running_mean.double()
         if bn.affine:
-            scale = scale * bn.weight.double()
+            scale = scale * _computed(bn, "weight").double()
         bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
-        new_bias = (bias + shift) * scale + (bn.bias.double() if bn.affine else 0)
+        new_bias = (bias + shift) * scale + (_computed(bn, "bias").double() if bn.affine else 0)
         # New tensors, not written in place: a weight tied to another conv's
         # (one Parameter held by both) would take this BatchNorm's fold too.
         if mask is None:
@@ -56,6 +58,17 @@ def fold_batchnorm(conv: Conv3d, bn: nn.BatchNorm1d) -> None:
             conv.weight_orig = nn.Parameter((orig.double() * scale).to(orig.dtype), orig.requires_grad)
             conv.weight = conv.weight_orig * mask.to(orig.dtype)  # what the pruning hook computes from them
         conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype))
+
+
+def _computed(module: nn.Module, name: str) -> torch.Tensor:
+    """``module.name`` as its forward computes it now: ``name_orig *
+    name_mask`` where torch-style pruning is attached (``module.name`` is
+    the product its hook cached at the last forward, stale once
+    ``name_orig`` changed: a checkpoint loaded, an optimizer step)."""
+    orig, mask = module._parameters.get(name + "_orig"), getattr(module, name + "_mask", None)
+    if isinstance(orig, torch.Tensor) and isinstance(mask, torch.Tensor):
+        return orig * mask.to(orig.dtype)
+    return getattr(module, name)
 
 
 def has_pre_hooks(module: nn.Module) -> bool:
