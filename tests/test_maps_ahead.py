@@ -258,6 +258,32 @@ def test_maps_ahead_takes_inputs_of_another_stride():
     assert len(ahead._schedules) == 2
 
 
+def test_map_schedule_of_an_input_that_carries_finer_coords():
+    """An input a strided conv made (stride 2, its cache holding the stride-1
+    coords it came down from and that map), given to a decoder whose
+    transposed conv upsamples back to them: the network runs it, but
+    map_schedule ran the decoder on a fresh cache holding only the input's
+    own coords, so map_schedule and MapsAhead failed with "transposed conv:
+    no coords at stride (1, 1, 1)". The schedule is recorded on a copy of
+    the input's cache (the example's cache is left as it was); MapsAhead
+    gives the decoder's output."""
+    torch.manual_seed(3)
+    down = spnn.Conv3d(4, 8, 2, stride=2)
+    decoder = torch.nn.Sequential(spnn.Conv3d(8, 8, 3), spnn.Conv3d(8, 4, 2, stride=2, transposed=True),
+                                  spnn.Conv3d(4, 3, 3)).eval()
+    x = random_cloud(n=2000, extent=20, seed=4)
+    with torch.no_grad():
+        want = decoder(down(ps.SparseTensor(x.feats, x.coords))).feats
+        example = down(ps.SparseTensor(x.feats, x.coords))
+        held = dict(example.cache.kmaps)
+        schedule = spnn.map_schedule(decoder, example)
+        assert example.cache.kmaps == held  # (recorded on a copy)
+        assert any(k.transposed for k in schedule.maps)
+        y = down(ps.SparseTensor(x.feats, x.coords))
+        assert torch.equal(spnn.MapsAhead(decoder, workers=2)(y).feats, want)
+        assert set(schedule.maps) <= set(y.cache.kmaps)
+
+
 def test_build_maps_checks_its_arguments(monkeypatch):
     net = _net()
     x = random_cloud(n=1500, extent=20)

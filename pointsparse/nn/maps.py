@@ -51,12 +51,21 @@ class MapSchedule:
 
 
 class _Recorder(CoordinateCache):
-    """A coordinate cache that notes every map and plan asked of it."""
+    """A coordinate cache that notes every map and plan asked of it;
+    made from ``source`` (a copy of what it holds: the coords of every
+    stride, the maps and plans built so far, the selections' records)."""
 
-    def __init__(self) -> None:
+    def __init__(self, source: CoordinateCache | None = None) -> None:
         super().__init__()
         self.asked: list = []
         self.planned: set = set()
+        if source is not None:
+            # (shallow copies: the same tensors and maps, so the versions taken of the coords still hold; a
+            # map the source has is found, not built, and a selection's pending restrictions are made here
+            # only, the source's left to its own network)
+            for name in ("coords", "kmaps", "plans", "kept", "derived", "versions", "views"):
+                setattr(self, name, dict(getattr(source, name)))
+            self.origin = source.origin
 
     def get_kmap(self, key, build):
         if key not in self.asked:
@@ -71,15 +80,18 @@ class _Recorder(CoordinateCache):
 def map_schedule(model: torch.nn.Module, example: SparseTensor, *args, **kwargs) -> MapSchedule:
     """The maps and plans ``model`` builds for an input like ``example``:
     runs ``model(example, *args, **kwargs)`` once, without gradients and in eval mode (each
-    module's training flag is restored after), on a fresh cache, noting what
-    it asks for. Only the example's own cache is followed: the maps a layer
+    module's training flag is restored after), on a copy of the example's
+    cache (the coords of every stride it holds, say those a strided conv
+    came down from, which a transposed conv goes back to; the maps built so
+    far, found there, not built again; the example's cache is left as it
+    is), noting what it asks for. Only that cache is followed: the maps a layer
     builds on coords of its own (``VoxelPrune`` makes a cache for the voxels
     it keeps) are left to the network."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     if not isinstance(example, SparseTensor):
         raise TypeError(f"example must be a SparseTensor; got {type(example).__name__}")
-    recorder = _Recorder()
+    recorder = _Recorder(example.cache)
     x = SparseTensor(example.feats, example.coords, example.stride, cache=recorder, validate=False)
     modes = [(m, m.training) for m in model.modules()]
     try:
