@@ -177,7 +177,7 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     gradients are those of that function (a network without the folded
     BatchNorms; train ``model`` and fuse it again to fine-tune with them).
     Modules left unfolded (a BatchNorm after no conv, or one with forward
-    pre-hooks; a dropout) take their own training behaviour."""
+    pre-hooks or output hooks; a dropout) take their own training behaviour."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     fused = _unpruned_copy(model).eval()
