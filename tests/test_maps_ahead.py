@@ -375,3 +375,24 @@ def test_maps_ahead_starts_in_its_models_mode():
     assert spnn.MapsAhead(training).training and not training.stem[1].training
     ahead.train()
     assert ahead.training and net.training
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_schedule_recorded_on_the_cpu_builds_a_cuda_inputs_maps():
+    """A MapsAhead that recorded its schedule on a CPU input then took a
+    CUDA one: the schedule's engine plans were built for the CUDA maps
+    through the C++ core, which takes CPU tensors only ("the C++ core takes
+    CPU tensors"). Off the CPU the maps are built, the plans not (the
+    network makes none there)."""
+    net = _net(6)
+    ahead = spnn.MapsAhead(net)
+    x = random_cloud(n=2000, extent=30, seed=7)
+    with torch.no_grad():
+        ahead(ps.SparseTensor(x.feats, x.coords))
+        assert ahead.schedule.plans
+        ahead.cuda()
+        y = ps.SparseTensor(x.feats.cuda(), x.coords.cuda())
+        got = ahead(y).feats
+        want = net(ps.SparseTensor(x.feats.cuda(), x.coords.cuda())).feats
+    assert set(y.cache.kmaps) == set(ahead.schedule.maps) and not y.cache.plans
+    torch.testing.assert_close(got, want)

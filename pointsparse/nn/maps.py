@@ -171,7 +171,9 @@ def build_maps(tensor: SparseTensor, schedule: MapSchedule, workers: int | None 
     if workers is None:
         workers = _ext.num_threads() if len(tensor) >= PARALLEL_MIN_ROWS else 1
     cache = tensor.cache
-    todo = [k for k in schedule.maps if k not in cache.kmaps or (k in schedule.plans and k not in cache.plans)]
+    # (a schedule recorded on the CPU holds the engine's plans; off the CPU the network builds none, nor do we)
+    plans = schedule.plans if tensor.coords.device.type == "cpu" else frozenset()
+    todo = [k for k in schedule.maps if k not in cache.kmaps or (k in plans and k not in cache.plans)]
     pending = set(todo)  # not yet built: waiting or running
     running: dict = {}
 
@@ -195,13 +197,13 @@ def build_maps(tensor: SparseTensor, schedule: MapSchedule, workers: int | None 
             if key is None:
                 raise ValueError(_stuck(todo))
             todo.remove(key)
-            _build_one(cache, key, key in schedule.plans)
+            _build_one(cache, key, key in plans)
             pending.discard(key)
         return
 
     def task(key) -> None:
         with _ext.threads_here(1):
-            _build_one(cache, key, key in schedule.plans)
+            _build_one(cache, key, key in plans)
 
     pool = _pool(workers)
     try:
