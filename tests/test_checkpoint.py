@@ -487,3 +487,27 @@ def test_non_finite_weight_reads_compressed_layers():
         with torch.no_grad():
             model[2].weight[0, 1, 2] = float("nan")
         assert non_finite_weight(formats.compress(model, fmt)) == "2._extra_state", fmt
+
+
+def test_a_compressed_models_weights_are_named_as_such(tmp_path):
+    """A compressed model's state_dict (formats.compress: each layer's format
+    under ``_extra_state``, a dict) saved as a checkpoint's ``model`` was
+    refused by load_model as no state_dict at all ("the weights must map
+    names to tensors; 'stem.0.0._extra_state' holds dict"); it is named as a
+    compressed model's now, with what to do (load the uncompressed weights,
+    compress the model load_model returns)."""
+    from pointsparse import formats
+    from pointsparse.models import MinkUNet, load_model, model_from_state
+
+    config = {"model": "minkunet", "in_channels": 4, "classes": ["a", "b", "c"], "cr": 0.125, "blocks": 1}
+    model = MinkUNet(4, 3, cr=0.125, blocks=1).eval()
+    for fmt in ("csr", "fkw"):
+        path = tmp_path / f"{fmt}.pt"
+        checkpoint.save(path, {"config": config, "model": formats.compress(model, fmt).state_dict()})
+        with pytest.raises(ValueError, match=rf"checkpoint .*{fmt}\.pt: the weights are a compressed model's "
+                                             r"\(formats\.compress\): 'stem\.0\.0\._extra_state' holds a sparse "
+                                             r"format.*compress the model load_model returns"):
+            load_model(path)
+    with pytest.raises(ValueError, match="compressed model's"):  # (a SparseLinear's: SPVCNN's classifier)
+        model_from_state({"config": dict(config, model="spvcnn"),
+                          "model": formats.compress(torch.nn.Linear(3, 2), "csr").state_dict()})

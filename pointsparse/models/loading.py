@@ -448,6 +448,12 @@ def shape_like(model: nn.Module, state_dict: dict) -> None:
         raise TypeError(f"state_dict must be a dict of names to tensors (a model's state_dict()); got "
                         f"{type(state_dict).__name__}")
     for key, value in state_dict.items():  # (else an AttributeError from the fitting below)
+        if isinstance(key, str) and key.rpartition(".")[2] == "_extra_state" and isinstance(value, dict) and \
+                ("offsets" in value or "weight_format" in value):  # (SparseConv3d's, SparseLinear's)
+            raise ValueError(f"the weights are a compressed model's (formats.compress): {key!r} holds a sparse "
+                             "format, and the config builds the uncompressed model; save the uncompressed "
+                             "model's state_dict, and compress the model load_model returns (or load these "
+                             "weights into a model compressed the same way: load_state_dict)")
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise ValueError(f"the weights must map names to tensors (a state_dict); {key!r} holds "
                              f"{type(value).__name__}")
