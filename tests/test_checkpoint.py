@@ -511,3 +511,17 @@ def test_a_compressed_models_weights_are_named_as_such(tmp_path):
     with pytest.raises(ValueError, match="compressed model's"):  # (a SparseLinear's: SPVCNN's classifier)
         model_from_state({"config": dict(config, model="spvcnn"),
                           "model": formats.compress(torch.nn.Linear(3, 2), "csr").state_dict()})
+
+
+def test_a_key_that_is_no_name_is_named_as_such(tmp_path):
+    """A state_dict key that is no str (5) was said to hold "Tensor", as if the
+    value were the problem; the key is named as no name now."""
+    from pointsparse.models import MinkUNet, load_model
+
+    config = {"model": "minkunet", "in_channels": 4, "classes": ["a", "b", "c"], "cr": 0.125, "blocks": 1}
+    weights = MinkUNet(4, 3, cr=0.125, blocks=1).state_dict()
+    path = tmp_path / "key.pt"
+    checkpoint.save(path, {"config": config, "model": {**weights, 5: torch.zeros(1)}})
+    with pytest.raises(ValueError, match=r"key\.pt: the weights must map names to tensors \(a state_dict\); key 5 of "
+                                         r"type int is not a name \(str\)"):
+        load_model(path)

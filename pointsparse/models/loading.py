@@ -454,7 +454,10 @@ def shape_like(model: nn.Module, state_dict: dict) -> None:
                              "format, and the config builds the uncompressed model; save the uncompressed "
                              "model's state_dict, and compress the model load_model returns (or load these "
                              "weights into a model compressed the same way: load_state_dict)")
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+        if not isinstance(key, str):
+            raise ValueError(f"the weights must map names to tensors (a state_dict); key {key!r} of type "
+                             f"{type(key).__name__} is not a name (str)")
+        if not isinstance(value, torch.Tensor):
             raise ValueError(f"the weights must map names to tensors (a state_dict); {key!r} holds "
                              f"{type(value).__name__}")
     _bias_like(model, state_dict)
