@@ -640,6 +640,41 @@ def test_load_model_names_a_map_location_this_torch_cannot_reach(tmp_path):
         load_model(path, map_location=count)
 
 
+def test_a_loaded_pruned_model_deep_copies(tmp_path):
+    """load_model / model_from_state of a checkpoint holding pruning masks
+    computed each masked weight (weight_orig * weight_mask) with autograd
+    on: a non-leaf tensor, so copy.deepcopy of the model just loaded (an EMA
+    or teacher copy) raised torch's "Only Tensors created explicitly by the
+    user (graph leaves) support the deepcopy protocol". It copies now, and
+    the copy and the loaded model compute the pruned model's output; a
+    training forward still gives the masked weight's gradient."""
+    import copy
+
+    from pointsparse import checkpoint, prune
+    from pointsparse.models import load_model, model_from_state
+
+    torch.manual_seed(0)
+    config = {"model": "minkunet", "in_channels": 4, "classes": ["a", "b", "c"], "cr": 0.125, "blocks": 1}
+    net = MinkUNet(4, 3, cr=0.125, blocks=1).eval()
+    for module in net.modules():
+        if isinstance(module, spnn.Conv3d):
+            prune.l1_unstructured(module, "weight", 0.5)
+    x = _cloud(400, 4, extent=40)
+    with torch.no_grad():
+        want = net(x).feats
+    path = tmp_path / "pruned.pt"
+    checkpoint.save(path, {"config": config, "model": net.state_dict()})
+    for model in (load_model(path), model_from_state({"config": config, "model": net.state_dict()}).eval()):
+        twin = copy.deepcopy(model)
+        with torch.no_grad():
+            assert torch.equal(twin(x).feats, want) and torch.equal(model(x).feats, want)
+    model.train()
+    model(x).feats.sum().backward()
+    conv = model.stem[0][0]
+    assert conv.weight_orig.grad is not None and torch.equal(conv.weight_orig.grad[conv.weight_mask == 0],
+                                                             torch.zeros(int((conv.weight_mask == 0).sum())))
+
+
 def test_model_from_state_sets_the_widths_of_a_masked_narrowed_linear():
     """A channel-pruned SPVCNN whose point branch is masked too (weight_orig
     + weight_mask) loads with its Linear layers' in_features / out_features

@@ -428,12 +428,16 @@ def _apply_masks(model: nn.Module) -> None:
     """Recompute every masked tensor (``weight = weight_orig * weight_mask``)
     from the loaded ``_orig`` and ``_mask``: ``torch.nn.utils.prune`` does it
     in a forward pre-hook, so until the first forward ``module.weight`` would
-    still hold what it was before the load (the full mask's ``weight_orig``)."""
+    still hold what it was before the load (the full mask's ``weight_orig``).
+    Without autograd: a product autograd made is no graph leaf, which
+    ``copy.deepcopy`` of the loaded model refuses (the hook makes it again,
+    with its gradient, at each forward)."""
     from ..prune import BasePruningMethod
-    for module in model.modules():
-        for hook in list(module._forward_pre_hooks.values()):
-            if isinstance(hook, BasePruningMethod):
-                hook(module, None)
+    with torch.no_grad():
+        for module in model.modules():
+            for hook in list(module._forward_pre_hooks.values()):
+                if isinstance(hook, BasePruningMethod):
+                    hook(module, None)
 
 
 def shape_like(model: nn.Module, state_dict: dict) -> None:
