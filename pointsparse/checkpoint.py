@@ -108,6 +108,13 @@ def _refused(value, where: str = "state", seen: set | None = None) -> str | None
     return f"an object of {kind.__module__}.{kind.__qualname__} at {where}"
 
 
+def _as_path(path) -> Path:
+    """``path`` (a str or ``os.PathLike``) as a Path, else a TypeError naming it."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be the checkpoint file's path (a str or Path); got {type(path).__name__}")
+    return Path(path)
+
+
 def save(path, state) -> None:
     """Write ``state`` (tensors, numbers, strings, containers) to ``path``
     atomically, with a SHA-256 digest of its bytes. ``TypeError`` (nothing
@@ -116,8 +123,8 @@ def save(path, state) -> None:
     argparse.Namespace, ...): the payload is put to :func:`load`'s
     unpickler before the file is written. ``FileNotFoundError`` naming the
     folder where ``path``'s does not exist, ``ValueError`` where ``path``
-    is a folder."""
-    path = Path(path)
+    is a folder; ``TypeError`` where it is no path (a str or Path)."""
+    path = _as_path(path)
     if path.is_dir():  # (else an error naming the hidden temporary file, after the work of serialising)
         raise ValueError(f"{path} is a folder; give the checkpoint file to write (e.g. {path / 'checkpoint.pt'})")
     if not path.parent.is_dir():
@@ -177,8 +184,8 @@ def load(path):
     """The state saved by :func:`save` (or a plain ``torch.save`` of data)
     at ``path``, read as data only. ``ValueError`` naming the file when it is
     missing, damaged (digest mismatch, truncated, not a torch file) or holds
-    anything but data."""
-    path = Path(path)
+    anything but data; ``TypeError`` where it is no path (a str or Path)."""
+    path = _as_path(path)
     if path.is_dir():
         raise ValueError(f"checkpoint {path} is a folder; give the checkpoint file in it (e.g. {path}/checkpoint.pt)")
     if not path.is_file():

@@ -525,3 +525,19 @@ def test_a_key_that_is_no_name_is_named_as_such(tmp_path):
     with pytest.raises(ValueError, match=r"key\.pt: the weights must map names to tensors \(a state_dict\); key 5 of "
                                          r"type int is not a name \(str\)"):
         load_model(path)
+
+
+def test_save_and_load_name_a_path_that_is_no_path(tmp_path):
+    """checkpoint.save / load given no path (None, an open buffer, bytes) failed
+    inside pathlib ("expected str, bytes or os.PathLike object, not NoneType",
+    "argument should be a str object ... not <class 'bytes'>"), naming no
+    argument; a TypeError names path and what it takes now."""
+    import io
+
+    for bad, kind in ((None, "NoneType"), (io.BytesIO(), "BytesIO"), (b"c.pt", "bytes"), (3, "int")):
+        with pytest.raises(TypeError, match=rf"path must be the checkpoint file's path \(a str or Path\); got {kind}"):
+            checkpoint.save(bad, {"a": 1})
+        with pytest.raises(TypeError, match=rf"path must be the checkpoint file's path \(a str or Path\); got {kind}"):
+            checkpoint.load(bad)
+    checkpoint.save(str(tmp_path / "c.pt"), {"a": 1})
+    assert checkpoint.load(str(tmp_path / "c.pt")) == {"a": 1}
