@@ -36,6 +36,18 @@ def _serialise(state) -> bytes:
     return buffer.getvalue()
 
 
+#: What pickling raises on an object it cannot take at all (a lambda, a lock, a generator).
+_PICKLE_ERRORS = (pickle.PicklingError, AttributeError, TypeError)
+
+
+def _pickled(state) -> bytes | None:
+    """:func:`_serialise`'s bytes, or None where pickle cannot take ``state``."""
+    try:
+        return _serialise(state)
+    except _PICKLE_ERRORS:
+        return None
+
+
 def atomic_write(path, write) -> None:
     """Call ``write(file)`` on a temporary file beside ``path`` (a name unique
     to this process and call), flush it to disk, then rename it over ``path``:
@@ -75,8 +87,8 @@ _CONTAINERS = (dict, list, tuple, set, frozenset)
 
 def _refused(value, where: str = "state", seen: set | None = None) -> str | None:
     """``"an object of TYPE at PLACE"`` for the first object in ``value``
-    that :func:`load` refuses while all it holds is taken (each object put
-    to the unpickler alone: what it takes is the unpickler's to say, the
+    that :func:`load` refuses (or pickle cannot take) while all it holds is
+    taken (each object put to the unpickler alone: what it takes is the unpickler's to say, the
     classes a caller allows too), or None. ``seen``: the ids of the
     containers walked so far (each is walked once: one holding itself, or
     held in several places, whose first walk finds what a second would)."""
@@ -102,7 +114,10 @@ def _refused(value, where: str = "state", seen: set | None = None) -> str | None
             found = _refused(item, f"an item of {where}", seen)
             if found:
                 return found
-    if type(value) in _CONTAINERS or _loads(_serialise(value)):
+    if type(value) in _CONTAINERS:
+        return None
+    payload = _pickled(value)
+    if payload is not None and _loads(payload):
         return None
     kind = type(value)
     return f"an object of {kind.__module__}.{kind.__qualname__} at {where}"
@@ -120,7 +135,7 @@ def save(path, state) -> None:
     atomically, with a SHA-256 digest of its bytes. ``TypeError`` (nothing
     written) naming the type and place of an object in ``state`` that
     :func:`load` would refuse (a numpy number, a Path, an
-    argparse.Namespace, ...): the payload is put to :func:`load`'s
+    argparse.Namespace, ...) or pickle cannot take (a lambda, a lock): the payload is put to :func:`load`'s
     unpickler before the file is written. ``FileNotFoundError`` naming the
     folder where ``path``'s does not exist, ``ValueError`` where ``path``
     is a folder; ``TypeError`` where it is no path (a str or Path)."""
@@ -129,8 +144,9 @@ def save(path, state) -> None:
         raise ValueError(f"{path} is a folder; give the checkpoint file to write (e.g. {path / 'checkpoint.pt'})")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"no folder {path.parent} to write the checkpoint {path.name} in")
-    payload = _serialise(state)
-    if not _loads(payload):  # (a file no run could load back: found at once, not when resuming)
+    payload = _pickled(state)
+    # (a file no run could load back, or no file at all: found at once, not when resuming)
+    if payload is None or not _loads(payload):
         what = _refused(state) or "an object that is no data"
         raise TypeError(f"state holds {what}, which checkpoint.load refuses (it reads data only: tensors, "
                         "Python numbers, strings, bytes and containers of them); convert it before saving "

@@ -541,3 +541,20 @@ def test_save_and_load_name_a_path_that_is_no_path(tmp_path):
             checkpoint.load(bad)
     checkpoint.save(str(tmp_path / "c.pt"), {"a": 1})
     assert checkpoint.load(str(tmp_path / "c.pt")) == {"a": 1}
+
+
+def test_save_names_where_the_state_holds_what_cannot_be_pickled(tmp_path):
+    """An object pickle cannot take at all (a lambda, a lock, a generator:
+    a logger or a closure left in the state) made save fail inside pickle
+    with its own AttributeError / TypeError ("Can't pickle local object",
+    "cannot pickle '_thread.lock' object"), naming no place in the state. It
+    is the TypeError naming the object's type and place that save gives for
+    what load refuses, and nothing is written."""
+    import threading
+
+    path = tmp_path / "c.pt"
+    for value, name in ((lambda: 1, "function"), (threading.Lock(), "lock"), ((i for i in ()), "generator")):
+        with pytest.raises(TypeError, match=rf"state holds an object of \S*{name} at state\['log'\]\[1\], which "
+                                            "checkpoint.load refuses"):
+            checkpoint.save(path, {"model": {"w": torch.zeros(2)}, "log": [0.5, value]})
+        assert list(tmp_path.iterdir()) == []
