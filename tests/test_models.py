@@ -675,6 +675,28 @@ def test_a_loaded_pruned_model_deep_copies(tmp_path):
                                                              torch.zeros(int((conv.weight_mask == 0).sum())))
 
 
+def test_load_model_names_a_device_index_it_cannot_use(tmp_path):
+    """A device index (which load_model's docstring takes) where this machine
+    has no accelerator was "map_location 0 is no device (e.g. 'cpu', ...)",
+    as if an index were no device; it says the index is not possible here,
+    with torch's reason. An index past a C long was torch's bare ValueError
+    ("Overflow when unpacking long long"); a negative one is no device."""
+    from pointsparse import checkpoint
+    from pointsparse.models import load_model
+
+    config = {"model": "minkunet", "in_channels": 4, "classes": ["a", "b", "c"], "cr": 0.125, "blocks": 1}
+    path = tmp_path / "checkpoint.pt"
+    checkpoint.save(path, {"config": config, "model": MinkUNet(4, 3, cr=0.125, blocks=1).state_dict()})
+    try:
+        torch.device(0)
+    except RuntimeError as error:  # (no accelerator: torch refuses the index itself)
+        with pytest.raises(ValueError, match=rf"map_location 0 \(a device index\) is not possible here: {error}"):
+            load_model(path, map_location=0)
+    for bad in (-1, 10**30):
+        with pytest.raises(ValueError, match=rf"map_location {bad} is no device"):
+            load_model(path, map_location=bad)
+
+
 def test_model_from_state_sets_the_widths_of_a_masked_narrowed_linear():
     """A channel-pruned SPVCNN whose point branch is masked too (weight_orig
     + weight_mask) loads with its Linear layers' in_features / out_features

@@ -293,7 +293,10 @@ def load_model(path, map_location="cpu", *, allow_non_finite: bool = False) -> n
                             f"device index) or None; got {type(map_location).__name__}")
         try:
             map_location = torch.device(map_location)
-        except RuntimeError:
+        except (RuntimeError, ValueError, OverflowError) as error:  # (an index past a C long: ValueError)
+            if isinstance(map_location, int) and 0 <= map_location < 2**63:  # (an index, but no accelerator here)
+                raise ValueError(f"map_location {map_location} (a device index) is not possible here: "
+                                 f"{error}") from None
             raise ValueError(f"map_location {map_location!r} is no device (e.g. 'cpu', 'cuda', 'cuda:0')") from None
     state = checkpoint.load_training(Path(path))  # data only (weights_only=True), digest checked
     try:
