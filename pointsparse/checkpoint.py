@@ -139,7 +139,10 @@ def save(path, state) -> None:
     unpickler before the file is written. ``FileNotFoundError`` naming the
     folder where ``path``'s does not exist, ``ValueError`` where ``path``
     is a folder; ``TypeError`` where it is no path (a str or Path)."""
-    path = _as_path(path)
+    given, path = path, _as_path(path)
+    if str(os.fspath(given)).endswith(("/", os.sep)):  # (pathlib drops the slash: a file of the folder's name)
+        raise ValueError(f"{os.fspath(given)} is a folder (it ends with a slash); give the checkpoint file to write "
+                         f"(e.g. {path / 'checkpoint.pt'})")
     if path.is_dir():  # (else an error naming the hidden temporary file, after the work of serialising)
         raise ValueError(f"{path} is a folder; give the checkpoint file to write (e.g. {path / 'checkpoint.pt'})")
     if not path.parent.is_dir():

@@ -558,3 +558,15 @@ def test_save_names_where_the_state_holds_what_cannot_be_pickled(tmp_path):
                                             "checkpoint.load refuses"):
             checkpoint.save(path, {"model": {"w": torch.zeros(2)}, "log": [0.5, value]})
         assert list(tmp_path.iterdir()) == []
+
+
+def test_save_refuses_a_path_that_names_a_folder_by_its_slash(tmp_path):
+    """save("runs/exp1/", ...) (a folder, by its trailing slash, not made
+    yet) wrote the checkpoint as a file named exp1, since pathlib drops the
+    slash (torch.save refuses it: IsADirectoryError); a later run making
+    runs/exp1 then failed. It is the ValueError save gives for a folder, and
+    nothing is written."""
+    for given in (f"{tmp_path}/exp1/", f"{tmp_path}/exp1{os.sep}"):
+        with pytest.raises(ValueError, match=r"exp1/ is a folder \(it ends with a slash\); give the checkpoint file"):
+            checkpoint.save(given, {"a": 1})
+        assert list(tmp_path.iterdir()) == []
