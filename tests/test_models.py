@@ -697,6 +697,29 @@ def test_load_model_names_a_device_index_it_cannot_use(tmp_path):
             load_model(path, map_location=bad)
 
 
+def test_load_model_puts_a_masked_weight_on_map_location(tmp_path):
+    """load_model computed each masked weight (weight_orig * weight_mask, a
+    plain attribute, not a parameter) before moving the model: after
+    map_location="cuda" (here "meta", the same move) weight_orig and the mask
+    were there and module.weight still on the CPU until the first forward
+    (conv.weight @ a cuda tensor: a device mismatch). It is computed where
+    the model is now."""
+    from pointsparse import checkpoint, prune
+    from pointsparse.models import load_model
+
+    config = {"model": "minkunet", "in_channels": 4, "classes": ["a", "b", "c"], "cr": 0.125, "blocks": 1}
+    net = MinkUNet(4, 3, cr=0.125, blocks=1)
+    for module in net.modules():
+        if isinstance(module, spnn.Conv3d):
+            prune.l1_unstructured(module, "weight", 0.3)
+    path = tmp_path / "pruned.pt"
+    checkpoint.save(path, {"config": config, "model": net.state_dict()})
+    for device in ("meta", "cpu"):
+        conv = load_model(path, map_location=device).stem[0][0]
+        assert conv.weight.device == conv.weight_orig.device == torch.device(device)
+    assert torch.equal(conv.weight, net.stem[0][0].weight_orig * net.stem[0][0].weight_mask)
+
+
 def test_model_from_state_sets_the_widths_of_a_masked_narrowed_linear():
     """A channel-pruned SPVCNN whose point branch is masked too (weight_orig
     + weight_mask) loads with its Linear layers' in_features / out_features

@@ -307,6 +307,7 @@ def load_model(path, map_location="cpu", *, allow_non_finite: bool = False) -> n
         model = model.to(map_location)
     except (AssertionError, RuntimeError) as error:  # e.g. "Torch not compiled with CUDA enabled"
         raise ValueError(f"map_location {str(map_location)!r} is not possible here: {error}") from None
+    _apply_masks(model)  # (each masked weight, a plain attribute .to() does not move, made where the model is now)
     return model.eval()
 
 
