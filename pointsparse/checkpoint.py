@@ -123,6 +123,26 @@ def _refused(value, where: str = "state", seen: set | None = None) -> str | None
     return f"an object of {kind.__module__}.{kind.__qualname__} at {where}"
 
 
+def _meta_tensor(value, where: str = "state", seen: set | None = None) -> str | None:
+    """The place of the first tensor on the meta device (a shape, no values)
+    in ``value`` (a tensor, or containers of them), or None."""
+    if isinstance(value, torch.Tensor):
+        return where if value.is_meta else None
+    if not isinstance(value, _CONTAINERS):
+        return None
+    seen = set() if seen is None else seen
+    if id(value) in seen:  # (a container holding itself)
+        return None
+    seen.add(id(value))
+    if isinstance(value, dict):
+        places = ((item, f"{where}[{key!r}]") for key, item in value.items())
+    elif isinstance(value, (list, tuple)):
+        places = ((item, f"{where}[{i}]") for i, item in enumerate(value))
+    else:
+        places = ((item, f"an item of {where}") for item in value)
+    return next((found for item, place in places if (found := _meta_tensor(item, place, seen))), None)
+
+
 def _as_path(path) -> Path:
     """``path`` (a str or ``os.PathLike``) as a Path, else a TypeError naming it."""
     if not isinstance(path, (str, os.PathLike)):
@@ -138,7 +158,8 @@ def save(path, state) -> None:
     argparse.Namespace, ...) or pickle cannot take (a lambda, a lock): the payload is put to :func:`load`'s
     unpickler before the file is written. ``FileNotFoundError`` naming the
     folder where ``path``'s does not exist, ``ValueError`` where ``path``
-    is a folder; ``TypeError`` where it is no path (a str or Path)."""
+    is a folder or ``state`` holds a tensor on the meta device (a shape,
+    no values); ``TypeError`` where it is no path (a str or Path)."""
     given, path = path, _as_path(path)
     if str(os.fspath(given)).endswith(("/", os.sep)):  # (pathlib drops the slash: a file of the folder's name)
         raise ValueError(f"{os.fspath(given)} is a folder (it ends with a slash); give the checkpoint file to write "
@@ -147,6 +168,11 @@ def save(path, state) -> None:
         raise ValueError(f"{path} is a folder; give the checkpoint file to write (e.g. {path / 'checkpoint.pt'})")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"no folder {path.parent} to write the checkpoint {path.name} in")
+    meta = _meta_tensor(state)
+    if meta:  # (a model built on the meta device, not materialised: the file would hold no weights)
+        raise ValueError(f"{meta} is a tensor on the meta device (a shape, no values), which a checkpoint cannot "
+                         "hold; materialise the model first (model.to_empty(device='cpu'), then initialise or load "
+                         "its weights)")
     payload = _pickled(state)
     # (a file no run could load back, or no file at all: found at once, not when resuming)
     if payload is None or not _loads(payload):

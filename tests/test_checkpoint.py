@@ -570,3 +570,24 @@ def test_save_refuses_a_path_that_names_a_folder_by_its_slash(tmp_path):
         with pytest.raises(ValueError, match=r"exp1/ is a folder \(it ends with a slash\); give the checkpoint file"):
             checkpoint.save(given, {"a": 1})
         assert list(tmp_path.iterdir()) == []
+
+
+def test_tensors_without_values_are_refused_when_saved_and_when_loaded(tmp_path):
+    """A model built on the meta device (torch.device("meta"), to_empty not
+    yet run) has tensors of shapes only: save wrote its state_dict without
+    a word, a checkpoint holding no weights, and load_model then failed with
+    torch's "Cannot copy out of meta tensor; no data!" once per tensor. save
+    refuses it naming the place (nothing written), and weights that hold
+    one anyway (a file written before) are named by the loader."""
+    from pointsparse.models import MinkUNet, model_from_state
+
+    config = {"model": "minkunet", "in_channels": 4, "classes": ["a", "b", "c"], "cr": 0.125, "blocks": 1}
+    with torch.device("meta"):
+        weights = MinkUNet(4, 3, cr=0.125, blocks=1).state_dict()
+    with pytest.raises(ValueError, match=r"state\['model'\]\['stem\.0\.0\.weight'\] is a tensor on the meta device "
+                                         r"\(a shape, no values\)"):
+        checkpoint.save(tmp_path / "c.pt", {"config": config, "model": weights})
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match=r"'stem\.0\.0\.weight' is a tensor on the meta device \(a shape, no "
+                                         r"values\)"):
+        model_from_state({"config": config, "model": weights})

@@ -468,6 +468,9 @@ def shape_like(model: nn.Module, state_dict: dict) -> None:
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"the weights must map names to tensors (a state_dict); {key!r} holds "
                              f"{type(value).__name__}")
+        if value.is_meta:  # (else torch's "Cannot copy out of meta tensor; no data!", once per tensor)
+            raise ValueError(f"the weights' {key!r} is a tensor on the meta device (a shape, no values): these are "
+                             "the weights of a model never materialised")
     _bias_like(model, state_dict)
     _mask_like(model, state_dict)
     narrowed = _fit_shapes(model, state_dict)
