@@ -88,8 +88,8 @@ _CONTAINERS = (dict, list, tuple, set, frozenset)
 def _refused(value, where: str = "state", seen: set | None = None) -> str | None:
     """``"an object of TYPE at PLACE"`` for the first object in ``value``
     that :func:`load` refuses (or pickle cannot take) while all it holds is
-    taken (each object put to the unpickler alone: what it takes is the unpickler's to say, the
-    classes a caller allows too), or None. ``seen``: the ids of the
+    taken (each object put to the unpickler alone: what it takes is the
+    unpickler's to say, the classes a caller allows too), or None. ``seen``: the ids of the
     containers walked so far (each is walked once: one holding itself, or
     held in several places, whose first walk finds what a second would)."""
     if type(value) in (torch.Tensor, torch.nn.Parameter, str, bytes, int, float, bool, type(None)):
@@ -155,8 +155,9 @@ def save(path, state) -> None:
     atomically, with a SHA-256 digest of its bytes. ``TypeError`` (nothing
     written) naming the type and place of an object in ``state`` that
     :func:`load` would refuse (a numpy number, a Path, an
-    argparse.Namespace, ...) or pickle cannot take (a lambda, a lock): the payload is put to :func:`load`'s
-    unpickler before the file is written. ``FileNotFoundError`` naming the
+    argparse.Namespace, ...) or pickle cannot take (a lambda, a lock):
+    the payload is put to :func:`load`'s unpickler before the file is
+    written. ``FileNotFoundError`` naming the
     folder where ``path``'s does not exist, ``ValueError`` where ``path``
     is a folder or ``state`` holds a tensor on the meta device (a shape,
     no values); ``TypeError`` where it is no path (a str or Path)."""
