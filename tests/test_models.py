@@ -1422,3 +1422,23 @@ def test_spvcnn_training_on_one_point_names_the_points():
                                                    r"BatchNorm1d"):
         net(*one)
     assert net.eval()(*one).shape == (1, 3)
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod."])
+def test_a_wrapped_model_s_weights_say_which_prefix_to_strip(tmp_path, prefix):
+    """Weights saved from DistributedDataParallel (keys 'module.*') or a
+    torch.compile'd model ('_orig_mod.*') were refused with every key
+    listed missing and unexpected, nothing naming the prefix; the message
+    names it and how to strip it, and the stripped weights load."""
+    from pointsparse import checkpoint
+    from pointsparse.models import load_model
+
+    net = MinkUNet(4, 3, cr=0.25, blocks=1).eval()
+    config = {"model": "minkunet", "in_channels": 4, "classes": ["a", "b", "c"], "cr": 0.25, "blocks": 1}
+    state = {prefix + k: v for k, v in net.state_dict().items()}
+    checkpoint.save(tmp_path / "wrapped.pt", {"config": config, "model": state})
+    with pytest.raises(ValueError, match=rf"every key starts with '{prefix}' .*removeprefix\('{prefix}'\)"):
+        load_model(tmp_path / "wrapped.pt")
+    checkpoint.save(tmp_path / "plain.pt", {"config": config, "model": {k.removeprefix(prefix): v
+                                                                         for k, v in state.items()}})
+    load_model(tmp_path / "plain.pt")

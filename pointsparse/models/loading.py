@@ -375,7 +375,8 @@ def _misfit(model: nn.Module, weights: dict, error: RuntimeError) -> str:
     """Why ``weights`` do not load into ``model``: a fused inference model's
     (whole BatchNorms missing, every tensor of each, and nothing else: an
     SPVCNN's fused weights keep its point MLPs' BatchNorm1d, which
-    fuse_for_inference does not fold) said so; else the keys missing and
+    fuse_for_inference does not fold) said so; a wrapper's (every key
+    prefixed ``module.`` or ``_orig_mod.``) said so; else the keys missing and
     unexpected, the first few of each (torch's message lists every one), or
     torch's message."""
     own = model.state_dict()
@@ -403,6 +404,14 @@ def _misfit(model: nn.Module, weights: dict, error: RuntimeError) -> str:
                 "pointsparse.models.voxel_prunes(model))), from which load_model adds them again; one inserted "
                 "another way (a forward hook, a forward of its own) is no part of a config: build the model, "
                 "insert it the same way, then load_state_dict these weights")
+
+    for prefix, who in (("module.", "DistributedDataParallel's or DataParallel's"),
+                        ("_orig_mod.", "a torch.compile'd model's")):
+        if unexpected and all(k.startswith(prefix) for k in unexpected) and \
+                {k[len(prefix):] for k in unexpected} >= set(missing):
+            return (f"every key starts with {prefix!r} ({who} wrapper): save the model inside it (ddp.module, "
+                    f"compiled._orig_mod), or strip the prefix: {{k.removeprefix({prefix!r}): v for k, v in "
+                    "state.items()}")
 
     def few(keys):
         return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
