@@ -253,6 +253,52 @@ def test_resume_continues_exactly(tmp_path):
     assert (cut / "checkpoint.pt").read_bytes() == before
 
 
+def test_a_model_pruning_voxels_at_stride_1_trains_on_the_kept_voxels(tmp_path):
+    """A VoxelPrune that add_voxel_prune put at stride 1 (the last decoder
+    stage's input, recorded in the config: predict and eval run it) gives
+    logits on the kept voxels only: train --resume (and prune's
+    --finetune-epochs, the taylor criterion) took the cross-entropy of
+    those against the labels of every voxel, torch's bare 'Expected input
+    batch_size (1056) to match target batch_size (2111)'. The loss now
+    scores the kept voxels against their own labels (the rows the
+    selection records), as the model predicts them; a model of other rows
+    and no record of them is a ValueError naming the counts."""
+    from pointsparse import checkpoint
+    import pointsparse as ps
+    from pointsparse.app.scoring import logits_of
+    from pointsparse.app.tasks import checkpoint_batches
+    from pointsparse.models import add_voxel_prune, load_model, voxel_prunes
+
+    dense = tmp_path / "dense"
+    tr.main(_parse([*TINY, "--epochs", "1", "--out", str(dense)]))
+    state = tr.load_checkpoint(dense / "checkpoint.pt")
+    model = load_model(dense / "checkpoint.pt")
+    pruner = add_voxel_prune(model, "fuse.3", 0.5)
+    out = tmp_path / "pruned"
+    out.mkdir()
+    checkpoint.save(out / "checkpoint.pt", dict(state, model=model.state_dict(),
+                                                config=dict(state["config"], voxel_prune=voxel_prunes(model))))
+    # the loss's logits and labels: the kept voxels' (those the pruner keeps of its input, in its order)
+    batch = checkpoint_batches(state)[0]  # (a cloud of the run, voxelised as it was)
+    kept = []
+    hook = pruner.register_forward_hook(lambda m, args, y: kept.append(m.select(args[0])[0]))
+    with torch.no_grad():
+        logits, labels = logits_of(model.eval(), batch)
+    hook.remove()
+    assert 0 < len(logits) < len(batch.labels) and torch.equal(labels, batch.labels[kept[0]])
+    tr.main(_parse([*TINY, "--epochs", "2", "--resume", "--out", str(out)]))
+    resumed = tr.load_checkpoint(out / "checkpoint.pt")
+    assert resumed["epoch"] == 2 and "fuse.3" in resumed["config"]["voxel_prune"]
+    assert all(math.isfinite(v) for v in resumed["history"]["step_loss"])
+
+    class Half(torch.nn.Module):  # other rows, no selection recorded: no labels to pair them with
+        def forward(self, x):
+            return ps.SparseTensor(x.feats[::2], x.coords[::2])
+
+    with pytest.raises(ValueError, match=rf"logits for {len(batch.labels[::2])} voxels.*{len(batch.labels)} voxels"):
+        logits_of(Half(), batch)
+
+
 def test_resume_refuses_weights_and_optimizer_state_that_do_not_fit_naming_the_file(tmp_path):
     """A checkpoint whose weights are not its config's model (another
     width, a tensor missing), whose weights hold NaN, or whose optimizer

@@ -63,11 +63,32 @@ def _input_of(model, batch: Batch):
 def logits_of(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, the labels they are scored against): per voxel for MinkUNet,
     per point for SPVCNN; the voxels' feats cast to the model's dtype (a
-    model cast for inference, bf16)."""
+    model cast for inference, bf16). A voxel model that prunes voxels at
+    stride 1 (a VoxelPrune there) gives logits on the kept voxels: they are
+    scored against the kept voxels' labels (:func:`kept_labels`)."""
     x = _input_of(model, batch)
     if point_level(model):
         return model(x, batch.inverse, batch.points, batch.point_batch), batch.point_labels
-    return model(x).feats, batch.labels
+    out = model(x)
+    return out.feats, kept_labels(out, batch.labels)
+
+
+def kept_labels(out, labels: torch.Tensor) -> torch.Tensor:
+    """The labels of the voxels a voxel model's output ``out`` holds, from
+    ``labels`` (one per input voxel): where the model kept some of them at
+    stride 1 (a VoxelPrune there), those of the kept ones, in their order (the
+    selection the output's coordinate cache records); else ``labels``. A
+    ValueError where ``out`` holds another number of voxels and records no
+    such selection."""
+    kept = out.cache.kept.get(out.stride) if out.stride == (1, 1, 1) else None
+    if kept is not None and int(kept[1]) == labels.shape[0] and kept[0].shape[0] == out.coords.shape[0]:
+        return labels.index_select(0, kept[0].to(labels.device))
+    if out.coords.shape[0] != labels.shape[0]:
+        raise ValueError(f"the model gives logits for {out.coords.shape[0]} voxels (stride {out.stride}), but its "
+                         f"input has {labels.shape[0]} voxels and no selection of them is recorded (a VoxelPrune "
+                         "at stride 1 records the voxels it keeps): a segmentation model gives logits on its "
+                         "input's voxels")
+    return labels
 
 
 @torch.no_grad()
