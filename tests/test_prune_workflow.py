@@ -869,6 +869,50 @@ def test_a_pruned_checkpoint_starts_its_own_best(tmp_path, capsys):
     assert report["best_miou"] == best["best_miou"] == max(best["history"]["val_miou"][1:]) < 0.99
 
 
+def test_a_procedure_on_a_checkpoint_pruning_voxels_at_stride_1(voxel_run, tmp_path):
+    """The procedures' task on a checkpoint whose model prunes voxels at
+    stride 1 (add_voxel_prune on fuse.3, recorded in its config: its logits
+    are on the kept voxels) took their cross-entropy against every voxel's
+    labels and their argmax against them in the mIoU: torch's bare
+    'Expected input batch_size (604) to match target batch_size (1208)'
+    (``pointsparse prune sensitivity --checkpoint``). The loss now scores the
+    kept voxels against their labels, and the metric gives the dropped
+    voxels class 0, as predict and eval give their points."""
+    from pointsparse.app import metrics
+    from pointsparse.app.tasks import checkpoint_batches, checkpoint_task
+    from pointsparse.models import add_voxel_prune, voxel_prunes
+
+    state = checkpoint.load(voxel_run)
+    model = load_model(voxel_run)
+    pruner = add_voxel_prune(model, "fuse.3", 0.5)
+    path = tmp_path / "pruned.pt"
+    checkpoint.save(path, dict(state, model=model.state_dict(),
+                               config=dict(state["config"], voxel_prune=voxel_prunes(model))))
+    _, task = checkpoint_task(path)
+    net = task.make_model()
+    kept = []
+    pruner.register_forward_hook(lambda m, args, y: kept.append(m.select(args[0])[0]))
+
+    def logits_and_kept(x):  # (the rows the pruner keeps of its input: the input's voxels, in their order)
+        kept.clear()
+        with torch.no_grad():
+            model.eval()(x)
+            out = net(x)
+        assert 0 < len(out) < len(x) and len(kept[0]) == len(out)
+        return out, kept[0]
+
+    x, labels = task.batch_fn()
+    out, rows = logits_and_kept(x)
+    assert torch.equal(task.loss_fn(out, labels),
+                       torch.nn.functional.cross_entropy(out.feats, labels[rows], ignore_index=255))
+    val = checkpoint_batches(state, count=4)[-1]  # (the task's validation cloud: the last of its four)
+    out, rows = logits_and_kept(val.input)
+    pred = torch.zeros(len(val.input), dtype=torch.int64).index_copy(0, rows, out.feats.argmax(1))
+    classes = len(state["config"]["classes"])
+    assert task.eval_fn(net) == metrics.mean_iou(metrics.confusion_matrix(pred, val.labels, classes, 255))
+    task.train_fn(net, 1)  # (its steps' loss)
+
+
 def test_a_procedure_on_an_spvcnn_checkpoint_names_the_file(tmp_path):
     """amc / netadapt / the task procedures take a MinkUNet run: an SPVCNN
     checkpoint was refused without naming the file given."""

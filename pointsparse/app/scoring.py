@@ -80,15 +80,32 @@ def kept_labels(out, labels: torch.Tensor) -> torch.Tensor:
     selection the output's coordinate cache records); else ``labels``. A
     ValueError where ``out`` holds another number of voxels and records no
     such selection."""
+    rows = _kept_rows(out, labels.shape[0])
+    return labels if rows is None else labels.index_select(0, rows.to(labels.device))
+
+
+def voxel_classes(out, n: int) -> torch.Tensor:
+    """The predicted class of each of the ``n`` voxels a voxel model was
+    given, from its output ``out``: the argmax of their logits; where the
+    model kept some of them at stride 1 (a VoxelPrune there), class 0 for
+    the dropped ones (as :func:`predict` gives their points)."""
+    pred = out.feats.argmax(1)
+    rows = _kept_rows(out, n)
+    return pred if rows is None else pred.new_zeros(n).index_copy(0, rows.to(pred.device), pred)
+
+
+def _kept_rows(out, n: int) -> torch.Tensor | None:
+    """The rows of the ``n`` input voxels that ``out`` holds, where it holds a
+    selection of them at stride 1 (:func:`kept_labels`); None where it holds
+    them all."""
     kept = out.cache.kept.get(out.stride) if out.stride == (1, 1, 1) else None
-    if kept is not None and int(kept[1]) == labels.shape[0] and kept[0].shape[0] == out.coords.shape[0]:
-        return labels.index_select(0, kept[0].to(labels.device))
-    if out.coords.shape[0] != labels.shape[0]:
+    if kept is not None and int(kept[1]) == n and kept[0].shape[0] == out.coords.shape[0]:
+        return kept[0]
+    if out.coords.shape[0] != n:
         raise ValueError(f"the model gives logits for {out.coords.shape[0]} voxels (stride {out.stride}), but its "
-                         f"input has {labels.shape[0]} voxels and no selection of them is recorded (a VoxelPrune "
-                         "at stride 1 records the voxels it keeps): a segmentation model gives logits on its "
-                         "input's voxels")
-    return labels
+                         f"input has {n} voxels and no selection of them is recorded (a VoxelPrune at stride 1 "
+                         "records the voxels it keeps): a segmentation model gives logits on its input's voxels")
+    return None
 
 
 @torch.no_grad()

@@ -248,6 +248,7 @@ def checkpoint_task(path, data=None, label_map=None, clouds: int = 4) -> tuple[d
     metric voxel mIoU), so that AMC, NetAdapt and the other procedures run on
     a real model and real data."""
     from .evaluate import checkpoint_model
+    from .scoring import kept_labels, voxel_classes
     from .train import load_checkpoint
     state = load_checkpoint(path)
     model = str(state["config"].get("model", "minkunet"))
@@ -269,12 +270,12 @@ def checkpoint_task(path, data=None, label_map=None, clouds: int = 4) -> tuple[d
         cursor["i"] = (cursor["i"] + 1) % len(train)
         return train[cursor["i"]].input, train[cursor["i"]].labels
 
-    def loss_fn(out, labels):
-        return nn.functional.cross_entropy(out.feats, labels, ignore_index=ignore)
+    def loss_fn(out, labels):  # (a model pruning voxels at stride 1: its kept voxels' logits, against their labels)
+        return nn.functional.cross_entropy(out.feats, kept_labels(out, labels), ignore_index=ignore)
 
     def evaluate(model):
         with evaluating(model), torch.no_grad():
-            pred = model(val.input).feats.argmax(1)
+            pred = voxel_classes(model(val.input), len(val.labels))  # (class 0 for a voxel pruned at stride 1)
         return metrics.mean_iou(metrics.confusion_matrix(pred, val.labels, classes, ignore))
 
     lr = float(state.get("args", {}).get("lr", 0.05)) * 0.1
