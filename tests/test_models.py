@@ -1381,6 +1381,24 @@ def test_add_voxel_prune_refuses_a_module_the_model_never_calls():
     add_voxel_prune(SPVCNN(4, 3, cr=0.125, blocks=1), "unet.fuse.3", 0.5)  # (a stage it calls)
 
 
+def test_spvcnns_unet_classifier_which_it_never_calls_is_refused():
+    """SPVCNN replaces its U-Net's classifier by an nn.Identity and never
+    calls it (its own classifier runs on the points): add_voxel_prune and
+    add_voxel_skip took ``unet.classifier``, voxel_prunes / voxel_skips
+    recorded it, and the layer never ran (the model's output was the
+    unpruned one, silently). Both refuse it now, naming it and the
+    classifier that does run, the model unchanged."""
+    from pointsparse.models import SPVCNN, add_voxel_prune, add_voxel_skip
+
+    for add in (add_voxel_prune, add_voxel_skip):
+        model = SPVCNN(4, 3, cr=0.125, blocks=1)
+        before = list(model.state_dict())
+        with pytest.raises(ValueError, match=r"module_name 'unet.classifier' is .*never calls.*'classifier'"):
+            add(model, "unet.classifier", 0.5)
+        assert list(model.state_dict()) == before and isinstance(model.unet.classifier, torch.nn.Identity)
+        assert not hasattr(model, "voxel_prune")
+
+
 def test_add_voxel_skip_refuses_what_the_model_cannot_run_wrapped():
     """A VoxelSkip around a container the model indexes or iterates
     (MinkUNet's down list: "'VoxelSkip' object is not iterable"), around

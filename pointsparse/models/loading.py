@@ -102,11 +102,15 @@ def _never_called(model: nn.Module, module: nn.Module) -> str | None:
     """Why ``model`` never calls its submodule ``module`` (a container it
     indexes or iterates: an ``nn.ModuleList`` / ``nn.ModuleDict``, whose
     call is no forward; SPVCNN's ``unet``, whose stages SPVCNN runs one by
-    one), or None."""
+    one; SPVCNN's ``unet.classifier``, an ``nn.Identity`` in place of the
+    U-Net's, whose classifier runs on the points), or None."""
     if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
         return f"an nn.{type(module).__name__}, a container the model indexes or iterates and never calls"
     if isinstance(model, SPVCNN) and module is model.unet:
         return "SPVCNN's voxel branch, whose stages SPVCNN runs one by one: it never calls unet itself"
+    if isinstance(model, SPVCNN) and module is model.unet.classifier:
+        return ("the nn.Identity SPVCNN puts in place of its U-Net's classifier and never calls (the classifier "
+                "that runs is 'classifier', on the points)")
     return None
 
 
@@ -118,8 +122,8 @@ def add_voxel_skip(model: nn.Module, module_name: str, keep_ratio: float = 0.5, 
     unwrapped ones) and returns it; :func:`voxel_skips` records it for a
     checkpoint's config. A name the model lacks, the model itself, a module
     it never calls (an ``nn.ModuleList`` / ``nn.ModuleDict``, SPVCNN's
-    ``unet``) or one of SPVCNN's point branch (no SparseTensor there) is
-    refused."""
+    ``unet`` and ``unet.classifier``) or one of SPVCNN's point branch (no
+    SparseTensor there) is refused."""
     module = _named_module(model, module_name, "fuse.0.0.main")
     uncalled = _never_called(model, module)
     if uncalled:
@@ -203,7 +207,8 @@ def add_voxel_prune(model: nn.Module, module_name: str, keep_ratio: float = 0.5,
     matches: :func:`voxel_prunes` refuses it). An ``nn.Sequential`` model is
     refused (it would run the registered pruners as a layer), and so is a
     module the model never calls (an ``nn.ModuleList`` / ``nn.ModuleDict``,
-    SPVCNN's ``unet``), on which the pruner would never run."""
+    SPVCNN's ``unet`` and ``unet.classifier``), on which the pruner would
+    never run."""
     if isinstance(model, nn.Sequential):  # (its forward calls every child: the pruners' ModuleDict too)
         raise ValueError(f"model is an nn.Sequential, which would run the pruners add_voxel_prune registers on it "
                          f"(its child {_PRUNES!r}) as a layer; wrap it in a module whose forward calls it, and give "
