@@ -305,7 +305,10 @@ def test_spvcnn_names_a_voxel_prune_that_dropped_the_voxels_of_its_points(where)
     voxel around a point (here isolated points, one voxel each at every
     stride) leaves the point no voxel. The ValueError says so and where to
     prune instead; it said 'points and voxels from different inputs?',
-    which they are not. After the last of those steps the model runs."""
+    which they are not. After the last of those steps the model runs, and
+    so it does between them at strides 16 and 8 (the decoder comes back to
+    every stride-4 voxel before the second average), which the message
+    left out of the places it named."""
     from pointsparse.models import SPVCNN, add_voxel_prune
 
     points = torch.tensor([[40.0 * i + 0.5, 0.5, 0.5] for i in range(8)])
@@ -313,11 +316,13 @@ def test_spvcnn_names_a_voxel_prune_that_dropped_the_voxels_of_its_points(where)
     batch = torch.zeros(8, dtype=torch.long)
     net = SPVCNN(4, 3, cr=0.125, blocks=1).eval()
     add_voxel_prune(net, where, 0.5)
-    with pytest.raises(ValueError, match=r"VoxelPrune.* dropped .*unet\.fuse\.2"):
+    with pytest.raises(ValueError, match=r"VoxelPrune.* dropped .*unet\.up\.0, unet\.fuse\.0, unet\.up\.1.*"
+                                         r"unet\.fuse\.2"):
         net(x, inverse, points, batch)
-    net = SPVCNN(4, 3, cr=0.125, blocks=1).eval()
-    add_voxel_prune(net, "unet.fuse.2", 0.5)
-    assert net(x, inverse, points, batch).shape == (8, 3)
+    for fine in ("unet.up.0", "unet.fuse.0", "unet.up.1", "unet.fuse.2"):
+        net = SPVCNN(4, 3, cr=0.125, blocks=1).eval()
+        add_voxel_prune(net, fine, 0.5)
+        assert net(x, inverse, points, batch).shape == (8, 3)
 
 
 @pytest.mark.parametrize("where", ["down.0", "down.2.0", "fuse.0.0.main.3"])

@@ -33,9 +33,10 @@ def point_rows(tensor: SparseTensor, point_coords: torch.Tensor) -> torch.Tensor
             raise ValueError(
                 f"some points fall in no voxel of the tensor at stride {tensor.stride}: a VoxelPrune before it "
                 "dropped every voxel around them. SPVCNN averages every point into the voxels after its bottleneck "
-                "and after its second decoder stage, so voxels may be pruned only after those (on the input of "
-                "unet.up.2, unet.fuse.2, unet.up.3 or unet.fuse.3); elsewhere keep every voxel with a VoxelSkip "
-                "(models.add_voxel_skip)")
+                "and after its second decoder stage (stride 4), so voxels may be pruned only after the bottleneck "
+                "(on the input of unet.up.0, unet.fuse.0, unet.up.1: strides 16 and 8, from which the decoder comes "
+                "back to every stride-4 voxel; or of unet.up.2, unet.fuse.2, unet.up.3, unet.fuse.3); elsewhere "
+                "keep every voxel with a VoxelSkip (models.add_voxel_skip)")
         raise ValueError("some points fall in no voxel of the tensor (points and voxels from different inputs?)")
     return rows[pos]
 
