@@ -1145,3 +1145,37 @@ def test_figures_axes_read_as_their_titles_say(monkeypatch):
     image = figs[1].axes[0].images[0]
     assert image.get_clim() == (0, 100)
     assert image.get_array().max() == pytest.approx(90.0)
+
+
+def test_init_from_reads_a_pruned_or_voxel_skipped_checkpoints_weights():
+    """--init from a checkpoint of a pruned model (weights stored as
+    weight_orig and weight_mask) or one with a VoxelSkip (the wrapped
+    layer's weights under '.module.') copied none of those layers into the
+    fresh model, silently: only the log's count was lower. The pruned
+    weights (orig * mask) and the wrapped layers' weights are copied by
+    their layer's name now, and what the model has no place for is named."""
+    import pointsparse.prune as prune
+    from pointsparse.models import add_voxel_skip
+
+    torch.manual_seed(0)
+    src = MinkUNet(7, 3, cr=0.125, blocks=1)
+    prune.l1_unstructured(src.stem[0][0], "weight", amount=0.5)
+    add_voxel_skip(src, "fuse.3", keep_ratio=0.5)
+    own_src = src.state_dict()
+    assert "stem.0.0.weight_orig" in own_src and any(".module." in k for k in own_src)
+    dst = MinkUNet(7, 3, cr=0.125, blocks=1)
+    unused = []
+    copied = tr.init_from(dst, {"model": own_src, "config": {"classes": ["a", "b", "c"]}}, ["a", "b", "c"],
+                          unused=unused)
+    assert unused == []
+    state = dst.state_dict()
+    want = own_src["stem.0.0.weight_orig"] * own_src["stem.0.0.weight_mask"]
+    assert torch.equal(state["stem.0.0.weight"], want) and "stem.0.0.weight" in copied
+    wrapped = [k for k in own_src if ".module." in k and not k.endswith("num_batches_tracked")]
+    for key in wrapped:
+        plain = key.replace(".module.", ".", 1)
+        assert torch.equal(state[plain], own_src[key]), key
+    # what the model has no place for is reported, not dropped silently
+    other = MinkUNet(7, 3, cr=0.25, blocks=1)  # (wider: no tensor of the source fits but the norms' counters)
+    tr.init_from(other, {"model": own_src, "config": {"classes": ["a", "b", "c"]}}, ["a", "b", "c"], unused=unused)
+    assert "stem.0.0.weight_orig" in unused

@@ -549,31 +549,61 @@ def check_optimizer_state(state: dict, model: torch.nn.Module, path) -> None:
                                  f"{tuple(value.shape)}, the parameter {tuple(param.shape)}")
 
 
-def init_from(model: torch.nn.Module, checkpoint: dict, classes: list[str]) -> list[str]:
+def _init_sources(src: dict) -> dict:
+    """A checkpoint's weights by the name of the tensor the layer computes
+    with: a pruned tensor's ``name_orig * name_mask`` as ``name`` (the
+    values it runs with), a VoxelSkip's wrapped layer's ``a.module.b`` as
+    ``a.b`` (its name unwrapped). Values: (tensor, the source keys it
+    takes)."""
+    out = {}
+    for name, value in src.items():
+        if name.endswith("_mask") and name[:-5] + "_orig" in src:
+            continue
+        keys = [name]
+        if name.endswith("_orig") and name[:-5] + "_mask" in src:
+            mask = src[name[:-5] + "_mask"]
+            keys.append(name[:-5] + "_mask")
+            name, value = name[:-5], value * mask.to(value.dtype)
+        out[name] = (value, keys)
+        if ".module." in name:
+            out.setdefault(name.replace(".module.", ".", 1), (value, keys))
+    return out
+
+
+def init_from(model: torch.nn.Module, checkpoint: dict, classes: list[str], unused: list | None = None) -> list[str]:
     """Copy a checkpoint's weights into ``model``: every tensor with the same
-    name and shape, and the classifier rows of classes with the same name.
-    Returns the names of the tensors copied."""
+    name and shape (a pruned layer's weights as it computes with them,
+    ``weight_orig * weight_mask``, and a VoxelSkip's wrapped layer's by the
+    layer's own name, so that a fresh model takes them), and the classifier
+    rows of classes with the same name. Returns the names of the tensors
+    copied; ``unused`` (a list) receives the checkpoint's keys that found no
+    place (they were dropped silently: the log's count alone was lower)."""
     src = checkpoint["model"]
     src_classes = checkpoint["config"]["classes"]
     own = model.state_dict()
-    copied = []
+    copied, taken = [], set()
     with torch.no_grad():
-        for name, value in src.items():
-            if name.startswith("classifier."):
+        sources = _init_sources(src)
+        for name, (value, keys) in sources.items():
+            if name.startswith("classifier.") or name in copied:
                 continue
             if name in own and own[name].shape == value.shape:
                 own[name].copy_(value)
                 copied.append(name)
+                taken.update(keys)
         head = "classifier.fn." if "classifier.fn.weight" in own else "classifier."
-        src_head = "classifier.fn." if "classifier.fn.weight" in src else "classifier."
-        weight, bias = src.get(src_head + "weight"), src.get(src_head + "bias")
-        if weight is not None and weight.shape[1] == own[head + "weight"].shape[1]:
+        src_head = "classifier.fn." if "classifier.fn.weight" in sources else "classifier."
+        weight, bias = (sources.get(src_head + part, (None,))[0] for part in ("weight", "bias"))
+        if weight is not None and bias is not None and weight.shape[1] == own[head + "weight"].shape[1]:
             for i, c in enumerate(classes):
                 if c in src_classes:
                     j = src_classes.index(c)
                     own[head + "weight"][i] = weight[j]
                     own[head + "bias"][i] = bias[j]
             copied.append("classifier (rows of " + ", ".join(c for c in classes if c in src_classes) + ")")
+            taken.update(k for k in src if k.startswith(src_head))
+    if unused is not None:
+        unused.extend(k for k in src if k not in taken and not k.startswith("classifier."))
     return copied
 
 
@@ -803,8 +833,11 @@ class TrainingJob:
             if name is not None:  # (refused as eval, --resume and load_model refuse it: not trained from)
                 raise ValueError(f"--init {args.init}: {name} holds NaN or inf: the weights of a diverged run or a "
                                  "damaged file; start from an earlier checkpoint")
-            copied = init_from(self.model, source, self.classes)
-            self.log(f"initialised {len(copied)} tensors from {args.init}")
+            unused: list[str] = []
+            copied = init_from(self.model, source, self.classes, unused)
+            self.log(f"initialised {len(copied)} tensors from {args.init}"
+                     + (f"; {len(unused)} of its tensors fit no tensor of this model (first: "
+                        f"{', '.join(unused[:3])})" if unused else ""))
         if dist.active:
             self.model = SyncBatchNorm.convert(self.model)
         self.model.to(dist.device)
