@@ -325,6 +325,31 @@ def test_spvcnn_names_a_voxel_prune_that_dropped_the_voxels_of_its_points(where)
         assert net(x, inverse, points, batch).shape == (8, 3)
 
 
+def test_point_rows_of_a_tensor_with_no_voxels_names_the_points():
+    """A VoxelPrune whose threshold drops every voxel before SPVCNN's
+    bottleneck leaves point_rows (and the voxel_rows operator) a tensor of
+    no voxels: the points fall in none, a ValueError naming the VoxelPrune
+    as for a partial drop, or the points alone without one; it was torch's
+    IndexError ('index is out of bounds for dimension with size 0')."""
+    from pointsparse.models import SPVCNN, add_voxel_prune
+    from pointsparse.models.spvcnn import point_rows
+
+    points = torch.tensor([[40.0 * i + 0.5, 0.5, 0.5] for i in range(8)])
+    x, inverse = ps.voxelize(points, torch.randn(8, 4), voxel_size=1.0)
+    batch = torch.zeros(8, dtype=torch.long)
+    net = SPVCNN(4, 3, cr=0.125, blocks=1).eval()
+    add_voxel_prune(net, "unet.stem", threshold=1e30)
+    with pytest.raises(ValueError, match=r"some points fall in no voxel .*VoxelPrune.* dropped"):
+        net(x, inverse, points, batch)
+    empty = ps.SparseTensor(torch.zeros(0, 2), torch.zeros(0, 4, dtype=torch.int32), 2)
+    point_coords = torch.tensor([[0, 3, -1, 5]], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"some points fall in no voxel of the tensor \(points and voxels"):
+        point_rows(empty, point_coords)
+    with pytest.raises(ValueError, match=r"some points fall in no voxel"):
+        torch.ops.pointsparse.voxel_rows(empty.coords, [2, 2, 2], point_coords)
+    assert point_rows(empty, point_coords[:0]).shape == (0,)
+
+
 @pytest.mark.parametrize("where", ["down.0", "down.2.0", "fuse.0.0.main.3"])
 def test_minkunet_names_a_voxel_prune_whose_voxels_meet_unpruned_ones(where):
     """A VoxelPrune on a strided conv's input (its skip connection taken

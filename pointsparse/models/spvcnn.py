@@ -28,7 +28,7 @@ def point_rows(tensor: SparseTensor, point_coords: torch.Tensor) -> torch.Tensor
     keys = _coords.pack_torch(coarse, layout)
     table, rows = torch.sort(_coords.pack_torch(tensor.coords, layout))
     pos = torch.searchsorted(table, keys).clamp_max(max(len(table) - 1, 0))
-    if len(keys) and not bool((table[pos] == keys).all()):
+    if len(keys) and (not len(table) or not bool((table[pos] == keys).all())):  # (no voxels: no row holds any)
         if getattr(tensor.cache, "kept", None):  # (the voxels are a VoxelPrune's selection, or come from one)
             raise ValueError(
                 f"some points fall in no voxel of the tensor at stride {tensor.stride}: a VoxelPrune before it "
