@@ -472,9 +472,12 @@ def devoxelize(tensor: SparseTensor, inverse: torch.Tensor | None = None, *, poi
     wide = torch.promote_types(points.dtype, tensor.dtype)
     idx, weight = _trilinear(tensor, points.to(wide), vs, batch)
     n, c = idx.shape[0], tensor.feats.shape[1]
+    # float16 / bfloat16 feats interpolated in float32, the result rounded once (their weights and 8 products
+    # rounded each: a constant field came back off by an ulp between voxels)
+    compute = torch.promote_types(tensor.dtype, torch.float32)
     gathered = tensor.feats.index_select(0, idx.clamp_min(0).reshape(-1)).view(n, 8, c)  # deterministic backward
-    gathered = gathered * weight.to(tensor.dtype)[..., None]
-    return gathered.sum(1)
+    gathered = gathered.to(compute) * weight.to(compute)[..., None]
+    return gathered.sum(1).to(tensor.dtype)
 
 
 def _nearest_kept(feats: torch.Tensor, rows: torch.Tensor, n, inverse: torch.Tensor) -> torch.Tensor:

@@ -685,6 +685,33 @@ def test_half_precision_feats_sum_and_mean_accumulate_in_float32(dtype, backend)
             assert torch.equal(f.grad, torch.full_like(f, grad)), (reduce, f.grad[:2])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_half_precision_trilinear_devoxelize_rounds_once(dtype, backend):
+    """float16 / bfloat16 feats are interpolated in float32 and the result
+    rounded once: the weights were rounded to the feats' dtype and the 8
+    products summed in it, so a constant field of 7 came back as 6.96875 or
+    7.03125 in bfloat16 between voxels, and a fifth of the points were off
+    the float32 interpolation rounded by up to 2 units in the last place.
+    The gradient reaches the feats in their dtype."""
+    points, feats, batch = cloud(3000, seed=21, batches=2, scale=6.0)
+    query = torch.rand(4000, 3) * 12 - 6
+    qb = torch.randint(0, 2, (4000,))
+    with ps.backend(backend):
+        x, _ = ps.voxelize(points, feats * 3 + 10, voxel_size=0.5, batch=batch)
+        low = x.with_feats(x.feats.to(dtype).requires_grad_())
+        out = ps.devoxelize(low, points=query, voxel_size=0.5, batch=qb, mode="trilinear")
+        wide = ps.devoxelize(low.with_feats(low.feats.float()), points=query, voxel_size=0.5, batch=qb,
+                             mode="trilinear")
+        assert out.dtype == dtype and torch.equal(out, wide.to(dtype))
+        seven = ps.devoxelize(low.with_feats(torch.full_like(low.feats, 7.0)), points=query, voxel_size=0.5,
+                              batch=qb, mode="trilinear")
+        active = (seven != 0).any(1)
+        assert bool(active.sum() > 1000) and bool((seven[active] == 7).all())
+        out.float().sum().backward()
+        assert low.feats.grad.dtype == dtype and bool((low.feats.grad > 0).any())
+
+
 @pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64])
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_unsigned_batch_and_inverse_are_integers_like_the_others(dtype, backend):
