@@ -869,6 +869,25 @@ def test_the_segment_reduce_operator_refuses_bad_segments_alike_on_both_paths(na
                                              torch.tensor(seg_ptr, dtype=torch.int64), mode)
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex64])
+def test_the_segment_reduce_operator_refuses_feats_that_are_no_float_feats(dtype):
+    """Integer, bool or complex feats took the torch path: integers summed
+    in float32 (two rows of 2**25 + 1 summed to 2**26, their mean
+    truncated), max a bare RuntimeError ('cannot be converted to type
+    int64_t'), bools and complex reduced silently. A TypeError naming feats
+    and the dtypes voxelize takes, as voxelize gives."""
+    wide = torch.tensor([[2**25 + 1], [2**25 + 1], [3]])
+    feats = wide.to(dtype)
+    inverse, perm, seg_ptr = torch.tensor([0, 0, 1]), torch.arange(3), torch.tensor([0, 2, 3])
+    for mode in range(4):
+        with pytest.raises(TypeError, match=f"feats must be a float tensor .*float16.*got dtype {dtype}"):
+            torch.ops.pointsparse.segment_reduce(feats, inverse, perm, seg_ptr, mode)
+        with pytest.raises(TypeError, match="feats must be a float tensor"):
+            torch.ops.pointsparse.segment_reduce(feats, inverse, perm, seg_ptr, mode, True)
+    out, _ = torch.ops.pointsparse.segment_reduce(wide.double(), inverse, perm, seg_ptr, 0)
+    assert out.tolist() == [[2.0**26 + 2], [3.0]]
+
+
 def test_the_segment_reduce_operator_names_an_inverse_that_is_no_voxel_map():
     """The torch path reduces by ``inverse`` (the core by perm and
     seg_ptr): one of another length or outside the voxels was a bare torch
