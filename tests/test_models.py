@@ -807,6 +807,22 @@ def test_point_to_voxel_names_bad_arguments():
             point_to_voxel(*args)
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool, torch.complex64])
+def test_point_to_voxel_refuses_point_feats_of_no_float_dtype(dtype):
+    """Integer or bool point feats were averaged into float32 means silently
+    (two points of 2**25 + 1 and 2**25 + 2 into 2**25, a bool mask into
+    fractions), complex ones refused as 'feats', a name point_to_voxel does
+    not take: a TypeError naming point_feats and the float dtypes."""
+    from pointsparse.models import point_to_voxel
+
+    voxels = ps.SparseTensor(torch.zeros(2, 1), torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0]], dtype=torch.int32))
+    feats = torch.tensor([[2**25 + 1], [2**25 + 2], [3]])
+    rows = torch.tensor([0, 0, 1])
+    with pytest.raises(TypeError, match=f"point_feats must be a float tensor .*float16.*got dtype {dtype}"):
+        point_to_voxel(voxels, feats.to(dtype), rows)
+    assert point_to_voxel(voxels, feats.double(), rows).feats.tolist() == [[2**25 + 1.5], [3.0]]
+
+
 def test_spvcnn_forward_reads_the_point_rows_range_only_in_check_points():
     """SPVCNN's forward checks its inputs once (check_points: inverse's rows
     read back to the host); the rows it derives for point_to_voxel
