@@ -592,15 +592,16 @@ def segment_reduce(feats: Tensor, inverse: Tensor, perm: Tensor, seg_ptr: Tensor
                    trusted: bool = False) -> tuple[Tensor, Tensor]:
     """``(out (M, C), arg)`` of :func:`pointsparse.voxelize.segment_reduce`
     (``mode``: ``voxelize.REDUCE_MODES``), differentiable in ``feats``.
-    Where the core does not reduce the feats (float16, bfloat16, another
-    device) the arguments are checked as the core checks them, unless
-    ``trusted`` (segments the graph's own :func:`voxelize` made: a host read
-    on a GPU, each call of a program). ``feats`` of another dtype than
+    The arguments are checked (as the core checks them, and ``inverse``
+    against ``perm`` and ``seg_ptr``: the core reduces by those, the torch
+    path and the backward by ``inverse``), unless ``trusted`` (segments the
+    graph's own :func:`voxelize` made: a host read on a GPU, each call of a
+    program). ``feats`` of another dtype than
     float16, bfloat16, float32 or float64 is a TypeError, as voxelize's."""
     if feats.dtype not in FEATS_DTYPES:  # (integers were summed in float32, max a bare torch error)
         raise TypeError(f"feats must be a float tensor (N, C) of float16, bfloat16, float32 or float64; "
                         f"got dtype {feats.dtype}")
-    if not trusted and not _ext.serves(feats, dtypes=_ext.FLOAT_DTYPES):
+    if not trusted:  # (both paths: the core reduces by perm and seg_ptr, its backward by inverse)
         _check_segments(feats, inverse, perm, seg_ptr, mode)
     out, arg = _segment_reduce(feats, inverse, perm, seg_ptr, mode)
     return out, (arg.clone() if arg is inverse or arg is perm else arg)

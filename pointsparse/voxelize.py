@@ -197,10 +197,10 @@ def segment_reduce(feats, inverse, perm, seg_ptr, mode: int):
 def check_segments(feats, inverse, perm, seg_ptr, mode: int) -> None:
     """What the core's ``segment_reduce`` checks (``mode``; ``perm`` 1-D,
     one row of ``feats`` each; ``seg_ptr`` tiling them, strictly
-    increasing), and the ``inverse`` the torch path reduces by (1-D, one
-    voxel in ``[0, M)`` each): a ValueError naming the argument, as the
-    core's, where the torch path runs (the core checks its own). One host
-    read for the values."""
+    increasing), and the ``inverse`` the torch path and the backward reduce
+    by (1-D, one voxel in ``[0, M)`` each, the voxel whose segment of
+    ``perm`` holds the point; ``perm`` a permutation): a ValueError naming
+    the argument, as the core's. Two host reads for the values."""
     if not isinstance(mode, int) or not 0 <= mode <= 3:
         raise ValueError("mode must be 0 (sum), 1 (mean), 2 (max) or 3 (first)")
     for name, t in (("inverse", inverse), ("perm", perm), ("seg_ptr", seg_ptr)):
@@ -222,6 +222,15 @@ def check_segments(feats, inverse, perm, seg_ptr, mode: int) -> None:
     for bad, message in zip(flags, messages):
         if bad:
             raise ValueError(message)
+    # one voxel map: the core reduces by perm and seg_ptr, the torch path and every backward by inverse
+    segment = torch.repeat_interleave(torch.arange(m, device=seg_ptr.device), seg_ptr.diff(), output_size=n)
+    once = torch.zeros(n, dtype=torch.int64, device=perm.device).index_add_(0, perm, torch.ones_like(perm)) == 1
+    flags = torch.stack([~once.all(), (inverse[perm] != segment.to(inverse.device)).any()]).tolist()
+    if flags[0]:
+        raise ValueError("perm must hold each row of feats once (a permutation of [0, len(feats)))")
+    if flags[1]:
+        raise ValueError("inverse disagrees with perm and seg_ptr: the points perm[seg_ptr[j]:seg_ptr[j + 1]] "
+                         "must be those inverse maps into voxel j (voxelize's inverse, perm and seg_ptr are)")
 
 
 def segment_reduce_backward(grad, inverse, seg_ptr, arg, mode: int, num_rows: int):

@@ -888,6 +888,32 @@ def test_the_segment_reduce_operator_refuses_feats_that_are_no_float_feats(dtype
     assert out.tolist() == [[2.0**26 + 2], [3.0]]
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_the_segment_reduce_operator_refuses_an_inverse_that_disagrees_with_perm(dtype):
+    """The core reduces by perm and seg_ptr, the torch path (float16) and
+    every backward by inverse: an inverse that put a point in another voxel
+    than its segment of perm reduced by perm and routed the gradient by
+    inverse (gradient 1, 1, 10 for rows 0, 1, 2 summed into voxels 0, 1, 0),
+    an inverse outside the voxels or of another length was a bare
+    IndexError / RuntimeError from the backward, and a perm naming a row
+    twice (and another never) passed. A ValueError naming them, on both
+    paths; voxelize's own segments (trusted) are not read again."""
+    feats = torch.randn(5, 2, dtype=torch.float64).to(dtype).requires_grad_()
+    perm, seg_ptr = torch.tensor([0, 2, 1, 4, 3]), torch.tensor([0, 2, 4, 5])
+    inverse = torch.tensor([0, 1, 0, 2, 1])
+    for bad, match in ((torch.tensor([0, 0, 1, 2, 1]), "inverse .*perm"), (torch.tensor([0, 1, 0, 2, 7]), "inverse"),
+                       (torch.tensor([0, 1]), "inverse")):
+        for mode in range(4):
+            with pytest.raises(ValueError, match=match):
+                torch.ops.pointsparse.segment_reduce(feats, bad, perm, seg_ptr, mode)
+    with pytest.raises(ValueError, match="perm must hold each row of feats once"):
+        torch.ops.pointsparse.segment_reduce(feats, torch.tensor([0, 1, 0, 2, 2]), torch.tensor([0, 0, 1, 3, 4]),
+                                             seg_ptr, 0)
+    out, _ = torch.ops.pointsparse.segment_reduce(feats, inverse, perm, seg_ptr, 0)
+    (out * torch.tensor([[1.0], [10.0], [100.0]], dtype=dtype)).sum().backward()
+    assert feats.grad[:, 0].tolist() == [1.0, 10.0, 1.0, 100.0, 10.0]
+
+
 def test_the_segment_reduce_operator_names_an_inverse_that_is_no_voxel_map():
     """The torch path reduces by ``inverse`` (the core by perm and
     seg_ptr): one of another length or outside the voxels was a bare torch
