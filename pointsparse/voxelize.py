@@ -403,8 +403,9 @@ def devoxelize(tensor: SparseTensor, inverse: torch.Tensor | None = None, *, poi
 
     ``mode="nearest"``: ``tensor.feats[inverse]`` with the inverse map from
     :func:`voxelize`. ``mode="trilinear"``: interpolate over the 8 voxels around
-    each point (``points``, ``voxel_size`` of the stride-1 grid, optional
-    ``batch``), with weights renormalised over the active voxels; a point with
+    each point (``points``, ``voxel_size`` of the stride-1 grid, ``batch``:
+    each point's item, needed where the tensor holds any item but 0), with
+    weights renormalised over the active voxels; a point with
     no active voxel around it gets zeros. Works for any tensor stride. An
     argument the mode does not read (``points``, ``voxel_size`` or ``batch``
     in nearest mode, ``inverse`` in trilinear) is a ValueError naming it.
@@ -471,6 +472,12 @@ def devoxelize(tensor: SparseTensor, inverse: torch.Tensor | None = None, *, poi
         raise ValueError("devoxelize(mode='trilinear') needs points and voxel_size")
     _check_points(points)
     vs = _voxel_size(voxel_size)
+    if batch is None and not torch.compiler.is_compiling() and tensor.coords.shape[0] and \
+            bool((tensor.coords[:, 0] != 0).any()):  # (every point was read from batch item 0: another's features)
+        items = torch.unique(tensor.coords[:, 0]).tolist()
+        raise ValueError(f"devoxelize(mode='trilinear'): the tensor holds batch items {items[:5]}"
+                         f"{' ...' if len(items) > 5 else ''}, not item 0 alone; pass batch (each point's item, as "
+                         "voxelize takes it)")
     batch = _check_batch(batch, points.shape[0], points.device)
     if points.device != tensor.device:
         raise ValueError(f"points are on {points.device} but the tensor on {tensor.device}")

@@ -925,3 +925,19 @@ def test_the_segment_reduce_operator_names_an_inverse_that_is_no_voxel_map():
             torch.ops.pointsparse.segment_reduce(feats, inverse, perm, seg_ptr, 0)
     out, _ = torch.ops.pointsparse.segment_reduce(feats, torch.tensor([0, 0, 1]), perm, seg_ptr, 1)
     assert out.tolist() == [[1.0, 2.0], [4.0, 5.0]]
+
+
+def test_trilinear_devoxelize_of_several_items_needs_batch():
+    """devoxelize(mode='trilinear') without batch read every point from
+    batch item 0: the points of item 1 got item 0's features (or zeros
+    where item 0 has no voxel there), silently. A tensor holding any item
+    but 0 now needs batch (ValueError naming it); with it, each point reads
+    its own item."""
+    points, feats, batch = cloud(300, seed=9, batches=2)
+    x, _ = ps.voxelize(points, feats, voxel_size=0.4, batch=batch)
+    with pytest.raises(ValueError, match=r"batch items \[0, 1\], not item 0 alone; pass batch"):
+        ps.devoxelize(x, points=points, voxel_size=0.4, mode="trilinear")
+    both = ps.devoxelize(x, points=points, voxel_size=0.4, batch=batch, mode="trilinear")
+    one = batch == 1
+    alone, _ = ps.voxelize(points[one], feats[one], voxel_size=0.4)
+    torch.testing.assert_close(both[one], ps.devoxelize(alone, points=points[one], voxel_size=0.4, mode="trilinear"))
