@@ -855,6 +855,36 @@ def _generated_checkpoint(path):
     return path
 
 
+def test_eval_notes_an_ignore_index_that_is_a_class(tmp_path, monkeypatch, capsys):
+    """``eval --ignore-index 0`` on files read through semantic-kitti-learning (read as "raw 0 is unlabeled",
+    which the map already ignores) scored every point but the cars, without a word (train notes the same
+    flag); eval now notes the class the ignore index drops from its metrics, for a label map's classes and
+    the generated scenes'. The default 255, and raw labels without a map: no note."""
+    from pointsparse.data import NUM_FEATURES
+    from pointsparse.data.readers import load_label_map
+
+    classes = load_label_map("semantic-kitti-learning").classes
+    config = {"in_channels": NUM_FEATURES, "classes": classes, "cr": 0.125, "blocks": 1, "voxel_size": 0.5,
+              "model": "minkunet"}
+    tr.save_checkpoint(tmp_path / "k.pt", {"model": tr.build_model(config).state_dict(), "config": config,
+                                            "args": {"label_map": "semantic-kitti-learning"}})
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "a.npz", xyz=rng.uniform(0, 8, (300, 3)).astype(np.float32),
+             labels=rng.integers(1, 20, 300))
+    monkeypatch.setattr(evaluate, "evaluate", lambda *args, **kwargs: (_ for _ in ()).throw(_Stop()))
+    cases = [(["--checkpoint", str(tmp_path / "k.pt"), "--data", str(tmp_path / "a.npz"), "--ignore-index", "0"],
+              "note: --ignore-index 0 is the class 'car' of the label map"),
+             (["--checkpoint", str(_generated_checkpoint(tmp_path / "g.pt")), "--ignore-index", "3"],
+              "note: --ignore-index 3 is the class 'building' of the generated scenes"),
+             (["--checkpoint", str(tmp_path / "k.pt"), "--data", str(tmp_path / "a.npz")], None),
+             (["--checkpoint", str(tmp_path / "g.pt")], None)]
+    for flags, note in cases:
+        with pytest.raises(_Stop):
+            cli.main(["eval", *flags, "--no-progress", "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert (note in err and "count nowhere in the metrics" in err) if note else "--ignore-index" not in err
+
+
 def test_eval_refuses_a_label_map_for_the_runs_generated_scenes(tmp_path, capsys):
     """eval without --data scores the run's data; where those are the generated
     scenes, --label-map (which maps files' raw labels) was never read: refused,

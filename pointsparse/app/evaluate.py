@@ -22,7 +22,8 @@ from ..models import model_from_state
 from . import metrics
 from .distributed import pick_device
 from .scoring import _inner, evaluate, loaded_frozen, point_level, write_report
-from .train import add_data_arguments, check_args, generated_source, load_checkpoint, require_labels
+from .train import (_note_ignored_class, add_data_arguments, check_args, generated_source, load_checkpoint,
+                    require_labels)
 from .trainer import have_tqdm
 
 __all__ = ["INFERENCE", "add_arguments", "checkpoint_model", "inference_model", "main"]
@@ -141,6 +142,10 @@ def _score(args, model, state: dict, spec, source, ignore_index: int, device) ->
     require_labels(source, "--data" if args.data else "the run's data")  # (an mIoU of unlabelled clouds is NaN)
     classes = list(source.classes or config["classes"])
     check_data_classes(classes, config["classes"], "--data" if args.data else "the run's data", not is_generated(spec))
+    if source.classes is not None:  # (raw labels without a map: the ignore index is one of them by design)
+        # (--ignore-index 0 read as "raw 0 is unlabeled", which the map ignores already, dropped class 0 unsaid)
+        _note_ignored_class(classes, ignore_index, f"the generated scenes ({spec[0]})" if is_generated(spec)
+                            else f"the label map {source.label_map.name!r}", None, " in the metrics")
     check_scored_labels(source, len(classes), ignore_index, "--data" if args.data else "the run's data")
     if model is None:
         model = with_maps_ahead(inference_model(checkpoint_model(state, args.checkpoint).to(device), args.inference),

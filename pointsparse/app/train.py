@@ -403,16 +403,17 @@ def open_training_data(args, dist: Dist | None = None):
     return train, val, list(classes)
 
 
-def _note_ignored_class(classes, ignore_index: int, source: str, dist: Dist | None) -> None:
+def _note_ignored_class(classes, ignore_index: int, source: str, dist: Dist | None,
+                        counts: str = ", in the loss or the metrics") -> None:
     """A note on stderr where ``ignore_index`` is the training id of one of
     ``classes`` (a label map's or the generated scenes'): that class's points
-    count nowhere, in the loss or the metrics (``--ignore-index 0`` with
-    semantic-kitti-learning, read as "0 is unlabeled", dropped car without a
-    word: the map already ignores the raw ids it does not list)."""
+    count nowhere (``counts``: where; pointsparse eval's, in the metrics)
+    (``--ignore-index 0`` with semantic-kitti-learning, read as "0 is
+    unlabeled", dropped car without a word: the map already ignores the raw
+    ids it does not list)."""
     if (dist is None or dist.main) and 0 <= ignore_index < len(classes):
         print(f"note: --ignore-index {ignore_index} is the class {classes[ignore_index]!r} of {source}: its points "
-              "count nowhere, in the loss or the metrics (raw ids the label map does not list are ignored "
-              "already)", file=sys.stderr)
+              f"count nowhere{counts} (raw ids the label map does not list are ignored already)", file=sys.stderr)
 
 
 def _note_shared_clouds(train_paths, val_paths) -> None:
