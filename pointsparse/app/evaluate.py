@@ -74,7 +74,7 @@ def add_arguments(parser) -> None:
     which.add_argument("--program", metavar="FILE.pt2",
                        help="instead of a checkpoint, a program written by pointsparse export (run on the CPU as it "
                             "was exported: --inference does not apply)")
-    add_data_arguments(parser, ignore_default=None)
+    add_data_arguments(parser, ignore_default=None, run_defaults=True)
     parser.set_defaults(data=None)
     parser.add_argument("--out", default=None, metavar="DIR", help="also write metrics.json and PNGs here")
     parser.add_argument("--val-scenes", type=int, default=None, metavar="N",

@@ -58,16 +58,25 @@ MAX_RAW_CLASSES = 1024
 
 # --------------------------------------------------------------------- arguments
 
-def add_data_arguments(parser, ignore_default: int | None = DEFAULT_IGNORE) -> None:
+def add_data_arguments(parser, ignore_default: int | None = DEFAULT_IGNORE, run_defaults: bool = False) -> None:
     """The data flags shared by train and eval (:mod:`.evaluate`); ``ignore_default=None`` (eval)
-    means the checkpoint's ignore index, else ``DEFAULT_IGNORE``."""
-    parser.add_argument("--data", nargs="+", default=["generated"], metavar="SOURCE",
-                        help="'generated' (LiDAR street scenes, the default), 'generated-indoor', or point cloud "
-                             "files/folders/globs: SemanticKITTI sequence folders or velodyne/*.bin, .npy/.npz, "
-                             ".las/.laz, .ply/.pcd, S3DIS .txt or room folders")
-    parser.add_argument("--label-map", default=None, metavar="NAME|JSON",
-                        help="raw class id -> training id map: a JSON file or a name in datasets/ "
-                             "(semantic-kitti [default for .bin], semantic-kitti-learning, ign-lidarhd, s3dis)")
+    means the checkpoint's ignore index, else ``DEFAULT_IGNORE``; ``run_defaults`` (eval): the help of
+    --data and --label-map gives their defaults there, the run's data and label map."""
+    clouds = ("point cloud files/folders/globs: SemanticKITTI sequence folders or velodyne/*.bin, .npy/.npz, "
+              ".las/.laz, .ply/.pcd, S3DIS .txt or room folders")
+    maps = "semantic-kitti-learning, ign-lidarhd, s3dis, semantic3d"
+    if run_defaults:
+        data_help = (f"{clouds}, or 'generated' / 'generated-indoor' scenes (default: the files the run validated "
+                     "on, else the run's data)")
+        map_help = (f"raw class id -> training id map of the --data files: a JSON file or a name in datasets/ "
+                    f"(semantic-kitti, {maps}; default: the run's (its --val-label-map, else its --label-map), "
+                    "else semantic-kitti for .bin, semantic3d or s3dis for .txt)")
+    else:
+        data_help = f"'generated' (LiDAR street scenes, the default), 'generated-indoor', or {clouds}"
+        map_help = (f"raw class id -> training id map: a JSON file or a name in datasets/ (semantic-kitti "
+                    f"[default for .bin], {maps})")
+    parser.add_argument("--data", nargs="+", default=["generated"], metavar="SOURCE", help=data_help)
+    parser.add_argument("--label-map", default=None, metavar="NAME|JSON", help=map_help)
     default_text = (f"{DEFAULT_IGNORE}" if ignore_default is not None
                     else f"the checkpoint's, else {DEFAULT_IGNORE}")
     parser.add_argument("--ignore-index", type=int, default=ignore_default,
