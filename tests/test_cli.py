@@ -575,3 +575,15 @@ def test_eval_help_gives_evals_own_data_and_label_map_defaults():
     for command in ("train", "eval"):
         for path in LABEL_MAP_DIR.glob("*.json"):
             assert path.stem in helps[command]["label_map"], (command, path.stem)
+
+
+def test_eval_help_names_the_files_its_out_gets(tmp_path):
+    """``pointsparse eval --help`` said --out writes "metrics.json and PNGs"; eval writes eval-metrics.json,
+    eval-confusion.png and eval-topdown.png (beside a run's own metrics.json, which it leaves alone): a user
+    reading metrics.json after an eval into the run's folder read the training run's numbers."""
+    import argparse
+
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    help_text = next(a.help for a in sub.choices["eval"]._actions if a.dest == "out")
+    for name in ("eval-metrics.json", "eval-confusion.png", "eval-topdown.png"):
+        assert name in help_text

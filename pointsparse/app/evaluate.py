@@ -76,7 +76,9 @@ def add_arguments(parser) -> None:
                             "was exported: --inference does not apply)")
     add_data_arguments(parser, ignore_default=None, run_defaults=True)
     parser.set_defaults(data=None)
-    parser.add_argument("--out", default=None, metavar="DIR", help="also write metrics.json and PNGs here")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="also write eval-metrics.json, eval-confusion.png and eval-topdown.png here (beside a "
+                             "run's own metrics.json, which stays)")
     parser.add_argument("--val-scenes", type=int, default=None, metavar="N",
                         help="generated data: score N held-out scenes from the validation seed (default: the run's "
                              "--val-scenes, the scenes it validated on, which are the first of them)")
