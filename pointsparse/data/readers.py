@@ -657,6 +657,19 @@ def _positions(xyz: np.ndarray) -> np.ndarray:
     return x64 - shift
 
 
+def _labels_of_a_cloud(path: Path) -> bool:
+    """Whether ``path`` is the labels array that :func:`_sibling_labels`
+    gives a cloud file that exists (Open3D-ML's ``labels/x.npy`` beside
+    ``points/x.npy``, ``x_labels_0.npy`` beside ``x_points_0.npy``)."""
+    if path.parent.name == "labels":
+        cloud = path.parent.parent / "points" / path.name
+    elif "labels" in path.name:
+        cloud = path.with_name(path.name.replace("labels", "points"))
+    else:
+        return False
+    return cloud != path and cloud.is_file() and _sibling_labels(cloud) == path
+
+
 def _sibling_labels(path: Path) -> Path | None:
     if path.parent.name == "points":
         return path.parent.parent / "labels" / path.name
@@ -1520,7 +1533,8 @@ def find_clouds(specs) -> list[Path]:
     folders) or folders. A folder is searched for
     ``velodyne/*.bin`` (SemanticKITTI), ``points/*.npy`` (Open3D-ML), else
     every supported file in it (``*labels*`` arrays are label files, not
-    clouds, nor are Semantic3D's ``.labels``, in a folder or a glob;
+    clouds, nor are Semantic3D's ``.labels``, in a folder or a glob: in a
+    glob, the ``*labels*`` arrays that are the labels of a cloud file there;
     hidden files, named ``.*``, are skipped as a glob skips them, and so
     are text files named README*, LICENSE*, LICENCE*, NOTICE*, COPYING*,
     CHANGELOG* or CITATION*, any case);
@@ -1546,7 +1560,13 @@ def find_clouds(specs) -> list[Path]:
             clouds = [m for m in matches if not m.lower().endswith(".labels")]
             if matches and not clouds:
                 raise ValueError(f"{spec!r} matches only .labels files (Semantic3D labels; give the .txt scans)")
-            matches = clouds
+            # (nor are the label arrays of Open3D-ML's clouds: '*.npy' over x_points_0.npy and x_labels_0.npy
+            # read the labels as a cloud, and stopped on its (N, 1) shape)
+            arrays = {m for m in clouds if _labels_of_a_cloud(Path(m))}
+            if clouds and len(arrays) == len(clouds):
+                shown = ", ".join(sorted(arrays)[:3]) + (f" and {len(arrays) - 3} more" if len(arrays) > 3 else "")
+                raise ValueError(f"{spec!r} matches only the label arrays of clouds ({shown}): give the clouds")
+            matches = [m for m in clouds if m not in arrays]
         if not matches:
             raise ValueError(f"no files match {spec!r}")
         for m in map(Path, matches):
