@@ -1636,8 +1636,9 @@ def test_find_clouds_globs_skip_the_label_arrays_of_the_clouds_they_match(tmp_pa
     """A glob over Open3D-ML's layouts ('seq01/*.npy' over kitti_01_points_0.npy and kitti_01_labels_0.npy;
     'demo/*/*.npy' over points/ and labels/) took each cloud's label array for a cloud, and predict and eval
     stopped on its (N, 1) shape, while the folder itself read fine. A glob now skips the label arrays the
-    reader takes for a cloud that exists (only those matched: refused, naming them); a cloud whose name
-    merely holds "labels" is still a cloud."""
+    reader takes for a cloud that exists, and the labels/ folder beside points/ ('demo/*' read labels/ as a
+    folder of clouds) (only those matched: refused, naming them); a cloud whose name merely holds "labels" is
+    still a cloud."""
     cloud, labels = np.zeros((5, 3), np.float32), np.zeros((5, 1), np.int32)
     np.save(tmp_path / "kitti_01_points_000000.npy", cloud)
     np.save(tmp_path / "kitti_01_labels_000000.npy", labels)
@@ -1648,6 +1649,7 @@ def test_find_clouds_globs_skip_the_label_arrays_of_the_clouds_they_match(tmp_pa
     assert find_clouds(str(tmp_path / "*.npy")) == [tmp_path / "kitti_01_points_000000.npy",
                                                     tmp_path / "labels_survey.npy"]
     assert find_clouds(str(tmp_path / "demo" / "*" / "*.npy")) == [tmp_path / "demo/points/000700.npy"]
+    assert find_clouds(str(tmp_path / "demo" / "*")) == [tmp_path / "demo/points/000700.npy"]  # (its folders)
     assert find_clouds(tmp_path) == [tmp_path / "kitti_01_points_000000.npy"]  # (a folder's search: as before)
     with pytest.raises(ValueError, match=r"matches only the label arrays of clouds .*kitti_01_labels_000000\.npy"):
         find_clouds(str(tmp_path / "*_labels_*.npy"))

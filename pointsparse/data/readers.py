@@ -660,7 +660,11 @@ def _positions(xyz: np.ndarray) -> np.ndarray:
 def _labels_of_a_cloud(path: Path) -> bool:
     """Whether ``path`` is the labels array that :func:`_sibling_labels`
     gives a cloud file that exists (Open3D-ML's ``labels/x.npy`` beside
-    ``points/x.npy``, ``x_labels_0.npy`` beside ``x_points_0.npy``)."""
+    ``points/x.npy``, ``x_labels_0.npy`` beside ``x_points_0.npy``), or the
+    ``labels`` folder beside a ``points`` or ``velodyne`` one (Open3D-ML's,
+    SemanticKITTI's)."""
+    if path.is_dir():
+        return path.name == "labels" and any((path.parent / d).is_dir() for d in ("points", "velodyne"))
     if path.parent.name == "labels":
         cloud = path.parent.parent / "points" / path.name
     elif "labels" in path.name:
