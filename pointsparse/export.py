@@ -520,7 +520,8 @@ class ProgramModel(nn.Module):
     program takes, where the program itself would fail a torch guard with an
     ``AssertionError``): a stride-1 SparseTensor on the CPU, feats ``(N,
     in_channels)`` of the program's dtype, int32 coords, and SPVCNN's point
-    arguments as SPVCNN checks them. An empty input gives an empty output
+    arguments as SPVCNN checks them (``inverse`` and ``point_batch`` of any
+    integer dtype, as SPVCNN takes them; ``points`` of the program's dtype). An empty input gives an empty output
     (no rows). Inference only: ``train()`` raises ``ValueError``, and the
     program runs without an autograd graph: a gradient of its output (under
     grad mode, through its weights or feats that require grad) raises a
@@ -715,9 +716,10 @@ class ProgramModel(nn.Module):
         from .models.spvcnn import check_points
 
         check_points(x, inverse, points, point_batch)
-        if points.dtype != self.points_dtype or inverse.dtype != torch.int64 or point_batch.dtype != torch.int64:
-            raise TypeError(f"points must be {self.points_dtype}, inverse and point_batch int64 (the program's); "
-                            f"got {points.dtype}, {inverse.dtype}, {point_batch.dtype}")
+        if points.dtype != self.points_dtype:
+            raise TypeError(f"points must be {self.points_dtype} ({self.source} takes them); got {points.dtype}")
+        # (indices of any integer dtype, as SPVCNN takes them: the same rows, as the program's int64)
+        inverse, point_batch = inverse.long(), point_batch.long()
         if not len(inverse):
             return feats.new_zeros((0, self.num_classes), dtype=self._empty_dtype())
         return self._call(feats, x.coords, inverse, points, point_batch)

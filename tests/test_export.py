@@ -1370,6 +1370,30 @@ def test_spvcnn_program_checks_its_point_arguments():
     assert model(voxels, inverse[:0], points[:0], point_batch[:0]).shape == (0, 3)
 
 
+def test_spvcnn_program_takes_point_indices_of_any_integer_dtype_as_the_model_does():
+    """SPVCNN takes ``inverse`` and ``point_batch`` of any integer dtype (int32
+    from a loader, uint8 batch indices: the same rows); its ProgramModel
+    refused them with a TypeError ('inverse and point_batch int64 (the
+    program's)'), so a pipeline that ran the eager model failed on the
+    program. It now takes them as int64, as the model does, and gives its
+    logits bit for bit; a float or bool index is still a TypeError."""
+    torch.manual_seed(0)
+    net = _trained_like(SPVCNN(4, 3, cr=0.25, blocks=1))
+    model = export.ProgramModel(export.export_model(net, export.example_input(4, 0.4, points=True)))
+    voxels, inverse, points, point_batch = export.example_input(4, 0.3, seed=1, points=True)
+    with torch.no_grad():
+        want = net(voxels, inverse, points, point_batch)
+        for dtype in (torch.int32, torch.int16, torch.uint8):
+            if dtype == torch.int32 or int(inverse.max()) <= torch.iinfo(dtype).max:
+                assert torch.equal(model(voxels, inverse.to(dtype), points, point_batch), want), dtype
+            assert torch.equal(model(voxels, inverse, points, point_batch.to(dtype)), want), dtype
+        assert torch.equal(model(voxels, inverse.int(), points, point_batch.int()), want)
+    with pytest.raises(TypeError, match="inverse must be an integer tensor"):
+        model(voxels, inverse.float(), points, point_batch)
+    with pytest.raises(TypeError, match="point_batch must be an integer tensor"):
+        model(voxels, inverse, points, point_batch.bool())
+
+
 def test_spvcnn_inside_maps_ahead_exports_as_a_point_level_program(tmp_path):
     """An SPVCNN (fused for inference) inside an ``nn.MapsAhead``, given its
     forward's arguments as the example (as a MinkUNet inside one exports on
