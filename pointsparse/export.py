@@ -225,7 +225,8 @@ def export_model(model: nn.Module, example) -> torch.export.ExportedProgram:
     ``(feats, coords, stride)`` or the output tensor (the module docstring),
     its rows dynamic too. For a point-level network (SPVCNN) ``PointLogits(model)``, traced
     on ``example`` = ``(voxels, inverse, points, point_batch)`` (its forward's
-    arguments, at least 2 points; :func:`example_input` ``(points=True)``; an
+    arguments, at least 2 points, its indices of any integer dtype, traced as
+    int64; :func:`example_input` ``(points=True)``; an
     SPVCNN inside an ``nn.MapsAhead`` alike),
     the numbers of voxels and of points dynamic. ``ValueError`` naming the
     submodule for a batch norm or dropout in training mode, or a compressed
@@ -275,6 +276,9 @@ def export_model(model: nn.Module, example) -> torch.export.ExportedProgram:
             return torch.export.export(wrapped, (voxels.feats.detach(), voxels.coords),
                                        dynamic_shapes=({0: rows}, {0: rows}))
         _run_on_example(model, voxels, inverse, points, point_batch)  # its own checks first (torch.export's say less)
+        # (indices of any integer dtype run the model: the program takes them as its interface names them, int64,
+        # which ProgramModel gives it, not the example's int16 / int32)
+        inverse, point_batch = inverse.long(), point_batch.long()
         each = torch.export.Dim("points", min=MIN_POINTS)
         return torch.export.export(PointLogits(model), (voxels.feats.detach(), voxels.coords, inverse, points,
                                                         point_batch),

@@ -1394,6 +1394,29 @@ def test_spvcnn_program_takes_point_indices_of_any_integer_dtype_as_the_model_do
         model(voxels, inverse, points, point_batch.bool())
 
 
+def test_spvcnn_exported_on_narrow_point_indices_takes_int64_ones():
+    """export_model of an SPVCNN on an example whose inverse and point_batch
+    are int16 / int32 (SPVCNN runs them) traced a program taking those
+    dtypes, not the int64 the program's interface names: its ProgramModel
+    then failed inside torch ('Tensor dtype mismatch! Expected: Short').
+    The example's indices are now taken as int64: the program takes int64,
+    and its ProgramModel gives the model's logits on any integer dtype."""
+    torch.manual_seed(0)
+    net = _trained_like(SPVCNN(4, 3, cr=0.25, blocks=1))
+    voxels, inverse, points, point_batch = export.example_input(4, 0.4, points=True)
+    program = export.export_model(net, (voxels, inverse.short(), points, point_batch.int()))
+    placeholders = {s.arg.name: s for s in program.graph_signature.input_specs}
+    dtypes = [n.meta["val"].dtype for n in program.graph.nodes if n.op == "placeholder"
+              and n.name in placeholders and n.name in program.graph_signature.user_inputs]
+    assert dtypes == [torch.float32, torch.int32, torch.int64, torch.float32, torch.int64]
+    model = export.ProgramModel(program)
+    args = export.example_input(4, 0.3, seed=1, points=True)
+    with torch.no_grad():
+        want = net(*args)
+        assert torch.equal(model(*args), want)
+        assert torch.equal(model(args[0], args[1].short(), args[2], args[3].int()), want)
+
+
 def test_spvcnn_inside_maps_ahead_exports_as_a_point_level_program(tmp_path):
     """An SPVCNN (fused for inference) inside an ``nn.MapsAhead``, given its
     forward's arguments as the example (as a MinkUNet inside one exports on
