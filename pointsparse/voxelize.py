@@ -528,7 +528,10 @@ def trilinear_weights(tensor: SparseTensor, points: torch.Tensor, voxel_size, ba
 def _trilinear(tensor: SparseTensor, points: torch.Tensor, vs, batch):
     """:func:`trilinear_weights` of checked arguments (``vs``: 3 floats)."""
     if torch.compiler.is_compiling():
-        return torch.ops.pointsparse.trilinear_weights(tensor.coords, list(tensor.stride), points, list(vs), batch)
+        # (the core's weights, constants of the points as in eager mode: the operator has no backward, and points
+        # that require grad, made by a learnable step, failed the graph's build)
+        return torch.ops.pointsparse.trilinear_weights(tensor.coords, list(tensor.stride), points.detach(), list(vs),
+                                                       batch)
     if not _ext.serves(tensor.coords, points):
         return _trilinear_torch(tensor, points, vs, batch)
     layout = _coords.KeyLayout.of(tensor.coords)

@@ -259,6 +259,45 @@ def test_voxelize_devoxelize_compile_with_gradients():
             assert torch.allclose(g1, g2, rtol=0, atol=1e-10)
 
 
+def test_trilinear_devoxelize_of_points_that_require_grad_compiles_as_eager():
+    """Points that require grad (made by a learnable step before the network:
+    a scale, a pose): eager's trilinear weights are the core's, constants
+    of the points, so the feats get their gradient and the points none. A
+    compiled devoxelize, and so a compiled SPVCNN, failed when the graph was
+    built ('Trying to backward through pointsparse.trilinear_weights.default
+    but no autograd formula was registered'); it now takes the weights as
+    eager does: eager's values and gradients, the points' step none."""
+    def run(points, feats, scale):
+        x, _ = ps.voxelize(points.detach(), feats, voxel_size=0.5)
+        return ps.devoxelize(x, points=points * scale, voxel_size=0.5, mode="trilinear")
+
+    torch.compiler.reset()
+    compiled = torch.compile(run, fullgraph=True, dynamic=True, backend="aot_eager")
+    for n, seed in ((500, 1), (800, 2)):
+        points, feats = _points_and_voxels(n, seed)
+        scale = torch.ones((), dtype=torch.float64, requires_grad=True)
+        got, want = compiled(points, feats, scale), run(points, feats, scale)
+        assert torch.allclose(got, want, rtol=0, atol=1e-12)
+        g1 = torch.autograd.grad(got.square().sum(), [feats, scale], allow_unused=True)
+        g2 = torch.autograd.grad(want.square().sum(), [feats, scale], allow_unused=True)
+        assert torch.allclose(g1[0], g2[0], rtol=0, atol=1e-10) and g2[1] is None and g1[1] is None
+
+    torch.manual_seed(0)
+    net = _trained_like(SPVCNN(4, 3, cr=0.25, blocks=1)).double()
+    voxels, inverse, points, point_batch = export.example_input(4, 0.4, points=True)
+    voxels = voxels.with_feats(voxels.feats.double())
+    scale = torch.ones((), dtype=torch.float64, requires_grad=True)
+    torch.compiler.reset()
+    fast = torch.compile(net, fullgraph=True, dynamic=True, backend="aot_eager")
+    got = fast(voxels, inverse, points.double() * scale, point_batch)
+    want = net(voxels, inverse, points.double() * scale, point_batch)
+    assert torch.allclose(got, want, rtol=0, atol=1e-12)
+    weight = net.classifier.weight
+    g1, = torch.autograd.grad(got.square().sum(), weight)
+    g2, = torch.autograd.grad(want.square().sum(), weight)
+    assert torch.allclose(g1, g2, rtol=0, atol=1e-10)
+
+
 def test_nearest_devoxelize_after_a_voxel_prune_compiles():
     """Nearest devoxelize of a tensor pruned at stride 1 (VoxelPrune, then a
     submanifold conv on the kept voxels) maps voxelize's inverse through the
