@@ -227,7 +227,8 @@ def export_model(model: nn.Module, example) -> torch.export.ExportedProgram:
     on ``example`` = ``(voxels, inverse, points, point_batch)`` (its forward's
     arguments, at least 2 points, its indices of any integer dtype, traced as
     int64; :func:`example_input` ``(points=True)``; an
-    SPVCNN inside an ``nn.MapsAhead`` alike),
+    SPVCNN inside an ``nn.MapsAhead`` alike; a ``torch.compile``'d model is
+    exported as the model it wraps),
     the numbers of voxels and of points dynamic. ``ValueError`` naming the
     submodule for a batch norm or dropout in training mode, or a compressed
     layer that runs its format's product (a ``formats.SparseLinear`` or
@@ -240,6 +241,8 @@ def export_model(model: nn.Module, example) -> torch.export.ExportedProgram:
     from .nn import MapsAhead
     from .nn.fuse import _unpruned_copy
 
+    while isinstance(model, torch._dynamo.eval_frame.OptimizedModule):  # torch.compile's wrapper: its model, whose
+        model = model._orig_mod  # forward the wrapper runs (an SPVCNN under it was taken for a voxel network)
     _check_exportable(model)
     if any(hasattr(m, "weight_orig") or hasattr(m, "bias_orig") or torch.nn.utils.parametrize.is_parametrized(m)
            for m in model.modules()):

@@ -1472,6 +1472,27 @@ def test_spvcnn_inside_maps_ahead_exports_as_a_point_level_program(tmp_path):
         assert torch.equal(model(*args), net(*args))
 
 
+def test_a_compiled_spvcnn_exports_as_a_point_level_program(tmp_path):
+    """export_model of ``torch.compile(spvcnn)`` (a model compiled for
+    serving, then exported) refused SPVCNN's own arguments: 'example must be
+    a SparseTensor; got tuple' (the compiled wrapper was taken for a voxel
+    network). The model under the wrapper is exported: SPVCNN's program, its
+    logits the model's; a compiled MinkUNet's too."""
+    torch.manual_seed(0)
+    net = _trained_like(SPVCNN(4, 3, cr=0.25, blocks=1))
+    torch.compiler.reset()
+    model = _program_round_trip(torch.compile(net, backend="eager"), export.example_input(4, 0.4, points=True),
+                                tmp_path)
+    assert model.point_level
+    args = export.example_input(4, 0.3, seed=1, points=True)
+    unet = _trained_like(MinkUNet(4, 3, cr=0.25, blocks=1))
+    voxels = export.example_input(4, 0.4)
+    program = export.ProgramModel(export.export_model(torch.compile(unet, backend="eager"), voxels))
+    with torch.no_grad():
+        assert torch.equal(model(*args), net(*args))
+        assert torch.equal(program(args[0]).feats, unet(args[0]).feats)
+
+
 def test_program_model_pickles_and_saves_with_torch(tmp_path):
     """``pickle`` / ``torch.save`` of a ProgramModel (of a fused model) failed
     in torch ("Can't pickle local object '_create_stateful_graph_module.<locals>
