@@ -134,6 +134,11 @@ class VoxelOutputs(nn.Module):
 def _check_exportable(model: nn.Module) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    stateful = getattr(getattr(torch.export, "_unlift", None), "_StatefulGraphModule", ())  # (program.module()'s)
+    if isinstance(model, (ProgramModel, stateful)):  # (torch failed on its specialised shapes, or asked for eval())
+        raise TypeError(f"model is an exported program already ({type(model).__name__}): export_model traces the "
+                        "eager model (models.load_model, export.load_checkpoint); export.save writes a program "
+                        "as it is")
     if model.training:
         raise ValueError("export runs inference: call model.eval() first (batch norm then uses its running "
                          "statistics, as the exported program will)")

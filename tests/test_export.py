@@ -1493,6 +1493,21 @@ def test_a_compiled_spvcnn_exports_as_a_point_level_program(tmp_path):
         assert torch.equal(program(args[0]).feats, unet(args[0]).feats)
 
 
+def test_export_names_a_model_that_is_a_program_already(tmp_path):
+    """export_model of a loaded program (a ProgramModel, or torch's
+    ``program.module()``) failed with torch's 'Constraints violated (voxels)!
+    ... specialized it to be a constant', or asked for ``model.eval()``,
+    which torch's module of a program refuses: a TypeError now says the
+    model is a program already."""
+    torch.manual_seed(0)
+    net = _trained_like(MinkUNet(4, 3, cr=0.25, blocks=1))
+    voxels = export.example_input(4, 0.4)
+    program = export.export_model(net, voxels)
+    for model in (export.ProgramModel(program), program.module()):
+        with pytest.raises(TypeError, match="model is an exported program already"):
+            export.export_model(model, voxels)
+
+
 def test_program_model_pickles_and_saves_with_torch(tmp_path):
     """``pickle`` / ``torch.save`` of a ProgramModel (of a fused model) failed
     in torch ("Can't pickle local object '_create_stateful_graph_module.<locals>
