@@ -1506,3 +1506,19 @@ def test_a_wrapped_model_s_weights_say_which_prefix_to_strip(tmp_path, prefix):
     checkpoint.save(tmp_path / "plain.pt", {"config": config, "model": {k.removeprefix(prefix): v
                                                                          for k, v in state.items()}})
     load_model(tmp_path / "plain.pt")
+
+
+def test_add_voxel_prune_refuses_spvcnn_s_point_branch():
+    """add_voxel_prune on a module of SPVCNN's point branch (its classifier,
+    its point MLPs: (N, C) tensors, no SparseTensor) was accepted and every
+    forward then failed with the pruner's TypeError; it is refused up front
+    as add_voxel_skip refuses it, the model unchanged."""
+    from pointsparse.models import SPVCNN, add_voxel_prune
+
+    for name in ("classifier", "point_mlps.0", "point_mlps.1.0"):
+        model = SPVCNN(4, 3, cr=0.125, blocks=1)
+        before = list(model.state_dict())
+        with pytest.raises(ValueError, match=rf"module_name {name!r} is in SPVCNN's point branch"):
+            add_voxel_prune(model, name, 0.5)
+        assert list(model.state_dict()) == before and not hasattr(model, "voxel_prune")
+    add_voxel_prune(SPVCNN(4, 3, cr=0.125, blocks=1), "unet.fuse.3", 0.5)  # (its voxel branch)

@@ -208,7 +208,8 @@ def add_voxel_prune(model: nn.Module, module_name: str, keep_ratio: float = 0.5,
     refused (it would run the registered pruners as a layer), and so is a
     module the model never calls (an ``nn.ModuleList`` / ``nn.ModuleDict``,
     SPVCNN's ``unet`` and ``unet.classifier``), on which the pruner would
-    never run."""
+    never run, and a module of SPVCNN's point branch (no SparseTensor there:
+    every forward failed)."""
     if isinstance(model, nn.Sequential):  # (its forward calls every child: the pruners' ModuleDict too)
         raise ValueError(f"model is an nn.Sequential, which would run the pruners add_voxel_prune registers on it "
                          f"(its child {_PRUNES!r}) as a layer; wrap it in a module whose forward calls it, and give "
@@ -218,6 +219,10 @@ def add_voxel_prune(model: nn.Module, module_name: str, keep_ratio: float = 0.5,
     if uncalled:
         raise ValueError(f"module_name {module_name!r} is {uncalled}: a VoxelPrune on its input would never run; "
                          "name a module the model calls (e.g. 'fuse.0', 'unet.fuse.3')")
+    if isinstance(model, SPVCNN) and not module_name.startswith("unet."):  # (as add_voxel_skip refuses it)
+        raise ValueError(f"module_name {module_name!r} is in SPVCNN's point branch, which runs on (N, C) point "
+                         "features, not on a SparseTensor: a VoxelPrune prunes the input of a module of its voxel "
+                         "branch (unet.*, e.g. 'unet.fuse.3')")
     if isinstance(module, VoxelSkip):
         raise ValueError(f"module_name {module_name!r} is a VoxelSkip, which its callers may run by add_to (a "
                          "ResidualBlock does), past any forward hook: prune the input of the module holding it")
