@@ -286,9 +286,10 @@ def _check_parts(i: int, s: VoxelSample) -> None:
         if tuple(value.shape) != (rows,):
             raise ValueError(f"Batch.of item {i}: {name} must be an integer tensor of ({rows},) (one per "
                              f"{'voxel' if name == 'labels' else 'point'}); got shape {tuple(value.shape)}")
-    if n and (int(s.inverse.min()) < 0 or int(s.inverse.max()) >= m):
-        raise ValueError(f"Batch.of item {i}: inverse must hold voxel rows in [0, {m}); got "
-                         f"{int(s.inverse.min())}..{int(s.inverse.max())}")
+    if n:
+        lo, hi = (int(v) for v in torch.aminmax(s.inverse))  # (one pass, read once: this runs per batch)
+        if lo < 0 or hi >= m:
+            raise ValueError(f"Batch.of item {i}: inverse must hold voxel rows in [0, {m}); got {lo}..{hi}")
     if s.points is not None and (not isinstance(s.points, torch.Tensor) or not s.points.dtype.is_floating_point
                                  or tuple(s.points.shape) != (n, 3)):
         raise ValueError(f"Batch.of item {i}: points must be None or a float tensor of ({n}, 3); got "
@@ -317,7 +318,6 @@ class Batch:
         for i, s in enumerate(samples):
             if not isinstance(s, VoxelSample):
                 raise TypeError(f"Batch.of takes VoxelSamples; item {i} is {type(s).__name__}")
-        for i, s in enumerate(samples):
             _check_parts(i, s)
         # ValueError for no samples, range checked; sample i (empty or not)
         # has batch index i, so its points meet its own xyz and name.
