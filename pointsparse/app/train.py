@@ -595,7 +595,7 @@ def init_from(model: torch.nn.Module, checkpoint: dict, classes: list[str], unus
     with torch.no_grad():
         sources = _init_sources(src)
         for name, (value, keys) in sources.items():
-            if name.startswith("classifier.") or name in copied:
+            if name.startswith("classifier."):
                 continue
             if name in own and own[name].shape == value.shape:
                 own[name].copy_(value)
