@@ -388,12 +388,6 @@ def _refittable(module: nn.Module):
     return adapter
 
 
-def _columns(module: nn.Module, x, y):
-    """(inputs as im2col rows, targets) so that ``rows @ W2d = y`` for the
-    consumer's weight flattened to (fan_in, C_out), from its adapter."""
-    return _refittable(module).columns(module, x, y)
-
-
 def capture(model: nn.Module, modules: list[nn.Module], example) -> list[tuple]:
     """(input, output) of the first call of each of ``modules`` in one
     forward pass of ``model`` on ``example`` (a tuple: the forward's
@@ -425,7 +419,8 @@ def _fit_consumer(module, x, target, ridge: float = 1e-6) -> None:
     output its own support; the mask stays, ``weight_orig`` takes the fit)."""
     from .stripe import _find as _skeleton_of, detach_filter_skeleton  # noqa: PLC0415 - stripe imports the package
 
-    rows, y = _columns(module, x, target)
+    adapter = _refittable(module)
+    rows, y = adapter.columns(module, x, target)  # (im2col rows, targets: rows @ W2d = y, W2d (fan_in, C_out))
     bias = getattr(module, "bias", None)
     if bias is not None:
         y = y - bias.detach()
@@ -435,7 +430,7 @@ def _fit_consumer(module, x, target, ridge: float = 1e-6) -> None:
         detach_filter_skeleton(module, "weight", fold=True)
     mask = adapters.mask(module, "weight")
     if mask is None:
-        adapters.adapter_for(module).set_from_2d(module, _ridge_solve(gram, rhs, ridge).to(module.weight.dtype))
+        adapter.set_from_2d(module, _ridge_solve(gram, rhs, ridge).to(module.weight.dtype))
         return
     support = _mask_2d(module, mask, *rhs.shape)
     sol = torch.zeros_like(rhs)
