@@ -178,6 +178,8 @@ def test_bad_inputs():
         surgery.prune_channels(net, "0", [])
     with pytest.raises(ValueError, match="not a producer"):
         surgery.prune_channels(net, "4", [0])
+    with pytest.raises(ValueError, match="not modules of this model"):  # (was torch's AttributeError)
+        surgery.prune_channels(net, surgery.ChannelGroup(producer="0", consumer="x"), [0])
     with pytest.raises(ValueError, match="ratio"):
         surgery.apply_channel_ratios(net, {"0": 1.0})
     with pytest.raises(ValueError, match="calibration_input"):

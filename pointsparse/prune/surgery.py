@@ -335,6 +335,11 @@ def prune_channels(model: nn.Module, group: ChannelGroup | str, keep) -> None:
         if not match:
             raise ValueError(f"{group!r} is not a producer layer with a consumer in this chain")
         group = match[0]
+    else:  # (a group made by hand or for another model: named before anything is cut)
+        named = dict(model.named_modules())
+        missing = [n for n in (group.producer, *group.norms, group.consumer) if n is not None and n not in named]
+        if missing:
+            raise ValueError(f"group names {missing}, not modules of this model")
     _cut(model, group, keep)
 
 
