@@ -114,6 +114,19 @@ def _never_called(model: nn.Module, module: nn.Module) -> str | None:
     return None
 
 
+def _check_runs_voxels(model: nn.Module, module_name: str, module: nn.Module, uncalled: str, point: str) -> None:
+    """A ValueError naming ``module_name`` where ``model`` never calls
+    ``module`` (:func:`_never_called`; ``uncalled`` then says what to do) or
+    it is in SPVCNN's point branch, on (N, C) tensors (``point`` then says
+    what to do): add_voxel_skip's and add_voxel_prune's refusal."""
+    why = _never_called(model, module)
+    if why:
+        raise ValueError(f"module_name {module_name!r} is {why}: {uncalled}")
+    if isinstance(model, SPVCNN) and not module_name.startswith("unet."):
+        raise ValueError(f"module_name {module_name!r} is in SPVCNN's point branch, which runs on (N, C) point "
+                         f"features, not on a SparseTensor: {point}")
+
+
 def add_voxel_skip(model: nn.Module, module_name: str, keep_ratio: float = 0.5, score: str = "magnitude",
                    in_channels: int | None = None, threshold: float | None = None) -> VoxelSkip:
     """Replaces ``model``'s submodule ``module_name`` by a
@@ -125,14 +138,10 @@ def add_voxel_skip(model: nn.Module, module_name: str, keep_ratio: float = 0.5, 
     ``unet`` and ``unet.classifier``) or one of SPVCNN's point branch (no
     SparseTensor there) is refused."""
     module = _named_module(model, module_name, "fuse.0.0.main")
-    uncalled = _never_called(model, module)
-    if uncalled:
-        raise ValueError(f"module_name {module_name!r} is {uncalled}: the model cannot run it wrapped in a "
-                         "VoxelSkip; wrap a module it calls (e.g. 'fuse.0.0.main', 'unet.fuse.3.0.main')")
-    if isinstance(model, SPVCNN) and not module_name.startswith("unet."):
-        raise ValueError(f"module_name {module_name!r} is in SPVCNN's point branch, which runs on (N, C) point "
-                         "features, not on a SparseTensor: a VoxelSkip wraps a module of its voxel branch "
-                         "(unet.*, e.g. 'unet.fuse.3.0.main')")
+    _check_runs_voxels(model, module_name, module,
+                       "the model cannot run it wrapped in a VoxelSkip; wrap a module it calls (e.g. "
+                       "'fuse.0.0.main', 'unet.fuse.3.0.main')",
+                       "a VoxelSkip wraps a module of its voxel branch (unet.*, e.g. 'unet.fuse.3.0.main')")
     skip = VoxelSkip(module, keep_ratio, score, in_channels, threshold)
     parent, _, leaf = module_name.rpartition(".")
     setattr(model.get_submodule(parent), leaf, skip)
@@ -215,14 +224,10 @@ def add_voxel_prune(model: nn.Module, module_name: str, keep_ratio: float = 0.5,
                          f"(its child {_PRUNES!r}) as a layer; wrap it in a module whose forward calls it, and give "
                          "that one")
     module = _named_module(model, module_name, "fuse.0")
-    uncalled = _never_called(model, module)
-    if uncalled:
-        raise ValueError(f"module_name {module_name!r} is {uncalled}: a VoxelPrune on its input would never run; "
-                         "name a module the model calls (e.g. 'fuse.0', 'unet.fuse.3')")
-    if isinstance(model, SPVCNN) and not module_name.startswith("unet."):  # (as add_voxel_skip refuses it)
-        raise ValueError(f"module_name {module_name!r} is in SPVCNN's point branch, which runs on (N, C) point "
-                         "features, not on a SparseTensor: a VoxelPrune prunes the input of a module of its voxel "
-                         "branch (unet.*, e.g. 'unet.fuse.3')")
+    _check_runs_voxels(model, module_name, module,
+                       "a VoxelPrune on its input would never run; name a module the model calls (e.g. 'fuse.0', "
+                       "'unet.fuse.3')",
+                       "a VoxelPrune prunes the input of a module of its voxel branch (unet.*, e.g. 'unet.fuse.3')")
     if isinstance(module, VoxelSkip):
         raise ValueError(f"module_name {module_name!r} is a VoxelSkip, which its callers may run by add_to (a "
                          "ResidualBlock does), past any forward hook: prune the input of the module holding it")
