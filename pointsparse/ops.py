@@ -70,7 +70,7 @@ from .voxelize import group_points as _group_points
 from .voxelize import segment_reduce as _segment_reduce
 from .voxelize import segment_reduce_backward as _segment_reduce_backward
 from .voxelize import trilinear_weights as _trilinear_weights
-from .tensor import FEATS_DTYPES, CoordinateCache, Restriction, SparseTensor, Triple
+from .tensor import CoordinateCache, Restriction, SparseTensor, Triple, check_float_dtype
 
 _LIB = "pointsparse"
 
@@ -598,9 +598,7 @@ def segment_reduce(feats: Tensor, inverse: Tensor, perm: Tensor, seg_ptr: Tensor
     graph's own :func:`voxelize` made: a host read on a GPU, each call of a
     program). ``feats`` of another dtype than
     float16, bfloat16, float32 or float64 is a TypeError, as voxelize's."""
-    if feats.dtype not in FEATS_DTYPES:  # (integers were summed in float32, max a bare torch error)
-        raise TypeError(f"feats must be a float tensor (N, C) of float16, bfloat16, float32 or float64; "
-                        f"got dtype {feats.dtype}")
+    check_float_dtype(feats, "feats")  # (integers were summed in float32, max a bare torch error)
     if not trusted:  # (both paths: the core reduces by perm and seg_ptr, its backward by inverse)
         _check_segments(feats, inverse, perm, seg_ptr, mode)
     out, arg = _segment_reduce(feats, inverse, perm, seg_ptr, mode)

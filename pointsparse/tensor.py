@@ -397,6 +397,14 @@ class CoordinateCache:
 FEATS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def check_float_dtype(t: torch.Tensor, name: str, shape: str = "(N, C)") -> None:
+    """A TypeError naming ``name`` unless ``t``'s dtype is one of
+    :data:`FEATS_DTYPES` (float8 would pass a floating-point check)."""
+    if t.dtype not in FEATS_DTYPES:
+        raise TypeError(f"{name} must be a float tensor {shape} of float16, bfloat16, float32 or float64; "
+                        f"got dtype {t.dtype}")
+
+
 def _check_feats(feats, n: int | None = None) -> None:
     if not isinstance(feats, torch.Tensor):
         raise TypeError(f"feats must be a torch.Tensor; got {type(feats).__name__}")

@@ -11,7 +11,7 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from . import _ext
 from . import coords as _coords
-from .tensor import FEATS_DTYPES, SparseTensor, as_float
+from .tensor import SparseTensor, as_float, check_float_dtype
 
 REDUCE_MODES = {"sum": 0, "mean": 1, "max": 2, "first": 3}
 #: The feature dtypes the core reduces (others take the torch path).
@@ -42,9 +42,7 @@ def _check_points(points, name="points", values: bool = True) -> None:
     False and calls :func:`_check_finite` where the core does not run)."""
     if not isinstance(points, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(points).__name__}")
-    if points.dtype not in FEATS_DTYPES:  # (float8 passed is_floating_point and failed inside torch)
-        raise TypeError(f"{name} must be a float tensor (N, 3) of float16, bfloat16, float32 or float64; "
-                        f"got dtype {points.dtype}")
+    check_float_dtype(points, name, "(N, 3)")  # (float8 passed is_floating_point and failed inside torch)
     _coords.check_has_data(points, name)
     if points.dim() != 2 or points.shape[1] != 3:
         raise ValueError(f"{name} must be (N, 3) [x, y, z]; got shape {tuple(points.shape)}")
@@ -364,9 +362,7 @@ def voxelize(points: torch.Tensor, feats: torch.Tensor | None = None, voxel_size
         feats = points
     if not isinstance(feats, torch.Tensor):
         raise TypeError(f"feats must be a torch.Tensor; got {type(feats).__name__}")
-    if feats.dtype not in FEATS_DTYPES:  # (the SparseTensor's feats: float8 failed inside torch)
-        raise TypeError(f"feats must be a float tensor (N, C) of float16, bfloat16, float32 or float64; "
-                        f"got dtype {feats.dtype}")
+    check_float_dtype(feats, "feats")  # (the SparseTensor's feats: float8 failed inside torch)
     _coords.check_has_data(feats, "feats")
     if feats.dim() != 2 or feats.shape[0] != points.shape[0]:
         raise ValueError(f"feats must be (N, C) with N = {points.shape[0]} points; got shape {tuple(feats.shape)}")

@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import coords as _coords
 from ..nn import functional as _F
-from ..tensor import FEATS_DTYPES, SparseTensor
+from ..tensor import SparseTensor, check_float_dtype
 from ..voxelize import devoxelize
 from .minkunet import MinkUNet, check_arguments, check_parameters, unet_parameters
 
@@ -49,9 +49,7 @@ def point_to_voxel(tensor: SparseTensor, point_feats: torch.Tensor, rows: torch.
         raise TypeError(f"tensor must be a SparseTensor; got {type(tensor).__name__}")
     if not isinstance(point_feats, torch.Tensor):
         raise TypeError(f"point_feats must be a tensor (N, C); got {type(point_feats).__name__}")
-    if point_feats.dtype not in FEATS_DTYPES:  # (integer feats were averaged into float32 silently)
-        raise TypeError(f"point_feats must be a float tensor (N, C) of float16, bfloat16, float32 or float64; "
-                        f"got dtype {point_feats.dtype}")
+    check_float_dtype(point_feats, "point_feats")  # (integer feats were averaged into float32 silently)
     if point_feats.dim() != 2:
         raise ValueError(f"point_feats must be (N, C); got {tuple(point_feats.shape)}")
     if not isinstance(rows, torch.Tensor) or rows.is_floating_point() or rows.is_complex() or rows.dtype == torch.bool:
