@@ -257,8 +257,9 @@ def kmap_transpose(coarse_coords: Tensor, fine_coords: Tensor, in_idx: Tensor, o
                    key: list[int], trusted: bool = False) -> tuple[Tensor, Tensor]:
     """Pairs of the adjoint of the map ``fine -> coarse`` (``KernelMap.transpose``);
     the map checked against both coords first (:func:`_check_pairs`) unless
-    ``trusted`` (a map the graph's own operators made: 30-40 us a map of
-    20-90k pairs, a host read on a GPU, each call of a program)."""
+    ``trusted`` (a map the graph's own operators made: the check is a pass
+    over the pairs and a host read, on a GPU a sync, each call of a
+    program)."""
     if not trusted:
         _check_pairs(in_idx, out_idx, sizes, key, fine_coords.shape[0], coarse_coords.shape[0])
     up = _as_kmap(coarse_coords, in_idx, out_idx, sizes, key, fine_coords.shape[0]).transpose(fine_coords)
