@@ -124,6 +124,18 @@ def test_a_falling_schedule_is_refused():
     assert schedule.sparsity_schedule(0.3, 2, "constant", initial=0.3) == [0.3, 0.3]
 
 
+@pytest.mark.parametrize("fn", [schedule.agp_sparsity, schedule.constant_sparsity])
+def test_step_formulas_refuse_a_falling_schedule_as_sparsity_schedule_does(fn):
+    """agp_sparsity(1, 4, 0.2, initial=0.8) returned 0.45 (a target falling
+    from 0.8 to 0.2, which masks that never un-prune cannot follow) where
+    sparsity_schedule with the same arguments is a ValueError; both now
+    refuse it, naming initial and final."""
+    with pytest.raises(ValueError, match=r"initial \(0.8\) must be <= final \(0.2\)"):
+        fn(1, 4, 0.2, 0.8)
+    assert fn(2, 4, 0.5, 0.5) == pytest.approx(0.5)  # a flat schedule is one
+    assert fn(4, 4, 1.0, 0.25) == pytest.approx(1.0)  # final=1 stays a value of the formula
+
+
 @pytest.mark.parametrize("kwargs, error", [(dict(steps_per_round=-1), ValueError),
                                            (dict(steps_per_round=2.5), TypeError),
                                            (dict(steps_per_round=True), TypeError),

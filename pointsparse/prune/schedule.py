@@ -30,12 +30,14 @@ def _check_step_args(step, num_steps, final, initial) -> tuple[int, int, float, 
     """``(step, num_steps, final, initial)``: the steps as Python ints,
     ``step`` clamped to ``[0, num_steps]``, after checking that both are ints
     (numpy integers too; ``num_steps >= 1``), and ``final``, ``initial``
-    sparsities in [0, 1] as Python floats (numpy numbers too)."""
+    sparsities in [0, 1] as Python floats (numpy numbers too), ``initial <=
+    final`` (as :func:`sparsity_schedule` checks them)."""
     step, num_steps = as_int(step, "step"), as_int(num_steps, "num_steps")
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1; got {num_steps}")
     final = check_fraction(final, "final", high_open=False)
     initial = check_fraction(initial, "initial", high_open=False)
+    _check_order(final, initial, "final", "initial")
     return min(max(step, 0), num_steps), num_steps, final, initial
 
 
@@ -43,7 +45,7 @@ def agp_sparsity(step: int, num_steps: int, final: float, initial: float = 0.0) 
     """AGP: ``s_t = s_f + (s_i - s_f) * (1 - t/n)^3`` for ``t`` in ``[0, n]``
     (fast early, slow near the end). ``step`` and ``num_steps >= 1`` are ints
     (``step`` clamped to ``[0, n]``), ``final`` and ``initial`` sparsities in
-    [0, 1]."""
+    [0, 1], ``initial <= final`` (masks never un-prune)."""
     return _agp(*_check_step_args(step, num_steps, final, initial))
 
 
@@ -66,10 +68,14 @@ def _check_targets(final, initial, final_name: str = "final", initial_name: str 
     ``initial <= final`` (errors naming them as the caller's arguments)."""
     final = check_fraction(final, final_name)
     initial = check_fraction(initial, initial_name)
+    _check_order(final, initial, final_name, initial_name)
+    return final, initial
+
+
+def _check_order(final: float, initial: float, final_name: str, initial_name: str) -> None:
     if initial > final:
         raise ValueError(f"{initial_name} ({initial}) must be <= {final_name} ({final}): masks never un-prune, so "
                          "a falling schedule cannot be followed")
-    return final, initial
 
 
 def sparsity_schedule(final: float, rounds: int, kind: str = "agp", initial: float = 0.0) -> list[float]:
