@@ -250,6 +250,25 @@ def test_l1_ranking_of_a_kernel_region_conv_counts_its_region():
     assert surgery.keep_by_l1(conv, 2).tolist() == [2, 3]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_channel_l1_of_a_half_precision_layer_sums_in_float32(dtype):
+    """channel_l1 summed a float16 / bfloat16 weight in its own dtype: 7000
+    weights of 10 per channel overflowed float16 (every channel inf, a tie)
+    and bfloat16 rounded 70000 and 70070 both to 70144, so keep_by_l1 (the
+    ranking of apply_channel_ratios and NetAdapt) kept arbitrary channels.
+    The norms are float32 now and rank as the float32 copy's do."""
+    layer = nn.Linear(7000, 4, bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(10.0)
+        layer.weight[1] = 10.0625  # (exact in both half types)
+        layer.weight[2, :16] = 12.0
+    layer = layer.to(dtype)
+    reference = layer.weight.detach().float().abs().sum(1)
+    l1 = surgery.channel_l1(layer)
+    assert l1.dtype == torch.float32 and torch.equal(l1, reference)
+    assert surgery.keep_by_l1(layer, 2).tolist() == [1, 2]
+
+
 def test_channel_l1_of_a_module_without_an_adapter_names_its_layout():
     """channel_l1 read the module's adapter's used_weights before its layout:
     a module no adapter knows failed with "'NoneType' object has no attribute

@@ -359,10 +359,13 @@ def _cut(model: nn.Module, group: ChannelGroup, keep) -> None:
 def channel_l1(module: nn.Module) -> torch.Tensor:
     """L1 norm of each output channel's weights (the ranking criterion; a
     ``kernel_region`` conv's inside its region: its adapter's ``used_weights``;
-    a masked weight's ``weight_orig * weight_mask``, times a filter skeleton)."""
+    a masked weight's ``weight_orig * weight_mask``, times a filter skeleton),
+    in float32 at least: a float16 channel sum overflows past 65504 (every
+    channel inf, a tie) and a bfloat16 one keeps 8 significant bits."""
     dim = out_channel_dim(module)  # (first: a TypeError naming a module without a weight)
     # (masked: weight_orig * mask now, never the product cached by the last forward)
     w = adapters.used_weights(module, _effective(module, "weight").detach())
+    w = w.to(torch.promote_types(w.dtype, torch.float32))
     return w.abs().transpose(0, dim).reshape(w.shape[dim], -1).sum(1)
 
 
