@@ -646,6 +646,34 @@ def test_numpy_float64_utm_positions_keep_their_precision(tmp_path):
         read_numpy(tmp_path / "nan.npy")
 
 
+def test_a_sample_made_from_wide_utm_positions_says_what_float32_loses(tmp_path):
+    """Sample(xyz) of float64 UTM positions (6.8e6 m) cast them to float32
+    without a word: points half a metre apart, where the readers subtract
+    an origin first. It warns now, naming xyz, how far the cast moved a
+    point and the fix; positions float32 holds to the millimetre, float32
+    ones (nothing left to tell) and the readers' UTM clouds pass quietly."""
+    import warnings
+
+    rng = np.random.default_rng(5)
+    local = rng.uniform(0, 20, (1_000, 3))
+    utm = local + [651_234.0, 6_812_345.0, 104.0]
+    with pytest.warns(UserWarning, match=r"tile: xyz \(float64, up to 6\.81e\+06 m\) is up to 0\.\d+ m off in "
+                                         r"float32.*subtract an origin"):
+        sample = Sample(utm, name="tile")
+    assert sample.xyz.dtype == np.float32
+    with pytest.warns(UserWarning, match="int64"):
+        Sample(np.round(utm * 1000).astype(np.int64))  # (millimetre integers: the same loss)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Sample(local)
+        Sample(local + [9_000.0, 9_000.0, 9_000.0])  # (float32 keeps half a millimetre there)
+        Sample(utm.astype(np.float32))
+        Sample(np.zeros((0, 3)))
+        np.save(tmp_path / "utm.npy", utm)
+        assert np.allclose(read_numpy(tmp_path / "utm.npy").xyz, local - local.min(0) * [1, 1, 0] + [0, 0, 104.0],
+                           atol=1e-4)
+
+
 def _utm_files(tmp_path, name, cloud):
     """``cloud`` (float64, 4 decimals) written as text and as PLY and PCD
     bodies that hold its float64 values: ASCII declared float32 and

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import warnings
 from dataclasses import dataclass
 from dataclasses import field as _field
 
@@ -13,6 +14,10 @@ import numpy as np
 
 # The documented range of each per-point feature (the readers' scaling lands in it).
 _RANGES = {"intensity": (0.0, 1.5), "rgb": (0.0, 1.0)}
+# How far (metres) the float32 cast may move a position given wider before a Sample warns: float32 keeps
+# half a millimetre up to 16 km from the origin (a z as the readers leave it), not UTM's 6.8e6 m.
+CAST_TOLERANCE = 1e-3
+_CHUNK = 1 << 13  # rows per step of that check
 _SCALED = {"intensity": "scaled: 0..1, the brightest returns up to 1.5", "rgb": "scaled from 0..255 or 0..65535"}
 
 
@@ -46,7 +51,9 @@ class Sample:
 
     Attributes:
         xyz: float32 ``(N, 3)`` positions in metres (any origin; training
-            centres them).
+            centres them). Given wider (float64, 32- or 64-bit integers),
+            positions the float32 cast moves by more than 1 mm (UTM
+            coordinates) give a UserWarning: subtract an origin first.
         labels: int64 ``(N,)`` training ids (``ignore_index`` for points that
             count nowhere), or None for unlabelled clouds.
         intensity: optional float32 ``(N, 1)`` return intensity scaled to
@@ -85,6 +92,8 @@ class Sample:
         self.xyz = np.ascontiguousarray(xyz, dtype=np.float32)
         n = len(self.xyz)
         finite = np.isfinite(self.xyz).all(1)
+        if not np.can_cast(xyz.dtype, np.float32):
+            self._warn_cast_loss(xyz, finite)
         bad = n - int(finite.sum())
         if bad and _DROP_NONFINITE.get():
             self._drop_rows(finite)
@@ -128,6 +137,24 @@ class Sample:
                                  f"{int(outside.sum())} of {n} points do not (values {float(value.min())!r} to "
                                  f"{float(value.max())!r})")
             setattr(self, field, value)
+
+    def _warn_cast_loss(self, wide: np.ndarray, finite: np.ndarray) -> None:
+        """A UserWarning where the float32 cast of positions given wider
+        (float64, 32- or 64-bit integers) moved a finite point by more than
+        :data:`CAST_TOLERANCE` (UTM metres: up to half a metre apart)."""
+        worst = reach = 0.0
+        for start in range(0, len(wide), _CHUNK):  # (in chunks: a few hundred KB, not copies of the cloud)
+            rows = slice(start, start + _CHUNK)
+            moved = np.abs(self.xyz[rows].astype(np.float64) - wide[rows])
+            moved[~finite[rows]] = 0.0
+            worst = max(worst, float(moved.max(initial=0.0)))
+            size = np.abs(wide[rows].astype(np.float64, copy=False))
+            size[~finite[rows]] = 0.0
+            reach = max(reach, float(size.max(initial=0.0)))
+        if worst > CAST_TOLERANCE:
+            warnings.warn(f"{self.name or 'sample'}: xyz ({wide.dtype}, up to {reach:.3g} m) is up to {worst:.3g} m "
+                          f"off in float32, a Sample's positions; subtract an origin first (e.g. xyz - "
+                          f"xyz.min(0), in {wide.dtype}), as the readers do", UserWarning, stacklevel=4)
 
     def _drop_rows(self, keep: np.ndarray) -> None:
         """Keeps the rows ``keep`` (bool, one per row read) of the positions
