@@ -814,6 +814,27 @@ def test_global_plan_normalises_groups_of_small_scores():
         G.plan(graph, 0.5, scores=scores)
 
 
+def test_global_plan_keeps_the_ratio_when_scores_tie():
+    """scope="global" kept every channel scoring at least the k-th best, so
+    tied scores kept them all: BatchNorm scales as initialised (every gamma
+    1) under plan(graph, 0.5, bn_scaling(net), "global") cut nothing, and a
+    tie across the threshold kept extra channels. Exactly the best
+    round(keep_ratio * channels) of all groups are kept now (a tie shared
+    among the groups in proportion to their sizes)."""
+    net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3),
+                        nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 4, 1))
+    graph = G.DependencyGraph(net, torch.randn(1, 3, 12, 12))
+    keep = G.plan(graph, 0.5, scores=criteria.bn_scaling(net), scope="global", multiple=1)
+    assert sum(len(v) for v in keep.values()) == 16
+    assert {k: len(v) for k, v in keep.items()} == {"0": 8, "3": 8}  # (relative scores: every one 1.0)
+    with torch.no_grad():  # a tie across the threshold: 3 of 32 at keep 0.1 (two best, then group 3's 16 tied)
+        net[1].weight.fill_(0.5)
+        net[1].weight[:2] = 2.0
+        net[4].weight.fill_(0.25)
+    keep = G.plan(graph, 0.1, scores=criteria.bn_scaling(net), scope="global", multiple=1)
+    assert sum(len(v) for v in keep.values()) == 3 and keep["0"][:2].tolist() == [0, 1]
+
+
 def test_group_scores_of_a_kernel_region_conv_count_its_region():
     """The default scores (absolute weights) and given ones summed a
     kernel_region conv's values outside the region too (never run); only

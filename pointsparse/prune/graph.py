@@ -698,14 +698,23 @@ def _relative(scores: torch.Tensor) -> torch.Tensor:
     return scores / mean if mean > 0 else scores
 
 
+def _ranks(scores: torch.Tensor) -> torch.Tensor:
+    """Each entry's place (0: the best) when ``scores`` are sorted from the
+    best, ties in index order, as float64."""
+    order = torch.sort(scores, descending=True, stable=True).indices
+    return torch.empty(len(scores), dtype=torch.float64).scatter_(
+        0, order, torch.arange(len(scores), dtype=torch.float64))
+
+
 def plan(graph: DependencyGraph, keep_ratio, scores: dict | None = None, scope: str = "group",
          multiple: int = DEFAULT_MULTIPLE, reduce: str = "sum") -> dict[str, torch.Tensor]:
     """The channels to keep in each group, ranked by :func:`group_scores`.
     ``keep_ratio``: one ratio for every group, or ``{group name: ratio}``
     (groups not named keep everything). ``scope="global"`` ranks every
     channel of every group together (scores divided by their group's mean)
-    and keeps the best ``keep_ratio`` of all; counts are then rounded to
-    ``multiple`` per group."""
+    and keeps the best ``round(keep_ratio * channels)`` of all (a tie shared
+    among the groups in proportion to their sizes); counts are then rounded
+    to ``multiple`` per group."""
     if scope not in ("group", "global"):
         raise ValueError(f"scope must be 'group' or 'global'; got {scope!r}")
     if scores is not None and not isinstance(scores, Mapping):
@@ -724,10 +733,16 @@ def plan(graph: DependencyGraph, keep_ratio, scores: dict | None = None, scope: 
             raise ValueError("scope='global' takes one keep_ratio")
         relative = {n: _relative(s) for n, s in all_scores.items()}
         norm = torch.cat(list(relative.values()))
-        total = len(norm)
-        k = max(1, int(round(total * float(keep_ratio))))
-        threshold = torch.sort(norm, descending=True).values[k - 1]
-        counts = {n: int((r >= threshold).sum()) for n, r in relative.items()}
+        k = max(1, int(round(len(norm) * float(keep_ratio))))
+        # Exactly the k best: every channel at least the k-th best's score kept all of a tie (BatchNorm scales
+        # as initialised: every channel, whatever keep_ratio). Ties go by each channel's rank in its own group
+        # over the group's size, so a tie is shared among the groups in proportion to their sizes.
+        owner = torch.cat([torch.full((len(r),), i) for i, r in enumerate(relative.values())])
+        place = torch.cat([_ranks(r) / len(r) for r in relative.values()])
+        by_place = torch.sort(place, stable=True).indices
+        best = by_place[torch.sort(norm[by_place], descending=True, stable=True).indices[:k]]
+        chosen = torch.bincount(owner[best], minlength=len(relative))
+        counts = {n: int(c) for n, c in zip(relative, chosen)}
     else:
         counts = {n: round(graph.group(n).size * float(ratios[n])) for n in ratios}
     out = {}
