@@ -2050,6 +2050,23 @@ def test_batch_of_refuses_voxel_samples_whose_parts_disagree():
     assert b.inverse.dtype == torch.int64 and b.inverse[n:].tolist() == (v.inverse + m).tolist()
 
 
+def test_batch_of_refuses_voxel_samples_of_different_voxel_sizes():
+    """Samples voxelised at 5 cm and at 20 cm were batched as one grid
+    without a word (the network saw one cloud at four times the other's
+    scale); a VoxelSample records its voxel_size now and Batch.of names the
+    samples that differ. Samples made by hand (voxel_size None) batch with
+    any."""
+    import dataclasses
+    cloud = Sample(np.random.default_rng(1).random((40, 3)), np.arange(40) % 3, name="c")
+    fine, coarse = voxelize_sample(cloud, 0.05, 255), voxelize_sample(cloud, 0.2, 255)
+    assert fine.voxel_size == 0.05 and coarse.voxel_size == 0.2
+    with pytest.raises(ValueError, match=r"Batch.of: item 2 \(c\) was voxelised at voxel_size 0.2, item 0 "
+                                         r"\(c\) at 0.05"):
+        Batch.of([fine, fine, coarse])
+    assert Batch.of([fine, voxelize_sample(cloud, np.float32(0.05), 255)]).size == 2  # (the same size)
+    assert Batch.of([fine, dataclasses.replace(coarse, voxel_size=None)]).size == 2
+
+
 def test_voxelize_sample_matches_the_float64_numpy_reference():
     """The shift to voxel 0 and the centred features, bit for bit the plain
     numpy formulas (minimum over rows, float64 shift, float32 features):

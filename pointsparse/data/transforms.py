@@ -173,6 +173,8 @@ class VoxelSample:
     # float32 (N, 3) positions in voxel units, each inside its voxel: floor(points) == coords[inverse] (exact
     # while the coords, which start at 0, stay below 2**24, as float32 holds them)
     points: torch.Tensor | None = None
+    # metres per voxel (voxelize_sample's; None: made by hand): Batch.of refuses samples of different sizes
+    voxel_size: float | None = None
 
     @property
     def coords(self) -> torch.Tensor:
@@ -268,7 +270,7 @@ def voxelize_sample(sample: Sample, voxel_size: float, ignore_index: int) -> Vox
     labels = sample.labels if sample.labels is not None else np.full(len(sample), ignore_index, dtype=np.int64)
     vox_labels = majority_labels(inverse.numpy(), labels, len(tensor), ignore_index)
     return VoxelSample(tensor, torch.from_numpy(vox_labels), inverse.long(), torch.from_numpy(labels.astype(np.int64)),
-                       sample.xyz, sample.name, voxel_points)
+                       sample.xyz, sample.name, voxel_points, voxel_size)
 
 
 def _check_parts(i: int, s: VoxelSample) -> None:
@@ -296,6 +298,23 @@ def _check_parts(i: int, s: VoxelSample) -> None:
                          f"{type(s.points).__name__} of shape {tuple(getattr(s.points, 'shape', ()))}")
 
 
+def _check_voxel_sizes(samples: list) -> None:
+    """ValueError naming the first sample voxelised at another
+    ``voxel_size`` than the first that records one (within float32's
+    rounding: 0.05 given as a numpy float32 is the same grid); samples made
+    by hand (None) pass."""
+    first = next((i for i, s in enumerate(samples) if getattr(s, "voxel_size", None) is not None), None)
+    if first is None:
+        return
+    size = samples[first].voxel_size
+    for i, s in enumerate(samples):
+        other = getattr(s, "voxel_size", None)
+        if other is not None and not math.isclose(other, size, rel_tol=1e-6):
+            raise ValueError(f"Batch.of: item {i} ({s.name}) was voxelised at voxel_size {other}, item {first} "
+                             f"({samples[first].name}) at {size}; a batch is one grid: voxelise every sample at one "
+                             "voxel_size")
+
+
 @dataclass
 class Batch:
     """Voxel samples batched by :func:`pointsparse.collate`, labels beside."""
@@ -319,6 +338,7 @@ class Batch:
             if not isinstance(s, VoxelSample):
                 raise TypeError(f"Batch.of takes VoxelSamples; item {i} is {type(s).__name__}")
             _check_parts(i, s)
+        _check_voxel_sizes(samples)
         # ValueError for no samples, range checked; sample i (empty or not)
         # has batch index i, so its points meet its own xyz and name.
         tensor = collate([s.input for s in samples])
