@@ -286,6 +286,26 @@ def test_sample_validation():
             Sample(values["xyz"], None, values["intensity"], values["rgb"], name="s")
 
 
+def test_a_sample_takes_torch_tensors_as_its_arrays():
+    """Tensors that require grad (a model's output, a transform's) were
+    torch's bare "Can't call numpy() on Tensor that requires grad", and a
+    bfloat16 one "Got unsupported ScalarType BFloat16": a Sample holds their
+    values now (detached, on the host) as it does a numpy array's; a meta
+    tensor, which holds none, is a TypeError naming the field."""
+    xyz = torch.rand(5, 3, requires_grad=True)
+    s = Sample(xyz * 2, torch.arange(5), intensity=torch.rand(5, requires_grad=True),
+               rgb=torch.full((5, 3), 0.5, dtype=torch.bfloat16), name="t")
+    assert s.xyz.dtype == np.float32 and np.array_equal(s.xyz, (xyz * 2).detach().numpy())
+    assert s.labels.tolist() == list(range(5)) and s.intensity.shape == (5, 1) and float(s.rgb[0, 0]) == 0.5
+    assert Sample(torch.zeros(2, 3, dtype=torch.bfloat16)).xyz.dtype == np.float32
+    for field in ("xyz", "labels", "intensity", "rgb"):
+        values = dict(xyz=torch.zeros(2, 3), labels=None, intensity=None, rgb=None)
+        values[field] = torch.zeros((2, 3) if field in ("xyz", "rgb") else (2,), device="meta",
+                                    dtype=torch.int64 if field == "labels" else torch.float32)
+        with pytest.raises(TypeError, match=rf"t: {field} is a meta tensor"):
+            Sample(**values, name="t")
+
+
 def test_sample_intensity_and_colour_outside_their_ranges_are_refused(tmp_path):
     """Colour in 0..255 (not scaled) or a negative intensity passed into the
     features as they were; the documented ranges are 0..1 (colour) and

@@ -66,6 +66,9 @@ class Sample:
             it was made inside :func:`nonfinite_rows_dropped` and dropped
             some; else None (every row).
 
+    Each array may be given as a torch tensor (its values are taken,
+    detached, on the host).
+
     Non-finite positions (outside :func:`nonfinite_rows_dropped`), intensities or colours, and intensities or
     colours outside those ranges (colour in 0..255 not scaled, a negative
     intensity), are a ValueError naming the field.
@@ -79,6 +82,8 @@ class Sample:
     kept: np.ndarray | None = _field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        for field in ("xyz", "labels", "intensity", "rgb"):
+            setattr(self, field, _host(getattr(self, field), field, self.name))
         xyz = np.asarray(self.xyz)
         if xyz.dtype.kind == "c":
             raise TypeError(f"{self.name or 'sample'}: xyz must hold real numbers; got {xyz.dtype}")
@@ -191,6 +196,18 @@ class Sample:
             mask = _point_mask(mask, len(self))
         pick = lambda a: None if a is None else a[mask]  # noqa: E731
         return Sample(self.xyz[mask], pick(self.labels), pick(self.intensity), pick(self.rgb), self.name)
+
+
+def _host(value, field: str, name: str):
+    """``value``, or a torch tensor's values on the host (detached; bfloat16,
+    which numpy lacks, as float32); a meta tensor (no values) is a TypeError
+    naming ``field``."""
+    if not (hasattr(value, "detach") and hasattr(value, "cpu") and hasattr(value, "is_meta")):
+        return value
+    if value.is_meta:
+        raise TypeError(f"{name or 'sample'}: {field} is a meta tensor (shapes without values); pass its values")
+    value = value.detach().cpu()
+    return value.float() if str(value.dtype) == "torch.bfloat16" else value
 
 
 def _point_mask(mask, n: int) -> np.ndarray:
