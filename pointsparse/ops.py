@@ -113,6 +113,18 @@ def _as_kmap(out_coords: Tensor, in_idx: Tensor, out_idx: Tensor, sizes: Tensor,
     return _kmap.KernelMap(out_coords, in_idx, out_idx, sizes.cpu(), offsets, num_in, out_coords.shape[0], k)
 
 
+def _loop_kmap(out_coords: Tensor, in_idx: Tensor, out_idx: Tensor, sizes: Tensor, key: list[int],
+               num_in: int) -> _kmap.KernelMap:
+    """:func:`_as_kmap` for the conv operators' torch loop, the pairs checked
+    first on the CPU (:func:`_check_pairs`: the fused engine's plan checks
+    its own, while torch's indexing took rows past either side as a bare
+    IndexError and negative ones as rows from the end, a silent wrong sum);
+    on another device not (a host read each call)."""
+    if in_idx.device.type == "cpu":
+        _check_pairs(in_idx, out_idx, sizes, key, num_in, out_coords.shape[0])
+    return _as_kmap(out_coords, in_idx, out_idx, sizes, key, num_in)
+
+
 def _rows_at_least_one(tensor: Tensor) -> int:
     """1 when ``tensor`` is known to have rows (at least one output row per
     non-empty input: torch.compile specialises 0 rows away, and batch norm
@@ -376,7 +388,7 @@ def _forward(feats: Tensor, weight: Tensor, bias: Optional[Tensor], out_coords: 
         from .nn.reference import conv_torch  # pointsparse.nn loads lazily (import pointsparse does not load it)
 
         with _as_given(feats):
-            out = conv_torch(feats, weight, _as_kmap(out_coords, in_idx, out_idx, sizes, key, feats.shape[0]))
+            out = conv_torch(feats, weight, _loop_kmap(out_coords, in_idx, out_idx, sizes, key, feats.shape[0]))
         out = out if bias is None else out + bias
     if add is not None:
         out = out + add
@@ -431,7 +443,7 @@ def conv_input_grad(grad: Tensor, weight: Tensor, out_coords: Tensor, in_idx: Te
     low = grad.dtype in (torch.bfloat16, torch.float16)
     out = grad.new_zeros((num_in, weight.shape[1]), dtype=torch.float32 if low else grad.dtype)
     with _as_given(grad):
-        for o, i, j in offset_pairs(_as_kmap(out_coords, in_idx, out_idx, sizes, key, num_in)):
+        for o, i, j in offset_pairs(_loop_kmap(out_coords, in_idx, out_idx, sizes, key, num_in)):
             out.index_add_(0, i, (grad[j] @ weight[o].t()).to(out.dtype))
     return out.to(grad.dtype)
 
@@ -456,7 +468,7 @@ def conv_weight_grad(feats: Tensor, grad: Tensor, out_coords: Tensor, in_idx: Te
 
     out = feats.new_zeros(shape)
     with _as_given(feats):
-        for o, i, j in offset_pairs(_as_kmap(out_coords, in_idx, out_idx, sizes, key, feats.shape[0])):
+        for o, i, j in offset_pairs(_loop_kmap(out_coords, in_idx, out_idx, sizes, key, feats.shape[0])):
             out[o] = feats[i].t() @ grad[j]
     return out
 

@@ -997,6 +997,39 @@ def test_the_kmap_transpose_operator_checks_the_map_it_is_given():
             ops.kmap_transpose(*args, key)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_the_conv_operators_check_a_given_map_on_the_torch_loop_too(dtype):
+    """The conv operators' torch loop (CPU float16; the fused engine's path
+    checks in its plan) took a hand-given map as it came: pair rows past
+    either side were a bare IndexError / RuntimeError from inside torch, and
+    negative ones inside [-N, 0) indexed from the end, a silent wrong sum.
+    On the CPU every path now names the argument (ValueError)."""
+    from pointsparse import ops
+
+    coords = random_coords(60, 1, 6, seed=3)
+    x = ps.SparseTensor(torch.randn(len(coords), 4, dtype=dtype), coords)
+    m = km.get_kmap(x, 3)
+    key = ops.key_to_list(m.key)
+    w = torch.randn(m.kernel_volume, 4, 5, dtype=dtype)
+    g = torch.randn(len(coords), 5, dtype=dtype)
+    n = len(coords)
+    want = ops.conv(x.feats, w, None, coords, m.in_idx, m.out_idx, m.sizes, key)
+    from pointsparse.nn.reference import conv_sum
+
+    torch.testing.assert_close(want, conv_sum(x.feats.double(), w.double(), m).to(dtype), rtol=1e-2, atol=1e-2)
+    shifted = m.in_idx.clone()
+    shifted[m.in_idx == 0] = -1  # a valid negative index: torch would read the last row
+    cases = [(m.in_idx + n, m.out_idx, "in_idx"), (shifted, m.out_idx, "in_idx"),
+             (m.in_idx, m.out_idx + n, "out_idx"), (m.in_idx, m.out_idx - n, "out_idx")]
+    for in_idx, out_idx, word in cases:
+        with pytest.raises(ValueError, match=word):
+            ops.conv(x.feats, w, None, coords, in_idx, out_idx, m.sizes, key)
+        with pytest.raises(ValueError, match=word):
+            ops.conv_input_grad(g, w, coords, in_idx, out_idx, m.sizes, key, n)
+        with pytest.raises(ValueError, match=word):
+            ops.conv_weight_grad(x.feats, g, coords, in_idx, out_idx, m.sizes, key)
+
+
 def test_the_kmap_parents_operator_names_a_key_without_a_stride():
     """``kmap_parents`` of a stride-1 key (no parents: a submanifold map's
     outputs are its inputs) returned the input coords as its output, which
