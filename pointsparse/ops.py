@@ -310,9 +310,10 @@ def _version(t: Tensor) -> int:
 def _plan(out_coords, in_idx, out_idx, sizes, key, num_in):
     from .nn import _engine
 
-    stamp = (out_idx, _version(in_idx), _version(out_idx), in_idx.data_ptr(), num_in, out_coords.shape[0], tuple(key))
+    stamp = (out_idx, sizes, _version(in_idx), _version(out_idx), _version(sizes), in_idx.data_ptr(), num_in,
+             out_coords.shape[0], tuple(key))
     hit = _GRAPH_PLANS.get(in_idx)
-    if hit is not None and hit[0][0] is out_idx and hit[0][1:] == stamp[1:]:
+    if hit is not None and hit[0][0] is out_idx and hit[0][1] is sizes and hit[0][2:] == stamp[2:]:
         return hit[1]
     up = _GRAPH_TRANSPOSES.get(in_idx)
     down = up[1] if up is not None and up[0] is out_idx else None  # _plan's arguments for the map transposed

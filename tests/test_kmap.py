@@ -1030,6 +1030,29 @@ def test_the_conv_operators_check_a_given_map_on_the_torch_loop_too(dtype):
             ops.conv_weight_grad(x.feats, g, coords, in_idx, out_idx, m.sizes, key)
 
 
+def test_the_conv_operator_follows_a_new_sizes_tensor_for_the_same_pairs():
+    """The conv operator's plan cache is keyed by the pair tensors; given the
+    same ``in_idx`` / ``out_idx`` with another ``sizes`` (the pairs split
+    among the offsets otherwise) it ran the first call's plan: the second
+    call's sum silently over the old split."""
+    from pointsparse import ops
+    from pointsparse.nn.reference import conv_sum
+
+    coords = random_coords(80, 1, 6, seed=5)
+    x = ps.SparseTensor(torch.randn(len(coords), 3, dtype=torch.float64), coords)
+    m = km.get_kmap(x, 3)
+    key = ops.key_to_list(m.key)
+    w = torch.randn(m.kernel_volume, 3, 2, dtype=torch.float64)
+    first = ops.conv(x.feats, w, None, coords, m.in_idx, m.out_idx, m.sizes, key)
+    torch.testing.assert_close(first, conv_sum(x.feats, w, m))
+    moved = m.sizes.clone()  # the first offset's pairs given to the second
+    moved[1] += moved[0]
+    moved[0] = 0
+    other = ops._as_kmap(coords, m.in_idx, m.out_idx, moved, key, m.num_in)
+    got = ops.conv(x.feats, w, None, coords, m.in_idx, m.out_idx, moved, key)
+    torch.testing.assert_close(got, conv_sum(x.feats, w, other))
+
+
 def test_the_kmap_parents_operator_names_a_key_without_a_stride():
     """``kmap_parents`` of a stride-1 key (no parents: a submanifold map's
     outputs are its inputs) returned the input coords as its output, which
