@@ -2087,6 +2087,22 @@ def test_batch_of_refuses_voxel_samples_of_different_voxel_sizes():
     assert Batch.of([fine, dataclasses.replace(coarse, voxel_size=None)]).size == 2
 
 
+def test_batch_of_names_the_sample_without_points_among_samples_with_them():
+    """A VoxelSample made by hand without points batched with voxelised ones
+    (which carry them) gave a batch without points for every sample, without
+    a word: SPVCNN then said "points must be a float tensor; got NoneType"
+    for the whole batch. Batch.of names the sample; a batch where no sample
+    has points stays a batch without them."""
+    import dataclasses
+    cloud = Sample(np.random.default_rng(2).random((30, 3)), np.arange(30) % 3, name="c")
+    v = voxelize_sample(cloud, 0.2, 255)
+    bare = dataclasses.replace(v, points=None, name="hand")
+    with pytest.raises(ValueError, match=r"Batch.of: item 1 \(hand\) has no points where item 0 \(c\) has"):
+        Batch.of([v, bare])
+    assert Batch.of([bare, bare]).points is None
+    assert Batch.of([v, v]).points.shape == (2 * len(v.inverse), 3)
+
+
 def test_voxelize_sample_matches_the_float64_numpy_reference():
     """The shift to voxel 0 and the centred features, bit for bit the plain
     numpy formulas (minimum over rows, float64 shift, float32 features):

@@ -347,7 +347,13 @@ class Batch:
             inverse.append(s.inverse + row)
             row += len(s.input)
         inverse = torch.cat(inverse).long()
-        points = None if any(s.points is None for s in samples) else torch.cat([s.points for s in samples])
+        bare = [i for i, s in enumerate(samples) if s.points is None]
+        if bare and len(bare) < len(samples):  # (a batch of points for some samples alone meets no model)
+            has = next(i for i, s in enumerate(samples) if s.points is not None)
+            raise ValueError(f"Batch.of: item {bare[0]} ({samples[bare[0]].name}) has no points where item {has} "
+                             f"({samples[has].name}) has (voxelize_sample gives every sample its points); "
+                             "batch samples of one kind")
+        points = None if bare else torch.cat([s.points for s in samples])
         return cls(tensor, torch.cat([s.labels for s in samples]), inverse,
                    torch.cat([s.point_labels for s in samples]), tensor.coords[inverse, 0].long(),
                    [s.xyz for s in samples], [s.name for s in samples], points)
