@@ -123,6 +123,37 @@ def _refused(value, where: str = "state", seen: set | None = None) -> str | None
     return f"an object of {kind.__module__}.{kind.__qualname__} at {where}"
 
 
+#: The deepest nesting of containers :func:`save` takes (a training
+#: checkpoint's optimizer state nests about five): its walks of the state and
+#: pickle recurse once per level, and Python's recursion limit (1000) stopped
+#: them some hundreds of levels down with a RecursionError naming nothing.
+MAX_NESTING = 100
+
+
+def _too_deep(value, where: str = "state") -> str | None:
+    """The place (its first levels, then ``...``) of a container in
+    ``value`` nested more than :data:`MAX_NESTING` levels deep, or None;
+    walked with a stack of its own (no recursion), each container once."""
+    seen: set[int] = set()
+    stack = [(value, where, 0)]
+    while stack:
+        value, where, depth = stack.pop()
+        if not isinstance(value, _CONTAINERS) or id(value) in seen:
+            continue
+        if depth > MAX_NESTING:
+            return where
+        seen.add(id(value))
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if isinstance(item, _CONTAINERS):
+                place = f"{where}[{key!r}]" if depth < 3 and not isinstance(value, (set, frozenset)) else \
+                    where if where.endswith("...") else f"{where}..."
+                stack.append((item, place, depth + 1))
+        if isinstance(value, dict):
+            stack.extend((key, f"a key of {where}", depth + 1) for key in value if isinstance(key, _CONTAINERS))
+    return None
+
+
 def _meta_tensor(value, where: str = "state", seen: set | None = None) -> str | None:
     """The place of the first tensor on the meta device (a shape, no values)
     in ``value`` (a tensor, or containers of them), or None."""
@@ -159,8 +190,9 @@ def save(path, state) -> None:
     the payload is put to :func:`load`'s unpickler before the file is
     written. ``FileNotFoundError`` naming the
     folder where ``path``'s does not exist, ``ValueError`` where ``path``
-    is a folder or ``state`` holds a tensor on the meta device (a shape,
-    no values); ``TypeError`` where it is no path (a str or Path)."""
+    is a folder, ``state`` holds a tensor on the meta device (a shape,
+    no values) or nests containers more than :data:`MAX_NESTING` levels
+    deep; ``TypeError`` where it is no path (a str or Path)."""
     given, path = path, _as_path(path)
     if str(os.fspath(given)).endswith(("/", os.sep)):  # (pathlib drops the slash: a file of the folder's name)
         raise ValueError(f"{os.fspath(given)} is a folder (it ends with a slash); give the checkpoint file to write "
@@ -169,6 +201,10 @@ def save(path, state) -> None:
         raise ValueError(f"{path} is a folder; give the checkpoint file to write (e.g. {path / 'checkpoint.pt'})")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"no folder {path.parent} to write the checkpoint {path.name} in")
+    deep = _too_deep(state)
+    if deep:  # (before the walks below and pickle, which recurse once per level)
+        raise ValueError(f"state nests containers more than {MAX_NESTING} levels deep (at {deep}), more than a "
+                         "checkpoint holds; flatten it (a list of records, not records holding records)")
     meta = _meta_tensor(state)
     if meta:  # (a model built on the meta device, not materialised: the file would hold no weights)
         raise ValueError(f"{meta} is a tensor on the meta device (a shape, no values), which a checkpoint cannot "

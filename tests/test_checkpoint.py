@@ -591,3 +591,33 @@ def test_tensors_without_values_are_refused_when_saved_and_when_loaded(tmp_path)
     with pytest.raises(ValueError, match=r"'stem\.0\.0\.weight' is a tensor on the meta device \(a shape, no "
                                          r"values\)"):
         model_from_state({"config": config, "model": weights})
+
+
+def _nested(depth: int, kind: str):
+    """A list (or dict) holding one holding one ... ``depth`` levels deep."""
+    top = [] if kind == "list" else {}
+    inner = top
+    for _ in range(depth):
+        child = [] if kind == "list" else {}
+        inner.append(child) if kind == "list" else inner.update(a=child)
+        inner = child
+    return top
+
+
+@pytest.mark.parametrize("kind", ["list", "dict"])
+def test_save_names_a_state_nested_too_deep(tmp_path, kind):
+    """A state of containers nested some hundreds of levels deep or more
+    (a linked list of dicts, a tree built by recursion) made save raise
+    Python's RecursionError from its own walk of the state (or pickle's),
+    naming nothing. It is a ValueError saying how deep the state nests and
+    the most a checkpoint takes, and nothing is written; a state nested as
+    deep as a checkpoint's (an optimizer's state in a dict) saves as before."""
+    path = tmp_path / "c.pt"
+    for depth in (checkpoint.MAX_NESTING + 1, 1000, 100_000):
+        with pytest.raises(ValueError, match=rf"state nests containers more than {checkpoint.MAX_NESTING} levels "
+                                             r"deep \(at state\["):
+            checkpoint.save(path, {"log": _nested(depth, kind)})
+        assert list(tmp_path.iterdir()) == []
+    state = {"log": _nested(checkpoint.MAX_NESTING - 1, kind)}
+    checkpoint.save(path, state)
+    assert checkpoint.load(path) == state
