@@ -1522,3 +1522,29 @@ def test_add_voxel_prune_refuses_spvcnn_s_point_branch():
             add_voxel_prune(model, name, 0.5)
         assert list(model.state_dict()) == before and not hasattr(model, "voxel_prune")
     add_voxel_prune(SPVCNN(4, 3, cr=0.125, blocks=1), "unet.fuse.3", 0.5)  # (its voxel branch)
+
+
+def test_complex_weights_are_refused_naming_the_tensor(tmp_path):
+    """Complex weights (a spectral experiment's, a cast gone wrong) loaded
+    into the real model with only torch's UserWarning, 'Casting complex
+    values to real discards the imaginary part': the model ran on their real
+    parts. model_from_state and load_model refuse them naming the tensor
+    (and load_model the file), before anything loads."""
+    import warnings
+
+    from pointsparse import checkpoint
+    from pointsparse.models import load_model, model_from_state
+
+    config = {"model": "minkunet", "in_channels": 4, "classes": ["a", "b", "c"], "cr": 0.125, "blocks": 1}
+    weights = dict(MinkUNet(4, 3, cr=0.125, blocks=1).state_dict())
+    weights["stem.0.0.weight"] = weights["stem.0.0.weight"] * (1 + 1j)
+    expected = (r"the weights' 'stem\.0\.0\.weight' is torch\.complex64 where the model's is torch\.float32: "
+                r"loading it would drop the imaginary part")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (torch's warning is no refusal)
+        with pytest.raises(ValueError, match=expected):
+            model_from_state({"config": config, "model": weights})
+        path = tmp_path / "checkpoint.pt"
+        checkpoint.save(path, {"config": config, "model": weights})
+        with pytest.raises(ValueError, match=rf"checkpoint {path}: {expected}"):
+            load_model(path)

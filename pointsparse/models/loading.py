@@ -473,12 +473,16 @@ def shape_like(model: nn.Module, state_dict: dict) -> None:
     holds beyond its config: biases folded in, pruning masks (``name_orig``
     + ``name_mask``, as ``torch.nn.utils.prune`` stores them) and narrower
     tensors, so that ``model.load_state_dict(state_dict)`` then loads. The
-    trainer calls it before it makes the optimizer of a resumed run."""
+    trainer calls it before it makes the optimizer of a resumed run. A
+    complex tensor for a real one of the model is a ValueError naming it
+    (``load_state_dict`` drops the imaginary part with a warning)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a dict of names to tensors (a model's state_dict()); got "
                         f"{type(state_dict).__name__}")
+    own = dict(model.named_parameters())
+    own.update(model.named_buffers())
     for key, value in state_dict.items():  # (else an AttributeError from the fitting below)
         if isinstance(key, str) and key.rpartition(".")[2] == "_extra_state" and isinstance(value, dict) and \
                 ("offsets" in value or "weight_format" in value):  # (SparseConv3d's, SparseLinear's)
@@ -495,6 +499,10 @@ def shape_like(model: nn.Module, state_dict: dict) -> None:
         if value.is_meta:  # (else torch's "Cannot copy out of meta tensor; no data!", once per tensor)
             raise ValueError(f"the weights' {key!r} is a tensor on the meta device (a shape, no values): these are "
                              "the weights of a model never materialised")
+        built = _built_tensor(own, key)
+        if value.is_complex() and built is not None and not built.is_complex():  # (else torch's warning alone)
+            raise ValueError(f"the weights' {key!r} is {value.dtype} where the model's is {built.dtype}: loading it "
+                             "would drop the imaginary part; give real weights (these are no weights of this model)")
     _bias_like(model, state_dict)
     _mask_like(model, state_dict)
     narrowed = _fit_shapes(model, state_dict)
@@ -502,6 +510,18 @@ def shape_like(model: nn.Module, state_dict: dict) -> None:
     if narrowed:
         _apply_masks(model)  # (a masked weight narrowed: the one its hook computed is as wide as built)
         _check_chain(model)
+
+
+def _built_tensor(own: dict, key: str) -> torch.Tensor | None:
+    """The model's tensor (of ``own``, its parameters and buffers by name)
+    that the stored ``key`` loads into: ``key``'s own, or, for a masked
+    tensor (``name_orig``, ``name_mask``) where the model has no mask yet,
+    the tensor ``name``; None where the model has none (an unexpected key)."""
+    if key in own:
+        return own[key]
+    if key.endswith(("_orig", "_mask")):
+        return own.get(key[:-5])
+    return None
 
 
 def _check_chain(model: nn.Module, what: str = "the weights' channel widths") -> None:
