@@ -13,6 +13,7 @@ import torch
 
 import pointsparse as ps
 from pointsparse.nn import weight_from
+from reference import dense_conv_transpose
 
 
 def _offsets(k: int, source: str) -> list[int]:
@@ -111,3 +112,33 @@ def test_bad_arguments_are_named():
         weight_from(torch.zeros(27, 2), 3)
     with pytest.raises(ValueError, match="kernel_size"):
         weight_from(torch.zeros(27, 2, 2), 0)
+
+
+@pytest.mark.parametrize("source,k", [("minkowski", k) for k in _KERNELS]
+                         + [("torchsparse", k) for k in _KERNELS + [(4, 4, 4), (4, 3, 2)]])
+def test_a_converted_transposed_weight_gives_the_other_librarys_transposed_conv(source, k):
+    """A transposed conv's weight is numbered as the strided conv's it
+    mirrors in both libraries (MinkowskiEngine's transposed kernel map is the
+    strided one's with in and out swapped; TorchSparse's takes the strided
+    conv's map from its cache): ``out[q + o_j] += in[q] @ W[j]``, ``o_j`` the
+    j-th offset in the source's order. The converted weight gives that
+    conv, here as F.conv_transpose3d on the dense grid with the source's
+    weight put at each offset's place (dict lookups, not weight_from)."""
+    coords, _ = _cloud()
+    volume = k[0] * k[1] * k[2]
+    fine = ps.SparseTensor(torch.zeros(len(coords), 3, dtype=torch.float64), coords)
+    down = ps.nn.Conv3d(3, 3, k, 2).double()(fine)
+    y = down.with_feats(torch.randn(len(down.coords), 3, generator=torch.Generator().manual_seed(2),
+                                    dtype=torch.float64))
+    theirs = torch.randn(volume, 3, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    up = ps.nn.Conv3d(3, 5, k, 2, transposed=True).double()
+    with torch.no_grad():
+        up.weight.copy_(weight_from(theirs, k, source))
+    out = up(y)
+    assert torch.equal(out.coords, coords)
+    place = {offset: i for i, offset in enumerate(_order_ours(k))}
+    at_ours = torch.empty_like(theirs)
+    for j, offset in enumerate(_order(k, source)):
+        at_ours[place[offset]] = theirs[j]
+    want = dense_conv_transpose(y, at_ours, coords, k, 2)
+    torch.testing.assert_close(out.feats, want, rtol=1e-12, atol=1e-12)

@@ -17,7 +17,11 @@ numbers them ``(i_x * k_y + i_y) * k_z + i_z`` (z fastest).
 
 A weight converted here gives the conv the other library computed on the
 same coordinates (the batch index first, then x, y, z); checked for convs
-(stride 1 and 2), not for transposed ones."""
+(stride 1 and 2) and for transposed convs (stride 2). A transposed conv's
+weight is numbered as the strided conv's it mirrors in both libraries
+(MinkowskiEngine's transposed kernel map is the strided one's with input and
+output swapped; TorchSparse's is the strided conv's map from its cache), as
+here: ``out[q + o] += in[q] @ W[o]``, so it converts the same way."""
 
 from __future__ import annotations
 
