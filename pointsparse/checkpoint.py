@@ -6,8 +6,11 @@ state; both levels are read with ``torch.load(weights_only=True)``, so a file
 can hold tensors, numbers, strings and containers of them but can never run
 code. The digest is checked before the payload is unpickled: a flipped byte
 anywhere is a ``ValueError`` naming the file. Files written before the
-envelope existed (a plain state dictionary) are still read, with
-``weights_only=True`` but without a digest to check.
+envelope existed (a plain state dictionary, or any ``torch.save`` of data)
+are still read, with ``weights_only=True`` but without a digest to check:
+the CRC-32 the zip format keeps of each record is checked instead (a
+flipped byte in a tensor's data is a ``ValueError`` naming the file;
+``torch.load`` checks none).
 
 Writes are atomic (a per-process temporary file beside the target, flushed,
 then renamed) and :class:`DirectoryLock` keeps two runs from writing into the
@@ -262,10 +265,22 @@ def archive_kind(path) -> str | None:
     return None
 
 
+def _bad_record(path: Path) -> str | None:
+    """The name of the first record of the zip archive at ``path`` whose
+    CRC-32 does not match its bytes (or whose header does not read), or None
+    (all match, or no zip: torch's format before 1.6 keeps no CRC).
+    ``torch.load`` checks none of them."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, UnicodeDecodeError):
+        return None
+
+
 def load(path):
     """The state saved by :func:`save` (or a plain ``torch.save`` of data)
     at ``path``, read as data only. ``ValueError`` naming the file when it is
-    missing, damaged (digest mismatch, truncated, not a torch file) or holds
+    missing, damaged (digest or zip CRC-32 mismatch, truncated, not a torch file) or holds
     anything but data; ``TypeError`` where it is no path (a str or Path)."""
     path = _as_path(path)
     if path.is_dir():
@@ -281,7 +296,12 @@ def load(path):
                              "(pointsparse eval, predict)") from None
         raise
     if not (isinstance(outer, dict) and _ENVELOPE_KEYS & set(outer)):
-        return outer  # a file written before the envelope: data only, no digest to check
+        # a file written before the envelope (or by torch.save): data only, no digest, but the zip's CRCs
+        bad = _bad_record(path)
+        if bad is not None:
+            raise ValueError(f"{path}: the checkpoint is corrupted (the CRC-32 of its record {bad} does not match "
+                             "its contents)")
+        return outer
     payload, digest = outer.get("payload"), outer.get("sha256")
     if outer.get("format") != FORMAT or not isinstance(payload, bytes) or not isinstance(digest, str):
         raise ValueError(f"{path}: the checkpoint's envelope is damaged or of an unknown format "

@@ -621,3 +621,25 @@ def test_save_names_a_state_nested_too_deep(tmp_path, kind):
     state = {"log": _nested(checkpoint.MAX_NESTING - 1, kind)}
     checkpoint.save(path, state)
     assert checkpoint.load(path) == state
+
+
+def test_a_flipped_byte_in_a_plain_torch_save_file_is_refused(tmp_path):
+    """A file written by torch.save (a state_dict saved by hand, a checkpoint
+    from before the envelope) has no digest, and torch.load does not check
+    the CRC-32 the zip format keeps of each record: a byte flipped in a
+    tensor's data loaded as another weight, silently. load checks the
+    records' CRC-32 and names the file and the record; the file whole
+    still loads."""
+    path = tmp_path / "plain.pt"
+    weight = torch.full((64,), 1234.5)
+    torch.save({"model": {"w": weight}, "config": {}}, path)
+    good = path.read_bytes()
+    assert torch.equal(checkpoint.load(path)["model"]["w"], weight)
+    at = good.find(weight.numpy().tobytes())
+    assert at > 0
+    flipped = bytearray(good)
+    flipped[at + 100] ^= 0x01
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match=r"plain\.pt: the checkpoint is corrupted \(the CRC-32 of its record "
+                                         r"\S*data/0 does not match"):
+        checkpoint.load(path)
