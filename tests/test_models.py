@@ -1548,3 +1548,27 @@ def test_complex_weights_are_refused_naming_the_tensor(tmp_path):
         checkpoint.save(path, {"config": config, "model": weights})
         with pytest.raises(ValueError, match=rf"checkpoint {path}: {expected}"):
             load_model(path)
+
+
+def test_a_mask_of_another_shape_than_its_weight_is_refused_naming_both(tmp_path):
+    """A stored pruning mask whose shape is not its weight_orig's (a hand
+    edit, a narrowing that cut one and not the other) failed inside the
+    mask's product with torch's RuntimeError ('The size of tensor a (2) must
+    match the size of tensor b (4)'), which load_model let through without
+    naming the file. It is a ValueError naming both tensors and shapes."""
+    from pointsparse import checkpoint, prune
+    from pointsparse.models import load_model, model_from_state
+
+    config = {"model": "minkunet", "in_channels": 4, "classes": ["a", "b", "c"], "cr": 0.125, "blocks": 1}
+    net = MinkUNet(4, 3, cr=0.125, blocks=1)
+    prune.l1_unstructured(net.stem[0][0], "weight", 0.5)
+    weights = dict(net.state_dict())
+    weights["stem.0.0.weight_mask"] = weights["stem.0.0.weight_mask"][:, :, :2]
+    expected = (r"the weights' 'stem\.0\.0\.weight_mask' has shape \(27, 4, 2\) but 'stem\.0\.0\.weight_orig', "
+                r"the tensor it masks, \(27, 4, 4\)")
+    with pytest.raises(ValueError, match=expected):
+        model_from_state({"config": config, "model": weights})
+    path = tmp_path / "checkpoint.pt"
+    checkpoint.save(path, {"config": config, "model": weights})
+    with pytest.raises(ValueError, match=rf"checkpoint {path}: {expected}"):
+        load_model(path)

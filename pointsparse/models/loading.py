@@ -503,6 +503,11 @@ def shape_like(model: nn.Module, state_dict: dict) -> None:
         if value.is_complex() and built is not None and not built.is_complex():  # (else torch's warning alone)
             raise ValueError(f"the weights' {key!r} is {value.dtype} where the model's is {built.dtype}: loading it "
                              "would drop the imaginary part; give real weights (these are no weights of this model)")
+    for key, value in state_dict.items():  # (else torch's broadcasting error from the mask's product)
+        mask = state_dict.get(key[:-5] + "_mask") if key.endswith("_orig") else None
+        if isinstance(mask, torch.Tensor) and mask.shape != value.shape:
+            raise ValueError(f"the weights' {key[:-5] + '_mask'!r} has shape {tuple(mask.shape)} but {key!r}, the "
+                             f"tensor it masks, {tuple(value.shape)}: a pruning mask is of its tensor's shape")
     _bias_like(model, state_dict)
     _mask_like(model, state_dict)
     narrowed = _fit_shapes(model, state_dict)
