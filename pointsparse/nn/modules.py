@@ -100,6 +100,10 @@ class Conv3d(nn.Module):
     ``"cross"`` or a list of offset indices; only those offsets run. The
     weight keeps its ``(K, C_in, C_out)`` shape: the other offsets are zero
     at initialisation, ignored by the forward and get a zero gradient.
+    Its shape does not tell the region, so a full kernel's ``state_dict``
+    (a conv built without the region) loads as it is: its values outside
+    the region are kept and never run, so the conv is the region's, not
+    the full kernel's (build the conv without a region to run those).
     Pruned with ``pointsparse.prune`` (``weight_mask``), the masked entries
     get no gradient and the engine skips all-zero offsets and runs sparse
     enough weights through the vector-sparse kernels."""
