@@ -96,6 +96,19 @@ def test_torchsparse_kernel_of_one_stored_two_dimensional():
     assert torch.equal(weight_from(w, 1, "torchsparse"), w[None])
 
 
+def test_minkowski_kernel_of_one_at_stride_one_stored_two_dimensional():
+    """MinkowskiEngine keeps a kernel-1 stride-1 conv's kernel as (C_in,
+    C_out) (it runs it as a matrix product: the 1x1x1 shortcuts of its
+    residual blocks); weight_from refused it ("weight must be (K, C_in,
+    C_out)") where TorchSparse's was taken. Both are taken, and a 2-D
+    weight of a larger kernel is still refused."""
+    w = torch.randn(4, 6)
+    assert torch.equal(weight_from(w, 1, "minkowski"), w[None])
+    assert torch.equal(weight_from(w, (1, 1, 1), "minkowski"), w[None])
+    with pytest.raises(ValueError, match=r"weight must be \(K, C_in, C_out\)"):
+        weight_from(w, 3, "minkowski")
+
+
 def test_minkowski_even_sizes_above_2_are_refused():
     with pytest.raises(ValueError, match=r"MinkowskiEngine places the offsets of an even size above 2 at 0\.\.k-1"):
         weight_from(torch.zeros(64, 2, 2), 4, "minkowski")

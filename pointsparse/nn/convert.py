@@ -10,7 +10,8 @@ numbers them ``(i_x * k_y + i_y) * k_z + i_z`` (z fastest).
   ``(i_z * k_y + i_y) * k_x + i_x``. Along an axis of odd size its offsets
   are centred, as ours; along an axis of even size they run ``0 .. k - 1``,
   which are ours for ``k = 2`` only (``k = 4``: ``0..3`` against our
-  ``-1..2``): such a kernel is refused.
+  ``-1..2``): such a kernel is refused. A kernel of volume 1 at stride 1
+  is stored ``(C_in, C_out)`` (run as a matrix product).
 * TorchSparse (2.0, 2.1) takes the same offsets as ours along every axis,
   numbered with x fastest where the kernel's volume is odd and z fastest
   (ours) where it is even; a kernel of volume 1 is stored ``(C_in, C_out)``.
@@ -40,18 +41,20 @@ def weight_from(weight: torch.Tensor, kernel_size=3, source: str = "minkowski") 
     z), its offsets put in pointsparse's order: a ``(K, C_in, C_out)``
     tensor for :class:`Conv3d`'s ``weight`` (a new tensor; ``weight``'s
     dtype, device and autograd history). See the module docstring for each
-    library's numbering. A tensor that is no such weight, a kernel that
-    does not match its ``K``, or one whose offsets the other library places
-    elsewhere (MinkowskiEngine's even sizes above 2) is a ValueError /
-    TypeError naming the argument."""
+    library's numbering (a kernel of volume 1 may be given ``(C_in,
+    C_out)``, as both libraries store it). A tensor that is no such weight,
+    a kernel that does not match its ``K``, or one whose offsets the other
+    library places elsewhere (MinkowskiEngine's even sizes above 2) is a
+    ValueError / TypeError naming the argument."""
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}; got {source!r}")
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor (K, C_in, C_out); got {type(weight).__name__}")
     k = as_triple(kernel_size, "kernel_size")
     volume = math.prod(k)
-    if weight.dim() == 2 and source == "torchsparse" and volume == 1:
-        weight = weight.unsqueeze(0)  # (TorchSparse keeps a 1x1x1 kernel as (C_in, C_out))
+    if weight.dim() == 2 and volume == 1:
+        # (TorchSparse keeps a 1x1x1 kernel as (C_in, C_out), MinkowskiEngine one of stride 1)
+        weight = weight.unsqueeze(0)
     if weight.dim() != 3:
         raise ValueError(f"weight must be (K, C_in, C_out); got shape {tuple(weight.shape)}")
     if weight.shape[0] != volume:
