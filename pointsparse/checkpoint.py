@@ -51,12 +51,21 @@ def _pickled(state) -> bytes | None:
         return None
 
 
+#: The longest file name (in bytes) most file systems take (ext4, XFS, Btrfs, APFS, NTFS in UTF-16 units).
+_NAME_BYTES = 255
+
+
 def atomic_write(path, write) -> None:
     """Call ``write(file)`` on a temporary file beside ``path`` (a name unique
-    to this process and call), flush it to disk, then rename it over ``path``:
+    to this process and call; ``path``'s name, cut where the two would pass
+    a file name's 255 bytes), flush it to disk, then rename it over ``path``:
     an interrupt or a concurrent writer never leaves a torn file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    suffix = f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    name = path.name  # (cut where the temporary name would pass the 255 bytes a file name may have)
+    while name and len(os.fsencode(f".{name}{suffix}")) > _NAME_BYTES:
+        name = name[:-1]
+    tmp = path.with_name(f".{name}{suffix}")
     try:
         with open(tmp, "wb") as f:
             write(f)

@@ -643,3 +643,17 @@ def test_a_flipped_byte_in_a_plain_torch_save_file_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"plain\.pt: the checkpoint is corrupted \(the CRC-32 of its record "
                                          r"\S*data/0 does not match"):
         checkpoint.load(path)
+
+
+def test_a_long_file_name_that_the_file_system_takes_is_written(tmp_path):
+    """A checkpoint name of 240 to 255 bytes (one the file system takes)
+    failed with OSError 'File name too long' naming a hidden temporary file:
+    atomic_write's temporary name is the target's plus a dot and a suffix.
+    The temporary name is cut to fit; the file is written under the name
+    given, and no temporary file is left."""
+    for name in ("c" * 252 + ".pt", "é" * 120 + ".pt"):  # (255 bytes; 243 bytes in UTF-8)
+        path = tmp_path / name
+        checkpoint.save(path, {"a": 1})
+        assert checkpoint.load(path) == {"a": 1}
+        assert [p.name for p in tmp_path.iterdir()] == [name]
+        path.unlink()
