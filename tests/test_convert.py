@@ -155,3 +155,57 @@ def test_a_converted_transposed_weight_gives_the_other_librarys_transposed_conv(
         at_ours[place[offset]] = theirs[j]
     want = dense_conv_transpose(y, at_ours, coords, k, 2)
     torch.testing.assert_close(out.feats, want, rtol=1e-12, atol=1e-12)
+
+
+def _minkowski_cross_order(k) -> list[tuple[int, int, int]]:
+    """MinkowskiEngine's HYPER_CROSS region in its weight's order (from its
+    kernel region code): the centre, then along x, y and z in turn the
+    offsets 1..r, then -r..-1 (r = (k - 1) // 2 on that axis)."""
+    order = [(0, 0, 0)]
+    for axis, n in enumerate(k):
+        r = (n - 1) // 2
+        for step in [*range(1, r + 1), *range(-r, 0)]:
+            order.append(tuple(step if a == axis else 0 for a in range(3)))
+    return order
+
+
+@pytest.mark.parametrize("k", [(3, 3, 3), (5, 5, 5), (3, 1, 5), (1, 1, 1)])
+def test_a_minkowski_hyper_cross_weight_gives_its_conv_on_a_cross_region_conv(k):
+    """A MinkowskiEngine conv of region_type HYPER_CROSS stores one matrix
+    per offset of the cross (7 for a 3x3x3 kernel): weight_from refused it
+    ('weight holds 7 offsets but kernel_size (3, 3, 3) has 27'), leaving
+    no way to port it. kernel_region="cross" places each at its offset of
+    a Conv3d(kernel_region="cross") weight (zeros elsewhere), which then
+    computes MinkowskiEngine's conv."""
+    coords, feats = _cloud()
+    order = _minkowski_cross_order(k)
+    theirs = torch.randn(len(order), 3, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    conv = ps.nn.Conv3d(3, 5, k, kernel_region="cross").double()
+    with torch.no_grad():
+        conv.weight.copy_(weight_from(theirs, k, "minkowski", kernel_region="cross"))
+    x = ps.SparseTensor(feats, coords)
+    at = {tuple(c): i for i, c in enumerate(coords.tolist())}
+    want = torch.zeros(len(coords), 5, dtype=torch.float64)
+    for r, (b, cx, cy, cz) in enumerate(coords.tolist()):
+        for j, (dx, dy, dz) in enumerate(order):
+            i = at.get((b, cx + dx, cy + dy, cz + dz))
+            if i is not None:
+                want[r] += feats[i] @ theirs[j]
+    torch.testing.assert_close(conv(x).feats, want, rtol=1e-12, atol=1e-12)
+    ours = weight_from(theirs, k, "minkowski", kernel_region="cross")
+    outside = torch.ones(ours.shape[0], dtype=torch.bool)
+    outside[list(conv.kernel_region)] = False
+    assert not ours[outside].any()
+
+
+def test_a_cross_region_conversion_names_what_it_cannot_take():
+    with pytest.raises(ValueError, match=r"weight holds 27 offsets but a HYPER_CROSS region of kernel_size "
+                                         r"\(3, 3, 3\) has 7"):
+        weight_from(torch.zeros(27, 2, 2), 3, "minkowski", kernel_region="cross")
+    with pytest.raises(ValueError, match=r"kernel_region='cross' converts MinkowskiEngine's HYPER_CROSS kernels "
+                                         r"\(source='minkowski'\)"):
+        weight_from(torch.zeros(7, 2, 2), 3, "torchsparse", kernel_region="cross")
+    with pytest.raises(ValueError, match=r"kernel_region must be None or 'cross'"):
+        weight_from(torch.zeros(7, 2, 2), 3, "minkowski", kernel_region=[0, 1])
+    with pytest.raises(ValueError, match=r"a HYPER_CROSS kernel has odd sizes; got kernel_size \(2, 3, 3\)"):
+        weight_from(torch.zeros(6, 2, 2), (2, 3, 3), "minkowski", kernel_region="cross")

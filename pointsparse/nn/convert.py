@@ -11,7 +11,10 @@ numbers them ``(i_x * k_y + i_y) * k_z + i_z`` (z fastest).
   are centred, as ours; along an axis of even size they run ``0 .. k - 1``,
   which are ours for ``k = 2`` only (``k = 4``: ``0..3`` against our
   ``-1..2``): such a kernel is refused. A kernel of volume 1 at stride 1
-  is stored ``(C_in, C_out)`` (run as a matrix product).
+  is stored ``(C_in, C_out)`` (run as a matrix product). A conv of
+  region_type ``HYPER_CROSS`` stores its cross's offsets only
+  (``kernel_region="cross"``: put in a ``Conv3d(kernel_region="cross")``'s
+  weight).
 * TorchSparse (2.0, 2.1) takes the same offsets as ours along every axis,
   numbered with x fastest where the kernel's volume is odd and z fastest
   (ours) where it is even; a kernel of volume 1 is stored ``(C_in, C_out)``.
@@ -35,7 +38,44 @@ from ..tensor import as_triple
 SOURCES = ("minkowski", "torchsparse")
 
 
-def weight_from(weight: torch.Tensor, kernel_size=3, source: str = "minkowski") -> torch.Tensor:
+def _cross_indices(k) -> list[int]:
+    """Our offset index of each offset of MinkowskiEngine's HYPER_CROSS
+    region of kernel ``k`` (odd sizes), in its weight's order: the centre,
+    then along x, y and z in turn the offsets ``1..r``, then ``-r..-1``."""
+    centre = [(n - 1) // 2 for n in k]
+    indices = []
+    for axis in (None, 0, 1, 2):
+        r = 0 if axis is None else (k[axis] - 1) // 2
+        for step in ([0] if axis is None else [*range(1, r + 1), *range(-r, 0)]):
+            i = [c + (step if a == axis else 0) for a, c in enumerate(centre)]
+            indices.append((i[0] * k[1] + i[1]) * k[2] + i[2])
+    return indices
+
+
+def _from_cross(weight: torch.Tensor, k, source: str, kernel_region) -> torch.Tensor:
+    """:func:`weight_from` of a MinkowskiEngine HYPER_CROSS kernel."""
+    if not (isinstance(kernel_region, str) and kernel_region == "cross"):
+        raise ValueError(f"kernel_region must be None or 'cross' (MinkowskiEngine's HYPER_CROSS); got "
+                         f"{kernel_region!r}")
+    if source != "minkowski":
+        raise ValueError(f"kernel_region='cross' converts MinkowskiEngine's HYPER_CROSS kernels "
+                         f"(source='minkowski'); got source={source!r}")
+    if any(n % 2 == 0 for n in k):
+        raise ValueError(f"a HYPER_CROSS kernel has odd sizes; got kernel_size {k}")
+    indices = _cross_indices(k)
+    if weight.dim() == 2 and len(indices) == 1:
+        weight = weight.unsqueeze(0)  # (a 1x1x1 kernel at stride 1: (C_in, C_out))
+    if weight.dim() != 3:
+        raise ValueError(f"weight must be (K, C_in, C_out); got shape {tuple(weight.shape)}")
+    if weight.shape[0] != len(indices):
+        raise ValueError(f"weight holds {weight.shape[0]} offsets but a HYPER_CROSS region of kernel_size {k} "
+                         f"has {len(indices)}")
+    out = weight.new_zeros(math.prod(k), *weight.shape[1:])
+    return out.index_copy(0, torch.tensor(indices, device=weight.device), weight)
+
+
+def weight_from(weight: torch.Tensor, kernel_size=3, source: str = "minkowski", *,
+                kernel_region=None) -> torch.Tensor:
     """``weight`` of a MinkowskiEngine (``source="minkowski"``) or TorchSparse
     (``"torchsparse"``) conv of kernel ``kernel_size`` (int or 3-tuple, x, y,
     z), its offsets put in pointsparse's order: a ``(K, C_in, C_out)``
@@ -45,12 +85,21 @@ def weight_from(weight: torch.Tensor, kernel_size=3, source: str = "minkowski") 
     C_out)``, as both libraries store it). A tensor that is no such weight,
     a kernel that does not match its ``K``, or one whose offsets the other
     library places elsewhere (MinkowskiEngine's even sizes above 2) is a
-    ValueError / TypeError naming the argument."""
+    ValueError / TypeError naming the argument.
+
+    ``kernel_region="cross"``: ``weight`` is a MinkowskiEngine conv's of
+    region_type ``HYPER_CROSS`` (one matrix per offset of the cross, ``1 +
+    sum(k - 1)`` of them, in its order: the centre, then along x, y, z the
+    offsets ``1..r`` then ``-r..-1``); each is put at its offset of a
+    ``(K, C_in, C_out)`` weight, zeros elsewhere, for a
+    ``Conv3d(kernel_region="cross")``."""
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}; got {source!r}")
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor (K, C_in, C_out); got {type(weight).__name__}")
     k = as_triple(kernel_size, "kernel_size")
+    if kernel_region is not None:
+        return _from_cross(weight, k, source, kernel_region)
     volume = math.prod(k)
     if weight.dim() == 2 and volume == 1:
         # (TorchSparse keeps a 1x1x1 kernel as (C_in, C_out), MinkowskiEngine one of stride 1)
