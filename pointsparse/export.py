@@ -425,8 +425,11 @@ def _check_members(path: Path) -> None:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()  # reads every member, checks its CRC-32 and its local header
     except zipfile.BadZipFile as error:
-        if not zipfile.is_zipfile(path):
-            return  # not a zip: the loader says the file is no program
+        try:
+            if not zipfile.is_zipfile(path):
+                return  # not a zip: the loader says the file is no program
+        except zipfile.BadZipFile:  # (its end records found but damaged: "span multiple disks")
+            pass
         raise ValueError(f"{path} is damaged: its zip archive does not read ({error})") from error
     except (OSError, EOFError, ValueError, NotImplementedError) as error:
         raise ValueError(f"{path} is damaged: its zip archive does not read "

@@ -2230,3 +2230,25 @@ def test_a_layer_pruned_by_the_toolkit_compiles_fullgraph_with_gradients():
     copied = copy.deepcopy(conv)
     with torch.no_grad():
         torch.testing.assert_close(copied(x).feats, want.detach())
+
+
+def test_a_flipped_byte_in_the_archives_end_records_names_the_file(tmp_path):
+    """A byte flipped in the zip's end records (the zip64 locator's disk
+    fields) made zipfile.is_zipfile itself raise zipfile.BadZipFile ('zipfiles
+    that span multiple disks are not supported') inside load's check of the
+    members, where every other damage is a ValueError naming the file. Each
+    flip of the last bytes is refused naming the file, or loads the same
+    program."""
+    x = export.example_input(7, 0.4)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(spnn.Conv3d(7, 4, 3)).eval()
+    path = tmp_path / "p.pt2"
+    export.save(export.export_model(net, x), path, {"classes": ["a", "b", "c", "d"]})
+    data = path.read_bytes()
+    bad = tmp_path / "bad.pt2"
+    for offset in range(len(data) - 64, len(data)):
+        bad.write_bytes(_flip(data, offset))
+        try:
+            export.load(bad)
+        except ValueError as error:
+            assert str(bad) in str(error), offset
