@@ -295,6 +295,8 @@ def load(path):
     if path.is_dir():
         raise ValueError(f"checkpoint {path} is a folder; give the checkpoint file in it (e.g. {path}/checkpoint.pt)")
     if not path.is_file():
+        if path.exists():  # (a pipe, a device: never opened, a pipe would block)
+            raise ValueError(f"checkpoint {path} is not a regular file; give the checkpoint file")
         raise ValueError(f"checkpoint {path} does not exist")
     try:
         outer = _load_bytes(path, path, "the checkpoint")

@@ -657,3 +657,15 @@ def test_a_long_file_name_that_the_file_system_takes_is_written(tmp_path):
         assert checkpoint.load(path) == {"a": 1}
         assert [p.name for p in tmp_path.iterdir()] == [name]
         path.unlink()
+
+
+def test_load_names_a_path_that_is_no_regular_file(tmp_path):
+    """A path that exists but is no regular file (a named pipe, a device
+    such as /dev/null) was said not to exist. It is named as what it is not,
+    and never opened (a pipe would block the read)."""
+    pipe = tmp_path / "pipe.pt"
+    os.mkfifo(pipe)
+    with pytest.raises(ValueError, match=r"checkpoint \S*pipe\.pt is not a regular file"):
+        checkpoint.load(pipe)
+    with pytest.raises(ValueError, match=r"checkpoint \S*missing\.pt does not exist"):
+        checkpoint.load(tmp_path / "missing.pt")
