@@ -51,7 +51,7 @@ def _pickled(state) -> bytes | None:
         return None
 
 
-#: The longest file name (in bytes) most file systems take (ext4, XFS, Btrfs, APFS, NTFS in UTF-16 units).
+#: The longest file name, in bytes, that common file systems take (ext4, XFS, Btrfs).
 _NAME_BYTES = 255
 
 
@@ -289,8 +289,9 @@ def _bad_record(path: Path) -> str | None:
 def load(path):
     """The state saved by :func:`save` (or a plain ``torch.save`` of data)
     at ``path``, read as data only. ``ValueError`` naming the file when it is
-    missing, damaged (digest or zip CRC-32 mismatch, truncated, not a torch file) or holds
-    anything but data; ``TypeError`` where it is no path (a str or Path)."""
+    missing, damaged (digest or zip CRC-32 mismatch, truncated, not a torch
+    file), no regular file or holds anything but data; ``TypeError`` where
+    it is no path (a str or Path)."""
     path = _as_path(path)
     if path.is_dir():
         raise ValueError(f"checkpoint {path} is a folder; give the checkpoint file in it (e.g. {path}/checkpoint.pt)")
