@@ -1018,7 +1018,8 @@ def test_add_voxel_prune_refuses_what_it_cannot_add_naming_it():
     a VoxelSkip (ResidualBlock calls its add_to, which no hook sees), bad
     VoxelPrune settings: TypeError / ValueError naming the argument,
     the model unchanged. A module whose input is no SparseTensor is refused
-    at its call, naming it. voxel_prunes refuses a model that is no module
+    at its call, naming it (the fn of a pointsparse.nn pointwise layer when
+    added). voxel_prunes refuses a model that is no module
     and a pruner it can no longer record (its module moved, or none runs
     it)."""
     from pointsparse.models import add_voxel_prune, voxel_prunes
@@ -1042,7 +1043,18 @@ def test_add_voxel_prune_refuses_what_it_cannot_add_naming_it():
     with pytest.raises(ValueError, match=r"module_name 'fuse.0.0.main' is a VoxelSkip.*add_to.*past any forward hook"):
         add_voxel_prune(skip, "fuse.0.0.main")  # (its ResidualBlock runs add_to: the hook would never run)
     assert voxel_prunes(skip) == {} and not hasattr(skip, "voxel_prune")
-    head = spnn.Linear(4, 2)  # (its torch Linear, fn, gets the feats)
+    with pytest.raises(ValueError, match=r"module_name 'fn' is inside the model \(a pointsparse.nn Linear\)"):
+        add_voxel_prune(spnn.Linear(4, 2), "fn")  # (its torch Linear, fn, gets the feats)
+
+    class Head(torch.nn.Module):  # (a caller's own layer, whose fn gets the feats: seen at the call only)
+        def __init__(self):
+            super().__init__()
+            self.fn = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return x.with_feats(self.fn(x.feats))
+
+    head = Head()
     add_voxel_prune(head, "fn")
     with pytest.raises(TypeError, match=r"the VoxelPrune add_voxel_prune put on 'fn' takes a SparseTensor .*; "
                                         r"got Tensor"):
@@ -1466,6 +1478,30 @@ def test_add_voxel_skip_refuses_what_the_model_cannot_run_wrapped():
             add_voxel_skip(model, name, 0.5)
         assert list(model.state_dict()) == before
     add_voxel_skip(SPVCNN(4, 3, cr=0.125, blocks=1), "unet.fuse.3.0.main", 0.5)  # (a module of its voxel branch)
+
+
+def test_a_module_that_runs_on_plain_feats_is_refused_when_added():
+    """The torch module a pointsparse.nn pointwise layer runs on its feats
+    (MinkUNet's ``classifier.fn``, a ReLU's ``fn``, a learned VoxelPrune's
+    ``scorer``) takes a plain (N, C) tensor: add_voxel_prune and
+    add_voxel_skip took it, and every forward failed (the pruner's TypeError
+    at the call; a VoxelSkip's bare "expected a SparseTensor; got Tensor"
+    from deep inside). Both refuse it when added, naming it and the layer to
+    name instead, the model unchanged."""
+    from pointsparse.models import add_voxel_prune, add_voxel_skip
+
+    for add in (add_voxel_prune, add_voxel_skip):
+        for name, holder in (("classifier.fn", "classifier"), ("stem.0.2.fn", "stem.0.2"),
+                             ("voxel_prune.fuse_0.scorer", "voxel_prune.fuse_0")):
+            net = MinkUNet(4, 3, cr=0.25, blocks=1)
+            add_voxel_prune(net, "fuse.0", 0.5, "learned", net.fuse[0][0].main[0].in_channels)
+            before = list(net.state_dict())
+            with pytest.raises(ValueError, match=rf"module_name {name!r} is inside {holder!r}.*plain \(N, C\) "
+                                                 rf"tensor"):
+                add(net, name, 0.5)
+            assert list(net.state_dict()) == before and not net.classifier.fn._forward_pre_hooks
+            assert isinstance(net.classifier.fn, torch.nn.Linear) and isinstance(net.stem[0][2].fn, torch.nn.ReLU)
+        add(MinkUNet(4, 3, cr=0.25, blocks=1), "classifier", 0.5)  # (the layer itself takes the SparseTensor)
 
 
 def test_spvcnn_training_on_one_point_names_the_points():

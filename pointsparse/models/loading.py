@@ -25,6 +25,7 @@ from torch import nn
 
 from .._modes import evaluating
 from ..nn import Conv3d, VoxelPrune, VoxelSkip
+from ..nn.modules import _Pointwise
 from ..tensor import SparseTensor, as_bool
 from .minkunet import MinkUNet
 from .spvcnn import SPVCNN
@@ -114,14 +115,35 @@ def _never_called(model: nn.Module, module: nn.Module) -> str | None:
     return None
 
 
+def _feats_holder(model: nn.Module, module_name: str) -> str | None:
+    """The name of the outermost layer above ``module_name`` in ``model``
+    (``""``: the model itself) that runs its children on its feats, a plain
+    tensor (a pointsparse.nn pointwise layer's ``fn``: ``Linear``,
+    ``ReLU``...; a VoxelPrune's ``scorer``), or None."""
+    parts = module_name.split(".")
+    for i in range(len(parts)):
+        name = ".".join(parts[:i])
+        if isinstance(model.get_submodule(name), (_Pointwise, VoxelPrune)):
+            return name
+    return None
+
+
 def _check_runs_voxels(model: nn.Module, module_name: str, module: nn.Module, uncalled: str, point: str) -> None:
     """A ValueError naming ``module_name`` where ``model`` never calls
     ``module`` (:func:`_never_called`; ``uncalled`` then says what to do) or
     it is in SPVCNN's point branch, on (N, C) tensors (``point`` then says
-    what to do): add_voxel_skip's and add_voxel_prune's refusal."""
+    what to do), or inside a layer that runs it on its feats, a plain
+    tensor (:func:`_feats_holder`): add_voxel_skip's and add_voxel_prune's
+    refusal."""
     why = _never_called(model, module)
     if why:
         raise ValueError(f"module_name {module_name!r} is {why}: {uncalled}")
+    holder = _feats_holder(model, module_name)
+    if holder is not None:
+        kind = type(model.get_submodule(holder)).__name__
+        where, fix = (f"{holder!r}", f"name {holder!r} itself") if holder else ("the model", "give the model it is in")
+        raise ValueError(f"module_name {module_name!r} is inside {where} (a pointsparse.nn {kind}), which runs it "
+                         f"on the feats, a plain (N, C) tensor, not on a SparseTensor: {fix}")
     if isinstance(model, SPVCNN) and not module_name.startswith("unet."):
         raise ValueError(f"module_name {module_name!r} is in SPVCNN's point branch, which runs on (N, C) point "
                          f"features, not on a SparseTensor: {point}")
@@ -135,8 +157,10 @@ def add_voxel_skip(model: nn.Module, module_name: str, keep_ratio: float = 0.5, 
     unwrapped ones) and returns it; :func:`voxel_skips` records it for a
     checkpoint's config. A name the model lacks, the model itself, a module
     it never calls (an ``nn.ModuleList`` / ``nn.ModuleDict``, SPVCNN's
-    ``unet`` and ``unet.classifier``) or one of SPVCNN's point branch (no
-    SparseTensor there) is refused."""
+    ``unet`` and ``unet.classifier``), one of SPVCNN's point branch or one
+    inside a layer that runs it on its feats (a pointsparse.nn pointwise
+    layer's ``fn``, a learned VoxelPrune's ``scorer``): no SparseTensor
+    there) is refused."""
     module = _named_module(model, module_name, "fuse.0.0.main")
     _check_runs_voxels(model, module_name, module,
                        "the model cannot run it wrapped in a VoxelSkip; wrap a module it calls (e.g. "
@@ -217,8 +241,10 @@ def add_voxel_prune(model: nn.Module, module_name: str, keep_ratio: float = 0.5,
     refused (it would run the registered pruners as a layer), and so is a
     module the model never calls (an ``nn.ModuleList`` / ``nn.ModuleDict``,
     SPVCNN's ``unet`` and ``unet.classifier``), on which the pruner would
-    never run, and a module of SPVCNN's point branch (no SparseTensor there:
-    every forward failed)."""
+    never run, and a module of SPVCNN's point branch or one inside a layer
+    that runs it on its feats (a pointsparse.nn pointwise layer's ``fn``, a
+    learned VoxelPrune's ``scorer``): no SparseTensor there, every forward
+    failed."""
     if isinstance(model, nn.Sequential):  # (its forward calls every child: the pruners' ModuleDict too)
         raise ValueError(f"model is an nn.Sequential, which would run the pruners add_voxel_prune registers on it "
                          f"(its child {_PRUNES!r}) as a layer; wrap it in a module whose forward calls it, and give "
