@@ -1504,6 +1504,30 @@ def test_a_module_that_runs_on_plain_feats_is_refused_when_added():
         add(MinkUNet(4, 3, cr=0.25, blocks=1), "classifier", 0.5)  # (the layer itself takes the SparseTensor)
 
 
+def test_a_voxel_prune_itself_is_refused_when_added():
+    """add_voxel_prune on a VoxelPrune (one the model runs as a layer, or one
+    add_voxel_prune registered) pruned its input twice, silently (a keep
+    ratio of 0.5 kept a quarter); on a VoxelSkip's ``prune`` (run by
+    ``select``, past any hook) it never ran. add_voxel_skip around one
+    failed at every forward (fewer sites than the kept ones) or, around a
+    registered one, never ran. Both refuse a VoxelPrune naming it, the
+    model unchanged."""
+    from pointsparse.models import add_voxel_prune, add_voxel_skip
+
+    for add in (add_voxel_prune, add_voxel_skip):
+        for name in ("stem.0", "voxel_prune.fuse_0", "fuse.1.0.main.prune"):
+            net = MinkUNet(4, 3, cr=0.25, blocks=1)
+            net.stem = torch.nn.Sequential(spnn.VoxelPrune(0.5), *net.stem)
+            add_voxel_skip(net, "fuse.1.0.main", 0.5)
+            add_voxel_prune(net, "fuse.0", 0.5)
+            before = list(net.state_dict())
+            with pytest.raises(ValueError, match=rf"module_name {name!r} is a VoxelPrune.*keep_ratio or threshold"):
+                add(net, name, 0.5)
+            assert list(net.state_dict()) == before and list(net.voxel_prune) == ["fuse_0"]
+            assert isinstance(net.stem[0], spnn.VoxelPrune) and isinstance(net.voxel_prune.fuse_0, spnn.VoxelPrune)
+            assert not any(m._forward_pre_hooks for m in net.modules() if isinstance(m, spnn.VoxelPrune))
+
+
 def test_spvcnn_training_on_one_point_names_the_points():
     """SPVCNN in training mode given one point (voxels of several sites)
     failed in its point MLPs' BatchNorm1d with torch's 'Expected more than

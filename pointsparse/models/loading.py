@@ -132,12 +132,16 @@ def _check_runs_voxels(model: nn.Module, module_name: str, module: nn.Module, un
     """A ValueError naming ``module_name`` where ``model`` never calls
     ``module`` (:func:`_never_called`; ``uncalled`` then says what to do) or
     it is in SPVCNN's point branch, on (N, C) tensors (``point`` then says
-    what to do), or inside a layer that runs it on its feats, a plain
+    what to do), is a VoxelPrune (a second selection on its own), or inside a layer that runs it on its feats, a plain
     tensor (:func:`_feats_holder`): add_voxel_skip's and add_voxel_prune's
     refusal."""
     why = _never_called(model, module)
     if why:
         raise ValueError(f"module_name {module_name!r} is {why}: {uncalled}")
+    if isinstance(module, VoxelPrune):
+        raise ValueError(f"module_name {module_name!r} is a VoxelPrune, which selects voxels itself (a VoxelPrune on "
+                         "its input would prune twice, a VoxelSkip's never run; a VoxelSkip around it would get "
+                         "fewer sites than it keeps): change its keep_ratio or threshold instead")
     holder = _feats_holder(model, module_name)
     if holder is not None:
         kind = type(model.get_submodule(holder)).__name__
@@ -160,7 +164,8 @@ def add_voxel_skip(model: nn.Module, module_name: str, keep_ratio: float = 0.5, 
     ``unet`` and ``unet.classifier``), one of SPVCNN's point branch or one
     inside a layer that runs it on its feats (a pointsparse.nn pointwise
     layer's ``fn``, a learned VoxelPrune's ``scorer``): no SparseTensor
-    there) is refused."""
+    there) is refused, and so is a VoxelPrune (its selection is no
+    submanifold branch)."""
     module = _named_module(model, module_name, "fuse.0.0.main")
     _check_runs_voxels(model, module_name, module,
                        "the model cannot run it wrapped in a VoxelSkip; wrap a module it calls (e.g. "
@@ -234,7 +239,8 @@ def add_voxel_prune(model: nn.Module, module_name: str, keep_ratio: float = 0.5,
     :func:`voxel_prunes` records it for a checkpoint's config. It runs
     where the module is called (``module(x)``), a TypeError there where the
     first argument is no SparseTensor. A module given one already, a
-    VoxelSkip (a ResidualBlock runs its ``add_to``, which no hook sees) or
+    VoxelPrune (its own ``keep_ratio`` / ``threshold`` is the one to change:
+    a second one on its input pruned twice), a VoxelSkip (a ResidualBlock runs its ``add_to``, which no hook sees) or
     a name the model lacks is refused; wrap modules in VoxelSkip first (a
     module moved after would be recorded under a name its key no longer
     matches: :func:`voxel_prunes` refuses it). An ``nn.Sequential`` model is
