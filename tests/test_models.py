@@ -1528,6 +1528,30 @@ def test_a_voxel_prune_itself_is_refused_when_added():
             assert not any(m._forward_pre_hooks for m in net.modules() if isinstance(m, spnn.VoxelPrune))
 
 
+def test_add_voxel_skip_refuses_a_module_add_voxel_prune_gave_a_pruner():
+    """add_voxel_skip around a module holding a VoxelPrune of
+    add_voxel_prune (on it, or on a module inside it) wrapped it: every
+    forward then failed (the branch gave fewer sites than the VoxelSkip
+    kept) and voxel_prunes refused the model (the pruner's key named
+    another place). It is refused naming the pruned module and the order
+    to add them in, the model unchanged; a pruner above it is no matter."""
+    from pointsparse.models import add_voxel_prune, add_voxel_skip, voxel_prunes
+
+    for pruned in ("fuse.1.0.main", "fuse.1.0.main.0"):
+        net = MinkUNet(4, 3, cr=0.25, blocks=1)
+        add_voxel_prune(net, pruned, 0.5)
+        before = list(net.state_dict())
+        with pytest.raises(ValueError, match=rf"module_name 'fuse.1.0.main' holds the VoxelPrune add_voxel_prune put "
+                                             rf"on {pruned!r}.*VoxelSkip before"):
+            add_voxel_skip(net, "fuse.1.0.main", 0.5)
+        assert list(net.state_dict()) == before and isinstance(net.fuse[1][0].main, torch.nn.Sequential)
+        assert list(voxel_prunes(net)) == [pruned]
+    net = MinkUNet(4, 3, cr=0.25, blocks=1).eval()
+    add_voxel_prune(net, "fuse.1.0", 0.5)
+    add_voxel_skip(net, "fuse.1.0.main", 0.5)  # (the pruner on the block's input runs before the skip)
+    assert list(voxel_prunes(net)) == ["fuse.1.0"] and len(net(_cloud())) == len(_cloud())
+
+
 def test_spvcnn_training_on_one_point_names_the_points():
     """SPVCNN in training mode given one point (voxels of several sites)
     failed in its point MLPs' BatchNorm1d with torch's 'Expected more than

@@ -165,12 +165,20 @@ def add_voxel_skip(model: nn.Module, module_name: str, keep_ratio: float = 0.5, 
     inside a layer that runs it on its feats (a pointsparse.nn pointwise
     layer's ``fn``, a learned VoxelPrune's ``scorer``): no SparseTensor
     there) is refused, and so is a VoxelPrune (its selection is no
-    submanifold branch)."""
+    submanifold branch) and a module holding one of :func:`add_voxel_prune`
+    (on it or inside it: add the VoxelSkips first, as :func:`build_model`
+    does)."""
     module = _named_module(model, module_name, "fuse.0.0.main")
     _check_runs_voxels(model, module_name, module,
                        "the model cannot run it wrapped in a VoxelSkip; wrap a module it calls (e.g. "
                        "'fuse.0.0.main', 'unet.fuse.3.0.main')",
                        "a VoxelSkip wraps a module of its voxel branch (unet.*, e.g. 'unet.fuse.3.0.main')")
+    for inner, m in module.named_modules(prefix=module_name):
+        if any(isinstance(h, _PruneInput) for h in m._forward_pre_hooks.values()):
+            raise ValueError(f"module_name {module_name!r} holds the VoxelPrune add_voxel_prune put on {inner!r}: "
+                             "wrapped, the branch would give fewer sites than the VoxelSkip keeps, and voxel_prunes "
+                             "could not record the pruner under its new name; wrap modules in VoxelSkip before "
+                             "adding VoxelPrune")
     skip = VoxelSkip(module, keep_ratio, score, in_channels, threshold)
     parent, _, leaf = module_name.rpartition(".")
     setattr(model.get_submodule(parent), leaf, skip)
