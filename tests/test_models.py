@@ -4,6 +4,7 @@ residual block, translation equivariance, batch independence, SyncBatchNorm."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -1550,6 +1551,28 @@ def test_add_voxel_skip_refuses_a_module_add_voxel_prune_gave_a_pruner():
     add_voxel_prune(net, "fuse.1.0", 0.5)
     add_voxel_skip(net, "fuse.1.0.main", 0.5)  # (the pruner on the block's input runs before the skip)
     assert list(voxel_prunes(net)) == ["fuse.1.0"] and len(net(_cloud())) == len(_cloud())
+
+
+def test_a_pruner_replaced_in_the_models_voxel_prune_is_the_one_that_runs():
+    """add_voxel_prune's hook held the VoxelPrune it made: a user who put
+    another in its place (model.voxel_prune["fuse_0"] = VoxelPrune(0.2), the
+    layer the state_dict and repr show) still had the old one run, silently,
+    and voxel_prunes said the model was another one's. The hook runs the
+    registered one and voxel_prunes records it; one deleted is a ValueError
+    naming it at the call."""
+    from pointsparse.models import add_voxel_prune, voxel_prunes
+
+    x = _cloud()
+    net = MinkUNet(4, 3, cr=0.25, blocks=1).eval()
+    add_voxel_prune(net, "stem.1", 0.5)
+    assert len(net(x)) == math.ceil(0.5 * len(x))
+    net.voxel_prune["stem_1"] = spnn.VoxelPrune(0.2)
+    assert len(net(x)) == math.ceil(0.2 * len(x))
+    assert voxel_prunes(net)["stem.1"]["keep_ratio"] == 0.2
+    assert len(copy.deepcopy(net)(x)) == math.ceil(0.2 * len(x))
+    del net.voxel_prune["stem_1"]
+    with pytest.raises(ValueError, match=r"'stem.1'.*voxel_prune.stem_1.*deleted"):
+        net(x)
 
 
 def test_spvcnn_training_on_one_point_names_the_points():

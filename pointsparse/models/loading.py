@@ -215,19 +215,38 @@ _PRUNES = "voxel_prune"
 
 
 class _PruneInput:
-    """The forward pre-hook :func:`add_voxel_prune` registers: ``prune`` on
-    the module's first argument (an object, not a closure, so that a deepcopy
-    of the model runs the copy's ``prune``, and the model pickles)."""
+    """The forward pre-hook :func:`add_voxel_prune` registers: the VoxelPrune
+    the model's ``voxel_prune`` holds under ``key`` (``prunes``) on the
+    module's first argument (an object, not a closure, so that a deepcopy of
+    the model runs the copy's, and the model pickles). It looks the pruner
+    up at each call: one the caller put in its place is the one that runs
+    (the old one ran, silently, while the model showed the new one)."""
 
-    def __init__(self, prune: VoxelPrune, name: str) -> None:
-        self.prune, self.name = prune, name
+    def __init__(self, prune: VoxelPrune, name: str, prunes: nn.ModuleDict | None = None,
+                 key: str | None = None) -> None:
+        self.prune, self.name, self.prunes, self.key = prune, name, prunes, key
+
+    def current(self) -> VoxelPrune:
+        """The VoxelPrune this hook runs: the one registered under its key
+        (``prune``, the one it was made with, for a hook pickled before it
+        kept the key); ValueError where that was deleted or is no VoxelPrune."""
+        prunes = getattr(self, "prunes", None)
+        if prunes is None:
+            return self.prune
+        prune = prunes._modules.get(self.key)
+        if not isinstance(prune, VoxelPrune):
+            why = "deleted" if prune is None else f"replaced by a {type(prune).__name__}, not a VoxelPrune"
+            raise ValueError(f"the hook add_voxel_prune put on {self.name!r} runs {_PRUNES}.{self.key}, which was "
+                             f"{why} since: put a VoxelPrune back there, or remove the hook (the module's "
+                             "_forward_pre_hooks)")
+        return prune
 
     def __call__(self, module: nn.Module, args: tuple):
         if not args or not isinstance(args[0], SparseTensor):
             got = type(args[0]).__name__ if args else "no positional argument"
             raise TypeError(f"the VoxelPrune add_voxel_prune put on {self.name!r} takes a SparseTensor (the "
                             f"module's first argument); got {got}")
-        return (self.prune(args[0]),) + tuple(args[1:])
+        return (self.current()(args[0]),) + tuple(args[1:])
 
 
 def _prune_key(name: str) -> str:
@@ -246,7 +265,8 @@ def add_voxel_prune(model: nn.Module, module_name: str, keep_ratio: float = 0.5,
     on the device and dtype of the module's parameters; returned.
     :func:`voxel_prunes` records it for a checkpoint's config. It runs
     where the module is called (``module(x)``), a TypeError there where the
-    first argument is no SparseTensor. A module given one already, a
+    first argument is no SparseTensor; the hook runs the VoxelPrune
+    registered under that key at the call (one put in its place runs). A module given one already, a
     VoxelPrune (its own ``keep_ratio`` / ``threshold`` is the one to change:
     a second one on its input pruned twice), a VoxelSkip (a ResidualBlock runs its ``add_to``, which no hook sees) or
     a name the model lacks is refused; wrap modules in VoxelSkip first (a
@@ -289,7 +309,7 @@ def add_voxel_prune(model: nn.Module, module_name: str, keep_ratio: float = 0.5,
         prunes = nn.ModuleDict()
         model.add_module(_PRUNES, prunes)
     prunes[key] = prune
-    module.register_forward_pre_hook(_PruneInput(prune, module_name))
+    module.register_forward_pre_hook(_PruneInput(prune, module_name, prunes, key))
     return prune
 
 
@@ -311,7 +331,8 @@ def voxel_prunes(model: nn.Module) -> dict[str, dict]:
         for hook in m._forward_pre_hooks.values():
             if not isinstance(hook, _PruneInput):
                 continue
-            key = held.get(id(hook.prune))
+            prune = hook.current()
+            key = held.get(id(prune))
             if key is None:
                 raise ValueError(f"the VoxelPrune on {name!r} is registered on another model than the one given "
                                  "(add_voxel_prune was given a module holding this one)")
@@ -320,7 +341,7 @@ def voxel_prunes(model: nn.Module) -> dict[str, dict]:
                                  "add_voxel_prune, and a config recording it would add it as another key; wrap "
                                  "modules in VoxelSkip before adding VoxelPrune")
             found.add(key)
-            out[name] = _settings(hook.prune)
+            out[name] = _settings(prune)
     idle = [key for key in held.values() if key not in found]
     if idle:
         raise ValueError(f"{_PRUNES}.{idle[0]} runs on no module of the model (its hook was removed)")
