@@ -335,6 +335,32 @@ def test_magnitude_ranks_low_precision_feats_by_their_true_norm(dtype, small, la
     assert out.feats.dtype == dtype and torch.equal(out.feats[1], x.feats[1]) and not out.feats[0].any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("scale", [2.0**70, 2.0**-75, 1.0])
+def test_magnitude_ranks_feats_beyond_a_squares_range_by_their_norm(dtype, scale):
+    """The magnitude score summed the squares of the feats: float32 (and
+    bf16, normed in float32) feats past ~1.8e19 gave inf scores, below
+    ~1e-19 zero ones, and the tie went to the earlier voxels (a keep of
+    rows 0 and 1 where rows 1 and 2 were the largest). Each row is scaled
+    by a power of two before it is squared: the ranking, and scores equal
+    to the norm (bit for bit where nothing overflowed before)."""
+    if dtype == torch.float16 and scale != 1.0:
+        scale = 2.0**10 if scale > 1 else 2.0**-10  # (its whole range)
+    base = torch.tensor([[3.0, 0.0], [4.0, 3.0], [6.0, 8.0], [0.0, 0.0]], dtype=torch.float64)
+    coords = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0], [0, 2, 0, 0], [0, 3, 0, 0]], dtype=torch.int32)
+    x = ps.SparseTensor((base * scale).to(dtype), coords)
+    prune = ps.nn.VoxelPrune(0.5)
+    want = torch.tensor([3.0, 5.0, 10.0, 0.0], dtype=torch.float64) * scale
+    assert torch.equal(prune.scores(x).double(), want)
+    assert torch.equal(prune(x).coords, coords[[1, 2]])
+    assert torch.equal(ps.nn.VoxelPrune(threshold=float(4 * scale))(x).coords, coords[[1, 2]])
+    # the norm as before where it fitted (the scaling by a power of two is exact)
+    feats = torch.randn(64, 5, dtype=dtype) * torch.logspace(-3, 3, 64).to(dtype)[:, None]
+    wide = torch.float32 if dtype in (torch.bfloat16, torch.float16) else None
+    got = prune.scores(ps.SparseTensor(feats, (torch.arange(64).repeat(4, 1).T * torch.tensor([0, 1, 1, 1])).int()))
+    assert torch.equal(got, torch.linalg.vector_norm(feats, dim=1, dtype=wide))
+
+
 def test_scores_checks_its_input_as_select_does():
     """VoxelPrune.scores (the importance select ranks by) read input.feats
     unchecked: a Tensor was an AttributeError and feats of another width

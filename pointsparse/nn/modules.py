@@ -191,6 +191,25 @@ class Conv3d(nn.Module):
         return s
 
 
+def _magnitude(feats: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of each row of ``feats`` (float32 for bf16 / fp16 feats:
+    their own dtype rounds near norms to one, and ties keep the earlier),
+    each row scaled by a power of two (its largest value's exponent) before
+    it is squared and back after: the squares of float32 feats past ~1.8e19
+    were inf and below ~1e-19 zero or subnormal (wrong scores, tied ranks).
+    The scaling is exact: where the squares fitted, the norm is the same."""
+    wide = torch.float32 if feats.dtype in (torch.bfloat16, torch.float16) else None
+    if feats.dim() != 2 or feats.shape[1] == 0:  # (no row maximum to scale by)
+        return torch.linalg.vector_norm(feats, dim=-1, dtype=wide)
+    work = feats.to(wide) if wide is not None else feats
+    # 2^-e with the row maximum in [2^(e-1), 2^e) (1 for a zero row; inf / NaN rows keep their inf / NaN
+    # norm), e kept where both 2^e and 2^-e are exact in the dtype (subnormal rows are scaled part way)
+    top = math.frexp(torch.finfo(work.dtype).max)[1] - 1
+    exponent = torch.frexp(feats.abs().amax(dim=1)).exponent.clamp(-top, top)
+    scale = torch.ldexp(torch.ones_like(exponent, dtype=work.dtype), exponent)
+    return torch.linalg.vector_norm(work / scale.unsqueeze(1), dim=1) * scale
+
+
 class VoxelPrune(nn.Module):
     """Spatial (activation) pruning: keeps the most important voxels of a
     SparseTensor and drops the rest (SPS-Conv, Ada3D).
@@ -244,10 +263,7 @@ class VoxelPrune(nn.Module):
         """The importance of each voxel of ``input`` (1-D, a row each)."""
         input = _check_input(input)
         if self.scorer is None:
-            feats = input.feats.detach()
-            # (in float32 for bf16 / fp16 feats: their own dtype rounds near norms to one, and ties keep the earlier)
-            wide = torch.float32 if feats.dtype in (torch.bfloat16, torch.float16) else None
-            return torch.linalg.vector_norm(feats, dim=1, dtype=wide)
+            return _magnitude(input.feats.detach())
         # (a compressed scorer, formats.SparseLinear, holds no weight tensor: its in_features; it checks the dtype)
         weight = _live_weight(self.scorer)
         channels = self.scorer.in_features if weight is None else weight.shape[1]
