@@ -354,6 +354,10 @@ def test_magnitude_ranks_feats_beyond_a_squares_range_by_their_norm(dtype, scale
     assert torch.equal(prune.scores(x).double(), want)
     assert torch.equal(prune(x).coords, coords[[1, 2]])
     assert torch.equal(ps.nn.VoxelPrune(threshold=float(4 * scale))(x).coords, coords[[1, 2]])
+    # the ends of the range: float64 norms near its largest, float32 subnormal rows (scaled part way)
+    for far, kind in ((2.0**1000, torch.float64), (2.0**-140, torch.float32)):
+        x = ps.SparseTensor((base * far).to(kind), coords)
+        assert torch.equal(prune.scores(x).double(), torch.tensor([3.0, 5.0, 10.0, 0.0], dtype=torch.float64) * far)
     # the norm as before where it fitted (the scaling by a power of two is exact)
     feats = torch.randn(64, 5, dtype=dtype) * torch.logspace(-3, 3, 64).to(dtype)[:, None]
     wide = torch.float32 if dtype in (torch.bfloat16, torch.float16) else None

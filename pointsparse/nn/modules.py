@@ -202,11 +202,12 @@ def _magnitude(feats: torch.Tensor) -> torch.Tensor:
     if feats.dim() != 2 or feats.shape[1] == 0:  # (no row maximum to scale by)
         return torch.linalg.vector_norm(feats, dim=-1, dtype=wide)
     work = feats.to(wide) if wide is not None else feats
-    # 2^-e with the row maximum in [2^(e-1), 2^e) (1 for a zero row; inf / NaN rows keep their inf / NaN
-    # norm), e kept where both 2^e and 2^-e are exact in the dtype (subnormal rows are scaled part way)
-    top = math.frexp(torch.finfo(work.dtype).max)[1] - 1
-    exponent = torch.frexp(feats.abs().amax(dim=1)).exponent.clamp(-top, top)
-    scale = torch.ldexp(torch.ones_like(exponent, dtype=work.dtype), exponent)
+    # 2^e with the row maximum in [2^(e-1), 2^e) (1 for a zero row; inf / NaN rows keep their inf / NaN
+    # norm), e in the dtype's normal range (subnormal rows are scaled part way), made from its bits (exact on
+    # every device; torch.ldexp's 2^e overflowed in float32 on some paths)
+    itype, bias, shift = (torch.int64, 1023, 52) if work.dtype == torch.float64 else (torch.int32, 127, 23)
+    exponent = torch.frexp(work.abs().amax(dim=1)).exponent.to(itype).clamp(1 - bias, bias)
+    scale = ((exponent + bias) << shift).view(work.dtype)
     return torch.linalg.vector_norm(work / scale.unsqueeze(1), dim=1) * scale
 
 
