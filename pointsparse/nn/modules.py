@@ -193,21 +193,39 @@ class Conv3d(nn.Module):
 
 def _magnitude(feats: torch.Tensor) -> torch.Tensor:
     """The L2 norm of each row of ``feats`` (float32 for bf16 / fp16 feats:
-    their own dtype rounds near norms to one, and ties keep the earlier),
-    each row scaled by a power of two (its largest value's exponent) before
-    it is squared and back after: the squares of float32 feats past ~1.8e19
-    were inf and below ~1e-19 zero or subnormal (wrong scores, tied ranks).
-    The scaling is exact: where the squares fitted, the norm is the same."""
+    their own dtype rounds near norms to one, and ties keep the earlier).
+    The squares of float32 feats past ~1.8e19 were inf and below ~1e-19
+    zero or subnormal (wrong scores, tied ranks): the rows whose norm is inf
+    or below :func:`_scaled_norm`'s safe range (zero rows too: their feats
+    may be tiny) are taken again scaled by a power of two (outside a graph
+    those rows only, one host read; in a graph all, kept where needed)."""
     wide = torch.float32 if feats.dtype in (torch.bfloat16, torch.float16) else None
+    norm = torch.linalg.vector_norm(feats, dim=-1, dtype=wide)
     if feats.dim() != 2 or feats.shape[1] == 0:  # (no row maximum to scale by)
-        return torch.linalg.vector_norm(feats, dim=-1, dtype=wide)
-    work = feats.to(wide) if wide is not None else feats
-    # 2^e with the row maximum in [2^(e-1), 2^e) (1 for a zero row; inf / NaN rows keep their inf / NaN
-    # norm), e in the dtype's normal range (subnormal rows are scaled part way), made from its bits (exact on
-    # every device; torch.ldexp's 2^e overflowed in float32 on some paths)
-    itype, bias, shift = (torch.int64, 1023, 52) if work.dtype == torch.float64 else (torch.int32, 127, 23)
+        return norm
+    # below 2^(e_min / 2 + mantissa bits) a norm may have lost squares that underflowed: squares below the
+    # smallest normal number fall within the sum's rounding above it
+    low = 2.0**-459 if norm.dtype == torch.float64 else 2.0**-40
+    suspect = (norm < low) | torch.isinf(norm)
+    if torch.compiler.is_compiling():
+        return torch.where(suspect, _scaled_norm(feats, norm.dtype), norm)
+    if not bool(suspect.any()):
+        return norm
+    rows = suspect.nonzero().flatten()
+    return norm.index_copy(0, rows, _scaled_norm(feats.index_select(0, rows), norm.dtype))
+
+
+def _scaled_norm(feats: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The L2 norm in ``dtype`` of each row of the 2-D ``feats``, the row
+    divided by 2^e before it is squared and multiplied after, its maximum in
+    [2^(e-1), 2^e): exact, so the same as the plain norm where its squares
+    fit (1 for a zero row; inf / NaN rows keep their inf / NaN norm; e in
+    the dtype's normal range: subnormal rows are scaled part way). 2^e is
+    made from its bits (torch.pow(2.0, e) is float32: inf past 2^127)."""
+    work = feats.to(dtype)
+    itype, bias, shift = (torch.int64, 1023, 52) if dtype == torch.float64 else (torch.int32, 127, 23)
     exponent = torch.frexp(work.abs().amax(dim=1)).exponent.to(itype).clamp(1 - bias, bias)
-    scale = ((exponent + bias) << shift).view(work.dtype)
+    scale = ((exponent + bias) << shift).view(dtype)
     return torch.linalg.vector_norm(work / scale.unsqueeze(1), dim=1) * scale
 
 
