@@ -197,18 +197,21 @@ def _magnitude(feats: torch.Tensor) -> torch.Tensor:
     The squares of float32 feats past ~1.8e19 were inf and below ~1e-19
     zero or subnormal (wrong scores, tied ranks): the rows whose norm is inf
     or below :func:`_scaled_norm`'s safe range (zero rows too: their feats
-    may be tiny) are taken again scaled by a power of two (outside a graph
-    those rows only, one host read; in a graph all, kept where needed)."""
+    may be tiny) are taken again scaled by a power of two, those rows only
+    (one host read). In a graph (an exported program, torch.compile) the
+    plain norm: a graph cannot pick rows by a host read, and scaling every
+    row there is four more passes over the feats on every call of a program
+    whose feats never come near those ends."""
     wide = torch.float32 if feats.dtype in (torch.bfloat16, torch.float16) else None
     norm = torch.linalg.vector_norm(feats, dim=-1, dtype=wide)
     if feats.dim() != 2 or feats.shape[1] == 0:  # (no row maximum to scale by)
+        return norm
+    if torch.compiler.is_compiling():
         return norm
     # below 2^(e_min / 2 + mantissa bits) a norm may have lost squares that underflowed: squares below the
     # smallest normal number fall within the sum's rounding above it
     low = 2.0**-459 if norm.dtype == torch.float64 else 2.0**-40
     suspect = (norm < low) | torch.isinf(norm)
-    if torch.compiler.is_compiling():
-        return torch.where(suspect, _scaled_norm(feats, norm.dtype), norm)
     if not bool(suspect.any()):
         return norm
     rows = suspect.nonzero().flatten()
