@@ -786,3 +786,32 @@ def test_predict_writes_semantic3d_labels_files(tmp_path):
     assert cli.main([*base, "--out", str(scan.parent), "--format", "labels"]) == 2  # (its own .labels there)
     assert truth.read_bytes() == before
     assert cli.main([*base, "--out", str(out)]) == 2  # (an --out of .labels predictions: npy refused)
+
+
+def test_eval_warns_where_most_points_fall_outside_the_label_map(tmp_path, capsys):
+    """eval of raw SemanticKITTI .label files read with semantic-kitti-learning (a map of the 0-19 learning
+    ids; the real scan keeps 0.5% of its points) scored the few raw ids that happen to be learning ids and
+    printed an mIoU near 0 without a word. Where more than half of the points carry the ignore index, eval
+    warns on stderr, naming the data, the share and the label map; with the files' own map, no warning."""
+    scene = generated.outdoor_scene(seed=21, beams=16, azimuth_steps=256)
+    n = len(scene.xyz)
+    seq = tmp_path / "seq"
+    (seq / "velodyne").mkdir(parents=True)
+    (seq / "labels").mkdir()
+    np.c_[scene.xyz, scene.intensity].astype(np.float32).tofile(seq / "velodyne" / "000000.bin")
+    raw = np.where(np.arange(n) % 10 == 0, 10, 40).astype(np.uint32)  # 10 car (a learning id), 40 road (none)
+    raw.tofile(seq / "labels" / "000000.label")
+    classes = load_label_map("semantic-kitti").classes
+    state = torch.load(_checkpoint(tmp_path / "m.pt"), weights_only=False)
+    torch.manual_seed(0)
+    state["model"] = MinkUNet(NUM_FEATURES, len(classes), cr=0.25, blocks=1).state_dict()
+    state["config"]["classes"] = list(classes)
+    torch.save(state, tmp_path / "sk.pt")
+    for label_map, warned in (("semantic-kitti-learning", True), ("semantic-kitti", False)):
+        assert cli.main(["eval", "--checkpoint", str(tmp_path / "sk.pt"), "--data", str(seq), "--label-map",
+                         label_map, "--no-progress"]) == 0
+        err = capsys.readouterr().err
+        assert ("warning:" in err) == warned, (label_map, err)
+        if warned:
+            assert "90.0% of the points" in err and repr(load_label_map(label_map).name) in err and \
+                "--label-map" in err, err

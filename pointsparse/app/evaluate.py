@@ -10,6 +10,7 @@ scored as it runs (on the CPU; its data defaults to the run's too)."""
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from pathlib import Path
 
@@ -202,15 +203,19 @@ def check_scored_labels(source, num_classes: int, ignore_index: int, where: str,
     of NaN). A process of a distributed run (``dist``, a ``Dist`` whose world
     is larger than one) checks the clouds of its shard and gathers the
     others' outcomes: each refuses what any refused, and where no point of
-    any shard is scored."""
+    any shard is scored. Where more than half of the points carry the
+    ignore index, and it is no class index, a warning on stderr
+    (:func:`warn_mostly_ignored`; not in a distributed run)."""
     from .scoring import refuse_together, shard
 
     distributed = dist is not None and dist.active
     scored, error = False, None
+    points = kept = 0
     try:
         for i in (shard(len(source), dist.rank, dist.world) if distributed else range(len(source))):
             sample = source[i]
-            scored = len(scored_labels(sample.labels, num_classes, ignore_index, sample.name)) > 0 or scored
+            count = len(scored_labels(sample.labels, num_classes, ignore_index, sample.name))
+            scored, points, kept = count > 0 or scored, points + len(sample.labels), kept + count
     except ValueError as refused:
         if not distributed:
             raise
@@ -220,6 +225,27 @@ def check_scored_labels(source, num_classes: int, ignore_index: int, where: str,
     if not scored:
         raise ValueError(f"{where}: every point's label is the ignore index {ignore_index} (--ignore-index; raw "
                          "labels the label map does not list are ignored too): nothing to score")
+    if not distributed and not 0 <= ignore_index < num_classes:
+        warn_mostly_ignored(points, kept, ignore_index, getattr(source, "label_map", None), where)
+
+
+#: The share of ignored points above which :func:`warn_mostly_ignored` warns.
+MOSTLY_IGNORED = 0.5
+
+
+def warn_mostly_ignored(points: int, kept: int, ignore_index: int, label_map, where: str) -> None:
+    """A warning on stderr where more than :data:`MOSTLY_IGNORED` of the
+    ``points`` of the data (``where``) are ignored (``kept`` are scored):
+    raw labels read through a ``label_map`` that does not list them, most
+    often the map of other data (raw SemanticKITTI ids read with
+    semantic-kitti-learning kept 0.5% of a scan; its mIoU was printed as
+    any other), or labels of the ignore index in the files themselves."""
+    if points == 0 or (points - kept) / points <= MOSTLY_IGNORED:
+        return
+    why = (f"raw labels the label map {label_map.name!r} does not list: is it the map of these files' labels? "
+           "(--label-map)" if label_map is not None else "the files' own labels")
+    print(f"warning: {where}: {100 * (points - kept) / points:.1f}% of the points ({points - kept} of {points}) "
+          f"carry the ignore index {ignore_index}, {why}; the metrics score the other {kept}", file=sys.stderr)
 
 
 def program_and_state(path, args=None):
