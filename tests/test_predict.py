@@ -815,3 +815,29 @@ def test_eval_warns_where_most_points_fall_outside_the_label_map(tmp_path, capsy
         if warned:
             assert "90.0% of the points" in err and repr(load_label_map(label_map).name) in err and \
                 "--label-map" in err, err
+
+
+def test_eval_skip_nonfinite_scores_the_finite_points_of_organised_clouds(tmp_path, capsys):
+    """predict took organised clouds (points without a return are NaN) with --skip-nonfinite; eval had no
+    such flag: a labelled organised cloud could be segmented but not scored (refused, without a word on what
+    to do, as the whole file). eval --skip-nonfinite scores the finite points, as the same cloud less the
+    others; without it the refusal names the flag."""
+    ckpt = _checkpoint(tmp_path / "m.pt")
+    scene = generated.outdoor_scene(seed=5, beams=16, azimuth_steps=256)
+    xyz = scene.xyz.astype(np.float32).copy()
+    bad = np.zeros(len(xyz), bool)
+    bad[::7] = True
+    xyz[bad] = np.nan
+    cloud, finite = tmp_path / "organised.npz", tmp_path / "finite.npz"
+    np.savez(cloud, xyz=xyz, intensity=scene.intensity, labels=scene.labels)
+    np.savez(finite, xyz=xyz[~bad], intensity=scene.intensity[~bad], labels=scene.labels[~bad])
+    argv = ["eval", "--checkpoint", str(ckpt), "--no-progress"]
+    assert cli.main([*argv, "--data", str(cloud)]) == 2
+    err = capsys.readouterr().err
+    assert str(cloud) in err and "--skip-nonfinite" in err, err
+    cms = []
+    for data, more in ((cloud, ["--skip-nonfinite"]), (finite, [])):
+        out = tmp_path / f"ev-{data.stem}"
+        assert cli.main([*argv, "--data", str(data), "--out", str(out), *more]) == 0, capsys.readouterr().err
+        cms.append(json.loads((out / "eval-metrics.json").read_text())["confusion"])
+    assert cms[0] == cms[1] and np.asarray(cms[0]).sum() > 0

@@ -89,6 +89,10 @@ def add_arguments(parser) -> None:
                              "then bfloat16 weights and features: the AVX512-BF16 kernels where the CPU has them; "
                              "SPVCNN's point branch stays float32); default float32, the model as trained")
     add_maps_ahead_argument(parser)
+    parser.add_argument("--skip-nonfinite", action="store_true",
+                        help="score the finite points of clouds some of whose positions are NaN or inf (organised "
+                             "clouds: points without a return), the others left out as predict --skip-nonfinite "
+                             "leaves them; without it such a cloud is refused")
 
 
 def add_maps_ahead_argument(parser) -> None:
@@ -132,8 +136,14 @@ def main(args) -> int:
     spec, source = eval_source(args, state, ignore_index)  # (its flags checked; the clouds are read on first use)
     # --out taken, as train takes it, before the evaluation's work and after the checks: another run's
     # folder is refused; one this run made goes again where it fails before writing there.
+    from ..data.sample import NonFinitePositions, nonfinite_rows_dropped
+
     with DirectoryLock(args.out, "--out") if args.out else contextlib.nullcontext():
-        return _score(args, model, state, spec, source, ignore_index, device)
+        try:  # (the clouds are read, and kept, inside: the checks of their labels read them all first)
+            with nonfinite_rows_dropped() if getattr(args, "skip_nonfinite", False) else contextlib.nullcontext():
+                return _score(args, model, state, spec, source, ignore_index, device)
+        except NonFinitePositions as error:
+            raise ValueError(f"{error}; give --skip-nonfinite to score the other points") from error
 
 
 def _score(args, model, state: dict, spec, source, ignore_index: int, device) -> int:
