@@ -1611,6 +1611,24 @@ def test_find_clouds_skips_semantic3d_labels_files(tmp_path):
         find_clouds(str(tmp_path / "*.labels"))
 
 
+def test_find_clouds_globs_skip_semantickitti_label_files(tmp_path):
+    """'full-scan/*/*' over SemanticKITTI's velodyne/000000.bin and labels/000000.label took the .label for a
+    cloud, and predict and eval stopped on it ("unknown point cloud format '.label'"), while the folder itself
+    read fine. A glob skips .label files as it skips Semantic3D's .labels (no reader takes them for a cloud);
+    one matching only them is refused, naming what to give."""
+    for sub in ("velodyne", "labels"):
+        (tmp_path / "seq" / sub).mkdir(parents=True)
+    np.zeros((4, 4), np.float32).tofile(tmp_path / "seq" / "velodyne" / "000000.bin")
+    np.zeros(4, np.uint32).tofile(tmp_path / "seq" / "labels" / "000000.label")
+    scan = tmp_path / "seq" / "velodyne" / "000000.bin"
+    assert find_clouds(str(tmp_path / "seq" / "*" / "*")) == [scan]
+    assert find_clouds(str(tmp_path / "**" / "0*")) == [scan]
+    assert len(CloudFiles([str(tmp_path / "seq" / "*" / "*")])[0].labels) == 4
+    with pytest.raises(ValueError, match=r"matches only \.label files \(SemanticKITTI labels; give the "
+                                         r"velodyne/\*\.bin scans\)"):
+        find_clouds(str(tmp_path / "seq" / "labels" / "*"))
+
+
 def test_text_reader_holds_its_rows_once(tmp_path):
     """read_text holds the float64 rows it parsed and the sample's arrays,
     not further copies of them: the rows beside a float64 copy of the

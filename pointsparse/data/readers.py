@@ -1537,7 +1537,8 @@ def find_clouds(specs) -> list[Path]:
     folders) or folders. A folder is searched for
     ``velodyne/*.bin`` (SemanticKITTI), ``points/*.npy`` (Open3D-ML), else
     every supported file in it (``*labels*`` arrays are label files, not
-    clouds, nor are Semantic3D's ``.labels``, in a folder or a glob: in a
+    clouds, nor are Semantic3D's ``.labels`` and SemanticKITTI's
+    ``.label``, in a folder or a glob: in a
     glob, the ``*labels*`` arrays that are the labels of a cloud file there;
     hidden files, named ``.*``, are skipped as a glob skips them, and so
     are text files named README*, LICENSE*, LICENCE*, NOTICE*, COPYING*,
@@ -1560,10 +1561,14 @@ def find_clouds(specs) -> list[Path]:
         # read the clouds one folder down and skipped the rest without a word)
         matches = sorted(glob.glob(spec, recursive=True)) if any(ch in spec for ch in "*?[") and \
             not os.path.exists(spec) else [spec]
-        if matches != [spec]:  # (a glob's Semantic3D .labels files are its scans' labels, not clouds)
-            clouds = [m for m in matches if not m.lower().endswith(".labels")]
+        if matches != [spec]:  # (a glob's Semantic3D .labels and SemanticKITTI .label files are its scans'
+            # labels, not clouds: 'seq/*/*' over velodyne/ and labels/ stopped on a .label as an unknown format)
+            clouds = [m for m in matches if not m.lower().endswith((".labels", ".label"))]
             if matches and not clouds:
-                raise ValueError(f"{spec!r} matches only .labels files (Semantic3D labels; give the .txt scans)")
+                kitti = any(m.lower().endswith(".label") for m in matches)
+                raise ValueError(f"{spec!r} matches only " + (
+                    ".label files (SemanticKITTI labels; give the velodyne/*.bin scans)" if kitti else
+                    ".labels files (Semantic3D labels; give the .txt scans)"))
             # (nor are the label arrays of Open3D-ML's clouds: '*.npy' over x_points_0.npy and x_labels_0.npy
             # read the labels as a cloud, and stopped on its (N, 1) shape)
             arrays = {m for m in clouds if _labels_of_a_cloud(Path(m))}
