@@ -841,3 +841,15 @@ def test_eval_skip_nonfinite_scores_the_finite_points_of_organised_clouds(tmp_pa
         assert cli.main([*argv, "--data", str(data), "--out", str(out), *more]) == 0, capsys.readouterr().err
         cms.append(json.loads((out / "eval-metrics.json").read_text())["confusion"])
     assert cms[0] == cms[1] and np.asarray(cms[0]).sum() > 0
+
+
+def test_eval_of_clouds_without_points_says_so(tmp_path, capsys):
+    """eval of clouds that hold no point at all (an empty .npz) refused them as clouds "every point's label
+    is the ignore index", pointing at --ignore-index and the label map, which play no part: the refusal now
+    says the clouds hold no points."""
+    empty = tmp_path / "empty.npz"
+    np.savez(empty, xyz=np.zeros((0, 3), np.float32), labels=np.zeros(0, np.int64))
+    assert cli.main(["eval", "--checkpoint", str(_checkpoint(tmp_path / "m.pt")), "--data", str(empty),
+                     "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--data: the clouds hold no points: nothing to score" in err and "ignore index" not in err, err

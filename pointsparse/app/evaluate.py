@@ -209,8 +209,8 @@ def check_scored_labels(source, num_classes: int, ignore_index: int, where: str,
     a label that is neither a class index nor ``ignore_index`` (naming the
     cloud: raw labels read without their label map; the confusion matrix
     refused it, naming none, after the clouds before it were scored), or
-    where no point of any is scored (every label the ignore index: an mIoU
-    of NaN). A process of a distributed run (``dist``, a ``Dist`` whose world
+    where no point of any is scored (every label the ignore index, or no
+    point at all, which the message says: an mIoU of NaN). A process of a distributed run (``dist``, a ``Dist`` whose world
     is larger than one) checks the clouds of its shard and gathers the
     others' outcomes: each refuses what any refused, and where no point of
     any shard is scored. Where more than half of the points carry the
@@ -232,6 +232,8 @@ def check_scored_labels(source, num_classes: int, ignore_index: int, where: str,
         error = str(refused)
     if distributed:  # (every process learns every shard's outcome: all refuse together, with the same message)
         scored = any(refuse_together(dist, error, scored))
+    if not scored and not distributed and points == 0:  # (empty clouds: no label, ignored or not, to blame)
+        raise ValueError(f"{where}: the clouds hold no points: nothing to score")
     if not scored:
         raise ValueError(f"{where}: every point's label is the ignore index {ignore_index} (--ignore-index; raw "
                          "labels the label map does not list are ignored too): nothing to score")
