@@ -853,3 +853,19 @@ def test_eval_of_clouds_without_points_says_so(tmp_path, capsys):
                      "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "--data: the clouds hold no points: nothing to score" in err and "ignore index" not in err, err
+
+
+def test_predict_label_format_names_where_its_default_label_map_came_from(tmp_path, capsys):
+    """predict --format label of .bin scans with a model of other classes than SemanticKITTI's, and no
+    --label-map: refused as "label map 'SemanticKITTI ...' has the classes [...]; the model predicts [...]",
+    a map the user never named, with no word on what to do. The refusal now says the map was the default for
+    .bin files and asks for --label-map of the model's classes."""
+    scene = generated.outdoor_scene(seed=21, beams=16, azimuth_steps=256)
+    scan = tmp_path / "seq" / "velodyne" / "000000.bin"
+    scan.parent.mkdir(parents=True)
+    np.c_[scene.xyz, scene.intensity].astype(np.float32).tofile(scan)
+    assert cli.main(["predict", "--checkpoint", str(_checkpoint(tmp_path / "m.pt")), "--data", str(scan),
+                     "--format", "label", "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "has the classes" in err and "the default for .bin files" in err and \
+        "give --label-map of the model's classes" in err, err

@@ -195,14 +195,21 @@ def main(args) -> int:
     semantic3d = load_label_map("semantic3d")
     if args.format != "npy":
         name = args.label_map or (state.get("args") or {}).get("label_map")
+        origin = "--label-map" if args.label_map else "the run's label map"
         if name is None and args.format == "label" and any(p.suffix.lower() == ".bin" for p in paths):
-            name = "semantic-kitti"
+            name, origin = "semantic-kitti", "SemanticKITTI's, the default for .bin files"
         if name is None and classes == semantic3d.classes:
             name = "semantic3d"
         if name is None:
             raise ValueError(f"--format {args.format} needs the label map whose raw ids to write: give --label-map")
         label_map = load_label_map(name)
-        ids = raw_ids(label_map, classes)
+        try:
+            ids = raw_ids(label_map, classes)
+        except ValueError as error:  # (a map the user never named, where one was taken by default: say which)
+            if args.label_map:
+                raise
+            raise ValueError(f"--format {args.format}: {error} (the label map is {origin}): give --label-map of "
+                             "the model's classes") from error
     # A model of Semantic3D's classes (or --label-map semantic3d) reads .txt clouds as Semantic3D scans: the
     # benchmark's test scans have no .labels beside them, and were read as S3DIS rows.
     text_map = "semantic3d" if classes == semantic3d.classes or label_map == semantic3d else None
