@@ -869,3 +869,21 @@ def test_predict_label_format_names_where_its_default_label_map_came_from(tmp_pa
     err = capsys.readouterr().err
     assert "has the classes" in err and "the default for .bin files" in err and \
         "give --label-map of the model's classes" in err, err
+
+
+def test_the_mostly_ignored_warning_names_the_option_that_gave_the_map(capsys):
+    """train's validation check warned "(--label-map)" where the validation clouds were read with
+    --val-label-map's map; the warning names the option in play."""
+    from types import SimpleNamespace
+
+    from pointsparse.app import evaluate, train
+
+    label_map = load_label_map("semantic-kitti")
+    clouds = [SimpleNamespace(labels=np.array([0, 255, 255, 255]), name="a")]
+    source = type("Source", (), {"label_map": label_map, "__len__": lambda self: 1,
+                                 "__getitem__": lambda self, i: clouds[i]})()
+    for args, flag in ((SimpleNamespace(val_label_map="semantic-kitti"), "--val-label-map"),
+                       (SimpleNamespace(val_label_map=None), "--label-map")):
+        train._check_scored(source, len(label_map.classes), 255, None, train._val_map_flag(args))
+        err = capsys.readouterr().err
+        assert "75.0% of the points" in err and f"({flag})" in err, err

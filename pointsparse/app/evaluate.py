@@ -204,7 +204,8 @@ def scored_labels(labels, num_classes: int, ignore_index: int, name: str):
     return labels
 
 
-def check_scored_labels(source, num_classes: int, ignore_index: int, where: str, dist=None) -> None:
+def check_scored_labels(source, num_classes: int, ignore_index: int, where: str, dist=None,
+                        flag: str = "--label-map") -> None:
     """``ValueError`` before the model runs where a cloud of ``source`` has
     a label that is neither a class index nor ``ignore_index`` (naming the
     cloud: raw labels read without their label map; the confusion matrix
@@ -215,7 +216,8 @@ def check_scored_labels(source, num_classes: int, ignore_index: int, where: str,
     others' outcomes: each refuses what any refused, and where no point of
     any shard is scored. Where more than half of the points carry the
     ignore index, and it is no class index, a warning on stderr
-    (:func:`warn_mostly_ignored`; not in a distributed run)."""
+    (:func:`warn_mostly_ignored`, naming ``flag``, the option that gave the
+    map; not in a distributed run)."""
     from .scoring import refuse_together, shard
 
     distributed = dist is not None and dist.active
@@ -238,14 +240,15 @@ def check_scored_labels(source, num_classes: int, ignore_index: int, where: str,
         raise ValueError(f"{where}: every point's label is the ignore index {ignore_index} (--ignore-index; raw "
                          "labels the label map does not list are ignored too): nothing to score")
     if not distributed and not 0 <= ignore_index < num_classes:
-        warn_mostly_ignored(points, kept, ignore_index, getattr(source, "label_map", None), where)
+        warn_mostly_ignored(points, kept, ignore_index, getattr(source, "label_map", None), where, flag)
 
 
 #: The share of ignored points above which :func:`warn_mostly_ignored` warns.
 MOSTLY_IGNORED = 0.5
 
 
-def warn_mostly_ignored(points: int, kept: int, ignore_index: int, label_map, where: str) -> None:
+def warn_mostly_ignored(points: int, kept: int, ignore_index: int, label_map, where: str,
+                        flag: str = "--label-map") -> None:
     """A warning on stderr where more than :data:`MOSTLY_IGNORED` of the
     ``points`` of the data (``where``) are ignored (``kept`` are scored):
     raw labels read through a ``label_map`` that does not list them, most
@@ -255,7 +258,7 @@ def warn_mostly_ignored(points: int, kept: int, ignore_index: int, label_map, wh
     if points == 0 or (points - kept) / points <= MOSTLY_IGNORED:
         return
     why = (f"raw labels the label map {label_map.name!r} does not list: is it the map of these files' labels? "
-           "(--label-map)" if label_map is not None else "the files' own labels")
+           f"({flag})" if label_map is not None else "the files' own labels")
     print(f"warning: {where}: {100 * (points - kept) / points:.1f}% of the points ({points - kept} of {points}) "
           f"carry the ignore index {ignore_index}, {why}; the metrics score the other {kept}", file=sys.stderr)
 

@@ -374,7 +374,7 @@ def open_training_data(args, dist: Dist | None = None):
                else open_source(args.val_data, args.val_label_map or args.label_map, args.ignore_index))
         if args.val_data is not None:
             require_labels(val, "--val-data", dist)
-            _check_scored(val, len(train.classes), args.ignore_index, dist)
+            _check_scored(val, len(train.classes), args.ignore_index, dist, _val_map_flag(args))
         _note_ignored_class(train.classes, args.ignore_index, f"the generated scenes ({args.data[0]})", dist)
         return train, val, list(train.classes)
     train = open_source(args.data, args.label_map, args.ignore_index)
@@ -408,7 +408,7 @@ def open_training_data(args, dist: Dist | None = None):
                              "counts nowhere")
         classes = [f"class{i}" for i in range(top + 1)]
         print(f"note: no --label-map: using the raw labels as {len(classes)} classes", file=sys.stderr)
-    _check_scored(val, len(classes), args.ignore_index, dist)
+    _check_scored(val, len(classes), args.ignore_index, dist, _val_map_flag(args))
     return train, val, list(classes)
 
 
@@ -438,7 +438,12 @@ def _note_shared_clouds(train_paths, val_paths) -> None:
               "the validation mIoU is not held out", file=sys.stderr)
 
 
-def _check_scored(val, num_classes: int, ignore_index: int, dist: Dist | None) -> None:
+def _val_map_flag(args) -> str:
+    """The option whose label map the validation clouds are read with."""
+    return "--val-label-map" if getattr(args, "val_label_map", None) is not None else "--label-map"
+
+
+def _check_scored(val, num_classes: int, ignore_index: int, dist: Dist | None, flag: str = "--label-map") -> None:
     """The validation clouds' labels as eval checks them, before any
     training (a label past the classes failed the first validation, naming
     no cloud, after an epoch's work; clouds whose every label is ignored
@@ -447,7 +452,7 @@ def _check_scored(val, num_classes: int, ignore_index: int, dist: Dist | None) -
     scored (they skipped the check, and failed or scored NaN as above)."""
     from .evaluate import check_scored_labels
 
-    check_scored_labels(val, num_classes, ignore_index, "the validation clouds", dist)
+    check_scored_labels(val, num_classes, ignore_index, "the validation clouds", dist, flag)
 
 
 def generated_source(spec, options: dict, count: int, first_seed: int):
