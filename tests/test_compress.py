@@ -1112,3 +1112,28 @@ def test_a_compressed_model_called_with_gradients_on_says_why_its_input_needs_on
         compressed(x)
     with torch.inference_mode():
         assert torch.allclose(compressed(x).feats, model(x).feats, rtol=1e-5, atol=1e-6)
+
+
+def test_compress_takes_a_pruned_bias_as_its_hook_computes_it():
+    """A pruned bias (``prune.l1_unstructured(layer, "bias")``) is
+    ``bias_orig * bias_mask``; the attribute ``bias`` is what the hook last
+    computed, stale after an optimiser step on ``bias_orig`` until the next
+    forward. compress took that stale copy (the weight it recomputed): the
+    compressed layer's outputs were off by the last step. It takes the bias
+    as the hook computes it now, as it does the weight."""
+    torch.manual_seed(0)
+    lin, conv = torch.nn.Linear(6, 4), psnn.Conv3d(6, 4, kernel_size=3, bias=True)
+    x_lin, x_conv = torch.randn(3, 6), _sparse_input(channels=6)
+    for layer in (lin, conv):
+        prune.l1_unstructured(layer, "weight", amount=0.5)
+        prune.l1_unstructured(layer, "bias", amount=0.5)
+        with torch.no_grad():  # (a fine-tuning step after the last forward)
+            layer.weight_orig.add_(0.5)
+            layer.bias_orig.add_(1.0)
+    for layer, x in ((lin, x_lin), (conv, x_conv)):
+        sparse = F.compress(layer, "csr")
+        with torch.no_grad():
+            want, got = layer(x), sparse(x)
+        if isinstance(x, pointsparse.SparseTensor):
+            want, got = want.feats, got.feats
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

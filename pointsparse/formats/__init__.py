@@ -93,7 +93,7 @@ def compress(module: torch.nn.Module, format="csr", example_input=None, **kwargs
     _check_on_cpu(module)
     if isinstance(module, torch.nn.Linear):
         weight = module_weight(module, "weight")
-        sparse = SparseLinear(cls.from_dense(weight, **kwargs), module.bias, execution="dense")
+        sparse = SparseLinear(cls.from_dense(weight, **kwargs), _effective_bias(module), execution="dense")
         return _with_pre_hooks(module, _choose(sparse, example_input, ("dense", "format")))
     if isinstance(module, Conv3d):
         return _with_pre_hooks(module, _compress_conv(module, cls, example_input, kwargs))
@@ -147,6 +147,15 @@ def _with_pre_hooks(module: torch.nn.Module, compressed: torch.nn.Module) -> tor
     return compressed
 
 
+def _effective_bias(module) -> torch.Tensor | None:
+    """The bias as the layer's forward uses it: ``bias_orig * bias_mask``
+    where it is pruned (the attribute ``bias`` is what the hook computed at
+    the last forward, stale after a step on ``bias_orig``), else ``bias``."""
+    if getattr(module, "bias", None) is None and getattr(module, "bias_orig", None) is None:
+        return None
+    return module_weight(module, "bias")
+
+
 def _effective_conv_weight(module) -> torch.Tensor:
     """``(K, C_in, C_out)``: the masked weight, zero outside the kernel region."""
     from ..nn.functional import region_of
@@ -168,7 +177,7 @@ def _compress_conv(module, cls, example_input, kwargs) -> SparseConv3d:
             except ValueError as error:  # (rows: output channels, columns: input channels of that offset)
                 raise ValueError(f"kernel offset {o} (its W[{o}].T, C_out x C_in): {error}") from error
     sparse = SparseConv3d(offsets, module.kernel_size, module.stride, module.dilation, module.transposed,
-                          module.in_channels, module.out_channels, module.bias, execution="engine",
+                          module.in_channels, module.out_channels, _effective_bias(module), execution="engine",
                           relu=getattr(module, "relu", False),  # (convs pickled before these existed have none)
                           kernel_region=getattr(module, "kernel_region", None))
     return _choose(sparse, example_input, ("engine", "format"))
