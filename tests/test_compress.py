@@ -1137,3 +1137,29 @@ def test_compress_takes_a_pruned_bias_as_its_hook_computes_it():
         if isinstance(x, pointsparse.SparseTensor):
             want, got = want.feats, got.feats
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fmt,kwargs", [("bsr", {"blocksize": (2, 2)}), ("fkw", {}), ("csr", {})])
+def test_compressing_a_compressed_model_again_holds_the_format_asked_for(fmt, kwargs):
+    """compress of an already compressed model (or layer) returned a deep
+    copy of it: its layers kept the format they held (CSR) whatever format
+    was asked for, without a word (nbytes, the product and the report were
+    the first format's). Each compressed layer is re-encoded in the format
+    asked for now, from the weight it holds: the model's outputs are the
+    same, its report the new choice."""
+    model = _pruned_model("csr")
+    x = _sparse_input(channels=8)
+    first = F.compress(model, "csr")
+    again = F.compress(first, fmt, example_input=x, **kwargs)
+    layers = [m for m in again.modules() if isinstance(m, (F.SparseConv3d, F.SparseLinear))]
+    assert len(layers) == 2
+    conv, linear = layers
+    want = {"bsr": "BSR", "fkw": "FKW", "csr": "CSR"}[fmt]
+    assert conv.format_name == want and type(linear.weight_format).__name__ == want
+    assert "ms" in conv.chosen and "ms" in linear.chosen  # (measured on the example)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x).feats, model(x).feats, atol=1e-5, rtol=1e-5)
+    layer = F.compress(first[1], fmt, **kwargs)  # one compressed layer alone
+    assert isinstance(layer, F.SparseConv3d) and layer.format_name == want
+    assert torch.equal(layer.engine_weight, first[1].engine_weight)
+    assert type(F.compress(first[2].fn, fmt, **kwargs).weight_format).__name__ == want

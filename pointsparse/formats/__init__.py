@@ -32,7 +32,7 @@ from .bsr import BSR
 from .csr import COO, CSC, CSR
 from .eie import EIE
 from .fkw import FKW
-from .modules import SparseConv3d, SparseLinear
+from .modules import SparseConv3d, SparseLinear, dense_weight
 from .nm import NM
 
 FORMATS = {"coo": COO, "csr": CSR, "csc": CSC, "bsr": BSR, "nm": NM, "eie": EIE, "fkw": FKW}
@@ -72,7 +72,11 @@ def compress(module: torch.nn.Module, format="csr", example_input=None, **kwargs
       format measured slower than the engine on this kind of CPU:
       bench/RESULTS.md). ``chosen`` on the result records the choice and
       the times.
-    * any other module: a deep copy with every Linear / Conv3d inside replaced.
+    * a layer compressed before (:class:`SparseLinear`, :class:`SparseConv3d`):
+      the same, from the weight it holds (re-encoded in ``format``, its
+      execution chosen again).
+    * any other module: a deep copy with every Linear / Conv3d inside
+      replaced (and every compressed layer re-encoded).
 
     ``kwargs`` go to the format's ``from_dense`` (``blocksize`` for BSR, ``n,
     m, prune`` for NM, ``num_pe`` for EIE). The effective weight of a pruned
@@ -91,15 +95,16 @@ def compress(module: torch.nn.Module, format="csr", example_input=None, **kwargs
 
     cls = _format_class(format)
     _check_on_cpu(module)
-    if isinstance(module, torch.nn.Linear):
-        weight = module_weight(module, "weight")
+    layers = (torch.nn.Linear, Conv3d, SparseLinear, SparseConv3d)
+    if isinstance(module, (torch.nn.Linear, SparseLinear)):
+        weight = module.weight_format.to_dense() if isinstance(module, SparseLinear) else module_weight(module, "weight")
         sparse = SparseLinear(cls.from_dense(weight, **kwargs), _effective_bias(module), execution="dense")
         return _with_pre_hooks(module, _choose(sparse, example_input, ("dense", "format")))
-    if isinstance(module, Conv3d):
+    if isinstance(module, (Conv3d, SparseConv3d)):
         return _with_pre_hooks(module, _compress_conv(module, cls, example_input, kwargs))
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"module must be a torch.nn.Module; got {type(module).__name__}")
-    inputs = {} if example_input is None else _layer_inputs(module, example_input, (Conv3d, torch.nn.Linear))
+    inputs = {} if example_input is None else _layer_inputs(module, example_input, layers)
     from ..prune._copyable import copy_model  # noqa: PLC0415 - the formats do not load the pruning package
 
     originals = dict(module.named_modules())
@@ -108,7 +113,7 @@ def compress(module: torch.nn.Module, format="csr", example_input=None, **kwargs
     done = {}  # id(layer) -> its compressed module: a layer shared by two parents stays shared
     for name, sub in list(result.named_modules()):
         for child_name, child in list(sub._modules.items()):  # every name: named_children skips repeats
-            if isinstance(child, (torch.nn.Linear, Conv3d)):
+            if isinstance(child, layers):
                 if id(child) not in done:
                     qualified = f"{name}.{child_name}" if name else child_name
                     example = inputs.get(originals[qualified]) if qualified in originals else None
@@ -160,6 +165,8 @@ def _effective_conv_weight(module) -> torch.Tensor:
     """``(K, C_in, C_out)``: the masked weight, zero outside the kernel region."""
     from ..nn.functional import region_of
 
+    if isinstance(module, SparseConv3d):  # (compressed before: the weight it holds, zero outside its region)
+        return dense_weight(module.offsets)
     weight = module_weight(module, "weight")
     region = region_of(module.kernel_size, getattr(module, "kernel_region", None))
     return weight if region is None else weight * region.to(weight.dtype).view(-1, 1, 1)
