@@ -1163,3 +1163,22 @@ def test_compressing_a_compressed_model_again_holds_the_format_asked_for(fmt, kw
     assert isinstance(layer, F.SparseConv3d) and layer.format_name == want
     assert torch.equal(layer.engine_weight, first[1].engine_weight)
     assert type(F.compress(first[2].fn, fmt, **kwargs).weight_format).__name__ == want
+
+
+def test_an_example_input_the_module_cannot_run_is_named():
+    """compress(..., example_input=x) with an x the layer or model cannot
+    run gave the layer's own words ("expected a SparseTensor; got Tensor",
+    "input has 3 channels", "MinkUNet takes a SparseTensor") with nothing
+    saying they were about example_input. The error keeps its type and
+    those words, after "example_input does not fit"."""
+    from pointsparse.models import MinkUNet
+
+    conv = _pruned_conv(channels=4)
+    cases = [(conv, torch.randn(3, 4), TypeError, "expected a SparseTensor"),
+             (conv, _sparse_input(channels=3), ValueError, "input has 3 channels"),
+             (conv, _sparse_input(channels=4, dtype=torch.float64), TypeError, "float64"),
+             (torch.nn.Linear(4, 2), torch.randn(3, 5), ValueError, r"input must be \(\.\.\., 4\)"),
+             (MinkUNet(4, 5, cr=0.125, blocks=1), torch.randn(3, 4), TypeError, "MinkUNet takes a SparseTensor")]
+    for module, example, error, words in cases:
+        with pytest.raises(error, match=rf"^example_input does not fit the (layer|model) \(.*\): .*{words}"):
+            F.compress(module, "csr", example_input=example)

@@ -19,6 +19,7 @@ element (ESE); ``imbalance`` measures the spread."""
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 
@@ -201,7 +202,8 @@ def _choose(sparse, example_input, executions):
     times = {}
     for execution in executions:
         sparse.execution = execution
-        times[execution] = _median_time(sparse, example_input)
+        with _example_named(f"the layer ({type(sparse).__name__})"):
+            times[execution] = _median_time(sparse, example_input)
     sparse.execution = min(times, key=times.get)
     sparse.chosen = f"{sparse.execution} (" + ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in times.items()) + ")"
     return sparse
@@ -220,6 +222,17 @@ def _median_time(module, example_input, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
+@contextlib.contextmanager
+def _example_named(what: str):
+    """A TypeError / ValueError raised inside, of the same type, saying that
+    ``example_input`` does not fit ``what`` (the layer's or model's words
+    kept: they said nothing of compress's argument)."""
+    try:
+        yield
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"example_input does not fit {what}: {error}") from error
+
+
 def _layer_inputs(model, example_input, layer_types) -> dict:
     """The input each layer of ``layer_types`` in ``model`` sees on
     ``example_input`` (one run without gradients, in eval mode; the first
@@ -233,7 +246,7 @@ def _layer_inputs(model, example_input, layer_types) -> dict:
         if isinstance(sub, layer_types):
             handles.append(sub.register_forward_hook(record))
     try:
-        with evaluating(model), torch.no_grad():  # (each module given back its own mode)
+        with evaluating(model), torch.no_grad(), _example_named(f"the model ({type(model).__name__})"):
             model(*(example_input if isinstance(example_input, tuple) else (example_input,)))
     finally:
         for handle in handles:
