@@ -629,3 +629,32 @@ def test_a_chain_does_not_pass_through_an_unflatten():
         surgery.apply_channel_ratios(net, {"2": 0.5})
     surgery.apply_channel_ratios(net, {"0": 0.5})
     assert net(torch.randn(5, 8)).shape == (5, 3, 1, 1)
+
+
+@pytest.mark.parametrize("group, match", [
+    (surgery.ChannelGroup("0", ["1"], "2"), r"consumer '2' is a ReLU"),
+    (surgery.ChannelGroup("0", ["2"], "3"), r"norm '2' is a ReLU"),
+    (surgery.ChannelGroup("0", ["3"]), r"norm '3' is a Conv2d"),
+    (surgery.ChannelGroup("0", ["1"], "3", offset=4), r"consumer '3'.*offset=4"),
+    (surgery.ChannelGroup("0", ["1"], "3", repeat=2), r"consumer '3'.*repeat=2"),
+    (surgery.ChannelGroup("0", ["1"], "0"), r"consumer '0'.*3 inputs"),
+    (surgery.ChannelGroup("0", ["1"], "3", offset="a"), r"offset must be an int"),
+    (surgery.ChannelGroup("0", ["1", "1"], "3"), r"norm '1' twice"),
+    (surgery.ChannelGroup("0", "1", "3"), r"norms must be a list of module names"),
+    (surgery.ChannelGroup("0", ["4"], "3"), r"norm '4' has 6 channels.*'0' has 8"),
+    (surgery.ChannelGroup("2", [], "3"), r"producer '2' is a ReLU"),
+])
+def test_a_hand_made_group_is_checked_whole_before_any_cut(group, match):
+    """prune_channels of a hand-made ChannelGroup whose consumer or norm is
+    no layer / norm of the model (a ReLU), or whose span does not fit the
+    consumer's inputs, cut the producer (and its norms) and then raised: a
+    half-cut model that no longer ran. Every member is checked first; a
+    ValueError names the member, and nothing is cut."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.BatchNorm2d(6))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises((ValueError, TypeError), match=match):
+        surgery.prune_channels(net, group, [0, 1, 6, 7])
+    after = net.state_dict()
+    assert all(after[k].shape == v.shape and torch.equal(after[k], v) for k, v in before.items())
+    assert net[0].out_channels == 8 and net[1].num_features == 8 and net[3].in_channels == 8

@@ -335,20 +335,59 @@ def prune_channels(model: nn.Module, group: ChannelGroup | str, keep) -> None:
         if not match:
             raise ValueError(f"{group!r} is not a producer layer with a consumer in this chain")
         group = match[0]
-    else:  # (a group made by hand or for another model: named before anything is cut)
-        named = dict(model.named_modules())
-        missing = [n for n in (group.producer, *group.norms, group.consumer) if n is not None and n not in named]
-        if missing:
-            raise ValueError(f"group names {missing}, not modules of this model")
     _cut(model, group, keep)
 
 
+def _check_group(model: nn.Module, group: ChannelGroup, keep) -> tuple[dict[str, nn.Module], torch.Tensor]:
+    """The modules of ``group`` by name and ``keep`` checked, every member
+    before anything is cut (a group made by hand or for another model): a
+    ValueError names the member that is no layer / norm of ``model`` or
+    whose width does not fit the producer's."""
+    if not isinstance(group.norms, (list, tuple)) or not all(isinstance(n, str) for n in group.norms):
+        raise TypeError(f"group norms must be a list of module names; got {group.norms!r}")
+    named = dict(model.named_modules())
+    missing = [n for n in (group.producer, *group.norms, group.consumer) if n is not None and n not in named]
+    if missing:
+        raise ValueError(f"group names {missing}, not modules of this model")
+    producer = named[group.producer]
+    if not is_layer(producer):
+        raise ValueError(f"group producer {group.producer!r} is a {type(producer).__name__}, not a layer with "
+                         "output channels (a Linear, torch conv or pointsparse.nn.Conv3d)")
+    if getattr(producer, "groups", 1) != 1:
+        raise ValueError(f"group producer {group.producer!r}: grouped convolutions are not supported")
+    channels = out_channels(producer)
+    for n in group.norms:
+        norm = named[n]
+        if not adapters.is_norm(norm):
+            raise ValueError(f"group norm {n!r} is a {type(norm).__name__}, not a norm (a BatchNorm)")
+        width = adapters.adapter_for(norm).channels(norm, "out")
+        if width != channels:
+            raise ValueError(f"group norm {n!r} has {width} channels; its producer {group.producer!r} has "
+                             f"{channels}")
+    if len(set(group.norms)) != len(group.norms):
+        twice = next(n for n in group.norms if group.norms.count(n) > 1)
+        raise ValueError(f"group names norm {twice!r} twice (it would be cut twice)")
+    if group.consumer is not None:
+        consumer = named[group.consumer]
+        if not is_layer(consumer):
+            raise ValueError(f"group consumer {group.consumer!r} is a {type(consumer).__name__}, not a layer with "
+                             "input channels (a Linear, torch conv or pointsparse.nn.Conv3d)")
+        if getattr(consumer, "groups", 1) != 1:
+            raise ValueError(f"group consumer {group.consumer!r}: grouped convolutions are not supported")
+        offset, repeat = as_int(group.offset, "group offset"), as_int(group.repeat, "group repeat")
+        n_in = consumer.weight.shape[in_channel_dim(consumer)]
+        if offset < 0 or repeat < 1 or offset + channels * repeat > n_in:
+            raise ValueError(f"group consumer {group.consumer!r} has {n_in} inputs: the {channels} channels of "
+                             f"{group.producer!r} at offset={offset}, repeat={repeat} do not fit them")
+    return named, _check_keep(keep, channels, group.producer)
+
+
 def _cut(model: nn.Module, group: ChannelGroup, keep) -> None:
-    """:func:`prune_channels` of a group already checked not to be fixed."""
-    named = {n: model.get_submodule(n) for n in [group.producer, *group.norms, group.consumer] if n is not None}
+    """:func:`prune_channels` of a group already checked not to be fixed;
+    every member is checked before any is cut."""
+    named, keep = _check_group(model, group, keep)
     producer = named[group.producer]
     channels = out_channels(producer)
-    keep = _check_keep(keep, channels, group.producer)
     remove_output_channels(producer, keep)
     for n in group.norms:
         remove_norm_channels(named[n], keep)
