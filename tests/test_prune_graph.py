@@ -2342,3 +2342,28 @@ def test_a_size_written_as_a_number_fixes_the_channels_it_sizes(back, cuttable):
     assert net.conv1.out_channels == 4
     with torch.no_grad():
         torch.testing.assert_close(net(x), masked, rtol=1e-5, atol=1e-6)
+
+
+def test_a_stale_graph_refuses_to_cut_or_mask():
+    """A graph whose model was cut since its trace (cut(retrace=False), then
+    another cut; or a cut through another graph or surgery) cut by the widths
+    it had traced: keeping channels 5 and 6 of a group cut to 4 kept none
+    (every weight of the layer 0 wide) and the model failed at its next
+    forward in torch ("index 0 out of range"), or kept other channels than
+    asked. It refuses now, naming the layer and both widths, before
+    anything changes."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(),
+                        nn.Linear(6, 2)).eval()
+    x = torch.randn(5, 4)
+    graph = G.DependencyGraph(net, x)
+    graph.cut({"0": [0, 1, 2, 3]}, retrace=False)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    for call in (lambda: graph.cut({"0": [5, 6]}), lambda: graph.mask({"0": [5, 6]}),
+                 lambda: graph.cut({"3": [0, 1]})):
+        with pytest.raises(ValueError, match=r"stale.*'0' has 4 output channels.*traced with 8"):
+            call()
+        assert all(torch.equal(net.state_dict()[k], v) for k, v in state.items())
+    other = G.DependencyGraph(net, x)  # (a fresh trace cuts; a cut through it makes the first stale again)
+    other.cut({"3": [0, 2, 4]})
+    assert net(x).shape == (5, 2) and net[3].out_features == 3

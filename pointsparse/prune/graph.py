@@ -107,6 +107,24 @@ class DependencyGraph:
         self.all_groups = self._collect()
         self.groups = [g for g in self.all_groups if g.fixed is None]
         self.fixed_groups = [g for g in self.all_groups if g.fixed is not None]
+        # (each member's width as traced: a cut made since, by cut(retrace=False), another graph or surgery,
+        # leaves this graph's slices of the old widths; cutting by them kept other channels, or none)
+        self._traced_widths = {(m.module, m.role): self._width(m.module, m.role)
+                               for g in self.all_groups for m in g.members}
+
+    def _width(self, name: str, role: str) -> int:
+        module = self.module(name)
+        return adapters.adapter_for(module).channels(module, role)
+
+    def _check_fresh(self) -> None:
+        """ValueError when a member's width is no longer the traced one."""
+        for (name, role), traced in self._traced_widths.items():
+            now = self._width(name, role)
+            if now != traced:
+                raise ValueError(
+                    f"the graph is stale: {name!r} has {now} {role}put channels, it was traced with {traced} (the "
+                    "model was cut since: by cut(retrace=False), another graph or surgery); trace it again "
+                    "(DependencyGraph(model, example_input)) before cutting or masking")
 
     # ------------------------------------------------------------ tracing
     def _trace(self) -> None:
@@ -312,6 +330,7 @@ class DependencyGraph:
         """``{group name: the channel indices it loses}`` of a checked ``keep``."""
         if not isinstance(keep, Mapping):
             raise TypeError(f"keep must be a dict {{group: channel indices to keep}}; got {type(keep).__name__}")
+        self._check_fresh()
         removed: dict[str, torch.Tensor] = {}
         named: dict[int, object] = {}
         for key, kept in keep.items():
@@ -414,6 +433,7 @@ class DependencyGraph:
         names the channel and the consumer where it cannot be folded
         exactly. Returns
         the channels removed per group."""
+        self._check_fresh()
         dead = self.masked_channels()
         if not dead:
             return {}
