@@ -2367,3 +2367,28 @@ def test_a_stale_graph_refuses_to_cut_or_mask():
     other = G.DependencyGraph(net, x)  # (a fresh trace cuts; a cut through it makes the first stale again)
     other.cut({"3": [0, 2, 4]})
     assert net(x).shape == (5, 2) and net[3].out_features == 3
+
+
+def test_a_group_object_names_its_group_in_keep_and_only_its_own_graphs():
+    """cut's keep names a group 'by index, name or object', but a
+    CoupledGroup was unhashable (a dataclass with field equality): {group:
+    keep} was Python's bare "unhashable type: 'CoupledGroup'". And
+    graph.group took any CoupledGroup as it was, one of another graph or of
+    this graph before a cut retraced it, whose members and size are not
+    the model's. A group object is hashable now (by identity); one that is
+    not among the graph's groups is a ValueError naming it."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2)).eval()
+    x = torch.randn(5, 4)
+    graph = G.DependencyGraph(net, x)
+    first, second = graph.groups
+    keep = G.plan(graph, {first: 0.5}, multiple=1)
+    graph.mask(keep)
+    graph.cut({first: keep[first]})
+    assert net[0].out_features == 4 and net[2].in_features == 4
+    for stale in (first, second, G.DependencyGraph(copy.deepcopy(net), x).groups[0]):
+        with pytest.raises(ValueError, match="not one of this graph's groups"):
+            graph.cut({stale: [0, 1]})
+    assert net[0].out_features == 4 and net[2].out_features == 6
+    graph.cut({graph.groups[1]: [0, 1, 2]})
+    assert net[2].out_features == 3 and net(x).shape == (5, 2)

@@ -70,10 +70,12 @@ class Member:
         return (base[:, None] + torch.arange(self.repeat)[None, :]).flatten()
 
 
-@dataclass
+@dataclass(eq=False)
 class CoupledGroup:
     """Channels ``0 .. size`` that every member loses together; ``name`` is the
-    first layer producing them; ``fixed`` says why the group cannot be cut."""
+    first layer producing them; ``fixed`` says why the group cannot be cut.
+    Hashable by identity (a key of a ``keep`` dict): a group is its graph's,
+    of the trace that made it."""
 
     name: str
     size: int
@@ -301,7 +303,13 @@ class DependencyGraph:
     def group(self, name_or_index) -> CoupledGroup:
         """A cuttable group by index or by name (its first producer, or any of its layers)."""
         if isinstance(name_or_index, CoupledGroup):
-            return name_or_index
+            if any(g is name_or_index for g in self.groups):
+                return name_or_index
+            if any(g is name_or_index for g in self.fixed_groups):
+                raise ValueError(f"group {name_or_index.name!r} cannot be cut (its channels are fixed: "
+                                 f"{name_or_index.fixed})")
+            raise ValueError(f"group {name_or_index.name!r} is not one of this graph's groups (a group of another "
+                             "graph, or of this one before a cut traced it again): name it by its name or index")
         try:  # numpy integers too (not bool)
             index = None if isinstance(name_or_index, str) else as_int(name_or_index, "name_or_index")
         except TypeError:
