@@ -658,3 +658,25 @@ def test_a_hand_made_group_is_checked_whole_before_any_cut(group, match):
     after = net.state_dict()
     assert all(after[k].shape == v.shape and torch.equal(after[k], v) for k, v in before.items())
     assert net[0].out_channels == 8 and net[1].num_features == 8 and net[3].in_channels == 8
+
+
+def test_a_hand_made_group_with_a_tied_member_is_not_cut():
+    """A hand-made ChannelGroup outside any chain whose consumer shares its
+    weight with another layer (c.weight = b.weight) was cut: b got a new,
+    narrower weight and c kept the old one, the tie silently gone. Its
+    channels are fixed, as the chain groups and the dependency graph fix
+    them: a ValueError naming the tie, nothing cut."""
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+            self.c.weight = self.b.weight
+
+        def forward(self, x):
+            return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+    net = Tied()
+    with pytest.raises(ValueError, match=r"'b' cannot be cut.*shared with c\.weight"):
+        surgery.prune_channels(net, surgery.ChannelGroup("a", [], "b"), [0, 1, 2, 3])
+    assert net.b.weight is net.c.weight and net.a.out_features == 8 and net.b.weight.shape == (8, 8)

@@ -349,6 +349,10 @@ def _check_group(model: nn.Module, group: ChannelGroup, keep) -> tuple[dict[str,
     missing = [n for n in (group.producer, *group.norms, group.consumer) if n is not None and n not in named]
     if missing:
         raise ValueError(f"group names {missing}, not modules of this model")
+    shared = shared_tensors(model)  # (a tied member's cut slices its own copy alone: the tie silently gone)
+    for n in (group.producer, *group.norms, group.consumer):
+        if n in shared:
+            raise ValueError(f"{n!r} cannot be cut (its channels are fixed): {shared[n]}")
     producer = named[group.producer]
     if not is_layer(producer):
         raise ValueError(f"group producer {group.producer!r} is a {type(producer).__name__}, not a layer with "
