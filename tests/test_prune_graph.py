@@ -2392,3 +2392,37 @@ def test_a_group_object_names_its_group_in_keep_and_only_its_own_graphs():
     assert net[0].out_features == 4 and net[2].out_features == 6
     graph.cut({graph.groups[1]: [0, 1, 2]})
     assert net[2].out_features == 3 and net(x).shape == (5, 2)
+
+
+@pytest.mark.parametrize("norm", [
+    lambda c: nn.BatchNorm1d(c, affine=False),  # running statistics, no weight
+    lambda c: nn.BatchNorm1d(c, affine=False, track_running_stats=False),  # nothing but num_features
+])
+def test_widths_record_a_norm_without_affine_parameters(norm):
+    """widths() skipped a norm without a weight (affine=False), so a cut
+    model's checkpoint rebuilt with resize() kept it at full width: its
+    running statistics did not load ("size mismatch for 1.running_mean"),
+    or, with none, num_features stayed and the forward refused the narrower
+    input. It records every norm's width now; the rebuilt model computes
+    what the cut one computes."""
+    torch.manual_seed(0)
+
+    def make():
+        return nn.Sequential(nn.Linear(4, 8), norm(8), nn.ReLU(), nn.Linear(8, 3))
+
+    x = torch.randn(6, 4)
+    net = make()
+    if isinstance(net[1].running_mean, torch.Tensor):
+        net[1].running_mean.uniform_(-0.5, 0.5)
+        net[1].running_var.uniform_(0.5, 2.0)
+    net.eval()
+    G.DependencyGraph(net, x).cut({"0": [0, 2, 5]})
+    recorded = G.widths(net)
+    assert recorded["1"] == {"out": 3}
+    fresh = make()
+    G.resize(fresh, recorded)
+    fresh.load_state_dict(net.state_dict())
+    fresh.eval()
+    assert fresh[1].num_features == 3
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), net(x))

@@ -798,7 +798,8 @@ def widths(model: nn.Module) -> dict[str, dict[str, int]]:
     out = {}
     for name, m in model.named_modules():
         a = adapters.adapter_for(m)
-        if a is None or adapters.raw(m, "weight") is None:
+        # (a norm without affine parameters too: its running statistics, or its num_features, have its width)
+        if a is None or (a.kind != "norm" and adapters.raw(m, "weight") is None):
             continue
         out[name] = {"out": a.channels(m, "out")} if a.kind == "norm" else {
             "in": a.channels(m, "in"), "out": a.channels(m, "out")}
