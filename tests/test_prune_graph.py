@@ -2426,3 +2426,35 @@ def test_widths_record_a_norm_without_affine_parameters(norm):
     assert fresh[1].num_features == 3
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), net(x))
+
+
+class _AuxHead(nn.Module):
+    """An auxiliary head that runs in training mode only."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.aux = nn.Linear(4, 8), nn.Linear(8, 3), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return (self.b(h), self.aux(h)) if self.training else self.b(h)
+
+
+def test_a_cut_names_the_layers_its_trace_never_ran():
+    """The graph traces in eval mode: a head that runs in training only was
+    no member of any group, and a cut left its inputs at full width without
+    a word; the next training step failed in torch ("mat1 and mat2 shapes
+    cannot be multiplied (5x4 and 8x3)"). The cut warns, naming the layers
+    the trace never ran; a model whose every layer ran cuts quietly."""
+    import warnings
+
+    torch.manual_seed(0)
+    net, x = _AuxHead().train(), torch.randn(5, 4)
+    graph = G.DependencyGraph(net, x)
+    with pytest.warns(UserWarning, match=r"\['aux'\] did not run in the traced forward"):
+        graph.cut({"a": [0, 1, 2, 3]})
+    assert net.a.out_features == 4 and net.aux.in_features == 8
+    quiet = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        G.DependencyGraph(quiet, x).cut({"0": [0, 1, 2, 3]})

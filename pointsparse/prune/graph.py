@@ -32,6 +32,7 @@ of active neighbours, so its output is no constant and it is refused."""
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -105,6 +106,7 @@ class DependencyGraph:
         self._layer_out: dict[str, int] = {}
         self._roots: dict[int, CoupledGroup] = {}
         self._zero_reads: list[tuple[str, torch.Tensor | None, Tag]] = []
+        self._ran: set[str] = set()  # (the layers and norms the traced forward called)
         self._trace()
         self.all_groups = self._collect()
         self.groups = [g for g in self.all_groups if g.fixed is None]
@@ -167,6 +169,7 @@ class DependencyGraph:
 
     def _on_module(self, tracer: Tracer, name: str, module, inputs, output, kwargs=None) -> None:
         _watch(tracer, name, module)  # (a masked weight: the tensor its pre-hook made for this call)
+        self._ran.add(name)
         tracer.depth -= 1
         if tracer.depth:
             return
@@ -364,7 +367,15 @@ class DependencyGraph:
         member's parameters, buffers and masks are sliced at once. The graph
         is traced again afterwards (``retrace=False``: not, and it is stale)."""
         retrace = as_bool(retrace, "retrace")
-        for (name, role), dropped in self._drops(self._removed(keep)).items():
+        drops = self._drops(self._removed(keep))
+        unrun = [n for n, m in self.model.named_modules() if n and n not in self._ran and adapters.adapter_for(m)
+                 is not None and any(True for _ in (*m.parameters(recurse=False), *m.buffers(recurse=False)))]
+        if drops and unrun:  # (a head run in training mode only: its inputs left at full width, it failed there)
+            warnings.warn(f"DependencyGraph.cut: {unrun} did not run in the traced forward (eval mode, on the "
+                          "example input), so the cut follows no channels into them and leaves their widths as they "
+                          "are; if they run otherwise (a head run in training mode only, another input), the cut "
+                          "model fails there: trace a forward that runs them", UserWarning, stacklevel=2)
+        for (name, role), dropped in drops.items():
             module = self.module(name)
             adapter = adapters.adapter_for(module)
             n = adapter.channels(module, role)
