@@ -166,3 +166,32 @@ def test_sparsity_counts_the_mask_a_loaded_state_dict_brought():
     model.load_state_dict(source.state_dict())
     assert adapters.sparsity(model) == 0.5 and adapters.layer_sparsity(model) == {"0": 0.5}
     assert prune.sparsity_report(model)["total"]["sparsity"] == 0.5
+
+
+def test_sparsity_counts_an_attached_filter_skeleton_as_the_report_and_the_graph_do():
+    """A conv with a Filter Skeleton computes with orig * mask * skeleton:
+    with half its filters' scales at 0, sparsity / layer_sparsity (the prune
+    app's summary) said 0% while sparsity_report, channel_l1 and the
+    dependency graph saw those filters as zero (50%); after prune.remove,
+    before the next forward folds the skeleton, too. Every one of them
+    reads the weight the layer runs now."""
+    from pointsparse.prune import graph as dependency, surgery
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, bias=False), nn.Conv2d(6, 2, 1))
+    skeleton = prune.attach_filter_skeleton(model[0])
+    with torch.no_grad():
+        skeleton[::2] = 0  # every stripe of filters 0, 2, 4
+    for removed in (False, True):
+        if removed:
+            prune.remove(model[0], "weight")  # (the skeleton stays until the next forward folds it)
+            assert hasattr(model[0], "weight_skeleton")
+        runs = adapters.weight_now(model[0]).detach()
+        assert torch.equal(runs, (adapters.raw(model[0]) * skeleton
+                                  * (1 if removed else model[0].weight_mask)).detach())
+        assert adapters.layer_sparsity(model)["0"] == 0.5
+        assert adapters.sparsity(model) == pytest.approx(prune.sparsity_report(model)["total"]["sparsity"])
+        assert prune.sparsity_report(model)["layers"]["0"]["sparsity"] == 0.5
+        assert surgery.channel_l1(model[0])[::2].eq(0).all()
+        graph = dependency.DependencyGraph(model, torch.randn(1, 4, 5, 5))
+        assert [c.tolist() for c in graph.masked_channels().values()] == [[0, 2, 4]]

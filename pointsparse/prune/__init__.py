@@ -38,7 +38,7 @@ from torch.nn.utils.prune import (
 )
 
 from . import criteria, regularizers, report
-from .adapters import WeightLayout, current_weight, is_sparse_conv, layout_of
+from .adapters import WeightLayout, current_weight, is_sparse_conv, layout_of, weight_now
 from .nm import NMStructured, is_nm_sparse, nm_structured
 from .pattern import PatternStructured, as_patterns, learn_patterns, pattern_structured
 from .report import format_report, print_report, sparsity_report
@@ -79,6 +79,6 @@ __all__ = [
     "attach_filter_skeleton", "detach_filter_skeleton", "prune_stripes",
     "as_patterns", "learn_patterns", "is_nm_sparse",
     # layouts, criteria, regularizers, report
-    "WeightLayout", "layout_of", "current_weight", "is_sparse_conv",
+    "WeightLayout", "layout_of", "current_weight", "weight_now", "is_sparse_conv",
     "criteria", "regularizers", "report", "sparsity_report", "format_report", "print_report",
 ]

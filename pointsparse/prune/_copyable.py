@@ -58,7 +58,9 @@ class CopyableMethod(_torch_prune.BasePruningMethod):
         elif isinstance(module._parameters.get(name + "_orig"), torch.Tensor):
             # torch's default is module.name, the product cached at the last forward (or pruning): an
             # optimizer step since has changed name_orig, so rank the weights as they are now.
-            importance_scores = _weight_now(module, name)
+            from .adapters import weight_now  # noqa: PLC0415 - adapters imports this module
+
+            importance_scores = weight_now(module, name).detach()
         # torch's apply takes the tensor's earlier hook off the module (or adds
         # the new method to its container) before the new mask is computed,
         # and puts neither back when that fails: a refused method left the
@@ -75,14 +77,6 @@ class CopyableMethod(_torch_prune.BasePruningMethod):
             raise
         keep_copyable(module)
         return method
-
-
-def _weight_now(module: nn.Module, name: str) -> torch.Tensor:
-    """``name_orig * name_mask`` of a pruned tensor, times an attached
-    Filter Skeleton's ``name_skeleton`` (the weight its forward computes)."""
-    weight = module._parameters[name + "_orig"].detach() * getattr(module, name + "_mask")
-    skeleton = module._parameters.get(name + "_skeleton")
-    return weight if skeleton is None else weight * skeleton.detach()
 
 
 def _check_scores(module: nn.Module, name: str, scores) -> None:

@@ -265,15 +265,29 @@ def get_mask(module: nn.Module, name: str = "weight") -> torch.Tensor:
 
 
 def current_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
-    """The tensor the module computes with now, differentiable w.r.t. its
-    parameter: ``name_orig * name_mask`` for a pruned tensor (never the value
-    cached by the last forward), else the parameter itself."""
+    """The parameter as pruned now, differentiable w.r.t. it: ``name_orig *
+    name_mask`` for a pruned tensor (never the value cached by the last
+    forward), else the parameter itself. An attached Filter Skeleton's scale
+    is not in it (a penalty or a gradient taken w.r.t. the parameter reads
+    this); the weight the layer runs is :func:`weight_now`."""
     if name + "_orig" in module._parameters:
         return module._parameters[name + "_orig"] * getattr(module, name + "_mask")
     weight = getattr(module, name, None)
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{type(module).__name__} has no tensor named {name!r}")
     return weight
+
+
+def weight_now(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """The tensor the layer computes ``name`` with now, differentiable:
+    :func:`current_weight` times an attached Filter Skeleton's
+    ``name_skeleton`` (``prune.attach_filter_skeleton``; after
+    ``prune.remove`` it stays until the next forward folds it). What every
+    count of the toolkit reads: sparsity, the report, channel norms, the
+    dependency graph's live channels, a re-pruned tensor's ranking."""
+    weight = current_weight(module, name)
+    skeleton = getattr(module, name + "_skeleton", None)
+    return weight * skeleton if isinstance(skeleton, torch.Tensor) else weight
 
 
 def is_layer(module: nn.Module) -> bool:
@@ -434,17 +448,18 @@ def masks(model: nn.Module, layers=None) -> dict[str, torch.Tensor]:
 
 def sparsity(model: nn.Module, layers=None) -> float:
     """Fraction of zero weights over the prunable layers (pruned or exactly 0;
-    a ``kernel_region`` conv's inside its region, as ``sparsity_report``)."""
+    a ``kernel_region`` conv's inside its region; of the weight the layer
+    runs, :func:`weight_now`, as ``sparsity_report``)."""
     zeros = total = 0
-    for _, m in prunable_layers(model, layers):  # (current_weight: not module.weight, cached at the last forward)
-        w = used_weights(m, current_weight(m).detach())
+    for _, m in prunable_layers(model, layers):  # (weight_now: not module.weight, cached at the last forward)
+        w = used_weights(m, weight_now(m).detach())
         zeros += int((w == 0).sum())
         total += w.numel()
     return zeros / max(total, 1)
 
 
 def layer_sparsity(model: nn.Module, layers=None) -> dict[str, float]:
-    return {n: float((used_weights(m, current_weight(m).detach()) == 0).float().mean())
+    return {n: float((used_weights(m, weight_now(m).detach()) == 0).float().mean())
             for n, m in prunable_layers(model, layers)}
 
 

@@ -594,15 +594,10 @@ def _as_indices(keep, what: str) -> torch.Tensor:
 
 
 def _effective(module: nn.Module, name: str) -> torch.Tensor | None:
-    """What the module computes with: ``name_orig * mask`` when masked, else
-    ``name``; either times a filter skeleton where one is attached."""
-    t = adapters.raw(module, name)
-    m = adapters.mask(module, name)
-    skeleton = getattr(module, name + "_skeleton", None)
-    if t is None:
-        return t
-    t = t if m is None else t * m
-    return t if skeleton is None else t * skeleton  # (left by prune.remove too, until the next forward folds it)
+    """:func:`.adapters.weight_now` of tensor ``name`` (what the module
+    computes with: masked, times a filter skeleton), None where the module
+    has no such tensor (a layer without a bias)."""
+    return None if adapters.raw(module, name) is None else adapters.weight_now(module, name)
 
 
 def _slice(module: nn.Module, name: str, axis: int, kept: torch.Tensor) -> None:
@@ -625,9 +620,7 @@ def _slice(module: nn.Module, name: str, axis: int, kept: torch.Tensor) -> None:
         else:
             setattr(module, key, new)
     if masked:
-        value = module._parameters[name + "_orig"] * getattr(module, name + "_mask")
-        skeleton = getattr(module, name + "_skeleton", None)
-        setattr(module, name, (value if skeleton is None else value * skeleton).detach())
+        setattr(module, name, adapters.weight_now(module, name).detach())
         keep_copyable(module)
 
 

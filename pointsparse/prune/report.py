@@ -62,7 +62,7 @@ from torch import nn
 from . import adapters
 from ._builtins import _sparse_flops, _sparse_used_weights
 from .._modes import evaluating
-from .adapters import current_weight, is_sparse_conv
+from .adapters import is_sparse_conv, weight_now
 
 
 def _layer_flops(module, weight, inputs, output, pair_counts):
@@ -98,11 +98,7 @@ def _weight(module) -> torch.Tensor:
         return module.weight_format.to_dense()
     if isinstance(module, conv):
         return module.engine_weight
-    weight = current_weight(module, "weight")
-    # An attached Filter Skeleton scales the weight in the forward (prune.stripe): the weight it runs
-    # (its FLOPs count it; compress holds it).
-    skeleton = getattr(module, "weight_skeleton", None)
-    return weight * skeleton if isinstance(skeleton, torch.Tensor) else weight
+    return weight_now(module, "weight")  # (with an attached Filter Skeleton's scale: compress holds it too)
 
 
 def _used_weights(module, weight: torch.Tensor) -> torch.Tensor:
