@@ -318,6 +318,32 @@ def test_bf16_cost_counts_what_the_bf16_kernels_run():
         assert ran == _engine.bf16_cost(weight, pairs)[1]
 
 
+def test_report_under_bf16_autocast_costs_the_bf16_kernels_it_ran():
+    """A float32 conv under torch.autocast(bfloat16) runs the bf16 kernels on
+    its weight rounded to bf16; sparsity_report run under autocast costed
+    it as the float32 kernels (their 16-column vectors, one channel each:
+    2 * pairs * (16 + 8) here, where the bf16 kernels' channel pairs run 2 *
+    pairs * (2 * 16 + 8)). Now its executed FLOPs are the bf16 model's."""
+    from pointsparse import prune
+
+    conv = spnn.Conv3d(7, 24, 3)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[:, 0, :16] = 1.0
+        conv.weight[:, 6, 16:] = 1.0
+        conv.weight[4] = 0
+    x = _cloud(c=7, seed=2)
+    pairs = ps.kmap.get_kmap(x, 3).sizes.to(torch.int64)
+    kept = int(pairs.sum() - pairs[4])
+    assert prune.sparsity_report(conv, x)["layers"][""]["executed_flops"] == 2 * kept * (16 + 8)  # float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv(x).feats.dtype == torch.bfloat16  # (the bf16 kernels ran it)
+        row = prune.sparsity_report(conv, x)["layers"][""]
+    assert (row["executed_flops"], row["execution"]) == (2 * kept * (2 * 16 + 8), "vector")
+    converted = prune.sparsity_report(conv.bfloat16(), ps.SparseTensor(x.feats.bfloat16(), x.coords))
+    assert converted["layers"][""]["executed_flops"] == row["executed_flops"]
+
+
 def test_forward_bf16_adds_a_bf16_residual_before_the_relu():
     """add: a bf16 residual widened and added in float32 before the ReLU,
     block by block: equal bit for bit to the same float32 ops after the

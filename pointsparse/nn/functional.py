@@ -83,7 +83,9 @@ def engine_cost(weight: torch.Tensor, pair_counts: torch.Tensor, kernel_size=3, 
     the multiply-adds (x2) it runs.
     A bfloat16 weight on a CPU with AVX512-BF16 is costed as the bf16
     kernels run it (:func:`pointsparse.nn._engine.bf16_cost`), elsewhere as
-    the float32 kernels run its widened values."""
+    the float32 kernels run its widened values; under ``torch.autocast`` a
+    float32 weight the core serves in autocast's precision, as
+    :func:`conv3d` runs it."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 3:
         raise TypeError(f"weight must be a (K, C_in, C_out) tensor; got "
                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
@@ -98,6 +100,9 @@ def engine_cost(weight: torch.Tensor, pair_counts: torch.Tensor, kernel_size=3, 
         raise TypeError(f"pair_counts must hold integer counts; got dtype {pair_counts.dtype}")
     if len(pair_counts) and int(pair_counts.min()) < 0:
         raise ValueError(f"pair_counts must be >= 0; got {int(pair_counts.min())}")
+    low = _reference._autocast_dtype(weight)
+    if low is not None and _ext.serves(weight, dtypes=_engine.ENGINE_DTYPES):
+        weight = weight.to(low)  # (under torch.autocast conv3d runs the weight rounded to its precision)
     weight = weight.detach().cpu()
     if weight.dtype == torch.bfloat16 and region is None and _engine.bf16_kernels():
         return _engine.bf16_cost(weight, pair_counts)  # the AVX512-BF16 kernels' own vectors
