@@ -195,3 +195,29 @@ def test_sparsity_counts_an_attached_filter_skeleton_as_the_report_and_the_graph
         assert surgery.channel_l1(model[0])[::2].eq(0).all()
         graph = dependency.DependencyGraph(model, torch.randn(1, 4, 5, 5))
         assert [c.tolist() for c in graph.masked_channels().values()] == [[0, 2, 4]]
+
+
+def test_sparsity_counts_compressed_layers_as_the_report_does():
+    """formats.compress turns a model's Linear / sparse conv into
+    SparseLinear / SparseConv3d, which sparsity_report counts (on the weight
+    the format holds, the source's totals): sparsity / layer_sparsity left
+    them out, 0.0 for a compressed model with a torch conv left in it (the
+    report: 58%) and a ValueError "no prunable layer" for one without."""
+    import pointsparse as ps
+
+    torch.manual_seed(0)
+    source = nn.ModuleDict({"conv": ps.nn.Conv3d(4, 8, 3), "head": nn.Conv2d(8, 2, 1), "fc": nn.Linear(8, 3)})
+    prune.l1_unstructured(source["conv"], "weight", 0.6)
+    prune.l1_unstructured(source["fc"], "weight", 0.5)
+    compressed = formats.compress(source, "csr")
+    assert type(compressed["conv"]).__name__ == "SparseConv3d"
+    expected = adapters.layer_sparsity(source)
+    assert adapters.layer_sparsity(compressed) == expected and expected["conv"] == pytest.approx(0.6, abs=1e-3)
+    assert adapters.sparsity(compressed) == adapters.sparsity(source) \
+        == pytest.approx(prune.sparsity_report(compressed)["total"]["sparsity"])
+    assert adapters.sparsity(compressed, ["fc"]) == 0.5 and adapters.layer_sparsity(compressed, ["conv"]) == \
+        {"conv": expected["conv"]}
+    only = formats.compress(nn.Sequential(source["conv"]), "csr")
+    assert adapters.sparsity(only) == expected["conv"]
+    with pytest.raises(ValueError, match="not a submodule"):
+        adapters.sparsity(compressed, ["nope"])

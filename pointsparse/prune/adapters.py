@@ -449,18 +449,27 @@ def masks(model: nn.Module, layers=None) -> dict[str, torch.Tensor]:
 def sparsity(model: nn.Module, layers=None) -> float:
     """Fraction of zero weights over the prunable layers (pruned or exactly 0;
     a ``kernel_region`` conv's inside its region; of the weight the layer
-    runs, :func:`weight_now`, as ``sparsity_report``)."""
+    runs, :func:`weight_now`) and the compressed ones (``formats.compress``:
+    the weight their format holds): the weights ``sparsity_report`` counts."""
     zeros = total = 0
-    for _, m in prunable_layers(model, layers):  # (weight_now: not module.weight, cached at the last forward)
-        w = used_weights(m, weight_now(m).detach())
+    for w in _counted(model, layers).values():
         zeros += int((w == 0).sum())
         total += w.numel()
     return zeros / max(total, 1)
 
 
 def layer_sparsity(model: nn.Module, layers=None) -> dict[str, float]:
-    return {n: float((used_weights(m, weight_now(m).detach()) == 0).float().mean())
-            for n, m in prunable_layers(model, layers)}
+    """:func:`sparsity` of each layer, by name (a layer without weights: 0.0,
+    as its report row)."""
+    return {n: int((w == 0).sum()) / max(w.numel(), 1) for n, w in _counted(model, layers).items()}
+
+
+def _counted(model: nn.Module, layers) -> dict[str, torch.Tensor]:
+    """``{name: the weight entries sparsity_report's row counts}`` of the
+    layers it has rows for, or of the named ``layers``."""
+    from .report import counted_layers, counted_weights  # noqa: PLC0415 - the report imports this module
+
+    return {n: counted_weights(m) for n, m in counted_layers(model, layers)}
 
 
 def apply_masks(model: nn.Module, mask_dict: dict[str, torch.Tensor]) -> None:

@@ -54,7 +54,7 @@ do not tell the output sites)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -99,6 +99,38 @@ def _weight(module) -> torch.Tensor:
     if isinstance(module, conv):
         return module.engine_weight
     return weight_now(module, "weight")  # (with an attached Filter Skeleton's scale: compress holds it too)
+
+
+def _has_row(module) -> bool:
+    """A prunable layer or a compressed one: a row of the report."""
+    return _is_compressed(module) or adapters.is_layer(module)
+
+
+def counted_layers(model: nn.Module, layers=None) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the layers the report has a row for (prunable
+    ones and compressed ones, ``formats.compress``'s), in definition order,
+    or of the named ``layers``: :func:`.adapters.prunable_layers` with the
+    compressed layers too (the same TypeError / ValueError for a bad name)."""
+    compressed = {n: m for n, m in model.named_modules() if _is_compressed(m)} if isinstance(model, nn.Module) else {}
+    if not compressed:
+        return adapters.prunable_layers(model, layers)
+    if layers is None:
+        return [(n, m) for n, m in model.named_modules() if _has_row(m)]
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+        adapters.prunable_layers(model, layers)  # (its TypeError naming layers)
+    layers = list(layers)
+    others = [n for n in layers if not (isinstance(n, str) and n in compressed)]
+    found = dict(adapters.prunable_layers(model, others)) if others else {}
+    if not layers:
+        raise ValueError("layers is empty")
+    return [(n, compressed[n] if n in compressed else found[n]) for n in layers]
+
+
+def counted_weights(module: nn.Module) -> torch.Tensor:
+    """The weight entries ``module``'s row counts (detached): of the weight
+    it runs, those that are weights of the layer (a compressed layer's
+    from the dense weight its format holds)."""
+    return _used_weights(module, _weight(module).detach())
 
 
 def _used_weights(module, weight: torch.Tensor) -> torch.Tensor:
@@ -161,7 +193,7 @@ def sparsity_report(model: nn.Module, example_input=None, pairs: dict | None = N
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     layers, weights = {}, 0
-    modules = {name: m for name, m in model.named_modules() if _is_compressed(m) or adapters.is_layer(m)}
+    modules = {name: m for name, m in model.named_modules() if _has_row(m)}
     pairs = _check_pairs(pairs, modules)
     for qualified, module in modules.items():
         weight = _weight(module).detach()
