@@ -1020,6 +1020,23 @@ def test_history_lr_is_the_rate_each_step_ran_at(tmp_path):
     assert report["history"]["lr"] == used
 
 
+def test_the_first_step_after_a_new_plan_runs_at_the_new_plans_rate(tmp_path):
+    """A run resumed with a larger --epochs (README: it extends the run; the
+    schedule follows the planned count) ran its first resumed step at the rate
+    the old plan set after its last step (its floor, 1% of --lr, under cosine),
+    then jumped to the new plan's; --time-budget re-plans likewise after every
+    epoch. Every step after a new plan runs at that plan's rate."""
+    out = tmp_path / "run"
+    flags = [*_without(TINY, "--batch-size"), "--batch-size", "1", "--schedule", "cosine", "--warmup", "0",
+             "--out", str(out)]
+    tr.main(_parse([*flags, "--epochs", "2"]))
+    tr.main(_parse([*flags, "--epochs", "4", "--resume"]))
+    lr = tr.load_checkpoint(out / "checkpoint.pt")["history"]["lr"]
+    assert len(lr) == 8
+    assert np.allclose(lr[:4], [2e-3 * tr.lr_factor("cosine", s, 4, 0) for s in range(4)], rtol=1e-12)
+    assert np.allclose(lr[4:], [2e-3 * tr.lr_factor("cosine", s, 8, 0) for s in range(4, 8)], rtol=1e-12)
+
+
 def test_class_weights_hand_computed():
     from pointsparse.data import Sample
 

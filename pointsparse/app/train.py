@@ -881,6 +881,18 @@ class TrainingJob:
             self.plan["epochs"] = min(self.args.epochs, self._fit_budget(self.start_epoch)[0])
         self.best = state.get("best_miou", -1.0)
         torch.set_rng_state(state["torch_rng"])
+        self._follow_plan()
+
+    def _follow_plan(self) -> None:
+        """The rate of the next step as the plan now reads (``--epochs``
+        extended on resume, a ``--time-budget`` re-plan): the scheduler set
+        it after the last step from the plan of then, and the first step of
+        the new plan ran at that (under cosine, the old plan's floor)."""
+        step = self.scheduler.last_epoch
+        for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                       self.scheduler.lr_lambdas):
+            group["lr"] = base * factor(step)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def _announce(self) -> None:
         if not self.dist.main:
@@ -1006,6 +1018,7 @@ class TrainingJob:
             fit = int(fit_t)
         if min(args.epochs, fit) != self.plan["epochs"]:
             self.plan["epochs"] = min(args.epochs, fit)
+            self._follow_plan()
             self.log(f"time budget {args.time_budget} min: {self.plan['epochs']} epochs of about {per_epoch:.0f} s")
 
     def _fit_budget(self, done: int) -> tuple[int, float]:
