@@ -430,7 +430,11 @@ class DirectoryLock:
         make_directory(self.directory, self.what)
         lock = self.directory / ".lock"
         made_lock = not lock.exists()
-        f = open(lock, "a+")
+        try:
+            f = open(lock, "a+")
+        except OSError as error:  # PermissionError (read-only, another user's), a read-only file system, ...
+            raise ValueError(f"{self.what} {self.directory}: cannot write in this directory ({type(error).__name__}: "
+                             f"{error.strerror or error}); give a directory this user may write") from error
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

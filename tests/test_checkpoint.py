@@ -427,6 +427,39 @@ def test_an_out_that_is_a_file_is_refused(tmp_path):
     assert path.read_bytes() == b"x"
 
 
+def test_an_out_that_cannot_be_written_is_refused(tmp_path, monkeypatch):
+    """--out an existing folder this user may not write (read-only, another
+    user's, a read-only file system): the lock file could not be opened, and
+    the command ended in a traceback of PermissionError (OSError errors that
+    the command line does not report in one line); now a ValueError naming
+    --out and the folder. (Simulated: the tests may run as root, whom
+    permissions do not stop.)"""
+    out = tmp_path / "ro"
+    out.mkdir()
+    real = open
+
+    def refuse(path, *args, **kwargs):
+        if str(path).endswith(".lock"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "open", refuse, raising=False)
+    with pytest.raises(ValueError, match=r"--out .*ro: cannot write in this directory \(PermissionError: "
+                                         r"Permission denied\)"):
+        with checkpoint.DirectoryLock(out):
+            pass
+    assert list(out.iterdir()) == []
+    if os.geteuid() != 0:  # (the real thing, where permissions apply)
+        monkeypatch.undo()
+        out.chmod(0o555)
+        try:
+            with pytest.raises(ValueError, match="cannot write in this directory"):
+                with checkpoint.DirectoryLock(out):
+                    pass
+        finally:
+            out.chmod(0o755)
+
+
 def test_resume_from_a_weights_only_checkpoint_is_refused(tmp_path, capsys):
     """train --resume on a checkpoint of weights and config only (what
     `prune channels` or a hand-made file holds, no optimizer or epoch): exit
