@@ -171,6 +171,27 @@ def test_val_data_that_is_also_trained_on_is_noted(tmp_path, capsys):
     assert "training clouds too" not in capsys.readouterr().err
 
 
+def test_validating_on_the_training_clouds_is_noted_as_it_is(tmp_path, capsys):
+    """Two --data files and the default --val-fraction 0.2 hold out none (0.4 of a cloud): the run validated on
+    its training clouds with the note "one training cloud and no --val-data", beside its own log of 2 training
+    clouds. The note now says why no cloud was held out, and what holds one out."""
+    rng = np.random.default_rng(0)
+    for name in "ab":
+        np.savez(tmp_path / f"{name}.npz", xyz=rng.uniform(0, 8, (300, 3)).astype(np.float32),
+                 labels=rng.integers(0, 3, 300))
+    train, val, _ = tr.open_training_data(_parse(["--data", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"),
+                                                  "--out", "x"]))
+    err = capsys.readouterr().err
+    assert val is train and "one training cloud" not in err
+    assert ("note: --val-fraction 0.2 of the 2 --data clouds holds out none (it rounds to 0) and no --val-data: "
+            "validating on the training clouds (the validation mIoU is not held out)") in err, err
+    tr.open_training_data(_parse(["--data", str(tmp_path / "a.npz"), "--out", "x"]))
+    assert "note: one --data cloud and no --val-data: validating on the training cloud" in capsys.readouterr().err
+    train, val, _ = tr.open_training_data(_parse(["--data", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"),
+                                                  "--val-fraction", "0.5", "--out", "x"]))
+    assert len(train) == len(val) == 1 and "validating on the training" not in capsys.readouterr().err
+
+
 def test_a_label_map_name_is_saved_as_a_name_beside_a_folder_so_named(tmp_path, monkeypatch):
     """``train --label-map ign-lidarhd`` run from a folder holding the data in a folder named ``ign-lidarhd``
     (as ../shared/datasets does) saved the map as the path of that folder, since it exists: eval of the

@@ -388,7 +388,10 @@ def open_training_data(args, dist: Dist | None = None):
     else:
         held = int(round(len(train) * args.val_fraction))
         if len(train) < 2 or held < 1:
-            print("note: one training cloud and no --val-data: validating on the training data", file=sys.stderr)
+            why = ("one --data cloud" if len(train) < 2 else f"--val-fraction {args.val_fraction:g} of the "
+                   f"{len(train)} --data clouds holds out none (it rounds to 0)")
+            print(f"note: {why} and no --val-data: validating on the training cloud{'s' if len(train) > 1 else ''} "
+                  "(the validation mIoU is not held out)", file=sys.stderr)
             val = train
         else:
             files = train.paths
