@@ -338,6 +338,18 @@ def prune_channels(model: nn.Module, group: ChannelGroup | str, keep) -> None:
     _cut(model, group, keep)
 
 
+def _member_layer(named: dict, name: str, role: str, side: str) -> nn.Module:
+    """The group's ``role`` (producer / consumer) ``name`` of ``named``,
+    checked to be an ungrouped layer with ``side`` channels to cut."""
+    module = named[name]
+    if not is_layer(module):
+        raise ValueError(f"group {role} {name!r} is a {type(module).__name__}, not a layer with {side} channels "
+                         "(a Linear, torch conv or pointsparse.nn.Conv3d)")
+    if getattr(module, "groups", 1) != 1:
+        raise ValueError(f"group {role} {name!r}: grouped convolutions are not supported")
+    return module
+
+
 def _check_group(model: nn.Module, group: ChannelGroup, keep) -> tuple[dict[str, nn.Module], torch.Tensor]:
     """The modules of ``group`` by name and ``keep`` checked, every member
     before anything is cut (a group made by hand or for another model): a
@@ -353,12 +365,7 @@ def _check_group(model: nn.Module, group: ChannelGroup, keep) -> tuple[dict[str,
     for n in (group.producer, *group.norms, group.consumer):
         if n in shared:
             raise ValueError(f"{n!r} cannot be cut (its channels are fixed): {shared[n]}")
-    producer = named[group.producer]
-    if not is_layer(producer):
-        raise ValueError(f"group producer {group.producer!r} is a {type(producer).__name__}, not a layer with "
-                         "output channels (a Linear, torch conv or pointsparse.nn.Conv3d)")
-    if getattr(producer, "groups", 1) != 1:
-        raise ValueError(f"group producer {group.producer!r}: grouped convolutions are not supported")
+    producer = _member_layer(named, group.producer, "producer", "output")
     channels = out_channels(producer)
     for n in group.norms:
         norm = named[n]
@@ -372,12 +379,7 @@ def _check_group(model: nn.Module, group: ChannelGroup, keep) -> tuple[dict[str,
         twice = next(n for n in group.norms if group.norms.count(n) > 1)
         raise ValueError(f"group names norm {twice!r} twice (it would be cut twice)")
     if group.consumer is not None:
-        consumer = named[group.consumer]
-        if not is_layer(consumer):
-            raise ValueError(f"group consumer {group.consumer!r} is a {type(consumer).__name__}, not a layer with "
-                             "input channels (a Linear, torch conv or pointsparse.nn.Conv3d)")
-        if getattr(consumer, "groups", 1) != 1:
-            raise ValueError(f"group consumer {group.consumer!r}: grouped convolutions are not supported")
+        consumer = _member_layer(named, group.consumer, "consumer", "input")
         offset, repeat = as_int(group.offset, "group offset"), as_int(group.repeat, "group repeat")
         n_in = consumer.weight.shape[in_channel_dim(consumer)]
         if offset < 0 or repeat < 1 or offset + channels * repeat > n_in:
