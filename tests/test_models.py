@@ -1639,9 +1639,6 @@ def test_complex_weights_are_refused_naming_the_tensor(tmp_path):
     (and load_model the file), before anything loads."""
     import warnings
 
-    from pointsparse import checkpoint
-    from pointsparse.models import load_model, model_from_state
-
     config = {"model": "minkunet", "in_channels": 4, "classes": ["a", "b", "c"], "cr": 0.125, "blocks": 1}
     weights = dict(MinkUNet(4, 3, cr=0.125, blocks=1).state_dict())
     weights["stem.0.0.weight"] = weights["stem.0.0.weight"] * (1 + 1j)
@@ -1649,12 +1646,7 @@ def test_complex_weights_are_refused_naming_the_tensor(tmp_path):
                 r"loading it would drop the imaginary part")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # (torch's warning is no refusal)
-        with pytest.raises(ValueError, match=expected):
-            model_from_state({"config": config, "model": weights})
-        path = tmp_path / "checkpoint.pt"
-        checkpoint.save(path, {"config": config, "model": weights})
-        with pytest.raises(ValueError, match=rf"checkpoint {path}: {expected}"):
-            load_model(path)
+        _refused_in_memory_and_from_file(tmp_path, {"config": config, "model": weights}, expected)
 
 
 def test_a_mask_of_another_shape_than_its_weight_is_refused_naming_both(tmp_path):
@@ -1663,8 +1655,7 @@ def test_a_mask_of_another_shape_than_its_weight_is_refused_naming_both(tmp_path
     mask's product with torch's RuntimeError ('The size of tensor a (2) must
     match the size of tensor b (4)'), which load_model let through without
     naming the file. It is a ValueError naming both tensors and shapes."""
-    from pointsparse import checkpoint, prune
-    from pointsparse.models import load_model, model_from_state
+    from pointsparse import prune
 
     config = {"model": "minkunet", "in_channels": 4, "classes": ["a", "b", "c"], "cr": 0.125, "blocks": 1}
     net = MinkUNet(4, 3, cr=0.125, blocks=1)
@@ -1673,9 +1664,18 @@ def test_a_mask_of_another_shape_than_its_weight_is_refused_naming_both(tmp_path
     weights["stem.0.0.weight_mask"] = weights["stem.0.0.weight_mask"][:, :, :2]
     expected = (r"the weights' 'stem\.0\.0\.weight_mask' has shape \(27, 4, 2\) but 'stem\.0\.0\.weight_orig', "
                 r"the tensor it masks, \(27, 4, 4\)")
+    _refused_in_memory_and_from_file(tmp_path, {"config": config, "model": weights}, expected)
+
+
+def _refused_in_memory_and_from_file(tmp_path, state, expected):
+    """``model_from_state(state)`` and ``load_model`` of it saved raise a
+    ValueError matching ``expected`` (from the file: after its name)."""
+    from pointsparse import checkpoint
+    from pointsparse.models import load_model, model_from_state
+
     with pytest.raises(ValueError, match=expected):
-        model_from_state({"config": config, "model": weights})
+        model_from_state(state)
     path = tmp_path / "checkpoint.pt"
-    checkpoint.save(path, {"config": config, "model": weights})
+    checkpoint.save(path, state)
     with pytest.raises(ValueError, match=rf"checkpoint {path}: {expected}"):
         load_model(path)
