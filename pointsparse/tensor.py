@@ -478,6 +478,24 @@ def _check_downsampled_from(cache: CoordinateCache, stride: Triple, coords: torc
                              "(or leave cache unset)")
 
 
+def _check_downsamples_to(cache: CoordinateCache, stride: Triple, coords: torch.Tensor) -> None:
+    """ValueError where ``coords``, given at ``stride``, which ``cache``
+    lacks, downsample to other sites than the cache's coords at a coarser
+    stride (one that ``stride`` divides on every axis): those are the
+    output coords of every strided conv onto it, which API.md says are the
+    unique ``floor(c / stride) * stride`` of the input's coords."""
+    from .kmap import _unique_downsampled  # noqa: PLC0415 - kmap imports this module
+
+    for coarse_stride, coarse in list(cache.coords.items()):
+        if coarse_stride == stride or any(b % a for a, b in zip(stride, coarse_stride)):
+            continue
+        if not _same_row_set(_unique_downsampled(coords, coarse_stride)[1], coarse.to(coords.device)):
+            raise ValueError(f"coords do not downsample to the cache's coords at stride {coarse_stride} (the unique "
+                             f"floor(c / stride) * stride of coords given at stride {stride}): the cache's strided "
+                             "convs would put their output on its coords, not on these coords' sites; make finer "
+                             "tensors first and coarser ones with a strided conv (or leave cache unset)")
+
+
 class SparseTensor:
     """Features ``(N, C)`` on int32 coordinates ``(N, 4)`` = ``[batch, x, y, z]``.
 
@@ -515,6 +533,7 @@ class SparseTensor:
                 cache.note_alias(stride, coords)  # (equal now: refused by a map lookup once changed in place)
             if held is None:
                 _check_downsampled_from(cache, stride, coords)
+                _check_downsamples_to(cache, stride, coords)
         self._feats = feats
         self._coords = coords
         self._stride = stride

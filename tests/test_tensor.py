@@ -136,6 +136,30 @@ def test_a_cache_refuses_coarse_coords_other_than_its_coords_downsample_to():
         torch.testing.assert_close(out.feats, dense_conv(x, down.weight, out.coords, 2, 2))
 
 
+def test_a_cache_refuses_fine_coords_that_do_not_downsample_to_its_coarse_coords():
+    """A cache holding only coarse coords (a tensor made at stride 2, as a
+    MinkowskiEngine user shares a coordinate manager) given to a stride-1
+    tensor whose coords downsample to other sites: its strided convs and
+    poolings put their output on the cache's stride-2 coords instead of
+    API.md's unique floor(c / 2) * 2 (x = 5 went to no output at all,
+    x = 2 got an empty sum). Now refused naming both strides; fine coords
+    that do downsample to the held ones (in any row order) are taken, and
+    the conv on them matches the dense one."""
+    from reference import dense_conv
+
+    coarse = ps.SparseTensor(torch.ones(2, 1), torch.tensor([[0, 0, 0, 0], [0, 2, 0, 0]], dtype=torch.int32), 2)
+    for fine in ([[0, 0, 0, 0], [0, 5, 0, 0]], [[0, 1, 0, 0]], [[0, 0, 0, 0], [0, 3, 1, 1], [0, 4, 0, 0]]):
+        with pytest.raises(ValueError, match=r"downsample to .* stride \(2, 2, 2\) .* stride \(1, 1, 1\)"):
+            ps.SparseTensor(torch.ones(len(fine), 1), torch.tensor(fine, dtype=torch.int32), cache=coarse.cache)
+    fine = torch.tensor([[0, 3, 1, 1], [0, 0, 0, 0], [0, 1, 1, 0], [0, 2, 0, 1]], dtype=torch.int32)
+    x = ps.SparseTensor(torch.randn(4, 1), fine, cache=coarse.cache)
+    down = ps.nn.Conv3d(1, 2, 2, stride=2)
+    with torch.no_grad():
+        out = down(x)
+        assert out.coords is coarse.coords
+        torch.testing.assert_close(out.feats, dense_conv(x, down.weight, out.coords, 2, 2))
+
+
 @needs_cuda
 def test_to_keeps_own_coords_when_the_cache_holds_others():
     x = make(seed=1)
