@@ -761,6 +761,31 @@ def test_weight_mask_checked_and_taken_alike_on_every_path(backend):
         torch.testing.assert_close(grads["auto", name], grads["torch", name], rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_a_mask_of_other_values_than_one_leaves_the_kept_gradient_unscaled(backend):
+    """weight_mask only says which entries are pruned: the weight given is
+    already the product, so the gradient of the entries it keeps is the
+    dense one. A mask of 0.5 (torch's custom_from_mask takes any values)
+    scaled it by 0.5 on every eager path (a pruned Conv3d's weight_orig got dense * mask^2 where torch's conv gives dense
+    * mask; the compiled graph already kept it unscaled)."""
+    x = make(n=60, c=2, extent=5)
+    mask = torch.full((27, 2, 3), 0.5, dtype=torch.float64)
+    mask[0], mask[5, 1] = 0, 2.0
+    w = torch.randn(27, 2, 3, dtype=torch.float64, requires_grad=True)
+    with ps.backend(backend):
+        weight = w.detach().clone().requires_grad_()
+        F.conv3d(x, weight, 3, weight_mask=mask).feats.sin().sum().backward()
+        dense = w.detach().clone().requires_grad_()
+        F.conv3d(x, dense, 3).feats.sin().sum().backward()
+        torch.testing.assert_close(weight.grad, dense.grad * (mask != 0), rtol=1e-12, atol=1e-12)
+        conv = ps.nn.Conv3d(2, 3, 3).double()
+        prune.custom_from_mask(conv, "weight", mask)
+        conv(x).feats.sin().sum().backward()
+        orig = conv.weight_orig.detach().clone().requires_grad_()
+        F.conv3d(x, orig * mask, 3).feats.sin().sum().backward()
+        torch.testing.assert_close(conv.weight_orig.grad, orig.grad, rtol=1e-12, atol=1e-12)
+
+
 def test_panel_structured_prunes_engine_vectors():
     conv = ps.nn.Conv3d(8, 40, 3)
     prune.panel_structured(conv, "weight", 0.5)
