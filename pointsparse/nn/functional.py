@@ -191,8 +191,10 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
             raise TypeError(f"weight_mask ({weight_mask.dtype}, {weight_mask.device}) must match the weight "
                             f"({weight.dtype}, {weight.device})")
         # Only which entries it zeroes counts: ``weight`` is already the product, so the entries it keeps get
-        # the dense gradient (every path multiplies the gradient by the mask: one of 0.5 scaled them by 0.5)
-        weight_mask = (weight_mask.detach() != 0).to(weight.dtype)
+        # the dense gradient (every path multiplies the gradient by the mask: one of 0.5 scaled them by 0.5).
+        # Only a gradient reads it: an inference call (a masked module's every forward) makes no copy
+        if weight.requires_grad and torch.is_grad_enabled():
+            weight_mask = (weight_mask.detach() != 0).to(weight.dtype)
     region = _region(k, kernel_region)
     if add is not None:  # (its coords: below, from the map)
         if not isinstance(add, SparseTensor):
