@@ -990,6 +990,37 @@ def test_las_scales_counts_and_laspy_errors_are_named(tmp_path):
         read_las(path)
 
 
+def test_las_positions_do_not_hang_on_the_header_offsets(tmp_path):
+    """The positions are relative to the points' minimum, so the header's
+    offsets cancel: a NaN offset made every point NaN (refused as 'xyz holds
+    NaN or inf at 5 of 5 points', or dropped whole under --skip-nonfinite)
+    and an offset of 1e300 swamped the x coordinates in float64 (every x 0,
+    silently). They come from the integer records times the scale now; a
+    scale that takes the extent past float32 is a ValueError naming it."""
+    laspy = pytest.importorskip("laspy")
+    header = laspy.LasHeader(point_format=3, version="1.2")
+    header.offsets = np.array([6.5e5, 6.8e6, 10.0])
+    header.scales = np.array([0.001, 0.001, 0.001])
+    las = laspy.LasData(header)
+    xyz = np.random.default_rng(3).uniform(0, 50, (5, 3))
+    las.x, las.y, las.z = xyz[:, 0] + 6.5e5, xyz[:, 1] + 6.8e6, xyz[:, 2] + 10
+    las.write(tmp_path / "good.las")
+    good = read_las(tmp_path / "good.las")
+    x64 = np.stack([las.x, las.y, las.z], 1)
+    assert np.allclose(good.xyz, x64 - x64.min(0), rtol=0, atol=1e-5)
+    for name, offset in (("nan.las", np.nan), ("inf.las", np.inf), ("huge.las", 1e300)):
+        data = bytearray((tmp_path / "good.las").read_bytes())
+        data[155:163] = np.float64(offset).tobytes()  # (the x offset)
+        (tmp_path / name).write_bytes(bytes(data))
+        assert np.array_equal(read_las(tmp_path / name).xyz, good.xyz), name
+    data = bytearray((tmp_path / "good.las").read_bytes())
+    data[131:139] = np.float64(1e300).tobytes()  # (the x scale)
+    (tmp_path / "scale.las").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"scale\.las: the LAS scale factors .* put the points' extent .* past "
+                                         "float32"):
+        read_las(tmp_path / "scale.las")
+
+
 def test_las_count_below_the_records_there_is_refused(tmp_path):
     """A header count below the point records in the file (3 of 5) read the
     first 3 silently (laspy reads the header's count); trailing extended

@@ -788,12 +788,17 @@ def read_las(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, *, labels
             raise ValueError(f"{path}: cannot read this compressed (LAZ) point data: reading LAZ needs lazrs or "
                              f"laszip (pip install lazrs) ({exc})") from None
         raise ValueError(f"{path}: laspy cannot read this file ({type(exc).__name__}: {str(exc)[:300]})") from None
-    xyz64 = np.stack([np.asarray(las.x, dtype=np.float64), np.asarray(las.y, dtype=np.float64),
-                      np.asarray(las.z, dtype=np.float64)], 1)
-    # The points' own minimum, not the header's (which a writer may leave at 0: positions of 6.8e6 m then
-    # lost a decimetre as float32).
-    offset = xyz64.min(0) if len(xyz64) else np.zeros(3)
-    xyz = (xyz64 - offset).astype(np.float32)
+    # Relative to the points' own minimum, not the header's (which a writer may leave at 0: positions of
+    # 6.8e6 m then lost a decimetre as float32): the integer records less their minimum, times the scale. The
+    # header's offsets cancel there, so they play no part (a NaN offset made every point NaN, one of 1e300
+    # swamped the records in float64: every x 0).
+    records = np.stack([np.asarray(las.X), np.asarray(las.Y), np.asarray(las.Z)], 1).astype(np.int64)
+    scales = np.asarray(las.header.scales, dtype=np.float64)
+    xyz64 = (records - records.min(0)) * scales if len(records) else np.zeros((0, 3))
+    if len(xyz64) and xyz64.max() > _FLOAT32_MAX:
+        raise ValueError(f"{path}: the LAS scale factors {scales.tolist()} put the points' extent at "
+                         f"{(xyz64.max(0)).tolist()} m, past float32 (a corrupt header)")
+    xyz = xyz64.astype(np.float32)
     names = set(las.point_format.dimension_names)
     intensity = _scale_intensity(np.asarray(las.intensity), f"{path} intensity") if "intensity" in names else None
     rgb = None
