@@ -1540,6 +1540,25 @@ def _semantic3d_scan(folder, name="bildstein_station1", n=50, seed=0, labels=Tru
     return path, np.round(xyz, 3), intensity, rgb, lab
 
 
+def test_room_files_with_and_without_colour_are_named(tmp_path):
+    """An S3DIS room whose annotation files disagree on colour (x y z r g b
+    in one, x y z in another) was numpy's bare 'all the input array
+    dimensions except for the concatenation axis must match exactly' naming
+    the room alone; a ValueError names both files now. Files of 6 and 7
+    columns (a label column after the colour, unread: the class comes from
+    the name) share their colour and read as one room."""
+    room = tmp_path / "room"
+    (room / "Annotations").mkdir(parents=True)
+    np.savetxt(room / "Annotations" / "chair_1.txt", np.array([[0, 0, 0, 10, 20, 30]]))
+    np.savetxt(room / "Annotations" / "wall_1.txt", np.array([[1, 1, 1, 40, 50, 60, 2]]))
+    s = read_text(room)
+    assert np.allclose(s.rgb * 255, [[10, 20, 30], [40, 50, 60]]) and s.labels.tolist() == [8, 2]
+    np.savetxt(room / "Annotations" / "table_1.txt", np.array([[2, 2, 2]]))
+    with pytest.raises(ValueError, match=r"table_1\.txt: 3 columns \(x y z, no colour\) where .*chair_1\.txt has 6 "
+                                         r"\(x y z r g b\)"):
+        read_text(room)
+
+
 def test_semantic3d_reader_matches_a_numpy_reference(tmp_path):
     """Semantic3D's rows x y z intensity r g b with the labels in the sibling
     .labels: intensity -2048..2047 onto 0..1, colour / 255, 0 unlabelled to

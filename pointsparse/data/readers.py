@@ -1374,9 +1374,19 @@ def read_text(path, label_map="s3dis", ignore_index: int = DEFAULT_IGNORE, *, la
         if not files:
             raise ValueError(f"{path}: no Annotations/*.txt files")
         parts, ids = [], []
+        first = None  # (the first file, and whether it holds colour: every file must agree)
         for f in files:
             rows = _load_rows(f)
             _rgb_rows(rows, f)  # each file's colour range checked, naming it
+            # x y z (r g b), a 4th or 7th column unread (the class comes from the name)
+            rows = rows[:, :6] if rows.shape[1] >= 6 else rows[:, :3]
+            if first is None:
+                first = (f, rows.shape[1])
+            elif rows.shape[1] != first[1]:
+                shown = {3: "x y z, no colour", 6: "x y z r g b"}
+                raise ValueError(f"{f}: {rows.shape[1]} columns ({shown[rows.shape[1]]}) where {first[0]} has "
+                                 f"{first[1]} ({shown[first[1]]}); a room's annotation files must all hold colour "
+                                 "or none")
             cls = f.stem.rsplit("_", 1)[0]
             tid = label_map.names.get(cls, ignore_index) if label_map is not None else ignore_index
             parts.append(rows)
