@@ -604,6 +604,32 @@ def test_cloud_files_index_like_the_other_samples(tmp_path):
     assert torch.equal(ds[torch.tensor(1, dtype=torch.int32)].coords, ds[1].coords)
 
 
+def test_a_labels_path_argument_is_checked_naming_it(tmp_path):
+    """read_semantickitti's label_path and read_numpy's labels_path: a path
+    not there was 'scan.bin: cannot read this file (FileNotFoundError ...)',
+    blaming the cloud, and an int was taken for a file descriptor (a bare
+    AttributeError, or fd 123's bytes read as labels); a labels_path beside
+    an .npz, which holds its own labels, was ignored without a word."""
+    xyz, lab = _cloud()
+    np.hstack([xyz, np.zeros((50, 1), np.float32)]).astype(np.float32).tofile(tmp_path / "scan.bin")
+    np.save(tmp_path / "cloud.npy", xyz)
+    np.savez(tmp_path / "tile.npz", xyz=xyz, labels=lab)
+    np.save(tmp_path / "lab.npy", lab)
+    cases = ((read_semantickitti, tmp_path / "scan.bin", "label_path"), (read_numpy, tmp_path / "cloud.npy",
+                                                                         "labels_path"))
+    for reader, cloud, argument in cases:
+        with pytest.raises(FileNotFoundError, match=rf"gone\.label: no such file \({argument} of .*{cloud.name}\)"):
+            reader(cloud, **{argument: tmp_path / "gone.label"})
+        with pytest.raises(ValueError, match=rf"{tmp_path}: a folder, not a labels file \({argument} of "):
+            reader(cloud, **{argument: tmp_path})
+        with pytest.raises(TypeError, match=rf"{argument} must be a file path \(str or Path\); got int"):
+            reader(cloud, **{argument: 4})
+        assert reader(cloud, labels=False, **{argument: tmp_path / "gone.label"}).labels is None
+    assert np.array_equal(read_numpy(tmp_path / "cloud.npy", labels_path=tmp_path / "lab.npy").labels, lab)
+    with pytest.raises(ValueError, match=r"tile\.npz: labels_path .* an \.npz archive holds its own labels"):
+        read_numpy(tmp_path / "tile.npz", labels_path=tmp_path / "lab.npy")
+
+
 def test_numpy_readers(tmp_path):
     xyz, lab = _cloud()
     np.savez(tmp_path / "tile.npz", xyz=xyz, origin=np.array([6e5, 6e6, 100.0]),

@@ -363,7 +363,9 @@ def _names_the_file(reader):
     zipfile, laspy or Open3D raise on a corrupt, truncated or unreadable file
     (an ImportError for a missing optional package passes unchanged). A path
     that is not there is a FileNotFoundError naming it; a path of another type
-    a TypeError. The arguments pass through as given (the path is the reader's
+    a TypeError; so is a labels file named beside it (``label_path``,
+    ``labels_path``; not looked for with ``labels=False``), its message naming
+    the argument and the cloud. The arguments pass through as given (the path is the reader's
     first parameter, by position or by its name, e.g. ``scan_path=``).
     ``ignore_index`` is checked here (TypeError/ValueError naming it), and the
     ``label_map`` argument is loaded first, outside the wrapping, so its
@@ -380,6 +382,16 @@ def _names_the_file(reader):
             raise TypeError(f"path must be a file path (str or Path); got {type(path).__name__}")
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such file or folder")
+        for argument in ("label_path", "labels_path"):  # (a labels file named beside the cloud)
+            given = bound.arguments.get(argument)
+            if given is None:
+                continue
+            if not isinstance(given, (str, os.PathLike)):  # (an int was opened as a file descriptor)
+                raise TypeError(f"{argument} must be a file path (str or Path); got {type(given).__name__}")
+            if bound.arguments.get("labels", True) and not os.path.isfile(given):
+                if os.path.isdir(given):
+                    raise ValueError(f"{given}: a folder, not a labels file ({argument} of {path})")
+                raise FileNotFoundError(f"{given}: no such file ({argument} of {path})")
         if "ignore_index" in bound.arguments:
             bound.arguments["ignore_index"] = _ignore_index(bound.arguments["ignore_index"])
         if bound.arguments.get("label_map") is not None:
@@ -580,6 +592,9 @@ def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_
     label_map = load_label_map(label_map) if label_map is not None else None
     suffix = path.suffix.lower()
     if suffix == ".npz":
+        if labels_path is not None:  # (it was ignored without a word)
+            raise ValueError(f"{path}: labels_path {labels_path} is for .npy clouds; an .npz archive holds its own "
+                             f"labels (under one of {_NPZ_LABELS})")
         _check_npz_start(path)
         with np.load(path) as z:
             key = next((k for k in _NPZ_XYZ if k in z.files), None)
