@@ -2583,6 +2583,23 @@ def test_a_folders_readme_and_licence_texts_are_no_clouds(tmp_path):
     assert find_clouds(folder / "README.txt") == [folder / "README.txt"]
 
 
+def test_a_folders_las_ply_pcd_clouds_named_labels_are_clouds(tmp_path):
+    """A folder's search skipped every file whose name holds "labels",
+    documented for label arrays: a LAS, LAZ, PLY or PCD cloud so named
+    ('tile_labels.las', 'scan_relabelsed.ply'), which holds positions and can
+    be no label file, was left out without a word (the folder's glob read
+    it). Those formats are clouds whatever their name; label arrays and text
+    are still skipped."""
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    for name in ("a.las", "tile_labels.las", "b_labels.LAZ", "c_labels.ply", "d_labels.pcd"):
+        (folder / name).write_bytes(b"")
+    np.save(folder / "x_labels.npy", np.zeros((5, 1), np.int32))
+    (folder / "y_labels.txt").write_text("1\n2\n")
+    assert find_clouds(folder) == [folder / n for n in ("a.las", "b_labels.LAZ", "c_labels.ply", "d_labels.pcd",
+                                                        "tile_labels.las")]
+
+
 def test_open3d_reader_takes_a_semantic_property_as_labels(tmp_path):
     """KITTI-360's PLY clouds hold their classes in an int32 property named
     semantic (beside instance): such a file came back unlabelled without a

@@ -1566,8 +1566,9 @@ def find_clouds(specs) -> list[Path]:
     """Cloud files named by paths, globs (``**`` matching any depth of
     folders) or folders. A folder is searched for
     ``velodyne/*.bin`` (SemanticKITTI), ``points/*.npy`` (Open3D-ML), else
-    every supported file in it (``*labels*`` arrays are label files, not
-    clouds, nor are Semantic3D's ``.labels`` and SemanticKITTI's
+    every supported file in it (``*labels*`` arrays, ``.bin`` and ``.txt``
+    files are label files, not clouds (a ``*labels*`` LAS, LAZ, PLY or PCD
+    file, which holds positions, is a cloud), nor are Semantic3D's ``.labels`` and SemanticKITTI's
     ``.label``, in a folder or a glob: in a
     glob, the ``*labels*`` arrays that are the labels of a cloud file there;
     hidden files, named ``.*``, are skipped as a glob skips them, and so
@@ -1632,6 +1633,11 @@ def find_clouds(specs) -> list[Path]:
 _DOCUMENT_NAMES = ("README", "LICENSE", "LICENCE", "NOTICE", "COPYING", "CHANGELOG", "CITATION")
 
 
+# Formats whose files always hold points (a header and positions): never a label file, whatever the name
+# (a folder's search skips the other formats' files named *labels*: they may be bare label arrays or text).
+_POINT_FORMATS = (".las", ".laz", ".ply", ".pcd")
+
+
 def _folder_clouds(folder: Path) -> list[Path]:
     """The clouds :func:`find_clouds` finds in one folder (not searched deeper)."""
     if (folder / "Annotations").is_dir():
@@ -1642,7 +1648,8 @@ def _folder_clouds(folder: Path) -> list[Path]:
         return _visible((folder / "points").glob("*.npy"))
     return [p for p in _visible(folder.iterdir()) if p.suffix.lower() in
             (".bin", ".npy", ".npz", ".las", ".laz", ".ply", ".pcd", ".txt")
-            and "labels" not in p.name and p.is_file()  # (not a folder named "x.npy")
+            and ("labels" not in p.name or p.suffix.lower() in _POINT_FORMATS)
+            and p.is_file()  # (not a folder named "x.npy")
             and not (p.suffix.lower() == ".txt" and p.name.upper().startswith(_DOCUMENT_NAMES))]
 
 
