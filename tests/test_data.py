@@ -2442,6 +2442,41 @@ def test_nan_features_of_points_without_a_return_do_not_set_the_scaling(tmp_path
         read_cloud(tmp_path / "inf.npz")
 
 
+def test_nan_labels_of_points_without_a_return_go_with_their_points(tmp_path):
+    """An organised cloud marks a point without a return NaN in every field,
+    a float label field too: the reader refused it as 'labels must be whole
+    numbers ... (first nan)' before the positions were looked at, inside
+    nonfinite_rows_dropped (eval --skip-nonfinite) as well, where its
+    intensity and colour go with the point. A label of a point whose
+    position is not finite is no label now: the point is a
+    NonFinitePositions (dropped, with its label, inside
+    nonfinite_rows_dropped); a NaN label of a finite point is still refused."""
+    from pointsparse.data.sample import NonFinitePositions, nonfinite_rows_dropped
+
+    xyz, lab = _cloud(12)
+    gone = np.zeros(12, bool)
+    gone[[2, 7]] = True
+    holes, nan_lab = xyz.copy(), lab.astype(np.float32)
+    holes[gone], nan_lab[gone] = np.nan, np.nan
+    np.savez(tmp_path / "a.npz", xyz=holes, labels=nan_lab)
+    (tmp_path / "points").mkdir()
+    (tmp_path / "labels").mkdir()
+    np.save(tmp_path / "points" / "b.npy", holes)
+    np.save(tmp_path / "labels" / "b.npy", nan_lab[:, None])
+    np.savetxt(tmp_path / "c.txt", np.c_[holes, nan_lab])
+    for path in (tmp_path / "a.npz", tmp_path / "points" / "b.npy", tmp_path / "c.txt"):
+        with nonfinite_rows_dropped():
+            s = read_cloud(path, label_map=LabelMap.identity([str(i) for i in range(13)]))
+        assert np.array_equal(s.kept, ~gone) and np.array_equal(s.labels, lab[~gone]), path
+        with pytest.raises(NonFinitePositions, match=rf"{path.name}: xyz holds NaN or inf at 2 of 12 points"):
+            read_cloud(path, label_map=LabelMap.identity([str(i) for i in range(13)]))
+    nan_lab[4] = np.nan  # (a finite point's)
+    np.savez(tmp_path / "d.npz", xyz=holes, labels=nan_lab)
+    with nonfinite_rows_dropped(), pytest.raises(ValueError, match=r"d\.npz key 'labels': labels must be whole "
+                                                                   r"numbers; 1 of 12 are not \(first .*nan"):
+        read_cloud(tmp_path / "d.npz")
+
+
 def test_a_folders_hidden_files_are_no_clouds(tmp_path):
     """A folder copied from macOS holds AppleDouble files (``._000000.bin``, 4 KB of metadata) beside the scans,
     and editors leave ``.name.swp``-like files: the folder's search took them for clouds (``--data seq/08`` failed

@@ -310,21 +310,36 @@ def _scale_rgb(values, where: str, top: float | None = None) -> np.ndarray | Non
     return out.reshape(-1, 3)
 
 
-def _integral(raw, where: str) -> np.ndarray:
+def _integral(raw, where: str, placed: np.ndarray | None = None) -> np.ndarray:
     """Floating labels as int64 when every value is a whole number (files
     often store class ids as floats); ValueError naming ``where`` (the file
-    and key) otherwise, never a silent truncation."""
+    and key) otherwise, never a silent truncation. ``placed``: where given
+    (one bool a label), the points whose position is finite; the others are
+    no points (an organised cloud's point without a return, NaN in every
+    field, a float label too), left for Sample to refuse or drop with their
+    point: their labels are not checked (0 stands in)."""
     raw = _real(raw, where, "labels").reshape(-1)
     if raw.dtype == np.uint64 and raw.size and int(raw.max()) > _INT64_MAX:
         raise ValueError(f"{where}: labels must fit int64; got {int(raw.max())}")
     if not np.issubdtype(raw.dtype, np.floating):
         return raw
+    if placed is not None and placed.shape == raw.shape and not placed.all():
+        raw = np.where(placed, raw, 0)
     whole = np.isfinite(raw) & (np.floor(raw) == raw) & (np.abs(raw) < 2.0 ** 63)
     if not whole.all():
         bad = raw[~whole]
         raise ValueError(f"{where}: labels must be whole numbers; {bad.size} of {raw.size} are not "
                          f"(first {bad[0]!r})")
     return raw.astype(np.int64)
+
+
+def _placed(xyz) -> np.ndarray | None:
+    """The rows of stored positions ``xyz`` (their first 3 columns) that are
+    finite, None where every row is (or none is given)."""
+    if xyz is None or np.asarray(xyz).dtype.kind != "f":
+        return None
+    placed = np.isfinite(xyz[:, :3]).all(1)
+    return None if placed.all() else placed
 
 
 def _real(values, where: str, what: str, shapes=None) -> np.ndarray:
@@ -341,13 +356,14 @@ def _real(values, where: str, what: str, shapes=None) -> np.ndarray:
     return values
 
 
-def _labels(raw, label_map: LabelMap | None, ignore_index: int, where: str = "labels"):
+def _labels(raw, label_map: LabelMap | None, ignore_index: int, where: str = "labels", xyz=None):
     """Training ids of raw labels: through ``label_map``, or as they are
     without one, where a negative label other than ``ignore_index`` is a
-    ValueError naming ``where``."""
+    ValueError naming ``where``. ``xyz``: the stored positions, whose rows
+    that are not finite hold no label (:func:`_integral`'s ``placed``)."""
     if raw is None:
         return None
-    raw = _integral(raw, where)
+    raw = _integral(raw, where, _placed(xyz))
     if label_map is None:
         raw = raw.astype(np.int64)
         bad = (raw < 0) & (raw != ignore_index)
@@ -625,8 +641,8 @@ def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_
                 intensity = _scale_intensity(xyz[:, 3], f"{path} key {key!r} column 4 (intensity)")
             if xyz.shape[1] >= 6:
                 rgb = _scale_rgb(xyz[:, -3:], f"{path} key {key!r} columns {xyz.shape[1] - 2}-{xyz.shape[1]} (rgb)")
-        return Sample(_positions(xyz), _labels(raw, label_map, ignore_index, f"{path} key {lab_key!r}"), intensity,
-                      rgb, name=str(path))
+        return Sample(_positions(xyz), _labels(raw, label_map, ignore_index, f"{path} key {lab_key!r}", xyz),
+                      intensity, rgb, name=str(path))
     if suffix != ".npy":
         raise ValueError(f"{path}: read_numpy reads .npy or .npz files (any case)")
     arr = _load_npy(path)
@@ -644,7 +660,7 @@ def read_numpy(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, labels_
     if raw is not None and raw.shape not in ((len(arr),), (len(arr), 1)):
         raise ValueError(f"{labels_path}: labels of shape {raw.shape} for {len(arr)} points in {path} (needs "
                          f"({len(arr)},) or ({len(arr)}, 1))")
-    return Sample(_positions(arr), _labels(raw, label_map, ignore_index, f"{labels_path}"), intensity, rgb,
+    return Sample(_positions(arr), _labels(raw, label_map, ignore_index, f"{labels_path}", arr), intensity, rgb,
                   name=str(path))
 
 
@@ -1363,7 +1379,7 @@ def read_open3d(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, *, lab
             raise ValueError(f"{path}: Open3D read {xyz.shape[0]} points, the header says {text_xyz.shape[0]}")
         xyz = text_xyz
     labels_key = next((k for k in _OPEN3D_LABELS if k in attrs), None) if labels else None
-    raw = _integral(attrs[labels_key], f"{path} attribute {labels_key!r}") if labels_key else None
+    raw = _integral(attrs[labels_key], f"{path} attribute {labels_key!r}", _placed(xyz)) if labels_key else None
     intensity = _scale_intensity(attrs["intensity"], f"{path} attribute 'intensity'") if "intensity" in attrs \
         else None
     rgb = _scale_rgb(attrs["colors"], f"{path} attribute 'colors'") if "colors" in attrs else None
@@ -1417,7 +1433,8 @@ def read_text(path, label_map="s3dis", ignore_index: int = DEFAULT_IGNORE, *, la
                          "(colour is 0 or more) but, it seems, a Semantic3D scan x y z intensity r g b; read it "
                          "with read_semantic3d, or put its <name>.labels beside it, or give the label map "
                          "'semantic3d' (--label-map semantic3d) for read_cloud to read it so")
-    raw = _integral(rows[:, -1], f"{path} label column") if labels and rows.shape[1] in (4, 7) else None
+    raw = _integral(rows[:, -1], f"{path} label column", _placed(rows)) if labels and rows.shape[1] in (4, 7) \
+        else None
     rgb, xyz = _rgb_rows(rows, path), _positions(rows)
     del rows  # (the float64 rows: not held while the sample casts and checks its arrays)
     return Sample(xyz, _labels(raw, label_map, ignore_index, f"{path} label column"), rgb=rgb, name=str(path))
@@ -1474,7 +1491,7 @@ def read_semantic3d(path, label_map="semantic3d", ignore_index: int = DEFAULT_IG
         if raw.shape[1] != 1 and raw.size:
             raise ValueError(f"{label_path}: must hold one integer label a line (labels of {path}); got "
                              f"{raw.shape[1]} columns")
-        raw = _integral(raw.reshape(-1), f"{label_path} (labels of {path})")
+        raw = _integral(raw.reshape(-1), f"{label_path} (labels of {path})", placed)
         if raw.size != len(rows):
             raise ValueError(f"{label_path}: {raw.size} labels for the {len(rows)} points of {path} (one label a "
                              "line, a line per point)")
