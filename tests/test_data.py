@@ -1098,6 +1098,44 @@ def test_open3d_reader(tmp_path):
         read_open3d(tmp_path / "f.ply")
 
 
+def test_open3d_reader_refuses_a_body_longer_than_its_header(tmp_path):
+    """A PLY whose vertex element is its last, or a PCD, holding more points
+    than its header's count: Open3D reads the header's count and the rest
+    went unread without a word (a header of 2 over 3 rows: the third point
+    gone), where a LAS count below its records is refused. A ValueError names
+    both counts now; what may follow the points still passes (a PLY's faces
+    after its vertices, blank lines, a binary body's trailing newline)."""
+    try:
+        import open3d  # noqa: F401
+    except (ImportError, OSError) as exc:
+        pytest.skip(f"open3d not usable: {exc}")
+    ply = "ply\nformat {fmt} 1.0\nelement vertex 2\nproperty float x\nproperty float y\nproperty float z\n{extra}" \
+          "end_header\n"
+    pcd = ("VERSION 0.7\nFIELDS x y z\nSIZE 4 4 4\nTYPE F F F\nCOUNT 1 1 1\nWIDTH 2\nHEIGHT 1\n"
+           "VIEWPOINT 0 0 0 1 0 0 0\nPOINTS 2\nDATA {data}\n")
+    xyz = np.arange(9, dtype=np.float32).reshape(3, 3)
+    binary = ply.format(fmt="binary_little_endian", extra="").encode()
+    cases = {"a.ply": ply.format(fmt="ascii", extra="") + "1 2 3\n4 5 6\n7 8 9\n",
+             "b.ply": binary + xyz.tobytes(),
+             "a.pcd": pcd.format(data="ascii") + "1 2 3\n4 5 6\n7 8 9\n",
+             "b.pcd": pcd.format(data="binary").encode() + xyz.tobytes()}
+    for name, content in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        with pytest.raises(ValueError, match=rf"{name}: the header says 2 points but the file holds more"):
+            read_cloud(path)
+    fine = {"faces.ply": ply.format(fmt="ascii", extra="element face 1\nproperty list uchar int vertex_indices\n")
+            + "1 2 3\n4 5 6\n3 0 1 1\n",
+            "blank.ply": ply.format(fmt="ascii", extra="") + "1 2 3\n4 5 6\n\n  \n",
+            "newline.ply": binary + xyz[:2].tobytes() + b"\n",
+            "blank.pcd": pcd.format(data="ascii") + "1 2 3\n4 5 6\n\n",
+            "newline.pcd": pcd.format(data="binary").encode() + xyz[:2].tobytes() + b"\n"}
+    for name, content in fine.items():
+        path = tmp_path / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        assert len(read_cloud(path)) == 2, name
+
+
 def test_open3d_reader_refuses_a_body_shorter_than_its_header(tmp_path):
     """Open3D logs "Read PLY failed" on a short body but returns the header's
     count of points, the missing ones uninitialised memory."""

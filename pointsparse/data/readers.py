@@ -1076,15 +1076,22 @@ def _check_ply(path: Path) -> np.ndarray | None:
     _check_open3d_ply_types(path, vertex_types)
     n, props = upto[-1][1], upto[-1][2]
     # Up to the vertex element, each row needs its (fixed-size) properties.
+    # Where the vertex element is the last, nothing may follow its rows (Open3D reads the header's count and
+    # left the points after it unread without a word); a mesh's faces after its vertices are data.
+    last = len(upto) == len(elements)
     if fmt == "ascii":
-        return _check_ascii_ply(path, start, size, upto)
+        return _check_ascii_ply(path, start, size, upto, last)
     need = sum(count * sum(d.itemsize for _, d in p) for _, count, p in upto)
     held_bytes = size - start
+    row = sum(d.itemsize for _, d in props)
     if held_bytes < need:
-        row = sum(d.itemsize for _, d in props)
         held = max(0, held_bytes - (need - n * row)) // max(row, 1)
         raise ValueError(f"{path}: the header says {n} points ({need} bytes) but the file holds {held} "
                          f"({held_bytes} bytes of data; truncated)")
+    if last and row and held_bytes - need >= row:  # (a trailing newline is no point)
+        raise ValueError(f"{path}: the header says {n} points but the file holds more: {held_bytes - need} bytes "
+                         f"after them, {(held_bytes - need) // row} whole {row}-byte records; the header's count is "
+                         f"wrong (reading {n} would drop the rest silently)")
     return None
 
 
@@ -1111,7 +1118,7 @@ def _text_positions(dtypes, names, column) -> np.ndarray | None:
     return np.stack([column(j) for j in picks], 1) if picks is not None else None
 
 
-def _check_ascii_ply(path: Path, start: int, size: int, upto) -> np.ndarray | None:
+def _check_ascii_ply(path: Path, start: int, size: int, upto, last: bool = False) -> np.ndarray | None:
     """:func:`_check_ply` of an ASCII body (``upto``: the elements up to the
     vertex element, ``[name, count, [(property, dtype)]]``), read in pieces
     of :func:`_ascii_pieces`: its tokens numbers (the first that is not,
@@ -1121,7 +1128,9 @@ def _check_ascii_ply(path: Path, start: int, size: int, upto) -> np.ndarray | No
     where they are declared float32 (:func:`_xyz_picks`), else None; they
     are filled in as read, sized only where the body after byte ``start``
     of the ``size`` can hold the header's values (a digit and a space each:
-    a header's 10**15 points asked for 21 PiB)."""
+    a header's 10**15 points asked for 21 PiB). ``last``: the vertex element
+    is the header's last, so a value after its rows is a ValueError (the
+    header's count is wrong)."""
     _, n, props = upto[-1]
     columns, offset = [], 0  # (element, its first value's index, its rows, row length, column, property, dtype)
     for name, count, p in upto:
@@ -1132,7 +1141,7 @@ def _check_ascii_ply(path: Path, start: int, size: int, upto) -> np.ndarray | No
     xyz = np.empty((n, 3)) if picks is not None and need <= (size - start + 1) // 2 else None
     found: list[tuple | None] = [None] * len(columns)  # each column's problem so far: (rank, row, why, token)
     held = 0
-    for first, tokens in _ascii_pieces(path, start, need):
+    for first, tokens in _ascii_pieces(path, start, need + last):  # (one more: is anything after them?)
         values = _ascii_numbers(path, tokens, first, "vertex data")
         held = first + len(tokens)
         underscore = b"_" in b" ".join(tokens)
@@ -1151,6 +1160,10 @@ def _check_ascii_ply(path: Path, start: int, size: int, upto) -> np.ndarray | No
         points = max(0, held - (need - n * width)) // max(width, 1)
         raise ValueError(f"{path}: the header says {n} points but the file holds {points} "
                          f"({held} of the {need} numbers needed; truncated)")
+    if held > need:
+        raise ValueError(f"{path}: the header says {n} points but the file holds more: values after them, where "
+                         f"the vertex element is the last; the header's count is wrong (reading {n} would drop the "
+                         "rest silently)")
     for (name, _, _, _, _, prop, _), problem in zip(columns, found):
         if problem is not None:
             _, i, why, token = problem
@@ -1276,6 +1289,10 @@ def _check_pcd(path: Path) -> np.ndarray | None:
         if held_bytes < n * row:
             raise ValueError(f"{path}: the header says {n} points ({n * row} bytes) but the file holds "
                              f"{held_bytes // max(row, 1)} ({held_bytes} bytes of data; truncated)")
+        if row and held_bytes - n * row >= row:  # (Open3D reads the header's count; a trailing newline is no point)
+            raise ValueError(f"{path}: the header says {n} points but the file holds more: "
+                             f"{held_bytes // row} whole {row}-byte records; the header's count is wrong (reading "
+                             f"{n} would drop the rest silently)")
     elif data == "binary_compressed":
         if held_bytes < 8:
             raise ValueError(f"{path}: binary_compressed PCD data has no size words (truncated)")
@@ -1289,11 +1306,15 @@ def _check_pcd(path: Path) -> np.ndarray | None:
         try:
             with warnings.catch_warnings():  # numpy's note that max_rows counts rows, not blank lines
                 warnings.simplefilter("ignore", UserWarning)
-                rows = np.loadtxt(path, dtype=np.float64, ndmin=2, comments=None, skiprows=len(lines), max_rows=n)
+                rows = np.loadtxt(path, dtype=np.float64, ndmin=2, comments=None, skiprows=len(lines),
+                                  max_rows=n + 1)  # (one more: is there a row after them?)
         except ValueError as exc:
             raise ValueError(f"{path}: PCD ascii data is not rows of {len(dtypes)} numbers: {exc}") from None
         if len(rows) < n:
             raise ValueError(f"{path}: the header says {n} points but the file holds {len(rows)} (truncated)")
+        if len(rows) > n:  # (Open3D reads the header's count: the rows after it went unread without a word)
+            raise ValueError(f"{path}: the header says {n} points but the file holds more rows; the header's count "
+                             f"is wrong (reading {n} would drop the rest silently)")
         if n and rows.shape[1] != len(dtypes):
             raise ValueError(f"{path}: PCD ascii rows hold {rows.shape[1]} numbers; the header's fields "
                              f"need {len(dtypes)}")
