@@ -486,6 +486,20 @@ def test_label_map_json_with_a_key_twice_names_the_file_and_key(tmp_path):
         load_label_map(tmp_path / "spelt.json")
 
 
+def test_label_map_with_a_class_named_twice_is_refused(tmp_path):
+    """A label map naming one class twice (["car", "road", "car"]) was taken:
+    its "inverse" reached the first of the two only, and train --init and
+    the per-class tables, which go by class name, could not tell them apart.
+    A ValueError names the class and the map (the JSON file for a file)."""
+    with pytest.raises(ValueError, match=r"label map 'twice': classes name 'car' twice \(training ids 0 and 2\)"):
+        LabelMap(["car", "road", "car"], {10: 0, 40: 1, 20: 2}, name="twice")
+    with pytest.raises(ValueError, match=r"label map 'identity': classes name 'a' twice"):
+        LabelMap.identity(["a", "a"])
+    (tmp_path / "m.json").write_text('{"classes": ["car", "road", "car"], "map": {"10": 0}}')
+    with pytest.raises(ValueError, match=r"m\.json: .*classes name 'car' twice"):
+        load_label_map(tmp_path / "m.json")
+
+
 # --------------------------------------------------------------------- readers on files in the real formats
 
 def _cloud(n=50, seed=0):

@@ -87,6 +87,11 @@ class LabelMap:
         if not isinstance(self.classes, (list, tuple)) or not all(isinstance(c, str) for c in self.classes):
             raise TypeError(f"{where}: classes must be a list of class names (str)")
         self.classes = list(self.classes)
+        seen: dict[str, int] = {}
+        for i, c in enumerate(self.classes):  # (inverse, train --init and the tables go by class name)
+            if c in seen:
+                raise ValueError(f"{where}: classes name {c!r} twice (training ids {seen[c]} and {i})")
+            seen[c] = i
         whole = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)  # noqa: E731
         for field_name, key_ok, key_kind in (("mapping", whole, "int raw ids"),
                                              ("names", lambda k: isinstance(k, str), "str class names")):
