@@ -808,7 +808,8 @@ def read_las(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, *, labels
     """A LAS/LAZ file through laspy (``pip install laspy``, plus ``lazrs`` for
     LAZ). Positions are taken relative to the points' minimum (real tiles
     have large absolute coordinates, and the header's minimum is not always
-    filled in); labels from ``classification`` (none with ``labels=False``). The
+    filled in): the integer records less their minimum, times the header's
+    scale factors, which the offsets do not enter; labels from ``classification`` (none with ``labels=False``). The
     public header is checked against the file size first: in an
     uncompressed file a point count above or below the whole records there
     is a ValueError naming both."""
