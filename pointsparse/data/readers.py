@@ -385,10 +385,11 @@ def _names_the_file(reader):
     (an ImportError for a missing optional package passes unchanged). A path
     that is not there is a FileNotFoundError naming it; a path of another type
     a TypeError; so is a labels file named beside it (``label_path``,
-    ``labels_path``; not looked for with ``labels=False``), its message naming
-    the argument and the cloud. The arguments pass through as given (the path is the reader's
-    first parameter, by position or by its name, e.g. ``scan_path=``).
-    ``ignore_index`` is checked here (TypeError/ValueError naming it), and the
+    ``labels_path``; not looked for with ``labels=False``), its message
+    naming the argument and the cloud. The arguments pass through as given
+    (the path is the reader's first parameter, by position or by its name,
+    e.g. ``scan_path=``). ``ignore_index`` is checked here (TypeError/
+    ValueError naming it), and the
     ``label_map`` argument is loaded first, outside the wrapping, so its
     errors name the label map's file, not the cloud's."""
     signature = inspect.signature(reader)
@@ -809,10 +810,11 @@ def read_las(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, *, labels
     LAZ). Positions are taken relative to the points' minimum (real tiles
     have large absolute coordinates, and the header's minimum is not always
     filled in): the integer records less their minimum, times the header's
-    scale factors, which the offsets do not enter; labels from ``classification`` (none with ``labels=False``). The
-    public header is checked against the file size first: in an
-    uncompressed file a point count above or below the whole records there
-    is a ValueError naming both."""
+    scale factors, which the offsets do not enter; labels from
+    ``classification`` (none with ``labels=False``). The public header is
+    checked against the file size first: in an uncompressed file a point
+    count above or below the whole records there is a ValueError naming
+    both."""
     try:
         import laspy
     except ImportError:
@@ -1043,6 +1045,9 @@ def _check_ply(path: Path) -> np.ndarray | None:
     the missing ones uninitialised memory. List properties are refused in
     the vertex element and those before it (a row's length is then in its
     data, which this check does not walk; mesh PLYs put vertex first).
+    Where the vertex element is the header's last, a body holding more than
+    its rows (a whole record more, binary; a value more, ASCII) is refused
+    too: Open3D reads the header's count, and the rest went unread.
     Returns the float64 ``(n, 3)`` x, y, z an ASCII body holds where they
     are declared float32 (:func:`_text_positions`), else None."""
     lines, _, start, size = _text_header(path, b"end_header", "PLY")
@@ -1241,6 +1246,8 @@ def _check_pcd(path: Path) -> np.ndarray | None:
     WIDTH x HEIGHT at the HEIGHT line; POINTS must equal WIDTH x HEIGHT.
     The FIELDS are checked as Open3D takes them (x y z of one type, normals
     whole and of that type, no name twice: :func:`_check_open3d_pcd_fields`).
+    A body holding more than the count (a whole record, binary; a row,
+    ascii) is refused too: Open3D reads the count, and the rest went unread.
     Returns the float64 ``(n, 3)`` x, y, z an ASCII body holds where they
     are declared float32 (:func:`_text_positions`), else None."""
     lines, head, start, size = _text_header(path, b"DATA", "PCD")
