@@ -29,7 +29,7 @@ def test_quick_runs_on_digits(procedure, tmp_path, capsys):
 @pytest.mark.parametrize("flag,value", [("--finetune-lr-factor", "nan"), ("--threshold", "nan"), ("--sparsity", "1.5"),
                                         ("--sparsity", "inf"), ("--flops", "0"), ("--latency", "-1"),
                                         ("--prune-fraction", "nan"), ("--rounds", "0"), ("--episodes", "-3"),
-                                        ("--rewind", "-1")])
+                                        ("--rewind", "-1"), ("--seed", "-1"), ("--seed", str(2**32))])
 def test_bad_flags_fail_before_any_work(flag, value, tmp_path, capsys, monkeypatch):
     """The command line prints the message naming the flag and returns 2, no
     traceback; POINTSPARSE_TRACEBACK=1 raises the ValueError itself."""

@@ -112,6 +112,9 @@ def check_args(args) -> None:
             raise ValueError(f"--{name} must be >= 1; got {value}")
     if getattr(args, "rewind", 0) < 0:
         raise ValueError(f"--rewind must be >= 0; got {args.rewind}")
+    seed = getattr(args, "seed", 0)  # (as train's: amc and the lottery controls refused a negative one after
+    if not 0 <= seed < 2**32:  # training, the others took it)
+        raise ValueError(f"--seed must be in [0, 2**32); got {seed}")
 
 
 #: The procedures run on a task (their drivers in :mod:`.procedures`), and those on a checkpoint alone.
