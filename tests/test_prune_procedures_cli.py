@@ -172,3 +172,16 @@ def test_help_of_the_shared_flags_names_every_procedure_that_reads_them():
     assert set(prune.PROCEDURES) <= checkpoint_help | {"procedures"} and "amc" in checkpoint_help, \
         actions["checkpoint"].help
     assert "pruned checkpoint" in actions["out"].help, actions["out"].help
+
+
+def test_a_rewind_past_the_lottery_training_names_the_flag(tmp_path, capsys, monkeypatch):
+    """--rewind at or past the steps a lottery round trains was refused as
+    the library's 'rewind_step must be in [0, train_steps=120)': now as the
+    flag, with the steps the task trains, before --out is made."""
+    pytest.importorskip("sklearn")
+    monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
+    argv = ["prune", "lottery", "--quick", "--rewind", "1000", "--out", str(tmp_path / "never")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pointsparse prune: error: --rewind 1000 must be < 120"), err
+    assert not (tmp_path / "never").exists()

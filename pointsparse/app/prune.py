@@ -246,6 +246,9 @@ def _run(args) -> int:
     torch.manual_seed(args.seed)
     task = _task(args)
     steps = max(20, task.train_steps // (5 if args.quick else 1))
+    if args.procedure == "lottery" and args.rewind >= steps:  # (the library named its rewind_step, train_steps)
+        raise ValueError(f"--rewind {args.rewind} must be < {steps}, the steps each lottery round trains on task "
+                         f"{task.name}{' with --quick' if args.quick else ''}: the rewind point is one of them")
     make_directory(args.out)
     print(f"task {task.name}: {steps} training steps, metric {task.metric}")
     model = task.make_model(args.seed)
