@@ -421,3 +421,40 @@ def test_one_optimizer_step_hooked_twice_counts_once(twice):
     net(x).square().mean().backward()
     opt.step()  # every hook removed: not counted
     assert r.step_count == 6
+
+
+def test_state_dict_resumes_with_the_model_loaded_before_the_rigl_is_built():
+    """A resumed script loads the model, builds its RigL, then loads the
+    RigL state: the new RigL's own random masks zeroed ~70% of the loaded
+    weights, and load_state_dict's masks kept many of those as zeros, so the
+    resumed run went on from other weights than the saved, silently. The
+    values a fresh RigL zeroed are given back where the loaded masks keep
+    them (while nothing has written the weight since); loaded after the
+    RigL, the model's own values stay."""
+    whole = mlp(0, widths=(8, 32, 32, 3))
+    part = mlp(0, widths=(8, 32, 32, 3))
+    part.load_state_dict(whole.state_dict())
+    a = rigl.RigL(whole, density=0.3, update_interval=3, end_step=12, seed=1)
+    _rigl_training(whole, a, 7, seed=0)
+    b = rigl.RigL(part, density=0.3, update_interval=3, end_step=12, seed=1)
+    _rigl_training(part, b, 7, seed=0)
+    saved = {"model": part.state_dict(), "rigl": b.state_dict()}
+    resumed = mlp(1, widths=(8, 32, 32, 3))
+    resumed.load_state_dict(saved["model"])
+    c = rigl.RigL(resumed, density=0.3, update_interval=3, end_step=12, seed=2)
+    c.load_state_dict(saved["rigl"])
+    for key, value in saved["model"].items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+    _rigl_training(whole, a, 7, seed=5)
+    _rigl_training(resumed, c, 7, seed=5)
+    for n in a.masks:
+        assert torch.equal(a.masks[n], c.masks[n])
+    for p, q in zip(whole.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+    # a RigL that has stepped gives nothing back: its weights are the training's
+    d = rigl.RigL(mlp(1, widths=(8, 32, 32, 3)), density=0.3, update_interval=3, end_step=12, seed=2)
+    d.step()
+    before = {n: m.weight.detach().clone() for n, m in d.layers}
+    d.load_state_dict(saved["rigl"])
+    for n, m in d.layers:
+        assert torch.equal(m.weight, before[n] * d.masks[n])

@@ -129,7 +129,11 @@ class RigL:
             flat[used.nonzero().flatten()[torch.randperm(numel, generator=g)[:keep]]] = True
             self.masks[n] = flat.reshape(m.weight.shape).to(m.weight.device)
         self._handle = None
+        # What these first masks zero, until the first step: a run resumed by loading the model, building its
+        # RigL and then load_state_dict gets back the weights the loaded masks keep (see _restore_zeroed).
+        self._zeroed = {n: m.weight.detach()[~self.masks[n]].clone() for n, m in self.layers}
         self.apply_masks()
+        self._untouched = {n: (id(m.weight), m.weight._version) for n, m in self.layers}
 
     # ------------------------------------------------------------------ masks
     def drop_fraction_at(self, step: int) -> float:
@@ -199,6 +203,7 @@ class RigL:
 
     def _step(self, optimizer, owned: set[int]) -> None:
         """:meth:`step` with ``optimizer``'s :meth:`_owned` weights known."""
+        self._zeroed = {}  # (trained from now on: the first masks' zeros are the run's)
         if optimizer is None or (owned and (not self._stepped or owned & self._stepped)):
             self._stepped = owned
             self.step_count += 1
@@ -223,7 +228,8 @@ class RigL:
         """Take a :meth:`state_dict` of a RigL over the same layers (names and
         weight shapes) and apply its masks to the weights; the next step
         counts as the saved run's next (load the model's and the optimizer's
-        state as well). Refused whole, before anything changes, where the
+        state as well, before building this RigL or after it: the values its
+        first masks zeroed come back where the loaded masks keep them). Refused whole, before anything changes, where the
         layers, shapes or counts do not fit."""
         if not isinstance(state, dict):
             raise TypeError(f"state_dict must be a dict from RigL.state_dict(); got {type(state).__name__}")
@@ -253,12 +259,24 @@ class RigL:
         drop_fraction = check_fraction(state["drop_fraction"], "state_dict's drop_fraction", high_open=False)
         densities = {n: check_fraction(state["densities"].get(n, self.densities[n]), f"state_dict's densities[{n!r}]",
                                        high_open=False) for n in names}  # (checked before anything changes)
+        self._restore_zeroed()
         self.masks = masks
         self.step_count, self.updates = step_count, updates
         self.update_interval, self.end_step, self.alpha = update_interval, end_step, drop_fraction
         self.densities = densities
         self._stepped = set()
         self.apply_masks()
+
+    def _restore_zeroed(self) -> None:
+        """Give back the values this RigL's first masks zeroed, in each layer
+        whose weight nothing has written since (no step, no load of the
+        model's state): they are the loaded model's, which the masks of
+        :meth:`load_state_dict` may keep."""
+        with torch.no_grad():
+            for n, m in self.layers:
+                if n in self._zeroed and self._untouched[n] == (id(m.weight), m.weight._version):
+                    m.weight[~self.masks[n]] = self._zeroed[n]
+        self._zeroed = {}
 
     # ------------------------------------------------------------------ hooks
     def _owned(self, optimizer) -> set[int]:
