@@ -458,3 +458,28 @@ def test_state_dict_resumes_with_the_model_loaded_before_the_rigl_is_built():
     d.load_state_dict(saved["rigl"])
     for n, m in d.layers:
         assert torch.equal(m.weight, before[n] * d.masks[n])
+
+
+def test_a_nested_context_takes_its_hooks_off_on_the_last_exit():
+    """``with r:`` inside ``with r:`` (a helper that wraps its own loop in
+    the RigL it is handed) registered a second pair of global optimizer
+    hooks and lost the first: after both exits the outer pair stayed on, so
+    every later optimizer step of the model still counted, updated and
+    masked. The hooks now come off when the outermost context exits."""
+    net = mlp(0, widths=(8, 32, 32, 3))
+    r = rigl.RigL(net, density=0.3, update_interval=2, end_step=100, seed=1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+
+    def step():
+        opt.zero_grad()
+        net(torch.randn(16, 8)).square().mean().backward()
+        opt.step()
+
+    with r:
+        with r:
+            step()
+        step()  # (still inside the outer context: counted)
+    assert r.step_count == 2
+    step()
+    assert r.step_count == 2
+    assert any(bool((m.weight != 0).logical_and(~r.masks[n]).any()) for n, m in r.layers)  # dense steps now

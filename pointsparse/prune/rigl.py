@@ -128,7 +128,7 @@ class RigL:
             flat = ~used
             flat[used.nonzero().flatten()[torch.randperm(numel, generator=g)[:keep]]] = True
             self.masks[n] = flat.reshape(m.weight.shape).to(m.weight.device)
-        self._handle = None
+        self._handle, self._depth = None, 0
         # What these first masks zero, until the first step: a run resumed by loading the model, building its
         # RigL and then load_state_dict gets back the weights the loaded masks keep (see _restore_zeroed).
         self._zeroed = {n: m.weight.detach()[~self.masks[n]].clone() for n, m in self.layers}
@@ -311,12 +311,15 @@ class RigL:
     def __enter__(self) -> "RigL":
         from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-        pre, post = self._hooks(every=False)
-        self._handle = _Handles([register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)])
+        self._depth += 1  # (nested: one pair of hooks, off at the outermost exit)
+        if self._handle is None:
+            pre, post = self._hooks(every=False)
+            self._handle = _Handles([register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)])
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._handle is not None:
+        self._depth = max(self._depth - 1, 0)
+        if self._depth == 0 and self._handle is not None:
             self._handle.remove()
             self._handle = None
         self.apply_masks()
