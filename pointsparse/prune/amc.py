@@ -167,9 +167,10 @@ class DDPG:
     def __init__(self, state_dim: int, hidden: int = 300, actor_lr: float = 1e-4, critic_lr: float = 1e-3,
                  tau: float = 0.01, discount: float = 1.0, buffer_size: int = 2000, batch_size: int = 64,
                  seed: int = 0) -> None:
-        torch.manual_seed(seed)
-        # (float32, as the states are, whatever torch's default dtype: a float64 default built float64 networks)
-        self.actor, self.critic = _Actor(state_dim, hidden).float(), _Critic(state_dim, hidden).float()
+        with torch.random.fork_rng(devices=[]):  # (seeded for the networks' init; the user's generator left alone)
+            torch.manual_seed(seed)
+            # (float32, as the states are, whatever torch's default dtype: a float64 default built float64 networks)
+            self.actor, self.critic = _Actor(state_dim, hidden).float(), _Critic(state_dim, hidden).float()
         self.actor_t, self.critic_t = copy.deepcopy(self.actor), copy.deepcopy(self.critic)
         self.opt_a = torch.optim.Adam(self.actor.parameters(), lr=actor_lr)
         self.opt_c = torch.optim.Adam(self.critic.parameters(), lr=critic_lr)
