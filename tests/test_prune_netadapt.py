@@ -226,3 +226,16 @@ def test_measuring_leaves_each_module_in_its_own_mode():
     net[1].eval()
     netadapt.measure_latency(net, torch.randn(4, 8), 1)
     assert [m.training for m in net] == [True, False, True] and net.training
+
+
+def test_a_table_that_is_no_latency_table_is_a_type_error():
+    """netadapt(model, table, ...) took anything as the table: a dict (the
+    JSON of table.save read back by hand) or the path of a saved table gave
+    AttributeError "'dict' object has no attribute 'candidates'"."""
+    tr = Trainer()
+    net = mlp(0)
+    x = torch.randn(4, 8)
+    for bad in ({"entries": {}}, "latency_table.json"):
+        with pytest.raises(TypeError, match=r"table must be a LatencyTable .*or None .*; got (dict|str)"):
+            netadapt.netadapt(net, bad, tr, tr.accuracy, x, 0.5)
+    assert tr.calls == []

@@ -250,6 +250,9 @@ def netadapt(model: nn.Module, table: LatencyTable | None, train_fn: Callable, e
     each proposal's latency measured directly. When no proposal can lower
     the latency any further before the budget is met, the run stops with a
     ``RuntimeWarning`` that says so (also in ``NetAdaptResult.message``)."""
+    if table is not None and not isinstance(table, LatencyTable):
+        raise TypeError("table must be a LatencyTable (build_latency_table, or LatencyTable.load of a saved one) or "
+                        f"None (latencies measured directly); got {type(table).__name__}")
     _check_netadapt(train_fn, eval_fn, budget, budget_seconds, initial_reduction, decay)
     short_steps, long_steps = check_int(short_steps, "short_steps", 0), check_int(long_steps, "long_steps", 0)
     max_iterations = check_int(max_iterations, "max_iterations", 1)
