@@ -239,3 +239,22 @@ def test_a_table_that_is_no_latency_table_is_a_type_error():
         with pytest.raises(TypeError, match=r"table must be a LatencyTable .*or None .*; got (dict|str)"):
             netadapt.netadapt(net, bad, tr, tr.accuracy, x, 0.5)
     assert tr.calls == []
+
+
+@pytest.mark.parametrize("text", ["not json", "{}", '{"entries": [1, 2]}', "[]", "\x80\x81"])
+def test_loading_a_file_that_is_no_saved_table_names_it(tmp_path, text):
+    """LatencyTable.load of a file LatencyTable.save did not write: the bare
+    JSONDecodeError ('Expecting value: line 1 column 1'), KeyError 'entries'
+    or a TypeError from inside, none naming the file; now a ValueError
+    naming it."""
+    path = tmp_path / "table.json"
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(ValueError, match=f"{path}.*not a latency table saved by LatencyTable.save"):
+        netadapt.LatencyTable.load(path)
+
+
+def test_a_saved_table_loads_back_equal(tmp_path):
+    table = netadapt.build_latency_table(mlp(0), torch.randn(4, 8), num_candidates=2, repeats=1)
+    back = netadapt.LatencyTable.load(table.save(tmp_path / "t.json"))
+    assert (back.entries, back.keys, back.candidates, back.rest, back.repeats, back.layout) == \
+        (table.entries, table.keys, table.candidates, table.rest, table.repeats, table.layout)

@@ -137,9 +137,17 @@ class LatencyTable:
 
     @classmethod
     def load(cls, path) -> "LatencyTable":
-        d = json.loads(Path(path).read_text())
-        return cls({n: {(a, b): v for a, b, v in rows} for n, rows in d["entries"].items()}, d["keys"],
-                   d["candidates"], d["rest"], d["repeats"], [tuple(row) for row in d.get("layout", [])])
+        """The table :meth:`save` wrote to ``path``; a ValueError naming the
+        file where it holds no such table."""
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+            return cls({n: {(int(a), int(b)): float(v) for a, b, v in rows} for n, rows in d["entries"].items()},
+                       dict(d["keys"]), dict(d["candidates"]), float(d["rest"]), int(d["repeats"]),
+                       [tuple(row) for row in d.get("layout", [])])
+        except (ValueError, KeyError, TypeError, AttributeError) as error:  # (UnicodeDecodeError, JSON's too)
+            raise ValueError(f"{path}: not a latency table saved by LatencyTable.save "
+                             f"({type(error).__name__}: {error})") from None
 
 
 def _channel_layout(model):
