@@ -329,3 +329,21 @@ def test_a_model_with_a_shared_layer_is_rewound():
     assert [row["round"] for row in res.rounds] == [0, 1]
     lottery.rewind(net, res.state)
     assert torch.equal(shared.weight, init * shared.weight_mask)
+
+
+def test_a_model_already_pruned_is_refused_before_any_training():
+    """lottery_ticket on a model whose layers are pruned (a ticket of an
+    earlier run, run again): round 0, 'the dense network', reported the old
+    sparsity and the rounds' targets (0.2, 0.36, ...) lay under it, so no
+    round pruned anything, silently. Refused now, as train_masked refuses
+    such a model, before any training."""
+    tr = Trainer()
+    net = mlp(0)
+    procedure.global_magnitude_prune(net, 0.5)
+    with pytest.raises(ValueError, match=r"layer '0' is already pruned .*pass an unpruned model"):
+        lottery.lottery_ticket(net, tr, tr.accuracy, 4, rounds=2)
+    assert tr.calls == []
+    fresh = mlp(0)
+    procedure.global_magnitude_prune(fresh, 0.5, layers=["2"])  # a layer left out of layers is the user's own
+    res = lottery.lottery_ticket(fresh, tr, tr.accuracy, 2, rounds=1, layers=["0"])
+    assert [r["sparsity"] for r in res.rounds] == [0.0, pytest.approx(0.2, abs=0.01)]

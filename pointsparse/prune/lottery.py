@@ -90,7 +90,12 @@ def lottery_ticket(model: nn.Module, train_fn: Callable, eval_fn: Callable, trai
     check_lr(lr)
     if not 0 <= rewind_step < train_steps:
         raise ValueError(f"rewind_step must be in [0, train_steps={train_steps}); got {rewind_step}")
-    layers = [n for n, _ in prunable_layers(model, layers)]  # (checked before any training)
+    chosen = prunable_layers(model, layers)  # (checked before any training)
+    for name, m in chosen:  # (its targets, 0.2, 0.36, ... of the dense weights, would lie under its sparsity)
+        if not bool(get_mask(m).all()):
+            raise ValueError(f"layer {name!r} is already pruned (sparsity {_sparsity(model, [name]):.3f}); a lottery "
+                             "ticket is pruned from the dense network round by round: pass an unpruned model")
+    layers = [n for n, _ in chosen]
     result = LotteryResult(rewind_step=rewind_step)
     call_train(train_fn, model, rewind_step, lr)
     result.state = snapshot(model)
