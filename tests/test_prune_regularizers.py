@@ -199,3 +199,16 @@ def test_penalties_of_a_half_precision_model_are_summed_in_float32(dtype):
         assert penalty.dtype == torch.float32 and penalty.item() == pytest.approx(want, rel=1e-3)
     grad = torch.autograd.grad(regularizers.l1(module), module.weight)[0]
     assert grad.dtype == dtype and bool((grad == 1).all())
+
+
+@pytest.mark.parametrize("bad, got", [(3, "int"), ("bn", "str"), (None, "NoneType")])
+def test_slimming_and_skeleton_l1_of_no_model_name_the_argument(bad, got):
+    """``slimming("bn")`` was AttributeError "'str' object has no attribute
+    '_parameters'" (the str iterated as norms), ``slimming(3)`` Python's
+    "'int' object is not iterable", ``skeleton_l1`` of no model an error
+    from inside; as l1's (test above), each now names what it takes."""
+    with pytest.raises(TypeError, match=rf"model_or_norms must be a model or an iterable of BatchNorm modules "
+                                        rf".*; got {got}"):
+        regularizers.slimming(bad)
+    with pytest.raises(TypeError, match=rf"model must be a torch.nn.Module .*; got {got}"):
+        regularizers.skeleton_l1(bad)

@@ -15,6 +15,8 @@ A float16 / bfloat16 model's penalty is computed and returned in float32
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
@@ -83,6 +85,9 @@ def slimming(model_or_norms) -> torch.Tensor:
     iterable of BatchNorm modules (or modules wrapping one)."""
     if isinstance(model_or_norms, nn.Module):
         norms = [bn for _, bn in bn_pairs(model_or_norms)]
+    elif isinstance(model_or_norms, (str, bytes)) or not isinstance(model_or_norms, Iterable):
+        raise TypeError(f"model_or_norms must be a model or an iterable of BatchNorm modules (or modules wrapping "
+                        f"one); got {type(model_or_norms).__name__}")
     else:
         norms = []
         for module in model_or_norms:
@@ -97,6 +102,9 @@ def skeleton_l1(model: nn.Module) -> torch.Tensor:
     """``sum |s|`` over every Filter Skeleton attached in ``model`` (a
     ``kernel_region`` conv's: the stripes of its region, which hold its
     weights; the scales outside multiply nothing the conv runs)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (its attached Filter Skeletons are summed); got "
+                        f"{type(model).__name__}")
     return _sum((_wide(s).abs().sum() if used is None else _wide(s).abs()[used].sum()
                  for s, used in used_skeletons(model)),
                 "filter skeletons")
