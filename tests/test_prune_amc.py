@@ -279,3 +279,14 @@ def test_search_leaves_torch_global_random_state_alone():
         searches.append([h["ratios"] for h in res.history])
     assert not torch.equal(draws[0], draws[1])
     assert searches[0] == searches[1]
+
+
+@pytest.mark.parametrize("bad, got", [("model", "str"), (None, "NoneType"), ([mlp(0)], "list")])
+def test_a_model_that_is_no_module_is_a_type_error(bad, got):
+    """amc_search / layer_infos of no nn.Module: AttributeError "'str'
+    object has no attribute 'named_modules'" where the other procedures
+    say what model must be."""
+    with pytest.raises(TypeError, match=f"model must be a torch.nn.Module; got {got}"):
+        amc.amc_search(bad, lambda m: 1.0, torch.randn(2, 8), episodes=1, warmup=0)
+    with pytest.raises(TypeError, match=f"model must be a torch.nn.Module; got {got}"):
+        amc.layer_infos(bad, torch.randn(2, 8))

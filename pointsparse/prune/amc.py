@@ -62,6 +62,8 @@ def layer_infos(model: nn.Module, example_input, coupled: bool = False) -> list[
     (every layer of a residual or U-Net network; a group acts through its
     first producer)."""
     coupled = as_bool(coupled, "coupled")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     from ..formats.modules import SparseConv3d, SparseLinear
 
     packed = [name for name, m in model.named_modules() if isinstance(m, (SparseConv3d, SparseLinear))]
