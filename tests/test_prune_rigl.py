@@ -483,3 +483,23 @@ def test_a_nested_context_takes_its_hooks_off_on_the_last_exit():
     step()
     assert r.step_count == 2
     assert any(bool((m.weight != 0).logical_and(~r.masks[n]).any()) for n, m in r.layers)  # dense steps now
+
+
+def test_a_second_rigl_on_the_same_model_keeps_its_density():
+    """RigL(model, 0.3) run twice (a notebook cell run again, static_sparse
+    then RigL): the second drew its random masks over weights the first had
+    zeroed, so ~0.09 of the weights were left while density() said 0.3. A
+    new RigL keeps the weights that are not zero first: the second one's
+    masks are the first's, and its density is the weights'."""
+    net = mlp(0, widths=(8, 32, 32, 3))
+    first = rigl.RigL(net, density=0.3, distribution="uniform", seed=1)
+    second = rigl.RigL(net, density=0.3, distribution="uniform", seed=2)
+    for n, m in second.layers:
+        assert torch.equal(second.masks[n], first.masks[n])
+        assert int((m.weight != 0).sum()) == int(second.masks[n].sum())
+    kept = sum(int((m.weight != 0).sum()) for _, m in second.layers)
+    assert kept / sum(m.weight.numel() for _, m in second.layers) == pytest.approx(second.density())
+    # a denser second RigL keeps every weight left, and draws the rest among the zeros
+    third = rigl.RigL(net, density=0.5, distribution="uniform", seed=3)
+    for n, m in third.layers:
+        assert bool(third.masks[n][first.masks[n]].all())

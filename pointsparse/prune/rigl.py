@@ -80,7 +80,9 @@ def erk_densities(model: nn.Module, density: float, layers=None) -> dict[str, fl
 
 
 class RigL:
-    """Dynamic sparse training state: masks, densities and the update rule."""
+    """Dynamic sparse training state: masks, densities and the update rule.
+    The first masks are random, drawn among the weights that are not zero
+    first (a model already sparse keeps its weights)."""
 
     def __init__(self, model: nn.Module, density: float = 0.1, distribution: str = "erk",
                  update_interval: int = 100, end_step: int = 1000, drop_fraction: float = 0.3, layers=None,
@@ -126,7 +128,12 @@ class RigL:
             numel = int(used.sum())
             keep = max(1, int(round(self.densities[n] * numel)))
             flat = ~used
-            flat[used.nonzero().flatten()[torch.randperm(numel, generator=g)[:keep]]] = True
+            drawn = used.nonzero().flatten()[torch.randperm(numel, generator=g)]
+            # the weights that are not zero first, in the drawn order (the same masks where none is): on a model
+            # a RigL has already masked (built twice, static_sparse then RigL) the masks keep its weights, not a
+            # random share of them (the densities multiplied, while density() said one)
+            zero = (m.weight.detach().flatten() == 0).cpu()[drawn]
+            flat[drawn[torch.argsort(zero.to(torch.int8), stable=True)][:keep]] = True
             self.masks[n] = flat.reshape(m.weight.shape).to(m.weight.device)
         self._handle, self._depth = None, 0
         # What these first masks zero, until the first step: a run resumed by loading the model, building its
