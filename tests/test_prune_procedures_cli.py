@@ -127,10 +127,11 @@ def test_a_model_of_the_other_task_is_a_flag_error(argv, words, tmp_path, capsys
     """A model the task does not have: the message and exit status 2 of the
     other bad flags (was SystemExit, exit status 1), nothing written."""
     monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
-    assert cli.main(["prune", *argv, "--out", str(tmp_path / "never")]) == 2
+    monkeypatch.chdir(tmp_path)  # (schedule takes no --out: nothing made here)
+    assert cli.main(["prune", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("pointsparse prune: error: ") and words in err, err
-    assert not (tmp_path / "never").exists()
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("graph", [False, True])
@@ -180,8 +181,31 @@ def test_a_rewind_past_the_lottery_training_names_the_flag(tmp_path, capsys, mon
     flag, with the steps the task trains, before --out is made."""
     pytest.importorskip("sklearn")
     monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
-    argv = ["prune", "lottery", "--quick", "--rewind", "1000", "--out", str(tmp_path / "never")]
-    assert cli.main(argv) == 2
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["prune", "lottery", "--quick", "--rewind", "1000"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("pointsparse prune: error: --rewind 1000 must be < 120"), err
-    assert not (tmp_path / "never").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("procedure", ["schedule", "lottery", "init", "rigl"])
+def test_out_of_a_procedure_that_writes_no_file_is_refused(procedure, tmp_path, capsys, monkeypatch):
+    """schedule, lottery, init and rigl print what they found and write no
+    file: --out DIR was accepted and left an empty DIR (and, left out, an
+    empty ./prune-out in the folder the command ran in). Refused by name
+    now, as every flag a command would not read; nothing is made."""
+    monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["prune", procedure, "--out", str(tmp_path / "never")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pointsparse prune: error: --out {tmp_path / 'never'}: `prune {procedure}` writes no "
+                          "file"), err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_procedure_that_writes_no_file_makes_no_folder(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("sklearn")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["prune", "schedule", "--quick", "--rounds", "1"]) == 0
+    assert "round 1: target 0.900" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []

@@ -60,7 +60,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--latency", type=float, default=0.6, help="netadapt: latency budget, fraction of the initial")
     parser.add_argument("--out", type=Path, default=Path("prune-out"),
                         help="folder for plots, ratios, tables, and the pruned checkpoint (channels, vectors, offsets, "
-                             "voxels; amc, netadapt on a --checkpoint)")
+                             "voxels; amc, netadapt on a --checkpoint); schedule, lottery, init and rigl write no "
+                             "file and take no --out")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="short runs (seconds)")
     channels.add_arguments(parser)
@@ -135,6 +136,10 @@ READ_BY = {
     "placement": ("voxels",), "stages": ("voxels",), "score": ("voxels",),
 }
 
+#: The procedures that write files in --out (a plot, ratios, a latency table, a pruned checkpoint); the others
+#: print what they found and write nothing.
+WRITES_OUT = ("sensitivity", "amc", "netadapt", *CHECKPOINT_PROCEDURES)
+
 #: What ``--quick`` runs in place of a flag's value.
 QUICK_EPISODES, QUICK_ROUNDS = 30, 3
 
@@ -185,6 +190,9 @@ def check_read(args) -> None:
         if procedure == "lottery" and _given(args, "rounds") and args.rounds > QUICK_ROUNDS:
             raise ValueError(f"--rounds {args.rounds}: --quick runs at most {QUICK_ROUNDS} rounds, so it would be "
                              "ignored: drop one or the other")
+    if procedure not in WRITES_OUT and _given(args, "out"):
+        raise ValueError(f"--out {args.out}: `prune {procedure}` writes no file (it prints what it found), so it "
+                         "would be ignored: drop it")
 
 
 def _check_out_beside(args) -> None:
@@ -227,6 +235,8 @@ def main(args) -> int:
                          "keep_ratio); it takes no --sparsity (that is prune vectors', offsets' and the procedures')")
     check_args(args)
     check_read(args)
+    if args.procedure not in WRITES_OUT:  # (no folder made, none locked: an empty ./prune-out was left)
+        return _run(args)
     from .train import holding_out
     with holding_out(args.out):  # (as train holds its --out; --finetune-epochs trains in it under this lock)
         return _run(args)
@@ -249,7 +259,8 @@ def _run(args) -> int:
     if args.procedure == "lottery" and args.rewind >= steps:  # (the library named its rewind_step, train_steps)
         raise ValueError(f"--rewind {args.rewind} must be < {steps}, the steps each lottery round trains on task "
                          f"{task.name}{' with --quick' if args.quick else ''}: the rewind point is one of them")
-    make_directory(args.out)
+    if args.procedure in WRITES_OUT:
+        make_directory(args.out)
     print(f"task {task.name}: {steps} training steps, metric {task.metric}")
     model = task.make_model(args.seed)
     if args.procedure not in ("init", "rigl", "lottery"):
