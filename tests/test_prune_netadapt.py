@@ -258,3 +258,18 @@ def test_a_saved_table_loads_back_equal(tmp_path):
     back = netadapt.LatencyTable.load(table.save(tmp_path / "t.json"))
     assert (back.entries, back.keys, back.candidates, back.rest, back.repeats, back.layout) == \
         (table.entries, table.keys, table.candidates, table.rest, table.repeats, table.layout)
+
+
+@pytest.mark.parametrize("with_table", [True, False])
+def test_a_missed_budget_warns_at_the_callers_line(with_table):
+    """The RuntimeWarning of a missed budget named a line inside
+    netadapt.py (printed under it: 'return _finish(net, channels, ...'), on
+    both paths; it names the line that called netadapt now, as warnings do."""
+    tr = Trainer()
+    net = mlp(0, widths=(8, 4, 4, 3))
+    x = torch.randn(8, 8)
+    table = netadapt.build_latency_table(net, x, num_candidates=2, repeats=1) if with_table else None
+    with pytest.warns(RuntimeWarning, match="could not meet the latency budget") as record:
+        netadapt.netadapt(net, table, tr, tr.accuracy, x, 1.0, budget_seconds=1e-12, short_steps=0, long_steps=0,
+                          max_iterations=1)
+    assert [w.filename for w in record if w.category is RuntimeWarning] == [__file__]

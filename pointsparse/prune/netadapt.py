@@ -234,9 +234,10 @@ def _record(history: list, log, it: int, name: str, channels: int, metric: float
 
 
 def _finish(net, channels, target, l0, current, history, it, max_iterations, train_fn, eval_fn, long_steps, ft_lr,
-            example_input, repeats) -> "NetAdaptResult":
-    """The long fine-tuning, the final measurement and the result."""
-    message = _unmet(current, target, it, max_iterations)
+            example_input, repeats, depth: int = 1) -> "NetAdaptResult":
+    """The long fine-tuning, the final measurement and the result (``depth``:
+    the calls from :func:`netadapt` to here, for the warning's line)."""
+    message = _unmet(current, target, it, max_iterations, depth)
     call_train(train_fn, net, long_steps, ft_lr)
     measured = measure_latency(net, example_input, repeats)
     return NetAdaptResult(net, channels, target, l0, current, measured, history, metric_value(eval_fn(net)), message)
@@ -350,15 +351,17 @@ def _table_proposals(net, table: LatencyTable, layout, channels: dict, want: flo
     return proposals
 
 
-def _unmet(current: float, target: float, iterations: int, max_iterations: int) -> str:
-    """The message (also a RuntimeWarning) when the budget was missed."""
+def _unmet(current: float, target: float, iterations: int, max_iterations: int, depth: int = 1) -> str:
+    """The message (also a RuntimeWarning, at the line that called
+    :func:`netadapt`, ``depth`` calls above :func:`_finish`) when the budget
+    was missed."""
     if current <= target:
         return ""
     why = (f"max_iterations={max_iterations} reached" if iterations >= max_iterations
            else "no narrower width of any layer lowers the estimate further")
     message = (f"NetAdapt could not meet the latency budget: {current * 1e3:.3f} ms estimated against "
                f"{target * 1e3:.3f} ms; {why}")
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    warnings.warn(message, RuntimeWarning, stacklevel=3 + depth)
     return message
 
 
@@ -402,4 +405,4 @@ def _netadapt_coupled(model, train_fn, eval_fn, example_input, budget, initial_r
         _record(history, log, it, name, count, metric, current, len(proposals), "measured")
         it += 1
     return _finish(net, channels, target, l0, current, history, it, max_iterations, train_fn, eval_fn, long_steps,
-                   ft_lr, example_input, repeats)
+                   ft_lr, example_input, repeats, depth=2)
