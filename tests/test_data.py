@@ -257,6 +257,29 @@ def test_sample_subset_takes_a_mask_or_indices_and_names_others():
             s.subset(bad)
 
 
+def test_sample_subset_narrows_the_rows_read_of_a_sample_that_dropped_some():
+    """subset of a Sample made inside nonfinite_rows_dropped dropped ``kept``
+    (None reads "every row"): predictions on a crop of the cloud went back
+    as if they were the whole file's. An order-keeping subset now holds the
+    file's rows it picked; one that reorders or repeats points cannot be a
+    mask in the file's order and says None."""
+    from pointsparse.data.sample import nonfinite_rows_dropped
+    xyz = np.random.default_rng(0).random((7, 3))
+    xyz[[1, 4], 2] = np.nan
+    with nonfinite_rows_dropped():
+        s = Sample(xyz, np.arange(7), name="s")  # holds file rows 0, 2, 3, 5, 6
+    want = [True, False, False, True, False, False, True]  # rows 0, 3, 6 of the file
+    for mask in (np.array([True, False, True, False, True]), [0, 2, 4], [0, 2, -1], torch.tensor([0, 2, 4]),
+                 slice(0, None, 2)):
+        got = s.subset(mask)
+        assert got.labels.tolist() == [0, 3, 6] and got.kept.tolist() == want, mask
+    assert s.subset([]).kept.tolist() == [False] * 7
+    for reordered in ([2, 0], [0, 0], slice(None, None, -1)):
+        assert s.subset(reordered).kept is None, reordered
+    assert s.kept.tolist() == [True, False, True, True, False, True, True]  # (the source's own untouched)
+    assert Sample(np.zeros((3, 3))).subset([0, 2]).kept is None
+
+
 def test_sample_validation():
     with pytest.raises(ValueError, match="xyz"):
         Sample(np.zeros((4, 2)))

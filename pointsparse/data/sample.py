@@ -64,7 +64,8 @@ class Sample:
         name: where the sample came from (file name or generator and seed).
         kept: bool ``(N_read,)``: the rows read that the sample holds, where
             it was made inside :func:`nonfinite_rows_dropped` and dropped
-            some; else None (every row).
+            some (or is :meth:`subset` of one, in order, or ``augment``'s);
+            else None (every row).
 
     Each array may be given as a torch tensor (its values are taken,
     detached, on the host).
@@ -191,11 +192,22 @@ class Sample:
         1-d array of point indices (negative ones from the end; a slice
         too), their labels, intensity and colour with them; TypeError/
         ValueError/IndexError naming ``mask`` otherwise (an int was "xyz must
-        be (N, 3)", a mask of another length numpy's bare IndexError)."""
-        if not isinstance(mask, slice):
-            mask = _point_mask(mask, len(self))
+        be (N, 3)", a mask of another length numpy's bare IndexError).
+
+        ``kept`` (a Sample that :func:`nonfinite_rows_dropped` made) follows
+        the points in file order: a boolean mask, a slice of positive step or
+        increasing indices give the subset the rows read that it holds; a
+        subset that reorders or repeats points holds no mask of the file's
+        rows in its order, and its ``kept`` is None (as a Sample without).
+        """
+        mask = np.arange(len(self))[mask] if isinstance(mask, slice) else _point_mask(mask, len(self))
         pick = lambda a: None if a is None else a[mask]  # noqa: E731
-        return Sample(self.xyz[mask], pick(self.labels), pick(self.intensity), pick(self.rgb), self.name)
+        out = Sample(self.xyz[mask], pick(self.labels), pick(self.intensity), pick(self.rgb), self.name)
+        if self.kept is not None and (mask.dtype == np.bool_ or bool((np.diff(mask % max(len(self), 1)) > 0).all())):
+            kept = np.zeros_like(self.kept)
+            kept[np.flatnonzero(self.kept)[mask]] = True
+            out.kept = kept
+        return out
 
 
 def _host(value, field: str, name: str):
