@@ -116,6 +116,51 @@ def test_validation_labels_are_checked_before_training(tmp_path, monkeypatch):
         tr.train(_parse([*common, "--val-data", str(tmp_path / "ignored.npz"), "--out", str(tmp_path / "b")]))
 
 
+def test_train_skip_nonfinite_trains_on_the_finite_points_of_organised_clouds(tmp_path, capsys):
+    """eval and predict took organised clouds (points without a return are NaN) with --skip-nonfinite;
+    train had no such flag: such a cloud was refused ("xyz holds NaN or inf at ...") with no word on what
+    to do. train --skip-nonfinite trains on the finite points (the same run as on the cloud less the
+    others), a resumed run and eval of the run's validation clouds read them so too; without it the
+    refusal names the flag, and with the generated scenes alone (no NaN to skip) the flag is refused."""
+    rng = np.random.default_rng(0)
+    xyz = rng.uniform(0, 8, (400, 3)).astype(np.float32)
+    labels = rng.integers(0, 3, 400)
+    bad = np.zeros(400, bool)
+    bad[::5] = True
+    holed = xyz.copy()
+    holed[bad] = np.nan
+    (tmp_path / "holed").mkdir()
+    (tmp_path / "finite").mkdir()
+    for folder, points, keep in (("holed", holed, slice(None)), ("finite", xyz[~bad], ~bad)):
+        np.savez(tmp_path / folder / "a.npz", xyz=points, labels=labels[keep])
+        np.savez(tmp_path / folder / "b.npz", xyz=points[::-1].copy(), labels=labels[keep][::-1].copy())
+    common = ["--epochs", "1", "--cr", "0.125", "--blocks", "1", "--voxel-size", "0.5", "--batch-size", "1",
+              "--val-fraction", "0.5", "--no-progress", "--seed", "1"]
+    assert cli.main(["train", "--data", str(tmp_path / "holed"), *common, "--out", str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err
+    assert "a.npz: xyz holds NaN or inf at 80 of 400 points" in err and "--skip-nonfinite" in err, err
+    weights = []
+    for folder, more in (("holed", ["--skip-nonfinite"]), ("finite", [])):
+        out = tmp_path / f"run-{folder}"
+        assert cli.main(["train", "--data", str(tmp_path / folder), *common, "--out", str(out), *more]) == 0, \
+            capsys.readouterr().err
+        weights.append(tr.load_checkpoint(out / tr.CHECKPOINT)["model"])
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    run = tmp_path / "run-holed"
+    resumed = _parse(["--resume", "--out", str(run), "--no-progress"])
+    tr.take_run_flags(resumed)
+    assert resumed.skip_nonfinite is True
+    assert cli.main(["eval", "--checkpoint", str(run / tr.CHECKPOINT), "--no-progress"]) == 0, \
+        capsys.readouterr().err
+    from pointsparse.app.tasks import checkpoint_batches  # (prune's clouds of the run: read so as well)
+
+    assert len(checkpoint_batches(tr.load_checkpoint(run / tr.CHECKPOINT))[0].labels) > 0
+    capsys.readouterr()
+    assert cli.main(["train", *TINY, "--epochs", "1", "--skip-nonfinite", "--out", str(tmp_path / "gen")]) == 2
+    err = capsys.readouterr().err
+    assert "--skip-nonfinite" in err and "generated scenes" in err and "drop it" in err, err
+
+
 def test_validation_labels_are_checked_in_a_distributed_run(tmp_path, monkeypatch):
     """Under --nproc 2 (or torchrun) the checks above were skipped: a label
     past the classes failed the first validation after an epoch of training

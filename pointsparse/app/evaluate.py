@@ -92,7 +92,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--skip-nonfinite", action="store_true",
                         help="score the finite points of clouds some of whose positions are NaN or inf (organised "
                              "clouds: points without a return), the others left out as predict --skip-nonfinite "
-                             "leaves them; without it such a cloud is refused")
+                             "leaves them; without it such a cloud is refused (the run's data, scored without "
+                             "--data, are read as train --skip-nonfinite read them)")
 
 
 def add_maps_ahead_argument(parser) -> None:
@@ -140,10 +141,17 @@ def main(args) -> int:
 
     with DirectoryLock(args.out, "--out") if args.out else contextlib.nullcontext():
         try:  # (the clouds are read, and kept, inside: the checks of their labels read them all first)
-            with nonfinite_rows_dropped() if getattr(args, "skip_nonfinite", False) else contextlib.nullcontext():
+            with nonfinite_rows_dropped() if _skip_nonfinite(args, state) else contextlib.nullcontext():
                 return _score(args, model, state, spec, source, ignore_index, device)
         except NonFinitePositions as error:
             raise ValueError(f"{error}; give --skip-nonfinite to score the other points") from error
+
+
+def _skip_nonfinite(args, state: dict) -> bool:
+    """``--skip-nonfinite``, or, scoring the run's own data (no ``--data``),
+    the run's ``train --skip-nonfinite`` (its clouds as it read them)."""
+    saved = state.get("args") or {}
+    return bool(getattr(args, "skip_nonfinite", False) or (not args.data and saved.get("skip_nonfinite") is True))
 
 
 def _score(args, model, state: dict, spec, source, ignore_index: int, device) -> int:

@@ -15,6 +15,7 @@ Every ``train_fn`` runs SGD steps through :class:`~pointsparse.app.trainer.Train
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -200,8 +201,17 @@ def scene_task(seed: int = 0, points: int = 6000, voxel_size: float = 0.5, width
 
 # --------------------------------------------------------------------- a training checkpoint
 def checkpoint_batches(state: dict, data=None, label_map=None, count: int = 1) -> list:
-    """The first ``count`` clouds of ``data`` (default: the run's) as
-    batches of one, voxelised as the checkpoint's run did."""
+    """The first ``count`` clouds of ``data`` (default: the run's, read as
+    the run read them: ``train --skip-nonfinite`` left out their NaN or inf
+    points) as batches of one, voxelised as the checkpoint's run did."""
+    from ..data.sample import nonfinite_rows_dropped
+
+    skip = data is None and (state.get("args") or {}).get("skip_nonfinite") is True
+    with nonfinite_rows_dropped() if skip else contextlib.nullcontext():
+        return _checkpoint_batches(state, data, label_map, count)
+
+
+def _checkpoint_batches(state: dict, data, label_map, count: int) -> list:
     from ..data import Batch, VoxelDataset, open_source
     from ..data.datasets import is_generated
     from .train import generated_source

@@ -97,6 +97,10 @@ def add_arguments(parser) -> None:
                         help="label map of --val-data when it differs from --label-map (same class names)")
     parser.add_argument("--val-fraction", type=float, default=0.2,
                         help="share of the --data files held out when --val-data is not given (default 0.2)")
+    parser.add_argument("--skip-nonfinite", action="store_true",
+                        help="train and validate on the finite points of clouds some of whose positions are NaN "
+                             "or inf (organised clouds: points without a return), the others left out as eval "
+                             "--skip-nonfinite leaves them; without it such a cloud is refused")
     parser.add_argument("--scenes", type=int, default=24, help="generated training scenes (default 24)")
     parser.add_argument("--val-scenes", type=int, default=4, help="generated validation scenes (default 4)")
     parser.add_argument("--max-range", type=float, default=50.0, help="generated scenes: LiDAR range in m (default 50)")
@@ -235,7 +239,7 @@ def _them(flags: list) -> str:
 
 
 #: The flags that say what a run reads: ``--resume`` takes the run's for those left out (:func:`take_run_flags`).
-RUN_DATA_FLAGS = ("data", "label_map", "val_data", "val_label_map", "val_fraction", *SCENE_FLAGS)
+RUN_DATA_FLAGS = ("data", "label_map", "val_data", "val_label_map", "val_fraction", "skip_nonfinite", *SCENE_FLAGS)
 
 
 def take_run_flags(args) -> None:
@@ -331,7 +335,11 @@ def check_unread_flags(args) -> None:
             raise ValueError(f"{flags[0]} holds out a share of the --data files; --val-data {val_data[0]}... is "
                              "the validation data, so it would be ignored: drop one or the other")
     elif is_generated(data):
-        flags = _given(args, "val_fraction")
+        flags = _given(args, "val_fraction", "skip_nonfinite")
+        if flags and flags[0] == "--skip-nonfinite":
+            raise ValueError(f"--skip-nonfinite leaves out the NaN or inf points of point cloud files; the "
+                             f"generated scenes ({data[0]}) hold none, so it would be ignored: drop it, or give "
+                             "--data files")
         if flags:
             raise ValueError(f"{flags[0]} holds out a share of the --data files; the generated scenes validate on "
                              "--val-scenes held-out scenes, so it would be ignored: drop it")
@@ -728,10 +736,18 @@ def saved_args(args) -> dict:
 
 
 def _train(args):
-    """(final metrics on rank 0, the trained model) of one process of the job."""
-    job = TrainingJob(args, init_distributed(args))
-    trainer = Trainer(job.net, job.optimizer, job.loss, job.batches, job.scheduler, job.log_step, job.end_epoch)
-    trainer.fit(job.start_epoch, lambda: job.plan["epochs"])
+    """(final metrics on rank 0, the trained model) of one process of the job;
+    its clouds read inside ``nonfinite_rows_dropped`` with ``--skip-nonfinite``."""
+    from ..data.sample import NonFinitePositions, nonfinite_rows_dropped
+
+    try:  # (the clouds are read, and kept, inside: the checks of their labels read them all first)
+        with nonfinite_rows_dropped() if getattr(args, "skip_nonfinite", False) else contextlib.nullcontext():
+            job = TrainingJob(args, init_distributed(args))
+            trainer = Trainer(job.net, job.optimizer, job.loss, job.batches, job.scheduler, job.log_step,
+                              job.end_epoch)
+            trainer.fit(job.start_epoch, lambda: job.plan["epochs"])
+    except NonFinitePositions as error:  # (a ValueError of its own: --nproc's workers hand back a ValueError's)
+        raise ValueError(f"{error}; give --skip-nonfinite to train on the other points") from error
     return job.report, job.model
 
 
