@@ -1553,6 +1553,38 @@ def test_add_voxel_skip_refuses_a_module_add_voxel_prune_gave_a_pruner():
     assert list(voxel_prunes(net)) == ["fuse.1.0"] and len(net(_cloud())) == len(_cloud())
 
 
+def test_a_voxel_prune_inside_a_voxel_skips_branch_is_refused_up_front():
+    """add_voxel_prune on a module inside a VoxelSkip's branch (the skip's
+    module, or a conv of it), or add_voxel_skip around a module holding a
+    VoxelPrune layer, was taken: every forward then failed as "VoxelSkip:
+    module must return a SparseTensor on the 30 kept sites ...; got 15
+    sites", naming neither the pruner nor what to do. Both are refused
+    naming the module, the VoxelSkip and why, the model unchanged; a
+    VoxelSkip inside the module (its own VoxelPrune) is no matter."""
+    from pointsparse.models import add_voxel_prune, add_voxel_skip, voxel_prunes
+
+    for pruned in ("fuse.1.0.main.module", "fuse.1.0.main.module.0", "fuse.1.0.main.module.2"):
+        net = MinkUNet(4, 3, cr=0.25, blocks=1)
+        add_voxel_skip(net, "fuse.1.0.main", 0.5)
+        before = list(net.state_dict())
+        with pytest.raises(ValueError, match=rf"module_name {pruned!r} is inside the branch of the VoxelSkip "
+                                             r"'fuse.1.0.main'.*fewer sites than it keeps.*'fuse.1.0'"):
+            add_voxel_prune(net, pruned, 0.5)
+        assert list(net.state_dict()) == before and voxel_prunes(net) == {}
+        assert not any(m._forward_pre_hooks for m in net.modules())
+    net = MinkUNet(4, 3, cr=0.25, blocks=1)
+    net.fuse[1][0].main = torch.nn.Sequential(spnn.VoxelPrune(0.5), *net.fuse[1][0].main)
+    with pytest.raises(ValueError, match=r"module_name 'fuse.1.0.main' holds a VoxelPrune at 'fuse.1.0.main.0'.*"
+                                         r"fewer sites than"):
+        add_voxel_skip(net, "fuse.1.0.main", 0.5)
+    assert isinstance(net.fuse[1][0].main, torch.nn.Sequential)
+    net = MinkUNet(4, 3, cr=0.25, blocks=1).eval()
+    add_voxel_skip(net, "fuse.1.0.main", 0.5)
+    add_voxel_skip(net, "fuse.1.0", 0.5)  # (a block holding a VoxelSkip: its VoxelPrune keeps every site it gives)
+    add_voxel_prune(net, "fuse.1", 0.5)  # (above the skips: runs before them)
+    assert len(net(_cloud())) == len(_cloud())
+
+
 def test_a_pruner_replaced_in_the_models_voxel_prune_is_the_one_that_runs():
     """add_voxel_prune's hook held the VoxelPrune it made: a user who put
     another in its place (model.voxel_prune["fuse_0"] = VoxelPrune(0.2), the

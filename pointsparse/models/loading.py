@@ -153,6 +153,27 @@ def _check_runs_voxels(model: nn.Module, module_name: str, module: nn.Module, un
                          f"features, not on a SparseTensor: {point}")
 
 
+def _in_skip_branch(model: nn.Module, module_name: str) -> str | None:
+    """The name of the innermost VoxelSkip of ``model`` whose branch (its
+    ``module``) holds the submodule ``module_name`` (``""``: the model
+    itself), or None."""
+    parts, found = module_name.split("."), None
+    for i in range(len(parts)):
+        name = ".".join(parts[:i])
+        if isinstance(model.get_submodule(name), VoxelSkip) and parts[i] == "module":
+            found = name
+    return found
+
+
+def _dropping_prune(module: nn.Module, module_name: str) -> str | None:
+    """The name of a VoxelPrune layer inside ``module`` (named
+    ``module_name``), the VoxelPrune of a VoxelSkip aside (that one's branch
+    gives back every site it keeps), or None."""
+    own = {id(m.prune) for m in module.modules() if isinstance(m, VoxelSkip)}
+    return next((name for name, m in module.named_modules(prefix=module_name)
+                 if isinstance(m, VoxelPrune) and id(m) not in own), None)
+
+
 def add_voxel_skip(model: nn.Module, module_name: str, keep_ratio: float = 0.5, score: str = "magnitude",
                    in_channels: int | None = None, threshold: float | None = None) -> VoxelSkip:
     """Replaces ``model``'s submodule ``module_name`` by a
@@ -165,7 +186,9 @@ def add_voxel_skip(model: nn.Module, module_name: str, keep_ratio: float = 0.5, 
     inside a layer that runs it on its feats (a pointsparse.nn pointwise
     layer's ``fn``, a learned VoxelPrune's ``scorer``): no SparseTensor
     there) is refused, and so is a VoxelPrune (its selection is no
-    submanifold branch) and a module holding one of :func:`add_voxel_prune`
+    submanifold branch), a module holding a VoxelPrune layer (the branch
+    would give fewer sites than the VoxelSkip keeps; a VoxelSkip inside is
+    no matter) and a module holding one of :func:`add_voxel_prune`
     (on it or inside it: add the VoxelSkips first, as :func:`build_model`
     does)."""
     module = _named_module(model, module_name, "fuse.0.0.main")
@@ -173,6 +196,11 @@ def add_voxel_skip(model: nn.Module, module_name: str, keep_ratio: float = 0.5, 
                        "the model cannot run it wrapped in a VoxelSkip; wrap a module it calls (e.g. "
                        "'fuse.0.0.main', 'unet.fuse.3.0.main')",
                        "a VoxelSkip wraps a module of its voxel branch (unet.*, e.g. 'unet.fuse.3.0.main')")
+    inner = _dropping_prune(module, module_name)
+    if inner is not None:
+        raise ValueError(f"module_name {module_name!r} holds a VoxelPrune at {inner!r}: wrapped, the branch would "
+                         "give fewer sites than the VoxelSkip keeps, and every forward would fail; give the "
+                         "VoxelSkip's keep_ratio or threshold instead, or wrap a module without it")
     for inner, m in module.named_modules(prefix=module_name):
         if any(isinstance(h, _PruneInput) for h in m._forward_pre_hooks.values()):
             raise ValueError(f"module_name {module_name!r} holds the VoxelPrune add_voxel_prune put on {inner!r}: "
@@ -268,7 +296,9 @@ def add_voxel_prune(model: nn.Module, module_name: str, keep_ratio: float = 0.5,
     first argument is no SparseTensor; the hook runs the VoxelPrune
     registered under that key at the call (one put in its place runs). A module given one already, a
     VoxelPrune (its own ``keep_ratio`` / ``threshold`` is the one to change:
-    a second one on its input pruned twice), a VoxelSkip (a ResidualBlock runs its ``add_to``, which no hook sees) or
+    a second one on its input pruned twice), a VoxelSkip (a ResidualBlock runs its ``add_to``, which no hook sees), a
+    module inside a VoxelSkip's branch (its ``module``, which must give back
+    every site the VoxelSkip keeps: every forward failed) or
     a name the model lacks is refused; wrap modules in VoxelSkip first (a
     module moved after would be recorded under a name its key no longer
     matches: :func:`voxel_prunes` refuses it). An ``nn.Sequential`` model is
@@ -288,6 +318,14 @@ def add_voxel_prune(model: nn.Module, module_name: str, keep_ratio: float = 0.5,
                        "a VoxelPrune on its input would never run; name a module the model calls (e.g. 'fuse.0', "
                        "'unet.fuse.3')",
                        "a VoxelPrune prunes the input of a module of its voxel branch (unet.*, e.g. 'unet.fuse.3')")
+    skip = _in_skip_branch(model, module_name)
+    if skip is not None:
+        where, around = (f"the VoxelSkip {skip!r}", f" (e.g. {skip.rpartition('.')[0]!r})") if skip else \
+            ("the VoxelSkip the model is", "")
+        raise ValueError(f"module_name {module_name!r} is inside the branch of {where}, which must give back every "
+                         "site it keeps: a VoxelPrune there leaves the branch fewer sites than it keeps, and every "
+                         f"forward would fail; prune the input of a module around the VoxelSkip{around}, or change "
+                         "the VoxelSkip's keep_ratio or threshold")
     if isinstance(module, VoxelSkip):
         raise ValueError(f"module_name {module_name!r} is a VoxelSkip, which its callers may run by add_to (a "
                          "ResidualBlock does), past any forward hook: prune the input of the module holding it")
