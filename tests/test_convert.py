@@ -7,6 +7,7 @@ get_kernel_offsets lists x fastest for an odd kernel volume)."""
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -209,3 +210,37 @@ def test_a_cross_region_conversion_names_what_it_cannot_take():
         weight_from(torch.zeros(7, 2, 2), 3, "minkowski", kernel_region=[0, 1])
     with pytest.raises(ValueError, match=r"a HYPER_CROSS kernel has odd sizes; got kernel_size \(2, 3, 3\)"):
         weight_from(torch.zeros(6, 2, 2), (2, 3, 3), "minkowski", kernel_region="cross")
+
+
+def test_a_minkowski_or_torchsparse_state_dicts_kernel_keys_name_weight_from():
+    """A state_dict saved from MinkowskiEngine or TorchSparse keeps each conv's
+    (K, C_in, C_out) weight under 'kernel': loaded into Conv3d layers it was
+    torch's bare "Missing key(s): 0.weight ... Unexpected key(s): 0.kernel"
+    (load_model / model_from_state: "tensors 33 missing ... 33 unexpected"),
+    with no word that the offsets need reordering. Loading now warns what the
+    key is and names nn.weight_from (torch's error stays, and strict=False
+    still returns the keys: torch tells a layer nothing of strict);
+    model_from_state's ValueError says so; converted, it loads."""
+    from pointsparse.models import MinkUNet, model_from_state
+
+    net = torch.nn.Sequential(ps.nn.Conv3d(3, 8, (3, 3, 1)), ps.nn.BatchNorm(8))
+    theirs = {("0.kernel" if k == "0.weight" else k): v.clone() for k, v in net.state_dict().items()}
+    hint = (r"'kernel' in place of a pointsparse Conv3d's 'weight': a MinkowskiEngine or TorchSparse conv's, whose "
+            r"offsets are in another order; .*pointsparse.nn.weight_from\(state_dict.pop\(name \+ '.kernel'\)")
+    with pytest.warns(UserWarning, match=hint), pytest.raises(RuntimeError, match="Unexpected key.*0.kernel"):
+        net.load_state_dict(theirs)
+    with pytest.warns(UserWarning, match=hint):
+        assert net.load_state_dict(theirs, strict=False).unexpected_keys == ["0.kernel"]
+    theirs["0.weight"] = weight_from(theirs.pop("0.kernel"), (3, 3, 1), "minkowski")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        net.load_state_dict(theirs)
+    assert torch.equal(net[0].weight, theirs["0.weight"])
+    model = MinkUNet(4, 3, cr=0.25, blocks=1)
+    renamed = {(k[:-len("weight")] + "kernel" if k.endswith(".weight") and v.dim() == 3 else k): v
+               for k, v in model.state_dict().items()}
+    config = {"model": "minkunet", "in_channels": 4, "classes": ["a", "b", "c"], "cr": 0.25, "blocks": 1}
+    with pytest.raises(ValueError, match=r"33 tensors named 'kernel' \(stem.0.0.kernel, .* and 28 more\) in place "
+                                         r"of a Conv3d's 'weight'.*pointsparse.nn.weight_from"), \
+            pytest.warns(UserWarning, match=hint):
+        model_from_state({"config": config, "model": renamed})

@@ -519,6 +519,16 @@ def _misfit(model: nn.Module, weights: dict, error: RuntimeError) -> str:
                 "another way (a forward hook, a forward of its own) is no part of a config: build the model, "
                 "insert it the same way, then load_state_dict these weights")
 
+    gone = set(missing)
+    kernels = [k for k in unexpected if k.rpartition(".")[2] == "kernel" and
+               {k.rpartition(".")[0] + ".weight", k.rpartition(".")[0] + ".weight_orig"} & gone and
+               isinstance(model.get_submodule(k.rpartition(".")[0]), Conv3d)]
+    if kernels:
+        return (f"{len(kernels)} tensors named 'kernel' ({_few(kernels)}) in place of a Conv3d's 'weight': a "
+                "MinkowskiEngine or TorchSparse model's, whose offsets are in another order; convert each: "
+                "state[name + '.weight'] = pointsparse.nn.weight_from(state.pop(name + '.kernel'), kernel_size, "
+                "'minkowski' (or 'torchsparse'))")
+
     for prefix, who in (("module.", "DistributedDataParallel's or DataParallel's"),
                         ("_orig_mod.", "a torch.compile'd model's")):
         if unexpected and all(k.startswith(prefix) for k in unexpected) and \
@@ -527,12 +537,14 @@ def _misfit(model: nn.Module, weights: dict, error: RuntimeError) -> str:
                     f"compiled._orig_mod), or strip the prefix: {{k.removeprefix({prefix!r}): v for k, v in "
                     "state.items()}")
 
-    def few(keys):
-        return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
-
-    parts = [f"{len(missing)} missing ({few(missing)})"] if missing else []
-    parts += [f"{len(unexpected)} unexpected ({few(unexpected)})"] if unexpected else []
+    parts = [f"{len(missing)} missing ({_few(missing)})"] if missing else []
+    parts += [f"{len(unexpected)} unexpected ({_few(unexpected)})"] if unexpected else []
     return "tensors " + "; ".join(parts)
+
+
+def _few(keys: list[str]) -> str:
+    """The first five of ``keys``, and how many more."""
+    return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
 
 
 def _unrecorded_voxel_skips(model: nn.Module, unexpected: list[str], missing: set[str]) -> list[str]:

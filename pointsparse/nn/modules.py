@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -139,9 +140,19 @@ class Conv3d(nn.Module):
         self.relu = False
         self.reset_parameters()
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
         _refuse_compressed_state(self, state_dict, prefix, "_extra_state", "offsets", "SparseConv3d")
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "kernel" in state_dict and prefix + "weight" not in state_dict:
+            # (torch's "missing weight, unexpected kernel" said nothing of the offsets; a warning, not an error:
+            # torch hands no strict=False down to here, and there the keys are the caller's to read. One text
+            # for every conv, so shown once, not once a layer)
+            warnings.warn("a state_dict holds 'kernel' in place of a pointsparse Conv3d's 'weight': a "
+                          "MinkowskiEngine or TorchSparse conv's, whose offsets are in another order; convert each: "
+                          "state_dict[name + '.weight'] = pointsparse.nn.weight_from(state_dict.pop(name + "
+                          "'.kernel'), kernel_size, 'minkowski' (or 'torchsparse'))", UserWarning, stacklevel=2)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def reset_parameters(self) -> None:
         volume = self.kernel_volume if self.kernel_region is None else len(self.kernel_region)
