@@ -88,6 +88,22 @@ def test_pruned_voxels_in_a_unet_step_against_dense_references():
     assert down.weight.grad.abs().sum() > 0
 
 
+def test_voxel_skip_refuses_a_module_holding_a_voxel_prune():
+    """VoxelSkip(nn.Sequential(conv, VoxelPrune(0.5))) was taken: every
+    forward then failed as "VoxelSkip: module must return a SparseTensor on
+    the 80 kept sites ...; got 40 sites", naming neither the VoxelPrune nor
+    the fix. It is refused naming it; a VoxelSkip inside (its own VoxelPrune
+    gives back every site it keeps) is no matter."""
+    for module, name in ((ps.nn.VoxelPrune(0.5), "module"),
+                         (torch.nn.Sequential(ps.nn.Conv3d(3, 3, 3), ps.nn.VoxelPrune(0.5)), "module.1")):
+        with pytest.raises(ValueError, match=rf"VoxelSkip: module holds a VoxelPrune \({name!r}\), which would leave "
+                                             r"the branch fewer sites .*keep_ratio or threshold instead"):
+            ps.nn.VoxelSkip(module, 0.5)
+    x = make(n=200, c=3, extent=9, dtype=torch.float32)
+    nested = ps.nn.VoxelSkip(torch.nn.Sequential(ps.nn.VoxelSkip(ps.nn.Conv3d(3, 3, 3), 0.5), ps.nn.ReLU()), 0.5)
+    assert torch.equal(nested(x).coords, x.coords)
+
+
 def test_voxel_skip_convolves_the_kept_voxels_and_zeroes_the_others():
     """VoxelSkip(conv): on the kept voxels (brute-force magnitude ranking)
     the dense conv3d of a grid holding only them, zero at the others, on the

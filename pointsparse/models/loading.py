@@ -25,7 +25,7 @@ from torch import nn
 
 from .._modes import evaluating
 from ..nn import Conv3d, VoxelPrune, VoxelSkip
-from ..nn.modules import _Pointwise
+from ..nn.modules import _Pointwise, inner_voxel_prune
 from ..tensor import SparseTensor, as_bool
 from .minkunet import MinkUNet
 from .spvcnn import SPVCNN
@@ -165,15 +165,6 @@ def _in_skip_branch(model: nn.Module, module_name: str) -> str | None:
     return found
 
 
-def _dropping_prune(module: nn.Module, module_name: str) -> str | None:
-    """The name of a VoxelPrune layer inside ``module`` (named
-    ``module_name``), the VoxelPrune of a VoxelSkip aside (that one's branch
-    gives back every site it keeps), or None."""
-    own = {id(m.prune) for m in module.modules() if isinstance(m, VoxelSkip)}
-    return next((name for name, m in module.named_modules(prefix=module_name)
-                 if isinstance(m, VoxelPrune) and id(m) not in own), None)
-
-
 def add_voxel_skip(model: nn.Module, module_name: str, keep_ratio: float = 0.5, score: str = "magnitude",
                    in_channels: int | None = None, threshold: float | None = None) -> VoxelSkip:
     """Replaces ``model``'s submodule ``module_name`` by a
@@ -196,7 +187,7 @@ def add_voxel_skip(model: nn.Module, module_name: str, keep_ratio: float = 0.5, 
                        "the model cannot run it wrapped in a VoxelSkip; wrap a module it calls (e.g. "
                        "'fuse.0.0.main', 'unet.fuse.3.0.main')",
                        "a VoxelSkip wraps a module of its voxel branch (unet.*, e.g. 'unet.fuse.3.0.main')")
-    inner = _dropping_prune(module, module_name)
+    inner = inner_voxel_prune(module, module_name)
     if inner is not None:
         raise ValueError(f"module_name {module_name!r} holds a VoxelPrune at {inner!r}: wrapped, the branch would "
                          "give fewer sites than the VoxelSkip keeps, and every forward would fail; give the "

@@ -329,6 +329,16 @@ class VoxelPrune(nn.Module):
         return f"{rule}, score={self.score!r}"
 
 
+def inner_voxel_prune(module: nn.Module, prefix: str = "") -> str | None:
+    """The name (after ``prefix``) of a VoxelPrune layer inside ``module``
+    (``module`` itself: ``prefix``), the VoxelPrune of a VoxelSkip aside
+    (that one's branch gives back every site it keeps), or None: what a
+    VoxelSkip's branch may not hold."""
+    own = {id(m.prune) for m in module.modules() if isinstance(m, VoxelSkip)}
+    return next((name for name, m in module.named_modules(prefix=prefix)
+                 if isinstance(m, VoxelPrune) and id(m) not in own), None)
+
+
 class VoxelSkip(nn.Module):
     """Spatial pruning that keeps every voxel: ``module`` (a submanifold
     branch, e.g. a residual block's convs) runs on the voxels a
@@ -338,7 +348,8 @@ class VoxelSkip(nn.Module):
     unimportant sites pass unconvolved: the convs cost what the kept voxels
     cost while no voxel leaves the network. ``keep_ratio``, ``score``,
     ``in_channels`` and ``threshold`` are :class:`VoxelPrune`'s (``prune``);
-    ``module`` must return a SparseTensor on the coords it was given.
+    ``module`` must return a SparseTensor on the coords it was given (one
+    holding a VoxelPrune, which drops some, is a ValueError).
 
     Its state_dict holds ``module``'s tensors under ``module.`` (and a
     learned score's under ``prune.``); ``load_state_dict`` also takes the
@@ -354,6 +365,10 @@ class VoxelSkip(nn.Module):
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be a torch.nn.Module; got {type(module).__name__}")
+        inner = inner_voxel_prune(module, "module")
+        if inner is not None:  # (every forward failed: "module must return a SparseTensor on the N kept sites")
+            raise ValueError(f"VoxelSkip: module holds a VoxelPrune ({inner!r}), which would leave the branch fewer "
+                             "sites than the VoxelSkip keeps: give the VoxelSkip's keep_ratio or threshold instead")
         self.prune = VoxelPrune(keep_ratio, score, in_channels, threshold)
         self.module = module
 
