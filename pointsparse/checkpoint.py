@@ -333,14 +333,34 @@ def load_training(path) -> dict:
         what = f"{path} is not a pointsparse training checkpoint (a dict with 'config' and 'model')"
         if not isinstance(state, dict):
             raise ValueError(f"{what}; it holds a {type(state).__name__}")
-        if state and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        if _is_state_dict(state):
             raise ValueError(f"{what}: it holds a bare state_dict ({len(state)} tensors, no config); build the model "
                              "it belongs to and load_state_dict it, or give pointsparse.models.model_from_state "
-                             "{'config': {...}, 'model': state_dict}")
+                             "{'config': {...}, 'model': state_dict}" + _kernels_note(state))
         keys = ", ".join(repr(k) for k in list(state)[:5]) + (", ..." if len(state) > 5 else "")
-        raise ValueError(f"{what}; its keys are {keys or 'none'}")
+        inner = next((v for v in state.values() if _is_state_dict(v)), None)  # ({"state_dict": ...}, theirs)
+        raise ValueError(f"{what}; its keys are {keys or 'none'}" + ("" if inner is None else _kernels_note(inner)))
     check_config(state["config"], path)
     return state
+
+
+def _is_state_dict(value) -> bool:
+    """Whether ``value`` is a non-empty dict of str -> tensor."""
+    return isinstance(value, dict) and bool(value) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+
+
+def _kernels_note(state: dict) -> str:
+    """Where the state_dict ``state`` keeps conv weights under ``kernel``
+    (MinkowskiEngine's and TorchSparse's name), a sentence saying so and how
+    to convert them; else ``""``."""
+    kernels = [k for k, v in state.items() if k.rpartition(".")[2] == "kernel" and v.dim() in (2, 3)]
+    if not kernels:
+        return ""
+    few = ", ".join(kernels[:3]) + (", ..." if len(kernels) > 3 else "")
+    return (f"; its {len(kernels)} 'kernel' tensors ({few}) are MinkowskiEngine or TorchSparse conv weights, their "
+            "offsets in another order: put each in a pointsparse Conv3d's 'weight' as "
+            "pointsparse.nn.weight_from(kernel, kernel_size, 'minkowski' (or 'torchsparse'))")
 
 
 def check_config(config, where) -> None:

@@ -1397,6 +1397,26 @@ def test_load_model_of_a_bare_state_dict_says_what_a_checkpoint_holds(tmp_path):
         load_model(tmp_path / "list.pt")
 
 
+def test_load_model_of_a_minkowski_or_torchsparse_checkpoint_names_weight_from(tmp_path):
+    """A MinkowskiEngine or TorchSparse checkpoint (its convs' weights under
+    'kernel'; bare, or under 'state_dict' as their training scripts save
+    it) given to load_model was refused as a bare state_dict to
+    load_state_dict (or "its keys are 'state_dict'"), with no word that the
+    kernels' offsets are in another order; it now names nn.weight_from."""
+    from pointsparse.models import load_model
+
+    theirs = {"conv0p1s1.kernel": torch.zeros(27, 4, 8), "bn0.bn.weight": torch.ones(8),
+              "block1.0.conv1.kernel": torch.zeros(27, 8, 8), "final.kernel": torch.zeros(8, 3)}
+    torch.save(theirs, tmp_path / "bare.pth")
+    torch.save({"state_dict": theirs, "epoch": 3}, tmp_path / "wrapped.pth")
+    for name in ("bare.pth", "wrapped.pth"):
+        with pytest.raises(ValueError, match=rf"{name} is not a pointsparse training checkpoint .*its 3 'kernel' "
+                                             r"tensors \(conv0p1s1.kernel, .*\) are MinkowskiEngine or TorchSparse "
+                                             r"conv weights.*pointsparse.nn.weight_from\(kernel, kernel_size, "
+                                             r"'minkowski'"):
+            load_model(tmp_path / name)
+
+
 @pytest.mark.parametrize("name", ["minkunet", "spvcnn"])
 def test_recorded_widths_that_do_not_chain_are_refused_at_load(tmp_path, name):
     """A config whose recorded widths narrow a conv and not its BatchNorm
