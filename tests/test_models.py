@@ -1062,9 +1062,12 @@ def test_add_voxel_prune_refuses_what_it_cannot_add_naming_it():
         head(_cloud(20, 4))
     with pytest.raises(TypeError, match=r"model must be a torch.nn.Module; got dict"):
         voxel_prunes({})
-    # the module moved after add_voxel_prune (wrapped in a VoxelSkip): the recorded name would load another key
-    net.fuse[0] = spnn.VoxelSkip(net.fuse[0], 0.5)
-    with pytest.raises(ValueError, match=r"voxel_prune.fuse_0 runs on 'fuse.0.module'.*VoxelSkip.*before"):
+    # the module moved after add_voxel_prune: the recorded name would load another key (wrapped in a VoxelSkip
+    # by hand, the VoxelSkip refuses it: its branch would give fewer sites than it keeps)
+    with pytest.raises(ValueError, match=r"VoxelSkip: module holds a VoxelPrune on the input of 'module'"):
+        spnn.VoxelSkip(net.fuse[0], 0.5)
+    net.fuse[0] = torch.nn.Sequential(net.fuse[0])
+    with pytest.raises(ValueError, match=r"voxel_prune.fuse_0 runs on 'fuse.0.0'.*VoxelSkip.*before"):
         voxel_prunes(net)
     net = MinkUNet(4, 3, cr=0.25, blocks=1)
     add_voxel_prune(net, "fuse.1", 0.5)

@@ -104,6 +104,27 @@ def test_voxel_skip_refuses_a_module_holding_a_voxel_prune():
     assert torch.equal(nested(x).coords, x.coords)
 
 
+def test_voxel_skip_names_a_voxel_prune_added_on_its_modules_input_or_after_it():
+    """The same VoxelPrune by add_voxel_prune's hook (VoxelSkip(block.main)
+    built by hand after add_voxel_prune(net, "fuse.1.0.main.0")), or put in
+    the module after the VoxelSkip was built, failed every forward as
+    "module must return a SparseTensor on the 80 kept sites ...; got 40
+    sites", naming neither: the first is refused, the forward's error of the
+    second names the VoxelPrune."""
+    from pointsparse.models import MinkUNet, add_voxel_prune
+
+    net = MinkUNet(4, 3, cr=0.25, blocks=1)
+    add_voxel_prune(net, "fuse.1.0.main.0", 0.5)
+    with pytest.raises(ValueError, match=r"VoxelSkip: module holds a VoxelPrune on the input of 'module.0' "
+                                         r"\(add_voxel_prune's\).*VoxelSkip before adding VoxelPrune"):
+        ps.nn.VoxelSkip(net.fuse[1][0].main, 0.5)
+    skip = ps.nn.VoxelSkip(torch.nn.Sequential(ps.nn.Conv3d(3, 3, 3)), 0.5)
+    skip.module.append(ps.nn.VoxelPrune(0.5))
+    with pytest.raises(ValueError, match=r"got \d+ sites at stride .*: the VoxelPrune 'module.1' inside it dropped "
+                                         r"them"):
+        skip(make(n=200, c=3, extent=9, dtype=torch.float32))
+
+
 def test_voxel_skip_convolves_the_kept_voxels_and_zeroes_the_others():
     """VoxelSkip(conv): on the kept voxels (brute-force magnitude ranking)
     the dense conv3d of a grid holding only them, zero at the others, on the

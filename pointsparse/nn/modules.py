@@ -339,6 +339,15 @@ def inner_voxel_prune(module: nn.Module, prefix: str = "") -> str | None:
                  if isinstance(m, VoxelPrune) and id(m) not in own), None)
 
 
+def _hooked_voxel_prune(module: nn.Module, prefix: str) -> str | None:
+    """The name (after ``prefix``) of a module inside ``module`` whose input
+    a VoxelPrune prunes by a forward pre-hook (``models.add_voxel_prune``'s,
+    which holds it as ``prune``), or None."""
+    return next((name for name, m in module.named_modules(prefix=prefix)
+                 if any(isinstance(getattr(h, "prune", None), VoxelPrune) for h in m._forward_pre_hooks.values())),
+                None)
+
+
 class VoxelSkip(nn.Module):
     """Spatial pruning that keeps every voxel: ``module`` (a submanifold
     branch, e.g. a residual block's convs) runs on the voxels a
@@ -369,6 +378,11 @@ class VoxelSkip(nn.Module):
         if inner is not None:  # (every forward failed: "module must return a SparseTensor on the N kept sites")
             raise ValueError(f"VoxelSkip: module holds a VoxelPrune ({inner!r}), which would leave the branch fewer "
                              "sites than the VoxelSkip keeps: give the VoxelSkip's keep_ratio or threshold instead")
+        hooked = _hooked_voxel_prune(module, "module")
+        if hooked is not None:
+            raise ValueError(f"VoxelSkip: module holds a VoxelPrune on the input of {hooked!r} (add_voxel_prune's), "
+                             "which would leave the branch fewer sites than the VoxelSkip keeps: wrap modules in "
+                             "VoxelSkip before adding VoxelPrune (models.add_voxel_skip, then add_voxel_prune)")
         self.prune = VoxelPrune(keep_ratio, score, in_channels, threshold)
         self.module = module
 
@@ -394,8 +408,13 @@ class VoxelSkip(nn.Module):
         compiling = torch.compiler.is_compiling()  # (row counts are symbols there: no len())
         rows_y, rows_kept = y.coords.shape[0], kept.coords.shape[0]
         if y.stride != kept.stride or (not compiling and rows_y != rows_kept):
+            # (a VoxelPrune put in the module after this layer was built: the constructor refuses one)
+            inner = inner_voxel_prune(self.module, "module")
+            hooked = None if inner is not None else _hooked_voxel_prune(self.module, "module")
+            why = (f": the VoxelPrune {inner!r} inside it dropped them" if inner is not None else
+                   f": the VoxelPrune on the input of {hooked!r} dropped them" if hooked is not None else "")
             raise ValueError(f"VoxelSkip: module must return a SparseTensor on the {rows_kept} kept sites at "
-                             f"stride {kept.stride}; got {rows_y} sites at stride {y.stride}")
+                             f"stride {kept.stride}; got {rows_y} sites at stride {y.stride}{why}")
         if not compiling and y.coords is not kept.coords and not torch.equal(y.coords, kept.coords.to(y.device)):
             # (its rows are scattered back by position: other coords, or another order, went to the wrong sites)
             raise ValueError("VoxelSkip: module must return a SparseTensor on the kept sites, in their order; "
