@@ -641,7 +641,11 @@ class ProgramModel(nn.Module):
         each ``.to(float32)`` it traced as a check that the tensor is float32)
         fails torch's check on the first conv output autocast gave in its
         precision: a ValueError saying so instead of torch's bare "Tensor
-        dtype mismatch"."""
+        dtype mismatch". So does a bf16 program under fp16 autocast (or an
+        fp16 one under bf16): torch's cat at its skips refuses a 16-bit dtype
+        other than autocast's ("Unexpected floating ScalarType in
+        at::autocast::prioritize"; the eager model's ``nn.cat`` runs with
+        autocast off)."""
         # (its convs are inference operators, with no backward: without an autograd graph, the output refuses
         # a gradient by name where one is asked for, not torch's "no autograd formula" from deep inside)
         wanted = [t for t in (*args, *self.parameters()) if isinstance(t, torch.Tensor) and t.requires_grad] \
@@ -650,7 +654,16 @@ class ProgramModel(nn.Module):
             with torch.no_grad():
                 out = self.run(*args)
         except (RuntimeError, AssertionError) as error:  # (on fake tensors, _empty_dtype's, the check asserts)
-            if "dtype mismatch" not in str(error) or not torch.is_autocast_enabled("cpu"):
+            if not torch.is_autocast_enabled("cpu"):
+                raise
+            low = torch.get_autocast_dtype("cpu")
+            if "autocast::prioritize" in str(error):  # (a bf16 program under fp16 autocast, or the reverse)
+                raise ValueError(
+                    f"{self.source} cannot run under torch.autocast({low}): it is a {self.dtype} program, and "
+                    f"torch's cat inside it refuses a 16-bit dtype other than autocast's (\"{error}\"); run it "
+                    f"outside autocast or under torch.autocast('cpu', {self.dtype}), or export the float32 model "
+                    "(pointsparse export --inference fused), whose program runs under either") from error
+            if "dtype mismatch" not in str(error):
                 raise
             raise ValueError(
                 f"{self.source} cannot run under torch.autocast: it casts between dtypes inside (torch.export "

@@ -616,3 +616,30 @@ def test_an_spvcnn_program_under_autocast_says_it_cannot_run_there():
                                       r"pointsparse export --inference bf16"):
                 program(*call)
         assert torch.equal(program(*args), net(*args)) and program(*empty).shape == (0, 3)
+
+
+@pytest.mark.parametrize("dtype,low", [(torch.bfloat16, torch.float16), (torch.float16, torch.bfloat16)])
+def test_a_16_bit_program_under_the_other_16_bit_autocast_says_it_cannot_run_there(dtype, low):
+    """A bf16 MinkUNet program (``pointsparse export --inference bf16``) run under fp16 autocast (and an
+    fp16 one under bf16 autocast) stopped in torch's cat at its first skip with a bare "RuntimeError:
+    Unexpected floating ScalarType in at::autocast::prioritize" (the eager model's ``nn.cat`` turns autocast
+    off for its cat; the program holds torch's own), for an empty input's dtype probe too. It now says it
+    cannot run under that autocast and what to do; under its own precision's autocast and outside autocast
+    it runs as the eager model."""
+    from pointsparse import export
+    from pointsparse.models import MinkUNet
+
+    torch.manual_seed(0)
+    net = MinkUNet(4, 3, cr=0.25, blocks=1).eval().to(dtype)
+    x = _cloud(400, seed=6)
+    x = x.with_feats(x.feats.to(dtype))
+    empty = ps.SparseTensor(x.feats[:0], x.coords[:0])
+    with torch.no_grad():
+        program = export.ProgramModel(export.export_model(net, x))
+        for call in (x, empty):
+            with torch.autocast("cpu", low), pytest.raises(
+                    ValueError, match=rf"cannot run under torch.autocast\({low}\).*{dtype}.*outside autocast"):
+                program(call)
+        with torch.autocast("cpu", dtype):
+            assert torch.equal(program(x).feats, net(x).feats)
+        assert torch.equal(program(x).feats, net(x).feats) and program(empty).feats.shape == (0, 3)
