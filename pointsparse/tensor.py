@@ -823,7 +823,10 @@ def collate(tensors: Iterable[SparseTensor]) -> SparseTensor:
         c[:, 0] += offset
         offset += size
         coords.append(c)
-    feats = torch.cat([t.feats for t in tensors], 0)
+    # (one dtype: the cat as outside autocast, whose cat refuses a 16-bit dtype other than its own, "Unexpected
+    # floating ScalarType in at::autocast::prioritize": bf16 clouds batched under fp16 autocast)
+    with torch.autocast(device.type, enabled=False):
+        feats = torch.cat([t.feats for t in tensors], 0)
     all_coords = torch.cat(coords, 0)
     # Batch ranges are disjoint and each input has unique coords: only the
     # span of the whole needs checking (the batch count and the x, y, z spans

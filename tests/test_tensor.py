@@ -309,6 +309,25 @@ def test_collate_gives_item_i_batch_index_i_after_empty_items():
             ps.collate(items)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+def test_collate_under_autocast_keeps_the_feats_dtype(dtype, low):
+    """Batching clouds inside an autocast region (an inference loop under
+    ``torch.autocast("cpu", torch.float16)`` feeding a bf16 model, or the
+    reverse) stopped in torch's cat with a bare "RuntimeError: Unexpected
+    floating ScalarType in at::autocast::prioritize": autocast's cat refuses
+    a 16-bit dtype that is not its own. collate's feats are of one dtype: they
+    are concatenated as outside autocast, in that dtype, whatever the
+    autocast."""
+    a, b = make(n=20, batches=2, seed=6), make(n=15, batches=1, seed=7)
+    a, b = a.with_feats(a.feats.to(dtype)), b.with_feats(b.feats.to(dtype))
+    want = ps.collate([a, b])
+    with torch.autocast("cpu", low):
+        got = ps.collate([a, b])
+    assert got.feats.dtype == dtype and torch.equal(got.feats, want.feats) and torch.equal(got.coords, want.coords)
+
+
 def test_collate_errors():
     a = make(n=5, seed=10)
     with pytest.raises(ValueError, match="at least one"):
