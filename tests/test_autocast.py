@@ -566,6 +566,35 @@ def test_a_bf16_minkunet_runs_under_fp16_autocast():
     _close(got, want, torch.bfloat16)
 
 
+@pytest.mark.parametrize("dtype,low", [(torch.bfloat16, torch.float16), (torch.float16, torch.bfloat16)])
+def test_a_16_bit_minkunet_with_voxel_skips_runs_under_the_other_16_bit_autocast(dtype, low):
+    """A bf16 MinkUNet whose residual branches are VoxelSkips (models.voxel_skips) under fp16 autocast (and
+    an fp16 one under bf16) stopped in torch's index_copy, where VoxelSkip scatters its branch's rows back,
+    with a bare "RuntimeError: Unexpected floating ScalarType in at::autocast::prioritize" (autocast's
+    index_copy refuses a 16-bit dtype not its own, as its cat does). The scatter, of one dtype, runs as
+    outside autocast: the model runs, its skips in its own dtype, its classifier (a torch Linear) under
+    autocast's rule, within the model's precision of the same model without autocast."""
+    from pointsparse.models import MinkUNet
+
+    torch.manual_seed(0)
+    model = MinkUNet(4, 3, cr=0.25, blocks=1).eval()
+    for stage in model.fuse:
+        for block in stage:
+            block.main = spnn.VoxelSkip(block.main, 0.5)
+    model = model.to(dtype)
+    x = _cloud(400, seed=6)
+    x = x.with_feats(x.feats.to(dtype))
+    with torch.no_grad():
+        want = model(x).feats
+        with torch.autocast("cpu", low):
+            got = model(x).feats
+            skip = spnn.VoxelSkip(spnn.ReLU(), 0.5)
+            skipped = skip(x).feats
+        plain = skip(x).feats
+    assert want.dtype == dtype and got.dtype == low and skipped.dtype == dtype and torch.equal(skipped, plain)
+    _close(got, want, torch.bfloat16)
+
+
 @pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("model", ["convs", "minkunet", "threshold"])
 def test_an_exported_programs_empty_output_under_autocast_has_the_dtype_of_its_other_outputs(model, low):

@@ -425,8 +425,11 @@ class VoxelSkip(nn.Module):
 
     def forward(self, input: SparseTensor) -> SparseTensor:
         rows, y = self._branch(input)
-        # (the row count from the coords' shape: len() would fix a traced graph's count)
-        feats = y.feats.new_zeros((input.coords.shape[0], y.num_channels)).index_copy(0, rows, y.feats)
+        # (the row count from the coords' shape: len() would fix a traced graph's count; the scatter, of one
+        # dtype, as outside autocast, whose index_copy refuses a 16-bit dtype other than its own: "Unexpected
+        # floating ScalarType in at::autocast::prioritize", a bf16 model's skips under fp16 autocast)
+        with torch.autocast(y.feats.device.type, enabled=False):
+            feats = y.feats.new_zeros((input.coords.shape[0], y.num_channels)).index_copy(0, rows, y.feats)
         return input.with_feats(feats)
 
     def add_to(self, input: SparseTensor, other: SparseTensor) -> SparseTensor:
