@@ -70,8 +70,11 @@ def _check_extent(points, vs, batch, bounds=None) -> None:
     if torch.compiler.is_compiling() or points.numel() == 0:
         return
     if bounds is None:
-        # (column by column: twice as fast as dim=0; one trip to the host for the six, not six syncs on a GPU)
-        bounds = torch.stack([torch.stack(torch.aminmax(points[:, a])) for a in range(3)]).tolist()
+        # (column by column: twice as fast as dim=0; one trip to the host for the six, not six syncs on a GPU;
+        # stacked as outside autocast, whose stack refuses a 16-bit dtype other than its own: "Unexpected
+        # floating ScalarType in at::autocast::prioritize", fp16 points under bf16 autocast)
+        with torch.autocast(points.device.type, enabled=False):
+            bounds = torch.stack([torch.stack(torch.aminmax(points[:, a])) for a in range(3)]).tolist()
         low, high = [b[0] for b in bounds], [b[1] for b in bounds]
     else:
         low, high = [float(v) for v in bounds[0]], [float(v) for v in bounds[1]]

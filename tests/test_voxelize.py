@@ -941,3 +941,19 @@ def test_trilinear_devoxelize_of_several_items_needs_batch():
     one = batch == 1
     alone, _ = ps.voxelize(points[one], feats[one], voxel_size=0.4)
     torch.testing.assert_close(both[one], ps.devoxelize(alone, points=points[one], voxel_size=0.4, mode="trilinear"))
+
+
+@pytest.mark.parametrize("dtype,low", [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16),
+                                       (torch.float32, torch.bfloat16)])
+def test_voxelize_under_autocast_is_voxelize_outside_it(dtype, low):
+    """Voxelizing inside an autocast region (a half-precision pipeline's points under the other 16-bit
+    autocast) stopped in the extent check, torch.stack of the points' bounds, with a bare "RuntimeError:
+    Unexpected floating ScalarType in at::autocast::prioritize" (autocast's stack refuses a 16-bit dtype
+    not its own). The bounds are now read as outside autocast: the same voxels, feats and inverse."""
+    points, feats, batch = cloud(500, seed=3, dtype=torch.float32, batches=2)
+    points, feats = points.to(dtype), feats.to(dtype)
+    want, want_inverse = ps.voxelize(points, feats, voxel_size=0.5, batch=batch)
+    with torch.autocast("cpu", low):
+        got, inverse = ps.voxelize(points, feats, voxel_size=0.5, batch=batch)
+    assert torch.equal(got.coords, want.coords) and torch.equal(inverse, want_inverse)
+    assert got.feats.dtype == dtype and torch.equal(got.feats, want.feats)
