@@ -1182,3 +1182,30 @@ def test_an_example_input_the_module_cannot_run_is_named():
     for module, example, error, words in cases:
         with pytest.raises(error, match=rf"^example_input does not fit the (layer|model) \(.*\): .*{words}"):
             F.compress(module, "csr", example_input=example)
+
+
+@pytest.mark.parametrize("dtype,low", [(torch.bfloat16, torch.float16), (torch.float16, torch.bfloat16)])
+def test_formats_built_under_the_other_16_bit_autocast_are_the_ones_built_outside_it(dtype, low):
+    """A bf16 model compressed inside an fp16 autocast region (or an fp16 one under bf16) stopped in the
+    stack of a conv's per-offset weights, and ``EIE.from_dense`` of a bf16 matrix there in the cat of its
+    PEs' values, with a bare "RuntimeError: Unexpected floating ScalarType in at::autocast::prioritize"
+    (autocast's cat and stack refuse a 16-bit dtype not their own). Both now build what they build outside
+    autocast."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(psnn.Conv3d(4, 8, 3, bias=True), psnn.ReLU(), psnn.Linear(8, 3)).to(dtype)
+    g = torch.Generator().manual_seed(1)
+    x, _ = pointsparse.voxelize(torch.rand(200, 3, generator=g) * 4, voxel_size=0.5)
+    x = pointsparse.SparseTensor(torch.randn(len(x), 4, generator=g).to(dtype), x.coords)
+    dense = torch.randn(12, 20, generator=g)
+    dense[dense.abs() < 0.7] = 0
+    for fmt in ("csr", "eie", "fkw"):
+        want = F.compress(net, fmt)
+        with torch.autocast("cpu", low):
+            got = F.compress(net, fmt)
+        with torch.no_grad():
+            assert torch.equal(got(x).feats, want(x).feats), fmt
+    want = F.EIE.from_dense(dense.to(dtype), num_pe=4)
+    with torch.autocast("cpu", low):
+        got = F.EIE.from_dense(dense.to(dtype), num_pe=4)
+    assert all(torch.equal(a, b) for a, b in zip(got.arrays().values(), want.arrays().values()))
+    assert torch.equal(got.to_dense(), dense.to(dtype))

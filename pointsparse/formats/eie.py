@@ -92,7 +92,9 @@ class EIE(SparseFormat):
             values.append(v)
             gaps.append(pack_bits(z, 4))
             col_ptr.append(pointer_of(counts))
-        return cls(torch.cat(values), torch.cat(gaps), torch.stack(col_ptr), num_pe, (M, K), _trusted=True)
+        with torch.autocast(dense.device.type, enabled=False):  # (autocast's cat refuses a 16-bit dtype not its own)
+            values = torch.cat(values)
+        return cls(values, torch.cat(gaps), torch.stack(col_ptr), num_pe, (M, K), _trusted=True)
 
     def arrays(self) -> dict:
         return {"values": self.values, "rel_idx": self.rel_idx, "col_ptr": self.col_ptr}

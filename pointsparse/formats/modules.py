@@ -305,7 +305,11 @@ def dense_weight(offsets) -> torch.Tensor:
     each) or by one FKW ``(C_out, C_in, K)``."""
     if isinstance(offsets, FKW):
         return offsets.to_dense().permute(2, 1, 0).contiguous()
-    return torch.stack([f.to_dense().t() for f in offsets]).contiguous()
+    dense = [f.to_dense().t() for f in offsets]
+    # (stacked as outside autocast, whose stack refuses a 16-bit dtype other than its own: "Unexpected floating
+    # ScalarType in at::autocast::prioritize", a bf16 model compressed under fp16 autocast)
+    with torch.autocast(dense[0].device.type if dense else "cpu", enabled=False):
+        return torch.stack(dense).contiguous()
 
 
 #: How a SparseConv3d runs: through the fused engine on the weight its
