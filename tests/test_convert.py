@@ -244,3 +244,16 @@ def test_a_minkowski_or_torchsparse_state_dicts_kernel_keys_name_weight_from():
                                          r"of a Conv3d's 'weight'.*pointsparse.nn.weight_from"), \
             pytest.warns(UserWarning, match=hint):
         model_from_state({"config": config, "model": renamed})
+
+
+@pytest.mark.parametrize("dtype,low", [(torch.bfloat16, torch.float16), (torch.float16, torch.bfloat16)])
+def test_weight_from_a_16_bit_cross_kernel_under_the_other_16_bit_autocast(dtype, low):
+    """A bf16 HYPER_CROSS weight converted inside an fp16 autocast region (or an fp16 one under bf16)
+    stopped in torch's index_copy that places each matrix at its offset, with a bare "RuntimeError:
+    Unexpected floating ScalarType in at::autocast::prioritize"; it now gives the weight it gives outside
+    autocast."""
+    weight = torch.randn(7, 3, 5, generator=torch.Generator().manual_seed(0)).to(dtype)
+    want = weight_from(weight, 3, kernel_region="cross")
+    with torch.autocast("cpu", low):
+        got = weight_from(weight, 3, kernel_region="cross")
+    assert got.dtype == dtype and torch.equal(got, want)

@@ -71,7 +71,10 @@ def _from_cross(weight: torch.Tensor, k, source: str, kernel_region) -> torch.Te
         raise ValueError(f"weight holds {weight.shape[0]} offsets but a HYPER_CROSS region of kernel_size {k} "
                          f"has {len(indices)}")
     out = weight.new_zeros(math.prod(k), *weight.shape[1:])
-    return out.index_copy(0, torch.tensor(indices, device=weight.device), weight)
+    # (as outside autocast, whose index_copy refuses a 16-bit dtype other than its own: "Unexpected floating
+    # ScalarType in at::autocast::prioritize")
+    with torch.autocast(weight.device.type, enabled=False):
+        return out.index_copy(0, torch.tensor(indices, device=weight.device), weight)
 
 
 def weight_from(weight: torch.Tensor, kernel_size=3, source: str = "minkowski", *,
