@@ -672,3 +672,31 @@ def test_a_16_bit_program_under_the_other_16_bit_autocast_says_it_cannot_run_the
         with torch.autocast("cpu", dtype):
             assert torch.equal(program(x).feats, net(x).feats)
         assert torch.equal(program(x).feats, net(x).feats) and program(empty).feats.shape == (0, 3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,low,scale", [(torch.bfloat16, torch.float16, 3e4), (torch.float16, torch.bfloat16, 1.0)])
+def test_a_16_bit_conv_under_the_other_16_bit_autocast_runs_in_its_own_dtype(backend, dtype, low, scale):
+    """A bf16 (fp16) conv under fp16 (bf16) autocast keeps its dtype, as its bf16 inference on the core does:
+    where it ran on the torch path (training, an fp16 conv, backend "torch") autocast rounded its products'
+    operands to its own 16-bit dtype behind the conv's back: a bf16 conv's feats past fp16's 65504 became
+    inf (a training step's output inf where the same model under no_grad gave finite values), an fp16
+    conv's products took bf16's rounding while its output said fp16. The conv's products now run in its
+    dtype: output and gradients those of the conv without autocast, bit for bit."""
+    torch.manual_seed(2)
+    conv = spnn.Conv3d(8, 16, 3, bias=True).to(dtype)
+    x = _cloud(channels=8, seed=3)
+    feats = (x.feats * scale).to(dtype)
+    r = torch.randn(len(x), 16, generator=torch.Generator().manual_seed(4)).to(dtype)
+    outs = []
+    for autocast in (False, True):
+        conv.zero_grad()
+        f = feats.clone().requires_grad_(True)
+        with BACKENDS[backend]():
+            with torch.autocast("cpu", low, enabled=autocast):
+                out = conv(x.with_feats(f)).feats
+            out.backward(r)  # (outside autocast, as torch.autocast asks)
+        outs.append((out.detach(), f.grad, conv.weight.grad.clone()))
+    assert outs[1][0].dtype == dtype and bool(torch.isfinite(outs[1][0]).all())
+    for want, got in zip(*outs):
+        assert torch.equal(got, want)

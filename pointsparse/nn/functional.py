@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import operator
@@ -274,7 +275,12 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
             weight.register_hook(lambda grad: grad * mask)
         if region is not None:
             weight = weight * region.to(weight.device, weight.dtype).view(-1, 1, 1)
-        feats = _reference.conv_torch(input.feats, weight, kmap)
+        # A 16-bit conv keeps its dtype under autocast (autocast takes float32 convs only, as above), so its
+        # matmuls run with autocast off: a bf16 conv's products under fp16 autocast had their operands
+        # rounded to fp16 (past 65504: inf), an fp16 one's under bf16 to bf16, while its output said its dtype.
+        own = weight.dtype in (torch.bfloat16, torch.float16) and torch.is_autocast_enabled(weight.device.type)
+        with torch.autocast(weight.device.type, enabled=False) if own else contextlib.nullcontext():
+            feats = _reference.conv_torch(input.feats, weight, kmap)
         if not kmap.num_pairs:  # no product ran: linked to feats and weight by an empty one (zero gradients)
             feats = feats + (input.feats[:0] @ weight[0]).sum(0).to(feats.dtype)
         if bias is not None:
