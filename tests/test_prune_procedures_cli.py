@@ -166,7 +166,7 @@ def test_help_of_the_shared_flags_names_every_procedure_that_reads_them():
 
     parser = cli.build_parser()
     actions = {a.dest: a for a in parser._subparsers._group_actions[0].choices["prune"]._actions}
-    for name in ("data", "label_map", "finetune_lr_factor"):
+    for name in ("data", "label_map", "skip_nonfinite", "finetune_lr_factor"):
         named = set(re.findall(r"\w+", actions[name].help)) & set(prune.PROCEDURES)
         assert named == set(prune.READ_BY[name]), (name, actions[name].help)
     checkpoint_help = set(re.findall(r"\w+", actions["checkpoint"].help))

@@ -154,6 +154,59 @@ def test_data_whose_labels_are_not_the_models_classes_is_refused(tmp_path, capsy
     assert cli.main(["prune", "channels", "--checkpoint", str(ckpt), "--criterion", "taylor", "--out", str(out)]) == 0
 
 
+def test_prune_skip_nonfinite_reads_the_finite_points_of_organised_clouds(tmp_path, capsys):
+    """train, eval and predict took organised clouds (points without a return are NaN) with --skip-nonfinite;
+    prune had no such flag: `prune channels --data holed.npz` (and the procedures on a --checkpoint) refused the
+    cloud ("xyz holds NaN or inf at 80 of 400 points"), with no word on what to do. prune --skip-nonfinite
+    reads the finite points (channels' Taylor scores the same as on the cloud less the others); without it the
+    refusal names the flag, and on a task without --checkpoint (no clouds read) the flag is refused."""
+    from pointsparse.app.channels import load_state
+    from pointsparse.data import NUM_FEATURES
+    from pointsparse.models import MinkUNet
+
+    rng = np.random.default_rng(0)
+    xyz = rng.uniform(0, 8, (400, 3)).astype(np.float32)
+    labels = rng.integers(0, 3, 400)
+    bad = np.zeros(400, bool)
+    bad[::5] = True
+    holed = xyz.copy()
+    holed[bad] = np.nan
+    np.savez(tmp_path / "holed.npz", xyz=holed, labels=labels)
+    np.savez(tmp_path / "finite.npz", xyz=xyz[~bad], labels=labels[~bad])
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    ckpt.parent.mkdir()
+    torch.manual_seed(0)
+    checkpoint.save(ckpt, {"model": MinkUNet(NUM_FEATURES, 3, cr=0.125, blocks=1).state_dict(),
+                           "config": {"in_channels": NUM_FEATURES, "classes": list("abc"), "cr": 0.125, "blocks": 1,
+                                      "voxel_size": 0.5, "model": "minkunet"},
+                           "args": {"data": [str(tmp_path / "finite.npz")], "optimizer": "adamw", "lr": 2e-3,
+                                    "weight_decay": 1e-4}})
+    argv = ["prune", "channels", "--checkpoint", str(ckpt), "--criterion", "taylor", "--ratio", "0.5"]
+    assert cli.main([*argv, "--data", str(tmp_path / "holed.npz"), "--out", str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err
+    assert "holed.npz: xyz holds NaN or inf at 80 of 400 points" in err and "--skip-nonfinite" in err, err
+    assert not (tmp_path / "no" / "checkpoint.pt").exists()
+    pruned = []
+    for name, more in (("holed", ["--skip-nonfinite"]), ("finite", [])):
+        out = tmp_path / f"pruned-{name}"
+        assert cli.main([*argv, "--data", str(tmp_path / f"{name}.npz"), *more, "--out", str(out)]) == 0, \
+            capsys.readouterr().err
+        pruned.append(load_state(out / "checkpoint.pt")["model"])
+    assert pruned[0].keys() == pruned[1].keys() and all(torch.equal(pruned[0][k], pruned[1][k]) for k in pruned[0])
+    from pointsparse.app.tasks import checkpoint_task  # (the procedures' clouds: read so too)
+
+    with pytest.raises(ValueError, match="--skip-nonfinite"):
+        checkpoint_task(ckpt, [str(tmp_path / "holed.npz")], clouds=2)
+    assert checkpoint_task(ckpt, [str(tmp_path / "holed.npz")], clouds=2, skip_nonfinite=True)[1].name == "checkpoint"
+    capsys.readouterr()
+    assert cli.main(["prune", "sensitivity", "--quick", "--skip-nonfinite"]) == 2
+    err = capsys.readouterr().err
+    assert "--skip-nonfinite: the clouds of a --checkpoint's model" in err, err
+    assert cli.main(["prune", "voxels", "--checkpoint", str(ckpt), "--skip-nonfinite", "--out", str(tmp_path / "v")]) \
+        == 2
+    assert "--skip-nonfinite (prune channels, sensitivity" in capsys.readouterr().err
+
+
 def test_masked_and_cut_state_dicts_round_trip(tmp_path):
     from pointsparse.models import MinkUNet
     from prune_procedures_support import sparse_input

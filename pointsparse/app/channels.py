@@ -41,6 +41,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--label-map", default=None,
                         help="the label map of --data (channels, sensitivity, schedule, lottery, init, rigl, amc, "
                              "netadapt)")
+    parser.add_argument("--skip-nonfinite", action="store_true",
+                        help="read the finite points of clouds some of whose positions are NaN or inf (organised "
+                             "clouds: points without a return), the others left out as train --skip-nonfinite "
+                             "leaves them (channels, sensitivity, schedule, lottery, init, rigl, amc, netadapt); "
+                             "without it such a cloud is refused (the run's data, without --data, are read as its "
+                             "train --skip-nonfinite read them)")
     parser.add_argument("--ratio", type=float, default=0.5,
                         help="channels: fraction of each group's channels kept; voxels: fraction of the voxels each "
                              "VoxelSkip / VoxelPrune keeps (its keep_ratio), default 0.5")
@@ -109,18 +115,20 @@ def save_pruned(state: dict, model, out) -> Path:
 
 
 def prune_checkpoint(path, out, ratio: float = 0.5, data=None, label_map=None, criterion: str = "l1",
-                     scope: str = "group", multiple: int | None = None) -> Path:
+                     scope: str = "group", multiple: int | None = None, skip_nonfinite: bool = False) -> Path:
     """Write ``out/checkpoint.pt``: the checkpoint's model with ``ratio`` of
     every coupled channel group kept (ranked by ``criterion``), the widths in
     ``config["widths"]``, a fresh optimizer state for the smaller model and
-    the run's epoch, schedule and history. Returns its path."""
+    the run's epoch, schedule and history (``skip_nonfinite``: the finite
+    points of ``data``'s clouds, :func:`.tasks.checkpoint_batches`).
+    Returns its path."""
     from .evaluate import checkpoint_model
     from .tasks import checkpoint_batches
     from .scoring import logits_of, point_level
     check_options(criterion, ratio)
     state = load_state(path)
     model = checkpoint_model(state, path).eval()  # scoring (Taylor's backward included) leaves the BatchNorm statistics alone
-    batch = checkpoint_batches(state, data, label_map)[0]
+    batch = checkpoint_batches(state, data, label_map, skip_nonfinite=skip_nonfinite)[0]
     example = ((batch.input, batch.inverse, batch.points, batch.point_batch) if point_level(model)
                else batch.input)
     ignore_index = state["config"].get("ignore_index", 255)
@@ -408,7 +416,7 @@ def voxels_main(args) -> int:
 def main(args) -> int:
     _check_flags(args, "channels")
     path = prune_checkpoint(args.checkpoint, args.out, args.ratio, args.data, args.label_map, args.criterion,
-                            args.scope, args.multiple)
+                            args.scope, args.multiple, args.skip_nonfinite)
     before = sum(t.numel() for t in load_state(args.checkpoint)["model"].values())
     after = sum(t.numel() for t in load_state(path)["model"].values())
     print(f"pruned checkpoint {path}: {before} -> {after} stored values ({after / before:.2f})")

@@ -70,7 +70,8 @@ def add_arguments(parser) -> None:
 def _task(args):
     if getattr(args, "checkpoint", None) is not None:
         from .tasks import checkpoint_task
-        args.checkpoint_state, task = checkpoint_task(args.checkpoint, args.data, args.label_map)
+        args.checkpoint_state, task = checkpoint_task(args.checkpoint, args.data, args.label_map,
+                                                       skip_nonfinite=args.skip_nonfinite)
         return task
     if (args.task or "digits") == "scene":
         if args.model not in (None, "sparse", "minkunet"):
@@ -131,7 +132,8 @@ READ_BY = {
     "finetune_lr_factor": ("schedule", "amc"), "prune_fraction": ("lottery",), "rewind": ("lottery",),
     "method": ("init",), "distribution": ("rigl",), "flops": ("amc",), "reward": ("amc",), "episodes": ("amc",),
     "reconstruct": ("amc",), "latency": ("netadapt",), "data": ("channels", *TASK_PROCEDURES),
-    "label_map": ("channels", *TASK_PROCEDURES), "ratio": ("channels", "voxels"), "criterion": ("channels",),
+    "label_map": ("channels", *TASK_PROCEDURES),
+    "skip_nonfinite": ("channels", *TASK_PROCEDURES), "ratio": ("channels", "voxels"), "criterion": ("channels",),
     "scope": ("channels",), "multiple": ("channels",), "finetune_epochs": CHECKPOINT_PROCEDURES,
     "placement": ("voxels",), "stages": ("voxels",), "score": ("voxels",),
 }
@@ -177,7 +179,7 @@ def check_read(args) -> None:
             raise ValueError("--reconstruct: amc on a --checkpoint cuts every coupled channel group, without the "
                              "least-squares reconstruction of single layers, so it would be ignored: drop it")
     else:
-        flags = _given(args, "data", "label_map")
+        flags = _given(args, "data", "label_map", "skip_nonfinite")
         if flags:
             raise ValueError(f"{', '.join(flags)}: the clouds of a --checkpoint's model; `prune {procedure}` on "
                              f"--task {args.task or 'digits'} runs on the task's own data, so "

@@ -200,15 +200,21 @@ def scene_task(seed: int = 0, points: int = 6000, voxel_size: float = 0.5, width
 
 
 # --------------------------------------------------------------------- a training checkpoint
-def checkpoint_batches(state: dict, data=None, label_map=None, count: int = 1) -> list:
+def checkpoint_batches(state: dict, data=None, label_map=None, count: int = 1, skip_nonfinite: bool = False) -> list:
     """The first ``count`` clouds of ``data`` (default: the run's, read as
     the run read them: ``train --skip-nonfinite`` left out their NaN or inf
-    points) as batches of one, voxelised as the checkpoint's run did."""
-    from ..data.sample import nonfinite_rows_dropped
+    points) as batches of one, voxelised as the checkpoint's run did;
+    ``skip_nonfinite`` (``prune --skip-nonfinite``): the finite points of
+    clouds some of whose positions are NaN or inf, which are refused
+    otherwise (a ValueError naming the cloud and the flag)."""
+    from ..data.sample import NonFinitePositions, nonfinite_rows_dropped
 
-    skip = data is None and (state.get("args") or {}).get("skip_nonfinite") is True
-    with nonfinite_rows_dropped() if skip else contextlib.nullcontext():
-        return _checkpoint_batches(state, data, label_map, count)
+    skip = skip_nonfinite or (data is None and (state.get("args") or {}).get("skip_nonfinite") is True)
+    try:
+        with nonfinite_rows_dropped() if skip else contextlib.nullcontext():
+            return _checkpoint_batches(state, data, label_map, count)
+    except NonFinitePositions as error:
+        raise ValueError(f"{error}; give --skip-nonfinite to prune on the other points") from error
 
 
 def _checkpoint_batches(state: dict, data, label_map, count: int) -> list:
@@ -252,11 +258,13 @@ def require_labelled(batches, ignore_index: int, what: str, data=None, num_class
             scored_labels(batch.labels, num_classes, ignore_index, batch.names[0] or where)
 
 
-def checkpoint_task(path, data=None, label_map=None, clouds: int = 4) -> tuple[dict, Task]:
+def checkpoint_task(path, data=None, label_map=None, clouds: int = 4,
+                    skip_nonfinite: bool = False) -> tuple[dict, Task]:
     """(the checkpoint's state, a :class:`Task` on its trained MinkUNet and
     the user's clouds: the first ``clouds - 1`` train, the last validates;
     metric voxel mIoU), so that AMC, NetAdapt and the other procedures run on
-    a real model and real data."""
+    a real model and real data; ``skip_nonfinite``: as
+    :func:`checkpoint_batches`'."""
     from .evaluate import checkpoint_model
     from .scoring import kept_labels, voxel_classes
     from .train import load_checkpoint
@@ -266,7 +274,7 @@ def checkpoint_task(path, data=None, label_map=None, clouds: int = 4) -> tuple[d
         raise ValueError(f"{path}: the procedures' --checkpoint takes a MinkUNet run; this is a {model} run "
                          "(SPVCNN: use prune channels)")
     checkpoint_model(state, path)  # a config or weights that make no model: refused now, before any data or --out
-    batches = checkpoint_batches(state, data, label_map, clouds)
+    batches = checkpoint_batches(state, data, label_map, clouds, skip_nonfinite)
     train, val = batches[:-1] or batches, batches[-1]
     ignore = state["config"].get("ignore_index", 255)
     classes = len(state["config"]["classes"])
