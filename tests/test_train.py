@@ -161,6 +161,39 @@ def test_train_skip_nonfinite_trains_on_the_finite_points_of_organised_clouds(tm
     assert "--skip-nonfinite" in err and "generated scenes" in err and "drop it" in err, err
 
 
+def test_train_on_clouds_that_hold_no_points_says_so(tmp_path, capsys):
+    """train --skip-nonfinite on a cloud whose every position is NaN (an organised cloud's frame without a
+    return), or on empty clouds, trained an untrained model's epochs on nothing, without a word (eval refuses
+    such clouds: "the clouds hold no points"); a cloud --skip-nonfinite left empty among others passed
+    silently. Training clouds that hold no point at all are now refused before any training, naming
+    --skip-nonfinite where it left the points out, and a cloud it left empty among others gets a note."""
+    rng = np.random.default_rng(0)
+    xyz = rng.uniform(0, 8, (400, 3)).astype(np.float32)
+    labels = rng.integers(0, 3, 400)
+    np.savez(tmp_path / "val.npz", xyz=xyz, labels=labels)
+    np.savez(tmp_path / "nan.npz", xyz=np.full((400, 3), np.nan, np.float32), labels=labels)
+    np.savez(tmp_path / "empty.npz", xyz=np.zeros((0, 3), np.float32), labels=np.zeros(0, np.int64))
+    label_map = tmp_path / "map.json"
+    label_map.write_text(json.dumps({"classes": list("abc"), "map": {"0": 0, "1": 1, "2": 2}}))
+    common = ["--val-data", str(tmp_path / "val.npz"), "--label-map", str(label_map), "--epochs", "1", "--cr",
+              "0.125", "--blocks", "1", "--voxel-size", "0.5", "--batch-size", "1", "--no-progress"]
+    for data, more, words in ((["nan.npz"], ["--skip-nonfinite"], "--data: the training clouds hold no points: "
+                               "--skip-nonfinite left out every one (their positions are NaN or inf)"),
+                              (["empty.npz"], [], "--data: the training clouds hold no points: nothing to train on"),
+                              (["empty.npz", "nan.npz"], ["--skip-nonfinite"], "the training clouds hold no points")):
+        out = tmp_path / f"no-{len(data)}-{len(more)}"
+        assert cli.main(["train", "--data", *[str(tmp_path / d) for d in data], *common, *more, "--out",
+                         str(out)]) == 2
+        err = capsys.readouterr().err
+        assert words in err, err
+        assert not (out / tr.CHECKPOINT).exists()
+    out = tmp_path / "mixed"
+    assert cli.main(["train", "--data", str(tmp_path / "val.npz"), str(tmp_path / "nan.npz"), *common,
+                     "--skip-nonfinite", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "note: --skip-nonfinite left no point of 1 of the 2 --data clouds" in err and "nan.npz" in err, err
+
+
 def test_validation_labels_are_checked_in_a_distributed_run(tmp_path, monkeypatch):
     """Under --nproc 2 (or torchrun) the checks above were skipped: a label
     past the classes failed the first validation after an epoch of training

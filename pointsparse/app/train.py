@@ -371,6 +371,22 @@ def require_labels(source, flag: str, dist: Dist | None = None) -> None:
         refuse_together(dist, error)
 
 
+def require_points(source, flag: str, dist: Dist | None = None) -> None:
+    """``ValueError`` where the training clouds ``source`` hold no point at
+    all (empty files, or clouds whose every position ``--skip-nonfinite``
+    left out: the epochs trained on nothing, without a word); a note on
+    stderr naming those ``--skip-nonfinite`` left empty among others."""
+    emptied = [s.name for s in source if not len(s) and s.kept is not None and len(s.kept)]
+    if not any(len(s) for s in source):
+        why = ("--skip-nonfinite left out every one (their positions are NaN or inf)" if emptied
+               else "nothing to train on")
+        raise ValueError(f"{flag}: the training clouds hold no points: {why}")
+    if emptied and (dist is None or dist.main):
+        shown = ", ".join(emptied[:3]) + (f" and {len(emptied) - 3} more" if len(emptied) > 3 else "")
+        print(f"note: --skip-nonfinite left no point of {len(emptied)} of the {len(source)} {flag} clouds (every "
+              f"position NaN or inf): {shown}", file=sys.stderr)
+
+
 def open_training_data(args, dist: Dist | None = None):
     """(train samples, validation samples, class names); a process of a
     distributed run (``dist``) reads only its shard of the validation clouds."""
@@ -406,6 +422,7 @@ def open_training_data(args, dist: Dist | None = None):
             val = CloudFiles(files[-held:], train.label_map, args.ignore_index)
             train = CloudFiles(files[:-held], train.label_map, args.ignore_index)
     require_labels(train, "--data")
+    require_points(train, "--data", dist)
     require_labels(val, "--val-data", dist)
     classes = train.classes
     if classes is not None:
