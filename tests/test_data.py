@@ -280,6 +280,40 @@ def test_sample_subset_narrows_the_rows_read_of_a_sample_that_dropped_some():
     assert Sample(np.zeros((3, 3))).subset([0, 2]).kept is None
 
 
+def test_sample_kept_is_checked_against_its_points():
+    """``Sample(..., kept=...)`` took anything (a string, int 0/1 entries, a mask with more or fewer True
+    entries than points), and ``dataclasses.replace(sample, xyz=shorter)`` carried the stale ``kept``: predict
+    put the predictions back in the file's rows through it (numpy's bare boolean-index error, or
+    silently, to the wrong rows, for int entries). ``kept`` is now a bool mask (``(N_read,)``) with one True entry per point, else a TypeError /
+    ValueError naming it; made inside nonfinite_rows_dropped it narrows to the finite rows it holds."""
+    import dataclasses
+
+    from pointsparse.data.sample import nonfinite_rows_dropped
+    xyz = np.random.default_rng(0).random((5, 3))
+    for kept, error, words in (("abc", TypeError, "kept must be a boolean mask"),
+                               (np.array([1, 1, 0, 1, 1, 1]), TypeError, "kept must be a boolean mask"),
+                               (np.ones((5, 1), bool), ValueError, "kept must be 1-d"),
+                               (np.ones(4, bool), ValueError, "kept holds 4 True entries; the sample has 5 points"),
+                               (np.array([True] * 5 + [False, True]), ValueError, "kept holds 6 True entries")):
+        with pytest.raises(error, match=f"s: {words}"):
+            Sample(xyz, kept=kept, name="s")
+    for kept in ([True, False, True, True, True, True], torch.tensor([True] * 5), np.ones(5, bool)):
+        assert Sample(xyz, kept=kept).kept.dtype == np.bool_
+    holed = xyz.copy()
+    holed[1] = np.nan
+    with nonfinite_rows_dropped():
+        s = Sample(holed, np.arange(5), name="s")
+    with pytest.raises(ValueError, match="s: kept holds 4 True entries; the sample has 2 points"):
+        dataclasses.replace(s, xyz=s.xyz[:2], labels=s.labels[:2])
+    assert dataclasses.replace(s, xyz=s.xyz[:2], labels=s.labels[:2], kept=None).kept is None
+    assert dataclasses.replace(s, name="t").kept.tolist() == [True, False, True, True, True]
+    again = s.xyz.copy()
+    again[1] = np.nan  # (the Sample's row 1: file row 2)
+    with nonfinite_rows_dropped():
+        narrowed = Sample(again, s.labels, kept=s.kept, name="s")
+    assert narrowed.kept.tolist() == [True, False, False, True, True] and narrowed.labels.tolist() == [0, 3, 4]
+
+
 def test_sample_validation():
     with pytest.raises(ValueError, match="xyz"):
         Sample(np.zeros((4, 2)))

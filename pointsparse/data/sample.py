@@ -65,7 +65,10 @@ class Sample:
         kept: bool ``(N_read,)``: the rows read that the sample holds, where
             it was made inside :func:`nonfinite_rows_dropped` and dropped
             some (or is :meth:`subset` of one, in order, or ``augment``'s);
-            else None (every row).
+            else None (every row). Given, it holds one True entry per point
+            (a TypeError / ValueError naming it otherwise: pass None with
+            ``dataclasses.replace(sample, xyz=other)``); given inside
+            :func:`nonfinite_rows_dropped`, the rows dropped leave it too.
 
     Each array may be given as a torch tensor (its values are taken,
     detached, on the host).
@@ -83,7 +86,7 @@ class Sample:
     kept: np.ndarray | None = _field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for field in ("xyz", "labels", "intensity", "rgb"):
+        for field in ("xyz", "labels", "intensity", "rgb", "kept"):
             setattr(self, field, _host(getattr(self, field), field, self.name))
         xyz = np.asarray(self.xyz)
         if xyz.dtype.kind == "c":
@@ -97,6 +100,8 @@ class Sample:
             raise ValueError(f"{self.name or 'sample'}: xyz must be (N, 3); got {xyz.shape}")
         self.xyz = np.ascontiguousarray(xyz, dtype=np.float32)
         n = len(self.xyz)
+        if self.kept is not None:
+            self.kept = _kept_mask(self.kept, n, self.name)
         finite = np.isfinite(self.xyz).all(1)
         if not np.can_cast(xyz.dtype, np.float32):
             self._warn_cast_loss(xyz, finite)
@@ -172,6 +177,10 @@ class Sample:
             value = getattr(self, name)
             if value is not None and np.ndim(value) >= 1 and len(value) == n:
                 setattr(self, name, np.asarray(value)[keep])
+        if self.kept is not None:  # (rows of the rows read: the file's rows that are left)
+            narrowed = self.kept.copy()
+            narrowed[np.flatnonzero(self.kept)[~keep]] = False
+            keep = narrowed
         self.kept = keep
 
     def __eq__(self, other) -> bool:
@@ -220,6 +229,23 @@ def _host(value, field: str, name: str):
         raise TypeError(f"{name or 'sample'}: {field} is a meta tensor (shapes without values); pass its values")
     value = value.detach().cpu()
     return value.float() if str(value.dtype) == "torch.bfloat16" else value
+
+
+def _kept_mask(kept, n: int, name: str) -> np.ndarray:
+    """``kept`` as a bool array of the rows read with one True entry per
+    point (``n``); a TypeError / ValueError naming it otherwise."""
+    a = np.asarray(kept)
+    if a.dtype != np.bool_:
+        raise TypeError(f"{name or 'sample'}: kept must be a boolean mask of the rows read (True: the rows the "
+                        f"sample holds), or None; got {a.dtype}")
+    if a.ndim != 1:
+        raise ValueError(f"{name or 'sample'}: kept must be 1-d, one entry per row read; got shape {a.shape}")
+    held = int(a.sum())
+    if held != n:
+        raise ValueError(f"{name or 'sample'}: kept holds {held} True entries; the sample has {n} points (one "
+                         "True entry per point; dataclasses.replace with other points: pass kept=None, or the "
+                         "rows they are)")
+    return a
 
 
 def _point_mask(mask, n: int) -> np.ndarray:
