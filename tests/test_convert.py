@@ -257,3 +257,29 @@ def test_weight_from_a_16_bit_cross_kernel_under_the_other_16_bit_autocast(dtype
     with torch.autocast("cpu", low):
         got = weight_from(weight, 3, kernel_region="cross")
     assert got.dtype == dtype and torch.equal(got, want)
+
+
+def test_a_minkowski_bias_of_one_row_loads():
+    """MinkowskiEngine keeps a conv's bias as (1, C_out) (Parameter(Tensor(1, out_channels))) and an
+    InstanceNorm's weight and bias as (1, C): a state_dict converted with weight_from as the loading hint says
+    still failed on them with torch's bare "size mismatch for 0.bias: copying a param with shape [1, 8] ...
+    [8]", no word of why. Conv3d and InstanceNorm now load such a row as their (C,) parameter; any other shape
+    is torch's size mismatch still. (TorchSparse's bias is (C_out,) already.)"""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(ps.nn.Conv3d(3, 8, 3, bias=True), ps.nn.InstanceNorm(8))
+    coords, feats = _cloud()
+    x = ps.SparseTensor(feats.float(), coords)
+    kernel, bias = torch.randn(27, 3, 8), torch.randn(1, 8)
+    norm_weight, norm_bias = torch.rand(1, 8) + 0.5, torch.randn(1, 8)
+    theirs = {"0.weight": weight_from(kernel, 3, "minkowski"), "0.bias": bias, "1.weight": norm_weight,
+              "1.bias": norm_bias}
+    net.load_state_dict(theirs)
+    assert net[0].bias.shape == (8,) and torch.equal(net[0].bias, bias[0])
+    assert torch.equal(net[1].weight, norm_weight[0]) and torch.equal(net[1].bias, norm_bias[0])
+    ours = torch.nn.Sequential(ps.nn.Conv3d(3, 8, 3, bias=True), ps.nn.InstanceNorm(8))
+    ours.load_state_dict({k: v.reshape(-1) if v.dim() == 2 else v for k, v in theirs.items()})
+    assert torch.equal(net(x).feats, ours(x).feats)
+    assert theirs["0.bias"].shape == (1, 8)  # (the caller's dict untouched)
+    for key, bad in (("0.bias", torch.zeros(2, 4)), ("0.bias", torch.zeros(1, 7)), ("1.weight", torch.zeros(8, 1))):
+        with pytest.raises(RuntimeError, match=f"size mismatch for {key}"):
+            net.load_state_dict(dict(theirs, **{key: bad}))

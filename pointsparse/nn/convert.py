@@ -14,7 +14,8 @@ numbers them ``(i_x * k_y + i_y) * k_z + i_z`` (z fastest).
   is stored ``(C_in, C_out)`` (run as a matrix product). A conv of
   region_type ``HYPER_CROSS`` stores its cross's offsets only
   (``kernel_region="cross"``: put in a ``Conv3d(kernel_region="cross")``'s
-  weight).
+  weight). Its bias is ``(1, C_out)`` (and a MinkowskiInstanceNorm's weight
+  and bias ``(1, C)``): ``Conv3d`` and ``InstanceNorm`` load it as it is.
 * TorchSparse (2.0, 2.1) takes the same offsets as ours along every axis,
   numbered with x fastest where the kernel's volume is odd and z fastest
   (ours) where it is even; a kernel of volume 1 is stored ``(C_in, C_out)``.

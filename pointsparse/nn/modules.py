@@ -85,6 +85,20 @@ def _refuse_compressed_state(module: nn.Module, state_dict, prefix: str, key: st
                      "compressed")
 
 
+def _take_row_vectors(module: nn.Module, state_dict, prefix: str, *names: str) -> None:
+    """Each ``state_dict[prefix + name]`` of ``names`` held as one row
+    ``(1, C)`` where ``module``'s parameter is ``(C,)``, put in ``(C,)``:
+    MinkowskiEngine keeps a conv's bias and an instance norm's weight and
+    bias so (torch failed on it: "size mismatch ... [1, 8] ... [8]"). Torch
+    hands ``_load_from_state_dict`` its own copy of the dict; other shapes
+    are left for torch's size check."""
+    for name in names:
+        value, own = state_dict.get(prefix + name), getattr(module, name, None)
+        if isinstance(value, torch.Tensor) and isinstance(own, torch.Tensor) and own.dim() == 1 and \
+                tuple(value.shape) == (1, own.shape[0]):
+            state_dict[prefix + name] = value.reshape(own.shape[0])
+
+
 #: The most values a conv weight may hold (checked before it is allocated):
 #: 2^31, 8 GiB of float32, far beyond any point-cloud network.
 MAX_WEIGHT_ELEMENTS = 2**31
@@ -107,7 +121,8 @@ class Conv3d(nn.Module):
     the full kernel's (build the conv without a region to run those).
     Pruned with ``pointsparse.prune`` (``weight_mask``), the masked entries
     get no gradient and the engine skips all-zero offsets and runs sparse
-    enough weights through the vector-sparse kernels."""
+    enough weights through the vector-sparse kernels. A ``(1, C_out)`` bias
+    (MinkowskiEngine's) loads as the ``(C_out,)`` one."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=1, dilation=1,
                  bias: bool = False, transposed: bool = False, kernel_region=None) -> None:
@@ -151,6 +166,7 @@ class Conv3d(nn.Module):
                           "MinkowskiEngine or TorchSparse conv's, whose offsets are in another order; convert each: "
                           "state_dict[name + '.weight'] = pointsparse.nn.weight_from(state_dict.pop(name + "
                           "'.kernel'), kernel_size, 'minkowski' (or 'torchsparse'))", UserWarning, stacklevel=2)
+        _take_row_vectors(self, state_dict, prefix, "bias")  # (MinkowskiEngine's (1, C_out) bias)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -468,7 +484,9 @@ class InstanceNorm(nn.Module):
     channel (:func:`functional.instance_norm`; MinkowskiEngine's
     ``MinkowskiInstanceNorm``), then an affine ``weight`` (1) and ``bias`` (0)
     per channel (``affine=False``: none). No running statistics: training
-    and eval compute the same. An item of one site gives ``bias``."""
+    and eval compute the same. An item of one site gives ``bias``. A
+    state_dict of MinkowskiInstanceNorm's ``(1, C)`` weight and bias loads
+    as it is."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True, device=None, dtype=None) -> None:
         super().__init__()
@@ -481,6 +499,10 @@ class InstanceNorm(nn.Module):
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        _take_row_vectors(self, state_dict, prefix, "weight", "bias")  # (MinkowskiInstanceNorm's (1, C) rows)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, input: SparseTensor) -> SparseTensor:
         x = _check_input(input)
