@@ -207,6 +207,33 @@ def test_prune_skip_nonfinite_reads_the_finite_points_of_organised_clouds(tmp_pa
     assert "--skip-nonfinite (prune channels, sensitivity" in capsys.readouterr().err
 
 
+def test_prune_on_clouds_without_points_says_so(tmp_path, capsys):
+    """prune channels --criterion taylor and the procedures on a --checkpoint, given a cloud that holds no
+    point (every position NaN under --skip-nonfinite, or an empty file), refused it as "has no labelled voxel
+    (give clouds with labels)", though its points were labelled; the refusal now says the cloud holds no
+    points, as eval's does."""
+    from pointsparse.data import NUM_FEATURES
+    from pointsparse.models import MinkUNet
+
+    labels = np.random.default_rng(0).integers(0, 3, 50)
+    np.savez(tmp_path / "nan.npz", xyz=np.full((50, 3), np.nan, np.float32), labels=labels)
+    np.savez(tmp_path / "empty.npz", xyz=np.zeros((0, 3), np.float32), labels=np.zeros(0, np.int64))
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    ckpt.parent.mkdir()
+    checkpoint.save(ckpt, {"model": MinkUNet(NUM_FEATURES, 3, cr=0.125, blocks=1).state_dict(),
+                           "config": {"in_channels": NUM_FEATURES, "classes": list("abc"), "cr": 0.125, "blocks": 1,
+                                      "voxel_size": 0.5, "model": "minkunet"},
+                           "args": {"data": [str(tmp_path / "empty.npz")], "optimizer": "adamw", "lr": 2e-3,
+                                    "weight_decay": 1e-4}})
+    for procedure in (["channels", "--criterion", "taylor"], ["sensitivity", "--quick"]):
+        for data in (["--data", str(tmp_path / "nan.npz"), "--skip-nonfinite"], ["--data", str(tmp_path / "empty.npz")],
+                     []):
+            argv = ["prune", *procedure, "--checkpoint", str(ckpt), *data, "--out", str(tmp_path / "out")]
+            assert cli.main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert "holds no points" in err and "labelled voxel" not in err, (argv, err)
+
+
 def test_masked_and_cut_state_dicts_round_trip(tmp_path):
     from pointsparse.models import MinkUNet
     from prune_procedures_support import sparse_input

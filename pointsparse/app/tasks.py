@@ -243,13 +243,17 @@ def _checkpoint_batches(state: dict, data, label_map, count: int) -> list:
 
 def require_labelled(batches, ignore_index: int, what: str, data=None, num_classes: int | None = None) -> None:
     """``ValueError`` where a batch of ``batches`` (one cloud each) holds no
-    labelled voxel: ``what`` (a procedure scoring by the loss or the mIoU)
-    would run on a loss of NaN or an mIoU of nothing; or, given
+    labelled voxel (or no point at all, which the message says): ``what``
+    (a procedure scoring by the loss or the mIoU) would run on a loss of NaN
+    or an mIoU of nothing; or, given
     ``num_classes``, a label that is neither a class index nor
     ``ignore_index`` (raw labels read without their label map: the loss
     failed in torch, "Target 7 is out of bounds"), naming its cloud."""
     for i, batch in enumerate(batches):
         where = f"cloud {i} of --data {' '.join(map(str, data))}" if data else f"cloud {i} of the run's data"
+        if not len(batch.inverse):  # (its labels, were there any, are not to blame)
+            raise ValueError(f"{what} needs clouds with points; {where} holds no points (an empty file, or every "
+                             "position NaN or inf, which --skip-nonfinite leaves out)")
         if batch.labels is None or not bool((batch.labels != ignore_index).any()):
             raise ValueError(f"{what} needs labelled clouds; {where} has no labelled voxel (give clouds with labels)")
         if num_classes is not None:
