@@ -2760,3 +2760,35 @@ def test_open3d_reader_takes_a_semantic_property_as_labels(tmp_path):
     rows["xyz"], rows["semantic"] = xyz, lab
     path.write_bytes(header.encode() + rows.tobytes())
     assert np.array_equal(read_open3d(path).labels, lab)
+
+
+def test_cloud_files_refuse_formats_whose_default_label_maps_differ(tmp_path):
+    """CloudFiles gave every file SemanticKITTI's label map as soon as one
+    was a .bin: an IGN .npz beside a SemanticKITTI scan read as 255 at every
+    point (its ASPRS classes mapped as SemanticKITTI ids), and training only
+    warned that the labels were mostly ignored; a Semantic3D scan beside S3DIS
+    rows was read through S3DIS's map. Formats whose default maps differ are
+    refused now, naming a file of each; an explicit label_map reads them all."""
+    xyz, lab = _cloud(8)
+    (tmp_path / "velodyne").mkdir()
+    (tmp_path / "labels").mkdir()
+    np.hstack([xyz, np.zeros((8, 1), np.float32)]).tofile(tmp_path / "velodyne" / "000000.bin")
+    np.full(8, 10, np.uint32).tofile(tmp_path / "labels" / "000000.label")
+    np.savez(tmp_path / "tile.npz", xyz=xyz, labels=lab + 1)
+    scan = tmp_path / "velodyne" / "000000.bin"
+    with pytest.raises(ValueError, match=r"000000\.bin.*'semantic-kitti'.*tile\.npz.*raw labels.*label_map "
+                                         r"\(--label-map\)"):
+        CloudFiles([scan, tmp_path / "tile.npz"])
+    with pytest.raises(ValueError, match=r"tile\.npz takes no label map.*000000\.bin takes"):
+        CloudFiles([tmp_path / "tile.npz", scan])
+    both = CloudFiles([scan, tmp_path / "tile.npz"], "semantic-kitti")  # (named: every file through it)
+    assert both.classes == load_label_map("semantic-kitti").classes and both[1].labels.tolist() == [255] * 8
+    assert CloudFiles([scan]).classes == both.classes
+    assert CloudFiles([tmp_path / "tile.npz"])[0].labels.tolist() == (lab + 1).tolist()
+    s3d, *_ = _semantic3d_scan(tmp_path, "s", n=5)
+    np.savetxt(tmp_path / "room.txt", np.array([[0, 0, 0, 10, 20, 30, 8], [1, 1, 1, 0, 0, 0, 2]]))
+    with pytest.raises(ValueError, match=r"s\.txt.*'semantic3d'.*room\.txt.*'s3dis'"):
+        CloudFiles([s3d, tmp_path / "room.txt"])
+    assert len(CloudFiles([s3d, tmp_path / "room.txt"], "s3dis")) == 2
+    np.savez(tmp_path / "other.npz", xyz=xyz, labels=lab)  # (one default, none, for both: raw labels)
+    assert CloudFiles([tmp_path / "tile.npz", tmp_path / "other.npz"]).classes is None

@@ -79,9 +79,41 @@ class GeneratedScenes(Sequence[Sample]):
         return self._cache[index]
 
 
+def _format_map(path: Path) -> str | None:
+    """The label map :func:`read_cloud` reads the cloud at ``path`` through
+    when given none: SemanticKITTI's for a ``.bin``, Semantic3D's for a
+    Semantic3D scan, S3DIS's for other text (rows or a room folder); None (the
+    raw labels) for the other formats."""
+    suffix = path.suffix.lower()
+    if suffix == ".bin":
+        return "semantic-kitti"
+    if suffix == ".txt" and path.is_file() and _is_semantic3d(path):
+        return "semantic3d"
+    return "s3dis" if suffix == ".txt" or path.is_dir() else None
+
+
+def _default_map(paths: list[Path]) -> str | None:
+    """The one default label map of the clouds at ``paths``; a ValueError,
+    naming a cloud of each, where their formats' defaults differ (one map
+    for all gave every cloud the map of the first .bin or text file: an
+    IGN .npz beside a SemanticKITTI scan read as ignored at every point)."""
+    first = {}
+    for path in paths:
+        first.setdefault(_format_map(path), path)
+    if len(first) < 2:
+        return next(iter(first), None)
+    (a, path_a), (b, path_b) = list(first.items())[:2]
+    said = {m: f"label map {m!r}" if m else "no label map (raw labels)" for m in (a, b)}
+    raise ValueError(f"clouds whose formats read through different label maps: {path_a} takes {said[a]} and "
+                     f"{path_b} takes {said[b]}; give one label_map (--label-map) to read them all through, or the "
+                     "clouds of one data set")
+
+
 class CloudFiles(Sequence[Sample]):
     """Point cloud files (paths, globs or folders; see
-    :func:`~pointsparse.data.readers.find_clouds`), read on first use and kept."""
+    :func:`~pointsparse.data.readers.find_clouds`), read on first use and kept,
+    all through ``label_map``, else through their formats' one default map
+    (a ValueError where the clouds' formats have different ones)."""
 
     def __init__(self, specs, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> None:
         ignore_index = _ignore_index(ignore_index)  # (here, not at the first cloud read in a loader's worker)
@@ -89,13 +121,9 @@ class CloudFiles(Sequence[Sample]):
         if not self.paths:
             raise ValueError(f"no point clouds found in {specs!r}")
         self.label_map: LabelMap | None = load_label_map(label_map) if label_map is not None else None
-        if self.label_map is None and any(p.suffix.lower() == ".bin" for p in self.paths):
-            self.label_map = load_label_map("semantic-kitti")
-        text = [p for p in self.paths if p.is_dir() or p.suffix.lower() == ".txt"]
-        if self.label_map is None and text and all(p.is_file() and _is_semantic3d(p) for p in text):
-            self.label_map = load_label_map("semantic3d")  # (every text cloud a Semantic3D scan)
-        if self.label_map is None and text:
-            self.label_map = load_label_map("s3dis")
+        if self.label_map is None:
+            default = _default_map(self.paths)
+            self.label_map = load_label_map(default) if default is not None else None
         self.ignore_index = ignore_index
         self.classes = list(self.label_map.classes) if self.label_map is not None else None
         self._cache: dict[int, Sample] = {}
