@@ -2218,6 +2218,27 @@ def test_voxelize_sample_of_a_huge_or_tiny_voxel(monkeypatch):
             voxelize_sample(cloud, size, 255)
 
 
+def test_voxelize_sample_of_a_cloud_whose_shifted_extent_passes_float32():
+    """Points at -3e38 and 3e38 m (finite float32) with a voxel of 1e30 m:
+    shifted to start at voxel 0 they reach 6e38 m, past float32, and the
+    error was 'points row 0 is not finite: [inf, 0.0, 0.0]' (the points were
+    finite) after numpy's RuntimeWarning 'overflow encountered in cast'. A
+    ValueError names the points, voxel_size and float32's range now, with
+    no warning."""
+    import re
+    import warnings
+
+    cloud = Sample(np.array([[3e38, 0, 0], [-3e38, 0, 0]], np.float32))
+    for size in (1e30, 1e37):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(ValueError, match=rf"^points \(from .* to .* m\) shifted by whole voxels of voxel_size "
+                                                 rf"{re.escape(repr(size))} reach .*past float32's largest value"):
+                voxelize_sample(cloud, size, 255)
+    assert voxelize_sample(Sample(cloud.xyz[:1]), 1e30, 255).coords.tolist() == [[0, 0, 0, 0]]
+    assert len(voxelize_sample(Sample(np.array([[3e38, 0, 0], [0, 0, 0]], np.float32)), 1e30, 255).input) == 2
+
+
 def test_voxelize_sample_and_collate():
     s = Sample(np.array([[0.01, 0.01, 0.01], [0.02, 0.03, 0.04], [1000.5, 0, 0]], np.float32),
                np.array([1, 1, 2]), intensity=np.array([0.2, 0.4, 1.0], np.float32))

@@ -218,6 +218,19 @@ def _first_voxels(low: np.ndarray, high: np.ndarray, voxel_size: float) -> np.nd
     return first
 
 
+def _check_shifted(low: np.ndarray, high: np.ndarray, shift: np.ndarray, voxel_size: float) -> None:
+    """ValueError naming the points and ``voxel_size`` where the cloud
+    shifted by ``shift`` (whole voxels) passes float32's range: finite
+    points at -3e38 and 3e38 m reach 6e38 (cast to inf, then blamed on the
+    points as not finite)."""
+    reach = np.maximum(np.abs(low - shift), np.abs(high - shift))
+    largest = float(np.finfo(np.float32).max)
+    if (reach > largest).any():
+        raise ValueError(f"points (from {low.tolist()} to {high.tolist()} m) shifted by whole voxels of voxel_size "
+                         f"{voxel_size!r} reach {reach.tolist()} m (x, y, z), past float32's largest value "
+                         f"{largest:.7g}: the cloud's extent does not fit float32 positions")
+
+
 def voxelize_sample(sample: Sample, voxel_size: float, ignore_index: int) -> VoxelSample:
     """Quantise a sample (shifted by whole voxels so that its minimum lands
     at voxel 0: the coordinates of a real tile stay small). ``voxel_size``:
@@ -241,6 +254,8 @@ def voxelize_sample(sample: Sample, voxel_size: float, ignore_index: int) -> Vox
         # A voxel many times the cloud's largest coordinate, the minimum below 0: the shift of one voxel
         # (1e30 m) left float32 positions that all rounded into one voxel (or, past float32, inf).
         exact = bool((np.abs(shift) > 4 * np.maximum(np.abs(low), np.abs(high))).any())
+        if not exact:
+            _check_shifted(low, high, shift, voxel_size)
         if not exact:
             xyz -= torch.from_numpy(shift)
     feats = torch.from_numpy(point_features(sample))
