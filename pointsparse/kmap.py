@@ -245,15 +245,39 @@ def kernel_offsets(kernel_size, dilation=1, tensor_stride=1) -> torch.Tensor:
                     as_triple(tensor_stride, "tensor_stride"))
 
 
-def _offsets(k: Triple, d: Triple, s: Triple) -> torch.Tensor:
-    """:func:`kernel_offsets` of normalised 3-tuples."""
+def check_kernel(k: Triple, t: Triple, d: Triple, s: Triple = (1, 1, 1)) -> None:
+    """ValueError where no kernel map takes a kernel of size ``k``, stride
+    ``t`` and dilation ``d`` (normalised 3-tuples) on a tensor of stride
+    ``s``: more than :data:`MAX_KERNEL_VOLUME` offsets, an offset past int32
+    or an output stride past ``STRIDE_MAX``. The modules (``nn.Conv3d``,
+    the pooling modules) check at construction with ``s`` 1 what every
+    forward of theirs would refuse (a coarser input only widens the offsets
+    and the output stride): the same check, the same words, sooner."""
+    _check_offsets(k, d, s)
+    _check_out_stride(t, s)
+
+
+def _check_offsets(k: Triple, d: Triple, s: Triple) -> None:
+    """:func:`check_kernel`'s offsets: their count and their reach."""
     volume = k[0] * k[1] * k[2]
     if volume > MAX_KERNEL_VOLUME:
-        raise ValueError(f"kernel_size {k} has {volume} offsets; a kernel may have at most {MAX_KERNEL_VOLUME}")
+        raise ValueError(f"kernel_size {k} has {volume:,} offsets; a kernel may have at most {MAX_KERNEL_VOLUME:,}")
     reach = max(max((k[a] - 1) // 2, k[a] - 1 - (k[a] - 1) // 2) * d[a] * s[a] for a in range(3))
     if reach > MAX_OFFSET:
         raise ValueError(f"kernel_size * dilation * tensor_stride reaches an offset of {reach} on one axis; "
                          f"offsets must stay within int32 (|offset| <= {MAX_OFFSET})")
+
+
+def _check_out_stride(t: Triple, s: Triple) -> None:
+    """:func:`check_kernel`'s output stride, ``s * t`` per axis."""
+    if any(a * b > STRIDE_MAX for a, b in zip(s, t)):
+        raise ValueError(f"tensor_stride {s} x stride {t} = output stride {tuple(a * b for a, b in zip(s, t))}; "
+                         f"strides must be in [1, {STRIDE_MAX}] per axis")
+
+
+def _offsets(k: Triple, d: Triple, s: Triple) -> torch.Tensor:
+    """:func:`kernel_offsets` of normalised 3-tuples."""
+    _check_offsets(k, d, s)
     axes = [[(i - (k[a] - 1) // 2) * d[a] * s[a] for i in range(k[a])] for a in range(3)]
     return torch.tensor(list(itertools.product(*axes)), dtype=torch.int32).reshape(-1, 3)
 
@@ -493,9 +517,7 @@ def _build(coords: torch.Tensor, k: Triple, t: Triple, d: Triple, s: Triple, met
     the maps that need no search take their shortcuts (a 1x1x1 map; a kernel
     tiling its stride: ``_core.kmap_parents``). ValueError when ``s * t``,
     the output stride, passes ``STRIDE_MAX`` on an axis (on every backend)."""
-    if any(a * b > STRIDE_MAX for a, b in zip(s, t)):
-        raise ValueError(f"tensor_stride {s} x stride {t} = output stride {tuple(a * b for a, b in zip(s, t))}; "
-                         f"strides must be in [1, {STRIDE_MAX}] per axis")
+    _check_out_stride(t, s)
     if not trusted:
         _coords.check_coords(coords)  # build()'s, and an exported program's operators' (their input coords)
     default = method is None

@@ -452,3 +452,28 @@ def test_instance_norm_normalises_each_item_as_torchs_instance_norm():
         ps.nn.functional.instance_norm(x, torch.ones(3, dtype=torch.float64))
     with pytest.raises(ValueError, match="InstanceNorm: the input's feats have 4 channels but num_features is 5"):
         pnn.InstanceNorm(5)(x.with_feats(x.feats.float()))
+
+
+@pytest.mark.parametrize("make", [lambda **kw: spnn.Conv3d(2, 3, **kw), lambda **kw: spnn.Conv3d(2, 3, transposed=True, **kw),
+                                  lambda **kw: spnn.MaxPool3d(**kw), lambda **kw: spnn.AvgPool3d(**kw)])
+def test_modules_refuse_at_construction_what_every_forward_refuses(make):
+    """Conv3d(2, 3, stride=2**31), dilation=2**31 and the pooling modules'
+    kernel_size 2**20 were built without a word: the forward refused them
+    (output stride past int32, an offset past int32, over 32,768 offsets)
+    whatever the input. Construction gives the forward's ValueError now (the
+    same check, at tensor stride 1), and what a forward runs still builds."""
+    big = 2**31
+    cases = ((dict(stride=big), r"output stride \(2147483648,"),
+             (dict(stride=(1, 1, big)), r"strides must be in \[1, 2147483647\]"),
+             (dict(kernel_size=3, dilation=big), r"reaches an offset of 2147483648 on one axis"),
+             (dict(kernel_size=(1, 1, 2**20)), r"1,048,576 offsets; a kernel may have at most 32,768"))
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            make(**kwargs)
+    coords = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0], [0, 5, 2, 1]], dtype=torch.int32)
+    x = ps.SparseTensor(torch.randn(3, 2), coords)
+    for kwargs in (dict(kernel_size=1, dilation=big), dict(kernel_size=3, dilation=2**30), dict(stride=2**30)):
+        module = make(**kwargs)  # (built: a forward of these runs, or is refused only for its input)
+        if isinstance(module, spnn.Conv3d) and module.transposed:
+            continue
+        assert len(module(x).coords) >= 1

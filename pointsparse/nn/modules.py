@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
-from ..kmap import MAX_KERNEL_VOLUME
+from ..kmap import check_kernel
 from ..tensor import SparseTensor, as_bool, as_float, as_triple, positive_int
 from . import functional as F
 
@@ -138,9 +138,7 @@ class Conv3d(nn.Module):
         self.transposed = as_bool(transposed, "transposed")
         bias = as_bool(bias, "bias")
         self.kernel_volume = self.kernel_size[0] * self.kernel_size[1] * self.kernel_size[2]
-        if self.kernel_volume > MAX_KERNEL_VOLUME:  # no kernel map takes it: refused before its weight
-            raise ValueError(f"kernel_size {self.kernel_size} has {self.kernel_volume:,} offsets; a kernel may have "
-                             f"at most {MAX_KERNEL_VOLUME:,}")
+        check_kernel(self.kernel_size, self.stride, self.dilation)  # (what no forward takes: before its weight)
         if self.kernel_volume * in_channels * out_channels > MAX_WEIGHT_ELEMENTS:
             raise ValueError(f"a Conv3d weight of kernel_size {self.kernel_size} x in_channels {in_channels} x "
                              f"out_channels {out_channels} = {self.kernel_volume * in_channels * out_channels:,} "
@@ -470,6 +468,7 @@ class _Pool3d(nn.Module):
         self.kernel_size = as_triple(kernel_size, "kernel_size")
         self.stride = self.kernel_size if stride is None else as_triple(stride, "stride")
         self.dilation = as_triple(dilation, "dilation")
+        check_kernel(self.kernel_size, self.stride, self.dilation)  # (what no forward takes)
 
     def forward(self, input: SparseTensor) -> SparseTensor:
         return self.function(_check_input(input), self.kernel_size, self.stride, self.dilation)
