@@ -477,3 +477,21 @@ def test_modules_refuse_at_construction_what_every_forward_refuses(make):
         if isinstance(module, spnn.Conv3d) and module.transposed:
             continue
         assert len(module(x).coords) >= 1
+
+
+def test_instance_norm_refuses_weight_and_bias_that_are_not_floating_point():
+    """An int64 or bool weight or bias was cast to the feats' float dtype
+    without a word (True read as 1.0), where conv3d refuses a weight or bias
+    of another dtype than its feats and torch's instance_norm refuses integer
+    ones: a TypeError names the argument and its dtype now. Float ones of
+    another precision are still cast (the module's float32 parameters on
+    bf16 feats)."""
+    x = _items_cloud()
+    for name, bad in (("weight", torch.tensor([1, 2, 3, 4])), ("weight", torch.ones(4, dtype=torch.bool)),
+                      ("bias", torch.zeros(4, dtype=torch.int32)), ("bias", torch.zeros(4, dtype=torch.complex64))):
+        args = (bad, None) if name == "weight" else (None, bad)
+        with pytest.raises(TypeError, match=rf"instance_norm: {name} must be a floating-point tensor; got "
+                                            rf"{bad.dtype}"):
+            ps.nn.functional.instance_norm(x, *args)
+    float32 = ps.nn.functional.instance_norm(x, torch.full((4,), 2.0), torch.ones(4)).feats
+    torch.testing.assert_close(float32, ps.nn.functional.instance_norm(x).feats * 2 + 1)

@@ -701,6 +701,8 @@ def instance_norm(input: SparseTensor, weight: torch.Tensor | None = None, bias:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"instance_norm: {name} must be None or a ({channels},) tensor (the feats' channels); "
                              f"got {got}")
+        if t is not None and not t.is_floating_point():  # (an int64 or bool one was cast to float unsaid)
+            raise TypeError(f"instance_norm: {name} must be a floating-point tensor; got {t.dtype}")
     low = feats.dtype in (torch.float16, torch.bfloat16)
     x = feats.float() if low else feats
     mean = _mean_of_rows(x, batch, counts)
