@@ -143,13 +143,20 @@ class KernelMap:
             self._offset_of_pairs[device] = got
         return got
 
-    def transpose(self, out_coords: torch.Tensor) -> "KernelMap":
+    def transpose(self, out_coords: torch.Tensor, *, trusted: bool = False) -> "KernelMap":
         """The map of the adjoint operator: inputs and outputs swapped, pairs
         re-sorted by the new output row. ``out_coords`` are the coords of the
-        new outputs (the old inputs): int32 ``(num_in, 4)``."""
+        new outputs (the old inputs, in their row order): int32
+        ``(num_in, 4)``; a ValueError where a pair's input row is not at its
+        output's coords plus its offset (other coords of the same row count
+        labelled the outputs without a word). ``trusted``: the library's
+        own maps, whose inputs it holds (a cache's, a graph's), skip that
+        pass over the pairs."""
         _coords.check_coords(out_coords, "out_coords")
         if out_coords.shape[0] != self.num_in:
             raise ValueError(f"out_coords has {out_coords.shape[0]} rows; the map's inputs have {self.num_in}")
+        if not trusted:
+            self._check_inputs(out_coords)
         in_idx, out_idx = self.out_idx, self.in_idx
         if not self._in_idx_ascending():
             order = torch.argsort(self.offset_of_pairs() * max(self.num_in, 1) + self.in_idx, stable=True)
@@ -157,6 +164,29 @@ class KernelMap:
         key = KernelMapKey(self.key.tensor_stride, self.key.kernel_size, self.key.stride, self.key.dilation,
                            not self.key.transposed)
         return KernelMap(out_coords, in_idx, out_idx, self.sizes, self.offsets, self.num_out, self.num_in, key)
+
+    def _check_inputs(self, in_coords: torch.Tensor) -> None:
+        """ValueError naming ``out_coords`` of :meth:`transpose` unless every
+        pair's input row of ``in_coords`` lies at its output row's coords
+        plus the pair's offset (less it, for a transposed map: its inputs
+        are the coarse rows), in the same batch item."""
+        if not self.num_pairs:
+            return
+        device = self.in_idx.device
+        offsets = self.offsets.to(device, torch.int64)
+        # (in int64: a sum of int32 coords and offsets may pass int32)
+        miss = in_coords.to(device).index_select(0, self.in_idx).long()
+        miss -= self.out_coords.to(device).index_select(0, self.out_idx)
+        miss[:, 1:] -= (-offsets if self.key.transposed else offsets).repeat_interleave(
+            self.sizes.to(device), 0, output_size=self.num_pairs)
+        if bool(miss.any()):
+            pair = int(miss.any(1).nonzero()[0])
+            row, out = int(self.in_idx[pair]), int(self.out_idx[pair])
+            have = in_coords[row].tolist()
+            want = [h - m for h, m in zip(have, miss[pair].tolist())]
+            raise ValueError(f"out_coords must be the coords of the map's inputs (in their row order): row {row} "
+                             f"is {have} but its pair with output row {out} {self.out_coords[out].tolist()} at "
+                             f"offset {self.offsets[int(self.offset_of_pairs()[pair])].tolist()} puts it at {want}")
 
     def restricted(self, rows: torch.Tensor, out_coords: torch.Tensor) -> "KernelMap":
         """The map onto the output rows ``rows`` only (a 1-D int64 or int32
@@ -657,6 +687,6 @@ def _get_kmap(tensor: SparseTensor, k: Triple, t: Triple, d: Triple, transposed:
 
     def make_up():
         down = cache.get_kmap(down_key, make_down)
-        return down.transpose(fine)
+        return down.transpose(fine, trusted=True)
 
     return cache.get_kmap(up_key, make_up)

@@ -268,13 +268,14 @@ def _check_pairs(in_idx: Tensor, out_idx: Tensor, sizes: Tensor, key: list[int],
 def kmap_transpose(coarse_coords: Tensor, fine_coords: Tensor, in_idx: Tensor, out_idx: Tensor, sizes: Tensor,
                    key: list[int], trusted: bool = False) -> tuple[Tensor, Tensor]:
     """Pairs of the adjoint of the map ``fine -> coarse`` (``KernelMap.transpose``);
-    the map checked against both coords first (:func:`_check_pairs`) unless
+    the map checked against both coords first (:func:`_check_pairs`, then
+    every pair's fine coords at its coarse coords plus its offset) unless
     ``trusted`` (a map the graph's own operators made: the check is a pass
     over the pairs and a host read, on a GPU a sync, each call of a
     program)."""
     if not trusted:
         _check_pairs(in_idx, out_idx, sizes, key, fine_coords.shape[0], coarse_coords.shape[0])
-    up = _as_kmap(coarse_coords, in_idx, out_idx, sizes, key, fine_coords.shape[0]).transpose(fine_coords)
+    up = _as_kmap(coarse_coords, in_idx, out_idx, sizes, key, fine_coords.shape[0]).transpose(fine_coords, trusted=trusted)
     # outputs may not alias inputs: copy when the transpose needed no sort
     up_in, up_out = (t.clone() if t is in_idx or t is out_idx else t for t in (up.in_idx, up.out_idx))
     # Its plan is the transposed plan of the map it transposes (_plan).

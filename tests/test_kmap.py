@@ -292,6 +292,38 @@ def test_kernel_map_methods_name_their_bad_arguments():
     assert torch.equal(kmap.transpose(coords).out_coords, coords)
 
 
+def test_transpose_refuses_coords_that_are_not_the_maps_inputs():
+    """KernelMap.transpose(out_coords) took any coords of the right row count
+    and labelled the adjoint's outputs with them: build(c, 2, 2).transpose(
+    c.flip(0)) put every upsampled row at another row's coords without a
+    word. Every pair's input coords are checked against its output's coords
+    plus its offset now (a ValueError naming a row); the map's own inputs
+    pass, whatever their order, and a transposed map transposes back. The
+    library's own transposes (a cache's, a graph's) skip it as trusted."""
+    coords = random_coords(200, 2, 6, seed=5, shuffle=True)
+    for k, t in ((2, 2), (3, 2), (3, 1), (2, 3)):
+        down = km.build(coords, k, t)
+        up = down.transpose(coords)
+        assert torch.equal(up.out_coords, coords)
+        back = up.transpose(down.out_coords)  # (a transposed map's inputs are the coarse coords)
+        assert torch.equal(back.out_coords, down.out_coords) and back.num_pairs == down.num_pairs
+        for bad in (coords.flip(0), coords + torch.tensor([0, 0, 0, t], dtype=torch.int32),
+                    torch.cat([coords[:, :1] + 1, coords[:, 1:]], 1)):
+            with pytest.raises(ValueError, match=r"out_coords must be the coords of the map's inputs .*: row \d+ is "
+                                                 r"\[.*\] but its pair with output row \d+ .* puts it at \["):
+                down.transpose(bad)
+        with pytest.raises(ValueError, match=r"out_coords must be the coords of the map's inputs"):
+            up.transpose(down.out_coords.flip(0) if len(down.out_coords) > 1 else down.out_coords + 1)
+    assert torch.equal(down.transpose(coords.flip(0), trusted=True).out_coords, coords.flip(0))  # (unchecked)
+    from pointsparse import ops
+
+    down = km.build(coords, 2, 2)
+    args = (down.in_idx, down.out_idx, down.sizes, ops.key_to_list(down.key))
+    with pytest.raises(ValueError, match=r"out_coords must be the coords of the map's inputs"):
+        ops.kmap_transpose(down.out_coords, coords.flip(0), *args)  # (an exported program's operator, untrusted)
+    assert torch.equal(ops.kmap_transpose(down.out_coords, coords, *args)[0], down.transpose(coords).in_idx)
+
+
 def test_kernel_offsets_order():
     assert km.kernel_offsets(3).tolist()[:4] == [[-1, -1, -1], [-1, -1, 0], [-1, -1, 1], [-1, 0, -1]]
     assert km.kernel_offsets(2).tolist()[:2] == [[0, 0, 0], [0, 0, 1]]
