@@ -188,7 +188,7 @@ class KernelMap:
                              f"is {have} but its pair with output row {out} {self.out_coords[out].tolist()} at "
                              f"offset {self.offsets[int(self.offset_of_pairs()[pair])].tolist()} puts it at {want}")
 
-    def restricted(self, rows: torch.Tensor, out_coords: torch.Tensor) -> "KernelMap":
+    def restricted(self, rows: torch.Tensor, out_coords: torch.Tensor, *, trusted: bool = False) -> "KernelMap":
         """The map onto the output rows ``rows`` only (a 1-D int64 or int32
         tensor of increasing rows in ``[0, num_out)``; ``out_coords``, int32
         ``(len(rows), 4)``, their coords), the same inputs. A map's pairs of
@@ -202,7 +202,9 @@ class KernelMap:
         serve (given out coords). (A submanifold map restricted on both sides
         is the kept voxels' map too, but the core's search of it is as fast:
         it is searched.) TypeError / ValueError naming the argument for rows
-        or out_coords of another kind."""
+        or out_coords of another kind, and for out_coords other than the
+        map's own coords of ``rows`` (they label the outputs) unless
+        ``trusted`` (a selection's, which took them from those rows)."""
         device = self.out_idx.device
         if not isinstance(rows, torch.Tensor) or rows.dim() != 1 or rows.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"rows must be a 1-D int64 (or int32) tensor of output rows; got "
@@ -215,6 +217,13 @@ class KernelMap:
         if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.num_out
                              or bool((rows[1:] <= rows[:-1]).any())):
             raise ValueError(f"rows must be increasing output rows in [0, {self.num_out}) (each once)")
+        if not trusted:
+            own = self.out_coords.to(device).index_select(0, rows)
+            differ = (own != out_coords).any(1)
+            if bool(differ.any()):
+                i = int(differ.nonzero()[0])
+                raise ValueError(f"out_coords must be the map's coords of the kept rows: row {i} (output row "
+                                 f"{int(rows[i])}) is {out_coords[i].tolist()}, not {own[i].tolist()}")
         renumber = torch.full((self.num_out,), -1, dtype=torch.int64, device=device)
         renumber[rows] = torch.arange(rows.numel(), dtype=torch.int64, device=device)
         if _ext.serves(self.out_idx):

@@ -226,7 +226,9 @@ def kmap_restrict(in_coords: Tensor, out_coords: Tensor, in_idx: Tensor, out_idx
     restricted to the output rows ``rows`` (sorted, distinct; their coords
     ``kept_coords``): ``KernelMap.restricted``, a selection's downsampling
     map without a search (:func:`select_voxels`)."""
-    m = _as_kmap(out_coords, in_idx, out_idx, sizes, key, in_coords.shape[0]).restricted(rows, kept_coords)
+    # (trusted: kept_coords label no output of the operator, which returns the pairs only)
+    m = _as_kmap(out_coords, in_idx, out_idx, sizes, key, in_coords.shape[0]).restricted(rows, kept_coords,
+                                                                                          trusted=True)
     return m.in_idx, m.out_idx, m.sizes.to(out_coords.device)
 
 

@@ -806,6 +806,22 @@ def test_restricted_checks_its_rows_and_coords():
         m.restricted(rows, coarse[rows].long())
 
 
+def test_restricted_refuses_out_coords_that_are_not_the_kept_rows_coords():
+    """KernelMap.restricted(rows, out_coords) took any int32 coords of the right row count and labelled the
+    restricted map's outputs with them (the coords of other rows, or none of the map's), so a conv through it
+    put each output at another site without a word. They are checked against the map's own coords of those rows
+    now (a ValueError naming the first that differs); select_voxels' own restrictions skip it (trusted)."""
+    x = make(n=400, c=3, extent=10, dtype=torch.float32, seed=5)
+    m = ps.kmap.get_kmap(x, 2, 2)
+    coarse = m.out_coords
+    rows = torch.tensor([0, 2, 3])
+    for bad, first in ((coarse[[0, 3, 2]], (1, 2)), (coarse[[1, 2, 3]], (0, 0)), (coarse[rows] + 2, (0, 0))):
+        with pytest.raises(ValueError, match=rf"out_coords must be the map's coords of the kept rows: row {first[0]} "
+                                             rf"\(output row {first[1]}\) is \[.*\], not \["):
+            m.restricted(rows, bad)
+    assert m.restricted(rows, coarse[[0, 3, 2]], trusted=True).num_out == 3  # (unchecked: the library's own)
+
+
 @pytest.mark.parametrize("path", ["core", "torch"])
 @pytest.mark.parametrize("used", ["unused by the first selection", "used by the first selection"])
 def test_a_selection_of_a_selection_restricts_the_maps_of_the_first(used, path):

@@ -429,7 +429,7 @@ def select_voxels(input: SparseTensor, rows: torch.Tensor, feats: torch.Tensor |
     # are restricted from their source through both selections' rows (a restriction of a restriction).
     for key, kmap, before in input.cache.maps_onto(input.stride, source):
         kept = rows if before is None else before.index_select(0, rows.to(before.device))
-        cache.derived[key] = Restriction(kmap, kept, coords, _kmap.KernelMap.restricted)
+        cache.derived[key] = Restriction(kmap, kept, coords, _restricted_trusted)
     feats = input.feats.index_select(0, rows.to(input.device)) if feats is None else feats
     return SparseTensor(feats, coords, input.stride, cache=cache, validate=False)
 
@@ -506,6 +506,12 @@ def add(a: SparseTensor, b: SparseTensor) -> SparseTensor:
         raise ValueError(f"add: the feats have {tuple(a.feats.shape[1:])} and {tuple(b.feats.shape[1:])} channels; "
                          "a sum needs the same")
     return first.with_feats(a.feats + b.feats)
+
+
+def _restricted_trusted(kmap, rows: torch.Tensor, coords: torch.Tensor):
+    """``kmap.restricted(rows, coords)`` of a selection, whose ``coords`` are
+    the map's own of those rows by construction (their check skipped)."""
+    return kmap.restricted(rows, coords, trusted=True)
 
 
 def _pool_args(input: SparseTensor, kernel_size, stride, dilation, what: str):
