@@ -454,7 +454,8 @@ def test_instance_norm_normalises_each_item_as_torchs_instance_norm():
         pnn.InstanceNorm(5)(x.with_feats(x.feats.float()))
 
 
-@pytest.mark.parametrize("make", [lambda **kw: spnn.Conv3d(2, 3, **kw), lambda **kw: spnn.Conv3d(2, 3, transposed=True, **kw),
+@pytest.mark.parametrize("make", [lambda **kw: spnn.Conv3d(2, 3, **kw),
+                                  lambda **kw: spnn.Conv3d(2, 3, transposed=True, **kw),
                                   lambda **kw: spnn.MaxPool3d(**kw), lambda **kw: spnn.AvgPool3d(**kw)])
 def test_modules_refuse_at_construction_what_every_forward_refuses(make):
     """Conv3d(2, 3, stride=2**31), dilation=2**31 and the pooling modules'
