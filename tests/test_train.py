@@ -270,6 +270,30 @@ def test_validating_on_the_training_clouds_is_noted_as_it_is(tmp_path, capsys):
     assert len(train) == len(val) == 1 and "validating on the training" not in capsys.readouterr().err
 
 
+def test_val_data_of_a_format_whose_default_label_map_differs_is_refused(tmp_path):
+    """``train --data <SemanticKITTI .bin> --val-data <Open3D-ML .npy of learning ids>`` read the validation
+    labels through the training clouds' default map, SemanticKITTI's raw ids (learning id 9, road, read as
+    ignored; 11, sidewalk, as the raw bicycle), and trained on with a validation mIoU of the wrong classes, no
+    word said. Without --label-map / --val-label-map, validation clouds whose formats take another default
+    map than the training clouds' are refused, naming both maps; with either flag they read as before."""
+    rng = np.random.default_rng(0)
+    xyz = rng.uniform(0, 8, (300, 3)).astype(np.float32)
+    (tmp_path / "seq" / "velodyne").mkdir(parents=True)
+    (tmp_path / "seq" / "labels").mkdir()
+    np.c_[xyz, np.zeros(300)].astype(np.float32).tofile(tmp_path / "seq" / "velodyne" / "000000.bin")
+    rng.choice([10, 40, 50], 300).astype(np.uint32).tofile(tmp_path / "seq" / "labels" / "000000.label")
+    np.savez(tmp_path / "val.npz", xyz=xyz, labels=rng.choice([1, 9, 11], 300))
+    files = ["--data", str(tmp_path / "seq"), "--val-data", str(tmp_path / "val.npz"), "--out", "x"]
+    with pytest.raises(ValueError, match=r"--val-data: its clouds take no label map \(raw labels\) by default "
+                                         r"\(.*val\.npz\), the --data clouds label map 'SemanticKITTI.*"
+                                         r"--val-label-map"):
+        tr.open_training_data(_parse(files))
+    _, val, _ = tr.open_training_data(_parse([*files, "--val-label-map", "semantic-kitti-learning"]))
+    assert sorted(np.unique(val[0].labels).tolist()) == [0, 8, 10]  # (learning ids less one: car, road, sidewalk)
+    _, val, _ = tr.open_training_data(_parse([*files, "--label-map", "semantic-kitti"]))  # (as named: both)
+    assert val.label_map.name == tr.open_training_data(_parse(files[:2] + ["--out", "x"]))[0].label_map.name
+
+
 def test_a_label_map_name_is_saved_as_a_name_beside_a_folder_so_named(tmp_path, monkeypatch):
     """``train --label-map ign-lidarhd`` run from a folder holding the data in a folder named ``ign-lidarhd``
     (as ../shared/datasets does) saved the map as the path of that folder, since it exists: eval of the

@@ -403,8 +403,9 @@ def open_training_data(args, dist: Dist | None = None):
         return train, val, list(train.classes)
     train = open_source(args.data, args.label_map, args.ignore_index)
     if args.val_data is not None:
-        val = open_source(args.val_data, args.val_label_map or args.label_map or train.label_map,
-                          args.ignore_index)
+        val = open_source(args.val_data, args.val_label_map or args.label_map, args.ignore_index)
+        if args.val_label_map is None and args.label_map is None:
+            _check_default_maps(train, val)
         if val.classes is not None and train.classes is not None and val.classes != train.classes:
             raise ValueError(f"validation classes {val.classes} differ from the training classes {train.classes}")
         if dist is None or dist.main:  # (once, not from every process)
@@ -438,6 +439,21 @@ def open_training_data(args, dist: Dist | None = None):
         print(f"note: no --label-map: using the raw labels as {len(classes)} classes", file=sys.stderr)
     _check_scored(val, len(classes), args.ignore_index, dist, _val_map_flag(args))
     return train, val, list(classes)
+
+
+def _check_default_maps(train: CloudFiles, val: CloudFiles) -> None:
+    """ValueError where the validation clouds' formats take another default
+    label map than the training clouds' (no --label-map, no
+    --val-label-map): they were read through the training clouds' map (an
+    Open3D-ML .npy of learning ids beside SemanticKITTI scans: through
+    SemanticKITTI's raw ids, a validation of the wrong classes)."""
+    def said(label_map) -> str:
+        return "no label map (raw labels)" if label_map is None else f"label map {label_map.name!r}"
+
+    if val.label_map != train.label_map:
+        raise ValueError(f"--val-data: its clouds take {said(val.label_map)} by default ({val.paths[0]}), the "
+                         f"--data clouds {said(train.label_map)} ({train.paths[0]}): give --label-map for both, or "
+                         "--val-label-map for the validation clouds")
 
 
 def _note_ignored_class(classes, ignore_index: int, source: str, dist: Dist | None,
