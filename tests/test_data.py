@@ -2327,6 +2327,25 @@ def test_batch_of_names_the_sample_without_points_among_samples_with_them():
     assert Batch.of([v, v]).points.shape == (2 * len(v.inverse), 3)
 
 
+def test_point_features_of_points_whose_sum_passes_float32():
+    """100,000 finite points near 1e34 m: numpy's float32 mean of x and y
+    overflowed in its sum (a RuntimeWarning), so the centred x and y features
+    were -inf at every point, and voxelize_sample handed them on without a
+    word. Where the float32 sum overflows the mean is taken in float64 now;
+    elsewhere it is numpy's float32 mean as before (bit for bit, below)."""
+    import warnings
+
+    xyz = np.full((100_000, 3), 1e34, np.float32)
+    xyz[:, 0] += np.arange(100_000, dtype=np.float32) * 1e28
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        feats = point_features(Sample(xyz))
+        voxels = voxelize_sample(Sample(xyz), 1e30, 255)
+    assert np.isfinite(feats).all() and torch.isfinite(voxels.feats).all()
+    want = (xyz[:, 0].astype(np.float64) - xyz[:, 0].astype(np.float64).mean()).astype(np.float32)
+    assert np.allclose(feats[:, 0], want, rtol=1e-5, atol=1e28) and np.array_equal(feats[:, 2], xyz[:, 2])
+
+
 def test_voxelize_sample_matches_the_float64_numpy_reference():
     """The shift to voxel 0 and the centred features, bit for bit the plain
     numpy formulas (minimum over rows, float64 shift, float32 features):

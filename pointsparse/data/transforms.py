@@ -92,13 +92,18 @@ def augment(sample: Sample, rng: np.random.Generator, rotate: bool = True, scale
 
 
 def point_features(sample: Sample) -> np.ndarray:
-    """float32 ``(N, NUM_FEATURES)``: centred x, y, raw z, intensity, rgb."""
+    """float32 ``(N, NUM_FEATURES)``: centred x, y (less their float32
+    mean; the float64 mean where the float32 sum overflows), raw z,
+    intensity, rgb."""
     _check_sample(sample, "point_features")
     n = len(sample)
     out = np.zeros((n, NUM_FEATURES), dtype=np.float32)
     if n:
         out[:, :3] = sample.xyz
-        mean = sample.xyz[:, :2].mean(0)
+        with np.errstate(over="ignore"):
+            mean = sample.xyz[:, :2].mean(0)
+        if not np.isfinite(mean).all():  # (finite points whose float32 sum overflows, near 1e34 m: -inf features)
+            mean = sample.xyz[:, :2].mean(0, dtype=np.float64).astype(np.float32)
         # Column by column: numpy broadcasts over the (N, 7) rows one short inner loop a row.
         out[:, 0] -= mean[0:1]  # (arrays, not scalars: the dtype promotion of the broadcast)
         out[:, 1] -= mean[1:2]
