@@ -1,12 +1,15 @@
-"""nn.weight_from: MinkowskiEngine's and TorchSparse's conv weights put in
-pointsparse's offset order, checked against a brute-force conv that walks
-each library's offsets in that library's order (written from their kernel
-region code: MinkowskiEngine's region iterator steps x first; TorchSparse's
-get_kernel_offsets lists x fastest for an odd kernel volume)."""
+"""nn.weight_from: MinkowskiEngine's, TorchSparse's and spconv's conv weights
+put in pointsparse's offset order, checked against a brute-force conv that
+walks each library's offsets in that library's order (written from their
+kernel region code: MinkowskiEngine's region iterator steps x first;
+TorchSparse's get_kernel_offsets lists x fastest for an odd kernel volume;
+spconv's, below, from its source and checked against spconv 2.3.8 itself).
+No test here needs spconv."""
 
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 
 import pytest
@@ -117,7 +120,7 @@ def test_minkowski_even_sizes_above_2_are_refused():
 
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="source must be one of"):
-        weight_from(torch.zeros(27, 2, 2), 3, "spconv")
+        weight_from(torch.zeros(27, 2, 2), 3, "spconv1")
     with pytest.raises(TypeError, match="weight must be a torch.Tensor"):
         weight_from([[0.0]], 1)
     with pytest.raises(ValueError, match=r"weight holds 8 offsets but kernel_size \(3, 3, 3\) has 27"):
@@ -283,3 +286,230 @@ def test_a_minkowski_bias_of_one_row_loads():
     for key, bad in (("0.bias", torch.zeros(2, 4)), ("0.bias", torch.zeros(1, 7)), ("1.weight", torch.zeros(8, 1))):
         with pytest.raises(RuntimeError, match=f"size mismatch for {key}"):
             net.load_state_dict(dict(theirs, **{key: bad}))
+
+
+# --- spconv ---------------------------------------------------------------------------------------------------
+# A brute-force spconv, written from spconv 2.3.8's source (spconv/pytorch/conv.py and the CPU pair generation in
+# spconv/csrc/sparse/indices.py), independent of weight_from: it reads the stored weight as spconv does and walks
+# spconv's offsets in spconv's frame (its indices' columns: ours in the order ``axes``). Checked against spconv
+# 2.3.8 itself (CPU build, float64, one thread: SubMConv3d k 3, (3,1,5) d (1,2,1), (5,3,1) d (2,1,1);
+# SparseConv3d k = s (2,2,2), (2,1,2), (1,2,2), (1,1,1) and its SparseInverseConv3d, each for columns xyz and
+# zyx; SparseConv3d k3 s2 p1, k3 s1 p1, k1 s2, k2 s2 p1, k2 s2 d2, k4 s4): the same output voxels, values
+# within 2e-15.
+# bench/spconv_weights.py re-checks weight_from against spconv wherever it is installed.
+
+def _spconv_matrix(stored, layout, idx, one_by_one=False):
+    """The (C_in, C_out) matrix spconv multiplies by at kernel index ``idx`` (in its frame) of a stored
+    weight: KRSC (C_out, k0, k1, k2, C_in), RSKC (k0, k1, k2, C_out, C_in), RSCK (k0, k1, k2, C_in, C_out).
+    Its 1x1 path (``one_by_one``: a kernel of volume 1 in a SubMConv3d or a conv of stride 1,
+    torch.mm(features, weight.view(C_in, C_out))) reads the weight's memory as (C_in, C_out), whatever its
+    shape says, C_in its last size (RSCK: its fourth)."""
+    if one_by_one:
+        return stored.reshape(stored.shape[3] if layout == "RSCK" else stored.shape[4], -1)
+    if layout == "KRSC":
+        return stored[(slice(None), *idx, slice(None))].T
+    return stored[idx].T if layout == "RSKC" else stored[idx]
+
+
+def _frame(coords, axes):
+    """Our coords (b, x, y, z) as spconv's indices (b, then the columns named by ``axes``)."""
+    return [(b, *[dict(zip("xyz", p))[a] for a in axes]) for b, *p in coords.tolist()]
+
+
+def _spconv_ref(coords, feats, stored, layout, k, axes="xyz", stride=(1, 1, 1), padding=(0, 0, 0),
+                dilation=(1, 1, 1), subm=False):
+    """spconv's SubMConv3d (``subm``: outputs on the inputs, padding (k // 2) * dilation, stride 1) or
+    SparseConv3d: input p reaches output q = (p + padding - i * dilation) / stride where that divides and
+    q >= 0, through kernel index i (row-major, the last fastest); an output is every q reached.
+    {(b, q...) in spconv's frame: output row}."""
+    one_by_one = math.prod(k) == 1 and (subm or tuple(stride) == (1, 1, 1))
+    if subm:
+        padding, stride = tuple((n // 2) * d for n, d in zip(k, dilation)), (1, 1, 1)
+    rows = _frame(coords, axes)
+    at = set(rows)
+    out = {}
+    for r, (b, *p) in enumerate(rows):
+        for idx in itertools.product(*[range(n) for n in k]):
+            num = [pi + pa - i * d for pi, pa, i, d in zip(p, padding, idx, dilation)]
+            if any(n % s for n, s in zip(num, stride)) or min(num) < 0:
+                continue
+            q = (b, *[n // s for n, s in zip(num, stride)])
+            if subm and q not in at:
+                continue
+            out[q] = out.get(q, 0) + feats[r] @ _spconv_matrix(stored, layout, idx, one_by_one)
+    return out
+
+
+def _spconv_inverse_ref(fine, coarse_frame, coarse_feats, stored, layout, k, axes="xyz", stride=(2, 2, 2)):
+    """spconv's SparseInverseConv3d of a SparseConv3d (kernel k, stride, padding 0) that took ``fine`` to
+    ``coarse_frame``: the outputs are that conv's inputs; p gets in[q] @ W[i] for each pair (p, q, i) of it."""
+    at = {q: r for r, q in enumerate(coarse_frame)}
+    out = {}
+    for b, *p in _frame(fine, axes):
+        acc = 0
+        for idx in itertools.product(*[range(n) for n in k]):
+            num = [pi - i for pi, i in zip(p, idx)]
+            if any(n % s for n, s in zip(num, stride)):
+                continue
+            q = (b, *[n // s for n, s in zip(num, stride)])
+            if q in at:
+                acc = acc + coarse_feats[at[q]] @ _spconv_matrix(stored, layout, idx)
+        out[(b, *p)] = acc
+    return out
+
+
+def _store(w, layout):
+    """A (C_out, k0, k1, k2, C_in) kernel as spconv keeps it in ``layout``."""
+    return {"KRSC": w, "RSKC": w.permute(1, 2, 3, 0, 4), "RSCK": w.permute(1, 2, 3, 4, 0)}[layout].contiguous()
+
+
+def _ours_in_frame(y, axes, stride=(1, 1, 1)):
+    """Our output {(b, q...) in spconv's frame, in units of its grid: coords / stride: row}."""
+    return {(b, *[c // s for c, s in zip(q, stride)]): f for (b, *q), f in zip(_frame(y.coords, axes), y.feats)}
+
+
+def _assert_same_rows(got, want):
+    assert set(got) == set(want)
+    for key, row in want.items():
+        torch.testing.assert_close(got[key], row if torch.is_tensor(row) else torch.zeros_like(got[key]),
+                                   rtol=1e-12, atol=1e-12)
+
+
+_SPCONV_SUBM = [((3, 3, 3), (1, 1, 1)), ((3, 1, 5), (1, 2, 1)), ((5, 3, 1), (2, 1, 1)), ((1, 1, 1), (1, 1, 1))]
+
+
+@pytest.mark.parametrize("axes", ["xyz", "zyx"])
+@pytest.mark.parametrize("layout", ["KRSC", "RSKC", "RSCK"])
+@pytest.mark.parametrize("k,dilation", _SPCONV_SUBM)
+def test_a_converted_spconv_subm_weight_gives_spconvs_subm_conv(k, dilation, layout, axes):
+    """spconv stores a SubMConv3d's weight (C_out, kx, ky, kz, C_in) (KRSC: spconv 2.2 on, every algo),
+    (kx, ky, kz, C_out, C_in) (RSKC: 2.0 / 2.1 ConvAlgo.Native) or (kx, ky, kz, C_in, C_out) (RSCK: 1.x), its
+    axes those of its indices' columns (axes="zyx": OpenPCDet's (batch, z, y, x)); its 1x1 path reads a
+    kernel of volume 1 as the memory of a (C_in, C_out) matrix. weight_from(source="spconv") refused them all
+    ('source must be one of'); converted, Conv3d(kernel_size in our x, y, z, dilation) computes spconv's conv."""
+    coords, feats = _cloud()
+    true = torch.randn(5, *k, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    stored = _store(true, layout)
+    perm = [axes.index(a) for a in "xyz"]  # our axis a is spconv's column perm[a]
+    conv = ps.nn.Conv3d(3, 5, tuple(k[j] for j in perm), dilation=tuple(dilation[j] for j in perm),
+                        bias=False).double()
+    with torch.no_grad():
+        conv.weight.copy_(weight_from(stored, k, "spconv", conv="SubMConv3d", layout=layout, axes=axes,
+                                      dilation=dilation))
+    y = conv(ps.SparseTensor(feats, coords))
+    _assert_same_rows(_ours_in_frame(y, axes), _spconv_ref(coords, feats, stored, layout, k, axes,
+                                                           dilation=dilation, subm=True))
+    if layout == "KRSC":  # the only layout a spconv 2.2+ weight comes in: found from its shape
+        torch.testing.assert_close(weight_from(stored, k, "spconv", conv="SubMConv3d", axes=axes),
+                                   conv.weight.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("axes", ["xyz", "zyx"])
+@pytest.mark.parametrize("layout", ["KRSC", "RSCK"])
+@pytest.mark.parametrize("k", [(2, 2, 2), (2, 1, 2), (1, 2, 2), (1, 1, 1)])
+def test_a_converted_spconv_strided_weight_and_its_inverse_give_spconvs_convs(k, layout, axes):
+    """spconv's SparseConv3d of kernel_size == stride (2 or 1 along each axis, padding 0: MinkUNet's
+    downsampling; k 1 s 1 its 1x1 path) and the SparseInverseConv3d that shares its indice_key map onto a
+    Conv3d(k, stride=k) and the Conv3d(k, stride=k, transposed=True) that mirrors it."""
+    coords, feats = _cloud()
+    perm = [axes.index(a) for a in "xyz"]
+    ours_k = tuple(k[j] for j in perm)
+    g = torch.Generator().manual_seed(1)
+    stored = _store(torch.randn(4, *k, 3, generator=g, dtype=torch.float64), layout)
+    down = ps.nn.Conv3d(3, 4, ours_k, stride=ours_k, bias=False).double()
+    with torch.no_grad():
+        down.weight.copy_(weight_from(stored, k, "spconv", conv="SparseConv3d", stride=k, layout=layout,
+                                      axes=axes))
+    x = ps.SparseTensor(feats, coords)
+    y = down(x)
+    got = _ours_in_frame(y, axes, k)
+    _assert_same_rows(got, _spconv_ref(coords, feats, stored, layout, k, axes, stride=k))
+    stored_up = _store(torch.randn(5, *k, 4, generator=g, dtype=torch.float64), layout)
+    up = ps.nn.Conv3d(4, 5, ours_k, stride=ours_k, transposed=True, bias=False).double()
+    with torch.no_grad():
+        up.weight.copy_(weight_from(stored_up, k, "spconv", conv="SparseInverseConv3d", stride=k, layout=layout,
+                                    axes=axes))
+    yf = y.with_feats(torch.randn(len(y.coords), 4, generator=g, dtype=torch.float64))
+    z = up(yf)
+    coarse = list(_ours_in_frame(y, axes, k))
+    if math.prod(k) == 1:  # (an inverse of a 1x1 conv is spconv's 1x1 path again)
+        want = _spconv_ref(y.coords, yf.feats, stored_up, layout, k, axes)
+    else:
+        want = _spconv_inverse_ref(coords, coarse, yf.feats, stored_up, layout, k, axes, stride=k)
+    _assert_same_rows(_ours_in_frame(z, axes), want)
+
+
+@pytest.mark.parametrize("conv,k,stride,padding,dilation", [
+    ("SparseConv3d", 3, 2, 1, 1),   # SECOND / VoxelNet's downsampling: outputs where the padded kernel reaches
+    ("SparseConv3d", 3, 1, 1, 1),   # grows the voxel set
+    ("SparseConv3d", 1, 2, 0, 1),   # outputs only where an input sits on the stride's grid
+    ("SparseConv3d", 2, 2, 1, 1),
+    ("SparseConv3d", 2, 2, 0, 2),
+    ("SparseConv3d", 4, 4, 0, 1),   # offsets 0..3, ours -1..2
+    ("SparseInverseConv3d", 3, 2, 1, 1),
+])
+def test_spconv_convs_that_no_pointsparse_conv_computes_are_refused(conv, k, stride, padding, dilation):
+    """A SparseConv3d other than kernel_size == stride of 2 (or 1) along each axis with padding 0 and
+    dilation 1 puts its outputs at other voxels than a pointsparse strided conv (the inputs floored to the
+    stride, the kernel's offsets centred): converting its weight would give another conv, so it is refused,
+    naming what was given; so is the SparseInverseConv3d of one (stride / padding: its pair's)."""
+    kk = (k,) * 3
+    with pytest.raises(ValueError, match=rf"spconv's {conv}\(kernel_size=\({k}, {k}, {k}\), "
+                                         rf"stride=\({stride}, {stride}, {stride}\), "
+                                         rf"padding=\({padding}, {padding}, {padding}\), "
+                                         rf"dilation=\({dilation}, {dilation}, {dilation}\)\).*no pointsparse conv"):
+        weight_from(torch.zeros(2, *kk, 3), k, "spconv", conv=conv, stride=stride, padding=padding,
+                    dilation=dilation)
+    if conv == "SparseConv3d" and k != 4:  # (the outputs differ indeed; k 4 s 4: offsets 0..3, ours -1..2)
+        coords, feats = _cloud()
+        w = torch.randn(2, *kk, 3, dtype=torch.float64)
+        theirs = _spconv_ref(coords, feats, w, "KRSC", kk, stride=(stride,) * 3, padding=(padding,) * 3,
+                             dilation=(dilation,) * 3)
+        assert len(theirs) != len(ps.nn.Conv3d(3, 2, k, stride).double()(ps.SparseTensor(feats, coords)).coords)
+
+
+def test_spconv_conversions_name_what_they_cannot_take():
+    w = torch.zeros(4, 3, 3, 3, 2)
+    with pytest.raises(ValueError, match=r"conv must name the spconv module the weight is from: 'SubMConv3d'"):
+        weight_from(w, 3, "spconv")
+    with pytest.raises(ValueError, match=r"conv must name the spconv module .*got 'Conv3d'"):
+        weight_from(w, 3, "spconv", conv="Conv3d")
+    with pytest.raises(ValueError, match=r"SparseConvTranspose3d.*every voxel its kernel reaches.*SparseInverseConv3d"):
+        weight_from(torch.zeros(4, 2, 2, 2, 2), 2, "spconv", conv="SparseConvTranspose3d", stride=2)
+    with pytest.raises(ValueError, match=r"spconv's SubMConv3d takes odd kernel sizes; got kernel_size \(2, 3, 3\)"):
+        weight_from(torch.zeros(4, 2, 3, 3, 2), (2, 3, 3), "spconv", conv="SubMConv3d")
+    with pytest.raises(ValueError, match=r"layout must be one of \('KRSC', 'RSKC', 'RSCK'\) or None \(found from the "
+                                         r"shape\); got 'KCRS'"):
+        weight_from(w, 3, "spconv", conv="SubMConv3d", layout="KCRS")
+    with pytest.raises(ValueError, match=r"axes must be 'xyz', 'zyx' or another order of x, y, z .*; got 'xyy'"):
+        weight_from(w, 3, "spconv", conv="SubMConv3d", axes="xyy")
+    # shape against layout and kernel
+    with pytest.raises(ValueError, match=r"weight of shape \(4, 3, 3, 3, 2\) is no spconv weight of kernel_size "
+                                         r"\(5, 5, 5\)"):
+        weight_from(w, 5, "spconv", conv="SubMConv3d")
+    with pytest.raises(ValueError, match=r"weight of shape \(3, 3, 3, 2, 4\) is no layout='KRSC' weight .*"
+                                         r"layout='RSKC' or 'RSCK'"):
+        weight_from(torch.zeros(3, 3, 3, 2, 4), 3, "spconv", conv="SubMConv3d", layout="KRSC")
+    with pytest.raises(ValueError, match=r"shape \(3, 3, 3, 2, 4\) .*\(kx, ky, kz, \.\.\.\): pass layout='RSCK' "
+                                         r"\(spconv 1\.x\) or 'RSKC' \(spconv 2\.0 / 2\.1"):
+        weight_from(torch.zeros(3, 3, 3, 2, 4), 3, "spconv", conv="SubMConv3d")
+    with pytest.raises(ValueError, match=r"shape \(3, 3, 3, 3, 4\) fits both .*pass layout="):
+        weight_from(torch.zeros(3, 3, 3, 3, 4), 3, "spconv", conv="SubMConv3d")
+    with pytest.raises(ValueError, match=r"spconv keeps a conv's weight 5-d .*got shape \(27, 3, 4\)"):
+        weight_from(torch.zeros(27, 3, 4), 3, "spconv", conv="SubMConv3d")
+    # spconv's arguments given for another library
+    with pytest.raises(ValueError, match=r"conv, layout, stride, padding, dilation and axes describe a spconv "
+                                         r"conv \(source='spconv'\); got conv='SubMConv3d' with source='minkowski'"):
+        weight_from(torch.zeros(27, 3, 4), 3, "minkowski", conv="SubMConv3d")
+    with pytest.raises(ValueError, match=r"got stride=2 with source='torchsparse'"):
+        weight_from(torch.zeros(27, 3, 4), 3, "torchsparse", stride=2)
+
+
+def test_a_converted_spconv_weight_is_a_new_tensor_with_its_dtype_and_history():
+    w = torch.randn(4, 3, 3, 3, 2, dtype=torch.float64, requires_grad=True)
+    got = weight_from(w, 3, "spconv", conv="SubMConv3d")
+    assert got.shape == (27, 2, 4) and got.dtype == torch.float64 and got.is_contiguous()
+    got.sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))
+    one = torch.randn(4, 1, 1, 1, 2)
+    assert weight_from(one, 1, "spconv", conv="SubMConv3d").data_ptr() != one.data_ptr()
