@@ -513,3 +513,21 @@ def test_a_converted_spconv_weight_is_a_new_tensor_with_its_dtype_and_history():
     assert torch.equal(w.grad, torch.ones_like(w))
     one = torch.randn(4, 1, 1, 1, 2)
     assert weight_from(one, 1, "spconv", conv="SubMConv3d").data_ptr() != one.data_ptr()
+
+
+def test_a_spconv_state_dicts_5d_weight_names_weight_from():
+    """A spconv conv keeps its weight under 'weight', 5-d ((C_out, kx, ky, kz, C_in)): loaded into a Conv3d it
+    was torch's bare "size mismatch for 0.weight: copying a param with shape [8, 3, 3, 3, 3] ... [27, 3, 8]",
+    no word of the layout. Loading now warns what the tensor is and names weight_from(source='spconv') (torch's
+    error, which names the key, stays); converted, it loads."""
+    net = torch.nn.Sequential(ps.nn.Conv3d(3, 8, 3), ps.nn.BatchNorm(8))
+    theirs = {k: v.clone() for k, v in net.state_dict().items()}
+    theirs["0.weight"] = torch.randn(8, 3, 3, 3, 3)
+    hint = (r"a state_dict holds a 5-d 'weight' for a pointsparse Conv3d: a spconv conv's .* "
+            r"pointsparse.nn.weight_from\(w, kernel_size, 'spconv', conv='SubMConv3d'")
+    with pytest.warns(UserWarning, match=hint), pytest.raises(RuntimeError, match="size mismatch for 0.weight"):
+        net.load_state_dict(theirs)
+    theirs["0.weight"] = weight_from(theirs["0.weight"], 3, "spconv", conv="SubMConv3d")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        net.load_state_dict(theirs)

@@ -164,6 +164,14 @@ class Conv3d(nn.Module):
                           "MinkowskiEngine or TorchSparse conv's, whose offsets are in another order; convert each: "
                           "state_dict[name + '.weight'] = pointsparse.nn.weight_from(state_dict.pop(name + "
                           "'.kernel'), kernel_size, 'minkowski' (or 'torchsparse'))", UserWarning, stacklevel=2)
+        weight = state_dict.get(prefix + "weight")
+        if isinstance(weight, torch.Tensor) and weight.dim() == 5:
+            # (torch's size mismatch named two shapes, no layout; one text for every conv: shown once)
+            warnings.warn("a state_dict holds a 5-d 'weight' for a pointsparse Conv3d: a spconv conv's (C_out, kx, "
+                          "ky, kz, C_in) (1.x: (kx, ky, kz, C_in, C_out)), not our (K, C_in, C_out); convert "
+                          "each: state_dict[name + '.weight'] = pointsparse.nn.weight_from(w, kernel_size, 'spconv', "
+                          "conv='SubMConv3d' (or 'SparseConv3d' / 'SparseInverseConv3d' with its stride))",
+                          UserWarning, stacklevel=2)
         _take_row_vectors(self, state_dict, prefix, "bias")  # (MinkowskiEngine's (1, C_out) bias)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
