@@ -75,7 +75,7 @@ def amc_checkpoint(path: Path, out: Path, like: Path, episodes: int, warmup: int
     searched within the FLOPs of the model at ``like``; (its path, a summary
     of the search)."""
     state, task = checkpoint_task(path)
-    dense, x = task.make_model(), task.example_input
+    dense, x = task.trained_model(), task.example_input
     target = _flops(load_model(like).eval(), x) / _flops(dense, x)
     t0 = time.perf_counter()
     net, _, res, _ = amc_cut(dense, x, target, episodes, warmup, task.eval_fn)

@@ -969,7 +969,7 @@ def test_a_procedure_on_a_checkpoint_pruning_voxels_at_stride_1(voxel_run, tmp_p
     checkpoint.save(path, dict(state, model=model.state_dict(),
                                config=dict(state["config"], voxel_prune=voxel_prunes(model))))
     _, task = checkpoint_task(path)
-    net = task.make_model()
+    net = task.trained_model()
     kept = []
     pruner.register_forward_hook(lambda m, args, y: kept.append(m.select(args[0])[0]))
 
@@ -1007,3 +1007,58 @@ def test_a_procedure_on_an_spvcnn_checkpoint_names_the_file(tmp_path):
     with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: the procedures' --checkpoint takes a MinkUNet "
                                          r"run; this is a spvcnn run \(SPVCNN: use prune channels\)"):
         checkpoint_task(path)
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_a_checkpoint_task_makes_fresh_models_of_its_widths(voxel_run, tmp_path, recorded):
+    """The procedures' task on a checkpoint: its ``make_model(seed)``
+    ignored the seed and returned the trained weights, so `prune lottery
+    --checkpoint`'s 'random re-init' control trained the trained model.
+    ``make_model(seed)`` is a fresh model of the checkpoint's architecture
+    and widths (a channel-pruned one's, recorded in its config or only in
+    its weights' shapes), initialised as a model of those widths is, drawn
+    from the seed; the trained model is ``trained_model()``."""
+    from pointsparse.app.tasks import checkpoint_task
+    from pointsparse.nn import Conv3d
+
+    small = tmp_path / "small"
+    assert cli.main(["prune", "channels", "--checkpoint", str(voxel_run), "--ratio", "0.5", "--out", str(small)]) == 0
+    path = small / "checkpoint.pt"
+    if not recorded:  # (the widths only in the weights' shapes)
+        state = checkpoint.load(path)
+        checkpoint.save(path, dict(state, config={k: v for k, v in state["config"].items() if k != "widths"}))
+    _, task = checkpoint_task(path)
+    trained = load_model(path)
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in task.trained_model().state_dict().items())
+    fresh, again, other = task.make_model(0), task.make_model(0), task.make_model(1)
+    assert G.widths(fresh) == G.widths(trained) == G.widths(other)
+    assert fresh.state_dict().keys() == trained.state_dict().keys()
+    conv = fresh.stem[0][0]  # (narrowed: its fresh weights are those of a conv of its width)
+    assert conv.out_channels < 8 and not torch.equal(conv.weight, trained.stem[0][0].weight)
+    for name, m in fresh.named_modules():
+        if isinstance(m, Conv3d) and m.weight.numel() > 200:
+            bound = 1 / ((m.out_channels if m.transposed else m.in_channels) * m.kernel_volume) ** 0.5
+            assert 0.9 * bound < float(m.weight.abs().max()) <= bound, name
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in fresh.state_dict().items())
+    assert not torch.equal(fresh.stem[0][0].weight, other.stem[0][0].weight)
+    assert 0 <= task.eval_fn(fresh) <= 1
+
+
+def test_prune_lottery_on_a_checkpoint_names_its_trained_start(voxel_run, capsys, monkeypatch):
+    """`prune lottery --checkpoint` starts from the trained weights (and
+    says so), and its random re-init control trains a fresh model drawn
+    from --seed + 1, not the trained weights."""
+    from pointsparse.app.tasks import checkpoint_task
+    from pointsparse.prune import lottery
+
+    started = []
+    masked = lottery.train_masked
+    monkeypatch.setattr(lottery, "train_masked", lambda model, *a, **k: started.append(
+        {key: v.clone() for key, v in model.state_dict().items()}) or masked(model, *a, **k))
+    assert cli.main(["prune", "lottery", "--checkpoint", str(voxel_run), "--quick", "--rounds", "1",
+                     "--seed", "4"]) == 0
+    out = capsys.readouterr().out
+    assert f"start: the trained weights of {voxel_run}, not a fresh initialisation" in out, out
+    fresh, trained = checkpoint_task(voxel_run)[1].make_model(5).state_dict(), load_model(voxel_run).state_dict()
+    assert not torch.equal(started[0]["stem.0.0.weight"], trained["stem.0.0.weight"])
+    assert all(torch.equal(v, fresh[k]) for k, v in started[0].items())

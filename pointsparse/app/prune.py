@@ -9,8 +9,11 @@ in :mod:`pointsparse.app.channels`.
 Tasks: ``--task digits`` (scikit-learn's bundled digits; ``--model
 mlp|cnn|deep``), ``--task scene`` (generated street scenes, a sparse-conv
 chain) or ``--checkpoint`` (a trained MinkUNet and its clouds). Each run
-trains the dense model first (seeded), then runs the procedure and prints
-what it found; ``--quick`` shortens everything."""
+starts from the task's model (seeded; on a checkpoint its trained model,
+from which lottery, init and rigl start too, while the lottery's random
+re-init control is a fresh model of its widths), trains it first (but
+lottery, init and rigl, which train it themselves), then runs the procedure
+and prints what it found; ``--quick`` shortens everything."""
 
 from __future__ import annotations
 
@@ -264,7 +267,12 @@ def _run(args) -> int:
     if args.procedure in WRITES_OUT:
         make_directory(args.out)
     print(f"task {task.name}: {steps} training steps, metric {task.metric}")
-    model = task.make_model(args.seed)
+    if task.trained_model is None:
+        model = task.make_model(args.seed)
+    else:  # (a checkpoint: its trained model; make_model(seed) draws the fresh ones, the lottery's re-init control)
+        model = task.trained_model()
+        print(f"start: the trained weights of {args.checkpoint}"
+              + (", not a fresh initialisation" if args.procedure in ("init", "rigl", "lottery") else ""))
     if args.procedure not in ("init", "rigl", "lottery"):
         task.train_fn(model, steps)
         print(f"dense {task.metric}: {task.eval_fn(model):.4f}")

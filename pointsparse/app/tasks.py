@@ -31,7 +31,10 @@ from .trainer import fit_steps
 
 @dataclass
 class Task:
-    """A model factory and the callables a procedure needs."""
+    """A model factory (``make_model(seed)``: a freshly initialised model,
+    drawn from the seed) and the callables a procedure needs;
+    ``trained_model()``, where the task has one (a checkpoint's), the
+    trained model the procedures start from instead of a fresh one."""
 
     name: str
     make_model: Callable[[int], nn.Module]
@@ -44,6 +47,7 @@ class Task:
     lr: float
     train_steps: int
     metric: str
+    trained_model: Callable[[], nn.Module] | None = None
 
 
 def _sgd(model, lr, momentum=0.9, weight_decay=1e-4) -> torch.optim.SGD:
@@ -268,7 +272,9 @@ def checkpoint_task(path, data=None, label_map=None, clouds: int = 4,
     the user's clouds: the first ``clouds - 1`` train, the last validates;
     metric voxel mIoU), so that AMC, NetAdapt and the other procedures run on
     a real model and real data; ``skip_nonfinite``: as
-    :func:`checkpoint_batches`'."""
+    :func:`checkpoint_batches`'. Its ``trained_model()`` is the checkpoint's
+    model, its ``make_model(seed)`` a fresh one of the same architecture and
+    widths (:func:`fresh_model`)."""
     from .evaluate import checkpoint_model
     from .scoring import kept_labels, voxel_classes
     from .train import load_checkpoint
@@ -285,8 +291,11 @@ def checkpoint_task(path, data=None, label_map=None, clouds: int = 4,
     require_labelled(batches, ignore, "a procedure on a checkpoint (its loss and mIoU)", data, classes)
     cursor = {"i": 0}
 
-    def make_model(seed=0):
+    def trained_model():
         return checkpoint_model(state, path).eval()
+
+    def make_model(seed=0):  # (the lottery's random re-init control, ...: not the trained weights)
+        return fresh_model(state, seed)
 
     def batch_fn():
         cursor["i"] = (cursor["i"] + 1) % len(train)
@@ -302,4 +311,24 @@ def checkpoint_task(path, data=None, label_map=None, clouds: int = 4,
 
     lr = float(state.get("args", {}).get("lr", 0.05)) * 0.1
     return state, Task("checkpoint", make_model, _train_fn(batch_fn, loss_fn, lr), evaluate, evaluate, batch_fn,
-                       loss_fn, val.input, lr, 60, "mIoU")
+                       loss_fn, val.input, lr, 60, "mIoU", trained_model)
+
+
+def fresh_model(state: dict, seed: int = 0) -> nn.Module:
+    """A freshly initialised model (``torch.manual_seed(seed)``) of the
+    training checkpoint ``state``'s architecture and widths (a
+    channel-pruned one's, recorded in its config or only in its weights'
+    shapes): every layer initialised as a layer of its width is, with the
+    checkpoint's folded biases (zero) and full masks, so that its tensors
+    are named and shaped as the trained model's."""
+    from ..models import build_model, model_from_state
+    from ..models.loading import shape_like
+    from ..prune.graph import widths
+    recorded = widths(model_from_state(state))
+    torch.manual_seed(seed)
+    model = build_model(dict(state["config"], widths=recorded))
+    for module in model.modules():  # (resize slices the dense model's tensors, drawn for wider layers)
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    shape_like(model, state["model"])
+    return model
