@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -290,3 +291,30 @@ def test_a_model_that_is_no_module_is_a_type_error(bad, got):
         amc.amc_search(bad, lambda m: 1.0, torch.randn(2, 8), episodes=1, warmup=0)
     with pytest.raises(TypeError, match=f"model must be a torch.nn.Module; got {got}"):
         amc.layer_infos(bad, torch.randn(2, 8))
+
+
+def test_a_search_that_never_learned_says_so(tmp_path):
+    """A search whose episodes all ran before the agent trained (the
+    warm-up acts at random; the agent trains once its buffer holds a batch)
+    returned its best random episode as AMC's answer, without a word
+    (`prune amc --episodes 30` ran 30 warm-up episodes). It warns now,
+    naming why and how many episodes would learn, and the result and its
+    export count the episodes a trained agent acted in."""
+    tr = Trainer()
+    net = mlp(0, widths=(8, 16, 12, 3)).eval()  # two producers: two transitions an episode
+    with pytest.warns(RuntimeWarning, match=r"^AMC ran no learned episode: of its 6 episodes, 6 were random warm-up "
+                                            r"and the agent trains only once it holds batch_size=64 transitions \(2 "
+                                            r"per episode\), so the ratios found are a random search's best, not the "
+                                            r"agent's \(give episodes > 32\)$") as record:
+        res = amc.amc_search(net, tr.accuracy, tr.x[:16], episodes=6, warmup=30, reward="error", target_flops=0.6)
+    assert [w.filename for w in record if w.category is RuntimeWarning] == [__file__]
+    assert res.learned_episodes == 0
+    data = json.loads(res.export(tmp_path / "r.json").read_text())
+    assert (data["episodes"], data["learned_episodes"]) == (6, 0)
+    with pytest.warns(RuntimeWarning, match=r"of its 5 episodes, 2 were random warm-up .* \(give episodes > 32\)"):
+        amc.amc_search(net, tr.accuracy, tr.x[:16], episodes=5, warmup=2, reward="error", target_flops=0.6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # trains after episode 2 (6 transitions, batch 4): episodes 3, 4, 5 learned
+        res = amc.amc_search(net, tr.accuracy, tr.x[:16], episodes=6, warmup=2, reward="error", target_flops=0.6,
+                             agent_kwargs={"batch_size": 4, "hidden": 16})
+    assert res.learned_episodes == 3

@@ -23,6 +23,8 @@ def test_quick_runs_on_digits(procedure, tmp_path, capsys):
     assert cli.main(["prune", procedure, "--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "dense accuracy" in out
+    if procedure == "amc":  # (10 warm-up episodes; the agent trains once it holds 64 transitions, 3 an episode)
+        assert "\n  8 of the 30 episodes acted by the trained agent\n" in out, out
     assert (tmp_path / ("sensitivity.png" if procedure == "sensitivity" else "amc_ratios.json")).exists()
 
 

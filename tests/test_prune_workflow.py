@@ -1062,3 +1062,15 @@ def test_prune_lottery_on_a_checkpoint_names_its_trained_start(voxel_run, capsys
     fresh, trained = checkpoint_task(voxel_run)[1].make_model(5).state_dict(), load_model(voxel_run).state_dict()
     assert not torch.equal(started[0]["stem.0.0.weight"], trained["stem.0.0.weight"])
     assert all(torch.equal(v, fresh[k]) for k, v in started[0].items())
+
+
+def test_prune_amc_says_when_no_episode_learned(voxel_run, tmp_path, capsys):
+    """`prune amc --episodes 2` ran its 2 episodes as random warm-up (30 of
+    them) and printed the best as AMC's ratios: it says so now, and warns."""
+    with pytest.warns(RuntimeWarning, match="AMC ran no learned episode: of its 2 episodes, 2 were random warm-up"):
+        assert cli.main(["prune", "amc", "--checkpoint", str(voxel_run), "--episodes", "2", "--out",
+                         str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "\n  0 of the 2 episodes acted by the trained agent (none: these ratios are a random search's best, not " \
+           "AMC's)\n" in out, out
+    assert json.loads((tmp_path / "amc_ratios.json").read_text())["learned_episodes"] == 0

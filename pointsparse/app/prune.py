@@ -58,7 +58,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--distribution", choices=("uniform", "erk"), default="erk", help="rigl layer densities")
     parser.add_argument("--flops", type=float, default=0.5, help="amc: FLOPs budget as a fraction of dense")
     parser.add_argument("--reward", choices=("error", "flops"), default="error", help="amc reward")
-    parser.add_argument("--episodes", type=int, default=120, help="amc episodes")
+    parser.add_argument("--episodes", type=int, default=120, help="amc episodes (the first 30 act at random, a warm-up; --quick: 30, of which 10)")
     parser.add_argument("--reconstruct", action="store_true", help="amc: least-squares reconstruction")
     parser.add_argument("--latency", type=float, default=0.6, help="netadapt: latency budget, fraction of the initial")
     parser.add_argument("--out", type=Path, default=Path("prune-out"),
@@ -327,6 +327,9 @@ def _amc(args, task, model, steps) -> None:
     res = procedures.amc(task, model, args.flops, QUICK_EPISODES if args.quick else args.episodes,
                          10 if args.quick else 30, args.reward, args.reconstruct and not coupled, x, args.seed, coupled)
     print(f"best ratios {json.dumps({k: round(v, 3) for k, v in res.ratios.items()})}")
+    learned = res.learned_episodes
+    print(f"  {learned} of the {len(res.history)} episodes acted by the trained agent"
+          + ("" if learned else " (none: these ratios are a random search's best, not AMC's)"))
     print(f"  {task.metric} before fine-tuning {res.metric:.4f}, FLOPs {res.flops / res.dense_flops:.3f} of dense")
     print(f"ratios written to {res.export(args.out / 'amc_ratios.json')}")
     if coupled:

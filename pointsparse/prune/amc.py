@@ -21,6 +21,7 @@ import copy
 import json
 import math
 import random as _random
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,9 +198,11 @@ class DDPG:
         if len(self.buffer) > self.buffer_size:
             self.buffer.pop(0)
 
-    def update(self) -> None:
+    def update(self) -> bool:
+        """One step on a sampled batch; False (nothing done) until the
+        buffer holds ``batch_size`` transitions."""
         if len(self.buffer) < self.batch_size:
-            return
+            return False
         batch = self.rng.sample(self.buffer, self.batch_size)
         s = torch.stack([b[0] for b in batch])
         a = torch.tensor([[b[1]] for b in batch], dtype=torch.float32)
@@ -220,13 +223,17 @@ class DDPG:
             for net, tgt in ((self.actor, self.actor_t), (self.critic, self.critic_t)):
                 for p, pt in zip(net.parameters(), tgt.parameters()):
                     pt.mul_(1 - self.tau).add_(self.tau * p)
+        return True
 
 
 # ------------------------------------------------------------------- search
 @dataclass
 class AMCResult:
     """The best episode's ratios (fraction of output channels removed per
-    producer), its metric and FLOPs, and every episode."""
+    producer), its metric and FLOPs, and every episode; ``learned_episodes``:
+    how many episodes the agent acted in after it had trained (0: every
+    ratio came from the random warm-up or an untrained agent, a random
+    search)."""
 
     ratios: dict[str, float]
     metric: float
@@ -234,13 +241,16 @@ class AMCResult:
     dense_flops: float
     reward: float
     history: list[dict] = field(default_factory=list)
+    learned_episodes: int = 0
 
     def export(self, path) -> Path:
         """Write the ratios and the search summary as JSON."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"ratios": self.ratios, "metric": self.metric, "flops": self.flops,
-                                    "dense_flops": self.dense_flops, "reward": self.reward}, indent=2))
+                                    "dense_flops": self.dense_flops, "reward": self.reward,
+                                    "episodes": len(self.history), "learned_episodes": self.learned_episodes},
+                                   indent=2))
         return path
 
 
@@ -342,13 +352,33 @@ def _episode(space: _Space, scale, act: Callable[[torch.Tensor], float]) -> tupl
     return ratios, states, actions
 
 
-def _learn(agent: DDPG, states: list, actions: list, advantage: float, train: bool) -> None:
+def _learn(agent: DDPG, states: list, actions: list, advantage: float, train: bool) -> bool:
+    """Remember an episode's transitions and, when ``train``, update the
+    agent once per step; whether it trained."""
     for t in range(len(states)):
         done = t == len(states) - 1
         agent.remember(states[t], actions[t], advantage, states[t + 1] if not done else states[t], done)
+    trained = False
     if train:
         for _ in range(len(states)):
-            agent.update()
+            trained = agent.update() or trained
+    return trained
+
+
+def _warn_unlearned(episodes: int, warmup: int, agent: DDPG, steps: int) -> None:
+    """The RuntimeWarning of a search whose every episode was random: its
+    ratios are a random search's best, not the agent's."""
+    first = max(warmup, math.ceil(agent.batch_size / steps) - 1) + 1  # (the first episode a trained agent acts in)
+    if agent.batch_size > agent.buffer_size:
+        need = f"the agent never trains: its batch_size {agent.batch_size} exceeds its buffer_size {agent.buffer_size}"
+    else:
+        need = f"give episodes > {first}"
+    random = min(warmup, episodes)
+    warnings.warn(f"AMC ran no learned episode: of its {episodes} episodes, {random} "
+                  f"{'was' if random == 1 else 'were'} random warm-up and the agent trains only once it holds "
+                  f"batch_size={agent.batch_size} transitions ({steps} per episode), so the ratios found are a random "
+                  f"search's best, not the agent's ({need})",
+                  RuntimeWarning, stacklevel=3)
 
 
 def _metric(value, episode: int) -> float:
@@ -392,7 +422,9 @@ def amc_search(model: nn.Module, eval_fn: Callable[[nn.Module], float], example_
     baseline = None
     history = []
     sigma = noise
+    trained, learned = False, 0
     for ep in range(episodes):
+        learned += ep >= warmup and trained
         ratios, states, actions = _episode(space, scale, lambda s: rng.random() if ep < warmup else agent.act(s, sigma))
         pruned = copy_model(model)
         apply_channel_ratios(pruned, ratios, reconstruct, calibration_input,
@@ -404,10 +436,12 @@ def amc_search(model: nn.Module, eval_fn: Callable[[nn.Module], float], example_
         if best is None or r > best.reward:
             best = AMCResult(dict(ratios), metric, flops, dense, r)
         baseline = r if baseline is None else 0.95 * baseline + 0.05 * r
-        _learn(agent, states, actions, r - baseline, ep >= warmup)
+        trained = _learn(agent, states, actions, r - baseline, ep >= warmup) or trained
         if ep >= warmup:
             sigma *= noise_decay
         if log is not None:
             log(f"episode {ep:3d}  metric {metric:.4f}  FLOPs {flops / dense:.3f} of dense  reward {r:.4f}")
-    best.history = history
+    best.history, best.learned_episodes = history, learned
+    if learned == 0:
+        _warn_unlearned(episodes, warmup, agent, len(space.producers))
     return best
