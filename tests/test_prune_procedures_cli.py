@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from pointsparse.app import cli
@@ -211,3 +213,30 @@ def test_a_procedure_that_writes_no_file_makes_no_folder(tmp_path, capsys, monke
     assert cli.main(["prune", "schedule", "--quick", "--rounds", "1"]) == 0
     assert "round 1: target 0.900" in capsys.readouterr().out
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, episodes, warmup", [(["--episodes", "20"], 20, 5), ([], 120, 30),
+                                                    (["--episodes", "400"], 400, 30), (["--quick"], 30, 10)])
+def test_amc_warms_up_a_quarter_of_a_short_search(argv, episodes, warmup, tmp_path, monkeypatch):
+    """`prune amc` warmed up 30 episodes whatever --episodes, so a search of
+    30 or fewer (the few a checkpoint's costly episodes allow) acted at
+    random throughout: the warm-up is a quarter of the episodes now, at most
+    30 (AMC's own ratio: 100 of 400), and --quick's 10 of 30 as before."""
+    from pointsparse.app import prune, procedures
+
+    pytest.importorskip("sklearn")
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def amc(task, model, flops, episodes, warmup, *args):
+        seen.append((episodes, warmup))
+        raise Stop
+
+    monkeypatch.setattr(procedures, "amc", amc)  # (the dense model untrained: the warm-up is all this looks at)
+    monkeypatch.setattr(prune, "_task", lambda args: dataclasses.replace(prune.digits_task("mlp", args.seed),
+                                                                         train_fn=lambda *a, **k: None))
+    with pytest.raises(Stop):
+        cli.main(["prune", "amc", *argv, "--out", str(tmp_path)])
+    assert seen == [(episodes, warmup)]

@@ -58,7 +58,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--distribution", choices=("uniform", "erk"), default="erk", help="rigl layer densities")
     parser.add_argument("--flops", type=float, default=0.5, help="amc: FLOPs budget as a fraction of dense")
     parser.add_argument("--reward", choices=("error", "flops"), default="error", help="amc reward")
-    parser.add_argument("--episodes", type=int, default=120, help="amc episodes (the first 30 act at random, a warm-up; --quick: 30, of which 10)")
+    parser.add_argument("--episodes", type=int, default=120,
+                        help="amc episodes (the first quarter, at most 30, act at random: a warm-up; --quick: 30, "
+                             "of which 10)")
     parser.add_argument("--reconstruct", action="store_true", help="amc: least-squares reconstruction")
     parser.add_argument("--latency", type=float, default=0.6, help="netadapt: latency budget, fraction of the initial")
     parser.add_argument("--out", type=Path, default=Path("prune-out"),
@@ -324,8 +326,10 @@ def _rigl(args, task, model, steps) -> None:
 def _amc(args, task, model, steps) -> None:
     coupled = args.checkpoint is not None  # a real network: every coupled group
     x = task.example_input
-    res = procedures.amc(task, model, args.flops, QUICK_EPISODES if args.quick else args.episodes,
-                         10 if args.quick else 30, args.reward, args.reconstruct and not coupled, x, args.seed, coupled)
+    episodes = QUICK_EPISODES if args.quick else args.episodes
+    warmup = 10 if args.quick else min(30, episodes // 4)  # (AMC's own share, 100 of 400: a short search learns too)
+    res = procedures.amc(task, model, args.flops, episodes, warmup, args.reward, args.reconstruct and not coupled, x,
+                         args.seed, coupled)
     print(f"best ratios {json.dumps({k: round(v, 3) for k, v in res.ratios.items()})}")
     learned = res.learned_episodes
     print(f"  {learned} of the {len(res.history)} episodes acted by the trained agent"
