@@ -318,3 +318,15 @@ def test_a_search_that_never_learned_says_so(tmp_path):
         res = amc.amc_search(net, tr.accuracy, tr.x[:16], episodes=6, warmup=2, reward="error", target_flops=0.6,
                              agent_kwargs={"batch_size": 4, "hidden": 16})
     assert res.learned_episodes == 3
+
+
+def test_target_flops_of_1_is_the_dense_flops_as_documented():
+    """target_flops is a fraction of the dense FLOPs when <= 1 (the check
+    and its message said so) while the docstring said "when < 1", so 1 read
+    as one FLOP there: the docstring says <= 1 now, and 1 is the dense model."""
+    assert "fraction of the dense FLOPs when <= 1)" in " ".join(amc.amc_search.__doc__.split())
+    net = mlp(0, widths=(8, 16, 12, 3)).eval()
+    res = amc.amc_search(net, lambda m: 0.5, torch.randn(4, 8), episodes=2, warmup=2, reward="error", target_flops=1)
+    assert all(h["flops"] <= res.dense_flops for h in res.history)
+    with pytest.raises(ValueError, match=r"a fraction of the dense FLOPs when <= 1\)"):
+        amc.amc_search(net, lambda m: 0.5, torch.randn(4, 8), episodes=1, reward="error", target_flops=0)

@@ -403,7 +403,7 @@ def amc_search(model: nn.Module, eval_fn: Callable[[nn.Module], float], example_
     """Search per-layer channel ratios for a chain ``model`` (left
     unchanged). ``eval_fn(pruned_copy)`` is the validation metric in [0, 1]
     (accuracy, mIoU); the error is ``1 - metric``. ``target_flops`` (absolute
-    FLOPs, or a fraction of the dense FLOPs when < 1) makes the search
+    FLOPs, or a fraction of the dense FLOPs when <= 1) makes the search
     resource-constrained: every episode's ratios meet it. ``coupled=True``
     acts on every coupled channel group of the dependency graph (residual and
     U-Net networks whole; the ratios are then keyed by group name and applied
