@@ -240,3 +240,14 @@ def test_amc_warms_up_a_quarter_of_a_short_search(argv, episodes, warmup, tmp_pa
     with pytest.raises(Stop):
         cli.main(["prune", "amc", *argv, "--out", str(tmp_path)])
     assert seen == [(episodes, warmup)]
+
+
+def test_rigl_at_sparsity_0_counts_no_update(capsys):
+    """`prune rigl --sparsity 0` keeps every weight, so no drop/grow can
+    change a connection, yet it printed '14 drop/grow updates': it says
+    that nothing was dropped or grown now."""
+    pytest.importorskip("sklearn")
+    assert cli.main(["prune", "rigl", "--sparsity", "0", "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "RigL (erk): sparsity 0.000, every weight kept: no connection to drop or grow, accuracy " in out, out
+    assert "drop/grow updates" not in out

@@ -319,8 +319,12 @@ def _init(args, task, model, steps) -> None:
 
 def _rigl(args, task, model, steps) -> None:
     state = procedures.rigl(task, model, args.sparsity, args.distribution, steps, max(5, steps // 20))
+    score = f"{task.metric} {task.eval_fn(model):.4f}"
+    if state.density() == 1.0:  # (its updates ran, yet none could move a connection)
+        print(f"RigL ({args.distribution}): sparsity 0.000, every weight kept: no connection to drop or grow, {score}")
+        return
     print(f"RigL ({args.distribution}): {state.updates} drop/grow updates, sparsity {adapters.sparsity(model):.3f}, "
-          f"{task.metric} {task.eval_fn(model):.4f}")
+          f"{score}")
 
 
 def _amc(args, task, model, steps) -> None:
