@@ -330,3 +330,13 @@ def test_target_flops_of_1_is_the_dense_flops_as_documented():
     assert all(h["flops"] <= res.dense_flops for h in res.history)
     with pytest.raises(ValueError, match=r"a fraction of the dense FLOPs when <= 1\)"):
         amc.amc_search(net, lambda m: 0.5, torch.randn(4, 8), episodes=1, reward="error", target_flops=0)
+
+
+@pytest.mark.parametrize("path", [None, 3])
+def test_export_names_a_path_that_is_no_path(path):
+    """AMCResult.export(None) was pathlib's bare "expected str, bytes or
+    os.PathLike object, not NoneType": a TypeError naming path now."""
+    res = amc.AMCResult({"0": 0.5}, 0.5, 1.0, 2.0, -0.5)
+    with pytest.raises(TypeError, match=rf"^path must be a str or Path \(the JSON file to write\); got "
+                                        rf"{type(path).__name__}$"):
+        res.export(path)

@@ -273,3 +273,15 @@ def test_a_missed_budget_warns_at_the_callers_line(with_table):
         netadapt.netadapt(net, table, tr, tr.accuracy, x, 1.0, budget_seconds=1e-12, short_steps=0, long_steps=0,
                           max_iterations=1)
     assert [w.filename for w in record if w.category is RuntimeWarning] == [__file__]
+
+
+@pytest.mark.parametrize("path", [None, 3])
+def test_latency_table_save_and_load_name_a_path_that_is_no_path(path):
+    """LatencyTable.save(None) / load(None) were pathlib's bare "expected
+    str, bytes or os.PathLike object, not NoneType": a TypeError naming
+    path now."""
+    table = netadapt.LatencyTable({}, {}, {})
+    for call, what in ((table.save, "the JSON file to write"), (netadapt.LatencyTable.load, "a file LatencyTable.save "
+                                                                                           "wrote")):
+        with pytest.raises(TypeError, match=rf"^path must be a str or Path \({what}\); got {type(path).__name__}$"):
+            call(path)

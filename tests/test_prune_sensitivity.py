@@ -199,3 +199,14 @@ def test_an_eval_fn_returning_no_number_is_a_type_error_naming_it(bad, first):
         sensitivity.sensitivity_scan(net, eval_fn, ratios=[0.0, 0.5])
     assert net.state_dict().keys() == before.keys()
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+@pytest.mark.parametrize("path", [None, 3])
+def test_plot_sensitivity_names_a_path_that_is_no_path(path, tmp_path):
+    """plot_sensitivity(res, None) drew the whole figure, then failed in
+    pathlib ("expected str, bytes or os.PathLike object, not NoneType"),
+    naming no argument: a TypeError naming path now, before any drawing."""
+    res = sensitivity.SensitivityResult([0.0, 0.5], {"0": [0.9, 0.8]}, 0.9, "unstructured")
+    with pytest.raises(TypeError, match=rf"^path must be a str or Path \(the PNG file to write\); got "
+                                        rf"{type(path).__name__}$"):
+        sensitivity.plot_sensitivity(res, path)

@@ -34,7 +34,7 @@ from ..tensor import as_bool, nonnegative_int, positive_int
 from . import _compat
 from ._copyable import copy_model
 from .adapters import in_channels, kernel_volume, out_channels
-from .procedure import check_callable, check_real, metric_value
+from .procedure import check_callable, check_path, check_real, metric_value
 from .surgery import apply_channel_ratios, channel_groups, kept_count
 
 REWARDS = ("flops", "error")
@@ -245,7 +245,7 @@ class AMCResult:
 
     def export(self, path) -> Path:
         """Write the ratios and the search summary as JSON."""
-        path = Path(path)
+        path = check_path(path, "the JSON file to write")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"ratios": self.ratios, "metric": self.metric, "flops": self.flops,
                                     "dense_flops": self.dense_flops, "reward": self.reward,

@@ -28,7 +28,7 @@ from . import adapters
 from ._copyable import copy_model
 from .._modes import evaluating
 from .adapters import in_channels, out_channels
-from .procedure import call_train, check_callable, check_int, check_lr, check_real, metric_value
+from .procedure import call_train, check_callable, check_int, check_lr, check_path, check_real, metric_value
 from .surgery import capture, chain_followers, channel_groups, keep_by_l1, prune_channels
 
 
@@ -128,7 +128,7 @@ class LatencyTable:
         return total
 
     def save(self, path) -> Path:
-        path = Path(path)
+        path = check_path(path, "the JSON file to write")
         path.write_text(json.dumps({
             "entries": {n: [[k[0], k[1], v] for k, v in row.items()] for n, row in self.entries.items()},
             "keys": self.keys, "candidates": self.candidates, "rest": self.rest, "repeats": self.repeats,
@@ -139,7 +139,7 @@ class LatencyTable:
     def load(cls, path) -> "LatencyTable":
         """The table :meth:`save` wrote to ``path``; a ValueError naming the
         file where it holds no such table."""
-        path = Path(path)
+        path = check_path(path, "a file LatencyTable.save wrote")
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
             return cls({n: {(int(a), int(b)): float(v) for a, b, v in rows} for n, rows in d["entries"].items()},

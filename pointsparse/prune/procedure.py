@@ -8,7 +8,9 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -153,6 +155,15 @@ def check_lr(lr, name: str = "lr") -> float | None:
     if lr is None:
         return None
     return check_real(lr, name, "a finite number > 0 or None", lambda v: v > 0)
+
+
+def check_path(path, what: str, name: str = "path") -> Path:
+    """``path`` (a str or ``os.PathLike``) as a Path; else a TypeError
+    naming the argument ``name`` and ``what`` file it names (pathlib's own
+    error names no argument)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a str or Path ({what}); got {type(path).__name__}")
+    return Path(path)
 
 
 def check_callable(fn, name: str) -> None:

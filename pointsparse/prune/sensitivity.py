@@ -19,7 +19,7 @@ from . import _compat
 from ._copyable import copy_model
 from ..tensor import as_bool
 from .adapters import prunable_layers, used_mask
-from .procedure import check_callable, check_fraction, magnitude_prune_layer, metric_value
+from .procedure import check_callable, check_fraction, check_path, magnitude_prune_layer, metric_value
 
 GRANULARITIES = ("unstructured", "channel", "group")
 DEFAULT_RATIOS = tuple(round(0.1 * i, 1) for i in range(10))
@@ -207,6 +207,7 @@ def plot_sensitivity(result: SensitivityResult, path, threshold: float | None = 
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, numbers.Real)
                                   or not math.isfinite(threshold)):
         raise ValueError(f"threshold must be a finite number or None; got {threshold!r}")
+    path = check_path(path, "the PNG file to write")  # (before the drawing)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -221,7 +222,6 @@ def plot_sensitivity(result: SensitivityResult, path, threshold: float | None = 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
