@@ -340,3 +340,20 @@ def test_export_names_a_path_that_is_no_path(path):
     with pytest.raises(TypeError, match=rf"^path must be a str or Path \(the JSON file to write\); got "
                                         rf"{type(path).__name__}$"):
         res.export(path)
+
+
+def test_a_budget_below_the_largest_cut_names_the_fraction():
+    """A target_flops fraction below what max_ratio reaches was refused in
+    absolute FLOPs only ("target_flops 5.797e+05 is below what max_ratio=0.8
+    reaches (2.243e+06)" for a target_flops of 0.01): it names the value
+    given and the least fraction of the dense FLOPs the search can reach."""
+    net = mlp(0, widths=(8, 16, 12, 3))
+    x = torch.randn(4, 8)
+    dense = amc.flops_for(amc.layer_infos(net, x), {})
+    floor = amc.flops_for(amc.layer_infos(net, x), {"0": 0.8, "2": 0.8}) / dense
+    with pytest.raises(ValueError, match=rf"^target_flops 0.01 \(0.01 of the dense FLOPs, {0.01 * dense:.4g}\) is "
+                                         rf"below what max_ratio=0.8 reaches: {floor:.4f} of the dense FLOPs "
+                                         rf"\({floor * dense:.4g}\)$"):
+        amc.amc_search(net, lambda m: 1.0, x, reward="error", target_flops=0.01)
+    with pytest.raises(ValueError, match=rf"^target_flops 12 \({12 / dense:.4f} of the dense FLOPs\) is below"):
+        amc.amc_search(net, lambda m: 1.0, x, reward="error", target_flops=12)

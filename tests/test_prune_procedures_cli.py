@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 
@@ -251,3 +252,18 @@ def test_rigl_at_sparsity_0_counts_no_update(capsys):
     out = capsys.readouterr().out
     assert "RigL (erk): sparsity 0.000, every weight kept: no connection to drop or grow, accuracy " in out, out
     assert "drop/grow updates" not in out
+
+
+def test_amc_budget_below_the_largest_cut_names_the_flag_before_training(tmp_path, capsys, monkeypatch):
+    """`prune amc --flops 0.01` trained the dense model, then failed in the
+    library's words, absolute FLOPs of an argument the user never typed
+    ("target_flops 5.797e+05 is below what max_ratio=0.8 reaches"): refused
+    now before any training, naming --flops and the least it can be."""
+    pytest.importorskip("sklearn")
+    monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
+    assert cli.main(["prune", "amc", "--flops", "0.01", "--quick", "--out", str(tmp_path / "out")]) == 2
+    out, err = capsys.readouterr()
+    assert "dense accuracy" not in out
+    assert re.match(r"pointsparse prune: error: --flops 0.01: AMC removes at most 0.8 of each layer's output "
+                    r"channels, which leaves 0\.\d{3} of the dense FLOPs of task digits-cnn's model; give --flops >= "
+                    r"0\.\d{3}\n", err), err

@@ -268,11 +268,14 @@ def _run(args) -> int:
                          f"{task.name}{' with --quick' if args.quick else ''}: the rewind point is one of them")
     if args.procedure in WRITES_OUT:
         make_directory(args.out)
-    print(f"task {task.name}: {steps} training steps, metric {task.metric}")
     if task.trained_model is None:
         model = task.make_model(args.seed)
     else:  # (a checkpoint: its trained model; make_model(seed) draws the fresh ones, the lottery's re-init control)
         model = task.trained_model()
+    if args.procedure == "amc":
+        _check_flops(args, task, model)
+    print(f"task {task.name}: {steps} training steps, metric {task.metric}")
+    if task.trained_model is not None:
         print(f"start: the trained weights of {args.checkpoint}"
               + (", not a fresh initialisation" if args.procedure in ("init", "rigl", "lottery") else ""))
     if args.procedure not in ("init", "rigl", "lottery"):
@@ -325,6 +328,21 @@ def _rigl(args, task, model, steps) -> None:
         return
     print(f"RigL ({args.distribution}): {state.updates} drop/grow updates, sparsity {adapters.sparsity(model):.3f}, "
           f"{score}")
+
+
+def _check_flops(args, task, model) -> None:
+    """ValueError naming --flops where it is below the FLOPs AMC's largest
+    cut leaves (every producer at amc_search's default ``max_ratio``, which
+    prune amc runs): before the dense training, as --flops rather than the
+    library's target_flops."""
+    from ..prune.amc import DEFAULT_MAX_RATIO as AMC_MAX_RATIO, flops_for, layer_infos
+    infos = layer_infos(model, task.example_input, coupled=args.checkpoint is not None)
+    dense = flops_for(infos, {})
+    floor = flops_for(infos, {i.name: AMC_MAX_RATIO for i in infos if i.producer}) / dense if dense > 0 else 0.0
+    if args.flops < floor:
+        raise ValueError(f"--flops {args.flops}: AMC removes at most {AMC_MAX_RATIO} of each layer's output channels, "
+                         f"which leaves {floor:.3f} of the dense FLOPs of task {task.name}'s model; give --flops >= "
+                         f"{math.ceil(floor * 1000) / 1000:.3f}")
 
 
 def _amc(args, task, model, steps) -> None:

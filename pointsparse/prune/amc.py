@@ -38,6 +38,8 @@ from .procedure import check_callable, check_path, check_real, metric_value
 from .surgery import apply_channel_ratios, channel_groups, kept_count
 
 REWARDS = ("flops", "error")
+#: The most of a layer's output channels a search removes, unless given (``amc_search``'s ``max_ratio``).
+DEFAULT_MAX_RATIO = 0.8
 
 
 # ---------------------------------------------------------------- FLOPs model
@@ -333,7 +335,10 @@ def _space(model, example_input, coupled: bool, target_flops, max_ratio: float) 
         target = float(target_flops) * (dense if target_flops <= 1 else 1.0)
         floor = flops_for(infos, {p.name: max_ratio for p in producers})
         if target < floor:
-            raise ValueError(f"target_flops {target:.4g} is below what max_ratio={max_ratio} reaches ({floor:.4g})")
+            given = f"{target_flops:g} of the dense FLOPs, {target:.4g}" if target_flops <= 1 else \
+                f"{target / dense:.4f} of the dense FLOPs"
+            raise ValueError(f"target_flops {target_flops:g} ({given}) is below what max_ratio={max_ratio} reaches: "
+                             f"{floor / dense:.4f} of the dense FLOPs ({floor:.4g})")
     return _Space(infos, producers, raw_states, dense, target, max_ratio)
 
 
@@ -396,10 +401,10 @@ def _metric(value, episode: int) -> float:
 
 
 def amc_search(model: nn.Module, eval_fn: Callable[[nn.Module], float], example_input, episodes: int = 100,
-               warmup: int = 20, reward: str = "flops", target_flops: float | None = None, max_ratio: float = 0.8,
-               reconstruct: bool = False, calibration_input=None, noise: float = 0.5, noise_decay: float = 0.95,
-               seed: int = 0, agent_kwargs: dict | None = None, log: Callable[[str], None] | None = None,
-               coupled: bool = False) -> AMCResult:
+               warmup: int = 20, reward: str = "flops", target_flops: float | None = None,
+               max_ratio: float = DEFAULT_MAX_RATIO, reconstruct: bool = False, calibration_input=None,
+               noise: float = 0.5, noise_decay: float = 0.95, seed: int = 0, agent_kwargs: dict | None = None,
+               log: Callable[[str], None] | None = None, coupled: bool = False) -> AMCResult:
     """Search per-layer channel ratios for a chain ``model`` (left
     unchanged). ``eval_fn(pruned_copy)`` is the validation metric in [0, 1]
     (accuracy, mIoU); the error is ``1 - metric``. ``target_flops`` (absolute
