@@ -1076,3 +1076,26 @@ def test_prune_amc_says_when_no_episode_learned(voxel_run, tmp_path, capsys):
     assert "\n  0 of the 2 episodes acted by the trained agent (none: these ratios are a random search's best, not " \
            "AMC's)\n" in out, out
     assert json.loads((tmp_path / "amc_ratios.json").read_text())["learned_episodes"] == 0
+
+
+@pytest.mark.parametrize("procedure, why", [("lottery", "a lottery ticket is pruned from the dense network round "
+                                                        "by round"),
+                                            ("rigl", "RigL draws and moves its layers' masks itself")])
+def test_lottery_and_rigl_on_a_masked_checkpoint_name_the_file(voxel_run, tmp_path, capsys, monkeypatch, procedure,
+                                                               why):
+    """`prune lottery` / `prune rigl` on a checkpoint whose weights are
+    masked (prune vectors' or offsets') failed in the library's words, "pass
+    an unpruned model (prune.remove first)", naming no file and an action a
+    command line user cannot take: the --checkpoint is named now, with why
+    and what to give."""
+    masked = tmp_path / "vectors"
+    assert cli.main(["prune", "vectors", "--checkpoint", str(voxel_run), "--out", str(masked)]) == 0
+    capsys.readouterr()
+    monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
+    assert cli.main(["prune", procedure, "--checkpoint", str(masked / "checkpoint.pt"), "--quick"]) == 2
+    err = capsys.readouterr().err
+    layers = [k[:-len(".weight_mask")] for k in checkpoint.load(masked / "checkpoint.pt")["model"]
+              if k.endswith(".weight_mask")]
+    assert err.startswith(f"pointsparse prune: error: --checkpoint {masked / 'checkpoint.pt'}: its model is already "
+                          f"pruned (masks on {len(layers)} layers, e.g. {layers[0]!r}); {why}: give the dense "
+                          "checkpoint it was pruned from\n"), err

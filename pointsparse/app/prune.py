@@ -272,6 +272,7 @@ def _run(args) -> int:
         model = task.make_model(args.seed)
     else:  # (a checkpoint: its trained model; make_model(seed) draws the fresh ones, the lottery's re-init control)
         model = task.trained_model()
+        _check_unpruned(args, model)
     if args.procedure == "amc":
         _check_flops(args, task, model)
     print(f"task {task.name}: {steps} training steps, metric {task.metric}")
@@ -328,6 +329,25 @@ def _rigl(args, task, model, steps) -> None:
         return
     print(f"RigL ({args.distribution}): {state.updates} drop/grow updates, sparsity {adapters.sparsity(model):.3f}, "
           f"{score}")
+
+
+#: Why lottery and rigl take a dense model (their library refusal of a masked one says "pass an unpruned model").
+_DENSE_ONLY = {"lottery": "a lottery ticket is pruned from the dense network round by round",
+               "rigl": "RigL draws and moves its layers' masks itself"}
+
+
+def _check_unpruned(args, model) -> None:
+    """ValueError naming --checkpoint where lottery or rigl would start from
+    its masked model (prune vectors', offsets'), as each refuses it: RigL
+    any mask, the lottery one that prunes a weight."""
+    if args.procedure not in _DENSE_ONLY:
+        return
+    masked = [name for name, m in model.named_modules() if "weight_orig" in m._parameters
+              and (args.procedure == "rigl" or not bool(m.weight_mask.all()))]
+    if masked:
+        raise ValueError(f"--checkpoint {args.checkpoint}: its model is already pruned (masks on {len(masked)} "
+                         f"layers, e.g. {masked[0]!r}); {_DENSE_ONLY[args.procedure]}: give the dense checkpoint it "
+                         "was pruned from")
 
 
 def _check_flops(args, task, model) -> None:
