@@ -357,3 +357,33 @@ def test_a_budget_below_the_largest_cut_names_the_fraction():
         amc.amc_search(net, lambda m: 1.0, x, reward="error", target_flops=0.01)
     with pytest.raises(ValueError, match=rf"^target_flops 12 \({12 / dense:.4f} of the dense FLOPs\) is below"):
         amc.amc_search(net, lambda m: 1.0, x, reward="error", target_flops=12)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"batch_size": 0}, ValueError, r"^agent_kwargs: batch_size must be an int >= 1; got 0$"),
+    ({"batch_size": 2.5}, TypeError, r"^agent_kwargs: batch_size must be an int >= 1; got 2.5$"),
+    ({"buffer_size": 0}, ValueError, r"^agent_kwargs: buffer_size must be an int >= 1; got 0$"),
+    ({"batch_size": 8, "buffer_size": 4}, ValueError, r"^agent_kwargs: buffer_size 4 holds fewer transitions than "
+                                                      r"a batch \(batch_size 8\): the agent would never train$"),
+    ({"hidden": 0}, ValueError, r"^agent_kwargs: hidden must be an int >= 1; got 0$"),
+    ({"tau": float("nan")}, ValueError, r"^agent_kwargs: tau must be a number in \(0, 1\]; got nan$"),
+    ({"discount": 2.0}, ValueError, r"^agent_kwargs: discount must be a number in \[0, 1\]; got 2.0$"),
+    ({"actor_lr": -1}, ValueError, r"^agent_kwargs: actor_lr must be a finite number > 0; got -1$"),
+    ({"critic_lr": "a"}, TypeError, r"^agent_kwargs: critic_lr must be a finite number > 0; got 'a'$"),
+    ({"seed": 1}, TypeError, r"^agent_kwargs must not hold 'seed': amc_search's own seed seeds the agent$"),
+    ({"nope": 1}, TypeError, r"^agent_kwargs: .*unexpected keyword argument 'nope'$"),
+])
+def test_agent_kwargs_are_checked_before_any_episode(kwargs, error, match):
+    """amc_search's agent_kwargs went to DDPG unchecked: batch_size 0 was
+    torch's "stack expects a non-empty TensorList", 2.5 Python's "can't
+    multiply sequence by non-int", -1 random's "Sample larger than
+    population" (each after the warm-up's episodes had run), a buffer_size
+    under batch_size or 0 never trained, tau NaN made the agent NaN, and
+    'seed' was "got multiple values for keyword argument": each is named
+    now, before any episode."""
+    net = mlp(0, widths=(8, 16, 12, 3)).eval()
+    evaluated = []
+    with pytest.raises(error, match=match):
+        amc.amc_search(net, lambda m: evaluated.append(1) or 0.5, torch.randn(4, 8), episodes=4, warmup=1,
+                       reward="error", target_flops=0.6, agent_kwargs=kwargs)
+    assert evaluated == []

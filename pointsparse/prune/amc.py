@@ -34,7 +34,7 @@ from ..tensor import as_bool, nonnegative_int, positive_int
 from . import _compat
 from ._copyable import copy_model
 from .adapters import in_channels, kernel_volume, out_channels
-from .procedure import check_callable, check_path, check_real, metric_value
+from .procedure import check_callable, check_int, check_path, check_real, metric_value
 from .surgery import apply_channel_ratios, channel_groups, kept_count
 
 REWARDS = ("flops", "error")
@@ -172,6 +172,16 @@ class DDPG:
     def __init__(self, state_dim: int, hidden: int = 300, actor_lr: float = 1e-4, critic_lr: float = 1e-3,
                  tau: float = 0.01, discount: float = 1.0, buffer_size: int = 2000, batch_size: int = 64,
                  seed: int = 0) -> None:
+        state_dim, hidden = check_int(state_dim, "state_dim", 1), check_int(hidden, "hidden", 1)
+        batch_size, buffer_size = check_int(batch_size, "batch_size", 1), check_int(buffer_size, "buffer_size", 1)
+        if buffer_size < batch_size:  # (else it never holds a batch, and never trains)
+            raise ValueError(f"buffer_size {buffer_size} holds fewer transitions than a batch (batch_size "
+                             f"{batch_size}): the agent would never train")
+        for value, name in ((actor_lr, "actor_lr"), (critic_lr, "critic_lr")):
+            check_real(value, name, "a finite number > 0", lambda v: v > 0)
+        check_real(tau, "tau", "a number in (0, 1]", lambda v: 0 < v <= 1)
+        check_real(discount, "discount", "a number in [0, 1]", lambda v: 0 <= v <= 1)
+        seed = check_int(seed, "seed", 0)
         with torch.random.fork_rng(devices=[]):  # (seeded for the networks' init; the user's generator left alone)
             torch.manual_seed(seed)
             # (float32, as the states are, whatever torch's default dtype: a float64 default built float64 networks)
@@ -374,15 +384,11 @@ def _warn_unlearned(episodes: int, warmup: int, agent: DDPG, steps: int) -> None
     """The RuntimeWarning of a search whose every episode was random: its
     ratios are a random search's best, not the agent's."""
     first = max(warmup, math.ceil(agent.batch_size / steps) - 1) + 1  # (the first episode a trained agent acts in)
-    if agent.batch_size > agent.buffer_size:
-        need = f"the agent never trains: its batch_size {agent.batch_size} exceeds its buffer_size {agent.buffer_size}"
-    else:
-        need = f"give episodes > {first}"
     random = min(warmup, episodes)
     warnings.warn(f"AMC ran no learned episode: of its {episodes} episodes, {random} "
                   f"{'was' if random == 1 else 'were'} random warm-up and the agent trains only once it holds "
                   f"batch_size={agent.batch_size} transitions ({steps} per episode), so the ratios found are a random "
-                  f"search's best, not the agent's ({need})",
+                  f"search's best, not the agent's (give episodes > {first})",
                   RuntimeWarning, stacklevel=3)
 
 
@@ -421,7 +427,12 @@ def amc_search(model: nn.Module, eval_fn: Callable[[nn.Module], float], example_
         raise TypeError(f"agent_kwargs must be a dict of DDPG arguments or None; got {type(agent_kwargs).__name__}")
     space = _space(model, example_input, coupled, target_flops, max_ratio)
     scale, dense = space.scale, space.dense
-    agent = DDPG(8, seed=seed, **(agent_kwargs or {}))
+    if agent_kwargs is not None and "seed" in agent_kwargs:
+        raise TypeError("agent_kwargs must not hold 'seed': amc_search's own seed seeds the agent")
+    try:
+        agent = DDPG(8, seed=seed, **(agent_kwargs or {}))
+    except (TypeError, ValueError) as error:  # (its own argument's name, or Python's "unexpected keyword argument")
+        raise type(error)(f"agent_kwargs: {error}") from None
     rng = _random.Random(seed)
     best: AMCResult | None = None
     baseline = None
