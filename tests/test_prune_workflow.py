@@ -1099,3 +1099,23 @@ def test_lottery_and_rigl_on_a_masked_checkpoint_name_the_file(voxel_run, tmp_pa
     assert err.startswith(f"pointsparse prune: error: --checkpoint {masked / 'checkpoint.pt'}: its model is already "
                           f"pruned (masks on {len(layers)} layers, e.g. {layers[0]!r}); {why}: give the dense "
                           "checkpoint it was pruned from\n"), err
+
+
+def test_prune_offsets_refuses_a_sparsity_that_prunes_every_offset(voxel_run, tmp_path, capsys, monkeypatch):
+    """`prune offsets --sparsity 0.99` pruned round(0.99 * 27) = 27 of the 27
+    offsets of every conv whose windows overlap and wrote the checkpoint
+    ('0 of the 486 offsets ... kept'): each of those convs gives zeros, a
+    model destroyed without an error. Refused now, naming --sparsity, the
+    first such conv and the largest sparsity that keeps an offset; 0.98
+    (26 of 27 pruned) still writes one."""
+    monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
+    out = tmp_path / "out"
+    assert cli.main(["prune", "offsets", "--checkpoint", str(voxel_run), "--sparsity", "0.99", "--out",
+                     str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pointsparse prune: error: amount (--sparsity) 0.99 prunes all 27 kernel offsets of conv "
+                          "'stem.0.0' (round(0.99 * 27) = 27): it would give zeros; give at most 0.9814\n"), err
+    assert not (out / "checkpoint.pt").exists()
+    assert cli.main(["prune", "offsets", "--checkpoint", str(voxel_run), "--sparsity", "0.98", "--out",
+                     str(out)]) == 0
+    assert "18 of the 486 offsets" in capsys.readouterr().out

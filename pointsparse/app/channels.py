@@ -215,7 +215,8 @@ def prune_offsets_checkpoint(path, out, amount: float) -> Path:
     fine-tuning as :func:`prune_vectors_checkpoint`'s masks. The engine runs
     only the kept offsets' pairs, forward and backward, and its bf16 forward
     runs them on the AMX tiles where the CPU has them (bench/RESULTS.md).
-    Returns its path."""
+    Returns its path; a ValueError (nothing written) where ``amount`` would
+    prune every offset of a conv (0.99 of 27: round(26.73) = 27)."""
     return _prune_offsets(path, out, amount)[0]
 
 
@@ -239,8 +240,25 @@ def _prune_offsets(path, out, amount: float) -> tuple[Path, int, int]:
                          "stride) to prune by offsets")
     for module in convs:
         kernel_structured(module, "weight", float(amount), scope="offset")
+    _check_kept_offsets(model, convs, amount)
     kept = sum(int(_weights_of(m, m.weight_mask).flatten(1).any(1).sum()) for m in convs)
     return save_pruned(state, model, out), kept, sum(_weights_of(m, m.weight_mask).shape[0] for m in convs)
+
+
+def _check_kept_offsets(model, convs, amount: float) -> None:
+    """ValueError naming the first of ``convs`` whose every kernel offset
+    ``amount`` pruned (torch's rounding: round(amount * offsets)), a conv
+    that would give zeros, and the most ``amount`` can be for every conv to
+    keep one."""
+    names = {module: name for name, module in model.named_modules()}
+    offsets = [_weights_of(module, module.weight_mask).flatten(1).any(1) for module in convs]
+    most = min(math.floor((len(kept) - 0.5) / len(kept) * 1e4) / 1e4 for kept in offsets)
+    for module, kept in zip(convs, offsets):
+        if not bool(kept.any()):
+            n = len(kept)
+            raise ValueError(f"amount (--sparsity) {amount:g} prunes all {n} kernel offsets of conv "
+                             f"{names[module]!r} (round({amount:g} * {n}) = {round(amount * n)}): it would give "
+                             f"zeros; give at most {most:.4f}")
 
 
 def prune_voxels_checkpoint(path, out, keep_ratio: float = 0.5, placement: str = "skip", stages=None,
