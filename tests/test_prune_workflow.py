@@ -1119,3 +1119,17 @@ def test_prune_offsets_refuses_a_sparsity_that_prunes_every_offset(voxel_run, tm
     assert cli.main(["prune", "offsets", "--checkpoint", str(voxel_run), "--sparsity", "0.98", "--out",
                      str(out)]) == 0
     assert "18 of the 486 offsets" in capsys.readouterr().out
+
+
+def test_prune_vectors_refuses_a_sparsity_that_prunes_a_whole_conv(voxel_run, tmp_path, capsys, monkeypatch):
+    """`prune vectors --sparsity 0.999` pruned every engine vector of the
+    convs with fewer than 500 (round(0.999 * n) = n) and wrote the
+    checkpoint: those convs give zeros. Refused now, nothing written."""
+    monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
+    out = tmp_path / "out"
+    assert cli.main(["prune", "vectors", "--checkpoint", str(voxel_run), "--sparsity", "0.999", "--out",
+                     str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pointsparse prune: error: amount (--sparsity) 0.999 prunes every engine vector of conv "
+                          "'stem.0.0': it would give zeros; give a smaller one\n"), err
+    assert not (out / "checkpoint.pt").exists()

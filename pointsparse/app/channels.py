@@ -160,7 +160,8 @@ def prune_vectors_checkpoint(path, out, amount: float, square: bool = False, row
     weights at zero (they get no gradient). ``prune.remove`` (or
     ``nn.fuse_for_inference`` after it) makes them plain weights for
     inference. The run's epoch, schedule and history are kept, the optimizer
-    state is fresh. Returns its path."""
+    state is fresh. Returns its path; a ValueError (nothing written) where
+    ``amount`` would prune every vector of a conv."""
     return _prune_vectors(path, out, amount, square, rows, panels)[0]
 
 
@@ -180,6 +181,11 @@ def _prune_vectors(path, out, amount: float, square: bool, rows: int | None = No
         raise ValueError(f"{path}: the model has no sparse conv with more than one offset to prune by vectors")
     for module in convs:
         panel_structured(module, "weight", float(amount), square=square, rows=rows, panels=panels)
+    names = {module: name for name, module in model.named_modules()}
+    for module in convs:  # (round(amount * vectors) of a small conv's vectors can be all of them)
+        if not bool(_weights_of(module, module.weight_mask).any()):
+            raise ValueError(f"amount (--sparsity) {amount:g} prunes every engine vector of conv "
+                             f"{names[module]!r}: it would give zeros; give a smaller one")
     masks = [_weights_of(m, m.weight_mask) for m in convs]
     return save_pruned(state, model, out), sum(int(m.count_nonzero()) for m in masks), sum(m.numel() for m in masks)
 
