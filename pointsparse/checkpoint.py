@@ -368,8 +368,9 @@ def check_config(config, where) -> None:
     ``config`` is a dict whose run settings, where present, are of their kind:
     ``classes`` a non-empty list of str, ``in_channels`` and ``blocks`` ints
     >= 1, ``voxel_size`` and ``cr`` finite numbers > 0, ``ignore_index`` an
-    int, ``model`` a str (a damaged or hand-edited file otherwise failed deep
-    inside voxelisation or model building, not naming it)."""
+    int, ``model`` a str, ``label_map`` a str or None (a damaged or
+    hand-edited file otherwise failed deep inside voxelisation or model
+    building, not naming it)."""
     import math
     import numbers
 
@@ -404,6 +405,8 @@ def check_config(config, where) -> None:
         bad("ignore_index", "an int", TypeError)
     if "model" in config and not isinstance(config["model"], str):
         bad("model", "a model name", TypeError)
+    if "label_map" in config and not (config["label_map"] is None or isinstance(config["label_map"], str)):
+        bad("label_map", "a label map's name or file (str), or None", TypeError)
 
 
 def check_directory(path, what: str = "--out") -> Path:

@@ -294,6 +294,65 @@ def test_val_data_of_a_format_whose_default_label_map_differs_is_refused(tmp_pat
     assert val.label_map.name == tr.open_training_data(_parse(files[:2] + ["--out", "x"]))[0].label_map.name
 
 
+def test_a_run_on_a_formats_default_map_records_it_and_other_formats_are_read_through_it_or_refused(tmp_path,
+                                                                                                   capsys):
+    """``train --data <SemanticKITTI .bin>`` without --label-map read its clouds through SemanticKITTI's map
+    (the .bin default) but recorded no map: ``eval --data <Open3D-ML learning ids>`` of the checkpoint read
+    the learning ids as class indices (road, 9, scored as the run's parking, 9; every class one off) without
+    a word, and prune's clouds (``--data``) the same. The config now records the map the run read its clouds
+    through (``label_map``: the default's name, None for raw labels); files whose formats take another map
+    by default are refused without --label-map, naming both; with it they read as given; the run's own
+    format reads as before, and a checkpoint that records no map (older runs) as before."""
+    from pointsparse import checkpoint
+    from pointsparse.app.tasks import checkpoint_batches
+
+    rng = np.random.default_rng(0)
+    xyz = rng.uniform(0, 8, (400, 3)).astype(np.float32)
+    seq = tmp_path / "seq"
+    (seq / "velodyne").mkdir(parents=True)
+    (seq / "labels").mkdir()
+    np.c_[xyz, np.zeros(400)].astype(np.float32).tofile(seq / "velodyne" / "000000.bin")
+    raw = rng.choice([10, 40, 48, 50], 400)  # car, road, sidewalk, building
+    raw.astype(np.uint32).tofile(seq / "labels" / "000000.label")
+    learning = tmp_path / "learning.npz"  # (the same cloud as Open3D-ML's learning ids)
+    np.savez(learning, xyz=xyz, labels=np.select([raw == 10, raw == 40, raw == 48], [1, 9, 11], 13))
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", str(seq), "--epochs", "1", "--cr", "0.125", "--blocks", "1", "--voxel-size",
+                     "0.5", "--batch-size", "1", "--no-progress", "--out", str(run)]) == 0, capsys.readouterr().err
+    ckpt = run / tr.CHECKPOINT
+    state = tr.load_checkpoint(ckpt)
+    assert state["config"]["label_map"] == "semantic-kitti" and state["args"]["label_map"] is None
+
+    def confusion(*flags):
+        out = tmp_path / f"ev{len(list(tmp_path.glob('ev*')))}"
+        code = cli.main(["eval", "--checkpoint", str(ckpt), *flags, "--out", str(out), "--no-progress"])
+        return json.loads((out / "eval-metrics.json").read_text())["confusion"] if code == 0 else code
+
+    scored = confusion("--data", str(seq))
+    assert confusion() == scored  # (the run's own clouds, through its map)
+    capsys.readouterr()
+    assert confusion("--data", str(learning)) == 2
+    err = capsys.readouterr().err
+    assert (f"--data: its clouds take no label map (raw labels) by default ({learning}); the run read its clouds "
+            "through the label map 'semantic-kitti'") in err and "give --label-map" in err, err
+    assert confusion("--data", str(learning), "--label-map", "semantic-kitti-learning") == scored
+    with pytest.raises(ValueError, match=r"--data: its clouds take no label map \(raw labels\) by default"):
+        checkpoint_batches(state, [str(learning)])
+    assert torch.equal(checkpoint_batches(state, [str(learning)], "semantic-kitti-learning")[0].labels,
+                       checkpoint_batches(state, [str(seq)])[0].labels)
+    # A checkpoint that records no map: as before (the files' own default; here, the learning ids as indices).
+    del state["config"]["label_map"]
+    checkpoint.save(tmp_path / "old.pt", state)
+    ckpt = tmp_path / "old.pt"
+    assert confusion("--data", str(seq)) == scored
+    assert confusion("--data", str(learning)) not in (2, scored)
+    assert len(checkpoint_batches(state, [str(learning)])[0].labels) > 0
+    state["config"]["label_map"] = 5  # (hand-edited: refused on loading, naming it)
+    checkpoint.save(tmp_path / "bad.pt", state)
+    with pytest.raises(ValueError, match=r"bad\.pt: its config's label_map must be a label map's name or file"):
+        tr.load_checkpoint(tmp_path / "bad.pt")
+
+
 def test_a_label_map_name_is_saved_as_a_name_beside_a_folder_so_named(tmp_path, monkeypatch):
     """``train --label-map ign-lidarhd`` run from a folder holding the data in a folder named ``ign-lidarhd``
     (as ../shared/datasets does) saved the map as the path of that folder, since it exists: eval of the

@@ -18,7 +18,8 @@ import torch
 
 from ..checkpoint import DirectoryLock
 from ..data import DEFAULT_IGNORE, VALIDATION_SEED, VoxelDataset, open_source
-from ..data.datasets import is_generated
+from ..data.datasets import default_label_map, is_generated
+from ..data.readers import find_clouds
 from ..models import model_from_state
 from . import metrics
 from .distributed import pick_device
@@ -313,22 +314,45 @@ def program_and_state(path, args=None):
                    "inference": meta.get("inference", "float32")}
 
 
+def files_label_map(state: dict, spec, label_map, where: str, validation: bool = True):
+    """The label map a checkpoint's model reads the files of ``spec`` through:
+    ``label_map`` (``--label-map``), else the run's ``--val-label-map``
+    (``validation``: files scored as the run validated) or ``--label-map``,
+    else, where its config records the map the run read its clouds through
+    by their formats' default (``label_map``; None: raw labels), that map; a
+    ValueError naming ``where`` where the files' formats take another one by
+    default (a run on SemanticKITTI .bin scans scored Open3D-ML learning ids
+    as class indices, one class off). A checkpoint that records no map (an
+    older run's): None, the files' own default, as before."""
+    saved, config = state.get("args") or {}, state["config"]
+    given = label_map or (validation and saved.get("val_label_map")) or saved.get("label_map")
+    if given or "label_map" not in config:
+        return given or None
+    run, default = config["label_map"], default_label_map(spec)
+    if default != run:
+        def said(name) -> str:
+            return "no label map (raw labels)" if name is None else f"the label map {name!r}"
+
+        raise ValueError(f"{where}: its clouds take {said(default)} by default ({find_clouds(spec)[0]}); the run "
+                         f"read its clouds through {said(run)}, to its {len(config['classes'])} classes: give "
+                         "--label-map of these files' labels to the run's classes")
+    return run
+
+
 def eval_source(args, state: dict, ignore_index: int):
     """(the data spec, its clouds) that ``pointsparse eval`` scores: ``--data``,
     else the files the run validated on, else the run's data. Files take
     ``--label-map``, else the run's validation label map, else its label
-    map (as ``train --val-data`` takes them: the classes the model predicts)."""
+    map (as ``train --val-data`` takes them: the classes the model predicts),
+    else the default map the run read its clouds through, where their
+    formats take it (:func:`files_label_map`)."""
     saved = state.get("args", {})
-    label_map = args.label_map
     if args.data:
-        spec = args.data
-        label_map = label_map or saved.get("val_label_map") or saved.get("label_map")
+        spec, validation = args.data, True
     elif state.get("val_paths"):  # the files the run validated on
-        spec = state["val_paths"]
-        label_map = label_map or saved.get("val_label_map") or saved.get("label_map")
+        spec, validation = state["val_paths"], True
     else:
-        spec = saved.get("data") or ["generated"]
-        label_map = label_map or saved.get("label_map")
+        spec, validation = saved.get("data") or ["generated"], False
     count = getattr(args, "val_scenes", None)
     if is_generated(spec):
         if args.label_map is not None:  # (with --data generated, train.check_args refused it)
@@ -339,4 +363,5 @@ def eval_source(args, state: dict, ignore_index: int):
     if count is not None:
         raise ValueError(f"--val-scenes counts generated scenes; the data scored here are files ({spec[0]}...): "
                          "drop it, or score generated data")
+    label_map = files_label_map(state, spec, args.label_map, "--data" if args.data else "the run's data", validation)
     return spec, open_source(spec, label_map, ignore_index)

@@ -236,7 +236,10 @@ def _checkpoint_batches(state: dict, data, label_map, count: int) -> list:
         # The run's sensor (range, beams) and its training scenes (train.py: seeds from seed * 10_000).
         source = generated_source(spec, saved, count, int(saved.get("seed", 0)) * 10_000)
     else:
-        source = open_source(spec, label_map or saved.get("label_map"), config.get("ignore_index", 255))
+        from .evaluate import files_label_map
+
+        label_map = files_label_map(state, spec, label_map, "--data" if data else "the run's data", False)
+        source = open_source(spec, label_map, config.get("ignore_index", 255))
         if source.classes is not None:  # (as eval refuses them: the labels would be another map's training ids)
             from .evaluate import check_data_classes
 

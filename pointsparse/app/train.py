@@ -28,7 +28,7 @@ import torch
 
 from .. import checkpoint
 from ..data import DEFAULT_IGNORE, NUM_FEATURES, VALIDATION_SEED, Batch, CloudFiles, VoxelDataset, open_source
-from ..data.datasets import is_generated
+from ..data.datasets import default_label_map, is_generated
 from ..data.generated import MAX_AZIMUTH_STEPS, MAX_BEAMS, MAX_RANGE
 from ..models import SyncBatchNorm, build_model, model_from_state
 from ..models.loading import non_finite_entry
@@ -69,8 +69,9 @@ def add_data_arguments(parser, ignore_default: int | None = DEFAULT_IGNORE, run_
         data_help = (f"{clouds}, or 'generated' / 'generated-indoor' scenes (default: the files the run validated "
                      "on, else the run's data)")
         map_help = (f"raw class id -> training id map of the --data files: a JSON file or a name in datasets/ "
-                    f"(semantic-kitti, {maps}; default: the run's (its --val-label-map, else its --label-map), "
-                    "else semantic-kitti for .bin, semantic3d or s3dis for .txt)")
+                    f"(semantic-kitti, {maps}; default: the run's (its --val-label-map, else its --label-map, else "
+                    "the default map its clouds took, where --data's format takes it too: other formats are "
+                    "refused), else semantic-kitti for .bin, semantic3d or s3dis for .txt)")
     else:
         data_help = f"'generated' (LiDAR street scenes, the default), 'generated-indoor', or {clouds}"
         map_help = (f"raw class id -> training id map: a JSON file or a name in datasets/ (semantic-kitti "
@@ -875,6 +876,14 @@ class TrainingJob:
             self.config = {"in_channels": NUM_FEATURES, "classes": self.classes, "cr": args.cr,
                            "blocks": args.blocks, "voxel_size": args.voxel_size, "ignore_index": args.ignore_index,
                            "model": args.model, "training": {name: getattr(args, name) for name in RUN_SETTINGS}}
+        if not is_generated(args.data):
+            # The label map the clouds were read through, their formats' default included (recorded as given,
+            # a file as its absolute path; None: the raw labels are the classes): eval and prune of another
+            # format's files read them through the run's classes, or refuse them (a run on
+            # SemanticKITTI .bin scans recorded no map, and Open3D-ML learning ids were scored one class off).
+            # A resumed run keeps the map its checkpoint records; one that records none takes this run's.
+            self.config.setdefault("label_map", saved_args(args)["label_map"] if args.label_map is not None
+                                   else default_label_map(self.train_src.paths))
         if state is not None:
             from .evaluate import check_data_classes
 

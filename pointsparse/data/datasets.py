@@ -109,6 +109,14 @@ def _default_map(paths: list[Path]) -> str | None:
                      "clouds of one data set")
 
 
+def default_label_map(specs) -> str | None:
+    """The name of the label map the clouds of ``specs`` (paths, globs or
+    folders) are read through when none is given: their formats' one
+    default, None for raw labels (a ValueError where the formats' defaults
+    differ, as :class:`CloudFiles` refuses them)."""
+    return _default_map(find_clouds(specs))
+
+
 class CloudFiles(Sequence[Sample]):
     """Point cloud files (paths, globs or folders; see
     :func:`~pointsparse.data.readers.find_clouds`), read on first use and kept,
