@@ -887,3 +887,38 @@ def test_the_mostly_ignored_warning_names_the_option_that_gave_the_map(capsys):
         train._check_scored(source, len(label_map.classes), 255, None, train._val_map_flag(args))
         err = capsys.readouterr().err
         assert "75.0% of the points" in err and f"({flag})" in err, err
+
+
+def test_predict_label_format_takes_the_map_the_run_recorded(tmp_path, capsys):
+    """A run on SemanticKITTI .bin scans without --label-map (read through SemanticKITTI's map, which its
+    config records) asked for --label-map in predict --format label of other files (Open3D-ML .npy scans):
+    only .bin inputs took SemanticKITTI's map. The map the run recorded is the run's label map now: the same
+    raw ids as --label-map semantic-kitti, for any input format; a checkpoint recording raw labels (None) is
+    still asked for one."""
+    from pointsparse import checkpoint
+
+    sk = load_label_map("semantic-kitti")
+    torch.manual_seed(0)
+    model = MinkUNet(NUM_FEATURES, len(sk.classes), cr=0.25, blocks=1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.running_var.fill_(0.01)
+    config = {"in_channels": NUM_FEATURES, "classes": list(sk.classes), "cr": 0.25, "blocks": 1,
+              "voxel_size": 0.5, "ignore_index": 255, "model": "minkunet", "label_map": "semantic-kitti"}
+    ckpt = tmp_path / "c.pt"
+    checkpoint.save(ckpt, {"model": model.state_dict(), "config": config, "args": {"label_map": None}})
+    scene = generated.outdoor_scene(seed=21, beams=16, azimuth_steps=256)
+    cloud = tmp_path / "in" / "scan_points.npy"
+    cloud.parent.mkdir()
+    np.save(cloud, scene.xyz.astype(np.float32))
+    written = []
+    for i, flags in enumerate(([], ["--label-map", "semantic-kitti"])):
+        out = tmp_path / f"out{i}"
+        assert cli.main(["predict", "--checkpoint", str(ckpt), "--data", str(cloud), "--format", "label",
+                         "--out", str(out), "--no-progress", *flags]) == 0, capsys.readouterr().err
+        written.append(np.fromfile(out / "scan_points.label", np.uint32))
+    assert np.array_equal(written[0], written[1]) and set(np.unique(written[0])) <= set(sk.mapping)
+    checkpoint.save(ckpt, {"model": model.state_dict(), "config": {**config, "label_map": None}})
+    assert cli.main(["predict", "--checkpoint", str(ckpt), "--data", str(cloud), "--format", "label", "--out",
+                     str(tmp_path / "out2"), "--no-progress"]) == 2
+    assert "give --label-map" in capsys.readouterr().err

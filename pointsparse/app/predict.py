@@ -12,7 +12,8 @@ common folder, without its suffix>`` gets
   written as the raw id the label map's ``inverse`` gives it (SemanticKITTI's:
   the benchmark's ``learning_map_inv``), else the smallest raw id the map sends
   to it (the run's label map, ``--label-map``, or SemanticKITTI's for ``.bin``
-  files), instance bits 0; a
+  files; the run's is the one its config records, its format's default
+  included), instance bits 0; a
   scan in a ``velodyne`` folder gets its file in a ``predictions`` folder beside
   that one (``sequences/08/predictions/000000.label``, as the benchmark takes), or
 - ``.labels`` (``--format labels``): Semantic3D's text, one raw id a line (the
@@ -194,7 +195,9 @@ def main(args) -> int:
                          "indices")
     semantic3d = load_label_map("semantic3d")
     if args.format != "npy":
-        name = args.label_map or (state.get("args") or {}).get("label_map")
+        # (the run's: its --label-map, else the map its config records it read its clouds through, a format's
+        # default included: a run on .bin scans asked for one to write the .label of other formats' clouds)
+        name = args.label_map or (state.get("args") or {}).get("label_map") or config.get("label_map")
         origin = "--label-map" if args.label_map else "the run's label map"
         if name is None and args.format == "label" and any(p.suffix.lower() == ".bin" for p in paths):
             name, origin = "semantic-kitti", "SemanticKITTI's, the default for .bin files"
