@@ -1133,3 +1133,39 @@ def test_prune_vectors_refuses_a_sparsity_that_prunes_a_whole_conv(voxel_run, tm
     assert err.startswith("pointsparse prune: error: amount (--sparsity) 0.999 prunes every engine vector of conv "
                           "'stem.0.0': it would give zeros; give a smaller one\n"), err
     assert not (out / "checkpoint.pt").exists()
+
+
+def test_prune_channels_of_unlabelled_clouds_of_another_format_than_the_runs(tmp_path, capsys):
+    """A run that records SemanticKITTI's map (read from .bin scans by default) refuses labelled clouds of a
+    format whose default is another map without --label-map; unlabelled ones (an Open3D-ML .npy scan's
+    points alone), which prune channels --criterion l1 reads for its example input only, were refused as
+    well, naming their labels, where they were pruned on before. They are read as before (no labels); a
+    labelled cloud is still refused, and --criterion taylor still asks for labelled clouds."""
+    from pointsparse.data import NUM_FEATURES
+    from pointsparse.data.readers import load_label_map
+    from pointsparse.models import MinkUNet
+
+    classes = load_label_map("semantic-kitti").classes
+    rng = np.random.default_rng(0)
+    xyz = rng.uniform(0, 8, (400, 3)).astype(np.float32)
+    (tmp_path / "bare").mkdir()
+    np.save(tmp_path / "bare" / "000000.npy", xyz)
+    np.savez(tmp_path / "labelled.npz", xyz=xyz, labels=rng.integers(1, 20, 400))
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    ckpt.parent.mkdir()
+    torch.manual_seed(0)
+    checkpoint.save(ckpt, {"model": MinkUNet(NUM_FEATURES, len(classes), cr=0.125, blocks=1).state_dict(),
+                           "config": {"in_channels": NUM_FEATURES, "classes": list(classes), "cr": 0.125,
+                                      "blocks": 1, "voxel_size": 0.5, "model": "minkunet",
+                                      "label_map": "semantic-kitti"},
+                           "args": {"data": ["/nowhere/seq"], "label_map": None, "optimizer": "adamw", "lr": 2e-3,
+                                    "weight_decay": 1e-4}})
+    argv = ["prune", "channels", "--checkpoint", str(ckpt), "--ratio", "0.5"]
+    assert cli.main([*argv, "--data", str(tmp_path / "bare"), "--out", str(tmp_path / "p")]) == 0, \
+        capsys.readouterr().err
+    assert (tmp_path / "p" / "checkpoint.pt").is_file()
+    assert cli.main([*argv, "--data", str(tmp_path / "labelled.npz"), "--out", str(tmp_path / "q")]) == 2
+    assert "its clouds take no label map (raw labels) by default" in capsys.readouterr().err
+    assert cli.main([*argv, "--data", str(tmp_path / "bare"), "--criterion", "taylor", "--out",
+                     str(tmp_path / "r")]) == 2
+    assert "needs labelled clouds" in capsys.readouterr().err
