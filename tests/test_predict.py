@@ -290,6 +290,21 @@ def test_scoring_commands_refuse_unlabelled_clouds(tmp_path, capsys):
     assert not list(tmp_path.rglob("checkpoint.pt")) and not list(tmp_path.rglob("*.json"))
 
 
+def test_eval_of_unlabelled_clouds_of_another_format_than_the_runs_says_they_have_no_labels(tmp_path, capsys):
+    """eval of an unlabelled .npy cloud with a run that records SemanticKITTI's map (read from .bin scans
+    by default) asked for --label-map "of these files' labels", and with one given, said the cloud has no
+    labels. The cloud's missing labels are named first, as for a run of the same format."""
+    from pointsparse import checkpoint
+
+    cloud = tmp_path / "c1.npy"
+    np.save(cloud, (np.random.default_rng(0).random((2000, 4)) * 20).astype(np.float32))
+    state = torch.load(_checkpoint(tmp_path / "m.pt"), weights_only=True)
+    checkpoint.save(tmp_path / "sk.pt", {**state, "config": {**state["config"], "label_map": "semantic-kitti"}})
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "sk.pt"), "--data", str(cloud), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{cloud} has no labels" in err and "these files' labels" not in err, err
+
+
 def test_a_failed_predict_leaves_no_classes_json(tmp_path, capsys):
     """classes.json marks a finished run (written after every cloud): a run into an earlier run's folder that
     fails on a later cloud removes the old one instead of leaving it beside a part of the new predictions."""

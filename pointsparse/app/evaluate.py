@@ -363,5 +363,18 @@ def eval_source(args, state: dict, ignore_index: int):
     if count is not None:
         raise ValueError(f"--val-scenes counts generated scenes; the data scored here are files ({spec[0]}...): "
                          "drop it, or score generated data")
-    label_map = files_label_map(state, spec, args.label_map, "--data" if args.data else "the run's data", validation)
+    try:
+        label_map = files_label_map(state, spec, args.label_map, "--data" if args.data else "the run's data",
+                                    validation)
+    except ValueError as refusal:
+        # (files whose format takes another map by default than the run's: a first cloud without labels is
+        # refused as such by the scoring's check, not asked for the map of labels it lacks)
+        source = open_source(spec, None, ignore_index)
+        try:
+            unlabelled = source[0].labels is None
+        except ValueError:  # (read outside --skip-nonfinite's hold here: a cloud with NaN positions, the map first)
+            unlabelled = False
+        if not unlabelled:
+            raise refusal
+        return spec, source
     return spec, open_source(spec, label_map, ignore_index)
