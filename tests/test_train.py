@@ -347,6 +347,10 @@ def test_a_run_on_a_formats_default_map_records_it_and_other_formats_are_read_th
     assert confusion("--data", str(seq)) == scored
     assert confusion("--data", str(learning)) not in (2, scored)
     assert len(checkpoint_batches(state, [str(learning)])[0].labels) > 0
+    # Resumed, such a run records the map its resumed epochs read its clouds through.
+    assert cli.main(["train", "--resume", str(ckpt), "--epochs", "2", "--no-progress", "--out",
+                     str(tmp_path / "resumed")]) == 0, capsys.readouterr().err
+    assert tr.load_checkpoint(tmp_path / "resumed" / tr.CHECKPOINT)["config"]["label_map"] == "semantic-kitti"
     state["config"]["label_map"] = 5  # (hand-edited: refused on loading, naming it)
     checkpoint.save(tmp_path / "bad.pt", state)
     with pytest.raises(ValueError, match=r"bad\.pt: its config's label_map must be a label map's name or file"):
