@@ -1169,3 +1169,32 @@ def test_prune_channels_of_unlabelled_clouds_of_another_format_than_the_runs(tmp
     assert cli.main([*argv, "--data", str(tmp_path / "bare"), "--criterion", "taylor", "--out",
                      str(tmp_path / "r")]) == 2
     assert "needs labelled clouds" in capsys.readouterr().err
+
+
+def test_prune_channels_reads_unlabelled_semantic3d_scans_of_a_semantic3d_run_as_semantic3d(tmp_path, capsys):
+    """A run on Semantic3D scans (read through Semantic3D's map, the default for a .txt with its .labels) pruned
+    on the benchmark's test scans (no .labels beside them), without --label-map: their rows were read as S3DIS
+    rows (a .txt's default without .labels), refused as "not S3DIS rows ... give the label map 'semantic3d'".
+    Unlabelled clouds of another format's default are read through the map the run records; eval of them
+    names their missing labels."""
+    from pointsparse.data import NUM_FEATURES
+    from pointsparse.data.readers import load_label_map
+    from pointsparse.models import MinkUNet
+
+    classes = load_label_map("semantic3d").classes
+    rng = np.random.default_rng(0)
+    rows = np.c_[rng.uniform(0, 20, (3000, 3)), rng.integers(-2000, 2000, 3000), rng.integers(0, 255, (3000, 3))]
+    scan = tmp_path / "scan.txt"
+    np.savetxt(scan, rows, fmt="%.3f %.3f %.3f %d %d %d %d")
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    ckpt.parent.mkdir()
+    torch.manual_seed(0)
+    checkpoint.save(ckpt, {"model": MinkUNet(NUM_FEATURES, len(classes), cr=0.125, blocks=1).state_dict(),
+                           "config": {"in_channels": NUM_FEATURES, "classes": list(classes), "cr": 0.125,
+                                      "blocks": 1, "voxel_size": 0.5, "model": "minkunet", "label_map": "semantic3d"},
+                           "args": {"data": ["/nowhere/scan.txt"], "label_map": None, "optimizer": "adamw",
+                                    "lr": 2e-3, "weight_decay": 1e-4}})
+    assert cli.main(["prune", "channels", "--checkpoint", str(ckpt), "--ratio", "0.5", "--data", str(scan), "--out",
+                     str(tmp_path / "p")]) == 0, capsys.readouterr().err
+    assert cli.main(["eval", "--checkpoint", str(ckpt), "--data", str(scan), "--no-progress"]) == 2
+    assert f"{scan} has no labels" in capsys.readouterr().err

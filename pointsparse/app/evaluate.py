@@ -367,9 +367,10 @@ def eval_source(args, state: dict, ignore_index: int):
         label_map = files_label_map(state, spec, args.label_map, "--data" if args.data else "the run's data",
                                     validation)
     except ValueError as refusal:
-        # (files whose format takes another map by default than the run's: a first cloud without labels is
-        # refused as such by the scoring's check, not asked for the map of labels it lacks)
-        source = open_source(spec, None, ignore_index)
+        # (files whose format takes another map by default than the run's: a first cloud without labels, read
+        # through the run's map as its own clouds' format reads, is refused as such by the scoring's check, not
+        # asked for the map of labels it lacks)
+        source = open_source(spec, state["config"]["label_map"], ignore_index)
         try:
             unlabelled = source[0].labels is None
         except ValueError:  # (read outside --skip-nonfinite's hold here: a cloud with NaN positions, the map first)

@@ -243,8 +243,9 @@ def _checkpoint_batches(state: dict, data, label_map, count: int) -> list:
             label_map = files_label_map(state, spec, label_map, "--data" if data else "the run's data", False)
         except ValueError:
             # (files whose format takes another map by default than the run's: moot where the clouds taken hold
-            # no labels, channels' example input, read as before; refused where they hold some)
-            source = open_source(spec, None, ignore_index)
+            # no labels, channels' example input, read through the run's map, as its own clouds' format reads
+            # (Semantic3D test scans, without .labels, as Semantic3D rows); refused where they hold some)
+            source = open_source(spec, config["label_map"], ignore_index)
             if any(source[i % len(source)].labels is not None for i in range(count)):
                 raise
         else:
