@@ -357,6 +357,35 @@ def test_a_run_on_a_formats_default_map_records_it_and_other_formats_are_read_th
         tr.load_checkpoint(tmp_path / "bad.pt")
 
 
+
+def test_val_data_of_other_classes_than_the_generated_scenes_is_refused(tmp_path):
+    """``train --data generated --val-data <SemanticKITTI .bin>`` read the validation labels through
+    SemanticKITTI's map (car 0 ... road 8) and scored them as the generated classes of those indices (car as
+    road, road as person), with a validation mIoU and no word; --val-data files beside --data files were
+    refused for other classes, and eval of such files refuses them. Now refused here too, naming both class
+    lists; a map to the generated classes, and raw labels (their indices), read as before."""
+    import json as json_
+
+    from pointsparse.data.generated import OUTDOOR_CLASSES
+
+    rng = np.random.default_rng(0)
+    xyz = rng.uniform(0, 8, (300, 3)).astype(np.float32)
+    (tmp_path / "seq" / "velodyne").mkdir(parents=True)
+    (tmp_path / "seq" / "labels").mkdir()
+    np.c_[xyz, np.zeros(300)].astype(np.float32).tofile(tmp_path / "seq" / "velodyne" / "000000.bin")
+    rng.choice([10, 40], 300).astype(np.uint32).tofile(tmp_path / "seq" / "labels" / "000000.label")
+    np.savez(tmp_path / "raw.npz", xyz=xyz, labels=rng.integers(0, 9, 300))
+    mine = tmp_path / "mine.json"
+    mine.write_text(json_.dumps({"classes": list(OUTDOOR_CLASSES), "map": {"40": 0, "10": 7}}))
+    gen = [*TINY[:2], "--scenes", "1", "--out", "x"]
+    with pytest.raises(ValueError, match=r"validation classes \['car', 'bicycle'.* differ from the training classes "
+                                         r"\['road', 'sidewalk'"):
+        tr.open_training_data(_parse([*gen, "--val-data", str(tmp_path / "seq")]))
+    _, val, _ = tr.open_training_data(_parse([*gen, "--val-data", str(tmp_path / "seq"), "--val-label-map",
+                                              str(mine)]))
+    assert sorted(np.unique(val[0].labels).tolist()) == [0, 7]
+    assert len(tr.open_training_data(_parse([*gen, "--val-data", str(tmp_path / "raw.npz")]))[1]) == 1
+
 def test_a_label_map_name_is_saved_as_a_name_beside_a_folder_so_named(tmp_path, monkeypatch):
     """``train --label-map ign-lidarhd`` run from a folder holding the data in a folder named ``ign-lidarhd``
     (as ../shared/datasets does) saved the map as the path of that folder, since it exists: eval of the

@@ -398,6 +398,12 @@ def open_training_data(args, dist: Dist | None = None):
                if args.val_data is None
                else open_source(args.val_data, args.val_label_map or args.label_map, args.ignore_index))
         if args.val_data is not None:
+            if val.classes is not None and list(val.classes) != list(train.classes):
+                # (read through their format's default map, a .bin scan's car and road were scored as the
+                # generated scenes' classes 0 and 8, road and person, without a word)
+                raise ValueError(f"validation classes {list(val.classes)} differ from the training classes "
+                                 f"{list(train.classes)} (the generated scenes' own): give --val-label-map of the "
+                                 "--val-data labels to them")
             require_labels(val, "--val-data", dist)
             _check_scored(val, len(train.classes), args.ignore_index, dist, _val_map_flag(args))
         _note_ignored_class(train.classes, args.ignore_index, f"the generated scenes ({args.data[0]})", dist)
