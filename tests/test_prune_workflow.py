@@ -1198,3 +1198,37 @@ def test_prune_channels_reads_unlabelled_semantic3d_scans_of_a_semantic3d_run_as
                      str(tmp_path / "p")]) == 0, capsys.readouterr().err
     assert cli.main(["eval", "--checkpoint", str(ckpt), "--data", str(scan), "--no-progress"]) == 2
     assert f"{scan} has no labels" in capsys.readouterr().err
+
+
+def test_prune_channels_of_an_unlabelled_cloud_whose_format_default_map_has_other_classes(tmp_path, capsys):
+    """prune channels (l1) of a run on the generated scenes (or on raw labels) with --data of an unlabelled
+    SemanticKITTI sweep (the README's benchmark cloud, kitti-raw/000049.bin) was refused: "the data's classes
+    [car, ...] differ from the checkpoint's ... give --label-map of the raw labels", labels the cloud does not
+    have and l1 does not read. Where the clouds taken hold no labels and no --label-map is given, their
+    format's default map's classes are not compared; a labelled scan, or a --label-map typed, still are."""
+    from pointsparse.data import NUM_FEATURES, OUTDOOR_CLASSES
+    from pointsparse.models import MinkUNet
+
+    config = {"in_channels": NUM_FEATURES, "classes": list(OUTDOOR_CLASSES), "cr": 0.125, "blocks": 1,
+              "voxel_size": 0.5, "model": "minkunet"}
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    ckpt.parent.mkdir()
+    torch.manual_seed(0)
+    checkpoint.save(ckpt, {"model": MinkUNet(NUM_FEATURES, len(OUTDOOR_CLASSES), cr=0.125, blocks=1).state_dict(),
+                           "config": config, "args": {"data": ["generated"], "beams": 16, "azimuth_steps": 192,
+                                                      "max_range": 16.0, "optimizer": "adamw", "lr": 2e-3,
+                                                      "weight_decay": 1e-4}})
+    rng = np.random.default_rng(0)
+    for name in ("bare", "labelled"):
+        (tmp_path / name / "velodyne").mkdir(parents=True)
+        np.c_[rng.uniform(-15, 15, (3000, 3)), np.zeros(3000)].astype(np.float32).tofile(
+            tmp_path / name / "velodyne" / "000000.bin")
+    (tmp_path / "labelled" / "labels").mkdir()
+    rng.choice([10, 40], 3000).astype(np.uint32).tofile(tmp_path / "labelled" / "labels" / "000000.label")
+    argv = ["prune", "channels", "--checkpoint", str(ckpt), "--ratio", "0.5"]
+    assert cli.main([*argv, "--data", str(tmp_path / "bare"), "--out", str(tmp_path / "p")]) == 0, \
+        capsys.readouterr().err
+    for more in (["--data", str(tmp_path / "labelled")],
+                 ["--data", str(tmp_path / "bare"), "--label-map", "semantic-kitti"]):
+        assert cli.main([*argv, *more, "--out", str(tmp_path / "q")]) == 2, more
+        assert "differ from the checkpoint's" in capsys.readouterr().err, more

@@ -239,8 +239,9 @@ def _checkpoint_batches(state: dict, data, label_map, count: int) -> list:
         from .evaluate import files_label_map
 
         ignore_index = config.get("ignore_index", 255)
+        typed = label_map
         try:
-            label_map = files_label_map(state, spec, label_map, "--data" if data else "the run's data", False)
+            label_map = files_label_map(state, spec, typed, "--data" if data else "the run's data", False)
         except ValueError:
             # (files whose format takes another map by default than the run's: moot where the clouds taken hold
             # no labels, channels' example input, read through the run's map, as its own clouds' format reads
@@ -250,7 +251,10 @@ def _checkpoint_batches(state: dict, data, label_map, count: int) -> list:
                 raise
         else:
             source = open_source(spec, label_map, ignore_index)
-        if source.classes is not None:  # (as eval refuses them: the labels would be another map's training ids)
+        # (as eval refuses them: the labels would be another map's training ids; moot where the clouds taken
+        # hold no labels and no map is typed: an unlabelled .bin sweep was refused for SemanticKITTI's classes)
+        if source.classes is not None and (typed is not None or any(source[i % len(source)].labels is not None
+                                                                    for i in range(count))):
             from .evaluate import check_data_classes
 
             check_data_classes(source.classes, config["classes"], "--data" if data else "the run's data")
