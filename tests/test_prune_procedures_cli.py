@@ -195,16 +195,18 @@ def test_a_rewind_past_the_lottery_training_names_the_flag(tmp_path, capsys, mon
 
 @pytest.mark.parametrize("procedure", ["schedule", "lottery", "init", "rigl"])
 def test_out_of_a_procedure_that_writes_no_file_is_refused(procedure, tmp_path, capsys, monkeypatch):
-    """schedule, lottery, init and rigl print what they found and write no
-    file: --out DIR was accepted and left an empty DIR (and, left out, an
-    empty ./prune-out in the folder the command ran in). Refused by name
-    now, as every flag a command would not read; nothing is made."""
+    """schedule, lottery, init and rigl on a task print what they found and
+    write no file: --out DIR was accepted and left an empty DIR (and, left
+    out, an empty ./prune-out in the folder the command ran in). Refused by
+    name now, as every flag a command would not read; nothing is made (on a
+    --checkpoint they write the pruned checkpoint there: test_prune_workflow)."""
     monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
     assert cli.main(["prune", procedure, "--out", str(tmp_path / "never")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"pointsparse prune: error: --out {tmp_path / 'never'}: `prune {procedure}` writes no "
-                          "file"), err
+                          "file on a task"), err
+    assert "or give --checkpoint" in err, err
     assert list(tmp_path.iterdir()) == []
 
 

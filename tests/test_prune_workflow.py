@@ -1044,7 +1044,7 @@ def test_a_checkpoint_task_makes_fresh_models_of_its_widths(voxel_run, tmp_path,
     assert 0 <= task.eval_fn(fresh) <= 1
 
 
-def test_prune_lottery_on_a_checkpoint_names_its_trained_start(voxel_run, capsys, monkeypatch):
+def test_prune_lottery_on_a_checkpoint_names_its_trained_start(voxel_run, tmp_path, capsys, monkeypatch):
     """`prune lottery --checkpoint` starts from the trained weights (and
     says so), and its random re-init control trains a fresh model drawn
     from --seed + 1, not the trained weights."""
@@ -1056,7 +1056,7 @@ def test_prune_lottery_on_a_checkpoint_names_its_trained_start(voxel_run, capsys
     monkeypatch.setattr(lottery, "train_masked", lambda model, *a, **k: started.append(
         {key: v.clone() for key, v in model.state_dict().items()}) or masked(model, *a, **k))
     assert cli.main(["prune", "lottery", "--checkpoint", str(voxel_run), "--quick", "--rounds", "1",
-                     "--seed", "4"]) == 0
+                     "--seed", "4", "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert f"start: the trained weights of {voxel_run}, not a fresh initialisation" in out, out
     fresh, trained = checkpoint_task(voxel_run)[1].make_model(5).state_dict(), load_model(voxel_run).state_dict()
@@ -1092,7 +1092,9 @@ def test_lottery_and_rigl_on_a_masked_checkpoint_name_the_file(voxel_run, tmp_pa
     assert cli.main(["prune", "vectors", "--checkpoint", str(voxel_run), "--out", str(masked)]) == 0
     capsys.readouterr()
     monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
-    assert cli.main(["prune", procedure, "--checkpoint", str(masked / "checkpoint.pt"), "--quick"]) == 2
+    assert cli.main(["prune", procedure, "--checkpoint", str(masked / "checkpoint.pt"), "--quick", "--out",
+                     str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()  # (the folder it made went again)
     err = capsys.readouterr().err
     layers = [k[:-len(".weight_mask")] for k in checkpoint.load(masked / "checkpoint.pt")["model"]
               if k.endswith(".weight_mask")]
@@ -1232,3 +1234,72 @@ def test_prune_channels_of_an_unlabelled_cloud_whose_format_default_map_has_othe
                  ["--data", str(tmp_path / "bare"), "--label-map", "semantic-kitti"]):
         assert cli.main([*argv, *more, "--out", str(tmp_path / "q")]) == 2, more
         assert "differ from the checkpoint's" in capsys.readouterr().err, more
+
+
+#: prune <procedure> --checkpoint ... --quick: a short run of each, and the line that prints its model's sparsity.
+_WRITTEN = [("schedule", ["--rounds", "1", "--sparsity", "0.5"], r"round 1: target 0\.500 sparsity (\d\.\d{3})"),
+            ("lottery", ["--rounds", "1"], r"round 1: sparsity (\d\.\d{3})"),
+            ("init", ["--sparsity", "0.5"], r"snip: sparsity (\d\.\d{3})"),
+            ("rigl", ["--sparsity", "0.5"], r"drop/grow updates, sparsity (\d\.\d{3})")]
+
+
+@pytest.mark.parametrize("procedure, argv, printed", _WRITTEN)
+def test_task_procedures_on_a_checkpoint_write_the_pruned_checkpoint(voxel_run, tmp_path, capsys, monkeypatch,
+                                                                     procedure, argv, printed):
+    """`prune schedule|lottery|init|rigl --checkpoint` pruned the trained
+    model, printed what it found and threw the model away (no file, --out
+    refused), where amc, netadapt, channels, vectors write a checkpoint.
+    Each writes ``--out/checkpoint.pt`` now: the pruned model (RigL's masks
+    as torch's ``weight_orig`` / ``weight_mask``, as every other one's),
+    which ``load_model`` and ``eval`` read, of the sparsity printed, giving
+    the outputs of the model the procedure left."""
+    from prune_procedures_support import sparse_input
+
+    from pointsparse.app import channels
+    from pointsparse.prune import adapters
+
+    left = []
+    save = channels.save_pruned
+    monkeypatch.setattr(channels, "save_pruned", lambda state, model, out: left.append(model) or save(state, model,
+                                                                                                        out))
+    out = tmp_path / "out"
+    assert cli.main(["prune", procedure, "--checkpoint", str(voxel_run), "--quick", *argv, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    found = re.findall(printed, text)
+    path = out / "checkpoint.pt"
+    assert found and f"\npruned checkpoint {path}: sparsity {found[-1]} " in text, text
+    state = checkpoint.load(path)
+    loaded = load_model(path).eval()
+    assert f"{adapters.sparsity(loaded):.3f}" == found[-1]
+    masked = {k[:-len(".weight_mask")] for k in state["model"] if k.endswith(".weight_mask")}
+    assert masked == {n for n, _ in adapters.prunable_layers(loaded)}  # (rigl's too: torch's form, held in training)
+    assert "best_miou" not in state and state["epoch"] == checkpoint.load(voxel_run)["epoch"]
+    x = sparse_input(n=2000, channels=loaded.in_channels, extent=24)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).feats, left[0].eval()(x).feats)
+    assert cli.main(["eval", "--checkpoint", str(path), "--no-progress", "--out", str(tmp_path / "eval")]) == 0
+
+
+def test_prune_rigl_checkpoint_keeps_its_masks_through_training(voxel_run, tmp_path, capsys):
+    """RigL zeroes weights in place, which any later training would regrow:
+    `prune rigl --checkpoint` writes its final masks as torch's
+    ``weight_mask`` buffers, so `train --resume` of the pruned checkpoint
+    trains the kept weights and holds the dropped ones at zero."""
+    out = tmp_path / "rigl"
+    assert cli.main(["prune", "rigl", "--checkpoint", str(voxel_run), "--quick", "--sparsity", "0.8", "--out",
+                     str(out)]) == 0
+    before = checkpoint.load(out / "checkpoint.pt")["model"]
+    masks = {k: v for k, v in before.items() if k.endswith(".weight_mask")}
+    assert masks and all(not bool(before[k[:-5] + "_orig"][~v.bool()].any()) for k, v in masks.items())
+    assert cli.main(["train", "--out", str(out), "--resume", "--epochs", "2", "--no-progress"]) == 0
+    after = checkpoint.load(out / "checkpoint.pt")
+    assert after["epoch"] == 2
+    moved = 0
+    for key, mask in masks.items():
+        orig = after["model"][key[:-5] + "_orig"]
+        assert torch.equal(after["model"][key], mask), key
+        moved += int(not torch.equal(orig[mask.bool()], before[key[:-5] + "_orig"][mask.bool()]))
+    assert moved > len(masks) // 2  # (the kept weights trained)
+    loaded = load_model(out / "checkpoint.pt")
+    for key, mask in masks.items():
+        assert not bool(loaded.get_submodule(key[:-len(".weight_mask")]).weight[~mask.bool()].any()), key

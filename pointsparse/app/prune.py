@@ -13,7 +13,22 @@ starts from the task's model (seeded; on a checkpoint its trained model,
 from which lottery, init and rigl start too, while the lottery's random
 re-init control is a fresh model of its widths), trains it first (but
 lottery, init and rigl, which train it themselves), then runs the procedure
-and prints what it found; ``--quick`` shortens everything."""
+and prints what it found; ``--quick`` shortens everything.
+
+On a ``--checkpoint`` every procedure but sensitivity writes the model it
+pruned as ``--out/checkpoint.pt`` (:func:`.channels.save_pruned`: the run's
+config, epoch and history, a fresh optimizer state), which ``eval``,
+``export``, ``predict``, ``prune`` and ``train --resume`` read: amc's and
+netadapt's with their channels cut; schedule's, lottery's, init's and rigl's
+with their masks stored as ``torch.nn.utils.prune`` stores them
+(``weight_orig`` + ``weight_mask``), held at zero by later training.
+schedule: the model pruned to ``--sparsity`` and fine-tuned; lottery: the
+last round's ticket as that round trained it (its mask, the weights rewound
+to ``--rewind`` and trained again: the model whose metric the last round
+prints); init: the model pruned by ``--method`` after its training; rigl:
+the trained model with RigL's final masks (which RigL applies to the
+weights directly, so the file stores them as masks). On a ``--task`` these
+four print what they found and write no file."""
 
 from __future__ import annotations
 
@@ -65,8 +80,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--latency", type=float, default=0.6, help="netadapt: latency budget, fraction of the initial")
     parser.add_argument("--out", type=Path, default=Path("prune-out"),
                         help="folder for plots, ratios, tables, and the pruned checkpoint (channels, vectors, offsets, "
-                             "voxels; amc, netadapt on a --checkpoint); schedule, lottery, init and rigl write no "
-                             "file and take no --out")
+                             "voxels; amc, netadapt, schedule, lottery, init, rigl on a --checkpoint); schedule, "
+                             "lottery, init and rigl on a --task write no file and take no --out")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="short runs (seconds)")
     channels.add_arguments(parser)
@@ -144,8 +159,16 @@ READ_BY = {
 }
 
 #: The procedures that write files in --out (a plot, ratios, a latency table, a pruned checkpoint); the others
-#: print what they found and write nothing.
+#: print what they found and write nothing on a --task, and on a --checkpoint (SAVED_ON_CHECKPOINT) the masked
+#: model they pruned (:func:`writes_out`).
 WRITES_OUT = ("sensitivity", "amc", "netadapt", *CHECKPOINT_PROCEDURES)
+SAVED_ON_CHECKPOINT = ("schedule", "lottery", "init", "rigl")
+
+
+def writes_out(args) -> bool:
+    """Whether ``prune <procedure>`` with these flags writes in --out."""
+    return args.procedure in WRITES_OUT or (args.procedure in SAVED_ON_CHECKPOINT
+                                            and getattr(args, "checkpoint", None) is not None)
 
 #: What ``--quick`` runs in place of a flag's value.
 QUICK_EPISODES, QUICK_ROUNDS = 30, 3
@@ -197,9 +220,10 @@ def check_read(args) -> None:
         if procedure == "lottery" and _given(args, "rounds") and args.rounds > QUICK_ROUNDS:
             raise ValueError(f"--rounds {args.rounds}: --quick runs at most {QUICK_ROUNDS} rounds, so it would be "
                              "ignored: drop one or the other")
-    if procedure not in WRITES_OUT and _given(args, "out"):
-        raise ValueError(f"--out {args.out}: `prune {procedure}` writes no file (it prints what it found), so it "
-                         "would be ignored: drop it")
+    if not writes_out(args) and _given(args, "out"):
+        raise ValueError(f"--out {args.out}: `prune {procedure}` writes no file on a task (it prints what it found; "
+                         "on a --checkpoint it writes the pruned checkpoint there), so it would be ignored: drop it, "
+                         "or give --checkpoint")
 
 
 def _check_out_beside(args) -> None:
@@ -242,7 +266,7 @@ def main(args) -> int:
                          "keep_ratio); it takes no --sparsity (that is prune vectors', offsets' and the procedures')")
     check_args(args)
     check_read(args)
-    if args.procedure not in WRITES_OUT:  # (no folder made, none locked: an empty ./prune-out was left)
+    if not writes_out(args):  # (no folder made, none locked: an empty ./prune-out was left)
         return _run(args)
     from .train import holding_out
     with holding_out(args.out):  # (as train holds its --out; --finetune-epochs trains in it under this lock)
@@ -266,7 +290,7 @@ def _run(args) -> int:
     if args.procedure == "lottery" and args.rewind >= steps:  # (the library named its rewind_step, train_steps)
         raise ValueError(f"--rewind {args.rewind} must be < {steps}, the steps each lottery round trains on task "
                          f"{task.name}{' with --quick' if args.quick else ''}: the rewind point is one of them")
-    if args.procedure in WRITES_OUT:
+    if writes_out(args):
         make_directory(args.out)
     if task.trained_model is None:
         model = task.make_model(args.seed)
@@ -303,6 +327,8 @@ def _schedule(args, task, model, steps) -> None:
     for row in res.history:
         print(f"  round {row['round']}: target {row['target']:.3f} sparsity {row['sparsity']:.3f} "
               f"{task.metric} {row['metric']:.4f}")
+    _save_masked(args, model, f"the model of the {args.schedule} schedule to --sparsity {args.sparsity:g}, "
+                              "fine-tuned")
 
 
 def _lottery(args, task, model, steps) -> None:
@@ -312,6 +338,8 @@ def _lottery(args, task, model, steps) -> None:
         print(f"  round {row['round']}: sparsity {row['sparsity']:.3f} {task.metric} {row['metric']:.4f}")
     print(f"controls at the last round: random re-init {ctrl[rounds]['reinit']:.4f}, "
           f"random mask {ctrl[rounds]['random_mask']:.4f}")
+    _save_masked(args, model, f"round {rounds}'s ticket as it trained: its mask, the weights rewound to step "
+                              f"{args.rewind} and trained again")
 
 
 def _init(args, task, model, steps) -> None:
@@ -319,6 +347,7 @@ def _init(args, task, model, steps) -> None:
     print(f"{args.method}: sparsity {adapters.sparsity(model):.3f}, per layer "
           + ", ".join(f"{n} {v:.2f}" for n, v in adapters.layer_sparsity(model).items()))
     print(f"trained {task.metric}: {task.eval_fn(model):.4f}")
+    _save_masked(args, model, f"the model pruned by {args.method} after its training")
 
 
 def _rigl(args, task, model, steps) -> None:
@@ -326,9 +355,12 @@ def _rigl(args, task, model, steps) -> None:
     score = f"{task.metric} {task.eval_fn(model):.4f}"
     if state.density() == 1.0:  # (its updates ran, yet none could move a connection)
         print(f"RigL ({args.distribution}): sparsity 0.000, every weight kept: no connection to drop or grow, {score}")
-        return
-    print(f"RigL ({args.distribution}): {state.updates} drop/grow updates, sparsity {adapters.sparsity(model):.3f}, "
-          f"{score}")
+    else:
+        print(f"RigL ({args.distribution}): {state.updates} drop/grow updates, sparsity "
+              f"{adapters.sparsity(model):.3f}, {score}")
+    if args.checkpoint is not None:  # (RigL zeroes the weights it drops: as masks, training on keeps them at zero)
+        adapters.apply_masks(model, state.masks)
+        _save_masked(args, model, "the trained model with RigL's final masks")
 
 
 #: Why lottery and rigl take a dense model (their library refusal of a masked one says "pass an unpruned model").
@@ -402,6 +434,15 @@ def _netadapt(args, task, model, steps) -> None:
 def _save_if_checkpoint(args, model) -> None:
     if args.checkpoint is not None:
         print(f"pruned checkpoint: {channels.save_pruned(args.checkpoint_state, model, args.out)}")
+
+
+def _save_masked(args, model, what: str) -> None:
+    """On a --checkpoint, write ``model`` (its masks as ``weight_orig`` +
+    ``weight_mask``) as --out/checkpoint.pt and say what it is."""
+    if args.checkpoint is not None:
+        path = channels.save_pruned(args.checkpoint_state, model, args.out)
+        print(f"pruned checkpoint {path}: sparsity {adapters.sparsity(model):.3f} of its prunable layers' weights, "
+              f"{what}; masks stored as weight_orig / weight_mask (held at zero by train --resume)")
 
 
 RUN = {"sensitivity": _sensitivity, "schedule": _schedule, "lottery": _lottery, "init": _init, "rigl": _rigl,
