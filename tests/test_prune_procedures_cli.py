@@ -269,3 +269,36 @@ def test_amc_budget_below_the_largest_cut_names_the_flag_before_training(tmp_pat
     assert re.match(r"pointsparse prune: error: --flops 0.01: AMC removes at most 0.8 of each layer's output "
                     r"channels, which leaves 0\.\d{3} of the dense FLOPs of task digits-cnn's model; give --flops >= "
                     r"0\.\d{3}\n", err), err
+
+
+def test_a_written_checkpoint_names_the_layers_pruned_whole(tmp_path, capsys, monkeypatch):
+    """A global threshold (schedule's magnitude, SNIP, GraSP) can prune a
+    layer whole (SNIP's layer collapse: `prune init --checkpoint` at 0.9
+    zeroed five of a MinkUNet's convs), which then gives zeros: the
+    written checkpoint's line said only its overall sparsity. It names such
+    layers now, and how many of the prunable layers they are."""
+    import argparse
+
+    import torch
+
+    from prune_procedures_support import sparse_chain
+
+    from pointsparse.app import channels, prune
+    from pointsparse.prune import custom_from_mask
+
+    net = sparse_chain(0)
+    custom_from_mask(net[3], "weight", torch.zeros_like(net[3].weight, dtype=torch.bool))
+    custom_from_mask(net[0], "weight", torch.rand(net[0].weight.shape) < 0.5)
+    monkeypatch.setattr(channels, "save_pruned", lambda state, model, out: out / "checkpoint.pt")
+    prune._save_masked(argparse.Namespace(checkpoint=tmp_path / "c.pt", checkpoint_state={}, out=tmp_path), net,
+                       "the model")
+    out = capsys.readouterr().out
+    assert "; 1 of its 3 prunable layers pruned whole (it gives zeros): '3'\n" in out, out
+    custom_from_mask(net[6], "weight", torch.zeros_like(net[6].weight, dtype=torch.bool))
+    prune._save_masked(argparse.Namespace(checkpoint=tmp_path / "c.pt", checkpoint_state={}, out=tmp_path), net,
+                       "the model")
+    assert "; 2 of its 3 prunable layers pruned whole (they give zeros): '3', '6'\n" in capsys.readouterr().out
+    net = sparse_chain(0)
+    prune._save_masked(argparse.Namespace(checkpoint=tmp_path / "c.pt", checkpoint_state={}, out=tmp_path), net,
+                       "the model")
+    assert "pruned whole" not in capsys.readouterr().out

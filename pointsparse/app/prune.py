@@ -438,11 +438,18 @@ def _save_if_checkpoint(args, model) -> None:
 
 def _save_masked(args, model, what: str) -> None:
     """On a --checkpoint, write ``model`` (its masks as ``weight_orig`` +
-    ``weight_mask``) as --out/checkpoint.pt and say what it is."""
-    if args.checkpoint is not None:
-        path = channels.save_pruned(args.checkpoint_state, model, args.out)
-        print(f"pruned checkpoint {path}: sparsity {adapters.sparsity(model):.3f} of its prunable layers' weights, "
-              f"{what}; masks stored as weight_orig / weight_mask (held at zero by train --resume)")
+    ``weight_mask``) as --out/checkpoint.pt and say what it is, naming the
+    layers a global threshold pruned whole (they give zeros)."""
+    if args.checkpoint is None:
+        return
+    path = channels.save_pruned(args.checkpoint_state, model, args.out)
+    layers = adapters.layer_sparsity(model)
+    whole = [name for name, value in layers.items() if value == 1.0]
+    note = "" if not whole else (f"; {len(whole)} of its {len(layers)} prunable layers pruned whole "
+                                 f"({'it gives' if len(whole) == 1 else 'they give'} zeros): "
+                                 + ", ".join(map(repr, whole)))
+    print(f"pruned checkpoint {path}: sparsity {adapters.sparsity(model):.3f} of its prunable layers' weights, "
+          f"{what}; masks stored as weight_orig / weight_mask (held at zero by train --resume){note}")
 
 
 RUN = {"sensitivity": _sensitivity, "schedule": _schedule, "lottery": _lottery, "init": _init, "rigl": _rigl,
