@@ -79,9 +79,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--reconstruct", action="store_true", help="amc: least-squares reconstruction")
     parser.add_argument("--latency", type=float, default=0.6, help="netadapt: latency budget, fraction of the initial")
     parser.add_argument("--out", type=Path, default=Path("prune-out"),
-                        help="folder for plots, ratios, tables, and the pruned checkpoint (channels, vectors, offsets, "
-                             "voxels; amc, netadapt, schedule, lottery, init, rigl on a --checkpoint); schedule, "
-                             "lottery, init and rigl on a --task write no file and take no --out")
+                        help="folder for plots, ratios, tables, and the pruned checkpoint DIR/checkpoint.pt "
+                             "(channels, vectors, offsets, voxels; amc, netadapt, schedule, lottery, init, rigl on a "
+                             "--checkpoint), default ./prune-out; schedule, lottery, init and rigl on a --task write "
+                             "no file and take no --out")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="short runs (seconds)")
     channels.add_arguments(parser)
