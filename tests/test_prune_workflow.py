@@ -1284,7 +1284,8 @@ def test_prune_rigl_checkpoint_keeps_its_masks_through_training(voxel_run, tmp_p
     """RigL zeroes weights in place, which any later training would regrow:
     `prune rigl --checkpoint` writes its final masks as torch's
     ``weight_mask`` buffers, so `train --resume` of the pruned checkpoint
-    trains the kept weights and holds the dropped ones at zero."""
+    trains the kept weights and holds the dropped ones at zero, as does
+    `train --init` from it."""
     out = tmp_path / "rigl"
     assert cli.main(["prune", "rigl", "--checkpoint", str(voxel_run), "--quick", "--sparsity", "0.8", "--out",
                      str(out)]) == 0
@@ -1303,3 +1304,10 @@ def test_prune_rigl_checkpoint_keeps_its_masks_through_training(voxel_run, tmp_p
     loaded = load_model(out / "checkpoint.pt")
     for key, mask in masks.items():
         assert not bool(loaded.get_submodule(key[:-len(".weight_mask")]).weight[~mask.bool()].any()), key
+    # a new run from its weights (--init) takes the masks too: its training regrew every pruned weight
+    assert cli.main(["train", *TINY, "--epochs", "1", "--init", str(out / "checkpoint.pt"), "--out",
+                     str(tmp_path / "init")]) == 0
+    started = checkpoint.load(tmp_path / "init" / "checkpoint.pt")["model"]
+    for key, mask in masks.items():
+        assert torch.equal(started[key], mask), key
+        assert not bool(started[key[:-5] + "_orig"][~mask.bool()].any()), key

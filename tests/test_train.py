@@ -1432,7 +1432,7 @@ def test_init_from_reads_a_pruned_or_voxel_skipped_checkpoints_weights():
     assert unused == []
     state = dst.state_dict()
     want = own_src["stem.0.0.weight_orig"] * own_src["stem.0.0.weight_mask"]
-    assert torch.equal(state["stem.0.0.weight"], want) and "stem.0.0.weight" in copied
+    assert torch.equal(dst.stem[0][0].weight, want) and "stem.0.0.weight" in copied  # (its mask too: the test below)
     wrapped = [k for k in own_src if ".module." in k and not k.endswith("num_batches_tracked")]
     for key in wrapped:
         plain = key.replace(".module.", ".", 1)
@@ -1441,3 +1441,35 @@ def test_init_from_reads_a_pruned_or_voxel_skipped_checkpoints_weights():
     other = MinkUNet(7, 3, cr=0.25, blocks=1)  # (wider: no tensor of the source fits but the norms' counters)
     tr.init_from(other, {"model": own_src, "config": {"classes": ["a", "b", "c"]}}, ["a", "b", "c"], unused=unused)
     assert "stem.0.0.weight_orig" in unused
+
+
+def test_init_from_a_pruned_checkpoint_keeps_its_masks():
+    """--init from a checkpoint whose weights are masked (prune vectors,
+    offsets, schedule, init, rigl: weight_orig + weight_mask) copied the
+    masked values into a dense model, whose training then regrew every
+    pruned weight (a rigl checkpoint at 0.9 was at 0.45 after one epoch).
+    The fresh model takes the masks too (as torch.nn.utils.prune stores
+    them, so that its checkpoints keep them): the classifier's rows of the
+    classes it shares with the checkpoint, by name, a new class's row
+    dense."""
+    import pointsparse.prune as prune
+
+    torch.manual_seed(0)
+    src = MinkUNet(7, 3, cr=0.125, blocks=1)
+    prune.l1_unstructured(src.stem[0][0], "weight", amount=0.5)
+    prune.l1_unstructured(src.classifier.fn, "weight", amount=0.5)
+    own_src = src.state_dict()
+    dst = MinkUNet(7, 4, cr=0.125, blocks=1)
+    tr.init_from(dst, {"model": own_src, "config": {"classes": ["road", "car", "pole"]}},
+                 ["car", "bus", "road", "tree"])
+    conv, head = dst.stem[0][0], dst.classifier.fn
+    assert torch.equal(conv.weight_mask, own_src["stem.0.0.weight_mask"])
+    assert torch.equal(conv.weight, own_src["stem.0.0.weight_orig"] * own_src["stem.0.0.weight_mask"])
+    mask = own_src["classifier.fn.weight_mask"]
+    assert torch.equal(head.weight_mask[0], mask[1]) and torch.equal(head.weight_mask[2], mask[0])
+    assert bool(head.weight_mask[1].all()) and bool(head.weight_mask[3].all())
+    assert torch.equal(head.weight[0], (own_src["classifier.fn.weight_orig"] * mask)[1])
+    assert not hasattr(dst.stem[1][0], "weight_mask")  # (a layer stored unmasked stays so)
+    params = dict(dst.named_parameters())  # (trained through weight_orig: the forward applies the mask)
+    assert "stem.0.0.weight_orig" in params and "stem.0.0.weight" not in params
+    assert "stem.0.0.weight_mask" in dst.state_dict() and "classifier.fn.weight_mask" in dst.state_dict()

@@ -135,7 +135,8 @@ def add_arguments(parser) -> None:
                              "classes) may change")
     parser.add_argument("--init", default=None, metavar="CHECKPOINT",
                         help="start from a checkpoint's weights (fine-tuning); classifier rows are matched by "
-                             "class name, other layers by name and shape")
+                             "class name, other layers by name and shape; a pruned checkpoint's masks come too "
+                             "(its pruned weights stay zero)")
     parser.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
                         help="stop after the epoch during which this much training time has passed")
     parser.add_argument("--eval-every", type=int, default=1, metavar="N",
@@ -641,9 +642,15 @@ def init_from(model: torch.nn.Module, checkpoint: dict, classes: list[str], unus
     name and shape (a pruned layer's weights as it computes with them,
     ``weight_orig * weight_mask``, and a VoxelSkip's wrapped layer's by the
     layer's own name, so that a fresh model takes them), and the classifier
-    rows of classes with the same name. Returns the names of the tensors
-    copied; ``unused`` (a list) receives the checkpoint's keys that found no
-    place (they were dropped silently: the log's count alone was lower)."""
+    rows of classes with the same name. A pruned tensor's mask comes too
+    (``torch.nn.utils.prune``'s ``custom_from_mask``: training holds its
+    pruned weights at zero and the run's checkpoints store the mask; the
+    classifier's by class, a class new to it dense). Returns the names of
+    the tensors copied; ``unused`` (a list) receives the checkpoint's keys
+    that found no place (they were dropped silently: the log's count alone
+    was lower)."""
+    from ..prune import custom_from_mask
+
     src = checkpoint["model"]
     src_classes = checkpoint["config"]["classes"]
     own = model.state_dict()
@@ -660,7 +667,15 @@ def init_from(model: torch.nn.Module, checkpoint: dict, classes: list[str], unus
         head = "classifier.fn." if "classifier.fn.weight" in own else "classifier."
         src_head = "classifier.fn." if "classifier.fn.weight" in sources else "classifier."
         weight, bias = (sources.get(src_head + part, (None,))[0] for part in ("weight", "bias"))
+        head_masks = {}
         if weight is not None and bias is not None and weight.shape[1] == own[head + "weight"].shape[1]:
+            for part in ("weight", "bias"):
+                keys = sources[src_head + part][1]
+                if len(keys) == 2:  # (pruned: its mask's rows of the classes kept, a new class's row dense)
+                    head_masks[head + part] = mask = torch.ones_like(own[head + part], dtype=torch.bool)
+                    for i, c in enumerate(classes):
+                        if c in src_classes:
+                            mask[i] = src[keys[1]][src_classes.index(c)].bool()
             for i, c in enumerate(classes):
                 if c in src_classes:
                     j = src_classes.index(c)
@@ -668,6 +683,11 @@ def init_from(model: torch.nn.Module, checkpoint: dict, classes: list[str], unus
                     own[head + "bias"][i] = bias[j]
             copied.append("classifier (rows of " + ", ".join(c for c in classes if c in src_classes) + ")")
             taken.update(k for k in src if k.startswith(src_head))
+    masks = {name: src[sources[name][1][1]].bool() for name in copied if name in sources
+             and len(sources[name][1]) == 2}
+    for name, mask in {**masks, **head_masks}.items():
+        module_name, _, tensor = name.rpartition(".")
+        custom_from_mask(model.get_submodule(module_name), tensor, mask.to(own[name].device))
     if unused is not None:
         unused.extend(k for k in src if k not in taken and not k.startswith("classifier."))
     return copied
