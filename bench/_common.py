@@ -3,6 +3,7 @@ a target voxel count, and the real sweeps in ../shared/datasets."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -20,6 +21,20 @@ sys.path.insert(0, str(ROOT))
 import pointsparse as ps  # noqa: E402
 
 RESULTS_DIR = ROOT / "bench" / "results"
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type`` for a count (``--repeats``, ``--rounds``,
+    ``--threads``): a whole number of at least 1, else argparse's usage error
+    naming the option (0 read as 'not given' where the default is None, and a
+    negative count ran a whole benchmark to fail at its first median)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
 
 
 def results_path(name: str, quick: bool = False) -> Path:

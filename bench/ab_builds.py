@@ -54,7 +54,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import environment, kitti_or_street, results_path, write_markdown
+from _common import environment, kitti_or_street, positive_int, results_path, write_markdown
 from conv_instructions import KINDS, case_data
 
 # The child: the module by its path, the case from the .npz, then one call
@@ -182,10 +182,10 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=64)
     parser.add_argument("--kinds", nargs="+", choices=list(KINDS), default=["dense", "vector"])
     parser.add_argument("--passes", nargs="+", choices=["forward", "input", "weight"], default=["forward"])
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=positive_int, default=15)
     parser.add_argument("--cpu", type=int, default=max(os.sched_getaffinity(0)),
                         help="the CPU every child runs on (default: the last this process may use)")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="threads a call (default 1, pinned to --cpu; 2 or more: pinned to that many of the "
                              "CPUs this process may use, --cpu ignored)")
     parser.add_argument("--isa", default="auto", choices=("auto", "avx512", "avx2", "generic"),

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import environment, kitti_path, page_path, write_markdown
+from _common import environment, kitti_path, page_path, positive_int, write_markdown
 
 BENCH = Path(__file__).resolve().parent
 
@@ -104,8 +104,8 @@ with torch.no_grad():
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("trees", nargs="*", help="checkouts with their module built (the first is the baseline)")
-    parser.add_argument("--rounds", type=int, default=11)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=positive_int, default=11)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--out", default=None)
     parser.add_argument("--setup", nargs=2, action="append", default=[], metavar=("INDEX", "CODE"),
                         help="Python run in tree INDEX's child after `import pointsparse as ps`, e.g. "

@@ -31,7 +31,7 @@ import time
 import numpy as np
 import torch
 
-from _common import environment, kitti_path, page_path, street_scene, write_markdown
+from _common import environment, kitti_path, page_path, positive_int, street_scene, write_markdown
 from north_star import inputs, vector_sparse
 from prune_speed import _variants
 
@@ -102,8 +102,9 @@ def tables(rows: list[dict]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=None, help="runs of each conv each way (default 5, --quick 1)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=positive_int, default=None,
+                        help="runs of each conv each way (default 5, --quick 1)")
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--amount", type=float, default=0.75, help="the pair vectors pruned (default 0.75)")
     parser.add_argument("--out", default=None, help="the page's name in bench/results (default bf16_layers.md)")
     parser.add_argument("--quick", action="store_true", help="a generated street of 20k voxels, one round")

@@ -33,7 +33,7 @@ import sys
 
 import torch
 
-from _common import environment, interleaved, kitti_or_street, page_path, write_markdown
+from _common import environment, interleaved, kitti_or_street, page_path, positive_int, write_markdown
 
 import pointsparse as ps  # noqa: E402
 from pointsparse import _ext, prune  # noqa: E402
@@ -110,8 +110,8 @@ def table(coords: torch.Tensor, widths, amounts, rounds: int, threads: int) -> l
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 9, --quick 1)")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=positive_int, default=None, help="interleaved rounds (default 9, --quick 1)")
+    parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--channels", type=int, nargs="+", default=None, help="default 16 32 64 128")
     parser.add_argument("--quick", action="store_true", help="a smoke run: a 20k street, C = 32, one round")
     parser.add_argument("--out", default=None, help="the page's name in bench/results (default bf16_vectors.md)")

@@ -43,7 +43,7 @@ import time
 import numpy as np
 import torch
 
-from _common import environment, kitti_or_street, page_path, write_markdown
+from _common import environment, kitti_or_street, page_path, positive_int, write_markdown
 from prune_exec import variants
 
 import pointsparse as ps
@@ -140,9 +140,9 @@ def measure(channels: int, coords: torch.Tensor, rounds: int, mb: float, threads
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--channels", type=int, nargs="+", default=[64])
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=positive_int, default=15)
     parser.add_argument("--mb", type=float, default=64.0, help="MB of other memory passed over before a cold call")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--out", default=None)
     parser.add_argument("--split", action="store_true",
                         help="also the unpruned and twin 75%% weights with only the identity offset kept and with "

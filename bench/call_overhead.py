@@ -31,7 +31,7 @@ import sys
 import numpy as np
 import torch
 
-from _common import environment, interleaved, kitti_path, page_path, street_scene, write_markdown
+from _common import environment, interleaved, kitti_path, page_path, positive_int, street_scene, write_markdown
 
 import pointsparse as ps
 from pointsparse import prune
@@ -172,8 +172,8 @@ def residual(rounds: int, quick: bool) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=positive_int, default=15)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--parts", nargs="+", choices=("calls", "residual", "cache"),
                         default=("calls", "residual", "cache"))
     parser.add_argument("--channels", type=int, default=16, help="table 1's C (default 16)")

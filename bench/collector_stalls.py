@@ -30,7 +30,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import environment, kitti_path, page_path, street_points, write_markdown
+from _common import environment, kitti_path, page_path, positive_int, street_points, write_markdown
 
 #: Calls before the counting starts (maps, plans and the collector's first passes after loading).
 WARMUP = 10
@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--program", default=None, metavar="FILE.pt2", help="a program pointsparse export wrote")
     parser.add_argument("--calls", type=int, default=160)
     parser.add_argument("--runs", type=int, default=2, help="times each setting runs, alternated")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--voxel-size", type=float, default=0.0,
                         help="voxelise at this size (default: the program's; north_star.py runs the trained files "
                              "at 0.05 m)")

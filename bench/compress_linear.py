@@ -28,7 +28,7 @@ import sys
 
 import torch
 
-from _common import environment, interleaved, kitti_or_street, page_path, write_markdown
+from _common import environment, interleaved, kitti_or_street, page_path, positive_int, write_markdown
 
 import pointsparse as ps
 from pointsparse import formats, prune
@@ -115,8 +115,8 @@ def model(coords: torch.Tensor, rounds: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=positive_int, default=15)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--parts", nargs="+", choices=("layers", "model"), default=("layers", "model"))
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None, help="the page (default bench/results/compress_linear.md)")

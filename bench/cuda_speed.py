@@ -40,7 +40,7 @@ import pointsparse as ps  # noqa: E402
 from pointsparse import kmap as km  # noqa: E402
 from pointsparse.models import MinkUNet  # noqa: E402
 from pointsparse.nn import reference  # noqa: E402
-from _common import environment, street_scene, write_markdown  # noqa: E402
+from _common import environment, positive_int, street_scene, write_markdown  # noqa: E402
 
 
 def _timed(fns: dict, rounds: int, sync) -> dict:
@@ -113,10 +113,10 @@ def _jobs(net, coords, feats, labels, policy="auto"):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=positive_int, default=7)
     parser.add_argument("--cr", type=float, nargs="+", default=[1.0, 0.5])
     parser.add_argument("--voxels", type=int, default=85_000)
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads for the CPU columns (default 2)")
+    parser.add_argument("--threads", type=positive_int, default=2, help="CPU threads for the CPU columns (default 2)")
     parser.add_argument("--cpu-rounds", type=int, default=3)
     parser.add_argument("--out", default=None, help="markdown file for the table")
     parser.add_argument("--device", default="cuda",

@@ -101,7 +101,7 @@ def check_equal(maps: dict[str, km.KernelMap]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer clouds and maps, fewer repeats")
-    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--repeats", type=c.positive_int, default=None)
     ap.add_argument("--out", default=None, help="default bench/results/kmap.md (--quick: a temporary folder)")
     args = ap.parse_args()
     args.out = str(c.page_path(args.out, "kmap.md", args.quick))

@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-from _common import environment, real_sweeps, page_path, street_points, write_markdown
+from _common import environment, page_path, positive_int, real_sweeps, street_points, write_markdown
 from north_star import inputs, kitti_points, vector_sparse
 from prune_speed import _variants
 
@@ -77,8 +77,8 @@ def measure(points: np.ndarray, rounds: int) -> tuple[str, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=21)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=positive_int, default=21)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--quick", action="store_true", help="a generated street of 20k voxels, 3 rounds")
     parser.add_argument("--out", default=None, help="the page's name in bench/results (default maps_ahead.md)")
     args = parser.parse_args()

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from _common import environment, results_path, write_markdown
+from _common import environment, positive_int, results_path, write_markdown
 
 import pointsparse as ps
 from pointsparse.data import OUTDOOR_CLASSES, outdoor_scene
@@ -47,7 +47,7 @@ def scenes(count: int, voxel_size: float):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--cr", type=float, default=0.5)
     parser.add_argument("--voxel-size", type=float, default=0.1)
     parser.add_argument("--quick", action="store_true")

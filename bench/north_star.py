@@ -61,7 +61,7 @@ import time
 import numpy as np
 import torch
 
-from _common import environment, real_sweeps, page_path, write_markdown
+from _common import environment, page_path, positive_int, real_sweeps, write_markdown
 from prune_speed import _variants
 from voxel_prune import add_voxel_prune
 
@@ -276,8 +276,8 @@ def program_rows(specs: dict, voxel_size: float, rounds: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=positive_int, default=5)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--voxel-size", type=float, default=0.05)
     parser.add_argument("--quick", action="store_true", help="one round")
     parser.add_argument("--out", default=None, help="the page (default bench/results/north_star.md)")

@@ -22,7 +22,8 @@ import sys
 
 import torch
 
-from _common import environment, interleaved, real_scene, real_sweeps, results_path, street_scene, write_markdown
+from _common import (environment, interleaved, positive_int, real_scene, real_sweeps, results_path, street_scene,
+                     write_markdown)
 
 import pointsparse as ps  # noqa: E402  (after _common puts the repo on the path)
 from pointsparse import _ext  # noqa: E402
@@ -82,7 +83,7 @@ def method_rows(coords: torch.Tensor, repeats: int, widths=(64, 128)) -> list[st
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 9, --quick 2)")
+    p.add_argument("--repeats", type=positive_int, default=None, help="interleaved repeats (default 9, --quick 2)")
     p.add_argument("--quick", action="store_true", help="a smoke run: a 20k generated street, C = 64, 2 repeats")
     args = p.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 9)

@@ -33,7 +33,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from _common import environment, real_sweeps, results_path, street_points, write_markdown
+from _common import environment, positive_int, real_sweeps, results_path, street_points, write_markdown
 
 import pointsparse as ps  # noqa: E402  (after _common puts the repo on the path)
 from pointsparse import _ext  # noqa: E402
@@ -241,8 +241,8 @@ def north_star_model(points: torch.Tensor, feats: torch.Tensor) -> torch.nn.Modu
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cr", type=float, default=1.0)
-    p.add_argument("--rounds", type=int, default=None, help="rounds after the warm-up (default 3, --quick 1)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=positive_int, default=None, help="rounds after the warm-up (default 3, --quick 1)")
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--quick", action="store_true", help="a smoke run: a 20k generated street, one round")
     p.add_argument("--north-star", action="store_true",
                    help=f"a column more: '{NORTH_STAR}' (bench/north_star.py's keep 0.25 + fuse + pair vectors "

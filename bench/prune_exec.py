@@ -47,7 +47,8 @@ import time
 import numpy as np
 import torch
 
-from _common import environment, interleaved, real_scene, real_sweeps, page_path, street_scene, write_markdown
+from _common import (environment, interleaved, page_path, positive_int, real_scene, real_sweeps, street_scene,
+                     write_markdown)
 
 import pointsparse as ps
 from pointsparse import prune
@@ -436,8 +437,8 @@ def plot(points: list, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--channels", type=int, nargs="+", default=None, help="default 64 (--quick 32)")
-    parser.add_argument("--rounds", type=int, default=None, help="default 5 (--quick 1)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--rounds", type=positive_int, default=None, help="default 5 (--quick 1)")
+    parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads())
     parser.add_argument("--parts", nargs="+", default=None,
                         choices=["sparsity", "spatial", "formats", "per_offset"],
                         help="default sparsity spatial (--quick all four)")

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from _common import environment, real_scene, real_sweeps, results_path, street_scene, write_markdown
+from _common import environment, positive_int, real_scene, real_sweeps, results_path, street_scene, write_markdown
 from pointsparse import SparseTensor
 from pointsparse.models import MinkUNet
 from pointsparse.prune import graph as G
@@ -235,9 +235,9 @@ def _amc_note(scene: str, search: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=None, help="default 3 (--quick 1)")
+    parser.add_argument("--repeats", type=positive_int, default=None, help="default 3 (--quick 1)")
     parser.add_argument("--voxels", type=int, default=None, help="generated scene size (default 30000, --quick 5000)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: 5k voxels, keep 0.5, 1 repeat, a 3-episode AMC search, no KITTI")
     parser.add_argument("--amc-episodes", type=int, default=None,

@@ -24,15 +24,15 @@ import sys
 
 import torch
 
-from _common import environment, interleaved, kitti_or_street, page_path, write_markdown
+from _common import environment, interleaved, kitti_or_street, page_path, positive_int, write_markdown
 
 import pointsparse as ps
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=21)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=positive_int, default=21)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--keep", type=float, default=0.5)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=None)

@@ -28,7 +28,8 @@ import argparse
 
 import torch
 
-from _common import environment, interleaved, real_scene, real_sweeps, page_path, street_scene, write_markdown
+from _common import (environment, interleaved, page_path, positive_int, real_scene, real_sweeps, street_scene,
+                     write_markdown)
 
 import pointsparse as ps  # noqa: E402
 from pointsparse import _ext, prune  # noqa: E402
@@ -124,7 +125,7 @@ def listed_line(coords: torch.Tensor, c: int, rounds: int) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 9, --quick 2)")
+    parser.add_argument("--rounds", type=positive_int, default=None, help="interleaved rounds (default 9, --quick 2)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: a 20k street, C = 64, 2 rounds")
     parser.add_argument("--out", default=None, help="the page's name in bench/results (default sparse_isa.md)")
     parser.add_argument("--channels", type=int, nargs="+", default=None, help="default 64 128 (--quick 64)")

@@ -39,7 +39,7 @@ import time
 import numpy as np
 import torch
 
-from _common import environment, real_sweeps, results_path, write_markdown
+from _common import environment, positive_int, real_sweeps, results_path, write_markdown
 
 import pointsparse as ps  # noqa: E402  (after _common puts the repo on the path)
 from pointsparse import _ext  # noqa: E402
@@ -376,8 +376,8 @@ def run_part(part: str, points: np.ndarray, args) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--part", choices=("layer", "net"), default=None, help="required unless --quick (then: both)")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (layer 7, net 3, --quick 1)")
-    p.add_argument("--threads", type=int, default=2, help="threads for ours")
+    p.add_argument("--rounds", type=positive_int, default=None, help="interleaved rounds (layer 7, net 3, --quick 1)")
+    p.add_argument("--threads", type=positive_int, default=2, help="threads for ours")
     p.add_argument("--quick", action="store_true", help="a smoke run: an eighth of the sweep, C = 64, one round")
     args = p.parse_args(argv)
     if args.part is None and not args.quick:

@@ -21,7 +21,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__))))
-from _common import environment, results_path, timeit  # noqa: E402
+from _common import environment, positive_int, results_path, timeit  # noqa: E402
 
 from pointsparse import formats as F  # noqa: E402
 from pointsparse.formats._storage import bits_for, index_width  # noqa: E402
@@ -372,7 +372,7 @@ def plot_speedup(curves, sparsities, png) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--out", default=None, help="folder for the pages (default bench/results; --quick: a temporary one)")
     ap.add_argument("--isa", action="store_true",
                     help="only the target case in each kernel build (avx512 / avx2 / generic): spmm_isa.md")

@@ -42,7 +42,7 @@ import sys
 import numpy as np
 import torch
 
-from _common import environment, interleaved, kitti_or_street, page_path, write_markdown
+from _common import environment, interleaved, kitti_or_street, page_path, positive_int, write_markdown
 from prune_exec import variants
 
 import pointsparse as ps
@@ -190,8 +190,8 @@ def network_row(threads: int, rounds: int, threshold: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=positive_int, default=1)
+    parser.add_argument("--rounds", type=positive_int, default=15)
     parser.add_argument("--mb", type=float, default=16.0, help="streamed from this output size (MB)")
     parser.add_argument("--network", action="store_true", help="also the full-width MinkUNet on the sweep")
     parser.add_argument("--chain", action="store_true",

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from _common import ROOT, datasets_dir, environment, results_path
+from _common import ROOT, datasets_dir, environment, positive_int, results_path
 
 RUNS = ROOT / "runs" / "bench-train"
 #: What the table says for runs recorded before the engine was (the earlier pure-torch path).
@@ -167,7 +167,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="30 s budgets: check that everything runs")
     parser.add_argument("--only", nargs="*", default=None, help="experiment names to run")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's default)")
     parser.add_argument("--collect", action="store_true",
                         help="do not train: rebuild the results from the runs already in runs/bench-train")
     args = parser.parse_args()

@@ -29,7 +29,7 @@ import sys
 import numpy as np
 import torch
 
-from _common import environment, interleaved, kitti_or_street, page_path, write_markdown
+from _common import environment, interleaved, kitti_or_street, page_path, positive_int, write_markdown
 from conv_instructions import KINDS, variants
 
 import pointsparse as ps
@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.25, 0.06, 0.02])
     parser.add_argument("--kinds", nargs="+", default=["vector", "twin", "twin50"],
                         choices=[k for k in KINDS if k.startswith(("vector", "twin"))])
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=positive_int, default=7)
     parser.add_argument("--out", default=None, help="default bench/results/vector_crop.md")
     parser.add_argument("--quick", action="store_true", help="C = 16 on a 20k street, fractions 1 and 0.25, one round")
     args = parser.parse_args()

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from _common import RESULTS_DIR, environment, interleaved, kitti_path, write_markdown
+from _common import RESULTS_DIR, environment, interleaved, kitti_path, positive_int, write_markdown
 
 import pointsparse as ps
 from pointsparse.app import metrics
@@ -281,8 +281,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0,
                         help="the batches' order, augmentation and torch's seed (the same for every variant); runs "
                              "go to --out/seed-N for N > 0 (--report reads every seed's)")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=positive_int, default=7)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     parser.add_argument("--quick", action="store_true", help="a smoke run: 4 steps, 1 held-out scene, 1 round")

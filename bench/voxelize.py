@@ -21,7 +21,7 @@ import torch
 
 import numpy as np
 
-from _common import environment, interleaved, real_sweeps, page_path, street_points, write_markdown
+from _common import environment, interleaved, page_path, positive_int, real_sweeps, street_points, write_markdown
 
 import pointsparse as ps  # noqa: E402
 from pointsparse import coords as C  # noqa: E402
@@ -99,7 +99,8 @@ def clouds(quick: bool) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 15, --quick 2)")
+    parser.add_argument("--repeats", type=positive_int, default=None,
+                        help="interleaved repeats (default 15, --quick 2)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: one 20k street, 2 repeats")
     parser.add_argument("--out", default="voxelize.md", help="the page's name in bench/results (default voxelize.md)")
     args = parser.parse_args()

@@ -372,3 +372,65 @@ def test_bf16_layers_without_amx_says_so_and_exits_0(tmp_path):
         assert page.is_file()
     else:
         assert "AMX-BF16" in proc.stdout and "nothing measured" in proc.stdout and not page.exists()
+
+
+# Each script's parser, handed "--quick OPTION 0" (and -1) for each of --repeats, --rounds and --threads it has:
+# it must refuse the count itself (argparse's exit 2, naming the option), not start the run.
+COUNT_PROBE = r"""
+import argparse, contextlib, io, json, runpy, sys
+from pathlib import Path
+
+class Parsed(Exception):
+    pass
+
+parse_args = argparse.ArgumentParser.parse_args
+
+def probe(self, args=None, namespace=None):
+    outcome = {}
+    for option in ("--repeats", "--rounds", "--threads"):
+        if option not in self._option_string_actions:
+            continue
+        for value in ("0", "-1"):
+            err = io.StringIO()
+            try:
+                with contextlib.redirect_stderr(err):
+                    parsed = parse_args(self, ["--quick", option, value])
+                outcome[f"{option} {value}"] = f"accepted as {getattr(parsed, option[2:])!r}"
+            except SystemExit as e:
+                said = err.getvalue().strip().splitlines()[-1:]
+                if e.code != 2 or not said or option not in said[0]:
+                    outcome[f"{option} {value}"] = f"exit {e.code}: {said}"
+    raise Parsed(outcome)
+
+argparse.ArgumentParser.parse_args = probe
+bench = Path(sys.argv[1])
+sys.path.insert(0, str(bench))
+found = {}
+for script in sorted(bench.glob("*.py")):
+    if script.stem.startswith("_"):
+        continue
+    sys.argv = [str(script)]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            runpy.run_path(str(script), run_name="__main__")
+    except Parsed as parsed:
+        if parsed.args[0]:
+            found[script.stem] = parsed.args[0]
+    except SystemExit as e:
+        found[script.stem] = f"exit {e.code}"
+print(json.dumps(found))
+"""
+
+
+def test_no_script_takes_a_count_below_one():
+    """``--repeats 0`` (``--rounds 0``) was read as 'not given' by the scripts
+    that default to None (kmap.py timed 7 repeats, its page silent about it),
+    and as zero by the others; a negative count ran every cloud's build and
+    then failed in statistics.median ('no median for empty data'), and
+    ``--threads 0`` failed in torch.set_num_threads: every script's parser
+    refuses them now, naming the option."""
+    proc = subprocess.run([sys.executable, "-c", COUNT_PROBE, str(benchmark.BENCH_DIR)], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not found, found
