@@ -16,6 +16,7 @@ and spconv's CPU map when the ``spconv`` package is installed.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -191,15 +192,19 @@ def write_results(rows, maps, args, have_spconv) -> None:
     notes.append(f"- Merge-sort slower than hashing on: {ms_vs_hash or 'none'}.")
     notes.append(f"- spconv: {'timed above' if have_spconv else 'not installed, skipped'}.")
     notes.append(f"- Default CPU method (`pointsparse.kmap.default_method('cpu')`): `{km.default_method('cpu')}`.")
-    notes.append("\nMedians of repeated builds (7 repeats, 3 above 300k voxels or with --quick), whole "
+    counted = (f"{args.repeats} repeat{'s' * (args.repeats != 1)} each (--repeats)" if args.repeats
+               else "7 repeats, 3 above 300k voxels or with --quick")
+    notes.append(f"\nMedians of repeated builds ({counted}), whole "
                  "`pointsparse.kmap.build` calls (downsampling included for strided maps). Ratios within one "
                  "run are the comparison; absolute times depend on the machine and its load (loadavg above).")
-    command = "cd <repo> && .venv/bin/python bench/kmap.py" + (" --quick" if args.quick else "")
-    c.write_markdown(Path(args.out), "Kernel-map building", command, c.environment(), tables, "\n".join(notes))
-    plot(rows, maps, methods, Path(args.out).with_suffix(".png"))
+    # (every option as typed: --repeats changes the numbers, --out where they went)
+    command = "python bench/kmap.py " + shlex.join(sys.argv[1:])
+    c.write_markdown(Path(args.out), "Kernel-map building", command.strip(), c.environment(), tables,
+                     "\n".join(notes))
+    plot(rows, maps, methods, Path(args.out), Path(args.out).with_suffix(".png"))
 
 
-def plot(rows, maps, methods, path: Path) -> None:
+def plot(rows, maps, methods, page: Path, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -222,7 +227,7 @@ def plot(rows, maps, methods, path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    print(f"wrote {path.with_suffix('.md')} and {path}")
+    print(f"wrote {page} and {path}")
 
 
 if __name__ == "__main__":

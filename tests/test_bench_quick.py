@@ -434,3 +434,22 @@ def test_no_script_takes_a_count_below_one():
     assert proc.returncode == 0, proc.stderr[-2000:]
     found = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not found, found
+
+
+def test_kmap_page_names_the_options_it_ran_with(tmp_path):
+    """bench/kmap.py's ``Command:`` line was always ``bench/kmap.py [--quick]``
+    and its note '7 repeats, 3 above 300k voxels or with --quick': a page of
+    ``--repeats 1`` read as medians of 3 or 7 builds, and its command did not
+    reproduce it. Both say what ran now (the command quoted as typed)."""
+    import shlex
+
+    page = tmp_path / "odd name's" / "k.md"
+    proc = subprocess.run([sys.executable, str(benchmark.BENCH_DIR / "kmap.py"), "--quick", "--repeats", "1",
+                           "--out", str(page)], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = page.read_text()
+    command = next(line for line in text.splitlines() if line.startswith("Command: `"))[len("Command: `"):-1]
+    assert shlex.split(command)[-5:] == ["--quick", "--repeats", "1", "--out", str(page)]
+    assert "Medians of repeated builds (1 repeat each (--repeats))" in text and "7 repeats" not in text
+    assert page.with_suffix(".png").is_file() and f"wrote {page} and" in proc.stdout
