@@ -161,6 +161,27 @@ def test_bench_hands_args_to_each_suite(monkeypatch, capsys):
     assert "pointsparse bench: error: --args" in capsys.readouterr().err and len(calls) == 1
 
 
+def test_bench_args_of_one_option(monkeypatch, capsys):
+    """``--args '--no-variants'`` (one option, no space) was argparse's
+    'argument --args: expected one argument': a word that starts with '-'
+    reads as an option unless it holds a space, so only ``--args=...``
+    worked. The word after --args is its value now, whatever it starts with."""
+    from pointsparse.app import benchmark
+
+    calls = []
+    monkeypatch.setattr(benchmark, "suites", lambda: ["north_star", "kmap"])
+    monkeypatch.setattr(benchmark.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    assert cli.main(["bench", "north_star", "--args", "--no-variants", "--quick"]) == 0
+    assert calls[-1][-2:] == ["--quick", "--no-variants"]
+    assert cli.main(["bench", "kmap", "--args", "--repeats=2"]) == 0
+    assert calls[-1][-1] == "--repeats=2" and calls[-1][-2].endswith("kmap.py")
+    assert cli.main(["bench", "--args", "-h", "kmap"]) == 0
+    assert calls[-1][-1] == "-h" and len(calls) == 3
+    with pytest.raises(SystemExit) as info:  # (nothing after it: still argparse's error)
+        cli.main(["bench", "kmap", "--args"])
+    assert info.value.code == 2 and "--args: expected one argument" in capsys.readouterr().err
+
+
 def test_bad_input_is_a_message_not_a_traceback(tmp_path):
     """A missing or damaged checkpoint, as a user meets it from the shell:
     one line naming the file, exit status 2; POINTSPARSE_TRACEBACK=1 gives

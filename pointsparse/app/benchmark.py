@@ -20,6 +20,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--args", default="", metavar="'OPTIONS'",
                         help="options handed to each suite, quoted as one argument (pointsparse bench conv --args "
                              "'--channels 64 --rounds 5'); each suite's --help lists its own")
+    parser.verbatim_options = ("--args",)  # (CommandParser: '--args --no-variants' is a value, not two options)
 
 
 def main(args) -> int:

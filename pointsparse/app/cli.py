@@ -42,8 +42,15 @@ class CommandParser(argparse.ArgumentParser):
     as typed, and an option it leaves at the mark was not (:func:`given_flags`
     reads the record)."""
 
+    #: Options whose value is the next word whatever it starts with, set by a
+    #: command's ``add_arguments`` (bench's ``--args``): argparse reads a word
+    #: that starts with '-' and holds no space as an option, so ``--args
+    #: '--no-variants'`` was 'expected one argument'.
+    verbatim_options: tuple[str, ...] = ()
+
     def parse_known_args(self, args=None, namespace=None):
         args = sys.argv[1:] if args is None else list(args)
+        args = _glue_values(args, self.verbatim_options)
         parsed, extras = super().parse_known_args(args, namespace)
         if namespace is None:  # (into a namespace of the caller's, what it held would read as typed)
             untyped = _Untyped()
@@ -52,6 +59,23 @@ class CommandParser(argparse.ArgumentParser):
             super().parse_known_args(args, probe)
             parsed._typed = frozenset(name for name, value in vars(probe).items() if value is not untyped)
         return parsed, extras
+
+
+def _glue_values(words: list[str], options) -> list[str]:
+    """``words`` with each of ``options`` and the word after it as one
+    ``option=word`` (up to a ``--``, and not for the last word: argparse's
+    'expected one argument' stays)."""
+    out, i = [], 0
+    while i < len(words):
+        if words[i] == "--":
+            return out + words[i:]
+        if words[i] in options and i + 1 < len(words):
+            out.append(f"{words[i]}={words[i + 1]}")
+            i += 2
+        else:
+            out.append(words[i])
+            i += 1
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
