@@ -453,3 +453,23 @@ def test_kmap_page_names_the_options_it_ran_with(tmp_path):
     assert shlex.split(command)[-5:] == ["--quick", "--repeats", "1", "--out", str(page)]
     assert "Medians of repeated builds (1 repeat each (--repeats))" in text and "7 repeats" not in text
     assert page.with_suffix(".png").is_file() and f"wrote {page} and" in proc.stdout
+
+
+def test_the_documented_args_example_runs():
+    """``pointsparse bench --help`` and the README showed ``pointsparse bench
+    conv --args '--channels 64 --rounds 5'``, and conv.py has neither
+    option ('unrecognized arguments'). The example they show now
+    (benchmark.EXAMPLE) is parsed by that suite's own parser."""
+    import shlex
+
+    suite, options = benchmark.EXAMPLE
+    probe = PROBE.replace('["--quick"]', repr(shlex.split(options))).replace(
+        'getattr(parsed.args[0], "quick", "no `quick` attribute")', "True")
+    proc = subprocess.run([sys.executable, "-c", probe, str(benchmark.BENCH_DIR)], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])[suite] is True
+    readme = (ROOT / "README.md").read_text()
+    help_text = cli.build_parser()._subparsers._group_actions[0].choices["bench"].format_help()
+    for text in (readme, " ".join(help_text.split())):
+        assert f"--args '{options}'" in text and "--channels 64 --rounds 5" not in text

@@ -10,6 +10,10 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
 
 
+#: The suite and ``--args`` the help and the README show (a test runs them through that suite's parser).
+EXAMPLE = ("conv", "--threads 1 --repeats 5")
+
+
 def suites() -> list[str]:
     return sorted(p.stem for p in BENCH_DIR.glob("*.py") if not p.stem.startswith("_")) if BENCH_DIR.is_dir() else []
 
@@ -18,8 +22,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("suite", nargs="*", help=f"suites to run (default: all); found: {', '.join(suites()) or 'none'}")
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats, to check that they run")
     parser.add_argument("--args", default="", metavar="'OPTIONS'",
-                        help="options handed to each suite, quoted as one argument (pointsparse bench conv --args "
-                             "'--channels 64 --rounds 5'); each suite's --help lists its own")
+                        help="options handed to each suite, quoted as one argument (pointsparse bench "
+                             f"{EXAMPLE[0]} --args '{EXAMPLE[1]}'); each suite's --help lists its own")
     parser.verbatim_options = ("--args",)  # (CommandParser: '--args --no-variants' is a value, not two options)
 
 
