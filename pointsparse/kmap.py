@@ -658,6 +658,8 @@ def get_kmap(tensor: SparseTensor, kernel_size, stride=1, dilation=1, transposed
     if not isinstance(tensor, SparseTensor):
         raise TypeError(f"tensor must be a SparseTensor (its coordinate cache holds the maps); "
                         f"got {type(tensor).__name__}")
+    # (before the cache is read: a map built earlier would otherwise answer for a method no build takes)
+    _check_method(method, tensor.coords.device)
     return _get_kmap(tensor, as_triple(kernel_size, "kernel_size"), as_triple(stride, "stride"),
                      as_triple(dilation, "dilation"), transposed, method)
 

@@ -1130,3 +1130,24 @@ def test_the_voxel_rows_operator_names_point_coords():
         ops.voxel_rows(coords, [2, 2, 2], points[:, 1:])
     with pytest.raises(TypeError, match="point_coords must be int32"):
         ops.voxel_rows(coords, [2, 2, 2], points.float())
+
+
+def test_get_kmap_checks_its_method_on_a_cache_hit():
+    """get_kmap(tensor, 3, method="bogus") (or method=5) after the map was
+    built returned the cached map without a word, where the first call
+    would have refused it: a benchmark of get_kmap naming a method it
+    misspelt timed cache hits. The method is checked before the cache is
+    read now, downsampling and transposed maps alike."""
+    coords = random_coords(300, 1, 6, seed=5)
+    tensor = ps.SparseTensor(torch.randn(len(coords), 2), coords)
+    km.get_kmap(tensor, 3)
+    km.get_kmap(tensor, 2, 2)
+    down = ps.SparseTensor(torch.randn(km.get_kmap(tensor, 2, 2).num_out, 2),
+                           km.get_kmap(tensor, 2, 2).out_coords, 2, cache=tensor.cache, validate=False)
+    km.get_kmap(down, 2, 2, transposed=True)
+    for bad in ("bogus", "Hash", 5):
+        for layer, args in ((tensor, (3,)), (tensor, (2, 2)), (down, (2, 2, 1, True))):
+            with pytest.raises(ValueError, match=r"method must be one of \('mergesort', 'hash', 'torch'\)"):
+                km.get_kmap(layer, *args, method=bad)
+    for m in km.METHODS:
+        assert km.get_kmap(tensor, 3, method=m) is km.get_kmap(tensor, 3)
