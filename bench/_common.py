@@ -37,6 +37,29 @@ def positive_int(text: str) -> int:
     return value
 
 
+def page_arg(text: str) -> str:
+    """An argparse ``type`` for a page option (``--out x.md``): the text as
+    given, once it can name a page: not a folder, not under a file, in a
+    folder this process may write (or create). Checked as the options are
+    parsed, since the page is written at the end of the run (a folder given
+    as the page cost the whole run, then a bare IsADirectoryError)."""
+    if not text:
+        return text
+    path = Path(text)
+    if text.endswith(("/", os.sep)) or path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; give the page's file name (a folder/name.md)")
+    if not os.path.dirname(text):  # (a bare name: a page in the results folder, see page_path)
+        return text
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: {str(folder)!r} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text!r}: cannot write in {str(folder)!r}")
+    return text
+
+
 def results_path(name: str, quick: bool = False) -> Path:
     """Where a script writes its page ``name`` (``"voxelize.md"``):
     bench/results/, or for a ``--quick`` smoke run a scratch folder under the

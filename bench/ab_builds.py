@@ -54,7 +54,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import environment, kitti_or_street, positive_int, results_path, write_markdown
+from _common import environment, kitti_or_street, page_arg, positive_int, results_path, write_markdown
 from conv_instructions import KINDS, case_data
 
 # The child: the module by its path, the case from the .npz, then one call
@@ -190,7 +190,7 @@ def main() -> None:
                              "CPUs this process may use, --cpu ignored)")
     parser.add_argument("--isa", default="auto", choices=("auto", "avx512", "avx2", "generic"),
                         help="the kernels' build (default: the best this CPU runs)")
-    parser.add_argument("--out", default=None, help="also write a page there")
+    parser.add_argument("--out", type=page_arg, default=None, help="also write a page there")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="bfloat16: the forward of the bf16 kernels (AVX512-BF16)")
     parser.add_argument("--bias", action="store_true", help="the convs add a bias")

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import environment, kitti_path, page_path, positive_int, write_markdown
+from _common import environment, kitti_path, page_arg, page_path, positive_int, write_markdown
 
 BENCH = Path(__file__).resolve().parent
 
@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("trees", nargs="*", help="checkouts with their module built (the first is the baseline)")
     parser.add_argument("--rounds", type=positive_int, default=11)
     parser.add_argument("--threads", type=positive_int, default=2)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", type=page_arg, default=None)
     parser.add_argument("--setup", nargs=2, action="append", default=[], metavar=("INDEX", "CODE"),
                         help="Python run in tree INDEX's child after `import pointsparse as ps`, e.g. "
                              "1 'ps.reuse_freed_memory(True)' (a tree may be given twice); 1 'EXPORT = True' "

@@ -31,7 +31,7 @@ import time
 import numpy as np
 import torch
 
-from _common import environment, kitti_path, page_path, positive_int, street_scene, write_markdown
+from _common import environment, kitti_path, page_arg, page_path, positive_int, street_scene, write_markdown
 from north_star import inputs, vector_sparse
 from prune_speed import _variants
 
@@ -106,7 +106,8 @@ def main() -> None:
                         help="runs of each conv each way (default 5, --quick 1)")
     parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--amount", type=float, default=0.75, help="the pair vectors pruned (default 0.75)")
-    parser.add_argument("--out", default=None, help="the page's name in bench/results (default bf16_layers.md)")
+    parser.add_argument("--out", type=page_arg, default=None,
+                        help="the page's name in bench/results (default bf16_layers.md)")
     parser.add_argument("--quick", action="store_true", help="a generated street of 20k voxels, one round")
     args = parser.parse_args()
     if not _ext.core.conv_amx():

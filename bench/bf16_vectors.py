@@ -33,7 +33,7 @@ import sys
 
 import torch
 
-from _common import environment, interleaved, kitti_or_street, page_path, positive_int, write_markdown
+from _common import environment, interleaved, kitti_or_street, page_arg, page_path, positive_int, write_markdown
 
 import pointsparse as ps  # noqa: E402
 from pointsparse import _ext, prune  # noqa: E402
@@ -114,7 +114,8 @@ def main() -> None:
     parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--channels", type=int, nargs="+", default=None, help="default 16 32 64 128")
     parser.add_argument("--quick", action="store_true", help="a smoke run: a 20k street, C = 32, one round")
-    parser.add_argument("--out", default=None, help="the page's name in bench/results (default bf16_vectors.md)")
+    parser.add_argument("--out", type=page_arg, default=None,
+                        help="the page's name in bench/results (default bf16_vectors.md)")
     parser.add_argument("--pair-amounts", type=float, nargs="+", default=None,
                         help="instead of the default amounts: the unpruned weight and whole bf16 vectors (16 x 2 "
                              "blocks) pruned by each of these fractions, so that the listed density is 1 - amount "

@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-from _common import environment, page_path, positive_int, real_sweeps, street_points, write_markdown
+from _common import environment, page_arg, page_path, positive_int, real_sweeps, street_points, write_markdown
 
 import pointsparse as ps  # noqa: E402  (after _common puts the repo on the path)
 from pointsparse import _ext  # noqa: E402
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=positive_int, default=None, help="interleaved repeats (default 21, --quick 3)")
     p.add_argument("--quick", action="store_true", help="a smoke run: a 20k generated street, 3 repeats")
-    p.add_argument("--output", default=None, help="default bench/results/busy_machine.md")
+    p.add_argument("--output", type=page_arg, default=None, help="default bench/results/busy_machine.md")
     args = p.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 21)
     output = page_path(args.output, "busy_machine.md", args.quick)

@@ -43,7 +43,7 @@ import time
 import numpy as np
 import torch
 
-from _common import environment, kitti_or_street, page_path, positive_int, write_markdown
+from _common import environment, kitti_or_street, page_arg, page_path, positive_int, write_markdown
 from prune_exec import variants
 
 import pointsparse as ps
@@ -143,7 +143,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=positive_int, default=15)
     parser.add_argument("--mb", type=float, default=64.0, help="MB of other memory passed over before a cold call")
     parser.add_argument("--threads", type=positive_int, default=1)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", type=page_arg, default=None)
     parser.add_argument("--split", action="store_true",
                         help="also the unpruned and twin 75%% weights with only the identity offset kept and with "
                              "it zeroed: where the sparse conv's time goes")

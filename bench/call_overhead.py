@@ -31,7 +31,8 @@ import sys
 import numpy as np
 import torch
 
-from _common import environment, interleaved, kitti_path, page_path, positive_int, street_scene, write_markdown
+from _common import (environment, interleaved, kitti_path, page_arg, page_path, positive_int, street_scene,
+                     write_markdown)
 
 import pointsparse as ps
 from pointsparse import prune
@@ -178,7 +179,7 @@ def main() -> None:
                         default=("calls", "residual", "cache"))
     parser.add_argument("--channels", type=int, default=16, help="table 1's C (default 16)")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default=None, help="the page (default bench/results/call_overhead.md)")
+    parser.add_argument("--out", type=page_arg, default=None, help="the page (default bench/results/call_overhead.md)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rounds = 1 if args.quick else args.rounds

@@ -30,7 +30,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import environment, kitti_path, page_path, positive_int, street_points, write_markdown
+from _common import (environment, kitti_path, page_arg, page_path, positive_int, street_points, write_markdown)
 
 #: Calls before the counting starts (maps, plans and the collector's first passes after loading).
 WARMUP = 10
@@ -107,7 +107,7 @@ def main() -> None:
                         help="voxelise at this size (default: the program's; north_star.py runs the trained files "
                              "at 0.05 m)")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", type=page_arg, default=None)
     args = parser.parse_args()
     if args.quick:
         args.calls, args.runs = 4 * WARMUP, 1

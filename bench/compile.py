@@ -42,7 +42,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a smaller street, fewer repeats")
     ap.add_argument("--repeats", type=c.positive_int, default=None)
     ap.add_argument("--threads", type=c.positive_int, default=None, help="torch (and core) threads (default: torch's)")
-    ap.add_argument("--out", default=None, help="default bench/results/compile.md (--quick: a temporary folder)")
+    ap.add_argument("--out", type=c.page_arg, default=None,
+                    help="default bench/results/compile.md (--quick: a temporary folder)")
     args = ap.parse_args()
     args.out = str(c.page_path(args.out, "compile.md", args.quick))
     if args.threads:

@@ -28,7 +28,7 @@ import sys
 
 import torch
 
-from _common import environment, interleaved, kitti_or_street, page_path, positive_int, write_markdown
+from _common import environment, interleaved, kitti_or_street, page_arg, page_path, positive_int, write_markdown
 
 import pointsparse as ps
 from pointsparse import formats, prune
@@ -119,7 +119,8 @@ def main() -> None:
     parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--parts", nargs="+", choices=("layers", "model"), default=("layers", "model"))
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default=None, help="the page (default bench/results/compress_linear.md)")
+    parser.add_argument("--out", type=page_arg, default=None,
+                        help="the page (default bench/results/compress_linear.md)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rounds = 1 if args.quick else args.rounds

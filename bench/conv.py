@@ -22,8 +22,8 @@ import sys
 import numpy as np
 import torch
 
-from _common import (environment, interleaved, page_path, positive_int, real_scene, real_sweeps, street_scene,
-                     timeit, write_markdown)
+from _common import (environment, interleaved, page_arg, page_path, positive_int, real_scene, real_sweeps,
+                     street_scene, timeit, write_markdown)
 
 import pointsparse as ps  # noqa: E402  (after _common puts the repo on the path)
 from pointsparse.nn import _engine  # noqa: E402
@@ -286,7 +286,8 @@ def main() -> None:
                         help="with --isa: these k=3 widths only (e.g. 8 16 24 32 40: the column tails)")
     parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--repeats", type=positive_int, default=None)
-    parser.add_argument("--output", default=None, help="default bench/results/conv.md (--quick: a temporary folder)")
+    parser.add_argument("--output", type=page_arg, default=None,
+                        help="default bench/results/conv.md (--quick: a temporary folder)")
     args = parser.parse_args()
     args.output = str(page_path(args.output, "conv.md", args.quick))
     torch.set_num_threads(args.threads)

@@ -40,7 +40,7 @@ import pointsparse as ps  # noqa: E402
 from pointsparse import kmap as km  # noqa: E402
 from pointsparse.models import MinkUNet  # noqa: E402
 from pointsparse.nn import reference  # noqa: E402
-from _common import environment, positive_int, street_scene, write_markdown  # noqa: E402
+from _common import environment, page_arg, positive_int, street_scene, write_markdown  # noqa: E402
 
 
 def _timed(fns: dict, rounds: int, sync) -> dict:
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     parser.add_argument("--voxels", type=int, default=85_000)
     parser.add_argument("--threads", type=positive_int, default=2, help="CPU threads for the CPU columns (default 2)")
     parser.add_argument("--cpu-rounds", type=int, default=3)
-    parser.add_argument("--out", default=None, help="markdown file for the table")
+    parser.add_argument("--out", type=page_arg, default=None, help="markdown file for the table")
     parser.add_argument("--device", default="cuda",
                         help="the device timed (default cuda; cpu times the torch path on this CPU)")
     parser.add_argument("--quick", action="store_true", help="20k voxels, cr 0.25, 2 rounds: a check that it runs")

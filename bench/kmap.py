@@ -103,7 +103,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer clouds and maps, fewer repeats")
     ap.add_argument("--repeats", type=c.positive_int, default=None)
-    ap.add_argument("--out", default=None, help="default bench/results/kmap.md (--quick: a temporary folder)")
+    ap.add_argument("--out", type=c.page_arg, default=None,
+                    help="default bench/results/kmap.md (--quick: a temporary folder)")
     args = ap.parse_args()
     args.out = str(c.page_path(args.out, "kmap.md", args.quick))
     torch.manual_seed(0)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import LOAD_CORE, callgrind_instructions, environment, kitti_or_street, page_path, write_markdown
+from _common import LOAD_CORE, callgrind_instructions, environment, kitti_or_street, page_arg, page_path, write_markdown
 
 import pointsparse as ps
 from pointsparse import kmap as K
@@ -178,7 +178,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("modules", nargs="*", help="builds of _core (default: this tree's)")
     parser.add_argument("--calls", type=int, default=2)
-    parser.add_argument("--out", default=None, help="default bench/results/kmap_instructions.md")
+    parser.add_argument("--out", type=page_arg, default=None, help="default bench/results/kmap_instructions.md")
     parser.add_argument("--time", type=int, default=0, metavar="ROUNDS",
                         help="also time the builds in lockstep over ROUNDS rounds (no valgrind)")
     parser.add_argument("--cpu", type=int, default=max(os.sched_getaffinity(0)),

@@ -23,7 +23,7 @@ import shlex
 import subprocess
 import sys
 
-from _common import environment, kitti_or_street, page_path, write_markdown
+from _common import environment, kitti_or_street, page_arg, page_path, write_markdown
 
 CHILD = r"""
 import json, resource, statistics, sys, time
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=15)
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", type=page_arg, default=None)
     args = parser.parse_args()
     if args.quick:
         args.calls, args.runs = 3, 1

@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-from _common import environment, page_path, positive_int, real_sweeps, street_points, write_markdown
+from _common import environment, page_arg, page_path, positive_int, real_sweeps, street_points, write_markdown
 from north_star import inputs, kitti_points, vector_sparse
 from prune_speed import _variants
 
@@ -80,7 +80,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=positive_int, default=21)
     parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--quick", action="store_true", help="a generated street of 20k voxels, 3 rounds")
-    parser.add_argument("--out", default=None, help="the page's name in bench/results (default maps_ahead.md)")
+    parser.add_argument("--out", type=page_arg, default=None,
+                        help="the page's name in bench/results (default maps_ahead.md)")
     args = parser.parse_args()
     if args.quick:
         args.rounds = 3

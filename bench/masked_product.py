@@ -28,8 +28,8 @@ import sys
 
 import torch
 
-from _common import (environment, interleaved, page_path, positive_int, real_scene, real_sweeps, street_scene,
-                     write_markdown)
+from _common import (environment, interleaved, page_arg, page_path, positive_int, real_scene, real_sweeps,
+                     street_scene, write_markdown)
 from prune_exec import core_forward
 
 import pointsparse as ps
@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--amount", type=float, default=0.75)
     parser.add_argument("--rounds", type=positive_int, default=None, help="default 21 (--quick 1)")
     parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads())
-    parser.add_argument("--out", default=None, help="default bench/results/masked_product.md")
+    parser.add_argument("--out", type=page_arg, default=None, help="default bench/results/masked_product.md")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from _common import environment, interleaved, kitti_or_street, page_path, positive_int, write_markdown
+from _common import environment, interleaved, kitti_or_street, page_arg, page_path, positive_int, write_markdown
 
 import pointsparse as ps
 from pointsparse import prune
@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--amounts", type=float, nargs="+", default=[0.5, 0.75])
     parser.add_argument("--rounds", type=positive_int, default=7)
     parser.add_argument("--threads", type=positive_int, default=1)
-    parser.add_argument("--out", default=None, help="default bench/results/masked_wgrad.md")
+    parser.add_argument("--out", type=page_arg, default=None, help="default bench/results/masked_wgrad.md")
     parser.add_argument("--quick", action="store_true", help="C = 16 on a 20k street, one round")
     args = parser.parse_args()
     if args.quick:

@@ -61,7 +61,7 @@ import time
 import numpy as np
 import torch
 
-from _common import environment, page_path, positive_int, real_sweeps, write_markdown
+from _common import environment, page_arg, page_path, positive_int, real_sweeps, write_markdown
 from prune_speed import _variants
 from voxel_prune import add_voxel_prune
 
@@ -280,7 +280,7 @@ def main() -> None:
     parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--voxel-size", type=float, default=0.05)
     parser.add_argument("--quick", action="store_true", help="one round")
-    parser.add_argument("--out", default=None, help="the page (default bench/results/north_star.md)")
+    parser.add_argument("--out", type=page_arg, default=None, help="the page (default bench/results/north_star.md)")
     parser.add_argument("--program", action="append", default=[], metavar="NAME=FILE.pt2",
                         help="also time this exported program as pointsparse predict runs it (repeatable)")
     parser.add_argument("--no-variants", action="store_true",

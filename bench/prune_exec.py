@@ -47,8 +47,8 @@ import time
 import numpy as np
 import torch
 
-from _common import (environment, interleaved, page_path, positive_int, real_scene, real_sweeps, street_scene,
-                     write_markdown)
+from _common import (environment, interleaved, page_arg, page_path, positive_int, real_scene, real_sweeps,
+                     street_scene, write_markdown)
 
 import pointsparse as ps
 from pointsparse import prune
@@ -444,7 +444,7 @@ def main() -> None:
                         help="default sparsity spatial (--quick all four)")
     parser.add_argument("--kinds", nargs="+", default=None, choices=list(AMOUNTS),
                         help="the sparsity table's granularities (default all): fewer rows, more rounds in the time")
-    parser.add_argument("--out", default=None, help="default bench/results/prune_exec.md")
+    parser.add_argument("--out", type=page_arg, default=None, help="default bench/results/prune_exec.md")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
                         help="the sparsity table's columns timed (default all; the forward always): 'fwd core' "
                              "times forwards after forwards only, as inference runs them")

@@ -24,7 +24,7 @@ import sys
 
 import torch
 
-from _common import environment, interleaved, kitti_or_street, page_path, positive_int, write_markdown
+from _common import environment, interleaved, kitti_or_street, page_arg, page_path, positive_int, write_markdown
 
 import pointsparse as ps
 
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--keep", type=float, default=0.5)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", type=page_arg, default=None)
     args = parser.parse_args()
     if args.quick:
         args.rounds = 1

@@ -38,7 +38,7 @@ import sys
 import numpy as np
 import torch
 
-from _common import environment, interleaved, kitti_or_street, page_path, positive_int, write_markdown
+from _common import environment, interleaved, kitti_or_street, page_arg, page_path, positive_int, write_markdown
 
 import pointsparse as ps  # noqa: E402
 from pointsparse import _ext  # noqa: E402
@@ -107,7 +107,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=positive_int, default=15)
     parser.add_argument("--quick", action="store_true", help="a generated street of 20k voxels, 3 rounds")
     parser.add_argument("--reuse-memory", action="store_true", help="pointsparse.reuse_freed_memory(True) first")
-    parser.add_argument("--out", default=None, help="the page's name in bench/results (default side_by_side.md)")
+    parser.add_argument("--out", type=page_arg, default=None,
+                        help="the page's name in bench/results (default side_by_side.md)")
     args = parser.parse_args()
     if args.quick:
         args.rounds = 3

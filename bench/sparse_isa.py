@@ -28,8 +28,8 @@ import argparse
 
 import torch
 
-from _common import (environment, interleaved, page_path, positive_int, real_scene, real_sweeps, street_scene,
-                     write_markdown)
+from _common import (environment, interleaved, page_arg, page_path, positive_int, real_scene, real_sweeps,
+                     street_scene, write_markdown)
 
 import pointsparse as ps  # noqa: E402
 from pointsparse import _ext, prune  # noqa: E402
@@ -127,7 +127,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=positive_int, default=None, help="interleaved rounds (default 9, --quick 2)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: a 20k street, C = 64, 2 rounds")
-    parser.add_argument("--out", default=None, help="the page's name in bench/results (default sparse_isa.md)")
+    parser.add_argument("--out", type=page_arg, default=None,
+                        help="the page's name in bench/results (default sparse_isa.md)")
     parser.add_argument("--channels", type=int, nargs="+", default=None, help="default 64 128 (--quick 64)")
     args = parser.parse_args()
     rounds = args.rounds or (2 if args.quick else 9)

@@ -42,7 +42,7 @@ import sys
 import numpy as np
 import torch
 
-from _common import environment, interleaved, kitti_or_street, page_path, positive_int, write_markdown
+from _common import environment, interleaved, kitti_or_street, page_arg, page_path, positive_int, write_markdown
 from prune_exec import variants
 
 import pointsparse as ps
@@ -198,7 +198,7 @@ def main() -> None:
                         help="also module calls of the offset-pruned conv followed by a conv reading its output")
     parser.add_argument("--amounts", type=float, nargs="*", default=None,
                         help="also chains of an offset-pruned conv and itself at these fractions of the offsets")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", type=page_arg, default=None)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     coords, scene = kitti_or_street(args.quick)

@@ -29,7 +29,7 @@ import sys
 import numpy as np
 import torch
 
-from _common import environment, interleaved, kitti_or_street, page_path, positive_int, write_markdown
+from _common import environment, interleaved, kitti_or_street, page_arg, page_path, positive_int, write_markdown
 from conv_instructions import KINDS, variants
 
 import pointsparse as ps
@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=["vector", "twin", "twin50"],
                         choices=[k for k in KINDS if k.startswith(("vector", "twin"))])
     parser.add_argument("--rounds", type=positive_int, default=7)
-    parser.add_argument("--out", default=None, help="default bench/results/vector_crop.md")
+    parser.add_argument("--out", type=page_arg, default=None, help="default bench/results/vector_crop.md")
     parser.add_argument("--quick", action="store_true", help="C = 16 on a 20k street, fractions 1 and 0.25, one round")
     args = parser.parse_args()
     if args.quick:

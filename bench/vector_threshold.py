@@ -32,7 +32,7 @@ import time
 import numpy as np
 import torch
 
-from _common import environment, kitti_or_street, page_path, positive_int, write_markdown
+from _common import environment, kitti_or_street, page_arg, page_path, positive_int, write_markdown
 
 import pointsparse as ps
 from pointsparse.nn import _engine
@@ -150,7 +150,7 @@ def main() -> None:
                         help="break-even weights keep vectors of this many adjacent panels (2: the AVX-512 "
                              "two-vector tiles, nn.functional.tile_panels)")
     parser.add_argument("--rounds", type=positive_int, default=9)
-    parser.add_argument("--out", default=None, help="default bench/results/vector_threshold.md")
+    parser.add_argument("--out", type=page_arg, default=None, help="default bench/results/vector_threshold.md")
     parser.add_argument("--quick", action="store_true", help="C = 8 on a 20k street, two densities, one round")
     args = parser.parse_args()
     if args.quick:

@@ -21,7 +21,8 @@ import torch
 
 import numpy as np
 
-from _common import environment, interleaved, page_path, positive_int, real_sweeps, street_points, write_markdown
+from _common import (environment, interleaved, page_arg, page_path, positive_int, real_sweeps, street_points,
+                     write_markdown)
 
 import pointsparse as ps  # noqa: E402
 from pointsparse import coords as C  # noqa: E402
@@ -102,7 +103,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=positive_int, default=None,
                         help="interleaved repeats (default 15, --quick 2)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: one 20k street, 2 repeats")
-    parser.add_argument("--out", default="voxelize.md", help="the page's name in bench/results (default voxelize.md)")
+    parser.add_argument("--out", type=page_arg, default="voxelize.md",
+                        help="the page's name in bench/results (default voxelize.md)")
     args = parser.parse_args()
     repeats = args.repeats or (2 if args.quick else 15)
     rows = ["| cloud | points | voxels | reduce | four trips (ms) | one trip (ms) | speed-up |", "|---|---|---|---|---|---|---|"]

@@ -473,3 +473,32 @@ def test_the_documented_args_example_runs():
     help_text = cli.build_parser()._subparsers._group_actions[0].choices["bench"].format_help()
     for text in (readme, " ".join(help_text.split())):
         assert f"--args '{options}'" in text and "--channels 64 --rounds 5" not in text
+
+
+# Each script with a page option (--out / --output), handed a folder, or a path under a file, as the page.
+PAGE_PROBE = COUNT_PROBE.replace('''    for option in ("--repeats", "--rounds", "--threads"):
+        if option not in self._option_string_actions:
+            continue
+        for value in ("0", "-1"):''', '''    for option in ("--out", "--output"):
+        if option not in self._option_string_actions or option in SKIP.get(script.stem, ()):
+            continue
+        for value in (ARGV[2], ARGV[3] + "/page.md", ARGV[2] + "/"):''').replace(
+    "bench = Path(sys.argv[1])", "bench = Path(sys.argv[1])\nARGV = list(sys.argv)\nSKIP = json.loads(ARGV[4])")
+assert PAGE_PROBE.count("ARGV[3]") == 1 and "SKIP = " in PAGE_PROBE
+
+
+def test_a_page_that_cannot_be_written_is_refused_before_the_run(tmp_path):
+    """``--out`` naming a folder (``--out /tmp/``) or a path under a file
+    ran the whole benchmark and then failed writing the page, in a bare
+    IsADirectoryError / FileExistsError traceback (voxelize.py --quick:
+    20 s lost; the full runs take minutes). Every page option is checked as
+    it is parsed now (argparse's exit 2, naming it)."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    folders = {"spmm": ["--out"], "prune_finetune": ["--out"], "voxel_prune": ["--out"]}  # (these take folders)
+    proc = subprocess.run([sys.executable, "-c", PAGE_PROBE, str(benchmark.BENCH_DIR), str(tmp_path), str(a_file),
+                           json.dumps(folders)], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not found, found
