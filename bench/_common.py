@@ -60,6 +60,22 @@ def page_arg(text: str) -> str:
     return text
 
 
+def folder_arg(text: str) -> str:
+    """An argparse ``type`` for a folder option (spmm.py's ``--out``): the
+    text as given, once it can be a folder: not a file, not under one (the
+    folder is made at the end of the run, after the timings)."""
+    if not text:
+        return text
+    folder = Path(text)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: {str(folder)!r} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text!r}: cannot write in {str(folder)!r}")
+    return text
+
+
 def results_path(name: str, quick: bool = False) -> Path:
     """Where a script writes its page ``name`` (``"voxelize.md"``):
     bench/results/, or for a ``--quick`` smoke run a scratch folder under the

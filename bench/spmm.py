@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import warnings
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__))))
-from _common import environment, positive_int, results_path, timeit  # noqa: E402
+from _common import environment, folder_arg, positive_int, results_path, timeit  # noqa: E402
 
 from pointsparse import formats as F  # noqa: E402
 from pointsparse.formats._storage import bits_for, index_width  # noqa: E402
@@ -196,23 +197,28 @@ def isa_page(args) -> None:
     """--isa: the target case in each kernel build, written to spmm_isa.md."""
     env = environment()
     env["loadavg"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
-    rows = ["# SpMM kernel builds\n", f"Command: `.venv/bin/python bench/spmm.py --isa --threads {args.threads}`\n",
+    rounds = 2 if args.quick else 7
+    rows = ["# SpMM kernel builds\n", f"Command: `{command()}`\n",
             "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()) + "\n",
-            "Medians of 7 interleaved rounds, float32; each build forced through the kernels' `isa` "
-            "argument.\n"] + isa_builds(7)
+            f"Medians of {rounds} interleaved rounds, float32; each build forced through the kernels' `isa` "
+            "argument.\n"] + isa_builds(rounds)
+    os.makedirs(args.out, exist_ok=True)
     md = os.path.join(args.out, "spmm_isa.md")
     with open(md, "w") as f:
         f.write("\n".join(rows) + "\n")
     print("\n".join(rows))
 
 
+def command() -> str:
+    """The command line as typed (every option: --out says where the pages went)."""
+    return ("flock /tmp/ps-heavy.lock .venv/bin/python bench/spmm.py " + shlex.join(sys.argv[1:])).strip()
+
+
 def header(args, repeats) -> list[str]:
     env = environment()
     env["spmm_isa"] = F.spmm_isa()
     env["loadavg"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
-    cmd = "flock /tmp/ps-heavy.lock .venv/bin/python bench/spmm.py" + (" --quick" if args.quick else "") + \
-        (f" --threads {args.threads}" if args.threads != 2 else "")
-    return ["# SpMM: sparse weight (M, K) x dense activations (K, N)\n", f"Command: `{cmd}`\n",
+    return ["# SpMM: sparse weight (M, K) x dense activations (K, N)\n", f"Command: `{command()}`\n",
             "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()) + "\n",
             "Ratios within one run are the comparison; absolute times depend on the machine and its "
             "load (load average above). Times: medians of "
@@ -373,7 +379,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
     ap.add_argument("--threads", type=positive_int, default=2)
-    ap.add_argument("--out", default=None, help="folder for the pages (default bench/results; --quick: a temporary one)")
+    ap.add_argument("--out", type=folder_arg, default=None,
+                    help="folder for the pages (default bench/results; --quick: a temporary one)")
     ap.add_argument("--isa", action="store_true",
                     help="only the target case in each kernel build (avx512 / avx2 / generic): spmm_isa.md")
     args = ap.parse_args()

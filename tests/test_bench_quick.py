@@ -502,3 +502,30 @@ def test_a_page_that_cannot_be_written_is_refused_before_the_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     found = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not found, found
+
+
+def test_spmm_isa_page_in_a_new_folder_says_how_it_ran(tmp_path):
+    """bench/spmm.py --isa --out NEW wrote spmm_isa.md into NEW without making
+    it (FileNotFoundError after every build was timed), ran its 7 rounds
+    with --quick, and both pages' Command lines left out --out (the isa
+    page --quick too); --out naming a file ran the whole sweep, then failed
+    in os.makedirs. Now: the folder is made, --quick takes 2 rounds (the
+    page says so), the Command is the one typed, a file is refused at once."""
+    import shlex
+
+    folder = tmp_path / "new folder" / "isa"
+    script = str(benchmark.BENCH_DIR / "spmm.py")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, script, "--isa", "--quick", "--threads", "1", "--out", str(folder)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = (folder / "spmm_isa.md").read_text()
+    command = next(line for line in text.splitlines() if line.startswith("Command: `"))[len("Command: `"):-1]
+    assert shlex.split(command)[-6:] == ["--isa", "--quick", "--threads", "1", "--out", str(folder)]
+    assert "Medians of 2 interleaved rounds" in text
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for given in (a_file, a_file / "sub"):
+        proc = subprocess.run([sys.executable, script, "--quick", "--out", str(given)], capture_output=True,
+                              text=True, timeout=60, cwd=tmp_path, env=env)
+        assert proc.returncode == 2 and "argument --out:" in proc.stderr and "is a file" in proc.stderr
