@@ -278,17 +278,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="street 100k and the KITTI sweep at C=64 only")
     parser.add_argument("--tune", action="store_true", help="also sweep bench/_grouped.py's chunk/epsilon/tile settings")
-    parser.add_argument("--parts", action="store_true",
-                        help="only the costs piece by piece (map, plans, kernels alone) at C=64")
-    parser.add_argument("--isa", action="store_true",
-                        help="only each kernel build (avx512 / avx2 / generic): k=1 GEMM vs torch.mm, k=3 on KITTI")
-    parser.add_argument("--widths", type=int, nargs="+", default=None,
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--parts", action="store_true",
+                      help="only the costs piece by piece (map, plans, kernels alone) at C=64")
+    only.add_argument("--isa", action="store_true",
+                      help="only each kernel build (avx512 / avx2 / generic): k=1 GEMM vs torch.mm, k=3 on KITTI")
+    parser.add_argument("--widths", type=positive_int, nargs="+", default=None,
                         help="with --isa: these k=3 widths only (e.g. 8 16 24 32 40: the column tails)")
     parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--repeats", type=positive_int, default=None)
     parser.add_argument("--output", type=page_arg, default=None,
                         help="default bench/results/conv.md (--quick: a temporary folder)")
     args = parser.parse_args()
+    if args.widths and not args.isa:
+        parser.error("--widths: the k=3 widths of --isa's page; without --isa nothing reads them")
     args.output = str(page_path(args.output, "conv.md", args.quick))
     torch.set_num_threads(args.threads)
     repeats = args.repeats or 3

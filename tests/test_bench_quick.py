@@ -529,3 +529,18 @@ def test_spmm_isa_page_in_a_new_folder_says_how_it_ran(tmp_path):
         proc = subprocess.run([sys.executable, script, "--quick", "--out", str(given)], capture_output=True,
                               text=True, timeout=60, cwd=tmp_path, env=env)
         assert proc.returncode == 2 and "argument --out:" in proc.stderr and "is a file" in proc.stderr
+
+
+def test_conv_refuses_options_it_would_ignore(tmp_path):
+    """bench/conv.py --widths 8 16 without --isa timed the default layers and
+    never read the widths; --isa --parts gave the --isa page alone; --widths
+    0 reached the kernels. Each is argparse's usage error now, naming the
+    options, before anything is timed."""
+    script = str(benchmark.BENCH_DIR / "conv.py")
+    for argv, said in ((["--widths", "8", "16"], "--widths"), (["--isa", "--parts"], "--parts"),
+                       (["--isa", "--widths", "0"], "--widths")):
+        proc = subprocess.run([sys.executable, script, "--quick", *argv, "--output", str(tmp_path / "c.md")],
+                              capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert proc.returncode == 2 and said in proc.stderr.splitlines()[-1], (argv, proc.stderr[-500:])
+        assert not (tmp_path / "c.md").exists()
