@@ -11,6 +11,8 @@ written to bench/results/memory.md."""
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 import time
 
 import numpy as np
@@ -46,13 +48,18 @@ def scenes(count: int, voxel_size: float):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps, at least 50: the RSS at step 50 is the baseline "
+                             "(default 1000, --quick 120)")
     parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--cr", type=float, default=0.5)
     parser.add_argument("--voxel-size", type=float, default=0.1)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    steps = 120 if args.quick else args.steps
+    if args.steps is not None and args.steps < 50:
+        parser.error(f"--steps: at least 50 (the RSS at step 50 is the baseline the growth is measured from); "
+                     f"got {args.steps}")
+    steps = args.steps or (120 if args.quick else 1000)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     data = scenes(8, args.voxel_size)
@@ -79,7 +86,7 @@ def main() -> None:
                f"voxels, AdamW; {time.perf_counter() - t0:.0f} s. RSS at step 50: {at50:.1f} MB; at step "
                f"{samples[-1][0]}: {last:.1f} MB; growth {100 * growth:+.2f}% (target: within 5%)")
     write_markdown(results_path("memory.md", args.quick), "Memory over a MinkUNet training loop",
-                   f"python bench/memory.py --steps {steps} --threads {args.threads}", environment(),
+                   "python bench/memory.py " + shlex.join(sys.argv[1:]), environment(),
                    [summary, "| step | RSS (MB) | loss |\n|---|---|---|\n" + rows])
     print(f"RSS {at50:.1f} MB at step 50 -> {last:.1f} MB at step {samples[-1][0]} ({100 * growth:+.2f}%)")
 

@@ -544,3 +544,27 @@ def test_conv_refuses_options_it_would_ignore(tmp_path):
                               env=dict(os.environ, PYTHONPATH=str(ROOT)))
         assert proc.returncode == 2 and said in proc.stderr.splitlines()[-1], (argv, proc.stderr[-500:])
         assert not (tmp_path / "c.md").exists()
+
+
+def test_memory_runs_the_steps_asked_and_says_how_it_ran(tmp_path):
+    """bench/memory.py --quick ran 120 steps whatever --steps said, and its
+    Command line read 'python bench/memory.py --steps 120 --threads 1'
+    whatever --cr, --voxel-size or --quick were (run as written, it replaced
+    bench/results/memory.md); --steps below 50 trained, then failed in a bare
+    StopIteration (the RSS at step 50 is the baseline). --steps is taken as
+    given, a count below 50 is refused at once, the Command is the one typed."""
+    import shlex
+
+    script = str(benchmark.BENCH_DIR / "memory.py")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, script, "--steps", "10"], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path, env=env)
+    assert proc.returncode == 2 and "--steps" in proc.stderr.splitlines()[-1] and "step" not in proc.stdout
+    argv = ["--quick", "--steps", "50", "--cr", "0.125", "--voxel-size", "0.4"]
+    proc = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = (tmp_path / "pointsparse-bench-quick" / "memory.md").read_text()
+    command = next(line for line in text.splitlines() if line.startswith("Command: `"))[len("Command: `"):-1]
+    assert shlex.split(command)[-len(argv):] == argv
+    assert "| 50 |" in text and "| 100 |" not in text and "cr=0.125" in text
