@@ -25,6 +25,7 @@ Writes bench/results/sparse_isa.md (``--out``: another page)
 from __future__ import annotations
 
 import argparse
+import shlex
 
 import torch
 
@@ -146,7 +147,7 @@ def main() -> None:
     out = page_path(args.out, "sparse_isa.md", args.quick)
     write_markdown(out, f"Vector-sparse kernels of each build, {name} ({len(coords):,} voxels), 1 thread",
                    f"python bench/sparse_isa.py --rounds {rounds}" + (" --quick" if args.quick else "") +
-                   (f" --out {args.out}" if args.out else "") +
+                   (f" --out {shlex.quote(args.out)}" if args.out else "") +
                    (" --channels " + " ".join(map(str, args.channels)) if args.channels else ""),
                    environment(), ["\n".join(rows)] + lines)
     print(f"written {out}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 
 import torch
 
@@ -135,7 +136,7 @@ def main() -> None:
     out = page_path(args.out, "voxelize.md", args.quick)
     write_markdown(out, "voxelize: one trip into the core against four",
                    f"bench/voxelize.py --repeats {repeats}" + (" --quick" if args.quick else "")
-                   + (f" --out {args.out}" if args.out != "voxelize.md" else ""), environment(),
+                   + (f" --out {shlex.quote(args.out)}" if args.out != "voxelize.md" else ""), environment(),
                    ["\n".join(rows), "### voxelize_sample against the numpy formulas it replaced\n\n" + "\n".join(app)])
     print(f"written {out}")
 

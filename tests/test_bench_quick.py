@@ -568,3 +568,21 @@ def test_memory_runs_the_steps_asked_and_says_how_it_ran(tmp_path):
     command = next(line for line in text.splitlines() if line.startswith("Command: `"))[len("Command: `"):-1]
     assert shlex.split(command)[-len(argv):] == argv
     assert "| 50 |" in text and "| 100 |" not in text and "cr=0.125" in text
+
+
+def test_a_page_path_with_a_space_is_quoted_in_its_command(tmp_path):
+    """voxelize.py and sparse_isa.py wrote ``--out PATH`` into the page's
+    Command line unquoted: ``--out '/tmp/a b/v.md'`` read back as
+    ``--out /tmp/a b/v.md`` (the run it names writes to /tmp/a with a stray
+    argument). Quoted as a shell reads it now."""
+    import shlex
+
+    for name in ("voxelize", "sparse_isa"):
+        page = tmp_path / "a b" / f"{name}.md"
+        proc = subprocess.run([sys.executable, str(benchmark.BENCH_DIR / f"{name}.py"), "--quick", "--out",
+                               str(page)], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        line = next(line for line in page.read_text().splitlines() if line.startswith("Command: `"))
+        words = shlex.split(line[len("Command: `"):-1])
+        assert words[words.index("--out") + 1] == str(page), (name, line)
