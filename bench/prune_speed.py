@@ -236,7 +236,7 @@ def _amc_note(scene: str, search: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=positive_int, default=None, help="default 3 (--quick 1)")
-    parser.add_argument("--voxels", type=int, default=None, help="generated scene size (default 30000, --quick 5000)")
+    parser.add_argument("--voxels", type=positive_int, default=None, help="generated scene size (default 30000, --quick 5000)")
     parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: 5k voxels, keep 0.5, 1 repeat, a 3-episode AMC search, no KITTI")
@@ -281,8 +281,9 @@ def main() -> int:
              f"{stem}.png."] + notes
     output = results_path(f"{stem}.md", args.quick)
     write_markdown(output, "Pruning through the dependency graph: MinkUNet cr=1.0",
-                   f"python bench/prune_speed.py --repeats {args.repeats} --amc-episodes {args.amc_episodes} "
-                   f"--amc-warmup {args.amc_warmup} --scenes {' '.join(args.scenes)}"
+                   f"python bench/prune_speed.py --repeats {args.repeats} --voxels {args.voxels} --threads "
+                   f"{args.threads} --amc-episodes {args.amc_episodes} --amc-warmup {args.amc_warmup} --scenes "
+                   f"{' '.join(args.scenes)}"
                    + (" --quick" if args.quick else ""),
                    environment(), tables, "\n\n".join(notes))
     print(f"written {output}")

@@ -586,3 +586,24 @@ def test_a_page_path_with_a_space_is_quoted_in_its_command(tmp_path):
         line = next(line for line in page.read_text().splitlines() if line.startswith("Command: `"))
         words = shlex.split(line[len("Command: `"):-1])
         assert words[words.index("--out") + 1] == str(page), (name, line)
+
+
+def test_prune_speed_page_names_its_scene_size_and_threads(tmp_path):
+    """bench/prune_speed.py's Command line gave --repeats, --amc-* and
+    --scenes but not --voxels or --threads: a page of a 2,000-voxel scene on
+    one thread named a command that times 30,000 voxels on two (and
+    --voxels 0 was read as 'not given'). Both are on the line now, and
+    --voxels takes a count of at least 1."""
+    import shlex
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path))
+    script = str(benchmark.BENCH_DIR / "prune_speed.py")
+    proc = subprocess.run([sys.executable, script, "--quick", "--voxels", "0"], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path, env=env)
+    assert proc.returncode == 2 and "--voxels" in proc.stderr.splitlines()[-1]
+    proc = subprocess.run([sys.executable, script, "--quick", "--voxels", "2000", "--threads", "1",
+                           "--amc-episodes", "0"], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    page = (tmp_path / "pointsparse-bench-quick" / "prune_speed_generated.md").read_text()
+    words = shlex.split(next(line for line in page.splitlines() if line.startswith("Command: `"))[10:-1])
+    assert words[words.index("--voxels") + 1] == "2000" and words[words.index("--threads") + 1] == "1"
