@@ -177,6 +177,10 @@ def main() -> int:
     # Results of earlier invocations (--only reruns some experiments).
     saved = json.loads(store.read_text()) if store.is_file() else {}
     all_exps = experiments(args.quick, datasets_dir())
+    unknown = [n for n in args.only or () if n not in {e["name"] for e in all_exps}]
+    if unknown:
+        parser.error(f"--only: no experiment {', '.join(map(repr, unknown))} here; available: "
+                     f"{', '.join(e['name'] for e in all_exps)} (those of a dataset need it in ../shared/datasets)")
     for exp in all_exps:
         if args.only and exp["name"] not in args.only:
             continue

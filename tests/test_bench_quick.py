@@ -607,3 +607,16 @@ def test_prune_speed_page_names_its_scene_size_and_threads(tmp_path):
     page = (tmp_path / "pointsparse-bench-quick" / "prune_speed_generated.md").read_text()
     words = shlex.split(next(line for line in page.splitlines() if line.startswith("Command: `"))[10:-1])
     assert words[words.index("--voxels") + 1] == "2000" and words[words.index("--threads") + 1] == "1"
+
+
+def test_train_only_names_experiments_it_has(tmp_path):
+    """bench/train.py --only NAME with a name it has no experiment of (a typo,
+    or a dataset's experiment where the dataset is absent) trained nothing
+    and printed 'results: PAGE' with exit 0. It is argparse's error now,
+    naming --only, the names it did not find and those it has."""
+    proc = subprocess.run([sys.executable, str(benchmark.BENCH_DIR / "train.py"), "--quick", "--only", "generated",
+                           "nosuch"], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path)))
+    said = proc.stderr.strip().splitlines()[-1:]
+    assert proc.returncode == 2 and said and "--only" in said[0] and "'nosuch'" in said[0]
+    assert "generated" in said[0].split("available")[-1] and "results:" not in proc.stdout
