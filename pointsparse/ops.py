@@ -666,13 +666,8 @@ def voxel_rows(coords: Tensor, stride: list[int], point_coords: Tensor) -> Tenso
     """:func:`pointsparse.models.spvcnn.point_rows`: the row of the voxels
     ``coords`` (at tensor ``stride``) holding each point's stride-1 voxel.
     ``point_coords`` must be int32 ``(N, 4)`` as ``coords`` are (TypeError /
-    ValueError naming it; a program's argument may be anything)."""
+    ValueError naming it, from point_rows; a program's argument may be anything)."""
     from .models.spvcnn import point_rows
-
-    if point_coords.dtype != torch.int32:
-        raise TypeError(f"point_coords must be int32 (batch, x, y, z) voxel coords; got {point_coords.dtype}")
-    if point_coords.dim() != 2 or point_coords.shape[1] != 4:
-        raise ValueError(f"point_coords must be (N, 4) (batch, x, y, z); got shape {tuple(point_coords.shape)}")
 
     tensor = SparseTensor(coords.new_empty((coords.shape[0], 0), dtype=torch.float32), coords, stride,
                           validate=False)

@@ -1734,3 +1734,29 @@ def _refused_in_memory_and_from_file(tmp_path, state, expected):
     checkpoint.save(path, state)
     with pytest.raises(ValueError, match=rf"checkpoint {path}: {expected}"):
         load_model(path)
+
+
+def test_point_rows_names_point_coords_of_another_shape_or_dtype():
+    """point_rows takes the points' stride-1 voxel coords (N, 4) int32, as
+    the voxel_rows operator does: (N, 3) coords without the batch column
+    stopped in torch's broadcast ('The size of tensor a (2) must match the
+    size of tensor b (3)'), int64 ones named 'coords', a list failed on
+    '.device'; each is now a TypeError / ValueError naming point_coords
+    (tensor, a SparseTensor, by name too)."""
+    from pointsparse.models.spvcnn import point_rows
+
+    points = torch.tensor([[0.5, 0.5, 0.5], [3.5, 1.5, 0.5], [7.5, 2.5, 4.5]])
+    x, inverse = ps.voxelize(points, torch.randn(3, 2), voxel_size=1.0)
+    y = spnn.Conv3d(2, 2, 2, stride=2)(x)
+    point_coords = x.coords[inverse]
+    assert torch.equal(y.coords[point_rows(y, point_coords), 1:], point_coords[:, 1:] // 2 * 2)
+    with pytest.raises(ValueError, match=r"point_coords must be \(N, 4\).*got shape \(3, 3\)"):
+        point_rows(y, point_coords[:, 1:])
+    with pytest.raises(TypeError, match=r"point_coords must be int32.*int64"):
+        point_rows(y, point_coords.long())
+    with pytest.raises(TypeError, match=r"point_coords must be .*int32.*list"):
+        point_rows(y, point_coords.tolist())
+    with pytest.raises(TypeError, match=r"tensor must be a SparseTensor; got Tensor"):
+        point_rows(y.coords, point_coords)
+    with pytest.raises(ValueError, match=r"point_coords must be \(N, 4\)"):
+        torch.ops.pointsparse.voxel_rows(y.coords, [2, 2, 2], point_coords[:, 1:])

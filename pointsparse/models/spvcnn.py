@@ -19,7 +19,16 @@ from .minkunet import MinkUNet, check_arguments, check_parameters, unet_paramete
 
 def point_rows(tensor: SparseTensor, point_coords: torch.Tensor) -> torch.Tensor:
     """Row of ``tensor`` holding each point, from the points' stride-1 voxel
-    coords ``(N, 4)``: ``floor(c / stride) * stride`` looked up exactly."""
+    coords ``(N, 4)``: ``floor(c / stride) * stride`` looked up exactly.
+    ``point_coords`` must be int32 ``(N, 4)`` ``[batch, x, y, z]`` as the
+    tensor's coords are (TypeError / ValueError naming it)."""
+    if not isinstance(tensor, SparseTensor):
+        raise TypeError(f"tensor must be a SparseTensor; got {type(tensor).__name__}")
+    if not isinstance(point_coords, torch.Tensor) or point_coords.dtype != torch.int32:
+        got = point_coords.dtype if isinstance(point_coords, torch.Tensor) else type(point_coords).__name__
+        raise TypeError(f"point_coords must be int32 (batch, x, y, z) voxel coords; got {got}")
+    if point_coords.dim() != 2 or point_coords.shape[1] != 4:  # ((N, 3) stopped in torch's broadcast below)
+        raise ValueError(f"point_coords must be (N, 4) (batch, x, y, z); got shape {tuple(point_coords.shape)}")
     if torch.compiler.is_compiling():  # a graph of torch.compile / torch.export: this function as an operator
         return torch.ops.pointsparse.voxel_rows(tensor.coords, list(tensor.stride), point_coords)
     st = torch.tensor(tensor.stride, dtype=torch.int32, device=point_coords.device)
