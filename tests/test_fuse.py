@@ -560,3 +560,40 @@ def test_fold_batchnorm_reads_a_pruned_batchnorm_as_it_computes_now(library):
         out = conv(ps.SparseTensor(x.feats, x.coords)).feats
         torch.testing.assert_close(bn(h).feats, ref)  # what the BatchNorm computes (its hook: orig * mask)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_a_fused_spvcnn_folds_its_point_mlps_and_in_training_mode_is_its_eval_function():
+    """SPVCNN's point MLPs (Linear, BatchNorm1d, ReLU) have their BatchNorm
+    folded into the Linear as the voxel branch's convs do: fuse_for_inference
+    left the three BatchNorm1d in place, so the fused copy set to train()
+    normalised the points by their batch's statistics (logits off by the
+    order of the logits themselves), where README says no BatchNorm is left
+    to do so; now none is, the copy equals the original's eval function in
+    both modes (its dropout, an unfolded module, set to eval as the
+    docstring says it keeps its own training behaviour), float64 within
+    1e-10."""
+    from pointsparse.models import SPVCNN
+
+    torch.manual_seed(0)
+    net = SPVCNN(3, 4, cr=0.25, blocks=1).double()
+    _randomise_bn(net)
+    for bn in [m for m in net.point_mlps.modules() if isinstance(m, torch.nn.BatchNorm1d)]:
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.3, 0.3)
+    net.eval()
+    points = torch.rand(400, 3, dtype=torch.float64) * 12
+    x, inverse = ps.voxelize(points, torch.randn(400, 3, dtype=torch.float64), voxel_size=1.0)
+    batch = torch.zeros(400, dtype=torch.long)
+    fused = spnn.fuse_for_inference(net)
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in fused.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in net.point_mlps.modules())  # the original keeps them
+    with torch.no_grad():
+        ref = net(x, inverse, points, batch)
+        out = fused(x, inverse, points, batch)
+        fused.train()
+        fused.dropout.eval()
+        trained = fused(x, inverse, points, batch)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(trained, ref, rtol=1e-10, atol=1e-10)

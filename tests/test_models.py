@@ -536,7 +536,7 @@ def test_a_fused_model_s_weights_and_misfits_are_named_briefly(tmp_path):
 
 def test_a_fused_spvcnn_s_weights_are_named_as_a_fused_model_s(tmp_path):
     """fuse_for_inference folds the BatchNorms of SPVCNN's voxel branch
-    and keeps its point MLPs' BatchNorm1d: its state_dict given to
+    (and its point MLPs' BatchNorm1d into their Linear): its state_dict given to
     load_model was reported as 165 missing tensors (the first five listed),
     not as a fused inference model's weights, as a fused MinkUNet's are."""
     from pointsparse import checkpoint
@@ -545,7 +545,7 @@ def test_a_fused_spvcnn_s_weights_are_named_as_a_fused_model_s(tmp_path):
     net = SPVCNN(4, 3, cr=0.25, blocks=1).eval()
     config = {"model": "spvcnn", "in_channels": 4, "classes": ["a", "b", "c"], "cr": 0.25, "blocks": 1}
     checkpoint.save(tmp_path / "fused.pt", {"config": config, "model": spnn.fuse_for_inference(net).state_dict()})
-    with pytest.raises(ValueError, match=r"fused.pt: .* a fused inference model's \(nn.fuse_for_inference .* 33 "
+    with pytest.raises(ValueError, match=r"fused.pt: .* a fused inference model's \(nn.fuse_for_inference .* 36 "
                                          r"BatchNorms\)"):
         load_model(tmp_path / "fused.pt")
     # one BatchNorm's statistics lost is no fused model: the tensors are named

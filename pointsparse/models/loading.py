@@ -478,9 +478,9 @@ def _finite(value) -> bool:
 
 def _misfit(model: nn.Module, weights: dict, error: RuntimeError) -> str:
     """Why ``weights`` do not load into ``model``: a fused inference model's
-    (whole BatchNorms missing, every tensor of each, and nothing else: an
-    SPVCNN's fused weights keep its point MLPs' BatchNorm1d, which
-    fuse_for_inference does not fold) said so; a wrapper's (every key
+    (whole BatchNorms missing, every tensor of each, and nothing else;
+    weights that keep some BatchNorms whole, an SPVCNN's fused before its
+    point MLPs' BatchNorm1d were folded too, alike) said so; a wrapper's (every key
     prefixed ``module.`` or ``_orig_mod.``) said so; else the keys missing and
     unexpected, the first few of each (torch's message lists every one), or
     torch's message."""

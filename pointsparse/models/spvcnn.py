@@ -253,6 +253,24 @@ class SPVCNN(nn.Module):
         z3 = to_points(y) + self.point_mlps[2](z2)
         return self.classifier(z3)
 
+    def fuse_point_mlps(self) -> None:
+        """In place, for inference (``nn.fuse_for_inference`` calls it on its
+        copy): each point MLP's BatchNorm1d folded into its Linear (they see
+        ``(N, C)`` rows), where neither runs forward hooks; the BatchNorm
+        becomes ``nn.Identity``."""
+        from ..nn import BatchNorm
+        from ..nn.fuse import fold_linear_batchnorm, has_hooks, has_output_hooks
+
+        for mlp in self.point_mlps:
+            linear, bn = mlp[0], mlp[1]
+            if type(linear) is nn.Linear and isinstance(bn, nn.BatchNorm1d) and not isinstance(bn, BatchNorm) \
+                    and bn.running_mean is not None \
+                    and not has_output_hooks(linear) and not has_hooks(bn) \
+                    and not hasattr(linear, "weight_orig") and not hasattr(linear, "bias_orig") \
+                    and not nn.utils.parametrize.is_parametrized(linear):
+                fold_linear_batchnorm(linear, bn)
+                mlp[1] = nn.Identity()
+
     def to_bf16_inference(self) -> "SPVCNN":
         """The voxel branch (the U-Net's convs) cast to bfloat16 in place,
         the point branch (MLPs, classifier) left in float32; returns self.

@@ -60,6 +60,34 @@ def fold_batchnorm(conv: Conv3d, bn: nn.BatchNorm1d) -> None:
         conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype))
 
 
+def fold_linear_batchnorm(linear: nn.Linear, bn: nn.BatchNorm1d) -> None:
+    """In place: ``linear`` then ``bn`` (eval mode: running statistics) on
+    ``(N, C)`` rows become one ``linear`` with ``weight[c] * s[c]`` and bias
+    ``(bias - mean) * s + beta``, ``s = gamma / sqrt(var + eps)`` (a pruned
+    gamma or beta read as ``orig * mask``). Only for a pair that sees 2-D
+    input: on ``(N, L, C)`` a BatchNorm1d normalises dim 1, not the
+    Linear's output features (SPVCNN's point MLPs take ``(N, C)``)."""
+    if type(linear) is not nn.Linear or not isinstance(bn, nn.BatchNorm1d) or isinstance(bn, BatchNorm):
+        raise TypeError(f"fold_linear_batchnorm takes a torch.nn.Linear and a torch.nn.BatchNorm1d; got "
+                        f"{type(linear).__name__} and {type(bn).__name__}")
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("fold_linear_batchnorm needs a BatchNorm with running statistics (track_running_stats=True)")
+    if bn.num_features != linear.out_features:
+        raise ValueError(f"bn has {bn.num_features} features but linear {linear.out_features} outputs")
+    if parametrize.is_parametrized(linear) or hasattr(linear, "weight_orig") or hasattr(linear, "bias_orig"):
+        raise ValueError("fold_linear_batchnorm: linear's weight or bias is computed (pruned or parametrized); "
+                         "make it permanent first")
+    with torch.no_grad():
+        scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+        if bn.affine:
+            scale = scale * _computed(bn, "weight").double()
+        bias = linear.bias.double() if linear.bias is not None else torch.zeros_like(scale)
+        new_bias = (bias - bn.running_mean.double()) * scale + (_computed(bn, "bias").double() if bn.affine else 0)
+        w = linear.weight  # (new tensors: a weight tied elsewhere keeps its values)
+        linear.weight = nn.Parameter((w.double() * scale[:, None]).to(w.dtype), w.requires_grad)
+        linear.bias = nn.Parameter(new_bias.to(w.dtype))
+
+
 def _computed(module: nn.Module, name: str) -> torch.Tensor:
     """``module.name`` as its forward computes it now: ``name_orig *
     name_mask`` where torch-style pruning is attached (``module.name`` is
@@ -159,7 +187,10 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     :class:`ReLU` right after them runs in the convolution's store (the folded
     modules become ``nn.Identity``). Then every module with a
     ``fuse_residual()`` method (MinkUNet's and SPVCNN's ``ResidualBlock``) is
-    asked to run its residual sum and ReLU in its last conv's store. A
+    asked to run its residual sum and ReLU in its last conv's store, and
+    every module with a ``fuse_point_mlps()`` method (SPVCNN) to fold the
+    BatchNorm1d of its point MLPs into their Linear
+    (:func:`fold_linear_batchnorm`). A
     BatchNorm or ReLU with forward pre-hooks (a VoxelPrune on its input,
     ``models.add_voxel_prune``) or forward hooks on its output is left in
     place, unfolded, and nothing is folded into the output of a conv with
@@ -205,4 +236,7 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
         fuse_residual = getattr(module, "fuse_residual", None)
         if callable(fuse_residual):
             fuse_residual()
+        fuse_point_mlps = getattr(module, "fuse_point_mlps", None)
+        if callable(fuse_point_mlps):
+            fuse_point_mlps()
     return fused
