@@ -50,14 +50,20 @@ def page_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is a folder; give the page's file name (a folder/name.md)")
     if not os.path.dirname(text):  # (a bare name: a page in the results folder, see page_path)
         return text
-    folder = path.parent
+    _check_writable_below(text, path.parent)
+    return text
+
+
+def _check_writable_below(text: str, folder: Path) -> None:
+    """ArgumentTypeError where ``folder``'s nearest existing ancestor (or
+    itself) is a file or cannot be written in (``text``: the option's value,
+    named in the message)."""
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     if not folder.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r}: {str(folder)!r} is a file, not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise argparse.ArgumentTypeError(f"{text!r}: cannot write in {str(folder)!r}")
-    return text
 
 
 def folder_arg(text: str) -> str:
@@ -66,13 +72,7 @@ def folder_arg(text: str) -> str:
     folder is made at the end of the run, after the timings)."""
     if not text:
         return text
-    folder = Path(text)
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r}: {str(folder)!r} is a file, not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise argparse.ArgumentTypeError(f"{text!r}: cannot write in {str(folder)!r}")
+    _check_writable_below(text, Path(text))
     return text
 
 
