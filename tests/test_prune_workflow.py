@@ -1103,6 +1103,35 @@ def test_lottery_and_rigl_on_a_masked_checkpoint_name_the_file(voxel_run, tmp_pa
                           "checkpoint it was pruned from\n"), err
 
 
+@pytest.mark.parametrize("procedure", ["schedule", "init"])
+def test_schedule_and_init_below_a_checkpoints_sparsity_are_refused(voxel_run, tmp_path, capsys, monkeypatch,
+                                                                      procedure):
+    """`prune schedule|init --sparsity 0.5` on a checkpoint already pruned
+    further (masks never un-prune) printed 'target 0.500 sparsity 0.9..',
+    pruned nothing and wrote it again, exit 0. Refused now before any
+    training, naming --sparsity, the file and its sparsity."""
+    from pointsparse.app import procedures
+    from pointsparse.prune import adapters
+    masked = tmp_path / "vectors"
+    assert cli.main(["prune", "vectors", "--checkpoint", str(voxel_run), "--sparsity", "0.9", "--out",
+                     str(masked)]) == 0
+    capsys.readouterr()
+    now = adapters.sparsity(load_model(masked / "checkpoint.pt"))
+    assert now > 0.5
+    monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
+    trained = []
+    monkeypatch.setattr(procedures, procedure if procedure == "schedule" else "prune_at_init",
+                        lambda *a, **k: trained.append(a))
+    assert cli.main(["prune", procedure, "--checkpoint", str(masked / "checkpoint.pt"), "--sparsity", "0.5",
+                     "--quick", "--out", str(tmp_path / "out")]) == 2
+    assert not trained and not (tmp_path / "out").exists()
+    err = capsys.readouterr().err
+    assert err.startswith(f"pointsparse prune: error: --sparsity 0.5: the model of --checkpoint "
+                          f"{masked / 'checkpoint.pt'} is already {now:.3f} sparse, and prune {procedure} never "
+                          f"restores a pruned weight: give --sparsity >= {now:.3f}, or the dense checkpoint it was "
+                          "pruned from\n"), err
+
+
 def test_prune_offsets_refuses_a_sparsity_that_prunes_every_offset(voxel_run, tmp_path, capsys, monkeypatch):
     """`prune offsets --sparsity 0.99` pruned round(0.99 * 27) = 27 of the 27
     offsets of every conv whose windows overlap and wrote the checkpoint

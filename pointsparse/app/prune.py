@@ -298,6 +298,7 @@ def _run(args) -> int:
     else:  # (a checkpoint: its trained model; make_model(seed) draws the fresh ones, the lottery's re-init control)
         model = task.trained_model()
         _check_unpruned(args, model)
+        _check_below(args, model)
     if args.procedure == "amc":
         _check_flops(args, task, model)
     print(f"task {task.name}: {steps} training steps, metric {task.metric}")
@@ -381,6 +382,20 @@ def _check_unpruned(args, model) -> None:
         raise ValueError(f"--checkpoint {args.checkpoint}: its model is already pruned (masks on {len(masked)} "
                          f"layers, e.g. {masked[0]!r}); {_DENSE_ONLY[args.procedure]}: give the dense checkpoint it "
                          "was pruned from")
+
+
+def _check_below(args, model) -> None:
+    """ValueError naming --sparsity where schedule or init would prune a
+    --checkpoint already sparser than it (prune vectors', offsets', a
+    schedule's): masks never un-prune, so it would prune nothing (within the
+    three decimals the procedures print)."""
+    if args.procedure not in ("schedule", "init"):
+        return
+    now = adapters.sparsity(model)
+    if now - args.sparsity > 5e-4:
+        raise ValueError(f"--sparsity {args.sparsity:g}: the model of --checkpoint {args.checkpoint} is already "
+                         f"{now:.3f} sparse, and prune {args.procedure} never restores a pruned weight: give "
+                         f"--sparsity >= {now:.3f}, or the dense checkpoint it was pruned from")
 
 
 def _check_flops(args, task, model) -> None:
