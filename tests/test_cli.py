@@ -591,7 +591,9 @@ def test_eval_help_gives_evals_own_data_and_label_map_defaults():
     assert "the default" not in helps["eval"]["data"]
     assert "default: the files the run validated on, else the run's data" in helps["eval"]["data"]
     assert "[default for .bin]" not in helps["eval"]["label_map"]
-    assert ("default: the run's (its --val-label-map, else its --label-map, else the default map its clouds "
+    assert ("default: the run's (its --val-label-map, but for files of its training clouds' format when the "
+            "validation clouds' takes another default map the map the run trained through; else its --label-map, "
+            "else the default map its clouds "
             "took, where --data's format takes it too: other formats are refused), else semantic-kitti for .bin") \
         in helps["eval"]["label_map"]
     for command in ("train", "eval"):

@@ -357,6 +357,42 @@ def test_a_run_on_a_formats_default_map_records_it_and_other_formats_are_read_th
         tr.load_checkpoint(tmp_path / "bad.pt")
 
 
+def test_eval_of_the_training_format_reads_it_through_the_runs_map_not_the_validation_ones(tmp_path, capsys):
+    """A run on SemanticKITTI .bin scans validated on Open3D-ML learning ids (``--val-label-map
+    semantic-kitti-learning``): ``eval --data <.bin scans>`` read the raw SemanticKITTI ids through the
+    validation map (nearly every point ignored, a warning, exit 0 and wrong metrics). Files of the training
+    clouds' format, whose default map is the run's and not the validation clouds', read through the run's map
+    now (as --label-map semantic-kitti reads them); the validation clouds (the default, or --data) through
+    --val-label-map as before."""
+    rng = np.random.default_rng(0)
+    xyz = rng.uniform(0, 8, (400, 3)).astype(np.float32)
+    seq = tmp_path / "seq"
+    (seq / "velodyne").mkdir(parents=True)
+    (seq / "labels").mkdir()
+    np.c_[xyz, np.zeros(400)].astype(np.float32).tofile(seq / "velodyne" / "000000.bin")
+    raw = rng.choice([10, 40, 48, 50], 400)  # car, road, sidewalk, building
+    raw.astype(np.uint32).tofile(seq / "labels" / "000000.label")
+    learning = tmp_path / "learning.npz"  # (the same cloud as Open3D-ML's learning ids)
+    np.savez(learning, xyz=xyz, labels=np.select([raw == 10, raw == 40, raw == 48], [1, 9, 11], 13))
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", str(seq), "--val-data", str(learning), "--val-label-map",
+                     "semantic-kitti-learning", "--epochs", "1", "--cr", "0.125", "--blocks", "1", "--voxel-size",
+                     "0.5", "--batch-size", "1", "--no-progress", "--out", str(run)]) == 0, capsys.readouterr().err
+    ckpt = run / tr.CHECKPOINT
+
+    def metrics(*flags):
+        out = tmp_path / f"ev{len(list(tmp_path.glob('ev*')))}"
+        assert cli.main(["eval", "--checkpoint", str(ckpt), *flags, "--out", str(out), "--no-progress"]) == 0
+        return json.loads((out / "eval-metrics.json").read_text())["confusion"]
+
+    capsys.readouterr()
+    scored = metrics("--data", str(seq))
+    assert "ignored" not in capsys.readouterr().err
+    assert sum(map(sum, scored)) == 400
+    assert scored == metrics("--data", str(seq), "--label-map", "semantic-kitti") == metrics() \
+        == metrics("--data", str(learning))
+
+
 
 def test_val_data_of_other_classes_than_the_generated_scenes_is_refused(tmp_path):
     """``train --data generated --val-data <SemanticKITTI .bin>`` read the validation labels through

@@ -317,7 +317,10 @@ def program_and_state(path, args=None):
 def files_label_map(state: dict, spec, label_map, where: str, validation: bool = True):
     """The label map a checkpoint's model reads the files of ``spec`` through:
     ``label_map`` (``--label-map``), else the run's ``--val-label-map``
-    (``validation``: files scored as the run validated) or ``--label-map``,
+    (``validation``: files scored as the run validated; but the map the run
+    read its training clouds through for files of their format where the
+    validation clouds' format takes another default, :func:`_training_format`)
+    or ``--label-map``,
     else, where its config records the map the run read its clouds through
     by their formats' default (``label_map``; None: raw labels), that map; a
     ValueError naming ``where`` where the files' formats take another one by
@@ -325,6 +328,8 @@ def files_label_map(state: dict, spec, label_map, where: str, validation: bool =
     as class indices, one class off). A checkpoint that records no map (an
     older run's): None, the files' own default, as before."""
     saved, config = state.get("args") or {}, state["config"]
+    if label_map is None and validation and saved.get("val_label_map") and _training_format(state, spec):
+        return config["label_map"]
     given = label_map or (validation and saved.get("val_label_map")) or saved.get("label_map")
     if given or "label_map" not in config:
         return given or None
@@ -339,10 +344,27 @@ def files_label_map(state: dict, spec, label_map, where: str, validation: bool =
     return run
 
 
+def _training_format(state: dict, spec) -> bool:
+    """Whether the files of ``spec`` are of the run's training clouds' format
+    and not of its validation clouds' (a run on SemanticKITTI .bin scans
+    validated on Open3D-ML learning ids through --val-label-map): their
+    default map is the one the run recorded reading its clouds through, the
+    validation clouds' default another."""
+    run = state["config"].get("label_map", False)
+    val = state.get("val_paths") or (state.get("args") or {}).get("val_data")
+    if run is False or not val:
+        return False
+    try:
+        return default_label_map(spec) == run != default_label_map(val)
+    except (ValueError, OSError):  # (files of mixed formats, or validation files gone: the documented order)
+        return False
+
+
 def eval_source(args, state: dict, ignore_index: int):
     """(the data spec, its clouds) that ``pointsparse eval`` scores: ``--data``,
     else the files the run validated on, else the run's data. Files take
-    ``--label-map``, else the run's validation label map, else its label
+    ``--label-map``, else the run's validation label map (but its training
+    one for files of its training clouds' format), else its label
     map (as ``train --val-data`` takes them: the classes the model predicts),
     else the default map the run read its clouds through, where their
     formats take it (:func:`files_label_map`)."""

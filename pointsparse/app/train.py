@@ -69,7 +69,9 @@ def add_data_arguments(parser, ignore_default: int | None = DEFAULT_IGNORE, run_
         data_help = (f"{clouds}, or 'generated' / 'generated-indoor' scenes (default: the files the run validated "
                      "on, else the run's data)")
         map_help = (f"raw class id -> training id map of the --data files: a JSON file or a name in datasets/ "
-                    f"(semantic-kitti, {maps}; default: the run's (its --val-label-map, else its --label-map, else "
+                    f"(semantic-kitti, {maps}; default: the run's (its --val-label-map, but for files of its "
+                    "training clouds' format when the validation clouds' takes another default map the map the "
+                    "run trained through; else its --label-map, else "
                     "the default map its clouds took, where --data's format takes it too: other formats are "
                     "refused), else semantic-kitti for .bin, semantic3d or s3dis for .txt)")
     else:
