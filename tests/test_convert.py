@@ -531,3 +531,46 @@ def test_a_spconv_state_dicts_5d_weight_names_weight_from():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         net.load_state_dict(theirs)
+
+
+def test_a_minkowski_batchnorm_and_linear_state_dict_loads():
+    """MinkowskiBatchNorm keeps its torch BatchNorm1d under 'bn' (bn.weight, bn.bias, bn.running_mean,
+    bn.running_var, bn.num_batches_tracked) and MinkowskiLinear its torch Linear under 'linear'
+    (linear.weight, linear.bias), where BatchNorm keeps them at its top and Linear under 'fn': loading such
+    a state_dict failed with torch's bare "Missing key(s) ... weight ... Unexpected key(s) ... bn.weight"
+    (strict=False left the layers as initialised). The renaming is one to one: they now load, in memory
+    and strictly; a key given in both forms loads ours and the other is unexpected."""
+    torch.manual_seed(0)
+    norm = ps.nn.BatchNorm(8)
+    stats = {"bn.weight": torch.rand(8) + 0.5, "bn.bias": torch.randn(8), "bn.running_mean": torch.randn(8),
+             "bn.running_var": torch.rand(8) + 0.5}
+    norm.load_state_dict(stats)  # (no num_batches_tracked: torch's default for a dict with no version)
+    for key, value in stats.items():
+        assert torch.equal(getattr(norm, key[3:]), value)
+    assert set(stats) == {"bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"}  # (the caller's dict)
+    net = torch.nn.Sequential(ps.nn.Conv3d(3, 8, 3), ps.nn.BatchNorm(8), ps.nn.Linear(8, 4))
+    ours = net.state_dict()
+    theirs = {k.replace("1.", "1.bn.", 1).replace("2.fn.", "2.linear.", 1): torch.randn_like(v.float()).to(v.dtype)
+              for k, v in ours.items()}
+    theirs["1.bn.running_var"] = torch.rand(8) + 0.5  # (a variance)
+    assert "1.bn.num_batches_tracked" in theirs and "2.linear.weight" in theirs
+    net.load_state_dict(theirs)
+    assert torch.equal(net[1].running_var, theirs["1.bn.running_var"])
+    assert torch.equal(net[1].num_batches_tracked, theirs["1.bn.num_batches_tracked"])
+    assert torch.equal(net[2].fn.weight, theirs["2.linear.weight"]) and torch.equal(net[2].fn.bias,
+                                                                                   theirs["2.linear.bias"])
+    coords, feats = _cloud()
+    x = ps.SparseTensor(feats.float(), coords)
+    same = torch.nn.Sequential(ps.nn.Conv3d(3, 8, 3), ps.nn.BatchNorm(8), ps.nn.Linear(8, 4)).eval()
+    same.load_state_dict(net.state_dict())
+    assert torch.equal(net.eval()(x).feats, same(x).feats)
+    # both forms: ours loads, theirs is unexpected (strict refuses it, strict=False names it)
+    both = dict(ours, **{"1.bn.weight": torch.zeros(8)})
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: \"1.bn.weight\""):
+        net.load_state_dict(both)
+    assert net.load_state_dict(both, strict=False).unexpected_keys == ["1.bn.weight"]
+    assert torch.equal(net[1].weight, ours["1.weight"])
+    # a missing one is still missing, under our name
+    short = {k: v for k, v in theirs.items() if k != "1.bn.bias"}
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"1.bias\""):
+        net.load_state_dict(short)

@@ -99,6 +99,22 @@ def _take_row_vectors(module: nn.Module, state_dict, prefix: str, *names: str) -
             state_dict[prefix + name] = value.reshape(own.shape[0])
 
 
+def _take_wrapped(state_dict, prefix: str, theirs: str, ours: str, names: tuple[str, ...]) -> None:
+    """Each ``state_dict[prefix + theirs + name]`` of ``names`` moved to
+    ``prefix + ours + name`` where that key is absent: MinkowskiEngine's
+    MinkowskiBatchNorm keeps its torch BatchNorm1d under ``bn.`` and
+    MinkowskiLinear its torch Linear under ``linear.``, where ours keep them
+    at the top (``ours`` ``""``) and under ``fn.`` (torch failed with a bare
+    "Missing key(s) ... Unexpected key(s)"). One name for one name, so
+    nothing is guessed; a key given in both forms leaves theirs, which torch
+    then calls unexpected. Torch hands ``_load_from_state_dict`` its own copy
+    of the dict, which the children then read."""
+    for name in names:
+        key = prefix + theirs + name
+        if key in state_dict and prefix + ours + name not in state_dict:
+            state_dict[prefix + ours + name] = state_dict.pop(key)
+
+
 #: The most values a conv weight may hold (checked before it is allocated):
 #: 2^31, 8 GiB of float32, far beyond any point-cloud network.
 MAX_WEIGHT_ELEMENTS = 2**31
@@ -565,10 +581,16 @@ class BatchNorm(nn.BatchNorm1d):
     Normalising with the batch's statistics (training mode, or no running
     statistics) a tensor of one site is a :class:`BatchStatisticsError`
     naming its stride (torch refuses it, saying only that it expected more
-    than 1 value per channel)."""
+    than 1 value per channel). A state_dict of MinkowskiEngine's
+    ``MinkowskiBatchNorm`` (its tensors under ``bn.``) loads as it is."""
 
     def __init__(self, num_features: int, *args, **kwargs) -> None:
         super().__init__(positive_int(num_features, "num_features"), *args, **kwargs)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        _take_wrapped(state_dict, prefix, "bn.", "", ("weight", "bias", "running_mean", "running_var",
+                                                       "num_batches_tracked"))  # (MinkowskiBatchNorm's)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _stats(self) -> torch.Tensor | None:
         """A tensor of its channels (its length: a channel cut narrows them,
@@ -619,6 +641,7 @@ class _Pointwise(nn.Module):
         # (torch's Linear inside cannot say it: its compressed SparseLinear's state is refused here, before it loads)
         if isinstance(self.fn, nn.Linear):
             _refuse_compressed_state(self, state_dict, prefix, "fn._extra_state", "weight_format", "SparseLinear")
+            _take_wrapped(state_dict, prefix, "linear.", "fn.", ("weight", "bias"))  # (MinkowskiLinear's)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, input: SparseTensor) -> SparseTensor:
@@ -647,7 +670,9 @@ Dropout = _pointwise(nn.Dropout, "Dropout on the feats.")
 
 
 class Linear(_Pointwise):
-    """A per-site linear layer on the feats (a 1x1x1 convolution)."""
+    """A per-site linear layer on the feats (a 1x1x1 convolution); its torch
+    Linear is ``fn``. A state_dict of MinkowskiEngine's ``MinkowskiLinear``
+    (its tensors under ``linear.``) loads as it is."""
 
     module_class = nn.Linear
 
