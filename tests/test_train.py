@@ -1509,3 +1509,48 @@ def test_init_from_a_pruned_checkpoint_keeps_its_masks():
     params = dict(dst.named_parameters())  # (trained through weight_orig: the forward applies the mask)
     assert "stem.0.0.weight_orig" in params and "stem.0.0.weight" not in params
     assert "stem.0.0.weight_mask" in dst.state_dict() and "classifier.fn.weight_mask" in dst.state_dict()
+
+
+def test_init_from_a_minkunet_into_an_spvcnn_and_back_copies_the_voxel_unet(tmp_path, capsys):
+    """--model spvcnn --init <a MinkUNet checkpoint> copied only the classifier rows: SPVCNN keeps its voxel
+    U-Net under 'unet.' (unet.stem.0.0.weight for the MinkUNet's stem.0.0.weight), so none of the MinkUNet's
+    other tensors had a name in it and the log named them all unused. A MinkUNet's tensors now go to the
+    SPVCNN's 'unet.' ones of their name (and an SPVCNN's 'unet.' ones to a MinkUNet), by shape as any; the
+    point MLPs, which a MinkUNet has none of, stay as initialised (or unused), and the log says so."""
+    from pointsparse.models import SPVCNN
+
+    torch.manual_seed(0)
+    classes = ["a", "b", "c"]
+    mink = MinkUNet(4, 3, cr=0.125, blocks=1)
+    spv = SPVCNN(4, 3, cr=0.125, blocks=1)
+    fresh_mlp = spv.point_mlps[0][0].weight.detach().clone()
+    unused = []
+    copied = tr.init_from(spv, {"model": mink.state_dict(), "config": {"classes": classes}}, classes, unused)
+    assert unused == []
+    got = spv.state_dict()
+    for key, value in mink.state_dict().items():
+        if not key.startswith("classifier."):
+            assert torch.equal(got["unet." + key], value), key
+    assert "unet.stem.0.0.weight" in copied and torch.equal(spv.point_mlps[0][0].weight, fresh_mlp)
+    assert torch.equal(spv.classifier.weight, mink.classifier.fn.weight)  # (its rows, the widths alike)
+    # the other way: the SPVCNN's voxel U-Net into a MinkUNet, its point MLPs unused
+    spv2 = SPVCNN(4, 3, cr=0.125, blocks=1)
+    back = MinkUNet(4, 3, cr=0.125, blocks=1)
+    unused = []
+    tr.init_from(back, {"model": spv2.state_dict(), "config": {"classes": classes}}, classes, unused)
+    assert unused and all(k.startswith("point_mlps.") for k in unused)
+    got = back.state_dict()
+    for key, value in spv2.unet.state_dict().items():
+        assert torch.equal(got[key], value), key
+    # the log of train --init says what went where
+    assert tr.init_renaming(spv, mink.state_dict())[2] == "a MinkUNet's tensors as this SPVCNN's voxel U-Net (unet.*)"
+    assert tr.init_renaming(back, spv2.state_dict())[2] == "an SPVCNN's voxel U-Net (unet.*) as this MinkUNet's tensors"
+    assert tr.init_renaming(back, mink.state_dict()) is None and tr.init_renaming(spv, spv2.state_dict()) is None
+    run = tmp_path / "run"
+    tr.main(_parse([*TINY, "--epochs", "1", "--out", str(run)]))
+    capsys.readouterr()
+    tr.main(_parse([*TINY, "--epochs", "1", "--model", "spvcnn", "--init", str(run / "checkpoint.pt"), "--out",
+                    str(tmp_path / "spv")]))
+    log = capsys.readouterr()
+    assert re.search(r"initialised 19\d tensors from .*checkpoint.pt \(a MinkUNet's tensors as this SPVCNN's voxel "
+                     r"U-Net \(unet.\*\)\)\n", log.out + log.err)

@@ -639,12 +639,30 @@ def _init_sources(src: dict) -> dict:
     return out
 
 
+def init_renaming(model: torch.nn.Module, src: dict) -> tuple[str, str, str] | None:
+    """``(theirs, ours, what)`` where the checkpoint weights ``src`` name
+    ``model``'s voxel U-Net another way: a MinkUNet's (``stem.0.0.weight``)
+    into an SPVCNN, which keeps its U-Net under ``unet.``
+    (``("", "unet.", ...)``), or an SPVCNN's into a MinkUNet
+    (``("unet.", "", ...)``); ``what`` says so for the log. Else None (one
+    name for one name: the classifier keeps its own, by class)."""
+    from ..models import MinkUNet, SPVCNN
+
+    if isinstance(model, SPVCNN) and src and not any(k.startswith(("unet.", "point_mlps.")) for k in src):
+        return "", "unet.", "a MinkUNet's tensors as this SPVCNN's voxel U-Net (unet.*)"
+    if isinstance(model, MinkUNet) and any(k.startswith("unet.") for k in src):
+        return "unet.", "", "an SPVCNN's voxel U-Net (unet.*) as this MinkUNet's tensors"
+    return None
+
+
 def init_from(model: torch.nn.Module, checkpoint: dict, classes: list[str], unused: list | None = None) -> list[str]:
     """Copy a checkpoint's weights into ``model``: every tensor with the same
     name and shape (a pruned layer's weights as it computes with them,
     ``weight_orig * weight_mask``, and a VoxelSkip's wrapped layer's by the
     layer's own name, so that a fresh model takes them), and the classifier
-    rows of classes with the same name. A pruned tensor's mask comes too
+    rows of classes with the same name; a MinkUNet's tensors go to an
+    SPVCNN's voxel U-Net (``unet.``) and back (:func:`init_renaming`).
+    A pruned tensor's mask comes too
     (``torch.nn.utils.prune``'s ``custom_from_mask``: training holds its
     pruned weights at zero and the run's checkpoints store the mask; the
     classifier's by class, a class new to it dense). Returns the names of
@@ -659,6 +677,11 @@ def init_from(model: torch.nn.Module, checkpoint: dict, classes: list[str], unus
     copied, taken = [], set()
     with torch.no_grad():
         sources = _init_sources(src)
+        renaming = init_renaming(model, src)
+        if renaming is not None:  # (their voxel U-Net's names as ours; the classifiers by class, below)
+            theirs, ours = renaming[:2]
+            sources = {(ours + name[len(theirs):] if name.startswith(theirs) and not name.startswith("classifier.")
+                        else name): value for name, value in sources.items()}
         for name, (value, keys) in sources.items():
             if name.startswith("classifier."):
                 continue
@@ -939,7 +962,9 @@ class TrainingJob:
                                  "damaged file; start from an earlier checkpoint")
             unused: list[str] = []
             copied = init_from(self.model, source, self.classes, unused)
+            renaming = init_renaming(self.model, source["model"])
             self.log(f"initialised {len(copied)} tensors from {args.init}"
+                     + ("" if renaming is None else f" ({renaming[2]})")
                      + (f"; {len(unused)} of its tensors fit no tensor of this model (first: "
                         f"{', '.join(unused[:3])})" if unused else ""))
         if dist.active:
