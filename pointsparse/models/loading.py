@@ -25,7 +25,7 @@ from torch import nn
 
 from .._modes import evaluating
 from ..nn import Conv3d, VoxelPrune, VoxelSkip
-from ..nn.modules import _Pointwise, inner_voxel_prune
+from ..nn.modules import _Pointwise, hooked_voxel_prune, inner_voxel_prune
 from ..tensor import SparseTensor, as_bool
 from .minkunet import MinkUNet
 from .spvcnn import SPVCNN
@@ -192,12 +192,12 @@ def add_voxel_skip(model: nn.Module, module_name: str, keep_ratio: float = 0.5, 
         raise ValueError(f"module_name {module_name!r} holds a VoxelPrune at {inner!r}: wrapped, the branch would "
                          "give fewer sites than the VoxelSkip keeps, and every forward would fail; give the "
                          "VoxelSkip's keep_ratio or threshold instead, or wrap a module without it")
-    for inner, m in module.named_modules(prefix=module_name):
-        if any(isinstance(h, _PruneInput) for h in m._forward_pre_hooks.values()):
-            raise ValueError(f"module_name {module_name!r} holds the VoxelPrune add_voxel_prune put on {inner!r}: "
-                             "wrapped, the branch would give fewer sites than the VoxelSkip keeps, and voxel_prunes "
-                             "could not record the pruner under its new name; wrap modules in VoxelSkip before "
-                             "adding VoxelPrune")
+    hooked = hooked_voxel_prune(module, module_name)
+    if hooked is not None:
+        raise ValueError(f"module_name {module_name!r} holds the VoxelPrune add_voxel_prune put on {hooked!r}: "
+                         "wrapped, the branch would give fewer sites than the VoxelSkip keeps, and voxel_prunes "
+                         "could not record the pruner under its new name; wrap modules in VoxelSkip before adding "
+                         "VoxelPrune")
     skip = VoxelSkip(module, keep_ratio, score, in_channels, threshold)
     parent, _, leaf = module_name.rpartition(".")
     setattr(model.get_submodule(parent), leaf, skip)

@@ -377,7 +377,7 @@ def inner_voxel_prune(module: nn.Module, prefix: str = "") -> str | None:
                  if isinstance(m, VoxelPrune) and id(m) not in own), None)
 
 
-def _hooked_voxel_prune(module: nn.Module, prefix: str) -> str | None:
+def hooked_voxel_prune(module: nn.Module, prefix: str) -> str | None:
     """The name (after ``prefix``) of a module inside ``module`` whose input
     a VoxelPrune prunes by a forward pre-hook (``models.add_voxel_prune``'s,
     which holds it as ``prune``), or None."""
@@ -416,7 +416,7 @@ class VoxelSkip(nn.Module):
         if inner is not None:  # (every forward failed: "module must return a SparseTensor on the N kept sites")
             raise ValueError(f"VoxelSkip: module holds a VoxelPrune ({inner!r}), which would leave the branch fewer "
                              "sites than the VoxelSkip keeps: give the VoxelSkip's keep_ratio or threshold instead")
-        hooked = _hooked_voxel_prune(module, "module")
+        hooked = hooked_voxel_prune(module, "module")
         if hooked is not None:
             raise ValueError(f"VoxelSkip: module holds a VoxelPrune on the input of {hooked!r} (add_voxel_prune's), "
                              "which would leave the branch fewer sites than the VoxelSkip keeps: wrap modules in "
@@ -448,7 +448,7 @@ class VoxelSkip(nn.Module):
         if y.stride != kept.stride or (not compiling and rows_y != rows_kept):
             # (a VoxelPrune put in the module after this layer was built: the constructor refuses one)
             inner = inner_voxel_prune(self.module, "module")
-            hooked = None if inner is not None else _hooked_voxel_prune(self.module, "module")
+            hooked = None if inner is not None else hooked_voxel_prune(self.module, "module")
             why = (f": the VoxelPrune {inner!r} inside it dropped them" if inner is not None else
                    f": the VoxelPrune on the input of {hooked!r} dropped them" if hooked is not None else "")
             raise ValueError(f"VoxelSkip: module must return a SparseTensor on the {rows_kept} kept sites at "
