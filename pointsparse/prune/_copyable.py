@@ -60,7 +60,8 @@ class CopyableMethod(_torch_prune.BasePruningMethod):
             # optimizer step since has changed name_orig, so rank the weights as they are now.
             from .adapters import weight_now  # noqa: PLC0415 - adapters imports this module
 
-            importance_scores = weight_now(module, name).detach()
+            with torch.no_grad():  # (the product's graph would be made and dropped)
+                importance_scores = weight_now(module, name)
         # torch's apply takes the tensor's earlier hook off the module (or adds
         # the new method to its container) before the new mask is computed,
         # and puts neither back when that fails: a refused method left the
