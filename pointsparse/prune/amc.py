@@ -425,14 +425,14 @@ def amc_search(model: nn.Module, eval_fn: Callable[[nn.Module], float], example_
         check_callable(log, "log")
     if agent_kwargs is not None and not isinstance(agent_kwargs, Mapping):
         raise TypeError(f"agent_kwargs must be a dict of DDPG arguments or None; got {type(agent_kwargs).__name__}")
-    space = _space(model, example_input, coupled, target_flops, max_ratio)
-    scale, dense = space.scale, space.dense
     if agent_kwargs is not None and "seed" in agent_kwargs:
         raise TypeError("agent_kwargs must not hold 'seed': amc_search's own seed seeds the agent")
-    try:
+    try:  # (before the model's trace: a wrong keyword costs none)
         agent = DDPG(8, seed=seed, **(agent_kwargs or {}))
     except (TypeError, ValueError) as error:  # (its own argument's name, or Python's "unexpected keyword argument")
         raise type(error)(f"agent_kwargs: {error}") from None
+    space = _space(model, example_input, coupled, target_flops, max_ratio)
+    scale, dense = space.scale, space.dense
     rng = _random.Random(seed)
     best: AMCResult | None = None
     baseline = None
