@@ -239,7 +239,7 @@ def _checkpoint_batches(state: dict, data, label_map, count: int) -> list:
         from .evaluate import files_label_map
 
         ignore_index = config.get("ignore_index", 255)
-        typed = label_map
+        typed, labelled = label_map, None  # (labelled: whether the clouds taken hold labels, read once)
         try:
             label_map = files_label_map(state, spec, typed, "--data" if data else "the run's data", False)
         except ValueError:
@@ -247,14 +247,16 @@ def _checkpoint_batches(state: dict, data, label_map, count: int) -> list:
             # no labels, channels' example input, read through the run's map, as its own clouds' format reads
             # (Semantic3D test scans, without .labels, as Semantic3D rows); refused where they hold some)
             source = open_source(spec, config["label_map"], ignore_index)
-            if any(source[i % len(source)].labels is not None for i in range(count)):
+            labelled = any(source[i % len(source)].labels is not None for i in range(count))
+            if labelled:
                 raise
         else:
             source = open_source(spec, label_map, ignore_index)
         # (as eval refuses them: the labels would be another map's training ids; moot where the clouds taken
         # hold no labels and no map is typed: an unlabelled .bin sweep was refused for SemanticKITTI's classes)
-        if source.classes is not None and (typed is not None or any(source[i % len(source)].labels is not None
-                                                                    for i in range(count))):
+        if source.classes is not None and typed is None and labelled is None:
+            labelled = any(source[i % len(source)].labels is not None for i in range(count))
+        if source.classes is not None and (typed is not None or labelled):
             from .evaluate import check_data_classes
 
             check_data_classes(source.classes, config["classes"], "--data" if data else "the run's data")
