@@ -291,8 +291,6 @@ def _run(args) -> int:
     if args.procedure == "lottery" and args.rewind >= steps:  # (the library named its rewind_step, train_steps)
         raise ValueError(f"--rewind {args.rewind} must be < {steps}, the steps each lottery round trains on task "
                          f"{task.name}{' with --quick' if args.quick else ''}: the rewind point is one of them")
-    if writes_out(args):
-        make_directory(args.out)
     if task.trained_model is None:
         model = task.make_model(args.seed)
     else:  # (a checkpoint: its trained model; make_model(seed) draws the fresh ones, the lottery's re-init control)
@@ -301,6 +299,8 @@ def _run(args) -> int:
         _check_below(args, model)
     if args.procedure == "amc":
         _check_flops(args, task, model)
+    if writes_out(args):  # (after the refusals: a refused run makes no folder)
+        make_directory(args.out)
     print(f"task {task.name}: {steps} training steps, metric {task.metric}")
     if task.trained_model is not None:
         print(f"start: the trained weights of {args.checkpoint}"
