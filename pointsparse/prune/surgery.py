@@ -335,7 +335,7 @@ def prune_channels(model: nn.Module, group: ChannelGroup | str, keep) -> None:
         if not match:
             raise ValueError(f"{group!r} is not a producer layer with a consumer in this chain")
         group = match[0]
-    _cut(model, group, keep)
+    _cut(model, group, keep, chained=group in [g for g, why in found if why is None])
 
 
 def _member_layer(named: dict, name: str, role: str, side: str) -> nn.Module:
@@ -350,18 +350,20 @@ def _member_layer(named: dict, name: str, role: str, side: str) -> nn.Module:
     return module
 
 
-def _check_group(model: nn.Module, group: ChannelGroup, keep) -> tuple[dict[str, nn.Module], torch.Tensor]:
+def _check_group(model: nn.Module, group: ChannelGroup, keep,
+                 chained: bool = False) -> tuple[dict[str, nn.Module], torch.Tensor]:
     """The modules of ``group`` by name and ``keep`` checked, every member
     before anything is cut (a group made by hand or for another model): a
-    ValueError names the member that is no layer / norm of ``model`` or
-    whose width does not fit the producer's."""
+    ValueError names the member that is no layer / norm of ``model``, whose
+    width does not fit the producer's or, unless ``chained`` (a free group of
+    :func:`_chain_groups`, which holds no tie), that shares a tensor."""
     if not isinstance(group.norms, (list, tuple)) or not all(isinstance(n, str) for n in group.norms):
         raise TypeError(f"group norms must be a list of module names; got {group.norms!r}")
     named = dict(model.named_modules())
     missing = [n for n in (group.producer, *group.norms, group.consumer) if n is not None and n not in named]
     if missing:
         raise ValueError(f"group names {missing}, not modules of this model")
-    shared = shared_tensors(model)  # (a tied member's cut slices its own copy alone: the tie silently gone)
+    shared = {} if chained else shared_tensors(model)  # (a tied member's cut slices its own copy alone)
     for n in (group.producer, *group.norms, group.consumer):
         if n in shared:
             raise ValueError(f"{n!r} cannot be cut (its channels are fixed): {shared[n]}")
@@ -388,10 +390,11 @@ def _check_group(model: nn.Module, group: ChannelGroup, keep) -> tuple[dict[str,
     return named, _check_keep(keep, channels, group.producer)
 
 
-def _cut(model: nn.Module, group: ChannelGroup, keep) -> None:
+def _cut(model: nn.Module, group: ChannelGroup, keep, chained: bool = False) -> None:
     """:func:`prune_channels` of a group already checked not to be fixed;
-    every member is checked before any is cut."""
-    named, keep = _check_group(model, group, keep)
+    every member is checked before any is cut (``chained``: see
+    :func:`_check_group`)."""
+    named, keep = _check_group(model, group, keep, chained)
     producer = named[group.producer]
     channels = out_channels(producer)
     remove_output_channels(producer, keep)
@@ -586,7 +589,7 @@ def apply_channel_ratios(model: nn.Module, ratios: dict[str, float], reconstruct
         kept[name] = n_keep
         if n_keep == out_channels(producer):
             continue
-        _cut(model, g, keep_by_l1(producer, n_keep))
+        _cut(model, g, keep_by_l1(producer, n_keep), chained=True)
         if reconstruct:
             consumer = named[g.consumer]
             (x, _), = capture(model, [consumer], calibration_input)
