@@ -3,7 +3,8 @@
 offsets (``kernel_structured(scope="offset")``), by engine vectors
 (``panel_structured``; ``square=True``: width x width blocks, which the
 input gradient skips too; ``twin``: vectors of two panels, ``panels=2``;
-``square2``: both), unstructured (``l1_unstructured``) and 2:4
+``square2``: both; ``lines``: blocks of one panel's width of input
+channels, a 64-byte line of a float32 input row, by two panels), unstructured (``l1_unstructured``) and 2:4
 (``nm_structured``), forward and forward+backward, against the unpruned
 conv timed in the same rounds (interleaved, medians), with a plot of the
 speed-ups against the fraction pruned and the ideal lines (the page's name
@@ -58,6 +59,7 @@ from pointsparse.nn.reference import conv_sum
 
 #: Fractions of the weights pruned, per granularity (2:4 prunes half).
 AMOUNTS = {"offset": (0.25, 0.5, 0.75), "vector": (0.25, 0.5, 0.75, 0.9), "twin": (0.25, 0.5, 0.75, 0.9),
+           "lines": (0.5, 0.75),
            "square": (0.5, 0.75), "square2": (0.5, 0.75), "unstructured": (0.5, 0.75, 0.9), "2:4": (0.5,)}
 
 
@@ -70,6 +72,8 @@ def _prune(conv, kind: str, amount: float) -> None:
         prune.nm_structured(conv, "weight", 2, 4)
     elif kind == "twin":  # vectors of two panels: the AVX-512 dense tile's width (nn.functional.tile_panels)
         prune.panel_structured(conv, "weight", amount, panels=2)
+    elif kind == "lines":  # width input channels x 2 panels: a float32 row's kept channels share 64-byte lines
+        prune.panel_structured(conv, "weight", amount, rows=F.panel_width(conv.weight.dtype), panels=2)
     elif kind == "square2":  # 2 width square blocks: twins in the input gradient too
         prune.panel_structured(conv, "weight", amount, square=True, panels=2)
     else:
@@ -168,7 +172,7 @@ def measure(channels: int, coords: torch.Tensor, rounds: int, points: list | Non
         amounts[name] = amount
         check(conv, x, kmap)
         for mode in modes:
-            labels = [(kind, _engine.VECTOR_DENSITY)] + ([("vector/dense kernels", -1.0)] if kind in ("vector", "twin") else [])
+            labels = [(kind, _engine.VECTOR_DENSITY)] + ([("vector/dense kernels", -1.0)] if kind in ("vector", "twin", "lines") else [])
             for label, vd in labels:
                 runs.append((name, label, conv, core_forward(conv, x, kmap, vd) if mode == "core" else mode, vd, mode))
     # The fixed cost no pruned offset removes: the kernels with every offset

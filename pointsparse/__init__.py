@@ -5,7 +5,7 @@ Public contract: ``../shared/API.md``. Subpackages: ``pointsparse.kmap``
 (kernel maps), ``pointsparse.nn`` (layers), ``pointsparse.prune`` (pruning),
 ``pointsparse.formats`` (sparse weight formats and SpMM)."""
 
-from ._ext import backend, get_backend, num_threads, reuse_freed_memory
+from ._ext import backend, get_backend, num_threads, output_pool, reuse_freed_memory
 from .tensor import CoordinateCache, SparseTensor, collate
 from .voxelize import devoxelize, voxelize
 from . import ops  # noqa: E402,F401  (registers the torch custom operators)
@@ -42,6 +42,7 @@ __all__ = [
     "devoxelize",
     "get_backend",
     "num_threads",
+    "output_pool",
     "reuse_freed_memory",
     "voxelize",
     "__version__",

@@ -110,6 +110,18 @@ def reuse_freed_memory(on: bool, bytes: int) -> bool:
     M_TRIM_THRESHOLD); off, glibc's 128 KiB defaults. False where the C
     library is not glibc (nothing changed)."""
 
+def pooled_empty(shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array from the output pool
+    (cpp/runtime/pool.h); its memory goes back to the pool when the array
+    (and a torch tensor made of it by torch.from_numpy) is freed. ValueError
+    for a negative or empty shape, or one of more bytes than a process can
+    address."""
+
+def output_pool(limit: int) -> dict[str, int]:
+    """The output pool's state after setting its limit in bytes (-1:
+    unchanged; 0: keep nothing): max_bytes, kept_bytes, kept_blocks, hits,
+    misses."""
+
 def conv_execution(
     weight: np.ndarray, transpose: bool, region: np.ndarray | None, threshold: float,
     twin_threshold: float | None = None,

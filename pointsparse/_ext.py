@@ -298,3 +298,58 @@ def reuse_freed_memory(on: bool = True, max_bytes: int = 1 << 30) -> bool:
     except (TypeError, ValueError) as error:  # (a wrong type a TypeError, one out of range a ValueError)
         raise type(error)(f"max_bytes must be an int in [0, 2**30]; got {max_bytes!r}") from None
     return bool(core.reuse_freed_memory(on, max_bytes))
+
+
+#: Outputs of at least this many bytes come from the output pool
+#: (``cpp/runtime/pool.h``: kPoolMinBytes); smaller ones from torch.
+POOL_MIN_BYTES = 1 << 20
+# numpy's type for each dtype the pool serves (16-bit floats as int16, viewed back).
+_POOL_TYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.bfloat16: np.int16,
+               torch.float16: np.int16}
+# Whether the pool keeps anything (output_pool(0) turns it off: outputs then come from torch).
+_pool_on = True
+
+
+def new_output(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor for an engine output: from the output pool
+    (memory freed by earlier outputs, so that a repeated call does not fault
+    in fresh pages) where it is on and the output holds at least
+    :data:`POOL_MIN_BYTES`, else ``torch.empty``. Inside a torch.func
+    transform always ``torch.empty``."""
+    count = 1
+    for n in shape:
+        count *= int(n)
+    kind = _POOL_TYPES.get(dtype)
+    if not _pool_on or kind is None or count * dtype.itemsize < POOL_MIN_BYTES or in_transform():
+        return torch.empty(shape, dtype=dtype)
+    tensor = torch.from_numpy(core.pooled_empty([int(n) for n in shape], np.dtype(kind)))
+    return tensor.view(dtype) if tensor.dtype != dtype else tensor
+
+
+def output_pool(max_bytes: int | None = None) -> dict:
+    """The engine's pool of output memory: the convolutions' outputs (and
+    input gradients) of at least 1 MiB come from blocks that earlier
+    outputs freed, so that a repeated call finds its pages mapped instead of
+    faulting in and zeroing fresh ones (a 91k x 128 float32 output: some 10 ms
+    on a 2-core Xeon, more than a pruned conv's kernels; bench/RESULTS.md
+    "Stop 59"). Only the engine's own outputs (the rest of the process
+    allocates as before, unlike :func:`reuse_freed_memory`); a freed block is
+    kept while the kept blocks stay within ``max_bytes`` (default 256 MiB),
+    the oldest freed first beyond it. ``max_bytes``: the new limit (0: keep
+    nothing, every output from torch again; None: unchanged). Returns the
+    state after the change: ``max_bytes``, ``kept_bytes``, ``kept_blocks``,
+    ``hits`` (outputs served by a kept block), ``misses`` (outputs that
+    allocated). Process-wide; thread-safe."""
+    global _pool_on
+    if max_bytes is None:
+        return dict(core.output_pool(-1))
+    from .tensor import as_int  # noqa: PLC0415 - the tensor layer imports this module
+
+    if isinstance(max_bytes, (bool, np.bool_)):
+        raise TypeError(f"max_bytes must be an int (bytes) or None; got {max_bytes!r}")
+    max_bytes = as_int(max_bytes, "max_bytes", 0)
+    if max_bytes > 1 << 62:
+        raise ValueError(f"max_bytes must be an int in [0, 2**62]; got {max_bytes!r}")
+    state = dict(core.output_pool(max_bytes))
+    _pool_on = max_bytes > 0
+    return state

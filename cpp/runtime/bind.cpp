@@ -2,9 +2,14 @@
 // thresholds, so that the large buffers every call allocates and frees
 // (voxelisation, kernel maps, plans, conv outputs) reuse freed heap memory
 // instead of fresh pages that the kernel must fault in and zero.
+#include <cstdint>
+#include <limits>
 #include <string>
+#include <vector>
 
+#include "array.h"
 #include "bind.h"
+#include "runtime/pool.h"
 
 #if defined(__GLIBC__)
 #include <malloc.h>
@@ -32,9 +37,73 @@ bool reuse_freed_memory(bool on, long long bytes) {
 #endif
 }
 
+struct PooledBlock {
+  void* p;
+  std::size_t size;
+};
+
+// An uninitialised C-contiguous array of `shape` and `dtype` whose memory comes
+// from the output pool and goes back to it when the array (and whatever
+// holds it, a torch tensor made by torch.from_numpy) is freed.
+py::array pooled_empty(const std::vector<long long>& shape, const py::dtype& dtype) {
+  const long long item = static_cast<long long>(dtype.itemsize());
+  if (item <= 0) throw py::value_error("dtype must have a positive item size");
+  long long count = 1;
+  const long long most = std::numeric_limits<long long>::max() / item;
+  for (std::size_t i = 0; i < shape.size(); ++i) {
+    if (shape[i] < 0) throw py::value_error("shape[" + std::to_string(i) + "] must be >= 0; got " + std::to_string(shape[i]));
+    if (shape[i] != 0 && count > most / shape[i]) throw py::value_error("shape holds more bytes than a process can address");
+    count *= shape[i];
+  }
+  if (count == 0) throw py::value_error("shape must hold at least one element (an empty array needs no pool)");
+  std::size_t size = 0;
+  void* p = runtime::pool_take(static_cast<std::size_t>(count * item), &size);
+  PooledBlock* block = nullptr;
+  try {
+    block = new PooledBlock{p, size};
+  } catch (...) {
+    runtime::pool_give(p, size);
+    throw;
+  }
+  py::capsule base(block, [](void* b) {
+    PooledBlock* blk = static_cast<PooledBlock*>(b);
+    runtime::pool_give(blk->p, blk->size);
+    delete blk;
+  });
+  std::vector<py::ssize_t> dims(shape.begin(), shape.end()), strides(shape.size());
+  py::ssize_t step = static_cast<py::ssize_t>(item);
+  for (std::size_t i = shape.size(); i-- > 0;) {
+    strides[i] = step;
+    step *= dims[i] ? dims[i] : 1;
+  }
+  return py::array(dtype, dims, strides, p, base);
+}
+
+py::dict pool_dict(const runtime::PoolState& s) {
+  py::dict d;
+  d["max_bytes"] = s.limit;
+  d["kept_bytes"] = s.kept;
+  d["kept_blocks"] = s.blocks;
+  d["hits"] = s.hits;
+  d["misses"] = s.misses;
+  return d;
+}
+
 }  // namespace
 
 void bind_runtime(pybind11::module_& m) {
+  m.def("pooled_empty", &pooled_empty, pybind11::arg("shape"), pybind11::arg("dtype"),
+        "An uninitialised C-contiguous array from the output pool (its memory goes back to the pool when "
+        "the array is freed). ValueError for a negative or empty shape.");
+  m.def(
+      "output_pool",
+      [](long long limit) {
+        if (limit < -1) throw pybind11::value_error("limit must be >= 0 (or -1: unchanged); got " + std::to_string(limit));
+        return pool_dict(limit < 0 ? runtime::pool_state() : runtime::pool_limit(static_cast<std::size_t>(limit)));
+      },
+      pybind11::arg("limit"),
+      "The output pool's state after setting its limit in bytes (-1: unchanged; 0: keep nothing): a dict of "
+      "max_bytes, kept_bytes, kept_blocks, hits, misses.");
   m.def(
       "reuse_freed_memory",
       [](bool on, long long bytes) {

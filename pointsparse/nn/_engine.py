@@ -205,7 +205,7 @@ def conv_forward(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     vectors :func:`choose_execution` allows are skipped; ``region``: only
     those offsets; ``add``: a residual ``(num_out, C_out)`` of the feats'
     dtype added before the ReLU, in the same epilogue)."""
-    out = feats.new_empty((plan.num_out, weight.shape[2]))
+    out = _ext.new_output((plan.num_out, weight.shape[2]), feats.dtype)
     b = None if bias is None else _np(bias.contiguous())
     run = choose_execution(weight, region)
     plan.core.forward(_np(feats), _np(weight), b, _np(out), _ext.num_threads(), None, relu, active=run.active,
@@ -223,7 +223,7 @@ def conv_backward(feats: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor,
     grad_feats = grad_weight = None
     nt = _ext.num_threads()
     if need_feats:
-        grad_feats = grad.new_empty((plan.num_in, weight.shape[1]))
+        grad_feats = _ext.new_output((plan.num_in, weight.shape[1]), grad.dtype)
         run = choose_execution(weight, region, transpose=True)
         plan.core.backward_input(_np(grad), _np(weight), _np(grad_feats), nt, active=run.active, vector=run.vector)
     if need_weight:
@@ -684,7 +684,7 @@ def bf16_forward(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     bfloat16 residual ``(num_out, C_out)`` added in float32 before the ReLU
     (one rounding for the conv, the sum and the ReLU)."""
     cols = weight.shape[2]
-    rounded = torch.empty((plan.num_out, cols), dtype=torch.bfloat16)
+    rounded = _ext.new_output((plan.num_out, cols), torch.bfloat16)
     b = None if bias is None else _np(bias.detach().float().contiguous())
     # No float32 output: the sums stay in a block of each thread's, rounded
     # into ``rounded`` block by block.

@@ -1,0 +1,212 @@
+"""The engine's pool of output memory (``pointsparse.output_pool``,
+``cpp/runtime/pool.h``): conv outputs and input gradients of at least 1 MiB
+come from blocks that earlier outputs freed. The values must not depend on
+where the memory came from, a block must never serve two live tensors, and
+the pool must keep no more than its limit."""
+
+from __future__ import annotations
+
+import gc
+import io
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import pointsparse as ps
+from pointsparse import _ext
+from reference import conv_sum, random_coords
+
+ROWS_C = 64  # 4,000+ rows x 64 float32 channels: over the pool's 1 MiB
+
+
+@pytest.fixture(autouse=True)
+def _pool_restored():
+    before = ps.output_pool()["max_bytes"]
+    yield
+    ps.output_pool(before)
+
+
+def cloud(c=ROWS_C, seed=0, dtype=torch.float32):
+    coords = random_coords(6000, extent=24, batch=1, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    return ps.SparseTensor(torch.randn(len(coords), c, generator=g, dtype=dtype), coords)
+
+
+def conv(c_in=ROWS_C, c_out=ROWS_C, dtype=torch.float32, seed=3):
+    torch.manual_seed(seed)
+    return ps.nn.Conv3d(c_in, c_out, 3).to(dtype)
+
+
+def test_a_freed_output_serves_the_next_one_and_the_values_stay_right():
+    x, m = cloud(), conv()
+    kmap = ps.kmap.get_kmap(x, 3)
+    assert kmap.num_out * ROWS_C * 4 >= _ext.POOL_MIN_BYTES
+    ref = conv_sum(x.feats.double(), m.weight.detach().double(), kmap)
+    with torch.no_grad():
+        first = m(x).feats
+        ptr = first.data_ptr()
+        torch.testing.assert_close(first.double(), ref, rtol=1e-5, atol=1e-5)
+        expected = first.clone()
+        before = ps.output_pool()
+        del first
+        gc.collect()
+        kept = ps.output_pool()
+        assert kept["kept_blocks"] == before["kept_blocks"] + 1 and kept["kept_bytes"] > before["kept_bytes"]
+        second = m(x).feats
+    after = ps.output_pool()
+    assert second.data_ptr() == ptr and after["hits"] == kept["hits"] + 1
+    assert torch.equal(second, expected)
+
+
+def test_two_live_outputs_never_share_a_block():
+    x, m = cloud(), conv()
+    with torch.no_grad():
+        outs = [m(x).feats for _ in range(4)]
+    assert len({o.data_ptr() for o in outs}) == 4
+    for o in outs[1:]:
+        assert torch.equal(o, outs[0])
+    # a view keeps the block: the next output may not take it
+    view = outs[0][10:20]
+    ptr = outs[0].data_ptr()
+    expected = view.clone()
+    del outs
+    gc.collect()
+    with torch.no_grad():
+        fresh = [m(x).feats for _ in range(3)]
+    assert all(f.data_ptr() != ptr for f in fresh)
+    assert torch.equal(view, expected)
+
+
+def test_forward_and_backward_equal_with_the_pool_off():
+    x, m = cloud(dtype=torch.float64), conv(dtype=torch.float64)
+
+    def run():
+        feats = x.feats.detach().clone().requires_grad_()
+        out = m(x.with_feats(feats)).feats
+        out.pow(2).sum().backward()
+        grads = feats.grad.clone(), m.weight.grad.clone()
+        m.weight.grad = None
+        return out.detach().clone(), grads
+
+    on = [run() for _ in range(2)]  # the second from kept blocks
+    ps.output_pool(0)
+    off = run()
+    for got in on:
+        assert torch.equal(got[0], off[0])
+        assert torch.equal(got[1][0], off[1][0]) and torch.equal(got[1][1], off[1][1])
+
+
+def test_off_keeps_nothing_and_takes_nothing():
+    x, m = cloud(), conv()
+    with torch.no_grad():
+        m(x)
+    state = ps.output_pool(0)
+    assert state == {**state, "max_bytes": 0, "kept_bytes": 0, "kept_blocks": 0}
+    with torch.no_grad():
+        out = m(x).feats
+    del out
+    gc.collect()
+    after = ps.output_pool()
+    assert after["misses"] == state["misses"] and after["hits"] == state["hits"] and after["kept_bytes"] == 0
+
+
+def test_the_limit_holds_and_the_oldest_block_goes_first():
+    x, m = cloud(), conv()
+    size = ps.kmap.get_kmap(x, 3).num_out * ROWS_C * 4
+    ps.output_pool(0)  # emptied
+    limit = ps.output_pool(2 * size + size // 2)["max_bytes"]  # room for two blocks (each a size rounded up to 64 bytes)
+    with torch.no_grad():
+        outs = [m(x).feats for _ in range(3)]
+    ptrs = [o.data_ptr() for o in outs]
+    while outs:  # freed first to last
+        del outs[0]
+    gc.collect()
+    state = ps.output_pool()
+    assert state["kept_bytes"] <= limit and state["kept_blocks"] == 2
+    with torch.no_grad():
+        again = [m(x).feats for _ in range(2)]
+    assert {a.data_ptr() for a in again} == set(ptrs[1:])  # the first freed, the oldest, was let go
+    ps.output_pool(0)
+    assert ps.output_pool()["kept_bytes"] == 0
+
+
+def test_a_live_output_outlasts_the_pool_switched_off():
+    x, m = cloud(), conv()
+    with torch.no_grad():
+        out = m(x).feats
+    expected = out.clone()
+    ps.output_pool(0)
+    ps.output_pool(1 << 28)
+    with torch.no_grad():
+        other = m(x.with_feats(-x.feats)).feats
+    assert m.bias is None and torch.equal(out, expected) and torch.equal(other, -expected)
+
+
+def test_a_pooled_output_saves_and_shares_as_any_tensor():
+    x, m = cloud(), conv()
+    with torch.no_grad():
+        out = m(x).feats
+    buffer = io.BytesIO()
+    torch.save(out, buffer)
+    buffer.seek(0)
+    assert torch.equal(torch.load(buffer), out)
+    shared = out.clone()
+    assert torch.equal(out.share_memory_(), shared)
+
+
+def test_threads_each_get_their_own_blocks():
+    x, m = cloud(), conv()
+    with torch.no_grad():
+        expected = m(x).feats.clone()
+    errors = []
+
+    def work():
+        try:
+            for _ in range(5):
+                with torch.no_grad():
+                    got = m(x).feats
+                if not torch.equal(got, expected):
+                    errors.append("differs")
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(repr(error))
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+@pytest.mark.skipif(not _ext.core.conv_bf16(), reason="the CPU has no AVX512-BF16")
+def test_bf16_outputs_from_the_pool_equal_those_without():
+    x, m = cloud(dtype=torch.bfloat16), conv(dtype=torch.bfloat16)
+    with torch.inference_mode():
+        on = [m(x).feats.clone() for _ in range(2)]
+        ps.output_pool(0)
+        off = m(x).feats
+    assert on[0].dtype == torch.bfloat16 and torch.equal(on[0], off) and torch.equal(on[1], off)
+
+
+def test_small_outputs_do_not_use_the_pool():
+    x, m = cloud(c=4), conv(c_in=4, c_out=4)
+    before = ps.output_pool()
+    with torch.no_grad():
+        m(x)
+    after = ps.output_pool()
+    assert after["hits"] == before["hits"] and after["misses"] == before["misses"]
+
+
+@pytest.mark.parametrize("bad,error", [(-1, ValueError), (1 << 63, ValueError), ("1", TypeError), (True, TypeError),
+                                       (1.5, TypeError)])
+def test_bad_limits_are_refused(bad, error):
+    with pytest.raises(error, match="max_bytes"):
+        ps.output_pool(bad)
+
+
+@pytest.mark.parametrize("shape", [[-1, 4], [0, 4], [1 << 40, 1 << 40]])
+def test_the_core_refuses_shapes_it_cannot_pool(shape):
+    with pytest.raises(ValueError, match="shape"):
+        _ext.core.pooled_empty(shape, np.dtype(np.float32))
