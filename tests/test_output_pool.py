@@ -210,3 +210,33 @@ def test_bad_limits_are_refused(bad, error):
 def test_the_core_refuses_shapes_it_cannot_pool(shape):
     with pytest.raises(ValueError, match="shape"):
         _ext.core.pooled_empty(shape, np.dtype(np.float32))
+
+
+def test_a_forked_child_takes_and_gives_blocks():
+    """A child forked with blocks kept (and from a process whose threads use
+    the pool) runs its convs from its own copy of the pool and exits."""
+    from reference import run_python
+
+    code = (
+        "import os, signal, torch, pointsparse as ps\n"
+        "torch.manual_seed(0)\n"
+        "coords = torch.unique(torch.cat([torch.zeros(6000, 1, dtype=torch.int32),\n"
+        "    torch.randint(0, 24, (6000, 3), dtype=torch.int32)], 1), dim=0)\n"
+        "x = ps.SparseTensor(torch.randn(len(coords), 64), coords)\n"
+        "m = ps.nn.Conv3d(64, 64, 3)\n"
+        "with torch.no_grad():\n"
+        "    want = m(x).feats.clone()\n"
+        "    m(x)\n"
+        "assert ps.output_pool()['kept_blocks'] >= 1\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    signal.alarm(30)\n"
+        "    torch.set_num_threads(1)\n"
+        "    with torch.no_grad():\n"
+        "        ok = all(torch.equal(m(x).feats, want) for _ in range(3))\n"
+        "    os._exit(0 if ok and ps.output_pool()['hits'] >= 1 else 3)\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "print('child', os.waitstatus_to_exitcode(status))\n"
+    )
+    proc = run_python(code)
+    assert proc.returncode == 0 and "child 0" in proc.stdout, (proc.stdout, proc.stderr[-2000:])

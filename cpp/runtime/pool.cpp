@@ -6,6 +6,7 @@
 #include <vector>
 
 #if defined(__linux__)
+#include <pthread.h>
 #include <sys/mman.h>
 #endif
 
@@ -33,6 +34,12 @@ Pool& pool() {
   static Pool* p = [] {
     Pool* q = new Pool;
     q->state.limit = std::size_t(256) << 20;
+#if defined(__linux__)
+    // A fork while another thread holds the lock (a map built ahead on a
+    // worker, say) would leave the child's copy locked for ever: the lock is
+    // taken around the fork and let go on both sides.
+    pthread_atfork([] { pool().mu.lock(); }, [] { pool().mu.unlock(); }, [] { pool().mu.unlock(); });
+#endif
     return q;
   }();
   return *p;
