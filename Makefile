@@ -36,7 +36,11 @@ $(EXT_STAMP): $(STAMP) $(CORE_SOURCES)
 	  -DPython_EXECUTABLE=$(CURDIR)/$(PY) \
 	  -Dpybind11_DIR=$$($(PY) -m pybind11 --cmakedir) > /dev/null
 	$(VENV)/bin/cmake --build $(BUILD)
-	cp $(BUILD)/_core*.so pointsparse/
+	@# Copied beside, then renamed over the old module: a process still running on the
+	@# old one (a training run, a test) keeps its file; copying over it in place had
+	@# changed the pages it had mapped (SIGBUS).
+	for so in $(BUILD)/_core*.so; do cp "$$so" "pointsparse/.$$(basename $$so).new" && \
+	  mv -f "pointsparse/.$$(basename $$so).new" "pointsparse/$$(basename $$so)" || exit 1; done
 	touch $(EXT_STAMP)
 
 build: $(EXT_STAMP)
