@@ -11,6 +11,8 @@ command line and what its commands run.
 - ``distributed``: process groups and workers for ``--nproc``/torchrun.
 - ``demo``: ``pointsparse demo``; ``benchmark``: ``pointsparse bench``;
   ``export``: ``pointsparse export`` (on :mod:`pointsparse.export`).
+- ``clouds``: how the commands read point cloud files (``--skip-nonfinite``'s
+  hold).
 - ``tasks``: ready-made experiment tasks (digits, generated scenes, a trained
   checkpoint) for the pruning procedures; ``procedures``: one driver per
   procedure, shared by ``pointsparse prune`` and ``bench/prune_procedures.py``;

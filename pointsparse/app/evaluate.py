@@ -22,6 +22,7 @@ from ..data.datasets import default_label_map, is_generated
 from ..data.readers import find_clouds
 from ..models import model_from_state
 from . import metrics
+from .clouds import nonfinite_hold, skips_nonfinite
 from .distributed import pick_device
 from .scoring import _inner, evaluate, loaded_frozen, point_level, write_report
 from .train import (_note_ignored_class, add_data_arguments, check_args, generated_source, load_checkpoint,
@@ -135,24 +136,15 @@ def main(args) -> int:
     device = pick_device("cpu" if maps_ahead and args.device is None else args.device, 0)
     if maps_ahead and device.type != "cpu":
         raise ValueError(f"--maps-ahead builds the maps on CPU worker threads; the model runs on {device}")
-    spec, source = eval_source(args, state, ignore_index)  # (its flags checked; the clouds are read on first use)
-    # --out taken, as train takes it, before the evaluation's work and after the checks: another run's
-    # folder is refused; one this run made goes again where it fails before writing there.
-    from ..data.sample import NonFinitePositions, nonfinite_rows_dropped
-
-    with DirectoryLock(args.out, "--out") if args.out else contextlib.nullcontext():
-        try:  # (the clouds are read, and kept, inside: the checks of their labels read them all first)
-            with nonfinite_rows_dropped() if _skip_nonfinite(args, state) else contextlib.nullcontext():
-                return _score(args, model, state, spec, source, ignore_index, device)
-        except NonFinitePositions as error:
-            raise ValueError(f"{error}; give --skip-nonfinite to score the other points") from error
-
-
-def _skip_nonfinite(args, state: dict) -> bool:
-    """``--skip-nonfinite``, or, scoring the run's own data (no ``--data``),
-    the run's ``train --skip-nonfinite`` (its clouds as it read them)."""
-    saved = state.get("args") or {}
-    return bool(getattr(args, "skip_nonfinite", False) or (not args.data and saved.get("skip_nonfinite") is True))
+    # (the clouds are read, and kept, inside: the checks of their labels, and of the map where their format
+    # takes another than the run's, read them first)
+    with nonfinite_hold(skips_nonfinite(getattr(args, "skip_nonfinite", False), state, own_data=not args.data),
+                        "score the other points"):
+        spec, source = eval_source(args, state, ignore_index)  # (its flags checked; the clouds read on first use)
+        # --out taken, as train takes it, before the evaluation's work and after the checks: another run's
+        # folder is refused; one this run made goes again where it fails before writing there.
+        with DirectoryLock(args.out, "--out") if args.out else contextlib.nullcontext():
+            return _score(args, model, state, spec, source, ignore_index, device)
 
 
 def _score(args, model, state: dict, spec, source, ignore_index: int, device) -> int:
@@ -393,11 +385,7 @@ def eval_source(args, state: dict, ignore_index: int):
         # through the run's map as its own clouds' format reads, is refused as such by the scoring's check, not
         # asked for the map of labels it lacks)
         source = open_source(spec, state["config"]["label_map"], ignore_index)
-        try:
-            unlabelled = source[0].labels is None
-        except ValueError:  # (read outside --skip-nonfinite's hold here: a cloud with NaN positions, the map first)
-            unlabelled = False
-        if not unlabelled:
+        if source[0].labels is not None:  # (read inside --skip-nonfinite's hold: its refusal names the cloud)
             raise refusal
         return spec, source
     return spec, open_source(spec, label_map, ignore_index)

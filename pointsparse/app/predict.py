@@ -33,7 +33,6 @@ The files' own labels, where they have any, play no part (they are not read)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -230,8 +229,8 @@ def _predict_all(args, model, config: dict, paths: list[Path], targets: list[Pat
     with, for their layout only (``"semantic3d"``: Semantic3D scans)."""
     from ..data import DEFAULT_IGNORE, Batch
     from ..data.readers import read_cloud
-    from ..data.sample import NonFinitePositions, nonfinite_rows_dropped
     from ..data.transforms import voxelize_sample
+    from .clouds import nonfinite_hold, skips_nonfinite
     from .scoring import loaded_frozen, predict
     from .trainer import have_tqdm, progress_bar
 
@@ -247,13 +246,10 @@ def _predict_all(args, model, config: dict, paths: list[Path], targets: list[Pat
     with loaded_frozen():
         for path, target in progress_bar(list(zip(paths, targets)), "predict",
                                          not args.no_progress and have_tqdm()):
-            try:
-                with nonfinite_rows_dropped() if args.skip_nonfinite else contextlib.nullcontext():
-                    sample = read_cloud(path, text_map if path.suffix.lower() == ".txt" else None,
-                                        labels=False)  # (the file's own labels, where it has any, go unread)
-            except NonFinitePositions as error:
-                raise ValueError(f"{error}; give --skip-nonfinite to predict the other points and write -1 (.npy) "
-                                 "or raw id 0 (.label, .labels) for these") from error
+            with nonfinite_hold(skips_nonfinite(args.skip_nonfinite), "predict the other points and write -1 "
+                                "(.npy) or raw id 0 (.label, .labels) for these"):
+                sample = read_cloud(path, text_map if path.suffix.lower() == ".txt" else None,
+                                    labels=False)  # (the file's own labels, where it has any, go unread)
             try:
                 v = voxelize_sample(sample, config["voxel_size"], ignore)
             except ValueError as error:  # (coordinates the voxel grid cannot hold: say which file)

@@ -15,7 +15,6 @@ Every ``train_fn`` runs SGD steps through :class:`~pointsparse.app.trainer.Train
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -211,14 +210,10 @@ def checkpoint_batches(state: dict, data=None, label_map=None, count: int = 1, s
     ``skip_nonfinite`` (``prune --skip-nonfinite``): the finite points of
     clouds some of whose positions are NaN or inf, which are refused
     otherwise (a ValueError naming the cloud and the flag)."""
-    from ..data.sample import NonFinitePositions, nonfinite_rows_dropped
+    from .clouds import nonfinite_hold, skips_nonfinite
 
-    skip = skip_nonfinite or (data is None and (state.get("args") or {}).get("skip_nonfinite") is True)
-    try:
-        with nonfinite_rows_dropped() if skip else contextlib.nullcontext():
-            return _checkpoint_batches(state, data, label_map, count)
-    except NonFinitePositions as error:
-        raise ValueError(f"{error}; give --skip-nonfinite to prune on the other points") from error
+    with nonfinite_hold(skips_nonfinite(skip_nonfinite, state, own_data=data is None), "prune on the other points"):
+        return _checkpoint_batches(state, data, label_map, count)
 
 
 def _checkpoint_batches(state: dict, data, label_map, count: int) -> list:

@@ -35,6 +35,7 @@ from ..models.loading import non_finite_entry
 from ..nn import BatchStatisticsError
 from . import metrics
 from .cli import CommandParser, given_flags
+from .clouds import nonfinite_hold, skips_nonfinite
 from .distributed import Dist, destroy, finish_process, free_port, init_distributed, worker_environment
 from .scoring import evaluate, logits_of, refuse_together, shard, write_report
 from .trainer import TrainingDiverged, Trainer, check_finite_loss, check_finite_weights, have_tqdm, progress_bar
@@ -822,17 +823,13 @@ def saved_args(args) -> dict:
 
 def _train(args):
     """(final metrics on rank 0, the trained model) of one process of the job;
-    its clouds read inside ``nonfinite_rows_dropped`` with ``--skip-nonfinite``."""
-    from ..data.sample import NonFinitePositions, nonfinite_rows_dropped
-
-    try:  # (the clouds are read, and kept, inside: the checks of their labels read them all first)
-        with nonfinite_rows_dropped() if getattr(args, "skip_nonfinite", False) else contextlib.nullcontext():
-            job = TrainingJob(args, init_distributed(args))
-            trainer = Trainer(job.net, job.optimizer, job.loss, job.batches, job.scheduler, job.log_step,
-                              job.end_epoch)
-            trainer.fit(job.start_epoch, lambda: job.plan["epochs"])
-    except NonFinitePositions as error:  # (a ValueError of its own: --nproc's workers hand back a ValueError's)
-        raise ValueError(f"{error}; give --skip-nonfinite to train on the other points") from error
+    its clouds read inside ``--skip-nonfinite``'s hold (``clouds.nonfinite_hold``; ``--resume`` took the
+    run's flag where none was typed)."""
+    # (the clouds are read, and kept, inside: the checks of their labels read them all first)
+    with nonfinite_hold(skips_nonfinite(getattr(args, "skip_nonfinite", False)), "train on the other points"):
+        job = TrainingJob(args, init_distributed(args))
+        trainer = Trainer(job.net, job.optimizer, job.loss, job.batches, job.scheduler, job.log_step, job.end_epoch)
+        trainer.fit(job.start_epoch, lambda: job.plan["epochs"])
     return job.report, job.model
 
 

@@ -1,0 +1,82 @@
+"""``pointsparse.app.clouds``: how train, eval, predict and prune read point
+cloud files (``--skip-nonfinite``), driven through the command line on small
+hand-made checkpoints and clouds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pointsparse import checkpoint
+from pointsparse.app import cli
+from pointsparse.data import NUM_FEATURES
+from pointsparse.data.readers import load_label_map
+from pointsparse.models import MinkUNet
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _run(path, classes, label_map="semantic-kitti", **args):
+    """A MinkUNet checkpoint at ``path`` (random weights) of ``classes``
+    whose config records ``label_map``; ``args``: the run's arguments."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    checkpoint.save(path, {"model": MinkUNet(NUM_FEATURES, len(classes), cr=0.125, blocks=1).state_dict(),
+                           "config": {"in_channels": NUM_FEATURES, "classes": list(classes), "cr": 0.125,
+                                      "blocks": 1, "voxel_size": 0.5, "model": "minkunet", "label_map": label_map},
+                           "args": {"data": ["/nowhere/seq"], "label_map": None, "optimizer": "adamw", "lr": 2e-3,
+                                    "weight_decay": 1e-4, **args}})
+    return path
+
+
+def _holed(rng, n=400):
+    """``n`` positions, every fifth NaN (an organised cloud's points without a return: 80 of 400)."""
+    xyz = rng.uniform(0, 8, (n, 3)).astype(np.float32)
+    xyz[::5] = np.nan
+    return xyz
+
+
+def test_every_command_refuses_nan_positions_naming_the_cloud_and_the_flag(tmp_path, capsys):
+    """train, eval, predict and prune each wrapped their reading in a copy of --skip-nonfinite's hold; one
+    helper holds it now, and each refusal reads the same: the cloud, the count, then the flag."""
+    rng = np.random.default_rng(0)
+    classes = load_label_map("semantic-kitti").classes
+    holed = tmp_path / "holed.npz"
+    np.savez(holed, xyz=_holed(rng), labels=rng.integers(0, 3, 400))
+    ckpt = _run(tmp_path / "run" / "checkpoint.pt", classes, label_map=None)
+    said = f"{holed}: xyz holds NaN or inf at 80 of 400 points; give --skip-nonfinite to "
+    for argv, then in (
+            (["train", "--data", str(holed), "--epochs", "1", "--no-progress", "--out", str(tmp_path / "t")],
+             "train on the other points"),
+            (["eval", "--checkpoint", str(ckpt), "--data", str(holed), "--no-progress"], "score the other points"),
+            (["predict", "--checkpoint", str(ckpt), "--data", str(holed), "--out", str(tmp_path / "p")],
+             "predict the other points"),
+            (["prune", "channels", "--checkpoint", str(ckpt), "--data", str(holed), "--out", str(tmp_path / "c")],
+             "prune on the other points")):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert said + then in err, (argv, err)
+
+
+def test_eval_reads_unlabelled_clouds_of_another_format_inside_the_hold(tmp_path, capsys):
+    """A run that records SemanticKITTI's map, given an unlabelled Open3D-ML cloud (no map by default) some of
+    whose positions are NaN: prune reads it inside --skip-nonfinite's hold, eval read its first cloud outside
+    (to learn whether it holds labels), took the NaN refusal for labels, and asked for --label-map with
+    --skip-nonfinite and without it alike. eval now reads it as prune does: without the flag the refusal names
+    the NaN positions and the flag; with it, the cloud's missing labels."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "bare").mkdir()
+    np.save(tmp_path / "bare" / "000000.npy", _holed(rng))
+    ckpt = _run(tmp_path / "run" / "checkpoint.pt", load_label_map("semantic-kitti").classes)
+    data = ["--checkpoint", str(ckpt), "--data", str(tmp_path / "bare")]
+    assert cli.main(["prune", "channels", *data, "--skip-nonfinite", "--out", str(tmp_path / "p")]) == 0, \
+        capsys.readouterr().err
+    assert cli.main(["prune", "channels", *data, "--out", str(tmp_path / "q")]) == 2
+    assert "give --skip-nonfinite to prune" in capsys.readouterr().err
+    assert cli.main(["eval", *data, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "xyz holds NaN or inf at 80 of 400 points; give --skip-nonfinite to score" in err, err
+    assert cli.main(["eval", *data, "--skip-nonfinite", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "000000.npy has no labels" in err and "--label-map" not in err, err
