@@ -80,3 +80,48 @@ def test_eval_reads_unlabelled_clouds_of_another_format_inside_the_hold(tmp_path
     assert cli.main(["eval", *data, "--skip-nonfinite", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "000000.npy has no labels" in err and "--label-map" not in err, err
+
+
+def _scan_and_learning_ids(tmp_path):
+    """A SemanticKITTI sequence folder of one 400-point scan (raw ids: car, road, sidewalk, building) and the
+    same cloud as an .npz of Open3D-ML's learning ids: ``(sequence folder, npz path)``."""
+    rng = np.random.default_rng(0)
+    xyz = rng.uniform(0, 8, (400, 3)).astype(np.float32)
+    seq = tmp_path / "seq"
+    (seq / "velodyne").mkdir(parents=True)
+    (seq / "labels").mkdir()
+    np.c_[xyz, np.zeros(400)].astype(np.float32).tofile(seq / "velodyne" / "000000.bin")
+    raw = rng.choice([10, 40, 48, 50], 400)
+    raw.astype(np.uint32).tofile(seq / "labels" / "000000.label")
+    learning = tmp_path / "learning.npz"
+    np.savez(learning, xyz=xyz, labels=np.select([raw == 10, raw == 40, raw == 48], [1, 9, 11], 13))
+    return seq, learning
+
+
+def test_eval_and_prune_find_their_clouds_once(tmp_path, capsys, monkeypatch):
+    """eval and prune of a run's files searched the --data folder for clouds and took their formats' default
+    map up to three times each (the map's checks, then the source), the validation files' as often. Each
+    command finds them, and takes their default, once now; what is read is unchanged."""
+    import pointsparse.data.datasets as datasets
+    import pointsparse.data.readers as readers
+
+    seq, learning = _scan_and_learning_ids(tmp_path)
+    ckpt = _run(tmp_path / "run" / "checkpoint.pt", load_label_map("semantic-kitti").classes,
+                data=[str(seq)], val_data=[str(learning)], val_label_map="semantic-kitti-learning")
+    state = checkpoint.load_training(ckpt)
+    state["val_paths"] = [str(learning)]
+    checkpoint.save(ckpt, state)
+    scans, defaults = [], []
+    folder_clouds, default_map = readers._folder_clouds, datasets._default_map
+    monkeypatch.setattr(readers, "_folder_clouds", lambda folder: scans.append(folder) or folder_clouds(folder))
+    monkeypatch.setattr(datasets, "_default_map", lambda paths: defaults.append(list(paths)) or default_map(paths))
+    for argv in (["eval", "--checkpoint", str(ckpt), "--data", str(seq), "--no-progress"],
+                 ["eval", "--checkpoint", str(ckpt), "--no-progress"],
+                 ["prune", "channels", "--checkpoint", str(ckpt), "--data", str(seq), "--out", str(tmp_path / "p")],
+                 ["prune", "channels", "--checkpoint", str(ckpt), "--out", str(tmp_path / "q")]):
+        scans.clear()
+        defaults.clear()
+        assert cli.main(argv) == 0, capsys.readouterr().err
+        assert scans.count(seq) <= 1, (argv, scans)
+        for paths in defaults:
+            assert defaults.count(paths) == 1, (argv, defaults)

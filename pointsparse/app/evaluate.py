@@ -10,6 +10,8 @@ scored as it runs (on the CPU; its data defaults to the run's too)."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import DirectoryLock
-from ..data import DEFAULT_IGNORE, VALIDATION_SEED, VoxelDataset, open_source
+from ..data import DEFAULT_IGNORE, VALIDATION_SEED, CloudFiles, VoxelDataset
 from ..data.datasets import default_label_map, is_generated
 from ..data.readers import find_clouds
 from ..models import model_from_state
@@ -306,8 +308,9 @@ def program_and_state(path, args=None):
                    "inference": meta.get("inference", "float32")}
 
 
-def files_label_map(state: dict, spec, label_map, where: str, validation: bool = True):
-    """The label map a checkpoint's model reads the files of ``spec`` through:
+def files_label_map(state: dict, paths, label_map, where: str, validation: bool = True):
+    """The label map a checkpoint's model reads the clouds at ``paths`` (a data
+    spec's, found once: ``readers.find_clouds``) through:
     ``label_map`` (``--label-map``), else the run's ``--val-label-map``
     (``validation``: files scored as the run validated; but the map the run
     read its training clouds through for files of their format where the
@@ -318,26 +321,30 @@ def files_label_map(state: dict, spec, label_map, where: str, validation: bool =
     ValueError naming ``where`` where the files' formats take another one by
     default (a run on SemanticKITTI .bin scans scored Open3D-ML learning ids
     as class indices, one class off). A checkpoint that records no map (an
-    older run's): None, the files' own default, as before."""
+    older run's): None, the files' own default, as before. Their formats'
+    default is taken once, where it is needed."""
     saved, config = state.get("args") or {}, state["config"]
-    if label_map is None and validation and saved.get("val_label_map") and _training_format(state, spec):
+    paths = list(paths)
+    default = functools.cache(lambda: default_label_map(paths))
+    if label_map is None and validation and saved.get("val_label_map") and _training_format(state, paths, default):
         return config["label_map"]
     given = label_map or (validation and saved.get("val_label_map")) or saved.get("label_map")
     if given or "label_map" not in config:
         return given or None
-    run, default = config["label_map"], default_label_map(spec)
-    if default != run:
+    run = config["label_map"]
+    if default() != run:
         def said(name) -> str:
             return "no label map (raw labels)" if name is None else f"the label map {name!r}"
 
-        raise ValueError(f"{where}: its clouds take {said(default)} by default ({find_clouds(spec)[0]}); the run "
+        raise ValueError(f"{where}: its clouds take {said(default())} by default ({paths[0]}); the run "
                          f"read its clouds through {said(run)}, to its {len(config['classes'])} classes: give "
                          "--label-map of these files' labels to the run's classes")
     return run
 
 
-def _training_format(state: dict, spec) -> bool:
-    """Whether the files of ``spec`` are of the run's training clouds' format
+def _training_format(state: dict, paths: list, default) -> bool:
+    """Whether the clouds at ``paths`` (``default()``: their formats' default
+    map) are of the run's training clouds' format
     and not of its validation clouds' (a run on SemanticKITTI .bin scans
     validated on Open3D-ML learning ids through --val-label-map): their
     default map is the one the run recorded reading its clouds through, the
@@ -346,8 +353,11 @@ def _training_format(state: dict, spec) -> bool:
     val = state.get("val_paths") or (state.get("args") or {}).get("val_data")
     if run is False or not val:
         return False
-    try:
-        return default_label_map(spec) == run != default_label_map(val)
+    try:  # (the validation files themselves: not their format's, by definition; not searched twice)
+        val = find_clouds(val)
+        if [os.path.abspath(p) for p in paths] == [os.path.abspath(p) for p in val]:
+            return False
+        return default() == run != default_label_map(val)
     except (ValueError, OSError):  # (files of mixed formats, or validation files gone: the documented order)
         return False
 
@@ -377,15 +387,16 @@ def eval_source(args, state: dict, ignore_index: int):
     if count is not None:
         raise ValueError(f"--val-scenes counts generated scenes; the data scored here are files ({spec[0]}...): "
                          "drop it, or score generated data")
+    paths = find_clouds(spec)  # (once: the map's checks and the source take them)
     try:
-        label_map = files_label_map(state, spec, args.label_map, "--data" if args.data else "the run's data",
+        label_map = files_label_map(state, paths, args.label_map, "--data" if args.data else "the run's data",
                                     validation)
     except ValueError as refusal:
         # (files whose format takes another map by default than the run's: a first cloud without labels, read
         # through the run's map as its own clouds' format reads, is refused as such by the scoring's check, not
         # asked for the map of labels it lacks)
-        source = open_source(spec, state["config"]["label_map"], ignore_index)
+        source = CloudFiles(paths, state["config"]["label_map"], ignore_index)
         if source[0].labels is not None:  # (read inside --skip-nonfinite's hold: its refusal names the cloud)
             raise refusal
         return spec, source
-    return spec, open_source(spec, label_map, ignore_index)
+    return spec, CloudFiles(paths, label_map, ignore_index)
