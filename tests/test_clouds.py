@@ -125,3 +125,31 @@ def test_eval_and_prune_find_their_clouds_once(tmp_path, capsys, monkeypatch):
         assert scans.count(seq) <= 1, (argv, scans)
         for paths in defaults:
             assert defaults.count(paths) == 1, (argv, defaults)
+
+
+def test_prune_reads_data_through_the_map_eval_reads_it_through(tmp_path, capsys):
+    """A run on SemanticKITTI .bin scans validated on Open3D-ML learning ids (--val-label-map
+    semantic-kitti-learning): eval --data <learning ids> read them through the validation map, prune --data
+    refused them (give --label-map), and where the run typed --label-map semantic-kitti, read them through it,
+    without a word (learning id 1, car, as raw id 1, outlier: ignored). eval and prune take --data's map by
+    one rule now (files_source): both read the learning ids as the scan's classes."""
+    from pointsparse.app.channels import load_state
+
+    seq, learning = _scan_and_learning_ids(tmp_path)
+    classes = load_label_map("semantic-kitti").classes
+    argv = ["prune", "channels", "--criterion", "taylor", "--ratio", "0.5"]
+    for typed in (None, "semantic-kitti"):
+        ckpt = _run(tmp_path / f"run-{typed}" / "checkpoint.pt", classes, data=[str(seq)],
+                    val_data=[str(learning)], val_label_map="semantic-kitti-learning")
+        state = checkpoint.load_training(ckpt)
+        state["args"]["label_map"] = typed
+        checkpoint.save(ckpt, state)
+        pruned = []
+        for data in (seq, learning):
+            out = tmp_path / f"p-{typed}-{data.stem}"
+            assert cli.main([*argv, "--checkpoint", str(ckpt), "--data", str(data), "--out", str(out)]) == 0, \
+                capsys.readouterr().err
+            pruned.append(load_state(out / "checkpoint.pt")["model"])
+        assert all(torch.equal(pruned[0][k], pruned[1][k]) for k in pruned[0]), typed
+        assert cli.main(["eval", "--checkpoint", str(ckpt), "--data", str(learning), "--no-progress"]) == 0
+        capsys.readouterr()

@@ -40,7 +40,8 @@ def add_arguments(parser) -> None:
                              "netadapt")
     parser.add_argument("--label-map", default=None,
                         help="the label map of --data (channels, sensitivity, schedule, lottery, init, rigl, amc, "
-                             "netadapt; default: the run's, or the default map its clouds took where --data's "
+                             "netadapt; default: as eval reads --data, the run's (its --val-label-map but for files "
+                             "of its training clouds' format), or the default map its clouds took where --data's "
                              "format takes it too: other formats are refused)")
     parser.add_argument("--skip-nonfinite", action="store_true",
                         help="read the finite points of clouds some of whose positions are NaN or inf (organised "

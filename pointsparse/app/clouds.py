@@ -1,11 +1,18 @@
 """How the commands read point cloud files: ``--skip-nonfinite``'s hold on
-the reading (train, eval, predict, prune), one rule for it."""
+the reading (train, eval, predict, prune), and the label map a checkpoint's
+files are read through (eval, prune): one rule for each."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 
-__all__ = ["nonfinite_hold", "skips_nonfinite"]
+from ..data import CloudFiles
+from ..data.datasets import default_label_map
+from ..data.readers import find_clouds
+
+__all__ = ["files_label_map", "files_source", "nonfinite_hold", "skips_nonfinite"]
 
 
 def skips_nonfinite(flag: bool, state: dict | None = None, own_data: bool = False) -> bool:
@@ -31,3 +38,80 @@ def nonfinite_hold(skip: bool, to: str):
             yield
     except NonFinitePositions as error:  # (a ValueError of its own: --nproc's workers hand back a ValueError's)
         raise ValueError(f"{error}; give --skip-nonfinite to {to}") from error
+
+
+def files_source(state: dict, spec, label_map, where: str, validation: bool, ignore_index: int, taken=None):
+    """The clouds of the data ``spec`` (files) as a checkpoint's model reads
+    them (``state``), eval's and prune's: through :func:`files_label_map`'s
+    map (``label_map``: ``--label-map``; ``validation``: files the user gave,
+    or the run's validation files, not its training ones). Where that map is
+    refused (their formats take another default than the run's map, or
+    several), the clouds taken (the first ``taken``, read cyclically; all
+    where None) are read through the run's map where none holds labels (an
+    example input, Semantic3D test scans read as Semantic3D rows), else the
+    refusal stands. The spec's clouds are found once."""
+    paths = find_clouds(spec)  # (once: the map's checks and the source take them)
+    try:
+        name = files_label_map(state, paths, label_map, where, validation)
+    except ValueError:
+        if "label_map" not in state["config"]:
+            raise
+        source = CloudFiles(paths, state["config"]["label_map"], ignore_index)
+        if any(source[i % len(source)].labels is not None for i in range(len(source) if taken is None else taken)):
+            raise
+        return source
+    return CloudFiles(paths, name, ignore_index)
+
+
+def files_label_map(state: dict, paths, label_map, where: str, validation: bool = True):
+    """The label map a checkpoint's model reads the clouds at ``paths`` (a data
+    spec's, found once: ``readers.find_clouds``) through:
+    ``label_map`` (``--label-map``), else the run's ``--val-label-map``
+    (``validation``: files scored as the run validated; but the map the run
+    read its training clouds through for files of their format where the
+    validation clouds' format takes another default, :func:`_training_format`)
+    or ``--label-map``,
+    else, where its config records the map the run read its clouds through
+    by their formats' default (``label_map``; None: raw labels), that map; a
+    ValueError naming ``where`` where the files' formats take another one by
+    default (a run on SemanticKITTI .bin scans scored Open3D-ML learning ids
+    as class indices, one class off). A checkpoint that records no map (an
+    older run's): None, the files' own default, as before. Their formats'
+    default is taken once, where it is needed."""
+    saved, config = state.get("args") or {}, state["config"]
+    paths = list(paths)
+    default = functools.cache(lambda: default_label_map(paths))
+    if label_map is None and validation and saved.get("val_label_map") and _training_format(state, paths, default):
+        return config["label_map"]
+    given = label_map or (validation and saved.get("val_label_map")) or saved.get("label_map")
+    if given or "label_map" not in config:
+        return given or None
+    run = config["label_map"]
+    if default() != run:
+        def said(name) -> str:
+            return "no label map (raw labels)" if name is None else f"the label map {name!r}"
+
+        raise ValueError(f"{where}: its clouds take {said(default())} by default ({paths[0]}); the run "
+                         f"read its clouds through {said(run)}, to its {len(config['classes'])} classes: give "
+                         "--label-map of these files' labels to the run's classes")
+    return run
+
+
+def _training_format(state: dict, paths: list, default) -> bool:
+    """Whether the clouds at ``paths`` (``default()``: their formats' default
+    map) are of the run's training clouds' format
+    and not of its validation clouds' (a run on SemanticKITTI .bin scans
+    validated on Open3D-ML learning ids through --val-label-map): their
+    default map is the one the run recorded reading its clouds through, the
+    validation clouds' default another."""
+    run = state["config"].get("label_map", False)
+    val = state.get("val_paths") or (state.get("args") or {}).get("val_data")
+    if run is False or not val:
+        return False
+    try:  # (the validation files themselves: not their format's, by definition; not searched twice)
+        val = find_clouds(val)
+        if [os.path.abspath(p) for p in paths] == [os.path.abspath(p) for p in val]:
+            return False
+        return default() == run != default_label_map(val)
+    except (ValueError, OSError):  # (files of mixed formats, or validation files gone: the documented order)
+        return False

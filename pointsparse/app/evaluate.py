@@ -10,8 +10,6 @@ scored as it runs (on the CPU; its data defaults to the run's too)."""
 from __future__ import annotations
 
 import contextlib
-import functools
-import os
 import sys
 import time
 from pathlib import Path
@@ -19,12 +17,11 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import DirectoryLock
-from ..data import DEFAULT_IGNORE, VALIDATION_SEED, CloudFiles, VoxelDataset
-from ..data.datasets import default_label_map, is_generated
-from ..data.readers import find_clouds
+from ..data import DEFAULT_IGNORE, VALIDATION_SEED, VoxelDataset
+from ..data.datasets import is_generated
 from ..models import model_from_state
 from . import metrics
-from .clouds import nonfinite_hold, skips_nonfinite
+from .clouds import files_source, nonfinite_hold, skips_nonfinite
 from .distributed import pick_device
 from .scoring import _inner, evaluate, loaded_frozen, point_level, write_report
 from .train import (_note_ignored_class, add_data_arguments, check_args, generated_source, load_checkpoint,
@@ -308,60 +305,6 @@ def program_and_state(path, args=None):
                    "inference": meta.get("inference", "float32")}
 
 
-def files_label_map(state: dict, paths, label_map, where: str, validation: bool = True):
-    """The label map a checkpoint's model reads the clouds at ``paths`` (a data
-    spec's, found once: ``readers.find_clouds``) through:
-    ``label_map`` (``--label-map``), else the run's ``--val-label-map``
-    (``validation``: files scored as the run validated; but the map the run
-    read its training clouds through for files of their format where the
-    validation clouds' format takes another default, :func:`_training_format`)
-    or ``--label-map``,
-    else, where its config records the map the run read its clouds through
-    by their formats' default (``label_map``; None: raw labels), that map; a
-    ValueError naming ``where`` where the files' formats take another one by
-    default (a run on SemanticKITTI .bin scans scored Open3D-ML learning ids
-    as class indices, one class off). A checkpoint that records no map (an
-    older run's): None, the files' own default, as before. Their formats'
-    default is taken once, where it is needed."""
-    saved, config = state.get("args") or {}, state["config"]
-    paths = list(paths)
-    default = functools.cache(lambda: default_label_map(paths))
-    if label_map is None and validation and saved.get("val_label_map") and _training_format(state, paths, default):
-        return config["label_map"]
-    given = label_map or (validation and saved.get("val_label_map")) or saved.get("label_map")
-    if given or "label_map" not in config:
-        return given or None
-    run = config["label_map"]
-    if default() != run:
-        def said(name) -> str:
-            return "no label map (raw labels)" if name is None else f"the label map {name!r}"
-
-        raise ValueError(f"{where}: its clouds take {said(default())} by default ({paths[0]}); the run "
-                         f"read its clouds through {said(run)}, to its {len(config['classes'])} classes: give "
-                         "--label-map of these files' labels to the run's classes")
-    return run
-
-
-def _training_format(state: dict, paths: list, default) -> bool:
-    """Whether the clouds at ``paths`` (``default()``: their formats' default
-    map) are of the run's training clouds' format
-    and not of its validation clouds' (a run on SemanticKITTI .bin scans
-    validated on Open3D-ML learning ids through --val-label-map): their
-    default map is the one the run recorded reading its clouds through, the
-    validation clouds' default another."""
-    run = state["config"].get("label_map", False)
-    val = state.get("val_paths") or (state.get("args") or {}).get("val_data")
-    if run is False or not val:
-        return False
-    try:  # (the validation files themselves: not their format's, by definition; not searched twice)
-        val = find_clouds(val)
-        if [os.path.abspath(p) for p in paths] == [os.path.abspath(p) for p in val]:
-            return False
-        return default() == run != default_label_map(val)
-    except (ValueError, OSError):  # (files of mixed formats, or validation files gone: the documented order)
-        return False
-
-
 def eval_source(args, state: dict, ignore_index: int):
     """(the data spec, its clouds) that ``pointsparse eval`` scores: ``--data``,
     else the files the run validated on, else the run's data. Files take
@@ -369,7 +312,7 @@ def eval_source(args, state: dict, ignore_index: int):
     one for files of its training clouds' format), else its label
     map (as ``train --val-data`` takes them: the classes the model predicts),
     else the default map the run read its clouds through, where their
-    formats take it (:func:`files_label_map`)."""
+    formats take it (``clouds.files_source``, prune's rule too)."""
     saved = state.get("args", {})
     if args.data:
         spec, validation = args.data, True
@@ -387,16 +330,7 @@ def eval_source(args, state: dict, ignore_index: int):
     if count is not None:
         raise ValueError(f"--val-scenes counts generated scenes; the data scored here are files ({spec[0]}...): "
                          "drop it, or score generated data")
-    paths = find_clouds(spec)  # (once: the map's checks and the source take them)
-    try:
-        label_map = files_label_map(state, paths, args.label_map, "--data" if args.data else "the run's data",
-                                    validation)
-    except ValueError as refusal:
-        # (files whose format takes another map by default than the run's: a first cloud without labels, read
-        # through the run's map as its own clouds' format reads, is refused as such by the scoring's check, not
-        # asked for the map of labels it lacks)
-        source = CloudFiles(paths, state["config"]["label_map"], ignore_index)
-        if source[0].labels is not None:  # (read inside --skip-nonfinite's hold: its refusal names the cloud)
-            raise refusal
-        return spec, source
-    return spec, CloudFiles(paths, label_map, ignore_index)
+    # (unlabelled clouds of another format than the run's: read through its map, refused by the scoring's
+    # check as clouds without labels, not asked for the map of labels they lack)
+    return spec, files_source(state, spec, args.label_map, "--data" if args.data else "the run's data", validation,
+                              ignore_index)

@@ -231,30 +231,16 @@ def _checkpoint_batches(state: dict, data, label_map, count: int) -> list:
         # The run's sensor (range, beams) and its training scenes (train.py: seeds from seed * 10_000).
         source = generated_source(spec, saved, count, int(saved.get("seed", 0)) * 10_000)
     else:
-        from ..data import CloudFiles
-        from ..data.readers import find_clouds
-        from .evaluate import files_label_map
+        from .clouds import files_source
 
-        ignore_index = config.get("ignore_index", 255)
-        typed, labelled = label_map, None  # (labelled: whether the clouds taken hold labels, read once)
-        paths = find_clouds(spec)  # (once: the map's checks and the source take them)
-        try:
-            label_map = files_label_map(state, paths, typed, "--data" if data else "the run's data", False)
-        except ValueError:
-            # (files whose format takes another map by default than the run's: moot where the clouds taken hold
-            # no labels, channels' example input, read through the run's map, as its own clouds' format reads
-            # (Semantic3D test scans, without .labels, as Semantic3D rows); refused where they hold some)
-            source = CloudFiles(paths, config["label_map"], ignore_index)
-            labelled = any(source[i % len(source)].labels is not None for i in range(count))
-            if labelled:
-                raise
-        else:
-            source = CloudFiles(paths, label_map, ignore_index)
+        # (--data as eval reads --data, the run's data as it read them; files whose format takes another map by
+        # default than the run's: moot where the clouds taken hold no labels, channels' example input)
+        source = files_source(state, spec, label_map, "--data" if data else "the run's data", data is not None,
+                              config.get("ignore_index", 255), count)
         # (as eval refuses them: the labels would be another map's training ids; moot where the clouds taken
         # hold no labels and no map is typed: an unlabelled .bin sweep was refused for SemanticKITTI's classes)
-        if source.classes is not None and typed is None and labelled is None:
-            labelled = any(source[i % len(source)].labels is not None for i in range(count))
-        if source.classes is not None and (typed is not None or labelled):
+        if source.classes is not None and (label_map is not None or any(
+                source[i % len(source)].labels is not None for i in range(count))):
             from .evaluate import check_data_classes
 
             check_data_classes(source.classes, config["classes"], "--data" if data else "the run's data")
