@@ -153,3 +153,28 @@ def test_prune_reads_data_through_the_map_eval_reads_it_through(tmp_path, capsys
         assert all(torch.equal(pruned[0][k], pruned[1][k]) for k in pruned[0]), typed
         assert cli.main(["eval", "--checkpoint", str(ckpt), "--data", str(learning), "--no-progress"]) == 0
         capsys.readouterr()
+
+
+def test_predict_label_refuses_a_runs_map_whose_raw_ids_are_not_the_clouds(tmp_path, capsys):
+    """predict --format label wrote the raw ids of the run's map whatever the clouds: a run on Open3D-ML
+    learning ids (semantic-kitti-learning) predicting SemanticKITTI .bin scans wrote learning ids (car as 1,
+    SemanticKITTI's outlier) into predictions/*.label, which the benchmark reads as raw ids. Where the
+    clouds' format takes a map of the model's classes that writes other raw ids, predict now refuses,
+    naming both maps and --label-map; with --label-map it writes that map's ids."""
+    seq, _ = _scan_and_learning_ids(tmp_path)
+    classes = load_label_map("semantic-kitti").classes
+    ckpt = _run(tmp_path / "run" / "checkpoint.pt", classes, label_map="semantic-kitti-learning")
+    argv = ["predict", "--checkpoint", str(ckpt), "--data", str(seq), "--format", "label"]
+    assert cli.main([*argv, "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert "'semantic-kitti-learning'" in err and "'semantic-kitti'" in err and "--label-map" in err, err
+    assert not list((tmp_path / "p").rglob("*.label"))
+    assert cli.main([*argv, "--label-map", "semantic-kitti", "--out", str(tmp_path / "q")]) == 0, \
+        capsys.readouterr().err
+    written = np.fromfile(next((tmp_path / "q").rglob("*.label")), np.uint32)
+    allowed = {int(raw) for raw, tid in load_label_map("semantic-kitti").mapping.items()}
+    assert len(written) == 400 and set(written.tolist()) <= allowed
+    # (the npz of learning ids: its format takes no map, the run's learning ids are written as before)
+    assert cli.main(["predict", "--checkpoint", str(ckpt), "--data", str(tmp_path / "learning.npz"), "--format",
+                     "label", "--out", str(tmp_path / "r")]) == 0, capsys.readouterr().err
+    assert np.fromfile(next((tmp_path / "r").rglob("*.label")), np.uint32).max() <= 19
