@@ -46,26 +46,30 @@ def one_trip(points, feats, voxel_size, reduce):
 
 
 def numpy_sample(sample, voxel_size: float, ignore_index: int = 255):
-    """``voxelize_sample`` as it was written before (stop 41): numpy's
-    reductions over the (N, 3) rows, the float64 shift and the features
-    centred in one broadcast; the points in voxel units kept inside their
-    voxels as stop 45's. (coords, feats, inverse, points, labels)."""
+    """``voxelize_sample`` in plain numpy, as it was written before stop 41:
+    numpy's reductions over the (N, 3) rows, the features centred in one
+    broadcast; each point's voxel floor(x / voxel_size) less the first, in
+    float64 (stop 59: the float32 positions shifted by the first voxel put
+    points just below a boundary one voxel on); the points in voxel units
+    kept inside their voxels as stop 45's. (coords, feats, inverse, points,
+    labels)."""
     from pointsparse.data.transforms import NUM_FEATURES, majority_labels
 
-    xyz = sample.xyz.astype(np.float64)
-    shifted = xyz - (np.floor(xyz.min(0) / voxel_size) * voxel_size if len(xyz) else 0.0)
-    points = torch.from_numpy(shifted.astype(np.float32))
+    scaled = sample.xyz.astype(np.float64) / voxel_size
+    first = np.floor(sample.xyz.astype(np.float64).min(0) / voxel_size) if len(scaled) else np.zeros(3)
+    cells = np.floor(scaled) - first
     feats = np.zeros((len(sample), NUM_FEATURES), dtype=np.float32)
     if len(sample):
         feats[:, :3] = sample.xyz
         feats[:, :2] -= sample.xyz[:, :2].mean(0)
     if sample.intensity is not None:
         feats[:, 3:4] = sample.intensity
-    tensor, inverse = ps.voxelize(points, torch.from_numpy(feats), voxel_size=voxel_size, reduce="mean")
+    tensor, inverse = ps.voxelize(torch.from_numpy(cells + 0.5), torch.from_numpy(feats), voxel_size=1.0,
+                                  reduce="mean")
     labels = np.full(len(sample), ignore_index, dtype=np.int64)
     vox_labels = majority_labels(inverse.numpy(), labels, len(tensor), ignore_index)
-    below = tensor.coords[inverse, 1:].float()  # (each point kept inside its voxel, as voxelize_sample does since stop 45)
-    inside = torch.minimum(torch.maximum((points.double() / voxel_size).float(), below),
+    below = torch.from_numpy(cells).float()  # (each point kept inside its voxel, as voxelize_sample does since stop 45)
+    inside = torch.minimum(torch.maximum(torch.from_numpy(scaled - first).float(), below),
                            torch.nextafter(below + 1, below))
     return tensor.coords, tensor.feats, inverse.long(), inside, vox_labels
 

@@ -2220,24 +2220,23 @@ def test_voxelize_sample_of_a_huge_or_tiny_voxel(monkeypatch):
 
 def test_voxelize_sample_of_a_cloud_whose_shifted_extent_passes_float32():
     """Points at -3e38 and 3e38 m (finite float32) with a voxel of 1e30 m:
-    shifted to start at voxel 0 they reach 6e38 m, past float32, and the
-    error was 'points row 0 is not finite: [inf, 0.0, 0.0]' (the points were
-    finite) after numpy's RuntimeWarning 'overflow encountered in cast'. A
-    ValueError names the points, voxel_size and float32's range now, with
-    no warning."""
-    import re
+    shifted to start at voxel 0 they reach 6e38 m, past float32. The shifted
+    positions were float32 (the error was 'points row 0 is not finite: [inf,
+    0.0, 0.0]' after numpy's RuntimeWarning 'overflow encountered in cast',
+    then a ValueError refusing the cloud); no position is shifted now, each
+    point's voxel comes from its own, and the cloud's 600,000,002 voxels fit
+    int32: voxelised exactly, with no warning."""
     import warnings
 
     cloud = Sample(np.array([[3e38, 0, 0], [-3e38, 0, 0]], np.float32))
     for size in (1e30, 1e37):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            with pytest.raises(ValueError, match=rf"^points \(from .* to .* m\) shifted by whole voxels of voxel_size "
-                                                 rf"{re.escape(repr(size))} reach .*past float32's largest value"):
-                voxelize_sample(cloud, size, 255)
+            v = voxelize_sample(cloud, size, 255)
+        assert v.coords[v.inverse, 1].tolist() == _exact_cells(cloud.xyz, size)[:, 0].tolist()
+    assert v.coords[v.inverse, 1].tolist() == [61, 0]  # (floor(30.000000005) + 31)
     assert voxelize_sample(Sample(cloud.xyz[:1]), 1e30, 255).coords.tolist() == [[0, 0, 0, 0]]
     assert len(voxelize_sample(Sample(np.array([[3e38, 0, 0], [0, 0, 0]], np.float32)), 1e30, 255).input) == 2
-
 
 def test_voxelize_sample_and_collate():
     s = Sample(np.array([[0.01, 0.01, 0.01], [0.02, 0.03, 0.04], [1000.5, 0, 0]], np.float32),
@@ -2347,9 +2346,14 @@ def test_point_features_of_points_whose_sum_passes_float32():
 
 
 def test_voxelize_sample_matches_the_float64_numpy_reference():
-    """The shift to voxel 0 and the centred features, bit for bit the plain
-    numpy formulas (minimum over rows, float64 shift, float32 features):
-    negative and large coordinates, intensity, three voxel sizes."""
+    """The voxels and the centred features, bit for bit the plain numpy
+    formulas: each point in voxel floor(x / size) (float64 from the float32
+    positions) less the first voxel floor(min / size), the voxels' mean
+    features as voxelize takes them over the same points: negative and large
+    coordinates, intensity, three voxel sizes. (This test held the float32
+    positions shifted by the first voxel, (x - first * size) rounded to
+    float32, as the reference: the very rounding that put points just below a
+    boundary one voxel on.)"""
     from pointsparse.data.transforms import NUM_FEATURES, point_features
     from pointsparse.voxelize import voxelize
 
@@ -2364,25 +2368,65 @@ def test_voxelize_sample_matches_the_float64_numpy_reference():
     assert np.array_equal(point_features(s), ref)
     for size in (0.05, 0.2, 0.37):
         x64 = xyz.astype(np.float64)
-        points = torch.from_numpy((x64 - np.floor(x64.min(0) / size) * size).astype(np.float32))
-        tensor, inverse = voxelize(points, torch.from_numpy(ref), voxel_size=size, reduce="mean")
+        first = np.floor(x64.min(0) / size)
+        # voxelize quantises floor(x / size) in float64 itself: the unshifted cloud's voxels, the first one at 0
+        tensor, inverse = voxelize(torch.from_numpy(xyz), torch.from_numpy(ref), voxel_size=size, reduce="mean")
+        coords = tensor.coords - torch.tensor([0, *first], dtype=torch.int32)
         v = voxelize_sample(s, size, 255)
-        assert torch.equal(v.coords, tensor.coords) and torch.equal(v.feats, tensor.feats)
+        assert torch.equal(v.coords, coords) and torch.equal(v.feats, tensor.feats)
         assert torch.equal(v.inverse, inverse.long()) and int(v.coords[:, 1:].min()) == 0
-        # points / size in float32, kept inside the voxel: [coord, the float32 below coord + 1]
-        cells = tensor.coords[inverse.long(), 1:].numpy().astype(np.float32)
-        ref_points = np.clip((points.double() / size).float().numpy(), cells, np.nextafter(cells + 1, cells))
+        assert np.array_equal(v.coords[v.inverse, 1:].numpy(), np.floor(x64 / size) - first)
+        # x / size less the first voxel in float32, kept inside the voxel: [coord, the float32 below coord + 1]
+        cells = coords[inverse.long(), 1:].numpy().astype(np.float32)
+        ref_points = np.clip((x64 / size - first).astype(np.float32), cells, np.nextafter(cells + 1, cells))
         assert torch.equal(v.points, torch.from_numpy(ref_points))
         assert torch.equal(v.points.floor().int(), v.coords[v.inverse, 1:])
 
+def _exact_cells(xyz: np.ndarray, size: float) -> np.ndarray:
+    """Each point's voxel as voxelize_sample promises it: floor(x / size)
+    (float64, from the float32 positions) less the cloud's first voxel."""
+    x64 = xyz.astype(np.float64)
+    return (np.floor(x64 / size) - np.floor(x64.min(0) / size)).astype(np.int64)
+
+
+def test_voxelize_sample_puts_each_point_in_its_own_voxel():
+    """The shifted positions were rounded back to float32 before they were
+    quantised: a point just below a voxel boundary (z = -2.00000095 m at
+    0.2 m: voxel -11) shifted by the cloud's first voxel (-500, 100 m) gave
+    97.9999990 m, which float32 rounds to 98.0, voxel 490 instead of 489
+    (9 to 11 of the 120k points of a KITTI sweep at 5 cm). Each point lands
+    in floor(x / voxel_size) less the first voxel now, exactly."""
+    xyz = np.array([[-100, 0, 0], [-2.0000009536743164, 0, 0], [0, 0, -100], [0, 0, -2.0000009536743164]],
+                   np.float32)
+    v = voxelize_sample(Sample(xyz, np.arange(4)), 0.2, 255)
+    assert v.coords[v.inverse, 1:].tolist() == [[0, 0, 500], [489, 0, 500], [500, 0, 0], [500, 0, 489]]
+    assert v.coords[v.inverse, 1:].tolist() == _exact_cells(xyz, 0.2).tolist()
+    assert torch.equal(v.points.floor().int(), v.coords[v.inverse, 1:])  # (inside their voxels)
+
+
+def test_real_sweeps_voxelised_point_by_point(datasets_dir):
+    """On the real driving sweeps every point's voxel is floor(x / size)
+    less the first voxel (the float32 shift put 9 to 11 points of each
+    sweep one voxel off at 5 cm)."""
+    scans = [datasets_dir / "kitti-raw" / "000049.bin",
+             datasets_dir / "semantickitti" / "full-scan" / "velodyne" / "000000.bin"]
+    scans = [scan for scan in scans if scan.is_file()]
+    if not scans:
+        pytest.skip("no KITTI sweep")
+    for scan in scans:
+        xyz = np.fromfile(scan, dtype=np.float32).reshape(-1, 4)[:, :3]
+        for size in (0.05, 0.2, 0.37):
+            v = voxelize_sample(Sample(xyz), size, 255)
+            off = int((v.coords[v.inverse, 1:].numpy() != _exact_cells(xyz, size)).any(1).sum())
+            assert off == 0, f"{scan.name} at {size} m: {off} points in another voxel"
 
 def test_voxelize_sample_reads_the_points_bounds_once(monkeypatch):
     """voxelize_sample read the cloud's bounds for its voxel-size check and
     shift, then voxelize's extent check read the shifted cloud's bounds
     again (a second pass over the points): that check now takes the
     shifted bounds from the first pass, exactly those of the points it
-    quantises (the shift and the float32 cast keep the order of the rows),
-    on both the shifted and the exact (huge voxel) path."""
+    quantises (floor and the shift keep the order of the rows), at small
+    and huge voxel sizes alike."""
     vox = importlib.import_module("pointsparse.voxelize")
 
     real, seen = vox._check_extent, []

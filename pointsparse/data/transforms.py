@@ -223,70 +223,38 @@ def _first_voxels(low: np.ndarray, high: np.ndarray, voxel_size: float) -> np.nd
     return first
 
 
-def _check_shifted(low: np.ndarray, high: np.ndarray, shift: np.ndarray, voxel_size: float) -> None:
-    """ValueError naming the points and ``voxel_size`` where the cloud
-    shifted by ``shift`` (whole voxels) passes float32's range: finite
-    points at -3e38 and 3e38 m reach 6e38 (cast to inf, then blamed on the
-    points as not finite)."""
-    reach = np.maximum(np.abs(low - shift), np.abs(high - shift))
-    largest = float(np.finfo(np.float32).max)
-    if (reach > largest).any():
-        raise ValueError(f"points (from {low.tolist()} to {high.tolist()} m) shifted by whole voxels of voxel_size "
-                         f"{voxel_size!r} reach {reach.tolist()} m (x, y, z), past float32's largest value "
-                         f"{largest:.7g}: the cloud's extent does not fit float32 positions")
-
-
 def voxelize_sample(sample: Sample, voxel_size: float, ignore_index: int) -> VoxelSample:
-    """Quantise a sample (shifted by whole voxels so that its minimum lands
-    at voxel 0: the coordinates of a real tile stay small). ``voxel_size``:
-    one positive number (metres); ``ignore_index``: an int (TypeError/
-    ValueError naming either otherwise). A ``voxel_size`` so small that the
-    cloud's voxels do not fit a coordinate key (int32 per axis, 63 bits for
-    the spans together) is a ValueError naming it, before anything is
-    quantised; one far larger than the cloud gives its voxels exactly (the
-    shift of a whole voxel would swamp the float32 positions)."""
+    """Quantise a sample, its voxels counted from the cloud's first (the
+    coordinates of a real tile stay small): a point at ``x`` lands in voxel
+    ``floor(x / voxel_size) - floor(min(x) / voxel_size)`` per axis, in
+    float64 from its float32 position, exactly. ``voxel_size``: one positive
+    number (metres); ``ignore_index``: an int (TypeError/ValueError naming
+    either otherwise). A ``voxel_size`` so small that the cloud's voxels do
+    not fit a coordinate key (int32 per axis, 63 bits for the spans
+    together) is a ValueError naming it, before anything is quantised."""
     _check_sample(sample, "voxelize_sample")
     voxel_size, ignore_index = check_voxel_size(voxel_size), _ignore_index(ignore_index)
-    # The shift in float64: the minimum per column, the arithmetic in torch (the
-    # same values as numpy's reduction over the (N, 3) rows and its casts, sooner).
     xyz = torch.from_numpy(sample.xyz).double()  # (Sample keeps float32, C-contiguous)
-    exact = False
+    first, bounds = np.zeros(3), None
     if len(xyz):
+        # (the minimum per column: the same values as numpy's reduction over the (N, 3) rows, sooner)
         low = np.array([sample.xyz[:, a].min() for a in range(3)], dtype=np.float64)
         high = np.array([sample.xyz[:, a].max() for a in range(3)], dtype=np.float64)
         first = _first_voxels(low, high, voxel_size)
-        shift = first * voxel_size
-        # A voxel many times the cloud's largest coordinate, the minimum below 0: the shift of one voxel
-        # (1e30 m) left float32 positions that all rounded into one voxel (or, past float32, inf).
-        exact = bool((np.abs(shift) > 4 * np.maximum(np.abs(low), np.abs(high))).any())
-        if not exact:
-            _check_shifted(low, high, shift, voxel_size)
-        if not exact:
-            xyz -= torch.from_numpy(shift)
+        # the extent check (voxelize's) from the bounds already read: floor and the shift keep the rows' order
+        bounds = [np.floor(b / voxel_size) - first + 0.5 for b in (low, high)]
     feats = torch.from_numpy(point_features(sample))
-    if exact:
-        # Each point's voxel from its own position (floor(x / voxel_size), exact in float64) less the first
-        # voxel: a few small whole numbers, voxelised as the voxels' centres at size 1; the positions in voxel
-        # units kept inside their voxels.
-        scaled = xyz / voxel_size
-        cells = torch.floor(scaled) - torch.from_numpy(first)
-        # (the quantised points' bounds, exactly: floor, the shift, + 0.5 and the cast keep the order of the rows)
-        bounds = [(np.floor(b / voxel_size) - first + 0.5).astype(np.float32) for b in (low, high)]
-        tensor, inverse = _voxelize((cells + 0.5).float(), feats, (1.0,) * 3, None, "mean", bounds)
-        below = cells.float()
-        top = torch.nextafter(below + 1, below)
-        voxel_points = torch.minimum(torch.maximum((scaled - torch.from_numpy(first)).float(), below), top)
-    else:
-        points = xyz.float()
-        # The extent check (voxelize's, on the shifted cloud) from the bounds already read: float32(x - shift)
-        # keeps the order of the rows, so the shifted cloud's bounds are exactly the shifted bounds.
-        bounds = None if not len(xyz) else [(b - shift).astype(np.float32) for b in (low, high)]
-        tensor, inverse = _voxelize(points, feats, (voxel_size,) * 3, None, "mean", bounds)
-        # points / voxel_size just below a whole number rounds up to it in float32 (a point of voxel 41 at
-        # 42.0): kept inside its voxel, [coord, the float32 below coord + 1].
-        below = tensor.coords[inverse, 1:].float()
-        top = torch.nextafter(below + 1, below)
-        voxel_points = torch.minimum(torch.maximum((points.double() / voxel_size).float(), below), top)
+    # Each point's voxel from its own position, less the first voxel: whole numbers, voxelised as the voxels'
+    # centres at size 1 in float64 (exact up to 2**52). A shift of the positions instead (x - first *
+    # voxel_size, rounded to float32) put points just below a boundary one voxel on.
+    scaled = xyz / voxel_size
+    cells = torch.floor(scaled) - torch.from_numpy(first)
+    tensor, inverse = _voxelize(cells + 0.5, feats, (1.0,) * 3, None, "mean", bounds)
+    # positions in voxel units kept inside their voxels: [cell, the float32 below cell + 1] (x / voxel_size
+    # just below a whole number rounds up to it in float32)
+    below = cells.float()
+    top = torch.nextafter(below + 1, below)
+    voxel_points = torch.minimum(torch.maximum((scaled - torch.from_numpy(first)).float(), below), top)
     labels = sample.labels if sample.labels is not None else np.full(len(sample), ignore_index, dtype=np.int64)
     vox_labels = majority_labels(inverse.numpy(), labels, len(tensor), ignore_index)
     return VoxelSample(tensor, torch.from_numpy(vox_labels), inverse.long(), torch.from_numpy(labels.astype(np.int64)),
