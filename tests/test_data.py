@@ -1001,6 +1001,58 @@ def test_las_reader(tmp_path):
     assert np.allclose(s.rgb, 1.0)
 
 
+
+def _las_with_withheld(path, point_format: int, version: str, withheld: np.ndarray):
+    """A LAS file of :func:`_cloud`'s points (ASPRS classes 2-5, intensity
+    0..4900) with the ``withheld`` flags given; returns (xyz, labels)."""
+    laspy = pytest.importorskip("laspy")
+    xyz, lab = _cloud()
+    header = laspy.LasHeader(point_format=point_format, version=version)
+    header.scales = np.array([0.001, 0.001, 0.001])
+    las = laspy.LasData(header)
+    las.x, las.y, las.z = (xyz[:, a].astype(np.float64) for a in range(3))
+    las.classification = (lab + 2).astype(np.uint8)
+    las.intensity = np.arange(50, dtype=np.uint16) * 100
+    las.withheld = withheld.astype(np.uint8)
+    las.write(path)
+    return xyz, lab
+
+
+def test_las_reader_leaves_out_withheld_points(tmp_path):
+    """Points whose LAS withheld flag is set (bit 7 of the classification
+    byte in point formats 0-5, a classification flag in 6-10; the LAS spec:
+    "should not be included in processing, synonymous with deleted") were
+    read as any other: trained on, scored and fed to the network. They are
+    left out now, as the points --skip-nonfinite leaves out: ``kept`` records
+    the file's rows the sample holds (predict writes one row per point of
+    the file from it), the positions are relative to the kept points'
+    minimum and the intensity scaled over theirs. ``withheld=True`` reads
+    them as before."""
+    withheld = np.zeros(50, bool)
+    withheld[[0, 7, 8, 49]] = True
+    for point_format, version in ((3, "1.2"), (6, "1.4")):
+        path = tmp_path / f"w{point_format}.las"
+        xyz, lab = _las_with_withheld(path, point_format, version, withheld)
+        s = read_las(path, "ign-lidarhd")
+        assert len(s) == 46 and np.array_equal(s.kept, ~withheld)
+        assert np.allclose(s.xyz, xyz[~withheld] - xyz[~withheld].min(0), atol=2e-3)
+        assert np.array_equal(s.labels, load_label_map("ign-lidarhd").apply(lab[~withheld] + 2, 255))
+        ramp = (np.arange(50) * 100.0)[~withheld]
+        assert np.allclose(s.intensity[:, 0], np.clip(ramp / np.percentile(ramp, 99), 0, 1.5))
+        assert np.array_equal(read_cloud(path, labels=False).kept, ~withheld)  # (the CLI's reader)
+        everything = read_las(path, "ign-lidarhd", withheld=True)
+        assert len(everything) == 50 and everything.kept is None
+        assert np.allclose(everything.xyz, xyz - xyz.min(0), atol=2e-3)
+    none = tmp_path / "none.las"
+    _las_with_withheld(none, 3, "1.2", np.zeros(50, bool))
+    assert read_las(none).kept is None and len(read_las(none)) == 50
+    every = tmp_path / "every.las"
+    _las_with_withheld(every, 6, "1.4", np.ones(50, bool))
+    s = read_las(every, "ign-lidarhd")
+    assert len(s) == 0 and s.kept.tolist() == [False] * 50 and s.labels.shape == (0,)
+    with pytest.raises(TypeError, match="withheld must be a bool"):
+        read_las(path, withheld="no")
+
 def test_las_header_checked_against_the_file_before_laspy(tmp_path):
     """laspy looped over a corrupt header's millions of VLRs (over a minute
     for 404 bytes), allocated a header's 4e9 points and called an empty file

@@ -858,6 +858,65 @@ def test_eval_skip_nonfinite_scores_the_finite_points_of_organised_clouds(tmp_pa
     assert cms[0] == cms[1] and np.asarray(cms[0]).sum() > 0
 
 
+
+def _scene_las(path, scene, rows) -> None:
+    """The generated ``scene``'s points ``rows`` (a bool mask) as a LAS 1.4 file (point format 6): its training
+    ids as the classification, its intensity as uint16."""
+    laspy = pytest.importorskip("laspy")
+    header = laspy.LasHeader(point_format=6, version="1.4")
+    header.scales = np.array([0.001, 0.001, 0.001])
+    las = laspy.LasData(header)
+    xyz = scene.xyz[rows].astype(np.float64)
+    las.x, las.y, las.z = xyz[:, 0], xyz[:, 1], xyz[:, 2]
+    las.classification = scene.labels[rows].astype(np.uint8)
+    las.intensity = np.round(scene.intensity[rows, 0] * 60000).astype(np.uint16)
+    las.write(path)
+
+
+def _withheld_las(tmp_path):
+    """(file, file of its kept points alone, withheld mask): a generated scene as LAS with every 5th point (and
+    the first) flagged withheld, and the same scene less those points."""
+    laspy = pytest.importorskip("laspy")
+    scene = generated.outdoor_scene(seed=5, beams=16, azimuth_steps=256)
+    withheld = np.zeros(len(scene), bool)
+    withheld[::5] = True
+    cloud, kept = tmp_path / "withheld.las", tmp_path / "kept.las"
+    _scene_las(cloud, scene, np.ones(len(scene), bool))
+    las = laspy.read(cloud)
+    las.withheld = withheld.astype(np.uint8)
+    las.write(cloud)
+    _scene_las(kept, scene, ~withheld)
+    return cloud, kept, withheld
+
+
+def test_predict_and_eval_leave_out_withheld_las_points(tmp_path, capsys):
+    """LAS points flagged withheld (to be treated as deleted) were run through the network with the others,
+    shaping their neighbours' predictions, and scored by eval. They are left out now: predict runs the
+    other points and still writes one row per point of the file, -1 (.npy) or raw id 0, unlabeled (.label)
+    for a withheld one, as --skip-nonfinite does for points without a position; eval scores the cloud as the
+    same file without them."""
+    ckpt = _checkpoint(tmp_path / "m.pt")
+    model = load_model(ckpt).eval()
+    cloud, kept, withheld = _withheld_las(tmp_path)
+    out = tmp_path / "pred"
+    assert cli.main(["predict", "--checkpoint", str(ckpt), "--data", str(cloud), "--out", str(out),
+                     "--no-progress"]) == 0
+    got = np.load(out / "withheld.npy")
+    assert got.shape == (len(withheld),) and (got[withheld] == -1).all()
+    assert np.array_equal(got[~withheld], _expected(model, kept, 0.5))  # as the kept points alone
+    label = tmp_path / "label"
+    assert cli.main(["predict", "--checkpoint", str(ckpt), "--data", str(cloud), "--out", str(label),
+                     "--format", "label", "--label-map", str(_generated_map(tmp_path)), "--no-progress"]) == 0
+    raw = np.fromfile(label / "withheld.label", dtype="<u4")
+    assert raw.shape == (len(withheld),) and (raw[withheld] == 0).all() and (raw[~withheld] > 0).all()
+    cms = []
+    for data in (cloud, kept):
+        ev = tmp_path / f"ev-{data.stem}"
+        assert cli.main(["eval", "--checkpoint", str(ckpt), "--no-progress", "--data", str(data), "--out",
+                         str(ev)]) == 0, capsys.readouterr().err
+        cms.append(json.loads((ev / "eval-metrics.json").read_text())["confusion"])
+    assert cms[0] == cms[1] and np.asarray(cms[0]).sum() == (~withheld).sum()
+
 def test_eval_of_clouds_without_points_says_so(tmp_path, capsys):
     """eval of clouds that hold no point at all (an empty .npz) refused them as clouds "every point's label
     is the ignore index", pointing at --ignore-index and the label map, which play no part: the refusal now

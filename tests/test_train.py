@@ -166,7 +166,9 @@ def test_train_on_clouds_that_hold_no_points_says_so(tmp_path, capsys):
     return), or on empty clouds, trained an untrained model's epochs on nothing, without a word (eval refuses
     such clouds: "the clouds hold no points"); a cloud --skip-nonfinite left empty among others passed
     silently. Training clouds that hold no point at all are now refused before any training, naming
-    --skip-nonfinite where it left the points out, and a cloud it left empty among others gets a note."""
+    --skip-nonfinite and LAS's withheld flag where points were left out, and a cloud left empty among others
+    gets a note (a LAS file whose every point is flagged withheld, which the reader leaves out, is refused
+    as such)."""
     rng = np.random.default_rng(0)
     xyz = rng.uniform(0, 8, (400, 3)).astype(np.float32)
     labels = rng.integers(0, 3, 400)
@@ -177,8 +179,15 @@ def test_train_on_clouds_that_hold_no_points_says_so(tmp_path, capsys):
     label_map.write_text(json.dumps({"classes": list("abc"), "map": {"0": 0, "1": 1, "2": 2}}))
     common = ["--val-data", str(tmp_path / "val.npz"), "--label-map", str(label_map), "--epochs", "1", "--cr",
               "0.125", "--blocks", "1", "--voxel-size", "0.5", "--batch-size", "1", "--no-progress"]
-    for data, more, words in ((["nan.npz"], ["--skip-nonfinite"], "--data: the training clouds hold no points: "
-                               "--skip-nonfinite left out every one (their positions are NaN or inf)"),
+    laspy = pytest.importorskip("laspy")
+    las = laspy.LasData(laspy.LasHeader(point_format=6, version="1.4"))
+    las.x, las.y, las.z = (xyz[:, a].astype(np.float64) for a in range(3))
+    las.classification = labels.astype(np.uint8)
+    las.withheld = np.ones(400, np.uint8)  # (every point flagged withheld: all left out)
+    las.write(tmp_path / "withheld.las")
+    left_out = ("--data: the training clouds hold no points: every one was left out (--skip-nonfinite: positions "
+                "NaN or inf; LAS files: points flagged withheld)")
+    for data, more, words in ((["nan.npz"], ["--skip-nonfinite"], left_out), (["withheld.las"], [], left_out),
                               (["empty.npz"], [], "--data: the training clouds hold no points: nothing to train on"),
                               (["empty.npz", "nan.npz"], ["--skip-nonfinite"], "the training clouds hold no points")):
         out = tmp_path / f"no-{len(data)}-{len(more)}"
@@ -191,7 +200,7 @@ def test_train_on_clouds_that_hold_no_points_says_so(tmp_path, capsys):
     assert cli.main(["train", "--data", str(tmp_path / "val.npz"), str(tmp_path / "nan.npz"), *common,
                      "--skip-nonfinite", "--out", str(out)]) == 0
     err = capsys.readouterr().err
-    assert "note: --skip-nonfinite left no point of 1 of the 2 --data clouds" in err and "nan.npz" in err, err
+    assert "note: every point was left out of 1 of the 2 --data clouds" in err and "nan.npz" in err, err
 
 
 def test_validation_labels_are_checked_in_a_distributed_run(tmp_path, monkeypatch):

@@ -32,7 +32,9 @@ that another run (train, eval, predict) holds.
 A cloud whose positions hold NaN or inf (an organised cloud's points without a
 return) is refused, unless ``--skip-nonfinite``: its finite points are run and
 the others written as -1 (``.npy``) or raw id 0, unlabeled (``.label``, ``.labels``), so
-the output keeps one row per point of the file, in its order.
+the output keeps one row per point of the file, in its order. LAS points flagged
+withheld (the spec's "deleted") are left out so too, without the flag: the network
+never sees them and their rows hold -1 or raw id 0.
 
 The files' own labels, where they have any, play no part (they are not read)."""
 
@@ -302,7 +304,7 @@ def _predict_all(args, model, config: dict, paths: list[Path], targets: list[Pat
                 written = pred.astype(np.int32)
             else:
                 written = ids[pred].astype("<u4")
-            if sample.kept is not None:  # (--skip-nonfinite: a row for every point of the file, in its order)
+            if sample.kept is not None:  # (--skip-nonfinite, LAS withheld points: a row for every point of the file)
                 full = np.full(len(sample.kept), -1 if args.format == "npy" else 0, written.dtype)
                 full[sample.kept] = written
                 written = full

@@ -378,18 +378,19 @@ def require_labels(source, flag: str, dist: Dist | None = None) -> None:
 
 def require_points(source, flag: str, dist: Dist | None = None) -> None:
     """``ValueError`` where the training clouds ``source`` hold no point at
-    all (empty files, or clouds whose every position ``--skip-nonfinite``
-    left out: the epochs trained on nothing, without a word); a note on
-    stderr naming those ``--skip-nonfinite`` left empty among others."""
+    all (empty files, or clouds whose every point was left out: positions
+    NaN or inf under ``--skip-nonfinite``, LAS points flagged withheld; the
+    epochs trained on nothing, without a word); a note on stderr naming
+    those left empty among others."""
     emptied = [s.name for s in source if not len(s) and s.kept is not None and len(s.kept)]
+    why = "--skip-nonfinite: positions NaN or inf; LAS files: points flagged withheld"
     if not any(len(s) for s in source):
-        why = ("--skip-nonfinite left out every one (their positions are NaN or inf)" if emptied
-               else "nothing to train on")
-        raise ValueError(f"{flag}: the training clouds hold no points: {why}")
+        raise ValueError(f"{flag}: the training clouds hold no points: "
+                         f"{f'every one was left out ({why})' if emptied else 'nothing to train on'}")
     if emptied and (dist is None or dist.main):
         shown = ", ".join(emptied[:3]) + (f" and {len(emptied) - 3} more" if len(emptied) > 3 else "")
-        print(f"note: --skip-nonfinite left no point of {len(emptied)} of the {len(source)} {flag} clouds (every "
-              f"position NaN or inf): {shown}", file=sys.stderr)
+        print(f"note: every point was left out of {len(emptied)} of the {len(source)} {flag} clouds ({why}): "
+              f"{shown}", file=sys.stderr)
 
 
 def open_training_data(args, dist: Dist | None = None):

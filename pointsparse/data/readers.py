@@ -388,8 +388,8 @@ def _names_the_file(reader):
     ``labels_path``; not looked for with ``labels=False``), its message
     naming the argument and the cloud. The arguments pass through as given
     (the path is the reader's first parameter, by position or by its name,
-    e.g. ``scan_path=``). ``ignore_index`` is checked here (TypeError/
-    ValueError naming it), and the
+    e.g. ``scan_path=``). ``ignore_index`` and ``withheld`` are checked
+    here (TypeError/ValueError naming them), and the
     ``label_map`` argument is loaded first, outside the wrapping, so its
     errors name the label map's file, not the cloud's."""
     signature = inspect.signature(reader)
@@ -416,6 +416,9 @@ def _names_the_file(reader):
                 raise FileNotFoundError(f"{given}: no such file ({argument} of {path})")
         if "ignore_index" in bound.arguments:
             bound.arguments["ignore_index"] = _ignore_index(bound.arguments["ignore_index"])
+        if not isinstance(bound.arguments.get("withheld", False), (bool, np.bool_)):  # (read_las's; "no" was true)
+            raise TypeError(f"withheld must be a bool (True: read the points flagged withheld too); got "
+                            f"{bound.arguments['withheld']!r}")
         if bound.arguments.get("label_map") is not None:
             bound.arguments["label_map"] = load_label_map(bound.arguments["label_map"])
         try:
@@ -805,7 +808,8 @@ def _check_las_header(path: Path) -> bool:
 
 
 @_names_the_file
-def read_las(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, *, labels: bool = True) -> Sample:
+def read_las(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, *, labels: bool = True,
+             withheld: bool = False) -> Sample:
     """A LAS/LAZ file through laspy (``pip install laspy``, plus ``lazrs`` for
     LAZ). Positions are taken relative to the points' minimum (real tiles
     have large absolute coordinates, and the header's minimum is not always
@@ -814,7 +818,15 @@ def read_las(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, *, labels
     ``classification`` (none with ``labels=False``). The public header is
     checked against the file size first: in an uncompressed file a point
     count above or below the whole records there is a ValueError naming
-    both."""
+    both.
+
+    Points flagged withheld (the LAS spec: not to be included in
+    processing, as if deleted) are left out, as
+    :func:`~pointsparse.data.sample.nonfinite_rows_dropped` leaves points
+    out: the sample's ``kept`` records the file's rows it holds (None where
+    none is withheld; ``predict`` writes -1 / raw id 0 in the others), and
+    the positions' minimum and the intensity's scale are the kept points'.
+    ``withheld=True`` reads them with the others."""
     try:
         import laspy
     except ImportError:
@@ -827,25 +839,30 @@ def read_las(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, *, labels
             raise ValueError(f"{path}: cannot read this compressed (LAZ) point data: reading LAZ needs lazrs or "
                              f"laszip (pip install lazrs) ({exc})") from None
         raise ValueError(f"{path}: laspy cannot read this file ({type(exc).__name__}: {str(exc)[:300]})") from None
+    names = set(las.point_format.dimension_names)
+    keep = None  # (the withheld flag: bit 7 of the classification byte in formats 0-5, a flag bit in 6-10)
+    if not withheld and "withheld" in names:
+        flagged = np.asarray(las.withheld).astype(bool)
+        keep = ~flagged if flagged.any() else None
+    pick = (lambda values: np.asarray(values)) if keep is None else (lambda values: np.asarray(values)[keep])
     # Relative to the points' own minimum, not the header's (which a writer may leave at 0: positions of
     # 6.8e6 m then lost a decimetre as float32): the integer records less their minimum, times the scale. The
     # header's offsets cancel there, so they play no part (a NaN offset made every point NaN, one of 1e300
     # swamped the records in float64: every x 0).
-    records = np.stack([np.asarray(las.X), np.asarray(las.Y), np.asarray(las.Z)], 1).astype(np.int64)
+    records = np.stack([pick(las.X), pick(las.Y), pick(las.Z)], 1).astype(np.int64)
     scales = np.asarray(las.header.scales, dtype=np.float64)
     xyz64 = (records - records.min(0)) * scales if len(records) else np.zeros((0, 3))
     if len(xyz64) and xyz64.max() > _FLOAT32_MAX:
         raise ValueError(f"{path}: the LAS scale factors {scales.tolist()} put the points' extent at "
                          f"{(xyz64.max(0)).tolist()} m, past float32 (a corrupt header)")
     xyz = xyz64.astype(np.float32)
-    names = set(las.point_format.dimension_names)
-    intensity = _scale_intensity(np.asarray(las.intensity), f"{path} intensity") if "intensity" in names else None
+    intensity = _scale_intensity(pick(las.intensity), f"{path} intensity") if "intensity" in names else None
     rgb = None
     if {"red", "green", "blue"} <= names:
-        rgb = _scale_rgb(np.stack([np.asarray(las.red), np.asarray(las.green), np.asarray(las.blue)], 1), str(path))
-    raw = np.asarray(las.classification) if labels and "classification" in names else None
+        rgb = _scale_rgb(np.stack([pick(las.red), pick(las.green), pick(las.blue)], 1), str(path))
+    raw = pick(las.classification) if labels and "classification" in names else None
     return Sample(xyz, _labels(raw, load_label_map(label_map) if label_map else None, ignore_index),
-                  intensity, rgb, name=str(path))
+                  intensity, rgb, name=str(path), kept=keep)
 
 
 _HEADER_LIMIT = 1 << 20  # bytes searched for the end of a PLY/PCD text header

@@ -64,7 +64,8 @@ class Sample:
         name: where the sample came from (file name or generator and seed).
         kept: bool ``(N_read,)``: the rows read that the sample holds, where
             it was made inside :func:`nonfinite_rows_dropped` and dropped
-            some (or is :meth:`subset` of one, in order, or ``augment``'s);
+            some, or read by ``read_las`` from a file with points flagged
+            withheld (or is :meth:`subset` of one, in order, or ``augment``'s);
             else None (every row). Given, it holds one True entry per point
             (a TypeError / ValueError naming it otherwise: pass None with
             ``dataclasses.replace(sample, xyz=other)``); given inside
