@@ -301,8 +301,13 @@ def reuse_freed_memory(on: bool = True, max_bytes: int = 1 << 30) -> bool:
 
 
 #: Outputs of at least this many bytes come from the output pool
-#: (``cpp/runtime/pool.h``: kPoolMinBytes); smaller ones from torch.
-POOL_MIN_BYTES = 1 << 20
+#: (``cpp/runtime/pool.h``); smaller ones from torch. 32 MiB: glibc's largest
+#: mmap threshold, above which every allocation is fresh pages; below it glibc
+#: keeps freed blocks in its heap after the first (its threshold rises to
+#: them), and with outputs of many sizes its heap served them better than the
+#: pool's blocks of one size each (the north star's bf16 model 0.95x with the
+#: pool from 1 MiB, bench/RESULTS.md "Stop 59").
+POOL_MIN_BYTES = 32 << 20
 # numpy's type for each dtype the pool serves (16-bit floats as int16, viewed back).
 _POOL_TYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.bfloat16: np.int16,
                torch.float16: np.int16}
@@ -328,7 +333,7 @@ def new_output(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
 
 def output_pool(max_bytes: int | None = None) -> dict:
     """The engine's pool of output memory: the convolutions' outputs (and
-    input gradients) of at least 1 MiB come from blocks that earlier
+    input gradients) of at least 32 MiB come from blocks that earlier
     outputs freed, so that a repeated call finds its pages mapped instead of
     faulting in and zeroing fresh ones (a 91k x 128 float32 output: some 10 ms
     on a 2-core Xeon, more than a pruned conv's kernels; bench/RESULTS.md

@@ -1,6 +1,7 @@
 """The engine's pool of output memory (``pointsparse.output_pool``,
-``cpp/runtime/pool.h``): conv outputs and input gradients of at least 1 MiB
-come from blocks that earlier outputs freed. The values must not depend on
+``cpp/runtime/pool.h``): conv outputs and input gradients of at least
+``_ext.POOL_MIN_BYTES`` (32 MiB) come from blocks that earlier outputs freed;
+the tests lower that to 1 MiB to keep their clouds small. The values must not depend on
 where the memory came from, a block must never serve two live tensors, and
 the pool must keep no more than its limit."""
 
@@ -18,14 +19,30 @@ import pointsparse as ps
 from pointsparse import _ext
 from reference import conv_sum, random_coords
 
-ROWS_C = 64  # 4,000+ rows x 64 float32 channels: over the pool's 1 MiB
+ROWS_C = 64  # 4,000+ rows x 64 float32 channels: over the tests' 1 MiB
+SMALL = 1 << 20  # the tests' POOL_MIN_BYTES
 
 
 @pytest.fixture(autouse=True)
-def _pool_restored():
+def _pool_restored(monkeypatch):
+    monkeypatch.setattr(_ext, "POOL_MIN_BYTES", SMALL)
     before = ps.output_pool()["max_bytes"]
     yield
     ps.output_pool(before)
+
+
+def test_by_default_only_outputs_over_glibcs_largest_mmap_threshold_are_pooled(monkeypatch):
+    monkeypatch.undo()
+    assert _ext.POOL_MIN_BYTES == 32 << 20
+    x, m = cloud(), conv()  # a 1-2 MiB output: glibc's heap keeps such blocks itself
+    before = ps.output_pool()
+    with torch.no_grad():
+        m(x)
+    after = ps.output_pool()
+    assert (after["hits"], after["misses"]) == (before["hits"], before["misses"])
+    out = _ext.new_output(((32 << 20) // 4,), torch.float32)  # one at the threshold
+    assert ps.output_pool()["hits"] + ps.output_pool()["misses"] == before["hits"] + before["misses"] + 1
+    del out
 
 
 def cloud(c=ROWS_C, seed=0, dtype=torch.float32):
@@ -219,6 +236,7 @@ def test_a_forked_child_takes_and_gives_blocks():
 
     code = (
         "import os, signal, torch, pointsparse as ps\n"
+        "ps._ext.POOL_MIN_BYTES = 1 << 20\n"
         "torch.manual_seed(0)\n"
         "coords = torch.unique(torch.cat([torch.zeros(6000, 1, dtype=torch.int32),\n"
         "    torch.randint(0, 24, (6000, 3), dtype=torch.int32)], 1), dim=0)\n"

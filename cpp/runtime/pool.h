@@ -15,8 +15,8 @@
 namespace ps {
 namespace runtime {
 
-// Requests below this many bytes are not pooled (malloc serves them well).
-constexpr std::size_t kPoolMinBytes = std::size_t(1) << 20;
+// Which outputs come from here is the Python side's choice
+// (pointsparse._ext.POOL_MIN_BYTES: those over glibc's largest mmap threshold).
 // A kept block serves a request of at least size - size / kPoolSlack bytes.
 constexpr std::size_t kPoolSlack = 8;
 
