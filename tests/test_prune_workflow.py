@@ -734,19 +734,12 @@ def test_prune_voxels_learned_score_fine_tunes_and_predicts(voxel_run, tmp_path,
 
 
 def test_prune_voxels_refusals_name_the_file_the_stages_and_the_flags(voxel_run, tmp_path, capsys, monkeypatch):
-    """``prune voxels`` refuses, exit 2 and nothing written: a model without
-    MinkUNet's decoder stages (``fuse``) naming the file, stages out of
-    range naming the range, layers of the same placement already at a stage
-    (a VoxelPrune on a skipped stage's input is another place: taken),
-    and a --ratio out of (0, 1]."""
-    from pointsparse.data import NUM_FEATURES, OUTDOOR_CLASSES
-    from pointsparse.models import SPVCNN
-
+    """``prune voxels`` refuses, exit 2 and nothing written: stages out of
+    range naming the range (an SPVCNN's stages: test_prune_spvcnn.py),
+    layers of the same placement already at a stage (a VoxelPrune on a
+    skipped stage's input is another place: taken), and a --ratio out of
+    (0, 1]."""
     monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
-    spvcnn = tmp_path / "spvcnn.pt"
-    checkpoint.save(spvcnn, {"model": SPVCNN(NUM_FEATURES, len(OUTDOOR_CLASSES), cr=0.125, blocks=1).state_dict(),
-                             "config": {"in_channels": NUM_FEATURES, "classes": list(OUTDOOR_CLASSES), "cr": 0.125,
-                                        "blocks": 1, "voxel_size": 0.5, "model": "spvcnn"}})
     skipped = tmp_path / "skipped"
     assert cli.main(["prune", "voxels", "--checkpoint", str(voxel_run), "--stages", "1", "--out", str(skipped)]) == 0
     pruned = tmp_path / "pruned"
@@ -762,7 +755,6 @@ def test_prune_voxels_refusals_name_the_file_the_stages_and_the_flags(voxel_run,
     capsys.readouterr()
     never = tmp_path / "never"
     for source, argv, words in [
-        (spvcnn, [], f"{spvcnn}: its model (SPVCNN) has no decoder stages fuse[j]"),
         (voxel_run, ["--stages", "4"], "--stages 4: the model's decoder stages are 0..3"),
         (voxel_run, ["--stages", "0", "-1"], "--stages -1: the model's decoder stages are 0..3"),
         (voxel_run, ["--placement", "prune", "--stages", "3"], "--stages 3: --placement prune takes stages 0..2"),

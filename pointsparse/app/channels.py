@@ -9,8 +9,8 @@ masks, which fine-tuning keeps. ``pointsparse prune offsets``: the same with
 whole kernel offsets of every conv whose windows overlap (the engine leaves
 a zero offset's pairs out; on AMX CPUs the bf16 tiles run the kept ones).
 ``pointsparse prune voxels``: spatial pruning, VoxelSkip around the convs
-of every residual block of a MinkUNet's decoder stages (or VoxelPrune on
-their input), recorded in the checkpoint's config."""
+of every residual block of a MinkUNet's decoder stages (an SPVCNN's voxel
+U-Net's; or VoxelPrune on their input), recorded in the checkpoint's config."""
 
 from __future__ import annotations
 
@@ -65,8 +65,10 @@ def add_arguments(parser) -> None:
                              "block of the stages; the voxels it skips pass through the block's shortcut) or prune "
                              "(VoxelPrune on the stages' input: the voxels it drops leave the stage)")
     parser.add_argument("--stages", type=int, nargs="+", default=None, metavar="J",
-                        help="voxels: the decoder stages fuse[J] (0: stride 8 .. 3: stride 1) to prune; default "
-                             "0 1 2 (bench/voxel_prune.py's); prune takes 0 1 2 (stage 3 feeds the classifier)")
+                        help="voxels: the decoder stages fuse[J] (SPVCNN's unet.fuse[J]; 0: stride 8 .. 3: stride 1) "
+                             "to prune; default 0 1 2 (bench/voxel_prune.py's); prune takes 0 1 2 (stage 3 feeds the "
+                             "classifier), of an SPVCNN 0 2 3 (default 0 2: its points are averaged into stage 1's "
+                             "voxels, every point into its own)")
     parser.add_argument("--score", choices=VoxelPrune.SCORES, default="magnitude",
                         help="voxels: what ranks the voxels: magnitude (feature norm, default) or learned (a "
                              "Linear(C, 1) score, untrained until --finetune-epochs trains it with the weights)")
@@ -271,15 +273,19 @@ def _check_kept_offsets(model, convs, amount: float) -> None:
 
 def prune_voxels_checkpoint(path, out, keep_ratio: float = 0.5, placement: str = "skip", stages=None,
                             score: str = "magnitude") -> Path:
-    """Write ``out/checkpoint.pt``: the checkpoint's MinkUNet (dense or
-    pruned) with, in each decoder stage ``model.fuse[j]`` of ``stages``
-    (default every stage but the last, stride 1), a
+    """Write ``out/checkpoint.pt``: the checkpoint's MinkUNet or SPVCNN
+    (dense or pruned) with, in each decoder stage ``model.fuse[j]`` (an
+    SPVCNN's ``model.unet.fuse[j]``) of ``stages`` (default every stage but
+    the last, stride 1; an SPVCNN's with ``"prune"``, 0 and 2), a
     :class:`~pointsparse.nn.VoxelSkip` of ``keep_ratio`` and ``score``
     around the convs (``main``) of every residual block (``placement=
     "skip"``) or a :class:`~pointsparse.nn.VoxelPrune` on the stage's input
-    (``"prune"``, :func:`pointsparse.models.add_voxel_prune`; not the last
-    stage, whose dropped voxels would get no prediction), recorded in its
-    config (``voxel_skip`` / ``voxel_prune``), so that ``load_model``,
+    (``"prune"``, :func:`pointsparse.models.add_voxel_prune`; not a
+    MinkUNet's last stage, whose dropped voxels would get no prediction,
+    nor an SPVCNN's stage 1, into whose voxels it averages every point: its
+    last stage is taken, its points classified by the point branch, a
+    point whose voxel was dropped from the kept voxels around it), recorded
+    in its config (``voxel_skip`` / ``voxel_prune``), so that ``load_model``,
     ``eval``, ``predict``, ``export`` and ``train --resume`` build the model
     with them. A learned score's scorers are initialised from a fixed seed
     (the same file every run) and are in the fresh optimizer state. The
@@ -287,19 +293,39 @@ def prune_voxels_checkpoint(path, out, keep_ratio: float = 0.5, placement: str =
     return _prune_voxels(path, out, keep_ratio, placement, stages, score)[0]
 
 
+#: SPVCNN's decoder stage after which its points are averaged into the voxels (stride 4), every point into its own:
+#: a VoxelPrune on that stage's input would leave points without a voxel (``models.spvcnn.point_rows``).
+SPVCNN_POINTS_STAGE = 1
+
+
+def _decoder(model) -> tuple[str, torch.nn.ModuleList | None]:
+    """(the prefix of the modules' names, the decoder stages ``fuse``) of
+    ``model``: a MinkUNet's own, an SPVCNN's voxel U-Net's (``unet.``)."""
+    from ..models import SPVCNN
+    if isinstance(model, SPVCNN):
+        return "unet.", getattr(model.unet, "fuse", None)
+    return "", getattr(model, "fuse", None)
+
+
 def _voxel_stages(path, model, placement: str, stages) -> list[int]:
     """``stages`` checked against ``model``'s decoder stages (default all
-    but the last): ValueError naming a model without them (with the file),
-    a stage out of range (with the range), a stage given twice."""
-    fuse = getattr(model, "fuse", None)
+    but the last; an SPVCNN's with ``placement="prune"``, all but the last
+    and :data:`SPVCNN_POINTS_STAGE`): ValueError naming a model without
+    them (with the file), a stage out of range (with the range), a stage
+    given twice, a stage the placement cannot take (with why)."""
+    from ..models import SPVCNN
+    fuse = _decoder(model)[1]
     if not isinstance(fuse, torch.nn.ModuleList) or not fuse or not all(
             isinstance(stage, torch.nn.Sequential) and all(hasattr(block, "main") for block in stage)
             for stage in fuse):
         raise ValueError(f"{path}: its model ({type(model).__name__}) has no decoder stages fuse[j] of residual "
-                         "blocks (MinkUNet's) to put VoxelSkip or VoxelPrune in")
-    last = len(fuse) - 1 if placement == "skip" else len(fuse) - 2
+                         "blocks (MinkUNet's, SPVCNN's unet.fuse[j]) to put VoxelSkip or VoxelPrune in")
+    # (a point-level model classifies every point from the point branch: its last stage may drop voxels too)
+    points = isinstance(model, SPVCNN)
+    last = len(fuse) - 1 if placement == "skip" or points else len(fuse) - 2
+    refused = SPVCNN_POINTS_STAGE if placement == "prune" and points else None
     if stages is None:
-        return list(range(len(fuse) - 1))
+        return [j for j in range(len(fuse) - 1) if j != refused]
     if not isinstance(stages, (list, tuple)) or not stages or not all(
             isinstance(j, int) and not isinstance(j, bool) for j in stages):
         raise ValueError(f"stages (--stages) must be a non-empty list of decoder stage numbers; got {stages!r}")
@@ -310,6 +336,12 @@ def _voxel_stages(path, model, placement: str, stages) -> list[int]:
             raise ValueError(f"--stages {j}: --placement prune takes stages 0..{last} (stage {j} runs at stride 1 "
                              "into the classifier: the voxels dropped there would get no prediction); "
                              "--placement skip takes it")
+        if j == refused:
+            taken = ", ".join(str(i) for i in range(len(fuse)) if i != refused)
+            raise ValueError(f"--stages {j}: an SPVCNN averages its points into the voxels that decoder stage {j} "
+                             f"gives (stride {2 ** (len(fuse) - 1 - j)}), so every point needs its voxel there: "
+                             f"--placement prune takes stages {taken} of an SPVCNN; --placement skip (which keeps "
+                             f"every voxel) takes stage {j}")
     twice = [j for i, j in enumerate(stages) if j in stages[:i]]
     if twice:
         raise ValueError(f"--stages {' '.join(map(str, stages))}: stage {twice[0]} is given twice")
@@ -337,6 +369,7 @@ def _prune_voxels(path, out, keep_ratio: float, placement: str, stages, score: s
     state = load_state(path)
     model = checkpoint_model(state, path)
     stages = _voxel_stages(path, model, placement, stages)
+    prefix, fuse = _decoder(model)
     prunes = voxel_prunes(model)
 
     def channels(module) -> int | None:  # a learned scorer's: the input width of the module's first conv
@@ -345,13 +378,13 @@ def _prune_voxels(path, out, keep_ratio: float, placement: str, stages, score: s
     places = []
     for j in stages:
         if placement == "prune":
-            if f"fuse.{j}" in prunes:
-                raise ValueError(f"{path}: decoder stage {j} has a VoxelPrune on its input already (fuse.{j}, in its "
-                                 "config's voxel_prune)")
-            places.append(f"fuse.{j}")
+            if f"{prefix}fuse.{j}" in prunes:
+                raise ValueError(f"{path}: decoder stage {j} has a VoxelPrune on its input already ({prefix}fuse.{j}, "
+                                 "in its config's voxel_prune)")
+            places.append(f"{prefix}fuse.{j}")
             continue
-        for i, block in enumerate(model.fuse[j]):
-            name = f"fuse.{j}.{i}.main"
+        for i, block in enumerate(fuse[j]):
+            name = f"{prefix}fuse.{j}.{i}.main"
             if isinstance(block.main, VoxelSkip):
                 raise ValueError(f"{path}: decoder stage {j} has VoxelSkip already ({name}, in its config's "
                                  "voxel_skip)")

@@ -4,8 +4,8 @@ Procedures: sensitivity, schedule, lottery, init, rigl, amc, netadapt (each
 through its driver in :mod:`pointsparse.app.procedures`), channels (a
 trained checkpoint's every coupled group), vectors (a trained checkpoint's
 engine vectors, masked), offsets (its convs' kernel offsets, masked) and
-voxels (VoxelSkip or VoxelPrune in its MinkUNet's decoder stages), all four
-in :mod:`pointsparse.app.channels`.
+voxels (VoxelSkip or VoxelPrune in its MinkUNet's or SPVCNN's decoder
+stages), all four in :mod:`pointsparse.app.channels`.
 Tasks: ``--task digits`` (scikit-learn's bundled digits; ``--model
 mlp|cnn|deep``), ``--task scene`` (generated street scenes, a sparse-conv
 chain) or ``--checkpoint`` (a trained MinkUNet and its clouds). Each run
