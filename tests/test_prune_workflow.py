@@ -985,22 +985,6 @@ def test_a_procedure_on_a_checkpoint_pruning_voxels_at_stride_1(voxel_run, tmp_p
     task.train_fn(net, 1)  # (its steps' loss)
 
 
-def test_a_procedure_on_an_spvcnn_checkpoint_names_the_file(tmp_path):
-    """amc / netadapt / the task procedures take a MinkUNet run: an SPVCNN
-    checkpoint was refused without naming the file given."""
-    from pointsparse.app.tasks import checkpoint_task
-    from pointsparse.data import NUM_FEATURES, OUTDOOR_CLASSES
-    from pointsparse.models import SPVCNN
-
-    path = tmp_path / "spvcnn.pt"
-    checkpoint.save(path, {"model": SPVCNN(NUM_FEATURES, len(OUTDOOR_CLASSES), cr=0.125, blocks=1).state_dict(),
-                           "config": {"in_channels": NUM_FEATURES, "classes": list(OUTDOOR_CLASSES), "cr": 0.125,
-                                      "blocks": 1, "voxel_size": 0.5, "model": "spvcnn"}})
-    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: the procedures' --checkpoint takes a MinkUNet "
-                                         r"run; this is a spvcnn run \(SPVCNN: use prune channels\)"):
-        checkpoint_task(path)
-
-
 @pytest.mark.parametrize("recorded", [True, False])
 def test_a_checkpoint_task_makes_fresh_models_of_its_widths(voxel_run, tmp_path, recorded):
     """The procedures' task on a checkpoint: its ``make_model(seed)``

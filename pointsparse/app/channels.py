@@ -32,8 +32,8 @@ PLACEMENTS = ("skip", "prune")
 def add_arguments(parser) -> None:
     parser.add_argument("--checkpoint", type=Path,
                         help="a checkpoint written by pointsparse train: channels, vectors, offsets, voxels prune it; "
-                             "sensitivity, schedule, lottery, init, rigl, amc, netadapt run on its MinkUNet and its "
-                             "run's clouds (all but sensitivity write the pruned checkpoint in --out)")
+                             "sensitivity, schedule, lottery, init, rigl, amc, netadapt run on its MinkUNet or SPVCNN "
+                             "and its run's clouds (all but sensitivity write the pruned checkpoint in --out)")
     parser.add_argument("--data", nargs="+", default=None, metavar="SOURCE",
                         help="with --checkpoint, clouds (default: the run's data) for channels' example input and "
                              "criterion, and for the task of sensitivity, schedule, lottery, init, rigl, amc, "

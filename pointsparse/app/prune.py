@@ -8,12 +8,13 @@ voxels (VoxelSkip or VoxelPrune in its MinkUNet's or SPVCNN's decoder
 stages), all four in :mod:`pointsparse.app.channels`.
 Tasks: ``--task digits`` (scikit-learn's bundled digits; ``--model
 mlp|cnn|deep``), ``--task scene`` (generated street scenes, a sparse-conv
-chain) or ``--checkpoint`` (a trained MinkUNet and its clouds). Each run
-starts from the task's model (seeded; on a checkpoint its trained model,
-from which lottery, init and rigl start too, while the lottery's random
-re-init control is a fresh model of its widths), trains it first (but
-lottery, init and rigl, which train it themselves), then runs the procedure
-and prints what it found; ``--quick`` shortens everything.
+chain) or ``--checkpoint`` (a trained MinkUNet or SPVCNN and its clouds:
+an SPVCNN's scored on its points). Each run starts from the task's model
+(seeded; on a checkpoint its trained model, from which lottery, init and
+rigl start too, while the lottery's random re-init control is a fresh model
+of its widths), trains it first (but lottery, init and rigl, which train it
+themselves), then runs the procedure and prints what it found; ``--quick``
+shortens everything.
 
 On a ``--checkpoint`` every procedure but sensitivity writes the model it
 pruned as ``--out/checkpoint.pt`` (:func:`.channels.save_pruned`: the run's
@@ -201,8 +202,8 @@ def check_read(args) -> None:
     if checkpoint is not None:
         flags = _given(args, "task", "model")
         if flags:
-            raise ValueError(f"{', '.join(flags)}: --checkpoint runs `prune {procedure}` on its trained MinkUNet "
-                             "and its run's clouds (or --data), so the task would be ignored: drop "
+            raise ValueError(f"{', '.join(flags)}: --checkpoint runs `prune {procedure}` on its trained model "
+                             "(MinkUNet or SPVCNN) and its run's clouds (or --data), so the task would be ignored: drop "
                              f"{'it' if len(flags) == 1 else 'them'}, or drop --checkpoint")
         if procedure == "amc" and args.reconstruct:
             raise ValueError("--reconstruct: amc on a --checkpoint cuts every coupled channel group, without the "

@@ -8,7 +8,7 @@ training batch and its loss, an example input).
   lottery-ticket LeNet), ``cnn`` (3 conv + BN) and ``deep`` (6 conv + BN).
 - ``scene``: generated street scenes voxelised to sparse tensors, a chain of
   ``pointsparse.nn.Conv3d`` + BatchNorm (``sparse``), metric mIoU.
-- ``checkpoint_task``: a trained MinkUNet checkpoint and the user's clouds.
+- ``checkpoint_task``: a trained MinkUNet or SPVCNN checkpoint and the user's clouds.
 
 Every ``train_fn`` runs SGD steps through :class:`~pointsparse.app.trainer.Trainer`.
 """
@@ -271,22 +271,22 @@ def require_labelled(batches, ignore_index: int, what: str, data=None, num_class
 
 def checkpoint_task(path, data=None, label_map=None, clouds: int = 4,
                     skip_nonfinite: bool = False) -> tuple[dict, Task]:
-    """(the checkpoint's state, a :class:`Task` on its trained MinkUNet and
-    the user's clouds: the first ``clouds - 1`` train, the last validates;
-    metric voxel mIoU), so that AMC, NetAdapt and the other procedures run on
-    a real model and real data; ``skip_nonfinite``: as
-    :func:`checkpoint_batches`'. Its ``trained_model()`` is the checkpoint's
-    model, its ``make_model(seed)`` a fresh one of the same architecture and
-    widths (:func:`fresh_model`)."""
+    """(the checkpoint's state, a :class:`Task` on its trained MinkUNet or
+    SPVCNN and the user's clouds: the first ``clouds - 1`` train, the last
+    validates; metric mIoU, of the voxels for a MinkUNet, of the points for
+    an SPVCNN), so that AMC, NetAdapt and the other procedures run on a real
+    model and real data; ``skip_nonfinite``: as :func:`checkpoint_batches`'.
+    An SPVCNN's inputs are the tuples ``(voxels, inverse, points,
+    point_batch)`` (its example input too; ``train_fn`` and the procedures
+    call ``model(*inputs)``), its targets the points' labels. Its
+    ``trained_model()`` is the checkpoint's model, its ``make_model(seed)``
+    a fresh one of the same architecture and widths (:func:`fresh_model`)."""
     from .evaluate import checkpoint_model
-    from .scoring import kept_labels, voxel_classes
+    from .scoring import kept_labels, point_level, voxel_classes
     from .train import load_checkpoint
     state = load_checkpoint(path)
-    model = str(state["config"].get("model", "minkunet"))
-    if model.lower() != "minkunet":
-        raise ValueError(f"{path}: the procedures' --checkpoint takes a MinkUNet run; this is a {model} run "
-                         "(SPVCNN: use prune channels)")
-    checkpoint_model(state, path)  # a config or weights that make no model: refused now, before any data or --out
+    # (a config or weights that make no model: refused now, before any data or --out)
+    points = point_level(checkpoint_model(state, path))
     batches = checkpoint_batches(state, data, label_map, clouds, skip_nonfinite)
     train, val = batches[:-1] or batches, batches[-1]
     ignore = state["config"].get("ignore_index", 255)
@@ -300,21 +300,30 @@ def checkpoint_task(path, data=None, label_map=None, clouds: int = 4,
     def make_model(seed=0):  # (the lottery's random re-init control, ...: not the trained weights)
         return fresh_model(state, seed)
 
+    def inputs(batch):  # (SPVCNN: model(*inputs))
+        return (batch.input, batch.inverse, batch.points, batch.point_batch) if points else batch.input
+
     def batch_fn():
         cursor["i"] = (cursor["i"] + 1) % len(train)
-        return train[cursor["i"]].input, train[cursor["i"]].labels
+        batch = train[cursor["i"]]
+        return inputs(batch), batch.point_labels if points else batch.labels
 
     def loss_fn(out, labels):  # (a model pruning voxels at stride 1: its kept voxels' logits, against their labels)
+        if points:  # (SPVCNN: logits of every point)
+            return nn.functional.cross_entropy(out, labels, ignore_index=ignore)
         return nn.functional.cross_entropy(out.feats, kept_labels(out, labels), ignore_index=ignore)
 
     def evaluate(model):
         with evaluating(model), torch.no_grad():
-            pred = voxel_classes(model(val.input), len(val.labels))  # (class 0 for a voxel pruned at stride 1)
-        return metrics.mean_iou(metrics.confusion_matrix(pred, val.labels, classes, ignore))
+            if points:
+                pred, labels = model(*inputs(val)).argmax(1), val.point_labels
+            else:  # (class 0 for a voxel pruned at stride 1)
+                pred, labels = voxel_classes(model(val.input), len(val.labels)), val.labels
+        return metrics.mean_iou(metrics.confusion_matrix(pred, labels, classes, ignore))
 
     lr = float(state.get("args", {}).get("lr", 0.05)) * 0.1
     return state, Task("checkpoint", make_model, _train_fn(batch_fn, loss_fn, lr), evaluate, evaluate, batch_fn,
-                       loss_fn, val.input, lr, 60, "mIoU", trained_model)
+                       loss_fn, inputs(val), lr, 60, "mIoU", trained_model)
 
 
 def fresh_model(state: dict, seed: int = 0) -> nn.Module:

@@ -5,7 +5,7 @@ removed) and SynFlow (Tanaka et al. 2020, data-free: iterative synaptic-flow
 scores ``|w * dR/dw|`` of ``R = 1' f_|w|(1)`` with an exponential schedule).
 
 ``batches`` is an iterable of ``(inputs, targets)``; ``loss_fn(model(inputs),
-targets)`` a scalar. Scores come back per layer name; :func:`prune_at_init`
+targets)`` a scalar (``model(*inputs)`` for a tuple of inputs: an SPVCNN's). Scores come back per layer name; :func:`prune_at_init`
 turns them into global masks through the core's ``global_unstructured``."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from . import _compat
 from ._copyable import copy_model
 from .adapters import apply_masks, get_mask, prunable_layers, raw, used_mask
 from .criteria import check_loss
-from .procedure import check_callable, check_fraction, check_real, global_magnitude_prune
+from .procedure import check_callable, check_fraction, check_real, global_magnitude_prune, run_model
 
 METHODS = ("snip", "grasp", "synflow")
 _LOSS = "loss_fn(model(inputs), targets)"  # how the errors name the user's loss
@@ -63,8 +63,11 @@ def snip_scores(model: nn.Module, batches: Iterable, loss_fn: Callable, layers=N
     check_callable(loss_fn, "loss_fn")
     chosen = prunable_layers(model, layers)
     _trainable(chosen, "SNIP")
-    scores = _compat.snip_criterion(model, lambda net, batch: check_loss(loss_fn(net(batch[0]), batch[1]), _LOSS),
-                                    _batches(batches), [(m, "weight") for _, m in chosen])
+
+    def loss(net, batch):
+        return check_loss(loss_fn(run_model(net, batch[0]), batch[1]), _LOSS)
+
+    scores = _compat.snip_criterion(model, loss, _batches(batches), [(m, "weight") for _, m in chosen])
     return {n: scores[(m, "weight")] for n, m in chosen}
 
 
@@ -86,17 +89,19 @@ def grasp_scores(model: nn.Module, batches: Iterable, loss_fn: Callable, layers=
         chosen = [(n, named[n]) for n, _ in chosen]
         batches = [(_float32(x), y) for x, y in batches]
     params = [raw(m) for _, m in chosen]
+
+    def scaled_loss(x, y):
+        return check_loss(loss_fn(_scale_output(run_model(model, x), 1.0 / temperature), y), _LOSS)
+
     g_total = [torch.zeros_like(p) for p in params]
     for x, y in batches:
-        g = torch.autograd.grad(check_loss(loss_fn(_scale_output(model(x), 1.0 / temperature), y), _LOSS), params,
-                                allow_unused=True)
+        g = torch.autograd.grad(scaled_loss(x, y), params, allow_unused=True)
         for acc, gi in zip(g_total, g):
             if gi is not None:
                 acc += gi
     hg = [torch.zeros_like(p) for p in params]
     for x, y in batches:
-        g = torch.autograd.grad(check_loss(loss_fn(_scale_output(model(x), 1.0 / temperature), y), _LOSS), params,
-                                create_graph=True, allow_unused=True)
+        g = torch.autograd.grad(scaled_loss(x, y), params, create_graph=True, allow_unused=True)
         z = sum((gi * gt).sum() for gi, gt in zip(g, g_total) if gi is not None)
         h = torch.autograd.grad(z, params, allow_unused=True)
         for acc, hi in zip(hg, h):
@@ -113,11 +118,21 @@ def _float32(x):
 
 
 def _ones_like_input(example_input):
+    """SynFlow's input: ``example_input`` with its features all ones, in
+    float64; a tuple (a model of several arguments, ``model(*inputs)``:
+    SPVCNN's ``(voxels, inverse, points, point_batch)``) with its first
+    element's features all ones and the others as they are (their floating
+    tensors, positions, widened to float64 with the network)."""
+    if isinstance(example_input, tuple) and example_input:
+        rest = tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                     for t in example_input[1:])
+        return (_ones_like_input(example_input[0]), *rest)
     if _is_sparse(example_input):
         x = example_input.double()
         return x.with_feats(torch.ones_like(x.feats))
     if not isinstance(example_input, torch.Tensor):
-        raise TypeError(f"example_input must be a torch.Tensor or SparseTensor; got {type(example_input).__name__}")
+        raise TypeError(f"example_input must be a torch.Tensor or SparseTensor (or a tuple of the model's arguments, "
+                        f"the first one such); got {type(example_input).__name__}")
     return torch.ones_like(example_input, dtype=torch.float64)
 
 
@@ -152,7 +167,7 @@ def synflow_scores(model: nn.Module, example_input, sparsity: float = 0.0, itera
         with torch.no_grad():
             for p, b, mk in zip(params, base, mask):
                 p.copy_(b * mk)
-        out = net(x)
+        out = run_model(net, x)
         r = (out.feats if _is_sparse(out) else out).sum()
         grads = torch.autograd.grad(r, params, allow_unused=True)
         scores = [(g if g is not None else torch.zeros_like(p)) * p.detach() for g, p in zip(grads, params)]

@@ -28,7 +28,7 @@ from . import adapters
 from ._copyable import copy_model
 from .._modes import evaluating
 from .adapters import in_channels, out_channels
-from .procedure import call_train, check_callable, check_int, check_lr, check_path, check_real, metric_value
+from .procedure import call_train, check_callable, check_int, check_lr, check_path, check_real, metric_value, run_model
 from .surgery import capture, chain_followers, channel_groups, keep_by_l1, prune_channels
 
 
@@ -46,10 +46,11 @@ def _best_time(fn: Callable, repeats: int, warmup: int = 1) -> float:
 
 
 def measure_latency(model: nn.Module, example_input, repeats: int = 7) -> float:
-    """Seconds of ``model(example_input)`` in eval mode without gradients
-    (the fastest of ``repeats``, as the table's entries)."""
+    """Seconds of ``model(example_input)`` (``model(*example_input)`` for a
+    tuple) in eval mode without gradients (the fastest of ``repeats``, as
+    the table's entries)."""
     with evaluating(model), torch.no_grad():
-        return _best_time(lambda: model(example_input), repeats)
+        return _best_time(lambda: run_model(model, example_input), repeats)
 
 
 def _placed_like(fresh: nn.Module, module: nn.Module) -> nn.Module:
