@@ -319,14 +319,15 @@ def new_output(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised CPU tensor for an engine output: from the output pool
     (memory freed by earlier outputs, so that a repeated call does not fault
     in fresh pages) where it is on and the output holds at least
-    :data:`POOL_MIN_BYTES`, else ``torch.empty``. Inside a torch.func
-    transform always ``torch.empty``."""
+    :data:`POOL_MIN_BYTES`, else ``torch.empty`` on the CPU (whatever torch's
+    default device: the core writes it). Inside a torch.func transform
+    always ``torch.empty``."""
     count = 1
     for n in shape:
         count *= int(n)
     kind = _POOL_TYPES.get(dtype)
     if not _pool_on or kind is None or count * dtype.itemsize < POOL_MIN_BYTES or in_transform():
-        return torch.empty(shape, dtype=dtype)
+        return torch.empty(shape, dtype=dtype, device="cpu")
     tensor = torch.from_numpy(core.pooled_empty([int(n) for n in shape], np.dtype(kind)))
     return tensor.view(dtype) if tensor.dtype != dtype else tensor
 

@@ -258,3 +258,41 @@ def test_a_forked_child_takes_and_gives_blocks():
     )
     proc = run_python(code)
     assert proc.returncode == 0 and "child 0" in proc.stdout, (proc.stdout, proc.stderr[-2000:])
+
+
+@pytest.mark.parametrize("c", [4, ROWS_C], ids=["unpooled", "pooled"])
+def test_outputs_stay_on_the_cpu_under_a_default_device(c):
+    """Engine outputs are CPU tensors whatever torch's default device (a
+    ``torch.device(...)`` context, ``torch.set_default_device``): outputs
+    under POOL_MIN_BYTES (by default every one under 32 MiB) came from
+    ``torch.empty`` on the default device (``meta`` here, CUDA in a GPU
+    script), which the core cannot write ('can't convert meta device type
+    tensor to numpy'); before the pool they came from ``feats.new_empty``,
+    on the feats' device."""
+    x, m = cloud(c=c, dtype=torch.float64), conv(c_in=c, c_out=c, dtype=torch.float64)
+    feats = x.feats.clone().requires_grad_()
+    want = m(x.with_feats(feats)).feats  # (the map built outside the context)
+    want.pow(2).sum().backward()
+    want_grad, feats.grad = feats.grad, None
+    before = ps.output_pool()["misses"] + ps.output_pool()["hits"]
+    with torch.device("meta"):
+        out = m(x.with_feats(feats)).feats
+        out.pow(2).sum().backward()
+    assert (ps.output_pool()["misses"] + ps.output_pool()["hits"] > before) == (c == ROWS_C)
+    assert out.device.type == "cpu" and torch.equal(out, want) and torch.equal(feats.grad, want_grad)
+
+
+@pytest.mark.skipif(not _ext.core.conv_bf16(), reason="the CPU has no AVX512-BF16")
+@pytest.mark.parametrize("c", [16, 2 * ROWS_C], ids=["unpooled", "pooled"])
+def test_bf16_outputs_stay_on_the_cpu_under_a_default_device(c):
+    """As above for the bf16 kernels' outputs (which came from ``torch.empty``
+    before the pool too)."""
+    x, m = cloud(c=c, dtype=torch.bfloat16), conv(c_in=c, c_out=c, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        want = m(x).feats
+        before = ps.output_pool()["misses"] + ps.output_pool()["hits"]
+        with torch.device("meta"):
+            out = m(x).feats
+    pooled = ps.output_pool()["misses"] + ps.output_pool()["hits"] > before
+    assert pooled == (c == 2 * ROWS_C)
+    assert out.device.type == "cpu" and torch.equal(out, want)
