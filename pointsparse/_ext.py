@@ -313,6 +313,9 @@ _POOL_TYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.bfloa
                torch.float16: np.int16}
 # Whether the pool keeps anything (output_pool(0) turns it off: outputs then come from torch).
 _pool_on = True
+# Held while the limit and _pool_on change together (two threads setting limits
+# at once could otherwise leave the pool off under a limit above 0).
+_pool_lock = threading.Lock()
 
 
 def new_output(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
@@ -345,7 +348,9 @@ def output_pool(max_bytes: int | None = None) -> dict:
     nothing, every output from torch again; None: unchanged). Returns the
     state after the change: ``max_bytes``, ``kept_bytes``, ``kept_blocks``,
     ``hits`` (outputs served by a kept block), ``misses`` (outputs that
-    allocated). Process-wide; thread-safe."""
+    allocated). Process-wide; thread-safe. A pooled output's storage cannot
+    grow (``resize_`` to more elements raises, as for any tensor made by
+    ``torch.from_numpy``), and torch's memory profiler does not count it."""
     global _pool_on
     if max_bytes is None:
         return dict(core.output_pool(-1))
@@ -353,9 +358,13 @@ def output_pool(max_bytes: int | None = None) -> dict:
 
     if isinstance(max_bytes, (bool, np.bool_)):
         raise TypeError(f"max_bytes must be an int (bytes) or None; got {max_bytes!r}")
-    max_bytes = as_int(max_bytes, "max_bytes", 0)
-    if max_bytes > 1 << 62:
-        raise ValueError(f"max_bytes must be an int in [0, 2**62]; got {max_bytes!r}")
-    state = dict(core.output_pool(max_bytes))
-    _pool_on = max_bytes > 0
+    try:
+        max_bytes = as_int(max_bytes, "max_bytes", 0)
+        if max_bytes > 1 << 62:
+            raise ValueError
+    except ValueError:  # (one message for either end of the range)
+        raise ValueError(f"max_bytes must be an int in [0, 2**62]; got {max_bytes!r}") from None
+    with _pool_lock:
+        state = dict(core.output_pool(max_bytes))
+        _pool_on = max_bytes > 0
     return state

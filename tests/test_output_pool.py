@@ -296,3 +296,24 @@ def test_bf16_outputs_stay_on_the_cpu_under_a_default_device(c):
     pooled = ps.output_pool()["misses"] + ps.output_pool()["hits"] > before
     assert pooled == (c == 2 * ROWS_C)
     assert out.device.type == "cpu" and torch.equal(out, want)
+
+
+def test_limits_set_from_threads_at_once_leave_the_pool_as_the_last_one_said():
+    def work(limit):
+        for _ in range(200):
+            ps.output_pool(limit)
+
+    threads = [threading.Thread(target=work, args=(limit,)) for limit in (0, 1 << 28, 0, 1 << 27)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    last = ps.output_pool(1 << 26)
+    assert last["max_bytes"] == 1 << 26 and _ext._pool_on
+    assert ps.output_pool(0)["max_bytes"] == 0 and not _ext._pool_on
+
+
+@pytest.mark.parametrize("bad", [-5, (1 << 62) + 1])
+def test_both_ends_of_the_range_say_the_range(bad):
+    with pytest.raises(ValueError, match=r"max_bytes must be an int in \[0, 2\*\*62\]"):
+        ps.output_pool(bad)
