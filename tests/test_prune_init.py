@@ -227,3 +227,32 @@ def test_grasp_of_a_half_precision_model_is_taken_in_float32(dtype):
     assert all(torch.equal(v, net.state_dict()[k]) and v.dtype == dtype for k, v in before.items())
     masks = init.prune_at_init(net, "grasp", 0.5, [(x, y)], lambda out, t: loss(out.float(), t))
     assert adapters.sparsity(net) == pytest.approx(0.5, abs=0.01) and masks["0"].shape == (16, 8)
+
+
+class _TwoInputs(nn.Module):
+    """A model of two arguments (as SPVCNN's ``model(*inputs)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 3), nn.Linear(4, 3)
+
+    def forward(self, x, z):
+        return self.a(x) + self.b(z)
+
+
+def test_grasp_of_a_half_precision_model_of_several_arguments_casts_every_argument():
+    """GraSP's float32 copy of a bfloat16 model cast a batch's input when it
+    was one tensor, but a tuple of inputs (a model of several arguments, as
+    SPVCNN's) went in as it was: its bfloat16 tensors then met the float32
+    copy's weights (a dtype error). Every floating argument is cast now: the
+    scores of the float32 model holding the same weights."""
+    torch.manual_seed(0)
+    net = _TwoInputs().to(torch.bfloat16)
+    wide = _TwoInputs()
+    wide.load_state_dict({k: v.float() for k, v in net.state_dict().items()})
+    x, z, y = torch.randn(32, 8).bfloat16(), torch.randn(32, 4).bfloat16(), torch.randint(0, 3, (32,))
+    got = init.grasp_scores(net, [((x, z), y)], lambda out, t: loss(out.float(), t))
+    want = init.grasp_scores(wide, [((x.float(), z.float()), y)], loss)
+    for name in ("a", "b"):
+        assert got[name].dtype == torch.float32
+        torch.testing.assert_close(got[name], want[name])

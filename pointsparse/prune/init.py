@@ -111,7 +111,11 @@ def grasp_scores(model: nn.Module, batches: Iterable, loss_fn: Callable, layers=
 
 
 def _float32(x):
-    """A floating tensor or SparseTensor ``x`` in float32; anything else as it is."""
+    """A floating tensor or SparseTensor ``x`` in float32, each element of a
+    tuple (a model of several arguments: SPVCNN's ``(voxels, inverse,
+    points, point_batch)``) alike; anything else as it is."""
+    if isinstance(x, tuple):
+        return tuple(_float32(v) for v in x)
     if _is_sparse(x) or (isinstance(x, torch.Tensor) and x.is_floating_point()):
         return x.float()
     return x
