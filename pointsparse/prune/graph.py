@@ -45,7 +45,7 @@ from ._copyable import copy_model, keep_copyable
 from .._modes import evaluating
 from ._trace import Segment, Spaces, Tag, Tracer, feats_of, feature_axis
 from ..tensor import as_bool, as_int, positive_int
-from .procedure import check_fraction
+from .procedure import check_fraction, run_model
 
 
 @dataclass(frozen=True)
@@ -149,10 +149,9 @@ class DependencyGraph:
                     lambda mod, inputs, kwargs, output, name=name: self._on_module(tracer, name, mod, inputs, output,
                                                                                    kwargs),
                     with_kwargs=True))
-        args = self.example_input if isinstance(self.example_input, tuple) else (self.example_input,)
         try:
             with evaluating(self.model), torch.no_grad(), tracer:
-                output = self.model(*args)
+                output = run_model(self.model, self.example_input)
             for t in tree_flatten(output)[0] + [feats_of(v) for v in tree_flatten(output)[0]]:
                 tracer.fix(tracer.tag_of(t), "network output")
         finally:

@@ -301,8 +301,9 @@ def _count_flops(model, modules, layers, example_input, pairs):
         handles.append(module.register_forward_hook(hook_for(qualified, module)))
     try:
         with evaluating(model), torch.no_grad():
-            args = example_input if isinstance(example_input, tuple) else (example_input,)
-            model(*args)
+            from .procedure import run_model  # noqa: PLC0415 - procedure imports the package this module is in
+
+            run_model(model, example_input)
     finally:
         for handle in handles:
             handle.remove()

@@ -42,7 +42,7 @@ from .adapters import in_channel_dim, is_layer, out_channel_dim, out_channels
 from ._copyable import keep_copyable
 from ._trace import feats_of
 from .graph import _check_keep, _effective, _slice, shared_tensors
-from .procedure import check_fraction
+from .procedure import check_fraction, run_model
 
 
 @dataclass
@@ -459,7 +459,7 @@ def capture(model: nn.Module, modules: list[nn.Module], example) -> list[tuple]:
     handles = [m.register_forward_hook(hook_for(i)) for i, m in enumerate(modules)]
     try:
         with evaluating(model), torch.no_grad():
-            model(*(example if isinstance(example, tuple) else (example,)))
+            run_model(model, example)
     finally:
         for h in handles:
             h.remove()
