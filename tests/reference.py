@@ -353,3 +353,20 @@ def conv_operator_args(x, c_out: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     weight, bias = torch.randn(27, x.feats.shape[1], c_out, generator=g), torch.randn(c_out, generator=g)
     return (x.feats, weight, bias, x.coords, *pairs, key), g
+
+
+def scan_and_learning_ids(tmp_path):
+    """A SemanticKITTI sequence folder of one 400-point scan (raw ids: car,
+    road, sidewalk, building) and the same cloud as an .npz of Open3D-ML's
+    learning ids: ``(sequence folder, npz path)``."""
+    rng = np.random.default_rng(0)
+    xyz = rng.uniform(0, 8, (400, 3)).astype(np.float32)
+    seq = tmp_path / "seq"
+    (seq / "velodyne").mkdir(parents=True)
+    (seq / "labels").mkdir()
+    np.c_[xyz, np.zeros(400)].astype(np.float32).tofile(seq / "velodyne" / "000000.bin")
+    raw = rng.choice([10, 40, 48, 50], 400)
+    raw.astype(np.uint32).tofile(seq / "labels" / "000000.label")
+    learning = tmp_path / "learning.npz"
+    np.savez(learning, xyz=xyz, labels=np.select([raw == 10, raw == 40, raw == 48], [1, 9, 11], 13))
+    return seq, learning

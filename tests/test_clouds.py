@@ -13,6 +13,7 @@ from pointsparse.app import cli
 from pointsparse.data import NUM_FEATURES
 from pointsparse.data.readers import load_label_map
 from pointsparse.models import MinkUNet
+from reference import scan_and_learning_ids
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -82,22 +83,6 @@ def test_eval_reads_unlabelled_clouds_of_another_format_inside_the_hold(tmp_path
     assert "000000.npy has no labels" in err and "--label-map" not in err, err
 
 
-def _scan_and_learning_ids(tmp_path):
-    """A SemanticKITTI sequence folder of one 400-point scan (raw ids: car, road, sidewalk, building) and the
-    same cloud as an .npz of Open3D-ML's learning ids: ``(sequence folder, npz path)``."""
-    rng = np.random.default_rng(0)
-    xyz = rng.uniform(0, 8, (400, 3)).astype(np.float32)
-    seq = tmp_path / "seq"
-    (seq / "velodyne").mkdir(parents=True)
-    (seq / "labels").mkdir()
-    np.c_[xyz, np.zeros(400)].astype(np.float32).tofile(seq / "velodyne" / "000000.bin")
-    raw = rng.choice([10, 40, 48, 50], 400)
-    raw.astype(np.uint32).tofile(seq / "labels" / "000000.label")
-    learning = tmp_path / "learning.npz"
-    np.savez(learning, xyz=xyz, labels=np.select([raw == 10, raw == 40, raw == 48], [1, 9, 11], 13))
-    return seq, learning
-
-
 def test_eval_and_prune_find_their_clouds_once(tmp_path, capsys, monkeypatch):
     """eval and prune of a run's files searched the --data folder for clouds and took their formats' default
     map up to three times each (the map's checks, then the source), the validation files' as often. Each
@@ -105,7 +90,7 @@ def test_eval_and_prune_find_their_clouds_once(tmp_path, capsys, monkeypatch):
     import pointsparse.data.datasets as datasets
     import pointsparse.data.readers as readers
 
-    seq, learning = _scan_and_learning_ids(tmp_path)
+    seq, learning = scan_and_learning_ids(tmp_path)
     ckpt = _run(tmp_path / "run" / "checkpoint.pt", load_label_map("semantic-kitti").classes,
                 data=[str(seq)], val_data=[str(learning)], val_label_map="semantic-kitti-learning")
     state = checkpoint.load_training(ckpt)
@@ -135,7 +120,7 @@ def test_prune_reads_data_through_the_map_eval_reads_it_through(tmp_path, capsys
     one rule now (files_source): both read the learning ids as the scan's classes."""
     from pointsparse.app.channels import load_state
 
-    seq, learning = _scan_and_learning_ids(tmp_path)
+    seq, learning = scan_and_learning_ids(tmp_path)
     classes = load_label_map("semantic-kitti").classes
     argv = ["prune", "channels", "--criterion", "taylor", "--ratio", "0.5"]
     for typed in (None, "semantic-kitti"):
@@ -161,7 +146,7 @@ def test_predict_label_refuses_a_runs_map_whose_raw_ids_are_not_the_clouds(tmp_p
     SemanticKITTI's outlier) into predictions/*.label, which the benchmark reads as raw ids. Where the
     clouds' format takes a map of the model's classes that writes other raw ids, predict now refuses,
     naming both maps and --label-map; with --label-map it writes that map's ids."""
-    seq, _ = _scan_and_learning_ids(tmp_path)
+    seq, _ = scan_and_learning_ids(tmp_path)
     classes = load_label_map("semantic-kitti").classes
     ckpt = _run(tmp_path / "run" / "checkpoint.pt", classes, label_map="semantic-kitti-learning")
     argv = ["predict", "--checkpoint", str(ckpt), "--data", str(seq), "--format", "label"]

@@ -15,6 +15,7 @@ import torch
 from pointsparse.app import cli, evaluate, metrics
 from pointsparse.app import train as tr
 from pointsparse.models import MinkUNet
+from reference import scan_and_learning_ids
 
 TINY = ["--data", "generated", "--scenes", "2", "--val-scenes", "1", "--beams", "16", "--azimuth-steps", "192",
         "--max-range", "16", "--cr", "0.125", "--blocks", "1", "--voxel-size", "0.5", "--batch-size", "2",
@@ -315,7 +316,7 @@ def test_a_run_on_a_formats_default_map_records_it_and_other_formats_are_read_th
     from pointsparse import checkpoint
     from pointsparse.app.tasks import checkpoint_batches
 
-    seq, learning = _scan_and_learning_ids(tmp_path)
+    seq, learning = scan_and_learning_ids(tmp_path)
     run = tmp_path / "run"
     assert cli.main(["train", "--data", str(seq), "--epochs", "1", "--cr", "0.125", "--blocks", "1", "--voxel-size",
                      "0.5", "--batch-size", "1", "--no-progress", "--out", str(run)]) == 0, capsys.readouterr().err
@@ -357,23 +358,6 @@ def test_a_run_on_a_formats_default_map_records_it_and_other_formats_are_read_th
         tr.load_checkpoint(tmp_path / "bad.pt")
 
 
-def _scan_and_learning_ids(tmp_path):
-    """A SemanticKITTI sequence folder of one 400-point scan (raw ids: car,
-    road, sidewalk, building) and the same cloud as an .npz of Open3D-ML's
-    learning ids: ``(sequence folder, npz path)``."""
-    rng = np.random.default_rng(0)
-    xyz = rng.uniform(0, 8, (400, 3)).astype(np.float32)
-    seq = tmp_path / "seq"
-    (seq / "velodyne").mkdir(parents=True)
-    (seq / "labels").mkdir()
-    np.c_[xyz, np.zeros(400)].astype(np.float32).tofile(seq / "velodyne" / "000000.bin")
-    raw = rng.choice([10, 40, 48, 50], 400)
-    raw.astype(np.uint32).tofile(seq / "labels" / "000000.label")
-    learning = tmp_path / "learning.npz"
-    np.savez(learning, xyz=xyz, labels=np.select([raw == 10, raw == 40, raw == 48], [1, 9, 11], 13))
-    return seq, learning
-
-
 def test_eval_of_the_training_format_reads_it_through_the_runs_map_not_the_validation_ones(tmp_path, capsys):
     """A run on SemanticKITTI .bin scans validated on Open3D-ML learning ids (``--val-label-map
     semantic-kitti-learning``): ``eval --data <.bin scans>`` read the raw SemanticKITTI ids through the
@@ -381,7 +365,7 @@ def test_eval_of_the_training_format_reads_it_through_the_runs_map_not_the_valid
     clouds' format, whose default map is the run's and not the validation clouds', read through the run's map
     now (as --label-map semantic-kitti reads them); the validation clouds (the default, or --data) through
     --val-label-map as before."""
-    seq, learning = _scan_and_learning_ids(tmp_path)
+    seq, learning = scan_and_learning_ids(tmp_path)
     run = tmp_path / "run"
     assert cli.main(["train", "--data", str(seq), "--val-data", str(learning), "--val-label-map",
                      "semantic-kitti-learning", "--epochs", "1", "--cr", "0.125", "--blocks", "1", "--voxel-size",
