@@ -6,10 +6,12 @@ threshold, as before stop 59), interleaved round by round in one process
 generated street). Rows: a submanifold ``Conv3d(C, C, 3)`` unpruned and
 with twin vectors pruned 75% (``panel_structured(panels=2)``: issue 13's
 vector target), forward under ``no_grad``; a whole MinkUNet (``--cr``) in
-float32 and, fused, in bf16 under ``inference_mode``. Each pair's outputs
-are first checked equal bit for bit.
+float32 and, fused, in bf16 under ``inference_mode``; with ``--train`` also
+its float32 training step (forward and backward, no optimiser step, BatchNorm
+on the batch's statistics). Each pair's outputs are first checked equal bit
+for bit.
 
-    flock /work/cpu.lock .venv/bin/python bench/output_pool.py [--channels 64 128] [--rounds 11] [--quick]
+    flock /work/cpu.lock .venv/bin/python bench/output_pool.py [--channels 64 128] [--rounds 11] [--train] [--quick]
 
 The pool off is ``pointsparse._ext._pool_on = False`` between calls (the
 kept blocks stay for the calls with it on), not ``output_pool(0)``, which
@@ -78,11 +80,21 @@ def conv_rows(channels: list[int], coords: torch.Tensor) -> dict:
     return calls
 
 
-def network_rows(coords: torch.Tensor, cr: float) -> dict:
+def network_rows(coords: torch.Tensor, cr: float, train: bool = False) -> dict:
     torch.manual_seed(0)
     model = MinkUNet(4, 19, cr=cr).eval()
     x = ps.SparseTensor(torch.randn(len(coords), 4), coords)
     calls = {}
+    if train:
+        trained = MinkUNet(4, 19, cr=cr).train()
+
+        def step():
+            trained.zero_grad(set_to_none=True)
+            out = trained(x).feats
+            out.pow(2).mean().backward()
+            return out.detach()
+
+        calls[f"MinkUNet cr {cr} float32, training step"] = pair(step)
 
     def f32():
         with torch.inference_mode():
@@ -107,6 +119,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=positive_int, default=None, help="default 11 (--quick 1)")
     parser.add_argument("--cr", type=float, default=1.0, help="MinkUNet's width multiplier (default 1.0)")
     parser.add_argument("--no-network", action="store_true", help="the single convs only")
+    parser.add_argument("--train", action="store_true", help="also MinkUNet's training step (forward and backward)")
     parser.add_argument("--out", type=page_arg, default=None, help="default bench/results/output_pool.md")
     parser.add_argument("--quick", action="store_true", help="a smoke run: C = 32, a 20k generated street, 1 round")
     args = parser.parse_args()
@@ -115,7 +128,7 @@ def main() -> None:
     coords, scene = kitti_or_street(args.quick)
     calls = conv_rows(channels, coords)
     if not args.no_network:
-        calls.update(network_rows(coords, 0.25 if args.quick else args.cr))
+        calls.update(network_rows(coords, 0.25 if args.quick else args.cr, args.train))
     fns = {}
     for name, (on, off) in calls.items():
         fns[(name, "on")] = on
