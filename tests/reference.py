@@ -370,3 +370,17 @@ def scan_and_learning_ids(tmp_path):
     learning = tmp_path / "learning.npz"
     np.savez(learning, xyz=xyz, labels=np.select([raw == 10, raw == 40, raw == 48], [1, 9, 11], 13))
     return seq, learning
+
+
+def holed_cloud():
+    """An organised cloud's stand-in: 400 points in an 8 m cube with labels
+    0-2, every fifth point's position NaN (no return): ``(xyz, labels, bad,
+    holed)``, ``holed`` the positions with NaN where ``bad``."""
+    rng = np.random.default_rng(0)
+    xyz = rng.uniform(0, 8, (400, 3)).astype(np.float32)
+    labels = rng.integers(0, 3, 400)
+    bad = np.zeros(400, bool)
+    bad[::5] = True
+    holed = xyz.copy()
+    holed[bad] = np.nan
+    return xyz, labels, bad, holed

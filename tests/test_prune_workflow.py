@@ -15,6 +15,7 @@ from pointsparse import checkpoint
 from pointsparse.app import cli
 from pointsparse.models import load_model
 from pointsparse.prune import graph as G
+from reference import holed_cloud
 
 TINY = ["--data", "generated", "--scenes", "2", "--val-scenes", "1", "--beams", "16", "--azimuth-steps", "192",
         "--max-range", "16", "--cr", "0.25", "--blocks", "1", "--voxel-size", "0.5", "--batch-size", "2",
@@ -164,13 +165,7 @@ def test_prune_skip_nonfinite_reads_the_finite_points_of_organised_clouds(tmp_pa
     from pointsparse.data import NUM_FEATURES
     from pointsparse.models import MinkUNet
 
-    rng = np.random.default_rng(0)
-    xyz = rng.uniform(0, 8, (400, 3)).astype(np.float32)
-    labels = rng.integers(0, 3, 400)
-    bad = np.zeros(400, bool)
-    bad[::5] = True
-    holed = xyz.copy()
-    holed[bad] = np.nan
+    xyz, labels, bad, holed = holed_cloud()
     np.savez(tmp_path / "holed.npz", xyz=holed, labels=labels)
     np.savez(tmp_path / "finite.npz", xyz=xyz[~bad], labels=labels[~bad])
     ckpt = tmp_path / "run" / "checkpoint.pt"

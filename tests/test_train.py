@@ -15,7 +15,7 @@ import torch
 from pointsparse.app import cli, evaluate, metrics
 from pointsparse.app import train as tr
 from pointsparse.models import MinkUNet
-from reference import scan_and_learning_ids
+from reference import holed_cloud, scan_and_learning_ids
 
 TINY = ["--data", "generated", "--scenes", "2", "--val-scenes", "1", "--beams", "16", "--azimuth-steps", "192",
         "--max-range", "16", "--cr", "0.125", "--blocks", "1", "--voxel-size", "0.5", "--batch-size", "2",
@@ -123,13 +123,7 @@ def test_train_skip_nonfinite_trains_on_the_finite_points_of_organised_clouds(tm
     to do. train --skip-nonfinite trains on the finite points (the same run as on the cloud less the
     others), a resumed run and eval of the run's validation clouds read them so too; without it the
     refusal names the flag, and with the generated scenes alone (no NaN to skip) the flag is refused."""
-    rng = np.random.default_rng(0)
-    xyz = rng.uniform(0, 8, (400, 3)).astype(np.float32)
-    labels = rng.integers(0, 3, 400)
-    bad = np.zeros(400, bool)
-    bad[::5] = True
-    holed = xyz.copy()
-    holed[bad] = np.nan
+    xyz, labels, bad, holed = holed_cloud()
     (tmp_path / "holed").mkdir()
     (tmp_path / "finite").mkdir()
     for folder, points, keep in (("holed", holed, slice(None)), ("finite", xyz[~bad], ~bad)):
