@@ -43,15 +43,23 @@ def _expected(model, path, voxel_size: float) -> np.ndarray:
     return predict(model, Batch.of([v]))[1].numpy()
 
 
+def _sharp(model):
+    """``model`` with every BatchNorm's running variance 0.01: each layer's
+    features widened, so that the argmax of random weights varies from point
+    to point (a model trained for a test's budget predicts one class
+    everywhere)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.running_var.fill_(0.01)
+    return model
+
+
 def _checkpoint(path, name: str = "minkunet"):
     """A MinkUNet (or SPVCNN) checkpoint for the generated classes with random weights and batch-norm statistics
     (a model trained for a test's budget predicts one class everywhere)."""
     torch.manual_seed(0)
-    model = (SPVCNN if name == "spvcnn" else MinkUNet)(NUM_FEATURES, len(generated.OUTDOOR_CLASSES), cr=0.25,
-                                                       blocks=1)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm1d):
-            m.running_var.fill_(0.01)  # (each layer's features widened: the argmax then varies from point to point)
+    model = _sharp((SPVCNN if name == "spvcnn" else MinkUNet)(NUM_FEATURES, len(generated.OUTDOOR_CLASSES),
+                                                              cr=0.25, blocks=1))
     config = {"in_channels": NUM_FEATURES, "classes": list(generated.OUTDOOR_CLASSES), "cr": 0.25, "blocks": 1,
               "voxel_size": 0.5, "ignore_index": 255, "model": name}
     torch.save({"model": model.state_dict(), "config": config}, path)
@@ -69,9 +77,7 @@ def _semantic3d_model_and_scan(tmp_path, low_intensity, sharp_batch_norm=False):
     torch.manual_seed(1)
     model = MinkUNet(NUM_FEATURES, len(classes), cr=0.25, blocks=1)
     if sharp_batch_norm:
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm1d):
-                m.running_var.fill_(0.01)
+        _sharp(model)
     state["model"], state["config"]["classes"] = model.state_dict(), list(classes)
     torch.save(state, tmp_path / "s3d.pt")
     rng = np.random.default_rng(0)
@@ -387,10 +393,7 @@ def test_eval_data_takes_the_runs_label_map(tmp_path, capsys):
 
     ign = load_label_map("ign-lidarhd")
     torch.manual_seed(0)
-    model = MinkUNet(NUM_FEATURES, len(ign.classes), cr=0.25, blocks=1)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm1d):
-            m.running_var.fill_(0.01)
+    model = _sharp(MinkUNet(NUM_FEATURES, len(ign.classes), cr=0.25, blocks=1))
     rng = np.random.default_rng(0)
     tile = tmp_path / "tile.npz"
     np.savez(tile, xyz=(rng.random((3000, 3)) * [40, 40, 10]).astype(np.float32),
@@ -973,10 +976,7 @@ def test_predict_label_format_takes_the_map_the_run_recorded(tmp_path, capsys):
 
     sk = load_label_map("semantic-kitti")
     torch.manual_seed(0)
-    model = MinkUNet(NUM_FEATURES, len(sk.classes), cr=0.25, blocks=1)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm1d):
-            m.running_var.fill_(0.01)
+    model = _sharp(MinkUNet(NUM_FEATURES, len(sk.classes), cr=0.25, blocks=1))
     config = {"in_channels": NUM_FEATURES, "classes": list(sk.classes), "cr": 0.25, "blocks": 1,
               "voxel_size": 0.5, "ignore_index": 255, "model": "minkunet", "label_map": "semantic-kitti"}
     ckpt = tmp_path / "c.pt"
