@@ -56,7 +56,6 @@ void trim(Pool& pl, std::size_t room) {
     ++i;
   }
   pl.kept.erase(pl.kept.begin(), pl.kept.begin() + static_cast<std::ptrdiff_t>(i));
-  pl.state.blocks = pl.kept.size();
 }
 
 }  // namespace
@@ -75,8 +74,7 @@ void* pool_take(std::size_t bytes, std::size_t* size) {
       const Kept k = pl.kept[best];
       pl.kept.erase(pl.kept.begin() + static_cast<std::ptrdiff_t>(best));
       pl.state.kept -= k.size;
-      pl.state.blocks = pl.kept.size();
-      ++pl.state.hits;
+          ++pl.state.hits;
       *size = k.size;
       return k.p;
     }
@@ -109,7 +107,13 @@ void pool_give(void* p, std::size_t size) noexcept {
     return;
   }
   pl.state.kept += size;
-  pl.state.blocks = pl.kept.size();
+}
+
+// The state with its count of kept blocks (the caller holds the lock).
+static PoolState counted(const Pool& pl) {
+  PoolState s = pl.state;
+  s.blocks = pl.kept.size();
+  return s;
 }
 
 PoolState pool_limit(std::size_t limit) {
@@ -117,13 +121,13 @@ PoolState pool_limit(std::size_t limit) {
   std::lock_guard<std::mutex> lock(pl.mu);
   pl.state.limit = limit;
   trim(pl, 0);
-  return pl.state;
+  return counted(pl);
 }
 
 PoolState pool_state() {
   Pool& pl = pool();
   std::lock_guard<std::mutex> lock(pl.mu);
-  return pl.state;
+  return counted(pl);
 }
 
 }  // namespace runtime

@@ -23,7 +23,7 @@ constexpr std::size_t kPoolSlack = 8;
 struct PoolState {
   std::size_t limit = 0;   // the most bytes kept
   std::size_t kept = 0;    // bytes kept now (freed blocks waiting for a request)
-  std::size_t blocks = 0;  // blocks kept now
+  std::size_t blocks = 0;  // blocks kept now (counted when the state is read)
   std::uint64_t hits = 0;    // requests served by a kept block
   std::uint64_t misses = 0;  // requests that allocated
 };
