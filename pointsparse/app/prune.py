@@ -161,16 +161,15 @@ READ_BY = {
 }
 
 #: The procedures that write files in --out (a plot, ratios, a latency table, a pruned checkpoint); the others
-#: print what they found and write nothing on a --task, and on a --checkpoint (SAVED_ON_CHECKPOINT) the masked
-#: model they pruned (:func:`writes_out`).
+#: print what they found and write nothing on a --task, and on a --checkpoint the masked model they pruned
+#: (:func:`writes_out`).
 WRITES_OUT = ("sensitivity", "amc", "netadapt", *CHECKPOINT_PROCEDURES)
-SAVED_ON_CHECKPOINT = ("schedule", "lottery", "init", "rigl")
 
 
 def writes_out(args) -> bool:
-    """Whether ``prune <procedure>`` with these flags writes in --out."""
-    return args.procedure in WRITES_OUT or (args.procedure in SAVED_ON_CHECKPOINT
-                                            and getattr(args, "checkpoint", None) is not None)
+    """Whether ``prune <procedure>`` with these flags writes in --out: every
+    procedure on a --checkpoint does (the others then save the masked model)."""
+    return args.procedure in WRITES_OUT or getattr(args, "checkpoint", None) is not None
 
 #: What ``--quick`` runs in place of a flag's value.
 QUICK_EPISODES, QUICK_ROUNDS = 30, 3
