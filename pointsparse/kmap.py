@@ -177,8 +177,8 @@ class KernelMap:
         # (in int64: a sum of int32 coords and offsets may pass int32)
         miss = in_coords.to(device).index_select(0, self.in_idx).long()
         miss -= self.out_coords.to(device).index_select(0, self.out_idx)
-        miss[:, 1:] -= (-offsets if self.key.transposed else offsets).repeat_interleave(
-            self.sizes.to(device), 0, output_size=self.num_pairs)
+        per_pair = offsets.index_select(0, self.offset_of_pairs(device))  # (the offset of every pair, kept per device)
+        miss[:, 1:] -= -per_pair if self.key.transposed else per_pair
         if bool(miss.any()):
             pair = int(miss.any(1).nonzero()[0])
             row, out = int(self.in_idx[pair]), int(self.out_idx[pair])
