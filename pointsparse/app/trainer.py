@@ -113,7 +113,7 @@ def fit_steps(model: torch.nn.Module, steps: int, batch_fn: Callable[[], tuple],
     ``loss_fn(model(inputs), targets)`` (``model(*inputs)`` for a tuple:
     an SPVCNN's), then ``model.eval()`` (the experiment tasks'
     ``train_fn``)."""
-    from ..prune.procedure import run_model
+    from .._modes import run_model
     trainer = Trainer(model, optimizer, lambda m, b: (loss_fn(run_model(m, b[0]), b[1]), None),
                       lambda epoch: (batch_fn() for _ in range(steps)))
     trainer.fit(0, 1)

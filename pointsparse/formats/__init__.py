@@ -26,7 +26,7 @@ import time
 import torch
 
 from .. import _ext
-from .._modes import evaluating
+from .._modes import evaluating, run_model
 from ._base import SparseFormat, module_weight
 from .balance import LoadBalancedUnstructured, imbalance, load_balanced_unstructured, pe_nnz
 from .bsr import BSR
@@ -247,7 +247,7 @@ def _layer_inputs(model, example_input, layer_types) -> dict:
             handles.append(sub.register_forward_hook(record))
     try:
         with evaluating(model), torch.no_grad(), _example_named(f"the model ({type(model).__name__})"):
-            model(*(example_input if isinstance(example_input, tuple) else (example_input,)))
+            run_model(model, example_input)
     finally:
         for handle in handles:
             handle.remove()

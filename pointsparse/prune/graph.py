@@ -42,10 +42,10 @@ from torch.utils._pytree import tree_flatten
 
 from . import _compat, adapters
 from ._copyable import copy_model, keep_copyable
-from .._modes import evaluating
+from .._modes import evaluating, run_model
 from ._trace import Segment, Spaces, Tag, Tracer, feats_of, feature_axis
 from ..tensor import as_bool, as_int, positive_int
-from .procedure import check_fraction, run_model
+from .procedure import check_fraction
 
 
 @dataclass(frozen=True)

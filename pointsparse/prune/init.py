@@ -21,7 +21,8 @@ from . import _compat
 from ._copyable import copy_model
 from .adapters import apply_masks, get_mask, prunable_layers, raw, used_mask
 from .criteria import check_loss
-from .procedure import check_callable, check_fraction, check_real, global_magnitude_prune, run_model
+from .procedure import check_callable, check_fraction, check_real, global_magnitude_prune
+from .._modes import run_model
 
 METHODS = ("snip", "grasp", "synflow")
 _LOSS = "loss_fn(model(inputs), targets)"  # how the errors name the user's loss

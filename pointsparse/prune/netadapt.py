@@ -26,9 +26,9 @@ from torch import nn
 
 from . import adapters
 from ._copyable import copy_model
-from .._modes import evaluating
+from .._modes import evaluating, run_model
 from .adapters import in_channels, out_channels
-from .procedure import call_train, check_callable, check_int, check_lr, check_path, check_real, metric_value, run_model
+from .procedure import call_train, check_callable, check_int, check_lr, check_path, check_real, metric_value
 from .surgery import capture, chain_followers, channel_groups, keep_by_l1, prune_channels
 
 

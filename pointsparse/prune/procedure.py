@@ -23,14 +23,6 @@ from ._copyable import keep_copyable
 from .adapters import current_weight, get_mask, prunable_layers, used_mask
 
 
-def run_model(model: nn.Module, inputs):
-    """``model(*inputs)`` where ``inputs`` is a tuple (a model of several
-    arguments: SPVCNN's ``(voxels, inverse, points, point_batch)``), else
-    ``model(inputs)``: a model run on an example input or a batch's inputs,
-    as the dependency graph and the report run it."""
-    return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
-
-
 def global_magnitude_prune(model: nn.Module, target: float, layers=None, scores: dict | None = None) -> None:
     """Prune the smallest-magnitude (or lowest-``scores``) weights over all
     ``layers`` together until a fraction ``target`` of their weights is

@@ -61,7 +61,7 @@ from torch import nn
 
 from . import adapters
 from ._builtins import _sparse_flops, _sparse_used_weights
-from .._modes import evaluating
+from .._modes import evaluating, run_model
 from .adapters import is_sparse_conv, weight_now
 
 
@@ -301,8 +301,6 @@ def _count_flops(model, modules, layers, example_input, pairs):
         handles.append(module.register_forward_hook(hook_for(qualified, module)))
     try:
         with evaluating(model), torch.no_grad():
-            from .procedure import run_model  # noqa: PLC0415 - procedure imports the package this module is in
-
             run_model(model, example_input)
     finally:
         for handle in handles:

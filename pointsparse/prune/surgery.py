@@ -37,12 +37,12 @@ from torch import nn
 
 from ..tensor import as_bool, as_int
 from . import _compat, adapters
-from .._modes import evaluating
+from .._modes import evaluating, run_model
 from .adapters import in_channel_dim, is_layer, out_channel_dim, out_channels
 from ._copyable import keep_copyable
 from ._trace import feats_of
 from .graph import _check_keep, _effective, _slice, shared_tensors
-from .procedure import check_fraction, run_model
+from .procedure import check_fraction
 
 
 @dataclass
