@@ -285,8 +285,11 @@ def checkpoint_task(path, data=None, label_map=None, clouds: int = 4,
     from .scoring import kept_labels, point_level, voxel_classes
     from .train import load_checkpoint
     state = load_checkpoint(path)
+    from ..prune.graph import widths
     # (a config or weights that make no model: refused now, before any data or --out)
-    points = point_level(checkpoint_model(state, path))
+    model = checkpoint_model(state, path)
+    points, recorded = point_level(model), widths(model)
+    del model
     batches = checkpoint_batches(state, data, label_map, clouds, skip_nonfinite)
     train, val = batches[:-1] or batches, batches[-1]
     ignore = state["config"].get("ignore_index", 255)
@@ -298,7 +301,7 @@ def checkpoint_task(path, data=None, label_map=None, clouds: int = 4,
         return checkpoint_model(state, path).eval()
 
     def make_model(seed=0):  # (the lottery's random re-init control, ...: not the trained weights)
-        return fresh_model(state, seed)
+        return fresh_model(state, seed, recorded)
 
     def inputs(batch):  # (SPVCNN: model(*inputs))
         return (batch.input, batch.inverse, batch.points, batch.point_batch) if points else batch.input
@@ -326,17 +329,20 @@ def checkpoint_task(path, data=None, label_map=None, clouds: int = 4,
                        loss_fn, inputs(val), lr, 60, "mIoU", trained_model)
 
 
-def fresh_model(state: dict, seed: int = 0) -> nn.Module:
+def fresh_model(state: dict, seed: int = 0, recorded: dict | None = None) -> nn.Module:
     """A freshly initialised model (``torch.manual_seed(seed)``) of the
     training checkpoint ``state``'s architecture and widths (a
     channel-pruned one's, recorded in its config or only in its weights'
     shapes): every layer initialised as a layer of its width is, with the
     checkpoint's folded biases (zero) and full masks, so that its tensors
-    are named and shaped as the trained model's."""
+    are named and shaped as the trained model's. ``recorded``: the
+    checkpoint model's ``prune.graph.widths`` where the caller has them
+    (else its model is built to read them)."""
     from ..models import build_model, model_from_state
     from ..models.loading import shape_like
     from ..prune.graph import widths
-    recorded = widths(model_from_state(state))
+    if recorded is None:
+        recorded = widths(model_from_state(state))
     torch.manual_seed(seed)
     model = build_model(dict(state["config"], widths=recorded))
     for module in model.modules():  # (resize slices the dense model's tensors, drawn for wider layers)
