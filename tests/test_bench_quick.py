@@ -442,8 +442,11 @@ def test_the_documented_args_example_runs():
     import shlex
 
     suite, options = benchmark.EXAMPLE
-    probe = PROBE.replace('["--quick"]', repr(shlex.split(options))).replace(
-        'getattr(parsed.args[0], "quick", "no `quick` attribute")', "True")
+    probe = _PROBE_HEAD + f"""
+def probe(self, args=None, namespace=None):
+    parse_args(self, {shlex.split(options)!r})
+    raise Parsed(True)
+""" + _PROBE_RUN
     proc = subprocess.run([sys.executable, "-c", probe, str(benchmark.BENCH_DIR)], capture_output=True, text=True,
                           timeout=120, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert proc.returncode == 0, proc.stderr[-2000:]
