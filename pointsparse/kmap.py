@@ -152,11 +152,16 @@ class KernelMap:
         labelled the outputs without a word). ``trusted``: the library's
         own maps, whose inputs it holds (a cache's, a graph's), skip that
         pass over the pairs."""
-        _coords.check_coords(out_coords, "out_coords")
+        return self._transpose(out_coords, trusted, "out_coords")
+
+    def _transpose(self, out_coords: torch.Tensor, trusted: bool, name: str) -> "KernelMap":
+        """:meth:`transpose`, its errors naming ``out_coords`` as ``name``
+        (the ``kmap_transpose`` operator's ``fine_coords``)."""
+        _coords.check_coords(out_coords, name)
         if out_coords.shape[0] != self.num_in:
-            raise ValueError(f"out_coords has {out_coords.shape[0]} rows; the map's inputs have {self.num_in}")
+            raise ValueError(f"{name} has {out_coords.shape[0]} rows; the map's inputs have {self.num_in}")
         if not trusted:
-            self._check_inputs(out_coords)
+            self._check_inputs(out_coords, name)
         in_idx, out_idx = self.out_idx, self.in_idx
         if not self._in_idx_ascending():
             order = torch.argsort(self.offset_of_pairs() * max(self.num_in, 1) + self.in_idx, stable=True)
@@ -165,11 +170,12 @@ class KernelMap:
                            not self.key.transposed)
         return KernelMap(out_coords, in_idx, out_idx, self.sizes, self.offsets, self.num_out, self.num_in, key)
 
-    def _check_inputs(self, in_coords: torch.Tensor) -> None:
-        """ValueError naming ``out_coords`` of :meth:`transpose` unless every
-        pair's input row of ``in_coords`` lies at its output row's coords
-        plus the pair's offset (less it, for a transposed map: its inputs
-        are the coarse rows), in the same batch item."""
+    def _check_inputs(self, in_coords: torch.Tensor, name: str) -> None:
+        """ValueError naming ``in_coords`` as ``name`` (:meth:`transpose`'s
+        ``out_coords``) unless every pair's input row of ``in_coords`` lies
+        at its output row's coords plus the pair's offset (less it, for a
+        transposed map: its inputs are the coarse rows), in the same batch
+        item."""
         if not self.num_pairs:
             return
         device = self.in_idx.device
@@ -184,7 +190,7 @@ class KernelMap:
             row, out = int(self.in_idx[pair]), int(self.out_idx[pair])
             have = in_coords[row].tolist()
             want = [h - m for h, m in zip(have, miss[pair].tolist())]
-            raise ValueError(f"out_coords must be the coords of the map's inputs (in their row order): row {row} "
+            raise ValueError(f"{name} must be the coords of the map's inputs (in their row order): row {row} "
                              f"is {have} but its pair with output row {out} {self.out_coords[out].tolist()} at "
                              f"offset {self.offsets[int(self.offset_of_pairs()[pair])].tolist()} puts it at {want}")
 

@@ -278,7 +278,7 @@ def kmap_transpose(coarse_coords: Tensor, fine_coords: Tensor, in_idx: Tensor, o
     if not trusted:
         _check_pairs(in_idx, out_idx, sizes, key, fine_coords.shape[0], coarse_coords.shape[0])
     down = _as_kmap(coarse_coords, in_idx, out_idx, sizes, key, fine_coords.shape[0])
-    up = down.transpose(fine_coords, trusted=trusted)
+    up = down._transpose(fine_coords, trusted, "fine_coords")  # (its errors name the operator's argument)
     # outputs may not alias inputs: copy when the transpose needed no sort
     up_in, up_out = (t.clone() if t is in_idx or t is out_idx else t for t in (up.in_idx, up.out_idx))
     # Its plan is the transposed plan of the map it transposes (_plan).

@@ -319,7 +319,7 @@ def test_transpose_refuses_coords_that_are_not_the_maps_inputs():
 
     down = km.build(coords, 2, 2)
     args = (down.in_idx, down.out_idx, down.sizes, ops.key_to_list(down.key))
-    with pytest.raises(ValueError, match=r"out_coords must be the coords of the map's inputs"):
+    with pytest.raises(ValueError, match=r"fine_coords must be the coords of the map's inputs"):
         ops.kmap_transpose(down.out_coords, coords.flip(0), *args)  # (an exported program's operator, untrusted)
     assert torch.equal(ops.kmap_transpose(down.out_coords, coords, *args)[0], down.transpose(coords).in_idx)
 
@@ -1027,6 +1027,35 @@ def test_the_kmap_transpose_operator_checks_the_map_it_is_given():
     for args, word in cases:
         with pytest.raises((ValueError, TypeError), match=word):
             ops.kmap_transpose(*args, key)
+
+
+def test_the_kmap_transpose_operator_names_its_fine_coords():
+    """``torch.ops.pointsparse.kmap_transpose`` refused fine coords that are
+    not the coords of the map's inputs (or not (N, 4) int32) with
+    ``KernelMap.transpose``'s message, naming ``out_coords``: an argument
+    the operator does not have (a program's user reads the operator's
+    schema). Its errors name ``fine_coords`` now, trusted or not (the shape
+    and dtype checks run either way); ``KernelMap.transpose`` itself still
+    names its own ``out_coords``."""
+    from pointsparse import ops
+
+    fine, key, (coarse, in_idx, out_idx, sizes) = _k2s2_operator_map()
+    shift = torch.tensor([0, 0, 0, 2], dtype=torch.int32)
+    for op in (ops.kmap_transpose, torch.ops.pointsparse.kmap_transpose):
+        for bad in (fine.flip(0), fine + shift, torch.cat([fine[:, :1] + 1, fine[:, 1:]], 1)):
+            with pytest.raises(ValueError, match=r"^fine_coords must be the coords of the map's inputs .*: row \d+ "
+                                                 r"is \[.*\] but its pair with output row \d+ .* puts it at \["):
+                op(coarse, bad, in_idx, out_idx, sizes, key)
+        for trusted in (False, True):
+            for bad, err, what in ((fine.long(), TypeError, "must be int32"),
+                                   (fine[:, :3], ValueError, r"must be \(N, 4\)")):
+                with pytest.raises(err, match=f"^fine_coords {what}"):
+                    op(coarse, bad, in_idx, out_idx, sizes, key, trusted)
+    down = km.build(fine, 2, 2)
+    with pytest.raises(ValueError, match=r"^out_coords must be the coords of the map's inputs"):
+        down.transpose(fine.flip(0))
+    with pytest.raises(TypeError, match="^out_coords must be int32"):
+        down.transpose(fine.long())
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
