@@ -503,6 +503,19 @@ def test_spconv_conversions_name_what_they_cannot_take():
         weight_from(torch.zeros(27, 3, 4), 3, "minkowski", conv="SubMConv3d")
     with pytest.raises(ValueError, match=r"got stride=2 with source='torchsparse'"):
         weight_from(torch.zeros(27, 3, 4), 3, "torchsparse", stride=2)
+    with pytest.raises(ValueError, match=r"got stride=\(2, 1, 1\) with source='minkowski'"):
+        weight_from(torch.zeros(27, 3, 4), 3, "minkowski", stride=(2, 1, 1))
+
+
+def test_spconvs_arguments_at_their_defaults_as_triples_are_accepted_for_the_other_libraries():
+    """stride=(1, 1, 1), padding=(0, 0, 0), dilation=[1, 1, 1] say what the defaults say (a conv of stride
+    1, MinkowskiEngine's and TorchSparse's own way of writing it): the same weight as without them, not a
+    refusal naming a spconv argument."""
+    w = torch.randn(27, 3, 4)
+    for source in ("minkowski", "torchsparse"):
+        want = weight_from(w, 3, source)
+        got = weight_from(w, 3, source, stride=(1, 1, 1), padding=(0, 0, 0), dilation=[1, 1, 1])
+        assert torch.equal(got, want)
 
 
 def test_a_converted_spconv_weight_is_a_new_tensor_with_its_dtype_and_history():

@@ -229,8 +229,11 @@ def weight_from(weight: torch.Tensor, kernel_size=3, source: str = "minkowski", 
              "axes": axes}
     if source != "spconv":
         for name, value in given.items():
-            if not (value is _SPCONV_DEFAULTS[name] or (type(value) is type(_SPCONV_DEFAULTS[name])
-                                                         and value == _SPCONV_DEFAULTS[name])):
+            default = _SPCONV_DEFAULTS[name]
+            if isinstance(default, int) and isinstance(value, (tuple, list)) and len(value) == 3 \
+                    and all(type(v) is int and v == default for v in value):
+                continue  # the default written per axis, as the other libraries write a stride of 1
+            if not (value is default or (type(value) is type(default) and value == default)):
                 raise ValueError(f"conv, layout, stride, padding, dilation and axes describe a spconv conv "
                                  f"(source='spconv'); got {name}={value!r} with source={source!r}")
     elif kernel_region is None:
