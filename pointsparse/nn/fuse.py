@@ -42,12 +42,7 @@ def fold_batchnorm(conv: Conv3d, bn: nn.BatchNorm1d) -> None:
     # hook would overwrite it with the unfolded product at the next call.
     mask = conv.pruning_mask()
     with torch.no_grad():
-        scale = torch.rsqrt(bn.running_var.double() + bn.eps)
-        shift = -bn.running_mean.double()
-        if bn.affine:
-            scale = scale * _computed(bn, "weight").double()
-        bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
-        new_bias = (bias + shift) * scale + (_computed(bn, "bias").double() if bn.affine else 0)
+        scale, new_bias = _batchnorm_scale_bias(bn, conv.bias)
         # New tensors, not written in place: a weight tied to another conv's
         # (one Parameter held by both) would take this BatchNorm's fold too.
         if mask is None:
@@ -78,14 +73,25 @@ def fold_linear_batchnorm(linear: nn.Linear, bn: nn.BatchNorm1d) -> None:
         raise ValueError("fold_linear_batchnorm: linear's weight or bias is computed (pruned or parametrized); "
                          "make it permanent first")
     with torch.no_grad():
-        scale = torch.rsqrt(bn.running_var.double() + bn.eps)
-        if bn.affine:
-            scale = scale * _computed(bn, "weight").double()
-        bias = linear.bias.double() if linear.bias is not None else torch.zeros_like(scale)
-        new_bias = (bias - bn.running_mean.double()) * scale + (_computed(bn, "bias").double() if bn.affine else 0)
+        scale, new_bias = _batchnorm_scale_bias(bn, linear.bias)
         w = linear.weight  # (new tensors: a weight tied elsewhere keeps its values)
         linear.weight = nn.Parameter((w.double() * scale[:, None]).to(w.dtype), w.requires_grad)
         linear.bias = nn.Parameter(new_bias.to(w.dtype))
+
+
+def _batchnorm_scale_bias(bn: nn.BatchNorm1d, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """What folding ``bn`` (eval mode: running statistics) into the layer
+    before it gives, per output channel, in float64: the scale ``s = gamma /
+    sqrt(var + eps)`` (``1 / sqrt(var + eps)`` without affine parameters)
+    and the new bias ``(bias - mean) * s + beta`` (``bias`` None: zero).
+    A pruned gamma or beta is read as ``bn`` computes it now
+    (:func:`_computed`)."""
+    scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+    if bn.affine:
+        scale = scale * _computed(bn, "weight").double()
+    bias = bias.double() if bias is not None else torch.zeros_like(scale)
+    new_bias = (bias - bn.running_mean.double()) * scale + (_computed(bn, "bias").double() if bn.affine else 0)
+    return scale, new_bias
 
 
 def _computed(module: nn.Module, name: str) -> torch.Tensor:
