@@ -597,3 +597,92 @@ def test_a_fused_spvcnn_folds_its_point_mlps_and_in_training_mode_is_its_eval_fu
         trained = fused(x, inverse, points, batch)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(trained, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_fold_linear_batchnorm_checks():
+    """fold_linear_batchnorm refuses a pair it cannot fold, changing
+    nothing: not a plain torch Linear and a torch BatchNorm1d (TypeError
+    naming both types), a BatchNorm1d without running statistics, one of
+    other width than the Linear's outputs, or a Linear whose weight or bias
+    is computed (pruned: the folded tensors would be lost)."""
+    from torch.nn.utils import prune
+
+    from pointsparse.nn.fuse import fold_linear_batchnorm
+
+    class Shifted(torch.nn.Linear):
+        pass
+
+    linear = torch.nn.Linear(3, 4)
+    weight, bias = linear.weight.detach().clone(), linear.bias.detach().clone()
+    with pytest.raises(TypeError, match="torch.nn.BatchNorm1d; got Linear and BatchNorm$"):
+        fold_linear_batchnorm(linear, spnn.BatchNorm(4))
+    with pytest.raises(TypeError, match="got Shifted and BatchNorm1d"):
+        fold_linear_batchnorm(Shifted(3, 4), torch.nn.BatchNorm1d(4))
+    with pytest.raises(ValueError, match="running statistics"):
+        fold_linear_batchnorm(linear, torch.nn.BatchNorm1d(4, track_running_stats=False))
+    with pytest.raises(ValueError, match="bn has 5 features but linear 4 outputs"):
+        fold_linear_batchnorm(linear, torch.nn.BatchNorm1d(5))
+    assert torch.equal(linear.weight, weight) and torch.equal(linear.bias, bias)
+    for name in ("weight", "bias"):
+        pruned = torch.nn.Linear(3, 4)
+        prune.l1_unstructured(pruned, name, 0.5)
+        with pytest.raises(ValueError, match=r"computed \(pruned or parametrized\)"):
+            fold_linear_batchnorm(pruned, torch.nn.BatchNorm1d(4))
+
+
+@pytest.mark.parametrize("case", ["pruned_weight", "pruned_bias", "parametrized", "linear_subclass",
+                                  "no_running_stats", "hooked_linear", "hooked_bn"])
+def test_spvcnn_fuse_point_mlps_keeps_a_pair_it_cannot_fold(case):
+    """SPVCNN.fuse_point_mlps called on the model itself (not through
+    fuse_for_inference, whose copy has its pruning and parametrizations made
+    permanent first): a point MLP whose pair fold_linear_batchnorm refuses
+    (a pruned or parametrized Linear, a Linear subclass, a BatchNorm1d
+    without running statistics) or whose Linear's output or BatchNorm runs
+    forward hooks keeps its BatchNorm1d, the other two are folded, and the
+    model computes what it did (float64, within 1e-10). Folded anyway, a
+    pruned Linear's hook would put back the unfolded weight, and a hook
+    would see the folded output or be dropped."""
+    from torch.nn.utils import parametrizations, prune
+
+    from pointsparse.models import SPVCNN
+
+    class Shifted(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) + 0.25
+
+    torch.manual_seed(0)
+    net = SPVCNN(3, 4, cr=0.25, blocks=1).double()
+    mlp = net.point_mlps[1]
+    if case == "no_running_stats":
+        mlp[1] = torch.nn.BatchNorm1d(mlp[1].num_features, track_running_stats=False).double()
+    _randomise_bn(net)
+    for bn in [m for m in net.point_mlps.modules() if isinstance(m, torch.nn.BatchNorm1d)]:
+        if bn.running_mean is not None:
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.3, 0.3)
+    linear = mlp[0]
+    if case in ("pruned_weight", "pruned_bias"):
+        prune.l1_unstructured(linear, case.removeprefix("pruned_"), 0.5)
+    elif case == "parametrized":
+        parametrizations.weight_norm(linear)
+    elif case == "linear_subclass":
+        mlp[0] = Shifted(linear.in_features, linear.out_features).double()
+        mlp[0].load_state_dict(linear.state_dict())
+    elif case == "hooked_linear":
+        linear.register_forward_hook(lambda module, args, out: out.clamp(-0.1, 0.1))
+    elif case == "hooked_bn":
+        mlp[1].register_forward_hook(lambda module, args, out: out.clamp(-0.1, 0.1))
+    kept = mlp[1]
+    net.eval()
+    points = torch.rand(400, 3, dtype=torch.float64) * 12
+    x, inverse = ps.voxelize(points, torch.randn(400, 3, dtype=torch.float64), voxel_size=1.0)
+    batch = torch.zeros(400, dtype=torch.long)
+    with torch.no_grad():
+        ref = net(x, inverse, points, batch)
+        net.fuse_point_mlps()
+        out = net(x, inverse, points, batch)
+    assert mlp[1] is kept
+    assert isinstance(net.point_mlps[0][1], torch.nn.Identity) and isinstance(net.point_mlps[2][1], torch.nn.Identity)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)

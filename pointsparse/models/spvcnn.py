@@ -256,18 +256,16 @@ class SPVCNN(nn.Module):
     def fuse_point_mlps(self) -> None:
         """In place, for inference (``nn.fuse_for_inference`` calls it on its
         copy): each point MLP's BatchNorm1d folded into its Linear (they see
-        ``(N, C)`` rows), where neither runs forward hooks; the BatchNorm
-        becomes ``nn.Identity``."""
-        from ..nn import BatchNorm
-        from ..nn.fuse import fold_linear_batchnorm, has_hooks, has_output_hooks
+        ``(N, C)`` rows), where neither runs forward hooks and
+        ``nn.fuse.fold_linear_batchnorm`` takes the pair; the BatchNorm
+        becomes ``nn.Identity``. A pair it refuses (a Linear subclass, a pruned
+        or parametrized Linear, a BatchNorm1d without running statistics)
+        stays as it is."""
+        from ..nn.fuse import _linear_batchnorm_refusal, fold_linear_batchnorm, has_hooks, has_output_hooks
 
         for mlp in self.point_mlps:
             linear, bn = mlp[0], mlp[1]
-            if type(linear) is nn.Linear and isinstance(bn, nn.BatchNorm1d) and not isinstance(bn, BatchNorm) \
-                    and bn.running_mean is not None \
-                    and not has_output_hooks(linear) and not has_hooks(bn) \
-                    and not hasattr(linear, "weight_orig") and not hasattr(linear, "bias_orig") \
-                    and not nn.utils.parametrize.is_parametrized(linear):
+            if _linear_batchnorm_refusal(linear, bn) is None and not has_output_hooks(linear) and not has_hooks(bn):
                 fold_linear_batchnorm(linear, bn)
                 mlp[1] = nn.Identity()
 

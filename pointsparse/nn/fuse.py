@@ -62,21 +62,35 @@ def fold_linear_batchnorm(linear: nn.Linear, bn: nn.BatchNorm1d) -> None:
     gamma or beta read as ``orig * mask``). Only for a pair that sees 2-D
     input: on ``(N, L, C)`` a BatchNorm1d normalises dim 1, not the
     Linear's output features (SPVCNN's point MLPs take ``(N, C)``)."""
-    if type(linear) is not nn.Linear or not isinstance(bn, nn.BatchNorm1d) or isinstance(bn, BatchNorm):
-        raise TypeError(f"fold_linear_batchnorm takes a torch.nn.Linear and a torch.nn.BatchNorm1d; got "
-                        f"{type(linear).__name__} and {type(bn).__name__}")
-    if bn.running_mean is None or bn.running_var is None:
-        raise ValueError("fold_linear_batchnorm needs a BatchNorm with running statistics (track_running_stats=True)")
+    refusal = _linear_batchnorm_refusal(linear, bn)
+    if refusal is not None:
+        raise refusal
     if bn.num_features != linear.out_features:
         raise ValueError(f"bn has {bn.num_features} features but linear {linear.out_features} outputs")
-    if parametrize.is_parametrized(linear) or hasattr(linear, "weight_orig") or hasattr(linear, "bias_orig"):
-        raise ValueError("fold_linear_batchnorm: linear's weight or bias is computed (pruned or parametrized); "
-                         "make it permanent first")
     with torch.no_grad():
         scale, new_bias = _batchnorm_scale_bias(bn, linear.bias)
         w = linear.weight  # (new tensors: a weight tied elsewhere keeps its values)
         linear.weight = nn.Parameter((w.double() * scale[:, None]).to(w.dtype), w.requires_grad)
         linear.bias = nn.Parameter(new_bias.to(w.dtype))
+
+
+def _linear_batchnorm_refusal(linear: nn.Module, bn: nn.Module) -> TypeError | ValueError | None:
+    """The error :func:`fold_linear_batchnorm` raises for a pair it will not
+    fold (not a plain ``nn.Linear`` and a torch ``BatchNorm1d``, no running
+    statistics, or a computed weight or bias: pruned or parametrized), or
+    None. The one list of those rules: ``SPVCNN.fuse_point_mlps`` skips a
+    point MLP it names. (A feature-count mismatch is not in it: that pair
+    is an error, not one to skip.)"""
+    if type(linear) is not nn.Linear or not isinstance(bn, nn.BatchNorm1d) or isinstance(bn, BatchNorm):
+        return TypeError(f"fold_linear_batchnorm takes a torch.nn.Linear and a torch.nn.BatchNorm1d; got "
+                         f"{type(linear).__name__} and {type(bn).__name__}")
+    if bn.running_mean is None or bn.running_var is None:
+        return ValueError("fold_linear_batchnorm needs a BatchNorm with running statistics "
+                          "(track_running_stats=True)")
+    if parametrize.is_parametrized(linear) or hasattr(linear, "weight_orig") or hasattr(linear, "bias_orig"):
+        return ValueError("fold_linear_batchnorm: linear's weight or bias is computed (pruned or parametrized); "
+                          "make it permanent first")
+    return None
 
 
 def _batchnorm_scale_bias(bn: nn.BatchNorm1d, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
