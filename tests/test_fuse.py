@@ -604,8 +604,11 @@ def test_fold_linear_batchnorm_checks():
     nothing: not a plain torch Linear and a torch BatchNorm1d (TypeError
     naming both types), a BatchNorm1d without running statistics, one of
     other width than the Linear's outputs, or a Linear whose weight or bias
-    is computed (pruned: the folded tensors would be lost)."""
-    from torch.nn.utils import prune
+    is computed (pruned or parametrized: the folded tensors would be lost).
+    A parametrized Linear (weight_norm) got the TypeError for its class,
+    ParametrizedLinear, torch's subclass of Linear, where the ValueError
+    saying to make it permanent first was meant for it."""
+    from torch.nn.utils import parametrizations, prune
 
     from pointsparse.nn.fuse import fold_linear_batchnorm
 
@@ -628,6 +631,9 @@ def test_fold_linear_batchnorm_checks():
         prune.l1_unstructured(pruned, name, 0.5)
         with pytest.raises(ValueError, match=r"computed \(pruned or parametrized\)"):
             fold_linear_batchnorm(pruned, torch.nn.BatchNorm1d(4))
+    parametrizations.weight_norm(linear)
+    with pytest.raises(ValueError, match=r"computed \(pruned or parametrized\)"):
+        fold_linear_batchnorm(linear, torch.nn.BatchNorm1d(4))
 
 
 @pytest.mark.parametrize("case", ["pruned_weight", "pruned_bias", "parametrized", "linear_subclass",

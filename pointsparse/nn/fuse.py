@@ -81,7 +81,9 @@ def _linear_batchnorm_refusal(linear: nn.Module, bn: nn.Module) -> TypeError | V
     None. The one list of those rules: ``SPVCNN.fuse_point_mlps`` skips a
     point MLP it names. (A feature-count mismatch is not in it: that pair
     is an error, not one to skip.)"""
-    if type(linear) is not nn.Linear or not isinstance(bn, nn.BatchNorm1d) or isinstance(bn, BatchNorm):
+    # (a parametrized Linear's class is one torch derived from its own, ParametrizedLinear)
+    own_type = type(linear).__bases__[0] if parametrize.is_parametrized(linear) else type(linear)
+    if own_type is not nn.Linear or not isinstance(bn, nn.BatchNorm1d) or isinstance(bn, BatchNorm):
         return TypeError(f"fold_linear_batchnorm takes a torch.nn.Linear and a torch.nn.BatchNorm1d; got "
                          f"{type(linear).__name__} and {type(bn).__name__}")
     if bn.running_mean is None or bn.running_var is None:
