@@ -112,6 +112,37 @@ def test_eval_and_prune_find_their_clouds_once(tmp_path, capsys, monkeypatch):
             assert defaults.count(paths) == 1, (argv, defaults)
 
 
+def test_train_and_predict_take_each_clouds_default_map_once(tmp_path, capsys, monkeypatch):
+    """train without --label-map took its --data clouds' default map twice: the source read them through it,
+    then the config recorded it by a second ``default_label_map`` of the same clouds (searched again; a
+    --resume whose checkpoint records its map took it too, to throw away). It records the map the source
+    took now; predict --format label takes each cloud's once. The map recorded and the labels written are
+    unchanged."""
+    import shutil
+
+    import pointsparse.data.datasets as datasets
+
+    seq, learning = scan_and_learning_ids(tmp_path)
+    for sub, suffix in (("velodyne", ".bin"), ("labels", ".label")):  # (two scans: --val-fraction holds one out)
+        shutil.copy(seq / sub / f"000000{suffix}", seq / sub / f"000001{suffix}")
+    looked = []
+    format_map = datasets._format_map
+    monkeypatch.setattr(datasets, "_format_map", lambda path: looked.append(path) or format_map(path))
+    train = ["train", "--epochs", "1", "--no-progress"]
+    for argv in ([*train, "--data", str(seq / "velodyne" / "000000.bin"), "--out", str(tmp_path / "one")],
+                 [*train, "--data", str(seq), "--val-fraction", "0.5", "--out", str(tmp_path / "split")],
+                 ["train", "--resume", str(tmp_path / "split" / "checkpoint.pt"), "--epochs", "2",
+                  "--no-progress", "--out", str(tmp_path / "split")],
+                 ["predict", "--checkpoint", str(tmp_path / "split" / "checkpoint.pt"), "--data", str(seq),
+                  str(learning), "--format", "label", "--out", str(tmp_path / "p")]):
+        looked.clear()
+        assert cli.main(argv) == 0, capsys.readouterr().err
+        assert looked and all(looked.count(path) == 1 for path in looked), (argv, looked)
+    for run in ("one", "split"):
+        assert checkpoint.load_training(tmp_path / run / "checkpoint.pt")["config"]["label_map"] == "semantic-kitti"
+    assert len(list((tmp_path / "p").rglob("*.label"))) == 3
+
+
 def test_prune_reads_data_through_the_map_eval_reads_it_through(tmp_path, capsys):
     """A run on SemanticKITTI .bin scans validated on Open3D-ML learning ids (--val-label-map
     semantic-kitti-learning): eval --data <learning ids> read them through the validation map, prune --data

@@ -28,7 +28,7 @@ import torch
 
 from .. import checkpoint
 from ..data import DEFAULT_IGNORE, NUM_FEATURES, VALIDATION_SEED, Batch, CloudFiles, VoxelDataset, open_source
-from ..data.datasets import default_label_map, is_generated
+from ..data.datasets import is_generated
 from ..data.generated import MAX_AZIMUTH_STEPS, MAX_BEAMS, MAX_RANGE
 from ..models import SyncBatchNorm, build_model, model_from_state
 from ..models.loading import non_finite_entry
@@ -431,9 +431,10 @@ def open_training_data(args, dist: Dist | None = None):
                   "(the validation mIoU is not held out)", file=sys.stderr)
             val = train
         else:
-            files = train.paths
-            val = CloudFiles(files[-held:], train.label_map, args.ignore_index)
-            train = CloudFiles(files[:-held], train.label_map, args.ignore_index)
+            whole, files = train, train.paths
+            val = CloudFiles(files[-held:], whole.label_map, args.ignore_index)
+            train = CloudFiles(files[:-held], whole.label_map, args.ignore_index)
+            val.default_map = train.default_map = whole.default_map  # (the map they are read through: --data's)
     require_labels(train, "--data")
     require_points(train, "--data", dist)
     require_labels(val, "--val-data", dist)
@@ -930,9 +931,11 @@ class TrainingJob:
             # a file as its absolute path; None: the raw labels are the classes): eval and prune of another
             # format's files read them through the run's classes, or refuse them (a run on
             # SemanticKITTI .bin scans recorded no map, and Open3D-ML learning ids were scored one class off).
-            # A resumed run keeps the map its checkpoint records; one that records none takes this run's.
-            self.config.setdefault("label_map", saved_args(args)["label_map"] if args.label_map is not None
-                                   else default_label_map(self.train_src.paths))
+            # A resumed run keeps the map its checkpoint records; one that records none takes this run's. The
+            # default is the one the training source took (the clouds' default_label_map, not searched again).
+            if "label_map" not in self.config:
+                self.config["label_map"] = (saved_args(args)["label_map"] if args.label_map is not None
+                                            else self.train_src.default_map)
         if state is not None:
             from .evaluate import check_data_classes
 

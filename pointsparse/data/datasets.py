@@ -121,7 +121,9 @@ class CloudFiles(Sequence[Sample]):
     """Point cloud files (paths, globs or folders; see
     :func:`~pointsparse.data.readers.find_clouds`), read on first use and kept,
     all through ``label_map``, else through their formats' one default map
-    (a ValueError where the clouds' formats have different ones)."""
+    (a ValueError where the clouds' formats have different ones), whose name
+    ``default_map`` keeps (:func:`default_label_map`'s; None for raw labels,
+    and where ``label_map`` is given)."""
 
     def __init__(self, specs, label_map=None, ignore_index: int = DEFAULT_IGNORE) -> None:
         ignore_index = _ignore_index(ignore_index)  # (here, not at the first cloud read in a loader's worker)
@@ -129,9 +131,10 @@ class CloudFiles(Sequence[Sample]):
         if not self.paths:
             raise ValueError(f"no point clouds found in {specs!r}")
         self.label_map: LabelMap | None = load_label_map(label_map) if label_map is not None else None
+        self.default_map: str | None = None
         if self.label_map is None:
-            default = _default_map(self.paths)
-            self.label_map = load_label_map(default) if default is not None else None
+            self.default_map = _default_map(self.paths)
+            self.label_map = load_label_map(self.default_map) if self.default_map is not None else None
         self.ignore_index = ignore_index
         self.classes = list(self.label_map.classes) if self.label_map is not None else None
         self._cache: dict[int, Sample] = {}
