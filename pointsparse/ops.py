@@ -64,6 +64,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _ext
+from . import coords as _coords
 from . import kmap as _kmap
 from .voxelize import check_segments as _check_segments
 from .voxelize import group_points as _group_points
@@ -238,12 +239,12 @@ def _(in_coords, out_coords, in_idx, out_idx, sizes, key, rows, kept_coords):
     return in_new, out_new, sizes.new_empty(sizes.shape)
 
 
-def _check_pairs(in_idx: Tensor, out_idx: Tensor, sizes: Tensor, key: list[int], num_in: int, num_out: int) -> None:
-    """A map's tensors as an operator is given them (a program's arguments):
-    ``in_idx`` and ``out_idx`` 1-D integer tensors of one length, ``sizes``
-    one count per offset of ``key`` summing to it, and every pair's rows in
-    ``[0, num_in)`` and ``[0, num_out)``; a ValueError (TypeError for a
-    dtype) naming the argument. One host read for the values."""
+def _check_pair_shapes(in_idx: Tensor, out_idx: Tensor, sizes: Tensor, key: list[int]) -> None:
+    """The dtypes and shapes of a map's tensors as an operator is given them
+    (a program's arguments): ``in_idx`` and ``out_idx`` 1-D integer tensors
+    of one length, ``sizes`` 1-D integer, one count per offset of ``key``; a
+    TypeError (dtype) or ValueError naming the argument. No host read: the
+    operators run it on trusted maps too."""
     for name, t in (("in_idx", in_idx), ("out_idx", out_idx), ("sizes", sizes)):
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise TypeError(f"{name} must be an integer tensor; got {t.dtype}")
@@ -254,6 +255,16 @@ def _check_pairs(in_idx: Tensor, out_idx: Tensor, sizes: Tensor, key: list[int],
         raise ValueError(f"out_idx holds {out_idx.shape[0]} rows but in_idx {pairs}: one of each per pair")
     if sizes.shape[0] != volume:
         raise ValueError(f"sizes must hold one count per offset of the key's kernel ({volume}); got {sizes.shape[0]}")
+
+
+def _check_pairs(in_idx: Tensor, out_idx: Tensor, sizes: Tensor, key: list[int], num_in: int, num_out: int) -> None:
+    """A map's tensors as an operator is given them (a program's arguments):
+    :func:`_check_pair_shapes`, then ``sizes`` counts summing to the pairs,
+    and every pair's rows in ``[0, num_in)`` and ``[0, num_out)``; a
+    ValueError (TypeError for a dtype) naming the argument. One host read
+    for the values."""
+    _check_pair_shapes(in_idx, out_idx, sizes, key)
+    pairs = in_idx.shape[0]
     flags = [(sizes < 0).any(), sizes.sum() != pairs]
     if pairs:
         flags += [(in_idx.min() < 0) | (in_idx.max() >= num_in), (out_idx.min() < 0) | (out_idx.max() >= num_out)]
@@ -274,8 +285,13 @@ def kmap_transpose(coarse_coords: Tensor, fine_coords: Tensor, in_idx: Tensor, o
     every pair's fine coords at its coarse coords plus its offset) unless
     ``trusted`` (a map the graph's own operators made: the check is a pass
     over the pairs and a host read, on a GPU a sync, each call of a
-    program)."""
-    if not trusted:
+    program). The dtypes and shapes of both coords and of the pairs
+    (:func:`_check_pair_shapes`) are checked either way (no host read)."""
+    _coords.check_coords(coarse_coords, "coarse_coords")
+    _coords.check_coords(fine_coords, "fine_coords")
+    if trusted:
+        _check_pair_shapes(in_idx, out_idx, sizes, key)
+    else:
         _check_pairs(in_idx, out_idx, sizes, key, fine_coords.shape[0], coarse_coords.shape[0])
     down = _as_kmap(coarse_coords, in_idx, out_idx, sizes, key, fine_coords.shape[0])
     up = down._transpose(fine_coords, trusted, "fine_coords")  # (its errors name the operator's argument)

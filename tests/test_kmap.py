@@ -1058,6 +1058,39 @@ def test_the_kmap_transpose_operator_names_its_fine_coords():
         down.transpose(fine.long())
 
 
+def test_the_kmap_transpose_operator_checks_its_coarse_coords_trusted_or_not():
+    """``torch.ops.pointsparse.kmap_transpose`` never checked
+    ``coarse_coords``: float or (M, 3) coarse coords were a bare
+    RuntimeError from inside torch ("result type Float can't be cast ...",
+    "The size of tensor a (4) must match ...") and went through silently
+    with ``trusted=True``, as did pairs of a float dtype, a second dimension
+    or another length (later a bare IndexError / NotImplementedError). The
+    dtype and shape checks (no host read) now run trusted or not, naming
+    the operator's argument."""
+    from pointsparse import ops
+
+    fine, key, (coarse, in_idx, out_idx, sizes) = _k2s2_operator_map()
+    for op in (ops.kmap_transpose, torch.ops.pointsparse.kmap_transpose):
+        for trusted in (False, True):
+            for bad, err, what in ((coarse.float(), TypeError, "must be int32"),
+                                   (coarse.long(), TypeError, "must be int32"),
+                                   (coarse[:, :3], ValueError, r"must be \(N, 4\)"),
+                                   (coarse[:, 0], ValueError, r"must be \(N, 4\)")):
+                with pytest.raises(err, match=f"^coarse_coords {what}"):
+                    op(bad, fine, in_idx, out_idx, sizes, key, trusted)
+            for args, err, word in (((in_idx.float(), out_idx, sizes), TypeError, "in_idx"),
+                                    ((in_idx, out_idx.float(), sizes), TypeError, "out_idx"),
+                                    ((in_idx, out_idx, sizes.float()), TypeError, "sizes"),
+                                    ((in_idx[None], out_idx, sizes), ValueError, "in_idx"),
+                                    ((in_idx, out_idx, sizes[None]), ValueError, "sizes"),
+                                    ((in_idx, out_idx[:-1], sizes), ValueError, "out_idx"),
+                                    ((in_idx, out_idx, sizes[:-1]), ValueError, "sizes")):
+                with pytest.raises(err, match=f"^{word}"):
+                    op(coarse, fine, *args, key, trusted)
+            up_in, up_out = op(coarse, fine, in_idx, out_idx, sizes, key, trusted)
+            assert torch.equal(up_in, km.build(fine, 2, 2).transpose(fine).in_idx)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_the_conv_operators_check_a_given_map_on_the_torch_loop_too(dtype):
     """The conv operators' torch loop (CPU float16; the fused engine's path
