@@ -211,13 +211,18 @@ class KernelMap:
         or out_coords of another kind, and for out_coords other than the
         map's own coords of ``rows`` (they label the outputs) unless
         ``trusted`` (a selection's, which took them from those rows)."""
+        return self._restricted(rows, out_coords, trusted, "out_coords")
+
+    def _restricted(self, rows: torch.Tensor, out_coords: torch.Tensor, trusted: bool, name: str) -> "KernelMap":
+        """:meth:`restricted`, its errors naming ``out_coords`` as ``name``
+        (the ``kmap_restrict`` operator's ``kept_coords``)."""
         device = self.out_idx.device
         if not isinstance(rows, torch.Tensor) or rows.dim() != 1 or rows.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"rows must be a 1-D int64 (or int32) tensor of output rows; got "
                             f"{getattr(rows, 'dtype', type(rows).__name__)} {tuple(getattr(rows, 'shape', ()))}")
-        _coords.check_coords(out_coords, "out_coords")
+        _coords.check_coords(out_coords, name)
         if out_coords.shape[0] != rows.numel() or out_coords.device != device:
-            raise ValueError(f"out_coords must be the {rows.numel()} kept rows' coords on {device}; got "
+            raise ValueError(f"{name} must be the {rows.numel()} kept rows' coords on {device}; got "
                              f"{out_coords.shape[0]} rows on {out_coords.device}")
         rows = rows.to(device, torch.int64)
         if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.num_out
@@ -228,7 +233,7 @@ class KernelMap:
             differ = (own != out_coords).any(1)
             if bool(differ.any()):
                 i = int(differ.nonzero()[0])
-                raise ValueError(f"out_coords must be the map's coords of the kept rows: row {i} (output row "
+                raise ValueError(f"{name} must be the map's coords of the kept rows: row {i} (output row "
                                  f"{int(rows[i])}) is {out_coords[i].tolist()}, not {own[i].tolist()}")
         renumber = torch.full((self.num_out,), -1, dtype=torch.int64, device=device)
         renumber[rows] = torch.arange(rows.numel(), dtype=torch.int64, device=device)

@@ -226,10 +226,15 @@ def kmap_restrict(in_coords: Tensor, out_coords: Tensor, in_idx: Tensor, out_idx
     """``(in_idx, out_idx, sizes)`` of the map ``in_coords -> out_coords``
     restricted to the output rows ``rows`` (sorted, distinct; their coords
     ``kept_coords``): ``KernelMap.restricted``, a selection's downsampling
-    map without a search (:func:`select_voxels`)."""
+    map without a search (:func:`select_voxels`). The three coords and
+    the pairs' dtypes and shapes are checked (:func:`_check_pair_shapes`,
+    no host read), each error naming the operator's argument."""
+    _coords.check_coords(in_coords, "in_coords")
+    _coords.check_coords(out_coords, "out_coords")
+    _check_pair_shapes(in_idx, out_idx, sizes, key)
     # (trusted: kept_coords label no output of the operator, which returns the pairs only)
-    m = _as_kmap(out_coords, in_idx, out_idx, sizes, key, in_coords.shape[0]).restricted(rows, kept_coords,
-                                                                                          trusted=True)
+    m = _as_kmap(out_coords, in_idx, out_idx, sizes, key, in_coords.shape[0])._restricted(rows, kept_coords, True,
+                                                                                           "kept_coords")
     return m.in_idx, m.out_idx, m.sizes.to(out_coords.device)
 
 

@@ -1091,6 +1091,44 @@ def test_the_kmap_transpose_operator_checks_its_coarse_coords_trusted_or_not():
             assert torch.equal(up_in, km.build(fine, 2, 2).transpose(fine).in_idx)
 
 
+def test_the_kmap_restrict_operator_checks_and_names_its_arguments():
+    """``torch.ops.pointsparse.kmap_restrict`` took ``in_coords`` and
+    ``out_coords`` unchecked (float, (N, 3) or 1-D went through silently),
+    pairs of a float dtype silently too (the core cast them), a 2-D
+    ``sizes`` as a TypeError from int(), and named its ``kept_coords``
+    ``out_coords`` (KernelMap.restricted's argument, not the operator's).
+    Each is a TypeError / ValueError naming the operator's argument."""
+    from pointsparse import ops
+
+    fine, key, (coarse, in_idx, out_idx, sizes) = _k2s2_operator_map()
+    rows = torch.tensor([0, 2, 5])
+    kept = coarse[rows]
+    want = km.build(fine, 2, 2, out_coords=coarse).restricted(rows, kept)
+    for op in (ops.kmap_restrict, torch.ops.pointsparse.kmap_restrict):
+        got = op(fine, coarse, in_idx, out_idx, sizes, key, rows, kept)
+        assert all(torch.equal(a, b) for a, b in zip(got, (want.in_idx, want.out_idx, want.sizes)))
+        args = dict(in_coords=fine, out_coords=coarse, in_idx=in_idx, out_idx=out_idx, sizes=sizes, rows=rows,
+                    kept_coords=kept)
+        for name in ("in_coords", "out_coords", "kept_coords"):
+            c = args[name]
+            for bad, err, what in ((c.float(), TypeError, "must be int32"), (c.long(), TypeError, "must be int32"),
+                                   (c[:, :3], ValueError, r"must be \(N, 4\)"),
+                                   (c[:, 0], ValueError, r"must be \(N, 4\)")):
+                with pytest.raises(err, match=f"^{name} {what}"):
+                    op(**{**args, name: bad}, key=key)
+        for name, bad, err in (("in_idx", in_idx.float(), TypeError), ("out_idx", out_idx.float(), TypeError),
+                               ("sizes", sizes.float(), TypeError), ("in_idx", in_idx[None], ValueError),
+                               ("sizes", sizes[None], ValueError), ("out_idx", out_idx[:-1], ValueError),
+                               ("sizes", sizes[:-1], ValueError)):
+            with pytest.raises(err, match=f"^{name}"):
+                op(**{**args, name: bad}, key=key)
+        with pytest.raises(ValueError, match="^kept_coords must be the 3 kept rows' coords"):
+            op(**{**args, "kept_coords": kept[:2]}, key=key)
+    down = km.build(fine, 2, 2, out_coords=coarse)
+    with pytest.raises(TypeError, match="^out_coords must be int32"):  # the method still names its own argument
+        down.restricted(rows, kept.float())
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_the_conv_operators_check_a_given_map_on_the_torch_loop_too(dtype):
     """The conv operators' torch loop (CPU float16; the fused engine's path
