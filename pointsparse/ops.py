@@ -184,7 +184,9 @@ def kmap_build(coords: Tensor, out_coords: Optional[Tensor], key: list[int],
     (and out_coords) are unique multiples of their strides, made or checked
     earlier in the same graph (see :class:`GraphCache`): the checks are
     skipped and the maps that need no search (1x1x1) take their shortcut,
-    as an eager cache's maps do."""
+    as an eager cache's maps do (the dtype and shape check of the coords,
+    no host read, runs either way)."""
+    _coords.check_coords(coords, "coords")
     k = _down_key(key, "kmap_build")
     m = _kmap._build(coords, k.kernel_size, k.stride, k.dilation, k.tensor_stride, None, out_coords,
                      trusted=trusted)
@@ -205,6 +207,7 @@ def kmap_parents(coords: Tensor, key: list[int], trusted: bool = False) -> tuple
     from the downsampling's own sort, in one pass (the graph's
     :func:`downsample` then :func:`kmap_build` make two). ``trusted``: as
     :func:`kmap_build`'s."""
+    _coords.check_coords(coords, "coords")
     k = _down_key(key, "kmap_parents")
     if k.stride == (1, 1, 1):  # (its outputs were its input coords: torch refused the alias from inside)
         raise ValueError(f"kmap_parents needs a key with a stride > 1 (a stride-1 map's outputs are its inputs, "

@@ -1129,6 +1129,27 @@ def test_the_kmap_restrict_operator_checks_and_names_its_arguments():
         down.restricted(rows, kept.float())
 
 
+def test_the_map_building_operators_check_their_coords_when_trusted_too():
+    """``kmap_build`` / ``kmap_parents`` with ``trusted=True`` (a program's
+    user may pass it) skipped the coords check: float or int64 coords
+    built a map silently. The dtype and shape check (no host read) runs
+    either way; only the checks of the values are skipped."""
+    from pointsparse import ops
+
+    fine, key, _ = _k2s2_operator_map()
+    sub = ops.key_to_list(km.KernelMapKey((1, 1, 1), (3, 3, 3), (1, 1, 1), (1, 1, 1)))
+    calls = [lambda c, t: torch.ops.pointsparse.kmap_build(c, None, sub, t),
+             lambda c, t: torch.ops.pointsparse.kmap_build(c, None, key, t),
+             lambda c, t: torch.ops.pointsparse.kmap_parents(c, key, t)]
+    for call in calls:
+        for trusted in (False, True):
+            for bad, err, what in ((fine.float(), TypeError, "must be int32"), (fine.long(), TypeError, "must be int32"),
+                                   (fine[:, :3], ValueError, r"must be \(N, 4\)")):
+                with pytest.raises(err, match=f"^coords {what}"):
+                    call(bad, trusted)
+            call(fine, trusted)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_the_conv_operators_check_a_given_map_on_the_torch_loop_too(dtype):
     """The conv operators' torch loop (CPU float16; the fused engine's path
