@@ -381,6 +381,58 @@ def _as_given(t: Tensor):
     return torch.autocast(t.device.type, enabled=False)
 
 
+def _check_float_2d(t: Tensor, name: str, shape: str, rows: Optional[int] = None,
+                    columns: Optional[int] = None) -> None:
+    """``t`` of a feats dtype (TypeError) and 2-D ``shape``, of ``rows``
+    rows and ``columns`` columns where given (ValueError), naming ``name``."""
+    check_float_dtype(t, name, shape)
+    if t.dim() != 2 or (rows is not None and t.shape[0] != rows) or (columns is not None and t.shape[1] != columns):
+        raise ValueError(f"{name} must be {shape}; got shape {tuple(t.shape)}")
+
+
+def _check_weight(weight: Tensor, key: list[int], dtype: torch.dtype, like: str, c_in: Optional[int] = None,
+                  c_out: Optional[int] = None) -> None:
+    """A conv operator's ``weight``: ``(K, C_in, C_out)`` of ``dtype`` (the
+    dtype of the operator's ``like`` argument), K the key's kernel volume."""
+    volume = _kernel_volume(key)
+    shape = f"(K, C_in, C_out) with K = {volume} (the key's kernel)"
+    check_float_dtype(weight, "weight", shape)
+    if weight.dim() != 3 or weight.shape[0] != volume or (c_in is not None and weight.shape[1] != c_in) or \
+            (c_out is not None and weight.shape[2] != c_out):
+        want = f"({volume}, {'C_in' if c_in is None else c_in}, {'C_out' if c_out is None else c_out})"
+        raise ValueError(f"weight must be (K, C_in, C_out) = {want}; got shape {tuple(weight.shape)}")
+    if weight.dtype != dtype:
+        raise TypeError(f"weight dtype {weight.dtype} differs from {like}'s {dtype}")
+
+
+def _check_map(out_coords: Tensor, in_idx: Tensor, out_idx: Tensor, sizes: Tensor, key: list[int]) -> None:
+    """A conv operator's map tensors: ``out_coords`` int32 ``(M, 4)`` and
+    :func:`_check_pair_shapes` (no host read; the values: the engine's
+    plan, or :func:`_loop_kmap`)."""
+    _coords.check_coords(out_coords, "out_coords")
+    _check_pair_shapes(in_idx, out_idx, sizes, key)
+
+
+def _check_conv(feats: Tensor, weight: Tensor, bias: Optional[Tensor], out_coords: Tensor, in_idx: Tensor,
+                out_idx: Tensor, sizes: Tensor, key: list[int], add: Optional[Tensor] = None) -> None:
+    """:func:`conv` / :func:`conv_inference`'s tensors, their dtypes and
+    shapes (as eager's conv3d checks them): a TypeError (dtype) or
+    ValueError naming the argument, on every path (the torch loop's were
+    bare errors from inside torch)."""
+    _check_float_2d(feats, "feats", "(N, C_in)")
+    _check_weight(weight, key, feats.dtype, "feats", c_in=feats.shape[1])
+    if bias is not None:
+        check_float_dtype(bias, "bias", "(C_out,)")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} differs from the weight's {weight.dtype}")
+        if bias.dim() != 1 or bias.shape[0] != weight.shape[2]:
+            raise ValueError(f"bias must be (C_out,) = ({weight.shape[2]},); got shape {tuple(bias.shape)}")
+    _check_map(out_coords, in_idx, out_idx, sizes, key)
+    if add is not None:  # (of another float dtype: added after the conv, promoted)
+        _check_float_2d(add, "add", f"(M, C_out) = ({out_coords.shape[0]}, {weight.shape[2]}) (the conv's output)",
+                        out_coords.shape[0], weight.shape[2])
+
+
 def _forward(feats: Tensor, weight: Tensor, bias: Optional[Tensor], out_coords: Tensor, in_idx: Tensor,
              out_idx: Tensor, sizes: Tensor, key: list[int], add: Optional[Tensor] = None,
              relu: bool = False) -> Tensor:
@@ -429,7 +481,9 @@ def conv(feats: Tensor, weight: Tensor, bias: Optional[Tensor], out_coords: Tens
          out_idx: Tensor, sizes: Tensor, key: list[int]) -> Tensor:
     """``out = bias + sum_o feats[in_idx] @ weight[o]`` added at ``out_idx``
     (:func:`_forward`: the fused engine, its bf16 kernels, or the torch
-    loop; an exported bf16 model runs the bf16 kernels)."""
+    loop; an exported bf16 model runs the bf16 kernels). The tensors'
+    dtypes and shapes are checked first (:func:`_check_conv`)."""
+    _check_conv(feats, weight, bias, out_coords, in_idx, out_idx, sizes, key)
     return _forward(feats, weight, bias, out_coords, in_idx, out_idx, sizes, key)
 
 
@@ -444,7 +498,9 @@ def conv_inference(feats: Tensor, weight: Tensor, bias: Optional[Tensor], out_co
     """``relu(conv(...) + add)`` without autograd (a graph that needs no
     gradient: an exported inference program): the residual ``add`` (or
     None) and the ReLU run in the kernel's store, block by block, as in
-    eager inference (the same bits); see :func:`_forward`."""
+    eager inference (the same bits); see :func:`_forward`. The tensors'
+    dtypes and shapes are checked first (:func:`_check_conv`)."""
+    _check_conv(feats, weight, bias, out_coords, in_idx, out_idx, sizes, key, add)
     return _forward(feats, weight, bias, out_coords, in_idx, out_idx, sizes, key, add, relu)
 
 
@@ -461,7 +517,14 @@ def conv_input_grad(grad: Tensor, weight: Tensor, out_coords: Tensor, in_idx: Te
     """``sum_o grad[out_idx] @ weight[o].T`` added at ``in_idx``: ``(num_in, C_in)``
     (bf16 / fp16: each offset's product rounded once by its matmul, summed
     in float32 and the sum rounded once, as eager's torch path sums them;
-    a sum kept in the low precision rounded at every offset)."""
+    a sum kept in the low precision rounded at every offset). The tensors'
+    dtypes and shapes and ``num_in`` are checked first."""
+    _check_float_2d(grad, "grad", f"(M, C_out) with M = {out_coords.shape[0]} (out_coords' rows)",
+                    out_coords.shape[0])
+    _check_weight(weight, key, grad.dtype, "grad", c_out=grad.shape[1])
+    _check_map(out_coords, in_idx, out_idx, sizes, key)
+    if num_in < 0:
+        raise ValueError(f"num_in must be >= 0 (the input's rows); got {num_in}")
     if _engine_runs(grad, weight):
         from .nn import _engine
 
@@ -485,7 +548,14 @@ def _(grad, weight, out_coords, in_idx, out_idx, sizes, key, num_in):
 @torch.library.custom_op(f"{_LIB}::conv_weight_grad", mutates_args=())
 def conv_weight_grad(feats: Tensor, grad: Tensor, out_coords: Tensor, in_idx: Tensor, out_idx: Tensor,
                      sizes: Tensor, key: list[int]) -> Tensor:
-    """``grad_weight[o] = feats[in_idx].T @ grad[out_idx]``: ``(K, C_in, C_out)``."""
+    """``grad_weight[o] = feats[in_idx].T @ grad[out_idx]``: ``(K, C_in, C_out)``.
+    The tensors' dtypes and shapes are checked first."""
+    _check_float_2d(feats, "feats", "(N, C_in)")
+    _check_float_2d(grad, "grad", f"(M, C_out) with M = {out_coords.shape[0]} (out_coords' rows)",
+                    out_coords.shape[0])
+    if grad.dtype != feats.dtype:
+        raise TypeError(f"grad dtype {grad.dtype} differs from feats' {feats.dtype}")
+    _check_map(out_coords, in_idx, out_idx, sizes, key)
     shape = (_kernel_volume(key), feats.shape[1], grad.shape[1])
     if _engine_runs(feats, grad):
         from .nn import _engine

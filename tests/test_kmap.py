@@ -1183,6 +1183,74 @@ def test_the_conv_operators_check_a_given_map_on_the_torch_loop_too(dtype):
             ops.conv_weight_grad(x.feats, g, coords, in_idx, out_idx, m.sizes, key)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_the_conv_operators_check_their_tensors_dtypes_and_shapes(dtype):
+    """The conv operators (a program's ``torch.ops.pointsparse.conv`` ...)
+    took their tensors as they came: on the torch loop (CPU float16) int
+    feats, weight or grad, a 2-D weight, a short weight, bias or grad, or a
+    weight of another dtype were a bare RuntimeError / IndexError from
+    inside torch; on every path float coords, a float sizes and a
+    mismatched or 2-D bias went through silently, and a 2-D sizes was a
+    TypeError from int(). Each is a TypeError (dtype) / ValueError (shape)
+    naming the operator's argument, on every path (no host read)."""
+    from pointsparse import ops
+
+    def named(name):  # (two tensors of different dtypes: either may be named, the other as the one it differs from)
+        return rf"^{name}\b|differs from {name}'s"
+
+    coords = random_coords(60, 1, 6, seed=3)
+    x = ps.SparseTensor(torch.randn(len(coords), 4, dtype=dtype), coords)
+    m = km.get_kmap(x, 3)
+    key, n = ops.key_to_list(m.key), len(coords)
+    f, w, b = x.feats, torch.randn(m.kernel_volume, 4, 5, dtype=dtype), torch.randn(5, dtype=dtype)
+    g, add = torch.randn(n, 5, dtype=dtype), torch.randn(n, 5, dtype=dtype)
+    good = dict(feats=f, weight=w, bias=b, out_coords=coords, in_idx=m.in_idx, out_idx=m.out_idx, sizes=m.sizes)
+    other = torch.float64 if dtype != torch.float64 else torch.float32
+    shared = [("out_coords", coords.float(), TypeError), ("out_coords", coords[:, :3], ValueError),
+              ("in_idx", m.in_idx.float(), TypeError), ("sizes", m.sizes.float(), TypeError),
+              ("sizes", m.sizes[None], ValueError), ("out_idx", m.out_idx[:-1], ValueError),
+              ("weight", w.long(), TypeError), ("weight", w[0], ValueError), ("weight", w[:5], ValueError),
+              ("weight", w.to(other), TypeError)]
+    forward = shared + [("feats", f.long(), TypeError), ("feats", f[:, 0], ValueError),
+                        ("bias", b.long(), TypeError), ("bias", b.to(other), TypeError),
+                        ("bias", b[:3], ValueError), ("bias", b[None], ValueError)]
+    for name, bad, err in forward:
+        args = {**good, name: bad}
+        with pytest.raises(err, match=named(name)):
+            ops.conv(**args, key=key)
+        with pytest.raises(err, match=named(name)):
+            torch.ops.pointsparse.conv_inference(**args, key=key, add=None, relu=False)
+    with pytest.raises(ValueError, match=r"^weight must be \(K, C_in, C_out\) = \(27, 3, C_out\)"):
+        ops.conv(**{**good, "feats": f[:, :3]}, key=key)  # (the feats' channels: the weight's C_in is named)
+    for name, bad, err in [("add", add.long(), TypeError), ("add", add[:3], ValueError), ("add", add[:, 0], ValueError),
+                           ("add", add[:, :3], ValueError)]:
+        with pytest.raises(err, match=named(name)):
+            torch.ops.pointsparse.conv_inference(**good, key=key, add=bad, relu=True)
+    pairs = dict(out_coords=coords, in_idx=m.in_idx, out_idx=m.out_idx, sizes=m.sizes)
+    grads = [("grad", g.long(), TypeError), ("grad", g[:, 0], ValueError), ("grad", g[:10], ValueError),
+             ("grad", g.to(other), TypeError)]
+    with pytest.raises(ValueError, match=r"^weight must be \(K, C_in, C_out\) = \(27, C_in, 3\)"):
+        torch.ops.pointsparse.conv_input_grad(g[:, :3], w, *pairs.values(), key, n)  # (the weight's C_out named)
+    for name, bad, err in shared + grads:
+        args = {"grad": g, "weight": w, **pairs, name: bad}
+        with pytest.raises(err, match=named(name)):
+            torch.ops.pointsparse.conv_input_grad(**args, key=key, num_in=n)
+    with pytest.raises(ValueError, match="^num_in"):
+        torch.ops.pointsparse.conv_input_grad(g, w, *pairs.values(), key, -1)
+    weight_grad = [(k, v, e) for k, v, e in shared if k != "weight"] + grads + [
+        ("feats", f.long(), TypeError), ("feats", f[:, 0], ValueError)]
+    for name, bad, err in weight_grad:
+        args = {"feats": f, "grad": g, **pairs, name: bad}
+        with pytest.raises(err, match=named(name)):
+            torch.ops.pointsparse.conv_weight_grad(**args, key=key)
+    from pointsparse.nn.reference import conv_sum
+
+    want = conv_sum(f.double(), w.double(), m).to(dtype) + b
+    torch.testing.assert_close(torch.ops.pointsparse.conv(**good, key=key), want, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(torch.ops.pointsparse.conv_inference(**good, key=key, add=add.double(), relu=False),
+                               want.double() + add.double(), rtol=1e-2, atol=1e-2)
+
+
 def test_the_conv_operator_follows_a_new_sizes_tensor_for_the_same_pairs():
     """The conv operator's plan cache is keyed by the pair tensors; given the
     same ``in_idx`` / ``out_idx`` with another ``sizes`` (the pairs split
