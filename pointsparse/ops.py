@@ -802,11 +802,19 @@ def batch_counts(coords: Tensor, channels: int, element_size: int) -> Tensor:
     index of ``coords`` + 1 (0 without rows): the rows of a global pooling's
     dense output, a size a graph reads only from this operator (checked
     against :data:`pointsparse.nn.functional.MAX_GLOBAL_POOL_BYTES` for
-    ``channels`` values of ``element_size`` bytes a row, as eager mode)."""
+    ``channels`` values of ``element_size`` bytes a row, as eager mode).
+    ``coords`` int32 ``(N, 4)`` with batch indices >= 0 (a TypeError /
+    ValueError naming them; the smallest index read with the largest)."""
     from .nn.functional import check_global_pool_size
 
+    _coords.check_coords(coords, "coords")
     batch = coords[:, 0].long()
-    b = int(batch.max()) + 1 if batch.numel() else 0
+    b = 0
+    if batch.numel():
+        lo, hi = torch.stack(torch.aminmax(batch)).tolist()  # (one host read, as the largest alone took)
+        if lo < 0:
+            raise ValueError(f"coords hold a negative batch index ({lo}); batch indices must be >= 0")
+        b = hi + 1
     check_global_pool_size(b, channels, element_size, "a global pooling")
     return torch.bincount(batch, minlength=b)
 

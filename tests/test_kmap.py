@@ -1321,6 +1321,24 @@ def test_the_voxel_rows_operator_names_point_coords():
         ops.voxel_rows(coords, [2, 2, 2], points.float())
 
 
+def test_the_batch_counts_operator_checks_its_coords():
+    """``torch.ops.pointsparse.batch_counts`` (a program's operator) took its
+    coords unchecked: float or (N, 3) coords counted silently, 1-D ones
+    were a bare IndexError, a negative batch index a bare RuntimeError from
+    bincount. A TypeError / ValueError naming coords (the negative batch
+    read with the largest one: no extra host read)."""
+    coords = torch.tensor([[0, 0, 0, 0], [2, 1, 1, 1], [2, 2, 2, 2]], dtype=torch.int32)
+    assert torch.ops.pointsparse.batch_counts(coords, 4, 4).tolist() == [1, 0, 2]
+    assert torch.ops.pointsparse.batch_counts(coords[:0], 4, 4).tolist() == []
+    for bad, err, what in ((coords.float(), TypeError, "must be int32"), (coords.long(), TypeError, "must be int32"),
+                           (coords[:, :3], ValueError, r"must be \(N, 4\)"),
+                           (coords[:, 0], ValueError, r"must be \(N, 4\)")):
+        with pytest.raises(err, match=f"^coords {what}"):
+            torch.ops.pointsparse.batch_counts(bad, 4, 4)
+    with pytest.raises(ValueError, match=r"^coords hold a negative batch index \(-1\)"):
+        torch.ops.pointsparse.batch_counts(coords - torch.tensor([1, 0, 0, 0], dtype=torch.int32), 4, 4)
+
+
 def test_get_kmap_checks_its_method_on_a_cache_hit():
     """get_kmap(tensor, 3, method="bogus") (or method=5) after the map was
     built returned the cached map without a word, where the first call
