@@ -66,6 +66,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import _ext
 from . import coords as _coords
 from . import kmap as _kmap
+from .voxelize import check_segment_shapes as _check_segment_shapes
 from .voxelize import check_segments as _check_segments
 from .voxelize import group_points as _group_points
 from .voxelize import segment_reduce as _segment_reduce
@@ -708,11 +709,14 @@ def segment_reduce(feats: Tensor, inverse: Tensor, perm: Tensor, seg_ptr: Tensor
     against ``perm`` and ``seg_ptr``: the core reduces by those, the torch
     path and the backward by ``inverse``), unless ``trusted`` (segments the
     graph's own :func:`voxelize` made: a host read on a GPU, each call of a
-    program). ``feats`` of another dtype than
+    program; their dtypes and shapes are checked either way). ``feats``
+    of another dtype than
     float16, bfloat16, float32 or float64 is a TypeError, as voxelize's."""
     check_float_dtype(feats, "feats")  # (integers were summed in float32, max a bare torch error)
     if not trusted:  # (both paths: the core reduces by perm and seg_ptr, its backward by inverse)
         _check_segments(feats, inverse, perm, seg_ptr, mode)
+    else:  # (the dtypes and shapes read no value: checked trusted too)
+        _check_segment_shapes(feats, inverse, perm, seg_ptr, mode)
     out, arg = _segment_reduce(feats, inverse, perm, seg_ptr, mode)
     return out, (arg.clone() if arg is inverse or arg is perm else arg)
 

@@ -195,15 +195,17 @@ def segment_reduce(feats, inverse, perm, seg_ptr, mode: int):
     return _segment_reduce_torch(feats, inverse, perm, seg_ptr, mode)
 
 
-def check_segments(feats, inverse, perm, seg_ptr, mode: int) -> None:
-    """What the core's ``segment_reduce`` checks (``mode``; ``perm`` 1-D,
-    one row of ``feats`` each; ``seg_ptr`` tiling them, strictly
-    increasing), and the ``inverse`` the torch path and the backward reduce
-    by (1-D, one voxel in ``[0, M)`` each, the voxel whose segment of
-    ``perm`` holds the point; ``perm`` a permutation): a ValueError naming
-    the argument, as the core's. Two host reads for the values."""
+def check_segment_shapes(feats, inverse, perm, seg_ptr, mode: int) -> None:
+    """The part of :func:`check_segments` that reads no value (no host read:
+    the ``segment_reduce`` operator runs it on trusted segments too):
+    ``mode``; ``feats`` 2-D; ``inverse``, ``perm`` and ``seg_ptr`` integer
+    tensors, ``inverse`` and ``perm`` 1-D with one entry per row of
+    ``feats``, ``seg_ptr`` 1-D and non-empty. A TypeError (dtype) or
+    ValueError naming the argument."""
     if not isinstance(mode, int) or not 0 <= mode <= 3:
         raise ValueError("mode must be 0 (sum), 1 (mean), 2 (max) or 3 (first)")
+    if feats.dim() != 2:
+        raise ValueError(f"feats must be 2-D (N, C); got shape {tuple(feats.shape)}")
     for name, t in (("inverse", inverse), ("perm", perm), ("seg_ptr", seg_ptr)):
         if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             raise TypeError(f"{name} must be an integer tensor; got {getattr(t, 'dtype', type(t).__name__)}")
@@ -213,6 +215,18 @@ def check_segments(feats, inverse, perm, seg_ptr, mode: int) -> None:
             raise ValueError(f"{name} must be 1-D of length {n}; got shape {tuple(t.shape)}")
     if seg_ptr.dim() != 1 or seg_ptr.shape[0] < 1:
         raise ValueError("seg_ptr must be 1-D, non-empty")
+
+
+def check_segments(feats, inverse, perm, seg_ptr, mode: int) -> None:
+    """What the core's ``segment_reduce`` checks (``mode``; ``perm`` 1-D,
+    one row of ``feats`` each; ``seg_ptr`` tiling them, strictly
+    increasing), and the ``inverse`` the torch path and the backward reduce
+    by (1-D, one voxel in ``[0, M)`` each, the voxel whose segment of
+    ``perm`` holds the point; ``perm`` a permutation): a ValueError naming
+    the argument, as the core's. :func:`check_segment_shapes`, then two
+    host reads for the values."""
+    check_segment_shapes(feats, inverse, perm, seg_ptr, mode)
+    n = feats.shape[0]
     m = seg_ptr.shape[0] - 1
     ends = (seg_ptr[0] != 0) | (seg_ptr[-1] != n)
     flags = torch.stack([ends, (seg_ptr[1:] <= seg_ptr[:-1]).any(), ((perm < 0) | (perm >= n)).any(),

@@ -927,6 +927,29 @@ def test_the_segment_reduce_operator_names_an_inverse_that_is_no_voxel_map():
     assert out.tolist() == [[1.0, 2.0], [4.0, 5.0]]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_the_segment_reduce_operator_checks_dtypes_and_shapes_when_trusted_too(dtype):
+    """``trusted=True`` (voxelize's own segments; a program's user may pass
+    it) skipped every check of inverse, perm and seg_ptr: float ones, a
+    short or 2-D inverse reduced silently. Their dtypes and shapes (no host
+    read) are checked either way, naming the argument; only the checks of
+    the values are skipped."""
+    feats = torch.arange(6, dtype=dtype).reshape(3, 2)
+    inverse, perm, seg_ptr = torch.tensor([0, 0, 1]), torch.arange(3), torch.tensor([0, 2, 3])
+    good = dict(feats=feats, inverse=inverse, perm=perm, seg_ptr=seg_ptr)
+    cases = [("inverse", inverse.float(), TypeError), ("perm", perm.float(), TypeError),
+             ("seg_ptr", seg_ptr.float(), TypeError), ("inverse", inverse[:2], ValueError),
+             ("inverse", inverse[None], ValueError), ("perm", perm[:2], ValueError),
+             ("seg_ptr", seg_ptr[None], ValueError), ("feats", feats[:, 0], ValueError)]
+    for trusted in (False, True):
+        for name, bad, err in cases:
+            for mode in range(4):
+                with pytest.raises(err, match=f"^{name}"):
+                    torch.ops.pointsparse.segment_reduce(**{**good, name: bad}, mode=mode, trusted=trusted)
+        out, _ = torch.ops.pointsparse.segment_reduce(**good, mode=0, trusted=trusted)
+        assert out.tolist() == [[2.0, 4.0], [4.0, 5.0]]
+
+
 def test_trilinear_devoxelize_of_several_items_needs_batch():
     """devoxelize(mode='trilinear') without batch read every point from
     batch item 0: the points of item 1 got item 0's features (or zeros
