@@ -812,6 +812,10 @@ def batch_counts(coords: Tensor, channels: int, element_size: int) -> Tensor:
     from .nn.functional import check_global_pool_size
 
     _coords.check_coords(coords, "coords")
+    if channels < 0:  # (the size limit's factors: a negative one let any batch index through it)
+        raise ValueError(f"channels must be >= 0 (the pooled feats' channels); got {channels}")
+    if element_size < 1:
+        raise ValueError(f"element_size must be >= 1 (bytes of one value); got {element_size}")
     batch = coords[:, 0].long()
     b = 0
     if batch.numel():

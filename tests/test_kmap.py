@@ -1337,6 +1337,11 @@ def test_the_batch_counts_operator_checks_its_coords():
             torch.ops.pointsparse.batch_counts(bad, 4, 4)
     with pytest.raises(ValueError, match=r"^coords hold a negative batch index \(-1\)"):
         torch.ops.pointsparse.batch_counts(coords - torch.tensor([1, 0, 0, 0], dtype=torch.int32), 4, 4)
+    # the size limit's factors: a negative channels or element_size made any batch index pass it
+    for channels, element_size, name in ((-1, 4, "channels"), (4, 0, "element_size"), (4, -2, "element_size")):
+        with pytest.raises(ValueError, match=f"^{name} must be"):
+            torch.ops.pointsparse.batch_counts(coords, channels, element_size)
+    assert torch.ops.pointsparse.batch_counts(coords, 0, 4).tolist() == [1, 0, 2]  # (no channels: still counts)
 
 
 def test_get_kmap_checks_its_method_on_a_cache_hit():
