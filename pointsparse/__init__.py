@@ -3,7 +3,9 @@ pure-torch path for any device) with a weight-pruning toolkit on top.
 
 Public contract: ``../shared/API.md``. Subpackages: ``pointsparse.kmap``
 (kernel maps), ``pointsparse.nn`` (layers), ``pointsparse.prune`` (pruning),
-``pointsparse.formats`` (sparse weight formats and SpMM)."""
+``pointsparse.formats`` (sparse weight formats and SpMM); also on first
+use ``pointsparse.models`` (MinkUNet, SPVCNN) and ``pointsparse.export``
+(exported programs)."""
 
 from ._ext import backend, get_backend, num_threads, output_pool, reuse_freed_memory
 from .tensor import CoordinateCache, SparseTensor, collate
@@ -12,10 +14,11 @@ from . import ops  # noqa: E402,F401  (registers the torch custom operators)
 
 __version__ = "0.1.0"
 
-# The subpackages of the public contract, imported on first use so that
-# `import pointsparse as ps; ps.nn.Conv3d(...)` works without paying for (or
+# The subpackages of the public contract, and the models and exported
+# programs, imported on first use so that `import pointsparse as ps;
+# ps.nn.Conv3d(...)` (or `ps.export.load(path)`) works without paying for (or
 # cycling through) every subpackage at import time.
-_SUBPACKAGES = ("kmap", "nn", "prune", "formats")
+_SUBPACKAGES = ("kmap", "nn", "prune", "formats", "models", "export")
 
 
 def __getattr__(name: str):

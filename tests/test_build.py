@@ -221,7 +221,9 @@ def test_small_calls_do_not_start_a_thread_team():
 def test_public_names_and_lazy_subpackages():
     """`import pointsparse as ps` gives the API.md names, and ps.nn / ps.kmap
     (the contract's `pointsparse.nn.Conv3d`, `pointsparse.kmap.build`) without
-    importing them first."""
+    importing them first; ps.export and ps.models too (`pointsparse.export.load`
+    after `import pointsparse` was an AttributeError, which the export command's
+    own hint led a user into)."""
     from reference import run_python
 
     code = (
@@ -231,6 +233,9 @@ def test_public_names_and_lazy_subpackages():
         "assert 'pointsparse.nn' not in sys.modules\n"
         "assert ps.nn.Conv3d and ps.nn.functional.conv3d and ps.kmap.build\n"
         "assert 'nn' in dir(ps)\n"
+        "assert 'pointsparse.export' not in sys.modules and 'pointsparse.models' not in sys.modules\n"
+        "assert ps.export.load and ps.export.ProgramModel and ps.models.MinkUNet and ps.models.build_model\n"
+        "assert {'export', 'models'} <= set(dir(ps))\n"
         "try:\n"
         "    ps.no_such_name\n"
         "except AttributeError:\n"
