@@ -128,6 +128,51 @@ def test_unknown_command(capsys):
     assert info.value.code == 2 and "invalid choice" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, command, unknown", [
+    (["train", "--out", "r", "--bogus", "1"], "train", "--bogus 1"),
+    (["eval", "--checkpoint", "c.pt", "--bogus"], "eval", "--bogus"),
+    (["prune", "lottery", "--no-progress"], "prune", "--no-progress"),  # (the procedure: prune's positional)
+    (["prune", "--no-progress", "lottery", "--quick"], "prune", "--no-progress"),
+    (["bench", "kmap", "--args", "--repeats 2", "--repeats", "2"], "bench", "--repeats 2"),
+])
+def test_an_option_the_command_does_not_take_is_named_with_its_usage(capsys, argv, command, unknown):
+    """An option the command does not know was argparse's top-level error
+    (``usage: pointsparse [-h] <command> ...``), which shows none of the
+    command's options: it is the command's own usage and error line now,
+    exit status 2."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert err.startswith(f"usage: pointsparse {command} [-h]"), err
+    assert err.rstrip().endswith(f"pointsparse {command}: error: unrecognized arguments: {unknown}"), err
+
+
+@pytest.mark.parametrize("argv, usage, message", [
+    (["--bogus"], "usage: pointsparse [-h]", "pointsparse: error: unrecognized arguments: --bogus"),
+    # (before the command: the program's own options, which train's --out is not)
+    (["--out=r", "train", "--out", "r"], "usage: pointsparse [-h]",
+     "pointsparse: error: unrecognized arguments: --out=r"),
+    (["--out=r", "train", "--out", "r", "--bogus"], "usage: pointsparse [-h]",
+     "pointsparse: error: unrecognized arguments: --out=r --bogus"),
+    (["train", "--out", "r", "--epochs", "x"], "usage: pointsparse train [-h]",
+     "pointsparse train: error: argument --epochs: invalid int value: 'x'"),
+    (["prune"], "usage: pointsparse prune [-h]",
+     "pointsparse prune: error: the following arguments are required: procedure"),
+    (["prune", "magic"], "usage: pointsparse prune [-h]", "pointsparse prune: error: argument procedure: invalid "
+                                                          "choice: 'magic'"),
+])
+def test_other_usage_errors_are_as_argparse_gives_them(capsys, argv, usage, message):
+    """Words before the command, a wrong value, a missing or wrong procedure:
+    argparse's error of the parser that read them, exit status 2."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert err.startswith(usage), err
+    assert message in err.rstrip().splitlines()[-1], err
+
+
 def test_console_script_entry_point():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     module, _, attr = scripts["pointsparse"].partition(":")

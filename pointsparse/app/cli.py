@@ -40,7 +40,9 @@ class CommandParser(argparse.ArgumentParser):
     reads the words a second time into a namespace that holds a mark for
     every option, so ``--flag=value`` and the abbreviations it accepts count
     as typed, and an option it leaves at the mark was not (:func:`given_flags`
-    reads the record)."""
+    reads the record). The words it did not take, if any, it records with
+    itself as ``args._unrecognized``, for :func:`main` to name them under
+    this command's usage."""
 
     #: Options whose value is the next word whatever it starts with, set by a
     #: command's ``add_arguments`` (bench's ``--args``): argparse reads a word
@@ -58,6 +60,8 @@ class CommandParser(argparse.ArgumentParser):
             probe = argparse.Namespace(**dict.fromkeys(vars(parsed), untyped))
             super().parse_known_args(args, probe)
             parsed._typed = frozenset(name for name, value in vars(probe).items() if value is not untyped)
+        if extras:  # (argparse hands them up to the top parser, whose error would show the program's usage)
+            parsed._unrecognized = (self, tuple(extras))
         return parsed, extras
 
 
@@ -138,7 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     <command>: error: <message>`` on stderr and returns 2, as argparse does
     for a bad flag, unless ``POINTSPARSE_TRACEBACK=1`` asks for the traceback."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        # The command's own usage and error line: argparse's parse_args reported the words the command did not
+        # take with the program's usage, which shows none of the command's options. Words typed before the
+        # command stay the program's error, all the unknown words named, as before.
+        command_parser, theirs = getattr(args, "_unrecognized", (parser, ()))
+        (command_parser if len(theirs) == len(extras) else parser).error(
+            f"unrecognized arguments: {' '.join(extras)}")
     if args.command is None:
         parser.print_help()
         return 0
