@@ -914,6 +914,35 @@ def test_the_segment_reduce_operator_refuses_an_inverse_that_disagrees_with_perm
     assert feats.grad[:, 0].tolist() == [1.0, 10.0, 1.0, 100.0, 10.0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_the_segment_reduce_operator_takes_int32_segments_checked_as_trusted(dtype):
+    """int32 inverse, perm and seg_ptr pass the operator's dtype check (an
+    integer tensor) and reduce with trusted=True, but the untrusted check's
+    pass over perm added int32 ones into an int64 count: a bare RuntimeError
+    from index_add_ where trusted reduced them. They reduce as int64 ones do,
+    checked or not, on the core (float64) and the torch path (float16), the
+    gradient too."""
+    g = torch.Generator().manual_seed(3)
+    points = torch.rand(40, 3, generator=g) * 3
+    _, inverse, perm, seg_ptr = torch.ops.pointsparse.voxelize(points, [1.0, 1.0, 1.0], None)
+    feats = torch.randn(40, 2, generator=g, dtype=torch.float64).to(dtype)
+    narrow = [t.int() for t in (inverse, perm, seg_ptr)]
+    for mode in range(4):
+        want = torch.ops.pointsparse.segment_reduce(feats, inverse, perm, seg_ptr, mode)[0]
+        for trusted in (False, True):
+            x = feats.clone().requires_grad_()
+            got = torch.ops.pointsparse.segment_reduce(x, *narrow, mode, trusted)[0]
+            assert torch.equal(got, want), (mode, trusted)
+            got.sum().backward()
+            y = feats.clone().requires_grad_()
+            torch.ops.pointsparse.segment_reduce(y, inverse, perm, seg_ptr, mode)[0].sum().backward()
+            assert torch.equal(x.grad, y.grad), (mode, trusted)
+    bad = torch.tensor([0, 1, 0, 2, 2], dtype=torch.int32)  # (still refused by value, named)
+    with pytest.raises(ValueError, match="perm must hold each row of feats once"):
+        torch.ops.pointsparse.segment_reduce(torch.zeros(5, 2, dtype=dtype), torch.tensor([0, 0, 1, 2, 2]), bad,
+                                             torch.tensor([0, 2, 3, 5]), 0)
+
+
 def test_the_segment_reduce_operator_names_an_inverse_that_is_no_voxel_map():
     """The torch path reduces by ``inverse`` (the core by perm and
     seg_ptr): one of another length or outside the voxels was a bare torch
