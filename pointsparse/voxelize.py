@@ -239,7 +239,9 @@ def check_segments(feats, inverse, perm, seg_ptr, mode: int) -> None:
             raise ValueError(message)
     # one voxel map: the core reduces by perm and seg_ptr, the torch path and every backward by inverse
     segment = torch.repeat_interleave(torch.arange(m, device=seg_ptr.device), seg_ptr.diff(), output_size=n)
-    once = torch.zeros(n, dtype=torch.int64, device=perm.device).index_add_(0, perm, torch.ones_like(perm)) == 1
+    # (the ones in the count's dtype: int32 segments, which the dtype check takes, were a bare RuntimeError)
+    ones = torch.ones_like(perm, dtype=torch.int64)
+    once = torch.zeros(n, dtype=torch.int64, device=perm.device).index_add_(0, perm, ones) == 1
     flags = torch.stack([~once.all(), (inverse[perm] != segment.to(inverse.device)).any()]).tolist()
     if flags[0]:
         raise ValueError("perm must hold each row of feats once (a permutation of [0, len(feats)))")
