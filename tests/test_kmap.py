@@ -1363,3 +1363,39 @@ def test_get_kmap_checks_its_method_on_a_cache_hit():
                 km.get_kmap(layer, *args, method=bad)
     for m in km.METHODS:
         assert km.get_kmap(tensor, 3, method=m) is km.get_kmap(tensor, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int8, torch.uint8])
+def test_operators_refuse_pairs_of_a_narrow_integer_dtype(dtype):
+    """The operators' pair check took any integer dtype, but torch indexes
+    by int64 / int32 only: the conv operators' torch loop gave int16 pairs
+    a bare IndexError and read uint8 pairs as a boolean mask (a bare
+    IndexError, or the rows where the value is non-zero where the lengths
+    match). A TypeError naming the argument, on every path and trusted or
+    not, as a float one; int32 pairs still run."""
+    from pointsparse import ops
+
+    g = torch.Generator().manual_seed(0)
+    x, _ = ps.voxelize(torch.rand(60, 3, generator=g) * 4, voxel_size=1.0)
+    coords = x.coords
+    key = ops.key_to_list(km.KernelMapKey((1, 1, 1), (3, 3, 3), (1, 1, 1), (1, 1, 1)))
+    in_idx, out_idx, sizes = ops.kmap_build(coords, None, key)
+    feats, weight = torch.randn(len(coords), 2, dtype=torch.float64), torch.randn(27, 2, 3, dtype=torch.float64)
+    grad = torch.randn(len(coords), 3, dtype=torch.float64)
+    calls = {"conv": lambda i, o, s: ops.conv(feats, weight, None, coords, i, o, s, key),
+             "conv_inference": lambda i, o, s: ops.conv_inference(feats, weight, None, coords, i, o, s, key, None,
+                                                                  False),
+             "conv_input_grad": lambda i, o, s: ops.conv_input_grad(grad, weight, coords, i, o, s, key, len(coords)),
+             "conv_weight_grad": lambda i, o, s: ops.conv_weight_grad(feats, grad, coords, i, o, s, key),
+             "kmap_transpose": lambda i, o, s: ops.kmap_transpose(coords, coords, i, o, s, key, True),
+             "kmap_restrict": lambda i, o, s: ops.kmap_restrict(coords, coords, i, o, s, key,
+                                                                torch.arange(3), coords[:3])}
+    for backend in ("auto", "torch"):
+        with ps.backend(backend):
+            for name, call in calls.items():
+                for which, word in ((0, "in_idx"), (1, "out_idx"), (2, "sizes")):
+                    args = [in_idx, out_idx, sizes]
+                    args[which] = args[which].to(dtype)
+                    with pytest.raises(TypeError, match=f"^{word} must be an int64 .*got {dtype}"):
+                        call(*args)
+                call(in_idx.int(), out_idx.int(), sizes.int())
