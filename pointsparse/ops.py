@@ -250,13 +250,15 @@ def _(in_coords, out_coords, in_idx, out_idx, sizes, key, rows, kept_coords):
 
 def _check_pair_shapes(in_idx: Tensor, out_idx: Tensor, sizes: Tensor, key: list[int]) -> None:
     """The dtypes and shapes of a map's tensors as an operator is given them
-    (a program's arguments): ``in_idx`` and ``out_idx`` 1-D integer tensors
-    of one length, ``sizes`` 1-D integer, one count per offset of ``key``; a
-    TypeError (dtype) or ValueError naming the argument. No host read: the
-    operators run it on trusted maps too."""
+    (a program's arguments): ``in_idx`` and ``out_idx`` 1-D int64 (or
+    int32) tensors of one length, ``sizes`` 1-D int64 (or int32), one count
+    per offset of ``key``; a TypeError (dtype) or ValueError naming the
+    argument. No host read: the operators run it on trusted maps too.
+    (Narrower integers are refused: torch indexes by int64 / int32 only,
+    the torch loop took int16 as a bare IndexError and uint8 as a mask.)"""
     for name, t in (("in_idx", in_idx), ("out_idx", out_idx), ("sizes", sizes)):
-        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise TypeError(f"{name} must be an integer tensor; got {t.dtype}")
+        if t.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{name} must be an int64 (or int32) tensor; got {t.dtype}")
         if t.dim() != 1:
             raise ValueError(f"{name} must be 1-D; got shape {tuple(t.shape)}")
     pairs, volume = in_idx.shape[0], _kernel_volume(key)
