@@ -198,8 +198,8 @@ def segment_reduce(feats, inverse, perm, seg_ptr, mode: int):
 def check_segment_shapes(feats, inverse, perm, seg_ptr, mode: int) -> None:
     """The part of :func:`check_segments` that reads no value (no host read:
     the ``segment_reduce`` operator runs it on trusted segments too):
-    ``mode``; ``feats`` 2-D; ``inverse``, ``perm`` and ``seg_ptr`` integer
-    tensors, ``inverse`` and ``perm`` 1-D with one entry per row of
+    ``mode``; ``feats`` 2-D; ``inverse``, ``perm`` and ``seg_ptr`` int64 or
+    int32 tensors, ``inverse`` and ``perm`` 1-D with one entry per row of
     ``feats``, ``seg_ptr`` 1-D and non-empty. A TypeError (dtype) or
     ValueError naming the argument."""
     if not isinstance(mode, int) or not 0 <= mode <= 3:
@@ -207,8 +207,9 @@ def check_segment_shapes(feats, inverse, perm, seg_ptr, mode: int) -> None:
     if feats.dim() != 2:
         raise ValueError(f"feats must be 2-D (N, C); got shape {tuple(feats.shape)}")
     for name, t in (("inverse", inverse), ("perm", perm), ("seg_ptr", seg_ptr)):
-        if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise TypeError(f"{name} must be an integer tensor; got {getattr(t, 'dtype', type(t).__name__)}")
+        if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{name} must be an integer tensor (int64 or int32); got "
+                            f"{getattr(t, 'dtype', type(t).__name__)}")
     n = feats.shape[0]
     for name, t in (("perm", perm), ("inverse", inverse)):
         if t.dim() != 1 or t.shape[0] != n:

@@ -969,7 +969,10 @@ def test_the_segment_reduce_operator_checks_dtypes_and_shapes_when_trusted_too(d
     cases = [("inverse", inverse.float(), TypeError), ("perm", perm.float(), TypeError),
              ("seg_ptr", seg_ptr.float(), TypeError), ("inverse", inverse[:2], ValueError),
              ("inverse", inverse[None], ValueError), ("perm", perm[:2], ValueError),
-             ("seg_ptr", seg_ptr[None], ValueError), ("feats", feats[:, 0], ValueError)]
+             ("seg_ptr", seg_ptr[None], ValueError), ("feats", feats[:, 0], ValueError),
+             # (int16 / uint8 got past the check into bare torch errors: repeat_interleave has no Byte kernel)
+             ("inverse", inverse.to(torch.int16), TypeError), ("perm", perm.to(torch.uint8), TypeError),
+             ("seg_ptr", seg_ptr.to(torch.int8), TypeError)]
     for trusted in (False, True):
         for name, bad, err in cases:
             for mode in range(4):
