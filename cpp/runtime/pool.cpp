@@ -74,7 +74,7 @@ void* pool_take(std::size_t bytes, std::size_t* size) {
       const Kept k = pl.kept[best];
       pl.kept.erase(pl.kept.begin() + static_cast<std::ptrdiff_t>(best));
       pl.state.kept -= k.size;
-          ++pl.state.hits;
+      ++pl.state.hits;
       *size = k.size;
       return k.p;
     }
