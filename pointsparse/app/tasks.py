@@ -281,14 +281,14 @@ def checkpoint_task(path, data=None, label_map=None, clouds: int = 4,
     call ``model(*inputs)``), its targets the points' labels. Its
     ``trained_model()`` is the checkpoint's model, its ``make_model(seed)``
     a fresh one of the same architecture and widths (:func:`fresh_model`)."""
+    from ..prune.graph import widths
     from .evaluate import checkpoint_model
     from .scoring import kept_labels, point_level, voxel_classes
     from .train import load_checkpoint
     state = load_checkpoint(path)
-    from ..prune.graph import widths
     # (a config or weights that make no model: refused now, before any data or --out)
     model = checkpoint_model(state, path)
-    points, recorded = point_level(model), widths(model)
+    points, recorded = point_level(model), widths(model)  # (fresh_model's widths: read once, not per model made)
     del model
     batches = checkpoint_batches(state, data, label_map, clouds, skip_nonfinite)
     train, val = batches[:-1] or batches, batches[-1]
