@@ -359,6 +359,25 @@ def test_a_budget_below_the_largest_cut_names_the_fraction():
         amc.amc_search(net, lambda m: 1.0, x, reward="error", target_flops=12)
 
 
+def test_a_budget_at_the_largest_cut_is_searched():
+    """target_flops equal to the fraction of the dense FLOPs the largest cut
+    leaves (the least `prune amc --flops` accepts) was refused where that
+    fraction times the dense FLOPs rounds below the cut's FLOPs (widths 5, 8,
+    7: by one unit in the last place): the floor is one fraction now, and the
+    search compares the budget with it times the dense FLOPs, as it does the
+    budget it searches under."""
+    net = mlp(0, widths=(5, 8, 7, 3))
+    x = torch.randn(4, 5)
+    infos = amc.layer_infos(net, x)
+    dense = amc.flops_for(infos, {})
+    floor = amc.flops_for(infos, {"0": 0.8, "2": 0.8}) / dense
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (one warm-up episode: no learned one)
+        res = amc.amc_search(net, lambda m: 0.5, x, episodes=1, warmup=1, reward="error", target_flops=floor)
+    assert res.ratios == {"0": 0.8, "2": 0.8}
+    assert res.flops <= floor * dense * (1 + 1e-9)
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"batch_size": 0}, ValueError, r"^agent_kwargs: batch_size must be an int >= 1; got 0$"),
     ({"batch_size": 2.5}, TypeError, r"^agent_kwargs: batch_size must be an int >= 1; got 2.5$"),

@@ -403,10 +403,8 @@ def _check_flops(args, task, model) -> None:
     cut leaves (every producer at amc_search's default ``max_ratio``, which
     prune amc runs): before the dense training, as --flops rather than the
     library's target_flops."""
-    from ..prune.amc import DEFAULT_MAX_RATIO as AMC_MAX_RATIO, flops_for, layer_infos
-    infos = layer_infos(model, task.example_input, coupled=args.checkpoint is not None)
-    dense = flops_for(infos, {})
-    floor = flops_for(infos, {i.name: AMC_MAX_RATIO for i in infos if i.producer}) / dense if dense > 0 else 0.0
+    from ..prune.amc import DEFAULT_MAX_RATIO as AMC_MAX_RATIO, _flops_floor, layer_infos
+    floor = _flops_floor(layer_infos(model, task.example_input, coupled=args.checkpoint is not None), AMC_MAX_RATIO)
     if args.flops < floor:
         raise ValueError(f"--flops {args.flops}: AMC removes at most {AMC_MAX_RATIO} of each layer's output channels, "
                          f"which leaves {floor:.3f} of the dense FLOPs of task {task.name}'s model; give --flops >= "

@@ -129,6 +129,13 @@ def flops_for(infos: list[LayerInfo], ratios: dict[str, float]) -> float:
     return total
 
 
+def _flops_floor(infos: list[LayerInfo], max_ratio: float = DEFAULT_MAX_RATIO) -> float:
+    """The least fraction of the dense FLOPs a search can reach: what is left
+    with every producer cut at ``max_ratio`` (0.0 for a network of no FLOPs)."""
+    dense = flops_for(infos, {})
+    return flops_for(infos, {i.name: max_ratio for i in infos if i.producer}) / dense if dense > 0 else 0.0
+
+
 def uniform_ratio_for_flops(infos: list[LayerInfo], target_flops: float, max_ratio: float = 0.95) -> float:
     """The single ratio for every producer whose FLOPs come closest to
     ``target_flops`` from below (bisection)."""
@@ -343,12 +350,12 @@ def _space(model, example_input, coupled: bool, target_flops, max_ratio: float) 
     target = None
     if target_flops is not None:
         target = float(target_flops) * (dense if target_flops <= 1 else 1.0)
-        floor = flops_for(infos, {p.name: max_ratio for p in producers})
-        if target < floor:
+        floor = _flops_floor(infos, max_ratio)
+        if target < floor * dense:
             given = f"{target_flops:g} of the dense FLOPs, {target:.4g}" if target_flops <= 1 else \
                 f"{target / dense:.4f} of the dense FLOPs"
             raise ValueError(f"target_flops {target_flops:g} ({given}) is below what max_ratio={max_ratio} reaches: "
-                             f"{floor / dense:.4f} of the dense FLOPs ({floor:.4g})")
+                             f"{floor:.4f} of the dense FLOPs ({floor * dense:.4g})")
     return _Space(infos, producers, raw_states, dense, target, max_ratio)
 
 
