@@ -128,13 +128,12 @@ def prune_checkpoint(path, out, ratio: float = 0.5, data=None, label_map=None, c
     Returns its path."""
     from .evaluate import checkpoint_model
     from .tasks import checkpoint_batches
-    from .scoring import logits_of, point_level
+    from .scoring import _model_inputs, logits_of, point_level
     check_options(criterion, ratio)
     state = load_state(path)
     model = checkpoint_model(state, path).eval()  # scoring (Taylor's backward included) leaves the BatchNorm statistics alone
     batch = checkpoint_batches(state, data, label_map, skip_nonfinite=skip_nonfinite)[0]
-    example = ((batch.input, batch.inverse, batch.points, batch.point_batch) if point_level(model)
-               else batch.input)
+    example = _model_inputs(batch, point_level(model))
     ignore_index = state["config"].get("ignore_index", 255)
     if criterion == "taylor":
         from .tasks import require_labelled

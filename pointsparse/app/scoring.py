@@ -60,6 +60,14 @@ def _input_of(model, batch: Batch):
     return x if dtype == x.feats.dtype else x.with_feats(x.feats.to(dtype))
 
 
+def _model_inputs(batch: Batch, points: bool, voxels=None):
+    """What a model is called with on ``batch``: a voxel model its voxels
+    (``voxels``, default ``batch.input``), a point-level one (SPVCNN, called
+    ``model(*inputs)``) the tuple ``(voxels, inverse, points, point_batch)``."""
+    voxels = batch.input if voxels is None else voxels
+    return (voxels, batch.inverse, batch.points, batch.point_batch) if points else voxels
+
+
 def logits_of(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, the labels they are scored against): per voxel for MinkUNet,
     per point for SPVCNN; the voxels' feats cast to the model's dtype (a
@@ -68,7 +76,7 @@ def logits_of(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     scored against the kept voxels' labels (:func:`kept_labels`)."""
     x = _input_of(model, batch)
     if point_level(model):
-        return model(x, batch.inverse, batch.points, batch.point_batch), batch.point_labels
+        return model(*_model_inputs(batch, True, x)), batch.point_labels
     out = model(x)
     return out.feats, kept_labels(out, batch.labels)
 

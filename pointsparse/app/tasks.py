@@ -283,7 +283,7 @@ def checkpoint_task(path, data=None, label_map=None, clouds: int = 4,
     a fresh one of the same architecture and widths (:func:`fresh_model`)."""
     from ..prune.graph import widths
     from .evaluate import checkpoint_model
-    from .scoring import kept_labels, point_level, voxel_classes
+    from .scoring import _model_inputs, kept_labels, point_level, voxel_classes
     from .train import load_checkpoint
     state = load_checkpoint(path)
     # (a config or weights that make no model: refused now, before any data or --out)
@@ -303,13 +303,10 @@ def checkpoint_task(path, data=None, label_map=None, clouds: int = 4,
     def make_model(seed=0):  # (the lottery's random re-init control, ...: not the trained weights)
         return fresh_model(state, seed, recorded)
 
-    def inputs(batch):  # (SPVCNN: model(*inputs))
-        return (batch.input, batch.inverse, batch.points, batch.point_batch) if points else batch.input
-
     def batch_fn():
         cursor["i"] = (cursor["i"] + 1) % len(train)
         batch = train[cursor["i"]]
-        return inputs(batch), batch.point_labels if points else batch.labels
+        return _model_inputs(batch, points), batch.point_labels if points else batch.labels
 
     def loss_fn(out, labels):  # (a model pruning voxels at stride 1: its kept voxels' logits, against their labels)
         if points:  # (SPVCNN: logits of every point)
@@ -319,14 +316,14 @@ def checkpoint_task(path, data=None, label_map=None, clouds: int = 4,
     def evaluate(model):
         with evaluating(model), torch.no_grad():
             if points:
-                pred, labels = model(*inputs(val)).argmax(1), val.point_labels
+                pred, labels = model(*_model_inputs(val, points)).argmax(1), val.point_labels
             else:  # (class 0 for a voxel pruned at stride 1)
                 pred, labels = voxel_classes(model(val.input), len(val.labels)), val.labels
         return metrics.mean_iou(metrics.confusion_matrix(pred, labels, classes, ignore))
 
     lr = float(state.get("args", {}).get("lr", 0.05)) * 0.1
     return state, Task("checkpoint", make_model, _train_fn(batch_fn, loss_fn, lr), evaluate, evaluate, batch_fn,
-                       loss_fn, inputs(val), lr, 60, "mIoU", trained_model)
+                       loss_fn, _model_inputs(val, points), lr, 60, "mIoU", trained_model)
 
 
 def fresh_model(state: dict, seed: int = 0, recorded: dict | None = None) -> nn.Module:
