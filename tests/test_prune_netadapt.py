@@ -285,3 +285,20 @@ def test_latency_table_save_and_load_name_a_path_that_is_no_path(path):
                                                                                            "wrote")):
         with pytest.raises(TypeError, match=rf"^path must be a str or Path \({what}\); got {type(path).__name__}$"):
             call(path)
+
+
+def test_least_latency_is_rest_plus_each_layer_s_fastest_entry():
+    """The least estimate any widths of the table can give (what ``prune
+    netadapt`` refuses a --latency below): ``rest`` plus each layer's fastest
+    entry, which is no more than the estimate of any widths it holds."""
+    layout = [("0", None, True), ("2", "0", True), ("4", "2", False)]
+    entries = {"0": {(3, 8): 4.0, (3, 4): 3.0, (3, 2): 3.5},  # (a narrower width need not time faster)
+               "2": {(8, 8): 6.0, (8, 4): 5.0, (4, 8): 4.0, (4, 4): 2.0, (2, 8): 3.0, (2, 4): 2.5},
+               "4": {(8, 3): 2.0, (4, 3): 1.0, (2, 3): 1.5}}
+    table = netadapt.LatencyTable(entries, {}, {"0": [8, 4, 2], "2": [8, 4]}, rest=0.5, layout=layout)
+    assert table.least_latency() == 0.5 + 3.0 + 2.0 + 1.0
+    every = [table.latency({"0": a, "2": b}) for a in (8, 4, 2) for b in (8, 4)]
+    assert min(every) == table.least_latency() and table.latency({"0": 8, "2": 8}) == 12.5
+    net = sparse_chain(width=8)
+    built = netadapt.build_latency_table(net, sparse_input(n=200, extent=8), num_candidates=2, repeats=1)
+    assert 0 < built.least_latency() <= min(built.latency({"0": a, "3": b}) for a in (8, 4) for b in (16, 8))

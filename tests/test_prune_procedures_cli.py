@@ -302,3 +302,23 @@ def test_a_written_checkpoint_names_the_layers_pruned_whole(tmp_path, capsys, mo
     prune._save_masked(argparse.Namespace(checkpoint=tmp_path / "c.pt", checkpoint_state={}, out=tmp_path), net,
                        "the model")
     assert "pruned whole" not in capsys.readouterr().out
+
+
+def test_netadapt_budget_below_the_narrowest_widths_names_the_flag_before_training(tmp_path, capsys, monkeypatch):
+    """`prune netadapt --task scene --latency 0.5` (the README's example)
+    trained the dense model, searched down to the narrowest widths the
+    latency table holds, which on the scene task estimate well above half
+    the initial latency, and ended with a RuntimeWarning and exit status 0.
+    The table is built before the training now, and a --latency below the
+    least estimate of its widths is refused there: exit 2, the flag named
+    with the least it can be, nothing trained, no folder made."""
+    monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
+    out = tmp_path / "out"
+    assert cli.main(["prune", "netadapt", "--task", "scene", "--latency", "0.05", "--quick", "--out", str(out)]) == 2
+    printed, err = capsys.readouterr()
+    assert "dense mIoU" not in printed and not out.exists()
+    found = re.match(r"pointsparse prune: error: --latency 0.05: NetAdapt's narrowest widths \(about 1/4 of each "
+                     r"layer's output channels\) leave at least (0\.\d{3}|1\.000) of the initial latency of task "
+                     r"scene's model, as timed on this machine; give --latency >= (0\.\d{3}|1\.000) \(the latency "
+                     r"table is timed afresh each run\)\n", err)
+    assert found and 0.05 < float(found[1]) <= float(found[2]) <= 1, err

@@ -99,18 +99,27 @@ def cut_channels(model: nn.Module, ratios: dict, reconstruct: bool = False, cali
     return pruned
 
 
+def latency_table(model: nn.Module, example_input, candidates: int = 8, repeats: int = 7):
+    """NetAdapt's latency table of ``model`` at ``candidates`` widths per
+    layer, each entry the fastest of ``repeats`` timings; (table, seconds to
+    build it). The weights do not enter it: it may be built before training."""
+    t0 = time.perf_counter()
+    table = _netadapt.build_latency_table(model, example_input, num_candidates=candidates, repeats=repeats)
+    return table, time.perf_counter() - t0
+
+
 def netadapt(task: Task, model: nn.Module, example_input, budget: float, short_steps: int, long_steps: int,
-             candidates: int | None = 8, repeats: int = 7, table_path=None, log: Callable | None = None):
+             candidates: int | None = 8, repeats: int = 7, table_path=None, log: Callable | None = None,
+             table=None):
     """NetAdapt to ``budget`` of the latency, on a latency table of
     ``candidates`` widths per layer (None: latencies measured directly, every
-    coupled group); (result, table, seconds to build the table)."""
-    table, seconds = None, 0.0
-    if candidates is not None:
-        t0 = time.perf_counter()
-        table = _netadapt.build_latency_table(model, example_input, num_candidates=candidates, repeats=repeats)
-        seconds = time.perf_counter() - t0
-        if table_path is not None:
-            table.save(table_path)
+    coupled group) or on ``table``, one :func:`latency_table` built already;
+    (result, table, seconds to build the table: 0 for one given)."""
+    seconds = 0.0
+    if table is None and candidates is not None:
+        table, seconds = latency_table(model, example_input, candidates, repeats)
+    if table is not None and table_path is not None:
+        table.save(table_path)
     res = _netadapt.netadapt(model, table, task.train_fn, task.eval_fn, example_input, budget,
                              short_steps=short_steps, long_steps=long_steps, lr=task.lr, log=log)
     return res, table, seconds

@@ -299,6 +299,8 @@ def _run(args) -> int:
         _check_below(args, model)
     if args.procedure == "amc":
         _check_flops(args, task, model)
+    if args.procedure == "netadapt":
+        args.latency_table = _check_latency(args, task, model)
     if writes_out(args):  # (after the refusals: a refused run makes no folder)
         make_directory(args.out)
     print(f"task {task.name}: {steps} training steps, metric {task.metric}")
@@ -411,6 +413,31 @@ def _check_flops(args, task, model) -> None:
                          f"{math.ceil(floor * 1000) / 1000:.3f}")
 
 
+def _netadapt_widths(args) -> int | None:
+    """The widths per layer in prune netadapt's latency table (None on a
+    --checkpoint: every coupled group, latencies measured directly)."""
+    return None if args.checkpoint is not None else (4 if args.quick else 8)
+
+
+def _check_latency(args, task, model):
+    """prune netadapt's latency table (None on a --checkpoint), built before
+    the dense training (the weights do not enter it), and a ValueError
+    naming --latency where it is below the least estimate the table's
+    narrowest widths leave: no search on that table could meet it."""
+    candidates = _netadapt_widths(args)
+    if candidates is None:
+        return None
+    table, _ = procedures.latency_table(model, task.example_input, candidates, 3 if args.quick else 7)
+    initial = table.latency({name: counts[0] for name, counts in table.candidates.items()})
+    floor = table.least_latency() / initial if initial > 0 else 0.0
+    if args.latency < floor:
+        raise ValueError(f"--latency {args.latency}: NetAdapt's narrowest widths (about 1/{candidates} of each layer's "
+                         f"output channels) leave at least {floor:.3f} of the initial latency of task {task.name}'s "
+                         f"model, as timed on this machine; give --latency >= {math.ceil(floor * 1000) / 1000:.3f} "
+                         "(the latency table is timed afresh each run)")
+    return table
+
+
 def _amc(args, task, model, steps) -> None:
     coupled = args.checkpoint is not None  # a real network: every coupled group
     x = task.example_input
@@ -435,10 +462,9 @@ def _amc(args, task, model, steps) -> None:
 
 def _netadapt(args, task, model, steps) -> None:
     # A checkpoint's network: every coupled group, latencies measured directly (no table).
-    candidates = None if args.checkpoint is not None else (4 if args.quick else 8)
     res, _, _ = procedures.netadapt(task, model, task.example_input, args.latency, max(5, steps // 20), steps // 2,
-                                    candidates, 3 if args.quick else 7, args.out / "latency_table.json",
-                                    log=lambda s: print("  " + s))
+                                    _netadapt_widths(args), 3 if args.quick else 7, args.out / "latency_table.json",
+                                    log=lambda s: print("  " + s), table=args.latency_table)
     print(f"channels {res.channels}; latency estimate {res.initial_latency * 1e3:.2f} -> "
           f"{res.estimated_latency * 1e3:.2f} ms (budget {res.budget * 1e3:.2f}), measured again "
           f"{res.measured_latency * 1e3:.2f} ms; {task.metric} {res.final_metric:.4f}")

@@ -128,6 +128,13 @@ class LatencyTable:
             total += row[key]
         return total
 
+    def least_latency(self) -> float:
+        """The least estimate any widths of the table can give: ``rest`` plus
+        each layer's fastest entry (a lower bound: the fastest entries of two
+        layers may need different widths of the producer between them). A
+        budget below it cannot be met on this table."""
+        return self.rest + sum(min(row.values()) for row in self.entries.values() if row)
+
     def save(self, path) -> Path:
         path = check_path(path, "the JSON file to write")
         path.write_text(json.dumps({
