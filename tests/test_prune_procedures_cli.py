@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 
 import pytest
 
@@ -322,3 +323,54 @@ def test_netadapt_budget_below_the_narrowest_widths_names_the_flag_before_traini
                      r"scene's model, as timed on this machine; give --latency >= (0\.\d{3}|1\.000) \(the latency "
                      r"table is timed afresh each run\)\n", err)
     assert found and 0.05 < float(found[1]) <= float(found[2]) <= 1, err
+
+
+@pytest.mark.parametrize("on_checkpoint", [False, True])
+def test_netadapt_that_misses_its_budget_says_so_and_exits_1(on_checkpoint, tmp_path, capsys, monkeypatch):
+    """A search that ends above its budget printed the library's
+    RuntimeWarning (at a line of procedures.py) and exited 0, so a script
+    took the run for a success. The command says so on stderr now, the
+    library's words after the flag, and exits 1, having printed what it
+    reached and written what it writes (the latency table; on a
+    --checkpoint the pruned checkpoint); the warning is not repeated."""
+    from pointsparse.app import channels, prune, tasks
+    from pointsparse.prune import netadapt
+
+    real = netadapt.netadapt
+
+    def stopped_short(*args, **kwargs):  # one iteration towards an unreachable target: a missed budget
+        return real(*args, **{**kwargs, "budget_seconds": 1e-12, "max_iterations": 1})
+
+    monkeypatch.setattr(netadapt, "netadapt", stopped_short)
+    monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
+    out = tmp_path / "out"
+    argv = ["prune", "netadapt", "--latency", "1", "--quick", "--out", str(out)]
+    saved = []
+    if on_checkpoint:
+        def task(args):
+            args.checkpoint_state = {}
+            scene = tasks.scene_task(args.seed, points=3000)
+            model = scene.make_model(args.seed)
+            return dataclasses.replace(scene, trained_model=lambda: model)
+
+        monkeypatch.setattr(prune, "_task", task)
+        monkeypatch.setattr(channels, "save_pruned", lambda state, model, out: saved.append(model)
+                            or out / "checkpoint.pt")
+        argv += ["--checkpoint", str(tmp_path / "c.pt")]
+    else:
+        argv += ["--task", "scene"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli.main(argv) == 1
+    printed, err = capsys.readouterr()
+    assert not [w for w in caught if "could not meet the latency budget" in str(w.message)]
+    assert err.startswith("pointsparse prune: error: --latency 1 not met: NetAdapt could not meet the latency "
+                          "budget: "), err
+    assert "max_iterations=1 reached" in err and "Traceback" not in err, err
+    assert "\nchannels {" in printed, printed
+    if on_checkpoint:
+        assert len(saved) == 1 and f"pruned checkpoint: {out / 'checkpoint.pt'}" in printed, printed
+        assert f"the model it reached is written all the same: {out / 'checkpoint.pt'}" in err, err
+    else:
+        assert (out / "latency_table.json").exists() and not saved
+        assert f"the latency table is written all the same: {out / 'latency_table.json'}" in err, err

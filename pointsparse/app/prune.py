@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -310,8 +312,7 @@ def _run(args) -> int:
     if args.procedure not in ("init", "rigl", "lottery"):
         task.train_fn(model, steps)
         print(f"dense {task.metric}: {task.eval_fn(model):.4f}")
-    RUN[args.procedure](args, task, model, steps)
-    return 0
+    return RUN[args.procedure](args, task, model, steps) or 0
 
 
 def _sensitivity(args, task, model, steps) -> None:
@@ -460,20 +461,41 @@ def _amc(args, task, model, steps) -> None:
     _save_if_checkpoint(args, pruned)
 
 
-def _netadapt(args, task, model, steps) -> None:
+#: The start of the library's RuntimeWarning of a missed budget, which prune netadapt reports as its error instead.
+_UNMET = "NetAdapt could not meet the latency budget"
+
+
+def _netadapt(args, task, model, steps) -> int:
+    """The search, what it reached and its files; 1, with the library's
+    message after the flag on stderr, where it ended above --latency (what
+    it reached is printed and written all the same)."""
     # A checkpoint's network: every coupled group, latencies measured directly (no table).
-    res, _, _ = procedures.netadapt(task, model, task.example_input, args.latency, max(5, steps // 20), steps // 2,
-                                    _netadapt_widths(args), 3 if args.quick else 7, args.out / "latency_table.json",
-                                    log=lambda s: print("  " + s), table=args.latency_table)
+    table_path = args.out / "latency_table.json"
+    with warnings.catch_warnings():  # (its words come as this command's error below, not as a warning too)
+        warnings.filterwarnings("ignore", message=_UNMET, category=RuntimeWarning)
+        res, table, _ = procedures.netadapt(task, model, task.example_input, args.latency, max(5, steps // 20),
+                                            steps // 2, _netadapt_widths(args), 3 if args.quick else 7, table_path,
+                                            log=lambda s: print("  " + s), table=args.latency_table)
     print(f"channels {res.channels}; latency estimate {res.initial_latency * 1e3:.2f} -> "
           f"{res.estimated_latency * 1e3:.2f} ms (budget {res.budget * 1e3:.2f}), measured again "
           f"{res.measured_latency * 1e3:.2f} ms; {task.metric} {res.final_metric:.4f}")
-    _save_if_checkpoint(args, res.model)
+    written = _save_if_checkpoint(args, res.model)
+    if not res.message:
+        return 0
+    what = (f"the model it reached is written all the same: {written}" if written is not None else
+            f"the latency table is written all the same: {table_path}" if table is not None else "nothing is written")
+    print(f"pointsparse prune: error: --latency {args.latency:g} not met: {res.message}; {what}", file=sys.stderr)
+    return 1
 
 
-def _save_if_checkpoint(args, model) -> None:
-    if args.checkpoint is not None:
-        print(f"pruned checkpoint: {channels.save_pruned(args.checkpoint_state, model, args.out)}")
+def _save_if_checkpoint(args, model):
+    """On a --checkpoint, write ``model`` as --out/checkpoint.pt, say so and
+    return its path (None otherwise)."""
+    if args.checkpoint is None:
+        return None
+    path = channels.save_pruned(args.checkpoint_state, model, args.out)
+    print(f"pruned checkpoint: {path}")
+    return path
 
 
 def _save_masked(args, model, what: str) -> None:
