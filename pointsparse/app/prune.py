@@ -80,7 +80,10 @@ def add_arguments(parser) -> None:
                         help="amc episodes (the first quarter, at most 30, act at random: a warm-up; --quick: 30, "
                              "of which 10)")
     parser.add_argument("--reconstruct", action="store_true", help="amc: least-squares reconstruction")
-    parser.add_argument("--latency", type=float, default=0.6, help="netadapt: latency budget, fraction of the initial")
+    parser.add_argument("--latency", type=float, default=0.6,
+                        help="netadapt: latency budget, fraction of the initial (on a --task, one below what the "
+                             "latency table's narrowest widths leave is refused before training; a search that ends "
+                             "above it exits 1)")
     parser.add_argument("--out", type=Path, default=Path("prune-out"),
                         help="folder for plots, ratios, tables, and the pruned checkpoint DIR/checkpoint.pt "
                              "(channels, vectors, offsets, voxels; amc, netadapt, schedule, lottery, init, rigl on a "
