@@ -374,3 +374,22 @@ def test_netadapt_that_misses_its_budget_says_so_and_exits_1(on_checkpoint, tmp_
     else:
         assert (out / "latency_table.json").exists() and not saved
         assert f"the latency table is written all the same: {out / 'latency_table.json'}" in err, err
+
+
+@pytest.mark.parametrize("argv, want", [(["--task", "scene"], 0.85), ([], 0.6), (["--task", "digits"], 0.6),
+                                        (["--task", "scene", "--latency", "0.9"], 0.9)])
+def test_netadapt_default_latency_is_the_tasks(argv, want, tmp_path, monkeypatch):
+    """--latency's default was 0.6 on every task: below what the scene
+    task's narrowest widths leave (0.58-0.78 of its latency), so a bare
+    `prune netadapt --task scene` was refused. The default is now the
+    task's; a --latency given is kept."""
+    from pointsparse.app import prune
+    seen = {}
+
+    def stop(args, task, model):
+        seen["latency"] = args.latency
+        raise ValueError("stopped")
+
+    monkeypatch.setattr(prune, "_check_latency", stop)
+    assert cli.main(["prune", "netadapt", *argv, "--quick", "--out", str(tmp_path / "o")]) == 2
+    assert seen == {"latency": want}
