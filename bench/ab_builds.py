@@ -14,7 +14,7 @@ two copies' ratio is the spread between processes in that run.
 
     python bench/ab_builds.py OLD.so NEW.so [...] [--channels 64] [--kinds dense offset vector]
         [--passes forward input weight] [--rounds 15] [--cpu 1] [--threads 1] [--isa avx2] [--out PAGE.md]
-        [--dtype bfloat16] [--bias] [--quick]
+        [--dtype bfloat16] [--bias] [--no-check] [--quick]
 
 ``--quick``: this tree's module against itself, C = 8 unpruned on a
 generated street of 20k voxels, forward, one round, the page in a
@@ -38,7 +38,10 @@ feats and weights rounded to bfloat16, through the bf16 kernels
 (``ConvPlan.forward_bf16``, the sums rounded into bf16 output as
 inference does, the vector threshold ``nn._engine`` gives), the path each
 took named. ``--bias``: the convs add a bias (a fused model's convs
-do), the same seeded one in every build. One thread (``--threads``: more); medians over the rounds; the
+do), the same seeded one in every build. ``--no-check``: no build's output is compared
+(for attribution builds that skip or redirect part of the work on purpose,
+such as ``results/sparse_c64_attribution_xeon_stop61.patch``; the page says
+the outputs were not checked). One thread (``--threads``: more); medians over the rounds; the
 ratios are each build's time over the first build's in the same rounds."""
 
 from __future__ import annotations
@@ -195,6 +198,9 @@ def main() -> None:
                         help="bfloat16: the forward of the bf16 kernels (AVX512-BF16)")
     parser.add_argument("--bias", action="store_true", help="the convs add a bias")
     parser.add_argument("--quick", action="store_true", help="this module against itself, C = 8, one round")
+    parser.add_argument("--no-check", action="store_true",
+                        help="time builds whose outputs differ on purpose (an attribution patch that skips or "
+                             "redirects work): their outputs are not compared, and the page says so")
     args = parser.parse_args()
     if args.quick:
         import pointsparse as ps
@@ -253,7 +259,7 @@ def main() -> None:
                     call(i, which, kind)
                     got = np.load(folder / f"b{i}_{which}_{kind}.npy")
                     want = outputs[kind] if which == "forward" else np.load(folder / f"b0_{which}_{kind}.npy")
-                    if not np.array_equal(got, want):
+                    if not args.no_check and not np.array_equal(got, want):
                         raise RuntimeError(f"{args.builds[i]}: {which} of {kind} differs from the baseline's by "
                                            f"{np.abs(got - want).max()}")
             times = {(i, c): [] for i in range(len(children)) for c in calls}
@@ -269,7 +275,9 @@ def main() -> None:
     med = {key: float(np.median(v)) * 1e3 for key, v in times.items()}
     names = [f"`{Path(b).name}`" for b in args.builds]
     on = f"one thread on CPU {args.cpu}" if args.threads == 1 else f"{args.threads} threads on CPUs {cpus}"
-    lines = [f"C = {args.channels}, {where} ({len(coords):,} voxels, {pairs:,} pairs), {on}, kernels: {args.isa if args.dtype == 'float32' else 'bf16'}, medians of {args.rounds} rounds; each cell: ms (time / the first build's).", "",
+    lines = [f"C = {args.channels}, {where} ({len(coords):,} voxels, {pairs:,} pairs), {on}, kernels: {args.isa if args.dtype == 'float32' else 'bf16'}, medians of {args.rounds} rounds; each cell: ms (time / the first build's)."
+             + (" Outputs NOT checked (--no-check): the builds compute different things." if args.no_check else ""),
+             "",
              "| pass | pruning (engine path) | " + " | ".join(names) + " |",
              "|---|---|" + "---|" * len(names)]
     for which, kind in calls:

@@ -602,3 +602,17 @@ def test_train_only_names_experiments_it_has(tmp_path):
     said = proc.stderr.strip().splitlines()[-1:]
     assert proc.returncode == 2 and said and "--only" in said[0] and "'nosuch'" in said[0]
     assert "generated" in said[0].split("available")[-1] and "results:" not in proc.stdout
+
+
+def test_ab_builds_says_when_outputs_were_not_checked(tmp_path):
+    """``ab_builds.py --no-check`` times attribution builds whose outputs
+    differ on purpose (bench/results/sparse_c64_attribution_xeon_stop61.patch):
+    its table must say the outputs were not compared, and one without the
+    flag must not."""
+    said = {}
+    for flags in ([], ["--no-check"]):
+        proc = subprocess.run([sys.executable, str(benchmark.BENCH_DIR / "ab_builds.py"), "--quick", *flags],
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        said[bool(flags)] = "Outputs NOT checked (--no-check)" in proc.stdout
+    assert said == {False: False, True: True}
