@@ -691,8 +691,21 @@ struct NoFinish {
 // offsets 75% pruned 0.85-0.92x the time, 50% 0.87-0.92x; two threads
 // 0.96 / 0.95; nothing at C = 128. The instantiation without it is the walk
 // of before.
-template <int MR = kMR, bool kScratch = false, bool kTails = false, bool kAhead = false, typename Args,
-          typename Skip, typename Tile, typename Done = NoEpilogue, typename Finish = NoFinish,
+// kNext (the vector-sparse walk, sparse_walk.h): once a block's identity
+// pass is done, after each of its other tiles a share of the rows the
+// thread's next block (guessed as kAhead's) opens with is fetched into L2
+// (prefetcht1): its identity pass's read rows and, summing in place, its
+// written rows, two contiguous runs, paced to end with the block's tiles.
+// Why: the identity pass streams a block's rows in from memory (their
+// other offsets then find them in L2) while it has few FMAs to hide it
+// behind, and the sparse tiles have fewer still. On an Intel Xeon (KITTI
+// sweep, C = 64, bench/ab_builds.py in lockstep, bench/RESULTS.md stop 61)
+// the time of twin vectors 75% / 50% 0.91-0.96x / 0.93-0.98x on one
+// thread, 0.94 / 0.95x on two; C = 128 unchanged; the dense walk with it
+// unchanged (1.003x), so it has none. Needs the identity offset (the read
+// rows of the identity pass are the written rows' own).
+template <int MR = kMR, bool kScratch = false, bool kTails = false, bool kAhead = false, bool kNext = false,
+          typename Args, typename Skip, typename Tile, typename Done = NoEpilogue, typename Finish = NoFinish,
           typename Leave = NoFinish>
 void apply_blocks(const Args& a, Skip skip, Tile tile, Done done = Done(), Finish finish = Finish(),
                   Leave leave = Leave()) {
@@ -714,6 +727,18 @@ void apply_blocks(const Args& a, Skip skip, Tile tile, Done done = Done(), Finis
     // kAhead: the cursor over the next block's pairs (offset ak, pair aq of
     // its run that ends at aend), apace pairs fetched a tile.
     int64_t anext = 0, ak = K, aq = 0, aend = 0, apace = 0;
+    // kNext: the next block's runs not fetched yet (their next line and
+    // the bytes left) and the lines fetched of each after a tile.
+    const char* next_src = nullptr;
+    const char* next_dst = nullptr;
+    int64_t src_left = 0, dst_left = 0, next_pace = 0;
+    const auto fetch_next = [&]() {
+      // Written here, not in a helper: as fetch_ahead's.
+      for (int64_t n = next_pace; n > 0 && src_left > 0; --n, next_src += 64, src_left -= 64)
+        __builtin_prefetch(next_src, 0, 2);
+      for (int64_t n = next_pace; n > 0 && dst_left > 0; --n, next_dst += 64, dst_left -= 64)
+        __builtin_prefetch(next_dst, 0, 2);
+    };
     const auto fetch_ahead = [&]() {
       for (int64_t n = apace; n > 0 && ak < K;) {
         if (aq == aend) {
@@ -739,16 +764,19 @@ void apply_blocks(const Args& a, Skip skip, Tile tile, Done done = Done(), Finis
     // came: a generic wrapper compiles the vector and bf16 kernels, which
     // take no tile height, to other code (their walk otherwise unchanged;
     // no timing on the noisy Zen 4 told the two apart).
-    const auto typed = [&tile, &pending, &a](int64_t k, decltype(a.src) const* arow, Out const* crow, int mr,
-                                             bool first) {
+    const auto typed = [&tile, &pending, &a, &fetch_next](int64_t k, decltype(a.src) const* arow,
+                                                          Out const* crow, int mr, bool first) {
       if constexpr (!kTails) {  // else never called
         tile(k, arow, crow, mr, first);
+        if constexpr (kNext) fetch_next();
         if (kDrain) pending.step(MR * a.cols);
       }
     };
-    const auto with_height = [&tile, &pending, &a, &fetch_ahead](auto height, int64_t k, decltype(a.src) const* arow,
-                                                                 Out const* crow, int mr, bool first) {
+    const auto with_height = [&tile, &pending, &a, &fetch_ahead, &fetch_next](
+                                 auto height, int64_t k, decltype(a.src) const* arow, Out const* crow, int mr,
+                                 bool first) {
       tile(height, k, arow, crow, mr, first);
+      if constexpr (kNext) fetch_next();
       if (kDrain) pending.step(MR * a.cols);
       if constexpr (kAhead) fetch_ahead();
     };
@@ -775,6 +803,25 @@ void apply_blocks(const Args& a, Skip skip, Tile tile, Done done = Done(), Finis
       const Out out = kScratch ? mine + half * kBlockRows * a.cols : a.dst + r0 * a.cols;
       if (ident >= 0) {
         apply_pairs<MR, kScratch, kTails>(a, ident, r0, r1, true, true, out, r0, tl);
+        if constexpr (kNext) {  // (the identity pass fetched its own rows one tile ahead, as apply_pairs does)
+          const int64_t nb = blk + a.nt;
+          if (nb < blocks) {
+            const int64_t n0 = nb * kBlockRows, n1 = n0 + kBlockRows < a.num_rows ? n0 + kBlockRows : a.num_rows;
+            int64_t tiles = 0;
+            for (int64_t k = 0; k < K; ++k) {
+              if (k == pl.identity || skip(k)) continue;
+              tiles += (pl.cuts[(blk + 1) * K + k] - pl.cuts[blk * K + k] + MR - 1) / MR;
+            }
+            next_src = reinterpret_cast<const char*>(a.src + n0 * a.kc);
+            src_left = (n1 - n0) * a.kc * int64_t(sizeof(*a.src));
+            next_dst = kScratch ? nullptr : reinterpret_cast<const char*>(a.dst + n0 * a.cols);
+            dst_left = kScratch ? 0 : (n1 - n0) * a.cols * int64_t(sizeof(*a.dst));
+            const int64_t lines = ((src_left > dst_left ? src_left : dst_left) + 63) / 64;
+            next_pace = tiles > 0 ? (lines + tiles - 1) / tiles : 0;
+          } else {
+            src_left = dst_left = 0;
+          }
+        }
       } else {
         for (int64_t r = r0; r < r1; ++r) {
           Out __restrict d = out + (r - r0) * a.cols;

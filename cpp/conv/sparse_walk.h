@@ -41,7 +41,7 @@ void walk_listed_panels(const SparseApplyArgs<T>& s, Micro micro, Full full) {
       micro(count[j], s.idx + t * a.kc, arow, a.wpack + s.start[t] * NR, c, mr, ncols, init);
     }
   };
-  apply_blocks<MR, kScratch>(a, none_listed, tile);
+  apply_blocks<MR, kScratch, false, false, true>(a, none_listed, tile);  // kNext: see apply_blocks
 }
 
 // Each build's vector-sparse forward (kScratch: as apply_blocks'), and the
