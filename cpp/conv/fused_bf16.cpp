@@ -215,21 +215,22 @@ void micro_sparse(int64_t n, const int32_t* __restrict list, int64_t kc, const u
 // apply_sparse's or amx::apply's): offsets without a nonzero skipped; a block's first offset
 // (the identity where it runs) stores bias or zero + its products; with
 // dst_bf16, each block's rows are rounded into it once they are done (the
-// sums in dst, or, with a.sums, in a block of the thread's own).
+// sums in dst, or, with a.sums, in a block of the thread's own); the next
+// block's rows fetched during this one (apply_blocks' kNext).
 template <int MR = kRows, typename Tile, typename Finish = NoFinish, typename Leave = NoFinish>
 void walk(const ApplyBf16Args& a, const uint8_t* keep, Tile tile, Finish finish = Finish(), Leave leave = Leave()) {
   const auto skip = [keep](int64_t k) { return keep[k] == 0; };
   if (a.dst_bf16 == nullptr) {
-    apply_blocks<MR>(a, skip, tile, NoEpilogue(), finish, leave);
+    apply_blocks<MR, false, false, false, true>(a, skip, tile, NoEpilogue(), finish, leave);
     return;
   }
   const auto round = [&a](int64_t r0, int64_t r1, const float* rows) {
     round_bf16(rows, a.dst_bf16 + r0 * a.cols, (r1 - r0) * a.cols);
   };
   if (a.sums)
-    apply_blocks<MR, true>(a, skip, tile, round, finish, leave);
+    apply_blocks<MR, true, false, false, true>(a, skip, tile, round, finish, leave);
   else
-    apply_blocks<MR>(a, skip, tile, round, finish, leave);
+    apply_blocks<MR, false, false, false, true>(a, skip, tile, round, finish, leave);
 }
 
 void apply_dense(const ApplyBf16Args& a, const uint32_t* wpack, const uint8_t* keep, int64_t np, int64_t kp) {

@@ -691,7 +691,8 @@ struct NoFinish {
 // offsets 75% pruned 0.85-0.92x the time, 50% 0.87-0.92x; two threads
 // 0.96 / 0.95; nothing at C = 128. The instantiation without it is the walk
 // of before.
-// kNext (the vector-sparse walk, sparse_walk.h): once a block's identity
+// kNext (the vector-sparse walk, sparse_walk.h, and the bf16 one,
+// fused_bf16.cpp): once a block's identity
 // pass is done, after each of its other tiles a share of the rows the
 // thread's next block (guessed as kAhead's) opens with is fetched into L2
 // (prefetcht1): its identity pass's read rows and, summing in place, its
@@ -701,7 +702,8 @@ struct NoFinish {
 // behind, and the sparse tiles have fewer still. On an Intel Xeon (KITTI
 // sweep, C = 64, bench/ab_builds.py in lockstep, bench/RESULTS.md stop 61)
 // the time of twin vectors 75% / 50% 0.91-0.96x / 0.93-0.98x on one
-// thread, 0.94 / 0.95x on two; C = 128 unchanged; the dense walk with it
+// thread, 0.94 / 0.95x on two; C = 128 unchanged; the bf16 kernels' vectors
+// 75% 0.95x, their dense form 0.98x; the float32 dense walk with it
 // unchanged (1.003x), so it has none. Needs the identity offset (the read
 // rows of the identity pass are the written rows' own).
 template <int MR = kMR, bool kScratch = false, bool kTails = false, bool kAhead = false, bool kNext = false,
