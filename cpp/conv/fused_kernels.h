@@ -816,8 +816,9 @@ void apply_blocks(const Args& a, Skip skip, Tile tile, Done done = Done(), Finis
             }
             next_src = reinterpret_cast<const char*>(a.src + n0 * a.kc);
             src_left = (n1 - n0) * a.kc * int64_t(sizeof(*a.src));
-            next_dst = kScratch ? nullptr : reinterpret_cast<const char*>(a.dst + n0 * a.cols);
-            dst_left = kScratch ? 0 : (n1 - n0) * a.cols * int64_t(sizeof(*a.dst));
+            const bool in_place = !kScratch && a.dst != nullptr;
+            next_dst = in_place ? reinterpret_cast<const char*>(a.dst + n0 * a.cols) : nullptr;
+            dst_left = in_place ? (n1 - n0) * a.cols * int64_t(sizeof(*a.dst)) : 0;
             const int64_t lines = ((src_left > dst_left ? src_left : dst_left) + 63) / 64;
             next_pace = tiles > 0 ? (lines + tiles - 1) / tiles : 0;
           } else {
