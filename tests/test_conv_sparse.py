@@ -1353,3 +1353,59 @@ def test_the_engine_sees_a_skipped_offset_filled_through_data():
         conv.weight.data[zeroed] = 0.5
         out = conv(x).feats
     torch.testing.assert_close(out, dense_conv(x, conv.weight.detach(), x.coords), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_vector_walk_over_blocks_in_place_and_streamed_against_the_reference(dtype):
+    """The vector-sparse walk fetches a thread's next 512-row block's rows
+    during this block's tiles (apply_blocks' kNext), which must change no
+    result. A weight pruned in vectors by prune.panel_structured (the
+    engine's forward choice: the vector kernels) on maps of at least three
+    blocks of written rows, both ways: a submanifold map with its identity
+    offset kept and skipped, and a k2 s2 map (no identity). On 1 and 2
+    threads, summed in place and in scratch blocks (streamed, threshold 0;
+    rows of whole 64-byte vectors, which the streaming stores take),
+    the vector forward and input gradient equal the dense kernels' bit for
+    bit (the FMA builds) and the naive conv sum and its autograd gradient."""
+    x = make(n=8000, c=32, extent=20, dtype=dtype, seed=11)
+    conv = ps.nn.Conv3d(32, 48, 3).to(dtype)
+    prune.panel_structured(conv, "weight", 0.75)
+    w = (conv.weight_orig * conv.weight_mask).detach()
+    no_ident = w.clone()
+    no_ident[13] = 0
+    down = ps.nn.Conv3d(32, 48, 2, stride=2).to(dtype)
+    prune.panel_structured(down, "weight", 0.75)
+    cases = [(ps.kmap.get_kmap(x, 3), w), (ps.kmap.get_kmap(x, 3), no_ident),
+             (ps.kmap.get_kmap(x, 2, 2), (down.weight_orig * down.weight_mask).detach())]
+    core = ps._ext.core
+    before = core.conv_stream_bytes()
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-11)
+    try:
+        for kmap, weight in cases:
+            assert min(kmap.num_out, kmap.num_in) > 3 * 512
+            plan = _engine.make_fused_plan(kmap)
+            assert _engine.choose_execution(weight).vector
+            g = torch.randn(kmap.num_out, 48, generator=torch.Generator().manual_seed(3), dtype=dtype)
+            f = x.feats.clone().requires_grad_()
+            ref = conv_sum(f, weight, kmap)
+            (ref_gf,) = torch.autograd.grad(ref, f, g)
+            for stream in (False, True):
+                core.conv_stream_bytes(0 if stream else 1 << 62)
+                for nt in (1, 2):
+                    got = {}
+                    for vector in (False, True):
+                        out = torch.full((kmap.num_out, 48), float("nan"), dtype=dtype)
+                        plan.core.forward(x.feats.numpy(), weight.numpy(), None, out.numpy(), nt, None,
+                                          vector=vector)
+                        assert core.conv_streamed() == stream, (plan.identity, stream, nt, vector)
+                        gf = torch.full_like(x.feats, float("nan"))
+                        plan.core.backward_input(g.numpy(), weight.numpy(), gf.numpy(), nt, None, vector=vector)
+                        assert core.conv_streamed() == stream, (plan.identity, stream, nt, vector)
+                        got[vector] = out, gf
+                    if ISAS[0] != "generic":
+                        assert torch.equal(got[True][0], got[False][0]), (plan.identity, stream, nt)
+                        assert torch.equal(got[True][1], got[False][1]), (plan.identity, stream, nt)
+                    torch.testing.assert_close(got[True][0], ref.detach(), **tol)
+                    torch.testing.assert_close(got[True][1], ref_gf, **tol)
+    finally:
+        core.conv_stream_bytes(before)
