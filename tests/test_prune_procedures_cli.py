@@ -393,3 +393,18 @@ def test_netadapt_default_latency_is_the_tasks(argv, want, tmp_path, monkeypatch
     monkeypatch.setattr(prune, "_check_latency", stop)
     assert cli.main(["prune", "netadapt", *argv, "--quick", "--out", str(tmp_path / "o")]) == 2
     assert seen == {"latency": want}
+
+
+def test_netadapt_refusal_of_the_default_latency_says_it_was_the_default(tmp_path, capsys, monkeypatch):
+    """Where no --latency was given, the refusal named '--latency 0.85' as if
+    the user had passed it; it now says the value is the task's default (the
+    default set here below what any table leaves, so that it is refused)."""
+    from pointsparse.app import prune
+    monkeypatch.setattr(prune, "DEFAULT_LATENCY", {"digits": 0.6, "scene": 0.05})
+    monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
+    out = tmp_path / "out"
+    assert cli.main(["prune", "netadapt", "--task", "scene", "--quick", "--out", str(out)]) == 2
+    err = capsys.readouterr()[1]
+    assert err.startswith("pointsparse prune: error: --latency 0.05 (task scene's default: none given): NetAdapt's "
+                          "narrowest widths"), err
+    assert not out.exists()

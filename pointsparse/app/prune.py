@@ -307,7 +307,8 @@ def _run(args) -> int:
     if args.procedure == "amc":
         _check_flops(args, task, model)
     if args.procedure == "netadapt":
-        if args.latency is None:
+        args.latency_default = args.latency is None  # (the messages say so: the user gave no --latency)
+        if args.latency_default:
             args.latency = DEFAULT_LATENCY["digits" if task.name.startswith("digits-") else "scene"]
         args.latency_table = _check_latency(args, task, model)
     if writes_out(args):  # (after the refusals: a refused run makes no folder)
@@ -427,6 +428,13 @@ def _netadapt_widths(args) -> int | None:
     return None if args.checkpoint is not None else (4 if args.quick else 8)
 
 
+def _latency_flag(args, task) -> str:
+    """--latency as prune netadapt's messages name it: its value, and where
+    none was given, that it is the task's default."""
+    default = f" (task {task.name}'s default: none given)" if getattr(args, "latency_default", False) else ""
+    return f"--latency {args.latency:g}{default}"
+
+
 def _check_latency(args, task, model):
     """prune netadapt's latency table (None on a --checkpoint), built before
     the dense training (the weights do not enter it), and a ValueError
@@ -439,7 +447,7 @@ def _check_latency(args, task, model):
     initial = table.latency({name: counts[0] for name, counts in table.candidates.items()})
     floor = table.least_latency() / initial if initial > 0 else 0.0
     if args.latency < floor:
-        raise ValueError(f"--latency {args.latency}: NetAdapt's narrowest widths (about 1/{candidates} of each layer's "
+        raise ValueError(f"{_latency_flag(args, task)}: NetAdapt's narrowest widths (about 1/{candidates} of each layer's "
                          f"output channels) leave at least {floor:.3f} of the initial latency of task {task.name}'s "
                          f"model, as timed on this machine; give --latency >= {math.ceil(floor * 1000) / 1000:.3f} "
                          "(the latency table is timed afresh each run)")
@@ -496,7 +504,7 @@ def _netadapt(args, task, model, steps) -> int:
         return 0
     what = (f"the model it reached is written all the same: {written}" if written is not None else
             f"the latency table is written all the same: {table_path}" if table is not None else "nothing is written")
-    print(f"pointsparse prune: error: --latency {args.latency:g} not met: {res.message}; {what}", file=sys.stderr)
+    print(f"pointsparse prune: error: {_latency_flag(args, task)} not met: {res.message}; {what}", file=sys.stderr)
     return 1
 
 
