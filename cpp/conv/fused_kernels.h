@@ -692,20 +692,23 @@ struct NoFinish {
 // 0.96 / 0.95; nothing at C = 128. The instantiation without it is the walk
 // of before.
 // kNext (the vector-sparse walk, sparse_walk.h, and the bf16 one,
-// fused_bf16.cpp): once a block's identity
-// pass is done, after each of its other tiles a share of the rows the
-// thread's next block (guessed as kAhead's) opens with is fetched into L2
-// (prefetcht1): its identity pass's read rows and, summing in place, its
-// written rows, two contiguous runs, paced to end with the block's tiles.
-// Why: the identity pass streams a block's rows in from memory (their
-// other offsets then find them in L2) while it has few FMAs to hide it
-// behind, and the sparse tiles have fewer still. On an Intel Xeon (KITTI
-// sweep, C = 64, bench/ab_builds.py in lockstep, bench/RESULTS.md stop 61)
-// the time of twin vectors 75% / 50% 0.91-0.96x / 0.93-0.98x on one
-// thread, 0.94 / 0.95x on two; C = 128 unchanged; the bf16 kernels' vectors
-// 75% 0.95x, their dense form 0.98x; the float32 dense walk with it
-// unchanged (1.003x), so it has none. Needs the identity offset (the read
-// rows of the identity pass are the written rows' own).
+// fused_bf16.cpp): once a block's identity pass is done, after each of its
+// other tiles a share of the rows the thread's next block (guessed as
+// kAhead's) opens with is fetched into L2 (prefetcht1): its identity
+// pass's read rows and, summing in place, its written rows, two contiguous
+// runs, paced to end with the block's tiles; where those rows take at most
+// kNextBytes a block. Why: the identity pass streams a block's rows in
+// from memory (its other offsets then find them in L2) with few FMAs to
+// hide them behind, and the sparse tiles have fewer still. On an Intel
+// Xeon (KITTI sweep, bench/ab_builds.py in lockstep, bench/RESULTS.md stop
+// 61): C = 64, one thread, twin vectors 75% / 50% 0.941 / 0.954x the time,
+// vectors 75% 0.948x; two threads 0.939 / 0.955x; C = 32 0.934 / 0.976x;
+// the bf16 kernels' vectors 75% 0.953x, their dense form 0.984x. At C =
+// 128 (512 KB of rows a block) twins 75% 0.97-0.99x, 50% 1.01-1.02x,
+// vectors 50% 1.02x: off there (kNextBytes). The float32 dense walk
+// has none (it gained nothing). Needs the identity offset (the read rows
+// of the identity pass are the written rows' own).
+constexpr int64_t kNextBytes = int64_t(256) << 10;
 template <int MR = kMR, bool kScratch = false, bool kTails = false, bool kAhead = false, bool kNext = false,
           typename Args, typename Skip, typename Tile, typename Done = NoEpilogue, typename Finish = NoFinish,
           typename Leave = NoFinish>
@@ -807,7 +810,9 @@ void apply_blocks(const Args& a, Skip skip, Tile tile, Done done = Done(), Finis
         apply_pairs<MR, kScratch, kTails>(a, ident, r0, r1, true, true, out, r0, tl);
         if constexpr (kNext) {  // (the identity pass fetched its own rows one tile ahead, as apply_pairs does)
           const int64_t nb = blk + a.nt;
-          if (nb < blocks) {
+          const bool in_place = !kScratch && a.dst != nullptr;
+          const int64_t row_bytes = a.kc * int64_t(sizeof(*a.src)) + (in_place ? a.cols * int64_t(sizeof(*a.dst)) : 0);
+          if (nb < blocks && row_bytes * kBlockRows <= kNextBytes) {
             const int64_t n0 = nb * kBlockRows, n1 = n0 + kBlockRows < a.num_rows ? n0 + kBlockRows : a.num_rows;
             int64_t tiles = 0;
             for (int64_t k = 0; k < K; ++k) {
@@ -816,7 +821,6 @@ void apply_blocks(const Args& a, Skip skip, Tile tile, Done done = Done(), Finis
             }
             next_src = reinterpret_cast<const char*>(a.src + n0 * a.kc);
             src_left = (n1 - n0) * a.kc * int64_t(sizeof(*a.src));
-            const bool in_place = !kScratch && a.dst != nullptr;
             next_dst = in_place ? reinterpret_cast<const char*>(a.dst + n0 * a.cols) : nullptr;
             dst_left = in_place ? (n1 - n0) * a.cols * int64_t(sizeof(*a.dst)) : 0;
             const int64_t lines = ((src_left > dst_left ? src_left : dst_left) + 63) / 64;
