@@ -704,9 +704,9 @@ struct NoFinish {
 // 61): C = 64, one thread, twin vectors 75% / 50% 0.941 / 0.954x the time,
 // vectors 75% 0.948x; two threads 0.939 / 0.955x; C = 32 0.934 / 0.976x;
 // the bf16 kernels' vectors 75% 0.953x, their dense form 0.984x. At C =
-// 128 (512 KB of rows a block) twins 75% 0.97-0.99x, 50% 1.01-1.02x,
-// vectors 50% 1.02x: off there (kNextBytes). The float32 dense walk
-// has none (it gained nothing). Needs the identity offset (the read rows
+// 128 (512 KB of rows a block) twins 75% 0.99x, 50% 1.01-1.02x, vectors
+// 50% 1.02x: off there (kNextBytes). The float32 dense walk has none
+// (with it, dense DENSE_NEXT_FIGURES). Needs the identity offset (the read rows
 // of the identity pass are the written rows' own).
 constexpr int64_t kNextBytes = int64_t(256) << 10;
 template <int MR = kMR, bool kScratch = false, bool kTails = false, bool kAhead = false, bool kNext = false,
@@ -727,13 +727,31 @@ void apply_blocks(const Args& a, Skip skip, Tile tile, Done done = Done(), Finis
     // into while the other drains to dst; else one, of at most num_rows
     // rows: scratch_rows(a)).
     const Out mine = kScratch ? scratch + int64_t(omp_get_thread_num()) * scratch_rows(a) * a.cols : nullptr;
+    // The end of block b's rows, and its tiles of the offsets after the
+    // identity pass (kAhead's and kNext's pace).
+    const auto block_end = [&a](int64_t b) {
+      return (b + 1) * kBlockRows < a.num_rows ? (b + 1) * kBlockRows : a.num_rows;
+    };
+    const auto other_tiles = [&](int64_t b) {
+      int64_t tiles = 0;
+      for (int64_t k = 0; k < K; ++k)
+        if (k != pl.identity && !skip(k)) tiles += (pl.cuts[(b + 1) * K + k] - pl.cuts[b * K + k] + MR - 1) / MR;
+      return tiles;
+    };
     int half = 0;
     Drain<Out> pending;
     // kAhead: the cursor over the next block's pairs (offset ak, pair aq of
     // its run that ends at aend), apace pairs fetched a tile.
     int64_t anext = 0, ak = K, aq = 0, aend = 0, apace = 0;
-    // kNext: the next block's runs not fetched yet (their next line and
-    // the bytes left) and the lines fetched of each after a tile.
+    // kNext: whether this walk fetches (an identity pass, whose rows fit
+    // kNextBytes a block; the written rows where it sums in place), the
+    // next block's runs not fetched yet (their next line and the bytes
+    // left) and the lines fetched of each after a tile.
+    const bool next_in_place = !kScratch && a.dst != nullptr;
+    const bool next_on = kNext && ident >= 0 &&
+                         (a.kc * int64_t(sizeof(*a.src)) + (next_in_place ? a.cols * int64_t(sizeof(*a.dst)) : 0)) *
+                                 kBlockRows <=
+                             kNextBytes;
     const char* next_src = nullptr;
     const char* next_dst = nullptr;
     int64_t src_left = 0, dst_left = 0, next_pace = 0;
@@ -792,42 +810,33 @@ void apply_blocks(const Args& a, Skip skip, Tile tile, Done done = Done(), Finis
         anext = blk + a.nt;
         ak = K;
         if (anext < blocks) {
-          int64_t tiles = ident >= 0 ? kBlockRows / MR : 0, pairs = 0;
-          for (int64_t k = 0; k < (a.kc == 0 ? 0 : K); ++k) {
-            if (k == pl.identity || skip(k)) continue;
-            tiles += (pl.cuts[(blk + 1) * K + k] - pl.cuts[blk * K + k] + MR - 1) / MR;
-            pairs += pl.cuts[(anext + 1) * K + k] - pl.cuts[anext * K + k];
-          }
+          const int64_t tiles = (ident >= 0 ? kBlockRows / MR : 0) + other_tiles(blk);
+          int64_t pairs = 0;
+          for (int64_t k = 0; k < (a.kc == 0 ? 0 : K); ++k)
+            if (k != pl.identity && !skip(k)) pairs += pl.cuts[(anext + 1) * K + k] - pl.cuts[anext * K + k];
           ak = -1;
           aq = aend = 0;
           apace = tiles > 0 ? (pairs + tiles - 1) / tiles : pairs;
         }
       }
-      const int64_t r0 = blk * kBlockRows, r1 = r0 + kBlockRows < a.num_rows ? r0 + kBlockRows : a.num_rows;
+      const int64_t r0 = blk * kBlockRows, r1 = block_end(blk);
       // Where the rows are summed: a scratch block, or in place.
       const Out out = kScratch ? mine + half * kBlockRows * a.cols : a.dst + r0 * a.cols;
       if (ident >= 0) {
         apply_pairs<MR, kScratch, kTails>(a, ident, r0, r1, true, true, out, r0, tl);
-        if constexpr (kNext) {  // (the identity pass fetched its own rows one tile ahead, as apply_pairs does)
-          const int64_t nb = blk + a.nt;
-          const bool in_place = !kScratch && a.dst != nullptr;
-          const int64_t row_bytes = a.kc * int64_t(sizeof(*a.src)) + (in_place ? a.cols * int64_t(sizeof(*a.dst)) : 0);
-          if (nb < blocks && row_bytes * kBlockRows <= kNextBytes) {
-            const int64_t n0 = nb * kBlockRows, n1 = n0 + kBlockRows < a.num_rows ? n0 + kBlockRows : a.num_rows;
-            int64_t tiles = 0;
-            for (int64_t k = 0; k < K; ++k) {
-              if (k == pl.identity || skip(k)) continue;
-              tiles += (pl.cuts[(blk + 1) * K + k] - pl.cuts[blk * K + k] + MR - 1) / MR;
-            }
-            next_src = reinterpret_cast<const char*>(a.src + n0 * a.kc);
-            src_left = (n1 - n0) * a.kc * int64_t(sizeof(*a.src));
-            next_dst = in_place ? reinterpret_cast<const char*>(a.dst + n0 * a.cols) : nullptr;
-            dst_left = in_place ? (n1 - n0) * a.cols * int64_t(sizeof(*a.dst)) : 0;
-            const int64_t lines = ((src_left > dst_left ? src_left : dst_left) + 63) / 64;
-            next_pace = tiles > 0 ? (lines + tiles - 1) / tiles : 0;
-          } else {
-            src_left = dst_left = 0;
-          }
+        // kNext: the next block's runs, fetched over this block's other tiles (the identity pass fetched its
+        // own rows one tile ahead, as apply_pairs does).
+        const int64_t nb = blk + a.nt;
+        if (next_on && nb < blocks) {
+          const int64_t n0 = nb * kBlockRows, rows = block_end(nb) - n0, tiles = other_tiles(blk);
+          next_src = reinterpret_cast<const char*>(a.src + n0 * a.kc);
+          src_left = rows * a.kc * int64_t(sizeof(*a.src));
+          next_dst = next_in_place ? reinterpret_cast<const char*>(a.dst + n0 * a.cols) : nullptr;
+          dst_left = next_in_place ? rows * a.cols * int64_t(sizeof(*a.dst)) : 0;
+          const int64_t lines = ((src_left > dst_left ? src_left : dst_left) + 63) / 64;
+          next_pace = tiles > 0 ? (lines + tiles - 1) / tiles : 0;
+        } else {
+          src_left = dst_left = 0;
         }
       } else {
         for (int64_t r = r0; r < r1; ++r) {
