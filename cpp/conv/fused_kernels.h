@@ -705,8 +705,10 @@ struct NoFinish {
 // vectors 75% 0.948x; two threads 0.939 / 0.955x; C = 32 0.934 / 0.976x;
 // the bf16 kernels' vectors 75% 0.953x, their dense form 0.984x. At C =
 // 128 (512 KB of rows a block) twins 75% 0.99x, 50% 1.01-1.02x, vectors
-// 50% 1.02x: off there (kNextBytes). The float32 dense walk has none
-// (with it, dense DENSE_NEXT_FIGURES). Needs the identity offset (the read rows
+// 50% 1.02x: off there (kNextBytes). The float32 dense walk has none:
+// with it (C = 64, two copies of each build) dense timed 0.96-1.01x and
+// offsets 75% 1.01-1.05x, where a second copy of the build without it
+// timed 1.03-1.04x: no gain out of the spread between processes. Needs the identity offset (the read rows
 // of the identity pass are the written rows' own).
 constexpr int64_t kNextBytes = int64_t(256) << 10;
 template <int MR = kMR, bool kScratch = false, bool kTails = false, bool kAhead = false, bool kNext = false,
