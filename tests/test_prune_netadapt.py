@@ -299,6 +299,7 @@ def test_least_latency_is_rest_plus_each_layer_s_fastest_entry():
     assert table.least_latency() == 0.5 + 3.0 + 2.0 + 1.0
     every = [table.latency({"0": a, "2": b}) for a in (8, 4, 2) for b in (8, 4)]
     assert min(every) == table.least_latency() and table.latency({"0": 8, "2": 8}) == 12.5
+    assert table.initial_latency() == 12.5  # (the built widths: each producer's first candidate)
     net = sparse_chain(width=8)
     built = netadapt.build_latency_table(net, sparse_input(n=200, extent=8), num_candidates=2, repeats=1)
     assert 0 < built.least_latency() <= min(built.latency({"0": a, "3": b}) for a in (8, 4) for b in (16, 8))

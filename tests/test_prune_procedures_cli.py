@@ -387,7 +387,7 @@ def test_netadapt_default_latency_is_the_tasks(argv, want, tmp_path, monkeypatch
     seen = {}
 
     def stop(args, task, model):
-        seen["latency"] = args.latency
+        seen["latency"] = prune._latency(args)
         raise ValueError("stopped")
 
     monkeypatch.setattr(prune, "_check_latency", stop)

@@ -307,9 +307,6 @@ def _run(args) -> int:
     if args.procedure == "amc":
         _check_flops(args, task, model)
     if args.procedure == "netadapt":
-        args.latency_default = args.latency is None  # (the messages say so: the user gave no --latency)
-        if args.latency_default:
-            args.latency = DEFAULT_LATENCY["digits" if task.name.startswith("digits-") else "scene"]
         args.latency_table = _check_latency(args, task, model)
     if writes_out(args):  # (after the refusals: a refused run makes no folder)
         make_directory(args.out)
@@ -428,11 +425,20 @@ def _netadapt_widths(args) -> int | None:
     return None if args.checkpoint is not None else (4 if args.quick else 8)
 
 
+def _latency(args) -> float:
+    """prune netadapt's budget: --latency, or where none was given the
+    task's default (:data:`DEFAULT_LATENCY`; a --checkpoint's: the scene
+    task's)."""
+    if args.latency is not None:
+        return args.latency
+    return DEFAULT_LATENCY["scene" if args.checkpoint is not None or args.task == "scene" else "digits"]
+
+
 def _latency_flag(args, task) -> str:
     """--latency as prune netadapt's messages name it: its value, and where
     none was given, that it is the task's default."""
-    default = f" (task {task.name}'s default: none given)" if getattr(args, "latency_default", False) else ""
-    return f"--latency {args.latency:g}{default}"
+    default = f" (task {task.name}'s default: none given)" if args.latency is None else ""
+    return f"--latency {_latency(args):g}{default}"
 
 
 def _check_latency(args, task, model):
@@ -444,9 +450,9 @@ def _check_latency(args, task, model):
     if candidates is None:
         return None
     table, _ = procedures.latency_table(model, task.example_input, candidates, 3 if args.quick else 7)
-    initial = table.latency({name: counts[0] for name, counts in table.candidates.items()})
+    initial = table.initial_latency()
     floor = table.least_latency() / initial if initial > 0 else 0.0
-    if args.latency < floor:
+    if _latency(args) < floor:
         raise ValueError(f"{_latency_flag(args, task)}: NetAdapt's narrowest widths (about 1/{candidates} of each layer's "
                          f"output channels) leave at least {floor:.3f} of the initial latency of task {task.name}'s "
                          f"model, as timed on this machine; give --latency >= {math.ceil(floor * 1000) / 1000:.3f} "
@@ -493,7 +499,7 @@ def _netadapt(args, task, model, steps) -> int:
     table_path = args.out / "latency_table.json"
     with warnings.catch_warnings():  # (its words come as this command's error below, not as a warning too)
         warnings.filterwarnings("ignore", message=_UNMET, category=RuntimeWarning)
-        res, table, _ = procedures.netadapt(task, model, task.example_input, args.latency, max(5, steps // 20),
+        res, table, _ = procedures.netadapt(task, model, task.example_input, _latency(args), max(5, steps // 20),
                                             steps // 2, _netadapt_widths(args), 3 if args.quick else 7, table_path,
                                             log=lambda s: print("  " + s), table=args.latency_table)
     print(f"channels {res.channels}; latency estimate {res.initial_latency * 1e3:.2f} -> "

@@ -128,6 +128,11 @@ class LatencyTable:
             total += row[key]
         return total
 
+    def initial_latency(self) -> float:
+        """The estimate at the widths the table was built at (each
+        producer's first candidate): NetAdapt's initial latency."""
+        return self.latency({name: counts[0] for name, counts in self.candidates.items()})
+
     def least_latency(self) -> float:
         """The least estimate any widths of the table can give: ``rest`` plus
         each layer's fastest entry (a lower bound: the fastest entries of two
