@@ -380,7 +380,7 @@ def test_netadapt_that_misses_its_budget_says_so_and_exits_1(on_checkpoint, tmp_
                                         (["--task", "scene", "--latency", "0.9"], 0.9)])
 def test_netadapt_default_latency_is_the_tasks(argv, want, tmp_path, monkeypatch):
     """--latency's default was 0.6 on every task: below what the scene
-    task's narrowest widths leave (0.58-0.78 of its latency), so a bare
+    task's narrowest widths leave (0.53-0.78 of its latency), so a bare
     `prune netadapt --task scene` was refused. The default is now the
     task's; a --latency given is kept."""
     from pointsparse.app import prune

@@ -484,7 +484,8 @@ def _amc(args, task, model, steps) -> None:
 
 #: prune netadapt's --latency where none is given, per task (a --checkpoint: as the scene task). A sparse conv's
 #: time follows its kernel map more than its channels: on the scene task the narrowest widths of the latency table
-#: keep 0.58-0.78 of the initial latency (two cores, 2026-12), so 0.6 would mostly be refused there.
+#: keep 0.53-0.78 of the initial latency (six runs on an Intel Xeon, bench/RESULTS.md stop 61), so 0.6 was mostly
+#: refused there.
 DEFAULT_LATENCY = {"digits": 0.6, "scene": 0.85}
 
 #: The start of the library's RuntimeWarning of a missed budget, which prune netadapt reports as its error instead.
