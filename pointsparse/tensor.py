@@ -592,7 +592,16 @@ class SparseTensor:
 
     @property
     def batch_size(self) -> int:
-        return int(self._coords[:, 0].max()) + 1 if len(self) else 0
+        """The largest batch index + 1 (0 without rows); of a VoxelPrune's
+        selection (or a tensor after one) the batch items of the input it
+        was made from (``CoordinateCache.origin``), as the global poolings
+        count them: a selection that dropped every voxel of the last item
+        holds no row of it, and ``dense()`` gave one slab fewer."""
+        b = int(self._coords[:, 0].max()) + 1 if len(self) else 0
+        origin = getattr(self.cache, "origin", None)
+        if origin is not None and len(origin):
+            b = max(b, int(origin[:, 0].max()) + 1)
+        return b
 
     def __add__(self, other):
         """``x + y`` of two tensors on the same sites: :func:`pointsparse.nn.add`

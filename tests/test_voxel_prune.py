@@ -892,3 +892,26 @@ def test_a_selection_of_coords_changed_in_place_is_refused(alias):
         y.coords[:, 1] = 18 - y.coords[:, 1]  # in place: still multiples of 2, unique
         with pytest.raises(ValueError, match="changed in place"):
             F.select_voxels(y, rows)
+
+
+def test_dense_of_a_selection_that_emptied_the_last_item_keeps_its_batch_items():
+    """A VoxelPrune by threshold that drops every voxel of the last batch
+    item: ``dense()`` (and ``batch_size``) of its output, and of the layers
+    after it, count the input's batch items as the global poolings do (the
+    emptied item a slab of zeros). They counted the items left in the
+    output's own coords and gave B - 1 slabs, no longer lining up with the
+    input's items (the labels) while the poolings gave B rows."""
+    coords = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0], [0, 2, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.int32)
+    feats = torch.tensor([[3.0, 0.0], [2.0, 0.0], [5.0, 0.0], [0.1, 0.0], [0.2, 0.0]])
+    x = ps.SparseTensor(feats, coords)
+    out = ps.nn.VoxelPrune(threshold=1.0)(x)
+    assert out.coords[:, 0].tolist() == [0, 0, 0]  # (every voxel of item 1 dropped)
+    torch.manual_seed(0)
+    for t in (out, ps.nn.Conv3d(2, 2, 3)(out), ps.nn.Conv3d(2, 2, 2, stride=2)(out)):
+        assert t.batch_size == 2 and F.global_avg_pool(t).shape[0] == 2
+        dense = t.dense()
+        assert dense.shape[0] == 2 and not dense[1].any()
+        assert torch.equal(dense[:1], ps.SparseTensor(t.feats, t.coords, t.stride).dense())
+        assert t.dense((4, 4, 4)).shape == (2, 2, 4, 4, 4)
+    nothing = ps.nn.VoxelPrune(threshold=1e9)(x)
+    assert nothing.batch_size == 2 and nothing.dense().shape == (2, 2, 0, 0, 0)

@@ -656,10 +656,7 @@ def _per_batch(input: SparseTensor, what: str):
         if items is not input.coords:  # (the items' count; the sites are this tensor's)
             counts = torch.zeros_like(counts).index_add(0, batch, torch.ones_like(batch))
         return batch, counts
-    b = input.batch_size
-    items = _items_of(input.cache, input.coords)
-    if items is not input.coords and len(items):
-        b = max(b, int(items[:, 0].max()) + 1)
+    b = input.batch_size  # (a selection's: the items of the input it was made from)
     check_global_pool_size(b, input.num_channels, input.feats.element_size(), what)
     return batch, torch.bincount(batch, minlength=b)
 
