@@ -67,7 +67,9 @@ def nonnegative_int(value, name: str) -> int:
 
 def as_float(value, name: str) -> float:
     """A Python float from an int, a float, a numpy number or a 0-d real
-    tensor (not bool, numpy's bool included, not a string); TypeError naming ``name``."""
+    tensor (not bool, numpy's bool included, not a string); TypeError naming ``name``
+    (a ValueError for an int past the float range, whose float() raised a
+    bare OverflowError)."""
     if isinstance(value, (bool, np.bool_, str, bytes)) or (
             isinstance(value, torch.Tensor) and (value.dim() != 0 or value.dtype == torch.bool or value.is_complex())):
         raise TypeError(f"{name} must be a real number; got {value!r}")
@@ -75,6 +77,9 @@ def as_float(value, name: str) -> float:
         return float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a real number; got {value!r}") from None
+    except OverflowError:  # (its digits unprinted: a repr of thousands)
+        raise ValueError(f"{name} must be a number within the float range; got a {type(value).__name__} "
+                         "too large to convert to float") from None
 
 
 def as_bool(value, name: str) -> bool:

@@ -915,3 +915,24 @@ def test_dense_of_a_selection_that_emptied_the_last_item_keeps_its_batch_items()
         assert t.dense((4, 4, 4)).shape == (2, 2, 4, 4, 4)
     nothing = ps.nn.VoxelPrune(threshold=1e9)(x)
     assert nothing.batch_size == 2 and nothing.dense().shape == (2, 2, 0, 0, 0)
+
+
+def test_a_keep_rule_past_the_float_range_is_a_value_error_naming_it():
+    """An int keep_ratio or threshold too large for a float (10**400) raised
+    Python's bare OverflowError ("int too large to convert to float") from
+    VoxelPrune, add_voxel_prune and keep_per_batch, naming no argument: a
+    ValueError naming it, as any other out-of-range keep rule."""
+    from pointsparse.models import MinkUNet, add_voxel_prune
+
+    huge = 10**400
+    with pytest.raises(ValueError, match="keep_ratio"):
+        ps.nn.VoxelPrune(huge)
+    with pytest.raises(ValueError, match="threshold"):
+        ps.nn.VoxelPrune(0.5, threshold=-huge)
+    with pytest.raises(ValueError, match="threshold"):
+        add_voxel_prune(MinkUNet(4, 3, cr=0.25, blocks=1), "fuse.1", threshold=huge)
+    scores, batch = torch.rand(10), torch.zeros(10, dtype=torch.int64)
+    with pytest.raises(ValueError, match="keep_ratio"):
+        F.keep_per_batch(scores, batch, huge)
+    with pytest.raises(ValueError, match="threshold"):
+        F.keep_per_batch(scores, batch, threshold=huge)
