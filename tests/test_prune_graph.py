@@ -2458,3 +2458,49 @@ def test_a_cut_names_the_layers_its_trace_never_ran():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         G.DependencyGraph(quiet, x).cut({"0": [0, 1, 2, 3]})
+
+
+class _LogitsOut:
+    """A model's output object of its own (no pytree node): its tensors are attributes."""
+
+    def __init__(self, logits):
+        self.logits = logits
+
+
+class _DictOut(dict):
+    """A dict subclass (as a ModelOutput), which torch's pytree takes for a leaf."""
+
+
+def _dataclass_out(logits):
+    import dataclasses
+
+    return dataclasses.make_dataclass("Out", [("logits", torch.Tensor)])(logits)
+
+
+class _WrappedOutput(nn.Module):
+    def __init__(self, wrap):
+        super().__init__()
+        torch.manual_seed(0)
+        self.wrap = wrap
+        self.a, self.cls = nn.Linear(4, 8), nn.Linear(8, 6)
+
+    def forward(self, x):
+        return self.wrap(self.cls(torch.relu(self.a(x))))
+
+
+@pytest.mark.parametrize("wrap", [_dataclass_out, lambda y: _DictOut(logits=y), _LogitsOut,
+                                  lambda y: {"out": [_LogitsOut(y)]}],
+                         ids=["dataclass", "dict-subclass", "object", "nested"])
+def test_a_network_output_held_by_an_object_keeps_its_classes(wrap):
+    """torch's pytree takes a dataclass, a dict subclass (a ModelOutput) or
+    any object for a leaf: the logits it holds were no network output, the
+    classifier's classes a cuttable group, and prune_channels cut half the
+    classes away without a word. Tensors inside such outputs are outputs."""
+    from pointsparse.prune import workflow
+
+    net, x = _WrappedOutput(wrap).eval(), torch.randn(5, 4)
+    graph = G.DependencyGraph(net, x)
+    assert [g.name for g in graph.groups] == ["a"]
+    assert [(g.name, g.fixed) for g in graph.fixed_groups] == [("cls", "network output")]
+    workflow.prune_channels(net, x, 0.5, multiple=1)
+    assert net.cls.out_features == 6 and net.a.out_features == 4

@@ -34,7 +34,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 
 import torch
 from torch import nn
@@ -152,7 +152,7 @@ class DependencyGraph:
         try:
             with evaluating(self.model), torch.no_grad(), tracer:
                 output = run_model(self.model, self.example_input)
-            for t in tree_flatten(output)[0] + [feats_of(v) for v in tree_flatten(output)[0]]:
+            for t in _output_tensors(output):
                 tracer.fix(tracer.tag_of(t), "network output")
         finally:
             for h in handles:
@@ -538,6 +538,32 @@ def shared_tensors(model: nn.Module) -> dict[str, str]:
             if others:
                 out.setdefault(name, f"{name}: its {tensor!r} is shared with {', '.join(others)}")
     return out
+
+
+def _output_tensors(output) -> list[torch.Tensor]:
+    """Every tensor a network's ``output`` holds (a SparseTensor's feats):
+    inside torch's pytree containers and inside what pytree takes for a
+    leaf, a dataclass, a dict subclass (a ``ModelOutput``), any object's
+    attributes, where the classifier's logits were no output and its
+    classes were cut."""
+    found, seen, todo = [], set(), [output]
+    while todo:
+        value = todo.pop()
+        if id(value) in seen or value is None or isinstance(value, (str, bytes, int, float, complex, type)):
+            continue
+        seen.add(id(value))
+        feats = feats_of(value)
+        if feats is not None:
+            found.append(feats)
+        elif isinstance(value, Mapping):
+            todo.extend(value.values())
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            todo.extend(value)
+        elif is_dataclass(value):
+            todo.extend(getattr(value, f.name, None) for f in fields(value))
+        elif not isinstance(value, nn.Module) and not callable(value):
+            todo.extend(getattr(value, "__dict__", {}).values())
+    return found
 
 
 def _watch(tracer: Tracer, name: str, module: nn.Module) -> None:
