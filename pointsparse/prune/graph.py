@@ -38,7 +38,6 @@ from dataclasses import dataclass, field, fields, is_dataclass
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
 
 from . import _compat, adapters
 from ._copyable import copy_model, keep_copyable
@@ -152,7 +151,7 @@ class DependencyGraph:
         try:
             with evaluating(self.model), torch.no_grad(), tracer:
                 output = run_model(self.model, self.example_input)
-            for t in _output_tensors(output):
+            for t in _tensors_in(output):
                 tracer.fix(tracer.tag_of(t), "network output")
         finally:
             for h in handles:
@@ -185,8 +184,8 @@ class DependencyGraph:
         addends = {} if adapter is None else {k: extra.pop(k) for k in adapter.addends if k in extra}
         unknown = None  # channels handed over some other way than the input: what the layer does with them and
         for key, value in extra.items():  # its own channels is unknown, so all of them are fixed
-            for t in tree_flatten(value)[0]:
-                other = tracer.tag_of(feats_of(t))
+            for t in _tensors_in(value):
+                other = tracer.tag_of(t)
                 if other is not None and other.segments:
                     unknown = f"channels passed as its argument {key!r}, which the graph does not follow"
                     tracer.fix(other, f"{name}: {unknown}")
@@ -540,13 +539,15 @@ def shared_tensors(model: nn.Module) -> dict[str, str]:
     return out
 
 
-def _output_tensors(output) -> list[torch.Tensor]:
-    """Every tensor a network's ``output`` holds (a SparseTensor's feats):
-    inside torch's pytree containers and inside what pytree takes for a
-    leaf, a dataclass, a dict subclass (a ``ModelOutput``), any object's
-    attributes, where the classifier's logits were no output and its
-    classes were cut."""
-    found, seen, todo = [], set(), [output]
+def _tensors_in(value) -> list[torch.Tensor]:
+    """Every tensor ``value`` holds (a SparseTensor's feats): a network's
+    output, a layer's other arguments. Inside torch's pytree containers and
+    inside what pytree takes for a leaf, a dataclass, a dict subclass (a
+    ``ModelOutput``), any object's attributes: a classifier's logits there
+    were no output (its classes were cut), the channels a layer's argument
+    object held were followed into no layer (cut apart from those it sums
+    them with)."""
+    found, seen, todo = [], set(), [value]
     while todo:
         value = todo.pop()
         if id(value) in seen or value is None or isinstance(value, (str, bytes, int, float, complex, type)):
