@@ -1092,6 +1092,35 @@ def test_a_compressed_model_times_its_linear_layers_on_the_example():
         torch.testing.assert_close(torch.compile(layer, fullgraph=True, backend="eager")(rows), layer(rows))
 
 
+class _KeywordCalls(torch.nn.Module):
+    """Calls its layers with the input as a keyword argument (``input=``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = psnn.Conv3d(6, 8, 3)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = self.conv(input=x)
+        return self.head(input=y.feats)
+
+
+def test_a_model_calling_its_layers_with_keyword_inputs_is_timed_on_them():
+    """compress(model, example_input=x) recorded each layer's input as the
+    first positional argument of its call: a model calling ``conv(input=x)``
+    or ``linear(input=feats)`` stopped with a bare IndexError ("tuple index
+    out of range") from compress's own hook. The keyword input is the
+    layer's input too: it is timed on it, and the model's output kept."""
+    torch.manual_seed(0)
+    model = _KeywordCalls().eval()
+    prune.l1_unstructured(model.conv, "weight", amount=0.6)
+    x = _sparse_input(150, channels=6, seed=1)
+    sparse = F.compress(model, "csr", example_input=x)
+    assert "ms" in sparse.conv.chosen and "ms" in sparse.head.chosen
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), model(x), atol=1e-5, rtol=1e-5)
+
+
 def test_a_compressed_model_called_with_gradients_on_says_why_its_input_needs_one():
     """A compressed MinkUNet called as a model is (grad mode on, an input without a gradient) reached its
     compressed classifier with feats that require grad (the BatchNorms' parameters before it do) and said

@@ -236,15 +236,19 @@ def _example_named(what: str):
 def _layer_inputs(model, example_input, layer_types) -> dict:
     """The input each layer of ``layer_types`` in ``model`` sees on
     ``example_input`` (one run without gradients, in eval mode; the first
-    call of a module shared by several places)."""
+    call of a module shared by several places): its first positional
+    argument, or its ``input=`` keyword where the model passes it so."""
     seen, handles = {}, []
 
-    def record(module, args, out) -> None:  # (a forward hook that returns a value replaces the output)
-        seen.setdefault(module, args[0])
+    def record(module, args, kwargs, out) -> None:  # (a forward hook that returns a value replaces the output)
+        if args:
+            seen.setdefault(module, args[0])
+        elif "input" in kwargs:  # (every layer type's forward names it input: conv(input=x), linear(input=x))
+            seen.setdefault(module, kwargs["input"])
 
     for sub in model.modules():
         if isinstance(sub, layer_types):
-            handles.append(sub.register_forward_hook(record))
+            handles.append(sub.register_forward_hook(record, with_kwargs=True))
     try:
         with evaluating(model), torch.no_grad(), _example_named(f"the model ({type(model).__name__})"):
             run_model(model, example_input)
