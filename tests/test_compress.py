@@ -124,6 +124,17 @@ def test_compress_bad_arguments():
         F.compress(torch.nn.Linear(4, 2), "csr")(torch.ones(3, 5))
 
 
+def test_compress_refuses_the_abstract_format_base_class():
+    """format=F.SparseFormat (the base every format class derives from) passed
+    the "or a format class" check and stopped in its abstract from_dense with
+    a bare NotImplementedError (no message); it is a ValueError naming format
+    and the formats, as any other format compress does not hold."""
+    conv = psnn.Conv3d(4, 4, kernel_size=3)
+    for module in (conv, torch.nn.Linear(4, 2), torch.nn.Sequential(conv)):
+        with pytest.raises(ValueError, match=r"format must be one of \['bsr', 'coo'.*SparseFormat"):
+            F.compress(module, F.SparseFormat)
+
+
 # ------------------------------------------------------------ load balance
 def test_imbalance_hand_counts():
     mask = torch.tensor([[1, 1, 1], [0, 0, 1], [1, 1, 0], [0, 0, 0]])

@@ -46,8 +46,8 @@ def spmm_isa() -> str:
 
 
 def _format_class(format):
-    if isinstance(format, type) and issubclass(format, SparseFormat):
-        return format
+    if isinstance(format, type) and issubclass(format, SparseFormat) and format is not SparseFormat:
+        return format  # (the abstract base has no from_dense: its NotImplementedError said nothing)
     if isinstance(format, str) and format.lower() in FORMATS:
         return FORMATS[format.lower()]
     raise ValueError(f"format must be one of {sorted(FORMATS)} (or a format class); got {format!r}")
