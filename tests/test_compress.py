@@ -135,6 +135,43 @@ def test_compress_refuses_the_abstract_format_base_class():
             F.compress(module, F.SparseFormat)
 
 
+class _ScaledLinear(torch.nn.Linear):
+    def forward(self, input):
+        return super().forward(input) * 2
+
+
+class _ShiftedConv(psnn.Conv3d):
+    def forward(self, input, add=None):
+        out = super().forward(input, add)
+        return out.with_feats(out.feats + 1)
+
+
+class _NoteLinear(torch.nn.Linear):  # (a subclass that keeps Linear's forward: compressed as a Linear)
+    pass
+
+
+def test_compress_refuses_a_layer_subclass_with_its_own_forward():
+    """A subclass of torch.nn.Linear or pointsparse.nn.Conv3d that overrides
+    forward was compressed as the base layer: the SparseLinear /
+    SparseConv3d ran the base's computation, silently dropping what the
+    subclass's forward adds (here x2 and +1). It is a TypeError naming the
+    class (and, in a model, the layer); a subclass keeping the base's
+    forward (torch's parametrized Linear, say) is compressed as before."""
+    torch.manual_seed(0)
+    x = _sparse_input(channels=4)
+    for layer in (_ScaledLinear(4, 3), _ShiftedConv(4, 4, kernel_size=3)):
+        name = type(layer).__name__
+        with pytest.raises(TypeError, match=rf"module is a {name}, .* overrides forward"):
+            F.compress(layer, "csr")
+        with pytest.raises(TypeError, match=rf"^1: module is a {name}"):
+            F.compress(torch.nn.Sequential(torch.nn.Identity(), layer), "csr")
+    parametrized = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(4, 3))
+    assert type(parametrized) is not torch.nn.Linear
+    for kept in (_NoteLinear(4, 3), parametrized):
+        with torch.no_grad():
+            torch.testing.assert_close(F.compress(kept, "csr")(x.feats), kept(x.feats))
+
+
 # ------------------------------------------------------------ load balance
 def test_imbalance_hand_counts():
     mask = torch.tensor([[1, 1, 1], [0, 0, 1], [1, 1, 0], [0, 0, 0]])

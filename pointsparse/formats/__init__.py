@@ -96,6 +96,7 @@ def compress(module: torch.nn.Module, format="csr", example_input=None, **kwargs
 
     cls = _format_class(format)
     _check_on_cpu(module)
+    _check_own_forward(module, Conv3d)
     layers = (torch.nn.Linear, Conv3d, SparseLinear, SparseConv3d)
     if isinstance(module, (torch.nn.Linear, SparseLinear)):
         weight = module.weight_format.to_dense() if isinstance(module, SparseLinear) else module_weight(module, "weight")
@@ -136,6 +137,18 @@ def _check_on_cpu(module) -> None:
         kind, name, device = off
         raise ValueError(f"compress runs on the CPU (the formats hold CPU tensors); {kind} {name} is on {device}: "
                          "compress module.cpu()")
+
+
+def _check_own_forward(module, conv_type) -> None:
+    """A TypeError where ``module`` subclasses torch.nn.Linear or Conv3d
+    (``conv_type``) with a forward of its own: the compressed layer runs the
+    base's computation and would silently drop what that forward adds. A
+    subclass keeping the base's forward (torch's parametrized Linear) passes."""
+    for base in (torch.nn.Linear, conv_type):
+        if isinstance(module, base) and type(module).forward is not base.forward:
+            raise TypeError(f"module is a {type(module).__name__}, a subclass of {base.__module__}.{base.__name__} "
+                            f"that overrides forward: its compressed layer would run {base.__name__}'s computation "
+                            f"without it; give the model a plain {base.__name__} there to compress it")
 
 
 def _with_pre_hooks(module: torch.nn.Module, compressed: torch.nn.Module) -> torch.nn.Module:
