@@ -172,6 +172,33 @@ def test_compress_refuses_a_layer_subclass_with_its_own_forward():
             torch.testing.assert_close(F.compress(kept, "csr")(x.feats), kept(x.feats))
 
 
+def test_compress_keeps_a_layers_forward_hooks_on_its_output():
+    """A forward hook on a layer's output (one that clamps it, one taking
+    kwargs) was dropped by compress, which kept the forward pre-hooks only:
+    the compressed layer, alone or in a model, gave the unclamped output
+    silently. The hooks run on the compressed layer's output now, in their
+    order; the pruning's own bookkeeping hook is not carried."""
+    torch.manual_seed(0)
+    x = _sparse_input(channels=4)
+    conv = psnn.Conv3d(4, 5, kernel_size=3, bias=True)
+    pointsparse.prune.panel_structured(conv, "weight", 0.5)
+    lin = torch.nn.Linear(5, 3)
+    rows = torch.randn(6, 5)
+    conv.register_forward_hook(lambda module, args, out: out.with_feats(out.feats.clamp(-0.1, 0.1)))
+    lin.register_forward_hook(lambda module, args, out: out.clamp(-0.1, 0.1))
+    lin.register_forward_hook(lambda module, args, kwargs, out: out * 3, with_kwargs=True)
+    model = torch.nn.Sequential(conv, psnn.Linear(5, 3))
+    model[1].fn = lin
+    with torch.no_grad():
+        want_conv, want_lin, want = conv(x).feats, lin(rows), model(x).feats
+        for fmt in ("csr", "fkw"):
+            torch.testing.assert_close(F.compress(conv, fmt)(x).feats, want_conv)
+            torch.testing.assert_close(F.compress(lin, fmt)(rows), want_lin)
+            compressed = F.compress(model, fmt)
+            torch.testing.assert_close(compressed(x).feats, want)
+            assert len(compressed[0]._forward_hooks) == 1 and len(compressed[1].fn._forward_hooks) == 2
+
+
 # ------------------------------------------------------------ load balance
 def test_imbalance_hand_counts():
     mask = torch.tensor([[1, 1, 1], [0, 0, 1], [1, 1, 0], [0, 0, 0]])
