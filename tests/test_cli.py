@@ -173,6 +173,36 @@ def test_other_usage_errors_are_as_argparse_gives_them(capsys, argv, usage, mess
     assert message in err.rstrip().splitlines()[-1], err
 
 
+@pytest.mark.parametrize("argv, flag", [
+    (["train", "--out", ""], "--out"),
+    (["train", "--out", "r", "--data", "a.npy", ""], "--data"),
+    (["train", "--out", "r", "--resume", ""], "--resume"),
+    (["eval", "--checkpoint", "c.pt", "--out", ""], "--out"),
+    (["eval", "--checkpoint", "c.pt", "--label-map", ""], "--label-map"),
+    (["predict", "--checkpoint", "c.pt", "--data", "a.npy", "--out", ""], "--out"),
+    (["predict", "--checkpoint", "c.pt", "--data", "", "--out", "p"], "--data"),
+    (["predict", "--program", "", "--data", "a.npy", "--out", "p"], "--program"),
+    (["export", "--checkpoint", "c.pt", "--out", ""], "--out"),
+    (["demo", "--out=", "--steps", "1"], "--out"),
+    (["prune", "channels", "--checkpoint", "c.pt", "--out", ""], "--out"),
+    (["prune", "channels", "--checkpoint", "", "--out", "p"], "--checkpoint"),
+])
+def test_an_empty_path_is_a_usage_error(tmp_path, monkeypatch, capsys, argv, flag):
+    """An empty word where a file or folder is named (an unset shell
+    variable: --out "$DIR") was the current folder: train, predict and
+    prune wrote their files there, --data '' read every cloud in it, and
+    eval --out '' wrote no report, without a word. It is argparse's error
+    naming the option, exit status 2, before anything is read or made."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert err.startswith(f"usage: pointsparse {argv[0]} [-h]"), err
+    assert f"error: argument {flag}: " in err and "empty" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_console_script_entry_point():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     module, _, attr = scripts["pointsparse"].partition(":")

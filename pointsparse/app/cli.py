@@ -98,8 +98,29 @@ def build_parser() -> argparse.ArgumentParser:
         first = (module.__doc__ or help_text).strip().split("\n\n")[0]
         p = sub.add_parser(name, help=help_text, description=" ".join(first.split()))
         module.add_arguments(p)
+        for action in p._actions:
+            if action.dest in PATH_OPTIONS:
+                action.type = _nonempty(action.type)
         p.set_defaults(_module=module)
     return parser
+
+
+#: The options that name a file or folder (each command's of these dests).
+PATH_OPTIONS = ("out", "data", "val_data", "checkpoint", "program", "resume", "init", "label_map", "val_label_map")
+
+
+def _nonempty(convert):
+    """``convert`` (an option's type, None for the word itself) that first
+    refuses an empty word, argparse's error naming the option: ``Path('')``
+    is the current folder, where ``--out ''`` (an unset shell variable)
+    wrote a run's files and ``--data ''`` read every cloud."""
+    def path(word: str):
+        if word == "":
+            raise argparse.ArgumentTypeError("expected a file or folder, got an empty string")
+        return word if convert is None else convert(word)
+
+    path.__name__ = getattr(convert, "__name__", "path")
+    return path
 
 
 @functools.lru_cache(maxsize=None)
