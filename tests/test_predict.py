@@ -861,6 +861,26 @@ def test_eval_skip_nonfinite_scores_the_finite_points_of_organised_clouds(tmp_pa
     assert cms[0] == cms[1] and np.asarray(cms[0]).sum() > 0
 
 
+@pytest.mark.parametrize("argv", [
+    ["eval", "--checkpoint", "{ckpt}", "--val-scenes", "1", "--no-progress"],
+    ["eval", "--checkpoint", "{ckpt}", "--data", "generated", "--val-scenes", "1", "--no-progress"],
+    ["prune", "channels", "--checkpoint", "{ckpt}", "--out", "{tmp}/p"],
+    ["prune", "channels", "--checkpoint", "{ckpt}", "--data", "generated-indoor", "--out", "{tmp}/p"],
+])
+def test_skip_nonfinite_on_generated_scenes_is_refused(tmp_path, capsys, argv):
+    """train refuses --skip-nonfinite on the generated scenes (they hold no
+    NaN or inf, so it would be ignored); eval and prune on a checkpoint
+    took it there, on --data generated or a run's generated data, and
+    ignored it without a word, as they do not --label-map. A one-line error
+    naming the flag, exit status 2, nothing written."""
+    ckpt = _checkpoint(tmp_path / "m.pt")
+    argv = [a.replace("{ckpt}", str(ckpt)).replace("{tmp}", str(tmp_path)) for a in argv]
+    assert cli.main([*argv, "--skip-nonfinite"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --skip-nonfinite " in err and "generated scenes" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
 
 def _scene_las(path, scene, rows) -> None:
     """The generated ``scene``'s points ``rows`` (a bool mask) as a LAS 1.4 file (point format 6): its training

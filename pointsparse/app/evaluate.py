@@ -326,6 +326,10 @@ def eval_source(args, state: dict, ignore_index: int):
             raise ValueError(f"--label-map maps the raw labels of point cloud files; the run's data are the "
                              f"generated scenes ({spec[0]}), labelled with their own classes, so it would be "
                              "ignored: drop it, or give --data files")
+        if getattr(args, "skip_nonfinite", False):  # (as train refuses it there)
+            raise ValueError(f"--skip-nonfinite leaves out the NaN or inf points of point cloud files; the data "
+                             f"scored are the generated scenes ({spec[0]}), which hold none, so it would be "
+                             "ignored: drop it, or give --data files")
         return spec, generated_source(spec, saved, count or saved.get("val_scenes", 4), VALIDATION_SEED)
     if count is not None:
         raise ValueError(f"--val-scenes counts generated scenes; the data scored here are files ({spec[0]}...): "

@@ -213,10 +213,10 @@ def checkpoint_batches(state: dict, data=None, label_map=None, count: int = 1, s
     from .clouds import nonfinite_hold, skips_nonfinite
 
     with nonfinite_hold(skips_nonfinite(skip_nonfinite, state, own_data=data is None), "prune on the other points"):
-        return _checkpoint_batches(state, data, label_map, count)
+        return _checkpoint_batches(state, data, label_map, count, skip_nonfinite)
 
 
-def _checkpoint_batches(state: dict, data, label_map, count: int) -> list:
+def _checkpoint_batches(state: dict, data, label_map, count: int, skip_nonfinite: bool = False) -> list:
     from ..data import Batch, VoxelDataset
     from ..data.datasets import is_generated
     from .train import generated_source
@@ -228,6 +228,11 @@ def _checkpoint_batches(state: dict, data, label_map, count: int) -> list:
             raise ValueError(f"--label-map maps the raw labels of point cloud files; {where} ({spec[0]}) are the "
                              "generated scenes, labelled with their own classes, so it would be ignored: drop it, "
                              "or give --data files")
+        if skip_nonfinite:  # (as train refuses it there)
+            where = "--data" if data else "the run's data"
+            raise ValueError(f"--skip-nonfinite leaves out the NaN or inf points of point cloud files; {where} "
+                             f"({spec[0]}) are the generated scenes, which hold none, so it would be ignored: drop "
+                             "it, or give --data files")
         # The run's sensor (range, beams) and its training scenes (train.py: seeds from seed * 10_000).
         source = generated_source(spec, saved, count, int(saved.get("seed", 0)) * 10_000)
     else:
