@@ -274,6 +274,23 @@ def test_validating_on_the_training_clouds_is_noted_as_it_is(tmp_path, capsys):
     assert len(train) == len(val) == 1 and "validating on the training" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("files, fraction", [(2, "0.75"), (3, "0.9")])
+def test_a_val_fraction_that_holds_out_every_cloud_names_the_flag(tmp_path, capsys, files, fraction):
+    """--val-fraction 0.75 of 2 --data files rounds to 2 held out: none was left to train on, and the run
+    stopped with "no point clouds found in []", naming neither the flag nor the files. A one-line error
+    naming --val-fraction and the count, exit status 2, nothing written."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(files):
+        paths.append(str(tmp_path / f"{i}.npz"))
+        np.savez(paths[-1], xyz=rng.uniform(0, 8, (300, 3)).astype(np.float32), labels=rng.integers(0, 3, 300))
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data", *paths, "--val-fraction", fraction, "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --val-fraction {fraction} of the {files} --data clouds holds out all of them" in err, err
+    assert not out.exists()
+
+
 def test_val_data_of_a_format_whose_default_label_map_differs_is_refused(tmp_path):
     """``train --data <SemanticKITTI .bin> --val-data <Open3D-ML .npy of learning ids>`` read the validation
     labels through the training clouds' default map, SemanticKITTI's raw ids (learning id 9, road, read as

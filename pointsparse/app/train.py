@@ -424,6 +424,10 @@ def open_training_data(args, dist: Dist | None = None):
             _note_shared_clouds(train.paths, val.paths)
     else:
         held = int(round(len(train) * args.val_fraction))
+        if len(train) >= 2 and held >= len(train):  # (the files were split into none to train on, unnamed)
+            raise ValueError(f"--val-fraction {args.val_fraction:g} of the {len(train)} --data clouds holds out all "
+                             f"of them (it rounds to {held}): none is left to train on; give a smaller one, or "
+                             "--val-data")
         if len(train) < 2 or held < 1:
             why = ("one --data cloud" if len(train) < 2 else f"--val-fraction {args.val_fraction:g} of the "
                    f"{len(train)} --data clouds holds out none (it rounds to 0)")
