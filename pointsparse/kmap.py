@@ -34,7 +34,7 @@ import torch
 
 from . import _ext
 from . import coords as _coords
-from .tensor import STRIDE_MAX, SparseTensor, Triple, as_int, as_triple
+from .tensor import STRIDE_MAX, SparseTensor, Triple, as_bool, as_int, as_triple
 
 __all__ = ["KernelMap", "KernelMapKey", "build", "get_kmap", "kernel_offsets", "downsample_coords", "default_method",
            "METHODS", "CPU_METHODS", "MAX_KERNEL_VOLUME", "MAX_OFFSET"]
@@ -671,6 +671,8 @@ def get_kmap(tensor: SparseTensor, kernel_size, stride=1, dilation=1, transposed
                         f"got {type(tensor).__name__}")
     # (before the cache is read: a map built earlier would otherwise answer for a method no build takes)
     _check_method(method, tensor.coords.device)
+    # (a flag, not read by truthiness: transposed="no" built the transposed map)
+    transposed = as_bool(transposed, "transposed")
     return _get_kmap(tensor, as_triple(kernel_size, "kernel_size"), as_triple(stride, "stride"),
                      as_triple(dilation, "dilation"), transposed, method)
 

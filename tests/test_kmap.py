@@ -756,6 +756,22 @@ def test_get_kmap_names_a_tensor_that_is_no_sparse_tensor():
             get_kmap(bad, 3)
 
 
+def test_get_kmap_transposed_must_be_a_bool():
+    """get_kmap's ``transposed`` is a flag, checked as conv3d and Conv3d
+    check it: a string or an int is a TypeError naming it (it was read by
+    truthiness: transposed="no" or "False" built and cached the transposed
+    map, the upsampling, without a word)."""
+    coords = random_coords(60, 1, 4, seed=21)
+    x = ps.SparseTensor(torch.zeros(len(coords), 1), coords)
+    coarse = ps.SparseTensor(torch.zeros(km.get_kmap(x, 2, 2).num_out, 1), km.get_kmap(x, 2, 2).out_coords, 2,
+                             cache=x.cache, validate=False)
+    for bad in ("no", "False", 1, 0, None):
+        with pytest.raises(TypeError, match="transposed"):
+            km.get_kmap(coarse, 2, 2, transposed=bad)
+    assert not any(key.transposed for key in x.cache.kmaps)
+    assert km.get_kmap(coarse, 2, 2, transposed=np.bool_(True)).key.transposed
+
+
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_output_stride_beyond_int32_refused_on_every_backend(backend):
     """tensor_stride x stride past 2**31 - 1 on an axis is a ValueError naming
