@@ -685,6 +685,10 @@ def _get_kmap(tensor: SparseTensor, k: Triple, t: Triple, d: Triple, transposed:
     if not transposed:
         key = KernelMapKey(tensor.stride, k, t, d, False)
         out_stride = key.out_stride
+        if out_stride != tensor.stride:
+            # the output coords held there (a cached map's, or those a new map is built onto): changed in place
+            # since, they labelled this conv's output without a word
+            cache.check_unchanged(out_stride)
 
         def make():
             known = None if t == (1, 1, 1) else cache.get_coords(out_stride)

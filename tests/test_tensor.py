@@ -543,6 +543,32 @@ def test_coords_changed_in_place_after_the_cache_took_them_are_refused(layer):
         run(fresh)
 
 
+@pytest.mark.parametrize("again", ["same", "other kernel", "pool"])
+def test_output_coords_changed_in_place_are_refused_by_the_next_strided_conv(again):
+    """A strided conv's output coords are its input cache's coords at the
+    coarser stride: changed in place (an augmentation on y.coords), the next
+    strided conv from the same input onto that stride (the same layer in a
+    second model run on the input, or another kernel) put its output on the
+    changed coords without a word (the cached map's, or a map built onto
+    them); now the ValueError that every other lookup of them raises."""
+    coords = _stepped_coords()
+    x = ps.SparseTensor(torch.randn(len(coords), 2), coords)
+    down = ps.nn.Conv3d(2, 2, 2, stride=2)
+    with torch.no_grad():
+        y = down(x)
+        before = y.coords.clone()
+        y.coords[0, 1] += 1000  # in place: the cache's coords at stride 2
+        with pytest.raises(ValueError, match="changed in place"):
+            if again == "same":
+                down(x)
+            elif again == "other kernel":
+                ps.nn.Conv3d(2, 2, 3, stride=2)(x)
+            else:
+                ps.nn.functional.max_pool3d(x, 2)
+        fresh = down(ps.SparseTensor(x.feats, coords.clone()))  # a new tensor gets the downsampled coords
+        assert torch.equal(fresh.coords, before)
+
+
 @pytest.mark.parametrize("first", ["x", "y"])
 def test_equal_coords_given_with_a_cache_and_changed_in_place_are_refused(first):
     """``SparseTensor(feats, c, cache=x.cache)`` on ``c = x.coords.clone()``
