@@ -707,6 +707,37 @@ def test_a_structured_method_on_a_bias_says_to_prune_it_unstructured():
     prune.l1_unstructured(module, "bias", 1)
 
 
+@pytest.mark.parametrize("shape", [(4, 0, 3, 3), (0, 4, 3, 3), (4, 0), (0, 4)])
+def test_structured_methods_take_a_zero_size_weight_as_torch_does(shape):
+    """A weight with no entries (a layer of zero channels, as torch's
+    ln_structured takes) has nothing to prune: every structured method gave
+    a RuntimeError from to_oik's reshape(O, I, -1) ("cannot reshape tensor
+    of 0 elements ... ambiguous") on a conv of no input channels, and N:M
+    on any empty weight."""
+    import warnings
+
+    def make():
+        with warnings.catch_warnings():  # ("Initializing zero-element tensors is a no-op")
+            warnings.simplefilter("ignore")
+            return nn.Linear(shape[1], shape[0]) if len(shape) == 2 else nn.Conv2d(shape[1], shape[0], 3)
+
+    forms = [lambda m: prune.channel_structured(m, "weight", 0.5),
+             lambda m: prune.channel_structured(m, "weight", 0, axis="in"),
+             lambda m: prune.vector_structured(m, "weight", 0.5), lambda m: prune.block_structured(m, "weight", 0.5),
+             lambda m: prune.kernel_structured(m, "weight", 0.5), lambda m: prune.panel_structured(m, "weight", 0.5),
+             lambda m: prune.nm_structured(m, "weight", 2, 4),
+             lambda m: prune.global_structured([(m, "weight")], prune.ChannelStructured, 0.5)]
+    if len(shape) == 4:
+        forms += [lambda m: prune.kernel_structured(m, "weight", 0.5, scope="offset"),
+                  lambda m: prune.stripe_structured(m, "weight", 0.5),
+                  lambda m: prune.pattern_structured(m, "weight", patterns=[[0, 4, 8]])]
+    for form in forms:
+        module = make()
+        form(module)
+        assert module.weight_mask.shape == shape and prune.is_pruned(module)
+    assert prune.WeightLayout(0, 1, (2, 3)).to_oik(torch.zeros(4, 0, 3, 3)).shape == (4, 0, 9)
+
+
 # ---------------------------------------------------------------- global structured
 
 def test_global_structured_channels_across_layers():

@@ -53,6 +53,7 @@ Register an adapter for a layer type of your own with :func:`register`::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from collections.abc import Callable, Iterable, Mapping
 
@@ -111,7 +112,8 @@ class WeightLayout:
         1 for Linear). A permuted copy when the axes are not already in order."""
         self.check(t)
         out = t.permute((self.out_axis, self.in_axis, *self.kernel_axes))
-        return out.reshape(out.shape[0], out.shape[1], -1)
+        # (the kernel count spelled out: reshape's -1 is ambiguous for a tensor of no entries)
+        return out.reshape(out.shape[0], out.shape[1], math.prod(out.shape[2:]))
 
     def from_oik(self, oik: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """Inverse of :meth:`to_oik` for a tensor of the original ``shape``."""

@@ -259,8 +259,11 @@ def _used_kernel_positions(module, name: str, layout: WeightLayout) -> torch.Ten
     ``kernel_region`` conv's offsets), or None when all do."""
     if name != "weight" or not is_layer(module) or not layout.kernel_axes:
         return None
-    used = layout.to_oik(used_mask(module)).any(1).any(0)
-    return None if bool(used.all()) else used.cpu()
+    used = used_mask(module)
+    if bool(used.all()):  # (a weight of no entries too: its positions hold none, and are no region's)
+        return None
+    positions = layout.to_oik(used).any(1).any(0)
+    return None if bool(positions.all()) else positions.cpu()
 
 
 class ChannelStructured(GroupStructured):
