@@ -793,6 +793,24 @@ def test_global_structured_refuses_a_pair_listed_twice():
     assert int((conv.weight_mask.sum((0, 1)) == 0).sum()) + int((other.weight_mask.sum(1) == 0).sum()) == 4
 
 
+@pytest.mark.parametrize("dtype, error, match", [
+    (torch.bool, TypeError, "importance_scores must be real numbers; got torch.bool"),
+    (torch.complex64, TypeError, "importance_scores must be real numbers; got torch.complex64"),
+])
+def test_global_structured_checks_every_layers_scores_before_pruning_any(dtype, error, match):
+    """Scores global_structured cannot rank are refused, as the function
+    forms refuse them, before any layer is pruned: bool scores were a bare
+    NotImplementedError ('"abs_cpu" not implemented for 'Bool''), and a
+    complex tensor for the second layer was refused only by its apply, after
+    the first layer had been pruned by the count that fell to it."""
+    first, second = linear(torch.rand(3, 4)), linear(torch.rand(3, 4))
+    scores = {(second, "weight"): torch.ones(3, 4).to(dtype)}
+    with pytest.raises(error, match=match):
+        prune.global_structured([(first, "weight"), (second, "weight")], prune.ChannelStructured, 2,
+                                importance_scores=scores)
+    assert not prune.is_pruned(first) and not prune.is_pruned(second)
+
+
 @pytest.mark.parametrize("method", [
     lambda m, s: prune.vector_structured(m, "weight", 0.5, importance_scores=s),
     lambda m, s: prune.kernel_structured(m, "weight", 0.5, importance_scores=s),

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from ..tensor import as_bool, as_int, positive_int
-from ._copyable import CopyableMethod
+from ._copyable import CopyableMethod, _check_scores
 from .amount import count_to_prune, validate_amount, validate_norm
 from .adapters import WeightLayout, check_layout, dense_layout, is_layer, layout_of, raw, used_mask
 
@@ -483,6 +483,8 @@ def global_structured(parameters, pruning_method, amount, importance_scores=None
             raise ValueError(
                 f"importance_scores for {name} must have shape {tuple(weight.shape)}; got {tuple(scores.shape)}"
             )
+        if scores is not weight:  # (bool, complex: as apply refuses them, but before any layer is pruned)
+            _check_scores(module, name, scores)
         mask = getattr(module, name + "_mask", torch.ones_like(weight))
         _, _, norms, alive = method.scored_groups(scores, mask)
         norms_list.append(norms)
