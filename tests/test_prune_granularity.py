@@ -361,6 +361,21 @@ def test_learned_patterns_take_the_most_frequent():
     assert torch.equal(two, torch.tensor([[True, True, False, False], [False, False, True, True]]))
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_pruned_nan_or_inf_weight_does_not_steer_the_pattern(value):
+    """An entry an earlier mask pruned is no candidate; its value times the
+    mask's 0 was NaN for a NaN or inf weight (NaN * 0, inf * 0), and that
+    NaN entered every pattern's energy and every learned vote: the kernel
+    took the pattern keeping 0.1 over the one keeping 2 and 3, and
+    learn_patterns preferred the pruned position."""
+    module = conv2d(torch.tensor([[[[value, 0.1], [2.0, 3.0]]]]))
+    prune.custom_from_mask(module, "weight", torch.tensor([[[[0.0, 1.0], [1.0, 1.0]]]]))
+    prune.pattern_structured(module, "weight", patterns=[[0, 1], [2, 3]])
+    assert module.weight_mask.flatten().tolist() == [0.0, 0.0, 1.0, 1.0]
+    learned = prune.learn_patterns(module.weight_orig, 1, 2, mask=module.weight_mask)
+    assert learned.tolist() == [[False, False, True, True]]
+
+
 def test_learn_patterns_names_a_bad_argument():
     """learn_patterns (public) gave AttributeErrors for a weight, mask or
     layout of the wrong type ("'str' object has no attribute 'dim'") and,

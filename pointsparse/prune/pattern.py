@@ -94,8 +94,8 @@ def learn_patterns(t: torch.Tensor, num_patterns: int = 8, pattern_size: int = 4
     layout = layout if layout is not None else dense_layout(t.dim())
     num_patterns, pattern_size = positive_int(num_patterns, "num_patterns"), positive_int(pattern_size, "pattern_size")
     scores = t.detach().abs()
-    if mask is not None:
-        scores = scores * (mask != 0)
+    if mask is not None:  # (where, not a product: a pruned NaN or inf times 0 is NaN, which topk ranks first)
+        scores = torch.where(mask != 0, scores, 0)
     oik = layout.to_oik(scores)
     kernel = oik.shape[2]
     check_region(region, kernel)
@@ -144,7 +144,8 @@ class PatternStructured(CopyableMethod):
     def compute_mask(self, t, default_mask):
         layout = self.layout if self.layout is not None else dense_layout(t.dim())
         layout.check(t, "the tensor to prune")
-        energy = layout.to_oik((t.detach().to(torch.float64) * (default_mask != 0)).pow(2))
+        # (where, not a product: a pruned NaN or inf times 0 is NaN, and one NaN made every pattern's energy NaN)
+        energy = layout.to_oik(torch.where(default_mask != 0, t.detach().to(torch.float64), 0).pow(2))
         if energy.shape[2] != self.patterns.shape[1]:
             raise ValueError(
                 f"patterns have {self.patterns.shape[1]} positions but the kernels of a tensor "
@@ -154,7 +155,7 @@ class PatternStructured(CopyableMethod):
         region = getattr(self, "region", None)  # (methods pickled before it existed have none)
         check_region(region, energy.shape[2])
         if region is not None:
-            energy = energy * region.to(t.device)
+            energy = torch.where(region.to(t.device), energy, 0)
         kept = energy @ patterns.to(torch.float64).T  # (O, I, P)
         chosen = patterns[kept.argmax(dim=2)]  # (O, I, K)
         if region is not None:
