@@ -325,6 +325,32 @@ def test_n_m_and_pattern_refuse_nan_scores_and_a_layout_of_another_type():
     assert not prune.is_pruned(module) and not prune.is_pruned(conv)
 
 
+def test_n_m_and_pattern_refuse_an_unpruned_nan_weight_as_the_group_methods_do():
+    """Without importance_scores the weights are the scores: a NaN among the
+    unpruned ones was kept by N:M (topk ranks NaN first) and chose the
+    pattern (argmax takes a NaN energy), silently, where the group methods
+    and NaN importance_scores are a ValueError. A NaN already pruned is no
+    score and prunes as any other pruned entry."""
+    nan = float("nan")
+    module = linear(torch.tensor([[nan, 0.1, 2.0, 3.0]]))
+    with pytest.raises(ValueError, match=r"hold 1 NaN value\(s\)"):
+        prune.nm_structured(module, "weight", 2, 4)
+    conv = conv2d(torch.tensor([[[[nan, 0.1], [2.0, 3.0]]]]))
+    with pytest.raises(ValueError, match=r"hold 1 NaN value\(s\)"):
+        prune.pattern_structured(conv, "weight", patterns=[[0, 1], [2, 3]])
+    assert not prune.is_pruned(module) and not prune.is_pruned(conv)
+    prune.custom_from_mask(module, "weight", torch.tensor([[0.0, 1.0, 1.0, 1.0]]))
+    prune.nm_structured(module, "weight", 2, 4)
+    assert module.weight_mask.tolist() == [[0.0, 0.0, 1.0, 1.0]]
+    for method in (lambda m: prune.nm_structured(m, "weight", 2, 4),  # (outside a region: no weight, no score)
+                   lambda m: prune.pattern_structured(m, "weight", num_patterns=2, pattern_size=3)):
+        cross = SparseConv(4, 4, kernel_size=3, kernel_region="cross")
+        with torch.no_grad():
+            cross.weight[0, 0, 0] = nan  # (offset 0, a corner: outside the cross)
+        method(cross)
+        assert prune.is_pruned(cross) and bool(cross.weight_mask[0].all())
+
+
 def test_n_m_needs_whole_groups():
     with pytest.raises(ValueError, match="multiple of m=4; got 6"):
         prune.nm_structured(linear(torch.ones(2, 6)), "weight", 2, 4)

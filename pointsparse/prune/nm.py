@@ -13,7 +13,7 @@ import torch
 from ..tensor import as_int
 from ._copyable import CopyableMethod
 from .adapters import WeightLayout, check_layout, dense_layout, layout_of
-from .structured import _used_kernel_positions, check_region
+from .structured import _used_kernel_positions, check_region, refuse_nan
 
 
 def validate_nm(n, m) -> tuple[int, int]:
@@ -58,13 +58,15 @@ class NMStructured(CopyableMethod):
         scores = torch.where(live, t.detach().abs().to(torch.float64), torch.full_like(t, -1, dtype=torch.float64))
         oik = layout.to_oik(scores)
         out, inp, kernel = oik.shape
+        region = getattr(self, "region", None)  # (methods pickled before it existed have none)
+        if region is not None:
+            check_region(region, kernel)
+        refuse_nan(oik if region is None else oik[:, :, region.to(oik.device)])  # (the weights' scores)
         grouped = oik.reshape(out, inp // self.m, self.m, kernel)
         keep = torch.zeros_like(grouped, dtype=torch.bool)
         keep.scatter_(2, torch.topk(grouped, self.n, dim=2).indices, True)
         keep = keep.reshape(out, inp, kernel)
-        region = getattr(self, "region", None)  # (methods pickled before it existed have none)
         if region is not None:
-            check_region(region, kernel)
             keep = keep | ~region.to(keep.device)
         keep = layout.from_oik(keep, t.shape)
         return default_mask.clone(memory_format=torch.contiguous_format) * keep.to(default_mask.dtype)

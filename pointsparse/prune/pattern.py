@@ -22,7 +22,7 @@ import torch
 from ..tensor import as_int, positive_int
 from ._copyable import CopyableMethod, _check_scores
 from .adapters import WeightLayout, check_layout, dense_layout, layout_of
-from .structured import _used_kernel_positions, check_region
+from .structured import _used_kernel_positions, check_region, refuse_nan
 
 
 def _is_sequence(value) -> bool:
@@ -156,6 +156,7 @@ class PatternStructured(CopyableMethod):
         check_region(region, energy.shape[2])
         if region is not None:
             energy = torch.where(region.to(t.device), energy, 0)
+        refuse_nan(energy)
         kept = energy @ patterns.to(torch.float64).T  # (O, I, P)
         chosen = patterns[kept.argmax(dim=2)]  # (O, I, K)
         if region is not None:

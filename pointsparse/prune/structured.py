@@ -56,10 +56,7 @@ def group_scores(scores: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor, gr
     live = mask != 0
     magnitudes = scores.detach().abs().to(torch.float64)
     values = torch.where(live, magnitudes, torch.zeros_like(magnitudes)).flatten()
-    if bool(torch.isnan(values).any()):
-        raise ValueError(f"the scores to prune by hold {int(torch.isnan(values).sum())} NaN value(s) "
-                         "(importance_scores, or the weights themselves when none are given); every unpruned "
-                         "entry needs a number")
+    refuse_nan(values)
     flat_ids = ids.flatten()
     alive = torch.zeros(groups, dtype=torch.bool, device=scores.device)
     alive.index_fill_(0, flat_ids[live.flatten()], True)
@@ -73,6 +70,16 @@ def group_scores(scores: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor, gr
     powered.index_add_(0, flat_ids, (values / scale[flat_ids]).pow(n))
     norms = torch.where(usable, scale * powered.pow(1.0 / n), peak)  # (a group of zeros: 0; one holding inf: inf)
     return norms, alive
+
+
+def refuse_nan(values: torch.Tensor) -> None:
+    """A ValueError when the scores of the unpruned entries, ``values``
+    (pruned ones left out, or 0), hold NaN: ``topk`` and ``argmax`` rank
+    NaN above every number, so it would be kept."""
+    if values.is_floating_point() and bool(torch.isnan(values).any()):
+        raise ValueError(f"the scores to prune by hold {int(torch.isnan(values).sum())} NaN value(s) "
+                         "(importance_scores, or the weights themselves when none are given); every unpruned "
+                         "entry needs a number")
 
 
 def select_weakest(norms: torch.Tensor, alive: torch.Tensor, k: int) -> torch.Tensor:
