@@ -12,7 +12,7 @@ from ..data import CloudFiles
 from ..data.datasets import default_label_map
 from ..data.readers import find_clouds
 
-__all__ = ["files_label_map", "files_source", "nonfinite_hold", "skips_nonfinite"]
+__all__ = ["files_label_map", "files_source", "nonfinite_hold", "refuse_file_flags", "skips_nonfinite"]
 
 
 def skips_nonfinite(flag: bool, state: dict | None = None, own_data: bool = False) -> bool:
@@ -22,6 +22,29 @@ def skips_nonfinite(flag: bool, state: dict | None = None, own_data: bool = Fals
     they are read as it read them."""
     saved = (state or {}).get("args") or {}
     return bool(flag) or (own_data and saved.get("skip_nonfinite") is True)
+
+
+#: The flags only point cloud files take: what each does there, and why the
+#: generated scenes have no use for it.
+_FILE_FLAGS = {
+    "--label-map": ("maps the raw labels of point cloud files", "labelled with their own classes"),
+    "--val-label-map": ("maps the raw labels of point cloud files", "labelled with their own classes"),
+    "--skip-nonfinite": ("leaves out the NaN or inf points of point cloud files", "which hold none"),
+}
+
+
+def refuse_file_flags(spec, given: dict, own_data: bool = False) -> None:
+    """A ValueError naming the first flag of ``given`` (file-only flags of
+    :data:`_FILE_FLAGS` -> whether each was given) that was given, where the
+    data, ``spec`` (``--data``'s, or with ``own_data`` a run's own), are the
+    generated scenes: the flag would be ignored. train, eval and prune on a
+    checkpoint refuse them so."""
+    flag = next((flag for flag, on in given.items() if on), None)
+    if flag is not None:
+        does, why = _FILE_FLAGS[flag]
+        where = "the run's data" if own_data else "--data"
+        raise ValueError(f"{flag} {does}; {where} ({spec[0]}) are the generated scenes, {why}, so it would be ignored: drop "
+                         "it, or give --data files")
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from ..data import DEFAULT_IGNORE, VALIDATION_SEED, VoxelDataset
 from ..data.datasets import is_generated
 from ..models import model_from_state
 from . import metrics
-from .clouds import files_source, nonfinite_hold, skips_nonfinite
+from .clouds import files_source, nonfinite_hold, refuse_file_flags, skips_nonfinite
 from .distributed import pick_device
 from .scoring import _inner, evaluate, loaded_frozen, point_level, write_report
 from .train import (_note_ignored_class, add_data_arguments, check_args, generated_source, load_checkpoint,
@@ -322,14 +322,9 @@ def eval_source(args, state: dict, ignore_index: int):
         spec, validation = saved.get("data") or ["generated"], False
     count = getattr(args, "val_scenes", None)
     if is_generated(spec):
-        if args.label_map is not None:  # (with --data generated, train.check_args refused it)
-            raise ValueError(f"--label-map maps the raw labels of point cloud files; the run's data are the "
-                             f"generated scenes ({spec[0]}), labelled with their own classes, so it would be "
-                             "ignored: drop it, or give --data files")
-        if getattr(args, "skip_nonfinite", False):  # (as train refuses it there)
-            raise ValueError(f"--skip-nonfinite leaves out the NaN or inf points of point cloud files; the data "
-                             f"scored are the generated scenes ({spec[0]}), which hold none, so it would be "
-                             "ignored: drop it, or give --data files")
+        # (with --data generated, train.check_args refused --label-map)
+        refuse_file_flags(spec, {"--label-map": args.label_map is not None,
+                                 "--skip-nonfinite": getattr(args, "skip_nonfinite", False)}, own_data=not args.data)
         return spec, generated_source(spec, saved, count or saved.get("val_scenes", 4), VALIDATION_SEED)
     if count is not None:
         raise ValueError(f"--val-scenes counts generated scenes; the data scored here are files ({spec[0]}...): "

@@ -219,20 +219,13 @@ def checkpoint_batches(state: dict, data=None, label_map=None, count: int = 1, s
 def _checkpoint_batches(state: dict, data, label_map, count: int, skip_nonfinite: bool = False) -> list:
     from ..data import Batch, VoxelDataset
     from ..data.datasets import is_generated
+    from .clouds import refuse_file_flags
     from .train import generated_source
     config, saved = state["config"], state.get("args", {})
     spec = data or saved.get("data") or ["generated"]
     if is_generated(spec):
-        if label_map is not None:
-            where = "--data" if data else "the run's data"
-            raise ValueError(f"--label-map maps the raw labels of point cloud files; {where} ({spec[0]}) are the "
-                             "generated scenes, labelled with their own classes, so it would be ignored: drop it, "
-                             "or give --data files")
-        if skip_nonfinite:  # (as train refuses it there)
-            where = "--data" if data else "the run's data"
-            raise ValueError(f"--skip-nonfinite leaves out the NaN or inf points of point cloud files; {where} "
-                             f"({spec[0]}) are the generated scenes, which hold none, so it would be ignored: drop "
-                             "it, or give --data files")
+        refuse_file_flags(spec, {"--label-map": label_map is not None, "--skip-nonfinite": skip_nonfinite},
+                          own_data=not data)
         # The run's sensor (range, beams) and its training scenes (train.py: seeds from seed * 10_000).
         source = generated_source(spec, saved, count, int(saved.get("seed", 0)) * 10_000)
     else:

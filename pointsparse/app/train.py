@@ -35,7 +35,7 @@ from ..models.loading import non_finite_entry
 from ..nn import BatchStatisticsError
 from . import metrics
 from .cli import CommandParser, given_flags
-from .clouds import nonfinite_hold, skips_nonfinite
+from .clouds import nonfinite_hold, refuse_file_flags, skips_nonfinite
 from .distributed import Dist, destroy, finish_process, free_port, init_distributed, worker_environment
 from .scoring import evaluate, logits_of, refuse_together, shard, write_report
 from .trainer import TrainingDiverged, Trainer, check_finite_loss, check_finite_weights, have_tqdm, progress_bar
@@ -205,11 +205,8 @@ def check_args(args) -> None:
         raise ValueError(f"--ignore-index must fit in int32 (a label value, 255 by default); got {value}")
     data = getattr(args, "data", None)
     if data and is_generated(data) and not getattr(args, "val_data", None):  # --val-data files take the maps
-        given = [flag for flag in ("label_map", "val_label_map") if getattr(args, flag, None) is not None]
-        if given:
-            raise ValueError(f"--{given[0].replace('_', '-')} maps the raw labels of point cloud files; the "
-                             f"generated scenes ({data[0]}) are labelled with their own classes: drop it, or "
-                             "give --data files")
+        refuse_file_flags(data, {"--label-map": getattr(args, "label_map", None) is not None,
+                                 "--val-label-map": getattr(args, "val_label_map", None) is not None})
     # (a resumed run's batch size is its own where none is typed: take_run_flags set it before this check)
     if getattr(args, "nproc", 1) > 1 and args.batch_size % args.nproc:
         raise ValueError(f"--batch-size ({args.batch_size}) must be a multiple of --nproc ({args.nproc})")
@@ -341,10 +338,7 @@ def check_unread_flags(args) -> None:
                              "the validation data, so it would be ignored: drop one or the other")
     elif is_generated(data):
         flags = _given(args, "val_fraction", "skip_nonfinite")
-        if flags and flags[0] == "--skip-nonfinite":
-            raise ValueError(f"--skip-nonfinite leaves out the NaN or inf points of point cloud files; the "
-                             f"generated scenes ({data[0]}) hold none, so it would be ignored: drop it, or give "
-                             "--data files")
+        refuse_file_flags(data, {"--skip-nonfinite": flags[:1] == ["--skip-nonfinite"]})
         if flags:
             raise ValueError(f"{flags[0]} holds out a share of the --data files; the generated scenes validate on "
                              "--val-scenes held-out scenes, so it would be ignored: drop it")
