@@ -602,11 +602,9 @@ class SparseTensor:
         was made from (``CoordinateCache.origin``), as the global poolings
         count them: a selection that dropped every voxel of the last item
         holds no row of it, and ``dense()`` gave one slab fewer."""
-        b = int(self._coords[:, 0].max()) + 1 if len(self) else 0
         origin = getattr(self.cache, "origin", None)
-        if origin is not None and len(origin):
-            b = max(b, int(origin[:, 0].max()) + 1)
-        return b
+        items = self._coords if origin is None else origin  # (the origin holds every item this tensor's rows do)
+        return int(items[:, 0].max()) + 1 if len(items) else 0
 
     def __add__(self, other):
         """``x + y`` of two tensors on the same sites: :func:`pointsparse.nn.add`
