@@ -203,6 +203,19 @@ def test_an_empty_path_is_a_usage_error(tmp_path, monkeypatch, capsys, argv, fla
     assert list(tmp_path.iterdir()) == []
 
 
+def test_train_run_as_a_module_refuses_an_empty_path_too(tmp_path, monkeypatch, capsys):
+    """``python -m pointsparse.app.train`` (torchrun's entry) parses with its
+    own parser, which refuses an empty --out as the CLI's does."""
+    from pointsparse.app import train
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        train._cli(["--out", ""])
+    assert info.value.code == 2
+    assert "error: argument --out: " in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_console_script_entry_point():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     module, _, attr = scripts["pointsparse"].partition(":")

@@ -51,6 +51,9 @@ class CommandParser(argparse.ArgumentParser):
     verbatim_options: tuple[str, ...] = ()
 
     def parse_known_args(self, args=None, namespace=None):
+        for action in self._actions:  # (every command's parser, the CLI's and train's own for torchrun)
+            if action.dest in PATH_OPTIONS and not getattr(action.type, "refuses_empty", False):
+                action.type = _nonempty(action.type)
         args = sys.argv[1:] if args is None else list(args)
         args = _glue_values(args, self.verbatim_options)
         parsed, extras = super().parse_known_args(args, namespace)
@@ -98,9 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
         first = (module.__doc__ or help_text).strip().split("\n\n")[0]
         p = sub.add_parser(name, help=help_text, description=" ".join(first.split()))
         module.add_arguments(p)
-        for action in p._actions:
-            if action.dest in PATH_OPTIONS:
-                action.type = _nonempty(action.type)
         p.set_defaults(_module=module)
     return parser
 
@@ -111,7 +111,8 @@ PATH_OPTIONS = ("out", "data", "val_data", "checkpoint", "program", "resume", "i
 
 def _nonempty(convert):
     """``convert`` (an option's type, None for the word itself) that first
-    refuses an empty word, argparse's error naming the option: ``Path('')``
+    refuses an empty word (:class:`CommandParser` puts it on each option of
+    :data:`PATH_OPTIONS` before it parses), argparse's error naming the option: ``Path('')``
     is the current folder, where ``--out ''`` (an unset shell variable)
     wrote a run's files and ``--data ''`` read every cloud."""
     def path(word: str):
@@ -120,6 +121,7 @@ def _nonempty(convert):
         return word if convert is None else convert(word)
 
     path.__name__ = getattr(convert, "__name__", "path")
+    path.refuses_empty = True
     return path
 
 
