@@ -101,9 +101,9 @@ def compress(module: torch.nn.Module, format="csr", example_input=None, **kwargs
     if isinstance(module, (torch.nn.Linear, SparseLinear)):
         weight = module.weight_format.to_dense() if isinstance(module, SparseLinear) else module_weight(module, "weight")
         sparse = SparseLinear(cls.from_dense(weight, **kwargs), _effective_bias(module), execution="dense")
-        return _with_pre_hooks(module, _choose(sparse, example_input, ("dense", "format")))
+        return _with_hooks(module, _choose(sparse, example_input, ("dense", "format")))
     if isinstance(module, (Conv3d, SparseConv3d)):
-        return _with_pre_hooks(module, _compress_conv(module, cls, example_input, kwargs))
+        return _with_hooks(module, _compress_conv(module, cls, example_input, kwargs))
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"module must be a torch.nn.Module; got {type(module).__name__}")
     inputs = {} if example_input is None else _layer_inputs(module, example_input, layers)
@@ -151,7 +151,7 @@ def _check_own_forward(module, conv_type) -> None:
                             f"without it; give the model a plain {base.__name__} there to compress it")
 
 
-def _with_pre_hooks(module: torch.nn.Module, compressed: torch.nn.Module) -> torch.nn.Module:
+def _with_hooks(module: torch.nn.Module, compressed: torch.nn.Module) -> torch.nn.Module:
     """``compressed`` given ``module``'s forward pre-hooks (say a VoxelPrune
     ``models.add_voxel_prune`` put on its input), in their order, but its
     pruning's (a mask, a filter skeleton: the weight they compute is the
