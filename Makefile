@@ -46,9 +46,9 @@ $(EXT_STAMP): $(STAMP) $(CORE_SOURCES)
 build: $(EXT_STAMP)
 
 # Two pytest workers, a test file each at a time (--dist loadfile: a file's
-# fixtures are made once): on the 2-core CI machine the suite took 17 min 14 s
-# in one process and 13 min 46 s so (2026-12-06, Intel Xeon), most of it
-# single-threaded Python (tracing, exports, small models).
+# fixtures are made once): most of the suite is single-threaded Python
+# (tracing, exports, small models), and the 2-core CI machine runs it in
+# under 20 minutes so (bench/RESULTS.md stop 62).
 test: build
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
