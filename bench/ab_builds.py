@@ -29,8 +29,8 @@ pruned (``offset``: 75% of the kernel offsets, ``offset50``: 50%, ``vector``:
 75% of the engine's vectors, ``vector50``: 50%; ``twin`` / ``twin50``: vectors of two panels, 75% / 50%), run as this tree's engine
 chooses for the forward, by the kernels of the build the CPU runs best or
 of ``--isa`` (one that runs here: ``_core.runnable_isas()``).
-Passes: ``forward``, ``input`` (the input gradient, with the forward's
-choice of kernels), ``weight`` (the weight gradient; pruning only skips
+Passes: ``forward``, ``input`` (the input gradient, with the kernels the
+engine chooses for it on the transposed weight, as the module does), ``weight`` (the weight gradient; pruning only skips
 offsets there). Every build's outputs must equal the first
 build's bit for bit (forward: this tree's engine's too) before any timing.
 ``--dtype bfloat16`` (forward only, a CPU with AVX512-BF16): the same
@@ -95,9 +95,10 @@ out16 = aligned(np.empty(out.shape, np.int16))
 bias = arr["bias"] if "bias" in arr else None
 for line in sys.stdin:
     which, kind = line.split()
-    active = arr["active_" + kind]
+    choice = "input_" if which == "input" else ""  # the input gradient's own choice, on the transposed weight
+    active = arr[choice + "active_" + kind]
     active = active if active.size else None
-    w, vector = arr["weight_" + kind], bool(arr["vector_" + kind])
+    w, vector = arr["weight_" + kind], bool(arr[choice + "vector_" + kind])
     t = time.perf_counter()
     if which == "forward" and "bf16_feats" in arr:
         plan.forward_bf16(arr["bf16_feats"], arr["bf16_weight_" + kind], bias, out, nt, False, out_bf16=out16,
@@ -283,7 +284,8 @@ def main() -> None:
     for which, kind in calls:
         base = med[0, (which, kind)]
         cells = [f"{med[i, (which, kind)]:.2f} ({med[i, (which, kind)] / base:.3f})" for i in range(len(names))]
-        lines.append(f"| {which} | {KINDS[kind]} ({paths[kind]}) | " + " | ".join(cells) + " |")
+        path = paths.get((which, kind), paths[kind]) if args.dtype == "float32" else paths[kind]
+        lines.append(f"| {which} | {KINDS[kind]} ({path}) | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)
     if args.out:

@@ -68,7 +68,9 @@ with open(out_path + ".isa", "w") as f:  # the build that ran: valgrind runs no 
 
 def case_data(channels: int, coords: torch.Tensor, kinds, folder: Path) -> tuple[Path, dict, int, dict]:
     """The .npz a child reads (map, feats, each variant's weight and the
-    engine's choice for it), the engine path of each variant, the pairs, and
+    engine's choices for it: the forward's, and the input gradient's under
+    ``input_``), the engine path of each variant (the input gradient's
+    under the key ``("input", kind)``), the pairs, and
     each variant's output from the engine's own plan in this process (the
     same build), which every child's output must equal."""
     torch.manual_seed(0)
@@ -89,7 +91,12 @@ def case_data(channels: int, coords: torch.Tensor, kinds, folder: Path) -> tuple
         arrays[f"weight_{kind}"] = weight.numpy()
         arrays[f"active_{kind}"] = np.zeros(0, np.uint8) if run.active is None else run.active
         arrays[f"vector_{kind}"] = run.vector
+        # The input gradient's choice, on the transposed weight, as the module makes it.
+        run_in = _engine.choose_execution(weight, transpose=True)
+        arrays[f"input_active_{kind}"] = np.zeros(0, np.uint8) if run_in.active is None else run_in.active
+        arrays[f"input_vector_{kind}"] = run_in.vector
         paths[kind] = run.name
+        paths["input", kind] = run_in.name
         outputs[kind] = np.empty((kmap.num_out, channels), dtype=np.float32)
         plan.core.forward(arrays["feats"], weight.numpy(), None, outputs[kind], 1, None, False, active=run.active,
                           vector=run.vector)

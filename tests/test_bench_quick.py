@@ -616,3 +616,34 @@ def test_ab_builds_says_when_outputs_were_not_checked(tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         said[bool(flags)] = "Outputs NOT checked (--no-check)" in proc.stdout
     assert said == {False: False, True: True}
+
+
+def test_ab_builds_times_the_input_gradient_with_its_own_choice(tmp_path):
+    """``ab_builds.py --passes input`` ran the input gradient with the
+    forward's choice of kernels, where the module chooses on the transposed
+    weight (forward-panel vectors run dense there): the case now records
+    each variant's input-gradient choice beside the forward's, as
+    ``_engine.choose_execution(weight, transpose=True)`` makes it."""
+    import importlib
+
+    import numpy as np
+    import torch
+
+    from pointsparse.nn import _engine
+
+    sys.path.insert(0, str(benchmark.BENCH_DIR))
+    try:
+        ci = importlib.import_module("conv_instructions")
+    finally:
+        sys.path.remove(str(benchmark.BENCH_DIR))
+    g = torch.Generator().manual_seed(0)
+    coords = torch.cat([torch.zeros(400, 1, dtype=torch.int32),
+                        torch.randint(0, 12, (400, 3), generator=g, dtype=torch.int32)], 1).unique(dim=0)
+    path, paths, _, _ = ci.case_data(16, coords, ["dense", "vector", "twin"], tmp_path)
+    arrays = np.load(path)
+    for kind in ("dense", "vector", "twin"):
+        run = _engine.choose_execution(torch.from_numpy(arrays["weight_" + kind]), transpose=True)
+        assert bool(arrays["input_vector_" + kind]) == run.vector
+        want = np.zeros(0, np.uint8) if run.active is None else run.active
+        assert np.array_equal(arrays["input_active_" + kind], want)
+        assert paths["input", kind] == run.name
