@@ -728,8 +728,8 @@ class SparseTensor:
             except TypeError:
                 raise TypeError(
                     f"shape must be a sequence of ints (X, Y, Z) or (B, C, X, Y, Z); got {shape!r}") from None
-            if any(s < 0 for s in shape):
-                raise ValueError(f"shape must be non-negative; got {shape}")
+            if any(s < 0 or s >= 2**63 for s in shape):  # (past int64: torch's "Overflow when unpacking long")
+                raise ValueError(f"shape must be non-negative ints below 2**63; got {shape}")
             if len(shape) == 5:
                 b, spatial = shape[0], shape[2:]
                 if shape[1] != c:

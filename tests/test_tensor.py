@@ -428,6 +428,17 @@ def test_dense_of_a_huge_extent_is_refused_before_allocating():
         x.dense()
 
 
+@pytest.mark.parametrize("n", [0, 2])
+@pytest.mark.parametrize("shape", [(2**63, 1, 1), (1, 2**64, 1), (2, 4, 2**63, 1, 1)])
+def test_dense_of_a_shape_past_int64_names_the_shape(n, shape):
+    """A size past int64 was torch's "Overflow when unpacking long long"
+    (a ValueError naming nothing) from the active-site check, or, without
+    rows, a TypeError with a C++ backtrace from new_zeros."""
+    x = ps.SparseTensor(torch.ones(n, 4), torch.tensor([[0, 0, 0, 0], [1, 1, 0, 0]], dtype=torch.int32)[:n])
+    with pytest.raises(ValueError, match=r"shape must be non-negative ints below 2\*\*63"):
+        x.dense(shape)
+
+
 def test_unreachable_devices_and_meta_tensors_are_clear_errors():
     x = ps.SparseTensor(torch.ones(2, 3), torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0]], dtype=torch.int32))
     if not torch.cuda.is_available():
