@@ -148,6 +148,31 @@ class KeyLayout:
         return f"batch in [0, {(1 << self.bits[0]) - 1}], {axes}"
 
 
+#: Largest |origin| of a layout's field (the core's bound: fitted layouts,
+#: margins included, stay far inside it).
+ORIGIN_MAX = 1 << 40
+
+
+def check_layout(layout, name: str = "layout") -> None:
+    """TypeError / ValueError naming ``name`` unless ``layout`` is a
+    :class:`KeyLayout` the core takes: int fields, each field's bits in [0,
+    62] and :data:`KEY_BITS` at most in all, origin within +-2**40 (a
+    KeyLayout built by hand past them packed on the torch path into
+    wrapped keys)."""
+    if not isinstance(layout, KeyLayout):
+        raise TypeError(f"{name} must be a KeyLayout (KeyLayout.of(coords) or KeyLayout.fit(lo, hi)); "
+                        f"got {type(layout).__name__}")
+    fields = (*layout.origin, *layout.bits) if isinstance(layout.origin, tuple) and isinstance(layout.bits, tuple) \
+        else ()
+    if len(fields) != 7 or any(type(v) is not int for v in fields):
+        raise TypeError(f"{name} origin and bits must be ints (3 and 4 of them); got origin {layout.origin!r}, "
+                        f"bits {layout.bits!r}")
+    if any(not 0 <= b <= 62 for b in layout.bits) or sum(layout.bits) > KEY_BITS:
+        raise ValueError(f"{name} bits must lie in [0, 62] and add up to at most {KEY_BITS}; got {layout.bits}")
+    if any(abs(o) > ORIGIN_MAX for o in layout.origin):
+        raise ValueError(f"{name} origin must lie within +-2**40; got {layout.origin}")
+
+
 def check_strided(tensor: torch.Tensor, name: str) -> None:
     """TypeError naming ``name`` for a torch sparse-layout tensor (COO, CSR,
     ...): every op reads its argument as a dense array, where torch's own
@@ -226,6 +251,8 @@ def pack(coords: torch.Tensor, layout: KeyLayout | None = None) -> torch.Tensor:
     check_coords(coords)
     if layout is None:
         layout = KeyLayout.of(coords)
+    else:
+        check_layout(layout)
     if _ext.serves(coords):
         return _ext.to_tensor(_ext.call(_ext.core.pack_keys, _ext.to_numpy(coords), layout.core()))
     return pack_torch(coords, layout)
@@ -238,6 +265,8 @@ def pack_torch(coords: torch.Tensor, layout: KeyLayout | None = None, trusted: b
     and a host read, a sync on a GPU)."""
     if layout is None:
         layout, trusted = KeyLayout.of(coords), True
+    elif not trusted:
+        check_layout(layout)
     c = coords.long()
     bad = None if trusted else ~layout.contains(c)
     if bad is not None and bool(bad.any()):
@@ -264,6 +293,7 @@ def check_keys(keys) -> None:
 def unpack(keys: torch.Tensor, layout: KeyLayout) -> torch.Tensor:
     """(N, 4) int32 coords of int64 keys of ``layout``."""
     check_keys(keys)
+    check_layout(layout)
     if _ext.serves(keys):
         return _ext.to_tensor(_ext.call(_ext.core.unpack_keys, _ext.to_numpy(keys, torch.int64), layout.core()))
     return unpack_torch(keys, layout)
@@ -275,6 +305,8 @@ def unpack_torch(keys: torch.Tensor, layout: KeyLayout, trusted: bool = False) -
     its bits) or whose coordinates pass int32. ``trusted=True``: keys
     packed in ``layout`` by the caller, unpacked without that check (a pass
     over them and a host read)."""
+    if not trusted:
+        check_layout(layout)
     keys = keys.long()
     sb, sx, sy, _ = layout.shifts
     fields = [keys >> sb]

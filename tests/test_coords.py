@@ -306,6 +306,33 @@ def test_key_functions_refuse_what_is_no_keys_alike_on_both_paths(bad, exc, matc
                 call(bad)
 
 
+@pytest.mark.parametrize("layout, exc, match", [
+    ([0, 0, 0, 1, 2, 2, 2], TypeError, "layout must be a KeyLayout .*list"),
+    (None, TypeError, "layout must be a KeyLayout .*NoneType"),
+    (C.KeyLayout((0, 0, 0), (20, 20, 20, 20)), ValueError, r"layout bits must lie in \[0, 62\] and add up to at most 63"),
+    (C.KeyLayout((0, 0, 0), (-1, 2, 2, 2)), ValueError, r"layout bits must lie in \[0, 62\] and add up to at most 63"),
+    (C.KeyLayout((2**41, 0, 0), (1, 2, 2, 2)), ValueError, r"layout origin must lie within \+-2\*\*40"),
+    (C.KeyLayout((0.5, 0, 0), (1, 2, 2, 2)), TypeError, "layout origin and bits must be ints"),
+])
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_pack_and_unpack_refuse_what_is_no_layout_alike_on_both_paths(layout, exc, match, backend):
+    """A layout of another type was an AttributeError ("'list' object has no
+    attribute 'core'"); one whose fields add up past 63 bits packed on the
+    torch path into wrapped, negative keys (row [8, 1, 1, 1] read back as
+    [-8, 1, 1, 1]) where the core refuses it, and negative bits were torch's
+    "negative shift count"."""
+    import pointsparse as ps
+
+    coords = torch.tensor([[8, 1, 1, 1], [0, 1, 1, 1]], dtype=torch.int32)
+    calls = [lambda: C.unpack(torch.tensor([0, 1]), layout), lambda: C.unpack_torch(torch.tensor([0, 1]), layout)]
+    if layout is not None:  # (pack's layout None: the one fitted to the coords)
+        calls += [lambda: C.pack(coords, layout), lambda: C.pack_torch(coords, layout)]
+    with ps.backend(backend):
+        for call in calls:
+            with pytest.raises(exc, match=match):
+                call()
+
+
 def test_non_contiguous_coords():
     base = regime_coords(100, "int32_max", seed=8)
     wide = torch.zeros(len(base), 8, dtype=torch.int32)
