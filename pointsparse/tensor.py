@@ -780,8 +780,25 @@ def _flatten_with_keys(tensor: SparseTensor):
 
 def _unflatten(children, stride) -> SparseTensor:
     """A tensor rebuilt from its flattened parts (as torch.compile / export do
-    at a graph's edges): unchecked, with a fresh coordinate cache."""
+    at a graph's edges), with a fresh coordinate cache: its values
+    unchecked, but tensor leaves of another dtype or rank refused (metadata
+    only, which a graph's fake tensors have): a pytree map over a batch,
+    ``tree_map(lambda t: t.half(), batch)``, casts the coords too, and a
+    conv then ran on coords rounded to float16 without a word."""
     feats, coords = children
+    hint = ("; a pytree map over a SparseTensor maps its coords too (map only floating tensors, or use "
+            "SparseTensor.to)")
+    if isinstance(coords, torch.Tensor):
+        if coords.dtype != torch.int32:
+            raise TypeError(f"coords must be int32 [batch, x, y, z]; got dtype {coords.dtype}{hint}")
+        if coords.dim() != 2:
+            raise ValueError(f"coords must be (N, 4) int32 [batch, x, y, z]; got {coords.dim()} dimension(s){hint}")
+    if isinstance(feats, torch.Tensor):
+        if feats.dtype not in FEATS_DTYPES:
+            raise TypeError(f"feats must be a floating-point tensor (N, C) of float16, bfloat16, float32 or float64; "
+                            f"got dtype {feats.dtype}{hint}")
+        if feats.dim() != 2:
+            raise ValueError(f"feats must be (N, C); got {feats.dim()} dimension(s){hint}")
     return SparseTensor(feats, coords, stride, validate=False)
 
 

@@ -155,6 +155,28 @@ def test_sparse_tensor_is_a_pytree_node():
     assert torch.utils._pytree.treespec_loads(torch.utils._pytree.treespec_dumps(spec)) == spec
 
 
+@pytest.mark.parametrize("cast, exc, match", [
+    (lambda t: t.half(), TypeError, "coords must be int32 .* got dtype torch.float16"),
+    (lambda t: t.float(), TypeError, "coords must be int32 .* got dtype torch.float32"),
+    (lambda t: t.long(), TypeError, "coords must be int32 .* got dtype torch.int64"),
+    (lambda t: t.int(), TypeError, "feats must be a floating-point tensor .* got dtype torch.int32"),
+    (lambda t: t.flatten(), ValueError, r"coords must be \(N, 4\) int32 .* got 1 dimension"),
+])
+def test_a_pytree_map_that_recasts_the_coords_is_refused(cast, exc, match):
+    """tree_map(lambda t: t.half(), batch) (a batch cast for mixed precision)
+    casts a SparseTensor's coords too, and the unflattened tensor took them:
+    a conv then ran on coords rounded to float16 ([2049, 2050, 2051] became
+    [2048, 2050, 2052]: other neighbours, other feats, float output coords)
+    without a word. The leaves' dtypes and ranks are checked (metadata only:
+    a graph's fake tensors pass); the values stay unchecked."""
+    coords = torch.tensor([[0, 2049, 0, 0], [0, 2050, 0, 0], [0, 2051, 0, 0]], dtype=torch.int32)
+    x = ps.SparseTensor(torch.ones(3, 1), coords)
+    with pytest.raises(exc, match=match):
+        torch.utils._pytree.tree_map(cast, x)
+    y = torch.utils._pytree.tree_map(lambda t: t.double() if t.is_floating_point() else t, x)
+    assert y.feats.dtype == torch.float64 and y.coords is x.coords  # (a map of the feats alone still works)
+
+
 # --- torch.compile ---------------------------------------------------------------------------------------
 
 class _UNet(torch.nn.Module):
