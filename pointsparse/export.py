@@ -300,12 +300,19 @@ def save(program: torch.export.ExportedProgram, path, meta: dict | None = None) 
     a ``ValueError`` naming ``path`` where it is a folder or cannot be
     written (:func:`check_out_path`; a ``TypeError`` where it is no str or
     ``os.PathLike``); ``TypeError`` unless ``meta`` is None or a dict with
-    str keys and JSON values (what :func:`load` returns)."""
+    str keys and JSON values (what :func:`load` returns), nested at most
+    ``checkpoint.MAX_NESTING`` levels deep."""
     if not isinstance(program, torch.export.ExportedProgram):
         raise TypeError(f"program must be a torch.export.ExportedProgram (export.export_model's); got "
                         f"{type(program).__name__}")
     if meta is not None and (not isinstance(meta, dict) or not all(isinstance(k, str) for k in meta)):
         raise TypeError(f"meta must be None or a dict with str keys; got {type(meta).__name__} {meta!r:.200}")
+    from .checkpoint import MAX_NESTING, _too_deep
+
+    deep = _too_deep(meta or {}, "meta")  # (json.dumps recursed into it: Python's RecursionError, naming nothing)
+    if deep is not None:
+        raise TypeError(f"meta nests containers more than {MAX_NESTING} levels deep (at {deep}); "
+                        "give it as a flatter dict")
     where = _non_str_key(meta or {}, "meta")
     if where is not None:  # JSON would write it as a string: load would give back another dict
         raise TypeError(f"meta's dicts must have str keys (JSON's); {where}")
@@ -328,7 +335,7 @@ def _non_str_key(value, where: str, depth: int = 0) -> str | None:
     """Where a dict inside ``value`` (dicts and lists, nested) has a key
     that is not a str, or None."""
     if depth > 100:
-        return None  # (json.dumps reports a cycle or a structure this deep itself)
+        return None  # (a cycle: json.dumps reports it; save refused meta nested deeper before this walk)
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):

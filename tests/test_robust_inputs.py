@@ -173,6 +173,33 @@ def test_save_refuses_meta_load_cannot_return(tmp_path, program, meta):
     assert not path.exists()
 
 
+@pytest.mark.parametrize("kind", ["list", "dict"])
+def test_save_names_meta_nested_too_deep(tmp_path, program, kind):
+    """meta nested some hundreds of levels deep (a log kept as a linked list)
+    made save raise Python's RecursionError from json.dumps, naming nothing.
+    It is a TypeError saying where meta nests too deep and the most it
+    takes, and nothing is written; meta nested as deep as that saves."""
+    from pointsparse import checkpoint
+
+    def nested(depth):
+        top = inner = [] if kind == "list" else {}
+        for _ in range(depth):
+            child = [] if kind == "list" else {}
+            inner.append(child) if kind == "list" else inner.update(a=child)
+            inner = child
+        return top
+
+    path = tmp_path / "m.pt2"
+    for depth in (checkpoint.MAX_NESTING + 1, 5000):
+        with pytest.raises(TypeError, match=rf"meta nests containers more than {checkpoint.MAX_NESTING} levels "
+                                            r"deep \(at meta\['log'\]"):
+            pe.save(program[0], path, {"log": nested(depth)})
+        assert not path.exists()
+    meta = {"log": nested(checkpoint.MAX_NESTING - 1)}
+    pe.save(program[0], path, meta)
+    assert pe.load(path)[1] == meta
+
+
 def test_save_keeps_dict_meta(tmp_path, program):
     path = tmp_path / "m.pt2"
     meta = {"classes": ["a", "b"], "voxel_size": 0.2, "nested": {"k": None}}
