@@ -1313,3 +1313,38 @@ def test_formats_built_under_the_other_16_bit_autocast_are_the_ones_built_outsid
         got = F.EIE.from_dense(dense.to(dtype), num_pe=4)
     assert all(torch.equal(a, b) for a, b in zip(got.arrays().values(), want.arrays().values()))
     assert torch.equal(got.to_dense(), dense.to(dtype))
+
+
+def test_compress_keeps_the_linears_torchs_transformer_reads_directly_dense():
+    """torch's MultiheadAttention reads ``out_proj.weight`` itself (in
+    F.multi_head_attention_forward, never calling out_proj), and a
+    TransformerEncoderLayer's (and TransformerEncoder's) fast path reads
+    ``linear1.weight`` and ``linear2.weight``: compress replaced them with
+    SparseLinears, which hold no ``weight``, and the compressed model failed
+    with an AttributeError when called. Those Linears stay dense, with
+    ``chosen`` saying why; every other Linear is compressed; the output is the
+    original's, on the fast path (eval, batch_first) and off it."""
+    torch.manual_seed(0)
+    for batch_first in (True, False):
+        layer = torch.nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=batch_first)
+        model = torch.nn.Sequential(torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False),
+                                    torch.nn.Linear(8, 3)).eval()
+        for inner in model[0].layers:
+            for lin in (inner.self_attn.out_proj, inner.linear1, inner.linear2):
+                prune.l1_unstructured(lin, "weight", amount=0.5)
+        x = torch.randn(2, 5, 8)
+        with torch.no_grad():
+            want = model(x)
+        for example in (None, x):
+            compressed = F.compress(model, "csr", example_input=example)
+            assert isinstance(compressed[1], F.SparseLinear)
+            for inner in compressed[0].layers:
+                for lin, read in ((inner.self_attn.out_proj, "MultiheadAttention reads out_proj.weight"),
+                                  (inner.linear1, "TransformerEncoderLayer reads linear1.weight"),
+                                  (inner.linear2, "TransformerEncoderLayer reads linear2.weight")):
+                    assert isinstance(lin, torch.nn.Linear) and read in lin.chosen and lin.chosen.startswith("dense")
+            with torch.no_grad():
+                torch.testing.assert_close(compressed(x), want, atol=1e-5, rtol=1e-5)
+        attention = torch.nn.MultiheadAttention(8, 2, batch_first=batch_first).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(F.compress(attention, "coo")(x, x, x)[0], attention(x, x, x)[0])

@@ -77,7 +77,12 @@ def compress(module: torch.nn.Module, format="csr", example_input=None, **kwargs
       the same, from the weight it holds (re-encoded in ``format``, its
       execution chosen again).
     * any other module: a deep copy with every Linear / Conv3d inside
-      replaced (and every compressed layer re-encoded).
+      replaced (and every compressed layer re-encoded), but the Linears a
+      torch module computes with by reading their ``weight`` itself, which
+      a compressed layer does not hold: a ``MultiheadAttention``'s
+      ``out_proj``, a ``TransformerEncoderLayer``'s ``linear1`` and
+      ``linear2`` (its inference fast path). Those stay dense, their
+      ``chosen`` saying so.
 
     ``kwargs`` go to the format's ``from_dense`` (``blocksize`` for BSR, ``n,
     m, prune`` for NM, ``num_pe`` for EIE). The effective weight of a pruned
@@ -113,6 +118,9 @@ def compress(module: torch.nn.Module, format="csr", example_input=None, **kwargs
     # (pruned weights are computed, non-leaf tensors that deepcopy refuses: copied detached, the hooks recompute them)
     result = copy_model(module)
     done = {}  # id(layer) -> its compressed module: a layer shared by two parents stays shared
+    for layer, why in _read_by_parent(result).items():
+        layer.chosen = f"dense (kept: {why})"
+        done[id(layer)] = layer
     for name, sub in list(result.named_modules()):
         for child_name, child in list(sub._modules.items()):  # every name: named_children skips repeats
             if isinstance(child, layers):
@@ -125,6 +133,28 @@ def compress(module: torch.nn.Module, format="csr", example_input=None, **kwargs
                         raise type(error)(f"{qualified}: {error}") from error
                 setattr(sub, child_name, done[id(child)])
     return result
+
+
+#: torch modules that compute with a child Linear's ``weight`` themselves, never calling the child: a
+#: MultiheadAttention (F.multi_head_attention_forward reads out_proj.weight), a TransformerEncoderLayer on
+#: its inference fast path (and a TransformerEncoder's, through its first layer). A compressed layer holds
+#: no ``weight``: the model failed with an AttributeError when called.
+_READ_BY_PARENT = ((torch.nn.MultiheadAttention, ("out_proj",)),
+                   (torch.nn.TransformerEncoderLayer, ("linear1", "linear2")))
+
+
+def _read_by_parent(model: torch.nn.Module) -> dict:
+    """``{layer: why}``: the Linears of ``model`` whose weight a parent
+    reads itself (:data:`_READ_BY_PARENT`), which compress keeps dense."""
+    found = {}
+    for parent in model.modules():
+        for parent_type, names in _READ_BY_PARENT:
+            if isinstance(parent, parent_type):
+                for name in names:
+                    child = parent._modules.get(name)
+                    if isinstance(child, torch.nn.Linear):
+                        found.setdefault(child, f"torch's {parent_type.__name__} reads {name}.weight itself")
+    return found
 
 
 def _check_on_cpu(module) -> None:
