@@ -172,6 +172,36 @@ def test_compress_refuses_a_layer_subclass_with_its_own_forward():
             torch.testing.assert_close(F.compress(kept, "csr")(x.feats), kept(x.feats))
 
 
+class _Counting(torch.nn.Module):
+    """Counts its forward calls and its deep copies in ``calls``."""
+
+    def __init__(self, calls):
+        super().__init__()
+        self.calls = calls
+
+    def forward(self, x):
+        self.calls.append("forward")
+        return x
+
+    def __deepcopy__(self, memo):
+        self.calls.append("copy")
+        return _Counting(self.calls)
+
+
+def test_compress_refuses_a_layer_subclass_before_it_copies_or_runs_the_model():
+    """compress(model) refused a layer subclass with its own forward only when
+    it reached that layer: after it had deep-copied the model and run
+    ``example_input`` through it (the model's forward, the example's cost).
+    The refusal comes first now: nothing ran, nothing was copied."""
+    for layer, x in ((_ScaledLinear(4, 3), torch.randn(2, 4)), (_ShiftedConv(4, 4, kernel_size=3), _sparse_input(channels=4))):
+        calls = []
+        model = torch.nn.Sequential(_Counting(calls), torch.nn.Sequential(torch.nn.Identity(), layer))
+        for example in (x, None):
+            with pytest.raises(TypeError, match=rf"^1\.1: module is a {type(layer).__name__}, .* overrides forward"):
+                F.compress(model, "csr", example_input=example)
+            assert calls == []
+
+
 def test_compress_keeps_a_layers_forward_hooks_on_its_output():
     """A forward hook on a layer's output (one that clamps it, one taking
     kwargs) was dropped by compress, which kept the forward pre-hooks only:

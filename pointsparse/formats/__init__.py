@@ -111,6 +111,13 @@ def compress(module: torch.nn.Module, format="csr", example_input=None, **kwargs
         return _with_hooks(module, _compress_conv(module, cls, example_input, kwargs))
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"module must be a torch.nn.Module; got {type(module).__name__}")
+    kept = _read_by_parent(module)
+    for name, sub in module.named_modules():  # (before the copy and the example's run, which a refusal wastes)
+        if sub not in kept:
+            try:
+                _check_own_forward(sub, Conv3d)
+            except TypeError as error:
+                raise TypeError(f"{name}: {error}") from error
     inputs = {} if example_input is None else _layer_inputs(module, example_input, layers)
     from ..prune._copyable import copy_model  # noqa: PLC0415 - the formats do not load the pruning package
 
