@@ -530,7 +530,7 @@ def test_cut_functions_check_their_arguments():
     with pytest.raises(ValueError, match="grouped convolutions are not supported"):
         surgery.remove_input_channels(nn.Conv2d(4, 4, 1, groups=2), [0])
     net = mlp(0)
-    with pytest.raises(TypeError, match="group must be a ChannelGroup or a producer's name; got int"):
+    with pytest.raises(TypeError, match="group must be a ChannelGroup, a CoupledGroup or a producer's name; got int"):
         surgery.prune_channels(net, 0, [0])
     with pytest.raises(TypeError, match="model must be a torch.nn.Module; got str"):
         surgery.prune_channels("net", "0", [0])
@@ -680,3 +680,39 @@ def test_a_hand_made_group_with_a_tied_member_is_not_cut():
     with pytest.raises(ValueError, match=r"'b' cannot be cut.*shared with c\.weight"):
         surgery.prune_channels(net, surgery.ChannelGroup("a", [], "b"), [0, 1, 2, 3])
     assert net.b.weight is net.c.weight and net.a.out_features == 8 and net.b.weight.shape == (8, 8)
+
+
+def test_prune_channels_cuts_the_coupled_groups_channel_groups_gives():
+    """channel_groups(model, example_input) gives the dependency graph's
+    CoupledGroups, which prune_channels refused (a TypeError: "group must be
+    a ChannelGroup or a producer's name"), so the pipeline its docstring
+    leads to stopped there. prune_channels cuts such a group as the graph
+    does, every member at once: the cut model computes what the masked one
+    does; a group left unchanged by an earlier cut is still taken, one
+    changed by it, of another model or made by hand is a ValueError."""
+    from pointsparse.prune import graph as G
+    from prune_procedures_support import ResidualNet
+
+    net, x = ResidualNet().eval(), sparse_input(n=200, channels=3)
+    masked = copy.deepcopy(net)
+    groups = surgery.channel_groups(net, x)
+    assert all(isinstance(g, G.CoupledGroup) for g in groups) and len(groups) >= 2
+    keeps = {g.name: torch.arange(0, g.size, 2) for g in groups}
+    reference = G.DependencyGraph(masked, x)
+    reference.mask({g.name: keeps[g.name] for g in reference.groups})
+    with torch.no_grad():
+        want = masked(x).feats
+    n_before = surgery.count_parameters(net)
+    for g in groups:  # (each cut retraces the graph: the groups it left unchanged are still those of the model)
+        surgery.prune_channels(net, g, keeps[g.name])
+    assert surgery.count_parameters(net) < 0.6 * n_before
+    with torch.no_grad():
+        torch.testing.assert_close(net(x).feats, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="changed since"):
+        surgery.prune_channels(net, groups[0], [0])
+    other = ResidualNet()
+    with pytest.raises(ValueError, match="another model"):
+        surgery.prune_channels(other, surgery.channel_groups(net, x)[0], [0])
+    with pytest.raises(ValueError, match="no dependency graph"):
+        surgery.prune_channels(other, G.CoupledGroup("stem.0", 8), [0])
+    assert surgery.count_parameters(other) == n_before

@@ -75,12 +75,15 @@ class CoupledGroup:
     """Channels ``0 .. size`` that every member loses together; ``name`` is the
     first layer producing them; ``fixed`` says why the group cannot be cut.
     Hashable by identity (a key of a ``keep`` dict): a group is its graph's,
-    of the trace that made it."""
+    of the trace that made it (``graph``: that :class:`DependencyGraph`,
+    which ``surgery.prune_channels`` cuts it with; None for one made by
+    hand)."""
 
     name: str
     size: int
     members: list[Member] = field(default_factory=list)
     fixed: str | None = None
+    graph: DependencyGraph | None = field(default=None, repr=False)
 
     def modules(self, role: str | None = None) -> list[str]:
         return list(dict.fromkeys(m.module for m in self.members if role is None or m.role == role))
@@ -245,7 +248,7 @@ class DependencyGraph:
             root, shift = self.spaces.find(s.space)
             g = groups.get(root)
             if g is None:
-                g = groups[root] = CoupledGroup("", self.spaces.size[root], fixed=self.spaces.fixed[root])
+                g = groups[root] = CoupledGroup("", self.spaces.size[root], fixed=self.spaces.fixed[root], graph=self)
             member = Member(module, role, s.pos, s.end, s.offset + shift, s.repeat)
             if member not in g.members:
                 g.members.append(member)

@@ -41,7 +41,7 @@ from .._modes import evaluating, run_model
 from .adapters import in_channel_dim, is_layer, out_channel_dim, out_channels
 from ._copyable import keep_copyable
 from ._trace import feats_of
-from .graph import _check_keep, _effective, _slice, shared_tensors
+from .graph import CoupledGroup, _check_keep, _effective, _slice, shared_tensors
 from .procedure import check_fraction
 
 
@@ -168,7 +168,8 @@ def channel_groups(model: nn.Module, example_input=None) -> list:
     """With ``example_input``: every coupled channel group of ``model``, from
     the dependency graph traced on it (:class:`~pointsparse.prune.graph.
     CoupledGroup`: residual streams, concatenation slices, strided and
-    transposed convs, classifiers' inputs all included).
+    transposed convs, classifiers' inputs all included), each of which
+    :func:`prune_channels` cuts.
 
     Without it, the chain groups of ``model``: inside each sequential chain, a
     prunable layer with the BatchNorms after it and the next prunable layer
@@ -321,13 +322,21 @@ def _set_channels(module: nn.Module, out: int | None = None, inp: int | None = N
             adapter.set_channels(module, role, n)
 
 
-def prune_channels(model: nn.Module, group: ChannelGroup | str, keep) -> None:
+def prune_channels(model: nn.Module, group: ChannelGroup | CoupledGroup | str, keep) -> None:
     """Remove every output channel of the group's producer not in ``keep``,
-    with its BatchNorm entries and the consumer's matching inputs."""
+    with its BatchNorm entries and the consumer's matching inputs. A
+    :class:`~pointsparse.prune.graph.CoupledGroup` (what
+    :func:`channel_groups` gives with an ``example_input``) is cut by its
+    dependency graph, every member at once, and the graph traced again: a
+    group of the same call that this cut left as it was is still taken, a
+    changed one is a ValueError (take the groups again)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if isinstance(group, CoupledGroup):
+        return _cut_coupled(model, group, keep)
     if not isinstance(group, (ChannelGroup, str)):
-        raise TypeError(f"group must be a ChannelGroup or a producer's name; got {type(group).__name__}")
+        raise TypeError(f"group must be a ChannelGroup, a CoupledGroup or a producer's name; got "
+                        f"{type(group).__name__}")
     found = _chain_groups(model)
     _check_not_fixed(found, [group if isinstance(group, str) else group.producer])
     if isinstance(group, str):
@@ -336,6 +345,25 @@ def prune_channels(model: nn.Module, group: ChannelGroup | str, keep) -> None:
             raise ValueError(f"{group!r} is not a producer layer with a consumer in this chain")
         group = match[0]
     _cut(model, group, keep, chained=group in [g for g, why in found if why is None])
+
+
+def _cut_coupled(model: nn.Module, group: CoupledGroup, keep) -> None:
+    """:func:`prune_channels` of a CoupledGroup: ``graph.cut`` of its graph's
+    group as it is now, checked to be this one's."""
+    graph = group.graph
+    if graph is None:
+        raise ValueError(f"group {group.name!r} has no dependency graph (a CoupledGroup made by hand): cut the groups "
+                         "channel_groups(model, example_input) gives")
+    if graph.model is not model:
+        raise ValueError(f"group {group.name!r} is a group of another model: cut this model's groups, "
+                         "channel_groups(model, example_input)")
+    same = [g for g in graph.all_groups if g is group or (g.name, g.size, g.members, g.fixed)
+            == (group.name, group.size, group.members, group.fixed)]
+    if not same:
+        raise ValueError(f"group {group.name!r} has changed since channel_groups gave it (a cut since traced the "
+                         "graph again and this group's channels are no longer those): take the groups again, "
+                         "channel_groups(model, example_input)")
+    graph.cut({same[0]: keep})
 
 
 def _member_layer(named: dict, name: str, role: str, side: str) -> nn.Module:
