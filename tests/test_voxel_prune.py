@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -936,3 +937,47 @@ def test_a_keep_rule_past_the_float_range_is_a_value_error_naming_it():
         F.keep_per_batch(scores, batch, huge)
     with pytest.raises(ValueError, match="threshold"):
         F.keep_per_batch(scores, batch, threshold=huge)
+
+
+def test_settings_changed_after_construction_take_effect_or_are_refused():
+    """VoxelPrune.score set to "learned" after construction kept ranking by
+    magnitude silently (the scorer, made only by the constructor, decides),
+    and keep_ratio / threshold took any value until a forward refused it. A
+    score other than the layer's is a ValueError now (a learned score is its
+    trained scorer, Linear(in_channels, 1): build a new VoxelPrune), and
+    keep_ratio and threshold are checked when set and take effect."""
+    x = make()
+    layer = ps.nn.VoxelPrune(0.5)
+    layer.score = "magnitude"  # (what it is: nothing changes)
+    for bad in ("learned", "Learned", 5):
+        with pytest.raises(ValueError, match="score"):
+            layer.score = bad
+        assert layer.score == "magnitude" and layer.scorer is None
+    learned = ps.nn.VoxelPrune(0.5, "learned", in_channels=4)
+    with pytest.raises(ValueError, match="score cannot change from 'learned' to 'magnitude'"):
+        learned.score = "magnitude"
+    assert learned.score == "learned" and learned.scorer is not None
+    layer.keep_ratio = np.float32(0.25)
+    assert type(layer.keep_ratio) is float and layer.select(x)[0].tolist() == brute_keep(x, 0.25)
+    for bad in (0, 1.5, float("nan"), "0.5", True):
+        with pytest.raises(ValueError, match="keep_ratio must be a number in"):
+            layer.keep_ratio = bad
+    assert layer.keep_ratio == 0.25
+    layer.threshold = 1.0
+    rows = layer.select(x)[0]
+    assert rows.tolist() == (x.feats.norm(dim=1) >= 1.0).nonzero().flatten().tolist()
+    with pytest.raises(TypeError, match="threshold must be a number or None"):
+        layer.threshold = "1"
+    with pytest.raises(ValueError, match="threshold must be a finite number"):
+        layer.threshold = float("inf")
+    assert layer.threshold == 1.0
+    layer.threshold = None
+    assert layer.select(x)[0].tolist() == brute_keep(x, 0.25)
+    copied = pickle.loads(pickle.dumps(learned))
+    assert (copied.keep_ratio, copied.threshold, copied.score) == (0.5, None, "learned")
+    # a layer pickled when the settings were plain attributes (under their public names)
+    legacy = {k.lstrip("_") if k in ("_keep_ratio", "_threshold") else k: v for k, v in vars(layer).items()}
+    old = ps.nn.VoxelPrune.__new__(ps.nn.VoxelPrune)
+    old.__setstate__({**legacy, "score": "magnitude"})
+    assert (old.keep_ratio, old.threshold, old.score) == (0.25, None, "magnitude")
+    assert old.select(x)[0].tolist() == brute_keep(x, 0.25)

@@ -307,18 +307,8 @@ class VoxelPrune(nn.Module):
     def __init__(self, keep_ratio: float = 0.5, score: str = "magnitude", in_channels: int | None = None,
                  threshold: float | None = None) -> None:
         super().__init__()
-        ratio = F.keep_ratio_of(keep_ratio)  # numpy and 0-d tensor numbers too, as Python numbers
-        if score not in self.SCORES:
-            raise ValueError(f"score must be one of {self.SCORES}; got {score!r}")
-        if threshold is not None:
-            try:
-                threshold = as_float(threshold, "threshold")
-            except TypeError:
-                raise TypeError(f"threshold must be a number or None; got {threshold!r}") from None
-            if not math.isfinite(threshold):
-                raise ValueError(f"threshold must be a finite number; got {threshold!r}")
-        self.keep_ratio = ratio
-        self.score = score
+        self.keep_ratio = keep_ratio
+        _check_score(score)
         self.threshold = threshold
         self.scorer = None
         if score == "learned":
@@ -329,6 +319,55 @@ class VoxelPrune(nn.Module):
             self.scorer = nn.Linear(in_channels, 1)
         elif in_channels is not None:  # unused by a magnitude score, but a count all the same
             positive_int(in_channels, "in_channels")
+
+    @property
+    def keep_ratio(self) -> float:
+        """The fraction of each batch item's voxels kept, in (0, 1] (checked when set)."""
+        return self._keep_ratio
+
+    @keep_ratio.setter
+    def keep_ratio(self, value) -> None:
+        self._keep_ratio = F.keep_ratio_of(value)  # numpy and 0-d tensor numbers too, as Python numbers
+
+    @property
+    def threshold(self) -> float | None:
+        """The score a voxel needs to be kept, or None (``keep_ratio`` rules); checked when set."""
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, value) -> None:
+        if value is not None:
+            try:
+                value = as_float(value, "threshold")
+            except TypeError:
+                raise TypeError(f"threshold must be a number or None; got {value!r}") from None
+            if not math.isfinite(value):
+                raise ValueError(f"threshold must be a finite number; got {value!r}")
+        self._threshold = value
+
+    @property
+    def score(self) -> str:
+        """``"learned"`` where the layer has a scorer, else ``"magnitude"``.
+        Set only to what it is: a learned score is its scorer (made with
+        ``in_channels`` and trained with the model), so another score is a
+        ValueError (build a new VoxelPrune)."""
+        return "magnitude" if self.scorer is None else "learned"
+
+    @score.setter
+    def score(self, value) -> None:
+        _check_score(value)
+        if value != self.score:  # (the scorer decided: a "learned" set afterwards ranked by magnitude, silently)
+            raise ValueError(f"score cannot change from {self.score!r} to {value!r} after construction (a learned "
+                             "score is its scorer, Linear(in_channels, 1), trained with the model): build "
+                             f"VoxelPrune(keep_ratio, score={value!r}, in_channels=..., threshold=...) instead")
+
+    def __setstate__(self, state: dict) -> None:
+        # (pickled before the settings were properties: their values under the public names)
+        for name in ("keep_ratio", "threshold"):
+            if name in state:
+                state["_" + name] = state.pop(name)
+        state.pop("score", None)  # (the scorer says it)
+        super().__setstate__(state)
 
     def scores(self, input: SparseTensor) -> torch.Tensor:
         """The importance of each voxel of ``input`` (1-D, a row each)."""
@@ -365,6 +404,11 @@ class VoxelPrune(nn.Module):
     def extra_repr(self) -> str:
         rule = f"threshold={self.threshold}" if self.threshold is not None else f"keep_ratio={self.keep_ratio}"
         return f"{rule}, score={self.score!r}"
+
+
+def _check_score(score) -> None:
+    if score not in VoxelPrune.SCORES:
+        raise ValueError(f"score must be one of {VoxelPrune.SCORES}; got {score!r}")
 
 
 def inner_voxel_prune(module: nn.Module, prefix: str = "") -> str | None:
