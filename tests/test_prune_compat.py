@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 import pointsparse.prune as prune
+from pointsparse import formats
 from prune_support import SparseConv, naive_sparse_conv, sparse_input
 
 TORCH_NAMES = [
@@ -406,3 +407,52 @@ def test_a_refused_method_leaves_a_pruned_module_as_it_was(kind, earlier):
     assert torch.equal(module.weight_orig.grad == 0, (mask == 0) | (module.weight_orig.grad == 0))
     prune.channel_structured(module, "weight", amount=1)  # and the module still takes more pruning
     assert int((module.weight_mask == 0).sum()) > int((mask == 0).sum())
+
+
+# The toolkit's own entry points, each called as f(module, name); torch's re-exported functions (the very
+# objects of torch.nn.utils.prune, test_reexports_are_the_torch_objects) keep torch's errors.
+OWN_ENTRY_POINTS = {
+    "vector_structured": lambda m, n: prune.vector_structured(m, n, 0.5),
+    "kernel_structured": lambda m, n: prune.kernel_structured(m, n, 0.5),
+    "channel_structured": lambda m, n: prune.channel_structured(m, n, 0.5),
+    "ChannelStructured.apply": lambda m, n: prune.ChannelStructured.apply(m, n, 0.5),
+    "block_structured": lambda m, n: prune.block_structured(m, n, 0.5, block_size=1),
+    "panel_structured": lambda m, n: prune.panel_structured(m, n, 0.5),
+    "stripe_structured": lambda m, n: prune.stripe_structured(m, n, 0.5),
+    "nm_structured": lambda m, n: prune.nm_structured(m, n, 1, 2),
+    "pattern_structured": lambda m, n: prune.pattern_structured(m, n, num_patterns=2, pattern_size=2),
+    "global_structured": lambda m, n: prune.global_structured([(m, n)], prune.ChannelStructured, 0.5),
+    "attach_filter_skeleton": lambda m, n: prune.attach_filter_skeleton(m, n),
+    "detach_filter_skeleton": lambda m, n: prune.detach_filter_skeleton(m, n),
+    "prune_stripes": lambda m, n: prune.prune_stripes(m, n),
+    "load_balanced_unstructured": lambda m, n: formats.load_balanced_unstructured(m, n, 0.5, 2),
+    "current_weight": lambda m, n: prune.current_weight(m, n),
+    "weight_now": lambda m, n: prune.weight_now(m, n),
+    "layout_of": lambda m, n: prune.layout_of(m, n),
+}
+
+
+@pytest.mark.parametrize("entry", sorted(OWN_ENTRY_POINTS))
+def test_own_entry_points_name_a_wrong_module_or_name_with_a_type_error(entry):
+    """A name that is no str (name=5: "unsupported operand type(s) for +"),
+    a tensor given as the module (AttributeError: 'Tensor' object has no
+    attribute '_parameters') and a pointsparse.nn.Linear, whose torch Linear
+    is its ``fn`` (AttributeError, or "has no tensor named 'weight'" without
+    saying where the weight is) were torch's errors or ours, of three types,
+    depending on the function. Each is a TypeError naming the argument now,
+    and the module is left as it was."""
+    from pointsparse import nn as psnn
+
+    call = OWN_ENTRY_POINTS[entry]
+    conv = SparseConv(4, 4, 3)
+    before = {k: v.clone() for k, v in conv.state_dict().items()}
+    cases = [(conv, 5, r"name must be a str.*got int"),
+             (torch.randn(4, 4), "weight", r"module must be a torch.nn.Module.*got Tensor"),
+             (psnn.Linear(4, 4), "weight", r"Linear has no tensor named 'weight'.*'fn'.*module\.fn")]
+    for module, name, match in cases:
+        if entry == "global_structured" and module is not cases[2][0]:
+            match = r"parameters\[0\] must be a \(module, name\) pair"
+        with pytest.raises(TypeError, match=match):
+            call(module, name)
+    assert conv.state_dict().keys() == before.keys() and not prune.is_pruned(conv)
+    assert all(torch.equal(conv.state_dict()[k], v) for k, v in before.items())

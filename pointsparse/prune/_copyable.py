@@ -53,13 +53,14 @@ class CopyableMethod(_torch_prune.BasePruningMethod):
 
     @classmethod
     def apply(cls, module, name, *args, importance_scores=None, **kwargs):
+        from .adapters import check_target, weight_now  # noqa: PLC0415 - adapters imports this module
+
+        check_target(module, name)
         if importance_scores is not None:
             _check_scores(module, name, importance_scores)
         elif isinstance(module._parameters.get(name + "_orig"), torch.Tensor):
             # torch's default is module.name, the product cached at the last forward (or pruning): an
             # optimizer step since has changed name_orig, so rank the weights as they are now.
-            from .adapters import weight_now  # noqa: PLC0415 - adapters imports this module
-
             with torch.no_grad():  # (the product's graph would be made and dropped)
                 importance_scores = weight_now(module, name)
         # torch's apply takes the tensor's earlier hook off the module (or adds

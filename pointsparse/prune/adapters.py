@@ -246,6 +246,34 @@ def _shaped_like_sparse_conv(module: nn.Module) -> bool:
 
 
 # ------------------------------------------------------------------ one layer
+def check_target(module, name) -> None:
+    """The pruning functions' first check of their ``(module, name)``: a
+    TypeError naming the argument where ``module`` is no torch.nn.Module or
+    ``name`` no str, or where ``module`` holds no tensor ``name`` while a
+    child of it does (``pointsparse.nn.Linear``, whose torch Linear is
+    ``fn``). (torch's errors were an AttributeError on the tensor, a
+    TypeError adding an int to '_orig', or no word of ``fn``.)"""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module (the layer holding the tensor to prune); got "
+                        f"{type(module).__name__}")
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, the name of a tensor of the {type(module).__name__} (e.g. 'weight'); "
+                        f"got {type(name).__name__}")
+    if raw(module, name) is None and _child_holding(module, name) is not None:
+        raise TypeError(no_tensor(module, name))
+
+
+def no_tensor(module: nn.Module, name: str) -> str:
+    """"``module`` has no tensor named ``name``", saying which child has one."""
+    child = _child_holding(module, name)
+    where = "" if child is None else f" (its child {child!r} has one: prune module.{child})"
+    return f"{type(module).__name__} has no tensor named {name!r}{where}"
+
+
+def _child_holding(module: nn.Module, name: str) -> str | None:
+    return next((n for n, c in module.named_children() if raw(c, name) is not None), None)
+
+
 def raw(module: nn.Module, name: str = "weight") -> torch.Tensor | None:
     """The stored tensor ``name``: ``name_orig`` when a mask re-parametrises it."""
     if name + "_orig" in module._parameters:
@@ -272,11 +300,12 @@ def current_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
     forward), else the parameter itself. An attached Filter Skeleton's scale
     is not in it (a penalty or a gradient taken w.r.t. the parameter reads
     this); the weight the layer runs is :func:`weight_now`."""
+    check_target(module, name)
     if name + "_orig" in module._parameters:
         return module._parameters[name + "_orig"] * getattr(module, name + "_mask")
     weight = getattr(module, name, None)
     if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"{type(module).__name__} has no tensor named {name!r}")
+        raise TypeError(no_tensor(module, name))
     return weight
 
 
@@ -317,9 +346,10 @@ def is_sparse_conv(module: nn.Module) -> bool:
 def layout_of(module: nn.Module, name: str = "weight") -> WeightLayout:
     """The layout of ``module``'s tensor ``name``; ``TypeError`` for modules
     whose weight has no channel structure an adapter describes."""
+    check_target(module, name)
     weight = raw(module, name)
     if weight is None:
-        raise TypeError(f"{type(module).__name__} has no tensor named {name!r}")
+        raise TypeError(no_tensor(module, name))
     if name == "weight" and is_layer(module):
         return adapter_for(module).layout(module)
     if weight.dim() < 2:  # (no layout fits: the advice below would lead to "must have 2 dims")

@@ -40,7 +40,7 @@ from torch.nn.utils import prune as _torch_prune
 
 from ..tensor import as_bool
 from ._copyable import CopyableMethod, keep_copyable
-from .adapters import WeightLayout, is_layer, layout_of, used_mask
+from .adapters import WeightLayout, check_target, is_layer, layout_of, used_mask
 
 
 def _fold_skeleton_left_by_remove(module, name: str) -> None:
@@ -104,6 +104,7 @@ def attach_filter_skeleton(module: nn.Module, name: str = "weight", init: float 
     """Add a learnable Filter Skeleton to ``module.name`` (a dense ConvNd or a
     sparse conv) and return the new parameter (add it to the optimizer; it is
     also in ``module.parameters()``)."""
+    check_target(module, name)
     layout = layout if layout is not None else layout_of(module, name)
     if not layout.kernel_axes:
         raise ValueError(f"a filter skeleton needs kernel axes; {type(module).__name__}.{name} has none")
@@ -132,6 +133,7 @@ def detach_filter_skeleton(module: nn.Module, name: str = "weight", fold: bool =
     ``name_orig`` first (so the layer computes the same), or into the plain
     ``name`` where ``prune.remove`` made the mask permanent. Returns the
     skeleton's last value (detached)."""
+    check_target(module, name)
     fold = as_bool(fold, "fold")
     found = _find(module, name)
     if found is None:
@@ -199,6 +201,7 @@ def prune_stripes(module: nn.Module, name: str = "weight", threshold: float = 0.
     prune the stripes whose scale has ``|scale| < threshold``. Returns the
     number of stripes pruned (newly or before); a ``kernel_region`` conv's
     are its region's."""
+    check_target(module, name)
     _check_threshold(threshold)
     found = _find(module, name)
     used = None if found is None else _used_stripes(module, name, found[1].layout)

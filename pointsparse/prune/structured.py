@@ -29,7 +29,8 @@ import torch
 from ..tensor import as_bool, as_int, positive_int
 from ._copyable import CopyableMethod, _check_scores
 from .amount import count_to_prune, validate_amount, validate_norm
-from .adapters import WeightLayout, check_layout, dense_layout, is_layer, layout_of, raw, used_mask
+from .adapters import (WeightLayout, check_layout, check_target, dense_layout, is_layer, layout_of, no_tensor, raw,
+                       used_mask)
 
 
 def _axis_grids(shape: torch.Size, device) -> list[torch.Tensor]:
@@ -216,6 +217,7 @@ class VectorStructured(GroupStructured):
 
     @classmethod
     def apply(cls, module, name, amount, axis=-1, n=2, importance_scores=None, layout=None):  # type: ignore[override]
+        check_target(module, name)  # (before is_layer reads the module)
         # (layout: the one given, as global_structured hands its kwargs on; else the layer's)
         if layout is None:
             layout = layout_of(module, name) if name == "weight" and is_layer(module) else None
@@ -413,6 +415,7 @@ def panel_structured(module, name, amount, square=False, n=2, importance_scores=
     both directions. Returns ``module``."""
     from ..nn.functional import panel_width  # noqa: PLC0415 - nn sits above this package
 
+    check_target(module, name)
     weight = getattr(module, name + "_orig", getattr(module, name, None))
     if not isinstance(weight, torch.Tensor):
         raise ValueError(f"{type(module).__name__} has no tensor attribute {name!r}")
@@ -460,7 +463,7 @@ def global_structured(parameters, pruning_method, amount, importance_scores=None
                 f"({', '.join(type(v).__name__ for v in item)})"
             raise TypeError(f"parameters[{i}] must be a (module, name) pair (a torch.nn.Module and a str); got {got}")
         if raw(*item) is None:
-            raise TypeError(f"parameters[{i}]: {type(item[0]).__name__} has no tensor named {item[1]!r}")
+            raise TypeError(f"parameters[{i}]: {no_tensor(*item)}")
         first = next(j for j, seen in enumerate(parameters) if seen[0] is item[0] and seen[1] == item[1])
         if first < i:  # (its groups would count twice and it would be pruned twice)
             raise ValueError(f"parameters[{i}] names the same tensor ({type(item[0]).__name__}, {item[1]!r}) as "
