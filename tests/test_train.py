@@ -1237,6 +1237,19 @@ def test_metrics_refuse_a_matrix_and_names_that_do_not_match():
     assert metrics.confusion_matrix(torch.tensor([0]), torch.tensor([0]), np.int64(2)).shape == (2, 2)
 
 
+
+def test_metrics_take_class_names_from_a_one_pass_iterable():
+    """summary and format_table read the class names twice: once to count
+    them against the matrix, once to name its rows. A generator or map of
+    names (``map(str, range(C))``) passed the count and was then empty:
+    per_class and points came back {} and the table had no class rows,
+    without a word."""
+    cm = metrics.confusion_matrix(torch.tensor([0, 1, 2]), torch.tensor([0, 1, 1]), 3)
+    names = ["a", "b", "c"]
+    assert metrics.summary(cm, iter(names)) == metrics.summary(cm, names)
+    assert metrics.format_table(cm, (n for n in names)) == metrics.format_table(cm, names)
+    assert metrics.summary(cm, map(str, range(3)))["points"] == {"0": 1, "1": 2, "2": 0}
+
 @pytest.mark.parametrize("schedule", tr.SCHEDULES)
 def test_lr_schedules(schedule):
     f = [tr.lr_factor(schedule, s, 100, 0.1) for s in range(100)]

@@ -39,14 +39,15 @@ def _square(cm) -> np.ndarray:
     return cm
 
 
-def _named(cm, classes) -> np.ndarray:
-    """``cm`` (square), with ValueError unless ``classes`` names each of its classes."""
+def _named(cm, classes) -> tuple[np.ndarray, list]:
+    """(``cm``, square; ``classes`` as a list: read once, a generator's names too), with ValueError unless
+    ``classes`` names each of its classes."""
     cm = _square(cm)
     classes = list(classes)
     if len(classes) != cm.shape[0]:
         raise ValueError(f"classes: {len(classes)} names for the {cm.shape[0]} classes of the {cm.shape} "
                          "confusion matrix")
-    return cm
+    return cm, classes
 
 
 def iou_per_class(cm: np.ndarray) -> np.ndarray:
@@ -78,7 +79,7 @@ def accuracy(cm: np.ndarray) -> float:
 def summary(cm: np.ndarray, classes) -> dict:
     """``{"miou", "accuracy", "per_class": {name: iou or None}, "points":
     {name: count}}`` (None for classes absent from targets and predictions)."""
-    cm = _named(cm, classes)
+    cm, classes = _named(cm, classes)
     iou = iou_per_class(cm)
     return {
         "miou": mean_iou(cm),
@@ -90,7 +91,7 @@ def summary(cm: np.ndarray, classes) -> dict:
 
 def format_table(cm: np.ndarray, classes) -> str:
     """The per-class IoU table and mIoU as text."""
-    cm = _named(cm, classes)
+    cm, classes = _named(cm, classes)
     iou = iou_per_class(cm)
     counts = np.asarray(cm).sum(1)
     width = max([len(str(c)) for c in classes] + [5])
