@@ -1065,6 +1065,41 @@ def test_torchrun_processes_are_the_ones_counted(tmp_path, monkeypatch):
     assert not out.exists()
 
 
+
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "1", "RANK": "2"}, r"RANK 2 is no rank of the 1 process\(es\) WORLD_SIZE counts \(0 to 0\)"),
+    ({"RANK": "1"}, r"RANK 1 is no rank of the 1 process\(es\) WORLD_SIZE counts"),
+    ({"WORLD_SIZE": "two"}, r"WORLD_SIZE .* must be an int >= 1; got 'two'"),
+    ({"WORLD_SIZE": "0"}, r"WORLD_SIZE .* must be an int >= 1; got '0'"),
+    ({"WORLD_SIZE": "2", "RANK": "-1"}, r"RANK .* must be an int >= 0; got '-1'"),
+    ({"LOCAL_RANK": "x"}, r"LOCAL_RANK .* must be an int >= 0; got 'x'"),
+    ({"LOCAL_WORLD_SIZE": "0"}, r"LOCAL_WORLD_SIZE .* must be an int >= 1; got '0'"),
+])
+def test_a_launch_environment_that_does_not_add_up_is_refused(env, message, tmp_path, monkeypatch):
+    """RANK, WORLD_SIZE and the local ones (torchrun's, or a launcher's) were
+    read unchecked: a RANK left over beside no WORLD_SIZE (a world of one)
+    made the lone process a rank other than 0, which trained every epoch
+    and wrote nothing, no checkpoint, log or metrics, exit status 0; a
+    WORLD_SIZE of 0 divided by zero when the batch was split, one that is no
+    number was int()'s 'invalid literal' naming no variable. Each is a
+    ValueError naming the variable, before any work."""
+    from pointsparse.app import distributed
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("training started before the launch environment was checked")
+
+    monkeypatch.setattr(tr, "train", no_work)
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=message):
+        tr.main(_parse([*TINY, "--out", str(out)]))
+    with pytest.raises(ValueError, match=message):
+        distributed.init_distributed(_parse([*TINY, "--out", str(out)]))
+    assert not out.exists()
+
 class _Stop(Exception):
     pass
 

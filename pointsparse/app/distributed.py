@@ -70,16 +70,45 @@ def pick_device(name, rank: int, local_world: int = 1) -> torch.device:
     return device
 
 
+def launch_environment() -> tuple[int, int, int, int]:
+    """``(RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE)`` of this process
+    as its launcher set them (torchrun, or :func:`worker_environment` for
+    ``--nproc``'s workers); unset: ``(0, 1, RANK, 1)``. ValueError naming
+    the variable where one is no int of its range, or where RANK is no rank
+    of the WORLD_SIZE processes (a RANK left over beside no WORLD_SIZE made
+    a lone process rank 2 of 1: it trained and wrote nothing)."""
+    def read(name: str, default: int, least: int) -> int:
+        text = os.environ.get(name)
+        if text is None:
+            return default
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < least:
+            raise ValueError(f"{name} (the launcher's environment variable) must be an int >= {least}; got "
+                             f"{text!r:.100}")
+        return value
+
+    world = read("WORLD_SIZE", 1, 1)
+    rank = read("RANK", 0, 0)
+    if rank >= world:
+        unset = "; WORLD_SIZE is unset" if "WORLD_SIZE" not in os.environ else ""
+        raise ValueError(f"RANK {rank} is no rank of the {world} process(es) WORLD_SIZE counts (0 to {world - 1}"
+                         f"{unset}): the launcher's environment does not add up; unset RANK and LOCAL_RANK for a "
+                         "run of one process, or start the processes with torchrun (or --nproc)")
+    return rank, world, read("LOCAL_RANK", rank, 0), read("LOCAL_WORLD_SIZE", 1, 1)
+
+
 def init_distributed(args) -> Dist:
     """This process's rank, world and device from the torchrun/spawn
-    environment (a process group when the world is larger than one), and its
-    torch threads (``--threads``, else torch's default divided among processes)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    environment (:func:`launch_environment`; a process group when the world
+    is larger than one), and its torch threads (``--threads``, else torch's
+    default divided among processes)."""
+    rank, world, local, local_world = launch_environment()
     # (the processes on this machine: torchrun's and --nproc's LOCAL_WORLD_SIZE; another launcher's, unknown,
     # are not the whole world, which spans machines: no check then)
-    device = pick_device(args.device, local, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    device = pick_device(args.device, local, local_world)
     if world > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":

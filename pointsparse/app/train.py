@@ -36,7 +36,8 @@ from ..nn import BatchStatisticsError
 from . import metrics
 from .cli import CommandParser, given_flags
 from .clouds import nonfinite_hold, refuse_file_flags, skips_nonfinite
-from .distributed import Dist, destroy, finish_process, free_port, init_distributed, worker_environment
+from .distributed import (Dist, destroy, finish_process, free_port, init_distributed, launch_environment,
+                          worker_environment)
 from .scoring import evaluate, logits_of, refuse_together, shard, write_report
 from .trainer import TrainingDiverged, Trainer, check_finite_loss, check_finite_weights, have_tqdm, progress_bar
 
@@ -217,8 +218,9 @@ def check_args(args) -> None:
 
 
 def _torchrun_world() -> int:
-    """The processes torchrun started this one among (``WORLD_SIZE``; 1 outside torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    """The processes torchrun started this one among (``WORLD_SIZE``; 1 outside torchrun;
+    :func:`.distributed.launch_environment` checks it)."""
+    return launch_environment()[1]
 
 
 #: The flags only generated scenes read (of every kind), and those of the outdoor scenes' LiDAR alone.
@@ -772,7 +774,7 @@ def _out_lock(args):
     workers, which then hold none), unless a command running this one in
     its process holds it already (:func:`holding_out`)."""
     held = os.environ.get(_LOCK_HELD)
-    if (held and held == str(Path(args.out).resolve())) or int(os.environ.get("RANK", "0")) != 0:
+    if (held and held == str(Path(args.out).resolve())) or launch_environment()[0] != 0:
         return contextlib.nullcontext()
     return checkpoint.DirectoryLock(args.out, "--out")
 
