@@ -588,6 +588,48 @@ def test_resume_refuses_weights_and_optimizer_state_that_do_not_fit_naming_the_f
         assert (out / "checkpoint.pt").read_bytes() == before, name
 
 
+
+def test_resume_refuses_run_state_of_the_wrong_kind_naming_the_file_and_entry(tmp_path):
+    """The entries of a training checkpoint that --resume restores besides
+    the weights (optimizer, scheduler, history, epoch, torch_rng, best_miou)
+    were used as they came: one of another kind (a hand-edited file, another
+    tool's checkpoint with pointsparse's keys) was a KeyError 'param_groups',
+    an IndexError, AttributeError on None, torch's KeyError 'lr_lambdas' or
+    'Expected a CPUGeneratorImplState of size 5056', a TypeError comparing a
+    str epoch, a float epoch refused by the sampler, naming neither the file
+    nor the entry. Each is a ValueError naming both, before any training, the
+    checkpoint untouched."""
+    from pointsparse import checkpoint
+
+    run = tmp_path / "run"
+    tr.main(_parse([*TINY, "--epochs", "1", "--out", str(run)]))
+    state = tr.load_checkpoint(run / "checkpoint.pt")
+    history = state["history"]
+    cases = {
+        "opt-empty": (dict(state, optimizer={}), "optimizer"),
+        "opt-none": (dict(state, optimizer=None), "optimizer"),
+        "opt-no-groups": (dict(state, optimizer={"state": {}, "param_groups": []}), "optimizer"),
+        "sched-none": (dict(state, scheduler=None), "scheduler"),
+        "sched-empty": (dict(state, scheduler={}), "scheduler"),
+        "hist-none": (dict(state, history=None), "history"),
+        "hist-short": (dict(state, history={k: v for k, v in history.items() if k != "step_time"}), "history"),
+        "hist-str": (dict(state, history=dict(history, step_loss=["x"])), "history"),
+        "epoch-str": (dict(state, epoch="1"), "epoch"),
+        "epoch-float": (dict(state, epoch=1.5), "epoch"),
+        "epoch-negative": (dict(state, epoch=-1), "epoch"),
+        "rng-none": (dict(state, torch_rng=None), "torch_rng"),
+        "rng-short": (dict(state, torch_rng=torch.zeros(3, dtype=torch.uint8)), "torch_rng"),
+        "best-str": (dict(state, best_miou="x"), "best_miou"),
+    }
+    for name, (bad, entry) in cases.items():
+        out = tmp_path / name
+        out.mkdir()
+        checkpoint.save(out / "checkpoint.pt", bad)
+        before = (out / "checkpoint.pt").read_bytes()
+        with pytest.raises(ValueError, match=rf"--resume {re.escape(str(out / 'checkpoint.pt'))}: its {entry} "):
+            tr.main(_parse(["--resume", "--epochs", "2", "--no-progress", "--out", str(out)]))
+        assert (out / "checkpoint.pt").read_bytes() == before, name
+
 def test_resume_with_a_larger_time_budget_trains_on(tmp_path):
     """--time-budget may change on resume (README): a run its budget ended
     resumed with more budget and --epochs trains the epochs that now fit.

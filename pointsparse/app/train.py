@@ -598,6 +598,70 @@ def make_optimizer(args, model) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 
 
+#: The lists a run's history keeps, one entry per step or epoch (and ``val_epoch``, where the run recorded it).
+HISTORY = ("step_loss", "epoch_loss", "val_miou", "step_time", "lr")
+
+
+def check_run_state(state: dict, path) -> None:
+    """ValueError naming the checkpoint ``path`` and the entry where what
+    ``--resume`` restores besides the weights is of another kind than a
+    run's checkpoint holds: ``optimizer`` (an optimizer's state_dict: param
+    groups with their params, lr and weight decay), ``scheduler`` (the run's
+    LambdaLR state_dict), ``history`` (lists of numbers), ``epoch`` (an int
+    >= 0), ``torch_rng`` (torch's CPU generator state) and, where present,
+    ``best_miou`` (a number). A hand-edited file, or another tool's with
+    these keys, failed deep inside: a KeyError, an IndexError, torch's RNG
+    size, a comparison of a str epoch."""
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    def count(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    def bad(entry: str, expected: str, got: str) -> None:
+        raise ValueError(f"--resume {path}: its {entry} must be {expected}; got {got} (a damaged or hand-edited "
+                         "checkpoint: resume from another, or --init from it to start a new run from its weights)")
+
+    def kind(value) -> str:
+        return repr(value)[:100] if isinstance(value, (int, float, str)) else f"a {type(value).__name__}"
+
+    optimizer = state["optimizer"]
+    groups = optimizer.get("param_groups") if isinstance(optimizer, dict) else None
+    if not (isinstance(groups, list) and groups and all(
+            isinstance(g, dict) and isinstance(g.get("params"), list) and number(g.get("lr"))
+            and number(g.get("weight_decay")) for g in groups)):
+        bad("optimizer", "an optimizer's state_dict (param_groups, each with its params, lr and weight_decay)",
+            kind(optimizer) if not isinstance(optimizer, dict) else f"param_groups {kind(groups)}")
+    scheduler = state["scheduler"]
+    base_lrs = scheduler.get("base_lrs", [0.0]) if isinstance(scheduler, dict) else None
+    if not (isinstance(scheduler, dict) and isinstance(scheduler.get("lr_lambdas"), list)
+            and count(scheduler.get("last_epoch")) and isinstance(base_lrs, list) and base_lrs
+            and all(number(v) for v in base_lrs)):
+        keys = ", ".join(map(str, scheduler)) if isinstance(scheduler, dict) else ""
+        bad("scheduler", "the state_dict of the run's LambdaLR (lr_lambdas, last_epoch >= 0, base_lrs)",
+            f"a dict of {keys or 'nothing'}" if isinstance(scheduler, dict) else kind(scheduler))
+    history = state["history"]
+    if not isinstance(history, dict):
+        bad("history", f"a dict of lists of numbers ({', '.join(HISTORY)})", kind(history))
+    for key in HISTORY + (("val_epoch",) if "val_epoch" in history else ()):
+        values = history.get(key)
+        if values is None or not isinstance(values, list):
+            bad("history", f"a dict of lists of numbers ({', '.join(HISTORY)})",
+                f"{key} {'missing' if values is None else kind(values)}")
+        odd = [v for v in values if not number(v)]
+        if odd:
+            bad("history", f"a dict of lists of numbers ({', '.join(HISTORY)})", f"{key} holding {kind(odd[0])}")
+    if not count(state["epoch"]):
+        bad("epoch", "the epochs the run trained (an int >= 0)", kind(state["epoch"]))
+    rng, own = state["torch_rng"], torch.get_rng_state()
+    if not (isinstance(rng, torch.Tensor) and rng.dtype == own.dtype and rng.shape == own.shape):
+        bad("torch_rng", f"torch's CPU generator state (torch.get_rng_state(): {own.dtype} of shape "
+            f"{tuple(own.shape)})",
+            kind(rng) if not isinstance(rng, torch.Tensor) else f"{rng.dtype} of shape {tuple(rng.shape)}")
+    if "best_miou" in state and not number(state["best_miou"]):
+        bad("best_miou", "the run's best validation mIoU (a number)", kind(state["best_miou"]))
+
+
 def check_optimizer_state(state: dict, model: torch.nn.Module, path) -> None:
     """ValueError naming the checkpoint ``path`` where its optimizer
     ``state`` (a ``state_dict`` of :func:`make_optimizer`'s optimizer) does
@@ -895,6 +959,7 @@ class TrainingJob:
             if missing:
                 raise ValueError(f"--resume {path}: a checkpoint of weights only (it lacks {', '.join(missing)}), "
                                  "not of a training run to resume")
+            check_run_state(state, path)  # (what is restored besides the weights: of its kind)
             self.config = state["config"]
             # (the ignore index too: the default 255 took the place of a run's own, which its config still
             # recorded, and the resumed epochs trained and scored the class it numbers; and the training
