@@ -327,7 +327,8 @@ def load(path):
 def load_training(path) -> dict:
     """A training checkpoint (``pointsparse train``, ``pointsparse prune
     channels``): :func:`load`, and a ``ValueError`` naming the file when it
-    is not a dict with ``model`` and ``config``."""
+    is not a dict with ``model`` and ``config``, or its record of the run
+    (``args``, ``val_paths``) is of another kind than its runs write."""
     state = load(path)
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         what = f"{path} is not a pointsparse training checkpoint (a dict with 'config' and 'model')"
@@ -341,7 +342,33 @@ def load_training(path) -> dict:
         inner = next((v for v in state.values() if _is_state_dict(v)), None)  # ({"state_dict": ...}, theirs)
         raise ValueError(f"{what}; its keys are {keys or 'none'}" + ("" if inner is None else _kernels_note(inner)))
     check_config(state["config"], path)
+    _check_run_record(state, path)
     return state
+
+
+def _check_run_record(state: dict, path) -> None:
+    """``ValueError`` naming the file and the entry where a training
+    checkpoint's record of its run, which eval, prune and ``--resume`` read
+    for the run's data, is of another kind than its runs write: ``args``
+    (a dict of its flags by name; ``data`` and ``val_data`` lists of
+    sources or None) and ``val_paths`` (a list of file paths), each where
+    present and not None (its readers take None for none; another kind was
+    an AttributeError or "not iterable" from them, naming no file)."""
+    def strings(value) -> bool:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+    args = state.get("args") or {}
+    if not (isinstance(args, dict) and all(isinstance(k, str) for k in args)):
+        raise ValueError(f"{path}: its args must be a dict of the run's flags by name (a damaged or hand-edited "
+                         f"checkpoint); got {type(args).__name__}" + (" with keys that are no names"
+                                                                      if isinstance(args, dict) else ""))
+    for key in ("data", "val_data"):
+        if args.get(key) is not None and not strings(args[key]):
+            raise ValueError(f"{path}: its args' {key} must be a list of the run's sources (str) or None (a damaged "
+                             f"or hand-edited checkpoint); got {args[key]!r:.100}")
+    if state.get("val_paths") is not None and not strings(state["val_paths"]):
+        raise ValueError(f"{path}: its val_paths must be a list of file paths (str), the clouds the run validated "
+                         f"on (a damaged or hand-edited checkpoint); got {state['val_paths']!r:.100}")
 
 
 def _is_state_dict(value) -> bool:

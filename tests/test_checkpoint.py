@@ -388,6 +388,53 @@ def test_crafted_checkpoints_are_refused_naming_the_file(tmp_path):
         assert str(path) in str(info.value), name
 
 
+def test_a_training_checkpoints_record_of_the_run_of_the_wrong_kind_is_refused_naming_the_file(tmp_path):
+    """A training checkpoint's record of its run, which eval, prune and
+    --resume read for the run's data (``args``: its flags, ``val_paths``:
+    the clouds it validated on), was used as it came: one of another kind
+    (a hand-edited file, another tool's) was an AttributeError ('list'
+    object has no attribute 'get'), "'int' object is not iterable" or the
+    reader's TypeError about specs, naming no file. load_training refuses
+    each with a ValueError naming the file and the entry."""
+    from pointsparse.app import evaluate
+    from pointsparse.models import MinkUNet
+
+    config = {"model": "minkunet", "in_channels": 4, "classes": ["a", "b", "c"], "cr": 0.125, "blocks": 1}
+    state = {"config": config, "model": MinkUNet(4, 3, cr=0.125, blocks=1).state_dict(),
+             "args": {"data": ["generated"], "val_data": None}, "val_paths": []}
+    good = tmp_path / "good.pt"
+    checkpoint.save(good, state)
+    assert checkpoint.load_training(good)["args"]["data"] == ["generated"]
+    crafted = {
+        "args_list": (dict(state, args=[1]), r"its args must be a dict"),
+        "args_key_int": (dict(state, args={1: 2}), r"its args must be a dict"),
+        "val_paths_int": (dict(state, val_paths=3), r"its val_paths must be a list of file paths"),
+        "val_paths_ints": (dict(state, val_paths=[1, 2]), r"its val_paths must be a list of file paths"),
+        "data_int": (dict(state, args={"data": 3}), r"its args' data must be a list of .*; got 3"),
+        "val_data_str": (dict(state, args={"val_data": "a.npz"}), r"its args' val_data must be a list"),
+    }
+    for name, (bad, match) in crafted.items():
+        path = tmp_path / f"{name}.pt"
+        checkpoint.save(path, bad)
+        with pytest.raises(ValueError, match=match) as info:
+            checkpoint.load_training(path)
+        assert str(path) in str(info.value), name
+        with pytest.raises(ValueError, match=match):
+            evaluate.main(argparse.Namespace(checkpoint=str(path), program=None, data=None, label_map=None,
+                                             ignore_index=None, batch_size=1, threads=None, device="cpu",
+                                             no_progress=True, out=None, val_scenes=None, inference="float32",
+                                             maps_ahead=False, skip_nonfinite=False))
+    # None for args or val_paths is no record, as the readers of them take it (eval's own default data was an
+    # AttributeError on None)
+    for name, none in {"args": dict(state, args=None), "val_paths": dict(state, val_paths=None)}.items():
+        path = tmp_path / f"{name}_none.pt"
+        checkpoint.save(path, none)
+        loaded = checkpoint.load_training(path)
+        spec, _ = evaluate.eval_source(argparse.Namespace(data=None, val_scenes=None, label_map=None,
+                                                          skip_nonfinite=False), loaded, 255)
+        assert spec == (["generated"] if name == "args" else state["args"]["data"]), name
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_library_loaders_refuse_weights_that_hold_nan_or_inf(tmp_path, bad):
     """A checkpoint whose weights (or BatchNorm statistics) hold NaN or inf

@@ -313,7 +313,7 @@ def eval_source(args, state: dict, ignore_index: int):
     map (as ``train --val-data`` takes them: the classes the model predicts),
     else the default map the run read its clouds through, where their
     formats take it (``clouds.files_source``, prune's rule too)."""
-    saved = state.get("args", {})
+    saved = state.get("args") or {}  # (None: no record, as the other readers of it take it)
     if args.data:
         spec, validation = args.data, True
     elif state.get("val_paths"):  # the files the run validated on
