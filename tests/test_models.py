@@ -163,6 +163,16 @@ def test_sync_batchnorm_without_a_process_group_is_batchnorm():
     assert torch.allclose(synced(x).feats, ref)
 
 
+
+@pytest.mark.parametrize("bad", [3, None, "bn", [torch.nn.BatchNorm1d(4)]])
+def test_sync_batchnorm_convert_refuses_what_is_no_module(bad):
+    """convert() of something that is no module (a list of layers, None)
+    was an AttributeError ('int' object has no attribute 'named_children')
+    from its walk; a TypeError naming the argument, as
+    torch.nn.SyncBatchNorm.convert_sync_batchnorm is given modules only."""
+    with pytest.raises(TypeError, match=rf"module must be a torch.nn.Module; got {type(bad).__name__}"):
+        SyncBatchNorm.convert(bad)
+
 def test_sync_batchnorm_convert_keeps_dtype_and_frozen_parameters():
     """convert() gives each BatchNorm's replacement its dtype (and device)
     and its parameters' requires_grad: a float64 network stayed float32

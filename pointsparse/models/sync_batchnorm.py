@@ -76,7 +76,9 @@ class SyncBatchNorm(spnn.BatchNorm):
         tensors, as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` shares
         them: their dtype, device and ``requires_grad`` kept) and hooks (a
         pruning reparametrisation, ``weight_orig`` + ``weight_mask``, with
-        its hook)."""
+        its hook). TypeError where ``module`` is no ``torch.nn.Module``."""
+        if not isinstance(module, nn.Module):  # (else an AttributeError from the walk below)
+            raise TypeError(f"module must be a torch.nn.Module; got {type(module).__name__}")
         if isinstance(module, nn.BatchNorm1d) and not isinstance(module, cls):
             # The module's state under the new class (SyncBatchNorm adds none
             # of its own); each of its dicts (and sets) copied, their tensors and hooks shared.
