@@ -1327,6 +1327,29 @@ def test_metrics_take_class_names_from_a_one_pass_iterable():
     assert metrics.format_table(cm, (n for n in names)) == metrics.format_table(cm, names)
     assert metrics.summary(cm, map(str, range(3)))["points"] == {"0": 1, "1": 2, "2": 0}
 
+def test_confusion_matrix_refuses_what_is_no_class_index():
+    """confusion_matrix cast pred and target with .long(): probabilities or
+    max-logit values (0.7, 1.9) were truncated to classes 0 and 1 and
+    scored without a word; an ignore_index past int64 and a num_classes
+    whose matrix cannot be allocated were torch's overflow messages,
+    naming nothing."""
+    good = torch.tensor([0, 1, 1])
+    for name, args in (("pred", (torch.tensor([0.7, 1.9, 1.0]), good)),
+                       ("target", (good, np.array([0.0, 1.0, 1.0])))):
+        with pytest.raises(TypeError, match=f"{name} must hold integer class indices"):
+            metrics.confusion_matrix(*args, 3)
+    for bad in (2**70, 1.5, True, "255"):
+        with pytest.raises((TypeError, ValueError), match="ignore_index must be"):
+            metrics.confusion_matrix(good, good, 3, ignore_index=bad)
+    with pytest.raises(ValueError, match="num_classes must be at most"):
+        metrics.confusion_matrix(good, good, 2**40)
+    # integer kinds and bools still count as classes
+    want = metrics.confusion_matrix(good, good, 3)
+    assert np.array_equal(metrics.confusion_matrix(good.int(), good.numpy().astype(np.uint8), 3), want)
+    assert np.array_equal(metrics.confusion_matrix(good.bool(), good.bool(), 3, ignore_index=np.int64(-100)),
+                          metrics.confusion_matrix(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 1]), 3))
+
+
 @pytest.mark.parametrize("schedule", tr.SCHEDULES)
 def test_lr_schedules(schedule):
     f = [tr.lr_factor(schedule, s, 100, 0.1) for s in range(100)]

@@ -15,9 +15,14 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None = 
     ``[0, num_classes)``."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
         raise ValueError(f"num_classes must be an int >= 1; got {num_classes!r}")
+    if num_classes > MAX_CLASSES:
+        raise ValueError(f"num_classes must be at most {MAX_CLASSES} (its C x C int64 matrix); got {num_classes}")
     num_classes = int(num_classes)
-    pred = torch.as_tensor(pred).reshape(-1).long().cpu()
-    target = torch.as_tensor(target).reshape(-1).long().cpu()
+    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer))):
+        raise TypeError(f"ignore_index must be an int or None; got {ignore_index!r}")
+    if ignore_index is not None and not -2**63 <= int(ignore_index) < 2**63:
+        raise ValueError(f"ignore_index must be an int64 label; got {ignore_index}")
+    pred, target = (_class_indices(t, name) for t, name in ((pred, "pred"), (target, "target")))
     if pred.shape != target.shape:
         raise ValueError(f"pred and target must have the same length; got {pred.numel()} and {target.numel()}")
     if ignore_index is not None:
@@ -29,6 +34,20 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None = 
         raise ValueError(f"predictions must lie in [0, {num_classes})")
     cm = torch.bincount(target * num_classes + pred, minlength=num_classes * num_classes)
     return cm.reshape(num_classes, num_classes).numpy().astype(np.int64)
+
+
+#: the most classes confusion_matrix counts (a 16384 x 16384 int64 matrix is 2 GiB)
+MAX_CLASSES = 2**14
+
+
+def _class_indices(labels, name: str) -> torch.Tensor:
+    """``labels`` as a flat int64 CPU tensor; TypeError naming ``name``
+    unless they hold integers (or bools): ``.long()`` truncated
+    probabilities and max-logit values into classes."""
+    labels = torch.as_tensor(labels)
+    if labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"{name} must hold integer class indices (e.g. logits.argmax(1)); got dtype {labels.dtype}")
+    return labels.reshape(-1).long().cpu()
 
 
 def _square(cm) -> np.ndarray:
