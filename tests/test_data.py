@@ -2928,3 +2928,26 @@ def test_cloud_files_refuse_formats_whose_default_label_maps_differ(tmp_path):
     assert len(CloudFiles([s3d, tmp_path / "room.txt"], "s3dis")) == 2
     np.savez(tmp_path / "other.npz", xyz=xyz, labels=lab)  # (one default, none, for both: raw labels)
     assert CloudFiles([tmp_path / "tile.npz", tmp_path / "other.npz"]).classes is None
+
+
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch):
+    """An empty path is no file: Path("") is ".", so find_clouds("") (CloudFiles, open_source) read every cloud
+    of the current folder without a word, and read_cloud("") read the current folder as an S3DIS room ("...:
+    no Annotations/*.txt files"). Each now refuses it naming the argument."""
+    from pathlib import Path
+
+    from pointsparse.data import open_source
+
+    monkeypatch.chdir(tmp_path)
+    np.save(tmp_path / "here.npy", np.zeros((5, 3), np.float32))
+    for specs in ("", [""], ["here.npy", ""]):
+        with pytest.raises(ValueError, match="specs must not hold an empty path"):
+            find_clouds(specs)
+    with pytest.raises(ValueError, match="specs must not hold an empty path"):
+        CloudFiles("")
+    with pytest.raises(ValueError, match="specs must not hold an empty path"):
+        open_source("")
+    for reader in (read_cloud, read_numpy, read_las, read_open3d, read_text, read_semantickitti, read_semantic3d):
+        with pytest.raises(ValueError, match="path must not be empty"):
+            reader("")
+    assert find_clouds("here.npy") == [Path("here.npy")]  # (a relative path still reads)

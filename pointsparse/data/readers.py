@@ -400,10 +400,7 @@ def _names_the_file(reader):
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         path = bound.arguments[first]
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"path must be a file path (str or Path); got {type(path).__name__}")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: no such file or folder")
+        _check_path(path)
         for argument in ("label_path", "labels_path"):  # (a labels file named beside the cloud)
             given = bound.arguments.get(argument)
             if given is None:
@@ -435,6 +432,18 @@ def _names_the_file(reader):
             # tokenize.TokenError: numpy parsing a corrupt .npy header
             raise ValueError(f"{path}: cannot read this file ({type(exc).__name__}: {str(exc)[:300]})") from None
     return read
+
+
+def _check_path(path) -> None:
+    """A reader's ``path``: a str or PathLike (TypeError otherwise), not
+    empty (``Path("")`` is ".": read_cloud("") read the current folder as an
+    S3DIS room; ValueError) and there (FileNotFoundError naming it)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a file path (str or Path); got {type(path).__name__}")
+    if os.fspath(path) == "":
+        raise ValueError("path must not be empty (a cloud file or folder; Path('') would be the current folder)")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file or folder")
 
 
 def _ignore_index(value) -> int:
@@ -1587,11 +1596,8 @@ def read_cloud(path, label_map=None, ignore_index: int = DEFAULT_IGNORE, *, labe
     scan, S3DIS's for other text.
     ``labels=False``: the points and their features only, the file's labels
     (and a labels file beside it) not read, whatever they hold."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a file path (str or Path); got {type(path).__name__}")
+    _check_path(path)
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder")
     suffix = path.suffix.lower()
     if suffix == ".bin":
         return read_semantickitti(path, label_map=label_map or "semantic-kitti", ignore_index=ignore_index,
@@ -1643,7 +1649,8 @@ def find_clouds(specs) -> list[Path]:
     are text files named README*, LICENSE*, LICENCE*, NOTICE*, COPYING*,
     CHANGELOG* or CITATION*, any case);
     an S3DIS room folder (with ``Annotations/``) is one cloud. A path found
-    by two specs comes once, where first found."""
+    by two specs comes once, where first found. An empty path (``""``, which
+    ``Path`` takes for the current folder) is a ValueError."""
     if isinstance(specs, (str, os.PathLike)):
         specs = [specs]
     given = specs
@@ -1652,6 +1659,8 @@ def find_clouds(specs) -> list[Path]:
     if not iterable or not all(isinstance(s, (str, os.PathLike)) for s in specs):
         got = [type(s).__name__ for s in specs] if iterable else type(given).__name__
         raise TypeError(f"specs must be a path, glob or folder (str or Path), or a list of them; got {got}")
+    if any(os.fspath(s) == "" for s in specs):  # (Path("") is ".": every cloud of the current folder was read)
+        raise ValueError(f"specs must not hold an empty path (a file, glob or folder each); got {given!r:.200}")
     out: list[Path] = []
     for spec in specs:
         spec = os.fspath(spec)
