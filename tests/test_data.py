@@ -2589,6 +2589,20 @@ def test_label_map_with_huge_raw_ids_is_quick_and_ignores_them():
     assert out.tolist() == [0, 1, 255, 255, 255, 1, 255]
 
 
+def test_label_map_apply_checks_its_ignore_index():
+    """LabelMap.apply cast ignore_index into its int64 output as numpy took it: 1.5 became 1, so every raw id
+    the map does not list landed in class 1 without a word; "x", None and 2**70 were numpy's own errors
+    naming nothing. It is checked as the readers check it (TypeError/ValueError naming it)."""
+    lm = LabelMap(["a", "b"], {10: 0, 20: 1}, name="t")
+    raw = np.array([10, 20, 99])
+    for bad, error in ((1.5, TypeError), ("x", TypeError), (None, TypeError), (True, TypeError),
+                       (2 ** 70, ValueError)):
+        with pytest.raises(error, match="ignore_index"):
+            lm.apply(raw, bad)
+    assert lm.apply(raw, np.int16(-100)).tolist() == [0, 1, -100]
+    assert lm.apply(raw).tolist() == [0, 1, 255]
+
+
 def test_semantickitti_intensity_outside_0_1_is_refused_naming_the_file(tmp_path):
     """SemanticKITTI's float32 remissions lie in 0..1; the reader clipped
     the 4th float of each point to 0..1 silently, so a .bin of 0..255

@@ -128,7 +128,10 @@ class LabelMap:
         return len(self.classes)
 
     def apply(self, raw: np.ndarray, ignore_index: int = DEFAULT_IGNORE) -> np.ndarray:
-        """int64 training ids of integer raw ids (unlisted -> ``ignore_index``)."""
+        """int64 training ids of integer raw ids (unlisted -> ``ignore_index``,
+        an int: TypeError/ValueError naming it otherwise, as the readers
+        check it; 1.5 was cast to 1, a class)."""
+        ignore_index = _ignore_index(ignore_index)
         raw = np.asarray(raw)
         if not np.issubdtype(raw.dtype, np.integer):
             raise TypeError(f"raw labels must be integers; got {raw.dtype}")
