@@ -1935,6 +1935,27 @@ def test_find_clouds_double_star_globs_search_every_level(tmp_path):
     assert find_clouds(str(tmp_path / "*" / "*.npy")) == [tmp_path / "2021/b.npy"]  # (one '*': one level)
 
 
+def test_find_clouds_double_star_globs_do_not_loop_through_symlinked_folders(tmp_path):
+    """'**' followed a symlink to a folder above it round the loop (glob.glob's '**' follows symlinks): a tree
+    with one link back up ('latest -> ..') gave every cloud under it 41 times, each path one lap longer, which
+    train read as 41 clouds; two such links never returned (2**40 paths). A folder is not searched again
+    inside itself now; a symlinked folder that is no loop is still searched."""
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
+    cloud = np.zeros((5, 3), np.float32)
+    for path in (root / "a.npy", root / "seq" / "b.npy", elsewhere / "c.npy"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, cloud)
+    (root / "seq" / "latest").symlink_to("..", target_is_directory=True)
+    (root / "linked").symlink_to(elsewhere, target_is_directory=True)
+    want = [root / "a.npy", root / "linked" / "c.npy", root / "seq" / "b.npy"]
+    assert find_clouds(str(root / "**" / "*.npy")) == want
+    (root / "seq" / "again").symlink_to("../..", target_is_directory=True)  # (a second loop: it hung)
+    (elsewhere / "back").symlink_to(root, target_is_directory=True)  # (and one through the linked folder)
+    assert find_clouds(str(root / "**" / "*.npy")) == want
+    nested = find_clouds(str(root / "**" / "seq" / "**" / "*.npy"))  # (each '**' searches each folder once)
+    assert sorted(p.resolve() for p in nested) == sorted(p.resolve() for p in want)
+
+
 def test_find_clouds_globs_skip_the_label_arrays_of_the_clouds_they_match(tmp_path):
     """A glob over Open3D-ML's layouts ('seq01/*.npy' over kitti_01_points_0.npy and kitti_01_labels_0.npy;
     'demo/*/*.npy' over points/ and labels/) took each cloud's label array for a cloud, and predict and eval

@@ -34,6 +34,7 @@ Semantic3D         :func:`read_semantic3d` (``<name>.txt`` rows ``x y z
 
 from __future__ import annotations
 
+import collections
 import functools
 import glob
 import inspect
@@ -1641,7 +1642,8 @@ def _visible(paths) -> list[Path]:
 
 def find_clouds(specs) -> list[Path]:
     """Cloud files named by paths, globs (``**`` matching any depth of
-    folders) or folders. A folder is searched for
+    folders, each real folder once: symlinked folders are followed, never
+    round a loop) or folders. A folder is searched for
     ``velodyne/*.bin`` (SemanticKITTI), ``points/*.npy`` (Open3D-ML), else
     every supported file in it (``*labels*`` arrays, ``.bin`` and ``.txt``
     files are label files, not clouds (a ``*labels*`` LAS, LAZ, PLY or PCD
@@ -1670,8 +1672,7 @@ def find_clouds(specs) -> list[Path]:
         # A path that exists is taken as named, even where it holds glob characters ("scan[1].npy").
         # ('**' any depth of folders, as pathlib and zsh take it: it matched one level, so "tiles/**/*.npz"
         # read the clouds one folder down and skipped the rest without a word)
-        matches = sorted(glob.glob(spec, recursive=True)) if any(ch in spec for ch in "*?[") and \
-            not os.path.exists(spec) else [spec]
+        matches = sorted(_glob(spec)) if any(ch in spec for ch in "*?[") and not os.path.exists(spec) else [spec]
         if matches != [spec]:  # (a glob's Semantic3D .labels and SemanticKITTI .label files are its scans'
             # labels, not clouds: 'seq/*/*' over velodyne/ and labels/ stopped on a .label as an unknown format)
             clouds = [m for m in matches if not m.lower().endswith((".labels", ".label"))]
@@ -1706,6 +1707,64 @@ def find_clouds(specs) -> list[Path]:
     for p in out:
         unique.setdefault(os.path.abspath(p), p)
     return list(unique.values())
+
+
+def _glob(spec: str) -> list[str]:
+    """The paths ``spec`` matches as ``glob.glob(spec, recursive=True)``
+    takes it (a ``**`` component any depth of folders, hidden ones not
+    searched), but each ``**`` searches each folder once, by its real path,
+    under the shortest name that reaches it: glob's followed a symlink to a
+    folder above it round the loop (``latest -> ..``: every cloud below 41
+    times, one lap longer each; two such links never returned). A symlink
+    to a folder is followed, as glob followed it, unless that folder is
+    searched already (under a shorter name, or as one above it)."""
+    parts = spec.split(os.sep)
+    if "**" not in parts:
+        return glob.glob(spec)
+    i = parts.index("**")
+    head, tail = os.sep.join(parts[:i]), os.sep.join(parts[i + 1:])
+    if i and not head:  # ('/**/...': the root)
+        head = os.sep
+    bases = [b for b in (glob.glob(head) if glob.has_magic(head) else [head]) if os.path.isdir(b or os.curdir)]
+    out: list[str] = []
+    for base in bases:
+        for folder in _folders_below(base):
+            if tail:
+                out.extend(_glob(os.path.join(glob.escape(folder), tail) if folder else tail))
+            else:  # ('x/**': the folder, as glob gives it, every folder below and the files in each)
+                if folder:  # (the current folder, '**' alone, is not named: glob gives its contents)
+                    out.append(folder if folder != base else os.path.join(base, ""))
+                out.extend(f for f in glob.glob(os.path.join(glob.escape(folder), "*")) if not os.path.isdir(f))
+    return out
+
+
+def _folders_below(base: str) -> list[str]:
+    """``base`` ("" the current folder) and the folders below it that are
+    not hidden, symlinked ones followed, each real folder once, under the
+    shortest path that reaches it (breadth first, names sorted)."""
+    seen, found = set(), []
+    queue = collections.deque([base])
+    while queue:
+        folder = queue.popleft()
+        real = os.path.realpath(folder or os.curdir)
+        if real in seen:
+            continue
+        seen.add(real)
+        found.append(folder)
+        try:
+            with os.scandir(folder or os.curdir) as entries:
+                names = sorted(e.name for e in entries if not e.name.startswith(".") and _is_folder(e))
+        except OSError:  # (unreadable: glob skipped it too)
+            continue
+        queue.extend(os.path.join(folder, name) for name in names)
+    return found
+
+
+def _is_folder(entry) -> bool:
+    try:
+        return entry.is_dir()  # (a symlink to a folder too)
+    except OSError:
+        return False
 
 
 # Text files a dataset folder holds beside its clouds (a folder's search skips
