@@ -3,8 +3,9 @@ shared real data when present), augmentation, voxel labels, batching."""
 
 from __future__ import annotations
 
-import importlib
+import contextlib
 import hashlib
+import importlib
 import json
 import pickle
 
@@ -341,6 +342,31 @@ def test_sample_validation():
         values[field] = values[field] + 0.5j
         with pytest.raises(TypeError, match=rf"s: {field} must hold real numbers; got complex128"):
             Sample(values["xyz"], None, values["intensity"], values["rgb"], name="s")
+
+
+def test_finite_positions_past_float32_are_not_taken_for_points_without_a_return(tmp_path):
+    """A float64 position past float32's range (a z of 1e39, a corrupt record) became inf in the cast and was
+    refused as "xyz holds NaN or inf" (NonFinitePositions: predict advised --skip-nonfinite), and inside
+    nonfinite_rows_dropped it was dropped as a point without a return, without a word. It is a ValueError of
+    its own naming the values, with the flag or without."""
+    from pointsparse.data.sample import NonFinitePositions, nonfinite_rows_dropped
+
+    xyz = np.array([[0.0, 0.0, 0.0], [1.0, 2.0, -1e39], [np.nan, 0.0, 0.0]])
+    path = tmp_path / "wide.npy"
+    np.save(path, xyz)
+    for dropping in (False, True):
+        with nonfinite_rows_dropped() if dropping else contextlib.nullcontext():
+            with pytest.raises(ValueError, match=r"s: xyz holds 1 of 3 points past float32's range .*-1e\+39") as caught:
+                Sample(xyz, name="s")
+            assert not isinstance(caught.value, NonFinitePositions)
+            with pytest.raises(ValueError, match=rf"{path}: xyz holds 1 of 3 points past float32's range") as caught:
+                read_numpy(path)
+            assert not isinstance(caught.value, NonFinitePositions)
+    with nonfinite_rows_dropped():  # (the point without a return alone is still dropped)
+        kept = Sample(xyz[[0, 2]])
+    assert len(kept) == 1 and kept.kept.tolist() == [True, False]
+    with pytest.warns(UserWarning, match="off in float32"):  # (within float32: as before)
+        assert np.isfinite(Sample(np.array([[0.0, 0.0, 3e38]])).xyz).all()
 
 
 def test_a_sample_takes_torch_tensors_as_its_arrays():

@@ -17,6 +17,7 @@ _RANGES = {"intensity": (0.0, 1.5), "rgb": (0.0, 1.0)}
 # How far (metres) the float32 cast may move a position given wider before a Sample warns: float32 keeps
 # half a millimetre up to 16 km from the origin (a z as the readers leave it), not UTM's 6.8e6 m.
 CAST_TOLERANCE = 1e-3
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 _CHUNK = 1 << 13  # rows per step of that check
 _SCALED = {"intensity": "scaled: 0..1, the brightest returns up to 1.5", "rgb": "scaled from 0..255 or 0..65535"}
 
@@ -53,7 +54,9 @@ class Sample:
         xyz: float32 ``(N, 3)`` positions in metres (any origin; training
             centres them). Given wider (float64, 32- or 64-bit integers),
             positions the float32 cast moves by more than 1 mm (UTM
-            coordinates) give a UserWarning: subtract an origin first.
+            coordinates) give a UserWarning: subtract an origin first;
+            finite ones past float32's range are a ValueError (not points
+            without a return: :func:`nonfinite_rows_dropped` keeps them).
         labels: int64 ``(N,)`` training ids (``ignore_index`` for points that
             count nowhere), or None for unlabelled clouds.
         intensity: optional float32 ``(N, 1)`` return intensity scaled to
@@ -99,12 +102,14 @@ class Sample:
                 raise TypeError(f"{self.name or 'sample'}: xyz must hold numbers ({exc})") from None
         if xyz.ndim != 2 or xyz.shape[1] != 3:
             raise ValueError(f"{self.name or 'sample'}: xyz must be (N, 3); got {xyz.shape}")
-        self.xyz = np.ascontiguousarray(xyz, dtype=np.float32)
+        with np.errstate(over="ignore"):  # (finite values past float32: refused below, naming them)
+            self.xyz = np.ascontiguousarray(xyz, dtype=np.float32)
         n = len(self.xyz)
         if self.kept is not None:
             self.kept = _kept_mask(self.kept, n, self.name)
         finite = np.isfinite(self.xyz).all(1)
         if not np.can_cast(xyz.dtype, np.float32):
+            self._refuse_overflow(xyz, finite)
             self._warn_cast_loss(xyz, finite)
         bad = n - int(finite.sum())
         if bad and _DROP_NONFINITE.get():
@@ -149,6 +154,22 @@ class Sample:
                                  f"{int(outside.sum())} of {n} points do not (values {float(value.min())!r} to "
                                  f"{float(value.max())!r})")
             setattr(self, field, value)
+
+    def _refuse_overflow(self, wide: np.ndarray, finite: np.ndarray) -> None:
+        """A ValueError where positions given wider than float32 hold finite
+        values past its range (the cast made them inf): they are no points
+        without a return, which :func:`nonfinite_rows_dropped` drops (a z of
+        1e39 was refused as NaN or inf, or dropped without a word)."""
+        if finite.all():
+            return
+        rows = ~finite & np.isfinite(wide).all(1)
+        if not rows.any():
+            return
+        values = wide[rows]
+        first = values[np.abs(values) > _FLOAT32_MAX][0]
+        raise ValueError(f"{self.name or 'sample'}: xyz holds {int(rows.sum())} of {len(wide)} points past float32's "
+                         f"range (+-{_FLOAT32_MAX:.4g}; first {float(first)!r}), a Sample's positions: a corrupt "
+                         "file, or positions to take relative to an origin first")
 
     def _warn_cast_loss(self, wide: np.ndarray, finite: np.ndarray) -> None:
         """A UserWarning where the float32 cast of positions given wider
