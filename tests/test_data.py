@@ -506,6 +506,23 @@ def test_label_map_json(tmp_path):
         load_label_map(path)
 
 
+def test_label_map_json_is_read_as_utf8_with_or_without_a_bom(tmp_path, monkeypatch):
+    """JSON is UTF-8: a map saved by a Windows editor (a byte-order mark
+    first) was refused as 'not readable JSON', and class names were read in
+    the locale's encoding (mojibake, or a refusal, under LANG=C)."""
+    text = json.dumps({"classes": ["v\u00e9g\u00e9tation", "b\u00e2timent"], "map": {"3": 0, "6": 1}},
+                      ensure_ascii=False)
+    plain, bom = tmp_path / "plain.json", tmp_path / "bom.json"
+    plain.write_bytes(text.encode("utf-8"))
+    bom.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    monkeypatch.setattr("locale.getpreferredencoding", lambda *a, **k: "ascii")
+    monkeypatch.setattr("locale.getencoding", lambda: "ascii", raising=False)
+    for path in (plain, bom):
+        m = load_label_map(path)
+        assert list(m.classes) == ["v\u00e9g\u00e9tation", "b\u00e2timent"]
+        assert m.apply(np.array([6, 3]), 255).tolist() == [1, 0]
+
+
 def test_label_map_json_wrong_types_name_the_file_and_field(tmp_path):
     path = tmp_path / "m.json"
     xyz, lab = _cloud()

@@ -179,7 +179,8 @@ def load_label_map(name_or_path) -> LabelMap:
             raise ValueError(f"label map {name_or_path!r} is neither a JSON file nor one of {known}")
         path = candidate
     try:
-        data = json.loads(path.read_text(), object_pairs_hook=_unique_keys(path))
+        # (JSON is UTF-8, a byte-order mark first where a Windows editor saved it: not the locale's encoding)
+        data = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_unique_keys(path))
     except _DuplicateKey:
         raise
     except (OSError, UnicodeDecodeError, RecursionError, ValueError) as exc:  # (JSONDecodeError, an int of
