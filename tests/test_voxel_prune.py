@@ -981,3 +981,31 @@ def test_settings_changed_after_construction_take_effect_or_are_refused():
     old.__setstate__({**legacy, "score": "magnitude"})
     assert (old.keep_ratio, old.threshold, old.score) == (0.25, None, "magnitude")
     assert old.select(x)[0].tolist() == brute_keep(x, 0.25)
+
+
+def test_voxel_skip_settings_are_its_voxel_prunes():
+    """VoxelSkip takes keep_ratio, score and threshold for its VoxelPrune
+    (``prune``), but setting them on the VoxelSkip afterwards made a plain
+    attribute that nothing read: the skip kept half its voxels whatever
+    ``skip.keep_ratio`` said. They are the VoxelPrune's now, read and set
+    (and checked) through the VoxelSkip."""
+    x = make()
+    class Same(torch.nn.Module):
+        def forward(self, t):
+            return t
+
+    skip = ps.nn.VoxelSkip(Same(), keep_ratio=0.5)
+    assert (skip.keep_ratio, skip.threshold, skip.score) == (0.5, None, "magnitude")
+    skip.keep_ratio = 0.25
+    assert skip.prune.keep_ratio == 0.25 and skip.prune.select(x)[0].tolist() == brute_keep(x, 0.25)
+    kept = (skip(x).feats != 0).any(1).sum().item()
+    assert kept == len(brute_keep(x, 0.25))
+    skip.threshold = 1.0
+    assert skip.prune.threshold == 1.0
+    skip.threshold = None
+    with pytest.raises(ValueError, match="keep_ratio must be a number in"):
+        skip.keep_ratio = 1.5
+    with pytest.raises(ValueError, match="score cannot change"):
+        skip.score = "learned"
+    assert (skip.keep_ratio, skip.score) == (0.25, "magnitude")
+    assert "keep_ratio" not in vars(skip) and "threshold" not in vars(skip)

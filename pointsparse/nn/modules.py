@@ -468,6 +468,15 @@ class VoxelSkip(nn.Module):
         self.prune = VoxelPrune(keep_ratio, score, in_channels, threshold)
         self.module = module
 
+    # keep_ratio, threshold and score are the VoxelPrune's, read and set (and checked) through this layer: set
+    # on it, they were plain attributes nothing read.
+    keep_ratio = property(lambda self: self.prune.keep_ratio, lambda self, v: setattr(self.prune, "keep_ratio", v),
+                          doc="``prune.keep_ratio``")
+    threshold = property(lambda self: self.prune.threshold, lambda self, v: setattr(self.prune, "threshold", v),
+                         doc="``prune.threshold``")
+    score = property(lambda self: self.prune.score, lambda self, v: setattr(self.prune, "score", v),
+                     doc="``prune.score``")
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # The unwrapped module's keys (prefix + "0.weight") moved to their wrapped names (prefix +
         # "module.0.weight") before torch sorts the keys: the children then load them, and what is left
