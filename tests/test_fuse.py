@@ -636,6 +636,35 @@ def test_fold_linear_batchnorm_checks():
         fold_linear_batchnorm(linear, torch.nn.BatchNorm1d(4))
 
 
+def test_a_fold_keeps_the_layers_trainable_flags():
+    """fold_batchnorm and fold_linear_batchnorm give the folded weight the
+    weight's requires_grad and the folded bias the layer's bias's (the
+    weight's where the layer had none): a frozen layer stays frozen. The new
+    bias was always trainable, so a frozen backbone fused and fine-tuned
+    (a fused copy set to train() trains, fuse_for_inference's docstring)
+    trained its biases, and a frozen bias came back trainable."""
+    from pointsparse.nn.fuse import fold_linear_batchnorm
+
+    for bias in (False, True):
+        conv = spnn.Conv3d(3, 4, 3, bias=bias).requires_grad_(False)
+        spnn.fold_batchnorm(conv, spnn.BatchNorm(4).eval())
+        assert not conv.weight.requires_grad and not conv.bias.requires_grad
+    conv = spnn.Conv3d(3, 4, 3, bias=True)
+    conv.bias.requires_grad_(False)  # (only the bias frozen: the weight trains on)
+    spnn.fold_batchnorm(conv, spnn.BatchNorm(4).eval())
+    assert conv.weight.requires_grad and not conv.bias.requires_grad
+    conv = spnn.Conv3d(3, 4, 3)  # (a trainable conv's new bias trains, as before)
+    spnn.fold_batchnorm(conv, spnn.BatchNorm(4).eval())
+    assert conv.weight.requires_grad and conv.bias.requires_grad
+    for bias in (False, True):
+        linear = torch.nn.Linear(3, 4, bias=bias).requires_grad_(False)
+        fold_linear_batchnorm(linear, torch.nn.BatchNorm1d(4).eval())
+        assert not linear.weight.requires_grad and not linear.bias.requires_grad
+    frozen = MinkUNet(3, 2, cr=0.125, blocks=1).requires_grad_(False)
+    fused = spnn.fuse_for_inference(frozen)
+    assert [n for n, p in fused.named_parameters() if p.requires_grad] == []
+
+
 @pytest.mark.parametrize("case", ["pruned_weight", "pruned_bias", "parametrized", "linear_subclass",
                                   "no_running_stats", "hooked_linear", "hooked_bn"])
 def test_spvcnn_fuse_point_mlps_keeps_a_pair_it_cannot_fold(case):

@@ -17,7 +17,9 @@ def fold_batchnorm(conv: Conv3d, bn: nn.BatchNorm1d) -> None:
     one ``conv`` with ``weight[:, :, c] * s[c]`` and bias ``(bias - mean) * s +
     beta``, ``s = gamma / sqrt(var + eps)``. A pruned gamma or beta
     (``weight_orig`` and a mask) is read as ``orig * mask``, what ``bn``
-    computes with now."""
+    computes with now. The folded weight keeps the weight's
+    ``requires_grad``, the bias the conv's bias's (the weight's where the
+    conv had none): a frozen conv stays frozen."""
     if not isinstance(conv, Conv3d):
         raise TypeError(f"fold_batchnorm: conv must be a pointsparse.nn.Conv3d; got {type(conv).__name__}")
     if not isinstance(bn, nn.BatchNorm1d):
@@ -43,6 +45,7 @@ def fold_batchnorm(conv: Conv3d, bn: nn.BatchNorm1d) -> None:
     mask = conv.pruning_mask()
     with torch.no_grad():
         scale, new_bias = _batchnorm_scale_bias(bn, conv.bias)
+        trains = _bias_trains(conv.bias, conv.weight_orig if mask is not None else conv.weight)
         # New tensors, not written in place: a weight tied to another conv's
         # (one Parameter held by both) would take this BatchNorm's fold too.
         if mask is None:
@@ -52,14 +55,15 @@ def fold_batchnorm(conv: Conv3d, bn: nn.BatchNorm1d) -> None:
             orig = conv.weight_orig
             conv.weight_orig = nn.Parameter((orig.double() * scale).to(orig.dtype), orig.requires_grad)
             conv.weight = conv.weight_orig * mask.to(orig.dtype)  # what the pruning hook computes from them
-        conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype))
+        conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype), trains)
 
 
 def fold_linear_batchnorm(linear: nn.Linear, bn: nn.BatchNorm1d) -> None:
     """In place: ``linear`` then ``bn`` (eval mode: running statistics) on
     ``(N, C)`` rows become one ``linear`` with ``weight[c] * s[c]`` and bias
     ``(bias - mean) * s + beta``, ``s = gamma / sqrt(var + eps)`` (a pruned
-    gamma or beta read as ``orig * mask``). Only for a pair that sees 2-D
+    gamma or beta read as ``orig * mask``; ``requires_grad`` kept as
+    :func:`fold_batchnorm` keeps it). Only for a pair that sees 2-D
     input: on ``(N, L, C)`` a BatchNorm1d normalises dim 1, not the
     Linear's output features (SPVCNN's point MLPs take ``(N, C)``)."""
     refusal = _linear_batchnorm_refusal(linear, bn)
@@ -70,8 +74,16 @@ def fold_linear_batchnorm(linear: nn.Linear, bn: nn.BatchNorm1d) -> None:
     with torch.no_grad():
         scale, new_bias = _batchnorm_scale_bias(bn, linear.bias)
         w = linear.weight  # (new tensors: a weight tied elsewhere keeps its values)
+        trains = _bias_trains(linear.bias, w)
         linear.weight = nn.Parameter((w.double() * scale[:, None]).to(w.dtype), w.requires_grad)
-        linear.bias = nn.Parameter(new_bias.to(w.dtype))
+        linear.bias = nn.Parameter(new_bias.to(w.dtype), trains)
+
+
+def _bias_trains(bias: torch.Tensor | None, weight: torch.Tensor) -> bool:
+    """The ``requires_grad`` of the bias a fold gives a layer: its own
+    bias's, or (none) its weight's, as the folded weight keeps the weight's:
+    a frozen layer stays frozen (the new bias trained, a frozen one too)."""
+    return bool((bias if bias is not None else weight).requires_grad)
 
 
 def _linear_batchnorm_refusal(linear: nn.Module, bn: nn.Module) -> TypeError | ValueError | None:
