@@ -27,7 +27,14 @@ the cut of masked channels is exact.
 constant that a BatchNorm shift sends through a masked channel is folded into
 the bias of a consumer that is linear per site (Linear, 1x1 conv); a sparse
 conv with a kernel larger than one site sees that constant at a varying number
-of active neighbours, so its output is no constant and it is refused."""
+of active neighbours, so its output is no constant and it is refused.
+
+The graph is what one forward pass did: Python control flow that reads a
+width (``if f.shape[1] == 16``, an assert on a channel count) is not seen,
+so a cut model may take another branch than the traced one, without a
+word. Compare a cut model's output with the masked model's on an input
+(the masked model computes what the cut one must) where the forward
+branches on shapes."""
 
 from __future__ import annotations
 
