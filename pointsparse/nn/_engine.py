@@ -21,6 +21,12 @@ pairs sorted by input row with ``weight[o].T``; the weight gradient sums
 ``feats[in_idx].T @ grad[out_idx]`` per offset over fixed units of row blocks
 (their partial sums added in unit order).
 
+Skipped work skips its products: an offset the plan leaves out (all zero,
+or outside a region) and a zero vector the vector-sparse kernels do not
+visit multiply nothing, so a NaN or inf in the feats reaches an output
+only through the weights executed (``0 * nan`` is nan on the dense path,
+nothing on a sparse one). Finite feats give the same sums either way.
+
 The engine's former second method (C++ gather, torch ``mm``/``bmm`` over
 groups of offsets, C++ scatter-add) was slower on every benchmarked layer
 (bench/RESULTS.md, "Plan cost and the grouped method"); a pure-torch form of
