@@ -210,3 +210,18 @@ def test_plot_sensitivity_names_a_path_that_is_no_path(path, tmp_path):
     with pytest.raises(TypeError, match=rf"^path must be a str or Path \(the PNG file to write\); got "
                                         rf"{type(path).__name__}$"):
         sensitivity.plot_sensitivity(res, path)
+
+
+@pytest.mark.parametrize("granularity", ["unstructured", "channel"])
+def test_a_scanned_layer_keeps_its_parameter_order_and_hooks(granularity):
+    # pruning and remove re-register the weight after the bias and leave a forward hook (and its flag) that
+    # detaches masked values: an optimizer state saved before the scan no longer fitted model.parameters()
+    # (momentum of a weight given to a bias) and torch.jit.script refused the hook
+    net = mlp(0)
+    names = [n for n, _ in net.named_parameters()]
+    hooks = {n: (dict(m._forward_hooks), dict(m._forward_pre_hooks), sorted(vars(m))) for n, m in net.named_modules()}
+    sensitivity.sensitivity_scan(net, _density(0), ratios=[0.0, 0.5], granularity=granularity)
+    assert [n for n, _ in net.named_parameters()] == names
+    assert {n: (dict(m._forward_hooks), dict(m._forward_pre_hooks), sorted(vars(m)))
+            for n, m in net.named_modules()} == hooks
+    torch.jit.script(net)

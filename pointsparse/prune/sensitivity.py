@@ -48,6 +48,30 @@ def _prune_one(module: nn.Module, ratio: float, granularity: str) -> None:
         _compat.channel_structured(module, "weight", amount=ratio, n=1, axis="out")
 
 
+def _layer_state(module: nn.Module) -> tuple:
+    """What pruning ``module`` and ``remove`` change in it beside the
+    weight's values: the order of its parameters (``remove`` registers the
+    weight again, after the bias), its forward hooks and whether it carries
+    the flag of :func:`._copyable.keep_copyable` (which adds a hook)."""
+    return list(module._parameters), set(module._forward_hooks), "_pointsparse_copyable" in vars(module)
+
+
+def _restore_layer(module: nn.Module, state: tuple) -> None:
+    """Put back what :func:`_layer_state` took: a model saved, scripted or
+    given an optimizer's state after the scan sees the layer as before (an
+    optimizer state saved before it maps its entries by parameter order)."""
+    order, hooks, flagged = state
+    for key in order:
+        if key in module._parameters:
+            module._parameters[key] = module._parameters.pop(key)
+    for key in [k for k in module._forward_hooks if k not in hooks]:
+        del module._forward_hooks[key]
+        module._forward_hooks_with_kwargs.pop(key, None)
+        module._forward_hooks_always_called.pop(key, None)
+    if not flagged:
+        vars(module).pop("_pointsparse_copyable", None)
+
+
 def _baseline(model: nn.Module, eval_fn, metric: str) -> float:
     """``eval_fn(model)`` on the unpruned model, which every drop is measured
     from: a NaN or infinite baseline makes every drop meaningless."""
@@ -104,14 +128,16 @@ def sensitivity_scan(model: nn.Module, eval_fn: Callable[[nn.Module], float], ra
             if r == 0.0:
                 values.append(baseline)
                 continue
-            _prune_one(m, r, granularity)
+            state = _layer_state(m)
             try:
+                _prune_one(m, r, granularity)
                 values.append(metric_value(eval_fn(model)))
             finally:
                 if _compat.is_pruned(m):  # (a ratio that rounds to no weight prunes nothing)
                     _compat.remove(m, "weight")
                 with torch.no_grad():
                     m.weight.copy_(saved)
+                _restore_layer(m, state)
         curves[name] = values
     return SensitivityResult(ratios, curves, baseline, granularity, metric,
                              {n: int(used_mask(m).sum()) for n, m in chosen})
