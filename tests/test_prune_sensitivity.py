@@ -225,3 +225,26 @@ def test_a_scanned_layer_keeps_its_parameter_order_and_hooks(granularity):
     assert {n: (dict(m._forward_hooks), dict(m._forward_pre_hooks), sorted(vars(m)))
             for n, m in net.named_modules()} == hooks
     torch.jit.script(net)
+
+
+@pytest.mark.parametrize("granularity", ["unstructured", "channel", "group"])
+def test_an_eval_fn_that_runs_batchnorm_or_switches_modes_leaves_the_model_as_it_was(granularity):
+    # an eval_fn run on a model in train mode moved its BatchNorm statistics at every ratio, and one calling
+    # model.eval() left a model about to be fine-tuned in eval mode (its BatchNorm frozen), silently
+    trainer = Trainer()
+    for switch in (False, True):
+        net = mlp(0, bn=True).train()
+        net[1].eval()  # (a BatchNorm frozen on its own stays frozen)
+        before = {k: v.clone() for k, v in net.state_dict().items()}
+        modes = [m.training for m in net.modules()]
+
+        def eval_fn(model):
+            if switch:
+                model.eval()
+            with torch.no_grad():
+                return float(model(trainer.x[:64]).sum())
+
+        sensitivity.sensitivity_scan(net, eval_fn, [0.0, 0.5], granularity, example_input=trainer.x[:8])
+        after = net.state_dict()
+        assert [k for k in before if not torch.equal(after[k], before[k])] == []
+        assert [m.training for m in net.modules()] == modes

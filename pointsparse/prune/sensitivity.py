@@ -5,6 +5,7 @@ largest ratio whose drop stays under a threshold."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from collections.abc import Iterable, Mapping
@@ -92,7 +93,9 @@ def sensitivity_scan(model: nn.Module, eval_fn: Callable[[nn.Module], float], ra
     call ``eval_fn(model)``, and restore the layer exactly. A ratio of single
     weights is of the layer's weights, which ``sizes`` counts (a
     ``kernel_region`` conv's region's: the values outside it, never run, are
-    not pruned). The model is left as it was. ``"group"`` scans every
+    not pruned). The model is left as it was: its weights, the order of its
+    parameters, its hooks, and (whatever ``eval_fn`` does with them) its
+    buffers and every module's train / eval mode. ``"group"`` scans every
     coupled channel group of the dependency graph traced on
     ``example_input`` instead (each cut on a copy of the model: the fraction
     of the group's channels of lowest summed magnitude removed from every
@@ -113,8 +116,37 @@ def sensitivity_scan(model: nn.Module, eval_fn: Callable[[nn.Module], float], ra
     ratios = [float(r) for r in ratios]
     if not ratios or any(not 0.0 <= r < 1.0 for r in ratios):
         raise ValueError(f"ratios must be a non-empty list of values in [0, 1); got {ratios}")
+    if not isinstance(model, nn.Module):  # (before _kept walks its modules)
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     if granularity == "group":
-        return _group_scan(model, eval_fn, ratios, metric, example_input, layers)
+        with _kept(model):
+            return _group_scan(model, eval_fn, ratios, metric, example_input, layers)
+    with _kept(model):
+        return _layer_scan(model, eval_fn, ratios, granularity, layers, metric)
+
+
+@contextlib.contextmanager
+def _kept(model: nn.Module):
+    """The scan's block: afterwards every module of ``model`` has the mode it
+    had and every buffer its values (an ``eval_fn`` run on a model in train
+    mode moves its BatchNorm statistics; one calling ``model.eval()`` leaves
+    it in eval mode)."""
+    modes = [(m, m.training) for m in model.modules()]
+    buffers = [(m, key, b, b.detach().clone()) for m in model.modules() for key, b in m._buffers.items()
+               if b is not None]
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        with torch.no_grad():
+            for m, key, b, values in buffers:
+                b.copy_(values)
+                m._buffers[key] = b
+
+
+def _layer_scan(model, eval_fn, ratios, granularity, layers, metric) -> SensitivityResult:
+    """The scan by single weights or output channels, one layer at a time."""
     chosen = prunable_layers(model, layers)
     for name, m in chosen:
         if _compat.is_pruned(m):
