@@ -1770,3 +1770,24 @@ def test_point_rows_names_point_coords_of_another_shape_or_dtype():
         point_rows(y.coords, point_coords)
     with pytest.raises(ValueError, match=r"point_coords must be \(N, 4\)"):
         torch.ops.pointsparse.voxel_rows(y.coords, [2, 2, 2], point_coords[:, 1:])
+
+
+@pytest.mark.parametrize("name", ["points", "inverse", "point_batch"])
+def test_spvcnn_names_a_point_argument_on_another_device_than_the_voxels(name):
+    """points, inverse and point_batch on another device than the voxels
+    (the voxels moved to the GPU, the points left on the CPU) are a
+    ValueError naming the argument and both devices; they failed deep in
+    torch (a RuntimeError 'Tensor on device cpu is not on the expected
+    device', or 'item() cannot be called' on the rows' range check). The
+    meta device stands in for a second one here."""
+    from pointsparse.models import SPVCNN
+
+    g = torch.Generator().manual_seed(4)
+    points = torch.rand(40, 3, generator=g) * 4
+    x, inverse = ps.voxelize(points, torch.randn(40, 4, generator=g), voxel_size=1.0)
+    args = {"inverse": inverse, "points": points, "point_batch": torch.zeros(40, dtype=torch.long)}
+    net = SPVCNN(4, 3, cr=0.125, blocks=1).eval()
+    assert net(x, *args.values()).shape == (40, 3)
+    args[name] = args[name].to("meta")
+    with pytest.raises(ValueError, match=rf"^{name} (is|are) on meta but the voxels on cpu"):
+        net(x, *args.values())

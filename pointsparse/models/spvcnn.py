@@ -116,8 +116,9 @@ def _as_index(t):
 def check_points(voxels: SparseTensor, inverse: torch.Tensor, points: torch.Tensor,
                  point_batch: torch.Tensor) -> torch.Tensor:
     """SPVCNN's point arguments checked against ``voxels`` (``TypeError`` /
-    ``ValueError`` naming them; outside a traced graph, ``inverse``'s rows,
-    ``point_batch`` and the points' positions against the voxels too);
+    ``ValueError`` naming them, and one on another device than ``voxels``;
+    outside a traced graph, ``inverse``'s rows, ``point_batch`` and the
+    points' positions against the voxels too);
     returns the points' voxel coords ``voxels.coords[inverse]``."""
     if not isinstance(points, torch.Tensor) or not points.is_floating_point():
         got = f"dtype {points.dtype}" if isinstance(points, torch.Tensor) else type(points).__name__
@@ -126,6 +127,10 @@ def check_points(voxels: SparseTensor, inverse: torch.Tensor, points: torch.Tens
         if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             got = f"dtype {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
             raise TypeError(f"{name} must be an integer tensor (N,); got {got}")
+    for name, t in (("points", points), ("inverse", inverse), ("point_batch", point_batch)):
+        if t.device != voxels.device:  # (else torch's RuntimeError from the indexing or comparisons below)
+            raise ValueError(f"{name} {'are' if name == 'points' else 'is'} on {t.device} but the voxels on "
+                             f"{voxels.device}: give points, inverse and point_batch on the voxels' device")
     inverse, point_batch = _as_index(inverse), _as_index(point_batch)
     if points.dim() != 2 or points.shape[1] != 3 or inverse.shape != (points.shape[0],) \
             or point_batch.shape != (points.shape[0],):
