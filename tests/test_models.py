@@ -1791,3 +1791,19 @@ def test_spvcnn_names_a_point_argument_on_another_device_than_the_voxels(name):
     args[name] = args[name].to("meta")
     with pytest.raises(ValueError, match=rf"^{name} (is|are) on meta but the voxels on cpu"):
         net(x, *args.values())
+
+
+@pytest.mark.parametrize("name", ["point_feats", "rows"])
+def test_point_to_voxel_names_an_argument_on_another_device_than_the_tensor(name):
+    """point_to_voxel's point_feats or rows on another device than the
+    tensor are a ValueError naming the argument and both devices (they were
+    torch's index_add RuntimeError, or 'item() cannot be called' on the
+    rows' range check); the meta device stands in for a second one."""
+    from pointsparse.models import point_to_voxel
+
+    voxels = ps.SparseTensor(torch.zeros(2, 2), torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0]], dtype=torch.int32))
+    args = {"point_feats": torch.ones(3, 2), "rows": torch.tensor([0, 1, 1])}
+    assert point_to_voxel(voxels, *args.values()).feats.tolist() == [[1.0, 1.0], [1.0, 1.0]]
+    args[name] = args[name].to("meta")
+    with pytest.raises(ValueError, match=rf"^{name} (is|are) on meta but the tensor on cpu"):
+        point_to_voxel(voxels, *args.values())

@@ -53,7 +53,8 @@ def point_rows(tensor: SparseTensor, point_coords: torch.Tensor) -> torch.Tensor
 def point_to_voxel(tensor: SparseTensor, point_feats: torch.Tensor, rows: torch.Tensor) -> SparseTensor:
     """``tensor`` with feats = mean of the point features of each voxel
     (voxels without a point keep zeros). ``point_feats`` ``(N, C)`` float,
-    ``rows`` ``(N,)`` the row of ``tensor`` of each point."""
+    ``rows`` ``(N,)`` the row of ``tensor`` of each point, both on
+    ``tensor``'s device (TypeError / ValueError naming them)."""
     if not isinstance(tensor, SparseTensor):
         raise TypeError(f"tensor must be a SparseTensor; got {type(tensor).__name__}")
     if not isinstance(point_feats, torch.Tensor):
@@ -64,6 +65,10 @@ def point_to_voxel(tensor: SparseTensor, point_feats: torch.Tensor, rows: torch.
     if not isinstance(rows, torch.Tensor) or rows.is_floating_point() or rows.is_complex() or rows.dtype == torch.bool:
         got = f"dtype {rows.dtype}" if isinstance(rows, torch.Tensor) else type(rows).__name__
         raise TypeError(f"rows must be an integer tensor (N,), the row of tensor of each point; got {got}")
+    for name, t in (("point_feats", point_feats), ("rows", rows)):
+        if t.device != tensor.device:  # (else torch's index_add RuntimeError, or the range check's)
+            raise ValueError(f"{name} {'are' if name == 'point_feats' else 'is'} on {t.device} but the tensor on "
+                             f"{tensor.device}: give point_feats and rows on the tensor's device")
     if rows.dtype not in (torch.int32, torch.int64):  # (index_add's index dtypes; torch has no min of uint16/32/64)
         rows = rows.long()
     if not torch.compiler.is_compiling():  # (sizes and values: symbols in a traced graph)
