@@ -1807,3 +1807,17 @@ def test_point_to_voxel_names_an_argument_on_another_device_than_the_tensor(name
     args[name] = args[name].to("meta")
     with pytest.raises(ValueError, match=rf"^{name} (is|are) on meta but the tensor on cpu"):
         point_to_voxel(voxels, *args.values())
+
+
+def test_point_rows_names_point_coords_on_another_device_than_the_tensor():
+    """point_rows' point_coords on another device than the tensor are a
+    ValueError naming point_coords and both devices: torch's searchsorted
+    failed on the two devices (RuntimeError), and a meta point_coords was
+    named 'coords'. The meta device stands in for a second one."""
+    from pointsparse.models.spvcnn import point_rows
+
+    x = ps.SparseTensor(torch.zeros(2, 2), torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0]], dtype=torch.int32))
+    point_coords = torch.tensor([[0, 1, 0, 0], [0, 0, 0, 0]], dtype=torch.int32)
+    assert point_rows(x, point_coords).tolist() == [1, 0]
+    with pytest.raises(ValueError, match=r"^point_coords is on meta but the tensor on cpu"):
+        point_rows(x, point_coords.to("meta"))

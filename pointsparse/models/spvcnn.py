@@ -21,7 +21,8 @@ def point_rows(tensor: SparseTensor, point_coords: torch.Tensor) -> torch.Tensor
     """Row of ``tensor`` holding each point, from the points' stride-1 voxel
     coords ``(N, 4)``: ``floor(c / stride) * stride`` looked up exactly.
     ``point_coords`` must be int32 ``(N, 4)`` ``[batch, x, y, z]`` as the
-    tensor's coords are (TypeError / ValueError naming it)."""
+    tensor's coords are, on the tensor's device (TypeError / ValueError
+    naming it)."""
     if not isinstance(tensor, SparseTensor):
         raise TypeError(f"tensor must be a SparseTensor; got {type(tensor).__name__}")
     if not isinstance(point_coords, torch.Tensor) or point_coords.dtype != torch.int32:
@@ -29,6 +30,8 @@ def point_rows(tensor: SparseTensor, point_coords: torch.Tensor) -> torch.Tensor
         raise TypeError(f"point_coords must be int32 (batch, x, y, z) voxel coords; got {got}")
     if point_coords.dim() != 2 or point_coords.shape[1] != 4:  # ((N, 3) stopped in torch's broadcast below)
         raise ValueError(f"point_coords must be (N, 4) (batch, x, y, z); got shape {tuple(point_coords.shape)}")
+    if point_coords.device != tensor.device:  # (else torch's searchsorted RuntimeError below)
+        raise ValueError(f"point_coords is on {point_coords.device} but the tensor on {tensor.device}")
     if torch.compiler.is_compiling():  # a graph of torch.compile / torch.export: this function as an operator
         return torch.ops.pointsparse.voxel_rows(tensor.coords, list(tensor.stride), point_coords)
     st = torch.tensor(tensor.stride, dtype=torch.int32, device=point_coords.device)
