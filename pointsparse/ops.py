@@ -684,6 +684,21 @@ _register_autocast(_AUTOCAST, "cuda", "AutocastCUDA")
 
 # --- points and voxels ----------------------------------------------------------------------------------
 
+def _one_device(op: str, **tensors: Optional[Tensor]) -> None:
+    """ValueError naming ``op`` and the argument where its tensors (None
+    aside) are on more than one device. A fake implementation's check:
+    torch runs it (the Meta kernel) for a call with a meta tensor beside
+    real ones, and its outputs, made on a real one's device, held
+    uninitialised memory, returned as the operator's result."""
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    real = [(name, d) for name, d in devices.items() if d.type != "meta"]
+    first_name, first = real[0] if real else next(iter(devices.items()), (None, None))
+    for name, device in devices.items():
+        if device != first:
+            raise ValueError(f"{op}: {name} is on {device} but {first_name} on {first}: give its tensors on one "
+                             "device")
+
+
 @torch.library.custom_op(f"{_LIB}::voxelize", mutates_args=())
 def voxelize(points: Tensor, voxel_size: list[float], batch: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor,
                                                                                        Tensor]:
@@ -725,6 +740,7 @@ def segment_reduce(feats: Tensor, inverse: Tensor, perm: Tensor, seg_ptr: Tensor
 
 @segment_reduce.register_fake
 def _(feats, inverse, perm, seg_ptr, mode, trusted=False):
+    _one_device("segment_reduce", feats=feats, inverse=inverse, perm=perm, seg_ptr=seg_ptr)
     voxels, c = seg_ptr.shape[0] - 1, feats.shape[1]
     arg_shape = {2: (voxels, c), 3: (voxels,)}.get(mode, (0,))
     return feats.new_empty((voxels, c)), feats.new_empty(arg_shape, dtype=torch.int64)
@@ -756,6 +772,7 @@ def trilinear_weights(coords: Tensor, stride: list[int], points: Tensor, voxel_s
 
 @trilinear_weights.register_fake
 def _(coords, stride, points, voxel_size, batch):
+    _one_device("trilinear_weights", coords=coords, points=points, batch=batch)
     n = points.shape[0]
     wide = torch.float64 if points.dtype == torch.float64 else torch.float32
     return points.new_empty((n, 8), dtype=torch.int64), points.new_empty((n, 8), dtype=wide)
@@ -776,6 +793,7 @@ def voxel_rows(coords: Tensor, stride: list[int], point_coords: Tensor) -> Tenso
 
 @voxel_rows.register_fake
 def _(coords, stride, point_coords):
+    _one_device("voxel_rows", coords=coords, point_coords=point_coords)
     return point_coords.new_empty((point_coords.shape[0],), dtype=torch.int64)
 
 

@@ -1012,3 +1012,39 @@ def test_voxelize_under_autocast_is_voxelize_outside_it(dtype, low):
         got, inverse = ps.voxelize(points, feats, voxel_size=0.5, batch=batch)
     assert torch.equal(got.coords, want.coords) and torch.equal(inverse, want_inverse)
     assert got.feats.dtype == dtype and torch.equal(got.feats, want.feats)
+
+
+def _point_voxel_op_calls():
+    """(operator, its arguments by name, the tensors' names) of the
+    point-voxel operators on a small valid input."""
+    ops = torch.ops.pointsparse
+    points = torch.tensor([[0.5, 0.5, 0.5], [0.7, 0.5, 0.5], [2.5, 0.5, 0.5]])
+    coords, inverse, perm, seg_ptr = ops.voxelize(points, [1.0, 1.0, 1.0], None)
+    return {
+        "segment_reduce": (ops.segment_reduce, dict(feats=torch.ones(3, 2), inverse=inverse, perm=perm,
+                                                    seg_ptr=seg_ptr, mode=1)),
+        "trilinear_weights": (ops.trilinear_weights, dict(coords=coords, stride=[1, 1, 1], points=points,
+                                                          voxel_size=[1.0, 1.0, 1.0], batch=torch.zeros(3).long())),
+        "voxel_rows": (ops.voxel_rows, dict(coords=coords, stride=[1, 1, 1], point_coords=coords[inverse])),
+    }
+
+
+@pytest.mark.parametrize("op, name", [("segment_reduce", "inverse"), ("segment_reduce", "perm"),
+                                      ("segment_reduce", "seg_ptr"), ("trilinear_weights", "coords"),
+                                      ("trilinear_weights", "batch"), ("voxel_rows", "coords")])
+def test_point_voxel_operators_refuse_a_meta_tensor_beside_real_ones(op, name):
+    """A point-voxel operator called with one tensor on the meta device
+    and the others on the CPU ran its fake implementation (torch dispatches
+    to the Meta kernel) and returned uninitialised CPU memory as its result:
+    garbage means, interpolation weights and voxel rows, silently. Its
+    tensors on several devices are now a ValueError naming the operator and
+    the argument; on one device (CPU, or meta alone) it runs as before."""
+    fn, args = _point_voxel_op_calls()[op]
+    want = fn(**args)
+    args[name] = args[name].to("meta")
+    with pytest.raises(ValueError, match=rf"{op}: {name} is on meta but "):
+        fn(**args)
+    meta = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    for got, expected in zip(fn(**meta) if isinstance(want, tuple) else [fn(**meta)],
+                             want if isinstance(want, tuple) else [want]):
+        assert got.is_meta and got.shape == expected.shape and got.dtype == expected.dtype
