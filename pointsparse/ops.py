@@ -196,6 +196,7 @@ def kmap_build(coords: Tensor, out_coords: Optional[Tensor], key: list[int],
 
 @kmap_build.register_fake
 def _(coords, out_coords, key, trusted=False):
+    _no_meta_beside_real("kmap_build", coords=coords, out_coords=out_coords)
     in_idx, out_idx = _new_pairs(coords)
     return in_idx, out_idx, coords.new_empty((_kernel_volume(key),), dtype=torch.int64)
 
@@ -244,8 +245,25 @@ def kmap_restrict(in_coords: Tensor, out_coords: Tensor, in_idx: Tensor, out_idx
 
 @kmap_restrict.register_fake
 def _(in_coords, out_coords, in_idx, out_idx, sizes, key, rows, kept_coords):
+    _no_meta_beside_real("kmap_restrict", in_coords=in_coords, out_coords=out_coords, in_idx=in_idx, out_idx=out_idx,
+                         sizes=sizes, rows=rows, kept_coords=kept_coords)
     in_new, out_new = _new_pairs(in_coords)
     return in_new, out_new, sizes.new_empty(sizes.shape)
+
+
+def _no_meta_beside_real(op: str, **tensors: Optional[Tensor]) -> None:
+    """ValueError naming ``op`` and the argument where some of its tensors
+    (None aside) are on the meta device and others are not: torch runs the
+    fake implementation (the Meta kernel) for such a call, whose outputs,
+    made on a real tensor's device, held uninitialised memory, returned as
+    the operator's result. Real devices apart from each other are the real
+    implementation's to check (a map's ``sizes`` may stay on the CPU);
+    :func:`_one_device` is the stricter check of the point-voxel operators."""
+    meta = [name for name, t in tensors.items() if t is not None and t.is_meta]
+    real = [(name, t.device) for name, t in tensors.items() if t is not None and not t.is_meta]
+    if meta and real:
+        raise ValueError(f"{op}: {meta[0]} is on meta but {real[0][0]} on {real[0][1]}: give its tensors on one "
+                         "device")
 
 
 def _check_pair_shapes(in_idx: Tensor, out_idx: Tensor, sizes: Tensor, key: list[int]) -> None:
@@ -315,6 +333,8 @@ def kmap_transpose(coarse_coords: Tensor, fine_coords: Tensor, in_idx: Tensor, o
 
 @kmap_transpose.register_fake
 def _(coarse_coords, fine_coords, in_idx, out_idx, sizes, key, trusted=False):
+    _no_meta_beside_real("kmap_transpose", coarse_coords=coarse_coords, fine_coords=fine_coords, in_idx=in_idx,
+                         out_idx=out_idx, sizes=sizes)
     return torch.empty_like(out_idx), torch.empty_like(in_idx)
 
 
@@ -492,6 +512,8 @@ def conv(feats: Tensor, weight: Tensor, bias: Optional[Tensor], out_coords: Tens
 
 @conv.register_fake
 def _(feats, weight, bias, out_coords, in_idx, out_idx, sizes, key):
+    _no_meta_beside_real("conv", feats=feats, weight=weight, bias=bias, out_coords=out_coords, in_idx=in_idx,
+                         out_idx=out_idx, sizes=sizes)
     return feats.new_empty((out_coords.shape[0], weight.shape[2]))
 
 
@@ -509,6 +531,8 @@ def conv_inference(feats: Tensor, weight: Tensor, bias: Optional[Tensor], out_co
 
 @conv_inference.register_fake
 def _(feats, weight, bias, out_coords, in_idx, out_idx, sizes, key, add, relu):
+    _no_meta_beside_real("conv_inference", feats=feats, weight=weight, bias=bias, out_coords=out_coords,
+                         in_idx=in_idx, out_idx=out_idx, sizes=sizes, add=add)
     # (a residual of another dtype is added after the conv, promoted as torch promotes)
     dtype = feats.dtype if add is None else torch.promote_types(feats.dtype, add.dtype)
     return feats.new_empty((out_coords.shape[0], weight.shape[2]), dtype=dtype)
@@ -545,6 +569,8 @@ def conv_input_grad(grad: Tensor, weight: Tensor, out_coords: Tensor, in_idx: Te
 
 @conv_input_grad.register_fake
 def _(grad, weight, out_coords, in_idx, out_idx, sizes, key, num_in):
+    _no_meta_beside_real("conv_input_grad", grad=grad, weight=weight, out_coords=out_coords, in_idx=in_idx,
+                         out_idx=out_idx, sizes=sizes)
     return grad.new_empty((num_in, weight.shape[1]))
 
 
@@ -577,6 +603,8 @@ def conv_weight_grad(feats: Tensor, grad: Tensor, out_coords: Tensor, in_idx: Te
 
 @conv_weight_grad.register_fake
 def _(feats, grad, out_coords, in_idx, out_idx, sizes, key):
+    _no_meta_beside_real("conv_weight_grad", feats=feats, grad=grad, out_coords=out_coords, in_idx=in_idx,
+                         out_idx=out_idx, sizes=sizes)
     return feats.new_empty((_kernel_volume(key), feats.shape[1], grad.shape[1]))
 
 

@@ -338,3 +338,51 @@ def test_exported_program_refuses_non_int32_coords(conv):
         for coords in (x.coords.float() + 0.25, x.coords.long(), x.coords.double()):
             with pytest.raises(TypeError, match=r"coords must be int32"):
                 run(x.feats, coords)
+
+
+def _map_and_conv_op_calls():
+    """{operator name: (operator, its arguments by name)} of the kernel-map
+    and conv operators on a small valid input."""
+    ops = torch.ops.pointsparse
+    coords = random_coords(60, 5, batch=1, seed=3)
+    x = ps.SparseTensor(torch.randn(len(coords), 4, generator=torch.Generator().manual_seed(0)), coords)
+    key = ps.ops.key_to_list(ps.kmap.get_kmap(x, 3).key)
+    in_idx, out_idx, sizes = ops.kmap_build(coords, None, key, False)
+    down_key = ps.ops.key_to_list(ps.kmap.get_kmap(x, 2, 2).key)
+    coarse, d_in, d_out, d_sizes = ops.kmap_parents(coords, down_key, False)
+    weight, grad = torch.randn(27, 4, 6), torch.randn(len(coords), 6)
+    pairs = dict(out_coords=coords, in_idx=in_idx, out_idx=out_idx, sizes=sizes, key=key)
+    return {
+        "kmap_build": (ops.kmap_build, dict(coords=coords, out_coords=coords, key=key, trusted=False)),
+        "kmap_transpose": (ops.kmap_transpose, dict(coarse_coords=coarse, fine_coords=coords, in_idx=d_in,
+                                                    out_idx=d_out, sizes=d_sizes, key=down_key, trusted=False)),
+        "conv": (ops.conv, dict(feats=x.feats, weight=weight, bias=torch.randn(6), **pairs)),
+        "conv_inference": (ops.conv_inference, dict(feats=x.feats, weight=weight, bias=None, **pairs,
+                                                    add=torch.randn(len(coords), 6), relu=True)),
+        "conv_input_grad": (ops.conv_input_grad, dict(grad=grad, weight=weight, **pairs, num_in=len(coords))),
+        "conv_weight_grad": (ops.conv_weight_grad, dict(feats=x.feats, grad=grad, **pairs)),
+    }
+
+
+@pytest.mark.parametrize("op, name", [("kmap_build", "out_coords"), ("kmap_transpose", "fine_coords"),
+                                      ("kmap_transpose", "sizes"), ("conv", "weight"), ("conv", "bias"),
+                                      ("conv", "in_idx"), ("conv_inference", "add"), ("conv_inference", "feats"),
+                                      ("conv_input_grad", "weight"), ("conv_weight_grad", "grad")])
+def test_map_and_conv_operators_refuse_a_meta_tensor_beside_real_ones(op, name):
+    """A kernel-map or conv operator called with one tensor on the meta
+    device and the others on the CPU ran its fake implementation (torch
+    dispatches to the Meta kernel) and returned uninitialised CPU memory as
+    its result (a conv's output of 1e-17s, pairs of any rows), silently.
+    Now a ValueError naming the operator and the argument; every tensor on
+    meta still gives the result's shape and dtype."""
+    fn, args = _map_and_conv_op_calls()[op]
+    want = fn(**args)
+    args[name] = args[name].to("meta")
+    with pytest.raises(ValueError, match=rf"{op}: {name} is on meta but \w+ on cpu"):
+        fn(**args)
+    if op == "kmap_build":  # (its pairs' count is data: torch runs it on fake tensors, not meta ones)
+        return
+    meta = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    got = fn(**meta)
+    for g, w in zip(got if isinstance(got, tuple) else [got], want if isinstance(want, tuple) else [want]):
+        assert g.is_meta and g.dtype == w.dtype and g.dim() == w.dim()
