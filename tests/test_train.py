@@ -561,8 +561,6 @@ def test_resume_refuses_weights_and_optimizer_state_that_do_not_fit_naming_the_f
     key), trained on NaN weights until 'training diverged' at its first
     step, and failed inside AdamW's first step. Each is a ValueError naming
     the file before any training, the checkpoint untouched."""
-    from pointsparse import checkpoint
-
     run, wide = tmp_path / "run", tmp_path / "wide"
     tr.main(_parse([*TINY, "--epochs", "1", "--out", str(run)]))
     tr.main(_parse([*TINY, "--epochs", "1", "--cr", "0.25", "--out", str(wide)]))
@@ -578,15 +576,23 @@ def test_resume_refuses_weights_and_optimizer_state_that_do_not_fit_naming_the_f
                       r"optimizer state does not fit its model: exp_avg of stem.0.0.weight is \(27, 7, 8\), the "
                       r"parameter \(27, 7, 4\)"),
     }
-    for name, (bad, message) in cases.items():
+    _resume_refuses(tmp_path, {name: (bad, f".*{message}") for name, (bad, message) in cases.items()})
+
+
+def _resume_refuses(tmp_path, cases: dict) -> None:
+    """Each of ``cases`` (``{name: (checkpoint state, pattern)}``) saved as
+    its own run's checkpoint: --resume of it is a ValueError naming the file,
+    then matching ``pattern``, before any work; the checkpoint untouched."""
+    from pointsparse import checkpoint
+
+    for name, (bad, pattern) in cases.items():
         out = tmp_path / name
         out.mkdir()
         checkpoint.save(out / "checkpoint.pt", bad)
         before = (out / "checkpoint.pt").read_bytes()
-        with pytest.raises(ValueError, match=rf"--resume {out / 'checkpoint.pt'}: .*{message}"):
+        with pytest.raises(ValueError, match=rf"--resume {re.escape(str(out / 'checkpoint.pt'))}: {pattern}"):
             tr.main(_parse(["--resume", "--epochs", "2", "--no-progress", "--out", str(out)]))
         assert (out / "checkpoint.pt").read_bytes() == before, name
-
 
 
 def test_resume_refuses_run_state_of_the_wrong_kind_naming_the_file_and_entry(tmp_path):
@@ -599,8 +605,6 @@ def test_resume_refuses_run_state_of_the_wrong_kind_naming_the_file_and_entry(tm
     str epoch, a float epoch refused by the sampler, naming neither the file
     nor the entry. Each is a ValueError naming both, before any training, the
     checkpoint untouched."""
-    from pointsparse import checkpoint
-
     run = tmp_path / "run"
     tr.main(_parse([*TINY, "--epochs", "1", "--out", str(run)]))
     state = tr.load_checkpoint(run / "checkpoint.pt")
@@ -621,14 +625,8 @@ def test_resume_refuses_run_state_of_the_wrong_kind_naming_the_file_and_entry(tm
         "rng-short": (dict(state, torch_rng=torch.zeros(3, dtype=torch.uint8)), "torch_rng"),
         "best-str": (dict(state, best_miou="x"), "best_miou"),
     }
-    for name, (bad, entry) in cases.items():
-        out = tmp_path / name
-        out.mkdir()
-        checkpoint.save(out / "checkpoint.pt", bad)
-        before = (out / "checkpoint.pt").read_bytes()
-        with pytest.raises(ValueError, match=rf"--resume {re.escape(str(out / 'checkpoint.pt'))}: its {entry} "):
-            tr.main(_parse(["--resume", "--epochs", "2", "--no-progress", "--out", str(out)]))
-        assert (out / "checkpoint.pt").read_bytes() == before, name
+    _resume_refuses(tmp_path, {name: (bad, f"its {entry} ") for name, (bad, entry) in cases.items()})
+
 
 def test_resume_with_a_larger_time_budget_trains_on(tmp_path):
     """--time-budget may change on resume (README): a run its budget ended
