@@ -221,3 +221,18 @@ def test_sparsity_counts_compressed_layers_as_the_report_does():
     assert adapters.sparsity(only) == expected["conv"]
     with pytest.raises(ValueError, match="not a submodule"):
         adapters.sparsity(compressed, ["nope"])
+
+
+def test_sparsity_counts_a_tied_weight_once():
+    """Two layers sharing one weight Parameter: sparsity counted it once per
+    layer (20 of 48 entries zero for 12 of 32 distinct ones)."""
+    model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
+    model[1].weight = model[0].weight
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[2].weight.fill_(1.0)
+        model[0].weight[:2] = 0.0  # 8 of the shared 16
+        model[2].weight[:1] = 0.0  # 4 of the other 16
+    assert adapters.sparsity(model) == pytest.approx(12 / 32)
+    assert adapters.sparsity(model, ["0", "1"]) == pytest.approx(8 / 16)
+    assert adapters.layer_sparsity(model) == {"0": 0.5, "1": 0.5, "2": 0.25}

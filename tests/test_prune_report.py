@@ -452,3 +452,47 @@ def test_a_report_with_an_input_leaves_each_module_in_its_own_mode():
     net[1].eval()
     prune.sparsity_report(net, torch.randn(5, 4))
     assert [m.training for m in net] == [True, False, True] and net.training
+
+
+def _tied(bias: bool = False) -> nn.Sequential:
+    """Three Linear(4, 4); the second shares the first's weight (and bias): 32 distinct weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4, bias=bias), nn.Linear(4, 4, bias=bias), nn.Linear(4, 4, bias=bias))
+    model[1].weight = model[0].weight
+    if bias:
+        model[1].bias = model[0].bias
+    return model
+
+
+def test_tied_weights_count_once_in_the_total():
+    """Two layers sharing one weight Parameter (a weight-tied head): each row
+    still lists its own weight, but the total counted the shared tensor
+    twice (48 parameters for a model of 32, its sparsity over 48 entries).
+    Each distinct tensor counts once; FLOPs stay per call (both layers run it)."""
+    model = _tied(bias=True)
+    mask = (torch.arange(16).reshape(4, 4) % 4 != 0).float()  # 4 of 16 pruned
+    prune.custom_from_mask(model[0], "weight", mask)
+    prune.custom_from_mask(model[1], "weight", mask)  # the same mask: both layers run one weight
+    report = prune.sparsity_report(model, torch.randn(3, 4))
+    rows, total = report["layers"], report["total"]
+    assert [rows[n]["params"] for n in "012"] == [20, 20, 20]
+    assert [rows[n]["weight_nonzeros"] for n in "012"] == [12, 12, 16]
+    assert total["params"] == sum(p.numel() for p in model.parameters()) == 40
+    assert total["weight_nonzeros"] == 12 + 16 and total["sparsity"] == pytest.approx(4 / 32)
+    assert total["nonzeros"] == 12 + 16 + int((model[0].bias != 0).sum()) + int((model[2].bias != 0).sum())
+    assert total["flops"] == sum(rows[n]["flops"] for n in "012")
+
+
+def test_a_tied_weight_run_with_different_masks_counts_an_entry_any_layer_runs():
+    """Pruning one of two tied layers leaves the other running the
+    Parameter unmasked (torch's pruning keeps weight_orig shared): the
+    shared tensor still counts once, an entry nonzero while any layer runs it."""
+    model = _tied()
+    prune.custom_from_mask(model[0], "weight", (torch.arange(16).reshape(4, 4) % 2 == 0).float())
+    report = prune.sparsity_report(model)
+    assert report["layers"]["0"]["weight_nonzeros"] == 8 and report["layers"]["1"]["weight_nonzeros"] == 16
+    assert report["total"]["params"] == 32 and report["total"]["weight_nonzeros"] == 32
+    prune.custom_from_mask(model[1], "weight", (torch.arange(16).reshape(4, 4) % 4 != 1).float())
+    # entries 1, 5, 9, 13 are pruned in both layers (odd: in layer 0; = 1 mod 4: in layer 1)
+    assert prune.sparsity_report(model)["total"]["sparsity"] == pytest.approx(4 / 32)
+

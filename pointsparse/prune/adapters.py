@@ -482,12 +482,14 @@ def sparsity(model: nn.Module, layers=None) -> float:
     """Fraction of zero weights over the prunable layers (pruned or exactly 0;
     a ``kernel_region`` conv's inside its region; of the weight the layer
     runs, :func:`weight_now`) and the compressed ones (``formats.compress``:
-    the weight their format holds): the weights ``sparsity_report`` counts."""
-    zeros = total = 0
-    for w in _counted(model, layers).values():
-        zeros += int((w == 0).sum())
-        total += w.numel()
-    return zeros / max(total, 1)
+    the weight their format holds): the weights ``sparsity_report``'s total
+    counts, each distinct weight tensor once (layers sharing one, tied
+    weights, count it once: an entry is zero when every layer sharing it
+    runs it as zero)."""
+    from .report import counted_layers, distinct_weight_counts  # noqa: PLC0415 - the report imports this module
+
+    entries, nonzeros = distinct_weight_counts(counted_layers(model, layers))
+    return (entries - nonzeros) / max(entries, 1)
 
 
 def layer_sparsity(model: nn.Module, layers=None) -> dict[str, float]:

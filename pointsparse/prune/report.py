@@ -23,6 +23,14 @@ with the bias): all of them, except in a sparse conv with a
 outside it are never run, as for its FLOPs); ``shape`` is the weight
 tensor's. The total's sparsity is over the weights every row counts.
 
+Tied weights (layers sharing one stored tensor, ``b.weight = a.weight``):
+each layer's row lists the weight as its own, but the total's ``params``,
+``nonzeros``, ``weight_nonzeros`` and ``sparsity`` count each distinct
+tensor once (as ``model.parameters()`` does; a shared bias too), an entry
+nonzero while any layer sharing it runs it nonzero (pruning one of two tied
+layers leaves the other running the shared ``weight_orig`` unmasked). The
+total's FLOPs are the rows' sum: each layer runs the weight.
+
 ``dense_flops`` is the same count with every weight entry nonzero.
 ``executed_flops`` is what the engine runs: for a sparse conv the fused
 engine's choice (``execution``: "dense", "offsets" when all-zero kernel
@@ -55,6 +63,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -142,6 +151,71 @@ def _used_weights(module, weight: torch.Tensor) -> torch.Tensor:
     return adapters.used_weights(module, weight)
 
 
+class _Counted(NamedTuple):
+    """One row's tensor for the total: ``stored``, the object it is kept in
+    (rows sharing one, tied layers, count it once); ``module`` and ``name``
+    (``"weight"`` or ``"bias"``), whose tensor it is; ``run``, the tensor the
+    layer computes with (its full shape); ``counted``, the entries its row
+    counts."""
+
+    stored: object
+    module: nn.Module
+    name: str
+    run: torch.Tensor
+    counted: torch.Tensor
+
+
+def _stored(module: nn.Module, name: str) -> object:
+    """What ``module``'s tensor ``name`` is kept in: the Parameter (or
+    buffer), ``name_orig`` for a pruned one, that tied layers share; a
+    compressed layer's format is its own (the module stands for it)."""
+    if _is_compressed(module):
+        return module
+    stored = adapters.raw(module, name)
+    return module if stored is None else stored
+
+
+def _count_distinct(items: list[_Counted]) -> tuple[int, int]:
+    """``(entries, nonzeros)`` over the distinct stored tensors of ``items``:
+    a tensor several rows share (tied layers: ``b.weight = a.weight``)
+    counts once. Its entries are those any of the rows counts (a
+    ``kernel_region`` conv counts its region's), and an entry is nonzero
+    when any of them runs it nonzero: pruning one of two tied layers (or
+    pruning them with different masks) leaves the other running the shared
+    ``name_orig`` unmasked there, so those values are still weights of the
+    model (``prune.remove`` of each then writes the masks' union into the
+    one tensor)."""
+    groups: dict[int, list[_Counted]] = {}
+    for item in items:
+        groups.setdefault(id(item.stored), []).append(item)
+    entries = nonzeros = 0
+    for group in groups.values():
+        if len(group) == 1:  # (the row's own count)
+            entries += group[0].counted.numel()
+            nonzeros += int((group[0].counted != 0).sum())
+            continue
+        counted = live = None
+        for item in group:
+            used = adapters.used_entries(item.module, item.name).to(item.run.device)
+            alive = used & (item.run != 0)
+            counted = used if counted is None else counted | used
+            live = alive if live is None else live | alive
+        entries += int(counted.sum())
+        nonzeros += int(live.sum())
+    return entries, nonzeros
+
+
+def distinct_weight_counts(named: list[tuple[str, nn.Module]]) -> tuple[int, int]:
+    """``(entries, nonzeros)`` of the weight entries the rows of the
+    ``(name, module)`` layers count (:func:`counted_layers`), each distinct
+    stored weight once (tied layers share one): the report's total."""
+    items = []
+    for _, module in named:
+        run = _weight(module).detach()
+        items.append(_Counted(_stored(module, "weight"), module, "weight", run, _used_weights(module, run)))
+    return _count_distinct(items)
+
+
 def _stored_values(fmt) -> int:
     """Values a format stores (padding zeros included): what its product multiplies."""
     from ..formats import FKW  # noqa: PLC0415
@@ -186,13 +260,15 @@ def sparsity_report(model: nn.Module, example_input=None, pairs: dict | None = N
     docstring). ``example_input`` (a tensor, a
     SparseTensor, or a tuple of forward arguments) is run once in eval mode
     and without gradients to count FLOPs; ``pairs`` maps a sparse conv's
-    (or a compressed ``SparseConv3d``'s)
-    qualified name to its per-offset pair counts (shape ``(K,)``). The
+    (or a compressed ``SparseConv3d``'s) qualified name to its per-offset
+    pair counts (shape ``(K,)``). ``total`` counts each distinct weight
+    tensor once: layers sharing one (tied weights) each list it in their
+    row, the total's counts hold it once (see the module docstring). The
     weights may be on any device that holds values (not ``meta``: a
     ValueError)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    layers, weights = {}, 0
+    layers, weights, biases = {}, [], []
     modules = {name: m for name, m in model.named_modules() if _has_row(m)}
     pairs = _check_pairs(pairs, modules)
     for qualified, module in modules.items():
@@ -202,7 +278,9 @@ def sparsity_report(model: nn.Module, example_input=None, pairs: dict | None = N
         _check_has_values(qualified, weight, bias)
         used = _used_weights(module, weight)
         weight_nonzeros = int((used != 0).sum())
-        weights += used.numel()
+        weights.append(_Counted(_stored(module, "weight"), module, "weight", weight, used))
+        if bias is not None:
+            biases.append(_Counted(_stored(module, "bias"), module, "bias", bias, bias))
         layers[qualified] = {
             "type": type(module).__name__,
             "shape": tuple(weight.shape),
@@ -222,7 +300,7 @@ def sparsity_report(model: nn.Module, example_input=None, pairs: dict | None = N
             module = modules[qualified]
             flops = _layer_flops(module, _weight(module), None, None, counts)
             _set_flops(layers[qualified], flops)
-    return {"layers": layers, "total": _total(layers, weights)}
+    return {"layers": layers, "total": _total(layers, _count_distinct(weights), _count_distinct(biases))}
 
 
 def _check_has_values(qualified: str, weight: torch.Tensor, bias) -> None:
@@ -317,10 +395,10 @@ def _set_flops(row: dict, counts: tuple, add: bool = False) -> None:
     row["execution"] = counts[3]
 
 
-def _total(layers: dict, weights: int) -> dict:
-    """The sum of the rows; ``weights``: the weight entries they count."""
-    params = sum(r["params"] for r in layers.values())
-    weight_nonzeros = sum(r["weight_nonzeros"] for r in layers.values())
+def _total(layers: dict, weights: tuple[int, int], biases: tuple[int, int]) -> dict:
+    """The total row: ``weights`` and ``biases``, ``(entries, nonzeros)`` of
+    the distinct tensors the rows count (:func:`_count_distinct`), and the
+    sum of the rows' FLOPs."""
     flops = [r["flops"] for r in layers.values()]
     dense = [r["dense_flops"] for r in layers.values()]
     executed = [r["executed_flops"] for r in layers.values()]
@@ -329,10 +407,10 @@ def _total(layers: dict, weights: int) -> dict:
     return {
         "type": "total",
         "shape": (),
-        "params": params,
-        "nonzeros": sum(r["nonzeros"] for r in layers.values()),
-        "weight_nonzeros": weight_nonzeros,
-        "sparsity": 1.0 - weight_nonzeros / weights if weights else 0.0,
+        "params": weights[0] + biases[0],
+        "nonzeros": weights[1] + biases[1],
+        "weight_nonzeros": weights[1],
+        "sparsity": 1.0 - weights[1] / weights[0] if weights[0] else 0.0,
         "flops": sum(flops) if known else None,
         "dense_flops": sum(dense) if known else None,
         "executed_flops": sum(executed) if executed_known else None,
