@@ -347,3 +347,73 @@ def test_a_model_already_pruned_is_refused_before_any_training():
     procedure.global_magnitude_prune(fresh, 0.5, layers=["2"])  # a layer left out of layers is the user's own
     res = lottery.lottery_ticket(fresh, tr, tr.accuracy, 2, rounds=1, layers=["0"])
     assert [r["sparsity"] for r in res.rounds] == [0.0, pytest.approx(0.2, abs=0.01)]
+
+
+def _tied_mlp():
+    """Three Linear(4, 4); the second shares the first's weight: 32 distinct weights."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*(torch.nn.Linear(4, 4, bias=False) for _ in range(3)))
+    net[1].weight = net[0].weight
+    return net
+
+
+def _distinct_zeros(net) -> int:
+    return int((net[0].weight == 0).sum() + (net[2].weight == 0).sum())
+
+
+@pytest.mark.parametrize("target", [0.5, 0.25, 15 / 32])
+def test_global_magnitude_prune_thresholds_a_tied_weight_once(target):
+    """A weight shared by two layers (b.weight = a.weight) stood twice in
+    the global ranking: asked for 0.5, 14 of the 32 distinct weights were
+    pruned (each pruned shared entry counted twice), and an odd count could
+    split a shared entry's pair, one layer pruning it and the other running
+    it. The target is met over the distinct weights and the layers sharing
+    one run it with one mask; remove keeps them tied."""
+    net = _tied_mlp()
+    procedure.global_magnitude_prune(net, target)
+    assert _distinct_zeros(net) == round(target * 32)
+    assert torch.equal(net[0].weight_mask, net[1].weight_mask)
+    assert net[0].weight_orig is net[1].weight_orig
+    assert adapters.sparsity(net) == pytest.approx(round(target * 32) / 32)
+    procedure.global_magnitude_prune(net, 0.75)  # again, on top of the masks
+    assert _distinct_zeros(net) == 24 and torch.equal(net[0].weight_mask, net[1].weight_mask)
+    for m in net:
+        torch.nn.utils.prune.remove(m, "weight")
+    assert net[0].weight is net[1].weight and _distinct_zeros(net) == 24
+
+
+def test_global_magnitude_prune_gives_tied_layers_one_mask_when_theirs_differ():
+    """One of two tied layers pruned on its own runs the shared weight
+    masked while the other runs it whole: the entries it pruned are pruned
+    (masks never un-prune) and both layers end with one mask, the target
+    counted over the distinct weights."""
+    net = _tied_mlp()
+    first = (torch.arange(16).reshape(4, 4) >= 4).float()  # 4 entries pruned in layer 0 only
+    torch.nn.utils.prune.custom_from_mask(net[0], "weight", first)
+    procedure.global_magnitude_prune(net, 0.5)
+    assert torch.equal(net[0].weight_mask, net[1].weight_mask)
+    assert not bool(net[1].weight_mask[0].any())
+    assert _distinct_zeros(net) == 16
+
+
+def test_global_magnitude_prune_refuses_different_scores_for_a_tied_weight():
+    net = _tied_mlp()
+    scores = {"0": torch.rand(4, 4), "1": torch.rand(4, 4), "2": torch.rand(4, 4)}
+    with pytest.raises(ValueError, match=r"layers '0' and '1' share one weight.*scores"):
+        procedure.global_magnitude_prune(net, 0.5, scores=scores)
+    assert not any(torch.nn.utils.prune.is_pruned(m) for m in net)
+    scores["1"] = scores["0"].clone()
+    procedure.global_magnitude_prune(net, 0.5, scores=scores)
+    assert _distinct_zeros(net) == 16 and torch.equal(net[0].weight_mask, net[1].weight_mask)
+
+
+def test_global_magnitude_prune_refuses_layers_naming_one_of_two_tied_layers():
+    """Pruning a shared weight through one of its layers left the other
+    running it whole, until remove wrote the mask into the shared tensor
+    and pruned a layer that layers had left out."""
+    net = _tied_mlp()
+    with pytest.raises(ValueError, match=r"layers '0' and '1' share one weight.*name both in layers, or neither"):
+        procedure.global_magnitude_prune(net, 0.5, layers=["0", "2"])
+    assert not any(torch.nn.utils.prune.is_pruned(m) for m in net)
+    procedure.global_magnitude_prune(net, 0.5, layers=["2"])
+    assert int((net[2].weight == 0).sum()) == 8

@@ -20,7 +20,7 @@ from torch import nn
 from ..tensor import as_float, as_int
 from . import _compat
 from ._copyable import keep_copyable
-from .adapters import current_weight, get_mask, prunable_layers, used_mask
+from .adapters import current_weight, get_mask, prunable_layers, prunable_modules, raw, used_mask
 
 
 def global_magnitude_prune(model: nn.Module, target: float, layers=None, scores: dict | None = None) -> None:
@@ -28,7 +28,18 @@ def global_magnitude_prune(model: nn.Module, target: float, layers=None, scores:
     ``layers`` together until a fraction ``target`` of their weights is
     pruned; existing masks are kept (masks never un-prune). A
     ``kernel_region`` conv's weights are its region's: the values outside it
-    (never run) are neither counted nor pruned."""
+    (never run) are neither counted nor pruned.
+
+    Tied weights (layers sharing one weight Parameter, ``b.weight =
+    a.weight``) are ranked and counted once, so ``target`` is met over the
+    distinct weights, and every layer sharing one gets the same mask (their
+    ``weight_orig`` stays the one Parameter; ``remove`` keeps them tied). An
+    entry one of them has pruned already counts as pruned and is pruned in
+    all of them. Their ``scores`` must be equal (a ValueError naming the
+    layers otherwise), and ``layers`` must name all of them or none: pruning
+    a shared weight through one layer leaves the other running it whole
+    until ``remove`` writes the mask into the shared tensor (a ValueError
+    naming both)."""
     check_fraction(target, "target sparsity")
     if scores is not None and not isinstance(scores, Mapping):
         raise TypeError(f"scores must be a dict {{layer name: score tensor}}; got {type(scores).__name__}")
@@ -46,21 +57,72 @@ def global_magnitude_prune(model: nn.Module, target: float, layers=None, scores:
                                  f"{tuple(s.shape)}")
             if s.is_floating_point() and bool(torch.isnan(s.detach()).any()):
                 raise ValueError(f"scores[{n!r}] hold NaN; every weight needs a number")
-    used = {n: used_mask(m) for n, m in chosen}
-    total = sum(int(used[n].sum()) for n, _ in chosen)
-    pruned = sum(int((~get_mask(m) & used[n]).sum()) for n, m in chosen)
+    groups = tied_groups(model, chosen)
+    if scores is not None:
+        for group in groups:
+            (first, _), *rest = group
+            for n, _ in rest:
+                reference = scores[first].detach()
+                if not torch.equal(reference, scores[n].detach().to(reference.device)):
+                    raise ValueError(f"layers {first!r} and {n!r} share one weight but scores[{first!r}] and "
+                                     f"scores[{n!r}] differ; a shared weight is ranked once: give both the same "
+                                     "scores")
+    # per distinct weight: the entries that are weights of any layer sharing it, and those pruned in any of them
+    used = [_union(used_mask(m) for _, m in group) for group in groups]
+    was_pruned = [_union(~get_mask(m) for _, m in group) & u for group, u in zip(groups, used)]
+    total = sum(int(u.sum()) for u in used)
+    pruned = sum(int(p.sum()) for p in was_pruned)
     extra = int(round(target * total)) - pruned
     if extra <= 0:
         return
-    params = [(m, "weight") for _, m in chosen]
+    for group in groups:  # one mask per shared weight: the entries any of its layers has pruned, pruned in all
+        common = ~_union(~get_mask(m) for _, m in group)
+        for _, m in group:
+            if not torch.equal(get_mask(m), common):
+                _compat.custom_from_mask(m, "weight", common)
+    params = [(group[0][1], "weight") for group in groups]
     # (the weights as they are now, not torch's default: module.weight, cached by the last forward, from before
     # the optimizer's last step)
-    importance = {(m, "weight"): _only_used(scores[n] if scores is not None else current_weight(m).detach(), used[n])
-                  for n, m in chosen}
+    importance = {}
+    for (n, m), u in zip((group[0] for group in groups), used):
+        importance[(m, "weight")] = _only_used(scores[n] if scores is not None else current_weight(m).detach(), u)
     _compat.global_unstructured(params, pruning_method=torch.nn.utils.prune.L1Unstructured, amount=extra,
                                 importance_scores=importance)
+    for (_, first), *rest in groups:  # the mask of the weight they share
+        for _, m in rest:
+            _compat.custom_from_mask(m, "weight", first.weight_mask.detach().clone())
     for _, m in chosen:  # (torch's methods leave a product autograd made, which copy.deepcopy refuses)
         keep_copyable(m)
+
+
+def tied_groups(model: nn.Module, chosen: list[tuple[str, nn.Module]]) -> list[list[tuple[str, nn.Module]]]:
+    """The ``chosen`` ``(name, module)`` layers grouped by the weight they
+    keep (``raw``: ``weight_orig`` for a pruned one), in order: layers that
+    share one weight Parameter (tied) form one group, every other layer its
+    own. A ValueError names a prunable layer of ``model`` that shares a
+    chosen layer's weight but is not chosen (pruning the weight through one
+    of them leaves the other running it whole)."""
+    groups: dict[int, list[tuple[str, nn.Module]]] = {}
+    for n, m in chosen:
+        group = groups.setdefault(id(raw(m)), [])
+        if all(other is not m for _, other in group):  # (one module named twice is one layer)
+            group.append((n, m))
+    picked = {id(m) for _, m in chosen}
+    for other_name, other in prunable_modules(model):
+        group = groups.get(id(raw(other)))
+        if group is not None and id(other) not in picked:
+            raise ValueError(f"layers {group[0][0]!r} and {other_name!r} share one weight, and layers names only "
+                             f"{group[0][0]!r}: pruning a shared weight through one layer leaves the other running "
+                             f"it whole; name both in layers, or neither")
+    return list(groups.values())
+
+
+def _union(masks) -> torch.Tensor:
+    """The entries True in any of the bool ``masks`` (one shape)."""
+    out = None
+    for m in masks:
+        out = m.clone() if out is None else out | m.to(out.device)
+    return out
 
 
 def _only_used(scores: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
