@@ -496,3 +496,24 @@ def test_a_tied_weight_run_with_different_masks_counts_an_entry_any_layer_runs()
     # entries 1, 5, 9, 13 are pruned in both layers (odd: in layer 0; = 1 mod 4: in layer 1)
     assert prune.sparsity_report(model)["total"]["sparsity"] == pytest.approx(4 / 32)
 
+
+def test_pairs_are_one_calls_counts_and_count_at_every_call():
+    """``pairs`` replaces the counts of each call's kernel map: a conv run
+    twice in the example forward counts them twice, as it counts its own
+    map twice; without an example input they are one call's FLOPs."""
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = SparseConv(2, 2, kernel_size=(1, 1, 3))
+
+        def forward(self, t):
+            return self.conv(self.conv(t))
+
+    model = Twice()
+    x = two_sites()
+    counts = naive_pair_counts(x.coords, (1, 1, 3))
+    once = prune.sparsity_report(model, pairs={"conv": counts})["layers"]["conv"]["flops"]
+    assert once == 2 * int((counts * (model.conv.weight != 0).sum(dim=(1, 2))).sum()) > 0
+    assert prune.sparsity_report(model, x, pairs={"conv": counts})["layers"]["conv"]["flops"] == 2 * once
+    assert prune.sparsity_report(model, x)["layers"]["conv"]["flops"] == 2 * once

@@ -42,7 +42,11 @@ when a bfloat16 conv runs dense on the AMX tiles; see
 example input FLOPs are ``None``. Per-offset pair counts come from the kernel
 map the forward used (``pointsparse.kmap.get_kmap`` on the layer's input,
 whose ``sizes`` are the counts); ``pairs={layer_name: counts}`` overrides them
-(and gives FLOPs without running the model).
+(and gives FLOPs without running the model). The given counts are one call's
+(one kernel map's): with an example input they replace the counts of every
+call of the layer, so a conv run twice in the forward counts them twice, as
+it counts its own maps; without one, the layer's FLOPs are one call's. To
+count calls on different maps, leave the layer out of ``pairs``.
 
 Compressed layers (``pointsparse.formats.SparseLinear`` and
 ``SparseConv3d``, from ``formats.compress``) have rows too, counted on the
@@ -259,13 +263,14 @@ def sparsity_report(model: nn.Module, example_input=None, pairs: dict | None = N
     as it runs, through the engine or the format's product; see the module
     docstring). ``example_input`` (a tensor, a
     SparseTensor, or a tuple of forward arguments) is run once in eval mode
-    and without gradients to count FLOPs; ``pairs`` maps a sparse conv's
-    (or a compressed ``SparseConv3d``'s) qualified name to its per-offset
-    pair counts (shape ``(K,)``). ``total`` counts each distinct weight
-    tensor once: layers sharing one (tied weights) each list it in their
-    row, the total's counts hold it once (see the module docstring). The
-    weights may be on any device that holds values (not ``meta``: a
-    ValueError)."""
+    and without gradients to count FLOPs (a layer called several times adds
+    up its calls); ``pairs`` maps a sparse conv's (or a compressed
+    ``SparseConv3d``'s) qualified name to one call's per-offset pair counts
+    (shape ``(K,)``), used for each of its calls. ``total`` counts each
+    distinct weight tensor once: layers sharing one (tied weights) each list
+    it in their row, the total's counts hold it once (see the module
+    docstring). The weights may be on any device that holds values (not
+    ``meta``: a ValueError)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     layers, weights, biases = {}, [], []
