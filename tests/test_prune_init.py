@@ -256,3 +256,23 @@ def test_grasp_of_a_half_precision_model_of_several_arguments_casts_every_argume
     for name in ("a", "b"):
         assert got[name].dtype == torch.float32
         torch.testing.assert_close(got[name], want[name])
+
+
+def test_synflow_ranks_a_tied_weight_once():
+    """Two layers sharing one weight Parameter stood twice in SynFlow's
+    global ranking and count: asked for 0.5, 0.464 of the distinct weights
+    were pruned, and the two layers got different masks of the one weight.
+    The weight is ranked and counted once, its layers get one mask, and
+    layers naming one of them only is a ValueError naming both (as
+    global_magnitude_prune)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
+    net[1].weight = net[0].weight
+    masks = init.prune_at_init(net, "synflow", 0.5, example_input=torch.zeros(1, 4), iterations=3)
+    assert torch.equal(masks["0"], masks["1"])
+    assert int((~masks["0"]).sum() + (~masks["2"]).sum()) == 16
+    assert adapters.sparsity(net) == pytest.approx(0.5)
+    fresh = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
+    fresh[1].weight = fresh[0].weight
+    with pytest.raises(ValueError, match=r"layers '0' and '1' share one weight"):
+        init.synflow_scores(fresh, torch.zeros(1, 4), 0.5, 3, layers=["0"])

@@ -21,7 +21,7 @@ from . import _compat
 from ._copyable import copy_model
 from .adapters import apply_masks, get_mask, prunable_layers, raw, used_mask
 from .criteria import check_loss
-from .procedure import check_callable, check_fraction, check_real, global_magnitude_prune
+from .procedure import check_callable, check_fraction, check_real, global_magnitude_prune, tied_groups, union_of
 from .._modes import run_model
 
 METHODS = ("snip", "grasp", "synflow")
@@ -152,18 +152,19 @@ def synflow_scores(model: nn.Module, example_input, sparsity: float = 0.0, itera
     ``sparsity = 0`` a single scoring pass."""
     check_fraction(sparsity, "sparsity")
     iterations = positive_int(iterations, "iterations")
-    chosen_names = [n for n, _ in prunable_layers(model, layers)]
+    # (layers sharing one weight, tied, are one group: their weight ranked and counted once, one mask)
+    groups = [[n for n, _ in group] for group in tied_groups(model, prunable_layers(model, layers))]
     net = copy_model(model).double().eval()
     with torch.no_grad():
         for t in list(net.parameters()) + list(net.buffers()):
             if t.is_floating_point():
                 t.abs_()
     named = dict(net.named_modules())
-    mods = [named[n] for n in chosen_names]
-    params = [raw(m) for m in mods]
+    params = [raw(named[group[0]]) for group in groups]
     base = [p.detach().clone() for p in params]
     mask = [torch.ones_like(p, dtype=torch.bool) for p in params]
-    used = [used_mask(m) for m in mods]  # (a kernel_region conv's region: the values outside are not ranked)
+    # (a kernel_region conv's region: the values outside are not ranked; a tied weight's, any of its layers')
+    used = [union_of(used_mask(named[n]) for n in group) for group in groups]
     x = _ones_like_input(example_input)
     total = sum(int(u.sum()) for u in used)
     scores = None
@@ -187,8 +188,8 @@ def synflow_scores(model: nn.Module, example_input, sparsity: float = 0.0, itera
             for i, p in enumerate(params):
                 mask[i] = keep_flat[pos:pos + p.numel()].reshape(p.shape) | ~used[i]
                 pos += p.numel()
-    score_dict = {n: s.float() for n, s in zip(chosen_names, scores)}
-    mask_dict = {n: mk.clone() for n, mk in zip(chosen_names, mask)}
+    score_dict = {n: s.float() for group, s in zip(groups, scores) for n in group}
+    mask_dict = {n: mk | ~used_mask(named[n]) for group, mk in zip(groups, mask) for n in group}
     return score_dict, mask_dict
 
 

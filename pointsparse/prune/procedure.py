@@ -68,15 +68,15 @@ def global_magnitude_prune(model: nn.Module, target: float, layers=None, scores:
                                      f"scores[{n!r}] differ; a shared weight is ranked once: give both the same "
                                      "scores")
     # per distinct weight: the entries that are weights of any layer sharing it, and those pruned in any of them
-    used = [_union(used_mask(m) for _, m in group) for group in groups]
-    was_pruned = [_union(~get_mask(m) for _, m in group) & u for group, u in zip(groups, used)]
+    used = [union_of(used_mask(m) for _, m in group) for group in groups]
+    was_pruned = [union_of(~get_mask(m) for _, m in group) & u for group, u in zip(groups, used)]
     total = sum(int(u.sum()) for u in used)
     pruned = sum(int(p.sum()) for p in was_pruned)
     extra = int(round(target * total)) - pruned
     if extra <= 0:
         return
     for group in groups:  # one mask per shared weight: the entries any of its layers has pruned, pruned in all
-        common = ~_union(~get_mask(m) for _, m in group)
+        common = ~union_of(~get_mask(m) for _, m in group)
         for _, m in group:
             if not torch.equal(get_mask(m), common):
                 _compat.custom_from_mask(m, "weight", common)
@@ -117,7 +117,7 @@ def tied_groups(model: nn.Module, chosen: list[tuple[str, nn.Module]]) -> list[l
     return list(groups.values())
 
 
-def _union(masks) -> torch.Tensor:
+def union_of(masks) -> torch.Tensor:
     """The entries True in any of the bool ``masks`` (one shape)."""
     out = None
     for m in masks:
