@@ -650,6 +650,25 @@ def test_sparse_conv3d_checks_execution_chosen_and_dtype_it_loads():
         F.SparseConv3d(extra["offsets"], (3, 3, 3), (1, 1, 1), (1, 1, 1), False, 4, 8)
 
 
+def test_a_refused_state_leaves_the_bias_as_it_was_too():
+    """A state whose format the layer refuses (here one of another dtype)
+    left the layer half loaded: torch had copied the state's bias into it
+    before set_extra_state refused the format, so the layer, still holding
+    its own weight, computed with the other layer's bias. The format is
+    checked before anything is loaded now; the layer computes what it did."""
+    torch.manual_seed(0)
+    conv, other_conv = F.compress(_pruned_conv(seed=1), "csr"), F.compress(_pruned_conv(seed=2), "csr").double()
+    linear = F.compress(torch.nn.Linear(8, 4), "csr")
+    other_linear = F.compress(torch.nn.Linear(8, 4), "csr").double()
+    x = _sparse_input(channels=8)
+    rows = torch.randn(3, 8)
+    for layer, other, run in ((conv, other_conv, lambda: conv(x).feats), (linear, other_linear, lambda: linear(rows))):
+        ref, bias = run(), layer.bias.clone()
+        with pytest.raises(TypeError, match="dtype torch.float64"):
+            layer.load_state_dict(other.state_dict())
+        assert torch.equal(layer.bias, bias) and torch.equal(run(), ref)
+
+
 @pytest.mark.parametrize("fmt", ["csr", "fkw"])
 def test_compress_a_fused_minkunet(fmt):
     """fuse_for_inference moves each residual block's sum and ReLU into its

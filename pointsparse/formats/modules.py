@@ -3,6 +3,8 @@ the SpMM kernels; built by :func:`pointsparse.formats.compress`."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 from torch.autograd import forward_ad
@@ -48,6 +50,34 @@ def refuse_uncompressed_state(module: nn.Module, state_dict, prefix: str) -> Non
                          f"where this compressed layer takes its format ('{prefix}_extra_state'); load it into the "
                          "uncompressed model and compress that (pointsparse.formats.compress), or load the "
                          "state_dict of a model compressed the same way")
+
+
+@contextlib.contextmanager
+def extra_state_checked_first(module: nn.Module, state_dict, prefix: str):
+    """The context of a compressed layer's ``_load_from_state_dict``: its
+    ``_extra_state`` in ``state_dict`` checked (``module._checked_state``)
+    before torch's load copies the bias, so that a state it refuses raises
+    with the layer as it was (the refused state's bias was copied in first:
+    the layer ran its own weight with another layer's bias); its
+    ``set_extra_state`` then takes the checked values (:func:`checked_extra_state`)."""
+    key = prefix + "_extra_state"
+    if key not in state_dict:
+        yield
+        return
+    module._checked_extra_state = (state_dict[key], module._checked_state(state_dict[key]))
+    try:
+        yield
+    finally:
+        del module._checked_extra_state
+
+
+def checked_extra_state(module: nn.Module, state) -> tuple:
+    """``module._checked_state(state)``, or what :func:`extra_state_checked_first`
+    checked of this very ``state`` (not checked twice)."""
+    checked = module.__dict__.get("_checked_extra_state")
+    if checked is not None and checked[0] is state:
+        return checked[1]
+    return module._checked_state(state)
 
 
 def refuse_gradient(module: nn.Module, input: torch.Tensor, what: str) -> None:
@@ -157,12 +187,21 @@ class SparseLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         refuse_uncompressed_state(self, state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        with extra_state_checked_first(self, state_dict, prefix):
+            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_extra_state(self, state) -> None:
         """Loads the format ``get_extra_state`` gave, checked first (its arrays,
         its shape (out_features, in_features), its dtype): a bad state is a
-        ValueError or TypeError and leaves the module as it was."""
+        ValueError or TypeError and leaves the module as it was (in
+        ``load_state_dict`` its bias too: checked before torch copies it)."""
+        fmt, execution, chosen = checked_extra_state(self, state)
+        self.weight_format, self.execution, self.chosen = fmt, execution, chosen
+        self.dense_weight = fmt.to_dense().to(self.dense_weight.device, self.dense_weight.dtype)
+
+    def _checked_state(self, state) -> tuple:
+        """``(format, execution, chosen)`` of the ``_extra_state`` ``state``,
+        or the ValueError / TypeError :meth:`set_extra_state` raises."""
         name = type(self).__name__
         if not isinstance(state, dict) or "weight_format" not in state:
             raise ValueError(f"{name}: _extra_state must be the dict get_extra_state gives (weight_format); got "
@@ -182,8 +221,7 @@ class SparseLinear(nn.Module):
                              f"{execution!r}")
         if not isinstance(chosen, str):
             raise TypeError(f"{name}: _extra_state's chosen must be a str; got {type(chosen).__name__}")
-        self.weight_format, self.execution, self.chosen = fmt, execution, chosen
-        self.dense_weight = fmt.to_dense().to(self.dense_weight.device, self.dense_weight.dtype)
+        return fmt, execution, chosen
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
@@ -388,7 +426,8 @@ class SparseConv3d(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         refuse_uncompressed_state(self, state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        with extra_state_checked_first(self, state_dict, prefix):
+            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _checked_region(self, region, weight: torch.Tensor, what: str):
         """``region`` (None, ``"cross"`` or offset indices) as a sorted tuple
@@ -418,6 +457,19 @@ class SparseConv3d(nn.Module):
         return region_of(self.kernel_size, getattr(self, "kernel_region", None))
 
     def set_extra_state(self, state) -> None:
+        """Loads the formats, execution, choice and region ``get_extra_state``
+        gave, checked first: a bad state is a ValueError or TypeError and
+        leaves the conv as it was (in ``load_state_dict`` its bias too:
+        checked before torch copies it)."""
+        offsets, execution, chosen, region, weight = checked_extra_state(self, state)
+        self.offsets, self.execution, self.chosen = offsets, execution, chosen
+        self.kernel_region = region
+        self.engine_weight = weight.to(self.engine_weight.device, self.engine_weight.dtype)
+
+    def _checked_state(self, state) -> tuple:
+        """``(offsets, execution, chosen, kernel_region, weight)`` of the
+        ``_extra_state`` ``state`` (``weight`` the (K, C_in, C_out) dense one),
+        or the ValueError / TypeError :meth:`set_extra_state` raises."""
         if not isinstance(state, dict) or not {"offsets", "execution", "chosen"} <= state.keys():
             raise ValueError(f"{type(self).__name__}: _extra_state must be the dict get_extra_state gives "
                              "(offsets, execution, chosen)")
@@ -436,9 +488,7 @@ class SparseConv3d(nn.Module):
         weight = dense_weight(offsets)
         # (a state saved before the region was kept has none: every offset runs, as it did then)
         region = self._checked_region(state.get("kernel_region"), weight, f"{name}: _extra_state's")
-        self.offsets, self.execution, self.chosen = offsets, state["execution"], state["chosen"]
-        self.kernel_region = region
-        self.engine_weight = weight.to(self.engine_weight.device, self.engine_weight.dtype)
+        return offsets, state["execution"], state["chosen"], region, weight
 
     def _checked_offsets(self, offsets, what: str):
         """``offsets`` if they hold this conv's weight: one FKW of weight
