@@ -669,6 +669,36 @@ def test_a_refused_state_leaves_the_bias_as_it_was_too():
         assert torch.equal(layer.bias, bias) and torch.equal(run(), ref)
 
 
+@pytest.mark.parametrize("fmt,kwargs", [("csr", {}), ("bsr", {"blocksize": (2, 4)}), ("fkw", {})])
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_meta_compressed_layer_loads_a_state_with_assign(fmt, kwargs, bias):
+    """``layer.to("meta")`` then ``load_state_dict(state, assign=True)``
+    (torch's way of loading without first filling the layer) gives the
+    layer the state's tensors, as torch's Linear and Conv3d take them; the
+    weight a compressed layer derives from its format (``dense_weight``,
+    ``engine_weight``) stayed on the meta device: the SparseLinear's
+    torch linear then gave garbage silently (torch runs a meta weight's fake
+    kernel beside real tensors) and the SparseConv3d refused its CPU input.
+    The derived weight goes where the state's tensors go now (the bias's
+    device, the CPU of the formats without one)."""
+    torch.manual_seed(0)
+    conv = psnn.Conv3d(8, 8, kernel_size=3, bias=bias)
+    linear = torch.nn.Linear(8, 4, bias=bias)
+    for layer in (conv, linear):
+        prune.l1_unstructured(layer, "weight", amount=0.6)
+    x = _sparse_input(channels=8)
+    rows = torch.randn(3, 8)
+    for layer, run in ((F.compress(conv, fmt, **kwargs), lambda m: m(x).feats),
+                       (F.compress(linear, fmt, **kwargs), lambda m: m(rows))):
+        with torch.no_grad():
+            ref = run(layer)
+        empty = pickle.loads(pickle.dumps(layer)).to("meta")
+        empty.load_state_dict(layer.state_dict(), assign=True)
+        assert all(t.device.type == "cpu" for t in empty.buffers())
+        with torch.no_grad():
+            assert torch.equal(run(empty), ref)
+
+
 @pytest.mark.parametrize("fmt", ["csr", "fkw"])
 def test_compress_a_fused_minkunet(fmt):
     """fuse_for_inference moves each residual block's sum and ReLU into its

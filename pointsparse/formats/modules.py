@@ -53,31 +53,48 @@ def refuse_uncompressed_state(module: nn.Module, state_dict, prefix: str) -> Non
 
 
 @contextlib.contextmanager
-def extra_state_checked_first(module: nn.Module, state_dict, prefix: str):
+def extra_state_checked_first(module: nn.Module, state_dict, prefix: str, local_metadata):
     """The context of a compressed layer's ``_load_from_state_dict``: its
     ``_extra_state`` in ``state_dict`` checked (``module._checked_state``)
     before torch's load copies the bias, so that a state it refuses raises
     with the layer as it was (the refused state's bias was copied in first:
     the layer ran its own weight with another layer's bias); its
-    ``set_extra_state`` then takes the checked values (:func:`checked_extra_state`)."""
+    ``set_extra_state`` then takes the checked values (:func:`checked_extra_state`)
+    and, under ``assign=True``, puts the weight it derives from the format
+    where the state's tensors go (:func:`assigned_device`)."""
     key = prefix + "_extra_state"
     if key not in state_dict:
         yield
         return
-    module._checked_extra_state = (state_dict[key], module._checked_state(state_dict[key]))
+    assign = local_metadata.get("assign_to_params_buffers", False)
+    device = assigned_device(state_dict, prefix) if assign else None
+    module._checked_extra_state = (state_dict[key], module._checked_state(state_dict[key]), device)
     try:
         yield
     finally:
         del module._checked_extra_state
 
 
-def checked_extra_state(module: nn.Module, state) -> tuple:
-    """``module._checked_state(state)``, or what :func:`extra_state_checked_first`
-    checked of this very ``state`` (not checked twice)."""
-    checked = module.__dict__.get("_checked_extra_state")
-    if checked is not None and checked[0] is state:
-        return checked[1]
-    return module._checked_state(state)
+def assigned_device(state_dict, prefix: str) -> torch.device:
+    """Where ``load_state_dict(assign=True)`` puts a compressed layer's
+    tensors: the device of the state's bias, else the CPU, where the formats
+    it loads live. (The derived weight stayed where it was: after
+    ``.to("meta")`` a meta weight beside the real bias, which torch's linear
+    ran as garbage.)"""
+    bias = state_dict.get(prefix + "bias")
+    return bias.device if isinstance(bias, torch.Tensor) else torch.device("cpu")
+
+
+def checked_extra_state(module: nn.Module, state, derived: torch.Tensor) -> tuple:
+    """``(module._checked_state(state), device)``, ``device`` where the weight
+    the layer derives from its format goes (``derived``'s device, or
+    the assigned one in a load under ``assign=True``): what
+    :func:`extra_state_checked_first` checked of this very ``state`` (not
+    checked twice)."""
+    pending = module.__dict__.get("_checked_extra_state")
+    if pending is not None and pending[0] is state:
+        return pending[1], pending[2] if pending[2] is not None else derived.device
+    return module._checked_state(state), derived.device
 
 
 def refuse_gradient(module: nn.Module, input: torch.Tensor, what: str) -> None:
@@ -185,19 +202,19 @@ class SparseLinear(nn.Module):
         return {"weight_format": format_data(self.weight_format), "execution": self.execution,
                 "chosen": self.chosen}
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs) -> None:
         refuse_uncompressed_state(self, state_dict, prefix)
-        with extra_state_checked_first(self, state_dict, prefix):
-            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        with extra_state_checked_first(self, state_dict, prefix, local_metadata):
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
 
     def set_extra_state(self, state) -> None:
         """Loads the format ``get_extra_state`` gave, checked first (its arrays,
         its shape (out_features, in_features), its dtype): a bad state is a
         ValueError or TypeError and leaves the module as it was (in
         ``load_state_dict`` its bias too: checked before torch copies it)."""
-        fmt, execution, chosen = checked_extra_state(self, state)
+        (fmt, execution, chosen), device = checked_extra_state(self, state, self.dense_weight)
         self.weight_format, self.execution, self.chosen = fmt, execution, chosen
-        self.dense_weight = fmt.to_dense().to(self.dense_weight.device, self.dense_weight.dtype)
+        self.dense_weight = fmt.to_dense().to(device, self.dense_weight.dtype)
 
     def _checked_state(self, state) -> tuple:
         """``(format, execution, chosen)`` of the ``_extra_state`` ``state``,
@@ -424,10 +441,10 @@ class SparseConv3d(nn.Module):
         return {"offsets": offsets, "execution": self.execution, "chosen": self.chosen,
                 "kernel_region": self.kernel_region}
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs) -> None:
         refuse_uncompressed_state(self, state_dict, prefix)
-        with extra_state_checked_first(self, state_dict, prefix):
-            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        with extra_state_checked_first(self, state_dict, prefix, local_metadata):
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
 
     def _checked_region(self, region, weight: torch.Tensor, what: str):
         """``region`` (None, ``"cross"`` or offset indices) as a sorted tuple
@@ -461,10 +478,10 @@ class SparseConv3d(nn.Module):
         gave, checked first: a bad state is a ValueError or TypeError and
         leaves the conv as it was (in ``load_state_dict`` its bias too:
         checked before torch copies it)."""
-        offsets, execution, chosen, region, weight = checked_extra_state(self, state)
+        (offsets, execution, chosen, region, weight), device = checked_extra_state(self, state, self.engine_weight)
         self.offsets, self.execution, self.chosen = offsets, execution, chosen
         self.kernel_region = region
-        self.engine_weight = weight.to(self.engine_weight.device, self.engine_weight.dtype)
+        self.engine_weight = weight.to(device, self.engine_weight.dtype)
 
     def _checked_state(self, state) -> tuple:
         """``(offsets, execution, chosen, kernel_region, weight)`` of the
