@@ -838,6 +838,45 @@ def test_format_product_under_torch_compile(fmt, kwargs):
             torch.compile(layer, fullgraph=True, backend="eager")(x)
 
 
+class _FeatsAndCoords(torch.nn.Module):
+    """A conv called on plain tensors, as torch.export takes them."""
+
+    def __init__(self, conv):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, feats, coords):
+        return self.conv(pointsparse.SparseTensor(feats, coords, validate=False)).feats
+
+
+@pytest.mark.parametrize("fmt,kwargs", [("csr", {}), ("bsr", {"blocksize": (2, 4)}), ("fkw", {})])
+def test_format_product_under_torch_export_is_refused_by_name(fmt, kwargs):
+    """torch.export (non-strict, torch's default) of a layer running its
+    format's product failed deep in the product with torch's ".numpy() is not
+    supported for tensor subclasses"; now a RuntimeError naming the layer
+    and what exports (its engine / dense execution, which export and give
+    the layer's output)."""
+    torch.manual_seed(0)
+    conv = psnn.Conv3d(8, 8, kernel_size=3, bias=True)
+    linear = torch.nn.Linear(8, 4)
+    for layer in (conv, linear):
+        prune.l1_unstructured(layer, "weight", amount=0.6)
+    x = _sparse_input(channels=8)
+    rows = torch.randn(3, 8)
+    cases = [(F.compress(conv, fmt, **kwargs), _FeatsAndCoords, (x.feats, x.coords), "engine"),
+             (F.compress(linear, fmt, **kwargs), lambda layer: layer, (rows,), "dense")]
+    for layer, wrap, args, exported in cases:
+        name = type(layer).__name__
+        layer.execution = "format"
+        with pytest.raises(RuntimeError, match=f"formats.{name} runs its format's product .* torch.export cannot "
+                                               f"take it into a graph; set its execution to '{exported}'"):
+            torch.export.export(wrap(layer), args)
+        layer.execution = exported
+        program = torch.export.export(wrap(layer), args)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(*args), wrap(layer)(*args), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("execution", ["format", "engine"])
 def test_compressed_layers_name_an_input_of_another_dtype(execution):
     """Feats of another dtype than the compressed weight are a TypeError

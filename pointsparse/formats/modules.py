@@ -116,12 +116,22 @@ def refuse_gradient(module: nn.Module, input: torch.Tensor, what: str) -> None:
 
 def outside_graphs(name: str) -> str:
     """Why ``torch.compile`` runs a layer's format product outside its graphs
-    (``torch.compiler.disable``'s reason: dynamo's refusal under fullgraph=True)."""
-    engine = "set its execution to 'engine' (the fused engine on the weight it holds), or " \
-        if name == "SparseConv3d" else ""
+    (``torch.compiler.disable``'s reason: dynamo's refusal under fullgraph=True
+    and strict torch.export; :func:`refuse_export`'s under non-strict export)."""
+    execution = "set its execution to 'engine' (the fused engine on the weight it holds), or " \
+        if name == "SparseConv3d" else "set its execution to 'dense' (torch's linear on the weight it holds), or "
     return (f"formats.{name} runs its format's product on the C++ core, outside torch's operators: plain "
             "torch.compile runs it between graphs, but torch.compile(fullgraph=True) and torch.export cannot "
-            f"take it into a graph; {engine}compile the model before formats.compress")
+            f"take it into a graph; {execution}compile or export the model before formats.compress")
+
+
+def refuse_export(name: str) -> None:
+    """A RuntimeError (:func:`outside_graphs`) where torch.export traces a
+    layer's format product: its non-strict tracing (torch's default) runs
+    the product on tensors it wraps, and failed inside it with torch's
+    ".numpy() is not supported for tensor subclasses"."""
+    if torch.compiler.is_exporting():
+        raise RuntimeError(outside_graphs(name))
 
 
 #: How a SparseLinear runs: torch's dense linear on the weight its format
@@ -178,6 +188,7 @@ class SparseLinear(nn.Module):
 
     @torch.compiler.disable(reason=outside_graphs("SparseLinear"))
     def _product(self, input: torch.Tensor) -> torch.Tensor:
+        refuse_export(type(self).__name__)
         refuse_gradient(self, input, type(self.weight_format).__name__)
         with outside_transforms(input, f"{type(self).__name__} ({type(self.weight_format).__name__})",
                                 "give it a tensor made outside the transform, or transform the uncompressed module"):
@@ -568,6 +579,7 @@ class SparseConv3d(nn.Module):
     @torch.compiler.disable(reason=outside_graphs("SparseConv3d"))
     def _format_forward(self, input: SparseTensor, add: SparseTensor | None) -> SparseTensor:
         """:meth:`forward` through the format's product (``execution="format"``)."""
+        refuse_export(type(self).__name__)
         refuse_gradient(self, input.feats, f"format {self.format_name}")
         kmap = _kmap.get_kmap(input, self.kernel_size, self.stride, self.dilation, self.transposed)
         with outside_transforms(input.feats, f"{type(self).__name__} (format {self.format_name})",
