@@ -292,6 +292,45 @@ def test_bad_input_is_a_message_not_a_traceback(tmp_path):
     assert not (tmp_path / "m.pt2").exists()
 
 
+def test_a_path_the_system_refuses_is_a_message_not_a_traceback(tmp_path, capsys):
+    """A path the file system refuses with an error other than 'not found'
+    (a name longer than the system's limit: ENAMETOOLONG from the first
+    stat) was an OSError traceback, exit status 1, from every command that
+    checks its paths: now the command's one error line naming the path,
+    exit status 2, as for a missing file; POINTSPARSE_TRACEBACK=1 still
+    gives the traceback."""
+    import numpy as np
+    import torch
+
+    from pointsparse.models import MinkUNet
+
+    long = "a" * 300  # (past NAME_MAX, 255 on the usual file systems)
+    ckpt, cloud = tmp_path / "c.pt", tmp_path / "c.npy"
+    config = {"in_channels": 7, "classes": ["a", "b", "c"], "cr": 0.125, "blocks": 1, "voxel_size": 0.4,
+              "ignore_index": 255, "model": "minkunet"}
+    torch.save({"model": MinkUNet(7, 3, cr=0.125, blocks=1).state_dict(), "config": config}, ckpt)
+    np.save(cloud, (np.random.default_rng(0).random((200, 4)) * 10).astype(np.float32))
+    cases = [["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / f"{long}.pt2")],
+             ["eval", "--checkpoint", str(tmp_path / f"{long}.pt"), "--no-progress"],
+             ["eval", "--checkpoint", str(ckpt), "--data", str(tmp_path / f"{long}.npy"), "--no-progress"],
+             ["predict", "--checkpoint", str(ckpt), "--data", str(cloud), "--out", str(tmp_path / long),
+              "--no-progress"],
+             ["prune", "vectors", "--checkpoint", str(tmp_path / f"{long}.pt"), "--out", str(tmp_path / "p")],
+             ["demo", "--out", str(tmp_path / long), "--steps", "1"]]
+    for argv in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"pointsparse {argv[0]}: error: ") and long in err, (argv, err)
+        assert "File name too long" in err and len(err.splitlines()) == 2, (argv, err)
+    os.environ[cli.TRACEBACK_ENV] = "1"
+    try:
+        with pytest.raises(OSError):
+            cli.main(cases[0])
+    finally:
+        del os.environ[cli.TRACEBACK_ENV]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npy", "c.pt"]
+
+
 def test_train_device_is_checked_before_training():
     """--device: cpu and cuda[:N] where this machine has them; anything else
     (a bogus name, another device type, cuda without CUDA or past the

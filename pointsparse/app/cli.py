@@ -160,10 +160,11 @@ TRACEBACK_ENV = "POINTSPARSE_TRACEBACK"
 
 def main(argv: list[str] | None = None) -> int:
     """Runs a command; 0 on success. Bad input (a ValueError, which names the
-    flag or the file, a file that is not there, or an optional package the
-    input needs that is not installed: ``_ext.MissingExtra``) prints ``pointsparse
-    <command>: error: <message>`` on stderr and returns 2, as argparse does
-    for a bad flag, unless ``POINTSPARSE_TRACEBACK=1`` asks for the traceback."""
+    flag or the file, a file that is not there or another path the system
+    refuses: an OSError, or an optional package the input needs that is not
+    installed: ``_ext.MissingExtra``) prints ``pointsparse <command>: error:
+    <message>`` on stderr and returns 2, as argparse does for a bad flag,
+    unless ``POINTSPARSE_TRACEBACK=1`` asks for the traceback."""
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     if extras:
@@ -178,12 +179,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args._module.main(args) or 0)
-    except (ValueError, FileNotFoundError, MissingExtra) as error:
+    except (ValueError, OSError, MissingExtra) as error:
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             raise
-        print(f"pointsparse {args.command}: error: {error}\n(set {TRACEBACK_ENV}=1 for the traceback)",
+        print(f"pointsparse {args.command}: error: {_message(error)}\n(set {TRACEBACK_ENV}=1 for the traceback)",
               file=sys.stderr)
         return 2
+
+
+def _message(error: Exception) -> str:
+    """The error line's message: an OSError the system raised (a name too
+    long, a permission refused, a full disk) as ``path: what`` (its
+    ``[Errno N]`` left out), every other error as it words itself."""
+    if isinstance(error, OSError) and error.strerror and error.filename is not None:
+        names = [error.filename] + ([error.filename2] if error.filename2 is not None else [])
+        return f"{' -> '.join(map(os.fsdecode, names))}: {error.strerror}"
+    return str(error)
 
 
 if __name__ == "__main__":  # pragma: no cover
