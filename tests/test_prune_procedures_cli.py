@@ -32,13 +32,18 @@ def test_quick_runs_on_digits(procedure, tmp_path, capsys):
     assert (tmp_path / ("sensitivity.png" if procedure == "sensitivity" else "amc_ratios.json")).exists()
 
 
-@pytest.mark.parametrize("flag,value", [("--finetune-lr-factor", "nan"), ("--threshold", "nan"), ("--sparsity", "1.5"),
+@pytest.mark.parametrize("flag,value", [("--finetune-lr-factor", "nan"), ("--finetune-lr-factor", "1e308"),
+                                        ("--finetune-lr-factor", "1.5"), ("--threshold", "nan"), ("--sparsity", "1.5"),
                                         ("--sparsity", "inf"), ("--flops", "0"), ("--latency", "-1"),
                                         ("--prune-fraction", "nan"), ("--rounds", "0"), ("--episodes", "-3"),
                                         ("--rewind", "-1"), ("--seed", "-1"), ("--seed", str(2**32))])
 def test_bad_flags_fail_before_any_work(flag, value, tmp_path, capsys, monkeypatch):
     """The command line prints the message naming the flag and returns 2, no
-    traceback; POINTSPARSE_TRACEBACK=1 raises the ValueError itself."""
+    traceback; POINTSPARSE_TRACEBACK=1 raises the ValueError itself.
+    --finetune-lr-factor is a fraction of the training lr, in (0, 1]: 1e308
+    was torch's RuntimeError traceback (an lr past float32) after the dense
+    training, and a large one (1e6) trained the weights to NaN and printed
+    their accuracy without a word."""
     argv = ["prune", "schedule", flag, value, "--out", str(tmp_path / "never")]
     monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
     assert cli.main(argv) == 2
@@ -48,6 +53,15 @@ def test_bad_flags_fail_before_any_work(flag, value, tmp_path, capsys, monkeypat
     with pytest.raises(ValueError, match=flag):
         cli.main(argv)
     assert not (tmp_path / "never").exists()
+
+
+def test_finetune_lr_factor_takes_one():
+    """--finetune-lr-factor 1 (the training lr itself) is in its range."""
+    from pointsparse.app import prune
+
+    args = cli.build_parser().parse_args(["prune", "schedule", "--finetune-lr-factor", "1"])
+    prune.check_args(args)
+    assert args.finetune_lr_factor == 1.0
 
 
 @pytest.mark.parametrize("argv, words", [

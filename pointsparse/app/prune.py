@@ -69,7 +69,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--schedule", choices=("agp", "constant", "oneshot"), default="agp")
     parser.add_argument("--rounds", type=int, default=5, help="pruning rounds (schedule, lottery)")
     parser.add_argument("--finetune-lr-factor", type=float, default=0.1,
-                        help="schedule, amc: fine-tuning lr / training lr (0.1 or 0.01)")
+                        help="schedule, amc: fine-tuning lr / training lr, in (0, 1] (0.1 or 0.01)")
     parser.add_argument("--prune-fraction", type=float, default=0.2, help="lottery: fraction pruned per round")
     parser.add_argument("--rewind", type=int, default=0, help="lottery: rewind iteration k (0 = original LTH)")
     parser.add_argument("--method", choices=("snip", "grasp", "synflow"), default="snip", help="init method")
@@ -121,7 +121,8 @@ def _task(args):
 
 # Flags that must be finite numbers in a range (lo, hi, whether each end is included).
 _RANGES = {"sparsity": (0.0, 1.0, True, False), "threshold": (0.0, math.inf, True, False),
-           "finetune_lr_factor": (0.0, math.inf, False, False), "prune_fraction": (0.0, 1.0, False, False),
+           # (a fraction of the training lr: a large one trained to NaN, past float32 it was torch's RuntimeError)
+           "finetune_lr_factor": (0.0, 1.0, False, True), "prune_fraction": (0.0, 1.0, False, False),
            "flops": (0.0, 1.0, False, True), "latency": (0.0, 1.0, False, True)}
 _COUNTS = ("rounds", "episodes")
 
