@@ -451,6 +451,32 @@ def test_prune_vectors_panels_masks_vectors_of_two_panels(tmp_path):
     assert all(torch.equal(again[k], masks[k]) for k in masks)
 
 
+def test_prune_vectors_refuses_panels_wider_than_every_conv(tmp_path, capsys):
+    """``prune vectors --panels N`` past the widest conv's panels (blocks
+    wider than every conv's output) is refused naming --panels and the most
+    it takes, before anything is written: a huge one (1e20) was an
+    OverflowError traceback from the block ids, exit status 1. The most it
+    takes runs, blocks of every output column of the widest conv."""
+    from pointsparse.models import MinkUNet
+
+    ckpt = tmp_path / "checkpoint.pt"
+    config = {"in_channels": 7, "classes": ["a", "b", "c"], "cr": 0.125, "blocks": 1, "voxel_size": 0.4,
+              "ignore_index": 255, "model": "minkunet"}
+    torch.manual_seed(0)
+    torch.save({"model": MinkUNet(7, 3, cr=0.125, blocks=1).state_dict(), "config": config}, ckpt)  # widest: 32
+    for panels in ("3", str(10**20)):
+        assert cli.main(["prune", "vectors", "--checkpoint", str(ckpt), "--panels", panels,
+                         "--out", str(tmp_path / "never")]) == 2, panels
+        err = capsys.readouterr().err
+        assert err.startswith("pointsparse prune: error: ") and "--panels" in err and "at most 2" in err, err
+    assert not (tmp_path / "never").exists()
+    assert cli.main(["prune", "vectors", "--checkpoint", str(ckpt), "--panels", "2", "--square",
+                     "--out", str(tmp_path / "two")]) == 0
+    masks = [v for k, v in checkpoint.load(tmp_path / "two" / "checkpoint.pt")["model"].items()
+             if k.endswith("weight_mask")]
+    assert masks and all(torch.equal(m.amax(-1), m.amin(-1)) for m in masks if m.shape[2] <= 32)
+
+
 def test_prune_vectors_pairs_masks_whole_bf16_vectors(tmp_path, capsys):
     """``prune vectors --pairs``: blocks of two input channels x 16 columns
     (the bf16 kernels' vectors), both channels of a pair masked alike;

@@ -182,6 +182,7 @@ def _prune_vectors(path, out, amount: float, square: bool, rows: int | None = No
     convs = [m for m in model.modules() if isinstance(m, Conv3d) and adapters.kernel_volume(m) > 1]
     if not convs:
         raise ValueError(f"{path}: the model has no sparse conv with more than one offset to prune by vectors")
+    _check_panels(panels, convs, model)
     for module in convs:
         panel_structured(module, "weight", float(amount), square=square, rows=rows, panels=panels)
     names = {module: name for name, module in model.named_modules()}
@@ -191,6 +192,25 @@ def _prune_vectors(path, out, amount: float, square: bool, rows: int | None = No
                              f"{names[module]!r}: it would give zeros; give a smaller one")
     masks = [_weights_of(m, m.weight_mask) for m in convs]
     return save_pruned(state, model, out), sum(int(m.count_nonzero()) for m in masks), sum(m.numel() for m in masks)
+
+
+def _check_panels(panels: int, convs, model) -> None:
+    """ValueError naming --panels where its blocks (``panels`` panels of
+    ``nn.functional.panel_width`` columns) are wider than every conv of
+    ``convs`` (a block spans at most a conv's output columns, so a wider
+    one masks no differently, and a huge one overflowed the block ids)."""
+    from ..nn.functional import panel_width
+
+    def count(m) -> int:
+        return -(-m.weight.shape[2] // panel_width(m.weight.dtype))
+
+    widest = max(convs, key=count)
+    most = count(widest)
+    if panels > most:
+        name = next(n for n, m in model.named_modules() if m is widest)
+        raise ValueError(f"panels (--panels: adjacent panels per block) {panels}: blocks wider than every conv of "
+                         f"the model (the widest, {name!r}, has {widest.weight.shape[2]} output channels, {most} "
+                         f"panels of {panel_width(widest.weight.dtype)}); give at most {most}")
 
 
 def _weights_of(module, mask):
