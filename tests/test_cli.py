@@ -4,6 +4,7 @@ metrics) and the README's layout of the application."""
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import re
@@ -54,6 +55,15 @@ def test_command_help(runs, command):
     rc, out, err = runs[f"{command} --help"]
     assert rc == 0, err
     assert out.startswith(f"usage: pointsparse {command}")
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    """Each option's --help line explains it: demo's and prune's --seed and
+    prune's --schedule were listed with nothing after them."""
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    bare = [(name, action.option_strings[0]) for name, parser in sub.choices.items() for action in parser._actions
+            if action.option_strings and not action.help]
+    assert not bare, bare
 
 
 def test_each_commands_description_is_a_whole_sentence():

@@ -38,7 +38,9 @@ def add_arguments(parser) -> None:
                              "speed (the mIoU then varies with the machine's load; default: the fixed --epochs)")
     parser.add_argument("--cr", type=float, default=0.5, help="MinkUNet width multiplier (default 0.5)")
     parser.add_argument("--voxel-size", type=float, default=0.2, help="voxel edge in metres (default 0.2)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the generated training scenes, the weights, shuffling and augmentation "
+                             "(default 0; the held-out scenes are the same for every seed)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: steady on a shared machine, where a second OpenMP "
                              "thread competing for a busy core can make each step ten times slower)")

@@ -66,7 +66,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--granularity", choices=("unstructured", "channel"), default="unstructured",
                         help="sensitivity granularity")
     parser.add_argument("--threshold", type=float, default=0.02, help="sensitivity: allowed metric drop")
-    parser.add_argument("--schedule", choices=("agp", "constant", "oneshot"), default="agp")
+    parser.add_argument("--schedule", choices=("agp", "constant", "oneshot"), default="agp",
+                        help="schedule: how the sparsity rises to --sparsity over --rounds: agp (the cubic schedule "
+                             "of automated gradual pruning, default), constant (equal steps) or oneshot (all at once, "
+                             "then fine-tuned)")
     parser.add_argument("--rounds", type=int, default=5, help="pruning rounds (schedule, lottery)")
     parser.add_argument("--finetune-lr-factor", type=float, default=0.1,
                         help="schedule, amc: fine-tuning lr / training lr, in (0, 1] (0.1 or 0.01)")
@@ -91,7 +94,9 @@ def add_arguments(parser) -> None:
                              "(channels, vectors, offsets, voxels; amc, netadapt, schedule, lottery, init, rigl on a "
                              "--checkpoint), default ./prune-out; schedule, lottery, init and rigl on a --task write "
                              "no file and take no --out")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the task's model, its training batches and the procedure's random draws "
+                             "(default 0)")
     parser.add_argument("--quick", action="store_true", help="short runs (seconds)")
     channels.add_arguments(parser)
 
