@@ -618,6 +618,7 @@ def test_resume_refuses_run_state_of_the_wrong_kind_naming_the_file_and_entry(tm
         "hist-none": (dict(state, history=None), "history"),
         "hist-short": (dict(state, history={k: v for k, v in history.items() if k != "step_time"}), "history"),
         "hist-str": (dict(state, history=dict(history, step_loss=["x"])), "history"),
+        "val-epoch-long": (dict(state, history=dict(history, val_epoch=[1, 2])), "history"),
         "epoch-str": (dict(state, epoch="1"), "epoch"),
         "epoch-float": (dict(state, epoch=1.5), "epoch"),
         "epoch-negative": (dict(state, epoch=-1), "epoch"),
@@ -626,6 +627,26 @@ def test_resume_refuses_run_state_of_the_wrong_kind_naming_the_file_and_entry(tm
         "best-str": (dict(state, best_miou="x"), "best_miou"),
     }
     _resume_refuses(tmp_path, {name: (bad, f"its {entry} ") for name, (bad, entry) in cases.items()})
+
+
+def test_resume_of_a_history_without_val_epoch_draws_its_curves(tmp_path):
+    """A checkpoint whose history has val_miou but no val_epoch (made before
+    the run recorded it, or edited by hand) resumed, then its next
+    validation started val_epoch one entry long beside two val_miou: the
+    curves plot failed ('x and y must have same first dimension') after
+    training and before metrics.json was written. The run's val_epoch is
+    taken as 1..k, as the plot reads a history without one."""
+    from pointsparse import checkpoint
+
+    out = tmp_path / "run"
+    tr.main(_parse([*TINY, "--epochs", "1", "--out", str(out)]))
+    state = tr.load_checkpoint(out / "checkpoint.pt")
+    assert state["history"].pop("val_epoch") == [1]
+    checkpoint.save(out / "checkpoint.pt", state)
+    tr.main(_parse(["--resume", "--epochs", "2", "--no-progress", "--out", str(out)]))
+    history = tr.load_checkpoint(out / "checkpoint.pt")["history"]
+    assert history["val_epoch"] == [1, 2] and len(history["val_miou"]) == 2
+    assert (out / "metrics.json").is_file() and (out / "curves.png").is_file()
 
 
 def test_resume_with_a_larger_time_budget_trains_on(tmp_path):

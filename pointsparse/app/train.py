@@ -651,6 +651,9 @@ def check_run_state(state: dict, path) -> None:
         odd = [v for v in values if not number(v)]
         if odd:
             bad("history", f"a dict of lists of numbers ({', '.join(HISTORY)})", f"{key} holding {kind(odd[0])}")
+    if "val_epoch" in history and len(history["val_epoch"]) != len(history["val_miou"]):
+        bad("history", "one val_epoch entry per val_miou entry (the epoch of each validation)",
+            f"{len(history['val_epoch'])} val_epoch beside {len(history['val_miou'])} val_miou")
     if not count(state["epoch"]):
         bad("epoch", "the epochs the run trained (an int >= 0)", kind(state["epoch"]))
     rng, own = state["torch_rng"], torch.get_rng_state()
@@ -1056,6 +1059,9 @@ class TrainingJob:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.history = state["history"]
+        # (a history without val_epoch, from before the run recorded it: its validations taken as epochs 1..k, as
+        # the curves plot reads it; the next validation's entry then came alone beside them and the plot failed)
+        self.history.setdefault("val_epoch", list(range(1, len(self.history["val_miou"]) + 1)))
         self.start_epoch = state["epoch"]
         if self.args.time_budget is not None:  # the plan after the epochs done (the same budget: the run's own)
             self.plan["epochs"] = min(self.args.epochs, self._fit_budget(self.start_epoch)[0])
