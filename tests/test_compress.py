@@ -1440,8 +1440,11 @@ def test_compress_keeps_the_linears_torchs_transformer_reads_directly_dense():
     ``linear1.weight`` and ``linear2.weight``: compress replaced them with
     SparseLinears, which hold no ``weight``, and the compressed model failed
     with an AttributeError when called. Those Linears stay dense, with
-    ``chosen`` saying why; every other Linear is compressed; the output is the
-    original's, on the fast path (eval, batch_first) and off it."""
+    ``chosen`` saying why; every other Linear is compressed, linear1 and
+    linear2 too where the layer is not batch_first (torch takes its fast
+    path only for a batch_first layer: the others call them as modules);
+    the output is the original's, on the fast path (eval, batch_first) and
+    off it."""
     torch.manual_seed(0)
     for batch_first in (True, False):
         layer = torch.nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=batch_first)
@@ -1457,9 +1460,13 @@ def test_compress_keeps_the_linears_torchs_transformer_reads_directly_dense():
             compressed = F.compress(model, "csr", example_input=example)
             assert isinstance(compressed[1], F.SparseLinear)
             for inner in compressed[0].layers:
-                for lin, read in ((inner.self_attn.out_proj, "MultiheadAttention reads out_proj.weight"),
-                                  (inner.linear1, "TransformerEncoderLayer reads linear1.weight"),
-                                  (inner.linear2, "TransformerEncoderLayer reads linear2.weight")):
+                kept = [(inner.self_attn.out_proj, "MultiheadAttention reads out_proj.weight")]
+                if batch_first:
+                    kept += [(inner.linear1, "TransformerEncoderLayer reads linear1.weight"),
+                             (inner.linear2, "TransformerEncoderLayer reads linear2.weight")]
+                else:  # (no fast path: compressed as every other Linear)
+                    assert isinstance(inner.linear1, F.SparseLinear) and isinstance(inner.linear2, F.SparseLinear)
+                for lin, read in kept:
                     assert isinstance(lin, torch.nn.Linear) and read in lin.chosen and lin.chosen.startswith("dense")
             with torch.no_grad():
                 torch.testing.assert_close(compressed(x), want, atol=1e-5, rtol=1e-5)

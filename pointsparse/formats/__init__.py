@@ -80,9 +80,10 @@ def compress(module: torch.nn.Module, format="csr", example_input=None, **kwargs
       replaced (and every compressed layer re-encoded), but the Linears a
       torch module computes with by reading their ``weight`` itself, which
       a compressed layer does not hold: a ``MultiheadAttention``'s
-      ``out_proj``, a ``TransformerEncoderLayer``'s ``linear1`` and
-      ``linear2`` (its inference fast path). Those stay dense, their
-      ``chosen`` saying so.
+      ``out_proj``, a ``batch_first`` ``TransformerEncoderLayer``'s
+      ``linear1`` and ``linear2`` (its inference fast path, which only a
+      batch_first layer takes). Those stay dense, their ``chosen`` saying
+      so.
 
     ``kwargs`` go to the format's ``from_dense`` (``blocksize`` for BSR, ``n,
     m, prune`` for NM, ``num_pe`` for EIE). The effective weight of a pruned
@@ -144,10 +145,12 @@ def compress(module: torch.nn.Module, format="csr", example_input=None, **kwargs
 
 #: torch modules that compute with a child Linear's ``weight`` themselves, never calling the child: a
 #: MultiheadAttention (F.multi_head_attention_forward reads out_proj.weight), a TransformerEncoderLayer on
-#: its inference fast path (and a TransformerEncoder's, through its first layer). A compressed layer holds
-#: no ``weight``: the model failed with an AttributeError when called.
-_READ_BY_PARENT = ((torch.nn.MultiheadAttention, ("out_proj",)),
-                   (torch.nn.TransformerEncoderLayer, ("linear1", "linear2")))
+#: its inference fast path (and a TransformerEncoder's, through its first layer), which torch takes only for
+#: a layer whose self_attn is batch_first (the others call linear1 and linear2 as modules, which a compressed
+#: layer serves). A compressed layer holds no ``weight``: the model failed with an AttributeError when called.
+_READ_BY_PARENT = ((torch.nn.MultiheadAttention, ("out_proj",), lambda parent: True),
+                   (torch.nn.TransformerEncoderLayer, ("linear1", "linear2"),
+                    lambda parent: bool(getattr(parent.self_attn, "batch_first", True))))
 
 
 def _read_by_parent(model: torch.nn.Module) -> dict:
@@ -155,8 +158,8 @@ def _read_by_parent(model: torch.nn.Module) -> dict:
     reads itself (:data:`_READ_BY_PARENT`), which compress keeps dense."""
     found = {}
     for parent in model.modules():
-        for parent_type, names in _READ_BY_PARENT:
-            if isinstance(parent, parent_type):
+        for parent_type, names, reads in _READ_BY_PARENT:
+            if isinstance(parent, parent_type) and reads(parent):
                 for name in names:
                     child = parent._modules.get(name)
                     if isinstance(child, torch.nn.Linear):
