@@ -1354,9 +1354,14 @@ def test_confusion_matrix_refuses_what_is_no_class_index():
     naming nothing."""
     good = torch.tensor([0, 1, 1])
     for name, args in (("pred", (torch.tensor([0.7, 1.9, 1.0]), good)),
-                       ("target", (good, np.array([0.0, 1.0, 1.0])))):
-        with pytest.raises(TypeError, match=f"{name} must hold integer class indices"):
+                       ("target", (good, np.array([0.0, 1.5, 1.0])))):
+        with pytest.raises(ValueError, match=f"{name} must hold integer class indices"):
             metrics.confusion_matrix(*args, 3)
+    with pytest.raises(TypeError, match="target must hold integer class indices"):
+        metrics.confusion_matrix(good, good.to(torch.complex64), 3)
+    # class ids stored as whole floats (as the readers take them from files) are those classes
+    assert np.array_equal(metrics.confusion_matrix(good.double(), np.array([0.0, 1.0, 1.0], np.float32), 3),
+                          metrics.confusion_matrix(good, good, 3))
     for bad in (2**70, 1.5, True, "255"):
         with pytest.raises((TypeError, ValueError), match="ignore_index must be"):
             metrics.confusion_matrix(good, good, 3, ignore_index=bad)

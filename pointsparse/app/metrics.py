@@ -12,7 +12,9 @@ import torch
 def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None = None) -> np.ndarray:
     """int64 ``(C, C)``: row = true class, column = predicted class. Targets
     equal to ``ignore_index`` are skipped; other targets must lie in
-    ``[0, num_classes)``."""
+    ``[0, num_classes)``. ``pred`` and ``target`` hold class indices:
+    integers, or floats that are whole numbers (class ids stored as floats,
+    as the readers take them); a fraction (a probability) is a ValueError."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
         raise ValueError(f"num_classes must be an int >= 1; got {num_classes!r}")
     if num_classes > MAX_CLASSES:
@@ -41,12 +43,21 @@ MAX_CLASSES = 2**14
 
 
 def _class_indices(labels, name: str) -> torch.Tensor:
-    """``labels`` as a flat int64 CPU tensor; TypeError naming ``name``
-    unless they hold integers (or bools): ``.long()`` truncated
-    probabilities and max-logit values into classes."""
+    """``labels`` as a flat int64 CPU tensor: integers (or bools), or floats
+    that are whole numbers in int64 (class ids stored as floats); a
+    ValueError naming ``name`` for other floats (``.long()`` truncated
+    probabilities and max-logit values into classes), a TypeError for
+    complex ones."""
     labels = torch.as_tensor(labels)
-    if labels.is_floating_point() or labels.is_complex():
+    if labels.is_complex():
         raise TypeError(f"{name} must hold integer class indices (e.g. logits.argmax(1)); got dtype {labels.dtype}")
+    if labels.is_floating_point():
+        flat = labels.detach().reshape(-1)
+        whole = torch.isfinite(flat) & (flat == flat.floor()) & (flat.abs() < 2.0 ** 63)
+        if not bool(whole.all()):
+            bad = flat[~whole][0].item()
+            raise ValueError(f"{name} must hold integer class indices (e.g. logits.argmax(1)); got {bad} in its "
+                             f"{labels.dtype} values")
     return labels.reshape(-1).long().cpu()
 
 
