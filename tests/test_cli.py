@@ -748,3 +748,25 @@ def test_eval_help_names_the_files_its_out_gets(tmp_path):
     help_text = next(a.help for a in sub.choices["eval"]._actions if a.dest == "out")
     for name in ("eval-metrics.json", "eval-confusion.png", "eval-topdown.png"):
         assert name in help_text
+
+
+def test_a_system_failure_naming_no_path_is_no_usage_error(monkeypatch):
+    """Only OSErrors that name a path (the input a user gave: a name too
+    long, a permission refused) are the one-line usage error, exit status
+    2: a failure of the system naming none (a full disk on write, a broken
+    pipe) still raises, exit status 1 with its traceback, as before."""
+    import errno
+
+    from pointsparse.app import export
+
+    def fails(error):
+        def main(args):
+            raise error
+        return main
+
+    for error in (OSError(errno.ENOSPC, "No space left on device"), BrokenPipeError(errno.EPIPE, "Broken pipe")):
+        monkeypatch.setattr(export, "main", fails(error))
+        with pytest.raises(type(error)):
+            cli.main(["export", "--checkpoint", "c.pt", "--out", "m.pt2"])
+    monkeypatch.setattr(export, "main", fails(PermissionError(errno.EACCES, "Permission denied", "/x/m.pt2")))
+    assert cli.main(["export", "--checkpoint", "c.pt", "--out", "m.pt2"]) == 2

@@ -161,8 +161,8 @@ TRACEBACK_ENV = "POINTSPARSE_TRACEBACK"
 def main(argv: list[str] | None = None) -> int:
     """Runs a command; 0 on success. Bad input (a ValueError, which names the
     flag or the file, a file that is not there or another path the system
-    refuses: an OSError, or an optional package the input needs that is not
-    installed: ``_ext.MissingExtra``) prints ``pointsparse <command>: error:
+    refuses: an OSError naming the path, or an optional package the input
+    needs that is not installed: ``_ext.MissingExtra``) prints ``pointsparse <command>: error:
     <message>`` on stderr and returns 2, as argparse does for a bad flag,
     unless ``POINTSPARSE_TRACEBACK=1`` asks for the traceback."""
     parser = build_parser()
@@ -180,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._module.main(args) or 0)
     except (ValueError, OSError, MissingExtra) as error:
-        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+        # (an OSError naming no path, a full disk on write or a broken pipe, is the system's failure: raised)
+        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0") or (
+                isinstance(error, OSError) and not isinstance(error, FileNotFoundError) and error.filename is None):
             raise
         print(f"pointsparse {args.command}: error: {_message(error)}\n(set {TRACEBACK_ENV}=1 for the traceback)",
               file=sys.stderr)
@@ -188,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _message(error: Exception) -> str:
-    """The error line's message: an OSError the system raised (a name too
-    long, a permission refused, a full disk) as ``path: what`` (its
+    """The error line's message: an OSError the system raised on a path (a
+    name too long, a permission refused) as ``path: what`` (its
     ``[Errno N]`` left out), every other error as it words itself."""
     if isinstance(error, OSError) and error.strerror and error.filename is not None:
         names = [error.filename] + ([error.filename2] if error.filename2 is not None else [])
