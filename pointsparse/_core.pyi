@@ -114,8 +114,9 @@ def pooled_empty(shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
     """An uninitialised C-contiguous array from the output pool
     (cpp/runtime/pool.h); its memory goes back to the pool when the array
     (and a torch tensor made of it by torch.from_numpy) is freed. ValueError
-    for a negative or empty shape, or one of more bytes than a process can
-    address."""
+    for a negative or empty shape, one of more bytes than a process can
+    address, or a dtype other than bool, integer, float or complex (object,
+    unicode, structured: their items cannot be left uninitialised)."""
 
 def output_pool(limit: int) -> dict[str, int]:
     """The output pool's state after setting its limit in bytes (-1:

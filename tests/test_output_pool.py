@@ -229,6 +229,37 @@ def test_the_core_refuses_shapes_it_cannot_pool(shape):
         _ext.core.pooled_empty(shape, np.dtype(np.float32))
 
 
+# dtypes whose items are no plain numbers: uninitialised memory read as
+# Python object pointers (an object field anywhere in the dtype) crashed the
+# process when the array was printed or freed, and as unicode code points
+# raised SystemError. Each call in a child process, which a crash would kill.
+UNPOOLED_DTYPES = {
+    "object": "np.dtype(object)",
+    "struct_with_object": "np.dtype([('a', 'f4'), ('b', 'O')])",
+    "unicode": "np.dtype('U4')",
+}
+
+
+def test_the_core_refuses_dtypes_that_are_no_numbers():
+    from reference import CORE_ONLY, run_in_children
+
+    cases = {name: f"a = core.pooled_empty([4096], {dtype})\nrepr(a)\ndel a\nimport gc\ngc.collect()\n"
+             for name, dtype in UNPOOLED_DTYPES.items()}
+    results = run_in_children(cases, setup=CORE_ONLY + "import numpy as np\n")
+    for name in UNPOOLED_DTYPES:
+        r = results[name]
+        assert r["status"] == 0, f"{name}: the process crashed (status {r['status']})"
+        assert r["exc"] == "ValueError" and "dtype" in r["msg"], (name, r)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int16, np.uint8, np.complex64, np.bool_])
+def test_the_core_pools_numbers_and_bools(dtype):
+    a = _ext.core.pooled_empty([3, 5], np.dtype(dtype))
+    assert a.shape == (3, 5) and a.dtype == dtype and a.flags.c_contiguous
+    a[...] = 1
+    assert (a == 1).all()
+
+
 def test_a_forked_child_takes_and_gives_blocks():
     """A child forked with blocks kept (and from a process whose threads use
     the pool) runs its convs from its own copy of the pool and exits."""

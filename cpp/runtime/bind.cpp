@@ -45,7 +45,15 @@ struct PooledBlock {
 // An uninitialised C-contiguous array of `shape` and `dtype` whose memory comes
 // from the output pool and goes back to it when the array (and whatever
 // holds it, a torch tensor made by torch.from_numpy) is freed.
+// Only dtypes of plain numbers: the memory is uninitialised, and an object
+// field (anywhere in a structured dtype) would be read as Python object
+// pointers when the array is shown or freed (a crash), unicode as code points
+// (SystemError).
 py::array pooled_empty(const std::vector<long long>& shape, const py::dtype& dtype) {
+  const char kind = dtype.kind();
+  if (kind != 'b' && kind != 'i' && kind != 'u' && kind != 'f' && kind != 'c')
+    throw py::value_error("dtype must be a bool, integer, float or complex dtype (the pool's memory is "
+                          "uninitialised); got " + py::str(static_cast<const py::object&>(dtype)).cast<std::string>());
   const long long item = static_cast<long long>(dtype.itemsize());
   if (item <= 0) throw py::value_error("dtype must have a positive item size");
   long long count = 1;
@@ -94,7 +102,8 @@ py::dict pool_dict(const runtime::PoolState& s) {
 void bind_runtime(pybind11::module_& m) {
   m.def("pooled_empty", &pooled_empty, pybind11::arg("shape"), pybind11::arg("dtype"),
         "An uninitialised C-contiguous array from the output pool (its memory goes back to the pool when "
-        "the array is freed). ValueError for a negative or empty shape.");
+        "the array is freed). ValueError for a negative or empty shape, or a dtype other than bool, integer, "
+        "float or complex.");
   m.def(
       "output_pool",
       [](long long limit) {
