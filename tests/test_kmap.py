@@ -1415,3 +1415,24 @@ def test_operators_refuse_pairs_of_a_narrow_integer_dtype(dtype):
                     with pytest.raises(TypeError, match=f"^{word} must be an int64 .*got {dtype}"):
                         call(*args)
                 call(in_idx.int(), out_idx.int(), sizes.int())
+
+
+# Sizes whose running sum wrapped int64 back to the pairs' count: the check
+# of their sum passed and the core walked each offset's 2^62 "pairs" far past
+# the arrays (SIGSEGV). Each call in a child process, which a crash would kill.
+RESTRICT_WRAPPING_SIZES = {
+    "four_2_62_no_pairs": "core.kmap_restrict(e, e, np.array([2**62] * 4), np.array([0]), 2)",
+    "max_max_and_three_pairs": "core.kmap_restrict(p, p, np.array([2**63 - 1, 2**63 - 1, 5]), np.array([0, -1, 1]), 2)",
+    "first_past_the_pairs": "core.kmap_restrict(p, p, np.array([4, 2**64 - 1 - 2**63]), np.array([0, -1, 1]), 2)",
+}
+
+
+def test_kmap_restrict_refuses_sizes_whose_sum_wraps():
+    from reference import CORE_ONLY, run_in_children
+
+    setup = CORE_ONLY + "import numpy as np\ne = np.zeros(0, np.int64)\np = np.arange(3, dtype=np.int64)\n"
+    results = run_in_children(RESTRICT_WRAPPING_SIZES, setup=setup)
+    for name in RESTRICT_WRAPPING_SIZES:
+        r = results[name]
+        assert r["status"] == 0, f"{name}: the process crashed (status {r['status']})"
+        assert r["exc"] == "ValueError" and "sizes" in r["msg"], (name, r)

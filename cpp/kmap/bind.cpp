@@ -236,8 +236,14 @@ py::tuple kmap_restrict(carray<int64_t> in_idx, carray<int64_t> out_idx, carray<
   check_1d(out_new, -1, "out_new");
   const int64_t k = sizes.shape(0);
   std::vector<int64_t> ptr(size_t(k + 1), 0);
-  for (int64_t o = 0; o < k; ++o) {
+  for (int64_t o = 0; o < k; ++o)
     if (sizes.data()[o] < 0) value_error("sizes must be >= 0; got " + std::to_string(sizes.data()[o]));
+  // Each size is compared with the pairs left (ptr[o] <= n here), so that no
+  // sum overflows: sizes wrapping back to n walked offsets past the pairs.
+  for (int64_t o = 0; o < k; ++o) {
+    if (sizes.data()[o] > n - ptr[o])
+      value_error("sizes must sum to the pairs' " + std::to_string(n) + "; sizes[:" + std::to_string(o + 1) +
+                  "] sum past it (sizes[" + std::to_string(o) + "] = " + std::to_string(sizes.data()[o]) + ")");
     ptr[o + 1] = ptr[o] + sizes.data()[o];
   }
   if (ptr[k] != n)
