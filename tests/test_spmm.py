@@ -199,6 +199,37 @@ def test_csr_conv_accumulate_refuses_an_out_sharing_memory():
     np.testing.assert_allclose(buf, want, atol=1e-5, rtol=1e-5)
 
 
+# out over the memory of an index array the kernel reads while it writes out:
+# the pairs and the CSR structure, checked before the kernel, were overwritten
+# by its sums and read back as rows and columns far outside the arrays
+# (SIGSEGV, or garbage summed silently). Each call in a child process.
+ACCUMULATE_OUT_OVER_INDICES = {
+    "in_idx": ("buf = np.zeros(16, np.int64)\nbuf[:2] = [0, 3]\n"
+               "core.csr_conv_accumulate(row_ptr, col, big, feats, buf[:2], np.array([0, 1]), "
+               "buf.view(np.float32).reshape(16, 2), None, 2)"),
+    "out_idx": ("buf = np.zeros(8, np.int64)\nbuf[:2] = [0, 1]\n"
+                "core.csr_conv_accumulate(row_ptr, col, big, feats, np.array([0, 3]), buf[:2], "
+                "buf.view(np.float32).reshape(8, 2), None, 2)"),
+    "row_ptr": ("buf = np.zeros(8, np.int64)\nbuf[:3] = row_ptr\n"
+                "core.csr_conv_accumulate(buf[:3], col, big, feats, np.array([0, 3]), np.array([0, 1]), "
+                "buf.view(np.float32).reshape(8, 2), None, 2)"),
+    "col_idx": ("buf = np.zeros(8, np.uint32)\nbuf[:3] = col\n"
+                "core.csr_conv_accumulate(row_ptr, buf[:3], big, feats, np.array([0, 3]), np.array([0, 1]), "
+                "buf.view(np.float32).reshape(4, 2), None, 2)"),
+}
+
+
+def test_csr_conv_accumulate_refuses_an_out_over_its_index_arrays():
+    setup = (CORE_ONLY + "import numpy as np\nrow_ptr = np.array([0, 2, 3], np.int64)\n"
+             "col = np.array([0, 2, 1], np.uint32)\nbig = np.full(3, 1e30, np.float32)\n"
+             "feats = np.full((4, 3), 1e8, np.float32)\n")
+    results = run_in_children(ACCUMULATE_OUT_OVER_INDICES, setup=setup)
+    for name in ACCUMULATE_OUT_OVER_INDICES:
+        r = results[name]
+        assert r["status"] == 0, f"out over {name}: the process crashed (status {r['status']})"
+        assert r["exc"] == "ValueError" and f"{name} must not share memory with out" in r["msg"], (name, r)
+
+
 def test_csr_conv_accumulate_sizes_no_table_by_an_empty_out():
     """An out without columns (C_out = 0) backs none of its N_out rows: the
     check of distinct out_idx took a table of N_out flags all the same (2^40

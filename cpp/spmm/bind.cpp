@@ -171,9 +171,14 @@ void csr_conv_accumulate(carray<int64_t> row_ptr, py::array col, py::array val, 
   if (!(out.flags() & py::array::c_style) || !out.writeable())
     value_error("out must be a writable C-contiguous array");
   // Blocks of out are written in parallel while feats and values are read
-  // (both C-contiguous here: copies where they were not).
+  // (both C-contiguous here: copies where they were not), and the pairs and
+  // the CSR structure, checked once below and read again by the kernel.
   apart(feats, "feats", out, "out");
   apart(val, "values", out, "out");
+  apart(row_ptr, "row_ptr", out, "out");
+  apart(col, "col_idx", out, "out");
+  apart(in_idx, "in_idx", out, "out");
+  apart(out_idx, "out_idx", out, "out");
   const int64_t N_out = out.shape(0);
   check_1d(in_idx, in_idx.ndim() == 1 ? in_idx.shape(0) : -1, "in_idx");
   const int64_t P = in_idx.shape(0);
