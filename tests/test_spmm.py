@@ -253,6 +253,43 @@ def test_csr_conv_accumulate_sizes_no_table_by_an_empty_out():
     assert "out_idx[0] = 1099511627776 is outside" in lines[2], lines[2]
 
 
+def test_operands_that_cannot_be_copied_contiguous_are_value_errors():
+    """Each operand that is not C-contiguous is copied before the kernels run;
+    where numpy could not make the copy (a broadcast view of more bytes than
+    the process may hold), the copy was a null array that the checks then
+    read (SIGSEGV). In a child capped at 3 GB of address space, views of
+    4 GiB or more: a ValueError naming the operand, and the process lives."""
+    from reference import run_core_capped
+
+    code = (
+        "wide = np.broadcast_to(np.float32(1), (2**20, 2**10))\n"  # 4 GiB
+        "e64, eu8, ef = np.zeros(1, np.int64), np.zeros(0, np.uint8), np.zeros(0, np.float32)\n"
+        "attempt(lambda: core.csr_spmm(e64, eu8, ef, wide, 2**20, None, 2), 'csr dense')\n"
+        "attempt(lambda: core.csr_spmm(e64, np.broadcast_to(np.uint8(0), (2**33,)), ef, wide[:1], 1, None, 2), "
+        "'csr col_idx')\n"
+        "attempt(lambda: core.bsr_spmm(e64, eu8, np.zeros((0, 1, 1), np.float32), wide, 0, 2**20, None, 2), "
+        "'bsr dense')\n"
+        "attempt(lambda: core.bsr_spmm(np.zeros(2, np.int64), np.zeros(1, np.uint8), "
+        "np.broadcast_to(np.float32(1), (1, 2**16, 2**16)), wide[:1], 1, 1, None, 2), 'bsr values')\n"
+        "attempt(lambda: core.nm_spmm(eu8, wide, 0, 1, 1, wide[:1], 1, None, 2), 'nm values')\n"
+        "attempt(lambda: core.nm_spmm(eu8, np.zeros((0, 2**20), np.float32), 0, 1, 1, wide, 2**20, None, 2), "
+        "'nm dense')\n"
+        "attempt(lambda: core.eie_spmm(np.zeros((1, 2**20 + 1), np.int64), eu8, ef, wide, 0, None, 2), "
+        "'eie dense')\n"
+        "attempt(lambda: core.eie_spmm(np.zeros((1, 2), np.int64), eu8, np.broadcast_to(np.float32(1), (2**31,)), "
+        "wide[:1], 0, None, 2), 'eie values')\n"
+        "attempt(lambda: core.csr_conv_accumulate(np.zeros(2**10 + 1, np.int64), eu8, ef, wide, e64[:0], e64[:0], "
+        "np.zeros((1, 2**10), np.float32), None, 2), 'accumulate feats')\n"
+    )
+    proc = run_core_capped(code)
+    assert proc.returncode == 0, f"status {proc.returncode}: {proc.stdout[-2000:]} {proc.stderr[-2000:]}"
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 9, proc.stdout
+    for line, name in zip(lines, ["dense", "col_idx", "dense", "values", "values", "dense", "dense", "values",
+                                  "feats"]):
+        assert line.startswith(f"ValueError {name} ") and "C-contiguous" in line, line
+
+
 def test_empty_operands():
     for M, K, N in ((0, 4, 3), (4, 0, 3), (4, 5, 0), (0, 0, 0)):
         w = torch.zeros(M, K)

@@ -26,8 +26,16 @@ bool float_kind(const py::array& a, const char* name) {
   return dispatch_float(a, name, [](auto zero) { return sizeof(zero) == sizeof(double); });
 }
 
-py::array contiguous(const py::array& a) {
-  return py::array::ensure(a, py::array::c_style);
+// `a` as a C-contiguous array (a copy where it is not). ValueError naming it
+// where numpy cannot make the copy (a broadcast view of more bytes than the
+// process may hold): array::ensure returns a null handle then, never to be
+// dereferenced.
+py::array contiguous(const py::array& a, const char* name) {
+  py::array out = py::array::ensure(a, py::array::c_style);
+  if (!out)
+    value_error(std::string(name) + " is not C-contiguous and numpy could not copy it into a C-contiguous array "
+                "(shape " + shape_str(a) + ", " + dtype_str(a) + ", " + std::to_string(a.nbytes()) + " bytes)");
+  return out;
 }
 
 // Unsigned index array of width 1, 2, 4 or 8 bytes; returns the width.
@@ -123,9 +131,9 @@ py::array csr_spmm(carray<int64_t> row_ptr, py::array col, py::array val, py::ar
   const bool f64 = float_kind(val, "values");
   check_same_dtype(val, X, "values", "dense");
   const int width = index_width(col, "col_idx");
-  col = contiguous(col);
-  val = contiguous(val);
-  X = contiguous(X);
+  col = contiguous(col, "col_idx");
+  val = contiguous(val, "values");
+  X = contiguous(X, "dense");
   if (col.ndim() != 1) value_error("col_idx must be 1-D; got shape " + shape_str(col));
   const int64_t nnz = col.shape(0);
   check_1d(val, nnz, "values");
@@ -155,9 +163,9 @@ void csr_conv_accumulate(carray<int64_t> row_ptr, py::array col, py::array val, 
   check_same_dtype(val, feats, "values", "feats");
   check_same_dtype(val, out, "values", "out");
   const int width = index_width(col, "col_idx");
-  col = contiguous(col);
-  val = contiguous(val);
-  feats = contiguous(feats);
+  col = contiguous(col, "col_idx");
+  val = contiguous(val, "values");
+  feats = contiguous(feats, "feats");
   if (col.ndim() != 1) value_error("col_idx must be 1-D; got shape " + shape_str(col));
   const int64_t nnz = col.shape(0);
   check_1d(val, nnz, "values");
@@ -218,9 +226,9 @@ py::array bsr_spmm(carray<int64_t> block_ptr, py::array block_col, py::array val
   const bool f64 = float_kind(val, "values");
   check_same_dtype(val, X, "values", "dense");
   const int width = index_width(block_col, "block_col");
-  block_col = contiguous(block_col);
-  val = contiguous(val);
-  X = contiguous(X);
+  block_col = contiguous(block_col, "block_col");
+  val = contiguous(val, "values");
+  X = contiguous(X, "dense");
   if (val.ndim() != 3 || val.shape(1) < 1 || val.shape(2) < 1)
     value_error("values must be (num_blocks, block_rows, block_cols) with blocks of at least "
                 "1 x 1; got shape " + shape_str(val));
@@ -255,8 +263,8 @@ py::array nm_spmm(py::array_t<uint8_t, py::array::c_style> positions, py::array 
                 std::to_string(bits));
   const bool f64 = float_kind(val, "values");
   check_same_dtype(val, X, "values", "dense");
-  val = contiguous(val);
-  X = contiguous(X);
+  val = contiguous(val, "values");
+  X = contiguous(X, "dense");
   const int64_t L = nm_kept_per_row(K, n, m);
   check_2d(val, L, "values");
   const int64_t M = val.shape(0);
@@ -296,8 +304,8 @@ py::array eie_spmm(carray<int64_t> col_ptr, py::array_t<uint8_t, py::array::c_st
   const int64_t P = col_ptr.shape(0), K = col_ptr.shape(1) - 1;
   const bool f64 = float_kind(val, "values");
   check_same_dtype(val, X, "values", "dense");
-  val = contiguous(val);
-  X = contiguous(X);
+  val = contiguous(val, "values");
+  X = contiguous(X, "dense");
   const int64_t* cp = col_ptr.data();
   check_1d(val, -1, "values");
   // Each PE's entries are counted against len(values) as they are added, so
