@@ -417,3 +417,21 @@ def test_global_magnitude_prune_refuses_layers_naming_one_of_two_tied_layers():
     assert not any(torch.nn.utils.prune.is_pruned(m) for m in net)
     procedure.global_magnitude_prune(net, 0.5, layers=["2"])
     assert int((net[2].weight == 0).sum()) == 8
+
+
+def test_layer_magnitude_prune_gives_tied_layers_one_mask():
+    """Layers sharing one weight, one of them pruned on its own before:
+    layer_magnitude_prune pruned each by its own mask, so the two ran the
+    one weight with different masks (and remove wrote both into it). The
+    entries either pruned are pruned in both, the target met over the
+    weight once, one mask; layers naming one of them is a ValueError as in
+    global_magnitude_prune."""
+    net = _tied_mlp()
+    first = (torch.arange(16).reshape(4, 4) >= 4).float()  # 4 entries pruned in layer 0 only
+    torch.nn.utils.prune.custom_from_mask(net[0], "weight", first)
+    procedure.layer_magnitude_prune(net, 0.5)
+    assert torch.equal(net[0].weight_mask, net[1].weight_mask)
+    assert not bool(net[1].weight_mask[0].any())
+    assert int((net[0].weight_mask == 0).sum()) == 8 and int((net[2].weight_mask == 0).sum()) == 8
+    with pytest.raises(ValueError, match=r"layers '0' and '1' share one weight"):
+        procedure.layer_magnitude_prune(_tied_mlp(), 0.5, layers=["0"])

@@ -134,10 +134,23 @@ def _only_used(scores: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
 
 def layer_magnitude_prune(model: nn.Module, target: float, layers=None) -> None:
     """Prune each layer to the same sparsity ``target`` by magnitude (over
-    its weights: a ``kernel_region`` conv's region, as :func:`global_magnitude_prune`)."""
+    its weights: a ``kernel_region`` conv's region, as :func:`global_magnitude_prune`).
+    Layers sharing one weight (tied) prune it once and run it with one mask,
+    the entries any of them had pruned pruned in all; ``layers`` names all
+    of them or none (as :func:`global_magnitude_prune`)."""
     check_fraction(target, "target sparsity")
-    for _, m in prunable_layers(model, layers):
-        magnitude_prune_layer(m, target)
+    for group in tied_groups(model, prunable_layers(model, layers)):
+        (_, first), *rest = group
+        if rest:  # (one mask per shared weight: the entries any of its layers has pruned, pruned in all)
+            common = ~union_of(~get_mask(m) for _, m in group)
+            for _, m in group:
+                if not torch.equal(get_mask(m), common):
+                    _compat.custom_from_mask(m, "weight", common)
+        magnitude_prune_layer(first, target)
+        for _, m in rest:
+            if not torch.equal(get_mask(m), get_mask(first)):
+                _compat.custom_from_mask(m, "weight", first.weight_mask.detach().clone())
+            keep_copyable(m)
 
 
 def magnitude_prune_layer(module: nn.Module, target: float) -> None:
