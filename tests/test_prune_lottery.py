@@ -387,13 +387,22 @@ def test_global_magnitude_prune_gives_tied_layers_one_mask_when_theirs_differ():
     masked while the other runs it whole: the entries it pruned are pruned
     (masks never un-prune) and both layers end with one mask, the target
     counted over the distinct weights."""
-    net = _tied_mlp()
-    first = (torch.arange(16).reshape(4, 4) >= 4).float()  # 4 entries pruned in layer 0 only
-    torch.nn.utils.prune.custom_from_mask(net[0], "weight", first)
+    net = _tied_with_one_pruned_alone()
     procedure.global_magnitude_prune(net, 0.5)
+    _assert_one_mask_keeping_the_first_pruned(net)
+    assert _distinct_zeros(net) == 16
+
+
+def _tied_with_one_pruned_alone():
+    """:func:`_tied_mlp` with 4 entries (the first row) pruned in layer 0 only."""
+    net = _tied_mlp()
+    torch.nn.utils.prune.custom_from_mask(net[0], "weight", (torch.arange(16).reshape(4, 4) >= 4).float())
+    return net
+
+
+def _assert_one_mask_keeping_the_first_pruned(net) -> None:
     assert torch.equal(net[0].weight_mask, net[1].weight_mask)
     assert not bool(net[1].weight_mask[0].any())
-    assert _distinct_zeros(net) == 16
 
 
 def test_global_magnitude_prune_refuses_different_scores_for_a_tied_weight():
@@ -426,12 +435,9 @@ def test_layer_magnitude_prune_gives_tied_layers_one_mask():
     entries either pruned are pruned in both, the target met over the
     weight once, one mask; layers naming one of them is a ValueError as in
     global_magnitude_prune."""
-    net = _tied_mlp()
-    first = (torch.arange(16).reshape(4, 4) >= 4).float()  # 4 entries pruned in layer 0 only
-    torch.nn.utils.prune.custom_from_mask(net[0], "weight", first)
+    net = _tied_with_one_pruned_alone()
     procedure.layer_magnitude_prune(net, 0.5)
-    assert torch.equal(net[0].weight_mask, net[1].weight_mask)
-    assert not bool(net[1].weight_mask[0].any())
+    _assert_one_mask_keeping_the_first_pruned(net)
     assert int((net[0].weight_mask == 0).sum()) == 8 and int((net[2].weight_mask == 0).sum()) == 8
     with pytest.raises(ValueError, match=r"layers '0' and '1' share one weight"):
         procedure.layer_magnitude_prune(_tied_mlp(), 0.5, layers=["0"])
