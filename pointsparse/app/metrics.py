@@ -8,6 +8,8 @@ import math
 import numpy as np
 import torch
 
+from ..data.readers import _ignore_index
+
 
 def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None = None) -> np.ndarray:
     """int64 ``(C, C)``: row = true class, column = predicted class. Targets
@@ -20,10 +22,8 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None = 
     if num_classes > MAX_CLASSES:
         raise ValueError(f"num_classes must be at most {MAX_CLASSES} (its C x C int64 matrix); got {num_classes}")
     num_classes = int(num_classes)
-    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer))):
-        raise TypeError(f"ignore_index must be an int or None; got {ignore_index!r}")
-    if ignore_index is not None and not -2**63 <= int(ignore_index) < 2**63:
-        raise ValueError(f"ignore_index must be an int64 label; got {ignore_index}")
+    if ignore_index is not None:
+        ignore_index = _ignore_index(ignore_index)  # (the readers' check: an int in int64, not a bool)
     pred, target = (_class_indices(t, name) for t, name in ((pred, "pred"), (target, "target")))
     if pred.shape != target.shape:
         raise ValueError(f"pred and target must have the same length; got {pred.numel()} and {target.numel()}")

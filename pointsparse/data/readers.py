@@ -458,7 +458,7 @@ def _ignore_index(value) -> int:
     if not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_)):
         raise TypeError(f"ignore_index must be an int; got {type(value).__name__} {value!r:.40}")
     if not _INT64_MIN <= int(value) <= _INT64_MAX:
-        raise ValueError(f"ignore_index must fit int64; got {int(value)}")
+        raise ValueError(f"ignore_index must be an int in int64; got {int(value)}")
     return int(value)
 
 
