@@ -75,11 +75,8 @@ def global_magnitude_prune(model: nn.Module, target: float, layers=None, scores:
     extra = int(round(target * total)) - pruned
     if extra <= 0:
         return
-    for group in groups:  # one mask per shared weight: the entries any of its layers has pruned, pruned in all
-        common = ~union_of(~get_mask(m) for _, m in group)
-        for _, m in group:
-            if not torch.equal(get_mask(m), common):
-                _compat.custom_from_mask(m, "weight", common)
+    for group in groups:
+        _unify_masks(group)
     params = [(group[0][1], "weight") for group in groups]
     # (the weights as they are now, not torch's default: module.weight, cached by the last forward, from before
     # the optimizer's last step)
@@ -88,9 +85,8 @@ def global_magnitude_prune(model: nn.Module, target: float, layers=None, scores:
         importance[(m, "weight")] = _only_used(scores[n] if scores is not None else current_weight(m).detach(), u)
     _compat.global_unstructured(params, pruning_method=torch.nn.utils.prune.L1Unstructured, amount=extra,
                                 importance_scores=importance)
-    for (_, first), *rest in groups:  # the mask of the weight they share
-        for _, m in rest:
-            _compat.custom_from_mask(m, "weight", first.weight_mask.detach().clone())
+    for group in groups:
+        _share_first_mask(group)
     for _, m in chosen:  # (torch's methods leave a product autograd made, which copy.deepcopy refuses)
         keep_copyable(m)
 
@@ -140,17 +136,30 @@ def layer_magnitude_prune(model: nn.Module, target: float, layers=None) -> None:
     of them or none (as :func:`global_magnitude_prune`)."""
     check_fraction(target, "target sparsity")
     for group in tied_groups(model, prunable_layers(model, layers)):
-        (_, first), *rest = group
-        if rest:  # (one mask per shared weight: the entries any of its layers has pruned, pruned in all)
-            common = ~union_of(~get_mask(m) for _, m in group)
-            for _, m in group:
-                if not torch.equal(get_mask(m), common):
-                    _compat.custom_from_mask(m, "weight", common)
-        magnitude_prune_layer(first, target)
-        for _, m in rest:
-            if not torch.equal(get_mask(m), get_mask(first)):
-                _compat.custom_from_mask(m, "weight", first.weight_mask.detach().clone())
+        _unify_masks(group)
+        magnitude_prune_layer(group[0][1], target)
+        _share_first_mask(group)
+        for _, m in group[1:]:
             keep_copyable(m)
+
+
+def _unify_masks(group: list[tuple[str, nn.Module]]) -> None:
+    """One mask for the layers of a :func:`tied_groups` group (one weight):
+    the entries any of them has pruned, pruned in all (masks never un-prune)."""
+    if len(group) > 1:
+        common = ~union_of(~get_mask(m) for _, m in group)
+        for _, m in group:
+            if not torch.equal(get_mask(m), common):
+                _compat.custom_from_mask(m, "weight", common)
+
+
+def _share_first_mask(group: list[tuple[str, nn.Module]]) -> None:
+    """The group's first layer's mask (just pruned further) on the others
+    that share its weight."""
+    (_, first), *rest = group
+    for _, m in rest:
+        if not torch.equal(get_mask(m), get_mask(first)):
+            _compat.custom_from_mask(m, "weight", first.weight_mask.detach().clone())
 
 
 def magnitude_prune_layer(module: nn.Module, target: float) -> None:
