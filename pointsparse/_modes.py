@@ -1,11 +1,14 @@
 """Running a user's model in eval mode for a moment (a trace, a timing, a
 FLOPs count, a calibration pass) and giving every module back its own mode;
+keeping its modes and buffers through a block that runs it as it is (a
+scan's evaluations, the scoring passes of pruning at initialisation);
 running it on an example input of one or several arguments."""
 
 from __future__ import annotations
 
 import contextlib
 
+import torch
 from torch import nn
 
 
@@ -21,6 +24,25 @@ def evaluating(model: nn.Module):
     finally:
         for m, mode in modes:
             m.training = mode
+
+
+@contextlib.contextmanager
+def kept(model: nn.Module):
+    """A block after which every module of ``model`` has the mode it had
+    and every buffer its values and identity (a forward in train mode moves
+    the BatchNorm statistics; a user's callback may call ``model.eval()``)."""
+    modes = [(m, m.training) for m in model.modules()]
+    buffers = [(m, key, b, b.detach().clone()) for m in model.modules() for key, b in m._buffers.items()
+               if b is not None]
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        with torch.no_grad():
+            for m, key, b, values in buffers:
+                b.copy_(values)
+                m._buffers[key] = b
 
 
 def run_model(model: nn.Module, inputs):

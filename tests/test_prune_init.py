@@ -276,3 +276,22 @@ def test_synflow_ranks_a_tied_weight_once():
     fresh[1].weight = fresh[0].weight
     with pytest.raises(ValueError, match=r"layers '0' and '1' share one weight"):
         init.synflow_scores(fresh, torch.zeros(1, 4), 0.5, 3, layers=["0"])
+
+
+@pytest.mark.parametrize("method", ["snip", "grasp"])
+def test_scoring_at_init_leaves_batchnorm_statistics_and_modes_as_they_were(method):
+    # SNIP and GraSP score on the user's batches in train mode, as their papers do; what the model keeps
+    # afterwards is its masks only: the BatchNorm statistics those forwards moved are put back (the reference
+    # implementations score a deep copy).
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    net.train()
+    net[3].eval()  # a module in its own mode keeps it
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    buffers = {k: v.clone() for k, v in net.named_buffers()}
+    init.prune_at_init(net, method, 0.5, batches=[(x, y), (x * 2, y)], loss_fn=loss)
+    for k, v in net.named_buffers():
+        if k in buffers:
+            assert torch.equal(v, buffers[k]), k
+    assert [m.training for m in net.modules()] == [True, True, True, True, False]
+    assert adapters.get_mask(net[0]).float().mean() < 1.0

@@ -22,7 +22,7 @@ from ._copyable import copy_model
 from .adapters import apply_masks, get_mask, prunable_layers, raw, used_mask
 from .criteria import check_loss
 from .procedure import check_callable, check_fraction, check_real, global_magnitude_prune, tied_groups, union_of
-from .._modes import run_model
+from .._modes import kept, run_model
 
 METHODS = ("snip", "grasp", "synflow")
 _LOSS = "loss_fn(model(inputs), targets)"  # how the errors name the user's loss
@@ -60,7 +60,9 @@ def _trainable(chosen, method: str) -> None:
 
 def snip_scores(model: nn.Module, batches: Iterable, loss_fn: Callable, layers=None) -> dict[str, torch.Tensor]:
     """SNIP: ``|mean_b dL_b/dw * w|`` over ``batches`` (the core's
-    :func:`pointsparse.prune.criteria.snip`), keyed by layer name."""
+    :func:`pointsparse.prune.criteria.snip`), keyed by layer name. The
+    model is scored in its own modes; afterwards its buffers (BatchNorm
+    statistics) and modes are as they were."""
     check_callable(loss_fn, "loss_fn")
     chosen = prunable_layers(model, layers)
     _trainable(chosen, "SNIP")
@@ -68,7 +70,8 @@ def snip_scores(model: nn.Module, batches: Iterable, loss_fn: Callable, layers=N
     def loss(net, batch):
         return check_loss(loss_fn(run_model(net, batch[0]), batch[1]), _LOSS)
 
-    scores = _compat.snip_criterion(model, loss, _batches(batches), [(m, "weight") for _, m in chosen])
+    with kept(model):  # (the scoring forwards move BatchNorm statistics in train mode)
+        scores = _compat.snip_criterion(model, loss, _batches(batches), [(m, "weight") for _, m in chosen])
     return {n: scores[(m, "weight")] for n, m in chosen}
 
 
@@ -94,20 +97,21 @@ def grasp_scores(model: nn.Module, batches: Iterable, loss_fn: Callable, layers=
     def scaled_loss(x, y):
         return check_loss(loss_fn(_scale_output(run_model(model, x), 1.0 / temperature), y), _LOSS)
 
-    g_total = [torch.zeros_like(p) for p in params]
-    for x, y in batches:
-        g = torch.autograd.grad(scaled_loss(x, y), params, allow_unused=True)
-        for acc, gi in zip(g_total, g):
-            if gi is not None:
-                acc += gi
-    hg = [torch.zeros_like(p) for p in params]
-    for x, y in batches:
-        g = torch.autograd.grad(scaled_loss(x, y), params, create_graph=True, allow_unused=True)
-        z = sum((gi * gt).sum() for gi, gt in zip(g, g_total) if gi is not None)
-        h = torch.autograd.grad(z, params, allow_unused=True)
-        for acc, hi in zip(hg, h):
-            if hi is not None:
-                acc += hi
+    with kept(model):  # (as SNIP's)
+        g_total = [torch.zeros_like(p) for p in params]
+        for x, y in batches:
+            g = torch.autograd.grad(scaled_loss(x, y), params, allow_unused=True)
+            for acc, gi in zip(g_total, g):
+                if gi is not None:
+                    acc += gi
+        hg = [torch.zeros_like(p) for p in params]
+        for x, y in batches:
+            g = torch.autograd.grad(scaled_loss(x, y), params, create_graph=True, allow_unused=True)
+            z = sum((gi * gt).sum() for gi, gt in zip(g, g_total) if gi is not None)
+            h = torch.autograd.grad(z, params, allow_unused=True)
+            for acc, hi in zip(hg, h):
+                if hi is not None:
+                    acc += hi
     return {n: -(m.weight.detach() * h) for (n, m), h in zip(chosen, hg)}
 
 

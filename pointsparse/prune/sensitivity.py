@@ -5,7 +5,6 @@ largest ratio whose drop stays under a threshold."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 from collections.abc import Iterable, Mapping
@@ -21,6 +20,7 @@ from ._copyable import copy_model
 from ..tensor import as_bool
 from .adapters import prunable_layers, used_mask
 from .procedure import check_callable, check_fraction, check_path, magnitude_prune_layer, metric_value
+from .._modes import kept
 
 GRANULARITIES = ("unstructured", "channel", "group")
 DEFAULT_RATIOS = tuple(round(0.1 * i, 1) for i in range(10))
@@ -116,33 +116,13 @@ def sensitivity_scan(model: nn.Module, eval_fn: Callable[[nn.Module], float], ra
     ratios = [float(r) for r in ratios]
     if not ratios or any(not 0.0 <= r < 1.0 for r in ratios):
         raise ValueError(f"ratios must be a non-empty list of values in [0, 1); got {ratios}")
-    if not isinstance(model, nn.Module):  # (before _kept walks its modules)
+    if not isinstance(model, nn.Module):  # (before kept walks its modules)
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     if granularity == "group":
-        with _kept(model):
+        with kept(model):
             return _group_scan(model, eval_fn, ratios, metric, example_input, layers)
-    with _kept(model):
+    with kept(model):
         return _layer_scan(model, eval_fn, ratios, granularity, layers, metric)
-
-
-@contextlib.contextmanager
-def _kept(model: nn.Module):
-    """The scan's block: afterwards every module of ``model`` has the mode it
-    had and every buffer its values (an ``eval_fn`` run on a model in train
-    mode moves its BatchNorm statistics; one calling ``model.eval()`` leaves
-    it in eval mode)."""
-    modes = [(m, m.training) for m in model.modules()]
-    buffers = [(m, key, b, b.detach().clone()) for m in model.modules() for key, b in m._buffers.items()
-               if b is not None]
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-        with torch.no_grad():
-            for m, key, b, values in buffers:
-                b.copy_(values)
-                m._buffers[key] = b
 
 
 def _layer_scan(model, eval_fn, ratios, granularity, layers, metric) -> SensitivityResult:
