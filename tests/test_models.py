@@ -220,11 +220,11 @@ def test_sync_batchnorm_statistics_of_16_bit_feats_in_float32(monkeypatch, dtype
     BatchNorm normalises them, statistics in float32 and output in their
     dtype: a float16 shard's sum overflowed (NaN outputs, inf running
     statistics), bfloat16 ones were off by 0.03 and came back float32."""
-    import torch.distributed.nn.functional as dist_functional
+    from pointsparse.models import sync_batchnorm
 
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda *args: 2)
-    monkeypatch.setattr(dist_functional, "all_reduce", lambda tensor, *args, **kwargs: tensor)
+    monkeypatch.setattr(sync_batchnorm, "_all_reduce", lambda tensor: tensor)
     x = _cloud(6000, 4, extent=30)
     x = x.with_feats((x.feats * 3 + 40).to(dtype))
     synced, plain = SyncBatchNorm(4).train(), spnn.BatchNorm(4).train()
@@ -240,11 +240,11 @@ def test_sync_batchnorm_checks_its_input_in_a_distributed_job(monkeypatch):
     checked as BatchNorm checks them: one channel into SyncBatchNorm(4) was
     broadcast to 4 output channels (and into the running statistics),
     others were torch's broadcast error."""
-    import torch.distributed.nn.functional as dist_functional
+    from pointsparse.models import sync_batchnorm
 
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda *args: 2)
-    monkeypatch.setattr(dist_functional, "all_reduce", lambda tensor, *args, **kwargs: tensor)
+    monkeypatch.setattr(sync_batchnorm, "_all_reduce", lambda tensor: tensor)
     synced = SyncBatchNorm(4).train()
     x = _cloud(200, 1)
     with pytest.raises(ValueError, match="feats have 1 channels but num_features is 4"):
@@ -265,11 +265,11 @@ def test_sync_batchnorm_refuses_one_site_over_all_processes(monkeypatch):
     process (which `pointsparse train` turns into advice on --voxel-size and
     --batch-size): SyncBatchNorm normalised it to zeros without a word and
     took 0 into its running variance."""
-    import torch.distributed.nn.functional as dist_functional
+    from pointsparse.models import sync_batchnorm
 
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda *args: 2)
-    monkeypatch.setattr(dist_functional, "all_reduce", lambda tensor, *args, **kwargs: tensor)
+    monkeypatch.setattr(sync_batchnorm, "_all_reduce", lambda tensor: tensor)
     one = _cloud(1, 4)
     assert one.feats.shape[0] == 1
     with pytest.raises(spnn.BatchStatisticsError) as plain:

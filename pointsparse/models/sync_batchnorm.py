@@ -13,10 +13,34 @@ from .. import nn as spnn
 from ..tensor import SparseTensor
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """The sum of ``tensor`` over every process of the default group, with
+    its gradient: each process's share of the total loss reaches every
+    input through the sum, so the gradient is the all-reduced sum of the
+    output's gradients (torch.distributed.nn's ``all_reduce``, deprecated in
+    torch 2.13, computed the same)."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        out = tensor.clone()
+        torch.distributed.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = grad.contiguous().clone()
+        torch.distributed.all_reduce(out)
+        return out
+
+
+def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    return _AllReduceSum.apply(tensor)
+
+
 class SyncBatchNorm(spnn.BatchNorm):
     """:class:`pointsparse.nn.BatchNorm` with global statistics: in training,
     the per-channel sum, sum of squares and row count are all-reduced (with
-    gradients, through ``torch.distributed.nn``), so N processes on N shards
+    gradients), so N processes on N shards
     compute what one process computes on the whole batch (one site over all
     of them is BatchNorm's :class:`~pointsparse.nn.BatchStatisticsError`).
     Outside a distributed job, or in eval mode, it is a plain BatchNorm."""
@@ -26,8 +50,6 @@ class SyncBatchNorm(spnn.BatchNorm):
         dist = torch.distributed
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(input) if isinstance(input, SparseTensor) else nn.BatchNorm1d.forward(self, input)
-        from torch.distributed.nn.functional import all_reduce
-
         # (checked here: one channel broadcast below silently to num_features, others failed in torch)
         if isinstance(input, SparseTensor):
             self._check_feats(input)
@@ -46,15 +68,15 @@ class SyncBatchNorm(spnn.BatchNorm):
         x = x.to(torch.promote_types(dtype, torch.float32))
         # Two passes (mean, then squared deviations) keep the variance exact
         # in float32 where E[x^2] - mean^2 would cancel.
-        total = all_reduce(torch.cat([x.sum(0), x.new_tensor([x.shape[0]])]))
+        total = _all_reduce(torch.cat([x.sum(0), x.new_tensor([x.shape[0]])]))
         count = total[c]
-        n = float(count)  # (read once: the one-site check here, the running variance's correction below)
+        n = float(count.detach())  # (read once: the one-site check here, the running variance's correction below)
         if n == 1:  # (the same count on every process: each raises, none waits in the next all-reduce)
             raise self._one_site_error(f"1 site at stride {input.stride} over all processes"
                                        if isinstance(input, SparseTensor) else "1 row over all processes")
         mean = total[:c] / count
         centred = x - mean
-        var = all_reduce(centred.square().sum(0)) / count
+        var = _all_reduce(centred.square().sum(0)) / count
         out = centred * torch.rsqrt(var + self.eps)
         if self.affine:
             out = out * self.weight.to(out.dtype) + self.bias.to(out.dtype)
