@@ -1694,3 +1694,19 @@ def test_init_from_a_minkunet_into_an_spvcnn_and_back_copies_the_voxel_unet(tmp_
     log = capsys.readouterr()
     assert re.search(r"initialised 19\d tensors from .*checkpoint.pt \(a MinkUNet's tensors as this SPVCNN's voxel "
                      r"U-Net \(unet.\*\)\)\n", log.out + log.err)
+
+
+@pytest.mark.parametrize("command, flag", [("train", "--scenes"), ("train", "--val-scenes"), ("train", "--beams"),
+                                           ("train", "--batch-size"), ("eval", "--val-scenes"),
+                                           ("eval", "--batch-size")])
+def test_count_flags_past_int64_name_the_flag(command, flag, tmp_path):
+    """A count flag past int64 is refused naming the flag (it was 'count must be a positive int' from the scene
+    generator, or an OverflowError deeper in), as one below 1 is."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    (tr if command == "train" else evaluate).add_arguments(parser)
+    base = ["--checkpoint", str(tmp_path / "missing.pt")] if command == "eval" else ["--out", str(tmp_path / "o")]
+    args = parser.parse_args([*base, flag, str(10**22)])
+    with pytest.raises(ValueError, match=f"{flag} must be in \\[1, 2\\*\\*63\\); got {10**22}"):
+        (tr.main if command == "train" else evaluate.main)(args)

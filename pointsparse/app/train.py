@@ -172,6 +172,8 @@ def check_args(args) -> None:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {value}")
+        if value is not None and value >= 2**63:  # (else a generator's or torch's error without the flag)
+            raise ValueError(f"--{name.replace('_', '-')} must be in [1, 2**63); got {value}")
     check_threads(getattr(args, "threads", None))
     seed = getattr(args, "seed", None)
     if seed is not None and not 0 <= seed < 2**32:
