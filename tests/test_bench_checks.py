@@ -1,0 +1,51 @@
+"""The checks the benchmark scripts make before they time anything: each
+must be able to fail (a check that compares a result with itself passes
+whatever the code under test computed)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pointsparse.app import benchmark
+
+
+def _bench_module(name: str):
+    sys.path.insert(0, str(benchmark.BENCH_DIR))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(benchmark.BENCH_DIR))
+
+
+def _into_kept_buffer():
+    """Two jobs that write into buffers kept between calls and return them
+    (as side_by_side.conv_jobs' do), their result depending on the thread
+    count: the way run side by side (one thread each) computes other arrays
+    than the 2-thread one."""
+    bufs = [np.zeros(4, np.float32), np.zeros(4, np.float32)]
+
+    def job(i):
+        def run(nt):
+            bufs[i][:] = nt
+            return bufs[i]
+        return run
+
+    return job(0), job(1)
+
+
+def test_side_by_side_check_fails_for_jobs_writing_a_kept_buffer(monkeypatch):
+    """side_by_side.measure compared the 2-thread results with the
+    side-by-side ones; the conv jobs return their one output array, so both
+    were the same array and the check could not fail. Now the 2-thread
+    results are copied first: jobs whose arrays differ are refused."""
+    sbs = _bench_module("side_by_side")
+    monkeypatch.setattr(sbs, "map_jobs", lambda coords: _into_kept_buffer())
+    monkeypatch.setattr(sbs, "conv_jobs", lambda coords: _into_kept_buffer())
+    coords = torch.zeros((1, 4), dtype=torch.int32)
+    with pytest.raises(AssertionError, match="other arrays"):
+        sbs.measure(coords, 1)
