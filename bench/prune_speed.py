@@ -178,7 +178,7 @@ def scene_table(name: str, coords: torch.Tensor, repeats: int, backward: bool, k
     errors = {k: cut_error(models["dense"], x, kept[k], net) for k, net in models.items() if k in kept}
     fwd = _time_interleaved(models, x, repeats)
     timed = [k for k in ("dense", "keep 0.5 (x8)", "AMC (x1)", "AMC (x8)") if k in models]
-    bwd = _time_interleaved({k: models[k] for k in timed}, x, 2, True) if backward else {}
+    bwd = _time_interleaved({k: models[k] for k in timed}, x, repeats, True) if backward else {}
     base = (_flops(models["dense"], x), sum(p.numel() for p in models["dense"].parameters()))
     rows = [f"### {name}: {len(coords)} voxels, {repeats} interleaved repeats (median)", "",
             "| model | params | FLOPs | FLOP reduction | forward ms | speed-up | speed-up / FLOP reduction "

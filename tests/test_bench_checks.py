@@ -49,3 +49,23 @@ def test_side_by_side_check_fails_for_jobs_writing_a_kept_buffer(monkeypatch):
     coords = torch.zeros((1, 4), dtype=torch.int32)
     with pytest.raises(AssertionError, match="other arrays"):
         sbs.measure(coords, 1)
+
+
+def test_prune_speed_times_fwd_bwd_with_the_repeats_it_states(monkeypatch):
+    """bench/prune_speed.py's table says '{repeats} interleaved repeats
+    (median)' for every column, but its fwd+bwd columns were timed with 2
+    repeats whatever --repeats said (a median of 2: their mean). Both
+    directions now take --repeats."""
+    ps_bench = _bench_module("prune_speed")
+    common = _bench_module("_common")
+    asked = []
+
+    def record(models, x, repeats, backward=False):
+        asked.append((backward, repeats))
+        return {k: 1.0 for k in models}
+
+    monkeypatch.setattr(ps_bench, "_time_interleaved", record)
+    monkeypatch.setattr(ps_bench, "_flops", lambda net, x: 1.0)
+    table, _, _ = ps_bench.scene_table("scene", common.street_scene(300), 5, True, [(0.5, 8)], None)
+    assert sorted(asked) == [(False, 5), (True, 5)]
+    assert "5 interleaved repeats" in table
