@@ -250,12 +250,18 @@ def sweep_grid(quick) -> tuple[list, list, list]:
     return [(64, 64), (256, 256), (1024, 1024)], [1024, 10240, 102400], [0.5, 0.7, 0.8, 0.9, 0.95, 0.99]
 
 
+def sweep_repeats(N: int, repeats: int) -> int:
+    """Runs a sweep product of ``N`` columns is timed with: fewer above 10240
+    columns (the widest take seconds a run)."""
+    return max(2, repeats - 4) if N > 10240 else repeats
+
+
 def sweep_series(M, K, N, sparsities, repeats, out) -> dict:
     """method -> seconds per sparsity of one size; a table row per sparsity appended to ``out``."""
     series = {k: [] for k in ("dense torch.mm", "torch.sparse CSR", "ours CSR",
                               "torch.sparse BSR 4x4", "ours BSR 4x4")}
     for s in sparsities:
-        r = time_case(M, K, N, s, max(2, repeats - 4) if N > 10240 else repeats)
+        r = time_case(M, K, N, s, sweep_repeats(N, repeats))
         for k in series:
             series[k].append(r[k])
         dd = r["dense torch.mm"]
@@ -270,7 +276,10 @@ def sweep_series(M, K, N, sparsities, repeats, out) -> dict:
 def sweep_section(quick, repeats) -> tuple[list[str], dict, list]:
     """2. The sweep and each format's break-even sparsity: (lines, curves, sparsities)."""
     shapes, columns, sparsities = sweep_grid(quick)
+    wide = sorted({N for N in columns if sweep_repeats(N, repeats) != repeats})
     out = ["## Sweep (ms; speedup of ours against dense in brackets)\n",
+           f"Times: medians of {repeats} runs" + (f"; N = {', '.join(map(str, wide))}: medians of "
+                                                  f"{sweep_repeats(wide[0], repeats)} runs" if wide else "") + ".\n",
            "| M x K | N | sparsity | dense | torch CSR | ours CSR | torch BSR | ours BSR |",
            "|---|---:|---:|---:|---:|---:|---:|---:|"]
     curves = {}

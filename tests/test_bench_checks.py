@@ -69,3 +69,24 @@ def test_prune_speed_times_fwd_bwd_with_the_repeats_it_states(monkeypatch):
     table, _, _ = ps_bench.scene_table("scene", common.street_scene(300), 5, True, [(0.5, 8)], None)
     assert sorted(asked) == [(False, 5), (True, 5)]
     assert "5 interleaved repeats" in table
+
+
+def test_spmm_sweep_says_how_many_runs_its_widest_products_took(monkeypatch):
+    """bench/spmm.py's page said 'medians of {repeats} runs' for every time,
+    but the sweep times products of more than 10240 columns with
+    max(2, repeats - 4) runs (3 of the default 7): the sweep's table now
+    says so, and the count is the one time_case was given."""
+    spmm = _bench_module("spmm")
+    given = {}
+
+    def fake_case(M, K, N, sparsity, repeats, with_torch_sparse=True):
+        given[N] = repeats
+        return {k: 1.0 for k in ("dense torch.mm", "ours CSR", "ours BSR 4x4", "torch.sparse CSR",
+                                 "torch.sparse BSR 4x4")}
+
+    monkeypatch.setattr(spmm, "time_case", fake_case)
+    monkeypatch.setattr(spmm, "sweep_grid", lambda quick: ([(64, 64)], [1024, 102400], [0.5, 0.9]))
+    lines, _, _ = spmm.sweep_section(False, 7)
+    assert given == {1024: 7, 102400: 3}
+    text = "\n".join(lines)
+    assert "medians of 7 runs" in text and "102400" in text and "medians of 3 runs" in text
