@@ -716,3 +716,26 @@ def test_prune_channels_cuts_the_coupled_groups_channel_groups_gives():
     with pytest.raises(ValueError, match="no dependency graph"):
         surgery.prune_channels(other, G.CoupledGroup("stem.0", 8), [0])
     assert surgery.count_parameters(other) == n_before
+
+
+def test_a_linear_flattened_with_other_axes_is_not_cut_by_its_chain():
+    """A Linear on (B, T, C) carries its channels on the last axis; a Flatten
+    after it makes input t * C + c of the next layer of channel c, the
+    channels interleaved with the T axis. The chain took the consumer's
+    T * C inputs for a Conv's flatten, each channel a run of T inputs, and
+    cut runs that held other channels: the cut model computed another
+    output, without a word. Such a group is fixed in a chain (the
+    dependency graph, traced on an input, fixes it too)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 8, 6), nn.ReLU(),
+                        nn.Linear(6, 4)).eval()
+    assert [g.producer for g in surgery.channel_groups(net)] == ["3"]
+    with pytest.raises(ValueError, match=r"'0' cannot be cut .*last axis.*example_input"):
+        surgery.apply_channel_ratios(net, {"0": 0.5})
+    with pytest.raises(ValueError, match=r"'0' cannot be cut .*last axis"):
+        surgery.prune_channels(net, "0", [0, 2, 4, 6])
+    assert net[0].out_features == 8 and net[3].in_features == 24
+    x = torch.randn(7, 3, 5)
+    before = net(x)
+    surgery.apply_channel_ratios(net, {"3": 0.5})  # (the Linear after the Flatten: its channels are on axis 1)
+    assert net[3].out_features == 3 and net(x).shape == before.shape

@@ -180,8 +180,11 @@ def channel_groups(model: nn.Module, example_input=None) -> list:
     MinkUNet give the channels inside their blocks. Nor does a group with a
     layer or norm that the chains list twice (one module run at two places:
     its input is its own output), whose weight another module holds too
-    (tied layers) or that its adapter cannot cut (a grouped conv): their
-    channels are fixed, as the dependency graph fixes them. Raises
+    (tied layers), that its adapter cannot cut (a grouped conv) or whose
+    producer carries its channels on its last axis (a Linear) and feeds
+    more inputs than it has channels (a Flatten of ``(T, C)``: each channel
+    at every ``C``-th input, no run of ``repeat``): their channels are
+    fixed, as the dependency graph fixes them. Raises
     ValueError when a consumer's input size does not fit its producer's
     channels."""
     if not isinstance(model, nn.Module):
@@ -228,6 +231,13 @@ def _chain_groups(model: nn.Module) -> list[tuple[ChannelGroup, str | None]]:
                     current.repeat = max(1, c_in // c_out)
                     members = [current.producer, *current.norms, current.consumer]
                     reasons = [fixed.get(n) or by_id.get(id(model.get_submodule(n))) for n in members]
+                    if current.repeat > 1 and adapters.adapter_for(current_module).channels_last:
+                        # (a Linear on (B, T, C) flattened: input t * C + c is channel c's, no run of T inputs)
+                        reasons.append(
+                            f"{current.producer}: a {type(current_module).__name__} carries its channels on its last "
+                            f"axis, so the {c_in} inputs of {name!r} hold each of its {c_out} channels at every "
+                            f"{c_out}th input (a Flatten of its other axes), not in a run of {current.repeat} as a "
+                            "chain cuts them; give example_input (the dependency graph)")
                     groups.append((current, next((r for r in reasons if r is not None), None)))
                 current, current_module = ChannelGroup(producer=name), m
             elif kind == "norm" and current is not None:
