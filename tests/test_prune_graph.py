@@ -432,7 +432,7 @@ def test_multiple_takes_numpy_integers(make):
         net = prune_channels(nn.Sequential(nn.Linear(4, 20), nn.ReLU(), nn.Linear(20, 2)), torch.randn(5, 4), 0.5,
                              multiple=multiple)
         widths.append((net[0].out_features, net[0].weight.detach().clone()))
-    assert widths[0][0] == widths[1][0] == 8 and torch.equal(widths[0][1], widths[1][1])
+    assert widths[0][0] == widths[1][0] == 12 and torch.equal(widths[0][1], widths[1][1])  # (2.5 fours: a tie keeps 3)
 
 
 @pytest.mark.parametrize("bad", [True, np.bool_(True), 2.0, 1.5])
@@ -2551,3 +2551,16 @@ def test_channels_an_argument_object_holds_are_fixed(wrap):
     masked = net(torch.ones(4, 3)).detach()
     graph.cut(keep)
     assert torch.allclose(net(torch.ones(4, 3)).detach(), masked, atol=1e-6)
+
+
+def test_kept_count_rounds_once_to_the_multiple_and_ties_keep_more():
+    # 16 * 0.74 = 11.84 is 1.48 multiples of 8: 8 channels. It was rounded to 12 first, then 12 / 8 = 1.5 to
+    # an even 2 multiples: 16, the whole group, for a plan that asked to remove a quarter of it.
+    assert G.kept_count(16, 0.74, 8) == 8
+    # A tie between two multiples keeps the larger, whatever the parity: 0.5 of 24 and of 40 kept 16 both
+    # (round half to even: 1.5 -> 2 multiples, 2.5 -> 2 multiples).
+    assert G.kept_count(24, 0.5, 8) == 16 and G.kept_count(40, 0.5, 8) == 24
+    assert G.kept_count(5, 0.5) == 3 and G.kept_count(7, 0.5) == 4  # (ties keep more without a multiple too)
+    net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+    graph = G.DependencyGraph(net, torch.randn(5, 4))
+    assert [len(k) for k in G.plan(graph, 0.74, multiple=8).values()] == [8]

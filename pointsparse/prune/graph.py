@@ -39,6 +39,7 @@ branches on shapes."""
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -745,15 +746,18 @@ DEFAULT_MULTIPLE = 8
 
 
 def kept_count(size: int, keep_ratio: float, multiple: int = 1) -> int:
-    """``round(size * keep_ratio)`` rounded to the nearest multiple of
-    ``multiple`` (at least one multiple, or 1; at most ``size``)."""
+    """``size * keep_ratio`` rounded to the nearest multiple of ``multiple``
+    (at least one multiple, or 1; at most ``size``), in one rounding, a tie
+    keeping the larger count (channels, or multiples of them)."""
     keep_ratio = check_fraction(keep_ratio, "keep ratio", low_open=True, high_open=False)
     multiple = positive_int(multiple, "multiple")
-    n = max(1, int(round(size * keep_ratio)))
+    exact = size * float(keep_ratio)
+    n = max(1, math.floor(exact + 0.5))
     if n >= size:  # nothing to prune: rounding to the multiple must not cut a group kept whole
         return size
     if multiple > 1 and size > multiple:
-        n = max(multiple, int(round(n / multiple)) * multiple)
+        # (from the exact count: rounding it to a channel first, then to the multiple, rounded twice)
+        n = max(multiple, math.floor(exact / multiple + 0.5) * multiple)
     return min(n, size)
 
 
@@ -812,11 +816,12 @@ def plan(graph: DependencyGraph, keep_ratio, scores: dict | None = None, scope: 
         chosen = torch.bincount(owner[best], minlength=len(relative))
         counts = {n: int(c) for n, c in zip(relative, chosen)}
     else:
-        counts = {n: round(graph.group(n).size * float(ratios[n])) for n in ratios}
+        counts = None
     out = {}
     for name, s in all_scores.items():
         size = graph.group(name).size
-        n = kept_count(size, max(counts[name], 1) / size, multiple)
+        # (a group's own ratio rounded once to the multiple; a global plan's chosen count rounded to it)
+        n = kept_count(size, ratios[name] if counts is None else max(counts[name], 1) / size, multiple)
         out[name] = torch.sort(torch.topk(s, n).indices).values
     return out
 
