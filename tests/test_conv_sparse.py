@@ -651,6 +651,28 @@ def test_gradcheck_pruned(vector_density, monkeypatch):
     assert torch.autograd.gradcheck(lambda a, b: _engine.conv(a, b * mask, None, kmap, mask=mask), (f, orig))
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_gradcheck_of_masked_strided_and_transposed_convs_on_every_path(backend):
+    """float64 gradcheck of F.conv3d with a weight_mask down a stride-2 conv
+    and back up its transposed conv, on the engine and on the torch path
+    (the GPU's). gradcheck also runs the backward with an undefined output
+    gradient, which the torch path's mask hook got as None and multiplied
+    by the mask: a TypeError instead of the check."""
+    x = make(n=12, c=2, extent=3)
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(27, 2, 2, generator=g, dtype=torch.float64)
+    w[[0, 4, 13, 20]] = 0
+    mask = (w != 0).double()
+    up_mask = mask.transpose(1, 2).contiguous()
+
+    def conv(f, w):
+        y = F.conv3d(x.with_feats(f), w * mask, 3, 2, weight_mask=mask)
+        return F.conv3d(y, (w * mask).transpose(1, 2), 3, 2, transposed=True, weight_mask=up_mask).feats
+
+    with ps.backend(backend):
+        assert torch.autograd.gradcheck(conv, (x.feats.clone().requires_grad_(), w.clone().requires_grad_()))
+
+
 def _threads_run(threads, kind):
     old = torch.get_num_threads()
     torch.set_num_threads(threads)

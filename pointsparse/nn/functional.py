@@ -269,10 +269,11 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
                              mask=weight_mask, add=residual if fuse else None)
     else:  # other devices and dtypes: the same pairs in torch ops
         if weight_mask is not None and weight.requires_grad and torch.is_grad_enabled():
-            # the engine's weight gradient: the dense one times the mask
+            # the engine's weight gradient: the dense one times the mask (an undefined gradient, None, which
+            # autograd hands a hook where no output gradient reached it, passed on as it is)
             mask = weight_mask.detach()
             weight = weight.view_as(weight)
-            weight.register_hook(lambda grad: grad * mask)
+            weight.register_hook(lambda grad: None if grad is None else grad * mask)
         if region is not None:
             weight = weight * region.to(weight.device, weight.dtype).view(-1, 1, 1)
         # A 16-bit conv keeps its dtype under autocast (autocast takes float32 convs only, as above), so its
