@@ -2564,3 +2564,39 @@ def test_kept_count_rounds_once_to_the_multiple_and_ties_keep_more():
     net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
     graph = G.DependencyGraph(net, torch.randn(5, 4))
     assert [len(k) for k in G.plan(graph, 0.74, multiple=8).values()] == [8]
+
+
+@pytest.mark.parametrize("scope", ["group", "global"])
+def test_plan_ignore_keeps_the_channels_the_named_layers_produce(scope):
+    """Torch-Pruning's ignored_layers: the layers named (by name or as modules) keep every output channel,
+    their input channels following their producers; a global plan ranks the other groups together."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(),
+                        nn.Linear(16, 3))
+    graph = G.DependencyGraph(net, torch.randn(5, 4))
+    full = G.plan(graph, 0.5, scope=scope, multiple=1)
+    assert set(full) == {"0", "2", "4"}
+    for ignore in (["2"], [net[2]], ("2",)):
+        keep = G.plan(graph, 0.5, scope=scope, multiple=1, ignore=ignore)
+        assert set(keep) == {"0", "4"}
+        assert sum(len(v) for v in keep.values()) == pytest.approx(0.5 * 32, abs=1)
+    pruned = G.prune_model(net, torch.randn(5, 4), 0.5, scope=scope, multiple=1, ignore=["2"])
+    assert net[2].out_features == 24 and net[2].in_features == pruned["0"] < 16
+    with pytest.raises(ValueError, match=r"ignore: 'nope' is no layer of the graph's model"):
+        G.plan(graph, 0.5, ignore=["nope"])
+    with pytest.raises(ValueError, match=r"ignore: Linear\(in_features=2, .*is no layer of the graph's model"):
+        G.plan(graph, 0.5, ignore=[nn.Linear(2, 2)])
+    with pytest.raises(TypeError, match=r"ignore must be layer names or modules; got int"):
+        G.plan(graph, 0.5, ignore=[3])
+    with pytest.raises(TypeError, match=r"ignore must be an iterable of layer names or modules; got str"):
+        G.plan(graph, 0.5, ignore="2")
+    with pytest.raises(ValueError, match=r"keep_ratio names group '0', whose channels a layer of ignore produces"):
+        G.plan(graph, {"0": 0.5}, ignore=["0"])
+
+
+def test_prune_channels_ignore_keeps_a_layers_outputs():
+    from pointsparse.prune.workflow import prune_channels
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 3))
+    prune_channels(net, torch.randn(5, 4), 0.5, multiple=1, ignore=[net[2]])
+    assert (net[0].out_features, net[2].out_features, net[4].in_features) == (8, 24, 24)

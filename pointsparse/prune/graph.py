@@ -41,7 +41,7 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 
 import torch
@@ -778,15 +778,39 @@ def _ranks(scores: torch.Tensor) -> torch.Tensor:
         0, order, torch.arange(len(scores), dtype=torch.float64))
 
 
+def _ignored_groups(graph: DependencyGraph, ignore) -> set[str]:
+    """The names of the groups whose channels a layer of ``ignore`` (names
+    of the graph's model's layers, or the modules) produces."""
+    if isinstance(ignore, (str, bytes, nn.Module)) or not isinstance(ignore, Iterable):
+        raise TypeError(f"ignore must be an iterable of layer names or modules; got {type(ignore).__name__}")
+    names = {id(m): n for n, m in graph.model.named_modules()}
+    layers = set()
+    for item in ignore:
+        if isinstance(item, nn.Module):
+            if id(item) not in names:
+                raise ValueError(f"ignore: {item!r} is no layer of the graph's model")
+            layers.add(names[id(item)])
+        elif isinstance(item, str):
+            if item not in dict(graph.model.named_modules()):
+                raise ValueError(f"ignore: {item!r} is no layer of the graph's model")
+            layers.add(item)
+        else:
+            raise TypeError(f"ignore must be layer names or modules; got {type(item).__name__}")
+    return {g.name for g in graph.groups if layers.intersection(g.modules("out"))}
+
+
 def plan(graph: DependencyGraph, keep_ratio, scores: dict | None = None, scope: str = "group",
-         multiple: int = DEFAULT_MULTIPLE, reduce: str = "sum") -> dict[str, torch.Tensor]:
+         multiple: int = DEFAULT_MULTIPLE, reduce: str = "sum", ignore=()) -> dict[str, torch.Tensor]:
     """The channels to keep in each group, ranked by :func:`group_scores`.
     ``keep_ratio``: one ratio for every group, or ``{group name: ratio}``
     (groups not named keep everything). ``scope="global"`` ranks every
     channel of every group together (scores divided by their group's mean)
     and keeps the best ``round(keep_ratio * channels)`` of all (a tie shared
     among the groups in proportion to their sizes); counts are then rounded
-    to ``multiple`` per group."""
+    to ``multiple`` per group. ``ignore`` (Torch-Pruning's
+    ``ignored_layers``): layers, by name or as modules, that keep every
+    output channel: the groups they produce are left out (a global plan
+    ranks the others), their input channels follow their producers."""
     if scope not in ("group", "global"):
         raise ValueError(f"scope must be 'group' or 'global'; got {scope!r}")
     if scores is not None and not isinstance(scores, Mapping):
@@ -797,6 +821,13 @@ def plan(graph: DependencyGraph, keep_ratio, scores: dict | None = None, scope: 
     else:
         keep_ratio = check_fraction(keep_ratio, "keep_ratio", low_open=True, high_open=False)
         ratios = {g.name: keep_ratio for g in graph.groups}
+    ignored = _ignored_groups(graph, ignore)
+    if isinstance(keep_ratio, Mapping):
+        for name in ratios:
+            if graph.group(name).name in ignored:
+                raise ValueError(f"keep_ratio names group {name!r}, whose channels a layer of ignore produces: "
+                                 "name it in one of them")
+    ratios = {name: r for name, r in ratios.items() if graph.group(name).name not in ignored}
     all_scores = {name: group_scores(graph, name, scores, reduce) for name in ratios}
     if not all_scores:
         return {}
@@ -827,10 +858,11 @@ def plan(graph: DependencyGraph, keep_ratio, scores: dict | None = None, scope: 
 
 
 def prune_model(model: nn.Module, example_input, keep_ratio, scores: dict | None = None, scope: str = "group",
-                multiple: int = DEFAULT_MULTIPLE) -> dict[str, int]:
-    """Trace, plan and cut in one call; returns the kept width of each group."""
+                multiple: int = DEFAULT_MULTIPLE, ignore=()) -> dict[str, int]:
+    """Trace, plan and cut in one call; returns the kept width of each group
+    (``ignore``: as :func:`plan`'s)."""
     graph = DependencyGraph(model, example_input)
-    keep = plan(graph, keep_ratio, scores, scope, multiple)
+    keep = plan(graph, keep_ratio, scores, scope, multiple, ignore=ignore)
     graph.cut(keep)
     return {k: len(v) for k, v in keep.items()}
 

@@ -40,15 +40,18 @@ def channel_scores(criterion: str, model: nn.Module, loss_fn: Callable | None = 
 
 
 def prune_channels(model: nn.Module, example_input, ratio: float = 0.5, scores=None, scope: str = "group",
-                   multiple: int | None = None) -> nn.Module:
+                   multiple: int | None = None, ignore=()) -> nn.Module:
     """Keep ``ratio`` of every coupled channel group of ``model`` (traced on
     ``example_input``; ranked by ``scores``, default L1), counts rounded to
     ``multiple`` (default :data:`~pointsparse.prune.graph.DEFAULT_MULTIPLE`),
-    and cut the rest in place. Returns ``model``."""
+    and cut the rest in place; the layers of ``ignore`` (names or modules)
+    keep their output channels (:func:`~pointsparse.prune.graph.plan`).
+    Returns ``model``."""
     from .graph import DEFAULT_MULTIPLE, DependencyGraph, plan
     check_fraction(ratio, "ratio (the kept fraction)", low_open=True, high_open=False)  # None too
     if multiple is not None:
         multiple = positive_int(multiple, "multiple (--multiple)", "kept channel counts are rounded to it")
     graph = DependencyGraph(model, example_input)
-    graph.cut(plan(graph, ratio, scores, scope, DEFAULT_MULTIPLE if multiple is None else multiple), retrace=False)
+    graph.cut(plan(graph, ratio, scores, scope, DEFAULT_MULTIPLE if multiple is None else multiple, ignore=ignore),
+              retrace=False)
     return model
