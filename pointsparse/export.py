@@ -653,8 +653,7 @@ class ProgramModel(nn.Module):
         other than autocast's ("Unexpected floating ScalarType in
         at::autocast::prioritize"; the eager model's ``nn.cat`` runs with
         autocast off)."""
-        # (its convs are inference operators, with no backward: without an autograd graph, the output refuses
-        # a gradient by name where one is asked for, not torch's "no autograd formula" from deep inside)
+        # (inference: without an autograd graph, the output refuses a gradient by name where one is asked for)
         wanted = [t for t in (*args, *self.parameters()) if isinstance(t, torch.Tensor) and t.requires_grad] \
             if torch.is_grad_enabled() else []
         try:
@@ -773,8 +772,8 @@ class _NoGradient(torch.autograd.Function):
     """A program's output as it is, part of the autograd graph of the
     tensors that asked for gradients (the program's weights, feats that
     require grad), whose backward refuses the gradient, naming
-    :class:`ProgramModel`: an exported program runs inference operators
-    (``conv_inference``), which have no backward."""
+    :class:`ProgramModel`, which runs its program without an autograd
+    graph (inference only)."""
 
     @staticmethod
     def forward(ctx, source: str, out: torch.Tensor, *wanted: torch.Tensor) -> torch.Tensor:
@@ -783,8 +782,8 @@ class _NoGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        raise RuntimeError(f"ProgramModel ({ctx.source}) runs inference only: its output has no gradient (an "
-                           "exported program's convs have no backward); compute gradients with the eager model "
+        raise RuntimeError(f"ProgramModel ({ctx.source}) runs inference only: its output has no gradient (it runs "
+                           "its program without an autograd graph); compute gradients with the eager model "
                            "(pointsparse.export.load_checkpoint, models.load_model), or run the program under "
                            "torch.no_grad() / torch.inference_mode()")
 

@@ -23,8 +23,10 @@ output shapes, with unbacked symbolic sizes where a count depends on the data):
     where they run), with a registered autograd formula that calls
     ``conv_input_grad`` and ``conv_weight_grad``.
 ``conv_inference(feats, weight, bias?, out_coords, in_idx, out_idx, sizes, key, add?, relu)``
-    the same forward with a residual and the ReLU in the kernel's store, no
-    autograd: a graph's conv where no gradient is needed.
+    the same forward with a residual and the ReLU in the kernel's store: a
+    graph's conv where no gradient is needed (its autograd formula, conv's
+    through the residual and the ReLU, serves an exported program's module
+    run or compiled under grad mode).
     Both have an autocast rule on the CPU and CUDA, as aten's convs do:
     called under ``torch.autocast`` (an exported program run there) they
     run as an eager conv does under it (:func:`_autocast_conv`).
@@ -520,8 +522,9 @@ def _(feats, weight, bias, out_coords, in_idx, out_idx, sizes, key):
 @torch.library.custom_op(f"{_LIB}::conv_inference", mutates_args=())
 def conv_inference(feats: Tensor, weight: Tensor, bias: Optional[Tensor], out_coords: Tensor, in_idx: Tensor,
                    out_idx: Tensor, sizes: Tensor, key: list[int], add: Optional[Tensor], relu: bool) -> Tensor:
-    """``relu(conv(...) + add)`` without autograd (a graph that needs no
-    gradient: an exported inference program): the residual ``add`` (or
+    """``relu(conv(...) + add)`` for a graph that needs no gradient (an
+    exported inference program; differentiable all the same, its program's
+    module run under grad mode: :func:`_conv_inference_backward`): the residual ``add`` (or
     None) and the ReLU run in the kernel's store, block by block, as in
     eager inference (the same bits); see :func:`_forward`. The tensors'
     dtypes and shapes are checked first (:func:`_check_conv`)."""
@@ -629,6 +632,41 @@ def _conv_backward(ctx, grad):
 
 
 conv.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
+def _conv_inference_setup(ctx, inputs, output):
+    feats, weight, bias, out_coords, in_idx, out_idx, sizes, key, add, relu = inputs
+    # (the output only where the ReLU's mask is read from it)
+    ctx.save_for_backward(feats, weight, out_coords, in_idx, out_idx, sizes, output if relu else None)
+    ctx.key, ctx.has_bias, ctx.relu = key, bias is not None, relu
+    ctx.add_dtype = None if add is None else add.dtype
+
+
+def _conv_inference_backward(ctx, grad):
+    """:func:`conv_inference`'s gradients, those of ``relu(conv(...) + add)``
+    (:func:`_conv_backward`'s through the ReLU and the residual; a residual
+    of another dtype than the feats' gets its gradient in its own dtype, the
+    conv its own in the feats', as torch's promotion does). Not a path a
+    graph takes where gradients are needed (:func:`conv3d` calls :func:`conv`
+    there): an exported inference program's module run under grad mode, or
+    compiled there (AOT autograd traces the backward while compiling)."""
+    feats, weight, out_coords, in_idx, out_idx, sizes, out = ctx.saved_tensors
+    need_feats, need_weight, need_bias = ctx.needs_input_grad[:3]
+    if ctx.relu:
+        grad = grad.masked_fill(out <= 0, 0)  # (torch.relu's: no gradient where the output is 0)
+    grad_add = grad.to(ctx.add_dtype) if ctx.add_dtype is not None and ctx.needs_input_grad[8] else None
+    grad = grad.to(feats.dtype)
+    grad_feats = grad_weight = grad_bias = None
+    if need_feats:
+        grad_feats = conv_input_grad(grad, weight, out_coords, in_idx, out_idx, sizes, ctx.key, feats.shape[0])
+    if need_weight:
+        grad_weight = conv_weight_grad(feats, grad, out_coords, in_idx, out_idx, sizes, ctx.key)
+    if ctx.has_bias and need_bias:
+        grad_bias = grad.sum(0)
+    return grad_feats, grad_weight, grad_bias, None, None, None, None, None, grad_add, None
+
+
+conv_inference.register_autograd(_conv_inference_backward, setup_context=_conv_inference_setup)
 
 
 def _widened(feats: Tensor, weight: Tensor, bias: Optional[Tensor], graph_args: tuple, add: Optional[Tensor],

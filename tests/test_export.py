@@ -1594,6 +1594,76 @@ def test_program_model_keeps_the_dtype_and_device_it_was_exported_with():
     assert model.eval() is model
 
 
+@pytest.mark.parametrize("residual", [False, True])
+def test_conv_inference_has_the_gradients_of_conv_plus_the_residual_and_the_relu(residual):
+    """conv_inference had no autograd formula: called on tensors that require grad (an exported program's
+    module run under grad mode, its weights parameters) its backward raised torch's "no autograd formula
+    was registered", and torch.compile of such a module (aot_eager, inductor) failed while compiling, as
+    AOT autograd traces the backward. Its gradients are now conv's, through the residual and the ReLU
+    (gradcheck in float64, the torch loop too; a residual of another dtype gets its gradient in its own)."""
+    x = _cloud(120, 4, channels=3, dtype=torch.float64)
+    args, g = conv_operator_args(x, 4, seed=4)
+    feats, weight, bias = (t.double().clone().requires_grad_() for t in args[:3])
+    add = torch.randn(len(x), 4, generator=g, dtype=torch.float64, requires_grad=True) if residual else None
+    graph = args[3:]
+    leaves = (feats, weight, bias) + ((add,) if residual else ())
+
+    def run(f, w, b, *a):
+        return ops.conv_inference(f, w, b, *graph, a[0] if a else None, True)
+
+    torch.autograd.gradcheck(run, leaves)
+    with ps._ext.torch_path():
+        torch.autograd.gradcheck(run, leaves)
+    torch.library.opcheck(torch.ops.pointsparse.conv_inference.default, (feats, weight, bias, *graph, add, True),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    if residual:  # a float32 residual: the output float64 (promoted), the residual's gradient float32
+        low = add.detach().float().requires_grad_()
+        out = ops.conv_inference(feats, weight, bias, *graph, low, True)
+        want = torch.relu(ops.conv(feats, weight, bias, *graph) + low)
+        assert out.dtype == torch.float64 and torch.equal(out, want)
+        got = torch.autograd.grad(out.square().sum(), (feats, weight, bias, low))
+        expected = torch.autograd.grad(want.square().sum(), (feats, weight, bias, low))
+        for a, b in zip(got, expected):
+            assert a.dtype == b.dtype and torch.allclose(a, b, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_a_loaded_programs_module_compiles_and_differentiates_under_grad_mode(tmp_path, backend):
+    """torch.export.load(path).module() under torch.compile and grad mode (no torch.no_grad()): aot_eager
+    failed to compile ("Trying to backward through pointsparse.conv_inference.default but no autograd
+    formula was registered"), while the module itself ran. Now the compiled module (fullgraph, dynamic,
+    other sizes, no recompile) gives the eager model's output, and its gradients (the weights', the
+    feats') equal the eager model's in eval mode, as the uncompiled module's do (float64, a fused model
+    whose residual blocks' convs take the sum and the ReLU in their store)."""
+    torch.manual_seed(0)
+    net = spnn.fuse_for_inference(_trained_like(MinkUNet(3, 4, cr=0.25, blocks=1)).double())
+    example = _cloud(300, 1, dtype=torch.float64)
+    torch.export.save(export.export_model(net, example), tmp_path / "m.pt2")
+    module = torch.export.load(tmp_path / "m.pt2").module()
+    assert any(n.target is torch.ops.pointsparse.conv_inference.default and n.args[8] is not None
+               for n in module.graph.nodes)  # (a residual in a conv's store)
+    names = [name for name, _ in module.named_parameters()]
+    eager_params = dict(net.named_parameters())
+    assert sorted(names) == sorted("model." + name for name in eager_params)
+    torch.compiler.reset()
+    compiled = torch.compile(module, fullgraph=True, dynamic=True, backend=backend)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for n, seed in ((300, 1), (420, 2)):
+            x = _cloud(n, seed, dtype=torch.float64)
+            feats = x.feats.clone().requires_grad_()
+            want = net(ps.SparseTensor(feats, x.coords)).feats
+            want_grads = torch.autograd.grad(want.square().sum(), [feats, *eager_params.values()])
+            for run in (module, compiled):
+                given = x.feats.clone().requires_grad_()
+                out = run(given, x.coords)
+                assert torch.allclose(out.detach(), want.detach(), rtol=0, atol=1e-12)
+                got = torch.autograd.grad(out.square().sum(), [given, *module.parameters()])
+                assert torch.allclose(got[0], want_grads[0], rtol=0, atol=1e-10)
+                by_name = dict(zip(names, got[1:]))
+                for name, g in zip(eager_params, want_grads[1:]):
+                    assert torch.allclose(by_name["model." + name], g, rtol=0, atol=1e-10), name
+
+
 def test_program_model_refuses_a_gradient_naming_itself():
     """A ProgramModel's output under grad mode held the program's weights' autograd graph up to its
     inference convs, and backward raised torch's bare "Trying to backward through
