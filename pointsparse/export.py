@@ -768,24 +768,43 @@ class ProgramModel(nn.Module):
                 f"out_shape={self.out_shape}{stride}, dtype={self.dtype})")
 
 
+@torch.library.custom_op("pointsparse::refuse_gradient", mutates_args=())
+def _refuse_gradient(grad: torch.Tensor, wanted: list[torch.Tensor], source: str) -> list[torch.Tensor]:
+    """The backward of :class:`_NoGradient`: raises the RuntimeError naming
+    :class:`ProgramModel` (``source``: its :attr:`~ProgramModel.source`)
+    when a gradient is asked for. An operator, so that torch.compile
+    (``fullgraph=True``) traces the backward through its fake implementation
+    and the refusal is raised when the backward runs, not while compiling
+    (dynamo's bare "Observed exception"); its outputs stand for the
+    gradients of the ``wanted`` tensors, which the backward needs (a
+    compiled backward drops an operator whose outputs nothing reads)."""
+    raise RuntimeError(f"ProgramModel ({source}) runs inference only: its output has no gradient (it runs its "
+                       "program without an autograd graph); compute gradients with the eager model "
+                       "(pointsparse.export.load_checkpoint, models.load_model), or run the program under "
+                       "torch.no_grad() / torch.inference_mode()")
+
+
+@_refuse_gradient.register_fake
+def _(grad, wanted, source):
+    return [torch.empty_like(t) for t in wanted]
+
+
 class _NoGradient(torch.autograd.Function):
     """A program's output as it is, part of the autograd graph of the
     tensors that asked for gradients (the program's weights, feats that
     require grad), whose backward refuses the gradient, naming
     :class:`ProgramModel`, which runs its program without an autograd
-    graph (inference only)."""
+    graph (inference only): :func:`_refuse_gradient`."""
 
     @staticmethod
     def forward(ctx, source: str, out: torch.Tensor, *wanted: torch.Tensor) -> torch.Tensor:
         ctx.source = source
+        ctx.save_for_backward(*wanted)
         return out.view_as(out)
 
     @staticmethod
     def backward(ctx, grad):
-        raise RuntimeError(f"ProgramModel ({ctx.source}) runs inference only: its output has no gradient (it runs "
-                           "its program without an autograd graph); compute gradients with the eager model "
-                           "(pointsparse.export.load_checkpoint, models.load_model), or run the program under "
-                           "torch.no_grad() / torch.inference_mode()")
+        return (None, None, *_refuse_gradient(grad, list(ctx.saved_tensors), ctx.source))
 
 
 def _program_model_from_bytes(data: bytes, meta: dict, source: str) -> ProgramModel:

@@ -1692,6 +1692,29 @@ def test_program_model_refuses_a_gradient_naming_itself():
         assert torch.equal(model(x).feats, want)
 
 
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_a_compiled_program_model_runs_under_grad_mode_in_one_graph(backend):
+    """torch.compile(ProgramModel, fullgraph=True) called under grad mode (no torch.no_grad()) failed to
+    compile with dynamo's bare "Unsupported: Observed exception": dynamo traced the backward of the
+    output's refusal, which raised. Now it compiles in one graph (dynamic, other sizes, no recompile),
+    gives the eager model's output, and asking for a gradient raises the uncompiled ProgramModel's
+    RuntimeError naming it."""
+    torch.manual_seed(0)
+    net = _trained_like(MinkUNet(3, 4, cr=0.25, blocks=1))
+    model = export.ProgramModel(export.export_model(net, _cloud(300, 1)))
+    torch.compiler.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=backend)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for n, seed in ((300, 1), (420, 2)):
+            x = _cloud(n, seed)
+            with torch.no_grad():
+                want = net(x).feats
+            out = compiled(x).feats
+            assert torch.equal(out.detach(), want) and out.requires_grad
+            with pytest.raises(RuntimeError, match=r"ProgramModel .*inference only.* no gradient.*eager model"):
+                out.square().sum().backward()
+
+
 def test_compiled_conv3d_add_checks_the_residuals_stride_and_coords():
     """Under torch.compile conv3d(..., add=) checked only the residual's
     row count: one of the same count at another stride or on other coords
