@@ -3,7 +3,8 @@ so that ``torch.compile`` (``fullgraph=True``) and ``torch.export`` see each
 core call as one opaque node of a graph.
 
 Operators (namespace ``pointsparse``; each has a fake implementation giving
-output shapes, with unbacked symbolic sizes where a count depends on the data):
+output shapes, with unbacked symbolic sizes where a count depends on the data;
+0 where the input it comes from is known to have no row, an empty cloud):
 
 ``downsample(coords, out_stride)``
     unique ``floor(c / out_stride) * out_stride`` rows, ``(M, 4)``, M unbacked.
@@ -159,8 +160,25 @@ def _dynamic_size(min: int = 0) -> torch.SymInt:
     return ctx.new_dynamic_size(min=min)
 
 
-def _new_pairs(coords: Tensor) -> tuple[Tensor, Tensor]:
-    pairs = _dynamic_size()
+def _no_rows(*tensors: Optional[Tensor]) -> bool:
+    """Whether one of ``tensors`` (None aside) is known, while tracing, to
+    have no row (torch.compile gives 0 rows a static size of its own)."""
+    return any(t is not None and torch.fx.experimental.symbolic_shapes.statically_known_true(t.shape[0] == 0)
+               for t in tensors)
+
+
+def _rows_of(tensor: Tensor):
+    """A fake implementation's count of rows made from ``tensor``'s: 0 where
+    it has none (a data-dependent count there failed the trace of an empty
+    cloud, batch norm guarding on it), else :func:`_dynamic_size` (at least
+    one where ``tensor`` is known to have rows)."""
+    return 0 if _no_rows(tensor) else _dynamic_size(min=_rows_at_least_one(tensor))
+
+
+def _new_pairs(coords: Tensor, *others: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """The pairs of a map on ``coords`` (and ``others``, the map's other
+    sides): none where one of them has no row, else a data-dependent count."""
+    pairs = 0 if _no_rows(coords, *others) else _dynamic_size()
     return coords.new_empty((pairs,), dtype=torch.int64), coords.new_empty((pairs,), dtype=torch.int64)
 
 
@@ -175,8 +193,7 @@ def downsample(coords: Tensor, out_stride: list[int]) -> Tensor:
 
 @downsample.register_fake
 def _(coords, out_stride):
-    rows = _dynamic_size(min=_rows_at_least_one(coords))
-    return coords.new_empty((rows, 4))
+    return coords.new_empty((_rows_of(coords), 4))
 
 
 @torch.library.custom_op(f"{_LIB}::kmap_build", mutates_args=())
@@ -199,7 +216,7 @@ def kmap_build(coords: Tensor, out_coords: Optional[Tensor], key: list[int],
 @kmap_build.register_fake
 def _(coords, out_coords, key, trusted=False):
     _no_meta_beside_real("kmap_build", coords=coords, out_coords=out_coords)
-    in_idx, out_idx = _new_pairs(coords)
+    in_idx, out_idx = _new_pairs(coords, out_coords)
     return in_idx, out_idx, coords.new_empty((_kernel_volume(key),), dtype=torch.int64)
 
 
@@ -222,7 +239,7 @@ def kmap_parents(coords: Tensor, key: list[int], trusted: bool = False) -> tuple
 
 @kmap_parents.register_fake
 def _(coords, key, trusted=False):
-    rows = _dynamic_size(min=_rows_at_least_one(coords))
+    rows = _rows_of(coords)
     in_idx, out_idx = _new_pairs(coords)
     return coords.new_empty((rows, 4)), in_idx, out_idx, coords.new_empty((_kernel_volume(key),), dtype=torch.int64)
 
@@ -249,7 +266,7 @@ def kmap_restrict(in_coords: Tensor, out_coords: Tensor, in_idx: Tensor, out_idx
 def _(in_coords, out_coords, in_idx, out_idx, sizes, key, rows, kept_coords):
     _no_meta_beside_real("kmap_restrict", in_coords=in_coords, out_coords=out_coords, in_idx=in_idx, out_idx=out_idx,
                          sizes=sizes, rows=rows, kept_coords=kept_coords)
-    in_new, out_new = _new_pairs(in_coords)
+    in_new, out_new = _new_pairs(in_coords, out_coords, in_idx, rows)
     return in_new, out_new, sizes.new_empty(sizes.shape)
 
 
@@ -776,7 +793,7 @@ def voxelize(points: Tensor, voxel_size: list[float], batch: Optional[Tensor]) -
 
 @voxelize.register_fake
 def _(points, voxel_size, batch):
-    voxels = _dynamic_size(min=_rows_at_least_one(points))
+    voxels = _rows_of(points)
     n = points.shape[0]
     long = dict(dtype=torch.int64)
     return (points.new_empty((voxels, 4), dtype=torch.int32), points.new_empty((n,), **long),
@@ -882,8 +899,7 @@ def keep_rows(scores: Tensor, batch: Tensor, keep_ratio: Optional[float], thresh
 @keep_rows.register_fake
 def _(scores, batch, keep_ratio, threshold):
     # a keep ratio keeps at least one voxel of every batch item, a threshold at least one in all (checked)
-    rows = _dynamic_size(min=_rows_at_least_one(scores))
-    return scores.new_empty((rows,), dtype=torch.int64)
+    return scores.new_empty((_rows_of(scores),), dtype=torch.int64)
 
 
 @torch.library.custom_op(f"{_LIB}::batch_counts", mutates_args=())
@@ -915,7 +931,7 @@ def batch_counts(coords: Tensor, channels: int, element_size: int) -> Tensor:
 
 @batch_counts.register_fake
 def _(coords, channels, element_size):
-    items = _dynamic_size(min=_rows_at_least_one(coords))
+    items = _rows_of(coords)
     return coords.new_empty((items,), dtype=torch.int64)
 
 

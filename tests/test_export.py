@@ -257,6 +257,25 @@ def test_minkunet_compiles_without_fullgraph_in_one_graph():
     assert counters["stats"]["unique_graphs"] <= 2
 
 
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_a_compiled_model_takes_an_empty_cloud_as_eager_does(backend):
+    """An empty cloud through a compiled MinkUNet (fullgraph, dynamic; torch compiles 0 rows as a static
+    size of its own): the map operators' fake implementations gave data-dependent counts even for coords
+    known to have no row, and batch norm then failed the trace with torch's "Could not guard on
+    data-dependent expression Eq(8*u1, 0)", where eager gives an empty output. Now no row in, no row (and
+    no pair) out: eager's empty output, first or after a cloud, and the clouds after it as eager."""
+    torch.manual_seed(0)
+    model = _trained_like(MinkUNet(3, 4, cr=0.25, blocks=1))
+    empty = ps.SparseTensor(torch.zeros(0, 3), torch.zeros(0, 4, dtype=torch.int32))
+    torch.compiler.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=backend)
+    with torch.no_grad():
+        for x in (empty, _cloud(200, 1), empty, _cloud(260, 2)):
+            got, want = compiled(x), model(x)
+            assert got.feats.shape == want.feats.shape and torch.equal(got.feats, want.feats)
+            assert torch.equal(got.coords, want.coords) and got.stride == want.stride
+
+
 def _points_and_voxels(n: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     points = torch.rand(n, 3, generator=g, dtype=torch.float64) * 8
