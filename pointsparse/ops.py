@@ -523,7 +523,8 @@ def conv(feats: Tensor, weight: Tensor, bias: Optional[Tensor], out_coords: Tens
          out_idx: Tensor, sizes: Tensor, key: list[int]) -> Tensor:
     """``out = bias + sum_o feats[in_idx] @ weight[o]`` added at ``out_idx``
     (:func:`_forward`: the fused engine, its bf16 kernels, or the torch
-    loop; an exported bf16 model runs the bf16 kernels). The tensors'
+    loop; a graph traced without gradients, as an export is, takes
+    :func:`conv_inference` instead). The tensors'
     dtypes and shapes are checked first (:func:`_check_conv`)."""
     _check_conv(feats, weight, bias, out_coords, in_idx, out_idx, sizes, key)
     return _forward(feats, weight, bias, out_coords, in_idx, out_idx, sizes, key)
