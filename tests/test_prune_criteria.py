@@ -243,6 +243,28 @@ def test_bn_scaling_explicit_pairs_and_errors():
         criteria.bn_scaling(nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(5)))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bn_scaling_of_a_16_bit_model_is_taken_in_float32(dtype):
+    """bn_scaling gave a 16-bit model's scores in its own dtype (every other
+    criterion gives them in float32 at least), so ``normalize`` divided them
+    in bfloat16: the gammas 1.3515625 and 1.34375 (exact in both dtypes)
+    both became 0.2695 under "max", a tie, and pruning by those scores
+    could remove the larger channel. They are float32 now and keep their
+    order."""
+    conv, norm = nn.Conv2d(2, 3, 1).to(dtype), nn.BatchNorm2d(3).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1.3515625, 1.34375, -5.0]))
+    scores = criteria.bn_scaling([(conv, norm)])
+    assert scores[(conv, "weight")].dtype == torch.float32
+    assert torch.equal(scores[(conv, "weight")][:, 0, 0, 0], torch.tensor([1.3515625, 1.34375, 5.0]))
+    for how in ("l2", "max", "mean"):
+        channel = criteria.normalize(scores, how)[(conv, "weight")][:, 0, 0, 0]
+        assert channel[1] < channel[0] < channel[2], how
+    normalized = criteria.normalize(scores)[(conv, "weight")]
+    prune.channel_structured(conv, "weight", 1, n=float("inf"), importance_scores=normalized)
+    assert (conv.weight_mask.sum((1, 2, 3)) == 0).nonzero().flatten().tolist() == [1]
+
+
 def test_normalize_and_global_use():
     a, b = nn.Linear(4, 2, bias=False), nn.Linear(4, 2, bias=False)
     set_weight(a, torch.full((2, 4), 100.0))

@@ -347,7 +347,9 @@ def bn_scaling(model_or_pairs) -> Scores:
     Every entry of a channel carries the same score, so a group method with
     ``n=float("inf")`` (e.g. ``global_structured(..., ChannelStructured,
     n=float("inf"), importance_scores=scores)``) ranks channels by
-    ``|gamma|`` exactly, across layers of any size."""
+    ``|gamma|`` exactly, across layers of any size. The scores of a 16-bit
+    BatchNorm are float32 (as every criterion's: :func:`normalize` then
+    divides them without rounding distinct gammas to one score)."""
     pairs = bn_pairs(model_or_pairs) if isinstance(model_or_pairs, nn.Module) else list(model_or_pairs)
     if not pairs:
         raise ValueError("no (layer, batchnorm) pairs found")
@@ -364,7 +366,7 @@ def bn_scaling(model_or_pairs) -> Scores:
             )
         view = [1] * weight.dim()
         view[layout.out_axis] = channels
-        out[(layer, "weight")] = gamma.detach().abs().view(view).expand_as(weight).clone()
+        out[(layer, "weight")] = _wide(gamma.detach().abs()).view(view).expand_as(weight).clone()
     return out
 
 
