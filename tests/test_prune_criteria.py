@@ -468,3 +468,15 @@ def test_group_magnitude_of_a_float16_layer_ranks_as_the_exact_norms(order):
     assert scores[order, 0] > scores[1 - order, 0]
     prune.channel_structured(layer, "weight", 1, importance_scores=scores)
     assert (layer.weight_mask.sum(1) == 0).nonzero().flatten().tolist() == [1 - order]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("how", ["l2", "max", "mean"])
+def test_normalize_takes_16_bit_scores_in_float32(dtype, how):
+    # A user's 16-bit scores were divided in their dtype: two distinct scores became one (a tie that a
+    # ranking could break either way). Built-in criteria give float32 already (as bn_scaling now does).
+    layer = torch.nn.Linear(2, 2)
+    scores = {(layer, "weight"): torch.tensor([[1.3515625, 1.34375], [0.5, 0.25]], dtype=dtype)}
+    out = criteria.normalize(scores, how)[(layer, "weight")]
+    assert out.dtype == torch.float32
+    assert out[0, 0] > out[0, 1] > out[1, 0] > out[1, 1]

@@ -393,7 +393,8 @@ def _l2(values: torch.Tensor) -> torch.Tensor:
 def normalize(scores: Scores, how: str = "l2") -> Scores:
     """Each tensor's scores divided by their L2 norm (``how="l2"``), their
     maximum (``"max"``) or their mean (``"mean"``), so that layers compare
-    fairly in a global ranking."""
+    fairly in a global ranking; float16 / bfloat16 scores in float32, as the
+    criteria give them."""
     reducers = {"l2": _l2, "max": torch.amax, "mean": torch.mean}
     if how not in reducers:
         raise ValueError(f"how must be one of {sorted(reducers)}; got {how!r}")
@@ -404,6 +405,7 @@ def normalize(scores: Scores, how: str = "l2") -> Scores:
     for key, value in scores.items():
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"scores[{key!r}] must be a tensor; got {type(value).__name__}")
+        value = _wide(value)  # (16-bit scores divided in their dtype: distinct scores became one)
         if value.numel() == 0:  # (a layer without weights: nothing to scale; torch's amax refuses it)
             out[key] = value.clone()
             continue
