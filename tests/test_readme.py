@@ -1,13 +1,17 @@
 """The README as a new user reads it: its self-contained snippets run and
-print what the text says."""
+print what the text says, and the examples it gives of what fits are true."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import re
 
+import pytest
 import torch
 
+import pointsparse as ps
+from pointsparse.coords import KeyLayout
 from reference import ROOT
 
 README = (ROOT / "README.md").read_text()
@@ -32,3 +36,36 @@ def test_ten_lines_run_and_give_the_shapes_their_comments_name():
     assert torch.equal(y.coords, x.coords) and y.feats.shape == (x.coords.shape[0], 32)
     assert per_point.shape == (50_000, 32)
     assert "torch.Size([27, 3, 32]) torch.Size([50000, 32])" in out.getvalue()
+
+
+def key_bits(max_batch: int, spans: tuple[int, int, int]) -> int:
+    """README's rule: bits(max batch + 1) + bits(x span) + bits(y span) + bits(z span)."""
+    return sum(max(0, (v - 1).bit_length()) for v in (max_batch + 1, *spans))  # ceil(log2(v))
+
+
+def test_the_coordinate_sets_the_readme_gives_as_fitting_fit():
+    """The README named 'three axes of 2**20 voxels with 4095 batches' as a set
+    that fits the 63 key bits: 12 + 3 * 20 = 72 bits, refused. Every example
+    it gives is checked here against its own rule and against KeyLayout."""
+    text = " ".join(README.split())
+    examples = re.findall(r"three axes of 2\*\*(\d+) voxels with (\d+) batches", text)
+    assert examples, "the README's key-layout examples moved"
+    for exponent, batches in examples:
+        span, max_batch = 2 ** int(exponent), int(batches) - 1
+        assert key_bits(max_batch, (span,) * 3) <= 63, (exponent, batches)
+        layout = KeyLayout.fit([0, 0, 0, 0], [max_batch, span - 1, span - 1, span - 1])
+        assert sum(layout.bits) <= 63
+        coords = torch.tensor([[0, 0, 0, 0], [max_batch, span - 1, span - 1, span - 1]], dtype=torch.int32)
+        ps.SparseTensor(torch.zeros(2, 1), coords)  # (validates the keys)
+    assert "a whole int32 axis" in text
+    int32_axis = KeyLayout.fit([0, -2**31, 0, 0], [0, 2**31 - 1, 0, 0])
+    assert int32_axis.bits == (0, 32, 0, 0)
+
+
+def test_the_rule_refuses_one_bit_more():
+    """The rule the README states is the one KeyLayout applies: one more
+    batch bit past 63 is refused, naming the bits."""
+    assert key_bits(4095, (2**17,) * 3) == 63
+    KeyLayout.fit([0, 0, 0, 0], [4095, 2**17 - 1, 2**17 - 1, 2**17 - 1])
+    with pytest.raises(ValueError, match="64 bits in all"):
+        KeyLayout.fit([0, 0, 0, 0], [4096, 2**17 - 1, 2**17 - 1, 2**17 - 1])
