@@ -69,3 +69,15 @@ def test_the_rule_refuses_one_bit_more():
     KeyLayout.fit([0, 0, 0, 0], [4095, 2**17 - 1, 2**17 - 1, 2**17 - 1])
     with pytest.raises(ValueError, match="64 bits in all"):
         KeyLayout.fit([0, 0, 0, 0], [4096, 2**17 - 1, 2**17 - 1, 2**17 - 1])
+
+
+def test_the_fuzz_families_the_readme_names_are_fuzz_cases_families():
+    """`python tests/fuzz_cases.py FAMILY SEED` takes a key of FAMILIES; the
+    README described them ('tensors, kernel maps, train flags, ...') in words
+    that are no keys, so the command it gives failed with a KeyError."""
+    import fuzz_cases
+
+    text = " ".join(README[README.index("The suite also fuzzes"):].split())
+    named = re.search(r"its families: ([^;.]*)", text)
+    assert named, "the README's list of fuzz families moved"
+    assert set(re.findall(r"`(\w+)`", named[1])) == set(fuzz_cases.FAMILIES)
