@@ -81,3 +81,29 @@ def test_the_fuzz_families_the_readme_names_are_fuzz_cases_families():
     named = re.search(r"its families: ([^;.]*)", text)
     assert named, "the README's list of fuzz families moved"
     assert set(re.findall(r"`(\w+)`", named[1])) == set(fuzz_cases.FAMILIES)
+
+
+def test_the_tensors_backends_kernel_maps_and_layers_snippets_run_in_turn():
+    """The README's snippets of its Tensors and voxels, Backends, Kernel maps
+    and Layers sections, run one after another on a small cloud as a reader
+    would (``coords`` and ``o`` are the names the kernel-map snippet leaves
+    to the reader)."""
+    from pointsparse import nn
+
+    torch.manual_seed(0)
+    scope = {"torch": torch, "ps": ps, "nn": nn, "points": torch.rand(5000, 3) * 5,
+             "conv": nn.Conv3d(3, 32, kernel_size=3)}
+    try:
+        exec(compile(python_block("### Tensors and voxels"), "README.md: Tensors", "exec"), scope)  # noqa: S102
+        x = scope["x"]
+        assert x.feats.shape[1] == 3 and x.coords.dtype == torch.int32 and x.stride == (1, 1, 1)
+        exec(compile(python_block("### Backends"), "README.md: Backends", "exec"), scope)  # noqa: S102
+        assert ps.get_backend() == "core" and scope["y"].feats.shape == (x.coords.shape[0], 32)
+    finally:
+        ps.backend("auto")
+    scope.update(coords=x.coords, o=13)
+    exec(compile(python_block("### Kernel maps"), "README.md: Kernel maps", "exec"), scope)  # noqa: S102
+    assert torch.equal(scope["in_idx"], scope["out_idx"])  # the centre offset of a submanifold map
+    assert torch.equal(scope["up"].out_coords, x.coords)
+    exec(compile(python_block("### Layers"), "README.md: Layers", "exec"), scope)  # noqa: S102
+    assert torch.equal(scope["y"].coords, x.coords) and scope["y"].feats.shape[1] == 32
