@@ -184,6 +184,17 @@ def interleaved(fns: dict, repeats: int, warmup: bool = True) -> dict:
     return {name: statistics.median(v) for name, v in times.items()}
 
 
+def enforce_error(case: str, error: float, tolerance: float, what: str = "max abs diff") -> float:
+    """``error`` when within ``tolerance``; else a RuntimeError naming the
+    case, the error and the tolerance (NaN fails too), raised before
+    anything is timed or written: a speed-up counts only for outputs that
+    agree with their reference."""
+    if not error <= tolerance:
+        raise RuntimeError(f"{case}: {what} {error:.3g} is above the tolerance {tolerance:g}; "
+                           "outputs wrong, nothing timed")
+    return error
+
+
 def street_points(num_voxels: int, voxel_size: float = 0.05, seed: int = 0) -> np.ndarray:
     """Points on the surfaces of a street (ground, two facades, cars, poles),
     the street's length chosen so that voxelising at ``voxel_size`` gives about

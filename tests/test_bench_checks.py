@@ -90,3 +90,16 @@ def test_spmm_sweep_says_how_many_runs_its_widest_products_took(monkeypatch):
     assert given == {1024: 7, 102400: 3}
     text = "\n".join(lines)
     assert "medians of 7 runs" in text and "102400" in text and "medians of 3 runs" in text
+
+
+def test_compile_refuses_a_compiled_model_that_disagrees_with_eager():
+    """bench/compile.py printed the compiled and exported models' max abs
+    diff against eager but timed and wrote the page whatever it was: a
+    wrong result now raises, naming the cloud and the tolerance."""
+    compile_bench = _bench_module("compile")
+    x = torch.randn(5, 4)
+    ways = {"eager": lambda x: x * 2, "torch.compile": lambda x: x * 2 + 1, "torch.export": lambda x: x * 2}
+    with pytest.raises(RuntimeError, match=r"street, torch.compile against eager: max abs diff 1 is above the tolerance 0.0001"):
+        compile_bench.errors_against_eager("street", x, ways)
+    ways["torch.compile"] = lambda x: x * 2
+    assert compile_bench.errors_against_eager("street", x, ways) == {"torch.compile": 0.0, "torch.export": 0.0}
