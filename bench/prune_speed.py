@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from _common import environment, positive_int, real_scene, real_sweeps, results_path, street_scene, write_markdown
+from _common import enforce_error, environment, positive_int, real_scene, real_sweeps, results_path, street_scene, write_markdown
 from pointsparse import SparseTensor
 from pointsparse.models import MinkUNet
 from pointsparse.prune import graph as G
@@ -96,14 +96,19 @@ def amc_cut(dense, x, target: float, episodes: int, warmup: int, eval_fn, multip
     return net, keep, res, ratios
 
 
-def cut_error(dense, x, keep, net) -> float:
+TOLERANCE = 1e-4  # of cut_error
+
+
+def cut_error(dense, x, keep, net, name: str = "the cut model") -> float:
     """max |cut(x) - masked(x)| / max |masked(x)|: the cut model against the
-    dense one with the same channels masked (they compute the same function)."""
+    dense one with the same channels masked (they compute the same function);
+    a RuntimeError naming the model ``name`` where it is above TOLERANCE."""
     masked = copy.deepcopy(dense)
     G.DependencyGraph(masked, x).mask(keep)
     with torch.no_grad():
         ref, got = masked(x).feats, net(x).feats
-    return float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+    return enforce_error(name, float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)), TOLERANCE,
+                         "max |cut - masked| / max |masked|")
 
 
 def _flops(net, x) -> float:
@@ -175,7 +180,7 @@ def scene_table(name: str, coords: torch.Tensor, repeats: int, backward: bool, k
     x = _input(coords)
     models, kept = _variants(x, keeps)
     search = _with_amc(models, kept, x, amc)
-    errors = {k: cut_error(models["dense"], x, kept[k], net) for k, net in models.items() if k in kept}
+    errors = {k: cut_error(models["dense"], x, kept[k], net, k) for k, net in models.items() if k in kept}
     fwd = _time_interleaved(models, x, repeats)
     timed = [k for k in ("dense", "keep 0.5 (x8)", "AMC (x1)", "AMC (x8)") if k in models]
     bwd = _time_interleaved({k: models[k] for k in timed}, x, repeats, True) if backward else {}
@@ -277,7 +282,8 @@ def main() -> int:
     notes = ["Every coupled channel group of the dependency graph is cut to the keep ratio (channels of lowest "
              "summed magnitude over the group), rounded to the multiple in brackets. Times are medians of "
              "interleaved repeats; ratios are within this run. 'cut vs masked': max |cut - masked| / max |masked| "
-             "of the outputs, the masked model being the dense one with the same channels zeroed. Plot: "
+             "of the outputs, the masked model being the dense one with the same channels zeroed; checked before "
+             f"timing, at most {TOLERANCE:g} (a larger one stops the run). Plot: "
              f"{stem}.png."] + notes
     output = results_path(f"{stem}.md", args.quick)
     write_markdown(output, "Pruning through the dependency graph: MinkUNet cr=1.0",

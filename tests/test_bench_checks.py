@@ -103,3 +103,19 @@ def test_compile_refuses_a_compiled_model_that_disagrees_with_eager():
         compile_bench.errors_against_eager("street", x, ways)
     ways["torch.compile"] = lambda x: x * 2
     assert compile_bench.errors_against_eager("street", x, ways) == {"torch.compile": 0.0, "torch.export": 0.0}
+
+
+def test_prune_speed_refuses_a_cut_model_that_differs_from_the_masked_one():
+    """bench/prune_speed.py's 'cut vs masked' column was printed, never
+    enforced: a cut model computing something else than the dense one with
+    the same channels masked was timed and its speed-up published. Now the
+    check raises, naming the model and the tolerance."""
+    ps_bench = _bench_module("prune_speed")
+    common = _bench_module("_common")
+    x = ps_bench._input(common.street_scene(300))
+    models, kept = ps_bench._variants(x, [(0.5, 8)])
+    name = "keep 0.5 (x8)"
+    assert ps_bench.cut_error(models["dense"], x, kept[name], models[name], name) <= ps_bench.TOLERANCE
+    with pytest.raises(RuntimeError, match=r"keep 0.5 \(x8\): .* above the tolerance 0.0001"):
+        # the uncut model in the cut one's place: other outputs than the masked model's
+        ps_bench.cut_error(models["dense"], x, kept[name], models["dense"], name)
