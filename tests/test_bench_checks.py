@@ -119,3 +119,47 @@ def test_prune_speed_refuses_a_cut_model_that_differs_from_the_masked_one():
     with pytest.raises(RuntimeError, match=r"keep 0.5 \(x8\): .* above the tolerance 0.0001"):
         # the uncut model in the cut one's place: other outputs than the masked model's
         ps_bench.cut_error(models["dense"], x, kept[name], models["dense"], name)
+
+
+class _LayerCase:
+    """spconv_compare.LayerCase's interface without spconv: ours in float32 /
+    float64, and a 'spconv' that is ours scaled by ``scale[threads]``."""
+
+    def __init__(self, scale):
+        g = torch.Generator().manual_seed(0)
+        self.feats, self.weight, self.scale = torch.randn(6, 3, generator=g), torch.randn(3, 3, generator=g), scale
+
+    def ours(self, backward, dtype=torch.float32):
+        feats = self.feats.detach().to(dtype).requires_grad_(backward)
+        weight = self.weight.detach().to(dtype).requires_grad_(backward)
+        out = feats @ weight
+        out.backward(torch.ones_like(out))
+        return out, feats.grad, weight.grad
+
+    def spconv(self, backward):
+        s = self.scale[torch.get_num_threads()]
+        return tuple(t * s for t in self.ours(backward))
+
+
+def test_spconv_compare_refuses_wrong_layer_outputs_before_timing():
+    """bench/spconv_compare.py printed each side's error against our float64
+    engine and timed whatever it was. Now ours and spconv at 1 thread (the
+    targets' reference) must be within LAYER_TOLERANCE or the run stops,
+    naming the case; spconv at 2 threads, wrong in the published run, is
+    reported as wrong and its ratios are not counted. (spconv is not
+    installed here: a stand-in case with LayerCase's interface.)"""
+    sc = _bench_module("spconv_compare")
+    threads = torch.get_num_threads()
+    try:
+        errors, wrong = sc.layer_check(_LayerCase({1: 1.0, 2: 1.0}), 2, "C=3")
+        assert wrong == set() and max(max(e) for e in errors.values()) < sc.LAYER_TOLERANCE
+        errors, wrong = sc.layer_check(_LayerCase({1: 1.0, 2: 1.3}), 2, "C=3")
+        assert wrong == {"spconv 2t"}
+        with pytest.raises(RuntimeError, match=r"C=3, spconv 1t: .* above the tolerance 0.0001"):
+            sc.layer_check(_LayerCase({1: 1.01, 2: 1.0}), 2, "C=3")
+        with pytest.raises(RuntimeError, match=r"C=3 logits, eval mode, ours: .* above the tolerance"):
+            sc.checked("C=3 logits, eval mode", {"ours": (2e-3,), "spconv 2t": (0.3,)}, sc.LAYER_TOLERANCE)
+    finally:
+        torch.set_num_threads(threads)
+    assert "outputs wrong" in sc.against_2t(1.5, {"spconv 2t"})
+    assert sc.against_2t(1.5, set()) == "1.50x"
