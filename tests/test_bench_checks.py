@@ -163,3 +163,27 @@ def test_spconv_compare_refuses_wrong_layer_outputs_before_timing():
         torch.set_num_threads(threads)
     assert "outputs wrong" in sc.against_2t(1.5, {"spconv 2t"})
     assert sc.against_2t(1.5, set()) == "1.50x"
+
+
+def _writers(out, values: dict) -> dict:
+    """name -> a call writing ``values[name]`` into ``out`` (as the kernels
+    write their one output buffer)."""
+    def write(v):
+        def run():
+            out[:] = v
+        return run
+    return {name: write(v) for name, v in values.items()}
+
+
+def test_bf16_vectors_checks_the_float32_vector_form():
+    """bench/bf16_vectors.py checked the bf16 vector form (and AMX tiles)
+    against bf16 dense, but timed the float32 vector kernel unchecked: it is
+    now held against the float32 dense kernel, and a wrong one stops the run."""
+    bf = _bench_module("bf16_vectors")
+    out = torch.zeros(4, 3)
+    good = torch.arange(12.0).reshape(4, 3)
+    values = {"float32 dense": good, "float32 vector": good, "bf16 dense": good, "bf16 vector": good}
+    bf.check(_writers(out, values), out)
+    values["float32 vector"] = good + torch.tensor([0.0, 0.0, 0.5])
+    with pytest.raises(RuntimeError, match="float32 vector form differs from the float32 dense form"):
+        bf.check(_writers(out, values), out)
