@@ -37,6 +37,15 @@ from pointsparse import _ext, prune  # noqa: E402
 from pointsparse.nn import _engine  # noqa: E402
 
 
+def vector_build(isas) -> str:
+    """The first build of ``isas`` (``_core.runnable_isas()``, best first)
+    that has a vector kernel; a RuntimeError where none has."""
+    for isa in isas:
+        if isa in ("avx512", "avx2"):
+            return isa
+    raise RuntimeError(f"no vector build among the runnable builds {list(isas)} (avx512 or avx2 needed)")
+
+
 def runs(plan, feats, weight, out) -> dict:
     """name -> a call of one build's kernel on the same buffers."""
     active = _engine.choose_execution(weight).active
@@ -45,7 +54,8 @@ def runs(plan, feats, weight, out) -> dict:
     def call(isa, vector):
         return lambda: plan.core.forward(feats.numpy(), weight.numpy(), None, out.numpy(), 1, isa=isa,
                                          active=active, vector=vector)
-    return {**{f"{isa} vector": call(isa, True) for isa in builds}, f"{builds[0]} dense": call(builds[0], False)}
+    best = vector_build(builds)
+    return {**{f"{isa} vector": call(isa, True) for isa in builds}, f"{best} dense": call(best, False)}
 
 
 def check(calls: dict, out: torch.Tensor) -> None:
@@ -100,7 +110,8 @@ def listed_weight(c: int, n: int, generator: torch.Generator) -> torch.Tensor:
 
 def listed_line(coords: torch.Tensor, c: int, rounds: int) -> list[str]:
     """The vector kernel's time against the rows listed per panel (n = c,
-    c/2, .., 1), the dense kernel on the full weight beside it, and the
+    c/2, .., 1; each output first checked equal to the dense kernel's on
+    the same weight), the dense kernel on the full weight beside it, and the
     least-squares line through the vector times: the slope is the cost of a
     listed row, the intercept what no weight sparsity removes."""
     x = ps.SparseTensor(torch.zeros(len(coords), 1), coords)
@@ -109,9 +120,13 @@ def listed_line(coords: torch.Tensor, c: int, rounds: int) -> list[str]:
     g = torch.Generator().manual_seed(c)
     feats, out = torch.randn(kmap.num_in, c, generator=g), torch.empty(kmap.num_out, c)
     counts = [c >> i for i in range(8) if c >> i >= 1]
-    calls = {"dense": runs(plan, feats, listed_weight(c, c, g), out)[f"{_ext.core.runnable_isas()[0]} dense"]}
+    build = vector_build(_ext.core.runnable_isas())
+    calls = {"dense": runs(plan, feats, listed_weight(c, c, g), out)[f"{build} dense"]}
     for n in counts:
-        calls[n] = runs(plan, feats, listed_weight(c, n, g), out)[f"{_ext.core.runnable_isas()[0]} vector"]
+        on_n = runs(plan, feats, listed_weight(c, n, g), out)
+        # the vector kernel against the dense one on the same weight, before timing
+        check({name: on_n[name] for name in (f"{build} vector", f"{build} dense")}, out)
+        calls[n] = on_n[f"{build} vector"]
     med = interleaved(calls, rounds)
     xs, ys = counts, [med[n] for n in counts]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)

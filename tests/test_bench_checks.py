@@ -187,3 +187,31 @@ def test_bf16_vectors_checks_the_float32_vector_form():
     values["float32 vector"] = good + torch.tensor([0.0, 0.0, 0.5])
     with pytest.raises(RuntimeError, match="float32 vector form differs from the float32 dense form"):
         bf.check(_writers(out, values), out)
+
+
+def test_sparse_isa_listed_line_checks_outputs_and_picks_a_vector_build(monkeypatch):
+    """bench/sparse_isa.py's listed_line timed the vector kernel at each
+    listed row count unchecked, on the build runnable_isas()[0] (a KeyError
+    were that 'generic'): each vector output is now checked against the
+    dense kernel on the same weight first, on the first vector build the
+    CPU runs."""
+    si = _bench_module("sparse_isa")
+    assert si.vector_build(["generic", "avx2"]) == "avx2"
+    assert si.vector_build(["avx512", "avx2", "generic"]) == "avx512"
+    with pytest.raises(RuntimeError, match="no vector build"):
+        si.vector_build(["generic"])
+    common = _bench_module("_common")
+    build = si.vector_build(si._ext.core.runnable_isas())
+
+    def wrong_runs(plan, feats, weight, out):
+        def write(v):
+            def run():
+                out[:] = v
+            return run
+        total = float(weight.abs().sum())
+        return {f"{build} vector": write(total + (1.0 if (weight != 0).sum() < weight.numel() else 0.0)),
+                f"{build} dense": write(total)}
+
+    monkeypatch.setattr(si, "runs", wrong_runs)
+    with pytest.raises(RuntimeError, match=f"{build} vector differs from the dense kernel"):
+        si.listed_line(common.street_scene(300), 16, 1)
