@@ -7,9 +7,11 @@ engine's ``vdpbf16ps`` choice, inside the network (the evidence behind
 The model is bench/north_star.py's "keep 0.25 + fuse + pair vectors 75% +
 bf16" MinkUNet (``--amount``: the pair vectors pruned) on KITTI raw 000049
 at 0.05 m (a generated street of 20k voxels where the dataset is absent).
-One forward of the network calls every bf16 conv; each call is run
-``--rounds`` times more in each form on the same buffers, interleaved, and
-its median kept: the tiles (``tiles_width=0``) against the vdpbf16ps form
+One forward of the network calls every bf16 conv; each call is run once
+in each form, the tiles' output checked against the vdpbf16ps one (within
+a bfloat16 rounding step of the largest output), then ``--rounds`` times
+more in each form on the same buffers, interleaved in a new order each
+round, and its median kept: the tiles (``tiles_width=0``) against the vdpbf16ps form
 the engine picks without them (the vector threshold of ``nn._engine``).
 Per conv: its weight's shape, rows, the form each way, the listed width
 (density of listed bf16 vectors x sqrt(C_in x C_out)) and the two times;
@@ -31,7 +33,7 @@ import time
 import numpy as np
 import torch
 
-from _common import environment, kitti_path, page_arg, page_path, positive_int, street_scene, write_markdown
+from _common import enforce_error, environment, kitti_path, page_arg, page_path, positive_int, street_scene, write_markdown
 from north_star import inputs, vector_sparse
 from prune_speed import _variants
 
@@ -42,6 +44,56 @@ from pointsparse.nn import _engine
 WIDTHS = (0.0, 8.0, 12.0, 16.0, 20.0, 24.0, 32.0, math.inf)
 
 
+FORMS = (("tiles", 0.0), ("vdpbf16ps", math.inf))  # (name, tiles_width)
+
+
+def check_tiles(shape: tuple, outputs: dict) -> None:
+    """The tiles' output against the vdpbf16ps form's (the same products
+    summed in another order): within 1e-5 of the largest output for a
+    float32 output, one bfloat16 rounding step of it (2^-7) for a bfloat16
+    one (int16 storage); else a RuntimeError naming the conv."""
+    got, want = (torch.from_numpy(outputs[k]) for k in ("tiles", "vdpbf16ps"))
+    bf16 = want.dtype == torch.int16
+    if bf16:
+        got, want = got.view(torch.bfloat16).float(), want.view(torch.bfloat16).float()
+    err = float((got - want).abs().max()) / max(float(want.abs().max()), 1e-30)
+    enforce_error(f"conv {shape}, tiles against vdpbf16ps", err, 2.0 ** -7 if bf16 else 1e-5,
+                  "max |tiles - vdpbf16ps| / max |vdpbf16ps|")
+
+
+class Timed:
+    """A plan's core whose forward_bf16 runs each form (FORMS) once, checks
+    the tiles against the vdpbf16ps form (:func:`check_tiles`), then times
+    ``rounds`` runs of each on the same buffers, interleaved in a new
+    (seeded) order each round, and appends the conv's row to ``rows``."""
+
+    def __init__(self, core, weight, rounds: int, rows: list):
+        self.core, self.weight, self.rounds, self.rows = core, weight, rounds, rows
+
+    def forward_bf16(self, *args, **kwargs):
+        out = args[3] if args[3] is not None else kwargs["out_bf16"]
+        ran, outputs = {}, {}
+        for name, width in FORMS:  # untimed: warm, and the outputs checked before timing
+            ran[name] = self.core.forward_bf16(*args, **dict(kwargs, tiles_width=width))
+            outputs[name] = np.array(out, copy=True)
+        check_tiles(tuple(self.weight.shape), outputs)
+        times = {name: [] for name, _ in FORMS}
+        order = np.random.default_rng(len(self.rows))
+        for _ in range(self.rounds):
+            for i in order.permutation(len(FORMS)):
+                name, width = FORMS[i]
+                t0 = time.perf_counter()
+                self.core.forward_bf16(*args, **dict(kwargs, tiles_width=width))
+                times[name].append(time.perf_counter() - t0)
+        _, c_in, c_out = self.weight.shape
+        self.rows.append({"shape": tuple(self.weight.shape), "rows": out.shape[0], "ran": ran,
+                          "width": _engine.bf16_vectors(self.weight)[2] * math.sqrt(c_in * c_out),
+                          "tiles": statistics.median(times["tiles"]),
+                          "vdpbf16ps": statistics.median(times["vdpbf16ps"])})
+        # the output the network goes on with: the engine's own choice
+        return self.core.forward_bf16(*args, **kwargs)
+
+
 def measure(x: ps.SparseTensor, amount: float, rounds: int) -> list[dict]:
     """One row per bf16 conv of the model's forward on ``x``."""
     nets, _ = _variants(x, [(0.25, 8)])
@@ -50,29 +102,8 @@ def measure(x: ps.SparseTensor, amount: float, rounds: int) -> list[dict]:
     rows = []
     real = _engine.bf16_forward
 
-    class Timed:  # the plan's core, its forward_bf16 timed both ways
-        def __init__(self, core, weight):
-            self.core, self.weight = core, weight
-
-        def forward_bf16(self, *args, **kwargs):
-            times = {"tiles": [], "vdpbf16ps": []}
-            ran = {}
-            for _ in range(rounds):
-                for name, width in (("tiles", 0.0), ("vdpbf16ps", math.inf)):
-                    t0 = time.perf_counter()
-                    ran[name] = self.core.forward_bf16(*args, **dict(kwargs, tiles_width=width))
-                    times[name].append(time.perf_counter() - t0)
-            _, c_in, c_out = self.weight.shape
-            rows.append({"shape": tuple(self.weight.shape), "rows": args[3].shape[0] if args[3] is not None
-                         else kwargs["out_bf16"].shape[0], "ran": ran,
-                         "width": _engine.bf16_vectors(self.weight)[2] * math.sqrt(c_in * c_out),
-                         "tiles": statistics.median(times["tiles"]),
-                         "vdpbf16ps": statistics.median(times["vdpbf16ps"])})
-            # the output the network goes on with: the engine's own choice
-            return self.core.forward_bf16(*args, **kwargs)
-
     def spy(feats, weight, bias, plan, relu=False, add=None):
-        timed = _engine.FusedPlan(Timed(plan.core, weight), plan.identity, plan.num_in, plan.num_out)
+        timed = _engine.FusedPlan(Timed(plan.core, weight, rounds, rows), plan.identity, plan.num_in, plan.num_out)
         return real(feats, weight, bias, timed, relu, add)
 
     with torch.no_grad():

@@ -215,3 +215,41 @@ def test_sparse_isa_listed_line_checks_outputs_and_picks_a_vector_build(monkeypa
     monkeypatch.setattr(si, "runs", wrong_runs)
     with pytest.raises(RuntimeError, match=f"{build} vector differs from the dense kernel"):
         si.listed_line(common.street_scene(300), 16, 1)
+
+
+class _Core:
+    """A plan core whose forward_bf16 writes into out_bf16 (int16 storage of
+    bfloat16) a value depending on the form asked, recording the order."""
+
+    def __init__(self, tiles_value: float):
+        self.tiles_value, self.order = tiles_value, []
+
+    def forward_bf16(self, feats, weight, bias, out, threads, relu=False, *, out_bf16=None, tiles_width=None,
+                     add=None):
+        self.order.append({0.0: "tiles", None: "engine's choice"}.get(tiles_width, "vdpbf16ps"))
+        value = self.tiles_value if tiles_width == 0.0 else 1.0
+        out_bf16[:] = torch.full((out_bf16.shape[0], out_bf16.shape[1]), value, dtype=torch.bfloat16
+                                 ).view(torch.int16).numpy()
+        return "tiles" if tiles_width == 0.0 else "vector"
+
+
+def test_bf16_layers_checks_tiles_against_vdpbf16ps_and_varies_the_order():
+    """bench/bf16_layers.py timed the AMX tiles and the vdpbf16ps form of
+    each conv with no check that they agree, tiles always first. Each conv's
+    tiles output is now checked against the vdpbf16ps one before timing
+    (a bf16 rounding step of the largest output), and each round takes the
+    two in a new order."""
+    bl = _bench_module("bf16_layers")
+    weight = torch.zeros(27, 4, 4)
+    out = torch.zeros(3, 4, dtype=torch.int16).numpy()
+    rows = []
+    core = _Core(1.0)
+    bl.Timed(core, weight, 6, rows).forward_bf16(None, None, None, None, 1, False, out_bf16=out)
+    assert len(rows) == 1 and rows[0]["rows"] == 3
+    assert core.order[-1] == "engine's choice"  # the output the network goes on with
+    timed = core.order[2:-1]  # after one untimed call of each (the check)
+    assert sorted(timed) == ["tiles"] * 6 + ["vdpbf16ps"] * 6
+    firsts = {timed[2 * i] for i in range(6)}
+    assert firsts == {"tiles", "vdpbf16ps"}
+    with pytest.raises(RuntimeError, match=r"conv \(27, 4, 4\), tiles against vdpbf16ps: .* above the tolerance"):
+        bl.Timed(_Core(1.5), weight, 1, rows).forward_bf16(None, None, None, None, 1, False, out_bf16=out)
