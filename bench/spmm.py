@@ -22,8 +22,10 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__))))
-from _common import environment, folder_arg, positive_int, results_path, timeit  # noqa: E402
+from _common import (enforce_error, environment, folder_arg, interleaved, positive_int, results_path,  # noqa: E402
+                     timeit)
 
+from pointsparse import _ext  # noqa: E402
 from pointsparse import formats as F  # noqa: E402
 from pointsparse.formats._storage import bits_for, index_width  # noqa: E402
 
@@ -158,15 +160,23 @@ def break_even(sparsities, ours, dense):
     return f"> {sparsities[-1]:.0%}"
 
 
+def check_build(case: str, fmt, got, x, columns: int = 64) -> float:
+    """max |got - ref| / max |ref| over the first ``columns`` columns of a
+    build's product ``got`` (the kernel's output for ``x``), ``ref`` the
+    float64 product of the format's weight; a RuntimeError naming ``case``
+    above 1e-4 (check_correct's tolerance)."""
+    ref = fmt.to_dense().double() @ x[:, :columns].double()
+    out = torch.as_tensor(got)[:, :columns].double()
+    err = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+    return enforce_error(case, err, 1e-4, "max |product - float64| / max |float64|")
+
+
 def isa_builds(repeats):
     """The target case (1024 x 1024 at 90% sparsity x 1024 x 4096; N:M 2:4)
-    in each SpMM build this CPU runs, calls interleaved round by round,
-    against dense torch.mm in the same rounds: markdown rows."""
-    import time
-
-    import numpy as np
-    from pointsparse import _ext
-
+    in each SpMM build this CPU runs, each build's product first checked
+    against the float64 product of the format's weight (:func:`check_build`),
+    then calls interleaved (_common.interleaved: a warm-up, a new order each
+    round) against dense torch.mm in the same rounds: markdown rows."""
     w, x = magnitude_sparse(1024, 1024, 0.9), torch.randn(1024, 4096)
     xn = _ext.to_numpy(x)
     fmts = {"CSR": F.CSR.from_dense(w), "BSR 4x4": F.BSR.from_dense(block_sparse(1024, 1024, 0.9), blocksize=(4, 4)),
@@ -177,13 +187,8 @@ def isa_builds(repeats):
     for name, fmt in fmts.items():
         for isa in isas:
             fns[(name, isa)] = lambda fmt=fmt, isa=isa: fmt._kernel(xn, isa)
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    med = {k: float(np.median(v)) for k, v in times.items()}
+            check_build(f"{name}, {isa} build", fmt, fns[(name, isa)](), x)
+    med = interleaved(fns, repeats)
     dense = med[("dense", "torch.mm")]
     rows = [f"Dense torch.mm in the same rounds: {dense * 1e3:.1f} ms.\n",
             "| format | " + " | ".join(f"{i} ms (x dense)" for i in isas) + " |", "|---|" + "---:|" * len(isas)]
@@ -200,8 +205,9 @@ def isa_page(args) -> None:
     rounds = 2 if args.quick else 7
     rows = ["# SpMM kernel builds\n", f"Command: `{command()}`\n",
             "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()) + "\n",
-            f"Medians of {rounds} interleaved rounds, float32; each build forced through the kernels' `isa` "
-            "argument.\n"] + isa_builds(rounds)
+            f"Medians of {rounds} interleaved rounds (a new order each round, after an untimed call of each), "
+            "float32; each build forced through the kernels' `isa` argument, its product first checked against "
+            "float64 (within 1e-4 of the largest).\n"] + isa_builds(rounds)
     os.makedirs(args.out, exist_ok=True)
     md = os.path.join(args.out, "spmm_isa.md")
     with open(md, "w") as f:

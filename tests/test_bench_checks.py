@@ -253,3 +253,34 @@ def test_bf16_layers_checks_tiles_against_vdpbf16ps_and_varies_the_order():
     assert firsts == {"tiles", "vdpbf16ps"}
     with pytest.raises(RuntimeError, match=r"conv \(27, 4, 4\), tiles against vdpbf16ps: .* above the tolerance"):
         bl.Timed(_Core(1.5), weight, 1, rows).forward_bf16(None, None, None, None, 1, False, out_bf16=out)
+
+
+def test_spmm_isa_builds_checks_each_builds_product_and_interleaves(monkeypatch):
+    """bench/spmm.py --isa timed every SpMM build with no warm-up, in one
+    fixed order, and never looked at the products: each build's product is
+    now checked against the float64 product of the format's own weight
+    before the timing, which goes through _common.interleaved (a warm-up,
+    a new order each round)."""
+    spmm = _bench_module("spmm")
+    asked = {}
+
+    def fake_interleaved(fns, repeats, warmup=True):
+        asked.update(repeats=repeats, warmup=warmup, names=set(fns))
+        return {k: 1.0 for k in fns}
+
+    monkeypatch.setattr(spmm, "interleaved", fake_interleaved)
+    rows = spmm.isa_builds(3)
+    isas = spmm._ext.core.runnable_isas()
+    assert asked["repeats"] == 3 and asked["warmup"] is True
+    assert asked["names"] == {("dense", "torch.mm")} | {(f, i) for f in ("CSR", "BSR 4x4", "EIE 4 PEs", "2:4 (50%)")
+                                                         for i in isas}
+    assert any(r.startswith("| CSR |") for r in rows)
+    real = spmm.F.CSR._kernel
+
+    def wrong_generic(self, dense_np, isa=None):
+        out = real(self, dense_np, isa)
+        return out * 1.01 if isa == "generic" else out
+
+    monkeypatch.setattr(spmm.F.CSR, "_kernel", wrong_generic)
+    with pytest.raises(RuntimeError, match=r"CSR, generic build: .* above the tolerance 0.0001"):
+        spmm.isa_builds(3)
