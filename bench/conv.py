@@ -22,7 +22,7 @@ import sys
 import numpy as np
 import torch
 
-from _common import (environment, interleaved, page_arg, page_path, positive_int, real_scene, real_sweeps,
+from _common import (enforce_error, environment, interleaved, page_arg, page_path, positive_int, real_scene, real_sweeps,
                      street_scene, timeit, write_markdown)
 
 import pointsparse as ps  # noqa: E402  (after _common puts the repo on the path)
@@ -230,6 +230,33 @@ def parts(repeats: int) -> list[str]:
 
 
 
+# Tolerances against the first build, max |diff| / max |first build's|: the
+# generic build and torch.mm sum in another order; bf16 rounds the inputs.
+BUILD_TOLERANCE = {"generic": 1e-5, "torch.mm": 1e-5, "bf16": 2e-2}
+
+
+def check_builds(case: str, fns: dict, buf: np.ndarray, isas) -> None:
+    """Runs each of ``fns`` (a build's name, "torch.mm" or "bf16" -> a call
+    writing ``buf``) once and holds the FMA builds of ``isas`` (all but
+    generic) equal bit for bit, the others within BUILD_TOLERANCE of the
+    first build's output; a RuntimeError naming ``case`` otherwise."""
+    outs = {}
+    for name, fn in fns.items():
+        fn()
+        outs[name] = buf.copy()
+    fma = [i for i in isas if i != "generic"]
+    for isa in fma[1:]:
+        if not np.array_equal(outs[isa], outs[fma[0]]):
+            raise RuntimeError(f"{case}: the {isa} build differs from the {fma[0]} build (the FMA builds must give "
+                               "bit-identical results); nothing timed")
+    ref = outs[isas[0]]
+    scale = max(float(np.abs(ref).max()), 1e-30)
+    for name, tol in BUILD_TOLERANCE.items():
+        if name in outs and name != isas[0]:
+            enforce_error(f"{case}, {name} against {isas[0]}", float(np.abs(outs[name] - ref).max()) / scale, tol,
+                          f"max |diff| / max |{isas[0]}|")
+
+
 def isa_builds(repeats: int, widths=None) -> list[str]:
     """Each kernel build this CPU runs (``_core.runnable_isas()``), forced
     through the plan's ``isa`` argument: a k=1 conv (a plain GEMM through the
@@ -253,11 +280,11 @@ def isa_builds(repeats: int, widths=None) -> list[str]:
         w = (torch.randn(k**3, channels, channels) / channels**0.5).numpy()
         g = torch.randn(kmap.num_out, channels).numpy()
         out, gf, gw = np.empty_like(g), np.empty_like(f), np.empty_like(w)
-        parts = [("forward", lambda isa: core.forward(f, w, None, out, nt, isa))]
+        parts = [("forward", out, lambda isa: core.forward(f, w, None, out, nt, isa))]
         if k == 3:
-            parts += [("input grad", lambda isa: core.backward_input(g, w, gf, nt, isa)),
-                      ("weight grad", lambda isa: core.backward_weight(f, g, gw, nt, isa))]
-        for part, run in parts:
+            parts += [("input grad", gf, lambda isa: core.backward_input(g, w, gf, nt, isa)),
+                      ("weight grad", gw, lambda isa: core.backward_weight(f, g, gw, nt, isa))]
+        for part, buf, run in parts:
             fns = {isa: (lambda isa=isa, run=run: run(isa)) for isa in isas}
             if k == 1:
                 a, b, o = torch.from_numpy(f), torch.from_numpy(w[0]), torch.from_numpy(out)
@@ -265,6 +292,7 @@ def isa_builds(repeats: int, widths=None) -> list[str]:
             if bf16 and part == "forward":
                 fb, wb = (torch.from_numpy(a).bfloat16().view(torch.int16).numpy() for a in (f, w))
                 fns["bf16"] = lambda fb=fb, wb=wb: core.forward_bf16(fb, wb, None, out, nt)
+            check_builds(f"k={k} {part}, C={channels}", fns, buf, isas)
             t = interleaved(fns, repeats)
             mm = f"{t['torch.mm'] * 1e3:.1f} | {t['torch.mm'] / t[isas[0]]:.2f}" if k == 1 else "- | -"
             rows.append(f"| k={k} {part} ({kmap.num_pairs} pairs) | {channels} | "
@@ -317,8 +345,9 @@ def main() -> None:
     if args.isa:
         notes = ("Each build forced through ConvPlan's `isa` argument on the same plan, calls interleaved round by "
                  "round, medians; k=1 is a plain GEMM through the fused kernel (the identity offset), compared "
-                 "with torch.mm on the same (voxels x C) @ (C x C). All builds give bit-identical FMA results "
-                 "(avx2 = avx512); generic differs by rounding. bf16: ConvPlan.forward_bf16 (AVX512-BF16) on the "
+                 "with torch.mm on the same (voxels x C) @ (C x C). Checked before timing: the FMA builds give "
+                 "bit-identical results (avx2 = avx512); generic and torch.mm within 1e-5, bf16 within 2e-2 of the "
+                 "largest output of the first build. bf16: ConvPlan.forward_bf16 (AVX512-BF16) on the "
                  "same feats and weights rounded to bfloat16, float32 out.")
     elif args.parts:
         notes = ("kmap build: `pointsparse.kmap.build` with the default method; plans: the fused kernels' "

@@ -284,3 +284,22 @@ def test_spmm_isa_builds_checks_each_builds_product_and_interleaves(monkeypatch)
     monkeypatch.setattr(spmm.F.CSR, "_kernel", wrong_generic)
     with pytest.raises(RuntimeError, match=r"CSR, generic build: .* above the tolerance 0.0001"):
         spmm.isa_builds(3)
+
+
+def test_conv_isa_checks_the_builds_agree():
+    """bench/conv.py --isa's page says every FMA build gives bit-identical
+    results and generic differs by rounding, but timed the builds without
+    looking at their outputs: check_builds now holds the FMA builds equal
+    bit for bit, and generic, torch.mm and the bf16 form to their
+    tolerances against the first build, before timing."""
+    conv = _bench_module("conv")
+    buf = np.zeros((4, 3), np.float32)
+    good = np.arange(12, dtype=np.float32).reshape(4, 3) + 0.5
+    values = {"avx512": good, "avx2": good, "generic": good + 1e-6, "torch.mm": good, "bf16": good * 1.001}
+    conv.check_builds("k=1 forward, C=3", _writers(buf, values), buf, ["avx512", "avx2", "generic"])
+    values["avx2"] = np.nextafter(good, np.float32(np.inf))
+    with pytest.raises(RuntimeError, match=r"k=1 forward, C=3: the avx2 build differs from the avx512 build"):
+        conv.check_builds("k=1 forward, C=3", _writers(buf, values), buf, ["avx512", "avx2", "generic"])
+    values["avx2"], values["generic"] = good, good * 1.01
+    with pytest.raises(RuntimeError, match=r"k=1 forward, C=3, generic against avx512: .* above the tolerance"):
+        conv.check_builds("k=1 forward, C=3", _writers(buf, values), buf, ["avx512", "avx2", "generic"])
