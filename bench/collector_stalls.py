@@ -100,8 +100,8 @@ def default_program(folder: Path, cloud: Path, quick: bool) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--program", default=None, metavar="FILE.pt2", help="a program pointsparse export wrote")
-    parser.add_argument("--calls", type=int, default=160)
-    parser.add_argument("--runs", type=int, default=2, help="times each setting runs, alternated")
+    parser.add_argument("--calls", type=positive_int, default=160)
+    parser.add_argument("--runs", type=positive_int, default=2, help="times each setting runs, alternated")
     parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--voxel-size", type=float, default=0.0,
                         help="voxelise at this size (default: the program's; north_star.py runs the trained files "

@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _common import LOAD_CORE, callgrind_instructions, environment, kitti_or_street, page_arg, page_path, write_markdown
+from _common import (LOAD_CORE, callgrind_instructions, environment, kitti_or_street, page_arg, page_path,
+                     positive_int, write_markdown)
 from prune_exec import variants
 
 import pointsparse as ps
@@ -145,15 +146,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--channels", type=int, nargs="+", default=[8, 32, 64])
     parser.add_argument("--kinds", nargs="+", choices=list(KINDS), default=["dense", "offset", "vector"])
-    parser.add_argument("--calls", type=int, default=2)
+    parser.add_argument("--calls", type=positive_int, default=2)
     parser.add_argument("--out", type=page_arg, default=None, help="default bench/results/conv_instructions.md")
     parser.add_argument("--quick", action="store_true", help="C = 8 unpruned on a 20k generated street, one call")
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         print("conv_instructions: valgrind is not installed here; nothing counted")
         return
-    if args.calls < 1:
-        parser.error("--calls must be at least 1")
     if args.quick:
         args.channels, args.kinds, args.calls = [8], ["dense"], 1
     coords, where = kitti_or_street(args.quick)

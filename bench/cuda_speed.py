@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cr", type=float, nargs="+", default=[1.0, 0.5])
     parser.add_argument("--voxels", type=int, default=85_000)
     parser.add_argument("--threads", type=positive_int, default=2, help="CPU threads for the CPU columns (default 2)")
-    parser.add_argument("--cpu-rounds", type=int, default=3)
+    parser.add_argument("--cpu-rounds", type=positive_int, default=3)
     parser.add_argument("--out", type=page_arg, default=None, help="markdown file for the table")
     parser.add_argument("--device", default="cuda",
                         help="the device timed (default cuda; cpu times the torch path on this CPU)")

@@ -35,7 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import LOAD_CORE, callgrind_instructions, environment, kitti_or_street, page_arg, page_path, write_markdown
+from _common import (LOAD_CORE, callgrind_instructions, environment, kitti_or_street, page_arg, page_path,
+                     positive_int, write_markdown)
 
 import pointsparse as ps
 from pointsparse import kmap as K
@@ -177,7 +178,7 @@ def timed(modules: list[str], data: Path, folder: Path, want: dict, rounds: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("modules", nargs="*", help="builds of _core (default: this tree's)")
-    parser.add_argument("--calls", type=int, default=2)
+    parser.add_argument("--calls", type=positive_int, default=2)
     parser.add_argument("--out", type=page_arg, default=None, help="default bench/results/kmap_instructions.md")
     parser.add_argument("--time", type=int, default=0, metavar="ROUNDS",
                         help="also time the builds in lockstep over ROUNDS rounds (no valgrind)")

@@ -23,7 +23,7 @@ import shlex
 import subprocess
 import sys
 
-from _common import environment, kitti_or_street, page_arg, page_path, write_markdown
+from _common import environment, kitti_or_street, page_arg, page_path, positive_int, write_markdown
 
 CHILD = r"""
 import json, resource, statistics, sys, time
@@ -48,8 +48,8 @@ print(json.dumps({"ms": 1e3 * statistics.median(times), "faults": faults}))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--calls", type=int, default=15)
-    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--calls", type=positive_int, default=15)
+    parser.add_argument("--runs", type=positive_int, default=2)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=page_arg, default=None)
     args = parser.parse_args()

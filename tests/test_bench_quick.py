@@ -379,12 +379,13 @@ def test_bf16_layers_without_amx_says_so_and_exits_0(tmp_path):
         assert "AMX-BF16" in proc.stdout and "nothing measured" in proc.stdout and not page.exists()
 
 
-# Each script's parser, handed "--quick OPTION 0" (and -1) for each of --repeats, --rounds and --threads it has:
+# Each script's parser, handed "--quick OPTION 0" (and -1) for each of --repeats, --rounds, --threads and the other
+# counts (map_loop.py's --calls / --runs, cuda_speed.py's --cpu-rounds) it has:
 # it must refuse the count itself (argparse's exit 2, naming the option), not start the run.
 COUNT_PROBE = _PROBE_HEAD + r"""
 def probe(self, args=None, namespace=None):
     outcome = {}
-    for option in ("--repeats", "--rounds", "--threads"):
+    for option in ("--repeats", "--rounds", "--threads", "--calls", "--runs", "--cpu-rounds"):
         if option not in self._option_string_actions:
             continue
         for value in ("0", "-1"):
@@ -392,7 +393,7 @@ def probe(self, args=None, namespace=None):
             try:
                 with contextlib.redirect_stderr(err):
                     parsed = parse_args(self, ["--quick", option, value])
-                outcome[f"{option} {value}"] = f"accepted as {getattr(parsed, option[2:])!r}"
+                outcome[f"{option} {value}"] = f"accepted as {getattr(parsed, option[2:].replace('-', '_'))!r}"
             except SystemExit as e:
                 said = err.getvalue().strip().splitlines()[-1:]
                 if e.code != 2 or not said or option not in said[0]:
@@ -407,7 +408,9 @@ def test_no_script_takes_a_count_below_one():
     and as zero by the others; a negative count ran every cloud's build and
     then failed in statistics.median ('no median for empty data'), and
     ``--threads 0`` failed in torch.set_num_threads: every script's parser
-    refuses them now, naming the option."""
+    refuses them now, naming the option. So do map_loop.py's --calls / --runs
+    (0 calls: a median of nothing in the child; 0 runs: a page of empty
+    rows) and cuda_speed.py's --cpu-rounds."""
     proc = subprocess.run([sys.executable, "-c", COUNT_PROBE, str(benchmark.BENCH_DIR)], capture_output=True,
                           text=True, timeout=120, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -458,7 +461,7 @@ def probe(self, args=None, namespace=None):
 
 
 # Each script with a page option (--out / --output), handed a folder, or a path under a file, as the page.
-PAGE_PROBE = COUNT_PROBE.replace('''    for option in ("--repeats", "--rounds", "--threads"):
+PAGE_PROBE = COUNT_PROBE.replace('''    for option in ("--repeats", "--rounds", "--threads", "--calls", "--runs", "--cpu-rounds"):
         if option not in self._option_string_actions:
             continue
         for value in ("0", "-1"):''', '''    for option in ("--out", "--output"):
