@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import time
 from pathlib import Path
 
@@ -238,20 +239,30 @@ def report(args, write: bool = True) -> None:
                f"ms, timed in the same rounds); mIoU per point on {args.val_scenes} held-out scenes.")
     table = header + "\n".join(rows)
     print(summary + "\n\n" + table)
-    command = f"python bench/voxel_prune.py --steps {args.steps} --keep {args.keep}" + \
-        (f" --score {args.score}" if args.score != "magnitude" else "") + " --stages " + \
-        " ".join(map(str, args.stages)) + " --skip-stages " + " ".join(map(str, args.skip_stages)) + \
-        (f" --out {args.out}" if args.out != DEFAULT_OUT else "") + \
-        " (--variant V [--seed N] for each V and N, then --report" + \
-        (f" --time-voxel-size {args.time_voxel_size}" if args.time_voxel_size else "") + \
-        (" --time-sweep" if args.time_sweep else "") + (" --fused" if args.fused else "") + \
-        (f" --results {args.results}" if args.results != DEFAULT_RESULTS else "") + ")"
+    command = command_line(args)
     if write:
         write_markdown(args.results, "VoxelPrune and VoxelSkip on MinkUNet after the same fine-tuning",
                        command, environment(), [summary, table])
 
 
-def main() -> None:
+def command_line(args) -> str:
+    """The page's Command line: every option the variants were fine-tuned
+    and the report timed with (the data, the fine-tuning, the threads and
+    rounds), then the report's own."""
+    q = shlex.quote
+    return (f"python bench/voxel_prune.py --checkpoint {q(str(args.checkpoint))} --steps {args.steps} "
+            f"--batch {args.batch} --lr {args.lr} --scenes {args.scenes} --val-scenes {args.val_scenes} "
+            f"--voxel-size {args.voxel_size} --max-range {args.max_range} --threads {args.threads} "
+            f"--keep {args.keep}" + (f" --score {args.score}" if args.score != "magnitude" else "") + " --stages " +
+            " ".join(map(str, args.stages)) + " --skip-stages " + " ".join(map(str, args.skip_stages)) +
+            (f" --out {q(str(args.out))}" if args.out != DEFAULT_OUT else "") +
+            " --variant V [--seed N] for each V and N, then the same with --report" + f" --rounds {args.rounds}" +
+            (f" --time-voxel-size {args.time_voxel_size}" if args.time_voxel_size else "") +
+            (" --time-sweep" if args.time_sweep else "") + (" --fused" if args.fused else "") +
+            (f" --results {q(str(args.results))}" if args.results != DEFAULT_RESULTS else ""))
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, default=Path("runs/demo/checkpoint.pt"))
     parser.add_argument("--variant", choices=VARIANTS)
@@ -286,7 +297,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     parser.add_argument("--quick", action="store_true", help="a smoke run: 4 steps, 1 held-out scene, 1 round")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if not args.checkpoint.is_file():
         print(f"voxel_prune: {args.checkpoint} does not exist (run `make demo` first, or pass --checkpoint)")
         return

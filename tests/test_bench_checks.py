@@ -303,3 +303,20 @@ def test_conv_isa_checks_the_builds_agree():
     values["avx2"], values["generic"] = good, good * 1.01
     with pytest.raises(RuntimeError, match=r"k=1 forward, C=3, generic against avx512: .* above the tolerance"):
         conv.check_builds("k=1 forward, C=3", _writers(buf, values), buf, ["avx512", "avx2", "generic"])
+
+
+def test_voxel_prune_page_command_names_every_option_it_ran_with():
+    """bench/voxel_prune.py's Command line left out --checkpoint, --batch,
+    --lr, --voxel-size (the fine-tuning), --threads and --rounds (the
+    timing): a page of a non-default run read as one of the defaults."""
+    import shlex
+
+    vp = _bench_module("voxel_prune")
+    argv = ["--checkpoint", "runs/my ckpt.pt", "--steps", "30", "--batch", "3", "--lr", "0.002", "--scenes", "8",
+            "--val-scenes", "2", "--voxel-size", "0.1", "--max-range", "20.5", "--keep", "0.4", "--rounds", "5",
+            "--threads", "1", "--fused"]
+    words = shlex.split(vp.command_line(vp.build_parser().parse_args(argv)))
+    pairs = [tuple(argv[i:i + 2]) for i in range(0, len(argv) - 1, 2)]
+    for option, value in pairs:
+        assert option in words and words[words.index(option) + 1] == value, (option, words)
+    assert "--fused" in words
