@@ -77,14 +77,13 @@ def measure(points: np.ndarray, rounds: int) -> tuple[str, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=positive_int, default=21)
+    parser.add_argument("--rounds", type=positive_int, default=None, help="default 21 (--quick: 3)")
     parser.add_argument("--threads", type=positive_int, default=2)
-    parser.add_argument("--quick", action="store_true", help="a generated street of 20k voxels, 3 rounds")
+    parser.add_argument("--quick", action="store_true", help="a generated street of 20k voxels, 3 rounds unless --rounds")
     parser.add_argument("--out", type=page_arg, default=None,
                         help="the page's name in bench/results (default maps_ahead.md)")
     args = parser.parse_args()
-    if args.quick:
-        args.rounds = 3
+    args.rounds = args.rounds or (3 if args.quick else 21)  # (--quick: only the default)
     torch.set_num_threads(args.threads)
     kitti = not args.quick and "kitti-raw/000049" in real_sweeps()
     points = kitti_points() if kitti else _street_with_intensity()

@@ -320,3 +320,22 @@ def test_voxel_prune_page_command_names_every_option_it_ran_with():
     for option, value in pairs:
         assert option in words and words[words.index(option) + 1] == value, (option, words)
     assert "--fused" in words
+
+
+def test_maps_ahead_quick_keeps_the_rounds_asked(monkeypatch):
+    """bench/maps_ahead.py --quick set 3 rounds whatever --rounds said (the
+    page's Command line then named a --rounds that did not run): --quick
+    now only changes the default."""
+    ma = _bench_module("maps_ahead")
+    asked = []
+    monkeypatch.setattr(ma, "measure", lambda points, rounds: (asked.append(rounds), ("table", 1))[1])
+    monkeypatch.setattr(ma, "write_markdown", lambda *a, **k: None)
+    monkeypatch.setattr(ma, "_street_with_intensity", lambda: None)
+    threads = torch.get_num_threads()
+    try:
+        for argv, rounds in ((["--quick", "--rounds", "5"], 5), (["--quick"], 3)):
+            monkeypatch.setattr(sys, "argv", ["maps_ahead.py", *argv])
+            ma.main()
+            assert asked[-1] == rounds
+    finally:
+        torch.set_num_threads(threads)
