@@ -9,7 +9,9 @@ model must not recompile for it)."""
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -47,6 +49,11 @@ def errors_against_eager(name: str, x, ways: dict) -> dict:
     want = ways["eager"](x)
     return {k: c.enforce_error(f"{name}, {k} against eager", float((f(x) - want).abs().max()), TOLERANCE)
             for k, f in ways.items() if k != "eager"}
+
+
+def command(argv: list) -> str:
+    """The page's Command line: the arguments as given (quoted for a shell)."""
+    return "flock /work/bench.lock .venv/bin/python bench/compile.py " + shlex.join(argv)
 
 
 def main() -> None:
@@ -92,10 +99,8 @@ def main() -> None:
              f"First call of the compiled model (tracing + inductor): {compile_s:.1f} s; torch.export: "
              f"{export_s:.1f} s. Every output checked against eager before timing (max abs diff <= {TOLERANCE:g}). "
              f"No recompilation for the second cloud (`error_on_recompile`).")
-    command = "flock /work/bench.lock .venv/bin/python bench/compile.py" + (" --quick" if args.quick else "") + (
-        f" --repeats {args.repeats}" if args.repeats else "") + (f" --threads {args.threads}" if args.threads else "")
-    c.write_markdown(Path(args.out), "torch.compile and torch.export of MinkUNet", command, c.environment(),
-                     [table], notes)
+    c.write_markdown(Path(args.out), "torch.compile and torch.export of MinkUNet", command(sys.argv[1:]),
+                     c.environment(), [table], notes)
     print(table)
     print(notes)
 

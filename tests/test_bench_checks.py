@@ -339,3 +339,14 @@ def test_maps_ahead_quick_keeps_the_rounds_asked(monkeypatch):
             assert asked[-1] == rounds
     finally:
         torch.set_num_threads(threads)
+
+
+def test_compile_page_command_names_its_out():
+    """bench/compile.py's Command line named --quick, --repeats and
+    --threads but not --out: it now records the arguments as given."""
+    import shlex
+
+    compile_bench = _bench_module("compile")
+    argv = ["--quick", "--repeats", "3", "--threads", "1", "--out", "/tmp/a page.md"]
+    words = shlex.split(compile_bench.command(argv))
+    assert words[-len(argv):] == argv and words[-len(argv) - 1] == "bench/compile.py"
