@@ -27,29 +27,20 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-import time
 
 import numpy as np
 import torch
 
-from _common import environment, kitti_or_street, page_arg, page_path, positive_int, write_markdown
+from _common import environment, interleaved, kitti_or_street, page_arg, page_path, positive_int, write_markdown
 
 import pointsparse as ps
 from pointsparse.nn import _engine
 
 
 def median_ms(calls: dict, rounds: int) -> dict:
-    """Each call timed once a round, in a new seeded order each round."""
-    times = {name: [] for name in calls}
-    order = list(calls)
-    rng = np.random.default_rng(0)
-    for _ in range(rounds):
-        rng.shuffle(order)
-        for name in order:
-            t = time.perf_counter()
-            calls[name]()
-            times[name].append(time.perf_counter() - t)
-    return {name: float(np.median(v)) * 1e3 for name, v in times.items()}
+    """Median milliseconds of each call: run once untimed, then timed once a
+    round, in a new seeded order each round (_common.interleaved)."""
+    return {name: seconds * 1e3 for name, seconds in interleaved(calls, rounds).items()}
 
 
 def setup(coords: torch.Tensor, channels: int):

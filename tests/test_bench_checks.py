@@ -350,3 +350,19 @@ def test_compile_page_command_names_its_out():
     argv = ["--quick", "--repeats", "3", "--threads", "1", "--out", "/tmp/a page.md"]
     words = shlex.split(compile_bench.command(argv))
     assert words[-len(argv):] == argv and words[-len(argv) - 1] == "bench/compile.py"
+
+
+def test_vector_threshold_median_ms_warms_each_call_first():
+    """bench/vector_threshold.py's median_ms timed the first call of each
+    kernel (cold caches, the plan's first use) as one of its rounds: each
+    call now runs once untimed first (_common.interleaved)."""
+    vt = _bench_module("vector_threshold")
+    ran = {"a": 0, "b": 0}
+
+    def call(name):
+        def run():
+            ran[name] += 1
+        return run
+
+    med = vt.median_ms({k: call(k) for k in ran}, 4)
+    assert ran == {"a": 5, "b": 5} and set(med) == {"a", "b"}
