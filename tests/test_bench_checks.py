@@ -366,3 +366,25 @@ def test_vector_threshold_median_ms_warms_each_call_first():
 
     med = vt.median_ms({k: call(k) for k in ran}, 4)
     assert ran == {"a": 5, "b": 5} and set(med) == {"a", "b"}
+
+
+def test_spmm_time_case_and_nm_section_interleave_their_methods(monkeypatch):
+    """bench/spmm.py's time_case and nm_section timed each method in turn
+    with timeit (all repeats of one, then the next): a busy spell slowed one
+    method only; target_section timed 2:4 alone after the others. All now
+    time their methods together through _common.interleaved."""
+    spmm = _bench_module("spmm")
+    asked = []
+
+    def fake_interleaved(fns, repeats, warmup=True):
+        asked.append((sorted(fns), repeats))
+        return {k: 1.0 for k in fns}
+
+    monkeypatch.setattr(spmm, "interleaved", fake_interleaved)
+    res = spmm.time_case(32, 32, 16, 0.5, 3)
+    assert asked == [(sorted(res), 3)] and len(res) == 5
+    spmm.nm_section(True, 2)
+    assert asked[1:] == [(["dense", "ours 2:4"], 2)] * 2
+    rows = spmm.target_section(2)  # the 2:4 row timed in the same rounds as the others
+    assert "ours 2:4 (50%)" in asked[-1][0] and len(asked[-1][0]) == 6
+    assert any(r.startswith("| ours 2:4 (50%) | 1000.0 | 1.00x") for r in rows)
