@@ -183,6 +183,14 @@ def end_to_end(model, dtype, xyz, feats, voxel_size):
     return model(ps.SparseTensor(x.feats.to(dtype), x.coords))
 
 
+def round_orders(names: list, rounds: int):
+    """Each round's order of ``names``: a new (seeded) permutation a round,
+    so that no model always follows the same one."""
+    rng = np.random.default_rng(0)
+    for _ in range(rounds):
+        yield [names[i] for i in rng.permutation(len(names))]
+
+
 def measure(points: np.ndarray, voxel_size: float, rounds: int) -> str:
     xyz, feats = inputs(points)
     base, _ = ps.voxelize(xyz, feats, voxel_size=voxel_size)
@@ -191,8 +199,9 @@ def measure(points: np.ndarray, voxel_size: float, rounds: int) -> str:
     with torch.no_grad():
         outs = {name: m(cached[name]).feats.float() for name, (m, _) in models.items()}  # warm-up too
         e2e, net = {n: [] for n in models}, {n: [] for n in models}
-        for _ in range(rounds):
-            for name, (m, dtype) in models.items():
+        for order in round_orders(list(models), rounds):
+            for name in order:
+                m, dtype = models[name]
                 t0 = time.perf_counter()
                 end_to_end(m, dtype, xyz, feats, voxel_size)
                 t1 = time.perf_counter()
@@ -254,8 +263,9 @@ def program_rows(specs: dict, voxel_size: float, rounds: int) -> str:
             cached[name] = ps.SparseTensor(v.input.feats.to(feats_dtype(model, torch.float32)), v.input.coords)
             model(cached[name])  # warm-up
         e2e, net = {n: [] for n in programs}, {n: [] for n in programs}
-        for _ in range(rounds):
-            for name, (file, model, state) in programs.items():
+        for order in round_orders(list(programs), rounds):
+            for name in order:
+                file, model, state = programs[name]
                 t0 = time.perf_counter()
                 predict(model, Batch.of([voxelize_sample(sample, voxel_size, -1)]))  # (voxel logits, point classes)
                 t1 = time.perf_counter()

@@ -388,3 +388,15 @@ def test_spmm_time_case_and_nm_section_interleave_their_methods(monkeypatch):
     rows = spmm.target_section(2)  # the 2:4 row timed in the same rounds as the others
     assert "ours 2:4 (50%)" in asked[-1][0] and len(asked[-1][0]) == 6
     assert any(r.startswith("| ours 2:4 (50%) | 1000.0 | 1.00x") for r in rows)
+
+
+def test_north_star_rounds_take_the_models_in_new_orders():
+    """bench/north_star.py's rounds ran the models in one fixed order (each
+    always after the same one, the first after the warm-up's last): each
+    round now takes them in a new seeded order, every model once."""
+    ns = _bench_module("north_star")
+    names = ["a", "b", "c"]
+    orders = list(ns.round_orders(names, 8))
+    assert len(orders) == 8 and all(sorted(o) == names for o in orders)
+    assert len({tuple(o) for o in orders}) > 1 and {o[0] for o in orders} == set(names)
+    assert orders == list(ns.round_orders(names, 8))  # seeded
