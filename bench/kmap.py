@@ -120,19 +120,18 @@ def main() -> None:
             built["default"] = km.build(coords, k, t)
             check_equal(built)
             kvol = built["mergesort"].kernel_volume
-            for m in METHODS + ("default",):
-                sec = c.timeit(lambda: km.build(coords, k, t, method=None if m == "default" else m), repeats=repeats)
-                rows.append((cloud, n, map_name, kvol, m, sec))
             ref = torch_reference(coords, k, t)
             for o in range(kvol):
                 a, b = built["torch"].pairs(o)
                 if not (torch.equal(ref[o][0], a) and torch.equal(ref[o][1], b)):
                     raise SystemExit(f"torch reference differs at offset {o} ({cloud}, {map_name})")
-            sec = c.timeit(lambda: torch_reference(coords, k, t), repeats=repeats)
-            rows.append((cloud, n, map_name, kvol, "torch reference", sec))
+            fns = {m: (lambda m=m: km.build(coords, k, t, method=None if m == "default" else m))
+                   for m in METHODS + ("default",)}
+            fns["torch reference"] = lambda: torch_reference(coords, k, t)
             if have_spconv:
-                sec = c.timeit(lambda: spconv_map(coords, k, t), repeats=repeats)
-                rows.append((cloud, n, map_name, kvol, "spconv", sec))
+                fns["spconv"] = lambda: spconv_map(coords, k, t)
+            for m, sec in c.interleaved(fns, repeats).items():  # every method in each round
+                rows.append((cloud, n, map_name, kvol, m, sec))
             best = min(r[5] for r in rows if r[0] == cloud and r[2] == map_name)
             print(f"{cloud:28s} {n:8d} {map_name:8s} best {best * 1e3:8.2f} ms", flush=True)
     write_results(rows, maps, args, have_spconv)
@@ -195,7 +194,8 @@ def write_results(rows, maps, args, have_spconv) -> None:
     notes.append(f"- Default CPU method (`pointsparse.kmap.default_method('cpu')`): `{km.default_method('cpu')}`.")
     counted = (f"{args.repeats} repeat{'s' * (args.repeats != 1)} each (--repeats)" if args.repeats
                else "7 repeats, 3 above 300k voxels or with --quick")
-    notes.append(f"\nMedians of repeated builds ({counted}), whole "
+    notes.append(f"\nMedians of repeated builds ({counted}), the methods of each map interleaved round by round "
+                 "after an untimed build of each, whole "
                  "`pointsparse.kmap.build` calls (downsampling included for strided maps). Ratios within one "
                  "run are the comparison; absolute times depend on the machine and its load (loadavg above).")
     # (every option as typed: --repeats changes the numbers, --out where they went)

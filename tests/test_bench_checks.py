@@ -400,3 +400,27 @@ def test_north_star_rounds_take_the_models_in_new_orders():
     assert len(orders) == 8 and all(sorted(o) == names for o in orders)
     assert len({tuple(o) for o in orders}) > 1 and {o[0] for o in orders} == set(names)
     assert orders == list(ns.round_orders(names, 8))  # seeded
+
+
+def test_kmap_times_the_methods_of_a_map_interleaved(monkeypatch):
+    """bench/kmap.py timed each build method's repeats in turn (timeit), then
+    the torch reference after them: the methods of one (cloud, map) are now
+    timed together through _common.interleaved, the torch reference checked
+    before."""
+    kmap_bench = _bench_module("kmap")
+    common = kmap_bench.c
+    asked, written = [], []
+
+    def fake_interleaved(fns, repeats, warmup=True):
+        asked.append((list(fns), repeats))
+        return {k: 1.0 for k in fns}
+
+    monkeypatch.setattr(common, "interleaved", fake_interleaved)
+    monkeypatch.setattr(common, "timeit", lambda fn, repeats=7, warmup=1: pytest.fail("timed alone with timeit"))
+    monkeypatch.setattr(kmap_bench, "clouds", lambda quick: {"street 300": common.street_scene(300)})
+    monkeypatch.setattr(kmap_bench, "write_results", lambda rows, *a: written.extend(rows))
+    monkeypatch.setattr(sys, "argv", ["kmap.py", "--quick", "--repeats", "2"])
+    kmap_bench.main()
+    methods = list(kmap_bench.METHODS) + ["default", "torch reference"]
+    assert len(asked) == 2 and all(names[:len(methods)] == methods and r == 2 for names, r in asked)
+    assert [r[4] for r in written][:len(methods)] == methods
