@@ -150,17 +150,20 @@ def bench(quick: bool, repeats: int) -> list[str]:
                 if err > 1e-4:
                     raise RuntimeError(f"{scene} {kind} C={c}: ours differs from the naive loop (rel {err:.2e})")
                 rate = mm_rate(max(layer.kmap.num_pairs // layer.kmap.kernel_volume, 1) * 4, c, repeats)
-                f_ours = timeit(lambda: layer.ours(False), repeats)
-                f_naive = timeit(lambda: layer.naive(False), repeats)
-                b_ours = timeit(lambda: layer.ours(True), repeats)
-                b_naive = timeit(lambda: layer.naive(True), repeats)
                 steps = grouped.make_plan(layer.kmap)
-                f_grouped = timeit(lambda: layer.ours(False, steps), repeats)
-                b_grouped = timeit(lambda: layer.ours(True, steps), repeats)
-                gf, gb = layer.flops / f_ours / 1e9, 3 * layer.flops / b_ours / 1e9
+                fns = {"fwd ours": lambda: layer.ours(False), "fwd naive": lambda: layer.naive(False),
+                       "fwd+bwd ours": lambda: layer.ours(True), "fwd+bwd naive": lambda: layer.naive(True),
+                       "fwd grouped": lambda: layer.ours(False, steps),
+                       "fwd+bwd grouped": lambda: layer.ours(True, steps)}
                 sp_run = layer.spconv_fn()
+                if sp_run is not None:
+                    fns["spconv fwd+bwd"] = lambda: sp_run(True)
+                med = interleaved(fns, repeats)  # every method in each round
+                f_ours, f_naive, b_ours, b_naive, f_grouped, b_grouped = (med[k] for k in (
+                    "fwd ours", "fwd naive", "fwd+bwd ours", "fwd+bwd naive", "fwd grouped", "fwd+bwd grouped"))
+                gf, gb = layer.flops / f_ours / 1e9, 3 * layer.flops / b_ours / 1e9
                 sp = ("not installed" if spconv is None else "n/a" if sp_run is None
-                      else f"{timeit(lambda: sp_run(True), repeats) * 1e3:.1f}")
+                      else f"{med['spconv fwd+bwd'] * 1e3:.1f}")
                 rows.append(
                     f"| {scene} | {len(coords)} | {kind} | {c} | {layer.kmap.num_pairs} | {rate:.0f} | "
                     f"{f_ours * 1e3:.1f} / {f_naive * 1e3:.1f} | {gf:.0f} | {100 * gf / rate:.0f}% | "
@@ -341,7 +344,9 @@ def main() -> None:
              "for forward+backward. Ours = the default engine method (fused C++ gather-GEMM-scatter); grouped = "
              "torch gather + mm/bmm + index_add_ scatter (bench/_grouped.py, same run). "
              "Naive = index_select + mm + index_add per offset with torch autograd. "
-             "Ratios within one run are the comparison; absolute times depend on the machine and its load.")
+             "Times: medians of the repeats, the methods of each layer interleaved round by round after an "
+             "untimed call of each. Ratios within one run are the comparison; absolute times depend on the "
+             "machine and its load.")
     if args.isa:
         notes = ("Each build forced through ConvPlan's `isa` argument on the same plan, calls interleaved round by "
                  "round, medians; k=1 is a plain GEMM through the fused kernel (the identity offset), compared "

@@ -424,3 +424,25 @@ def test_kmap_times_the_methods_of_a_map_interleaved(monkeypatch):
     methods = list(kmap_bench.METHODS) + ["default", "torch reference"]
     assert len(asked) == 2 and all(names[:len(methods)] == methods and r == 2 for names, r in asked)
     assert [r[4] for r in written][:len(methods)] == methods
+
+
+def test_conv_layers_table_times_its_methods_interleaved(monkeypatch):
+    """bench/conv.py's layers table timed ours, the naive loop and the
+    grouped path one after the other (timeit, all repeats of each): they
+    are now timed together through _common.interleaved."""
+    conv = _bench_module("conv")
+    asked = []
+
+    def fake_interleaved(fns, repeats, warmup=True):
+        asked.append((sorted(fns), repeats))
+        return {k: 1.0 for k in fns}
+
+    monkeypatch.setattr(conv, "interleaved", fake_interleaved)
+    monkeypatch.setattr(conv, "timeit", lambda fn, repeats=7, warmup=1: pytest.fail("timed alone with timeit"))
+    monkeypatch.setattr(conv, "mm_rate", lambda m, c, repeats: 1.0)
+    monkeypatch.setattr(conv, "scenes", lambda quick: [("street 300", _bench_module("_common").street_scene(300),
+                                                          False)])
+    rows = conv.bench(True, 2)
+    want = sorted(["fwd ours", "fwd naive", "fwd+bwd ours", "fwd+bwd naive", "fwd grouped", "fwd+bwd grouped"])
+    assert len(asked) == 3 and all(names == want and r == 2 for names, r in asked)  # spconv: not installed
+    assert len(rows) == 5 and "| 1000.0 / 1000.0 |" in rows[-1]
