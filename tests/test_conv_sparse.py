@@ -754,6 +754,27 @@ def test_kernel_region_of_bools_is_refused():
     assert ps.nn.Conv3d(2, 2, 3, kernel_region=(i for i in [13, 4])).kernel_region == (4, 13)
 
 
+def test_kernel_region_of_too_large_a_kernel_is_refused_before_allocating():
+    """region_of of a kernel past kmap.MAX_KERNEL_VOLUME offsets built its
+    (K,) mask (and for "cross" a (K, 3) grid) first: kernel_size 1001 asked
+    for 24 GB and 10**6 overflowed torch's storage size (RuntimeErrors).
+    It is the ValueError every kernel map gives such a kernel, at once."""
+    import time
+
+    from pointsparse import kmap
+    for region in ("cross", [0], range(3)):
+        # (sizes whose refusal, were it missing, fails cheaply: an overflow or a 32,769-entry mask)
+        for k in ((10**6, 10**6, 10**6), (kmap.MAX_KERNEL_VOLUME + 1, 1, 1)):
+            start = time.perf_counter()
+            with pytest.raises(ValueError, match=r"kernel_size .* offsets; a kernel may have at most 32,768"):
+                F.region_of(k, region)
+            assert time.perf_counter() - start < 1.0
+        with pytest.raises(ValueError, match=r"kernel_size .* offsets; a kernel may have at most"):
+            F.engine_cost(torch.zeros(1, 1, 1), torch.zeros(1, dtype=torch.int64), (10**6, 10**6, 10**6), region)
+    assert F.region_of((kmap.MAX_KERNEL_VOLUME, 1, 1), [5]).nonzero().flatten().tolist() == [5]
+    assert int(F.region_of((kmap.MAX_KERNEL_VOLUME, 1, 1), "cross").sum()) == kmap.MAX_KERNEL_VOLUME
+
+
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_weight_mask_checked_and_taken_alike_on_every_path(backend):
     """conv3d checks weight_mask (the weight's shape, dtype, device) before

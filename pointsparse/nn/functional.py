@@ -42,7 +42,9 @@ def region_of(kernel_size, region) -> torch.Tensor | None:
     """The offsets a conv with a custom kernel region runs, as a bool ``(K,)``
     (None: every offset). ``region``: None, ``"cross"`` (the hyper-cross: the
     offsets with at most one axis away from the centre), or a sequence of
-    offset indices (API.md's enumeration)."""
+    offset indices (API.md's enumeration). A kernel past
+    :data:`pointsparse.kmap.MAX_KERNEL_VOLUME` offsets is a ValueError, before
+    anything is allocated."""
     return _region(as_triple(kernel_size, "kernel_size"), region)
 
 
@@ -51,6 +53,8 @@ def _region(k, region) -> torch.Tensor | None:
     volume = k[0] * k[1] * k[2]
     if region is None:
         return None
+    # the kernel's size before its (K,) mask (and the cross's (K, 3) grid) is allocated: the kernel maps' refusal
+    _kmap.check_kernel(k, (1, 1, 1), (1, 1, 1))
     if isinstance(region, str):
         if region != "cross":
             raise ValueError(f"kernel_region must be None, 'cross' or a sequence of offset indices; got {region!r}")
