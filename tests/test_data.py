@@ -196,6 +196,26 @@ def test_generated_scenes_and_voxel_datasets_refuse_what_fails_later():
         ds[1]
 
 
+def test_scan_size_is_checked_as_beams_times_azimuth_steps_before_allocating():
+    """beams and azimuth_steps were checked one by one: their largest
+    (1024 x 65536, 67 million rays) passed, and outdoor_scene ran out of
+    memory in its ray casting (gigabytes per array) instead of a ValueError;
+    the scan now has at most MAX_RAYS rays (64 x 65536, the demo's largest)."""
+    import time
+
+    from pointsparse.data import generated
+    assert generated.MAX_RAYS == 64 * generated.MAX_AZIMUTH_STEPS
+    for make in (lidar_rays, lambda **kw: outdoor_scene(0, **kw), lambda **kw: GeneratedScenes("outdoor", 2, **kw)):
+        for beams, steps in ((1024, 65536), (65, 65536), (128, 32769)):
+            start = time.perf_counter()
+            with pytest.raises(ValueError, match=rf"beams x azimuth_steps = {beams} x {steps} = {beams * steps:,} "
+                                                 rf"rays; a scan may have at most {generated.MAX_RAYS:,}"):
+                make(beams=beams, azimuth_steps=steps)
+            assert time.perf_counter() - start < 1.0
+    assert lidar_rays(128, 32768).shape == (generated.MAX_RAYS, 3)
+    assert len(GeneratedScenes("outdoor", 1, beams=1024, azimuth_steps=4096)) == 1
+
+
 def test_generated_scenes_check_their_arguments_up_front():
     """beams=0 or an unknown keyword failed only at the first scene drawn, a
     negative first_seed there as numpy's error; an index of 1.0 reached the

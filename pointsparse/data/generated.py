@@ -30,8 +30,8 @@ _INTENSITY = {"road": 0.25, "sidewalk": 0.35, "terrain": 0.4, "building": 0.3, "
 def lidar_rays(beams: int = 64, azimuth_steps: int = 1024, fov_up: float = 2.0, fov_down: float = -24.8):
     """Unit ray directions ``(beams * azimuth_steps, 3)`` of a spinning LiDAR.
     Limits (checked before anything is allocated): ``beams`` 1..1024,
-    ``azimuth_steps`` 1..65536, ``fov_up``/``fov_down`` elevations in
-    [-90, 90] degrees."""
+    ``azimuth_steps`` 1..65536, at most :data:`MAX_RAYS` rays in all,
+    ``fov_up``/``fov_down`` elevations in [-90, 90] degrees."""
     _check_scene_args(beams=beams, azimuth_steps=azimuth_steps)
     for name, value in (("fov_up", fov_up), ("fov_down", fov_down)):
         if not (_is_number(value) and -90 <= value <= 90):
@@ -132,6 +132,10 @@ MAX_RANGE = 1000.0
 #: Largest LiDAR beam and azimuth-step counts of a generated scan.
 MAX_BEAMS = 1024
 MAX_AZIMUTH_STEPS = 65536
+#: Largest ray count (beams x azimuth_steps) of a generated scan: 64 beams of
+#: MAX_AZIMUTH_STEPS (the two largest alone, 67 million rays, took the ray
+#: casting to gigabytes per array).
+MAX_RAYS = 64 * MAX_AZIMUTH_STEPS
 
 
 def _is_number(value) -> bool:
@@ -170,6 +174,11 @@ def _check_scene_args(**values) -> None:
                                  f"here); got {value!r}")
         elif not (_is_number(value) and np.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
+    if "beams" in values and "azimuth_steps" in values:  # (each in range: their product before any ray is made)
+        rays = int(values["beams"]) * int(values["azimuth_steps"])
+        if rays > MAX_RAYS:
+            raise ValueError(f"beams x azimuth_steps = {values['beams']} x {values['azimuth_steps']} = {rays:,} rays; "
+                             f"a scan may have at most {MAX_RAYS:,} (e.g. 64 x {MAX_AZIMUTH_STEPS})")
 
 
 @dataclass(frozen=True)
@@ -323,7 +332,7 @@ def outdoor_scene(seed: int = 0, beams: int = 64, azimuth_steps: int = 1024, max
     bushes, poles, parked and driving cars, people. Features: intensity.
     Every point is labelled; ``labels`` index :data:`OUTDOOR_CLASSES`.
     Limits (checked first): ``seed`` an int >= 0, ``beams`` 1..1024,
-    ``azimuth_steps`` 1..65536, ``max_range`` in (0, MAX_RANGE] metres,
+    ``azimuth_steps`` 1..65536, at most :data:`MAX_RAYS` rays in all, ``max_range`` in (0, MAX_RANGE] metres,
     ``range_noise`` (the sigma of the noise on each range, metres) finite
     in [0, max_range] (numbers, not bools)."""
     # (None drew a different scene each call; numpy's errors did not name it, nor took a 0-d tensor as_int takes)
