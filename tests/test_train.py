@@ -1044,6 +1044,22 @@ def test_out_of_range_flags_fail_before_any_work(flag, value, message, tmp_path,
     assert not out.exists()
 
 
+def test_scan_of_too_many_rays_fails_naming_both_flags_before_any_work(tmp_path, monkeypatch):
+    """--beams 1024 --azimuth-steps 65536 passed check_args (each within its
+    own limit) and was refused by the scenes with their keyword names; the
+    product is checked with the flags, before --out is made."""
+    def no_work(*args, **kwargs):
+        raise AssertionError("training started before the arguments were checked")
+
+    monkeypatch.setattr(tr, "train", no_work)
+    monkeypatch.setattr(tr, "open_training_data", no_work)
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"--beams x --azimuth-steps = 1024 x 65536 = 67,108,864 rays; a scan may "
+                                         r"have at most 4,194,304"):
+        tr.main(_parse([*TINY, "--beams", "1024", "--azimuth-steps", "65536", "--out", str(out)]))
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--data", "a.npy", "--beams", "32"], r"--beams 32: the generated scenes' settings; --data a.npy"),
     (["--data", "a.npy", "--beams", "64"], r"--beams 64: the generated scenes' settings"),  # (the default beams)

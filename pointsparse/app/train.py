@@ -29,7 +29,7 @@ import torch
 from .. import checkpoint
 from ..data import DEFAULT_IGNORE, NUM_FEATURES, VALIDATION_SEED, Batch, CloudFiles, VoxelDataset, open_source
 from ..data.datasets import is_generated
-from ..data.generated import MAX_AZIMUTH_STEPS, MAX_BEAMS, MAX_RANGE
+from ..data.generated import MAX_AZIMUTH_STEPS, MAX_BEAMS, MAX_RANGE, MAX_RAYS
 from ..models import SyncBatchNorm, build_model, model_from_state
 from ..models.loading import non_finite_entry
 from ..nn import BatchStatisticsError
@@ -197,6 +197,10 @@ def check_args(args) -> None:
         value = getattr(args, name, None)
         if value is not None and value > top:
             raise ValueError(f"--{name.replace('_', '-')} must be <= {top}; got {value}")
+    beams, steps = getattr(args, "beams", None), getattr(args, "azimuth_steps", None)
+    if beams is not None and steps is not None and beams * steps > MAX_RAYS:  # (as the scenes would refuse it)
+        raise ValueError(f"--beams x --azimuth-steps = {beams} x {steps} = {beams * steps:,} rays; a scan may have at "
+                         f"most {MAX_RAYS:,} (e.g. --beams 64 --azimuth-steps {MAX_AZIMUTH_STEPS})")
     value = getattr(args, "val_fraction", None)
     if value is not None and not 0 < value < 1:
         raise ValueError(f"--val-fraction must be in (0, 1); got {value}")
