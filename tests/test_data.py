@@ -1513,6 +1513,41 @@ def test_open3d_reader_reads_pcd_headers_and_tokens_as_open3d_does(tmp_path):
     assert read_cloud(tmp_path / "ok.pcd").labels.tolist() == [0, 0]
 
 
+def test_pcd_header_counts_past_the_body_are_refused_before_allocating(tmp_path):
+    """An ASCII PCD whose header claims 10**12 points was read with max_rows
+    of that count, and numpy allocated for them all first (7 TiB: a
+    MemoryError where a binary body says 'truncated'); a COUNT of 10**12
+    built a list of that many field types. Rows are read up to what the
+    body's bytes can hold, and a point of more than 65,536 values is refused
+    naming COUNT, both before anything that size is allocated."""
+    import time
+
+    try:
+        import open3d  # noqa: F401
+    except (ImportError, OSError) as exc:
+        pytest.skip(f"open3d not usable: {exc}")
+    head = ("VERSION 0.7\nFIELDS x y z\nSIZE 4 4 4\nTYPE F F F\nCOUNT {count}\nWIDTH {n}\nHEIGHT 1\n"
+            "VIEWPOINT 0 0 0 1 0 0 0\nPOINTS {n}\nDATA {data}\n")
+    cases = [(dict(count="1 1 1", n=10**12, data="ascii"), "1 2 3\n",
+              r"the header says 1000000000000 points but the file holds 1 \(truncated\)"),
+             (dict(count="1 1 1", n=10**12, data="ascii"), "1 2\n3 4\n5 6\n",  # (rows of too few numbers)
+              "PCD ascii rows hold 2 numbers; the header's fields need 3"),
+             (dict(count="1 1 1000000000000", n=1, data="ascii"), "1 2 3\n",
+              r"PCD COUNT \[1, 1, 1000000000000\] gives 1,000,000,000,002 values a point; at most 65,536"),
+             (dict(count="1 1 1000000000000", n=1, data="binary"), "",
+              r"PCD COUNT \[1, 1, 1000000000000\] gives 1,000,000,000,002 values a point; at most 65,536")]
+    for i, (fields, body, match) in enumerate(cases):
+        path = tmp_path / f"c{i}.pcd"
+        path.write_bytes((head.format(**fields) + body).encode())
+        start = time.perf_counter()
+        with pytest.raises(ValueError, match=rf"c{i}\.pcd: {match}"):
+            read_open3d(path, labels=False)
+        assert time.perf_counter() - start < 2.0
+    path = tmp_path / "ok.pcd"
+    path.write_text(head.format(count="1 1 1", n=2, data="ascii") + "1 2 3\n4 5 6")  # (no line end after the last)
+    assert read_open3d(path, labels=False).xyz.tolist() == [[0, 0, 3], [3, 3, 6]]
+
+
 def test_ascii_pcd_integer_tokens_are_checked_in_pieces_as_they_were_whole(tmp_path, monkeypatch):
     """The ASCII PCD check reads its integer fields' tokens a few lines at a
     time (one fixed-width array of them all took 4 bytes a character of the

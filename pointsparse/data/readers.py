@@ -1320,6 +1320,9 @@ def _check_pcd(path: Path) -> np.ndarray | None:
                          f"{exc!r})") from None
     if not len(names) == len(sizes) == len(types) == len(counts) or min(counts, default=1) < 1 or n < 0:
         raise ValueError(f"{path}: PCD FIELDS {names}, SIZE {sizes}, TYPE {types}, COUNT {counts} do not agree")
+    if sum(counts) > _PCD_MAX_VALUES:  # (before a field type is listed per value)
+        raise ValueError(f"{path}: PCD COUNT {counts} gives {sum(counts):,} values a point; at most "
+                         f"{_PCD_MAX_VALUES:,}")
     dtypes, columns = [], []
     for name, t, b, c in zip(names, types, sizes, counts):
         if (t.upper(), b) not in _PCD_TYPES:
@@ -1347,13 +1350,19 @@ def _check_pcd(path: Path) -> np.ndarray | None:
             raise ValueError(f"{path}: the header says {n} points ({n * row} bytes) but the compressed data "
                              f"says {unpacked} bytes, packed in {packed} of the {held_bytes - 8} there")
     elif data == "ascii":
+        # numpy allocates max_rows rows first: no more than the body's bytes can hold (a row of k numbers takes
+        # 2k bytes, k digits and their separators and line end, the last line's end optional)
+        fit = (held_bytes + 1) // (2 * max(len(dtypes), 1)) + 1
         try:
             with warnings.catch_warnings():  # numpy's note that max_rows counts rows, not blank lines
                 warnings.simplefilter("ignore", UserWarning)
                 rows = np.loadtxt(path, dtype=np.float64, ndmin=2, comments=None, skiprows=len(lines),
-                                  max_rows=n + 1)  # (one more: is there a row after them?)
+                                  max_rows=min(n + 1, fit))  # (one more: is there a row after them?)
         except ValueError as exc:
             raise ValueError(f"{path}: PCD ascii data is not rows of {len(dtypes)} numbers: {exc}") from None
+        if len(rows) == fit <= n:  # (more rows than k-number rows fit: theirs are shorter, the count not read)
+            raise ValueError(f"{path}: PCD ascii rows hold {rows.shape[1]} numbers; the header's fields "
+                             f"need {len(dtypes)}")
         if len(rows) < n:
             raise ValueError(f"{path}: the header says {n} points but the file holds {len(rows)} (truncated)")
         if len(rows) > n:  # (Open3D reads the header's count: the rows after it went unread without a word)
@@ -1377,6 +1386,7 @@ def _check_pcd(path: Path) -> np.ndarray | None:
     return None
 
 
+_PCD_MAX_VALUES = 1 << 16  # values one PCD point may hold (the sum of COUNT; PCL's widest descriptors hold hundreds)
 _ASCII_ROWS = 1 << 16  # lines of an ASCII PCD body whose integer tokens are checked at a time (the tests lower it)
 
 
