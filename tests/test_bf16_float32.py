@@ -6,6 +6,7 @@ on machines that have the bf16 kernels too."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import pointsparse as ps
@@ -43,3 +44,57 @@ def test_bf16_inference_through_the_float32_kernels(monkeypatch):
     wg = w.clone().requires_grad_()  # with a gradient: not inference, the torch path, still bf16
     assert not _engine.bf16_inference(x.feats, wg, None)
     assert F.conv3d(x, wg, 3).feats.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_a_16_bit_conv_in_training_runs_the_float32_kernels_on_its_widened_values(dtype, transposed):
+    """A bf16 / fp16 conv with a gradient ran the torch path: each offset's product rounded to the 16-bit dtype
+    and summed there, so a model's training forward differed from its inference (one rounding of a float32
+    sum), and from the same model compiled. It now runs as a conv in autocast's precision does: the float32
+    kernels on the exactly widened values, the output rounded once, the gradients the float32 engine's rounded
+    to the inputs' dtype."""
+    coords = random_coords(900, 12, seed=5)
+    g = torch.Generator().manual_seed(6)
+    x = ps.SparseTensor(torch.randn(len(coords), 8, generator=g).to(dtype), coords)
+    stride = 1
+    if transposed:  # (the transposed conv of a stride-2 one, back onto these coords)
+        x = F.conv3d(x, torch.zeros(8, 8, 8, dtype=dtype), 2, stride=2)
+        x = x.with_feats(torch.randn(x.feats.shape, generator=g).to(dtype))
+        stride = 2
+    w = (torch.randn(8 if transposed else 27, 8, 16, generator=g) / 8 ** 0.5).to(dtype).requires_grad_()
+    b = torch.randn(16, generator=g).to(dtype).requires_grad_()
+    feats = x.feats.clone().requires_grad_()
+    k = 2 if transposed else 3
+    y = F.conv3d(x.with_feats(feats), w, k, stride=stride, bias=b, transposed=transposed, relu=True)
+    up = torch.randn(y.feats.shape, generator=g).to(dtype)
+    y.feats.backward(up)
+    wide_feats = x.feats.float().requires_grad_()
+    wide_w, wide_b = w.detach().float().requires_grad_(), b.detach().float().requires_grad_()
+    wide = F.conv3d(x.with_feats(wide_feats), wide_w, k, stride=stride, bias=wide_b, transposed=transposed,
+                    relu=True)
+    wide.feats.backward(up.float())
+    assert y.feats.dtype == dtype and torch.equal(y.feats, wide.feats.detach().to(dtype))
+    assert torch.equal(feats.grad, wide_feats.grad.to(dtype))
+    assert torch.equal(w.grad, wide_w.grad.to(dtype)) and torch.equal(b.grad, wide_b.grad.to(dtype))
+    with torch.no_grad():  # inference: within one rounding of a float32 sum (bf16: its own kernels' order)
+        z = F.conv3d(x, w.detach(), k, stride=stride, bias=b.detach(), transposed=transposed, relu=True)
+    assert _rel(z.feats, y.feats.detach()) < (2 ** -7 if dtype == torch.bfloat16 else 2 ** -9)
+
+
+def test_a_bf16_conv_in_training_compiled_gives_eagers_bits():
+    """torch.compile of a bf16 conv in training widened nothing and ran the bf16 kernels (its own rounding)
+    while eager ran the torch path: the two differed by bf16 roundings. Both now run the float32 kernels on
+    the widened values: equal outputs and gradients."""
+    coords = random_coords(400, 9, seed=7)
+    g = torch.Generator().manual_seed(8)
+    x = ps.SparseTensor(torch.randn(len(coords), 8, generator=g).bfloat16(), coords)
+    conv = ps.nn.Conv3d(8, 16, 3, bias=True).bfloat16()
+    results = []
+    for run in (conv, torch.compile(conv, backend="aot_eager", fullgraph=True)):
+        conv.zero_grad(set_to_none=True)
+        out = run(x).feats
+        out.float().square().sum().backward()
+        results.append((out.detach(), conv.weight.grad.clone(), conv.bias.grad.clone()))
+    for eager, compiled in zip(*results):
+        assert torch.equal(eager, compiled)

@@ -512,6 +512,29 @@ def bf16_inference(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return _ext.serves(feats, weight)
 
 
+def sixteen_bit_on_float32(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether a bfloat16 / float16 conv in training (a gradient wanted)
+    runs in the float32 kernels on its values widened
+    (:func:`conv_bf16_on_float32`), as a conv in autocast's precision does:
+    feats, weight and bias of one 16-bit dtype that the core serves, one of
+    them needing a gradient and none carrying a forward-mode tangent (the
+    engine has no jvp; the torch path has). Its sums are float32's, rounded
+    once, as bf16 inference's; the torch path rounded each offset's product
+    to the 16-bit dtype and summed there, so a model's training forward and
+    its inference differed by those roundings."""
+    dtype = feats.dtype
+    if dtype not in (torch.bfloat16, torch.float16) or weight.dtype != dtype:
+        return False
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dtype != dtype):
+        return False
+    present = [t for t in (feats, weight, bias) if t is not None]
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in present)):
+        return False
+    if any(forward_ad.unpack_dual(t).tangent is not None for t in present):
+        return False
+    return _ext.serves(feats, weight)
+
+
 def runs_bf16(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether :func:`conv_bf16` runs these tensors: :func:`bf16_inference`
     on a CPU with AVX512-BF16."""

@@ -239,7 +239,8 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
         # graph, where eager does (its own test: not where the core serves no call, backend "torch"); and a
         # conv in autocast's precision but bf16 inference without a region (training, fp16, backend "torch")
         bf16 = _engine.bf16_inference(input.feats, weight, bias)
-        widen = (bf16 and region is not None) or (low is not None and not bf16)
+        widen = (bf16 and region is not None) or (
+            not bf16 and (low is not None or _engine.sixteen_bit_on_float32(input.feats, weight, bias)))
         return _ops.conv3d(input, weight, bias, k, t, d, transposed, add, relu, widen=widen)
     kmap = _kmap._get_kmap(input, k, t, d, transposed)
     residual = None
@@ -253,7 +254,9 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
     bf16 = _engine.bf16_inference(input.feats, weight, bias)  # (runs_bf16, asked once)
     if bf16:
         path = "bf16" if region is None and _engine.bf16_kernels() else "bf16 on float32"
-    elif low is not None:  # autocast's precision in training, or fp16: the float32 kernels, with autograd
+    elif low is not None or _engine.sixteen_bit_on_float32(input.feats, weight, bias):
+        # autocast's precision in training, or fp16; a 16-bit conv in training: the float32 kernels on the
+        # values widened, with autograd
         path = "bf16 on float32"
     else:
         path = "engine" if _engine.supported(input.feats, weight) else "torch"
