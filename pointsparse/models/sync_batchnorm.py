@@ -18,7 +18,10 @@ class _AllReduceSum(torch.autograd.Function):
     its gradient: each process's share of the total loss reaches every
     input through the sum, so the gradient is the all-reduced sum of the
     output's gradients (torch.distributed.nn's ``all_reduce``, deprecated in
-    torch 2.13, computed the same)."""
+    torch 2.13, computed the same), itself this Function, so that a second
+    derivative (a gradient taken with ``create_graph=True`` and
+    differentiated again, as GraSP's Hessian-vector product) sums the
+    processes' shares too."""
 
     @staticmethod
     def forward(ctx, tensor):
@@ -28,9 +31,10 @@ class _AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        out = grad.contiguous().clone()
-        torch.distributed.all_reduce(out)
-        return out
+        # (through the Function again: an all_reduce here ran outside autograd, and a second derivative
+        # missed the other processes' shares behind torch's "c10d::allreduce_: an autograd kernel was not
+        # registered" warning)
+        return _AllReduceSum.apply(grad.contiguous())
 
 
 def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
