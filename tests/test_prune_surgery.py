@@ -739,3 +739,28 @@ def test_a_linear_flattened_with_other_axes_is_not_cut_by_its_chain():
     before = net(x)
     surgery.apply_channel_ratios(net, {"3": 0.5})  # (the Linear after the Flatten: its channels are on axis 1)
     assert net[3].out_features == 3 and net(x).shape == before.shape
+
+
+@pytest.mark.parametrize("channels,ratio", [(5, 0.5), (9, 0.5), (10, 0.25), (7, 0.5)])
+def test_a_chain_and_its_coupled_group_keep_the_same_count_at_a_tie(channels, ratio):
+    """apply_channel_ratios keeps as many channels through a chain as
+    through the coupled group of the same producer (example_input), and
+    AMC's FLOPs count (flops_for, on either kind of layer list) the width
+    the cut gives. The dependency graph's kept_count rounds a tie up (0.5
+    of 5 channels keeps 3), while the chains' rounded it half to even (2):
+    the same call kept 2 channels without example_input and 3 with it, and
+    a coupled AMC search counted the FLOPs of 2."""
+    from pointsparse.prune import amc
+
+    torch.manual_seed(0)
+    nets = [nn.Sequential(nn.Linear(4, channels), nn.ReLU(), nn.Linear(channels, 2)) for _ in range(3)]
+    example = torch.randn(3, 4)
+    chain = surgery.apply_channel_ratios(nets[0], {"0": ratio})
+    coupled = surgery.apply_channel_ratios(nets[1], {"0": ratio}, example_input=example)
+    assert chain == coupled == {"0": surgery.kept_count(channels, ratio)}
+    for is_coupled in (False, True):
+        infos = amc.layer_infos(nets[2], example, coupled=is_coupled)
+        dense = amc.flops_for(infos, {})
+        cut = amc.layer_infos(nets[0], example, coupled=is_coupled)
+        assert amc.flops_for(infos, {"0": ratio}) == pytest.approx(amc.flops_for(cut, {})), is_coupled
+        assert amc.flops_for(cut, {}) < dense

@@ -29,6 +29,7 @@ U-Net networks, not only the insides of their sequential chains."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -468,8 +469,12 @@ def keep_by_l1(module: nn.Module, num_keep: int) -> torch.Tensor:
 
 
 def kept_count(channels: int, ratio: float) -> int:
-    """Channels left after removing a fraction ``ratio`` (at least one)."""
-    return max(1, int(round(channels * (1.0 - ratio))))
+    """Channels left after removing a fraction ``ratio`` (at least one),
+    rounded as :func:`pointsparse.prune.graph.kept_count` rounds a coupled
+    group's (a tie keeps the larger count), so that a chain and the coupled
+    group of the same producer keep as many channels."""
+    # (Python's round, half to even, kept 2 of 5 channels at 0.5 where the coupled path keeps 3)
+    return max(1, math.floor(channels * (1.0 - ratio) + 0.5))
 
 
 # ----------------------------------------------------------------- least squares
