@@ -2600,3 +2600,28 @@ def test_prune_channels_ignore_keeps_a_layers_outputs():
     net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 3))
     prune_channels(net, torch.randn(5, 4), 0.5, multiple=1, ignore=[net[2]])
     assert (net[0].out_features, net[2].out_features, net[4].in_features) == (8, 24, 24)
+
+
+def test_kept_count_ties_keep_more_whatever_the_floats_last_bit():
+    """A decimal ratio at a tie keeps the larger count, as kept_count says,
+    where the float product falls a last bit short of the tie: 360 x 0.7 is
+    251.99999999999997 in floats, 31.5 multiples of 8, and kept 248 (the
+    former rounding to a channel first kept 256); 45 x 0.7 kept 31 of 31.5
+    channels, as surgery.kept_count did removing 0.3 of 45. Checked against
+    exact fractions for every ratio of two decimals."""
+    from fractions import Fraction
+
+    from pointsparse.prune import surgery
+
+    assert G.kept_count(360, 0.7, 8) == 256 and G.kept_count(200, 0.58, 8) == 120
+    assert G.kept_count(45, 0.7) == 32 and surgery.kept_count(45, 0.3) == 32
+    for multiple in (1, 8):
+        for size in range(2, 401):
+            for p in range(1, 100):
+                exact = Fraction(size * p, 100)
+                want = max(1, math.floor(exact + Fraction(1, 2)))
+                if want < size and multiple > 1 and size > multiple:
+                    want = max(multiple, math.floor(exact / multiple + Fraction(1, 2)) * multiple)
+                assert G.kept_count(size, p / 100, multiple) == min(want, size), (size, p, multiple)
+                if multiple == 1:
+                    assert surgery.kept_count(size, 1 - p / 100) == want, (size, p)

@@ -745,13 +745,20 @@ def group_scores(graph: DependencyGraph, group, scores: dict | None = None, redu
 DEFAULT_MULTIPLE = 8
 
 
+def _exact_count(product: float) -> float:
+    """A channel count times a ratio, its float's last bits dropped (9
+    decimals): 360 x 0.7 is 251.99999999999997 in floats, and a tie between
+    two counts (31.5 multiples of 8) fell to the smaller one."""
+    return round(product, 9)
+
+
 def kept_count(size: int, keep_ratio: float, multiple: int = 1) -> int:
     """``size * keep_ratio`` rounded to the nearest multiple of ``multiple``
     (at least one multiple, or 1; at most ``size``), in one rounding, a tie
     keeping the larger count (channels, or multiples of them)."""
     keep_ratio = check_fraction(keep_ratio, "keep ratio", low_open=True, high_open=False)
     multiple = positive_int(multiple, "multiple")
-    exact = size * float(keep_ratio)
+    exact = _exact_count(size * float(keep_ratio))
     n = max(1, math.floor(exact + 0.5))
     if n >= size:  # nothing to prune: rounding to the multiple must not cut a group kept whole
         return size
