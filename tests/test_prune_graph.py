@@ -2625,3 +2625,18 @@ def test_kept_count_ties_keep_more_whatever_the_floats_last_bit():
                 assert G.kept_count(size, p / 100, multiple) == min(want, size), (size, p, multiple)
                 if multiple == 1:
                     assert surgery.kept_count(size, 1 - p / 100) == want, (size, p)
+
+
+def test_plan_ignore_of_a_block_keeps_the_channels_of_every_layer_inside():
+    """ignore names a block (a Sequential, MinkUNet's "stem"), as Torch-Pruning's ignored_layers takes one
+    for every layer inside it: the block was accepted as a layer of the model and then matched no group
+    (the groups hold the layers themselves), so the plan cut the block's channels without a word."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 24), nn.ReLU()),
+                        nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 3))
+    graph = G.DependencyGraph(net, torch.randn(5, 4))
+    assert set(G.plan(graph, 0.5, multiple=1)) == {"0.0", "0.2", "1"}
+    for ignore in (["0"], [net[0]]):
+        assert set(G.plan(graph, 0.5, multiple=1, ignore=ignore)) == {"1"}
+    G.prune_model(net, torch.randn(5, 4), 0.5, multiple=1, ignore=[net[0]])
+    assert (net[0][0].out_features, net[0][2].out_features, net[1].out_features) == (16, 24, 8)

@@ -787,22 +787,27 @@ def _ranks(scores: torch.Tensor) -> torch.Tensor:
 
 def _ignored_groups(graph: DependencyGraph, ignore) -> set[str]:
     """The names of the groups whose channels a layer of ``ignore`` (names
-    of the graph's model's layers, or the modules) produces."""
+    of the graph's model's layers, or the modules) produces; a block (a
+    module holding layers) stands for every layer inside it, as in
+    Torch-Pruning's ``ignored_layers``."""
     if isinstance(ignore, (str, bytes, nn.Module)) or not isinstance(ignore, Iterable):
         raise TypeError(f"ignore must be an iterable of layer names or modules; got {type(ignore).__name__}")
-    names = {id(m): n for n, m in graph.model.named_modules()}
+    named = dict(graph.model.named_modules())
+    names = {id(m): n for n, m in named.items()}
     layers = set()
     for item in ignore:
         if isinstance(item, nn.Module):
             if id(item) not in names:
                 raise ValueError(f"ignore: {item!r} is no layer of the graph's model")
-            layers.add(names[id(item)])
+            name = names[id(item)]
         elif isinstance(item, str):
-            if item not in dict(graph.model.named_modules()):
+            if item not in named:
                 raise ValueError(f"ignore: {item!r} is no layer of the graph's model")
-            layers.add(item)
+            name = item
         else:
             raise TypeError(f"ignore must be layer names or modules; got {type(item).__name__}")
+        # (the block's own layers: the groups hold layers, and a block's name alone matched none of them)
+        layers.update(f"{name}.{sub}" if name and sub else name or sub for sub, _ in named[name].named_modules())
     return {g.name for g in graph.groups if layers.intersection(g.modules("out"))}
 
 
