@@ -107,3 +107,26 @@ def test_the_tensors_backends_kernel_maps_and_layers_snippets_run_in_turn():
     assert torch.equal(scope["up"].out_coords, x.coords)
     exec(compile(python_block("### Layers"), "README.md: Layers", "exec"), scope)  # noqa: S102
     assert torch.equal(scope["y"].coords, x.coords) and scope["y"].feats.shape[1] == 32
+
+
+def test_the_dependency_graphs_ignore_example_names_layers_of_its_minkunet():
+    """The dependency graph's snippet (on MinkUNet(4, 19)) gave ignore=["head"]: MinkUNet has no "head",
+    and plan refuses a name that is no layer of the model. The names it gives are MinkUNet's, and the plan
+    leaves out every group they produce."""
+    from pointsparse.models import MinkUNet
+    from pointsparse.prune import graph as G
+
+    start = README.index("from pointsparse.prune import graph as G")
+    snippet = README[start:README.index("```", start)]
+    found = re.search(r"ignore=\[([^\]]*)\]", snippet)
+    assert found, "the README's ignore example moved"
+    names = re.findall(r'"([^"]+)"', found[1])
+    assert names
+    torch.manual_seed(0)
+    model = MinkUNet(4, 19)
+    coords = torch.unique(torch.randint(0, 12, (600, 3)), dim=0)
+    coords = torch.cat([torch.zeros(len(coords), 1, dtype=coords.dtype), coords], 1).int()
+    graph = G.DependencyGraph(model, ps.SparseTensor(torch.randn(len(coords), 4), coords))
+    keep = G.plan(graph, 0.5, ignore=names)
+    left_out = {g.name for g in graph.groups} - set(keep)
+    assert left_out and all(any(n == name or n.startswith(name + ".") for name in names) for n in left_out)
