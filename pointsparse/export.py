@@ -786,7 +786,7 @@ def _refuse_gradient(grad: torch.Tensor, wanted: list[torch.Tensor], source: str
 
 @_refuse_gradient.register_fake
 def _(grad, wanted, source):
-    return [torch.empty_like(t) for t in wanted]
+    return [t.new_empty(t.shape) for t in wanted]  # (contiguous: ``wanted`` are expanded stand-ins)
 
 
 class _NoGradient(torch.autograd.Function):
@@ -799,7 +799,10 @@ class _NoGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx, source: str, out: torch.Tensor, *wanted: torch.Tensor) -> torch.Tensor:
         ctx.source = source
-        ctx.save_for_backward(*wanted)
+        # Stand-ins of the wanted tensors' shapes, dtypes and devices (one element each, expanded), all the
+        # refusal reads of them: the tensors themselves, saved, made a weight changed in place before the
+        # backward (load_state_dict) torch's "modified by an inplace operation" instead of the refusal.
+        ctx.save_for_backward(*(torch.empty((), dtype=t.dtype, device=t.device).expand(t.shape) for t in wanted))
         return out.view_as(out)
 
     @staticmethod

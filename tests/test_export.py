@@ -2386,3 +2386,22 @@ def test_a_flipped_byte_in_the_archives_end_records_names_the_file(tmp_path):
             export.load(bad)
         except ValueError as error:
             assert str(bad) in str(error), offset
+
+
+def test_program_model_refuses_a_gradient_by_name_after_its_weights_changed_in_place():
+    """A ProgramModel's output, its weights then changed in place (load_state_dict, an edit under
+    torch.no_grad()) before backward: the refusal's backward saved the tensors that wanted gradients, so
+    backward raised torch's "one of the variables needed for gradient computation has been modified by an
+    inplace operation" instead of the refusal naming ProgramModel (the saved tensors' values are never
+    read: only their shapes, dtypes and devices)."""
+    torch.manual_seed(0)
+    net = _trained_like(MinkUNet(3, 4, cr=0.25, blocks=1))
+    x = _cloud(300, 1)
+    model = export.ProgramModel(export.export_model(net, x))
+    feats = x.feats.clone().requires_grad_()
+    out = model(ps.SparseTensor(feats, x.coords)).feats
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.0)
+    with pytest.raises(RuntimeError, match=r"ProgramModel .*inference only.* no gradient.*eager model"):
+        out.square().sum().backward()
