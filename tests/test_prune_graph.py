@@ -2590,7 +2590,8 @@ def test_plan_ignore_keeps_the_channels_the_named_layers_produce(scope):
         G.plan(graph, 0.5, ignore=[3])
     with pytest.raises(TypeError, match=r"ignore must be an iterable of layer names or modules; got str"):
         G.plan(graph, 0.5, ignore="2")
-    with pytest.raises(ValueError, match=r"keep_ratio names group '0', whose channels a layer of ignore produces"):
+    with pytest.raises(ValueError, match=r"keep_ratio names group '0', whose output channels ignore keeps whole .*leave the group out of "
+                                         r"keep_ratio, or its layer out of ignore"):
         G.plan(graph, {"0": 0.5}, ignore=["0"])
 
 

@@ -837,8 +837,9 @@ def plan(graph: DependencyGraph, keep_ratio, scores: dict | None = None, scope: 
     if isinstance(keep_ratio, Mapping):
         for name in ratios:
             if graph.group(name).name in ignored:
-                raise ValueError(f"keep_ratio names group {name!r}, whose channels a layer of ignore produces: "
-                                 "name it in one of them")
+                raise ValueError(f"keep_ratio names group {name!r}, whose output channels ignore keeps whole (a layer "
+                                 "of ignore produces them): leave the group out of keep_ratio, or its layer out of "
+                                 "ignore")
     ratios = {name: r for name, r in ratios.items() if graph.group(name).name not in ignored}
     all_scores = {name: group_scores(graph, name, scores, reduce) for name in ratios}
     if not all_scores:
