@@ -446,3 +446,21 @@ def test_conv_layers_table_times_its_methods_interleaved(monkeypatch):
     want = sorted(["fwd ours", "fwd naive", "fwd+bwd ours", "fwd+bwd naive", "fwd grouped", "fwd+bwd grouped"])
     assert len(asked) == 3 and all(names == want and r == 2 for names, r in asked)  # spconv: not installed
     assert len(rows) == 5 and "| 1000.0 / 1000.0 |" in rows[-1]
+
+
+def test_bf16_training_checks_that_the_engine_ran_the_float32_kernels(monkeypatch):
+    """bench/bf16_training.py times the engine's 16-bit training path against the torch path only after
+    checking it: with the engine sent down the torch path (sixteen_bit_on_float32 off) its output is no
+    longer the float32 engine's rounded, and the script stops before timing."""
+    import pointsparse as ps
+    from pointsparse.nn import _engine
+    from reference import random_coords
+
+    bench = _bench_module("bf16_training")
+    coords = random_coords(500, 10, seed=2)
+    row = bench.table(coords, 8, torch.bfloat16, 1)
+    assert row.startswith("| bfloat16 | 8 |") and row.endswith("x |")
+    monkeypatch.setattr(_engine, "sixteen_bit_on_float32", lambda *args: False)
+    with pytest.raises(RuntimeError, match="not the float32 engine's rounded"):
+        bench.table(coords, 8, torch.bfloat16, 1)
+    assert ps.get_backend() == "auto"
