@@ -1009,3 +1009,28 @@ def test_voxel_skip_settings_are_its_voxel_prunes():
         skip.score = "learned"
     assert (skip.keep_ratio, skip.score) == (0.25, "magnitude")
     assert "keep_ratio" not in vars(skip) and "threshold" not in vars(skip)
+
+
+@pytest.mark.parametrize("score", ["magnitude", "learned"])
+@pytest.mark.parametrize("rows", [0, 5])
+def test_the_kept_feats_never_alias_the_inputs(score, rows):
+    """By magnitude, a VoxelPrune given an empty cloud returned a view of the
+    input's feats (``feats[:0]``) where every other input gets a copy of
+    the kept rows: an in-place layer after it (a VoxelSkip's branch
+    starting with ``ReLU(inplace=True)``) then failed on an input whose
+    feats are a leaf requiring grad ('a view of a leaf Variable that
+    requires grad is being used in an in-place operation'). The kept feats
+    are now a tensor of their own for every input, empty or not, and the
+    gradient reaches the input."""
+    torch.manual_seed(0)
+    feats = torch.randn(rows, 4, dtype=torch.float64, requires_grad=True)
+    coords = torch.tensor([[0, i, 0, 0] for i in range(rows)], dtype=torch.int32).reshape(rows, 4)
+    x = ps.SparseTensor(feats, coords)
+    width = 4 if score == "learned" else None
+    out = ps.nn.VoxelPrune(1.0, score, width).double()(x)
+    assert out.feats._base is None and (rows == 0 or out.feats.data_ptr() != feats.data_ptr())
+    branch = torch.nn.Sequential(ps.nn.ReLU(inplace=True), ps.nn.Conv3d(4, 4, 3)).double()
+    y = ps.nn.VoxelSkip(branch, 1.0, score, width).double()(x)
+    assert y.feats.shape == (rows, 4)
+    y.feats.sum().backward()
+    assert feats.grad is not None and feats.grad.shape == feats.shape

@@ -388,9 +388,12 @@ class VoxelPrune(nn.Module):
         x = _check_input(input)
         scores = self.scores(x)  # (checks the feats against a learned score)
         if guard_or_false(x.coords.shape[0] == 0):
-            # nothing to choose (a graph traced for 0 rows cannot lower an index into them): the empty tensor
+            # nothing to choose (a graph traced for 0 rows cannot lower an index into them): the empty tensor,
+            # a copy as index_select makes for any other input (a view of the input's feats failed an in-place
+            # layer after it where those feats are a leaf that requires grad)
             rows = x.coords.new_zeros(0, dtype=torch.int64)
-            feats = x.feats[:0] if self.scorer is None else x.feats[:0] * torch.sigmoid(scores[:0]).unsqueeze(1)
+            feats = x.feats[:0].clone() if self.scorer is None else \
+                x.feats[:0] * torch.sigmoid(scores[:0]).unsqueeze(1)
             return rows, F.select_voxels(x, rows, feats)
         rows = F.keep_per_batch(scores.detach(), x.coords[:, 0].to(scores.device), self.keep_ratio, self.threshold)
         feats = x.feats.index_select(0, rows)
