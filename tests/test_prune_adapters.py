@@ -236,3 +236,23 @@ def test_sparsity_counts_a_tied_weight_once():
     assert adapters.sparsity(model) == pytest.approx(12 / 32)
     assert adapters.sparsity(model, ["0", "1"]) == pytest.approx(8 / 16)
     assert adapters.layer_sparsity(model) == {"0": 0.5, "1": 0.5, "2": 0.25}
+
+
+def test_a_learned_voxel_prunes_scorer_is_left_out_of_the_prunable_layers_unless_named():
+    """A learned VoxelPrune's scorer (a Linear(C, 1) that ranks the voxels) was one of the model's prunable
+    layers, so a global magnitude pruning of the network sparsified it too (pruned whole, every score is its
+    bias and the kept voxels those earliest in each item): it is the pruning's, not the network's. Named, it
+    is pruned as asked."""
+    from pointsparse import nn as spnn
+    from pointsparse.prune.procedure import global_magnitude_prune
+
+    torch.manual_seed(0)
+    net = nn.Sequential(spnn.Conv3d(4, 8, 3), spnn.VoxelPrune(0.5, score="learned", in_channels=8),
+                        spnn.Conv3d(8, 8, 3), spnn.VoxelSkip(spnn.Conv3d(8, 8, 3), 0.5, score="learned",
+                                                              in_channels=8))
+    names = [n for n, _ in adapters.prunable_layers(net)]
+    assert names == ["0", "2", "3.module"]
+    global_magnitude_prune(net, 0.5)
+    assert not hasattr(net[1].scorer, "weight_mask") and not hasattr(net[3].prune.scorer, "weight_mask")
+    assert hasattr(net[0], "weight_mask")
+    assert [n for n, _ in adapters.prunable_layers(net, ["1.scorer"])] == ["1.scorer"]

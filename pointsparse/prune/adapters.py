@@ -442,15 +442,25 @@ def prunable_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
             yield qualified, module
 
 
+def _voxel_scorers(model: nn.Module) -> set[int]:
+    """The ids of the learned VoxelPrunes' scorers in ``model`` (VoxelSkip's
+    own VoxelPrune's too)."""
+    from ..nn.modules import VoxelPrune
+    return {id(m.scorer) for m in model.modules() if isinstance(m, VoxelPrune) and m.scorer is not None}
+
+
 def prunable_layers(model: nn.Module, layers: Iterable[str] | None = None) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of every prunable layer of ``model`` in definition
     order, or of the named ``layers`` (ValueError naming an unknown or
-    unprunable one)."""
+    unprunable one). A learned VoxelPrune's scorer (the Linear that ranks
+    the voxels: the spatial pruning's, not the network's) is one only where
+    named."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     named = dict(model.named_modules())
     if layers is None:
-        out = [(n, m) for n, m in named.items() if is_layer(m)]
+        scorers = _voxel_scorers(model)
+        out = [(n, m) for n, m in named.items() if is_layer(m) and id(m) not in scorers]
         if not out:
             raise ValueError("model has no prunable layer (Linear, Conv1d/2d/3d, pointsparse.nn.Conv3d)")
         return out
