@@ -613,6 +613,26 @@ def test_to_dense_of_a_huge_declared_shape_is_refused_before_allocating():
     assert torch.equal(small.to_dense(), torch.eye(3))
 
 
+@pytest.mark.parametrize("fmt", ["coo", "csr", "csc", "bsr_2x3", "nm_2_4", "eie_4", "fkw"])
+def test_from_dense_of_a_huge_expanded_tensor_is_refused_before_materialising(fmt):
+    """An expanded (stride 0) tensor of 10**12 entries holds 4 bytes, but
+    from_dense made it contiguous first: torch's DefaultCPUAllocator error
+    (terabytes). Now a ValueError naming tensor and the dense limit, before
+    any copy; the same tensor at a small size still converts."""
+    from pointsparse.tensor import MAX_DENSE_BYTES
+
+    cls, kwargs = FORMATS[fmt]
+    huge = torch.zeros(1, 1).expand(10**6, 10**6)
+    with pytest.raises(ValueError, match=r"tensor of shape \(1000000, 1000000\) .*4,000,000,000,000 bytes.*"
+                                         + f"{MAX_DENSE_BYTES / 2**30:.0f} GiB limit"):
+        cls.from_dense(huge, **kwargs)
+    if fmt == "fkw":  # its (C_out, C_in, *kernel) weight
+        with pytest.raises(ValueError, match=r"tensor of shape \(100000, 100000, 27\) .*GiB limit"):
+            cls.from_dense(torch.zeros(1, 1, 1, dtype=torch.float64).expand(10**5, 10**5, 27))
+    small = torch.tensor([1.0, 0.0, 2.0, 0.0] * 2).expand(4, 8)  # (2:4 sparse, as NM takes it)
+    assert torch.equal(cls.from_dense(small, **kwargs).to_dense(), small)
+
+
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_matmul_of_a_huge_declared_shape_is_refused_before_allocating(backend):
     """A valid format of a huge, nearly empty (M, K): its matmul's (M, N)

@@ -40,12 +40,27 @@ def check_data(tensor, name: str) -> None:
     check_has_data(tensor, name)
 
 
+def check_dense_size(tensor: torch.Tensor, name: str) -> None:
+    """ValueError naming ``name`` where ``tensor`` as a dense (contiguous)
+    tensor needs more than :data:`pointsparse.tensor.MAX_DENSE_BYTES`: an
+    expanded (stride 0) tensor holds a few bytes but is materialised by
+    ``from_dense``, so its size is checked before that copy."""
+    from ..tensor import MAX_DENSE_BYTES  # noqa: PLC0415 - the formats do not import the tensor layer at load
+
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes > MAX_DENSE_BYTES:
+        raise ValueError(f"{name} of shape {tuple(tensor.shape)} ({tensor.dtype}) needs {nbytes:,} bytes as a dense "
+                         f"tensor, over the {MAX_DENSE_BYTES / 2**30:.0f} GiB limit (from_dense reads every entry)")
+
+
 def check_matrix(tensor, name: str = "tensor") -> torch.Tensor:
-    """A 2-D floating tensor, detached, on the CPU, contiguous."""
+    """A 2-D floating tensor, detached, on the CPU, contiguous (its dense
+    size checked first: :func:`check_dense_size`)."""
     check_data(tensor, name)
     if tensor.dim() != 2:
         raise ValueError(f"{name} must be 2-D (rows, cols); got shape {tuple(tensor.shape)}")
     check_value_dtype(tensor, name)
+    check_dense_size(tensor, name)
     return tensor.detach().to("cpu").contiguous()
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from ._base import (SparseFormat, check_below, check_data, check_pointer, check_shape, check_value_dtype, index_array,
-                    module_weight, value_array)
+from ._base import (SparseFormat, check_below, check_data, check_dense_size, check_pointer, check_shape,
+                    check_value_dtype, index_array, module_weight, value_array)
 from ._storage import lines_of, narrow, pack_bits, pointer_of, unpack_bits, widen
 from .csr import _csr_product
 
@@ -128,6 +128,7 @@ class FKW(SparseFormat):
         if tensor.dim() < 2:
             raise ValueError("tensor must be a floating weight of shape (C_out, C_in, *kernel); "
                              f"got {tuple(tensor.shape)} {tensor.dtype}")
+        check_dense_size(tensor, "tensor")
         dense = tensor.detach().to("cpu").contiguous()
         c_out, c_in = dense.shape[0], dense.shape[1]
         volume = 1
