@@ -655,6 +655,55 @@ def test_matmul_of_a_huge_declared_shape_is_refused_before_allocating(backend):
         assert torch.equal(F.COO.from_dense(torch.eye(3)) @ torch.ones(3, 2), torch.ones(3, 2))
 
 
+_UNALLOCATABLE_PRODUCT = """
+import resource
+import torch
+import pointsparse as ps
+from pointsparse import formats as F
+
+w = torch.zeros(10**6, 4)
+w[::2, 0] = 1.0
+w[::3, 2] = 2.0
+fmts = [F.COO.from_dense(w), F.CSR.from_dense(w), F.CSC.from_dense(w), F.BSR.from_dense(w, blocksize=2),
+        F.NM.from_dense(w, n=2, m=4), F.EIE.from_dense(w, num_pe=4), F.FKW.from_dense(w[:, :, None])]
+dense = torch.ones(4, 10**4)  # (10**6, 10**4) float32 out: 40 GB, under the dense limit, over the cap
+resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))
+for backend in ("auto", "torch"):
+    for fmt in fmts:
+        try:
+            with ps.backend(backend):
+                fmt.matmul(dense)
+            print("ran", type(fmt).__name__, backend)
+        except ValueError as exc:
+            print("ValueError", exc)
+        except BaseException as exc:
+            print("bare", type(fmt).__name__, backend, type(exc).__name__, str(exc)[:120])
+print("small", bool(torch.equal(fmts[1].matmul(torch.ones(4, 3)), w @ torch.ones(4, 3))))
+"""
+
+
+def test_matmul_whose_output_cannot_be_allocated_is_a_value_error():
+    """A product under the dense limit that the process cannot allocate (a
+    (10**6, 4) weight times a (4, 10**4) dense: a 40 GB output) was numpy's
+    bare MemoryError inside the C++ call, torch's 'can't allocate'
+    RuntimeError on the torch path; now every format's matmul gives the
+    ValueError SparseTensor.dense() gives, naming the product's shapes. Run
+    in a child whose address space is capped (RLIMIT_AS), so nothing that
+    size is ever allocated."""
+    from reference import run_python
+
+    proc = run_python(_UNALLOCATABLE_PRODUCT.replace("{limit}", str(8 << 30)),
+                      {"OMP_NUM_THREADS": "1", "POINTSPARSE_NUM_THREADS": "1"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[-1] == "small True", proc.stdout
+    refused = [line for line in lines if line.startswith("ValueError")]
+    assert len(refused) == 14, proc.stdout
+    for line, name in zip(refused, ["COO", "CSR", "CSC", "BSR", "NM", "EIE", "FKW"] * 2):
+        assert re.search(rf"matmul of a {name} of shape \(1000000, 4\) with dense of shape \(4, 10000\).*"
+                         r"\(1000000, 10000\) output .*could not be allocated", line), line
+
+
 def test_matmul_inside_torch_func_transforms_and_with_a_tangent():
     """W @ X inside torch.func.grad of something else failed in .numpy()
     ('Cannot access data pointer'); it runs on a tensor made outside the

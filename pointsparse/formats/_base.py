@@ -190,13 +190,15 @@ def outside_transforms(operand: torch.Tensor, what: str, instead: str):
     return torch._C._DisableFuncTorch()
 
 
-def torch_spmm(rows, cols, values, dense, M: int) -> torch.Tensor:
-    """Pure-torch ``S @ dense`` from coordinate triplets, on dense's device."""
+def torch_spmm(rows, cols, values, dense, M: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Pure-torch ``S @ dense`` from coordinate triplets, on dense's device;
+    into ``out`` (zeros of (M, N), dense's dtype and device) where given."""
     device = dense.device
     rows = rows.to(device)
     cols = cols.to(device)
     values = values.to(device, dense.dtype)
-    out = torch.zeros(M, dense.shape[1], dtype=dense.dtype, device=device)
+    if out is None:
+        out = torch.zeros(M, dense.shape[1], dtype=dense.dtype, device=device)
     # Chunks keep the (entries, N) temporary bounded.
     step = max(1, (1 << 22) // max(1, dense.shape[1]))
     for start in range(0, rows.numel(), step):
@@ -367,13 +369,21 @@ class SparseFormat:
                                "(torch.func.jvp, torch.autograd.forward_ad); pass a plain tensor")
         with outside_transforms(dense, what, "multiply a tensor made outside the transform, or to_dense() inside it"):
             dense2 = dense[:, None] if vector else dense
-            self._check_product(dense2.shape[1], tuple(dense.shape))
+            N = dense2.shape[1]
+            self._check_product(N, tuple(dense.shape))
             if _ext.serves(dense2, dtypes=_KERNEL_DTYPES):
-                out = self._kernel(_ext.to_numpy(dense2.detach()))
+                try:  # (the core allocates the output: numpy's MemoryError where it cannot)
+                    out = self._kernel(_ext.to_numpy(dense2.detach()))
+                except MemoryError as exc:
+                    raise self._unallocated(N, tuple(dense.shape), exc) from None
                 out = _ext.to_tensor(out)
             else:
+                try:
+                    out = torch.zeros(M, N, dtype=dense.dtype, device=dense.device)
+                except RuntimeError as exc:  # the allocator refused (torch.OutOfMemoryError on a GPU)
+                    raise self._unallocated(N, tuple(dense.shape), exc) from None
                 rows, cols, values = self._triplets()
-                out = torch_spmm(rows, cols, values, dense2.detach(), M)
+                out = torch_spmm(rows, cols, values, dense2.detach(), M, out=out)
             return out[:, 0] if vector else out
 
     __matmul__ = matmul
@@ -389,6 +399,16 @@ class SparseFormat:
             raise ValueError(f"matmul of a {type(self).__name__} of shape {tuple(self.shape)} with dense of shape "
                              f"{dense_shape} needs {nbytes:,} bytes for its ({M}, {N}) output and row pointers, "
                              f"over the {MAX_DENSE_BYTES / 2**30:.0f} GiB limit")
+
+    def _unallocated(self, N: int, dense_shape: tuple, exc: BaseException) -> ValueError:
+        """The ValueError for a product under the dense limit whose (M, N)
+        output the process cannot allocate (as ``SparseTensor.dense()``
+        turns its allocator's refusal into one)."""
+        M = self.shape[0]
+        nbytes = M * N * torch.empty((), dtype=self.dtype).element_size()
+        return ValueError(f"matmul of a {type(self).__name__} of shape {tuple(self.shape)} with dense of shape "
+                          f"{dense_shape}: its ({M}, {N}) output ({nbytes:,} bytes) could not be allocated "
+                          f"(multiply fewer columns at a time): {exc}")
 
     def _kernel(self, dense_np):  # pragma: no cover - abstract
         raise NotImplementedError

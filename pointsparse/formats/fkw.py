@@ -3,6 +3,7 @@ pattern-pruned convolution weights."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ._base import (SparseFormat, check_below, check_data, check_dense_size, check_pointer, check_shape,
@@ -217,6 +218,6 @@ class FKW(SparseFormat):
     def _kernel(self, dense_np, isa: str | None = None):
         row_ptr, cols, _ = self._stored_csr()
         stored = _csr_product(row_ptr, cols, self.weight, dense_np, self.shape[1], isa)
-        out = torch.empty(stored.shape, dtype=self.dtype).numpy()
+        out = np.empty_like(stored)  # (numpy's MemoryError where it cannot: matmul's ValueError)
         out[widen(self.reorder).numpy()] = stored
         return out
