@@ -3,6 +3,7 @@ products against dense matmul, thread-count independence."""
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -248,6 +249,78 @@ def test_fkw_patterns_and_reorder():
     assert F.FKW.from_dense(w2).reorder.tolist() == [1, 2, 0]
     x = torch.randn(4, 5)
     torch.testing.assert_close(F.FKW.from_dense(w2).matmul(x), w2[:, :, 0] @ x)
+
+
+def _fkw_arrays_dense_table(tensor):
+    """FKW.from_dense's arrays as it built them with a dense (C_out,
+    n_patterns) count table and Python lists of it (the reference the
+    sparse sort must match)."""
+    c_out, c_in = tensor.shape[0], tensor.shape[1]
+    volume = math.prod(tensor.shape[2:])
+    w = tensor.reshape(c_out, c_in, volume)
+    nonzero = w != 0
+    codes = (nonzero.to(torch.int64) << torch.arange(volume)).sum(2)
+    present = codes != 0
+    patterns, inverse = torch.unique(codes[present], return_inverse=True)
+    n_p = patterns.numel()
+    pid = torch.full((c_out, c_in), -1, dtype=torch.int64)
+    pid[present] = inverse
+    hist = torch.zeros(c_out, n_p, dtype=torch.int64)
+    f_idx, c_idx = present.nonzero(as_tuple=True)
+    hist.index_put_((f_idx, pid[f_idx, c_idx]), torch.ones_like(f_idx), accumulate=True)
+    kernels = hist.sum(1)
+    hist_l, kernels_l = hist.tolist(), kernels.tolist()
+    order = torch.tensor(sorted(range(c_out), key=lambda f: (-kernels_l[f], [-h for h in hist_l[f]], f)),
+                         dtype=torch.int64)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(c_out)
+    key = (rank[f_idx] * max(1, n_p) + pid[f_idx, c_idx]) * max(1, c_in) + c_idx
+    sort = torch.argsort(key)
+    f_sorted, c_sorted = f_idx[sort], c_idx[sort]
+    return {"weight": w[f_sorted, c_sorted][nonzero[f_sorted, c_sorted]], "index": c_sorted,
+            "offset": torch.cat([kernels.new_zeros(1), kernels[order].cumsum(0)]), "reorder": order,
+            "stride": torch.cat([hist.new_zeros(c_out, 1), hist[order].cumsum(1)], 1),
+            "patterns": pack_bits(((patterns[:, None] >> torch.arange(volume)) & 1).reshape(-1), 1)}
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_fkw_from_dense_sorts_filters_as_the_dense_count_table_did(seed):
+    """FKW.from_dense orders filters by kernel count, then by their per-pattern
+    counts, then by index, now from the (filter, pattern) pairs present
+    rather than a dense (C_out, n_patterns) table: the same arrays, ties and
+    filters with equal counts over different patterns included."""
+    g = torch.Generator().manual_seed(seed)
+    c_out, c_in = int(torch.randint(1, 9, (1,), generator=g)), int(torch.randint(1, 7, (1,), generator=g))
+    kernel = [(1,), (3,), (2, 2), (3, 3, 3)][seed % 4]
+    # few distinct kernels, so that filters tie on kernels and on counts and differ in the patterns they use
+    choices = (torch.rand((4, *kernel), generator=g) < 0.5) * torch.randn((4, *kernel), generator=g)
+    pick = torch.randint(0, 4, (c_out, c_in), generator=g)
+    w = choices[pick] * (torch.rand(c_out, c_in, *[1] * len(kernel), generator=g) < 0.7)
+    if seed == 0:
+        w = torch.zeros(3, 2, 3)
+    s = F.FKW.from_dense(w)
+    for name, expected in _fkw_arrays_dense_table(w).items():
+        assert torch.equal(getattr(s, name).to(torch.int64) if name != "weight" else s.weight,
+                           expected.to(torch.int64) if name != "weight" else expected), name
+    assert torch.equal(s.to_dense(), w)
+
+
+def test_fkw_from_dense_refuses_a_pattern_table_past_the_dense_limit():
+    """A weight with nearly as many kernel patterns as kernels (not pattern
+    pruned) needs a (C_out, n_patterns + 1) stride table: 2**18 filters over
+    2**16 patterns is 2**37 bytes (the count table was about that before
+    the lists). Refused before the table is made: a ValueError naming
+    tensor, the patterns and the limit, pointing at pattern pruning."""
+    from pointsparse.tensor import MAX_DENSE_BYTES
+
+    c_out, volume = 1 << 18, 27
+    code = torch.arange(c_out) % (1 << 16) + 1
+    w = ((code[:, None] >> torch.arange(volume)) & 1).to(torch.float32).reshape(c_out, 1, 3, 3, 3)
+    match = (r"tensor of shape \(262144, 1, 3, 3, 3\) has 65,536 distinct kernel patterns.*"
+             rf"262144 x 65537.*{MAX_DENSE_BYTES / 2**30:.0f} GiB limit.*pattern")
+    with pytest.raises(ValueError, match=match):
+        F.FKW.from_dense(w)
+    assert F.FKW.from_dense(w[:64]).num_patterns == 64
 
 
 def test_index_widths():

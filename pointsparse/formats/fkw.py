@@ -14,6 +14,41 @@ from .csr import _csr_product
 MAX_KERNEL_VOLUME = 62  # a pattern is an int64 bit mask over the kernel offsets
 
 
+def _stride_table(tensor: torch.Tensor, c_out: int, n_p: int) -> torch.Tensor:
+    """The zeroed int64 (C_out, n_p + 1) table ``from_dense`` fills with
+    cumulative kernel counts, its size checked against
+    :data:`pointsparse.tensor.MAX_DENSE_BYTES` first: a weight that is not
+    pattern pruned has about as many patterns as kernels, and the table
+    grows as C_out x kernels."""
+    from ..tensor import MAX_DENSE_BYTES  # noqa: PLC0415 - the formats do not import the tensor layer at load
+
+    nbytes = c_out * (n_p + 1) * 8
+    what = (f"tensor of shape {tuple(tensor.shape)} has {n_p:,} distinct kernel patterns: FKW's stride table "
+            f"(C_out x (patterns + 1) = {c_out} x {n_p + 1}) needs {nbytes:,} bytes")
+    advice = ("FKW stores pattern-pruned weights (a few patterns: prune.pattern_structured); "
+              "store this weight in another format (CSR, BSR)")
+    if nbytes > MAX_DENSE_BYTES:
+        raise ValueError(f"{what}, over the {MAX_DENSE_BYTES / 2**30:.0f} GiB limit; {advice}")
+    try:
+        return torch.zeros(c_out, n_p + 1, dtype=torch.int64)
+    except RuntimeError as exc:  # the allocator refused
+        raise ValueError(f"{what}, which could not be allocated ({exc}); {advice}") from None
+
+
+def _filter_order(kernels: list, pair_f: list, pair_p: list, counts: list) -> torch.Tensor:
+    """The stored filter order: most kernels first, then by kernel counts per
+    pattern compared in pattern order (more kernels of the lower pattern
+    first), then by filter. Each filter's key lists its (pattern, -count)
+    pairs present, in pattern order: between filters of equal kernel counts
+    neither list is a prefix of the other, so comparing them as tuples
+    orders the filters as comparing their dense count rows did."""
+    present = [[] for _ in kernels]
+    for f, p, c in zip(pair_f, pair_p, counts):
+        present[f].append((p, -c))
+    order = sorted(range(len(kernels)), key=lambda f: (-kernels[f], present[f], f))
+    return torch.tensor(order, dtype=torch.int64)
+
+
 class FKW(SparseFormat):
     """A weight of shape (C_out, C_in, *kernel) (a 2-D (C_out, C_in) matrix is
     a kernel of volume 1). A *filter* is one output channel; its *kernels* are
@@ -141,26 +176,24 @@ class FKW(SparseFormat):
         w = dense.reshape(c_out, c_in, volume)
         nonzero = w != 0
         codes = (nonzero.to(torch.int64) << torch.arange(volume)).sum(2)  # (C_out, C_in)
-        present = codes != 0
-        patterns, inverse = torch.unique(codes[present], return_inverse=True)
+        f_idx, c_idx = (codes != 0).nonzero(as_tuple=True)  # the stored kernels, filter-major
+        patterns, pid = torch.unique(codes[f_idx, c_idx], return_inverse=True)
         n_p = patterns.numel()
-        pid = torch.full((c_out, c_in), -1, dtype=torch.int64)
-        pid[present] = inverse
-        hist = torch.zeros(c_out, n_p, dtype=torch.int64)
-        f_idx, c_idx = present.nonzero(as_tuple=True)
-        hist.index_put_((f_idx, pid[f_idx, c_idx]), torch.ones_like(f_idx), accumulate=True)
-        kernels = hist.sum(1)
-        hist_l, kernels_l = hist.tolist(), kernels.tolist()
-        order = sorted(range(c_out), key=lambda f: (-kernels_l[f], [-h for h in hist_l[f]], f))
-        order = torch.tensor(order, dtype=torch.int64)
+        stride = _stride_table(tensor, c_out, n_p)
+        # (filter, pattern) pairs present and their kernel counts, by filter then pattern
+        pairs, counts = torch.unique(f_idx * max(1, n_p) + pid, return_counts=True)
+        pair_f, pair_p = pairs // max(1, n_p), pairs % max(1, n_p)
+        kernels = torch.bincount(f_idx, minlength=c_out)
+        order = _filter_order(kernels.tolist(), pair_f.tolist(), pair_p.tolist(), counts.tolist())
         rank = torch.empty_like(order)
         rank[order] = torch.arange(c_out)
-        key = (rank[f_idx] * max(1, n_p) + pid[f_idx, c_idx]) * max(1, c_in) + c_idx
+        key = (rank[f_idx] * max(1, n_p) + pid) * max(1, c_in) + c_idx
         sort = torch.argsort(key)
         f_sorted, c_sorted = f_idx[sort], c_idx[sort]
         weight = w[f_sorted, c_sorted][nonzero[f_sorted, c_sorted]]
         offset = torch.cat([kernels.new_zeros(1), kernels[order].cumsum(0)])
-        stride = torch.cat([hist.new_zeros(c_out, 1), hist[order].cumsum(1)], 1)
+        stride[rank[pair_f], pair_p + 1] = counts
+        stride = stride.cumsum_(1)
         bits = ((patterns[:, None] >> torch.arange(volume)) & 1).reshape(-1)
         return cls(weight, c_sorted, offset, order, stride, pack_bits(bits, 1), dense.shape, _trusted=True)
 
