@@ -1322,6 +1322,51 @@ def test_open3d_reader_refuses_a_body_longer_than_its_header(tmp_path):
         assert len(read_cloud(path)) == 2, name
 
 
+def test_ply_elements_after_the_vertices_must_be_in_the_file(tmp_path):
+    """PLY stores its elements in header order, so a header declaring
+    10**12 faces after its vertices, with none in the file, is a truncated
+    file; it was read as its vertices without a word. Refused now as the
+    other readers refuse a short body: binary where the bytes after the
+    vertices cannot hold the rows declared after them (each at least its
+    fixed properties and its lists' counts), ASCII where no value follows
+    the vertices or the bytes cannot hold a digit and a space per value."""
+    try:
+        import open3d  # noqa: F401
+    except (ImportError, OSError) as exc:
+        pytest.skip(f"open3d not usable: {exc}")
+    head = ("ply\nformat {fmt} 1.0\nelement vertex 3\nproperty float x\nproperty float y\nproperty float z\n"
+            "element face {faces}\nproperty list uchar int vertex_indices\n{more}end_header\n")
+    xyz = np.arange(9, dtype=np.float32).reshape(3, 3).tobytes()
+    face = b"\x03" + np.arange(3, dtype="<i4").tobytes()
+    binary = dict(fmt="binary_little_endian", more="")
+    cases = {
+        "b.ply": (head.format(faces=10**12, **binary).encode() + xyz,
+                  r"header says 1000000000000 face after its 3 points \(at least 1000000000000 bytes\) but the "
+                  r"file holds 0 bytes after the points \(truncated\)"),
+        "b2.ply": (head.format(faces=1, fmt="binary_little_endian", more="element edge 4\nproperty int a\n").encode()
+                   + xyz + face, r"1 face, 4 edge after its 3 points \(at least 17 bytes\) .* 13 bytes"),
+        "a.ply": (head.format(faces=1, fmt="ascii", more="") + "1 2 3\n4 5 6\n7 8 9\n\n\n\n",
+                  r"header says 1 face after its 3 points \(at least 1 values\) but the "
+                  r"file holds none after the points \(truncated\)"),
+        "a2.ply": (head.format(faces=10**12, fmt="ascii", more="") + "1 2 3\n4 5 6\n7 8 9\n",
+                   r"1000000000000 face after its 3 points \(at least 1000000000000 values\) but the file's "
+                   r"\d+ bytes of data cannot hold them \(truncated\)"),
+    }
+    for name, (content, match) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        with pytest.raises(ValueError, match=rf"{name}: the {match}" if match.startswith("header") else
+                           rf"{name}: the header says .*{match}"):
+            read_cloud(path)
+    fine = {"b.ply": head.format(faces=2, **binary).encode() + xyz + face * 2,
+            "empty.ply": head.format(faces=0, **binary).encode() + xyz,
+            "a.ply": head.format(faces=1, fmt="ascii", more="") + "1 2 3\n4 5 6\n7 8 9\n3 0 1 2\n"}
+    for name, content in fine.items():
+        path = tmp_path / ("ok_" + name)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        assert len(read_cloud(path)) == 3, name
+
+
 def test_open3d_reader_refuses_a_body_shorter_than_its_header(tmp_path):
     """Open3D logs "Read PLY failed" on a short body but returns the header's
     count of points, the missing ones uninitialised memory."""

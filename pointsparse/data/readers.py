@@ -1078,13 +1078,18 @@ def _check_ply(path: Path) -> np.ndarray | None:
     data, which this check does not walk; mesh PLYs put vertex first).
     Where the vertex element is the header's last, a body holding more than
     its rows (a whole record more, binary; a value more, ASCII) is refused
-    too: Open3D reads the header's count, and the rest went unread.
+    too: Open3D reads the header's count, and the rest went unread. Where
+    elements follow it (a mesh's faces), the rest of the body must be able
+    to hold their declared rows (elements are stored in header order: a
+    header's 10**12 faces with none in the file is a truncated file, which
+    Open3D read as its points after "Read PLY failed").
     Returns the float64 ``(n, 3)`` x, y, z an ASCII body holds where they
     are declared float32 (:func:`_text_positions`), else None."""
     lines, _, start, size = _text_header(path, b"end_header", "PLY")
     if lines[0] != "ply":
         raise ValueError(f"{path}: not a PLY file (it does not start with 'ply')")
     fmt, elements = None, []  # elements: [name, count, [(property name, dtype or None for a list)]]
+    least: list[int] = []  # each element's fewest bytes a row (binary): its fixed properties and lists' counts
     vertex_types: dict[str, str] = {}  # the vertex element's property -> type as declared
     for line in lines[1:-1]:
         word = line.split()
@@ -1094,13 +1099,16 @@ def _check_ply(path: Path) -> np.ndarray | None:
             fmt = word[1]
         elif word[0] == "element" and len(word) == 3 and word[2].isdigit():
             elements.append([word[1], int(word[2]), []])
+            least.append(0)
         elif word[0] == "property" and elements and len(word) == 3 and word[1] in _PLY_TYPES:
             elements[-1][2].append((word[2], np.dtype(_PLY_TYPES[word[1]])))
+            least[-1] += np.dtype(_PLY_TYPES[word[1]]).itemsize
             if elements[-1][0] == "vertex":
                 vertex_types[word[2]] = word[1]
         elif word[0] == "property" and elements and len(word) == 5 and word[1] == "list" and \
                 word[2] in _PLY_TYPES and word[3] in _PLY_TYPES:
             elements[-1][2].append((word[4], None))
+            least[-1] += np.dtype(_PLY_TYPES[word[2]]).itemsize  # (its count; an empty list holds no more)
         else:
             raise ValueError(f"{path}: PLY header line {line[:80]!r} is not a format, element or property line "
                              f"this reader knows")
@@ -1121,8 +1129,14 @@ def _check_ply(path: Path) -> np.ndarray | None:
     # Where the vertex element is the last, nothing may follow its rows (Open3D reads the header's count and
     # left the points after it unread without a word); a mesh's faces after its vertices are data.
     last = len(upto) == len(elements)
+    # The elements after the vertex element follow its rows (PLY stores elements in header order): a file
+    # that cannot hold the rows its header declares there is truncated (Open3D logs "Read PLY failed" and
+    # returns the points): checked against the fewest bytes (binary) or values (ASCII) those rows take.
+    after = elements[len(upto):]
+    declared = ", ".join(f"{count} {name}" for name, count, _ in after)
     if fmt == "ascii":
-        return _check_ascii_ply(path, start, size, upto, last)
+        values_after = sum(count * len(p) for _, count, p in after)  # (a value per property, a count per list)
+        return _check_ascii_ply(path, start, size, upto, last, (values_after, declared))
     need = sum(count * sum(d.itemsize for _, d in p) for _, count, p in upto)
     held_bytes = size - start
     row = sum(d.itemsize for _, d in props)
@@ -1134,6 +1148,10 @@ def _check_ply(path: Path) -> np.ndarray | None:
         raise ValueError(f"{path}: the header says {n} points but the file holds more: {held_bytes - need} bytes "
                          f"after them, {(held_bytes - need) // row} whole {row}-byte records; the header's count is "
                          f"wrong (reading {n} would drop the rest silently)")
+    bytes_after = sum(count * row_least for (_, count, _), row_least in zip(after, least[len(upto):]))
+    if held_bytes - need < bytes_after:
+        raise ValueError(f"{path}: the header says {declared} after its {n} points (at least {bytes_after} bytes) "
+                         f"but the file holds {held_bytes - need} bytes after the points (truncated)")
     return None
 
 
@@ -1160,7 +1178,8 @@ def _text_positions(dtypes, names, column) -> np.ndarray | None:
     return np.stack([column(j) for j in picks], 1) if picks is not None else None
 
 
-def _check_ascii_ply(path: Path, start: int, size: int, upto, last: bool = False) -> np.ndarray | None:
+def _check_ascii_ply(path: Path, start: int, size: int, upto, last: bool = False,
+                     after: tuple[int, str] = (0, "")) -> np.ndarray | None:
     """:func:`_check_ply` of an ASCII body (``upto``: the elements up to the
     vertex element, ``[name, count, [(property, dtype)]]``), read in pieces
     of :func:`_ascii_pieces`: its tokens numbers (the first that is not,
@@ -1172,8 +1191,12 @@ def _check_ascii_ply(path: Path, start: int, size: int, upto, last: bool = False
     of the ``size`` can hold the header's values (a digit and a space each:
     a header's 10**15 points asked for 21 PiB). ``last``: the vertex element
     is the header's last, so a value after its rows is a ValueError (the
-    header's count is wrong)."""
+    header's count is wrong). ``after``: the fewest values the elements
+    after the vertex element take and what the header declares there; the
+    body must hold a value after the vertices where that is not 0, and a
+    digit and a space for each value in all (else truncated)."""
     _, n, props = upto[-1]
+    values_after, declared = after
     columns, offset = [], 0  # (element, its first value's index, its rows, row length, column, property, dtype)
     for name, count, p in upto:
         columns += [(name, offset, count, len(p), j, prop, dtype) for j, (prop, dtype) in enumerate(p)]
@@ -1183,7 +1206,11 @@ def _check_ascii_ply(path: Path, start: int, size: int, upto, last: bool = False
     xyz = np.empty((n, 3)) if picks is not None and need <= (size - start + 1) // 2 else None
     found: list[tuple | None] = [None] * len(columns)  # each column's problem so far: (rank, row, why, token)
     held = 0
-    for first, tokens in _ascii_pieces(path, start, need + last):  # (one more: is anything after them?)
+    if values_after and 2 * (need + values_after) - 1 > size - start:
+        raise ValueError(f"{path}: the header says {declared} after its {n} points (at least {values_after} values) "
+                         f"but the file's {size - start} bytes of data cannot hold them (truncated)")
+    more = last or values_after > 0  # (one more: is anything after them?)
+    for first, tokens in _ascii_pieces(path, start, need + more):
         values = _ascii_numbers(path, tokens, first, "vertex data")
         held = first + len(tokens)
         underscore = b"_" in b" ".join(tokens)
@@ -1202,7 +1229,10 @@ def _check_ascii_ply(path: Path, start: int, size: int, upto, last: bool = False
         points = max(0, held - (need - n * width)) // max(width, 1)
         raise ValueError(f"{path}: the header says {n} points but the file holds {points} "
                          f"({held} of the {need} numbers needed; truncated)")
-    if held > need:
+    if held == need and values_after:
+        raise ValueError(f"{path}: the header says {declared} after its {n} points (at least {values_after} values) "
+                         f"but the file holds none after the points (truncated)")
+    if held > need and last:
         raise ValueError(f"{path}: the header says {n} points but the file holds more: values after them, where "
                          f"the vertex element is the last; the header's count is wrong (reading {n} would drop the "
                          "rest silently)")
