@@ -1346,7 +1346,7 @@ def test_ply_elements_after_the_vertices_must_be_in_the_file(tmp_path):
         "b2.ply": (head.format(faces=1, fmt="binary_little_endian", more="element edge 4\nproperty int a\n").encode()
                    + xyz + face, r"1 face, 4 edge after its 3 points \(at least 17 bytes\) .* 13 bytes"),
         "a.ply": (head.format(faces=1, fmt="ascii", more="") + "1 2 3\n4 5 6\n7 8 9\n\n\n\n",
-                  r"header says 1 face after its 3 points \(at least 1 values\) but the "
+                  r"header says 1 face after its 3 points \(at least 1 value\) but the "
                   r"file holds none after the points \(truncated\)"),
         "a2.ply": (head.format(faces=10**12, fmt="ascii", more="") + "1 2 3\n4 5 6\n7 8 9\n",
                    r"1000000000000 face after its 3 points \(at least 1000000000000 values\) but the file's "

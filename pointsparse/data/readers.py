@@ -1207,7 +1207,8 @@ def _check_ascii_ply(path: Path, start: int, size: int, upto, last: bool = False
     found: list[tuple | None] = [None] * len(columns)  # each column's problem so far: (rank, row, why, token)
     held = 0
     if values_after and 2 * (need + values_after) - 1 > size - start:
-        raise ValueError(f"{path}: the header says {declared} after its {n} points (at least {values_after} values) "
+        raise ValueError(f"{path}: the header says {declared} after its {n} points (at least "
+                         f"{values_after} value{'s' if values_after != 1 else ''}) "
                          f"but the file's {size - start} bytes of data cannot hold them (truncated)")
     more = last or values_after > 0  # (one more: is anything after them?)
     for first, tokens in _ascii_pieces(path, start, need + more):
@@ -1230,7 +1231,8 @@ def _check_ascii_ply(path: Path, start: int, size: int, upto, last: bool = False
         raise ValueError(f"{path}: the header says {n} points but the file holds {points} "
                          f"({held} of the {need} numbers needed; truncated)")
     if held == need and values_after:
-        raise ValueError(f"{path}: the header says {declared} after its {n} points (at least {values_after} values) "
+        raise ValueError(f"{path}: the header says {declared} after its {n} points (at least "
+                         f"{values_after} value{'s' if values_after != 1 else ''}) "
                          f"but the file holds none after the points (truncated)")
     if held > need and last:
         raise ValueError(f"{path}: the header says {n} points but the file holds more: values after them, where "
