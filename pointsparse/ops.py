@@ -636,8 +636,9 @@ def _conv_setup(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _conv_backward(ctx, grad):
-    feats, weight, out_coords, in_idx, out_idx, sizes = ctx.saved_tensors
+def _conv_grads(ctx, grad, feats, weight, out_coords, in_idx, out_idx, sizes) -> tuple:
+    """The gradients of a conv's feats, weight and bias (None for those
+    ``ctx.needs_input_grad`` does not ask) for its output's ``grad``."""
     need_feats, need_weight, need_bias = ctx.needs_input_grad[:3]
     grad_feats = grad_weight = grad_bias = None
     if need_feats:
@@ -646,7 +647,12 @@ def _conv_backward(ctx, grad):
         grad_weight = conv_weight_grad(feats, grad, out_coords, in_idx, out_idx, sizes, ctx.key)
     if ctx.has_bias and need_bias:
         grad_bias = grad.sum(0)
-    return grad_feats, grad_weight, grad_bias, None, None, None, None, None
+    return grad_feats, grad_weight, grad_bias
+
+
+def _conv_backward(ctx, grad):
+    feats, weight, out_coords, in_idx, out_idx, sizes = ctx.saved_tensors
+    return (*_conv_grads(ctx, grad, feats, weight, out_coords, in_idx, out_idx, sizes), None, None, None, None, None)
 
 
 conv.register_autograd(_conv_backward, setup_context=_conv_setup)
@@ -669,19 +675,11 @@ def _conv_inference_backward(ctx, grad):
     there): an exported inference program's module run under grad mode, or
     compiled there (AOT autograd traces the backward while compiling)."""
     feats, weight, out_coords, in_idx, out_idx, sizes, out = ctx.saved_tensors
-    need_feats, need_weight, need_bias = ctx.needs_input_grad[:3]
     if ctx.relu:
         grad = grad.masked_fill(out <= 0, 0)  # (torch.relu's: no gradient where the output is 0)
     grad_add = grad.to(ctx.add_dtype) if ctx.add_dtype is not None and ctx.needs_input_grad[8] else None
-    grad = grad.to(feats.dtype)
-    grad_feats = grad_weight = grad_bias = None
-    if need_feats:
-        grad_feats = conv_input_grad(grad, weight, out_coords, in_idx, out_idx, sizes, ctx.key, feats.shape[0])
-    if need_weight:
-        grad_weight = conv_weight_grad(feats, grad, out_coords, in_idx, out_idx, sizes, ctx.key)
-    if ctx.has_bias and need_bias:
-        grad_bias = grad.sum(0)
-    return grad_feats, grad_weight, grad_bias, None, None, None, None, None, grad_add, None
+    grads = _conv_grads(ctx, grad.to(feats.dtype), feats, weight, out_coords, in_idx, out_idx, sizes)
+    return (*grads, None, None, None, None, None, grad_add, None)
 
 
 conv_inference.register_autograd(_conv_inference_backward, setup_context=_conv_inference_setup)

@@ -22,6 +22,15 @@ def _bench_module(name: str):
         sys.path.remove(str(benchmark.BENCH_DIR))
 
 
+def _recording_interleaved(asked: list, order=sorted):
+    """A stand-in for _common.interleaved that records (the names of the calls, in ``order``, and the
+    repeats) of each call in ``asked`` and times nothing."""
+    def fake_interleaved(fns, repeats, warmup=True):
+        asked.append((order(fns), repeats))
+        return {k: 1.0 for k in fns}
+    return fake_interleaved
+
+
 def _into_kept_buffer():
     """Two jobs that write into buffers kept between calls and return them
     (as side_by_side.conv_jobs' do), their result depending on the thread
@@ -376,11 +385,7 @@ def test_spmm_time_case_and_nm_section_interleave_their_methods(monkeypatch):
     spmm = _bench_module("spmm")
     asked = []
 
-    def fake_interleaved(fns, repeats, warmup=True):
-        asked.append((sorted(fns), repeats))
-        return {k: 1.0 for k in fns}
-
-    monkeypatch.setattr(spmm, "interleaved", fake_interleaved)
+    monkeypatch.setattr(spmm, "interleaved", _recording_interleaved(asked))
     res = spmm.time_case(32, 32, 16, 0.5, 3)
     assert asked == [(sorted(res), 3)] and len(res) == 5
     spmm.nm_section(True, 2)
@@ -411,11 +416,7 @@ def test_kmap_times_the_methods_of_a_map_interleaved(monkeypatch):
     common = kmap_bench.c
     asked, written = [], []
 
-    def fake_interleaved(fns, repeats, warmup=True):
-        asked.append((list(fns), repeats))
-        return {k: 1.0 for k in fns}
-
-    monkeypatch.setattr(common, "interleaved", fake_interleaved)
+    monkeypatch.setattr(common, "interleaved", _recording_interleaved(asked, list))
     monkeypatch.setattr(common, "timeit", lambda fn, repeats=7, warmup=1: pytest.fail("timed alone with timeit"))
     monkeypatch.setattr(kmap_bench, "clouds", lambda quick: {"street 300": common.street_scene(300)})
     monkeypatch.setattr(kmap_bench, "write_results", lambda rows, *a: written.extend(rows))
@@ -433,11 +434,7 @@ def test_conv_layers_table_times_its_methods_interleaved(monkeypatch):
     conv = _bench_module("conv")
     asked = []
 
-    def fake_interleaved(fns, repeats, warmup=True):
-        asked.append((sorted(fns), repeats))
-        return {k: 1.0 for k in fns}
-
-    monkeypatch.setattr(conv, "interleaved", fake_interleaved)
+    monkeypatch.setattr(conv, "interleaved", _recording_interleaved(asked))
     monkeypatch.setattr(conv, "timeit", lambda fn, repeats=7, warmup=1: pytest.fail("timed alone with timeit"))
     monkeypatch.setattr(conv, "mm_rate", lambda m, c, repeats: 1.0)
     monkeypatch.setattr(conv, "scenes", lambda quick: [("street 300", _bench_module("_common").street_scene(300),

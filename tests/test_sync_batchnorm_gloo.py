@@ -15,7 +15,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SCRIPT = textwrap.dedent("""
+# The workers' opening: imports and the shard of each seed (the test's _cloud, in the workers).
+_HEAD = textwrap.dedent("""
     import sys, warnings
     import torch
     import pointsparse as ps
@@ -27,6 +28,9 @@ SCRIPT = textwrap.dedent("""
         coords = torch.unique(torch.randint(0, 9, (300, 3), generator=g), dim=0)
         coords = torch.cat([torch.zeros(len(coords), 1, dtype=torch.long), coords], 1).int()
         return ps.SparseTensor(torch.randn(len(coords), 5, generator=g, dtype=torch.float64) * 2 + 1, coords)
+""")
+
+SCRIPT = _HEAD + textwrap.dedent("""
 
     def step(norm, x, upstream):
         feats = x.feats.clone().requires_grad_(True)
@@ -59,12 +63,10 @@ SCRIPT = textwrap.dedent("""
 
 
 def _cloud(seed):
-    import pointsparse as ps
-
-    g = torch.Generator().manual_seed(seed)
-    coords = torch.unique(torch.randint(0, 9, (300, 3), generator=g), dim=0)
-    coords = torch.cat([torch.zeros(len(coords), 1, dtype=torch.long), coords], 1).int()
-    return ps.SparseTensor(torch.randn(len(coords), 5, generator=g, dtype=torch.float64) * 2 + 1, coords)
+    """The workers' shard of ``seed`` (their opening's cloud, run here)."""
+    space: dict = {}
+    exec(_HEAD, space)
+    return space["cloud"](seed)
 
 
 def test_two_gloo_processes_normalise_and_backpropagate_as_one_batchnorm(tmp_path):
@@ -101,18 +103,7 @@ def test_two_gloo_processes_normalise_and_backpropagate_as_one_batchnorm(tmp_pat
     torch.testing.assert_close(ranks[0]["var"], plain.running_var, rtol=1e-12, atol=1e-12)
 
 
-DOUBLE_BACKWARD = textwrap.dedent("""
-    import sys, warnings
-    import torch
-    import pointsparse as ps
-    from pointsparse.app import distributed
-    from pointsparse.models import SyncBatchNorm
-
-    def cloud(seed):
-        g = torch.Generator().manual_seed(seed)
-        coords = torch.unique(torch.randint(0, 9, (300, 3), generator=g), dim=0)
-        coords = torch.cat([torch.zeros(len(coords), 1, dtype=torch.long), coords], 1).int()
-        return ps.SparseTensor(torch.randn(len(coords), 5, generator=g, dtype=torch.float64) * 2 + 1, coords)
+DOUBLE_BACKWARD = _HEAD + textwrap.dedent("""
 
     def worker(rank, port, out):
         torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
