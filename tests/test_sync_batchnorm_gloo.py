@@ -69,11 +69,11 @@ def _cloud(seed):
     return space["cloud"](seed)
 
 
-def test_two_gloo_processes_normalise_and_backpropagate_as_one_batchnorm(tmp_path):
-    from pointsparse import nn as spnn
-
-    script = tmp_path / "sync_bn.py"
-    script.write_text(SCRIPT)
+def _run_workers(tmp_path, script_text: str):
+    """Runs the two gloo workers of ``script_text``; their saved results (none with a warning), the two
+    shards and their upstream gradients."""
+    script = tmp_path / "workers.py"
+    script.write_text(script_text)
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
     run = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
@@ -81,10 +81,16 @@ def test_two_gloo_processes_normalise_and_backpropagate_as_one_batchnorm(tmp_pat
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
     assert ranks[0]["warnings"] == [] and ranks[1]["warnings"] == []
-
     shards = [_cloud(0), _cloud(1)]
     ups = [torch.randn(s.feats.shape[0], 5, generator=torch.Generator().manual_seed(7 + i), dtype=torch.float64)
            for i, s in enumerate(shards)]
+    return ranks, shards, ups
+
+
+def test_two_gloo_processes_normalise_and_backpropagate_as_one_batchnorm(tmp_path):
+    from pointsparse import nn as spnn
+
+    ranks, shards, ups = _run_workers(tmp_path, SCRIPT)
     plain = spnn.BatchNorm(5).double().train()
     with torch.no_grad():
         plain.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(3))
@@ -137,19 +143,7 @@ def test_two_gloo_processes_differentiate_the_gradient_as_one_batchnorm(tmp_path
     second derivative missed the other process's share (0.02 off in
     float64) behind torch's 'c10d::allreduce_: an autograd kernel was not
     registered' warning."""
-    script = tmp_path / "sync_bn_double.py"
-    script.write_text(DOUBLE_BACKWARD)
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
-    assert ranks[0]["warnings"] == [] and ranks[1]["warnings"] == []
-
-    shards = [_cloud(0), _cloud(1)]
-    ups = [torch.randn(s.feats.shape[0], 5, generator=torch.Generator().manual_seed(7 + i), dtype=torch.float64)
-           for i, s in enumerate(shards)]
+    ranks, shards, ups = _run_workers(tmp_path, DOUBLE_BACKWARD)
     v = torch.randn(5, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
     feats = torch.cat([s.feats for s in shards]).clone().requires_grad_(True)
     weight, bias = torch.ones(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)
