@@ -258,7 +258,7 @@ def _check_clouds_raw_ids(paths: list[Path], text_map, classes: list[str], ids: 
             raise ValueError(f"--format {fmt}: {path} is read through the label map {name!r} (its format's), whose "
                              f"raw id for {classes[k]} is {int(theirs[k])}; {origin} writes "
                              f"{int(ids[k])}: give --label-map of the raw ids to write (--label-map {name} for these "
-                             "clouds')")
+                             "clouds)")
 
 
 def _predict_all(args, model, config: dict, paths: list[Path], targets: list[Path], label_map, ids,
