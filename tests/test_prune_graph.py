@@ -2641,3 +2641,13 @@ def test_plan_ignore_of_a_block_keeps_the_channels_of_every_layer_inside():
         assert set(G.plan(graph, 0.5, multiple=1, ignore=ignore)) == {"1"}
     G.prune_model(net, torch.randn(5, 4), 0.5, multiple=1, ignore=[net[0]])
     assert (net[0][0].out_features, net[0][2].out_features, net[1].out_features) == (16, 24, 8)
+
+
+def test_a_global_plan_rounds_its_total_as_kept_count_does():
+    # 0.5 of 2 x 5 channels in two groups: 5 in all at a tie of nothing (exact); 0.25 of 10 = 2.5 ties and now
+    # keeps 3 (Python's round sent it to an even 2), as a group's kept_count keeps the larger count at a tie.
+    net = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 5), nn.ReLU(), nn.Linear(5, 2))
+    graph = G.DependencyGraph(net, torch.randn(3, 4))
+    assert sum(g.size for g in graph.groups) == 10
+    assert sum(len(v) for v in G.plan(graph, 0.25, scope="global", multiple=1).values()) == 3
+    assert sum(len(v) for v in G.plan(graph, 0.5, scope="global", multiple=1).values()) == 5

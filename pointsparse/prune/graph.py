@@ -817,7 +817,8 @@ def plan(graph: DependencyGraph, keep_ratio, scores: dict | None = None, scope: 
     ``keep_ratio``: one ratio for every group, or ``{group name: ratio}``
     (groups not named keep everything). ``scope="global"`` ranks every
     channel of every group together (scores divided by their group's mean)
-    and keeps the best ``round(keep_ratio * channels)`` of all (a tie shared
+    and keeps the best ``keep_ratio * channels`` of all (rounded as
+    :func:`kept_count` rounds; a tie of scores shared
     among the groups in proportion to their sizes); counts are then rounded
     to ``multiple`` per group. ``ignore`` (Torch-Pruning's
     ``ignored_layers``): layers, by name or as modules, that keep every
@@ -849,7 +850,7 @@ def plan(graph: DependencyGraph, keep_ratio, scores: dict | None = None, scope: 
             raise ValueError("scope='global' takes one keep_ratio")
         relative = {n: _relative(s) for n, s in all_scores.items()}
         norm = torch.cat(list(relative.values()))
-        k = max(1, int(round(len(norm) * float(keep_ratio))))
+        k = max(1, math.floor(_exact_count(len(norm) * float(keep_ratio)) + 0.5))  # (a tie keeps more: kept_count's)
         # Exactly the k best: every channel at least the k-th best's score kept all of a tie (BatchNorm scales
         # as initialised: every channel, whatever keep_ratio). Ties go by each channel's rank in its own group
         # over the group's size, so a tie is shared among the groups in proportion to their sizes.
