@@ -986,6 +986,21 @@ def test_the_mostly_ignored_warning_names_the_option_that_gave_the_map(capsys):
         assert "75.0% of the points" in err and f"({flag})" in err, err
 
 
+def _labelled_run(tmp_path, label_map: str, recorded):
+    """A run's checkpoint (tmp_path / c.pt) of a sharp MinkUNet over ``label_map``'s classes, its config
+    naming the map and its args recording ``recorded`` as --label-map: (the map, model, config, path)."""
+    from pointsparse import checkpoint
+
+    labels = load_label_map(label_map)
+    torch.manual_seed(0)
+    model = _sharp(MinkUNet(NUM_FEATURES, len(labels.classes), cr=0.25, blocks=1))
+    config = {"in_channels": NUM_FEATURES, "classes": list(labels.classes), "cr": 0.25, "blocks": 1,
+              "voxel_size": 0.5, "ignore_index": 255, "model": "minkunet", "label_map": label_map}
+    ckpt = tmp_path / "c.pt"
+    checkpoint.save(ckpt, {"model": model.state_dict(), "config": config, "args": {"label_map": recorded}})
+    return labels, model, config, ckpt
+
+
 def test_predict_label_format_takes_the_map_the_run_recorded(tmp_path, capsys):
     """A run on SemanticKITTI .bin scans without --label-map (read through SemanticKITTI's map, which its
     config records) asked for --label-map in predict --format label of other files (Open3D-ML .npy scans):
@@ -994,13 +1009,7 @@ def test_predict_label_format_takes_the_map_the_run_recorded(tmp_path, capsys):
     still asked for one."""
     from pointsparse import checkpoint
 
-    sk = load_label_map("semantic-kitti")
-    torch.manual_seed(0)
-    model = _sharp(MinkUNet(NUM_FEATURES, len(sk.classes), cr=0.25, blocks=1))
-    config = {"in_channels": NUM_FEATURES, "classes": list(sk.classes), "cr": 0.25, "blocks": 1,
-              "voxel_size": 0.5, "ignore_index": 255, "model": "minkunet", "label_map": "semantic-kitti"}
-    ckpt = tmp_path / "c.pt"
-    checkpoint.save(ckpt, {"model": model.state_dict(), "config": config, "args": {"label_map": None}})
+    sk, model, config, ckpt = _labelled_run(tmp_path, "semantic-kitti", None)
     scene = generated.outdoor_scene(seed=21, beams=16, azimuth_steps=256)
     cloud = tmp_path / "in" / "scan_points.npy"
     cloud.parent.mkdir()
@@ -1023,16 +1032,7 @@ def test_predict_label_format_refuses_a_runs_learning_ids_for_bin_scans(tmp_path
     SemanticKITTI .bin scans with no --label-map: its map writes car as 1, where a .bin scan's labels are read
     as SemanticKITTI's raw ids (car 10). predict refuses naming both maps and the flag to give (the hint once
     ended in a stray quote: "for these clouds')"); --label-map semantic-kitti writes the benchmark's raw ids."""
-    from pointsparse import checkpoint
-
-    learning = load_label_map("semantic-kitti-learning")
-    torch.manual_seed(0)
-    model = _sharp(MinkUNet(NUM_FEATURES, len(learning.classes), cr=0.25, blocks=1))
-    config = {"in_channels": NUM_FEATURES, "classes": list(learning.classes), "cr": 0.25, "blocks": 1,
-              "voxel_size": 0.5, "ignore_index": 255, "model": "minkunet", "label_map": "semantic-kitti-learning"}
-    ckpt = tmp_path / "c.pt"
-    checkpoint.save(ckpt, {"model": model.state_dict(), "config": config,
-                           "args": {"label_map": "semantic-kitti-learning"}})
+    ckpt = _labelled_run(tmp_path, "semantic-kitti-learning", "semantic-kitti-learning")[3]
     scene = generated.outdoor_scene(seed=21, beams=16, azimuth_steps=256)
     scan = tmp_path / "seq" / "velodyne" / "000000.bin"
     scan.parent.mkdir(parents=True)
