@@ -40,17 +40,24 @@ def check_data(tensor, name: str) -> None:
     check_has_data(tensor, name)
 
 
+def check_dense_bytes(nbytes: int, what: str, detail: str = "", after: str = "") -> None:
+    """The formats' one size check before an allocation: a ValueError
+    ``"{what} needs {nbytes} bytes{detail}, over the N GiB limit{after}"``
+    where ``nbytes`` is past :data:`pointsparse.tensor.MAX_DENSE_BYTES`."""
+    from ..tensor import MAX_DENSE_BYTES  # noqa: PLC0415 - the formats do not import the tensor layer at load
+
+    if nbytes > MAX_DENSE_BYTES:
+        raise ValueError(f"{what} needs {nbytes:,} bytes{detail}, over the {MAX_DENSE_BYTES / 2**30:.0f} GiB "
+                         f"limit{after}")
+
+
 def check_dense_size(tensor: torch.Tensor, name: str) -> None:
     """ValueError naming ``name`` where ``tensor`` as a dense (contiguous)
     tensor needs more than :data:`pointsparse.tensor.MAX_DENSE_BYTES`: an
     expanded (stride 0) tensor holds a few bytes but is materialised by
     ``from_dense``, so its size is checked before that copy."""
-    from ..tensor import MAX_DENSE_BYTES  # noqa: PLC0415 - the formats do not import the tensor layer at load
-
-    nbytes = tensor.numel() * tensor.element_size()
-    if nbytes > MAX_DENSE_BYTES:
-        raise ValueError(f"{name} of shape {tuple(tensor.shape)} ({tensor.dtype}) needs {nbytes:,} bytes as a dense "
-                         f"tensor, over the {MAX_DENSE_BYTES / 2**30:.0f} GiB limit (from_dense reads every entry)")
+    check_dense_bytes(tensor.numel() * tensor.element_size(), f"{name} of shape {tuple(tensor.shape)} ({tensor.dtype})",
+                      " as a dense tensor", " (from_dense reads every entry)")
 
 
 def check_matrix(tensor, name: str = "tensor") -> torch.Tensor:
@@ -235,14 +242,10 @@ class SparseFormat:
         """The zeros ``to_dense`` fills (default: ``self.shape``), after
         checking their size against :data:`pointsparse.tensor.MAX_DENSE_BYTES`
         (a valid format may declare a huge, nearly empty matrix)."""
-        from ..tensor import MAX_DENSE_BYTES  # noqa: PLC0415 - the formats do not import the tensor layer at load
-
         shape = shape or tuple(self.shape)
-        nbytes = math.prod(shape) * torch.empty((), dtype=self.dtype).element_size()
-        if nbytes > MAX_DENSE_BYTES:
-            raise ValueError(f"to_dense of a {type(self).__name__} of shape {tuple(self.shape)} needs {nbytes:,} bytes, "
-                             f"over the {MAX_DENSE_BYTES / 2**30:.0f} GiB limit (use its matmul, which never "
-                             "makes the dense matrix)")
+        check_dense_bytes(math.prod(shape) * torch.empty((), dtype=self.dtype).element_size(),
+                          f"to_dense of a {type(self).__name__} of shape {tuple(self.shape)}",
+                          after=" (use its matmul, which never makes the dense matrix)")
         return torch.zeros(shape, dtype=self.dtype)
 
     # -- pickling ---------------------------------------------------------
@@ -391,14 +394,10 @@ class SparseFormat:
     def _check_product(self, N: int, dense_shape: tuple) -> None:
         """The bytes ``matmul`` allocates (an (M, N) output of ``dtype`` and
         M + 1 int64 row pointers) against the dense limit, before any."""
-        from ..tensor import MAX_DENSE_BYTES  # noqa: PLC0415 - the formats do not import the tensor layer at load
-
         M = self.shape[0]
-        nbytes = M * N * torch.empty((), dtype=self.dtype).element_size() + 8 * (M + 1)
-        if nbytes > MAX_DENSE_BYTES:
-            raise ValueError(f"matmul of a {type(self).__name__} of shape {tuple(self.shape)} with dense of shape "
-                             f"{dense_shape} needs {nbytes:,} bytes for its ({M}, {N}) output and row pointers, "
-                             f"over the {MAX_DENSE_BYTES / 2**30:.0f} GiB limit")
+        check_dense_bytes(M * N * torch.empty((), dtype=self.dtype).element_size() + 8 * (M + 1),
+                          f"matmul of a {type(self).__name__} of shape {tuple(self.shape)} with dense of shape "
+                          f"{dense_shape}", f" for its ({M}, {N}) output and row pointers")
 
     def _unallocated(self, N: int, dense_shape: tuple, exc: BaseException) -> ValueError:
         """The ValueError for a product under the dense limit whose (M, N)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._base import (SparseFormat, check_below, check_data, check_dense_size, check_pointer, check_shape,
-                    check_value_dtype, index_array, module_weight, value_array)
+from ._base import (SparseFormat, check_below, check_data, check_dense_bytes, check_dense_size, check_pointer,
+                    check_shape, check_value_dtype, index_array, module_weight, value_array)
 from ._storage import lines_of, narrow, pack_bits, pointer_of, unpack_bits, widen
 from .csr import _csr_product
 
@@ -20,15 +20,13 @@ def _stride_table(tensor: torch.Tensor, c_out: int, n_p: int) -> torch.Tensor:
     :data:`pointsparse.tensor.MAX_DENSE_BYTES` first: a weight that is not
     pattern pruned has about as many patterns as kernels, and the table
     grows as C_out x kernels."""
-    from ..tensor import MAX_DENSE_BYTES  # noqa: PLC0415 - the formats do not import the tensor layer at load
-
     nbytes = c_out * (n_p + 1) * 8
     what = (f"tensor of shape {tuple(tensor.shape)} has {n_p:,} distinct kernel patterns: FKW's stride table "
-            f"(C_out x (patterns + 1) = {c_out} x {n_p + 1}) needs {nbytes:,} bytes")
+            f"(C_out x (patterns + 1) = {c_out} x {n_p + 1})")
     advice = ("FKW stores pattern-pruned weights (a few patterns: prune.pattern_structured); "
               "store this weight in another format (CSR, BSR)")
-    if nbytes > MAX_DENSE_BYTES:
-        raise ValueError(f"{what}, over the {MAX_DENSE_BYTES / 2**30:.0f} GiB limit; {advice}")
+    check_dense_bytes(nbytes, what, after=f"; {advice}")
+    what += f" needs {nbytes:,} bytes"
     try:
         return torch.zeros(c_out, n_p + 1, dtype=torch.int64)
     except RuntimeError as exc:  # the allocator refused
