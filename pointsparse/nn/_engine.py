@@ -527,10 +527,7 @@ def sixteen_bit_on_float32(feats: torch.Tensor, weight: torch.Tensor, bias: torc
         return False
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dtype != dtype):
         return False
-    present = [t for t in (feats, weight, bias) if t is not None]
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in present)):
-        return False
-    if any(forward_ad.unpack_dual(t).tangent is not None for t in present):
+    if not _needs_grad(feats, weight, bias) or _carries_tangent(feats, weight, bias):
         return False
     return _ext.serves(feats, weight)
 
@@ -759,10 +756,17 @@ def _differentiated(*tensors: torch.Tensor | None) -> bool:
     (``torch.func.jvp``, ``torch.autograd.forward_ad``; the Function has no
     jvp rule and torch says so, where the inference path would drop the
     tangent: a silent zero)."""
-    present = [t for t in tensors if t is not None]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
-        return True
-    return any(forward_ad.unpack_dual(t).tangent is not None for t in present)
+    return _needs_grad(*tensors) or _carries_tangent(*tensors)
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether grad mode is on and one of ``tensors`` (None aside) requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _carries_tangent(*tensors: torch.Tensor | None) -> bool:
+    """Whether one of ``tensors`` (None aside) carries a forward-mode tangent."""
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def conv(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kmap: _kmap.KernelMap,
