@@ -745,11 +745,12 @@ def group_scores(graph: DependencyGraph, group, scores: dict | None = None, redu
 DEFAULT_MULTIPLE = 8
 
 
-def _exact_count(product: float) -> float:
-    """A channel count times a ratio, its float's last bits dropped (9
-    decimals): 360 x 0.7 is 251.99999999999997 in floats, and a tie between
-    two counts (31.5 multiples of 8) fell to the smaller one."""
-    return round(product, 9)
+def _nearest(count: float, unit: int = 1) -> int:
+    """``count`` (a channel count times a ratio) rounded to the nearest
+    multiple of ``unit``, a tie to the larger, after dropping its float's
+    last bits (9 decimals): 360 x 0.7 is 251.99999999999997 in floats, and
+    a tie between two counts (31.5 multiples of 8) fell to the smaller one."""
+    return math.floor(round(count, 9) / unit + 0.5) * unit
 
 
 def kept_count(size: int, keep_ratio: float, multiple: int = 1) -> int:
@@ -758,13 +759,13 @@ def kept_count(size: int, keep_ratio: float, multiple: int = 1) -> int:
     keeping the larger count (channels, or multiples of them)."""
     keep_ratio = check_fraction(keep_ratio, "keep ratio", low_open=True, high_open=False)
     multiple = positive_int(multiple, "multiple")
-    exact = _exact_count(size * float(keep_ratio))
-    n = max(1, math.floor(exact + 0.5))
+    exact = size * float(keep_ratio)
+    n = max(1, _nearest(exact))
     if n >= size:  # nothing to prune: rounding to the multiple must not cut a group kept whole
         return size
     if multiple > 1 and size > multiple:
         # (from the exact count: rounding it to a channel first, then to the multiple, rounded twice)
-        n = max(multiple, math.floor(exact / multiple + 0.5) * multiple)
+        n = max(multiple, _nearest(exact, multiple))
     return min(n, size)
 
 
@@ -850,7 +851,7 @@ def plan(graph: DependencyGraph, keep_ratio, scores: dict | None = None, scope: 
             raise ValueError("scope='global' takes one keep_ratio")
         relative = {n: _relative(s) for n, s in all_scores.items()}
         norm = torch.cat(list(relative.values()))
-        k = max(1, math.floor(_exact_count(len(norm) * float(keep_ratio)) + 0.5))  # (a tie keeps more: kept_count's)
+        k = max(1, _nearest(len(norm) * float(keep_ratio)))  # (a tie keeps more: kept_count's rounding)
         # Exactly the k best: every channel at least the k-th best's score kept all of a tie (BatchNorm scales
         # as initialised: every channel, whatever keep_ratio). Ties go by each channel's rank in its own group
         # over the group's size, so a tie is shared among the groups in proportion to their sizes.

@@ -29,7 +29,6 @@ U-Net networks, not only the insides of their sequential chains."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -42,7 +41,7 @@ from .._modes import evaluating, run_model
 from .adapters import in_channel_dim, is_layer, out_channel_dim, out_channels
 from ._copyable import keep_copyable
 from ._trace import feats_of
-from .graph import CoupledGroup, _check_keep, _effective, _exact_count, _slice, shared_tensors
+from .graph import CoupledGroup, _check_keep, _effective, _nearest, _slice, shared_tensors
 from .procedure import check_fraction
 
 
@@ -474,7 +473,7 @@ def kept_count(channels: int, ratio: float) -> int:
     group's (a tie keeps the larger count), so that a chain and the coupled
     group of the same producer keep as many channels."""
     # (Python's round, half to even, kept 2 of 5 channels at 0.5 where the coupled path keeps 3)
-    return max(1, math.floor(_exact_count(channels * (1.0 - ratio)) + 0.5))
+    return max(1, _nearest(channels * (1.0 - ratio)))
 
 
 # ----------------------------------------------------------------- least squares
