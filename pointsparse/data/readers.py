@@ -1197,6 +1197,8 @@ def _check_ascii_ply(path: Path, start: int, size: int, upto, last: bool = False
     digit and a space for each value in all (else truncated)."""
     _, n, props = upto[-1]
     values_after, declared = after
+    short_after = (f"{path}: the header says {declared} after its {n} points (at least {values_after} "
+                   f"value{'s' if values_after != 1 else ''}) ")  # (the start of both refusals below)
     columns, offset = [], 0  # (element, its first value's index, its rows, row length, column, property, dtype)
     for name, count, p in upto:
         columns += [(name, offset, count, len(p), j, prop, dtype) for j, (prop, dtype) in enumerate(p)]
@@ -1207,9 +1209,7 @@ def _check_ascii_ply(path: Path, start: int, size: int, upto, last: bool = False
     found: list[tuple | None] = [None] * len(columns)  # each column's problem so far: (rank, row, why, token)
     held = 0
     if values_after and 2 * (need + values_after) - 1 > size - start:
-        raise ValueError(f"{path}: the header says {declared} after its {n} points (at least "
-                         f"{values_after} value{'s' if values_after != 1 else ''}) "
-                         f"but the file's {size - start} bytes of data cannot hold them (truncated)")
+        raise ValueError(f"{short_after}but the file's {size - start} bytes of data cannot hold them (truncated)")
     more = last or values_after > 0  # (one more: is anything after them?)
     for first, tokens in _ascii_pieces(path, start, need + more):
         values = _ascii_numbers(path, tokens, first, "vertex data")
@@ -1231,9 +1231,7 @@ def _check_ascii_ply(path: Path, start: int, size: int, upto, last: bool = False
         raise ValueError(f"{path}: the header says {n} points but the file holds {points} "
                          f"({held} of the {need} numbers needed; truncated)")
     if held == need and values_after:
-        raise ValueError(f"{path}: the header says {declared} after its {n} points (at least "
-                         f"{values_after} value{'s' if values_after != 1 else ''}) "
-                         f"but the file holds none after the points (truncated)")
+        raise ValueError(f"{short_after}but the file holds none after the points (truncated)")
     if held > need and last:
         raise ValueError(f"{path}: the header says {n} points but the file holds more: values after them, where "
                          f"the vertex element is the last; the header's count is wrong (reading {n} would drop the "
