@@ -2509,6 +2509,25 @@ def test_batch_of_refuses_voxel_samples_whose_parts_disagree():
     assert b.inverse.dtype == torch.int64 and b.inverse[n:].tolist() == (v.inverse + m).tolist()
 
 
+def test_batch_of_gives_int64_labels_of_voxel_samples_with_other_integer_labels():
+    """Batch.of takes labels and point labels of any integer dtype (a
+    VoxelSample made by hand) and gave them on as they were: int32 labels
+    made an int32 Batch.labels, which cross_entropy refuses ("expected
+    target dtype to be Long"), where the Batch holds int64 labels (as it
+    does its inverse)."""
+    import dataclasses
+    v = voxelize_sample(Sample(np.random.default_rng(3).random((40, 3)), np.arange(40) % 3), 0.2, 255)
+    for dtype in (torch.int32, torch.int16, torch.uint8):
+        hand = dataclasses.replace(v, labels=v.labels.to(dtype), point_labels=v.point_labels.to(dtype))
+        for items in ([hand], [hand, hand]):
+            b = Batch.of(items)
+            assert b.labels.dtype == torch.int64 and b.point_labels.dtype == torch.int64
+            assert b.labels.tolist() == v.labels.tolist() * len(items)
+            assert b.point_labels.tolist() == v.point_labels.tolist() * len(items)
+        logits = torch.zeros(len(Batch.of([hand]).labels), 3)
+        torch.nn.functional.cross_entropy(logits, Batch.of([hand]).labels, ignore_index=255)
+
+
 def test_batch_of_refuses_voxel_samples_of_different_voxel_sizes():
     """Samples voxelised at 5 cm and at 20 cm were batched as one grid
     without a word (the network saw one cloud at four times the other's

@@ -342,8 +342,9 @@ class Batch:
                              f"({samples[has].name}) has (voxelize_sample gives every sample its points); "
                              "batch samples of one kind")
         points = None if bare else torch.cat([s.points for s in samples])
-        return cls(tensor, torch.cat([s.labels for s in samples]), inverse,
-                   torch.cat([s.point_labels for s in samples]), tensor.coords[inverse, 0].long(),
+        # (int64 whatever integer dtype a hand-made sample's labels have: cross_entropy refuses int32 targets)
+        return cls(tensor, torch.cat([s.labels for s in samples]).long(), inverse,
+                   torch.cat([s.point_labels for s in samples]).long(), tensor.coords[inverse, 0].long(),
                    [s.xyz for s in samples], [s.name for s in samples], points)
 
     @property
