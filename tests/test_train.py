@@ -1390,6 +1390,27 @@ def test_confusion_matrix_refuses_what_is_no_class_index():
                           metrics.confusion_matrix(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 1]), 3))
 
 
+def test_confusion_matrix_names_pred_or_target_that_hold_no_numbers():
+    """Class indices that are no numbers failed with torch's words, naming
+    neither argument ("too many dimensions 'str'", a RuntimeError "Could not
+    infer dtype of NoneType", NotImplementedError for a meta tensor), and
+    uint64 targets past int64 wrapped round to negative ids: 2**64 - 100
+    was scored as ignore_index -100, skipped without a word."""
+    good = [0, 1, 1]
+    for bad in (["a", "b", "c"], [None, 0, 1], np.array(["0", "1", "1"]), np.array([0, 1, None], object),
+                torch.empty(3, dtype=torch.long, device="meta")):
+        for name, args in (("pred", (bad, good)), ("target", (good, bad))):
+            with pytest.raises(TypeError, match=f"{name} must hold integer class indices"):
+                metrics.confusion_matrix(*args, 3)
+    wide = np.array([2**64 - 100, 1, 1], np.uint64)
+    for name, args in (("pred", (wide, good)), ("target", (good, wide))):
+        with pytest.raises(ValueError, match=f"{name} must hold class indices that fit int64; got {2**64 - 100}"):
+            metrics.confusion_matrix(*args, 3, ignore_index=-100)
+    # uint64 within int64 still count as classes
+    assert np.array_equal(metrics.confusion_matrix(np.array(good, np.uint64), np.array(good, np.uint64), 3),
+                          metrics.confusion_matrix(good, good, 3))
+
+
 @pytest.mark.parametrize("schedule", tr.SCHEDULES)
 def test_lr_schedules(schedule):
     f = [tr.lr_factor(schedule, s, 100, 0.1) for s in range(100)]

@@ -47,8 +47,21 @@ def _class_indices(labels, name: str) -> torch.Tensor:
     that are whole numbers in int64 (class ids stored as floats); a
     ValueError naming ``name`` for other floats (``.long()`` truncated
     probabilities and max-logit values into classes), a TypeError for
-    complex ones."""
-    labels = torch.as_tensor(labels)
+    complex ones and for what holds no numbers (strings, None, a meta
+    tensor), a ValueError for uint64 ids past int64 (cast, they wrapped
+    round to negative ids, ``ignore_index`` among them)."""
+    if isinstance(labels, torch.Tensor) and labels.is_meta:
+        raise TypeError(f"{name} must hold integer class indices (e.g. logits.argmax(1)); got a meta tensor "
+                        "(shapes without values)")
+    try:
+        labels = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError) as exc:  # (torch's words, naming neither argument)
+        raise TypeError(f"{name} must hold integer class indices (e.g. logits.argmax(1)); got "
+                        f"{type(labels).__name__} ({exc})") from None
+    if labels.dtype == getattr(torch, "uint64", None) and labels.numel():
+        wide = labels.detach().cpu().numpy()  # (torch's uint64 has no max nor comparison on the CPU)
+        if int(wide.max()) > np.iinfo(np.int64).max:
+            raise ValueError(f"{name} must hold class indices that fit int64; got {int(wide.max())}")
     if labels.is_complex():
         raise TypeError(f"{name} must hold integer class indices (e.g. logits.argmax(1)); got dtype {labels.dtype}")
     if labels.is_floating_point():
