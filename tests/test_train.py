@@ -425,6 +425,29 @@ def test_val_data_of_other_classes_than_the_generated_scenes_is_refused(tmp_path
     assert sorted(np.unique(val[0].labels).tolist()) == [0, 7]
     assert len(tr.open_training_data(_parse([*gen, "--val-data", str(tmp_path / "raw.npz")]))[1]) == 1
 
+def test_generated_training_scenes_that_are_the_validation_scenes_are_refused(tmp_path):
+    """The generated training scenes start at seed ``--seed * 10000``, the
+    held-out ones at VALIDATION_SEED (1,000,000): ``--seed 100`` trained on
+    the validation scenes and scored the model on its own training data
+    (its val mIoU, best.pt's choice), without a word, as did ``--scenes``
+    past 10,000 from --seed 99. Refused now, naming the flags; --val-data
+    files validate any seed."""
+    from pointsparse.data import VALIDATION_SEED
+
+    gen = ["--data", "generated", "--out", "x"]
+    for flags in (["--seed", "100"], ["--seed", "99", "--scenes", "10001"],
+                  ["--seed", "100", "--scenes", "1", "--val-scenes", "1"]):
+        with pytest.raises(ValueError, match=r"--seed .* --scenes .* the held-out scenes' seeds .*--val-scenes"):
+            tr.open_training_data(_parse([*gen, *flags]))
+    for flags in (["--seed", "99", "--scenes", "10000"], ["--seed", "101"], ["--seed", "99", "--scenes", "9999"]):
+        train, val, _ = tr.open_training_data(_parse([*gen, *flags]))
+        held = set(range(val.first_seed, val.first_seed + len(val)))
+        assert val.first_seed == VALIDATION_SEED and not held & set(range(train.first_seed,
+                                                                          train.first_seed + len(train)))
+    np.savez(tmp_path / "v.npz", xyz=np.random.default_rng(0).random((20, 3)), labels=np.zeros(20, np.int64))
+    assert len(tr.open_training_data(_parse([*gen, "--seed", "100", "--val-data", str(tmp_path / "v.npz")]))[1]) == 1
+
+
 def test_a_label_map_name_is_saved_as_a_name_beside_a_folder_so_named(tmp_path, monkeypatch):
     """``train --label-map ign-lidarhd`` run from a folder holding the data in a folder named ``ign-lidarhd``
     (as ../shared/datasets does) saved the map as the path of that folder, since it exists: eval of the

@@ -220,14 +220,14 @@ def _checkpoint_batches(state: dict, data, label_map, count: int, skip_nonfinite
     from ..data import Batch, VoxelDataset
     from ..data.datasets import is_generated
     from .clouds import refuse_file_flags
-    from .train import generated_source
+    from .train import SEED_SCENES, generated_source
     config, saved = state["config"], state.get("args", {})
     spec = data or saved.get("data") or ["generated"]
     if is_generated(spec):
         refuse_file_flags(spec, {"--label-map": label_map is not None, "--skip-nonfinite": skip_nonfinite},
                           own_data=not data)
-        # The run's sensor (range, beams) and its training scenes (train.py: seeds from seed * 10_000).
-        source = generated_source(spec, saved, count, int(saved.get("seed", 0)) * 10_000)
+        # The run's sensor (range, beams) and its training scenes (train.py: seeds from seed * SEED_SCENES).
+        source = generated_source(spec, saved, count, int(saved.get("seed", 0)) * SEED_SCENES)
     else:
         from .clouds import files_source
 

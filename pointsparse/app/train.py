@@ -395,12 +395,24 @@ def require_points(source, flag: str, dist: Dist | None = None) -> None:
               f"{shown}", file=sys.stderr)
 
 
+#: The generated training scenes of ``--seed s`` start at seed ``s * SEED_SCENES``.
+SEED_SCENES = 10_000
+
+
 def open_training_data(args, dist: Dist | None = None):
     """(train samples, validation samples, class names); a process of a
     distributed run (``dist``) reads only its shard of the validation clouds."""
     generated = is_generated(args.data)
     if generated:
-        train = generated_source(args.data, vars(args), args.scenes, args.seed * 10_000)
+        first = args.seed * SEED_SCENES
+        held = range(VALIDATION_SEED, VALIDATION_SEED + args.val_scenes)
+        if args.val_data is None and first < held.stop and held.start < first + args.scenes:
+            # (--seed 100 trained on the held-out scenes and scored the model on its own training data)
+            raise ValueError(f"--seed {args.seed} --scenes {args.scenes} draws the generated training scenes from "
+                             f"seeds {first}..{first + args.scenes - 1}, among the held-out scenes' seeds "
+                             f"{VALIDATION_SEED}..{VALIDATION_SEED + args.val_scenes - 1} (--val-scenes "
+                             f"{args.val_scenes}): give another --seed (or fewer --scenes), or --val-data")
+        train = generated_source(args.data, vars(args), args.scenes, first)
         val = (generated_source(args.data, vars(args), args.val_scenes, VALIDATION_SEED)
                if args.val_data is None
                else open_source(args.val_data, args.val_label_map or args.label_map, args.ignore_index))
