@@ -1354,6 +1354,30 @@ def test_metrics_hand_computed():
         metrics.confusion_matrix(torch.tensor([0, 1]), torch.tensor([0]), 3)
 
 
+def test_confusion_matrix_refuses_shapes_that_only_share_a_count():
+    """pred and target were flattened before their shapes were compared, so a
+    (2, 3) prediction scored against a (3, 2) target (a transposed batch) was
+    counted pair by pair in the wrong order without a word."""
+    pred = torch.tensor([[0, 1, 2], [0, 1, 2]])
+    with pytest.raises(ValueError, match=r"pred and target must have the same shape; got \(2, 3\) and \(3, 2\)"):
+        metrics.confusion_matrix(pred, pred.reshape(3, 2), 3)
+    assert metrics.confusion_matrix(pred, pred, 3).trace() == 6
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_iou_metrics_refuse_a_matrix_that_holds_no_counts(bad):
+    """iou_per_class, mean_iou, accuracy and summary took any numbers: a
+    negative count gave an IoU of 2.0 and NaN passed through as a score."""
+    cm = np.array([[2.0, 0.0], [1.0, 3.0]])
+    cm[0, 1] = bad
+    for fn in (metrics.iou_per_class, metrics.mean_iou, metrics.accuracy):
+        with pytest.raises(ValueError, match="the confusion matrix must hold counts"):
+            fn(cm)
+    with pytest.raises(ValueError, match="the confusion matrix must hold counts"):
+        metrics.summary(cm, ["a", "b"])
+    assert metrics.mean_iou(np.array([[2.0, 0.0], [1.0, 3.0]])) == pytest.approx((2 / 3 + 3 / 4) / 2)
+
+
 def test_metrics_refuse_a_matrix_and_names_that_do_not_match():
     """summary and format_table zipped the classes with the matrix's rows: a
     class list one short dropped a class from per_class and the table while

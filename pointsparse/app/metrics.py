@@ -24,9 +24,13 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None = 
     num_classes = int(num_classes)
     if ignore_index is not None:
         ignore_index = _ignore_index(ignore_index)  # (the readers' check: an int in int64, not a bool)
+    pred_shape, target_shape = _shape(pred), _shape(target)
     pred, target = (_class_indices(t, name) for t, name in ((pred, "pred"), (target, "target")))
-    if pred.shape != target.shape:
+    if pred.numel() != target.numel():
         raise ValueError(f"pred and target must have the same length; got {pred.numel()} and {target.numel()}")
+    if pred_shape != target_shape:  # (one count, other shapes: a transposed batch scored in the wrong order)
+        raise ValueError(f"pred and target must have the same shape; got {tuple(pred_shape)} and "
+                         f"{tuple(target_shape)}")
     if ignore_index is not None:
         keep = target != ignore_index
         pred, target = pred[keep], target[keep]
@@ -40,6 +44,11 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None = 
 
 #: the most classes confusion_matrix counts (a 16384 x 16384 int64 matrix is 2 GiB)
 MAX_CLASSES = 2**14
+
+
+def _shape(labels) -> tuple:
+    """The shape ``labels`` has before :func:`_class_indices` flattens it."""
+    return tuple(labels.shape) if hasattr(labels, "shape") else tuple(np.shape(labels))
 
 
 def _class_indices(labels, name: str) -> torch.Tensor:
@@ -75,10 +84,14 @@ def _class_indices(labels, name: str) -> torch.Tensor:
 
 
 def _square(cm) -> np.ndarray:
-    """``cm`` as an array; ValueError unless it is a ``(C, C)`` matrix."""
+    """``cm`` as an array; ValueError unless it is a ``(C, C)`` matrix of
+    counts (finite, >= 0: a negative one gave an IoU of 2.0)."""
     cm = np.asarray(cm)
     if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
         raise ValueError(f"the confusion matrix must be square (C, C); got shape {cm.shape}")
+    if cm.dtype.kind not in "biuf" or (cm.size and not (np.isfinite(cm).all() and cm.min() >= 0)):
+        raise ValueError("the confusion matrix must hold counts (finite numbers >= 0); got "
+                         f"{cm.dtype} values from {cm.min() if cm.size and cm.dtype.kind in 'biuf' else '?'}")
     return cm
 
 
