@@ -714,3 +714,37 @@ def test_strided_conv_below_int32_is_a_clear_error():
         F.conv3d(x, weight(3, 1, 1), 3, 3)
     y = F.conv3d(x, weight(2, 1, 1), 2, 2)  # floor(c / 2) * 2 stays in int32
     assert y.coords[:, 1].tolist() == [INT32_MIN, 4]
+
+
+def test_conv3d_takes_api_md_positional_order_and_defaults():
+    """API.md writes ``Conv3d(in_channels, out_channels, kernel_size=3,
+    stride=1, dilation=1, bias=False, transposed=False)`` and
+    ``functional.conv3d(input, weight, kernel_size, stride=1, dilation=1,
+    bias=None, transposed=False)``: code ported from TorchSparse calls them
+    positionally, so the order and the defaults are the contract."""
+    plain = ps.nn.Conv3d(3, 4)
+    assert (plain.kernel_size, plain.stride, plain.dilation, plain.bias, plain.transposed) == \
+        ((3, 3, 3), (1, 1, 1), (1, 1, 1), None, False)
+    assert plain.weight.shape == (27, 3, 4)
+    down = ps.nn.Conv3d(3, 4, 2, 2, 1, True, False).double()
+    assert (down.kernel_size, down.stride, down.dilation, down.transposed) == ((2, 2, 2), (2, 2, 2), (1, 1, 1), False)
+    assert down.bias is not None and down.bias.shape == (4,)
+    up = ps.nn.Conv3d(4, 3, 2, 2, 1, False, True).double()
+    assert up.transposed and up.bias is None and up.weight.shape == (8, 4, 3)
+    dilated = ps.nn.Conv3d(3, 4, 3, 1, 2)
+    assert dilated.dilation == (2, 2, 2) and dilated.stride == (1, 1, 1)
+
+    x = make(c=3)
+    w, b = weight(3, 3, 4), torch.randn(4, dtype=torch.float64)
+    y = F.conv3d(x, w, 3, 1, 2, b, False)
+    assert torch.equal(y.feats, F.conv3d(x, w, kernel_size=3, stride=1, dilation=2, bias=b, transposed=False).feats)
+    torch.testing.assert_close(y.feats, dense_conv(x, w, x.coords, 3, 1, 2, b), rtol=1e-12, atol=1e-12)
+    assert torch.equal(F.conv3d(x, w, 3).feats, F.conv3d(x, w, 3, 1, 1, None, False).feats)
+    coarse = F.conv3d(x, weight(2, 3, 4), 2, 2)
+    up_positional = F.conv3d(coarse, weight(2, 4, 3), 2, 2, 1, None, True)
+    up_keywords = F.conv3d(coarse, weight(2, 4, 3), kernel_size=2, stride=2, transposed=True)
+    assert torch.equal(up_positional.coords, x.coords) and torch.equal(up_positional.feats, up_keywords.feats)
+    out = down(x)
+    torch.testing.assert_close(out.feats, dense_conv(x, down.weight.detach(), out.coords, 2, 2,
+                                                     bias=down.bias.detach()), rtol=1e-12, atol=1e-12)
+    assert up(out).coords.shape == x.coords.shape
