@@ -3,6 +3,7 @@ order, thread-count independence, range borders, errors, and the cache."""
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import numpy as np
@@ -1436,3 +1437,29 @@ def test_kmap_restrict_refuses_sizes_whose_sum_wraps():
         r = results[name]
         assert r["status"] == 0, f"{name}: the process crashed (status {r['status']})"
         assert r["exc"] == "ValueError" and "sizes" in r["msg"], (name, r)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_build_takes_api_md_positional_order_and_pairs_are_int64(method):
+    """API.md's ``build(coords, kernel_size=3, stride=1, dilation=1,
+    tensor_stride=1, method=...)`` called positionally, and its promise per
+    method: ``.out_coords`` int32 ``(M, 4)``, ``.pairs(o)`` a pair of int64
+    tensors for every offset, each pair ``coords[in] - out_coords[out]`` =
+    the offset ``(i - (k - 1) // 2) * d * s`` of index ``(i_x * k_y + i_y) * k_z + i_z``."""
+    coords = random_coords(200, 2, 4, (2, 1, 2), seed=11)
+    k, t, d, s = (3, 2, 1), (2, 1, 1), (1, 2, 1), (2, 1, 2)
+    kmap = km.build(coords, k, t, d, s, method)
+    assert torch.equal(kmap.in_idx, km.build(coords, kernel_size=k, stride=t, dilation=d, tensor_stride=s,
+                                             method=method).in_idx)
+    assert_matches_reference(kmap, coords, k, t, d, s)
+    assert kmap.out_coords.dtype == torch.int32 and kmap.out_coords.shape[1] == 4
+    for ix, iy, iz in itertools.product(range(k[0]), range(k[1]), range(k[2])):
+        o = (ix * k[1] + iy) * k[2] + iz
+        offset = [(i - (kk - 1) // 2) * dd * ss for i, kk, dd, ss in zip((ix, iy, iz), k, d, s)]
+        i, j = kmap.pairs(o)
+        assert i.dtype == j.dtype == torch.int64
+        assert torch.equal(coords[i, 0], kmap.out_coords[j, 0])
+        expected = torch.tensor([offset], dtype=torch.int32).expand(len(i), 3)
+        assert torch.equal(coords[i, 1:] - kmap.out_coords[j, 1:], expected)
+    default = km.build(coords)  # kernel 3, stride 1, dilation 1, tensor stride 1
+    assert default.kernel_volume == 27 and torch.equal(default.out_coords, coords)
