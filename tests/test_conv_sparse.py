@@ -829,6 +829,36 @@ def test_a_mask_of_other_values_than_one_leaves_the_kept_gradient_unscaled(backe
         torch.testing.assert_close(conv.weight_orig.grad, orig.grad, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_a_mask_that_requires_grad_gets_torchs_gradient_on_its_pruned_entries(backend):
+    """Methods that score or regrow connections by the gradient of the mask
+    (SNIP's connection sensitivity on a pruned model, gradient regrowth) set
+    ``weight_mask.requires_grad_()``: torch's pruned conv gives it ``dense
+    gradient * weight_orig`` everywhere, but a pruned Conv3d gave 0 on the
+    pruned entries (the engine computes no weight gradient there), so every
+    pruned connection scored 0."""
+    x = make(n=60, c=2, extent=5)
+    mask = (torch.rand(27, 2, 3, generator=torch.Generator().manual_seed(1)) < 0.5).double()
+    conv = ps.nn.Conv3d(2, 3, 3).double()
+    prune.custom_from_mask(conv, "weight", mask)
+    conv.weight_mask.requires_grad_()
+    with ps.backend(backend):
+        conv(x).feats.sin().sum().backward()
+        orig = conv.weight_orig.detach().clone()
+        dense = orig.clone().requires_grad_()
+        F.conv3d(x, dense * mask, 3).feats.sin().sum().backward()
+    torch.testing.assert_close(conv.weight_mask.grad, _dense_grad(x, orig * mask) * orig,
+                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(conv.weight_orig.grad, dense.grad, rtol=1e-12, atol=1e-12)
+
+
+def _dense_grad(x, weight):
+    """The gradient of ``conv(x, weight).feats.sin().sum()`` for ``weight``, unmasked."""
+    weight = weight.clone().requires_grad_()
+    F.conv3d(x, weight, 3).feats.sin().sum().backward()
+    return weight.grad
+
+
 def test_panel_structured_prunes_engine_vectors():
     conv = ps.nn.Conv3d(8, 40, 3)
     prune.panel_structured(conv, "weight", 0.5)

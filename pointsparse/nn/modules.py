@@ -137,7 +137,9 @@ class Conv3d(nn.Module):
     the full kernel's (build the conv without a region to run those).
     Pruned with ``pointsparse.prune`` (``weight_mask``), the masked entries
     get no gradient and the engine skips all-zero offsets and runs sparse
-    enough weights through the vector-sparse kernels. A ``(1, C_out)`` bias
+    enough weights through the vector-sparse kernels (a mask that itself
+    requires grad, as in SNIP-style scoring, gets torch's gradient ``dense
+    gradient * weight_orig`` on every entry). A ``(1, C_out)`` bias
     (MinkowskiEngine's) loads as the ``(C_out,)`` one."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=1, dilation=1,
@@ -221,6 +223,8 @@ class Conv3d(nn.Module):
         if isinstance(weight, torch.Tensor) and weight.dim() == 3:  # (else the functional names the weight)
             _check_feats_for(self, input, weight.shape[1], "in_channels", weight)
         mask = self.pruning_mask()
+        if mask is not None and mask.requires_grad:  # (SNIP-like scores of a pruned model: torch's gradient,
+            mask = None  # dense * weight_orig, on the pruned entries too; the product's own rule zeroes orig's)
         if mask is not None and (mask.dtype != weight.dtype or mask.device != weight.device):
             mask = mask.to(weight.device, weight.dtype)
         return F.conv3d(input, weight, self.kernel_size, self.stride, self.dilation,
