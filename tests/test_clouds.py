@@ -194,3 +194,32 @@ def test_predict_label_refuses_a_runs_map_whose_raw_ids_are_not_the_clouds(tmp_p
     assert cli.main(["predict", "--checkpoint", str(ckpt), "--data", str(tmp_path / "learning.npz"), "--format",
                      "label", "--out", str(tmp_path / "r")]) == 0, capsys.readouterr().err
     assert np.fromfile(next((tmp_path / "r").rglob("*.label")), np.uint32).max() <= 19
+
+
+def test_eval_refuses_a_runs_map_whose_raw_ids_are_not_the_clouds_as_predict_does(tmp_path, capsys):
+    """A run trained with --label-map semantic-kitti-learning (Open3D-ML learning ids) scored on
+    SemanticKITTI .bin scans with no --label-map: predict --format label refused the pair, naming both maps;
+    eval read the scan's raw ids through the learning map (most points ignored), warned, and printed an mIoU
+    of nothing that means anything, exit 0. eval --data refuses it now as predict does, with the same words
+    (one check, clouds.check_format_maps); --label-map semantic-kitti scores the scan, and the npz of
+    learning ids (its format takes no map) is scored through the run's map as before."""
+    seq, learning = scan_and_learning_ids(tmp_path)
+    classes = load_label_map("semantic-kitti").classes
+    ckpt = _run(tmp_path / "run" / "checkpoint.pt", classes, label_map="semantic-kitti-learning")
+    state = checkpoint.load_training(ckpt)
+    state["args"]["label_map"] = "semantic-kitti-learning"
+    checkpoint.save(ckpt, state)
+    argv = ["eval", "--checkpoint", str(ckpt), "--no-progress"]
+    messages = []
+    for command in (["predict", "--checkpoint", str(ckpt), "--format", "label", "--out", str(tmp_path / "p")],
+                    argv):
+        assert cli.main([*command, "--data", str(seq)]) == 2
+        err = capsys.readouterr().err
+        assert "is read through the label map 'semantic-kitti' (its format's), whose raw id for car is 10; the " \
+            "run's label map, 'semantic-kitti-learning', " in err and \
+            "(--label-map semantic-kitti for these clouds)" in err and "warning" not in err, err
+        messages.append(err)
+    assert messages[1].startswith("pointsparse eval: error: --data: ") and "takes 1: give --label-map of these " \
+        "files' labels" in messages[1], messages[1]
+    assert cli.main([*argv, "--data", str(seq), "--label-map", "semantic-kitti"]) == 0, capsys.readouterr().err
+    assert cli.main([*argv, "--data", str(learning)]) == 0, capsys.readouterr().err

@@ -1,6 +1,7 @@
 """How the commands read point cloud files: ``--skip-nonfinite``'s hold on
-the reading (train, eval, predict, prune), and the label map a checkpoint's
-files are read through (eval, prune): one rule for each."""
+the reading (train, eval, predict, prune), the label map a checkpoint's
+files are read through (eval, prune), and the refusal of a run's map that
+the files' format contradicts (eval, predict): one rule for each."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from ..data import CloudFiles
 from ..data.datasets import default_label_map
 from ..data.readers import find_clouds
 
-__all__ = ["files_label_map", "files_source", "nonfinite_hold", "refuse_file_flags", "skips_nonfinite"]
+__all__ = ["check_format_maps", "files_label_map", "files_source", "nonfinite_hold", "refuse_file_flags",
+           "skips_nonfinite"]
 
 
 def skips_nonfinite(flag: bool, state: dict | None = None, own_data: bool = False) -> bool:
@@ -63,7 +65,8 @@ def nonfinite_hold(skip: bool, to: str):
         raise ValueError(f"{error}; give --skip-nonfinite to {to}") from error
 
 
-def files_source(state: dict, spec, label_map, where: str, validation: bool, ignore_index: int, taken=None):
+def files_source(state: dict, spec, label_map, where: str, validation: bool, ignore_index: int, taken=None,
+                 format_maps: bool = False):
     """The clouds of the data ``spec`` (files) as a checkpoint's model reads
     them (``state``), eval's and prune's: through :func:`files_label_map`'s
     map (``label_map``: ``--label-map``; ``validation``: files the user gave,
@@ -72,10 +75,14 @@ def files_source(state: dict, spec, label_map, where: str, validation: bool, ign
     several), the clouds taken (the first ``taken``, read cyclically; all
     where None) are read through the run's map where none holds labels (an
     example input, Semantic3D test scans read as Semantic3D rows), else the
-    refusal stands. The spec's clouds are found once."""
+    refusal stands. ``format_maps`` (eval's ``--data``): where the map is the
+    run's, taken by default, and a cloud holds labels, :func:`check_format_maps`
+    refuses files whose format reads them through another map of the run's
+    classes. The spec's clouds are found once."""
     paths = find_clouds(spec)  # (once: the map's checks and the source take them)
+    default = functools.cache(lambda: default_label_map(paths))  # (their formats' map, once where it is needed)
     try:
-        name = files_label_map(state, paths, label_map, where, validation)
+        name = files_label_map(state, paths, label_map, where, validation, default)
     except ValueError:
         if "label_map" not in state["config"]:
             raise
@@ -83,10 +90,15 @@ def files_source(state: dict, spec, label_map, where: str, validation: bool, ign
         if any(source[i % len(source)].labels is not None for i in range(len(source) if taken is None else taken)):
             raise
         return source
-    return CloudFiles(paths, name, ignore_index)
+    source = CloudFiles(paths, name, ignore_index)
+    if format_maps and label_map is None and name is not None and any(
+            source[i].labels is not None for i in range(len(source))):
+        check_format_maps(paths, state["config"]["classes"], source.label_map, f"the run's label map, {name!r},", where,
+                          "takes", "these files' labels", reading=True, default=default)
+    return source
 
 
-def files_label_map(state: dict, paths, label_map, where: str, validation: bool = True):
+def files_label_map(state: dict, paths, label_map, where: str, validation: bool = True, default=None):
     """The label map a checkpoint's model reads the clouds at ``paths`` (a data
     spec's, found once: ``readers.find_clouds``) through:
     ``label_map`` (``--label-map``), else the run's ``--val-label-map``
@@ -100,10 +112,11 @@ def files_label_map(state: dict, paths, label_map, where: str, validation: bool 
     default (a run on SemanticKITTI .bin scans scored Open3D-ML learning ids
     as class indices, one class off). A checkpoint that records no map (an
     older run's): None, the files' own default, as before. Their formats'
-    default is taken once, where it is needed."""
+    default is taken once, where it is needed (``default``: a caller's
+    cached ``default_label_map`` of ``paths``)."""
     saved, config = state.get("args") or {}, state["config"]
     paths = list(paths)
-    default = functools.cache(lambda: default_label_map(paths))
+    default = default or functools.cache(lambda: default_label_map(paths))
     if label_map is None and validation and saved.get("val_label_map") and _training_format(state, paths, default):
         return config["label_map"]
     given = label_map or (validation and saved.get("val_label_map")) or saved.get("label_map")
@@ -118,6 +131,56 @@ def files_label_map(state: dict, paths, label_map, where: str, validation: bool 
                          f"read its clouds through {said(run)}, to its {len(config['classes'])} classes: give "
                          "--label-map of these files' labels to the run's classes")
     return run
+
+
+def check_format_maps(paths, classes: list[str], label_map, origin: str, where: str, verb: str, what: str,
+                      text_map: str | None = None, reading: bool = False, default=None) -> None:
+    """``ValueError`` where a cloud's format (of those at ``paths``) reads its
+    labels through a map of the model's ``classes`` (its default:
+    SemanticKITTI's for a ``.bin``, Semantic3D's for a Semantic3D scan, or a
+    ``.txt`` where ``text_map`` names it so, S3DIS's for other text) that
+    gives a class another raw id than ``label_map``, the run's map taken by
+    default (``origin`` says which): a run on Open3D-ML learning ids given
+    SemanticKITTI ``.bin`` scans, whose labels are raw ids (car 10, not 1).
+    predict refuses to write such ids, eval to score the scans' labels
+    through such a map (``reading``: maps that read every raw id alike pass).
+    The message, ``"<where>: <path> is read through the label map ... whose
+    raw id for car is 10; <origin> <verb> 1: give --label-map of <what>
+    (--label-map <the format's> for these clouds)"``, names both maps.
+    ``default``: a cached ``default_label_map`` of all ``paths`` (one format's
+    map for all, else each cloud's is taken)."""
+    from ..data.readers import load_label_map
+    from .predict import raw_ids
+
+    seen: dict[str | None, object] = {}
+    try:
+        if default is not None and not text_map:
+            seen[default()] = paths[0]
+    except ValueError:  # (formats of several defaults: each cloud's own below)
+        pass
+    for path in paths if not seen else ():  # (a .txt is read as Semantic3D's where text_map says so)
+        seen.setdefault(text_map if text_map and os.fspath(path).lower().endswith(".txt") else
+                        default_label_map([path]), path)
+    ids = None
+    for name, path in seen.items():
+        if name is None:
+            continue
+        own = load_label_map(name)
+        if own == label_map or list(own.classes) != list(classes) or \
+                (reading and (own.mapping, own.names) == (label_map.mapping, label_map.names)):
+            continue
+        try:
+            ids = raw_ids(label_map, classes) if ids is None else ids
+        except ValueError:
+            if not reading:
+                raise
+            return  # (a class the run's map gives no raw id, or an id past 16 bits: no class to name; read as given)
+        theirs = raw_ids(own, classes)
+        if (theirs != ids).any():
+            k = int((theirs != ids).nonzero()[0][0])
+            raise ValueError(f"{where}: {path} is read through the label map {name!r} (its format's), whose raw id "
+                             f"for {classes[k]} is {int(theirs[k])}; {origin} {verb} {int(ids[k])}: give "
+                             f"--label-map of {what} (--label-map {name} for these clouds)")
 
 
 def _training_format(state: dict, paths: list, default) -> bool:

@@ -331,5 +331,7 @@ def eval_source(args, state: dict, ignore_index: int):
                          "drop it, or score generated data")
     # (unlabelled clouds of another format than the run's: read through its map, refused by the scoring's
     # check as clouds without labels, not asked for the map of labels they lack)
+    # (--data's labelled files whose format reads them through another map than the run's, taken by default:
+    # refused, as predict refuses to write its raw ids for them)
     return spec, files_source(state, spec, args.label_map, "--data" if args.data else "the run's data", validation,
-                              ignore_index)
+                              ignore_index, format_maps=bool(args.data))

@@ -182,6 +182,7 @@ def _files_read(paths: list[Path]) -> dict[Path, str]:
 
 def main(args) -> int:
     from ..data.readers import find_clouds, load_label_map
+    from .clouds import check_format_maps
     from .evaluate import checkpoint_model, inference_model, program_and_state, with_maps_ahead
     from .train import check_threads, load_checkpoint
 
@@ -223,42 +224,12 @@ def main(args) -> int:
     # benchmark's test scans have no .labels beside them, and were read as S3DIS rows.
     text_map = "semantic3d" if classes == semantic3d.classes or label_map == semantic3d else None
     if ids is not None and not args.label_map:
-        _check_clouds_raw_ids(paths, text_map, classes, ids, label_map, f"{origin}, {name!r},", args.format)
+        check_format_maps(paths, classes, label_map, f"{origin}, {name!r},", f"--format {args.format}", "writes",
+                          "the raw ids to write", text_map)
     targets = _outputs(paths, Path(args.out), SUFFIXES[args.format])
     _other_format(paths, Path(args.out), args.format)
     with DirectoryLock(args.out, "--out"):  # (as train holds its --out: another run's folder is refused)
         return _predict_all(args, model, config, paths, targets, label_map, ids, text_map)
-
-
-def _check_clouds_raw_ids(paths: list[Path], text_map, classes: list[str], ids: np.ndarray, label_map, origin: str,
-                          fmt: str) -> None:
-    """``ValueError`` where a cloud's format reads its labels through a map of
-    the model's ``classes`` (its default: SemanticKITTI's for a ``.bin``,
-    Semantic3D's for a Semantic3D scan, S3DIS's for other text) that writes
-    other raw ids than ``ids``, those of ``label_map`` taken by default
-    (``origin`` says which): a run on Open3D-ML learning ids wrote them into a ``.bin``
-    scan's ``.label``, which is read as SemanticKITTI's raw ids. The message
-    names both maps and ``--label-map``."""
-    from ..data.datasets import default_label_map
-    from ..data.readers import load_label_map
-
-    seen: dict[str | None, Path] = {}
-    for path in paths:  # (a .txt is read as Semantic3D's where text_map says so, whatever lies beside it)
-        seen.setdefault("semantic3d" if text_map and path.suffix.lower() == ".txt" else
-                        default_label_map([path]), path)
-    for name, path in seen.items():
-        if name is None:
-            continue
-        own = load_label_map(name)
-        if own == label_map or list(own.classes) != list(classes):
-            continue
-        theirs = raw_ids(own, classes)
-        if not np.array_equal(theirs, ids):
-            k = int(np.flatnonzero(theirs != ids)[0])
-            raise ValueError(f"--format {fmt}: {path} is read through the label map {name!r} (its format's), whose "
-                             f"raw id for {classes[k]} is {int(theirs[k])}; {origin} writes "
-                             f"{int(ids[k])}: give --label-map of the raw ids to write (--label-map {name} for these "
-                             "clouds)")
 
 
 def _predict_all(args, model, config: dict, paths: list[Path], targets: list[Path], label_map, ids,
