@@ -484,9 +484,7 @@ def test_instance_norm_refuses_weight_and_bias_that_are_not_floating_point():
     """An int64 or bool weight or bias was cast to the feats' float dtype
     without a word (True read as 1.0), where conv3d refuses a weight or bias
     of another dtype than its feats and torch's instance_norm refuses integer
-    ones: a TypeError names the argument and its dtype now. Float ones of
-    another precision are still cast (the module's float32 parameters on
-    bf16 feats)."""
+    ones: a TypeError names the argument and its dtype now."""
     x = _items_cloud()
     for name, bad in (("weight", torch.tensor([1, 2, 3, 4])), ("weight", torch.ones(4, dtype=torch.bool)),
                       ("bias", torch.zeros(4, dtype=torch.int32)), ("bias", torch.zeros(4, dtype=torch.complex64))):
@@ -494,5 +492,41 @@ def test_instance_norm_refuses_weight_and_bias_that_are_not_floating_point():
         with pytest.raises(TypeError, match=rf"instance_norm: {name} must be a floating-point tensor; got "
                                             rf"{bad.dtype}"):
             ps.nn.functional.instance_norm(x, *args)
-    float32 = ps.nn.functional.instance_norm(x, torch.full((4,), 2.0), torch.ones(4)).feats
-    torch.testing.assert_close(float32, ps.nn.functional.instance_norm(x).feats * 2 + 1)
+    float64 = ps.nn.functional.instance_norm(x, torch.full((4,), 2.0, dtype=torch.float64),
+                                             torch.ones(4, dtype=torch.float64)).feats
+    torch.testing.assert_close(float64, ps.nn.functional.instance_norm(x).feats * 2 + 1)
+
+
+def test_instance_norm_refuses_parameters_of_another_float_dtype_as_the_module_does():
+    """functional.instance_norm cast a float64 (or float32) weight and bias to the feats' dtype without a
+    word, where nn.InstanceNorm refuses parameters of another dtype than its feats (a TypeError naming
+    both): the functional form takes the module's rule now (one check): the same dtype, or, under
+    torch.autocast on the feats' device, a mix without float64 (float32 parameters on bf16 feats, cast)."""
+    from pointsparse import nn as pnn
+
+    x = _items_cloud(torch.float32)
+    layer = pnn.InstanceNorm(4).double()
+    with pytest.raises(TypeError, match="InstanceNorm: the input's feats are torch.float32 but its parameters "
+                                        "torch.float64"):
+        layer(x)
+    for name in ("weight", "bias"):
+        args = {name: torch.ones(4, dtype=torch.float64)}
+        with pytest.raises(TypeError, match=rf"instance_norm: {name} is torch.float64 but the input's feats are "
+                                            r"torch.float32 \(convert one of them\)"):
+            ps.nn.functional.instance_norm(x, **args)
+    low = x.with_feats(x.feats.bfloat16())
+    weight, bias = torch.randn(4), torch.randn(4)
+    with pytest.raises(TypeError, match=r"instance_norm: weight is torch.float32 but the input's feats are "
+                                        r"torch.bfloat16"):
+        ps.nn.functional.instance_norm(low, weight, bias)
+    layer = pnn.InstanceNorm(4)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer.bias.copy_(bias)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = ps.nn.functional.instance_norm(low, weight, bias).feats
+        assert torch.equal(layer(low).feats, mixed)
+        with pytest.raises(TypeError, match="instance_norm: weight is torch.float64"):  # (autocast keeps float64)
+            ps.nn.functional.instance_norm(low, weight.double())
+    wide = ps.nn.functional.instance_norm(x.with_feats(low.feats.float()), weight, bias).feats
+    torch.testing.assert_close(mixed.float(), wide, atol=0.05, rtol=0.02)

@@ -683,6 +683,14 @@ def global_avg_pool(input: SparseTensor) -> torch.Tensor:
     return _mean_of_rows(input.feats, batch, counts)
 
 
+def _autocast_casts(feats: torch.dtype, param: torch.dtype, device: str) -> bool:
+    """Whether feats and a parameter of these other dtypes may meet in an op
+    that casts the parameter (instance_norm; nn.InstanceNorm and nn.Linear
+    take the same rule): under torch.autocast enabled on ``device``, and
+    neither of them float64 (autocast leaves float64 alone)."""
+    return torch.is_autocast_enabled(device) and torch.float64 not in (feats, param)
+
+
 def _check_eps(eps) -> float:
     """``eps`` as a float (:func:`as_float`: a TypeError for a str or a bool),
     a ValueError unless it is positive and finite (instance_norm's and
@@ -699,10 +707,12 @@ def instance_norm(input: SparseTensor, weight: torch.Tensor | None = None, bias:
     variance per channel (``torch.nn.functional.instance_norm`` of the item's
     sites taken as its spatial positions; MinkowskiEngine's
     ``MinkowskiInstanceNorm``), then ``* weight + bias`` where given
-    (``(C,)``). An item of one site normalises to 0 (its variance 0, where
-    torch's instance norm refuses one position). fp16 / bf16 feats are
-    normalised in float32 and rounded once. Differentiable (torch's
-    operators)."""
+    (``(C,)``, of the feats' dtype: a TypeError otherwise, as
+    ``nn.InstanceNorm`` refuses, but for the mix :func:`_autocast_casts`
+    takes under torch.autocast). An item of one site normalises to 0 (its
+    variance 0, where torch's instance norm refuses one position). fp16 /
+    bf16 feats are normalised in float32 and rounded once. Differentiable
+    (torch's operators)."""
     eps = _check_eps(eps)
     batch, counts = _per_batch(input, "instance_norm")
     feats = input.feats
@@ -714,6 +724,9 @@ def instance_norm(input: SparseTensor, weight: torch.Tensor | None = None, bias:
                              f"got {got}")
         if t is not None and not t.is_floating_point():  # (an int64 or bool one was cast to float unsaid)
             raise TypeError(f"instance_norm: {name} must be a floating-point tensor; got {t.dtype}")
+        if t is not None and t.dtype != feats.dtype and not _autocast_casts(feats.dtype, t.dtype, feats.device.type):
+            raise TypeError(f"instance_norm: {name} is {t.dtype} but the input's feats are {feats.dtype} (convert one "
+                            "of them), as nn.InstanceNorm refuses")
     low = feats.dtype in (torch.float16, torch.bfloat16)
     x = feats.float() if low else feats
     mean = _mean_of_rows(x, batch, counts)

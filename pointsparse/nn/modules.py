@@ -49,7 +49,7 @@ def _autocast_mixes(module: nn.Module, feats: torch.dtype, param: torch.dtype, d
     tensor (float64 feats on float32 weights failed inside torch's matmul)."""
     if not torch.is_autocast_enabled(device) or isinstance(module, nn.BatchNorm1d):
         return False
-    return isinstance(module, Conv3d) or torch.float64 not in (feats, param)
+    return isinstance(module, Conv3d) or F._autocast_casts(feats, param, device)
 
 
 def _live_weight(module: nn.Module) -> torch.Tensor | None:
