@@ -37,6 +37,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def quick_defaults(args, **defaults) -> None:
+    """Each option ``name=(default, quick)`` the command line left unset
+    (None) takes its ``default``, or its ``quick`` value where ``args.quick``:
+    a value the user gave wins over --quick's (``--quick --rounds 7`` runs 7
+    rounds, as the page's command says)."""
+    for name, (default, quick) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else default)
+
+
 def page_arg(text: str) -> str:
     """An argparse ``type`` for a page option (``--out x.md``): the text as
     given, once it can name a page: not a folder, not under a file, in a

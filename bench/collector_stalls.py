@@ -17,7 +17,7 @@ the table gives the full (generation 2) collections seen and their times
 Without ``--program``: a random-weight MinkUNet(4, 19, cr=0.5) exported on
 the KITTI sweep (a generated street where the dataset is absent). The sweep:
 KITTI raw 000049, or a generated street of 20k voxels (``--quick``: that,
-40 calls, one run, the page in a temporary folder).
+40 calls and one run unless given, the page in a temporary folder).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import (environment, kitti_path, page_arg, page_path, positive_int, street_points, write_markdown)
+from _common import (environment, kitti_path, page_arg, page_path, positive_int, quick_defaults, street_points,
+                     write_markdown)
 
 #: Calls before the counting starts (maps, plans and the collector's first passes after loading).
 WARMUP = 10
@@ -100,8 +101,9 @@ def default_program(folder: Path, cloud: Path, quick: bool) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--program", default=None, metavar="FILE.pt2", help="a program pointsparse export wrote")
-    parser.add_argument("--calls", type=positive_int, default=160)
-    parser.add_argument("--runs", type=positive_int, default=2, help="times each setting runs, alternated")
+    parser.add_argument("--calls", type=positive_int, default=None, help=f"default 160 (--quick: {4 * WARMUP})")
+    parser.add_argument("--runs", type=positive_int, default=None,
+                        help="times each setting runs, alternated (default 2; --quick: 1)")
     parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--voxel-size", type=float, default=0.0,
                         help="voxelise at this size (default: the program's; north_star.py runs the trained files "
@@ -109,8 +111,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=page_arg, default=None)
     args = parser.parse_args()
-    if args.quick:
-        args.calls, args.runs = 4 * WARMUP, 1
+    quick_defaults(args, calls=(160, 4 * WARMUP), runs=(2, 1))
     if args.calls <= WARMUP:
         parser.error(f"--calls must be more than the {WARMUP} warm-up calls")
     with tempfile.TemporaryDirectory() as tmp:

@@ -21,7 +21,7 @@ a child making no call gives the set-up's count, and the difference over
 kernels). Every child's output must equal the engine's own plan run in
 the parent (same build, outside valgrind). A child takes some 10-30 s (no
 torch to load under valgrind); the default run about 5 minutes. ``--quick``: C = 8 unpruned
-on the generated street, one call, the page in a temporary folder."""
+on the generated street, one call (the options given kept), the page in a temporary folder."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from _common import (LOAD_CORE, callgrind_instructions, environment, kitti_or_street, page_arg, page_path,
-                     positive_int, write_markdown)
+                     positive_int, quick_defaults, write_markdown)
 from prune_exec import variants
 
 import pointsparse as ps
@@ -144,17 +144,18 @@ def measure(channels: list, kinds: list, calls: int, coords: torch.Tensor, where
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--channels", type=int, nargs="+", default=[8, 32, 64])
-    parser.add_argument("--kinds", nargs="+", choices=list(KINDS), default=["dense", "offset", "vector"])
-    parser.add_argument("--calls", type=positive_int, default=2)
+    parser.add_argument("--channels", type=int, nargs="+", default=None, help="default 8 32 64 (--quick: 8)")
+    parser.add_argument("--kinds", nargs="+", choices=list(KINDS), default=None,
+                        help="default dense offset vector (--quick: dense)")
+    parser.add_argument("--calls", type=positive_int, default=None, help="default 2 (--quick: 1)")
     parser.add_argument("--out", type=page_arg, default=None, help="default bench/results/conv_instructions.md")
-    parser.add_argument("--quick", action="store_true", help="C = 8 unpruned on a 20k generated street, one call")
+    parser.add_argument("--quick", action="store_true",
+                        help="C = 8 unpruned on a 20k generated street, one call (the options given kept)")
     args = parser.parse_args()
+    quick_defaults(args, channels=([8, 32, 64], [8]), kinds=(["dense", "offset", "vector"], ["dense"]), calls=(2, 1))
     if shutil.which("valgrind") is None:
         print("conv_instructions: valgrind is not installed here; nothing counted")
         return
-    if args.quick:
-        args.channels, args.kinds, args.calls = [8], ["dense"], 1
     coords, where = kitti_or_street(args.quick)
     where = f"{where} ({len(coords):,} voxels)"
     torch.set_num_threads(1)

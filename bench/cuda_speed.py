@@ -7,7 +7,7 @@ core), with the GPU's logits checked against the CPU's.
 
 Without a CUDA device it says so and exits 0 (skipped), unless ``--device
 cpu`` (the torch path timed on this CPU). ``--quick``: 20k voxels, cr 0.25,
-2 rounds.
+2 rounds (1 on the CPU), where those options are not given.
 
 Rows, each from the voxels' coords and feats (every kernel map built inside
 the call, no gradients unless named): the float32 forward, the same with the
@@ -40,7 +40,7 @@ import pointsparse as ps  # noqa: E402
 from pointsparse import kmap as km  # noqa: E402
 from pointsparse.models import MinkUNet  # noqa: E402
 from pointsparse.nn import reference  # noqa: E402
-from _common import environment, page_arg, positive_int, street_scene, write_markdown  # noqa: E402
+from _common import environment, page_arg, positive_int, quick_defaults, street_scene, write_markdown  # noqa: E402
 
 
 def _timed(fns: dict, rounds: int, sync) -> dict:
@@ -113,18 +113,18 @@ def _jobs(net, coords, feats, labels, policy="auto"):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=positive_int, default=7)
-    parser.add_argument("--cr", type=float, nargs="+", default=[1.0, 0.5])
-    parser.add_argument("--voxels", type=int, default=85_000)
+    parser.add_argument("--rounds", type=positive_int, default=None, help="default 7 (--quick: 2)")
+    parser.add_argument("--cr", type=float, nargs="+", default=None, help="default 1.0 0.5 (--quick: 0.25)")
+    parser.add_argument("--voxels", type=int, default=None, help="default 85000 (--quick: 20000)")
     parser.add_argument("--threads", type=positive_int, default=2, help="CPU threads for the CPU columns (default 2)")
-    parser.add_argument("--cpu-rounds", type=positive_int, default=3)
+    parser.add_argument("--cpu-rounds", type=positive_int, default=None, help="default 3 (--quick: 1)")
     parser.add_argument("--out", type=page_arg, default=None, help="markdown file for the table")
     parser.add_argument("--device", default="cuda",
                         help="the device timed (default cuda; cpu times the torch path on this CPU)")
-    parser.add_argument("--quick", action="store_true", help="20k voxels, cr 0.25, 2 rounds: a check that it runs")
+    parser.add_argument("--quick", action="store_true",
+                        help="20k voxels, cr 0.25, 2 rounds (1 on the CPU) unless given: a check that it runs")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.voxels, args.cr, args.rounds, args.cpu_rounds = 20_000, [0.25], 2, 1
+    quick_defaults(args, voxels=(85_000, 20_000), cr=([1.0, 0.5], [0.25]), rounds=(7, 2), cpu_rounds=(3, 1))
     gpu = torch.device(args.device)
     if gpu.type == "cuda" and not torch.cuda.is_available():
         print("skipped: no CUDA device (--device cpu times the torch path on this CPU)")

@@ -9,8 +9,8 @@ benchmark of map building runs; ``bench/kmap.py`` times whole
     flock /work/cpu.lock .venv/bin/python bench/map_loop.py [--calls 15] [--runs 2] [--quick]
 
 On KITTI raw 000049 at 0.05 m (a generated street of 20k voxels where the
-dataset is absent, or with ``--quick``: 3 calls, one run, the page in a
-temporary folder). Each child reports the median of its calls and its minor
+dataset is absent, or with ``--quick``: 3 calls and one run unless given, the
+page in a temporary folder). Each child reports the median of its calls and its minor
 page faults a call; the children run in turn, ``--runs`` times.
 """
 
@@ -23,7 +23,7 @@ import shlex
 import subprocess
 import sys
 
-from _common import environment, kitti_or_street, page_arg, page_path, positive_int, write_markdown
+from _common import environment, kitti_or_street, page_arg, page_path, positive_int, quick_defaults, write_markdown
 
 CHILD = r"""
 import json, resource, statistics, sys, time
@@ -48,13 +48,12 @@ print(json.dumps({"ms": 1e3 * statistics.median(times), "faults": faults}))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--calls", type=positive_int, default=15)
-    parser.add_argument("--runs", type=positive_int, default=2)
+    parser.add_argument("--calls", type=positive_int, default=None, help="default 15 (--quick: 3)")
+    parser.add_argument("--runs", type=positive_int, default=None, help="default 2 (--quick: 1)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=page_arg, default=None)
     args = parser.parse_args()
-    if args.quick:
-        args.calls, args.runs = 3, 1
+    quick_defaults(args, calls=(15, 3), runs=(2, 1))
     import tempfile
 
     import torch

@@ -61,7 +61,7 @@ import time
 import numpy as np
 import torch
 
-from _common import environment, page_arg, page_path, positive_int, real_sweeps, write_markdown
+from _common import environment, page_arg, page_path, positive_int, quick_defaults, real_sweeps, write_markdown
 from prune_speed import _variants
 from voxel_prune import add_voxel_prune
 
@@ -286,10 +286,10 @@ def program_rows(specs: dict, voxel_size: float, rounds: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=positive_int, default=5)
+    parser.add_argument("--rounds", type=positive_int, default=None, help="default 5 (--quick: 1)")
     parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--voxel-size", type=float, default=0.05)
-    parser.add_argument("--quick", action="store_true", help="one round")
+    parser.add_argument("--quick", action="store_true", help="one round unless --rounds")
     parser.add_argument("--out", type=page_arg, default=None, help="the page (default bench/results/north_star.md)")
     parser.add_argument("--program", action="append", default=[], metavar="NAME=FILE.pt2",
                         help="also time this exported program as pointsparse predict runs it (repeatable)")
@@ -299,8 +299,7 @@ def main() -> None:
                         help="pointsparse.reuse_freed_memory(True) first (process-wide: compare runs with and "
                              "without it, alternated)")
     args = parser.parse_args()
-    if args.quick:
-        args.rounds = 1
+    quick_defaults(args, rounds=(5, 1))
     if args.no_variants and not args.program:
         parser.error("--no-variants leaves nothing to time without --program")
     try:

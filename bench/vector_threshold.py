@@ -19,8 +19,8 @@ Each output is checked against the dense kernels' first.
     python bench/vector_threshold.py [--channels 8 16 24 32 48 64] [--densities 0.2 0.3 0.5 0.7 0.9]
         [--listed 1 4 8 16 32] [--rounds 9] [--out bench/results/vector_threshold.md] [--quick]
 
-``--quick``: C = 8 on a 20k generated street, two densities, one round, the
-page in a temporary folder."""
+``--quick``: C = 8 on a 20k generated street, two densities, one round (the
+options given kept), the page in a temporary folder."""
 
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ import sys
 import numpy as np
 import torch
 
-from _common import environment, interleaved, kitti_or_street, page_arg, page_path, positive_int, write_markdown
+from _common import (environment, interleaved, kitti_or_street, page_arg, page_path, positive_int, quick_defaults,
+                     write_markdown)
 
 import pointsparse as ps
 from pointsparse.nn import _engine
@@ -133,19 +134,24 @@ def by_listed(coords, channels: int, listed: list, rounds: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--channels", type=int, nargs="+", default=[8, 16, 24, 32, 48, 64])
-    parser.add_argument("--densities", type=float, nargs="+", default=[0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
-    parser.add_argument("--listed", type=int, nargs="*", default=[1, 4, 8, 16, 32, 48],
-                        help="rows listed per panel for the second table, at the largest C (none: no table)")
+    parser.add_argument("--channels", type=int, nargs="+", default=None,
+                        help="default 8 16 24 32 48 64 (--quick: 8)")
+    parser.add_argument("--densities", type=float, nargs="+", default=None,
+                        help="default 0.2 0.3 ... 0.9 (--quick: 0.3 0.9)")
+    parser.add_argument("--listed", type=int, nargs="*", default=None,
+                        help="rows listed per panel for the second table, at the largest C (none: no table; "
+                             "default 1 4 8 16 32 48, --quick: 2)")
     parser.add_argument("--panels", type=int, default=1,
                         help="break-even weights keep vectors of this many adjacent panels (2: the AVX-512 "
                              "two-vector tiles, nn.functional.tile_panels)")
-    parser.add_argument("--rounds", type=positive_int, default=9)
+    parser.add_argument("--rounds", type=positive_int, default=None, help="default 9 (--quick: 1)")
     parser.add_argument("--out", type=page_arg, default=None, help="default bench/results/vector_threshold.md")
-    parser.add_argument("--quick", action="store_true", help="C = 8 on a 20k street, two densities, one round")
+    parser.add_argument("--quick", action="store_true",
+                        help="C = 8 on a 20k street, two densities, one round (the options given kept)")
     args = parser.parse_args()
-    if args.quick:
-        args.channels, args.densities, args.listed, args.rounds = [8], [0.3, 0.9], [2], 1
+    quick_defaults(args, channels=([8, 16, 24, 32, 48, 64], [8]),
+                   densities=([0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], [0.3, 0.9]),
+                   listed=([1, 4, 8, 16, 32, 48], [2]), rounds=(9, 1))
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     if args.panels < 1:

@@ -418,6 +418,83 @@ def test_no_script_takes_a_count_below_one():
     assert not found, found
 
 
+# Runs each script named in sys.argv[2] (a JSON dict of script -> command lines) as __main__ with each command
+# line, stopping it where _common.quick_defaults has filled in the options left unset: reports what they hold.
+FILL_PROBE = r"""
+import contextlib, io, json, runpy, sys
+from pathlib import Path
+
+bench = Path(sys.argv[1])
+sys.path.insert(0, str(bench))
+import _common
+
+class Filled(Exception):
+    pass
+
+fill = _common.quick_defaults
+def probe(args, **defaults):
+    fill(args, **defaults)
+    raise Filled({name: getattr(args, name) for name in defaults})
+
+_common.quick_defaults = probe
+found = {}
+for script, argvs in json.loads(sys.argv[2]).items():
+    for argv in argvs:
+        sys.argv = [str(bench / f"{script}.py"), *argv]
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                runpy.run_path(sys.argv[0], run_name="__main__")
+            said = "ran to the end without filling its defaults"
+        except Filled as filled:
+            said = filled.args[0]
+        except SystemExit as e:
+            said = f"exit {e.code}: {err.getvalue().strip()[-300:]}"
+        found[f"{script} {' '.join(argv)}"] = said
+print(json.dumps(found))
+"""
+
+
+def test_quick_leaves_the_counts_given_alone():
+    """--quick set its own counts over those the command line gave: map_loop.py --quick --calls 7 ran 3
+    calls (and the page's command named 7), as did cuda_speed.py, north_star.py, vector_threshold.py,
+    collector_stalls.py and conv_instructions.py with their rounds, calls, runs, voxels, channels and the
+    like. --quick now only changes the defaults (bench/maps_ahead.py's rule): each option given keeps its
+    value, the others take --quick's (or, without it, the full run's)."""
+    given = {"map_loop": {"--calls": 7, "--runs": 3},
+             "cuda_speed": {"--rounds": 5, "--cpu-rounds": 2, "--voxels": 30000, "--cr": [0.75]},
+             "north_star": {"--rounds": 3},
+             "vector_threshold": {"--rounds": 4, "--channels": [16], "--densities": [0.5], "--listed": [4]},
+             "collector_stalls": {"--calls": 50, "--runs": 3},
+             "conv_instructions": {"--calls": 3, "--channels": [16], "--kinds": ["offset"]}}
+
+    def words(options):
+        return [w for option, value in options.items()
+                for w in (option, *map(str, value if isinstance(value, list) else [value]))]
+
+    argvs = {script: [["--quick", *words(options)], ["--quick"], [], [*words(options)[:2]], ["--quick",
+                                                                                               *words(options)[:2]]]
+             for script, options in given.items()}
+    proc = subprocess.run([sys.executable, "-c", FILL_PROBE, str(benchmark.BENCH_DIR), json.dumps(argvs)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT, env=dict(os.environ,
+                                                                                            PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    for script, options in given.items():
+        asked = {option[2:].replace("-", "_"): value for option, value in options.items()}
+        both, quick, full = (found[f"{script} {' '.join(argv)}"] for argv in argvs[script][:3])
+        assert all(isinstance(x, dict) for x in (both, quick, full)), (script, both, quick, full)
+        assert both == asked, (script, both)  # (every option given: --quick changes none)
+        assert set(quick) == set(full) == set(asked) and quick != full, (script, quick, full)
+        assert all(value is not None for value in (*quick.values(), *full.values())), (script, quick, full)
+        first = next(iter(asked))  # one option given: it alone keeps its value, the others are the defaults
+        for argv, defaults in ((argvs[script][3], full), (argvs[script][4], quick)):
+            one = found[f"{script} {' '.join(argv)}"]
+            assert one == {**defaults, first: asked[first]}, (script, argv, one)
+    assert found["map_loop --quick"] == {"calls": 3, "runs": 1} and found["north_star --quick"] == {"rounds": 1}
+    assert found["cuda_speed "]["voxels"] == 85_000 and found["conv_instructions --quick"]["kinds"] == ["dense"]
+
+
 def test_kmap_page_names_the_options_it_ran_with(tmp_path):
     """bench/kmap.py's ``Command:`` line was always ``bench/kmap.py [--quick]``
     and its note '7 repeats, 3 above 300k voxels or with --quick': a page of
