@@ -108,6 +108,16 @@ def _shown(vs) -> str:
     return repr(vs[0]) if vs[0] == vs[1] == vs[2] else repr(tuple(vs))
 
 
+def _check_batch_on(tensor: SparseTensor, points: torch.Tensor, batch) -> torch.Tensor | None:
+    """``batch`` checked against ``points`` (:func:`_check_batch`), and the
+    points on ``tensor``'s device, a ValueError naming both devices
+    otherwise: the trilinear devoxelisation's (devoxelize, trilinear_weights)."""
+    batch = _check_batch(batch, points.shape[0], points.device)
+    if points.device != tensor.device:
+        raise ValueError(f"points are on {points.device} but the tensor on {tensor.device}")
+    return batch
+
+
 def _check_batch(batch, n: int, device) -> torch.Tensor | None:
     if batch is None:
         return None
@@ -494,9 +504,7 @@ def devoxelize(tensor: SparseTensor, inverse: torch.Tensor | None = None, *, poi
         raise ValueError(f"devoxelize(mode='trilinear'): the tensor holds batch items {items[:5]}"
                          f"{' ...' if len(items) > 5 else ''}, not item 0 alone; pass batch (each point's item, as "
                          "voxelize takes it)")
-    batch = _check_batch(batch, points.shape[0], points.device)
-    if points.device != tensor.device:
-        raise ValueError(f"points are on {points.device} but the tensor on {tensor.device}")
+    batch = _check_batch_on(tensor, points, batch)
     if guard_or_false(tensor.coords.shape[0] == 0):  # (in a graph the count is a symbol: known non-empty there)
         # nothing active anywhere: zeros, still attached to the graph
         return tensor.feats.new_zeros((points.shape[0], tensor.feats.shape[1])) + tensor.feats.sum(0)
@@ -535,9 +543,7 @@ def trilinear_weights(tensor: SparseTensor, points: torch.Tensor, voxel_size, ba
         raise TypeError(f"tensor must be a SparseTensor; got {type(tensor).__name__}")
     vs = _voxel_size(voxel_size)
     _check_points(points)
-    batch = _check_batch(batch, points.shape[0], points.device)
-    if points.device != tensor.device:
-        raise ValueError(f"points are on {points.device} but the tensor on {tensor.device}")
+    batch = _check_batch_on(tensor, points, batch)
     return _trilinear(tensor, points, vs, batch)
 
 

@@ -1048,3 +1048,21 @@ def test_point_voxel_operators_refuse_a_meta_tensor_beside_real_ones(op, name):
     for got, expected in zip(fn(**meta) if isinstance(want, tuple) else [fn(**meta)],
                              want if isinstance(want, tuple) else [want]):
         assert got.is_meta and got.shape == expected.shape and got.dtype == expected.dtype
+
+
+def test_trilinear_points_on_another_device_than_the_tensor_are_named_once():
+    """devoxelize(mode="trilinear") and trilinear_weights checked the batch and then the points' device
+    against the tensor's in two copies of the same lines; one check serves both now, its message as before.
+    Their public entry refuses a meta tensor as shape-only before this check (a second device stands in
+    only here, on a CPU-only machine), so the check is taken at its source: points on meta, the tensor
+    on cpu."""
+    vox = importlib.import_module("pointsparse.voxelize")
+
+    points = torch.rand(10, 3) * 4
+    x, _ = ps.voxelize(points, torch.randn(10, 2), voxel_size=1.0)
+    assert vox._check_batch_on(x, points, None) is None
+    assert vox._check_batch_on(x, points, torch.zeros(10, dtype=torch.int32)).dtype == torch.int64
+    with pytest.raises(ValueError, match=r"^points are on meta but the tensor on cpu$"):
+        vox._check_batch_on(x, points.to("meta"), None)
+    with pytest.raises(ValueError, match=r"^batch is on cpu but points on meta$"):
+        vox._check_batch_on(x, points.to("meta"), torch.zeros(10, dtype=torch.int64))
