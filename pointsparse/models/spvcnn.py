@@ -17,6 +17,16 @@ from ..voxelize import devoxelize
 from .minkunet import MinkUNet, check_arguments, check_parameters, unet_parameters
 
 
+def _check_devices(device: torch.device, where: str, tensors: dict, hint: str = "") -> None:
+    """A ValueError naming the first of ``tensors`` (its words -> the tensor:
+    ``{"rows is": rows}``) on another device than ``device``, that of
+    ``where`` ("the tensor"), and both devices, then ``hint`` where given:
+    ``"rows is on meta but the tensor on cpu: give ..."``."""
+    for said, t in tensors.items():
+        if t.device != device:
+            raise ValueError(f"{said} on {t.device} but {where} on {device}" + (f": {hint}" if hint else ""))
+
+
 def point_rows(tensor: SparseTensor, point_coords: torch.Tensor) -> torch.Tensor:
     """Row of ``tensor`` holding each point, from the points' stride-1 voxel
     coords ``(N, 4)``: ``floor(c / stride) * stride`` looked up exactly.
@@ -30,8 +40,8 @@ def point_rows(tensor: SparseTensor, point_coords: torch.Tensor) -> torch.Tensor
         raise TypeError(f"point_coords must be int32 (batch, x, y, z) voxel coords; got {got}")
     if point_coords.dim() != 2 or point_coords.shape[1] != 4:  # ((N, 3) stopped in torch's broadcast below)
         raise ValueError(f"point_coords must be (N, 4) (batch, x, y, z); got shape {tuple(point_coords.shape)}")
-    if point_coords.device != tensor.device:  # (else torch's searchsorted RuntimeError below)
-        raise ValueError(f"point_coords is on {point_coords.device} but the tensor on {tensor.device}")
+    # (else torch's searchsorted RuntimeError below)
+    _check_devices(tensor.device, "the tensor", {"point_coords is": point_coords})
     if torch.compiler.is_compiling():  # a graph of torch.compile / torch.export: this function as an operator
         return torch.ops.pointsparse.voxel_rows(tensor.coords, list(tensor.stride), point_coords)
     st = torch.tensor(tensor.stride, dtype=torch.int32, device=point_coords.device)
@@ -68,10 +78,9 @@ def point_to_voxel(tensor: SparseTensor, point_feats: torch.Tensor, rows: torch.
     if not isinstance(rows, torch.Tensor) or rows.is_floating_point() or rows.is_complex() or rows.dtype == torch.bool:
         got = f"dtype {rows.dtype}" if isinstance(rows, torch.Tensor) else type(rows).__name__
         raise TypeError(f"rows must be an integer tensor (N,), the row of tensor of each point; got {got}")
-    for name, t in (("point_feats", point_feats), ("rows", rows)):
-        if t.device != tensor.device:  # (else torch's index_add RuntimeError, or the range check's)
-            raise ValueError(f"{name} {'are' if name == 'point_feats' else 'is'} on {t.device} but the tensor on "
-                             f"{tensor.device}: give point_feats and rows on the tensor's device")
+    # (else torch's index_add RuntimeError, or the range check's)
+    _check_devices(tensor.device, "the tensor", {"point_feats are": point_feats, "rows is": rows},
+                   "give point_feats and rows on the tensor's device")
     if rows.dtype not in (torch.int32, torch.int64):  # (index_add's index dtypes; torch has no min of uint16/32/64)
         rows = rows.long()
     if not torch.compiler.is_compiling():  # (sizes and values: symbols in a traced graph)
@@ -135,10 +144,10 @@ def check_points(voxels: SparseTensor, inverse: torch.Tensor, points: torch.Tens
         if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             got = f"dtype {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
             raise TypeError(f"{name} must be an integer tensor (N,); got {got}")
-    for name, t in (("points", points), ("inverse", inverse), ("point_batch", point_batch)):
-        if t.device != voxels.device:  # (else torch's RuntimeError from the indexing or comparisons below)
-            raise ValueError(f"{name} {'are' if name == 'points' else 'is'} on {t.device} but the voxels on "
-                             f"{voxels.device}: give points, inverse and point_batch on the voxels' device")
+    # (else torch's RuntimeError from the indexing or comparisons below)
+    _check_devices(voxels.device, "the voxels",
+                   {"points are": points, "inverse is": inverse, "point_batch is": point_batch},
+                   "give points, inverse and point_batch on the voxels' device")
     inverse, point_batch = _as_index(inverse), _as_index(point_batch)
     if points.dim() != 2 or points.shape[1] != 3 or inverse.shape != (points.shape[0],) \
             or point_batch.shape != (points.shape[0],):
