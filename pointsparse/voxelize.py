@@ -579,11 +579,14 @@ def _trilinear_torch(tensor, points, vs, batch):
     for corner in range(8):
         bits = ((corner >> 2) & 1, (corner >> 1) & 1, corner & 1)
         # check the corner against the layout as float64 before any integer
-        # cast; outside it (or in a batch it does not hold) no voxel is active
+        # cast; outside it (or in a batch it does not hold) no voxel is active.
+        # The layout's fields may reach past int32 (a span of 6 voxels takes 3
+        # bits): a corner there is no voxel, and its int32 cast wrapped.
         qd = (base + torch.tensor(bits, dtype=torch.float64, device=dev)) * st
         ok = b < (1 << layout.bits[0])
         for a in range(3):
             lo, hi = layout.axis_range(a)
+            lo, hi = max(lo, _coords.COORD_MIN), min(hi, _coords.COORD_MAX)
             ok = ok & (qd[:, a] >= lo) & (qd[:, a] <= hi)
         q = torch.where(ok[:, None], qd, torch.tensor(layout.origin, dtype=torch.float64, device=dev)).long()
         w = None

@@ -131,6 +131,31 @@ def test_trilinear_torch_equals_core(dtype, stride):
     assert bool((idx[-3:-1] == -1).all()) and bool((w[-3:-1] == 0).all())
 
 
+@pytest.mark.parametrize("stride", [1, (1, 2, 4)])
+def test_trilinear_torch_equals_core_at_the_top_of_int32(stride):
+    """Voxels at the top of int32 whose x span (6 voxels) is no power of two:
+    the coords' key layout reaches past 2**31 - 1, and a corner there (a
+    point beyond the last voxel) is no voxel. The torch path (a GPU's) took
+    such a corner as inside the layout, wrapped it to -2**31 in int32 and
+    refused the rows ("lies outside the key layout"); both paths must give
+    the reference's weights."""
+    s = ps.tensor.as_triple(stride, "stride")
+    top = (2**31 - 1) // s[0] * s[0]
+    coords = torch.tensor([[0, top - 5 * s[0], 0, 0], [0, top, 0, 0], [0, top, 0, s[2]]], dtype=torch.int32)
+    x = ps.SparseTensor(torch.tensor([[1.0], [3.0], [5.0]], dtype=torch.float64), coords, stride)
+    # around the last voxel's centre, beyond it, and between it and the one below
+    points = torch.tensor([[top + 0.5 * s[0], 0.5, 1.0], [top + 1.7 * s[0], 0.3, 0.9], [top - 2.0 * s[0], 0.5, 0.5]],
+                          dtype=torch.float64)
+    want = trilinear_ref(points.numpy(), coords.numpy(), x.feats.numpy(), (1.0,) * 3, s)
+    for backend in ("auto", "torch"):
+        with ps.backend(backend):
+            got = ps.devoxelize(x, points=points, voxel_size=1.0, mode="trilinear")
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-12, err_msg=backend)
+    idx, w = V.trilinear_weights(x, points, 1.0)
+    t_idx, t_w = V._trilinear_torch(x, points, (1.0,) * 3, None)
+    assert torch.equal(idx, t_idx) and torch.equal(w, t_w)
+
+
 @pytest.mark.parametrize("reduce", REDUCES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_torch_path_end_to_end_equals_core(reduce, dtype, monkeypatch):
