@@ -456,3 +456,24 @@ def test_own_entry_points_name_a_wrong_module_or_name_with_a_type_error(entry):
             call(module, name)
     assert conv.state_dict().keys() == before.keys() and not prune.is_pruned(conv)
     assert all(torch.equal(conv.state_dict()[k], v) for k, v in before.items())
+
+
+# (these three name what they miss in their own words: a skeleton, or load_balanced_unstructured's ValueError on name)
+_OWN_WORDS = ("detach_filter_skeleton", "prune_stripes", "load_balanced_unstructured")
+
+
+@pytest.mark.parametrize("entry", sorted(set(OWN_ENTRY_POINTS) - set(_OWN_WORDS)))
+def test_own_entry_points_name_a_tensor_the_module_lacks_with_a_type_error(entry):
+    """A module holding no tensor ``name`` (a ReLU; a Linear without bias;
+    a layer formats.compress made, whose weight lives in its format): every
+    granularity said "has no tensor named", but vector_structured gave
+    torch's AttributeError ('SparseConv3d' object has no attribute
+    'weight') or, on a None bias, "ones_like(): argument 'input' must be
+    Tensor, not NoneType", and panel_structured a ValueError. Each is the
+    same TypeError naming the tensor now, the module left unpruned."""
+    call = OWN_ENTRY_POINTS[entry]
+    compressed = formats.compress(SparseConv(4, 4, 3).eval(), "csr")
+    for module, name in ((nn.ReLU(), "weight"), (nn.Linear(4, 4, bias=False), "bias"), (compressed, "weight")):
+        with pytest.raises(TypeError, match=rf"{type(module).__name__} has no tensor named '{name}'"):
+            call(module, name)
+        assert not prune.is_pruned(module)

@@ -218,6 +218,8 @@ class VectorStructured(GroupStructured):
     @classmethod
     def apply(cls, module, name, amount, axis=-1, n=2, importance_scores=None, layout=None):  # type: ignore[override]
         check_target(module, name)  # (before is_layer reads the module)
+        if raw(module, name) is None:  # (torch's AttributeError, or ones_like's TypeError on a None bias)
+            raise TypeError(no_tensor(module, name))
         # (layout: the one given, as global_structured hands its kwargs on; else the layer's)
         if layout is None:
             layout = layout_of(module, name) if name == "weight" and is_layer(module) else None
@@ -416,9 +418,9 @@ def panel_structured(module, name, amount, square=False, n=2, importance_scores=
     from ..nn.functional import panel_width  # noqa: PLC0415 - nn sits above this package
 
     check_target(module, name)
-    weight = getattr(module, name + "_orig", getattr(module, name, None))
-    if not isinstance(weight, torch.Tensor):
-        raise ValueError(f"{type(module).__name__} has no tensor attribute {name!r}")
+    weight = raw(module, name)
+    if weight is None:  # (the TypeError of every other granularity)
+        raise TypeError(no_tensor(module, name))
     square = as_bool(square, "square")
     panels = positive_int(panels, "panels", "adjacent panels per block")
     width = panel_width(weight.dtype) * panels
