@@ -581,6 +581,26 @@ def test_channel_ranking_reads_the_weight_a_masked_layer_computes_with_now():
     torch.testing.assert_close(net[0].weight_mask, mask[8:])
 
 
+def test_reconstruction_of_a_fused_consumer_is_refused_before_any_cut():
+    """nn.fuse_for_inference runs a conv's ReLU (and a residual block's sum,
+    ``add=``) in its store: the consumer's output is relu(x @ W + b [+ add]),
+    which the least squares took for the linear x @ W + b. The refit of such
+    a consumer moved the output further from the uncut model's than no refit
+    (on a fused sparse chain, and 0.04 -> 0.24 on a fused MinkUNet's last
+    block). It is refused, naming the consumer, before any cut."""
+    from pointsparse.nn import fuse_for_inference
+
+    fused = fuse_for_inference(sparse_chain())
+    assert fused[3].relu
+    x = sparse_input(n=200)
+    before = {k: v.clone() for k, v in fused.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'3' runs its ReLU .* in its store .*fuse_for_inference.* before fusing"):
+        surgery.apply_channel_ratios(fused, {"0": 0.5}, reconstruct=True, calibration_input=x)
+    assert fused[0].weight.shape[2] == 6 and all(torch.equal(fused.state_dict()[k], v) for k, v in before.items())
+    surgery.apply_channel_ratios(fused, {"0": 0.5})  # (the cut alone is as before)
+    assert fused[3].weight.shape[1] == 3
+
+
 def test_reconstruction_of_an_unsupported_consumer_is_refused_before_any_cut():
     """reconstruct=True with a consumer that has no least-squares columns
     (a ConvTranspose2d, a torch Conv3d) cut the producer and its consumer

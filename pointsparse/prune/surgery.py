@@ -477,12 +477,19 @@ def kept_count(channels: int, ratio: float) -> int:
 
 
 # ----------------------------------------------------------------- least squares
-def _refittable(module: nn.Module):
+def _refittable(module: nn.Module, name: str | None = None):
     """``module``'s adapter, with the least squares' ``columns`` and
-    ``set_from_2d``; a TypeError naming its type when it has none."""
+    ``set_from_2d``; a TypeError naming its type when it has none, a
+    ValueError naming ``name`` for a conv that runs a ReLU (and a residual
+    sum) in its store (``nn.fuse_for_inference``): its output is no linear
+    function of its weight, which the least squares fit."""
     adapter = adapters.adapter_for(module)
     if adapter is None or adapter.columns is None or adapter.set_from_2d is None:
         raise TypeError(f"least-squares reconstruction does not support {type(module).__name__}")
+    if getattr(module, "relu", False) is True:
+        raise ValueError(f"least-squares reconstruction: the consumer {name or type(module).__name__!r} runs its ReLU "
+                         "(and a residual block's sum) in its store (nn.fuse_for_inference), so its output is no "
+                         "linear function of its weight to fit; cut and reconstruct the model before fusing it")
     return adapter
 
 
@@ -612,7 +619,7 @@ def apply_channel_ratios(model: nn.Module, ratios: dict[str, float], reconstruct
     named = dict(model.named_modules())
     if reconstruct:  # (before any cut: refused halfway, the model was left cut and not refitted)
         for name in ratios:
-            _refittable(named[groups[name].consumer])
+            _refittable(named[groups[name].consumer], groups[name].consumer)
     targets = {}
     if reconstruct:
         names = list(ratios)
