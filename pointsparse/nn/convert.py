@@ -17,9 +17,22 @@ numbers them ``(i_x * k_y + i_y) * k_z + i_z`` (z fastest).
   (``kernel_region="cross"``: put in a ``Conv3d(kernel_region="cross")``'s
   weight). Its bias is ``(1, C_out)`` (and a MinkowskiInstanceNorm's weight
   and bias ``(1, C)``): ``Conv3d`` and ``InstanceNorm`` load it as it is.
-* TorchSparse (2.0, 2.1) takes the same offsets as ours along every axis,
-  numbered with x fastest where the kernel's volume is odd and z fastest
-  (ours) where it is even; a kernel of volume 1 is stored ``(C_in, C_out)``.
+* TorchSparse (1.4, 2.0, 2.1) takes the same offsets as ours along every
+  axis, numbered with x fastest where the kernel's volume is odd and z
+  fastest (ours) where it is even; a kernel of volume 1 is stored ``(C_in,
+  C_out)``. (1.2 numbered a kernel_size given as an int so, but one given
+  as a 3-tuple z fastest whatever its volume: such a weight is in our order
+  already.) Its kernel maps leave out the conv's dilation (1.x to
+  2.1): a TorchSparse ``Conv3d(dilation=2)`` computes the undilated conv,
+  which is ``Conv3d(k)`` here. Its strided conv whose stride is 1 or its
+  kernel size along each axis (MinkUNet's and SPVCNN's ``k2 s2``) outputs
+  on the inputs floored to the stride, as ours (2.0 truncates toward 0:
+  the same on non-negative coordinates); one of another stride (a
+  ``k3 s2``) outputs elsewhere (1.4 / 2.0: every voxel of the stride that
+  an offset reaches from an input; 2.1: where spconv's would, unless its
+  conv config's ``downsample_mode`` is "minkowski", which floors, as we
+  do), more voxels than ours: no pointsparse conv computes it, and this
+  function, given no stride, cannot refuse it.
 * spconv keeps ``(C_out, k0, k1, k2, C_in)`` ("KRSC": 2.2 on, every algo),
   ``(k0, k1, k2, C_out, C_in)`` ("RSKC": 2.0, and 2.1 under ConvAlgo.Native:
   its CPU build, or a kernel of over 32 offsets) or ``(k0, k1, k2, C_in, C_out)`` ("RSCK": 1.x), the kernel
@@ -43,7 +56,8 @@ numbers them ``(i_x * k_y + i_y) * k_z + i_z`` (z fastest).
   pointsparse conv computes them, and they are refused.
 
 A weight converted here gives the conv the other library computed on the
-same coordinates (the batch index first, then x, y, z); checked for convs
+same coordinates (the batch index first, then x, y, z), where that conv
+outputs where ours does (above); checked for convs
 (stride 1 and 2) and for transposed convs (stride 2); spconv's against spconv
 2.3.8 (bench/spconv_weights.py). A transposed conv's
 weight is numbered as the strided conv's it mirrors in both libraries
