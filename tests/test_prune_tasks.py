@@ -1,4 +1,6 @@
-"""The generated-scene task the pruning procedures and experiments run on."""
+"""The tasks the pruning procedures and experiments run on: the generated scenes, and a checkpoint's clouds."""
+
+import re
 
 import torch
 
@@ -65,3 +67,46 @@ def test_tasks_refuse_bad_arguments_before_any_work(monkeypatch):
             tasks.digits_task("mlp", batch_size=bad)
     with pytest.raises(ValueError, match="width must be a positive int; got 0"):
         tasks.scene_task(width=0)
+
+
+def test_prune_refuses_a_runs_map_whose_raw_ids_are_not_the_data_as_eval_does(tmp_path, capsys):
+    """A run trained with --label-map semantic-kitti-learning (Open3D-ML learning ids) pruned on SemanticKITTI
+    .bin scans with no --label-map: eval --data refused the pair (clouds.check_format_maps), prune read the
+    scans' raw ids (car 10) through the learning map, every point ignored, and channels --criterion taylor
+    scored on that loss and wrote a checkpoint, exit 0; the procedures' clouds (checkpoint_task) were read
+    so too. prune refuses them now with eval's words, before --out; --label-map semantic-kitti reads them, and
+    the npz of learning ids (its format takes no map) and an unlabelled .bin sweep are read as before."""
+    import numpy as np
+    import pytest
+
+    from pointsparse import checkpoint
+    from pointsparse.app import cli
+    from pointsparse.data.readers import load_label_map
+    from reference import scan_and_learning_ids
+    from test_clouds import _run
+
+    seq, learning = scan_and_learning_ids(tmp_path)
+    ckpt = _run(tmp_path / "run" / "checkpoint.pt", load_label_map("semantic-kitti").classes,
+                label_map="semantic-kitti-learning")
+    state = checkpoint.load_training(ckpt)
+    state["args"]["label_map"] = "semantic-kitti-learning"
+    checkpoint.save(ckpt, state)
+    said = "is read through the label map 'semantic-kitti' (its format's), whose raw id for car is 10; the run's " \
+        "label map, 'semantic-kitti-learning', takes 1: give --label-map of these files' labels (--label-map " \
+        "semantic-kitti for these clouds)"
+    argv = ["prune", "channels", "--criterion", "taylor", "--checkpoint", str(ckpt)]
+    assert cli.main([*argv, "--data", str(seq), "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pointsparse prune: error: --data: {seq / 'velodyne' / '000000.bin'} ") and said in err, err
+    assert not (tmp_path / "p").exists()
+    with pytest.raises(ValueError, match="^--data: .*" + re.escape(said)):
+        tasks.checkpoint_task(ckpt, [str(seq)], clouds=2)
+    assert tasks.checkpoint_task(ckpt, [str(seq)], "semantic-kitti", clouds=2)[1].name == "checkpoint"
+    for data, out in ((seq, "q"), (learning, "r")):
+        more = ["--label-map", "semantic-kitti"] if data == seq else []
+        assert cli.main([*argv, "--data", str(data), *more, "--out", str(tmp_path / out)]) == 0, \
+            capsys.readouterr().err
+    (tmp_path / "sweep").mkdir()  # (no labels: nothing read through a map; channels' example input)
+    np.fromfile(seq / "velodyne" / "000000.bin", np.float32).tofile(tmp_path / "sweep" / "000000.bin")
+    assert cli.main(["prune", "channels", "--checkpoint", str(ckpt), "--data", str(tmp_path / "sweep"), "--out",
+                     str(tmp_path / "s")]) == 0, capsys.readouterr().err

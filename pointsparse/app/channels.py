@@ -42,7 +42,8 @@ def add_arguments(parser) -> None:
                         help="the label map of --data (channels, sensitivity, schedule, lottery, init, rigl, amc, "
                              "netadapt; default: as eval reads --data, the run's (its --val-label-map but for files "
                              "of its training clouds' format), or the default map its clouds took where --data's "
-                             "format takes it too: other formats are refused)")
+                             "format takes it too: other formats are refused, and so are labelled files whose "
+                             "format reads them through another map of the run's classes, as eval refuses them)")
     parser.add_argument("--skip-nonfinite", action="store_true",
                         help="read the finite points of clouds some of whose positions are NaN or inf (organised "
                              "clouds: points without a return), the others left out as train --skip-nonfinite "

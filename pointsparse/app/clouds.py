@@ -1,7 +1,7 @@
 """How the commands read point cloud files: ``--skip-nonfinite``'s hold on
 the reading (train, eval, predict, prune), the label map a checkpoint's
 files are read through (eval, prune), and the refusal of a run's map that
-the files' format contradicts (eval, predict): one rule for each."""
+the files' format contradicts (eval, predict, prune): one rule for each."""
 
 from __future__ import annotations
 
@@ -75,8 +75,9 @@ def files_source(state: dict, spec, label_map, where: str, validation: bool, ign
     several), the clouds taken (the first ``taken``, read cyclically; all
     where None) are read through the run's map where none holds labels (an
     example input, Semantic3D test scans read as Semantic3D rows), else the
-    refusal stands. ``format_maps`` (eval's ``--data``): where the map is the
-    run's, taken by default, and a cloud holds labels, :func:`check_format_maps`
+    refusal stands. ``format_maps`` (eval's and prune's ``--data``): where the
+    map is the run's, taken by default (no ``label_map``: a typed one is read
+    as given), and a cloud taken holds labels, :func:`check_format_maps`
     refuses files whose format reads them through another map of the run's
     classes. The spec's clouds are found once."""
     paths = find_clouds(spec)  # (once: the map's checks and the source take them)
@@ -87,15 +88,20 @@ def files_source(state: dict, spec, label_map, where: str, validation: bool, ign
         if "label_map" not in state["config"]:
             raise
         source = CloudFiles(paths, state["config"]["label_map"], ignore_index)
-        if any(source[i % len(source)].labels is not None for i in range(len(source) if taken is None else taken)):
+        if _labelled(source, taken):
             raise
         return source
     source = CloudFiles(paths, name, ignore_index)
-    if format_maps and label_map is None and name is not None and any(
-            source[i].labels is not None for i in range(len(source))):
+    if format_maps and label_map is None and name is not None and _labelled(source, taken):
         check_format_maps(paths, state["config"]["classes"], source.label_map, f"the run's label map, {name!r},", where,
                           "takes", "these files' labels", reading=True, default=default)
     return source
+
+
+def _labelled(source, taken=None) -> bool:
+    """Whether a cloud ``source`` gives holds labels: of its first ``taken``
+    (read cyclically), all where None."""
+    return any(source[i % len(source)].labels is not None for i in range(len(source) if taken is None else taken))
 
 
 def files_label_map(state: dict, paths, label_map, where: str, validation: bool = True, default=None):

@@ -232,9 +232,11 @@ def _checkpoint_batches(state: dict, data, label_map, count: int, skip_nonfinite
         from .clouds import files_source
 
         # (--data as eval reads --data, the run's data as it read them; files whose format takes another map by
-        # default than the run's: moot where the clouds taken hold no labels, channels' example input)
+        # default than the run's: moot where the clouds taken hold no labels, channels' example input; --data's
+        # labelled files whose format reads them through another map of the run's classes than the run's, taken
+        # by default: refused, as eval refuses to score them)
         source = files_source(state, spec, label_map, "--data" if data else "the run's data", data is not None,
-                              config.get("ignore_index", 255), count)
+                              config.get("ignore_index", 255), count, format_maps=data is not None)
         # (as eval refuses them: the labels would be another map's training ids; moot where the clouds taken
         # hold no labels and no map is typed: an unlabelled .bin sweep was refused for SemanticKITTI's classes)
         if source.classes is not None and (label_map is not None or any(
