@@ -110,3 +110,35 @@ def test_prune_refuses_a_runs_map_whose_raw_ids_are_not_the_data_as_eval_does(tm
     np.fromfile(seq / "velodyne" / "000000.bin", np.float32).tofile(tmp_path / "sweep" / "000000.bin")
     assert cli.main(["prune", "channels", "--checkpoint", str(ckpt), "--data", str(tmp_path / "sweep"), "--out",
                      str(tmp_path / "s")]) == 0, capsys.readouterr().err
+
+
+def test_prune_names_the_file_that_lacks_labels(tmp_path, capsys):
+    """prune's procedures on a --checkpoint take four clouds of --data (read cyclically), channels --criterion
+    taylor one; a folder of a labelled and an unlabelled cloud was refused as "cloud 1 of --data <folder> has
+    no labelled voxel (give clouds with labels)", which named neither the file nor what such a cloud lacks.
+    The refusal names the file now (where --data does not name it alone), and says that it holds no labels or
+    only labels the loss ignores."""
+    import numpy as np
+
+    from pointsparse.app import cli
+    from test_clouds import _run
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    np.savez(folder / "a.npz", xyz=rng.uniform(0, 8, (400, 3)).astype(np.float32), labels=rng.integers(0, 3, 400))
+    np.savez(folder / "b.npz", xyz=rng.uniform(0, 8, (400, 3)).astype(np.float32))
+    np.savez(tmp_path / "ignored.npz", xyz=rng.uniform(0, 8, (400, 3)).astype(np.float32),
+             labels=np.full(400, 255))
+    ckpt = _run(tmp_path / "run" / "checkpoint.pt", list("abc"), label_map=None)
+    said = "has no labelled voxel: no labels, or every label the ignore index 255"
+    for procedure, data, words in (
+            (["sensitivity", "--quick"], folder, f"cloud 1 of --data {folder} ({folder / 'b.npz'}) {said}"),
+            (["channels", "--criterion", "taylor"], folder / "b.npz", f"cloud 0 of --data {folder / 'b.npz'} {said}"),
+            (["channels", "--criterion", "taylor"], tmp_path / "ignored.npz",
+             f"cloud 0 of --data {tmp_path / 'ignored.npz'} {said}")):
+        argv = ["prune", *procedure, "--checkpoint", str(ckpt), "--data", str(data), "--out", str(tmp_path / "p")]
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "needs labelled clouds; " + words in err, (argv, err)
+    assert not (tmp_path / "p").exists()

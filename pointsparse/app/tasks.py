@@ -250,19 +250,27 @@ def _checkpoint_batches(state: dict, data, label_map, count: int, skip_nonfinite
 
 def require_labelled(batches, ignore_index: int, what: str, data=None, num_classes: int | None = None) -> None:
     """``ValueError`` where a batch of ``batches`` (one cloud each) holds no
-    labelled voxel (or no point at all, which the message says): ``what``
-    (a procedure scoring by the loss or the mIoU) would run on a loss of NaN
-    or an mIoU of nothing; or, given
-    ``num_classes``, a label that is neither a class index nor
+    labelled voxel (no labels, or every label ``ignore_index``), or no point
+    at all, which the message says: ``what`` (a procedure scoring by the
+    loss or the mIoU) would run on a loss of NaN or an mIoU of nothing; or,
+    given ``num_classes``, a label that is neither a class index nor
     ``ignore_index`` (raw labels read without their label map: the loss
-    failed in torch, "Target 7 is out of bounds"), naming its cloud."""
+    failed in torch, "Target 7 is out of bounds"), naming its cloud: its
+    index among those taken and its file (where ``data``, a folder or
+    several files, does not name it alone)."""
+    words = [str(word) for word in data or ()]
     for i, batch in enumerate(batches):
-        where = f"cloud {i} of --data {' '.join(map(str, data))}" if data else f"cloud {i} of the run's data"
+        where = f"cloud {i} of --data {' '.join(words)}" if data else f"cloud {i} of the run's data"
+        name = batch.names[0] if batch.names else None
+        if name and [str(name)] != words:
+            where += f" ({name})"
         if not len(batch.inverse):  # (its labels, were there any, are not to blame)
             raise ValueError(f"{what} needs clouds with points; {where} holds no points (an empty file, or every "
                              "position NaN or inf, which --skip-nonfinite leaves out)")
-        if batch.labels is None or not bool((batch.labels != ignore_index).any()):
-            raise ValueError(f"{what} needs labelled clouds; {where} has no labelled voxel (give clouds with labels)")
+        if not bool((batch.labels != ignore_index).any()):  # (a cloud without labels is voxelised as all ignored)
+            raise ValueError(f"{what} needs labelled clouds; {where} has no labelled voxel: no labels, or every label "
+                             f"the ignore index {ignore_index} (raw labels the label map does not list are ignored "
+                             "too): give clouds with labels")
         if num_classes is not None:
             from .evaluate import scored_labels
 
