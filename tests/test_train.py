@@ -1669,6 +1669,30 @@ def test_figures_axes_read_as_their_titles_say(monkeypatch):
     assert image.get_array().max() == pytest.approx(90.0)
 
 
+def test_curves_of_a_single_epoch_run_tick_whole_epochs_and_steps(monkeypatch):
+    """A run of --epochs 1 (one validation) drew its mIoU at epoch 1 on an
+    axis ticked 0.945, 0.96, ..., 1.05, and a one-step run its loss on steps
+    0.96 .. 1.04: matplotlib's integer locator falls back to fractions where
+    the view holds fewer than two whole numbers. One epoch or step is one
+    whole tick."""
+    pytest.importorskip("matplotlib")
+    from pointsparse.app import plots
+
+    figs = []
+    monkeypatch.setattr(plots, "save", lambda fig, path: figs.append(fig))
+    for steps in (1, 3):
+        plots.curves({"step_loss": [2.0, 1.5, 1.2][:steps], "epoch_loss": [1.5], "val_miou": [0.2],
+                      "val_epoch": [1]}, "unused.png")
+    for fig, steps in zip(figs, (1, 3)):
+        fig.canvas.draw()
+        for ax, want in zip(fig.axes, ([1.0] if steps == 1 else None, [1.0])):
+            low, high = ax.get_xlim()
+            ticks = [float(t) for t in ax.get_xticks() if low <= t <= high]
+            assert ticks and all(t.is_integer() for t in ticks), (steps, ax.get_title(), ticks)
+            if want is not None:
+                assert ticks == want, (steps, ax.get_title(), ticks)
+
+
 def test_init_from_reads_a_pruned_or_voxel_skipped_checkpoints_weights():
     """--init from a checkpoint of a pruned model (weights stored as
     weight_orig and weight_mask) or one with a VoxelSkip (the wrapped

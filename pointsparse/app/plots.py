@@ -53,7 +53,7 @@ def save(fig, path) -> Path:
 def curves(history: dict, path) -> Path:
     """Training loss per step (and per epoch) and validation mIoU per epoch:
     the loss on a log axis written as plain numbers (0.3, not 3 x 10^-1),
-    epochs at whole ticks."""
+    steps and epochs at whole ticks (a single one too)."""
     plt = _plt()
     from matplotlib.ticker import FuncFormatter, LogFormatter, MaxNLocator
 
@@ -70,6 +70,9 @@ def curves(history: dict, path) -> Path:
         per = len(steps) / len(epochs)
         ax1.plot(per * np.arange(1, len(epochs) + 1), epochs, "o-", label="epoch mean")
     ax1.set_xlabel("step")
+    # (min_n_ticks=1: where the view holds fewer than two whole numbers, one step or one epoch, the locator's
+    # default of two fell back to fractional ticks, 0.945 .. 1.05)
+    ax1.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax1.set_ylabel("cross-entropy")
     ax1.set_yscale("log")
     ax1.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
@@ -82,7 +85,7 @@ def curves(history: dict, path) -> Path:
         epochs_at = history.get("val_epoch") or list(range(1, len(miou) + 1))
         ax2.plot(epochs_at, 100 * np.asarray(miou, dtype=float), "o-")
     ax2.set_xlabel("epoch")
-    ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax2.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax2.set_ylabel("mIoU (%)")
     ax2.set_title("validation mIoU")
     ax2.grid(alpha=0.3)
