@@ -1031,6 +1031,36 @@ def test_init_refuses_a_checkpoint_whose_weights_hold_nan(tmp_path):
     assert not (out / "checkpoint.pt").exists()
 
 
+def test_init_from_a_checkpoint_of_the_out_folder_is_refused(tmp_path, monkeypatch):
+    """README: no command writes over what it reads. ``train --init
+    DIR/checkpoint.pt --out DIR`` (or DIR/best.pt, or a copy beside them)
+    started a new run that wrote its first epoch over the run it started
+    from, checkpoint.pt and best.pt both, without a word. Refused before any
+    training, as prune refuses an --out beside its --checkpoint; the same
+    --init into another folder trains."""
+    run = tmp_path / "run"
+    tr.main(_parse([*TINY, "--epochs", "1", "--out", str(run)]))
+    copy = run / "epoch1.pt"
+    copy.write_bytes((run / "checkpoint.pt").read_bytes())
+    before = {name: (run / name).read_bytes() for name in ("checkpoint.pt", "best.pt")}
+    for init, replaced in ((run / "checkpoint.pt", "checkpoint.pt"), (run / "best.pt", "checkpoint.pt"),
+                           (copy, "checkpoint.pt")):
+        with pytest.raises(ValueError, match=rf"--out {re.escape(str(run))}: the new run would replace "
+                                             rf"{re.escape(str(run / replaced))}, .*--init {re.escape(str(init))}"):
+            tr.main(_parse([*TINY, "--epochs", "1", "--init", str(init), "--out", str(run)]))
+    # (named as the user typed it: a relative --out and --init, the same folder)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"--out \./run: the new run would replace run/checkpoint.pt"):
+        tr.main(_parse([*TINY, "--epochs", "1", "--init", "run/best.pt", "--out", "./run"]))
+    assert {name: (run / name).read_bytes() for name in before} == before
+    # A folder that holds only best.pt (checkpoint.pt moved away) is refused too: best.pt would be replaced.
+    (run / "checkpoint.pt").unlink()
+    with pytest.raises(ValueError, match=r"would replace .*best.pt"):
+        tr.main(_parse([*TINY, "--epochs", "1", "--init", str(copy), "--out", str(run)]))
+    tr.main(_parse([*TINY, "--epochs", "1", "--init", str(copy), "--out", str(tmp_path / "tuned")]))
+    assert (tmp_path / "tuned" / "checkpoint.pt").is_file()
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="multiple of --nproc"):
         tr.main(_parse([*TINY, "--nproc", "2", "--batch-size", "3", "--out", "x"]))

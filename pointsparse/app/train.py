@@ -358,6 +358,23 @@ def check_unread_flags(args) -> None:
                              "ignored: drop it, or give --val-data")
 
 
+def check_init_out(args) -> None:
+    """ValueError where ``--init`` is a file of the ``--out`` folder that
+    holds a run (its checkpoint.pt or best.pt): the new run's first epoch
+    writes over them, the run it starts from (README: no command writes over
+    what it reads), as ``prune`` refuses an --out beside its --checkpoint."""
+    init = getattr(args, "init", None)
+    if init is None or not Path(init).is_file():  # (the loader names a missing --init)
+        return
+    out = Path(args.out)
+    if not out.is_dir() or Path(init).resolve().parent != out.resolve():
+        return
+    for name in (CHECKPOINT, BEST):
+        if (out / name).exists():
+            raise ValueError(f"--out {args.out}: the new run would replace {out / name}, of the run that --init "
+                             f"{init} comes from (the weights it starts from); give another folder")
+
+
 # --------------------------------------------------------------------- data
 
 def require_labels(source, flag: str, dist: Dist | None = None) -> None:
@@ -1275,6 +1292,7 @@ def main(args) -> int:
     take_run_flags(args)  # (first: what the run reads and its settings, as if typed)
     check_args(args)
     check_unread_flags(args)
+    check_init_out(args)
     if args.nproc > 1 and _torchrun_world() == 1:
         import torch.multiprocessing as mp
 
