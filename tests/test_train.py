@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 
 import numpy as np
 import pytest
@@ -648,6 +649,8 @@ def test_resume_refuses_run_state_of_the_wrong_kind_naming_the_file_and_entry(tm
         "rng-none": (dict(state, torch_rng=None), "torch_rng"),
         "rng-short": (dict(state, torch_rng=torch.zeros(3, dtype=torch.uint8)), "torch_rng"),
         "best-str": (dict(state, best_miou="x"), "best_miou"),
+        "wall-str": (dict(state, wall_time_s="x"), "wall_time_s"),
+        "wall-negative": (dict(state, wall_time_s=-1.0), "wall_time_s"),
     }
     _resume_refuses(tmp_path, {name: (bad, f"its {entry} ") for name, (bad, entry) in cases.items()})
 
@@ -687,6 +690,32 @@ def test_resume_with_a_larger_time_budget_trains_on(tmp_path):
     tr.main(_parse([*TINY, "--epochs", "3", "--time-budget", "100", "--resume", "--out", str(out)]))
     state = tr.load_checkpoint(out / "checkpoint.pt")
     assert (state["epoch"], state["planned_epochs"]) == (3, 3)
+
+
+def test_a_resumed_runs_wall_time_counts_the_epochs_before_the_resume(tmp_path, monkeypatch):
+    """metrics.json's train_time_s of a resumed run counts every epoch (the
+    history's step times), but its wall_time_s only the resumed process's:
+    a run resumed for its last epoch reported less wall time than training
+    time. The checkpoint keeps the wall time of the epochs it holds, and the
+    resumed run adds its own."""
+    out = tmp_path / "run"
+    slow = tr.TrainingJob.log_step
+
+    def log_step(self, *args):  # (wall time of the first process that no step time counts)
+        time.sleep(1.5)
+        return slow(self, *args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tr.TrainingJob, "log_step", log_step)
+        tr.main(_parse([*TINY, "--epochs", "2", "--time-limit", "0", "--out", str(out)]))  # stops after epoch 1
+    first = json.loads((out / "metrics.json").read_text())
+    assert first["epochs"] == 1 and first["wall_time_s"] >= 1.5
+    held = tr.load_checkpoint(out / "checkpoint.pt")["wall_time_s"]  # (epoch 1's, before its report)
+    assert 1.5 <= held <= first["wall_time_s"]
+    tr.main(_parse(["--resume", "--no-progress", "--out", str(out)]))
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["epochs"] == 2
+    assert report["wall_time_s"] > held and report["wall_time_s"] >= report["train_time_s"]
 
 
 def test_resume_without_epochs_finishes_the_runs_epochs(tmp_path):

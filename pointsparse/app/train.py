@@ -698,6 +698,8 @@ def check_run_state(state: dict, path) -> None:
             kind(rng) if not isinstance(rng, torch.Tensor) else f"{rng.dtype} of shape {tuple(rng.shape)}")
     if "best_miou" in state and not number(state["best_miou"]):
         bad("best_miou", "the run's best validation mIoU (a number)", kind(state["best_miou"]))
+    if "wall_time_s" in state and not (number(state["wall_time_s"]) and 0 <= state["wall_time_s"] < math.inf):
+        bad("wall_time_s", "the seconds the run took (a number >= 0)", kind(state["wall_time_s"]))
 
 
 def check_optimizer_state(state: dict, model: torch.nn.Module, path) -> None:
@@ -963,6 +965,7 @@ class TrainingJob:
         self._build(resume_state)
         self.history = {"step_loss": [], "epoch_loss": [], "val_miou": [], "step_time": [], "lr": []}
         self.start_epoch, self.best, self.report, self._val_samples = 0, -1.0, None, None
+        self.wall_before = 0.0  # (the wall time of the epochs a resumed checkpoint holds: _restore)
         if resume_state is not None:
             self._restore(resume_state)
             if self.start_epoch >= self.plan["epochs"] and self.plan["epochs"] < args.epochs:
@@ -1101,6 +1104,8 @@ class TrainingJob:
         if self.args.time_budget is not None:  # the plan after the epochs done (the same budget: the run's own)
             self.plan["epochs"] = min(self.args.epochs, self._fit_budget(self.start_epoch)[0])
         self.best = state.get("best_miou", -1.0)
+        # (a checkpoint written before it kept its wall time: the step times of its epochs, the least it took)
+        self.wall_before = float(state.get("wall_time_s", sum(self.history["step_time"])))
         torch.set_rng_state(state["torch_rng"])
         self._follow_plan()
 
@@ -1248,6 +1253,13 @@ class TrainingJob:
         per_epoch = max(sum(self.history["step_time"]) / done, 1e-9)
         return max(done, int(self.args.time_budget * 60 / per_epoch)), per_epoch
 
+    def wall_time(self) -> float:
+        """Seconds of the run since its data was ready, the epochs before a
+        ``--resume`` included (the checkpoint's), as its training time counts
+        them (a resumed run reported the resumed process's alone: less wall
+        time than training time)."""
+        return self.wall_before + time.perf_counter() - self.t_start
+
     def _checkpoint(self, epoch: int, losses: list, cm) -> None:
         """Log the epoch, write ``checkpoint.pt`` (and ``best.pt`` on a better mIoU)."""
         history = self.history
@@ -1265,7 +1277,7 @@ class TrainingJob:
                  "scheduler": self.scheduler.state_dict(), "epoch": epoch + 1, "history": history,
                  "config": self.config, "torch_rng": torch.get_rng_state(),
                  "best_miou": max(self.best, miou) if cm is not None else self.best,
-                 "planned_epochs": self.plan["epochs"],
+                 "planned_epochs": self.plan["epochs"], "wall_time_s": self.wall_time(),
                  "val_paths": [os.path.abspath(p) for p in getattr(self.val_src, "paths", [])],
                  "args": saved_args(self.args)}
         save_checkpoint(self.out / CHECKPOINT, state)
@@ -1276,7 +1288,7 @@ class TrainingJob:
     def _report(self, epoch: int, cm, first, stop: bool) -> None:
         args, times = self.args, self.history["step_time"]
         extra = {"epochs": epoch + 1, "steps": len(times), "train_time_s": self.train_time,
-                 "wall_time_s": time.perf_counter() - self.t_start,
+                 "wall_time_s": self.wall_time(),
                  "step_time_s_median": statistics.median(times) if times else None,
                  "scans_per_step": args.batch_size,
                  "step_time_per_scan_s": statistics.median(times) / args.batch_size if times else None,
