@@ -293,7 +293,9 @@ class CoordinateCache:
         if self.origin is not None:
             return self.origin
         finest = None
-        for s, coords in self.coords.items():  # (a loop, not min(key=...): graphs trace it)
+        # (a loop, not min(key=...): graphs trace it; over a snapshot: another thread's conv on a tensor of this
+        # cache may add a stride meanwhile, and a dict that grows while walked ends the walk in a RuntimeError)
+        for s, coords in list(self.coords.items()):
             if finest is None or s[0] * s[1] * s[2] < finest[0]:
                 finest = (s[0] * s[1] * s[2], coords)
         return None if finest is None else finest[1]
@@ -317,12 +319,15 @@ class CoordinateCache:
         these coords a selection themselves): that cache's map and the rows
         of its outputs these coords are. (Only held maps were given: a
         selection of a selection searched every map its source had not yet
-        been asked for.)"""
-        for key, kmap in self.kmaps.items():
+        been asked for.) The maps are walked in snapshots taken at the
+        first step (a generator: a conv on this cache between two steps,
+        another thread's, added a map to the dict being walked)."""
+        maps, pending_maps = list(self.kmaps.items()), list(self.derived.items())
+        for key, kmap in maps:
             k = kmap.key
             if not k.transposed and k.stride != (1, 1, 1) and k.out_stride == stride and kmap.out_coords is coords:
                 yield key, kmap, None
-        for key, pending in self.derived.items():
+        for key, pending in pending_maps:
             if isinstance(pending, Restriction) and pending.coords is coords and key not in self.kmaps:
                 yield key, pending.source, pending.rows
 
@@ -345,21 +350,23 @@ class CoordinateCache:
         """Into ``into``: the coords of every stride finer than ``stride``
         (no coarser along any axis, and not ``stride`` itself) and the maps
         whose both sides are such strides (a selection of sites at ``stride``
-        keeps what leads up to it; ``functional.select_voxels``)."""
+        keeps what leads up to it; ``functional.select_voxels``). Walks
+        snapshots of this cache's dicts, which another thread's conv on a
+        tensor of this cache may add to meanwhile."""
         def finer(s) -> bool:
             return s != stride and all(a <= b for a, b in zip(s, stride))
 
-        for s, coords in self.coords.items():
+        for s, coords in list(self.coords.items()):
             if finer(s) and s not in into.coords:
                 into.coords[s] = coords  # (the same tensor: the version its maps were built at is carried)
                 if s in self.versions:
                     into.versions[s] = self.versions[s]
                 if s in self.views:
                     into.views[s] = self.views[s]
-        for s, record in self.kept.items():
+        for s, record in list(self.kept.items()):
             if finer(s):
                 into.kept.setdefault(s, record)
-        for key, kmap in self.kmaps.items():
+        for key, kmap in list(self.kmaps.items()):
             coarse = tuple(a * b for a, b in zip(kmap.key.tensor_stride, kmap.key.stride))
             if finer(kmap.key.tensor_stride) and finer(coarse):
                 into.get_kmap(key, lambda kmap=kmap: kmap)

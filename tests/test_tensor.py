@@ -368,6 +368,82 @@ def test_coordinate_cache():
     assert "strides" in repr(cache)
 
 
+def _shared_cache_example():
+    """A stride-1 tensor whose cache holds a downsampling map onto stride 2,
+    and the stride-2 tensor on that map's outputs (the same cache)."""
+    from pointsparse import kmap
+
+    g = torch.Generator().manual_seed(0)
+    x = ps.voxelize(torch.rand(300, 3, generator=g) * 10, voxel_size=1.0)[0]
+    down = kmap.get_kmap(x, 2, 2)
+    return x, ps.SparseTensor(torch.ones(down.num_out, 1), down.out_coords, 2, cache=x.cache)
+
+
+def test_a_walk_over_the_maps_onto_a_stride_survives_a_map_added_meanwhile():
+    """maps_onto yields as it walks the cache's maps: a conv on the same
+    cache that adds a map between two steps (another thread's network on
+    a tensor of the shared cache) ended the walk in "dictionary changed
+    size during iteration"."""
+    from pointsparse import kmap
+
+    x, y = _shared_cache_example()
+    kmap.get_kmap(x, 3, 2)  # (a second map onto stride 2: the walk has two steps)
+    walk = y.cache.maps_onto(y.stride, y.coords)
+    first = next(walk)
+    kmap.get_kmap(x, 3, 1)  # meanwhile
+    assert [first[0], *(key for key, _, _ in walk)] == [kmap.KernelMapKey((1, 1, 1), (2, 2, 2), (2, 2, 2),
+                                                                          (1, 1, 1)),
+                                                        kmap.KernelMapKey((1, 1, 1), (3, 3, 3), (2, 2, 2),
+                                                                          (1, 1, 1))]
+
+
+def test_a_cache_shared_by_threads_is_read_while_another_adds_maps_and_strides():
+    """Two networks on one input's cache, one per thread: a VoxelPrune's
+    selection (copy_finer, maps_onto, input_coords) walked the cache's
+    dicts while the other thread's convs added maps and strides to them,
+    and failed now and then with "dictionary changed size during
+    iteration". Each walk reads a snapshot now."""
+    import sys
+    import threading
+
+    from pointsparse import kmap
+    from pointsparse.nn import functional as F
+
+    x, y = _shared_cache_example()
+    rows = torch.arange(0, len(y), 2)
+    expected = F.select_voxels(y, rows)
+    errors, done = [], threading.Event()
+
+    def add():  # a new map on every call, and a new stride on every other
+        for d in range(1, 600):
+            kmap.get_kmap(x, 1, 1, dilation=d)
+            if d % 2:
+                kmap.get_kmap(x, 1, (1, 1, d + 2))
+        done.set()
+
+    def read():
+        try:
+            while not done.is_set():
+                got = F.select_voxels(y, rows)
+                assert torch.equal(got.coords, expected.coords) and torch.equal(got.feats, expected.feats)
+                y.cache.input_coords()
+                list(y.cache.maps_onto(y.stride, y.coords))
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+            done.set()
+
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # (the threads take turns between almost every two bytecodes)
+    try:
+        threads = [threading.Thread(target=add), threading.Thread(target=read)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(before)
+    assert errors == []
+
 # --- bad input, each case in its own process ---------------------------------------
 
 SETUP = "import numpy as np, torch, pointsparse as ps\nf = torch.zeros(3, 2)\ni32 = torch.int32\n"
