@@ -373,8 +373,10 @@ class CoordinateCache:
 
     def __getstate__(self) -> dict:
         """Pickled and deep-copied without the plans (C++ objects, rebuilt on use)
-        and the pending restrictions."""
-        state = self.__dict__.copy()
+        and the pending restrictions. Its dicts are copied here (one step
+        each, the interpreter held): the copy walks these, while another
+        thread's conv on a tensor of this cache may add to the cache's own."""
+        state = {name: dict(value) if type(value) is dict else value for name, value in self.__dict__.items()}
         state["plans"] = {}
         state["derived"] = {}  # (restrictions of another cache's maps, not carried: a search builds them)
         state["versions"] = self._changed()  # (the copies' counters start afresh, these marked changed)
@@ -392,10 +394,14 @@ class CoordinateCache:
         self._take_versions(changed if isinstance(changed, set) else set())
 
     def to(self, device) -> "CoordinateCache":
+        """A copy on ``device`` (the coords, maps and selection records
+        moved; plans and pending restrictions left to be made there), made
+        from snapshots of this cache's dicts, which another thread's conv on
+        a tensor of this cache may add to meanwhile."""
         out = CoordinateCache()
-        out.coords = {s: c.to(device) for s, c in self.coords.items()}
-        out.kmaps = {k: m.to(device) for k, m in self.kmaps.items()}
-        out.kept = {s: (rows.to(device), n) for s, (rows, n) in self.kept.items()}
+        out.coords = {s: c.to(device) for s, c in list(self.coords.items())}
+        out.kmaps = {k: m.to(device) for k, m in list(self.kmaps.items())}
+        out.kept = {s: (rows.to(device), n) for s, (rows, n) in list(self.kept.items())}
         out.origin = None if self.origin is None else self.origin.to(device)
         out._take_versions(self._changed())
         return out

@@ -444,6 +444,50 @@ def test_a_cache_shared_by_threads_is_read_while_another_adds_maps_and_strides()
         sys.setswitchinterval(before)
     assert errors == []
 
+
+def test_a_cache_shared_by_threads_is_copied_while_another_adds_maps_and_strides():
+    """A copy of a tensor (deepcopy, pickle) or of its cache moved (``to``)
+    while another thread's network adds maps and strides to that cache:
+    the copy walked the cache's dicts as they grew and failed now and then
+    with "dictionary changed size during iteration"."""
+    import pickle
+    import sys
+    import threading
+
+    from pointsparse import kmap
+
+    x, y = _shared_cache_example()
+    errors, done = [], threading.Event()
+
+    def add():  # a new map on every call, and a new stride on every other
+        for d in range(1, 300):
+            kmap.get_kmap(x, 1, 1, dilation=d)
+            if d % 2:
+                kmap.get_kmap(x, 1, (1, 1, d + 2))
+        done.set()
+
+    def copy_():
+        try:
+            while not done.is_set():
+                for got in (copy.deepcopy(y), pickle.loads(pickle.dumps(y))):
+                    assert torch.equal(got.coords, y.coords) and got.cache.coords.keys() >= {(1, 1, 1), (2, 2, 2)}
+                y.cache.to("cpu")
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+            done.set()
+
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # (the threads take turns between almost every two bytecodes)
+    try:
+        threads = [threading.Thread(target=add), threading.Thread(target=copy_)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(before)
+    assert errors == []
+
 # --- bad input, each case in its own process ---------------------------------------
 
 SETUP = "import numpy as np, torch, pointsparse as ps\nf = torch.zeros(3, 2)\ni32 = torch.int32\n"
