@@ -513,6 +513,73 @@ def test_semantic3d_label_map_shipped():
     assert m.apply(np.arange(10), 255).tolist() == [255, 0, 1, 2, 3, 4, 5, 6, 7, 255]
 
 
+# SemanticKITTI's single-scan task as PRBonn/semantic-kitti-api defines it in config/semantic-kitti.yaml
+# (learning_map, learning_map_inv, learning_ignore; checked against commit a9c749e of 2025-04-03): every raw
+# semantic id of 'labels' -> its learning id, learning id 0 ('unlabeled': 0 unlabeled, 1 outlier,
+# 52 other-structure, 99 other-object) ignored, the moving-* ids 252-259 folded into their static classes.
+# The shipped map numbers the 19 scored classes from 0: training id = learning id - 1.
+_KITTI_LEARNING_MAP = {0: 0, 1: 0, 10: 1, 11: 2, 13: 5, 15: 3, 16: 5, 18: 4, 20: 5, 30: 6, 31: 7, 32: 8, 40: 9,
+                       44: 10, 48: 11, 49: 12, 50: 13, 51: 14, 52: 0, 60: 9, 70: 15, 71: 16, 72: 17, 80: 18,
+                       81: 19, 99: 0, 252: 1, 253: 7, 254: 6, 255: 8, 256: 5, 257: 5, 258: 4, 259: 5}
+_KITTI_LEARNING_MAP_INV = {1: 10, 2: 11, 3: 15, 4: 18, 5: 20, 6: 30, 7: 31, 8: 32, 9: 40, 10: 44, 11: 48, 12: 49,
+                           13: 50, 14: 51, 15: 70, 16: 71, 17: 72, 18: 80, 19: 81}
+# the names 'labels' gives the raw ids of learning_map_inv, learning ids 1..19 in order
+_KITTI_CLASSES = ["car", "bicycle", "motorcycle", "truck", "other-vehicle", "person", "bicyclist", "motorcyclist",
+                  "road", "parking", "sidewalk", "other-ground", "building", "fence", "vegetation", "trunk",
+                  "terrain", "pole", "traffic-sign"]
+
+
+def _kitti_official(raw: np.ndarray, ignore: int) -> np.ndarray:
+    """Training ids of raw SemanticKITTI semantic ids by the benchmark's
+    learning_map (an id it does not list ignored too)."""
+    learning = np.array([_KITTI_LEARNING_MAP.get(int(r), 0) for r in raw.reshape(-1)], dtype=np.int64)
+    return np.where(learning == 0, ignore, learning - 1)
+
+
+def test_semantic_kitti_maps_are_the_benchmarks_entry_by_entry():
+    """Every entry of semantic-kitti.json and semantic-kitti-learning.json
+    against the benchmark's definition (above): raw id -> class, the
+    ignored ids, the class names and their order, the inverse written by
+    predict --format label, and every other raw id ignored."""
+    kitti = load_label_map("semantic-kitti")
+    assert kitti.classes == _KITTI_CLASSES
+    assert kitti.mapping == {raw: lid - 1 for raw, lid in _KITTI_LEARNING_MAP.items() if lid != 0}
+    assert kitti.inverse == {lid - 1: raw for lid, raw in _KITTI_LEARNING_MAP_INV.items()}
+    raw = np.arange(0, 1 << 16)  # (the 16 bits of a .label's semantic id)
+    assert np.array_equal(kitti.apply(raw, 255), _kitti_official(raw, 255))
+    moving = {252: "car", 253: "bicyclist", 254: "person", 255: "motorcyclist", 256: "other-vehicle",
+              257: "other-vehicle", 258: "truck", 259: "other-vehicle"}
+    assert {raw: kitti.classes[kitti.mapping[raw]] for raw in moving} == moving
+    learning = load_label_map("semantic-kitti-learning")  # (labels already in learning ids: 0 ignored)
+    assert learning.classes == _KITTI_CLASSES
+    assert learning.apply(np.arange(-1, 300), 255).tolist() == [255, 255, *range(19)] + [255] * 280
+
+
+def test_s3dis_ign_and_semantic3d_maps_are_the_datasets_entry_by_entry():
+    """S3DIS: the 13 classes in the order of the usual protocol (PointNet's
+    class_names.txt, charlesq34/pointnet sem_seg/meta; mmdet3d's S3DIS
+    classes), stairs folded into clutter as its collect_indoor3d_data does;
+    a label column's 0..12 are those classes. IGN LiDAR HD: the ASPRS codes
+    of IGN's product description (1 unclassified, 2 ground, 3 low / 4 medium
+    / 5 high vegetation, 6 building, 9 water, 17 bridge deck, 64 permanent
+    above-ground, 65 artefacts, 66 virtual points, 67 miscellaneous built):
+    2 -> ground, 3 and 4 -> low-vegetation, 5 -> high-vegetation, 6 ->
+    building, every other code ignored. Semantic3D: 0 unlabelled ignored,
+    1..8 man-made terrain, natural terrain, high vegetation, low
+    vegetation, buildings, hard scape, scanning artefacts, cars."""
+    s3dis = load_label_map("s3dis")
+    order = ["ceiling", "floor", "wall", "beam", "column", "window", "door", "table", "chair", "sofa", "bookcase",
+             "board", "clutter"]
+    assert s3dis.classes == order
+    assert s3dis.names == {**{c: i for i, c in enumerate(order)}, "stairs": order.index("clutter")}
+    assert s3dis.apply(np.arange(-1, 20), 255).tolist() == [255, *range(13)] + [255] * 7
+    ign = load_label_map("ign-lidarhd")
+    assert ign.classes == ["ground", "low-vegetation", "high-vegetation", "building"]
+    assert ign.apply(np.arange(256), 255).tolist() == [255, 255, 0, 1, 1, 2, 3] + [255] * 249
+    sem3d = load_label_map("semantic3d")
+    assert sem3d.apply(np.arange(-1, 20), 255).tolist() == [255, 255, *range(8)] + [255] * 11
+
+
 def test_label_map_json(tmp_path):
     path = tmp_path / "m.json"
     path.write_text(json.dumps({"classes": ["a", "b"], "map": {"7": 1, "3": 0}}))
@@ -2228,6 +2295,22 @@ def test_real_semantickitti_scan(datasets_dir):
     kitti = load_label_map("semantic-kitti")
     share = {kitti.classes[i]: n / len(s) for i, n in zip(*np.unique(s.labels, return_counts=True)) if i != 255}
     assert share["road"] > 0.1 and share["car"] > 0.01 and share["vegetation"] > 0.05
+
+
+def test_real_semantickitti_scan_reads_the_benchmarks_classes(datasets_dir):
+    """The reader and semantic-kitti.json on the real scan give each point
+    the class the benchmark's learning_map gives the lower 16 bits of its
+    .label record (read here apart from the reader): the moving cars and
+    persons of 000000 counted with the static ones, the unlabeled, outlier,
+    other-structure and other-object points ignored."""
+    scan = datasets_dir / "semantickitti" / "full-scan" / "velodyne" / "000000.bin"
+    if not scan.is_file():
+        pytest.skip("no SemanticKITTI scan")
+    records = np.fromfile(scan.parent.parent / "labels" / "000000.label", dtype="<u4")
+    assert (records >> 16).any()  # (instance ids in the upper bits, which must not reach the class)
+    labels = read_cloud(scan).labels
+    assert np.array_equal(labels, _kitti_official(records & 0xFFFF, 255))
+    assert {252, 254} <= set(np.unique(records & 0xFFFF).tolist())  # (moving car, moving person: folded above)
 
 
 def test_real_ign_tiles(datasets_dir):
