@@ -2075,6 +2075,39 @@ def test_a_compressed_linear_run_dense_keeps_its_channels():
         assert net(x).feats.shape == (len(x), 2)
 
 
+def _compressed_chain():
+    torch.manual_seed(0)
+    net = nn.Sequential(ps.nn.Conv3d(3, 8, 3), ps.nn.BatchNorm(8), ps.nn.ReLU(), ps.nn.Conv3d(8, 4, 3)).eval()
+    return ps.formats.compress(net, "csr"), sparse_input(n=60, channels=3)
+
+
+@pytest.mark.parametrize("entry", ["graph", "prune_model", "prune_channels", "channel_groups"])
+def test_a_model_compressed_whole_is_refused_by_channel_pruning(entry):
+    """A model whose every layer formats.compress turned into a compressed
+    layer holds no weight parameter the graph can cut: DependencyGraph found
+    no group, prune_model returned {} and prune_channels cut nothing, with
+    no word. Each refuses it naming the compressed layers (cut, then
+    compress), and leaves the model as it was."""
+    from pointsparse.prune import surgery, workflow
+
+    net, x = _compressed_chain()
+    with torch.no_grad():
+        before = net(x).feats
+    call = {"graph": lambda: G.DependencyGraph(net, x), "prune_model": lambda: G.prune_model(net, x, 0.5),
+            "prune_channels": lambda: workflow.prune_channels(net, x, 0.5),
+            "channel_groups": lambda: surgery.channel_groups(net)}[entry]
+    with pytest.raises(ValueError, match=r"'0', '3'.*compressed.*before compress"):
+        call()
+    with torch.no_grad():
+        assert torch.equal(net(x).feats, before)
+
+
+def test_a_compressed_layer_alone_is_refused_by_the_graph():
+    layer, x = ps.formats.compress(ps.nn.Conv3d(3, 4, 3), "csr"), sparse_input(n=60, channels=3)
+    with pytest.raises(ValueError, match="model is a compressed layer.*before compress"):
+        G.DependencyGraph(layer, x)
+
+
 class _RootParameters(nn.Module):
     """A sparse chain whose own forward uses parameters of the root: a
     learned output scale (a number) and, with ``gate``, a gate on the

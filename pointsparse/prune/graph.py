@@ -108,6 +108,7 @@ class DependencyGraph:
     def __init__(self, model: nn.Module, example_input) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        check_not_compressed(model)
         self.model = model
         self.example_input = example_input
         self.spaces = Spaces()
@@ -528,6 +529,27 @@ class _ValuesGraph(DependencyGraph):
 
 
 # ------------------------------------------------------------------ helpers
+def check_not_compressed(model: nn.Module) -> None:
+    """ValueError when every layer of ``model`` is a compressed layer
+    (:func:`pointsparse.formats.compress`): such a layer holds its weight
+    in a format's buffers, no parameter a cut could slice, so the graph
+    found no group and a cut did nothing, without a word. A model with
+    some layers left uncompressed passes (the compressed layers' channels
+    are fixed there)."""
+    from ..formats.modules import SparseConv3d, SparseLinear  # noqa: PLC0415 - the formats sit beside the package
+
+    packed = [name for name, m in model.named_modules() if isinstance(m, (SparseConv3d, SparseLinear))]
+    if not packed or any(adapters.is_layer(m) for m in model.modules()):
+        return
+    if packed == [""]:
+        what = f"the model is a compressed layer ({type(model).__name__}, formats.compress)"
+    else:
+        shown = ", ".join(repr(n) for n in packed[:4]) + (f" and {len(packed) - 4} more" if len(packed) > 4 else "")
+        what = f"the model's layers {shown} are all compressed (formats.compress)"
+    raise ValueError(f"{what}, whose weights are no parameters a channel cut can slice: cut the channels before "
+                     "compressing the model (compress the cut model)")
+
+
 def shared_tensors(model: nn.Module) -> dict[str, str]:
     """``{layer: why}`` for the registered layers one of whose tensors
     (its parameters and buffers with channel axes) another module holds too."""

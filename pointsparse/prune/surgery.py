@@ -41,7 +41,7 @@ from .._modes import evaluating, run_model
 from .adapters import in_channel_dim, is_layer, out_channel_dim, out_channels
 from ._copyable import keep_copyable
 from ._trace import feats_of
-from .graph import CoupledGroup, _check_keep, _effective, _nearest, _slice, shared_tensors
+from .graph import CoupledGroup, _check_keep, _effective, _nearest, _slice, check_not_compressed, shared_tensors
 from .procedure import check_fraction
 
 
@@ -192,6 +192,7 @@ def channel_groups(model: nn.Module, example_input=None) -> list:
     if example_input is not None:
         from .graph import DependencyGraph
         return DependencyGraph(model, example_input).groups
+    check_not_compressed(model)
     return [g for g, why in _chain_groups(model) if why is None]
 
 
