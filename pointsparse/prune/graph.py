@@ -21,7 +21,10 @@ same channels with ``custom_from_mask`` on the producers, their norms'
 affine parameters *and* the consumers' weights at those inputs, so a masked
 channel is exactly 0 after its BatchNorm in train and eval mode alike, reaches
 no layer whatever an op between makes of a zero (a sigmoid, ``x + 1``), and
-the cut of masked channels is exact.
+the cut of masked channels is exact. A cut gives the sliced layers and norms
+new ``Parameter`` objects: an optimizer (and its state, a scheduler on it)
+built before the cut still holds the old, uncut ones and no longer trains
+the model, without a word; build the optimizer after the cut.
 :meth:`DependencyGraph.remove_masked` turns a model masked otherwise (e.g. by
 ``ChannelStructured`` on the convolutions only) into a smaller one: the
 constant that a BatchNorm shift sends through a masked channel is folded into
@@ -375,7 +378,10 @@ class DependencyGraph:
         """Keep only channels ``keep[group]`` (indices into the group; a group
         is named by index, name or object) of each listed group: every
         member's parameters, buffers and masks are sliced at once. The graph
-        is traced again afterwards (``retrace=False``: not, and it is stale)."""
+        is traced again afterwards (``retrace=False``: not, and it is stale).
+        The sliced tensors are new ``Parameter`` objects: build the optimizer
+        that trains the cut model after the cut (one built before steps the
+        old tensors only)."""
         retrace = as_bool(retrace, "retrace")
         drops = self._drops(self._removed(keep))
         unrun = [n for n, m in self.model.named_modules() if n and n not in self._ran and adapters.adapter_for(m)
@@ -897,7 +903,9 @@ def plan(graph: DependencyGraph, keep_ratio, scores: dict | None = None, scope: 
 def prune_model(model: nn.Module, example_input, keep_ratio, scores: dict | None = None, scope: str = "group",
                 multiple: int = DEFAULT_MULTIPLE, ignore=()) -> dict[str, int]:
     """Trace, plan and cut in one call; returns the kept width of each group
-    (``ignore``: as :func:`plan`'s)."""
+    (``ignore``: as :func:`plan`'s). The cut layers get new ``Parameter``
+    objects (:meth:`DependencyGraph.cut`): build the optimizer that
+    fine-tunes the model after this call."""
     graph = DependencyGraph(model, example_input)
     keep = plan(graph, keep_ratio, scores, scope, multiple, ignore=ignore)
     graph.cut(keep)

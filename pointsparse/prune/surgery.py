@@ -25,7 +25,12 @@ first: the refit sets the weights the scales multiplied).
 Given an ``example_input``, :func:`channel_groups` and
 :func:`apply_channel_ratios` work on the coupled groups of the dependency
 graph (:mod:`pointsparse.prune.graph`) instead: every layer of residual and
-U-Net networks, not only the insides of their sequential chains."""
+U-Net networks, not only the insides of their sequential chains.
+
+Every cut replaces the sliced tensors with new ``Parameter`` objects: an
+optimizer built before it (its momentum, a scheduler on it) still holds the
+old ones and no longer trains the model, without an error; build the
+optimizer after the cut."""
 
 from __future__ import annotations
 
@@ -340,7 +345,8 @@ def prune_channels(model: nn.Module, group: ChannelGroup | CoupledGroup | str, k
     :func:`channel_groups` gives with an ``example_input``) is cut by its
     dependency graph, every member at once, and the graph traced again: a
     group of the same call that this cut left as it was is still taken, a
-    changed one is a ValueError (take the groups again)."""
+    changed one is a ValueError (take the groups again). The cut layers
+    hold new ``Parameter`` objects: build the optimizer after the cut."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     if isinstance(group, CoupledGroup):
@@ -598,7 +604,8 @@ def apply_channel_ratios(model: nn.Module, ratios: dict[str, float], reconstruct
     graph (:func:`channel_groups` with the same input), every member of a
     group is cut together, channels are ranked by the group's summed
     magnitude (or ``scores`` from :mod:`.criteria`) and kept counts are
-    rounded to ``multiple``."""
+    rounded to ``multiple``. The cut layers hold new ``Parameter`` objects:
+    build the optimizer after the cut."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     if not isinstance(ratios, Mapping):

@@ -46,7 +46,9 @@ def prune_channels(model: nn.Module, example_input, ratio: float = 0.5, scores=N
     ``multiple`` (default :data:`~pointsparse.prune.graph.DEFAULT_MULTIPLE`),
     and cut the rest in place; the layers of ``ignore`` (names or modules)
     keep their output channels (:func:`~pointsparse.prune.graph.plan`).
-    Returns ``model``."""
+    Returns ``model``, whose cut layers hold new ``Parameter`` objects: an
+    optimizer built before this call no longer trains it; build the one that
+    fine-tunes it afterwards."""
     from .graph import DEFAULT_MULTIPLE, DependencyGraph, plan
     check_fraction(ratio, "ratio (the kept fraction)", low_open=True, high_open=False)  # None too
     if multiple is not None:
