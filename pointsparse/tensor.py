@@ -520,7 +520,14 @@ class SparseTensor:
     ``stride`` is the tensor stride (coordinates are multiples of it). Build
     tensors from user data with ``SparseTensor(feats, coords, stride)``; layers
     derive new ones with :meth:`with_feats` (same coordinates) so that the
-    :class:`CoordinateCache` travels with them."""
+    :class:`CoordinateCache` travels with them.
+
+    The constructor's checks branch on the coordinates' values: a forward
+    that builds a tensor inside ``torch.compile(fullgraph=True)`` or
+    ``torch.export`` passes ``validate=False`` there (torch cannot trace
+    them: "Could not guard on data-dependent expression"), as
+    :mod:`pointsparse.export` does; the first kernel map on the coords (a
+    conv's) still refuses duplicate, negative-batch and out-of-range rows."""
 
     __slots__ = ("_feats", "_coords", "_stride", "cache")
 
