@@ -562,7 +562,7 @@ def test_non_finite_weight_reads_compressed_layers():
 
     torch.manual_seed(0)
     for fmt in ("csr", "fkw", "bsr"):
-        model = torch.nn.Sequential(spnn.Conv3d(4, 8, 3), spnn.BatchNorm(8), spnn.Conv3d(8, 3, 1))
+        model = torch.nn.Sequential(spnn.Conv3d(4, 8, 3), spnn.BatchNorm(8), spnn.Conv3d(8, 3, 1)).eval()
         assert non_finite_weight(formats.compress(model, fmt)) is None
         with torch.no_grad():
             model[2].weight[0, 1, 2] = float("nan")

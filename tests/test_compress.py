@@ -465,6 +465,32 @@ def test_compressed_modules_follow_dtype_conversions(fmt, kwargs, dtype, convert
         torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("left", ["model", "norm", "dropout"])
+def test_compress_refuses_a_model_whose_norm_or_dropout_is_in_training_mode(left):
+    """compress gave a training-mode model's copy in training mode: its
+    BatchNorm normalised each input by that input's own statistics (and
+    moved its running ones), not the inference copy its docstring promises,
+    while export refuses such a model. compress refuses it too, naming the
+    submodule and saying to call model.eval(); a model in eval mode, and a
+    bare layer (whose forward has no mode), are compressed as before."""
+    model = _pruned_model("csr")
+    model.add_module("drop", psnn.Dropout(0.1))
+    model.eval()
+    if left == "model":
+        model.train()
+    else:
+        (model[0] if left == "norm" else model.drop.fn).train()
+    name, kind = ("0", "BatchNorm") if left != "dropout" else ("drop.fn", "Dropout")
+    with pytest.raises(ValueError, match=rf"compress makes an inference copy: the model's submodule {name} "
+                                         rf"\({kind}\) is in training mode.*call model.eval\(\)"):
+        F.compress(model, "csr")
+    model.eval()
+    x = _sparse_input(channels=8)
+    with torch.no_grad():
+        torch.testing.assert_close(F.compress(model, "csr")(x).feats, model(x).feats, rtol=1e-5, atol=1e-6)
+    assert isinstance(F.compress(torch.nn.Linear(4, 3), "csr"), F.SparseLinear)  # (training mode: none in its forward)
+
+
 def test_compressed_modules_refuse_a_conversion_to_no_floating_dtype():
     """A format holds floating values: a conversion to another kind (complex,
     or an integer through .type) is a TypeError naming the layer."""
@@ -1400,7 +1426,7 @@ def test_an_example_input_the_module_cannot_run_is_named():
              (conv, _sparse_input(channels=3), ValueError, "input has 3 channels"),
              (conv, _sparse_input(channels=4, dtype=torch.float64), TypeError, "float64"),
              (torch.nn.Linear(4, 2), torch.randn(3, 5), ValueError, r"input must be \(\.\.\., 4\)"),
-             (MinkUNet(4, 5, cr=0.125, blocks=1), torch.randn(3, 4), TypeError, "MinkUNet takes a SparseTensor")]
+             (MinkUNet(4, 5, cr=0.125, blocks=1).eval(), torch.randn(3, 4), TypeError, "MinkUNet takes a SparseTensor")]
     for module, example, error, words in cases:
         with pytest.raises(error, match=rf"^example_input does not fit the (layer|model) \(.*\): .*{words}"):
             F.compress(module, "csr", example_input=example)

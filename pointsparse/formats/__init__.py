@@ -54,7 +54,9 @@ def _format_class(format):
 
 
 def compress(module: torch.nn.Module, format="csr", example_input=None, **kwargs) -> torch.nn.Module:
-    """An inference copy of ``module`` whose weights live in ``format``.
+    """An inference copy of ``module`` whose weights live in ``format``
+    (a model with a BatchNorm or dropout in training mode is a ValueError:
+    call ``model.eval()`` first, as for :mod:`pointsparse.export`).
 
     * ``torch.nn.Linear`` -> :class:`SparseLinear` (weight (out, in)). It
       runs either torch's dense linear on the weight the format holds (the
@@ -112,6 +114,7 @@ def compress(module: torch.nn.Module, format="csr", example_input=None, **kwargs
         return _with_hooks(module, _compress_conv(module, cls, example_input, kwargs))
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"module must be a torch.nn.Module; got {type(module).__name__}")
+    _check_inference_mode(module)
     kept = _read_by_parent(module)
     for name, sub in module.named_modules():  # (before the copy and the example's run, which a refusal wastes)
         if sub not in kept:
@@ -177,6 +180,24 @@ def _check_on_cpu(module) -> None:
         kind, name, device = off
         raise ValueError(f"compress runs on the CPU (the formats hold CPU tensors); {kind} {name} is on {device}: "
                          "compress module.cpu()")
+
+
+def _check_inference_mode(module: torch.nn.Module) -> None:
+    """A ValueError naming the first submodule of ``module`` whose forward
+    depends on its mode and is in training mode: a norm with running
+    statistics (BatchNorm) or a dropout. The copy compress makes keeps each
+    module's mode: such a module in it normalised by each input's own
+    statistics (moving its running ones) or dropped values, where
+    ``pointsparse.export`` refuses the model. A layer's forward has no mode:
+    a fresh Linear or Conv3d (in training mode) is compressed."""
+    for name, sub in module.named_modules():
+        moded = (isinstance(sub, torch.nn.modules.batchnorm._NormBase) and sub.running_mean is not None) or \
+            isinstance(sub, torch.nn.modules.dropout._DropoutNd)
+        if moded and sub.training:
+            where = f"submodule {name}" if name else "module"
+            raise ValueError(f"compress makes an inference copy: the model's {where} ({type(sub).__name__}) is in "
+                             "training mode (a batch norm would normalise by each input's own statistics, a dropout "
+                             "drop values); call model.eval() (it sets every submodule) before compressing")
 
 
 def _check_own_forward(module, conv_type) -> None:
