@@ -95,6 +95,31 @@ def test_a_run_on_relative_paths_is_evaluated_from_another_folder(tmp_path, monk
     capsys.readouterr()
 
 
+def test_metrics_json_names_its_files_by_absolute_paths(tmp_path, monkeypatch, capsys):
+    """A run's metrics.json (and eval's eval-metrics.json) name the
+    checkpoint, the pictures and the data files by absolute paths, as the
+    checkpoint keeps its data paths: they were stored as typed, relative to
+    the folder the command ran in, and found nothing from anywhere else."""
+    _tiles(tmp_path / "data", intensity=False)
+    monkeypatch.chdir(tmp_path)
+    tr.train(_parse(["--data", "data/tile*.npz", "--label-map", "ign-lidarhd", "--epochs", "1", "--cr", "0.125",
+                     "--blocks", "1", "--voxel-size", "0.5", "--no-progress", "--out", "run"]))
+    assert cli.main(["eval", "--checkpoint", "run/checkpoint.pt", "--out", "ev", "--no-progress"]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    report = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert report["checkpoint"] == str(tmp_path / "run" / "checkpoint.pt")
+    assert report["data"] == [str(tmp_path / "data" / "tile*.npz")]
+    assert report["pictures"] and all(p == str(tmp_path / "run" / f"{name}.png")
+                                      for name, p in report["pictures"].items())
+    scored = json.loads((tmp_path / "ev" / "eval-metrics.json").read_text())
+    assert scored["checkpoint"] == str(tmp_path / "run" / "checkpoint.pt")
+    assert scored["pictures"] and all(p == str(tmp_path / "ev" / f"eval-{name}.png")
+                                      for name, p in scored["pictures"].items())
+    capsys.readouterr()
+
+
 def test_validation_labels_are_checked_before_training(tmp_path, monkeypatch):
     """Validation clouds whose labels no class holds (a raw label past the
     training clouds' classes) failed at the first validation, after an

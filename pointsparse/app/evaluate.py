@@ -10,6 +10,7 @@ scored as it runs (on the CPU; its data defaults to the run's too)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -173,8 +174,8 @@ def _score(args, model, state: dict, spec, source, ignore_index: int, device) ->
     print(f"{len(source)} clouds in {elapsed:.1f} s ({elapsed / max(len(source), 1):.2f} s per cloud)")
     if args.out:
         report = write_report(Path(args.out), cm, classes, first, None,
-                              {**({"program": str(program)} if program is not None else
-                                  {"checkpoint": str(args.checkpoint)}),
+                              {**({"program": os.path.abspath(program)} if program is not None else
+                                  {"checkpoint": os.path.abspath(args.checkpoint)}),
                                "data": spec, "inference": state.get("inference", args.inference),
                                "eval_time_s": elapsed,
                                "eval_time_per_cloud_s": elapsed / max(len(source), 1)}, ignore_index, "eval-")

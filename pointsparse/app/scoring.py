@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -200,7 +201,9 @@ def evaluate(model, samples: Sequence[VoxelSample], num_classes: int, ignore_ind
 
 def write_report(out: Path, cm, classes, first, history, extra: dict, ignore_index: int, prefix: str = "") -> dict:
     """metrics.json and the PNGs (none, with a warning, where matplotlib
-    cannot be imported); returns the metrics dictionary."""
+    cannot be imported); returns the metrics dictionary. The pictures are
+    named by absolute paths, found from any folder (as typed, relative to
+    the folder the command ran in, they were found from there alone)."""
     from . import plots
 
     checkpoint.make_directory(out)
@@ -213,12 +216,13 @@ def write_report(out: Path, cm, classes, first, history, extra: dict, ignore_ind
         print("matplotlib is not importable: no PNG figures written (pip install matplotlib)", file=sys.stderr)
     else:
         if history and history.get("step_loss"):
-            pictures["curves"] = str(plots.curves(history, out / f"{prefix}curves.png"))
-        pictures["confusion"] = str(plots.confusion(cm, classes, out / f"{prefix}confusion.png"))
+            pictures["curves"] = os.path.abspath(plots.curves(history, out / f"{prefix}curves.png"))
+        pictures["confusion"] = os.path.abspath(plots.confusion(cm, classes, out / f"{prefix}confusion.png"))
         if first is not None:
             xyz, labels, pred, _ = first
-            pictures["topdown"] = str(plots.topdown(xyz, labels, pred, classes, out / f"{prefix}topdown.png",
-                                                    ignore_index=ignore_index))
+            pictures["topdown"] = os.path.abspath(plots.topdown(xyz, labels, pred, classes,
+                                                                out / f"{prefix}topdown.png",
+                                                                ignore_index=ignore_index))
     report["pictures"] = pictures
     if history:
         report["history"] = history

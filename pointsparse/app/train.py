@@ -1287,14 +1287,15 @@ class TrainingJob:
 
     def _report(self, epoch: int, cm, first, stop: bool) -> None:
         args, times = self.args, self.history["step_time"]
+        saved = saved_args(args)  # (its files, the checkpoint and the pictures by absolute paths: found from anywhere)
         extra = {"epochs": epoch + 1, "steps": len(times), "train_time_s": self.train_time,
                  "wall_time_s": self.wall_time(),
                  "step_time_s_median": statistics.median(times) if times else None,
                  "scans_per_step": args.batch_size,
                  "step_time_per_scan_s": statistics.median(times) / args.batch_size if times else None,
                  "processes": self.dist.world, "threads_per_process": torch.get_num_threads(),
-                 "device": str(self.dist.device), "data": args.data, "val_data": args.val_data or "held out",
-                 "config": self.config, "checkpoint": str(self.out / CHECKPOINT), "best_miou": self.best,
+                 "device": str(self.dist.device), "data": saved["data"], "val_data": saved["val_data"] or "held out",
+                 "config": self.config, "checkpoint": os.path.abspath(self.out / CHECKPOINT), "best_miou": self.best,
                  "stopped_by_time_limit": bool(stop and epoch + 1 < self.plan["epochs"])}
         self.report = write_report(self.out, cm, self.classes, first, self.history, extra, args.ignore_index)
         self.log("\n" + metrics.format_table(cm, self.classes))
