@@ -1115,6 +1115,24 @@ def test_init_from_a_checkpoint_of_the_out_folder_is_refused(tmp_path, monkeypat
     assert (tmp_path / "tuned" / "checkpoint.pt").is_file()
 
 
+@pytest.mark.parametrize("name", ["checkpoint.pt", "best.pt", "metrics.json", "curves.png"])
+def test_a_folder_where_the_run_writes_a_file_is_refused_before_training(name, tmp_path, monkeypatch):
+    """A folder in --out named as a file the run writes: the run failed at
+    its first checkpoint (or its end), after the work, with checkpoint.save's
+    hint to write DIR/checkpoint.pt/checkpoint.pt. Refused before any
+    training, naming --out, the folder and what the run writes there."""
+    def no_work(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(tr.Trainer, "fit", no_work)
+    out = tmp_path / "run"
+    (out / name).mkdir(parents=True)
+    with pytest.raises(ValueError, match=rf"--out {re.escape(str(out))}: {re.escape(str(out / name))} is a folder, "
+                                         rf"where the run writes its .*: move it away, or give another --out") as info:
+        tr.main(_parse([*TINY, "--epochs", "1", "--out", str(out)]))
+    assert f"{name}/{name}" not in str(info.value)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="multiple of --nproc"):
         tr.main(_parse([*TINY, "--nproc", "2", "--batch-size", "3", "--out", "x"]))

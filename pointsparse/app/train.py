@@ -48,6 +48,10 @@ SCHEDULES = ("cosine", "onecycle", "step", "constant")
 OPTIMIZERS = ("adamw", "sgd")
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
+#: The files a run writes in its --out folder, and what each holds.
+OUTPUTS = {CHECKPOINT: "checkpoint", BEST: "best epoch's checkpoint", "metrics.json": "report",
+           "curves.png": "loss and mIoU curves", "confusion.png": "confusion matrix",
+           "topdown.png": "top-down render"}
 #: The settings besides the model and the optimizer that shape a run's trajectory: its config records them
 #: (``training``) and ``--resume`` takes them, as it takes the optimizer's, so that the resumed epochs are the
 #: run's own. What may change on resume: how long it runs (--epochs, --time-limit, --time-budget), how often it
@@ -356,6 +360,18 @@ def check_unread_flags(args) -> None:
             raise ValueError(f"{flags[0]} maps the raw labels of --val-data; without --val-data the validation "
                              "clouds are held out of --data and read with its --label-map, so it would be "
                              "ignored: drop it, or give --val-data")
+
+
+def check_out_files(out) -> None:
+    """ValueError naming ``--out`` and the folder in it that bears the name
+    of a file the run writes (:data:`OUTPUTS`): the run failed where it
+    first wrote it (its first checkpoint, its report at the end), after the
+    work, with ``checkpoint.save``'s hint to write into the folder."""
+    for name, what in OUTPUTS.items():
+        path = Path(out) / name
+        if path.is_dir():
+            raise ValueError(f"--out {out}: {path} is a folder, where the run writes its {what} ({name}): move it "
+                             "away, or give another --out")
 
 
 def check_init_out(args) -> None:
@@ -960,6 +976,7 @@ class TrainingJob:
 
     def __init__(self, args, dist: Dist) -> None:
         self.args, self.dist, self.out = args, dist, Path(args.out)
+        check_out_files(args.out)  # (before any work: the files the run writes)
         self.progress = dist.main and not args.no_progress and have_tqdm()
         resume_state = self._config()  # (first: a resumed run reads its data with the run's ignore index)
         self._build(resume_state)
