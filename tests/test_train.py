@@ -1133,6 +1133,64 @@ def test_a_folder_where_the_run_writes_a_file_is_refused_before_training(name, t
     assert f"{name}/{name}" not in str(info.value)
 
 
+RUN_FILES = ("checkpoint.pt", "best.pt", "metrics.json", "curves.png", "confusion.png", "topdown.png")
+
+
+class _Killed(Exception):
+    pass
+
+
+def _killed_after(monkeypatch, writes: int) -> None:
+    """The run stops (as if killed) after its ``writes``-th checkpoint
+    (0: before its first step)."""
+    real, done = tr.TrainingJob._checkpoint, []
+
+    def checkpoint_then_stop(self, *args):
+        real(self, *args)
+        done.append(1)
+        if len(done) == writes:
+            raise _Killed
+
+    def no_step(*args):
+        raise _Killed
+
+    monkeypatch.setattr(tr.TrainingJob, "_checkpoint", checkpoint_then_stop)
+    if writes == 0:
+        monkeypatch.setattr(tr.TrainingJob, "loss", no_step)
+
+
+def test_a_new_run_replaces_the_previous_runs_files_at_its_first_checkpoint(tmp_path, monkeypatch, capsys):
+    """A new run (no --resume) in a folder holding a finished run left the
+    old run's best.pt, metrics.json and PNGs beside its own checkpoint.pt
+    until its first validation (and its report at the end): eval of best.pt
+    scored the old run's model, metrics.json reported it. Its first
+    checkpoint now replaces them: the folder holds one run or the other.
+    Stopped before that, the old run stays whole."""
+    run = tmp_path / "run"
+    tr.main(_parse([*TINY, "--epochs", "1", "--out", str(run)]))
+    before = {name: (run / name).read_bytes() for name in RUN_FILES}
+    with monkeypatch.context() as patch:
+        _killed_after(patch, 0)
+        with pytest.raises(_Killed):
+            tr.main(_parse([*TINY, "--epochs", "3", "--eval-every", "2", "--seed", "4", "--out", str(run)]))
+    assert {name: (run / name).read_bytes() for name in RUN_FILES} == before
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        _killed_after(patch, 1)
+        with pytest.raises(_Killed):
+            tr.main(_parse([*TINY, "--epochs", "3", "--eval-every", "2", "--seed", "4", "--out", str(run)]))
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == ["checkpoint.pt"]
+    state = tr.load_checkpoint(run / "checkpoint.pt")
+    assert state["epoch"] == 1 and state["history"]["val_miou"] == [] and state["args"]["seed"] == 4
+    assert re.search(r"a new run in .*run: the previous run's best\.pt, metrics\.json, curves\.png, "
+                     r"confusion\.png, topdown\.png removed", capsys.readouterr().out)
+    # The run to its end: its own files, as a rerun of the demo into its folder writes them.
+    tr.main(_parse([*TINY, "--epochs", "2", "--seed", "4", "--out", str(run)]))
+    assert all((run / name).is_file() for name in RUN_FILES)
+    assert json.loads((run / "metrics.json").read_text())["config"]["training"]["seed"] == 4
+    assert tr.load_checkpoint(run / "best.pt")["args"]["seed"] == 4
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="multiple of --nproc"):
         tr.main(_parse([*TINY, "--nproc", "2", "--batch-size", "3", "--out", "x"]))

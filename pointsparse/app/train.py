@@ -982,6 +982,10 @@ class TrainingJob:
         self._build(resume_state)
         self.history = {"step_loss": [], "epoch_loss": [], "val_miou": [], "step_time": [], "lr": []}
         self.start_epoch, self.best, self.report, self._val_samples = 0, -1.0, None, None
+        # (a new run, or one resumed from another folder's checkpoint: the files of the run --out held are not its
+        # own; its first checkpoint replaces them, see _replace_previous)
+        self.replaces_previous = (args.resume is None
+                                  or self.resume_path.resolve().parent != self.out.resolve())
         self.wall_before = 0.0  # (the wall time of the epochs a resumed checkpoint holds: _restore)
         if resume_state is not None:
             self._restore(resume_state)
@@ -1297,10 +1301,32 @@ class TrainingJob:
                  "planned_epochs": self.plan["epochs"], "wall_time_s": self.wall_time(),
                  "val_paths": [os.path.abspath(p) for p in getattr(self.val_src, "paths", [])],
                  "args": saved_args(self.args)}
+        if self.replaces_previous:
+            self._replace_previous()
         save_checkpoint(self.out / CHECKPOINT, state)
         if cm is not None and miou > self.best:
             self.best = miou
             save_checkpoint(self.out / BEST, state)
+
+    def _replace_previous(self) -> None:
+        """At the run's first checkpoint, where --out held another run (a new
+        run, or one resumed from another folder's checkpoint): remove that
+        run's best.pt, metrics.json and PNGs, which this run writes later (at
+        its first validation, at its end), before its checkpoint.pt replaces
+        the other's. They stood beside the new checkpoint.pt, and eval of the
+        folder's best.pt, or its metrics.json, gave the other run's. A run
+        stopped before this leaves the other run whole."""
+        self.replaces_previous = False
+        removed = []
+        for name in OUTPUTS:
+            path = self.out / name
+            if name != CHECKPOINT and path.is_file():
+                path.unlink()
+                removed.append(name)
+        if removed:
+            what = "a new run" if self.args.resume is None else f"the run resumed from {self.resume_path}"
+            self.log(f"{what} in {self.out}: the previous run's {', '.join(removed)} removed (its {CHECKPOINT} "
+                     "is replaced now; train --resume continues a run in its folder)")
 
     def _report(self, epoch: int, cm, first, stop: bool) -> None:
         args, times = self.args, self.history["step_time"]
