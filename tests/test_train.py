@@ -1191,6 +1191,59 @@ def test_a_new_run_replaces_the_previous_runs_files_at_its_first_checkpoint(tmp_
     assert tr.load_checkpoint(run / "best.pt")["args"]["seed"] == 4
 
 
+def test_resume_into_another_folder_brings_the_runs_best_checkpoint(tmp_path, capsys):
+    """``--resume A/checkpoint.pt --out B`` wrote no B/best.pt unless the
+    resumed epochs beat A's best, yet B/metrics.json reported A's best mIoU,
+    of a file not in B. B gets the run's best.pt (A's, where the resumed
+    epochs do not beat it); where no best.pt beside the checkpoint holds
+    the run's best, B's best is that of the epochs from the resume on, and
+    a note says so. B's metrics.json reports the mIoU its best.pt holds."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    tr.main(_parse([*TINY, "--epochs", "2", "--out", str(a)]))
+    (b / "best.pt").parent.mkdir()
+    (b / "best.pt").write_bytes((a / "checkpoint.pt").read_bytes())  # (another run's, which B's run replaces)
+    a_best = tr.load_checkpoint(a / "best.pt")
+    capsys.readouterr()
+    tr.main(_parse(["--resume", str(a / "checkpoint.pt"), "--epochs", "3", "--out", str(b), "--no-progress"]))
+    report = json.loads((b / "metrics.json").read_text())
+    best = tr.load_checkpoint(b / "best.pt")
+    assert report["best_miou"] == best["best_miou"] == best["history"]["val_miou"][-1]
+    if report["best_miou"] == a_best["best_miou"]:  # (not beaten: A's best epoch, as A holds it)
+        assert best["epoch"] == a_best["epoch"] and all(torch.equal(best["model"][k], v)
+                                                         for k, v in a_best["model"].items())
+    # No best.pt beside the checkpoint (or none of its run): the best of the resumed epochs, noted.
+    (tmp_path / "c").mkdir()
+    lone = tmp_path / "c" / "checkpoint.pt"
+    lone.write_bytes((a / "checkpoint.pt").read_bytes())
+    capsys.readouterr()
+    tr.main(_parse(["--resume", str(lone), "--epochs", "3", "--out", str(tmp_path / "d"), "--no-progress"]))
+    assert re.search(r"no best\.pt beside it holds .*: .*d/best\.pt holds the best of the epochs from the resume "
+                     r"on", capsys.readouterr().err)
+    report = json.loads((tmp_path / "d" / "metrics.json").read_text())
+    best = tr.load_checkpoint(tmp_path / "d" / "best.pt")
+    assert best["epoch"] == 3 and report["best_miou"] == best["best_miou"] == best["history"]["val_miou"][-1]
+
+
+def test_a_best_pt_that_is_not_the_resumed_runs_is_removed_at_its_first_checkpoint(tmp_path, monkeypatch,
+                                                                                   capsys):
+    """A run resumed in its folder from a checkpoint that records no best
+    (a pruned one: its best is its fine-tuning's) beside a best.pt of
+    another run: that best.pt stood beside the resumed epochs until their
+    first validation. Removed at the first checkpoint, saying so."""
+    run = tmp_path / "run"
+    tr.main(_parse([*TINY, "--epochs", "2", "--out", str(run)]))
+    state = tr.load_checkpoint(run / "checkpoint.pt")
+    del state["best_miou"]
+    tr.save_checkpoint(run / "checkpoint.pt", state)
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        _killed_after(patch, 1)
+        with pytest.raises(_Killed):
+            tr.main(_parse(["--resume", "--epochs", "4", "--eval-every", "4", "--out", str(run), "--no-progress"]))
+    assert not (run / "best.pt").exists() and tr.load_checkpoint(run / "checkpoint.pt")["epoch"] == 3
+    assert "best.pt removed: it holds no epoch of the run resumed from" in capsys.readouterr().out
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="multiple of --nproc"):
         tr.main(_parse([*TINY, "--nproc", "2", "--batch-size", "3", "--out", "x"]))

@@ -984,8 +984,9 @@ class TrainingJob:
         self.start_epoch, self.best, self.report, self._val_samples = 0, -1.0, None, None
         # (a new run, or one resumed from another folder's checkpoint: the files of the run --out held are not its
         # own; its first checkpoint replaces them, see _replace_previous)
-        self.replaces_previous = (args.resume is None
-                                  or self.resume_path.resolve().parent != self.out.resolve())
+        self.replaces_previous = tuple(name for name in OUTPUTS if name != CHECKPOINT) if (
+            args.resume is None or self.resume_path.resolve().parent != self.out.resolve()) else ()
+        self.carried_best = None  # (a resumed run's best epoch, to bring to --out: _find_best)
         self.wall_before = 0.0  # (the wall time of the epochs a resumed checkpoint holds: _restore)
         if resume_state is not None:
             self._restore(resume_state)
@@ -1125,10 +1126,56 @@ class TrainingJob:
         if self.args.time_budget is not None:  # the plan after the epochs done (the same budget: the run's own)
             self.plan["epochs"] = min(self.args.epochs, self._fit_budget(self.start_epoch)[0])
         self.best = state.get("best_miou", -1.0)
+        self._find_best(state)
         # (a checkpoint written before it kept its wall time: the step times of its epochs, the least it took)
         self.wall_before = float(state.get("wall_time_s", sum(self.history["step_time"])))
         torch.set_rng_state(state["torch_rng"])
         self._follow_plan()
+
+    def _find_best(self, state: dict) -> None:
+        """The resumed run's best epoch. In its own folder: the best.pt there
+        (a best.pt where the run recorded no best is another run's, removed
+        at the first checkpoint: :meth:`_replace_previous`). Resumed into
+        another --out: the best.pt beside its checkpoint where it holds the
+        run's best (its mIoU and validations so far are the run's), brought
+        to --out at the first checkpoint (``carried_best``): B/metrics.json
+        of ``--resume A/checkpoint.pt --out B`` reported A's best mIoU, of a
+        best.pt that B did not hold. Where no best.pt holds it (removed,
+        another run's), the best is that of the epochs from the resume on,
+        and a note says so."""
+        beside = self.resume_path.parent / BEST
+        own = self.resume_path.resolve().parent == self.out.resolve()
+        if self.best < 0:  # (none recorded: a pruned checkpoint's, whose best is its fine-tuning's)
+            if own and beside.is_file():
+                self.replaces_previous = (BEST,)
+            return
+        held = (beside.is_file() or None) if own else self._run_best(state, beside)
+        if held is None:
+            if self.dist.main:
+                print(f"note: --resume {self.resume_path}: no {BEST} beside it holds its run's best epoch "
+                      f"(validation mIoU {100 * self.best:.1f}%; {beside}): {self.out / BEST} holds the best of "
+                      "the epochs from the resume on", file=sys.stderr)
+            self.best = -1.0
+        elif not own:
+            self.carried_best = held
+
+    def _run_best(self, state: dict, path: Path) -> dict | None:
+        """The state of the checkpoint ``path`` where it is the best epoch of
+        the run of ``state`` (the run's best mIoU, at its last validation,
+        the run's validations up to it), else None."""
+        if not path.is_file():
+            return None
+        try:
+            best = state if path.resolve() == self.resume_path.resolve() else load_checkpoint(path)
+        except ValueError:
+            return None
+        history = best.get("history")
+        scores = history.get("val_miou") if isinstance(history, dict) else None
+        epoch = best.get("epoch")
+        if not (isinstance(scores, list) and scores and isinstance(epoch, int) and epoch <= state["epoch"]):
+            return None
+        run = state["history"]["val_miou"]
+        return best if best.get("best_miou") == scores[-1] == self.best and run[:len(scores)] == scores else None
 
     def _follow_plan(self) -> None:
         """The rate of the next step as the plan now reads (``--epochs``
@@ -1307,6 +1354,9 @@ class TrainingJob:
         if cm is not None and miou > self.best:
             self.best = miou
             save_checkpoint(self.out / BEST, state)
+        elif self.carried_best is not None:  # (the run's best epoch, before the resume: its folder's best.pt)
+            save_checkpoint(self.out / BEST, self.carried_best)
+        self.carried_best = None
 
     def _replace_previous(self) -> None:
         """At the run's first checkpoint, where --out held another run (a new
@@ -1315,15 +1365,19 @@ class TrainingJob:
         its first validation, at its end), before its checkpoint.pt replaces
         the other's. They stood beside the new checkpoint.pt, and eval of the
         folder's best.pt, or its metrics.json, gave the other run's. A run
-        stopped before this leaves the other run whole."""
-        self.replaces_previous = False
+        stopped before this leaves the other run whole. A run resumed in its
+        own folder removes a best.pt there that holds none of its epochs
+        (:meth:`_find_best`). The names: ``replaces_previous``."""
+        names, self.replaces_previous = self.replaces_previous, ()
         removed = []
-        for name in OUTPUTS:
+        for name in names:
             path = self.out / name
-            if name != CHECKPOINT and path.is_file():
+            if path.is_file():
                 path.unlink()
                 removed.append(name)
-        if removed:
+        if removed == [BEST] and names == (BEST,):
+            self.log(f"{self.out / BEST} removed: it holds no epoch of the run resumed from {self.resume_path}")
+        elif removed:
             what = "a new run" if self.args.resume is None else f"the run resumed from {self.resume_path}"
             self.log(f"{what} in {self.out}: the previous run's {', '.join(removed)} removed (its {CHECKPOINT} "
                      "is replaced now; train --resume continues a run in its folder)")
