@@ -1244,6 +1244,40 @@ def test_a_best_pt_that_is_not_the_resumed_runs_is_removed_at_its_first_checkpoi
     assert "best.pt removed: it holds no epoch of the run resumed from" in capsys.readouterr().out
 
 
+def test_resume_of_a_finished_run_without_its_report_writes_it(tmp_path, capsys):
+    """A kill after a run's last checkpoint, before its metrics.json and
+    PNGs, left a finished run without a report, and --resume refused ("the
+    run already trained N epochs"). --resume in its folder now writes the
+    report of its last epoch (as the run would have: the same confusion
+    matrix) and trains nothing; with the report there it still refuses,
+    and resumed into another folder it says how to get it."""
+    run = tmp_path / "run"
+    tr.main(_parse([*TINY, "--epochs", "2", "--out", str(run)]))
+    report = json.loads((run / "metrics.json").read_text())
+    kept = {name: (run / name).read_bytes() for name in ("checkpoint.pt", "best.pt")}
+    with pytest.raises(ValueError, match="the run already trained 2 epochs and --epochs 2 asks for no more"):
+        tr.main(_parse(["--resume", "--out", str(run), "--no-progress"]))
+    for name in ("metrics.json", "curves.png", "confusion.png", "topdown.png"):
+        (run / name).unlink()
+    with pytest.raises(ValueError, match=rf"the run already trained 2 epochs .*; its folder holds no report of them: "
+                                         rf"train --resume {re.escape(str(run / 'checkpoint.pt'))} --out "
+                                         rf"{re.escape(str(run))} writes it"):
+        tr.main(_parse(["--resume", str(run / "checkpoint.pt"), "--out", str(tmp_path / "b"), "--no-progress"]))
+    capsys.readouterr()
+    assert tr.main(_parse(["--resume", "--out", str(run), "--no-progress"])) == 0
+    assert "its report was missing" in capsys.readouterr().out
+    again = json.loads((run / "metrics.json").read_text())
+    assert again["confusion"] == report["confusion"] and again["epochs"] == 2 and again["steps"] == report["steps"]
+    assert again["history"] == report["history"] and again["best_miou"] == report["best_miou"]
+    assert all((run / name).stat().st_size > 0 for name in ("curves.png", "confusion.png", "topdown.png"))
+    assert {name: (run / name).read_bytes() for name in kept} == kept
+    # A report of fewer epochs (the run extended, killed after its last checkpoint) is rewritten too.
+    (run / "metrics.json").write_text(json.dumps({**report, "epochs": 1}))
+    assert tr.main(_parse(["--resume", "--out", str(run), "--no-progress"])) == 0
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 2
+    capsys.readouterr()
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="multiple of --nproc"):
         tr.main(_parse([*TINY, "--nproc", "2", "--batch-size", "3", "--out", "x"]))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import statistics
@@ -951,7 +952,10 @@ def _train(args):
     with nonfinite_hold(skips_nonfinite(getattr(args, "skip_nonfinite", False)), "train on the other points"):
         job = TrainingJob(args, init_distributed(args))
         trainer = Trainer(job.net, job.optimizer, job.loss, job.batches, job.scheduler, job.log_step, job.end_epoch)
-        trainer.fit(job.start_epoch, lambda: job.plan["epochs"])
+        if job.report_only:
+            job.write_missing_report()
+        else:
+            trainer.fit(job.start_epoch, lambda: job.plan["epochs"])
     return job.report, job.model
 
 
@@ -988,15 +992,26 @@ class TrainingJob:
             args.resume is None or self.resume_path.resolve().parent != self.out.resolve()) else ()
         self.carried_best = None  # (a resumed run's best epoch, to bring to --out: _find_best)
         self.wall_before = 0.0  # (the wall time of the epochs a resumed checkpoint holds: _restore)
+        self.report_only = False  # (a finished run whose folder lacks its report: write it, train nothing)
         if resume_state is not None:
             self._restore(resume_state)
-            if self.start_epoch >= self.plan["epochs"] and self.plan["epochs"] < args.epochs:
-                raise ValueError(f"--resume: the run already trained {self.start_epoch} epochs of about "
-                                 f"{self._fit_budget(self.start_epoch)[1]:.0f} s and --time-budget "
-                                 f"{args.time_budget:g} min fits no more; give a larger --time-budget")
             if self.start_epoch >= self.plan["epochs"]:
+                self.report_only = self._report_missing(resume_state, self.out)
+            if self.report_only:
+                self.log(f"--resume {self.resume_path}: the run trained its {self.start_epoch} epochs; its report "
+                         f"was missing ({self.out / 'metrics.json'}): validating its last epoch to write it")
+            elif self.start_epoch >= self.plan["epochs"]:
+                folder = self.resume_path.parent
+                hint = (f"; its folder holds no report of them: train --resume {self.resume_path} --out {folder} "
+                        "writes it" if self.resume_path.name == CHECKPOINT and folder.resolve() != self.out.resolve()
+                        and self._report_missing(resume_state, folder) else "")
+                if self.plan["epochs"] < args.epochs:
+                    raise ValueError(f"--resume: the run already trained {self.start_epoch} epochs of about "
+                                     f"{self._fit_budget(self.start_epoch)[1]:.0f} s and --time-budget "
+                                     f"{args.time_budget:g} min fits no more; give a larger --time-budget{hint}")
                 raise ValueError(f"--resume: the run already trained {self.start_epoch} epochs and --epochs "
-                                 f"{self.plan['epochs']} asks for no more; give --epochs above {self.start_epoch}")
+                                 f"{self.plan['epochs']} asks for no more; give --epochs above "
+                                 f"{self.start_epoch}{hint}")
         self.net = self.model
         if dist.active:
             self.net = torch.nn.parallel.DistributedDataParallel(
@@ -1004,6 +1019,32 @@ class TrainingJob:
         self._announce()
         self._load_data()
         self.train_time, self.t_start = sum(self.history["step_time"]), time.perf_counter()
+
+    def _report_missing(self, state: dict, folder: Path) -> bool:
+        """Whether ``folder`` is the folder of the resumed checkpoint (its
+        ``checkpoint.pt``) and lacks the report of its epochs: no
+        metrics.json, or one of other epochs or steps (a kill after the
+        run's last checkpoint, before its report: a finished run without
+        one, which --resume refused to continue)."""
+        if (folder / CHECKPOINT).resolve() != self.resume_path.resolve():
+            return False
+        try:
+            report = json.loads((folder / "metrics.json").read_text())
+        except (OSError, ValueError):
+            return True
+        return not (isinstance(report, dict) and report.get("epochs") == state["epoch"]
+                    and report.get("steps") == len(state["history"]["step_time"]))
+
+    def write_missing_report(self) -> None:
+        """The report (metrics.json, PNGs) of a finished run's last epoch,
+        validated again (the checkpoint's weights: the confusion matrix its
+        last validation had), where a kill after its last checkpoint left
+        none."""
+        cm, first = evaluate(self.model, self.val_samples(), len(self.classes), self.args.ignore_index,
+                             self.dist.device, progress=self.progress, all_reduce=self.dist.active)
+        self.t_start = time.perf_counter()  # (the run's wall time is the checkpoint's: this validation is no part)
+        if self.dist.main:
+            self._report(self.start_epoch - 1, cm, first, False)
 
     def log(self, *parts) -> None:
         if self.dist.main:
