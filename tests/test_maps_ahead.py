@@ -340,6 +340,36 @@ def test_build_maps_chooses_its_workers_by_the_input_size(monkeypatch):
         monkeypatch.undo()
 
 
+def test_build_maps_keeps_worker_threads_of_its_largest_count_only():
+    """The worker threads are kept for the process, but not one set per
+    worker count asked: a long run asking for many counts (workers=None
+    follows torch.set_num_threads) kept every set, their threads idle (and
+    their scratch memory held) until the process ended. Threads of the
+    largest count asked are kept; a larger count replaces them."""
+    import time
+
+    net = _net(12)
+    x = random_cloud(n=3000, extent=30, seed=12)
+    schedule = spnn.map_schedule(net, x)
+    counts = range(2, 10)
+    for workers in counts:
+        spnn.build_maps(ps.SparseTensor(x.feats, x.coords), schedule, workers=workers)
+
+    def ours() -> int:
+        return sum(t.name.startswith("pointsparse-maps") for t in threading.enumerate())
+
+    deadline = time.monotonic() + 10  # (a replaced set's threads end once they find their pool shut down)
+    while ours() > max(counts) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ours() <= max(counts)
+    with torch.no_grad():  # and the maps the last set built are the network's own
+        want = net(ps.SparseTensor(x.feats, x.coords)).feats
+        ahead = ps.SparseTensor(x.feats, x.coords)
+        spnn.build_maps(ahead, schedule, workers=3)
+        assert torch.equal(net(ahead).feats, want)
+    assert ours() <= max(counts)
+
+
 def test_threads_here_is_per_thread():
     outside = _ext.num_threads()
     seen = []

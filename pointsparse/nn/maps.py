@@ -25,6 +25,7 @@ from __future__ import annotations
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 import os
+import threading
 
 import torch
 
@@ -223,18 +224,34 @@ def build_maps(tensor: SparseTensor, schedule: MapSchedule, workers: int | None 
         wait(list(running))  # after an error: the tasks still running finish before it is raised
 
 
-# The worker threads, kept for the process (per worker count).
-_POOLS: dict = {}
+# The worker threads, kept for the process: one pool, of the largest worker
+# count asked so far (build_maps never runs more than its own count of tasks
+# at once, so a smaller count runs on it too). A pool per count, kept, held
+# every count's idle threads (and their scratch memory) in a long run that
+# asked for many (workers=None follows torch.set_num_threads).
+_POOL: list = []  # [] or [(the pool, its worker count)]
+_POOL_LOCK = threading.Lock()
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
-    pool = _POOLS.get(workers)
-    if pool is None:
-        pool = _POOLS[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pointsparse-maps")
-    return pool
+    with _POOL_LOCK:
+        if _POOL and _POOL[0][1] >= workers:
+            return _POOL[0][0]
+        # A smaller pool is let go, not shut down: a build_maps of another thread that took it submits on
+        # to it; its threads end once the last such call is done with it (a collected pool's workers exit).
+        _POOL.clear()
+        _POOL.append((ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pointsparse-maps"), workers))
+        return _POOL[0][0]
 
 
-os.register_at_fork(after_in_child=_POOLS.clear)
+def _forget_pool() -> None:
+    """In a forked child: the parent's pool has no threads here."""
+    global _POOL_LOCK
+    _POOL.clear()
+    _POOL_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _stuck(keys) -> str:
