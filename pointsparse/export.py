@@ -388,7 +388,10 @@ def load(path) -> tuple[torch.export.ExportedProgram, dict]:
     torch reads it (torch's reader does not check them, so a flipped byte in
     a weight loaded silently); the error names the damaged member. A file
     holding pickled Python objects, which torch's reader would unpickle as
-    code (:func:`_check_data_only`), is a ValueError naming the member.
+    code (:func:`_check_data_only`), is a ValueError naming the member, and
+    so is one whose graph holds Python code torch would evaluate (a shape
+    expression or a guard that is not sympy's numbers and symbols or a
+    comparison of the inputs' sizes: :func:`_check_graph_code`).
     ``TypeError`` where ``path`` is no str or ``os.PathLike``."""
     path = _as_path(path)
     if path.is_dir():
@@ -452,7 +455,8 @@ def _check_data_only(path: Path) -> None:
     (the sample inputs, a legacy weights or constants file) that does not
     read as data only (torch falls back to ``weights_only=False`` there), or
     a weight or constant its config marks ``use_pickle`` or stores as a
-    pickled object (read with ``weights_only=False`` / ``pickle.loads``).
+    pickled object (read with ``weights_only=False`` / ``pickle.loads``),
+    or a graph (``models/``) holding Python code (:func:`_check_graph_code`).
     A file that is no zip is left to the reader's own error."""
     import io
     import zipfile
@@ -481,6 +485,181 @@ def _check_data_only(path: Path) -> None:
                     raise ValueError(f"{path} is damaged: its member {name} does not read ({error})") from None
                 if pickled:
                     raise refused(name, f"marks {pickled[0].get('path_name')!r} as pickled Python objects")
+            elif name.partition("/")[2].startswith("models/") or name.startswith("models/"):
+                _check_graph_code(path, name, archive.read(name))
+
+
+#: What a guard calls by name (torch's printer of guards writes these; all compute on numbers).
+_GUARD_FUNCTIONS = frozenset({"abs", "max", "min", "round", "int", "float", "IsNonOverlappingAndDenseIndicator",
+                              "cast_symbool_to_symint_guardless"})
+#: The torch functions a guard calls (``torch.sym_float(...)``, ...).
+_GUARD_TORCH_FUNCTIONS = frozenset({"sym_float", "sym_int", "sym_max", "sym_min", "sym_not", "sym_ite", "sym_sqrt",
+                                    "_sym_sqrt", "sym_sum"})
+#: The methods a guard calls on an input (``L['feats'].size()``).
+_GUARD_METHODS = frozenset({"size", "stride", "storage_offset", "dim", "numel"})
+
+
+def _identifier(text) -> bool:
+    """Whether ``text`` is a str of letters, digits and underscores, not starting with a digit or underscore."""
+    return isinstance(text, str) and text.isascii() and text.isidentifier() and not text.startswith("_")
+
+
+def _number_text(text) -> bool:
+    """Whether ``text`` is a str writing a number (sympy's ``Float('0.5', precision=53)``)."""
+    import re
+
+    return isinstance(text, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", text) is not None
+
+
+def _sympy_class(name: str) -> bool:
+    """Whether ``name``, in the namespace torch's reader evaluates a shape
+    expression in (torch's sympy functions, then sympy's), is a sympy class
+    (a constructor of expressions: Symbol, Integer, Add, FloorDiv, ...) or
+    none of theirs nor a builtin (sympy reads it as a function of that name,
+    as srepr's ``ExprCondPair``); never a function such as ``sympify`` or a
+    builtin."""
+    import builtins
+
+    import sympy
+    from torch.utils._sympy import functions
+
+    if not _identifier(name):
+        return False
+    found = [getattr(module, name) for module in (functions, sympy) if hasattr(module, name)]
+    if not found:
+        return not hasattr(builtins, name)
+    return all(isinstance(f, type) and issubclass(f, sympy.Basic) for f in found)
+
+
+_OPERATORS = ("BoolOp", "BinOp", "UnaryOp", "Compare", "IfExp", "Tuple", "List")
+
+
+def _expression_safe(node, named: str | None = None) -> bool:
+    """Whether the ``ast`` node of a shape expression is sympy's srepr (or
+    str) of one: calls of sympy classes (:func:`_sympy_class`) on numbers,
+    names, operators and such calls, keywords of constants; a str only as
+    the name of a Symbol or the digits of a number. ``named``: the class
+    called with ``node`` as its first argument."""
+    import ast
+
+    if isinstance(node, ast.Constant):
+        if isinstance(node.value, str):
+            return (named in ("Symbol", "Dummy") and _identifier(node.value)) or \
+                (named in ("Float", "Integer", "Rational") and _number_text(node.value))
+        return node.value is None or isinstance(node.value, (bool, int, float))
+    if isinstance(node, ast.Name):
+        return _identifier(node.id)  # (a reference; a call of it is checked below)
+    if isinstance(node, ast.Call):
+        return isinstance(node.func, ast.Name) and _sympy_class(node.func.id) and \
+            all(_expression_safe(a, node.func.id if i == 0 else None) for i, a in enumerate(node.args)) and \
+            all(_identifier(k.arg) and isinstance(k.value, ast.Constant) and not isinstance(k.value.value, str)
+                for k in node.keywords)
+    if type(node).__name__ in _OPERATORS or isinstance(node, (ast.operator, ast.unaryop, ast.cmpop, ast.boolop,
+                                                              ast.expr_context)):
+        return all(_expression_safe(child) for child in ast.iter_child_nodes(node))
+    return False
+
+
+def _on_input(node) -> bool:
+    """Whether the ``ast`` node is a path into an input of the program:
+    ``L['name']`` followed by indices, public attributes and size methods."""
+    import ast
+
+    while True:
+        if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id == "L":
+            return isinstance(node.slice, ast.Constant) and _identifier(node.slice.value)
+        if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and \
+                type(node.slice.value) is int:
+            node = node.value
+        elif isinstance(node, ast.Attribute) and _identifier(node.attr):
+            node = node.value
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                node.func.attr in _GUARD_METHODS and not node.keywords and \
+                all(isinstance(a, ast.Constant) and type(a.value) is int for a in node.args):
+            node = node.func.value
+        else:
+            return False
+
+
+def _guard_safe(node) -> bool:
+    """Whether the ``ast`` node of a guard is one torch writes: comparisons
+    and arithmetic of numbers, the inputs' sizes (:func:`_on_input`),
+    ``math``'s functions and constants, ``torch.sym_*`` and the numeric
+    builtins of :data:`_GUARD_FUNCTIONS` on such."""
+    import ast
+
+    if isinstance(node, ast.Constant):
+        return node.value is None or isinstance(node.value, (bool, int, float))
+    if isinstance(node, ast.Name):
+        return node.id == "inf"
+    if isinstance(node, (ast.Subscript, ast.Attribute)) and _on_input(node):
+        return True
+    if isinstance(node, ast.Attribute):  # (math.inf, math.pi)
+        return isinstance(node.value, ast.Name) and node.value.id == "math" and _identifier(node.attr)
+    if isinstance(node, ast.Call):
+        func = node.func
+        if _on_input(node):
+            return True
+        named = (isinstance(func, ast.Name) and func.id in _GUARD_FUNCTIONS) or (
+            isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and (
+                (func.value.id == "math" and _identifier(func.attr))
+                or (func.value.id == "torch" and func.attr in _GUARD_TORCH_FUNCTIONS)))
+        return named and not node.keywords and all(_guard_safe(a) for a in node.args)
+    if type(node).__name__ in _OPERATORS or isinstance(node, (ast.operator, ast.unaryop, ast.cmpop, ast.boolop,
+                                                              ast.expr_context)):
+        return all(_guard_safe(child) for child in ast.iter_child_nodes(node))
+    return False
+
+
+def _check_graph_code(path: Path, name: str, data: bytes) -> None:
+    """``ValueError`` naming ``path`` where the graph member ``name`` (its
+    bytes ``data``) holds something torch would run as Python code:
+    torch's reader evaluates each shape expression (``expr_str``) with
+    ``sympy.sympify`` (an ``eval``), and ``program.module()`` executes the
+    guards (``guards_code``), each written into a line of Python.
+    :func:`_expression_safe` and :func:`_guard_safe` say what passes, and a
+    guard holds no quote, ``#``, backslash or line break (torch writes its
+    text into a string literal too)."""
+    import ast
+
+    def refused(what: str, text: str) -> ValueError:
+        return ValueError(f"{path}: its graph holds {what} {text!r:.200}, which torch would run as Python code; "
+                          "pointsparse loads programs whose shape expressions are sympy's numbers and symbols and "
+                          "whose guards compare the inputs' sizes (export_model's) and refuses it")
+
+    def parsed(text: str):
+        try:
+            return ast.parse(text, mode="eval").body
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            return None
+
+    try:
+        graph = json.loads(data)
+    except (ValueError, RecursionError) as error:  # (UnicodeDecodeError, JSONDecodeError, a nesting too deep)
+        raise ValueError(f"{path} is damaged: its member {name} does not read ({str(error)[:200]})") from None
+    seen: set[str] = set()
+    stack = [graph]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, list):
+            stack.extend(value)
+        if not isinstance(value, dict):
+            continue
+        for key, item in value.items():
+            if key == "expr_str" and isinstance(item, str):
+                if item not in seen:
+                    node = parsed(item)
+                    if node is None or not _expression_safe(node):
+                        raise refused("the shape expression", item)
+                    seen.add(item)
+            elif key == "guards_code":
+                for guard in item if isinstance(item, list) else [item]:
+                    node = parsed(guard) if isinstance(guard, str) else None
+                    if node is None or any(c in guard for c in "\"#\\") or not guard.isprintable() or \
+                            not _guard_safe(node):
+                        raise refused("the guard", guard)
+            else:
+                stack.append(item)
 
 
 # --------------------------------------------------------------------- running a program

@@ -1260,6 +1260,64 @@ def test_a_program_holding_pickled_code_is_refused_and_the_code_never_runs(tmp_p
     assert not marker.exists()
 
 
+def _with_graph_json(good, evil, edit) -> None:
+    """Copy the program ``good`` to ``evil`` with its ``models/model.json`` passed through ``edit``."""
+    import zipfile
+
+    with zipfile.ZipFile(good) as source, zipfile.ZipFile(evil, "w") as target:
+        for name in source.namelist():
+            data = source.read(name)
+            if name.endswith("models/model.json"):
+                graph = json.loads(data)
+                edit(graph)
+                data = json.dumps(graph).encode()
+            target.writestr(name, data)
+
+
+def _first_expression(value):
+    """The first dict holding an ``expr_str`` in the JSON ``value``, or None."""
+    if isinstance(value, dict):
+        if isinstance(value.get("expr_str"), str):
+            return value
+        value = list(value.values())
+    if isinstance(value, list):
+        return next((found for item in value if (found := _first_expression(item)) is not None), None)
+    return None
+
+
+@pytest.mark.parametrize("field", ["a shape expression", "a guard", "a guard's message"])
+def test_a_program_whose_graph_holds_python_code_is_refused_and_the_code_never_runs(tmp_path, field):
+    """torch.export.load reads each symbolic size of a program (``expr_str``, sympy's srepr) with
+    sympy.sympify, an eval, and ``program.module()`` (ProgramModel's) execs the program's guards
+    (``guards_code``) as Python: a .pt2 whose graph held code there (here code that touches a file)
+    ran it in export.load, ProgramModel.load and so eval / predict --program, though it holds no
+    pickle. Each expression is read as sympy's constructors of numbers and symbols, each guard as a
+    comparison of the inputs' sizes, before torch reads the file: anything else is a ValueError
+    naming the file and the expression; export_model's programs still load and run."""
+    marker = tmp_path / "ran"
+    good = tmp_path / "good.pt2"
+    x = _cloud(50, 1, 2)
+    export.save(export.export_model(spnn.Conv3d(2, 3, 3).eval(), x), good)
+    assert export.ProgramModel.load(good)(x).feats.shape == (50, 3)
+    touch = f"__import__('pathlib').Path({str(marker)!r}).touch()"
+
+    def edit(graph):
+        if field == "a shape expression":
+            found = _first_expression(graph)
+            found["expr_str"] = f"({touch} and 0) or {found['expr_str']}"
+        elif field == "a guard":
+            graph["guards_code"] = [f"{touch} is None", *graph["guards_code"]]
+        else:  # (a quote in a path's key closes the string literal of the message torch writes the guard into)
+            quoted = f'__import__("pathlib").Path("{marker}").touch()'
+            graph["guards_code"] = [f"True or L['feats\") or {quoted} or (\"'].size()[0] >= 0", *graph["guards_code"]]
+
+    _with_graph_json(good, tmp_path / "evil.pt2", edit)
+    for load in (export.load, export.ProgramModel.load):  # (before the fix: the last ran it when called on x)
+        with pytest.raises(ValueError, match=r"evil\.pt2: its graph holds .* which torch would run as Python code"):
+            load(tmp_path / "evil.pt2")
+    assert not marker.exists()
+
+
 def test_load_names_a_folder_given_as_the_program(tmp_path):
     """export.load / ProgramModel.load of a folder (a run's folder for the .pt2 in it) said "no exported
     program at" it, a FileNotFoundError for a path that exists; a ValueError names it as a folder, as
