@@ -253,6 +253,54 @@ def test_loading_a_file_that_is_no_saved_table_names_it(tmp_path, text):
         netadapt.LatencyTable.load(path)
 
 
+def _table_text(**change) -> str:
+    import json
+
+    table = {"entries": {"0": [[3, 8, 0.5], [3, 4, 0.25]]}, "keys": {"0": {"type": "Linear"}},
+             "candidates": {"0": [8, 4]}, "rest": 0.1, "repeats": 7, "layout": [["0", None, True]]}
+    return json.dumps({**table, **change})
+
+
+@pytest.mark.parametrize("text", [
+    "[" * 100_000 + "]" * 100_000,  # (json's RecursionError)
+    _table_text(entries={"0": [[3, 8, float("nan")]]}), _table_text(entries={"0": [[3, 8, -1.0]]}),
+    _table_text(entries={"0": [["3", 8.7, 0.5]]}),
+    _table_text(candidates={"0": "x"}), _table_text(candidates={"0": []}), _table_text(candidates={"0": [0]}),
+    _table_text(keys={"0": 3}), _table_text(rest=float("inf")), _table_text(rest=-2), _table_text(repeats=0),
+    _table_text(repeats=2.5), _table_text(layout=[[1]]), _table_text(layout=[["0", None, "yes"]]),
+    _table_text(layout=[[0, None, True]])])
+def test_loading_a_table_of_the_wrong_kind_of_values_names_the_file(tmp_path, text):
+    """LatencyTable.load took any JSON of the right keys: values of another
+    kind (a NaN or negative latency, a str of candidates, a layout row of
+    one item, a repeat count of 0) loaded into a table whose estimates were
+    NaN or failed later inside netadapt ("not enough values to unpack",
+    a comparison of str and int), a nesting too deep was json's bare
+    RecursionError; each is a ValueError naming the file."""
+    path = tmp_path / "table.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"{path}.*not a latency table saved by LatencyTable.save"):
+        netadapt.LatencyTable.load(path)
+
+
+def test_loading_a_folder_or_a_pipe_as_the_table_names_it(tmp_path):
+    """LatencyTable.load of a folder was the OSError "Is a directory", and of
+    a named pipe read until a writer came (a hang); both are a ValueError
+    naming the path, as checkpoint.load's; a file of the table's values
+    written as save writes them loads."""
+    import os
+
+    (tmp_path / "table.json").write_text(_table_text())
+    table = netadapt.LatencyTable.load(tmp_path / "table.json")
+    assert table.entries == {"0": {(3, 8): 0.5, (3, 4): 0.25}} and table.layout == [("0", None, True)]
+    with pytest.raises(ValueError, match=f"{tmp_path} is a folder"):
+        netadapt.LatencyTable.load(tmp_path)
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'pipe'} is not a regular file"):
+        netadapt.LatencyTable.load(tmp_path / "pipe")
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        netadapt.LatencyTable.load(tmp_path / "missing.json")
+
+
 def test_a_saved_table_loads_back_equal(tmp_path):
     table = netadapt.build_latency_table(mlp(0), torch.randn(4, 8), num_candidates=2, repeats=1)
     back = netadapt.LatencyTable.load(table.save(tmp_path / "t.json"))

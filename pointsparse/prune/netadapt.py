@@ -151,16 +151,58 @@ class LatencyTable:
     @classmethod
     def load(cls, path) -> "LatencyTable":
         """The table :meth:`save` wrote to ``path``; a ValueError naming the
-        file where it holds no such table."""
+        file where it holds no such table (values of another kind than save
+        writes included: a latency that is no finite number >= 0, channel
+        counts that are no ints >= 1, a layout row that is no ``[layer,
+        feeder or None, is producer]``) or is a folder or no regular file;
+        ``FileNotFoundError`` where there is none."""
         path = check_path(path, "a file LatencyTable.save wrote")
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder; give the JSON file LatencyTable.save wrote")
+        if path.exists() and not path.is_file():  # (a named pipe: read until a writer came)
+            raise ValueError(f"{path} is not a regular file; give the JSON file LatencyTable.save wrote")
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
-            return cls({n: {(int(a), int(b)): float(v) for a, b, v in rows} for n, rows in d["entries"].items()},
-                       dict(d["keys"]), dict(d["candidates"]), float(d["rest"]), int(d["repeats"]),
-                       [tuple(row) for row in d.get("layout", [])])
-        except (ValueError, KeyError, TypeError, AttributeError) as error:  # (UnicodeDecodeError, JSON's too)
+            return _checked_table(cls(
+                {n: {(a, b): v for a, b, v in rows} for n, rows in d["entries"].items()}, dict(d["keys"]),
+                dict(d["candidates"]), d["rest"], d["repeats"], [tuple(row) for row in d.get("layout", [])]))
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:  # (UnicodeDecodeError,
+            # JSON's, a nesting deeper than json reads)
             raise ValueError(f"{path}: not a latency table saved by LatencyTable.save "
-                             f"({type(error).__name__}: {error})") from None
+                             f"({type(error).__name__}: {str(error)[:200]})") from None
+
+
+def _checked_table(table: LatencyTable) -> LatencyTable:
+    """``table`` (read from a file) if its values are of the kinds
+    :meth:`LatencyTable.save` writes, else a ValueError saying which is not."""
+    def count(v) -> bool:
+        return type(v) is int and v >= 1
+
+    def seconds(v) -> bool:
+        return type(v) in (int, float) and math.isfinite(v) and v >= 0
+
+    for name, row in table.entries.items():
+        for (c_in, c_out), latency in row.items():
+            if not (count(c_in) and count(c_out) and seconds(latency)):
+                raise ValueError(f"entry {name!r} {[c_in, c_out, latency]!r:.100} is not [c_in, c_out, seconds] "
+                                 "(ints >= 1, a finite number >= 0)")
+    for name, key in table.keys.items():
+        if not isinstance(key, dict):
+            raise ValueError(f"key {name!r} is no dict; got {key!r:.100}")
+    for name, counts in table.candidates.items():
+        if not (isinstance(counts, list) and counts and all(count(c) for c in counts)):
+            raise ValueError(f"candidates {name!r} must be a non-empty list of ints >= 1; got {counts!r:.100}")
+    if not seconds(table.rest):
+        raise ValueError(f"rest must be a finite number >= 0 (seconds); got {table.rest!r:.100}")
+    if not count(table.repeats):
+        raise ValueError(f"repeats must be an int >= 1; got {table.repeats!r:.100}")
+    for row in table.layout:
+        if not (len(row) == 3 and isinstance(row[0], str) and (row[1] is None or isinstance(row[1], str))
+                and type(row[2]) is bool):
+            raise ValueError(f"layout row {list(row)!r:.100} is not [layer, feeding producer or None, is producer]")
+    table.entries = {name: {key: float(v) for key, v in row.items()} for name, row in table.entries.items()}
+    table.rest = float(table.rest)
+    return table
 
 
 def _channel_layout(model):
