@@ -382,8 +382,9 @@ def check_out_path(path) -> None:
 def load(path) -> tuple[torch.export.ExportedProgram, dict]:
     """``(program, meta)`` of a file written by :func:`save`;
     ``FileNotFoundError`` where there is no such file, a ``ValueError``
-    naming it where it is a folder or not such a program (another kind of file, or one
-    truncated or damaged so that it no longer reads). Every member of the
+    naming it where it is a folder, no regular file (a pipe) or not such a
+    program (another kind of file, or one truncated or damaged so that it
+    no longer reads). Every member of the
     archive is checked against the CRC-32 the writer stored for it before
     torch reads it (torch's reader does not check them, so a flipped byte in
     a weight loaded silently); the error names the damaged member. A file
@@ -397,6 +398,8 @@ def load(path) -> tuple[torch.export.ExportedProgram, dict]:
     if path.is_dir():
         raise ValueError(f"{path} is a folder; give the .pt2 file in it (e.g. {path / 'model.pt2'})")
     if not path.is_file():
+        if path.exists():  # (a pipe, a device: never opened, a pipe would block)
+            raise ValueError(f"{path} is not a regular file; give the .pt2 file")
         raise FileNotFoundError(f"no exported program at {path}")
     _check_members(path)
     _check_data_only(path)

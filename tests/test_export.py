@@ -1327,6 +1327,18 @@ def test_load_names_a_folder_given_as_the_program(tmp_path):
             load(tmp_path)
 
 
+def test_load_names_a_pipe_given_as_the_program(tmp_path):
+    """export.load / ProgramModel.load of a named pipe said "no exported program at" it, a
+    FileNotFoundError for a path that exists; a ValueError says it is no regular file, as
+    checkpoint.load's (and nothing opens it: a pipe blocks until a writer comes)."""
+    import os
+
+    os.mkfifo(tmp_path / "model.pt2")
+    for load in (export.load, export.ProgramModel.load):
+        with pytest.raises(ValueError, match=r"model\.pt2 is not a regular file; give the \.pt2 file"):
+            load(tmp_path / "model.pt2")
+
+
 def test_save_names_a_missing_folder(tmp_path):
     """export.save into a folder that does not exist: FileNotFoundError
     naming it (was torch's RuntimeError from its archive writer)."""
