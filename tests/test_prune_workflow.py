@@ -1006,6 +1006,26 @@ def test_a_procedure_on_a_checkpoint_pruning_voxels_at_stride_1(voxel_run, tmp_p
     task.train_fn(net, 1)  # (its steps' loss)
 
 
+def test_a_checkpoint_task_takes_a_checkpoint_recording_no_args(voxel_run, tmp_path):
+    """A training checkpoint whose record of its run's flags is None (which checkpoint.load_training,
+    eval, predict and --resume take as no record) made the procedures' task on it (``pointsparse prune
+    <procedure> --checkpoint``) fail with AttributeError "'NoneType' object has no attribute 'get'"
+    (its readers took a missing args only); it reads as one without args: the generated scenes and
+    the default learning rate."""
+    from pointsparse.app.tasks import checkpoint_task
+
+    state = checkpoint.load(voxel_run)
+    for name, args in (("none.pt", None), ("absent.pt", ...)):
+        record = {k: v for k, v in state.items() if k != "args"} if args is ... else dict(state, args=args)
+        checkpoint.save(tmp_path / name, record)
+    _, none = checkpoint_task(tmp_path / "none.pt", clouds=2)
+    _, absent = checkpoint_task(tmp_path / "absent.pt", clouds=2)
+    assert none.lr == absent.lr == pytest.approx(0.005)
+    x, labels = none.batch_fn()
+    y, same = absent.batch_fn()
+    assert torch.equal(x.coords, y.coords) and torch.equal(labels, same)
+
+
 @pytest.mark.parametrize("recorded", [True, False])
 def test_a_checkpoint_task_makes_fresh_models_of_its_widths(voxel_run, tmp_path, recorded):
     """The procedures' task on a checkpoint: its ``make_model(seed)``

@@ -221,7 +221,7 @@ def _checkpoint_batches(state: dict, data, label_map, count: int, skip_nonfinite
     from ..data.datasets import is_generated
     from .clouds import refuse_file_flags
     from .train import SEED_SCENES, generated_source
-    config, saved = state["config"], state.get("args", {})
+    config, saved = state["config"], state.get("args") or {}  # (None: no record, as its other readers take it)
     spec = data or saved.get("data") or ["generated"]
     if is_generated(spec):
         refuse_file_flags(spec, {"--label-map": label_map is not None, "--skip-nonfinite": skip_nonfinite},
@@ -329,7 +329,7 @@ def checkpoint_task(path, data=None, label_map=None, clouds: int = 4,
                 pred, labels = voxel_classes(model(val.input), len(val.labels)), val.labels
         return metrics.mean_iou(metrics.confusion_matrix(pred, labels, classes, ignore))
 
-    lr = float(state.get("args", {}).get("lr", 0.05)) * 0.1
+    lr = float((state.get("args") or {}).get("lr", 0.05)) * 0.1
     return state, Task("checkpoint", make_model, _train_fn(batch_fn, loss_fn, lr), evaluate, evaluate, batch_fn,
                        loss_fn, _model_inputs(val, points), lr, 60, "mIoU", trained_model)
 
