@@ -1026,6 +1026,23 @@ def test_a_checkpoint_task_takes_a_checkpoint_recording_no_args(voxel_run, tmp_p
     assert torch.equal(x.coords, y.coords) and torch.equal(labels, same)
 
 
+@pytest.mark.parametrize("args", [None, ...])
+def test_finetune_epochs_on_a_checkpoint_recording_no_args_names_it(voxel_run, tmp_path, capsys, args):
+    """--finetune-epochs resumes the pruned checkpoint's run with its flags (its args); on a checkpoint
+    whose args is None or absent it failed with TypeError "argparse.Namespace() argument after ** must
+    be a mapping" / KeyError 'args' and a traceback. A ValueError names the checkpoint written and what
+    it lacks."""
+    state = checkpoint.load(voxel_run)
+    path = tmp_path / "in.pt"
+    checkpoint.save(path, {k: v for k, v in state.items() if k != "args"} if args is ... else dict(state, args=args))
+    out = tmp_path / "out"
+    assert cli.main(["prune", "channels", "--checkpoint", str(path), "--ratio", "0.5", "--finetune-epochs", "1",
+                     "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'checkpoint.pt'}: --finetune-epochs resumes the run" in err and "records no flags" in err
+    assert "Traceback" not in err and load_model(out / "checkpoint.pt") is not None  # (the pruned one is written)
+
+
 @pytest.mark.parametrize("recorded", [True, False])
 def test_a_checkpoint_task_makes_fresh_models_of_its_widths(voxel_run, tmp_path, recorded):
     """The procedures' task on a checkpoint: its ``make_model(seed)``

@@ -426,6 +426,10 @@ def finetune(path: Path, epochs: int) -> None:
     (same options as the run that wrote it; output beside it)."""
     from .train import main
     state = load_state(path)
+    if not isinstance(state.get("args"), dict):  # (None or absent: checkpoint.load_training takes both)
+        raise ValueError(f"{path}: --finetune-epochs resumes the run with its flags, and the checkpoint records no "
+                         "flags of its run (its args: a checkpoint written by hand or by another tool); the pruned "
+                         "checkpoint is written there, not fine-tuned")
     args = argparse.Namespace(**state["args"])
     args.out, args.resume = str(path.parent), str(path)
     args.init = None  # (the run's --init gave its first weights; the resumed ones are the checkpoint's)
