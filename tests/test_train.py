@@ -1689,10 +1689,11 @@ def test_confusion_matrix_names_pred_or_target_that_hold_no_numbers():
     neither argument ("too many dimensions 'str'", a RuntimeError "Could not
     infer dtype of NoneType", NotImplementedError for a meta tensor), and
     uint64 targets past int64 wrapped round to negative ids: 2**64 - 100
-    was scored as ignore_index -100, skipped without a word."""
+    was scored as ignore_index -100, skipped without a word. A ragged list
+    (no shape at all) is named too, not numpy's "inhomogeneous shape"."""
     good = [0, 1, 1]
     for bad in (["a", "b", "c"], [None, 0, 1], np.array(["0", "1", "1"]), np.array([0, 1, None], object),
-                torch.empty(3, dtype=torch.long, device="meta")):
+                torch.empty(3, dtype=torch.long, device="meta"), [[0, 1], [1]]):
         for name, args in (("pred", (bad, good)), ("target", (good, bad))):
             with pytest.raises(TypeError, match=f"{name} must hold integer class indices"):
                 metrics.confusion_matrix(*args, 3)

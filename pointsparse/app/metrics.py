@@ -24,8 +24,8 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None = 
     num_classes = int(num_classes)
     if ignore_index is not None:
         ignore_index = _ignore_index(ignore_index)  # (the readers' check: an int in int64, not a bool)
-    pred_shape, target_shape = _shape(pred), _shape(target)
-    pred, target = (_class_indices(t, name) for t, name in ((pred, "pred"), (target, "target")))
+    (pred, pred_shape), (target, target_shape) = (_class_indices(t, name)
+                                                  for t, name in ((pred, "pred"), (target, "target")))
     if pred.numel() != target.numel():
         raise ValueError(f"pred and target must have the same length; got {pred.numel()} and {target.numel()}")
     if pred_shape != target_shape:  # (one count, other shapes: a transposed batch scored in the wrong order)
@@ -46,13 +46,9 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None = 
 MAX_CLASSES = 2**14
 
 
-def _shape(labels) -> tuple:
-    """The shape ``labels`` has before :func:`_class_indices` flattens it."""
-    return tuple(labels.shape) if hasattr(labels, "shape") else tuple(np.shape(labels))
-
-
-def _class_indices(labels, name: str) -> torch.Tensor:
-    """``labels`` as a flat int64 CPU tensor: integers (or bools), or floats
+def _class_indices(labels, name: str) -> tuple[torch.Tensor, tuple]:
+    """``labels`` as a flat int64 CPU tensor, and the shape it had before
+    flattening (a ragged list, no shape, is named here): integers (or bools), or floats
     that are whole numbers in int64 (class ids stored as floats); a
     ValueError naming ``name`` for other floats (``.long()`` truncated
     probabilities and max-logit values into classes), a TypeError for
@@ -80,7 +76,7 @@ def _class_indices(labels, name: str) -> torch.Tensor:
             bad = flat[~whole][0].item()
             raise ValueError(f"{name} must hold integer class indices (e.g. logits.argmax(1)); got {bad} in its "
                              f"{labels.dtype} values")
-    return labels.reshape(-1).long().cpu()
+    return labels.reshape(-1).long().cpu(), tuple(labels.shape)
 
 
 def _square(cm) -> np.ndarray:
