@@ -397,52 +397,65 @@ def test_a_walk_over_the_maps_onto_a_stride_survives_a_map_added_meanwhile():
                                                                           (1, 1, 1))]
 
 
-def test_a_cache_shared_by_threads_is_read_while_another_adds_maps_and_strides():
-    """Two networks on one input's cache, one per thread: a VoxelPrune's
-    selection (copy_finer, maps_onto, input_coords) walked the cache's
-    dicts while the other thread's convs added maps and strides to them,
-    and failed now and then with "dictionary changed size during
-    iteration". Each walk reads a snapshot now."""
+def _race_an_adder(x, work, calls: int) -> list:
+    """Run ``work()`` over and over in one thread while another adds
+    ``calls`` maps to ``x``'s cache (a new stride on every other), the
+    threads switching between almost every two bytecodes; the errors
+    ``work`` raised (none or the first)."""
     import sys
     import threading
 
     from pointsparse import kmap
-    from pointsparse.nn import functional as F
 
-    x, y = _shared_cache_example()
-    rows = torch.arange(0, len(y), 2)
-    expected = F.select_voxels(y, rows)
     errors, done = [], threading.Event()
 
     def add():  # a new map on every call, and a new stride on every other
-        for d in range(1, 600):
+        for d in range(1, calls):
             kmap.get_kmap(x, 1, 1, dilation=d)
             if d % 2:
                 kmap.get_kmap(x, 1, (1, 1, d + 2))
         done.set()
 
-    def read():
+    def repeat():
         try:
             while not done.is_set():
-                got = F.select_voxels(y, rows)
-                assert torch.equal(got.coords, expected.coords) and torch.equal(got.feats, expected.feats)
-                y.cache.input_coords()
-                list(y.cache.maps_onto(y.stride, y.coords))
-        except Exception as error:  # noqa: BLE001 - reported below
+                work()
+        except Exception as error:  # noqa: BLE001 - reported to the caller
             errors.append(error)
             done.set()
 
     before = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)  # (the threads take turns between almost every two bytecodes)
     try:
-        threads = [threading.Thread(target=add), threading.Thread(target=read)]
+        threads = [threading.Thread(target=add), threading.Thread(target=repeat)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
     finally:
         sys.setswitchinterval(before)
-    assert errors == []
+    return errors
+
+
+def test_a_cache_shared_by_threads_is_read_while_another_adds_maps_and_strides():
+    """Two networks on one input's cache, one per thread: a VoxelPrune's
+    selection (copy_finer, maps_onto, input_coords) walked the cache's
+    dicts while the other thread's convs added maps and strides to them,
+    and failed now and then with "dictionary changed size during
+    iteration". Each walk reads a snapshot now."""
+    from pointsparse.nn import functional as F
+
+    x, y = _shared_cache_example()
+    rows = torch.arange(0, len(y), 2)
+    expected = F.select_voxels(y, rows)
+
+    def read():
+        got = F.select_voxels(y, rows)
+        assert torch.equal(got.coords, expected.coords) and torch.equal(got.feats, expected.feats)
+        y.cache.input_coords()
+        list(y.cache.maps_onto(y.stride, y.coords))
+
+    assert _race_an_adder(x, read, 600) == []
 
 
 def test_a_cache_shared_by_threads_is_copied_while_another_adds_maps_and_strides():
@@ -451,42 +464,15 @@ def test_a_cache_shared_by_threads_is_copied_while_another_adds_maps_and_strides
     the copy walked the cache's dicts as they grew and failed now and then
     with "dictionary changed size during iteration"."""
     import pickle
-    import sys
-    import threading
-
-    from pointsparse import kmap
 
     x, y = _shared_cache_example()
-    errors, done = [], threading.Event()
-
-    def add():  # a new map on every call, and a new stride on every other
-        for d in range(1, 300):
-            kmap.get_kmap(x, 1, 1, dilation=d)
-            if d % 2:
-                kmap.get_kmap(x, 1, (1, 1, d + 2))
-        done.set()
 
     def copy_():
-        try:
-            while not done.is_set():
-                for got in (copy.deepcopy(y), pickle.loads(pickle.dumps(y))):
-                    assert torch.equal(got.coords, y.coords) and got.cache.coords.keys() >= {(1, 1, 1), (2, 2, 2)}
-                y.cache.to("cpu")
-        except Exception as error:  # noqa: BLE001 - reported below
-            errors.append(error)
-            done.set()
+        for got in (copy.deepcopy(y), pickle.loads(pickle.dumps(y))):
+            assert torch.equal(got.coords, y.coords) and got.cache.coords.keys() >= {(1, 1, 1), (2, 2, 2)}
+        y.cache.to("cpu")
 
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # (the threads take turns between almost every two bytecodes)
-    try:
-        threads = [threading.Thread(target=add), threading.Thread(target=copy_)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(before)
-    assert errors == []
+    assert _race_an_adder(x, copy_, 300) == []
 
 # --- bad input, each case in its own process ---------------------------------------
 
