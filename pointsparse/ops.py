@@ -1051,7 +1051,7 @@ def select_voxels(input: SparseTensor, rows: Tensor, feats: Tensor | None) -> Sp
     here = input.stride
     cache = GraphCache()
     source.copy_finer(here, cache)
-    cache.valid = {s for s in source.valid if s in cache.coords or s == here}
+    cache.valid = {s for s in list(source.valid) if s in cache.coords or s == here}  # (a snapshot: eager's)
     coords = input.coords.index_select(0, rows)
     cache.set_coords(here, coords)
     cache.note_kept(here, rows, input.coords.shape[0], source)

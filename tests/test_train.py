@@ -1606,8 +1606,13 @@ def test_confusion_matrix_refuses_shapes_that_only_share_a_count():
     (2, 3) prediction scored against a (3, 2) target (a transposed batch) was
     counted pair by pair in the wrong order without a word."""
     pred = torch.tensor([[0, 1, 2], [0, 1, 2]])
-    with pytest.raises(ValueError, match=r"pred and target must have the same shape; got \(2, 3\) and \(3, 2\)"):
+    with pytest.raises(ValueError, match=r"pred and target must have the same shape \(dims of 1 aside\); got "
+                                         r"\(2, 3\) and \(3, 2\)"):
         metrics.confusion_matrix(pred, pred.reshape(3, 2), 3)
+    # dims of one line up the same values: (N, 1) against (N,), a 0-d id against one of [x], as before
+    column = torch.tensor([[0], [1], [2]])
+    assert metrics.confusion_matrix(column, column.flatten(), 3).trace() == 3
+    assert metrics.confusion_matrix(torch.tensor(2), [2], 3)[2, 2] == 1
     assert metrics.confusion_matrix(pred, pred, 3).trace() == 6
 
 

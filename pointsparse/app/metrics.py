@@ -28,9 +28,11 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None = 
                                                   for t, name in ((pred, "pred"), (target, "target")))
     if pred.numel() != target.numel():
         raise ValueError(f"pred and target must have the same length; got {pred.numel()} and {target.numel()}")
-    if pred_shape != target_shape:  # (one count, other shapes: a transposed batch scored in the wrong order)
-        raise ValueError(f"pred and target must have the same shape; got {tuple(pred_shape)} and "
-                         f"{tuple(target_shape)}")
+    if _without_ones(pred_shape) != _without_ones(target_shape):
+        # (one count, other shapes: a transposed batch scored in the wrong order; dims of one, as (N, 1)
+        # against (N,), line up the same values)
+        raise ValueError(f"pred and target must have the same shape (dims of 1 aside); got {tuple(pred_shape)} "
+                         f"and {tuple(target_shape)}")
     if ignore_index is not None:
         keep = target != ignore_index
         pred, target = pred[keep], target[keep]
@@ -40,6 +42,11 @@ def confusion_matrix(pred, target, num_classes: int, ignore_index: int | None = 
         raise ValueError(f"predictions must lie in [0, {num_classes})")
     cm = torch.bincount(target * num_classes + pred, minlength=num_classes * num_classes)
     return cm.reshape(num_classes, num_classes).numpy().astype(np.int64)
+
+
+def _without_ones(shape: tuple) -> tuple:
+    """``shape`` without its dims of size 1."""
+    return tuple(d for d in shape if d != 1)
 
 
 #: the most classes confusion_matrix counts (a 16384 x 16384 int64 matrix is 2 GiB)
