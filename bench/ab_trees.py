@@ -20,7 +20,8 @@ adds VoxelPrune(0.5) before that child's three coarse decoder stages (as
 north_star.py's VoxelPrune rows). A tree of an earlier commit:
 ``git worktree add /tmp/old <commit>`` and its module built there (see
 bench/ab_builds.py). ``--quick``: this tree against itself on a generated
-street of 20k voxels, one round, the page in a temporary folder.
+street of 20k voxels, one round unless ``--rounds`` is given, the page in a
+temporary folder.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import environment, kitti_path, page_arg, page_path, positive_int, write_markdown
+from _common import environment, kitti_path, page_arg, page_path, positive_int, quick_defaults, write_markdown
 
 BENCH = Path(__file__).resolve().parent
 
@@ -104,7 +105,7 @@ with torch.no_grad():
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("trees", nargs="*", help="checkouts with their module built (the first is the baseline)")
-    parser.add_argument("--rounds", type=positive_int, default=11)
+    parser.add_argument("--rounds", type=positive_int, default=None, help="default 11 (--quick: 1)")
     parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--out", type=page_arg, default=None)
     parser.add_argument("--setup", nargs=2, action="append", default=[], metavar=("INDEX", "CODE"),
@@ -116,12 +117,14 @@ def main() -> None:
                         help="vectors: the float32 keep 0.25 + fuse + vectors 75%% model (default); pairs-bf16: "
                              "its 16 x 2 vector blocks in bfloat16 (the bf16 kernels; needs AVX512-BF16 to run "
                              "them, and trees whose prune.panel_structured takes rows)")
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true",
+                        help="this tree against itself on a generated street, 1 round unless --rounds is given")
     args = parser.parse_args()
+    quick_defaults(args, rounds=(11, 1))
     root = str(BENCH.parent)
     trees = [str(Path(t).resolve()) for t in args.trees] or [root, root]
     if args.quick:
-        trees, args.rounds = [root, root], 1
+        trees = [root, root]
     if len(trees) < 2:
         parser.error("give two or more trees")
     for t in trees:

@@ -12,8 +12,8 @@ its output bit for bit the float32 engine's rounded.
 
     python bench/bf16_training.py [--channels 16 32 64] [--dtypes bfloat16 float16] [--rounds 7] [--threads 2] [--out PAGE.md] [--quick]
 
-``--quick``: C = 16 on a 20k generated street, one round, the page in a
-temporary folder."""
+``--quick``: C = 16 on a 20k generated street, one round (``--channels`` and
+``--rounds`` where given), the page in a temporary folder."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import sys
 import torch
 
 from _common import (enforce_error, environment, interleaved, kitti_or_street, page_arg, page_path, positive_int,
-                     write_markdown)
+                     quick_defaults, write_markdown)
 
 import pointsparse as ps
 from pointsparse.nn import functional as F
@@ -76,17 +76,19 @@ def table(coords: torch.Tensor, channels: int, dtype: torch.dtype, rounds: int) 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--channels", type=positive_int, nargs="+", default=[16, 32, 64])
+    parser.add_argument("--channels", type=positive_int, nargs="+", default=None,
+                        help="default 16 32 64 (--quick: 16)")
     parser.add_argument("--dtypes", choices=sorted(DTYPES), nargs="+", default=["bfloat16", "float16"])
-    parser.add_argument("--rounds", type=positive_int, default=7)
+    parser.add_argument("--rounds", type=positive_int, default=None, help="default 7 (--quick: 1)")
     parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--out", type=page_arg, default=None)
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true",
+                        help="C = 16 on a 20k generated street, 1 round, where those are not given")
     args = parser.parse_args(argv)
+    quick_defaults(args, channels=([16, 32, 64], [16]), rounds=(7, 1))
     torch.set_num_threads(args.threads)
     coords, scene = kitti_or_street(args.quick)
-    channels = [16] if args.quick else args.channels
-    rounds = 1 if args.quick else args.rounds
+    channels, rounds = args.channels, args.rounds
     rows = [table(coords, c, DTYPES[d], rounds) for d in args.dtypes for c in channels]
     head = (f"### One submanifold Conv3d(C, C, 3), forward + backward, {scene} ({len(coords)} voxels), "
             f"{args.threads} threads, medians of {rounds} interleaved rounds\n\n"

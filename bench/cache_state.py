@@ -29,7 +29,8 @@ offset kept and with it zeroed (the pass that writes every output row, and
 the gathered offsets without it), in the same rounds.
 
 ``--quick``: C = 16 on a generated street of 20k voxels, 2 MB passes, two
-rounds, the page in a temporary folder.
+rounds (``--channels``, ``--mb`` and ``--rounds`` where given), the page in a
+temporary folder.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import time
 import numpy as np
 import torch
 
-from _common import environment, kitti_or_street, page_arg, page_path, positive_int, write_markdown
+from _common import environment, kitti_or_street, page_arg, page_path, positive_int, quick_defaults, write_markdown
 from prune_exec import variants
 
 import pointsparse as ps
@@ -139,19 +140,20 @@ def measure(channels: int, coords: torch.Tensor, rounds: int, mb: float, threads
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--channels", type=int, nargs="+", default=[64])
-    parser.add_argument("--rounds", type=positive_int, default=15)
-    parser.add_argument("--mb", type=float, default=64.0, help="MB of other memory passed over before a cold call")
+    parser.add_argument("--channels", type=int, nargs="+", default=None, help="default 64 (--quick: 16)")
+    parser.add_argument("--rounds", type=positive_int, default=None, help="default 15 (--quick: 2)")
+    parser.add_argument("--mb", type=float, default=None,
+                        help="MB of other memory passed over before a cold call (default 64; --quick: 2)")
     parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--out", type=page_arg, default=None)
     parser.add_argument("--split", action="store_true",
                         help="also the unpruned and twin 75%% weights with only the identity offset kept and with "
                              "it zeroed: where the sparse conv's time goes")
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true",
+                        help="C = 16 on a 20k generated street, 2 MB passes, 2 rounds, where those are not given")
     args = parser.parse_args()
+    quick_defaults(args, channels=([64], [16]), rounds=(15, 2), mb=(64.0, 2.0))
     torch.set_num_threads(args.threads)
-    if args.quick:
-        args.channels, args.rounds, args.mb = [16], 2, 2.0
     coords, where = kitti_or_street(args.quick)
     table = [f"### {where} ({len(coords):,} voxels), {args.threads} thread(s), medians of {args.rounds} rounds; "
              f"cold: {args.mb:g} MB of other memory read and written before each call",

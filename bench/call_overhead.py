@@ -17,8 +17,8 @@ raw 000049 at 0.05 m (maps cached: the network alone) as
 last conv's store) and the same model with the sum (``nn.add``) and the ReLU
 after the conv, as before; outputs compared bit for bit first. Table 3
 (``cache``): steps that coords in key order let skip work, against the way
-they take otherwise (see :func:`cache_steps`). Medians of interleaved rounds. ``--quick``: a 20k generated street, one round, the page
-in a temporary folder.
+they take otherwise (see :func:`cache_steps`). Medians of interleaved rounds. ``--quick``: a 20k generated street, one round unless
+``--rounds`` is given, the page in a temporary folder.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import sys
 import numpy as np
 import torch
 
-from _common import (environment, interleaved, kitti_path, page_arg, page_path, positive_int, street_scene,
-                     write_markdown)
+from _common import (environment, interleaved, kitti_path, page_arg, page_path, positive_int, quick_defaults,
+                     street_scene, write_markdown)
 
 import pointsparse as ps
 from pointsparse import prune
@@ -173,16 +173,17 @@ def residual(rounds: int, quick: bool) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=positive_int, default=15)
+    parser.add_argument("--rounds", type=positive_int, default=None, help="default 15 (--quick: 1)")
     parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--parts", nargs="+", choices=("calls", "residual", "cache"),
                         default=("calls", "residual", "cache"))
     parser.add_argument("--channels", type=int, default=16, help="table 1's C (default 16)")
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="a 20k generated street, 1 round unless --rounds is given")
     parser.add_argument("--out", type=page_arg, default=None, help="the page (default bench/results/call_overhead.md)")
     args = parser.parse_args()
+    quick_defaults(args, rounds=(15, 1))
     torch.set_num_threads(args.threads)
-    rounds = 1 if args.quick else args.rounds
+    rounds = args.rounds
     tables = ([per_call(rounds, args.channels)] if "calls" in args.parts else []) + (
         [residual(rounds, args.quick)] if "residual" in args.parts else []) + (
         [cache_steps(rounds, args.quick)] if "cache" in args.parts else [])

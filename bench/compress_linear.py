@@ -28,7 +28,8 @@ import sys
 
 import torch
 
-from _common import environment, interleaved, kitti_or_street, page_arg, page_path, positive_int, write_markdown
+from _common import (environment, interleaved, kitti_or_street, page_arg, page_path, positive_int, quick_defaults,
+                     write_markdown)
 
 import pointsparse as ps
 from pointsparse import formats, prune
@@ -115,15 +116,17 @@ def model(coords: torch.Tensor, rounds: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=positive_int, default=15)
+    parser.add_argument("--rounds", type=positive_int, default=None, help="default 15 (--quick: 1)")
     parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--parts", nargs="+", choices=("layers", "model"), default=("layers", "model"))
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true",
+                        help="a generated street, fewer layers, 1 round unless --rounds is given")
     parser.add_argument("--out", type=page_arg, default=None,
                         help="the page (default bench/results/compress_linear.md)")
     args = parser.parse_args()
+    quick_defaults(args, rounds=(15, 1))
     torch.set_num_threads(args.threads)
-    rounds = 1 if args.quick else args.rounds
+    rounds = args.rounds
     coords, name = kitti_or_street(args.quick)
     tables = [f"Input: {name}, {len(coords)} voxels."]
     if "layers" in args.parts:

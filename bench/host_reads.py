@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pointsparse as ps  # noqa: E402
 from pointsparse.models import MinkUNet  # noqa: E402
 from pointsparse.nn import reference  # noqa: E402
-from _common import street_scene  # noqa: E402
+from _common import quick_defaults, street_scene  # noqa: E402
 
 READS = ("item", "tolist", "__bool__", "__int__", "__index__", "__float__", "nonzero")
 # Reads of CPU tensors on every device: a map's sizes, the kernel offsets (by the line's text).
@@ -59,12 +59,11 @@ def count(fn) -> collections.Counter:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--voxels", type=int, default=20_000)
-    parser.add_argument("--cr", type=float, default=0.5)
-    parser.add_argument("--quick", action="store_true", help="5k voxels, cr 0.25")
+    parser.add_argument("--voxels", type=int, default=None, help="default 20000 (--quick: 5000)")
+    parser.add_argument("--cr", type=float, default=None, help="default 0.5 (--quick: 0.25)")
+    parser.add_argument("--quick", action="store_true", help="5k voxels, cr 0.25, where those are not given")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.voxels, args.cr = 5_000, 0.25
+    quick_defaults(args, voxels=(20_000, 5_000), cr=(0.5, 0.25))
     coords = street_scene(args.voxels)
     feats = torch.randn(len(coords), 4, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)

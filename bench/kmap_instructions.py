@@ -18,8 +18,8 @@ instructions. Every module's maps must equal this tree's (``pointsparse.kmap``
 on the same coords) before they count. With no module: this tree's.
 ``--time ROUNDS``: the same builds also timed (no valgrind), each in a child
 pinned to one CPU (``--cpu``), the children in lockstep round by round.
-``--quick``: the generated street, one call, this tree's module, the page
-in a temporary folder. A build of an earlier commit: see bench/ab_builds.py.
+``--quick``: the generated street, one call (``--calls`` and ``--time`` as
+given), this tree's module, the page in a temporary folder. A build of an earlier commit: see bench/ab_builds.py.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from _common import (LOAD_CORE, callgrind_instructions, environment, kitti_or_street, page_arg, page_path,
-                     positive_int, write_markdown)
+                     positive_int, quick_defaults, write_markdown)
 
 import pointsparse as ps
 from pointsparse import kmap as K
@@ -178,19 +178,21 @@ def timed(modules: list[str], data: Path, folder: Path, want: dict, rounds: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("modules", nargs="*", help="builds of _core (default: this tree's)")
-    parser.add_argument("--calls", type=positive_int, default=2)
+    parser.add_argument("--calls", type=positive_int, default=None, help="default 2 (--quick: 1)")
     parser.add_argument("--out", type=page_arg, default=None, help="default bench/results/kmap_instructions.md")
-    parser.add_argument("--time", type=int, default=0, metavar="ROUNDS",
-                        help="also time the builds in lockstep over ROUNDS rounds (no valgrind)")
+    parser.add_argument("--time", type=int, default=None, metavar="ROUNDS",
+                        help="also time the builds in lockstep over ROUNDS rounds (no valgrind; default 0: not "
+                             "timed, --quick too)")
     parser.add_argument("--cpu", type=int, default=max(os.sched_getaffinity(0)),
                         help="the CPU the timed children run on (default: the last this process may use)")
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="the generated street, 1 call unless --calls is given")
     args = parser.parse_args()
+    quick_defaults(args, calls=(2, 1), time=(0, 0))
     if shutil.which("valgrind") is None:
         print("kmap_instructions: valgrind is not installed; nothing measured")
         return
     modules = [str(Path(m).resolve()) for m in args.modules] or [ps._core.__file__]
-    calls = 1 if args.quick else args.calls
+    calls = args.calls
     coords, where = kitti_or_street(args.quick)
     import torch
 
@@ -213,7 +215,7 @@ def main() -> None:
             print(lines[-1], flush=True)
         tables = ["\n".join(lines)]
         if args.time > 0:
-            tables.append("\n".join(timed(modules, data, folder, want, 1 if args.quick else args.time, args.cpu)))
+            tables.append("\n".join(timed(modules, data, folder, want, args.time, args.cpu)))
             print(tables[-1], flush=True)
     path = page_path(args.out, "kmap_instructions.md", args.quick)
     write_markdown(path, "Instructions per kernel-map build (callgrind)",

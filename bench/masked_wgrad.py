@@ -12,7 +12,8 @@ mask, bit for bit.
 
     python bench/masked_wgrad.py [--channels 32 64 128] [--amounts 0.5 0.75] [--rounds 7] [--threads 1] [--out PAGE.md] [--quick]
 
-``--quick``: C = 16 on a 20k generated street, one round, the page in a
+``--quick``: C = 16, amount 0.75 on a 20k generated street, one round
+(``--channels``, ``--amounts`` and ``--rounds`` where given), the page in a
 temporary folder."""
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import sys
 
 import torch
 
-from _common import environment, interleaved, kitti_or_street, page_arg, page_path, positive_int, write_markdown
+from _common import (environment, interleaved, kitti_or_street, page_arg, page_path, positive_int, quick_defaults,
+                     write_markdown)
 
 import pointsparse as ps
 from pointsparse import prune
@@ -77,15 +79,14 @@ def table(coords: torch.Tensor, channels: int, amounts: list, rounds: int, threa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128])
-    parser.add_argument("--amounts", type=float, nargs="+", default=[0.5, 0.75])
-    parser.add_argument("--rounds", type=positive_int, default=7)
+    parser.add_argument("--channels", type=int, nargs="+", default=None, help="default 32 64 128 (--quick: 16)")
+    parser.add_argument("--amounts", type=float, nargs="+", default=None, help="default 0.5 0.75 (--quick: 0.75)")
+    parser.add_argument("--rounds", type=positive_int, default=None, help="default 7 (--quick: 1)")
     parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--out", type=page_arg, default=None, help="default bench/results/masked_wgrad.md")
-    parser.add_argument("--quick", action="store_true", help="C = 16 on a 20k street, one round")
+    parser.add_argument("--quick", action="store_true", help="C = 16, amount 0.75 on a 20k street, one round, where those are not given")
     args = parser.parse_args()
-    if args.quick:
-        args.channels, args.amounts, args.rounds = [16], [0.75], 1
+    quick_defaults(args, channels=([32, 64, 128], [16]), amounts=([0.5, 0.75], [0.75]), rounds=(7, 1))
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     if any(c < 1 for c in args.channels):

@@ -26,7 +26,7 @@ import sys
 
 import torch
 
-from _common import (environment, interleaved, kitti_or_street, page_arg, page_path, positive_int,
+from _common import (environment, interleaved, kitti_or_street, page_arg, page_path, positive_int, quick_defaults,
                      write_markdown)
 
 import pointsparse as ps
@@ -115,20 +115,20 @@ def network_rows(coords: torch.Tensor, cr: float, train: bool = False) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--channels", type=positive_int, nargs="+", default=None, help="default 64 128 (--quick 32)")
-    parser.add_argument("--rounds", type=positive_int, default=None, help="default 11 (--quick 1)")
-    parser.add_argument("--cr", type=float, default=1.0, help="MinkUNet's width multiplier (default 1.0)")
+    parser.add_argument("--channels", type=positive_int, nargs="+", default=None, help="default 64 128 (--quick: 32)")
+    parser.add_argument("--rounds", type=positive_int, default=None, help="default 11 (--quick: 1)")
+    parser.add_argument("--cr", type=float, default=None, help="MinkUNet's width multiplier (default 1.0; --quick: 0.25)")
     parser.add_argument("--no-network", action="store_true", help="the single convs only")
     parser.add_argument("--train", action="store_true", help="also MinkUNet's training step (forward and backward)")
     parser.add_argument("--out", type=page_arg, default=None, help="default bench/results/output_pool.md")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: C = 32, a 20k generated street, 1 round")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: C = 32, cr 0.25, a 20k generated street, 1 round, where those are not given")
     args = parser.parse_args()
-    channels = args.channels or ([32] if args.quick else [64, 128])
-    rounds = args.rounds or (1 if args.quick else 11)
+    quick_defaults(args, channels=([64, 128], [32]), rounds=(11, 1), cr=(1.0, 0.25))
+    channels, rounds = args.channels, args.rounds
     coords, scene = kitti_or_street(args.quick)
     calls = conv_rows(channels, coords)
     if not args.no_network:
-        calls.update(network_rows(coords, 0.25 if args.quick else args.cr, args.train))
+        calls.update(network_rows(coords, args.cr, args.train))
     fns = {}
     for name, (on, off) in calls.items():
         fns[(name, "on")] = on

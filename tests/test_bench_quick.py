@@ -437,6 +437,14 @@ def probe(args, **defaults):
     raise Filled({name: getattr(args, name) for name in defaults})
 
 _common.quick_defaults = probe
+
+def stop(name):  # (a script that reads its scene or page before filling its defaults stops there, not timed)
+    def reached(*args, **kwargs):
+        raise Filled(f"reached _common.{name} before filling its defaults")
+    return reached
+
+for name in ("kitti_or_street", "kitti_path", "street_scene", "street_points", "real_sweeps", "page_path"):
+    setattr(_common, name, stop(name))
 found = {}
 for script, argvs in json.loads(sys.argv[2]).items():
     for argv in argvs:
@@ -459,14 +467,26 @@ def test_quick_leaves_the_counts_given_alone():
     """--quick set its own counts over those the command line gave: map_loop.py --quick --calls 7 ran 3
     calls (and the page's command named 7), as did cuda_speed.py, north_star.py, vector_threshold.py,
     collector_stalls.py and conv_instructions.py with their rounds, calls, runs, voxels, channels and the
-    like. --quick now only changes the defaults (bench/maps_ahead.py's rule): each option given keeps its
-    value, the others take --quick's (or, without it, the full run's)."""
+    like, and ab_trees.py, bf16_training.py, cache_state.py, call_overhead.py, compress_linear.py,
+    host_reads.py, kmap_instructions.py, masked_wgrad.py and output_pool.py after them (cache_state.py
+    --quick --mb 64 passed over 2 MB, output_pool.py --quick --cr 1 timed cr 0.25, kmap_instructions.py
+    --quick --time 5 timed one round). --quick now only changes the defaults (bench/maps_ahead.py's rule):
+    each option given keeps its value, the others take --quick's (or, without it, the full run's)."""
     given = {"map_loop": {"--calls": 7, "--runs": 3},
              "cuda_speed": {"--rounds": 5, "--cpu-rounds": 2, "--voxels": 30000, "--cr": [0.75]},
              "north_star": {"--rounds": 3},
              "vector_threshold": {"--rounds": 4, "--channels": [16], "--densities": [0.5], "--listed": [4]},
              "collector_stalls": {"--calls": 50, "--runs": 3},
-             "conv_instructions": {"--calls": 3, "--channels": [16], "--kinds": ["offset"]}}
+             "conv_instructions": {"--calls": 3, "--channels": [16], "--kinds": ["offset"]},
+             "ab_trees": {"--rounds": 3},
+             "bf16_training": {"--channels": [32], "--rounds": 3},
+             "cache_state": {"--channels": [32], "--rounds": 3, "--mb": 8.0},
+             "call_overhead": {"--rounds": 3},
+             "compress_linear": {"--rounds": 3},
+             "host_reads": {"--voxels": 10000, "--cr": 0.75},
+             "kmap_instructions": {"--calls": 3, "--time": 4},
+             "masked_wgrad": {"--channels": [32], "--amounts": [0.5], "--rounds": 3},
+             "output_pool": {"--cr": 0.5, "--channels": [16], "--rounds": 3}}
 
     def words(options):
         return [w for option, value in options.items()
@@ -493,6 +513,8 @@ def test_quick_leaves_the_counts_given_alone():
             assert one == {**defaults, first: asked[first]}, (script, argv, one)
     assert found["map_loop --quick"] == {"calls": 3, "runs": 1} and found["north_star --quick"] == {"rounds": 1}
     assert found["cuda_speed "]["voxels"] == 85_000 and found["conv_instructions --quick"]["kinds"] == ["dense"]
+    assert found["cache_state --quick"] == {"channels": [16], "rounds": 2, "mb": 2.0}
+    assert found["output_pool --quick"]["cr"] == 0.25 and found["kmap_instructions --quick"]["time"] == 0
 
 
 def test_kmap_page_names_the_options_it_ran_with(tmp_path):
