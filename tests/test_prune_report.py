@@ -517,3 +517,57 @@ def test_pairs_are_one_calls_counts_and_count_at_every_call():
     assert once == 2 * int((counts * (model.conv.weight != 0).sum(dim=(1, 2))).sum()) > 0
     assert prune.sparsity_report(model, x, pairs={"conv": counts})["layers"]["conv"]["flops"] == 2 * once
     assert prune.sparsity_report(model, x)["layers"]["conv"]["flops"] == 2 * once
+
+
+def test_a_conv_the_torch_path_runs_is_costed_as_it_ran():
+    """A sparse conv call the engine does not serve (``backend("torch")``, a
+    float16 conv in inference) runs the pure-torch sum: every offset's
+    pairs times the whole ``(C_in, C_out)`` matrix, all-zero offsets and
+    offsets outside a kernel_region (zeroed) included. The report gave it
+    the engine's choice ("offsets" / "vector") and its smaller count; now
+    ``execution`` is "torch" and the FLOPs those pairs. Implied and dense
+    FLOPs do not depend on the path."""
+    import pointsparse as ps
+
+    torch.manual_seed(0)
+    conv = SparseConv(8, 40, 3)
+    with torch.no_grad():
+        conv.weight[:10] = 0
+    prune.panel_structured(conv, "weight", 0.5)
+    x = sparse_input(n=12, channels=8)
+    counts = naive_pair_counts(x.coords)
+    run = 2 * int(counts.sum()) * 8 * 40
+    engine = prune.sparsity_report(conv, x)["layers"][""]
+    assert engine["execution"] in ("offsets", "vector") and engine["executed_flops"] < run
+    with ps.backend("torch"):
+        row = prune.sparsity_report(conv, x)["layers"][""]
+        assert prune.sparsity_report(conv, x, pairs={"": counts})["layers"][""]["executed_flops"] == run
+    assert (row["executed_flops"], row["execution"]) == (run, "torch")
+    assert (row["flops"], row["dense_flops"]) == (engine["flops"], engine["dense_flops"])
+    half = prune.sparsity_report(conv.half(), SparseTensor(x.feats.half(), x.coords))["layers"][""]
+    assert (half["executed_flops"], half["execution"], half["flops"]) == (run, "torch", engine["flops"])
+    cross = SparseConv(2, 3, 3, kernel_region="cross")
+    small = sparse_input(n=12, channels=2)
+    with ps.backend("torch"):
+        row = prune.sparsity_report(cross, small)["layers"][""]
+    keep = ps.nn.functional.region_of(3, "cross")
+    assert row["dense_flops"] == 2 * int(counts[keep].sum()) * 6
+    assert (row["executed_flops"], row["execution"]) == (2 * int(counts.sum()) * 6, "torch")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_a_gpu_conv_is_costed_as_the_torch_path_runs_it(monkeypatch):
+    """On a GPU a sparse conv runs the torch path's one product over every
+    output site's K columns (a zero for each absent neighbour, multiplied
+    too) where the columns fit, else the per-offset sum over the pairs."""
+    from pointsparse.nn import reference
+
+    conv = SparseConv(4, 6, 3).cuda()
+    x = sparse_input(n=12, channels=4)
+    counts = naive_pair_counts(x.coords)
+    gpu = SparseTensor(x.feats.cuda(), x.coords.cuda())
+    row = prune.sparsity_report(conv, gpu)["layers"][""]
+    assert (row["executed_flops"], row["execution"]) == (2 * 12 * 27 * 4 * 6, "torch")
+    monkeypatch.setattr(reference, "GEMM_COLUMN_BYTES", 12 * 27 * 4 * 4 - 1)
+    row = prune.sparsity_report(conv, gpu)["layers"][""]
+    assert (row["executed_flops"], row["execution"]) == (2 * int(counts.sum()) * 4 * 6, "torch")

@@ -139,6 +139,51 @@ def tile_panels(dtype: torch.dtype) -> int:
     return _engine.tile_panels(dtype)
 
 
+def _autocast_precision(feats: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+    """The precision :func:`conv3d` runs a float32 ``weight`` in under
+    ``torch.autocast`` (bf16 / fp16; see there), or None where it runs the
+    tensors' own dtype: outside autocast, in ``torch.export``, and where the
+    core serves no eager call (the torch path's matmuls take autocast's
+    precision themselves)."""
+    low = _reference._autocast_dtype(weight)
+    if low is not None and not torch.compiler.is_exporting() and (
+            torch.compiler.is_compiling() or _engine.supported(feats, weight)):
+        return low
+    return None
+
+
+def _eager_path(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, region, low) -> str:
+    """Which eager path :func:`conv3d` runs these tensors on (``low``:
+    :func:`_autocast_precision`, the tensors already in it): ``"bf16"``
+    (bf16 inference on the AVX512-BF16 kernels), ``"bf16 on float32"``
+    (the float32 kernels on the 16-bit values widened: bf16 inference
+    with a kernel region or without those kernels, autocast's precision
+    in training, a 16-bit conv in training), ``"engine"`` (the fused
+    kernels), or ``"torch"`` (``reference.conv_torch``: other devices and
+    dtypes, ``backend("torch")``)."""
+    if _engine.bf16_inference(feats, weight, bias):  # (runs_bf16, asked once)
+        return "bf16" if region is None and _engine.bf16_kernels() else "bf16 on float32"
+    if low is not None or _engine.sixteen_bit_on_float32(feats, weight, bias):
+        return "bf16 on float32"
+    return "engine" if _engine.supported(feats, weight) else "torch"
+
+
+def _conv_path(feats: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               kernel_size=3, kernel_region=None) -> str:
+    """The eager path a :func:`conv3d` call on input feats ``feats`` with
+    ``weight`` and ``bias`` takes now (grad mode, ``torch.autocast`` and
+    the backend policy in force): ``"bf16"``, ``"bf16 on float32"``,
+    ``"engine"`` or ``"torch"`` (see :func:`_eager_path`). The first three
+    run the engine's kernels (:func:`engine_cost` gives their work); the
+    last runs every pair of every offset in torch ops."""
+    feats = _reference.autocast_input(feats, weight.dtype)
+    low = _autocast_precision(feats, weight)
+    if low is not None:
+        feats, weight = feats.to(low), weight.to(low)
+        bias = None if bias is None else bias.to(low)
+    return _eager_path(feats, weight, bias, region_of(kernel_size, kernel_region), low)
+
+
 def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, dilation=1,
            bias: torch.Tensor | None = None, transposed: bool = False, relu: bool = False, kernel_region=None,
            weight_mask: torch.Tensor | None = None, add: SparseTensor | None = None) -> SparseTensor:
@@ -208,9 +253,8 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
             raise ValueError(f"add is on {add.device} but the input on {input.device}")
         if add.num_channels != weight.shape[2]:
             raise ValueError(f"add must have the conv's {weight.shape[2]} output channels; got {add.num_channels}")
-    low = _reference._autocast_dtype(weight)
-    if low is not None and not torch.compiler.is_exporting() and (
-            torch.compiler.is_compiling() or _engine.supported(input.feats, weight)):
+    low = _autocast_precision(input.feats, weight)
+    if low is not None:
         # Under torch.autocast a float32 conv runs in autocast's precision and gives its output in it, as
         # torch's convs do: the feats, weight, bias (and mask) rounded to it, then bf16 inference on the
         # bf16 kernels, else the float32 kernels on the exactly widened values, rounded once ("bf16 on
@@ -227,8 +271,6 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
         input = given if given.feats.dtype == low else input.with_feats(input.feats.to(low))
         weight, bias = weight.to(low), None if bias is None else bias.to(low)
         weight_mask = None if weight_mask is None else weight_mask.to(low)
-    else:
-        low = None
     if torch.compiler.is_compiling():  # a graph of torch.compile / torch.export: the core as operators
         if weight_mask is not None and weight.requires_grad and torch.is_grad_enabled():
             # the same values; the gradient reaches only the entries the mask keeps (eager's)
@@ -251,15 +293,7 @@ def conv3d(input: SparseTensor, weight: torch.Tensor, kernel_size=3, stride=1, d
             raise ValueError(f"add must be on the conv's output coords ({kmap.num_out} sites at stride "
                              f"{out_stride}, in their order); got {len(add)} sites at stride {add.stride}")
         residual = add.feats
-    bf16 = _engine.bf16_inference(input.feats, weight, bias)  # (runs_bf16, asked once)
-    if bf16:
-        path = "bf16" if region is None and _engine.bf16_kernels() else "bf16 on float32"
-    elif low is not None or _engine.sixteen_bit_on_float32(input.feats, weight, bias):
-        # autocast's precision in training, or fp16; a 16-bit conv in training: the float32 kernels on the
-        # values widened, with autograd
-        path = "bf16 on float32"
-    else:
-        path = "engine" if _engine.supported(input.feats, weight) else "torch"
+    path = _eager_path(input.feats, weight, bias, region, low)
     # The residual goes into the engine's store where it can (its dtype and
     # device); elsewhere it is added after, as functional.add adds.
     fuse = residual is not None and path in ("engine", "bf16") and residual.dtype == input.feats.dtype \

@@ -103,7 +103,29 @@ GEMM_COLUMN_BYTES = 1 << 30
 def gemm_fits(feats: torch.Tensor, kmap: _kmap.KernelMap) -> bool:
     """Whether :func:`conv_gemm`'s columns of ``feats`` on ``kmap`` take at
     most :data:`GEMM_COLUMN_BYTES`."""
-    return kmap.num_out * kmap.kernel_volume * feats.shape[1] * feats.element_size() <= GEMM_COLUMN_BYTES
+    return _columns_fit(feats, kmap.num_out, kmap.kernel_volume)
+
+
+def _columns_fit(feats: torch.Tensor, num_out: int, kernel_volume: int) -> bool:
+    return num_out * kernel_volume * feats.shape[1] * feats.element_size() <= GEMM_COLUMN_BYTES
+
+
+def _runs_gemm(feats: torch.Tensor, num_out: int, kernel_volume: int) -> bool:
+    """Whether :func:`conv_torch` runs :func:`conv_gemm` (else :func:`conv_sum`)."""
+    return feats.device.type != "cpu" and _columns_fit(feats, num_out, kernel_volume)
+
+
+def torch_flops(feats: torch.Tensor, weight: torch.Tensor, pair_counts: torch.Tensor, num_out: int) -> int:
+    """Multiply-adds x 2 that :func:`conv_torch` runs for ``feats`` (its
+    input, ``(N, C_in)``) and ``weight`` ``(K, C_in, C_out)`` on a map with
+    these per-offset pair counts and ``num_out`` output rows:
+    :func:`conv_sum`'s ``pairs(k) * C_in * C_out`` for every offset (an
+    all-zero one too), or :func:`conv_gemm`'s ``num_out * K * C_in * C_out``
+    (its columns hold a zero for every absent neighbour, multiplied too)."""
+    k, c_in, c_out = weight.shape
+    if _runs_gemm(feats, num_out, k):
+        return 2 * num_out * k * c_in * c_out
+    return 2 * int(torch.as_tensor(pair_counts, dtype=torch.int64).sum()) * c_in * c_out
 
 
 def conv_torch(feats: torch.Tensor, weight: torch.Tensor, kmap: _kmap.KernelMap) -> torch.Tensor:
@@ -111,7 +133,7 @@ def conv_torch(feats: torch.Tensor, weight: torch.Tensor, kmap: _kmap.KernelMap)
     operators alike: on a device other than the CPU one matrix product
     (:func:`conv_gemm`: a few launches, not three per offset) where its
     columns fit, else :func:`conv_sum`'s per-offset loop."""
-    if feats.device.type != "cpu" and gemm_fits(feats, kmap):
+    if _runs_gemm(feats, kmap.num_out, kmap.kernel_volume):
         return conv_gemm(feats, weight, kmap)
     return conv_sum(feats, weight, kmap)
 

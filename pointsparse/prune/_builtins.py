@@ -95,18 +95,31 @@ def _sparse_kernel_map(m, x):
 
 
 def _sparse_flops(m, weight, inputs, output, pair_counts):
-    """``2 * sum_o pairs(o) * nnz(W[o])``, the dense count, and what the fused
-    engine executes (:func:`pointsparse.nn.functional.engine_cost`). Offsets
-    outside a ``kernel_region`` are no weights of the layer (the conv never
-    runs them): they count in neither, whatever values they hold."""
-    from ..nn.functional import engine_cost, region_of  # noqa: PLC0415 - nn sits above this package
+    """``2 * sum_o pairs(o) * nnz(W[o])``, the dense count, and what the call
+    executes: on the engine's kernels what they run
+    (:func:`pointsparse.nn.functional.engine_cost`), on the pure-torch path
+    (``backend("torch")``, a float16 conv in inference, another device) what
+    its sum runs (``execution`` "torch": every pair of every offset, an
+    all-zero one or one outside the region too; see
+    :func:`pointsparse.nn.reference.torch_flops`); without the call's input
+    (``pairs`` alone) the engine's. Offsets outside a ``kernel_region`` are
+    no weights of the layer (the conv never runs them on the engine): they
+    count in neither implied nor dense FLOPs, whatever values they hold."""
+    from ..nn import reference  # noqa: PLC0415 - nn sits above this package
+    from ..nn.functional import _conv_path, engine_cost, region_of  # noqa: PLC0415
 
     region = getattr(m, "kernel_region", None)
     keep = region_of(m.kernel_size, region)
     counts = pair_counts if keep is None else pair_counts * keep.to(pair_counts.dtype)
     per_offset = (weight.detach() != 0).reshape(weight.shape[0], -1).sum(dim=1).cpu()
+    flops, dense = 2 * int((counts * per_offset).sum()), 2 * int(counts.sum()) * weight[0].numel()
+    if inputs is not None and output is not None:
+        feats = reference.autocast_input(inputs[0].feats, weight.dtype)
+        bias = getattr(m, "bias", None)
+        if _conv_path(feats, weight, bias, m.kernel_size, region) == "torch":
+            return flops, dense, reference.torch_flops(feats, weight, pair_counts, len(output.feats)), "torch"
     executed, execution = engine_cost(weight, pair_counts, m.kernel_size, region)
-    return (2 * int((counts * per_offset).sum()), 2 * int(counts.sum()) * weight[0].numel(), executed, execution)
+    return flops, dense, executed, execution
 
 
 def _sparse_region(m) -> torch.Tensor | None:
