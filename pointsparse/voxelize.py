@@ -575,20 +575,24 @@ def _trilinear_torch(tensor, points, vs, batch):
     layout = _coords.KeyLayout.of(tensor.coords)
     sorted_keys, rows = torch.sort(_coords.pack_torch(tensor.coords, layout))
     b = batch if batch is not None else torch.zeros(points.shape[0], dtype=torch.int64, device=dev)
+    # Each corner is checked against the layout as float64 before any integer
+    # cast; outside it (or in a batch it does not hold) no voxel is active.
+    # The layout's fields may reach past int32 (a span of 6 voxels takes 3
+    # bits): a corner there is no voxel, and its int32 cast wrapped. What
+    # does not depend on the corner is made once, not in each of the 8
+    # (the tensors: host-to-device copies on a GPU).
+    bits_of = [((corner >> 2) & 1, (corner >> 1) & 1, corner & 1) for corner in range(8)]
+    offsets = torch.tensor(bits_of, dtype=torch.float64, device=dev)
+    origin = torch.tensor(layout.origin, dtype=torch.float64, device=dev)
+    in_batches = b < (1 << layout.bits[0])
+    bounds = [(max(lo, _coords.COORD_MIN), min(hi, _coords.COORD_MAX)) for lo, hi in map(layout.axis_range, range(3))]
     idx_cols, w_cols = [], []
-    for corner in range(8):
-        bits = ((corner >> 2) & 1, (corner >> 1) & 1, corner & 1)
-        # check the corner against the layout as float64 before any integer
-        # cast; outside it (or in a batch it does not hold) no voxel is active.
-        # The layout's fields may reach past int32 (a span of 6 voxels takes 3
-        # bits): a corner there is no voxel, and its int32 cast wrapped.
-        qd = (base + torch.tensor(bits, dtype=torch.float64, device=dev)) * st
-        ok = b < (1 << layout.bits[0])
-        for a in range(3):
-            lo, hi = layout.axis_range(a)
-            lo, hi = max(lo, _coords.COORD_MIN), min(hi, _coords.COORD_MAX)
+    for corner, bits in enumerate(bits_of):
+        qd = (base + offsets[corner]) * st
+        ok = in_batches
+        for a, (lo, hi) in enumerate(bounds):
             ok = ok & (qd[:, a] >= lo) & (qd[:, a] <= hi)
-        q = torch.where(ok[:, None], qd, torch.tensor(layout.origin, dtype=torch.float64, device=dev)).long()
+        q = torch.where(ok[:, None], qd, origin).long()
         w = None
         for a in range(3):
             f = frac[:, a] if bits[a] else 1 - frac[:, a]
