@@ -47,9 +47,11 @@ def _autocast_mixes(module: nn.Module, feats: torch.dtype, param: torch.dtype, d
     itself (``functional.conv3d``); a batch norm autocast leaves to its own
     dtype rule (the mix above); a Linear autocast casts, but never a float64
     tensor (float64 feats on float32 weights failed inside torch's matmul)."""
-    if not torch.is_autocast_enabled(device) or isinstance(module, nn.BatchNorm1d):
+    if isinstance(module, nn.BatchNorm1d):
         return False
-    return isinstance(module, Conv3d) or F._autocast_casts(feats, param, device)
+    if isinstance(module, Conv3d):
+        return torch.is_autocast_enabled(device)
+    return F._autocast_casts(feats, param, device)  # (autocast on, as for the conv, and no float64)
 
 
 def _live_weight(module: nn.Module) -> torch.Tensor | None:
