@@ -1278,6 +1278,36 @@ def test_resume_of_a_finished_run_without_its_report_writes_it(tmp_path, capsys)
     capsys.readouterr()
 
 
+def test_resume_that_writes_a_missing_report_reads_no_training_cloud(tmp_path, monkeypatch, capsys):
+    """--resume of a finished run without its report validates its last
+    epoch and trains nothing: it reads (or generates) the validation clouds
+    alone, not every training cloud (nor their class weights), which it
+    read before writing the report."""
+    from pointsparse.data.datasets import GeneratedScenes
+
+    run = tmp_path / "run"
+    tr.main(_parse([*TINY, "--epochs", "1", "--class-weights", "sqrt-inverse", "--out", str(run)]))
+    (run / "metrics.json").unlink()
+    sources, read = [], []
+    opened = tr.open_training_data
+
+    def spied(args, dist=None):
+        train, val, classes = opened(args, dist)
+        sources.append(train)
+        return train, val, classes
+
+    getitem = GeneratedScenes.__getitem__
+    monkeypatch.setattr(tr, "open_training_data", spied)
+    monkeypatch.setattr(GeneratedScenes, "__getitem__",
+                        lambda self, i: (read.append(i) if any(self is s for s in sources) else None,
+                                         getitem(self, i))[1])
+    capsys.readouterr()
+    assert tr.main(_parse(["--resume", "--out", str(run), "--no-progress"])) == 0
+    assert "its report was missing" in capsys.readouterr().out
+    assert len(sources) == 1 and read == []
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 1
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="multiple of --nproc"):
         tr.main(_parse([*TINY, "--nproc", "2", "--batch-size", "3", "--out", "x"]))

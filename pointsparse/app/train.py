@@ -1242,15 +1242,17 @@ class TrainingJob:
 
     def _load_data(self) -> None:
         """Generate or read every training cloud and this process's
-        validation shard once, outside the timed steps; the class weights."""
+        validation shard once, outside the timed steps; the class weights.
+        A run that only writes its missing report (``report_only``) trains
+        nothing: its validation shard alone."""
         t_load = time.perf_counter()
-        for _ in self.train_src:
+        for _ in () if self.report_only else self.train_src:
             pass
         for i in self._val_shard():
             self.val_src[i]
         self.log(f"data ready in {time.perf_counter() - t_load:.1f} s")
         self.weight = None
-        if getattr(self.args, "class_weights", "none") != "none":
+        if getattr(self.args, "class_weights", "none") != "none" and not self.report_only:
             self.weight = class_weights(self.train_src, len(self.classes), self.args.ignore_index)
             self.weight = self.weight.to(self.dist.device)
             self.log("class weights: " + ", ".join(f"{c} {w:.2f}" for c, w in zip(self.classes,
