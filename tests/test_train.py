@@ -1823,6 +1823,24 @@ def test_eval_checks_its_flags_before_reading_anything(flag, tmp_path):
         evaluate.main(args)
 
 
+@pytest.mark.parametrize("prefix", ["", "eval-"])
+def test_write_report_writes_the_files_report_files_names(tmp_path, prefix):
+    """scoring.REPORT_FILES names what write_report writes (train's --out
+    checks and a new run's removal of another run's report take it, through
+    train.OUTPUTS): a report with curves, confusion and top-down writes those
+    files, behind the prefix, and nothing else."""
+    from pointsparse.app import plots, scoring
+
+    if not plots.available():
+        pytest.skip("matplotlib is not importable")
+    rng = np.random.default_rng(0)
+    first = (rng.random((50, 3)).astype(np.float32), rng.integers(0, 3, 50), rng.integers(0, 3, 50), None)
+    history = {"step_loss": [1.0, 0.5], "epoch_loss": [0.7], "val_miou": [0.4]}
+    scoring.write_report(tmp_path, np.eye(3, dtype=np.int64) * 4, ["a", "b", "c"], first, history, {}, -100, prefix)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(prefix + name for name in scoring.REPORT_FILES)
+    assert {name for name in tr.OUTPUTS} == {tr.CHECKPOINT, tr.BEST, *scoring.REPORT_FILES}
+
+
 def test_pictures_are_written_atomically(tmp_path, monkeypatch):
     """eval's PNGs (curves, confusion, top-down): a write that fails half-way
     (here the figure's savefig writes half a picture, then raises) leaves the

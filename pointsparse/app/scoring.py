@@ -199,6 +199,12 @@ def evaluate(model, samples: Sequence[VoxelSample], num_classes: int, ignore_ind
     return cm, first
 
 
+#: The files :func:`write_report` writes (each name behind its ``prefix``), and what each holds: train's
+#: ``--out`` checks and a new run's replacing of another's report take them from here.
+REPORT_FILES = {"metrics.json": "report", "curves.png": "loss and mIoU curves", "confusion.png": "confusion matrix",
+                "topdown.png": "top-down render"}
+
+
 def write_report(out: Path, cm, classes, first, history, extra: dict, ignore_index: int, prefix: str = "") -> dict:
     """metrics.json and the PNGs (none, with a warning, where matplotlib
     cannot be imported); returns the metrics dictionary. The pictures are

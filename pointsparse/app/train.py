@@ -39,7 +39,7 @@ from .cli import CommandParser, given_flags
 from .clouds import nonfinite_hold, refuse_file_flags, skips_nonfinite
 from .distributed import (Dist, destroy, finish_process, free_port, init_distributed, launch_environment,
                           worker_environment)
-from .scoring import evaluate, logits_of, refuse_together, shard, write_report
+from .scoring import REPORT_FILES, evaluate, logits_of, refuse_together, shard, write_report
 from .trainer import TrainingDiverged, Trainer, check_finite_loss, check_finite_weights, have_tqdm, progress_bar
 
 __all__ = ["TrainingDiverged", "add_arguments", "add_data_arguments", "check_args", "main", "train"]
@@ -50,9 +50,7 @@ OPTIMIZERS = ("adamw", "sgd")
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
 #: The files a run writes in its --out folder, and what each holds.
-OUTPUTS = {CHECKPOINT: "checkpoint", BEST: "best epoch's checkpoint", "metrics.json": "report",
-           "curves.png": "loss and mIoU curves", "confusion.png": "confusion matrix",
-           "topdown.png": "top-down render"}
+OUTPUTS = {CHECKPOINT: "checkpoint", BEST: "best epoch's checkpoint", **REPORT_FILES}
 #: The settings besides the model and the optimizer that shape a run's trajectory: its config records them
 #: (``training``) and ``--resume`` takes them, as it takes the optimizer's, so that the resumed epochs are the
 #: run's own. What may change on resume: how long it runs (--epochs, --time-limit, --time-budget), how often it
