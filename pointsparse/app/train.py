@@ -981,13 +981,14 @@ class TrainingJob:
         check_out_files(args.out)  # (before any work: the files the run writes)
         self.progress = dist.main and not args.no_progress and have_tqdm()
         resume_state = self._config()  # (first: a resumed run reads its data with the run's ignore index)
+        # (a run resumed in its own folder: --out is its checkpoint's; the other folder's files are not the run's)
+        self.resumed_here = args.resume is not None and self.resume_path.resolve().parent == self.out.resolve()
         self._build(resume_state)
         self.history = {"step_loss": [], "epoch_loss": [], "val_miou": [], "step_time": [], "lr": []}
         self.start_epoch, self.best, self.report, self._val_samples = 0, -1.0, None, None
         # (a new run, or one resumed from another folder's checkpoint: the files of the run --out held are not its
         # own; its first checkpoint replaces them, see _replace_previous)
-        self.replaces_previous = tuple(name for name in OUTPUTS if name != CHECKPOINT) if (
-            args.resume is None or self.resume_path.resolve().parent != self.out.resolve()) else ()
+        self.replaces_previous = tuple(name for name in OUTPUTS if name != CHECKPOINT) if not self.resumed_here else ()
         self.carried_best = None  # (a resumed run's best epoch, to bring to --out: _find_best)
         self.wall_before = 0.0  # (the wall time of the epochs a resumed checkpoint holds: _restore)
         self.report_only = False  # (a finished run whose folder lacks its report: write it, train nothing)
@@ -1001,7 +1002,7 @@ class TrainingJob:
             elif self.start_epoch >= self.plan["epochs"]:
                 folder = self.resume_path.parent
                 hint = (f"; its folder holds no report of them: train --resume {self.resume_path} --out {folder} "
-                        "writes it" if self.resume_path.name == CHECKPOINT and folder.resolve() != self.out.resolve()
+                        "writes it" if self.resume_path.name == CHECKPOINT and not self.resumed_here
                         and self._report_missing(resume_state, folder) else "")
                 if self.plan["epochs"] < args.epochs:
                     raise ValueError(f"--resume: the run already trained {self.start_epoch} epochs of about "
@@ -1183,19 +1184,18 @@ class TrainingJob:
         another run's), the best is that of the epochs from the resume on,
         and a note says so."""
         beside = self.resume_path.parent / BEST
-        own = self.resume_path.resolve().parent == self.out.resolve()
         if self.best < 0:  # (none recorded: a pruned checkpoint's, whose best is its fine-tuning's)
-            if own and beside.is_file():
+            if self.resumed_here and beside.is_file():
                 self.replaces_previous = (BEST,)
             return
-        held = (beside.is_file() or None) if own else self._run_best(state, beside)
+        held = (beside.is_file() or None) if self.resumed_here else self._run_best(state, beside)
         if held is None:
             if self.dist.main:
                 print(f"note: --resume {self.resume_path}: no {BEST} beside it holds its run's best epoch "
                       f"(validation mIoU {100 * self.best:.1f}%; {beside}): {self.out / BEST} holds the best of "
                       "the epochs from the resume on", file=sys.stderr)
             self.best = -1.0
-        elif not own:
+        elif not self.resumed_here:
             self.carried_best = held
 
     def _run_best(self, state: dict, path: Path) -> dict | None:
