@@ -9,12 +9,14 @@ import contextlib
 import functools
 import os
 
+import numpy as np
+
 from ..data import CloudFiles
 from ..data.datasets import default_label_map
 from ..data.readers import find_clouds
 
-__all__ = ["check_format_maps", "files_label_map", "files_source", "nonfinite_hold", "refuse_file_flags",
-           "skips_nonfinite"]
+__all__ = ["check_format_maps", "files_label_map", "files_source", "nonfinite_hold", "raw_ids",
+           "refuse_file_flags", "skips_nonfinite"]
 
 
 def skips_nonfinite(flag: bool, state: dict | None = None, own_data: bool = False) -> bool:
@@ -156,7 +158,6 @@ def check_format_maps(paths, classes: list[str], label_map, origin: str, where: 
     ``default``: a cached ``default_label_map`` of all ``paths`` (one format's
     map for all, else each cloud's is taken)."""
     from ..data.readers import load_label_map
-    from .predict import raw_ids
 
     seen: dict[str | None, object] = {}
     try:
@@ -187,6 +188,28 @@ def check_format_maps(paths, classes: list[str], label_map, origin: str, where: 
             raise ValueError(f"{where}: {path} is read through the label map {name!r} (its format's), whose raw id "
                              f"for {classes[k]} is {int(theirs[k])}; {origin} {verb} {int(ids[k])}: give "
                              f"--label-map of {what} (--label-map {name} for these clouds)")
+
+
+def raw_ids(label_map, classes: list[str]) -> np.ndarray:
+    """uint32 ``(len(classes),)``: for each class, the raw id the map's
+    ``inverse`` lists for it, else the smallest raw id that ``label_map`` (a
+    :class:`~pointsparse.data.readers.LabelMap`) sends to it;
+    ``ValueError`` where the map's classes are not ``classes`` or a class has
+    no raw id."""
+    if list(label_map.classes) != list(classes):
+        raise ValueError(f"label map {label_map.name!r} has the classes {label_map.classes}; the model predicts "
+                         f"{classes}")
+    best: dict[int, int] = {}
+    for raw, tid in label_map.mapping.items():
+        if raw >= 0 and (tid not in best or raw < best[tid]):
+            best[tid] = raw
+    best.update(label_map.inverse)
+    missing = [classes[i] for i in range(len(classes)) if i not in best]
+    if missing:
+        raise ValueError(f"label map {label_map.name!r} gives no raw id for {', '.join(missing)}")
+    if max(best.values()) > 0xFFFF:
+        raise ValueError(f"label map {label_map.name!r}: raw ids above 65535 do not fit SemanticKITTI's 16 bits")
+    return np.array([best[i] for i in range(len(classes))], dtype=np.uint32)
 
 
 def _training_format(state: dict, paths: list, default) -> bool:

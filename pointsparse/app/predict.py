@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import DirectoryLock, atomic_write
+from .clouds import raw_ids  # (exported here as before; clouds.check_format_maps, eval and prune take it too)
 
 __all__ = ["add_arguments", "main", "raw_ids"]
 
@@ -81,28 +82,6 @@ def add_arguments(parser) -> None:
                              "without a return so); default: such a cloud is refused")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def raw_ids(label_map, classes: list[str]) -> np.ndarray:
-    """uint32 ``(len(classes),)``: for each class, the raw id the map's
-    ``inverse`` lists for it, else the smallest raw id that ``label_map`` (a
-    :class:`~pointsparse.data.readers.LabelMap`) sends to it;
-    ``ValueError`` where the map's classes are not ``classes`` or a class has
-    no raw id."""
-    if list(label_map.classes) != list(classes):
-        raise ValueError(f"label map {label_map.name!r} has the classes {label_map.classes}; the model predicts "
-                         f"{classes}")
-    best: dict[int, int] = {}
-    for raw, tid in label_map.mapping.items():
-        if raw >= 0 and (tid not in best or raw < best[tid]):
-            best[tid] = raw
-    best.update(label_map.inverse)
-    missing = [classes[i] for i in range(len(classes)) if i not in best]
-    if missing:
-        raise ValueError(f"label map {label_map.name!r} gives no raw id for {', '.join(missing)}")
-    if max(best.values()) > 0xFFFF:
-        raise ValueError(f"label map {label_map.name!r}: raw ids above 65535 do not fit SemanticKITTI's 16 bits")
-    return np.array([best[i] for i in range(len(classes))], dtype=np.uint32)
 
 
 def _outputs(paths: list[Path], out: Path, suffix: str) -> list[Path]:
