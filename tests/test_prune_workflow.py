@@ -1026,12 +1026,13 @@ def test_a_checkpoint_task_takes_a_checkpoint_recording_no_args(voxel_run, tmp_p
     assert torch.equal(x.coords, y.coords) and torch.equal(labels, same)
 
 
-@pytest.mark.parametrize("args", [None, ...])
+@pytest.mark.parametrize("args", [None, ..., {}])
 def test_finetune_epochs_on_a_checkpoint_recording_no_args_names_it(voxel_run, tmp_path, capsys, args):
     """--finetune-epochs resumes the pruned checkpoint's run with its flags (its args); on a checkpoint
     whose args is None or absent it failed with TypeError "argparse.Namespace() argument after ** must
-    be a mapping" / KeyError 'args' and a traceback. A ValueError names the checkpoint written and what
-    it lacks."""
+    be a mapping" / KeyError 'args' and a traceback, and on one whose args is an empty dict (no flag
+    recorded either; save_pruned writes it no optimizer) train's main failed on the first flag it read.
+    A ValueError names the checkpoint written and what it lacks."""
     state = checkpoint.load(voxel_run)
     path = tmp_path / "in.pt"
     checkpoint.save(path, {k: v for k, v in state.items() if k != "args"} if args is ... else dict(state, args=args))

@@ -426,7 +426,7 @@ def finetune(path: Path, epochs: int) -> None:
     (same options as the run that wrote it; output beside it)."""
     from .train import main
     state = load_state(path)
-    if not isinstance(state.get("args"), dict):  # (None or absent: checkpoint.load_training takes both)
+    if not state.get("args"):  # (None, absent or {}: load_training takes them; save_pruned made no optimizer)
         raise ValueError(f"{path}: --finetune-epochs resumes the run with its flags, and the checkpoint records no "
                          "flags of its run (its args: a checkpoint written by hand or by another tool); the pruned "
                          "checkpoint is written there, not fine-tuned")
