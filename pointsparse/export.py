@@ -52,9 +52,11 @@ says what it takes."""
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import io
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -507,11 +509,12 @@ def _identifier(text) -> bool:
     return isinstance(text, str) and text.isascii() and text.isidentifier() and not text.startswith("_")
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _number_text(text) -> bool:
     """Whether ``text`` is a str writing a number (sympy's ``Float('0.5', precision=53)``)."""
-    import re
-
-    return isinstance(text, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", text) is not None
+    return isinstance(text, str) and _NUMBER.fullmatch(text) is not None
 
 
 def _sympy_class(name: str) -> bool:
@@ -534,7 +537,14 @@ def _sympy_class(name: str) -> bool:
     return all(isinstance(f, type) and issubclass(f, sympy.Basic) for f in found)
 
 
-_OPERATORS = ("BoolOp", "BinOp", "UnaryOp", "Compare", "IfExp", "Tuple", "List")
+#: The nodes both checks walk into (operators, comparisons, conditionals, tuples and lists of checked nodes).
+_OPERATORS = (ast.BoolOp, ast.BinOp, ast.UnaryOp, ast.Compare, ast.IfExp, ast.Tuple, ast.List, ast.operator,
+              ast.unaryop, ast.cmpop, ast.boolop, ast.expr_context)
+
+
+def _plain(node) -> bool:
+    """Whether the ``ast`` node is a constant None, bool, int or float."""
+    return isinstance(node, ast.Constant) and (node.value is None or isinstance(node.value, (bool, int, float)))
 
 
 def _expression_safe(node, named: str | None = None) -> bool:
@@ -543,13 +553,11 @@ def _expression_safe(node, named: str | None = None) -> bool:
     names, operators and such calls, keywords of constants; a str only as
     the name of a Symbol or the digits of a number. ``named``: the class
     called with ``node`` as its first argument."""
-    import ast
-
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return (named in ("Symbol", "Dummy") and _identifier(node.value)) or \
+            (named in ("Float", "Integer", "Rational") and _number_text(node.value))
     if isinstance(node, ast.Constant):
-        if isinstance(node.value, str):
-            return (named in ("Symbol", "Dummy") and _identifier(node.value)) or \
-                (named in ("Float", "Integer", "Rational") and _number_text(node.value))
-        return node.value is None or isinstance(node.value, (bool, int, float))
+        return _plain(node)
     if isinstance(node, ast.Name):
         return _identifier(node.id)  # (a reference; a call of it is checked below)
     if isinstance(node, ast.Call):
@@ -557,8 +565,7 @@ def _expression_safe(node, named: str | None = None) -> bool:
             all(_expression_safe(a, node.func.id if i == 0 else None) for i, a in enumerate(node.args)) and \
             all(_identifier(k.arg) and isinstance(k.value, ast.Constant) and not isinstance(k.value.value, str)
                 for k in node.keywords)
-    if type(node).__name__ in _OPERATORS or isinstance(node, (ast.operator, ast.unaryop, ast.cmpop, ast.boolop,
-                                                              ast.expr_context)):
+    if isinstance(node, _OPERATORS):
         return all(_expression_safe(child) for child in ast.iter_child_nodes(node))
     return False
 
@@ -566,8 +573,6 @@ def _expression_safe(node, named: str | None = None) -> bool:
 def _on_input(node) -> bool:
     """Whether the ``ast`` node is a path into an input of the program:
     ``L['name']`` followed by indices, public attributes and size methods."""
-    import ast
-
     while True:
         if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id == "L":
             return isinstance(node.slice, ast.Constant) and _identifier(node.slice.value)
@@ -589,10 +594,8 @@ def _guard_safe(node) -> bool:
     and arithmetic of numbers, the inputs' sizes (:func:`_on_input`),
     ``math``'s functions and constants, ``torch.sym_*`` and the numeric
     builtins of :data:`_GUARD_FUNCTIONS` on such."""
-    import ast
-
     if isinstance(node, ast.Constant):
-        return node.value is None or isinstance(node.value, (bool, int, float))
+        return _plain(node)
     if isinstance(node, ast.Name):
         return node.id == "inf"
     if isinstance(node, (ast.Subscript, ast.Attribute)) and _on_input(node):
@@ -608,8 +611,7 @@ def _guard_safe(node) -> bool:
                 (func.value.id == "math" and _identifier(func.attr))
                 or (func.value.id == "torch" and func.attr in _GUARD_TORCH_FUNCTIONS)))
         return named and not node.keywords and all(_guard_safe(a) for a in node.args)
-    if type(node).__name__ in _OPERATORS or isinstance(node, (ast.operator, ast.unaryop, ast.cmpop, ast.boolop,
-                                                              ast.expr_context)):
+    if isinstance(node, _OPERATORS):
         return all(_guard_safe(child) for child in ast.iter_child_nodes(node))
     return False
 
@@ -623,8 +625,6 @@ def _check_graph_code(path: Path, name: str, data: bytes) -> None:
     :func:`_expression_safe` and :func:`_guard_safe` say what passes, and a
     guard holds no quote, ``#``, backslash or line break (torch writes its
     text into a string literal too)."""
-    import ast
-
     def refused(what: str, text: str) -> ValueError:
         return ValueError(f"{path}: its graph holds {what} {text!r:.200}, which torch would run as Python code; "
                           "pointsparse loads programs whose shape expressions are sympy's numbers and symbols and "
