@@ -2081,13 +2081,16 @@ def _compressed_chain():
     return ps.formats.compress(net, "csr"), sparse_input(n=60, channels=3)
 
 
-@pytest.mark.parametrize("entry", ["graph", "prune_model", "prune_channels", "channel_groups"])
+@pytest.mark.parametrize("entry", ["graph", "prune_model", "prune_channels", "channel_groups", "chain_cut",
+                                   "chain_ratios"])
 def test_a_model_compressed_whole_is_refused_by_channel_pruning(entry):
     """A model whose every layer formats.compress turned into a compressed
     layer holds no weight parameter the graph can cut: DependencyGraph found
     no group, prune_model returned {} and prune_channels cut nothing, with
     no word. Each refuses it naming the compressed layers (cut, then
-    compress), and leaves the model as it was."""
+    compress), and leaves the model as it was; surgery's chain cuts by a
+    producer's name too (they said "'0' is not a producer layer", no word
+    of the compression)."""
     from pointsparse.prune import surgery, workflow
 
     net, x = _compressed_chain()
@@ -2095,7 +2098,9 @@ def test_a_model_compressed_whole_is_refused_by_channel_pruning(entry):
         before = net(x).feats
     call = {"graph": lambda: G.DependencyGraph(net, x), "prune_model": lambda: G.prune_model(net, x, 0.5),
             "prune_channels": lambda: workflow.prune_channels(net, x, 0.5),
-            "channel_groups": lambda: surgery.channel_groups(net)}[entry]
+            "channel_groups": lambda: surgery.channel_groups(net),
+            "chain_cut": lambda: surgery.prune_channels(net, "0", [0, 1, 2, 3]),
+            "chain_ratios": lambda: surgery.apply_channel_ratios(net, {"0": 0.5})}[entry]
     with pytest.raises(ValueError, match=r"'0', '3'.*compressed.*before compress"):
         call()
     with torch.no_grad():

@@ -197,13 +197,15 @@ def channel_groups(model: nn.Module, example_input=None) -> list:
     if example_input is not None:
         from .graph import DependencyGraph
         return DependencyGraph(model, example_input).groups
-    check_not_compressed(model)
     return [g for g, why in _chain_groups(model) if why is None]
 
 
 def _chain_groups(model: nn.Module) -> list[tuple[ChannelGroup, str | None]]:
     """Every chain group of ``model`` with the reason its channels are fixed
-    (None: it can be cut)."""
+    (None: it can be cut); a model compressed whole is a ValueError
+    (:func:`~pointsparse.prune.graph.check_not_compressed`), as the graph
+    refuses it, for every chain entry (groups, a cut, ratios)."""
+    check_not_compressed(model)
     found = chains(model)
     places: dict[int, list[str]] = {}
     for chain in found:
