@@ -263,6 +263,17 @@ def check_target(module, name) -> None:
         raise TypeError(no_tensor(module, name))
 
 
+def stored(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """:func:`check_target`, then the stored tensor ``name`` (:func:`raw`);
+    the TypeError of :func:`no_tensor` where ``module`` holds none (a ReLU,
+    a None bias, a compressed layer's weight in its format's buffers)."""
+    check_target(module, name)
+    weight = raw(module, name)
+    if weight is None:
+        raise TypeError(no_tensor(module, name))
+    return weight
+
+
 def no_tensor(module: nn.Module, name: str) -> str:
     """"``module`` has no tensor named ``name``", saying which child has one."""
     child = _child_holding(module, name)
@@ -346,10 +357,7 @@ def is_sparse_conv(module: nn.Module) -> bool:
 def layout_of(module: nn.Module, name: str = "weight") -> WeightLayout:
     """The layout of ``module``'s tensor ``name``; ``TypeError`` for modules
     whose weight has no channel structure an adapter describes."""
-    check_target(module, name)
-    weight = raw(module, name)
-    if weight is None:
-        raise TypeError(no_tensor(module, name))
+    weight = stored(module, name)
     if name == "weight" and is_layer(module):
         return adapter_for(module).layout(module)
     if weight.dim() < 2:  # (no layout fits: the advice below would lead to "must have 2 dims")

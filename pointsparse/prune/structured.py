@@ -29,7 +29,7 @@ import torch
 from ..tensor import as_bool, as_int, positive_int
 from ._copyable import CopyableMethod, _check_scores
 from .amount import count_to_prune, validate_amount, validate_norm
-from .adapters import (WeightLayout, check_layout, check_target, dense_layout, is_layer, layout_of, no_tensor, raw,
+from .adapters import (WeightLayout, check_layout, dense_layout, is_layer, layout_of, no_tensor, raw, stored,
                        used_mask)
 
 
@@ -217,9 +217,8 @@ class VectorStructured(GroupStructured):
 
     @classmethod
     def apply(cls, module, name, amount, axis=-1, n=2, importance_scores=None, layout=None):  # type: ignore[override]
-        check_target(module, name)  # (before is_layer reads the module)
-        if raw(module, name) is None:  # (torch's AttributeError, or ones_like's TypeError on a None bias)
-            raise TypeError(no_tensor(module, name))
+        stored(module, name)  # (before is_layer reads the module; torch's AttributeError, or ones_like's TypeError
+        # on a None bias)
         # (layout: the one given, as global_structured hands its kwargs on; else the layer's)
         if layout is None:
             layout = layout_of(module, name) if name == "weight" and is_layer(module) else None
@@ -417,10 +416,7 @@ def panel_structured(module, name, amount, square=False, n=2, importance_scores=
     both directions. Returns ``module``."""
     from ..nn.functional import panel_width  # noqa: PLC0415 - nn sits above this package
 
-    check_target(module, name)
-    weight = raw(module, name)
-    if weight is None:  # (the TypeError of every other granularity)
-        raise TypeError(no_tensor(module, name))
+    weight = stored(module, name)  # (the TypeError of every other granularity)
     square = as_bool(square, "square")
     panels = positive_int(panels, "panels", "adjacent panels per block")
     width = panel_width(weight.dtype) * panels
