@@ -1191,6 +1191,47 @@ def test_a_new_run_replaces_the_previous_runs_files_at_its_first_checkpoint(tmp_
     assert tr.load_checkpoint(run / "best.pt")["args"]["seed"] == 4
 
 
+def test_a_new_run_removes_the_eval_report_of_the_previous_run(tmp_path, capsys):
+    """``eval --out RUN`` of a run's checkpoint writes eval-metrics.json and
+    its PNGs beside the run's files. A new run in RUN removed the old run's
+    best.pt, metrics.json and PNGs at its first checkpoint and left those:
+    eval-metrics.json named RUN/best.pt with the old model's scores beside
+    the new run's best.pt. They go with the old run's other files now."""
+    run = tmp_path / "run"
+    tr.main(_parse([*TINY, "--epochs", "1", "--out", str(run)]))
+    assert cli.main(["eval", "--checkpoint", str(run / "best.pt"), "--out", str(run), "--no-progress"]) == 0
+    written = sorted(p.name for p in run.glob("eval-*"))
+    assert "eval-metrics.json" in written
+    capsys.readouterr()
+    tr.main(_parse([*TINY, "--epochs", "1", "--seed", "4", "--out", str(run)]))
+    assert not list(run.glob("eval-*"))
+    said = re.search(r"the previous run's (best\.pt, .*) removed", capsys.readouterr().out)
+    assert said and set(written) <= set(said.group(1).split(", "))
+
+
+def test_eval_removes_the_files_of_an_earlier_eval_it_does_not_write(tmp_path, monkeypatch, capsys):
+    """An eval into a folder that an earlier eval wrote its pictures in, this
+    time writing none (matplotlib not importable): eval-confusion.png and
+    eval-topdown.png of the earlier eval stood beside the new
+    eval-metrics.json, taken for its pictures. write_report removes the files
+    of its report (behind its prefix) that it does not write."""
+    from pointsparse.app import plots, scoring
+
+    rng = np.random.default_rng(0)
+    first = (rng.random((50, 3)).astype(np.float32), rng.integers(0, 3, 50), rng.integers(0, 3, 50), None)
+    for prefix in ("", "eval-"):
+        out = tmp_path / f"out{prefix}"
+        out.mkdir()
+        for name in scoring.REPORT_FILES:  # (an earlier report's; with matplotlib, write_report writes them all)
+            (out / f"{prefix}{name}").write_bytes(b"earlier")
+        (out / "other.png").write_bytes(b"not a report's")
+        monkeypatch.setattr(plots, "available", lambda: False)
+        report = scoring.write_report(out, np.eye(3, dtype=np.int64), ["a", "b", "c"], first, None, {}, -100, prefix)
+        assert report["pictures"] == {}
+        assert sorted(p.name for p in out.iterdir()) == sorted([f"{prefix}metrics.json", "other.png"])
+        assert json.loads((out / f"{prefix}metrics.json").read_text())["classes"] == ["a", "b", "c"]
+
+
 def test_resume_into_another_folder_brings_the_runs_best_checkpoint(tmp_path, capsys):
     """``--resume A/checkpoint.pt --out B`` wrote no B/best.pt unless the
     resumed epochs beat A's best, yet B/metrics.json reported A's best mIoU,

@@ -24,7 +24,7 @@ from ..models import model_from_state
 from . import metrics
 from .clouds import files_source, nonfinite_hold, refuse_file_flags, skips_nonfinite
 from .distributed import pick_device
-from .scoring import _inner, evaluate, loaded_frozen, point_level, write_report
+from .scoring import EVAL_PREFIX, _inner, evaluate, loaded_frozen, point_level, write_report
 from .train import (_note_ignored_class, add_data_arguments, check_args, generated_source, load_checkpoint,
                     require_labels)
 from .trainer import have_tqdm
@@ -178,8 +178,8 @@ def _score(args, model, state: dict, spec, source, ignore_index: int, device) ->
                                   {"checkpoint": os.path.abspath(args.checkpoint)}),
                                "data": spec, "inference": state.get("inference", args.inference),
                                "eval_time_s": elapsed,
-                               "eval_time_per_cloud_s": elapsed / max(len(source), 1)}, ignore_index, "eval-")
-        print(f"metrics: {Path(args.out) / 'eval-metrics.json'}; pictures: {', '.join(report['pictures'].values())}")
+                               "eval_time_per_cloud_s": elapsed / max(len(source), 1)}, ignore_index, EVAL_PREFIX)
+        print(f"metrics: {Path(args.out) / (EVAL_PREFIX + 'metrics.json')}; pictures: {', '.join(report['pictures'].values())}")
     return 0
 
 

@@ -203,13 +203,30 @@ def evaluate(model, samples: Sequence[VoxelSample], num_classes: int, ignore_ind
 #: ``--out`` checks and a new run's replacing of another's report take them from here.
 REPORT_FILES = {"metrics.json": "report", "curves.png": "loss and mIoU curves", "confusion.png": "confusion matrix",
                 "topdown.png": "top-down render"}
+#: The prefix of the report ``pointsparse eval --out`` writes (beside a run's own, which it leaves alone).
+EVAL_PREFIX = "eval-"
+
+
+def remove_files(out, names) -> list[str]:
+    """Remove the files ``names`` in the folder ``out`` (an earlier report's,
+    another run's: left beside the new ones, they were taken for theirs);
+    returns the names of those removed, in the order of ``names``."""
+    removed = []
+    for name in names:
+        path = Path(out) / name
+        if path.is_file():
+            path.unlink()
+            removed.append(name)
+    return removed
 
 
 def write_report(out: Path, cm, classes, first, history, extra: dict, ignore_index: int, prefix: str = "") -> dict:
     """metrics.json and the PNGs (none, with a warning, where matplotlib
     cannot be imported); returns the metrics dictionary. The pictures are
     named by absolute paths, found from any folder (as typed, relative to
-    the folder the command ran in, they were found from there alone)."""
+    the folder the command ran in, they were found from there alone). The
+    files of :data:`REPORT_FILES` behind ``prefix`` that this report does
+    not write (an earlier report's) are removed."""
     from . import plots
 
     checkpoint.make_directory(out)
@@ -234,4 +251,6 @@ def write_report(out: Path, cm, classes, first, history, extra: dict, ignore_ind
         report["history"] = history
     text = (json.dumps(report, indent=1) + "\n").encode()
     checkpoint.atomic_write(out / f"{prefix}metrics.json", lambda f: f.write(text))
+    written = {"metrics", *pictures}
+    remove_files(out, [prefix + name for name in REPORT_FILES if Path(name).stem not in written])
     return report

@@ -39,7 +39,8 @@ from .cli import CommandParser, given_flags
 from .clouds import nonfinite_hold, refuse_file_flags, skips_nonfinite
 from .distributed import (Dist, destroy, finish_process, free_port, init_distributed, launch_environment,
                           worker_environment)
-from .scoring import REPORT_FILES, evaluate, logits_of, refuse_together, shard, write_report
+from .scoring import (EVAL_PREFIX, REPORT_FILES, evaluate, logits_of, refuse_together, remove_files, shard,
+                      write_report)
 from .trainer import TrainingDiverged, Trainer, check_finite_loss, check_finite_weights, have_tqdm, progress_bar
 
 __all__ = ["TrainingDiverged", "add_arguments", "add_data_arguments", "check_args", "main", "train"]
@@ -51,6 +52,9 @@ CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
 #: The files a run writes in its --out folder, and what each holds.
 OUTPUTS = {CHECKPOINT: "checkpoint", BEST: "best epoch's checkpoint", **REPORT_FILES}
+#: The files of a run in a folder that a new run there removes before its first checkpoint replaces the run's
+#: checkpoint.pt (:func:`remove_previous`): the run's own but that, and the report ``eval --out`` wrote of it.
+PREVIOUS_RUN = (*(name for name in OUTPUTS if name != CHECKPOINT), *(EVAL_PREFIX + name for name in REPORT_FILES))
 #: The settings besides the model and the optimizer that shape a run's trajectory: its config records them
 #: (``training``) and ``--resume`` takes them, as it takes the optimizer's, so that the resumed epochs are the
 #: run's own. What may change on resume: how long it runs (--epochs, --time-limit, --time-budget), how often it
@@ -371,6 +375,17 @@ def check_out_files(out) -> None:
         if path.is_dir():
             raise ValueError(f"--out {out}: {path} is a folder, where the run writes its {what} ({name}): move it "
                              "away, or give another --out")
+
+
+def remove_previous(out) -> str:
+    """Remove the files of the run the folder ``out`` holds
+    (:data:`PREVIOUS_RUN`) before a new run writes its first checkpoint
+    there (train's, a pruned one: ``channels.save_pruned``): they stood
+    beside the new checkpoint.pt, and eval of the folder's best.pt, or its
+    metrics.json, gave the other run's. Returns what to say ("the previous
+    run's best.pt, ... removed"), or "" where there were none."""
+    removed = remove_files(out, PREVIOUS_RUN)
+    return f"the previous run's {', '.join(removed)} removed" if removed else ""
 
 
 def check_init_out(args) -> None:
@@ -988,7 +1003,7 @@ class TrainingJob:
         self.start_epoch, self.best, self.report, self._val_samples = 0, -1.0, None, None
         # (a new run, or one resumed from another folder's checkpoint: the files of the run --out held are not its
         # own; its first checkpoint replaces them, see _replace_previous)
-        self.replaces_previous = tuple(name for name in OUTPUTS if name != CHECKPOINT) if not self.resumed_here else ()
+        self.replaces_previous = PREVIOUS_RUN if not self.resumed_here else ()
         self.carried_best = None  # (a resumed run's best epoch, to bring to --out: _find_best)
         self.wall_before = 0.0  # (the wall time of the epochs a resumed checkpoint holds: _restore)
         self.report_only = False  # (a finished run whose folder lacks its report: write it, train nothing)
@@ -1403,25 +1418,21 @@ class TrainingJob:
         """At the run's first checkpoint, where --out held another run (a new
         run, or one resumed from another folder's checkpoint): remove that
         run's best.pt, metrics.json and PNGs, which this run writes later (at
-        its first validation, at its end), before its checkpoint.pt replaces
-        the other's. They stood beside the new checkpoint.pt, and eval of the
-        folder's best.pt, or its metrics.json, gave the other run's. A run
+        its first validation, at its end), and eval's report of it, before
+        its checkpoint.pt replaces the other's (:func:`remove_previous`). A run
         stopped before this leaves the other run whole. A run resumed in its
         own folder removes a best.pt there that holds none of its epochs
         (:meth:`_find_best`). The names: ``replaces_previous``."""
         names, self.replaces_previous = self.replaces_previous, ()
-        removed = []
-        for name in names:
-            path = self.out / name
-            if path.is_file():
-                path.unlink()
-                removed.append(name)
-        if removed == [BEST] and names == (BEST,):
-            self.log(f"{self.out / BEST} removed: it holds no epoch of the run resumed from {self.resume_path}")
-        elif removed:
+        if names == (BEST,):
+            if remove_files(self.out, names):
+                self.log(f"{self.out / BEST} removed: it holds no epoch of the run resumed from {self.resume_path}")
+            return
+        said = remove_previous(self.out)
+        if said:
             what = "a new run" if self.args.resume is None else f"the run resumed from {self.resume_path}"
-            self.log(f"{what} in {self.out}: the previous run's {', '.join(removed)} removed (its {CHECKPOINT} "
-                     "is replaced now; train --resume continues a run in its folder)")
+            self.log(f"{what} in {self.out}: {said} (its {CHECKPOINT} is replaced now; train --resume continues "
+                     "a run in its folder)")
 
     def _report(self, epoch: int, cm, first, stop: bool) -> None:
         args, times = self.args, self.history["step_time"]
