@@ -962,6 +962,37 @@ def test_a_pruned_checkpoint_starts_its_own_best(tmp_path, capsys):
     assert report["best_miou"] == best["best_miou"] == max(best["history"]["val_miou"][1:]) < 0.99
 
 
+def test_a_pruned_checkpoint_replaces_the_runs_files_in_its_out(tmp_path, capsys):
+    """``prune ... --out DIR`` without --finetune-epochs into a folder holding
+    another run (a trained run, an earlier prune's fine-tuning) wrote its
+    checkpoint.pt beside that run's best.pt, metrics.json, PNGs and eval's
+    report: eval or export of DIR/best.pt read the other, unpruned model.
+    The pruned checkpoint is a new run in DIR: they are removed before it is
+    written, as a new train run's first checkpoint removes them, saying so.
+    A --checkpoint among them (DIR/best.pt, --out DIR) is refused before
+    any work, the folder left as it was."""
+    dense, out = tmp_path / "dense", tmp_path / "out"
+    assert cli.main(["train", *TINY, "--epochs", "1", "--out", str(dense)]) == 0
+    out.mkdir()
+    previous = ["best.pt", "metrics.json", "confusion.png", "eval-metrics.json", "eval-topdown.png"]
+    for name in previous:
+        (out / name).write_bytes(b"another run's")
+    (out / "notes.txt").write_bytes(b"the user's")
+    capsys.readouterr()
+    assert cli.main(["prune", "vectors", "--checkpoint", str(dense / "checkpoint.pt"), "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["checkpoint.pt", "notes.txt"]
+    assert all(name in said for name in previous) and "removed" in said
+    assert "weight_mask" in "".join(checkpoint.load(out / "checkpoint.pt")["model"])
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "best.pt").write_bytes((dense / "best.pt").read_bytes())
+    assert cli.main(["prune", "vectors", "--checkpoint", str(alone / "best.pt"), "--out", str(alone)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {alone}" in err and f"{alone / 'best.pt'} (--checkpoint)" in err and "Traceback" not in err
+    assert [p.name for p in alone.iterdir() if not p.name.startswith(".")] == ["best.pt"]
+
+
 def test_a_procedure_on_a_checkpoint_pruning_voxels_at_stride_1(voxel_run, tmp_path):
     """The procedures' task on a checkpoint whose model prunes voxels at
     stride 1 (add_voxel_prune on fuse.3, recorded in its config: its logits

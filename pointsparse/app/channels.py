@@ -99,10 +99,14 @@ def save_pruned(state: dict, model, out) -> Path:
     and a fresh optimizer state for its shapes and parameters (a learned
     scorer's among them). The dense run's best mIoU is left out: the pruned
     model's own best epoch (``--finetune-epochs``, ``train --resume``) is
-    its ``best.pt``."""
+    its ``best.pt``. The pruned model is a new run in ``out``: the files of
+    the run there (its best.pt, report, eval's report) are removed first,
+    saying so, as a new train run's first checkpoint removes them
+    (``train.remove_previous``: a best.pt of another run beside the pruned
+    checkpoint was read by eval and export of the folder's best.pt)."""
     from ..models import voxel_prunes, voxel_skips
     from ..prune.graph import widths
-    from .train import CHECKPOINT, make_optimizer
+    from .train import CHECKPOINT, make_optimizer, remove_previous
     config = dict(state["config"], widths=widths(model))
     for key, recorded in (("voxel_skip", voxel_skips(model)), ("voxel_prune", voxel_prunes(model))):
         if recorded:
@@ -115,6 +119,9 @@ def save_pruned(state: dict, model, out) -> Path:
         new["optimizer"] = make_optimizer(argparse.Namespace(**state["args"]), model).state_dict()
     out = Path(out)
     checkpoint.make_directory(out)
+    said = remove_previous(out)
+    if said:
+        print(f"the pruned checkpoint in {out}: {said}")
     checkpoint.save(out / CHECKPOINT, new)
     return out / CHECKPOINT
 

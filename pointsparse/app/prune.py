@@ -244,8 +244,10 @@ def _check_out_beside(args) -> None:
     """ValueError where the files written in --out would replace the
     --checkpoint given or, in its own folder (its run's), the checkpoint.pt
     beside it (the pruned checkpoint) or, with --finetune-epochs, the best.pt
-    given (the resumed training writes its best epoch there)."""
-    from .train import BEST, CHECKPOINT
+    given (the resumed training writes its best epoch there); without it,
+    the --checkpoint a pruned checkpoint removes there (a best.pt, the run's
+    there: ``train.PREVIOUS_RUN``, which ``channels.save_pruned`` removes)."""
+    from .train import BEST, CHECKPOINT, PREVIOUS_RUN
 
     source, out = Path(args.checkpoint), Path(args.out)
     written = out / CHECKPOINT
@@ -262,6 +264,9 @@ def _check_out_beside(args) -> None:
     if getattr(args, "finetune_epochs", 0) > 0 and source.name == BEST:
         raise ValueError(f"--out {args.out}: --finetune-epochs would replace {args.checkpoint} (--checkpoint) with "
                          f"its best epoch ({BEST}); give another folder")
+    if source.name in PREVIOUS_RUN:
+        raise ValueError(f"--out {args.out}: the pruned checkpoint would remove {args.checkpoint} (--checkpoint), "
+                         f"a file of the run this folder holds, which a new run there replaces; give another folder")
 
 
 def main(args) -> int:
