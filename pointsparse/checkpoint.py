@@ -286,6 +286,24 @@ def _bad_record(path: Path) -> str | None:
         return None
 
 
+def check_readable(path: Path, label: str, give: str, example: str | None = None,
+                   missing: type[Exception] = ValueError, missing_message: str | None = None) -> None:
+    """The checks before a file at ``path`` is read (a checkpoint, an
+    exported program, a latency table): ``ValueError`` where it is a folder
+    (naming ``example``, the file such a folder holds, where given) or is no
+    regular file (a pipe, a device: never opened, a pipe would block);
+    ``missing`` (``missing_message``, by default "LABEL does not exist")
+    where there is nothing. ``label`` names the path in the messages,
+    ``give`` the file to give instead."""
+    if path.is_dir():
+        raise ValueError(f"{label} is a folder; give {give} in it (e.g. {path / example})" if example is not None
+                         else f"{label} is a folder; give {give}")
+    if not path.is_file():
+        if path.exists():
+            raise ValueError(f"{label} is not a regular file; give {give}")
+        raise missing(missing_message or f"{label} does not exist")
+
+
 def load(path):
     """The state saved by :func:`save` (or a plain ``torch.save`` of data)
     at ``path``, read as data only. ``ValueError`` naming the file when it is
@@ -293,12 +311,7 @@ def load(path):
     file), no regular file or holds anything but data; ``TypeError`` where
     it is no path (a str or Path)."""
     path = _as_path(path)
-    if path.is_dir():
-        raise ValueError(f"checkpoint {path} is a folder; give the checkpoint file in it (e.g. {path}/checkpoint.pt)")
-    if not path.is_file():
-        if path.exists():  # (a pipe, a device: never opened, a pipe would block)
-            raise ValueError(f"checkpoint {path} is not a regular file; give the checkpoint file")
-        raise ValueError(f"checkpoint {path} does not exist")
+    check_readable(path, f"checkpoint {path}", "the checkpoint file", "checkpoint.pt")
     try:
         outer = _load_bytes(path, path, "the checkpoint")
     except ValueError:

@@ -396,13 +396,10 @@ def load(path) -> tuple[torch.export.ExportedProgram, dict]:
     expression or a guard that is not sympy's numbers and symbols or a
     comparison of the inputs' sizes: :func:`_check_graph_code`).
     ``TypeError`` where ``path`` is no str or ``os.PathLike``."""
+    from .checkpoint import check_readable
+
     path = _as_path(path)
-    if path.is_dir():
-        raise ValueError(f"{path} is a folder; give the .pt2 file in it (e.g. {path / 'model.pt2'})")
-    if not path.is_file():
-        if path.exists():  # (a pipe, a device: never opened, a pipe would block)
-            raise ValueError(f"{path} is not a regular file; give the .pt2 file")
-        raise FileNotFoundError(f"no exported program at {path}")
+    check_readable(path, str(path), "the .pt2 file", "model.pt2", FileNotFoundError, f"no exported program at {path}")
     _check_members(path)
     _check_data_only(path)
     extra = {META_FILE: ""}

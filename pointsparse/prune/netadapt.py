@@ -156,11 +156,10 @@ class LatencyTable:
         counts that are no ints >= 1, a layout row that is no ``[layer,
         feeder or None, is producer]``) or is a folder or no regular file;
         ``FileNotFoundError`` where there is none."""
+        from ..checkpoint import check_readable
+
         path = check_path(path, "a file LatencyTable.save wrote")
-        if path.is_dir():
-            raise ValueError(f"{path} is a folder; give the JSON file LatencyTable.save wrote")
-        if path.exists() and not path.is_file():  # (a named pipe: read until a writer came)
-            raise ValueError(f"{path} is not a regular file; give the JSON file LatencyTable.save wrote")
+        check_readable(path, str(path), "the JSON file LatencyTable.save wrote", missing=FileNotFoundError)
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
             return _checked_table(cls(
