@@ -993,6 +993,29 @@ def test_a_pruned_checkpoint_replaces_the_runs_files_in_its_out(tmp_path, capsys
     assert [p.name for p in alone.iterdir() if not p.name.startswith(".")] == ["best.pt"]
 
 
+def test_the_library_prunes_refuse_an_out_that_would_remove_their_source(tmp_path):
+    """The library's prune_*_checkpoint(path, out) write a pruned checkpoint
+    that removes the run's files in ``out`` (a new run there): with ``path``
+    one of them (out/best.pt) the source was deleted from disk, replaced by
+    its pruned checkpoint. Refused before any work, as the CLI refuses it,
+    naming both and leaving the folder as it was."""
+    from pointsparse.app import channels
+    dense = tmp_path / "dense"
+    assert cli.main(["train", *TINY, "--epochs", "1", "--out", str(dense)]) == 0
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "best.pt").write_bytes((dense / "best.pt").read_bytes())
+    calls = [lambda: channels.prune_checkpoint(alone / "best.pt", alone, 0.5),
+             lambda: channels.prune_vectors_checkpoint(alone / "best.pt", alone, 0.5),
+             lambda: channels.prune_offsets_checkpoint(alone / "best.pt", alone, 0.3),
+             lambda: channels.prune_voxels_checkpoint(alone / "best.pt", alone, 0.5)]
+    for call in calls:
+        with pytest.raises(ValueError, match=f"out {alone}: .*{alone / 'best.pt'} \\(path\\)"):
+            call()
+        assert [p.name for p in alone.iterdir()] == ["best.pt"]
+    assert channels.prune_vectors_checkpoint(dense / "best.pt", alone, 0.5) == alone / "checkpoint.pt"
+
+
 def test_a_procedure_on_a_checkpoint_pruning_voxels_at_stride_1(voxel_run, tmp_path):
     """The procedures' task on a checkpoint whose model prunes voxels at
     stride 1 (add_voxel_prune on fuse.3, recorded in its config: its logits

@@ -91,6 +91,38 @@ def load_state(path) -> dict:
     return load_checkpoint(path)
 
 
+def check_out_beside(source, out, finetune: bool = False, flags=("path", "out")) -> None:
+    """ValueError where the files written in ``out`` would replace the
+    checkpoint ``source`` or, in its own folder (its run's), the
+    checkpoint.pt beside it (the pruned checkpoint), or remove ``source``: a
+    pruned checkpoint is a new run in ``out`` and removes the run's files
+    there (``train.PREVIOUS_RUN``, :func:`save_pruned`). With ``finetune``
+    (the resumed training writes its best epoch) a best.pt given is refused
+    too. ``flags`` name the two in the message (the CLI's --checkpoint and
+    --out)."""
+    from .train import BEST, CHECKPOINT, PREVIOUS_RUN
+
+    source_flag, out_flag = flags
+    path, folder = Path(source), Path(out)
+    written = folder / CHECKPOINT
+    if not path.exists():
+        return  # (the loader names a missing checkpoint)
+    if written.exists() and path.resolve() == written.resolve():
+        raise ValueError(f"{out_flag} {out}: the pruned checkpoint would replace {source}, the one it "
+                         f"prunes ({source_flag}); give another folder")
+    if not folder.is_dir() or path.resolve().parent != folder.resolve():
+        return
+    if written.exists():
+        raise ValueError(f"{out_flag} {out}: the pruned checkpoint would replace {written}, the checkpoint of the "
+                         f"run that {source} ({source_flag}) comes from; give another folder")
+    if finetune and path.name == BEST:
+        raise ValueError(f"{out_flag} {out}: --finetune-epochs would replace {source} ({source_flag}) with "
+                         f"its best epoch ({BEST}); give another folder")
+    if path.name in PREVIOUS_RUN:
+        raise ValueError(f"{out_flag} {out}: the pruned checkpoint would remove {source} ({source_flag}), "
+                         f"a file of the run this folder holds, which a new run there replaces; give another folder")
+
+
 def save_pruned(state: dict, model, out) -> Path:
     """``out/checkpoint.pt``: ``state`` with ``model``'s weights, widths
     (``config["widths"]``), VoxelSkip and VoxelPrune layers (``voxel_skip``,
@@ -138,6 +170,7 @@ def prune_checkpoint(path, out, ratio: float = 0.5, data=None, label_map=None, c
     from .tasks import checkpoint_batches
     from .scoring import _model_inputs, logits_of, point_level
     check_options(criterion, ratio)
+    check_out_beside(path, out)
     state = load_state(path)
     model = checkpoint_model(state, path).eval()  # scoring (Taylor's backward included) leaves the BatchNorm statistics alone
     batch = checkpoint_batches(state, data, label_map, skip_nonfinite=skip_nonfinite)[0]
@@ -184,6 +217,7 @@ def _prune_vectors(path, out, amount: float, square: bool, rows: int | None = No
     from ..prune import adapters, panel_structured
     _check_amount(amount, "vectors")
     panels = positive_int(panels, "panels (--panels: adjacent panels per block)")
+    check_out_beside(path, out)
     state = load_state(path)
     model = checkpoint_model(state, path)
     # (offsets the conv runs: a kernel_region conv of one offset is a 1x1x1 conv in effect)
@@ -269,6 +303,7 @@ def _prune_offsets(path, out, amount: float) -> tuple[Path, int, int]:
     from .evaluate import checkpoint_model
     from ..prune import kernel_structured
     _check_amount(amount, "kernel offsets")
+    check_out_beside(path, out)
     state = load_state(path)
     model = checkpoint_model(state, path)
     convs = overlapping_convs(model)
@@ -393,6 +428,7 @@ def _prune_voxels(path, out, keep_ratio: float, placement: str, stages, score: s
     except ValueError:
         raise ValueError(f"keep_ratio (--ratio) must be a number in (0, 1]: the fraction of the voxels kept; got "
                          f"{keep_ratio!r}") from None
+    check_out_beside(path, out)
     state = load_state(path)
     model = checkpoint_model(state, path)
     stages = _voxel_stages(path, model, placement, stages)

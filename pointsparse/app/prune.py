@@ -241,32 +241,10 @@ def check_read(args) -> None:
 
 
 def _check_out_beside(args) -> None:
-    """ValueError where the files written in --out would replace the
-    --checkpoint given or, in its own folder (its run's), the checkpoint.pt
-    beside it (the pruned checkpoint) or, with --finetune-epochs, the best.pt
-    given (the resumed training writes its best epoch there); without it,
-    the --checkpoint a pruned checkpoint removes there (a best.pt, the run's
-    there: ``train.PREVIOUS_RUN``, which ``channels.save_pruned`` removes)."""
-    from .train import BEST, CHECKPOINT, PREVIOUS_RUN
-
-    source, out = Path(args.checkpoint), Path(args.out)
-    written = out / CHECKPOINT
-    if not source.exists():
-        return  # (the loader names a missing checkpoint)
-    if written.exists() and source.resolve() == written.resolve():
-        raise ValueError(f"--out {args.out}: the pruned checkpoint would replace {args.checkpoint}, the one it "
-                         "prunes (--checkpoint); give another folder")
-    if not out.is_dir() or source.resolve().parent != out.resolve():
-        return
-    if written.exists():
-        raise ValueError(f"--out {args.out}: the pruned checkpoint would replace {written}, the checkpoint of the run "
-                         f"that {args.checkpoint} (--checkpoint) comes from; give another folder")
-    if getattr(args, "finetune_epochs", 0) > 0 and source.name == BEST:
-        raise ValueError(f"--out {args.out}: --finetune-epochs would replace {args.checkpoint} (--checkpoint) with "
-                         f"its best epoch ({BEST}); give another folder")
-    if source.name in PREVIOUS_RUN:
-        raise ValueError(f"--out {args.out}: the pruned checkpoint would remove {args.checkpoint} (--checkpoint), "
-                         f"a file of the run this folder holds, which a new run there replaces; give another folder")
+    """:func:`.channels.check_out_beside` of --checkpoint and --out (with
+    --finetune-epochs, the best.pt given is refused too)."""
+    channels.check_out_beside(args.checkpoint, args.out, getattr(args, "finetune_epochs", 0) > 0,
+                              ("--checkpoint", "--out"))
 
 
 def main(args) -> int:
