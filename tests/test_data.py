@@ -2569,6 +2569,23 @@ def test_batch_keeps_each_sample_at_its_place_after_an_empty_cloud():
         Batch.of([one, one.input])
 
 
+def test_batch_of_names_itself_for_no_samples_one_sample_and_no_list():
+    """Batch.of([]) said "collate needs at least one SparseTensor", naming a
+    function and a type the caller never gave; Batch.of(sample), one
+    VoxelSample where a list of them is taken, said "'VoxelSample' object is
+    not iterable" (collate names its own single tensor so). Each error now
+    names Batch.of and what it takes."""
+    v = voxelize_sample(Sample(np.ones((2, 3), np.float32), np.array([1, 1]), name="one"), 0.1, 255)
+    with pytest.raises(ValueError, match=r"Batch.of needs at least one VoxelSample; got none"):
+        Batch.of([])
+    with pytest.raises(TypeError, match=r"Batch.of takes a list of VoxelSamples; got one VoxelSample \(give \[sample\]\)"):
+        Batch.of(v)
+    for other in (3, None):
+        with pytest.raises(TypeError, match=f"Batch.of takes a list of VoxelSamples; got {type(other).__name__}"):
+            Batch.of(other)
+    assert Batch.of(iter([v, v])).size == 2  # (any iterable of them, read once)
+
+
 def test_batch_of_refuses_voxel_samples_whose_parts_disagree():
     """A VoxelSample made by hand with labels of another length, point labels
     short of its points or float labels batched silently (labels no longer

@@ -321,13 +321,21 @@ class Batch:
         """The samples in one batch: their tensors through
         :func:`pointsparse.collate` (each sample's batch indices after those
         of the samples before it), point maps and labels concatenated to match."""
-        samples = list(samples)
+        if isinstance(samples, VoxelSample):  # (list() of one says "'VoxelSample' object is not iterable")
+            raise TypeError("Batch.of takes a list of VoxelSamples; got one VoxelSample (give [sample])")
+        try:
+            items = iter(samples)
+        except TypeError:  # (Python's own: "'int' object is not iterable")
+            raise TypeError(f"Batch.of takes a list of VoxelSamples; got {type(samples).__name__}") from None
+        samples = list(items)
+        if not samples:  # (collate's own error named collate and SparseTensors, neither of them given here)
+            raise ValueError("Batch.of needs at least one VoxelSample; got none")
         for i, s in enumerate(samples):
             if not isinstance(s, VoxelSample):
                 raise TypeError(f"Batch.of takes VoxelSamples; item {i} is {type(s).__name__}")
             _check_parts(i, s)
         _check_voxel_sizes(samples)
-        # ValueError for no samples, range checked; sample i (empty or not)
+        # Range checked; sample i (empty or not)
         # has batch index i, so its points meet its own xyz and name.
         tensor = collate([s.input for s in samples])
         inverse, row = [], 0
