@@ -220,6 +220,41 @@ def test_keep_per_batch_is_a_stable_ranking():
     assert F.keep_per_batch(torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.5).numel() == 0
 
 
+class _FullLengthMasks(torch.overrides.TorchFunctionMode):
+    """Counts the torch calls that give a bool mask over all ``n`` rows."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n, self.count = n, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.dtype == torch.bool and tuple(out.shape) == (self.n,):
+            self.count += 1
+        return out
+
+
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_keep_per_batch_reads_all_rows_a_fixed_number_of_times(shuffled):
+    """keep_per_batch compared the whole batch column with each item's id
+    (``batch == b`` per item): B items of N rows cost B * N. Each item's
+    rows are found once for all (its slice where the batch ids are sorted, as
+    a tensor's key-ordered coords hold them; a stable sort otherwise): the
+    passes over every row do not grow with the items."""
+    def passes(items: int) -> int:
+        g = torch.Generator().manual_seed(items)
+        n = 640
+        batch = torch.sort(torch.randint(0, items, (n,), generator=g)).values
+        if shuffled:
+            batch = batch[torch.randperm(n, generator=g)]
+        scores = torch.randn(n, generator=g)
+        with _FullLengthMasks(n) as mode:
+            F.keep_per_batch(scores, batch, 0.5)
+        return mode.count
+
+    assert passes(64) == passes(2)
+
+
 def test_voxel_skip_errors():
     with pytest.raises(TypeError, match="module must be a torch.nn.Module"):
         ps.nn.VoxelSkip(lambda t: t, 0.5)

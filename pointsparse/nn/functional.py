@@ -404,15 +404,29 @@ def keep_per_batch(scores: torch.Tensor, batch: torch.Tensor, keep_ratio: float 
     first = batch[0]
     if finite and bool((batch == first).all()):  # one batch item: a selection, no sort
         return _top_mask(scores, count(scores.numel())).nonzero().flatten()
-    kept = []
-    for b in torch.unique(batch).tolist():
-        rows = (batch == b).nonzero().flatten()
-        n = count(rows.numel())
+    # Each item's rows (increasing) found once for all, not by comparing every row with each item's id (B items
+    # of N rows read B * N): a slice where the ids are sorted (a tensor's key-ordered coords), else a slice of
+    # the rows in a stable sort by id.
+    ordered = bool((batch[1:] >= batch[:-1]).all())
+    order = None if ordered else torch.sort(batch, stable=True).indices
+    sizes = torch.unique_consecutive(batch if ordered else batch[order], return_counts=True)[1].tolist()
+    kept, start = [], 0
+    for size in sizes:
+        if ordered:
+            rows = torch.arange(start, start + size, device=batch.device)
+            item = scores[start:start + size]
+        else:
+            rows = order[start:start + size]
+            item = scores[rows]
+        start += size
+        n = count(size)
         if finite:
-            kept.append(rows[_top_mask(scores[rows], n)])
+            kept.append(rows[_top_mask(item, n)])
         else:  # torch's sort orders NaN above inf; a stable sort keeps ties in row order
-            kept.append(rows[torch.sort(scores[rows], descending=True, stable=True).indices[:n]])
-    return torch.sort(torch.cat(kept)).values
+            kept.append(rows[torch.sort(item, descending=True, stable=True).indices[:n]])
+    kept = torch.cat(kept)
+    # (sorted ids and masks of the rows: items in id order, each one's rows increasing; a sort otherwise)
+    return kept if ordered and finite else torch.sort(kept).values
 
 
 def select_voxels(input: SparseTensor, rows: torch.Tensor, feats: torch.Tensor | None = None) -> SparseTensor:
