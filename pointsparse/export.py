@@ -394,7 +394,9 @@ def load(path) -> tuple[torch.export.ExportedProgram, dict]:
     code (:func:`_check_data_only`), is a ValueError naming the member, and
     so is one whose graph holds Python code torch would evaluate (a shape
     expression or a guard that is not sympy's numbers and symbols or a
-    comparison of the inputs' sizes: :func:`_check_graph_code`).
+    comparison of the inputs' sizes: :func:`_check_graph_code`), or one
+    whose evaluation might never finish (a tower of powers, a number of
+    thousands of digits, an expression nested thousands deep).
     ``TypeError`` where ``path`` is no str or ``os.PathLike``."""
     from .checkpoint import check_readable
 
@@ -613,6 +615,139 @@ def _guard_safe(node) -> bool:
     return False
 
 
+#: The bounds of a shape expression or guard that :func:`_check_graph_code` reads (torch writes far smaller
+#: ones): sympy evaluates each expression as it reads it, Python each guard as the program runs, and a
+#: crafted one (``2**2**2**64``) asked either for a number it never finished computing.
+_TEXT_MAX = 10_000  #: characters
+_DEPTH_MAX = 100  #: levels of nesting of its syntax tree
+_DIGITS_MAX = 64  #: digits of a number written in it
+_EXPONENT_MAX = 64  #: the largest exponent of a power (or shift) in size; a constant, and no power in another
+_PRECISION_MAX = 1024  #: an int keyword's largest value (Float's precision in bits, torch writes 53)
+#: The functions that raise to a power (the second argument is the exponent), by the name they are called by.
+_POWERS = frozenset({"Pow", "PowByNatural", "FloatPow", "LShift"})
+#: sympy's classes torch writes in a shape expression (its own, :mod:`torch.utils._sympy`'s, are read too):
+#: numbers, symbols, arithmetic, comparisons and logic, whose evaluation on bounded numbers is quick (sympy
+#: has others, ``factorial``, ``fibonacci``, ..., that compute their value of a large integer as they are read).
+_SYMPY_CLASSES = frozenset({
+    "Symbol", "Dummy", "Integer", "Rational", "Float", "Zero", "One", "NegativeOne", "Half", "Infinity",
+    "NegativeInfinity", "NaN", "ComplexInfinity", "Add", "Mul", "Pow", "Mod", "Max", "Min", "Abs", "floor",
+    "ceiling", "sign", "Piecewise", "ExprCondPair", "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "Equality", "Unequality",
+    "StrictLessThan", "LessThan", "StrictGreaterThan", "GreaterThan", "And", "Or", "Not", "ITE", "BooleanTrue",
+    "BooleanFalse"})
+#: ``math``'s functions whose value of a large integer takes long to compute (a guard's others are quick).
+_MATH_UNBOUNDED = frozenset({"factorial", "comb", "perm"})
+_LONG_NUMBER = re.compile(rf"\d{{{_DIGITS_MAX + 1}}}")
+
+
+def _text_unbounded(text: str) -> str | None:
+    """What of the bounds a shape expression's or guard's ``text`` passes
+    before it is parsed (its length, the digits of its numbers), or None."""
+    if len(text) > _TEXT_MAX:
+        return f"{len(text)} characters, more than {_TEXT_MAX}"
+    if _LONG_NUMBER.search(text):
+        return f"a number of more than {_DIGITS_MAX} digits"
+    return None
+
+
+def _too_deep(node) -> bool:
+    """Whether the ``ast`` tree ``node`` nests more than :data:`_DEPTH_MAX`
+    levels (walked without recursion: the checks after it recurse)."""
+    stack = [(node, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > _DEPTH_MAX:
+            return True
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+    return False
+
+
+def _small_int(node, named: bool = True) -> int | None:
+    """The value of the ``ast`` node where it writes an int constant: ``3``,
+    ``-3``, and where ``named`` ``Integer(3)`` / ``Integer('3')``; else None."""
+    sign = 1
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        sign, node = (-1 if isinstance(node.op, ast.USub) else 1), node.operand
+    if named and isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Integer" and \
+            len(node.args) == 1 and not node.keywords:
+        node = node.args[0]
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.strip().lstrip("+-").isdigit():
+            return sign * int(node.value)
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return sign * node.value
+    return None
+
+
+def _small_exponent(node, named: bool) -> bool:
+    """Whether the ``ast`` node writes an exponent of at most
+    :data:`_EXPONENT_MAX` in size: an int constant (:func:`_small_int`), or
+    in an expression ``Rational(p, q)`` of such (``sqrt``'s ``1/2``)."""
+    value = _small_int(node, named)
+    if value is not None:
+        return abs(value) <= _EXPONENT_MAX
+    if named and isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Rational" and \
+            len(node.args) == 2 and not node.keywords:
+        return all(_small_exponent(a, named) for a in node.args)
+    return False
+
+
+def _bounded_class(name: str) -> bool:
+    """Whether an expression may call ``name``: a class of
+    :data:`_SYMPY_CLASSES` or :mod:`torch.utils._sympy`'s, or no name sympy
+    or torch knows (sympy reads it as an undefined function of that name)."""
+    import sympy
+    from torch.utils._sympy import functions, numbers
+
+    if name in _SYMPY_CLASSES or any(isinstance(getattr(m, name, None), type) for m in (functions, numbers)):
+        return True
+    return not hasattr(sympy, name) and not hasattr(functions, name)
+
+
+def _values_unbounded(node, expression: bool) -> str | None:
+    """What the ``ast`` node of a shape expression (``expression``) or of a
+    guard that passed the code checks asks of sympy or Python that may take
+    too long to compute, or None: a power (``**``, ``<<``, a call of
+    :data:`_POWERS`) whose exponent is no int constant of at most
+    :data:`_EXPONENT_MAX` in size or whose base holds another power; a list
+    or tuple in arithmetic (``[0] * n``); a class other than
+    :func:`_bounded_class`'s; a keyword's int past :data:`_PRECISION_MAX`,
+    a Float's second argument; ``math``'s :data:`_MATH_UNBOUNDED`."""
+    stack = [(node, False)]  # (a node, whether it is inside the base of a power)
+    while stack:
+        node, in_power = stack.pop()
+        power = None
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Pow, ast.LShift)):
+            power = node.left, node.right
+        elif isinstance(node, ast.BinOp) and any(isinstance(s, (ast.List, ast.Tuple)) for s in (node.left, node.right)):
+            return "a list or tuple in arithmetic"
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            called = node.func.id
+            if expression and not _bounded_class(called):
+                return f"a call of {called}, none of the sympy classes torch writes in a shape expression"
+            if called in _POWERS and expression:
+                if len(node.args) != 2:
+                    return f"{called} of {len(node.args)} arguments, not a base and an exponent"
+                power = node.args[0], node.args[1]
+            if called == "Float" and len(node.args) > 1:
+                return "a Float of more than one argument (its precision is given as precision=)"
+            for keyword in node.keywords:
+                value = keyword.value.value if isinstance(keyword.value, ast.Constant) else None
+                if type(value) is int and abs(value) > _PRECISION_MAX:
+                    return f"the keyword {keyword.arg}={value}, past {_PRECISION_MAX} (a precision in bits)"
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                isinstance(node.func.value, ast.Name) and node.func.value.id == "math" and \
+                node.func.attr in _MATH_UNBOUNDED:
+            return f"a call of math.{node.func.attr}"
+        if power is not None:
+            if in_power:
+                return "a power of a power (or of a shift)"
+            if not _small_exponent(power[1], expression):
+                return f"a power whose exponent is not an int constant of at most {_EXPONENT_MAX} in size"
+            stack.append((power[0], True))
+            continue
+        stack.extend((child, in_power) for child in ast.iter_child_nodes(node))
+    return None
+
+
 def _check_graph_code(path: Path, name: str, data: bytes) -> None:
     """``ValueError`` naming ``path`` where the graph member ``name`` (its
     bytes ``data``) holds something torch would run as Python code:
@@ -621,11 +756,37 @@ def _check_graph_code(path: Path, name: str, data: bytes) -> None:
     guards (``guards_code``), each written into a line of Python.
     :func:`_expression_safe` and :func:`_guard_safe` say what passes, and a
     guard holds no quote, ``#``, backslash or line break (torch writes its
-    text into a string literal too)."""
+    text into a string literal too). Each is also refused where it asks
+    sympy or Python for a value that might take unbounded time or memory
+    to compute: past :data:`_TEXT_MAX` characters, :data:`_DEPTH_MAX`
+    levels of nesting or :data:`_DIGITS_MAX` digits (checked before it is
+    parsed or walked), or :func:`_values_unbounded`'s."""
     def refused(what: str, text: str) -> ValueError:
         return ValueError(f"{path}: its graph holds {what} {text!r:.200}, which torch would run as Python code; "
                           "pointsparse loads programs whose shape expressions are sympy's numbers and symbols and "
                           "whose guards compare the inputs' sizes (export_model's) and refuses it")
+
+    def unbounded(what: str, text: str, why: str) -> ValueError:
+        return ValueError(f"{path}: its graph holds {what} {text!r:.200} with {why}, a value torch might never "
+                          "finish computing as it reads the program or runs it; pointsparse reads shape "
+                          f"expressions and guards of at most {_TEXT_MAX} characters nested at most {_DEPTH_MAX} "
+                          f"levels, numbers of at most {_DIGITS_MAX} digits and powers of int constant exponents "
+                          f"of at most {_EXPONENT_MAX} (export_model's) and refuses it")
+
+    def checked(what: str, text: str, safe) -> None:
+        """Refuses the shape expression or guard ``text`` unless it is in
+        bounds and ``safe`` (its code check) passes its ``ast`` node."""
+        why = _text_unbounded(text)
+        if why is not None:
+            raise unbounded(what, text, why)
+        node = parsed(text)
+        if node is not None and _too_deep(node):
+            raise unbounded(what, text, f"more than {_DEPTH_MAX} levels of nesting")
+        if node is None or not safe(node):
+            raise refused(what, text)
+        why = _values_unbounded(node, expression=what == "the shape expression")
+        if why is not None:
+            raise unbounded(what, text, why)
 
     def parsed(text: str):
         try:
@@ -648,16 +809,14 @@ def _check_graph_code(path: Path, name: str, data: bytes) -> None:
         for key, item in value.items():
             if key == "expr_str" and isinstance(item, str):
                 if item not in seen:
-                    node = parsed(item)
-                    if node is None or not _expression_safe(node):
-                        raise refused("the shape expression", item)
+                    checked("the shape expression", item, _expression_safe)
                     seen.add(item)
             elif key == "guards_code":
                 for guard in item if isinstance(item, list) else [item]:
-                    node = parsed(guard) if isinstance(guard, str) else None
-                    if node is None or any(c in guard for c in "\"#\\") or not guard.isprintable() or \
-                            not _guard_safe(node):
+                    if not isinstance(guard, str):
                         raise refused("the guard", guard)
+                    checked("the guard", guard, lambda node, guard=guard: _guard_safe(node) and
+                            not any(c in guard for c in "\"#\\") and guard.isprintable())
             else:
                 stack.append(item)
 

@@ -1318,6 +1318,78 @@ def test_a_program_whose_graph_holds_python_code_is_refused_and_the_code_never_r
     assert not marker.exists()
 
 
+def test_a_program_whose_shape_expressions_or_guards_are_numerically_huge_is_refused_at_once(tmp_path):
+    """A shape expression the code check passes (sympy's constructors of numbers) can still ask sympy for a
+    number it never finishes computing when torch.export.load reads it (a tower of powers, a huge exponent,
+    factorial of a large integer, a Float of a billion bits of precision), and a guard can ask Python for one
+    each time the program runs; a chain of a thousand additions raised a RecursionError from load. Each is
+    a ValueError naming the file and what pointsparse reads, before torch reads it. Loaded in a child with a
+    time limit: without the refusal the first of them never returned."""
+    import subprocess
+
+    good = tmp_path / "good.pt2"
+    x = _cloud(50, 1, 2)
+    export.save(export.export_model(spnn.Conv3d(2, 3, 3).eval(), x), good)
+    with __import__("zipfile").ZipFile(good) as archive:
+        name = next(n for n in archive.namelist() if n.endswith("models/model.json"))
+        symbol = _first_expression(json.loads(archive.read(name)))["expr_str"]
+    expressions = {
+        "tower": ("Pow(Integer(2), Pow(Integer(2), Pow(Integer(2), Integer(64))))", "exponent"),
+        "tower_ops": ("2**2**2**64", "exponent"),
+        "exponent": (f"Pow({symbol}, Integer(99999999999))", "exponent"),
+        "exponent_ops": (f"{symbol}**99999999999", "exponent"),
+        "symbolic_exponent": (f"Pow(Integer(2), {symbol})", "exponent"),
+        "nested": ("Pow(" * 30 + "Integer(3)" + ", Integer(3))" * 30, "a power of a power"),
+        "precision": ("Float('1.5', precision=1000000000)", "precision"),
+        "factorial": ("factorial(Integer(100000000))", "factorial"),
+        "literal": ("Integer(" + "9" * 5000 + ")", "digits"),
+        "chain": ("+".join(["Integer(1)"] * 900), "levels"),
+        "long": ("Add(" + ", ".join([symbol] * 1000) + ")", "characters"),
+        "repeat": ("[Integer(1)] * 99999999 == Integer(0)", "list or tuple"),
+    }
+    guards = {
+        "guard_tower": ("2**2**2**64 > 0", "exponent"),
+        "guard_exponent": ("L['feats'].size()[0]**99999999999 > 0", "exponent"),
+        "guard_factorial": ("math.factorial(100000000) > 0", "factorial"),
+    }
+    files = {}
+    for case, (text, _) in {**expressions, **guards}.items():
+        def edit(graph, case=case, text=text):
+            if case in guards:
+                graph["guards_code"] = [text, *graph["guards_code"]]
+            else:
+                _first_expression(graph)["expr_str"] = text
+        files[case] = tmp_path / f"{case}.pt2"
+        _with_graph_json(good, files[case], edit)
+    code = ("import resource, sys\nresource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))\n"
+            "from pointsparse import export\n"
+            f"for case, path in {[(c, str(p)) for c, p in files.items()]!r}:\n"
+            "    try:\n        export.load(path)\n        print(case, 'loaded', flush=True)\n"
+            "    except BaseException as error:\n"
+            "        print(case, type(error).__name__, str(error).replace(chr(10), ' '), flush=True)\n")
+    try:
+        child = run_python(code, timeout=90)
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"export.load did not return within 90 s; it answered only {error.stdout!r:.2000}")
+    answers = dict(line.split(" ", 1) for line in child.stdout.splitlines())
+    assert set(answers) == set(files), child.stderr[-2000:]
+    for case, (text, why) in {**expressions, **guards}.items():
+        answer = answers[case]
+        assert answer.startswith("ValueError ") and f"{files[case]}: its graph holds" in answer and why in answer \
+            and "pointsparse reads" in answer, (case, answer[:600])
+    assert export.ProgramModel.load(good)(x).feats.shape == (50, 3)
+    s0 = "Symbol('s0', positive=True, integer=True)"
+    in_bounds = {"expr_str": [f"Pow({s0}, Integer(2))", f"{s0}**-1", f"Pow({s0}, Rational(1, 2))",
+                              f"Add(FloorDiv(Add({s0}, Integer(-1)), Integer(2)), Integer(1))",
+                              "Float('0.5', precision=53)", "Integer(9223372036854775807)",
+                              f"Piecewise((Integer(1), Eq({s0}, Integer(0))), (Max(Integer(2), {s0}), true))",
+                              f"PowByNatural({s0}, Integer(3))", f"Mul(Pow(Integer(2), Integer(64)), {s0})"],
+                 "guards_code": ["2 <= L['feats'].size()[0]", "L['feats'].size()[0]**2 <= 9223372036854775807",
+                                 "math.floor(math.sqrt(L['feats'].size()[0])) >= 1"]}
+    graph = [{"expr_str": text} for text in in_bounds["expr_str"]] + [{"guards_code": in_bounds["guards_code"]}]
+    export._check_graph_code(good, "models/model.json", json.dumps(graph).encode())  # (what torch writes: read)
+
+
 def test_load_names_a_folder_given_as_the_program(tmp_path):
     """export.load / ProgramModel.load of a folder (a run's folder for the .pt2 in it) said "no exported
     program at" it, a FileNotFoundError for a path that exists; a ValueError names it as a folder, as
