@@ -396,14 +396,19 @@ def load(path) -> tuple[torch.export.ExportedProgram, dict]:
     expression or a guard that is not sympy's numbers and symbols or a
     comparison of the inputs' sizes: :func:`_check_graph_code`), or one
     whose evaluation might never finish (a tower of powers, a number of
-    thousands of digits, an expression nested thousands deep).
+    thousands of digits, an expression nested thousands deep). The file is
+    read once: torch reads the bytes checked, not the path again.
     ``TypeError`` where ``path`` is no str or ``os.PathLike``."""
     from .checkpoint import check_readable
 
     path = _as_path(path)
     check_readable(path, str(path), "the .pt2 file", "model.pt2", FileNotFoundError, f"no exported program at {path}")
-    _check_members(path)
-    _check_data_only(path)
+    try:  # (read once: the bytes checked are the bytes torch reads, whatever replaces the file meanwhile)
+        data = path.read_bytes()
+    except OSError as error:
+        raise ValueError(f"cannot read the exported program {path} ({type(error).__name__}: {error})") from error
+    _check_members(path, data)
+    _check_data_only(path, data)
     extra = {META_FILE: ""}
     import logging
 
@@ -411,12 +416,12 @@ def load(path) -> tuple[torch.export.ExportedProgram, dict]:
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        program = torch.export.load(str(path), extra_files=extra)
+        program = torch.export.load(io.BytesIO(data), extra_files=extra)
         meta = json.loads(extra[META_FILE] or "{}")
     except Exception as error:  # zipfile.BadZipFile, torch's RuntimeError, a damaged meta's decode errors, ...
         from .checkpoint import archive_kind
 
-        if archive_kind(path) == "torch.save":  # (torch's "error when deserializing the saved file")
+        if archive_kind(io.BytesIO(data)) == "torch.save":  # (torch's "error when deserializing the saved file")
             raise ValueError(f"{path} is a torch.save file (a checkpoint?), not an exported program: pointsparse "
                              f"export --checkpoint {path} --out model.pt2 writes a training checkpoint's program "
                              "(pointsparse.export.export_model and save a model's)") from None
@@ -429,18 +434,19 @@ def load(path) -> tuple[torch.export.ExportedProgram, dict]:
     return program, meta
 
 
-def _check_members(path: Path) -> None:
+def _check_members(path: Path, data: bytes) -> None:
     """``ValueError`` naming ``path`` (and the member) where a member of the
-    zip archive does not match its stored CRC-32 or its headers disagree; a
-    file that is no zip at all is left to the reader's own error."""
+    zip archive ``data`` (the bytes of ``path``) does not match its stored
+    CRC-32 or its headers disagree; a file that is no zip at all is left to
+    the reader's own error."""
     import zipfile
 
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
             bad = archive.testzip()  # reads every member, checks its CRC-32 and its local header
     except zipfile.BadZipFile as error:
         try:
-            if not zipfile.is_zipfile(path):
+            if not zipfile.is_zipfile(io.BytesIO(data)):
                 return  # not a zip: the loader says the file is no program
         except zipfile.BadZipFile:  # (its end records found but damaged: "span multiple disks")
             pass
@@ -453,16 +459,16 @@ def _check_members(path: Path) -> None:
                          "(the file changed after it was written)")
 
 
-def _check_data_only(path: Path) -> None:
-    """``ValueError`` naming ``path`` and the member where the archive holds
-    something ``torch.export.load`` would unpickle as code: a ``.pt`` member
+def _check_data_only(path: Path, data: bytes) -> None:
+    """``ValueError`` naming ``path`` and the member where the archive
+    ``data`` (the bytes of ``path``) holds something ``torch.export.load``
+    would unpickle as code: a ``.pt`` member
     (the sample inputs, a legacy weights or constants file) that does not
     read as data only (torch falls back to ``weights_only=False`` there), or
     a weight or constant its config marks ``use_pickle`` or stores as a
     pickled object (read with ``weights_only=False`` / ``pickle.loads``),
     or a graph (``models/``) holding Python code (:func:`_check_graph_code`).
     A file that is no zip is left to the reader's own error."""
-    import io
     import zipfile
 
     def refused(name: str, why: str) -> ValueError:
@@ -470,7 +476,7 @@ def _check_data_only(path: Path) -> None:
                           "pointsparse loads programs of tensors and plain data only (export_model's) and refuses it")
 
     try:
-        archive = zipfile.ZipFile(path)
+        archive = zipfile.ZipFile(io.BytesIO(data))
     except zipfile.BadZipFile:
         return
     with archive:

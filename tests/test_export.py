@@ -1390,6 +1390,35 @@ def test_a_program_whose_shape_expressions_or_guards_are_numerically_huge_is_ref
     export._check_graph_code(good, "models/model.json", json.dumps(graph).encode())  # (what torch writes: read)
 
 
+def test_load_reads_the_program_it_checked_when_the_file_is_replaced_after_the_check(tmp_path, monkeypatch):
+    """export.load checked the file, then had torch read the path again: a file replaced in between (here
+    by one whose shape expression runs code) was read unchecked, its code run. The file is read once, and
+    the program torch reads is the one checked."""
+    marker = tmp_path / "ran"
+    good, evil = tmp_path / "good.pt2", tmp_path / "evil.pt2"
+    x = _cloud(50, 1, 2)
+    export.save(export.export_model(spnn.Conv3d(2, 3, 3).eval(), x), good)
+    touch = f"__import__('pathlib').Path({str(marker)!r}).touch()"
+
+    def edit(graph):
+        found = _first_expression(graph)
+        found["expr_str"] = f"({touch} and 0) or {found['expr_str']}"
+
+    _with_graph_json(good, evil, edit)
+    path = tmp_path / "m.pt2"
+    path.write_bytes(good.read_bytes())
+    read = torch.export.load
+
+    def swapped(*args, **kwargs):  # the file is replaced between the check and torch's read
+        path.write_bytes(evil.read_bytes())
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(torch.export, "load", swapped)
+    program, meta = export.load(path)
+    assert not marker.exists()
+    assert meta == {} and export.ProgramModel(program)(x).feats.shape == (50, 3)
+
+
 def test_load_names_a_folder_given_as_the_program(tmp_path):
     """export.load / ProgramModel.load of a folder (a run's folder for the .pt2 in it) said "no exported
     program at" it, a FileNotFoundError for a path that exists; a ValueError names it as a folder, as
