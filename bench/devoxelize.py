@@ -1,7 +1,9 @@
 """Trilinear devoxelisation (``devoxelize(mode="trilinear")``, SPVCNN's
 voxel-to-point step) summed corner by corner against the (N, 8, C) gather
 it replaced (every corner's rows gathered at once, multiplied by their
-weights and summed over the 8), interleaved repeats, medians.
+weights and summed over the 8), interleaved repeats, medians. Without a
+gradient (the forward rows, the SPVCNN rows) the library's step is the
+core's CSR product, to the same bits as its corners summed one by one.
 
     .venv/bin/python bench/devoxelize.py [--repeats 9] [--channels 16 64 256] [--quick]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
@@ -526,8 +527,25 @@ def _interpolate(feats: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, c
     and read them twice more for its product and sum. index_select, not
     feats[idx]: its backward (index_add_) sums each voxel's gradients in a
     fixed order on the CPU, where the backward of advanced indexing uses
-    float atomics (run-to-run noise)."""
-    rows = idx.clamp_min(0).t()
+    float atomics (run-to-run noise).
+
+    Where no gradient is asked for (inference, ``no_grad``), on the CPU,
+    the core's CSR product runs it instead (``csr_spmm``: each point's row of
+    8 weights, its corners as the columns), in one pass and the same order:
+    the same bits as the corners one by one, for any thread count. Not
+    under a torch function mode (the pruning graph's tracer follows the
+    channels through the step's torch operations; the core's has none)."""
+    cols = idx.clamp_min(0)
+    if not (torch.is_grad_enabled() and (feats.requires_grad or weight.requires_grad)) and \
+            not torch.compiler.is_compiling() and not _ext.in_transform() and \
+            not torch._C._is_torch_function_mode_enabled() and _ext.serves(feats):
+        values = feats.to(compute)
+        n = idx.shape[0]
+        pointer = np.arange(0, 8 * n + 1, 8, dtype=np.int64)
+        return _ext.to_tensor(_ext.call(_ext.core.csr_spmm, pointer, _ext.to_numpy(cols).reshape(-1).view(np.uint64),
+                                        _ext.to_numpy(weight.to(compute)).reshape(-1), _ext.to_numpy(values),
+                                        values.shape[0], None))
+    rows = cols.t()
     weight = weight.t().unsqueeze(2)  # (8, N, 1)
     out = feats.index_select(0, rows[0]).to(compute) * weight[0]
     for k in range(1, 8):

@@ -131,6 +131,48 @@ def test_trilinear_torch_equals_core(dtype, stride):
     assert bool((idx[-3:-1] == -1).all()) and bool((w[-3:-1] == 0).all())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_trilinear_devoxelize_without_gradient_runs_the_core_product_to_the_same_bits(dtype, monkeypatch):
+    """Where no gradient is asked for, the corners' weighted sum runs as the
+    core's CSR product (one row of 8 weights a point): the same bits as the
+    corners summed one by one (the torch path, and the path a gradient
+    takes), at 1 and 2 threads, against the reference; no points at all
+    give an empty (0, C) result."""
+    points, _, batch = cloud(3000, seed=11, dtype=torch.float64, batches=2)
+    x, _ = ps.voxelize(points, torch.randn(len(points), 37, dtype=torch.float64).to(dtype), voxel_size=0.25,
+                       batch=batch)
+    x = coarsen(x, 2)
+    pts = torch.cat([points, torch.tensor([[1e6, 0, 0]], dtype=torch.float64)])  # (no corner: zeros)
+    b = torch.cat([batch, torch.tensor([1])])
+    calls = []
+    spmm = _ext.core.csr_spmm
+    monkeypatch.setattr(_ext.core, "csr_spmm", lambda *a: calls.append(a) or spmm(*a))
+
+    def run(**kw):
+        return ps.devoxelize(x, points=pts, voxel_size=0.25, batch=b, mode="trilinear", **kw)
+
+    with ps.backend("torch"):
+        corners = run()
+    assert not calls
+    got = []
+    for threads in (1, 2):
+        with _ext.threads_here(threads), torch.no_grad():
+            got.append(run())
+    assert len(calls) == 2
+    assert got[0].dtype == dtype and all(torch.equal(g, corners) for g in got)
+    leaf = x.feats.detach().clone().requires_grad_(True)
+    with_grad = ps.devoxelize(x.with_feats(leaf), points=pts, voxel_size=0.25, batch=b, mode="trilinear")
+    assert len(calls) == 2 and torch.equal(with_grad.detach(), corners)
+    want = trilinear_ref(pts.numpy(), x.coords.numpy(), x.feats.double().numpy(), (0.25,) * 3, (2, 2, 2),
+                         b.numpy())
+    tol = 1e-12 if dtype == torch.float64 else 1e-5 if dtype == torch.float32 else 2e-2
+    np.testing.assert_allclose(corners.double().numpy(), want, atol=tol * max(1.0, float(np.abs(want).max())))
+    assert bool((got[0][-1] == 0).all())
+    with torch.no_grad():
+        empty = ps.devoxelize(x, points=pts[:0], voxel_size=0.25, batch=b[:0], mode="trilinear")
+    assert empty.shape == (0, 37) and empty.dtype == dtype
+
+
 @pytest.mark.parametrize("stride", [1, (1, 2, 4)])
 def test_trilinear_torch_equals_core_at_the_top_of_int32(stride):
     """Voxels at the top of int32 whose x span (6 voxels) is no power of two:
