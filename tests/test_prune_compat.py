@@ -477,3 +477,53 @@ def test_own_entry_points_name_a_tensor_the_module_lacks_with_a_type_error(entry
         with pytest.raises(TypeError, match=rf"{type(module).__name__} has no tensor named '{name}'"):
             call(module, name)
         assert not prune.is_pruned(module)
+
+
+# (the entry points that put a mask on the tensor; the others read it, or need a skeleton attached first)
+_MASKING = sorted(set(OWN_ENTRY_POINTS) - {"current_weight", "weight_now", "layout_of", "detach_filter_skeleton",
+                                           "prune_stripes"})
+
+
+@pytest.mark.parametrize("entry", _MASKING)
+@pytest.mark.parametrize("kind", ["sparse", "conv2d"])
+def test_own_entry_points_name_a_parametrized_tensor_with_a_type_error(entry, kind):
+    """A weight under torch.nn.utils.parametrize (register_parametrization,
+    weight_norm, spectral_norm) is computed from its originals on every
+    access: no mask can be put on it. Every masking entry point failed
+    inside torch with "cannot assign 'torch.FloatTensor' object to
+    parameter 'weight_orig' (torch.nn.Parameter or None required)", no word
+    of the parametrization; now a TypeError naming the tensor, the
+    parametrization and how to remove it, the module left as it was. The
+    entry points that only read the weight read the parametrized one."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import weight_norm
+
+    module, x = make(kind)
+    weight_norm(module, "weight", dim=0)
+    expect = output(module, x).detach()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(TypeError, match=r"weight is parametrized \(torch\.nn\.utils\.parametrize.*"
+                                        r"remove_parametrizations\(module, 'weight'\)"):
+        OWN_ENTRY_POINTS[entry](module, "weight")
+    assert parametrize.is_parametrized(module, "weight") and not prune.is_pruned(module)
+    assert module.state_dict().keys() == before.keys()
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in before.items())
+    assert torch.equal(output(module, x).detach(), expect)
+    assert torch.equal(prune.weight_now(module, "weight").detach(), module.weight.detach())
+    # removed (its value kept in a plain weight), the tensor takes the mask
+    parametrize.remove_parametrizations(module, "weight")
+    OWN_ENTRY_POINTS[entry](module, "weight")
+
+
+def test_global_structured_refuses_a_parametrized_tensor_before_anything_is_pruned():
+    """A parametrized tensor listed after a plain one: the plain one was
+    pruned, then torch's error from inside the method on the second; now
+    the TypeError names the item before any layer is pruned."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    plain, _ = make("sparse")
+    norm, _ = make("sparse")
+    weight_norm(norm, "weight", dim=2)
+    with pytest.raises(TypeError, match=r"parameters\[1\]: ParametrizedConv3d\.weight is parametrized"):
+        prune.global_structured([(plain, "weight"), (norm, "weight")], prune.ChannelStructured, 0.5)
+    assert not prune.is_pruned(plain) and not prune.is_pruned(norm)

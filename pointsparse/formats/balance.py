@@ -14,7 +14,7 @@ import numbers
 import torch
 from torch.nn.utils import prune as torch_prune
 
-from ..prune.adapters import check_target
+from ..prune.adapters import check_maskable
 from ..prune.amount import count_to_prune, validate_amount
 from ..tensor import as_int, positive_int
 from ._base import check_data
@@ -134,7 +134,7 @@ def load_balanced_unstructured(module: torch.nn.Module, name: str, amount, num_p
     :class:`LoadBalancedUnstructured`); returns the module."""
     if not isinstance(amount, numbers.Real) or isinstance(amount, bool):
         raise TypeError(f"amount must be a float fraction or an int count; got {amount!r}")
-    check_target(module, name)
+    check_maskable(module, name)
     if not isinstance(getattr(module, name, None), torch.Tensor):
         raise ValueError(f"name must name a tensor of the {type(module).__name__}; got {name!r}")
     check_data(getattr(module, name), f"{type(module).__name__}.{name}")

@@ -59,6 +59,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from torch.nn.utils.prune import custom_from_mask
 
@@ -261,6 +262,22 @@ def check_target(module, name) -> None:
                         f"got {type(name).__name__}")
     if raw(module, name) is None and _child_holding(module, name) is not None:
         raise TypeError(no_tensor(module, name))
+
+
+def check_maskable(module, name) -> None:
+    """:func:`check_target`, then a TypeError where ``module.name`` is under
+    ``torch.nn.utils.parametrize`` (``register_parametrization``,
+    ``weight_norm``, ``spectral_norm``): computed from its originals on every
+    access, it is no tensor a mask can be put on (torch's error, from
+    inside the pruning method, named a ``weight_orig`` parameter and no
+    parametrization). The entry points that put a mask on a tensor call it
+    before they change anything."""
+    check_target(module, name)
+    if parametrize.is_parametrized(module, name):
+        raise TypeError(f"{type(module).__name__}.{name} is parametrized (torch.nn.utils.parametrize: "
+                        "register_parametrization, weight_norm or spectral_norm), computed from its originals on "
+                        f"every access: no pruning mask can be put on it; remove the parametrization first, keeping "
+                        f"its value (torch.nn.utils.parametrize.remove_parametrizations(module, {name!r})), then prune")
 
 
 def stored(module: nn.Module, name: str = "weight") -> torch.Tensor:

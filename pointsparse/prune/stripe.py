@@ -40,7 +40,7 @@ from torch.nn.utils import prune as _torch_prune
 
 from ..tensor import as_bool
 from ._copyable import CopyableMethod, keep_copyable
-from .adapters import WeightLayout, check_target, is_layer, layout_of, used_mask
+from .adapters import WeightLayout, check_maskable, check_target, is_layer, layout_of, used_mask
 
 
 def _fold_skeleton_left_by_remove(module, name: str) -> None:
@@ -104,7 +104,7 @@ def attach_filter_skeleton(module: nn.Module, name: str = "weight", init: float 
     """Add a learnable Filter Skeleton to ``module.name`` (a dense ConvNd or a
     sparse conv) and return the new parameter (add it to the optimizer; it is
     also in ``module.parameters()``)."""
-    check_target(module, name)
+    check_maskable(module, name)
     layout = layout if layout is not None else layout_of(module, name)
     if not layout.kernel_axes:
         raise ValueError(f"a filter skeleton needs kernel axes; {type(module).__name__}.{name} has none")

@@ -29,8 +29,8 @@ import torch
 from ..tensor import as_bool, as_int, positive_int
 from ._copyable import CopyableMethod, _check_scores
 from .amount import count_to_prune, validate_amount, validate_norm
-from .adapters import (WeightLayout, check_layout, dense_layout, is_layer, layout_of, no_tensor, raw, stored,
-                       used_mask)
+from .adapters import (WeightLayout, check_layout, check_maskable, dense_layout, is_layer, layout_of, no_tensor, raw,
+                       stored, used_mask)
 
 
 def _axis_grids(shape: torch.Size, device) -> list[torch.Tensor]:
@@ -448,8 +448,9 @@ def global_structured(parameters, pruning_method, amount, importance_scores=None
     ``(module, name)``, as ``global_unstructured`` takes) when raw norms are
     not. Each tensor is then pruned by ``pruning_method.apply`` with the count
     that fell to it, so the result composes with earlier pruning as usual.
-    A TypeError names an item that is no ``(module, name)`` pair or a name
-    the module has no tensor for, a ValueError one listed twice (before
+    A TypeError names an item that is no ``(module, name)`` pair, a name
+    the module has no tensor for or a parametrized one
+    (``torch.nn.utils.parametrize``), a ValueError one listed twice (before
     anything is pruned)."""
     if isinstance(parameters, (torch.nn.Module, str, bytes)) or not hasattr(parameters, "__iter__"):
         raise TypeError(f"parameters must be an iterable of (module, name) pairs; got {type(parameters).__name__}")
@@ -462,6 +463,10 @@ def global_structured(parameters, pruning_method, amount, importance_scores=None
             raise TypeError(f"parameters[{i}] must be a (module, name) pair (a torch.nn.Module and a str); got {got}")
         if raw(*item) is None:
             raise TypeError(f"parameters[{i}]: {no_tensor(*item)}")
+        try:
+            check_maskable(*item)
+        except TypeError as error:
+            raise TypeError(f"parameters[{i}]: {error}") from None
         first = next(j for j, seen in enumerate(parameters) if seen[0] is item[0] and seen[1] == item[1])
         if first < i:  # (its groups would count twice and it would be pruned twice)
             raise ValueError(f"parameters[{i}] names the same tensor ({type(item[0]).__name__}, {item[1]!r}) as "
