@@ -784,3 +784,89 @@ def test_a_chain_and_its_coupled_group_keep_the_same_count_at_a_tie(channels, ra
         cut = amc.layer_infos(nets[0], example, coupled=is_coupled)
         assert amc.flops_for(infos, {"0": ratio}) == pytest.approx(amc.flops_for(cut, {})), is_coupled
         assert amc.flops_for(cut, {}) < dense
+
+
+
+class _Halved(nn.Module):
+    """A parametrization without right_inverse: no value can be assigned to its tensor."""
+
+    def forward(self, w):
+        return w * 0.5
+
+
+# (the parametrized module of sparse_chain, the groups it fixes, and a group left to cut)
+_PARAMETRIZED = {"3": (["0", "3"], None), "4": (["3"], "0"), "6": (["3"], "0"), "0": (["0"], "3")}
+
+
+@pytest.mark.parametrize("kind,where", [(kind, where) for kind in ("spectral_norm", "no right_inverse")
+                                        for where in sorted(_PARAMETRIZED)  # a producer and/or consumer, a norm
+                                        if (kind, where) != ("spectral_norm", "4")])  # (none on a 1-d tensor)
+@pytest.mark.parametrize("entry", ["chain", "graph"])
+def test_a_parametrization_a_cut_cannot_follow_fixes_its_groups(where, kind, entry):
+    """A layer or norm whose tensor is under a torch parametrization that
+    cannot take the sliced value (spectral_norm, whose power-iteration
+    vectors keep the old width; one without right_inverse) failed inside
+    the cut with torch's error ("size mismatch ... vec (64)",
+    "parametrization _Halved does not implement right_inverse"), after the
+    members before it had been cut: the model was left half cut and every
+    forward failed. Its groups are fixed now, naming the parametrization
+    and how to remove it: a cut of them is a ValueError before anything
+    changes, a plan leaves them, and the other groups are cut."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    from pointsparse.prune import graph
+
+    net, x = sparse_chain(), sparse_input(n=200)
+    if kind == "spectral_norm":
+        spectral_norm(net[int(where)], "weight")
+    else:
+        parametrize.register_parametrization(net[int(where)], "weight", _Halved())
+    net.eval()
+    with torch.no_grad():
+        expect = net(x).feats
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    fixed, free = _PARAMETRIZED[where]
+    why = rf"{where}: its 'weight' is parametrized by .*remove_parametrizations\(module, 'weight'\)"
+    for group in fixed:
+        with pytest.raises(ValueError, match=rf"'?{group}'? cannot be cut .*{why}"):
+            if entry == "chain":
+                surgery.apply_channel_ratios(net, {group: 0.5})
+            else:
+                surgery.prune_channels(net, next(g for g in surgery.channel_groups(net, x) + graph.DependencyGraph(
+                    net, x).fixed_groups if g.name == group), [0, 1])
+        assert all(torch.equal(net.state_dict()[k], v) for k, v in before.items())
+        with torch.no_grad():
+            assert torch.equal(net(x).feats, expect)
+    if entry == "graph":
+        kept = graph.prune_model(net, x, 0.5)
+        assert not set(fixed) & set(kept)
+    elif free is not None:
+        surgery.apply_channel_ratios(net, {free: 0.5})
+    norm = {"0": "1.bias", "3": "4.bias"}  # (each group's BatchNorm: its width)
+    assert all(net.state_dict()[norm[g]].shape == before[norm[g]].shape for g in fixed)
+    if free is not None:
+        assert net.state_dict()[norm[free]].shape[0] < before[norm[free]].shape[0]
+    with torch.no_grad():
+        assert net(x).feats.shape == expect.shape
+
+
+def test_weight_norm_is_cut_with_its_layer():
+    """weight_norm's right_inverse recomputes its tensors from the sliced
+    weight: its layer is cut as a plain one, the outputs the same."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    from pointsparse.prune import graph
+
+    x = sparse_input(n=200)
+    for entry in ("chain", "graph"):
+        normed, plain = sparse_chain(), sparse_chain()
+        weight_norm(normed[3], "weight", dim=2)
+        if entry == "chain":
+            surgery.apply_channel_ratios(normed, {"0": 0.5, "3": 0.5})
+            surgery.apply_channel_ratios(plain, {"0": 0.5, "3": 0.5})
+        else:
+            assert graph.prune_model(normed, x, 0.5) == graph.prune_model(plain, x, 0.5)
+        assert normed[3].weight.shape == plain[3].weight.shape and normed[3].weight.shape[1] == 3
+        with torch.no_grad():
+            torch.testing.assert_close(normed(x).feats, plain(x).feats)

@@ -247,6 +247,35 @@ def _shaped_like_sparse_conv(module: nn.Module) -> bool:
 
 
 # ------------------------------------------------------------------ one layer
+def cut_refusal(module: nn.Module) -> str | None:
+    """Why a channel cut cannot slice ``module`` (a layer or a norm with an
+    adapter), or None: its adapter's ``supported`` reason (a grouped conv),
+    or a tensor with channel axes under a torch parametrization that cannot
+    take the sliced value: one without ``right_inverse`` (torch refuses the
+    assignment), or one holding tensors of its own, sized by the old width
+    (``spectral_norm``'s power-iteration vectors). torch's error came from
+    inside the cut, the members before it already cut. ``weight_norm``,
+    whose ``right_inverse`` recomputes its two tensors, is cut with its
+    layer. The chain groups and the dependency graph fix the groups of such
+    a module with this reason."""
+    adapter = adapter_for(module)
+    reason = None if adapter is None else adapter.supported(module)
+    if reason is not None or adapter is None:
+        return reason
+    for tensor in adapter.axes(module):
+        if not parametrize.is_parametrized(module, tensor):
+            continue
+        for p in module.parametrizations[tensor]:
+            own = [n for n, _ in (*p.named_parameters(), *p.named_buffers())]
+            if own or not hasattr(p, "right_inverse"):
+                why = (f"which keeps tensors of its own sized by the width ({', '.join(own)})" if own
+                       else "which has no right_inverse to take the cut value")
+                return (f"its {tensor!r} is parametrized by {type(p).__name__} (torch.nn.utils.parametrize), {why}; "
+                        f"remove the parametrization first (torch.nn.utils.parametrize.remove_parametrizations(module, "
+                        f"{tensor!r}))")
+    return None
+
+
 def check_target(module, name) -> None:
     """The pruning functions' first check of their ``(module, name)``: a
     TypeError naming the argument where ``module`` is no torch.nn.Module or

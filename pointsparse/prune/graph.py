@@ -204,9 +204,11 @@ class DependencyGraph:
                 if other is not None and other.segments:
                     unknown = f"channels passed as its argument {key!r}, which the graph does not follow"
                     tracer.fix(other, f"{name}: {unknown}")
-        if unknown is not None and adapter is not None and adapter.kind == "norm":
-            tracer.fix(tag, f"{name}: {unknown}")
-            tag = None
+        if adapter is not None and adapter.kind == "norm":  # (a norm's tensor a cut cannot slice: its channels too)
+            why = unknown or adapters.cut_refusal(module)
+            if why is not None:
+                tracer.fix(tag, f"{name}: {why}")
+                tag = None
         if adapter is None or (tag is not None and tag.axis != feature_axis(module, x)):
             tracer.fix(tag, f"{name}: a {type(module).__name__} with parameters and no adapter" if adapter is None
                        else f"{name}: channels reach it on another axis than its features")
@@ -219,7 +221,7 @@ class DependencyGraph:
                     self._members.append((name, "out", s))
                 tracer.set_tag(y, Tag(feature_axis(module, y), tag.segments))
             return
-        reason = adapter.supported(module) or unknown
+        reason = adapters.cut_refusal(module) or unknown
         if tag is not None:
             if reason is not None or x.shape[tag.axis] != adapter.channels(module, "in"):
                 tracer.fix(tag, f"{name}: {reason or 'input channels do not match'}")

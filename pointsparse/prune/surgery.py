@@ -226,7 +226,8 @@ def _chain_groups(model: nn.Module) -> list[tuple[ChannelGroup, str | None]]:
         current_module = None
         for name, m, kind in chain:
             if kind == "layer":
-                unsupported = adapters.adapter_for(m).supported(m)  # (a grouped conv: its weight holds C_in / groups)
+                # (a grouped conv: its weight holds C_in / groups; a parametrization the cut cannot assign to)
+                unsupported = adapters.cut_refusal(m)
                 if unsupported is not None:
                     fixed.setdefault(name, f"{name}: {unsupported}")
                 if current is not None:
@@ -250,6 +251,9 @@ def _chain_groups(model: nn.Module) -> list[tuple[ChannelGroup, str | None]]:
                 current, current_module = ChannelGroup(producer=name), m
             elif kind == "norm" and current is not None:
                 current.norms.append(name)
+                why = adapters.cut_refusal(m)  # (a parametrization the cut cannot assign to)
+                if why is not None:
+                    fixed.setdefault(name, f"{name}: {why}")
             elif kind == "barrier":
                 current = current_module = None
     return groups
